@@ -1,0 +1,161 @@
+//! Transport framing for byte streams (TCP, TLS): each frame is preceded by its length as a
+//! big-endian `u32`. WebSocket needs no such prefix: one binary message is one frame.
+//!
+//! [`FrameDecoder`] is incremental: feed it whatever a read returned (half a prefix, many
+//! frames at once) and pull complete frames out. A declared length above the limit is
+//! rejected as soon as the 4 prefix bytes arrive, before any buffer grows for it.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::error::DecodeError;
+use crate::frame::Frame;
+use crate::limits::MAX_FRAME_CEILING;
+
+/// Size of the length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+/// Incremental decoder of length-prefixed frames.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    max_frame: usize,
+    buf: BytesMut,
+}
+
+impl FrameDecoder {
+    /// A decoder that accepts frames of at most `max_frame` bytes (capped at 64 MiB).
+    pub fn new(max_frame: usize) -> Self {
+        Self {
+            max_frame: max_frame.min(MAX_FRAME_CEILING),
+            buf: BytesMut::with_capacity(8 * 1024),
+        }
+    }
+
+    /// The configured limit.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// Appends bytes received from the stream.
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The internal buffer, to read into directly (e.g. `AsyncReadExt::read_buf`).
+    pub fn buffer_mut(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Bytes buffered but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete frame's bytes (without prefix), `None` if more input is needed, or
+    /// an error for a declared length of zero or above the limit. After an error the stream
+    /// is unusable: close it.
+    pub fn next_frame(&mut self) -> Result<Option<Bytes>, DecodeError> {
+        if self.buf.len() < LEN_PREFIX {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > self.max_frame {
+            return Err(DecodeError::TooLarge {
+                what: "frame",
+                len,
+                max: self.max_frame,
+            });
+        }
+        if len == 0 {
+            return Err(DecodeError::Truncated {
+                what: "frame",
+                needed: 1,
+            });
+        }
+        if self.buf.len() < LEN_PREFIX + len {
+            // Reserve what this frame still needs (bounded by max_frame) to avoid re-growing.
+            self.buf.reserve(LEN_PREFIX + len - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(LEN_PREFIX);
+        Ok(Some(self.buf.split_to(len).freeze()))
+    }
+
+    /// Like [`next_frame`](Self::next_frame), then decodes the frame.
+    pub fn next_decoded(&mut self) -> Result<Option<Frame>, DecodeError> {
+        match self.next_frame()? {
+            Some(b) => Frame::decode(&b).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Appends `frame` with its length prefix.
+pub fn write_prefixed(frame: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+    out.extend_from_slice(frame);
+}
+
+/// Encodes `frame` with its length prefix into one buffer.
+pub fn encode_prefixed(frame: &Frame) -> Bytes {
+    let mut out = vec![0u8; LEN_PREFIX];
+    frame.encode(&mut out);
+    let len = (out.len() - LEN_PREFIX) as u32;
+    out[..LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Frame, Ping};
+
+    #[test]
+    fn byte_by_byte_and_many_per_read() {
+        let mut stream = Vec::new();
+        for n in 0..5u64 {
+            stream.extend_from_slice(&encode_prefixed(&Frame::Ping(Ping { nonce: n })));
+        }
+        // One byte at a time.
+        let mut d = FrameDecoder::new(1024);
+        let mut got = Vec::new();
+        for b in &stream {
+            d.push(std::slice::from_ref(b));
+            while let Some(f) = d.next_decoded().unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got.len(), 5);
+        // All at once.
+        let mut d = FrameDecoder::new(1024);
+        d.push(&stream);
+        let mut n = 0;
+        while d.next_decoded().unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 5);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn oversized_prefix_rejected_before_buffering() {
+        let mut d = FrameDecoder::new(1024);
+        d.push(&[0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(
+            d.next_frame(),
+            Err(DecodeError::TooLarge {
+                len: 4294967295,
+                ..
+            })
+        ));
+        assert!(d.buffer_mut().capacity() < 1 << 20);
+        let mut d = FrameDecoder::new(1024);
+        d.push(&[0, 0, 4, 1]);
+        assert!(matches!(
+            d.next_frame(),
+            Err(DecodeError::TooLarge { len: 1025, .. })
+        ));
+        let mut d = FrameDecoder::new(1024);
+        d.push(&[0, 0, 0, 0]);
+        assert!(d.next_frame().is_err());
+    }
+}

@@ -1,0 +1,40 @@
+//! # whispeer-protocol
+//!
+//! The only place that knows whispeer's bytes on the wire and its key design. It is
+//! *sans-IO*: no sockets, no async runtime, no clock and no RNG of its own — time is a
+//! parameter and randomness comes from a [`rand_core::CryptoRngCore`] the caller passes —
+//! so the same code runs in the tokio client, the relay, and WebAssembly.
+//!
+//! ## Module map
+//! Always built (everything the relay may see):
+//! - [`limits`] — hard limits that bound allocation on untrusted input.
+//! - [`error`] — [`DecodeError`], [`TopicError`].
+//! - [`token`] — [`KeyId`], [`TopicToken`], [`TokenPath`], [`TokenPattern`] and matching.
+//! - [`envelope_header`] — [`Envelope`]: the opaque sealed message and its routing header.
+//! - [`frame`] — relay frames (`Hello`, `Sub`, `Pub`, `Msg`, …) as CBOR maps.
+//! - [`codec`] — the incremental length-prefix framing for TCP.
+//!
+//! With the `keys` feature (default; the relay builds without it):
+//! - [`topic`] — topic names and filters: validation, wildcards.
+//! - [`kdf`] — the BLAKE3 key schedule with its labels.
+//! - [`identity`] — Ed25519 + X25519 identities, public ids, text encodings.
+//! - [`tree`] — topic trees, epochs, grants, key strings, passphrases, tokens.
+//! - [`keyring`] — grants held by a client, epoch grace, finding a key for a topic.
+//! - [`seal`] — sealing and opening envelopes (CBOR → zstd → pad → sign → AEAD).
+//! - [`invite`] — HPKE-sealed grants for a recipient's X25519 key.
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod envelope_header;
+pub mod error;
+pub mod frame;
+pub mod limits;
+pub mod token;
+
+mod cbor;
+
+pub use codec::FrameDecoder;
+pub use envelope_header::Envelope;
+pub use error::{DecodeError, TopicError};
+pub use frame::{ErrorCode, Frame, Qos, Replay};
+pub use token::{KeyId, PatternElem, TokenPath, TokenPattern, TopicToken};
