@@ -9,6 +9,7 @@
 //! Always built (everything the relay may see):
 //! - [`limits`] — hard limits that bound allocation on untrusted input.
 //! - [`error`] — [`DecodeError`], [`TopicError`].
+//!   (Key-side errors: `error_keys` — `KeyError`, `SealError`, `OpenError`, `InviteError`.)
 //! - [`token`] — [`KeyId`], [`TopicToken`], [`TokenPath`], [`TokenPattern`] and matching.
 //! - [`envelope_header`] — [`Envelope`]: the opaque sealed message and its routing header.
 //! - [`frame`] — relay frames (`Hello`, `Sub`, `Pub`, `Msg`, …) as CBOR maps.
@@ -22,6 +23,7 @@
 //! - [`keyring`] — grants held by a client, epoch grace, finding a key for a topic.
 //! - [`seal`] — sealing and opening envelopes (CBOR → zstd → pad → sign → AEAD).
 //! - [`invite`] — HPKE-sealed grants for a recipient's X25519 key.
+//! - [`text`] — bech32m key strings with type prefixes.
 #![forbid(unsafe_code)]
 
 pub mod codec;
@@ -32,6 +34,40 @@ pub mod limits;
 pub mod token;
 
 mod cbor;
+
+#[cfg(feature = "keys")]
+pub mod error_keys;
+#[cfg(feature = "keys")]
+pub mod identity;
+#[cfg(feature = "keys")]
+pub mod invite;
+#[cfg(feature = "keys")]
+pub mod kdf;
+#[cfg(feature = "keys")]
+pub mod keyring;
+#[cfg(feature = "keys")]
+pub mod seal;
+#[cfg(feature = "keys")]
+pub mod text;
+#[cfg(feature = "keys")]
+pub mod topic;
+#[cfg(feature = "keys")]
+pub mod tree;
+
+#[cfg(feature = "keys")]
+pub use error_keys::{InviteError, KeyError, OpenError, SealError};
+#[cfg(feature = "keys")]
+pub use identity::{Identity, PublicId, SenderId};
+#[cfg(feature = "keys")]
+pub use invite::Invite;
+#[cfg(feature = "keys")]
+pub use keyring::{Keyring, TopicKey};
+#[cfg(feature = "keys")]
+pub use seal::{Compression, MessageId, Opened, Opener, Outgoing, Padding, SealOptions, Sealer};
+#[cfg(feature = "keys")]
+pub use topic::{Topic, TopicFilter};
+#[cfg(feature = "keys")]
+pub use tree::{EpochKeys, Grant, PassphraseParams, Scope, TreeId, TreeKey};
 
 pub use codec::FrameDecoder;
 pub use envelope_header::Envelope;

@@ -1,0 +1,98 @@
+//! Error types of the key-holding half.
+
+use thiserror::Error;
+
+use crate::error::TopicError;
+
+/// Problems with keys, key strings, identities, grants and the keyring.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The string is not a valid key string of this kind (checksum, characters, length).
+    #[error("invalid {kind} string: {reason}")]
+    InvalidString { kind: &'static str, reason: String },
+    /// A key string of another kind was given (e.g. an identity where a grant was expected).
+    #[error("expected a '{expected}…' string but found a '{found}…' string")]
+    WrongKind {
+        expected: &'static str,
+        found: String,
+    },
+    /// A key string from a newer format version.
+    #[error("unsupported {kind} format version {version}")]
+    UnsupportedVersion { kind: &'static str, version: u8 },
+    /// An Ed25519 or X25519 key that is not a valid point.
+    #[error("invalid public key in {0}")]
+    InvalidPublicKey(&'static str),
+    /// A signature (on an epoch certificate, public id or invite) does not verify.
+    #[error("bad signature on {0}")]
+    BadSignature(&'static str),
+    /// A grant for a tree whose pinned admin key differs.
+    #[error("grant for tree {tree} is signed by a different admin than the one pinned")]
+    AdminMismatch { tree: String },
+    /// No held grant covers the topic.
+    #[error("no key covers topic '{topic}' (add a grant for it or a parent subtree)")]
+    NoKeyForTopic { topic: String },
+    /// Two trees' grants cover the topic equally well; name the tree.
+    #[error("topic '{topic}' is covered by more than one tree; choose one explicitly")]
+    AmbiguousTree { topic: String },
+    /// A derivation outside the grant's scope (a sibling, a parent, or below a topic grant).
+    #[error("'{target}' is outside the grant's scope '{scope}'")]
+    OutOfScope { scope: String, target: String },
+    /// A topic or filter in a key string or argument is invalid.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    /// Argon2id failed (bad parameters).
+    #[error("passphrase derivation failed: {0}")]
+    Passphrase(String),
+    /// A tree name that is empty or too long.
+    #[error("invalid tree name: {0}")]
+    InvalidTreeName(&'static str),
+}
+
+/// Why a message could not be sealed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum SealError {
+    /// No key for the topic, or another key problem.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The content type is longer than 255 bytes.
+    #[error("content type is {0} bytes; the limit is 255")]
+    ContentTypeTooLong(usize),
+    /// The payload exceeds the configured limit.
+    #[error("payload of {len} bytes exceeds the limit of {max}")]
+    PayloadTooLarge { len: usize, max: usize },
+    /// The compressor failed.
+    #[error("compression failed: {0}")]
+    Compression(String),
+}
+
+/// The one error for every failure to open an envelope.
+///
+/// Deliberately carries no reason: wrong key, unknown tree, expired epoch, tampered header,
+/// bad signature, bad padding and a decompression bomb all look the same, so nothing a
+/// receiver reveals can serve as an oracle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error, Default)]
+#[error("message could not be opened")]
+pub struct OpenError;
+
+/// Why an invite could not be made or opened.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum InviteError {
+    /// Not an invite string, or malformed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The invite is not for this identity, or was tampered with (one opaque case).
+    #[error("invite could not be opened (not addressed to this identity, or damaged)")]
+    CannotOpen,
+    /// The inviter's signature does not verify.
+    #[error("invite signature does not verify")]
+    BadSignature,
+    /// The invite expired.
+    #[error("invite expired at {expiry_ms} (now {now_ms})")]
+    Expired { expiry_ms: u64, now_ms: u64 },
+    /// HPKE failed while sealing.
+    #[error("invite sealing failed")]
+    SealFailed,
+}

@@ -1,0 +1,762 @@
+//! Sealing and opening envelopes: `payload (CBOR) → zstd → pad → sign → XChaCha20-Poly1305`,
+//! and the reverse with every check of CRYPTO.md "What a receiver checks", failing closed
+//! with the one opaque [`OpenError`].
+//!
+//! Body plaintext (inside the AEAD):
+//! ```text
+//! sig_scheme u8                 0 = unsigned, 1 = Ed25519 (2 reserved: batch signature)
+//! sender_pk[32] ‖ sig[64]       only when sig_scheme = 1
+//! msg_id[16] ‖ u64be ts_ms ‖ lp(content_type) ‖ codec u8 ‖ pad_scheme u8
+//! u32be payload_len ‖ payload[payload_len] ‖ zero padding
+//! ```
+//! The signature covers a fixed layout (never re-serialized CBOR):
+//! `"whispeer/v1/msg-sig\0" ‖ tree_id ‖ u64be(epoch) ‖ lp(topic) ‖ msg_id ‖ u64be(ts_ms) ‖
+//! lp(content_type) ‖ codec ‖ pad_scheme ‖ BLAKE3(payload as compressed)`.
+
+use std::fmt;
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use ed25519_dalek::{Signature, VerifyingKey};
+use rand_core::CryptoRngCore;
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use crate::envelope_header::{Envelope, HeaderFields, COMMIT_LEN, NAME_PAD, NONCE_LEN, TAG_LEN};
+use crate::error_keys::{OpenError, SealError};
+use crate::identity::{Identity, SenderId};
+use crate::kdf::{lp, tag, xof, Secret32};
+use crate::keyring::{Keyring, TopicKey};
+use crate::limits::{DEFAULT_MAX_PAYLOAD, MAX_CONTENT_TYPE_LEN};
+use crate::topic::Topic;
+use crate::tree::{EpochKeys, TreeId};
+
+const SIG_CONTEXT: &[u8] = b"whispeer/v1/msg-sig\0";
+const SIG_NONE: u8 = 0;
+const SIG_ED25519: u8 = 1;
+const CODEC_NONE: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+const PAD_NONE: u8 = 0;
+const PAD_PADME: u8 = 1;
+
+/// A sender-chosen 128-bit message id (random), used for dedup by receivers.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub [u8; 16]);
+
+impl MessageId {
+    /// A fresh random id.
+    pub fn random(rng: &mut impl CryptoRngCore) -> Self {
+        let mut b = [0u8; 16];
+        rng.fill_bytes(&mut b);
+        MessageId(b)
+    }
+}
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({self})")
+    }
+}
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// Payload compression, chosen per topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Store the payload as is.
+    None,
+    /// zstd at this level (1..=22). A payload that does not shrink is stored uncompressed.
+    Zstd(i32),
+}
+
+/// Length hiding for the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// Exact length (leaks the compressed size to the relay).
+    None,
+    /// Padmé: pad the body to a length that leaks at most O(log log n) bits.
+    Padme,
+}
+
+/// Per-topic sealing options. Default: zstd level 3 and Padmé padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealOptions {
+    /// Compression.
+    pub compression: Compression,
+    /// Padding.
+    pub padding: Padding,
+}
+
+impl Default for SealOptions {
+    fn default() -> Self {
+        SealOptions {
+            compression: Compression::Zstd(3),
+            padding: Padding::Padme,
+        }
+    }
+}
+
+/// One message to seal.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// The serialized value (CBOR for typed messages).
+    pub payload: &'a [u8],
+    /// What the payload is, e.g. `application/cbor; type=my_app::Reading`.
+    pub content_type: &'a str,
+    /// Unique id.
+    pub msg_id: MessageId,
+    /// Sender's clock, Unix milliseconds.
+    pub ts_ms: u64,
+}
+
+/// An opened message.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// The topic it was published on (checked against the routing tokens).
+    pub topic: Topic,
+    /// The verified sender, or `None` for an unsigned message.
+    pub sender: Option<SenderId>,
+    /// The sender's message id.
+    pub msg_id: MessageId,
+    /// The sender's timestamp (Unix ms).
+    pub ts_ms: u64,
+    /// The content type.
+    pub content_type: String,
+    /// The decompressed payload.
+    pub payload: Vec<u8>,
+    /// Tree.
+    pub tree_id: TreeId,
+    /// Epoch.
+    pub epoch: u64,
+}
+
+impl fmt::Debug for Opened {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Opened")
+            .field("topic", &self.topic)
+            .field("sender", &self.sender)
+            .field("msg_id", &self.msg_id)
+            .field("ts_ms", &self.ts_ms)
+            .field("content_type", &self.content_type)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+/// Padmé length (Nikitin et al., PETS 2019) for a plaintext of `len` bytes.
+pub fn padme(len: usize) -> usize {
+    if len < 2 {
+        return len;
+    }
+    let e = usize::BITS - 1 - len.leading_zeros();
+    let s = u32::BITS - e.leading_zeros();
+    let last_bits = e - s;
+    let mask = (1usize << last_bits) - 1;
+    (len + mask) & !mask
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sig_input(
+    tree_id: &TreeId,
+    epoch: u64,
+    topic: &str,
+    msg_id: &MessageId,
+    ts_ms: u64,
+    content_type: &str,
+    codec: u8,
+    pad: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIG_CONTEXT.len() + 128 + topic.len() + content_type.len());
+    m.extend_from_slice(SIG_CONTEXT);
+    m.extend_from_slice(&tree_id.0);
+    m.extend_from_slice(&epoch.to_be_bytes());
+    m.extend_from_slice(&lp(topic.as_bytes()));
+    m.extend_from_slice(topic.as_bytes());
+    m.extend_from_slice(&msg_id.0);
+    m.extend_from_slice(&ts_ms.to_be_bytes());
+    m.extend_from_slice(&lp(content_type.as_bytes()));
+    m.extend_from_slice(content_type.as_bytes());
+    m.push(codec);
+    m.push(pad);
+    m.extend_from_slice(blake3::hash(payload).as_bytes());
+    m
+}
+
+fn body_keys(
+    message_key: &Secret32,
+    nonce: &[u8; NONCE_LEN],
+) -> (Zeroizing<[u8; 32]>, [u8; COMMIT_LEN]) {
+    let mut x = Zeroizing::new([0u8; 64]);
+    xof(message_key.as_bytes(), tag::BODY, &[nonce], &mut x[..]);
+    let key = Zeroizing::new(<[u8; 32]>::try_from(&x[..32]).expect("32"));
+    let commit = <[u8; 32]>::try_from(&x[32..]).expect("32");
+    (key, commit)
+}
+
+fn name_key(keys: &EpochKeys, nonce: &[u8; NONCE_LEN]) -> Zeroizing<[u8; 32]> {
+    let mut k = Zeroizing::new([0u8; 32]);
+    xof(
+        keys.name_key().as_bytes(),
+        tag::SEALED_NAME,
+        &[nonce],
+        &mut k[..],
+    );
+    k
+}
+
+fn sealed_name_len(topic: &str) -> usize {
+    (2 + topic.len()).div_ceil(NAME_PAD) * NAME_PAD + TAG_LEN
+}
+
+/// Seals messages. Keeps a zstd compression context for reuse (a fresh context per message
+/// costs about 3×), so keep one `Sealer` per thread or connection.
+pub struct Sealer {
+    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    max_payload: usize,
+}
+
+impl fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sealer")
+            .field("zstd_level", &self.zstd.as_ref().map(|z| z.0))
+            .finish()
+    }
+}
+
+impl Default for Sealer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sealer {
+    /// A sealer accepting payloads up to the default limit (16 MiB).
+    pub fn new() -> Self {
+        Sealer {
+            zstd: None,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+
+    /// Sets the largest payload accepted (receivers enforce their own limit too).
+    pub fn with_max_payload(mut self, max: usize) -> Self {
+        self.max_payload = max;
+        self
+    }
+
+    fn compress(&mut self, level: i32, data: &[u8]) -> Result<Vec<u8>, SealError> {
+        let err = |e: std::io::Error| SealError::Compression(e.to_string());
+        match &mut self.zstd {
+            Some((l, c)) if *l == level => c.compress(data).map_err(err),
+            slot => {
+                let mut c = zstd::bulk::Compressor::new(level).map_err(err)?;
+                let out = c.compress(data).map_err(err)?;
+                *slot = Some((level, c));
+                Ok(out)
+            }
+        }
+    }
+
+    /// Seals `msg` on the key's topic. `signer` signs it (sealed sender: the relay cannot
+    /// see who); `None` sends it unsigned, so any key holder could have written it.
+    pub fn seal(
+        &mut self,
+        key: &TopicKey,
+        msg: &Outgoing<'_>,
+        opts: &SealOptions,
+        signer: Option<&Identity>,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Envelope, SealError> {
+        if msg.content_type.len() > MAX_CONTENT_TYPE_LEN {
+            return Err(SealError::ContentTypeTooLong(msg.content_type.len()));
+        }
+        if msg.payload.len() > self.max_payload {
+            return Err(SealError::PayloadTooLarge {
+                len: msg.payload.len(),
+                max: self.max_payload,
+            });
+        }
+        let compressed;
+        let (codec, payload): (u8, &[u8]) = match opts.compression {
+            Compression::Zstd(level) => {
+                compressed = self.compress(level, msg.payload)?;
+                if compressed.len() < msg.payload.len() {
+                    (CODEC_ZSTD, &compressed)
+                } else {
+                    (CODEC_NONE, msg.payload)
+                }
+            }
+            Compression::None => (CODEC_NONE, msg.payload),
+        };
+        let pad = match opts.padding {
+            Padding::None => PAD_NONE,
+            Padding::Padme => PAD_PADME,
+        };
+        let topic = key.topic.as_str();
+        let ct = msg.content_type;
+
+        // Header.
+        let mut nonce = [0u8; NONCE_LEN];
+        rng.fill_bytes(&mut nonce);
+        let (body_key, commit) = body_keys(&key.message_key, &nonce);
+        let name_len = sealed_name_len(topic);
+        let body_len = 1
+            + if signer.is_some() { 96 } else { 0 }
+            + 16
+            + 8
+            + 2
+            + ct.len()
+            + 2
+            + 4
+            + payload.len();
+        let body_total = if pad == PAD_PADME {
+            padme(body_len)
+        } else {
+            body_len
+        };
+        let hdr = HeaderFields {
+            flags: 0,
+            key_id: key.keys.key_id(),
+            nonce,
+            commit,
+            tokens: &key.tokens,
+        };
+        let mut out =
+            Vec::with_capacity(80 + 16 * key.tokens.len() + name_len + body_total + TAG_LEN);
+        hdr.write_prefix(name_len, &mut out);
+
+        // Sealed name: u16be(len) ‖ name ‖ zeros, to a multiple of 32, under N.
+        let name_ad_len = out.len();
+        out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        out.extend_from_slice(topic.as_bytes());
+        out.resize(name_ad_len + name_len - TAG_LEN, 0);
+        let nk = name_key(&key.keys, &nonce);
+        let (ad, name_pt) = out.split_at_mut(name_ad_len);
+        let tag = XChaCha20Poly1305::new(nk.as_ref().into())
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, name_pt)
+            .expect("XChaCha20-Poly1305 seals any length we produce");
+        out.extend_from_slice(&tag);
+        let header_len = out.len();
+
+        // Body.
+        out.push(if signer.is_some() {
+            SIG_ED25519
+        } else {
+            SIG_NONE
+        });
+        if let Some(id) = signer {
+            let m = sig_input(
+                &key.keys.tree_id(),
+                key.keys.epoch(),
+                topic,
+                &msg.msg_id,
+                msg.ts_ms,
+                ct,
+                codec,
+                pad,
+                payload,
+            );
+            let sig = id.sign(&m);
+            out.extend_from_slice(id.signing_key().verifying_key().as_bytes());
+            out.extend_from_slice(&sig.to_bytes());
+        }
+        out.extend_from_slice(&msg.msg_id.0);
+        out.extend_from_slice(&msg.ts_ms.to_be_bytes());
+        out.extend_from_slice(&lp(ct.as_bytes()));
+        out.extend_from_slice(ct.as_bytes());
+        out.push(codec);
+        out.push(pad);
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(payload);
+        out.resize(header_len + body_total, 0);
+        let (ad, body) = out.split_at_mut(header_len);
+        let tag = XChaCha20Poly1305::new(body_key.as_ref().into())
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, body)
+            .expect("XChaCha20-Poly1305 seals any length we produce");
+        out.extend_from_slice(&tag);
+        Ok(Envelope::from_bytes(out.into()).expect("a sealed envelope has a valid header"))
+    }
+}
+
+/// Opens envelopes. Keeps a zstd decompression context for reuse.
+pub struct Opener {
+    zstd: zstd::bulk::Decompressor<'static>,
+    max_payload: usize,
+}
+
+impl fmt::Debug for Opener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Opener")
+            .field("max_payload", &self.max_payload)
+            .finish()
+    }
+}
+
+impl Default for Opener {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct Body<'a> {
+    sender: Option<(VerifyingKey, Signature)>,
+    msg_id: MessageId,
+    ts_ms: u64,
+    content_type: &'a str,
+    codec: u8,
+    pad: u8,
+    payload: &'a [u8],
+}
+
+fn parse_body(b: &[u8]) -> Option<Body<'_>> {
+    let (&scheme, mut rest) = b.split_first()?;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        if rest.len() < n {
+            return None;
+        }
+        let (a, r) = rest.split_at(n);
+        rest = r;
+        Some(a)
+    };
+    let sender = match scheme {
+        SIG_NONE => None,
+        SIG_ED25519 => {
+            let pk = VerifyingKey::from_bytes(take(32)?.try_into().ok()?).ok()?;
+            let sig = Signature::from_bytes(take(64)?.try_into().ok()?);
+            Some((pk, sig))
+        }
+        _ => return None,
+    };
+    let msg_id = MessageId(take(16)?.try_into().ok()?);
+    let ts_ms = u64::from_be_bytes(take(8)?.try_into().ok()?);
+    let ct_len = u16::from_be_bytes(take(2)?.try_into().ok()?) as usize;
+    if ct_len > MAX_CONTENT_TYPE_LEN {
+        return None;
+    }
+    let content_type = std::str::from_utf8(take(ct_len)?).ok()?;
+    let codec = take(1)?[0];
+    let pad = take(1)?[0];
+    let len = u32::from_be_bytes(take(4)?.try_into().ok()?) as usize;
+    let payload = take(len)?;
+    let padding = rest;
+    let pad_ok = match pad {
+        PAD_NONE => padding.is_empty(),
+        PAD_PADME => padding.iter().all(|b| *b == 0),
+        _ => false,
+    };
+    if !pad_ok || codec > CODEC_ZSTD {
+        return None;
+    }
+    Some(Body {
+        sender,
+        msg_id,
+        ts_ms,
+        content_type,
+        codec,
+        pad,
+        payload,
+    })
+}
+
+impl Opener {
+    /// An opener with the default payload cap (16 MiB).
+    pub fn new() -> Self {
+        Self::with_max_payload(DEFAULT_MAX_PAYLOAD)
+    }
+
+    /// An opener that rejects payloads that decompress beyond `max` bytes.
+    pub fn with_max_payload(max: usize) -> Self {
+        Opener {
+            zstd: zstd::bulk::Decompressor::new().expect("zstd context"),
+            max_payload: max,
+        }
+    }
+
+    /// Opens `env` with the keys in `keyring`, at time `now_ms` (for epoch grace). Every
+    /// failure is the same [`OpenError`].
+    pub fn open(
+        &mut self,
+        keyring: &Keyring,
+        env: &Envelope,
+        now_ms: u64,
+    ) -> Result<Opened, OpenError> {
+        // 1. The key id names a tree and epoch we hold and still accept.
+        if env.flags() != 0 {
+            return Err(OpenError);
+        }
+        let keys = keyring.epoch(&env.key_id(), now_ms).ok_or(OpenError)?;
+        let nonce = env.nonce();
+
+        // 2. Open the sealed name, check it is a valid topic, recompute every token.
+        let sealed = env.sealed_name();
+        let (ct, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        let mut name = Zeroizing::new(ct.to_vec());
+        let nk = name_key(keys, nonce);
+        XChaCha20Poly1305::new(nk.as_ref().into())
+            .decrypt_in_place_detached(
+                XNonce::from_slice(nonce),
+                env.name_ad(),
+                &mut name,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| OpenError)?;
+        let n = u16::from_be_bytes([name[0], name[1]]) as usize;
+        if 2 + n > name.len()
+            || name[2 + n..].iter().any(|b| *b != 0)
+            || sealed_name_len_of(n) != sealed.len()
+        {
+            return Err(OpenError);
+        }
+        let topic = std::str::from_utf8(&name[2..2 + n])
+            .map_err(|_| OpenError)
+            .and_then(|s| Topic::new(s).map_err(|_| OpenError))?;
+        if topic.levels() != env.levels() {
+            return Err(OpenError);
+        }
+        let mut same = subtle::Choice::from(1u8);
+        for (i, (seg, tok)) in topic.segments().zip(env.tokens()).enumerate() {
+            same &= keys.token(i, seg).as_bytes().ct_eq(tok.as_bytes());
+        }
+        if !bool::from(same) {
+            return Err(OpenError);
+        }
+
+        // 3. Derive M(t) from a held grant, check the key commitment, open the body.
+        let mk = keyring
+            .message_key(&env.key_id(), &topic, now_ms)
+            .ok_or(OpenError)?;
+        let (body_key, commit) = body_keys(&mk, nonce);
+        if !bool::from(commit.ct_eq(env.commit())) {
+            return Err(OpenError);
+        }
+        let ctext = env.ciphertext();
+        let (ct, tag) = ctext.split_at(ctext.len() - TAG_LEN);
+        let mut body = Zeroizing::new(ct.to_vec());
+        XChaCha20Poly1305::new(body_key.as_ref().into())
+            .decrypt_in_place_detached(
+                XNonce::from_slice(nonce),
+                env.header(),
+                &mut body,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| OpenError)?;
+        let b = parse_body(&body).ok_or(OpenError)?;
+
+        // 4. Verify the signature over the bound fields, before decompressing.
+        let sender = match b.sender {
+            Some((pk, sig)) => {
+                let m = sig_input(
+                    &keys.tree_id(),
+                    keys.epoch(),
+                    topic.as_str(),
+                    &b.msg_id,
+                    b.ts_ms,
+                    b.content_type,
+                    b.codec,
+                    b.pad,
+                    b.payload,
+                );
+                pk.verify_strict(&m, &sig).map_err(|_| OpenError)?;
+                Some(SenderId(pk))
+            }
+            None => None,
+        };
+
+        // 5. Decompress with a hard cap.
+        let payload = match b.codec {
+            CODEC_NONE => {
+                if b.payload.len() > self.max_payload {
+                    return Err(OpenError);
+                }
+                b.payload.to_vec()
+            }
+            _ => {
+                let declared = zstd::zstd_safe::get_frame_content_size(b.payload)
+                    .map_err(|_| OpenError)?
+                    .ok_or(OpenError)?;
+                if declared > self.max_payload as u64 {
+                    return Err(OpenError);
+                }
+                let out = self
+                    .zstd
+                    .decompress(b.payload, declared as usize)
+                    .map_err(|_| OpenError)?;
+                if out.len() as u64 != declared {
+                    return Err(OpenError);
+                }
+                out
+            }
+        };
+        Ok(Opened {
+            topic,
+            sender,
+            msg_id: b.msg_id,
+            ts_ms: b.ts_ms,
+            content_type: b.content_type.to_owned(),
+            payload,
+            tree_id: keys.tree_id(),
+            epoch: keys.epoch(),
+        })
+    }
+}
+
+fn sealed_name_len_of(name_len: usize) -> usize {
+    (2 + name_len).div_ceil(NAME_PAD) * NAME_PAD + TAG_LEN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::{Scope, TreeKey};
+    use rand_chacha::rand_core::SeedableRng;
+
+    fn setup() -> (rand_chacha::ChaCha20Rng, TreeKey, Keyring, Identity) {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
+        let tk = TreeKey::generate("home", &mut rng).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_tree_key(&tk, 0).unwrap();
+        let id = Identity::generate(&mut rng);
+        (rng, tk, kr, id)
+    }
+
+    fn msg(payload: &[u8]) -> Outgoing<'_> {
+        Outgoing {
+            payload,
+            content_type: "application/cbor",
+            msg_id: MessageId([5; 16]),
+            ts_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn padme_values() {
+        assert_eq!(padme(0), 0);
+        assert_eq!(padme(1), 1);
+        assert_eq!(padme(9), 10);
+        assert_eq!(padme(1000), 1024);
+        assert_eq!(padme(1025), 1088); // E = 10, S = 4: round up to a multiple of 64
+        for n in 2..5000 {
+            let p = padme(n);
+            assert!(p >= n && p - n <= n / 8 + 1, "{n} -> {p}");
+        }
+    }
+
+    #[test]
+    fn roundtrip_all_modes() {
+        let (mut rng, _tk, kr, id) = setup();
+        let topic = Topic::new("sensor/kitchen/temp").unwrap();
+        let key = kr.topic_key(&topic).unwrap();
+        let mut sealer = Sealer::new();
+        let mut opener = Opener::new();
+        let data = b"hello hello hello hello hello hello hello".repeat(10);
+        for compression in [
+            Compression::None,
+            Compression::Zstd(1),
+            Compression::Zstd(3),
+        ] {
+            for padding in [Padding::None, Padding::Padme] {
+                for signer in [None, Some(&id)] {
+                    let opts = SealOptions {
+                        compression,
+                        padding,
+                    };
+                    let env = sealer
+                        .seal(&key, &msg(&data), &opts, signer, &mut rng)
+                        .unwrap();
+                    let o = opener.open(&kr, &env, 0).unwrap();
+                    assert_eq!(o.payload, data);
+                    assert_eq!(o.topic, topic);
+                    assert_eq!(o.sender, signer.map(|s| s.sender_id()));
+                    assert_eq!(o.content_type, "application/cbor");
+                    assert_eq!(o.msg_id, MessageId([5; 16]));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_flipped_bit_fails() {
+        let (mut rng, _tk, kr, id) = setup();
+        let key = kr.topic_key(&Topic::new("a/b").unwrap()).unwrap();
+        let env = Sealer::new()
+            .seal(
+                &key,
+                &msg(b"x"),
+                &SealOptions::default(),
+                Some(&id),
+                &mut rng,
+            )
+            .unwrap();
+        let mut opener = Opener::new();
+        let bytes = env.as_bytes().to_vec();
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x01;
+            if let Ok(e) = Envelope::from_slice(&b) {
+                assert_eq!(opener.open(&kr, &e, 0), Err(OpenError), "byte {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn scope_is_enforced_and_wrong_keys_fail() {
+        let (mut rng, tk, kr, id) = setup();
+        let env = Sealer::new()
+            .seal(
+                &kr.topic_key(&Topic::new("sensor/garage/door").unwrap())
+                    .unwrap(),
+                &msg(b"open"),
+                &SealOptions::default(),
+                Some(&id),
+                &mut rng,
+            )
+            .unwrap();
+        // A kitchen-only member learns the topic name exists but cannot open it.
+        let mut kitchen = Keyring::new();
+        kitchen
+            .add_grant(
+                tk.grant(&Scope::Subtree(Topic::new("sensor/kitchen").unwrap())),
+                0,
+            )
+            .unwrap();
+        assert_eq!(Opener::new().open(&kitchen, &env, 0), Err(OpenError));
+        // Another tree entirely.
+        let mut other = Keyring::new();
+        other
+            .add_tree_key(&TreeKey::generate("other", &mut rng).unwrap(), 0)
+            .unwrap();
+        assert_eq!(Opener::new().open(&other, &env, 0), Err(OpenError));
+    }
+
+    #[test]
+    fn decompression_bomb_is_capped() {
+        let (mut rng, _tk, kr, id) = setup();
+        let key = kr.topic_key(&Topic::new("a").unwrap()).unwrap();
+        let big = vec![0u8; 1 << 20];
+        let env = Sealer::new()
+            .seal(
+                &key,
+                &msg(&big),
+                &SealOptions::default(),
+                Some(&id),
+                &mut rng,
+            )
+            .unwrap();
+        assert!(env.len() < 1 << 12, "compresses well");
+        assert_eq!(
+            Opener::with_max_payload(1 << 19).open(&kr, &env, 0),
+            Err(OpenError)
+        );
+        assert_eq!(
+            Opener::with_max_payload(1 << 20)
+                .open(&kr, &env, 0)
+                .unwrap()
+                .payload
+                .len(),
+            1 << 20
+        );
+    }
+}

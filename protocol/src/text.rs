@@ -1,0 +1,119 @@
+//! Text encodings of keys and identities: bech32m with a type prefix (the HRP) and a
+//! checksum, so a mistyped or truncated key string is caught and a grant cannot be pasted
+//! where an identity is expected.
+//!
+//! Grants can be longer than bech32m's 1023-character code length (a scope path may be up
+//! to 1024 bytes), so these strings use bech32m's generator and target residue with the
+//! length limit raised to 4096 characters. Up to 1023 characters this is exactly bech32m;
+//! beyond it the checksum still catches a random error with probability 1 − 2⁻³⁰.
+
+use bech32::primitives::decode::CheckedHrpstring;
+use bech32::{Checksum, Hrp};
+
+use crate::error_keys::KeyError;
+
+/// Bech32m with a 4096-character code length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bech32mLong {}
+
+impl Checksum for Bech32mLong {
+    type MidstateRepr = u32;
+    const CODE_LENGTH: usize = 4096;
+    const CHECKSUM_LENGTH: usize = 6;
+    const GENERATOR_SH: [u32; 5] = <bech32::Bech32m as Checksum>::GENERATOR_SH;
+    const TARGET_RESIDUE: u32 = <bech32::Bech32m as Checksum>::TARGET_RESIDUE;
+}
+
+/// Type prefixes (HRPs) of every key string.
+pub mod hrp {
+    /// A tree's admin key (root of one epoch plus the admin signing key).
+    pub const TREE: &str = "wstree";
+    /// A grant: a subtree key or a single topic key, with the signed epoch certificate.
+    pub const GRANT: &str = "wskey";
+    /// An identity's secret keys.
+    pub const SECRET: &str = "wssec";
+    /// A public identity (Ed25519 + signed X25519 key), for invites.
+    pub const PUBLIC_ID: &str = "wsid";
+    /// A sender id: the Ed25519 public key that signs messages.
+    pub const SENDER: &str = "wspk";
+    /// An invite sealed to a recipient.
+    pub const INVITE: &str = "wsinv";
+}
+
+/// Encodes `data` under the type prefix `hrp` (lowercase).
+pub fn encode(hrp: &'static str, data: &[u8]) -> String {
+    let hrp = Hrp::parse(hrp).expect("static HRPs are valid");
+    bech32::encode::<Bech32mLong>(hrp, data).expect("key material is below the code length")
+}
+
+/// Decodes a string that must carry the type prefix `expected`.
+pub fn decode(expected: &'static str, s: &str) -> Result<Vec<u8>, KeyError> {
+    let s = s.trim();
+    let checked = CheckedHrpstring::new::<Bech32mLong>(s).map_err(|e| KeyError::InvalidString {
+        kind: expected,
+        reason: e.to_string(),
+    })?;
+    let found = checked.hrp().to_lowercase();
+    if found != expected {
+        return Err(KeyError::WrongKind { expected, found });
+    }
+    Ok(checked.byte_iter().collect())
+}
+
+/// Reads fields out of decoded key-string bytes, failing with a typed error when short.
+pub(crate) struct Cursor<'a> {
+    pub(crate) b: &'a [u8],
+    kind: &'static str,
+}
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(b: &'a [u8], kind: &'static str) -> Self {
+        Self { b, kind }
+    }
+    fn short(&self) -> KeyError {
+        KeyError::InvalidString {
+            kind: self.kind,
+            reason: "too short".into(),
+        }
+    }
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], KeyError> {
+        if self.b.len() < n {
+            return Err(self.short());
+        }
+        let (a, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(a)
+    }
+    pub(crate) fn arr<const N: usize>(&mut self) -> Result<[u8; N], KeyError> {
+        Ok(self.take(N)?.try_into().expect("took N bytes"))
+    }
+    pub(crate) fn u8(&mut self) -> Result<u8, KeyError> {
+        Ok(self.take(1)?[0])
+    }
+    pub(crate) fn u64(&mut self) -> Result<u64, KeyError> {
+        Ok(u64::from_be_bytes(self.arr()?))
+    }
+    pub(crate) fn lp_str(&mut self) -> Result<String, KeyError> {
+        let n = u16::from_be_bytes(self.arr()?) as usize;
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| KeyError::InvalidString {
+            kind: self.kind,
+            reason: "text is not UTF-8".into(),
+        })
+    }
+    pub(crate) fn finish(&self) -> Result<(), KeyError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(KeyError::InvalidString {
+                kind: self.kind,
+                reason: "trailing bytes".into(),
+            })
+        }
+    }
+}
+
+pub(crate) fn put_lp(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
