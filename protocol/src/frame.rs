@@ -482,7 +482,7 @@ impl Frame {
                 w.uint(m.heartbeat_ms);
             }
             Frame::Sub(s) => {
-                w.map(5 + s.durable.is_some() as usize + s.replay.is_some() as usize);
+                w.map(6 + s.durable.is_some() as usize + s.replay.is_some() as usize);
                 w.uint(0);
                 w.uint(frame_type::SUB);
                 w.uint(1);

@@ -541,6 +541,24 @@ impl TreeKey {
         })
     }
 
+    /// A tree key from its raw parts (known-answer tests, and restoring from storage).
+    pub fn from_parts(
+        tree_id: TreeId,
+        epoch: u64,
+        name: &str,
+        root: [u8; 32],
+        admin_seed: [u8; 32],
+    ) -> Result<Self, KeyError> {
+        check_tree_name(name)?;
+        Ok(TreeKey {
+            tree_id,
+            epoch,
+            name: name.to_owned(),
+            root: Secret32(root),
+            admin: SigningKey::from_bytes(&admin_seed),
+        })
+    }
+
     /// A new epoch: fresh random root (never derived from the old one, so a removed member
     /// cannot roll forward), same tree id and admin.
     pub fn rotate(&self, rng: &mut impl CryptoRngCore) -> TreeKey {

@@ -1,0 +1,785 @@
+//! Writes the known-answer vectors in `protocol/tests/vectors/` from fixed seeds:
+//!
+//! ```sh
+//! cargo run -p whispeer-protocol --example gen_vectors
+//! ```
+//!
+//! Files named `ok_*` must be accepted with exactly the expected output; files named
+//! `fail_*` must be rejected. `protocol/tests/vectors.rs` checks every file, and
+//! `docs/PROTOCOL.md` describes the format.
+
+#[path = "../tests/common/fixed_rng.rs"]
+mod fixed_rng;
+
+use std::path::Path;
+
+use bytes::Bytes;
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use fixed_rng::FixedRng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use serde_json::{json, Value};
+use whispeer_protocol::codec::write_prefixed;
+use whispeer_protocol::envelope_header::{OFF_N, TAG_LEN};
+use whispeer_protocol::frame::*;
+use whispeer_protocol::kdf::{tag, xof};
+use whispeer_protocol::*;
+
+const NOW: u64 = 1_700_000_000_000;
+
+fn hx(b: &[u8]) -> String {
+    hex::encode(b)
+}
+
+fn write(dir: &Path, name: &str, mut v: Value) {
+    v["name"] = json!(name);
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap() + "\n").unwrap();
+}
+
+fn tree(epoch: u64, root: u8) -> TreeKey {
+    TreeKey::from_parts(TreeId([0x11; 16]), epoch, "home", [root; 32], [0x33; 32]).unwrap()
+}
+
+fn alice() -> Identity {
+    Identity::from_seeds(&[0x44; 32], &[0x55; 32])
+}
+
+fn t(s: &str) -> Topic {
+    Topic::new(s).unwrap()
+}
+
+struct Case<'a> {
+    topic: &'a str,
+    content_type: &'a str,
+    payload: Vec<u8>,
+    compression: Compression,
+    padding: Padding,
+    signed: bool,
+}
+
+fn seal_case(rng: &mut impl RngCore, c: &Case<'_>) -> (Envelope, Value) {
+    let tk = tree(0, 0x22);
+    let mut kr = Keyring::new();
+    kr.add_tree_key(&tk, 0).unwrap();
+    let mut nonce = [0u8; 24];
+    rng.fill_bytes(&mut nonce);
+    let mut msg_id = [0u8; 16];
+    rng.fill_bytes(&mut msg_id);
+    let id = alice();
+    let signer = c.signed.then_some(&id);
+    let key = kr.topic_key(&t(c.topic)).unwrap();
+    let out = Outgoing {
+        payload: &c.payload,
+        content_type: c.content_type,
+        msg_id: MessageId(msg_id),
+        ts_ms: NOW,
+    };
+    let opts = SealOptions {
+        compression: c.compression,
+        padding: c.padding,
+    };
+    let env = Sealer::new()
+        .seal(&key, &out, &opts, signer, &mut FixedRng::new(&nonce))
+        .unwrap();
+    let compression = match c.compression {
+        Compression::None => "none".to_string(),
+        Compression::Zstd(l) => format!("zstd:{l}"),
+    };
+    let padding = match c.padding {
+        Padding::None => "none",
+        Padding::Padme => "padme",
+    };
+    let v = json!({
+        "kind": "envelope",
+        "keys": [{"key": tk.to_key_string().as_str(), "added_ms": 0}],
+        "grace_ms": keyring::DEFAULT_EPOCH_GRACE_MS,
+        "now_ms": NOW,
+        "seal": {
+            "topic": c.topic,
+            "content_type": c.content_type,
+            "payload": hx(&c.payload),
+            "msg_id": hx(&msg_id),
+            "ts_ms": NOW,
+            "compression": compression,
+            "padding": padding,
+            "signer": signer.map(|s| s.to_secret_string().to_string()),
+            "nonce": hx(&nonce),
+        },
+        "envelope": hx(env.as_bytes()),
+        "expect": {
+            "topic": c.topic,
+            "sender": signer.map(|s| s.sender_id().to_string()),
+            "msg_id": hx(&msg_id),
+            "ts_ms": NOW,
+            "content_type": c.content_type,
+            "payload": hx(&c.payload),
+            "tree_id": tk.tree_id().to_string(),
+            "epoch": 0,
+        },
+    });
+    (env, v)
+}
+
+fn fail_env(dir: &Path, name: &str, what: &str, base: &Value, bytes: &[u8]) {
+    let mut v = base.clone();
+    v["description"] = json!(what);
+    v["envelope"] = json!(hx(bytes));
+    v["expect"] = json!("error");
+    v.as_object_mut().unwrap().remove("seal");
+    write(dir, name, v);
+}
+
+/// Decrypts the body of `env` (the generator holds the keys), lets `f` change the plaintext,
+/// and re-encrypts: a validly encrypted envelope whose inside is wrong.
+fn reseal_body(env: &Envelope, topic: &str, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let g = tree(0, 0x22).grant_all();
+    let mk = g.message_key(&t(topic)).unwrap();
+    let mut x = [0u8; 64];
+    xof(mk.as_bytes(), tag::BODY, &[env.nonce()], &mut x);
+    let cipher = XChaCha20Poly1305::new((&x[..32]).into());
+    let ct = env.ciphertext();
+    let (c, tg) = ct.split_at(ct.len() - TAG_LEN);
+    let mut body = c.to_vec();
+    cipher
+        .decrypt_in_place_detached(
+            XNonce::from_slice(env.nonce()),
+            env.header(),
+            &mut body,
+            Tag::from_slice(tg),
+        )
+        .unwrap();
+    f(&mut body);
+    let tag = cipher
+        .encrypt_in_place_detached(XNonce::from_slice(env.nonce()), env.header(), &mut body)
+        .unwrap();
+    let mut out = env.header().to_vec();
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&tag);
+    out
+}
+
+fn main() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "json") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0x5eed);
+
+    // --- Key schedule ---
+    let tk = tree(0, 0x22);
+    let all = tk.grant_all();
+    let ek = tk.cert().keys().clone();
+    let topics = [
+        "sensor",
+        "sensor/kitchen",
+        "sensor/kitchen/temp",
+        "a/bc",
+        "ab/c",
+        "ünï/cødé",
+    ];
+    write(
+        &dir,
+        "ok_keys_derivation",
+        json!({
+            "kind": "keys",
+            "description": "tree key parts -> key id, tokens, message keys, grant strings",
+            "tree": {"tree_id": hx(&[0x11; 16]), "epoch": 0, "name": "home", "root": hx(&[0x22; 32]), "admin_seed": hx(&[0x33; 32])},
+            "expect": {
+                "tree_key": tk.to_key_string().as_str(),
+                "admin": tk.admin().to_string(),
+                "key_id": hx(ek.key_id().as_bytes()),
+                "tokens": topics.iter().map(|s| json!({"topic": s, "tokens": ek.tokens(&t(s)).iter().map(|x| hx(x.as_bytes())).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+                "message_keys": topics.iter().map(|s| json!({"topic": s, "key": hx(all.message_key(&t(s)).unwrap().as_bytes())})).collect::<Vec<_>>(),
+                "grants": [
+                    {"scope": "#", "key_string": all.to_key_string().as_str()},
+                    {"scope": "sensor/kitchen/#", "key_string": tk.grant(&Scope::Subtree(t("sensor/kitchen"))).to_key_string().as_str()},
+                    {"scope": "sensor/kitchen/temp", "key_string": tk.grant(&Scope::Topic(t("sensor/kitchen/temp"))).to_key_string().as_str()},
+                ],
+                "filters": [
+                    {"filter": "sensor/+/temp", "pattern": pattern_json(&ek.compile(&TopicFilter::new("sensor/+/temp").unwrap()))},
+                    {"filter": "sensor/#", "pattern": pattern_json(&ek.compile(&TopicFilter::new("sensor/#").unwrap()))},
+                ],
+            },
+        }),
+    );
+
+    // --- Passphrase ---
+    let p = PassphraseParams::default();
+    let pt = TreeKey::from_passphrase("family", b"correct horse battery staple", p).unwrap();
+    write(
+        &dir,
+        "ok_passphrase",
+        json!({
+            "kind": "passphrase",
+            "description": "Argon2id (default parameters) from a tree name and passphrase",
+            "tree_name": "family",
+            "passphrase": "correct horse battery staple",
+            "params": {"m_kib": p.m_kib, "t": p.t, "p": p.p},
+            "expect": {
+                "tree_id": pt.tree_id().to_string(),
+                "tree_key": pt.to_key_string().as_str(),
+                "key_id": hx(pt.cert().keys().key_id().as_bytes()),
+                "admin": pt.admin().to_string(),
+            },
+        }),
+    );
+
+    // --- Envelopes ---
+    let reading = {
+        // CBOR {"celsius": 21.5, "room": "kitchen"} repeated in an array of 8.
+        let one = hex::decode("a26763656c73697573f94d6064726f6f6d676b69746368656e").unwrap();
+        let mut v = vec![0x88];
+        for _ in 0..8 {
+            v.extend_from_slice(&one);
+        }
+        v
+    };
+    let kib: Vec<u8> = (0..1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let cases = [
+        (
+            "ok_envelope_signed_zstd_padme",
+            Case {
+                topic: "sensor/kitchen/temp",
+                content_type: "application/cbor",
+                payload: reading.clone(),
+                compression: Compression::Zstd(3),
+                padding: Padding::Padme,
+                signed: true,
+            },
+        ),
+        (
+            "ok_envelope_unsigned_plain",
+            Case {
+                topic: "sensor/kitchen/temp",
+                content_type: "text/plain",
+                payload: b"hello".to_vec(),
+                compression: Compression::None,
+                padding: Padding::None,
+                signed: false,
+            },
+        ),
+        (
+            "ok_envelope_signed_1k_plain_padme",
+            Case {
+                topic: "chat/room/general",
+                content_type: "application/octet-stream",
+                payload: kib,
+                compression: Compression::Zstd(1),
+                padding: Padding::Padme,
+                signed: true,
+            },
+        ),
+        (
+            "ok_envelope_empty_payload",
+            Case {
+                topic: "x",
+                content_type: "",
+                payload: vec![],
+                compression: Compression::Zstd(3),
+                padding: Padding::Padme,
+                signed: true,
+            },
+        ),
+    ];
+    let mut base = None;
+    for (name, c) in &cases {
+        let (env, v) = seal_case(&mut rng, c);
+        if base.is_none() {
+            base = Some((env, v.clone()));
+        }
+        write(&dir, name, v);
+    }
+    let (env, bv) = base.unwrap();
+    let e = env.as_bytes().to_vec();
+    let n = env.levels();
+    let len_off = OFF_N + 1 + 16 * n;
+    let flip = |i: usize| {
+        let mut b = e.clone();
+        b[i] ^= 0x01;
+        b
+    };
+    for (name, what, i) in [
+        (
+            "fail_envelope_flip_version",
+            "bit flipped in the version byte",
+            0,
+        ),
+        (
+            "fail_envelope_flip_suite",
+            "bit flipped in the suite byte",
+            1,
+        ),
+        (
+            "fail_envelope_flip_flags",
+            "bit flipped in the flags byte",
+            2,
+        ),
+        ("fail_envelope_flip_key_id", "bit flipped in the key id", 3),
+        ("fail_envelope_flip_nonce", "bit flipped in the nonce", 19),
+        (
+            "fail_envelope_flip_commit",
+            "bit flipped in the key commitment",
+            43,
+        ),
+        (
+            "fail_envelope_flip_token_count",
+            "bit flipped in the token count",
+            OFF_N,
+        ),
+        (
+            "fail_envelope_flip_token",
+            "bit flipped in the first token",
+            OFF_N + 1,
+        ),
+        (
+            "fail_envelope_flip_last_token",
+            "bit flipped in the last token",
+            len_off - 1,
+        ),
+        (
+            "fail_envelope_flip_name_len",
+            "bit flipped in the sealed-name length",
+            len_off + 1,
+        ),
+        (
+            "fail_envelope_flip_sealed_name",
+            "bit flipped in the sealed name",
+            len_off + 2,
+        ),
+        (
+            "fail_envelope_flip_name_tag",
+            "bit flipped in the sealed name's tag",
+            env.header().len() - 1,
+        ),
+        (
+            "fail_envelope_flip_ciphertext",
+            "bit flipped in the body ciphertext",
+            env.header().len() + 5,
+        ),
+        (
+            "fail_envelope_flip_body_tag",
+            "bit flipped in the body tag",
+            e.len() - 1,
+        ),
+    ] {
+        fail_env(&dir, name, what, &bv, &flip(i));
+    }
+    fail_env(
+        &dir,
+        "fail_envelope_truncated",
+        "last byte removed",
+        &bv,
+        &e[..e.len() - 1],
+    );
+    fail_env(
+        &dir,
+        "fail_envelope_truncated_header",
+        "cut inside the header",
+        &bv,
+        &e[..60],
+    );
+    fail_env(&dir, "fail_envelope_empty", "no bytes at all", &bv, &[]);
+    let mut swapped = e.clone();
+    let (a, b) = (OFF_N + 1, OFF_N + 17);
+    for k in 0..16 {
+        swapped.swap(a + k, b + k);
+    }
+    fail_env(
+        &dir,
+        "fail_envelope_swapped_tokens",
+        "first two tokens swapped",
+        &bv,
+        &swapped,
+    );
+    let bad_sig = reseal_body(&env, "sensor/kitchen/temp", |b| b[1 + 32 + 10] ^= 1);
+    fail_env(
+        &dir,
+        "fail_envelope_bad_signature",
+        "validly encrypted body whose signature is wrong",
+        &bv,
+        &bad_sig,
+    );
+    let other_pk = Identity::from_seeds(&[0x99; 32], &[0x98; 32])
+        .sender_id()
+        .to_bytes();
+    let wrong_signer = reseal_body(&env, "sensor/kitchen/temp", |b| {
+        b[1..33].copy_from_slice(&other_pk)
+    });
+    fail_env(
+        &dir,
+        "fail_envelope_wrong_sender_key",
+        "sender key replaced by another valid key",
+        &bv,
+        &wrong_signer,
+    );
+    let bad_pad = reseal_body(&env, "sensor/kitchen/temp", |b| *b.last_mut().unwrap() = 1);
+    fail_env(
+        &dir,
+        "fail_envelope_nonzero_padding",
+        "padding byte not zero",
+        &bv,
+        &bad_pad,
+    );
+
+    let mut v = bv.clone();
+    let other =
+        TreeKey::from_parts(TreeId([0x12; 16]), 0, "other", [0x23; 32], [0x34; 32]).unwrap();
+    v["keys"] = json!([{"key": other.to_key_string().as_str(), "added_ms": 0}]);
+    fail_env(
+        &dir,
+        "fail_envelope_wrong_key",
+        "receiver holds only another tree",
+        &v,
+        &e,
+    );
+    let mut v = bv.clone();
+    v["keys"] = json!([{"key": tree(1, 0x24).to_key_string().as_str(), "added_ms": 0}]);
+    fail_env(
+        &dir,
+        "fail_envelope_wrong_epoch",
+        "receiver holds only epoch 1 of the tree",
+        &v,
+        &e,
+    );
+    let mut v = bv.clone();
+    v["keys"] = json!([
+        {"key": tree(0, 0x22).to_key_string().as_str(), "added_ms": 0},
+        {"key": tree(1, 0x24).to_key_string().as_str(), "added_ms": NOW - 10_000},
+    ]);
+    v["grace_ms"] = json!(5_000);
+    fail_env(
+        &dir,
+        "fail_envelope_epoch_past_grace",
+        "epoch 0 after epoch 1 arrived and the grace period ended",
+        &v,
+        &e,
+    );
+    let mut v = bv.clone();
+    v["keys"] = json!([
+        {"key": tree(0, 0x22).to_key_string().as_str(), "added_ms": 0},
+        {"key": tree(1, 0x24).to_key_string().as_str(), "added_ms": NOW - 1_000},
+    ]);
+    v["grace_ms"] = json!(5_000);
+    v["description"] =
+        json!("epoch 0 still accepted within the grace period after epoch 1 arrived");
+    v.as_object_mut().unwrap().remove("seal"); // a new seal would use epoch 1
+    write(&dir, "ok_envelope_previous_epoch_in_grace", v);
+    let mut v = bv.clone();
+    v["keys"] = json!([{"grant": tk.grant(&Scope::Subtree(t("sensor/garage"))).to_key_string().as_str(), "added_ms": 0}]);
+    fail_env(
+        &dir,
+        "fail_envelope_out_of_scope",
+        "receiver holds only a sibling subtree grant",
+        &v,
+        &e,
+    );
+    let mut v = bv.clone();
+    v["keys"] = json!([{"grant": tk.grant(&Scope::Subtree(t("sensor/kitchen"))).to_key_string().as_str(), "added_ms": 0}]);
+    v["description"] = json!("a subtree grant opens a topic below it");
+    v.as_object_mut().unwrap().remove("seal");
+    write(&dir, "ok_envelope_subtree_grant", v);
+
+    // --- Frames (TCP stream with length prefixes) ---
+    let pattern = ek.compile(&TopicFilter::new("sensor/+/temp").unwrap());
+    let frames = vec![
+        Frame::Hello(Hello {
+            versions: vec![1],
+            features: features::AT_LEAST_ONCE | features::RETAIN,
+            client: Some("whispeer-rs/0.1".into()),
+            auth: None,
+        }),
+        Frame::Welcome(Welcome {
+            version: 1,
+            features: features::AT_LEAST_ONCE,
+            max_frame: 1 << 20,
+            session: [0xab; 16],
+            relay: Some("whispeer-relay/0.1".into()),
+            heartbeat_ms: 30_000,
+        }),
+        Frame::Sub(Sub {
+            sub_id: 1,
+            pattern: pattern.clone(),
+            qos: Qos::AtLeastOnce,
+            durable: Some("kitchen-display".into()),
+            replay: Some(Replay::LastN(10)),
+            retained: true,
+        }),
+        Frame::SubOk(SubOk { sub_id: 1, seq: 41 }),
+        Frame::Pub(Pub {
+            envelope: env.clone(),
+            flags: pub_flags::ACK | pub_flags::RETAIN,
+            publish_id: Some([0xcd; 16]),
+            qos: Qos::AtLeastOnce,
+        }),
+        Frame::PubAck(PubAck {
+            publish_id: [0xcd; 16],
+            seq: 42,
+        }),
+        Frame::Msg(Msg {
+            seq: 42,
+            envelope: env.clone(),
+            flags: 0,
+        }),
+        Frame::Ack(Ack { seqs: vec![42] }),
+        Frame::Gap(Gap { dropped: 3 }),
+        Frame::Ping(Ping { nonce: 7 }),
+        Frame::Pong(Pong { nonce: 7 }),
+        Frame::Unsub(Unsub { sub_id: 1 }),
+        Frame::Err(ErrFrame {
+            code: ErrorCode::RateLimited,
+            message: "publish rate exceeded".into(),
+            fatal: true,
+            sub_id: None,
+            publish_id: None,
+        }),
+        Frame::Close(Close {
+            code: ErrorCode::ShuttingDown,
+            message: "relay shutting down".into(),
+        }),
+    ];
+    let mut stream = Vec::new();
+    let mut each = Vec::new();
+    for f in &frames {
+        let b = f.to_bytes();
+        each.push(json!({"type": f.name(), "cbor": hx(&b)}));
+        write_prefixed(&b, &mut stream);
+    }
+    write(
+        &dir,
+        "ok_frames_session",
+        json!({"kind": "frames", "description": "every frame type, length-prefixed as on TCP", "max_frame": 1 << 20, "stream": hx(&stream), "expect": each}),
+    );
+    // `reason` is a substring of the Rust decoder's error message, so each vector is known
+    // to fail for the reason it names (other implementations may word errors differently).
+    let fail_frame = |name: &str, what: &str, reason: &str, stream: Vec<u8>| {
+        write(
+            &dir,
+            name,
+            json!({"kind": "frames", "description": what, "max_frame": 1 << 20, "stream": hx(&stream), "expect": "error", "reason": reason}),
+        );
+    };
+    let prefixed = |body: &[u8]| {
+        let mut s = Vec::new();
+        write_prefixed(body, &mut s);
+        s
+    };
+    fail_frame(
+        "fail_frame_length_4gib",
+        "length prefix of 4 GiB",
+        "exceeds the limit",
+        vec![0xff, 0xff, 0xff, 0xff, 0xa0],
+    );
+    fail_frame(
+        "fail_frame_oversized",
+        "length prefix one byte over max_frame",
+        "exceeds the limit",
+        ((1u32 << 20) + 1).to_be_bytes().to_vec(),
+    );
+    fail_frame(
+        "fail_frame_zero_length",
+        "length prefix of zero",
+        "truncated",
+        vec![0, 0, 0, 0],
+    );
+    fail_frame(
+        "fail_frame_unknown_type",
+        "frame type 99",
+        "unknown frame type 99",
+        prefixed(&[0xa1, 0x00, 0x18, 0x63]),
+    );
+    fail_frame(
+        "fail_frame_not_a_map",
+        "top-level array",
+        "expected a CBOR map",
+        prefixed(&[0x82, 0x00, 0x0b]),
+    );
+    fail_frame(
+        "fail_frame_type_not_first",
+        "key 1 before key 0",
+        "must come first",
+        prefixed(&[0xa2, 0x01, 0x05, 0x00, 0x0b]),
+    );
+    fail_frame(
+        "fail_frame_duplicate_key",
+        "Ping with key 1 twice",
+        "duplicate field 1",
+        prefixed(&[0xa3, 0x00, 0x0b, 0x01, 0x05, 0x01, 0x06]),
+    );
+    fail_frame(
+        "fail_frame_indefinite_map",
+        "indefinite-length map",
+        "indefinite lengths",
+        prefixed(&[0xbf, 0x00, 0x0b, 0xff]),
+    );
+    fail_frame(
+        "fail_frame_trailing_bytes",
+        "a byte after the map",
+        "trailing bytes",
+        prefixed(&[0xa2, 0x00, 0x0b, 0x01, 0x05, 0x00]),
+    );
+    fail_frame(
+        "fail_frame_invalid_cbor",
+        "reserved additional info 28",
+        "invalid CBOR",
+        prefixed(&[0xbc]),
+    );
+    fail_frame(
+        "fail_frame_truncated_body",
+        "map declares 2 entries, has 1",
+        "truncated",
+        prefixed(&[0xa2, 0x00, 0x0b]),
+    );
+    fail_frame(
+        "fail_frame_tag",
+        "tagged value",
+        "tags are not allowed",
+        prefixed(&[0xa2, 0x00, 0x0b, 0x01, 0xc1, 0x05]),
+    );
+    fail_frame(
+        "fail_frame_bad_qos",
+        "Pub with qos 3",
+        "must be 0, 1 or 2",
+        {
+            let mut b = Frame::Pub(Pub {
+                envelope: env.clone(),
+                flags: 0,
+                publish_id: None,
+                qos: Qos::AtMostOnce,
+            })
+            .to_bytes()
+            .to_vec();
+            *b.last_mut().unwrap() = 3;
+            prefixed(&b)
+        },
+    );
+    fail_frame(
+        "fail_frame_pub_bad_envelope",
+        "Pub whose envelope has version 2",
+        "unsupported envelope version 2",
+        {
+            let mut bad = e.clone();
+            bad[0] = 2;
+            let mut b = Vec::new();
+            b.extend_from_slice(&[0xa3, 0x00, 0x06, 0x01, 0x59]);
+            b.extend_from_slice(&(bad.len() as u16).to_be_bytes());
+            b.extend_from_slice(&bad);
+            b.extend_from_slice(&[0x02, 0x00]);
+            prefixed(&b)
+        },
+    );
+    fail_frame(
+        "fail_frame_pub_ack_without_id",
+        "Pub asking for an ack without a publish id",
+        "missing field publish_id",
+        {
+            let b = Frame::Pub(Pub {
+                envelope: env.clone(),
+                flags: pub_flags::ACK,
+                publish_id: None,
+                qos: Qos::AtMostOnce,
+            })
+            .to_bytes();
+            prefixed(&b)
+        },
+    );
+    fail_frame(
+        "fail_frame_sub_hash_not_last",
+        "Sub filter [#, +]",
+        "may only be the last level",
+        {
+            let mut b = vec![0xa4, 0x00, 0x03, 0x01, 0x01, 0x02, 0x50];
+            b.extend_from_slice(ek.key_id().as_bytes());
+            b.extend_from_slice(&[0x03, 0x82, 0x02, 0x01]);
+            prefixed(&b)
+        },
+    );
+    fail_frame(
+        "fail_frame_sub_too_deep",
+        "Sub filter with 33 levels",
+        "filter of 33 bytes exceeds",
+        {
+            let mut b = vec![0xa4, 0x00, 0x03, 0x01, 0x01, 0x02, 0x50];
+            b.extend_from_slice(ek.key_id().as_bytes());
+            b.extend_from_slice(&[0x03, 0x98, 33]);
+            b.extend(std::iter::repeat_n(0x01, 33));
+            prefixed(&b)
+        },
+    );
+    let _ = Bytes::new();
+
+    // --- Invites ---
+    let bob = Identity::from_seeds(&[0x66; 32], &[0x77; 32]);
+    let eve = Identity::from_seeds(&[0x88; 32], &[0x89; 32]);
+    let g = tk.grant(&Scope::Subtree(t("sensor")));
+    let expiry = NOW + 86_400_000;
+    let inv = Invite::seal(&g, &alice(), &bob.public_id(), expiry, &mut rng).unwrap();
+    let iv = |recipient: &Identity, now: u64, invite: &str, expect: Value, what: &str| json!({"kind": "invite", "description": what, "recipient": recipient.to_secret_string().as_str(), "now_ms": now, "invite": invite, "expect": expect});
+    write(
+        &dir,
+        "ok_invite",
+        iv(
+            &bob,
+            NOW,
+            &inv,
+            json!({"scope": "sensor/#", "inviter": alice().sender_id().to_string(), "expiry_ms": expiry, "key_id": hx(ek.key_id().as_bytes())}),
+            "grant for sensor/# sealed to bob",
+        ),
+    );
+    write(
+        &dir,
+        "fail_invite_wrong_recipient",
+        iv(
+            &eve,
+            NOW,
+            &inv,
+            json!("error"),
+            "eve cannot open bob's invite",
+        ),
+    );
+    write(
+        &dir,
+        "fail_invite_expired",
+        iv(
+            &bob,
+            expiry + 1,
+            &inv,
+            json!("error"),
+            "opened after expiry",
+        ),
+    );
+    let raw = whispeer_protocol::text::decode(whispeer_protocol::text::hrp::INVITE, &inv).unwrap();
+    let mut tampered = raw.clone();
+    let mid = tampered.len() / 2;
+    tampered[mid] ^= 1;
+    let tampered = whispeer_protocol::text::encode(whispeer_protocol::text::hrp::INVITE, &tampered);
+    write(
+        &dir,
+        "fail_invite_tampered",
+        iv(
+            &bob,
+            NOW,
+            &tampered,
+            json!("error"),
+            "one ciphertext bit flipped (valid checksum)",
+        ),
+    );
+
+    let count = std::fs::read_dir(&dir).unwrap().count();
+    println!("wrote {count} vectors to {}", dir.display());
+}
+
+fn pattern_json(p: &TokenPattern) -> Value {
+    json!({
+        "key_id": hx(p.key_id().as_bytes()),
+        "elems": p.elems().iter().map(|e| match e {
+            PatternElem::Token(t) => json!(hx(t.as_bytes())),
+            PatternElem::One => json!("+"),
+            PatternElem::Rest => json!("#"),
+        }).collect::<Vec<_>>(),
+    })
+}

@@ -1,0 +1,216 @@
+//! Checks every known-answer vector in `tests/vectors/`: `ok_*` files must give exactly the
+//! expected output, `fail_*` files must be rejected. Regenerate with
+//! `cargo run -p whispeer-protocol --example gen_vectors`.
+
+mod common {
+    pub mod fixed_rng;
+}
+
+use std::path::Path;
+
+use common::fixed_rng::FixedRng;
+use serde_json::Value;
+use whispeer_protocol::*;
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or_else(|| panic!("field {k} missing"))
+}
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("field {k} missing"))
+}
+fn unhex(v: &Value, k: &str) -> Vec<u8> {
+    hex::decode(s(v, k)).unwrap()
+}
+
+/// Runs one vector; `Err` means the input was rejected.
+fn run(v: &Value) -> Result<(), String> {
+    match s(v, "kind") {
+        "envelope" => envelope(v),
+        "keys" => keys(v),
+        "passphrase" => passphrase(v),
+        "frames" => frames(v),
+        "invite" => invite(v),
+        k => panic!("unknown vector kind {k}"),
+    }
+}
+
+fn envelope(v: &Value) -> Result<(), String> {
+    let mut kr = keyring::Keyring::with_grace(u(v, "grace_ms"));
+    for k in v["keys"].as_array().unwrap() {
+        let at = u(k, "added_ms");
+        if let Some(t) = k["key"].as_str() {
+            kr.add_tree_key(&TreeKey::from_key_string(t).unwrap(), at).unwrap();
+        } else {
+            kr.add_grant(Grant::from_key_string(s(k, "grant")).unwrap(), at).unwrap();
+        }
+    }
+    let bytes = unhex(v, "envelope");
+    let env = Envelope::from_slice(&bytes).map_err(|e| e.to_string())?;
+    let o = Opener::new().open(&kr, &env, u(v, "now_ms")).map_err(|e| e.to_string())?;
+    let x = &v["expect"];
+    assert_eq!(o.topic.as_str(), s(x, "topic"));
+    assert_eq!(o.sender.map(|s| s.to_string()), x["sender"].as_str().map(str::to_owned));
+    assert_eq!(hex::encode(o.msg_id.0), s(x, "msg_id"));
+    assert_eq!(o.ts_ms, u(x, "ts_ms"));
+    assert_eq!(o.content_type, s(x, "content_type"));
+    assert_eq!(hex::encode(&o.payload), s(x, "payload"));
+    assert_eq!(o.tree_id.to_string(), s(x, "tree_id"));
+    assert_eq!(o.epoch, u(x, "epoch"));
+    if let Some(seal) = v.get("seal") {
+        // Sealing is deterministic given the nonce: the same inputs give the same bytes.
+        let topic = Topic::new(s(seal, "topic")).unwrap();
+        let key = kr.topic_key(&topic).unwrap();
+        let signer = seal["signer"].as_str().map(|s| Identity::from_secret_string(s).unwrap());
+        let compression = match s(seal, "compression") {
+            "none" => Compression::None,
+            z => Compression::Zstd(z.strip_prefix("zstd:").unwrap().parse().unwrap()),
+        };
+        let padding = if s(seal, "padding") == "padme" { Padding::Padme } else { Padding::None };
+        let payload = unhex(seal, "payload");
+        let out = Outgoing {
+            payload: &payload,
+            content_type: s(seal, "content_type"),
+            msg_id: MessageId(unhex(seal, "msg_id").try_into().unwrap()),
+            ts_ms: u(seal, "ts_ms"),
+        };
+        let again = Sealer::new()
+            .seal(&key, &out, &SealOptions { compression, padding }, signer.as_ref(), &mut FixedRng::new(&unhex(seal, "nonce")))
+            .unwrap();
+        assert_eq!(hex::encode(again.as_bytes()), s(v, "envelope"), "re-sealing gives the same bytes");
+    }
+    Ok(())
+}
+
+fn keys(v: &Value) -> Result<(), String> {
+    let t = &v["tree"];
+    let tk = TreeKey::from_parts(
+        TreeId(unhex(t, "tree_id").try_into().unwrap()),
+        u(t, "epoch"),
+        s(t, "name"),
+        unhex(t, "root").try_into().unwrap(),
+        unhex(t, "admin_seed").try_into().unwrap(),
+    )
+    .unwrap();
+    let x = &v["expect"];
+    assert_eq!(tk.to_key_string().as_str(), s(x, "tree_key"));
+    assert_eq!(tk.admin().to_string(), s(x, "admin"));
+    let ek = tk.cert().keys().clone();
+    assert_eq!(hex::encode(ek.key_id().as_bytes()), s(x, "key_id"));
+    for e in x["tokens"].as_array().unwrap() {
+        let topic = Topic::new(s(e, "topic")).unwrap();
+        let got: Vec<String> = ek.tokens(&topic).iter().map(|t| hex::encode(t.as_bytes())).collect();
+        let want: Vec<String> = e["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_owned()).collect();
+        assert_eq!(got, want, "tokens of {topic}");
+    }
+    let all = tk.grant_all();
+    for e in x["message_keys"].as_array().unwrap() {
+        let topic = Topic::new(s(e, "topic")).unwrap();
+        assert_eq!(hex::encode(all.message_key(&topic).unwrap().as_bytes()), s(e, "key"), "M({topic})");
+    }
+    for g in x["grants"].as_array().unwrap() {
+        let scope = match s(g, "scope") {
+            "#" => Scope::Tree,
+            sc => match sc.strip_suffix("/#") {
+                Some(p) => Scope::Subtree(Topic::new(p).unwrap()),
+                None => Scope::Topic(Topic::new(sc).unwrap()),
+            },
+        };
+        assert_eq!(tk.grant(&scope).to_key_string().as_str(), s(g, "key_string"));
+        let parsed = Grant::from_key_string(s(g, "key_string")).unwrap();
+        assert_eq!(parsed.scope(), &scope);
+    }
+    for f in x["filters"].as_array().unwrap() {
+        let p = ek.compile(&TopicFilter::new(s(f, "filter")).unwrap());
+        let want = &f["pattern"];
+        assert_eq!(hex::encode(p.key_id().as_bytes()), s(want, "key_id"));
+        let elems: Vec<String> = p
+            .elems()
+            .iter()
+            .map(|e| match e {
+                PatternElem::Token(t) => hex::encode(t.as_bytes()),
+                PatternElem::One => "+".into(),
+                PatternElem::Rest => "#".into(),
+            })
+            .collect();
+        let want: Vec<String> = want["elems"].as_array().unwrap().iter().map(|e| e.as_str().unwrap().to_owned()).collect();
+        assert_eq!(elems, want);
+    }
+    Ok(())
+}
+
+fn passphrase(v: &Value) -> Result<(), String> {
+    let p = &v["params"];
+    let params = PassphraseParams { m_kib: u(p, "m_kib") as u32, t: u(p, "t") as u32, p: u(p, "p") as u32 };
+    let tk = TreeKey::from_passphrase(s(v, "tree_name"), s(v, "passphrase").as_bytes(), params).map_err(|e| e.to_string())?;
+    let x = &v["expect"];
+    assert_eq!(tk.tree_id().to_string(), s(x, "tree_id"));
+    assert_eq!(tk.to_key_string().as_str(), s(x, "tree_key"));
+    assert_eq!(hex::encode(tk.cert().keys().key_id().as_bytes()), s(x, "key_id"));
+    assert_eq!(tk.admin().to_string(), s(x, "admin"));
+    Ok(())
+}
+
+fn frames(v: &Value) -> Result<(), String> {
+    let mut d = FrameDecoder::new(u(v, "max_frame") as usize);
+    d.push(&unhex(v, "stream"));
+    let mut got = Vec::new();
+    while let Some(raw) = d.next_frame().map_err(|e| e.to_string())? {
+        let f = Frame::decode(&raw).map_err(|e| e.to_string())?;
+        assert_eq!(f.to_bytes(), raw, "re-encoding {} gives the same bytes", f.name());
+        got.push((f.name().to_owned(), hex::encode(&raw)));
+    }
+    if d.buffered() != 0 {
+        return Err(format!("{} bytes of an incomplete frame left", d.buffered()));
+    }
+    let want = v["expect"].as_array().expect("ok frame vectors list the frames");
+    assert_eq!(got.len(), want.len());
+    for ((name, cbor), w) in got.iter().zip(want) {
+        assert_eq!(name, s(w, "type"));
+        assert_eq!(cbor, s(w, "cbor"));
+    }
+    Ok(())
+}
+
+fn invite(v: &Value) -> Result<(), String> {
+    let me = Identity::from_secret_string(s(v, "recipient")).unwrap();
+    let inv = Invite::open(s(v, "invite"), &me, u(v, "now_ms")).map_err(|e| e.to_string())?;
+    let x = &v["expect"];
+    assert_eq!(inv.grant.scope().to_string(), s(x, "scope"));
+    assert_eq!(inv.inviter.to_string(), s(x, "inviter"));
+    assert_eq!(inv.expiry_ms, u(x, "expiry_ms"));
+    assert_eq!(hex::encode(inv.grant.epoch_keys().key_id().as_bytes()), s(x, "key_id"));
+    Ok(())
+}
+
+#[test]
+fn every_vector() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
+    let (mut ok, mut fail) = (0, 0);
+    let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    for path in entries {
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let result = run(&v);
+        if name.starts_with("ok_") {
+            if let Err(e) = result {
+                panic!("{name} must be accepted but was rejected: {e}");
+            }
+            ok += 1;
+        } else if name.starts_with("fail_") {
+            match result {
+                Ok(()) => panic!("{name} must be rejected but was accepted"),
+                Err(e) => {
+                    if let Some(reason) = v["reason"].as_str() {
+                        assert!(e.contains(reason), "{name} rejected for another reason: {e:?} (expected {reason:?})");
+                    }
+                }
+            }
+            fail += 1;
+        } else {
+            panic!("vector {name} must start with ok_ or fail_");
+        }
+    }
+    println!("{ok} ok vectors accepted, {fail} fail vectors rejected");
+    assert!(ok >= 10 && fail >= 40, "vectors missing: {ok} ok, {fail} fail");
+}
