@@ -2,13 +2,12 @@
 //! expected output, `fail_*` files must be rejected. Regenerate with
 //! `cargo run -p whispeer-protocol --example gen_vectors`.
 
-mod common {
-    pub mod fixed_rng;
-}
+#[path = "common/fixed_rng.rs"]
+mod fixed_rng;
 
 use std::path::Path;
 
-use common::fixed_rng::FixedRng;
+use fixed_rng::FixedRng;
 use serde_json::Value;
 use whispeer_protocol::*;
 
@@ -39,17 +38,24 @@ fn envelope(v: &Value) -> Result<(), String> {
     for k in v["keys"].as_array().unwrap() {
         let at = u(k, "added_ms");
         if let Some(t) = k["key"].as_str() {
-            kr.add_tree_key(&TreeKey::from_key_string(t).unwrap(), at).unwrap();
+            kr.add_tree_key(&TreeKey::from_key_string(t).unwrap(), at)
+                .unwrap();
         } else {
-            kr.add_grant(Grant::from_key_string(s(k, "grant")).unwrap(), at).unwrap();
+            kr.add_grant(Grant::from_key_string(s(k, "grant")).unwrap(), at)
+                .unwrap();
         }
     }
     let bytes = unhex(v, "envelope");
     let env = Envelope::from_slice(&bytes).map_err(|e| e.to_string())?;
-    let o = Opener::new().open(&kr, &env, u(v, "now_ms")).map_err(|e| e.to_string())?;
+    let o = Opener::new()
+        .open(&kr, &env, u(v, "now_ms"))
+        .map_err(|e| e.to_string())?;
     let x = &v["expect"];
     assert_eq!(o.topic.as_str(), s(x, "topic"));
-    assert_eq!(o.sender.map(|s| s.to_string()), x["sender"].as_str().map(str::to_owned));
+    assert_eq!(
+        o.sender.map(|s| s.to_string()),
+        x["sender"].as_str().map(str::to_owned)
+    );
     assert_eq!(hex::encode(o.msg_id.0), s(x, "msg_id"));
     assert_eq!(o.ts_ms, u(x, "ts_ms"));
     assert_eq!(o.content_type, s(x, "content_type"));
@@ -60,12 +66,18 @@ fn envelope(v: &Value) -> Result<(), String> {
         // Sealing is deterministic given the nonce: the same inputs give the same bytes.
         let topic = Topic::new(s(seal, "topic")).unwrap();
         let key = kr.topic_key(&topic).unwrap();
-        let signer = seal["signer"].as_str().map(|s| Identity::from_secret_string(s).unwrap());
+        let signer = seal["signer"]
+            .as_str()
+            .map(|s| Identity::from_secret_string(s).unwrap());
         let compression = match s(seal, "compression") {
             "none" => Compression::None,
             z => Compression::Zstd(z.strip_prefix("zstd:").unwrap().parse().unwrap()),
         };
-        let padding = if s(seal, "padding") == "padme" { Padding::Padme } else { Padding::None };
+        let padding = if s(seal, "padding") == "padme" {
+            Padding::Padme
+        } else {
+            Padding::None
+        };
         let payload = unhex(seal, "payload");
         let out = Outgoing {
             payload: &payload,
@@ -74,9 +86,22 @@ fn envelope(v: &Value) -> Result<(), String> {
             ts_ms: u(seal, "ts_ms"),
         };
         let again = Sealer::new()
-            .seal(&key, &out, &SealOptions { compression, padding }, signer.as_ref(), &mut FixedRng::new(&unhex(seal, "nonce")))
+            .seal(
+                &key,
+                &out,
+                &SealOptions {
+                    compression,
+                    padding,
+                },
+                signer.as_ref(),
+                &mut FixedRng::new(&unhex(seal, "nonce")),
+            )
             .unwrap();
-        assert_eq!(hex::encode(again.as_bytes()), s(v, "envelope"), "re-sealing gives the same bytes");
+        assert_eq!(
+            hex::encode(again.as_bytes()),
+            s(v, "envelope"),
+            "re-sealing gives the same bytes"
+        );
     }
     Ok(())
 }
@@ -98,14 +123,27 @@ fn keys(v: &Value) -> Result<(), String> {
     assert_eq!(hex::encode(ek.key_id().as_bytes()), s(x, "key_id"));
     for e in x["tokens"].as_array().unwrap() {
         let topic = Topic::new(s(e, "topic")).unwrap();
-        let got: Vec<String> = ek.tokens(&topic).iter().map(|t| hex::encode(t.as_bytes())).collect();
-        let want: Vec<String> = e["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_owned()).collect();
+        let got: Vec<String> = ek
+            .tokens(&topic)
+            .iter()
+            .map(|t| hex::encode(t.as_bytes()))
+            .collect();
+        let want: Vec<String> = e["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_owned())
+            .collect();
         assert_eq!(got, want, "tokens of {topic}");
     }
     let all = tk.grant_all();
     for e in x["message_keys"].as_array().unwrap() {
         let topic = Topic::new(s(e, "topic")).unwrap();
-        assert_eq!(hex::encode(all.message_key(&topic).unwrap().as_bytes()), s(e, "key"), "M({topic})");
+        assert_eq!(
+            hex::encode(all.message_key(&topic).unwrap().as_bytes()),
+            s(e, "key"),
+            "M({topic})"
+        );
     }
     for g in x["grants"].as_array().unwrap() {
         let scope = match s(g, "scope") {
@@ -115,7 +153,10 @@ fn keys(v: &Value) -> Result<(), String> {
                 None => Scope::Topic(Topic::new(sc).unwrap()),
             },
         };
-        assert_eq!(tk.grant(&scope).to_key_string().as_str(), s(g, "key_string"));
+        assert_eq!(
+            tk.grant(&scope).to_key_string().as_str(),
+            s(g, "key_string")
+        );
         let parsed = Grant::from_key_string(s(g, "key_string")).unwrap();
         assert_eq!(parsed.scope(), &scope);
     }
@@ -132,7 +173,12 @@ fn keys(v: &Value) -> Result<(), String> {
                 PatternElem::Rest => "#".into(),
             })
             .collect();
-        let want: Vec<String> = want["elems"].as_array().unwrap().iter().map(|e| e.as_str().unwrap().to_owned()).collect();
+        let want: Vec<String> = want["elems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap().to_owned())
+            .collect();
         assert_eq!(elems, want);
     }
     Ok(())
@@ -140,12 +186,20 @@ fn keys(v: &Value) -> Result<(), String> {
 
 fn passphrase(v: &Value) -> Result<(), String> {
     let p = &v["params"];
-    let params = PassphraseParams { m_kib: u(p, "m_kib") as u32, t: u(p, "t") as u32, p: u(p, "p") as u32 };
-    let tk = TreeKey::from_passphrase(s(v, "tree_name"), s(v, "passphrase").as_bytes(), params).map_err(|e| e.to_string())?;
+    let params = PassphraseParams {
+        m_kib: u(p, "m_kib") as u32,
+        t: u(p, "t") as u32,
+        p: u(p, "p") as u32,
+    };
+    let tk = TreeKey::from_passphrase(s(v, "tree_name"), s(v, "passphrase").as_bytes(), params)
+        .map_err(|e| e.to_string())?;
     let x = &v["expect"];
     assert_eq!(tk.tree_id().to_string(), s(x, "tree_id"));
     assert_eq!(tk.to_key_string().as_str(), s(x, "tree_key"));
-    assert_eq!(hex::encode(tk.cert().keys().key_id().as_bytes()), s(x, "key_id"));
+    assert_eq!(
+        hex::encode(tk.cert().keys().key_id().as_bytes()),
+        s(x, "key_id")
+    );
     assert_eq!(tk.admin().to_string(), s(x, "admin"));
     Ok(())
 }
@@ -156,13 +210,23 @@ fn frames(v: &Value) -> Result<(), String> {
     let mut got = Vec::new();
     while let Some(raw) = d.next_frame().map_err(|e| e.to_string())? {
         let f = Frame::decode(&raw).map_err(|e| e.to_string())?;
-        assert_eq!(f.to_bytes(), raw, "re-encoding {} gives the same bytes", f.name());
+        assert_eq!(
+            f.to_bytes(),
+            raw,
+            "re-encoding {} gives the same bytes",
+            f.name()
+        );
         got.push((f.name().to_owned(), hex::encode(&raw)));
     }
     if d.buffered() != 0 {
-        return Err(format!("{} bytes of an incomplete frame left", d.buffered()));
+        return Err(format!(
+            "{} bytes of an incomplete frame left",
+            d.buffered()
+        ));
     }
-    let want = v["expect"].as_array().expect("ok frame vectors list the frames");
+    let want = v["expect"]
+        .as_array()
+        .expect("ok frame vectors list the frames");
     assert_eq!(got.len(), want.len());
     for ((name, cbor), w) in got.iter().zip(want) {
         assert_eq!(name, s(w, "type"));
@@ -178,7 +242,10 @@ fn invite(v: &Value) -> Result<(), String> {
     assert_eq!(inv.grant.scope().to_string(), s(x, "scope"));
     assert_eq!(inv.inviter.to_string(), s(x, "inviter"));
     assert_eq!(inv.expiry_ms, u(x, "expiry_ms"));
-    assert_eq!(hex::encode(inv.grant.epoch_keys().key_id().as_bytes()), s(x, "key_id"));
+    assert_eq!(
+        hex::encode(inv.grant.epoch_keys().key_id().as_bytes()),
+        s(x, "key_id")
+    );
     Ok(())
 }
 
@@ -186,7 +253,10 @@ fn invite(v: &Value) -> Result<(), String> {
 fn every_vector() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
     let (mut ok, mut fail) = (0, 0);
-    let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut entries: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     entries.sort();
     for path in entries {
         let name = path.file_name().unwrap().to_str().unwrap().to_owned();
@@ -202,7 +272,10 @@ fn every_vector() {
                 Ok(()) => panic!("{name} must be rejected but was accepted"),
                 Err(e) => {
                     if let Some(reason) = v["reason"].as_str() {
-                        assert!(e.contains(reason), "{name} rejected for another reason: {e:?} (expected {reason:?})");
+                        assert!(
+                            e.contains(reason),
+                            "{name} rejected for another reason: {e:?} (expected {reason:?})"
+                        );
                     }
                 }
             }
@@ -212,5 +285,8 @@ fn every_vector() {
         }
     }
     println!("{ok} ok vectors accepted, {fail} fail vectors rejected");
-    assert!(ok >= 10 && fail >= 40, "vectors missing: {ok} ok, {fail} fail");
+    assert!(
+        ok >= 10 && fail >= 40,
+        "vectors missing: {ok} ok, {fail} fail"
+    );
 }
