@@ -1,3 +1,53 @@
-//! whispeer relay — not built yet (see issue 3).
+//! # whispeer-relay
+//!
+//! The blind relay of whispeer: it routes sealed envelopes by opaque topic tokens and never
+//! holds a key, opens an envelope, or sees a topic name or a sender. It depends on
+//! `whispeer-protocol` *without* its `keys` feature, so it cannot contain code that handles
+//! keys or plaintext.
+//!
+//! Entry points: [`run`] (bound [`Listeners`], a [`Config`], a shutdown future — the
+//! testable core of the `whispeer-relay serve` binary) and [`Relay`] (builder with plugins
+//! and a store; [`RelayHandle::connect_in_process`] for an embedded relay without sockets).
+//!
+//! ## Module map
+//! - [`config`] — every setting, defaults, TOML, validation, `generate-config` text.
+//! - [`ids`] — newtypes: [`ConnId`], [`SubId`], [`Seq`], [`TransportKind`].
+//! - [`index`] — the subscription trie (key id → token levels, `+`/`#` branches).
+//! - [`store`] — the seam where publishes are accepted and sequence numbers assigned.
+//! - `router` — index + store behind one routing lock; encodes each `Msg` once, fans out.
+//! - `outbound` — per-connection bounded queue, slow-consumer policy, batch takes.
+//! - `session` — the per-connection protocol state machine (sans I/O).
+//! - `conn` — drives a session over a transport: reader, coalescing writer, timeouts, drain.
+//! - [`transport`] — frame sources/sinks: length-prefixed streams, WebSocket, channels.
+//! - [`tls`] — rustls (ring) acceptor from PEM files.
+//! - [`plugin`] — metadata-only hooks; logging and metrics plugins.
+//! - [`metrics`] — counters, routing histogram, Prometheus text.
+//! - [`admin`] — `/metrics`, `/status`, `/healthz`; a GET client for `status`.
+//! - `rate` — token bucket for the publish rate limit.
+//! - [`logging`] — tracing-subscriber setup for the binary (text or JSON).
+//! - [`error`] — [`RelayError`].
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+mod conn;
+pub mod error;
+pub mod ids;
+pub mod index;
+pub mod logging;
+pub mod metrics;
+mod outbound;
+pub mod plugin;
+mod rate;
+mod relay;
+mod router;
+mod session;
+pub mod store;
+pub mod tls;
+pub mod transport;
+
+pub use config::Config;
+pub use error::RelayError;
+pub use ids::{ConnId, Seq, SubId, TransportKind};
+pub use relay::{run, BoundAddrs, Listeners, Relay, RelayBuilder, RelayHandle};
 pub use whispeer_protocol as protocol;

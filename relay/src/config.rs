@@ -1,0 +1,521 @@
+//! Relay configuration: every setting, its default, TOML (de)serialisation, validation, and
+//! the commented TOML that `whispeer-relay generate-config` prints.
+//!
+//! Precedence is decided by the binary: defaults, then the TOML file, then `WHISPEER_*`
+//! environment variables and flags (clap gives flags priority over env). This module only
+//! knows the shape and the rules, so tests and embedders can build a [`Config`] directly.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use thiserror::Error;
+use whispeer_protocol::limits::{DEFAULT_MAX_FRAME, MAX_FRAME_CEILING, MAX_LEVELS};
+
+/// Why a configuration could not be used.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent with another one.
+    #[error("invalid setting {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// A listener address, or "off". Written in TOML as `"127.0.0.1:7480"`, `"off"` or `""`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ListenAddr(pub Option<SocketAddr>);
+
+impl ListenAddr {
+    /// A listener that is not started.
+    pub const OFF: ListenAddr = ListenAddr(None);
+    /// Listen on `addr` (port 0 picks a free port).
+    pub fn on(addr: SocketAddr) -> Self {
+        Self(Some(addr))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() || s.eq_ignore_ascii_case("off") {
+            return Ok(ListenAddr::OFF);
+        }
+        s.parse::<SocketAddr>()
+            .map(ListenAddr::on)
+            .map_err(|e| format!("{s:?} is not IP:PORT or \"off\": {e}"))
+    }
+}
+
+impl Serialize for ListenAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What to do with a subscriber whose outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumerPolicy {
+    /// Drop the oldest queued message, count it, and tell the client with a `Gap` frame.
+    #[default]
+    Drop,
+    /// Send `Err(SlowConsumer)` and close the connection.
+    Disconnect,
+}
+
+impl fmt::Display for SlowConsumerPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SlowConsumerPolicy::Drop => "drop",
+            SlowConsumerPolicy::Disconnect => "disconnect",
+        })
+    }
+}
+
+impl FromStr for SlowConsumerPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "drop" => Ok(SlowConsumerPolicy::Drop),
+            "disconnect" => Ok(SlowConsumerPolicy::Disconnect),
+            other => Err(format!("{other:?} is not \"drop\" or \"disconnect\"")),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?} is not \"text\" or \"json\"")),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listener addresses.
+    pub listen: ListenConfig,
+    /// Certificate and key for the `wss` and `tls` listeners.
+    pub tls: TlsConfig,
+    /// Limits that protect the relay and other clients from one client.
+    pub limits: Limits,
+    /// Per-connection outbound queue and slow-consumer policy.
+    pub queue: QueueConfig,
+    /// Heartbeats, idle and shutdown timeouts.
+    pub timeouts: Timeouts,
+    /// Logging (used by the binary).
+    pub log: LogConfig,
+}
+
+/// Listener addresses; each may be "off" and each may use port 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Plain WebSocket.
+    pub ws: ListenAddr,
+    /// Length-prefixed TCP.
+    pub tcp: ListenAddr,
+    /// WebSocket over TLS (needs `[tls]`).
+    pub wss: ListenAddr,
+    /// Length-prefixed TCP over TLS (needs `[tls]`).
+    pub tls: ListenAddr,
+    /// Admin HTTP: `/metrics`, `/status`, `/healthz`.
+    pub admin: ListenAddr,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        let local = |port| ListenAddr::on(SocketAddr::from(([127, 0, 0, 1], port)));
+        Self {
+            ws: local(7480),
+            tcp: local(7481),
+            wss: ListenAddr::OFF,
+            tls: ListenAddr::OFF,
+            admin: local(7482),
+        }
+    }
+}
+
+/// PEM files for TLS listeners.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM), leaf first.
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+}
+
+/// Limits; every violation gets a typed `Err` frame and then the connection is closed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame accepted, in bytes (TCP length prefix, WebSocket message).
+    pub max_frame: usize,
+    /// Most concurrent client connections.
+    pub max_connections: usize,
+    /// Most subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Most levels in a subscription filter (at most the protocol's 32).
+    pub max_filter_depth: usize,
+    /// Sustained publishes per second per connection (token bucket rate; 0 = unlimited).
+    pub publish_rate: u32,
+    /// Burst of publishes per connection (token bucket size).
+    pub publish_burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame: DEFAULT_MAX_FRAME,
+            max_connections: 10_000,
+            max_subscriptions: 1_000,
+            max_filter_depth: MAX_LEVELS,
+            publish_rate: 10_000,
+            publish_burst: 20_000,
+        }
+    }
+}
+
+/// The bounded outbound queue every connection has.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Messages a connection may have queued before the slow-consumer policy applies.
+    pub capacity: usize,
+    /// `drop` (oldest, with a `Gap` frame) or `disconnect`.
+    pub slow_consumer: SlowConsumerPolicy,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 4096,
+            slow_consumer: SlowConsumerPolicy::Drop,
+        }
+    }
+}
+
+/// Timeouts, in milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// Time a new connection has to complete its transport handshake and send `Hello`.
+    pub hello_ms: u64,
+    /// Heartbeat interval announced in `Welcome` (and the WebSocket ping interval).
+    pub heartbeat_ms: u64,
+    /// A connection with no inbound traffic for this long is closed (`IdleTimeout`).
+    pub idle_ms: u64,
+    /// On shutdown or a fatal error, how long queued frames may take to drain.
+    pub drain_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            hello_ms: 10_000,
+            heartbeat_ms: 15_000,
+            idle_ms: 45_000,
+            drain_ms: 5_000,
+        }
+    }
+}
+
+impl Timeouts {
+    /// `hello_ms` as a duration.
+    pub fn hello(&self) -> Duration {
+        Duration::from_millis(self.hello_ms)
+    }
+    /// `heartbeat_ms` as a duration (`None` when 0).
+    pub fn heartbeat(&self) -> Option<Duration> {
+        (self.heartbeat_ms > 0).then(|| Duration::from_millis(self.heartbeat_ms))
+    }
+    /// `idle_ms` as a duration.
+    pub fn idle(&self) -> Duration {
+        Duration::from_millis(self.idle_ms)
+    }
+    /// `drain_ms` as a duration.
+    pub fn drain(&self) -> Duration {
+        Duration::from_millis(self.drain_ms)
+    }
+}
+
+/// Logging settings (applied by the binary; the library only emits `tracing` events).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `RUST_LOG`-style filter, e.g. `info` or `whispeer_relay=debug`.
+    pub filter: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and parses a TOML file (missing keys take their defaults).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// A configuration for tests and embedding: every listener on 127.0.0.1 port 0 except
+    /// the TLS ones, which stay off.
+    pub fn ephemeral() -> Self {
+        let any = ListenAddr::on(SocketAddr::from(([127, 0, 0, 1], 0)));
+        Self {
+            listen: ListenConfig {
+                ws: any,
+                tcp: any,
+                wss: ListenAddr::OFF,
+                tls: ListenAddr::OFF,
+                admin: any,
+            },
+            ..Self::default()
+        }
+    }
+
+    /// Checks ranges and cross-field rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        let l = &self.limits;
+        if l.max_frame < 64 || l.max_frame > MAX_FRAME_CEILING {
+            return invalid(
+                "limits.max_frame",
+                format!("{} is outside 64..={MAX_FRAME_CEILING}", l.max_frame),
+            );
+        }
+        if l.max_filter_depth == 0 || l.max_filter_depth > MAX_LEVELS {
+            return invalid(
+                "limits.max_filter_depth",
+                format!("{} is outside 1..={MAX_LEVELS}", l.max_filter_depth),
+            );
+        }
+        if l.max_connections == 0 {
+            return invalid("limits.max_connections", "must be at least 1".into());
+        }
+        if l.publish_rate > 0 && l.publish_burst == 0 {
+            return invalid(
+                "limits.publish_burst",
+                "must be at least 1 when publish_rate is set".into(),
+            );
+        }
+        if self.queue.capacity == 0 {
+            return invalid("queue.capacity", "must be at least 1".into());
+        }
+        let t = &self.timeouts;
+        if t.hello_ms == 0 || t.idle_ms == 0 {
+            return invalid("timeouts", "hello_ms and idle_ms must be positive".into());
+        }
+        if t.heartbeat_ms > 0 && t.heartbeat_ms >= t.idle_ms {
+            return invalid(
+                "timeouts.heartbeat_ms",
+                format!(
+                    "{} must be below idle_ms ({}) or clients time out between heartbeats",
+                    t.heartbeat_ms, t.idle_ms
+                ),
+            );
+        }
+        let wants_tls = self.listen.wss.0.is_some() || self.listen.tls.0.is_some();
+        if wants_tls && (self.tls.cert.is_none() || self.tls.key.is_none()) {
+            return invalid(
+                "tls",
+                "the wss and tls listeners need tls.cert and tls.key".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The commented TOML printed by `generate-config`: every setting with its default.
+    pub fn commented_toml() -> String {
+        let d = Config::default();
+        let l = &d.limits;
+        let t = &d.timeouts;
+        format!(
+            r#"# whispeer-relay configuration. Every setting is shown with its default.
+# Precedence: built-in defaults < this file < WHISPEER_* environment variables < flags.
+
+[listen]
+# Addresses as IP:PORT; port 0 picks a free port; "off" disables a listener.
+# Plain WebSocket (ws://). Binary messages, one frame each.      env WHISPEER_WS
+ws = "{ws}"
+# Length-prefixed TCP (u32 big-endian length, then the frame).   env WHISPEER_TCP
+tcp = "{tcp}"
+# WebSocket over TLS (wss://); needs [tls].                       env WHISPEER_WSS
+wss = "{wss}"
+# Length-prefixed TCP over TLS (tls://); needs [tls].             env WHISPEER_TLS
+tls = "{tls}"
+# Admin HTTP: /metrics (Prometheus), /status (JSON), /healthz.    env WHISPEER_ADMIN
+admin = "{admin}"
+
+[tls]
+# PEM certificate chain (leaf first) and private key for wss/tls.
+# env WHISPEER_TLS_CERT, WHISPEER_TLS_KEY
+# cert = "/etc/whispeer/relay.crt"
+# key = "/etc/whispeer/relay.key"
+
+[limits]
+# A violation gets a typed Err frame, then that connection is closed.
+# Largest frame in bytes (TCP length prefix / WebSocket message). env WHISPEER_MAX_FRAME
+max_frame = {max_frame}
+# Most concurrent client connections.                      env WHISPEER_MAX_CONNECTIONS
+max_connections = {max_connections}
+# Most subscriptions per connection.                       env WHISPEER_MAX_SUBSCRIPTIONS
+max_subscriptions = {max_subscriptions}
+# Most levels in a filter (1..=32).                        env WHISPEER_MAX_FILTER_DEPTH
+max_filter_depth = {max_filter_depth}
+# Publishes per second per connection, token bucket; 0 = unlimited. env WHISPEER_PUBLISH_RATE
+publish_rate = {publish_rate}
+# Token bucket size (burst).                               env WHISPEER_PUBLISH_BURST
+publish_burst = {publish_burst}
+
+[queue]
+# Messages queued per connection before the slow-consumer policy applies. env WHISPEER_QUEUE_CAPACITY
+capacity = {capacity}
+# "drop": drop the oldest queued message and send a Gap frame with the count;
+# "disconnect": send Err(SlowConsumer) and close.          env WHISPEER_SLOW_CONSUMER
+slow_consumer = "{policy}"
+
+[timeouts]
+# Milliseconds to finish the transport handshake and send Hello. env WHISPEER_HELLO_MS
+hello_ms = {hello_ms}
+# Heartbeat announced in Welcome; also the WebSocket ping interval; 0 = none. env WHISPEER_HEARTBEAT_MS
+heartbeat_ms = {heartbeat_ms}
+# Close connections with no inbound traffic for this long.  env WHISPEER_IDLE_MS
+idle_ms = {idle_ms}
+# On shutdown, how long queued frames may take to drain.    env WHISPEER_DRAIN_MS
+drain_ms = {drain_ms}
+
+[log]
+# RUST_LOG-style filter (RUST_LOG also works).              env WHISPEER_LOG
+filter = "{filter}"
+# "text" or "json".                                         env WHISPEER_LOG_FORMAT
+format = "{format}"
+"#,
+            ws = d.listen.ws,
+            tcp = d.listen.tcp,
+            wss = d.listen.wss,
+            tls = d.listen.tls,
+            admin = d.listen.admin,
+            max_frame = l.max_frame,
+            max_connections = l.max_connections,
+            max_subscriptions = l.max_subscriptions,
+            max_filter_depth = l.max_filter_depth,
+            publish_rate = l.publish_rate,
+            publish_burst = l.publish_burst,
+            capacity = d.queue.capacity,
+            policy = d.queue.slow_consumer,
+            hello_ms = t.hello_ms,
+            heartbeat_ms = t.heartbeat_ms,
+            idle_ms = t.idle_ms,
+            drain_ms = t.drain_ms,
+            filter = d.log.filter,
+            format = match d.log.format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_config_parses_back_to_the_defaults() {
+        let text = Config::commented_toml();
+        let parsed = Config::from_toml(&text).unwrap();
+        assert_eq!(parsed, Config::default());
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn partial_files_keep_defaults_and_unknown_keys_fail() {
+        let c = Config::from_toml("[limits]\nmax_frame = 4096\n[listen]\nws = \"off\"\n").unwrap();
+        assert_eq!(c.limits.max_frame, 4096);
+        assert_eq!(c.listen.ws, ListenAddr::OFF);
+        assert_eq!(c.listen.tcp, ListenConfig::default().tcp);
+        assert!(Config::from_toml("[limits]\nmax_frames = 1\n").is_err());
+        assert!(Config::from_toml("[listen]\nws = \"nowhere\"\n").is_err());
+    }
+
+    #[test]
+    fn validation_rules() {
+        let mut c = Config::default();
+        c.limits.max_filter_depth = 33;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.listen.wss = "127.0.0.1:0".parse().unwrap();
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.timeouts.heartbeat_ms = c.timeouts.idle_ms;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,182 @@
+//! Drives one connection over any transport: the reader loop feeding the [`Session`], the
+//! writer task draining the [`Outbound`] queue in coalesced batches, timeouts, and the
+//! orderly end (drain with a deadline, then close).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::{sleep_until, Instant};
+use whispeer_protocol::frame::Gap;
+use whispeer_protocol::{codec, Frame};
+
+use crate::ids::TransportKind;
+use crate::metrics::Metrics;
+use crate::outbound::Outbound;
+use crate::relay::Shared;
+use crate::session::{Flow, Session};
+use crate::transport::{FrameSink, FrameSource, Inbound};
+
+/// Serves one connection until it ends. Never panics on client input; returns when both
+/// directions are finished (or the drain deadline passed).
+pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
+    shared: Arc<Shared>,
+    mut source: Src,
+    sink: Snk,
+    transport: TransportKind,
+    peer: Option<SocketAddr>,
+) {
+    let cfg = &shared.config;
+    let out = Arc::new(Outbound::new(cfg.queue.capacity, cfg.queue.slow_consumer));
+    let (conn, admitted) = shared.registry.register(&out, cfg.limits.max_connections);
+    let _registration = shared.registry.guard(conn);
+    let keepalive = match transport {
+        TransportKind::Ws | TransportKind::Wss => cfg.timeouts.heartbeat(),
+        _ => None,
+    };
+    let mut writer = tokio::spawn(write_loop(
+        sink,
+        out.clone(),
+        shared.metrics.clone(),
+        keepalive,
+    ));
+    let started = Instant::now();
+    let mut session = Session::new(
+        shared.clone(),
+        conn,
+        transport,
+        peer,
+        out.clone(),
+        started.into_std(),
+    );
+
+    let mut source_closed = false;
+    if !admitted {
+        session.refuse_over_limit();
+    } else {
+        source_closed = read_loop(&shared, &mut source, &mut session, &out, started).await;
+    }
+    // No new messages for this connection from here on.
+    session.finish();
+
+    // Drain: let the writer send what is queued (ending with the Err/Close frame that
+    // explains the close), and keep reading and discarding input meanwhile so the kernel
+    // does not answer unread bytes with a reset that could destroy those last frames.
+    let deadline = Instant::now() + cfg.timeouts.drain();
+    let mut writer_done = false;
+    while !(writer_done && source_closed) {
+        tokio::select! {
+            _ = &mut writer, if !writer_done => writer_done = true,
+            ev = source.recv(), if !source_closed => {
+                if matches!(ev, Inbound::Closed | Inbound::TooLarge { .. } | Inbound::Invalid(_)) {
+                    source_closed = true;
+                }
+            }
+            _ = sleep_until(deadline) => break,
+        }
+    }
+    if !writer_done {
+        writer.abort();
+    }
+}
+
+/// Reads until the session asks to close, the queue closes elsewhere, the relay shuts
+/// down, or a timeout fires. Returns whether the source reached its end.
+async fn read_loop<Src: FrameSource>(
+    shared: &Shared,
+    source: &mut Src,
+    session: &mut Session,
+    out: &Outbound,
+    started: Instant,
+) -> bool {
+    let t = &shared.config.timeouts;
+    let (hello, idle) = (t.hello(), t.idle());
+    let mut closing = out.closing_signal();
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut last_in = started;
+    let deadline = sleep_until(started + hello);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            biased;
+            _ = closing.wait_for(|c| *c) => {
+                session.closed_elsewhere();
+                return false;
+            }
+            _ = shutdown.wait_for(|s| *s) => {
+                session.shutting_down();
+                return false;
+            }
+            ev = source.recv() => {
+                let closed = matches!(ev, Inbound::Closed);
+                last_in = Instant::now();
+                if session.on_inbound(ev, last_in.into_std()) == Flow::Close {
+                    return closed;
+                }
+            }
+            _ = &mut deadline => {
+                let due = if session.is_open() { last_in + idle } else { started + hello };
+                if Instant::now() >= due {
+                    session.timed_out();
+                    return false;
+                }
+                deadline.as_mut().reset(due);
+            }
+        }
+    }
+}
+
+/// Drains the queue into the sink, one coalesced write per batch, sending `Gap` before a
+/// batch that follows dropped messages, and transport keepalives when idle.
+async fn write_loop<Snk: FrameSink>(
+    mut sink: Snk,
+    out: Arc<Outbound>,
+    metrics: Arc<Metrics>,
+    keepalive: Option<Duration>,
+) {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    let mut ticker = keepalive.map(|d| tokio::time::interval_at(Instant::now() + d, d));
+    loop {
+        let taken = out.take(&mut batch);
+        if taken.dropped > 0 {
+            let gap = codec::encode_prefixed(&Frame::Gap(Gap {
+                dropped: taken.dropped,
+            }));
+            batch.insert(0, gap);
+        }
+        if !batch.is_empty() {
+            let bytes = batch.iter().map(Bytes::len).sum();
+            if sink.send(&batch).await.is_err() {
+                break;
+            }
+            metrics.frames_out(batch.len(), bytes);
+            batch.clear();
+            if batch.capacity() > 4096 {
+                batch.shrink_to(64);
+            }
+            if !taken.last {
+                continue;
+            }
+        }
+        if taken.last {
+            sink.close().await;
+            return;
+        }
+        match ticker.as_mut() {
+            Some(t) => {
+                tokio::select! {
+                    _ = out.wait() => {}
+                    _ = t.tick() => {
+                        if sink.keepalive().await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            None => out.wait().await,
+        }
+    }
+    // The peer is gone: stop the reader too.
+    out.close_with(None);
+}

@@ -1,0 +1,28 @@
+//! Why the relay could not start or run.
+
+use std::net::SocketAddr;
+
+use thiserror::Error;
+
+use crate::config::ConfigError;
+use crate::tls::TlsError;
+
+/// Startup and run failures of the relay as a whole (never caused by a client: client
+/// mistakes become `Err` frames on that client's connection).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not bind.
+    #[error("cannot listen for {listener} on {addr}: {source}")]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// TLS material could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}

@@ -1,0 +1,272 @@
+//! `whispeer-relay`: `serve`, `generate-config`, `status`.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use whispeer_relay::config::{Config, ListenAddr, LogFormat, SlowConsumerPolicy};
+use whispeer_relay::{admin, logging, Relay};
+
+#[derive(Debug, Parser)]
+#[command(name = "whispeer-relay", version, about = "The blind whispeer relay")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay.
+    Serve(Box<ServeArgs>),
+    /// Print a commented TOML configuration with every setting and its default.
+    GenerateConfig,
+    /// Print a summary of a running relay (from its admin port's /status).
+    Status(StatusArgs),
+}
+
+/// Every flag overrides the config file; each also reads a `WHISPEER_*` variable.
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// TOML configuration file (see `generate-config`).
+    #[arg(long, env = "WHISPEER_CONFIG")]
+    config: Option<PathBuf>,
+    /// WebSocket listener, IP:PORT or "off".
+    #[arg(long, env = "WHISPEER_WS")]
+    ws: Option<ListenAddr>,
+    /// Length-prefixed TCP listener, IP:PORT or "off".
+    #[arg(long, env = "WHISPEER_TCP")]
+    tcp: Option<ListenAddr>,
+    /// WebSocket-over-TLS listener (needs --tls-cert/--tls-key).
+    #[arg(long, env = "WHISPEER_WSS")]
+    wss: Option<ListenAddr>,
+    /// TCP-over-TLS listener (needs --tls-cert/--tls-key).
+    #[arg(long, env = "WHISPEER_TLS")]
+    tls: Option<ListenAddr>,
+    /// Admin HTTP listener (/metrics, /status, /healthz).
+    #[arg(long, env = "WHISPEER_ADMIN")]
+    admin: Option<ListenAddr>,
+    /// PEM certificate chain for wss/tls.
+    #[arg(long, env = "WHISPEER_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for wss/tls.
+    #[arg(long, env = "WHISPEER_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Largest frame in bytes.
+    #[arg(long, env = "WHISPEER_MAX_FRAME")]
+    max_frame: Option<usize>,
+    /// Most concurrent connections.
+    #[arg(long, env = "WHISPEER_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Most subscriptions per connection.
+    #[arg(long, env = "WHISPEER_MAX_SUBSCRIPTIONS")]
+    max_subscriptions: Option<usize>,
+    /// Most levels in a filter (1..=32).
+    #[arg(long, env = "WHISPEER_MAX_FILTER_DEPTH")]
+    max_filter_depth: Option<usize>,
+    /// Publishes per second per connection (0 = unlimited).
+    #[arg(long, env = "WHISPEER_PUBLISH_RATE")]
+    publish_rate: Option<u32>,
+    /// Publish burst per connection.
+    #[arg(long, env = "WHISPEER_PUBLISH_BURST")]
+    publish_burst: Option<u32>,
+    /// Outbound queue capacity per connection, in messages.
+    #[arg(long, env = "WHISPEER_QUEUE_CAPACITY")]
+    queue_capacity: Option<usize>,
+    /// Slow-consumer policy: drop or disconnect.
+    #[arg(long, env = "WHISPEER_SLOW_CONSUMER")]
+    slow_consumer: Option<SlowConsumerPolicy>,
+    /// Milliseconds to finish the handshake and send Hello.
+    #[arg(long, env = "WHISPEER_HELLO_MS")]
+    hello_ms: Option<u64>,
+    /// Heartbeat interval announced to clients (and WebSocket ping interval).
+    #[arg(long, env = "WHISPEER_HEARTBEAT_MS")]
+    heartbeat_ms: Option<u64>,
+    /// Idle timeout in milliseconds.
+    #[arg(long, env = "WHISPEER_IDLE_MS")]
+    idle_ms: Option<u64>,
+    /// Drain deadline on shutdown, in milliseconds.
+    #[arg(long, env = "WHISPEER_DRAIN_MS")]
+    drain_ms: Option<u64>,
+    /// Log filter (RUST_LOG syntax); RUST_LOG is used when this is not set.
+    #[arg(long, env = "WHISPEER_LOG")]
+    log: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "WHISPEER_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Once listening, write the bound addresses here as JSON.
+    #[arg(long, env = "WHISPEER_READY_FILE")]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Admin URL of the relay.
+    #[arg(
+        long,
+        env = "WHISPEER_ADMIN_URL",
+        default_value = "http://127.0.0.1:7482"
+    )]
+    admin: String,
+    /// Print the raw /status JSON instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> Result<(Config, Option<PathBuf>)> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        fn set<T>(slot: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        }
+        set(&mut c.listen.ws, self.ws);
+        set(&mut c.listen.tcp, self.tcp);
+        set(&mut c.listen.wss, self.wss);
+        set(&mut c.listen.tls, self.tls);
+        set(&mut c.listen.admin, self.admin);
+        if self.tls_cert.is_some() {
+            c.tls.cert = self.tls_cert;
+        }
+        if self.tls_key.is_some() {
+            c.tls.key = self.tls_key;
+        }
+        set(&mut c.limits.max_frame, self.max_frame);
+        set(&mut c.limits.max_connections, self.max_connections);
+        set(&mut c.limits.max_subscriptions, self.max_subscriptions);
+        set(&mut c.limits.max_filter_depth, self.max_filter_depth);
+        set(&mut c.limits.publish_rate, self.publish_rate);
+        set(&mut c.limits.publish_burst, self.publish_burst);
+        set(&mut c.queue.capacity, self.queue_capacity);
+        set(&mut c.queue.slow_consumer, self.slow_consumer);
+        set(&mut c.timeouts.hello_ms, self.hello_ms);
+        set(&mut c.timeouts.heartbeat_ms, self.heartbeat_ms);
+        set(&mut c.timeouts.idle_ms, self.idle_ms);
+        set(&mut c.timeouts.drain_ms, self.drain_ms);
+        let env_log = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty());
+        if let Some(f) = self.log.or(env_log) {
+            c.log.filter = f;
+        }
+        set(&mut c.log.format, self.log_format);
+        c.validate()?;
+        Ok((c, self.ready_file))
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::GenerateConfig => {
+            print!("{}", Config::commented_toml());
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let (config, ready_file) = args.into_config()?;
+            logging::init(&config.log.filter, config.log.format).map_err(anyhow::Error::msg)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?
+                .block_on(serve(config, ready_file))
+        }
+        Command::Status(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")?
+            .block_on(status(args)),
+    }
+}
+
+async fn serve(config: Config, ready_file: Option<PathBuf>) -> Result<()> {
+    // Install signal handlers before announcing readiness, so a signal sent right after
+    // the ready file appears is never missed.
+    let shutdown = shutdown_signal()?;
+    let relay = Relay::bind(config).await?;
+    let addrs = relay.addrs();
+    tracing::info!(
+        ws = ?addrs.ws, tcp = ?addrs.tcp, wss = ?addrs.wss, tls = ?addrs.tls, admin = ?addrs.admin,
+        "whispeer-relay listening"
+    );
+    if let Some(path) = ready_file {
+        write_atomically(&path, &serde_json::to_vec(&addrs)?)
+            .with_context(|| format!("writing the ready file {}", path.display()))?;
+    }
+    relay.run(shutdown).await?;
+    Ok(())
+}
+
+/// Writes to a temporary file and renames it, so a reader never sees half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(unix)]
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
+async fn status(args: StatusArgs) -> Result<()> {
+    let body = admin::http_get(&args.admin, "/status").await?;
+    if args.json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let s: admin::Status =
+        serde_json::from_slice(&body).context("the /status answer is not a relay status")?;
+    let t = &s.traffic;
+    let addr = |a: Option<std::net::SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
+    println!(
+        "{}  (up {:.0} s{})",
+        s.relay,
+        s.uptime_seconds,
+        if s.shutting_down {
+            ", shutting down"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "listeners    ws {}  tcp {}  wss {}  tls {}  admin {}",
+        addr(s.listeners.ws),
+        addr(s.listeners.tcp),
+        addr(s.listeners.wss),
+        addr(s.listeners.tls),
+        addr(s.listeners.admin)
+    );
+    println!("connections  {} ({} sockets)", t.connections, s.sockets);
+    println!("subscriptions {}", t.subscriptions);
+    println!(
+        "messages     in {}  out {}  last seq {}",
+        t.messages_in, t.messages_out, s.last_seq
+    );
+    println!("bytes        in {}  out {}", t.bytes_in, t.bytes_out);
+    println!(
+        "slow consumers  policy {}  queue {}  dropped {}  disconnected {}",
+        s.slow_consumer, s.queue_capacity, t.dropped, t.slow_consumer_disconnects
+    );
+    println!("errors sent  {}", t.errors);
+    println!("plugins      {}", s.plugins.join(", "));
+    Ok(())
+}

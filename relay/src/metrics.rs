@@ -1,0 +1,401 @@
+//! Relay metrics: lock-free counters and a routing-latency histogram, rendered in the
+//! Prometheus text exposition format (`/metrics`) and summarised for `/status`.
+//!
+//! Hand-rolled rather than a metrics crate: the set is small and fixed, every update on the
+//! hot path is one relaxed atomic add, and the output is checked with `promtool` in tests.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use whispeer_protocol::ErrorCode;
+
+use crate::ids::TransportKind;
+
+/// Upper bounds of the routing histogram buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 1e-1,
+];
+
+/// Error codes the relay can send, in wire order (index = code - 1).
+const CODES: [ErrorCode; 17] = [
+    ErrorCode::Malformed,
+    ErrorCode::UnsupportedVersion,
+    ErrorCode::UnknownFrame,
+    ErrorCode::FrameTooLarge,
+    ErrorCode::InvalidFilter,
+    ErrorCode::TooManySubscriptions,
+    ErrorCode::RateLimited,
+    ErrorCode::TooManyConnections,
+    ErrorCode::NotAllowed,
+    ErrorCode::SlowConsumer,
+    ErrorCode::ShuttingDown,
+    ErrorCode::IdleTimeout,
+    ErrorCode::Internal,
+    ErrorCode::StoreFailed,
+    ErrorCode::ProtocolViolation,
+    ErrorCode::InvalidEnvelope,
+    ErrorCode::UnknownSubscription,
+];
+
+/// Latency histogram with fixed buckets.
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+    }
+}
+
+/// Every counter the relay keeps. Shared by the router, connections and the metrics plugin.
+#[derive(Debug)]
+pub struct Metrics {
+    started: Instant,
+    connections: [AtomicI64; 5],
+    connections_total: [AtomicU64; 5],
+    connections_rejected: AtomicU64,
+    subscriptions: AtomicI64,
+    subscribes_total: AtomicU64,
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    frames_in: AtomicU64,
+    frames_out: AtomicU64,
+    dropped: AtomicU64,
+    slow_consumer_disconnects: AtomicU64,
+    rejected_by_plugin: AtomicU64,
+    errors: [AtomicU64; CODES.len() + 1],
+    routing: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            connections: Default::default(),
+            connections_total: Default::default(),
+            connections_rejected: AtomicU64::new(0),
+            subscriptions: AtomicI64::new(0),
+            subscribes_total: AtomicU64::new(0),
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            frames_in: AtomicU64::new(0),
+            frames_out: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            slow_consumer_disconnects: AtomicU64::new(0),
+            rejected_by_plugin: AtomicU64::new(0),
+            errors: Default::default(),
+            routing: Histogram::default(),
+        }
+    }
+}
+
+/// A point-in-time summary (the `/status` JSON "traffic" part).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Open client connections.
+    pub connections: u64,
+    /// Active subscriptions.
+    pub subscriptions: u64,
+    /// Publishes accepted.
+    pub messages_in: u64,
+    /// Message deliveries queued to subscribers.
+    pub messages_out: u64,
+    /// Frame bytes received.
+    pub bytes_in: u64,
+    /// Frame bytes written.
+    pub bytes_out: u64,
+    /// Messages dropped by the slow-consumer policy.
+    pub dropped: u64,
+    /// Connections closed by the slow-consumer policy.
+    pub slow_consumer_disconnects: u64,
+    /// Err frames sent, all kinds.
+    pub errors: u64,
+}
+
+impl Metrics {
+    /// Fresh counters; uptime starts now.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn connection_opened(&self, kind: TransportKind) {
+        self.connections[kind.index()].fetch_add(1, Relaxed);
+        self.connections_total[kind.index()].fetch_add(1, Relaxed);
+    }
+    pub(crate) fn connection_closed(&self, kind: TransportKind) {
+        self.connections[kind.index()].fetch_sub(1, Relaxed);
+    }
+    pub(crate) fn connection_rejected(&self) {
+        self.connections_rejected.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn subscribed(&self) {
+        self.subscriptions.fetch_add(1, Relaxed);
+        self.subscribes_total.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn unsubscribed(&self, n: usize) {
+        self.subscriptions.fetch_sub(n as i64, Relaxed);
+    }
+    pub(crate) fn published(&self) {
+        self.messages_in.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn delivered(&self, n: usize) {
+        self.messages_out.fetch_add(n as u64, Relaxed);
+    }
+    pub(crate) fn frame_in(&self, bytes: usize) {
+        self.frames_in.fetch_add(1, Relaxed);
+        self.bytes_in.fetch_add(bytes as u64, Relaxed);
+    }
+    pub(crate) fn frames_out(&self, frames: usize, bytes: usize) {
+        self.frames_out.fetch_add(frames as u64, Relaxed);
+        self.bytes_out.fetch_add(bytes as u64, Relaxed);
+    }
+    pub(crate) fn dropped(&self, n: u64) {
+        self.dropped.fetch_add(n, Relaxed);
+    }
+    pub(crate) fn slow_consumer_disconnect(&self) {
+        self.slow_consumer_disconnects.fetch_add(1, Relaxed);
+        self.error_sent(ErrorCode::SlowConsumer);
+    }
+    pub(crate) fn rejected_by_plugin(&self) {
+        self.rejected_by_plugin.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn error_sent(&self, code: ErrorCode) {
+        let i = match code.to_u16() as usize {
+            c @ 1..=17 => c,
+            _ => 0,
+        };
+        self.errors[i].fetch_add(1, Relaxed);
+    }
+    pub(crate) fn routed(&self, d: Duration) {
+        self.routing.observe(d);
+    }
+
+    /// Uptime since the metrics were created.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Current totals.
+    pub fn snapshot(&self) -> Snapshot {
+        let sum = |a: &[AtomicI64]| a.iter().map(|x| x.load(Relaxed).max(0) as u64).sum();
+        Snapshot {
+            connections: sum(&self.connections),
+            subscriptions: self.subscriptions.load(Relaxed).max(0) as u64,
+            messages_in: self.messages_in.load(Relaxed),
+            messages_out: self.messages_out.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            dropped: self.dropped.load(Relaxed),
+            slow_consumer_disconnects: self.slow_consumer_disconnects.load(Relaxed),
+            errors: self.errors.iter().map(|e| e.load(Relaxed)).sum(),
+        }
+    }
+
+    /// Open connections right now.
+    pub fn open_connections(&self) -> u64 {
+        self.snapshot().connections
+    }
+
+    /// The Prometheus text exposition (format version 0.0.4).
+    pub fn render_prometheus(&self, last_seq: u64) -> String {
+        let mut o = String::with_capacity(4096);
+        let family = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} {kind}");
+        };
+        let load = |a: &AtomicU64| a.load(Relaxed);
+
+        family(
+            &mut o,
+            "whispeer_relay_connections",
+            "gauge",
+            "Open client connections by transport.",
+        );
+        for k in TransportKind::ALL {
+            let v = self.connections[k.index()].load(Relaxed).max(0);
+            let _ = writeln!(o, "whispeer_relay_connections{{transport=\"{k}\"}} {v}");
+        }
+        family(
+            &mut o,
+            "whispeer_relay_connections_total",
+            "counter",
+            "Client connections accepted by transport.",
+        );
+        for k in TransportKind::ALL {
+            let v = load(&self.connections_total[k.index()]);
+            let _ = writeln!(
+                o,
+                "whispeer_relay_connections_total{{transport=\"{k}\"}} {v}"
+            );
+        }
+        let counters: [(&str, &str, u64); 11] = [
+            (
+                "whispeer_relay_connections_rejected_total",
+                "Connections refused (connection limit, plugins).",
+                load(&self.connections_rejected),
+            ),
+            (
+                "whispeer_relay_subscribes_total",
+                "Subscriptions created.",
+                load(&self.subscribes_total),
+            ),
+            (
+                "whispeer_relay_messages_in_total",
+                "Publishes accepted and routed.",
+                load(&self.messages_in),
+            ),
+            (
+                "whispeer_relay_messages_out_total",
+                "Message deliveries queued to subscribers.",
+                load(&self.messages_out),
+            ),
+            (
+                "whispeer_relay_bytes_in_total",
+                "Frame bytes received from clients.",
+                load(&self.bytes_in),
+            ),
+            (
+                "whispeer_relay_bytes_out_total",
+                "Frame bytes written to clients.",
+                load(&self.bytes_out),
+            ),
+            (
+                "whispeer_relay_frames_in_total",
+                "Frames received from clients.",
+                load(&self.frames_in),
+            ),
+            (
+                "whispeer_relay_frames_out_total",
+                "Frames written to clients.",
+                load(&self.frames_out),
+            ),
+            (
+                "whispeer_relay_dropped_messages_total",
+                "Messages dropped by the slow-consumer policy.",
+                load(&self.dropped),
+            ),
+            (
+                "whispeer_relay_slow_consumer_disconnects_total",
+                "Connections closed by the slow-consumer policy.",
+                load(&self.slow_consumer_disconnects),
+            ),
+            (
+                "whispeer_relay_plugin_rejections_total",
+                "Operations refused by a plugin.",
+                load(&self.rejected_by_plugin),
+            ),
+        ];
+        for (name, help, v) in counters {
+            family(&mut o, name, "counter", help);
+            let _ = writeln!(o, "{name} {v}");
+        }
+        family(
+            &mut o,
+            "whispeer_relay_subscriptions",
+            "gauge",
+            "Active subscriptions.",
+        );
+        let _ = writeln!(
+            o,
+            "whispeer_relay_subscriptions {}",
+            self.subscriptions.load(Relaxed).max(0)
+        );
+        family(
+            &mut o,
+            "whispeer_relay_last_sequence",
+            "gauge",
+            "Last relay sequence number assigned.",
+        );
+        let _ = writeln!(o, "whispeer_relay_last_sequence {last_seq}");
+        family(
+            &mut o,
+            "whispeer_relay_uptime_seconds",
+            "gauge",
+            "Seconds since the relay started.",
+        );
+        let _ = writeln!(
+            o,
+            "whispeer_relay_uptime_seconds {:.3}",
+            self.uptime().as_secs_f64()
+        );
+
+        family(
+            &mut o,
+            "whispeer_relay_errors_total",
+            "counter",
+            "Err frames sent to clients by error kind.",
+        );
+        for (i, code) in CODES.iter().enumerate() {
+            let v = load(&self.errors[i + 1]);
+            let _ = writeln!(
+                o,
+                "whispeer_relay_errors_total{{kind=\"{}\"}} {v}",
+                code.name()
+            );
+        }
+        let _ = writeln!(
+            o,
+            "whispeer_relay_errors_total{{kind=\"other\"}} {}",
+            load(&self.errors[0])
+        );
+
+        family(
+            &mut o,
+            "whispeer_relay_routing_seconds",
+            "histogram",
+            "Time to accept a publish and queue it to every matching subscriber.",
+        );
+        let mut cumulative = 0;
+        for (i, le) in BUCKETS.iter().enumerate() {
+            cumulative += load(&self.routing.buckets[i]);
+            let _ = writeln!(
+                o,
+                "whispeer_relay_routing_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let count = load(&self.routing.count);
+        let _ = writeln!(
+            o,
+            "whispeer_relay_routing_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let sum = load(&self.routing.sum_nanos) as f64 / 1e9;
+        let _ = writeln!(o, "whispeer_relay_routing_seconds_sum {sum}");
+        let _ = writeln!(o, "whispeer_relay_routing_seconds_count {count}");
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative_and_counts_everything() {
+        let m = Metrics::new();
+        m.routed(Duration::from_nanos(500));
+        m.routed(Duration::from_micros(3));
+        m.routed(Duration::from_secs(2));
+        let text = m.render_prometheus(7);
+        assert!(text.contains("whispeer_relay_routing_seconds_bucket{le=\"0.000001\"} 1"));
+        assert!(text.contains("whispeer_relay_routing_seconds_bucket{le=\"0.000005\"} 2"));
+        assert!(text.contains("whispeer_relay_routing_seconds_bucket{le=\"0.1\"} 2"));
+        assert!(text.contains("whispeer_relay_routing_seconds_bucket{le=\"+Inf\"} 3"));
+        assert!(text.contains("whispeer_relay_last_sequence 7"));
+    }
+}

@@ -1,0 +1,213 @@
+//! Relay plugins: hooks that see metadata only — connection info, token paths and
+//! patterns, sizes — and never envelope bytes (the info types do not carry them).
+//!
+//! A hook may reject: `on_connect` rejection closes the connection with
+//! `Err(NotAllowed, fatal)`; `on_subscribe`/`on_publish` rejections answer that one request
+//! with a non-fatal `Err(NotAllowed)` carrying its `sub_id`/`publish_id`.
+//! Hooks run inline on the connection's task, so they must be quick and must not block.
+//! Logging ([`LoggingPlugin`]) and metrics ([`MetricsPlugin`]) are plugins themselves.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use whispeer_protocol::{Qos, TokenPath, TokenPattern};
+
+use crate::ids::{ConnId, SubId, TransportKind};
+use crate::metrics::Metrics;
+
+/// A plugin's refusal, with a reason sent to the client (keep it free of secrets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection(pub String);
+
+/// The result of a hook.
+pub type Verdict = Result<(), Rejection>;
+
+/// Who connected, after a successful `Hello`.
+#[derive(Debug, Clone)]
+pub struct ConnectInfo<'a> {
+    /// The relay's id for the connection.
+    pub conn: ConnId,
+    /// The listener it came through.
+    pub transport: TransportKind,
+    /// Remote address (`None` in process).
+    pub peer: Option<SocketAddr>,
+    /// Negotiated protocol version.
+    pub version: u64,
+    /// Optional client software name from `Hello`.
+    pub client: Option<&'a str>,
+    /// Whether `Hello` carried an auth blob (its content is not shown to plugins yet).
+    pub has_auth: bool,
+}
+
+/// A subscription request.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscribeInfo<'a> {
+    /// The connection.
+    pub conn: ConnId,
+    /// The client's id for the subscription.
+    pub sub_id: SubId,
+    /// The filter (key id + tokens and wildcards).
+    pub pattern: &'a TokenPattern,
+    /// Delivery guarantee asked for.
+    pub qos: Qos,
+}
+
+/// A publish request: the route and size, never the envelope bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishInfo<'a> {
+    /// The connection.
+    pub conn: ConnId,
+    /// The route read from the envelope header.
+    pub path: &'a TokenPath,
+    /// Envelope size in bytes.
+    pub size: usize,
+    /// `Pub` flags.
+    pub flags: u64,
+    /// Delivery guarantee asked for.
+    pub qos: Qos,
+}
+
+/// A connection that ended.
+#[derive(Debug, Clone, Copy)]
+pub struct DisconnectInfo<'a> {
+    /// The connection.
+    pub conn: ConnId,
+    /// The listener it came through.
+    pub transport: TransportKind,
+    /// Remote address.
+    pub peer: Option<SocketAddr>,
+    /// Whether `Hello` completed (so `on_connect` ran).
+    pub greeted: bool,
+    /// Why it ended, for logs.
+    pub reason: &'a str,
+}
+
+/// Hooks into the relay's connection lifecycle. Every method has a permissive default.
+pub trait Plugin: Send + Sync + fmt::Debug + 'static {
+    /// A short name for logs.
+    fn name(&self) -> &'static str;
+    /// After `Hello`; rejecting closes the connection.
+    fn on_connect(&self, _info: &ConnectInfo<'_>) -> Verdict {
+        Ok(())
+    }
+    /// Before a subscription becomes active.
+    fn on_subscribe(&self, _info: &SubscribeInfo<'_>) -> Verdict {
+        Ok(())
+    }
+    /// Before a publish is accepted and routed.
+    fn on_publish(&self, _info: &PublishInfo<'_>) -> Verdict {
+        Ok(())
+    }
+    /// After a connection ended (also for connections that never completed `Hello`).
+    fn on_disconnect(&self, _info: &DisconnectInfo<'_>) {}
+}
+
+/// The plugin chain: hooks run in order; the first rejection wins.
+#[derive(Debug, Clone, Default)]
+pub struct Plugins(Vec<Arc<dyn Plugin>>);
+
+impl Plugins {
+    /// An empty chain.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Appends a plugin.
+    pub fn push(&mut self, p: Arc<dyn Plugin>) {
+        self.0.push(p);
+    }
+    /// Names, in order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.0.iter().map(|p| p.name()).collect()
+    }
+
+    fn first_rejection(
+        &self,
+        f: impl Fn(&dyn Plugin) -> Verdict,
+    ) -> Result<(), (&'static str, Rejection)> {
+        for p in &self.0 {
+            f(p.as_ref()).map_err(|r| (p.name(), r))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn connect(&self, i: &ConnectInfo<'_>) -> Result<(), (&'static str, Rejection)> {
+        self.first_rejection(|p| p.on_connect(i))
+    }
+    pub(crate) fn subscribe(&self, i: &SubscribeInfo<'_>) -> Result<(), (&'static str, Rejection)> {
+        self.first_rejection(|p| p.on_subscribe(i))
+    }
+    pub(crate) fn publish(&self, i: &PublishInfo<'_>) -> Result<(), (&'static str, Rejection)> {
+        self.first_rejection(|p| p.on_publish(i))
+    }
+    pub(crate) fn disconnect(&self, i: &DisconnectInfo<'_>) {
+        for p in &self.0 {
+            p.on_disconnect(i);
+        }
+    }
+}
+
+/// Logs lifecycle events with `tracing`: connects and disconnects at `info`, subscriptions
+/// at `debug`, publishes at `trace` — key ids, level counts and sizes only.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LoggingPlugin;
+
+impl Plugin for LoggingPlugin {
+    fn name(&self) -> &'static str {
+        "logging"
+    }
+    fn on_connect(&self, i: &ConnectInfo<'_>) -> Verdict {
+        tracing::info!(conn = %i.conn, transport = %i.transport, peer = ?i.peer,
+            version = i.version, client = i.client.unwrap_or("-"), "client connected");
+        Ok(())
+    }
+    fn on_subscribe(&self, i: &SubscribeInfo<'_>) -> Verdict {
+        tracing::debug!(conn = %i.conn, sub_id = i.sub_id.0, key_id = %i.pattern.key_id(),
+            levels = i.pattern.elems().len(), exact = i.pattern.is_exact(), "subscribe");
+        Ok(())
+    }
+    fn on_publish(&self, i: &PublishInfo<'_>) -> Verdict {
+        tracing::trace!(conn = %i.conn, key_id = %i.path.key_id(),
+            levels = i.path.tokens().len(), size = i.size, flags = i.flags, "publish");
+        Ok(())
+    }
+    fn on_disconnect(&self, i: &DisconnectInfo<'_>) {
+        if i.greeted {
+            tracing::info!(conn = %i.conn, transport = %i.transport, peer = ?i.peer,
+                reason = i.reason, "client disconnected");
+        } else {
+            tracing::debug!(conn = %i.conn, transport = %i.transport, peer = ?i.peer,
+                reason = i.reason, "connection closed before Hello");
+        }
+    }
+}
+
+/// Counts connections, subscriptions and accepted publishes into [`Metrics`]. Wire-level
+/// counters (bytes, frames, deliveries, drops, errors, routing latency) are recorded by
+/// the transport and router directly, because no hook sees them.
+#[derive(Debug, Clone)]
+pub struct MetricsPlugin {
+    metrics: Arc<Metrics>,
+}
+
+impl MetricsPlugin {
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl Plugin for MetricsPlugin {
+    fn name(&self) -> &'static str {
+        "metrics"
+    }
+    fn on_connect(&self, i: &ConnectInfo<'_>) -> Verdict {
+        self.metrics.connection_opened(i.transport);
+        Ok(())
+    }
+    fn on_disconnect(&self, i: &DisconnectInfo<'_>) {
+        if i.greeted {
+            self.metrics.connection_closed(i.transport);
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! The relay as a whole: state shared by every connection, the builder, the listeners and
+//! accept loops, the in-process handle, and the run loop with graceful shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, ListenAddr};
+use crate::error::RelayError;
+use crate::ids::{ConnId, TransportKind};
+use crate::metrics::Metrics;
+use crate::outbound::Outbound;
+use crate::plugin::{LoggingPlugin, MetricsPlugin, Plugin, Plugins};
+use crate::router::Router;
+use crate::store::{MemoryStore, Store};
+use crate::transport::channel::{ChannelSink, ChannelSource};
+use crate::transport::stream::{StreamSink, StreamSource};
+use crate::transport::{ws, FrameSink, FrameSource};
+use crate::{admin, conn, tls};
+
+/// Open connections, for the connection limit and for shutdown.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    conns: Mutex<HashMap<ConnId, Arc<Outbound>>>,
+    next: AtomicU64,
+    empty: Notify,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Arc<Outbound>>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Numbers a new connection and records it; `admitted` is false over the limit.
+    pub(crate) fn register(&self, out: &Arc<Outbound>, max: usize) -> (ConnId, bool) {
+        let id = ConnId(self.next.fetch_add(1, Ordering::Relaxed) + 1);
+        let mut conns = self.lock();
+        let admitted = conns.len() < max;
+        conns.insert(id, out.clone());
+        (id, admitted)
+    }
+
+    /// Removes the connection when the returned guard drops (also on abort).
+    pub(crate) fn guard(self: &Arc<Self>, conn: ConnId) -> Registration {
+        Registration {
+            registry: self.clone(),
+            conn,
+        }
+    }
+
+    fn remove(&self, conn: ConnId) {
+        let mut conns = self.lock();
+        conns.remove(&conn);
+        if conns.is_empty() {
+            self.empty.notify_waiters();
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    async fn wait_empty(&self) {
+        loop {
+            let notified = self.empty.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Deregisters a connection on drop.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    registry: Arc<Registry>,
+    conn: ConnId,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.remove(self.conn);
+    }
+}
+
+/// State every connection shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) router: Router,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) plugins: Plugins,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(crate) addrs: BoundAddrs,
+}
+
+/// The addresses the relay listens on (the `--ready-file` JSON).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundAddrs {
+    /// Plain WebSocket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ws: Option<SocketAddr>,
+    /// Length-prefixed TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<SocketAddr>,
+    /// WebSocket over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wss: Option<SocketAddr>,
+    /// Length-prefixed TCP over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<SocketAddr>,
+    /// Admin HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
+}
+
+/// Bound (not yet accepting) listening sockets. Binding first lets port-0 addresses be
+/// known before the relay runs.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// Plain WebSocket.
+    pub ws: Option<TcpListener>,
+    /// Length-prefixed TCP.
+    pub tcp: Option<TcpListener>,
+    /// WebSocket over TLS.
+    pub wss: Option<TcpListener>,
+    /// Length-prefixed TCP over TLS.
+    pub tls: Option<TcpListener>,
+    /// Admin HTTP.
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// No sockets at all (an embedded relay used only in process).
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Binds every listener the configuration turns on.
+    pub async fn bind(config: &Config) -> Result<Self, RelayError> {
+        async fn one(
+            name: &'static str,
+            addr: ListenAddr,
+        ) -> Result<Option<TcpListener>, RelayError> {
+            match addr.0 {
+                None => Ok(None),
+                Some(a) => {
+                    TcpListener::bind(a)
+                        .await
+                        .map(Some)
+                        .map_err(|source| RelayError::Bind {
+                            listener: name,
+                            addr: a,
+                            source,
+                        })
+                }
+            }
+        }
+        let l = &config.listen;
+        Ok(Self {
+            ws: one("ws", l.ws).await?,
+            tcp: one("tcp", l.tcp).await?,
+            wss: one("wss", l.wss).await?,
+            tls: one("tls", l.tls).await?,
+            admin: one("admin", l.admin).await?,
+        })
+    }
+
+    /// The bound addresses (with the ports the OS picked).
+    pub fn addrs(&self) -> BoundAddrs {
+        let a = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+        BoundAddrs {
+            ws: a(&self.ws),
+            tcp: a(&self.tcp),
+            wss: a(&self.wss),
+            tls: a(&self.tls),
+            admin: a(&self.admin),
+        }
+    }
+}
+
+/// Configures a [`Relay`]: listeners, extra plugins, a store.
+#[derive(Debug)]
+pub struct RelayBuilder {
+    config: Config,
+    listeners: Listeners,
+    plugins: Vec<Arc<dyn Plugin>>,
+    store: Option<Arc<dyn Store>>,
+}
+
+impl RelayBuilder {
+    /// Uses these bound listeners (default: none).
+    pub fn listeners(mut self, listeners: Listeners) -> Self {
+        self.listeners = listeners;
+        self
+    }
+
+    /// Adds a plugin after the built-in metrics and logging plugins.
+    pub fn plugin(mut self, plugin: Arc<dyn Plugin>) -> Self {
+        self.plugins.push(plugin);
+        self
+    }
+
+    /// Uses this store (default: [`MemoryStore`]).
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Validates the configuration and loads TLS material.
+    pub fn build(self) -> Result<Relay, RelayError> {
+        self.config.validate()?;
+        let tls = match (&self.config.tls.cert, &self.config.tls.key) {
+            (Some(c), Some(k)) if self.listeners.wss.is_some() || self.listeners.tls.is_some() => {
+                Some(tls::acceptor(c, k)?)
+            }
+            _ => None,
+        };
+        if tls.is_none() && (self.listeners.wss.is_some() || self.listeners.tls.is_some()) {
+            return Err(RelayError::Config(crate::config::ConfigError::Invalid {
+                field: "tls",
+                reason: "a wss or tls listener needs tls.cert and tls.key".into(),
+            }));
+        }
+        let metrics = Arc::new(Metrics::new());
+        let mut plugins = Plugins::new();
+        plugins.push(Arc::new(MetricsPlugin::new(metrics.clone())));
+        plugins.push(Arc::new(LoggingPlugin));
+        for p in self.plugins {
+            plugins.push(p);
+        }
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn Store>);
+        let addrs = self.listeners.addrs();
+        let shared = Arc::new(Shared {
+            router: Router::new(store, metrics.clone()),
+            config: self.config,
+            metrics,
+            plugins,
+            registry: Arc::new(Registry::default()),
+            shutdown: watch::Sender::new(false),
+            addrs,
+        });
+        Ok(Relay {
+            shared,
+            listeners: self.listeners,
+            tls,
+        })
+    }
+}
+
+/// A configured relay, ready to [`run`](Relay::run).
+pub struct Relay {
+    shared: Arc<Shared>,
+    listeners: Listeners,
+    tls: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("addrs", &self.shared.addrs)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// Starts configuring a relay.
+    pub fn builder(config: Config) -> RelayBuilder {
+        RelayBuilder {
+            config,
+            listeners: Listeners::none(),
+            plugins: Vec::new(),
+            store: None,
+        }
+    }
+
+    /// Binds the configured listeners and builds the relay with default plugins and store.
+    pub async fn bind(config: Config) -> Result<Self, RelayError> {
+        let listeners = Listeners::bind(&config).await?;
+        Self::builder(config).listeners(listeners).build()
+    }
+
+    /// The bound addresses.
+    pub fn addrs(&self) -> BoundAddrs {
+        self.shared.addrs
+    }
+
+    /// A handle for in-process connections, metrics and shutdown.
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Accepts connections until `shutdown` completes (or [`RelayHandle::shutdown`] is
+    /// called), then stops accepting, sends `Close(ShuttingDown)` to every client, and
+    /// waits for their queues to drain (bounded by `timeouts.drain_ms`).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
+        let Relay {
+            shared,
+            listeners,
+            tls,
+        } = self;
+        let mut tasks = JoinSet::new();
+        let mut spawn = |l: Option<TcpListener>, kind: TransportKind| {
+            if let Some(l) = l {
+                tasks.spawn(accept_loop(shared.clone(), l, kind, tls.clone()));
+            }
+        };
+        spawn(listeners.ws, TransportKind::Ws);
+        spawn(listeners.tcp, TransportKind::Tcp);
+        spawn(listeners.wss, TransportKind::Wss);
+        spawn(listeners.tls, TransportKind::Tls);
+        if let Some(l) = listeners.admin {
+            tasks.spawn(admin::serve(l, shared.clone()));
+        }
+        let mut stop = shared.shutdown.subscribe();
+        tokio::select! {
+            _ = shutdown => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        let open = shared.registry.len();
+        tracing::info!(
+            connections = open,
+            "shutting down: no longer accepting; draining"
+        );
+        shared.shutdown.send_replace(true);
+        tasks.abort_all();
+        // Connections drain within `drain_ms` each, in parallel; allow a little more.
+        let limit = shared.config.timeouts.drain() + std::time::Duration::from_millis(500);
+        if tokio::time::timeout(limit, shared.registry.wait_empty())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = shared.registry.len(),
+                "drain deadline passed; dropping remaining connections"
+            );
+        }
+        tracing::info!("relay stopped");
+        Ok(())
+    }
+}
+
+/// The testable entry point: runs a relay on bound `listeners` until `shutdown` completes.
+pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RelayError> {
+    Relay::builder(config)
+        .listeners(listeners)
+        .build()?
+        .run(shutdown)
+        .await
+}
+
+/// A cloneable handle to a built relay.
+#[derive(Debug, Clone)]
+pub struct RelayHandle {
+    shared: Arc<Shared>,
+}
+
+impl RelayHandle {
+    /// Opens an in-process connection: send frames (no length prefix) on the sender,
+    /// receive frames on the receiver. Dropping the sender closes the connection. Must be
+    /// called inside a tokio runtime; the relay need not be running listeners.
+    pub fn connect_in_process(&self) -> (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>) {
+        let (to_relay, from_client) = mpsc::channel(256);
+        let (to_client, from_relay) = mpsc::channel(256);
+        let max = self.shared.config.limits.max_frame;
+        self.serve(
+            ChannelSource::new(from_client, max),
+            ChannelSink::new(to_client),
+            TransportKind::InProcess,
+            None,
+        );
+        (to_relay, from_relay)
+    }
+
+    /// Serves a connection over any transport (spawns its task).
+    pub fn serve<Src: FrameSource, Snk: FrameSink>(
+        &self,
+        source: Src,
+        sink: Snk,
+        transport: TransportKind,
+        peer: Option<SocketAddr>,
+    ) {
+        tokio::spawn(conn::serve(
+            self.shared.clone(),
+            source,
+            sink,
+            transport,
+            peer,
+        ));
+    }
+
+    /// The relay's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// The `/status` document.
+    pub fn status(&self) -> admin::Status {
+        admin::status(&self.shared)
+    }
+
+    /// Asks [`Relay::run`] to shut down gracefully.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.send_replace(true);
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    kind: TransportKind,
+    tls: Option<TlsAcceptor>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Typically EMFILE: back off briefly instead of spinning.
+                tracing::warn!(listener = %kind, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(handshake(shared.clone(), stream, peer, kind, tls.clone()));
+    }
+}
+
+/// Completes the transport handshake (TLS, WebSocket upgrade) within `hello_ms`, then
+/// serves the connection.
+async fn handshake(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: TransportKind,
+    tls: Option<TlsAcceptor>,
+) {
+    let max = shared.config.limits.max_frame;
+    let limit = shared.config.timeouts.hello();
+    let peer_s = Some(peer);
+    let result: Result<(), String> = async {
+        match kind {
+            TransportKind::Tcp => {
+                let (r, w) = stream.into_split();
+                conn::serve(
+                    shared.clone(),
+                    StreamSource::new(r, max),
+                    StreamSink::new(w),
+                    kind,
+                    peer_s,
+                )
+                .await;
+            }
+            TransportKind::Ws => {
+                let ws = tokio::time::timeout(
+                    limit,
+                    tokio_tungstenite::accept_async_with_config(stream, Some(ws::ws_config(max))),
+                )
+                .await
+                .map_err(|_| "WebSocket handshake timed out".to_string())?
+                .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
+                let (src, snk) = ws::split(ws);
+                conn::serve(shared.clone(), src, snk, kind, peer_s).await;
+            }
+            TransportKind::Tls | TransportKind::Wss => {
+                let acceptor = tls.ok_or("TLS listener without TLS configuration")?;
+                let tls_stream = tokio::time::timeout(limit, acceptor.accept(stream))
+                    .await
+                    .map_err(|_| "TLS handshake timed out".to_string())?
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                if kind == TransportKind::Tls {
+                    let (r, w) = tokio::io::split(tls_stream);
+                    conn::serve(
+                        shared.clone(),
+                        StreamSource::new(r, max),
+                        StreamSink::new(w),
+                        kind,
+                        peer_s,
+                    )
+                    .await;
+                } else {
+                    let ws = tokio::time::timeout(
+                        limit,
+                        tokio_tungstenite::accept_async_with_config(
+                            tls_stream,
+                            Some(ws::ws_config(max)),
+                        ),
+                    )
+                    .await
+                    .map_err(|_| "WebSocket handshake timed out".to_string())?
+                    .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
+                    let (src, snk) = ws::split(ws);
+                    conn::serve(shared.clone(), src, snk, kind, peer_s).await;
+                }
+            }
+            TransportKind::InProcess => {}
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(why) = result {
+        tracing::debug!(%peer, listener = %kind, %why, "connection dropped during handshake");
+    }
+}

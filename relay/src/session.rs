@@ -1,0 +1,522 @@
+//! The per-connection protocol state machine: inbound events in, frames queued out.
+//!
+//! It does no I/O itself — it reads [`Inbound`] events, talks to the router and queues
+//! replies on the connection's [`Outbound`] — so the same logic serves every transport and
+//! can be driven directly by property tests. Every outcome for client bytes is either a
+//! reply, a typed `Err` frame, or an orderly close; nothing here panics on input.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use whispeer_protocol::frame::{
+    negotiate_version, pub_flags, Close, ErrFrame, Hello, Pong, Pub, PubAck, Sub, SubOk, Unsub,
+    Welcome, PROTOCOL_VERSION,
+};
+use whispeer_protocol::{codec, DecodeError, ErrorCode, Frame, TokenPattern};
+
+use crate::ids::{ConnId, SubId, TransportKind};
+use crate::outbound::{Offer, Outbound};
+use crate::plugin::{ConnectInfo, DisconnectInfo, PublishInfo, SubscribeInfo};
+use crate::rate::TokenBucket;
+use crate::relay::Shared;
+use crate::transport::Inbound;
+
+/// What the driver should do after an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    /// Keep reading.
+    Continue,
+    /// Stop reading; the outbound queue is closing (its last frame, if any, explains why).
+    Close,
+}
+
+/// The relay's software name in `Welcome`.
+const RELAY_NAME: &str = concat!("whispeer-relay/", env!("CARGO_PKG_VERSION"));
+
+/// Maps a frame decoding failure to the error code the client is told.
+pub(crate) fn classify(e: &DecodeError) -> ErrorCode {
+    match e {
+        DecodeError::UnknownFrameType(_) => ErrorCode::UnknownFrame,
+        DecodeError::InvalidPattern(_) => ErrorCode::InvalidFilter,
+        DecodeError::TooLarge { what: "filter", .. }
+        | DecodeError::InvalidField {
+            field: "filter" | "key_id",
+            ..
+        } => ErrorCode::InvalidFilter,
+        DecodeError::TooLarge { what: "frame", .. } => ErrorCode::FrameTooLarge,
+        DecodeError::UnsupportedSuite(_) | DecodeError::InvalidHeader(_) => {
+            ErrorCode::InvalidEnvelope
+        }
+        DecodeError::UnsupportedVersion { what, .. }
+        | DecodeError::Truncated { what, .. }
+        | DecodeError::TooLarge { what, .. }
+            if what.starts_with("envelope") || *what == "sealed name" =>
+        {
+            ErrorCode::InvalidEnvelope
+        }
+        _ => ErrorCode::Malformed,
+    }
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub(crate) struct Session {
+    shared: Arc<Shared>,
+    conn: ConnId,
+    transport: TransportKind,
+    peer: Option<SocketAddr>,
+    out: Arc<Outbound>,
+    /// `Hello` was accepted and `on_connect` ran.
+    greeted: bool,
+    /// `Welcome` was sent: the connection may subscribe and publish.
+    open: bool,
+    subs: HashMap<SubId, TokenPattern>,
+    bucket: TokenBucket,
+    reason: String,
+    finished: bool,
+}
+
+impl Session {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        conn: ConnId,
+        transport: TransportKind,
+        peer: Option<SocketAddr>,
+        out: Arc<Outbound>,
+        now: Instant,
+    ) -> Self {
+        let l = &shared.config.limits;
+        let bucket = TokenBucket::new(l.publish_rate, l.publish_burst, now);
+        Self {
+            shared,
+            conn,
+            transport,
+            peer,
+            out,
+            greeted: false,
+            open: false,
+            subs: HashMap::new(),
+            bucket,
+            reason: String::from("open"),
+            finished: false,
+        }
+    }
+
+    /// Whether `Welcome` was sent.
+    pub(crate) fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Subscriptions held.
+    #[cfg(test)]
+    pub(crate) fn subscription_count(&self) -> usize {
+        self.subs.len()
+    }
+
+    /// Handles one transport event.
+    pub(crate) fn on_inbound(&mut self, ev: Inbound, now: Instant) -> Flow {
+        if self.out.is_closing() {
+            return Flow::Close;
+        }
+        match ev {
+            Inbound::Frame(bytes) => {
+                self.shared.metrics.frame_in(bytes.len());
+                self.on_frame(&bytes, now)
+            }
+            Inbound::Alive => Flow::Continue,
+            Inbound::Text => self.fatal(
+                ErrorCode::ProtocolViolation,
+                "text messages are not allowed: send frames as binary messages".into(),
+                None,
+                None,
+            ),
+            Inbound::TooLarge { len } => self.fatal(
+                ErrorCode::FrameTooLarge,
+                format!(
+                    "frame of {len} bytes exceeds max_frame {}",
+                    self.shared.config.limits.max_frame
+                ),
+                None,
+                None,
+            ),
+            Inbound::Invalid(why) => self.fatal(ErrorCode::Malformed, why, None, None),
+            Inbound::Closed => {
+                self.close_quietly("peer closed the connection");
+                Flow::Close
+            }
+        }
+    }
+
+    fn on_frame(&mut self, bytes: &Bytes, now: Instant) -> Flow {
+        let frame = match Frame::decode(bytes) {
+            Ok(f) => f,
+            Err(e) => return self.fatal(classify(&e), e.to_string(), None, None),
+        };
+        if !self.open {
+            return match frame {
+                Frame::Hello(h) => self.on_hello(h),
+                other => self.fatal(
+                    ErrorCode::ProtocolViolation,
+                    format!("{} before Hello", other.name()),
+                    None,
+                    None,
+                ),
+            };
+        }
+        match frame {
+            Frame::Sub(s) => self.on_sub(s),
+            Frame::Unsub(u) => self.on_unsub(u),
+            Frame::Pub(p) => self.on_pub(p, now),
+            Frame::Ping(p) => self.send(&Frame::Pong(Pong { nonce: p.nonce })),
+            // Liveness only; the idle timer was reset by the driver.
+            Frame::Pong(_) => Flow::Continue,
+            // At-least-once is not granted in `Welcome` yet, so acks have nothing to clear.
+            Frame::Ack(_) => Flow::Continue,
+            Frame::Close(c) => {
+                self.close_quietly(&format!("client closed: {}", c.code.name()));
+                Flow::Close
+            }
+            Frame::Err(e) => {
+                tracing::debug!(conn = %self.conn, code = e.code.name(), fatal = e.fatal,
+                    "client reported an error");
+                if e.fatal {
+                    self.close_quietly(&format!("client error: {}", e.code.name()));
+                    Flow::Close
+                } else {
+                    Flow::Continue
+                }
+            }
+            Frame::Hello(_) => self.fatal(
+                ErrorCode::ProtocolViolation,
+                "a second Hello".into(),
+                None,
+                None,
+            ),
+            other => self.fatal(
+                ErrorCode::ProtocolViolation,
+                format!("{} is a relay-to-client frame", other.name()),
+                None,
+                None,
+            ),
+        }
+    }
+
+    fn on_hello(&mut self, h: Hello) -> Flow {
+        let Some(version) = negotiate_version(&h.versions) else {
+            return self.fatal(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "no common protocol version: the relay speaks {PROTOCOL_VERSION}, the client offered {:?}",
+                    h.versions
+                ),
+                None,
+                None,
+            );
+        };
+        self.greeted = true;
+        let info = ConnectInfo {
+            conn: self.conn,
+            transport: self.transport,
+            peer: self.peer,
+            version,
+            client: h.client.as_deref(),
+            has_auth: h.auth.is_some(),
+        };
+        if let Err((plugin, why)) = self.shared.plugins.connect(&info) {
+            self.shared.metrics.rejected_by_plugin();
+            self.shared.metrics.connection_rejected();
+            return self.fatal(
+                ErrorCode::NotAllowed,
+                format!("refused by {plugin}: {}", why.0),
+                None,
+                None,
+            );
+        }
+        let mut session = [0u8; 16];
+        if getrandom::getrandom(&mut session).is_err() {
+            return self.fatal(
+                ErrorCode::Internal,
+                "no randomness for a session id".into(),
+                None,
+                None,
+            );
+        }
+        self.open = true;
+        let cfg = &self.shared.config;
+        let welcome = Frame::Welcome(Welcome {
+            version,
+            features: 0,
+            max_frame: cfg.limits.max_frame as u64,
+            session,
+            relay: Some(RELAY_NAME.into()),
+            heartbeat_ms: cfg.timeouts.heartbeat_ms,
+        });
+        self.send(&welcome)
+    }
+
+    fn on_sub(&mut self, s: Sub) -> Flow {
+        let sub_id = SubId(s.sub_id);
+        let limits = &self.shared.config.limits;
+        let depth = s.pattern.elems().len();
+        if depth > limits.max_filter_depth {
+            return self.fatal(
+                ErrorCode::InvalidFilter,
+                format!(
+                    "filter has {depth} levels; the limit is {}",
+                    limits.max_filter_depth
+                ),
+                Some(sub_id),
+                None,
+            );
+        }
+        let replacing = self.subs.contains_key(&sub_id);
+        if !replacing && self.subs.len() >= limits.max_subscriptions {
+            return self.fatal(
+                ErrorCode::TooManySubscriptions,
+                format!(
+                    "subscription limit of {} per connection reached",
+                    limits.max_subscriptions
+                ),
+                Some(sub_id),
+                None,
+            );
+        }
+        let info = SubscribeInfo {
+            conn: self.conn,
+            sub_id,
+            pattern: &s.pattern,
+            qos: s.qos,
+        };
+        if let Err((plugin, why)) = self.shared.plugins.subscribe(&info) {
+            self.shared.metrics.rejected_by_plugin();
+            return self.reply_err(
+                ErrorCode::NotAllowed,
+                format!("refused by {plugin}: {}", why.0),
+                Some(sub_id),
+                None,
+            );
+        }
+        if let Some(old) = self.subs.remove(&sub_id) {
+            self.shared.router.unsubscribe(&old, self.conn, sub_id);
+        }
+        let offer = self
+            .shared
+            .router
+            .subscribe(&s.pattern, self.conn, sub_id, &self.out, |seq| {
+                codec::encode_prefixed(&Frame::SubOk(SubOk {
+                    sub_id: sub_id.0,
+                    seq: seq.0,
+                }))
+            });
+        match offer {
+            Offer::Queued | Offer::DroppedOldest => {
+                self.subs.insert(sub_id, s.pattern);
+                Flow::Continue
+            }
+            other => self.on_offer_failed(other),
+        }
+    }
+
+    fn on_unsub(&mut self, u: Unsub) -> Flow {
+        let sub_id = SubId(u.sub_id);
+        match self.subs.remove(&sub_id) {
+            Some(pattern) => {
+                self.shared.router.unsubscribe(&pattern, self.conn, sub_id);
+                Flow::Continue
+            }
+            None => self.reply_err(
+                ErrorCode::UnknownSubscription,
+                format!("no subscription {}", u.sub_id),
+                Some(sub_id),
+                None,
+            ),
+        }
+    }
+
+    fn on_pub(&mut self, p: Pub, now: Instant) -> Flow {
+        if !self.bucket.try_take(now) {
+            let l = &self.shared.config.limits;
+            return self.fatal(
+                ErrorCode::RateLimited,
+                format!(
+                    "publish rate above {}/s (burst {})",
+                    l.publish_rate, l.publish_burst
+                ),
+                None,
+                p.publish_id,
+            );
+        }
+        let path = p.envelope.token_path();
+        let info = PublishInfo {
+            conn: self.conn,
+            path: &path,
+            size: p.envelope.len(),
+            flags: p.flags,
+            qos: p.qos,
+        };
+        if let Err((plugin, why)) = self.shared.plugins.publish(&info) {
+            self.shared.metrics.rejected_by_plugin();
+            return self.reply_err(
+                ErrorCode::NotAllowed,
+                format!("refused by {plugin}: {}", why.0),
+                None,
+                p.publish_id,
+            );
+        }
+        match self.shared.router.publish(&p.envelope, &path, p.flags) {
+            Ok(seq) => match p.publish_id {
+                Some(publish_id) if p.flags & pub_flags::ACK != 0 => {
+                    self.send(&Frame::PubAck(PubAck {
+                        publish_id,
+                        seq: seq.0,
+                    }))
+                }
+                _ => Flow::Continue,
+            },
+            Err(e) => self.reply_err(ErrorCode::StoreFailed, e.to_string(), None, p.publish_id),
+        }
+    }
+
+    /// No inbound traffic within the limit (or no `Hello` in time).
+    pub(crate) fn timed_out(&mut self) -> Flow {
+        let t = &self.shared.config.timeouts;
+        let msg = if self.open {
+            format!("no traffic for {} ms", t.idle_ms)
+        } else {
+            format!("no Hello within {} ms", t.hello_ms)
+        };
+        self.fatal(ErrorCode::IdleTimeout, msg, None, None)
+    }
+
+    /// The relay is shutting down: queue `Close(ShuttingDown)` after whatever is queued.
+    pub(crate) fn shutting_down(&mut self) {
+        let close = Frame::Close(Close {
+            code: ErrorCode::ShuttingDown,
+            message: "the relay is shutting down".into(),
+        });
+        if self.out.close_with(Some(codec::encode_prefixed(&close))) {
+            self.reason = "relay shutdown".into();
+        }
+    }
+
+    /// The connection limit is reached: refuse this connection.
+    pub(crate) fn refuse_over_limit(&mut self) -> Flow {
+        self.shared.metrics.connection_rejected();
+        let max = self.shared.config.limits.max_connections;
+        self.fatal(
+            ErrorCode::TooManyConnections,
+            format!("connection limit of {max} reached"),
+            None,
+            None,
+        )
+    }
+
+    /// The queue began closing for a reason found elsewhere (slow consumer, write error).
+    pub(crate) fn closed_elsewhere(&mut self) {
+        if self.reason == "open" {
+            self.reason = "closed by the writer (slow consumer or write error)".into();
+        }
+    }
+
+    /// Removes the subscriptions and reports the disconnect to plugins. Idempotent.
+    pub(crate) fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        self.out.close_with(None);
+        self.shared
+            .router
+            .unsubscribe_all(self.conn, self.subs.iter().map(|(id, p)| (*id, p)));
+        self.subs.clear();
+        self.shared.plugins.disconnect(&DisconnectInfo {
+            conn: self.conn,
+            transport: self.transport,
+            peer: self.peer,
+            greeted: self.greeted,
+            reason: &self.reason,
+        });
+    }
+
+    fn close_quietly(&mut self, reason: &str) {
+        if self.out.close_with(None) {
+            self.reason = reason.to_owned();
+        }
+    }
+
+    fn send(&mut self, frame: &Frame) -> Flow {
+        let offer = self.out.push_control(codec::encode_prefixed(frame));
+        match offer {
+            Offer::Queued | Offer::DroppedOldest => Flow::Continue,
+            other => self.on_offer_failed(other),
+        }
+    }
+
+    fn on_offer_failed(&mut self, offer: Offer) -> Flow {
+        if offer == Offer::Disconnected {
+            self.shared.metrics.slow_consumer_disconnect();
+            self.reason = "slow consumer: too many unread replies".into();
+        }
+        Flow::Close
+    }
+
+    fn err_frame(
+        code: ErrorCode,
+        message: String,
+        fatal: bool,
+        sub_id: Option<SubId>,
+        publish_id: Option<[u8; 16]>,
+    ) -> Bytes {
+        codec::encode_prefixed(&Frame::Err(ErrFrame {
+            code,
+            message,
+            fatal,
+            sub_id: sub_id.map(|s| s.0),
+            publish_id,
+        }))
+    }
+
+    /// A non-fatal error about one request.
+    fn reply_err(
+        &mut self,
+        code: ErrorCode,
+        message: String,
+        sub_id: Option<SubId>,
+        publish_id: Option<[u8; 16]>,
+    ) -> Flow {
+        self.shared.metrics.error_sent(code);
+        let offer = self
+            .out
+            .push_control(Self::err_frame(code, message, false, sub_id, publish_id));
+        match offer {
+            Offer::Queued | Offer::DroppedOldest => Flow::Continue,
+            other => self.on_offer_failed(other),
+        }
+    }
+
+    /// A fatal error: queue `Err(fatal)` after what is queued, then close.
+    fn fatal(
+        &mut self,
+        code: ErrorCode,
+        message: String,
+        sub_id: Option<SubId>,
+        publish_id: Option<[u8; 16]>,
+    ) -> Flow {
+        tracing::debug!(conn = %self.conn, code = code.name(), %message, "closing connection");
+        let frame = Self::err_frame(code, message, true, sub_id, publish_id);
+        if self.out.close_with(Some(frame)) {
+            self.shared.metrics.error_sent(code);
+            self.reason = code.name().to_owned();
+        }
+        Flow::Close
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

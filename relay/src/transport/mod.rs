@@ -1,0 +1,54 @@
+//! Transports: where frames come from and go to. The connection logic is generic over a
+//! [`FrameSource`] and a [`FrameSink`], so WebSocket, length-prefixed streams (TCP, TLS)
+//! and in-process channels share one implementation of the protocol.
+//!
+//! - [`stream`] — u32-BE length-prefixed frames over any byte stream (TCP, TLS).
+//! - [`ws`] — one binary WebSocket message per frame.
+//! - [`channel`] — in-process `mpsc` channels of frame bytes (embedded relay, no sockets).
+
+pub mod channel;
+pub mod stream;
+pub mod ws;
+
+use std::future::Future;
+use std::io;
+
+use bytes::Bytes;
+
+/// What a transport read.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Inbound {
+    /// One complete frame (without transport framing).
+    Frame(Bytes),
+    /// Transport-level liveness (a WebSocket ping or pong): resets the idle timer.
+    Alive,
+    /// A WebSocket text message (the protocol is binary-only).
+    Text,
+    /// A frame larger than `max_frame` was announced or received.
+    TooLarge {
+        /// Declared or received size.
+        len: usize,
+    },
+    /// The transport framing itself is broken (e.g. a zero length prefix).
+    Invalid(String),
+    /// The peer closed the stream or it failed; nothing more will be read.
+    Closed,
+}
+
+/// A stream of inbound frames.
+pub trait FrameSource: Send + 'static {
+    /// The next event. After `Closed`, keeps returning `Closed`.
+    fn recv(&mut self) -> impl Future<Output = Inbound> + Send;
+}
+
+/// Where outbound frames are written. Frames are handed over *with* their 4-byte length
+/// prefix (see `outbound`); message-oriented transports send `frame.slice(4..)`.
+pub trait FrameSink: Send + 'static {
+    /// Writes a batch of frames and flushes once.
+    fn send(&mut self, frames: &[Bytes]) -> impl Future<Output = io::Result<()>> + Send;
+    /// Sends a transport-level keepalive if the transport has one (WebSocket ping).
+    fn keepalive(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Closes the write side (WebSocket close frame, TLS close_notify, TCP FIN).
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
+}

@@ -1,0 +1,117 @@
+//! Length-prefixed frames over a byte stream (TCP or TLS): u32 big-endian length, then the
+//! frame. Reading uses the protocol crate's [`FrameDecoder`], which rejects an oversized
+//! prefix as soon as its 4 bytes arrive, before any buffer grows for it.
+
+use std::io;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use whispeer_protocol::{DecodeError, FrameDecoder};
+
+use super::{FrameSink, FrameSource, Inbound};
+
+/// Bytes gathered before one `write` call; large enough to amortise syscalls, small
+/// enough to keep per-connection memory bounded.
+const WRITE_CHUNK: usize = 64 * 1024;
+/// Read granularity.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Reads length-prefixed frames.
+#[derive(Debug)]
+pub struct StreamSource<R> {
+    reader: R,
+    decoder: FrameDecoder,
+    closed: bool,
+}
+
+impl<R: AsyncRead + Unpin + Send + 'static> StreamSource<R> {
+    /// Frames of at most `max_frame` bytes from `reader`.
+    pub fn new(reader: R, max_frame: usize) -> Self {
+        Self {
+            reader,
+            decoder: FrameDecoder::new(max_frame),
+            closed: false,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
+    async fn recv(&mut self) -> Inbound {
+        loop {
+            if self.closed {
+                return Inbound::Closed;
+            }
+            match self.decoder.next_frame() {
+                Ok(Some(frame)) => return Inbound::Frame(frame),
+                Ok(None) => {}
+                Err(e) => {
+                    self.closed = true;
+                    return match e {
+                        DecodeError::TooLarge { len, .. } => Inbound::TooLarge { len },
+                        other => Inbound::Invalid(other.to_string()),
+                    };
+                }
+            }
+            let buf = self.decoder.buffer_mut();
+            buf.reserve(READ_CHUNK);
+            match self.reader.read_buf(buf).await {
+                Ok(0) | Err(_) => {
+                    // A partial frame at EOF is a truncated stream: nothing to answer.
+                    self.closed = true;
+                    return Inbound::Closed;
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// Writes length-prefixed frames, coalescing a batch into few large writes.
+#[derive(Debug)]
+pub struct StreamSink<W> {
+    writer: W,
+    buf: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> StreamSink<W> {
+    /// Writes to `writer`.
+    pub fn new(writer: W) -> Self {
+        Self {
+            writer,
+            buf: Vec::with_capacity(WRITE_CHUNK),
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink for StreamSink<W> {
+    async fn send(&mut self, frames: &[Bytes]) -> io::Result<()> {
+        for f in frames {
+            if f.len() >= WRITE_CHUNK {
+                if !self.buf.is_empty() {
+                    self.writer.write_all(&self.buf).await?;
+                    self.buf.clear();
+                }
+                self.writer.write_all(f).await?;
+                continue;
+            }
+            self.buf.extend_from_slice(f);
+            if self.buf.len() >= WRITE_CHUNK {
+                self.writer.write_all(&self.buf).await?;
+                self.buf.clear();
+            }
+        }
+        if !self.buf.is_empty() {
+            self.writer.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        self.writer.flush().await
+    }
+
+    async fn keepalive(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn close(&mut self) {
+        let _ = self.writer.shutdown().await;
+    }
+}

@@ -1,0 +1,119 @@
+//! WebSocket transport: one binary message is one frame. Text messages are a protocol
+//! violation; ping/pong count as liveness; a message above `max_frame` is refused by
+//! tungstenite before it is buffered (its size limits are set from `max_frame`).
+
+use std::io;
+
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use whispeer_protocol::codec::LEN_PREFIX;
+
+use super::{FrameSink, FrameSource, Inbound};
+
+/// The tungstenite configuration for a relay with this `max_frame`.
+pub fn ws_config(max_frame: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+/// Splits an accepted WebSocket into a frame source and sink.
+pub fn split<S>(ws: WebSocketStream<S>) -> (WsSource<S>, WsSink<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, stream) = ws.split();
+    (
+        WsSource {
+            stream,
+            closed: false,
+        },
+        WsSink { sink },
+    )
+}
+
+/// Reads binary messages as frames.
+#[derive(Debug)]
+pub struct WsSource<S> {
+    stream: SplitStream<WebSocketStream<S>>,
+    closed: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameSource for WsSource<S> {
+    async fn recv(&mut self) -> Inbound {
+        loop {
+            if self.closed {
+                return Inbound::Closed;
+            }
+            let Some(item) = self.stream.next().await else {
+                self.closed = true;
+                return Inbound::Closed;
+            };
+            return match item {
+                Ok(Message::Binary(b)) if b.is_empty() => Inbound::Invalid("empty message".into()),
+                Ok(Message::Binary(b)) => Inbound::Frame(b),
+                Ok(Message::Text(_)) => Inbound::Text,
+                Ok(Message::Ping(_) | Message::Pong(_)) => Inbound::Alive,
+                Ok(Message::Frame(_)) => continue,
+                Ok(Message::Close(_)) => {
+                    self.closed = true;
+                    Inbound::Closed
+                }
+                Err(WsError::Capacity(CapacityError::MessageTooLong { size, .. })) => {
+                    self.closed = true;
+                    Inbound::TooLarge { len: size }
+                }
+                Err(WsError::Protocol(p)) => {
+                    self.closed = true;
+                    Inbound::Invalid(p.to_string())
+                }
+                Err(_) => {
+                    self.closed = true;
+                    Inbound::Closed
+                }
+            };
+        }
+    }
+}
+
+/// Writes frames as binary messages: `feed` each, `flush` once per batch.
+#[derive(Debug)]
+pub struct WsSink<S> {
+    sink: SplitSink<WebSocketStream<S>, Message>,
+}
+
+fn io_err(e: WsError) -> io::Error {
+    match e {
+        WsError::Io(e) => e,
+        other => io::Error::other(other),
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameSink for WsSink<S> {
+    async fn send(&mut self, frames: &[Bytes]) -> io::Result<()> {
+        for f in frames {
+            self.sink
+                .feed(Message::Binary(f.slice(LEN_PREFIX..)))
+                .await
+                .map_err(io_err)?;
+        }
+        self.sink.flush().await.map_err(io_err)
+    }
+
+    async fn keepalive(&mut self) -> io::Result<()> {
+        self.sink
+            .send(Message::Ping(Bytes::new()))
+            .await
+            .map_err(io_err)
+    }
+
+    async fn close(&mut self) {
+        let _ = self.sink.close().await;
+    }
+}

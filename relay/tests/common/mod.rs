@@ -1,0 +1,558 @@
+//! Test helpers: syntactically valid envelopes without keys, protocol clients over every
+//! transport, an in-process relay on real sockets, and the real binary.
+//!
+//! Waiting is always on an event (a frame, EOF, a file appearing) bounded by a generous
+//! timeout that only exists so a broken relay fails the test instead of hanging it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use whispeer_protocol::envelope_header::HeaderFields;
+use whispeer_protocol::frame::{ErrFrame, Hello, Msg, Pub, Sub, SubOk, Welcome, PROTOCOL_VERSION};
+use whispeer_protocol::{
+    codec, Envelope, Frame, FrameDecoder, KeyId, PatternElem, Qos, TokenPattern, TopicToken,
+};
+use whispeer_relay::{BoundAddrs, Config, Relay, RelayHandle};
+
+/// Long enough for a loaded CI machine; only reached when the relay is broken.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn key(k: u8) -> KeyId {
+    KeyId::from_bytes([k; 16])
+}
+
+pub fn tok(t: u8) -> TopicToken {
+    TopicToken::from_bytes([t; 16])
+}
+
+/// An envelope routed as `[key(k), tok(levels[0]), …]` with `body` ciphertext bytes
+/// (at least 16). The relay never opens it, so random-looking content is fine.
+pub fn envelope_sized(k: u8, levels: &[u8], body: usize) -> Envelope {
+    let tokens: Vec<TopicToken> = levels.iter().map(|t| tok(*t)).collect();
+    let fields = HeaderFields {
+        flags: 0,
+        key_id: key(k),
+        nonce: [7; 24],
+        commit: [8; 32],
+        tokens: &tokens,
+    };
+    let mut out = Vec::new();
+    fields.write_prefix(48, &mut out);
+    out.extend_from_slice(&[0x5a; 48]);
+    out.extend((0..body.max(16)).map(|i| i as u8));
+    Envelope::from_bytes(Bytes::from(out)).expect("valid envelope")
+}
+
+pub fn envelope(k: u8, levels: &[u8]) -> Envelope {
+    envelope_sized(k, levels, 64)
+}
+
+/// Pattern elements: `Some(t)` = token, `None` = `+`; `rest` appends `#`.
+pub fn pattern(k: u8, elems: &[Option<u8>], rest: bool) -> TokenPattern {
+    let mut v: Vec<PatternElem> = elems
+        .iter()
+        .map(|e| match e {
+            Some(t) => PatternElem::Token(tok(*t)),
+            None => PatternElem::One,
+        })
+        .collect();
+    if rest {
+        v.push(PatternElem::Rest);
+    }
+    TokenPattern::new(key(k), v).expect("valid pattern")
+}
+
+pub fn exact(k: u8, levels: &[u8]) -> TokenPattern {
+    pattern(
+        k,
+        &levels.iter().map(|t| Some(*t)).collect::<Vec<_>>(),
+        false,
+    )
+}
+
+pub fn hello_frame() -> Frame {
+    Frame::Hello(Hello {
+        versions: vec![PROTOCOL_VERSION],
+        features: 0,
+        client: Some("relay-tests".into()),
+        auth: None,
+    })
+}
+
+pub fn sub_frame(sub_id: u64, pattern: TokenPattern) -> Frame {
+    Frame::Sub(Sub {
+        sub_id,
+        pattern,
+        qos: Qos::AtMostOnce,
+        durable: None,
+        replay: None,
+        retained: false,
+    })
+}
+
+pub fn pub_frame(env: Envelope) -> Frame {
+    Frame::Pub(Pub {
+        envelope: env,
+        flags: 0,
+        publish_id: None,
+        qos: Qos::AtMostOnce,
+    })
+}
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+enum Inner {
+    Stream {
+        io: Box<dyn Io>,
+        dec: FrameDecoder,
+        eof: bool,
+    },
+    Ws(Box<WebSocketStream<Box<dyn Io>>>),
+}
+
+/// What a read produced.
+#[derive(Debug)]
+pub enum Read {
+    Frame(Bytes),
+    /// Clean end of stream (EOF or WebSocket close).
+    Closed,
+    /// Reset or another transport error.
+    Broken(String),
+}
+
+/// A protocol client over TCP, TLS, WS or WSS.
+pub struct Client {
+    inner: Inner,
+}
+
+impl Client {
+    pub async fn tcp(addr: SocketAddr) -> Self {
+        let s = TcpStream::connect(addr).await.expect("connect tcp");
+        s.set_nodelay(true).ok();
+        Self::over_stream(Box::new(s))
+    }
+
+    pub fn over_stream(io: Box<dyn Io>) -> Self {
+        Self {
+            inner: Inner::Stream {
+                io,
+                dec: FrameDecoder::new(64 << 20),
+                eof: false,
+            },
+        }
+    }
+
+    pub async fn ws(addr: SocketAddr) -> Self {
+        let s = TcpStream::connect(addr).await.expect("connect ws");
+        s.set_nodelay(true).ok();
+        Self::ws_over(Box::new(s), &format!("ws://{addr}/")).await
+    }
+
+    pub async fn ws_over(io: Box<dyn Io>, url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::client_async(url, io)
+            .await
+            .expect("ws handshake");
+        Self {
+            inner: Inner::Ws(Box::new(ws)),
+        }
+    }
+
+    /// Sends a frame.
+    pub async fn send(&mut self, f: &Frame) {
+        match &mut self.inner {
+            Inner::Stream { io, .. } => {
+                io.write_all(&codec::encode_prefixed(f))
+                    .await
+                    .expect("write");
+                io.flush().await.expect("flush");
+            }
+            Inner::Ws(ws) => ws
+                .send(Message::Binary(f.to_bytes()))
+                .await
+                .expect("ws send"),
+        }
+    }
+
+    /// Sends raw bytes: on streams as they are, on WebSocket as one binary message.
+    pub async fn send_raw(&mut self, b: &[u8]) -> std::io::Result<()> {
+        match &mut self.inner {
+            Inner::Stream { io, .. } => {
+                io.write_all(b).await?;
+                io.flush().await
+            }
+            Inner::Ws(ws) => ws
+                .send(Message::Binary(Bytes::copy_from_slice(b)))
+                .await
+                .map_err(std::io::Error::other),
+        }
+    }
+
+    pub async fn send_ws_message(&mut self, m: Message) {
+        match &mut self.inner {
+            Inner::Ws(ws) => ws.send(m).await.expect("ws send"),
+            Inner::Stream { .. } => panic!("not a WebSocket client"),
+        }
+    }
+
+    /// Half-closes the write side (TCP FIN). No-op on WebSocket.
+    pub async fn shutdown_write(&mut self) {
+        if let Inner::Stream { io, .. } = &mut self.inner {
+            let _ = io.shutdown().await;
+        }
+    }
+
+    /// The next frame or the end of the connection (fails after [`TIMEOUT`]).
+    pub async fn read(&mut self) -> Read {
+        tokio::time::timeout(TIMEOUT, self.read_inner())
+            .await
+            .expect("timed out waiting for the relay")
+    }
+
+    async fn read_inner(&mut self) -> Read {
+        match &mut self.inner {
+            Inner::Stream { io, dec, eof } => loop {
+                match dec.next_frame() {
+                    Ok(Some(f)) => return Read::Frame(f),
+                    Ok(None) => {}
+                    Err(e) => return Read::Broken(e.to_string()),
+                }
+                if *eof {
+                    return Read::Closed;
+                }
+                let buf = dec.buffer_mut();
+                buf.reserve(64 * 1024);
+                match io.read_buf(buf).await {
+                    Ok(0) => *eof = true,
+                    Ok(_) => {}
+                    Err(e) => return Read::Broken(e.to_string()),
+                }
+            },
+            Inner::Ws(ws) => loop {
+                match ws.next().await {
+                    None => return Read::Closed,
+                    Some(Ok(Message::Binary(b))) => return Read::Frame(b),
+                    Some(Ok(Message::Close(_))) => return Read::Closed,
+                    Some(Ok(Message::Text(t))) => return Read::Broken(format!("text: {t}")),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Read::Broken(e.to_string()),
+                }
+            },
+        }
+    }
+
+    /// The next frame; panics on close.
+    pub async fn recv(&mut self) -> Frame {
+        match self.read().await {
+            Read::Frame(b) => Frame::decode(&b).expect("relay sent an undecodable frame"),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    pub async fn recv_bytes(&mut self) -> Bytes {
+        match self.read().await {
+            Read::Frame(b) => b,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    pub async fn hello(&mut self) -> Welcome {
+        self.send(&hello_frame()).await;
+        match self.recv().await {
+            Frame::Welcome(w) => w,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    pub async fn subscribe(&mut self, sub_id: u64, p: TokenPattern) -> SubOk {
+        self.send(&sub_frame(sub_id, p)).await;
+        match self.recv().await {
+            Frame::SubOk(s) => {
+                assert_eq!(s.sub_id, sub_id);
+                s
+            }
+            other => panic!("expected SubOk, got {other:?}"),
+        }
+    }
+
+    pub async fn publish(&mut self, env: Envelope) {
+        self.send(&pub_frame(env)).await;
+    }
+
+    pub async fn expect_msg(&mut self) -> Msg {
+        match self.recv().await {
+            Frame::Msg(m) => m,
+            other => panic!("expected Msg, got {other:?}"),
+        }
+    }
+
+    pub async fn expect_err(&mut self) -> ErrFrame {
+        match self.recv().await {
+            Frame::Err(e) => e,
+            other => panic!("expected Err, got {other:?}"),
+        }
+    }
+
+    /// Reads until the connection ends; returns the frames seen and whether it ended
+    /// cleanly (EOF/close rather than a reset).
+    pub async fn drain_to_end(&mut self) -> (Vec<Frame>, bool) {
+        let mut frames = Vec::new();
+        loop {
+            match self.read().await {
+                Read::Frame(b) => frames.push(Frame::decode(&b).expect("decodable frame")),
+                Read::Closed => return (frames, true),
+                Read::Broken(_) => return (frames, false),
+            }
+        }
+    }
+
+    /// Expects a fatal Err with `code`, then the end of the connection.
+    pub async fn expect_fatal(&mut self, code: whispeer_protocol::ErrorCode) -> ErrFrame {
+        let (frames, _) = self.drain_to_end().await;
+        let err = frames
+            .iter()
+            .find_map(|f| match f {
+                Frame::Err(e) => Some(e.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("expected Err({code:?}), got {frames:?}"));
+        assert_eq!(err.code, code, "{err:?}");
+        assert!(err.fatal, "{err:?}");
+        err
+    }
+}
+
+/// A greeted client subscribed to `p`.
+pub async fn subscriber_tcp(addr: SocketAddr, p: TokenPattern) -> Client {
+    let mut c = Client::tcp(addr).await;
+    c.hello().await;
+    c.subscribe(1, p).await;
+    c
+}
+
+pub async fn subscriber_ws(addr: SocketAddr, p: TokenPattern) -> Client {
+    let mut c = Client::ws(addr).await;
+    c.hello().await;
+    c.subscribe(1, p).await;
+    c
+}
+
+/// A relay library instance on real 127.0.0.1 sockets, stopped on drop.
+pub struct TestRelay {
+    pub addrs: BoundAddrs,
+    pub handle: RelayHandle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub done: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestRelay {
+    pub async fn start(config: Config) -> Self {
+        let relay = Relay::bind(config).await.expect("relay binds");
+        Self::run(relay)
+    }
+
+    pub fn run(relay: Relay) -> Self {
+        let addrs = relay.addrs();
+        let handle = relay.handle();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = tokio::spawn(async move {
+            relay
+                .run(async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("relay runs");
+        });
+        Self {
+            addrs,
+            handle,
+            stop: Some(tx),
+            done: Some(done),
+        }
+    }
+
+    pub fn ws(&self) -> SocketAddr {
+        self.addrs.ws.expect("ws listener")
+    }
+    pub fn tcp(&self) -> SocketAddr {
+        self.addrs.tcp.expect("tcp listener")
+    }
+
+    /// Stops the relay and waits until it finished draining.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(done) = self.done.take() {
+            tokio::time::timeout(TIMEOUT, done)
+                .await
+                .expect("relay stops")
+                .expect("relay task");
+        }
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A fresh empty directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "whispeer-relay-test-{}-{}-{}",
+        std::process::id(),
+        tag,
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// The real binary, started with `--ready-file`; killed on drop if still running.
+pub struct BinRelay {
+    pub child: Child,
+    pub addrs: BoundAddrs,
+    pub dir: PathBuf,
+}
+
+impl BinRelay {
+    /// Starts `whispeer-relay serve` on port-0 listeners plus `extra` arguments and waits
+    /// for its ready file.
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = temp_dir("bin");
+        let ready = dir.join("ready.json");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_whispeer-relay"));
+        cmd.args([
+            "serve",
+            "--ws",
+            "127.0.0.1:0",
+            "--tcp",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--ready-file",
+        ])
+        .arg(&ready)
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .env("WHISPEER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn whispeer-relay");
+        let addrs = wait_for_ready_file(&ready, &mut child);
+        Self { child, addrs, dir }
+    }
+
+    pub fn ws(&self) -> SocketAddr {
+        self.addrs.ws.expect("ws")
+    }
+    pub fn tcp(&self) -> SocketAddr {
+        self.addrs.tcp.expect("tcp")
+    }
+    pub fn admin(&self) -> SocketAddr {
+        self.addrs.admin.expect("admin")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Sends SIGTERM (via kill(1): the test crate has no unsafe code).
+    pub fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit (blocking; call from spawn_blocking in async tests).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(start.elapsed() < TIMEOUT, "relay did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for BinRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls for the ready file (written atomically by the relay) until it appears; fails if
+/// the process exits first or after [`TIMEOUT`].
+pub fn wait_for_ready_file(path: &Path, child: &mut Child) -> BoundAddrs {
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read(path) {
+            return serde_json::from_slice(&text).expect("ready file is JSON");
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("whispeer-relay exited before it was ready: {status}");
+        }
+        assert!(start.elapsed() < TIMEOUT, "no ready file after {TIMEOUT:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Publishes on a probe topic and checks the probe subscriber gets exactly that message:
+/// proof that the relay still routes for other clients.
+pub struct Probe {
+    pub publisher: Client,
+    pub subscriber: Client,
+    n: u64,
+}
+
+impl Probe {
+    pub const KEY: u8 = 200;
+
+    pub async fn new(addr: SocketAddr) -> Self {
+        let subscriber = subscriber_tcp(addr, exact(Self::KEY, &[1])).await;
+        let mut publisher = Client::tcp(addr).await;
+        publisher.hello().await;
+        Self {
+            publisher,
+            subscriber,
+            n: 0,
+        }
+    }
+
+    pub async fn check(&mut self, context: &str) {
+        self.n += 1;
+        let env = envelope_sized(Self::KEY, &[1], 16 + self.n as usize);
+        self.publisher.publish(env.clone()).await;
+        let msg = self.subscriber.expect_msg().await;
+        assert_eq!(msg.envelope, env, "probe after {context}");
+    }
+}
+
+pub fn arc<T>(t: T) -> Arc<T> {
+    Arc::new(t)
+}
