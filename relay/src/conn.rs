@@ -69,7 +69,7 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
         tokio::select! {
             _ = &mut writer, if !writer_done => writer_done = true,
             ev = source.recv(), if !source_closed => {
-                if matches!(ev, Inbound::Closed | Inbound::TooLarge { .. } | Inbound::Invalid(_)) {
+                if matches!(ev, Inbound::Closed) {
                     source_closed = true;
                 }
             }

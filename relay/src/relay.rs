@@ -296,6 +296,12 @@ impl Relay {
         Self::builder(config).listeners(listeners).build()
     }
 
+    /// The shared state, for unit tests that drive a session directly.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
     /// The bound addresses.
     pub fn addrs(&self) -> BoundAddrs {
         self.shared.addrs

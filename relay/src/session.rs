@@ -520,3 +520,140 @@ impl Drop for Session {
         self.finish();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::relay::Relay;
+    use proptest::prelude::*;
+    use whispeer_protocol::envelope_header::HeaderFields;
+    use whispeer_protocol::frame::{Ack, Msg, Ping, Sub};
+    use whispeer_protocol::{Envelope, KeyId, PatternElem, Qos, TopicToken};
+
+    fn envelope(k: u8, levels: &[u8]) -> Envelope {
+        let tokens: Vec<TopicToken> = levels
+            .iter()
+            .map(|t| TopicToken::from_bytes([*t; 16]))
+            .collect();
+        let mut out = Vec::new();
+        HeaderFields {
+            flags: 0,
+            key_id: KeyId::from_bytes([k; 16]),
+            nonce: [0; 24],
+            commit: [0; 32],
+            tokens: &tokens,
+        }
+        .write_prefix(48, &mut out);
+        out.extend_from_slice(&[1; 64]);
+        Envelope::from_bytes(Bytes::from(out)).unwrap()
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        let pattern = (
+            0u8..2,
+            prop::collection::vec(
+                prop_oneof![
+                    (0u8..3).prop_map(|t| PatternElem::Token(TopicToken::from_bytes([t; 16]))),
+                    Just(PatternElem::One),
+                ],
+                0..4,
+            ),
+            any::<bool>(),
+        )
+            .prop_filter_map("valid", |(k, mut e, rest)| {
+                if rest {
+                    e.push(PatternElem::Rest);
+                }
+                TokenPattern::new(KeyId::from_bytes([k; 16]), e).ok()
+            });
+        let path = (0u8..2, prop::collection::vec(0u8..3, 1..4));
+        prop_oneof![
+            prop::collection::vec(0u64..3, 1..3).prop_map(|versions| Frame::Hello(Hello {
+                versions,
+                features: 0,
+                client: None,
+                auth: None
+            })),
+            (0u64..6, pattern).prop_map(|(sub_id, pattern)| Frame::Sub(Sub {
+                sub_id,
+                pattern,
+                qos: Qos::AtMostOnce,
+                durable: None,
+                replay: None,
+                retained: true
+            })),
+            (0u64..6).prop_map(|sub_id| Frame::Unsub(Unsub { sub_id })),
+            (path.clone(), 0u64..4, any::<bool>()).prop_map(|((k, p), flags, id)| Frame::Pub(
+                Pub {
+                    envelope: envelope(k, &p),
+                    flags,
+                    publish_id: id.then_some([1; 16]),
+                    qos: Qos::AtMostOnce
+                }
+            )),
+            path.prop_map(|(k, p)| Frame::Msg(Msg {
+                seq: 1,
+                envelope: envelope(k, &p),
+                flags: 0
+            })),
+            any::<u64>().prop_map(|nonce| Frame::Ping(Ping { nonce })),
+            Just(Frame::Ack(Ack { seqs: vec![1, 2] })),
+            Just(Frame::Close(Close {
+                code: ErrorCode::Other(0),
+                message: String::new()
+            })),
+        ]
+    }
+
+    fn event() -> impl Strategy<Value = Inbound> {
+        prop_oneof![
+            6 => frame().prop_map(|f| Inbound::Frame(f.to_bytes())),
+            2 => prop::collection::vec(any::<u8>(), 0..64).prop_map(|b| Inbound::Frame(Bytes::from(b))),
+            1 => frame().prop_flat_map(|f| {
+                let b = f.to_bytes();
+                let n = b.len();
+                (Just(b), 0..n)
+            }).prop_map(|(b, cut)| Inbound::Frame(b.slice(..cut))),
+            1 => Just(Inbound::Alive),
+            1 => Just(Inbound::Text),
+            1 => (0usize..1 << 30).prop_map(|len| Inbound::TooLarge { len }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Arbitrary event sequences never panic; everything queued decodes; limits hold;
+        /// a finished session leaves nothing in the index.
+        #[test]
+        fn session_never_panics_and_cleans_up(events in prop::collection::vec(event(), 0..40)) {
+            let mut config = Config::ephemeral();
+            config.limits.max_subscriptions = 3;
+            config.queue.capacity = 16;
+            let relay = Relay::builder(config).build().unwrap();
+            let shared = relay.shared();
+            let out = Arc::new(Outbound::new(16, shared.config.queue.slow_consumer));
+            let now = Instant::now();
+            let mut s = Session::new(shared.clone(), ConnId(1), TransportKind::InProcess, None, out.clone(), now);
+            let mut closed = false;
+            for ev in events {
+                if s.on_inbound(ev, now) == Flow::Close {
+                    closed = true;
+                    break;
+                }
+                prop_assert!(s.subscription_count() <= 3);
+            }
+            let mut frames = Vec::new();
+            out.take(&mut frames);
+            for f in &frames {
+                prop_assert!(Frame::decode(&f.slice(4..)).is_ok());
+            }
+            if closed {
+                prop_assert!(out.is_closing());
+            }
+            s.finish();
+            prop_assert_eq!(shared.metrics.snapshot().subscriptions, 0);
+        }
+    }
+}

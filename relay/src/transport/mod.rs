@@ -16,7 +16,7 @@ use std::io;
 use bytes::Bytes;
 
 /// What a transport read.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Inbound {
     /// One complete frame (without transport framing).

@@ -21,6 +21,9 @@ const READ_CHUNK: usize = 16 * 1024;
 pub struct StreamSource<R> {
     reader: R,
     decoder: FrameDecoder,
+    /// The framing broke: later reads discard input until EOF, so the connection can end
+    /// with a FIN (and our last frames arrive) instead of a reset caused by unread bytes.
+    broken: bool,
     closed: bool,
 }
 
@@ -30,6 +33,7 @@ impl<R: AsyncRead + Unpin + Send + 'static> StreamSource<R> {
         Self {
             reader,
             decoder: FrameDecoder::new(max_frame),
+            broken: false,
             closed: false,
         }
     }
@@ -41,11 +45,21 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
             if self.closed {
                 return Inbound::Closed;
             }
+            if self.broken {
+                let buf = self.decoder.buffer_mut();
+                buf.clear();
+                buf.reserve(READ_CHUNK);
+                match self.reader.read_buf(buf).await {
+                    Ok(0) | Err(_) => self.closed = true,
+                    Ok(_) => {}
+                }
+                continue;
+            }
             match self.decoder.next_frame() {
                 Ok(Some(frame)) => return Inbound::Frame(frame),
                 Ok(None) => {}
                 Err(e) => {
-                    self.closed = true;
+                    self.broken = true;
                     return match e {
                         DecodeError::TooLarge { len, .. } => Inbound::TooLarge { len },
                         other => Inbound::Invalid(other.to_string()),

@@ -1,0 +1,490 @@
+//! The real `whispeer-relay` binary: configuration output, admin endpoints (checked with
+//! promtool when installed), the `status` command, a malformed-input suite, and graceful
+//! shutdown on SIGTERM.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::*;
+use tokio_tungstenite::tungstenite::Message;
+use whispeer_protocol::frame::{Close, Hello, Pub};
+use whispeer_protocol::{ErrorCode, Frame, Qos};
+use whispeer_relay::admin::{http_get, Status};
+use whispeer_relay::Config;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_whispeer-relay"))
+}
+
+#[test]
+fn generate_config_prints_every_setting_with_defaults() {
+    let out = bin().arg("generate-config").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for key in [
+        "[listen]",
+        "ws =",
+        "tcp =",
+        "wss =",
+        "tls =",
+        "admin =",
+        "[tls]",
+        "[limits]",
+        "max_frame",
+        "max_connections",
+        "max_subscriptions",
+        "max_filter_depth",
+        "publish_rate",
+        "publish_burst",
+        "[queue]",
+        "capacity",
+        "slow_consumer",
+        "[timeouts]",
+        "hello_ms",
+        "heartbeat_ms",
+        "idle_ms",
+        "drain_ms",
+        "[log]",
+        "filter",
+        "format",
+    ] {
+        assert!(text.contains(key), "missing {key}");
+    }
+    assert_eq!(Config::from_toml(&text).unwrap(), Config::default());
+}
+
+#[test]
+fn serve_reads_config_file_and_env_with_flags_winning() {
+    let dir = temp_dir("cfg");
+    let cfg = dir.join("relay.toml");
+    std::fs::write(&cfg, "[limits]\nmax_frame = 2048\nmax_subscriptions = 7\n").unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    let mut relay = BinRelay::start(&["--config", cfg_s, "--max-subscriptions", "9"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status: Status = rt.block_on(async {
+        serde_json::from_slice(
+            &http_get(&relay.admin().to_string(), "/status")
+                .await
+                .unwrap(),
+        )
+        .unwrap()
+    });
+    assert_eq!(status.limits.max_frame, 2048, "from the file");
+    assert_eq!(status.limits.max_subscriptions, 9, "the flag wins");
+    assert!(relay.is_running());
+    let _ = std::fs::remove_dir_all(dir);
+
+    // An environment variable sets the same thing.
+    let dir = temp_dir("env");
+    let ready = dir.join("ready.json");
+    let mut child = bin()
+        .args([
+            "serve",
+            "--ws",
+            "off",
+            "--tcp",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .arg("--ready-file")
+        .arg(&ready)
+        .env("WHISPEER_MAX_FRAME", "3000")
+        .env("WHISPEER_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addrs = wait_for_ready_file(&ready, &mut child);
+    assert!(addrs.ws.is_none(), "ws is off");
+    let status: Status = rt.block_on(async {
+        serde_json::from_slice(
+            &http_get(&addrs.admin.unwrap().to_string(), "/status")
+                .await
+                .unwrap(),
+        )
+        .unwrap()
+    });
+    assert_eq!(status.limits.max_frame, 3000);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+
+    // Invalid settings are refused at startup with a non-zero exit.
+    let out = bin()
+        .args(["serve", "--max-filter-depth", "99", "--ws", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_filter_depth"));
+}
+
+#[tokio::test]
+async fn admin_endpoints_metrics_pass_promtool_and_status_command() {
+    let relay = BinRelay::start(&[]);
+    let admin = relay.admin().to_string();
+    // Some traffic so counters and the histogram are non-trivial.
+    let mut sub = subscriber_tcp(relay.tcp(), exact(1, &[1])).await;
+    let mut publ = Client::ws(relay.ws()).await;
+    publ.hello().await;
+    publ.publish(envelope(1, &[1])).await;
+    sub.expect_msg().await;
+    let mut bad = Client::tcp(relay.tcp()).await;
+    bad.send_raw(&[0, 0, 0, 2, 0xff, 0xff]).await.unwrap();
+    bad.expect_fatal(ErrorCode::Malformed).await;
+
+    assert_eq!(&http_get(&admin, "/healthz").await.unwrap()[..], b"ok\n");
+    let status: Status =
+        serde_json::from_slice(&http_get(&admin, "/status").await.unwrap()).unwrap();
+    assert_eq!(status.traffic.messages_in, 1);
+    assert_eq!(status.traffic.messages_out, 1);
+    assert!(status.traffic.connections >= 2);
+    assert_eq!(status.listeners, relay.addrs);
+    assert!(http_get(&admin, "/nope").await.is_err());
+
+    let metrics = http_get(&admin, "/metrics").await.unwrap();
+    let text = String::from_utf8(metrics.to_vec()).unwrap();
+    for name in [
+        "whispeer_relay_connections{transport=\"tcp\"}",
+        "whispeer_relay_subscriptions 1",
+        "whispeer_relay_messages_in_total 1",
+        "whispeer_relay_messages_out_total 1",
+        "whispeer_relay_bytes_in_total",
+        "whispeer_relay_bytes_out_total",
+        "whispeer_relay_dropped_messages_total 0",
+        "whispeer_relay_errors_total{kind=\"malformed\"} 1",
+        "whispeer_relay_routing_seconds_bucket{le=\"+Inf\"} 1",
+        "whispeer_relay_routing_seconds_count 1",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+    match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("promtool not installed (apt-get install prometheus); skipped that check");
+        }
+        Err(e) => panic!("running promtool: {e}"),
+    }
+
+    let admin_url = format!("http://{admin}");
+    let out = tokio::task::spawn_blocking(move || {
+        bin()
+            .args(["status", "--admin", &admin_url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8(out.stdout).unwrap();
+    assert!(summary.contains("whispeer-relay"), "{summary}");
+    assert!(summary.contains("messages     in 1  out 1"), "{summary}");
+}
+
+/// A tiny deterministic generator for the random-bytes case (no RNG crate needed).
+fn pseudo_random(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn prefixed(body: &[u8]) -> Vec<u8> {
+    let mut v = (body.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(body);
+    v
+}
+
+/// A `Sub` with a filter of `levels` `+` elements, encoded by hand (the protocol crate
+/// refuses to build such a pattern).
+fn deep_sub(levels: u16) -> Vec<u8> {
+    let mut v = vec![0xa4, 0x00, 0x03, 0x01, 0x01, 0x02, 0x50];
+    v.extend_from_slice(&[1u8; 16]);
+    v.extend_from_slice(&[0x03, 0x99]);
+    v.extend_from_slice(&levels.to_be_bytes());
+    v.extend(std::iter::repeat_n(0x01, levels as usize));
+    v
+}
+
+enum Expect {
+    Err(ErrorCode),
+    /// A typed fatal Err or a clean close, whichever the bytes lead to.
+    ErrOrClose,
+}
+
+async fn bad_stream_client(
+    relay: &BinRelay,
+    greet: bool,
+    bytes: &[u8],
+    expect: Expect,
+    case: &str,
+) {
+    let mut c = Client::tcp(relay.tcp()).await;
+    if greet {
+        c.hello().await;
+    }
+    let _ = c.send_raw(bytes).await;
+    c.shutdown_write().await;
+    let (frames, clean) = c.drain_to_end().await;
+    let err = frames.iter().find_map(|f| match f {
+        Frame::Err(e) => Some(e.clone()),
+        _ => None,
+    });
+    match expect {
+        Expect::Err(code) => {
+            let e = err.unwrap_or_else(|| panic!("{case}: no Err frame in {frames:?}"));
+            assert_eq!(e.code, code, "{case}: {e:?}");
+            assert!(e.fatal, "{case}");
+        }
+        Expect::ErrOrClose => {
+            if let Some(e) = err {
+                assert!(e.fatal, "{case}: {e:?}");
+            } else {
+                assert!(clean, "{case}: neither an Err frame nor a clean close");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_input_suite_against_the_binary() {
+    let mut relay = BinRelay::start(&[]);
+    let mut probe = Probe::new(relay.tcp()).await;
+    probe.check("start").await;
+
+    let cases: Vec<(&str, bool, Vec<u8>, Expect)> = vec![
+        (
+            "random bytes",
+            false,
+            pseudo_random(7, 4096),
+            Expect::ErrOrClose,
+        ),
+        (
+            "random bytes after hello",
+            true,
+            pseudo_random(99, 100_000),
+            Expect::ErrOrClose,
+        ),
+        ("truncated prefix", true, vec![0, 0], Expect::ErrOrClose),
+        (
+            "truncated frame",
+            true,
+            {
+                let mut v = 100u32.to_be_bytes().to_vec();
+                v.extend_from_slice(&[0xa1; 50]);
+                v
+            },
+            Expect::ErrOrClose,
+        ),
+        (
+            "4 GiB length prefix",
+            false,
+            vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+            Expect::Err(ErrorCode::FrameTooLarge),
+        ),
+        (
+            "zero length prefix",
+            true,
+            vec![0, 0, 0, 0],
+            Expect::Err(ErrorCode::Malformed),
+        ),
+        (
+            "invalid CBOR",
+            false,
+            prefixed(&[0xff, 0xfe, 0x00]),
+            Expect::Err(ErrorCode::Malformed),
+        ),
+        (
+            "indefinite-length map",
+            false,
+            prefixed(&[0xbf, 0x00, 0x01, 0xff]),
+            Expect::Err(ErrorCode::Malformed),
+        ),
+        (
+            "CBOR that is not a map",
+            true,
+            prefixed(&[0x83, 1, 2, 3]),
+            Expect::Err(ErrorCode::Malformed),
+        ),
+        (
+            "unknown frame type",
+            true,
+            prefixed(&[0xa1, 0x00, 0x18, 0x63]),
+            Expect::Err(ErrorCode::UnknownFrame),
+        ),
+        (
+            "unknown frame type before hello",
+            false,
+            prefixed(&[0xa1, 0x00, 0x18, 0x63]),
+            Expect::Err(ErrorCode::UnknownFrame),
+        ),
+        (
+            "wrong version",
+            false,
+            whispeer_protocol::codec::encode_prefixed(&Frame::Hello(Hello {
+                versions: vec![2],
+                features: 0,
+                client: None,
+                auth: None,
+            }))
+            .to_vec(),
+            Expect::Err(ErrorCode::UnsupportedVersion),
+        ),
+        (
+            "filter with 10,000 levels",
+            true,
+            prefixed(&deep_sub(10_000)),
+            Expect::Err(ErrorCode::InvalidFilter),
+        ),
+        (
+            "envelope with a bad header",
+            true,
+            {
+                let mut env = envelope(1, &[1]).as_bytes().to_vec();
+                env[1] = 9; // unknown suite
+                            // Pub {0: 6, 1: env} with a 2-byte byte-string length.
+                let mut f = vec![0xa2, 0x00, 0x06, 0x01, 0x59];
+                f.extend_from_slice(&(env.len() as u16).to_be_bytes());
+                f.extend_from_slice(&env);
+                prefixed(&f)
+            },
+            Expect::Err(ErrorCode::InvalidEnvelope),
+        ),
+        (
+            "flood of subscriptions",
+            true,
+            {
+                let mut v = Vec::new();
+                for i in 0..5000u64 {
+                    v.extend_from_slice(&whispeer_protocol::codec::encode_prefixed(&sub_frame(
+                        i,
+                        exact(3, &[(i % 251) as u8, (i / 251) as u8]),
+                    )));
+                }
+                v
+            },
+            Expect::Err(ErrorCode::TooManySubscriptions),
+        ),
+    ];
+    for (case, greet, bytes, expect) in cases {
+        bad_stream_client(&relay, greet, &bytes, expect, case).await;
+        assert!(relay.is_running(), "relay died after {case}");
+        probe.check(case).await;
+    }
+
+    // WebSocket-specific cases.
+    let mut c = Client::ws(relay.ws()).await;
+    c.hello().await;
+    c.send_ws_message(Message::Text("hello?".into())).await;
+    c.expect_fatal(ErrorCode::ProtocolViolation).await;
+    probe.check("ws text frame").await;
+
+    let mut c = Client::ws(relay.ws()).await;
+    c.send_ws_message(Message::Binary(vec![0xff, 0xfe].into()))
+        .await;
+    c.expect_fatal(ErrorCode::Malformed).await;
+    probe.check("ws invalid CBOR").await;
+
+    let mut c = Client::ws(relay.ws()).await;
+    c.hello().await;
+    c.send_ws_message(Message::Binary(deep_sub(10_000).into()))
+        .await;
+    c.expect_fatal(ErrorCode::InvalidFilter).await;
+    probe.check("ws deep filter").await;
+
+    let mut c = Client::ws(relay.ws()).await;
+    c.hello().await;
+    c.send(&Frame::Pub(Pub {
+        envelope: envelope_sized(1, &[1], 2 << 20),
+        flags: 0,
+        publish_id: None,
+        qos: Qos::AtMostOnce,
+    }))
+    .await;
+    c.expect_fatal(ErrorCode::FrameTooLarge).await;
+    probe.check("ws oversized").await;
+
+    // Raw garbage instead of a WebSocket upgrade: the handshake fails, nothing else.
+    let mut c = Client::tcp(relay.ws()).await;
+    let _ = c.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    c.shutdown_write().await;
+    let _ = c.drain_to_end().await;
+    probe.check("bad ws upgrade").await;
+
+    assert!(relay.is_running());
+    let status: Status = serde_json::from_slice(
+        &http_get(&relay.admin().to_string(), "/status")
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(status.traffic.errors >= 15, "{:?}", status.traffic);
+}
+
+#[tokio::test]
+async fn sigterm_sends_close_to_clients_and_exits_zero() {
+    let mut relay = BinRelay::start(&["--drain-ms", "10000"]);
+    let mut tcp = subscriber_tcp(relay.tcp(), exact(1, &[1])).await;
+    let mut ws = subscriber_ws(relay.ws(), exact(1, &[1])).await;
+    // A queued message is delivered before the Close.
+    let mut publ = Client::tcp(relay.tcp()).await;
+    publ.hello().await;
+    publ.publish(envelope(1, &[1])).await;
+    tcp.expect_msg().await;
+    ws.expect_msg().await;
+
+    relay.sigterm();
+    for (name, c) in [("tcp", &mut tcp), ("ws", &mut ws), ("publisher", &mut publ)] {
+        let (frames, clean) = c.drain_to_end().await;
+        assert!(
+            matches!(
+                frames.last(),
+                Some(Frame::Close(Close {
+                    code: ErrorCode::ShuttingDown,
+                    ..
+                }))
+            ),
+            "{name}: {frames:?}"
+        );
+        assert!(clean, "{name}: clean close");
+    }
+    drop((tcp, ws, publ));
+    let status = tokio::task::spawn_blocking(move || {
+        let s = relay.wait_exit();
+        (s, relay)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert!(status.success(), "exit status {status}");
+}
