@@ -1,0 +1,65 @@
+//! Arbitrary bytes as an envelope, and arbitrary mutations of a valid one: parsing and
+//! opening must fail with the opaque error (or, for the untouched envelope, succeed), never
+//! panic, and never decompress beyond the cap.
+#![no_main]
+
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use whispeer_protocol::*;
+
+struct Fixture {
+    keyring: Keyring,
+    valid: Vec<u8>,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let tk = TreeKey::from_parts(TreeId([1; 16]), 0, "fuzz", [2; 32], [3; 32]).unwrap();
+        let mut keyring = Keyring::new();
+        keyring.add_tree_key(&tk, 0).unwrap();
+        let id = Identity::from_seeds(&[4; 32], &[5; 32]);
+        let topic = Topic::new("sensor/kitchen/temp").unwrap();
+        let key = keyring.topic_key(&topic).unwrap();
+        let payload = b"{\"celsius\": 21.5, \"room\": \"kitchen\"}".repeat(4);
+        let out = Outgoing {
+            payload: &payload,
+            content_type: "application/json",
+            msg_id: MessageId([6; 16]),
+            ts_ms: 7,
+        };
+        let mut rng = rand::rngs::OsRng;
+        let env = Sealer::new()
+            .seal(&key, &out, &SealOptions::default(), Some(&id), &mut rng)
+            .unwrap();
+        Fixture {
+            keyring,
+            valid: env.as_bytes().to_vec(),
+        }
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let f = fixture();
+    let mut opener = Opener::with_max_payload(1 << 16);
+    // Raw bytes as an envelope.
+    if let Ok(env) = Envelope::from_slice(data) {
+        let _ = opener.open(&f.keyring, &env, 0);
+    }
+    // The valid envelope with the input XORed over it.
+    if data.is_empty() {
+        return;
+    }
+    let mut b = f.valid.clone();
+    for (i, x) in data.iter().enumerate() {
+        let j = (i * 131) % b.len();
+        b[j] ^= x;
+    }
+    if let Ok(env) = Envelope::from_slice(&b) {
+        let r = opener.open(&f.keyring, &env, 0);
+        if b != f.valid {
+            assert!(r.is_err(), "a modified envelope opened");
+        }
+    }
+});
