@@ -692,13 +692,20 @@ fn fields(
     mut field: impl FnMut(&mut Reader<'_>, u64) -> Result<bool, DecodeError>,
 ) -> Result<(), DecodeError> {
     let mut seen: u64 = 1; // key 0 already read
+    let mut seen_high: Vec<u64> = Vec::new(); // keys >= 64 (at most MAX_CBOR_ITEMS of them)
     for _ in 0..n {
         let key = r.uint(frame, "key")?;
-        if key < 64 {
-            if seen & (1 << key) != 0 {
-                return Err(DecodeError::DuplicateField { frame, key });
-            }
+        let dup = if key < 64 {
+            let d = seen & (1 << key) != 0;
             seen |= 1 << key;
+            d
+        } else {
+            let d = seen_high.contains(&key);
+            seen_high.push(key);
+            d
+        };
+        if dup {
+            return Err(DecodeError::DuplicateField { frame, key });
         }
         if !field(r, key)? {
             r.skip(0)?;

@@ -30,6 +30,8 @@ struct TreeEntry {
     admin: SenderId,
     name: String,
     epochs: BTreeMap<u64, EpochEntry>,
+    /// When the newest epoch was first seen: the start of the previous epoch's grace.
+    rotated_at_ms: u64,
 }
 
 impl TreeEntry {
@@ -115,6 +117,7 @@ impl Keyring {
             admin: cert.admin(),
             name: cert.tree_name().to_owned(),
             epochs: BTreeMap::new(),
+            rotated_at_ms: now_ms,
         });
         if tree.admin != cert.admin() {
             return Err(KeyError::AdminMismatch {
@@ -122,41 +125,40 @@ impl Keyring {
             });
         }
         let current = tree.current().map(|(e, _)| *e);
-        if let Some(cur) = current {
-            if epoch + 1 < cur {
+        let oldest = tree.epochs.keys().next().copied();
+        if let (Some(_), Some(oldest)) = (current, oldest) {
+            if epoch < oldest {
                 // Older than the previous epoch: no longer accepted, nothing to add.
                 return Ok(());
             }
         }
-        let is_new_epoch = !tree.epochs.contains_key(&epoch);
-        let entry = tree.epochs.entry(epoch).or_insert_with(|| EpochEntry {
-            keys: keys.clone(),
-            grants: Vec::new(),
-            superseded_at_ms: current.filter(|c| *c > epoch).map(|_| now_ms),
-        });
-        if !entry.grants.iter().any(|g| g.scope() == grant.scope()) {
-            entry.grants.push(grant);
-        }
-        self.by_key_id.insert(keys.key_id(), (tree_id, epoch));
-        if is_new_epoch && current.is_some_and(|c| epoch > c) {
-            // Rotation: the old current enters its grace period; anything older goes.
+        if let Some(cur) = current.filter(|c| epoch > *c) {
+            // Rotation: the old current epoch enters its grace period now; anything older
+            // goes (also when several epochs were skipped).
+            tree.rotated_at_ms = now_ms;
             for (e, old) in tree.epochs.iter_mut() {
-                if *e < epoch && old.superseded_at_ms.is_none() {
+                if *e <= cur && old.superseded_at_ms.is_none() {
                     old.superseded_at_ms = Some(now_ms);
                 }
             }
-            let drop: Vec<u64> = tree
-                .epochs
-                .keys()
-                .copied()
-                .filter(|e| *e + 1 < epoch)
-                .collect();
+            let drop: Vec<u64> = tree.epochs.keys().copied().filter(|e| *e < cur).collect();
             for e in drop {
                 if let Some(old) = tree.epochs.remove(&e) {
                     self.by_key_id.remove(&old.keys.key_id());
                 }
             }
         }
+        // A late grant for an older epoch keeps the grace that started at the rotation.
+        let superseded = current.filter(|c| *c > epoch).map(|_| tree.rotated_at_ms);
+        let entry = tree.epochs.entry(epoch).or_insert_with(|| EpochEntry {
+            keys: keys.clone(),
+            grants: Vec::new(),
+            superseded_at_ms: superseded,
+        });
+        if !entry.grants.iter().any(|g| g.scope() == grant.scope()) {
+            entry.grants.push(grant);
+        }
+        self.by_key_id.insert(keys.key_id(), (tree_id, epoch));
         Ok(())
     }
 
@@ -315,10 +317,22 @@ mod tests {
         assert_eq!(kr.compile(&TopicFilter::new("a/#").unwrap(), 5500).len(), 2);
         assert_eq!(kr.compile(&TopicFilter::new("a/#").unwrap(), 7000).len(), 1);
 
-        // Epoch 2 drops epoch 0 entirely.
-        kr.add_grant(tk1.rotate(&mut rng).grant_all(), 8000)
-            .unwrap();
+        // Epoch 2 drops epoch 0 entirely; epoch 1 enters its grace.
+        let e1 = tk1.cert().keys().key_id();
+        let tk2 = tk1.rotate(&mut rng);
+        kr.add_grant(tk2.grant_all(), 8000).unwrap();
         assert!(kr.epoch(&old_id, 5500).is_none());
+        assert!(kr.epoch(&e1, 8500).is_some());
+        // Jumping from epoch 2 to 5 still keeps epoch 2 for the grace period.
+        let e2 = tk2.cert().keys().key_id();
+        let tk5 = tk2.rotate(&mut rng).rotate(&mut rng).rotate(&mut rng);
+        kr.add_grant(tk5.grant_all(), 9000).unwrap();
+        assert!(kr.epoch(&e2, 9500).is_some());
+        assert!(kr.epoch(&e1, 9500).is_none());
+        // A late grant for epoch 2 does not restart its grace.
+        kr.add_grant(tk2.grant(&Scope::Subtree(t("late"))), 9900)
+            .unwrap();
+        assert!(kr.epoch(&e2, 10_001).is_none());
     }
 
     #[test]

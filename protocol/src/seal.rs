@@ -444,7 +444,8 @@ fn parse_body(b: &[u8]) -> Option<Body<'_>> {
     let padding = rest;
     let pad_ok = match pad {
         PAD_NONE => padding.is_empty(),
-        PAD_PADME => padding.iter().all(|b| *b == 0),
+        // Exactly the Padmé length, all zeros: one valid plaintext per message.
+        PAD_PADME => b.len() == padme(b.len() - padding.len()) && padding.iter().all(|b| *b == 0),
         _ => false,
     };
     if !pad_ok || codec > CODEC_ZSTD {

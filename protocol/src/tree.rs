@@ -414,6 +414,12 @@ impl Grant {
             0 if path.is_empty() => Scope::Tree,
             1 => Scope::Subtree(Topic::new(path)?),
             2 => Scope::Topic(Topic::new(path)?),
+            0 => {
+                return Err(KeyError::InvalidString {
+                    kind: "grant",
+                    reason: "a whole-tree scope has no path".into(),
+                })
+            }
             _ => {
                 return Err(KeyError::InvalidString {
                     kind: "grant",
