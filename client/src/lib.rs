@@ -1,4 +1,62 @@
-//! whispeer client SDK — not built yet (see issue 4). The protocol crate it will drive is
-//! re-exported so applications can already seal and open envelopes.
+//! # whispeer — end-to-end encrypted publish/subscribe
+//!
+//! Clients hold every key and seal each message locally (serde → CBOR → zstd → pad →
+//! Ed25519 → XChaCha20-Poly1305); the relay only routes ciphertext by keyed topic tokens.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use whispeer::{Client, Identity, Keyring, TreeKey};
+//! use futures_util::StreamExt;
+//! let mut rng = rand::rngs::OsRng;
+//! let tree = TreeKey::generate("home", &mut rng)?;
+//! let mut keys = Keyring::new();
+//! keys.add_tree_key(&tree, whispeer::now_ms())?;
+//! let me = Identity::generate(&mut rng);
+//! let client = Client::connect("ws://127.0.0.1:7070", keys, me).await?;
+//! let mut sub = client.subscribe::<f64>("sensor/+/temp").await?;
+//! client.publish("sensor/kitchen/temp", &21.5).await?;
+//! let msg = sub.next().await.unwrap()?;
+//! println!("{} from {:?}: {}", msg.topic, msg.sender, msg.value);
+//! # Ok(()) }
+//! ```
+//!
+//! ## Module map
+//! - [`core`] — the runtime-free client core (subscriptions, open once / fan out, dedup),
+//!   shared with the WebAssembly client.
+//! - [`error`] — `ConnectError`, `PublishError`, `SubscribeError`, `ReceiveError`.
+//! - `client` — the tokio [`Client`] handle, its builder and background connection task,
+//!   [`Subscription`] streams (feature `tokio-runtime`).
+//! - `options` — the builder's engines: [`WebSocket`], [`Tcp`], [`Compression`],
+//!   [`Padding`], [`Encryption`], [`Signing`], [`TopicOptions`], [`Reconnect`], [`TlsRoot`].
+//! - `transport` — `ws://`, `wss://`, `tcp://`, `tls://` connections.
 #![forbid(unsafe_code)]
+
+pub mod core;
+pub mod error;
+
+#[cfg(feature = "tokio-runtime")]
+mod client;
+#[cfg(feature = "tokio-runtime")]
+mod options;
+#[cfg(feature = "tokio-runtime")]
+mod transport;
+
+pub use error::{ConnectError, FlushError, PublishError, ReceiveError, SubscribeError};
 pub use whispeer_protocol as protocol;
+pub use whispeer_protocol::{
+    Grant, Identity, Invite, Keyring, PassphraseParams, PublicId, Scope, SenderId, Topic,
+    TopicFilter, TreeKey,
+};
+
+#[cfg(feature = "tokio-runtime")]
+pub use client::{
+    now_ms, to_cbor, Client, ClientBuilder, ClientStats, ConnectionState, Message, PublishOptions,
+    Subscription,
+};
+#[cfg(feature = "tokio-runtime")]
+pub use options::{
+    Compression, Encryption, Engine, Padding, Reconnect, Signing, Tcp, TlsRoot, TopicOptions,
+    WebSocket,
+};
+#[cfg(feature = "tokio-runtime")]
+pub use transport::{Endpoint, TlsSettings};

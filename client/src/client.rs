@@ -1,0 +1,1055 @@
+//! The tokio client: a cheap, cloneable handle over one background connection task (like
+//! async-nats). Publishing seals in the caller's task (so many tasks seal in parallel);
+//! the connection task owns the socket, the subscriptions and the reconnect loop.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_core::Stream;
+use rand::rngs::OsRng;
+use rand::Rng;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use whispeer_protocol::frame::{Close, Ping, Pong};
+use whispeer_protocol::{
+    ErrorCode, Frame, Grant, Identity, Keyring, MessageId, Qos, Sealer, SenderId, Topic,
+    TopicFilter,
+};
+
+use crate::core::{self, ClientCore, CoreStats, LocalSubId, Received, SealPolicy};
+use crate::error::{ConnectError, FlushError, PublishError, ReceiveError, SubscribeError};
+use crate::options::{Engine, Reconnect};
+use crate::transport::{self, Connection, Endpoint, Incoming, TlsSettings};
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+thread_local! {
+    // One sealer per thread: keeps a zstd context for reuse without a shared lock.
+    static SEALER: RefCell<Sealer> = RefCell::new(Sealer::new());
+}
+
+/// The connection's state, observable with [`Client::state_changes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Connected and handshaken.
+    Connected,
+    /// Lost; trying again (attempt number, from 1).
+    Reconnecting(u32),
+    /// Closed by [`Client::close`] or after the reconnect policy gave up.
+    Closed,
+}
+
+/// Options of one publish.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PublishOptions {
+    /// Keep as the retained value of the topic on the relay.
+    pub retain: bool,
+    /// Wait until the relay acknowledges the message (`PubAck`).
+    pub ack: bool,
+    /// Delivery guarantee requested from the relay.
+    pub qos: Qos,
+}
+
+/// A message delivered to a subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message<T> {
+    /// The topic it was published on.
+    pub topic: Topic,
+    /// The verified sender, `None` for unsigned messages.
+    pub sender: Option<SenderId>,
+    /// The sender's message id.
+    pub id: MessageId,
+    /// The sender's timestamp, Unix milliseconds.
+    pub timestamp_ms: u64,
+    /// The relay's sequence number (0 when the relay did not store it).
+    pub seq: u64,
+    /// Whether this is the topic's retained value, delivered on subscribe.
+    pub retained: bool,
+    /// The content type the sender declared.
+    pub content_type: String,
+    /// The value.
+    pub value: T,
+}
+
+enum Command {
+    Send {
+        frames: Vec<Bytes>,
+        ack: Option<([u8; 16], oneshot::Sender<Result<u64, PublishError>>)>,
+    },
+    Subscribe {
+        id: LocalSubId,
+        filter: TopicFilter,
+        qos: Qos,
+        tx: mpsc::Sender<Arc<Received>>,
+        ready: oneshot::Sender<Result<(), SubscribeError>>,
+    },
+    Unsubscribe {
+        id: LocalSubId,
+    },
+    Resubscribe,
+    Flush(oneshot::Sender<Result<(), FlushError>>),
+    Close(oneshot::Sender<()>),
+}
+
+struct Inner {
+    cmd: mpsc::UnboundedSender<Command>,
+    keyring: Arc<RwLock<Keyring>>,
+    identity: Option<Identity>,
+    policy: SealPolicy,
+    state: watch::Receiver<ConnectionState>,
+    stats: Arc<Mutex<ClientStats>>,
+    next_id: AtomicU64,
+    sub_capacity: usize,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("state", &*self.state.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters of a client.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ClientStats {
+    /// From the core: delivered, rejected (could not open), duplicates, relay gaps.
+    pub core: CoreStats,
+    /// Messages dropped because a subscription's buffer was full (the app is too slow).
+    pub slow_subscriber_drops: u64,
+    /// Publishes dropped because the reconnect buffer was full.
+    pub outbox_drops: u64,
+    /// Successful reconnects.
+    pub reconnects: u64,
+}
+
+/// A connected client. Clone it freely: every clone shares the one connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// Configures and connects a [`Client`]; add engines with [`ClientBuilder::with`].
+#[derive(Debug)]
+pub struct ClientBuilder {
+    pub(crate) url: Option<String>,
+    pub(crate) tls: TlsSettings,
+    pub(crate) keyring: Keyring,
+    pub(crate) identity: Option<Identity>,
+    pub(crate) policy: SealPolicy,
+    pub(crate) reconnect: Reconnect,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) max_frame: usize,
+    pub(crate) outbox_bytes: usize,
+    pub(crate) sub_capacity: usize,
+    pub(crate) name: String,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            url: None,
+            tls: TlsSettings::default(),
+            keyring: Keyring::new(),
+            identity: None,
+            policy: SealPolicy::default(),
+            reconnect: Reconnect::default(),
+            connect_timeout: Duration::from_secs(10),
+            max_frame: whispeer_protocol::limits::DEFAULT_MAX_FRAME,
+            outbox_bytes: 8 * 1024 * 1024,
+            sub_capacity: 65_536,
+            name: format!("whispeer-rs/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// Adds an engine (transport, keys, identity, compression, padding, per-topic options,
+    /// reconnect policy, TLS roots).
+    pub fn with(mut self, engine: impl Engine) -> Self {
+        engine.apply(&mut self);
+        self
+    }
+    /// How long the first connection may take.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+    /// Bytes of publishes kept while disconnected (default 8 MiB).
+    pub fn reconnect_buffer(mut self, bytes: usize) -> Self {
+        self.outbox_bytes = bytes;
+        self
+    }
+    /// Messages buffered per subscription before new ones are dropped (default 65,536).
+    pub fn subscription_capacity(mut self, n: usize) -> Self {
+        self.sub_capacity = n.max(1);
+        self
+    }
+
+    /// Connects (the first attempt must succeed) and starts the background task.
+    pub async fn connect(self) -> Result<Client, ConnectError> {
+        let url = self.url.clone().ok_or(ConnectError::NoTransport)?;
+        let ep = Endpoint::parse(&url)?;
+        let (conn, heartbeat) = open(
+            &ep,
+            &self.tls,
+            self.max_frame,
+            self.connect_timeout,
+            &self.name,
+        )
+        .await?;
+        let keyring = Arc::new(RwLock::new(self.keyring));
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (state_tx, state_rx) = watch::channel(ConnectionState::Connected);
+        let stats = Arc::new(Mutex::new(ClientStats::default()));
+        let driver = Driver {
+            ep,
+            tls: self.tls,
+            max_frame: self.max_frame,
+            connect_timeout: self.connect_timeout,
+            name: self.name,
+            reconnect: self.reconnect,
+            outbox_limit: self.outbox_bytes,
+            cmd_rx,
+            core: ClientCore::new(keyring.clone()),
+            sinks: HashMap::new(),
+            acks: HashMap::new(),
+            flushes: HashMap::new(),
+            outbox: VecDeque::new(),
+            outbox_bytes: 0,
+            state: state_tx,
+            stats: stats.clone(),
+            next_nonce: 1,
+        };
+        tokio::spawn(driver.run(conn, heartbeat));
+        Ok(Client {
+            inner: Arc::new(Inner {
+                cmd: cmd_tx,
+                keyring,
+                identity: self.identity,
+                policy: self.policy,
+                state: state_rx,
+                stats,
+                next_id: AtomicU64::new(1),
+                sub_capacity: self.sub_capacity,
+            }),
+        })
+    }
+}
+
+/// A stream of typed messages; unsubscribes when dropped.
+pub struct Subscription<T> {
+    rx: mpsc::Receiver<Arc<Received>>,
+    id: LocalSubId,
+    cmd: mpsc::UnboundedSender<Command>,
+    decode: fn(&Received) -> Result<T, ReceiveError>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for Subscription<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl<T> Subscription<T> {
+    /// The next message, or `None` once the client is closed.
+    pub async fn next_message(&mut self) -> Option<Result<Message<T>, ReceiveError>> {
+        let r = self.rx.recv().await?;
+        Some(to_message(&r, self.decode))
+    }
+}
+
+fn to_message<T>(
+    r: &Received,
+    decode: fn(&Received) -> Result<T, ReceiveError>,
+) -> Result<Message<T>, ReceiveError> {
+    Ok(Message {
+        topic: r.topic.clone(),
+        sender: r.sender,
+        id: r.msg_id,
+        timestamp_ms: r.ts_ms,
+        seq: r.seq,
+        retained: r.retained,
+        content_type: r.content_type.clone(),
+        value: decode(r)?,
+    })
+}
+
+impl<T> Stream for Subscription<T> {
+    type Item = Result<Message<T>, ReceiveError>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let decode = self.decode;
+        self.rx
+            .poll_recv(cx)
+            .map(|o| o.map(|r| to_message(&r, decode)))
+    }
+}
+
+impl<T> Drop for Subscription<T> {
+    fn drop(&mut self) {
+        let _ = self.cmd.send(Command::Unsubscribe { id: self.id });
+    }
+}
+
+fn decode_cbor<T: DeserializeOwned>(r: &Received) -> Result<T, ReceiveError> {
+    if r.content_type != core::CBOR {
+        return Err(ReceiveError::ContentType {
+            expected: core::CBOR,
+            found: r.content_type.clone(),
+        });
+    }
+    ciborium::from_reader(&r.payload[..]).map_err(|e| ReceiveError::Decode {
+        topic: r.topic.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode_raw(r: &Received) -> Result<Vec<u8>, ReceiveError> {
+    Ok(r.payload.to_vec())
+}
+
+/// Serializes a value as CBOR, the format every whispeer client (Rust and JS) uses.
+pub fn to_cbor<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, PublishError> {
+    let mut buf = Vec::with_capacity(128);
+    ciborium::into_writer(value, &mut buf).map_err(|e| PublishError::Encode(e.to_string()))?;
+    Ok(buf)
+}
+
+impl Client {
+    /// A builder; add a transport, keys and an identity with `.with(...)`.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// Connects to `url` (`ws://`, `wss://`, `tcp://`, `tls://`) with these keys and identity,
+    /// zstd level 3 and Padmé padding.
+    pub async fn connect(
+        url: &str,
+        keyring: Keyring,
+        identity: Identity,
+    ) -> Result<Client, ConnectError> {
+        ClientBuilder {
+            url: Some(url.to_owned()),
+            keyring,
+            identity: Some(identity),
+            ..ClientBuilder::default()
+        }
+        .connect()
+        .await
+    }
+
+    /// The current connection state.
+    pub fn state(&self) -> ConnectionState {
+        *self.inner.state.borrow()
+    }
+
+    /// A receiver of connection state changes.
+    pub fn state_changes(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.state.clone()
+    }
+
+    /// Counters: delivered, rejected, duplicates, drops, reconnects.
+    pub fn stats(&self) -> ClientStats {
+        self.inner.stats.lock().expect("stats lock").clone()
+    }
+
+    /// The sender id of this client's identity.
+    pub fn sender_id(&self) -> Option<SenderId> {
+        self.inner.identity.as_ref().map(|i| i.sender_id())
+    }
+
+    /// Adds a grant at run time (e.g. a new epoch after a rotation) and re-subscribes so
+    /// existing subscriptions cover it.
+    pub fn add_grant(&self, grant: Grant) -> Result<(), whispeer_protocol::KeyError> {
+        self.inner
+            .keyring
+            .write()
+            .expect("keyring lock")
+            .add_grant(grant, now_ms())?;
+        let _ = self.inner.cmd.send(Command::Resubscribe);
+        Ok(())
+    }
+
+    fn seal(
+        &self,
+        topic: &Topic,
+        content_type: &str,
+        payload: &[u8],
+    ) -> Result<whispeer_protocol::Envelope, PublishError> {
+        let i = &self.inner;
+        SEALER.with(|s| {
+            core::seal_publish(
+                &i.keyring,
+                i.identity.as_ref(),
+                &i.policy,
+                &mut s.borrow_mut(),
+                topic,
+                content_type,
+                payload,
+                now_ms(),
+                &mut OsRng,
+            )
+            .map(|(env, _)| env)
+        })
+    }
+
+    async fn send(&self, frames: Vec<Bytes>, ack: Option<[u8; 16]>) -> Result<u64, PublishError> {
+        match ack {
+            None => {
+                self.inner
+                    .cmd
+                    .send(Command::Send { frames, ack: None })
+                    .map_err(|_| PublishError::Closed)?;
+                Ok(0)
+            }
+            Some(id) => {
+                let (tx, rx) = oneshot::channel();
+                self.inner
+                    .cmd
+                    .send(Command::Send {
+                        frames,
+                        ack: Some((id, tx)),
+                    })
+                    .map_err(|_| PublishError::Closed)?;
+                rx.await.map_err(|_| PublishError::Closed)?
+            }
+        }
+    }
+
+    /// Publishes a typed value (serde → CBOR) on `topic`. Returns once the message is handed
+    /// to the connection; use [`Client::flush`] or [`Client::publish_with`] (`ack`) to know
+    /// the relay has it.
+    pub async fn publish<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        value: &T,
+    ) -> Result<(), PublishError> {
+        self.publish_with(topic, value, PublishOptions::default())
+            .await
+            .map(|_| ())
+    }
+
+    /// Publishes with options; with `ack` it waits for the relay's `PubAck` and returns the
+    /// relay sequence.
+    pub async fn publish_with<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        value: &T,
+        opts: PublishOptions,
+    ) -> Result<u64, PublishError> {
+        let payload = to_cbor(value)?;
+        self.publish_raw(topic, core::CBOR, &payload, opts).await
+    }
+
+    /// Publishes raw bytes with a content type of your choice.
+    pub async fn publish_bytes(
+        &self,
+        topic: &str,
+        content_type: &str,
+        payload: &[u8],
+    ) -> Result<(), PublishError> {
+        self.publish_raw(topic, content_type, payload, PublishOptions::default())
+            .await
+            .map(|_| ())
+    }
+
+    async fn publish_raw(
+        &self,
+        topic: &str,
+        content_type: &str,
+        payload: &[u8],
+        opts: PublishOptions,
+    ) -> Result<u64, PublishError> {
+        let topic = Topic::new(topic)?;
+        let env = self.seal(&topic, content_type, payload)?;
+        let pid = opts.ack.then(|| OsRng.gen::<[u8; 16]>());
+        let frame = core::pub_frame(env, pid, opts.retain, opts.qos).to_bytes();
+        self.send(vec![frame], pid).await
+    }
+
+    /// Publishes many values on one topic as one write (sealed individually: each message is
+    /// still opened and verified alone).
+    pub async fn publish_batch<T: Serialize>(
+        &self,
+        topic: &str,
+        values: &[T],
+    ) -> Result<(), PublishError> {
+        let topic = Topic::new(topic)?;
+        let mut frames = Vec::with_capacity(values.len());
+        for v in values {
+            let env = self.seal(&topic, core::CBOR, &to_cbor(v)?)?;
+            frames.push(core::pub_frame(env, None, false, Qos::AtMostOnce).to_bytes());
+        }
+        self.send(frames, None).await.map(|_| ())
+    }
+
+    async fn subscribe_with<T>(
+        &self,
+        filter: &str,
+        decode: fn(&Received) -> Result<T, ReceiveError>,
+    ) -> Result<Subscription<T>, SubscribeError> {
+        let filter = TopicFilter::new(filter)?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.inner.sub_capacity);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Command::Subscribe {
+                id,
+                filter,
+                qos: Qos::AtMostOnce,
+                tx,
+                ready: ready_tx,
+            })
+            .map_err(|_| SubscribeError::Closed)?;
+        let sub = Subscription {
+            rx,
+            id,
+            cmd: self.inner.cmd.clone(),
+            decode,
+            _t: PhantomData,
+        };
+        ready_rx.await.map_err(|_| SubscribeError::Closed)??;
+        Ok(sub)
+    }
+
+    /// Subscribes to a filter (`+` one level, `#` the rest) and decodes each message as `T`.
+    /// Returns once the relay has confirmed the subscription: messages published after this
+    /// returns are delivered.
+    pub async fn subscribe<T: DeserializeOwned>(
+        &self,
+        filter: &str,
+    ) -> Result<Subscription<T>, SubscribeError> {
+        self.subscribe_with(filter, decode_cbor::<T>).await
+    }
+
+    /// Subscribes to raw payloads (any content type).
+    pub async fn subscribe_bytes(
+        &self,
+        filter: &str,
+    ) -> Result<Subscription<Vec<u8>>, SubscribeError> {
+        self.subscribe_with(filter, decode_raw).await
+    }
+
+    /// Calls `f` for every message on `filter` (decode errors are logged and skipped) until
+    /// the returned handle is aborted or the client closes.
+    pub async fn on<T, F>(
+        &self,
+        filter: &str,
+        mut f: F,
+    ) -> Result<tokio::task::JoinHandle<()>, SubscribeError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnMut(Message<T>) + Send + 'static,
+    {
+        let mut sub = self.subscribe::<T>(filter).await?;
+        Ok(tokio::spawn(async move {
+            while let Some(m) = sub.next_message().await {
+                match m {
+                    Ok(m) => f(m),
+                    Err(e) => tracing::warn!(error = %e, "skipping message"),
+                }
+            }
+        }))
+    }
+
+    /// Like [`Client::on`] with an async callback (awaited before the next message).
+    pub async fn on_async<T, F, Fut>(
+        &self,
+        filter: &str,
+        mut f: F,
+    ) -> Result<tokio::task::JoinHandle<()>, SubscribeError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnMut(Message<T>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let mut sub = self.subscribe::<T>(filter).await?;
+        Ok(tokio::spawn(async move {
+            while let Some(m) = sub.next_message().await {
+                match m {
+                    Ok(m) => f(m).await,
+                    Err(e) => tracing::warn!(error = %e, "skipping message"),
+                }
+            }
+        }))
+    }
+
+    /// Waits until the relay has processed everything sent before (a Ping/Pong round trip).
+    pub async fn flush(&self) -> Result<(), FlushError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Command::Flush(tx))
+            .map_err(|_| FlushError::Closed)?;
+        rx.await.map_err(|_| FlushError::Closed)?
+    }
+
+    /// Flushes, says goodbye to the relay and stops the connection task. Subscriptions end.
+    pub async fn close(&self) {
+        let _ = self.flush().await;
+        let (tx, rx) = oneshot::channel();
+        if self.inner.cmd.send(Command::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Connects and performs the Hello/Welcome handshake; returns the heartbeat interval.
+async fn open(
+    ep: &Endpoint,
+    tls: &TlsSettings,
+    max_frame: usize,
+    timeout: Duration,
+    name: &str,
+) -> Result<(Connection, Duration), ConnectError> {
+    let mut conn = transport::connect(ep, tls, max_frame, timeout).await?;
+    let io = |e: std::io::Error| ConnectError::Io {
+        addr: ep.url.clone(),
+        source: e,
+    };
+    conn.writer
+        .write(ClientCore::hello(name).to_bytes())
+        .await
+        .map_err(io)?;
+    conn.writer.flush().await.map_err(io)?;
+    let welcome = tokio::time::timeout(timeout, async {
+        loop {
+            match conn.incoming.recv().await {
+                Some(Incoming::Frame(Frame::Welcome(w))) => return Ok(w),
+                Some(Incoming::Frame(Frame::Err(e))) => {
+                    return Err(ConnectError::Rejected {
+                        code: e.code,
+                        message: e.message,
+                    })
+                }
+                Some(Incoming::Frame(Frame::Close(c))) => {
+                    return Err(ConnectError::Rejected {
+                        code: c.code,
+                        message: c.message,
+                    })
+                }
+                Some(Incoming::Frame(_)) => continue,
+                Some(Incoming::Closed(why)) => return Err(ConnectError::Handshake(why)),
+                None => return Err(ConnectError::Handshake("connection closed".into())),
+            }
+        }
+    })
+    .await
+    .map_err(|_| ConnectError::Timeout(timeout))??;
+    Ok((conn, Duration::from_millis(welcome.heartbeat_ms)))
+}
+
+struct Sink {
+    tx: mpsc::Sender<Arc<Received>>,
+    ready: Option<(oneshot::Sender<Result<(), SubscribeError>>, HashSet<u64>)>,
+}
+
+struct Driver {
+    ep: Endpoint,
+    tls: TlsSettings,
+    max_frame: usize,
+    connect_timeout: Duration,
+    name: String,
+    reconnect: Reconnect,
+    outbox_limit: usize,
+    cmd_rx: mpsc::UnboundedReceiver<Command>,
+    core: ClientCore,
+    sinks: HashMap<LocalSubId, Sink>,
+    acks: HashMap<[u8; 16], oneshot::Sender<Result<u64, PublishError>>>,
+    flushes: HashMap<u64, oneshot::Sender<Result<(), FlushError>>>,
+    outbox: VecDeque<Bytes>,
+    outbox_bytes: usize,
+    state: watch::Sender<ConnectionState>,
+    stats: Arc<Mutex<ClientStats>>,
+    next_nonce: u64,
+}
+
+enum Exit {
+    Closed(Option<oneshot::Sender<()>>),
+    Lost(String),
+}
+
+impl Driver {
+    fn sync_stats(&self) {
+        self.stats.lock().expect("stats lock").core = self.core.stats().clone();
+    }
+
+    async fn run(mut self, first: Connection, heartbeat: Duration) {
+        let mut conn = Some((first, heartbeat));
+        loop {
+            let (c, hb) = match conn.take() {
+                Some(c) => c,
+                None => match self.reconnect_loop().await {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            match self.serve(c, hb).await {
+                Exit::Closed(done) => {
+                    self.finish();
+                    if let Some(d) = done {
+                        let _ = d.send(());
+                    }
+                    return;
+                }
+                Exit::Lost(why) => {
+                    tracing::info!(relay = %self.ep.url, reason = %why, "connection lost; reconnecting");
+                    for (_, tx) in self.flushes.drain() {
+                        let _ = tx.send(Err(FlushError::Disconnected));
+                    }
+                    for (_, tx) in self.acks.drain() {
+                        let _ = tx.send(Err(PublishError::NotAcknowledged));
+                    }
+                }
+            }
+        }
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        let _ = self.state.send(ConnectionState::Closed);
+        self.sinks.clear(); // ends every Subscription stream
+        self.sync_stats();
+    }
+
+    /// Reconnects with backoff while still taking commands (publishes are buffered).
+    async fn reconnect_loop(&mut self) -> Option<(Connection, Duration)> {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let _ = self.state.send(ConnectionState::Reconnecting(attempt));
+            if self.reconnect.max_attempts.is_some_and(|m| attempt > m) {
+                return None;
+            }
+            let delay = self.reconnect.delay(attempt - 1, OsRng.gen::<f64>());
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    cmd = self.cmd_rx.recv() => match cmd {
+                        None => return None,
+                        Some(Command::Close(done)) => {
+                            let _ = done.send(());
+                            return None;
+                        }
+                        Some(cmd) => self.offline(cmd),
+                    },
+                }
+            }
+            match open(
+                &self.ep,
+                &self.tls,
+                self.max_frame,
+                self.connect_timeout,
+                &self.name,
+            )
+            .await
+            {
+                Ok(c) => {
+                    self.stats.lock().expect("stats lock").reconnects += 1;
+                    return Some(c);
+                }
+                Err(e) => tracing::debug!(error = %e, attempt, "reconnect failed"),
+            }
+        }
+    }
+
+    /// Handles a command while disconnected.
+    fn offline(&mut self, cmd: Command) {
+        match cmd {
+            Command::Send { frames, ack } => {
+                let len: usize = frames.iter().map(|f| f.len()).sum();
+                if self.outbox_bytes + len > self.outbox_limit {
+                    self.stats.lock().expect("stats lock").outbox_drops += frames.len() as u64;
+                    if let Some((_, tx)) = ack {
+                        let _ = tx.send(Err(PublishError::BufferFull(self.outbox_limit)));
+                    }
+                    return;
+                }
+                self.outbox_bytes += len;
+                self.outbox.extend(frames);
+                if let Some((id, tx)) = ack {
+                    self.acks.insert(id, tx);
+                }
+            }
+            Command::Subscribe {
+                id,
+                filter,
+                qos,
+                tx,
+                ready,
+            } => match self.core.subscribe(id, filter, qos, now_ms()) {
+                Ok(_) => {
+                    // Sent with every other subscription once reconnected.
+                    self.sinks.insert(id, Sink { tx, ready: None });
+                    let _ = ready.send(Ok(()));
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                }
+            },
+            Command::Unsubscribe { id } => {
+                self.core.unsubscribe(id);
+                self.sinks.remove(&id);
+            }
+            Command::Resubscribe => {}
+            Command::Flush(tx) => {
+                let _ = tx.send(Err(FlushError::Disconnected));
+            }
+            Command::Close(_) => unreachable!("handled by the caller"),
+        }
+    }
+
+    async fn serve(&mut self, conn: Connection, heartbeat: Duration) -> Exit {
+        let Connection {
+            mut writer,
+            mut incoming,
+        } = conn;
+        let _ = self.state.send(ConnectionState::Connected);
+        // Re-establish every subscription, then send what was buffered while offline.
+        let mut pending: Vec<Bytes> = self
+            .core
+            .resubscribe_all(now_ms())
+            .iter()
+            .map(Frame::to_bytes)
+            .collect();
+        pending.extend(self.outbox.drain(..));
+        self.outbox_bytes = 0;
+        for f in pending {
+            if let Err(e) = writer.write(f).await {
+                return Exit::Lost(e.to_string());
+            }
+        }
+        if let Err(e) = writer.flush().await {
+            return Exit::Lost(e.to_string());
+        }
+        let mut tick = tokio::time::interval(if heartbeat.is_zero() {
+            Duration::from_secs(30)
+        } else {
+            heartbeat
+        });
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        let mut unanswered_pings = 0u32;
+        loop {
+            let mut out: Vec<Bytes> = Vec::new();
+            tokio::select! {
+                cmd = self.cmd_rx.recv() => {
+                    let Some(cmd) = cmd else { writer.close().await; return Exit::Closed(None) };
+                    if let Some(exit) = self.online(cmd, &mut out) { let _ = flush_all(&mut writer, out).await; writer.close().await; return exit; }
+                    // Batch whatever else is ready into the same flush.
+                    for _ in 0..256 {
+                        match self.cmd_rx.try_recv() {
+                            Ok(cmd) => if let Some(exit) = self.online(cmd, &mut out) { let _ = flush_all(&mut writer, out).await; writer.close().await; return exit; },
+                            Err(_) => break,
+                        }
+                    }
+                }
+                inc = incoming.recv() => {
+                    let mut next = inc;
+                    for _ in 0..256 {
+                        match next {
+                            Some(Incoming::Frame(f)) => {
+                                if matches!(f, Frame::Pong(_)) { unanswered_pings = 0; }
+                                if let Some(why) = self.on_frame(f, &mut out) { return Exit::Lost(why); }
+                            }
+                            Some(Incoming::Closed(why)) => return Exit::Lost(why),
+                            None => return Exit::Lost("reader stopped".into()),
+                        }
+                        match incoming.try_recv() {
+                            Ok(i) => next = Some(i),
+                            Err(_) => break,
+                        }
+                    }
+                    self.sync_stats();
+                }
+                _ = tick.tick() => {
+                    if unanswered_pings >= 2 {
+                        return Exit::Lost("relay stopped answering pings".into());
+                    }
+                    unanswered_pings += 1;
+                    out.push(Frame::Ping(Ping { nonce: 0 }).to_bytes());
+                }
+            }
+            if !out.is_empty() {
+                if let Err(e) = flush_all(&mut writer, out).await {
+                    return Exit::Lost(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Handles a command while connected; frames to send go to `out`.
+    fn online(&mut self, cmd: Command, out: &mut Vec<Bytes>) -> Option<Exit> {
+        match cmd {
+            Command::Send { frames, ack } => {
+                out.extend(frames);
+                if let Some((id, tx)) = ack {
+                    self.acks.insert(id, tx);
+                }
+            }
+            Command::Subscribe {
+                id,
+                filter,
+                qos,
+                tx,
+                ready,
+            } => match self.core.subscribe(id, filter, qos, now_ms()) {
+                Ok(frames) => {
+                    let ids: HashSet<u64> = self.core.relay_ids(id).iter().copied().collect();
+                    out.extend(frames.iter().map(Frame::to_bytes));
+                    self.sinks.insert(
+                        id,
+                        Sink {
+                            tx,
+                            ready: Some((ready, ids)),
+                        },
+                    );
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                }
+            },
+            Command::Unsubscribe { id } => {
+                out.extend(self.core.unsubscribe(id).iter().map(Frame::to_bytes));
+                self.sinks.remove(&id);
+            }
+            Command::Resubscribe => {
+                // Drop the old relay subscriptions, then subscribe with the current keys.
+                let ids: Vec<LocalSubId> = self.sinks.keys().copied().collect();
+                for id in &ids {
+                    out.extend(self.core.relay_ids(*id).iter().map(|r| {
+                        Frame::Unsub(whispeer_protocol::frame::Unsub { sub_id: *r }).to_bytes()
+                    }));
+                }
+                out.extend(
+                    self.core
+                        .resubscribe_all(now_ms())
+                        .iter()
+                        .map(Frame::to_bytes),
+                );
+            }
+            Command::Flush(tx) => {
+                let nonce = self.next_nonce;
+                self.next_nonce += 1;
+                self.flushes.insert(nonce, tx);
+                out.push(Frame::Ping(Ping { nonce }).to_bytes());
+            }
+            Command::Close(done) => {
+                out.push(
+                    Frame::Close(Close {
+                        code: ErrorCode::Other(0),
+                        message: "client closing".into(),
+                    })
+                    .to_bytes(),
+                );
+                return Some(Exit::Closed(Some(done)));
+            }
+        }
+        None
+    }
+
+    /// Handles a frame from the relay; returns a reason when the connection must be dropped.
+    fn on_frame(&mut self, f: Frame, out: &mut Vec<Bytes>) -> Option<String> {
+        match f {
+            Frame::Msg(m) => {
+                if let Some((r, targets)) = self.core.receive(&m, now_ms()) {
+                    for t in targets {
+                        if let Some(s) = self.sinks.get(&t) {
+                            if s.tx.try_send(r.clone()).is_err() {
+                                self.stats.lock().expect("stats lock").slow_subscriber_drops += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            Frame::SubOk(ok) => {
+                if let Some(local) = self.core.local_for(ok.sub_id) {
+                    if let Some(sink) = self.sinks.get_mut(&local) {
+                        if let Some((_, ids)) = &mut sink.ready {
+                            ids.remove(&ok.sub_id);
+                            if ids.is_empty() {
+                                if let Some((tx, _)) = sink.ready.take() {
+                                    let _ = tx.send(Ok(()));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Frame::PubAck(a) => {
+                if let Some(tx) = self.acks.remove(&a.publish_id) {
+                    let _ = tx.send(Ok(a.seq));
+                }
+            }
+            Frame::Pong(p) => {
+                if let Some(tx) = self.flushes.remove(&p.nonce) {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+            Frame::Ping(p) => out.push(Frame::Pong(Pong { nonce: p.nonce }).to_bytes()),
+            Frame::Gap(g) => self.core.on_gap(g.dropped),
+            Frame::Err(e) => {
+                tracing::warn!(code = e.code.name(), message = %e.message, fatal = e.fatal, "relay error");
+                if let Some(pid) = e.publish_id {
+                    if let Some(tx) = self.acks.remove(&pid) {
+                        let _ = tx.send(Err(PublishError::Rejected {
+                            code: e.code,
+                            message: e.message.clone(),
+                        }));
+                    }
+                }
+                if let Some(sid) = e.sub_id {
+                    if let Some(local) = self.core.local_for(sid) {
+                        if let Some(sink) = self.sinks.get_mut(&local) {
+                            if let Some((tx, _)) = sink.ready.take() {
+                                let _ = tx.send(Err(SubscribeError::Rejected {
+                                    code: e.code,
+                                    message: e.message.clone(),
+                                }));
+                            }
+                        }
+                    }
+                }
+                if e.fatal {
+                    return Some(format!("relay error: {} ({})", e.message, e.code.name()));
+                }
+            }
+            Frame::Close(c) => {
+                return Some(format!(
+                    "relay closed the connection: {} ({})",
+                    c.message,
+                    c.code.name()
+                ))
+            }
+            other => tracing::debug!(frame = other.name(), "ignoring unexpected frame"),
+        }
+        None
+    }
+}
+
+async fn flush_all(w: &mut transport::FrameWriter, frames: Vec<Bytes>) -> std::io::Result<()> {
+    for f in frames {
+        w.write(f).await?;
+    }
+    w.flush().await
+}

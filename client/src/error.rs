@@ -1,0 +1,121 @@
+//! One error enum per failure domain.
+
+use thiserror::Error;
+use whispeer_protocol::{ErrorCode, KeyError, SealError, TopicError};
+
+/// Why connecting to a relay failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The URL is not `ws://`, `wss://`, `tcp://` or `tls://` with a host and port.
+    #[error("invalid relay URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    /// The socket could not be opened.
+    #[error("cannot reach relay at {addr}: {source}")]
+    Io {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// TLS setup or handshake failed.
+    #[error("TLS error: {0}")]
+    Tls(String),
+    /// The WebSocket handshake failed.
+    #[error("WebSocket handshake failed: {0}")]
+    WebSocket(String),
+    /// The relay answered the handshake with an error.
+    #[error("relay refused the connection: {message} ({code:?})")]
+    Rejected { code: ErrorCode, message: String },
+    /// The relay closed or sent something unexpected during the handshake.
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    /// No answer within the connect timeout.
+    #[error("relay did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The builder was given no transport.
+    #[error("no transport configured: add .with(WebSocket::new(url)) or .with(Tcp::new(addr))")]
+    NoTransport,
+}
+
+/// Why a publish failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The topic name is invalid.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    /// No key covers the topic, or another key problem.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// Sealing failed (payload too large, compression).
+    #[error(transparent)]
+    Seal(SealError),
+    /// The value could not be serialized to CBOR.
+    #[error("cannot serialize value: {0}")]
+    Encode(String),
+    /// The relay refused the message.
+    #[error("relay refused the publish: {message} ({code:?})")]
+    Rejected { code: ErrorCode, message: String },
+    /// The client is closed.
+    #[error("client is closed")]
+    Closed,
+    /// The outbox for disconnected periods is full.
+    #[error("not connected and the reconnect buffer ({0} bytes) is full")]
+    BufferFull(usize),
+    /// The connection dropped before the relay acknowledged the message.
+    #[error("connection lost before the relay acknowledged the message")]
+    NotAcknowledged,
+}
+
+impl From<SealError> for PublishError {
+    fn from(e: SealError) -> Self {
+        match e {
+            SealError::Key(k) => PublishError::Key(k),
+            e => PublishError::Seal(e),
+        }
+    }
+}
+
+/// Why a subscription could not be made.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SubscribeError {
+    /// The filter is invalid.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    /// No held grant could cover any topic matching the filter.
+    #[error("no key covers any topic matching '{filter}' (add a grant for it)")]
+    NoKey { filter: String },
+    /// The relay refused the subscription.
+    #[error("relay refused the subscription: {message} ({code:?})")]
+    Rejected { code: ErrorCode, message: String },
+    /// The client is closed.
+    #[error("client is closed")]
+    Closed,
+}
+
+/// Why a delivered message could not be turned into the subscriber's type.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReceiveError {
+    /// The message's content type is not what this subscription decodes.
+    #[error("message has content type {found:?}; this subscription expects {expected:?}")]
+    ContentType {
+        expected: &'static str,
+        found: String,
+    },
+    /// The CBOR payload does not fit the subscriber's type.
+    #[error("cannot decode message on {topic} as the subscribed type: {reason}")]
+    Decode { topic: String, reason: String },
+}
+
+/// Why a flush or close did not complete.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum FlushError {
+    /// The client is closed.
+    #[error("client is closed")]
+    Closed,
+    /// The connection dropped before the relay answered.
+    #[error("connection lost during flush")]
+    Disconnected,
+}

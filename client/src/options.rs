@@ -1,0 +1,247 @@
+//! The builder's engines: each `.with(...)` adds one capability, in the seed's style:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use whispeer::{Client, Compression, Encryption, Keyring, WebSocket};
+//! let keyring = Keyring::new();
+//! let client = Client::builder()
+//!     .with(WebSocket::new("ws://127.0.0.1:7070"))
+//!     .with(Compression::zstd(3))
+//!     .with(Encryption::new(keyring))
+//!     .connect()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use whispeer_protocol::{Identity, Keyring, Padding as PadMode, SealOptions, TopicFilter};
+
+use crate::client::ClientBuilder;
+
+/// Something the builder can be given with `.with(...)`.
+pub trait Engine {
+    /// Applies this engine to the builder.
+    fn apply(self, b: &mut ClientBuilder);
+}
+
+/// Connect over WebSocket (`ws://` or `wss://`).
+#[derive(Debug, Clone)]
+pub struct WebSocket(pub(crate) String);
+impl WebSocket {
+    /// A WebSocket URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        WebSocket(url.into())
+    }
+}
+impl Engine for WebSocket {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.url = Some(self.0);
+    }
+}
+
+/// Connect over length-prefixed TCP (`host:port`, `tcp://host:port` or `tls://host:port`).
+#[derive(Debug, Clone)]
+pub struct Tcp(pub(crate) String);
+impl Tcp {
+    /// An address or URL.
+    pub fn new(addr: impl Into<String>) -> Self {
+        Tcp(addr.into())
+    }
+}
+impl Engine for Tcp {
+    fn apply(self, b: &mut ClientBuilder) {
+        let a = self.0;
+        b.url = Some(if a.contains("://") {
+            a
+        } else {
+            format!("tcp://{a}")
+        });
+    }
+}
+
+/// Default payload compression for every topic (per-topic rules override it).
+#[derive(Debug, Clone, Copy)]
+pub struct Compression(pub(crate) whispeer_protocol::Compression);
+impl Compression {
+    /// zstd at `level` (1–22; 3 is a good default).
+    pub fn zstd(level: i32) -> Self {
+        Compression(whispeer_protocol::Compression::Zstd(level))
+    }
+    /// No compression (each message's exact size is then visible to the relay unless padded).
+    pub fn none() -> Self {
+        Compression(whispeer_protocol::Compression::None)
+    }
+}
+impl Engine for Compression {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.policy.default.compression = self.0;
+    }
+}
+
+/// Default length hiding for every topic.
+#[derive(Debug, Clone, Copy)]
+pub struct Padding(pub(crate) PadMode);
+impl Padding {
+    /// Padmé buckets (the default).
+    pub fn padme() -> Self {
+        Padding(PadMode::Padme)
+    }
+    /// Exact lengths.
+    pub fn none() -> Self {
+        Padding(PadMode::None)
+    }
+}
+impl Engine for Padding {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.policy.default.padding = self.0;
+    }
+}
+
+/// The keys: a [`Keyring`] of grants.
+#[derive(Debug)]
+pub struct Encryption(pub(crate) Keyring);
+impl Encryption {
+    /// Use these keys.
+    pub fn new(keyring: Keyring) -> Self {
+        Encryption(keyring)
+    }
+}
+impl Engine for Encryption {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.keyring = self.0;
+    }
+}
+
+impl Engine for Identity {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.identity = Some(self);
+    }
+}
+
+/// Whether messages are signed with the identity (default: yes, when one is set).
+#[derive(Debug, Clone, Copy)]
+pub struct Signing(pub(crate) bool);
+impl Signing {
+    /// Sign every message.
+    pub fn on() -> Self {
+        Signing(true)
+    }
+    /// Send unsigned messages (any key holder could have written them).
+    pub fn off() -> Self {
+        Signing(false)
+    }
+}
+impl Engine for Signing {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.policy.sign = self.0;
+    }
+}
+
+/// Options for topics matching a filter (first matching rule wins).
+#[derive(Debug, Clone)]
+pub struct TopicOptions {
+    filter: TopicFilter,
+    opts: Option<SealOptions>,
+    compression: Option<whispeer_protocol::Compression>,
+    padding: Option<PadMode>,
+}
+impl TopicOptions {
+    /// Rules for topics matching `filter` (panics on an invalid filter literal; use
+    /// [`TopicOptions::try_new`] for user input).
+    pub fn new(filter: &str) -> Self {
+        Self::try_new(filter).expect("valid topic filter")
+    }
+    /// Rules for topics matching `filter`.
+    pub fn try_new(filter: &str) -> Result<Self, whispeer_protocol::TopicError> {
+        Ok(TopicOptions {
+            filter: TopicFilter::new(filter)?,
+            opts: None,
+            compression: None,
+            padding: None,
+        })
+    }
+    /// Compression for these topics.
+    pub fn compression(mut self, c: Compression) -> Self {
+        self.compression = Some(c.0);
+        self
+    }
+    /// Padding for these topics.
+    pub fn padding(mut self, p: Padding) -> Self {
+        self.padding = Some(p.0);
+        self
+    }
+    /// Explicit sealing options.
+    pub fn seal_options(mut self, o: SealOptions) -> Self {
+        self.opts = Some(o);
+        self
+    }
+}
+impl Engine for TopicOptions {
+    fn apply(self, b: &mut ClientBuilder) {
+        let mut o = self.opts.unwrap_or(b.policy.default);
+        if let Some(c) = self.compression {
+            o.compression = c;
+        }
+        if let Some(p) = self.padding {
+            o.padding = p;
+        }
+        b.policy.per_topic.push((self.filter, o));
+    }
+}
+
+/// Reconnect policy: exponential backoff with full jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct Reconnect {
+    /// First delay.
+    pub initial: Duration,
+    /// Largest delay.
+    pub max: Duration,
+    /// Give up after this many failed attempts in a row (`None`: never).
+    pub max_attempts: Option<u32>,
+}
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(5),
+            max_attempts: None,
+        }
+    }
+}
+impl Reconnect {
+    /// The delay before attempt `n` (0-based): uniform in `[d/2, d]`, `d = min(max, initial·2ⁿ)`.
+    pub fn delay(&self, attempt: u32, unit_random: f64) -> Duration {
+        let d = self
+            .initial
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max);
+        d.mul_f64(0.5 + 0.5 * unit_random.clamp(0.0, 1.0))
+    }
+}
+impl Engine for Reconnect {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.reconnect = self;
+    }
+}
+
+/// Trust an extra root certificate (PEM file) for `wss://` and `tls://`, e.g. a relay's
+/// self-signed certificate.
+#[derive(Debug, Clone)]
+pub struct TlsRoot(pub(crate) Vec<rustls_pki_types::CertificateDer<'static>>);
+impl TlsRoot {
+    /// Reads every certificate in a PEM file.
+    pub fn pem_file(path: impl AsRef<std::path::Path>) -> std::io::Result<Self> {
+        use rustls_pki_types::pem::PemObject;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path.as_ref())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        Ok(TlsRoot(certs))
+    }
+}
+impl Engine for TlsRoot {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.tls.extra_roots.extend(self.0);
+    }
+}

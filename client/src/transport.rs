@@ -1,0 +1,267 @@
+//! Connecting to a relay: `ws://`, `wss://`, `tcp://` and `tls://` URLs, each turned into a
+//! frame writer plus a channel of incoming frames fed by a reader task (so the connection
+//! driver can `select!` on it without cancellation hazards).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::WebSocketStream;
+use whispeer_protocol::codec::LEN_PREFIX;
+use whispeer_protocol::{Frame, FrameDecoder};
+
+use crate::error::ConnectError;
+
+/// Where and how to reach a relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The URL as given.
+    pub url: String,
+    /// WebSocket (`ws`, `wss`) or length-prefixed stream (`tcp`, `tls`).
+    pub websocket: bool,
+    /// TLS on top.
+    pub tls: bool,
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl Endpoint {
+    /// Parses `ws://host:port[/path]`, `wss://…`, `tcp://host:port`, `tls://host:port`.
+    pub fn parse(url: &str) -> Result<Self, ConnectError> {
+        let bad = |reason: &str| ConnectError::InvalidUrl {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected scheme://host:port"))?;
+        let (websocket, tls) = match scheme {
+            "ws" => (true, false),
+            "wss" => (true, true),
+            "tcp" => (false, false),
+            "tls" => (false, true),
+            _ => return Err(bad("scheme must be ws, wss, tcp or tls")),
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (host, port) = authority
+            .rsplit_once(':')
+            .ok_or_else(|| bad("missing :port"))?;
+        let port: u16 = port.parse().map_err(|_| bad("port is not a number"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad("missing host"));
+        }
+        Ok(Endpoint {
+            url: url.to_owned(),
+            websocket,
+            tls,
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Writes frames; `flush` sends what was written (many frames per flush).
+pub(crate) enum FrameWriter {
+    Ws(futures_util::stream::SplitSink<WebSocketStream<Box<dyn Io>>, WsMessage>),
+    Stream(BufWriter<WriteHalf<Box<dyn Io>>>),
+}
+
+impl FrameWriter {
+    /// Queues one encoded frame.
+    pub(crate) async fn write(&mut self, frame: Bytes) -> std::io::Result<()> {
+        match self {
+            FrameWriter::Ws(s) => s
+                .feed(WsMessage::Binary(frame))
+                .await
+                .map_err(std::io::Error::other),
+            FrameWriter::Stream(w) => {
+                w.write_all(&(frame.len() as u32).to_be_bytes()).await?;
+                w.write_all(&frame).await
+            }
+        }
+    }
+    /// Sends everything queued.
+    pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            FrameWriter::Ws(s) => s.flush().await.map_err(std::io::Error::other),
+            FrameWriter::Stream(w) => w.flush().await,
+        }
+    }
+    /// Closes the write side politely.
+    pub(crate) async fn close(&mut self) {
+        let _ = match self {
+            FrameWriter::Ws(s) => s.close().await.map_err(std::io::Error::other),
+            FrameWriter::Stream(w) => w.shutdown().await,
+        };
+    }
+}
+
+/// What the reader task reports.
+pub(crate) enum Incoming {
+    Frame(Frame),
+    /// The connection ended (EOF, error, undecodable frame); the text says why.
+    Closed(String),
+}
+
+/// An open connection: a writer and the reader task's channel.
+pub(crate) struct Connection {
+    pub(crate) writer: FrameWriter,
+    pub(crate) incoming: mpsc::Receiver<Incoming>,
+}
+
+/// TLS settings for `wss://` and `tls://`.
+#[derive(Clone, Debug, Default)]
+pub struct TlsSettings {
+    /// Extra trusted roots (PEM certificates), e.g. a relay's self-signed certificate.
+    pub extra_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+fn tls_connector(settings: &TlsSettings) -> Result<tokio_rustls::TlsConnector, ConnectError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for c in &settings.extra_roots {
+        roots
+            .add(c.clone())
+            .map_err(|e| ConnectError::Tls(e.to_string()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConnectError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Opens a connection (socket, TLS, WebSocket handshake) and starts its reader task.
+pub(crate) async fn connect(
+    ep: &Endpoint,
+    tls: &TlsSettings,
+    max_frame: usize,
+    timeout: Duration,
+) -> Result<Connection, ConnectError> {
+    tokio::time::timeout(timeout, connect_inner(ep, tls, max_frame))
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))?
+}
+
+async fn connect_inner(
+    ep: &Endpoint,
+    tls: &TlsSettings,
+    max_frame: usize,
+) -> Result<Connection, ConnectError> {
+    let addr = format!("{}:{}", ep.host, ep.port);
+    let tcp = TcpStream::connect(&addr)
+        .await
+        .map_err(|source| ConnectError::Io {
+            addr: addr.clone(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let io: Box<dyn Io> = if ep.tls {
+        let name = rustls_pki_types::ServerName::try_from(ep.host.clone())
+            .map_err(|e| ConnectError::Tls(e.to_string()))?;
+        Box::new(
+            tls_connector(tls)?
+                .connect(name, tcp)
+                .await
+                .map_err(|e| ConnectError::Tls(e.to_string()))?,
+        )
+    } else {
+        Box::new(tcp)
+    };
+    let (tx, rx) = mpsc::channel(1024);
+    if ep.websocket {
+        let mut cfg = WebSocketConfig::default();
+        cfg.max_message_size = Some(max_frame + LEN_PREFIX);
+        cfg.max_frame_size = Some(max_frame + LEN_PREFIX);
+        let ws_url = ep.url.replacen("wss://", "ws://", 1);
+        let (ws, _) = tokio_tungstenite::client_async_with_config(ws_url, io, Some(cfg))
+            .await
+            .map_err(|e| ConnectError::WebSocket(e.to_string()))?;
+        let (sink, mut stream) = ws.split();
+        tokio::spawn(async move {
+            let why = loop {
+                match stream.next().await {
+                    Some(Ok(WsMessage::Binary(b))) => match Frame::decode(&b) {
+                        Ok(f) => {
+                            if tx.send(Incoming::Frame(f)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => break format!("undecodable frame from relay: {e}"),
+                    },
+                    Some(Ok(WsMessage::Close(c))) => {
+                        break format!("relay closed the WebSocket: {c:?}")
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break format!("WebSocket error: {e}"),
+                    None => break "connection closed".to_owned(),
+                }
+            };
+            let _ = tx.send(Incoming::Closed(why)).await;
+        });
+        Ok(Connection {
+            writer: FrameWriter::Ws(sink),
+            incoming: rx,
+        })
+    } else {
+        let (mut r, w) = tokio::io::split(io);
+        tokio::spawn(async move {
+            let mut dec = FrameDecoder::new(max_frame);
+            let why = 'outer: loop {
+                loop {
+                    match dec.next_decoded() {
+                        Ok(Some(f)) => {
+                            if tx.send(Incoming::Frame(f)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => break 'outer format!("undecodable frame from relay: {e}"),
+                    }
+                }
+                match r.read_buf(dec.buffer_mut()).await {
+                    Ok(0) => break "connection closed".to_owned(),
+                    Ok(_) => {}
+                    Err(e) => break format!("read error: {e}"),
+                }
+            };
+            let _ = tx.send(Incoming::Closed(why)).await;
+        });
+        Ok(Connection {
+            writer: FrameWriter::Stream(BufWriter::with_capacity(64 * 1024, w)),
+            incoming: rx,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let e = Endpoint::parse("ws://127.0.0.1:7070").unwrap();
+        assert!(e.websocket && !e.tls && e.port == 7070 && e.host == "127.0.0.1");
+        let e = Endpoint::parse("tls://relay.example:443").unwrap();
+        assert!(!e.websocket && e.tls);
+        let e = Endpoint::parse("wss://[::1]:9/path").unwrap();
+        assert_eq!(e.host, "::1");
+        assert!(Endpoint::parse("http://x:1").is_err());
+        assert!(Endpoint::parse("ws://x").is_err());
+        assert!(Endpoint::parse("tcp://:80").is_err());
+    }
+}
