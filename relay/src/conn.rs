@@ -94,17 +94,22 @@ async fn read_loop<Src: FrameSource>(
     let (hello, idle) = (t.hello(), t.idle());
     let mut closing = out.closing_signal();
     let mut shutdown = shared.shutdown.subscribe();
+    // Created once and kept pinned: re-creating them per frame would re-register wakers
+    // (a lock each) on every iteration of the hot loop.
+    let closing = closing.wait_for(|c| *c);
+    let shutdown = shutdown.wait_for(|s| *s);
+    tokio::pin!(closing, shutdown);
     let mut last_in = started;
     let deadline = sleep_until(started + hello);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
             biased;
-            _ = closing.wait_for(|c| *c) => {
+            _ = &mut closing => {
                 session.closed_elsewhere();
                 return false;
             }
-            _ = shutdown.wait_for(|s| *s) => {
+            _ = &mut shutdown => {
                 session.shutting_down();
                 return false;
             }
@@ -135,7 +140,7 @@ async fn write_loop<Snk: FrameSink>(
     metrics: Arc<Metrics>,
     keepalive: Option<Duration>,
 ) {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(64);
+    let mut batch: Vec<Bytes> = Vec::new();
     let mut ticker = keepalive.map(|d| tokio::time::interval_at(Instant::now() + d, d));
     loop {
         let taken = out.take(&mut batch);

@@ -78,26 +78,22 @@ fn slow_config(policy: SlowConsumerPolicy) -> Config {
     c
 }
 
-/// Publishes COUNT large messages; the fast subscriber must get every one of them while
-/// the stalled one reads nothing.
+/// Publishes COUNT large messages in lockstep with the fast subscriber (each is published
+/// once the previous one arrived, so its own queue never fills): it must get every one of
+/// them while the stalled one reads nothing.
 async fn publish_past_a_stalled_client(relay: &TestRelay) -> Client {
     let mut fast = subscriber_ws(relay.ws(), exact(1, &[1])).await;
     let mut publ = Client::tcp(relay.tcp()).await;
     publ.hello().await;
-    let publisher = tokio::spawn(async move {
-        for i in 0..COUNT {
-            publ.publish(envelope_sized(1, &[1], BIG + i)).await;
-        }
-        publ
-    });
     let mut last = 0;
     for i in 0..COUNT {
+        let env = envelope_sized(1, &[1], BIG + i);
+        publ.publish(env.clone()).await;
         let m = fast.expect_msg().await;
-        assert_eq!(m.envelope.len(), envelope_sized(1, &[1], BIG + i).len());
+        assert_eq!(m.envelope, env);
         assert!(m.seq > last);
         last = m.seq;
     }
-    publisher.await.unwrap();
     fast
 }
 

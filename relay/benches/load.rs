@@ -1,0 +1,590 @@
+//! Load benchmark: the real relay binary against nats-server with the same load, same run.
+//!
+//! ```sh
+//! cargo bench -p whispeer-relay --bench load            # full
+//! cargo bench -p whispeer-relay --bench load -- --quick # fewer messages
+//! ```
+//!
+//! Pre-sealed 1 KiB envelopes (built once with the header writer; the relay never opens
+//! them), fan-out 1→1, 1→4, 1→64, 1→1 beside 10,000 idle subscriber connections, and two
+//! paced runs whose latency is not dominated by the window's queueing.
+//! Publishing is closed-loop with a window (a publisher never runs more than `WINDOW`
+//! messages ahead of its slowest subscriber), so both brokers are measured at a rate they
+//! sustain without dropping. Reported per scenario: deliveries/s, broker CPU (cores) and
+//! RSS, end-to-end latency p50/p99 (publish → subscriber decoded it, timestamps carried in
+//! the payload), and the whispeer/NATS ratio. nats-server is skipped if not installed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use whispeer_protocol::envelope_header::HeaderFields;
+use whispeer_protocol::frame::{Hello, Pub, Sub, PROTOCOL_VERSION};
+use whispeer_protocol::{
+    codec, Envelope, Frame, FrameDecoder, KeyId, PatternElem, Qos, TokenPattern, TopicToken,
+};
+use whispeer_relay::BoundAddrs;
+
+const WINDOW: u64 = 2048;
+const PAYLOAD: usize = 1024;
+const IDLE: usize = 10_000;
+
+#[derive(Clone, Copy)]
+struct Scenario {
+    name: &'static str,
+    fanout: usize,
+    messages: u64,
+    idle: usize,
+    /// Publish at this many messages/s instead of as fast as the window allows.
+    paced: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Outcome {
+    deliveries_per_s: f64,
+    cpu_cores: f64,
+    rss_mib: f64,
+    p50_us: f64,
+    p99_us: f64,
+    lost: u64,
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let scale = if quick { 10 } else { 1 };
+    rlimit::increase_nofile_limit(2 * IDLE as u64 + 4096).ok();
+    let scenarios = [
+        Scenario {
+            name: "1->1",
+            fanout: 1,
+            messages: 400_000 / scale,
+            idle: 0,
+            paced: None,
+        },
+        Scenario {
+            name: "1->4",
+            fanout: 4,
+            messages: 200_000 / scale,
+            idle: 0,
+            paced: None,
+        },
+        Scenario {
+            name: "1->64",
+            fanout: 64,
+            messages: 20_000 / scale,
+            idle: 0,
+            paced: None,
+        },
+        Scenario {
+            name: "1->1 + 10k idle",
+            fanout: 1,
+            messages: 200_000 / scale,
+            idle: IDLE,
+            paced: None,
+        },
+        Scenario {
+            name: "1->1 paced 20k/s",
+            fanout: 1,
+            messages: 40_000 / scale,
+            idle: 0,
+            paced: Some(20_000),
+        },
+        Scenario {
+            name: "1->64 paced 1k/s",
+            fanout: 64,
+            messages: 4_000 / scale,
+            idle: 0,
+            paced: Some(1_000),
+        },
+    ];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let relay = RelayProc::start();
+    let nats = NatsProc::start();
+    if nats.is_none() {
+        eprintln!("nats-server not found (apt-get install -y nats-server): whispeer only");
+    }
+    println!(
+        "{:<18} {:>8} | {:>12} {:>6} {:>8} {:>8} {:>8} | {:>12} {:>6} {:>8} {:>8} {:>8} | {:>6}",
+        "scenario",
+        "msgs",
+        "wsp deliv/s",
+        "cpu",
+        "rss MiB",
+        "p50 us",
+        "p99 us",
+        "nats deliv/s",
+        "cpu",
+        "rss MiB",
+        "p50 us",
+        "p99 us",
+        "ratio"
+    );
+    for s in scenarios {
+        let w = rt.block_on(run_whispeer(&relay, s));
+        let n = nats.as_ref().map(|n| rt.block_on(run_nats(n, s)));
+        let nn = n.clone().unwrap_or_default();
+        println!(
+            "{:<18} {:>8} | {:>12.0} {:>6.2} {:>8.1} {:>8.0} {:>8.0} | {:>12.0} {:>6.2} {:>8.1} {:>8.0} {:>8.0} | {:>6.2}",
+            s.name, s.messages,
+            w.deliveries_per_s, w.cpu_cores, w.rss_mib, w.p50_us, w.p99_us,
+            nn.deliveries_per_s, nn.cpu_cores, nn.rss_mib, nn.p50_us, nn.p99_us,
+            if nn.deliveries_per_s > 0.0 { w.deliveries_per_s / nn.deliveries_per_s } else { f64::NAN },
+        );
+        if w.lost > 0 || nn.lost > 0 {
+            println!("  (lost: whispeer {}, nats {})", w.lost, nn.lost);
+        }
+    }
+}
+
+// ---------- processes ----------
+
+fn proc_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn proc_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+struct RelayProc {
+    child: Child,
+    addrs: BoundAddrs,
+    dir: PathBuf,
+}
+
+impl RelayProc {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("whispeer-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ready = dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_whispeer-relay"))
+            .args([
+                "serve",
+                "--ws",
+                "off",
+                "--tcp",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ])
+            .args(["--publish-rate", "0", "--max-connections", "100000"])
+            .args([
+                "--idle-ms",
+                "3600000",
+                "--heartbeat-ms",
+                "0",
+                "--queue-capacity",
+                "8192",
+            ])
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("WHISPEER_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn relay");
+        let start = Instant::now();
+        let addrs = loop {
+            if let Ok(b) = std::fs::read(&ready) {
+                break serde_json::from_slice(&b).unwrap();
+            }
+            assert!(child.try_wait().unwrap().is_none(), "relay exited");
+            assert!(start.elapsed() < Duration::from_secs(30), "relay not ready");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Self { child, addrs, dir }
+    }
+    fn tcp(&self) -> SocketAddr {
+        self.addrs.tcp.unwrap()
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct NatsProc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl NatsProc {
+    fn start() -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let mut child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            if child.try_wait().ok()?.is_some() || start.elapsed() > Duration::from_secs(10) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(Self { child, addr })
+    }
+}
+
+impl Drop for NatsProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------- shared harness ----------
+
+/// When message `n` at `rate` per second is due, if that is still in the future.
+fn pace(start: Instant, n: u64, rate: Option<u64>) -> Option<Instant> {
+    let rate = rate?;
+    let due = start + Duration::from_nanos(n * 1_000_000_000 / rate);
+    (Instant::now() < due).then_some(due)
+}
+
+/// Per-run shared state: delivered counts per subscriber, latency samples, wakeups.
+struct Harness {
+    base: Instant,
+    received: Vec<AtomicU64>,
+    latencies: Mutex<Vec<u64>>,
+    progress: Notify,
+}
+
+impl Harness {
+    fn new(subs: usize) -> Arc<Self> {
+        Arc::new(Self {
+            base: Instant::now(),
+            received: (0..subs).map(|_| AtomicU64::new(0)).collect(),
+            latencies: Mutex::new(Vec::new()),
+            progress: Notify::new(),
+        })
+    }
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+    fn min_received(&self) -> u64 {
+        self.received
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Called by subscriber `i` per message with the timestamp it carried.
+    fn record(&self, i: usize, sent_ns: u64, local: &mut Vec<u64>) {
+        local.push(self.now_ns().saturating_sub(sent_ns));
+        let n = self.received[i].fetch_add(1, Ordering::Relaxed) + 1;
+        if n % 256 == 0 {
+            self.progress.notify_one();
+        }
+    }
+    fn finish_sub(&self, local: Vec<u64>) {
+        self.latencies.lock().unwrap().extend(local);
+        self.progress.notify_one();
+    }
+    /// Waits until the slowest subscriber is within the window of `sent`.
+    async fn wait_window(&self, sent: u64) {
+        while sent >= self.min_received() + WINDOW {
+            let _ = tokio::time::timeout(Duration::from_millis(20), self.progress.notified()).await;
+        }
+    }
+    async fn wait_all(&self, total: u64) -> u64 {
+        let start = Instant::now();
+        while self.min_received() < total && start.elapsed() < Duration::from_secs(60) {
+            let _ = tokio::time::timeout(Duration::from_millis(20), self.progress.notified()).await;
+        }
+        self.received
+            .iter()
+            .map(|r| total.saturating_sub(r.load(Ordering::Relaxed)))
+            .sum()
+    }
+    fn outcome(
+        &self,
+        elapsed: Duration,
+        deliveries: u64,
+        cpu: f64,
+        rss: f64,
+        lost: u64,
+    ) -> Outcome {
+        let mut l = self.latencies.lock().unwrap();
+        l.sort_unstable();
+        let pct = |p: f64| {
+            if l.is_empty() {
+                0.0
+            } else {
+                l[((l.len() - 1) as f64 * p) as usize] as f64 / 1000.0
+            }
+        };
+        Outcome {
+            deliveries_per_s: deliveries as f64 / elapsed.as_secs_f64(),
+            cpu_cores: cpu / elapsed.as_secs_f64(),
+            rss_mib: rss,
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            lost,
+        }
+    }
+}
+
+/// The pre-sealed envelope: a valid header, 48 bytes of sealed name, and a body whose
+/// first 8 bytes are overwritten with the send timestamp.
+fn sealed_envelope(levels: &[u8]) -> (Vec<u8>, usize) {
+    let tokens: Vec<TopicToken> = levels
+        .iter()
+        .map(|t| TopicToken::from_bytes([*t; 16]))
+        .collect();
+    let mut out = Vec::new();
+    HeaderFields {
+        flags: 0,
+        key_id: KeyId::from_bytes([1; 16]),
+        nonce: [3; 24],
+        commit: [4; 32],
+        tokens: &tokens,
+    }
+    .write_prefix(48, &mut out);
+    out.extend_from_slice(&[5; 48]);
+    let body_at = out.len();
+    out.resize(PAYLOAD, 0x77);
+    (out, body_at)
+}
+
+fn timestamp_of(payload: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(payload[at..at + 8].try_into().unwrap())
+}
+
+// ---------- whispeer ----------
+
+async fn wsp_connect(addr: SocketAddr) -> (TcpStream, FrameDecoder) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let hello = Frame::Hello(Hello {
+        versions: vec![PROTOCOL_VERSION],
+        features: 0,
+        client: Some("bench".into()),
+        auth: None,
+    });
+    s.write_all(&codec::encode_prefixed(&hello)).await.unwrap();
+    let mut dec = FrameDecoder::new(1 << 20);
+    wsp_next(&mut s, &mut dec).await; // Welcome
+    (s, dec)
+}
+
+async fn wsp_next(s: &mut TcpStream, dec: &mut FrameDecoder) -> Option<Bytes> {
+    loop {
+        if let Some(f) = dec.next_frame().unwrap() {
+            return Some(f);
+        }
+        dec.buffer_mut().reserve(64 * 1024);
+        if s.read_buf(dec.buffer_mut()).await.unwrap_or(0) == 0 {
+            return None;
+        }
+    }
+}
+
+async fn wsp_subscribe(s: &mut TcpStream, dec: &mut FrameDecoder, levels: &[u8]) {
+    let pattern = TokenPattern::new(
+        KeyId::from_bytes([1; 16]),
+        levels
+            .iter()
+            .map(|t| PatternElem::Token(TopicToken::from_bytes([*t; 16])))
+            .collect(),
+    )
+    .unwrap();
+    let sub = Frame::Sub(Sub {
+        sub_id: 1,
+        pattern,
+        qos: Qos::AtMostOnce,
+        durable: None,
+        replay: None,
+        retained: false,
+    });
+    s.write_all(&codec::encode_prefixed(&sub)).await.unwrap();
+    wsp_next(s, dec).await; // SubOk
+}
+
+async fn run_whispeer(relay: &RelayProc, s: Scenario) -> Outcome {
+    let addr = relay.tcp();
+    let pid = relay.child.id();
+    // Idle subscribers: connected, greeted, subscribed to their own topic, never sent to.
+    let mut idle = Vec::with_capacity(s.idle);
+    for i in 0..s.idle {
+        let (mut c, mut d) = wsp_connect(addr).await;
+        wsp_subscribe(&mut c, &mut d, &[2, (i % 256) as u8, (i / 256) as u8]).await;
+        idle.push(c);
+    }
+    let h = Harness::new(s.fanout);
+    let (_, body_at) = sealed_envelope(&[1]);
+    let mut readers = Vec::new();
+    for i in 0..s.fanout {
+        let (mut c, mut d) = wsp_connect(addr).await;
+        wsp_subscribe(&mut c, &mut d, &[1]).await;
+        let h = h.clone();
+        let total = s.messages;
+        readers.push(tokio::spawn(async move {
+            let mut local = Vec::with_capacity(total as usize);
+            let mut n = 0;
+            while n < total {
+                let Some(f) = wsp_next(&mut c, &mut d).await else {
+                    break;
+                };
+                if let Ok(Frame::Msg(m)) = Frame::decode(&f) {
+                    let at = m.envelope.header().len();
+                    h.record(i, timestamp_of(m.envelope.as_bytes(), at), &mut local);
+                    n += 1;
+                }
+            }
+            h.finish_sub(local);
+        }));
+    }
+    let (mut publ, _) = wsp_connect(addr).await;
+    let (mut payload, _) = sealed_envelope(&[1]);
+    let cpu0 = proc_cpu_secs(pid);
+    let start = Instant::now();
+    let mut buf = Vec::with_capacity(128 * 1024);
+    for n in 0..s.messages {
+        if n >= h.min_received() + WINDOW {
+            publ.write_all(&buf).await.unwrap();
+            buf.clear();
+            h.wait_window(n).await;
+        }
+        if let Some(due) = pace(start, n, s.paced) {
+            publ.write_all(&buf).await.unwrap();
+            buf.clear();
+            tokio::time::sleep_until(due.into()).await;
+        }
+        payload[body_at..body_at + 8].copy_from_slice(&h.now_ns().to_be_bytes());
+        let frame = Frame::Pub(Pub {
+            envelope: Envelope::from_slice(&payload).unwrap(),
+            flags: 0,
+            publish_id: None,
+            qos: Qos::AtMostOnce,
+        });
+        let at = buf.len();
+        buf.extend_from_slice(&[0; 4]);
+        frame.encode(&mut buf);
+        let len = (buf.len() - at - 4) as u32;
+        buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        if buf.len() >= 64 * 1024 {
+            publ.write_all(&buf).await.unwrap();
+            buf.clear();
+        }
+    }
+    publ.write_all(&buf).await.unwrap();
+    let lost = h.wait_all(s.messages).await;
+    let elapsed = start.elapsed();
+    let cpu = proc_cpu_secs(pid) - cpu0;
+    let rss = proc_rss_mib(pid);
+    for r in readers {
+        r.abort();
+    }
+    drop(idle);
+    h.outcome(elapsed, s.messages * s.fanout as u64 - lost, cpu, rss, lost)
+}
+
+// ---------- NATS ----------
+
+async fn run_nats(nats: &NatsProc, s: Scenario) -> Outcome {
+    use futures_util::StreamExt;
+    let url = format!("nats://{}", nats.addr);
+    let pid = nats.child.id();
+    // Idle subscribers over raw connections (cheap on our side, a real client to the server).
+    let mut idle = Vec::with_capacity(s.idle);
+    for i in 0..s.idle {
+        let mut c = TcpStream::connect(nats.addr).await.unwrap();
+        c.write_all(
+            format!("CONNECT {{\"verbose\":false}}\r\nSUB idle.{i} 1\r\nPING\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        // Wait for the PONG (after INFO) so the subscription is registered.
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"PONG") {
+            let mut b = [0u8; 4096];
+            let n = c.read(&mut b).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&b[..n]);
+        }
+        idle.push(c);
+    }
+    let h = Harness::new(s.fanout);
+    let (_, body_at) = sealed_envelope(&[1]);
+    let mut readers = Vec::new();
+    for i in 0..s.fanout {
+        let client = async_nats::connect(&url).await.unwrap();
+        let mut sub = client.subscribe("bench.t").await.unwrap();
+        client.flush().await.unwrap();
+        let h = h.clone();
+        let total = s.messages;
+        readers.push(tokio::spawn(async move {
+            let _client = client;
+            let mut local = Vec::with_capacity(total as usize);
+            let mut n = 0;
+            while n < total {
+                let Some(m) = sub.next().await else { break };
+                h.record(i, timestamp_of(&m.payload, body_at), &mut local);
+                n += 1;
+            }
+            h.finish_sub(local);
+        }));
+    }
+    let publ = async_nats::connect(&url).await.unwrap();
+    let (mut payload, _) = sealed_envelope(&[1]);
+    let cpu0 = proc_cpu_secs(pid);
+    let start = Instant::now();
+    for n in 0..s.messages {
+        if n >= h.min_received() + WINDOW {
+            publ.flush().await.unwrap();
+            h.wait_window(n).await;
+        }
+        if let Some(due) = pace(start, n, s.paced) {
+            publ.flush().await.unwrap();
+            tokio::time::sleep_until(due.into()).await;
+        }
+        payload[body_at..body_at + 8].copy_from_slice(&h.now_ns().to_be_bytes());
+        publ.publish("bench.t", Bytes::copy_from_slice(&payload))
+            .await
+            .unwrap();
+    }
+    publ.flush().await.unwrap();
+    let lost = h.wait_all(s.messages).await;
+    let elapsed = start.elapsed();
+    let cpu = proc_cpu_secs(pid) - cpu0;
+    let rss = proc_rss_mib(pid);
+    for r in readers {
+        r.abort();
+    }
+    drop(idle);
+    h.outcome(elapsed, s.messages * s.fanout as u64 - lost, cpu, rss, lost)
+}
