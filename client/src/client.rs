@@ -85,10 +85,15 @@ pub struct Message<T> {
     pub value: T,
 }
 
+/// Where the relay's `PubAck` (its sequence number) for one publish is reported.
+type AckReply = oneshot::Sender<Result<u64, PublishError>>;
+/// Where a subscription learns that the relay confirmed it.
+type SubReady = oneshot::Sender<Result<(), SubscribeError>>;
+
 enum Command {
     Send {
         frames: Vec<Bytes>,
-        ack: Option<([u8; 16], oneshot::Sender<Result<u64, PublishError>>)>,
+        ack: Option<([u8; 16], AckReply)>,
     },
     Subscribe {
         id: LocalSubId,
@@ -659,7 +664,7 @@ async fn open(
 
 struct Sink {
     tx: mpsc::Sender<Arc<Received>>,
-    ready: Option<(oneshot::Sender<Result<(), SubscribeError>>, HashSet<u64>)>,
+    ready: Option<(SubReady, HashSet<u64>)>,
 }
 
 struct Driver {
@@ -824,7 +829,6 @@ impl Driver {
             mut writer,
             mut incoming,
         } = conn;
-        let _ = self.state.send(ConnectionState::Connected);
         // Re-establish every subscription, then send what was buffered while offline.
         let mut pending: Vec<Bytes> = self
             .core
@@ -842,6 +846,7 @@ impl Driver {
         if let Err(e) = writer.flush().await {
             return Exit::Lost(e.to_string());
         }
+        let _ = self.state.send(ConnectionState::Connected);
         let mut tick = tokio::time::interval(if heartbeat.is_zero() {
             Duration::from_secs(30)
         } else {
@@ -972,7 +977,9 @@ impl Driver {
     fn on_frame(&mut self, f: Frame, out: &mut Vec<Bytes>) -> Option<String> {
         match f {
             Frame::Msg(m) => {
-                if let Some((r, targets)) = self.core.receive(&m, now_ms()) {
+                let opened = self.core.receive(&m, now_ms());
+                self.sync_stats(); // counters are current before the app sees the message
+                if let Some((r, targets)) = opened {
                     for t in targets {
                         if let Some(s) = self.sinks.get(&t) {
                             if s.tx.try_send(r.clone()).is_err() {

@@ -1,0 +1,451 @@
+//! The Rust client through a real relay on real sockets: typed round trips over WS and TCP
+//! (and across them), wildcards, keys and rejection, sender identity, tampering in flight,
+//! relay restart with reconnect and resubscribe, callbacks, flush and close.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use whispeer::{
+    ConnectionState, Encryption, PublishOptions, ReceiveError, Scope, Signing, SubscribeError, Tcp,
+    Topic,
+};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Reading {
+    room: String,
+    celsius: f64,
+    tags: Vec<String>,
+    raw: serde_bytes_like::Bytes,
+    count: u64,
+    delta: i64,
+}
+
+mod serde_bytes_like {
+    //! A byte string that serializes as a CBOR byte string (not an array of integers).
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Bytes(pub Vec<u8>);
+    impl Serialize for Bytes {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(&self.0)
+        }
+    }
+    impl<'de> Deserialize<'de> for Bytes {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl serde::de::Visitor<'_> for V {
+                type Value = Bytes;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("bytes")
+                }
+                fn visit_bytes<E>(self, v: &[u8]) -> Result<Bytes, E> {
+                    Ok(Bytes(v.to_vec()))
+                }
+                fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                    Ok(Bytes(v))
+                }
+            }
+            d.deserialize_byte_buf(V)
+        }
+    }
+}
+
+fn reading(n: u64) -> Reading {
+    Reading {
+        room: "kitchen".into(),
+        celsius: 21.5 + n as f64,
+        tags: vec!["a".into(), "ü".into()],
+        raw: serde_bytes_like::Bytes(vec![0, 1, 2, 255]),
+        count: u64::MAX - n,
+        delta: -(n as i64),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_values_round_trip_across_ws_and_tcp() {
+    let relay = TestRelay::start().await;
+    let t = tree("home");
+    let alice = identity();
+    let alice_id = alice.sender_id();
+    let sub_client = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    let pub_client = tcp_client(&relay.tcp_url(), keyring_with(&t), alice).await;
+
+    let mut structs = sub_client
+        .subscribe::<Reading>("sensor/+/reading")
+        .await
+        .unwrap();
+    let mut floats = sub_client.subscribe::<f64>("sensor/+/temp").await.unwrap();
+    let mut maps = sub_client
+        .subscribe::<BTreeMap<String, i64>>("config")
+        .await
+        .unwrap();
+    let mut strings = sub_client.subscribe::<String>("chat/#").await.unwrap();
+
+    for n in 0..3 {
+        pub_client
+            .publish("sensor/kitchen/reading", &reading(n))
+            .await
+            .unwrap();
+    }
+    pub_client
+        .publish("sensor/garage/temp", &-3.25f64)
+        .await
+        .unwrap();
+    let map: BTreeMap<String, i64> = [("a".to_string(), -1), ("b".to_string(), i64::MAX)].into();
+    pub_client.publish("config", &map).await.unwrap();
+    pub_client.publish("chat/room/1", "héllo").await.unwrap();
+
+    for n in 0..3 {
+        let m = within("struct", structs.next()).await.unwrap().unwrap();
+        assert_eq!(m.value, reading(n));
+        assert_eq!(m.topic.as_str(), "sensor/kitchen/reading");
+        assert_eq!(m.sender, Some(alice_id), "sender is verified");
+        assert_eq!(m.content_type, "application/cbor");
+    }
+    assert_eq!(
+        within("float", floats.next()).await.unwrap().unwrap().value,
+        -3.25
+    );
+    assert_eq!(
+        within("map", maps.next()).await.unwrap().unwrap().value,
+        map
+    );
+    assert_eq!(
+        within("string", strings.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+        "héllo"
+    );
+
+    // The other direction: TCP subscriber, WS publisher.
+    let mut back = pub_client.subscribe::<String>("reply").await.unwrap();
+    sub_client.publish("reply", "ack").await.unwrap();
+    assert_eq!(
+        within("reply", back.next()).await.unwrap().unwrap().value,
+        "ack"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcards_deliver_exactly_the_matching_topics() {
+    let relay = TestRelay::start().await;
+    let t = tree("home");
+    let c = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    let p = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    let mut plus = c.subscribe::<String>("sensor/+/temp").await.unwrap();
+    let mut hash = c.subscribe::<String>("sensor/#").await.unwrap();
+    let mut exact = c.subscribe::<String>("sensor/kitchen").await.unwrap();
+
+    for topic in [
+        "sensor/kitchen/temp",
+        "sensor/kitchen",
+        "sensor/garage/temp/extra",
+        "other/kitchen/temp",
+        "sensor/garage/temp",
+    ] {
+        p.publish(topic, topic).await.unwrap();
+    }
+    let mut seen_plus = Vec::new();
+    for _ in 0..2 {
+        seen_plus.push(within("plus", plus.next()).await.unwrap().unwrap().value);
+    }
+    assert_eq!(seen_plus, ["sensor/kitchen/temp", "sensor/garage/temp"]);
+    let mut seen_hash = Vec::new();
+    for _ in 0..4 {
+        seen_hash.push(within("hash", hash.next()).await.unwrap().unwrap().value);
+    }
+    assert_eq!(
+        seen_hash,
+        [
+            "sensor/kitchen/temp",
+            "sensor/kitchen",
+            "sensor/garage/temp/extra",
+            "sensor/garage/temp"
+        ]
+    );
+    // `exact` got only its topic: the next message after it is the sentinel.
+    assert_eq!(
+        within("exact", exact.next()).await.unwrap().unwrap().value,
+        "sensor/kitchen"
+    );
+    p.publish("sensor/kitchen", "sentinel").await.unwrap();
+    assert_eq!(
+        within("exact sentinel", exact.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+        "sentinel"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_key_nothing_is_seen_and_rejections_are_counted() {
+    let relay = TestRelay::start().await;
+    let t = tree("home");
+    let full = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    // Bob holds only sensor/garage/#.
+    let mut bob_keys = whispeer::Keyring::new();
+    bob_keys
+        .add_grant(
+            t.grant(&Scope::Subtree(Topic::new("sensor/garage").unwrap())),
+            whispeer::now_ms(),
+        )
+        .unwrap();
+    let bob = ws_client(&relay.ws_url(), bob_keys, identity()).await;
+    // A filter bob's grants cannot cover is refused locally.
+    assert!(matches!(
+        bob.subscribe::<String>("chat/#").await,
+        Err(SubscribeError::NoKey { .. })
+    ));
+    // sensor/# intersects his grant: the relay delivers everything under it, bob opens only
+    // what his grant covers.
+    let mut sub = bob.subscribe::<String>("sensor/#").await.unwrap();
+    full.publish("sensor/kitchen/temp", "secret").await.unwrap();
+    full.publish("sensor/garage/door", "open").await.unwrap();
+    let m = within("garage", sub.next()).await.unwrap().unwrap();
+    assert_eq!(m.value, "open");
+    assert_eq!(
+        bob.stats().core.rejected,
+        1,
+        "the kitchen message was rejected and counted"
+    );
+
+    // Another tree entirely cannot even subscribe.
+    let eve = ws_client(&relay.ws_url(), keyring_with(&tree("home")), identity()).await;
+    let mut eve_sub = eve.subscribe::<String>("sensor/#").await.unwrap();
+    full.publish("sensor/garage/door", "closed").await.unwrap();
+    eve.flush().await.unwrap();
+    assert_eq!(
+        within("bob", sub.next()).await.unwrap().unwrap().value,
+        "closed"
+    );
+    // Different tree → different key id → the relay never routes it to eve.
+    eve.publish("sensor/garage/door", "eve's own")
+        .await
+        .unwrap();
+    assert_eq!(
+        within("eve", eve_sub.next()).await.unwrap().unwrap().value,
+        "eve's own"
+    );
+    assert_eq!(eve.stats().core.rejected, 0);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_messages_have_no_sender_and_wrong_types_are_typed_errors() {
+    let relay = TestRelay::start().await;
+    let t = tree("home");
+    let anon = whispeer::Client::builder()
+        .with(whispeer::WebSocket::new(relay.ws_url()))
+        .with(Encryption::new(keyring_with(&t)))
+        .with(identity())
+        .with(Signing::off())
+        .connect()
+        .await
+        .unwrap();
+    let c = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    let mut sub = c.subscribe::<u32>("n").await.unwrap();
+    anon.publish("n", &7u32).await.unwrap();
+    let m = within("unsigned", sub.next()).await.unwrap().unwrap();
+    assert_eq!((m.value, m.sender), (7, None));
+    anon.publish("n", "not a number").await.unwrap();
+    assert!(matches!(
+        within("decode error", sub.next()).await.unwrap(),
+        Err(ReceiveError::Decode { .. })
+    ));
+    anon.publish_bytes("n", "text/plain", b"raw").await.unwrap();
+    assert!(matches!(
+        within("content type", sub.next()).await.unwrap(),
+        Err(ReceiveError::ContentType { .. })
+    ));
+    let mut raw = c.subscribe_bytes("r").await.unwrap();
+    anon.publish_bytes("r", "text/plain", b"raw").await.unwrap();
+    let m = within("raw", raw.next()).await.unwrap().unwrap();
+    assert_eq!(
+        (m.value.as_slice(), m.content_type.as_str()),
+        (&b"raw"[..], "text/plain")
+    );
+    relay.stop().await;
+}
+
+/// A TCP proxy that flips one byte inside the envelope of the first `Msg` frame it forwards
+/// from relay to client; everything else passes untouched.
+async fn tampering_proxy(relay: std::net::SocketAddr) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let upstream = tokio::net::TcpStream::connect(relay).await.unwrap();
+        let (mut cr, mut cw) = client.into_split();
+        let (mut ur, mut uw) = upstream.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut cr, &mut uw).await;
+        });
+        let mut dec = whispeer::protocol::FrameDecoder::new(1 << 20);
+        let mut tampered = false;
+        loop {
+            if ur.read_buf(dec.buffer_mut()).await.unwrap_or(0) == 0 {
+                return;
+            }
+            while let Some(raw) = dec.next_frame().unwrap() {
+                let mut bytes = raw.to_vec();
+                if !tampered {
+                    if let Ok(whispeer::protocol::Frame::Msg(_)) =
+                        whispeer::protocol::Frame::decode(&raw)
+                    {
+                        let i = bytes.len() - 20; // inside the body ciphertext
+                        bytes[i] ^= 0x40;
+                        tampered = true;
+                    }
+                }
+                cw.write_all(&(bytes.len() as u32).to_be_bytes())
+                    .await
+                    .unwrap();
+                cw.write_all(&bytes).await.unwrap();
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_altered_in_flight_is_rejected() {
+    let relay = TestRelay::start().await;
+    let t = tree("home");
+    let proxy = tampering_proxy(relay.addrs.tcp.unwrap()).await;
+    let victim = whispeer::Client::builder()
+        .with(Tcp::new(proxy.to_string()))
+        .with(Encryption::new(keyring_with(&t)))
+        .with(identity())
+        .connect()
+        .await
+        .unwrap();
+    let publisher = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    let mut sub = victim.subscribe::<String>("x").await.unwrap();
+    publisher.publish("x", "first (tampered)").await.unwrap();
+    publisher.publish("x", "second").await.unwrap();
+    let m = within("second", sub.next()).await.unwrap().unwrap();
+    assert_eq!(
+        m.value, "second",
+        "the altered message never reaches the app"
+    );
+    assert_eq!(victim.stats().core.rejected, 1);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_restart_reconnects_resubscribes_and_keeps_receiving() {
+    let relay = TestRelay::start().await;
+    let (ws, tcp) = (relay.addrs.ws.unwrap(), relay.addrs.tcp.unwrap());
+    let t = tree("home");
+    let sub_client = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    let mut states = sub_client.state_changes();
+    let mut sub = sub_client.subscribe::<u32>("tick").await.unwrap();
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    p.publish("tick", &1u32).await.unwrap();
+    assert_eq!(
+        within("before restart", sub.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+        1
+    );
+
+    relay.stop().await;
+    within(
+        "reconnecting",
+        states.wait_for(|s| matches!(s, ConnectionState::Reconnecting(_))),
+    )
+    .await
+    .unwrap();
+    let relay = TestRelay::start_on(ws, tcp).await;
+    within(
+        "reconnected",
+        states.wait_for(|s| *s == ConnectionState::Connected),
+    )
+    .await
+    .unwrap();
+
+    // The publisher reconnects too; publish until the resubscribed subscriber sees one.
+    let mut n = 2u32;
+    let got = within("after restart", async {
+        loop {
+            if p.publish("tick", &n).await.is_ok() {
+                let _ = p.flush().await;
+            }
+            tokio::select! {
+                m = sub.next() => break m.unwrap().unwrap().value,
+                _ = p.flush() => { n += 1; }
+            }
+        }
+    })
+    .await;
+    assert!(got >= 2);
+    assert!(sub_client.stats().reconnects >= 1);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_flush_acks_and_close() {
+    let relay = TestRelay::start().await;
+    let t = tree("home");
+    let c = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let tx2 = tx.clone();
+    let _h1 = c
+        .on::<u32, _>("cb/sync", move |m| tx.send(("sync", m.value)).unwrap())
+        .await
+        .unwrap();
+    let _h2 = c
+        .on_async::<u32, _, _>("cb/async", move |m| {
+            let tx = tx2.clone();
+            async move {
+                tx.send(("async", m.value)).unwrap();
+            }
+        })
+        .await
+        .unwrap();
+    c.publish("cb/sync", &1u32).await.unwrap();
+    c.publish("cb/async", &2u32).await.unwrap();
+    let mut got = vec![
+        within("cb", rx.recv()).await.unwrap(),
+        within("cb", rx.recv()).await.unwrap(),
+    ];
+    got.sort();
+    assert_eq!(got, [("async", 2), ("sync", 1)]);
+
+    // publish_with ack waits for the relay's PubAck.
+    c.publish_with(
+        "acked",
+        &1u32,
+        PublishOptions {
+            ack: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    c.publish_batch("batch", &[1u32, 2, 3]).await.unwrap();
+    c.flush().await.unwrap();
+
+    let mut sub = c.subscribe::<u32>("end").await.unwrap();
+    c.close().await;
+    assert_eq!(c.state(), ConnectionState::Closed);
+    assert!(
+        within("stream end", sub.next()).await.is_none(),
+        "subscriptions end on close"
+    );
+    assert!(c.publish("end", &1u32).await.is_err());
+    relay.stop().await;
+}
