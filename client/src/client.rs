@@ -27,7 +27,8 @@ use whispeer_protocol::{
 use crate::core::{self, ClientCore, CoreStats, LocalSubId, Received, SealPolicy};
 use crate::error::{ConnectError, FlushError, PublishError, ReceiveError, SubscribeError};
 use crate::options::{Engine, Reconnect};
-use crate::transport::{self, Connection, Endpoint, Incoming, TlsSettings};
+use crate::plugin::{Outgoing, Plugins, Verdict};
+use crate::transport::{self, Connection, Dialer, Endpoint, Incoming, TlsSettings};
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
@@ -119,6 +120,7 @@ struct Inner {
     stats: Arc<Mutex<ClientStats>>,
     next_id: AtomicU64,
     sub_capacity: usize,
+    plugins: Plugins,
 }
 
 impl std::fmt::Debug for Inner {
@@ -140,6 +142,8 @@ pub struct ClientStats {
     pub outbox_drops: u64,
     /// Successful reconnects.
     pub reconnects: u64,
+    /// Messages a client plugin dropped.
+    pub plugin_drops: u64,
 }
 
 /// A connected client. Clone it freely: every clone shares the one connection.
@@ -152,6 +156,8 @@ pub struct Client {
 #[derive(Debug)]
 pub struct ClientBuilder {
     pub(crate) url: Option<String>,
+    #[cfg(feature = "in-process")]
+    pub(crate) in_process: Option<whispeer_relay::RelayHandle>,
     pub(crate) tls: TlsSettings,
     pub(crate) keyring: Keyring,
     pub(crate) identity: Option<Identity>,
@@ -162,12 +168,15 @@ pub struct ClientBuilder {
     pub(crate) outbox_bytes: usize,
     pub(crate) sub_capacity: usize,
     pub(crate) name: String,
+    pub(crate) plugins: Plugins,
 }
 
 impl Default for ClientBuilder {
     fn default() -> Self {
         ClientBuilder {
             url: None,
+            #[cfg(feature = "in-process")]
+            in_process: None,
             tls: TlsSettings::default(),
             keyring: Keyring::new(),
             identity: None,
@@ -178,6 +187,7 @@ impl Default for ClientBuilder {
             outbox_bytes: 8 * 1024 * 1024,
             sub_capacity: 65_536,
             name: format!("whispeer-rs/{}", env!("CARGO_PKG_VERSION")),
+            plugins: Plugins::default(),
         }
     }
 }
@@ -205,25 +215,29 @@ impl ClientBuilder {
         self
     }
 
+    fn dialer(&self) -> Result<Dialer, ConnectError> {
+        #[cfg(feature = "in-process")]
+        if let Some(relay) = &self.in_process {
+            return Ok(Dialer::InProcess(relay.clone()));
+        }
+        let url = self.url.as_deref().ok_or(ConnectError::NoTransport)?;
+        Ok(Dialer::Net {
+            ep: Endpoint::parse(url)?,
+            tls: self.tls.clone(),
+        })
+    }
+
     /// Connects (the first attempt must succeed) and starts the background task.
     pub async fn connect(self) -> Result<Client, ConnectError> {
-        let url = self.url.clone().ok_or(ConnectError::NoTransport)?;
-        let ep = Endpoint::parse(&url)?;
-        let (conn, heartbeat) = open(
-            &ep,
-            &self.tls,
-            self.max_frame,
-            self.connect_timeout,
-            &self.name,
-        )
-        .await?;
+        let dialer = self.dialer()?;
+        let (conn, heartbeat) =
+            open(&dialer, self.max_frame, self.connect_timeout, &self.name).await?;
         let keyring = Arc::new(RwLock::new(self.keyring));
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connected);
         let stats = Arc::new(Mutex::new(ClientStats::default()));
         let driver = Driver {
-            ep,
-            tls: self.tls,
+            dialer,
             max_frame: self.max_frame,
             connect_timeout: self.connect_timeout,
             name: self.name,
@@ -239,6 +253,7 @@ impl ClientBuilder {
             state: state_tx,
             stats: stats.clone(),
             next_nonce: 1,
+            plugins: self.plugins.clone(),
         };
         tokio::spawn(driver.run(conn, heartbeat));
         Ok(Client {
@@ -251,6 +266,7 @@ impl ClientBuilder {
                 stats,
                 next_id: AtomicU64::new(1),
                 sub_capacity: self.sub_capacity,
+                plugins: self.plugins,
             }),
         })
     }
@@ -415,6 +431,25 @@ impl Client {
         })
     }
 
+    /// Runs the plugins' `on_publish` (which may transform the message), then seals.
+    fn seal_with_plugins(
+        &self,
+        topic: Topic,
+        content_type: &str,
+        payload: &[u8],
+    ) -> Result<whispeer_protocol::Envelope, PublishError> {
+        if self.inner.plugins.is_empty() {
+            return self.seal(&topic, content_type, payload);
+        }
+        let mut out = Outgoing {
+            topic,
+            content_type: content_type.to_owned(),
+            payload: payload.to_vec(),
+        };
+        self.inner.plugins.on_publish(&mut out)?;
+        self.seal(&out.topic, &out.content_type, &out.payload)
+    }
+
     async fn send(&self, frames: Vec<Bytes>, ack: Option<[u8; 16]>) -> Result<u64, PublishError> {
         match ack {
             None => {
@@ -483,7 +518,7 @@ impl Client {
         opts: PublishOptions,
     ) -> Result<u64, PublishError> {
         let topic = Topic::new(topic)?;
-        let env = self.seal(&topic, content_type, payload)?;
+        let env = self.seal_with_plugins(topic, content_type, payload)?;
         let pid = opts.ack.then(|| OsRng.gen::<[u8; 16]>());
         let frame = core::pub_frame(env, pid, opts.retain, opts.qos).to_bytes();
         self.send(vec![frame], pid).await
@@ -499,7 +534,7 @@ impl Client {
         let topic = Topic::new(topic)?;
         let mut frames = Vec::with_capacity(values.len());
         for v in values {
-            let env = self.seal(&topic, core::CBOR, &to_cbor(v)?)?;
+            let env = self.seal_with_plugins(topic.clone(), core::CBOR, &to_cbor(v)?)?;
             frames.push(core::pub_frame(env, None, false, Qos::AtMostOnce).to_bytes());
         }
         self.send(frames, None).await.map(|_| ())
@@ -511,6 +546,7 @@ impl Client {
         decode: fn(&Received) -> Result<T, ReceiveError>,
     ) -> Result<Subscription<T>, SubscribeError> {
         let filter = TopicFilter::new(filter)?;
+        self.inner.plugins.on_subscribe(&filter)?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.inner.sub_capacity);
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -619,15 +655,14 @@ impl Client {
 
 /// Connects and performs the Hello/Welcome handshake; returns the heartbeat interval.
 async fn open(
-    ep: &Endpoint,
-    tls: &TlsSettings,
+    dialer: &Dialer,
     max_frame: usize,
     timeout: Duration,
     name: &str,
 ) -> Result<(Connection, Duration), ConnectError> {
-    let mut conn = transport::connect(ep, tls, max_frame, timeout).await?;
+    let mut conn = dialer.dial(max_frame, timeout).await?;
     let io = |e: std::io::Error| ConnectError::Io {
-        addr: ep.url.clone(),
+        addr: dialer.describe().to_owned(),
         source: e,
     };
     conn.writer
@@ -668,8 +703,7 @@ struct Sink {
 }
 
 struct Driver {
-    ep: Endpoint,
-    tls: TlsSettings,
+    dialer: Dialer,
     max_frame: usize,
     connect_timeout: Duration,
     name: String,
@@ -685,6 +719,7 @@ struct Driver {
     state: watch::Sender<ConnectionState>,
     stats: Arc<Mutex<ClientStats>>,
     next_nonce: u64,
+    plugins: Plugins,
 }
 
 enum Exit {
@@ -716,7 +751,7 @@ impl Driver {
                     return;
                 }
                 Exit::Lost(why) => {
-                    tracing::info!(relay = %self.ep.url, reason = %why, "connection lost; reconnecting");
+                    tracing::info!(relay = %self.dialer.describe(), reason = %why, "connection lost; reconnecting");
                     for (_, tx) in self.flushes.drain() {
                         let _ = tx.send(Err(FlushError::Disconnected));
                     }
@@ -761,8 +796,7 @@ impl Driver {
                 }
             }
             match open(
-                &self.ep,
-                &self.tls,
+                &self.dialer,
                 self.max_frame,
                 self.connect_timeout,
                 &self.name,
@@ -977,7 +1011,16 @@ impl Driver {
     fn on_frame(&mut self, f: Frame, out: &mut Vec<Bytes>) -> Option<String> {
         match f {
             Frame::Msg(m) => {
-                let opened = self.core.receive(&m, now_ms());
+                let mut opened = self.core.receive(&m, now_ms());
+                if let Some((r, _)) = &mut opened {
+                    if !self.plugins.is_empty() {
+                        let r = Arc::make_mut(r);
+                        if self.plugins.on_message(r) == Verdict::Drop {
+                            self.stats.lock().expect("stats lock").plugin_drops += 1;
+                            opened = None;
+                        }
+                    }
+                }
                 self.sync_stats(); // counters are current before the app sees the message
                 if let Some((r, targets)) = opened {
                     for t in targets {

@@ -64,6 +64,9 @@ pub enum PublishError {
     /// The connection dropped before the relay acknowledged the message.
     #[error("connection lost before the relay acknowledged the message")]
     NotAcknowledged,
+    /// A client plugin refused the message.
+    #[error(transparent)]
+    Plugin(#[from] crate::plugin::PluginError),
 }
 
 impl From<SealError> for PublishError {
@@ -91,6 +94,9 @@ pub enum SubscribeError {
     /// The client is closed.
     #[error("client is closed")]
     Closed,
+    /// A client plugin refused the subscription.
+    #[error(transparent)]
+    Plugin(#[from] crate::plugin::PluginError),
 }
 
 /// Why a delivered message could not be turned into the subscriber's type.

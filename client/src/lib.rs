@@ -28,12 +28,20 @@
 //!   [`Subscription`] streams (feature `tokio-runtime`).
 //! - `options` — the builder's engines: [`WebSocket`], [`Tcp`], [`Compression`],
 //!   [`Padding`], [`Encryption`], [`Signing`], [`TopicOptions`], [`Reconnect`], [`TlsRoot`].
-//! - `transport` — `ws://`, `wss://`, `tcp://`, `tls://` connections.
+//! - `transport` — `ws://`, `wss://`, `tcp://`, `tls://` connections, and the in-process
+//!   channel to an embedded relay.
+//! - [`plugin`] — client plugins (run on plaintext, where the keys are): logging, metrics,
+//!   transforms.
+//! - `broker` — in-process mode: an embedded relay with keys ready, [`Broker`] (feature
+//!   `in-process`).
 #![forbid(unsafe_code)]
 
 pub mod core;
 pub mod error;
+pub mod plugin;
 
+#[cfg(feature = "in-process")]
+pub mod broker;
 #[cfg(feature = "tokio-runtime")]
 mod client;
 #[cfg(feature = "tokio-runtime")]
@@ -48,15 +56,19 @@ pub use whispeer_protocol::{
     TopicFilter, TreeKey,
 };
 
+#[cfg(feature = "in-process")]
+pub use broker::{Broker, BrokerBuilder, BrokerError};
 #[cfg(feature = "tokio-runtime")]
 pub use client::{
     now_ms, to_cbor, Client, ClientBuilder, ClientStats, ConnectionState, Message, PublishOptions,
     Subscription,
 };
+#[cfg(feature = "in-process")]
+pub use options::InProcess;
 #[cfg(feature = "tokio-runtime")]
 pub use options::{
-    Compression, Encryption, Engine, Padding, Reconnect, Signing, Tcp, TlsRoot, TopicOptions,
-    WebSocket,
+    Compression, Encryption, Engine, Padding, Plugin, Reconnect, Signing, Tcp, TlsRoot,
+    TopicOptions, WebSocket,
 };
 #[cfg(feature = "tokio-runtime")]
 pub use transport::{Endpoint, TlsSettings};

@@ -245,3 +245,56 @@ impl Engine for TlsRoot {
         b.tls.extra_roots.extend(self.0);
     }
 }
+
+/// Connect to a relay embedded in this process (no sockets): frames travel over channels.
+/// [`crate::Broker`] sets this up for you.
+#[cfg(feature = "in-process")]
+#[derive(Debug, Clone)]
+pub struct InProcess(pub(crate) whispeer_relay::RelayHandle);
+#[cfg(feature = "in-process")]
+impl InProcess {
+    /// A handle of a built relay (`Relay::handle`).
+    pub fn new(relay: whispeer_relay::RelayHandle) -> Self {
+        InProcess(relay)
+    }
+}
+#[cfg(feature = "in-process")]
+impl Engine for InProcess {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.in_process = Some(self.0);
+    }
+}
+
+/// Adds a client plugin (see [`crate::plugin`]); plugins run in the order added.
+#[derive(Clone)]
+pub struct Plugin(pub(crate) std::sync::Arc<dyn crate::plugin::ClientPlugin>);
+impl Plugin {
+    /// Wraps a plugin.
+    pub fn new(p: impl crate::plugin::ClientPlugin) -> Self {
+        Plugin(std::sync::Arc::new(p))
+    }
+}
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Plugin").field(&self.0.name()).finish()
+    }
+}
+impl Engine for Plugin {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.plugins.push(self.0);
+    }
+}
+macro_rules! plugin_engine {
+    ($($t:ty),*) => {$(
+        impl Engine for $t {
+            fn apply(self, b: &mut ClientBuilder) {
+                b.plugins.push(std::sync::Arc::new(self));
+            }
+        }
+    )*};
+}
+plugin_engine!(
+    crate::plugin::Logging,
+    crate::plugin::Metrics,
+    crate::plugin::Transform
+);

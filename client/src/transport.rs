@@ -76,6 +76,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 pub(crate) enum FrameWriter {
     Ws(futures_util::stream::SplitSink<WebSocketStream<Box<dyn Io>>, WsMessage>),
     Stream(BufWriter<WriteHalf<Box<dyn Io>>>),
+    /// An in-process relay: whole frames over a channel (`None` once closed).
+    #[cfg(feature = "in-process")]
+    Channel(Option<mpsc::Sender<Bytes>>),
 }
 
 impl FrameWriter {
@@ -90,6 +93,13 @@ impl FrameWriter {
                 w.write_all(&(frame.len() as u32).to_be_bytes()).await?;
                 w.write_all(&frame).await
             }
+            #[cfg(feature = "in-process")]
+            FrameWriter::Channel(tx) => match tx {
+                Some(tx) => tx.send(frame).await.map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "in-process relay stopped")
+                }),
+                None => Err(std::io::ErrorKind::NotConnected.into()),
+            },
         }
     }
     /// Sends everything queued.
@@ -97,6 +107,8 @@ impl FrameWriter {
         match self {
             FrameWriter::Ws(s) => s.flush().await.map_err(std::io::Error::other),
             FrameWriter::Stream(w) => w.flush().await,
+            #[cfg(feature = "in-process")]
+            FrameWriter::Channel(_) => Ok(()),
         }
     }
     /// Closes the write side politely.
@@ -104,6 +116,11 @@ impl FrameWriter {
         let _ = match self {
             FrameWriter::Ws(s) => s.close().await.map_err(std::io::Error::other),
             FrameWriter::Stream(w) => w.shutdown().await,
+            #[cfg(feature = "in-process")]
+            FrameWriter::Channel(tx) => {
+                tx.take(); // dropping the sender ends the relay's side of the connection
+                Ok(())
+            }
         };
     }
 }
@@ -143,6 +160,67 @@ fn tls_connector(settings: &TlsSettings) -> Result<tokio_rustls::TlsConnector, C
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// How the connection task reaches its relay, again and again after each loss.
+#[derive(Clone, Debug)]
+pub(crate) enum Dialer {
+    /// Over the network: a URL and TLS settings.
+    Net { ep: Endpoint, tls: TlsSettings },
+    /// A relay embedded in this process (no sockets).
+    #[cfg(feature = "in-process")]
+    InProcess(whispeer_relay::RelayHandle),
+}
+
+impl Dialer {
+    /// What to call the relay in logs and errors.
+    pub(crate) fn describe(&self) -> &str {
+        match self {
+            Dialer::Net { ep, .. } => &ep.url,
+            #[cfg(feature = "in-process")]
+            Dialer::InProcess(_) => "in-process relay",
+        }
+    }
+
+    /// Opens a new connection.
+    pub(crate) async fn dial(
+        &self,
+        max_frame: usize,
+        timeout: Duration,
+    ) -> Result<Connection, ConnectError> {
+        match self {
+            Dialer::Net { ep, tls } => connect(ep, tls, max_frame, timeout).await,
+            #[cfg(feature = "in-process")]
+            Dialer::InProcess(relay) => Ok(in_process(relay)),
+        }
+    }
+}
+
+/// Connects to an embedded relay: frames travel over channels, already delimited.
+#[cfg(feature = "in-process")]
+fn in_process(relay: &whispeer_relay::RelayHandle) -> Connection {
+    let (to_relay, mut from_relay) = relay.connect_in_process();
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        let why = loop {
+            match from_relay.recv().await {
+                Some(b) => match Frame::decode(&b) {
+                    Ok(f) => {
+                        if tx.send(Incoming::Frame(f)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => break format!("undecodable frame from relay: {e}"),
+                },
+                None => break "in-process relay closed the connection".to_owned(),
+            }
+        };
+        let _ = tx.send(Incoming::Closed(why)).await;
+    });
+    Connection {
+        writer: FrameWriter::Channel(Some(to_relay)),
+        incoming: rx,
+    }
 }
 
 /// Opens a connection (socket, TLS, WebSocket handshake) and starts its reader task.

@@ -111,3 +111,146 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
+
+/// The real `whispeer-relay` binary: next to this test executable
+/// (`target/<profile>/whispeer-relay`), built with cargo into the same target directory
+/// when it is missing.
+pub fn relay_binary() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>
+    let profile_dir: PathBuf = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf();
+    let bin = profile_dir.join(format!("whispeer-relay{}", std::env::consts::EXE_SUFFIX));
+    if bin.exists() {
+        return bin;
+    }
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .or_else(|| profile_dir.parent().map(PathBuf::from))
+        .expect("target directory");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-p", "whispeer-relay", "--bin", "whispeer-relay"])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo build for whispeer-relay");
+    assert!(status.success(), "building whispeer-relay failed");
+    assert!(
+        bin.exists(),
+        "whispeer-relay not found at {}",
+        bin.display()
+    );
+    bin
+}
+
+/// The relay binary started by [`start_relay_binary`]; killed on drop.
+pub struct RelayProcess {
+    pub child: std::process::Child,
+    pub ws: SocketAddr,
+    pub tcp: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl RelayProcess {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.ws)
+    }
+    pub fn tcp_url(&self) -> String {
+        format!("tcp://{}", self.tcp)
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `whispeer-relay serve --ws 127.0.0.1:0 --tcp 127.0.0.1:0 --admin 127.0.0.1:0
+/// --ready-file PATH` plus `extra`, and waits for its ready file. Waiting is on events:
+/// the relay's "listening" log line (after which it writes the ready file at once), then
+/// the file; a generous bound only catches a broken relay.
+pub fn start_relay_binary(extra: &[&str]) -> RelayProcess {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ready = dir.path().join("ready.json");
+    let mut child = Command::new(relay_binary())
+        .args([
+            "serve",
+            "--ws",
+            "127.0.0.1:0",
+            "--tcp",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--log",
+            "warn,whispeer_relay=info",
+            "--ready-file",
+        ])
+        .arg(&ready)
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .env_remove("WHISPEER_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn whispeer-relay");
+    let stderr = child.stderr.take().expect("relay stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        // Keep draining so the relay never blocks on a full pipe.
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let start = std::time::Instant::now();
+    loop {
+        match rx.recv_timeout(TIMEOUT) {
+            Ok(line) if line.contains("listening") => break,
+            Ok(_) => continue,
+            Err(_) => {
+                let status = child.try_wait().ok().flatten();
+                let _ = child.kill();
+                panic!("whispeer-relay did not start (exit status {status:?})");
+            }
+        }
+    }
+    // The ready file is written right after that line.
+    let text = loop {
+        if let Ok(t) = std::fs::read(&ready) {
+            break t;
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("whispeer-relay exited before it was ready: {status}");
+        }
+        assert!(start.elapsed() < TIMEOUT, "no ready file after {TIMEOUT:?}");
+        std::thread::yield_now();
+    };
+    let v: serde_json::Value = serde_json::from_slice(&text).expect("ready file is JSON");
+    let addr = |k: &str| -> SocketAddr {
+        v[k].as_str()
+            .unwrap_or_else(|| panic!("ready file lacks {k}: {v}"))
+            .parse()
+            .expect("socket address")
+    };
+    RelayProcess {
+        ws: addr("ws"),
+        tcp: addr("tcp"),
+        admin: addr("admin"),
+        child,
+        dir,
+    }
+}

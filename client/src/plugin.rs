@@ -1,0 +1,353 @@
+//! Client plugins: code that runs where the keys are, on plaintext.
+//!
+//! The relay's plugins see only metadata; a client plugin sees each value before it is
+//! sealed and after it is opened, so it can transform, validate, drop, log or count
+//! messages. Plugins run in the order they were added with `.with(Plugin::new(..))`:
+//! `on_publish` in the publishing task (before sealing), `on_message` once per received
+//! message (before it is fanned out to subscriptions), `on_subscribe` before a filter is
+//! sent to the relay. Built in: [`Logging`], [`Metrics`] and the example transform
+//! [`Transform`].
+//!
+//! ```
+//! use whispeer::plugin::{ClientPlugin, Outgoing, PluginError};
+//! /// Refuses to publish payloads over 4 KiB.
+//! struct SizeGuard;
+//! impl ClientPlugin for SizeGuard {
+//!     fn name(&self) -> &str { "size-guard" }
+//!     fn on_publish(&self, msg: &mut Outgoing) -> Result<(), PluginError> {
+//!         if msg.payload.len() > 4096 {
+//!             return Err(PluginError::new(self.name(), "payload over 4 KiB"));
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//! ```
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use whispeer_protocol::{Topic, TopicFilter};
+
+use crate::core::Received;
+
+/// A plugin refused a publish or a subscription.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("plugin {plugin} refused: {reason}")]
+#[non_exhaustive]
+pub struct PluginError {
+    /// The plugin's name.
+    pub plugin: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl PluginError {
+    /// A refusal by `plugin` for `reason`.
+    pub fn new(plugin: &str, reason: impl Into<String>) -> Self {
+        PluginError {
+            plugin: plugin.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A message about to be sealed: plugins may change the content type and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The topic (fixed: changing it would change the key and tokens).
+    pub topic: Topic,
+    /// The content type (`application/cbor` for typed publishes).
+    pub content_type: String,
+    /// The serialized payload.
+    pub payload: Vec<u8>,
+}
+
+/// What to do with a received message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Deliver it (possibly transformed).
+    Deliver,
+    /// Drop it; counted in `ClientStats::plugin_drops`.
+    Drop,
+}
+
+/// A client plugin; every method has a pass-through default.
+pub trait ClientPlugin: Send + Sync + 'static {
+    /// A short name for errors and logs.
+    fn name(&self) -> &str;
+    /// Before a message is sealed; may transform it or refuse (the publish fails).
+    fn on_publish(&self, _msg: &mut Outgoing) -> Result<(), PluginError> {
+        Ok(())
+    }
+    /// After a message was opened and verified; may transform it or drop it.
+    fn on_message(&self, _msg: &mut Received) -> Verdict {
+        Verdict::Deliver
+    }
+    /// Before a subscription is made; may refuse (the subscribe fails).
+    fn on_subscribe(&self, _filter: &TopicFilter) -> Result<(), PluginError> {
+        Ok(())
+    }
+}
+
+/// The plugins of one client, in order.
+#[derive(Clone, Default)]
+pub struct Plugins(Vec<Arc<dyn ClientPlugin>>);
+
+impl fmt::Debug for Plugins {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|p| p.name()))
+            .finish()
+    }
+}
+
+impl Plugins {
+    /// Adds a plugin at the end.
+    pub fn push(&mut self, p: Arc<dyn ClientPlugin>) {
+        self.0.push(p);
+    }
+    /// Whether there are none (the fast path skips all plugin work).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// Runs every `on_publish` in order; the first refusal wins.
+    pub fn on_publish(&self, msg: &mut Outgoing) -> Result<(), PluginError> {
+        self.0.iter().try_for_each(|p| p.on_publish(msg))
+    }
+    /// Runs every `on_message` in order until one drops the message.
+    pub fn on_message(&self, msg: &mut Received) -> Verdict {
+        for p in &self.0 {
+            if p.on_message(msg) == Verdict::Drop {
+                return Verdict::Drop;
+            }
+        }
+        Verdict::Deliver
+    }
+    /// Runs every `on_subscribe` in order; the first refusal wins.
+    pub fn on_subscribe(&self, filter: &TopicFilter) -> Result<(), PluginError> {
+        self.0.iter().try_for_each(|p| p.on_subscribe(filter))
+    }
+}
+
+/// Logs every publish, message and subscription with `tracing` (topics and sizes, never
+/// payloads) at the given level of detail: `debug` for messages, `info` for subscriptions.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Logging;
+
+impl ClientPlugin for Logging {
+    fn name(&self) -> &str {
+        "logging"
+    }
+    fn on_publish(&self, msg: &mut Outgoing) -> Result<(), PluginError> {
+        tracing::debug!(topic = %msg.topic, bytes = msg.payload.len(), content_type = %msg.content_type, "publish");
+        Ok(())
+    }
+    fn on_message(&self, msg: &mut Received) -> Verdict {
+        tracing::debug!(topic = %msg.topic, bytes = msg.payload.len(), seq = msg.seq, signed = msg.sender.is_some(), "message");
+        Verdict::Deliver
+    }
+    fn on_subscribe(&self, filter: &TopicFilter) -> Result<(), PluginError> {
+        tracing::info!(filter = %filter, "subscribe");
+        Ok(())
+    }
+}
+
+/// Counts publishes, messages, subscriptions and plaintext bytes. Clone it before adding
+/// it to a builder and read the counters with [`Metrics::snapshot`].
+#[derive(Debug, Default, Clone)]
+pub struct Metrics(Arc<Counters>);
+
+#[derive(Debug, Default)]
+struct Counters {
+    published: AtomicU64,
+    published_bytes: AtomicU64,
+    received: AtomicU64,
+    received_bytes: AtomicU64,
+    subscriptions: AtomicU64,
+}
+
+/// A reading of [`Metrics`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// Messages published (before sealing).
+    pub published: u64,
+    /// Plaintext payload bytes published.
+    pub published_bytes: u64,
+    /// Messages received (opened and verified).
+    pub received: u64,
+    /// Plaintext payload bytes received.
+    pub received_bytes: u64,
+    /// Subscriptions made.
+    pub subscriptions: u64,
+}
+
+impl Metrics {
+    /// New counters at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The counters now.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let c = &self.0;
+        MetricsSnapshot {
+            published: c.published.load(Ordering::Relaxed),
+            published_bytes: c.published_bytes.load(Ordering::Relaxed),
+            received: c.received.load(Ordering::Relaxed),
+            received_bytes: c.received_bytes.load(Ordering::Relaxed),
+            subscriptions: c.subscriptions.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl ClientPlugin for Metrics {
+    fn name(&self) -> &str {
+        "metrics"
+    }
+    fn on_publish(&self, msg: &mut Outgoing) -> Result<(), PluginError> {
+        self.0.published.fetch_add(1, Ordering::Relaxed);
+        self.0
+            .published_bytes
+            .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+    fn on_message(&self, msg: &mut Received) -> Verdict {
+        self.0.received.fetch_add(1, Ordering::Relaxed);
+        self.0
+            .received_bytes
+            .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
+        Verdict::Deliver
+    }
+    fn on_subscribe(&self, _filter: &TopicFilter) -> Result<(), PluginError> {
+        self.0.subscriptions.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+type MapFn = dyn Fn(&Topic, &str, Vec<u8>) -> Result<Vec<u8>, String> + Send + Sync;
+
+/// The example transform: a pair of payload functions, one applied before sealing and its
+/// inverse after opening, for messages of one content type. Typical uses: an
+/// application-level schema version wrapper, field redaction, or a custom codec. A failed
+/// outgoing map refuses the publish; a failed incoming map drops the message.
+pub struct Transform {
+    name: String,
+    content_type: String,
+    outgoing: Box<MapFn>,
+    incoming: Box<MapFn>,
+}
+
+impl fmt::Debug for Transform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transform")
+            .field("name", &self.name)
+            .field("content_type", &self.content_type)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transform {
+    /// A transform of payloads with `content_type` (e.g. `application/cbor`).
+    pub fn new<O, I>(name: &str, content_type: &str, outgoing: O, incoming: I) -> Self
+    where
+        O: Fn(&Topic, &str, Vec<u8>) -> Result<Vec<u8>, String> + Send + Sync + 'static,
+        I: Fn(&Topic, &str, Vec<u8>) -> Result<Vec<u8>, String> + Send + Sync + 'static,
+    {
+        Transform {
+            name: name.to_owned(),
+            content_type: content_type.to_owned(),
+            outgoing: Box::new(outgoing),
+            incoming: Box::new(incoming),
+        }
+    }
+}
+
+impl ClientPlugin for Transform {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn on_publish(&self, msg: &mut Outgoing) -> Result<(), PluginError> {
+        if msg.content_type != self.content_type {
+            return Ok(());
+        }
+        let p = std::mem::take(&mut msg.payload);
+        msg.payload = (self.outgoing)(&msg.topic, &msg.content_type, p)
+            .map_err(|e| PluginError::new(&self.name, e))?;
+        Ok(())
+    }
+    fn on_message(&self, msg: &mut Received) -> Verdict {
+        if msg.content_type != self.content_type {
+            return Verdict::Deliver;
+        }
+        match (self.incoming)(&msg.topic, &msg.content_type, msg.payload.to_vec()) {
+            Ok(p) => {
+                msg.payload = p.into();
+                Verdict::Deliver
+            }
+            Err(e) => {
+                tracing::warn!(plugin = %self.name, topic = %msg.topic, error = %e, "transform failed; dropping message");
+                Verdict::Drop
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transforms_run_in_order_and_refusals_stop_the_chain() {
+        let mut ps = Plugins::default();
+        let m = Metrics::new();
+        ps.push(Arc::new(m.clone()));
+        ps.push(Arc::new(Transform::new(
+            "rev",
+            "text/plain",
+            |_, _, mut p| {
+                p.reverse();
+                Ok(p)
+            },
+            |_, _, p| {
+                if p.is_empty() {
+                    Err("empty".into())
+                } else {
+                    Ok(p.into_iter().rev().collect())
+                }
+            },
+        )));
+        let topic = Topic::new("a/b").unwrap();
+        let mut out = Outgoing {
+            topic: topic.clone(),
+            content_type: "text/plain".into(),
+            payload: b"abc".to_vec(),
+        };
+        ps.on_publish(&mut out).unwrap();
+        assert_eq!(out.payload, b"cba");
+        let mut other = Outgoing {
+            content_type: "application/cbor".into(),
+            ..out.clone()
+        };
+        ps.on_publish(&mut other).unwrap();
+        assert_eq!(other.payload, b"cba", "other content types pass untouched");
+        assert_eq!(m.snapshot().published, 2);
+        assert_eq!(m.snapshot().published_bytes, 6);
+
+        let mut r = Received {
+            topic,
+            sender: None,
+            msg_id: whispeer_protocol::MessageId([0; 16]),
+            ts_ms: 0,
+            seq: 1,
+            content_type: "text/plain".into(),
+            payload: bytes::Bytes::from_static(b"cba"),
+            retained: false,
+        };
+        assert_eq!(ps.on_message(&mut r), Verdict::Deliver);
+        assert_eq!(&r.payload[..], b"abc");
+        r.payload = bytes::Bytes::new();
+        assert_eq!(ps.on_message(&mut r), Verdict::Drop);
+        assert_eq!(m.snapshot().received, 2);
+    }
+}
