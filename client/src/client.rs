@@ -24,7 +24,9 @@ use whispeer_protocol::{
     TopicFilter,
 };
 
-use crate::core::{self, ClientCore, CoreStats, LocalSubId, Received, SealPolicy};
+use crate::core::{
+    self, ClientCore, CoreStats, LocalSubId, Received, SealPolicy, SubscribeOptions,
+};
 use crate::error::{ConnectError, FlushError, PublishError, ReceiveError, SubscribeError};
 use crate::options::{Engine, Reconnect};
 use crate::plugin::{Outgoing, Plugins, Verdict};
@@ -99,7 +101,7 @@ enum Command {
     Subscribe {
         id: LocalSubId,
         filter: TopicFilter,
-        qos: Qos,
+        opts: SubscribeOptions,
         tx: mpsc::Sender<Arc<Received>>,
         ready: oneshot::Sender<Result<(), SubscribeError>>,
     },
@@ -540,9 +542,10 @@ impl Client {
         self.send(frames, None).await.map(|_| ())
     }
 
-    async fn subscribe_with<T>(
+    async fn subscribe_inner<T>(
         &self,
         filter: &str,
+        opts: SubscribeOptions,
         decode: fn(&Received) -> Result<T, ReceiveError>,
     ) -> Result<Subscription<T>, SubscribeError> {
         let filter = TopicFilter::new(filter)?;
@@ -555,7 +558,7 @@ impl Client {
             .send(Command::Subscribe {
                 id,
                 filter,
-                qos: Qos::AtMostOnce,
+                opts,
                 tx,
                 ready: ready_tx,
             })
@@ -578,7 +581,19 @@ impl Client {
         &self,
         filter: &str,
     ) -> Result<Subscription<T>, SubscribeError> {
-        self.subscribe_with(filter, decode_cbor::<T>).await
+        self.subscribe_inner(filter, SubscribeOptions::default(), decode_cbor::<T>)
+            .await
+    }
+
+    /// Subscribes with options: replay from the relay's history (a sequence, a time, the
+    /// last N), a durable name, QoS, retained values. After a reconnect every subscription
+    /// resumes after the last relay sequence it received.
+    pub async fn subscribe_with_options<T: DeserializeOwned>(
+        &self,
+        filter: &str,
+        opts: SubscribeOptions,
+    ) -> Result<Subscription<T>, SubscribeError> {
+        self.subscribe_inner(filter, opts, decode_cbor::<T>).await
     }
 
     /// Subscribes to raw payloads (any content type).
@@ -586,7 +601,8 @@ impl Client {
         &self,
         filter: &str,
     ) -> Result<Subscription<Vec<u8>>, SubscribeError> {
-        self.subscribe_with(filter, decode_raw).await
+        self.subscribe_inner(filter, SubscribeOptions::default(), decode_raw)
+            .await
     }
 
     /// Calls `f` for every message on `filter` (decode errors are logged and skipped) until
@@ -833,10 +849,10 @@ impl Driver {
             Command::Subscribe {
                 id,
                 filter,
-                qos,
+                opts,
                 tx,
                 ready,
-            } => match self.core.subscribe(id, filter, qos, now_ms()) {
+            } => match self.core.subscribe_with_options(id, filter, opts, now_ms()) {
                 Ok(_) => {
                     // Sent with every other subscription once reconnected.
                     self.sinks.insert(id, Sink { tx, ready: None });
@@ -949,10 +965,10 @@ impl Driver {
             Command::Subscribe {
                 id,
                 filter,
-                qos,
+                opts,
                 tx,
                 ready,
-            } => match self.core.subscribe(id, filter, qos, now_ms()) {
+            } => match self.core.subscribe_with_options(id, filter, opts, now_ms()) {
                 Ok(frames) => {
                     let ids: HashSet<u64> = self.core.relay_ids(id).iter().copied().collect();
                     out.extend(frames.iter().map(Frame::to_bytes));

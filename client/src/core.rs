@@ -64,8 +64,63 @@ pub struct CoreStats {
 #[derive(Debug)]
 struct LocalSub {
     filter: TopicFilter,
-    qos: Qos,
+    opts: SubscribeOptions,
     relay_ids: Vec<u64>,
+    /// The highest relay sequence delivered to this subscription (0: none yet).
+    last_seq: u64,
+}
+
+/// How a subscription starts and what it asks of the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscribeOptions {
+    /// Delivery guarantee wanted from the relay.
+    pub qos: Qos,
+    /// Start in the relay's history (from a sequence, a time, or the last N per topic)
+    /// before live messages; needs a relay with a store.
+    pub replay: Option<frame::Replay>,
+    /// A durable subscription name: the relay remembers the position under it.
+    pub durable: Option<String>,
+    /// Deliver the retained value of each matching topic first (default true).
+    pub retained: bool,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions {
+            qos: Qos::AtMostOnce,
+            replay: None,
+            durable: None,
+            retained: true,
+        }
+    }
+}
+
+impl SubscribeOptions {
+    /// Live messages only, at most once, retained values first.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets the delivery guarantee.
+    pub fn qos(mut self, qos: Qos) -> Self {
+        self.qos = qos;
+        self
+    }
+    /// Starts with history.
+    pub fn replay(mut self, replay: frame::Replay) -> Self {
+        self.replay = Some(replay);
+        self
+    }
+    /// Names a durable subscription.
+    pub fn durable(mut self, name: impl Into<String>) -> Self {
+        self.durable = Some(name.into());
+        self
+    }
+    /// Whether to receive retained values first.
+    pub fn retained(mut self, yes: bool) -> Self {
+        self.retained = yes;
+        self
+    }
 }
 
 /// Bounded set of recently seen `(tree, sender, msg_id)` (CRYPTO.md receiver check 6).
@@ -235,10 +290,21 @@ impl ClientCore {
         self.last_seq
     }
 
+    /// `Sub` frames for one subscription. A subscription that already received stored
+    /// messages resumes right after the last one it saw (no gap across a reconnect or a key
+    /// change; the relay replays what it kept, and dedup drops what was already delivered);
+    /// a durable one resumes where the relay remembers it.
     fn sub_frames(&mut self, id: LocalSubId, now_ms: u64) -> Vec<Frame> {
         let Some(sub) = self.subs.get_mut(&id) else {
             return Vec::new();
         };
+        let resuming = sub.last_seq > 0 && sub.opts.durable.is_none();
+        let replay = if resuming {
+            Some(frame::Replay::FromSeq(sub.last_seq + 1))
+        } else {
+            sub.opts.replay
+        };
+        let retained = sub.opts.retained && !resuming;
         for old in sub.relay_ids.drain(..) {
             self.relay_to_local.remove(&old);
         }
@@ -256,10 +322,10 @@ impl ClientCore {
             frames.push(Frame::Sub(Sub {
                 sub_id: rid,
                 pattern,
-                qos: sub.qos,
-                durable: None,
-                replay: None,
-                retained: true,
+                qos: sub.opts.qos,
+                durable: sub.opts.durable.clone(),
+                replay,
+                retained,
             }));
         }
         frames
@@ -274,12 +340,24 @@ impl ClientCore {
         qos: Qos,
         now_ms: u64,
     ) -> Result<Vec<Frame>, SubscribeError> {
+        self.subscribe_with_options(id, filter, SubscribeOptions::new().qos(qos), now_ms)
+    }
+
+    /// Like [`ClientCore::subscribe`] with replay, durable name and retained options.
+    pub fn subscribe_with_options(
+        &mut self,
+        id: LocalSubId,
+        filter: TopicFilter,
+        opts: SubscribeOptions,
+        now_ms: u64,
+    ) -> Result<Vec<Frame>, SubscribeError> {
         self.subs.insert(
             id,
             LocalSub {
                 filter: filter.clone(),
-                qos,
+                opts,
                 relay_ids: Vec::new(),
+                last_seq: 0,
             },
         );
         let frames = self.sub_frames(id, now_ms);
@@ -353,9 +431,12 @@ impl ClientCore {
         }
         let targets: Vec<LocalSubId> = self
             .subs
-            .iter()
+            .iter_mut()
             .filter(|(_, s)| s.filter.matches(&o.topic))
-            .map(|(id, _)| *id)
+            .map(|(id, s)| {
+                s.last_seq = s.last_seq.max(msg.seq);
+                *id
+            })
             .collect();
         if targets.is_empty() {
             return None;
@@ -425,6 +506,27 @@ mod tests {
         assert_eq!(core.last_seq(), 9);
         assert!(core.receive(&msg, 0).is_none(), "duplicate dropped");
         assert_eq!(core.stats().duplicates, 1);
+
+        // After a reconnect, subscriptions that saw stored messages resume right after the
+        // last one (without retained values again); the others start as they first did.
+        let mut resumed: Vec<(u64, Option<frame::Replay>, bool)> = core
+            .resubscribe_all(0)
+            .into_iter()
+            .map(|f| match f {
+                Frame::Sub(s) => (core.local_for(s.sub_id).unwrap(), s.replay, s.retained),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        resumed.sort_by_key(|r| r.0);
+        use frame::Replay::FromSeq;
+        assert_eq!(
+            resumed,
+            vec![
+                (1, Some(FromSeq(10)), false),
+                (2, Some(FromSeq(10)), false),
+                (3, None, true)
+            ]
+        );
         assert_eq!(core.unsubscribe(1).len(), 1);
     }
 

@@ -49,11 +49,12 @@ mod options;
 #[cfg(feature = "tokio-runtime")]
 mod transport;
 
+pub use crate::core::SubscribeOptions;
 pub use error::{ConnectError, FlushError, PublishError, ReceiveError, SubscribeError};
 pub use whispeer_protocol as protocol;
 pub use whispeer_protocol::{
-    Grant, Identity, Invite, Keyring, PassphraseParams, PublicId, Scope, SenderId, Topic,
-    TopicFilter, TreeKey,
+    frame::Replay, Grant, Identity, Invite, Keyring, PassphraseParams, PublicId, Scope, SenderId,
+    Topic, TopicFilter, TreeKey,
 };
 
 #[cfg(feature = "in-process")]
