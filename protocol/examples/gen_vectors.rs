@@ -541,6 +541,11 @@ fn main() {
             code: ErrorCode::ShuttingDown,
             message: "relay shutting down".into(),
         }),
+        Frame::ReplayDone(ReplayDone {
+            sub_id: 1,
+            seq: 41,
+            count: 10,
+        }),
     ];
     let mut stream = Vec::new();
     let mut each = Vec::new();

@@ -351,6 +351,18 @@ pub struct Gap {
     pub dropped: u64,
 }
 
+/// Relay → client: the history of a replaying (or resumed durable) subscription has been
+/// sent; every later `Msg` for it is live. Sent only to clients granted [`features::REPLAY`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayDone {
+    /// The id given in `Sub`.
+    pub sub_id: u64,
+    /// The boundary: history covered sequences up to and including this one (the `SubOk` seq).
+    pub seq: u64,
+    /// How many history messages were sent.
+    pub count: u64,
+}
+
 /// Either side: orderly close (e.g. the relay is shutting down).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Close {
@@ -378,6 +390,7 @@ pub enum Frame {
     Pong(Pong),
     Gap(Gap),
     Close(Close),
+    ReplayDone(ReplayDone),
 }
 
 /// Frame type numbers (key 0 of every frame).
@@ -396,6 +409,7 @@ pub mod frame_type {
     pub const PONG: u64 = 12;
     pub const GAP: u64 = 13;
     pub const CLOSE: u64 = 14;
+    pub const REPLAY_DONE: u64 = 15;
 }
 
 const ELEM_ONE: u64 = 1;
@@ -422,6 +436,7 @@ impl Frame {
             Frame::Pong(_) => "Pong",
             Frame::Gap(_) => "Gap",
             Frame::Close(_) => "Close",
+            Frame::ReplayDone(_) => "ReplayDone",
         }
     }
 
@@ -625,6 +640,17 @@ impl Frame {
                 w.uint(c.code.to_u16() as u64);
                 w.uint(2);
                 w.text(truncate_text(&c.message));
+            }
+            Frame::ReplayDone(d) => {
+                w.map(4);
+                w.uint(0);
+                w.uint(frame_type::REPLAY_DONE);
+                w.uint(1);
+                w.uint(d.sub_id);
+                w.uint(2);
+                w.uint(d.seq);
+                w.uint(3);
+                w.uint(d.count);
             }
         }
     }
@@ -1048,6 +1074,24 @@ fn decode_body(r: &mut Reader<'_>, ty: u64, n: usize) -> Result<Frame, DecodeErr
             Frame::Close(Close {
                 code: need(code, F, "code")?,
                 message: msg.unwrap_or_default(),
+            })
+        }
+        t::REPLAY_DONE => {
+            const F: &str = "ReplayDone";
+            let (mut sub_id, mut seq, mut count) = (None, None, None);
+            fields(r, n, F, |r, k| {
+                match k {
+                    1 => sub_id = Some(r.uint(F, "sub_id")?),
+                    2 => seq = Some(r.uint(F, "seq")?),
+                    3 => count = Some(r.uint(F, "count")?),
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            })?;
+            Frame::ReplayDone(ReplayDone {
+                sub_id: need(sub_id, F, "sub_id")?,
+                seq: seq.unwrap_or(0),
+                count: count.unwrap_or(0),
             })
         }
         other => return Err(DecodeError::UnknownFrameType(other)),

@@ -176,6 +176,9 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             code: ErrorCode::from_u16(c),
             message
         })),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(sub_id, seq, count)| {
+            Frame::ReplayDone(ReplayDone { sub_id, seq, count })
+        }),
     ]
 }
 

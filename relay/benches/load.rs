@@ -190,6 +190,8 @@ impl RelayProc {
                 "127.0.0.1:0",
             ])
             .args(["--publish-rate", "0", "--max-connections", "100000"])
+            // Live fan-out against NATS core: no store (the durable bench is benches/durable.rs).
+            .args(["--store", "none"])
             .args([
                 "--idle-ms",
                 "3600000",

@@ -44,6 +44,9 @@ pub struct Status {
     pub limits: Limits,
     /// Plugin chain, in order.
     pub plugins: Vec<String>,
+    /// The store: kind, file size, retention, per-path totals.
+    #[serde(default)]
+    pub store: crate::store::StoreStatus,
 }
 
 pub(crate) fn status(shared: &Shared) -> Status {
@@ -65,6 +68,7 @@ pub(crate) fn status(shared: &Shared) -> Status {
             .into_iter()
             .map(String::from)
             .collect(),
+        store: shared.router.store().status(),
     }
 }
 
@@ -92,7 +96,16 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/metrics" => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.render_prometheus(shared.router.last_seq().0),
+            {
+                let store = shared.router.store();
+                let mut text = shared.metrics.render_prometheus(shared.router.last_seq().0);
+                text.push_str(
+                    &shared
+                        .metrics
+                        .render_store_prometheus(store.kind(), &store.metrics()),
+                );
+                text
+            },
         ),
         "/status" => match serde_json::to_vec_pretty(&status(shared)) {
             Ok(body) => respond(StatusCode::OK, "application/json", body),

@@ -153,6 +153,149 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Logging (used by the binary).
     pub log: LogConfig,
+    /// The message store: kind, file, retention, dedup window.
+    pub store: StoreConfig,
+    /// At-least-once delivery to subscribers: ack timeout, unacknowledged limit.
+    pub delivery: DeliveryConfig,
+}
+
+/// Which store the relay uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// SQLite file: durable (WAL, group commit). The `serve` default.
+    Sqlite,
+    /// SQLite in memory: history, retention, QoS and replay, lost on restart. The library
+    /// default (an embedded relay writes no files unless asked).
+    Memory,
+    /// No store: sequence numbers only, live fan-out; no QoS ≥ 1, replay or retained values.
+    None,
+}
+
+impl fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Memory => "memory",
+            StoreKind::None => "none",
+        })
+    }
+}
+
+impl FromStr for StoreKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "sqlite" => Ok(StoreKind::Sqlite),
+            "memory" => Ok(StoreKind::Memory),
+            "none" => Ok(StoreKind::None),
+            other => Err(format!(
+                "{other:?} is not \"sqlite\", \"memory\" or \"none\""
+            )),
+        }
+    }
+}
+
+/// SQLite `synchronous` setting for the store file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync at every commit: an acknowledged message survives power loss.
+    #[default]
+    Full,
+    /// fsync at checkpoints only: survives a process crash, not power loss.
+    Normal,
+}
+
+impl fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SyncMode::Full => "full",
+            SyncMode::Normal => "normal",
+        })
+    }
+}
+
+impl FromStr for SyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "full" => Ok(SyncMode::Full),
+            "normal" => Ok(SyncMode::Normal),
+            other => Err(format!("{other:?} is not \"full\" or \"normal\"")),
+        }
+    }
+}
+
+/// The message store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite`, `memory` or `none`; absent: `sqlite` for `serve`, `memory` for the library.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<StoreKind>,
+    /// The SQLite file (kind `sqlite`).
+    pub path: PathBuf,
+    /// `full` (fsync per commit) or `normal` (fsync per checkpoint).
+    pub sync: SyncMode,
+    /// Messages queued for the writer thread before publishers wait (backpressure).
+    pub queue: usize,
+    /// Most operations per transaction.
+    pub max_batch: usize,
+    /// Per path: most messages kept (0 = unlimited).
+    pub max_messages: u64,
+    /// Per path: most envelope bytes kept (0 = unlimited).
+    pub max_bytes: u64,
+    /// Per path: oldest message kept, in milliseconds (0 = unlimited).
+    pub max_age_ms: u64,
+    /// How long a QoS 2 publish id is remembered for dedup, in milliseconds.
+    pub dedup_window_ms: u64,
+    /// Most publish ids remembered for dedup.
+    pub dedup_max: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            path: PathBuf::from("whispeer-relay.db"),
+            sync: SyncMode::Full,
+            queue: 65_536,
+            max_batch: 16_384,
+            max_messages: 0,
+            max_bytes: 0,
+            max_age_ms: 7 * 24 * 3600 * 1000,
+            dedup_window_ms: 120_000,
+            dedup_max: 1_000_000,
+        }
+    }
+}
+
+/// At-least-once delivery to subscribers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// A delivered QoS ≥ 1 message not acknowledged within this time is sent again.
+    pub ack_timeout_ms: u64,
+    /// Most unacknowledged messages per subscription before the connection is closed as a
+    /// slow consumer (a durable subscription resumes from its position).
+    pub max_unacked: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            ack_timeout_ms: 30_000,
+            max_unacked: 65_536,
+        }
+    }
+}
+
+impl DeliveryConfig {
+    /// `ack_timeout_ms` as a duration.
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.ack_timeout_ms)
+    }
 }
 
 /// Listener addresses; each may be "off" and each may use port 0.
@@ -325,6 +468,14 @@ impl Config {
         toml::from_str(text)
     }
 
+    /// The defaults of `whispeer-relay serve` (and of `generate-config`): the library
+    /// defaults with the durable SQLite store.
+    pub fn serve_default() -> Self {
+        let mut c = Self::default();
+        c.store.kind = Some(StoreKind::Sqlite);
+        c
+    }
+
     /// A configuration for tests and embedding: every listener on 127.0.0.1 port 0 except
     /// the TLS ones, which stay off.
     pub fn ephemeral() -> Self {
@@ -336,6 +487,10 @@ impl Config {
                 wss: ListenAddr::OFF,
                 tls: ListenAddr::OFF,
                 admin: any,
+            },
+            store: StoreConfig {
+                kind: Some(StoreKind::Memory),
+                ..StoreConfig::default()
             },
             ..Self::default()
         }
@@ -380,6 +535,19 @@ impl Config {
                     "{} must be below idle_ms ({}) or clients time out between heartbeats",
                     t.heartbeat_ms, t.idle_ms
                 ),
+            );
+        }
+        let st = &self.store;
+        if st.queue == 0 || st.max_batch == 0 {
+            return invalid("store", "queue and max_batch must be at least 1".into());
+        }
+        if st.kind == Some(StoreKind::Sqlite) && st.path.as_os_str().is_empty() {
+            return invalid("store.path", "a sqlite store needs a file".into());
+        }
+        if self.delivery.ack_timeout_ms == 0 || self.delivery.max_unacked == 0 {
+            return invalid(
+                "delivery",
+                "ack_timeout_ms and max_unacked must be positive".into(),
             );
         }
         let wants_tls = self.listen.wss.0.is_some() || self.listen.tls.0.is_some();
@@ -452,6 +620,36 @@ idle_ms = {idle_ms}
 # On shutdown, how long queued frames may take to drain.    env WHISPEER_DRAIN_MS
 drain_ms = {drain_ms}
 
+[store]
+# "sqlite" (durable file, the serve default), "memory" (same features, lost on restart)
+# or "none" (live fan-out only: no QoS >= 1, replay or retained values). env WHISPEER_STORE
+kind = "sqlite"
+# The SQLite file (created if missing; a foreign or damaged file fails at start). env WHISPEER_STORE_PATH
+path = "{store_path}"
+# "full": fsync per commit (survives power loss); "normal": survives a crash. env WHISPEER_STORE_SYNC
+sync = "{store_sync}"
+# Messages queued for the writer thread before publishers wait. env WHISPEER_STORE_QUEUE
+queue = {store_queue}
+# Most operations per transaction (group commit).          env WHISPEER_STORE_MAX_BATCH
+max_batch = {store_max_batch}
+# Retention per token path; 0 = unlimited.
+# Most messages.                                            env WHISPEER_RETENTION_MESSAGES
+max_messages = {max_messages}
+# Most envelope bytes.                                      env WHISPEER_RETENTION_BYTES
+max_bytes = {max_bytes}
+# Oldest message, in milliseconds.                          env WHISPEER_RETENTION_AGE_MS
+max_age_ms = {max_age_ms}
+# How long a QoS 2 publish id is remembered (exactly-once dedup). env WHISPEER_DEDUP_WINDOW_MS
+dedup_window_ms = {dedup_window_ms}
+# Most publish ids remembered.                              env WHISPEER_DEDUP_MAX
+dedup_max = {dedup_max}
+
+[delivery]
+# Unacknowledged QoS >= 1 deliveries are sent again after this many ms. env WHISPEER_ACK_TIMEOUT_MS
+ack_timeout_ms = {ack_timeout_ms}
+# Most unacknowledged messages per subscription before the connection is closed. env WHISPEER_MAX_UNACKED
+max_unacked = {max_unacked}
+
 [log]
 # RUST_LOG-style filter (RUST_LOG also works).              env WHISPEER_LOG
 filter = "{filter}"
@@ -475,6 +673,17 @@ format = "{format}"
             heartbeat_ms = t.heartbeat_ms,
             idle_ms = t.idle_ms,
             drain_ms = t.drain_ms,
+            store_path = d.store.path.display(),
+            store_sync = d.store.sync,
+            store_queue = d.store.queue,
+            store_max_batch = d.store.max_batch,
+            max_messages = d.store.max_messages,
+            max_bytes = d.store.max_bytes,
+            max_age_ms = d.store.max_age_ms,
+            dedup_window_ms = d.store.dedup_window_ms,
+            dedup_max = d.store.dedup_max,
+            ack_timeout_ms = d.delivery.ack_timeout_ms,
+            max_unacked = d.delivery.max_unacked,
             filter = d.log.filter,
             format = match d.log.format {
                 LogFormat::Text => "text",
@@ -492,7 +701,7 @@ mod tests {
     fn generated_config_parses_back_to_the_defaults() {
         let text = Config::commented_toml();
         let parsed = Config::from_toml(&text).unwrap();
-        assert_eq!(parsed, Config::default());
+        assert_eq!(parsed, Config::serve_default());
         Config::default().validate().unwrap();
     }
 

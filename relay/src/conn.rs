@@ -102,6 +102,11 @@ async fn read_loop<Src: FrameSource>(
     let mut last_in = started;
     let deadline = sleep_until(started + hello);
     tokio::pin!(deadline);
+    // Redelivery of unacknowledged QoS >= 1 messages, checked a few times per ack timeout.
+    let period = (shared.config.delivery.ack_timeout() / 4)
+        .clamp(Duration::from_millis(5), Duration::from_secs(1));
+    let mut redeliver = tokio::time::interval(period);
+    redeliver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
@@ -118,6 +123,11 @@ async fn read_loop<Src: FrameSource>(
                 last_in = Instant::now();
                 if session.on_inbound(ev, last_in.into_std()) == Flow::Close {
                     return closed;
+                }
+            }
+            _ = redeliver.tick(), if session.tracks() => {
+                if session.tick(Instant::now().into_std()) == Flow::Close {
+                    return false;
                 }
             }
             _ = &mut deadline => {

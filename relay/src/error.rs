@@ -25,4 +25,7 @@ pub enum RelayError {
     /// TLS material could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The store could not be opened (missing, foreign, damaged or in use).
+    #[error("cannot open the store: {0}")]
+    Store(crate::store::StoreError),
 }

@@ -105,11 +105,14 @@ impl<V> SubIndex<V> {
 
     /// Removes a subscription; returns whether it was present. Empty nodes are pruned.
     pub fn remove(&mut self, pattern: &TokenPattern, conn: ConnId, sub: SubId) -> bool {
-        let Some(root) = self.roots.get_mut(pattern.key_id()) else {
-            return false;
-        };
+        self.remove_value(pattern, conn, sub).is_some()
+    }
+
+    /// Removes a subscription and returns its value. Empty nodes are pruned.
+    pub fn remove_value(&mut self, pattern: &TokenPattern, conn: ConnId, sub: SubId) -> Option<V> {
+        let root = self.roots.get_mut(pattern.key_id())?;
         let removed = remove_in(root, pattern.elems(), conn, sub);
-        if removed {
+        if removed.is_some() {
             self.len -= 1;
             if root.is_empty() {
                 self.roots.remove(pattern.key_id());
@@ -145,33 +148,27 @@ fn walk<'a, V>(node: &'a Node<V>, rest: &[TopicToken], f: &mut impl FnMut(ConnId
     }
 }
 
-fn remove_in<V>(node: &mut Node<V>, elems: &[PatternElem], conn: ConnId, sub: SubId) -> bool {
-    let take = |v: &mut Vec<Entry<V>>| match v.iter().position(|e| e.conn == conn && e.sub == sub) {
-        Some(i) => {
-            v.swap_remove(i);
-            true
-        }
-        None => false,
+fn remove_in<V>(node: &mut Node<V>, elems: &[PatternElem], conn: ConnId, sub: SubId) -> Option<V> {
+    let take = |v: &mut Vec<Entry<V>>| {
+        v.iter()
+            .position(|e| e.conn == conn && e.sub == sub)
+            .map(|i| v.swap_remove(i).value)
     };
     match elems.split_first() {
         None => take(&mut node.here),
         Some((PatternElem::Rest, _)) => take(&mut node.rest),
         Some((PatternElem::Token(t), tail)) => {
-            let Some(child) = node.exact.get_mut(t) else {
-                return false;
-            };
+            let child = node.exact.get_mut(t)?;
             let removed = remove_in(child, tail, conn, sub);
-            if removed && child.is_empty() {
+            if removed.is_some() && child.is_empty() {
                 node.exact.remove(t);
             }
             removed
         }
         Some((PatternElem::One, tail)) => {
-            let Some(child) = node.one.as_deref_mut() else {
-                return false;
-            };
+            let child = node.one.as_deref_mut()?;
             let removed = remove_in(child, tail, conn, sub);
-            if removed && child.is_empty() {
+            if removed.is_some() && child.is_empty() {
                 node.one = None;
             }
             removed

@@ -13,8 +13,12 @@
 //! - [`config`] — every setting, defaults, TOML, validation, `generate-config` text.
 //! - [`ids`] — newtypes: [`ConnId`], [`SubId`], [`Seq`], [`TransportKind`].
 //! - [`index`] — the subscription trie (key id → token levels, `+`/`#` branches).
-//! - [`store`] — the seam where publishes are accepted and sequence numbers assigned.
-//! - `router` — index + store behind one routing lock; encodes each `Msg` once, fans out.
+//! - [`store`] — where publishes are accepted, numbered and kept: the `Store` trait,
+//!   `SqliteStore` (file or memory; WAL, group commit, retention, retained values, durable
+//!   positions, publish-id dedup) and `LiveStore` (numbers only).
+//! - `router` — index + store behind one routing lock; encodes each `Msg` once, fans out;
+//!   gated (buffered) subscriptions while history is sent; at-least-once tracking.
+//! - `replay` — the history task of a replaying or resuming subscription.
 //! - `outbound` — per-connection bounded queue, slow-consumer policy, batch takes.
 //! - `session` — the per-connection protocol state machine (sans I/O).
 //! - `conn` — drives a session over a transport: reader, coalescing writer, timeouts, drain.
@@ -40,6 +44,7 @@ mod outbound;
 pub mod plugin;
 mod rate;
 mod relay;
+mod replay;
 mod router;
 mod session;
 pub mod store;

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use whispeer_relay::config::{Config, ListenAddr, LogFormat, SlowConsumerPolicy};
+use whispeer_relay::config::{
+    Config, ListenAddr, LogFormat, SlowConsumerPolicy, StoreKind, SyncMode,
+};
 use whispeer_relay::{admin, logging, Relay};
 
 #[derive(Debug, Parser)]
@@ -94,6 +96,42 @@ struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, env = "WHISPEER_LOG_FORMAT")]
     log_format: Option<LogFormat>,
+    /// Store: sqlite (durable file, default), memory, or none (live only).
+    #[arg(long, env = "WHISPEER_STORE")]
+    store: Option<StoreKind>,
+    /// The SQLite store file.
+    #[arg(long, env = "WHISPEER_STORE_PATH")]
+    store_path: Option<PathBuf>,
+    /// SQLite synchronous mode: full (fsync per commit) or normal.
+    #[arg(long, env = "WHISPEER_STORE_SYNC")]
+    store_sync: Option<SyncMode>,
+    /// Messages queued for the store writer before publishers wait.
+    #[arg(long, env = "WHISPEER_STORE_QUEUE")]
+    store_queue: Option<usize>,
+    /// Most operations per store transaction.
+    #[arg(long, env = "WHISPEER_STORE_MAX_BATCH")]
+    store_max_batch: Option<usize>,
+    /// Retention per token path: most messages (0 = unlimited).
+    #[arg(long, env = "WHISPEER_RETENTION_MESSAGES")]
+    retention_messages: Option<u64>,
+    /// Retention per token path: most envelope bytes (0 = unlimited).
+    #[arg(long, env = "WHISPEER_RETENTION_BYTES")]
+    retention_bytes: Option<u64>,
+    /// Retention per token path: oldest message in milliseconds (0 = unlimited).
+    #[arg(long, env = "WHISPEER_RETENTION_AGE_MS")]
+    retention_age_ms: Option<u64>,
+    /// How long QoS 2 publish ids are remembered, in milliseconds.
+    #[arg(long, env = "WHISPEER_DEDUP_WINDOW_MS")]
+    dedup_window_ms: Option<u64>,
+    /// Most publish ids remembered for dedup.
+    #[arg(long, env = "WHISPEER_DEDUP_MAX")]
+    dedup_max: Option<usize>,
+    /// Unacknowledged QoS >= 1 deliveries are sent again after this many milliseconds.
+    #[arg(long, env = "WHISPEER_ACK_TIMEOUT_MS")]
+    ack_timeout_ms: Option<u64>,
+    /// Most unacknowledged messages per subscription.
+    #[arg(long, env = "WHISPEER_MAX_UNACKED")]
+    max_unacked: Option<usize>,
     /// Once listening, write the bound addresses here as JSON.
     #[arg(long, env = "WHISPEER_READY_FILE")]
     ready_file: Option<PathBuf>,
@@ -117,8 +155,10 @@ impl ServeArgs {
     fn into_config(self) -> Result<(Config, Option<PathBuf>)> {
         let mut c = match &self.config {
             Some(path) => Config::from_file(path)?,
-            None => Config::default(),
+            None => Config::serve_default(),
         };
+        // `serve` keeps messages in a durable SQLite file unless told otherwise.
+        c.store.kind.get_or_insert(StoreKind::Sqlite);
         fn set<T>(slot: &mut T, v: Option<T>) {
             if let Some(v) = v {
                 *slot = v;
@@ -152,6 +192,20 @@ impl ServeArgs {
             c.log.filter = f;
         }
         set(&mut c.log.format, self.log_format);
+        if self.store.is_some() {
+            c.store.kind = self.store;
+        }
+        set(&mut c.store.path, self.store_path);
+        set(&mut c.store.sync, self.store_sync);
+        set(&mut c.store.queue, self.store_queue);
+        set(&mut c.store.max_batch, self.store_max_batch);
+        set(&mut c.store.max_messages, self.retention_messages);
+        set(&mut c.store.max_bytes, self.retention_bytes);
+        set(&mut c.store.max_age_ms, self.retention_age_ms);
+        set(&mut c.store.dedup_window_ms, self.dedup_window_ms);
+        set(&mut c.store.dedup_max, self.dedup_max);
+        set(&mut c.delivery.ack_timeout_ms, self.ack_timeout_ms);
+        set(&mut c.delivery.max_unacked, self.max_unacked);
         c.validate()?;
         Ok((c, self.ready_file))
     }
@@ -268,5 +322,51 @@ async fn status(args: StatusArgs) -> Result<()> {
     );
     println!("errors sent  {}", t.errors);
     println!("plugins      {}", s.plugins.join(", "));
+    let st = &s.store;
+    let lim = |v: u64| {
+        if v == 0 {
+            "unlimited".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    println!(
+        "store        {}{}  {} bytes on disk  last seq {} (committed {})",
+        st.kind,
+        st.file
+            .as_deref()
+            .map(|f| format!(" {f}"))
+            .unwrap_or_default(),
+        st.file_bytes,
+        st.last_seq,
+        st.committed_seq
+    );
+    println!(
+        "retention    per path: messages {}  bytes {}  age ms {}",
+        lim(st.retention.max_messages),
+        lim(st.retention.max_bytes),
+        lim(st.retention.max_age_ms)
+    );
+    println!(
+        "stored       {} messages  {} bytes  {} paths  {} retained  {} durables  {} dedup ids",
+        st.messages, st.bytes, st.path_count, st.retained, st.durables, st.dedup_entries
+    );
+    if !st.paths.is_empty() {
+        println!(
+            "  {:<66} {:>10} {:>12} {:>10} {:>10}",
+            "path (hex)", "messages", "bytes", "first", "last"
+        );
+        for p in &st.paths {
+            let shown = if p.path.len() > 66 {
+                format!("{}…", &p.path[..65])
+            } else {
+                p.path.clone()
+            };
+            println!(
+                "  {:<66} {:>10} {:>12} {:>10} {:>10}",
+                shown, p.messages, p.bytes, p.first_seq, p.last_seq
+            );
+        }
+    }
     Ok(())
 }

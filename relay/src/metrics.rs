@@ -79,6 +79,9 @@ pub struct Metrics {
     rejected_by_plugin: AtomicU64,
     errors: [AtomicU64; CODES.len() + 1],
     routing: Histogram,
+    replayed: AtomicU64,
+    redelivered: AtomicU64,
+    duplicate_publishes: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -101,6 +104,9 @@ impl Default for Metrics {
             rejected_by_plugin: AtomicU64::new(0),
             errors: Default::default(),
             routing: Histogram::default(),
+            replayed: AtomicU64::new(0),
+            redelivered: AtomicU64::new(0),
+            duplicate_publishes: AtomicU64::new(0),
         }
     }
 }
@@ -184,6 +190,109 @@ impl Metrics {
     }
     pub(crate) fn routed(&self, d: Duration) {
         self.routing.observe(d);
+    }
+    pub(crate) fn replayed(&self, n: u64) {
+        self.replayed.fetch_add(n, Relaxed);
+    }
+    pub(crate) fn redelivered(&self, n: u64) {
+        self.redelivered.fetch_add(n, Relaxed);
+    }
+    pub(crate) fn duplicate_publish(&self) {
+        self.duplicate_publishes.fetch_add(1, Relaxed);
+    }
+
+    /// The store part of the Prometheus exposition (appended after
+    /// [`render_prometheus`](Self::render_prometheus)).
+    pub fn render_store_prometheus(&self, kind: &str, s: &crate::store::StoreMetrics) -> String {
+        use crate::store::{BATCH_BUCKETS, COMMIT_BUCKETS};
+        let mut o = String::with_capacity(2048);
+        let family = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} {kind}");
+        };
+        family(
+            &mut o,
+            "whispeer_relay_store_info",
+            "gauge",
+            "The store kind (value is always 1).",
+        );
+        let _ = writeln!(o, "whispeer_relay_store_info{{kind=\"{kind}\"}} 1");
+        let counters: [(&str, &str, u64); 7] = [
+            (
+                "whispeer_relay_store_appends_total",
+                "Messages appended to the store.",
+                s.appends,
+            ),
+            (
+                "whispeer_relay_store_commits_total",
+                "Store transactions committed.",
+                s.commits,
+            ),
+            (
+                "whispeer_relay_store_trimmed_total",
+                "Stored messages deleted by retention limits.",
+                s.trimmed,
+            ),
+            (
+                "whispeer_relay_store_duplicates_total",
+                "Publishes answered from the publish-id dedup window.",
+                s.duplicates,
+            ),
+            (
+                "whispeer_relay_replayed_messages_total",
+                "History messages sent to replaying subscriptions.",
+                self.replayed.load(Relaxed),
+            ),
+            (
+                "whispeer_relay_redelivered_messages_total",
+                "Unacknowledged messages sent again after the ack timeout.",
+                self.redelivered.load(Relaxed),
+            ),
+            (
+                "whispeer_relay_duplicate_publishes_total",
+                "Publishes with a publish id already in the dedup window.",
+                self.duplicate_publishes.load(Relaxed),
+            ),
+        ];
+        for (name, help, v) in counters {
+            family(&mut o, name, "counter", help);
+            let _ = writeln!(o, "{name} {v}");
+        }
+        let hist = |o: &mut String,
+                    name: &str,
+                    help: &str,
+                    bounds: &[f64],
+                    cum: &[u64],
+                    sum: f64,
+                    count: u64| {
+            family(o, name, "histogram", help);
+            for (i, le) in bounds.iter().enumerate() {
+                let v = cum.get(i).copied().unwrap_or(0);
+                let _ = writeln!(o, "{name}_bucket{{le=\"{le}\"}} {v}");
+            }
+            let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {count}");
+            let _ = writeln!(o, "{name}_sum {sum}");
+            let _ = writeln!(o, "{name}_count {count}");
+        };
+        hist(
+            &mut o,
+            "whispeer_relay_store_commit_batch_size",
+            "Operations per store transaction (group commit).",
+            &BATCH_BUCKETS,
+            &s.batch_buckets,
+            s.batch_sum as f64,
+            s.commits,
+        );
+        hist(
+            &mut o,
+            "whispeer_relay_store_commit_seconds",
+            "Store transaction commit latency.",
+            &COMMIT_BUCKETS,
+            &s.commit_buckets,
+            s.commit_seconds_sum,
+            s.commits,
+        );
+        o
     }
 
     /// Uptime since the metrics were created.

@@ -67,6 +67,8 @@ pub(crate) struct Outbound {
     capacity: usize,
     policy: SlowConsumerPolicy,
     closing: watch::Sender<bool>,
+    /// Notified whenever the writer takes a batch (history senders wait for room).
+    drained: Notify,
 }
 
 fn fatal_err(code: ErrorCode, message: &str) -> Bytes {
@@ -87,6 +89,7 @@ impl Outbound {
             capacity,
             policy,
             closing: watch::Sender::new(false),
+            drained: Notify::new(),
         }
     }
 
@@ -94,6 +97,11 @@ impl Outbound {
         // A panic while holding this lock cannot leave the queue inconsistent (every
         // mutation is a single push/pop), so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Messages queued before the slow-consumer policy applies.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Offers a message frame (prefixed). Never blocks.
@@ -137,6 +145,58 @@ impl Outbound {
             self.notify.notify_one();
         }
         outcome
+    }
+
+    /// Queues a history message (prefixed) regardless of the capacity: the history sender
+    /// paces itself with [`wait_room`](Self::wait_room) instead of being dropped.
+    pub(crate) fn push_history(&self, frame: Bytes) -> Offer {
+        let mut s = self.lock();
+        if s.closing {
+            return Offer::Closed;
+        }
+        let was_empty = s.items.is_empty();
+        s.items.push_back(Item {
+            frame,
+            is_msg: true,
+        });
+        s.msgs += 1;
+        drop(s);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Offer::Queued
+    }
+
+    /// Waits until at most half the capacity is queued (or the queue is closing).
+    pub(crate) async fn wait_room(&self) {
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            {
+                let s = self.lock();
+                if s.closing || s.msgs <= self.capacity / 2 {
+                    return;
+                }
+            }
+            drained.await;
+        }
+    }
+
+    /// Counts messages dropped elsewhere for this connection (reported with the next `Gap`).
+    pub(crate) fn add_dropped(&self, n: u64) {
+        let mut s = self.lock();
+        s.dropped += n;
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Closes as a slow consumer: discards queued messages and queues `last`.
+    pub(crate) fn close_discarding(&self, last: Bytes) {
+        let mut s = self.lock();
+        if !s.closing {
+            self.begin_close_locked(&mut s, Some(last), true);
+        }
     }
 
     /// Queues a control frame (prefixed). Returns `Offer::Disconnected` when the client
@@ -196,6 +256,7 @@ impl Outbound {
         s.closing = true;
         self.closing.send_replace(true);
         self.notify.notify_one();
+        self.drained.notify_waiters();
     }
 
     /// True once closing began.
@@ -215,10 +276,10 @@ impl Outbound {
         s.msgs = 0;
         s.controls = 0;
         let dropped = std::mem::take(&mut s.dropped);
-        Batch {
-            dropped,
-            last: s.closing,
-        }
+        let last = s.closing;
+        drop(s);
+        self.drained.notify_waiters();
+        Batch { dropped, last }
     }
 
     /// Waits until something may have been queued (or closing began).

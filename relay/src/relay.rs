@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::StoreKind;
 use crate::config::{Config, ListenAddr};
 use crate::error::RelayError;
 use crate::ids::{ConnId, TransportKind};
@@ -21,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::outbound::Outbound;
 use crate::plugin::{LoggingPlugin, MetricsPlugin, Plugin, Plugins};
 use crate::router::Router;
-use crate::store::{MemoryStore, Store};
+use crate::store::{DurableKey, Store};
 use crate::transport::channel::{ChannelSink, ChannelSource};
 use crate::transport::stream::{StreamSink, StreamSource};
 use crate::transport::{ws, FrameSink, FrameSource};
@@ -105,6 +106,26 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) addrs: BoundAddrs,
+    /// Durable subscription names currently held by a connection.
+    pub(crate) active_durables: Mutex<std::collections::HashSet<DurableKey>>,
+}
+
+impl Shared {
+    /// Takes a durable name for one connection; false if another connection holds it.
+    pub(crate) fn claim_durable(&self, key: &DurableKey) -> bool {
+        self.active_durables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+    }
+
+    /// Gives a durable name back.
+    pub(crate) fn release_durable(&self, key: &DurableKey) {
+        self.active_durables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
 }
 
 /// The addresses the relay listens on (the `--ready-file` JSON).
@@ -214,7 +235,8 @@ impl RelayBuilder {
         self
     }
 
-    /// Uses this store (default: [`MemoryStore`]).
+    /// Uses this store (default: the one `config.store` describes; `memory` when it names
+    /// no kind).
     pub fn store(mut self, store: Arc<dyn Store>) -> Self {
         self.store = Some(store);
         self
@@ -242,9 +264,11 @@ impl RelayBuilder {
         for p in self.plugins {
             plugins.push(p);
         }
-        let store = self
-            .store
-            .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn Store>);
+        let store = match self.store {
+            Some(s) => s,
+            None => crate::store::open(&self.config.store, StoreKind::Memory)
+                .map_err(RelayError::Store)?,
+        };
         let addrs = self.listeners.addrs();
         let shared = Arc::new(Shared {
             router: Router::new(store, metrics.clone()),
@@ -254,6 +278,7 @@ impl RelayBuilder {
             registry: Arc::new(Registry::default()),
             shutdown: watch::Sender::new(false),
             addrs,
+            active_durables: Mutex::new(Default::default()),
         });
         Ok(Relay {
             shared,
@@ -359,6 +384,9 @@ impl Relay {
                 "drain deadline passed; dropping remaining connections"
             );
         }
+        // Flush and close the store off the runtime (the writer thread commits what is queued).
+        let store = shared.router.store().clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
         tracing::info!("relay stopped");
         Ok(())
     }

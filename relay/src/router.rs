@@ -3,25 +3,216 @@
 //! One lock around "assign the sequence, then queue to every match" is what makes relay
 //! sequence numbers reach every subscriber in increasing order, and makes `SubOk.seq`
 //! exact: every message with a larger sequence is matched against the new subscription.
-//! The critical section is short — a store append, one encode of the `Msg` frame, a trie
-//! walk and non-blocking queue offers — and never waits on a socket.
+//! The critical section is short — a store append (queued, never a disk wait unless the
+//! store's queue is full), one encode of the `Msg` frame, a trie walk and non-blocking
+//! queue offers — and never waits on a socket.
+//!
+//! A subscription that replays history starts *gated*: it is in the index at once (so no
+//! live message can slip between history and live), but its live messages are buffered on
+//! the subscription while the history task sends stored messages up to the boundary
+//! (`SubOk.seq`); then [`Router::release`] sends the buffer — all with larger sequences —
+//! and opens the gate. No gap, no duplicate.
 
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use whispeer_protocol::frame::Msg;
-use whispeer_protocol::{codec, Envelope, Frame, TokenPath, TokenPattern};
+use whispeer_protocol::frame::{msg_flags, ErrFrame, Msg};
+use whispeer_protocol::{codec, Envelope, ErrorCode, Frame, Qos, TokenPath, TokenPattern};
 
 use crate::ids::{ConnId, Seq, SubId};
 use crate::index::SubIndex;
 use crate::metrics::Metrics;
 use crate::outbound::{Offer, Outbound};
-use crate::store::{Append, Store, StoreError};
+use crate::store::{Accepted, Append, DurableKey, Store, StoreError, Stored};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Encodes a `Msg` frame (length-prefixed).
+pub(crate) fn msg_frame(seq: u64, envelope: &Envelope, flags: u64) -> Bytes {
+    codec::encode_prefixed(&Frame::Msg(Msg {
+        seq,
+        envelope: envelope.clone(),
+        flags,
+    }))
+}
+
+#[derive(Debug)]
+struct TrackInner {
+    /// Delivered, not yet acknowledged: envelope and redelivery deadline.
+    unacked: BTreeMap<u64, (Envelope, Instant)>,
+    /// Highest sequence handed to the connection for this subscription.
+    delivered_max: u64,
+    /// While history is being sent: the floor may not pass this (history not yet sent).
+    cap: Option<u64>,
+    /// Last floor reported.
+    floor: u64,
+}
+
+/// At-least-once state of one QoS ≥ 1 (or durable) subscription: what is in flight, and
+/// the acknowledged floor (every matching message up to it is acknowledged).
+#[derive(Debug)]
+pub(crate) struct Tracking {
+    inner: Mutex<TrackInner>,
+    pub(crate) durable: Option<DurableKey>,
+    timeout: Duration,
+    max: usize,
+}
+
+impl Tracking {
+    pub(crate) fn new(
+        floor: u64,
+        gated: bool,
+        durable: Option<DurableKey>,
+        timeout: Duration,
+        max: usize,
+    ) -> Self {
+        Self {
+            inner: Mutex::new(TrackInner {
+                unacked: BTreeMap::new(),
+                delivered_max: floor,
+                cap: gated.then_some(floor),
+                floor,
+            }),
+            durable,
+            timeout,
+            max,
+        }
+    }
+
+    /// Records a delivery; false when the subscription has too many unacknowledged.
+    pub(crate) fn delivered(&self, seq: u64, env: &Envelope, now: Instant) -> bool {
+        let mut t = lock(&self.inner);
+        if t.unacked.len() >= self.max && !t.unacked.contains_key(&seq) {
+            return false;
+        }
+        t.unacked.insert(seq, (env.clone(), now + self.timeout));
+        t.delivered_max = t.delivered_max.max(seq);
+        true
+    }
+
+    /// Starts a non-replaying subscription at the boundary.
+    pub(crate) fn start_at(&self, boundary: u64) {
+        let mut t = lock(&self.inner);
+        t.delivered_max = t.delivered_max.max(boundary);
+        t.floor = t.floor.max(boundary);
+    }
+
+    /// History was sent up to `seq`.
+    pub(crate) fn history_at(&self, seq: u64) {
+        let mut t = lock(&self.inner);
+        if let Some(c) = t.cap.as_mut() {
+            *c = (*c).max(seq);
+        }
+        t.delivered_max = t.delivered_max.max(seq);
+    }
+
+    /// History is complete.
+    pub(crate) fn history_done(&self) {
+        lock(&self.inner).cap = None;
+    }
+
+    fn compute_floor(t: &TrackInner) -> u64 {
+        let mut f = match t.unacked.keys().next() {
+            Some(first) => first - 1,
+            None => t.delivered_max,
+        };
+        if let Some(c) = t.cap {
+            f = f.min(c);
+        }
+        f.max(t.floor)
+    }
+
+    /// The acknowledged floor now.
+    pub(crate) fn floor(&self) -> u64 {
+        let t = lock(&self.inner);
+        Self::compute_floor(&t)
+    }
+
+    /// Applies acknowledgements; returns the new floor when it moved.
+    pub(crate) fn ack(&self, seqs: &[u64]) -> Option<u64> {
+        let mut t = lock(&self.inner);
+        let mut any = false;
+        for s in seqs {
+            any |= t.unacked.remove(s).is_some();
+        }
+        if !any {
+            return None;
+        }
+        let f = Self::compute_floor(&t);
+        (f > t.floor).then(|| {
+            t.floor = f;
+            f
+        })
+    }
+
+    /// Unacknowledged deliveries past their deadline (at most `limit`); their deadlines
+    /// are pushed out by the ack timeout.
+    pub(crate) fn due(&self, now: Instant, limit: usize) -> Vec<(u64, Envelope)> {
+        let mut t = lock(&self.inner);
+        let timeout = self.timeout;
+        t.unacked
+            .iter_mut()
+            .filter(|(_, (_, due))| *due <= now)
+            .take(limit)
+            .map(|(seq, (env, due))| {
+                *due = now + timeout;
+                (*seq, env.clone())
+            })
+            .collect()
+    }
+
+    /// Whether anything is unacknowledged.
+    pub(crate) fn pending(&self) -> usize {
+        lock(&self.inner).unacked.len()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    buf: VecDeque<(u64, Envelope, Bytes)>,
+    dropped: u64,
+}
+
+/// One subscription as the index holds it.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub(crate) conn: ConnId,
+    pub(crate) sub: SubId,
+    pub(crate) out: Arc<Outbound>,
+    pub(crate) track: Option<Arc<Tracking>>,
+    gated: AtomicBool,
+    gate: Mutex<Option<Gate>>,
+    cancelled: AtomicBool,
+    gate_limit: usize,
+}
+
+impl Target {
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+}
+
+/// How a subscription starts.
+#[derive(Debug)]
+pub(crate) struct SubStart {
+    /// At-least-once tracking (QoS ≥ 1 or durable).
+    pub(crate) track: Option<Arc<Tracking>>,
+    /// History follows (the subscription starts gated).
+    pub(crate) replay: bool,
+    /// Send retained values of matching paths before live messages.
+    pub(crate) retained: bool,
+    /// Most live messages buffered while history is sent (oldest dropped beyond).
+    pub(crate) gate_limit: usize,
+}
 
 #[derive(Debug)]
 struct Core {
-    index: SubIndex<Arc<Outbound>>,
+    index: SubIndex<Arc<Target>>,
     store: Arc<dyn Store>,
 }
 
@@ -29,7 +220,18 @@ struct Core {
 #[derive(Debug)]
 pub(crate) struct Router {
     core: Mutex<Core>,
+    store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+}
+
+fn slow_consumer(out: &Outbound, why: &str) {
+    out.close_discarding(codec::encode_prefixed(&Frame::Err(ErrFrame {
+        code: ErrorCode::SlowConsumer,
+        message: why.into(),
+        fatal: true,
+        sub_id: None,
+        publish_id: None,
+    })));
 }
 
 impl Router {
@@ -37,8 +239,9 @@ impl Router {
         Self {
             core: Mutex::new(Core {
                 index: SubIndex::new(),
-                store,
+                store: store.clone(),
             }),
+            store,
             metrics,
         }
     }
@@ -46,36 +249,111 @@ impl Router {
     fn lock(&self) -> MutexGuard<'_, Core> {
         // Index and store updates are each completed before any call that could panic, so a
         // poisoned lock still guards a consistent index.
-        self.core.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.core)
     }
 
-    /// Adds a subscription and queues its `SubOk` (built by `reply` from the current last
-    /// sequence) under the routing lock, so the `SubOk` precedes every message it matches.
+    /// The store.
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Adds a subscription and queues its `SubOk` (built by `reply` from the boundary, the
+    /// current last sequence) under the routing lock, so the `SubOk` precedes every message
+    /// it matches. Retained values follow the `SubOk` when asked for. Returns the offer
+    /// outcome, the index entry and the boundary.
     pub(crate) fn subscribe(
         &self,
         pattern: &TokenPattern,
         conn: ConnId,
         sub: SubId,
         out: &Arc<Outbound>,
+        start: SubStart,
         reply: impl FnOnce(Seq) -> Bytes,
-    ) -> Offer {
+    ) -> (Offer, Arc<Target>, Seq) {
         let mut core = self.lock();
         let seq = core.store.last_seq();
+        let target = Arc::new(Target {
+            conn,
+            sub,
+            out: out.clone(),
+            track: start.track,
+            gated: AtomicBool::new(start.replay),
+            gate: Mutex::new(start.replay.then(Gate::default)),
+            cancelled: AtomicBool::new(false),
+            gate_limit: start.gate_limit,
+        });
         let offer = out.push_control(reply(seq));
         if offer == Offer::Queued {
-            core.index.insert(pattern, conn, sub, out.clone());
+            if !start.replay {
+                if let Some(t) = &target.track {
+                    t.start_at(seq.0);
+                }
+                if start.retained {
+                    for Stored { seq, envelope } in core.store.retained(pattern) {
+                        out.offer_msg(&msg_frame(seq.0, &envelope, msg_flags::RETAINED));
+                    }
+                }
+            }
+            core.index.insert(pattern, conn, sub, target.clone());
             self.metrics.subscribed();
         }
-        offer
+        (offer, target, seq)
+    }
+
+    /// Ends a replaying subscription's history: queues `done` (if any), then the live
+    /// messages buffered meanwhile — in steps of half the queue, paced like history, while
+    /// newer live messages keep joining the buffer — and opens the gate once the buffer is
+    /// empty, under the routing lock, so no live message can pass a buffered one.
+    pub(crate) async fn release(&self, target: &Target, done: Option<Bytes>) {
+        let step = (target.out.capacity() / 2).max(1);
+        let mut done = done;
+        loop {
+            {
+                let _core = self.lock();
+                let mut g = lock(&target.gate);
+                let Some(gate) = g.as_mut() else { return };
+                if target.is_cancelled() {
+                    *g = None;
+                    target.gated.store(false, Ordering::Relaxed);
+                    return;
+                }
+                if let Some(d) = done.take() {
+                    target.out.push_control(d);
+                }
+                if gate.dropped > 0 {
+                    target.out.add_dropped(gate.dropped);
+                    self.metrics.dropped(gate.dropped);
+                    gate.dropped = 0;
+                }
+                let n = gate.buf.len().min(step);
+                for (_, _, frame) in gate.buf.drain(..n) {
+                    target.out.push_history(frame);
+                }
+                if gate.buf.is_empty() {
+                    *g = None;
+                    target.gated.store(false, Ordering::Relaxed);
+                    if let Some(t) = &target.track {
+                        t.history_done();
+                    }
+                    return;
+                }
+            }
+            target.out.wait_room().await;
+            if target.out.is_closing() {
+                return;
+            }
+        }
     }
 
     /// Removes one subscription; returns whether it existed.
     pub(crate) fn unsubscribe(&self, pattern: &TokenPattern, conn: ConnId, sub: SubId) -> bool {
-        let removed = self.lock().index.remove(pattern, conn, sub);
-        if removed {
+        let removed = self.lock().index.remove_value(pattern, conn, sub);
+        let existed = removed.is_some();
+        if let Some(t) = removed {
+            t.cancelled.store(true, Ordering::Relaxed);
             self.metrics.unsubscribed(1);
         }
-        removed
+        existed
     }
 
     /// Removes every subscription of a closing connection.
@@ -87,7 +365,10 @@ impl Router {
         let mut core = self.lock();
         let mut n = 0;
         for (sub, pattern) in subs {
-            n += core.index.remove(pattern, conn, sub) as usize;
+            if let Some(t) = core.index.remove_value(pattern, conn, sub) {
+                t.cancelled.store(true, Ordering::Relaxed);
+                n += 1;
+            }
         }
         drop(core);
         self.metrics.unsubscribed(n);
@@ -95,35 +376,65 @@ impl Router {
 
     /// Accepts a publish: assigns its sequence, encodes one `Msg` frame and offers the same
     /// bytes to every matching connection (once per connection, however many of its
-    /// subscriptions match). Returns the sequence.
+    /// subscriptions match). A duplicate publish id (QoS 2) is neither stored nor routed.
     pub(crate) fn publish(
         &self,
         envelope: &Envelope,
         path: &TokenPath,
         flags: u64,
-    ) -> Result<Seq, StoreError> {
+        qos: Qos,
+        publish_id: Option<[u8; 16]>,
+    ) -> Result<Accepted, StoreError> {
         let start = Instant::now();
         let core = self.lock();
-        let seq = core.store.append(Append {
+        let accepted = core.store.append(Append {
             path,
             envelope,
             flags,
+            qos,
+            publish_id,
         })?;
-        let frame = codec::encode_prefixed(&Frame::Msg(Msg {
-            seq: seq.0,
-            envelope: envelope.clone(),
-            flags: 0,
-        }));
-        let mut targets: Vec<(ConnId, &Arc<Outbound>)> = Vec::new();
-        core.index
-            .for_each_match(path, |conn, out| targets.push((conn, out)));
+        let Accepted::New(seq) = accepted else {
+            return Ok(accepted);
+        };
+        let frame = msg_frame(seq.0, envelope, 0);
+        let mut targets: Vec<&Arc<Target>> = Vec::new();
+        core.index.for_each_match(path, |_, t| targets.push(t));
         if targets.len() > 1 {
-            targets.sort_unstable_by_key(|(c, _)| *c);
-            targets.dedup_by_key(|(c, _)| *c);
+            targets.sort_unstable_by_key(|t| t.conn);
         }
         let (mut delivered, mut dropped) = (0, 0);
-        for (_, out) in &targets {
-            match out.offer_msg(&frame) {
+        let mut last_conn = None;
+        for t in &targets {
+            if t.gated.load(Ordering::Relaxed) {
+                let mut g = lock(&t.gate);
+                if let Some(gate) = g.as_mut() {
+                    if gate.buf.len() >= t.gate_limit {
+                        gate.buf.pop_front();
+                        gate.dropped += 1;
+                    }
+                    gate.buf.push_back((seq.0, envelope.clone(), frame.clone()));
+                    drop(g);
+                    if let Some(tr) = &t.track {
+                        if !tr.delivered(seq.0, envelope, start) {
+                            slow_consumer(&t.out, "too many unacknowledged messages");
+                        }
+                    }
+                    continue;
+                }
+            }
+            if let Some(tr) = &t.track {
+                if !tr.delivered(seq.0, envelope, start) {
+                    slow_consumer(&t.out, "too many unacknowledged messages");
+                    self.metrics.slow_consumer_disconnect();
+                    continue;
+                }
+            }
+            if last_conn == Some(t.conn) {
+                continue;
+            }
+            last_conn = Some(t.conn);
+            match t.out.offer_msg(&frame) {
                 Offer::Queued => delivered += 1,
                 Offer::DroppedOldest => {
                     delivered += 1;
@@ -141,11 +452,11 @@ impl Router {
             self.metrics.dropped(dropped);
         }
         self.metrics.routed(start.elapsed());
-        Ok(seq)
+        Ok(accepted)
     }
 
     /// The last sequence assigned.
     pub(crate) fn last_seq(&self) -> Seq {
-        self.lock().store.last_seq()
+        self.store.last_seq()
     }
 }

@@ -12,16 +12,18 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use whispeer_protocol::frame::{
-    negotiate_version, pub_flags, Close, ErrFrame, Hello, Pong, Pub, PubAck, Sub, SubOk, Unsub,
-    Welcome, PROTOCOL_VERSION,
+    features, msg_flags, negotiate_version, pub_flags, Ack, Close, ErrFrame, Hello, Pong, Pub,
+    PubAck, Replay, Sub, SubOk, Unsub, Welcome, PROTOCOL_VERSION,
 };
-use whispeer_protocol::{codec, DecodeError, ErrorCode, Frame, TokenPattern};
+use whispeer_protocol::{codec, DecodeError, ErrorCode, Frame, Qos, TokenPattern};
 
 use crate::ids::{ConnId, SubId, TransportKind};
 use crate::outbound::{Offer, Outbound};
 use crate::plugin::{ConnectInfo, DisconnectInfo, PublishInfo, SubscribeInfo};
 use crate::rate::TokenBucket;
 use crate::relay::Shared;
+use crate::router::{msg_frame, SubStart, Tracking};
+use crate::store::{Accepted, DurableKey};
 use crate::transport::Inbound;
 
 /// What the driver should do after an event.
@@ -74,6 +76,12 @@ pub(crate) struct Session {
     /// `Welcome` was sent: the connection may subscribe and publish.
     open: bool,
     subs: HashMap<SubId, TokenPattern>,
+    /// At-least-once state of QoS ≥ 1 and durable subscriptions.
+    tracked: HashMap<SubId, Arc<Tracking>>,
+    /// Durable names this connection holds.
+    durables: HashMap<SubId, DurableKey>,
+    /// Feature bits granted in `Welcome`.
+    granted: u64,
     bucket: TokenBucket,
     reason: String,
     finished: bool,
@@ -99,6 +107,9 @@ impl Session {
             greeted: false,
             open: false,
             subs: HashMap::new(),
+            tracked: HashMap::new(),
+            durables: HashMap::new(),
+            granted: 0,
             bucket,
             reason: String::from("open"),
             finished: false,
@@ -173,8 +184,7 @@ impl Session {
             Frame::Ping(p) => self.send(&Frame::Pong(Pong { nonce: p.nonce })),
             // Liveness only; the idle timer was reset by the driver.
             Frame::Pong(_) => Flow::Continue,
-            // At-least-once is not granted in `Welcome` yet, so acks have nothing to clear.
-            Frame::Ack(_) => Flow::Continue,
+            Frame::Ack(a) => self.on_ack(a),
             Frame::Close(c) => {
                 self.close_quietly(&format!("client closed: {}", c.code.name()));
                 Flow::Close
@@ -245,10 +255,11 @@ impl Session {
             );
         }
         self.open = true;
+        self.granted = h.features & self.shared.router.store().features();
         let cfg = &self.shared.config;
         let welcome = Frame::Welcome(Welcome {
             version,
-            features: 0,
+            features: self.granted,
             max_frame: cfg.limits.max_frame as u64,
             session,
             relay: Some(RELAY_NAME.into()),
@@ -299,35 +310,191 @@ impl Session {
                 None,
             );
         }
-        if let Some(old) = self.subs.remove(&sub_id) {
-            self.shared.router.unsubscribe(&old, self.conn, sub_id);
+        let store = self.shared.router.store().clone();
+        let supported = store.features();
+        if (s.qos != Qos::AtMostOnce || s.durable.is_some() || s.replay.is_some())
+            && supported & features::AT_LEAST_ONCE == 0
+        {
+            return self.reply_err(
+                ErrorCode::NotAllowed,
+                format!(
+                    "this relay has no store (store kind {}): QoS >= 1, replay and durable \
+                     subscriptions are unavailable",
+                    store.kind()
+                ),
+                Some(sub_id),
+                None,
+            );
         }
-        let offer = self
-            .shared
-            .router
-            .subscribe(&s.pattern, self.conn, sub_id, &self.out, |seq| {
-                codec::encode_prefixed(&Frame::SubOk(SubOk {
-                    sub_id: sub_id.0,
-                    seq: seq.0,
-                }))
-            });
-        match offer {
-            Offer::Queued | Offer::DroppedOldest => {
-                self.subs.insert(sub_id, s.pattern);
-                Flow::Continue
+        self.drop_sub(sub_id);
+        let durable = s.durable.clone().map(|name| DurableKey {
+            key_id: *s.pattern.key_id(),
+            name,
+        });
+        let mut replay = s.replay;
+        let mut floor = 0;
+        let mut new_durable = false;
+        if let Some(k) = &durable {
+            if !self.shared.claim_durable(k) {
+                return self.reply_err(
+                    ErrorCode::NotAllowed,
+                    format!(
+                        "durable subscription {:?} is active on another connection",
+                        k.name
+                    ),
+                    Some(sub_id),
+                    None,
+                );
             }
-            other => self.on_offer_failed(other),
+            match store.durable(k) {
+                Some(f) => {
+                    floor = f;
+                    replay = Some(Replay::FromSeq(f + 1));
+                }
+                None => {
+                    new_durable = true;
+                    if let Some(Replay::FromSeq(from)) = replay {
+                        floor = from.saturating_sub(1);
+                    }
+                }
+            }
+        }
+        let dcfg = &self.shared.config.delivery;
+        let track = (s.qos != Qos::AtMostOnce || durable.is_some()).then(|| {
+            Arc::new(Tracking::new(
+                floor,
+                replay.is_some(),
+                durable.clone(),
+                dcfg.ack_timeout(),
+                dcfg.max_unacked,
+            ))
+        });
+        let start = SubStart {
+            track: track.clone(),
+            replay: replay.is_some(),
+            retained: s.retained && replay.is_none() && supported & features::RETAIN != 0,
+            gate_limit: self
+                .shared
+                .config
+                .queue
+                .capacity
+                .saturating_mul(16)
+                .max(1024),
+        };
+        let (offer, target, boundary) =
+            self.shared
+                .router
+                .subscribe(&s.pattern, self.conn, sub_id, &self.out, start, |seq| {
+                    codec::encode_prefixed(&Frame::SubOk(SubOk {
+                        sub_id: sub_id.0,
+                        seq: seq.0,
+                    }))
+                });
+        match offer {
+            Offer::Queued | Offer::DroppedOldest => {}
+            other => {
+                if let Some(k) = &durable {
+                    self.shared.release_durable(k);
+                }
+                return self.on_offer_failed(other);
+            }
+        }
+        self.subs.insert(sub_id, s.pattern.clone());
+        if let Some(t) = track {
+            if let Some(k) = durable {
+                if new_durable {
+                    store.set_durable(&k, t.floor());
+                }
+                self.durables.insert(sub_id, k);
+            }
+            self.tracked.insert(sub_id, t);
+        }
+        if let Some(replay) = replay {
+            let done = self.granted & features::REPLAY != 0;
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(crate::replay::history(
+                        self.shared.clone(),
+                        target,
+                        s.pattern,
+                        replay,
+                        boundary,
+                        done,
+                    ));
+                }
+                Err(_) => {
+                    return self.reply_err(
+                        ErrorCode::Internal,
+                        "replay needs the relay's async runtime".into(),
+                        Some(sub_id),
+                        None,
+                    )
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Forgets a subscription (replaced or unsubscribed): index entry, tracking, durable name.
+    fn drop_sub(&mut self, sub_id: SubId) -> bool {
+        let Some(old) = self.subs.remove(&sub_id) else {
+            return false;
+        };
+        self.shared.router.unsubscribe(&old, self.conn, sub_id);
+        self.tracked.remove(&sub_id);
+        if let Some(k) = self.durables.remove(&sub_id) {
+            self.shared.release_durable(&k);
+        }
+        true
+    }
+
+    fn on_ack(&mut self, a: Ack) -> Flow {
+        let store = self.shared.router.store();
+        for t in self.tracked.values() {
+            if let Some(floor) = t.ack(&a.seqs) {
+                if let Some(k) = &t.durable {
+                    store.set_durable(k, floor);
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Whether the connection has at-least-once subscriptions (and needs [`tick`]).
+    pub(crate) fn tracks(&self) -> bool {
+        !self.tracked.is_empty()
+    }
+
+    /// Redelivers unacknowledged messages past the ack timeout.
+    pub(crate) fn tick(&mut self, now: Instant) -> Flow {
+        let mut resend = Vec::new();
+        for t in self.tracked.values() {
+            if t.pending() > 0 {
+                resend.extend(t.due(now, 4096));
+            }
+        }
+        if resend.is_empty() {
+            return Flow::Continue;
+        }
+        resend.sort_unstable_by_key(|(seq, _)| *seq);
+        resend.dedup_by_key(|(seq, _)| *seq);
+        self.shared.metrics.redelivered(resend.len() as u64);
+        for (seq, env) in resend {
+            self.out
+                .offer_msg(&msg_frame(seq, &env, msg_flags::REDELIVERED));
+        }
+        if self.out.is_closing() {
+            Flow::Close
+        } else {
+            Flow::Continue
         }
     }
 
     fn on_unsub(&mut self, u: Unsub) -> Flow {
         let sub_id = SubId(u.sub_id);
-        match self.subs.remove(&sub_id) {
-            Some(pattern) => {
-                self.shared.router.unsubscribe(&pattern, self.conn, sub_id);
-                Flow::Continue
-            }
-            None => self.reply_err(
+        match self.drop_sub(sub_id) {
+            true => Flow::Continue,
+            false => self.reply_err(
                 ErrorCode::UnknownSubscription,
                 format!("no subscription {}", u.sub_id),
                 Some(sub_id),
@@ -366,18 +533,66 @@ impl Session {
                 p.publish_id,
             );
         }
-        match self.shared.router.publish(&p.envelope, &path, p.flags) {
-            Ok(seq) => match p.publish_id {
-                Some(publish_id) if p.flags & pub_flags::ACK != 0 => {
-                    self.send(&Frame::PubAck(PubAck {
-                        publish_id,
-                        seq: seq.0,
-                    }))
-                }
-                _ => Flow::Continue,
-            },
-            Err(e) => self.reply_err(ErrorCode::StoreFailed, e.to_string(), None, p.publish_id),
+        let store = self.shared.router.store().clone();
+        if p.qos != Qos::AtMostOnce && store.features() & features::AT_LEAST_ONCE == 0 {
+            return self.reply_err(
+                ErrorCode::StoreFailed,
+                format!(
+                    "this relay has no store (store kind {}): QoS >= 1 publishes cannot be \
+                     acknowledged",
+                    store.kind()
+                ),
+                None,
+                p.publish_id,
+            );
         }
+        let accepted = self
+            .shared
+            .router
+            .publish(&p.envelope, &path, p.flags, p.qos, p.publish_id);
+        let seq = match accepted {
+            Ok(Accepted::New(seq)) => seq,
+            Ok(Accepted::Duplicate(seq)) => {
+                self.shared.metrics.duplicate_publish();
+                seq
+            }
+            Err(e) => {
+                return self.reply_err(ErrorCode::StoreFailed, e.to_string(), None, p.publish_id)
+            }
+        };
+        let Some(publish_id) = p.publish_id.filter(|_| p.flags & pub_flags::ACK != 0) else {
+            return Flow::Continue;
+        };
+        let ack = Frame::PubAck(PubAck {
+            publish_id,
+            seq: seq.0,
+        });
+        if p.qos == Qos::AtMostOnce {
+            return self.send(&ack);
+        }
+        // QoS >= 1: PubAck once the transaction holding the message committed.
+        let out = self.out.clone();
+        let metrics = self.shared.metrics.clone();
+        store.when_durable(
+            seq,
+            Box::new(move |r| {
+                let frame = match r {
+                    Ok(()) => ack,
+                    Err(e) => {
+                        metrics.error_sent(ErrorCode::StoreFailed);
+                        Frame::Err(ErrFrame {
+                            code: ErrorCode::StoreFailed,
+                            message: e.to_string(),
+                            fatal: false,
+                            sub_id: None,
+                            publish_id: Some(publish_id),
+                        })
+                    }
+                };
+                out.push_control(codec::encode_prefixed(&frame));
+            }),
+        );
+        Flow::Continue
     }
 
     /// No inbound traffic within the limit (or no `Hello` in time).
@@ -432,6 +647,10 @@ impl Session {
             .router
             .unsubscribe_all(self.conn, self.subs.iter().map(|(id, p)| (*id, p)));
         self.subs.clear();
+        self.tracked.clear();
+        for (_, k) in self.durables.drain() {
+            self.shared.release_durable(&k);
+        }
         self.shared.plugins.disconnect(&DisconnectInfo {
             conn: self.conn,
             transport: self.transport,

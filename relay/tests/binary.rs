@@ -52,7 +52,7 @@ fn generate_config_prints_every_setting_with_defaults() {
     ] {
         assert!(text.contains(key), "missing {key}");
     }
-    assert_eq!(Config::from_toml(&text).unwrap(), Config::default());
+    assert_eq!(Config::from_toml(&text).unwrap(), Config::serve_default());
 }
 
 #[test]
@@ -93,6 +93,7 @@ fn serve_reads_config_file_and_env_with_flags_winning() {
         .arg(&ready)
         .env("WHISPEER_MAX_FRAME", "3000")
         .env("WHISPEER_LOG", "warn")
+        .env("WHISPEER_STORE_PATH", dir.join("relay.db"))
         .stdout(Stdio::null())
         .spawn()
         .unwrap();

@@ -453,6 +453,8 @@ impl BinRelay {
         .args(extra)
         .env_remove("RUST_LOG")
         .env("WHISPEER_LOG", "warn")
+        // The durable store lives in the test's own directory (flags still override).
+        .env("WHISPEER_STORE_PATH", dir.join("relay.db"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());

@@ -1,0 +1,121 @@
+//! The history task of a replaying subscription: waits until the store holds everything
+//! up to the boundary, reads matching stored messages in chunks off the runtime, queues
+//! them (`Msg` with `REPLAYED`) paced by the connection's queue, then releases the
+//! subscription's gate (see `router`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use whispeer_protocol::frame::{msg_flags, ErrFrame, Replay, ReplayDone};
+use whispeer_protocol::{codec, ErrorCode, Frame, TokenPattern};
+
+use crate::ids::Seq;
+use crate::relay::Shared;
+use crate::router::{msg_frame, Target};
+use crate::store::StoreError;
+
+/// Sends history for `target` and opens its gate. `done_frame`: send `ReplayDone`.
+pub(crate) async fn history(
+    shared: Arc<Shared>,
+    target: Arc<Target>,
+    pattern: TokenPattern,
+    replay: Replay,
+    boundary: Seq,
+    done_frame: bool,
+) {
+    let sub_id = target.sub.0;
+    let count = match send(&shared, &target, pattern, replay, boundary).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(conn = %target.conn, sub_id, error = %e, "history read failed");
+            shared.metrics.error_sent(ErrorCode::StoreFailed);
+            target
+                .out
+                .push_control(codec::encode_prefixed(&Frame::Err(ErrFrame {
+                    code: ErrorCode::StoreFailed,
+                    message: format!("history unavailable: {e}"),
+                    fatal: false,
+                    sub_id: Some(sub_id),
+                    publish_id: None,
+                })));
+            0
+        }
+    };
+    let done = done_frame.then(|| {
+        codec::encode_prefixed(&Frame::ReplayDone(ReplayDone {
+            sub_id,
+            seq: boundary.0,
+            count,
+        }))
+    });
+    shared.router.release(&target, done).await;
+}
+
+async fn send(
+    shared: &Arc<Shared>,
+    target: &Arc<Target>,
+    pattern: TokenPattern,
+    replay: Replay,
+    boundary: Seq,
+) -> Result<u64, StoreError> {
+    let store = shared.router.store().clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    store.when_durable(
+        boundary,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    rx.await
+        .map_err(|_| StoreError::Unavailable("store closed".into()))??;
+    let pattern = Arc::new(pattern);
+    let plan = {
+        let (store, pattern) = (store.clone(), pattern.clone());
+        tokio::task::spawn_blocking(move || store.plan(&pattern, replay, boundary))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))??
+    };
+    let plan = Arc::new(plan);
+    let mut from = plan.start;
+    let mut count = 0u64;
+    while from <= boundary.0 {
+        if target.is_cancelled() || target.out.is_closing() {
+            return Ok(count);
+        }
+        let chunk = {
+            let (store, pattern, plan) = (store.clone(), pattern.clone(), plan.clone());
+            tokio::task::spawn_blocking(move || store.read(&pattern, &plan, from, boundary))
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))??
+        };
+        let now = Instant::now();
+        let n = chunk.msgs.len() as u64;
+        for m in chunk.msgs {
+            if let Some(t) = &target.track {
+                if !t.delivered(m.seq.0, &m.envelope, now) {
+                    target
+                        .out
+                        .close_discarding(codec::encode_prefixed(&Frame::Err(ErrFrame {
+                            code: ErrorCode::SlowConsumer,
+                            message: "too many unacknowledged messages".into(),
+                            fatal: true,
+                            sub_id: Some(target.sub.0),
+                            publish_id: None,
+                        })));
+                    return Ok(count);
+                }
+            }
+            target
+                .out
+                .push_history(msg_frame(m.seq.0, &m.envelope, msg_flags::REPLAYED));
+        }
+        count += n;
+        if let Some(t) = &target.track {
+            t.history_at(chunk.next.saturating_sub(1).min(boundary.0));
+        }
+        shared.metrics.replayed(n);
+        from = chunk.next;
+        target.out.wait_room().await;
+    }
+    Ok(count)
+}
