@@ -5,7 +5,8 @@
 //! key, and clients that connect to it over channels. Encryption and compression stay on —
 //! messages are sealed and opened exactly as over the network, so code moves to a real relay
 //! by changing one line. Optional WebSocket and TCP listeners let other processes (a browser,
-//! the CLI) join the same broker.
+//! the CLI) join the same broker. Messages are kept in memory (QoS 1/2, replay, retained
+//! values) or, with [`BrokerBuilder::persistence`], in a SQLite file.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,7 +27,7 @@ use thiserror::Error;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use whispeer_protocol::{Identity, KeyError, Keyring, PassphraseParams, TreeKey};
-use whispeer_relay::config::ListenAddr;
+use whispeer_relay::config::{ListenAddr, StoreKind};
 use whispeer_relay::{BoundAddrs, Config, Listeners, Relay, RelayError, RelayHandle};
 
 use crate::client::{now_ms, Client, ClientBuilder};
@@ -59,6 +60,7 @@ impl Default for BrokerBuilder {
         config.listen.ws = ListenAddr::OFF;
         config.listen.tcp = ListenAddr::OFF;
         config.listen.admin = ListenAddr::OFF;
+        config.store.kind = Some(StoreKind::Memory);
         BrokerBuilder {
             config,
             tree: None,
@@ -98,6 +100,14 @@ impl BrokerBuilder {
     /// The compression its clients use (default zstd level 3).
     pub fn compression(mut self, c: Compression) -> Self {
         self.compression = c;
+        self
+    }
+    /// Keep messages in a SQLite file (WAL, group commit): at-least-once publishes, replay,
+    /// retained values and durable subscriptions survive a restart. Without it the broker
+    /// keeps them in memory only.
+    pub fn persistence(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config.store.kind = Some(StoreKind::Sqlite);
+        self.config.store.path = path.into();
         self
     }
     /// Full relay configuration (limits, queues, timeouts); listeners from it are honoured.

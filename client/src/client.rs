@@ -18,7 +18,7 @@ use rand::Rng;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
-use whispeer_protocol::frame::{Close, Ping, Pong};
+use whispeer_protocol::frame::{Ack, Close, Ping, Pong};
 use whispeer_protocol::{
     ErrorCode, Frame, Grant, Identity, Keyring, MessageId, Qos, Sealer, SenderId, Topic,
     TopicFilter,
@@ -61,10 +61,37 @@ pub enum ConnectionState {
 pub struct PublishOptions {
     /// Keep as the retained value of the topic on the relay.
     pub retain: bool,
-    /// Wait until the relay acknowledges the message (`PubAck`).
+    /// Wait until the relay acknowledges the message (`PubAck`). Implied by QoS 1 and 2.
     pub ack: bool,
-    /// Delivery guarantee requested from the relay.
+    /// Delivery guarantee requested from the relay. With at least once (1) the publish
+    /// returns only once the relay's store holds the message, and is re-sent after a
+    /// reconnect until it does; exactly once (2) adds the relay's publish-id dedup, so a
+    /// re-send is never stored or delivered twice.
     pub qos: Qos,
+}
+
+impl PublishOptions {
+    /// At least once: returns the relay sequence once the message is stored.
+    pub fn at_least_once() -> Self {
+        PublishOptions {
+            qos: Qos::AtLeastOnce,
+            ack: true,
+            ..Default::default()
+        }
+    }
+    /// Exactly once (effectively): at least once plus relay-side dedup of re-sends.
+    pub fn exactly_once() -> Self {
+        PublishOptions {
+            qos: Qos::ExactlyOnce,
+            ack: true,
+            ..Default::default()
+        }
+    }
+    /// Also keep the message as the topic's retained value.
+    pub fn retain(mut self) -> Self {
+        self.retain = true;
+        self
+    }
 }
 
 /// A message delivered to a subscription.
@@ -97,7 +124,11 @@ enum Command {
     Send {
         frames: Vec<Bytes>,
         ack: Option<([u8; 16], AckReply)>,
+        /// QoS ≥ 1: keep the frame and re-send it after a reconnect until acknowledged.
+        keep: bool,
     },
+    /// The app took a message of an at-least-once subscription: acknowledge its sequence.
+    Ack(u64),
     Subscribe {
         id: LocalSubId,
         filter: TopicFilter,
@@ -256,6 +287,9 @@ impl ClientBuilder {
             stats: stats.clone(),
             next_nonce: 1,
             plugins: self.plugins.clone(),
+            inflight: HashMap::new(),
+            next_inflight: 0,
+            pending_acks: Vec::new(),
         };
         tokio::spawn(driver.run(conn, heartbeat));
         Ok(Client {
@@ -278,6 +312,8 @@ impl ClientBuilder {
 pub struct Subscription<T> {
     rx: mpsc::Receiver<Arc<Received>>,
     id: LocalSubId,
+    /// At least once: acknowledge each message's sequence when the app takes it.
+    acking: bool,
     cmd: mpsc::UnboundedSender<Command>,
     decode: fn(&Received) -> Result<T, ReceiveError>,
     _t: PhantomData<fn() -> T>,
@@ -295,7 +331,14 @@ impl<T> Subscription<T> {
     /// The next message, or `None` once the client is closed.
     pub async fn next_message(&mut self) -> Option<Result<Message<T>, ReceiveError>> {
         let r = self.rx.recv().await?;
+        self.taken(&r);
         Some(to_message(&r, self.decode))
+    }
+
+    fn taken(&self, r: &Received) {
+        if self.acking && r.seq > 0 {
+            let _ = self.cmd.send(Command::Ack(r.seq));
+        }
     }
 }
 
@@ -319,9 +362,12 @@ impl<T> Stream for Subscription<T> {
     type Item = Result<Message<T>, ReceiveError>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let decode = self.decode;
-        self.rx
-            .poll_recv(cx)
-            .map(|o| o.map(|r| to_message(&r, decode)))
+        self.rx.poll_recv(cx).map(|o| {
+            o.map(|r| {
+                self.taken(&r);
+                to_message(&r, decode)
+            })
+        })
     }
 }
 
@@ -452,12 +498,21 @@ impl Client {
         self.seal(&out.topic, &out.content_type, &out.payload)
     }
 
-    async fn send(&self, frames: Vec<Bytes>, ack: Option<[u8; 16]>) -> Result<u64, PublishError> {
+    async fn send(
+        &self,
+        frames: Vec<Bytes>,
+        ack: Option<[u8; 16]>,
+        keep: bool,
+    ) -> Result<u64, PublishError> {
         match ack {
             None => {
                 self.inner
                     .cmd
-                    .send(Command::Send { frames, ack: None })
+                    .send(Command::Send {
+                        frames,
+                        ack: None,
+                        keep: false,
+                    })
                     .map_err(|_| PublishError::Closed)?;
                 Ok(0)
             }
@@ -468,6 +523,7 @@ impl Client {
                     .send(Command::Send {
                         frames,
                         ack: Some((id, tx)),
+                        keep,
                     })
                     .map_err(|_| PublishError::Closed)?;
                 rx.await.map_err(|_| PublishError::Closed)?
@@ -521,9 +577,10 @@ impl Client {
     ) -> Result<u64, PublishError> {
         let topic = Topic::new(topic)?;
         let env = self.seal_with_plugins(topic, content_type, payload)?;
-        let pid = opts.ack.then(|| OsRng.gen::<[u8; 16]>());
+        let keep = opts.qos != Qos::AtMostOnce;
+        let pid = (opts.ack || keep).then(|| OsRng.gen::<[u8; 16]>());
         let frame = core::pub_frame(env, pid, opts.retain, opts.qos).to_bytes();
-        self.send(vec![frame], pid).await
+        self.send(vec![frame], pid, keep).await
     }
 
     /// Publishes many values on one topic as one write (sealed individually: each message is
@@ -539,7 +596,7 @@ impl Client {
             let env = self.seal_with_plugins(topic.clone(), core::CBOR, &to_cbor(v)?)?;
             frames.push(core::pub_frame(env, None, false, Qos::AtMostOnce).to_bytes());
         }
-        self.send(frames, None).await.map(|_| ())
+        self.send(frames, None, false).await.map(|_| ())
     }
 
     async fn subscribe_inner<T>(
@@ -550,6 +607,7 @@ impl Client {
     ) -> Result<Subscription<T>, SubscribeError> {
         let filter = TopicFilter::new(filter)?;
         self.inner.plugins.on_subscribe(&filter)?;
+        let acking = opts.qos != Qos::AtMostOnce || opts.durable.is_some();
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.inner.sub_capacity);
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -566,6 +624,7 @@ impl Client {
         let sub = Subscription {
             rx,
             id,
+            acking,
             cmd: self.inner.cmd.clone(),
             decode,
             _t: PhantomData,
@@ -716,6 +775,8 @@ async fn open(
 struct Sink {
     tx: mpsc::Sender<Arc<Received>>,
     ready: Option<(SubReady, HashSet<u64>)>,
+    /// At least once or durable: the relay expects `Ack`s for what it delivers.
+    acking: bool,
 }
 
 struct Driver {
@@ -736,6 +797,11 @@ struct Driver {
     stats: Arc<Mutex<ClientStats>>,
     next_nonce: u64,
     plugins: Plugins,
+    /// QoS ≥ 1 publishes not yet acknowledged, re-sent in order after a reconnect.
+    inflight: HashMap<[u8; 16], (u64, Bytes)>,
+    next_inflight: u64,
+    /// Sequences to acknowledge in the next flush.
+    pending_acks: Vec<u64>,
 }
 
 enum Exit {
@@ -744,6 +810,13 @@ enum Exit {
 }
 
 impl Driver {
+    fn keep_inflight(&mut self, id: [u8; 16], frames: &[Bytes]) {
+        if let Some(f) = frames.first() {
+            self.inflight.insert(id, (self.next_inflight, f.clone()));
+            self.next_inflight += 1;
+        }
+    }
+
     fn sync_stats(&self) {
         self.stats.lock().expect("stats lock").core = self.core.stats().clone();
     }
@@ -771,9 +844,20 @@ impl Driver {
                     for (_, tx) in self.flushes.drain() {
                         let _ = tx.send(Err(FlushError::Disconnected));
                     }
-                    for (_, tx) in self.acks.drain() {
-                        let _ = tx.send(Err(PublishError::NotAcknowledged));
+                    // QoS ≥ 1 publishes stay pending: they are re-sent once reconnected.
+                    let lost: Vec<[u8; 16]> = self
+                        .acks
+                        .keys()
+                        .filter(|pid| !self.inflight.contains_key(*pid))
+                        .copied()
+                        .collect();
+                    for pid in lost {
+                        if let Some(tx) = self.acks.remove(&pid) {
+                            let _ = tx.send(Err(PublishError::NotAcknowledged));
+                        }
                     }
+                    // Unacknowledged deliveries are redelivered by the relay.
+                    self.pending_acks.clear();
                 }
             }
         }
@@ -831,7 +915,16 @@ impl Driver {
     /// Handles a command while disconnected.
     fn offline(&mut self, cmd: Command) {
         match cmd {
-            Command::Send { frames, ack } => {
+            Command::Send {
+                frames,
+                ack: Some((id, tx)),
+                keep: true,
+            } => {
+                // Sent with the other unacknowledged publishes once reconnected.
+                self.keep_inflight(id, &frames);
+                self.acks.insert(id, tx);
+            }
+            Command::Send { frames, ack, .. } => {
                 let len: usize = frames.iter().map(|f| f.len()).sum();
                 if self.outbox_bytes + len > self.outbox_limit {
                     self.stats.lock().expect("stats lock").outbox_drops += frames.len() as u64;
@@ -852,10 +945,21 @@ impl Driver {
                 opts,
                 tx,
                 ready,
-            } => match self.core.subscribe_with_options(id, filter, opts, now_ms()) {
+            } => match self
+                .core
+                .subscribe_with_options(id, filter, opts.clone(), now_ms())
+            {
                 Ok(_) => {
                     // Sent with every other subscription once reconnected.
-                    self.sinks.insert(id, Sink { tx, ready: None });
+                    let acking = opts.qos != Qos::AtMostOnce || opts.durable.is_some();
+                    self.sinks.insert(
+                        id,
+                        Sink {
+                            tx,
+                            ready: None,
+                            acking,
+                        },
+                    );
                     let _ = ready.send(Ok(()));
                 }
                 Err(e) => {
@@ -867,6 +971,8 @@ impl Driver {
                 self.sinks.remove(&id);
             }
             Command::Resubscribe => {}
+            // The relay redelivers what was not acknowledged on the old connection.
+            Command::Ack(_) => {}
             Command::Flush(tx) => {
                 let _ = tx.send(Err(FlushError::Disconnected));
             }
@@ -886,6 +992,9 @@ impl Driver {
             .iter()
             .map(Frame::to_bytes)
             .collect();
+        let mut inflight: Vec<&(u64, Bytes)> = self.inflight.values().collect();
+        inflight.sort_by_key(|(order, _)| *order);
+        pending.extend(inflight.into_iter().map(|(_, f)| f.clone()));
         pending.extend(self.outbox.drain(..));
         self.outbox_bytes = 0;
         for f in pending {
@@ -945,6 +1054,17 @@ impl Driver {
                     out.push(Frame::Ping(Ping { nonce: 0 }).to_bytes());
                 }
             }
+            if !self.pending_acks.is_empty() {
+                for chunk in self.pending_acks.chunks(4096) {
+                    out.push(
+                        Frame::Ack(Ack {
+                            seqs: chunk.to_vec(),
+                        })
+                        .to_bytes(),
+                    );
+                }
+                self.pending_acks.clear();
+            }
             if !out.is_empty() {
                 if let Err(e) = flush_all(&mut writer, out).await {
                     return Exit::Lost(e.to_string());
@@ -956,27 +1076,36 @@ impl Driver {
     /// Handles a command while connected; frames to send go to `out`.
     fn online(&mut self, cmd: Command, out: &mut Vec<Bytes>) -> Option<Exit> {
         match cmd {
-            Command::Send { frames, ack } => {
+            Command::Send { frames, ack, keep } => {
+                if let (Some((id, _)), true) = (&ack, keep) {
+                    self.keep_inflight(*id, &frames);
+                }
                 out.extend(frames);
                 if let Some((id, tx)) = ack {
                     self.acks.insert(id, tx);
                 }
             }
+            Command::Ack(seq) => self.pending_acks.push(seq),
             Command::Subscribe {
                 id,
                 filter,
                 opts,
                 tx,
                 ready,
-            } => match self.core.subscribe_with_options(id, filter, opts, now_ms()) {
+            } => match self
+                .core
+                .subscribe_with_options(id, filter, opts.clone(), now_ms())
+            {
                 Ok(frames) => {
                     let ids: HashSet<u64> = self.core.relay_ids(id).iter().copied().collect();
                     out.extend(frames.iter().map(Frame::to_bytes));
+                    let acking = opts.qos != Qos::AtMostOnce || opts.durable.is_some();
                     self.sinks.insert(
                         id,
                         Sink {
                             tx,
                             ready: Some((ready, ids)),
+                            acking,
                         },
                     );
                 }
@@ -1038,14 +1167,23 @@ impl Driver {
                     }
                 }
                 self.sync_stats(); // counters are current before the app sees the message
+                let mut handed_to_acking = false;
                 if let Some((r, targets)) = opened {
                     for t in targets {
                         if let Some(s) = self.sinks.get(&t) {
                             if s.tx.try_send(r.clone()).is_err() {
                                 self.stats.lock().expect("stats lock").slow_subscriber_drops += 1;
+                            } else if s.acking {
+                                handed_to_acking = true; // acked when the app takes it
                             }
                         }
                     }
+                }
+                // Stored messages no at-least-once subscription will see (not opened,
+                // duplicate, dropped by a plugin) are acknowledged at once, revealing
+                // nothing about why; otherwise the relay would redeliver them forever.
+                if m.seq > 0 && !handed_to_acking && self.sinks.values().any(|s| s.acking) {
+                    self.pending_acks.push(m.seq);
                 }
             }
             Frame::SubOk(ok) => {
@@ -1063,6 +1201,7 @@ impl Driver {
                 }
             }
             Frame::PubAck(a) => {
+                self.inflight.remove(&a.publish_id);
                 if let Some(tx) = self.acks.remove(&a.publish_id) {
                     let _ = tx.send(Ok(a.seq));
                 }
@@ -1077,6 +1216,7 @@ impl Driver {
             Frame::Err(e) => {
                 tracing::warn!(code = e.code.name(), message = %e.message, fatal = e.fatal, "relay error");
                 if let Some(pid) = e.publish_id {
+                    self.inflight.remove(&pid);
                     if let Some(tx) = self.acks.remove(&pid) {
                         let _ = tx.send(Err(PublishError::Rejected {
                             code: e.code,

@@ -123,11 +123,17 @@ impl SubscribeOptions {
     }
 }
 
-/// Bounded set of recently seen `(tree, sender, msg_id)` (CRYPTO.md receiver check 6).
+/// What identifies one delivery: the local subscription and the sealed `(tree, sender,
+/// msg_id)` (CRYPTO.md receiver check 6). Per subscription, so a new subscription that asks
+/// for history gets messages an older one already saw, while each subscription still sees
+/// every message once across reconnects, replays, redeliveries and publisher re-sends.
+type DedupKey = (LocalSubId, TreeId, [u8; 32], [u8; 16]);
+
+/// Bounded set of recently delivered [`DedupKey`]s (oldest forgotten first).
 #[derive(Debug)]
 struct Dedup {
-    seen: HashSet<(TreeId, [u8; 32], [u8; 16])>,
-    order: VecDeque<(TreeId, [u8; 32], [u8; 16])>,
+    seen: HashSet<DedupKey>,
+    order: VecDeque<DedupKey>,
     cap: usize,
 }
 
@@ -140,7 +146,7 @@ impl Dedup {
         }
     }
     /// True if new (and remembers it).
-    fn insert(&mut self, key: (TreeId, [u8; 32], [u8; 16])) -> bool {
+    fn insert(&mut self, key: DedupKey) -> bool {
         if !self.seen.insert(key) {
             return false;
         }
@@ -257,7 +263,7 @@ impl ClientCore {
             subs: HashMap::new(),
             relay_to_local: HashMap::new(),
             next_relay_id: 1,
-            dedup: Dedup::new(100_000),
+            dedup: Dedup::new(200_000),
             stats: CoreStats::default(),
             last_seq: 0,
         }
@@ -268,8 +274,10 @@ impl ClientCore {
         Frame::Hello(Hello {
             versions: vec![frame::PROTOCOL_VERSION],
             features: frame::features::AT_LEAST_ONCE
+                | frame::features::EXACTLY_ONCE
                 | frame::features::RETAIN
-                | frame::features::REPLAY,
+                | frame::features::REPLAY
+                | frame::features::DURABLE,
             client: Some(client.to_owned()),
             auth: None,
         })
@@ -425,20 +433,22 @@ impl ClientCore {
             }
         };
         let sender = o.sender.map(|s| s.to_bytes()).unwrap_or([0; 32]);
-        if !self.dedup.insert((o.tree_id, sender, o.msg_id.0)) {
-            self.stats.duplicates += 1;
-            return None;
+        let mut matched = false;
+        let mut targets: Vec<LocalSubId> = Vec::new();
+        for (id, s) in self.subs.iter_mut() {
+            if !s.filter.matches(&o.topic) {
+                continue;
+            }
+            matched = true;
+            s.last_seq = s.last_seq.max(msg.seq);
+            if self.dedup.insert((*id, o.tree_id, sender, o.msg_id.0)) {
+                targets.push(*id);
+            }
         }
-        let targets: Vec<LocalSubId> = self
-            .subs
-            .iter_mut()
-            .filter(|(_, s)| s.filter.matches(&o.topic))
-            .map(|(id, s)| {
-                s.last_seq = s.last_seq.max(msg.seq);
-                *id
-            })
-            .collect();
         if targets.is_empty() {
+            if matched {
+                self.stats.duplicates += 1;
+            }
             return None;
         }
         self.stats.delivered += 1;

@@ -1,0 +1,289 @@
+//! Delivery guarantees through the client: QoS 1/2 publishes re-sent across reconnects,
+//! exactly-once under induced connection kills, replay, retained values, durable
+//! subscriptions, and an embedded broker persisted in a real SQLite file.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use support::*;
+use tokio::sync::Notify;
+use whispeer::protocol::Qos;
+use whispeer::{Encryption, PublishOptions, Reconnect, Replay, SubscribeOptions, Tcp};
+
+/// A TCP proxy whose live connections can all be cut at once (both directions, abruptly),
+/// to induce reconnects at chosen moments.
+struct KillerProxy {
+    addr: std::net::SocketAddr,
+    kill: Arc<Notify>,
+}
+
+impl KillerProxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let kill = Arc::new(Notify::new());
+        let k = kill.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(relay) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let k = k.clone();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut rr, mut rw) = relay.into_split();
+                    // Dropping both halves of both sockets cuts the connection.
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut cr, &mut rw) => {}
+                        _ = tokio::io::copy(&mut rr, &mut cw) => {}
+                        _ = k.notified() => {}
+                    }
+                });
+            }
+        });
+        KillerProxy { addr, kill }
+    }
+    fn cut_all(&self) {
+        self.kill.notify_waiters();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_under_induced_reconnects_in_order() {
+    const N: u32 = 2_000;
+    let relay = TestRelay::start().await; // the library relay keeps messages in memory
+    let proxy = KillerProxy::start(relay.addrs.tcp.unwrap()).await;
+    let t = tree("eo");
+    let connect = || async {
+        whispeer::Client::builder()
+            .with(Tcp::new(proxy.addr.to_string()))
+            .with(Encryption::new(keyring_with(&t)))
+            .with(identity())
+            .with(Reconnect {
+                initial: Duration::from_millis(5),
+                max: Duration::from_millis(50),
+                max_attempts: None,
+            })
+            .connect()
+            .await
+            .unwrap()
+    };
+    let sub_client = connect().await;
+    let publisher = connect().await;
+    let mut sub = sub_client
+        .subscribe_with_options::<u32>("orders/#", SubscribeOptions::new().qos(Qos::ExactlyOnce))
+        .await
+        .unwrap();
+
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(N as usize);
+        while got.len() < N as usize {
+            let m = within("every message", sub.next()).await.unwrap().unwrap();
+            got.push(m.value);
+        }
+        got
+    });
+    let mut seqs = Vec::with_capacity(N as usize);
+    for i in 0..N {
+        if i > 0 && i % 300 == 0 {
+            proxy.cut_all(); // both clients lose their connection mid-stream
+        }
+        let seq = within(
+            "PubAck",
+            publisher.publish_with("orders/eu", &i, PublishOptions::exactly_once()),
+        )
+        .await
+        .unwrap();
+        seqs.push(seq);
+    }
+    let got = within("reader", reader).await.unwrap();
+    assert_eq!(got, (0..N).collect::<Vec<_>>(), "each once, in order");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "PubAck sequences increase"
+    );
+    assert!(publisher.stats().reconnects >= 5, "{:?}", publisher.stats());
+    assert!(
+        sub_client.stats().reconnects >= 5,
+        "{:?}",
+        sub_client.stats()
+    );
+    publisher.close().await;
+    sub_client.close().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_sequence_last_n_and_retained_values() {
+    let relay = TestRelay::start().await;
+    let t = tree("hist");
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let mut seqs = Vec::new();
+    for i in 0..10u32 {
+        let topic = if i % 2 == 0 { "log/a" } else { "log/b" };
+        seqs.push(
+            p.publish_with(topic, &i, PublishOptions::at_least_once())
+                .await
+                .unwrap(),
+        );
+    }
+    p.publish_with(
+        "config/mode",
+        &"eco".to_string(),
+        PublishOptions::at_least_once().retain(),
+    )
+    .await
+    .unwrap();
+
+    let c = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    // From a sequence: everything at or after it, in order, then live.
+    let mut from = c
+        .subscribe_with_options::<u32>(
+            "log/#",
+            SubscribeOptions::new().replay(Replay::FromSeq(seqs[6])),
+        )
+        .await
+        .unwrap();
+    for want in 6..10u32 {
+        assert_eq!(
+            within("history", from.next()).await.unwrap().unwrap().value,
+            want
+        );
+    }
+    p.publish("log/a", &10u32).await.unwrap();
+    let live = within("live", from.next()).await.unwrap().unwrap();
+    assert_eq!(live.value, 10);
+    assert!(live.seq > seqs[9]);
+
+    // The last N per topic.
+    let mut last = c
+        .subscribe_with_options::<u32>("log/b", SubscribeOptions::new().replay(Replay::LastN(2)))
+        .await
+        .unwrap();
+    for want in [7u32, 9] {
+        assert_eq!(
+            within("last n", last.next()).await.unwrap().unwrap().value,
+            want
+        );
+    }
+
+    // A retained value arrives first on a plain subscription, flagged.
+    let mut cfg = c.subscribe::<String>("config/+").await.unwrap();
+    let r = within("retained", cfg.next()).await.unwrap().unwrap();
+    assert_eq!((r.value.as_str(), r.retained), ("eco", true));
+    p.close().await;
+    c.close().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscription_resumes_where_it_left_off() {
+    let relay = TestRelay::start().await;
+    let t = tree("dur");
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let opts = || {
+        SubscribeOptions::new()
+            .qos(Qos::AtLeastOnce)
+            .durable("billing")
+    };
+
+    let first = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let mut sub = first
+        .subscribe_with_options::<u32>("invoice/#", opts())
+        .await
+        .unwrap();
+    for i in 0..5u32 {
+        p.publish_with("invoice/new", &i, PublishOptions::at_least_once())
+            .await
+            .unwrap();
+    }
+    for want in 0..3u32 {
+        assert_eq!(
+            within("taken", sub.next()).await.unwrap().unwrap().value,
+            want
+        );
+    }
+    // The app took (and so acknowledged) 0..3; make sure the acks reached the relay.
+    first.flush().await.unwrap();
+    drop(sub);
+    first.close().await;
+
+    for i in 5..8u32 {
+        p.publish_with("invoice/new", &i, PublishOptions::at_least_once())
+            .await
+            .unwrap();
+    }
+    let second = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    let mut sub = second
+        .subscribe_with_options::<u32>("invoice/#", opts())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 3..8u32 {
+        got.push(within("resumed", sub.next()).await.unwrap().unwrap().value);
+    }
+    assert_eq!(
+        got,
+        vec![3, 4, 5, 6, 7],
+        "resumed after the last acknowledged"
+    );
+    p.close().await;
+    second.close().await;
+    relay.stop().await;
+}
+
+#[cfg(feature = "in-process")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_broker_keeps_acknowledged_messages_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let tree = whispeer::TreeKey::generate("persist", &mut rand::rngs::OsRng).unwrap();
+    let broker = whispeer::Broker::builder()
+        .persistence(&db)
+        .tree_key(tree.clone())
+        .start()
+        .await
+        .unwrap();
+    let c = broker.client().await.unwrap();
+    for i in 0..100u32 {
+        c.publish_with("journal/day", &i, PublishOptions::at_least_once())
+            .await
+            .unwrap();
+    }
+    c.close().await;
+    broker.shutdown().await.unwrap();
+    assert!(db.exists());
+
+    let broker = whispeer::Broker::builder()
+        .persistence(&db)
+        .tree_key(tree)
+        .start()
+        .await
+        .unwrap();
+    let c = broker.client().await.unwrap();
+    let mut all = c
+        .subscribe_with_options::<u32>(
+            "journal/#",
+            SubscribeOptions::new().replay(Replay::FromSeq(0)),
+        )
+        .await
+        .unwrap();
+    for want in 0..100u32 {
+        assert_eq!(
+            within("after restart", all.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .value,
+            want
+        );
+    }
+    c.close().await;
+    broker.shutdown().await.unwrap();
+}
