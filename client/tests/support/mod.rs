@@ -202,6 +202,8 @@ pub fn start_relay_binary(extra: &[&str]) -> RelayProcess {
         .args(extra)
         .env_remove("RUST_LOG")
         .env_remove("WHISPEER_LOG")
+        // Anything the relay keeps by default (a store file) goes to its own directory.
+        .current_dir(dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -217,14 +219,15 @@ pub fn start_relay_binary(extra: &[&str]) -> RelayProcess {
         }
     });
     let start = std::time::Instant::now();
+    let mut seen = Vec::new();
     loop {
         match rx.recv_timeout(TIMEOUT) {
             Ok(line) if line.contains("listening") => break,
-            Ok(_) => continue,
-            Err(_) => {
-                let status = child.try_wait().ok().flatten();
+            Ok(line) => seen.push(line),
+            Err(e) => {
                 let _ = child.kill();
-                panic!("whispeer-relay did not start (exit status {status:?})");
+                let status = child.wait();
+                panic!("whispeer-relay did not start ({e:?}, {status:?}); stderr: {seen:?}");
             }
         }
     }

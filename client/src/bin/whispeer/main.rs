@@ -1,1 +1,128 @@
-fn main() {}
+//! `whispeer` — the command-line client: identities, keys, invites, publish, subscribe and a
+//! load generator. See the "CLI" section of the crate README for every command, the JSON
+//! output shapes, the environment variables and the exit codes.
+//!
+//! Exit codes: 0 success, 1 runtime error (bad key, unreachable relay, timeout, …),
+//! 2 usage error (bad flags, missing key or identity).
+#![forbid(unsafe_code)]
+
+mod bench;
+mod io;
+mod keys;
+mod pubsub;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// End-to-end encrypted publish/subscribe: keys, invites, pub, sub and bench.
+#[derive(Debug, Parser)]
+#[command(name = "whispeer", version, about, long_about = None)]
+struct Cli {
+    /// More logging on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create an identity (signing key + invite key); prints its public id.
+    Keygen(keys::KeygenArgs),
+    /// Print the public id and sender id of an identity.
+    Id(keys::IdArgs),
+    /// Create, derive and inspect tree keys and grants.
+    #[command(subcommand)]
+    Key(keys::KeyCommand),
+    /// Seal a grant to someone's public id, or open an invite addressed to you.
+    #[command(subcommand)]
+    Invite(keys::InviteCommand),
+    /// Publish JSON values (an argument, or JSON lines from stdin).
+    Pub(pubsub::PubArgs),
+    /// Subscribe and print one JSON line per message.
+    Sub(pubsub::SubArgs),
+    /// Load generator: publishers, subscribers, throughput and end-to-end latency.
+    Bench(bench::BenchArgs),
+}
+
+/// An error in how the command was invoked (exit code 2), as opposed to a runtime failure.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for UsageError {}
+
+/// Fails with a usage error (exit code 2).
+#[macro_export]
+macro_rules! usage {
+    ($($t:tt)*) => { return Err(anyhow::Error::new($crate::UsageError(format!($($t)*)))) };
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // Help and version go to stdout with exit 0; real usage errors exit 2.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Keygen(a) => keys::keygen(a),
+        Command::Id(a) => keys::id(a),
+        Command::Key(c) => keys::key(c),
+        Command::Invite(c) => keys::invite(c),
+        Command::Pub(a) => runtime().and_then(|rt| rt.block_on(pubsub::publish(a))),
+        Command::Sub(a) => runtime().and_then(|rt| rt.block_on(pubsub::subscribe(a))),
+        Command::Bench(a) => runtime().and_then(|rt| rt.block_on(bench::run(a))),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the whole cause chain, newlines folded.
+            let msg = format!("{e:#}").replace(['\n', '\r'], " ");
+            eprintln!("error: {msg}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

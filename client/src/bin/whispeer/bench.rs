@@ -1,0 +1,649 @@
+//! `whispeer bench`: a load generator in the style of `nats bench`.
+//!
+//! N publisher clients and M subscriber clients (each its own connection) share one topic
+//! in a fresh random tree (or the given keys). Every payload is sealed like any message and
+//! carries the send time (nanoseconds since a shared `Instant`) and a run id, padded to
+//! `--size`; subscribers record end-to-end latency in an HDR histogram.
+//!
+//! Flow control: unpaced publishers keep at most `--window` messages in flight (sent but
+//! not yet delivered to the slowest subscriber; without subscribers, acknowledged by a
+//! relay round trip), so the run measures throughput rather than how long queues can grow.
+//! A window that stalls (messages the relay dropped) is released after a short wait and the
+//! missing messages are counted as lost.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use hdrhistogram::Histogram;
+use rand::RngCore;
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+use whispeer::{Client, Compression, Identity, Padding, Topic, TreeKey};
+
+use crate::io::{self, AnyKey, KeyArgs};
+use crate::pubsub::{secs, ConnArgs};
+use crate::usage;
+
+/// Content type of bench payloads.
+const CONTENT_TYPE: &str = "application/x-whispeer-bench";
+/// Timestamp (8 bytes) + run id (8 bytes).
+const HEADER: usize = 16;
+/// How long a full window may wait for deliveries before the missing ones count as lost.
+const STALL: Duration = Duration::from_millis(500);
+/// After the publishers finish: how long deliveries may stop before the rest counts as lost.
+const DRAIN_IDLE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Publisher clients (one connection each).
+    #[arg(long, default_value_t = 1)]
+    pubs: usize,
+    /// Subscriber clients (one connection each).
+    #[arg(long, default_value_t = 1)]
+    subs: usize,
+    /// Payload bytes per message (at least 16: send time and run id, then random padding).
+    #[arg(long, value_name = "BYTES", default_value_t = 128)]
+    size: usize,
+    /// Total publish rate in messages per second across all publishers; 0 = unpaced.
+    #[arg(long, value_name = "MSGS_PER_SEC", default_value_t = 0.0)]
+    rate: f64,
+    /// Seconds to publish (ignored with --msgs).
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    duration: f64,
+    /// Publish exactly this many messages in total, then stop.
+    #[arg(long, value_name = "N")]
+    msgs: Option<u64>,
+    /// The topic (in the bench's own random tree unless keys are given).
+    #[arg(long, value_name = "TOPIC", default_value = "bench/load")]
+    topic: String,
+    /// Most messages in flight (published, not yet delivered to every subscriber).
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    window: u64,
+    /// Compress payloads with zstd at this level (default: off; bench payloads are random).
+    #[arg(long, value_name = "LEVEL")]
+    zstd: Option<i32>,
+    /// Exact sizes instead of Padmé padding.
+    #[arg(long)]
+    no_padding: bool,
+    /// Do not sign messages (publishers have no identity).
+    #[arg(long)]
+    no_sign: bool,
+    /// Print one JSON object with the results instead of text.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar (it is also hidden when stderr is not a terminal).
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    keys: KeyArgs,
+}
+
+/// Shared between publishers, subscribers and the progress ticker.
+struct Shared {
+    base: Instant,
+    run_id: u64,
+    sent: AtomicU64,
+    received: Vec<AtomicU64>,
+    /// Messages given up on by the window (delivered never, or so late it stalled).
+    forgiven: AtomicU64,
+    progress: Notify,
+    stop_publishing: AtomicBool,
+    window: u64,
+    notify_every: u64,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+    fn min_received(&self) -> Option<u64> {
+        self.received
+            .iter()
+            .map(|r| r.load(Ordering::Acquire))
+            .min()
+    }
+    fn total_received(&self) -> u64 {
+        self.received
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .sum()
+    }
+    /// Waits while the window is full.
+    async fn window_open(&self) {
+        loop {
+            let Some(min) = self.min_received() else {
+                return;
+            };
+            let sent = self.sent.load(Ordering::Acquire);
+            let done = min + self.forgiven.load(Ordering::Acquire);
+            if sent < done + self.window {
+                return;
+            }
+            let notified = self.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.min_received() != Some(min) {
+                continue;
+            }
+            if tokio::time::timeout(STALL, notified).await.is_err()
+                && self.min_received() == Some(min)
+            {
+                // Nothing arrived for a while: give up on what is outstanding.
+                let outstanding = sent.saturating_sub(done);
+                self.forgiven.fetch_add(outstanding, Ordering::AcqRel);
+                tracing::debug!(outstanding, "window stalled; counting as lost");
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct PubResult {
+    sent: u64,
+    end_ns: u64,
+    reconnects: u64,
+}
+
+struct SubResult {
+    hist: Histogram<u64>,
+    received: u64,
+    last_ns: u64,
+    reconnects: u64,
+    relay_gaps: u64,
+    rejected: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Latency {
+    p50: u64,
+    p90: u64,
+    p99: u64,
+    p999: u64,
+    max: u64,
+    mean: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    pubs: usize,
+    subs: usize,
+    size: usize,
+    sent: u64,
+    received: u64,
+    duration_s: f64,
+    publish_rate: f64,
+    delivery_rate: f64,
+    latency_us: Latency,
+    /// sent × subs.
+    expected: u64,
+    lost: u64,
+    publish_mb_per_s: f64,
+    delivery_mb_per_s: f64,
+    /// The requested total rate (0 = unpaced).
+    target_rate: f64,
+    relay: String,
+    topic: String,
+    reconnects: u64,
+    relay_gaps: u64,
+}
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+pub async fn run(a: BenchArgs) -> Result<ExitCode> {
+    a.conn.check()?;
+    if a.pubs == 0 {
+        usage!("--pubs must be at least 1");
+    }
+    if a.size < HEADER {
+        usage!("--size must be at least {HEADER} bytes (send time and run id)");
+    }
+    if !a.rate.is_finite() || a.rate < 0.0 {
+        usage!("--rate must be a non-negative number");
+    }
+    if a.window == 0 {
+        usage!("--window must be at least 1");
+    }
+    let duration = secs(a.duration)?;
+    let topic = Topic::new(a.topic.as_str()).with_context(|| format!("topic '{}'", a.topic))?;
+    let mut keys = a.keys.load()?;
+    if keys.is_empty() {
+        keys.push(AnyKey::Tree(TreeKey::generate(
+            "bench",
+            &mut rand::rngs::OsRng,
+        )?));
+    }
+    io::keyring(&keys)?
+        .grant_for(&topic)
+        .context("the given keys cannot publish on the bench topic")?;
+
+    let compression = match a.zstd {
+        Some(l) if l > 0 => Compression::zstd(l),
+        _ => Compression::none(),
+    };
+    let connect = |identity: Option<Identity>| {
+        connect_bench(&a.conn, &keys, identity, compression, a.no_padding)
+    };
+
+    // Connect everyone and subscribe before the first publish.
+    let mut sub_clients = Vec::with_capacity(a.subs);
+    for _ in 0..a.subs {
+        let c = connect(None).await?;
+        let s = c
+            .subscribe_bytes(topic.as_str())
+            .await
+            .context("subscribe failed")?;
+        sub_clients.push((c, s));
+    }
+    let mut pub_clients = Vec::with_capacity(a.pubs);
+    for _ in 0..a.pubs {
+        let id = (!a.no_sign).then(|| Identity::generate(&mut rand::rngs::OsRng));
+        pub_clients.push(connect(id).await?);
+    }
+
+    let shared = Arc::new(Shared {
+        base: Instant::now(),
+        run_id: rand::rngs::OsRng.next_u64(),
+        sent: AtomicU64::new(0),
+        received: (0..a.subs).map(|_| AtomicU64::new(0)).collect(),
+        forgiven: AtomicU64::new(0),
+        progress: Notify::new(),
+        stop_publishing: AtomicBool::new(false),
+        window: a.window,
+        notify_every: (a.window / 8).clamp(1, 64),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut sub_tasks = Vec::new();
+    for (i, (client, sub)) in sub_clients.into_iter().enumerate() {
+        sub_tasks.push(tokio::spawn(subscriber(
+            i,
+            client,
+            sub,
+            shared.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    let bar = progress_bar(&a, duration);
+    let ticker = {
+        let shared = shared.clone();
+        let bar = bar.clone();
+        let msgs = a.msgs;
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => break,
+                }
+                let sent = shared.sent.load(Ordering::Relaxed);
+                let recv = shared.total_received();
+                let el = shared.base.elapsed();
+                match msgs {
+                    Some(_) => bar.set_position(sent),
+                    None => bar.set_position(el.as_millis() as u64),
+                }
+                let rate = sent as f64 / el.as_secs_f64().max(1e-9);
+                bar.set_message(format!(
+                    "sent {sent}  received {recv}  {} msgs/s",
+                    fmt_int(rate)
+                ));
+            }
+        })
+    };
+
+    let per_pub_rate = a.rate / a.pubs as f64;
+    let mut pub_tasks = Vec::new();
+    for (i, client) in pub_clients.into_iter().enumerate() {
+        let quota = a.msgs.map(|m| {
+            let n = a.pubs as u64;
+            m / n + u64::from((i as u64) < m % n)
+        });
+        pub_tasks.push(tokio::spawn(publisher(
+            client,
+            topic.clone(),
+            shared.clone(),
+            a.size,
+            quota,
+            duration,
+            per_pub_rate,
+            a.subs == 0,
+        )));
+    }
+    let mut pubs = Vec::new();
+    for t in pub_tasks {
+        pubs.push(t.await.context("publisher task")??);
+    }
+    shared.stop_publishing.store(true, Ordering::Release);
+    let sent: u64 = pubs.iter().map(|p| p.sent).sum();
+    let pub_end_ns = pubs.iter().map(|p| p.end_ns).max().unwrap_or(0);
+
+    // Drain: wait for every subscriber to have everything, or for deliveries to stop.
+    if a.subs > 0 {
+        let mut last = shared.total_received();
+        let mut last_change = Instant::now();
+        let target = sent * a.subs as u64;
+        while shared.total_received() < target {
+            let notified = shared.progress.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+            let now = shared.total_received();
+            if now != last {
+                last = now;
+                last_change = Instant::now();
+            } else if last_change.elapsed() > DRAIN_IDLE {
+                break;
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = ticker.await;
+    bar.finish_and_clear();
+
+    let mut hist = new_hist();
+    let mut received = 0;
+    let mut last_ns = 0;
+    let mut relay_gaps = 0;
+    let mut rejected = 0;
+    let mut reconnects: u64 = pubs.iter().map(|p| p.reconnects).sum();
+    for t in sub_tasks {
+        let r = t.await.context("subscriber task")?;
+        hist.add(&r.hist).expect("same bounds");
+        received += r.received;
+        last_ns = last_ns.max(r.last_ns);
+        relay_gaps += r.relay_gaps;
+        rejected += r.rejected;
+        reconnects += r.reconnects;
+    }
+
+    let pub_s = (pub_end_ns as f64 / 1e9).max(1e-9);
+    let del_s = (last_ns as f64 / 1e9).max(1e-9);
+    let expected = sent * a.subs as u64;
+    let mb = |rate: f64| rate * a.size as f64 / 1e6;
+    let publish_rate = sent as f64 / pub_s;
+    let delivery_rate = if received > 0 {
+        received as f64 / del_s
+    } else {
+        0.0
+    };
+    let q = |p: f64| {
+        if hist.is_empty() {
+            0
+        } else {
+            hist.value_at_quantile(p)
+        }
+    };
+    let report = Report {
+        pubs: a.pubs,
+        subs: a.subs,
+        size: a.size,
+        sent,
+        received,
+        duration_s: round3(pub_s.max(if received > 0 { del_s } else { 0.0 })),
+        publish_rate: round1(publish_rate),
+        delivery_rate: round1(delivery_rate),
+        latency_us: Latency {
+            p50: q(0.50),
+            p90: q(0.90),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: if hist.is_empty() { 0 } else { hist.max() },
+            mean: round1(if hist.is_empty() { 0.0 } else { hist.mean() }),
+        },
+        expected,
+        lost: expected.saturating_sub(received),
+        publish_mb_per_s: round3(mb(publish_rate)),
+        delivery_mb_per_s: round3(mb(delivery_rate)),
+        target_rate: a.rate,
+        relay: a.conn.relay.clone(),
+        topic: a.topic.clone(),
+        reconnects,
+        relay_gaps,
+    };
+    if reconnects > 0 {
+        io::warn(format!(
+            "clients reconnected {reconnects} time(s) during the run (a relay limit such as \
+             publish_rate? run the relay with --publish-rate 0 for benchmarks)"
+        ));
+    }
+    if rejected > 0 {
+        io::warn(format!("{rejected} message(s) could not be opened"));
+    }
+    if a.json {
+        io::print_or_exit(&serde_json::to_string(&report)?)?;
+    } else {
+        print_human(&report)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn connect_bench(
+    conn: &ConnArgs,
+    keys: &[AnyKey],
+    identity: Option<Identity>,
+    compression: Compression,
+    no_padding: bool,
+) -> Result<Client> {
+    let keyring = io::keyring(keys)?;
+    let mut b = Client::builder()
+        .with(whispeer::WebSocket::new(&conn.relay))
+        .with(whispeer::Encryption::new(keyring))
+        .with(compression)
+        .with(if no_padding {
+            Padding::none()
+        } else {
+            Padding::padme()
+        })
+        .connect_timeout(secs(conn.connect_timeout)?);
+    if let Some(id) = identity {
+        b = b.with(id);
+    }
+    if let Some(ca) = &conn.ca {
+        b = b.with(
+            whispeer::TlsRoot::pem_file(ca)
+                .with_context(|| format!("cannot read {}", ca.display()))?,
+        );
+    }
+    b.connect()
+        .await
+        .with_context(|| format!("cannot connect to {}", conn.relay))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn publisher(
+    client: Client,
+    topic: Topic,
+    shared: Arc<Shared>,
+    size: usize,
+    quota: Option<u64>,
+    duration: Duration,
+    rate: f64,
+    flush_window: bool,
+) -> Result<PubResult> {
+    let mut buf = vec![0u8; size];
+    rand::rngs::OsRng.fill_bytes(&mut buf[HEADER..]);
+    buf[8..16].copy_from_slice(&shared.run_id.to_be_bytes());
+    let start = tokio::time::Instant::now();
+    let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+    let mut n = 0u64;
+    loop {
+        match quota {
+            Some(q) if n >= q => break,
+            None if shared.base.elapsed() >= duration => break,
+            _ => {}
+        }
+        if let Some(iv) = interval {
+            let due = start + iv.mul_f64(n as f64);
+            if due > tokio::time::Instant::now() {
+                tokio::time::sleep_until(due).await;
+            }
+        }
+        if flush_window {
+            if n > 0 && n % shared.window == 0 {
+                client.flush().await.context("flush")?;
+            }
+        } else {
+            shared.window_open().await;
+        }
+        buf[..8].copy_from_slice(&shared.now_ns().to_be_bytes());
+        client
+            .publish_bytes(topic.as_str(), CONTENT_TYPE, &buf)
+            .await
+            .context("publish failed")?;
+        shared.sent.fetch_add(1, Ordering::AcqRel);
+        n += 1;
+    }
+    client
+        .flush()
+        .await
+        .context("the relay did not confirm the messages")?;
+    let end_ns = shared.now_ns();
+    let reconnects = client.stats().reconnects;
+    client.close().await;
+    Ok(PubResult {
+        sent: n,
+        end_ns,
+        reconnects,
+    })
+}
+
+async fn subscriber(
+    idx: usize,
+    client: Client,
+    mut sub: whispeer::Subscription<Vec<u8>>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> SubResult {
+    let mut hist = new_hist();
+    let mut received = 0u64;
+    let mut last_ns = 0u64;
+    loop {
+        let m = tokio::select! {
+            biased;
+            m = sub.next_message() => m,
+            _ = stop.changed() => break,
+        };
+        let Some(Ok(m)) = m else {
+            if m.is_none() {
+                break;
+            }
+            continue;
+        };
+        let v = &m.value;
+        if v.len() < HEADER || v[8..16] != shared.run_id.to_be_bytes() {
+            continue; // not from this run
+        }
+        let now = shared.now_ns();
+        let sent_ns = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+        let us = now.saturating_sub(sent_ns) / 1000;
+        hist.saturating_record(us.max(1));
+        received += 1;
+        last_ns = now;
+        shared.received[idx].fetch_add(1, Ordering::AcqRel);
+        if received % shared.notify_every == 0 {
+            shared.progress.notify_waiters();
+        }
+    }
+    shared.progress.notify_waiters();
+    let stats = client.stats();
+    tracing::debug!(subscriber = idx, received, ?stats, "subscriber done");
+    drop(sub);
+    client.close().await;
+    SubResult {
+        hist,
+        received,
+        last_ns,
+        reconnects: stats.reconnects,
+        relay_gaps: stats.core.relay_gaps,
+        rejected: stats.core.rejected,
+    }
+}
+
+fn progress_bar(a: &BenchArgs, duration: Duration) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    if a.no_progress || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let len = a.msgs.unwrap_or(duration.as_millis() as u64);
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    let tmpl = if a.msgs.is_some() {
+        "{elapsed_precise} [{bar:30}] {pos}/{len} {msg}"
+    } else {
+        "{elapsed_precise} [{bar:30}] {msg}"
+    };
+    if let Ok(style) = ProgressStyle::with_template(tmpl) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// 1234567.8 → "1,234,568".
+fn fmt_int(x: f64) -> String {
+    let s = format!("{:.0}", x.max(0.0));
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn print_human(r: &Report) -> Result<()> {
+    let pace = if r.target_rate > 0.0 {
+        format!("paced at {} msgs/s", fmt_int(r.target_rate))
+    } else {
+        "unpaced".to_owned()
+    };
+    let lines = [
+        format!(
+            "whispeer bench: {} publisher(s), {} subscriber(s), {}-byte payloads, {pace}, {} {}",
+            r.pubs, r.subs, r.size, r.relay, r.topic
+        ),
+        format!(
+            "publish:   {} msgs = {} msgs/s ({:.2} MB/s)",
+            fmt_int(r.sent as f64),
+            fmt_int(r.publish_rate),
+            r.publish_mb_per_s
+        ),
+        format!(
+            "delivered: {} msgs = {} msgs/s ({:.2} MB/s) across {} subscriber(s); lost {}",
+            fmt_int(r.received as f64),
+            fmt_int(r.delivery_rate),
+            r.delivery_mb_per_s,
+            r.subs,
+            r.lost
+        ),
+        format!(
+            "latency µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (mean {:.1})",
+            r.latency_us.p50,
+            r.latency_us.p90,
+            r.latency_us.p99,
+            r.latency_us.p999,
+            r.latency_us.max,
+            r.latency_us.mean
+        ),
+        format!("duration:  {:.3} s", r.duration_s),
+    ];
+    for l in lines {
+        io::print_or_exit(&l)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,339 @@
+//! Where keys and identities come from (flags, files, environment, stdin), secret files
+//! with mode 0600, and stdout that tolerates a closed pipe.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use whispeer::{Grant, Identity, Keyring, TreeKey};
+
+use crate::usage;
+
+/// Environment variable with key strings, or the path of a key file.
+pub const ENV_KEY: &str = "WHISPEER_KEY";
+/// Environment variable with an identity secret string, or the path of an identity file.
+pub const ENV_IDENTITY: &str = "WHISPEER_IDENTITY";
+
+/// Prints a warning on stderr.
+pub fn warn(msg: impl std::fmt::Display) {
+    eprintln!("warning: {msg}");
+}
+
+/// Prints a line on stdout and flushes it (so pipes see each line at once).
+pub fn println_flush(line: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(line.as_bytes())?;
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
+/// Prints a line on stdout; a closed pipe (`| head`) is not an error worth reporting.
+pub fn print_or_exit(line: &str) -> Result<()> {
+    match println_flush(line) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        r => Ok(r?),
+    }
+}
+
+/// A tree admin key or a grant, as read from a key string.
+#[derive(Clone, Debug)]
+pub enum AnyKey {
+    /// `wstree1…`: the whole tree, and the power to issue grants.
+    Tree(TreeKey),
+    /// `wskey1…`: a subtree or one topic.
+    Grant(Grant),
+}
+
+impl AnyKey {
+    /// Parses `wstree1…` or `wskey1…`.
+    pub fn parse(s: &str) -> Result<AnyKey> {
+        let s = s.trim();
+        let lower = s.to_ascii_lowercase();
+        if lower.starts_with("wstree1") {
+            return Ok(AnyKey::Tree(
+                TreeKey::from_key_string(s).context("invalid tree key")?,
+            ));
+        }
+        if lower.starts_with("wskey1") {
+            return Ok(AnyKey::Grant(
+                Grant::from_key_string(s).context("invalid grant key")?,
+            ));
+        }
+        let kind = lower.split_once('1').map(|(h, _)| h).unwrap_or("");
+        match kind {
+            "wssec" | "wsid" | "wspk" | "wsinv" => anyhow::bail!(
+                "expected a key string (wstree1… or wskey1…) but got a '{kind}1…' string"
+            ),
+            _ => anyhow::bail!("not a key string: expected 'wstree1…' or 'wskey1…'"),
+        }
+    }
+
+    /// The grant this key gives (the whole tree for an admin key).
+    pub fn grant(&self) -> Grant {
+        match self {
+            AnyKey::Tree(t) => t.grant_all(),
+            AnyKey::Grant(g) => g.clone(),
+        }
+    }
+}
+
+/// A keyring holding these keys.
+pub fn keyring(keys: &[AnyKey]) -> Result<Keyring> {
+    let mut k = Keyring::new();
+    for key in keys {
+        k.add_grant(key.grant(), whispeer::now_ms())
+            .context("cannot add key")?;
+    }
+    Ok(k)
+}
+
+/// The key strings in a text: one per line (or separated by whitespace or commas),
+/// `#` starts a comment line.
+pub fn split_keys(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .flat_map(|l| l.split(|c: char| c.is_whitespace() || c == ','))
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `--key` / `--key-file`, falling back to `WHISPEER_KEY`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct KeyArgs {
+    /// A key string (wstree1… or wskey1…); repeatable. Visible to other users in the process
+    /// list: prefer --key-file or WHISPEER_KEY.
+    #[arg(long = "key", value_name = "KEY")]
+    pub keys: Vec<String>,
+    /// A file of key strings, one per line ('#' comments); repeatable.
+    #[arg(long = "key-file", value_name = "FILE")]
+    pub key_files: Vec<PathBuf>,
+}
+
+impl KeyArgs {
+    /// The key strings given by flags, else by `WHISPEER_KEY` (key strings, or a file path).
+    pub fn texts(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        if !self.keys.is_empty() {
+            warn(
+                "--key puts a secret on the command line, where other users can see it \
+                 (ps, shell history); prefer --key-file FILE or WHISPEER_KEY",
+            );
+            for k in &self.keys {
+                out.extend(split_keys(k));
+            }
+        }
+        for f in &self.key_files {
+            let text = read_secret_file(f)?;
+            let keys = split_keys(&text);
+            if keys.is_empty() {
+                anyhow::bail!("key file {} holds no key", f.display());
+            }
+            out.extend(keys);
+        }
+        if out.is_empty() {
+            if let Some(v) = std::env::var_os(ENV_KEY) {
+                let v = v.to_string_lossy().into_owned();
+                if v.trim().is_empty() {
+                } else if looks_like_key(&v) {
+                    out.extend(split_keys(&v));
+                } else {
+                    let path = PathBuf::from(v.trim());
+                    let text = read_secret_file(&path)
+                        .with_context(|| format!("{ENV_KEY} names no readable key file"))?;
+                    out.extend(split_keys(&text));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The parsed keys (possibly none).
+    pub fn load(&self) -> Result<Vec<AnyKey>> {
+        self.texts()?
+            .iter()
+            .enumerate()
+            .map(|(i, s)| AnyKey::parse(s).with_context(|| format!("key #{}", i + 1)))
+            .collect()
+    }
+
+    /// The parsed keys; a usage error when there are none.
+    pub fn require(&self) -> Result<Vec<AnyKey>> {
+        let keys = self.load()?;
+        if keys.is_empty() {
+            usage!("no key given: use --key-file FILE, set {ENV_KEY}, or --key KEY");
+        }
+        Ok(keys)
+    }
+}
+
+fn looks_like_key(s: &str) -> bool {
+    let s = s.trim_start().to_ascii_lowercase();
+    s.starts_with("wstree1") || s.starts_with("wskey1")
+}
+
+/// Key strings from a positional argument (`-` = stdin), else from the key flags and
+/// environment, else from stdin when it is not a terminal.
+pub fn key_texts_from(arg: Option<&str>, src: &KeyArgs) -> Result<Vec<String>> {
+    match arg {
+        Some("-") => read_stdin_keys(),
+        Some(s) => {
+            if looks_like_key(s) || s.trim_start().to_ascii_lowercase().starts_with("wssec1") {
+                warn(
+                    "a key given as an argument is visible to other users (ps, shell history); \
+                     prefer --key-file FILE, WHISPEER_KEY or '-' for stdin",
+                );
+            }
+            Ok(vec![s.trim().to_owned()])
+        }
+        None => {
+            let t = src.texts()?;
+            if !t.is_empty() {
+                return Ok(t);
+            }
+            if !std::io::stdin().is_terminal() {
+                let t = read_stdin_keys()?;
+                if !t.is_empty() {
+                    return Ok(t);
+                }
+            }
+            usage!("no key given: pass KEY ('-' for stdin), --key-file FILE, or set {ENV_KEY}")
+        }
+    }
+}
+
+/// Exactly one key from a positional argument or the key sources.
+pub fn one_key(arg: Option<&str>, src: &KeyArgs) -> Result<AnyKey> {
+    let texts = key_texts_from(arg, src)?;
+    if texts.len() != 1 {
+        usage!("expected exactly one key, got {}", texts.len());
+    }
+    AnyKey::parse(&texts[0])
+}
+
+fn read_stdin_keys() -> Result<Vec<String>> {
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("reading stdin")?;
+    Ok(split_keys(&s))
+}
+
+/// `--identity`, falling back to `WHISPEER_IDENTITY`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct IdentityArgs {
+    /// Identity file written by `whispeer keygen --out` (else WHISPEER_IDENTITY: the secret
+    /// string or a file path).
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+}
+
+impl IdentityArgs {
+    /// The identity, if one is given.
+    pub fn load(&self) -> Result<Option<Identity>> {
+        let text = if let Some(p) = &self.identity {
+            read_secret_file(p)?
+        } else if let Some(v) = std::env::var_os(ENV_IDENTITY) {
+            let v = v.to_string_lossy().into_owned();
+            if v.trim().is_empty() {
+                return Ok(None);
+            } else if v.trim_start().to_ascii_lowercase().starts_with("wssec1") {
+                v
+            } else {
+                read_secret_file(Path::new(v.trim()))
+                    .with_context(|| format!("{ENV_IDENTITY} names no readable identity file"))?
+            }
+        } else {
+            return Ok(None);
+        };
+        let secret = split_keys(&text)
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("the identity file holds no secret"))?;
+        Ok(Some(
+            Identity::from_secret_string(&secret).context("invalid identity")?,
+        ))
+    }
+
+    /// The identity; a usage error when none is given.
+    pub fn require(&self) -> Result<Identity> {
+        match self.load()? {
+            Some(i) => Ok(i),
+            None => {
+                usage!("no identity given: use --identity FILE or set {ENV_IDENTITY}")
+            }
+        }
+    }
+}
+
+/// Reads a file holding secrets, warning when others may read it.
+pub fn read_secret_file(path: &Path) -> Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                warn(format!(
+                    "{} holds secrets but is accessible by others (mode {mode:03o}); chmod 600 it",
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(text)
+}
+
+/// Writes a secret file with mode 0600. Without `force` an existing file is never touched;
+/// with it the file is replaced atomically.
+pub fn write_secret_file(path: &Path, contents: &str, force: bool) -> Result<()> {
+    use std::fs::OpenOptions;
+    fn open_new(p: &Path) -> std::io::Result<std::fs::File> {
+        let mut o = OpenOptions::new();
+        o.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            o.mode(0o600);
+        }
+        o.open(p)
+    }
+    if !force {
+        let mut f = match open_new(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                anyhow::bail!(
+                    "refusing to overwrite {} (use --force to replace it)",
+                    path.display()
+                )
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
+        };
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+        return Ok(());
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow::anyhow!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = open_new(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
+}

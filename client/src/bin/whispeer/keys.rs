@@ -1,0 +1,489 @@
+//! `keygen`, `id`, `key …` and `invite …`: everything that works on keys without a relay.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use whispeer::{
+    Grant, Identity, Invite, PassphraseParams, PublicId, Scope, SenderId, Topic, TreeKey,
+};
+
+use crate::io::{self, AnyKey, IdentityArgs, KeyArgs};
+use crate::usage;
+
+/// Environment variable read by `key from-passphrase`.
+pub const ENV_PASSPHRASE: &str = "WHISPEER_PASSPHRASE";
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Write the identity here (mode 0600) and print its public id; without it the secret is
+    /// printed on stdout.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Replace an existing file.
+    #[arg(long, requires = "out")]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    #[command(flatten)]
+    identity: IdentityArgs,
+    /// Print `{"public_id": …, "sender_id": …}`.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where a derived key goes: stdout by default.
+#[derive(Debug, Args)]
+pub struct OutArgs {
+    /// Write the key string to FILE (mode 0600) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Replace an existing FILE.
+    #[arg(long, requires = "out")]
+    force: bool,
+}
+
+impl OutArgs {
+    fn emit(&self, secret: &str) -> Result<()> {
+        match &self.out {
+            Some(p) => {
+                io::write_secret_file(p, &format!("{secret}\n"), self.force)?;
+                eprintln!("wrote {}", p.display());
+                Ok(())
+            }
+            None => io::print_or_exit(secret),
+        }
+    }
+}
+
+/// Which part of a tree a derived grant covers.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ScopeArgs {
+    /// A subtree: the grant covers PATH and everything below it (`PATH/#`).
+    #[arg(long, value_name = "PATH")]
+    path: Option<String>,
+    /// Exactly one topic (a single-topic grant: nothing below it).
+    #[arg(long, value_name = "TOPIC")]
+    topic: Option<String>,
+}
+
+/// The same, optional (for invites).
+#[derive(Debug, Args)]
+#[group(required = false, multiple = false)]
+pub struct NarrowArgs {
+    /// Narrow the key to the subtree PATH/# before sealing it.
+    #[arg(long, value_name = "PATH")]
+    path: Option<String>,
+    /// Narrow the key to exactly this topic before sealing it.
+    #[arg(long, value_name = "TOPIC")]
+    topic: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// A fresh random tree: prints its admin key (wstree1…), which can issue every grant.
+    New {
+        /// The tree's name (a label for people, up to 128 bytes).
+        #[arg(long, value_name = "NAME")]
+        tree: String,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+    /// A narrower grant (wskey1…) from a tree key or grant: a subtree (--path) or one topic
+    /// (--topic).
+    Derive {
+        /// The key to derive from ('-' reads stdin; default --key-file / WHISPEER_KEY / stdin).
+        key: Option<String>,
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[command(flatten)]
+        src: KeyArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+    /// The tree key every holder of NAME + passphrase derives alike (Argon2id). The
+    /// passphrase is read from WHISPEER_PASSPHRASE or the first line of stdin.
+    FromPassphrase {
+        /// The tree's name (part of the salt: the same passphrase under another name gives
+        /// another tree).
+        #[arg(long, value_name = "NAME")]
+        tree: String,
+        /// Argon2id memory in KiB (every holder must use the same parameters).
+        #[arg(long, default_value_t = PassphraseParams::default().m_kib, hide_short_help = true)]
+        argon2_memory_kib: u32,
+        /// Argon2id iterations.
+        #[arg(long, default_value_t = PassphraseParams::default().t, hide_short_help = true)]
+        argon2_iterations: u32,
+        /// Argon2id lanes.
+        #[arg(long, default_value_t = PassphraseParams::default().p, hide_short_help = true)]
+        argon2_lanes: u32,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+    /// Describe a key string of any kind (tree key, grant, identity, public id, sender id,
+    /// invite) without revealing secrets.
+    Show {
+        /// The string ('-' reads stdin; default --key-file / WHISPEER_KEY / stdin).
+        key: Option<String>,
+        /// One JSON object per key.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        src: KeyArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InviteCommand {
+    /// Seal a key to a recipient's public id (wsid1…): prints an invite (wsinv1…) that only
+    /// they can open, signed by your identity. Safe to send over any channel.
+    Seal {
+        /// The recipient's public id (wsid1…, as printed by their `whispeer keygen`).
+        #[arg(long, value_name = "PUBLIC_ID")]
+        to: String,
+        /// The key to share ('-' reads stdin; default --key-file / WHISPEER_KEY / stdin).
+        key: Option<String>,
+        #[command(flatten)]
+        narrow: NarrowArgs,
+        /// Seconds until the invite can no longer be opened.
+        #[arg(long, value_name = "SECS", default_value_t = 7 * 24 * 3600)]
+        expires_in: u64,
+        #[command(flatten)]
+        identity: IdentityArgs,
+        #[command(flatten)]
+        src: KeyArgs,
+    },
+    /// Open an invite addressed to your identity: prints the key string it carries.
+    Open {
+        /// The invite (wsinv1…; '-' or nothing reads stdin).
+        invite: Option<String>,
+        #[command(flatten)]
+        identity: IdentityArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+}
+
+fn identity_file_text(id: &Identity) -> String {
+    format!(
+        "# whispeer identity: keep this file secret (mode 0600)\n\
+         # public id (for invites): {}\n\
+         # sender id (on messages): {}\n\
+         {}\n",
+        id.public_id(),
+        id.sender_id(),
+        &*id.to_secret_string()
+    )
+}
+
+pub fn keygen(a: KeygenArgs) -> Result<ExitCode> {
+    let id = Identity::generate(&mut rand::rngs::OsRng);
+    match &a.out {
+        Some(path) => {
+            io::write_secret_file(path, &identity_file_text(&id), a.force)?;
+            eprintln!(
+                "identity written to {} (mode 0600); sender id: {}",
+                path.display(),
+                id.sender_id()
+            );
+            io::print_or_exit(&id.public_id().to_string())?;
+        }
+        None => {
+            io::warn(
+                "printing the identity's secret key on stdout; use --out FILE to store it \
+                 with mode 0600 instead",
+            );
+            eprintln!("public id: {}", id.public_id());
+            eprintln!("sender id: {}", id.sender_id());
+            io::print_or_exit(&id.to_secret_string())?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn id(a: IdArgs) -> Result<ExitCode> {
+    let id = a.identity.require()?;
+    if a.json {
+        io::print_or_exit(
+            &json!({
+                "public_id": id.public_id().to_string(),
+                "sender_id": id.sender_id().to_string(),
+            })
+            .to_string(),
+        )?;
+    } else {
+        io::print_or_exit(&format!("public id: {}", id.public_id()))?;
+        io::print_or_exit(&format!("sender id: {}", id.sender_id()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn key(c: KeyCommand) -> Result<ExitCode> {
+    match c {
+        KeyCommand::New { tree, out } => {
+            let tk = TreeKey::generate(&tree, &mut rand::rngs::OsRng)?;
+            out.emit(&tk.to_key_string())?;
+        }
+        KeyCommand::Derive {
+            key,
+            scope,
+            src,
+            out,
+        } => {
+            let k = io::one_key(key.as_deref(), &src)?;
+            let g = narrow(&k.grant(), scope.path.as_deref(), scope.topic.as_deref())?;
+            out.emit(&g.to_key_string())?;
+        }
+        KeyCommand::FromPassphrase {
+            tree,
+            argon2_memory_kib,
+            argon2_iterations,
+            argon2_lanes,
+            out,
+        } => {
+            let pass = read_passphrase()?;
+            let params = PassphraseParams {
+                m_kib: argon2_memory_kib,
+                t: argon2_iterations,
+                p: argon2_lanes,
+            };
+            let tk = TreeKey::from_passphrase(&tree, pass.as_bytes(), params)?;
+            out.emit(&tk.to_key_string())?;
+        }
+        KeyCommand::Show { key, json, src } => {
+            let texts = io::key_texts_from(key.as_deref(), &src)?;
+            for (i, t) in texts.iter().enumerate() {
+                let d = describe(t).with_context(|| format!("key #{}", i + 1))?;
+                if json {
+                    io::print_or_exit(&d.to_string())?;
+                } else {
+                    if i > 0 {
+                        io::print_or_exit("")?;
+                    }
+                    print_human(&d)?;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Narrows a grant to `path/#` or to exactly `topic` (`#` or empty path: unchanged whole tree).
+fn narrow(g: &Grant, path: Option<&str>, topic: Option<&str>) -> Result<Grant> {
+    let (p, exact) = match (path, topic) {
+        (Some(p), _) => (p.trim().trim_end_matches("/#").trim_end_matches('/'), false),
+        (None, Some(t)) => (t.trim(), true),
+        (None, None) => return Ok(g.clone()),
+    };
+    if !exact && (p.is_empty() || p == "#") {
+        if *g.scope() == Scope::Tree {
+            return Ok(g.clone());
+        }
+        anyhow::bail!("'#' is outside the grant's scope '{}'", g.scope());
+    }
+    let t = Topic::new(p).with_context(|| format!("invalid path '{p}'"))?;
+    Ok(g.narrow(&t, exact)?)
+}
+
+fn read_passphrase() -> Result<String> {
+    if let Some(p) = std::env::var_os(ENV_PASSPHRASE) {
+        let p = p.to_string_lossy().into_owned();
+        if !p.is_empty() {
+            return Ok(p);
+        }
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("passphrase (echoed; prefer piping it or {ENV_PASSPHRASE}): ");
+    }
+    let mut line = String::new();
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .context("reading the passphrase from stdin")?;
+    let p = line.trim_end_matches(['\n', '\r']).to_owned();
+    if p.is_empty() {
+        usage!("no passphrase: set {ENV_PASSPHRASE} or write it on stdin");
+    }
+    Ok(p)
+}
+
+fn scope_kind(s: &Scope) -> &'static str {
+    match s {
+        Scope::Tree => "tree",
+        Scope::Subtree(_) => "subtree",
+        Scope::Topic(_) => "topic",
+    }
+}
+
+/// A JSON description of any key string (never containing secret material).
+fn describe(s: &str) -> Result<serde_json::Value> {
+    let s = s.trim();
+    let hrp = s
+        .to_ascii_lowercase()
+        .split_once('1')
+        .map(|(h, _)| h.to_owned())
+        .unwrap_or_default();
+    Ok(match hrp.as_str() {
+        "wstree" => {
+            let tk = TreeKey::from_key_string(s).context("invalid tree key")?;
+            let cert = tk.cert();
+            json!({
+                "kind": "tree",
+                "tree": tk.name(),
+                "tree_id": tk.tree_id().to_string(),
+                "scope": "#",
+                "scope_kind": "tree",
+                "epoch": tk.epoch(),
+                "key_id": cert.keys().key_id().to_string(),
+                "admin": tk.admin().to_string(),
+            })
+        }
+        "wskey" => {
+            let g = Grant::from_key_string(s).context("invalid grant key")?;
+            let k = g.epoch_keys();
+            json!({
+                "kind": "grant",
+                "tree": g.cert().tree_name(),
+                "tree_id": k.tree_id().to_string(),
+                "scope": g.scope().to_string(),
+                "scope_kind": scope_kind(g.scope()),
+                "epoch": k.epoch(),
+                "key_id": k.key_id().to_string(),
+                "admin": g.cert().admin().to_string(),
+            })
+        }
+        "wssec" => {
+            let id = Identity::from_secret_string(s).context("invalid identity")?;
+            json!({
+                "kind": "identity",
+                "public_id": id.public_id().to_string(),
+                "sender_id": id.sender_id().to_string(),
+            })
+        }
+        "wsid" => {
+            let p = PublicId::from_str(s).context("invalid public id")?;
+            json!({
+                "kind": "public_id",
+                "public_id": p.to_string(),
+                "sender_id": p.sender_id().to_string(),
+            })
+        }
+        "wspk" => {
+            let p = SenderId::from_str(s).context("invalid sender id")?;
+            json!({ "kind": "sender_id", "sender_id": p.to_string() })
+        }
+        "wsinv" => {
+            // Only the recipient can open it; check the checksum at least.
+            whispeer::protocol::text::decode(whispeer::protocol::text::hrp::INVITE, s)
+                .context("invalid invite")?;
+            json!({ "kind": "invite", "note": "sealed; open it with `whispeer invite open`" })
+        }
+        _ => anyhow::bail!(
+            "not a whispeer key string (expected wstree1…, wskey1…, wssec1…, wsid1…, wspk1… \
+             or wsinv1…)"
+        ),
+    })
+}
+
+fn print_human(d: &serde_json::Value) -> Result<()> {
+    let get = |k: &str| {
+        d.get(k).map(|v| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    };
+    let kind = get("kind").unwrap_or_default();
+    let title = match kind.as_str() {
+        "tree" => "tree key (admin: can issue every grant)".to_owned(),
+        "grant" => format!("grant ({})", get("scope_kind").unwrap_or_default()),
+        "identity" => "identity (secret)".to_owned(),
+        "public_id" => "public id".to_owned(),
+        "sender_id" => "sender id".to_owned(),
+        "invite" => "invite (sealed)".to_owned(),
+        k => k.to_owned(),
+    };
+    io::print_or_exit(&format!("kind:      {title}"))?;
+    let rows = [
+        ("tree", "tree:      "),
+        ("tree_id", "tree id:   "),
+        ("scope", "scope:     "),
+        ("epoch", "epoch:     "),
+        ("key_id", "key id:    "),
+        ("admin", "admin:     "),
+        ("public_id", "public id: "),
+        ("sender_id", "sender id: "),
+        ("note", "note:      "),
+    ];
+    for (k, label) in rows {
+        if let Some(v) = get(k) {
+            io::print_or_exit(&format!("{label}{v}"))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn invite(c: InviteCommand) -> Result<ExitCode> {
+    match c {
+        InviteCommand::Seal {
+            to,
+            key,
+            narrow: n,
+            expires_in,
+            identity,
+            src,
+        } => {
+            let to = to.trim();
+            if to.to_ascii_lowercase().starts_with("wspk1") {
+                usage!(
+                    "--to needs a public id (wsid1…, printed by `whispeer keygen`), not a \
+                     sender id (wspk1…)"
+                );
+            }
+            let recipient = PublicId::from_str(to).context("invalid --to public id")?;
+            let me = identity.require()?;
+            let k: AnyKey = io::one_key(key.as_deref(), &src)?;
+            let g = narrow(&k.grant(), n.path.as_deref(), n.topic.as_deref())?;
+            let expiry = whispeer::now_ms().saturating_add(expires_in.saturating_mul(1000));
+            let inv = Invite::seal(&g, &me, &recipient, expiry, &mut rand::rngs::OsRng)?;
+            io::print_or_exit(&inv)?;
+        }
+        InviteCommand::Open {
+            invite,
+            identity,
+            out,
+        } => {
+            let text = match invite.as_deref() {
+                Some("-") | None => {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                        .context("reading the invite from stdin")?;
+                    s
+                }
+                Some(s) => s.to_owned(),
+            };
+            let text = text.trim();
+            if text.is_empty() {
+                usage!("no invite given: pass INVITE or write it on stdin");
+            }
+            let me = identity.require()?;
+            let inv = Invite::open(text, &me, whispeer::now_ms())?;
+            eprintln!(
+                "invite from {} for '{}' in tree '{}' (epoch {})",
+                inv.inviter,
+                inv.grant.scope(),
+                inv.grant.cert().tree_name(),
+                inv.grant.epoch_keys().epoch()
+            );
+            out.emit(&inv.grant.to_key_string())?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,339 @@
+//! `pub` and `sub`: JSON values in, one JSON line per message out.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+use tokio::io::AsyncBufReadExt;
+use whispeer::protocol::Qos;
+use whispeer::{
+    Client, Identity, Keyring, Message, PublishOptions, SubscribeError, TlsRoot, Topic,
+    TopicFilter, WebSocket,
+};
+
+use crate::io::{self, IdentityArgs, KeyArgs};
+use crate::usage;
+
+/// How to reach the relay.
+#[derive(Debug, Args, Clone)]
+pub struct ConnArgs {
+    /// Relay URL: ws://, wss://, tcp:// or tls://HOST:PORT.
+    #[arg(long, env = "WHISPEER_RELAY", value_name = "URL")]
+    pub relay: String,
+    /// Also trust the certificates in this PEM file (e.g. a relay's self-signed one) for
+    /// wss:// and tls://.
+    #[arg(long, value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+    /// Seconds the first connection may take.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub connect_timeout: f64,
+}
+
+impl ConnArgs {
+    /// Checks the URL before any key work, so typos fail fast.
+    pub fn check(&self) -> Result<()> {
+        if !self.relay.contains("://") {
+            usage!(
+                "relay URL '{}' needs a scheme: ws://, wss://, tcp:// or tls://",
+                self.relay
+            );
+        }
+        whispeer::Endpoint::parse(&self.relay)?;
+        Ok(())
+    }
+
+    /// Connects with these keys, identity and seal options.
+    pub async fn connect(
+        &self,
+        keyring: Keyring,
+        identity: Option<Identity>,
+        compression: Option<whispeer::Compression>,
+    ) -> Result<Client> {
+        self.check()?;
+        let mut b = Client::builder()
+            .with(WebSocket::new(&self.relay)) // sets the URL for every scheme
+            .with(whispeer::Encryption::new(keyring))
+            .connect_timeout(secs(self.connect_timeout)?);
+        if let Some(c) = compression {
+            b = b.with(c);
+        }
+        if let Some(id) = identity {
+            b = b.with(id);
+        }
+        if let Some(ca) = &self.ca {
+            b = b.with(
+                TlsRoot::pem_file(ca).with_context(|| format!("cannot read {}", ca.display()))?,
+            );
+        }
+        b.connect()
+            .await
+            .with_context(|| format!("cannot connect to {}", self.relay))
+    }
+}
+
+/// A non-negative number of seconds.
+pub fn secs(s: f64) -> Result<Duration> {
+    if !s.is_finite() || s < 0.0 {
+        usage!("{s} is not a number of seconds");
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+#[derive(Debug, Args)]
+pub struct PubArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// The topic (no wildcards), e.g. sensor/kitchen/temp.
+    topic: String,
+    /// A JSON value to publish; without it each line of stdin is one JSON value.
+    json: Option<String>,
+    /// Publish the JSON argument this many times (default 1), or at most this many lines
+    /// of stdin.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Delivery: 0 at most once, 1 at least once, 2 exactly once (1 and 2 wait for the
+    /// relay's acknowledgement of each message).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    qos: u8,
+    /// Keep as the topic's retained value on the relay.
+    #[arg(long)]
+    retain: bool,
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// Sign with this identity (else WHISPEER_IDENTITY; without either, messages are
+    /// unsigned and subscribers see "sender": null).
+    #[command(flatten)]
+    identity: IdentityArgs,
+}
+
+fn parse_json(s: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(s).map_err(|e| anyhow::anyhow!("invalid JSON: {e}"))
+}
+
+pub async fn publish(a: PubArgs) -> Result<ExitCode> {
+    a.conn.check()?;
+    // Everything that can be checked locally is checked before connecting.
+    let topic = Topic::new(a.topic.as_str()).with_context(|| format!("topic '{}'", a.topic))?;
+    let value = a.json.as_deref().map(parse_json).transpose()?;
+    let keys = a.keys.require()?;
+    let keyring = io::keyring(&keys)?;
+    keyring
+        .grant_for(&topic)
+        .context("cannot publish with the given keys")?;
+    let identity = a.identity.load()?;
+    if identity.is_none() {
+        tracing::info!("no identity: publishing unsigned messages");
+    }
+    let client = a.conn.connect(keyring, identity, None).await?;
+    let qos = Qos::from_u64(a.qos.into()).expect("0..=2");
+    let opts = PublishOptions {
+        retain: a.retain,
+        ack: a.qos > 0,
+        qos,
+    };
+    let mut sent = 0u64;
+    let result: Result<()> = async {
+        match value {
+            Some(v) => {
+                for _ in 0..a.count.unwrap_or(1) {
+                    client.publish_with(topic.as_str(), &v, opts).await?;
+                    sent += 1;
+                }
+            }
+            None => {
+                let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+                let mut n = 0u64;
+                while a.count.is_none_or(|c| sent < c) {
+                    let Some(line) = lines.next_line().await.context("reading stdin")? else {
+                        break;
+                    };
+                    n += 1;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let v = parse_json(&line).with_context(|| format!("stdin line {n}"))?;
+                    client.publish_with(topic.as_str(), &v, opts).await?;
+                    sent += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    // Whatever was published goes out before we exit, even after an error.
+    let flushed = client.flush().await;
+    client.close().await;
+    result?;
+    flushed.context("the relay did not confirm the messages")?;
+    tracing::info!(sent, topic = %topic, "published");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub struct SubArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// The filter: `+` matches one level, `#` the rest, e.g. sensor/+/temp or sensor/#.
+    filter: String,
+    /// Exit (0) after this many messages.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Stop after SECS seconds: with --count, fewer messages by then is an error (exit 1);
+    /// without it, the end of a normal run (exit 0).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Do not print the `ready:` line on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+    #[command(flatten)]
+    keys: KeyArgs,
+}
+
+/// One printed message (field order is part of the output contract).
+#[derive(Serialize)]
+struct Line<'a> {
+    topic: &'a str,
+    sender: Option<String>,
+    seq: u64,
+    id: String,
+    ts: u64,
+    data: serde_json::Value,
+}
+
+/// CBOR (what every whispeer client publishes) as JSON: byte strings become hex strings,
+/// tags are dropped, non-text map keys are written as their JSON text.
+pub fn cbor_to_json(v: ciborium::Value) -> serde_json::Value {
+    use ciborium::Value as C;
+    use serde_json::Value as J;
+    match v {
+        C::Null => J::Null,
+        C::Bool(b) => J::Bool(b),
+        C::Integer(i) => {
+            let i = i128::from(i);
+            if let Ok(u) = u64::try_from(i) {
+                J::from(u)
+            } else if let Ok(s) = i64::try_from(i) {
+                J::from(s)
+            } else {
+                J::String(i.to_string())
+            }
+        }
+        C::Float(f) => serde_json::Number::from_f64(f).map_or(J::Null, J::Number),
+        C::Bytes(b) => J::String(hex(&b)),
+        C::Text(s) => J::String(s),
+        C::Tag(_, inner) => cbor_to_json(*inner),
+        C::Array(a) => J::Array(a.into_iter().map(cbor_to_json).collect()),
+        C::Map(m) => J::Object(
+            m.into_iter()
+                .map(|(k, v)| {
+                    let k = match cbor_to_json(k) {
+                        J::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    (k, cbor_to_json(v))
+                })
+                .collect(),
+        ),
+        _ => J::Null,
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn payload_json(m: &Message<Vec<u8>>) -> Result<serde_json::Value> {
+    let ct = m.content_type.as_str();
+    let base = ct.split(';').next().unwrap_or("").trim();
+    match base {
+        "application/cbor" => {
+            let v: ciborium::Value = ciborium::from_reader(&m.value[..])
+                .map_err(|e| anyhow::anyhow!("undecodable CBOR: {e}"))?;
+            Ok(cbor_to_json(v))
+        }
+        "application/json" => Ok(serde_json::from_slice(&m.value)?),
+        _ => Ok(match std::str::from_utf8(&m.value) {
+            Ok(s) => serde_json::Value::String(s.to_owned()),
+            Err(_) => serde_json::Value::String(hex(&m.value)),
+        }),
+    }
+}
+
+pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
+    a.conn.check()?;
+    let filter =
+        TopicFilter::new(a.filter.as_str()).with_context(|| format!("filter '{}'", a.filter))?;
+    let timeout = a.timeout.map(secs).transpose()?;
+    let keys = a.keys.require()?;
+    let keyring = io::keyring(&keys)?;
+    let client = a.conn.connect(keyring, None, None).await?;
+    let mut sub = match client.subscribe_bytes(filter.as_str()).await {
+        Ok(s) => s,
+        Err(e @ SubscribeError::NoKey { .. }) => {
+            return Err(anyhow::Error::new(e).context("cannot subscribe with the given keys"))
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("subscribe failed")),
+    };
+    if !a.quiet {
+        eprintln!("ready: subscribed to '{}' on {}", a.filter, a.conn.relay);
+    }
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut got = 0u64;
+    let outcome: Result<()> = loop {
+        if a.count.is_some_and(|c| got >= c) {
+            break Ok(());
+        }
+        let next = async {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, sub.next_message()).await.ok(),
+                None => Some(sub.next_message().await),
+            }
+        };
+        let m = match next.await {
+            None => {
+                // The deadline passed.
+                break match a.count {
+                    Some(c) => Err(anyhow::anyhow!(
+                        "timed out after {}s: received {got} of {c} messages",
+                        a.timeout.unwrap_or_default()
+                    )),
+                    None => Ok(()),
+                };
+            }
+            Some(None) => break Err(anyhow::anyhow!("the connection to the relay closed")),
+            Some(Some(Err(e))) => {
+                io::warn(format!("skipping a message: {e}"));
+                continue;
+            }
+            Some(Some(Ok(m))) => m,
+        };
+        let data = match payload_json(&m) {
+            Ok(d) => d,
+            Err(e) => {
+                io::warn(format!("skipping a message on {}: {e:#}", m.topic));
+                continue;
+            }
+        };
+        let line = Line {
+            topic: m.topic.as_str(),
+            sender: m.sender.map(|s| s.to_string()),
+            seq: m.seq,
+            id: m.id.to_string(),
+            ts: m.timestamp_ms,
+            data,
+        };
+        let text = serde_json::to_string(&line)?;
+        match io::println_flush(&text) {
+            Ok(()) => got += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break Ok(()),
+            Err(e) => break Err(e.into()),
+        }
+    };
+    drop(sub);
+    client.close().await;
+    outcome?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,1006 @@
+//! The `whispeer` CLI binary against the real `whispeer-relay` binary: keys, identities,
+//! invites, `pub` | `sub` between processes over WebSocket and TCP, exit codes, bad input
+//! and `bench`. Waiting is always on events (a `ready:` line, a printed message, process
+//! exit); the generous bound in `support::TIMEOUT` only catches a hang.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use support::{start_relay_binary, RelayProcess, TIMEOUT};
+
+fn whispeer() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_whispeer"));
+    for v in [
+        "WHISPEER_KEY",
+        "WHISPEER_IDENTITY",
+        "WHISPEER_PASSPHRASE",
+        "WHISPEER_RELAY",
+        "RUST_LOG",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// Runs to completion with `stdin` as input.
+fn run_with(args: &[&str], stdin: &str, envs: &[(&str, &str)]) -> Output {
+    let mut child = whispeer()
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn whispeer");
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_owned();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(data.as_bytes());
+    });
+    let out = child.wait_with_output().expect("wait for whispeer");
+    writer.join().unwrap();
+    out
+}
+
+fn run(args: &[&str]) -> Output {
+    run_with(args, "", &[])
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+/// Succeeds and returns the trimmed stdout.
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "expected success, got {}\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o).trim().to_owned()
+}
+
+/// Fails with `code` and exactly one `error: …` line on stderr (warnings aside); returns it.
+fn fails(o: Output, code: i32) -> String {
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {err}",
+        stdout(&o)
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), 1, "one error line expected in: {err}");
+    if code == 1 {
+        let other: Vec<&str> = err
+            .lines()
+            .filter(|l| !l.starts_with("error: ") && !l.starts_with("warning: "))
+            .collect();
+        assert!(other.is_empty(), "only the error line expected: {err}");
+    }
+    errors[0].to_owned()
+}
+
+fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn show(key: &str) -> serde_json::Value {
+    let o = run_with(&["key", "show", "--json", "-"], key, &[]);
+    serde_json::from_str(&ok(o)).unwrap()
+}
+
+/// A running `whispeer` process whose stdout and stderr lines arrive on channels.
+struct Proc {
+    child: Child,
+    out: Receiver<String>,
+    err: Receiver<String>,
+    err_seen: Vec<String>,
+}
+
+fn lines_of(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(r).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+impl Proc {
+    fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut child = whispeer()
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn whispeer");
+        let out = lines_of(child.stdout.take().unwrap());
+        let err = lines_of(child.stderr.take().unwrap());
+        Proc {
+            child,
+            out,
+            err,
+            err_seen: Vec::new(),
+        }
+    }
+
+    /// Waits for the `ready:` line on stderr.
+    fn ready(&mut self) {
+        loop {
+            match self.err.recv_timeout(TIMEOUT) {
+                Ok(l) if l.starts_with("ready:") => return,
+                Ok(l) => self.err_seen.push(l),
+                Err(e) => {
+                    let _ = self.child.kill();
+                    panic!("no ready line ({e:?}); stderr: {:?}", self.err_seen)
+                }
+            }
+        }
+    }
+
+    fn line(&mut self) -> String {
+        match self.out.recv_timeout(TIMEOUT) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self.child.kill();
+                panic!("no output line ({e:?}); stderr: {:?}", self.err_seen)
+            }
+        }
+    }
+
+    /// Waits for exit (EOF on both pipes first); returns status, rest of stdout, all stderr.
+    fn finish(mut self) -> (ExitStatus, Vec<String>, Vec<String>) {
+        let start = Instant::now();
+        let mut rest = Vec::new();
+        for (rx, sink) in [(&self.out, &mut rest), (&self.err, &mut self.err_seen)] {
+            loop {
+                let left = TIMEOUT.saturating_sub(start.elapsed());
+                match rx.recv_timeout(left) {
+                    Ok(l) => sink.push(l),
+                    Err(RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Timeout) => {
+                        let _ = self.child.kill();
+                        panic!("whispeer did not exit");
+                    }
+                }
+            }
+        }
+        let status = self.child.wait().unwrap();
+        (status, rest, std::mem::take(&mut self.err_seen))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An identity made with `keygen --out`: (file, public id, sender id).
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String, String) {
+    let f = dir.join(name);
+    let public = ok(run(&["keygen", "--out", f.to_str().unwrap()]));
+    let sender = public
+        .parse::<whispeer::PublicId>()
+        .expect("keygen prints a public id")
+        .sender_id()
+        .to_string();
+    (f, public, sender)
+}
+
+/// A fresh tree key, written to a key file.
+fn new_tree(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = ok(run(&["key", "new", "--tree", name]));
+    (
+        write_file(dir, &format!("{name}.key"), &format!("{key}\n")),
+        key,
+    )
+}
+
+#[test]
+fn keygen_writes_a_0600_file_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("me.id");
+    let fs = f.to_str().unwrap();
+    let public = ok(run(&["keygen", "--out", fs]));
+    assert!(public.starts_with("wsid1"), "{public}");
+    assert_eq!(public.lines().count(), 1);
+    let text = std::fs::read_to_string(&f).unwrap();
+    assert!(text.lines().any(|l| l.starts_with("wssec1")));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    // The file is the identity whose public id was printed.
+    let id = ok(run(&["id", "--json", "--identity", fs]));
+    let id: serde_json::Value = serde_json::from_str(&id).unwrap();
+    assert_eq!(id["public_id"], public.as_str());
+
+    let e = fails(run(&["keygen", "--out", fs]), 1);
+    assert!(e.contains("refusing to overwrite"), "{e}");
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), text, "untouched");
+
+    let again = ok(run(&["keygen", "--out", fs, "--force"]));
+    assert_ne!(again, public);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    // Without --out: the secret on stdout, a warning on stderr; usable via the env var.
+    let o = run(&["keygen"]);
+    assert!(stderr(&o).contains("warning:"), "{}", stderr(&o));
+    let secret = ok(o);
+    assert!(secret.starts_with("wssec1"));
+    let o = run_with(&["id", "--json"], "", &[("WHISPEER_IDENTITY", &secret)]);
+    assert!(ok(o).contains("wsid1"));
+    // …and as a path in the same variable.
+    let o = run_with(&["id"], "", &[("WHISPEER_IDENTITY", fs)]);
+    assert!(ok(o).contains(&format!("public id: {again}")));
+}
+
+#[test]
+fn key_new_and_show() {
+    let key = ok(run(&["key", "new", "--tree", "home"]));
+    assert!(key.starts_with("wstree1"), "{key}");
+    assert_ne!(key, ok(run(&["key", "new", "--tree", "home"])), "random");
+    let d = show(&key);
+    assert_eq!(d["kind"], "tree");
+    assert_eq!(d["tree"], "home");
+    assert_eq!(d["scope"], "#");
+    assert_eq!(d["epoch"], 0);
+    assert_eq!(d["key_id"].as_str().unwrap().len(), 32);
+    assert!(d["admin"].as_str().unwrap().starts_with("wspk1"));
+    assert!(
+        !d.to_string().contains(&key),
+        "no secret in the description"
+    );
+
+    // Human form, from a key file and from the environment.
+    let dir = tempfile::tempdir().unwrap();
+    let f = write_file(dir.path(), "k", &format!("# my tree\n{key}\n"));
+    let text = ok(run(&["key", "show", "--key-file", f.to_str().unwrap()]));
+    assert!(
+        text.contains("kind:") && text.contains("tree key"),
+        "{text}"
+    );
+    assert!(text.contains("epoch:     0"), "{text}");
+    let text = ok(run_with(&["key", "show"], "", &[("WHISPEER_KEY", &key)]));
+    assert!(text.contains("home"), "{text}");
+    // --key works but warns.
+    let o = run(&["key", "show", "--key", &key]);
+    assert!(stderr(&o).contains("warning:"));
+    ok(o);
+}
+
+#[test]
+fn key_derive_narrows_and_cannot_widen() {
+    let tree = ok(run(&["key", "new", "--tree", "home"]));
+    let tree_id = show(&tree)["key_id"].clone();
+    let kitchen = ok(run_with(
+        &["key", "derive", "-", "--path", "sensor/kitchen"],
+        &tree,
+        &[],
+    ));
+    assert!(kitchen.starts_with("wskey1"));
+    let d = show(&kitchen);
+    assert_eq!(d["kind"], "grant");
+    assert_eq!(d["scope"], "sensor/kitchen/#");
+    assert_eq!(d["scope_kind"], "subtree");
+    assert_eq!(d["key_id"], tree_id, "same tree and epoch");
+    // A single topic below it, from the grant (via the env var).
+    let temp = ok(run_with(
+        &["key", "derive", "--topic", "sensor/kitchen/temp"],
+        "",
+        &[("WHISPEER_KEY", &kitchen)],
+    ));
+    let d = show(&temp);
+    assert_eq!(d["scope"], "sensor/kitchen/temp");
+    assert_eq!(d["scope_kind"], "topic");
+    // Siblings and parents are out of reach.
+    let e = fails(
+        run_with(
+            &["key", "derive", "-", "--path", "sensor/garage"],
+            &kitchen,
+            &[],
+        ),
+        1,
+    );
+    assert!(e.contains("outside the grant's scope"), "{e}");
+    // --path and --topic are exclusive, and one is required.
+    fails(
+        run_with(
+            &["key", "derive", "-", "--path", "a", "--topic", "a"],
+            &tree,
+            &[],
+        ),
+        2,
+    );
+    fails(run_with(&["key", "derive", "-"], &tree, &[]), 2);
+}
+
+#[test]
+fn derived_grant_reads_its_subtree_and_cannot_publish_outside() {
+    let relay = start_relay_binary(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (tree_file, tree) = new_tree(dir.path(), "home");
+    let kitchen = ok(run_with(
+        &["key", "derive", "-", "--path", "sensor/kitchen"],
+        &tree,
+        &[],
+    ));
+    let kitchen_file = write_file(dir.path(), "kitchen.key", &kitchen);
+    let url = relay.ws_url();
+
+    let mut sub = Proc::spawn(
+        &[
+            "sub",
+            "--relay",
+            &url,
+            "sensor/#",
+            "--count",
+            "1",
+            "--key-file",
+            kitchen_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    sub.ready();
+    // Outside the grant: published by the admin, never shown to the kitchen subscriber.
+    ok(run(&[
+        "pub",
+        "--relay",
+        &url,
+        "sensor/garage/temp",
+        "1",
+        "--key-file",
+        tree_file.to_str().unwrap(),
+    ]));
+    ok(run(&[
+        "pub",
+        "--relay",
+        &url,
+        "sensor/kitchen/temp",
+        "2",
+        "--key-file",
+        tree_file.to_str().unwrap(),
+    ]));
+    let line: serde_json::Value = serde_json::from_str(&sub.line()).unwrap();
+    assert_eq!(line["topic"], "sensor/kitchen/temp");
+    assert_eq!(line["data"], 2);
+    let (status, rest, _) = sub.finish();
+    assert!(status.success());
+    assert!(rest.is_empty());
+
+    // The grant holder cannot publish outside its subtree.
+    let e = fails(
+        run(&[
+            "pub",
+            "--relay",
+            &url,
+            "sensor/garage/temp",
+            "3",
+            "--key-file",
+            kitchen_file.to_str().unwrap(),
+        ]),
+        1,
+    );
+    assert!(
+        e.contains("no key covers topic 'sensor/garage/temp'"),
+        "{e}"
+    );
+}
+
+#[test]
+fn from_passphrase_is_deterministic_and_never_from_argv() {
+    let a = ok(run_with(
+        &["key", "from-passphrase", "--tree", "family"],
+        "correct horse battery staple\n",
+        &[],
+    ));
+    assert!(a.starts_with("wstree1"));
+    let b = ok(run_with(
+        &["key", "from-passphrase", "--tree", "family"],
+        "",
+        &[("WHISPEER_PASSPHRASE", "correct horse battery staple")],
+    ));
+    assert_eq!(a, b, "stdin and env agree");
+    let c = ok(run_with(
+        &["key", "from-passphrase", "--tree", "family"],
+        "another passphrase\n",
+        &[],
+    ));
+    assert_ne!(a, c);
+    let d = ok(run_with(
+        &["key", "from-passphrase", "--tree", "friends"],
+        "correct horse battery staple\n",
+        &[],
+    ));
+    assert_ne!(a, d, "the tree name is part of the salt");
+    assert_eq!(show(&a)["tree"], "family");
+    // No passphrase → usage error; no flag takes one on the command line.
+    fails(
+        run_with(&["key", "from-passphrase", "--tree", "family"], "", &[]),
+        2,
+    );
+    fails(
+        run(&[
+            "key",
+            "from-passphrase",
+            "--tree",
+            "family",
+            "--passphrase",
+            "x",
+        ]),
+        2,
+    );
+}
+
+#[test]
+fn invite_seal_and_open_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, _, alice_sender) = keygen(dir.path(), "alice.id");
+    let (bob, bob_public, _) = keygen(dir.path(), "bob.id");
+    let (eve, _, _) = keygen(dir.path(), "eve.id");
+    let (tree_file, tree) = new_tree(dir.path(), "home");
+
+    let inv = ok(run(&[
+        "invite",
+        "seal",
+        "--to",
+        &bob_public,
+        "--path",
+        "sensor",
+        "--identity",
+        alice.to_str().unwrap(),
+        "--key-file",
+        tree_file.to_str().unwrap(),
+    ]));
+    assert!(inv.starts_with("wsinv1"), "{inv}");
+    assert_eq!(show(&inv)["kind"], "invite");
+
+    let o = run_with(
+        &["invite", "open", "--identity", bob.to_str().unwrap()],
+        &inv,
+        &[],
+    );
+    assert!(stderr(&o).contains(&alice_sender), "{}", stderr(&o));
+    let key = ok(o);
+    let d = show(&key);
+    assert_eq!(d["scope"], "sensor/#");
+    assert_eq!(d["key_id"], show(&tree)["key_id"]);
+    // The same, with the invite as an argument.
+    let again = ok(run(&[
+        "invite",
+        "open",
+        &inv,
+        "--identity",
+        bob.to_str().unwrap(),
+    ]));
+    assert_eq!(again, key);
+
+    // Not for Eve.
+    let e = fails(
+        run_with(
+            &["invite", "open", "--identity", eve.to_str().unwrap()],
+            &inv,
+            &[],
+        ),
+        1,
+    );
+    assert!(e.contains("could not be opened"), "{e}");
+    // A sender id is not a public id; sealing needs an identity.
+    let e = fails(
+        run(&[
+            "invite",
+            "seal",
+            "--to",
+            &alice_sender,
+            "--identity",
+            alice.to_str().unwrap(),
+            "--key-file",
+            tree_file.to_str().unwrap(),
+        ]),
+        2,
+    );
+    assert!(e.contains("public id"), "{e}");
+    fails(
+        run(&[
+            "invite",
+            "seal",
+            "--to",
+            &bob_public,
+            "--key-file",
+            tree_file.to_str().unwrap(),
+        ]),
+        2,
+    );
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Reading {
+    temp: f64,
+    room: String,
+}
+
+/// `pub` | `sub` between two processes; the printed line has the documented shape.
+fn pub_sub_round_trip(relay: &RelayProcess, url: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, _, alice_sender) = keygen(dir.path(), "alice.id");
+    let (tree_file, tree) = new_tree(dir.path(), "home");
+    let tf = tree_file.to_str().unwrap();
+
+    // A typed Rust subscriber (the library) as a third party.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let grant: whispeer::Grant = show_grant(&tree);
+    let mut keys = whispeer::Keyring::new();
+    keys.add_grant(grant, whispeer::now_ms()).unwrap();
+    let (typed_client, mut typed) = rt.block_on(async {
+        let c = support::ws_client(&relay.ws_url(), keys, support::identity()).await;
+        let s = c.subscribe::<Reading>("sensor/+/temp").await.unwrap();
+        (c, s)
+    });
+
+    let mut sub = Proc::spawn(
+        &["sub", "--relay", url, "sensor/+/temp", "--count", "3"],
+        &[("WHISPEER_KEY", tf)],
+    );
+    sub.ready();
+
+    ok(run(&[
+        "pub",
+        "--relay",
+        url,
+        "sensor/kitchen/temp",
+        r#"{"temp": 21.5, "room": "kitchen"}"#,
+        "--key-file",
+        tf,
+        "--identity",
+        alice.to_str().unwrap(),
+    ]));
+    let first = sub.line();
+    // Exact shape and field order.
+    let order: Vec<usize> = ["topic", "sender", "seq", "id", "ts", "data"]
+        .iter()
+        .map(|k| {
+            first
+                .find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("{k} missing in {first}"))
+        })
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{first}");
+    let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(v.as_object().unwrap().len(), 6, "{first}");
+    assert_eq!(v["topic"], "sensor/kitchen/temp");
+    assert_eq!(v["sender"], alice_sender.as_str());
+    assert!(v["seq"].is_u64());
+    let id = v["id"].as_str().unwrap();
+    assert_eq!(id.len(), 32);
+    assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+    assert!(v["ts"].as_u64().unwrap() > 0);
+    assert_eq!(
+        v["data"],
+        serde_json::json!({"temp": 21.5, "room": "kitchen"})
+    );
+
+    // JSON lines from stdin, unsigned (no identity): two messages, blank lines skipped.
+    ok(run_with(
+        &[
+            "pub",
+            "--relay",
+            url,
+            "sensor/garage/temp",
+            "--key-file",
+            tf,
+        ],
+        "{\"temp\": 5.0, \"room\": \"garage\"}\n\n[1, \"two\", null]\n",
+        &[],
+    ));
+    let l2: serde_json::Value = serde_json::from_str(&sub.line()).unwrap();
+    let l3: serde_json::Value = serde_json::from_str(&sub.line()).unwrap();
+    assert_eq!(l2["topic"], "sensor/garage/temp");
+    assert_eq!(l2["sender"], serde_json::Value::Null);
+    assert_eq!(l2["data"]["room"], "garage");
+    assert_eq!(l3["data"], serde_json::json!([1, "two", null]));
+    assert_ne!(l2["id"], l3["id"]);
+    let (status, rest, _) = sub.finish();
+    assert!(status.success(), "exit 0 after --count messages");
+    assert!(rest.is_empty());
+
+    // The typed subscriber read the first two as `Reading`; the array is a typed error.
+    rt.block_on(async {
+        let m = support::within("typed message", typed.next_message())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            m.value,
+            Reading {
+                temp: 21.5,
+                room: "kitchen".into()
+            }
+        );
+        assert_eq!(m.sender.unwrap().to_string(), alice_sender);
+        let m = support::within("typed message", typed.next_message())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.value.room, "garage");
+        let e = support::within("typed error", typed.next_message())
+            .await
+            .unwrap();
+        assert!(e.is_err());
+        typed_client.close().await;
+    });
+}
+
+fn show_grant(tree: &str) -> whispeer::Grant {
+    whispeer::TreeKey::from_key_string(tree)
+        .unwrap()
+        .grant_all()
+}
+
+#[test]
+fn pub_sub_round_trip_over_websocket() {
+    let relay = start_relay_binary(&[]);
+    let url = relay.ws_url();
+    pub_sub_round_trip(&relay, &url);
+}
+
+#[test]
+fn pub_sub_round_trip_over_tcp() {
+    let relay = start_relay_binary(&[]);
+    let url = relay.tcp_url();
+    pub_sub_round_trip(&relay, &url);
+}
+
+#[test]
+fn pub_count_and_qos_with_acknowledgements() {
+    let relay = start_relay_binary(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (tree_file, _) = new_tree(dir.path(), "home");
+    let tf = tree_file.to_str().unwrap();
+    let url = relay.tcp_url();
+    let mut sub = Proc::spawn(
+        &[
+            "sub",
+            "--relay",
+            &url,
+            "a/#",
+            "--count",
+            "3",
+            "--key-file",
+            tf,
+        ],
+        &[],
+    );
+    sub.ready();
+    ok(run(&[
+        "pub",
+        "--relay",
+        &url,
+        "a/b",
+        "\"x\"",
+        "--count",
+        "3",
+        "--qos",
+        "1",
+        "--key-file",
+        tf,
+    ]));
+    let seqs: Vec<u64> = (0..3)
+        .map(|_| {
+            let v: serde_json::Value = serde_json::from_str(&sub.line()).unwrap();
+            assert_eq!(v["data"], "x");
+            v["seq"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert!(sub.finish().0.success());
+    fails(
+        run(&[
+            "pub",
+            "--relay",
+            &url,
+            "a/b",
+            "1",
+            "--qos",
+            "3",
+            "--key-file",
+            tf,
+        ]),
+        2,
+    );
+}
+
+#[test]
+fn sub_count_and_timeout_exit_codes() {
+    let relay = start_relay_binary(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (tree_file, _) = new_tree(dir.path(), "home");
+    let tf = tree_file.to_str().unwrap();
+    let url = relay.ws_url();
+
+    // --count not reached before --timeout: exit 1 with a clear message.
+    let mut p = Proc::spawn(
+        &[
+            "sub",
+            "--relay",
+            &url,
+            "quiet/#",
+            "--count",
+            "1",
+            "--timeout",
+            "0.3",
+            "--key-file",
+            tf,
+        ],
+        &[],
+    );
+    p.ready();
+    let (status, out, err) = p.finish();
+    assert_eq!(status.code(), Some(1), "{err:?}");
+    assert!(out.is_empty());
+    let errors: Vec<&String> = err.iter().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), 1, "{err:?}");
+    assert!(errors[0].contains("timed out") && errors[0].contains("0 of 1"));
+
+    // Without --count the timeout simply ends the run.
+    let mut p = Proc::spawn(
+        &[
+            "sub",
+            "--relay",
+            &url,
+            "quiet/#",
+            "--timeout",
+            "0.2",
+            "--key-file",
+            tf,
+        ],
+        &[],
+    );
+    p.ready();
+    let (status, out, err) = p.finish();
+    assert!(status.success(), "{err:?}");
+    assert!(out.is_empty());
+
+    // --count reached: exit 0 even with a timeout left.
+    let mut p = Proc::spawn(
+        &[
+            "sub",
+            "--relay",
+            &url,
+            "quiet/#",
+            "--count",
+            "1",
+            "--timeout",
+            "600",
+            "--key-file",
+            tf,
+        ],
+        &[],
+    );
+    p.ready();
+    ok(run(&[
+        "pub",
+        "--relay",
+        &url,
+        "quiet/x",
+        "{}",
+        "--key-file",
+        tf,
+    ]));
+    let (status, out, _) = p.finish();
+    assert!(status.success());
+    assert_eq!(out.len(), 1);
+}
+
+#[test]
+fn bad_input_gets_one_line_errors_and_nonzero_exit() {
+    let relay = start_relay_binary(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (tree_file, tree) = new_tree(dir.path(), "home");
+    let tf = tree_file.to_str().unwrap();
+    let url = relay.ws_url();
+
+    // Malformed key strings: a flipped character, garbage, and the wrong kind.
+    let mut bad = tree.clone().into_bytes();
+    let i = bad.len() - 3;
+    bad[i] = if bad[i] == b'q' { b'p' } else { b'q' };
+    let bad = String::from_utf8(bad).unwrap();
+    let bad_file = write_file(dir.path(), "bad.key", &bad);
+    let e = fails(run_with(&["key", "show", "-"], &bad, &[]), 1);
+    assert!(e.contains("invalid"), "{e}");
+    let e = fails(
+        run(&[
+            "pub",
+            "--relay",
+            &url,
+            "a",
+            "1",
+            "--key-file",
+            bad_file.to_str().unwrap(),
+        ]),
+        1,
+    );
+    assert!(e.contains("invalid tree key"), "{e}");
+    let e = fails(run_with(&["key", "show", "-"], "hello", &[]), 1);
+    assert!(e.contains("not a whispeer key string"), "{e}");
+    let (id, _, _) = keygen(dir.path(), "me.id");
+    let e = fails(
+        run(&[
+            "pub",
+            "--relay",
+            &url,
+            "a",
+            "1",
+            "--key-file",
+            id.to_str().unwrap(),
+        ]),
+        1,
+    );
+    assert!(e.contains("wssec"), "{e}");
+
+    // Bad JSON: as an argument, and on line 2 of stdin.
+    let e = fails(
+        run(&["pub", "--relay", &url, "a", "{nope", "--key-file", tf]),
+        1,
+    );
+    assert!(e.contains("invalid JSON"), "{e}");
+    let e = fails(
+        run_with(
+            &["pub", "--relay", &url, "a", "--key-file", tf],
+            "1\n{\"unterminated\n",
+            &[],
+        ),
+        1,
+    );
+    assert!(
+        e.contains("stdin line 2") && e.contains("invalid JSON"),
+        "{e}"
+    );
+
+    // A bad topic or filter.
+    let e = fails(
+        run(&["pub", "--relay", &url, "a/+/b", "1", "--key-file", tf]),
+        1,
+    );
+    assert!(e.contains("wildcard"), "{e}");
+    fails(run(&["sub", "--relay", &url, "a/#/b", "--key-file", tf]), 1);
+
+    // Relays that are not there, or not URLs.
+    let e = fails(
+        run(&[
+            "pub",
+            "--relay",
+            "tcp://127.0.0.1:1",
+            "a",
+            "1",
+            "--key-file",
+            tf,
+        ]),
+        1,
+    );
+    assert!(e.contains("cannot connect to tcp://127.0.0.1:1"), "{e}");
+    let e = fails(
+        run(&["sub", "--relay", "ws://127.0.0.1:1", "a", "--key-file", tf]),
+        1,
+    );
+    assert!(e.contains("cannot connect"), "{e}");
+    fails(
+        run(&[
+            "pub",
+            "--relay",
+            "127.0.0.1:7480",
+            "a",
+            "1",
+            "--key-file",
+            tf,
+        ]),
+        2,
+    );
+    fails(
+        run(&["pub", "--relay", "http://x:1", "a", "1", "--key-file", tf]),
+        1,
+    );
+
+    // Missing keys, identities and arguments are usage errors.
+    let e = fails(run(&["pub", "--relay", &url, "a", "1"]), 2);
+    assert!(e.contains("no key given"), "{e}");
+    fails(run(&["sub", "a", "--key-file", tf]), 2);
+    fails(run(&["id"]), 2);
+    fails(run(&["frobnicate"]), 2);
+    let e = fails(
+        run(&[
+            "pub",
+            "--relay",
+            &url,
+            "a",
+            "1",
+            "--key-file",
+            "/nonexistent/k",
+        ]),
+        1,
+    );
+    assert!(e.contains("/nonexistent/k"), "{e}");
+}
+
+#[test]
+fn bench_json_reports_every_message_delivered() {
+    let relay = start_relay_binary(&[]);
+    for (url, pubs, subs) in [(relay.ws_url(), "1", "1"), (relay.tcp_url(), "2", "2")] {
+        let out = ok(run(&[
+            "bench",
+            "--relay",
+            &url,
+            "--msgs",
+            "2000",
+            "--pubs",
+            pubs,
+            "--subs",
+            subs,
+            "--size",
+            "256",
+            "--json",
+            "--no-progress",
+        ]));
+        assert_eq!(out.lines().count(), 1, "{out}");
+        let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let subs: u64 = subs.parse().unwrap();
+        assert_eq!(r["pubs"], pubs.parse::<u64>().unwrap());
+        assert_eq!(r["subs"], subs);
+        assert_eq!(r["size"], 256);
+        assert_eq!(r["sent"], 2000);
+        assert_eq!(r["received"].as_u64().unwrap(), 2000 * subs, "{out}");
+        assert_eq!(r["lost"], 0);
+        for k in ["duration_s", "publish_rate", "delivery_rate"] {
+            assert!(r[k].as_f64().unwrap() > 0.0, "{k} in {out}");
+        }
+        let lat = &r["latency_us"];
+        let p: Vec<u64> = ["p50", "p90", "p99", "p999", "max"]
+            .iter()
+            .map(|k| lat[*k].as_u64().unwrap_or_else(|| panic!("{k} in {out}")))
+            .collect();
+        assert!(p.windows(2).all(|w| w[0] <= w[1]), "{out}");
+        assert!(p[0] > 0);
+    }
+    // Human output without --json.
+    let out = ok(run(&[
+        "bench",
+        "--relay",
+        &relay.ws_url(),
+        "--msgs",
+        "100",
+        "--no-progress",
+    ]));
+    assert!(out.contains("msgs/s") && out.contains("p99"), "{out}");
+    fails(
+        run(&["bench", "--relay", &relay.ws_url(), "--size", "8"]),
+        2,
+    );
+}
