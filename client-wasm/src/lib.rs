@@ -1,3 +1,54 @@
-//! whispeer for WebAssembly — not built yet (see issue 6).
-#![forbid(unsafe_code)]
-pub use whispeer_protocol as protocol;
+//! # whispeer for WebAssembly
+//!
+//! wasm-bindgen bindings over the Rust client core (`whispeer::core`) and
+//! `whispeer-protocol`: keys, identities, invites, sealing and opening, frames. The npm
+//! package's JS (`client-wasm/js/`) only moves these bytes over a WebSocket and runs the
+//! timers; nothing about messages is implemented twice.
+//!
+//! - [`keys`] — `Identity`, `TreeKey`, `Grant`, `Keyring`, `sealInvite`, `openInvite`.
+//! - [`client`] — `ClientCore`: subscriptions, publish frames, frame handling.
+//! - [`value`] — JS values ↔ CBOR (serde-compatible; the mapping is in the README).
+
+pub mod client;
+mod error;
+pub mod keys;
+mod rng;
+pub mod value;
+
+use wasm_bindgen::prelude::*;
+
+pub use client::ClientCore;
+pub use keys::{open_invite, seal_invite, Grant, Identity, Keyring, OpenedInvite, TreeKey};
+
+/// Unix time in milliseconds (the JS clock).
+pub(crate) fn now_ms() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        js_sys::Date::now() as u64
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// Encodes a JS value as CBOR (the bytes a Rust `ciborium::from_reader` reads).
+#[wasm_bindgen(js_name = encodeValue)]
+pub fn encode_value(value: &JsValue) -> Result<Vec<u8>, JsValue> {
+    value::encode(value)
+}
+
+/// Decodes CBOR bytes to a JS value.
+#[wasm_bindgen(js_name = decodeValue)]
+pub fn decode_value(bytes: &[u8]) -> Result<JsValue, JsValue> {
+    value::decode(bytes)
+}
+
+/// The crate version.
+#[wasm_bindgen]
+pub fn version() -> String {
+    env!("CARGO_PKG_VERSION").to_owned()
+}

@@ -1,0 +1,11 @@
+// Node.js entry point: loads the wasm module synchronously and supplies the `ws` package
+// where there is no global WebSocket (Node 20).
+import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { initSync } from '../pkg/whispeer_wasm.js';
+import { setWebSocket } from './client.js';
+
+initSync({ module: readFileSync(new URL('../pkg/whispeer_wasm_bg.wasm', import.meta.url)) });
+if (typeof globalThis.WebSocket !== 'function') setWebSocket(createRequire(import.meta.url)('ws'));
+
+export * from './api.js';

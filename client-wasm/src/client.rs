@@ -1,0 +1,412 @@
+//! The sans-IO client the JS `Client` drives: it wraps the Rust client core
+//! (`whispeer::core`) and turns frames into bytes and events. JS owns only the WebSocket,
+//! the timers and the callbacks.
+
+use std::sync::{Arc, RwLock};
+
+use js_sys::{Array, Object, Reflect, Uint8Array};
+use rand_core::RngCore;
+
+use crate::rng::Rng;
+use wasm_bindgen::prelude::*;
+use whispeer::core::{self, ClientCore as Core, Received, SealPolicy};
+use whispeer_protocol::frame::{Close, Ping, Pong, Unsub};
+use whispeer_protocol::{
+    Compression, Envelope, ErrorCode, Frame, Keyring as PKeyring, Opener, Padding, Qos,
+    SealOptions, Sealer, Topic, TopicFilter,
+};
+
+use crate::error::{js_error, key_error, publish_error, subscribe_error, topic_error};
+use crate::keys::{Grant, Identity, Keyring};
+use crate::{now_ms, value};
+
+fn set(o: &Object, k: &str, v: impl Into<JsValue>) {
+    let _ = Reflect::set(o, &JsValue::from_str(k), &v.into());
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn bytes(b: &[u8]) -> JsValue {
+    Uint8Array::from(b).into()
+}
+
+fn frames(fs: &[Frame]) -> Array {
+    fs.iter().map(|f| bytes(&f.to_bytes())).collect()
+}
+
+fn seal_options(level: i32, padding: bool) -> SealOptions {
+    SealOptions {
+        compression: if level <= 0 {
+            Compression::None
+        } else {
+            Compression::Zstd(level.min(22))
+        },
+        padding: if padding {
+            Padding::Padme
+        } else {
+            Padding::None
+        },
+    }
+}
+
+/// A delivered message as a JS object (`value` decoded when the content type is CBOR).
+fn message_object(r: &Received) -> JsValue {
+    let o = Object::new();
+    set(&o, "topic", r.topic.as_str());
+    set(
+        &o,
+        "sender",
+        r.sender
+            .map(|s| JsValue::from_str(&s.to_string()))
+            .unwrap_or(JsValue::NULL),
+    );
+    set(&o, "id", hex(&r.msg_id.0));
+    set(&o, "timestamp", r.ts_ms as f64);
+    set(&o, "seq", r.seq as f64);
+    set(&o, "retained", r.retained);
+    set(&o, "contentType", r.content_type.as_str());
+    set(&o, "payload", bytes(&r.payload));
+    if r.content_type == core::CBOR {
+        match value::decode(&r.payload) {
+            Ok(v) => set(&o, "value", v),
+            Err(e) => set(&o, "error", e),
+        }
+    }
+    o.into()
+}
+
+/// The low-level client: keys, subscriptions, sealing and opening, frame encoding. Not
+/// connected to anything; `Client` (JS) moves its bytes over a WebSocket.
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct ClientCore {
+    core: Core,
+    keyring: Arc<RwLock<PKeyring>>,
+    identity: Option<whispeer_protocol::Identity>,
+    policy: SealPolicy,
+    sealer: Sealer,
+    opener: Opener,
+}
+
+#[wasm_bindgen]
+impl ClientCore {
+    /// A core over a copy of `keys`. `compression`: zstd level (0 = none); `padding`:
+    /// Padmé buckets; `sign`: sign messages when an identity is set.
+    #[wasm_bindgen(constructor)]
+    pub fn new(
+        keys: &Keyring,
+        compression: i32,
+        padding: bool,
+        sign: bool,
+    ) -> Result<ClientCore, JsValue> {
+        let keyring = Arc::new(RwLock::new(keys.build()?));
+        Ok(ClientCore {
+            core: Core::new(keyring.clone()),
+            keyring,
+            identity: None,
+            policy: SealPolicy {
+                default: seal_options(compression, padding),
+                per_topic: Vec::new(),
+                sign,
+            },
+            sealer: Sealer::new(),
+            opener: Opener::new(),
+        })
+    }
+
+    /// Signs with this identity.
+    #[wasm_bindgen(js_name = setIdentity)]
+    pub fn set_identity(&mut self, identity: &Identity) {
+        self.identity = Some(identity.inner.clone());
+    }
+
+    /// Sealing options for topics matching `filter` (first rule added wins).
+    #[wasm_bindgen(js_name = setTopicOptions)]
+    pub fn set_topic_options(
+        &mut self,
+        filter: &str,
+        compression: i32,
+        padding: bool,
+    ) -> Result<(), JsValue> {
+        let f = TopicFilter::new(filter).map_err(topic_error)?;
+        self.policy
+            .per_topic
+            .push((f, seal_options(compression, padding)));
+        Ok(())
+    }
+
+    /// Adds a grant at run time; call `refreshSubscriptions` and send its frames.
+    #[wasm_bindgen(js_name = addGrant)]
+    pub fn add_grant(&mut self, grant: &Grant) -> Result<(), JsValue> {
+        self.keyring
+            .write()
+            .expect("keyring lock")
+            .add_grant(grant.inner.clone(), now_ms())
+            .map_err(key_error)
+    }
+
+    /// The first frame of a connection.
+    pub fn hello(&self, name: &str) -> Uint8Array {
+        Uint8Array::from(&Core::hello(name).to_bytes()[..])
+    }
+
+    fn seal(
+        &mut self,
+        topic: &str,
+        content_type: &str,
+        payload: &[u8],
+    ) -> Result<Envelope, JsValue> {
+        let topic = Topic::new(topic).map_err(topic_error)?;
+        core::seal_publish(
+            &self.keyring,
+            self.identity.as_ref(),
+            &self.policy,
+            &mut self.sealer,
+            &topic,
+            content_type,
+            payload,
+            now_ms(),
+            &mut Rng,
+        )
+        .map(|(env, _)| env)
+        .map_err(publish_error)
+    }
+
+    fn pub_bytes(&mut self, env: Envelope, retain: bool, ack: bool) -> Array {
+        let pid = ack.then(|| {
+            let mut id = [0u8; 16];
+            Rng.fill_bytes(&mut id);
+            id
+        });
+        let f = core::pub_frame(env, pid, retain, Qos::AtMostOnce).to_bytes();
+        let out = Array::new();
+        out.push(&bytes(&f));
+        if let Some(id) = pid {
+            out.push(&JsValue::from_str(&hex(&id)));
+        }
+        out
+    }
+
+    /// A `Pub` frame for a JS value (CBOR). Returns `[frame]`, or `[frame, publishId]` when
+    /// `ack` asks the relay to confirm.
+    pub fn publish(
+        &mut self,
+        topic: &str,
+        value: &JsValue,
+        retain: bool,
+        ack: bool,
+    ) -> Result<Array, JsValue> {
+        let payload = value::encode(value)?;
+        let env = self.seal(topic, core::CBOR, &payload)?;
+        Ok(self.pub_bytes(env, retain, ack))
+    }
+
+    /// A `Pub` frame for raw bytes with a content type.
+    #[wasm_bindgen(js_name = publishBytes)]
+    pub fn publish_bytes(
+        &mut self,
+        topic: &str,
+        content_type: &str,
+        payload: &[u8],
+        retain: bool,
+        ack: bool,
+    ) -> Result<Array, JsValue> {
+        let env = self.seal(topic, content_type, payload)?;
+        Ok(self.pub_bytes(env, retain, ack))
+    }
+
+    /// Seals a message to an envelope without framing it (for storage or benchmarks).
+    #[wasm_bindgen(js_name = sealEnvelope)]
+    pub fn seal_envelope(
+        &mut self,
+        topic: &str,
+        content_type: &str,
+        payload: &[u8],
+    ) -> Result<Uint8Array, JsValue> {
+        let env = self.seal(topic, content_type, payload)?;
+        Ok(Uint8Array::from(&env.as_bytes()[..]))
+    }
+
+    /// Opens an envelope (no subscription, no dedup); throws when it does not open.
+    #[wasm_bindgen(js_name = openEnvelope)]
+    pub fn open_envelope(&mut self, envelope: &[u8]) -> Result<JsValue, JsValue> {
+        let env = Envelope::from_slice(envelope)
+            .map_err(|e| js_error("DECODE", &format!("invalid envelope: {e}")))?;
+        let kr = self.keyring.read().expect("keyring lock");
+        let o = self
+            .opener
+            .open(&kr, &env, now_ms())
+            .map_err(|e| js_error("OPEN", &e.to_string()))?;
+        let r = Received {
+            topic: o.topic,
+            sender: o.sender,
+            msg_id: o.msg_id,
+            ts_ms: o.ts_ms,
+            seq: 0,
+            content_type: o.content_type,
+            payload: o.payload.into(),
+            retained: false,
+        };
+        Ok(message_object(&r))
+    }
+
+    /// Registers local subscription `id` on `filter`; returns the `Sub` frames to send.
+    pub fn subscribe(&mut self, id: f64, filter: &str) -> Result<Array, JsValue> {
+        let f = TopicFilter::new(filter).map_err(topic_error)?;
+        let fs = self
+            .core
+            .subscribe(id as u64, f, Qos::AtMostOnce, now_ms())
+            .map_err(subscribe_error)?;
+        Ok(frames(&fs))
+    }
+
+    /// The relay subscription ids of local subscription `id` (each is confirmed by a
+    /// `subok` event).
+    #[wasm_bindgen(js_name = relayIds)]
+    pub fn relay_ids(&self, id: f64) -> Vec<f64> {
+        self.core
+            .relay_ids(id as u64)
+            .iter()
+            .map(|r| *r as f64)
+            .collect()
+    }
+
+    /// Drops local subscription `id`; returns the `Unsub` frames.
+    pub fn unsubscribe(&mut self, id: f64) -> Array {
+        frames(&self.core.unsubscribe(id as u64))
+    }
+
+    /// After a reconnect: `Sub` frames for every subscription.
+    #[wasm_bindgen(js_name = resubscribeAll)]
+    pub fn resubscribe_all(&mut self) -> Array {
+        frames(&self.core.resubscribe_all(now_ms()))
+    }
+
+    /// After a key change on a live connection: `Unsub` for the old relay subscriptions,
+    /// then `Sub` frames recompiled against the keyring as it is now.
+    #[wasm_bindgen(js_name = refreshSubscriptions)]
+    pub fn refresh_subscriptions(&mut self, local_ids: Vec<f64>) -> Array {
+        let mut out: Vec<Frame> = Vec::new();
+        for id in local_ids {
+            out.extend(
+                self.core
+                    .relay_ids(id as u64)
+                    .iter()
+                    .map(|r| Frame::Unsub(Unsub { sub_id: *r })),
+            );
+        }
+        out.extend(self.core.resubscribe_all(now_ms()));
+        frames(&out)
+    }
+
+    /// A `Ping` frame.
+    pub fn ping(&self, nonce: f64) -> Uint8Array {
+        Uint8Array::from(
+            &Frame::Ping(Ping {
+                nonce: nonce as u64,
+            })
+            .to_bytes()[..],
+        )
+    }
+
+    /// A `Close` frame.
+    #[wasm_bindgen(js_name = closeFrame)]
+    pub fn close_frame(&self) -> Uint8Array {
+        Uint8Array::from(
+            &Frame::Close(Close {
+                code: ErrorCode::Other(0),
+                message: "client closing".into(),
+            })
+            .to_bytes()[..],
+        )
+    }
+
+    /// Counters: `{delivered, rejected, duplicates, relayGaps}`.
+    pub fn stats(&self) -> JsValue {
+        let s = self.core.stats();
+        let o = Object::new();
+        set(&o, "delivered", s.delivered as f64);
+        set(&o, "rejected", s.rejected as f64);
+        set(&o, "duplicates", s.duplicates as f64);
+        set(&o, "relayGaps", s.relay_gaps as f64);
+        o.into()
+    }
+
+    /// Handles one frame from the relay and returns an event object (`type` is one of
+    /// `welcome`, `message`, `dropped`, `subok`, `puback`, `pong`, `ping`, `gap`, `error`,
+    /// `close`, `ignored`). Throws on bytes that are not a frame.
+    pub fn handle(&mut self, frame: &[u8]) -> Result<JsValue, JsValue> {
+        let f = Frame::decode_slice(frame)
+            .map_err(|e| js_error("PROTOCOL", &format!("bad frame from relay: {e}")))?;
+        let o = Object::new();
+        match f {
+            Frame::Welcome(w) => {
+                set(&o, "type", "welcome");
+                set(&o, "heartbeatMs", w.heartbeat_ms as f64);
+                set(&o, "maxFrame", w.max_frame as f64);
+            }
+            Frame::Msg(m) => match self.core.receive(&m, now_ms()) {
+                Some((r, targets)) => {
+                    set(&o, "type", "message");
+                    let subs: Array = targets.iter().map(|t| JsValue::from(*t as f64)).collect();
+                    set(&o, "subs", subs);
+                    set(&o, "message", message_object(&r));
+                }
+                None => set(&o, "type", "dropped"),
+            },
+            Frame::SubOk(ok) => {
+                set(&o, "type", "subok");
+                set(&o, "relayId", ok.sub_id as f64);
+                if let Some(local) = self.core.local_for(ok.sub_id) {
+                    set(&o, "sub", local as f64);
+                }
+            }
+            Frame::PubAck(a) => {
+                set(&o, "type", "puback");
+                set(&o, "publishId", hex(&a.publish_id));
+                set(&o, "seq", a.seq as f64);
+            }
+            Frame::Pong(p) => {
+                set(&o, "type", "pong");
+                set(&o, "nonce", p.nonce as f64);
+            }
+            Frame::Ping(p) => {
+                set(&o, "type", "ping");
+                set(
+                    &o,
+                    "reply",
+                    bytes(&Frame::Pong(Pong { nonce: p.nonce }).to_bytes()),
+                );
+            }
+            Frame::Gap(g) => {
+                self.core.on_gap(g.dropped);
+                set(&o, "type", "gap");
+                set(&o, "dropped", g.dropped as f64);
+            }
+            Frame::Err(e) => {
+                set(&o, "type", "error");
+                set(&o, "code", e.code.name());
+                set(&o, "message", e.message.as_str());
+                set(&o, "fatal", e.fatal);
+                if let Some(pid) = e.publish_id {
+                    set(&o, "publishId", hex(&pid));
+                }
+                if let Some(local) = e.sub_id.and_then(|s| self.core.local_for(s)) {
+                    set(&o, "sub", local as f64);
+                }
+            }
+            Frame::Close(c) => {
+                set(&o, "type", "close");
+                set(&o, "code", c.code.name());
+                set(&o, "message", c.message.as_str());
+            }
+            other => {
+                set(&o, "type", "ignored");
+                set(&o, "frame", other.name());
+            }
+        }
+        Ok(o.into())
+    }
+}

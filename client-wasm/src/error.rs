@@ -1,0 +1,58 @@
+//! Errors thrown to JS: `Error` objects with `name = "WhispeerError"` and a stable `code`.
+
+use wasm_bindgen::prelude::*;
+use whispeer::{PublishError, SubscribeError};
+use whispeer_protocol::{InviteError, KeyError, TopicError};
+
+/// A JS `Error` with a `code` property (`INVALID_TOPIC`, `NO_KEY`, `KEY`, `ENCODE`,
+/// `DECODE`, `SEAL`, `INVITE`, `PROTOCOL`).
+pub fn js_error(code: &str, message: &str) -> JsValue {
+    let e = js_sys::Error::new(message);
+    e.set_name("WhispeerError");
+    let _ = js_sys::Reflect::set(&e, &"code".into(), &code.into());
+    e.into()
+}
+
+/// The code of a key error.
+fn key_code(e: &KeyError) -> &'static str {
+    match e {
+        KeyError::NoKeyForTopic { .. } => "NO_KEY",
+        KeyError::Topic(_) => "INVALID_TOPIC",
+        _ => "KEY",
+    }
+}
+
+pub fn key_error(e: KeyError) -> JsValue {
+    js_error(key_code(&e), &e.to_string())
+}
+
+pub fn topic_error(e: TopicError) -> JsValue {
+    js_error("INVALID_TOPIC", &e.to_string())
+}
+
+pub fn invite_error(e: InviteError) -> JsValue {
+    let code = match &e {
+        InviteError::Key(k) => key_code(k),
+        _ => "INVITE",
+    };
+    js_error(code, &e.to_string())
+}
+
+pub fn publish_error(e: PublishError) -> JsValue {
+    let code = match &e {
+        PublishError::Topic(_) => "INVALID_TOPIC",
+        PublishError::Key(k) => key_code(k),
+        PublishError::Encode(_) => "ENCODE",
+        _ => "SEAL",
+    };
+    js_error(code, &e.to_string())
+}
+
+pub fn subscribe_error(e: SubscribeError) -> JsValue {
+    let code = match &e {
+        SubscribeError::Topic(_) => "INVALID_TOPIC",
+        SubscribeError::NoKey { .. } => "NO_KEY",
+        _ => "SUBSCRIBE",
+    };
+    js_error(code, &e.to_string())
+}

@@ -1,0 +1,367 @@
+//! Identities, tree keys, grants, keyrings and invites, as JS classes. Every method takes
+//! other key objects by reference, so JS objects stay usable after being passed in.
+
+use crate::rng::Rng;
+use wasm_bindgen::prelude::*;
+use whispeer_protocol as p;
+
+use crate::error::{invite_error, js_error, key_error, topic_error};
+use crate::now_ms;
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Parses a scope: `#` (or empty) for the whole tree, `a/b/#` for a subtree, `a/b` for
+/// exactly one topic.
+pub(crate) fn parse_scope(s: &str) -> Result<p::Scope, JsValue> {
+    if s.is_empty() || s == "#" {
+        return Ok(p::Scope::Tree);
+    }
+    if let Some(prefix) = s.strip_suffix("/#") {
+        return Ok(p::Scope::Subtree(
+            p::Topic::new(prefix).map_err(topic_error)?,
+        ));
+    }
+    Ok(p::Scope::Topic(p::Topic::new(s).map_err(topic_error)?))
+}
+
+/// A user's or device's secret keys: an Ed25519 signing key (its public half is the sender
+/// id) and an X25519 key for receiving invites.
+#[wasm_bindgen]
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub(crate) inner: p::Identity,
+}
+
+#[wasm_bindgen]
+impl Identity {
+    /// A fresh random identity.
+    pub fn generate() -> Identity {
+        Identity {
+            inner: p::Identity::generate(&mut Rng),
+        }
+    }
+
+    /// Restores an identity from its secret string (`wssec1…`).
+    #[wasm_bindgen(js_name = fromSecretString)]
+    pub fn from_secret_string(s: &str) -> Result<Identity, JsValue> {
+        Ok(Identity {
+            inner: p::Identity::from_secret_string(s.trim()).map_err(key_error)?,
+        })
+    }
+
+    /// The secret string (`wssec1…`). Keep it secret.
+    #[wasm_bindgen(js_name = toSecretString)]
+    pub fn to_secret_string(&self) -> String {
+        self.inner.to_secret_string().to_string()
+    }
+
+    /// The sender id (`wspk1…`): how receivers see messages this identity signed.
+    #[wasm_bindgen(getter, js_name = senderId)]
+    pub fn sender_id(&self) -> String {
+        self.inner.sender_id().to_string()
+    }
+
+    /// The public id (`wsid1…`) others seal invites to.
+    #[wasm_bindgen(getter, js_name = publicId)]
+    pub fn public_id(&self) -> String {
+        self.inner.public_id().to_string()
+    }
+}
+
+/// A tree admin's key: the root of the current epoch and the admin signing key.
+#[wasm_bindgen]
+#[derive(Debug, Clone)]
+pub struct TreeKey {
+    pub(crate) inner: p::TreeKey,
+}
+
+#[wasm_bindgen]
+impl TreeKey {
+    /// A new tree with a random id and root.
+    pub fn generate(name: &str) -> Result<TreeKey, JsValue> {
+        Ok(TreeKey {
+            inner: p::TreeKey::generate(name, &mut Rng).map_err(key_error)?,
+        })
+    }
+
+    /// The tree everyone who knows `name` and `passphrase` derives (Argon2id). `options`
+    /// may set `memoryKiB`, `iterations` and `lanes`; the defaults (64 MiB, 3, 1) are the
+    /// Rust client's, and both sides must use the same.
+    #[wasm_bindgen(js_name = fromPassphrase)]
+    pub fn from_passphrase(
+        name: &str,
+        passphrase: &str,
+        options: JsValue,
+    ) -> Result<TreeKey, JsValue> {
+        let d = p::PassphraseParams::default();
+        let get = |k: &str, dflt: u32| -> u32 {
+            if !options.is_object() {
+                return dflt;
+            }
+            js_sys::Reflect::get(&options, &JsValue::from_str(k))
+                .ok()
+                .and_then(|v| v.as_f64())
+                .map(|v| v as u32)
+                .unwrap_or(dflt)
+        };
+        let params = p::PassphraseParams {
+            m_kib: get("memoryKiB", d.m_kib),
+            t: get("iterations", d.t),
+            p: get("lanes", d.p),
+        };
+        Ok(TreeKey {
+            inner: p::TreeKey::from_passphrase(name, passphrase.as_bytes(), params)
+                .map_err(key_error)?,
+        })
+    }
+
+    /// Parses an admin key string (`wstree1…`).
+    #[wasm_bindgen(js_name = fromKeyString)]
+    pub fn from_key_string(s: &str) -> Result<TreeKey, JsValue> {
+        Ok(TreeKey {
+            inner: p::TreeKey::from_key_string(s.trim()).map_err(key_error)?,
+        })
+    }
+
+    /// The admin key string (`wstree1…`): whoever holds it controls the tree.
+    #[wasm_bindgen(js_name = toKeyString)]
+    pub fn to_key_string(&self) -> String {
+        self.inner.to_key_string().to_string()
+    }
+
+    /// A grant for `scope` (`#` or omitted: the whole tree; `a/#`: a subtree; `a/b`: one
+    /// topic).
+    pub fn grant(&self, scope: Option<String>) -> Result<Grant, JsValue> {
+        let scope = parse_scope(scope.as_deref().unwrap_or("#"))?;
+        Ok(Grant {
+            inner: self.inner.grant(&scope),
+        })
+    }
+
+    /// The next epoch: a fresh root, same tree and admin.
+    pub fn rotate(&self) -> TreeKey {
+        TreeKey {
+            inner: self.inner.rotate(&mut Rng),
+        }
+    }
+
+    /// The tree's display name.
+    #[wasm_bindgen(getter)]
+    pub fn name(&self) -> String {
+        self.inner.name().to_owned()
+    }
+
+    /// The epoch.
+    #[wasm_bindgen(getter)]
+    pub fn epoch(&self) -> f64 {
+        self.inner.epoch() as f64
+    }
+
+    /// The tree id (hex).
+    #[wasm_bindgen(getter, js_name = treeId)]
+    pub fn tree_id(&self) -> String {
+        hex(&self.inner.tree_id().0)
+    }
+}
+
+/// A key for part of a tree (a subtree or one topic) with its signed epoch certificate.
+#[wasm_bindgen]
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub(crate) inner: p::Grant,
+}
+
+#[wasm_bindgen]
+impl Grant {
+    /// Parses a grant key string (`wskey1…`).
+    #[wasm_bindgen(js_name = fromKeyString)]
+    pub fn from_key_string(s: &str) -> Result<Grant, JsValue> {
+        Ok(Grant {
+            inner: p::Grant::from_key_string(s.trim()).map_err(key_error)?,
+        })
+    }
+
+    /// The key string (`wskey1…`).
+    #[wasm_bindgen(js_name = toKeyString)]
+    pub fn to_key_string(&self) -> String {
+        self.inner.to_key_string().to_string()
+    }
+
+    /// A narrower grant (`a/b/#` or `a/b`) inside this one's scope.
+    pub fn narrow(&self, scope: &str) -> Result<Grant, JsValue> {
+        let inner = match parse_scope(scope)? {
+            p::Scope::Tree => self.inner.clone(),
+            p::Scope::Subtree(t) => self.inner.narrow(&t, false).map_err(key_error)?,
+            p::Scope::Topic(t) => self.inner.narrow(&t, true).map_err(key_error)?,
+        };
+        Ok(Grant { inner })
+    }
+
+    /// The scope (`#`, `a/#` or `a/b`).
+    #[wasm_bindgen(getter)]
+    pub fn scope(&self) -> String {
+        self.inner.scope().to_string()
+    }
+
+    /// The tree's display name.
+    #[wasm_bindgen(getter, js_name = treeName)]
+    pub fn tree_name(&self) -> String {
+        self.inner.cert().tree_name().to_owned()
+    }
+
+    /// The epoch.
+    #[wasm_bindgen(getter)]
+    pub fn epoch(&self) -> f64 {
+        self.inner.epoch_keys().epoch() as f64
+    }
+
+    /// The tree id (hex).
+    #[wasm_bindgen(getter, js_name = treeId)]
+    pub fn tree_id(&self) -> String {
+        hex(&self.inner.epoch_keys().tree_id().0)
+    }
+}
+
+/// The set of grants a client holds.
+#[wasm_bindgen]
+#[derive(Debug, Default)]
+pub struct Keyring {
+    grants: Vec<p::Grant>,
+    check: p::Keyring,
+}
+
+#[wasm_bindgen]
+impl Keyring {
+    /// An empty keyring.
+    #[wasm_bindgen(constructor)]
+    pub fn new() -> Keyring {
+        Keyring::default()
+    }
+
+    fn push(&mut self, g: p::Grant) -> Result<(), JsValue> {
+        self.check
+            .add_grant(g.clone(), now_ms())
+            .map_err(key_error)?;
+        self.grants.push(g);
+        Ok(())
+    }
+
+    /// Adds a grant.
+    #[wasm_bindgen(js_name = addGrant)]
+    pub fn add_grant(&mut self, grant: &Grant) -> Result<(), JsValue> {
+        self.push(grant.inner.clone())
+    }
+
+    /// Adds the whole-tree grant of an admin key.
+    #[wasm_bindgen(js_name = addTreeKey)]
+    pub fn add_tree_key(&mut self, tree: &TreeKey) -> Result<(), JsValue> {
+        self.push(tree.inner.grant_all())
+    }
+
+    /// Adds a key string: a grant (`wskey1…`) or an admin key (`wstree1…`).
+    #[wasm_bindgen(js_name = addKeyString)]
+    pub fn add_key_string(&mut self, s: &str) -> Result<(), JsValue> {
+        let s = s.trim();
+        if s.starts_with("wstree1") {
+            self.push(
+                p::TreeKey::from_key_string(s)
+                    .map_err(key_error)?
+                    .grant_all(),
+            )
+        } else {
+            self.push(p::Grant::from_key_string(s).map_err(key_error)?)
+        }
+    }
+
+    /// The grants as key strings.
+    #[wasm_bindgen(js_name = toKeyStrings)]
+    pub fn to_key_strings(&self) -> Vec<String> {
+        self.grants
+            .iter()
+            .map(|g| g.to_key_string().to_string())
+            .collect()
+    }
+
+    /// Number of grants.
+    #[wasm_bindgen(getter)]
+    pub fn size(&self) -> usize {
+        self.grants.len()
+    }
+}
+
+impl Keyring {
+    /// A protocol keyring with every grant (for one client).
+    pub(crate) fn build(&self) -> Result<p::Keyring, JsValue> {
+        let mut kr = p::Keyring::new();
+        for g in &self.grants {
+            kr.add_grant(g.clone(), now_ms()).map_err(key_error)?;
+        }
+        Ok(kr)
+    }
+}
+
+/// An opened invite.
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct OpenedInvite {
+    grant: p::Grant,
+    inviter: String,
+    expiry_ms: u64,
+}
+
+#[wasm_bindgen]
+impl OpenedInvite {
+    /// The grant it carries.
+    #[wasm_bindgen(getter)]
+    pub fn grant(&self) -> Grant {
+        Grant {
+            inner: self.grant.clone(),
+        }
+    }
+    /// The inviter's sender id (`wspk1…`); decide whether you trust it.
+    #[wasm_bindgen(getter)]
+    pub fn inviter(&self) -> String {
+        self.inviter.clone()
+    }
+    /// Unix ms after which the invite is refused.
+    #[wasm_bindgen(getter, js_name = expiresAt)]
+    pub fn expires_at(&self) -> f64 {
+        self.expiry_ms as f64
+    }
+}
+
+/// Seals `grant` to the holder of `recipient_public_id` (`wsid1…`), signed by `inviter`,
+/// valid for `ttl_ms` from now.
+#[wasm_bindgen(js_name = sealInvite)]
+pub fn seal_invite(
+    grant: &Grant,
+    inviter: &Identity,
+    recipient_public_id: &str,
+    ttl_ms: f64,
+) -> Result<String, JsValue> {
+    let recipient: p::PublicId = recipient_public_id.trim().parse().map_err(key_error)?;
+    if !(ttl_ms >= 0.0) {
+        return Err(js_error("INVITE", "ttl must be a non-negative number"));
+    }
+    p::Invite::seal(
+        &grant.inner,
+        &inviter.inner,
+        &recipient,
+        now_ms().saturating_add(ttl_ms as u64),
+        &mut Rng,
+    )
+    .map_err(invite_error)
+}
+
+/// Opens an invite (`wsinv1…`) addressed to `me`, checking its signature and expiry.
+#[wasm_bindgen(js_name = openInvite)]
+pub fn open_invite(invite: &str, me: &Identity) -> Result<OpenedInvite, JsValue> {
+    let i = p::Invite::open(invite.trim(), &me.inner, now_ms()).map_err(invite_error)?;
+    Ok(OpenedInvite {
+        grant: i.grant,
+        inviter: i.inviter.to_string(),
+        expiry_ms: i.expiry_ms,
+    })
+}

@@ -1,0 +1,213 @@
+// Headless Chromium (Debian chromium + playwright-core) loads the web build from a local
+// static server: interop Rust ↔ Chromium and Node ↔ Chromium through one relay, and the
+// demo chat in two tabs (screenshots in test-output/).
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, mkdirSync, rmSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+import { startRelay } from '../shared/relay.js';
+import { runPeer } from '../shared/peer.js';
+import { sample } from '../shared/sample.js';
+import { diff } from '../shared/equal.js';
+import { PKG_ROOT } from '../shared/bins.js';
+import { startServer } from '../../scripts/serve.mjs';
+import { Client, Identity, TreeKey } from '../../js/index.node.js';
+
+const N = 5;
+const OUT = join(PKG_ROOT, 'test-output');
+let relay, server, context, profile, tree;
+
+before(async () => {
+  relay = await startRelay();
+  server = await startServer({ root: PKG_ROOT });
+  profile = mkdtempSync(join(tmpdir(), 'whispeer-chromium-'));
+  context = await chromium.launchPersistentContext(profile, {
+    executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
+    headless: true,
+    args: [
+      '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    ],
+    viewport: { width: 560, height: 640 },
+  });
+  tree = TreeKey.generate('browser');
+  mkdirSync(OUT, { recursive: true });
+});
+
+after(async () => {
+  await context?.close();
+  await server?.close();
+  await relay?.stop();
+  if (profile) rmSync(profile, { recursive: true, force: true });
+});
+
+async function testPage() {
+  const page = await context.newPage();
+  page.on('pageerror', (e) => console.error('page error:', e));
+  await page.goto(`${server.url}/test/browser/page.html`);
+  await page.waitForFunction(() => window.pageReady === true);
+  return page;
+}
+
+/** In the page: connect and subscribe, collecting messages into window.got. */
+async function browserSubscribe(page, key, filter) {
+  return page.evaluate(
+    async ({ url, key, filter }) => {
+      const c = await W.Client.connect(url, { keys: key, identity: W.Identity.generate() });
+      window.client = c;
+      window.got = [];
+      await c.subscribe(filter, (m) => window.got.push(m));
+      return c.senderId;
+    },
+    { url: relay.url, key, filter },
+  );
+}
+
+/** In the page: compare what arrived with sample(i); returns [{ i, diff, sender }]. */
+function browserCheck(page, n) {
+  return page
+    .waitForFunction((n) => window.got.length >= n, n)
+    .then(() =>
+      page.evaluate(() =>
+        window.got.map((m) => {
+          const i = Number(m.topic.split('/').pop());
+          return { i, topic: m.topic, diff: diff(m.value, sample(i)), sender: m.sender };
+        }),
+      ),
+    );
+}
+
+test('Rust ↔ Chromium', async () => {
+  const page = await testPage();
+  const key = tree.toKeyString();
+
+  // Rust publishes, Chromium receives on a wildcard.
+  await browserSubscribe(page, key, 'interop/rust-chromium/+');
+  const pub = runPeer(['pub', '--url', relay.url, '--key', key, '--prefix', 'interop/rust-chromium', '--count', String(N)]);
+  const [{ sender }] = await pub.take(1);
+  const seen = await browserCheck(page, N);
+  assert.equal(seen.length, N);
+  for (const s of seen) {
+    assert.equal(s.diff, null, `sample ${s.i}: ${s.diff}`);
+    assert.equal(s.sender, sender);
+  }
+  assert.equal(await pub.exited, 0);
+
+  // Chromium publishes, Rust decodes typed values.
+  const sub = runPeer(['sub', '--url', relay.url, '--key', key, '--filter', 'interop/chromium-rust/#', '--count', String(N)]);
+  try {
+    assert.deepEqual(await sub.next(), { ready: true });
+    const browserSender = await page.evaluate(async (n) => {
+      for (let i = 0; i < n; i++) await window.client.publish(`interop/chromium-rust/x/${i}`, sample(i));
+      await window.client.flush();
+      return window.client.senderId;
+    }, N);
+    const lines = await sub.take(N);
+    for (const l of lines) {
+      assert.equal(l.ok, true, JSON.stringify(l));
+      assert.equal(l.sender, browserSender);
+    }
+    assert.equal(await sub.exited, 0);
+  } finally {
+    sub.kill();
+  }
+  await page.evaluate(() => window.client.close());
+  await page.close();
+});
+
+test('Node ↔ Chromium', async () => {
+  const page = await testPage();
+  const node = await Client.connect(relay.url, { keys: tree, identity: Identity.generate() });
+  try {
+    // Node publishes, Chromium receives.
+    await browserSubscribe(page, tree.grant('interop/#').toKeyString(), 'interop/node-chromium/#');
+    for (let i = 0; i < N; i++) await node.publish(`interop/node-chromium/${i}`, sample(i));
+    const seen = await browserCheck(page, N);
+    for (const s of seen) {
+      assert.equal(s.diff, null, `sample ${s.i}: ${s.diff}`);
+      assert.equal(s.sender, node.senderId);
+    }
+
+    // Chromium publishes, Node receives.
+    const got = [];
+    let done;
+    const all = new Promise((r) => (done = r));
+    await node.subscribe('interop/chromium-node/+', (m) => {
+      got.push(m);
+      if (got.length === N) done();
+    });
+    const browserSender = await page.evaluate(async (n) => {
+      for (let i = 0; i < n; i++) await window.client.publish(`interop/chromium-node/${i}`, sample(i));
+      return window.client.senderId;
+    }, N);
+    await all;
+    for (const m of got) {
+      const i = Number(m.topic.split('/').pop());
+      assert.equal(diff(m.value, sample(i)), null);
+      assert.equal(m.sender, browserSender);
+    }
+  } finally {
+    await node.close();
+    await page.evaluate(() => window.client?.close());
+    await page.close();
+  }
+});
+
+test('demo chat in two tabs', async () => {
+  const demo = `${server.url}/demo/?relay=${encodeURIComponent(relay.url)}`;
+  const enter = async (name) => {
+    const page = await context.newPage();
+    page.on('pageerror', (e) => console.error('demo page error:', e));
+    await page.goto(demo);
+    await page.fill('#name', name);
+    await page.fill('#room', 'lobby');
+    await page.fill('#passphrase', 'correct horse battery staple');
+    await page.click('#join');
+    await page.waitForSelector('#state[data-state="connected"]');
+    return page;
+  };
+  const alice = await enter('alice');
+  const bob = await enter('bob');
+  const say = async (page, text) => {
+    await page.fill('#message', text);
+    await page.press('#message', 'Enter');
+  };
+  const seen = (page, text) => page.waitForSelector(`#messages li:has-text(${JSON.stringify(text)})`);
+
+  await say(alice, 'Hi Bob! This message was sealed in WebAssembly.');
+  await seen(bob, 'sealed in WebAssembly');
+  await say(bob, 'Hi Alice, and opened in another tab. The relay saw only ciphertext.');
+  await seen(alice, 'only ciphertext');
+  await say(alice, 'Accents too: naïve café, Grüße');
+  await seen(bob, 'Grüße');
+  await seen(alice, 'Grüße');
+
+  // A tab with another passphrase in the same room sees none of it.
+  const eve = await context.newPage();
+  await eve.goto(demo);
+  await eve.fill('#name', 'eve');
+  await eve.fill('#room', 'lobby');
+  await eve.fill('#passphrase', 'not the passphrase');
+  await eve.click('#join');
+  await eve.waitForSelector('#state[data-state="connected"]');
+  await say(bob, 'Only people with the passphrase read this.');
+  await seen(alice, 'Only people with the passphrase');
+  assert.equal(await eve.locator('#messages li.msg').count(), 0);
+
+  const a = await alice.screenshot({ path: join(OUT, 'chat-alice.png') });
+  const b = await bob.screenshot({ path: join(OUT, 'chat-bob.png') });
+  // Both tabs side by side in one image.
+  const both = await context.newPage();
+  await both.setViewportSize({ width: 1140, height: 660 });
+  await both.setContent(
+    `<body style="margin:0;background:#222;display:flex;gap:20px;padding:10px">` +
+      `<img src="data:image/png;base64,${a.toString('base64')}">` +
+      `<img src="data:image/png;base64,${b.toString('base64')}"></body>`,
+  );
+  await both.waitForFunction(() => [...document.images].every((i) => i.complete && i.naturalWidth > 0));
+  await both.screenshot({ path: join(OUT, 'chat.png') });
+  assert.ok(readFileSync(join(OUT, 'chat.png')).length > 10_000);
+  for (const p of [alice, bob, eve, both]) await p.close();
+});

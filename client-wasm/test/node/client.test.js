@@ -1,0 +1,286 @@
+// The Node.js client against the real relay binary.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { startRelay } from '../shared/relay.js';
+import { sample } from '../shared/sample.js';
+import { diff } from '../shared/equal.js';
+import {
+  Client,
+  Identity,
+  TreeKey,
+  Grant,
+  Keyring,
+  sealInvite,
+  openInvite,
+  encodeValue,
+  decodeValue,
+  float,
+  ClientCore,
+} from '../../js/index.node.js';
+import { PKG_ROOT } from '../shared/bins.js';
+
+let relay;
+const clients = [];
+before(async () => {
+  relay = await startRelay();
+});
+after(async () => {
+  await Promise.all(clients.map((c) => c.close()));
+  await relay?.stop();
+});
+
+async function connect(opts) {
+  const c = await Client.connect(relay.url, { identity: Identity.generate(), ...opts });
+  clients.push(c);
+  return c;
+}
+
+/** Collects messages delivered to a callback; `all` resolves with the first `n`,
+ * `count(k)` once `k` have arrived. */
+function collector(n) {
+  const got = [];
+  const waits = [];
+  const count = (k) =>
+    got.length >= k ? Promise.resolve(got) : new Promise((resolve) => waits.push({ k, resolve }));
+  return {
+    got,
+    count,
+    all: count(n),
+    cb: (m) => {
+      got.push(m);
+      for (const w of waits.filter((w) => got.length >= w.k)) {
+        waits.splice(waits.indexOf(w), 1);
+        w.resolve(got);
+      }
+    },
+  };
+}
+
+test('connect, publish and subscribe with + and # wildcards, typed values', async () => {
+  const tree = TreeKey.generate('home');
+  const a = await connect({ keys: tree });
+  const b = await connect({ keys: tree.toKeyString() });
+  assert.equal(a.state, 'connected');
+
+  const plus = collector(2);
+  const hash = collector(3);
+  await b.subscribe('sensor/+/temp', plus.cb);
+  await b.subscribe('sensor/#', hash.cb);
+
+  await a.publish('sensor/kitchen/temp', 21.5);
+  await a.publish('sensor/kitchen/humidity', { pct: 40, at: 1700000000000 });
+  await a.publish('sensor/hall/temp', sample(4));
+  await a.publish('other/x', 'not for b');
+
+  const [p1, p2] = await plus.all;
+  assert.equal(p1.topic, 'sensor/kitchen/temp');
+  assert.equal(p1.value, 21.5);
+  assert.equal(p1.sender, a.senderId);
+  assert.equal(p2.topic, 'sensor/hall/temp');
+  assert.equal(diff(p2.value, sample(4)), null);
+  const h = await hash.all;
+  assert.deepEqual(
+    h.map((m) => m.topic),
+    ['sensor/kitchen/temp', 'sensor/kitchen/humidity', 'sensor/hall/temp'],
+  );
+  assert.deepEqual(h[1].value, { pct: 40, at: 1700000000000 });
+  assert.equal(h[1].contentType, 'application/cbor');
+  await b.flush();
+  assert.equal(hash.got.length, 3, 'other/x did not reach sensor/#');
+});
+
+test('async iterator form, unsubscribe, acked and retained publishes, bytes', async () => {
+  const tree = TreeKey.generate('iter');
+  const a = await connect({ keys: tree });
+  const sub = await a.subscribe('chat/#');
+  const seq = await a.publish('chat/room', { text: 'hello' }, { ack: true });
+  assert.equal(typeof seq, 'number');
+  await a.publishBytes('chat/raw', new Uint8Array([1, 2, 3]), { contentType: 'application/x-test' });
+  const got = [];
+  for await (const m of sub) {
+    got.push(m);
+    if (got.length === 2) break; // `break` unsubscribes
+  }
+  assert.deepEqual(got[0].value, { text: 'hello' });
+  assert.equal(got[1].contentType, 'application/x-test');
+  assert.deepEqual([...got[1].payload], [1, 2, 3]);
+  assert.equal(got[1].value, undefined);
+  assert.deepEqual(await sub.next(), { value: undefined, done: true });
+
+  // Retained: a later subscriber gets the last value, flagged.
+  await a.publish('state/door', 'open', { retain: true, ack: true });
+  const b = await connect({ keys: tree });
+  const r = collector(1);
+  await b.subscribe('state/+', r.cb);
+  const [m] = await r.all;
+  assert.equal(m.value, 'open');
+  assert.equal(m.retained, true);
+});
+
+test('wrong or missing keys are rejected', async () => {
+  const tree = TreeKey.generate('keys');
+  const onlyA = tree.grant('a/#');
+  const full = await connect({ keys: tree });
+  const partial = await connect({ keys: onlyA });
+
+  // No key for the filter / topic: typed errors, nothing sent.
+  await assert.rejects(partial.subscribe('b/#', () => {}), { name: 'WhispeerError', code: 'NO_KEY' });
+  await assert.rejects(partial.publish('b/x', 1), { code: 'NO_KEY' });
+  await assert.rejects(partial.publish('a/+', 1), { code: 'INVALID_TOPIC' });
+  const nokeys = await connect({});
+  await assert.rejects(nokeys.publish('a/x', 1), { code: 'NO_KEY' });
+
+  // A '#' subscriber with only a/# gets b/x routed (same tree) but cannot open it.
+  const got = collector(1);
+  await partial.subscribe('#', got.cb);
+  await full.publish('b/secret', 'hidden');
+  await full.publish('a/open', 'visible');
+  const [m] = await got.all;
+  assert.equal(m.topic, 'a/open');
+  assert.equal(m.value, 'visible');
+  assert.equal(partial.stats().rejected, 1);
+  assert.equal(partial.stats().delivered, 1);
+
+  // A different passphrase derives a different key: its messages never open here.
+  const right = TreeKey.fromPassphrase('room', 'right horse battery', { memoryKiB: 1024, iterations: 1 });
+  const wrong = TreeKey.fromPassphrase('room', 'wrong horse battery', { memoryKiB: 1024, iterations: 1 });
+  assert.equal(right.treeId, wrong.treeId);
+  const r = await connect({ keys: right });
+  const w = await connect({ keys: wrong });
+  const rx = collector(1);
+  await r.subscribe('#', rx.cb);
+  await w.publish('chat', 'from the wrong key');
+  await r.publish('chat', 'from the right key');
+  const [only] = await rx.all;
+  assert.equal(only.value, 'from the right key');
+});
+
+test('reconnects after a relay restart and resubscribes', async () => {
+  const local = await startRelay();
+  try {
+    const tree = TreeKey.generate('restart');
+    const opts = { keys: tree, identity: Identity.generate(), reconnect: { initialDelayMs: 20, maxDelayMs: 200 } };
+    const sub = await Client.connect(local.url, opts);
+    const pub = await Client.connect(local.url, { ...opts, identity: Identity.generate() });
+    const got = collector(2);
+    await sub.subscribe('t/+', got.cb);
+    await pub.publish('t/before', 1);
+    await got.count(1);
+
+    const states = [];
+    sub.on('state', (s) => states.push(s));
+    // Both clients must notice the drop before we wait for them to be back.
+    const lost = Promise.all([sub.waitForState('reconnecting'), pub.waitForState('reconnecting')]);
+    const restarted = await local.restart();
+    Object.assign(local, restarted);
+    await lost;
+    await Promise.all([sub.waitForState('connected'), pub.waitForState('connected')]);
+    await sub.flush(); // the relay has processed the resubscription
+    await pub.publish('t/after', 2);
+    const [, m] = await got.all;
+    assert.equal(m.topic, 't/after');
+    assert.equal(m.value, 2);
+    assert.ok(states.includes('reconnecting') && states.at(-1) === 'connected', states.join(','));
+    assert.equal(sub.stats().reconnects, 1);
+    await sub.close();
+    await pub.close();
+    assert.equal(sub.state, 'closed');
+  } finally {
+    await local.stop();
+  }
+});
+
+test('keys: generate, strings, passphrase, invites', () => {
+  const me = Identity.generate();
+  const again = Identity.fromSecretString(me.toSecretString());
+  assert.equal(again.senderId, me.senderId);
+  assert.match(me.publicId, /^wsid1/);
+
+  const tree = TreeKey.generate('house');
+  const copy = TreeKey.fromKeyString(tree.toKeyString());
+  assert.equal(copy.treeId, tree.treeId);
+  const g = tree.grant('rooms/#');
+  assert.equal(g.scope, 'rooms/#');
+  assert.equal(Grant.fromKeyString(g.toKeyString()).scope, 'rooms/#');
+  assert.equal(g.narrow('rooms/kitchen').scope, 'rooms/kitchen');
+  assert.throws(() => g.narrow('garden/#'), { code: 'KEY' });
+  assert.throws(() => Grant.fromKeyString('wskey1garbage'), { code: 'KEY' });
+
+  const p1 = TreeKey.fromPassphrase('demo', 'correct horse battery staple', { memoryKiB: 1024, iterations: 1 });
+  const p2 = TreeKey.fromPassphrase('demo', 'correct horse battery staple', { memoryKiB: 1024, iterations: 1 });
+  assert.equal(p1.toKeyString(), p2.toKeyString());
+
+  const friend = Identity.generate();
+  const invite = sealInvite(g, me, friend.publicId, { ttlMs: 60_000 });
+  assert.match(invite, /^wsinv1/);
+  const opened = openInvite(invite, friend);
+  assert.equal(opened.inviter, me.senderId);
+  assert.equal(opened.grant.scope, 'rooms/#');
+  assert.throws(() => openInvite(invite, Identity.generate()), { code: 'INVITE' });
+
+  const kr = new Keyring();
+  kr.addGrant(g);
+  kr.addKeyString(tree.toKeyString());
+  assert.equal(kr.size, 2);
+  // A grant for the same tree id signed by another admin is refused.
+  const impostor = TreeKey.fromPassphrase('demo', 'other', { memoryKiB: 1024, iterations: 1 });
+  const k2 = new Keyring();
+  k2.addTreeKey(p1);
+  assert.throws(() => k2.addTreeKey(impostor), { code: 'KEY' });
+});
+
+test('CBOR mapping matches serde: bigint, bytes, maps, floats', () => {
+  const hex = (v) => Buffer.from(encodeValue(v)).toString('hex');
+  assert.equal(hex(1), '01');
+  assert.equal(hex(-1), '20');
+  assert.equal(hex(1.5), 'f93e00'); // shortest float, as ciborium writes f64 1.5
+  assert.equal(hex(float(2)), 'f94000'); // a float even when whole
+  assert.equal(hex(2n ** 64n - 1n), '1bffffffffffffffff');
+  assert.equal(hex(2n ** 64n), 'c249010000000000000000'); // bignum, as ciborium writes u128
+  assert.equal(hex(-(2n ** 64n) - 1n), 'c349010000000000000000');
+  assert.equal(hex(new Uint8Array([1, 2])), '420102');
+  assert.equal(hex({ a: 1, skip: undefined }), 'a1616101');
+  assert.equal(hex(new Map([[1, 'x']])), 'a1016178');
+  assert.equal(hex(null), 'f6');
+  assert.throws(() => encodeValue(() => 1), { code: 'ENCODE' });
+  assert.throws(() => encodeValue(Symbol('s')), { code: 'ENCODE' });
+  const big = { n: 2n ** 53n, m: 2 ** 53 - 1, b: new Uint8Array([9]) };
+  assert.deepEqual(decodeValue(encodeValue(big)), big);
+  const proto = decodeValue(encodeValue(JSON.parse('{"__proto__": {"polluted": 1}}')));
+  assert.equal(Object.getPrototypeOf(proto), Object.prototype);
+  assert.equal({}.polluted, undefined);
+  assert.throws(() => decodeValue(new Uint8Array([0xff])), { code: 'DECODE' });
+});
+
+test('zstd compression shrinks and opens (wasm seals, wasm opens)', () => {
+  const tree = TreeKey.generate('z');
+  const kr = new Keyring();
+  kr.addTreeKey(tree);
+  const value = encodeValue({ text: 'all work and no play '.repeat(200) });
+  const zstd = new ClientCore(kr, 3, false, true);
+  const none = new ClientCore(kr, 0, false, true);
+  const small = zstd.sealEnvelope('a', 'application/cbor', value);
+  const large = none.sealEnvelope('a', 'application/cbor', value);
+  assert.ok(small.length * 10 < large.length, `${small.length} vs ${large.length}`);
+  assert.deepEqual(none.openEnvelope(small).payload, value);
+  assert.deepEqual(zstd.openEnvelope(large).payload, value);
+  assert.throws(() => zstd.openEnvelope(small.map((b, i) => (i === small.length - 1 ? b ^ 1 : b))), {
+    code: 'OPEN',
+  });
+});
+
+test('the package loads by name with import and require', () => {
+  const esm = execFileSync(
+    process.execPath,
+    ['--input-type=module', '-e', "import { Identity } from 'whispeer'; console.log(Identity.generate().senderId.slice(0, 5))"],
+    { cwd: PKG_ROOT, encoding: 'utf8' },
+  );
+  assert.equal(esm.trim(), 'wspk1');
+  const cjs = execFileSync(
+    process.execPath,
+    ['-e', "const { Identity } = require('whispeer'); console.log(Identity.generate().senderId.slice(0, 5))"],
+    { cwd: PKG_ROOT, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] },
+  );
+  assert.equal(cjs.trim(), 'wspk1');
+});
