@@ -177,6 +177,8 @@ pub struct ClientStats {
     pub reconnects: u64,
     /// Messages a client plugin dropped.
     pub plugin_drops: u64,
+    /// QoS ≥ 1 publishes waiting for the relay's `PubAck` (re-sent after a reconnect).
+    pub unacked_publishes: u64,
 }
 
 /// A connected client. Clone it freely: every clone shares the one connection.
@@ -202,6 +204,8 @@ pub struct ClientBuilder {
     pub(crate) sub_capacity: usize,
     pub(crate) name: String,
     pub(crate) plugins: Plugins,
+    #[cfg(feature = "persistence")]
+    pub(crate) persistence: Option<crate::persist::Persistence>,
 }
 
 impl Default for ClientBuilder {
@@ -221,6 +225,8 @@ impl Default for ClientBuilder {
             sub_capacity: 65_536,
             name: format!("whispeer-rs/{}", env!("CARGO_PKG_VERSION")),
             plugins: Plugins::default(),
+            #[cfg(feature = "persistence")]
+            persistence: None,
         }
     }
 }
@@ -269,7 +275,13 @@ impl ClientBuilder {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connected);
         let stats = Arc::new(Mutex::new(ClientStats::default()));
-        let driver = Driver {
+        #[cfg(feature = "persistence")]
+        let saved = match &self.persistence {
+            Some(p) => Some(crate::persist::Store::open(&p.path)?),
+            None => None,
+        };
+        #[allow(unused_mut)]
+        let mut driver = Driver {
             dialer,
             max_frame: self.max_frame,
             connect_timeout: self.connect_timeout,
@@ -290,7 +302,17 @@ impl ClientBuilder {
             inflight: HashMap::new(),
             next_inflight: 0,
             pending_acks: Vec::new(),
+            #[cfg(feature = "persistence")]
+            saved,
         };
+        // Publishes a previous run kept but never saw acknowledged: re-sent first.
+        #[cfg(feature = "persistence")]
+        if let Some(st) = &driver.saved {
+            for (pid, ord, frame) in st.outbox() {
+                driver.inflight.insert(pid, (ord, frame));
+                driver.next_inflight = driver.next_inflight.max(ord + 1);
+            }
+        }
         tokio::spawn(driver.run(conn, heartbeat));
         Ok(Client {
             inner: Arc::new(Inner {
@@ -777,6 +799,9 @@ struct Sink {
     ready: Option<(SubReady, HashSet<u64>)>,
     /// At least once or durable: the relay expects `Ack`s for what it delivers.
     acking: bool,
+    /// The durable name, whose dedup window is persisted with `Persistence`.
+    #[cfg_attr(not(feature = "persistence"), allow(dead_code))]
+    durable: Option<String>,
 }
 
 struct Driver {
@@ -802,6 +827,9 @@ struct Driver {
     next_inflight: u64,
     /// Sequences to acknowledge in the next flush.
     pending_acks: Vec<u64>,
+    /// The client state file (outbox, durable dedup), with `Persistence`.
+    #[cfg(feature = "persistence")]
+    saved: Option<crate::persist::Store>,
 }
 
 enum Exit {
@@ -812,13 +840,46 @@ enum Exit {
 impl Driver {
     fn keep_inflight(&mut self, id: [u8; 16], frames: &[Bytes]) {
         if let Some(f) = frames.first() {
+            #[cfg(feature = "persistence")]
+            if let Some(st) = &self.saved {
+                st.keep(&id, self.next_inflight, f);
+            }
             self.inflight.insert(id, (self.next_inflight, f.clone()));
             self.next_inflight += 1;
+            self.stats.lock().expect("stats lock").unacked_publishes = self.inflight.len() as u64;
         }
     }
 
+    /// The relay acknowledged (or refused) a kept publish: forget it.
+    fn done_inflight(&mut self, id: &[u8; 16]) {
+        if self.inflight.remove(id).is_some() {
+            #[cfg(feature = "persistence")]
+            if let Some(st) = &self.saved {
+                st.acked(id);
+            }
+            self.stats.lock().expect("stats lock").unacked_publishes = self.inflight.len() as u64;
+        }
+    }
+
+    /// For durable subscriptions with `Persistence`: whether this message was not already
+    /// delivered under that name before a restart (the in-memory dedup covers the rest).
+    fn first_delivery(&self, _sink: &Sink, _r: &Received) -> bool {
+        #[cfg(feature = "persistence")]
+        if let (Some(st), Some(name)) = (&self.saved, &_sink.durable) {
+            let mut key = [0u8; 48];
+            if let Some(s) = _r.sender {
+                key[..32].copy_from_slice(&s.to_bytes());
+            }
+            key[32..].copy_from_slice(&_r.msg_id.0);
+            return st.first_delivery(name, &key);
+        }
+        true
+    }
+
     fn sync_stats(&self) {
-        self.stats.lock().expect("stats lock").core = self.core.stats().clone();
+        let mut st = self.stats.lock().expect("stats lock");
+        st.core = self.core.stats().clone();
+        st.unacked_publishes = self.inflight.len() as u64;
     }
 
     async fn run(mut self, first: Connection, heartbeat: Duration) {
@@ -958,6 +1019,7 @@ impl Driver {
                             tx,
                             ready: None,
                             acking,
+                            durable: opts.durable,
                         },
                     );
                     let _ = ready.send(Ok(()));
@@ -1106,6 +1168,7 @@ impl Driver {
                             tx,
                             ready: Some((ready, ids)),
                             acking,
+                            durable: opts.durable,
                         },
                     );
                 }
@@ -1171,7 +1234,9 @@ impl Driver {
                 if let Some((r, targets)) = opened {
                     for t in targets {
                         if let Some(s) = self.sinks.get(&t) {
-                            if s.tx.try_send(r.clone()).is_err() {
+                            if !self.first_delivery(s, &r) {
+                                self.stats.lock().expect("stats lock").core.duplicates += 1;
+                            } else if s.tx.try_send(r.clone()).is_err() {
                                 self.stats.lock().expect("stats lock").slow_subscriber_drops += 1;
                             } else if s.acking {
                                 handed_to_acking = true; // acked when the app takes it
@@ -1201,7 +1266,7 @@ impl Driver {
                 }
             }
             Frame::PubAck(a) => {
-                self.inflight.remove(&a.publish_id);
+                self.done_inflight(&a.publish_id);
                 if let Some(tx) = self.acks.remove(&a.publish_id) {
                     let _ = tx.send(Ok(a.seq));
                 }
@@ -1216,7 +1281,7 @@ impl Driver {
             Frame::Err(e) => {
                 tracing::warn!(code = e.code.name(), message = %e.message, fatal = e.fatal, "relay error");
                 if let Some(pid) = e.publish_id {
-                    self.inflight.remove(&pid);
+                    self.done_inflight(&pid);
                     if let Some(tx) = self.acks.remove(&pid) {
                         let _ = tx.send(Err(PublishError::Rejected {
                             code: e.code,

@@ -34,6 +34,10 @@ pub enum ConnectError {
     /// The builder was given no transport.
     #[error("no transport configured: add .with(WebSocket::new(url)) or .with(Tcp::new(addr))")]
     NoTransport,
+    /// The client state file (`Persistence`) could not be opened.
+    #[cfg(feature = "persistence")]
+    #[error(transparent)]
+    State(#[from] crate::persist::PersistError),
 }
 
 /// Why a publish failed.

@@ -32,6 +32,8 @@
 //!   channel to an embedded relay.
 //! - [`plugin`] — client plugins (run on plaintext, where the keys are): logging, metrics,
 //!   transforms.
+//! - `persist` — `Persistence::sqlite(path)`: the outbox and durable dedup window survive a
+//!   client restart (feature `persistence`).
 //! - `broker` — in-process mode: an embedded relay with keys ready, [`Broker`] (feature
 //!   `in-process`).
 #![forbid(unsafe_code)]
@@ -46,6 +48,8 @@ pub mod broker;
 mod client;
 #[cfg(feature = "tokio-runtime")]
 mod options;
+#[cfg(feature = "persistence")]
+pub mod persist;
 #[cfg(feature = "tokio-runtime")]
 mod transport;
 
@@ -71,5 +75,7 @@ pub use options::{
     Compression, Encryption, Engine, Padding, Plugin, Reconnect, Signing, Tcp, TlsRoot,
     TopicOptions, WebSocket,
 };
+#[cfg(feature = "persistence")]
+pub use persist::{PersistError, Persistence};
 #[cfg(feature = "tokio-runtime")]
 pub use transport::{Endpoint, TlsSettings};

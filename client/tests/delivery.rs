@@ -2,6 +2,8 @@
 //! exactly-once under induced connection kills, replay, retained values, durable
 //! subscriptions, and an embedded broker persisted in a real SQLite file.
 
+#![cfg_attr(not(feature = "persistence"), allow(dead_code))]
+
 mod support;
 
 use std::sync::Arc;
@@ -18,6 +20,8 @@ use whispeer::{Encryption, PublishOptions, Reconnect, Replay, SubscribeOptions, 
 struct KillerProxy {
     addr: std::net::SocketAddr,
     kill: Arc<Notify>,
+    /// While set, bytes from clients are swallowed (the relay never sees them).
+    blackhole: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl KillerProxy {
@@ -25,6 +29,8 @@ impl KillerProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let kill = Arc::new(Notify::new());
+        let blackhole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hole = blackhole.clone();
         let k = kill.clone();
         tokio::spawn(async move {
             loop {
@@ -35,19 +41,39 @@ impl KillerProxy {
                     continue;
                 };
                 let k = k.clone();
+                let hole = hole.clone();
                 tokio::spawn(async move {
                     let (mut cr, mut cw) = client.into_split();
                     let (mut rr, mut rw) = relay.into_split();
+                    let upstream = async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = cr.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            if !hole.load(std::sync::atomic::Ordering::SeqCst)
+                                && rw.write_all(&buf[..n]).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    };
                     // Dropping both halves of both sockets cuts the connection.
                     tokio::select! {
-                        _ = tokio::io::copy(&mut cr, &mut rw) => {}
+                        _ = upstream => {}
                         _ = tokio::io::copy(&mut rr, &mut cw) => {}
                         _ = k.notified() => {}
                     }
                 });
             }
         });
-        KillerProxy { addr, kill }
+        KillerProxy {
+            addr,
+            kill,
+            blackhole,
+        }
     }
     fn cut_all(&self) {
         self.kill.notify_waiters();
@@ -286,4 +312,89 @@ async fn a_persistent_broker_keeps_acknowledged_messages_across_restarts() {
     }
     c.close().await;
     broker.shutdown().await.unwrap();
+}
+
+/// Waits (on the client's own counters) until `f` holds.
+async fn until_stats(c: &whispeer::Client, what: &str, f: impl Fn(&whispeer::ClientStats) -> bool) {
+    within(what, async {
+        while !f(&c.stats()) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_survives_a_client_restart() {
+    use whispeer::Persistence;
+    let relay = TestRelay::start().await;
+    let proxy = KillerProxy::start(relay.addrs.tcp.unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("client-state.db");
+    let t = tree("outbox");
+    let sub_client = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let mut jobs = sub_client.subscribe::<u32>("jobs/#").await.unwrap();
+
+    let first = whispeer::Client::builder()
+        .with(Tcp::new(proxy.addr.to_string()))
+        .with(Encryption::new(keyring_with(&t)))
+        .with(identity())
+        .with(Persistence::sqlite(&state))
+        .connect()
+        .await
+        .unwrap();
+    first
+        .publish_with("jobs/a", &1u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    assert_eq!(
+        within("first", jobs.next()).await.unwrap().unwrap().value,
+        1
+    );
+
+    // The relay stops hearing this client; a publish waits for a PubAck that cannot come…
+    proxy
+        .blackhole
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let pending = tokio::spawn({
+        let c = first.clone();
+        async move {
+            c.publish_with("jobs/a", &2u32, PublishOptions::exactly_once())
+                .await
+        }
+    });
+    until_stats(&first, "kept", |s| s.unacked_publishes == 1).await;
+    // …and the process "crashes": every handle gone, nothing acknowledged.
+    pending.abort();
+    drop(first);
+
+    // A new run with the same state file re-sends it first, straight to the relay.
+    let second = whispeer::Client::builder()
+        .with(Tcp::new(relay.tcp_url()))
+        .with(Encryption::new(keyring_with(&t)))
+        .with(identity())
+        .with(Persistence::sqlite(&state))
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(
+        within("re-sent", jobs.next()).await.unwrap().unwrap().value,
+        2
+    );
+    until_stats(&second, "acknowledged", |s| s.unacked_publishes == 0).await;
+    second.close().await;
+
+    // A foreign file is refused with a clear error, never overwritten.
+    let foreign = dir.path().join("foreign.db");
+    std::fs::write(&foreign, b"not a database at all, just some bytes").unwrap();
+    let e = whispeer::Client::builder()
+        .with(Tcp::new(relay.tcp_url()))
+        .with(Persistence::sqlite(&foreign))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("foreign.db"), "{e}");
+    sub_client.close().await;
+    relay.stop().await;
 }
