@@ -858,8 +858,11 @@ async fn sigkill_twice_while_publishing_100k_qos1_loses_nothing_acknowledged() {
     let dir = temp_dir("crash");
     let db = dir.join("crash.db");
     let db_s = db.to_str().unwrap().to_owned();
-    let start =
-        |db: String| tokio::task::spawn_blocking(move || BinRelay::start(&["--store-path", &db]));
+    let start = |db: String| {
+        tokio::task::spawn_blocking(move || {
+            BinRelay::start(&["--store-path", &db, "--publish-rate", "0"])
+        })
+    };
     let mut relay = start(db_s.clone()).await.unwrap();
     let envs: Vec<Bytes> = (0..N)
         .map(|i| {

