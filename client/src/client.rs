@@ -677,6 +677,15 @@ impl Client {
         self.subscribe_inner(filter, opts, decode_cbor::<T>).await
     }
 
+    /// Raw payloads with options (replay, durable name, QoS, retained).
+    pub async fn subscribe_bytes_with_options(
+        &self,
+        filter: &str,
+        opts: SubscribeOptions,
+    ) -> Result<Subscription<Vec<u8>>, SubscribeError> {
+        self.subscribe_inner(filter, opts, decode_raw).await
+    }
+
     /// Subscribes to raw payloads (any content type).
     pub async fn subscribe_bytes(
         &self,

@@ -10,8 +10,8 @@ use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 use whispeer::protocol::Qos;
 use whispeer::{
-    Client, Identity, Keyring, Message, PublishOptions, SubscribeError, TlsRoot, Topic,
-    TopicFilter, WebSocket,
+    Client, Identity, Keyring, Message, PublishOptions, Replay, SubscribeError, SubscribeOptions,
+    TlsRoot, Topic, TopicFilter, WebSocket,
 };
 
 use crate::io::{self, IdentityArgs, KeyArgs};
@@ -188,8 +188,66 @@ pub struct SubArgs {
     /// Do not print the `ready:` line on stderr.
     #[arg(long, short)]
     quiet: bool,
+    /// Start with the relay's history from this relay sequence (0: everything kept).
+    #[arg(long, value_name = "SEQ", conflicts_with_all = ["since", "last"])]
+    from: Option<u64>,
+    /// Start with the history since TIME: Unix milliseconds, or a duration ago such as
+    /// 90s, 15m, 2h, 7d.
+    #[arg(long, value_name = "TIME", conflicts_with = "last")]
+    since: Option<String>,
+    /// Start with the last N stored messages of each matching topic.
+    #[arg(long, value_name = "N")]
+    last: Option<u64>,
+    /// Delivery: 0 at most once, 1 at least once (each printed message is acknowledged;
+    /// unacknowledged ones are redelivered), 2 exactly once (1 + duplicates dropped).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    qos: u8,
+    /// A durable subscription: the relay remembers the position under this name and a
+    /// later `sub --durable NAME` resumes right after the last acknowledged message.
+    #[arg(long, value_name = "NAME")]
+    durable: Option<String>,
     #[command(flatten)]
     keys: KeyArgs,
+}
+
+/// `--since`: Unix milliseconds, or a duration ago (`90s`, `15m`, `2h`, `7d`).
+fn since_ms(s: &str, now_ms: u64) -> Result<u64> {
+    let s = s.trim();
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| {
+        anyhow::anyhow!("--since {s:?}: expected Unix milliseconds or a duration like 15m")
+    })?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => anyhow::bail!("--since {s:?}: unit must be ms, s, m, h or d"),
+    };
+    Ok(now_ms.saturating_sub(n.saturating_mul(ms)))
+}
+
+impl SubArgs {
+    fn options(&self) -> Result<SubscribeOptions> {
+        let mut o = SubscribeOptions::new().qos(Qos::from_u64(self.qos.into()).expect("0..=2"));
+        if let Some(seq) = self.from {
+            o = o.replay(Replay::FromSeq(seq));
+        }
+        if let Some(t) = &self.since {
+            o = o.replay(Replay::SinceMs(since_ms(t, whispeer::now_ms())?));
+        }
+        if let Some(n) = self.last {
+            o = o.replay(Replay::LastN(n));
+        }
+        if let Some(name) = &self.durable {
+            o = o.durable(name.clone());
+        }
+        Ok(o)
+    }
 }
 
 /// One printed message (field order is part of the output contract).
@@ -267,10 +325,14 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
     let filter =
         TopicFilter::new(a.filter.as_str()).with_context(|| format!("filter '{}'", a.filter))?;
     let timeout = a.timeout.map(secs).transpose()?;
+    let opts = a.options()?;
     let keys = a.keys.require()?;
     let keyring = io::keyring(&keys)?;
     let client = a.conn.connect(keyring, None, None).await?;
-    let mut sub = match client.subscribe_bytes(filter.as_str()).await {
+    let mut sub = match client
+        .subscribe_bytes_with_options(filter.as_str(), opts)
+        .await
+    {
         Ok(s) => s,
         Err(e @ SubscribeError::NoKey { .. }) => {
             return Err(anyhow::Error::new(e).context("cannot subscribe with the given keys"))
@@ -336,4 +398,19 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
     client.close().await;
     outcome?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn since_accepts_millis_and_durations_ago() {
+        assert_eq!(
+            super::since_ms("1700000000000", 5).unwrap(),
+            1_700_000_000_000
+        );
+        assert_eq!(super::since_ms("15m", 1_000_000).unwrap(), 100_000);
+        assert_eq!(super::since_ms("2h", 1).unwrap(), 0);
+        assert!(super::since_ms("5 weeks", 1).is_err());
+        assert!(super::since_ms("m", 1).is_err());
+    }
 }
