@@ -342,7 +342,7 @@ pub fn seal_invite(
     ttl_ms: f64,
 ) -> Result<String, JsValue> {
     let recipient: p::PublicId = recipient_public_id.trim().parse().map_err(key_error)?;
-    if !(ttl_ms >= 0.0) {
+    if ttl_ms.is_nan() || ttl_ms < 0.0 {
         return Err(js_error("INVITE", "ttl must be a non-negative number"));
     }
     p::Invite::seal(
