@@ -1100,8 +1100,9 @@ impl Driver {
                     }
                 }
                 inc = incoming.recv() => {
+                    // Handle up to 256 frames per wake-up; each one fetched is handled.
                     let mut next = inc;
-                    for _ in 0..256 {
+                    for n in 0..256 {
                         match next {
                             Some(Incoming::Frame(f)) => {
                                 if matches!(f, Frame::Pong(_)) { unanswered_pings = 0; }
@@ -1109,6 +1110,9 @@ impl Driver {
                             }
                             Some(Incoming::Closed(why)) => return Exit::Lost(why),
                             None => return Exit::Lost("reader stopped".into()),
+                        }
+                        if n == 255 {
+                            break; // the rest waits for the next wake-up, still queued
                         }
                         match incoming.try_recv() {
                             Ok(i) => next = Some(i),
