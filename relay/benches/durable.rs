@@ -36,6 +36,10 @@ use whispeer_protocol::{
 };
 use whispeer_relay::BoundAddrs;
 
+#[path = "common/nats.rs"]
+mod nats;
+use nats::NatsProc;
+
 const WINDOW: usize = 1024;
 const SIZE: usize = 1024;
 
@@ -89,7 +93,7 @@ fn main() {
         ));
         drop(relay);
     }
-    match NatsProc::start(&base.join("nats")) {
+    match start_jetstream(&base.join("nats")) {
         Some(nats) => {
             let o = rt.block_on(nats_run(nats.addr, n));
             let size = file_bytes(&base.join("nats"));
@@ -351,45 +355,6 @@ async fn whispeer_run(addr: SocketAddr, n: u64) -> Outcome {
 
 // ---------- NATS JetStream ----------
 
-struct NatsProc {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl NatsProc {
-    fn start(dir: &Path) -> Option<Self> {
-        std::fs::create_dir_all(dir).ok()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let mut child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let start = Instant::now();
-        while std::net::TcpStream::connect(addr).is_err() {
-            if child.try_wait().ok()?.is_some() || start.elapsed() > Duration::from_secs(10) {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Some(Self { child, addr })
-    }
-}
-
-impl Drop for NatsProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn nats_run(addr: SocketAddr, n: u64) -> Outcome {
     use async_nats::jetstream::{self, consumer, stream};
     let client = async_nats::connect(format!("nats://{addr}")).await.unwrap();
@@ -449,4 +414,10 @@ async fn nats_run(addr: SocketAddr, n: u64) -> Outcome {
         p99_us: percentile(&lat, 0.99),
         replay_per_s: n as f64 / replay_s,
     }
+}
+
+/// nats-server with JetStream file storage in `dir`.
+fn start_jetstream(dir: &Path) -> Option<NatsProc> {
+    std::fs::create_dir_all(dir).ok()?;
+    NatsProc::start(&["-js".into(), "-sd".into(), dir.as_os_str().to_owned()])
 }

@@ -32,6 +32,10 @@ use whispeer_protocol::{
 };
 use whispeer_relay::BoundAddrs;
 
+#[path = "common/nats.rs"]
+mod nats;
+use nats::NatsProc;
+
 const WINDOW: u64 = 2048;
 const PAYLOAD: usize = 1024;
 const IDLE: usize = 10_000;
@@ -110,7 +114,7 @@ fn main() {
         .build()
         .unwrap();
     let relay = RelayProc::start();
-    let nats = NatsProc::start();
+    let nats = NatsProc::start(&[]);
     if nats.is_none() {
         eprintln!("nats-server not found (apt-get install -y nats-server): whispeer only");
     }
@@ -227,43 +231,6 @@ impl Drop for RelayProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-struct NatsProc {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl NatsProc {
-    fn start() -> Option<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let mut child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let start = Instant::now();
-        while std::net::TcpStream::connect(addr).is_err() {
-            if child.try_wait().ok()?.is_some() || start.elapsed() > Duration::from_secs(10) {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Some(Self { child, addr })
-    }
-}
-
-impl Drop for NatsProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
