@@ -280,6 +280,7 @@ impl ClientCore {
                 | frame::features::DURABLE,
             client: Some(client.to_owned()),
             auth: None,
+            account: None,
         })
     }
 
@@ -334,6 +335,8 @@ impl ClientCore {
                 durable: sub.opts.durable.clone(),
                 replay,
                 retained,
+                credit: None,
+                owner: None,
             }));
         }
         frames

@@ -488,13 +488,14 @@ fn main() {
     let pattern = ek.compile(&TopicFilter::new("sensor/+/temp").unwrap());
     let frames = vec![
         Frame::Hello(Hello {
-            versions: vec![1],
+            versions: vec![2],
             features: features::AT_LEAST_ONCE | features::RETAIN,
             client: Some("whispeer-rs/0.1".into()),
             auth: None,
+            account: None,
         }),
         Frame::Welcome(Welcome {
-            version: 1,
+            version: 2,
             features: features::AT_LEAST_ONCE,
             max_frame: 1 << 20,
             session: [0xab; 16],
@@ -508,6 +509,8 @@ fn main() {
             durable: Some("kitchen-display".into()),
             replay: Some(Replay::LastN(10)),
             retained: true,
+            credit: None,
+            owner: None,
         }),
         Frame::SubOk(SubOk { sub_id: 1, seq: 41 }),
         Frame::Pub(Pub {

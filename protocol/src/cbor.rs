@@ -167,11 +167,20 @@ impl<'a> Reader<'a> {
         frame: &'static str,
         field: &'static str,
     ) -> Result<[u8; 16], DecodeError> {
-        let b = self.bytes(frame, field, 16)?;
+        self.bytes_n(frame, field)
+    }
+
+    /// A byte string of exactly `N` bytes.
+    pub(crate) fn bytes_n<const N: usize>(
+        &mut self,
+        frame: &'static str,
+        field: &'static str,
+    ) -> Result<[u8; N], DecodeError> {
+        let b = self.bytes(frame, field, N)?;
         b[..].try_into().map_err(|_| DecodeError::InvalidField {
             frame,
             field,
-            reason: "must be exactly 16 bytes",
+            reason: "wrong byte-string length",
         })
     }
 

@@ -14,12 +14,30 @@ use crate::error::DecodeError;
 use crate::limits::{MAX_ACKS_PER_FRAME, MAX_FRAME_CEILING, MAX_LEVELS, MAX_TEXT_LEN, TOKEN_LEN};
 use crate::token::{KeyId, PatternElem, TokenPattern, TopicToken};
 
-/// The relay protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u64 = 1;
+/// The relay protocol version this crate speaks. Version 2 (wave 2) added relay accounts
+/// (`Hello.account`, `Challenge`, `Auth`), per-subscription credit and durable owners
+/// (`Sub` keys 8 and 9), and error codes 18–22; its envelopes and key strings are version 2
+/// as well, so a version-1 peer is refused with `UnsupportedVersion`.
+pub const PROTOCOL_VERSION: u64 = 2;
 /// Most versions a `Hello` may offer.
 pub const MAX_OFFERED_VERSIONS: usize = 8;
-/// Largest `auth` blob in a `Hello`.
+/// Largest `auth` blob (a bearer token) in a `Hello`.
 pub const MAX_AUTH_LEN: usize = 1024;
+/// Shortest and longest durable owner secret in a `Sub`.
+pub const OWNER_LEN: std::ops::RangeInclusive<usize> = 16..=64;
+/// Context string of the relay-account signature (`Auth`), never used for messages.
+pub const AUTH_CONTEXT: &[u8] = b"whispeer/v2/relay-auth\0";
+
+/// The bytes a relay account signs in `Auth`: `AUTH_CONTEXT ‖ nonce ‖ account`. Binding the
+/// account key keeps a signature from being replayed under another account; the relay's
+/// fresh random nonce keeps it from being replayed at all.
+pub fn auth_sig_input(nonce: &[u8; 32], account: &[u8; 32]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(AUTH_CONTEXT.len() + 64);
+    m.extend_from_slice(AUTH_CONTEXT);
+    m.extend_from_slice(nonce);
+    m.extend_from_slice(account);
+    m
+}
 
 /// Feature bits exchanged in `Hello`/`Welcome`.
 pub mod features {
@@ -33,6 +51,9 @@ pub mod features {
     pub const REPLAY: u64 = 1 << 3;
     /// Named durable subscriptions.
     pub const DURABLE: u64 = 1 << 4;
+    /// The relay honours `Sub.credit`: at most that many unacknowledged QoS ≥ 1 messages
+    /// in flight per subscription; the rest wait in the store.
+    pub const FLOW_CONTROL: u64 = 1 << 5;
 }
 
 /// Picks the version both sides speak: the highest offered version this crate supports.
@@ -117,6 +138,19 @@ pub enum ErrorCode {
     InvalidEnvelope,
     /// `Unsub` or `Ack` for a subscription that does not exist.
     UnknownSubscription,
+    /// A quota (stored bytes or messages, retained entries, durable names, paths) of the
+    /// account or of the relay is used up; the publish or subscription was refused.
+    QuotaExceeded,
+    /// The relay is busy (its store queue is full); retry later. Nothing was accepted.
+    Busy,
+    /// The relay requires authentication and the `Hello` carried none.
+    AuthRequired,
+    /// Authentication failed (unknown account, bad signature or token), or the account may
+    /// not do what was asked on this key id.
+    AuthFailed,
+    /// The relay's storage is full; publishes that need the store are refused until space
+    /// frees. Live routing goes on. Retry later.
+    StorageFull,
     /// A code this version does not know.
     Other(u16),
 }
@@ -142,6 +176,11 @@ impl ErrorCode {
             ErrorCode::ProtocolViolation => 15,
             ErrorCode::InvalidEnvelope => 16,
             ErrorCode::UnknownSubscription => 17,
+            ErrorCode::QuotaExceeded => 18,
+            ErrorCode::Busy => 19,
+            ErrorCode::AuthRequired => 20,
+            ErrorCode::AuthFailed => 21,
+            ErrorCode::StorageFull => 22,
             ErrorCode::Other(c) => c,
         }
     }
@@ -165,6 +204,11 @@ impl ErrorCode {
             15 => ErrorCode::ProtocolViolation,
             16 => ErrorCode::InvalidEnvelope,
             17 => ErrorCode::UnknownSubscription,
+            18 => ErrorCode::QuotaExceeded,
+            19 => ErrorCode::Busy,
+            20 => ErrorCode::AuthRequired,
+            21 => ErrorCode::AuthFailed,
+            22 => ErrorCode::StorageFull,
             c => ErrorCode::Other(c),
         }
     }
@@ -188,8 +232,26 @@ impl ErrorCode {
             ErrorCode::ProtocolViolation => "protocol_violation",
             ErrorCode::InvalidEnvelope => "invalid_envelope",
             ErrorCode::UnknownSubscription => "unknown_subscription",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::Busy => "busy",
+            ErrorCode::AuthRequired => "auth_required",
+            ErrorCode::AuthFailed => "auth_failed",
+            ErrorCode::StorageFull => "storage_full",
             ErrorCode::Other(_) => "other",
         }
+    }
+    /// Whether the same request may succeed later unchanged (the client should back off
+    /// and retry rather than report a permanent failure).
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::RateLimited
+                | ErrorCode::Busy
+                | ErrorCode::StorageFull
+                | ErrorCode::StoreFailed
+                | ErrorCode::TooManyConnections
+                | ErrorCode::ShuttingDown
+        )
     }
 }
 
@@ -202,8 +264,28 @@ pub struct Hello {
     pub features: u64,
     /// Optional client software name, for logs.
     pub client: Option<String>,
-    /// Optional authentication blob (reserved; never the message-signing identity).
+    /// Optional bearer token of a relay account (services). Never the message-signing
+    /// identity.
     pub auth: Option<Bytes>,
+    /// Optional Ed25519 public key of a relay account: the relay answers with `Challenge`
+    /// and the client proves the key with `Auth`. A key of its own, never the identity
+    /// that signs messages (that would link senders to connections).
+    pub account: Option<[u8; 32]>,
+}
+
+/// Relay → client, answer to a `Hello` naming an account: sign this nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Challenge {
+    /// 32 fresh random bytes.
+    pub nonce: [u8; 32],
+}
+
+/// Client → relay, answer to `Challenge`: Ed25519 signature by the account key over
+/// [`auth_sig_input`]. The relay then sends `Welcome` or a fatal `Err(AuthFailed)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Auth {
+    /// The signature (64 bytes).
+    pub sig: [u8; 64],
 }
 
 /// Relay → client, answer to `Hello`.
@@ -238,6 +320,13 @@ pub struct Sub {
     pub replay: Option<Replay>,
     /// Deliver retained values of matching paths first (default true).
     pub retained: bool,
+    /// For QoS ≥ 1: most unacknowledged messages in flight on this subscription (like
+    /// JetStream's MaxAckPending). `None`: the relay's default. The relay keeps the rest in
+    /// its store and sends them as acks free credit.
+    pub credit: Option<u64>,
+    /// Owner secret of a durable subscription (16–64 bytes) when the connection has no
+    /// relay account: only a `Sub` with the same secret may resume, ack or replace it.
+    pub owner: Option<Bytes>,
 }
 
 /// Client → relay: drop a subscription.
@@ -391,6 +480,8 @@ pub enum Frame {
     Gap(Gap),
     Close(Close),
     ReplayDone(ReplayDone),
+    Challenge(Challenge),
+    Auth(Auth),
 }
 
 /// Frame type numbers (key 0 of every frame).
@@ -410,6 +501,8 @@ pub mod frame_type {
     pub const GAP: u64 = 13;
     pub const CLOSE: u64 = 14;
     pub const REPLAY_DONE: u64 = 15;
+    pub const CHALLENGE: u64 = 16;
+    pub const AUTH: u64 = 17;
 }
 
 const ELEM_ONE: u64 = 1;
@@ -437,6 +530,8 @@ impl Frame {
             Frame::Gap(_) => "Gap",
             Frame::Close(_) => "Close",
             Frame::ReplayDone(_) => "ReplayDone",
+            Frame::Challenge(_) => "Challenge",
+            Frame::Auth(_) => "Auth",
         }
     }
 
@@ -460,7 +555,11 @@ impl Frame {
         let mut w = Writer::new(out);
         match self {
             Frame::Hello(h) => {
-                w.map(3 + h.client.is_some() as usize + h.auth.is_some() as usize);
+                w.map(
+                    3 + h.client.is_some() as usize
+                        + h.auth.is_some() as usize
+                        + h.account.is_some() as usize,
+                );
                 w.uint(0);
                 w.uint(frame_type::HELLO);
                 w.uint(1);
@@ -474,6 +573,10 @@ impl Frame {
                 }
                 if let Some(a) = &h.auth {
                     w.uint(4);
+                    w.bytes(a);
+                }
+                if let Some(a) = &h.account {
+                    w.uint(5);
                     w.bytes(a);
                 }
             }
@@ -497,7 +600,12 @@ impl Frame {
                 w.uint(m.heartbeat_ms);
             }
             Frame::Sub(s) => {
-                w.map(6 + s.durable.is_some() as usize + s.replay.is_some() as usize);
+                w.map(
+                    6 + s.durable.is_some() as usize
+                        + s.replay.is_some() as usize
+                        + s.credit.is_some() as usize
+                        + s.owner.is_some() as usize,
+                );
                 w.uint(0);
                 w.uint(frame_type::SUB);
                 w.uint(1);
@@ -532,6 +640,14 @@ impl Frame {
                 }
                 w.uint(7);
                 w.bool(s.retained);
+                if let Some(c) = s.credit {
+                    w.uint(8);
+                    w.uint(c);
+                }
+                if let Some(o) = &s.owner {
+                    w.uint(9);
+                    w.bytes(o);
+                }
             }
             Frame::Unsub(u) => {
                 w.map(2);
@@ -652,6 +768,20 @@ impl Frame {
                 w.uint(3);
                 w.uint(d.count);
             }
+            Frame::Challenge(c) => {
+                w.map(2);
+                w.uint(0);
+                w.uint(frame_type::CHALLENGE);
+                w.uint(1);
+                w.bytes(&c.nonce);
+            }
+            Frame::Auth(a) => {
+                w.map(2);
+                w.uint(0);
+                w.uint(frame_type::AUTH);
+                w.uint(1);
+                w.bytes(&a.sig);
+            }
         }
     }
 
@@ -763,7 +893,8 @@ fn decode_body(r: &mut Reader<'_>, ty: u64, n: usize) -> Result<Frame, DecodeErr
     Ok(match ty {
         t::HELLO => {
             const F: &str = "Hello";
-            let (mut versions, mut features, mut client, mut auth) = (None, None, None, None);
+            let (mut versions, mut features, mut client, mut auth, mut account) =
+                (None, None, None, None, None);
             fields(r, n, F, |r, k| {
                 match k {
                     1 => {
@@ -777,6 +908,7 @@ fn decode_body(r: &mut Reader<'_>, ty: u64, n: usize) -> Result<Frame, DecodeErr
                     2 => features = Some(r.uint(F, "features")?),
                     3 => client = Some(r.text(F, "client", MAX_TEXT_LEN)?),
                     4 => auth = Some(r.bytes(F, "auth", MAX_AUTH_LEN)?),
+                    5 => account = Some(r.bytes_n::<32>(F, "account")?),
                     _ => return Ok(false),
                 }
                 Ok(true)
@@ -794,6 +926,7 @@ fn decode_body(r: &mut Reader<'_>, ty: u64, n: usize) -> Result<Frame, DecodeErr
                 features: features.unwrap_or(0),
                 client,
                 auth,
+                account,
             })
         }
         t::WELCOME => {
@@ -825,6 +958,7 @@ fn decode_body(r: &mut Reader<'_>, ty: u64, n: usize) -> Result<Frame, DecodeErr
             const F: &str = "Sub";
             let (mut sub_id, mut key_id, mut elems, mut q, mut durable, mut replay, mut retained) =
                 (None, None, None, None, None, None, None);
+            let (mut credit, mut owner) = (None, None);
             fields(r, n, F, |r, k| {
                 match k {
                     1 => sub_id = Some(r.uint(F, "sub_id")?),
@@ -876,6 +1010,18 @@ fn decode_body(r: &mut Reader<'_>, ty: u64, n: usize) -> Result<Frame, DecodeErr
                         });
                     }
                     7 => retained = Some(r.bool(F, "retained")?),
+                    8 => credit = Some(r.uint(F, "credit")?),
+                    9 => {
+                        let o = r.bytes(F, "owner", *OWNER_LEN.end())?;
+                        if !OWNER_LEN.contains(&o.len()) {
+                            return Err(DecodeError::InvalidField {
+                                frame: F,
+                                field: "owner",
+                                reason: "must be 16 to 64 bytes",
+                            });
+                        }
+                        owner = Some(o);
+                    }
                     _ => return Ok(false),
                 }
                 Ok(true)
@@ -888,6 +1034,8 @@ fn decode_body(r: &mut Reader<'_>, ty: u64, n: usize) -> Result<Frame, DecodeErr
                 durable,
                 replay,
                 retained: retained.unwrap_or(true),
+                credit,
+                owner,
             })
         }
         t::UNSUB => {
@@ -1094,6 +1242,34 @@ fn decode_body(r: &mut Reader<'_>, ty: u64, n: usize) -> Result<Frame, DecodeErr
                 count: count.unwrap_or(0),
             })
         }
+        t::CHALLENGE => {
+            const F: &str = "Challenge";
+            let mut nonce = None;
+            fields(r, n, F, |r, k| match k {
+                1 => {
+                    nonce = Some(r.bytes_n::<32>(F, "nonce")?);
+                    Ok(true)
+                }
+                _ => Ok(false),
+            })?;
+            Frame::Challenge(Challenge {
+                nonce: need(nonce, F, "nonce")?,
+            })
+        }
+        t::AUTH => {
+            const F: &str = "Auth";
+            let mut sig = None;
+            fields(r, n, F, |r, k| match k {
+                1 => {
+                    sig = Some(r.bytes_n::<64>(F, "sig")?);
+                    Ok(true)
+                }
+                _ => Ok(false),
+            })?;
+            Frame::Auth(Auth {
+                sig: need(sig, F, "sig")?,
+            })
+        }
         other => return Err(DecodeError::UnknownFrameType(other)),
     })
 }
@@ -1149,8 +1325,37 @@ mod tests {
 
     #[test]
     fn version_negotiation() {
-        assert_eq!(negotiate_version(&[1]), Some(1));
-        assert_eq!(negotiate_version(&[7, 1, 3]), Some(1));
-        assert_eq!(negotiate_version(&[2, 3]), None);
+        assert_eq!(negotiate_version(&[2]), Some(2));
+        assert_eq!(negotiate_version(&[7, 2, 3]), Some(2));
+        assert_eq!(negotiate_version(&[1]), None, "version 1 is refused");
+        assert_eq!(negotiate_version(&[1, 3]), None);
+    }
+
+    #[test]
+    fn wave2_fields_round_trip() {
+        let hello = Frame::Hello(Hello {
+            versions: vec![2],
+            features: 3,
+            client: None,
+            auth: Some(Bytes::from_static(b"token")),
+            account: Some([7; 32]),
+        });
+        assert_eq!(Frame::decode(&hello.to_bytes()).unwrap(), hello);
+        for f in [
+            Frame::Challenge(Challenge { nonce: [1; 32] }),
+            Frame::Auth(Auth { sig: [2; 64] }),
+        ] {
+            assert_eq!(Frame::decode(&f.to_bytes()).unwrap(), f);
+        }
+        // A 16-byte nonce is refused.
+        let short = Bytes::from_static(&[
+            0xa2, 0x00, 0x10, 0x01, 0x50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        assert!(Frame::decode(&short).is_err());
+        for c in 18..=22u16 {
+            assert_eq!(ErrorCode::from_u16(c).to_u16(), c);
+            assert_ne!(ErrorCode::from_u16(c).name(), "other");
+        }
+        assert!(ErrorCode::Busy.is_retryable() && !ErrorCode::AuthFailed.is_retryable());
     }
 }

@@ -80,14 +80,22 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             prop::collection::vec(any::<u64>(), 1..=8),
             any::<u64>(),
             prop::option::of(arb_text()),
-            prop::option::of(prop::collection::vec(any::<u8>(), 0..64))
+            prop::option::of(prop::collection::vec(any::<u8>(), 0..64)),
+            prop::option::of(any::<[u8; 32]>())
         )
-            .prop_map(|(versions, features, client, auth)| Frame::Hello(Hello {
-                versions,
-                features,
-                client,
-                auth: auth.map(Bytes::from)
-            })),
+            .prop_map(
+                |(versions, features, client, auth, account)| Frame::Hello(Hello {
+                    versions,
+                    features,
+                    client,
+                    auth: auth.map(Bytes::from),
+                    account
+                })
+            ),
+        any::<[u8; 32]>().prop_map(|nonce| Frame::Challenge(Challenge { nonce })),
+        prop::collection::vec(any::<u8>(), 64).prop_map(|s| Frame::Auth(Auth {
+            sig: s.try_into().unwrap()
+        })),
         (
             any::<u64>(),
             any::<u64>(),
@@ -114,17 +122,23 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             arb_qos(),
             prop::option::of(arb_text()),
             prop::option::of(replay),
-            any::<bool>()
+            any::<bool>(),
+            prop::option::of(any::<u64>()),
+            prop::option::of(prop::collection::vec(any::<u8>(), 16..=64))
         )
             .prop_map(
-                |(sub_id, pattern, qos, durable, replay, retained)| Frame::Sub(Sub {
-                    sub_id,
-                    pattern,
-                    qos,
-                    durable,
-                    replay,
-                    retained
-                })
+                |(sub_id, pattern, qos, durable, replay, retained, credit, owner)| Frame::Sub(
+                    Sub {
+                        sub_id,
+                        pattern,
+                        qos,
+                        durable,
+                        replay,
+                        retained,
+                        credit,
+                        owner: owner.map(Bytes::from)
+                    }
+                )
             ),
         any::<u64>().prop_map(|sub_id| Frame::Unsub(Unsub { sub_id })),
         (any::<u64>(), any::<u64>()).prop_map(|(sub_id, seq)| Frame::SubOk(SubOk { sub_id, seq })),

@@ -261,6 +261,7 @@ impl Conn {
             features: features::AT_LEAST_ONCE | features::REPLAY,
             client: Some("durable-bench".into()),
             auth: None,
+            account: None,
         }))
         .await;
         assert!(matches!(c.next().await, Frame::Welcome(_)));
@@ -332,6 +333,8 @@ async fn whispeer_run(addr: SocketAddr, n: u64) -> Outcome {
         durable: None,
         replay: Some(Replay::FromSeq(0)),
         retained: false,
+        credit: None,
+        owner: None,
     }))
     .await;
     let mut got = 0u64;

@@ -363,6 +363,7 @@ async fn wsp_connect(addr: SocketAddr) -> (TcpStream, FrameDecoder) {
         features: 0,
         client: Some("bench".into()),
         auth: None,
+        account: None,
     });
     s.write_all(&codec::encode_prefixed(&hello)).await.unwrap();
     let mut dec = FrameDecoder::new(1 << 20);
@@ -398,6 +399,8 @@ async fn wsp_subscribe(s: &mut TcpStream, dec: &mut FrameDecoder, levels: &[u8])
         durable: None,
         replay: None,
         retained: false,
+        credit: None,
+        owner: None,
     });
     s.write_all(&codec::encode_prefixed(&sub)).await.unwrap();
     wsp_next(s, dec).await; // SubOk

@@ -792,7 +792,8 @@ mod tests {
                 versions,
                 features: 0,
                 client: None,
-                auth: None
+                auth: None,
+                account: None
             })),
             (0u64..6, pattern).prop_map(|(sub_id, pattern)| Frame::Sub(Sub {
                 sub_id,
@@ -800,7 +801,9 @@ mod tests {
                 qos: Qos::AtMostOnce,
                 durable: None,
                 replay: None,
-                retained: true
+                retained: true,
+                credit: None,
+                owner: None
             })),
             (0u64..6).prop_map(|sub_id| Frame::Unsub(Unsub { sub_id })),
             (path.clone(), 0u64..4, any::<bool>()).prop_map(|((k, p), flags, id)| Frame::Pub(

@@ -350,13 +350,14 @@ async fn malformed_input_suite_against_the_binary() {
             Expect::Err(ErrorCode::UnknownFrame),
         ),
         (
-            "wrong version",
+            "wrong version (1, the wave-1 format)",
             false,
             whispeer_protocol::codec::encode_prefixed(&Frame::Hello(Hello {
-                versions: vec![2],
+                versions: vec![1],
                 features: 0,
                 client: None,
                 auth: None,
+                account: None,
             }))
             .to_vec(),
             Expect::Err(ErrorCode::UnsupportedVersion),

@@ -89,6 +89,8 @@ fn sub(
         durable: durable.map(String::from),
         replay,
         retained: false,
+        credit: None,
+        owner: None,
     })
 }
 
@@ -99,6 +101,7 @@ async fn greeted(addr: std::net::SocketAddr) -> Client {
         features: ALL_FEATURES,
         client: Some("durable-tests".into()),
         auth: None,
+        account: None,
     }))
     .await;
     match c.recv().await {
@@ -405,6 +408,8 @@ async fn retention_by_count_bytes_and_age_and_retained_values() {
         durable: None,
         replay: None,
         retained: true,
+        credit: None,
+        owner: None,
     }))
     .await;
     assert!(matches!(r.recv().await, Frame::SubOk(_)));
@@ -820,6 +825,7 @@ impl RawConn {
             features: ALL_FEATURES,
             client: None,
             auth: None,
+            account: None,
         })))
         .await?;
         match c.next().await? {

@@ -149,6 +149,7 @@ async fn protocol_order_and_version_errors() {
         features: 0,
         client: None,
         auth: None,
+        account: None,
     }))
     .await;
     let e = c.expect_fatal(ErrorCode::UnsupportedVersion).await;

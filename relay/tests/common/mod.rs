@@ -87,6 +87,7 @@ pub fn hello_frame() -> Frame {
         features: 0,
         client: Some("relay-tests".into()),
         auth: None,
+        account: None,
     })
 }
 
@@ -98,6 +99,8 @@ pub fn sub_frame(sub_id: u64, pattern: TokenPattern) -> Frame {
         durable: None,
         replay: None,
         retained: false,
+        credit: None,
+        owner: None,
     })
 }
 
