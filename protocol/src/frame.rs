@@ -255,94 +255,592 @@ impl ErrorCode {
     }
 }
 
-/// Client → relay, first frame: the versions and features the client speaks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hello {
-    /// Offered protocol versions (1..=8 of them).
-    pub versions: Vec<u64>,
-    /// Feature bits the client wants ([`features`]).
-    pub features: u64,
-    /// Optional client software name, for logs.
-    pub client: Option<String>,
-    /// Optional bearer token of a relay account (services). Never the message-signing
-    /// identity.
-    pub auth: Option<Bytes>,
-    /// Optional Ed25519 public key of a relay account: the relay answers with `Challenge`
-    /// and the client proves the key with `Auth`. A key of its own, never the identity
-    /// that signs messages (that would link senders to connections).
-    pub account: Option<[u8; 32]>,
+// ---------------------------------------------------------------------------------------
+// The frame table. Every field of every frame is declared exactly once below — map key,
+// Rust field, wire codec and presence — and both `encode` and `decode` are generated from
+// that one declaration, so the two directions cannot drift apart (wave 1 had two
+// hand-written matches). Presence:
+// - `req`: required; always written; a missing key is `MissingField`.
+// - `always(d)`: always written; a missing key decodes as `d`.
+// - `opt`: an `Option`; written only when `Some`.
+// Keys are declared in ascending order, which is the order the encoder writes them.
+// ---------------------------------------------------------------------------------------
+
+/// How one field's value travels as CBOR. A codec may span `WIDTH` consecutive map keys
+/// (the `Sub` pattern is `key_id` at key 2 and `filter` at key 3).
+trait Codec<V> {
+    /// Consecutive map keys the value occupies.
+    const WIDTH: u64 = 1;
+    /// What decoding has gathered so far.
+    type Partial: Default;
+    /// Writes the map entries (keys from `key`, and values).
+    fn write(v: &V, key: u64, w: &mut Writer<'_>);
+    /// Reads the value of key `key + index`.
+    fn read(
+        p: &mut Self::Partial,
+        index: u64,
+        r: &mut Reader<'_>,
+        frame: &'static str,
+        field: &'static str,
+    ) -> Result<(), DecodeError>;
+    /// The value, `None` when its key was absent.
+    fn finish(
+        p: Self::Partial,
+        frame: &'static str,
+        field: &'static str,
+    ) -> Result<Option<V>, DecodeError>;
 }
 
-/// Relay → client, answer to a `Hello` naming an account: sign this nonce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Challenge {
-    /// 32 fresh random bytes.
-    pub nonce: [u8; 32],
+/// A codec of one map entry: `read_one`/`write_one` are all it states.
+macro_rules! single_codec {
+    ($(#[$m:meta])* $codec:ident for $v:ty,
+     write |$wv:ident, $w:ident| $write:expr,
+     read |$r:ident, $f:ident, $n:ident| $read:expr) => {
+        $(#[$m])*
+        struct $codec;
+        impl Codec<$v> for $codec {
+            type Partial = Option<$v>;
+            fn write($wv: &$v, key: u64, $w: &mut Writer<'_>) {
+                $w.uint(key);
+                $write;
+            }
+            fn read(
+                p: &mut Option<$v>,
+                _index: u64,
+                $r: &mut Reader<'_>,
+                $f: &'static str,
+                $n: &'static str,
+            ) -> Result<(), DecodeError> {
+                *p = Some($read);
+                Ok(())
+            }
+            fn finish(
+                p: Option<$v>,
+                _: &'static str,
+                _: &'static str,
+            ) -> Result<Option<$v>, DecodeError> {
+                Ok(p)
+            }
+        }
+    };
 }
 
-/// Client → relay, answer to `Challenge`: Ed25519 signature by the account key over
-/// [`auth_sig_input`]. The relay then sends `Welcome` or a fatal `Err(AuthFailed)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Auth {
-    /// The signature (64 bytes).
-    pub sig: [u8; 64],
+single_codec!(
+    /// An unsigned integer.
+    Uint for u64, write |v, w| w.uint(*v), read |r, f, n| r.uint(f, n)?);
+single_codec!(
+    /// `true`/`false`.
+    Flag for bool, write |v, w| w.bool(*v), read |r, f, n| r.bool(f, n)?);
+single_codec!(
+    /// Text of at most `MAX_TEXT_LEN` bytes, written as is (names must not be cut).
+    Text for String, write |v, w| w.text(v), read |r, f, n| r.text(f, n, MAX_TEXT_LEN)?);
+single_codec!(
+    /// Human-readable text, cut at `MAX_TEXT_LEN` bytes (on a character boundary) when written.
+    Message for String, write |v, w| w.text(truncate_text(v)), read |r, f, n| r.text(f, n, MAX_TEXT_LEN)?);
+single_codec!(
+    /// A byte string, shared with the input (per-field limits are checked by the frame).
+    Blob for Bytes, write |v, w| w.bytes(v), read |r, f, n| r.bytes(f, n, MAX_FRAME_CEILING)?);
+single_codec!(
+    /// Exactly 16 bytes.
+    B16 for [u8; 16], write |v, w| w.bytes(v), read |r, f, n| r.bytes_n::<16>(f, n)?);
+single_codec!(
+    /// Exactly 32 bytes.
+    B32 for [u8; 32], write |v, w| w.bytes(v), read |r, f, n| r.bytes_n::<32>(f, n)?);
+single_codec!(
+    /// Exactly 64 bytes.
+    B64 for [u8; 64], write |v, w| w.bytes(v), read |r, f, n| r.bytes_n::<64>(f, n)?);
+single_codec!(
+/// An array of unsigned integers (at most `MAX_ACKS_PER_FRAME`; frames may cap lower).
+Uints for Vec<u64>,
+write |v, w| { w.array(v.len()); v.iter().for_each(|x| w.uint(*x)) },
+read |r, f, n| {
+    let len = r.array_len(f, n, MAX_ACKS_PER_FRAME)?;
+    let mut v = Vec::with_capacity(len);
+    for _ in 0..len {
+        v.push(r.uint(f, n)?);
+    }
+    v
+});
+single_codec!(
+/// QoS 0, 1 or 2.
+QosCodec for Qos, write |v, w| w.uint(*v as u64), read |r, f, n| {
+    Qos::from_u64(r.uint(f, n)?).ok_or(DecodeError::InvalidField {
+        frame: f,
+        field: n,
+        reason: "must be 0, 1 or 2",
+    })?
+});
+single_codec!(
+/// `[kind, value]` (§3.4.3).
+ReplayCodec for Replay,
+write |v, w| {
+    let (k, x) = match v {
+        Replay::FromSeq(x) => (REPLAY_FROM_SEQ, x),
+        Replay::SinceMs(x) => (REPLAY_SINCE_MS, x),
+        Replay::LastN(x) => (REPLAY_LAST_N, x),
+    };
+    w.array(2);
+    w.uint(k);
+    w.uint(*x);
+},
+read |r, f, n| {
+    if r.array_len(f, n, 2)? != 2 {
+        return Err(DecodeError::InvalidField { frame: f, field: n, reason: "must be [kind, value]" });
+    }
+    let kind = r.uint(f, n)?;
+    let v = r.uint(f, n)?;
+    match kind {
+        REPLAY_FROM_SEQ => Replay::FromSeq(v),
+        REPLAY_SINCE_MS => Replay::SinceMs(v),
+        REPLAY_LAST_N => Replay::LastN(v),
+        _ => return Err(DecodeError::InvalidField { frame: f, field: n, reason: "unknown replay kind" }),
+    }
+});
+single_codec!(
+    /// An envelope (validated as §4.2 says), shared with the input.
+    EnvelopeCodec for Envelope, write |v, w| w.bytes(v.as_bytes()),
+    read |r, f, n| Envelope::from_bytes(r.bytes(f, n, MAX_FRAME_CEILING)?)?);
+single_codec!(
+/// An error code (16 bits).
+CodeCodec for ErrorCode, write |v, w| w.uint(v.to_u16() as u64), read |r, f, n| {
+    let c = r.uint(f, n)?;
+    ErrorCode::from_u16(u16::try_from(c).map_err(|_| DecodeError::InvalidField {
+        frame: f,
+        field: n,
+        reason: "must fit in 16 bits",
+    })?)
+});
+
+/// A token pattern: `key_id` (16 bytes) at the first key, the filter array at the next.
+struct PatternCodec;
+impl Codec<TokenPattern> for PatternCodec {
+    const WIDTH: u64 = 2;
+    type Partial = (Option<KeyId>, Option<Vec<PatternElem>>);
+    fn write(v: &TokenPattern, key: u64, w: &mut Writer<'_>) {
+        w.uint(key);
+        w.bytes(v.key_id().as_bytes());
+        w.uint(key + 1);
+        w.array(v.elems().len());
+        for e in v.elems() {
+            match e {
+                PatternElem::Token(t) => w.bytes(t.as_bytes()),
+                PatternElem::One => w.uint(ELEM_ONE),
+                PatternElem::Rest => w.uint(ELEM_REST),
+            }
+        }
+    }
+    fn read(
+        p: &mut Self::Partial,
+        index: u64,
+        r: &mut Reader<'_>,
+        f: &'static str,
+        _: &'static str,
+    ) -> Result<(), DecodeError> {
+        if index == 0 {
+            p.0 = Some(KeyId::from_bytes(r.bytes16(f, "key_id")?));
+            return Ok(());
+        }
+        let len = r.array_len(f, "filter", MAX_LEVELS)?;
+        let mut v = Vec::with_capacity(len);
+        for _ in 0..len {
+            v.push(match r.header()? {
+                ciborium_ll::Header::Positive(ELEM_ONE) => PatternElem::One,
+                ciborium_ll::Header::Positive(ELEM_REST) => PatternElem::Rest,
+                ciborium_ll::Header::Bytes(Some(TOKEN_LEN)) => {
+                    PatternElem::Token(TopicToken::from_slice(&r.raw(TOKEN_LEN)?)?)
+                }
+                _ => {
+                    return Err(DecodeError::InvalidField {
+                        frame: f,
+                        field: "filter",
+                        reason: "elements are 16-byte tokens, 1 (+) or 2 (#)",
+                    })
+                }
+            });
+        }
+        p.1 = Some(v);
+        Ok(())
+    }
+    fn finish(
+        p: Self::Partial,
+        f: &'static str,
+        _: &'static str,
+    ) -> Result<Option<TokenPattern>, DecodeError> {
+        match p {
+            (None, None) => Ok(None),
+            (Some(k), Some(e)) => Ok(Some(TokenPattern::new(k, e)?)),
+            (None, Some(_)) => Err(DecodeError::MissingField {
+                frame: f,
+                field: "key_id",
+            }),
+            (Some(_), None) => Err(DecodeError::MissingField {
+                frame: f,
+                field: "filter",
+            }),
+        }
+    }
 }
 
-/// Relay → client, answer to `Hello`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Welcome {
-    /// The chosen version.
-    pub version: u64,
-    /// Feature bits the relay grants.
-    pub features: u64,
-    /// Largest frame the relay accepts.
-    pub max_frame: u64,
-    /// A random session id (scopes publish-id dedup).
-    pub session: [u8; 16],
-    /// Optional relay software name.
-    pub relay: Option<String>,
-    /// Interval at which the client should send `Ping` if otherwise idle (0 = none).
-    pub heartbeat_ms: u64,
+/// One frame's body: encoded and decoded from its field table.
+trait Body: Sized {
+    const TYPE: u64;
+    /// Map entries written after key 0.
+    fn entries(&self) -> usize;
+    fn write_fields(&self, w: &mut Writer<'_>);
+    fn read_fields(r: &mut Reader<'_>, n: usize) -> Result<Self, DecodeError>;
 }
 
-/// Client → relay: subscribe to a token pattern.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sub {
-    /// Client-chosen id, unique per connection.
-    pub sub_id: u64,
-    /// The compiled filter.
-    pub pattern: TokenPattern,
-    /// Delivery guarantee wanted.
-    pub qos: Qos,
-    /// Name of a durable subscription to resume.
-    pub durable: Option<String>,
-    /// Where to start in history.
-    pub replay: Option<Replay>,
-    /// Deliver retained values of matching paths first (default true).
-    pub retained: bool,
-    /// For QoS ≥ 1: most unacknowledged messages in flight on this subscription (like
-    /// JetStream's MaxAckPending). `None`: the relay's default. The relay keeps the rest in
-    /// its store and sends them as acks free credit.
-    pub credit: Option<u64>,
-    /// Owner secret of a durable subscription (16–64 bytes) when the connection has no
-    /// relay account: only a `Sub` with the same secret may resume, ack or replace it.
-    pub owner: Option<Bytes>,
+macro_rules! field_ty {
+    (opt, $t:ty) => { Option<$t> };
+    ($mode:ident, $t:ty) => { $t };
 }
 
-/// Client → relay: drop a subscription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unsub {
-    /// The id given in `Sub`.
-    pub sub_id: u64,
+macro_rules! field_entries {
+    (opt, $c:ty, $t:ty, $v:expr) => {
+        if $v.is_some() {
+            <$c as Codec<$t>>::WIDTH as usize
+        } else {
+            0
+        }
+    };
+    ($mode:ident, $c:ty, $t:ty, $v:expr) => {
+        <$c as Codec<$t>>::WIDTH as usize
+    };
 }
 
-/// Relay → client: a subscription is active (live messages after this frame match it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SubOk {
-    /// The id given in `Sub`.
-    pub sub_id: u64,
-    /// The relay's last assigned sequence when the subscription became live (0 if none).
-    pub seq: u64,
+macro_rules! field_write {
+    (opt, $c:ty, $t:ty, $key:expr, $v:expr, $w:expr) => {
+        if let Some(v) = $v {
+            <$c as Codec<$t>>::write(v, $key, $w);
+        }
+    };
+    ($mode:ident, $c:ty, $t:ty, $key:expr, $v:expr, $w:expr) => {
+        <$c as Codec<$t>>::write($v, $key, $w)
+    };
+}
+
+macro_rules! field_finish {
+    (opt, $c:ty, $t:ty, $p:expr, $f:expr, $n:expr) => {
+        <$c as Codec<$t>>::finish($p, $f, $n)?
+    };
+    (req, $c:ty, $t:ty, $p:expr, $f:expr, $n:expr) => {
+        <$c as Codec<$t>>::finish($p, $f, $n)?.ok_or(DecodeError::MissingField {
+            frame: $f,
+            field: $n,
+        })?
+    };
+    (always($d:expr), $c:ty, $t:ty, $p:expr, $f:expr, $n:expr) => {
+        <$c as Codec<$t>>::finish($p, $f, $n)?.unwrap_or($d)
+    };
+}
+
+/// The name a frame goes by in errors: its struct name unless given.
+macro_rules! frame_label {
+    ($name:ident) => {
+        stringify!($name)
+    };
+    ($name:ident, $label:literal) => {
+        $label
+    };
+}
+
+/// Declares frame structs and generates their encoders and decoders from one field table.
+macro_rules! frames {
+    ($(
+        $(#[$sm:meta])*
+        $ty_const:ident => pub struct $name:ident $(= $label:literal)? $(check $check:ident)? {
+            $(
+                $(#[$fm:meta])*
+                $key:literal => $field:ident: $t:ty as $codec:ty [$mode:ident $(($d:expr))?],
+            )*
+        }
+    )*) => {
+        $(
+            $(#[$sm])*
+            pub struct $name {
+                $( $(#[$fm])* pub $field: field_ty!($mode, $t), )*
+            }
+
+            impl Body for $name {
+                const TYPE: u64 = frame_type::$ty_const;
+                #[allow(unused_variables)]
+                fn entries(&self) -> usize {
+                    0 $( + field_entries!($mode, $codec, $t, &self.$field) )*
+                }
+                #[allow(unused_variables)]
+                fn write_fields(&self, w: &mut Writer<'_>) {
+                    $( field_write!($mode, $codec, $t, $key, &self.$field, w); )*
+                }
+                #[allow(unused_mut, unused_variables)]
+                fn read_fields(r: &mut Reader<'_>, n: usize) -> Result<Self, DecodeError> {
+                    const F: &str = frame_label!($name $(, $label)?);
+                    $( let mut $field = <<$codec as Codec<$t>>::Partial>::default(); )*
+                    fields(r, n, F, |r, k| {
+                        $(
+                            if (k as u128) >= $key
+                                && (k as u128) < $key + <$codec as Codec<$t>>::WIDTH as u128
+                            {
+                                <$codec as Codec<$t>>::read(&mut $field, k - $key, r, F, stringify!($field))?;
+                                return Ok(true);
+                            }
+                        )*
+                        Ok(false)
+                    })?;
+                    let v = $name {
+                        $( $field: field_finish!($mode $(($d))?, $codec, $t, $field, F, stringify!($field)), )*
+                    };
+                    $( $check(&v)?; )?
+                    Ok(v)
+                }
+            }
+        )*
+
+        #[cfg(test)]
+        /// Every frame's declared keys, in declaration order (the tests check they ascend).
+        const DECLARED_KEYS: &[(&str, &[(u64, u64)])] = &[
+            $( (stringify!($name), &[ $( ($key, <$codec as Codec<$t>>::WIDTH) ),* ]), )*
+        ];
+    };
+}
+
+frames! {
+    /// Client → relay, first frame: the versions and features the client speaks.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    HELLO => pub struct Hello check check_hello {
+        /// Offered protocol versions (1..=8 of them).
+        1 => versions: Vec<u64> as Uints [req],
+        /// Feature bits the client wants ([`features`]).
+        2 => features: u64 as Uint [always(0)],
+        /// Optional client software name, for logs.
+        3 => client: String as Text [opt],
+        /// Optional bearer token of a relay account (services). Never the message-signing
+        /// identity.
+        4 => auth: Bytes as Blob [opt],
+        /// Optional Ed25519 public key of a relay account: the relay answers with `Challenge`
+        /// and the client proves the key with `Auth`. A key of its own, never the identity
+        /// that signs messages (that would link senders to connections).
+        5 => account: [u8; 32] as B32 [opt],
+    }
+
+    /// Relay → client, answer to `Hello`.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    WELCOME => pub struct Welcome {
+        /// The chosen version.
+        1 => version: u64 as Uint [req],
+        /// Feature bits the relay grants.
+        2 => features: u64 as Uint [always(0)],
+        /// Largest frame the relay accepts.
+        3 => max_frame: u64 as Uint [req],
+        /// A random session id (scopes publish-id dedup).
+        4 => session: [u8; 16] as B16 [req],
+        /// Optional relay software name.
+        5 => relay: String as Text [opt],
+        /// Interval at which the client should send `Ping` if otherwise idle (0 = none).
+        6 => heartbeat_ms: u64 as Uint [always(0)],
+    }
+
+    /// Client → relay: subscribe to a token pattern.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    SUB => pub struct Sub check check_sub {
+        /// Client-chosen id, unique per connection.
+        1 => sub_id: u64 as Uint [req],
+        /// The compiled filter (`key_id` at key 2, the filter elements at key 3).
+        2 => pattern: TokenPattern as PatternCodec [req],
+        /// Delivery guarantee wanted.
+        4 => qos: Qos as QosCodec [always(Qos::AtMostOnce)],
+        /// Name of a durable subscription to resume.
+        5 => durable: String as Text [opt],
+        /// Where to start in history.
+        6 => replay: Replay as ReplayCodec [opt],
+        /// Deliver retained values of matching paths first (default true).
+        7 => retained: bool as Flag [always(true)],
+        /// For QoS ≥ 1: most unacknowledged messages in flight on this subscription (like
+        /// JetStream's MaxAckPending). `None`: the relay's default. The relay keeps the rest in
+        /// its store and sends them as acks free credit.
+        8 => credit: u64 as Uint [opt],
+        /// Owner secret of a durable subscription (16–64 bytes) when the connection has no
+        /// relay account: only a `Sub` with the same secret may resume, ack or replace it.
+        9 => owner: Bytes as Blob [opt],
+    }
+
+    /// Client → relay: drop a subscription.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    UNSUB => pub struct Unsub {
+        /// The id given in `Sub`.
+        1 => sub_id: u64 as Uint [req],
+    }
+
+    /// Relay → client: a subscription is active (live messages after this frame match it).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    SUB_OK => pub struct SubOk {
+        /// The id given in `Sub`.
+        1 => sub_id: u64 as Uint [req],
+        /// The relay's last assigned sequence when the subscription became live (0 if none).
+        2 => seq: u64 as Uint [always(0)],
+    }
+
+    /// Client → relay: publish an envelope. The relay reads the route from the envelope header.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    PUB => pub struct Pub check check_pub {
+        /// The sealed envelope.
+        1 => envelope: Envelope as EnvelopeCodec [req],
+        /// [`pub_flags`] bits.
+        2 => flags: u64 as Uint [always(0)],
+        /// Random 128-bit id for `PubAck` and relay-side dedup (required with `ACK`).
+        3 => publish_id: [u8; 16] as B16 [opt],
+        /// Delivery guarantee wanted.
+        4 => qos: Qos as QosCodec [always(Qos::AtMostOnce)],
+    }
+
+    /// Relay → client: a message. Carries nothing specific to one subscriber, so the relay
+    /// encodes it once for all; the client matches the envelope's tokens to its own filters.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    MSG => pub struct Msg {
+        /// Relay sequence (strictly increasing per relay store; 0 when not stored).
+        1 => seq: u64 as Uint [always(0)],
+        /// The envelope exactly as published.
+        2 => envelope: Envelope as EnvelopeCodec [req],
+        /// [`msg_flags`] bits.
+        3 => flags: u64 as Uint [always(0)],
+    }
+
+    /// Client → relay: acknowledge delivered sequences (QoS ≥ 1).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    ACK => pub struct Ack {
+        /// Acknowledged relay sequences (at most [`MAX_ACKS_PER_FRAME`]).
+        1 => seqs: Vec<u64> as Uints [req],
+    }
+
+    /// Relay → client: a publish was accepted (and stored, for QoS ≥ 1).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    PUB_ACK => pub struct PubAck {
+        /// The publish id from `Pub`.
+        1 => publish_id: [u8; 16] as B16 [req],
+        /// The relay sequence assigned (0 when not stored).
+        2 => seq: u64 as Uint [always(0)],
+    }
+
+    /// Either side: an error. `fatal` means the sender closes the connection after it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    ERR => pub struct ErrFrame = "Err" {
+        /// What went wrong.
+        1 => code: ErrorCode as CodeCodec [req],
+        /// Human-readable detail (never envelope bytes).
+        2 => message: String as Message [always(String::new())],
+        /// Whether the connection is closed after this frame.
+        3 => fatal: bool as Flag [always(false)],
+        /// The subscription concerned, if any.
+        4 => sub_id: u64 as Uint [opt],
+        /// The publish concerned, if any.
+        5 => publish_id: [u8; 16] as B16 [opt],
+    }
+
+    /// Liveness probe; answered with `Pong` carrying the same nonce.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    PING => pub struct Ping {
+        /// Echoed in the `Pong`.
+        1 => nonce: u64 as Uint [always(0)],
+    }
+
+    /// Answer to `Ping`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    PONG => pub struct Pong {
+        /// The `Ping`'s nonce.
+        1 => nonce: u64 as Uint [always(0)],
+    }
+
+    /// Relay → client: messages were dropped for this connection (slow-consumer policy).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    GAP => pub struct Gap {
+        /// How many messages were dropped since the last `Gap`.
+        1 => dropped: u64 as Uint [always(0)],
+    }
+
+    /// Either side: orderly close (e.g. the relay is shutting down).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    CLOSE => pub struct Close {
+        /// Reason, as an error code.
+        1 => code: ErrorCode as CodeCodec [req],
+        /// Human-readable detail.
+        2 => message: String as Message [always(String::new())],
+    }
+
+    /// Relay → client: the history of a replaying (or resumed durable) subscription has been
+    /// sent; every later `Msg` for it is live. Sent only to clients granted [`features::REPLAY`].
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    REPLAY_DONE => pub struct ReplayDone {
+        /// The id given in `Sub`.
+        1 => sub_id: u64 as Uint [req],
+        /// The boundary: history covered sequences up to and including this one (the `SubOk` seq).
+        2 => seq: u64 as Uint [always(0)],
+        /// How many history messages were sent.
+        3 => count: u64 as Uint [always(0)],
+    }
+
+    /// Relay → client, answer to a `Hello` naming an account: sign this nonce.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    CHALLENGE => pub struct Challenge {
+        /// 32 fresh random bytes.
+        1 => nonce: [u8; 32] as B32 [req],
+    }
+
+    /// Client → relay, answer to `Challenge`: Ed25519 signature by the account key over
+    /// [`auth_sig_input`]. The relay then sends `Welcome` or a fatal `Err(AuthFailed)`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    AUTH => pub struct Auth {
+        /// The signature (64 bytes).
+        1 => sig: [u8; 64] as B64 [req],
+    }
+}
+
+// Rules across fields or tighter than a codec's, applied after a frame's fields are read.
+
+fn check_hello(h: &Hello) -> Result<(), DecodeError> {
+    if h.versions.is_empty() {
+        return Err(DecodeError::InvalidField {
+            frame: "Hello",
+            field: "versions",
+            reason: "must offer at least one version",
+        });
+    }
+    if h.versions.len() > MAX_OFFERED_VERSIONS {
+        return Err(DecodeError::TooLarge {
+            what: "versions",
+            len: h.versions.len(),
+            max: MAX_OFFERED_VERSIONS,
+        });
+    }
+    if let Some(a) = &h.auth {
+        if a.len() > MAX_AUTH_LEN {
+            return Err(DecodeError::TooLarge {
+                what: "auth",
+                len: a.len(),
+                max: MAX_AUTH_LEN,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_sub(s: &Sub) -> Result<(), DecodeError> {
+    match &s.owner {
+        Some(o) if !OWNER_LEN.contains(&o.len()) => Err(DecodeError::InvalidField {
+            frame: "Sub",
+            field: "owner",
+            reason: "must be 16 to 64 bytes",
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn check_pub(p: &Pub) -> Result<(), DecodeError> {
+    if p.flags & pub_flags::ACK != 0 && p.publish_id.is_none() {
+        return Err(DecodeError::MissingField {
+            frame: "Pub",
+            field: "publish_id",
+        });
+    }
+    Ok(())
 }
 
 /// Flag bits of a `Pub` frame.
@@ -351,19 +849,6 @@ pub mod pub_flags {
     pub const RETAIN: u64 = 1 << 0;
     /// Answer with `PubAck` once the message is accepted (stored for QoS ≥ 1).
     pub const ACK: u64 = 1 << 1;
-}
-
-/// Client → relay: publish an envelope. The relay reads the route from the envelope header.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pub {
-    /// The sealed envelope.
-    pub envelope: Envelope,
-    /// [`pub_flags`] bits.
-    pub flags: u64,
-    /// Random 128-bit id for `PubAck` and relay-side dedup (required with `ACK`).
-    pub publish_id: Option<[u8; 16]>,
-    /// Delivery guarantee wanted.
-    pub qos: Qos,
 }
 
 /// Flag bits of a `Msg` frame.
@@ -376,95 +861,45 @@ pub mod msg_flags {
     pub const REPLAYED: u64 = 1 << 2;
 }
 
-/// Relay → client: a message. Carries nothing specific to one subscriber, so the relay
-/// encodes it once for all; the client matches the envelope's tokens to its own filters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Msg {
-    /// Relay sequence (strictly increasing per relay store; 0 when not stored).
-    pub seq: u64,
-    /// The envelope exactly as published.
-    pub envelope: Envelope,
-    /// [`msg_flags`] bits.
-    pub flags: u64,
+/// Declares the `Frame` enum over the frame structs, with its dispatch.
+macro_rules! frame_enum {
+    ($($variant:ident($body:ident)),* $(,)?) => {
+        /// Every frame of protocol version 2.
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub enum Frame {
+            $( #[allow(missing_docs)] $variant($body), )*
+        }
+
+        impl Frame {
+            /// The frame's type name, for logs and errors.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $( Frame::$variant(_) => stringify!($variant), )*
+                }
+            }
+
+            /// Appends the CBOR encoding of the frame to `out`.
+            pub fn encode(&self, out: &mut Vec<u8>) {
+                let mut w = Writer::new(out);
+                match self {
+                    $( Frame::$variant(b) => write_body(b, &mut w), )*
+                }
+            }
+        }
+
+        fn decode_body(r: &mut Reader<'_>, ty: u64, n: usize) -> Result<Frame, DecodeError> {
+            $(
+                if ty == <$body as Body>::TYPE {
+                    return Ok(Frame::$variant(<$body as Body>::read_fields(r, n)?));
+                }
+            )*
+            Err(DecodeError::UnknownFrameType(ty))
+        }
+    };
 }
 
-/// Client → relay: acknowledge delivered sequences (QoS ≥ 1).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ack {
-    /// Acknowledged relay sequences (at most [`MAX_ACKS_PER_FRAME`]).
-    pub seqs: Vec<u64>,
-}
-
-/// Relay → client: a publish was accepted (and stored, for QoS ≥ 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PubAck {
-    /// The publish id from `Pub`.
-    pub publish_id: [u8; 16],
-    /// The relay sequence assigned (0 when not stored).
-    pub seq: u64,
-}
-
-/// Either side: an error. `fatal` means the sender closes the connection after it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ErrFrame {
-    /// What went wrong.
-    pub code: ErrorCode,
-    /// Human-readable detail (never envelope bytes).
-    pub message: String,
-    /// Whether the connection is closed after this frame.
-    pub fatal: bool,
-    /// The subscription concerned, if any.
-    pub sub_id: Option<u64>,
-    /// The publish concerned, if any.
-    pub publish_id: Option<[u8; 16]>,
-}
-
-/// Liveness probe; answered with `Pong` carrying the same nonce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ping {
-    /// Echoed in the `Pong`.
-    pub nonce: u64,
-}
-
-/// Answer to `Ping`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pong {
-    /// The `Ping`'s nonce.
-    pub nonce: u64,
-}
-
-/// Relay → client: messages were dropped for this connection (slow-consumer policy).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Gap {
-    /// How many messages were dropped since the last `Gap`.
-    pub dropped: u64,
-}
-
-/// Relay → client: the history of a replaying (or resumed durable) subscription has been
-/// sent; every later `Msg` for it is live. Sent only to clients granted [`features::REPLAY`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReplayDone {
-    /// The id given in `Sub`.
-    pub sub_id: u64,
-    /// The boundary: history covered sequences up to and including this one (the `SubOk` seq).
-    pub seq: u64,
-    /// How many history messages were sent.
-    pub count: u64,
-}
-
-/// Either side: orderly close (e.g. the relay is shutting down).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Close {
-    /// Reason, as an error code.
-    pub code: ErrorCode,
-    /// Human-readable detail.
-    pub message: String,
-}
-
-/// Every frame of protocol version 1.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Frame {
+frame_enum! {
     Hello(Hello),
     Welcome(Welcome),
     Sub(Sub),
@@ -482,6 +917,13 @@ pub enum Frame {
     ReplayDone(ReplayDone),
     Challenge(Challenge),
     Auth(Auth),
+}
+
+fn write_body<B: Body>(b: &B, w: &mut Writer<'_>) {
+    w.map(1 + b.entries());
+    w.uint(0);
+    w.uint(B::TYPE);
+    b.write_fields(w);
 }
 
 /// Frame type numbers (key 0 of every frame).
@@ -512,29 +954,6 @@ const REPLAY_SINCE_MS: u64 = 2;
 const REPLAY_LAST_N: u64 = 3;
 
 impl Frame {
-    /// The frame's type name, for logs and errors.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Frame::Hello(_) => "Hello",
-            Frame::Welcome(_) => "Welcome",
-            Frame::Sub(_) => "Sub",
-            Frame::Unsub(_) => "Unsub",
-            Frame::SubOk(_) => "SubOk",
-            Frame::Pub(_) => "Pub",
-            Frame::Msg(_) => "Msg",
-            Frame::Ack(_) => "Ack",
-            Frame::PubAck(_) => "PubAck",
-            Frame::Err(_) => "Err",
-            Frame::Ping(_) => "Ping",
-            Frame::Pong(_) => "Pong",
-            Frame::Gap(_) => "Gap",
-            Frame::Close(_) => "Close",
-            Frame::ReplayDone(_) => "ReplayDone",
-            Frame::Challenge(_) => "Challenge",
-            Frame::Auth(_) => "Auth",
-        }
-    }
-
     /// Encodes the frame (without transport framing) into a new buffer.
     pub fn to_bytes(&self) -> Bytes {
         let mut out = Vec::with_capacity(self.size_hint());
@@ -547,241 +966,6 @@ impl Frame {
             Frame::Pub(p) => p.envelope.len() + 40,
             Frame::Msg(m) => m.envelope.len() + 24,
             _ => 64,
-        }
-    }
-
-    /// Appends the CBOR encoding of the frame to `out`.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        let mut w = Writer::new(out);
-        match self {
-            Frame::Hello(h) => {
-                w.map(
-                    3 + h.client.is_some() as usize
-                        + h.auth.is_some() as usize
-                        + h.account.is_some() as usize,
-                );
-                w.uint(0);
-                w.uint(frame_type::HELLO);
-                w.uint(1);
-                w.array(h.versions.len());
-                h.versions.iter().for_each(|v| w.uint(*v));
-                w.uint(2);
-                w.uint(h.features);
-                if let Some(c) = &h.client {
-                    w.uint(3);
-                    w.text(c);
-                }
-                if let Some(a) = &h.auth {
-                    w.uint(4);
-                    w.bytes(a);
-                }
-                if let Some(a) = &h.account {
-                    w.uint(5);
-                    w.bytes(a);
-                }
-            }
-            Frame::Welcome(m) => {
-                w.map(6 + m.relay.is_some() as usize);
-                w.uint(0);
-                w.uint(frame_type::WELCOME);
-                w.uint(1);
-                w.uint(m.version);
-                w.uint(2);
-                w.uint(m.features);
-                w.uint(3);
-                w.uint(m.max_frame);
-                w.uint(4);
-                w.bytes(&m.session);
-                if let Some(r) = &m.relay {
-                    w.uint(5);
-                    w.text(r);
-                }
-                w.uint(6);
-                w.uint(m.heartbeat_ms);
-            }
-            Frame::Sub(s) => {
-                w.map(
-                    6 + s.durable.is_some() as usize
-                        + s.replay.is_some() as usize
-                        + s.credit.is_some() as usize
-                        + s.owner.is_some() as usize,
-                );
-                w.uint(0);
-                w.uint(frame_type::SUB);
-                w.uint(1);
-                w.uint(s.sub_id);
-                w.uint(2);
-                w.bytes(s.pattern.key_id().as_bytes());
-                w.uint(3);
-                w.array(s.pattern.elems().len());
-                for e in s.pattern.elems() {
-                    match e {
-                        PatternElem::Token(t) => w.bytes(t.as_bytes()),
-                        PatternElem::One => w.uint(ELEM_ONE),
-                        PatternElem::Rest => w.uint(ELEM_REST),
-                    }
-                }
-                w.uint(4);
-                w.uint(s.qos as u64);
-                if let Some(d) = &s.durable {
-                    w.uint(5);
-                    w.text(d);
-                }
-                if let Some(r) = &s.replay {
-                    w.uint(6);
-                    w.array(2);
-                    let (k, v) = match r {
-                        Replay::FromSeq(v) => (REPLAY_FROM_SEQ, v),
-                        Replay::SinceMs(v) => (REPLAY_SINCE_MS, v),
-                        Replay::LastN(v) => (REPLAY_LAST_N, v),
-                    };
-                    w.uint(k);
-                    w.uint(*v);
-                }
-                w.uint(7);
-                w.bool(s.retained);
-                if let Some(c) = s.credit {
-                    w.uint(8);
-                    w.uint(c);
-                }
-                if let Some(o) = &s.owner {
-                    w.uint(9);
-                    w.bytes(o);
-                }
-            }
-            Frame::Unsub(u) => {
-                w.map(2);
-                w.uint(0);
-                w.uint(frame_type::UNSUB);
-                w.uint(1);
-                w.uint(u.sub_id);
-            }
-            Frame::SubOk(s) => {
-                w.map(3);
-                w.uint(0);
-                w.uint(frame_type::SUB_OK);
-                w.uint(1);
-                w.uint(s.sub_id);
-                w.uint(2);
-                w.uint(s.seq);
-            }
-            Frame::Pub(p) => {
-                w.map(4 + p.publish_id.is_some() as usize);
-                w.uint(0);
-                w.uint(frame_type::PUB);
-                w.uint(1);
-                w.bytes(p.envelope.as_bytes());
-                w.uint(2);
-                w.uint(p.flags);
-                if let Some(id) = &p.publish_id {
-                    w.uint(3);
-                    w.bytes(id);
-                }
-                w.uint(4);
-                w.uint(p.qos as u64);
-            }
-            Frame::Msg(m) => {
-                w.map(4);
-                w.uint(0);
-                w.uint(frame_type::MSG);
-                w.uint(1);
-                w.uint(m.seq);
-                w.uint(2);
-                w.bytes(m.envelope.as_bytes());
-                w.uint(3);
-                w.uint(m.flags);
-            }
-            Frame::Ack(a) => {
-                w.map(2);
-                w.uint(0);
-                w.uint(frame_type::ACK);
-                w.uint(1);
-                w.array(a.seqs.len());
-                a.seqs.iter().for_each(|s| w.uint(*s));
-            }
-            Frame::PubAck(p) => {
-                w.map(3);
-                w.uint(0);
-                w.uint(frame_type::PUB_ACK);
-                w.uint(1);
-                w.bytes(&p.publish_id);
-                w.uint(2);
-                w.uint(p.seq);
-            }
-            Frame::Err(e) => {
-                w.map(4 + e.sub_id.is_some() as usize + e.publish_id.is_some() as usize);
-                w.uint(0);
-                w.uint(frame_type::ERR);
-                w.uint(1);
-                w.uint(e.code.to_u16() as u64);
-                w.uint(2);
-                w.text(truncate_text(&e.message));
-                w.uint(3);
-                w.bool(e.fatal);
-                if let Some(s) = e.sub_id {
-                    w.uint(4);
-                    w.uint(s);
-                }
-                if let Some(p) = &e.publish_id {
-                    w.uint(5);
-                    w.bytes(p);
-                }
-            }
-            Frame::Ping(p) => {
-                w.map(2);
-                w.uint(0);
-                w.uint(frame_type::PING);
-                w.uint(1);
-                w.uint(p.nonce);
-            }
-            Frame::Pong(p) => {
-                w.map(2);
-                w.uint(0);
-                w.uint(frame_type::PONG);
-                w.uint(1);
-                w.uint(p.nonce);
-            }
-            Frame::Gap(g) => {
-                w.map(2);
-                w.uint(0);
-                w.uint(frame_type::GAP);
-                w.uint(1);
-                w.uint(g.dropped);
-            }
-            Frame::Close(c) => {
-                w.map(3);
-                w.uint(0);
-                w.uint(frame_type::CLOSE);
-                w.uint(1);
-                w.uint(c.code.to_u16() as u64);
-                w.uint(2);
-                w.text(truncate_text(&c.message));
-            }
-            Frame::ReplayDone(d) => {
-                w.map(4);
-                w.uint(0);
-                w.uint(frame_type::REPLAY_DONE);
-                w.uint(1);
-                w.uint(d.sub_id);
-                w.uint(2);
-                w.uint(d.seq);
-                w.uint(3);
-                w.uint(d.count);
-            }
-            Frame::Challenge(c) => {
-                w.map(2);
-                w.uint(0);
-                w.uint(frame_type::CHALLENGE);
-                w.uint(1);
-                w.bytes(&c.nonce);
-            }
-            Frame::Auth(a) => {
-                w.map(2);
-                w.uint(0);
-                w.uint(frame_type::AUTH);
-                w.uint(1);
-                w.bytes(&a.sig);
-            }
         }
     }
 
@@ -870,416 +1054,6 @@ fn fields(
     Ok(())
 }
 
-fn need<T>(v: Option<T>, frame: &'static str, field: &'static str) -> Result<T, DecodeError> {
-    v.ok_or(DecodeError::MissingField { frame, field })
-}
-
-fn qos(r: &mut Reader<'_>, frame: &'static str) -> Result<Qos, DecodeError> {
-    let v = r.uint(frame, "qos")?;
-    Qos::from_u64(v).ok_or(DecodeError::InvalidField {
-        frame,
-        field: "qos",
-        reason: "must be 0, 1 or 2",
-    })
-}
-
-fn envelope(r: &mut Reader<'_>, frame: &'static str) -> Result<Envelope, DecodeError> {
-    let b = r.bytes(frame, "envelope", MAX_FRAME_CEILING)?;
-    Envelope::from_bytes(b)
-}
-
-fn decode_body(r: &mut Reader<'_>, ty: u64, n: usize) -> Result<Frame, DecodeError> {
-    use frame_type as t;
-    Ok(match ty {
-        t::HELLO => {
-            const F: &str = "Hello";
-            let (mut versions, mut features, mut client, mut auth, mut account) =
-                (None, None, None, None, None);
-            fields(r, n, F, |r, k| {
-                match k {
-                    1 => {
-                        let len = r.array_len(F, "versions", MAX_OFFERED_VERSIONS)?;
-                        let mut v = Vec::with_capacity(len);
-                        for _ in 0..len {
-                            v.push(r.uint(F, "versions")?);
-                        }
-                        versions = Some(v);
-                    }
-                    2 => features = Some(r.uint(F, "features")?),
-                    3 => client = Some(r.text(F, "client", MAX_TEXT_LEN)?),
-                    4 => auth = Some(r.bytes(F, "auth", MAX_AUTH_LEN)?),
-                    5 => account = Some(r.bytes_n::<32>(F, "account")?),
-                    _ => return Ok(false),
-                }
-                Ok(true)
-            })?;
-            let versions = need(versions, F, "versions")?;
-            if versions.is_empty() {
-                return Err(DecodeError::InvalidField {
-                    frame: F,
-                    field: "versions",
-                    reason: "must offer at least one version",
-                });
-            }
-            Frame::Hello(Hello {
-                versions,
-                features: features.unwrap_or(0),
-                client,
-                auth,
-                account,
-            })
-        }
-        t::WELCOME => {
-            const F: &str = "Welcome";
-            let (mut version, mut feats, mut max_frame, mut session, mut relay, mut hb) =
-                (None, None, None, None, None, None);
-            fields(r, n, F, |r, k| {
-                match k {
-                    1 => version = Some(r.uint(F, "version")?),
-                    2 => feats = Some(r.uint(F, "features")?),
-                    3 => max_frame = Some(r.uint(F, "max_frame")?),
-                    4 => session = Some(r.bytes16(F, "session")?),
-                    5 => relay = Some(r.text(F, "relay", MAX_TEXT_LEN)?),
-                    6 => hb = Some(r.uint(F, "heartbeat_ms")?),
-                    _ => return Ok(false),
-                }
-                Ok(true)
-            })?;
-            Frame::Welcome(Welcome {
-                version: need(version, F, "version")?,
-                features: feats.unwrap_or(0),
-                max_frame: need(max_frame, F, "max_frame")?,
-                session: need(session, F, "session")?,
-                relay,
-                heartbeat_ms: hb.unwrap_or(0),
-            })
-        }
-        t::SUB => {
-            const F: &str = "Sub";
-            let (mut sub_id, mut key_id, mut elems, mut q, mut durable, mut replay, mut retained) =
-                (None, None, None, None, None, None, None);
-            let (mut credit, mut owner) = (None, None);
-            fields(r, n, F, |r, k| {
-                match k {
-                    1 => sub_id = Some(r.uint(F, "sub_id")?),
-                    2 => key_id = Some(KeyId::from_bytes(r.bytes16(F, "key_id")?)),
-                    3 => {
-                        let len = r.array_len(F, "filter", MAX_LEVELS)?;
-                        let mut v = Vec::with_capacity(len);
-                        for _ in 0..len {
-                            v.push(match r.header()? {
-                                ciborium_ll::Header::Positive(ELEM_ONE) => PatternElem::One,
-                                ciborium_ll::Header::Positive(ELEM_REST) => PatternElem::Rest,
-                                ciborium_ll::Header::Bytes(Some(TOKEN_LEN)) => {
-                                    r_push_back_bytes16(r)?
-                                }
-                                _ => {
-                                    return Err(DecodeError::InvalidField {
-                                        frame: F,
-                                        field: "filter",
-                                        reason: "elements are 16-byte tokens, 1 (+) or 2 (#)",
-                                    })
-                                }
-                            });
-                        }
-                        elems = Some(v);
-                    }
-                    4 => q = Some(qos(r, F)?),
-                    5 => durable = Some(r.text(F, "durable", MAX_TEXT_LEN)?),
-                    6 => {
-                        if r.array_len(F, "replay", 2)? != 2 {
-                            return Err(DecodeError::InvalidField {
-                                frame: F,
-                                field: "replay",
-                                reason: "must be [kind, value]",
-                            });
-                        }
-                        let kind = r.uint(F, "replay")?;
-                        let v = r.uint(F, "replay")?;
-                        replay = Some(match kind {
-                            REPLAY_FROM_SEQ => Replay::FromSeq(v),
-                            REPLAY_SINCE_MS => Replay::SinceMs(v),
-                            REPLAY_LAST_N => Replay::LastN(v),
-                            _ => {
-                                return Err(DecodeError::InvalidField {
-                                    frame: F,
-                                    field: "replay",
-                                    reason: "unknown replay kind",
-                                })
-                            }
-                        });
-                    }
-                    7 => retained = Some(r.bool(F, "retained")?),
-                    8 => credit = Some(r.uint(F, "credit")?),
-                    9 => {
-                        let o = r.bytes(F, "owner", *OWNER_LEN.end())?;
-                        if !OWNER_LEN.contains(&o.len()) {
-                            return Err(DecodeError::InvalidField {
-                                frame: F,
-                                field: "owner",
-                                reason: "must be 16 to 64 bytes",
-                            });
-                        }
-                        owner = Some(o);
-                    }
-                    _ => return Ok(false),
-                }
-                Ok(true)
-            })?;
-            let pattern = TokenPattern::new(need(key_id, F, "key_id")?, need(elems, F, "filter")?)?;
-            Frame::Sub(Sub {
-                sub_id: need(sub_id, F, "sub_id")?,
-                pattern,
-                qos: q.unwrap_or_default(),
-                durable,
-                replay,
-                retained: retained.unwrap_or(true),
-                credit,
-                owner,
-            })
-        }
-        t::UNSUB => {
-            const F: &str = "Unsub";
-            let mut sub_id = None;
-            fields(r, n, F, |r, k| match k {
-                1 => {
-                    sub_id = Some(r.uint(F, "sub_id")?);
-                    Ok(true)
-                }
-                _ => Ok(false),
-            })?;
-            Frame::Unsub(Unsub {
-                sub_id: need(sub_id, F, "sub_id")?,
-            })
-        }
-        t::SUB_OK => {
-            const F: &str = "SubOk";
-            let (mut sub_id, mut seq) = (None, None);
-            fields(r, n, F, |r, k| {
-                match k {
-                    1 => sub_id = Some(r.uint(F, "sub_id")?),
-                    2 => seq = Some(r.uint(F, "seq")?),
-                    _ => return Ok(false),
-                }
-                Ok(true)
-            })?;
-            Frame::SubOk(SubOk {
-                sub_id: need(sub_id, F, "sub_id")?,
-                seq: seq.unwrap_or(0),
-            })
-        }
-        t::PUB => {
-            const F: &str = "Pub";
-            let (mut env, mut flags, mut pid, mut q) = (None, None, None, None);
-            fields(r, n, F, |r, k| {
-                match k {
-                    1 => env = Some(envelope(r, F)?),
-                    2 => flags = Some(r.uint(F, "flags")?),
-                    3 => pid = Some(r.bytes16(F, "publish_id")?),
-                    4 => q = Some(qos(r, F)?),
-                    _ => return Ok(false),
-                }
-                Ok(true)
-            })?;
-            let flags = flags.unwrap_or(0);
-            if flags & pub_flags::ACK != 0 && pid.is_none() {
-                return Err(DecodeError::MissingField {
-                    frame: F,
-                    field: "publish_id",
-                });
-            }
-            Frame::Pub(Pub {
-                envelope: need(env, F, "envelope")?,
-                flags,
-                publish_id: pid,
-                qos: q.unwrap_or_default(),
-            })
-        }
-        t::MSG => {
-            const F: &str = "Msg";
-            let (mut seq, mut env, mut flags) = (None, None, None);
-            fields(r, n, F, |r, k| {
-                match k {
-                    1 => seq = Some(r.uint(F, "seq")?),
-                    2 => env = Some(envelope(r, F)?),
-                    3 => flags = Some(r.uint(F, "flags")?),
-                    _ => return Ok(false),
-                }
-                Ok(true)
-            })?;
-            Frame::Msg(Msg {
-                seq: seq.unwrap_or(0),
-                envelope: need(env, F, "envelope")?,
-                flags: flags.unwrap_or(0),
-            })
-        }
-        t::ACK => {
-            const F: &str = "Ack";
-            let mut seqs = None;
-            fields(r, n, F, |r, k| match k {
-                1 => {
-                    let len = r.array_len(F, "seqs", MAX_ACKS_PER_FRAME)?;
-                    let mut v = Vec::with_capacity(len);
-                    for _ in 0..len {
-                        v.push(r.uint(F, "seqs")?);
-                    }
-                    seqs = Some(v);
-                    Ok(true)
-                }
-                _ => Ok(false),
-            })?;
-            Frame::Ack(Ack {
-                seqs: need(seqs, F, "seqs")?,
-            })
-        }
-        t::PUB_ACK => {
-            const F: &str = "PubAck";
-            let (mut pid, mut seq) = (None, None);
-            fields(r, n, F, |r, k| {
-                match k {
-                    1 => pid = Some(r.bytes16(F, "publish_id")?),
-                    2 => seq = Some(r.uint(F, "seq")?),
-                    _ => return Ok(false),
-                }
-                Ok(true)
-            })?;
-            Frame::PubAck(PubAck {
-                publish_id: need(pid, F, "publish_id")?,
-                seq: seq.unwrap_or(0),
-            })
-        }
-        t::ERR => {
-            const F: &str = "Err";
-            let (mut code, mut msg, mut fatal, mut sub_id, mut pid) =
-                (None, None, None, None, None);
-            fields(r, n, F, |r, k| {
-                match k {
-                    1 => {
-                        let c = r.uint(F, "code")?;
-                        let c = u16::try_from(c).map_err(|_| DecodeError::InvalidField {
-                            frame: F,
-                            field: "code",
-                            reason: "must fit in 16 bits",
-                        })?;
-                        code = Some(ErrorCode::from_u16(c));
-                    }
-                    2 => msg = Some(r.text(F, "message", MAX_TEXT_LEN)?),
-                    3 => fatal = Some(r.bool(F, "fatal")?),
-                    4 => sub_id = Some(r.uint(F, "sub_id")?),
-                    5 => pid = Some(r.bytes16(F, "publish_id")?),
-                    _ => return Ok(false),
-                }
-                Ok(true)
-            })?;
-            Frame::Err(ErrFrame {
-                code: need(code, F, "code")?,
-                message: msg.unwrap_or_default(),
-                fatal: fatal.unwrap_or(false),
-                sub_id,
-                publish_id: pid,
-            })
-        }
-        t::PING | t::PONG | t::GAP => {
-            let f = match ty {
-                t::PING => "Ping",
-                t::PONG => "Pong",
-                _ => "Gap",
-            };
-            let mut v = None;
-            fields(r, n, f, |r, k| match k {
-                1 => {
-                    v = Some(r.uint(f, "value")?);
-                    Ok(true)
-                }
-                _ => Ok(false),
-            })?;
-            let v = v.unwrap_or(0);
-            match ty {
-                t::PING => Frame::Ping(Ping { nonce: v }),
-                t::PONG => Frame::Pong(Pong { nonce: v }),
-                _ => Frame::Gap(Gap { dropped: v }),
-            }
-        }
-        t::CLOSE => {
-            const F: &str = "Close";
-            let (mut code, mut msg) = (None, None);
-            fields(r, n, F, |r, k| {
-                match k {
-                    1 => {
-                        let c = r.uint(F, "code")?;
-                        let c = u16::try_from(c).map_err(|_| DecodeError::InvalidField {
-                            frame: F,
-                            field: "code",
-                            reason: "must fit in 16 bits",
-                        })?;
-                        code = Some(ErrorCode::from_u16(c));
-                    }
-                    2 => msg = Some(r.text(F, "message", MAX_TEXT_LEN)?),
-                    _ => return Ok(false),
-                }
-                Ok(true)
-            })?;
-            Frame::Close(Close {
-                code: need(code, F, "code")?,
-                message: msg.unwrap_or_default(),
-            })
-        }
-        t::REPLAY_DONE => {
-            const F: &str = "ReplayDone";
-            let (mut sub_id, mut seq, mut count) = (None, None, None);
-            fields(r, n, F, |r, k| {
-                match k {
-                    1 => sub_id = Some(r.uint(F, "sub_id")?),
-                    2 => seq = Some(r.uint(F, "seq")?),
-                    3 => count = Some(r.uint(F, "count")?),
-                    _ => return Ok(false),
-                }
-                Ok(true)
-            })?;
-            Frame::ReplayDone(ReplayDone {
-                sub_id: need(sub_id, F, "sub_id")?,
-                seq: seq.unwrap_or(0),
-                count: count.unwrap_or(0),
-            })
-        }
-        t::CHALLENGE => {
-            const F: &str = "Challenge";
-            let mut nonce = None;
-            fields(r, n, F, |r, k| match k {
-                1 => {
-                    nonce = Some(r.bytes_n::<32>(F, "nonce")?);
-                    Ok(true)
-                }
-                _ => Ok(false),
-            })?;
-            Frame::Challenge(Challenge {
-                nonce: need(nonce, F, "nonce")?,
-            })
-        }
-        t::AUTH => {
-            const F: &str = "Auth";
-            let mut sig = None;
-            fields(r, n, F, |r, k| match k {
-                1 => {
-                    sig = Some(r.bytes_n::<64>(F, "sig")?);
-                    Ok(true)
-                }
-                _ => Ok(false),
-            })?;
-            Frame::Auth(Auth {
-                sig: need(sig, F, "sig")?,
-            })
-        }
-        other => return Err(DecodeError::UnknownFrameType(other)),
-    })
-}
-
-/// After a `Bytes(16)` header was pulled inside a filter, reads the 16 token bytes.
-fn r_push_back_bytes16(r: &mut Reader<'_>) -> Result<PatternElem, DecodeError> {
-    let b = r.raw(TOKEN_LEN)?;
-    Ok(PatternElem::Token(TopicToken::from_slice(&b)?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1329,6 +1103,18 @@ mod tests {
         assert_eq!(negotiate_version(&[7, 2, 3]), Some(2));
         assert_eq!(negotiate_version(&[1]), None, "version 1 is refused");
         assert_eq!(negotiate_version(&[1, 3]), None);
+    }
+
+    #[test]
+    fn declared_keys_ascend_without_overlap() {
+        for (frame, keys) in DECLARED_KEYS {
+            let mut next = 1; // key 0 is the frame type
+            for (key, width) in keys.iter() {
+                assert!(*key >= next, "{frame}: key {key} out of order or overlapping");
+                next = key + width;
+            }
+        }
+        assert_eq!(DECLARED_KEYS.len(), 17, "one table entry per frame type");
     }
 
     #[test]
