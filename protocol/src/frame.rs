@@ -1110,7 +1110,10 @@ mod tests {
         for (frame, keys) in DECLARED_KEYS {
             let mut next = 1; // key 0 is the frame type
             for (key, width) in keys.iter() {
-                assert!(*key >= next, "{frame}: key {key} out of order or overlapping");
+                assert!(
+                    *key >= next,
+                    "{frame}: key {key} out of order or overlapping"
+                );
                 next = key + width;
             }
         }

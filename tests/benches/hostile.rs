@@ -1,0 +1,566 @@
+//! The relay among hostile clients: what an honest user sees while strangers attack.
+//!
+//! ```sh
+//! bash .ci/bench-hostile            # builds the release binaries, then runs this
+//! ```
+//!
+//! Everything runs as real processes on 127.0.0.1: the release `whispeer-relay` binary with
+//! its **default settings** (SQLite store in a temporary directory), the honest client is the
+//! project's own load generator (`whispeer bench`: sealed, signed, 1 KiB, its own random
+//! tree), and the attackers are raw-frame TCP clients in this process. Reported:
+//!
+//! 1. honest p50/p99 latency at 1,000 msg/s alone, then beside 100 hostile connections
+//!    (publish floods with QoS 1 on invented key ids, `Sub` floods replaying from 0 under
+//!    random key ids, subscribers that never read, connection churn) — target p99 within 2×;
+//! 2. relay RSS with 1,000 subscribers that never read while one publisher floods their topic
+//!    (target: bounded by the configured byte limits, not growing with the flood);
+//! 3. `whispeer bench` unpaced against the default relay (target: 0 lost, 0 reconnects).
+//!
+//! Numbers are printed, never asserted: timing thresholds belong to people, not unit tests.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use whispeer_protocol::envelope_header::HeaderFields;
+use whispeer_protocol::frame::{pub_flags, Hello, Pub, Replay, Sub, Unsub, PROTOCOL_VERSION};
+use whispeer_protocol::{
+    codec, Envelope, Frame, KeyId, PatternElem, Qos, TokenPattern, TopicToken,
+};
+
+/// Attacker connections beside the honest client.
+const HOSTILE: usize = 100;
+/// Subscribers that never read, for the memory scenario.
+const SINKS: usize = 1_000;
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let secs = if quick { 4.0 } else { 10.0 };
+    rlimit_nofile(8192);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+
+    println!("# whispeer relay among hostile clients (default relay settings, release build)");
+
+    // 1. Honest latency alone, then beside the attackers (a fresh relay each time).
+    let alone = {
+        let relay = RelayProc::start("alone");
+        honest_bench(&relay, &["--rate", "1000"], secs)
+    };
+    let (beside, attack) = {
+        let relay = RelayProc::start("beside");
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let stats = Arc::new(AttackStats::default());
+        let tcp = relay.tcp;
+        let handles: Vec<_> = (0..HOSTILE)
+            .map(|i| rt.spawn(attacker(i, tcp, stop.clone(), stats.clone())))
+            .collect();
+        // The honest client starts once every attacker kind is under way.
+        rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while (stats.published.load(Ordering::Relaxed) < 10_000
+                || stats.subs.load(Ordering::Relaxed) < 10_000
+                || stats.connections.load(Ordering::Relaxed) < 1_000)
+                && Instant::now() < deadline
+            {
+                stats.progress.notified().await;
+            }
+        });
+        let rss_before = relay.rss_mib();
+        let r = honest_bench(&relay, &["--rate", "1000"], secs);
+        let rss_during = relay.rss_mib();
+        let _ = stop_tx.send(true);
+        for h in handles {
+            let _ = rt.block_on(h);
+        }
+        println!(
+            "relay RSS during the attack: {rss_before:.1} MiB when the honest client started, {rss_during:.1} MiB when it ended"
+        );
+        (r, stats.snapshot())
+    };
+    println!();
+    println!("## 1. honest client, 1,000 msg/s, sealed + signed, 1 KiB, {secs} s");
+    println!("| run | delivered/s | p50 µs | p99 µs | max µs | lost | reconnects |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (name, b) in [("alone", &alone), ("beside 100 hostile", &beside)] {
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            b.delivery_rate, b.p50, b.p99, b.max, b.lost, b.reconnects
+        );
+    }
+    if alone.p99 > 0.0 {
+        println!(
+            "p99 beside / alone: {:.2}× (target ≤ 2×)",
+            beside.p99 / alone.p99
+        );
+    }
+    println!("attackers: {attack}");
+
+    // 2. Memory with subscribers that never read.
+    println!();
+    println!("## 2. relay RSS with {SINKS} subscribers that never read, one flooding publisher");
+    {
+        let relay = RelayProc::start("sinks");
+        let rss = rt.block_on(sinks_scenario(&relay, secs));
+        println!(
+            "RSS: idle {:.1} MiB, {SINKS} sinks subscribed {:.1} MiB, after {secs} s of flood {:.1} MiB (peak {:.1} MiB); published {} envelopes of 1 KiB",
+            rss.idle, rss.subscribed, rss.end, rss.peak, rss.published
+        );
+    }
+
+    // 3. The project's own load generator, unpaced, against a default relay.
+    println!();
+    println!("## 3. `whispeer bench` unpaced against a default relay (1 KiB, sealed + signed)");
+    {
+        let relay = RelayProc::start("unpaced");
+        let b = honest_bench(&relay, &[], secs);
+        println!(
+            "delivered {:.0} msg/s, p50 {:.0} µs, p99 {:.0} µs, lost {}, reconnects {} (target: 0 lost, 0 reconnects)",
+            b.delivery_rate, b.p50, b.p99, b.lost, b.reconnects
+        );
+    }
+}
+
+// ---------- processes ----------
+
+/// A release binary built next to this benchmark (`target/release/NAME`).
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --release -p whispeer-relay -p whispeer --bins` first \
+         (bash .ci/bench-hostile does)",
+        p.display()
+    );
+    p
+}
+
+fn rlimit_nofile(n: u64) {
+    // The sinks scenario needs ~1,000 sockets on each side; the relay raises its own limit.
+    let _ = rlimit::increase_nofile_limit(n);
+}
+
+struct RelayProc {
+    child: Child,
+    tcp: SocketAddr,
+    ws: SocketAddr,
+    dir: PathBuf,
+}
+
+impl RelayProc {
+    /// The release relay with default settings, its store in a fresh temporary directory.
+    fn start(tag: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("whispeer-hostile-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let ready = dir.join("ready.json");
+        let mut child = Command::new(bin("whispeer-relay"))
+            .args(["serve", "--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
+            .arg("--store-path")
+            .arg(dir.join("store.db"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("WHISPEER_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn relay");
+        let start = Instant::now();
+        let addrs: serde_json::Value = loop {
+            if let Ok(b) = std::fs::read(&ready) {
+                if let Ok(v) = serde_json::from_slice(&b) {
+                    break v;
+                }
+            }
+            assert!(child.try_wait().unwrap().is_none(), "relay exited");
+            assert!(start.elapsed() < Duration::from_secs(30), "relay not ready");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let addr = |k: &str| -> SocketAddr {
+            addrs[k]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {k} address in {addrs}"))
+                .parse()
+                .expect("socket address")
+        };
+        Self {
+            tcp: addr("tcp"),
+            ws: addr("ws"),
+            child,
+            dir,
+        }
+    }
+
+    fn rss_mib(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[derive(Debug, Default)]
+struct BenchResult {
+    delivery_rate: f64,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    lost: u64,
+    reconnects: u64,
+}
+
+/// Runs `whispeer bench` (one publisher, one subscriber, 1 KiB, sealed and signed) over
+/// WebSocket against `relay` and reads its JSON result.
+fn honest_bench(relay: &RelayProc, extra: &[&str], secs: f64) -> BenchResult {
+    let out = Command::new(bin("whispeer"))
+        .arg("bench")
+        .args(["--relay", &format!("ws://{}", relay.ws)])
+        .args(["--size", "1024", "--duration", &secs.to_string()])
+        .args(["--json", "--no-progress"])
+        .args(extra)
+        .env("WHISPEER_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run whispeer bench");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "whispeer bench printed no JSON ({e}), exit {:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let f = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
+    BenchResult {
+        delivery_rate: f("/delivery_rate"),
+        p50: f("/latency_us/p50"),
+        p99: f("/latency_us/p99"),
+        max: f("/latency_us/max"),
+        lost: v["lost"].as_u64().unwrap_or(u64::MAX),
+        reconnects: v["reconnects"].as_u64().unwrap_or(u64::MAX),
+    }
+}
+
+// ---------- attackers ----------
+
+#[derive(Default)]
+struct AttackStats {
+    published: AtomicU64,
+    subs: AtomicU64,
+    connections: AtomicU64,
+    refused: AtomicU64,
+    errors: AtomicU64,
+    /// Woken every 1,024 attacker operations.
+    progress: tokio::sync::Notify,
+}
+
+impl AttackStats {
+    fn bump(&self, c: &AtomicU64) {
+        if c.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
+            self.progress.notify_waiters();
+        }
+    }
+}
+
+impl AttackStats {
+    fn snapshot(&self) -> String {
+        format!(
+            "{} envelopes published, {} Sub frames (replay from 0, random key ids), {} connections opened, {} refused/closed by the relay, {} Err frames received",
+            self.published.load(Ordering::Relaxed),
+            self.subs.load(Ordering::Relaxed),
+            self.connections.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A cheap deterministic generator (attackers need no cryptographic randomness).
+struct Xs(u64);
+impl Xs {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn bytes16(&mut self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.next().to_le_bytes());
+        b[8..].copy_from_slice(&self.next().to_le_bytes());
+        b
+    }
+}
+
+/// A well-formed envelope the relay routes but nobody can open.
+fn junk_envelope(key_id: KeyId, token: TopicToken, size: usize) -> Envelope {
+    let mut out = Vec::with_capacity(size);
+    HeaderFields {
+        flags: 0,
+        key_id,
+        nonce: [3; 24],
+        commit: [4; 32],
+        tokens: &[token],
+    }
+    .write_prefix(48, &mut out); // a sealed name is 16 + a multiple of 32 bytes
+    out.extend_from_slice(&[5; 48]);
+    out.resize(size.max(out.len() + 16), 0x77);
+    Envelope::from_bytes(Bytes::from(out)).expect("a valid envelope header")
+}
+
+async fn connect(addr: SocketAddr) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let hello = Frame::Hello(Hello {
+        versions: vec![PROTOCOL_VERSION],
+        features: u64::MAX,
+        client: Some("hostile".into()),
+        auth: None,
+        account: None,
+    });
+    s.write_all(&codec::encode_prefixed(&hello)).await.ok()?;
+    Some(s)
+}
+
+/// Reads and counts whatever the relay sends until it closes or `stop`.
+async fn drain(mut r: tokio::net::tcp::OwnedReadHalf, stats: Arc<AttackStats>) {
+    let mut dec = whispeer_protocol::FrameDecoder::new(64 << 20);
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Ok(n) => {
+                dec.push(&buf[..n]);
+                while let Ok(Some(f)) = dec.next_frame() {
+                    if let Ok(Frame::Err(_)) = Frame::decode(&f) {
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One attacker connection; its kind depends on `i`.
+async fn attacker(
+    i: usize,
+    addr: SocketAddr,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    stats: Arc<AttackStats>,
+) {
+    let mut rng = Xs(0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1));
+    // A key id shared by the floods and the sinks, so the sinks have something to not read.
+    let shared = KeyId::from_bytes([0xEE; 16]);
+    match i % 4 {
+        // Publish flood: QoS 1 with PubAck, 4 KiB envelopes, half on the shared key id, half
+        // on a fresh invented key id per message (storage and path exhaustion).
+        0 => {
+            let Some(s) = connect(addr).await else { return };
+            stats.bump(&stats.connections);
+            let (r, mut w) = s.into_split();
+            tokio::spawn(drain(r, stats.clone()));
+            let mut n = 0u64;
+            while !*stop.borrow() {
+                let key = if n % 2 == 0 {
+                    shared
+                } else {
+                    KeyId::from_bytes(rng.bytes16())
+                };
+                let env = junk_envelope(key, TopicToken::from_bytes(rng.bytes16()), 4096);
+                let f = Frame::Pub(Pub {
+                    envelope: env,
+                    flags: pub_flags::ACK,
+                    publish_id: Some(rng.bytes16()),
+                    qos: Qos::AtLeastOnce,
+                });
+                if w.write_all(&codec::encode_prefixed(&f)).await.is_err() {
+                    return;
+                }
+                n += 1;
+                stats.bump(&stats.published);
+            }
+        }
+        // Sub flood: replay from 0 under random key ids, then unsubscribe, as fast as possible.
+        1 => {
+            let Some(s) = connect(addr).await else { return };
+            stats.bump(&stats.connections);
+            let (r, mut w) = s.into_split();
+            tokio::spawn(drain(r, stats.clone()));
+            let mut id = 0u64;
+            while !*stop.borrow() {
+                id += 1;
+                let pattern =
+                    TokenPattern::new(KeyId::from_bytes(rng.bytes16()), vec![PatternElem::Rest])
+                        .expect("valid pattern");
+                let sub = Frame::Sub(Sub {
+                    sub_id: id,
+                    pattern,
+                    qos: Qos::AtLeastOnce,
+                    durable: None,
+                    replay: Some(Replay::FromSeq(0)),
+                    retained: true,
+                    credit: None,
+                    owner: None,
+                });
+                let unsub = Frame::Unsub(Unsub { sub_id: id });
+                let mut b = codec::encode_prefixed(&sub).to_vec();
+                b.extend_from_slice(&codec::encode_prefixed(&unsub));
+                if w.write_all(&b).await.is_err() {
+                    return;
+                }
+                stats.bump(&stats.subs);
+            }
+        }
+        // A subscriber on the flooded key id that never reads its socket.
+        2 => {
+            let Some(mut s) = connect(addr).await else {
+                return;
+            };
+            stats.bump(&stats.connections);
+            let sub = sub_all(shared, i as u64);
+            if s.write_all(&codec::encode_prefixed(&sub)).await.is_err() {
+                return;
+            }
+            let _ = stop.wait_for(|s| *s).await;
+            drop(s);
+        }
+        // Connection churn: connect, Hello, hang up, again.
+        _ => {
+            while !*stop.borrow() {
+                match connect(addr).await {
+                    Some(s) => {
+                        stats.bump(&stats.connections);
+                        drop(s);
+                    }
+                    None => {
+                        stats.refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn sub_all(key: KeyId, id: u64) -> Frame {
+    Frame::Sub(Sub {
+        sub_id: id,
+        pattern: TokenPattern::new(key, vec![PatternElem::Rest]).expect("valid pattern"),
+        qos: Qos::AtMostOnce,
+        durable: None,
+        replay: None,
+        retained: false,
+        credit: None,
+        owner: None,
+    })
+}
+
+struct SinkRss {
+    idle: f64,
+    subscribed: f64,
+    end: f64,
+    peak: f64,
+    published: u64,
+}
+
+async fn sinks_scenario(relay: &RelayProc, secs: f64) -> SinkRss {
+    let key = KeyId::from_bytes([0xAB; 16]);
+    let idle = relay.rss_mib();
+    let mut sinks = Vec::with_capacity(SINKS);
+    for i in 0..SINKS {
+        let Some(mut s) = connect(relay.tcp).await else {
+            break;
+        };
+        if s.write_all(&codec::encode_prefixed(&sub_all(key, i as u64)))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        // Read up to `SubOk`, then never read again.
+        let mut dec = whispeer_protocol::FrameDecoder::new(1 << 20);
+        let mut buf = [0u8; 4096];
+        'ok: loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => panic!("sink {i}: the relay closed before SubOk"),
+                Ok(n) => dec.push(&buf[..n]),
+            }
+            while let Ok(Some(f)) = dec.next_decoded() {
+                if matches!(f, Frame::SubOk(_)) {
+                    break 'ok;
+                }
+            }
+        }
+        sinks.push(s);
+    }
+    let subscribed = relay.rss_mib();
+    let stats = Arc::new(AttackStats::default());
+    let Some(p) = connect(relay.tcp).await else {
+        panic!("publisher could not connect")
+    };
+    let (r, mut w) = p.into_split();
+    tokio::spawn(drain(r, stats.clone()));
+    let token = TopicToken::from_bytes([0x11; 16]);
+    let env = junk_envelope(key, token, 1024);
+    let frame = codec::encode_prefixed(&Frame::Pub(Pub {
+        envelope: env,
+        flags: 0,
+        publish_id: None,
+        qos: Qos::AtMostOnce,
+    }));
+    let start = Instant::now();
+    let mut peak = subscribed;
+    let mut published = 0u64;
+    let mut batch = Vec::with_capacity(frame.len() * 64);
+    while start.elapsed().as_secs_f64() < secs {
+        batch.clear();
+        for _ in 0..64 {
+            batch.extend_from_slice(&frame);
+        }
+        match tokio::time::timeout(Duration::from_millis(200), w.write_all(&batch)).await {
+            Ok(Ok(())) => published += 64,
+            Ok(Err(_)) => break,
+            Err(_) => {} // backpressure: the relay paused our reads
+        }
+        if published % 4096 == 0 {
+            peak = peak.max(relay.rss_mib());
+        }
+    }
+    let end = relay.rss_mib();
+    drop(sinks);
+    SinkRss {
+        idle,
+        subscribed,
+        end,
+        peak: peak.max(end),
+        published,
+    }
+}
