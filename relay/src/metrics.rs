@@ -217,7 +217,12 @@ impl Metrics {
             "The store kind (value is always 1).",
         );
         let _ = writeln!(o, "whispeer_relay_store_info{{kind=\"{kind}\"}} 1");
-        let counters: [(&str, &str, u64); 14] = [
+        let counters: [(&str, &str, u64); 15] = [
+            (
+                "whispeer_relay_store_rows_read_total",
+                "Stored rows examined by history, replay and retained reads.",
+                s.rows_read,
+            ),
             (
                 "whispeer_relay_store_quota_tenant_rejections_total",
                 "Publishes refused by a per-tenant storage quota (Err quota_exceeded).",

@@ -290,6 +290,9 @@ pub struct StoreMetrics {
     pub live_only: u64,
     /// Background WAL checkpoints run.
     pub checkpoints: u64,
+    /// Stored rows history, replay and retained reads examined (a read under a key id the
+    /// store never saw examines none).
+    pub rows_read: u64,
 }
 
 /// Upper bounds of the commit batch size histogram.

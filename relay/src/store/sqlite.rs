@@ -256,6 +256,7 @@ struct Counters {
     commit_failures: AtomicU64,
     live_only: AtomicU64,
     checkpoints: AtomicU64,
+    rows_read: AtomicU64,
 }
 
 /// Why the store is refusing writes (cleared by itself once a probe commit succeeds).
@@ -1865,6 +1866,7 @@ impl Store for SqliteStore {
                 }
             }
         }
+        self.shared.m.rows_read.fetch_add(n as u64, Relaxed);
         Ok(ReadChunk {
             msgs,
             next: if n < READ_CHUNK { upto.0 + 1 } else { last + 1 },
@@ -1886,6 +1888,7 @@ impl Store for SqliteStore {
         let mut rows = st.query(params![kid, upto.0 as i64]).map_err(err)?;
         let mut v = Vec::new();
         while let Some(r) = rows.next().map_err(err)? {
+            self.shared.m.rows_read.fetch_add(1, Relaxed);
             let path: Vec<u8> = r.get(1).map_err(err)?;
             if !path_matches(pattern, &path) {
                 continue;
@@ -2038,6 +2041,7 @@ impl Store for SqliteStore {
             commit_failures: m.commit_failures.load(Relaxed),
             live_only: m.live_only.load(Relaxed),
             checkpoints: m.checkpoints.load(Relaxed),
+            rows_read: m.rows_read.load(Relaxed),
         }
     }
 
