@@ -738,11 +738,9 @@ async fn replay_flood_under_random_key_ids_reads_no_row_and_the_honest_client_lo
             false,
         ))
         .await;
-        let got = loop {
-            match sub_c.recv().await {
-                Frame::Msg(m) => break index_of(&m.envelope),
-                other => panic!("unexpected {other:?}"),
-            }
+        let got = match sub_c.recv().await {
+            Frame::Msg(m) => index_of(&m.envelope),
+            other => panic!("unexpected {other:?}"),
         };
         assert_eq!(got, i, "in order, nothing lost");
         lat.push(t.elapsed());

@@ -32,8 +32,8 @@
 //!
 //! The file carries `application_id` [`APP_ID`], `user_version` [`SCHEMA_VERSION`] and a
 //! schema marker row; an existing file that lacks them, or fails `PRAGMA quick_check`, is
-//! refused at start with a clear error and left untouched. An exclusive lock on the file
-//! `<store>-lock` keeps a second relay off the same store.
+//! refused at start with a clear error and left untouched. An exclusive SQLite lock on the
+//! sidecar file `<store>-lock` keeps a second relay off the same store.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -309,7 +309,7 @@ pub struct SqliteStore {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
     checkpointer: Mutex<Option<JoinHandle<()>>>,
-    _lock_file: Option<std::fs::File>,
+    _lock_file: Mutex<Option<Connection>>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -657,23 +657,22 @@ impl SqliteStore {
         let path = config.path.clone();
         let fail =
             |what: String| StoreError::Open(format!("store file {}: {what}", path.display()));
-        let lock_file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(lock_path(&path))
-            .map_err(|e| fail(format!("cannot create its lock file: {e}")))?;
-        match lock_file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(fail(
-                    "is in use by another process, probably another relay".into(),
-                ))
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(fail(format!("cannot lock it: {e}")))
-            }
-        }
+        // A second relay on the same store is kept off by an exclusive lock held for the
+        // store's lifetime on a small sidecar SQLite file (`locking_mode = EXCLUSIVE` keeps
+        // the lock after the first write).
+        let lock_file = (|| -> rusqlite::Result<Connection> {
+            let c = Connection::open(lock_path(&path))?;
+            c.busy_timeout(Duration::ZERO)?;
+            c.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+            c.execute_batch(
+                "BEGIN EXCLUSIVE;
+                 CREATE TABLE IF NOT EXISTS lock(x INTEGER);
+                 DELETE FROM lock;
+                 COMMIT;",
+            )?;
+            Ok(c)
+        })()
+        .map_err(|e| fail(describe(&e)))?;
         let existed = file_size(&path) > 0;
         let conn = Connection::open(&path).map_err(|e| fail(describe(&e)))?;
         conn.busy_timeout(Duration::from_secs(5))
@@ -753,7 +752,7 @@ impl SqliteStore {
         kind: &'static str,
         file: Option<PathBuf>,
         clock: Clock,
-        lock_file: Option<std::fs::File>,
+        lock_file: Option<Connection>,
     ) -> Result<Self, String> {
         let now = clock();
         let err = |e: rusqlite::Error| describe(&e);
@@ -818,7 +817,7 @@ impl SqliteStore {
             shared,
             writer: Mutex::new(Some(writer)),
             checkpointer: Mutex::new(checkpointer),
-            _lock_file: lock_file,
+            _lock_file: Mutex::new(lock_file),
         })
     }
 }
