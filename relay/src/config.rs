@@ -238,7 +238,8 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// `full` (fsync per commit) or `normal` (fsync per checkpoint).
     pub sync: SyncMode,
-    /// Messages queued for the writer thread before publishers wait (backpressure).
+    /// Messages queued for the writer thread; beyond it a publish that needs the store is
+    /// answered `Err(busy)` (retryable).
     pub queue: usize,
     /// Most operations per transaction.
     pub max_batch: usize,
@@ -675,7 +676,7 @@ kind = "sqlite"
 path = "{store_path}"
 # "full": fsync per commit (survives power loss); "normal": survives a crash. env WHISPEER_STORE_SYNC
 sync = "{store_sync}"
-# Messages queued for the writer thread before publishers wait. env WHISPEER_STORE_QUEUE
+# Messages queued for the writer thread; beyond, Err(busy) (retryable). env WHISPEER_STORE_QUEUE
 queue = {store_queue}
 # Most operations per transaction (group commit).          env WHISPEER_STORE_MAX_BATCH
 max_batch = {store_max_batch}

@@ -2,10 +2,12 @@
 //!
 //! The router calls [`Store::append`] under its routing lock, right before it fans the
 //! message out, so sequence numbers are assigned in ONE place and every subscriber sees them
-//! in increasing order. `append` must therefore be quick: a durable implementation queues
-//! the write and commits it on its own thread (group commit), and reports durability
-//! through [`Store::when_durable`] — that is what gates `PubAck` for QoS ≥ 1. A failure is
-//! reported to the publisher as `Err(StoreFailed)` and the message is not delivered.
+//! in increasing order. `append` therefore never waits on a disk: it checks quotas in
+//! memory and queues the write; a durable implementation commits it on its own thread
+//! (group commit) and reports durability through [`Store::when_durable`] — that is what
+//! gates `PubAck` for QoS ≥ 1. A refusal is a typed [`StoreError`] whose
+//! [`code`](StoreError::code) the publisher gets (`quota_exceeded`, `storage_full`, `busy`,
+//! `store_failed`), and the message is not delivered. Quotas are per [`Tenant`].
 //!
 //! Implementations:
 //! - [`SqliteStore`] — SQLite (WAL, group commit on a writer thread), on a file (durable,
