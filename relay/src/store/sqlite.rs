@@ -2088,3 +2088,106 @@ fn path_matches(pattern: &TokenPattern, path: &[u8]) -> bool {
         Err(_) => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LiveStore;
+
+    fn plan_of(conn: &Connection, sql: &str) -> String {
+        let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows: Vec<String> = st
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        rows.join(" | ")
+    }
+
+    #[test]
+    fn history_retained_and_since_reads_use_the_key_id_indexes() {
+        let conn = Connection::open_in_memory().unwrap();
+        init_schema(&conn).unwrap();
+        let read = plan_of(
+            &conn,
+            "SELECT m.seq, p.path, m.ts, m.env FROM msgs m JOIN paths p ON p.id = m.pid
+             WHERE m.kid = 1 AND m.seq >= 1 AND m.seq <= 9 ORDER BY m.seq LIMIT 10",
+        );
+        assert!(read.contains("USING INDEX msgs_kid"), "{read}");
+        assert!(!read.contains("SCAN m"), "{read}");
+        let since = plan_of(&conn, "SELECT min(seq) FROM msgs WHERE kid = 1 AND ts >= 5");
+        assert!(since.contains("msgs_kid"), "{since}");
+        let retained = plan_of(
+            &conn,
+            "SELECT r.seq, p.path, r.env FROM retained r JOIN paths p ON p.id = r.pid
+             WHERE r.kid = 1 AND r.seq <= 9 ORDER BY r.seq",
+        );
+        assert!(retained.contains("retained_kid"), "{retained}");
+        let last_n = plan_of(
+            &conn,
+            "SELECT seq FROM msgs WHERE pid = 1 AND seq <= 9 ORDER BY seq DESC LIMIT 1 OFFSET 2",
+        );
+        assert!(last_n.contains("msgs_pid"), "{last_n}");
+    }
+
+    #[test]
+    fn the_none_store_says_it_keeps_nothing() {
+        let s = LiveStore::new();
+        let p = TokenPattern::new(
+            KeyId::from_bytes([1; 16]),
+            vec![whispeer_protocol::PatternElem::Rest],
+        )
+        .unwrap();
+        assert!(matches!(
+            s.retained(&p, Seq(0)),
+            Err(StoreError::Unsupported(_))
+        ));
+        assert!(matches!(
+            s.plan(&p, Replay::FromSeq(0), Seq(0)),
+            Err(StoreError::Unsupported(_))
+        ));
+        let k = DurableKey {
+            key_id: KeyId::from_bytes([1; 16]),
+            name: "d".into(),
+        };
+        assert!(matches!(s.durable(&k), Err(StoreError::Unsupported(_))));
+        assert!(matches!(
+            s.set_durable(&k, 1, &Tenant::Local),
+            Err(StoreError::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn tenants_fold_v4_mapped_addresses() {
+        let v4: std::net::SocketAddr = "10.1.2.3:5".parse().unwrap();
+        let mapped: std::net::SocketAddr = "[::ffff:10.1.2.3]:6".parse().unwrap();
+        assert_eq!(Tenant::from_peer(Some(v4)), Tenant::from_peer(Some(mapped)));
+        assert_ne!(
+            Tenant::from_peer(Some(v4)).key(),
+            Tenant::from_peer(Some("10.1.2.4:5".parse().unwrap())).key()
+        );
+        assert_eq!(Tenant::from_peer(None), Tenant::Local);
+        assert_ne!(Tenant::Account([0; 32]).key(), Tenant::Local.key());
+    }
+
+    #[test]
+    fn quota_checks_name_the_first_limit_hit() {
+        let u = Usage {
+            bytes: 90,
+            msgs: 9,
+            ..Usage::default()
+        };
+        let n = Need {
+            bytes: 20,
+            msgs: 1,
+            ..Need::default()
+        };
+        assert_eq!(
+            over(&u, &n, [100, 10, 0, 0, 0]),
+            Some(("stored bytes", 100))
+        );
+        assert_eq!(over(&u, &n, [0, 10, 0, 0, 0]), None, "9 + 1 <= 10");
+        assert_eq!(over(&u, &n, [0, 9, 0, 0, 0]), Some(("stored messages", 9)));
+        assert_eq!(over(&u, &n, [0, 0, 0, 0, 0]), None, "0 = unlimited");
+    }
+}
