@@ -1959,16 +1959,30 @@ impl Store for SqliteStore {
             wal.push("-wal");
             file_size(f) + file_size(Path::new(&wal))
         });
+        // One pass under the index lock with a bounded heap (publishes wait on this lock).
         let idx = lock(&s.idx);
-        let (messages, bytes) = idx
-            .paths
-            .values()
-            .fold((0, 0), |(m, b), st| (m + st.count, b + st.bytes));
-        let mut top: Vec<_> = idx.paths.iter().filter(|(_, st)| st.count > 0).collect();
+        let (mut messages, mut bytes, mut path_count) = (0, 0, 0u64);
+        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<(u64, &Vec<u8>)>> =
+            std::collections::BinaryHeap::with_capacity(101);
+        for (p, st) in &idx.paths {
+            if st.count == 0 {
+                continue;
+            }
+            messages += st.count;
+            bytes += st.bytes;
+            path_count += 1;
+            heap.push(std::cmp::Reverse((st.bytes, p)));
+            if heap.len() > 100 {
+                heap.pop();
+            }
+        }
+        let mut top: Vec<(&Vec<u8>, &PathStat)> = heap
+            .into_iter()
+            .filter_map(|std::cmp::Reverse((_, p))| Some((p, idx.paths.get(p)?)))
+            .collect();
         top.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then_with(|| a.0.cmp(b.0)));
         let list = top
             .into_iter()
-            .take(100)
             .map(|(p, st)| PathStatus {
                 path: hex(p),
                 messages: st.count,
@@ -1977,7 +1991,6 @@ impl Store for SqliteStore {
                 last_seq: st.last_seq,
             })
             .collect();
-        let path_count = idx.paths.values().filter(|st| st.count > 0).count() as u64;
         let retained = idx.total.retained;
         let durables = idx.durables.len() as u64;
         let tenants = idx
