@@ -1881,10 +1881,17 @@ impl Store for SqliteStore {
         let mut st = conn
             .prepare_cached(
                 "SELECT r.seq, p.path, r.env FROM retained r JOIN paths p ON p.id = r.pid
-                 WHERE r.kid = ?1 AND r.seq <= ?2 ORDER BY r.seq",
+                 WHERE r.kid = ?1 AND r.seq <= ?2 AND r.ts >= ?3 ORDER BY r.seq",
             )
             .map_err(err)?;
-        let mut rows = st.query(params![kid, upto.0 as i64]).map_err(err)?;
+        // Expired values are never sent, even before the sweep deleted them.
+        let cutoff = match self.shared.cfg.retained_max_age_ms {
+            0 => 0,
+            age => (self.shared.clock)().saturating_sub(age),
+        };
+        let mut rows = st
+            .query(params![kid, upto.0 as i64, cutoff as i64])
+            .map_err(err)?;
         let mut v = Vec::new();
         while let Some(r) = rows.next().map_err(err)? {
             self.shared.m.rows_read.fetch_add(1, Relaxed);
@@ -2133,7 +2140,7 @@ mod tests {
         let retained = plan_of(
             &conn,
             "SELECT r.seq, p.path, r.env FROM retained r JOIN paths p ON p.id = r.pid
-             WHERE r.kid = 1 AND r.seq <= 9 ORDER BY r.seq",
+             WHERE r.kid = 1 AND r.seq <= 9 AND r.ts >= 0 ORDER BY r.seq",
         );
         assert!(retained.contains("retained_kid"), "{retained}");
         let last_n = plan_of(
