@@ -238,7 +238,8 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// `full` (fsync per commit) or `normal` (fsync per checkpoint).
     pub sync: SyncMode,
-    /// Messages queued for the writer thread before publishers wait (backpressure).
+    /// Messages queued for the writer thread; beyond it a publish that needs the store is
+    /// answered `Err(busy)` (retryable).
     pub queue: usize,
     /// Most operations per transaction.
     pub max_batch: usize,
@@ -252,6 +253,37 @@ pub struct StoreConfig {
     pub dedup_window_ms: u64,
     /// Most publish ids remembered for dedup.
     pub dedup_max: usize,
+    // --- Store quotas and policy (issue 10). A tenant is the relay account when accounts
+    // are on, else the source address. 0 = unlimited. At a limit the publisher gets
+    // Err(quota_exceeded) naming its publish id.
+    /// Keep QoS 0 messages in history too (`false`: QoS 0 is live-only; retained QoS 0
+    /// values are kept as retained values either way).
+    pub store_qos0: bool,
+    /// Retained values older than this many milliseconds are deleted (0 = kept until
+    /// replaced).
+    pub retained_max_age_ms: u64,
+    /// Per tenant: most stored envelope bytes (history plus retained values).
+    pub tenant_max_bytes: u64,
+    /// Per tenant: most stored messages.
+    pub tenant_max_messages: u64,
+    /// Per tenant: most retained values.
+    pub tenant_max_retained: u64,
+    /// Per tenant: most durable subscription names.
+    pub tenant_max_durables: u64,
+    /// Per tenant: most distinct token paths with stored data.
+    pub tenant_max_paths: u64,
+    /// All tenants: most stored envelope bytes.
+    pub total_max_bytes: u64,
+    /// All tenants: most stored messages.
+    pub total_max_messages: u64,
+    /// All tenants: most retained values.
+    pub total_max_retained: u64,
+    /// All tenants: most durable subscription names.
+    pub total_max_durables: u64,
+    /// All tenants: most distinct token paths with stored data.
+    pub total_max_paths: u64,
+    /// While the disk is full (or a commit failed), how often the store retries, in ms.
+    pub retry_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -267,6 +299,19 @@ impl Default for StoreConfig {
             max_age_ms: 7 * 24 * 3600 * 1000,
             dedup_window_ms: 120_000,
             dedup_max: 1_000_000,
+            store_qos0: false,
+            retained_max_age_ms: 0,
+            tenant_max_bytes: 256 << 20,
+            tenant_max_messages: 1_000_000,
+            tenant_max_retained: 10_000,
+            tenant_max_durables: 1_000,
+            tenant_max_paths: 10_000,
+            total_max_bytes: 8 << 30,
+            total_max_messages: 50_000_000,
+            total_max_retained: 1_000_000,
+            total_max_durables: 100_000,
+            total_max_paths: 1_000_000,
+            retry_ms: 500,
         }
     }
 }
@@ -541,6 +586,9 @@ impl Config {
         if st.queue == 0 || st.max_batch == 0 {
             return invalid("store", "queue and max_batch must be at least 1".into());
         }
+        if st.retry_ms == 0 {
+            return invalid("store.retry_ms", "must be at least 1".into());
+        }
         if st.kind == Some(StoreKind::Sqlite) && st.path.as_os_str().is_empty() {
             return invalid("store.path", "a sqlite store needs a file".into());
         }
@@ -628,7 +676,7 @@ kind = "sqlite"
 path = "{store_path}"
 # "full": fsync per commit (survives power loss); "normal": survives a crash. env WHISPEER_STORE_SYNC
 sync = "{store_sync}"
-# Messages queued for the writer thread before publishers wait. env WHISPEER_STORE_QUEUE
+# Messages queued for the writer thread; beyond, Err(busy) (retryable). env WHISPEER_STORE_QUEUE
 queue = {store_queue}
 # Most operations per transaction (group commit).          env WHISPEER_STORE_MAX_BATCH
 max_batch = {store_max_batch}
@@ -643,6 +691,26 @@ max_age_ms = {max_age_ms}
 dedup_window_ms = {dedup_window_ms}
 # Most publish ids remembered.                              env WHISPEER_DEDUP_MAX
 dedup_max = {dedup_max}
+# Keep QoS 0 messages in history (false: QoS 0 is live-only; retained QoS 0 values are kept).
+store_qos0 = {store_qos0}
+# Retained values older than this many ms are deleted; 0 = kept until replaced.
+retained_max_age_ms = {retained_max_age_ms}
+# Quotas. A tenant is the relay account (accounts on) or the source address (accounts off).
+# 0 = unlimited. At a limit the publisher gets Err(quota_exceeded) (not fatal, names the
+# publish id); other tenants are untouched. Bytes count history plus retained values.
+tenant_max_bytes = {tenant_max_bytes}
+tenant_max_messages = {tenant_max_messages}
+tenant_max_retained = {tenant_max_retained}
+tenant_max_durables = {tenant_max_durables}
+tenant_max_paths = {tenant_max_paths}
+total_max_bytes = {total_max_bytes}
+total_max_messages = {total_max_messages}
+total_max_retained = {total_max_retained}
+total_max_durables = {total_max_durables}
+total_max_paths = {total_max_paths}
+# While the disk is full, publishes needing the store get Err(storage_full) (retryable) and
+# the store retries every this many ms, resuming by itself when space frees.
+retry_ms = {store_retry_ms}
 
 [delivery]
 # Unacknowledged QoS >= 1 deliveries are sent again after this many ms. env WHISPEER_ACK_TIMEOUT_MS
@@ -682,6 +750,19 @@ format = "{format}"
             max_age_ms = d.store.max_age_ms,
             dedup_window_ms = d.store.dedup_window_ms,
             dedup_max = d.store.dedup_max,
+            store_qos0 = d.store.store_qos0,
+            retained_max_age_ms = d.store.retained_max_age_ms,
+            tenant_max_bytes = d.store.tenant_max_bytes,
+            tenant_max_messages = d.store.tenant_max_messages,
+            tenant_max_retained = d.store.tenant_max_retained,
+            tenant_max_durables = d.store.tenant_max_durables,
+            tenant_max_paths = d.store.tenant_max_paths,
+            total_max_bytes = d.store.total_max_bytes,
+            total_max_messages = d.store.total_max_messages,
+            total_max_retained = d.store.total_max_retained,
+            total_max_durables = d.store.total_max_durables,
+            total_max_paths = d.store.total_max_paths,
+            store_retry_ms = d.store.retry_ms,
             ack_timeout_ms = d.delivery.ack_timeout_ms,
             max_unacked = d.delivery.max_unacked,
             filter = d.log.filter,

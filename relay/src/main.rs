@@ -105,7 +105,7 @@ struct ServeArgs {
     /// SQLite synchronous mode: full (fsync per commit) or normal.
     #[arg(long, env = "WHISPEER_STORE_SYNC")]
     store_sync: Option<SyncMode>,
-    /// Messages queued for the store writer before publishers wait.
+    /// Messages queued for the store writer; beyond, publishes get Err(busy) (retryable).
     #[arg(long, env = "WHISPEER_STORE_QUEUE")]
     store_queue: Option<usize>,
     /// Most operations per store transaction.

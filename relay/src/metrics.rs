@@ -217,7 +217,47 @@ impl Metrics {
             "The store kind (value is always 1).",
         );
         let _ = writeln!(o, "whispeer_relay_store_info{{kind=\"{kind}\"}} 1");
-        let counters: [(&str, &str, u64); 7] = [
+        let counters: [(&str, &str, u64); 15] = [
+            (
+                "whispeer_relay_store_rows_read_total",
+                "Stored rows examined by history, replay and retained reads.",
+                s.rows_read,
+            ),
+            (
+                "whispeer_relay_store_quota_tenant_rejections_total",
+                "Publishes refused by a per-tenant storage quota (Err quota_exceeded).",
+                s.quota_tenant_rejections,
+            ),
+            (
+                "whispeer_relay_store_quota_global_rejections_total",
+                "Publishes refused by a global storage quota (Err quota_exceeded).",
+                s.quota_global_rejections,
+            ),
+            (
+                "whispeer_relay_store_full_rejections_total",
+                "Publishes refused while the disk was full (Err storage_full).",
+                s.storage_full_rejections,
+            ),
+            (
+                "whispeer_relay_store_busy_rejections_total",
+                "Publishes refused because the store queue was full (Err busy).",
+                s.busy_rejections,
+            ),
+            (
+                "whispeer_relay_store_commit_failures_total",
+                "Store transactions that failed (their publishers got an error).",
+                s.commit_failures,
+            ),
+            (
+                "whispeer_relay_store_live_only_total",
+                "Messages routed live and not stored (QoS 0 outside the retention policy).",
+                s.live_only,
+            ),
+            (
+                "whispeer_relay_store_checkpoints_total",
+                "Background WAL checkpoints run.",
+                s.checkpoints,
+            ),
             (
                 "whispeer_relay_store_appends_total",
                 "Messages appended to the store.",

@@ -28,11 +28,11 @@ pub(crate) async fn history(
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(conn = %target.conn, sub_id, error = %e, "history read failed");
-            shared.metrics.error_sent(ErrorCode::StoreFailed);
+            shared.metrics.error_sent(e.code());
             target
                 .out
                 .push_control(codec::encode_prefixed(&Frame::Err(ErrFrame {
-                    code: ErrorCode::StoreFailed,
+                    code: e.code(),
                     message: format!("history unavailable: {e}"),
                     fatal: false,
                     sub_id: Some(sub_id),
@@ -49,6 +49,55 @@ pub(crate) async fn history(
         }))
     });
     shared.router.release(&target, done).await;
+}
+
+/// Sends the retained values of the paths `target` matches (sequence up to the boundary)
+/// and opens its gate; newer values arrive live from the gate buffer.
+pub(crate) async fn retained(
+    shared: Arc<Shared>,
+    target: Arc<Target>,
+    pattern: TokenPattern,
+    boundary: Seq,
+) {
+    let store = shared.router.store().clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    store.when_durable(
+        boundary,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    let read = async {
+        rx.await
+            .map_err(|_| StoreError::Unavailable("store closed".into()))??;
+        let (store, pattern) = (store.clone(), pattern.clone());
+        tokio::task::spawn_blocking(move || store.retained(&pattern, boundary))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    };
+    match read.await {
+        Ok(values) => {
+            for m in values {
+                target
+                    .out
+                    .push_history(msg_frame(m.seq.0, &m.envelope, msg_flags::RETAINED));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(conn = %target.conn, sub_id = target.sub.0, error = %e, "retained read failed");
+            shared.metrics.error_sent(e.code());
+            target
+                .out
+                .push_control(codec::encode_prefixed(&Frame::Err(ErrFrame {
+                    code: e.code(),
+                    message: format!("retained values unavailable: {e}"),
+                    fatal: false,
+                    sub_id: Some(target.sub.0),
+                    publish_id: None,
+                })));
+        }
+    }
+    shared.router.release(&target, None).await;
 }
 
 async fn send(

@@ -3,9 +3,10 @@
 //! One lock around "assign the sequence, then queue to every match" is what makes relay
 //! sequence numbers reach every subscriber in increasing order, and makes `SubOk.seq`
 //! exact: every message with a larger sequence is matched against the new subscription.
-//! The critical section is short — a store append (queued, never a disk wait unless the
-//! store's queue is full), one encode of the `Msg` frame, a trie walk and non-blocking
-//! queue offers — and never waits on a socket.
+//! The critical section is short — a store append (in-memory checks and a queued write,
+//! never a disk wait: a full store queue is answered `Busy`), one encode of the `Msg`
+//! frame, a trie walk and non-blocking queue offers — and never waits on a socket or a
+//! disk. Retained values and history are read from the store off this lock.
 //!
 //! A subscription that replays history starts *gated*: it is in the index at once (so no
 //! live message can slip between history and live), but its live messages are buffered on
@@ -19,14 +20,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use whispeer_protocol::frame::{msg_flags, ErrFrame, Msg};
+use whispeer_protocol::frame::{ErrFrame, Msg};
 use whispeer_protocol::{codec, Envelope, ErrorCode, Frame, Qos, TokenPath, TokenPattern};
 
 use crate::ids::{ConnId, Seq, SubId};
 use crate::index::SubIndex;
 use crate::metrics::Metrics;
 use crate::outbound::{Offer, Outbound};
-use crate::store::{Accepted, Append, DurableKey, Store, StoreError, Stored};
+use crate::store::{Accepted, Append, DurableKey, Store, StoreError, Tenant};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -204,7 +205,8 @@ pub(crate) struct SubStart {
     pub(crate) track: Option<Arc<Tracking>>,
     /// History follows (the subscription starts gated).
     pub(crate) replay: bool,
-    /// Send retained values of matching paths before live messages.
+    /// Send retained values of matching paths before live messages (read off the routing
+    /// lock by [`crate::replay::retained`]; the subscription starts gated).
     pub(crate) retained: bool,
     /// Most live messages buffered while history is sent (oldest dropped beyond).
     pub(crate) gate_limit: usize,
@@ -272,13 +274,16 @@ impl Router {
     ) -> (Offer, Arc<Target>, Seq) {
         let mut core = self.lock();
         let seq = core.store.last_seq();
+        // Retained values are read from the store off this lock, like history: the
+        // subscription starts gated and its live messages wait behind them.
+        let gated = start.replay || start.retained;
         let target = Arc::new(Target {
             conn,
             sub,
             out: out.clone(),
             track: start.track,
-            gated: AtomicBool::new(start.replay),
-            gate: Mutex::new(start.replay.then(Gate::default)),
+            gated: AtomicBool::new(gated),
+            gate: Mutex::new(gated.then(Gate::default)),
             cancelled: AtomicBool::new(false),
             gate_limit: start.gate_limit,
         });
@@ -287,11 +292,6 @@ impl Router {
             if !start.replay {
                 if let Some(t) = &target.track {
                     t.start_at(seq.0);
-                }
-                if start.retained {
-                    for Stored { seq, envelope } in core.store.retained(pattern) {
-                        out.offer_msg(&msg_frame(seq.0, &envelope, msg_flags::RETAINED));
-                    }
                 }
             }
             core.index.insert(pattern, conn, sub, target.clone());
@@ -384,6 +384,7 @@ impl Router {
         flags: u64,
         qos: Qos,
         publish_id: Option<[u8; 16]>,
+        tenant: &Tenant,
     ) -> Result<Accepted, StoreError> {
         let start = Instant::now();
         let core = self.lock();
@@ -393,6 +394,7 @@ impl Router {
             flags,
             qos,
             publish_id,
+            tenant,
         })?;
         let Accepted::New(seq) = accepted else {
             return Ok(accepted);

@@ -23,7 +23,7 @@ use crate::plugin::{ConnectInfo, DisconnectInfo, PublishInfo, SubscribeInfo};
 use crate::rate::TokenBucket;
 use crate::relay::Shared;
 use crate::router::{msg_frame, SubStart, Tracking};
-use crate::store::{Accepted, DurableKey};
+use crate::store::{Accepted, DurableKey, Tenant};
 use crate::transport::Inbound;
 
 /// What the driver should do after an event.
@@ -85,6 +85,9 @@ pub(crate) struct Session {
     bucket: TokenBucket,
     reason: String,
     finished: bool,
+    /// Whose store quota this connection's writes count against (the source address; the
+    /// account once relay accounts authenticate it).
+    pub(crate) tenant: Tenant,
 }
 
 impl Session {
@@ -113,6 +116,7 @@ impl Session {
             bucket,
             reason: String::from("open"),
             finished: false,
+            tenant: Tenant::from_peer(peer),
         }
     }
 
@@ -346,7 +350,14 @@ impl Session {
                     None,
                 );
             }
-            match store.durable(k) {
+            let found = match store.durable(k) {
+                Ok(f) => f,
+                Err(e) => {
+                    self.shared.release_durable(k);
+                    return self.reply_err(e.code(), e.to_string(), Some(sub_id), None);
+                }
+            };
+            match found {
                 Some(f) => {
                     floor = f;
                     replay = Some(Replay::FromSeq(f + 1));
@@ -355,6 +366,11 @@ impl Session {
                     new_durable = true;
                     if let Some(Replay::FromSeq(from)) = replay {
                         floor = from.saturating_sub(1);
+                    }
+                    // Creating the name counts against this tenant's durable quota.
+                    if let Err(e) = store.set_durable(k, floor, &self.tenant) {
+                        self.shared.release_durable(k);
+                        return self.reply_err(e.code(), e.to_string(), Some(sub_id), None);
                     }
                 }
             }
@@ -369,10 +385,11 @@ impl Session {
                 dcfg.max_unacked,
             ))
         });
+        let want_retained = s.retained && replay.is_none() && supported & features::RETAIN != 0;
         let start = SubStart {
             track: track.clone(),
             replay: replay.is_some(),
-            retained: s.retained && replay.is_none() && supported & features::RETAIN != 0,
+            retained: want_retained,
             gate_limit: self
                 .shared
                 .config
@@ -403,7 +420,9 @@ impl Session {
         if let Some(t) = track {
             if let Some(k) = durable {
                 if new_durable {
-                    store.set_durable(&k, t.floor());
+                    if let Err(e) = store.set_durable(&k, t.floor(), &self.tenant) {
+                        tracing::debug!(error = %e, "durable position not recorded");
+                    }
                 }
                 self.durables.insert(sub_id, k);
             }
@@ -431,6 +450,25 @@ impl Session {
                     )
                 }
             }
+        } else if want_retained {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(crate::replay::retained(
+                        self.shared.clone(),
+                        target,
+                        s.pattern,
+                        boundary,
+                    ));
+                }
+                Err(_) => {
+                    return self.reply_err(
+                        ErrorCode::Internal,
+                        "retained values need the relay's async runtime".into(),
+                        Some(sub_id),
+                        None,
+                    )
+                }
+            }
         }
         Flow::Continue
     }
@@ -453,7 +491,9 @@ impl Session {
         for t in self.tracked.values() {
             if let Some(floor) = t.ack(&a.seqs) {
                 if let Some(k) = &t.durable {
-                    store.set_durable(k, floor);
+                    if let Err(e) = store.set_durable(k, floor, &self.tenant) {
+                        tracing::debug!(error = %e, "durable position not recorded");
+                    }
                 }
             }
         }
@@ -546,19 +586,21 @@ impl Session {
                 p.publish_id,
             );
         }
-        let accepted = self
-            .shared
-            .router
-            .publish(&p.envelope, &path, p.flags, p.qos, p.publish_id);
+        let accepted = self.shared.router.publish(
+            &p.envelope,
+            &path,
+            p.flags,
+            p.qos,
+            p.publish_id,
+            &self.tenant,
+        );
         let seq = match accepted {
             Ok(Accepted::New(seq)) => seq,
             Ok(Accepted::Duplicate(seq)) => {
                 self.shared.metrics.duplicate_publish();
                 seq
             }
-            Err(e) => {
-                return self.reply_err(ErrorCode::StoreFailed, e.to_string(), None, p.publish_id)
-            }
+            Err(e) => return self.reply_err(e.code(), e.to_string(), None, p.publish_id),
         };
         let Some(publish_id) = p.publish_id.filter(|_| p.flags & pub_flags::ACK != 0) else {
             return Flow::Continue;
@@ -579,9 +621,9 @@ impl Session {
                 let frame = match r {
                     Ok(()) => ack,
                     Err(e) => {
-                        metrics.error_sent(ErrorCode::StoreFailed);
+                        metrics.error_sent(e.code());
                         Frame::Err(ErrFrame {
-                            code: ErrorCode::StoreFailed,
+                            code: e.code(),
                             message: e.to_string(),
                             fatal: false,
                             sub_id: None,

@@ -2,10 +2,12 @@
 //!
 //! The router calls [`Store::append`] under its routing lock, right before it fans the
 //! message out, so sequence numbers are assigned in ONE place and every subscriber sees them
-//! in increasing order. `append` must therefore be quick: a durable implementation queues
-//! the write and commits it on its own thread (group commit), and reports durability
-//! through [`Store::when_durable`] — that is what gates `PubAck` for QoS ≥ 1. A failure is
-//! reported to the publisher as `Err(StoreFailed)` and the message is not delivered.
+//! in increasing order. `append` therefore never waits on a disk: it checks quotas in
+//! memory and queues the write; a durable implementation commits it on its own thread
+//! (group commit) and reports durability through [`Store::when_durable`] — that is what
+//! gates `PubAck` for QoS ≥ 1. A refusal is a typed [`StoreError`] whose
+//! [`code`](StoreError::code) the publisher gets (`quota_exceeded`, `storage_full`, `busy`,
+//! `store_failed`), and the message is not delivered. Quotas are per [`Tenant`].
 //!
 //! Implementations:
 //! - [`SqliteStore`] — SQLite (WAL, group commit on a writer thread), on a file (durable,
@@ -18,11 +20,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use whispeer_protocol::frame::Replay;
-use whispeer_protocol::{Envelope, KeyId, Qos, TokenPath, TokenPattern};
+use whispeer_protocol::{Envelope, ErrorCode, KeyId, Qos, TokenPath, TokenPattern};
 
 use crate::ids::Seq;
 
@@ -40,6 +43,69 @@ pub enum StoreError {
     /// The store file could not be opened or is not a usable whispeer store.
     #[error("{0}")]
     Open(String),
+    /// A storage quota (per tenant or global) is reached; the message was not accepted.
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
+    /// The disk is full: nothing needing the store is accepted until space frees (the store
+    /// resumes by itself). Retryable.
+    #[error("storage full: {0}")]
+    StorageFull(String),
+    /// The store's write queue is full. Retryable.
+    #[error("store busy: {0}")]
+    Busy(String),
+    /// This store does not do that (e.g. history on the `none` store).
+    #[error("not supported: {0}")]
+    Unsupported(String),
+}
+
+impl StoreError {
+    /// The protocol error code a client is sent for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
+            StoreError::StorageFull(_) => ErrorCode::StorageFull,
+            StoreError::Busy(_) => ErrorCode::Busy,
+            StoreError::Unsupported(_) => ErrorCode::NotAllowed,
+            StoreError::Unavailable(_) | StoreError::Open(_) => ErrorCode::StoreFailed,
+        }
+    }
+}
+
+/// Whose quota a stored message, retained value or durable name counts against: the
+/// authenticated relay account when accounts are on, else the source address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Tenant {
+    /// A relay account (its Ed25519 public key or account id).
+    Account([u8; 32]),
+    /// The connection's source address (IPv4-mapped IPv6 addresses are folded to IPv4).
+    Address(IpAddr),
+    /// An in-process caller with no address (embedded use, tests).
+    Local,
+}
+
+impl Tenant {
+    /// The tenant of a connection from `peer` when accounts are off.
+    pub fn from_peer(peer: Option<SocketAddr>) -> Self {
+        match peer.map(|p| p.ip()) {
+            Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                Some(v4) => Tenant::Address(IpAddr::V4(v4)),
+                None => Tenant::Address(IpAddr::V6(v6)),
+            },
+            Some(ip) => Tenant::Address(ip),
+            None => Tenant::Local,
+        }
+    }
+
+    /// The stable byte key the store files usage under.
+    pub fn key(&self) -> Vec<u8> {
+        match self {
+            Tenant::Account(a) => [&b"a"[..], a].concat(),
+            Tenant::Address(IpAddr::V4(v4)) => [&b"4"[..], &v4.octets()].concat(),
+            Tenant::Address(IpAddr::V6(v6)) => [&b"6"[..], &v6.octets()].concat(),
+            Tenant::Local => b"l".to_vec(),
+        }
+    }
 }
 
 /// What the router hands the store: metadata plus the opaque envelope.
@@ -55,6 +121,8 @@ pub struct Append<'a> {
     pub qos: Qos,
     /// The `Pub` frame's publish id, if any.
     pub publish_id: Option<[u8; 16]>,
+    /// Whose quota the message counts against.
+    pub tenant: &'a Tenant,
 }
 
 /// The outcome of [`Store::append`].
@@ -183,6 +251,12 @@ pub struct StoreStatus {
     pub durables: u64,
     /// Publish ids in the dedup window.
     pub dedup_entries: u64,
+    /// `ok`, `storage_full` (the disk is full; retried until space frees) or `unavailable`.
+    #[serde(default)]
+    pub state: String,
+    /// Tenants (accounts or source addresses) with stored data.
+    #[serde(default)]
+    pub tenants: u64,
 }
 
 /// Store counters for `/metrics`.
@@ -204,6 +278,23 @@ pub struct StoreMetrics {
     pub commit_buckets: Vec<u64>,
     /// Total commit time, seconds.
     pub commit_seconds_sum: f64,
+    /// Publishes refused by a per-tenant quota.
+    pub quota_tenant_rejections: u64,
+    /// Publishes refused by a global quota.
+    pub quota_global_rejections: u64,
+    /// Publishes refused because the disk was full.
+    pub storage_full_rejections: u64,
+    /// Publishes refused because the write queue was full.
+    pub busy_rejections: u64,
+    /// Commits that failed (the batch's publishers got an error, nothing was acknowledged).
+    pub commit_failures: u64,
+    /// Messages routed live without being stored (QoS 0 outside the retention policy).
+    pub live_only: u64,
+    /// Background WAL checkpoints run.
+    pub checkpoints: u64,
+    /// Stored rows history, replay and retained reads examined (a read under a key id the
+    /// store never saw examines none).
+    pub rows_read: u64,
 }
 
 /// Upper bounds of the commit batch size histogram.
@@ -217,36 +308,31 @@ pub const COMMIT_BUCKETS: [f64; 12] = [
 
 /// Accepts published messages, assigns their relay sequence numbers, keeps history,
 /// retained values, durable positions and the publish-id dedup window.
+///
+/// No method has a default: every store states what it does. A store without history
+/// answers [`StoreError::Unsupported`] rather than an empty result.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// `sqlite`, `memory` or `none`.
     fn kind(&self) -> &'static str;
     /// Feature bits (`whispeer_protocol::frame::features`) this store supports.
-    fn features(&self) -> u64 {
-        0
-    }
-    /// Accepts one message (called under the routing lock): returns its sequence, strictly
-    /// greater than every earlier one, or the original's for a duplicate publish id.
+    fn features(&self) -> u64;
+    /// Accepts one message (called under the routing lock, so it never waits on a disk):
+    /// returns its sequence, strictly greater than every earlier one, or the original's for
+    /// a duplicate publish id. A full queue is [`StoreError::Busy`], a quota
+    /// [`StoreError::QuotaExceeded`], a full disk [`StoreError::StorageFull`].
     fn append(&self, msg: Append<'_>) -> Result<Accepted, StoreError>;
     /// The last sequence assigned (`Seq(0)` before the first message).
     fn last_seq(&self) -> Seq;
     /// Runs `done` once every message up to `seq` is durable (immediately if it is).
-    fn when_durable(&self, seq: Seq, done: OnDurable) {
-        let _ = seq;
-        done(Ok(()))
-    }
+    fn when_durable(&self, seq: Seq, done: OnDurable);
     /// Resolves a replay request against what is stored, for messages up to `upto`.
+    /// Blocking: call off the async runtime.
     fn plan(
         &self,
         pattern: &TokenPattern,
         replay: Replay,
         upto: Seq,
-    ) -> Result<ReadPlan, StoreError> {
-        let _ = (pattern, replay);
-        Ok(ReadPlan {
-            start: upto.0 + 1,
-            ..ReadPlan::default()
-        })
-    }
+    ) -> Result<ReadPlan, StoreError>;
     /// Reads matching stored messages with sequence in `from..=upto` (a chunk; call again
     /// from `next` until `next > upto`). Blocking: call off the async runtime.
     fn read(
@@ -255,43 +341,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         plan: &ReadPlan,
         from: u64,
         upto: Seq,
-    ) -> Result<ReadChunk, StoreError> {
-        let _ = (pattern, plan, from);
-        Ok(ReadChunk {
-            msgs: Vec::new(),
-            next: upto.0 + 1,
-        })
-    }
-    /// Retained values of every path the pattern matches, in sequence order.
-    fn retained(&self, pattern: &TokenPattern) -> Vec<Stored> {
-        let _ = pattern;
-        Vec::new()
-    }
+    ) -> Result<ReadChunk, StoreError>;
+    /// Retained values (sequence `<= upto`) of every path the pattern matches, in sequence
+    /// order. Blocking: call off the async runtime.
+    fn retained(&self, pattern: &TokenPattern, upto: Seq) -> Result<Vec<Stored>, StoreError>;
     /// A durable subscription's acknowledged floor (every matching message up to it is
     /// acknowledged), if the durable exists.
-    fn durable(&self, key: &DurableKey) -> Option<u64> {
-        let _ = key;
-        None
-    }
-    /// Records a durable subscription's floor (created if new; persisted write-behind).
-    fn set_durable(&self, key: &DurableKey, floor: u64) {
-        let _ = (key, floor);
-    }
+    fn durable(&self, key: &DurableKey) -> Result<Option<u64>, StoreError>;
+    /// Records a durable subscription's floor, persisted write-behind. Creating a new
+    /// durable counts against `tenant`'s durable-name quota.
+    fn set_durable(&self, key: &DurableKey, floor: u64, tenant: &Tenant) -> Result<(), StoreError>;
     /// `/status` details.
-    fn status(&self) -> StoreStatus {
-        StoreStatus {
-            kind: self.kind().into(),
-            last_seq: self.last_seq().0,
-            committed_seq: self.last_seq().0,
-            ..StoreStatus::default()
-        }
-    }
+    fn status(&self) -> StoreStatus;
     /// `/metrics` counters.
-    fn metrics(&self) -> StoreMetrics {
-        StoreMetrics::default()
-    }
+    fn metrics(&self) -> StoreMetrics;
     /// Flushes everything queued and closes (clean shutdown). Idempotent.
-    fn close(&self) {}
+    fn close(&self);
 }
 
 /// Live fan-out only: assigns sequence numbers and keeps nothing (`store.kind = "none"`).
@@ -305,6 +370,12 @@ impl LiveStore {
     pub fn new() -> Self {
         Self::default()
     }
+
+    fn unsupported(what: &str) -> StoreError {
+        StoreError::Unsupported(format!(
+            "this relay keeps no messages (store kind none): {what} is unavailable"
+        ))
+    }
 }
 
 impl Store for LiveStore {
@@ -312,8 +383,15 @@ impl Store for LiveStore {
         "none"
     }
 
-    fn append(&self, _msg: Append<'_>) -> Result<Accepted, StoreError> {
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn append(&self, msg: Append<'_>) -> Result<Accepted, StoreError> {
         use std::sync::atomic::Ordering;
+        if msg.qos != Qos::AtMostOnce {
+            return Err(Self::unsupported("QoS >= 1"));
+        }
         Ok(Accepted::New(Seq(self
             .last
             .fetch_add(1, Ordering::Relaxed)
@@ -323,6 +401,51 @@ impl Store for LiveStore {
     fn last_seq(&self) -> Seq {
         Seq(self.last.load(std::sync::atomic::Ordering::Relaxed))
     }
+
+    fn when_durable(&self, _seq: Seq, done: OnDurable) {
+        done(Err(Self::unsupported("durability")))
+    }
+
+    fn plan(&self, _: &TokenPattern, _: Replay, _: Seq) -> Result<ReadPlan, StoreError> {
+        Err(Self::unsupported("history"))
+    }
+
+    fn read(
+        &self,
+        _: &TokenPattern,
+        _: &ReadPlan,
+        _: u64,
+        _: Seq,
+    ) -> Result<ReadChunk, StoreError> {
+        Err(Self::unsupported("history"))
+    }
+
+    fn retained(&self, _: &TokenPattern, _: Seq) -> Result<Vec<Stored>, StoreError> {
+        Err(Self::unsupported("retained values"))
+    }
+
+    fn durable(&self, _: &DurableKey) -> Result<Option<u64>, StoreError> {
+        Err(Self::unsupported("durable subscriptions"))
+    }
+
+    fn set_durable(&self, _: &DurableKey, _: u64, _: &Tenant) -> Result<(), StoreError> {
+        Err(Self::unsupported("durable subscriptions"))
+    }
+
+    fn status(&self) -> StoreStatus {
+        StoreStatus {
+            kind: self.kind().into(),
+            last_seq: self.last_seq().0,
+            committed_seq: self.last_seq().0,
+            ..StoreStatus::default()
+        }
+    }
+
+    fn metrics(&self) -> StoreMetrics {
+        StoreMetrics::default()
+    }
+
+    fn close(&self) {}
 }
 
 /// The raw bytes of a token path: key id, then each token (16 bytes each).

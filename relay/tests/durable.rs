@@ -244,6 +244,8 @@ async fn history_to_live_handover_has_no_gap_and_no_duplicate_while_publishing()
     let mut config = file_config(&dir.join("s.db"));
     // Room for everything, so the slow-consumer policy never interferes with the check.
     config.queue.capacity = 32_768;
+    // QoS 0 history is kept only when the retention policy says so.
+    config.store.store_qos0 = true;
     let relay = TestRelay::start(config).await;
     const N: u64 = 20_000;
     let addr = relay.tcp();

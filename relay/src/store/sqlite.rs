@@ -1,38 +1,56 @@
-//! The SQLite store: WAL mode, one connection, group commit on a dedicated writer thread.
+//! The SQLite store: WAL mode, group commit on a dedicated writer thread, reads and WAL
+//! checkpoints on their own connections.
 //!
-//! `append` (under the routing lock) assigns the sequence, updates the in-memory caches
-//! (retained values, dedup window) and queues the write; the writer thread takes everything
-//! queued (up to `max_batch` operations) and commits it in ONE transaction, applies
-//! retention, then runs the `when_durable` callbacks whose sequence is committed — that is
-//! where `PubAck` for QoS ≥ 1 is sent from. The router never waits for a disk; publishers
-//! only wait when `store.queue` messages are already queued (backpressure).
+//! `append` (under the routing lock) never waits on a disk: it checks the quotas against
+//! in-memory usage counters, assigns the sequence and queues the write; a full queue is
+//! answered with a retryable `Busy`. The writer thread takes everything queued (up to
+//! `max_batch` operations) and commits it in ONE transaction, applies retention, then runs
+//! the `when_durable` callbacks whose sequence is committed — that is where `PubAck` for
+//! QoS ≥ 1 is sent from. The WAL is never checkpointed on the commit path
+//! (`wal_autocheckpoint = 0`): a background thread runs PASSIVE checkpoints on its own
+//! connection. History, replay and retained reads run on a reader connection, by integer
+//! key id (`msgs(kid, seq)`, `retained(kid)`): a key id the store never saw is a map miss
+//! that touches no row.
+//!
+//! QoS 0 messages are routed live and not stored unless `store_qos0` is set (a retained
+//! QoS 0 value is still kept as the path's retained value).
+//!
+//! Usage is counted per tenant (account or source address) and in total: stored bytes and
+//! messages, retained values, durable names and distinct paths; at a limit `append` answers
+//! `QuotaExceeded` and nothing is queued.
+//!
+//! A failed commit (disk full, I/O error) is not permanent: the batch and everything
+//! queued behind it are refused to their publishers (`StorageFull` for a full disk), the
+//! store refuses new writes while it retries a tiny probe transaction every `retry_ms`, and
+//! when the probe commits it reloads its counters from the file and resumes by itself. Live
+//! QoS 0 routing is untouched throughout.
 //!
 //! Messages are fanned out live before they are committed, so a sequence a subscriber saw
-//! must never be handed out again after a crash: after an unclean stop the store skips
-//! `queue + max_batch + 1` sequences (more than could have been uncommitted) and records the
-//! new position before it accepts anything.
+//! must never be handed out again after a crash: the high-water mark of assigned sequences
+//! is persisted at every commit (and every [`PERSIST_EVERY`] live-only sequences), and
+//! after an unclean stop the store skips `queue + max_batch + 2 * PERSIST_EVERY + 1`.
 //!
 //! The file carries `application_id` [`APP_ID`], `user_version` [`SCHEMA_VERSION`] and a
 //! schema marker row; an existing file that lacks them, or fails `PRAGMA quick_check`, is
-//! refused at start with a clear error and left untouched. `locking_mode = EXCLUSIVE`
-//! keeps a second relay off the same file.
+//! refused at start with a clear error and left untouched. An exclusive SQLite lock on the
+//! sidecar file `<store>-lock` keeps a second relay off the same store.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use whispeer_protocol::frame::{features, pub_flags, Replay};
 use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
 use super::{
     path_bytes, Accepted, Append, DurableKey, OnDurable, PathStatus, ReadChunk, ReadPlan,
-    RetentionStatus, Store, StoreError, StoreMetrics, StoreStatus, Stored, BATCH_BUCKETS,
+    RetentionStatus, Store, StoreError, StoreMetrics, StoreStatus, Stored, Tenant, BATCH_BUCKETS,
     COMMIT_BUCKETS,
 };
 use crate::config::{StoreConfig, SyncMode};
@@ -41,11 +59,15 @@ use crate::ids::Seq;
 /// SQLite `application_id` of a whispeer relay store ("WHSP").
 pub const APP_ID: i64 = 0x5748_5350;
 /// SQLite `user_version`: the schema version this relay reads and writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// The `meta` row `schema` of a whispeer relay store.
-pub const SCHEMA_MARKER: &str = "whispeer-relay-store/1";
+pub const SCHEMA_MARKER: &str = "whispeer-relay-store/2";
 /// Rows per history read chunk.
 const READ_CHUNK: usize = 1024;
+/// Live-only sequences between two persisted high-water marks.
+pub const PERSIST_EVERY: u64 = 65_536;
+/// Rows per step of the age sweep.
+const SWEEP_CHUNK: i64 = 4096;
 
 /// Wall-clock source in Unix milliseconds (injectable for tests of age retention).
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -60,15 +82,33 @@ fn system_clock() -> Clock {
 }
 
 enum Op {
+    Tenant {
+        tid: i64,
+        key: Vec<u8>,
+    },
+    Key {
+        kid: i64,
+        key_id: [u8; 16],
+    },
+    Path {
+        pid: i64,
+        kid: i64,
+        tid: i64,
+        path: Vec<u8>,
+    },
     Msg {
         seq: u64,
-        path: Vec<u8>,
+        pid: i64,
+        kid: i64,
+        tid: i64,
         ts: u64,
         flags: u64,
         env: Bytes,
     },
     Retain {
-        path: Vec<u8>,
+        pid: i64,
+        kid: i64,
+        tid: i64,
         seq: u64,
         ts: u64,
         env: Bytes,
@@ -82,6 +122,7 @@ enum Op {
         key_id: [u8; 16],
         name: String,
         floor: u64,
+        tid: i64,
     },
 }
 
@@ -91,15 +132,86 @@ struct Queue {
     msgs: usize,
     waiters: Vec<(u64, OnDurable)>,
     closed: bool,
+    /// The writer is committing a batch taken from `ops`.
+    inflight: bool,
+    /// Highest live-only sequence not yet covered by `committed`.
+    mark: u64,
+    /// The high-water mark should be persisted.
+    persist: bool,
+    /// Next live-only sequence at which `persist` is raised.
+    persist_at: u64,
+}
+
+/// Usage counters of one tenant (or all).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Usage {
+    bytes: u64,
+    msgs: u64,
+    retained: u64,
+    durables: u64,
+    paths: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct PathStat {
+    pid: i64,
+    kid: i64,
+    /// The tenant that created the path (its distinct-path quota holds it).
+    owner: i64,
     count: u64,
     bytes: u64,
     first_seq: u64,
     last_seq: u64,
-    first_ts: u64,
+    /// The retained value: its tenant, size and sequence.
+    retained: Option<(i64, u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct KeyStat {
+    kid: i64,
+    paths: u64,
+}
+
+/// What the store knows in memory: ids and usage (never envelopes).
+#[derive(Default)]
+struct Index {
+    paths: HashMap<Vec<u8>, PathStat>,
+    by_pid: HashMap<i64, Vec<u8>>,
+    keys: HashMap<[u8; 16], KeyStat>,
+    tenants: HashMap<Vec<u8>, i64>,
+    usage: HashMap<i64, Usage>,
+    total: Usage,
+    durables: HashMap<DurableKey, (u64, i64)>,
+    next_pid: i64,
+    next_kid: i64,
+    next_tid: i64,
+}
+
+impl Index {
+    fn usage(&mut self, tid: i64) -> &mut Usage {
+        self.usage.entry(tid).or_default()
+    }
+
+    /// Removes a path with nothing stored; returns its pid and, when it was the key id's
+    /// last path, the key's kid.
+    fn drop_path(&mut self, path: &[u8]) -> Option<(i64, Option<i64>)> {
+        let st = self.paths.remove(path)?;
+        self.by_pid.remove(&st.pid);
+        let u = self.usage(st.owner);
+        u.paths = u.paths.saturating_sub(1);
+        self.total.paths = self.total.paths.saturating_sub(1);
+        let mut gone_kid = None;
+        if let Ok(k) = <[u8; 16]>::try_from(&path[..16.min(path.len())]) {
+            if let Some(ks) = self.keys.get_mut(&k) {
+                ks.paths = ks.paths.saturating_sub(1);
+                if ks.paths == 0 {
+                    gone_kid = Some(ks.kid);
+                    self.keys.remove(&k);
+                }
+            }
+        }
+        Some((st.pid, gone_kid))
+    }
 }
 
 #[derive(Default)]
@@ -137,6 +249,32 @@ struct Counters {
     batch_sum: AtomicU64,
     commit: [AtomicU64; COMMIT_BUCKETS.len()],
     commit_nanos: AtomicU64,
+    quota_tenant: AtomicU64,
+    quota_global: AtomicU64,
+    full: AtomicU64,
+    busy: AtomicU64,
+    commit_failures: AtomicU64,
+    live_only: AtomicU64,
+    checkpoints: AtomicU64,
+    rows_read: AtomicU64,
+}
+
+/// Why the store is refusing writes (cleared by itself once a probe commit succeeds).
+#[derive(Debug, Clone)]
+enum Down {
+    Full(String),
+    Failed(String),
+}
+
+impl Down {
+    fn error(&self) -> StoreError {
+        match self {
+            Down::Full(m) => StoreError::StorageFull(format!(
+                "{m}; the relay retries by itself, publish again later"
+            )),
+            Down::Failed(m) => StoreError::Unavailable(format!("{m}; the relay retries by itself")),
+        }
+    }
 }
 
 struct Shared {
@@ -144,17 +282,21 @@ struct Shared {
     file: Option<PathBuf>,
     cfg: StoreConfig,
     clock: Clock,
+    /// The writer's connection (also the reader of a memory store).
     conn: Mutex<Connection>,
+    /// A separate reader (file stores): history reads never wait for a commit.
+    reader: Option<Mutex<Connection>>,
     last: AtomicU64,
     committed: AtomicU64,
     queue: Mutex<Queue>,
     work: Condvar,
-    space: Condvar,
-    retained: Mutex<HashMap<Vec<u8>, (u64, Envelope)>>,
-    durables: Mutex<HashMap<DurableKey, u64>>,
+    idx: Mutex<Index>,
     dedup: Mutex<Dedup>,
-    paths: Mutex<HashMap<Vec<u8>, PathStat>>,
-    failed: Mutex<Option<String>>,
+    down: Mutex<Option<Down>>,
+    /// Sequence ranges dropped by a failed commit: never acknowledged as durable.
+    lost: Mutex<VecDeque<(u64, u64)>>,
+    stop_checkpointer: AtomicBool,
+    checkpoint_wake: (Mutex<bool>, Condvar),
     m: Counters,
 }
 
@@ -166,6 +308,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct SqliteStore {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
+    _lock_file: Mutex<Option<Connection>>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -244,26 +388,228 @@ fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
          PRAGMA user_version = {SCHEMA_VERSION};
          CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
          INSERT INTO meta VALUES ('schema', '{SCHEMA_MARKER}'), ('last_seq', '0'), ('clean', '1');
-         CREATE TABLE msgs(seq INTEGER PRIMARY KEY, path BLOB NOT NULL, ts INTEGER NOT NULL,
-                           flags INTEGER NOT NULL, env BLOB NOT NULL);
-         CREATE INDEX msgs_path ON msgs(path, seq);
-         CREATE TABLE retained(path BLOB PRIMARY KEY, seq INTEGER NOT NULL, ts INTEGER NOT NULL,
+         CREATE TABLE tenants(id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE);
+         CREATE TABLE keys(id INTEGER PRIMARY KEY, key_id BLOB NOT NULL UNIQUE);
+         CREATE TABLE paths(id INTEGER PRIMARY KEY, path BLOB NOT NULL UNIQUE,
+                            kid INTEGER NOT NULL, tid INTEGER NOT NULL);
+         CREATE INDEX paths_kid ON paths(kid);
+         CREATE TABLE msgs(seq INTEGER PRIMARY KEY, kid INTEGER NOT NULL, pid INTEGER NOT NULL,
+                           tid INTEGER NOT NULL, ts INTEGER NOT NULL, flags INTEGER NOT NULL,
+                           env BLOB NOT NULL);
+         CREATE INDEX msgs_kid ON msgs(kid, seq);
+         CREATE INDEX msgs_pid ON msgs(pid, seq);
+         CREATE TABLE retained(pid INTEGER PRIMARY KEY, kid INTEGER NOT NULL,
+                               tid INTEGER NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL,
                                env BLOB NOT NULL);
+         CREATE INDEX retained_kid ON retained(kid, seq);
+         CREATE INDEX retained_ts ON retained(ts);
          CREATE TABLE durables(key_id BLOB NOT NULL, name TEXT NOT NULL, floor INTEGER NOT NULL,
-                               PRIMARY KEY (key_id, name));
+                               tid INTEGER NOT NULL, PRIMARY KEY (key_id, name));
          CREATE TABLE dedup(pid BLOB PRIMARY KEY, seq INTEGER NOT NULL, ts INTEGER NOT NULL);
          COMMIT;"
     ))
 }
 
-/// Throughput settings. A large WAL (64 MiB before a checkpoint) lets a checkpoint write
-/// each page once instead of once per commit that touched it — measured ~2x on 1 KiB
-/// messages; the page cache holds the hot part of the table and index.
+/// Throughput settings. No automatic checkpoint on the commit path (a background thread
+/// checkpoints); the WAL is cut back to 64 MiB when it restarts; the page cache holds the
+/// hot part of the tables and indexes.
 fn tune(conn: &Connection) -> rusqlite::Result<()> {
-    conn.pragma_update(None, "wal_autocheckpoint", 4096)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
     conn.pragma_update(None, "cache_size", -65536)?;
     Ok(())
+}
+
+/// Whether an SQLite error means the disk (or the file size limit) is full.
+fn is_full(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull))
+        || e.to_string().contains("No space left")
+}
+
+/// Counters and ids read back from the file (at start, and after a failed commit).
+struct Loaded {
+    idx: Index,
+    dedup: Dedup,
+}
+
+fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String> {
+    let err = |e: rusqlite::Error| describe(&e);
+    let mut idx = Index::default();
+    {
+        let mut st = conn.prepare("SELECT id, key FROM tenants").map_err(err)?;
+        let mut rows = st.query([]).map_err(err)?;
+        while let Some(r) = rows.next().map_err(err)? {
+            let id: i64 = r.get(0).map_err(err)?;
+            idx.tenants.insert(r.get(1).map_err(err)?, id);
+            idx.next_tid = idx.next_tid.max(id);
+        }
+    }
+    let mut kids: HashMap<i64, [u8; 16]> = HashMap::new();
+    {
+        let mut st = conn.prepare("SELECT id, key_id FROM keys").map_err(err)?;
+        let mut rows = st.query([]).map_err(err)?;
+        while let Some(r) = rows.next().map_err(err)? {
+            let id: i64 = r.get(0).map_err(err)?;
+            let k: Vec<u8> = r.get(1).map_err(err)?;
+            let k = <[u8; 16]>::try_from(k.as_slice())
+                .map_err(|_| "is damaged: a key id is not 16 bytes".to_string())?;
+            kids.insert(id, k);
+            idx.next_kid = idx.next_kid.max(id);
+        }
+    }
+    let mut all_paths: HashMap<i64, (Vec<u8>, i64, i64)> = HashMap::new();
+    {
+        let mut st = conn
+            .prepare("SELECT id, path, kid, tid FROM paths")
+            .map_err(err)?;
+        let mut rows = st.query([]).map_err(err)?;
+        while let Some(r) = rows.next().map_err(err)? {
+            let id: i64 = r.get(0).map_err(err)?;
+            all_paths.insert(
+                id,
+                (
+                    r.get(1).map_err(err)?,
+                    r.get(2).map_err(err)?,
+                    r.get(3).map_err(err)?,
+                ),
+            );
+            idx.next_pid = idx.next_pid.max(id);
+        }
+    }
+    let path_stat = |idx: &mut Index, pid: i64| -> Option<Vec<u8>> {
+        if let Some(p) = idx.by_pid.get(&pid) {
+            return Some(p.clone());
+        }
+        let (path, kid, owner) = all_paths.get(&pid)?.clone();
+        idx.paths.insert(
+            path.clone(),
+            PathStat {
+                pid,
+                kid,
+                owner,
+                count: 0,
+                bytes: 0,
+                first_seq: 0,
+                last_seq: 0,
+                retained: None,
+            },
+        );
+        idx.by_pid.insert(pid, path.clone());
+        Some(path)
+    };
+    {
+        let mut st = conn
+            .prepare(
+                "SELECT pid, tid, count(*), sum(length(env)), min(seq), max(seq)
+                 FROM msgs GROUP BY pid, tid",
+            )
+            .map_err(err)?;
+        let mut rows = st.query([]).map_err(err)?;
+        while let Some(r) = rows.next().map_err(err)? {
+            let pid: i64 = r.get(0).map_err(err)?;
+            let tid: i64 = r.get(1).map_err(err)?;
+            let n = r.get::<_, i64>(2).map_err(err)? as u64;
+            let b = r.get::<_, i64>(3).map_err(err)? as u64;
+            let lo = r.get::<_, i64>(4).map_err(err)? as u64;
+            let hi = r.get::<_, i64>(5).map_err(err)? as u64;
+            let Some(path) = path_stat(&mut idx, pid) else {
+                return Err(format!("is damaged: messages of unknown path id {pid}"));
+            };
+            if let Some(st) = idx.paths.get_mut(&path) {
+                st.first_seq = if st.count == 0 {
+                    lo
+                } else {
+                    st.first_seq.min(lo)
+                };
+                st.last_seq = st.last_seq.max(hi);
+                st.count += n;
+                st.bytes += b;
+            }
+            let u = idx.usage(tid);
+            u.msgs += n;
+            u.bytes += b;
+            idx.total.msgs += n;
+            idx.total.bytes += b;
+        }
+    }
+    {
+        let mut st = conn
+            .prepare("SELECT pid, tid, length(env), seq FROM retained")
+            .map_err(err)?;
+        let mut rows = st.query([]).map_err(err)?;
+        while let Some(r) = rows.next().map_err(err)? {
+            let pid: i64 = r.get(0).map_err(err)?;
+            let tid: i64 = r.get(1).map_err(err)?;
+            let b = r.get::<_, i64>(2).map_err(err)? as u64;
+            let seq = r.get::<_, i64>(3).map_err(err)? as u64;
+            let Some(path) = path_stat(&mut idx, pid) else {
+                return Err(format!(
+                    "is damaged: a retained value of unknown path id {pid}"
+                ));
+            };
+            if let Some(st) = idx.paths.get_mut(&path) {
+                st.retained = Some((tid, b, seq));
+            }
+            let u = idx.usage(tid);
+            u.retained += 1;
+            u.bytes += b;
+            idx.total.retained += 1;
+            idx.total.bytes += b;
+        }
+    }
+    // Distinct paths and key ids in use.
+    let live: Vec<(i64, i64)> = idx.paths.values().map(|s| (s.owner, s.kid)).collect();
+    for (owner, kid) in live {
+        idx.usage(owner).paths += 1;
+        idx.total.paths += 1;
+        if let Some(k) = kids.get(&kid) {
+            idx.keys
+                .entry(*k)
+                .or_insert(KeyStat { kid, paths: 0 })
+                .paths += 1;
+        }
+    }
+    {
+        let mut st = conn
+            .prepare("SELECT key_id, name, floor, tid FROM durables")
+            .map_err(err)?;
+        let mut rows = st.query([]).map_err(err)?;
+        while let Some(r) = rows.next().map_err(err)? {
+            let key_id: Vec<u8> = r.get(0).map_err(err)?;
+            let key_id = KeyId::from_slice(&key_id)
+                .map_err(|e| format!("is damaged: a durable key id is invalid ({e})"))?;
+            let name: String = r.get(1).map_err(err)?;
+            let floor = r.get::<_, i64>(2).map_err(err)? as u64;
+            let tid: i64 = r.get(3).map_err(err)?;
+            idx.durables
+                .insert(DurableKey { key_id, name }, (floor, tid));
+            idx.usage(tid).durables += 1;
+            idx.total.durables += 1;
+        }
+    }
+    idx.next_pid += 1;
+    idx.next_kid += 1;
+    idx.next_tid += 1;
+    let mut dedup = Dedup::default();
+    {
+        let mut st = conn
+            .prepare("SELECT pid, seq, ts FROM dedup WHERE ts >= ?1 ORDER BY ts")
+            .map_err(err)?;
+        let since = now.saturating_sub(cfg.dedup_window_ms) as i64;
+        let mut rows = st.query([since]).map_err(err)?;
+        while let Some(r) = rows.next().map_err(err)? {
+            let pid: Vec<u8> = r.get(0).map_err(err)?;
+            let Ok(pid) = <[u8; 16]>::try_from(pid.as_slice()) else {
+                continue;
+            };
+            dedup.insert(
+                pid,
+                r.get::<_, i64>(1).map_err(err)? as u64,
+                r.get::<_, i64>(2).map_err(err)? as u64,
+            );
+        }
+    }
+    Ok(Loaded { idx, dedup })
 }
 
 fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
@@ -293,6 +639,12 @@ fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
 
+fn lock_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-lock");
+    PathBuf::from(p)
+}
+
 impl SqliteStore {
     /// Opens (or creates) the store file `config.path`. An existing file must be a
     /// whispeer relay store that passes `PRAGMA quick_check`.
@@ -305,14 +657,26 @@ impl SqliteStore {
         let path = config.path.clone();
         let fail =
             |what: String| StoreError::Open(format!("store file {}: {what}", path.display()));
+        // A second relay on the same store is kept off by an exclusive lock held for the
+        // store's lifetime on a small sidecar SQLite file (`locking_mode = EXCLUSIVE` keeps
+        // the lock after the first write).
+        let lock_file = (|| -> rusqlite::Result<Connection> {
+            let c = Connection::open(lock_path(&path))?;
+            c.busy_timeout(Duration::ZERO)?;
+            c.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+            c.execute_batch(
+                "BEGIN EXCLUSIVE;
+                 CREATE TABLE IF NOT EXISTS lock(x INTEGER);
+                 DELETE FROM lock;
+                 COMMIT;",
+            )?;
+            Ok(c)
+        })()
+        .map_err(|e| fail(describe(&e)))?;
         let existed = file_size(&path) > 0;
         let conn = Connection::open(&path).map_err(|e| fail(describe(&e)))?;
-        let setup = |conn: &Connection| -> rusqlite::Result<()> {
-            conn.busy_timeout(Duration::ZERO)?;
-            conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
-            Ok(())
-        };
-        setup(&conn).map_err(|e| fail(describe(&e)))?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(|e| fail(describe(&e)))?;
         if existed {
             validate(&conn).map_err(fail)?;
         } else {
@@ -336,7 +700,31 @@ impl SqliteStore {
         if !existed {
             init_schema(&conn).map_err(|e| fail(format!("cannot create the schema: {e}")))?;
         }
-        Self::start(conn, config.clone(), "sqlite", Some(path.clone()), clock).map_err(fail)
+        let side = || -> rusqlite::Result<Connection> {
+            let c = Connection::open_with_flags(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            c.busy_timeout(Duration::from_secs(5))?;
+            c.pragma_update(None, "wal_autocheckpoint", 0)?;
+            Ok(c)
+        };
+        let reader = side().map_err(|e| fail(describe(&e)))?;
+        reader
+            .pragma_update(None, "cache_size", -16384)
+            .map_err(|e| fail(describe(&e)))?;
+        let checkpointer = side().map_err(|e| fail(describe(&e)))?;
+        Self::start(
+            conn,
+            Some(reader),
+            Some(checkpointer),
+            config.clone(),
+            "sqlite",
+            Some(path.clone()),
+            clock,
+            Some(lock_file),
+        )
+        .map_err(fail)
     }
 
     /// An in-memory store with the same behaviour (nothing survives the process).
@@ -352,15 +740,19 @@ impl SqliteStore {
             .and_then(|_| tune(&conn))
             .map_err(|e| fail(e.to_string()))?;
         init_schema(&conn).map_err(|e| fail(e.to_string()))?;
-        Self::start(conn, config, "memory", None, clock).map_err(fail)
+        Self::start(conn, None, None, config, "memory", None, clock, None).map_err(fail)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start(
         conn: Connection,
+        reader: Option<Connection>,
+        checkpointer: Option<Connection>,
         cfg: StoreConfig,
         kind: &'static str,
         file: Option<PathBuf>,
         clock: Clock,
+        lock_file: Option<Connection>,
     ) -> Result<Self, String> {
         let now = clock();
         let err = |e: rusqlite::Error| describe(&e);
@@ -374,84 +766,13 @@ impl SqliteStore {
         let clean = meta(&conn, "clean").map_err(err)?.as_deref() == Some("1");
         let mut last = stored_last.max(max_seq as u64);
         if !clean {
-            // Sequences up to `queue + max_batch` past the last commit may have been
-            // delivered live before the crash: never hand them out again.
-            last += (cfg.queue + cfg.max_batch) as u64 + 1;
+            // Sequences past the persisted mark may have been delivered live before the
+            // crash: queued writes, one batch, and live-only sequences between two marks.
+            last += (cfg.queue + cfg.max_batch) as u64 + 2 * PERSIST_EVERY + 1;
         }
         set_meta(&conn, "last_seq", &last.to_string()).map_err(err)?;
         set_meta(&conn, "clean", "0").map_err(err)?;
-
-        let mut paths = HashMap::new();
-        {
-            let mut st = conn
-                .prepare(
-                    "SELECT path, count(*), sum(length(env)), min(seq), max(seq),
-                            (SELECT ts FROM msgs m2 WHERE m2.path = m.path ORDER BY seq LIMIT 1)
-                     FROM msgs m GROUP BY path",
-                )
-                .map_err(err)?;
-            let mut rows = st.query([]).map_err(err)?;
-            while let Some(r) = rows.next().map_err(err)? {
-                let path: Vec<u8> = r.get(0).map_err(err)?;
-                let stat = PathStat {
-                    count: r.get::<_, i64>(1).map_err(err)? as u64,
-                    bytes: r.get::<_, i64>(2).map_err(err)? as u64,
-                    first_seq: r.get::<_, i64>(3).map_err(err)? as u64,
-                    last_seq: r.get::<_, i64>(4).map_err(err)? as u64,
-                    first_ts: r.get::<_, i64>(5).map_err(err)? as u64,
-                };
-                paths.insert(path, stat);
-            }
-        }
-        let mut retained = HashMap::new();
-        {
-            let mut st = conn
-                .prepare("SELECT path, seq, env FROM retained")
-                .map_err(err)?;
-            let mut rows = st.query([]).map_err(err)?;
-            while let Some(r) = rows.next().map_err(err)? {
-                let path: Vec<u8> = r.get(0).map_err(err)?;
-                let seq = r.get::<_, i64>(1).map_err(err)? as u64;
-                let env: Vec<u8> = r.get(2).map_err(err)?;
-                let env = Envelope::from_bytes(Bytes::from(env))
-                    .map_err(|e| format!("is damaged: a retained envelope does not parse ({e})"))?;
-                retained.insert(path, (seq, env));
-            }
-        }
-        let mut durables = HashMap::new();
-        {
-            let mut st = conn
-                .prepare("SELECT key_id, name, floor FROM durables")
-                .map_err(err)?;
-            let mut rows = st.query([]).map_err(err)?;
-            while let Some(r) = rows.next().map_err(err)? {
-                let key_id: Vec<u8> = r.get(0).map_err(err)?;
-                let key_id = KeyId::from_slice(&key_id)
-                    .map_err(|e| format!("is damaged: a durable key id is invalid ({e})"))?;
-                let name: String = r.get(1).map_err(err)?;
-                let floor = r.get::<_, i64>(2).map_err(err)? as u64;
-                durables.insert(DurableKey { key_id, name }, floor);
-            }
-        }
-        let mut dedup = Dedup::default();
-        {
-            let mut st = conn
-                .prepare("SELECT pid, seq, ts FROM dedup WHERE ts >= ?1 ORDER BY ts")
-                .map_err(err)?;
-            let since = now.saturating_sub(cfg.dedup_window_ms) as i64;
-            let mut rows = st.query([since]).map_err(err)?;
-            while let Some(r) = rows.next().map_err(err)? {
-                let pid: Vec<u8> = r.get(0).map_err(err)?;
-                let Ok(pid) = <[u8; 16]>::try_from(pid.as_slice()) else {
-                    continue;
-                };
-                dedup.insert(
-                    pid,
-                    r.get::<_, i64>(1).map_err(err)? as u64,
-                    r.get::<_, i64>(2).map_err(err)? as u64,
-                );
-            }
-        }
+        let Loaded { idx, dedup } = load(&conn, &cfg, now)?;
 
         let shared = Arc::new(Shared {
             kind,
@@ -459,16 +780,20 @@ impl SqliteStore {
             cfg,
             clock,
             conn: Mutex::new(conn),
+            reader: reader.map(Mutex::new),
             last: AtomicU64::new(last),
             committed: AtomicU64::new(last),
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue {
+                persist_at: last + PERSIST_EVERY,
+                ..Queue::default()
+            }),
             work: Condvar::new(),
-            space: Condvar::new(),
-            retained: Mutex::new(retained),
-            durables: Mutex::new(durables),
+            idx: Mutex::new(idx),
             dedup: Mutex::new(dedup),
-            paths: Mutex::new(paths),
-            failed: Mutex::new(None),
+            down: Mutex::new(None),
+            lost: Mutex::new(VecDeque::new()),
+            stop_checkpointer: AtomicBool::new(false),
+            checkpoint_wake: (Mutex::new(false), Condvar::new()),
             m: Counters::default(),
         });
         let s = shared.clone();
@@ -476,16 +801,53 @@ impl SqliteStore {
             .name("whispeer-store".into())
             .spawn(move || s.writer_loop())
             .map_err(|e| format!("cannot start the writer thread: {e}"))?;
+        let checkpointer = match checkpointer {
+            Some(c) => {
+                let s = shared.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("whispeer-checkpoint".into())
+                        .spawn(move || s.checkpoint_loop(c))
+                        .map_err(|e| format!("cannot start the checkpoint thread: {e}"))?,
+                )
+            }
+            None => None,
+        };
         Ok(Self {
             shared,
             writer: Mutex::new(Some(writer)),
+            checkpointer: Mutex::new(checkpointer),
+            _lock_file: Mutex::new(lock_file),
         })
     }
 }
 
+/// Rows deleted by one commit's retention, per path and per tenant.
+#[derive(Default)]
+struct Deltas {
+    /// pid → (messages, bytes, new first sequence).
+    paths: HashMap<i64, (u64, u64, u64)>,
+    /// tid → (messages, bytes).
+    tenants: HashMap<i64, (u64, u64)>,
+    /// Expired retained values: (pid, tid, bytes, seq).
+    retained: Vec<(i64, i64, u64, u64)>,
+}
+
+impl Deltas {
+    fn msg(&mut self, pid: i64, tid: i64, seq: u64, bytes: u64) {
+        let p = self.paths.entry(pid).or_insert((0, 0, 0));
+        p.0 += 1;
+        p.1 += bytes;
+        p.2 = p.2.max(seq + 1);
+        let t = self.tenants.entry(tid).or_insert((0, 0));
+        t.0 += 1;
+        t.1 += bytes;
+    }
+}
+
 impl Shared {
-    fn failure(&self) -> Option<String> {
-        lock(&self.failed).clone()
+    fn down(&self) -> Option<Down> {
+        lock(&self.down).clone()
     }
 
     fn push(&self, ops: impl IntoIterator<Item = Op>, msgs: usize) {
@@ -499,16 +861,60 @@ impl Shared {
         }
     }
 
+    /// Whether `seq` was dropped by a failed commit.
+    fn is_lost(&self, seq: u64) -> bool {
+        lock(&self.lost)
+            .iter()
+            .any(|(lo, hi)| *lo <= seq && seq <= *hi)
+    }
+
+    fn resolve(&self, held: &mut Vec<(u64, OnDurable)>) {
+        let down = self.down();
+        let committed = self.committed.load(Relaxed);
+        let mut keep = Vec::new();
+        for (seq, done) in held.drain(..) {
+            if seq <= committed && !self.is_lost(seq) {
+                done(Ok(()));
+            } else if self.is_lost(seq) {
+                done(Err(down.clone().map_or_else(
+                    || {
+                        StoreError::StorageFull(
+                            "the message was not stored (the store failed meanwhile); \
+                             publish again"
+                                .into(),
+                        )
+                    },
+                    |d| d.error(),
+                )));
+            } else if let Some(d) = &down {
+                done(Err(d.error()));
+            } else {
+                keep.push((seq, done));
+            }
+        }
+        *held = keep;
+    }
+
     fn writer_loop(self: Arc<Self>) {
         let mut held: Vec<(u64, OnDurable)> = Vec::new();
         let mut last_sweep = 0u64;
         loop {
-            let (ops, closed) = {
+            if self.down().is_some() {
+                self.try_recover();
+            }
+            let down = self.down().is_some();
+            let (ops, mark, persist, closed) = {
                 let mut q = lock(&self.queue);
-                while q.ops.is_empty() && q.waiters.is_empty() && !q.closed {
+                let wait = Duration::from_millis(if down { self.cfg.retry_ms } else { 1000 });
+                while q.ops.is_empty()
+                    && q.waiters.is_empty()
+                    && q.mark == 0
+                    && !q.persist
+                    && !q.closed
+                {
                     let (g, t) = self
                         .work
-                        .wait_timeout(q, Duration::from_millis(1000))
+                        .wait_timeout(q, wait)
                         .unwrap_or_else(|p| p.into_inner());
                     q = g;
                     if t.timed_out() {
@@ -522,46 +928,57 @@ impl Shared {
                     std::mem::take(&mut q.ops)
                 };
                 let n = ops.iter().filter(|o| matches!(o, Op::Msg { .. })).count();
-                q.msgs -= n;
+                q.msgs = q.msgs.saturating_sub(n);
                 held.append(&mut q.waiters);
-                (ops, q.closed && q.ops.is_empty())
+                let mark = if q.ops.is_empty() {
+                    std::mem::take(&mut q.mark)
+                } else {
+                    0
+                };
+                let persist = std::mem::take(&mut q.persist);
+                q.inflight = !ops.is_empty();
+                (ops, mark, persist, q.closed && q.ops.is_empty())
             };
             let now = (self.clock)();
-            let age_due = self.cfg.max_age_ms > 0 && now >= last_sweep + 1000;
-            let sweep = self.cfg.max_age_ms > 0 && (!ops.is_empty() || age_due);
-            if (!ops.is_empty() || sweep) && self.failure().is_none() {
+            let ages = self.cfg.max_age_ms > 0 || self.cfg.retained_max_age_ms > 0;
+            let sweep = ages && now >= last_sweep + 1000;
+            if down {
+                // Refused while down; anything queued anyway is dropped (its waiters fail).
+                let mut q = lock(&self.queue);
+                q.inflight = false;
+                self.committed.fetch_max(mark, Relaxed);
+                drop(q);
+                self.resolve(&mut held);
+            } else if !ops.is_empty() || sweep || persist {
                 if sweep {
                     last_sweep = now;
                 }
                 let started = Instant::now();
                 match self.commit(&ops, now, sweep) {
                     Ok(top) => {
-                        let d = started.elapsed();
                         if !ops.is_empty() {
-                            self.observe(ops.len(), d);
+                            self.observe(ops.len(), started.elapsed());
                         }
-                        if let Some(top) = top {
-                            self.committed.fetch_max(top, Relaxed);
+                        let mut q = lock(&self.queue);
+                        self.committed
+                            .fetch_max(top.unwrap_or(0).max(mark), Relaxed);
+                        q.inflight = false;
+                        drop(q);
+                        if !ops.is_empty() {
+                            let (m, cv) = &self.checkpoint_wake;
+                            *lock(m) = true;
+                            cv.notify_one();
                         }
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "store commit failed; refusing further messages");
-                        *lock(&self.failed) = Some(format!("commit failed: {e}"));
-                    }
+                    Err(e) => self.fail(&e, &mut held),
                 }
+                self.resolve(&mut held);
+            } else {
+                let q = lock(&self.queue);
+                self.committed.fetch_max(mark, Relaxed);
+                drop(q);
+                self.resolve(&mut held);
             }
-            self.space.notify_all();
-            let failure = self.failure();
-            let committed = self.committed.load(Relaxed);
-            let mut keep = Vec::new();
-            for (seq, done) in held.drain(..) {
-                match &failure {
-                    Some(f) => done(Err(StoreError::Unavailable(f.clone()))),
-                    None if seq <= committed => done(Ok(())),
-                    None => keep.push((seq, done)),
-                }
-            }
-            held = keep;
             if closed {
                 break;
             }
@@ -569,7 +986,7 @@ impl Shared {
         for (_, done) in held.drain(..) {
             done(Err(StoreError::Unavailable("store closed".into())));
         }
-        if self.failure().is_none() {
+        if self.down().is_none() {
             let conn = lock(&self.conn);
             let last = self.last.load(Relaxed).to_string();
             let r = set_meta(&conn, "last_seq", &last)
@@ -584,6 +1001,118 @@ impl Shared {
             if let Err(e) = r {
                 tracing::warn!(error = %e, "store close: could not mark a clean shutdown");
             }
+        }
+    }
+
+    /// A commit failed: refuse writes until a probe commits, drop everything queued.
+    fn fail(&self, e: &rusqlite::Error, held: &mut Vec<(u64, OnDurable)>) {
+        let down = if is_full(e) {
+            Down::Full(format!("the relay's disk is full ({e})"))
+        } else {
+            Down::Failed(format!("store commit failed ({e})"))
+        };
+        tracing::warn!(error = %e, "store commit failed; refusing writes until it recovers");
+        self.m.commit_failures.fetch_add(1, Relaxed);
+        *lock(&self.down) = Some(down);
+        let mut q = lock(&self.queue);
+        let hi = self.last.load(Relaxed);
+        let lo = self.committed.load(Relaxed) + 1;
+        q.ops.clear();
+        q.msgs = 0;
+        q.mark = 0;
+        q.inflight = false;
+        held.append(&mut q.waiters);
+        {
+            let mut lost = lock(&self.lost);
+            if lo <= hi {
+                lost.push_back((lo, hi));
+            }
+            while lost.len() > 64 {
+                lost.pop_front();
+            }
+        }
+        self.committed.fetch_max(hi, Relaxed);
+    }
+
+    /// While down: commits a tiny probe; on success reloads the counters from the file
+    /// (whatever was queued when the commit failed is gone) and resumes.
+    fn try_recover(&self) {
+        let now = (self.clock)();
+        let conn = lock(&self.conn);
+        let probe = (|| -> rusqlite::Result<()> {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'last_seq'",
+                [self.last.load(Relaxed).to_string()],
+            )?;
+            tx.commit()
+        })();
+        if let Err(e) = probe {
+            let d = if is_full(&e) {
+                Down::Full(format!("the relay's disk is full ({e})"))
+            } else {
+                Down::Failed(format!("store commit failed ({e})"))
+            };
+            *lock(&self.down) = Some(d);
+            return;
+        }
+        let loaded = match load(&conn, &self.cfg, now) {
+            Ok(l) => l,
+            Err(e) => {
+                *lock(&self.down) = Some(Down::Failed(format!("store reload failed: {e}")));
+                return;
+            }
+        };
+        drop(conn);
+        *lock(&self.idx) = loaded.idx;
+        *lock(&self.dedup) = loaded.dedup;
+        let mut q = lock(&self.queue);
+        let hi = self.last.load(Relaxed);
+        let lo = self.committed.load(Relaxed) + 1;
+        if !q.ops.is_empty() || lo <= hi {
+            let mut lost = lock(&self.lost);
+            lost.push_back((lo, hi));
+            while lost.len() > 64 {
+                lost.pop_front();
+            }
+        }
+        q.ops.clear();
+        q.msgs = 0;
+        q.mark = 0;
+        self.committed.fetch_max(hi, Relaxed);
+        *lock(&self.down) = None;
+        drop(q);
+        tracing::info!("store resumed: commits succeed again");
+    }
+
+    fn checkpoint_loop(self: Arc<Self>, conn: Connection) {
+        let (m, cv) = &self.checkpoint_wake;
+        loop {
+            {
+                let g = lock(m);
+                let (mut g, _) = cv
+                    .wait_timeout_while(g, Duration::from_millis(1000), |woken| {
+                        !*woken && !self.stop_checkpointer.load(Relaxed)
+                    })
+                    .unwrap_or_else(|p| p.into_inner());
+                *g = false;
+            }
+            if self.stop_checkpointer.load(Relaxed) {
+                break;
+            }
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                Ok(()) => {
+                    self.m.checkpoints.fetch_add(1, Relaxed);
+                }
+                Err(e) => tracing::debug!(error = %e, "background checkpoint"),
+            }
+            // At most one checkpoint per 50 ms: commits between are folded in.
+            let g = lock(m);
+            let _ = cv
+                .wait_timeout_while(g, Duration::from_millis(50), |_| {
+                    !self.stop_checkpointer.load(Relaxed)
+                })
+                .unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -602,61 +1131,84 @@ impl Shared {
             .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
     }
 
-    /// One transaction: the queued operations, retention, the last-seq marker. Returns the
+    /// One transaction: the queued operations, retention, the high-water mark. Returns the
     /// highest message sequence written.
     fn commit(&self, ops: &[Op], now: u64, sweep: bool) -> rusqlite::Result<Option<u64>> {
         let mut conn = lock(&self.conn);
         let tx = conn.transaction()?;
-        let mut paths = lock(&self.paths);
-        let mut touched: HashSet<Vec<u8>> = HashSet::new();
+        let mut touched: HashSet<i64> = HashSet::new();
         let mut top = None;
         {
             let mut ins = tx.prepare_cached(
-                "INSERT INTO msgs(seq, path, ts, flags, env) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO msgs(seq, kid, pid, tid, ts, flags, env)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for op in ops {
                 match op {
+                    Op::Tenant { tid, key } => {
+                        tx.prepare_cached("INSERT INTO tenants(id, key) VALUES (?1, ?2)")?
+                            .execute(params![tid, key])?;
+                    }
+                    Op::Key { kid, key_id } => {
+                        tx.prepare_cached("INSERT INTO keys(id, key_id) VALUES (?1, ?2)")?
+                            .execute(params![kid, &key_id[..]])?;
+                    }
+                    Op::Path {
+                        pid,
+                        kid,
+                        tid,
+                        path,
+                    } => {
+                        tx.prepare_cached(
+                            "INSERT INTO paths(id, path, kid, tid) VALUES (?1, ?2, ?3, ?4)",
+                        )?
+                        .execute(params![pid, path, kid, tid])?;
+                    }
                     Op::Msg {
                         seq,
-                        path,
+                        pid,
+                        kid,
+                        tid,
                         ts,
                         flags,
                         env,
                     } => {
                         ins.execute(params![
                             *seq as i64,
-                            path,
+                            kid,
+                            pid,
+                            tid,
                             *ts as i64,
                             *flags as i64,
                             &env[..]
                         ])?;
-                        let st = paths.entry(path.clone()).or_insert(PathStat {
-                            count: 0,
-                            bytes: 0,
-                            first_seq: *seq,
-                            last_seq: *seq,
-                            first_ts: *ts,
-                        });
-                        st.count += 1;
-                        st.bytes += env.len() as u64;
-                        st.last_seq = *seq;
-                        if !touched.contains(path) {
-                            touched.insert(path.clone());
-                        }
-                        top = Some(*seq);
+                        touched.insert(*pid);
+                        top = top.max(Some(*seq));
                     }
-                    Op::Retain { path, seq, ts, env } => {
+                    Op::Retain {
+                        pid,
+                        kid,
+                        tid,
+                        seq,
+                        ts,
+                        env,
+                    } => {
                         tx.prepare_cached(
-                            "INSERT INTO retained(path, seq, ts, env) VALUES (?1, ?2, ?3, ?4)
-                             ON CONFLICT(path) DO UPDATE SET seq = excluded.seq,
-                             ts = excluded.ts, env = excluded.env",
+                            "INSERT INTO retained(pid, kid, tid, seq, ts, env)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                             ON CONFLICT(pid) DO UPDATE SET kid = excluded.kid,
+                             tid = excluded.tid, seq = excluded.seq, ts = excluded.ts,
+                             env = excluded.env",
                         )?
                         .execute(params![
-                            path,
+                            pid,
+                            kid,
+                            tid,
                             *seq as i64,
                             *ts as i64,
                             &env[..]
                         ])?;
+                        top = top.max(Some(*seq));
                     }
                     Op::Dedup { pid, seq, ts } => {
                         tx.prepare_cached(
@@ -672,96 +1224,288 @@ impl Shared {
                         key_id,
                         name,
                         floor,
+                        tid,
                     } => {
                         tx.prepare_cached(
-                            "INSERT INTO durables(key_id, name, floor) VALUES (?1, ?2, ?3)
+                            "INSERT INTO durables(key_id, name, floor, tid) VALUES (?1, ?2, ?3, ?4)
                              ON CONFLICT(key_id, name) DO UPDATE SET floor = excluded.floor",
                         )?
                         .execute(params![
                             &key_id[..],
                             name,
-                            *floor as i64
+                            *floor as i64,
+                            tid
                         ])?;
                     }
                 }
             }
         }
-        let cutoff =
-            (sweep && self.cfg.max_age_ms > 0).then(|| now.saturating_sub(self.cfg.max_age_ms));
-        if let Some(c) = cutoff {
-            for (p, st) in paths.iter() {
-                if st.first_ts < c {
-                    touched.insert(p.clone());
+        let mut d = Deltas::default();
+        // Per-path limits, for the paths this batch wrote to.
+        let (max_n, max_b) = (self.cfg.max_messages, self.cfg.max_bytes);
+        if (max_n > 0 || max_b > 0) && !touched.is_empty() {
+            let over: Vec<(i64, u64, u64)> = {
+                let idx = lock(&self.idx);
+                touched
+                    .iter()
+                    .filter_map(|pid| {
+                        let st = idx.paths.get(idx.by_pid.get(pid)?)?;
+                        let o = (max_n > 0 && st.count > max_n) || (max_b > 0 && st.bytes > max_b);
+                        o.then_some((*pid, st.count, st.bytes))
+                    })
+                    .collect()
+            };
+            for (pid, mut count, mut bytes) in over {
+                let mut cut = None;
+                {
+                    let mut sel = tx.prepare_cached(
+                        "SELECT seq, length(env), tid FROM msgs WHERE pid = ?1 ORDER BY seq",
+                    )?;
+                    let mut rows = sel.query(params![pid])?;
+                    while let Some(r) = rows.next()? {
+                        if !((max_n > 0 && count > max_n) || (max_b > 0 && bytes > max_b))
+                            || count == 0
+                        {
+                            break;
+                        }
+                        let seq = r.get::<_, i64>(0)? as u64;
+                        let b = r.get::<_, i64>(1)? as u64;
+                        d.msg(pid, r.get(2)?, seq, b);
+                        count -= 1;
+                        bytes = bytes.saturating_sub(b);
+                        cut = Some(seq);
+                    }
+                }
+                if let Some(cut) = cut {
+                    tx.prepare_cached("DELETE FROM msgs WHERE pid = ?1 AND seq <= ?2")?
+                        .execute(params![pid, cut as i64])?;
                 }
             }
+        }
+        if sweep && self.cfg.max_age_ms > 0 {
+            // Oldest first by sequence, a bounded number of rows per sweep.
+            let cutoff = now.saturating_sub(self.cfg.max_age_ms);
+            let mut cut = None;
+            'chunks: for _ in 0..16 {
+                let from = cut.map_or(0, |c: u64| c + 1) as i64;
+                let mut sel = tx.prepare_cached(
+                    "SELECT seq, pid, tid, ts, length(env) FROM msgs WHERE seq >= ?1
+                     ORDER BY seq LIMIT ?2",
+                )?;
+                let mut rows = sel.query(params![from, SWEEP_CHUNK])?;
+                let mut n = 0;
+                while let Some(r) = rows.next()? {
+                    n += 1;
+                    if (r.get::<_, i64>(3)? as u64) >= cutoff {
+                        break 'chunks;
+                    }
+                    let seq = r.get::<_, i64>(0)? as u64;
+                    d.msg(r.get(1)?, r.get(2)?, seq, r.get::<_, i64>(4)? as u64);
+                    cut = Some(seq);
+                }
+                if n < SWEEP_CHUNK {
+                    break;
+                }
+            }
+            if let Some(cut) = cut {
+                tx.prepare_cached("DELETE FROM msgs WHERE seq <= ?1")?
+                    .execute(params![cut as i64])?;
+            }
+        }
+        if sweep && self.cfg.retained_max_age_ms > 0 {
+            let cutoff = now.saturating_sub(self.cfg.retained_max_age_ms) as i64;
+            {
+                let mut sel = tx.prepare_cached(
+                    "SELECT pid, tid, length(env), seq FROM retained WHERE ts < ?1 LIMIT 65536",
+                )?;
+                let mut rows = sel.query(params![cutoff])?;
+                while let Some(r) = rows.next()? {
+                    d.retained.push((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get::<_, i64>(2)? as u64,
+                        r.get::<_, i64>(3)? as u64,
+                    ));
+                }
+            }
+            let mut del = tx.prepare_cached("DELETE FROM retained WHERE pid = ?1 AND seq = ?2")?;
+            for (pid, _, _, seq) in &d.retained {
+                del.execute(params![pid, *seq as i64])?;
+            }
+        }
+        if sweep {
             tx.prepare_cached("DELETE FROM dedup WHERE ts < ?1")?
                 .execute(params![now.saturating_sub(self.cfg.dedup_window_ms) as i64])?;
         }
+        // Apply the deletions to the counters; forget paths with nothing left.
+        let mut gone: Vec<(i64, Option<i64>)> = Vec::new();
         let mut trimmed = 0;
-        for p in &touched {
-            let Some(st) = paths.get_mut(p) else { continue };
-            trimmed += self.trim(&tx, p, st, cutoff)?;
-            if st.count == 0 {
-                paths.remove(p);
+        if !d.paths.is_empty() || !d.retained.is_empty() {
+            let mut idx = lock(&self.idx);
+            let mut candidates = Vec::new();
+            for (pid, (n, b, first)) in &d.paths {
+                trimmed += n;
+                let Some(path) = idx.by_pid.get(pid).cloned() else {
+                    continue;
+                };
+                if let Some(st) = idx.paths.get_mut(&path) {
+                    st.count = st.count.saturating_sub(*n);
+                    st.bytes = st.bytes.saturating_sub(*b);
+                    st.first_seq = st.first_seq.max(*first);
+                }
+                candidates.push(path);
+            }
+            for (tid, (n, b)) in &d.tenants {
+                let u = idx.usage(*tid);
+                u.msgs = u.msgs.saturating_sub(*n);
+                u.bytes = u.bytes.saturating_sub(*b);
+                idx.total.msgs = idx.total.msgs.saturating_sub(*n);
+                idx.total.bytes = idx.total.bytes.saturating_sub(*b);
+            }
+            for (pid, tid, b, seq) in &d.retained {
+                let Some(path) = idx.by_pid.get(pid).cloned() else {
+                    continue;
+                };
+                let same = idx
+                    .paths
+                    .get(&path)
+                    .and_then(|st| st.retained)
+                    .is_some_and(|(_, _, s)| s == *seq);
+                if same {
+                    if let Some(st) = idx.paths.get_mut(&path) {
+                        st.retained = None;
+                    }
+                    let u = idx.usage(*tid);
+                    u.retained = u.retained.saturating_sub(1);
+                    u.bytes = u.bytes.saturating_sub(*b);
+                    idx.total.retained = idx.total.retained.saturating_sub(1);
+                    idx.total.bytes = idx.total.bytes.saturating_sub(*b);
+                    candidates.push(path);
+                }
+            }
+            for path in candidates {
+                let empty = idx
+                    .paths
+                    .get(&path)
+                    .is_some_and(|st| st.count == 0 && st.retained.is_none());
+                if empty {
+                    if let Some(g) = idx.drop_path(&path) {
+                        gone.push(g);
+                    }
+                }
             }
         }
-        if let Some(top) = top {
-            tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_seq'")?
-                .execute(params![top.max(self.committed.load(Relaxed)).to_string()])?;
+        for (pid, kid) in gone {
+            tx.prepare_cached("DELETE FROM paths WHERE id = ?1")?
+                .execute(params![pid])?;
+            if let Some(kid) = kid {
+                tx.prepare_cached("DELETE FROM keys WHERE id = ?1")?
+                    .execute(params![kid])?;
+            }
         }
+        tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_seq'")?
+            .execute(params![self.last.load(Relaxed).to_string()])?;
         tx.commit()?;
-        drop(paths);
         if trimmed > 0 {
             self.m.trimmed.fetch_add(trimmed, Relaxed);
         }
         Ok(top)
     }
+}
 
-    /// Deletes the oldest messages of one path while it is over a retention limit.
-    fn trim(
-        &self,
-        tx: &rusqlite::Transaction<'_>,
-        path: &[u8],
-        st: &mut PathStat,
-        cutoff: Option<u64>,
-    ) -> rusqlite::Result<u64> {
-        let (max_n, max_b) = (self.cfg.max_messages, self.cfg.max_bytes);
-        let over = |st: &PathStat| {
-            (max_n > 0 && st.count > max_n)
-                || (max_b > 0 && st.bytes > max_b)
-                || cutoff.is_some_and(|c| st.first_ts < c)
-        };
-        if !over(st) {
-            return Ok(0);
+/// What a new write adds to a tenant's (and the total) usage.
+#[derive(Debug, Clone, Copy, Default)]
+struct Need {
+    bytes: u64,
+    msgs: u64,
+    retained: u64,
+    durables: u64,
+    paths: u64,
+}
+
+/// Checks one usage against its limits (0 = unlimited); the first limit hit, if any.
+fn over(u: &Usage, n: &Need, lim: [u64; 5]) -> Option<(&'static str, u64)> {
+    let checks = [
+        ("stored bytes", u.bytes, n.bytes, lim[0]),
+        ("stored messages", u.msgs, n.msgs, lim[1]),
+        ("retained values", u.retained, n.retained, lim[2]),
+        ("durable names", u.durables, n.durables, lim[3]),
+        ("distinct paths", u.paths, n.paths, lim[4]),
+    ];
+    checks
+        .into_iter()
+        .find(|(_, have, add, max)| *max > 0 && *add > 0 && have.saturating_add(*add) > *max)
+        .map(|(what, _, _, max)| (what, max))
+}
+
+impl Shared {
+    /// Refuses a write that would pass a tenant or global limit.
+    fn check_quota(&self, idx: &Index, tid: Option<i64>, n: &Need) -> Result<(), StoreError> {
+        let c = &self.cfg;
+        let tenant = tid
+            .and_then(|t| idx.usage.get(&t).copied())
+            .unwrap_or_default();
+        if let Some((what, max)) = over(
+            &tenant,
+            n,
+            [
+                c.tenant_max_bytes,
+                c.tenant_max_messages,
+                c.tenant_max_retained,
+                c.tenant_max_durables,
+                c.tenant_max_paths,
+            ],
+        ) {
+            self.m.quota_tenant.fetch_add(1, Relaxed);
+            return Err(StoreError::QuotaExceeded(format!(
+                "this tenant's {what} quota ({max}) is reached; wait for retention to free \
+                 space or ask the operator"
+            )));
         }
-        let mut cut = None;
-        let mut n = 0;
-        {
-            let mut sel = tx.prepare_cached(
-                "SELECT seq, ts, length(env) FROM msgs WHERE path = ?1 ORDER BY seq",
-            )?;
-            let mut rows = sel.query(params![path])?;
-            while let Some(r) = rows.next()? {
-                let seq = r.get::<_, i64>(0)? as u64;
-                st.first_seq = seq;
-                st.first_ts = r.get::<_, i64>(1)? as u64;
-                if !over(st) {
-                    break;
-                }
-                st.count -= 1;
-                st.bytes = st.bytes.saturating_sub(r.get::<_, i64>(2)? as u64);
-                cut = Some(seq);
-                n += 1;
-                if st.count == 0 {
-                    break;
-                }
-            }
+        if let Some((what, max)) = over(
+            &idx.total,
+            n,
+            [
+                c.total_max_bytes,
+                c.total_max_messages,
+                c.total_max_retained,
+                c.total_max_durables,
+                c.total_max_paths,
+            ],
+        ) {
+            self.m.quota_global.fetch_add(1, Relaxed);
+            return Err(StoreError::QuotaExceeded(format!(
+                "the relay's total {what} quota ({max}) is reached"
+            )));
         }
-        if let Some(cut) = cut {
-            tx.prepare_cached("DELETE FROM msgs WHERE path = ?1 AND seq <= ?2")?
-                .execute(params![path, cut as i64])?;
+        Ok(())
+    }
+
+    /// The tenant's id, allocating one (and queuing its row) when new.
+    fn tenant_id(idx: &mut Index, tenant: &Tenant, ops: &mut Vec<Op>) -> i64 {
+        let key = tenant.key();
+        if let Some(t) = idx.tenants.get(&key) {
+            return *t;
         }
-        Ok(n)
+        let tid = idx.next_tid;
+        idx.next_tid += 1;
+        idx.tenants.insert(key.clone(), tid);
+        ops.push(Op::Tenant { tid, key });
+        tid
+    }
+
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        match &self.reader {
+            Some(r) => lock(r),
+            None => lock(&self.conn),
+        }
+    }
+
+    fn kid_of(&self, pattern: &TokenPattern) -> Option<i64> {
+        lock(&self.idx)
+            .keys
+            .get(pattern.key_id().as_bytes())
+            .map(|k| k.kid)
     }
 }
 
@@ -780,14 +1524,38 @@ impl Store for SqliteStore {
 
     fn append(&self, m: Append<'_>) -> Result<Accepted, StoreError> {
         let s = &self.shared;
-        if let Some(f) = s.failure() {
-            return Err(StoreError::Unavailable(f));
-        }
-        let now = (s.clock)();
+        let retain = m.flags & pub_flags::RETAIN != 0;
+        let keep = m.qos != Qos::AtMostOnce || s.cfg.store_qos0;
         let dedup_id = match (m.qos, m.publish_id) {
             (Qos::ExactlyOnce, Some(pid)) => Some(pid),
             _ => None,
         };
+        if !keep && !retain && dedup_id.is_none() {
+            // Live only: a sequence, nothing stored, nothing queued.
+            let seq = s.last.load(Relaxed) + 1;
+            s.last.store(seq, Relaxed);
+            let mut q = lock(&s.queue);
+            if q.ops.is_empty() && !q.inflight {
+                s.committed.fetch_max(seq, Relaxed);
+            } else {
+                q.mark = seq;
+            }
+            if seq >= q.persist_at {
+                q.persist = true;
+                q.persist_at = seq + PERSIST_EVERY;
+                drop(q);
+                s.work.notify_one();
+            }
+            s.m.live_only.fetch_add(1, Relaxed);
+            return Ok(Accepted::New(Seq(seq)));
+        }
+        if let Some(d) = s.down() {
+            if matches!(d, Down::Full(_)) {
+                s.m.full.fetch_add(1, Relaxed);
+            }
+            return Err(d.error());
+        }
+        let now = (s.clock)();
         if let Some(pid) = dedup_id {
             let mut d = lock(&s.dedup);
             d.prune(now, s.cfg.dedup_window_ms, s.cfg.dedup_max);
@@ -797,43 +1565,138 @@ impl Store for SqliteStore {
             }
         }
         {
-            let mut q = lock(&s.queue);
-            while q.msgs >= s.cfg.queue && !q.closed {
-                q = s.space.wait(q).unwrap_or_else(|p| p.into_inner());
-                if let Some(f) = s.failure() {
-                    return Err(StoreError::Unavailable(f));
-                }
-            }
+            let q = lock(&s.queue);
             if q.closed {
                 return Err(StoreError::Unavailable("the store is closed".into()));
             }
+            if q.msgs >= s.cfg.queue {
+                s.m.busy.fetch_add(1, Relaxed);
+                return Err(StoreError::Busy(format!(
+                    "{} messages wait for the disk; publish again shortly",
+                    q.msgs
+                )));
+            }
         }
-        let seq = s.last.load(Relaxed) + 1;
-        s.last.store(seq, Relaxed);
         let path = path_bytes(m.path);
         let env = m.envelope.as_bytes().clone();
-        let mut ops = Vec::with_capacity(1);
-        if m.flags & pub_flags::RETAIN != 0 {
-            lock(&s.retained).insert(path.clone(), (seq, m.envelope.clone()));
+        let size = env.len() as u64;
+        let mut ops = Vec::with_capacity(2);
+        let mut idx = lock(&s.idx);
+        let known_tid = idx.tenants.get(&m.tenant.key()).copied();
+        let existing = idx.paths.get(&path).copied();
+        let old_retained = existing.and_then(|p| p.retained);
+        let need = Need {
+            bytes: if keep { size } else { 0 } + if retain { size } else { 0 },
+            msgs: keep as u64,
+            retained: (retain && old_retained.is_none()) as u64,
+            durables: 0,
+            paths: existing.is_none() as u64,
+        };
+        s.check_quota(&idx, known_tid, &need)?;
+        let tid = Shared::tenant_id(&mut idx, m.tenant, &mut ops);
+        let seq = s.last.load(Relaxed) + 1;
+        s.last.store(seq, Relaxed);
+        let (pid, kid) = match existing {
+            Some(st) => (st.pid, st.kid),
+            None => {
+                let key: [u8; 16] = *m.path.key_id().as_bytes();
+                let kid = match idx.keys.get_mut(&key) {
+                    Some(k) => {
+                        k.paths += 1;
+                        k.kid
+                    }
+                    None => {
+                        let kid = idx.next_kid;
+                        idx.next_kid += 1;
+                        idx.keys.insert(key, KeyStat { kid, paths: 1 });
+                        ops.push(Op::Key { kid, key_id: key });
+                        kid
+                    }
+                };
+                let pid = idx.next_pid;
+                idx.next_pid += 1;
+                idx.paths.insert(
+                    path.clone(),
+                    PathStat {
+                        pid,
+                        kid,
+                        owner: tid,
+                        count: 0,
+                        bytes: 0,
+                        first_seq: seq,
+                        last_seq: seq,
+                        retained: None,
+                    },
+                );
+                idx.by_pid.insert(pid, path.clone());
+                idx.usage(tid).paths += 1;
+                idx.total.paths += 1;
+                ops.push(Op::Path {
+                    pid,
+                    kid,
+                    tid,
+                    path: path.clone(),
+                });
+                (pid, kid)
+            }
+        };
+        if retain {
+            if let Some((otid, ob, _)) = old_retained {
+                let u = idx.usage(otid);
+                u.retained = u.retained.saturating_sub(1);
+                u.bytes = u.bytes.saturating_sub(ob);
+                idx.total.retained = idx.total.retained.saturating_sub(1);
+                idx.total.bytes = idx.total.bytes.saturating_sub(ob);
+            }
+            let u = idx.usage(tid);
+            u.retained += 1;
+            u.bytes += size;
+            idx.total.retained += 1;
+            idx.total.bytes += size;
+            if let Some(st) = idx.paths.get_mut(&path) {
+                st.retained = Some((tid, size, seq));
+            }
             ops.push(Op::Retain {
-                path: path.clone(),
+                pid,
+                kid,
+                tid,
                 seq,
                 ts: now,
                 env: env.clone(),
             });
         }
+        if keep {
+            let u = idx.usage(tid);
+            u.msgs += 1;
+            u.bytes += size;
+            idx.total.msgs += 1;
+            idx.total.bytes += size;
+            if let Some(st) = idx.paths.get_mut(&path) {
+                if st.count == 0 {
+                    st.first_seq = seq;
+                }
+                st.count += 1;
+                st.bytes += size;
+                st.last_seq = seq;
+            }
+        }
+        drop(idx);
         if let Some(pid) = dedup_id {
             lock(&s.dedup).insert(pid, seq, now);
             ops.push(Op::Dedup { pid, seq, ts: now });
         }
-        ops.push(Op::Msg {
-            seq,
-            path,
-            ts: now,
-            flags: m.flags,
-            env,
-        });
-        s.push(ops, 1);
+        if keep {
+            ops.push(Op::Msg {
+                seq,
+                pid,
+                kid,
+                tid,
+                ts: now,
+                flags: m.flags,
+                env,
+            });
+        }
+        s.push(ops, keep as usize);
         s.m.appends.fetch_add(1, Relaxed);
         Ok(Accepted::New(Seq(seq)))
     }
@@ -845,13 +1708,20 @@ impl Store for SqliteStore {
     fn when_durable(&self, seq: Seq, done: OnDurable) {
         let s = &self.shared;
         let mut q = lock(&s.queue);
-        if let Some(f) = s.failure() {
+        if s.is_lost(seq.0) {
             drop(q);
-            return done(Err(StoreError::Unavailable(f)));
+            return done(Err(s.down().map_or_else(
+                || StoreError::StorageFull("the message was not stored; publish again".into()),
+                |d| d.error(),
+            )));
         }
         if seq.0 <= s.committed.load(Relaxed) {
             drop(q);
             return done(Ok(()));
+        }
+        if let Some(d) = s.down() {
+            drop(q);
+            return done(Err(d.error()));
         }
         if q.closed {
             drop(q);
@@ -872,19 +1742,24 @@ impl Store for SqliteStore {
         upto: Seq,
     ) -> Result<ReadPlan, StoreError> {
         let err = |e: rusqlite::Error| StoreError::Unavailable(format!("history read: {e}"));
-        let conn = lock(&self.shared.conn);
+        let none = ReadPlan {
+            start: upto.0 + 1,
+            ..ReadPlan::default()
+        };
+        // A key id the store never saw: a map miss, no row is read.
+        let Some(kid) = self.shared.kid_of(pattern) else {
+            return Ok(none);
+        };
         Ok(match replay {
             Replay::FromSeq(s) => ReadPlan {
                 start: s,
                 ..ReadPlan::default()
             },
             Replay::SinceMs(t) => {
+                let conn = self.shared.reader();
                 let first: Option<i64> = conn
-                    .query_row(
-                        "SELECT min(seq) FROM msgs WHERE ts >= ?1",
-                        [t as i64],
-                        |r| r.get(0),
-                    )
+                    .prepare_cached("SELECT min(seq) FROM msgs WHERE kid = ?1 AND ts >= ?2")
+                    .and_then(|mut st| st.query_row(params![kid, t as i64], |r| r.get(0)))
                     .map_err(err)?;
                 ReadPlan {
                     start: first.map_or(upto.0 + 1, |f| f as u64),
@@ -893,23 +1768,32 @@ impl Store for SqliteStore {
                 }
             }
             Replay::LastN(n) => {
-                let candidates: Vec<Vec<u8>> = lock(&self.shared.paths)
-                    .keys()
-                    .filter(|p| path_matches(pattern, p))
-                    .cloned()
-                    .collect();
+                let conn = self.shared.reader();
+                let mut candidates: Vec<(i64, Vec<u8>)> = Vec::new();
+                {
+                    let mut st = conn
+                        .prepare_cached("SELECT id, path FROM paths WHERE kid = ?1")
+                        .map_err(err)?;
+                    let mut rows = st.query(params![kid]).map_err(err)?;
+                    while let Some(r) = rows.next().map_err(err)? {
+                        let p: Vec<u8> = r.get(1).map_err(err)?;
+                        if path_matches(pattern, &p) {
+                            candidates.push((r.get(0).map_err(err)?, p));
+                        }
+                    }
+                }
                 let mut starts = HashMap::new();
                 if n > 0 {
                     let mut st = conn
                         .prepare_cached(
-                            "SELECT seq FROM msgs WHERE path = ?1 AND seq <= ?2
+                            "SELECT seq FROM msgs WHERE pid = ?1 AND seq <= ?2
                              ORDER BY seq DESC LIMIT 1 OFFSET ?3",
                         )
                         .map_err(err)?;
-                    for p in candidates {
+                    for (pid, p) in candidates {
                         let s: Option<i64> = st
                             .query_row(
-                                params![&p, upto.0 as i64, (n - 1).min(i64::MAX as u64) as i64],
+                                params![pid, upto.0 as i64, (n - 1).min(i64::MAX as u64) as i64],
                                 |r| r.get(0),
                             )
                             .optional()
@@ -935,23 +1819,26 @@ impl Store for SqliteStore {
     ) -> Result<ReadChunk, StoreError> {
         let err = |e: rusqlite::Error| StoreError::Unavailable(format!("history read: {e}"));
         let from = from.max(plan.start);
+        let done = ReadChunk {
+            msgs: Vec::new(),
+            next: upto.0 + 1,
+        };
         if from > upto.0 {
-            return Ok(ReadChunk {
-                msgs: Vec::new(),
-                next: upto.0 + 1,
-            });
+            return Ok(done);
         }
-        let conn = lock(&self.shared.conn);
+        let Some(kid) = self.shared.kid_of(pattern) else {
+            return Ok(done);
+        };
+        let conn = self.shared.reader();
         let mut st = conn
             .prepare_cached(
-                "SELECT seq, path, ts, env FROM msgs WHERE seq >= ?1 AND seq <= ?2
-                 ORDER BY seq LIMIT ?3",
+                "SELECT m.seq, p.path, m.ts, m.env FROM msgs m JOIN paths p ON p.id = m.pid
+                 WHERE m.kid = ?1 AND m.seq >= ?2 AND m.seq <= ?3 ORDER BY m.seq LIMIT ?4",
             )
             .map_err(err)?;
         let mut rows = st
-            .query(params![from as i64, upto.0 as i64, READ_CHUNK as i64])
+            .query(params![kid, from as i64, upto.0 as i64, READ_CHUNK as i64])
             .map_err(err)?;
-        let key = pattern.key_id().as_bytes();
         let (mut n, mut last) = (0usize, from);
         let mut msgs = Vec::new();
         while let Some(r) = rows.next().map_err(err)? {
@@ -961,9 +1848,6 @@ impl Store for SqliteStore {
             let path = r.get_ref(1).map_err(err)?.as_blob().map_err(|e| {
                 StoreError::Unavailable(format!("history read: bad path column: {e}"))
             })?;
-            if path.len() < 16 || &path[..16] != key {
-                continue;
-            }
             let ts = r.get::<_, i64>(2).map_err(err)? as u64;
             if !plan.admits(seq, path, ts) || !path_matches(pattern, path) {
                 continue;
@@ -981,46 +1865,98 @@ impl Store for SqliteStore {
                 }
             }
         }
+        self.shared.m.rows_read.fetch_add(n as u64, Relaxed);
         Ok(ReadChunk {
             msgs,
             next: if n < READ_CHUNK { upto.0 + 1 } else { last + 1 },
         })
     }
 
-    fn retained(&self, pattern: &TokenPattern) -> Vec<Stored> {
-        let mut v: Vec<Stored> = lock(&self.shared.retained)
-            .iter()
-            .filter(|(p, _)| path_matches(pattern, p))
-            .map(|(_, (seq, env))| Stored {
-                seq: Seq(*seq),
-                envelope: env.clone(),
-            })
-            .collect();
-        v.sort_by_key(|s| s.seq);
-        v
-    }
-
-    fn durable(&self, key: &DurableKey) -> Option<u64> {
-        lock(&self.shared.durables).get(key).copied()
-    }
-
-    fn set_durable(&self, key: &DurableKey, floor: u64) {
-        let s = &self.shared;
-        {
-            let mut d = lock(&s.durables);
-            if d.get(key) == Some(&floor) {
-                return;
+    fn retained(&self, pattern: &TokenPattern, upto: Seq) -> Result<Vec<Stored>, StoreError> {
+        let err = |e: rusqlite::Error| StoreError::Unavailable(format!("retained read: {e}"));
+        let Some(kid) = self.shared.kid_of(pattern) else {
+            return Ok(Vec::new());
+        };
+        let conn = self.shared.reader();
+        let mut st = conn
+            .prepare_cached(
+                "SELECT r.seq, p.path, r.env FROM retained r JOIN paths p ON p.id = r.pid
+                 WHERE r.kid = ?1 AND r.seq <= ?2 AND r.ts >= ?3 ORDER BY r.seq",
+            )
+            .map_err(err)?;
+        // Expired values are never sent, even before the sweep deleted them.
+        let cutoff = match self.shared.cfg.retained_max_age_ms {
+            0 => 0,
+            age => (self.shared.clock)().saturating_sub(age),
+        };
+        let mut rows = st
+            .query(params![kid, upto.0 as i64, cutoff as i64])
+            .map_err(err)?;
+        let mut v = Vec::new();
+        while let Some(r) = rows.next().map_err(err)? {
+            self.shared.m.rows_read.fetch_add(1, Relaxed);
+            let path: Vec<u8> = r.get(1).map_err(err)?;
+            if !path_matches(pattern, &path) {
+                continue;
             }
-            d.insert(key.clone(), floor);
+            let env: Vec<u8> = r.get(2).map_err(err)?;
+            match Envelope::from_bytes(Bytes::from(env)) {
+                Ok(envelope) => v.push(Stored {
+                    seq: Seq(r.get::<_, i64>(0).map_err(err)? as u64),
+                    envelope,
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping a retained envelope that does not parse")
+                }
+            }
         }
-        s.push(
-            [Op::Durable {
-                key_id: *key.key_id.as_bytes(),
-                name: key.name.clone(),
-                floor,
-            }],
-            0,
-        );
+        Ok(v)
+    }
+
+    fn durable(&self, key: &DurableKey) -> Result<Option<u64>, StoreError> {
+        Ok(lock(&self.shared.idx).durables.get(key).map(|(f, _)| *f))
+    }
+
+    fn set_durable(&self, key: &DurableKey, floor: u64, tenant: &Tenant) -> Result<(), StoreError> {
+        let s = &self.shared;
+        if let Some(d) = s.down() {
+            return Err(d.error());
+        }
+        let mut ops = Vec::with_capacity(2);
+        let tid = {
+            let mut idx = lock(&s.idx);
+            match idx.durables.get(key).copied() {
+                Some((f, _)) if f == floor => return Ok(()),
+                Some((_, tid)) => {
+                    idx.durables.insert(key.clone(), (floor, tid));
+                    tid
+                }
+                None => {
+                    let known = idx.tenants.get(&tenant.key()).copied();
+                    s.check_quota(
+                        &idx,
+                        known,
+                        &Need {
+                            durables: 1,
+                            ..Need::default()
+                        },
+                    )?;
+                    let tid = Shared::tenant_id(&mut idx, tenant, &mut ops);
+                    idx.durables.insert(key.clone(), (floor, tid));
+                    idx.usage(tid).durables += 1;
+                    idx.total.durables += 1;
+                    tid
+                }
+            }
+        };
+        ops.push(Op::Durable {
+            key_id: *key.key_id.as_bytes(),
+            name: key.name.clone(),
+            floor,
+            tid,
+        });
+        s.push(ops, 0);
+        Ok(())
     }
 
     fn status(&self) -> StoreStatus {
@@ -1030,15 +1966,30 @@ impl Store for SqliteStore {
             wal.push("-wal");
             file_size(f) + file_size(Path::new(&wal))
         });
-        let paths = lock(&s.paths);
-        let (messages, bytes) = paths
-            .values()
-            .fold((0, 0), |(m, b), st| (m + st.count, b + st.bytes));
-        let mut top: Vec<_> = paths.iter().collect();
+        // One pass under the index lock with a bounded heap (publishes wait on this lock).
+        let idx = lock(&s.idx);
+        let (mut messages, mut bytes, mut path_count) = (0, 0, 0u64);
+        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<(u64, &Vec<u8>)>> =
+            std::collections::BinaryHeap::with_capacity(101);
+        for (p, st) in &idx.paths {
+            if st.count == 0 {
+                continue;
+            }
+            messages += st.count;
+            bytes += st.bytes;
+            path_count += 1;
+            heap.push(std::cmp::Reverse((st.bytes, p)));
+            if heap.len() > 100 {
+                heap.pop();
+            }
+        }
+        let mut top: Vec<(&Vec<u8>, &PathStat)> = heap
+            .into_iter()
+            .filter_map(|std::cmp::Reverse((_, p))| Some((p, idx.paths.get(p)?)))
+            .collect();
         top.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then_with(|| a.0.cmp(b.0)));
         let list = top
             .into_iter()
-            .take(100)
             .map(|(p, st)| PathStatus {
                 path: hex(p),
                 messages: st.count,
@@ -1047,8 +1998,14 @@ impl Store for SqliteStore {
                 last_seq: st.last_seq,
             })
             .collect();
-        let path_count = paths.len() as u64;
-        drop(paths);
+        let retained = idx.total.retained;
+        let durables = idx.durables.len() as u64;
+        let tenants = idx
+            .usage
+            .values()
+            .filter(|u| **u != Usage::default())
+            .count() as u64;
+        drop(idx);
         StoreStatus {
             kind: s.kind.into(),
             file: s.file.as_ref().map(|f| f.display().to_string()),
@@ -1064,9 +2021,15 @@ impl Store for SqliteStore {
             bytes,
             path_count,
             paths: list,
-            retained: lock(&s.retained).len() as u64,
-            durables: lock(&s.durables).len() as u64,
+            retained,
+            durables,
             dedup_entries: lock(&s.dedup).map.len() as u64,
+            state: match s.down() {
+                None => "ok".into(),
+                Some(Down::Full(_)) => "storage_full".into(),
+                Some(Down::Failed(_)) => "unavailable".into(),
+            },
+            tenants,
         }
     }
 
@@ -1090,6 +2053,14 @@ impl Store for SqliteStore {
             batch_sum: m.batch_sum.load(Relaxed),
             commit_buckets: cumulative(&m.commit),
             commit_seconds_sum: m.commit_nanos.load(Relaxed) as f64 / 1e9,
+            quota_tenant_rejections: m.quota_tenant.load(Relaxed),
+            quota_global_rejections: m.quota_global.load(Relaxed),
+            storage_full_rejections: m.full.load(Relaxed),
+            busy_rejections: m.busy.load(Relaxed),
+            commit_failures: m.commit_failures.load(Relaxed),
+            live_only: m.live_only.load(Relaxed),
+            checkpoints: m.checkpoints.load(Relaxed),
+            rows_read: m.rows_read.load(Relaxed),
         }
     }
 
@@ -1098,8 +2069,16 @@ impl Store for SqliteStore {
             let mut q = lock(&self.shared.queue);
             q.closed = true;
         }
+        self.shared.stop_checkpointer.store(true, Relaxed);
+        {
+            let (m, cv) = &self.shared.checkpoint_wake;
+            *lock(m) = true;
+            cv.notify_all();
+        }
+        if let Some(h) = lock(&self.checkpointer).take() {
+            let _ = h.join();
+        }
         self.shared.work.notify_all();
-        self.shared.space.notify_all();
         if let Some(h) = lock(&self.writer).take() {
             let _ = h.join();
         }
@@ -1127,5 +2106,108 @@ fn path_matches(pattern: &TokenPattern, path: &[u8]) -> bool {
     match tokens.and_then(|t| whispeer_protocol::TokenPath::new(key, t)) {
         Ok(p) => pattern.matches(&p),
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LiveStore;
+
+    fn plan_of(conn: &Connection, sql: &str) -> String {
+        let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows: Vec<String> = st
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        rows.join(" | ")
+    }
+
+    #[test]
+    fn history_retained_and_since_reads_use_the_key_id_indexes() {
+        let conn = Connection::open_in_memory().unwrap();
+        init_schema(&conn).unwrap();
+        let read = plan_of(
+            &conn,
+            "SELECT m.seq, p.path, m.ts, m.env FROM msgs m JOIN paths p ON p.id = m.pid
+             WHERE m.kid = 1 AND m.seq >= 1 AND m.seq <= 9 ORDER BY m.seq LIMIT 10",
+        );
+        assert!(read.contains("USING INDEX msgs_kid"), "{read}");
+        assert!(!read.contains("SCAN m"), "{read}");
+        let since = plan_of(&conn, "SELECT min(seq) FROM msgs WHERE kid = 1 AND ts >= 5");
+        assert!(since.contains("msgs_kid"), "{since}");
+        let retained = plan_of(
+            &conn,
+            "SELECT r.seq, p.path, r.env FROM retained r JOIN paths p ON p.id = r.pid
+             WHERE r.kid = 1 AND r.seq <= 9 AND r.ts >= 0 ORDER BY r.seq",
+        );
+        assert!(retained.contains("retained_kid"), "{retained}");
+        let last_n = plan_of(
+            &conn,
+            "SELECT seq FROM msgs WHERE pid = 1 AND seq <= 9 ORDER BY seq DESC LIMIT 1 OFFSET 2",
+        );
+        assert!(last_n.contains("msgs_pid"), "{last_n}");
+    }
+
+    #[test]
+    fn the_none_store_says_it_keeps_nothing() {
+        let s = LiveStore::new();
+        let p = TokenPattern::new(
+            KeyId::from_bytes([1; 16]),
+            vec![whispeer_protocol::PatternElem::Rest],
+        )
+        .unwrap();
+        assert!(matches!(
+            s.retained(&p, Seq(0)),
+            Err(StoreError::Unsupported(_))
+        ));
+        assert!(matches!(
+            s.plan(&p, Replay::FromSeq(0), Seq(0)),
+            Err(StoreError::Unsupported(_))
+        ));
+        let k = DurableKey {
+            key_id: KeyId::from_bytes([1; 16]),
+            name: "d".into(),
+        };
+        assert!(matches!(s.durable(&k), Err(StoreError::Unsupported(_))));
+        assert!(matches!(
+            s.set_durable(&k, 1, &Tenant::Local),
+            Err(StoreError::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn tenants_fold_v4_mapped_addresses() {
+        let v4: std::net::SocketAddr = "10.1.2.3:5".parse().unwrap();
+        let mapped: std::net::SocketAddr = "[::ffff:10.1.2.3]:6".parse().unwrap();
+        assert_eq!(Tenant::from_peer(Some(v4)), Tenant::from_peer(Some(mapped)));
+        assert_ne!(
+            Tenant::from_peer(Some(v4)).key(),
+            Tenant::from_peer(Some("10.1.2.4:5".parse().unwrap())).key()
+        );
+        assert_eq!(Tenant::from_peer(None), Tenant::Local);
+        assert_ne!(Tenant::Account([0; 32]).key(), Tenant::Local.key());
+    }
+
+    #[test]
+    fn quota_checks_name_the_first_limit_hit() {
+        let u = Usage {
+            bytes: 90,
+            msgs: 9,
+            ..Usage::default()
+        };
+        let n = Need {
+            bytes: 20,
+            msgs: 1,
+            ..Need::default()
+        };
+        assert_eq!(
+            over(&u, &n, [100, 10, 0, 0, 0]),
+            Some(("stored bytes", 100))
+        );
+        assert_eq!(over(&u, &n, [0, 10, 0, 0, 0]), None, "9 + 1 <= 10");
+        assert_eq!(over(&u, &n, [0, 9, 0, 0, 0]), Some(("stored messages", 9)));
+        assert_eq!(over(&u, &n, [0, 0, 0, 0, 0]), None, "0 = unlimited");
     }
 }
