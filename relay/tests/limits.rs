@@ -145,7 +145,7 @@ async fn protocol_order_and_version_errors() {
 
     let mut c = Client::ws(relay.ws()).await;
     c.send(&Frame::Hello(Hello {
-        versions: vec![2, 7],
+        versions: vec![1, 7],
         features: 0,
         client: None,
         auth: None,
@@ -153,7 +153,7 @@ async fn protocol_order_and_version_errors() {
     }))
     .await;
     let e = c.expect_fatal(ErrorCode::UnsupportedVersion).await;
-    assert!(e.message.contains("[2, 7]"), "{}", e.message);
+    assert!(e.message.contains("[1, 7]"), "{}", e.message);
     probe.check("wrong version").await;
 
     let mut c = Client::tcp(relay.tcp()).await;

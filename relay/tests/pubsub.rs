@@ -127,7 +127,7 @@ async fn ping_pong_and_sub_ok_sequence() {
     let relay = TestRelay::start(Config::ephemeral()).await;
     let mut c = Client::ws(relay.ws()).await;
     let w = c.hello().await;
-    assert_eq!(w.version, 1);
+    assert_eq!(w.version, 2);
     assert_eq!(w.max_frame, Config::default().limits.max_frame as u64);
     assert_eq!(w.heartbeat_ms, Config::default().timeouts.heartbeat_ms);
     c.send(&Frame::Ping(Ping { nonce: 42 })).await;
