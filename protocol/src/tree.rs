@@ -544,6 +544,7 @@ fn grant_sig_input(
 
 /// Who vouches for a grant.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // both variants are small; boxing buys nothing here
 enum GrantAuth {
     /// The admin's signature.
     Admin(Signature),
@@ -1209,7 +1210,7 @@ impl FromStr for TreeKey {
 #[non_exhaustive]
 pub enum Upgraded {
     /// A format-1 tree key, converted fully.
-    Tree(TreeKey),
+    Tree(Box<TreeKey>),
     /// Already the current format (returned unchanged).
     Current(Zeroizing<String>),
 }
@@ -1223,7 +1224,7 @@ pub fn upgrade_key_string(s: &str) -> Result<Upgraded, KeyError> {
     if lower.starts_with("wstree1") {
         let b = Zeroizing::new(text::decode(hrp::TREE, s)?);
         return match b.first() {
-            Some(&FORMAT_V1) => Ok(Upgraded::Tree(TreeKey::from_v1_bytes(&b)?)),
+            Some(&FORMAT_V1) => Ok(Upgraded::Tree(Box::new(TreeKey::from_v1_bytes(&b)?))),
             _ => {
                 TreeKey::from_key_string(s)?;
                 Ok(Upgraded::Current(Zeroizing::new(s.trim().to_owned())))

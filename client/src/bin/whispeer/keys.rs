@@ -270,7 +270,12 @@ pub fn key(c: KeyCommand) -> Result<ExitCode> {
                     )
                 })?),
             };
-            let g = narrow(&k, by.as_ref(), scope.path.as_deref(), scope.topic.as_deref())?;
+            let g = narrow(
+                &k,
+                by.as_ref(),
+                scope.path.as_deref(),
+                scope.topic.as_deref(),
+            )?;
             out.emit(&g.to_key_string())?;
         }
         KeyCommand::Upgrade { key, src, out } => {
