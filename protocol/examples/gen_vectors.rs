@@ -161,7 +161,92 @@ fn reseal_body(env: &Envelope, topic: &str, f: impl FnOnce(&mut Vec<u8>)) -> Vec
     out
 }
 
+/// `gen_vectors --spec`: prints the values of the worked examples in PROTOCOL.md §4.12 and
+/// §5.12 instead of writing vectors.
+fn spec_examples() {
+    let tk = TreeKey::from_parts(
+        TreeId(core::array::from_fn(|i| i as u8)),
+        0,
+        "home",
+        [0x11; 32],
+        [0x22; 32],
+    )
+    .unwrap();
+    let ek = tk.cert().keys().clone();
+    println!("key_id {}", hx(ek.key_id().as_bytes()));
+    println!("admin {}", hx(&tk.admin().to_bytes()));
+    let topic = t("sensor/kitchen/temp");
+    let mut kr = Keyring::new();
+    kr.add_tree_key(&tk, 0).unwrap();
+    let key = kr.topic_key(&topic).unwrap();
+    let id = Identity::from_seeds(&[0x33; 32], &[0x34; 32]);
+    let payload = hex::decode("a16474656d70f94d60").unwrap();
+    let out = Outgoing {
+        payload: &payload,
+        content_type: "application/cbor",
+        msg_id: MessageId([0x55; 16]),
+        ts_ms: 1_700_000_000_000,
+    };
+    let nonce = hex::decode("7848b5d711bc9883996317a3f9c90269d56771005d540a19").unwrap();
+    let env = Sealer::new()
+        .seal(
+            &key,
+            &out,
+            &SealOptions {
+                compression: Compression::None,
+                padding: Padding::Padme,
+            },
+            Some(&id),
+            &mut FixedRng::new(&nonce),
+        )
+        .unwrap();
+    let b = env.as_bytes();
+    println!("envelope_len {}", b.len());
+    println!("envelope {}", hx(b));
+    let hl = env.header().len();
+    println!("sealed_name {}", hx(env.sealed_name()));
+    println!("body_ct {}", hx(&b[hl..b.len() - 16]));
+    println!("body_tag {}", hx(&b[b.len() - 16..]));
+    let g = tk.grant_all();
+    let mk = g.message_key(&topic).unwrap();
+    let mut x = [0u8; 64];
+    xof(mk.as_bytes(), tag::BODY, &[env.nonce()], &mut x);
+    let cipher = XChaCha20Poly1305::new((&x[..32]).into());
+    let ct = env.ciphertext();
+    let (c, tg) = ct.split_at(ct.len() - TAG_LEN);
+    let mut body = c.to_vec();
+    cipher
+        .decrypt_in_place_detached(
+            XNonce::from_slice(env.nonce()),
+            env.header(),
+            &mut body,
+            Tag::from_slice(tg),
+        )
+        .unwrap();
+    println!("sig {}", hx(&body[33..97]));
+    let mut m = b"whispeer/v2/msg-sig\0".to_vec();
+    m.extend_from_slice(&tk.tree_id().0);
+    m.extend_from_slice(&0u64.to_be_bytes());
+    m.extend_from_slice(&(topic.as_str().len() as u16).to_be_bytes());
+    m.extend_from_slice(topic.as_str().as_bytes());
+    m.extend_from_slice(&[0x55; 16]);
+    m.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+    m.extend_from_slice(&16u16.to_be_bytes());
+    m.extend_from_slice(b"application/cbor");
+    m.push(0);
+    m.push(1);
+    m.extend_from_slice(blake3::hash(&payload).as_bytes());
+    println!("sig_input_len {}", m.len());
+    println!("sig_input {}", hx(&m));
+    println!("grant_all {}", g.to_key_string().as_str());
+    println!("grant_commit_all {}", hx(&g.key_commitment()));
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "--spec") {
+        spec_examples();
+        return;
+    }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
     std::fs::create_dir_all(&dir).unwrap();
     for e in std::fs::read_dir(&dir).unwrap() {
