@@ -814,4 +814,51 @@ mod tests {
             1 << 20
         );
     }
+
+    #[test]
+    fn reserved_batch_signature_scheme_is_refused() {
+        assert_eq!(
+            SignatureScheme::from_byte(2),
+            Err(KeyError::UnsupportedSignatureScheme(2))
+        );
+        assert_eq!(
+            SignatureScheme::from_byte(9),
+            Err(KeyError::UnsupportedSignatureScheme(9))
+        );
+        assert_eq!(SignatureScheme::from_byte(1), Ok(SignatureScheme::Ed25519));
+        assert_eq!(SignatureScheme::from_byte(0), Ok(SignatureScheme::None));
+        // A validly encrypted body that claims scheme 2 does not open.
+        let (mut rng, tk, kr, _id) = setup();
+        let topic = Topic::new("a").unwrap();
+        let key = kr.topic_key(&topic).unwrap();
+        let env = Sealer::new()
+            .seal(&key, &msg(b"x"), &SealOptions::default(), None, &mut rng)
+            .unwrap();
+        let mut opener = Opener::new();
+        assert!(opener.open(&kr, &env, 0).is_ok());
+        let mk = tk.grant_all().message_key(&topic).unwrap();
+        let (bk, _) = body_keys(&mk, env.nonce());
+        let cipher = XChaCha20Poly1305::new(bk.as_ref().into());
+        let ct = env.ciphertext();
+        let (c, tg) = ct.split_at(ct.len() - TAG_LEN);
+        let mut body = c.to_vec();
+        cipher
+            .decrypt_in_place_detached(
+                XNonce::from_slice(env.nonce()),
+                env.header(),
+                &mut body,
+                Tag::from_slice(tg),
+            )
+            .unwrap();
+        assert_eq!(body[0], SIG_NONE);
+        body[0] = SIG_BATCH;
+        let tag = cipher
+            .encrypt_in_place_detached(XNonce::from_slice(env.nonce()), env.header(), &mut body)
+            .unwrap();
+        let mut b = env.header().to_vec();
+        b.extend_from_slice(&body);
+        b.extend_from_slice(&tag);
+        let e = Envelope::from_slice(&b).unwrap();
+        assert_eq!(opener.open(&kr, &e, 0), Err(OpenError));
+    }
 }
