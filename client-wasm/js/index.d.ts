@@ -90,6 +90,8 @@ export class TreeKey {
   toKeyString(): string;
   /** A grant: `'#'` (default) the whole tree, `'a/#'` a subtree, `'a/b'` one topic. */
   grant(scope?: string): Grant;
+  /** The next epoch; earlier-epoch messages dated from now on are refused by its holders.
+   *  Throws for a passphrase tree. */
   rotate(): TreeKey;
   readonly name: string;
   readonly epoch: number;
@@ -103,8 +105,9 @@ export class Grant {
   /** From a `wskey1…` string. */
   static fromKeyString(s: string): Grant;
   toKeyString(): string;
-  /** A narrower grant inside this one's scope (`'a/b/#'` or `'a/b'`). */
-  narrow(scope: string): Grant;
+  /** A narrower grant inside this one's scope (`'a/b/#'` or `'a/b'`), signed by `by` as its
+   *  narrower (receivers that cannot re-derive it treat it as delegated by `by`). */
+  narrow(scope: string, by: Identity): Grant;
   readonly scope: string;
   readonly treeName: string;
   readonly epoch: number;

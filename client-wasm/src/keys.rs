@@ -140,11 +140,13 @@ impl TreeKey {
         })
     }
 
-    /// The next epoch: a fresh root, same tree and admin.
-    pub fn rotate(&self) -> TreeKey {
-        TreeKey {
-            inner: self.inner.rotate(&mut Rng),
-        }
+    /// The next epoch: a fresh root, same tree and admin. Messages of earlier epochs dated
+    /// from now on are refused by receivers holding the new epoch (the rotation cutoff).
+    /// Throws for a passphrase tree (only epoch 0: choose a new passphrase instead).
+    pub fn rotate(&self) -> Result<TreeKey, JsValue> {
+        Ok(TreeKey {
+            inner: self.inner.rotate(now_ms(), &mut Rng).map_err(key_error)?,
+        })
     }
 
     /// The tree's display name.
@@ -189,12 +191,13 @@ impl Grant {
         self.inner.to_key_string().to_string()
     }
 
-    /// A narrower grant (`a/b/#` or `a/b`) inside this one's scope.
-    pub fn narrow(&self, scope: &str) -> Result<Grant, JsValue> {
+    /// A narrower grant (`a/b/#` or `a/b`) inside this one's scope, signed by `by` as its
+    /// narrower (receivers that cannot re-derive it treat it as delegated by `by`).
+    pub fn narrow(&self, scope: &str, by: &Identity) -> Result<Grant, JsValue> {
         let inner = match parse_scope(scope)? {
             p::Scope::Tree => self.inner.clone(),
-            p::Scope::Subtree(t) => self.inner.narrow(&t, false).map_err(key_error)?,
-            p::Scope::Topic(t) => self.inner.narrow(&t, true).map_err(key_error)?,
+            p::Scope::Subtree(t) => self.inner.narrow(&t, false, &by.inner).map_err(key_error)?,
+            p::Scope::Topic(t) => self.inner.narrow(&t, true, &by.inner).map_err(key_error)?,
         };
         Ok(Grant { inner })
     }

@@ -313,21 +313,47 @@ fn key_derive_narrows_and_cannot_widen() {
     assert_eq!(d["scope"], "sensor/kitchen/#");
     assert_eq!(d["scope_kind"], "subtree");
     assert_eq!(d["key_id"], tree_id, "same tree and epoch");
+    assert_eq!(d["provenance"], "admin-signed", "derived from the tree key");
+    // Narrowing a grant records who narrowed it: an identity is needed.
+    let e = fails(
+        run_with(
+            &["key", "derive", "--topic", "sensor/kitchen/temp"],
+            "",
+            &[("WHISPEER_KEY", &kitchen)],
+        ),
+        1,
+    );
+    assert!(e.contains("records who narrowed it"), "{e}");
+    let me = ok(run(&["keygen"]));
+    let me_sender = ok(run_with(
+        &["id", "--json"],
+        "",
+        &[("WHISPEER_IDENTITY", &me)],
+    ));
+    let me_sender: serde_json::Value = serde_json::from_str(&me_sender).unwrap();
     // A single topic below it, from the grant (via the env var).
     let temp = ok(run_with(
         &["key", "derive", "--topic", "sensor/kitchen/temp"],
         "",
-        &[("WHISPEER_KEY", &kitchen)],
+        &[("WHISPEER_KEY", &kitchen), ("WHISPEER_IDENTITY", &me)],
     ));
     let d = show(&temp);
     assert_eq!(d["scope"], "sensor/kitchen/temp");
     assert_eq!(d["scope_kind"], "topic");
+    assert_eq!(d["narrowed_from"], "sensor/kitchen/#");
+    assert_eq!(
+        d["provenance"],
+        format!(
+            "narrowed by {} (delegated)",
+            me_sender["sender_id"].as_str().unwrap()
+        )
+    );
     // Siblings and parents are out of reach.
     let e = fails(
         run_with(
             &["key", "derive", "-", "--path", "sensor/garage"],
             &kitchen,
-            &[],
+            &[("WHISPEER_IDENTITY", &me)],
         ),
         1,
     );
@@ -342,6 +368,36 @@ fn key_derive_narrows_and_cannot_widen() {
         2,
     );
     fails(run_with(&["key", "derive", "-"], &tree, &[]), 2);
+}
+
+#[test]
+fn key_upgrade_converts_v1_tree_keys_and_explains_grants() {
+    use whispeer::protocol::text::{encode, hrp};
+    // A format-1 tree key: 0x01 ‖ tree_id ‖ u64be(epoch) ‖ root ‖ admin seed ‖ lp(name).
+    let mut v1 = vec![1u8];
+    v1.extend_from_slice(&[0x11; 16]);
+    v1.extend_from_slice(&2u64.to_be_bytes());
+    v1.extend_from_slice(&[0x22; 32]);
+    v1.extend_from_slice(&[0x33; 32]);
+    v1.extend_from_slice(&4u16.to_be_bytes());
+    v1.extend_from_slice(b"home");
+    let old = encode(hrp::TREE, &v1);
+    // The old string is refused with a pointer to the upgrade.
+    let e = fails(run_with(&["key", "show", "-"], &old, &[]), 1);
+    assert!(e.contains("whispeer key upgrade"), "{e}");
+    let new = ok(run_with(&["key", "upgrade", "-"], &old, &[]));
+    assert!(new.starts_with("wstree1"));
+    let d = show(&new);
+    assert_eq!(d["epoch"], 2);
+    assert_eq!(d["tree"], "home");
+    assert_eq!(d["tree_id"], "11".repeat(16));
+    // A current string passes through unchanged.
+    assert_eq!(ok(run_with(&["key", "upgrade", "-"], &new, &[])), new);
+    // A format-1 grant cannot become admin-signed: say so and what to do.
+    let g1 = encode(hrp::GRANT, &[1u8, 0, 0, 0]);
+    let e = fails(run_with(&["key", "upgrade", "-"], &g1, &[]), 1);
+    assert!(e.contains("cannot be upgraded"), "{e}");
+    assert!(e.contains("ask the tree admin"), "{e}");
 }
 
 #[test]

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use whispeer_protocol::codec::write_prefixed;
 use whispeer_protocol::envelope_header::{OFF_N, TAG_LEN};
 use whispeer_protocol::frame::*;
-use whispeer_protocol::kdf::{tag, xof};
+use whispeer_protocol::kdf::{kh, tag, xof};
 use whispeer_protocol::*;
 
 const NOW: u64 = 1_700_000_000_000;
@@ -95,6 +95,7 @@ fn seal_case(rng: &mut impl RngCore, c: &Case<'_>) -> (Envelope, Value) {
         "keys": [{"key": tk.to_key_string().as_str(), "added_ms": 0}],
         "grace_ms": keyring::DEFAULT_EPOCH_GRACE_MS,
         "now_ms": NOW,
+        "live": true,
         "seal": {
             "topic": c.topic,
             "content_type": c.content_type,
@@ -116,6 +117,7 @@ fn seal_case(rng: &mut impl RngCore, c: &Case<'_>) -> (Envelope, Value) {
             "payload": hx(&c.payload),
             "tree_id": tk.tree_id().to_string(),
             "epoch": 0,
+            "provenance": "admin-signed",
         },
     });
     (env, v)
@@ -159,7 +161,92 @@ fn reseal_body(env: &Envelope, topic: &str, f: impl FnOnce(&mut Vec<u8>)) -> Vec
     out
 }
 
+/// `gen_vectors --spec`: prints the values of the worked examples in PROTOCOL.md §4.12 and
+/// §5.12 instead of writing vectors.
+fn spec_examples() {
+    let tk = TreeKey::from_parts(
+        TreeId(core::array::from_fn(|i| i as u8)),
+        0,
+        "home",
+        [0x11; 32],
+        [0x22; 32],
+    )
+    .unwrap();
+    let ek = tk.cert().keys().clone();
+    println!("key_id {}", hx(ek.key_id().as_bytes()));
+    println!("admin {}", hx(&tk.admin().to_bytes()));
+    let topic = t("sensor/kitchen/temp");
+    let mut kr = Keyring::new();
+    kr.add_tree_key(&tk, 0).unwrap();
+    let key = kr.topic_key(&topic).unwrap();
+    let id = Identity::from_seeds(&[0x33; 32], &[0x34; 32]);
+    let payload = hex::decode("a16474656d70f94d60").unwrap();
+    let out = Outgoing {
+        payload: &payload,
+        content_type: "application/cbor",
+        msg_id: MessageId([0x55; 16]),
+        ts_ms: 1_700_000_000_000,
+    };
+    let nonce = hex::decode("7848b5d711bc9883996317a3f9c90269d56771005d540a19").unwrap();
+    let env = Sealer::new()
+        .seal(
+            &key,
+            &out,
+            &SealOptions {
+                compression: Compression::None,
+                padding: Padding::Padme,
+            },
+            Some(&id),
+            &mut FixedRng::new(&nonce),
+        )
+        .unwrap();
+    let b = env.as_bytes();
+    println!("envelope_len {}", b.len());
+    println!("envelope {}", hx(b));
+    let hl = env.header().len();
+    println!("sealed_name {}", hx(env.sealed_name()));
+    println!("body_ct {}", hx(&b[hl..b.len() - 16]));
+    println!("body_tag {}", hx(&b[b.len() - 16..]));
+    let g = tk.grant_all();
+    let mk = g.message_key(&topic).unwrap();
+    let mut x = [0u8; 64];
+    xof(mk.as_bytes(), tag::BODY, &[env.nonce()], &mut x);
+    let cipher = XChaCha20Poly1305::new((&x[..32]).into());
+    let ct = env.ciphertext();
+    let (c, tg) = ct.split_at(ct.len() - TAG_LEN);
+    let mut body = c.to_vec();
+    cipher
+        .decrypt_in_place_detached(
+            XNonce::from_slice(env.nonce()),
+            env.header(),
+            &mut body,
+            Tag::from_slice(tg),
+        )
+        .unwrap();
+    println!("sig {}", hx(&body[33..97]));
+    let mut m = b"whispeer/v2/msg-sig\0".to_vec();
+    m.extend_from_slice(&tk.tree_id().0);
+    m.extend_from_slice(&0u64.to_be_bytes());
+    m.extend_from_slice(&(topic.as_str().len() as u16).to_be_bytes());
+    m.extend_from_slice(topic.as_str().as_bytes());
+    m.extend_from_slice(&[0x55; 16]);
+    m.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+    m.extend_from_slice(&16u16.to_be_bytes());
+    m.extend_from_slice(b"application/cbor");
+    m.push(0);
+    m.push(1);
+    m.extend_from_slice(blake3::hash(&payload).as_bytes());
+    println!("sig_input_len {}", m.len());
+    println!("sig_input {}", hx(&m));
+    println!("grant_all {}", g.to_key_string().as_str());
+    println!("grant_commit_all {}", hx(&g.key_commitment()));
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "--spec") {
+        spec_examples();
+        return;
+    }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
     std::fs::create_dir_all(&dir).unwrap();
     for e in std::fs::read_dir(&dir).unwrap() {
@@ -225,6 +312,32 @@ fn main() {
                 "tree_key": pt.to_key_string().as_str(),
                 "key_id": hx(pt.cert().keys().key_id().as_bytes()),
                 "admin": pt.admin().to_string(),
+            },
+        }),
+    );
+    let rp = PassphraseParams {
+        m_kib: 1024,
+        t: 1,
+        p: 1,
+    };
+    let rt =
+        TreeKey::from_passphrase_in_realm("family", "acme", b"correct horse battery staple", rp)
+            .unwrap();
+    write(
+        &dir,
+        "ok_passphrase_realm",
+        json!({
+            "kind": "passphrase",
+            "description": "the same name and passphrase in the realm 'acme' (small Argon2id parameters)",
+            "tree_name": "family",
+            "realm": "acme",
+            "passphrase": "correct horse battery staple",
+            "params": {"m_kib": rp.m_kib, "t": rp.t, "p": rp.p},
+            "expect": {
+                "tree_id": rt.tree_id().to_string(),
+                "tree_key": rt.to_key_string().as_str(),
+                "key_id": hx(rt.cert().keys().key_id().as_bytes()),
+                "admin": rt.admin().to_string(),
             },
         }),
     );
@@ -449,7 +562,7 @@ fn main() {
     let mut v = bv.clone();
     v["keys"] = json!([
         {"key": tree(0, 0x22).to_key_string().as_str(), "added_ms": 0},
-        {"key": tree(1, 0x24).to_key_string().as_str(), "added_ms": NOW - 10_000},
+        {"key": tree(1, 0x24).with_prev_cutoff(NOW + 1).to_key_string().as_str(), "added_ms": NOW - 10_000},
     ]);
     v["grace_ms"] = json!(5_000);
     fail_env(
@@ -462,7 +575,7 @@ fn main() {
     let mut v = bv.clone();
     v["keys"] = json!([
         {"key": tree(0, 0x22).to_key_string().as_str(), "added_ms": 0},
-        {"key": tree(1, 0x24).to_key_string().as_str(), "added_ms": NOW - 1_000},
+        {"key": tree(1, 0x24).with_prev_cutoff(NOW + 1).to_key_string().as_str(), "added_ms": NOW - 1_000},
     ]);
     v["grace_ms"] = json!(5_000);
     v["description"] =
@@ -667,11 +780,11 @@ fn main() {
     );
     fail_frame(
         "fail_frame_pub_bad_envelope",
-        "Pub whose envelope has version 2",
-        "unsupported envelope version 2",
+        "Pub whose envelope has version 1 (the format before the trusted-key change)",
+        "unsupported envelope version 1",
         {
             let mut bad = e.clone();
-            bad[0] = 2;
+            bad[0] = 1;
             let mut b = Vec::new();
             b.extend_from_slice(&[0xa3, 0x00, 0x06, 0x01, 0x59]);
             b.extend_from_slice(&(bad.len() as u16).to_be_bytes());
@@ -719,6 +832,9 @@ fn main() {
         },
     );
     let _ = Bytes::new();
+
+    // --- Trust (issue 9): each attack refused ---
+    trust_vectors(&dir, &tk, &env, &bv);
 
     // --- Invites ---
     let bob = Identity::from_seeds(&[0x66; 32], &[0x77; 32]);
@@ -779,6 +895,362 @@ fn main() {
 
     let count = std::fs::read_dir(&dir).unwrap().count();
     println!("wrote {count} vectors to {}", dir.display());
+}
+
+/// The fields of a grant written by hand from PROTOCOL.md §5.7 and §6.3 (not through the
+/// library), so the generator can write what an attacker would: any key, any flags, any
+/// signer. `main` checks it reproduces the library's bytes for honest input.
+#[derive(Clone, Copy)]
+struct RawGrant<'a> {
+    tree_id: [u8; 16],
+    epoch: u64,
+    flags: u8,
+    name: &'a str,
+    admin_seed: [u8; 32],
+    r: [u8; 32],
+    n: [u8; 32],
+    prev_cutoff_ms: u64,
+    not_after_ms: u64,
+    scope: (u8, &'a str),
+    key: [u8; 32],
+    /// `None`: admin-signed; `Some((parent, narrower seed))`: narrowed.
+    narrowed: Option<((u8, &'a str), [u8; 32])>,
+}
+
+fn put_lp(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+impl RawGrant<'_> {
+    fn epoch_keys(tree_id: [u8; 16], epoch: u64, root: [u8; 32]) -> ([u8; 32], [u8; 32], [u8; 32]) {
+        let b = kh(&root, tag::BASE, &[&tree_id, &epoch.to_be_bytes()]);
+        let r = *kh(b.as_bytes(), tag::ROUTING, &[]).as_bytes();
+        let n = *kh(b.as_bytes(), tag::NAME, &[]).as_bytes();
+        let s = *kh(b.as_bytes(), tag::SUBTREE_ROOT, &[]).as_bytes();
+        (r, n, s)
+    }
+    fn key_string(&self) -> String {
+        use ed25519_dalek::{Signer, SigningKey};
+        let admin = SigningKey::from_bytes(&self.admin_seed);
+        let mut cert = Vec::new();
+        cert.extend_from_slice(&self.tree_id);
+        cert.extend_from_slice(&self.epoch.to_be_bytes());
+        cert.push(self.flags);
+        put_lp(&mut cert, self.name.as_bytes());
+        cert.extend_from_slice(admin.verifying_key().as_bytes());
+        cert.extend_from_slice(&self.r);
+        cert.extend_from_slice(&self.n);
+        cert.extend_from_slice(&self.prev_cutoff_ms.to_be_bytes());
+        cert.extend_from_slice(&self.not_after_ms.to_be_bytes());
+        let mut m = b"whispeer/v2/epoch-cert\0".to_vec();
+        m.extend_from_slice(&cert);
+        let cert_sig = admin.sign(&m);
+        let commit = kh(&self.key, tag::GRANT_COMMIT, &[]);
+        let mut fields = Vec::new();
+        fields.extend_from_slice(&self.tree_id);
+        fields.extend_from_slice(&self.epoch.to_be_bytes());
+        fields.push(self.scope.0);
+        put_lp(&mut fields, self.scope.1.as_bytes());
+        fields.extend_from_slice(commit.as_bytes());
+        let mut out = vec![2u8];
+        out.extend_from_slice(&cert);
+        out.extend_from_slice(&cert_sig.to_bytes());
+        out.push(self.scope.0);
+        put_lp(&mut out, self.scope.1.as_bytes());
+        out.extend_from_slice(&self.key);
+        match self.narrowed {
+            None => {
+                let mut m = b"whispeer/v2/grant\0".to_vec();
+                m.extend_from_slice(&fields);
+                out.push(1);
+                out.extend_from_slice(&admin.sign(&m).to_bytes());
+            }
+            Some(((pk, pp), by_seed)) => {
+                let by = SigningKey::from_bytes(&by_seed);
+                let mut m = b"whispeer/v2/grant-narrow\0".to_vec();
+                m.extend_from_slice(&fields);
+                m.push(pk);
+                put_lp(&mut m, pp.as_bytes());
+                out.push(2);
+                out.push(pk);
+                put_lp(&mut out, pp.as_bytes());
+                out.extend_from_slice(by.verifying_key().as_bytes());
+                out.extend_from_slice(&by.sign(&m).to_bytes());
+            }
+        }
+        whispeer_protocol::text::encode(whispeer_protocol::text::hrp::GRANT, &out)
+    }
+}
+
+fn keyring_vector(
+    dir: &Path,
+    name: &str,
+    what: &str,
+    steps: Vec<Value>,
+    expect: Value,
+    reason: Option<&str>,
+) {
+    let mut v = json!({"kind": "keyring", "description": what, "grace_ms": keyring::DEFAULT_EPOCH_GRACE_MS, "steps": steps, "expect": expect});
+    if let Some(r) = reason {
+        v["reason"] = json!(r);
+    }
+    write(dir, name, v);
+}
+
+fn trust_vectors(dir: &Path, tk: &TreeKey, env: &Envelope, bv: &Value) {
+    let tree_id = [0x11; 16];
+    let (r, n, s_root) = RawGrant::epoch_keys(tree_id, 0, [0x22; 32]);
+    let honest = RawGrant {
+        tree_id,
+        epoch: 0,
+        flags: 0,
+        name: "home",
+        admin_seed: [0x33; 32],
+        r,
+        n,
+        prev_cutoff_ms: 0,
+        not_after_ms: u64::MAX,
+        scope: (0, ""),
+        key: s_root,
+        narrowed: None,
+    };
+    // The hand-written layout is the library's layout.
+    assert_eq!(honest.key_string(), tk.grant_all().to_key_string().as_str());
+    let alice_seed = [0x44; 32];
+    let sensor = tk.grant(&Scope::Subtree(t("sensor")));
+    let honest_narrow = sensor
+        .narrow(&t("sensor/kitchen/temp"), true, &alice())
+        .unwrap();
+    let forged = RawGrant {
+        scope: (2, "sensor/kitchen/temp"),
+        key: [0x66; 32],
+        narrowed: Some(((1, "sensor"), alice_seed)),
+        ..RawGrant {
+            ..honest_ref(&honest)
+        }
+    };
+    let step = |k: &str, g: &str, at: u64| json!({k: g, "added_ms": at});
+    keyring_vector(
+        dir,
+        "fail_keyring_forged_topic_grant_under_subtree",
+        "holding the admin-signed sensor/#, a member's exact-topic grant for sensor/kitchen/temp with a key she chose (validly signed by her) is refused",
+        vec![step("grant", &sensor.to_key_string(), 0), step("grant", &forged.key_string(), 1)],
+        json!("error"),
+        Some("contradicts the key derived from the held grant for 'sensor/#'"),
+    );
+    keyring_vector(
+        dir,
+        "ok_keyring_narrowed_grant_derived",
+        "an honest narrowing by alice of a held admin-signed grant is derived and checked",
+        vec![
+            step("grant", &sensor.to_key_string(), 0),
+            step("grant", &honest_narrow.to_key_string(), 1),
+        ],
+        json!({"held": [
+            {"scope": "sensor/#", "provenance": "admin-signed"},
+            {"scope": "sensor/kitchen/temp", "provenance": "derived from 'sensor/#'"},
+        ]}),
+        None,
+    );
+    keyring_vector(
+        dir,
+        "ok_keyring_delegated_grant",
+        "a narrowed grant nothing held can confirm is delegated by its narrower",
+        vec![step("grant", &honest_narrow.to_key_string(), 0)],
+        json!({"held": [
+            {"scope": "sensor/kitchen/temp", "provenance": format!("delegated by {}", alice().sender_id())},
+        ]}),
+        None,
+    );
+    keyring_vector(
+        dir,
+        "ok_keyring_forged_grant_dropped_by_verified_broader",
+        "a forged delegated grant held first is dropped when the admin-signed sensor/# arrives",
+        vec![
+            step("grant", &forged.key_string(), 0),
+            step("grant", &sensor.to_key_string(), 1),
+        ],
+        json!({"held": [{"scope": "sensor/#", "provenance": "admin-signed"}]}),
+        None,
+    );
+    // A second tree copying R and N.
+    let copy_same_id = RawGrant {
+        admin_seed: [0x35; 32],
+        ..honest_ref(&honest)
+    };
+    keyring_vector(
+        dir,
+        "fail_keyring_second_tree_claims_key_id",
+        "a certificate copying the tree id, R and N under another admin cannot take the key id",
+        vec![
+            step("key", &tk.to_key_string(), 0),
+            step("grant", &copy_same_id.key_string(), 1),
+        ],
+        json!("error"),
+        Some("signed by a different admin"),
+    );
+    let copy_other_id = RawGrant {
+        tree_id: [0x12; 16],
+        admin_seed: [0x35; 32],
+        ..honest_ref(&honest)
+    };
+    let mut v = bv.clone();
+    v["keys"] = json!([
+        {"key": tk.to_key_string().as_str(), "added_ms": 0},
+        {"grant": copy_other_id.key_string(), "added_ms": 1},
+    ]);
+    v["description"] = json!("another tree copying R and N gets another key id: the envelope still opens as the first tree's");
+    v.as_object_mut().unwrap().remove("seal");
+    write(dir, "ok_envelope_second_tree_copying_rn", v);
+    // A grant with a bad admin signature (valid checksum).
+    let mut raw = whispeer_protocol::text::decode(
+        whispeer_protocol::text::hrp::GRANT,
+        &sensor.to_key_string(),
+    )
+    .unwrap();
+    *raw.last_mut().unwrap() ^= 1;
+    let bad = whispeer_protocol::text::encode(whispeer_protocol::text::hrp::GRANT, &raw);
+    keyring_vector(
+        dir,
+        "fail_keyring_grant_bad_admin_signature",
+        "an admin-signed grant whose signature does not verify",
+        vec![step("grant", &bad, 0)],
+        json!("error"),
+        Some("bad signature on grant (admin)"),
+    );
+    // An epoch signed by a non-admin.
+    let other_admin = TreeKey::from_parts(TreeId(tree_id), 1, "home", [0x24; 32], [0x35; 32])
+        .unwrap()
+        .with_prev_cutoff(NOW);
+    keyring_vector(
+        dir,
+        "fail_keyring_epoch_signed_by_non_admin",
+        "epoch 1 of the tree signed by another key than the pinned admin",
+        vec![
+            step("key", &tk.to_key_string(), 0),
+            step("key", &other_admin.to_key_string(), 1),
+        ],
+        json!("error"),
+        Some("signed by a different admin"),
+    );
+    // Epoch 1 of a passphrase tree.
+    let fast = PassphraseParams {
+        m_kib: 64,
+        t: 1,
+        p: 1,
+    };
+    let pt = TreeKey::from_passphrase("family", b"correct horse battery staple", fast).unwrap();
+    let pt_raw =
+        whispeer_protocol::text::decode(whispeer_protocol::text::hrp::TREE, &pt.to_key_string())
+            .unwrap();
+    let pt_seed: [u8; 32] = pt_raw[58..90].try_into().unwrap();
+    let (pr, pn, ps) = RawGrant::epoch_keys(pt.tree_id().0, 1, [0x77; 32]);
+    let flagged = RawGrant {
+        tree_id: pt.tree_id().0,
+        epoch: 1,
+        flags: 1,
+        name: "family",
+        admin_seed: pt_seed,
+        r: pr,
+        n: pn,
+        prev_cutoff_ms: NOW,
+        not_after_ms: u64::MAX,
+        scope: (0, ""),
+        key: ps,
+        narrowed: None,
+    };
+    keyring_vector(
+        dir,
+        "fail_keyring_passphrase_epoch_1",
+        "a member who knows the passphrase signs epoch 1 of the passphrase tree (marked as such)",
+        vec![
+            step("key", &pt.to_key_string(), 0),
+            step("grant", &flagged.key_string(), 1),
+        ],
+        json!("error"),
+        Some("passphrase tree"),
+    );
+    let unflagged = RawGrant {
+        flags: 0,
+        ..honest_ref(&flagged)
+    };
+    keyring_vector(
+        dir,
+        "fail_keyring_passphrase_epoch_1_unmarked",
+        "the same epoch 1 without the passphrase flag: refused by the pinned flag",
+        vec![
+            step("key", &pt.to_key_string(), 0),
+            step("grant", &unflagged.key_string(), 1),
+        ],
+        json!("error"),
+        Some("passphrase flag differs"),
+    );
+    // Rotation cutoff.
+    let e = env.as_bytes().to_vec();
+    let cut = |cutoff: u64, added: u64, grace: u64, live: bool| {
+        let mut v = bv.clone();
+        v["keys"] = json!([
+            {"key": tree(0, 0x22).to_key_string().as_str(), "added_ms": 0},
+            {"key": tree(1, 0x24).with_prev_cutoff(cutoff).to_key_string().as_str(), "added_ms": added},
+        ]);
+        v["grace_ms"] = json!(grace);
+        v["live"] = json!(live);
+        v.as_object_mut().unwrap().remove("seal");
+        v
+    };
+    fail_env(
+        dir,
+        "fail_envelope_previous_epoch_after_cutoff",
+        "live, within the grace period, but dated (NOW) at the rotation cutoff: a removed member's message",
+        &cut(NOW, NOW - 1_000, 5_000, true),
+        &e,
+    );
+    fail_env(
+        dir,
+        "fail_envelope_previous_epoch_history_after_cutoff",
+        "from history, dated at the rotation cutoff",
+        &cut(NOW, NOW - 1_000, 5_000, false),
+        &e,
+    );
+    let mut v = cut(NOW + 1, NOW - 10_000_000, 5_000, false);
+    v["description"] =
+        json!("from history long after the grace period: dated before the cutoff, accepted");
+    write(dir, "ok_envelope_previous_epoch_history_before_cutoff", v);
+    let mut v = bv.clone();
+    v["keys"] = json!([{"key": tree(0, 0x22).with_not_after(Some(NOW - 1)).to_key_string().as_str(), "added_ms": 0}]);
+    fail_env(
+        dir,
+        "fail_envelope_after_not_after",
+        "dated after its epoch's not_after_ms",
+        &v,
+        &e,
+    );
+    // The reserved batch signature scheme.
+    let batch = reseal_body(env, "sensor/kitchen/temp", |b| b[0] = 2);
+    fail_env(
+        dir,
+        "fail_envelope_batch_signature_scheme",
+        "body signature scheme 2 (batch signature: reserved, refused today)",
+        bv,
+        &batch,
+    );
+    // A version-1 envelope.
+    let mut v1 = e.clone();
+    v1[0] = 1;
+    let mut v = bv.clone();
+    v["reason"] = json!("unsupported envelope version 1");
+    fail_env(
+        dir,
+        "fail_envelope_v1",
+        "envelope version 1 (the format before the trusted-key change)",
+        &v,
+        &v1,
+    );
+}
+
+fn honest_ref<'a>(g: &RawGrant<'a>) -> RawGrant<'a> {
+    *g
 }
 
 fn pattern_json(p: &TokenPattern) -> Value {

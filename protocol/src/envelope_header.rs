@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! off  size  field
-//!   0     1  version        = 1
+//!   0     1  version        = 2 (1 is refused with a version error)
 //!   1     1  suite          = 1 (XChaCha20-Poly1305, BLAKE3 KDF, Ed25519 signatures)
 //!   2     1  flags          = 0 (relays ignore unknown bits, receivers reject them)
 //!   3    16  key_id
@@ -28,8 +28,8 @@ use crate::error::DecodeError;
 use crate::limits::{MAX_LEVELS, MAX_TOPIC_LEN, TOKEN_LEN};
 use crate::token::{KeyId, TokenPath, TopicToken};
 
-/// Envelope format version.
-pub const ENVELOPE_VERSION: u8 = 1;
+/// Envelope format version (2 since the trusted-key format; 1 is refused).
+pub const ENVELOPE_VERSION: u8 = 2;
 /// Suite 1: XChaCha20-Poly1305 + BLAKE3 key schedule + Ed25519 signatures (static keys).
 pub const SUITE_V1: u8 = 1;
 /// Length of the XChaCha20 nonce.
@@ -298,7 +298,7 @@ mod tests {
             assert!(Envelope::from_slice(&b[..cut]).is_err(), "cut at {cut}");
         }
         let mut v = b.clone();
-        v[0] = 2;
+        v[0] = 1;
         assert!(matches!(
             Envelope::from_slice(&v),
             Err(DecodeError::UnsupportedVersion { .. })

@@ -32,9 +32,10 @@ pub enum KeyError {
     /// No held grant covers the topic.
     #[error("no key covers topic '{topic}' (add a grant for it or a parent subtree)")]
     NoKeyForTopic { topic: String },
-    /// Two trees' grants cover the topic equally well; name the tree.
-    #[error("topic '{topic}' is covered by more than one tree; choose one explicitly")]
-    AmbiguousTree { topic: String },
+    /// Two trees' grants cover the topic equally well; name the tree
+    /// (`Keyring::topic_key_in`).
+    #[error("topic '{topic}' is covered equally by trees {trees}; name the tree to publish in")]
+    AmbiguousTree { topic: String, trees: String },
     /// A derivation outside the grant's scope (a sibling, a parent, or below a topic grant).
     #[error("'{target}' is outside the grant's scope '{scope}'")]
     OutOfScope { scope: String, target: String },
@@ -47,6 +48,52 @@ pub enum KeyError {
     /// A tree name that is empty or too long.
     #[error("invalid tree name: {0}")]
     InvalidTreeName(&'static str),
+    /// A key string of an older format version: convert it with `whispeer key upgrade`.
+    #[error("{kind} string is format version {version}; convert it with `whispeer key upgrade`")]
+    OldVersion { kind: &'static str, version: u8 },
+    /// A version-1 grant has no admin signature and cannot be converted.
+    #[error("{0}")]
+    NeedsReissue(&'static str),
+    /// A second tree (another tree id or admin) claims a key id the keyring already holds.
+    #[error(
+        "key id {key_id} already belongs to tree {held_tree}; refusing tree {new_tree} claiming it"
+    )]
+    KeyIdConflict {
+        key_id: String,
+        held_tree: String,
+        new_tree: String,
+    },
+    /// Two certificates of the same tree and epoch disagree (other routing or name key).
+    #[error("tree {tree} epoch {epoch}: a second, different epoch certificate")]
+    EpochConflict { tree: String, epoch: u64 },
+    /// A grant whose key contradicts the key derived from a broader grant (or a narrower
+    /// verified grant) the keyring holds.
+    #[error("grant for '{scope}' contradicts the key derived from the held grant for '{held}' (tree {tree})")]
+    Contradicts {
+        tree: String,
+        scope: String,
+        held: String,
+    },
+    /// Only a delegated (unverifiable) grant covers the topic; sealing with it needs an
+    /// explicit opt-in (`Keyring::allow_sealing`).
+    #[error("topic '{topic}' is covered only by a grant for '{scope}' delegated by {by} that cannot be verified; opt in with allow_sealing to publish with it")]
+    NotSealable {
+        topic: String,
+        scope: String,
+        by: String,
+    },
+    /// No held grant of that tree has that scope.
+    #[error("no grant for '{scope}' held in tree {tree}")]
+    NoSuchGrant { tree: String, scope: String },
+    /// A certificate or pin that contradicts the pinned one (passphrase flag differs).
+    #[error("tree {tree}: {reason}")]
+    PinMismatch { tree: String, reason: &'static str },
+    /// A passphrase tree accepts no epoch after 0: every member knows its admin key.
+    #[error("passphrase tree {tree}: epoch {epoch} refused (every member knows a passphrase tree's admin key, so it has only epoch 0; rotate by choosing a new passphrase)")]
+    PassphraseEpoch { tree: String, epoch: u64 },
+    /// A signature scheme that is reserved or unknown (2 = batch signature, reserved).
+    #[error("unsupported signature scheme {0}")]
+    UnsupportedSignatureScheme(u8),
 }
 
 /// Why a message could not be sealed.

@@ -1,13 +1,13 @@
 //! Invites: a grant sealed to one recipient's X25519 key with HPKE (RFC 9180, mode Base,
-//! DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20-Poly1305, info `"whispeer/v1/invite"`)
+//! DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20-Poly1305, info `"whispeer/v2/invite"`)
 //! through the `hpke` crate. Inside, the inviter signs who it is for, what it grants and
 //! until when. An invite is safe to send over the relay itself.
 //!
 //! ```text
-//! invite string  = bech32m("wsinv", 0x01 ‖ enc[32] ‖ hpke_ciphertext)
+//! invite string  = bech32m("wsinv", 0x02 ‖ enc[32] ‖ hpke_ciphertext)
 //! aad            = recipient X25519 public key
-//! plaintext      = 0x01 ‖ inviter_pk[32] ‖ u64be expiry_ms ‖ sig[64] ‖ grant bytes
-//! sig            = Ed25519(inviter, "whispeer/v1/invite\0" ‖ recipient_ed[32] ‖ recipient_x[32]
+//! plaintext      = 0x02 ‖ inviter_pk[32] ‖ u64be expiry_ms ‖ sig[64] ‖ grant bytes
+//! sig            = Ed25519(inviter, "whispeer/v2/invite\0" ‖ recipient_ed[32] ‖ recipient_x[32]
 //!                  ‖ tree_id ‖ u64be epoch ‖ lp(scope) ‖ u64be expiry_ms ‖ BLAKE3(grant bytes))
 //! ```
 
@@ -28,9 +28,9 @@ use crate::text::{self, hrp, put_lp, Cursor};
 use crate::tree::Grant;
 
 type Kem = X25519HkdfSha256;
-const FORMAT: u8 = 1;
-const INFO: &[u8] = b"whispeer/v1/invite";
-const SIG_CONTEXT: &[u8] = b"whispeer/v1/invite\0";
+const FORMAT: u8 = 2;
+const INFO: &[u8] = b"whispeer/v2/invite";
+const SIG_CONTEXT: &[u8] = b"whispeer/v2/invite\0";
 
 /// An opened invite.
 #[derive(Debug, Clone)]
@@ -95,6 +95,13 @@ impl Invite {
         let b = text::decode(hrp::INVITE, s)?;
         let mut c = Cursor::new(&b, "invite");
         let v = c.u8()?;
+        if v == 1 {
+            return Err(KeyError::OldVersion {
+                kind: "invite",
+                version: v,
+            }
+            .into());
+        }
         if v != FORMAT {
             return Err(KeyError::UnsupportedVersion {
                 kind: "invite",

@@ -25,12 +25,15 @@ pub mod tag {
     pub const MESSAGE: u8 = 0x06;
     /// `T(i, s) = xof(R, 0x07 ‖ u16be(i) ‖ lp(s), 16)`
     pub const TOKEN: u8 = 0x07;
-    /// `key_id = xof(R, 0x08, 16)`
+    /// `key_id = xof(R, 0x08 ‖ tree_id ‖ u64be(epoch), 16)` (v2: bound to tree and epoch)
     pub const KEY_ID: u8 = 0x08;
     /// body key and commitment: `xof(M(t), 0x0A ‖ nonce, 64)`
     pub const BODY: u8 = 0x0A;
     /// sealed-name key: `xof(N, 0x0B ‖ nonce, 32)`
     pub const SEALED_NAME: u8 = 0x0B;
+    /// grant key commitment: `kh(grant_key, 0x0C)` (what the admin or a narrower signs;
+    /// never the key itself)
+    pub const GRANT_COMMIT: u8 = 0x0C;
 }
 
 /// A 32-byte secret that is wiped when dropped.

@@ -1,33 +1,61 @@
 //! The grants a client holds, indexed for the two questions it asks on every message:
-//! "which key seals topic t?" and "which epoch does this key id name, and is it still
-//! accepted?".
+//! "which key seals topic t?" and "which epoch does this key id name, and is this message
+//! still accepted?".
 //!
-//! Epochs: a client publishes with the newest epoch it holds for a tree and accepts the
-//! previous one for a grace period after the newer one arrived (so messages in flight
-//! during a rotation still open). Older epochs are dropped.
+//! Trust (PROTOCOL.md §5.8): the first certificate of a tree pins its admin (and whether it
+//! is a passphrase tree); pins can be exported and imported so they survive restarts. Each
+//! held grant has a [`Provenance`]; a grant whose key contradicts one the keyring can derive
+//! from a grant it holds is refused, and a verified broader grant arriving later drops the
+//! unverified narrower grants it contradicts. Delegated grants open messages but seal only
+//! after [`Keyring::allow_sealing`].
+//!
+//! Epochs: a client publishes with the newest epoch it holds for a tree. A message of an
+//! earlier epoch is accepted only if dated before the cutoff in the newer epoch's
+//! certificate, and, when live, only within the grace period after the newer epoch arrived.
+//! A message dated after its epoch's `not_after_ms` is refused. Epochs older than the
+//! previous one are dropped.
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::error_keys::KeyError;
 use crate::identity::SenderId;
 use crate::kdf::Secret32;
+use crate::text::Cursor;
 use crate::token::{KeyId, TokenPattern, TopicToken};
 use crate::topic::{Topic, TopicFilter};
-use crate::tree::{EpochKeys, Grant, TreeId, TreeKey};
+use crate::tree::{EpochKeys, Grant, Provenance, Scope, TreeId, TreeKey};
 
 /// Default grace period for the previous epoch after a rotation: 24 hours.
 pub const DEFAULT_EPOCH_GRACE_MS: u64 = 24 * 60 * 60 * 1000;
+const PINS_FORMAT: u8 = 1;
+const PIN_FLAG_PASSPHRASE: u8 = 0x01;
+
+#[derive(Debug)]
+struct Held {
+    grant: Grant,
+    provenance: Provenance,
+    /// The caller opted in to sealing with this (delegated) grant.
+    allow_sealing: bool,
+}
+
+impl Held {
+    fn sealable(&self) -> bool {
+        self.allow_sealing || self.provenance.is_verified()
+    }
+}
 
 #[derive(Debug)]
 struct EpochEntry {
     keys: EpochKeys,
-    grants: Vec<Grant>,
+    /// The most restrictive values of every certificate of this epoch seen.
+    prev_cutoff_ms: u64,
+    not_after_ms: Option<u64>,
+    grants: Vec<Held>,
     superseded_at_ms: Option<u64>,
 }
 
 #[derive(Debug)]
 struct TreeEntry {
-    admin: SenderId,
     name: String,
     epochs: BTreeMap<u64, EpochEntry>,
     /// When the newest epoch was first seen: the start of the previous epoch's grace.
@@ -38,6 +66,41 @@ impl TreeEntry {
     fn current(&self) -> Option<(&u64, &EpochEntry)> {
         self.epochs.iter().next_back()
     }
+}
+
+/// The pinned admin of a tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pin {
+    /// The admin key every certificate of the tree must be signed by.
+    pub admin: SenderId,
+    /// A passphrase tree (only epoch 0 is accepted).
+    pub passphrase: bool,
+}
+
+/// A grant dropped because a verified grant that arrived later contradicts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedGrant {
+    /// The tree.
+    pub tree_id: TreeId,
+    /// The epoch.
+    pub epoch: u64,
+    /// The dropped grant's scope.
+    pub scope: Scope,
+    /// Its provenance.
+    pub provenance: Provenance,
+    /// The scope of the verified grant that contradicts it.
+    pub contradicted_by: Scope,
+}
+
+/// What [`Keyring::add_grant_report`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Added {
+    /// The provenance the grant is held with (`None`: its epoch is no longer accepted, so
+    /// nothing was added).
+    pub provenance: Option<Provenance>,
+    /// Grants dropped because this one, verified, contradicts them.
+    pub dropped: Vec<DroppedGrant>,
 }
 
 /// Everything needed to seal on one topic: the epoch keys, the topic's tokens (computed
@@ -51,7 +114,8 @@ pub struct TopicKey {
 }
 
 impl TopicKey {
-    /// Builds the sealing key of `topic` from a grant that covers it.
+    /// Builds the sealing key of `topic` from a grant that covers it (no provenance check:
+    /// [`Keyring::topic_key`] is the checked way).
     pub fn from_grant(grant: &Grant, topic: &Topic) -> Result<Self, KeyError> {
         let message_key = grant
             .message_key(topic)
@@ -76,10 +140,18 @@ impl TopicKey {
     }
 }
 
+/// The key that opens one topic of one held epoch, and the provenance of the best grant
+/// giving it.
+pub(crate) struct OpenKey {
+    pub(crate) key: Secret32,
+    pub(crate) provenance: Provenance,
+}
+
 /// The set of grants a client holds.
 #[derive(Debug)]
 pub struct Keyring {
     trees: HashMap<TreeId, TreeEntry>,
+    pins: HashMap<TreeId, Pin>,
     by_key_id: HashMap<KeyId, (TreeId, u64)>,
     grace_ms: u64,
 }
@@ -96,42 +168,129 @@ impl Keyring {
         Self::with_grace(DEFAULT_EPOCH_GRACE_MS)
     }
 
-    /// An empty keyring accepting the previous epoch for `grace_ms` after a rotation.
+    /// An empty keyring accepting live messages of the previous epoch for `grace_ms` after
+    /// a rotation.
     pub fn with_grace(grace_ms: u64) -> Self {
         Keyring {
             trees: HashMap::new(),
+            pins: HashMap::new(),
             by_key_id: HashMap::new(),
             grace_ms,
         }
     }
 
-    /// Adds a grant. The first grant of a tree pins its admin key; later grants must be
-    /// signed by the same admin. A grant of a newer epoch starts the grace period of the
-    /// current one and drops anything older than that.
+    /// Adds a grant; see [`Keyring::add_grant_report`] (this drops the report).
     pub fn add_grant(&mut self, grant: Grant, now_ms: u64) -> Result<(), KeyError> {
+        self.add_grant_report(grant, now_ms).map(|_| ())
+    }
+
+    /// Adds a grant.
+    ///
+    /// Refused, with the keyring unchanged: a certificate signed by another admin than the
+    /// pinned one ([`KeyError::AdminMismatch`]) or with another passphrase flag
+    /// ([`KeyError::PinMismatch`]); epoch > 0 of a passphrase tree
+    /// ([`KeyError::PassphraseEpoch`]); a key id held for another tree or epoch
+    /// ([`KeyError::KeyIdConflict`]); a second, different certificate for a held epoch
+    /// ([`KeyError::EpochConflict`]); a grant whose key contradicts a held grant
+    /// ([`KeyError::Contradicts`]) — unless the new grant is admin-signed and the held one
+    /// is not, in which case the held one is dropped and reported.
+    ///
+    /// The first grant of a tree pins its admin. A grant of a newer epoch starts the grace
+    /// period of the current one and drops anything older than that.
+    pub fn add_grant_report(&mut self, grant: Grant, now_ms: u64) -> Result<Added, KeyError> {
         let cert = grant.cert();
         let keys = cert.keys().clone();
         let tree_id = keys.tree_id();
         let epoch = keys.epoch();
-        let tree = self.trees.entry(tree_id).or_insert_with(|| TreeEntry {
+        let new_pin = Pin {
             admin: cert.admin(),
+            passphrase: cert.is_passphrase(),
+        };
+        if let Some(pin) = self.pins.get(&tree_id) {
+            check_pin(&tree_id, pin, &new_pin)?;
+        }
+        if new_pin.passphrase && epoch > 0 {
+            return Err(KeyError::PassphraseEpoch {
+                tree: tree_id.to_string(),
+                epoch,
+            });
+        }
+        if let Some(&(t, e)) = self.by_key_id.get(&keys.key_id()) {
+            if (t, e) != (tree_id, epoch) {
+                return Err(KeyError::KeyIdConflict {
+                    key_id: keys.key_id().to_string(),
+                    held_tree: format!("{t} epoch {e}"),
+                    new_tree: format!("{tree_id} epoch {epoch}"),
+                });
+            }
+        }
+        let tree = self.trees.get(&tree_id);
+        // Older than the previous epoch: no longer accepted, nothing to add.
+        if let Some(t) = tree {
+            if let (Some((_, _)), Some(oldest)) = (t.current(), t.epochs.keys().next()) {
+                if epoch < *oldest {
+                    return Ok(Added {
+                        provenance: None,
+                        dropped: Vec::new(),
+                    });
+                }
+            }
+        }
+        // Check the grant against the epoch's held grants (no change yet).
+        let claimed = grant.claimed_provenance();
+        let new_verified = claimed == Provenance::AdminSigned;
+        let mut drop_idx = Vec::new();
+        let mut provenance = claimed.clone();
+        if let Some(entry) = tree.and_then(|t| t.epochs.get(&epoch)) {
+            if entry.keys != keys {
+                return Err(KeyError::EpochConflict {
+                    tree: tree_id.to_string(),
+                    epoch,
+                });
+            }
+            for (i, h) in entry.grants.iter().enumerate() {
+                let hs = h.grant.scope();
+                let contradiction = if hs.contains(grant.scope()) {
+                    let k = h.grant.key_for(grant.scope()).expect("contains");
+                    if grant.same_key(&k) {
+                        if hs != grant.scope()
+                            && h.provenance.is_verified()
+                            && provenance.rank() < Provenance::AdminSigned.rank()
+                        {
+                            provenance = Provenance::Derived { from: hs.clone() };
+                        }
+                        false
+                    } else {
+                        true
+                    }
+                } else if grant.scope().contains(hs) {
+                    let k = grant.key_for(hs).expect("contains");
+                    !h.grant.same_key(&k)
+                } else {
+                    false
+                };
+                if contradiction {
+                    if new_verified && h.provenance != Provenance::AdminSigned {
+                        drop_idx.push(i);
+                    } else {
+                        return Err(KeyError::Contradicts {
+                            tree: tree_id.to_string(),
+                            scope: grant.scope().to_string(),
+                            held: hs.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+
+        // Accepted: pin, rotate, insert.
+        self.pins.entry(tree_id).or_insert(new_pin);
+        let tree = self.trees.entry(tree_id).or_insert_with(|| TreeEntry {
             name: cert.tree_name().to_owned(),
             epochs: BTreeMap::new(),
             rotated_at_ms: now_ms,
         });
-        if tree.admin != cert.admin() {
-            return Err(KeyError::AdminMismatch {
-                tree: tree_id.to_string(),
-            });
-        }
         let current = tree.current().map(|(e, _)| *e);
-        let oldest = tree.epochs.keys().next().copied();
-        if let (Some(_), Some(oldest)) = (current, oldest) {
-            if epoch < oldest {
-                // Older than the previous epoch: no longer accepted, nothing to add.
-                return Ok(());
-            }
-        }
         if let Some(cur) = current.filter(|c| epoch > *c) {
             // Rotation: the old current epoch enters its grace period now; anything older
             // goes (also when several epochs were skipped).
@@ -152,14 +311,66 @@ impl Keyring {
         let superseded = current.filter(|c| *c > epoch).map(|_| tree.rotated_at_ms);
         let entry = tree.epochs.entry(epoch).or_insert_with(|| EpochEntry {
             keys: keys.clone(),
+            prev_cutoff_ms: cert.prev_cutoff_ms(),
+            not_after_ms: cert.not_after_ms(),
             grants: Vec::new(),
             superseded_at_ms: superseded,
         });
-        if !entry.grants.iter().any(|g| g.scope() == grant.scope()) {
-            entry.grants.push(grant);
+        entry.prev_cutoff_ms = entry.prev_cutoff_ms.min(cert.prev_cutoff_ms());
+        entry.not_after_ms = match (entry.not_after_ms, cert.not_after_ms()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut dropped = Vec::new();
+        for i in drop_idx.into_iter().rev() {
+            let h = entry.grants.remove(i);
+            dropped.push(DroppedGrant {
+                tree_id,
+                epoch,
+                scope: h.grant.scope().clone(),
+                provenance: h.provenance,
+                contradicted_by: grant.scope().clone(),
+            });
+        }
+        let duplicate_of = entry
+            .grants
+            .iter()
+            .position(|h| h.grant.scope() == grant.scope());
+        let final_prov = match duplicate_of {
+            Some(i) => {
+                let h = &mut entry.grants[i];
+                if provenance.rank() > h.provenance.rank() {
+                    h.provenance = provenance;
+                    h.grant = grant.clone();
+                }
+                h.provenance.clone()
+            }
+            None => {
+                entry.grants.push(Held {
+                    grant: grant.clone(),
+                    provenance: provenance.clone(),
+                    allow_sealing: false,
+                });
+                provenance
+            }
+        };
+        // A verified grant confirms the delegated grants it contains.
+        if final_prov.is_verified() {
+            let from = grant.scope().clone();
+            for h in entry.grants.iter_mut() {
+                if matches!(h.provenance, Provenance::Delegated { .. })
+                    && from.contains(h.grant.scope())
+                    && &from != h.grant.scope()
+                {
+                    h.provenance = Provenance::Derived { from: from.clone() };
+                }
+            }
         }
         self.by_key_id.insert(keys.key_id(), (tree_id, epoch));
-        Ok(())
+        Ok(Added {
+            provenance: Some(final_prov),
+            dropped,
+        })
     }
 
     /// Adds the whole-tree grant of an admin key.
@@ -167,74 +378,175 @@ impl Keyring {
         self.add_grant(tree.grant_all(), now_ms)
     }
 
-    /// The epoch keys a key id names, if that epoch is accepted at `now_ms`.
+    /// Lets the keyring seal with the delegated grant(s) for `scope` in `tree_id` (every
+    /// held epoch). Verified grants seal anyway.
+    pub fn allow_sealing(&mut self, tree_id: TreeId, scope: &Scope) -> Result<(), KeyError> {
+        let mut found = false;
+        if let Some(t) = self.trees.get_mut(&tree_id) {
+            for e in t.epochs.values_mut() {
+                for h in e.grants.iter_mut().filter(|h| h.grant.scope() == scope) {
+                    h.allow_sealing = true;
+                    found = true;
+                }
+            }
+        }
+        if found {
+            Ok(())
+        } else {
+            Err(KeyError::NoSuchGrant {
+                tree: tree_id.to_string(),
+                scope: scope.to_string(),
+            })
+        }
+    }
+
+    /// The epoch keys a key id names, if that epoch is accepted for live messages at
+    /// `now_ms` (current, or previous within the grace period).
     pub fn epoch(&self, key_id: &KeyId, now_ms: u64) -> Option<&EpochKeys> {
         self.entry(key_id, now_ms).map(|e| &e.keys)
     }
 
-    fn entry(&self, key_id: &KeyId, now_ms: u64) -> Option<&EpochEntry> {
+    /// The epoch keys a key id names if the epoch is held at all (history may still hold
+    /// messages of a previous epoch past its live grace).
+    pub fn held_epoch(&self, key_id: &KeyId) -> Option<&EpochKeys> {
+        self.held(key_id).map(|(_, e)| &e.keys)
+    }
+
+    fn held(&self, key_id: &KeyId) -> Option<(&TreeEntry, &EpochEntry)> {
         let (tree, epoch) = self.by_key_id.get(key_id)?;
-        let e = self.trees.get(tree)?.epochs.get(epoch)?;
+        let t = self.trees.get(tree)?;
+        Some((t, t.epochs.get(epoch)?))
+    }
+
+    fn entry(&self, key_id: &KeyId, now_ms: u64) -> Option<&EpochEntry> {
+        let (_, e) = self.held(key_id)?;
         match e.superseded_at_ms {
             Some(t) if now_ms > t.saturating_add(self.grace_ms) => None,
             _ => Some(e),
         }
     }
 
-    /// `M(topic)` in the epoch `key_id` names, from the most specific grant held for it.
-    pub(crate) fn message_key(
-        &self,
-        key_id: &KeyId,
-        topic: &Topic,
-        now_ms: u64,
-    ) -> Option<Secret32> {
-        let e = self.entry(key_id, now_ms)?;
-        e.grants
-            .iter()
-            .filter(|g| g.scope().covers(topic))
-            .max_by_key(|g| g.scope().specificity())
-            .and_then(|g| g.message_key(topic))
+    /// Is a message of the epoch `key_id` names, dated `ts_ms`, accepted at `now_ms`?
+    ///
+    /// - Refused when dated after its epoch's `not_after_ms`.
+    /// - For an epoch the keyring holds a newer epoch of: refused when dated at or after the
+    ///   smallest cutoff in the newer certificates; when `live`, also refused after the grace
+    ///   period that started when the newer epoch arrived. From history (`live = false`)
+    ///   the grace does not apply: only the cutoff.
+    pub fn accepts_message(&self, key_id: &KeyId, ts_ms: u64, now_ms: u64, live: bool) -> bool {
+        let Some((tree, e)) = self.held(key_id) else {
+            return false;
+        };
+        if e.not_after_ms.is_some_and(|na| ts_ms > na) {
+            return false;
+        }
+        let Some(superseded) = e.superseded_at_ms else {
+            return true;
+        };
+        let epoch = e.keys.epoch();
+        let cutoff = tree
+            .epochs
+            .range(epoch.saturating_add(1)..)
+            .map(|(_, n)| n.prev_cutoff_ms)
+            .min()
+            .unwrap_or(0);
+        if ts_ms >= cutoff {
+            return false;
+        }
+        !(live && now_ms > superseded.saturating_add(self.grace_ms))
     }
 
-    /// The grant that seals `topic`: the newest epoch of the tree whose grant covers the
-    /// topic most specifically. Fails when none does, or when two trees tie.
+    /// `M(topic)` in the epoch `key_id` names (if held), and the best provenance among the
+    /// held grants covering it (they all give the same key: contradictions are refused).
+    pub(crate) fn open_key(&self, key_id: &KeyId, topic: &Topic) -> Option<OpenKey> {
+        let (_, e) = self.held(key_id)?;
+        let h = e
+            .grants
+            .iter()
+            .filter(|h| h.grant.scope().covers(topic))
+            .max_by_key(|h| (h.provenance.rank(), h.grant.scope().specificity()))?;
+        Some(OpenKey {
+            key: h.grant.message_key(topic)?,
+            provenance: h.provenance.clone(),
+        })
+    }
+
+    fn best_sealing<'a>(tree: &'a TreeEntry, topic: &Topic) -> Result<Option<&'a Held>, KeyError> {
+        let Some((_, cur)) = tree.current() else {
+            return Ok(None);
+        };
+        let covering = || cur.grants.iter().filter(|h| h.grant.scope().covers(topic));
+        if let Some(h) = covering()
+            .filter(|h| h.sealable())
+            .max_by_key(|h| h.grant.scope().specificity())
+        {
+            return Ok(Some(h));
+        }
+        match covering().max_by_key(|h| h.grant.scope().specificity()) {
+            Some(h) => Err(KeyError::NotSealable {
+                topic: topic.to_string(),
+                scope: h.grant.scope().to_string(),
+                by: h.provenance.to_string(),
+            }),
+            None => Ok(None),
+        }
+    }
+
+    /// The grant that seals `topic`: in the one tree holding a sealable grant (verified, or
+    /// delegated with [`Keyring::allow_sealing`]) covering the topic, the newest epoch's
+    /// most specific such grant. Fails when none does ([`KeyError::NotSealable`] when only a
+    /// delegated grant covers it), or when grants of two trees cover it, whatever their
+    /// specificity ([`KeyError::AmbiguousTree`] names the trees: use
+    /// [`Keyring::topic_key_in`]).
     pub fn grant_for(&self, topic: &Topic) -> Result<&Grant, KeyError> {
-        let mut best: Option<&Grant> = None;
-        let mut tie = false;
-        for tree in self.trees.values() {
-            let Some((_, cur)) = tree.current() else {
-                continue;
-            };
-            let g = cur
-                .grants
-                .iter()
-                .filter(|g| g.scope().covers(topic))
-                .max_by_key(|g| g.scope().specificity());
-            if let Some(g) = g {
-                match best {
-                    Some(b) if b.scope().specificity() > g.scope().specificity() => {}
-                    Some(b) if b.scope().specificity() == g.scope().specificity() => tie = true,
-                    _ => {
-                        best = Some(g);
-                        tie = false;
-                    }
+        let mut found: Vec<(&TreeId, &Held)> = Vec::new();
+        let mut not_sealable = None;
+        for (id, tree) in &self.trees {
+            match Self::best_sealing(tree, topic) {
+                Ok(Some(h)) => found.push((id, h)),
+                Ok(None) => {}
+                Err(e) => {
+                    not_sealable.get_or_insert(e);
                 }
             }
         }
-        match best {
-            Some(_) if tie => Err(KeyError::AmbiguousTree {
+        match found.len() {
+            0 => Err(not_sealable.unwrap_or_else(|| KeyError::NoKeyForTopic {
                 topic: topic.to_string(),
-            }),
-            Some(g) => Ok(g),
-            None => Err(KeyError::NoKeyForTopic {
-                topic: topic.to_string(),
-            }),
+            })),
+            1 => Ok(&found[0].1.grant),
+            // Another tree's grant never wins silently, however specific: a second tree
+            // (another admin) could otherwise capture a topic the caller meant for this one.
+            _ => {
+                let mut ids: Vec<String> = found.iter().map(|(id, _)| id.to_string()).collect();
+                ids.sort();
+                Err(KeyError::AmbiguousTree {
+                    topic: topic.to_string(),
+                    trees: ids.join(", "),
+                })
+            }
         }
+    }
+
+    /// The grant of tree `tree_id` that seals `topic` (see [`Keyring::grant_for`]).
+    pub fn grant_in(&self, tree_id: TreeId, topic: &Topic) -> Result<&Grant, KeyError> {
+        let none = || KeyError::NoKeyForTopic {
+            topic: topic.to_string(),
+        };
+        let tree = self.trees.get(&tree_id).ok_or_else(none)?;
+        Self::best_sealing(tree, topic)?
+            .map(|h| &h.grant)
+            .ok_or_else(none)
     }
 
     /// The sealing key for `topic` (see [`Keyring::grant_for`]).
     pub fn topic_key(&self, topic: &Topic) -> Result<TopicKey, KeyError> {
         TopicKey::from_grant(self.grant_for(topic)?, topic)
+    }
+
+    /// The sealing key for `topic` in the named tree (when several trees cover it).
+    pub fn topic_key_in(&self, tree_id: TreeId, topic: &Topic) -> Result<TopicKey, KeyError> {
+        TopicKey::from_grant(self.grant_in(tree_id, topic)?, topic)
     }
 
     /// The token patterns to subscribe with for `filter`: one per accepted epoch of every
@@ -246,7 +558,7 @@ impl Keyring {
                 if self.entry(&e.keys.key_id(), now_ms).is_none() {
                     continue;
                 }
-                if e.grants.iter().any(|g| g.scope().intersects(filter)) {
+                if e.grants.iter().any(|h| h.grant.scope().intersects(filter)) {
                     out.push(e.keys.compile(filter));
                 }
             }
@@ -257,22 +569,127 @@ impl Keyring {
     /// The trees held: (id, name, newest epoch, admin).
     pub fn trees(&self) -> impl Iterator<Item = (TreeId, &str, u64, SenderId)> + '_ {
         self.trees.iter().filter_map(|(id, t)| {
-            t.current()
-                .map(|(e, _)| (*id, t.name.as_str(), *e, t.admin))
+            let admin = self.pins.get(id)?.admin;
+            t.current().map(|(e, _)| (*id, t.name.as_str(), *e, admin))
         })
     }
 
     /// Every grant held, of every accepted epoch.
     pub fn grants(&self) -> impl Iterator<Item = &Grant> + '_ {
-        self.trees
-            .values()
-            .flat_map(|t| t.epochs.values().flat_map(|e| e.grants.iter()))
+        self.held_grants().map(|(g, _)| g)
+    }
+
+    /// Every grant held with its provenance.
+    pub fn held_grants(&self) -> impl Iterator<Item = (&Grant, &Provenance)> + '_ {
+        self.trees.values().flat_map(|t| {
+            t.epochs
+                .values()
+                .flat_map(|e| e.grants.iter().map(|h| (&h.grant, &h.provenance)))
+        })
+    }
+
+    /// The provenance of the grant for `scope` held in the newest epoch of `tree_id`.
+    pub fn provenance(&self, tree_id: TreeId, scope: &Scope) -> Option<&Provenance> {
+        let (_, e) = self.trees.get(&tree_id)?.current()?;
+        e.grants
+            .iter()
+            .find(|h| h.grant.scope() == scope)
+            .map(|h| &h.provenance)
     }
 
     /// True when no grant is held.
     pub fn is_empty(&self) -> bool {
         self.trees.is_empty()
     }
+
+    /// The pinned admin of a tree.
+    pub fn pin(&self, tree_id: TreeId) -> Option<Pin> {
+        self.pins.get(&tree_id).copied()
+    }
+
+    /// Pins a tree's admin before any grant arrives (e.g. from an out-of-band check).
+    pub fn add_pin(&mut self, tree_id: TreeId, pin: Pin) -> Result<(), KeyError> {
+        if let Some(old) = self.pins.get(&tree_id) {
+            return check_pin(&tree_id, old, &pin);
+        }
+        self.pins.insert(tree_id, pin);
+        Ok(())
+    }
+
+    /// Every pin as bytes, for the client's persistence:
+    /// `0x01 ‖ u32be(n) ‖ n × (tree_id[16] ‖ admin[32] ‖ flags u8)`, sorted by tree id
+    /// (flags bit 0: passphrase tree).
+    pub fn export_pins(&self) -> Vec<u8> {
+        let mut ids: Vec<&TreeId> = self.pins.keys().collect();
+        ids.sort();
+        let mut out = Vec::with_capacity(5 + ids.len() * 49);
+        out.push(PINS_FORMAT);
+        out.extend_from_slice(&(ids.len() as u32).to_be_bytes());
+        for id in ids {
+            let p = &self.pins[id];
+            out.extend_from_slice(&id.0);
+            out.extend_from_slice(&p.admin.to_bytes());
+            out.push(if p.passphrase { PIN_FLAG_PASSPHRASE } else { 0 });
+        }
+        out
+    }
+
+    /// Imports pins exported by [`Keyring::export_pins`]. Refuses (changing nothing) bytes
+    /// that do not parse or a pin that contradicts one held. Returns how many were new.
+    pub fn import_pins(&mut self, bytes: &[u8]) -> Result<usize, KeyError> {
+        let mut c = Cursor::new(bytes, "pins");
+        let v = c.u8()?;
+        if v != PINS_FORMAT {
+            return Err(KeyError::UnsupportedVersion {
+                kind: "pins",
+                version: v,
+            });
+        }
+        let n = u32::from_be_bytes(c.arr()?) as usize;
+        let mut parsed = Vec::with_capacity(n.min(bytes.len() / 49));
+        for _ in 0..n {
+            let id = TreeId(c.arr()?);
+            let admin = SenderId::from_bytes(&c.arr()?)?;
+            let flags = c.u8()?;
+            if flags & !PIN_FLAG_PASSPHRASE != 0 {
+                return Err(KeyError::InvalidString {
+                    kind: "pins",
+                    reason: format!("unknown flags 0x{flags:02x}"),
+                });
+            }
+            let pin = Pin {
+                admin,
+                passphrase: flags & PIN_FLAG_PASSPHRASE != 0,
+            };
+            if let Some(old) = self.pins.get(&id) {
+                check_pin(&id, old, &pin)?;
+            }
+            parsed.push((id, pin));
+        }
+        c.finish()?;
+        let mut added = 0;
+        for (id, pin) in parsed {
+            if self.pins.insert(id, pin).is_none() {
+                added += 1;
+            }
+        }
+        Ok(added)
+    }
+}
+
+fn check_pin(tree_id: &TreeId, pinned: &Pin, new: &Pin) -> Result<(), KeyError> {
+    if pinned.admin != new.admin {
+        return Err(KeyError::AdminMismatch {
+            tree: tree_id.to_string(),
+        });
+    }
+    if pinned.passphrase != new.passphrase {
+        return Err(KeyError::PinMismatch {
+            tree: tree_id.to_string(),
+            reason: "the certificate's passphrase flag differs from the pinned one",
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -306,7 +723,7 @@ mod tests {
         ));
 
         let old_id = tk.cert().keys().key_id();
-        let tk1 = tk.rotate(&mut rng);
+        let tk1 = tk.rotate(u64::MAX, &mut rng).unwrap();
         kr.add_grant(tk1.grant_all(), 5000).unwrap();
         assert_eq!(kr.grant_for(&t("z")).unwrap().epoch_keys().epoch(), 1);
         assert!(
@@ -319,13 +736,19 @@ mod tests {
 
         // Epoch 2 drops epoch 0 entirely; epoch 1 enters its grace.
         let e1 = tk1.cert().keys().key_id();
-        let tk2 = tk1.rotate(&mut rng);
+        let tk2 = tk1.rotate(u64::MAX, &mut rng).unwrap();
         kr.add_grant(tk2.grant_all(), 8000).unwrap();
         assert!(kr.epoch(&old_id, 5500).is_none());
         assert!(kr.epoch(&e1, 8500).is_some());
         // Jumping from epoch 2 to 5 still keeps epoch 2 for the grace period.
         let e2 = tk2.cert().keys().key_id();
-        let tk5 = tk2.rotate(&mut rng).rotate(&mut rng).rotate(&mut rng);
+        let tk5 = tk2
+            .rotate(u64::MAX, &mut rng)
+            .unwrap()
+            .rotate(u64::MAX, &mut rng)
+            .unwrap()
+            .rotate(u64::MAX, &mut rng)
+            .unwrap();
         kr.add_grant(tk5.grant_all(), 9000).unwrap();
         assert!(kr.epoch(&e2, 9500).is_some());
         assert!(kr.epoch(&e1, 9500).is_none());
@@ -348,5 +771,337 @@ mod tests {
             kr.add_tree_key(&forged, 0),
             Err(KeyError::AdminMismatch { .. })
         ));
+    }
+
+    // ---- Trust: each attack of issue 9 refused (these fail if the defence is removed) ----
+
+    use crate::identity::Identity;
+    use crate::seal::{MessageId, Opener, Outgoing, SealOptions, Sealer};
+    use crate::tree::tests_support::{copy_rn, forge_narrowed, passphrase_at, with_forced_key_id};
+    use crate::tree::Provenance;
+
+    fn rng(seed: u64) -> rand_chacha::ChaCha20Rng {
+        rand_chacha::ChaCha20Rng::seed_from_u64(seed)
+    }
+
+    fn seal_on(kr: &Keyring, topic: &str, ts_ms: u64, seed: u64) -> crate::Envelope {
+        let key = kr.topic_key(&t(topic)).unwrap();
+        let msg = Outgoing {
+            payload: b"x",
+            content_type: "text/plain",
+            msg_id: MessageId([seed as u8; 16]),
+            ts_ms,
+        };
+        Sealer::new()
+            .seal(&key, &msg, &SealOptions::default(), None, &mut rng(seed))
+            .unwrap()
+    }
+
+    #[test]
+    fn forged_exact_topic_grant_under_held_subtree_is_refused() {
+        let mut r = rng(31);
+        let tk = TreeKey::generate("team", &mut r).unwrap();
+        let mallory = Identity::generate(&mut r);
+        let team = tk.grant(&Scope::Subtree(t("team")));
+        let mut victim = Keyring::new();
+        victim.add_grant(team.clone(), 0).unwrap();
+        // Mallory (holding team/#) hands over an exact-topic grant for team/secret with a
+        // key she chose.
+        let forged = forge_narrowed(
+            &team,
+            Scope::Subtree(t("team")),
+            Scope::Topic(t("team/secret")),
+            [0x66; 32],
+            &mallory,
+        );
+        let err = victim.add_grant(forged, 1).unwrap_err();
+        assert_eq!(
+            err,
+            KeyError::Contradicts {
+                tree: tk.tree_id().to_string(),
+                scope: "team/secret".into(),
+                held: "team/#".into(),
+            }
+        );
+        // The victim still seals team/secret under the tree's real key.
+        let key = victim.topic_key(&t("team/secret")).unwrap();
+        assert_eq!(
+            key.message_key,
+            tk.grant_all().message_key(&t("team/secret")).unwrap()
+        );
+        // An honest narrowing by Mallory is accepted and shown as derived, not delegated.
+        let honest = team.narrow(&t("team/secret"), true, &mallory).unwrap();
+        let added = victim.add_grant_report(honest, 2).unwrap();
+        assert_eq!(
+            added.provenance,
+            Some(Provenance::Derived {
+                from: Scope::Subtree(t("team"))
+            })
+        );
+    }
+
+    #[test]
+    fn forged_grant_held_first_is_dropped_when_the_verified_broader_grant_arrives() {
+        let mut r = rng(32);
+        let tk = TreeKey::generate("team", &mut r).unwrap();
+        let mallory = Identity::generate(&mut r);
+        let team = tk.grant(&Scope::Subtree(t("team")));
+        let forged = forge_narrowed(
+            &team,
+            Scope::Subtree(t("team")),
+            Scope::Topic(t("team/secret")),
+            [0x66; 32],
+            &mallory,
+        );
+        let mut victim = Keyring::new();
+        let added = victim.add_grant_report(forged, 0).unwrap();
+        assert_eq!(
+            added.provenance,
+            Some(Provenance::Delegated {
+                by: mallory.sender_id()
+            })
+        );
+        // Delegated: never seals unless opted in.
+        assert!(matches!(
+            victim.topic_key(&t("team/secret")),
+            Err(KeyError::NotSealable { .. })
+        ));
+        let added = victim.add_grant_report(team, 1).unwrap();
+        assert_eq!(added.provenance, Some(Provenance::AdminSigned));
+        assert_eq!(added.dropped.len(), 1);
+        assert_eq!(added.dropped[0].scope, Scope::Topic(t("team/secret")));
+        assert_eq!(added.dropped[0].contradicted_by, Scope::Subtree(t("team")));
+        assert_eq!(victim.grants().count(), 1);
+        let key = victim.topic_key(&t("team/secret")).unwrap();
+        assert_eq!(
+            key.message_key,
+            tk.grant_all().message_key(&t("team/secret")).unwrap()
+        );
+    }
+
+    #[test]
+    fn delegated_grants_open_but_seal_only_after_opt_in() {
+        let mut r = rng(33);
+        let tk = TreeKey::generate("team", &mut r).unwrap();
+        let bob = Identity::generate(&mut r);
+        let team = tk.grant(&Scope::Subtree(t("team")));
+        let narrowed = team.narrow(&t("team/a"), false, &bob).unwrap();
+        let mut full = Keyring::new();
+        full.add_tree_key(&tk, 0).unwrap();
+        let env = seal_on(&full, "team/a/x", 10, 1);
+        let mut kr = Keyring::new();
+        kr.add_grant(narrowed, 0).unwrap();
+        let o = Opener::new().open(&kr, &env, 10).unwrap();
+        assert_eq!(
+            o.provenance,
+            Provenance::Delegated {
+                by: bob.sender_id()
+            }
+        );
+        assert!(matches!(
+            kr.grant_for(&t("team/a/x")),
+            Err(KeyError::NotSealable { .. })
+        ));
+        assert!(matches!(
+            kr.allow_sealing(tk.tree_id(), &Scope::Subtree(t("nope"))),
+            Err(KeyError::NoSuchGrant { .. })
+        ));
+        kr.allow_sealing(tk.tree_id(), &Scope::Subtree(t("team/a")))
+            .unwrap();
+        assert!(kr.topic_key(&t("team/a/x")).is_ok());
+        // The admin-signed path opens as admin-signed.
+        assert_eq!(
+            Opener::new().open(&full, &env, 10).unwrap().provenance,
+            Provenance::AdminSigned
+        );
+    }
+
+    #[test]
+    fn a_second_tree_copying_r_and_n_cannot_take_the_key_id() {
+        let mut r = rng(34);
+        let a = TreeKey::generate("home", &mut r).unwrap();
+        let attacker = TreeKey::generate("home", &mut r).unwrap();
+        let copy = copy_rn(&a, &attacker, attacker.tree_id());
+        assert_ne!(
+            copy.epoch_keys().key_id(),
+            a.cert().keys().key_id(),
+            "the key id binds the tree id, not R alone"
+        );
+        let mut kr = Keyring::new();
+        kr.add_tree_key(&a, 0).unwrap();
+        let env = seal_on(&kr, "door", 5, 2);
+        kr.add_grant(copy, 1).unwrap();
+        let o = Opener::new().open(&kr, &env, 5).unwrap();
+        assert_eq!(o.tree_id, a.tree_id(), "A's messages still resolve to A");
+        // Same tree id, other admin: refused by the pin.
+        let same_id = copy_rn(&a, &attacker, a.tree_id());
+        assert!(matches!(
+            kr.add_grant(same_id, 2),
+            Err(KeyError::AdminMismatch { .. })
+        ));
+        // And a certificate of another tree claiming a held key id outright is refused,
+        // naming both trees.
+        let claim = with_forced_key_id(&attacker.grant_all(), a.cert().keys().key_id());
+        match kr.add_grant(claim, 3).unwrap_err() {
+            KeyError::KeyIdConflict {
+                held_tree,
+                new_tree,
+                ..
+            } => {
+                assert!(held_tree.contains(&a.tree_id().to_string()));
+                assert!(new_tree.contains(&attacker.tree_id().to_string()));
+            }
+            e => panic!("{e}"),
+        }
+        assert_eq!(
+            Opener::new().open(&kr, &env, 5).unwrap().tree_id,
+            a.tree_id()
+        );
+    }
+
+    #[test]
+    fn two_trees_covering_a_topic_are_ambiguous_and_the_publisher_names_one() {
+        let mut r = rng(35);
+        let a = TreeKey::generate("a", &mut r).unwrap();
+        let b = TreeKey::generate("b", &mut r).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_tree_key(&a, 0).unwrap();
+        // A more specific grant of another tree does not silently win.
+        kr.add_grant(b.grant(&Scope::Topic(t("team/secret"))), 0)
+            .unwrap();
+        match kr.grant_for(&t("team/secret")).unwrap_err() {
+            KeyError::AmbiguousTree { trees, .. } => {
+                assert!(trees.contains(&a.tree_id().to_string()));
+                assert!(trees.contains(&b.tree_id().to_string()));
+            }
+            e => panic!("{e}"),
+        }
+        let k = kr.topic_key_in(a.tree_id(), &t("team/secret")).unwrap();
+        assert_eq!(k.epoch_keys().tree_id(), a.tree_id());
+        let k = kr.topic_key_in(b.tree_id(), &t("team/secret")).unwrap();
+        assert_eq!(k.epoch_keys().tree_id(), b.tree_id());
+        assert_eq!(
+            kr.grant_for(&t("other")).unwrap().epoch_keys().tree_id(),
+            a.tree_id()
+        );
+    }
+
+    #[test]
+    fn an_epoch_signed_by_anyone_but_the_pinned_admin_is_refused_even_after_restart() {
+        let mut r = rng(36);
+        let tk = TreeKey::generate("home", &mut r).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_tree_key(&tk, 0).unwrap();
+        let pins = kr.export_pins();
+        let other = TreeKey::generate("home", &mut r).unwrap();
+        let forged = crate::tree::tests_support::with_tree_id(&other, tk.tree_id())
+            .rotate(0, &mut r)
+            .unwrap();
+        assert!(matches!(
+            kr.add_tree_key(&forged, 1),
+            Err(KeyError::AdminMismatch { .. })
+        ));
+        // A restarted client that restored only its pins refuses it too.
+        let mut fresh = Keyring::new();
+        assert_eq!(fresh.import_pins(&pins).unwrap(), 1);
+        assert!(matches!(
+            fresh.add_tree_key(&forged, 1),
+            Err(KeyError::AdminMismatch { .. })
+        ));
+        assert_eq!(fresh.pin(tk.tree_id()).unwrap().admin, tk.admin());
+        fresh
+            .add_tree_key(&tk.rotate(0, &mut r).unwrap(), 2)
+            .unwrap();
+        // Pins that contradict held ones are refused; bad bytes are a typed error.
+        let mut kr2 = Keyring::new();
+        kr2.add_tree_key(
+            &crate::tree::tests_support::with_tree_id(&other, tk.tree_id()),
+            0,
+        )
+        .unwrap();
+        assert!(matches!(
+            kr2.import_pins(&pins),
+            Err(KeyError::AdminMismatch { .. })
+        ));
+        assert!(kr2.import_pins(&pins[..pins.len() - 1]).is_err());
+        assert!(kr2.import_pins(&[9]).is_err());
+    }
+
+    #[test]
+    fn passphrase_trees_accept_no_later_epoch() {
+        let fast = crate::tree::PassphraseParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        let mut r = rng(37);
+        let pt = TreeKey::from_passphrase("family", b"pw", fast).unwrap();
+        assert!(pt.cert().is_passphrase());
+        assert!(matches!(
+            pt.rotate(0, &mut r),
+            Err(KeyError::PassphraseEpoch { .. })
+        ));
+        let mut kr = Keyring::new();
+        kr.add_tree_key(&pt, 0).unwrap();
+        // A member (who knows the admin key) signs epoch 1 with the flag: refused on parse.
+        let flagged = passphrase_at(&pt, 1).grant_all();
+        assert!(matches!(
+            Grant::from_key_string(&flagged.to_key_string()),
+            Err(KeyError::PassphraseEpoch { .. })
+        ));
+        assert!(matches!(
+            kr.add_grant(flagged, 1),
+            Err(KeyError::PassphraseEpoch { .. })
+        ));
+        // ... or without it: refused by the pinned flag.
+        let unflagged = crate::tree::tests_support::unflag(&passphrase_at(&pt, 1));
+        assert!(matches!(
+            kr.add_tree_key(&unflagged, 1),
+            Err(KeyError::PinMismatch { .. })
+        ));
+        // A realm changes the tree and its keys.
+        let realm = TreeKey::from_passphrase_in_realm("family", "acme", b"pw", fast).unwrap();
+        assert_ne!(realm.tree_id(), pt.tree_id());
+        assert_ne!(realm.admin(), pt.admin());
+    }
+
+    #[test]
+    fn rotation_cutoff_bounds_the_previous_epoch() {
+        let mut r = rng(38);
+        let tk = TreeKey::generate("home", &mut r).unwrap();
+        let mut kr = Keyring::with_grace(1_000);
+        kr.add_tree_key(&tk, 0).unwrap();
+        let before = seal_on(&kr, "a", 900, 3); // dated before the cutoff
+        let after = seal_on(&kr, "a", 1_100, 4); // a removed member, dated after it
+        let tk1 = tk.rotate(1_000, &mut r).unwrap();
+        kr.add_tree_key(&tk1, 2_000).unwrap();
+        let mut o = Opener::new();
+        // Live within grace: only messages dated before the cutoff.
+        assert!(o.open_with(&kr, &before, 2_500, true).is_ok());
+        assert!(o.open_with(&kr, &after, 2_500, true).is_err());
+        // Live after grace: nothing of epoch 0.
+        assert!(o.open_with(&kr, &before, 3_001, true).is_err());
+        // From history, any time: dated before the cutoff only.
+        assert!(o.open_with(&kr, &before, 99_999, false).is_ok());
+        assert!(o.open_with(&kr, &after, 99_999, false).is_err());
+        assert!(!kr.accepts_message(&tk.cert().keys().key_id(), 1_000, 2_100, true));
+        assert!(kr.accepts_message(&tk.cert().keys().key_id(), 999, 2_100, true));
+    }
+
+    #[test]
+    fn messages_dated_after_not_after_are_refused() {
+        let mut r = rng(39);
+        let tk = TreeKey::generate("home", &mut r)
+            .unwrap()
+            .with_not_after(Some(5_000));
+        assert_eq!(tk.cert().not_after_ms(), Some(5_000));
+        let mut kr = Keyring::new();
+        kr.add_tree_key(&tk, 0).unwrap();
+        let ok = seal_on(&kr, "a", 5_000, 5);
+        let late = seal_on(&kr, "a", 5_001, 6);
+        let mut o = Opener::new();
+        assert!(o.open_with(&kr, &ok, 6_000, false).is_ok());
+        assert!(o.open_with(&kr, &late, 6_000, false).is_err());
+        assert!(o.open_with(&kr, &late, 6_000, true).is_err());
     }
 }

@@ -61,13 +61,18 @@ pub use identity::{Identity, PublicId, SenderId};
 #[cfg(feature = "keys")]
 pub use invite::Invite;
 #[cfg(feature = "keys")]
-pub use keyring::{Keyring, TopicKey};
+pub use keyring::{Added, DroppedGrant, Keyring, Pin, TopicKey};
 #[cfg(feature = "keys")]
-pub use seal::{Compression, MessageId, Opened, Opener, Outgoing, Padding, SealOptions, Sealer};
+pub use seal::{
+    Compression, MessageId, Opened, Opener, Outgoing, Padding, SealOptions, Sealer, SignatureScheme,
+};
 #[cfg(feature = "keys")]
 pub use topic::{Topic, TopicFilter};
 #[cfg(feature = "keys")]
-pub use tree::{EpochKeys, Grant, PassphraseParams, Scope, TreeId, TreeKey};
+pub use tree::{
+    upgrade_key_string, EpochCert, EpochKeys, Grant, PassphraseParams, Provenance, Scope, TreeId,
+    TreeKey, Upgraded,
+};
 
 pub use codec::FrameDecoder;
 pub use envelope_header::Envelope;

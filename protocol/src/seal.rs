@@ -4,13 +4,14 @@
 //!
 //! Body plaintext (inside the AEAD):
 //! ```text
-//! sig_scheme u8                 0 = unsigned, 1 = Ed25519 (2 reserved: batch signature)
+//! sig_scheme u8                 0 = unsigned, 1 = Ed25519 (2 reserved: batch signature,
+//!                               refused today)
 //! sender_pk[32] ‖ sig[64]       only when sig_scheme = 1
 //! msg_id[16] ‖ u64be ts_ms ‖ lp(content_type) ‖ codec u8 ‖ pad_scheme u8
 //! u32be payload_len ‖ payload[payload_len] ‖ zero padding
 //! ```
 //! The signature covers a fixed layout (never re-serialized CBOR):
-//! `"whispeer/v1/msg-sig\0" ‖ tree_id ‖ u64be(epoch) ‖ lp(topic) ‖ msg_id ‖ u64be(ts_ms) ‖
+//! `"whispeer/v2/msg-sig\0" ‖ tree_id ‖ u64be(epoch) ‖ lp(topic) ‖ msg_id ‖ u64be(ts_ms) ‖
 //! lp(content_type) ‖ codec ‖ pad_scheme ‖ BLAKE3(payload as compressed)`.
 
 use std::fmt;
@@ -23,17 +24,49 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::envelope_header::{Envelope, HeaderFields, COMMIT_LEN, NAME_PAD, NONCE_LEN, TAG_LEN};
-use crate::error_keys::{OpenError, SealError};
+use crate::error_keys::{KeyError, OpenError, SealError};
 use crate::identity::{Identity, SenderId};
 use crate::kdf::{lp, tag, xof, Secret32};
 use crate::keyring::{Keyring, TopicKey};
 use crate::limits::{DEFAULT_MAX_PAYLOAD, MAX_CONTENT_TYPE_LEN};
 use crate::topic::Topic;
-use crate::tree::{EpochKeys, TreeId};
+use crate::tree::{EpochKeys, Provenance, TreeId};
 
-const SIG_CONTEXT: &[u8] = b"whispeer/v1/msg-sig\0";
+const SIG_CONTEXT: &[u8] = b"whispeer/v2/msg-sig\0";
 const SIG_NONE: u8 = 0;
 const SIG_ED25519: u8 = 1;
+const SIG_BATCH: u8 = 2;
+
+/// The body's signature scheme (registry in PROTOCOL.md §4.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SignatureScheme {
+    /// 0: unsigned (any key holder could have written it).
+    None,
+    /// 1: one Ed25519 signature per message.
+    Ed25519,
+}
+
+impl SignatureScheme {
+    /// The scheme byte.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            SignatureScheme::None => SIG_NONE,
+            SignatureScheme::Ed25519 => SIG_ED25519,
+        }
+    }
+    /// Parses a scheme byte. 2 (batch signature: a Merkle root signed once, a per-message
+    /// inclusion path) is reserved and refused today, like every unknown value, with
+    /// [`KeyError::UnsupportedSignatureScheme`].
+    pub fn from_byte(b: u8) -> Result<Self, KeyError> {
+        match b {
+            SIG_NONE => Ok(SignatureScheme::None),
+            SIG_ED25519 => Ok(SignatureScheme::Ed25519),
+            SIG_BATCH => Err(KeyError::UnsupportedSignatureScheme(b)),
+            _ => Err(KeyError::UnsupportedSignatureScheme(b)),
+        }
+    }
+}
 const CODEC_NONE: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
 const PAD_NONE: u8 = 0;
@@ -130,6 +163,8 @@ pub struct Opened {
     pub tree_id: TreeId,
     /// Epoch.
     pub epoch: u64,
+    /// Provenance of the grant whose key opened it.
+    pub provenance: Provenance,
 }
 
 impl fmt::Debug for Opened {
@@ -141,6 +176,9 @@ impl fmt::Debug for Opened {
             .field("ts_ms", &self.ts_ms)
             .field("content_type", &self.content_type)
             .field("payload_len", &self.payload.len())
+            .field("tree_id", &self.tree_id)
+            .field("epoch", &self.epoch)
+            .field("provenance", &self.provenance)
             .finish()
     }
 }
@@ -421,14 +459,13 @@ fn parse_body(b: &[u8]) -> Option<Body<'_>> {
         rest = r;
         Some(a)
     };
-    let sender = match scheme {
-        SIG_NONE => None,
-        SIG_ED25519 => {
+    let sender = match SignatureScheme::from_byte(scheme).ok()? {
+        SignatureScheme::None => None,
+        SignatureScheme::Ed25519 => {
             let pk = VerifyingKey::from_bytes(take(32)?.try_into().ok()?).ok()?;
             let sig = Signature::from_bytes(take(64)?.try_into().ok()?);
             Some((pk, sig))
         }
-        _ => return None,
     };
     let msg_id = MessageId(take(16)?.try_into().ok()?);
     let ts_ms = u64::from_be_bytes(take(8)?.try_into().ok()?);
@@ -476,19 +513,33 @@ impl Opener {
         }
     }
 
-    /// Opens `env` with the keys in `keyring`, at time `now_ms` (for epoch grace). Every
-    /// failure is the same [`OpenError`].
+    /// Opens a live message (see [`Opener::open_with`] with `live = true`).
     pub fn open(
         &mut self,
         keyring: &Keyring,
         env: &Envelope,
         now_ms: u64,
     ) -> Result<Opened, OpenError> {
-        // 1. The key id names a tree and epoch we hold and still accept.
+        self.open_with(keyring, env, now_ms, true)
+    }
+
+    /// Opens `env` with the keys in `keyring`, at time `now_ms`. `live` says whether the
+    /// relay delivered it live (`true`) or replayed it from history (`false`): a message of
+    /// a superseded epoch must be dated before the rotation cutoff either way, and when live
+    /// must also arrive within the grace period ([`Keyring::accepts_message`]). Every
+    /// failure is the same [`OpenError`].
+    pub fn open_with(
+        &mut self,
+        keyring: &Keyring,
+        env: &Envelope,
+        now_ms: u64,
+        live: bool,
+    ) -> Result<Opened, OpenError> {
+        // 1. The key id names a tree and epoch we hold (its dates are checked below).
         if env.flags() != 0 {
             return Err(OpenError);
         }
-        let keys = keyring.epoch(&env.key_id(), now_ms).ok_or(OpenError)?;
+        let keys = keyring.held_epoch(&env.key_id()).ok_or(OpenError)?;
         let nonce = env.nonce();
 
         // 2. Open the sealed name, check it is a valid topic, recompute every token.
@@ -526,10 +577,8 @@ impl Opener {
         }
 
         // 3. Derive M(t) from a held grant, check the key commitment, open the body.
-        let mk = keyring
-            .message_key(&env.key_id(), &topic, now_ms)
-            .ok_or(OpenError)?;
-        let (body_key, commit) = body_keys(&mk, nonce);
+        let ok = keyring.open_key(&env.key_id(), &topic).ok_or(OpenError)?;
+        let (body_key, commit) = body_keys(&ok.key, nonce);
         if !bool::from(commit.ct_eq(env.commit())) {
             return Err(OpenError);
         }
@@ -545,6 +594,10 @@ impl Opener {
             )
             .map_err(|_| OpenError)?;
         let b = parse_body(&body).ok_or(OpenError)?;
+        // The epoch accepts a message of this date (cutoff, not_after, live grace).
+        if !keyring.accepts_message(&env.key_id(), b.ts_ms, now_ms, live) {
+            return Err(OpenError);
+        }
 
         // 4. Verify the signature over the bound fields, before decompressing.
         let sender = match b.sender {
@@ -600,6 +653,7 @@ impl Opener {
             payload,
             tree_id: keys.tree_id(),
             epoch: keys.epoch(),
+            provenance: ok.provenance,
         })
     }
 }
@@ -759,5 +813,52 @@ mod tests {
                 .len(),
             1 << 20
         );
+    }
+
+    #[test]
+    fn reserved_batch_signature_scheme_is_refused() {
+        assert_eq!(
+            SignatureScheme::from_byte(2),
+            Err(KeyError::UnsupportedSignatureScheme(2))
+        );
+        assert_eq!(
+            SignatureScheme::from_byte(9),
+            Err(KeyError::UnsupportedSignatureScheme(9))
+        );
+        assert_eq!(SignatureScheme::from_byte(1), Ok(SignatureScheme::Ed25519));
+        assert_eq!(SignatureScheme::from_byte(0), Ok(SignatureScheme::None));
+        // A validly encrypted body that claims scheme 2 does not open.
+        let (mut rng, tk, kr, _id) = setup();
+        let topic = Topic::new("a").unwrap();
+        let key = kr.topic_key(&topic).unwrap();
+        let env = Sealer::new()
+            .seal(&key, &msg(b"x"), &SealOptions::default(), None, &mut rng)
+            .unwrap();
+        let mut opener = Opener::new();
+        assert!(opener.open(&kr, &env, 0).is_ok());
+        let mk = tk.grant_all().message_key(&topic).unwrap();
+        let (bk, _) = body_keys(&mk, env.nonce());
+        let cipher = XChaCha20Poly1305::new(bk.as_ref().into());
+        let ct = env.ciphertext();
+        let (c, tg) = ct.split_at(ct.len() - TAG_LEN);
+        let mut body = c.to_vec();
+        cipher
+            .decrypt_in_place_detached(
+                XNonce::from_slice(env.nonce()),
+                env.header(),
+                &mut body,
+                Tag::from_slice(tg),
+            )
+            .unwrap();
+        assert_eq!(body[0], SIG_NONE);
+        body[0] = SIG_BATCH;
+        let tag = cipher
+            .encrypt_in_place_detached(XNonce::from_slice(env.nonce()), env.header(), &mut body)
+            .unwrap();
+        let mut b = env.header().to_vec();
+        b.extend_from_slice(&body);
+        b.extend_from_slice(&tag);
+        let e = Envelope::from_slice(&b).unwrap();
+        assert_eq!(opener.open(&kr, &e, 0), Err(OpenError));
     }
 }

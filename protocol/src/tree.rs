@@ -2,16 +2,19 @@
 //! from it (DESIGN §4, CRYPTO.md "Tree keys").
 //!
 //! ```text
-//! B     = kh(root_e, 0x01 ‖ tree_id ‖ u64be(epoch))
-//! R     = kh(B, 0x02)            routing key: tokens and key id
-//! N     = kh(B, 0x03)            name key: sealed topic names
-//! S("") = kh(B, 0x04)            whole-tree subtree key
-//! S(p/s)= kh(S(p), 0x05 ‖ lp(s)) subtree key — a grant for p/s/# is S(p/s)
-//! M(t)  = kh(S(t), 0x06)         message key of exactly topic t — a grant for t alone
+//! B      = kh(root_e, 0x01 ‖ tree_id ‖ u64be(epoch))
+//! R      = kh(B, 0x02)            routing key: tokens and key id
+//! N      = kh(B, 0x03)            name key: sealed topic names
+//! S("")  = kh(B, 0x04)            whole-tree subtree key
+//! S(p/s) = kh(S(p), 0x05 ‖ lp(s)) subtree key — a grant for p/s/# is S(p/s)
+//! M(t)   = kh(S(t), 0x06)         message key of exactly topic t — a grant for t alone
+//! key_id = xof(R, 0x08 ‖ tree_id ‖ u64be(epoch), 16)
+//! C(k)   = kh(k, 0x0C)            commitment to a grant key (signed, never the key)
 //! ```
-//! The admin signs an *epoch certificate* `(tree_id, epoch, name, admin, R, N)`; every grant
-//! carries it, so a holder can pass a narrower grant on (deriving deeper keys needs no
-//! admin) and receivers still know the tree and epoch are the admin's.
+//! The admin signs an *epoch certificate* `(tree_id, epoch, flags, name, admin, R, N,
+//! prev_cutoff_ms, not_after_ms)` and every grant it mints `(tree_id, epoch, scope, C(key))`.
+//! A holder may narrow a grant and hand it on; the narrowed grant records the narrower's
+//! public key and signature (and the parent scope), so a receiver knows who vouches for it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -21,17 +24,28 @@ use rand_core::CryptoRngCore;
 use zeroize::Zeroizing;
 
 use crate::error_keys::KeyError;
-use crate::identity::SenderId;
+use crate::identity::{Identity, SenderId};
 use crate::kdf::{kh, lp, tag, xof, Secret32};
 use crate::limits::TOKEN_LEN;
 use crate::text::{self, hrp, put_lp, Cursor};
 use crate::token::{KeyId, PatternElem, TokenPath, TokenPattern, TopicToken};
 use crate::topic::{FilterLevel, Topic, TopicFilter};
 
-const FORMAT: u8 = 1;
-const CERT_CONTEXT: &[u8] = b"whispeer/v1/epoch-cert\0";
+/// Format version of grant (`wskey`) and tree key (`wstree`) strings.
+pub const KEY_FORMAT: u8 = 2;
+const FORMAT_V1: u8 = 1;
+const CERT_CONTEXT: &[u8] = b"whispeer/v2/epoch-cert\0";
+const GRANT_CONTEXT: &[u8] = b"whispeer/v2/grant\0";
+const NARROW_CONTEXT: &[u8] = b"whispeer/v2/grant-narrow\0";
+/// Epoch certificate flag: the tree is derived from a passphrase (epoch 0 only).
+pub const CERT_FLAG_PASSPHRASE: u8 = 0x01;
+const NO_LIMIT: u64 = u64::MAX;
+const AUTH_ADMIN: u8 = 1;
+const AUTH_NARROWED: u8 = 2;
 /// Longest tree name (a label for people; the tree id is what identifies a tree).
 pub const MAX_TREE_NAME: usize = 128;
+/// Longest passphrase realm.
+pub const MAX_REALM: usize = 128;
 
 /// A tree's random 16-byte id.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,6 +62,19 @@ impl TreeId {
     /// `BLAKE3-derive_key("whispeer v1 tree id", tree_name)`.
     pub fn from_name(tree_name: &str) -> Self {
         let k = blake3::derive_key("whispeer v1 tree id", tree_name.as_bytes());
+        TreeId(k[..16].try_into().expect("16 bytes"))
+    }
+    /// The id of a passphrase tree in a realm: [`TreeId::from_name`] for the empty realm,
+    /// else the first 16 bytes of `BLAKE3-derive_key("whispeer v2 realm tree id",
+    /// lp(realm) ‖ tree_name)`.
+    pub fn from_name_in_realm(realm: &str, tree_name: &str) -> Self {
+        if realm.is_empty() {
+            return Self::from_name(tree_name);
+        }
+        let mut m = Vec::with_capacity(2 + realm.len() + tree_name.len());
+        put_lp(&mut m, realm.as_bytes());
+        m.extend_from_slice(tree_name.as_bytes());
+        let k = blake3::derive_key("whispeer v2 realm tree id", &m);
         TreeId(k[..16].try_into().expect("16 bytes"))
     }
 }
@@ -90,10 +117,25 @@ impl fmt::Debug for EpochKeys {
     }
 }
 
+impl PartialEq for EpochKeys {
+    fn eq(&self, o: &Self) -> bool {
+        self.tree_id == o.tree_id
+            && self.epoch == o.epoch
+            && self.routing == o.routing
+            && self.name == o.name
+    }
+}
+impl Eq for EpochKeys {}
+
 impl EpochKeys {
     fn new(tree_id: TreeId, epoch: u64, routing: Secret32, name: Secret32) -> Self {
         let mut id = [0u8; TOKEN_LEN];
-        xof(routing.as_bytes(), tag::KEY_ID, &[], &mut id);
+        xof(
+            routing.as_bytes(),
+            tag::KEY_ID,
+            &[&tree_id.0, &epoch.to_be_bytes()],
+            &mut id,
+        );
         Self {
             tree_id,
             epoch,
@@ -101,6 +143,11 @@ impl EpochKeys {
             name,
             key_id: KeyId::from_bytes(id),
         }
+    }
+    #[cfg(test)]
+    pub(crate) fn with_key_id_for_tests(mut self, id: KeyId) -> Self {
+        self.key_id = id;
+        self
     }
     /// The tree.
     pub fn tree_id(&self) -> TreeId {
@@ -156,12 +203,16 @@ impl EpochKeys {
     }
 }
 
-/// The admin-signed statement "tree `tree_id` at `epoch` has routing key R and name key N".
+/// The admin-signed statement "tree `tree_id` at `epoch` has routing key R and name key N",
+/// with the rotation cutoff of the epochs before it and an optional end of its own.
 #[derive(Clone)]
 pub struct EpochCert {
     keys: EpochKeys,
+    flags: u8,
     tree_name: String,
     admin: VerifyingKey,
+    prev_cutoff_ms: u64,
+    not_after_ms: u64,
     sig: Signature,
 }
 
@@ -171,29 +222,80 @@ impl fmt::Debug for EpochCert {
             .field("tree_name", &self.tree_name)
             .field("keys", &self.keys)
             .field("admin", &SenderId(self.admin))
+            .field("passphrase", &self.is_passphrase())
+            .field("prev_cutoff_ms", &self.prev_cutoff_ms)
+            .field("not_after_ms", &self.not_after_ms())
             .finish()
     }
 }
 
-fn cert_sig_input(
-    tree_id: &TreeId,
+struct CertFields<'a> {
+    tree_id: &'a TreeId,
     epoch: u64,
-    name: &str,
-    admin: &VerifyingKey,
-    r: &Secret32,
-    n: &Secret32,
-) -> Zeroizing<Vec<u8>> {
-    let mut m = Zeroizing::new(CERT_CONTEXT.to_vec());
-    m.extend_from_slice(&tree_id.0);
-    m.extend_from_slice(&epoch.to_be_bytes());
-    put_lp(&mut m, name.as_bytes());
-    m.extend_from_slice(admin.as_bytes());
-    m.extend_from_slice(r.as_bytes());
-    m.extend_from_slice(n.as_bytes());
-    m
+    flags: u8,
+    name: &'a str,
+    admin: &'a VerifyingKey,
+    r: &'a Secret32,
+    n: &'a Secret32,
+    prev_cutoff_ms: u64,
+    not_after_ms: u64,
+}
+
+impl CertFields<'_> {
+    /// The certificate body: what is written and (after the context) signed.
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.tree_id.0);
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.push(self.flags);
+        put_lp(out, self.name.as_bytes());
+        out.extend_from_slice(self.admin.as_bytes());
+        out.extend_from_slice(self.r.as_bytes());
+        out.extend_from_slice(self.n.as_bytes());
+        out.extend_from_slice(&self.prev_cutoff_ms.to_be_bytes());
+        out.extend_from_slice(&self.not_after_ms.to_be_bytes());
+    }
+    fn sig_input(&self) -> Zeroizing<Vec<u8>> {
+        let mut m = Zeroizing::new(CERT_CONTEXT.to_vec());
+        self.write(&mut m);
+        m
+    }
+    fn check(&self) -> Result<(), KeyError> {
+        if self.flags & !CERT_FLAG_PASSPHRASE != 0 {
+            return Err(KeyError::InvalidString {
+                kind: "epoch certificate",
+                reason: format!("unknown flags 0x{:02x}", self.flags),
+            });
+        }
+        if self.flags & CERT_FLAG_PASSPHRASE != 0 && self.epoch > 0 {
+            return Err(KeyError::PassphraseEpoch {
+                tree: self.tree_id.to_string(),
+                epoch: self.epoch,
+            });
+        }
+        if self.epoch == 0 && self.prev_cutoff_ms != 0 {
+            return Err(KeyError::InvalidString {
+                kind: "epoch certificate",
+                reason: "epoch 0 has no previous epoch to cut off".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl EpochCert {
+    fn fields(&self) -> CertFields<'_> {
+        CertFields {
+            tree_id: &self.keys.tree_id,
+            epoch: self.keys.epoch,
+            flags: self.flags,
+            name: &self.tree_name,
+            admin: &self.admin,
+            r: &self.keys.routing,
+            n: &self.keys.name,
+            prev_cutoff_ms: self.prev_cutoff_ms,
+            not_after_ms: self.not_after_ms,
+        }
+    }
     /// The epoch's public-to-members keys.
     pub fn keys(&self) -> &EpochKeys {
         &self.keys
@@ -206,37 +308,104 @@ impl EpochCert {
     pub fn admin(&self) -> SenderId {
         SenderId(self.admin)
     }
+    /// A passphrase tree (its admin key is known to every member; only epoch 0 exists).
+    pub fn is_passphrase(&self) -> bool {
+        self.flags & CERT_FLAG_PASSPHRASE != 0
+    }
+    /// Messages of any earlier epoch dated at or after this time (Unix ms) are refused once
+    /// this certificate is held (0 for epoch 0: nothing to cut off).
+    pub fn prev_cutoff_ms(&self) -> u64 {
+        self.prev_cutoff_ms
+    }
+    /// Messages of this epoch dated after this time are refused.
+    pub fn not_after_ms(&self) -> Option<u64> {
+        (self.not_after_ms != NO_LIMIT).then_some(self.not_after_ms)
+    }
     fn write(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.keys.tree_id.0);
-        out.extend_from_slice(&self.keys.epoch.to_be_bytes());
-        put_lp(out, self.tree_name.as_bytes());
-        out.extend_from_slice(self.admin.as_bytes());
-        out.extend_from_slice(self.keys.routing.as_bytes());
-        out.extend_from_slice(self.keys.name.as_bytes());
+        self.fields().write(out);
         out.extend_from_slice(&self.sig.to_bytes());
     }
     fn read(c: &mut Cursor<'_>) -> Result<Self, KeyError> {
         let tree_id = TreeId(c.arr()?);
         let epoch = c.u64()?;
+        let flags = c.u8()?;
         let tree_name = c.lp_str()?;
         check_tree_name(&tree_name)?;
         let admin = VerifyingKey::from_bytes(&c.arr()?)
             .map_err(|_| KeyError::InvalidPublicKey("epoch certificate"))?;
         let r = Secret32(c.arr()?);
         let n = Secret32(c.arr()?);
+        let prev_cutoff_ms = c.u64()?;
+        let not_after_ms = c.u64()?;
         let sig = Signature::from_bytes(&c.arr()?);
+        let f = CertFields {
+            tree_id: &tree_id,
+            epoch,
+            flags,
+            name: &tree_name,
+            admin: &admin,
+            r: &r,
+            n: &n,
+            prev_cutoff_ms,
+            not_after_ms,
+        };
         admin
-            .verify_strict(
-                &cert_sig_input(&tree_id, epoch, &tree_name, &admin, &r, &n),
-                &sig,
-            )
+            .verify_strict(&f.sig_input(), &sig)
             .map_err(|_| KeyError::BadSignature("epoch certificate"))?;
+        f.check()?;
         Ok(EpochCert {
             keys: EpochKeys::new(tree_id, epoch, r, n),
+            flags,
             tree_name,
             admin,
+            prev_cutoff_ms,
+            not_after_ms,
             sig,
         })
+    }
+}
+
+/// Where a held grant's key comes from, as far as the receiver can tell.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+#[non_exhaustive]
+pub enum Provenance {
+    /// The tree admin signed this grant (scope and key commitment).
+    AdminSigned,
+    /// The keyring re-derived the same key from a broader verified grant it holds.
+    Derived {
+        /// The scope of that broader grant.
+        from: Scope,
+    },
+    /// Narrowed and handed on by this identity; nothing the keyring holds can confirm it.
+    /// Opens messages, seals only after an explicit opt-in.
+    Delegated {
+        /// Who narrowed it.
+        by: SenderId,
+    },
+}
+
+impl Provenance {
+    /// Admin-signed or derived and checked.
+    pub fn is_verified(&self) -> bool {
+        !matches!(self, Provenance::Delegated { .. })
+    }
+    /// Larger is more trustworthy (used to report the best grant that opened a message).
+    pub(crate) fn rank(&self) -> u8 {
+        match self {
+            Provenance::AdminSigned => 2,
+            Provenance::Derived { .. } => 1,
+            Provenance::Delegated { .. } => 0,
+        }
+    }
+}
+
+impl fmt::Display for Provenance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Provenance::AdminSigned => f.write_str("admin-signed"),
+            Provenance::Derived { from } => write!(f, "derived from '{from}'"),
+            Provenance::Delegated { by } => write!(f, "delegated by {by}"),
+        }
     }
 }
 
@@ -267,6 +436,53 @@ impl Scope {
             Scope::Subtree(p) => 2 * p.levels(),
             Scope::Topic(t) => 2 * t.levels() + 1,
         }
+    }
+    /// Does this scope contain all of `other` (equal scopes included)?
+    pub fn contains(&self, other: &Scope) -> bool {
+        match (self, other) {
+            (Scope::Tree, _) => true,
+            (Scope::Subtree(p), Scope::Subtree(q)) => q.is_under(p),
+            (Scope::Subtree(p), Scope::Topic(t)) => t.is_under(p),
+            (Scope::Topic(a), Scope::Topic(b)) => a == b,
+            _ => false,
+        }
+    }
+    /// The scope kind byte on the wire: 0 tree, 1 subtree, 2 topic.
+    pub fn kind_byte(&self) -> u8 {
+        match self {
+            Scope::Tree => 0,
+            Scope::Subtree(_) => 1,
+            Scope::Topic(_) => 2,
+        }
+    }
+    /// The scope path on the wire (empty for the whole tree).
+    pub fn path(&self) -> &str {
+        match self {
+            Scope::Tree => "",
+            Scope::Subtree(p) => p.as_str(),
+            Scope::Topic(t) => t.as_str(),
+        }
+    }
+    fn read(c: &mut Cursor<'_>, what: &'static str) -> Result<Scope, KeyError> {
+        let kind = c.u8()?;
+        let path = c.lp_str()?;
+        match kind {
+            0 if path.is_empty() => Ok(Scope::Tree),
+            1 => Ok(Scope::Subtree(Topic::new(path)?)),
+            2 => Ok(Scope::Topic(Topic::new(path)?)),
+            0 => Err(KeyError::InvalidString {
+                kind: what,
+                reason: "a whole-tree scope has no path".into(),
+            }),
+            _ => Err(KeyError::InvalidString {
+                kind: what,
+                reason: "unknown scope kind".into(),
+            }),
+        }
+    }
+    fn write(&self, out: &mut Vec<u8>) {
+        out.push(self.kind_byte());
+        put_lp(out, self.path().as_bytes());
     }
     /// Could a topic matching `filter` be covered?
     pub fn intersects(&self, filter: &TopicFilter) -> bool {
@@ -302,13 +518,53 @@ fn message_key(s: &Secret32) -> Secret32 {
     kh(s.as_bytes(), tag::MESSAGE, &[])
 }
 
-/// A key for part of a tree, with the signed epoch certificate. Holders may derive narrower
-/// grants ([`Grant::narrow`]) and hand them on; nobody can derive a sibling or a parent.
+fn grant_commitment(key: &Secret32) -> [u8; 32] {
+    *kh(key.as_bytes(), tag::GRANT_COMMIT, &[]).as_bytes()
+}
+
+/// What a grant's signer signs: `ctx ‖ tree_id ‖ u64be(epoch) ‖ kind ‖ lp(path) ‖ C(key)`,
+/// and for a narrowed grant also `‖ parent_kind ‖ lp(parent_path)`.
+fn grant_sig_input(
+    ctx: &[u8],
+    keys: &EpochKeys,
+    scope: &Scope,
+    key: &Secret32,
+    parent: Option<&Scope>,
+) -> Vec<u8> {
+    let mut m = ctx.to_vec();
+    m.extend_from_slice(&keys.tree_id.0);
+    m.extend_from_slice(&keys.epoch.to_be_bytes());
+    scope.write(&mut m);
+    m.extend_from_slice(&grant_commitment(key));
+    if let Some(p) = parent {
+        p.write(&mut m);
+    }
+    m
+}
+
+/// Who vouches for a grant.
+#[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // both variants are small; boxing buys nothing here
+enum GrantAuth {
+    /// The admin's signature.
+    Admin(Signature),
+    /// Narrowed from `parent` by `by`.
+    Narrowed {
+        parent: Scope,
+        by: VerifyingKey,
+        sig: Signature,
+    },
+}
+
+/// A key for part of a tree, with the signed epoch certificate and the signature of whoever
+/// minted it (the admin, or the holder who narrowed it). Holders may derive narrower grants
+/// ([`Grant::narrow`]) and hand them on; nobody can derive a sibling or a parent.
 #[derive(Clone)]
 pub struct Grant {
     cert: EpochCert,
     scope: Scope,
     key: Secret32,
+    auth: GrantAuth,
 }
 
 impl fmt::Debug for Grant {
@@ -316,6 +572,7 @@ impl fmt::Debug for Grant {
         f.debug_struct("Grant")
             .field("scope", &self.scope)
             .field("cert", &self.cert)
+            .field("claim", &self.claimed_provenance())
             .finish_non_exhaustive()
     }
 }
@@ -333,6 +590,31 @@ impl Grant {
     pub fn scope(&self) -> &Scope {
         &self.scope
     }
+    /// What the grant itself proves: [`Provenance::AdminSigned`], or
+    /// [`Provenance::Delegated`] by its narrower (a keyring may upgrade the latter to
+    /// [`Provenance::Derived`]).
+    pub fn claimed_provenance(&self) -> Provenance {
+        match &self.auth {
+            GrantAuth::Admin(_) => Provenance::AdminSigned,
+            GrantAuth::Narrowed { by, .. } => Provenance::Delegated { by: SenderId(*by) },
+        }
+    }
+    /// The scope a narrowed grant was narrowed from (`None` for an admin-signed grant).
+    pub fn narrowed_from(&self) -> Option<&Scope> {
+        match &self.auth {
+            GrantAuth::Admin(_) => None,
+            GrantAuth::Narrowed { parent, .. } => Some(parent),
+        }
+    }
+    /// `C(key) = kh(key, 0x0C)`: the commitment the signer signed.
+    pub fn key_commitment(&self) -> [u8; 32] {
+        grant_commitment(&self.key)
+    }
+    /// Does this grant hold the same key as `other` (same tree, epoch and scope assumed)?
+    pub(crate) fn same_key(&self, other: &Secret32) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(self.key.as_bytes().ct_eq(other.as_bytes()))
+    }
     /// `M(topic)` if the scope covers `topic`.
     pub fn message_key(&self, topic: &Topic) -> Option<Secret32> {
         match &self.scope {
@@ -349,6 +631,23 @@ impl Grant {
             }
         }
     }
+    /// The key of `scope` if this grant's scope contains it.
+    pub(crate) fn key_for(&self, scope: &Scope) -> Option<Secret32> {
+        if !self.scope.contains(scope) {
+            return None;
+        }
+        match scope {
+            Scope::Topic(t) => self.message_key(t),
+            Scope::Tree => Some(self.key.clone()),
+            Scope::Subtree(q) => {
+                let skip = match &self.scope {
+                    Scope::Subtree(p) => p.levels(),
+                    _ => 0,
+                };
+                Some(Self::descend(&self.key, q.segments().skip(skip)))
+            }
+        }
+    }
     fn descend<'a>(start: &Secret32, segs: impl Iterator<Item = &'a str>) -> Secret32 {
         let mut k = start.clone();
         for s in segs {
@@ -356,80 +655,129 @@ impl Grant {
         }
         k
     }
-    /// A narrower grant: `sub` must lie within this grant's scope. `exact` asks for a
-    /// single-topic grant (`M(sub)`) rather than a subtree (`S(sub)`).
-    pub fn narrow(&self, sub: &Topic, exact: bool) -> Result<Grant, KeyError> {
-        let out_of_scope = || KeyError::OutOfScope {
+    fn target_scope(sub: &Topic, exact: bool) -> Scope {
+        if exact {
+            Scope::Topic(sub.clone())
+        } else {
+            Scope::Subtree(sub.clone())
+        }
+    }
+    /// A narrower grant, signed by `by` (who hands it on): `sub` must lie within this
+    /// grant's scope. `exact` asks for a single-topic grant (`M(sub)`) rather than a subtree
+    /// (`S(sub)`). The result records `by` and this grant's scope; a receiver treats it as
+    /// delegated unless it can derive the same key itself. An admin mints admin-signed
+    /// grants with [`TreeKey::grant`] instead.
+    pub fn narrow(&self, sub: &Topic, exact: bool, by: &Identity) -> Result<Grant, KeyError> {
+        let scope = Self::target_scope(sub, exact);
+        if scope == self.scope {
+            return Ok(self.clone());
+        }
+        let key = self.key_for(&scope).ok_or_else(|| KeyError::OutOfScope {
             scope: self.scope.to_string(),
             target: sub.to_string(),
-        };
-        let (s_key, skip) = match &self.scope {
-            Scope::Tree => (&self.key, 0),
-            Scope::Subtree(p) if sub.is_under(p) => (&self.key, p.levels()),
-            Scope::Topic(t) if exact && t == sub => return Ok(self.clone()),
-            _ => return Err(out_of_scope()),
-        };
-        let s = Self::descend(s_key, sub.segments().skip(skip));
-        let (scope, key) = if exact {
-            (Scope::Topic(sub.clone()), message_key(&s))
-        } else {
-            (Scope::Subtree(sub.clone()), s)
-        };
+        })?;
+        let sig = by.sign(&grant_sig_input(
+            NARROW_CONTEXT,
+            &self.cert.keys,
+            &scope,
+            &key,
+            Some(&self.scope),
+        ));
         Ok(Grant {
             cert: self.cert.clone(),
             scope,
             key,
+            auth: GrantAuth::Narrowed {
+                parent: self.scope.clone(),
+                by: by.signing_key().verifying_key(),
+                sig,
+            },
         })
     }
 
     /// Binary form (inside key strings and invites).
     pub(crate) fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
-        let mut b = Zeroizing::new(Vec::with_capacity(256));
-        b.push(FORMAT);
+        let mut b = Zeroizing::new(Vec::with_capacity(400));
+        b.push(KEY_FORMAT);
         self.cert.write(&mut b);
-        let (kind, path) = match &self.scope {
-            Scope::Tree => (0u8, ""),
-            Scope::Subtree(p) => (1, p.as_str()),
-            Scope::Topic(t) => (2, t.as_str()),
-        };
-        b.push(kind);
-        put_lp(&mut b, path.as_bytes());
+        self.scope.write(&mut b);
         b.extend_from_slice(self.key.as_bytes());
+        match &self.auth {
+            GrantAuth::Admin(sig) => {
+                b.push(AUTH_ADMIN);
+                b.extend_from_slice(&sig.to_bytes());
+            }
+            GrantAuth::Narrowed { parent, by, sig } => {
+                b.push(AUTH_NARROWED);
+                parent.write(&mut b);
+                b.extend_from_slice(by.as_bytes());
+                b.extend_from_slice(&sig.to_bytes());
+            }
+        }
         b
     }
 
     pub(crate) fn from_bytes(b: &[u8]) -> Result<Grant, KeyError> {
         let mut c = Cursor::new(b, "grant");
         let v = c.u8()?;
-        if v != FORMAT {
+        if v == FORMAT_V1 {
+            return Err(KeyError::OldVersion {
+                kind: "grant",
+                version: v,
+            });
+        }
+        if v != KEY_FORMAT {
             return Err(KeyError::UnsupportedVersion {
                 kind: "grant",
                 version: v,
             });
         }
         let cert = EpochCert::read(&mut c)?;
-        let kind = c.u8()?;
-        let path = c.lp_str()?;
-        let scope = match kind {
-            0 if path.is_empty() => Scope::Tree,
-            1 => Scope::Subtree(Topic::new(path)?),
-            2 => Scope::Topic(Topic::new(path)?),
-            0 => {
-                return Err(KeyError::InvalidString {
-                    kind: "grant",
-                    reason: "a whole-tree scope has no path".into(),
-                })
+        let scope = Scope::read(&mut c, "grant")?;
+        let key = Secret32(c.arr()?);
+        let auth = match c.u8()? {
+            AUTH_ADMIN => {
+                let sig = Signature::from_bytes(&c.arr()?);
+                cert.admin
+                    .verify_strict(
+                        &grant_sig_input(GRANT_CONTEXT, &cert.keys, &scope, &key, None),
+                        &sig,
+                    )
+                    .map_err(|_| KeyError::BadSignature("grant (admin)"))?;
+                GrantAuth::Admin(sig)
+            }
+            AUTH_NARROWED => {
+                let parent = Scope::read(&mut c, "grant")?;
+                if !parent.contains(&scope) || parent == scope {
+                    return Err(KeyError::InvalidString {
+                        kind: "grant",
+                        reason: "the parent scope does not contain the narrowed scope".into(),
+                    });
+                }
+                let by = VerifyingKey::from_bytes(&c.arr()?)
+                    .map_err(|_| KeyError::InvalidPublicKey("grant narrower"))?;
+                let sig = Signature::from_bytes(&c.arr()?);
+                by.verify_strict(
+                    &grant_sig_input(NARROW_CONTEXT, &cert.keys, &scope, &key, Some(&parent)),
+                    &sig,
+                )
+                .map_err(|_| KeyError::BadSignature("grant (narrower)"))?;
+                GrantAuth::Narrowed { parent, by, sig }
             }
             _ => {
                 return Err(KeyError::InvalidString {
                     kind: "grant",
-                    reason: "unknown scope kind".into(),
+                    reason: "unknown grant signer kind".into(),
                 })
             }
         };
-        let key = Secret32(c.arr()?);
         c.finish()?;
-        Ok(Grant { cert, scope, key })
+        Ok(Grant {
+            cert,
+            scope,
+            key,
+            auth,
+        })
     }
 
     /// The key string (`wskey1…`). Anyone holding it can read and write its scope.
@@ -437,7 +785,7 @@ impl Grant {
         Zeroizing::new(text::encode(hrp::GRANT, &self.to_bytes()))
     }
 
-    /// Parses a key string and verifies the epoch certificate's signature.
+    /// Parses a key string and verifies the epoch certificate's and the grant's signatures.
     pub fn from_key_string(s: &str) -> Result<Grant, KeyError> {
         let b = Zeroizing::new(text::decode(hrp::GRANT, s)?);
         Grant::from_bytes(&b)
@@ -473,7 +821,7 @@ impl Default for PassphraseParams {
 }
 
 /// A tree admin's key: the root of the current epoch and the admin signing key. It can
-/// issue grants for any scope and rotate to a new epoch.
+/// issue admin-signed grants for any scope and rotate to a new epoch.
 #[derive(Clone)]
 pub struct TreeKey {
     tree_id: TreeId,
@@ -481,6 +829,9 @@ pub struct TreeKey {
     name: String,
     root: Secret32,
     admin: SigningKey,
+    passphrase: bool,
+    prev_cutoff_ms: u64,
+    not_after_ms: u64,
 }
 
 impl fmt::Debug for TreeKey {
@@ -489,6 +840,7 @@ impl fmt::Debug for TreeKey {
             .field("name", &self.name)
             .field("tree_id", &self.tree_id)
             .field("epoch", &self.epoch)
+            .field("passphrase", &self.passphrase)
             .finish_non_exhaustive()
     }
 }
@@ -508,17 +860,36 @@ impl TreeKey {
             name: name.to_owned(),
             root,
             admin: SigningKey::from_bytes(&seed),
+            passphrase: false,
+            prev_cutoff_ms: 0,
+            not_after_ms: NO_LIMIT,
         })
     }
 
-    /// A tree from a shared name and passphrase (epoch 0 only).
-    ///
-    /// `tree_id = TreeId::from_name(name)`, `salt = BLAKE3-derive_key("whispeer v1
-    /// passphrase salt", tree_id ‖ lp(name))`, and Argon2id(passphrase, salt, params) gives
-    /// 64 bytes: the epoch-0 root, then the admin key seed. Anyone holding ciphertext can
-    /// run an offline dictionary attack: use ~80 bits (six diceware words).
+    /// A tree from a shared name and passphrase (epoch 0 only): see
+    /// [`TreeKey::from_passphrase_in_realm`] with the empty realm.
     pub fn from_passphrase(
         name: &str,
+        passphrase: &[u8],
+        params: PassphraseParams,
+    ) -> Result<Self, KeyError> {
+        Self::from_passphrase_in_realm(name, "", passphrase, params)
+    }
+
+    /// A tree from a shared name, an optional realm (e.g. an application or organisation
+    /// name; "" for none) and a passphrase.
+    ///
+    /// `tree_id = TreeId::from_name_in_realm(realm, name)`, `salt = BLAKE3-derive_key(
+    /// "whispeer v1 passphrase salt", tree_id ‖ lp(name) [‖ lp(realm) if realm ≠ ""])`, and
+    /// Argon2id(passphrase, salt, params) gives 64 bytes: the epoch-0 root, then the admin
+    /// key seed. Every member therefore knows the admin key: the certificate is marked as a
+    /// passphrase tree and no epoch after 0 is accepted (rotate by choosing a new
+    /// passphrase). Anyone who sees a key id of the tree (the relay, any holder of
+    /// ciphertext) can run an offline dictionary attack at the Argon2id cost per guess: use
+    /// ~80 bits (six diceware words).
+    pub fn from_passphrase_in_realm(
+        name: &str,
+        realm: &str,
         passphrase: &[u8],
         params: PassphraseParams,
     ) -> Result<Self, KeyError> {
@@ -526,9 +897,15 @@ impl TreeKey {
         if name.is_empty() {
             return Err(KeyError::InvalidTreeName("a passphrase tree needs a name"));
         }
-        let tree_id = TreeId::from_name(name);
+        if realm.len() > MAX_REALM {
+            return Err(KeyError::InvalidTreeName("realm longer than 128 bytes"));
+        }
+        let tree_id = TreeId::from_name_in_realm(realm, name);
         let mut salt_in = tree_id.0.to_vec();
         put_lp(&mut salt_in, name.as_bytes());
+        if !realm.is_empty() {
+            put_lp(&mut salt_in, realm.as_bytes());
+        }
         let salt = blake3::derive_key("whispeer v1 passphrase salt", &salt_in);
         let p = argon2::Params::new(params.m_kib, params.t, params.p, Some(64))
             .map_err(|e| KeyError::Passphrase(e.to_string()))?;
@@ -544,10 +921,15 @@ impl TreeKey {
             name: name.to_owned(),
             root,
             admin: SigningKey::from_bytes(&seed),
+            passphrase: true,
+            prev_cutoff_ms: 0,
+            not_after_ms: NO_LIMIT,
         })
     }
 
-    /// A tree key from its raw parts (known-answer tests, and restoring from storage).
+    /// A tree key from its raw parts (known-answer tests, and restoring from storage): not a
+    /// passphrase tree, no cutoff (a later epoch's certificate then refuses every earlier
+    /// message: set one with [`TreeKey::with_prev_cutoff`]), no end.
     pub fn from_parts(
         tree_id: TreeId,
         epoch: u64,
@@ -562,19 +944,55 @@ impl TreeKey {
             name: name.to_owned(),
             root: Secret32(root),
             admin: SigningKey::from_bytes(&admin_seed),
+            passphrase: false,
+            prev_cutoff_ms: 0,
+            not_after_ms: NO_LIMIT,
         })
     }
 
     /// A new epoch: fresh random root (never derived from the old one, so a removed member
-    /// cannot roll forward), same tree id and admin.
-    pub fn rotate(&self, rng: &mut impl CryptoRngCore) -> TreeKey {
+    /// cannot roll forward), same tree id and admin. `cutoff_ms` goes into the new epoch's
+    /// certificate: receivers holding it refuse messages of earlier epochs dated at or after
+    /// it (from history), and accept earlier-epoch live messages dated before it only during
+    /// their grace period. Use the time of the removal (now). Passphrase trees cannot rotate.
+    pub fn rotate(
+        &self,
+        cutoff_ms: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<TreeKey, KeyError> {
+        if self.passphrase {
+            return Err(KeyError::PassphraseEpoch {
+                tree: self.tree_id.to_string(),
+                epoch: self.epoch.saturating_add(1),
+            });
+        }
+        let epoch = self.epoch.checked_add(1).ok_or(KeyError::InvalidString {
+            kind: "tree key",
+            reason: "epoch exhausted".into(),
+        })?;
         let mut root = Secret32([0; 32]);
         rng.fill_bytes(&mut root.0);
-        TreeKey {
-            epoch: self.epoch + 1,
+        Ok(TreeKey {
+            epoch,
             root,
+            prev_cutoff_ms: cutoff_ms,
+            not_after_ms: NO_LIMIT,
             ..self.clone()
-        }
+        })
+    }
+
+    /// The same key with another cutoff for earlier epochs (ignored at epoch 0).
+    pub fn with_prev_cutoff(mut self, cutoff_ms: u64) -> Self {
+        self.prev_cutoff_ms = if self.epoch == 0 { 0 } else { cutoff_ms };
+        self
+    }
+
+    /// The same key whose certificate refuses messages of this epoch dated after
+    /// `not_after_ms` (`None`: no end). Receivers that never get the next epoch stop
+    /// accepting this one for new messages after it.
+    pub fn with_not_after(mut self, not_after_ms: Option<u64>) -> Self {
+        self.not_after_ms = not_after_ms.unwrap_or(NO_LIMIT);
+        self
     }
 
     /// The tree id.
@@ -593,6 +1011,18 @@ impl TreeKey {
     pub fn admin(&self) -> SenderId {
         SenderId(self.admin.verifying_key())
     }
+    /// A passphrase tree.
+    pub fn is_passphrase(&self) -> bool {
+        self.passphrase
+    }
+    /// The cutoff for earlier epochs in this epoch's certificate.
+    pub fn prev_cutoff_ms(&self) -> u64 {
+        self.prev_cutoff_ms
+    }
+    /// The end of this epoch, if set.
+    pub fn not_after_ms(&self) -> Option<u64> {
+        (self.not_after_ms != NO_LIMIT).then_some(self.not_after_ms)
+    }
 
     fn base(&self) -> Secret32 {
         kh(
@@ -608,62 +1038,103 @@ impl TreeKey {
         let r = kh(b.as_bytes(), tag::ROUTING, &[]);
         let n = kh(b.as_bytes(), tag::NAME, &[]);
         let admin = self.admin.verifying_key();
-        let sig = self.admin.sign(&cert_sig_input(
-            &self.tree_id,
-            self.epoch,
-            &self.name,
-            &admin,
-            &r,
-            &n,
-        ));
+        let flags = if self.passphrase {
+            CERT_FLAG_PASSPHRASE
+        } else {
+            0
+        };
+        let f = CertFields {
+            tree_id: &self.tree_id,
+            epoch: self.epoch,
+            flags,
+            name: &self.name,
+            admin: &admin,
+            r: &r,
+            n: &n,
+            prev_cutoff_ms: self.prev_cutoff_ms,
+            not_after_ms: self.not_after_ms,
+        };
+        let sig = self.admin.sign(&f.sig_input());
         EpochCert {
             keys: EpochKeys::new(self.tree_id, self.epoch, r, n),
+            flags,
             tree_name: self.name.clone(),
             admin,
+            prev_cutoff_ms: self.prev_cutoff_ms,
+            not_after_ms: self.not_after_ms,
             sig,
         }
     }
 
-    /// A grant for the whole tree.
-    pub fn grant_all(&self) -> Grant {
+    fn sign_grant(&self, cert: EpochCert, scope: Scope, key: Secret32) -> Grant {
+        let sig = self.admin.sign(&grant_sig_input(
+            GRANT_CONTEXT,
+            &cert.keys,
+            &scope,
+            &key,
+            None,
+        ));
         Grant {
-            cert: self.cert(),
-            scope: Scope::Tree,
-            key: subtree_root(&self.base()),
+            cert,
+            scope,
+            key,
+            auth: GrantAuth::Admin(sig),
         }
     }
 
-    /// A grant for `scope`.
+    /// The admin-signed grant for the whole tree.
+    pub fn grant_all(&self) -> Grant {
+        self.sign_grant(self.cert(), Scope::Tree, subtree_root(&self.base()))
+    }
+
+    /// The admin-signed grant for `scope`.
     pub fn grant(&self, scope: &Scope) -> Grant {
         let all = self.grant_all();
-        match scope {
-            Scope::Tree => all,
-            Scope::Subtree(p) => all.narrow(p, false).expect("the tree covers every subtree"),
-            Scope::Topic(t) => all.narrow(t, true).expect("the tree covers every topic"),
-        }
+        let key = all.key_for(scope).expect("the tree covers every scope");
+        self.sign_grant(all.cert, scope.clone(), key)
     }
 
-    /// The admin key string (`wstree1…`): whoever holds it controls the tree.
+    /// The admin key string (`wstree1…`, format 2): whoever holds it controls the tree.
     pub fn to_key_string(&self) -> Zeroizing<String> {
-        let mut b = Zeroizing::new(Vec::with_capacity(128));
-        b.push(FORMAT);
+        let mut b = Zeroizing::new(Vec::with_capacity(160));
+        b.push(KEY_FORMAT);
+        b.push(if self.passphrase {
+            CERT_FLAG_PASSPHRASE
+        } else {
+            0
+        });
         b.extend_from_slice(&self.tree_id.0);
         b.extend_from_slice(&self.epoch.to_be_bytes());
         b.extend_from_slice(self.root.as_bytes());
         b.extend_from_slice(self.admin.as_bytes());
         put_lp(&mut b, self.name.as_bytes());
+        b.extend_from_slice(&self.prev_cutoff_ms.to_be_bytes());
+        b.extend_from_slice(&self.not_after_ms.to_be_bytes());
         Zeroizing::new(text::encode(hrp::TREE, &b))
     }
 
-    /// Parses an admin key string.
+    /// Parses an admin key string (format 2; format 1 gives [`KeyError::OldVersion`]).
     pub fn from_key_string(s: &str) -> Result<Self, KeyError> {
         let b = Zeroizing::new(text::decode(hrp::TREE, s)?);
         let mut c = Cursor::new(&b, "tree key");
         let v = c.u8()?;
-        if v != FORMAT {
+        if v == FORMAT_V1 {
+            return Err(KeyError::OldVersion {
+                kind: "tree key",
+                version: v,
+            });
+        }
+        if v != KEY_FORMAT {
             return Err(KeyError::UnsupportedVersion {
                 kind: "tree key",
                 version: v,
+            });
+        }
+        let flags = c.u8()?;
+        if flags & !CERT_FLAG_PASSPHRASE != 0 {
+            return Err(KeyError::InvalidString {
+                kind: "tree key",
+                reason: format!("unknown flags 0x{flags:02x}"),
             });
         }
         let tree_id = TreeId(c.arr()?);
@@ -672,13 +1143,57 @@ impl TreeKey {
         let seed = Zeroizing::new(c.arr::<32>()?);
         let name = c.lp_str()?;
         check_tree_name(&name)?;
+        let prev_cutoff_ms = c.u64()?;
+        let not_after_ms = c.u64()?;
         c.finish()?;
+        let passphrase = flags & CERT_FLAG_PASSPHRASE != 0;
+        if passphrase && epoch > 0 {
+            return Err(KeyError::PassphraseEpoch {
+                tree: tree_id.to_string(),
+                epoch,
+            });
+        }
         Ok(TreeKey {
             tree_id,
             epoch,
             name,
             root,
             admin: SigningKey::from_bytes(&seed),
+            passphrase,
+            prev_cutoff_ms: if epoch == 0 { 0 } else { prev_cutoff_ms },
+            not_after_ms,
+        })
+    }
+
+    /// Parses a format-1 admin key string (for `whispeer key upgrade`). A tree whose id is
+    /// `TreeId::from_name(name)` is taken to be a passphrase tree; a later epoch gets the
+    /// cutoff 0 (version-1 messages cannot be opened by version 2 anyway).
+    fn from_v1_bytes(b: &[u8]) -> Result<Self, KeyError> {
+        let mut c = Cursor::new(b, "tree key");
+        let _v = c.u8()?;
+        let tree_id = TreeId(c.arr()?);
+        let epoch = c.u64()?;
+        let root = Secret32(c.arr()?);
+        let seed = Zeroizing::new(c.arr::<32>()?);
+        let name = c.lp_str()?;
+        check_tree_name(&name)?;
+        c.finish()?;
+        let passphrase = !name.is_empty() && TreeId::from_name(&name) == tree_id;
+        if passphrase && epoch > 0 {
+            return Err(KeyError::PassphraseEpoch {
+                tree: tree_id.to_string(),
+                epoch,
+            });
+        }
+        Ok(TreeKey {
+            tree_id,
+            epoch,
+            name,
+            root,
+            admin: SigningKey::from_bytes(&seed),
+            passphrase,
+            prev_cutoff_ms: 0,
+            not_after_ms: NO_LIMIT,
         })
     }
 }
@@ -690,9 +1205,145 @@ impl FromStr for TreeKey {
     }
 }
 
+/// What `whispeer key upgrade` did with a key string.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Upgraded {
+    /// A format-1 tree key, converted fully.
+    Tree(Box<TreeKey>),
+    /// Already the current format (returned unchanged).
+    Current(Zeroizing<String>),
+}
+
+/// Converts a key string to the current format. A version-1 `wstree` converts fully. A
+/// version-1 `wskey` grant carries no admin signature and cannot be converted: it gives
+/// [`KeyError::NeedsReissue`] (ask the admin to run `whispeer key derive` with the tree key,
+/// or to send an invite). A current string is returned unchanged.
+pub fn upgrade_key_string(s: &str) -> Result<Upgraded, KeyError> {
+    let lower = s.trim().to_ascii_lowercase();
+    if lower.starts_with("wstree1") {
+        let b = Zeroizing::new(text::decode(hrp::TREE, s)?);
+        return match b.first() {
+            Some(&FORMAT_V1) => Ok(Upgraded::Tree(Box::new(TreeKey::from_v1_bytes(&b)?))),
+            _ => {
+                TreeKey::from_key_string(s)?;
+                Ok(Upgraded::Current(Zeroizing::new(s.trim().to_owned())))
+            }
+        };
+    }
+    if lower.starts_with("wskey1") {
+        let b = Zeroizing::new(text::decode(hrp::GRANT, s)?);
+        return match b.first() {
+            Some(&FORMAT_V1) => Err(KeyError::NeedsReissue(
+                "a version-1 grant (wskey) carries no admin signature and cannot be upgraded: \
+                 ask the tree admin for a new one (`whispeer key derive` with the tree key, or \
+                 an invite), or upgrade the tree key (wstree) if you hold it",
+            )),
+            _ => {
+                Grant::from_key_string(s)?;
+                Ok(Upgraded::Current(Zeroizing::new(s.trim().to_owned())))
+            }
+        };
+    }
+    Err(KeyError::WrongKind {
+        expected: "wstree or wskey",
+        found: lower
+            .split_once('1')
+            .map(|(h, _)| h)
+            .unwrap_or("")
+            .to_owned(),
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests_support {
     use super::*;
+    /// A grant for `scope` holding `key` (any bytes), narrowed from `parent` and signed by
+    /// `by`: what a malicious member can hand out.
+    pub(crate) fn forge_narrowed(
+        real: &Grant,
+        parent: Scope,
+        scope: Scope,
+        key: [u8; 32],
+        by: &Identity,
+    ) -> Grant {
+        let key = Secret32(key);
+        let sig = by.sign(&grant_sig_input(
+            NARROW_CONTEXT,
+            &real.cert.keys,
+            &scope,
+            &key,
+            Some(&parent),
+        ));
+        let g = Grant {
+            cert: real.cert.clone(),
+            scope,
+            key,
+            auth: GrantAuth::Narrowed {
+                parent,
+                by: by.signing_key().verifying_key(),
+                sig,
+            },
+        };
+        // It survives its own encoding: the signature is valid, only the key is a lie.
+        Grant::from_bytes(&g.to_bytes()).expect("a well-signed forgery parses")
+    }
+    /// An admin-signed whole-tree grant of `attacker`'s tree whose certificate copies the
+    /// victim's R and N (under `tree_id`).
+    pub(crate) fn copy_rn(victim: &TreeKey, attacker: &TreeKey, tree_id: TreeId) -> Grant {
+        let vc = victim.cert();
+        let admin = attacker.admin.verifying_key();
+        let f = CertFields {
+            tree_id: &tree_id,
+            epoch: vc.keys.epoch,
+            flags: 0,
+            name: &vc.tree_name,
+            admin: &admin,
+            r: &vc.keys.routing,
+            n: &vc.keys.name,
+            prev_cutoff_ms: 0,
+            not_after_ms: NO_LIMIT,
+        };
+        let sig = attacker.admin.sign(&f.sig_input());
+        let cert = EpochCert {
+            keys: EpochKeys::new(
+                tree_id,
+                vc.keys.epoch,
+                vc.keys.routing.clone(),
+                vc.keys.name.clone(),
+            ),
+            flags: 0,
+            tree_name: vc.tree_name.clone(),
+            admin,
+            prev_cutoff_ms: 0,
+            not_after_ms: NO_LIMIT,
+            sig,
+        };
+        let other = with_tree_id(attacker, tree_id);
+        other.sign_grant(cert, Scope::Tree, subtree_root(&other.base()))
+    }
+    /// The same grant claiming another key id (to test the keyring's key-id check alone).
+    pub(crate) fn with_forced_key_id(g: &Grant, id: KeyId) -> Grant {
+        let mut g = g.clone();
+        g.cert.keys = g.cert.keys.clone().with_key_id_for_tests(id);
+        g
+    }
+    /// The same key without the passphrase flag.
+    pub(crate) fn unflag(tk: &TreeKey) -> TreeKey {
+        TreeKey {
+            passphrase: false,
+            ..tk.clone()
+        }
+    }
+    /// A passphrase-flagged tree key at any epoch (what a member knowing the passphrase
+    /// could sign).
+    pub(crate) fn passphrase_at(tk: &TreeKey, epoch: u64) -> TreeKey {
+        TreeKey {
+            epoch,
+            passphrase: true,
+            ..tk.clone()
+        }
+    }
     /// The same key material under another tree id (to forge a grant in tests).
     pub(crate) fn with_tree_id(tk: &TreeKey, id: TreeId) -> TreeKey {
         TreeKey {
@@ -719,6 +1370,7 @@ mod tests {
         let tk = TreeKey::generate("home", &mut rng()).unwrap();
         let all = tk.grant_all();
         let kitchen = tk.grant(&Scope::Subtree(t("sensor/kitchen")));
+        let me = Identity::generate(&mut rng());
         let temp = t("sensor/kitchen/temp");
         assert_eq!(kitchen.message_key(&temp), all.message_key(&temp));
         assert_eq!(
@@ -726,11 +1378,11 @@ mod tests {
             all.message_key(&t("sensor/kitchen"))
         );
         assert_eq!(kitchen.message_key(&t("sensor/garage/temp")), None);
-        assert!(kitchen.narrow(&t("sensor"), false).is_err());
-        let one = kitchen.narrow(&temp, true).unwrap();
+        assert!(kitchen.narrow(&t("sensor"), false, &me).is_err());
+        let one = kitchen.narrow(&temp, true, &me).unwrap();
         assert_eq!(one.message_key(&temp), all.message_key(&temp));
         assert_eq!(one.message_key(&t("sensor/kitchen/temp/x")), None);
-        assert!(one.narrow(&t("sensor/kitchen/temp/x"), false).is_err());
+        assert!(one.narrow(&t("sensor/kitchen/temp/x"), false, &me).is_err());
         // a/bc and ab/c are different keys (length prefix).
         assert_ne!(all.message_key(&t("a/bc")), all.message_key(&t("ab/c")));
     }
@@ -753,7 +1405,7 @@ mod tests {
         assert_eq!(g2.epoch_keys().key_id(), g.epoch_keys().key_id());
         // A forged certificate (other R) fails its signature.
         let mut raw = g.to_bytes().to_vec();
-        let r_off = 1 + 16 + 8 + 2 + 4 + 32;
+        let r_off = 1 + 16 + 8 + 1 + 2 + 4 + 32;
         raw[r_off] ^= 1;
         assert_eq!(
             Grant::from_bytes(&raw).unwrap_err(),
@@ -764,7 +1416,7 @@ mod tests {
     #[test]
     fn rotation_changes_everything_but_tree_and_admin() {
         let tk = TreeKey::generate("home", &mut rng()).unwrap();
-        let next = tk.rotate(&mut rng());
+        let next = tk.rotate(5, &mut rng()).unwrap();
         assert_eq!(next.epoch(), 1);
         assert_eq!(next.tree_id(), tk.tree_id());
         assert_eq!(next.admin(), tk.admin());
@@ -799,5 +1451,124 @@ mod tests {
         let f = k.compile(&TopicFilter::new("a/+/c").unwrap());
         assert!(f.matches(&p));
         assert!(!k.compile(&TopicFilter::new("b/#").unwrap()).matches(&p));
+    }
+
+    #[test]
+    fn narrowed_grants_record_the_narrower_and_verify() {
+        let tk = TreeKey::generate("home", &mut rng()).unwrap();
+        let bob = Identity::generate(&mut rng());
+        let g = tk.grant(&Scope::Subtree(t("sensor")));
+        assert_eq!(g.claimed_provenance(), Provenance::AdminSigned);
+        let n = g.narrow(&t("sensor/kitchen"), false, &bob).unwrap();
+        assert_eq!(
+            n.claimed_provenance(),
+            Provenance::Delegated {
+                by: bob.sender_id()
+            }
+        );
+        assert_eq!(n.narrowed_from(), Some(&Scope::Subtree(t("sensor"))));
+        let back = Grant::from_key_string(&n.to_key_string()).unwrap();
+        assert_eq!(back.scope(), n.scope());
+        assert_eq!(back.key_commitment(), n.key_commitment());
+        // Any changed byte of the admin's signature, the key or the scope is refused.
+        let raw = g.to_bytes().to_vec();
+        let mut bad = raw.clone();
+        *bad.last_mut().unwrap() ^= 1; // admin signature
+        assert_eq!(
+            Grant::from_bytes(&bad).unwrap_err(),
+            KeyError::BadSignature("grant (admin)")
+        );
+        let mut bad = raw.clone();
+        let key_off = raw.len() - 64 - 1 - 32;
+        bad[key_off] ^= 1; // the key itself
+        assert_eq!(
+            Grant::from_bytes(&bad).unwrap_err(),
+            KeyError::BadSignature("grant (admin)")
+        );
+        let raw = n.to_bytes().to_vec();
+        let mut bad = raw.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert_eq!(
+            Grant::from_bytes(&bad).unwrap_err(),
+            KeyError::BadSignature("grant (narrower)")
+        );
+    }
+
+    #[test]
+    fn version_1_strings_are_refused_and_upgraded() {
+        let tk = TreeKey::generate("home", &mut rng()).unwrap();
+        // The version-1 layout: 0x01 ‖ tree_id ‖ epoch ‖ root ‖ seed ‖ lp(name).
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&tk.tree_id.0);
+        v1.extend_from_slice(&3u64.to_be_bytes());
+        v1.extend_from_slice(tk.root.as_bytes());
+        v1.extend_from_slice(tk.admin.as_bytes());
+        put_lp(&mut v1, b"home");
+        let s = text::encode(hrp::TREE, &v1);
+        assert_eq!(
+            TreeKey::from_key_string(&s).unwrap_err(),
+            KeyError::OldVersion {
+                kind: "tree key",
+                version: 1
+            }
+        );
+        let Upgraded::Tree(up) = upgrade_key_string(&s).unwrap() else {
+            panic!("a v1 tree key converts")
+        };
+        assert_eq!(up.epoch(), 3);
+        assert_eq!(up.admin(), tk.admin());
+        assert_eq!(up.prev_cutoff_ms(), 0);
+        assert!(!up.is_passphrase());
+        let again = TreeKey::from_key_string(&up.to_key_string()).unwrap();
+        assert_eq!(again.cert().keys(), up.cert().keys());
+        assert!(matches!(
+            upgrade_key_string(&up.to_key_string()).unwrap(),
+            Upgraded::Current(_)
+        ));
+        // A v1 grant cannot become admin-signed.
+        let g1 = text::encode(hrp::GRANT, &[1u8, 0, 0]);
+        assert!(matches!(
+            Grant::from_key_string(&g1),
+            Err(KeyError::OldVersion { .. })
+        ));
+        assert!(matches!(
+            upgrade_key_string(&g1),
+            Err(KeyError::NeedsReissue(_))
+        ));
+        // A v1 passphrase tree keeps its tree id and is marked.
+        let fast = PassphraseParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        let pt = TreeKey::from_passphrase("family", b"pw", fast).unwrap();
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&pt.tree_id.0);
+        v1.extend_from_slice(&0u64.to_be_bytes());
+        v1.extend_from_slice(pt.root.as_bytes());
+        v1.extend_from_slice(pt.admin.as_bytes());
+        put_lp(&mut v1, b"family");
+        let Upgraded::Tree(up) = upgrade_key_string(&text::encode(hrp::TREE, &v1)).unwrap() else {
+            panic!()
+        };
+        assert!(up.is_passphrase());
+        assert_eq!(up.cert().keys(), pt.cert().keys());
+    }
+
+    #[test]
+    fn key_id_binds_tree_and_epoch() {
+        let tk = TreeKey::generate("home", &mut rng()).unwrap();
+        let other = tests_support::with_tree_id(&tk, TreeId([9; 16]));
+        // Same root, other tree id: other R too (B binds the tree id), and other key id.
+        assert_ne!(tk.cert().keys().key_id(), other.cert().keys().key_id());
+        let k = tk.cert().keys().clone();
+        let mut id = [0u8; 16];
+        xof(
+            k.routing.as_bytes(),
+            tag::KEY_ID,
+            &[&k.tree_id.0, &k.epoch.to_be_bytes()],
+            &mut id,
+        );
+        assert_eq!(k.key_id().as_bytes(), &id);
     }
 }

@@ -1,6 +1,8 @@
 //! Property tests: frame and envelope round trips, the incremental decoder under arbitrary
 //! chunking, seal/open round trips, and filter matching on tokens against a straightforward
-//! reference matcher on names. Decoders must never panic on arbitrary bytes.
+//! reference matcher on names. Decoders must never panic on arbitrary bytes. Trust:
+//! narrowing then adding never contradicts, and a contradicting grant is always refused (or
+//! dropped when the verified grant arrives second).
 
 use bytes::Bytes;
 use proptest::prelude::*;
@@ -343,5 +345,151 @@ proptest! {
         if let Ok(e) = Envelope::from_slice(&b) {
             prop_assert!(Opener::new().open(&kr, &e, 0).is_err());
         }
+    }
+}
+
+// ---- Trust: narrowing never contradicts; contradictions are always refused ----
+
+/// A chain of scopes from the whole tree down along `segs`: Tree, Subtree(s0), Subtree(s0/s1),
+/// …, and (when `exact`) Topic(full path).
+fn scope_chain(segs: &[String], exact: bool) -> Vec<Scope> {
+    let mut out = vec![Scope::Tree];
+    for i in 1..=segs.len() {
+        out.push(Scope::Subtree(Topic::new(segs[..i].join("/")).unwrap()));
+    }
+    if exact {
+        out.push(Scope::Topic(Topic::new(segs.join("/")).unwrap()));
+    }
+    out
+}
+
+fn scope_topic(s: &Scope) -> (Topic, bool) {
+    match s {
+        Scope::Subtree(p) => (p.clone(), false),
+        Scope::Topic(t) => (t.clone(), true),
+        Scope::Tree => unreachable!("the chain starts below the tree"),
+    }
+}
+
+/// Re-keys a narrowed grant with `key` and re-signs it as its narrower `by_seed` would: a
+/// validly signed grant whose key is a lie (written from PROTOCOL.md §5.7 and §6.3).
+fn forge_key(g: &Grant, by_seed: &[u8; 32], key: [u8; 32]) -> Grant {
+    use ed25519_dalek::{Signer, SigningKey};
+    let parent = g.narrowed_from().expect("a narrowed grant").clone();
+    let mut raw =
+        whispeer_protocol::text::decode(whispeer_protocol::text::hrp::GRANT, &g.to_key_string())
+            .unwrap();
+    let tail = 1 + 1 + 2 + parent.path().len() + 32 + 64;
+    let key_off = raw.len() - tail - 32;
+    raw[key_off..key_off + 32].copy_from_slice(&key);
+    let mut m = b"whispeer/v2/grant-narrow\0".to_vec();
+    m.extend_from_slice(&g.epoch_keys().tree_id().0);
+    m.extend_from_slice(&g.epoch_keys().epoch().to_be_bytes());
+    m.push(g.scope().kind_byte());
+    m.extend_from_slice(&(g.scope().path().len() as u16).to_be_bytes());
+    m.extend_from_slice(g.scope().path().as_bytes());
+    m.extend_from_slice(
+        whispeer_protocol::kdf::kh(&key, whispeer_protocol::kdf::tag::GRANT_COMMIT, &[]).as_bytes(),
+    );
+    m.push(parent.kind_byte());
+    m.extend_from_slice(&(parent.path().len() as u16).to_be_bytes());
+    m.extend_from_slice(parent.path().as_bytes());
+    let sig = SigningKey::from_bytes(by_seed).sign(&m);
+    let n = raw.len();
+    raw[n - 64..].copy_from_slice(&sig.to_bytes());
+    Grant::from_key_string(&whispeer_protocol::text::encode(
+        whispeer_protocol::text::hrp::GRANT,
+        &raw,
+    ))
+    .expect("a validly signed forgery parses")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn narrowing_then_adding_never_contradicts(
+        segs in prop::collection::vec("[a-c]{1,2}", 1..4),
+        exact in any::<bool>(),
+        with_root in any::<bool>(),
+        order in any::<prop::sample::Index>(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+        let tk = TreeKey::generate("p", &mut rng).unwrap();
+        let chain = scope_chain(&segs, exact);
+        // Each step narrowed from the previous one by a different member.
+        let mut grants = vec![tk.grant_all()];
+        for s in &chain[1..] {
+            let by = Identity::generate(&mut rng);
+            let (t, ex) = scope_topic(s);
+            let g = grants.last().unwrap().narrow(&t, ex, &by).unwrap();
+            grants.push(g);
+        }
+        if !with_root {
+            grants.remove(0);
+        }
+        let k = order.index(grants.len());
+        grants.rotate_left(k);
+        let mut kr = Keyring::new();
+        for g in &grants {
+            let added = kr.add_grant_report(g.clone(), 0);
+            prop_assert!(added.is_ok(), "{:?}", added);
+            prop_assert!(added.unwrap().dropped.is_empty());
+        }
+        let n = kr.held_grants().count();
+        prop_assert_eq!(n, grants.len());
+        if with_root {
+            // Everything is verified: admin-signed or derived from a held grant.
+            for (_, p) in kr.held_grants() {
+                prop_assert!(p.is_verified(), "{}", p);
+            }
+        }
+    }
+
+    #[test]
+    fn contradictions_are_always_refused(
+        segs in prop::collection::vec("[a-c]{1,2}", 1..4),
+        exact in any::<bool>(),
+        pick in any::<prop::sample::Index>(),
+        lie in any::<[u8; 32]>(),
+        forged_first in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+        let tk = TreeKey::generate("p", &mut rng).unwrap();
+        let chain = scope_chain(&segs, exact);
+        let seed_m = [7u8; 32];
+        let mallory = Identity::from_seeds(&seed_m, &[8; 32]);
+        // Mallory narrows the admin's grant for the parent and lies about the key.
+        let i = 1 + pick.index(chain.len() - 1);
+        let parent = tk.grant(&chain[i - 1]);
+        let (t, ex) = scope_topic(&chain[i]);
+        let honest = parent.narrow(&t, ex, &mallory).unwrap();
+        let forged = forge_key(&honest, &seed_m, lie);
+        prop_assume!(forged.key_commitment() != honest.key_commitment());
+        // The verified grant covering it: the admin's grant for any broader scope.
+        let j = pick.index(i);
+        let verified = tk.grant(&chain[j]);
+        let mut kr = Keyring::new();
+        if forged_first {
+            kr.add_grant(forged, 0).unwrap();
+            let added = kr.add_grant_report(verified, 1).unwrap();
+            prop_assert_eq!(added.dropped.len(), 1);
+            prop_assert_eq!(&added.dropped[0].scope, &chain[i]);
+            prop_assert_eq!(kr.held_grants().count(), 1);
+        } else {
+            kr.add_grant(verified, 0).unwrap();
+            let err = kr.add_grant(forged, 1).unwrap_err();
+            let is_contradiction = matches!(err, KeyError::Contradicts { .. });
+            prop_assert!(is_contradiction, "{}", err);
+        }
+        // Either way the keyring seals the topic under the tree's real key.
+        let (t, _) = scope_topic(&chain[i]);
+        let mut s = Sealer::new();
+        let env = s.seal(&kr.topic_key(&t).unwrap(), &Outgoing { payload: b"x", content_type: "", msg_id: MessageId([1; 16]), ts_ms: 0 }, &SealOptions::default(), None, &mut rng).unwrap();
+        let mut full = Keyring::new();
+        full.add_tree_key(&tk, 0).unwrap();
+        prop_assert!(Opener::new().open(&full, &env, 0).is_ok());
     }
 }

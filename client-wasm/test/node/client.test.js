@@ -203,8 +203,8 @@ test('keys: generate, strings, passphrase, invites', () => {
   const g = tree.grant('rooms/#');
   assert.equal(g.scope, 'rooms/#');
   assert.equal(Grant.fromKeyString(g.toKeyString()).scope, 'rooms/#');
-  assert.equal(g.narrow('rooms/kitchen').scope, 'rooms/kitchen');
-  assert.throws(() => g.narrow('garden/#'), { code: 'KEY' });
+  assert.equal(g.narrow('rooms/kitchen', me).scope, 'rooms/kitchen');
+  assert.throws(() => g.narrow('garden/#', me), { code: 'KEY' });
   assert.throws(() => Grant.fromKeyString('wskey1garbage'), { code: 'KEY' });
 
   const p1 = TreeKey.fromPassphrase('demo', 'correct horse battery staple', { memoryKiB: 1024, iterations: 1 });

@@ -38,6 +38,7 @@ pub fn print_or_exit(line: &str) -> Result<()> {
 
 /// A tree admin key or a grant, as read from a key string.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // a handful of keys per process
 pub enum AnyKey {
     /// `wstree1…`: the whole tree, and the power to issue grants.
     Tree(TreeKey),

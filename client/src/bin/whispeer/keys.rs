@@ -8,6 +8,7 @@ use std::str::FromStr;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
+use whispeer::protocol::{upgrade_key_string, Provenance, Upgraded};
 use whispeer::{
     Grant, Identity, Invite, PassphraseParams, PublicId, Scope, SenderId, Topic, TreeKey,
 };
@@ -97,12 +98,28 @@ pub enum KeyCommand {
         out: OutArgs,
     },
     /// A narrower grant (wskey1…) from a tree key or grant: a subtree (--path) or one topic
-    /// (--topic).
+    /// (--topic). From a tree key the grant is signed by the admin (receivers verify it);
+    /// from a grant it is signed by your --identity as its narrower (receivers that cannot
+    /// re-derive it treat it as delegated by you).
     Derive {
         /// The key to derive from ('-' reads stdin; default --key-file / WHISPEER_KEY / stdin).
         key: Option<String>,
         #[command(flatten)]
         scope: ScopeArgs,
+        #[command(flatten)]
+        src: KeyArgs,
+        #[command(flatten)]
+        identity: IdentityArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+    /// Convert key strings of format 1 to the current format. A tree key (wstree1…)
+    /// converts fully; a format-1 grant (wskey1…) has no admin signature and cannot be
+    /// converted: ask the admin for a new grant (`key derive` with the tree key, or an
+    /// invite).
+    Upgrade {
+        /// The key string ('-' reads stdin; default --key-file / WHISPEER_KEY / stdin).
+        key: Option<String>,
         #[command(flatten)]
         src: KeyArgs,
         #[command(flatten)]
@@ -115,6 +132,10 @@ pub enum KeyCommand {
         /// another tree).
         #[arg(long, value_name = "NAME")]
         tree: String,
+        /// An optional realm (e.g. your application or organisation) also salted in: the same
+        /// name and passphrase in another realm give another tree.
+        #[arg(long, value_name = "REALM", default_value = "")]
+        realm: String,
         /// Argon2id memory in KiB (every holder must use the same parameters).
         #[arg(long, default_value_t = PassphraseParams::default().m_kib, hide_short_help = true)]
         argon2_memory_kib: u32,
@@ -235,14 +256,54 @@ pub fn key(c: KeyCommand) -> Result<ExitCode> {
             key,
             scope,
             src,
+            identity,
             out,
         } => {
             let k = io::one_key(key.as_deref(), &src)?;
-            let g = narrow(&k.grant(), scope.path.as_deref(), scope.topic.as_deref())?;
+            let by = match &k {
+                AnyKey::Tree(_) => None,
+                AnyKey::Grant(_) => Some(identity.load()?.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "deriving from a grant records who narrowed it: give --identity FILE \
+                         (or WHISPEER_IDENTITY); from the tree key (wstree1…) the grant is \
+                         admin-signed instead"
+                    )
+                })?),
+            };
+            let g = narrow(
+                &k,
+                by.as_ref(),
+                scope.path.as_deref(),
+                scope.topic.as_deref(),
+            )?;
             out.emit(&g.to_key_string())?;
+        }
+        KeyCommand::Upgrade { key, src, out } => {
+            let texts = io::key_texts_from(key.as_deref(), &src)?;
+            let mut lines = Vec::new();
+            for (i, t) in texts.iter().enumerate() {
+                match upgrade_key_string(t).with_context(|| format!("key #{}", i + 1))? {
+                    Upgraded::Tree(tk) => {
+                        eprintln!(
+                            "key #{}: tree '{}' (epoch {}) converted to format 2",
+                            i + 1,
+                            tk.name(),
+                            tk.epoch()
+                        );
+                        lines.push(tk.to_key_string().to_string());
+                    }
+                    Upgraded::Current(s) => {
+                        eprintln!("key #{}: already the current format", i + 1);
+                        lines.push(s.to_string());
+                    }
+                    other => anyhow::bail!("key #{}: unexpected upgrade result {other:?}", i + 1),
+                }
+            }
+            out.emit(&lines.join("\n"))?;
         }
         KeyCommand::FromPassphrase {
             tree,
+            realm,
             argon2_memory_kib,
             argon2_iterations,
             argon2_lanes,
@@ -254,7 +315,7 @@ pub fn key(c: KeyCommand) -> Result<ExitCode> {
                 t: argon2_iterations,
                 p: argon2_lanes,
             };
-            let tk = TreeKey::from_passphrase(&tree, pass.as_bytes(), params)?;
+            let tk = TreeKey::from_passphrase_in_realm(&tree, &realm, pass.as_bytes(), params)?;
             out.emit(&tk.to_key_string())?;
         }
         KeyCommand::Show { key, json, src } => {
@@ -275,8 +336,15 @@ pub fn key(c: KeyCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Narrows a grant to `path/#` or to exactly `topic` (`#` or empty path: unchanged whole tree).
-fn narrow(g: &Grant, path: Option<&str>, topic: Option<&str>) -> Result<Grant> {
+/// Narrows a key to `path/#` or to exactly `topic` (`#` or empty path: unchanged whole tree).
+/// From a tree key the grant is admin-signed; from a grant it is signed by `by`.
+fn narrow(
+    k: &AnyKey,
+    by: Option<&Identity>,
+    path: Option<&str>,
+    topic: Option<&str>,
+) -> Result<Grant> {
+    let g = k.grant();
     let (p, exact) = match (path, topic) {
         (Some(p), _) => (p.trim().trim_end_matches("/#").trim_end_matches('/'), false),
         (None, Some(t)) => (t.trim(), true),
@@ -289,7 +357,19 @@ fn narrow(g: &Grant, path: Option<&str>, topic: Option<&str>) -> Result<Grant> {
         anyhow::bail!("'#' is outside the grant's scope '{}'", g.scope());
     }
     let t = Topic::new(p).with_context(|| format!("invalid path '{p}'"))?;
-    Ok(g.narrow(&t, exact)?)
+    let scope = if exact {
+        Scope::Topic(t.clone())
+    } else {
+        Scope::Subtree(t.clone())
+    };
+    match (k, by) {
+        (AnyKey::Tree(tk), _) => Ok(tk.grant(&scope)),
+        (AnyKey::Grant(_), Some(by)) => Ok(g.narrow(&t, exact, by)?),
+        (AnyKey::Grant(_), None) if *g.scope() == scope => Ok(g),
+        (AnyKey::Grant(_), None) => {
+            anyhow::bail!("narrowing a grant records who narrowed it: an identity is needed")
+        }
+    }
 }
 
 fn read_passphrase() -> Result<String> {
@@ -344,6 +424,10 @@ fn describe(s: &str) -> Result<serde_json::Value> {
                 "epoch": tk.epoch(),
                 "key_id": cert.keys().key_id().to_string(),
                 "admin": tk.admin().to_string(),
+                "passphrase": tk.is_passphrase(),
+                "prev_cutoff_ms": tk.prev_cutoff_ms(),
+                "not_after_ms": tk.not_after_ms(),
+                "provenance": "admin-signed",
             })
         }
         "wskey" => {
@@ -358,6 +442,11 @@ fn describe(s: &str) -> Result<serde_json::Value> {
                 "epoch": k.epoch(),
                 "key_id": k.key_id().to_string(),
                 "admin": g.cert().admin().to_string(),
+                "passphrase": g.cert().is_passphrase(),
+                "prev_cutoff_ms": g.cert().prev_cutoff_ms(),
+                "not_after_ms": g.cert().not_after_ms(),
+                "provenance": provenance_text(&g.claimed_provenance()),
+                "narrowed_from": g.narrowed_from().map(|s| s.to_string()),
             })
         }
         "wssec" => {
@@ -393,6 +482,14 @@ fn describe(s: &str) -> Result<serde_json::Value> {
     })
 }
 
+fn provenance_text(p: &Provenance) -> String {
+    match p {
+        Provenance::AdminSigned => "admin-signed".into(),
+        Provenance::Delegated { by } => format!("narrowed by {by} (delegated)"),
+        other => other.to_string(),
+    }
+}
+
 fn print_human(d: &serde_json::Value) -> Result<()> {
     let get = |k: &str| {
         d.get(k).map(|v| match v {
@@ -418,6 +515,8 @@ fn print_human(d: &serde_json::Value) -> Result<()> {
         ("epoch", "epoch:     "),
         ("key_id", "key id:    "),
         ("admin", "admin:     "),
+        ("provenance", "signed:    "),
+        ("narrowed_from", "narrowed:  "),
         ("public_id", "public id: "),
         ("sender_id", "sender id: "),
         ("note", "note:      "),
@@ -450,7 +549,7 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
             let recipient = PublicId::from_str(to).context("invalid --to public id")?;
             let me = identity.require()?;
             let k: AnyKey = io::one_key(key.as_deref(), &src)?;
-            let g = narrow(&k.grant(), n.path.as_deref(), n.topic.as_deref())?;
+            let g = narrow(&k, Some(&me), n.path.as_deref(), n.topic.as_deref())?;
             let expiry = whispeer::now_ms().saturating_add(expires_in.saturating_mul(1000));
             let inv = Invite::seal(&g, &me, &recipient, expiry, &mut rand::rngs::OsRng)?;
             io::print_or_exit(&inv)?;
