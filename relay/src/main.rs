@@ -72,6 +72,21 @@ struct ServeArgs {
     /// Publish burst per connection.
     #[arg(long, env = "WHISPEER_PUBLISH_BURST")]
     publish_burst: Option<u32>,
+    /// Most connections (handshakes included) from one source IP address.
+    #[arg(long, env = "WHISPEER_MAX_CONNECTIONS_PER_ADDR")]
+    max_connections_per_addr: Option<usize>,
+    /// Sub/Unsub requests per second per connection (0 = unlimited).
+    #[arg(long, env = "WHISPEER_SUB_RATE")]
+    sub_rate: Option<u32>,
+    /// Ack frames per second per connection (0 = unlimited).
+    #[arg(long, env = "WHISPEER_ACK_RATE")]
+    ack_rate: Option<u32>,
+    /// Outbound queue bound per connection, in bytes of queued messages.
+    #[arg(long, env = "WHISPEER_QUEUE_MAX_BYTES")]
+    queue_max_bytes: Option<usize>,
+    /// Most bytes of unacknowledged envelopes per subscription.
+    #[arg(long, env = "WHISPEER_MAX_UNACKED_BYTES")]
+    max_unacked_bytes: Option<usize>,
     /// Outbound queue capacity per connection, in messages.
     #[arg(long, env = "WHISPEER_QUEUE_CAPACITY")]
     queue_capacity: Option<usize>,
@@ -181,6 +196,14 @@ impl ServeArgs {
         set(&mut c.limits.max_filter_depth, self.max_filter_depth);
         set(&mut c.limits.publish_rate, self.publish_rate);
         set(&mut c.limits.publish_burst, self.publish_burst);
+        set(
+            &mut c.limits.max_connections_per_addr,
+            self.max_connections_per_addr,
+        );
+        set(&mut c.limits.sub_rate, self.sub_rate);
+        set(&mut c.limits.ack_rate, self.ack_rate);
+        set(&mut c.queue.max_bytes, self.queue_max_bytes);
+        set(&mut c.delivery.max_unacked_bytes, self.max_unacked_bytes);
         set(&mut c.queue.capacity, self.queue_capacity);
         set(&mut c.queue.slow_consumer, self.slow_consumer);
         set(&mut c.timeouts.hello_ms, self.hello_ms);
