@@ -79,7 +79,7 @@ async fn non_reading_subscribers_keep_rss_bounded_by_the_byte_limits() {
         "relay RSS with {SUBS} non-reading subscribers: {before} KiB idle, peak {peak} KiB \
          after {MSGS} x {BODY} B ({} MiB published); growth {grown} KiB; queue.max_bytes {} KiB; \
          dropped {}",
-        MSGS * BODY >> 20,
+        (MSGS * BODY) >> 20,
         QUEUE_MAX_BYTES >> 10,
         dropped
     );
