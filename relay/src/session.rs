@@ -413,19 +413,12 @@ impl Session {
         }
         let dcfg = &self.shared.config.delivery;
         // Flow control: the Sub's credit, capped by (and defaulting to) max_unacked.
+        // Flow control: the Sub's credit (absent or 0: the default), capped by max_unacked.
         let credit = match s.credit {
-            Some(0) => {
-                return self.reply_err(
-                    ErrorCode::Malformed,
-                    "credit must be at least 1".into(),
-                    Some(sub_id),
-                    None,
-                )
-            }
-            Some(c) => usize::try_from(c)
+            Some(c) if c > 0 => usize::try_from(c)
                 .unwrap_or(usize::MAX)
                 .min(dcfg.max_unacked),
-            None => dcfg.max_unacked,
+            _ => dcfg.max_unacked,
         };
         let track = (s.qos != Qos::AtMostOnce || durable.is_some()).then(|| {
             Arc::new(Tracking::new(
