@@ -678,7 +678,8 @@ replay_cost = {replay_cost}
 # Ack frames per second per connection, and burst; 0 = unlimited. env WHISPEER_ACK_RATE
 ack_rate = {ack_rate}
 ack_burst = {ack_burst}
-# Shared by all connections of one source IP (reconnecting does not reset them).
+# Shared by all connections of one source IP (reconnecting does not reset them); 0 = unlimited.
+# env WHISPEER_ADDR_PUBLISH_RATE, WHISPEER_ADDR_SUB_RATE
 addr_publish_rate = {addr_publish_rate}
 addr_publish_burst = {addr_publish_burst}
 addr_sub_rate = {addr_sub_rate}

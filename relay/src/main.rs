@@ -104,6 +104,12 @@ struct ServeArgs {
     /// Sub/Unsub requests per second per connection (0 = unlimited).
     #[arg(long, env = "WHISPEER_SUB_RATE")]
     sub_rate: Option<u32>,
+    /// Publishes per second shared by one source address (0 = unlimited).
+    #[arg(long, env = "WHISPEER_ADDR_PUBLISH_RATE")]
+    addr_publish_rate: Option<u32>,
+    /// Sub/Unsub requests per second shared by one source address (0 = unlimited).
+    #[arg(long, env = "WHISPEER_ADDR_SUB_RATE")]
+    addr_sub_rate: Option<u32>,
     /// Ack frames per second per connection (0 = unlimited).
     #[arg(long, env = "WHISPEER_ACK_RATE")]
     ack_rate: Option<u32>,
@@ -228,6 +234,8 @@ impl ServeArgs {
         );
         set(&mut c.limits.sub_rate, self.sub_rate);
         set(&mut c.limits.ack_rate, self.ack_rate);
+        set(&mut c.limits.addr_publish_rate, self.addr_publish_rate);
+        set(&mut c.limits.addr_sub_rate, self.addr_sub_rate);
         set(&mut c.queue.max_bytes, self.queue_max_bytes);
         set(&mut c.delivery.max_unacked_bytes, self.max_unacked_bytes);
         set(&mut c.queue.capacity, self.queue_capacity);
