@@ -392,7 +392,7 @@ impl Default for Limits {
             publish_burst: 20_000,
             max_connections_per_addr: 256,
             sub_rate: 200,
-            sub_burst: 2_000,
+            sub_burst: 10_000,
             replay_cost: 10,
             ack_rate: 20_000,
             ack_burst: 40_000,
