@@ -20,7 +20,7 @@ use super::{FrameSink, FrameSource, Inbound};
 /// zero-filled on every read, so it is resident for every connection: the default (128 KiB)
 /// made an idle WebSocket connection cost ~126 KiB of relay RSS. Larger frames still
 /// arrive whole (the buffer grows to the frame's length), in more reads.
-pub const WS_READ_BUFFER: usize = 4 * 1024;
+pub const WS_READ_BUFFER: usize = 1024;
 
 /// The tungstenite configuration for a relay with this `max_frame`.
 pub fn ws_config(max_frame: usize) -> WebSocketConfig {
