@@ -399,3 +399,16 @@ async fn plugins_can_reject_subscribe_and_publish() {
     c.publish(ok.clone()).await;
     assert_eq!(c.expect_msg().await.envelope, ok);
 }
+
+/// The WebSocket read buffer is small (idle connections stay cheap), yet a frame near
+/// `max_frame` still arrives whole and intact.
+#[tokio::test]
+async fn large_websocket_frames_arrive_whole_despite_the_small_read_buffer() {
+    let relay = TestRelay::start(Config::ephemeral()).await;
+    let mut sub = subscriber_ws(relay.ws(), exact(1, &[1])).await;
+    let mut c = Client::ws(relay.ws()).await;
+    c.hello().await;
+    let env = envelope_sized(1, &[1], 900 * 1024);
+    c.publish(env.clone()).await;
+    assert_eq!(sub.expect_msg().await.envelope, env);
+}
