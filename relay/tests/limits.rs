@@ -412,3 +412,53 @@ async fn large_websocket_frames_arrive_whole_despite_the_small_read_buffer() {
     c.publish(env.clone()).await;
     assert_eq!(sub.expect_msg().await.envelope, env);
 }
+
+/// Operator basics: logs written to a pipe (or a file) carry no ANSI colour codes.
+#[test]
+fn logs_to_a_pipe_have_no_ansi_colour_codes() {
+    use std::io::BufRead;
+    let dir = temp_dir("ansi");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_whispeer-relay"))
+        .args([
+            "serve",
+            "--ws",
+            "127.0.0.1:0",
+            "--tcp",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+            "--store",
+            "none",
+            "--log",
+            "info",
+        ])
+        .env_remove("RUST_LOG")
+        .env_remove("WHISPEER_LOG")
+        .current_dir(&dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn whispeer-relay");
+    let stderr = child.stderr.take().unwrap();
+    let mut line = String::new();
+    let mut reader = std::io::BufReader::new(stderr);
+    loop {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "relay exited before logging"
+        );
+        if line.contains("listening") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !line.contains('\u{1b}'),
+        "ANSI escape in a piped log: {line:?}"
+    );
+    assert!(line.contains("INFO"), "{line:?}");
+}
