@@ -342,7 +342,8 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
 }
 
-/// Limits; every violation gets a typed `Err` frame and then the connection is closed.
+/// Limits. Size and count limits answer a typed `Err` frame and close the connection; rate
+/// limits pause reading the connection instead (backpressure).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
@@ -652,7 +653,8 @@ admin = "{admin}"
 # key = "/etc/whispeer/relay.key"
 
 [limits]
-# A violation gets a typed Err frame, then that connection is closed.
+# Size and count limits: a violation gets a typed Err frame, then that connection is closed.
+# Rate limits slow the connection down instead (see below).
 # Largest frame in bytes (TCP length prefix / WebSocket message). env WHISPEER_MAX_FRAME
 max_frame = {max_frame}
 # Most concurrent client connections.                      env WHISPEER_MAX_CONNECTIONS
@@ -668,7 +670,8 @@ publish_burst = {publish_burst}
 # Rate limits never disconnect: over a rate, the relay stops reading that connection until
 # its bucket refills (its idle timer is suspended meanwhile), so the client is slowed down.
 # Most connections from one source IP, handshakes included; over it the TCP listener
-# answers Err(too_many_connections), the others close the socket. env WHISPEER_MAX_CONNECTIONS_PER_ADDR
+# answers Err(too_many_connections), the others close the socket. Behind a reverse proxy
+# every client has the proxy's address: raise it there. env WHISPEER_MAX_CONNECTIONS_PER_ADDR
 max_connections_per_addr = {max_connections_per_addr}
 # Sub/Unsub requests per second per connection, and burst; 0 = unlimited. env WHISPEER_SUB_RATE
 sub_rate = {sub_rate}
