@@ -72,8 +72,8 @@ pub use client::{
 pub use options::InProcess;
 #[cfg(feature = "tokio-runtime")]
 pub use options::{
-    Compression, Encryption, Engine, Padding, Plugin, Reconnect, Signing, Tcp, TlsRoot,
-    TopicOptions, WebSocket,
+    Compression, Encryption, Engine, Padding, Plugin, Reconnect, Signing, Tcp, TlsPin, TlsPinError,
+    TlsRoot, TopicOptions, WebSocket,
 };
 #[cfg(feature = "persistence")]
 pub use persist::{PersistError, Persistence};

@@ -298,3 +298,54 @@ plugin_engine!(
     crate::plugin::Metrics,
     crate::plugin::Transform
 );
+
+/// Pin a relay's TLS certificate by its SHA-256 fingerprint (as printed by
+/// `whispeer-relay tls generate`) for `wss://` and `tls://`: the relay must present exactly
+/// that certificate; certificate authorities are not consulted. Several pins may be given
+/// (e.g. the current and the next certificate during a rotation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsPin(pub(crate) [u8; 32]);
+impl TlsPin {
+    /// Parses 64 hex digits; colons (as in `openssl x509 -fingerprint`) and spaces are
+    /// ignored, and a `sha256:` / `SHA256:` prefix is accepted.
+    pub fn sha256_hex(s: &str) -> Result<Self, TlsPinError> {
+        let t = s.trim();
+        let t = t
+            .strip_prefix("sha256:")
+            .or_else(|| t.strip_prefix("SHA256:"))
+            .unwrap_or(t);
+        let digits: Vec<u8> = t
+            .bytes()
+            .filter(|b| *b != b':' && !b.is_ascii_whitespace())
+            .collect();
+        if digits.len() != 64 {
+            return Err(TlsPinError(format!(
+                "a SHA-256 fingerprint has 64 hex digits, {:?} has {}",
+                s,
+                digits.len()
+            )));
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in digits.chunks(2).enumerate() {
+            let hex = std::str::from_utf8(pair).unwrap_or("zz");
+            out[i] = u8::from_str_radix(hex, 16)
+                .map_err(|_| TlsPinError(format!("{s:?} is not hexadecimal")))?;
+        }
+        Ok(TlsPin(out))
+    }
+
+    /// The fingerprint of a certificate (DER).
+    pub fn of_cert_der(der: &[u8]) -> Self {
+        TlsPin(crate::transport::cert_sha256(der))
+    }
+}
+impl Engine for TlsPin {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.tls.pins.push(self.0);
+    }
+}
+
+/// A `--tls-pin` value that is not a SHA-256 fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid TLS pin: {0}")]
+pub struct TlsPinError(String);

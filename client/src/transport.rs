@@ -143,23 +143,124 @@ pub(crate) struct Connection {
 pub struct TlsSettings {
     /// Extra trusted roots (PEM certificates), e.g. a relay's self-signed certificate.
     pub extra_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// SHA-256 fingerprints of relay certificates to accept (pinning). When any is set,
+    /// the relay's certificate must be one of them (roots are not consulted) and the
+    /// handshake signature is still verified with that certificate's key.
+    pub pins: Vec<[u8; 32]>,
+}
+
+/// SHA-256 of a certificate's DER bytes (the fingerprint `whispeer-relay tls generate`
+/// prints), through the TLS provider's own hash.
+pub fn cert_sha256(der: &[u8]) -> [u8; 32] {
+    use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+    let mut out = [0u8; 32];
+    if let Some(suite) = TLS13_AES_128_GCM_SHA256.tls13() {
+        let h = suite.common.hash_provider.hash(der);
+        out.copy_from_slice(h.as_ref());
+    }
+    out
+}
+
+/// Accepts exactly the pinned certificates; verifies handshake signatures normally.
+#[derive(Debug)]
+struct PinVerifier {
+    pins: Vec<[u8; 32]>,
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let got = cert_sha256(end_entity);
+        if self.pins.contains(&got) {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the relay's certificate has SHA-256 fingerprint {} which is not the pinned one",
+                hex_lower(&got)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+fn hex_lower(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn tls_connector(settings: &TlsSettings) -> Result<tokio_rustls::TlsConnector, ConnectError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for c in &settings.extra_roots {
-        roots
-            .add(c.clone())
-            .map_err(|e| ConnectError::Tls(e.to_string()))?;
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ConnectError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .map_err(|e| ConnectError::Tls(e.to_string()))?;
+    let config = if settings.pins.is_empty() {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for c in &settings.extra_roots {
+            roots
+                .add(c.clone())
+                .map_err(|e| ConnectError::Tls(e.to_string()))?;
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinVerifier {
+                pins: settings.pins.clone(),
+                algs: provider.signature_verification_algorithms,
+            }))
+            .with_no_client_auth()
+    };
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Turns a TLS handshake failure into an error that says why and what to do.
+fn tls_failure(e: std::io::Error) -> ConnectError {
+    let text = e.to_string();
+    if text.contains("CaUsedAsEndEntity") {
+        return ConnectError::Tls(format!(
+            "{text}: the relay presents a CA certificate (basicConstraints CA:TRUE, what \
+             `openssl req -x509` makes) as its own server certificate, which TLS clients \
+             refuse. Give the relay an end-entity certificate: `whispeer-relay tls generate` \
+             writes one and prints its SHA-256 fingerprint; trust it with --ca CERT.pem or pin \
+             it with --tls-pin SHA256HEX"
+        ));
+    }
+    if text.contains("UnknownIssuer") {
+        return ConnectError::Tls(format!(
+            "{text}: the relay's certificate is not signed by a trusted authority. For a \
+             self-signed relay certificate, trust it with --ca CERT.pem or pin its SHA-256 \
+             fingerprint (printed by `whispeer-relay tls generate`) with --tls-pin SHA256HEX"
+        ));
+    }
+    ConnectError::Tls(text)
 }
 
 /// How the connection task reaches its relay, again and again after each loss.
@@ -255,7 +356,7 @@ async fn connect_inner(
             tls_connector(tls)?
                 .connect(name, tcp)
                 .await
-                .map_err(|e| ConnectError::Tls(e.to_string()))?,
+                .map_err(tls_failure)?,
         )
     } else {
         Box::new(tcp)

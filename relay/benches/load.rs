@@ -48,6 +48,8 @@ struct Scenario {
     idle: usize,
     /// Publish at this many messages/s instead of as fast as the window allows.
     paced: Option<u64>,
+    /// The idle subscribers connect over WebSocket (NATS: its plain TCP protocol).
+    ws_idle: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -62,6 +64,13 @@ struct Outcome {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--only SUBSTRING`: run the scenarios whose name contains it.
+    let only: Option<String> = {
+        let args: Vec<String> = std::env::args().collect();
+        args.iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1).cloned())
+    };
     let scale = if quick { 10 } else { 1 };
     rlimit::increase_nofile_limit(2 * IDLE as u64 + 4096).ok();
     let scenarios = [
@@ -71,6 +80,7 @@ fn main() {
             messages: 400_000 / scale,
             idle: 0,
             paced: None,
+            ws_idle: false,
         },
         Scenario {
             name: "1->4",
@@ -78,6 +88,7 @@ fn main() {
             messages: 200_000 / scale,
             idle: 0,
             paced: None,
+            ws_idle: false,
         },
         Scenario {
             name: "1->64",
@@ -85,6 +96,7 @@ fn main() {
             messages: 20_000 / scale,
             idle: 0,
             paced: None,
+            ws_idle: false,
         },
         Scenario {
             name: "1->1 + 10k idle",
@@ -92,6 +104,15 @@ fn main() {
             messages: 200_000 / scale,
             idle: IDLE,
             paced: None,
+            ws_idle: false,
+        },
+        Scenario {
+            name: "1->1 + 10k idle ws",
+            fanout: 1,
+            messages: 200_000 / scale,
+            idle: IDLE,
+            paced: None,
+            ws_idle: true,
         },
         Scenario {
             name: "1->1 paced 20k/s",
@@ -99,6 +120,7 @@ fn main() {
             messages: 40_000 / scale,
             idle: 0,
             paced: Some(20_000),
+            ws_idle: false,
         },
         Scenario {
             name: "1->64 paced 1k/s",
@@ -106,6 +128,7 @@ fn main() {
             messages: 4_000 / scale,
             idle: 0,
             paced: Some(1_000),
+            ws_idle: false,
         },
     ];
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -135,6 +158,9 @@ fn main() {
         "ratio"
     );
     for s in scenarios {
+        if only.as_deref().is_some_and(|o| !s.name.contains(o)) {
+            continue;
+        }
         let w = rt.block_on(run_whispeer(&relay, s));
         let n = nats.as_ref().map(|n| rt.block_on(run_nats(n, s)));
         let nn = n.clone().unwrap_or_default();
@@ -187,13 +213,16 @@ impl RelayProc {
             .args([
                 "serve",
                 "--ws",
-                "off",
+                "127.0.0.1:0",
                 "--tcp",
                 "127.0.0.1:0",
                 "--admin",
                 "127.0.0.1:0",
             ])
             .args(["--publish-rate", "0", "--max-connections", "100000"])
+            // One source address opens every connection of the benchmark.
+            .args(["--max-connections-per-addr", "100000"])
+            .args(["--addr-publish-rate", "0", "--addr-sub-rate", "0"])
             // Live fan-out against NATS core: no store (the durable bench is benches/durable.rs).
             .args(["--store", "none"])
             .args([
@@ -223,6 +252,9 @@ impl RelayProc {
     }
     fn tcp(&self) -> SocketAddr {
         self.addrs.tcp.unwrap()
+    }
+    fn ws(&self) -> SocketAddr {
+        self.addrs.ws.unwrap()
     }
 }
 
@@ -410,11 +442,26 @@ async fn run_whispeer(relay: &RelayProc, s: Scenario) -> Outcome {
     let addr = relay.tcp();
     let pid = relay.child.id();
     // Idle subscribers: connected, greeted, subscribed to their own topic, never sent to.
+    let rss_before_idle = proc_rss_mib(pid);
     let mut idle = Vec::with_capacity(s.idle);
+    let mut idle_ws = Vec::with_capacity(if s.ws_idle { s.idle } else { 0 });
     for i in 0..s.idle {
-        let (mut c, mut d) = wsp_connect(addr).await;
-        wsp_subscribe(&mut c, &mut d, &[2, (i % 256) as u8, (i / 256) as u8]).await;
-        idle.push(c);
+        let levels = [2, (i % 256) as u8, (i / 256) as u8];
+        if s.ws_idle {
+            idle_ws.push(ws_idle_subscriber(relay.ws(), &levels).await);
+        } else {
+            let (mut c, mut d) = wsp_connect(addr).await;
+            wsp_subscribe(&mut c, &mut d, &levels).await;
+            idle.push(c);
+        }
+    }
+    if s.idle > 0 {
+        let per = (proc_rss_mib(pid) - rss_before_idle) * 1024.0 / s.idle as f64;
+        println!(
+            "  {}: relay RSS per idle {} subscriber connection: {per:.1} KiB",
+            s.name,
+            if s.ws_idle { "WebSocket" } else { "TCP" }
+        );
     }
     let h = Harness::new(s.fanout);
     let (_, body_at) = sealed_envelope(&[1]);
@@ -482,7 +529,60 @@ async fn run_whispeer(relay: &RelayProc, s: Scenario) -> Outcome {
         r.abort();
     }
     drop(idle);
+    drop(idle_ws);
     h.outcome(elapsed, s.messages * s.fanout as u64 - lost, cpu, rss, lost)
+}
+
+/// A WebSocket subscriber: `Hello`, `Sub` to `levels`, then silence (the relay pings it
+/// only if heartbeats are on; the bench turns them off).
+async fn ws_idle_subscriber(
+    addr: SocketAddr,
+    levels: &[u8],
+) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp)
+        .await
+        .unwrap();
+    let hello = Frame::Hello(Hello {
+        versions: vec![PROTOCOL_VERSION],
+        features: 0,
+        client: Some("bench".into()),
+        auth: None,
+        account: None,
+    });
+    let pattern = TokenPattern::new(
+        KeyId::from_bytes([1; 16]),
+        levels
+            .iter()
+            .map(|t| PatternElem::Token(TopicToken::from_bytes([*t; 16])))
+            .collect(),
+    )
+    .unwrap();
+    let sub = Frame::Sub(Sub {
+        sub_id: 1,
+        pattern,
+        qos: Qos::AtMostOnce,
+        durable: None,
+        replay: None,
+        retained: false,
+        credit: None,
+        owner: None,
+    });
+    for f in [hello, sub] {
+        ws.send(Message::Binary(f.to_bytes())).await.unwrap();
+    }
+    // Welcome, SubOk.
+    let mut got = 0;
+    while got < 2 {
+        match ws.next().await {
+            Some(Ok(Message::Binary(_))) => got += 1,
+            Some(Ok(_)) => {}
+            other => panic!("idle WebSocket subscriber: {other:?}"),
+        }
+    }
+    ws
 }
 
 // ---------- NATS ----------

@@ -322,16 +322,21 @@ impl Default for StoreConfig {
 pub struct DeliveryConfig {
     /// A delivered QoS ≥ 1 message not acknowledged within this time is sent again.
     pub ack_timeout_ms: u64,
-    /// Most unacknowledged messages per subscription before the connection is closed as a
-    /// slow consumer (a durable subscription resumes from its position).
+    /// Most unacknowledged messages in flight per subscription, and the default credit of
+    /// a `Sub` without one. Beyond it delivery pauses (messages wait in the store) until
+    /// acks free credit; the connection is not closed.
     pub max_unacked: usize,
+    /// Most bytes of unacknowledged envelopes held per subscription; beyond it delivery
+    /// pauses like at `max_unacked`.
+    pub max_unacked_bytes: usize,
 }
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
         Self {
             ack_timeout_ms: 30_000,
-            max_unacked: 65_536,
+            max_unacked: 4_096,
+            max_unacked_bytes: 16 << 20,
         }
     }
 }
@@ -382,7 +387,8 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
 }
 
-/// Limits; every violation gets a typed `Err` frame and then the connection is closed.
+/// Limits. Size and count limits answer a typed `Err` frame and close the connection; rate
+/// limits pause reading the connection instead (backpressure).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
@@ -398,6 +404,27 @@ pub struct Limits {
     pub publish_rate: u32,
     /// Burst of publishes per connection (token bucket size).
     pub publish_burst: u32,
+    /// Most connections from one source IP address, TLS/WebSocket handshakes included.
+    pub max_connections_per_addr: usize,
+    /// Sustained `Sub`/`Unsub` requests per second per connection (a `Sub` that replays
+    /// history costs `replay_cost`); 0 = unlimited. Over it, reads pause.
+    pub sub_rate: u32,
+    /// Burst of `Sub`/`Unsub` requests per connection.
+    pub sub_burst: u32,
+    /// Tokens a `Sub` asking for history (replay or a durable resume) costs.
+    pub replay_cost: u32,
+    /// Sustained `Ack` frames per second per connection; 0 = unlimited.
+    pub ack_rate: u32,
+    /// Burst of `Ack` frames per connection.
+    pub ack_burst: u32,
+    /// Publishes per second shared by all connections of one source address; 0 = unlimited.
+    pub addr_publish_rate: u32,
+    /// Burst of publishes per source address.
+    pub addr_publish_burst: u32,
+    /// `Sub`/`Unsub` requests per second shared by one source address; 0 = unlimited.
+    pub addr_sub_rate: u32,
+    /// Burst of `Sub`/`Unsub` requests per source address.
+    pub addr_sub_burst: u32,
 }
 
 impl Default for Limits {
@@ -409,6 +436,16 @@ impl Default for Limits {
             max_filter_depth: MAX_LEVELS,
             publish_rate: 10_000,
             publish_burst: 20_000,
+            max_connections_per_addr: 256,
+            sub_rate: 200,
+            sub_burst: 10_000,
+            replay_cost: 10,
+            ack_rate: 20_000,
+            ack_burst: 40_000,
+            addr_publish_rate: 50_000,
+            addr_publish_burst: 100_000,
+            addr_sub_rate: 2_000,
+            addr_sub_burst: 20_000,
         }
     }
 }
@@ -421,6 +458,9 @@ pub struct QueueConfig {
     pub capacity: usize,
     /// `drop` (oldest, with a `Gap` frame) or `disconnect`.
     pub slow_consumer: SlowConsumerPolicy,
+    /// Bytes of messages a connection may have queued before the slow-consumer policy
+    /// applies (whichever of `capacity` and `max_bytes` is reached first).
+    pub max_bytes: usize,
 }
 
 impl Default for QueueConfig {
@@ -428,6 +468,7 @@ impl Default for QueueConfig {
         Self {
             capacity: 4096,
             slow_consumer: SlowConsumerPolicy::Drop,
+            max_bytes: 8 << 20,
         }
     }
 }
@@ -566,8 +607,31 @@ impl Config {
                 "must be at least 1 when publish_rate is set".into(),
             );
         }
-        if self.queue.capacity == 0 {
-            return invalid("queue.capacity", "must be at least 1".into());
+        if self.queue.capacity == 0 || self.queue.max_bytes == 0 {
+            return invalid("queue", "capacity and max_bytes must be at least 1".into());
+        }
+        if l.max_connections_per_addr == 0 {
+            return invalid(
+                "limits.max_connections_per_addr",
+                "must be at least 1".into(),
+            );
+        }
+        for (field, rate, burst) in [
+            ("limits.sub_burst", l.sub_rate, l.sub_burst),
+            ("limits.ack_burst", l.ack_rate, l.ack_burst),
+            (
+                "limits.addr_publish_burst",
+                l.addr_publish_rate,
+                l.addr_publish_burst,
+            ),
+            ("limits.addr_sub_burst", l.addr_sub_rate, l.addr_sub_burst),
+        ] {
+            if rate > 0 && burst == 0 {
+                return invalid(field, "must be at least 1 when its rate is set".into());
+            }
+        }
+        if self.delivery.max_unacked_bytes == 0 {
+            return invalid("delivery.max_unacked_bytes", "must be positive".into());
         }
         let t = &self.timeouts;
         if t.hello_ms == 0 || t.idle_ms == 0 {
@@ -637,7 +701,8 @@ admin = "{admin}"
 # key = "/etc/whispeer/relay.key"
 
 [limits]
-# A violation gets a typed Err frame, then that connection is closed.
+# Size and count limits: a violation gets a typed Err frame, then that connection is closed.
+# Rate limits slow the connection down instead (see below).
 # Largest frame in bytes (TCP length prefix / WebSocket message). env WHISPEER_MAX_FRAME
 max_frame = {max_frame}
 # Most concurrent client connections.                      env WHISPEER_MAX_CONNECTIONS
@@ -650,6 +715,26 @@ max_filter_depth = {max_filter_depth}
 publish_rate = {publish_rate}
 # Token bucket size (burst).                               env WHISPEER_PUBLISH_BURST
 publish_burst = {publish_burst}
+# Rate limits never disconnect: over a rate, the relay stops reading that connection until
+# its bucket refills (its idle timer is suspended meanwhile), so the client is slowed down.
+# Most connections from one source IP, handshakes included; over it the TCP listener
+# answers Err(too_many_connections), the others close the socket. Behind a reverse proxy
+# every client has the proxy's address: raise it there. env WHISPEER_MAX_CONNECTIONS_PER_ADDR
+max_connections_per_addr = {max_connections_per_addr}
+# Sub/Unsub requests per second per connection, and burst; 0 = unlimited. env WHISPEER_SUB_RATE
+sub_rate = {sub_rate}
+sub_burst = {sub_burst}
+# Tokens a Sub that asks for history (replay or durable resume) costs.
+replay_cost = {replay_cost}
+# Ack frames per second per connection, and burst; 0 = unlimited. env WHISPEER_ACK_RATE
+ack_rate = {ack_rate}
+ack_burst = {ack_burst}
+# Shared by all connections of one source IP (reconnecting does not reset them); 0 = unlimited.
+# env WHISPEER_ADDR_PUBLISH_RATE, WHISPEER_ADDR_SUB_RATE
+addr_publish_rate = {addr_publish_rate}
+addr_publish_burst = {addr_publish_burst}
+addr_sub_rate = {addr_sub_rate}
+addr_sub_burst = {addr_sub_burst}
 
 [queue]
 # Messages queued per connection before the slow-consumer policy applies. env WHISPEER_QUEUE_CAPACITY
@@ -657,6 +742,8 @@ capacity = {capacity}
 # "drop": drop the oldest queued message and send a Gap frame with the count;
 # "disconnect": send Err(SlowConsumer) and close.          env WHISPEER_SLOW_CONSUMER
 slow_consumer = "{policy}"
+# Bytes of queued messages per connection before the slow-consumer policy applies. env WHISPEER_QUEUE_MAX_BYTES
+max_bytes = {queue_max_bytes}
 
 [timeouts]
 # Milliseconds to finish the transport handshake and send Hello. env WHISPEER_HELLO_MS
@@ -715,8 +802,13 @@ retry_ms = {store_retry_ms}
 [delivery]
 # Unacknowledged QoS >= 1 deliveries are sent again after this many ms. env WHISPEER_ACK_TIMEOUT_MS
 ack_timeout_ms = {ack_timeout_ms}
-# Most unacknowledged messages per subscription before the connection is closed. env WHISPEER_MAX_UNACKED
+# Most unacknowledged messages in flight per QoS >= 1 subscription, and the default credit
+# of a Sub without one (a Sub's credit is capped to it). Beyond it delivery of that
+# subscription pauses, the messages wait in the store and follow, in order, as acks free
+# credit; other subscriptions are not affected.             env WHISPEER_MAX_UNACKED
 max_unacked = {max_unacked}
+# Most bytes of unacknowledged envelopes per subscription (pauses like max_unacked). env WHISPEER_MAX_UNACKED_BYTES
+max_unacked_bytes = {max_unacked_bytes}
 
 [log]
 # RUST_LOG-style filter (RUST_LOG also works).              env WHISPEER_LOG
@@ -735,6 +827,17 @@ format = "{format}"
             max_filter_depth = l.max_filter_depth,
             publish_rate = l.publish_rate,
             publish_burst = l.publish_burst,
+            max_connections_per_addr = l.max_connections_per_addr,
+            sub_rate = l.sub_rate,
+            sub_burst = l.sub_burst,
+            replay_cost = l.replay_cost,
+            ack_rate = l.ack_rate,
+            ack_burst = l.ack_burst,
+            addr_publish_rate = l.addr_publish_rate,
+            addr_publish_burst = l.addr_publish_burst,
+            addr_sub_rate = l.addr_sub_rate,
+            addr_sub_burst = l.addr_sub_burst,
+            queue_max_bytes = d.queue.max_bytes,
             capacity = d.queue.capacity,
             policy = d.queue.slow_consumer,
             hello_ms = t.hello_ms,
@@ -765,6 +868,7 @@ format = "{format}"
             store_retry_ms = d.store.retry_ms,
             ack_timeout_ms = d.delivery.ack_timeout_ms,
             max_unacked = d.delivery.max_unacked,
+            max_unacked_bytes = d.delivery.max_unacked_bytes,
             filter = d.log.filter,
             format = match d.log.format {
                 LogFormat::Text => "text",

@@ -14,6 +14,7 @@ use whispeer_protocol::{codec, Frame};
 use crate::ids::TransportKind;
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
+use crate::rate::AddrSlot;
 use crate::relay::Shared;
 use crate::session::{Flow, Session};
 use crate::transport::{FrameSink, FrameSource, Inbound};
@@ -26,9 +27,14 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
     sink: Snk,
     transport: TransportKind,
     peer: Option<SocketAddr>,
+    slot: Option<AddrSlot>,
 ) {
     let cfg = &shared.config;
-    let out = Arc::new(Outbound::new(cfg.queue.capacity, cfg.queue.slow_consumer));
+    let out = Arc::new(Outbound::new(
+        cfg.queue.capacity,
+        cfg.queue.max_bytes,
+        cfg.queue.slow_consumer,
+    ));
     let (conn, admitted) = shared.registry.register(&out, cfg.limits.max_connections);
     let _registration = shared.registry.guard(conn);
     let keepalive = match transport {
@@ -49,6 +55,7 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
         peer,
         out.clone(),
         started.into_std(),
+        slot,
     );
 
     let mut source_closed = false;
@@ -138,6 +145,24 @@ async fn read_loop<Src: FrameSource>(
                 }
                 deadline.as_mut().reset(due);
             }
+        }
+        // Over a rate limit: stop reading until the bucket refills (backpressure through
+        // the socket), with the idle timer suspended meanwhile.
+        if let Some(until) = session.take_pause() {
+            shared.metrics.throttled();
+            tokio::select! {
+                biased;
+                _ = &mut closing => {
+                    session.closed_elsewhere();
+                    return false;
+                }
+                _ = &mut shutdown => {
+                    session.shutting_down();
+                    return false;
+                }
+                _ = sleep_until(Instant::from_std(until)) => {}
+            }
+            last_in = Instant::now();
         }
     }
 }

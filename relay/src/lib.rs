@@ -18,6 +18,7 @@
 //!   positions, publish-id dedup) and `LiveStore` (numbers only).
 //! - `router` — index + store behind one routing lock; encodes each `Msg` once, fans out;
 //!   gated (buffered) subscriptions while history is sent; at-least-once tracking.
+//! - `flow` — flow control of QoS ≥ 1 subscriptions: credit, pause, catch-up from the store.
 //! - `replay` — the history task of a replaying or resuming subscription.
 //! - `outbound` — per-connection bounded queue, slow-consumer policy, batch takes.
 //! - `session` — the per-connection protocol state machine (sans I/O).
@@ -27,7 +28,7 @@
 //! - [`plugin`] — metadata-only hooks; logging and metrics plugins.
 //! - [`metrics`] — counters, routing histogram, Prometheus text.
 //! - [`admin`] — `/metrics`, `/status`, `/healthz`; a GET client for `status`.
-//! - `rate` — token bucket for the publish rate limit.
+//! - `rate` — token buckets (rate limits by backpressure) and the per-address connection table.
 //! - [`logging`] — tracing-subscriber setup for the binary (text or JSON).
 //! - [`error`] — [`RelayError`].
 #![forbid(unsafe_code)]
@@ -36,6 +37,7 @@ pub mod admin;
 pub mod config;
 mod conn;
 pub mod error;
+mod flow;
 pub mod ids;
 pub mod index;
 pub mod logging;

@@ -1,5 +1,8 @@
 //! Log setup for the binary: `tracing-subscriber` with a `RUST_LOG`-style filter, as text
 //! or JSON lines. The library only emits events and never puts envelope bytes in them.
+//! ANSI colours only when stderr is a terminal: logs written to a file or a pipe are plain.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -11,7 +14,8 @@ pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
         EnvFilter::try_new(filter).map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -1,4 +1,4 @@
-//! `whispeer-relay`: `serve`, `generate-config`, `status`.
+//! `whispeer-relay`: `serve`, `generate-config`, `status`, `tls generate`.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -25,6 +25,32 @@ enum Command {
     GenerateConfig,
     /// Print a summary of a running relay (from its admin port's /status).
     Status(StatusArgs),
+    /// TLS helpers.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCommand {
+    /// Write a self-signed end-entity certificate and key (for --tls-cert/--tls-key) and
+    /// print the certificate's SHA-256 fingerprint, which clients pin with --tls-pin.
+    Generate(TlsGenerateArgs),
+}
+
+#[derive(Debug, Args)]
+struct TlsGenerateArgs {
+    /// Certificate file to write (PEM).
+    #[arg(long, default_value = "relay.crt")]
+    cert: PathBuf,
+    /// Private key file to write (PKCS#8 PEM, mode 0600).
+    #[arg(long, default_value = "relay.key")]
+    key: PathBuf,
+    /// DNS name or IP address the certificate is for; repeatable.
+    #[arg(long = "name", value_name = "NAME", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])]
+    names: Vec<String>,
+    /// Overwrite existing files.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Every flag overrides the config file; each also reads a `WHISPEER_*` variable.
@@ -72,6 +98,27 @@ struct ServeArgs {
     /// Publish burst per connection.
     #[arg(long, env = "WHISPEER_PUBLISH_BURST")]
     publish_burst: Option<u32>,
+    /// Most connections (handshakes included) from one source IP address.
+    #[arg(long, env = "WHISPEER_MAX_CONNECTIONS_PER_ADDR")]
+    max_connections_per_addr: Option<usize>,
+    /// Sub/Unsub requests per second per connection (0 = unlimited).
+    #[arg(long, env = "WHISPEER_SUB_RATE")]
+    sub_rate: Option<u32>,
+    /// Publishes per second shared by one source address (0 = unlimited).
+    #[arg(long, env = "WHISPEER_ADDR_PUBLISH_RATE")]
+    addr_publish_rate: Option<u32>,
+    /// Sub/Unsub requests per second shared by one source address (0 = unlimited).
+    #[arg(long, env = "WHISPEER_ADDR_SUB_RATE")]
+    addr_sub_rate: Option<u32>,
+    /// Ack frames per second per connection (0 = unlimited).
+    #[arg(long, env = "WHISPEER_ACK_RATE")]
+    ack_rate: Option<u32>,
+    /// Outbound queue bound per connection, in bytes of queued messages.
+    #[arg(long, env = "WHISPEER_QUEUE_MAX_BYTES")]
+    queue_max_bytes: Option<usize>,
+    /// Most bytes of unacknowledged envelopes per subscription.
+    #[arg(long, env = "WHISPEER_MAX_UNACKED_BYTES")]
+    max_unacked_bytes: Option<usize>,
     /// Outbound queue capacity per connection, in messages.
     #[arg(long, env = "WHISPEER_QUEUE_CAPACITY")]
     queue_capacity: Option<usize>,
@@ -181,6 +228,16 @@ impl ServeArgs {
         set(&mut c.limits.max_filter_depth, self.max_filter_depth);
         set(&mut c.limits.publish_rate, self.publish_rate);
         set(&mut c.limits.publish_burst, self.publish_burst);
+        set(
+            &mut c.limits.max_connections_per_addr,
+            self.max_connections_per_addr,
+        );
+        set(&mut c.limits.sub_rate, self.sub_rate);
+        set(&mut c.limits.ack_rate, self.ack_rate);
+        set(&mut c.limits.addr_publish_rate, self.addr_publish_rate);
+        set(&mut c.limits.addr_sub_rate, self.addr_sub_rate);
+        set(&mut c.queue.max_bytes, self.queue_max_bytes);
+        set(&mut c.delivery.max_unacked_bytes, self.max_unacked_bytes);
         set(&mut c.queue.capacity, self.queue_capacity);
         set(&mut c.queue.slow_consumer, self.slow_consumer);
         set(&mut c.timeouts.hello_ms, self.hello_ms);
@@ -227,12 +284,38 @@ fn main() -> Result<()> {
                 .context("starting the tokio runtime")?
                 .block_on(serve(config, ready_file))
         }
+        Command::Tls(TlsCommand::Generate(args)) => tls_generate(args),
         Command::Status(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the tokio runtime")?
             .block_on(status(args)),
     }
+}
+
+fn tls_generate(args: TlsGenerateArgs) -> Result<()> {
+    use whispeer_relay::tls;
+    let g = tls::generate(&args.names)?;
+    for p in [&args.cert, &args.key] {
+        if !args.force && p.exists() {
+            return Err(tls::TlsError::Exists(p.clone()).into());
+        }
+    }
+    tls::write_pem(&args.cert, &g.cert_pem, false, args.force)?;
+    tls::write_pem(&args.key, &g.key_pem, true, args.force)?;
+    let hex: String = g.sha256.iter().map(|b| format!("{b:02x}")).collect();
+    println!("sha256:{hex}");
+    eprintln!(
+        "wrote {} (self-signed end-entity certificate for {}) and {} (private key)\n\
+         serve:  whispeer-relay serve --wss 0.0.0.0:7443 --tls-cert {} --tls-key {}\n\
+         client: whispeer sub --relay wss://HOST:7443 --tls-pin {hex} ...",
+        args.cert.display(),
+        args.names.join(", "),
+        args.key.display(),
+        args.cert.display(),
+        args.key.display(),
+    );
+    Ok(())
 }
 
 async fn serve(config: Config, ready_file: Option<PathBuf>) -> Result<()> {

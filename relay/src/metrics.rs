@@ -82,6 +82,8 @@ pub struct Metrics {
     replayed: AtomicU64,
     redelivered: AtomicU64,
     duplicate_publishes: AtomicU64,
+    throttled: AtomicU64,
+    credit_pauses: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -107,6 +109,8 @@ impl Default for Metrics {
             replayed: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
             duplicate_publishes: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            credit_pauses: AtomicU64::new(0),
         }
     }
 }
@@ -177,6 +181,14 @@ impl Metrics {
     pub(crate) fn slow_consumer_disconnect(&self) {
         self.slow_consumer_disconnects.fetch_add(1, Relaxed);
         self.error_sent(ErrorCode::SlowConsumer);
+    }
+    /// A connection's reads were paused by a rate limit.
+    pub(crate) fn throttled(&self) {
+        self.throttled.fetch_add(1, Relaxed);
+    }
+    /// A subscription ran out of credit and its delivery paused.
+    pub(crate) fn credit_paused(&self) {
+        self.credit_pauses.fetch_add(1, Relaxed);
     }
     pub(crate) fn rejected_by_plugin(&self) {
         self.rejected_by_plugin.fetch_add(1, Relaxed);
@@ -393,7 +405,7 @@ impl Metrics {
                 "whispeer_relay_connections_total{{transport=\"{k}\"}} {v}"
             );
         }
-        let counters: [(&str, &str, u64); 11] = [
+        let counters: [(&str, &str, u64); 13] = [
             (
                 "whispeer_relay_connections_rejected_total",
                 "Connections refused (connection limit, plugins).",
@@ -443,6 +455,16 @@ impl Metrics {
                 "whispeer_relay_slow_consumer_disconnects_total",
                 "Connections closed by the slow-consumer policy.",
                 load(&self.slow_consumer_disconnects),
+            ),
+            (
+                "whispeer_relay_throttled_total",
+                "Times a connection's reads were paused by a rate limit (backpressure).",
+                load(&self.throttled),
+            ),
+            (
+                "whispeer_relay_credit_pauses_total",
+                "Times a QoS >= 1 subscription ran out of credit and its delivery paused.",
+                load(&self.credit_pauses),
             ),
             (
                 "whispeer_relay_plugin_rejections_total",

@@ -6,8 +6,8 @@
 //! message encoded once reaches every transport without re-encoding. The writer takes the
 //! whole queue at once, which is what lets it coalesce many frames into one write.
 //!
-//! Only `Msg` frames count against the capacity and are subject to the slow-consumer
-//! policy; control frames (`SubOk`, `Pong`, `Err`, …) are never dropped, but a client that
+//! Only `Msg` frames count against the capacity (in messages and in bytes, whichever is
+//! reached first) and are subject to the slow-consumer policy; control frames (`SubOk`, `Pong`, `Err`, …) are never dropped, but a client that
 //! provokes more than `capacity` of them without reading is disconnected.
 
 use std::collections::VecDeque;
@@ -30,6 +30,8 @@ struct Item {
 struct State {
     items: VecDeque<Item>,
     msgs: usize,
+    /// Bytes of the queued `Msg` frames.
+    msg_bytes: usize,
     controls: usize,
     /// Messages dropped since the writer last took a batch (becomes a `Gap` frame).
     dropped: u64,
@@ -65,6 +67,7 @@ pub(crate) struct Outbound {
     state: Mutex<State>,
     notify: Notify,
     capacity: usize,
+    max_bytes: usize,
     policy: SlowConsumerPolicy,
     closing: watch::Sender<bool>,
     /// Notified whenever the writer takes a batch (history senders wait for room).
@@ -82,11 +85,12 @@ fn fatal_err(code: ErrorCode, message: &str) -> Bytes {
 }
 
 impl Outbound {
-    pub(crate) fn new(capacity: usize, policy: SlowConsumerPolicy) -> Self {
+    pub(crate) fn new(capacity: usize, max_bytes: usize, policy: SlowConsumerPolicy) -> Self {
         Self {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             capacity,
+            max_bytes: max_bytes.max(1),
             policy,
             closing: watch::Sender::new(false),
             drained: Notify::new(),
@@ -111,14 +115,23 @@ impl Outbound {
             return Offer::Closed;
         }
         let mut outcome = Offer::Queued;
-        if s.msgs >= self.capacity {
+        let full = |s: &State| {
+            s.msgs >= self.capacity || (s.msgs > 0 && s.msg_bytes + frame.len() > self.max_bytes)
+        };
+        if full(&s) {
             match self.policy {
                 SlowConsumerPolicy::Drop => {
-                    if let Some(i) = s.items.iter().position(|it| it.is_msg) {
-                        s.items.remove(i);
-                        s.msgs -= 1;
+                    // Drop the oldest messages until this one fits (it always fits alone).
+                    while full(&s) {
+                        let Some(i) = s.items.iter().position(|it| it.is_msg) else {
+                            break;
+                        };
+                        if let Some(it) = s.items.remove(i) {
+                            s.msgs -= 1;
+                            s.msg_bytes -= it.frame.len();
+                        }
+                        s.dropped += 1;
                     }
-                    s.dropped += 1;
                     outcome = Offer::DroppedOldest;
                 }
                 SlowConsumerPolicy::Disconnect => {
@@ -140,6 +153,7 @@ impl Outbound {
             is_msg: true,
         });
         s.msgs += 1;
+        s.msg_bytes += frame.len();
         drop(s);
         if was_empty {
             self.notify.notify_one();
@@ -155,6 +169,7 @@ impl Outbound {
             return Offer::Closed;
         }
         let was_empty = s.items.is_empty();
+        s.msg_bytes += frame.len();
         s.items.push_back(Item {
             frame,
             is_msg: true,
@@ -167,7 +182,8 @@ impl Outbound {
         Offer::Queued
     }
 
-    /// Waits until at most half the capacity is queued (or the queue is closing).
+    /// Waits until at most half the capacity (messages and bytes) is queued (or the queue is
+    /// closing).
     pub(crate) async fn wait_room(&self) {
         loop {
             let drained = self.drained.notified();
@@ -175,7 +191,7 @@ impl Outbound {
             drained.as_mut().enable();
             {
                 let s = self.lock();
-                if s.closing || s.msgs <= self.capacity / 2 {
+                if s.closing || (s.msgs <= self.capacity / 2 && s.msg_bytes <= self.max_bytes / 2) {
                     return;
                 }
             }
@@ -245,6 +261,7 @@ impl Outbound {
         if discard_msgs {
             s.items.retain(|it| !it.is_msg);
             s.msgs = 0;
+            s.msg_bytes = 0;
             s.dropped = 0;
         }
         if let Some(frame) = last {
@@ -274,6 +291,7 @@ impl Outbound {
         let mut s = self.lock();
         into.extend(s.items.drain(..).map(|it| it.frame));
         s.msgs = 0;
+        s.msg_bytes = 0;
         s.controls = 0;
         let dropped = std::mem::take(&mut s.dropped);
         let last = s.closing;
@@ -304,7 +322,7 @@ mod tests {
 
     #[test]
     fn drop_policy_drops_oldest_message_and_counts() {
-        let q = Outbound::new(2, SlowConsumerPolicy::Drop);
+        let q = Outbound::new(2, usize::MAX, SlowConsumerPolicy::Drop);
         assert_eq!(q.push_control(b(0)), Offer::Queued);
         assert_eq!(q.offer_msg(&b(1)), Offer::Queued);
         assert_eq!(q.offer_msg(&b(2)), Offer::Queued);
@@ -317,8 +335,22 @@ mod tests {
     }
 
     #[test]
+    fn byte_bound_drops_oldest_until_the_new_message_fits() {
+        let q = Outbound::new(100, 10, SlowConsumerPolicy::Drop);
+        let m = |n: u8, len: usize| Bytes::from(vec![n; len]);
+        assert_eq!(q.offer_msg(&m(1, 4)), Offer::Queued);
+        assert_eq!(q.offer_msg(&m(2, 4)), Offer::Queued);
+        assert_eq!(q.offer_msg(&m(3, 6)), Offer::DroppedOldest);
+        // A message larger than the bound alone is still queued (never starved).
+        assert_eq!(q.offer_msg(&m(4, 20)), Offer::DroppedOldest);
+        let mut out = Vec::new();
+        assert_eq!(q.take(&mut out).dropped, 3);
+        assert_eq!(out, vec![m(4, 20)]);
+    }
+
+    #[test]
     fn disconnect_policy_discards_messages_and_closes() {
-        let q = Outbound::new(1, SlowConsumerPolicy::Disconnect);
+        let q = Outbound::new(1, usize::MAX, SlowConsumerPolicy::Disconnect);
         q.push_control(b(0));
         q.offer_msg(&b(1));
         assert_eq!(q.offer_msg(&b(2)), Offer::Disconnected);

@@ -1,8 +1,16 @@
-//! A token bucket for the per-connection publish rate limit.
+//! Rate limits by backpressure: token buckets per connection and per source address, and
+//! the per-address connection table (connections and handshakes in progress).
+//!
+//! A client over its rate is never disconnected: the bucket goes into debt by one token and
+//! the connection's reader pauses until the debt is repaid (see `conn::read_loop`), so a
+//! fast client is slowed to the configured rate and loses nothing.
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-/// `rate` tokens per second, at most `burst` stored; each publish takes one.
+/// `rate` tokens per second, at most `burst` stored; each request takes one.
 #[derive(Debug, Clone)]
 pub(crate) struct TokenBucket {
     rate: f64,
@@ -22,14 +30,19 @@ impl TokenBucket {
         }
     }
 
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now.max(self.last);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+    }
+
     /// Takes one token if available.
+    #[cfg(test)]
     pub(crate) fn try_take(&mut self, now: Instant) -> bool {
         if self.rate == 0.0 {
             return true;
         }
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -37,12 +50,167 @@ impl TokenBucket {
             false
         }
     }
+
+    /// Takes `n` tokens, going into debt if needed; returns how long the caller must pause
+    /// so the debt is repaid (`None`: no pause).
+    pub(crate) fn take(&mut self, n: f64, now: Instant) -> Option<Duration> {
+        if self.rate == 0.0 {
+            return None;
+        }
+        self.refill(now);
+        self.tokens -= n;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+
+    /// Whether the bucket is full again (an idle address entry can be forgotten).
+    fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.rate == 0.0 || self.tokens + elapsed * self.rate >= self.burst
+    }
+}
+
+/// Rates shared by every connection from one source address.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AddrRates {
+    pub(crate) publish: (u32, u32),
+    pub(crate) sub: (u32, u32),
+}
+
+#[derive(Debug)]
+struct AddrEntry {
+    /// Connections open or in their handshake from this address.
+    conns: usize,
+    publish: TokenBucket,
+    request: TokenBucket,
+}
+
+#[derive(Debug, Default)]
+struct AddrState {
+    by_addr: HashMap<IpAddr, AddrEntry>,
+    total: usize,
+}
+
+/// Connections (handshakes included) and rate buckets per source address, plus the global
+/// count. Entries outlive their connections until their buckets are full again, so
+/// reconnecting does not reset a rate limit.
+#[derive(Debug)]
+pub(crate) struct AddrTable {
+    state: Mutex<AddrState>,
+    rates: AddrRates,
+    per_addr: usize,
+    global: usize,
+}
+
+/// Why a new connection was refused before its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The address has `max_connections_per_addr` connections or handshakes.
+    PerAddr(usize),
+    /// The relay has `max_connections` connections or handshakes.
+    Global(usize),
+}
+
+impl AddrTable {
+    pub(crate) fn new(rates: AddrRates, per_addr: usize, global: usize) -> Self {
+        Self {
+            state: Mutex::new(AddrState::default()),
+            rates,
+            per_addr,
+            global,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, AddrState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a new connection from `ip` (counted from accept, through its handshake, until
+    /// the returned slot drops).
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<AddrSlot, Refusal> {
+        let now = Instant::now();
+        let mut s = self.lock();
+        if s.total >= self.global {
+            return Err(Refusal::Global(self.global));
+        }
+        if s.by_addr.len() >= 4096 && !s.by_addr.contains_key(&ip) {
+            s.by_addr
+                .retain(|_, e| e.conns > 0 || !(e.publish.is_full(now) && e.request.is_full(now)));
+        }
+        let rates = self.rates;
+        let e = s.by_addr.entry(ip).or_insert_with(|| AddrEntry {
+            conns: 0,
+            publish: TokenBucket::new(rates.publish.0, rates.publish.1, now),
+            request: TokenBucket::new(rates.sub.0, rates.sub.1, now),
+        });
+        if e.conns >= self.per_addr {
+            return Err(Refusal::PerAddr(self.per_addr));
+        }
+        e.conns += 1;
+        s.total += 1;
+        Ok(AddrSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+
+    /// Charges `n` publishes (`request == false`) or requests to the address's bucket.
+    fn take(&self, ip: IpAddr, request: bool, n: f64, now: Instant) -> Option<Duration> {
+        let mut s = self.lock();
+        let e = s.by_addr.get_mut(&ip)?;
+        if request {
+            e.request.take(n, now)
+        } else {
+            e.publish.take(n, now)
+        }
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let now = Instant::now();
+        let mut s = self.lock();
+        s.total = s.total.saturating_sub(1);
+        if let Some(e) = s.by_addr.get_mut(&ip) {
+            e.conns = e.conns.saturating_sub(1);
+            if e.conns == 0 && e.publish.is_full(now) && e.request.is_full(now) {
+                s.by_addr.remove(&ip);
+            }
+        }
+    }
+
+    /// Connections and handshakes counted now (for tests and status).
+    #[cfg(test)]
+    pub(crate) fn total(&self) -> usize {
+        self.lock().total
+    }
+}
+
+/// One admitted connection's place in the [`AddrTable`]; released on drop.
+#[derive(Debug)]
+pub(crate) struct AddrSlot {
+    table: Arc<AddrTable>,
+    ip: IpAddr,
+}
+
+impl AddrSlot {
+    /// Charges publishes to the address.
+    pub(crate) fn take_publish(&self, n: f64, now: Instant) -> Option<Duration> {
+        self.table.take(self.ip, false, n, now)
+    }
+
+    /// Charges `Sub`/`Unsub`/`Ack` requests to the address.
+    pub(crate) fn take_request(&self, n: f64, now: Instant) -> Option<Duration> {
+        self.table.take(self.ip, true, n, now)
+    }
+}
+
+impl Drop for AddrSlot {
+    fn drop(&mut self) {
+        self.table.release(self.ip);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn burst_then_refill() {
@@ -54,5 +222,38 @@ mod tests {
         assert!(!b.try_take(t0 + Duration::from_millis(100)));
         let mut unlimited = TokenBucket::new(0, 0, t0);
         assert!((0..1000).all(|_| unlimited.try_take(t0)));
+    }
+
+    #[test]
+    fn debt_gives_the_pause_that_repays_it() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, 2, t0);
+        assert_eq!(b.take(1.0, t0), None);
+        assert_eq!(b.take(1.0, t0), None);
+        let wait = b.take(1.0, t0).unwrap();
+        assert_eq!(wait, Duration::from_millis(100));
+        // After the pause the debt is repaid and the next token needs another pause.
+        let wait2 = b.take(1.0, t0 + wait).unwrap();
+        assert_eq!(wait2, Duration::from_millis(100));
+        assert_eq!(TokenBucket::new(0, 0, t0).take(1e9, t0), None);
+    }
+
+    #[test]
+    fn addresses_are_capped_and_counted_until_released() {
+        let rates = AddrRates {
+            publish: (0, 0),
+            sub: (0, 0),
+        };
+        let t = Arc::new(AddrTable::new(rates, 2, 3));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let s1 = t.admit(a).unwrap();
+        let _s2 = t.admit(a).unwrap();
+        assert_eq!(t.admit(a).unwrap_err(), Refusal::PerAddr(2));
+        let _s3 = t.admit(b).unwrap();
+        assert_eq!(t.admit(b).unwrap_err(), Refusal::Global(3));
+        drop(s1);
+        assert_eq!(t.total(), 2);
+        let _s4 = t.admit(a).unwrap();
     }
 }

@@ -21,6 +21,7 @@ use crate::ids::{ConnId, TransportKind};
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
 use crate::plugin::{LoggingPlugin, MetricsPlugin, Plugin, Plugins};
+use crate::rate::{AddrRates, AddrSlot, AddrTable, Refusal};
 use crate::router::Router;
 use crate::store::{DurableKey, Store};
 use crate::transport::channel::{ChannelSink, ChannelSource};
@@ -108,6 +109,8 @@ pub(crate) struct Shared {
     pub(crate) addrs: BoundAddrs,
     /// Durable subscription names currently held by a connection.
     pub(crate) active_durables: Mutex<std::collections::HashSet<DurableKey>>,
+    /// Connections and handshakes per source address, and per-address rate buckets.
+    pub(crate) addr_table: Arc<AddrTable>,
 }
 
 impl Shared {
@@ -270,6 +273,15 @@ impl RelayBuilder {
                 .map_err(RelayError::Store)?,
         };
         let addrs = self.listeners.addrs();
+        let l = &self.config.limits;
+        let addr_table = Arc::new(AddrTable::new(
+            AddrRates {
+                publish: (l.addr_publish_rate, l.addr_publish_burst),
+                sub: (l.addr_sub_rate, l.addr_sub_burst),
+            },
+            l.max_connections_per_addr,
+            l.max_connections,
+        ));
         let shared = Arc::new(Shared {
             router: Router::new(store, metrics.clone()),
             config: self.config,
@@ -279,6 +291,7 @@ impl RelayBuilder {
             shutdown: watch::Sender::new(false),
             addrs,
             active_durables: Mutex::new(Default::default()),
+            addr_table,
         });
         Ok(Relay {
             shared,
@@ -442,6 +455,7 @@ impl RelayHandle {
             sink,
             transport,
             peer,
+            None,
         ));
     }
 
@@ -477,9 +491,60 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Counted from here, through the handshake, until the connection ends.
+        let slot = match shared.addr_table.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                tokio::spawn(refuse(shared.clone(), stream, kind, refusal));
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(handshake(shared.clone(), stream, peer, kind, tls.clone()));
+        tokio::spawn(handshake(
+            shared.clone(),
+            stream,
+            peer,
+            kind,
+            tls.clone(),
+            slot,
+        ));
     }
+}
+
+/// Refuses a connection over the per-address or global cap before any handshake: the
+/// plain TCP listener answers a fatal `Err(too_many_connections)` saying which cap; the
+/// others (TLS, WebSocket) just close, since answering would need the handshake the cap
+/// is there to avoid.
+async fn refuse(shared: Arc<Shared>, mut stream: TcpStream, kind: TransportKind, why: Refusal) {
+    use tokio::io::AsyncWriteExt;
+    use whispeer_protocol::frame::ErrFrame;
+    use whispeer_protocol::{codec, ErrorCode, Frame};
+    shared.metrics.connection_rejected();
+    shared.metrics.error_sent(ErrorCode::TooManyConnections);
+    tracing::debug!(listener = %kind, ?why, "connection refused before its handshake");
+    if kind != TransportKind::Tcp {
+        return;
+    }
+    let message = match why {
+        Refusal::PerAddr(n) => {
+            format!(
+                "limit of {n} connections per source address reached (max_connections_per_addr)"
+            )
+        }
+        Refusal::Global(n) => format!("connection limit of {n} reached (max_connections)"),
+    };
+    let frame = codec::encode_prefixed(&Frame::Err(ErrFrame {
+        code: ErrorCode::TooManyConnections,
+        message,
+        fatal: true,
+        sub_id: None,
+        publish_id: None,
+    }));
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let _ = stream.write_all(&frame).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// Completes the transport handshake (TLS, WebSocket upgrade) within `hello_ms`, then
@@ -490,7 +555,9 @@ async fn handshake(
     peer: SocketAddr,
     kind: TransportKind,
     tls: Option<TlsAcceptor>,
+    slot: AddrSlot,
 ) {
+    let mut slot = Some(slot);
     let max = shared.config.limits.max_frame;
     let limit = shared.config.timeouts.hello();
     let peer_s = Some(peer);
@@ -504,6 +571,7 @@ async fn handshake(
                     StreamSink::new(w),
                     kind,
                     peer_s,
+                    slot.take(),
                 )
                 .await;
             }
@@ -516,7 +584,7 @@ async fn handshake(
                 .map_err(|_| "WebSocket handshake timed out".to_string())?
                 .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
                 let (src, snk) = ws::split(ws);
-                conn::serve(shared.clone(), src, snk, kind, peer_s).await;
+                conn::serve(shared.clone(), src, snk, kind, peer_s, slot.take()).await;
             }
             TransportKind::Tls | TransportKind::Wss => {
                 let acceptor = tls.ok_or("TLS listener without TLS configuration")?;
@@ -532,6 +600,7 @@ async fn handshake(
                         StreamSink::new(w),
                         kind,
                         peer_s,
+                        slot.take(),
                     )
                     .await;
                 } else {
@@ -546,7 +615,7 @@ async fn handshake(
                     .map_err(|_| "WebSocket handshake timed out".to_string())?
                     .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
                     let (src, snk) = ws::split(ws);
-                    conn::serve(shared.clone(), src, snk, kind, peer_s).await;
+                    conn::serve(shared.clone(), src, snk, kind, peer_s, slot.take()).await;
                 }
             }
             TransportKind::InProcess => {}

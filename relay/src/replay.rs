@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use whispeer_protocol::frame::{msg_flags, ErrFrame, Replay, ReplayDone};
-use whispeer_protocol::{codec, ErrorCode, Frame, TokenPattern};
+use whispeer_protocol::{codec, Frame, TokenPattern};
 
 use crate::ids::Seq;
 use crate::relay::Shared;
@@ -137,21 +137,16 @@ async fn send(
                 .await
                 .map_err(|e| StoreError::Unavailable(e.to_string()))??
         };
-        let now = Instant::now();
         let n = chunk.msgs.len() as u64;
         for m in chunk.msgs {
             if let Some(t) = &target.track {
-                if !t.delivered(m.seq.0, &m.envelope, now) {
-                    target
-                        .out
-                        .close_discarding(codec::encode_prefixed(&Frame::Err(ErrFrame {
-                            code: ErrorCode::SlowConsumer,
-                            message: "too many unacknowledged messages".into(),
-                            fatal: true,
-                            sub_id: Some(target.sub.0),
-                            publish_id: None,
-                        })));
-                    return Ok(count);
+                // Flow control: wait for credit (acks) instead of overrunning the client.
+                while !t.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
+                    if target.is_cancelled() || target.out.is_closing() {
+                        return Ok(count);
+                    }
+                    t.wait_credit(m.envelope.len(), std::time::Duration::from_millis(500))
+                        .await;
                 }
             }
             target

@@ -14,20 +14,22 @@
 //! (`SubOk.seq`); then [`Router::release`] sends the buffer — all with larger sequences —
 //! and opens the gate. No gap, no duplicate.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use whispeer_protocol::frame::{ErrFrame, Msg};
-use whispeer_protocol::{codec, Envelope, ErrorCode, Frame, Qos, TokenPath, TokenPattern};
+use whispeer_protocol::frame::Msg;
+use whispeer_protocol::{codec, Envelope, Frame, Qos, TokenPath, TokenPattern};
 
+use crate::flow::Delivery;
+pub(crate) use crate::flow::Tracking;
 use crate::ids::{ConnId, Seq, SubId};
 use crate::index::SubIndex;
 use crate::metrics::Metrics;
 use crate::outbound::{Offer, Outbound};
-use crate::store::{Accepted, Append, DurableKey, Store, StoreError, Tenant};
+use crate::store::{Accepted, Append, Store, StoreError, Tenant};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -40,137 +42,6 @@ pub(crate) fn msg_frame(seq: u64, envelope: &Envelope, flags: u64) -> Bytes {
         envelope: envelope.clone(),
         flags,
     }))
-}
-
-#[derive(Debug)]
-struct TrackInner {
-    /// Delivered, not yet acknowledged: envelope and redelivery deadline.
-    unacked: BTreeMap<u64, (Envelope, Instant)>,
-    /// Highest sequence handed to the connection for this subscription.
-    delivered_max: u64,
-    /// While history is being sent: the floor may not pass this (history not yet sent).
-    cap: Option<u64>,
-    /// Last floor reported.
-    floor: u64,
-}
-
-/// At-least-once state of one QoS ≥ 1 (or durable) subscription: what is in flight, and
-/// the acknowledged floor (every matching message up to it is acknowledged).
-#[derive(Debug)]
-pub(crate) struct Tracking {
-    inner: Mutex<TrackInner>,
-    pub(crate) durable: Option<DurableKey>,
-    timeout: Duration,
-    max: usize,
-}
-
-impl Tracking {
-    pub(crate) fn new(
-        floor: u64,
-        gated: bool,
-        durable: Option<DurableKey>,
-        timeout: Duration,
-        max: usize,
-    ) -> Self {
-        Self {
-            inner: Mutex::new(TrackInner {
-                unacked: BTreeMap::new(),
-                delivered_max: floor,
-                cap: gated.then_some(floor),
-                floor,
-            }),
-            durable,
-            timeout,
-            max,
-        }
-    }
-
-    /// Records a delivery; false when the subscription has too many unacknowledged.
-    pub(crate) fn delivered(&self, seq: u64, env: &Envelope, now: Instant) -> bool {
-        let mut t = lock(&self.inner);
-        if t.unacked.len() >= self.max && !t.unacked.contains_key(&seq) {
-            return false;
-        }
-        t.unacked.insert(seq, (env.clone(), now + self.timeout));
-        t.delivered_max = t.delivered_max.max(seq);
-        true
-    }
-
-    /// Starts a non-replaying subscription at the boundary.
-    pub(crate) fn start_at(&self, boundary: u64) {
-        let mut t = lock(&self.inner);
-        t.delivered_max = t.delivered_max.max(boundary);
-        t.floor = t.floor.max(boundary);
-    }
-
-    /// History was sent up to `seq`.
-    pub(crate) fn history_at(&self, seq: u64) {
-        let mut t = lock(&self.inner);
-        if let Some(c) = t.cap.as_mut() {
-            *c = (*c).max(seq);
-        }
-        t.delivered_max = t.delivered_max.max(seq);
-    }
-
-    /// History is complete.
-    pub(crate) fn history_done(&self) {
-        lock(&self.inner).cap = None;
-    }
-
-    fn compute_floor(t: &TrackInner) -> u64 {
-        let mut f = match t.unacked.keys().next() {
-            Some(first) => first - 1,
-            None => t.delivered_max,
-        };
-        if let Some(c) = t.cap {
-            f = f.min(c);
-        }
-        f.max(t.floor)
-    }
-
-    /// The acknowledged floor now.
-    pub(crate) fn floor(&self) -> u64 {
-        let t = lock(&self.inner);
-        Self::compute_floor(&t)
-    }
-
-    /// Applies acknowledgements; returns the new floor when it moved.
-    pub(crate) fn ack(&self, seqs: &[u64]) -> Option<u64> {
-        let mut t = lock(&self.inner);
-        let mut any = false;
-        for s in seqs {
-            any |= t.unacked.remove(s).is_some();
-        }
-        if !any {
-            return None;
-        }
-        let f = Self::compute_floor(&t);
-        (f > t.floor).then(|| {
-            t.floor = f;
-            f
-        })
-    }
-
-    /// Unacknowledged deliveries past their deadline (at most `limit`); their deadlines
-    /// are pushed out by the ack timeout.
-    pub(crate) fn due(&self, now: Instant, limit: usize) -> Vec<(u64, Envelope)> {
-        let mut t = lock(&self.inner);
-        let timeout = self.timeout;
-        t.unacked
-            .iter_mut()
-            .filter(|(_, (_, due))| *due <= now)
-            .take(limit)
-            .map(|(seq, (env, due))| {
-                *due = now + timeout;
-                (*seq, env.clone())
-            })
-            .collect()
-    }
-
-    /// Whether anything is unacknowledged.
-    pub(crate) fn pending(&self) -> usize {
-        lock(&self.inner).unacked.len()
-    }
 }
 
 #[derive(Debug, Default)]
@@ -224,16 +95,6 @@ pub(crate) struct Router {
     core: Mutex<Core>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
-}
-
-fn slow_consumer(out: &Outbound, why: &str) {
-    out.close_discarding(codec::encode_prefixed(&Frame::Err(ErrFrame {
-        code: ErrorCode::SlowConsumer,
-        message: why.into(),
-        fatal: true,
-        sub_id: None,
-        publish_id: None,
-    })));
 }
 
 impl Router {
@@ -326,8 +187,23 @@ impl Router {
                     gate.dropped = 0;
                 }
                 let n = gate.buf.len().min(step);
-                for (_, _, frame) in gate.buf.drain(..n) {
+                let last = gate.buf.back().map_or(0, |(seq, _, _)| *seq);
+                let now = Instant::now();
+                let mut paused = false;
+                for (seq, env, frame) in gate.buf.drain(..n) {
+                    // Out of credit: the rest waits in the store; the ack that frees
+                    // credit starts the catch-up (see `flow`).
+                    if let Some(t) = &target.track {
+                        if !t.deliver_or_pause(seq, &env, last, now) {
+                            self.metrics.credit_paused();
+                            paused = true;
+                            break;
+                        }
+                    }
                     target.out.push_history(frame);
+                }
+                if paused {
+                    gate.buf.clear();
                 }
                 if gate.buf.is_empty() {
                     *g = None;
@@ -343,6 +219,16 @@ impl Router {
                 return;
             }
         }
+    }
+
+    /// A paused subscription's catch-up has sent everything up to `upto`: under the routing
+    /// lock, resumes live delivery unless a later message was skipped meanwhile.
+    pub(crate) fn resume_live(&self, target: &Target, upto: u64) -> bool {
+        let _core = self.lock();
+        target
+            .track
+            .as_ref()
+            .is_none_or(|t| t.resume_if_caught_up(upto))
     }
 
     /// Removes one subscription; returns whether it existed.
@@ -416,20 +302,18 @@ impl Router {
                         gate.dropped += 1;
                     }
                     gate.buf.push_back((seq.0, envelope.clone(), frame.clone()));
-                    drop(g);
-                    if let Some(tr) = &t.track {
-                        if !tr.delivered(seq.0, envelope, start) {
-                            slow_consumer(&t.out, "too many unacknowledged messages");
-                        }
-                    }
                     continue;
                 }
             }
             if let Some(tr) = &t.track {
-                if !tr.delivered(seq.0, envelope, start) {
-                    slow_consumer(&t.out, "too many unacknowledged messages");
-                    self.metrics.slow_consumer_disconnect();
-                    continue;
+                // Without credit the message waits in the store (see `flow`).
+                match tr.deliver_live(seq.0, envelope, start) {
+                    Delivery::Send => {}
+                    Delivery::Paused => {
+                        self.metrics.credit_paused();
+                        continue;
+                    }
+                    Delivery::Skipped => continue,
                 }
             }
             if last_conn == Some(t.conn) {

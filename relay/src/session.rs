@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use whispeer_protocol::frame::{
@@ -20,9 +20,9 @@ use whispeer_protocol::{codec, DecodeError, ErrorCode, Frame, Qos, TokenPattern}
 use crate::ids::{ConnId, SubId, TransportKind};
 use crate::outbound::{Offer, Outbound};
 use crate::plugin::{ConnectInfo, DisconnectInfo, PublishInfo, SubscribeInfo};
-use crate::rate::TokenBucket;
+use crate::rate::{AddrSlot, TokenBucket};
 use crate::relay::Shared;
-use crate::router::{msg_frame, SubStart, Tracking};
+use crate::router::{msg_frame, SubStart, Target, Tracking};
 use crate::store::{Accepted, DurableKey, Tenant};
 use crate::transport::Inbound;
 
@@ -76,13 +76,20 @@ pub(crate) struct Session {
     /// `Welcome` was sent: the connection may subscribe and publish.
     open: bool,
     subs: HashMap<SubId, TokenPattern>,
-    /// At-least-once state of QoS ≥ 1 and durable subscriptions.
-    tracked: HashMap<SubId, Arc<Tracking>>,
+    /// At-least-once state of QoS ≥ 1 and durable subscriptions, with their index entry
+    /// (for the catch-up after a credit pause).
+    tracked: HashMap<SubId, (Arc<Tracking>, Arc<Target>)>,
     /// Durable names this connection holds.
     durables: HashMap<SubId, DurableKey>,
     /// Feature bits granted in `Welcome`.
     granted: u64,
     bucket: TokenBucket,
+    sub_bucket: TokenBucket,
+    ack_bucket: TokenBucket,
+    /// This connection's place in the per-address table (none in process).
+    slot: Option<AddrSlot>,
+    /// Over a rate: the reader pauses until then.
+    pause: Option<Instant>,
     reason: String,
     finished: bool,
     /// Whose store quota this connection's writes count against (the source address; the
@@ -98,9 +105,12 @@ impl Session {
         peer: Option<SocketAddr>,
         out: Arc<Outbound>,
         now: Instant,
+        slot: Option<AddrSlot>,
     ) -> Self {
         let l = &shared.config.limits;
         let bucket = TokenBucket::new(l.publish_rate, l.publish_burst, now);
+        let sub_bucket = TokenBucket::new(l.sub_rate, l.sub_burst, now);
+        let ack_bucket = TokenBucket::new(l.ack_rate, l.ack_burst, now);
         Self {
             shared,
             conn,
@@ -114,6 +124,10 @@ impl Session {
             durables: HashMap::new(),
             granted: 0,
             bucket,
+            sub_bucket,
+            ack_bucket,
+            slot,
+            pause: None,
             reason: String::from("open"),
             finished: false,
             tenant: Tenant::from_peer(peer),
@@ -123,6 +137,18 @@ impl Session {
     /// Whether `Welcome` was sent.
     pub(crate) fn is_open(&self) -> bool {
         self.open
+    }
+
+    /// Over a rate limit: the instant until which the reader must pause (taken once).
+    pub(crate) fn take_pause(&mut self) -> Option<Instant> {
+        self.pause.take()
+    }
+
+    fn charge(&mut self, wait: Option<Duration>, now: Instant) {
+        if let Some(w) = wait {
+            let until = now + w;
+            self.pause = Some(self.pause.map_or(until, |p| p.max(until)));
+        }
     }
 
     /// Subscriptions held.
@@ -182,13 +208,28 @@ impl Session {
             };
         }
         match frame {
-            Frame::Sub(s) => self.on_sub(s),
-            Frame::Unsub(u) => self.on_unsub(u),
+            Frame::Sub(s) => {
+                let cost = if s.replay.is_some() || s.durable.is_some() {
+                    self.shared.config.limits.replay_cost.max(1) as f64
+                } else {
+                    1.0
+                };
+                self.charge_sub(cost, now);
+                self.on_sub(s)
+            }
+            Frame::Unsub(u) => {
+                self.charge_sub(1.0, now);
+                self.on_unsub(u)
+            }
             Frame::Pub(p) => self.on_pub(p, now),
             Frame::Ping(p) => self.send(&Frame::Pong(Pong { nonce: p.nonce })),
             // Liveness only; the idle timer was reset by the driver.
             Frame::Pong(_) => Flow::Continue,
-            Frame::Ack(a) => self.on_ack(a),
+            Frame::Ack(a) => {
+                let wait = self.ack_bucket.take(1.0, now);
+                self.charge(wait, now);
+                self.on_ack(a)
+            }
             Frame::Close(c) => {
                 self.close_quietly(&format!("client closed: {}", c.code.name()));
                 Flow::Close
@@ -216,6 +257,13 @@ impl Session {
                 None,
             ),
         }
+    }
+
+    fn charge_sub(&mut self, cost: f64, now: Instant) {
+        let wait = self.sub_bucket.take(cost, now);
+        self.charge(wait, now);
+        let wait = self.slot.as_ref().and_then(|s| s.take_request(cost, now));
+        self.charge(wait, now);
     }
 
     fn on_hello(&mut self, h: Hello) -> Flow {
@@ -259,7 +307,11 @@ impl Session {
             );
         }
         self.open = true;
-        self.granted = h.features & self.shared.router.store().features();
+        let mut offered = self.shared.router.store().features();
+        if offered & features::AT_LEAST_ONCE != 0 {
+            offered |= features::FLOW_CONTROL;
+        }
+        self.granted = h.features & offered;
         let cfg = &self.shared.config;
         let welcome = Frame::Welcome(Welcome {
             version,
@@ -376,13 +428,22 @@ impl Session {
             }
         }
         let dcfg = &self.shared.config.delivery;
+        // Flow control: the Sub's credit, capped by (and defaulting to) max_unacked.
+        // Flow control: the Sub's credit (absent or 0: the default), capped by max_unacked.
+        let credit = match s.credit {
+            Some(c) if c > 0 => usize::try_from(c)
+                .unwrap_or(usize::MAX)
+                .min(dcfg.max_unacked),
+            _ => dcfg.max_unacked,
+        };
         let track = (s.qos != Qos::AtMostOnce || durable.is_some()).then(|| {
             Arc::new(Tracking::new(
                 floor,
                 replay.is_some(),
                 durable.clone(),
                 dcfg.ack_timeout(),
-                dcfg.max_unacked,
+                credit,
+                dcfg.max_unacked_bytes,
             ))
         });
         let want_retained = s.retained && replay.is_none() && supported & features::RETAIN != 0;
@@ -426,7 +487,7 @@ impl Session {
                 }
                 self.durables.insert(sub_id, k);
             }
-            self.tracked.insert(sub_id, t);
+            self.tracked.insert(sub_id, (t, target.clone()));
         }
         if let Some(replay) = replay {
             let done = self.granted & features::REPLAY != 0;
@@ -488,12 +549,29 @@ impl Session {
 
     fn on_ack(&mut self, a: Ack) -> Flow {
         let store = self.shared.router.store();
-        for t in self.tracked.values() {
-            if let Some(floor) = t.ack(&a.seqs) {
+        for (sub_id, (t, target)) in &self.tracked {
+            let outcome = t.ack(&a.seqs);
+            if let Some(floor) = outcome.floor {
                 if let Some(k) = &t.durable {
                     if let Err(e) = store.set_durable(k, floor, &self.tenant) {
                         tracing::debug!(error = %e, "durable position not recorded");
                     }
+                }
+            }
+            if outcome.catch_up {
+                let Some(pattern) = self.subs.get(sub_id).cloned() else {
+                    t.stop_catching_up();
+                    continue;
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(crate::flow::catch_up(
+                            self.shared.clone(),
+                            target.clone(),
+                            pattern,
+                        ));
+                    }
+                    Err(_) => t.stop_catching_up(),
                 }
             }
         }
@@ -508,7 +586,7 @@ impl Session {
     /// Redelivers unacknowledged messages past the ack timeout.
     pub(crate) fn tick(&mut self, now: Instant) -> Flow {
         let mut resend = Vec::new();
-        for t in self.tracked.values() {
+        for (t, _) in self.tracked.values() {
             if t.pending() > 0 {
                 resend.extend(t.due(now, 4096));
             }
@@ -544,18 +622,12 @@ impl Session {
     }
 
     fn on_pub(&mut self, p: Pub, now: Instant) -> Flow {
-        if !self.bucket.try_take(now) {
-            let l = &self.shared.config.limits;
-            return self.fatal(
-                ErrorCode::RateLimited,
-                format!(
-                    "publish rate above {}/s (burst {})",
-                    l.publish_rate, l.publish_burst
-                ),
-                None,
-                p.publish_id,
-            );
-        }
+        // Over the publish rate (per connection or per address): accepted, and the reader
+        // pauses until the buckets refill, which slows the publisher down.
+        let wait = self.bucket.take(1.0, now);
+        self.charge(wait, now);
+        let wait = self.slot.as_ref().and_then(|s| s.take_publish(1.0, now));
+        self.charge(wait, now);
         let path = p.envelope.token_path();
         let info = PublishInfo {
             conn: self.conn,
@@ -897,9 +969,9 @@ mod tests {
             config.queue.capacity = 16;
             let relay = Relay::builder(config).build().unwrap();
             let shared = relay.shared();
-            let out = Arc::new(Outbound::new(16, shared.config.queue.slow_consumer));
+            let out = Arc::new(Outbound::new(16, usize::MAX, shared.config.queue.slow_consumer));
             let now = Instant::now();
-            let mut s = Session::new(shared.clone(), ConnId(1), TransportKind::InProcess, None, out.clone(), now);
+            let mut s = Session::new(shared.clone(), ConnId(1), TransportKind::InProcess, None, out.clone(), now, None);
             let mut closed = false;
             for ev in events {
                 if s.on_inbound(ev, now) == Flow::Close {

@@ -1,5 +1,6 @@
 //! TLS for the `wss` and `tls` listeners: rustls with the *ring* provider, certificate
-//! chain and key from PEM files.
+//! chain and key from PEM files; `whispeer-relay tls generate` (a self-signed end-entity
+//! certificate and its SHA-256 fingerprint for clients to pin).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +29,102 @@ pub enum TlsError {
     /// rustls refused the certificate/key pair.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// Generating a certificate failed.
+    #[error("cannot generate a certificate: {0}")]
+    Generate(String),
+    /// A file to write exists already.
+    #[error("{0} exists; remove it or pass --force to overwrite it")]
+    Exists(PathBuf),
+    /// A file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// SHA-256 of a certificate's DER bytes: the fingerprint clients pin (`--tls-pin`).
+pub fn cert_sha256(der: &[u8]) -> [u8; 32] {
+    use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+    let mut out = [0u8; 32];
+    if let Some(suite) = TLS13_AES_128_GCM_SHA256.tls13() {
+        out.copy_from_slice(suite.common.hash_provider.hash(der).as_ref());
+    }
+    out
+}
+
+/// A generated certificate: PEM texts and the fingerprint.
+#[derive(Debug)]
+pub struct Generated {
+    /// The certificate (PEM).
+    pub cert_pem: String,
+    /// The private key (PKCS#8 PEM).
+    pub key_pem: String,
+    /// SHA-256 of the certificate's DER bytes.
+    pub sha256: [u8; 32],
+}
+
+/// A self-signed *end-entity* certificate (not a CA: `basicConstraints CA:FALSE`, key usage
+/// digitalSignature, extended key usage serverAuth) for `names` (DNS names or IP
+/// addresses), with a fresh ECDSA P-256 key. TLS clients accept it as a server
+/// certificate when they trust or pin it; a CA certificate (what `openssl req -x509`
+/// makes) is refused by them as `CaUsedAsEndEntity`.
+pub fn generate(names: &[String]) -> Result<Generated, TlsError> {
+    use rcgen::{
+        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let err = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let mut params = CertificateParams::new(names.to_vec()).map_err(err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "whispeer relay");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().map_err(err)?;
+    let cert = params.self_signed(&key).map_err(err)?;
+    Ok(Generated {
+        sha256: cert_sha256(cert.der()),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Writes `text` to `path` (mode 0600 on Unix when `secret`); refuses to overwrite unless
+/// `force`.
+pub fn write_pem(path: &Path, text: &str, secret: bool, force: bool) -> Result<(), TlsError> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true);
+    if force {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut f = opts.open(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AlreadyExists {
+            TlsError::Exists(path.to_owned())
+        } else {
+            TlsError::Write {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|source| TlsError::Write {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {

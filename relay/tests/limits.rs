@@ -101,36 +101,168 @@ async fn connection_limit() {
     }
 }
 
+/// Over its publish rate a publisher is slowed (its reads pause until the bucket refills),
+/// never disconnected, and loses nothing: 200 unpaced publishes at 100/s (burst 10) all
+/// arrive, in order, and take at least the time the bucket allows.
 #[tokio::test]
-async fn publish_rate_limit() {
-    let relay = TestRelay::start(small_limits()).await;
+async fn publish_rate_limit_slows_the_publisher_and_loses_nothing() {
+    let mut config = Config::ephemeral();
+    config.limits.publish_rate = 100;
+    config.limits.publish_burst = 10;
+    let relay = TestRelay::start(config).await;
     let mut probe = Probe::new(relay.tcp()).await;
     let mut sub = subscriber_ws(relay.ws(), exact(1, &[1])).await;
     let mut c = Client::tcp(relay.tcp()).await;
     c.hello().await;
-    // Burst 3 at 1/s: ten back-to-back publishes cannot all pass.
-    for i in 0..10u8 {
-        let ok = c
-            .send_raw(&whispeer_protocol::codec::encode_prefixed(&Frame::Pub(
-                Pub {
-                    envelope: envelope(1, &[1]),
-                    flags: 0,
-                    publish_id: Some([i; 16]),
-                    qos: Qos::AtMostOnce,
-                },
-            )))
+    let started = std::time::Instant::now();
+    // Unpaced: far more than 10x the rate for as long as the socket accepts bytes.
+    let publisher = tokio::spawn(async move {
+        for i in 0..200u32 {
+            let env = envelope_sized(1, &[1], 16 + i as usize);
+            c.send(&Frame::Pub(Pub {
+                envelope: env,
+                flags: 0,
+                publish_id: None,
+                qos: Qos::AtMostOnce,
+            }))
             .await;
-        if ok.is_err() {
-            break;
         }
+        c
+    });
+    for i in 0..200u32 {
+        let m = sub.expect_msg().await;
+        assert_eq!(
+            m.envelope.len(),
+            envelope_sized(1, &[1], 16 + i as usize).len()
+        );
     }
-    let e = c.expect_fatal(ErrorCode::RateLimited).await;
-    assert!(e.publish_id.is_some());
-    // The burst went through to the subscriber.
-    for _ in 0..3 {
-        sub.expect_msg().await;
+    let elapsed = started.elapsed();
+    // (200 - burst 10) / 100 per second: the bucket cannot let them through faster.
+    assert!(
+        elapsed >= std::time::Duration::from_millis(1_800),
+        "not slowed: 200 publishes in {elapsed:?}"
+    );
+    // Still connected: a ping is answered.
+    let mut c = publisher.await.unwrap();
+    c.send(&Frame::Ping(whispeer_protocol::frame::Ping { nonce: 7 }))
+        .await;
+    match c.recv().await {
+        Frame::Pong(p) => assert_eq!(p.nonce, 7),
+        other => panic!("expected Pong, got {other:?}"),
     }
     probe.check("rate limit").await;
+}
+
+/// `Sub` requests are rate limited by backpressure too: a flood of 60 at 20/s (burst 5) is
+/// answered in full, in order, slowed to the rate, and the connection stays open.
+#[tokio::test]
+async fn sub_flood_is_slowed_not_kicked() {
+    let mut config = Config::ephemeral();
+    config.limits.sub_rate = 20;
+    config.limits.sub_burst = 5;
+    config.limits.max_subscriptions = 100;
+    let relay = TestRelay::start(config).await;
+    let mut c = Client::tcp(relay.tcp()).await;
+    c.hello().await;
+    let started = std::time::Instant::now();
+    for i in 0..60u64 {
+        c.send(&sub_frame(i, exact(1, &[i as u8]))).await;
+    }
+    for i in 0..60u64 {
+        match c.recv().await {
+            Frame::SubOk(ok) => assert_eq!(ok.sub_id, i),
+            other => panic!("expected SubOk, got {other:?}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(2_500),
+        "not slowed: 60 subs in {elapsed:?}"
+    );
+}
+
+/// The per-address bucket is shared by every connection of the address, so opening more
+/// connections (or reconnecting) does not multiply the rate.
+#[tokio::test]
+async fn per_address_sub_rate_is_shared_across_connections() {
+    let mut config = Config::ephemeral();
+    config.limits.sub_rate = 0;
+    config.limits.addr_sub_rate = 20;
+    config.limits.addr_sub_burst = 5;
+    let relay = TestRelay::start(config).await;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..6u8 {
+        let addr = relay.tcp();
+        tasks.push(tokio::spawn(async move {
+            let mut cl = Client::tcp(addr).await;
+            cl.hello().await;
+            for i in 0..10u8 {
+                cl.subscribe(u64::from(i), exact(1, &[c, i])).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    // The last request of each of the 6 connections can land together: (60-5-6)/20 s.
+    assert!(
+        elapsed >= std::time::Duration::from_millis(2_000),
+        "per-address rate not shared: 60 subs from one address in {elapsed:?}"
+    );
+}
+
+/// A connection flood from one address is capped (handshakes included: these connections
+/// never send a byte) while another address still connects.
+#[tokio::test]
+async fn connection_flood_from_one_address_is_capped() {
+    let mut config = Config::ephemeral();
+    config.limits.max_connections_per_addr = 8;
+    let relay = TestRelay::start(config).await;
+    let addr = relay.tcp();
+    let mut flood = Vec::new();
+    for _ in 0..8 {
+        flood.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // The ninth from 127.0.0.1 is refused with a typed error naming the cap.
+    let mut c = Client::tcp(addr).await;
+    let e = c.expect_fatal(ErrorCode::TooManyConnections).await;
+    assert!(e.message.contains("per source address"), "{}", e.message);
+    // A WebSocket from the same address is refused before its handshake.
+    let tcp = tokio::net::TcpStream::connect(relay.ws()).await.unwrap();
+    let ws = tokio::time::timeout(
+        TIMEOUT,
+        tokio_tungstenite::client_async(format!("ws://{}/", relay.ws()), tcp),
+    )
+    .await
+    .expect("refused promptly");
+    assert!(
+        ws.is_err(),
+        "WebSocket over the per-address cap was accepted"
+    );
+    // Another address (127.0.0.2, also loopback) still connects and works.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let mut other = Client::over_stream(Box::new(stream));
+    other.hello().await;
+    other.subscribe(1, exact(1, &[1])).await;
+    // Closing flood connections frees their slots.
+    drop(flood);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut c = Client::tcp(addr).await;
+        c.send(&hello_frame()).await;
+        match c.recv().await {
+            Frame::Welcome(_) => break,
+            Frame::Err(e) if e.code == ErrorCode::TooManyConnections => {
+                assert!(std::time::Instant::now() < deadline, "slots never freed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]
@@ -266,4 +398,67 @@ async fn plugins_can_reject_subscribe_and_publish() {
     let ok = envelope(1, &[1]);
     c.publish(ok.clone()).await;
     assert_eq!(c.expect_msg().await.envelope, ok);
+}
+
+/// The WebSocket read buffer is small (idle connections stay cheap), yet a frame near
+/// `max_frame` still arrives whole and intact.
+#[tokio::test]
+async fn large_websocket_frames_arrive_whole_despite_the_small_read_buffer() {
+    let relay = TestRelay::start(Config::ephemeral()).await;
+    let mut sub = subscriber_ws(relay.ws(), exact(1, &[1])).await;
+    let mut c = Client::ws(relay.ws()).await;
+    c.hello().await;
+    let env = envelope_sized(1, &[1], 900 * 1024);
+    c.publish(env.clone()).await;
+    assert_eq!(sub.expect_msg().await.envelope, env);
+}
+
+/// Operator basics: logs written to a pipe (or a file) carry no ANSI colour codes.
+#[test]
+fn logs_to_a_pipe_have_no_ansi_colour_codes() {
+    use std::io::BufRead;
+    let dir = temp_dir("ansi");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_whispeer-relay"))
+        .args([
+            "serve",
+            "--ws",
+            "127.0.0.1:0",
+            "--tcp",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+            "--store",
+            "none",
+            "--log",
+            "info",
+        ])
+        .env_remove("RUST_LOG")
+        .env_remove("WHISPEER_LOG")
+        .current_dir(&dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn whispeer-relay");
+    let stderr = child.stderr.take().unwrap();
+    let mut line = String::new();
+    let mut reader = std::io::BufReader::new(stderr);
+    loop {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "relay exited before logging"
+        );
+        if line.contains("listening") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !line.contains('\u{1b}'),
+        "ANSI escape in a piped log: {line:?}"
+    );
+    assert!(line.contains("INFO"), "{line:?}");
 }

@@ -13,7 +13,10 @@ async fn a_thousand_concurrent_connections_all_receive() {
     const N: usize = 1000;
     // Each connection costs two descriptors in this process (client and relay side).
     rlimit::increase_nofile_limit(4 * N as u64 + 256).expect("raise the fd limit");
-    let relay = TestRelay::start(Config::ephemeral()).await;
+    let mut config = Config::ephemeral();
+    // Every connection comes from 127.0.0.1.
+    config.limits.max_connections_per_addr = 2 * N;
+    let relay = TestRelay::start(config).await;
     let (tcp, ws) = (relay.tcp(), relay.ws());
     let mut clients = Vec::with_capacity(N);
     let mut set = tokio::task::JoinSet::new();

@@ -16,11 +16,18 @@ use whispeer_protocol::codec::LEN_PREFIX;
 
 use super::{FrameSink, FrameSource, Inbound};
 
+/// Bytes tungstenite reads per `read` call. Its read buffer is allocated at this size and
+/// zero-filled on every read, so it is resident for every connection: the default (128 KiB)
+/// made an idle WebSocket connection cost ~126 KiB of relay RSS. Larger frames still
+/// arrive whole (the buffer grows to the frame's length), in more reads.
+pub const WS_READ_BUFFER: usize = 1024;
+
 /// The tungstenite configuration for a relay with this `max_frame`.
 pub fn ws_config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame))
+        .read_buffer_size(WS_READ_BUFFER)
 }
 
 /// Splits an accepted WebSocket into a frame source and sink.

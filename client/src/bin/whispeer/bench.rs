@@ -453,6 +453,9 @@ async fn connect_bench(
                 .with_context(|| format!("cannot read {}", ca.display()))?,
         );
     }
+    for pin in conn.pins()? {
+        b = b.with(pin);
+    }
     b.connect()
         .await
         .with_context(|| format!("cannot connect to {}", conn.relay))

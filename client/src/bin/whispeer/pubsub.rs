@@ -27,6 +27,15 @@ pub struct ConnArgs {
     /// wss:// and tls://.
     #[arg(long, value_name = "PEM")]
     pub ca: Option<PathBuf>,
+    /// Accept exactly the relay certificate with this SHA-256 fingerprint (64 hex digits,
+    /// as printed by `whispeer-relay tls generate`) for wss:// and tls://; repeatable.
+    #[arg(
+        long,
+        env = "WHISPEER_TLS_PIN",
+        value_name = "SHA256HEX",
+        value_delimiter = ','
+    )]
+    pub tls_pin: Vec<String>,
     /// Seconds the first connection may take.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub connect_timeout: f64,
@@ -43,6 +52,14 @@ impl ConnArgs {
         }
         whispeer::Endpoint::parse(&self.relay)?;
         Ok(())
+    }
+
+    /// The `--tls-pin` fingerprints.
+    pub fn pins(&self) -> Result<Vec<whispeer::TlsPin>> {
+        self.tls_pin
+            .iter()
+            .map(|p| whispeer::TlsPin::sha256_hex(p).map_err(anyhow::Error::from))
+            .collect()
     }
 
     /// Connects with these keys, identity and seal options.
@@ -67,6 +84,9 @@ impl ConnArgs {
             b = b.with(
                 TlsRoot::pem_file(ca).with_context(|| format!("cannot read {}", ca.display()))?,
             );
+        }
+        for pin in self.pins()? {
+            b = b.with(pin);
         }
         b.connect()
             .await

@@ -1,0 +1,413 @@
+//! Flow control of QoS ≥ 1 subscriptions: at-least-once tracking with a credit.
+//!
+//! A subscription may have at most `credit` messages (and `max_bytes` of envelopes)
+//! delivered and not yet acknowledged. When a message arrives beyond that, delivery of
+//! that subscription *pauses*: the message and every later one stay in the store, nothing
+//! is queued for it, and no other subscription, `PubAck` or heartbeat of the connection is
+//! held up. When acks free credit, a catch-up task ([`catch_up`]) reads the skipped
+//! messages from the store and sends them in sequence order as credit allows; once it has
+//! sent everything the live path skipped, it resumes live delivery under the routing lock
+//! (see `Router::resume_live`), so there is no gap and no duplicate.
+//!
+//! The credit check and the pause happen under one lock with the ack that frees credit, so
+//! a pause is always followed by a catch-up once credit frees.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use whispeer_protocol::frame::ErrFrame;
+use whispeer_protocol::{codec, Envelope, ErrorCode, Frame, TokenPattern};
+
+use crate::ids::Seq;
+use crate::relay::Shared;
+use crate::router::{msg_frame, Target};
+use crate::store::{DurableKey, ReadPlan, StoreError};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Delivery paused for lack of credit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Paused {
+    /// First sequence not delivered (it and later matching messages wait in the store).
+    pub(crate) next: u64,
+    /// Highest sequence the live path skipped for this subscription.
+    pub(crate) missed_max: u64,
+}
+
+#[derive(Debug)]
+struct TrackInner {
+    /// Delivered, not yet acknowledged: envelope and redelivery deadline.
+    unacked: BTreeMap<u64, (Envelope, Instant)>,
+    /// Bytes of the envelopes in `unacked`.
+    unacked_bytes: usize,
+    /// Highest sequence handed to the connection for this subscription.
+    delivered_max: u64,
+    /// While history is being sent: the floor may not pass this (history not yet sent).
+    cap: Option<u64>,
+    /// Last floor reported.
+    floor: u64,
+    /// Live delivery is paused (no credit); the catch-up task resumes it.
+    paused: Option<Paused>,
+    /// A catch-up task runs (or was asked for).
+    catching_up: bool,
+}
+
+/// What an `Ack` did to a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct AckOutcome {
+    /// The new acknowledged floor, when it moved.
+    pub(crate) floor: Option<u64>,
+    /// Delivery is paused, credit is free again and no catch-up runs: start one.
+    pub(crate) catch_up: bool,
+}
+
+/// At-least-once state of one QoS ≥ 1 (or durable) subscription: what is in flight, the
+/// acknowledged floor (every matching message up to it is acknowledged) and the credit.
+#[derive(Debug)]
+pub(crate) struct Tracking {
+    inner: Mutex<TrackInner>,
+    pub(crate) durable: Option<DurableKey>,
+    timeout: Duration,
+    credit: usize,
+    max_bytes: usize,
+    freed: Notify,
+}
+
+impl TrackInner {
+    fn has_credit(&self, credit: usize, max_bytes: usize, len: usize) -> bool {
+        self.unacked.is_empty()
+            || (self.unacked.len() < credit && self.unacked_bytes + len <= max_bytes)
+    }
+
+    fn insert(&mut self, seq: u64, env: &Envelope, due: Instant) {
+        if let Some((old, _)) = self.unacked.insert(seq, (env.clone(), due)) {
+            self.unacked_bytes -= old.len();
+        }
+        self.unacked_bytes += env.len();
+        self.delivered_max = self.delivered_max.max(seq);
+    }
+}
+
+impl Tracking {
+    /// `credit`: most unacknowledged messages (at least 1); `max_bytes`: most
+    /// unacknowledged envelope bytes (one message is always allowed).
+    pub(crate) fn new(
+        floor: u64,
+        gated: bool,
+        durable: Option<DurableKey>,
+        timeout: Duration,
+        credit: usize,
+        max_bytes: usize,
+    ) -> Self {
+        Self {
+            inner: Mutex::new(TrackInner {
+                unacked: BTreeMap::new(),
+                unacked_bytes: 0,
+                delivered_max: floor,
+                cap: gated.then_some(floor),
+                floor,
+                paused: None,
+                catching_up: false,
+            }),
+            durable,
+            timeout,
+            credit: credit.max(1),
+            max_bytes: max_bytes.max(1),
+            freed: Notify::new(),
+        }
+    }
+
+    /// The live path (under the routing lock): records a delivery if there is credit;
+    /// otherwise delivery pauses (or stays paused) and the message waits in the store.
+    pub(crate) fn deliver_live(&self, seq: u64, env: &Envelope, now: Instant) -> Delivery {
+        let mut t = lock(&self.inner);
+        if let Some(p) = t.paused.as_mut() {
+            p.missed_max = p.missed_max.max(seq);
+            return Delivery::Skipped;
+        }
+        if t.unacked.contains_key(&seq) || t.has_credit(self.credit, self.max_bytes, env.len()) {
+            t.insert(seq, env, now + self.timeout);
+            return Delivery::Send;
+        }
+        t.paused = Some(Paused {
+            next: seq,
+            missed_max: seq,
+        });
+        Delivery::Paused
+    }
+
+    /// History and catch-up: records a delivery if there is credit (ignoring a pause, which
+    /// is what the caller is working off); false when there is none.
+    pub(crate) fn try_deliver(&self, seq: u64, env: &Envelope, now: Instant) -> bool {
+        let mut t = lock(&self.inner);
+        if t.unacked.contains_key(&seq) || t.has_credit(self.credit, self.max_bytes, env.len()) {
+            t.insert(seq, env, now + self.timeout);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Like [`try_deliver`](Self::try_deliver), but when there is no credit pauses delivery
+    /// at `seq` (with `missed_max` skipped so far) in the same step, so the ack that frees
+    /// credit starts the catch-up. Used when live messages buffered during history are
+    /// handed over.
+    pub(crate) fn deliver_or_pause(
+        &self,
+        seq: u64,
+        env: &Envelope,
+        missed_max: u64,
+        now: Instant,
+    ) -> bool {
+        let mut t = lock(&self.inner);
+        if t.unacked.contains_key(&seq) || t.has_credit(self.credit, self.max_bytes, env.len()) {
+            t.insert(seq, env, now + self.timeout);
+            return true;
+        }
+        t.paused = Some(Paused {
+            next: seq,
+            missed_max: missed_max.max(seq),
+        });
+        false
+    }
+
+    /// Waits until an ack may have freed credit for a message of `len` bytes, or `limit`
+    /// passed.
+    pub(crate) async fn wait_credit(&self, len: usize, limit: Duration) {
+        let freed = self.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        {
+            let t = lock(&self.inner);
+            if t.has_credit(self.credit, self.max_bytes, len) {
+                return;
+            }
+        }
+        let _ = tokio::time::timeout(limit, freed).await;
+    }
+
+    /// The pause, if delivery is paused.
+    pub(crate) fn paused(&self) -> Option<Paused> {
+        lock(&self.inner).paused
+    }
+
+    /// The catch-up read up to `upto`: resumes live delivery if nothing later was skipped
+    /// (called under the routing lock, so no live message can be skipped meanwhile).
+    /// Returns whether live delivery resumed.
+    pub(crate) fn resume_if_caught_up(&self, upto: u64) -> bool {
+        let mut t = lock(&self.inner);
+        match t.paused {
+            Some(p) if p.missed_max > upto => {
+                t.paused = Some(Paused {
+                    next: upto + 1,
+                    missed_max: p.missed_max,
+                });
+                false
+            }
+            _ => {
+                t.paused = None;
+                t.catching_up = false;
+                true
+            }
+        }
+    }
+
+    /// The catch-up task stopped (the subscription ended).
+    pub(crate) fn stop_catching_up(&self) {
+        lock(&self.inner).catching_up = false;
+    }
+
+    /// Starts a non-replaying subscription at the boundary.
+    pub(crate) fn start_at(&self, boundary: u64) {
+        let mut t = lock(&self.inner);
+        t.delivered_max = t.delivered_max.max(boundary);
+        t.floor = t.floor.max(boundary);
+    }
+
+    /// History was sent up to `seq`.
+    pub(crate) fn history_at(&self, seq: u64) {
+        let mut t = lock(&self.inner);
+        if let Some(c) = t.cap.as_mut() {
+            *c = (*c).max(seq);
+        }
+        if t.paused.is_none() {
+            t.delivered_max = t.delivered_max.max(seq);
+        }
+    }
+
+    /// History is complete.
+    pub(crate) fn history_done(&self) {
+        lock(&self.inner).cap = None;
+    }
+
+    fn compute_floor(t: &TrackInner) -> u64 {
+        let mut f = match t.unacked.keys().next() {
+            Some(first) => first - 1,
+            None => t.delivered_max,
+        };
+        if let Some(c) = t.cap {
+            f = f.min(c);
+        }
+        if let Some(p) = t.paused {
+            f = f.min(p.next.saturating_sub(1));
+        }
+        f.max(t.floor)
+    }
+
+    /// The acknowledged floor now.
+    pub(crate) fn floor(&self) -> u64 {
+        let t = lock(&self.inner);
+        Self::compute_floor(&t)
+    }
+
+    /// Applies acknowledgements.
+    pub(crate) fn ack(&self, seqs: &[u64]) -> AckOutcome {
+        let mut t = lock(&self.inner);
+        let mut any = false;
+        for s in seqs {
+            if let Some((env, _)) = t.unacked.remove(s) {
+                t.unacked_bytes -= env.len();
+                any = true;
+            }
+        }
+        if !any {
+            return AckOutcome::default();
+        }
+        let mut outcome = AckOutcome::default();
+        let f = Self::compute_floor(&t);
+        if f > t.floor {
+            t.floor = f;
+            outcome.floor = Some(f);
+        }
+        if t.paused.is_some() && !t.catching_up && t.unacked.len() < self.credit {
+            t.catching_up = true;
+            outcome.catch_up = true;
+        }
+        drop(t);
+        self.freed.notify_waiters();
+        outcome
+    }
+
+    /// Unacknowledged deliveries past their deadline (at most `limit`); their deadlines
+    /// are pushed out by the ack timeout.
+    pub(crate) fn due(&self, now: Instant, limit: usize) -> Vec<(u64, Envelope)> {
+        let mut t = lock(&self.inner);
+        let timeout = self.timeout;
+        t.unacked
+            .iter_mut()
+            .filter(|(_, (_, due))| *due <= now)
+            .take(limit)
+            .map(|(seq, (env, due))| {
+                *due = now + timeout;
+                (*seq, env.clone())
+            })
+            .collect()
+    }
+
+    /// How many messages are unacknowledged.
+    pub(crate) fn pending(&self) -> usize {
+        lock(&self.inner).unacked.len()
+    }
+}
+
+/// What the live path does with a message for a tracked subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Queue it (recorded as in flight).
+    Send,
+    /// No credit: delivery paused at this message (it waits in the store).
+    Paused,
+    /// Delivery was already paused: it waits in the store.
+    Skipped,
+}
+
+/// Sends, in sequence order and as credit allows, the messages a paused subscription
+/// skipped, reading them from the store; then resumes its live delivery.
+pub(crate) async fn catch_up(shared: Arc<Shared>, target: Arc<Target>, pattern: TokenPattern) {
+    let Some(track) = target.track.clone() else {
+        return;
+    };
+    let pattern = Arc::new(pattern);
+    if let Err(e) = run(&shared, &target, &track, &pattern).await {
+        tracing::warn!(conn = %target.conn, sub_id = target.sub.0, error = %e,
+            "catch-up read failed");
+        shared.metrics.error_sent(ErrorCode::StoreFailed);
+        target
+            .out
+            .close_discarding(codec::encode_prefixed(&Frame::Err(ErrFrame {
+                code: ErrorCode::StoreFailed,
+                message: format!("delivery from the store failed: {e}"),
+                fatal: true,
+                sub_id: Some(target.sub.0),
+                publish_id: None,
+            })));
+    }
+    track.stop_catching_up();
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    target: &Arc<Target>,
+    track: &Arc<crate::flow::Tracking>,
+    pattern: &Arc<TokenPattern>,
+) -> Result<(), StoreError> {
+    let store = shared.router.store().clone();
+    let gone = || target.is_cancelled() || target.out.is_closing();
+    loop {
+        let Some(paused) = track.paused() else {
+            return Ok(());
+        };
+        let upto = Seq(paused.missed_max);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store.when_durable(
+            upto,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.await
+            .map_err(|_| StoreError::Unavailable("store closed".into()))??;
+        let plan = Arc::new(ReadPlan {
+            start: paused.next,
+            ..ReadPlan::default()
+        });
+        let mut from = paused.next;
+        while from <= upto.0 {
+            if gone() {
+                return Ok(());
+            }
+            let chunk = {
+                let (store, pattern, plan) = (store.clone(), pattern.clone(), plan.clone());
+                tokio::task::spawn_blocking(move || store.read(&pattern, &plan, from, upto))
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))??
+            };
+            let mut sent = 0u64;
+            for m in chunk.msgs {
+                while !track.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
+                    if gone() {
+                        return Ok(());
+                    }
+                    track
+                        .wait_credit(m.envelope.len(), Duration::from_millis(500))
+                        .await;
+                }
+                target.out.push_history(msg_frame(m.seq.0, &m.envelope, 0));
+                sent += 1;
+                if target.out.is_closing() {
+                    return Ok(());
+                }
+            }
+            shared.metrics.delivered(sent as usize);
+            from = chunk.next;
+            target.out.wait_room().await;
+        }
+        if shared.router.resume_live(target, upto.0) {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Memory bounds against subscribers that never read (issue 10): 1,000 subscribers that
+//! stop reading keep the real relay binary's RSS bounded by the configured byte limit of
+//! the outbound queues (`queue.max_bytes`), not by the count limit (`queue.capacity`,
+//! 4,096 messages here about 280 MiB). The numbers are printed for the report.
+
+mod common;
+
+use common::*;
+use whispeer_protocol::codec;
+use whispeer_protocol::frame::Ping;
+use whispeer_protocol::Frame;
+
+const SUBS: usize = 1_000;
+const MSGS: usize = 3_500;
+/// Above the stream writer's 64 KiB coalescing chunk, so frames are written, not copied.
+const BODY: usize = 70 * 1024;
+const QUEUE_MAX_BYTES: usize = 256 * 1024;
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_reading_subscribers_keep_rss_bounded_by_the_byte_limits() {
+    rlimit::increase_nofile_limit(4 * SUBS as u64 + 256).expect("raise the fd limit");
+    let max_bytes = QUEUE_MAX_BYTES.to_string();
+    let relay = BinRelay::start(&[
+        "--store",
+        "none",
+        "--queue-max-bytes",
+        &max_bytes,
+        "--max-connections-per-addr",
+        "4096",
+        "--publish-rate",
+        "0",
+    ]);
+    let pid = relay.child.id();
+    let addr = relay.tcp();
+    // Subscribers with a tiny receive buffer (no kernel autotuning soaking up data):
+    // they subscribe, then never read again.
+    let mut subs = Vec::with_capacity(SUBS);
+    for _ in 0..SUBS {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let stream = sock.connect(addr).await.unwrap();
+        let mut c = Client::over_stream(Box::new(stream));
+        c.hello().await;
+        c.subscribe(1, exact(1, &[1])).await;
+        subs.push(c);
+    }
+    let before = rss_kib(pid);
+    let mut p = Client::tcp(addr).await;
+    p.hello().await;
+    let frame = codec::encode_prefixed(&pub_frame(envelope_sized(1, &[1], BODY)));
+    let mut peak = before;
+    for i in 0..MSGS {
+        p.send_raw(&frame).await.unwrap();
+        if i % 250 == 0 {
+            peak = peak.max(rss_kib(pid));
+        }
+    }
+    // Every publish was routed once the relay answers a ping sent after them.
+    p.send(&Frame::Ping(Ping { nonce: 1 })).await;
+    loop {
+        if let Frame::Pong(_) = p.recv().await {
+            break;
+        }
+    }
+    let after = rss_kib(pid);
+    peak = peak.max(after);
+    let dropped = http_get_metrics(relay.admin()).await;
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "relay RSS with {SUBS} non-reading subscribers: {before} KiB idle, peak {peak} KiB \
+         after {MSGS} x {BODY} B ({} MiB published); growth {grown} KiB; queue.max_bytes {} KiB; \
+         dropped {}",
+        (MSGS * BODY) >> 20,
+        QUEUE_MAX_BYTES >> 10,
+        dropped
+    );
+    // Bound: the shared queue window (all queues hold the same frames) and each stuck
+    // writer's batch (<= queue.max_bytes), plus per-connection buffers and slack. Without
+    // the byte bound the count bound keeps every one of the 3,500 frames (~240 MiB).
+    let bound_kib = (4 * QUEUE_MAX_BYTES / 1024) as u64 + SUBS as u64 * 64 + 64 * 1024;
+    assert!(
+        grown <= bound_kib,
+        "relay RSS grew by {grown} KiB, more than the {bound_kib} KiB the byte limits allow"
+    );
+    assert!(dropped > 0, "the slow-consumer policy dropped messages");
+    drop(subs);
+}
+
+/// `whispeer_relay_dropped_messages_total` from the admin port.
+async fn http_get_metrics(admin: std::net::SocketAddr) -> u64 {
+    let body = whispeer_relay::admin::http_get(&format!("http://{admin}"), "/metrics")
+        .await
+        .unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("whispeer_relay_dropped_messages_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
