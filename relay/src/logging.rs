@@ -1,5 +1,7 @@
 //! Log setup for the binary: `tracing-subscriber` with a `RUST_LOG`-style filter, as text
 //! or JSON lines. The library only emits events and never puts envelope bytes in them.
+//! Colour codes only when stderr is a terminal (a log file or pipe gets plain text). Key ids
+//! are logged at `debug` and below only: `info` shows counts, connections and reasons.
 
 use tracing_subscriber::EnvFilter;
 
@@ -11,7 +13,8 @@ pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
         EnvFilter::try_new(filter).map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
