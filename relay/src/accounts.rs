@@ -560,7 +560,7 @@ impl Accounts {
         if !missing.is_empty() {
             let names: Vec<_> = missing.iter().map(|r| r.name()).collect();
             return Err(Refusal::new(
-                ErrorCode::NotAllowed,
+                ErrorCode::AuthFailed,
                 format!("the account lacks the right to {}", names.join(", ")),
             ));
         }
@@ -569,7 +569,7 @@ impl Accounts {
         match st.claims.get(&k) {
             Some(g) if *g == acct.group => Ok(()),
             Some(_) => Err(Refusal::new(
-                ErrorCode::NotAllowed,
+                ErrorCode::AuthFailed,
                 "this key id is claimed by another group of accounts".into(),
             )),
             None => {

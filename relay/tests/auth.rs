@@ -327,9 +327,9 @@ async fn key_ids_are_claimed_by_groups_and_claims_survive_a_restart() {
     // Another group may neither read nor write them.
     let mut cb = login(relay.tcp(), &b).await;
     let e = try_sub(&mut cb, sub(1, 1, None, None)).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotAllowed, "{e:?}");
+    assert_eq!(e.code, ErrorCode::AuthFailed, "{e:?}");
     let e = try_pub(&mut cb, 2, false).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotAllowed, "{e:?}");
+    assert_eq!(e.code, ErrorCode::AuthFailed, "{e:?}");
     // …but claims its own.
     try_pub(&mut cb, 7, false).await.expect("b claims key 7");
     drop((c1, c2, cb, relay));
@@ -338,10 +338,10 @@ async fn key_ids_are_claimed_by_groups_and_claims_survive_a_restart() {
     let relay = s.relay(&[]);
     let mut cb = login(relay.tcp(), &b).await;
     let e = try_sub(&mut cb, sub(1, 1, None, None)).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotAllowed, "after restart: {e:?}");
+    assert_eq!(e.code, ErrorCode::AuthFailed, "after restart: {e:?}");
     let mut c1 = login(relay.tcp(), &a1).await;
     let e = try_pub(&mut c1, 7, false).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotAllowed, "after restart: {e:?}");
+    assert_eq!(e.code, ErrorCode::AuthFailed, "after restart: {e:?}");
     try_pub(&mut c1, 1, false)
         .await
         .expect("a1 still owns key 1");
@@ -357,12 +357,12 @@ async fn rights_are_enforced() {
         .await
         .expect("subscribe");
     let e = try_pub(&mut c, 4, false).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotAllowed);
+    assert_eq!(e.code, ErrorCode::AuthFailed);
     assert!(e.message.contains("publish"), "{e:?}");
     let e = try_sub(&mut c, sub(2, 4, Some("d"), None))
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotAllowed);
+    assert_eq!(e.code, ErrorCode::AuthFailed);
     assert!(e.message.contains("durable"), "{e:?}");
     let publisher = key_account(
         &s.dir,
@@ -391,7 +391,7 @@ async fn rights_are_enforced() {
     let e = try_pub(&mut c, 4, true).await.unwrap_err();
     assert_eq!(
         e.code,
-        ErrorCode::NotAllowed,
+        ErrorCode::AuthFailed,
         "retain needs the retain right"
     );
 }
@@ -483,11 +483,17 @@ async fn durables_belong_to_their_account() {
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::NotAllowed, "{e:?}");
+    assert!(e.message.contains("belongs"), "{e:?}");
     let mut cb = login(relay.tcp(), &b).await;
     let e = try_sub(&mut cb, sub(1, 1, Some("d"), None))
         .await
         .unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotAllowed, "{e:?}");
+    assert_eq!(
+        e.code,
+        ErrorCode::AuthFailed,
+        "another group may not use the key id: {e:?}"
+    );
+    assert!(!e.fatal);
     // a1 resumes it.
     let deadline = Instant::now() + TIMEOUT;
     loop {
