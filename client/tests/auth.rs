@@ -272,3 +272,41 @@ async fn a_removed_account_is_disconnected() {
     })
     .await;
 }
+
+#[test]
+fn auth_keygen_key_is_accepted_by_the_relay() {
+    // The user makes the key; only the public key goes to the operator.
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("me.key");
+    let o = whispeer(&["auth-keygen", "--out", key_file.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let public = String::from_utf8(o.stdout).unwrap().trim().to_string();
+    assert_eq!(public.len(), 64, "{public}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the key file is private");
+    }
+    let file = dir.path().join("accounts.toml");
+    account_add(&file, "me", &["--public-key", &public]);
+    let relay = start_relay_binary(&["--auth", "required", "--accounts", file.to_str().unwrap()]);
+    let key = whispeer(&["key", "new", "--tree", "t"], &[]);
+    let kf = dir.path().join("t.key");
+    std::fs::write(&kf, &key.stdout).unwrap();
+    let o = whispeer(
+        &[
+            "pub",
+            "--relay",
+            &relay.ws_url(),
+            "--key-file",
+            kf.to_str().unwrap(),
+            "x",
+            "1",
+            "--qos",
+            "1",
+        ],
+        &[("WHISPEER_AUTH_KEY", key_file.to_str().unwrap())],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
