@@ -216,6 +216,11 @@ impl AccountFile {
         std::fs::rename(&tmp, path).map_err(io)
     }
 
+    /// Checks every entry (names, keys and token hashes unique and well formed).
+    pub fn validate(&self) -> Result<(), AccountError> {
+        self.table().map(|_| ())
+    }
+
     /// Checks every entry and builds the lookup table.
     fn table(&self) -> Result<Table, AccountError> {
         let mut t = Table::default();

@@ -375,8 +375,7 @@ fn account(cmd: AccountCmd) -> Result<()> {
             let public = entry.key.clone();
             file.account.push(entry);
             // Validate the whole list before anything is written.
-            let check = toml::to_string(&file)?;
-            let _: AccountFile = toml::from_str(&check)?;
+            file.validate()?;
             if let Some((out, secret)) = &secret_out {
                 write_secret(out, secret)
                     .with_context(|| format!("writing the account key {}", out.display()))?;
