@@ -204,6 +204,14 @@ export class Client {
     for (const [filter, o] of Object.entries(options.topics ?? {})) {
       this.#core.setTopicOptions(filter, level(o.compression), o.padding !== false);
     }
+    // Relay account (auth = required relays): an account key answers the relay's challenge;
+    // a bearer token rides in Hello. Never the identity that signs messages.
+    if (options.auth != null) {
+      const a = options.auth;
+      if (typeof a.key === 'string') this.#core.setAccountKey(a.key);
+      else if (typeof a.token === 'string') this.#core.setAuthToken(a.token);
+      else throw new TypeError("auth: expected { key: 'wsp_acct_sk_…' } or { token: '…' }");
+    }
   }
 
   /** `connecting`, `connected`, `reconnecting` or `closed`. */
@@ -320,7 +328,9 @@ export class Client {
           if (this.#ws === ws) this.#dispatch(e);
           return;
         }
-        if (e.type === 'welcome') {
+        if (e.type === 'challenge') {
+          ws.send(e.reply);
+        } else if (e.type === 'welcome') {
           settled = true;
           clearTimeout(timer);
           this.#ws = ws;

@@ -219,6 +219,12 @@ export interface ConnectOptions {
   subscriptionCapacity?: number;
   /** Client name sent to the relay. */
   name?: string;
+  /**
+   * Relay account for relays with `auth = required`: an account key (`wsp_acct_sk_…`, the
+   * file `whispeer-relay account add NAME --key-out FILE` writes) or a bearer token
+   * (`whispeer-relay account add NAME --token`). Not the identity that signs messages.
+   */
+  auth?: { key: string } | { token: string };
 }
 
 export interface PublishOptions {
@@ -285,6 +291,10 @@ export class Client {
 export class ClientCore {
   constructor(keys: Keyring, compression: number, padding: boolean, sign: boolean);
   setIdentity(identity: Identity): void;
+  /** Relay account key (`wsp_acct_sk_…`): `handle` answers the relay's challenge. */
+  setAccountKey(key: string): void;
+  /** Relay account bearer token, sent in `hello`. */
+  setAuthToken(token: string): void;
   setTopicOptions(filter: string, compression: number, padding: boolean): void;
   addGrant(grant: Grant): void;
   hello(name: string): Uint8Array;

@@ -88,6 +88,40 @@ pub struct ClientCore {
     policy: SealPolicy,
     sealer: Sealer,
     opener: Opener,
+    /// Relay account: an Ed25519 key (answers `Challenge`) or a bearer token.
+    relay_auth: Option<RelayAuth>,
+}
+
+/// A relay account credential (never the identity that signs messages).
+enum RelayAuth {
+    Key(Box<ed25519_dalek::SigningKey>),
+    Token(String),
+}
+
+impl std::fmt::Debug for RelayAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RelayAuth::Key(_) => "RelayAuth::Key(..)",
+            RelayAuth::Token(_) => "RelayAuth::Token(..)",
+        })
+    }
+}
+
+/// Prefix of a relay account key (`whispeer-relay account add NAME --key-out FILE`).
+const ACCOUNT_KEY_PREFIX: &str = "wsp_acct_sk_";
+
+fn parse_account_key(text: &str) -> Option<ed25519_dalek::SigningKey> {
+    let h = text.trim().strip_prefix(ACCOUNT_KEY_PREFIX)?;
+    if h.len() != 64 || !h.is_ascii() {
+        return None;
+    }
+    let mut seed = [0u8; 32];
+    for (i, b) in seed.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok()?;
+    }
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    seed.iter_mut().for_each(|b| *b = 0);
+    Some(key)
 }
 
 #[wasm_bindgen]
@@ -113,7 +147,29 @@ impl ClientCore {
             },
             sealer: Sealer::new(),
             opener: Opener::new(),
+            relay_auth: None,
         })
+    }
+
+    /// Authenticates to the relay with this account key (`wsp_acct_sk_…`, the file
+    /// `whispeer-relay account add NAME --key-out FILE` writes).
+    #[wasm_bindgen(js_name = setAccountKey)]
+    pub fn set_account_key(&mut self, key: &str) -> Result<(), JsValue> {
+        let k = parse_account_key(key).ok_or_else(|| {
+            js_error(
+                "KEY",
+                "not a relay account key: expected wsp_acct_sk_ and 64 hex characters \
+                 (from `whispeer-relay account add NAME --key-out FILE`)",
+            )
+        })?;
+        self.relay_auth = Some(RelayAuth::Key(Box::new(k)));
+        Ok(())
+    }
+
+    /// Authenticates to the relay with this bearer token.
+    #[wasm_bindgen(js_name = setAuthToken)]
+    pub fn set_auth_token(&mut self, token: &str) {
+        self.relay_auth = Some(RelayAuth::Token(token.trim().to_owned()));
     }
 
     /// Signs with this identity.
@@ -149,7 +205,17 @@ impl ClientCore {
 
     /// The first frame of a connection.
     pub fn hello(&self, name: &str) -> Uint8Array {
-        Uint8Array::from(&Core::hello(name).to_bytes()[..])
+        let mut hello = Core::hello(name);
+        if let Frame::Hello(h) = &mut hello {
+            match &self.relay_auth {
+                Some(RelayAuth::Key(k)) => h.account = Some(k.verifying_key().to_bytes()),
+                Some(RelayAuth::Token(t)) => {
+                    h.auth = Some(bytes::Bytes::copy_from_slice(t.as_bytes()));
+                }
+                None => {}
+            }
+        }
+        Uint8Array::from(&hello.to_bytes()[..])
     }
 
     fn seal(
@@ -397,6 +463,30 @@ impl ClientCore {
                     set(&o, "sub", local as f64);
                 }
             }
+            Frame::Challenge(c) => match &self.relay_auth {
+                Some(RelayAuth::Key(k)) => {
+                    use ed25519_dalek::Signer;
+                    let pk = k.verifying_key().to_bytes();
+                    let sig = k.sign(&whispeer_protocol::frame::auth_sig_input(&c.nonce, &pk));
+                    set(&o, "type", "challenge");
+                    set(
+                        &o,
+                        "reply",
+                        bytes(
+                            &Frame::Auth(whispeer_protocol::frame::Auth {
+                                sig: sig.to_bytes(),
+                            })
+                            .to_bytes(),
+                        ),
+                    );
+                }
+                _ => {
+                    return Err(js_error(
+                        "PROTOCOL",
+                        "the relay sent a Challenge but no account key is set",
+                    ))
+                }
+            },
             Frame::Close(c) => {
                 set(&o, "type", "close");
                 set(&o, "code", c.code.name());

@@ -206,6 +206,8 @@ pub struct ClientBuilder {
     pub(crate) plugins: Plugins,
     #[cfg(feature = "persistence")]
     pub(crate) persistence: Option<crate::persist::Persistence>,
+    /// The relay account sent in `Hello` (key or bearer token).
+    pub(crate) relay_auth: Option<crate::options::RelayAuth>,
 }
 
 impl Default for ClientBuilder {
@@ -227,6 +229,7 @@ impl Default for ClientBuilder {
             plugins: Plugins::default(),
             #[cfg(feature = "persistence")]
             persistence: None,
+            relay_auth: None,
         }
     }
 }
@@ -269,8 +272,14 @@ impl ClientBuilder {
     /// Connects (the first attempt must succeed) and starts the background task.
     pub async fn connect(self) -> Result<Client, ConnectError> {
         let dialer = self.dialer()?;
-        let (conn, heartbeat) =
-            open(&dialer, self.max_frame, self.connect_timeout, &self.name).await?;
+        let (conn, heartbeat) = open(
+            &dialer,
+            self.max_frame,
+            self.connect_timeout,
+            &self.name,
+            self.relay_auth.as_ref(),
+        )
+        .await?;
         let keyring = Arc::new(RwLock::new(self.keyring));
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connected);
@@ -286,6 +295,7 @@ impl ClientBuilder {
             max_frame: self.max_frame,
             connect_timeout: self.connect_timeout,
             name: self.name,
+            relay_auth: self.relay_auth,
             reconnect: self.reconnect,
             outbox_limit: self.outbox_bytes,
             cmd_rx,
@@ -759,27 +769,39 @@ impl Client {
     }
 }
 
-/// Connects and performs the Hello/Welcome handshake; returns the heartbeat interval.
+/// Connects and performs the Hello/Welcome handshake (with the relay account's
+/// Challenge/Auth round when `auth` holds a key); returns the heartbeat interval.
 async fn open(
     dialer: &Dialer,
     max_frame: usize,
     timeout: Duration,
     name: &str,
+    auth: Option<&crate::options::RelayAuth>,
 ) -> Result<(Connection, Duration), ConnectError> {
     let mut conn = dialer.dial(max_frame, timeout).await?;
     let io = |e: std::io::Error| ConnectError::Io {
         addr: dialer.describe().to_owned(),
         source: e,
     };
-    conn.writer
-        .write(ClientCore::hello(name).to_bytes())
-        .await
-        .map_err(io)?;
+    let mut hello = ClientCore::hello(name);
+    if let (Some(a), Frame::Hello(h)) = (auth, &mut hello) {
+        a.fill_hello(h);
+    }
+    conn.writer.write(hello.to_bytes()).await.map_err(io)?;
     conn.writer.flush().await.map_err(io)?;
     let welcome = tokio::time::timeout(timeout, async {
         loop {
             match conn.incoming.recv().await {
                 Some(Incoming::Frame(Frame::Welcome(w))) => return Ok(w),
+                Some(Incoming::Frame(Frame::Challenge(c))) => {
+                    let Some(sig) = auth.and_then(|a| a.answer(&c.nonce)) else {
+                        return Err(ConnectError::Handshake(
+                            "the relay sent a Challenge but no account key is configured".into(),
+                        ));
+                    };
+                    conn.writer.write(sig.to_bytes()).await.map_err(io)?;
+                    conn.writer.flush().await.map_err(io)?;
+                }
                 Some(Incoming::Frame(Frame::Err(e))) => {
                     return Err(ConnectError::Rejected {
                         code: e.code,
@@ -818,6 +840,7 @@ struct Driver {
     max_frame: usize,
     connect_timeout: Duration,
     name: String,
+    relay_auth: Option<crate::options::RelayAuth>,
     reconnect: Reconnect,
     outbox_limit: usize,
     cmd_rx: mpsc::UnboundedReceiver<Command>,
@@ -970,6 +993,7 @@ impl Driver {
                 self.max_frame,
                 self.connect_timeout,
                 &self.name,
+                self.relay_auth.as_ref(),
             )
             .await
             {

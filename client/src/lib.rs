@@ -75,6 +75,8 @@ pub use options::{
     Compression, Encryption, Engine, Padding, Plugin, Reconnect, Signing, Tcp, TlsPin, TlsPinError,
     TlsRoot, TopicOptions, WebSocket,
 };
+#[cfg(feature = "tokio-runtime")]
+pub use options::{RelayAuth, RelayAuthError, ACCOUNT_KEY_PREFIX};
 #[cfg(feature = "persistence")]
 pub use persist::{PersistError, Persistence};
 #[cfg(feature = "tokio-runtime")]

@@ -349,3 +349,132 @@ impl Engine for TlsPin {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid TLS pin: {0}")]
 pub struct TlsPinError(String);
+
+/// A relay account: proves the right to use a relay that runs with `auth = required`.
+///
+/// Separate from the [`Identity`] that signs messages (the relay never links the two): an
+/// Ed25519 account key answers the relay's challenge, or a bearer token (for services) is
+/// sent in `Hello`. `whispeer-relay account add NAME --key-out FILE` writes the key file
+/// [`RelayAuth::key_file`] reads; `--token` prints a token.
+#[derive(Clone)]
+pub struct RelayAuth(RelayAuthKind);
+
+#[derive(Clone)]
+enum RelayAuthKind {
+    Key(std::sync::Arc<ed25519_dalek::SigningKey>),
+    Token(zeroize::Zeroizing<String>),
+}
+
+/// Prefix of an account key file (`wsp_acct_sk_` + 64 hex characters).
+pub const ACCOUNT_KEY_PREFIX: &str = "wsp_acct_sk_";
+
+/// Why an account key could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayAuthError {
+    /// The file could not be read.
+    #[error("cannot read account key {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The text is not an account key.
+    #[error("not a relay account key: expected {ACCOUNT_KEY_PREFIX} and 64 hex characters (from `whispeer-relay account add NAME --key-out FILE`)")]
+    Format,
+}
+
+impl RelayAuth {
+    /// An Ed25519 account key.
+    pub fn key(key: ed25519_dalek::SigningKey) -> Self {
+        RelayAuth(RelayAuthKind::Key(std::sync::Arc::new(key)))
+    }
+
+    /// Parses an account key string (`wsp_acct_sk_…`).
+    pub fn parse_key(text: &str) -> Result<Self, RelayAuthError> {
+        let hex_part = text
+            .trim()
+            .strip_prefix(ACCOUNT_KEY_PREFIX)
+            .ok_or(RelayAuthError::Format)?;
+        if hex_part.len() != 64 {
+            return Err(RelayAuthError::Format);
+        }
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        for (i, b) in seed.iter_mut().enumerate() {
+            *b = u8::from_str_radix(
+                hex_part
+                    .get(2 * i..2 * i + 2)
+                    .ok_or(RelayAuthError::Format)?,
+                16,
+            )
+            .map_err(|_| RelayAuthError::Format)?;
+        }
+        Ok(Self::key(ed25519_dalek::SigningKey::from_bytes(&seed)))
+    }
+
+    /// Reads an account key file.
+    pub fn key_file(path: impl AsRef<std::path::Path>) -> Result<Self, RelayAuthError> {
+        let path = path.as_ref();
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+            RelayAuthError::Io {
+                path: path.to_owned(),
+                source,
+            }
+        })?);
+        Self::parse_key(&text)
+    }
+
+    /// A bearer token.
+    pub fn token(token: impl Into<String>) -> Self {
+        RelayAuth(RelayAuthKind::Token(zeroize::Zeroizing::new(token.into())))
+    }
+
+    /// The account's public key (what `whispeer-relay account add --public-key` takes).
+    pub fn public_key(&self) -> Option<[u8; 32]> {
+        match &self.0 {
+            RelayAuthKind::Key(k) => Some(k.verifying_key().to_bytes()),
+            RelayAuthKind::Token(_) => None,
+        }
+    }
+
+    /// Puts the account (key) or the token into a `Hello`.
+    pub(crate) fn fill_hello(&self, h: &mut whispeer_protocol::frame::Hello) {
+        match &self.0 {
+            RelayAuthKind::Key(k) => h.account = Some(k.verifying_key().to_bytes()),
+            RelayAuthKind::Token(t) => {
+                h.auth = Some(bytes::Bytes::copy_from_slice(t.as_bytes()));
+            }
+        }
+    }
+
+    /// The `Auth` frame answering a `Challenge` (None for a token).
+    pub(crate) fn answer(&self, nonce: &[u8; 32]) -> Option<whispeer_protocol::Frame> {
+        use ed25519_dalek::Signer;
+        match &self.0 {
+            RelayAuthKind::Key(k) => {
+                let pk = k.verifying_key().to_bytes();
+                let msg = whispeer_protocol::frame::auth_sig_input(nonce, &pk);
+                Some(whispeer_protocol::Frame::Auth(
+                    whispeer_protocol::frame::Auth {
+                        sig: k.sign(&msg).to_bytes(),
+                    },
+                ))
+            }
+            RelayAuthKind::Token(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for RelayAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            RelayAuthKind::Key(_) => f.write_str("RelayAuth::Key(..)"),
+            RelayAuthKind::Token(_) => f.write_str("RelayAuth::Token(..)"),
+        }
+    }
+}
+
+impl Engine for RelayAuth {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.relay_auth = Some(self);
+    }
+}

@@ -1,5 +1,10 @@
 //! The admin HTTP port (hyper, HTTP/1.1 only): `/metrics` in Prometheus text format,
 //! `/status` as JSON, `/healthz`. Also a tiny HTTP GET client for `whispeer-relay status`.
+//!
+//! The port leaks nothing about tenants: without the admin token (`Authorization: Bearer
+//! …`, `auth.admin_token`) `/status` shows counts only, never key ids or token paths. Bound
+//! off loopback, every endpoint but `/healthz` needs the token (and the relay refuses to
+//! start without one).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
@@ -44,9 +49,31 @@ pub struct Status {
     pub limits: Limits,
     /// Plugin chain, in order.
     pub plugins: Vec<String>,
-    /// The store: kind, file size, retention, per-path totals.
+    /// The store: kind, file size, retention, per-path totals (the per-path list only
+    /// with the admin token: it names key ids).
     #[serde(default)]
     pub store: crate::store::StoreStatus,
+    /// Relay accounts: counts only.
+    #[serde(default)]
+    pub accounts: AccountsStatus,
+    /// Whether per-tenant detail (key ids) is included (admin token given).
+    #[serde(default)]
+    pub detail: bool,
+}
+
+/// Relay account counts in `/status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AccountsStatus {
+    /// `off` or `required`.
+    pub auth: String,
+    /// Accounts in the account file.
+    pub accounts: usize,
+    /// Connections authenticated with an account.
+    pub authenticated_connections: usize,
+    /// Key ids claimed by groups.
+    pub claimed_key_ids: usize,
+    /// Durable subscriptions with an owner.
+    pub durable_owners: usize,
 }
 
 pub(crate) fn status(shared: &Shared) -> Status {
@@ -69,7 +96,51 @@ pub(crate) fn status(shared: &Shared) -> Status {
             .map(String::from)
             .collect(),
         store: shared.router.store().status(),
+        accounts: {
+            let a = &shared.accounts;
+            let (claimed_key_ids, durable_owners) = a.state_counts();
+            AccountsStatus {
+                auth: cfg.auth.mode.to_string(),
+                accounts: a.count(),
+                authenticated_connections: a.live_count(),
+                claimed_key_ids,
+                durable_owners,
+            }
+        },
+        detail: true,
     }
+}
+
+/// The `/status` an anonymous caller sees: counts only, no key ids.
+fn redacted(mut s: Status) -> Status {
+    s.store.paths.clear();
+    s.detail = false;
+    s
+}
+
+/// Whether the request carries the configured admin token.
+fn has_token(shared: &Shared, req: &Request<Incoming>) -> bool {
+    use sha2::{Digest, Sha256};
+    let Some(want) = &shared.config.auth.admin_token else {
+        return false;
+    };
+    let Some(got) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    // Compare digests: equal length, no early exit on the secret's bytes.
+    let (a, b) = (
+        Sha256::digest(want.as_bytes()),
+        Sha256::digest(got.trim().as_bytes()),
+    );
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 fn respond(
@@ -92,6 +163,18 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "only GET\n",
         );
     }
+    let authorized = has_token(shared, req);
+    let public = shared.addrs.admin.is_some_and(|a| !a.ip().is_loopback());
+    if public && !authorized && req.uri().path() != "/healthz" {
+        return Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+            .header("www-authenticate", "Bearer")
+            .body(Full::new(Bytes::from_static(
+                b"admin token required (Authorization: Bearer ...)\n",
+            )))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
+    }
     match req.uri().path() {
         "/metrics" => respond(
             StatusCode::OK,
@@ -107,7 +190,11 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 text
             },
         ),
-        "/status" => match serde_json::to_vec_pretty(&status(shared)) {
+        "/status" => match serde_json::to_vec_pretty(&if authorized {
+            status(shared)
+        } else {
+            redacted(status(shared))
+        }) {
             Ok(body) => respond(StatusCode::OK, "application/json", body),
             Err(_) => respond(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -167,6 +254,15 @@ pub enum AdminError {
 
 /// `GET path` from an admin port given as `http://host:port` (or `host:port`).
 pub async fn http_get(admin: &str, path: &str) -> Result<Bytes, AdminError> {
+    http_get_auth(admin, path, None).await
+}
+
+/// `GET path` with an optional admin token (`Authorization: Bearer`).
+pub async fn http_get_auth(
+    admin: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<Bytes, AdminError> {
     let authority = admin
         .trim()
         .trim_start_matches("http://")
@@ -186,9 +282,13 @@ pub async fn http_get(admin: &str, path: &str) -> Result<Bytes, AdminError> {
         .await
         .map_err(|e| http(e.to_string()))?;
     tokio::spawn(connection);
-    let req = Request::builder()
+    let mut req = Request::builder()
         .uri(path)
-        .header(HOST, authority.as_str())
+        .header(HOST, authority.as_str());
+    if let Some(t) = token {
+        req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req
         .body(Empty::<Bytes>::new())
         .map_err(|e| http(e.to_string()))?;
     let resp = sender

@@ -157,6 +157,75 @@ pub struct Config {
     pub store: StoreConfig,
     /// At-least-once delivery to subscribers: ack timeout, unacknowledged limit.
     pub delivery: DeliveryConfig,
+    /// Relay accounts (admission) and the admin token.
+    pub auth: AuthConfig,
+}
+
+/// Whether clients must authenticate with a relay account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Anyone who can connect may use the relay (fine on loopback; warned about elsewhere).
+    #[default]
+    Off,
+    /// Every connection must prove an account (Ed25519 challenge or bearer token).
+    Required,
+}
+
+impl fmt::Display for AuthMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AuthMode::Off => "off",
+            AuthMode::Required => "required",
+        })
+    }
+}
+
+impl FromStr for AuthMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" => Ok(AuthMode::Off),
+            "required" => Ok(AuthMode::Required),
+            other => Err(format!("{other:?} is not \"off\" or \"required\"")),
+        }
+    }
+}
+
+/// Relay accounts and the admin token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `off` or `required`.
+    pub mode: AuthMode,
+    /// The account list (TOML, edited by `whispeer-relay account`); reloaded on change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accounts: Option<PathBuf>,
+    /// Append-only file of key-id claims and durable owners (absent: kept in memory only;
+    /// `serve` puts it beside the SQLite store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<PathBuf>,
+    /// Most key ids one group of accounts may claim.
+    pub max_claims_per_group: usize,
+    /// How often the account file is checked for changes, in milliseconds.
+    pub reload_ms: u64,
+    /// Bearer token for the admin port: needed for detail in `/status` (key ids), and for
+    /// everything but `/healthz` when the admin port is bound off loopback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Off,
+            accounts: None,
+            state: None,
+            max_claims_per_group: 10_000,
+            reload_ms: 1_000,
+            admin_token: None,
+        }
+    }
 }
 
 /// Which store the relay uses.
@@ -662,6 +731,41 @@ impl Config {
                 "ack_timeout_ms and max_unacked must be positive".into(),
             );
         }
+        let a = &self.auth;
+        if a.mode == AuthMode::Required
+            && a.accounts.as_ref().is_none_or(|p| p.as_os_str().is_empty())
+        {
+            return invalid(
+                "auth.accounts",
+                "auth = required needs an account file (whispeer-relay account add creates one)"
+                    .into(),
+            );
+        }
+        if a.reload_ms == 0 || a.max_claims_per_group == 0 {
+            return invalid(
+                "auth",
+                "reload_ms and max_claims_per_group must be positive".into(),
+            );
+        }
+        if let Some(t) = &a.admin_token {
+            if t.len() < 16 {
+                return invalid(
+                    "auth.admin_token",
+                    "use at least 16 characters (e.g. a whispeer-relay account add --token)".into(),
+                );
+            }
+        }
+        if let Some(admin) = self.listen.admin.0 {
+            if !admin.ip().is_loopback() && a.admin_token.is_none() {
+                return invalid(
+                    "auth.admin_token",
+                    format!(
+                        "the admin port {admin} is not on loopback: set an admin token \
+                         (WHISPEER_ADMIN_TOKEN) or bind it to 127.0.0.1"
+                    ),
+                );
+            }
+        }
         let wants_tls = self.listen.wss.0.is_some() || self.listen.tls.0.is_some();
         if wants_tls && (self.tls.cert.is_none() || self.tls.key.is_none()) {
             return invalid(
@@ -810,6 +914,26 @@ max_unacked = {max_unacked}
 # Most bytes of unacknowledged envelopes per subscription (pauses like max_unacked). env WHISPEER_MAX_UNACKED_BYTES
 max_unacked_bytes = {max_unacked_bytes}
 
+[auth]
+# "off": anyone who can connect may use the relay (fine on loopback; a non-loopback
+# listener without auth prints a loud warning). "required": every connection proves a
+# relay account (Ed25519 challenge or bearer token); key ids are claimed by the first
+# account's group. See relay/README.md "Accounts".                  env WHISPEER_AUTH
+mode = "{auth_mode}"
+# The account list (TOML), edited by `whispeer-relay account add|list|remove` and reloaded
+# when it changes or on SIGHUP.                                      env WHISPEER_ACCOUNTS
+# accounts = "whispeer-accounts.toml"
+# Append-only file of key-id claims and durable owners. serve default: the store path
+# with ".auth" appended (in memory when the store is not sqlite).   env WHISPEER_AUTH_STATE
+# state = "whispeer-relay.db.auth"
+# Most key ids one group of accounts may claim (Err quota_exceeded). env WHISPEER_MAX_CLAIMS
+max_claims_per_group = {max_claims}
+# How often the account file is checked for changes, in ms.        env WHISPEER_ACCOUNTS_RELOAD_MS
+reload_ms = {reload_ms}
+# Bearer token for the admin port (Authorization: Bearer ...): /status shows key ids only
+# with it; required when the admin port is not on loopback.        env WHISPEER_ADMIN_TOKEN
+# admin_token = "..."
+
 [log]
 # RUST_LOG-style filter (RUST_LOG also works).              env WHISPEER_LOG
 filter = "{filter}"
@@ -869,6 +993,9 @@ format = "{format}"
             ack_timeout_ms = d.delivery.ack_timeout_ms,
             max_unacked = d.delivery.max_unacked,
             max_unacked_bytes = d.delivery.max_unacked_bytes,
+            auth_mode = d.auth.mode,
+            max_claims = d.auth.max_claims_per_group,
+            reload_ms = d.auth.reload_ms,
             filter = d.log.filter,
             format = match d.log.format {
                 LogFormat::Text => "text",

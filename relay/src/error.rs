@@ -28,4 +28,7 @@ pub enum RelayError {
     /// The store could not be opened (missing, foreign, damaged or in use).
     #[error("cannot open the store: {0}")]
     Store(crate::store::StoreError),
+    /// The account list or the auth state file could not be loaded.
+    #[error("cannot load relay accounts: {0}")]
+    Accounts(crate::accounts::AccountError),
 }

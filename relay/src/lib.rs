@@ -27,12 +27,14 @@
 //! - [`tls`] — rustls (ring) acceptor from PEM files.
 //! - [`plugin`] — metadata-only hooks; logging and metrics plugins.
 //! - [`metrics`] — counters, routing histogram, Prometheus text.
+//! - [`accounts`] — relay accounts, rights, key-id claims, durable owners, hot reload.
 //! - [`admin`] — `/metrics`, `/status`, `/healthz`; a GET client for `status`.
 //! - `rate` — token buckets (rate limits by backpressure) and the per-address connection table.
 //! - [`logging`] — tracing-subscriber setup for the binary (text or JSON).
 //! - [`error`] — [`RelayError`].
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod admin;
 pub mod config;
 mod conn;

@@ -1,6 +1,7 @@
 //! Log setup for the binary: `tracing-subscriber` with a `RUST_LOG`-style filter, as text
 //! or JSON lines. The library only emits events and never puts envelope bytes in them.
-//! ANSI colours only when stderr is a terminal: logs written to a file or a pipe are plain.
+//! Colour codes only when stderr is a terminal (a log file or pipe gets plain text). Key ids
+//! are logged at `debug` and below only: `info` shows counts, connections and reasons.
 
 use std::io::IsTerminal;
 

@@ -1,12 +1,13 @@
-//! `whispeer-relay`: `serve`, `generate-config`, `status`, `tls generate`.
+//! `whispeer-relay`: `serve`, `generate-config`, `status`, `tls generate`, `account add|list|remove`.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use whispeer_relay::accounts::{self, AccountEntry, AccountFile, Right};
 use whispeer_relay::config::{
-    Config, ListenAddr, LogFormat, SlowConsumerPolicy, StoreKind, SyncMode,
+    AuthMode, Config, ListenAddr, LogFormat, SlowConsumerPolicy, StoreKind, SyncMode,
 };
 use whispeer_relay::{admin, logging, Relay};
 
@@ -28,6 +29,9 @@ enum Command {
     /// TLS helpers.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Manage relay accounts (the account file; a running relay reloads it).
+    #[command(subcommand)]
+    Account(AccountCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,6 +55,63 @@ struct TlsGenerateArgs {
     /// Overwrite existing files.
     #[arg(long)]
     force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountCmd {
+    /// Add an account: with --key-out FILE a fresh Ed25519 account key is written there (the
+    /// file `whispeer --auth-key` reads); with --public-key HEX an existing key is used;
+    /// otherwise (or with --token) a fresh bearer token is printed once.
+    Add(AccountAddArgs),
+    /// List accounts (name, group, kind, rights); never tokens.
+    List(AccountFileArg),
+    /// Remove an account; a running relay closes its connections at once.
+    Remove(AccountRemoveArgs),
+}
+
+#[derive(Debug, Args)]
+struct AccountFileArg {
+    /// The account file (the relay's auth.accounts).
+    #[arg(
+        long,
+        env = "WHISPEER_ACCOUNTS",
+        default_value = "whispeer-accounts.toml"
+    )]
+    file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct AccountAddArgs {
+    /// A unique name for the account.
+    name: String,
+    #[command(flatten)]
+    file: AccountFileArg,
+    /// The group whose key ids the account shares (default: a group of its own).
+    #[arg(long)]
+    group: Option<String>,
+    /// Generate an Ed25519 account key and write its secret here (mode 0600).
+    #[arg(long, value_name = "FILE", conflicts_with = "public_key")]
+    key_out: Option<PathBuf>,
+    /// Use this Ed25519 public key (64 hex characters).
+    #[arg(long, value_name = "HEX")]
+    public_key: Option<String>,
+    /// Also (or only) issue a bearer token; printed once, only its SHA-256 is stored.
+    #[arg(long)]
+    token: bool,
+    /// Rights, comma separated: publish,subscribe,replay,retain,durable (default: all).
+    #[arg(long, value_delimiter = ',')]
+    rights: Option<Vec<Right>>,
+    /// Replace an existing --key-out file.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct AccountRemoveArgs {
+    /// The account's name.
+    name: String,
+    #[command(flatten)]
+    file: AccountFileArg,
 }
 
 /// Every flag overrides the config file; each also reads a `WHISPEER_*` variable.
@@ -179,6 +240,24 @@ struct ServeArgs {
     /// Most unacknowledged messages per subscription.
     #[arg(long, env = "WHISPEER_MAX_UNACKED")]
     max_unacked: Option<usize>,
+    /// Relay accounts: off or required.
+    #[arg(long, env = "WHISPEER_AUTH")]
+    auth: Option<AuthMode>,
+    /// The account file (see `whispeer-relay account`).
+    #[arg(long, env = "WHISPEER_ACCOUNTS")]
+    accounts: Option<PathBuf>,
+    /// File of key-id claims and durable owners (default: beside the SQLite store).
+    #[arg(long, env = "WHISPEER_AUTH_STATE")]
+    auth_state: Option<PathBuf>,
+    /// Most key ids one group of accounts may claim.
+    #[arg(long, env = "WHISPEER_MAX_CLAIMS")]
+    max_claims: Option<usize>,
+    /// How often the account file is checked for changes, in milliseconds.
+    #[arg(long, env = "WHISPEER_ACCOUNTS_RELOAD_MS")]
+    accounts_reload_ms: Option<u64>,
+    /// Bearer token for the admin port (detail in /status; required off loopback).
+    #[arg(long, env = "WHISPEER_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Once listening, write the bound addresses here as JSON.
     #[arg(long, env = "WHISPEER_READY_FILE")]
     ready_file: Option<PathBuf>,
@@ -196,6 +275,9 @@ struct StatusArgs {
     /// Print the raw /status JSON instead of a summary.
     #[arg(long)]
     json: bool,
+    /// Admin token: /status then includes per-path detail (key ids).
+    #[arg(long, env = "WHISPEER_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 impl ServeArgs {
@@ -263,6 +345,24 @@ impl ServeArgs {
         set(&mut c.store.dedup_max, self.dedup_max);
         set(&mut c.delivery.ack_timeout_ms, self.ack_timeout_ms);
         set(&mut c.delivery.max_unacked, self.max_unacked);
+        set(&mut c.auth.mode, self.auth);
+        if self.accounts.is_some() {
+            c.auth.accounts = self.accounts;
+        }
+        if self.auth_state.is_some() {
+            c.auth.state = self.auth_state;
+        }
+        set(&mut c.auth.max_claims_per_group, self.max_claims);
+        set(&mut c.auth.reload_ms, self.accounts_reload_ms);
+        if self.admin_token.is_some() {
+            c.auth.admin_token = self.admin_token;
+        }
+        // Claims and durable owners live beside a durable store unless placed elsewhere.
+        if c.auth.state.is_none() && c.store.kind == Some(StoreKind::Sqlite) {
+            let mut p = c.store.path.as_os_str().to_owned();
+            p.push(".auth");
+            c.auth.state = Some(PathBuf::from(p));
+        }
         c.validate()?;
         Ok((c, self.ready_file))
     }
@@ -278,6 +378,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => {
             let (config, ready_file) = args.into_config()?;
             logging::init(&config.log.filter, config.log.format).map_err(anyhow::Error::msg)?;
+            warn_open_relay(&config);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -290,6 +391,140 @@ fn main() -> Result<()> {
             .build()
             .context("starting the tokio runtime")?
             .block_on(status(args)),
+        Command::Account(cmd) => account(cmd),
+    }
+}
+
+fn account(cmd: AccountCmd) -> Result<()> {
+    match cmd {
+        AccountCmd::Add(a) => {
+            let path = &a.file.file;
+            let mut file = AccountFile::load(path)?;
+            if file.account.iter().any(|e| e.name == a.name) {
+                anyhow::bail!("account {:?} already exists in {}", a.name, path.display());
+            }
+            let mut entry = AccountEntry {
+                name: a.name.clone(),
+                group: a.group.clone(),
+                key: None,
+                token_sha256: None,
+                rights: a.rights.clone().unwrap_or_else(|| Right::ALL.to_vec()),
+            };
+            let mut secret_out = None;
+            if let Some(hex) = &a.public_key {
+                accounts::parse_hex32(hex).map_err(|e| anyhow::anyhow!("--public-key: {e}"))?;
+                entry.key = Some(hex.trim().to_ascii_lowercase());
+            } else if let Some(out) = &a.key_out {
+                if out.exists() && !a.force {
+                    anyhow::bail!("{} exists (use --force to replace it)", out.display());
+                }
+                let (secret, public) =
+                    accounts::new_key().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+                entry.key = Some(public);
+                secret_out = Some((out.clone(), secret));
+            }
+            let token = if a.token || entry.key.is_none() {
+                let t = accounts::new_token().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+                entry.token_sha256 = Some(hex::encode(accounts::token_hash(t.as_bytes())));
+                Some(t)
+            } else {
+                None
+            };
+            let public = entry.key.clone();
+            file.account.push(entry);
+            // Validate the whole list before anything is written.
+            file.validate()?;
+            if let Some((out, secret)) = &secret_out {
+                write_secret(out, secret)
+                    .with_context(|| format!("writing the account key {}", out.display()))?;
+                eprintln!("wrote the account key to {}", out.display());
+            }
+            file.save(path)?;
+            eprintln!("added account {:?} to {}", a.name, path.display());
+            if let Some(p) = public {
+                println!("public key: {p}");
+            }
+            if let Some(t) = token {
+                eprintln!("bearer token (shown once; the relay keeps only its SHA-256):");
+                println!("{t}");
+            }
+            Ok(())
+        }
+        AccountCmd::List(f) => {
+            let file = AccountFile::load(&f.file)?;
+            for e in &file.account {
+                let kind = match (&e.key, &e.token_sha256) {
+                    (Some(_), Some(_)) => "key+token",
+                    (Some(_), None) => "key",
+                    _ => "token",
+                };
+                let rights: Vec<_> = e.rights.iter().map(|r| r.name()).collect();
+                println!(
+                    "{}\tgroup={}\t{}\t{}\t{}",
+                    e.name,
+                    e.group.as_deref().unwrap_or(&e.name),
+                    kind,
+                    rights.join(","),
+                    e.key.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(())
+        }
+        AccountCmd::Remove(a) => {
+            let path = &a.file.file;
+            let mut file = AccountFile::load(path)?;
+            let before = file.account.len();
+            file.account.retain(|e| e.name != a.name);
+            if file.account.len() == before {
+                anyhow::bail!("no account {:?} in {}", a.name, path.display());
+            }
+            file.save(path)?;
+            eprintln!(
+                "removed account {:?}; a running relay closes its connections at its next reload",
+                a.name
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Writes a secret file with mode 0600 (never world-readable, also not briefly).
+fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    let mut f = o.open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()
+}
+
+/// Warns loudly when clients can reach the relay from other machines without accounts.
+fn warn_open_relay(config: &Config) {
+    if config.auth.mode == AuthMode::Required {
+        return;
+    }
+    let l = &config.listen;
+    let open: Vec<String> = [("ws", l.ws), ("tcp", l.tcp), ("wss", l.wss), ("tls", l.tls)]
+        .into_iter()
+        .filter_map(|(n, a)| {
+            a.0.filter(|a| !a.ip().is_loopback())
+                .map(|a| format!("{n} {a}"))
+        })
+        .collect();
+    if !open.is_empty() {
+        let msg = format!(
+            "WARNING: auth is off and the relay listens beyond loopback ({}): anyone who can \
+             reach it may publish, subscribe, replay and hold durables. Set auth = \"required\" \
+             (--auth required, with accounts from `whispeer-relay account add`).",
+            open.join(", ")
+        );
+        eprintln!("\n{}\n{msg}\n{}\n", "!".repeat(78), "!".repeat(78));
+        tracing::warn!("{msg}");
     }
 }
 
@@ -365,7 +600,7 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
 }
 
 async fn status(args: StatusArgs) -> Result<()> {
-    let body = admin::http_get(&args.admin, "/status").await?;
+    let body = admin::http_get_auth(&args.admin, "/status", args.admin_token.as_deref()).await?;
     if args.json {
         println!("{}", String::from_utf8_lossy(&body));
         return Ok(());

@@ -107,6 +107,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) addrs: BoundAddrs,
+    /// Relay accounts, key-id claims and durable owners.
+    pub(crate) accounts: Arc<crate::accounts::Accounts>,
     /// Durable subscription names currently held by a connection.
     pub(crate) active_durables: Mutex<std::collections::HashSet<DurableKey>>,
     /// Connections and handshakes per source address, and per-address rate buckets.
@@ -282,7 +284,12 @@ impl RelayBuilder {
             l.max_connections_per_addr,
             l.max_connections,
         ));
+
+        let accounts = Arc::new(
+            crate::accounts::Accounts::open(&self.config.auth).map_err(RelayError::Accounts)?,
+        );
         let shared = Arc::new(Shared {
+            accounts,
             router: Router::new(store, metrics.clone()),
             config: self.config,
             metrics,
@@ -374,6 +381,9 @@ impl Relay {
         if let Some(l) = listeners.admin {
             tasks.spawn(admin::serve(l, shared.clone()));
         }
+        if shared.accounts.file().is_some() {
+            tasks.spawn(reload_accounts(shared.clone()));
+        }
         let mut stop = shared.shutdown.subscribe();
         tokio::select! {
             _ = shutdown => {}
@@ -402,6 +412,40 @@ impl Relay {
         let _ = tokio::task::spawn_blocking(move || store.close()).await;
         tracing::info!("relay stopped");
         Ok(())
+    }
+}
+
+/// Reloads the account file when it changes (polled every `auth.reload_ms`) or on SIGHUP.
+async fn reload_accounts(shared: Arc<Shared>) {
+    let every = std::time::Duration::from_millis(shared.config.auth.reload_ms);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let forced = match hup.as_mut() {
+            Some(h) => tokio::select! {
+                _ = h.recv() => true,
+                _ = tokio::time::sleep(every) => false,
+            },
+            None => {
+                tokio::time::sleep(every).await;
+                false
+            }
+        };
+        #[cfg(not(unix))]
+        let forced = {
+            tokio::time::sleep(every).await;
+            false
+        };
+        let r = if forced {
+            tracing::info!("SIGHUP: reloading the account list");
+            shared.accounts.reload()
+        } else {
+            shared.accounts.reload_if_changed()
+        };
+        if let Err(e) = r {
+            tracing::error!(error = %e, "account list not reloaded; the previous one stays in force");
+        }
     }
 }
 

@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use whispeer_protocol::frame::{
-    features, msg_flags, negotiate_version, pub_flags, Ack, Close, ErrFrame, Hello, Pong, Pub,
-    PubAck, Replay, Sub, SubOk, Unsub, Welcome, PROTOCOL_VERSION,
+    features, msg_flags, negotiate_version, pub_flags, Ack, Auth, Challenge, Close, ErrFrame,
+    Hello, Pong, Pub, PubAck, Replay, Sub, SubOk, Unsub, Welcome, PROTOCOL_VERSION,
 };
 use whispeer_protocol::{codec, DecodeError, ErrorCode, Frame, Qos, TokenPattern};
 
+use crate::accounts::{owner_of_secret, Refusal, Right, Rights};
 use crate::ids::{ConnId, SubId, TransportKind};
 use crate::outbound::{Offer, Outbound};
 use crate::plugin::{ConnectInfo, DisconnectInfo, PublishInfo, SubscribeInfo};
@@ -95,6 +96,23 @@ pub(crate) struct Session {
     /// Whose store quota this connection's writes count against (the source address; the
     /// account once relay accounts authenticate it).
     pub(crate) tenant: Tenant,
+    /// A `Hello` arrived (a second one is a violation, also while authenticating).
+    hello_seen: bool,
+    /// Waiting for `Auth`: the negotiated version, the client name, the nonce sent in
+    /// `Challenge` and the account key it must be signed with.
+    challenge: Option<PendingAuth>,
+    /// The authenticated relay account (by name: its rights are looked up at each use, so
+    /// an edit of the account list applies at once).
+    account: Option<String>,
+}
+
+#[derive(Debug)]
+struct PendingAuth {
+    version: u64,
+    client: Option<String>,
+    nonce: [u8; 32],
+    account: [u8; 32],
+    features: u64,
 }
 
 impl Session {
@@ -131,6 +149,9 @@ impl Session {
             reason: String::from("open"),
             finished: false,
             tenant: Tenant::from_peer(peer),
+            hello_seen: false,
+            challenge: None,
+            account: None,
         }
     }
 
@@ -198,7 +219,14 @@ impl Session {
         };
         if !self.open {
             return match frame {
+                Frame::Hello(_) if self.hello_seen => self.fatal(
+                    ErrorCode::ProtocolViolation,
+                    "a second Hello".into(),
+                    None,
+                    None,
+                ),
                 Frame::Hello(h) => self.on_hello(h),
+                Frame::Auth(a) if self.challenge.is_some() => self.on_auth(a),
                 other => self.fatal(
                     ErrorCode::ProtocolViolation,
                     format!("{} before Hello", other.name()),
@@ -278,14 +306,90 @@ impl Session {
                 None,
             );
         };
+        self.hello_seen = true;
+        if self.shared.accounts.required() {
+            if let Some(account) = h.account {
+                let mut nonce = [0u8; 32];
+                if getrandom::getrandom(&mut nonce).is_err() {
+                    return self.fatal(
+                        ErrorCode::Internal,
+                        "no randomness for a challenge".into(),
+                        None,
+                        None,
+                    );
+                }
+                // Every account key gets a challenge, listed or not, so the answer does not
+                // tell which keys are accounts.
+                self.challenge = Some(PendingAuth {
+                    version,
+                    client: h.client,
+                    nonce,
+                    account,
+                    features: h.features,
+                });
+                return self.send(&Frame::Challenge(Challenge { nonce }));
+            }
+            let Some(token) = &h.auth else {
+                self.shared.metrics.connection_rejected();
+                return self.fatal(
+                    ErrorCode::AuthRequired,
+                    "this relay requires a relay account: send Hello.account (Ed25519 key, \
+                     then answer the Challenge) or Hello.auth (bearer token)"
+                        .into(),
+                    None,
+                    None,
+                );
+            };
+            match self.shared.accounts.by_token(token) {
+                Some(a) => self.account = Some(a.name.clone()),
+                None => {
+                    self.shared.metrics.connection_rejected();
+                    return self.fatal(
+                        ErrorCode::AuthFailed,
+                        "unknown or revoked bearer token".into(),
+                        None,
+                        None,
+                    );
+                }
+            }
+        }
+        self.welcome(version, h.client.as_deref(), h.auth.is_some(), h.features)
+    }
+
+    fn on_auth(&mut self, a: Auth) -> Flow {
+        let Some(p) = self.challenge.take() else {
+            return Flow::Close;
+        };
+        match self.shared.accounts.verify(&p.account, &p.nonce, &a.sig) {
+            Some(acct) => {
+                self.account = Some(acct.name.clone());
+                self.welcome(p.version, p.client.as_deref(), true, p.features)
+            }
+            None => {
+                self.shared.metrics.connection_rejected();
+                self.fatal(
+                    ErrorCode::AuthFailed,
+                    "authentication failed: unknown account or bad signature".into(),
+                    None,
+                    None,
+                )
+            }
+        }
+    }
+
+    fn welcome(&mut self, version: u64, client: Option<&str>, has_auth: bool, wanted: u64) -> Flow {
         self.greeted = true;
+        if let Some(name) = &self.account {
+            // Quotas follow the account, not the address it connects from.
+            self.tenant = Tenant::for_account(name);
+        }
         let info = ConnectInfo {
             conn: self.conn,
             transport: self.transport,
             peer: self.peer,
             version,
-            client: h.client.as_deref(),
-            has_auth: h.auth.is_some(),
+            client,
+            has_auth,
         };
         if let Err((plugin, why)) = self.shared.plugins.connect(&info) {
             self.shared.metrics.rejected_by_plugin();
@@ -307,11 +411,14 @@ impl Session {
             );
         }
         self.open = true;
+        if let Some(name) = &self.account {
+            self.shared.accounts.attach(self.conn, name, &self.out);
+        }
         let mut offered = self.shared.router.store().features();
         if offered & features::AT_LEAST_ONCE != 0 {
             offered |= features::FLOW_CONTROL;
         }
-        self.granted = h.features & offered;
+        self.granted = wanted & offered;
         let cfg = &self.shared.config;
         let welcome = Frame::Welcome(Welcome {
             version,
@@ -350,6 +457,16 @@ impl Session {
                 Some(sub_id),
                 None,
             );
+        }
+        let mut need = Rights::of(&[Right::Subscribe]);
+        if s.replay.is_some() {
+            need = need.with(Right::Replay);
+        }
+        if s.durable.is_some() {
+            need = need.with(Right::Durable);
+        }
+        if let Err(r) = self.authorize(s.pattern.key_id(), need) {
+            return self.refuse(r, Some(sub_id), None);
         }
         let info = SubscribeInfo {
             conn: self.conn,
@@ -391,6 +508,19 @@ impl Session {
         let mut floor = 0;
         let mut new_durable = false;
         if let Some(k) = &durable {
+            // The owner: the authenticated account, else the hash of the Sub.owner secret.
+            let owner = self
+                .account
+                .as_ref()
+                .map(|n| format!("account:{n}"))
+                .or_else(|| s.owner.as_ref().map(owner_of_secret));
+            if let Err(r) = self
+                .shared
+                .accounts
+                .durable_owner(&k.key_id, &k.name, owner)
+            {
+                return self.refuse(r, Some(sub_id), None);
+            }
             if !self.shared.claim_durable(k) {
                 return self.reply_err(
                     ErrorCode::NotAllowed,
@@ -629,6 +759,14 @@ impl Session {
         let wait = self.slot.as_ref().and_then(|s| s.take_publish(1.0, now));
         self.charge(wait, now);
         let path = p.envelope.token_path();
+        let need = if p.flags & pub_flags::RETAIN != 0 {
+            Rights::of(&[Right::Publish, Right::Retain])
+        } else {
+            Rights::of(&[Right::Publish])
+        };
+        if let Err(r) = self.authorize(path.key_id(), need) {
+            return self.refuse(r, None, p.publish_id);
+        }
         let info = PublishInfo {
             conn: self.conn,
             path: &path,
@@ -709,11 +847,31 @@ impl Session {
         Flow::Continue
     }
 
+    /// Checks the account's rights on a key id (and claims it for the account's group).
+    fn authorize(&self, key_id: &whispeer_protocol::KeyId, need: Rights) -> Result<(), Refusal> {
+        let accounts = &self.shared.accounts;
+        if !accounts.required() {
+            return Ok(());
+        }
+        accounts.authorize(self.account.as_deref().unwrap_or_default(), key_id, need)
+    }
+
+    /// Answers a refused request: fatal when the account is gone.
+    fn refuse(&mut self, r: Refusal, sub_id: Option<SubId>, publish_id: Option<[u8; 16]>) -> Flow {
+        if r.fatal {
+            self.fatal(r.code, r.message, sub_id, publish_id)
+        } else {
+            self.reply_err(r.code, r.message, sub_id, publish_id)
+        }
+    }
+
     /// No inbound traffic within the limit (or no `Hello` in time).
     pub(crate) fn timed_out(&mut self) -> Flow {
         let t = &self.shared.config.timeouts;
         let msg = if self.open {
             format!("no traffic for {} ms", t.idle_ms)
+        } else if self.challenge.is_some() {
+            format!("no Auth within {} ms", t.hello_ms)
         } else {
             format!("no Hello within {} ms", t.hello_ms)
         };
@@ -757,6 +915,9 @@ impl Session {
         }
         self.finished = true;
         self.out.close_with(None);
+        if self.account.is_some() {
+            self.shared.accounts.detach(self.conn);
+        }
         self.shared
             .router
             .unsubscribe_all(self.conn, self.subs.iter().map(|(id, p)| (*id, p)));

@@ -97,6 +97,16 @@ impl Tenant {
         }
     }
 
+    /// The tenant of an authenticated relay account: SHA-256 of its name under a context
+    /// string (names are unique in the account list; the store keeps no names).
+    pub fn for_account(name: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"whispeer-relay/v2/tenant\0");
+        h.update(name.as_bytes());
+        Tenant::Account(h.finalize().into())
+    }
+
     /// The stable byte key the store files usage under.
     pub fn key(&self) -> Vec<u8> {
         match self {

@@ -737,7 +737,13 @@ async fn status_and_metrics_show_the_store() {
     let db = dir.join("s.db");
     let relay = BinRelay::start(&relay_args(
         db.to_str().unwrap(),
-        &["--retention-messages", "1000"],
+        // Per-path detail (key ids) in /status needs the admin token.
+        &[
+            "--retention-messages",
+            "1000",
+            "--admin-token",
+            "status-test-admin-token",
+        ],
     ));
     let mut p = greeted(relay.tcp()).await;
     let envs: Vec<_> = (0..50)
@@ -747,8 +753,12 @@ async fn status_and_metrics_show_the_store() {
     let mut s = greeted(relay.tcp()).await;
     history(&mut s, 1, pattern(1, &[], true), Replay::FromSeq(0)).await;
     let admin = relay.admin().to_string();
-    let status: Status =
-        serde_json::from_slice(&http_get(&admin, "/status").await.unwrap()).unwrap();
+    let status: Status = serde_json::from_slice(
+        &whispeer_relay::admin::http_get_auth(&admin, "/status", Some("status-test-admin-token"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     let st = &status.store;
     assert_eq!(st.kind, "sqlite");
     assert!(st.file_bytes > 0);
@@ -797,6 +807,7 @@ async fn status_and_metrics_show_the_store() {
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_whispeer-relay"))
             .args(["status", "--admin", &format!("http://{admin}")])
+            .args(["--admin-token", "status-test-admin-token"])
             .output()
             .unwrap()
     })

@@ -28,12 +28,12 @@ function waitReady(dir, file, child) {
   });
 }
 
-export async function startRelay({ wsPort = 0 } = {}) {
+export async function startRelay({ wsPort = 0, args = [] } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'whispeer-relay-'));
   const file = join(dir, 'ready.json');
   const child = spawn(
     relayBin(),
-    ['serve', '--store', 'memory', '--ws', `127.0.0.1:${wsPort}`, '--tcp', '127.0.0.1:0', '--admin', '127.0.0.1:0', '--ready-file', file],
+    ['serve', '--store', 'memory', '--ws', `127.0.0.1:${wsPort}`, '--tcp', '127.0.0.1:0', '--admin', '127.0.0.1:0', '--ready-file', file, ...args],
     { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, WHISPEER_LOG: process.env.WHISPEER_LOG ?? 'warn' } },
   );
   const ready = await waitReady(dir, file, child);
@@ -53,7 +53,7 @@ export async function startRelay({ wsPort = 0 } = {}) {
     /** Stops this relay and starts a fresh one on the same WebSocket port. */
     async restart() {
       await relay.stop();
-      return startRelay({ wsPort: port });
+      return startRelay({ wsPort: port, args });
     },
   };
   return relay;

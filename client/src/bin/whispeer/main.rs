@@ -44,6 +44,37 @@ enum Command {
     Sub(pubsub::SubArgs),
     /// Load generator: publishers, subscribers, throughput and end-to-end latency.
     Bench(bench::BenchArgs),
+    /// Create a relay account key (for relays with auth = required): writes the secret to
+    /// FILE (mode 0600, read by --auth-key) and prints the public key for the operator's
+    /// `whispeer-relay account add NAME --public-key HEX`.
+    AuthKeygen(AuthKeygenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AuthKeygenArgs {
+    /// Where to write the account key.
+    #[arg(long, value_name = "FILE")]
+    out: std::path::PathBuf,
+    /// Replace an existing file.
+    #[arg(long)]
+    force: bool,
+}
+
+fn auth_keygen(a: AuthKeygenArgs) -> anyhow::Result<ExitCode> {
+    use rand::RngCore;
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+    seed.fill(0);
+    let secret = format!("{}{hex}\n", whispeer::ACCOUNT_KEY_PREFIX);
+    let public = whispeer::RelayAuth::parse_key(&secret)?
+        .public_key()
+        .map(|p| p.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        .unwrap_or_default();
+    io::write_secret_file(&a.out, &secret, a.force)?;
+    eprintln!("wrote {}", a.out.display());
+    io::print_or_exit(&public)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// An error in how the command was invoked (exit code 2), as opposed to a runtime failure.
@@ -105,6 +136,7 @@ fn main() -> ExitCode {
         Command::Pub(a) => runtime().and_then(|rt| rt.block_on(pubsub::publish(a))),
         Command::Sub(a) => runtime().and_then(|rt| rt.block_on(pubsub::subscribe(a))),
         Command::Bench(a) => runtime().and_then(|rt| rt.block_on(bench::run(a))),
+        Command::AuthKeygen(a) => auth_keygen(a),
     };
     match result {
         Ok(code) => code,

@@ -39,6 +39,23 @@ pub struct ConnArgs {
     /// Seconds the first connection may take.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub connect_timeout: f64,
+    /// Relay account key file (from `whispeer-relay account add NAME --key-out FILE`), for
+    /// relays with auth = required. Not the identity that signs messages.
+    #[arg(
+        long,
+        env = "WHISPEER_AUTH_KEY",
+        value_name = "FILE",
+        conflicts_with = "auth_token"
+    )]
+    pub auth_key: Option<PathBuf>,
+    /// Relay account bearer token (from `whispeer-relay account add NAME --token`).
+    #[arg(
+        long,
+        env = "WHISPEER_AUTH_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub auth_token: Option<String>,
 }
 
 impl ConnArgs {
@@ -79,6 +96,11 @@ impl ConnArgs {
         }
         if let Some(id) = identity {
             b = b.with(id);
+        }
+        if let Some(path) = &self.auth_key {
+            b = b.with(whispeer::RelayAuth::key_file(path)?);
+        } else if let Some(t) = &self.auth_token {
+            b = b.with(whispeer::RelayAuth::token(t.trim()));
         }
         if let Some(ca) = &self.ca {
             b = b.with(

@@ -1,0 +1,725 @@
+//! Relay accounts: who may use the relay, and on which key ids.
+//!
+//! Accounts are separate from sender identities (they never appear inside envelopes, so
+//! sealed sender stays sealed). An account proves itself with an Ed25519 key (challenge and
+//! response, [`whispeer_protocol::frame::auth_sig_input`]) or with a bearer token of which
+//! the relay keeps only the SHA-256. Each account belongs to a **group** (by default a group
+//! of its own) and has rights: `publish`, `subscribe`, `replay`, `retain`, `durable`.
+//!
+//! Key ids change every epoch, so rights are not configured per key id: the first account
+//! that uses a key id claims it for its group, and from then on only members of that group
+//! may use it (each with its own rights). Claims and durable-subscription owners are kept
+//! in a small append-only state file ([`AuthState`]) so they survive restarts.
+//!
+//! The account list is a TOML file (`whispeer-relay account add|list|remove` edits it); the
+//! relay reloads it when it changes or on SIGHUP and closes the connections of accounts
+//! that were removed.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use ed25519_dalek::{Signature, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use whispeer_protocol::frame::{auth_sig_input, ErrFrame};
+use whispeer_protocol::{codec, ErrorCode, Frame, KeyId};
+
+use crate::config::{AuthConfig, AuthMode};
+use crate::ids::ConnId;
+use crate::outbound::Outbound;
+
+/// Prefix of a bearer token printed by `account add --token`.
+pub const TOKEN_PREFIX: &str = "wsp_tok_";
+/// Prefix of an account secret key file written by `account add --key-out`.
+pub const SECRET_PREFIX: &str = "wsp_acct_sk_";
+
+/// Why the account list or the state file could not be used.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AccountError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not a valid account list.
+    #[error("invalid account list {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    /// An entry is invalid.
+    #[error("account {name:?}: {reason}")]
+    Invalid { name: String, reason: String },
+}
+
+/// One right an account may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Right {
+    /// Publish envelopes.
+    Publish,
+    /// Subscribe (live messages and retained values).
+    Subscribe,
+    /// Subscribe with replay of history.
+    Replay,
+    /// Publish with the retain flag.
+    Retain,
+    /// Hold durable subscriptions.
+    Durable,
+}
+
+impl Right {
+    /// Every right.
+    pub const ALL: [Right; 5] = [
+        Right::Publish,
+        Right::Subscribe,
+        Right::Replay,
+        Right::Retain,
+        Right::Durable,
+    ];
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+
+    /// The name used in the account file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Right::Publish => "publish",
+            Right::Subscribe => "subscribe",
+            Right::Replay => "replay",
+            Right::Retain => "retain",
+            Right::Durable => "durable",
+        }
+    }
+}
+
+impl std::str::FromStr for Right {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Right::ALL
+            .into_iter()
+            .find(|r| r.name() == s.trim().to_ascii_lowercase())
+            .ok_or_else(|| {
+                format!("{s:?} is not a right (publish, subscribe, replay, retain, durable)")
+            })
+    }
+}
+
+/// A set of rights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Rights(u8);
+
+impl Rights {
+    /// Every right.
+    pub fn all() -> Self {
+        Rights(Right::ALL.iter().fold(0, |a, r| a | r.bit()))
+    }
+    /// Builds a set.
+    pub fn of(rights: &[Right]) -> Self {
+        Rights(rights.iter().fold(0, |a, r| a | r.bit()))
+    }
+    /// Adds one right.
+    pub fn with(self, r: Right) -> Self {
+        Rights(self.0 | r.bit())
+    }
+    /// Whether every right of `other` is held.
+    pub fn contains(self, other: Rights) -> bool {
+        self.0 & other.0 == other.0
+    }
+    /// The rights in `need` that are missing.
+    pub fn missing(self, need: Rights) -> Vec<Right> {
+        Right::ALL
+            .into_iter()
+            .filter(|r| need.0 & r.bit() != 0 && self.0 & r.bit() == 0)
+            .collect()
+    }
+}
+
+/// One `[[account]]` entry of the account file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountEntry {
+    /// Unique name (operator's label; never sent by clients).
+    pub name: String,
+    /// The group whose key ids this account shares; absent: a group of its own (its name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Ed25519 public key, 64 hex characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// SHA-256 of a bearer token, 64 hex characters (the token itself is never stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
+    /// Rights; absent: all of them.
+    #[serde(default = "all_rights")]
+    pub rights: Vec<Right>,
+}
+
+fn all_rights() -> Vec<Right> {
+    Right::ALL.to_vec()
+}
+
+/// The account file: `[[account]]` entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountFile {
+    /// The accounts.
+    #[serde(default)]
+    pub account: Vec<AccountEntry>,
+}
+
+impl AccountFile {
+    /// Reads a file; a missing file is an empty list.
+    pub fn load(path: &Path) -> Result<Self, AccountError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => {
+                return Err(AccountError::Io {
+                    path: path.into(),
+                    source,
+                })
+            }
+        };
+        let file: AccountFile = toml::from_str(&text).map_err(|e| AccountError::Parse {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        file.table()?;
+        Ok(file)
+    }
+
+    /// Writes the file atomically (temporary file, then rename), mode 0600 on Unix.
+    pub fn save(&self, path: &Path) -> Result<(), AccountError> {
+        let io = |source| AccountError::Io {
+            path: path.into(),
+            source,
+        };
+        let mut text = String::from(
+            "# whispeer-relay accounts: edit with `whispeer-relay account add|list|remove`.\n\
+             # The relay reloads this file when it changes (and on SIGHUP).\n",
+        );
+        text.push_str(&toml::to_string(self).map_err(|e| AccountError::Parse {
+            path: path.into(),
+            reason: e.to_string(),
+        })?);
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        write_private(&tmp, text.as_bytes()).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Checks every entry (names, keys and token hashes unique and well formed).
+    pub fn validate(&self) -> Result<(), AccountError> {
+        self.table().map(|_| ())
+    }
+
+    /// Checks every entry and builds the lookup table.
+    fn table(&self) -> Result<Table, AccountError> {
+        let mut t = Table::default();
+        for e in &self.account {
+            let invalid = |reason: String| AccountError::Invalid {
+                name: e.name.clone(),
+                reason,
+            };
+            if e.name.trim().is_empty() {
+                return Err(invalid("the name is empty".into()));
+            }
+            if e.key.is_none() && e.token_sha256.is_none() {
+                return Err(invalid("needs a key or a token_sha256".into()));
+            }
+            let acct = Arc::new(Account {
+                name: e.name.clone(),
+                group: e.group.clone().unwrap_or_else(|| e.name.clone()),
+                rights: Rights::of(&e.rights),
+            });
+            if t.by_name.insert(e.name.clone(), acct.clone()).is_some() {
+                return Err(invalid("the name appears twice".into()));
+            }
+            if let Some(k) = &e.key {
+                let b = parse_hex32(k).map_err(|r| invalid(format!("key: {r}")))?;
+                let vk = VerifyingKey::from_bytes(&b)
+                    .map_err(|_| invalid("key is not an Ed25519 public key".into()))?;
+                if t.by_key.insert(b, (vk, acct.clone())).is_some() {
+                    return Err(invalid("the key belongs to two accounts".into()));
+                }
+            }
+            if let Some(h) = &e.token_sha256 {
+                let b = parse_hex32(h).map_err(|r| invalid(format!("token_sha256: {r}")))?;
+                if t.by_token.insert(b, acct.clone()).is_some() {
+                    return Err(invalid("the token belongs to two accounts".into()));
+                }
+            }
+        }
+        Ok(t)
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut o = OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    let mut f = o.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Parses 64 hex characters.
+pub fn parse_hex32(s: &str) -> Result<[u8; 32], String> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut out)
+        .map_err(|_| "expected 64 hexadecimal characters".to_string())?;
+    Ok(out)
+}
+
+/// SHA-256 of a bearer token, as stored in the account file.
+pub fn token_hash(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+/// An authenticated account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// Its name in the account file.
+    pub name: String,
+    /// Its group (claims are per group).
+    pub group: String,
+    /// Its rights.
+    pub rights: Rights,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    by_name: HashMap<String, Arc<Account>>,
+    by_key: HashMap<[u8; 32], (VerifyingKey, Arc<Account>)>,
+    by_token: HashMap<[u8; 32], Arc<Account>>,
+}
+
+/// Why a request was refused, as the error code and message the client gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The code.
+    pub code: ErrorCode,
+    /// The message.
+    pub message: String,
+    /// Whether the connection must be closed (the account is gone).
+    pub fatal: bool,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: String) -> Self {
+        Self {
+            code,
+            message,
+            fatal: false,
+        }
+    }
+}
+
+/// A line of the state file.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "lowercase")]
+enum StateLine {
+    /// A key id claimed by a group.
+    Claim { key_id: String, group: String },
+    /// A durable subscription's owner.
+    Owner {
+        key_id: String,
+        name: String,
+        owner: String,
+    },
+}
+
+/// Key-id claims and durable owners, in memory and (optionally) in an append-only file.
+#[derive(Debug, Default)]
+pub struct AuthState {
+    claims: HashMap<[u8; 16], String>,
+    claims_per_group: HashMap<String, usize>,
+    owners: HashMap<([u8; 16], String), String>,
+    file: Option<(PathBuf, File)>,
+}
+
+impl AuthState {
+    /// Opens (or creates) the state file and replays it.
+    pub fn open(path: Option<&Path>) -> Result<Self, AccountError> {
+        let mut s = AuthState::default();
+        let Some(path) = path else {
+            return Ok(s);
+        };
+        let io = |source| AccountError::Io {
+            path: path.into(),
+            source,
+        };
+        match File::open(path) {
+            Ok(f) => {
+                for (n, line) in BufReader::new(f).lines().enumerate() {
+                    let line = line.map_err(io)?;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let Ok(parsed) = serde_json::from_str::<StateLine>(&line) else {
+                        // A torn last line after a crash is skipped; anything else is damage.
+                        tracing::warn!(file = %path.display(), line = n + 1,
+                            "skipping an unreadable line of the auth state file");
+                        continue;
+                    };
+                    s.apply(parsed);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        let mut o = OpenOptions::new();
+        o.append(true).create(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            o.mode(0o600);
+        }
+        let f = o.open(path).map_err(io)?;
+        s.file = Some((path.to_owned(), f));
+        Ok(s)
+    }
+
+    fn apply(&mut self, l: StateLine) {
+        match l {
+            StateLine::Claim { key_id, group } => {
+                let mut k = [0u8; 16];
+                if hex::decode_to_slice(&key_id, &mut k).is_ok() {
+                    *self.claims_per_group.entry(group.clone()).or_default() += 1;
+                    self.claims.insert(k, group);
+                }
+            }
+            StateLine::Owner {
+                key_id,
+                name,
+                owner,
+            } => {
+                let mut k = [0u8; 16];
+                if hex::decode_to_slice(&key_id, &mut k).is_ok() {
+                    self.owners.insert((k, name), owner);
+                }
+            }
+        }
+    }
+
+    fn append(&mut self, l: &StateLine) {
+        if let Some((path, f)) = &mut self.file {
+            let mut line = serde_json::to_vec(l).unwrap_or_default();
+            line.push(b'\n');
+            if let Err(e) = f.write_all(&line).and_then(|_| f.sync_data()) {
+                tracing::error!(file = %path.display(), error = %e,
+                    "cannot write the auth state file: a claim may not survive a restart");
+            }
+        }
+    }
+
+    /// Key ids claimed in total.
+    pub fn claim_count(&self) -> usize {
+        self.claims.len()
+    }
+
+    /// Durable owners recorded.
+    pub fn owner_count(&self) -> usize {
+        self.owners.len()
+    }
+}
+
+/// The accounts, claims and live authenticated connections of a relay.
+#[derive(Debug)]
+pub struct Accounts {
+    mode: AuthMode,
+    file: Option<PathBuf>,
+    max_claims: usize,
+    table: RwLock<Arc<Table>>,
+    stamp: Mutex<Option<(SystemTime, u64)>>,
+    state: Mutex<AuthState>,
+    live: Mutex<HashMap<ConnId, (String, Arc<Outbound>)>>,
+}
+
+fn stamp_of(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+impl Accounts {
+    /// Loads the account list and the state file the configuration names.
+    pub fn open(cfg: &AuthConfig) -> Result<Self, AccountError> {
+        let file = cfg.accounts.clone().filter(|p| !p.as_os_str().is_empty());
+        let (table, stamp) = match &file {
+            Some(p) => (AccountFile::load(p)?.table()?, stamp_of(p)),
+            None => (Table::default(), None),
+        };
+        Ok(Self {
+            mode: cfg.mode,
+            file,
+            max_claims: cfg.max_claims_per_group,
+            table: RwLock::new(Arc::new(table)),
+            stamp: Mutex::new(stamp),
+            state: Mutex::new(AuthState::open(cfg.state.as_deref())?),
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether clients must authenticate.
+    pub fn required(&self) -> bool {
+        self.mode == AuthMode::Required
+    }
+
+    /// The account file, if any (for the reload task).
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+
+    fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, AuthState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of accounts.
+    pub fn count(&self) -> usize {
+        self.table().by_name.len()
+    }
+
+    /// Key ids claimed and durable owners recorded.
+    pub fn state_counts(&self) -> (usize, usize) {
+        let s = self.state();
+        (s.claim_count(), s.owner_count())
+    }
+
+    /// Connections currently authenticated.
+    pub fn live_count(&self) -> usize {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The account of a bearer token.
+    pub fn by_token(&self, token: &[u8]) -> Option<Arc<Account>> {
+        self.table().by_token.get(&token_hash(token)).cloned()
+    }
+
+    /// Checks a challenge response: the account's key must be listed and the signature
+    /// (strict Ed25519) must cover this connection's nonce and the account key.
+    pub fn verify(
+        &self,
+        account: &[u8; 32],
+        nonce: &[u8; 32],
+        sig: &[u8; 64],
+    ) -> Option<Arc<Account>> {
+        let t = self.table();
+        let (vk, acct) = t.by_key.get(account)?;
+        let sig = Signature::from_bytes(sig);
+        vk.verify_strict(&auth_sig_input(nonce, account), &sig)
+            .ok()
+            .map(|_| acct.clone())
+    }
+
+    /// The current entry of an account (None once it was removed).
+    pub fn current(&self, name: &str) -> Option<Arc<Account>> {
+        self.table().by_name.get(name).cloned()
+    }
+
+    /// Records an authenticated connection (closed if its account is removed).
+    pub(crate) fn attach(&self, conn: ConnId, name: &str, out: &Arc<Outbound>) {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(conn, (name.to_owned(), out.clone()));
+    }
+
+    /// Forgets a connection.
+    pub(crate) fn detach(&self, conn: ConnId) {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&conn);
+    }
+
+    /// May `name` do `need` on `key_id`? Claims the key id for the account's group when
+    /// nobody holds it yet.
+    pub fn authorize(&self, name: &str, key_id: &KeyId, need: Rights) -> Result<(), Refusal> {
+        if !self.required() {
+            return Ok(());
+        }
+        let Some(acct) = self.current(name) else {
+            return Err(Refusal {
+                code: ErrorCode::AuthFailed,
+                message: "the account was removed".into(),
+                fatal: true,
+            });
+        };
+        let missing = acct.rights.missing(need);
+        if !missing.is_empty() {
+            let names: Vec<_> = missing.iter().map(|r| r.name()).collect();
+            return Err(Refusal::new(
+                ErrorCode::AuthFailed,
+                format!("the account lacks the right to {}", names.join(", ")),
+            ));
+        }
+        let k = *key_id.as_bytes();
+        let mut st = self.state();
+        match st.claims.get(&k) {
+            Some(g) if *g == acct.group => Ok(()),
+            Some(_) => Err(Refusal::new(
+                ErrorCode::AuthFailed,
+                "this key id is claimed by another group of accounts".into(),
+            )),
+            None => {
+                let n = st.claims_per_group.get(&acct.group).copied().unwrap_or(0);
+                if n >= self.max_claims {
+                    return Err(Refusal::new(
+                        ErrorCode::QuotaExceeded,
+                        format!(
+                            "the account's group holds {n} key ids, the limit \
+                             (auth.max_claims_per_group)"
+                        ),
+                    ));
+                }
+                st.claims.insert(k, acct.group.clone());
+                *st.claims_per_group.entry(acct.group.clone()).or_default() += 1;
+                st.append(&StateLine::Claim {
+                    key_id: hex::encode(k),
+                    group: acct.group.clone(),
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks (and on first use records) the owner of a durable subscription. `owner` is
+    /// `account:NAME` when authenticated, `sha256:HEX` of the `Sub.owner` secret, or None
+    /// for a durable created without an owner (auth off, legacy clients).
+    pub fn durable_owner(
+        &self,
+        key_id: &KeyId,
+        name: &str,
+        owner: Option<String>,
+    ) -> Result<(), Refusal> {
+        let k = (*key_id.as_bytes(), name.to_owned());
+        let mut st = self.state();
+        match (st.owners.get(&k), owner) {
+            (Some(have), Some(want)) if *have == want => Ok(()),
+            (Some(_), _) => Err(Refusal::new(
+                ErrorCode::NotAllowed,
+                format!("durable subscription {name:?} belongs to someone else"),
+            )),
+            (None, None) => Ok(()),
+            (None, Some(want)) => {
+                st.append(&StateLine::Owner {
+                    key_id: hex::encode(k.0),
+                    name: k.1.clone(),
+                    owner: want.clone(),
+                });
+                st.owners.insert(k, want);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reloads the account file if it changed since the last load; returns how many
+    /// connections were closed. Errors leave the previous list in force.
+    pub fn reload_if_changed(&self) -> Result<usize, AccountError> {
+        let Some(path) = &self.file else {
+            return Ok(0);
+        };
+        let now = stamp_of(path);
+        {
+            let mut s = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            if *s == now {
+                return Ok(0);
+            }
+            *s = now;
+        }
+        self.reload()
+    }
+
+    /// Reloads the account file now; closes connections of removed accounts.
+    pub fn reload(&self) -> Result<usize, AccountError> {
+        let Some(path) = &self.file else {
+            return Ok(0);
+        };
+        let table = Arc::new(AccountFile::load(path)?.table()?);
+        let n = table.by_name.len();
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = table.clone();
+        let mut closed = 0;
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, out) in live.values() {
+            if !table.by_name.contains_key(name) {
+                let frame = codec::encode_prefixed(&Frame::Err(ErrFrame {
+                    code: ErrorCode::AuthFailed,
+                    message: "the account was removed".into(),
+                    fatal: true,
+                    sub_id: None,
+                    publish_id: None,
+                }));
+                if out.close_with(Some(frame)) {
+                    closed += 1;
+                }
+            }
+        }
+        tracing::info!(accounts = n, closed, "account list reloaded");
+        Ok(closed)
+    }
+}
+
+/// A fresh bearer token (`wsp_tok_` + 64 hex characters, 256 random bits).
+pub fn new_token() -> Result<String, getrandom::Error> {
+    let mut b = [0u8; 32];
+    getrandom::getrandom(&mut b)?;
+    Ok(format!("{TOKEN_PREFIX}{}", hex::encode(b)))
+}
+
+/// A fresh account key: (secret file contents, public key hex).
+pub fn new_key() -> Result<(String, String), getrandom::Error> {
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::getrandom(seed.as_mut())?;
+    let sk = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let secret = format!("{SECRET_PREFIX}{}\n", hex::encode(seed.as_ref()));
+    Ok((secret, hex::encode(sk.verifying_key().as_bytes())))
+}
+
+/// The owner string of a `Sub.owner` secret (only its hash is kept).
+pub fn owner_of_secret(secret: &Bytes) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(secret)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rights_and_table_checks() {
+        let r = Rights::of(&[Right::Publish, Right::Subscribe]);
+        assert!(r.contains(Rights::of(&[Right::Publish])));
+        assert_eq!(
+            r.missing(Rights::of(&[Right::Publish, Right::Durable])),
+            vec![Right::Durable]
+        );
+        let f = AccountFile {
+            account: vec![AccountEntry {
+                name: "a".into(),
+                group: None,
+                key: None,
+                token_sha256: None,
+                rights: all_rights(),
+            }],
+        };
+        assert!(
+            f.table().is_err(),
+            "an entry without key or token is refused"
+        );
+    }
+}
