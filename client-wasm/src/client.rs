@@ -66,6 +66,8 @@ fn message_object(r: &Received) -> JsValue {
     set(&o, "timestamp", r.ts_ms as f64);
     set(&o, "seq", r.seq as f64);
     set(&o, "retained", r.retained);
+    set(&o, "treeId", hex(&r.tree_id.0));
+    set(&o, "epoch", r.epoch as f64);
     set(&o, "contentType", r.content_type.as_str());
     set(&o, "payload", bytes(&r.payload));
     if r.content_type == core::CBOR {
@@ -248,6 +250,8 @@ impl ClientCore {
             content_type: o.content_type,
             payload: o.payload.into(),
             retained: false,
+            tree_id: o.tree_id,
+            epoch: o.epoch,
         };
         Ok(message_object(&r))
     }
