@@ -402,11 +402,15 @@ impl<T> Subscription<T> {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Message<T>, ReceiveError>>> {
-        let lost = self.lag.swap(0, Ordering::AcqRel);
-        if lost > 0 {
-            return Poll::Ready(Some(Err(ReceiveError::Lagged(lost))));
+        let polled = self.rx.poll_recv(cx);
+        if polled.is_pending() {
+            // Everything buffered was taken: report losses that came after it.
+            let lost = self.lag.swap(0, Ordering::AcqRel);
+            if lost > 0 {
+                return Poll::Ready(Some(Err(ReceiveError::Lagged(lost))));
+            }
         }
-        self.rx.poll_recv(cx).map(|o| {
+        polled.map(|o| {
             o.map(|item| match item {
                 Item::Msg(r, slot) => {
                     if let Some(slot) = slot {
@@ -1284,7 +1288,13 @@ impl Driver {
     /// whatever became of the envelope (no key oracle).
     fn on_msg(&mut self, m: &whispeer_protocol::frame::Msg) {
         let sinks = &self.sinks;
-        let room = |id: LocalSubId| sinks.get(&id).is_some_and(|s| s.tx.capacity() > 0);
+        // At most once, a pending lag report goes first, so it needs a slot too.
+        let room = |id: LocalSubId| {
+            sinks.get(&id).is_some_and(|s| {
+                let lag_first = !s.acking && s.lag.load(Ordering::Acquire) > 0;
+                s.tx.capacity() > usize::from(lag_first)
+            })
+        };
         let delivery = self.core.receive_with(m, now_ms(), &room);
         self.persist_changes();
         let slotted = m.seq > 0 && self.core.any_acking();
@@ -1346,6 +1356,13 @@ impl Driver {
         };
         for t in targets {
             if let Some(s) = self.sinks.get(&t) {
+                if !s.acking {
+                    // Report what was lost before this message, in order.
+                    let lost = s.lag.swap(0, Ordering::AcqRel);
+                    if lost > 0 && s.tx.try_send(Item::Lagged(lost)).is_err() {
+                        s.lag.fetch_add(lost, Ordering::AcqRel);
+                    }
+                }
                 let item = Item::Msg(r.clone(), if s.acking { slot } else { None });
                 if s.tx.try_send(item).is_err() {
                     // Checked for room just before: only a closed subscription gets here.
