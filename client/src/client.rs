@@ -1295,9 +1295,14 @@ impl Driver {
                 s.tx.capacity() > usize::from(lag_first)
             })
         };
+        let routed = if m.seq > 0 {
+            self.core.route_acking(m)
+        } else {
+            Vec::new()
+        };
         let delivery = self.core.receive_with(m, now_ms(), &room);
         self.persist_changes();
-        let slotted = m.seq > 0 && self.core.any_acking();
+        let slotted = !routed.is_empty();
         let (r, targets, lagged) = match delivery {
             Delivery::Deliver {
                 msg,
@@ -1306,14 +1311,14 @@ impl Driver {
             } => (msg, targets, lagged),
             Delivery::HeldBack => {
                 if slotted {
-                    self.ack_queue.held_back(m.seq);
+                    self.ack_queue.held_back(m.seq, &routed);
                 }
                 self.sync_stats();
                 return;
             }
             _ => {
                 if slotted {
-                    self.ack_queue.placeholder(m.seq);
+                    self.ack_queue.placeholder(m.seq, &routed);
                 }
                 self.sync_stats();
                 return;
@@ -1334,7 +1339,7 @@ impl Driver {
             if self.plugins.on_message(rm) == Verdict::Drop {
                 self.stats.lock().expect("stats lock").plugin_drops += 1;
                 if slotted {
-                    self.ack_queue.placeholder(m.seq);
+                    self.ack_queue.placeholder(m.seq, &routed);
                 }
                 self.sync_stats();
                 return;
@@ -1346,13 +1351,15 @@ impl Driver {
             .copied()
             .filter(|t| self.sinks.get(t).is_some_and(|s| s.acking))
             .collect();
-        let slot = if !slotted {
+        let slot = if m.seq == 0 {
             None
         } else if waiting.is_empty() {
-            self.ack_queue.placeholder(m.seq);
+            if slotted {
+                self.ack_queue.placeholder(m.seq, &routed);
+            }
             None
         } else {
-            Some(self.ack_queue.deliver(m.seq, waiting))
+            Some(self.ack_queue.deliver(m.seq, &routed, waiting))
         };
         for t in targets {
             if let Some(s) = self.sinks.get(&t) {

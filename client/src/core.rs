@@ -88,6 +88,8 @@ struct LocalSub {
     /// asked for may hold messages another subscription already delivered; those (flagged
     /// replayed, and only once per subscription) are still its to see.
     got: Option<std::collections::HashSet<receive::DedupKey>>,
+    /// The compiled token patterns of its relay subscriptions.
+    patterns: Vec<whispeer_protocol::TokenPattern>,
 }
 
 /// How a subscription starts and what it asks of the relay.
@@ -312,6 +314,18 @@ impl ClientCore {
         self.subs.get(&id).is_some_and(|s| s.opts.acking())
     }
 
+    /// The at-least-once subscriptions the relay routed `msg` to, found by matching its
+    /// routing tokens (what the relay sees) against their compiled patterns: known even for
+    /// an envelope that does not open.
+    pub fn route_acking(&self, msg: &Msg) -> Vec<LocalSubId> {
+        let path = msg.envelope.token_path();
+        self.subs
+            .iter()
+            .filter(|(_, s)| s.opts.acking() && s.patterns.iter().any(|p| p.matches(&path)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Whether any subscription expects acks.
     pub fn any_acking(&self) -> bool {
         self.subs.values().any(|s| s.opts.acking())
@@ -377,6 +391,7 @@ impl ClientCore {
             .compile(&sub.filter, now_ms);
         let mut frames = Vec::with_capacity(patterns.len());
         let credit = if sub.opts.acking() { self.credit } else { None };
+        sub.patterns = patterns.clone();
         for pattern in patterns {
             let rid = self.next_relay_id;
             self.next_relay_id += 1;
@@ -425,6 +440,7 @@ impl ClientCore {
                 relay_ids: Vec::new(),
                 last_seq: 0,
                 got,
+                patterns: Vec::new(),
             },
         );
         let frames = self.sub_frames(id, now_ms);
