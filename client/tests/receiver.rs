@@ -404,3 +404,78 @@ async fn a_relay_sequence_of_u64_max_neither_panics_nor_wraps_the_resume_point()
 async fn whispeer_frame(conn: &mut FakeConn) -> Option<Frame> {
     read_frame(&mut conn.s).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_live_messages_and_history_before_the_horizon_are_refused_unless_asked_for() {
+    let relay = TestRelay::start().await;
+    let t = tree("clock");
+    let alice = identity();
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let c = Client::builder()
+        .with(Tcp::new(relay.tcp_url()))
+        .with(Encryption::new(keyring_with(&t)))
+        .replay_horizon(Duration::from_secs(3600))
+        .clock_skew(Duration::from_secs(60))
+        .connect()
+        .await
+        .unwrap();
+    let mut live = c.subscribe::<u32>("h/#").await.unwrap();
+    let now = whispeer::now_ms();
+    // Live but dated ten minutes ago (beyond the skew): refused.
+    let first = member
+        .publish(&seal(&t, Some(&alice), "h/x", 1, now - 600_000), false)
+        .await;
+    // Dated two hours ago (before the horizon).
+    member
+        .publish(&seal(&t, Some(&alice), "h/x", 2, now - 7_200_000), false)
+        .await;
+    member
+        .publish(&seal(&t, Some(&alice), "h/x", 3, whispeer::now_ms()), false)
+        .await;
+    assert_eq!(value(&mut live).await, 3, "stale live messages refused");
+    let s = c.stats();
+    assert_eq!(s.core.refused.stale_live, 2, "{s:?}");
+    drop(live);
+
+    // History: within the horizon it is accepted (replayed, even if older than the skew);
+    // before the horizon only when the subscription asks for older history.
+    let mut hist = c
+        .subscribe_with_options::<u32>(
+            "h/#",
+            SubscribeOptions::new().replay(whispeer::Replay::FromSeq(first)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        value(&mut hist).await,
+        1,
+        "replayed history within the horizon"
+    );
+    assert_eq!(
+        value(&mut hist).await,
+        3,
+        "history asked for, though another subscription saw it"
+    );
+    let s = c.stats();
+    assert_eq!(s.core.refused.before_horizon, 1, "{s:?}");
+    let mut old = c
+        .subscribe_with_options::<u32>(
+            "h/#",
+            SubscribeOptions::new()
+                .replay(whispeer::Replay::FromSeq(first))
+                .older_history(true),
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(value(&mut old).await);
+    }
+    assert_eq!(
+        got,
+        vec![1, 2, 3],
+        "explicitly asked for: everything in history"
+    );
+    c.close().await;
+    relay.stop().await;
+}
