@@ -327,7 +327,8 @@ impl ClientCore {
         )
     }
 
-    /// Counters: `{delivered, rejected, duplicates, relayGaps}`.
+    /// Counters: `{delivered, rejected, duplicates, relayGaps, refused: {beforeHorizon,
+    /// future, staleLive, retainedRollback, unsigned, unlistedSender}}`.
     pub fn stats(&self) -> JsValue {
         let s = self.core.stats();
         let o = Object::new();
@@ -335,6 +336,14 @@ impl ClientCore {
         set(&o, "rejected", s.rejected as f64);
         set(&o, "duplicates", s.duplicates as f64);
         set(&o, "relayGaps", s.relay_gaps as f64);
+        let r = Object::new();
+        set(&r, "beforeHorizon", s.refused.before_horizon as f64);
+        set(&r, "future", s.refused.future as f64);
+        set(&r, "staleLive", s.refused.stale_live as f64);
+        set(&r, "retainedRollback", s.refused.retained_rollback as f64);
+        set(&r, "unsigned", s.refused.unsigned as f64);
+        set(&r, "unlistedSender", s.refused.unlisted_sender as f64);
+        set(&o, "refused", r);
         o.into()
     }
 
