@@ -1412,6 +1412,7 @@ impl Driver {
                 }
             }
             Frame::Ping(p) => out.push(Frame::Pong(Pong { nonce: p.nonce }).to_bytes()),
+            Frame::ReplayDone(d) => self.core.replay_done(d.sub_id),
             Frame::Gap(g) => {
                 // The relay dropped messages for this connection (at most once): every
                 // at-most-once subscription learns it, in order with its messages.

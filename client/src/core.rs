@@ -88,6 +88,9 @@ struct LocalSub {
     /// asked for may hold messages another subscription already delivered; those (flagged
     /// replayed, and only once per subscription) are still its to see.
     got: Option<std::collections::HashSet<receive::DedupKey>>,
+    /// Relay ids whose history (`ReplayDone`) has not ended yet; once none is left, `got`
+    /// is dropped (live messages need no exception, and it would grow without bound).
+    replaying: Vec<u64>,
     /// The compiled token patterns of its relay subscriptions.
     patterns: Vec<whispeer_protocol::TokenPattern>,
 }
@@ -381,6 +384,7 @@ impl ClientCore {
             sub.opts.replay
         };
         let retained = sub.opts.retained && !resuming;
+        sub.replaying.clear();
         for old in sub.relay_ids.drain(..) {
             self.relay_to_local.remove(&old);
         }
@@ -396,6 +400,9 @@ impl ClientCore {
             let rid = self.next_relay_id;
             self.next_relay_id += 1;
             sub.relay_ids.push(rid);
+            if sub.got.is_some() {
+                sub.replaying.push(rid);
+            }
             self.relay_to_local.insert(rid, id);
             frames.push(Frame::Sub(Sub {
                 sub_id: rid,
@@ -440,6 +447,7 @@ impl ClientCore {
                 relay_ids: Vec::new(),
                 last_seq: 0,
                 got,
+                replaying: Vec::new(),
                 patterns: Vec::new(),
             },
         );
@@ -451,6 +459,19 @@ impl ClientCore {
             });
         }
         Ok(frames)
+    }
+
+    /// The relay ended the history of relay subscription `relay_id` (`ReplayDone`).
+    pub fn replay_done(&mut self, relay_id: u64) {
+        let Some(local) = self.relay_to_local.get(&relay_id).copied() else {
+            return;
+        };
+        if let Some(sub) = self.subs.get_mut(&local) {
+            sub.replaying.retain(|r| *r != relay_id);
+            if sub.replaying.is_empty() {
+                sub.got = None;
+            }
+        }
     }
 
     /// The relay subscription ids of a local subscription.
