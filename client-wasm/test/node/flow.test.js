@@ -94,6 +94,7 @@ test('publish waits while the socket send buffer is over the high-water mark, in
     );
   // The kernel takes what it can; then the socket buffers and publishes wait.
   await until(() => p.bufferedAmount > hwm);
+  await new Promise((r) => setImmediate(r)); // every publish that can settle has settled
   const settledWhilePaused = done;
   assert.ok(settledWhilePaused < N, `publishes waited (${settledWhilePaused} of ${N} handed over)`);
   assert.ok(maxBuffered <= hwm + 2 * 66 * 1024, `buffer stayed near the mark: ${maxBuffered}`);
