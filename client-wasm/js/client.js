@@ -80,14 +80,36 @@ export class Subscription {
   #ended = false;
   #capacity;
 
-  constructor(client, id, filter, callback, capacity) {
+  #onLag;
+
+  constructor(client, id, filter, callback, capacity, onLag) {
     this.#client = client;
     this.id = id;
     this.filter = filter;
     this.#callback = callback;
     this.#capacity = capacity;
+    this.#onLag = onLag;
     /** Messages dropped because the iterator was not read fast enough. */
     this.dropped = 0;
+    /** Messages lost in all (dropped here, or by the relay for a slow connection). */
+    this.lost = 0;
+  }
+
+  /**
+   * @internal At most once, `n` messages were lost: counted, then reported to the
+   * subscription's `onLag(n)` and as the client's `lag` event `({ subscription, lost })`.
+   */
+  _lag(n) {
+    if (this.#ended || n <= 0) return;
+    this.lost += n;
+    if (this.#onLag) {
+      try {
+        this.#onLag(n);
+      } catch (e) {
+        this.#client._emit('error', e);
+      }
+    }
+    this.#client._emit('lag', { subscription: this, lost: n });
   }
 
   /** @internal */
@@ -105,7 +127,10 @@ export class Subscription {
     const w = this.#waiters.shift();
     if (w) w.resolve({ value: msg, done: false });
     else if (this.#queue.length < this.#capacity) this.#queue.push(msg);
-    else this.dropped++;
+    else {
+      this.dropped++;
+      this._lag(1);
+    }
   }
 
   /** @internal */
@@ -170,6 +195,8 @@ export class Client {
   #reconnects = 0;
   #closing = false;
   #identity;
+  #waiting = []; // publishes held while the socket's send buffer is over the high-water mark
+  #pumping = false;
 
   /** Connects (the first attempt must succeed) and returns a ready client. */
   static async connect(url, options = {}) {
@@ -189,6 +216,7 @@ export class Client {
       connectTimeoutMs: 10_000,
       reconnectBuffer: 8 * 1024 * 1024,
       subscriptionCapacity: 65_536,
+      sendHighWaterMark: 1024 * 1024,
       ...options,
       reconnect: { ...DEFAULT_RECONNECT, ...(options.reconnect ?? {}) },
     };
@@ -227,6 +255,11 @@ export class Client {
   /** This client's sender id (`wspk1…`), or null without an identity. */
   get senderId() {
     return this.#identity ? this.#identity.senderId : null;
+  }
+
+  /** Bytes the socket has not sent yet (what `publish` waits on above `sendHighWaterMark`). */
+  get bufferedAmount() {
+    return this.#ws ? this.#ws.bufferedAmount : 0;
   }
 
   /** Counters: delivered, rejected (could not open), duplicates, relayGaps, reconnects. */
@@ -433,6 +466,11 @@ export class Client {
       case 'message':
         for (const id of e.subs) this.#subs.get(id)?._deliver(e.message);
         break;
+      case 'gap':
+        // The relay dropped messages for this (slow) connection: every subscription is at
+        // most once here, and each learns it.
+        for (const sub of this.#subs.values()) sub._lag(e.dropped);
+        break;
       case 'subok': {
         const p = this.#pendingSubs.get(e.sub);
         if (p) {
@@ -511,6 +549,45 @@ export class Client {
     this.#outboxBytes += frame.length;
   }
 
+  #overHighWater() {
+    const ws = this.#ws;
+    return !!ws && this.#state === 'connected' && ws.bufferedAmount > this.#opts.sendHighWaterMark;
+  }
+
+  /**
+   * Sends (or buffers while reconnecting) a sealed frame; while the socket's send buffer is
+   * over `sendHighWaterMark`, waits, in publish order.
+   */
+  #submit(frame) {
+    if (this.#waiting.length === 0 && !this.#overHighWater()) {
+      this.#queue(frame);
+      return undefined;
+    }
+    return new Promise((resolve, reject) => {
+      this.#waiting.push({ frame, resolve, reject });
+      this.#pumpWaiting();
+    });
+  }
+
+  #pumpWaiting() {
+    if (this.#pumping) return;
+    this.#pumping = true;
+    const step = () => {
+      while (this.#waiting.length && !this.#overHighWater()) {
+        const w = this.#waiting.shift();
+        try {
+          this.#queue(w.frame);
+          w.resolve();
+        } catch (e) {
+          w.reject(e);
+        }
+      }
+      if (this.#waiting.length) setTimeout(step, 1);
+      else this.#pumping = false;
+    };
+    setTimeout(step, 1);
+  }
+
   #ackPromise(out) {
     if (out.length < 2) return undefined;
     return new Promise((resolve, reject) => this.#acks.set(out[1], { resolve, reject }));
@@ -518,7 +595,8 @@ export class Client {
 
   /**
    * Publishes `value` (a plain JS value, encoded as CBOR) on `topic`. Resolves once handed to
-   * the connection (or buffered while reconnecting); with `{ ack: true }` once the relay has
+   * the connection (or buffered while reconnecting), after waiting while the socket's send
+   * buffer is over `sendHighWaterMark` (default 1 MiB); with `{ ack: true }` once the relay has
    * it, with the relay's sequence number. `{ retain: true }` keeps it as the topic's
    * retained value.
    */
@@ -526,8 +604,9 @@ export class Client {
     this.#checkOpen();
     const out = this.#core.publish(topic, value, !!options.retain, !!options.ack);
     const ack = this.#ackPromise(out);
+    ack?.catch(() => {}); // the caller handles it once returned; not "unhandled" meanwhile
     try {
-      this.#queue(out[0]);
+      await this.#submit(out[0]);
     } catch (e) {
       this.#acks.delete(out[1]);
       throw e;
@@ -546,8 +625,9 @@ export class Client {
       !!options.ack,
     );
     const ack = this.#ackPromise(out);
+    ack?.catch(() => {}); // the caller handles it once returned; not "unhandled" meanwhile
     try {
-      this.#queue(out[0]);
+      await this.#submit(out[0]);
     } catch (e) {
       this.#acks.delete(out[1]);
       throw e;
@@ -568,7 +648,14 @@ export class Client {
     }
     const id = this.#nextSub++;
     const frames = this.#core.subscribe(id, filter); // throws NO_KEY / INVALID_TOPIC
-    const sub = new Subscription(this, id, filter, callback, options.capacity ?? this.#opts.subscriptionCapacity);
+    const sub = new Subscription(
+      this,
+      id,
+      filter,
+      callback,
+      options.capacity ?? this.#opts.subscriptionCapacity,
+      options.onLag,
+    );
     this.#subs.set(id, sub);
     if (this.#state !== 'connected' || !this.#ws) return sub; // sent on reconnect
     const ready = new Promise((resolve, reject) => {

@@ -175,6 +175,10 @@ export interface Message<T = Received> {
   seq: number;
   /** Whether this is the topic's retained value. */
   retained: boolean;
+  /** The tree whose key opened it (hex). */
+  treeId: string;
+  /** The key epoch it was sealed under. */
+  epoch: number;
   contentType: string;
   /** The decompressed payload bytes. */
   payload: Uint8Array;
@@ -217,6 +221,8 @@ export interface ConnectOptions {
   reconnectBuffer?: number;
   /** Messages an unread async iterator buffers before dropping (default 65536). */
   subscriptionCapacity?: number;
+  /** `publish` waits while the socket has more than this many bytes unsent (default 1 MiB). */
+  sendHighWaterMark?: number;
   /** Client name sent to the relay. */
   name?: string;
   /**
@@ -234,6 +240,13 @@ export interface PublishOptions {
   ack?: boolean;
 }
 
+export interface SubscribeOptions {
+  /** Messages buffered for an unread async iterator (default: the client's). */
+  capacity?: number;
+  /** Called with the number of messages lost (buffer full, or a relay gap). */
+  onLag?: (lost: number) => void;
+}
+
 export type ConnectionState = 'connecting' | 'connected' | 'reconnecting' | 'closed';
 
 export interface ClientStats {
@@ -242,6 +255,15 @@ export interface ClientStats {
   rejected: number;
   duplicates: number;
   relayGaps: number;
+  /** Opened messages refused by the receiver checks (PROTOCOL §4.11), by reason. */
+  refused: {
+    beforeHorizon: number;
+    future: number;
+    staleLive: number;
+    retainedRollback: number;
+    unsigned: number;
+    unlistedSender: number;
+  };
   reconnects: number;
   outboxBytes: number;
 }
@@ -252,6 +274,8 @@ export class Subscription<T = Received> implements AsyncIterableIterator<Message
   readonly filter: string;
   /** Messages dropped because the iterator was not read fast enough. */
   readonly dropped: number;
+  /** Messages lost in all: dropped here, or by the relay for a slow connection (gap). */
+  readonly lost: number;
   unsubscribe(): Promise<void>;
   next(): Promise<IteratorResult<Message<T>>>;
   return(): Promise<IteratorResult<Message<T>>>;
@@ -268,6 +292,10 @@ export class Client {
   stats(): ClientStats;
   on(event: 'state', fn: (state: ConnectionState, detail?: { attempt?: number; reason?: string }) => void): () => void;
   on(event: 'error', fn: (error: unknown) => void): () => void;
+  /** At most once, messages were lost for a subscription (its buffer was full, or a relay gap). */
+  on(event: 'lag', fn: (e: { subscription: Subscription<unknown>; lost: number }) => void): () => void;
+  /** Bytes the socket has not sent yet. */
+  readonly bufferedAmount: number;
   waitForState(state: ConnectionState): Promise<void>;
   publish(topic: string, value: Value, options?: PublishOptions): Promise<number | undefined>;
   publishBytes(
@@ -278,9 +306,9 @@ export class Client {
   subscribe<T = Received>(
     filter: string,
     callback: (message: Message<T>) => void | Promise<void>,
-    options?: { capacity?: number },
+    options?: SubscribeOptions,
   ): Promise<Subscription<T>>;
-  subscribe<T = Received>(filter: string, options?: { capacity?: number }): Promise<Subscription<T>>;
+  subscribe<T = Received>(filter: string, options?: SubscribeOptions): Promise<Subscription<T>>;
   /** Adds grants at run time (e.g. a rotated epoch) and refreshes subscriptions. */
   addKeys(keys: Keys): void;
   flush(): Promise<void>;

@@ -66,6 +66,8 @@ fn message_object(r: &Received) -> JsValue {
     set(&o, "timestamp", r.ts_ms as f64);
     set(&o, "seq", r.seq as f64);
     set(&o, "retained", r.retained);
+    set(&o, "treeId", hex(&r.tree_id.0));
+    set(&o, "epoch", r.epoch as f64);
     set(&o, "contentType", r.content_type.as_str());
     set(&o, "payload", bytes(&r.payload));
     if r.content_type == core::CBOR {
@@ -314,6 +316,8 @@ impl ClientCore {
             content_type: o.content_type,
             payload: o.payload.into(),
             retained: false,
+            tree_id: o.tree_id,
+            epoch: o.epoch,
         };
         Ok(message_object(&r))
     }
@@ -389,7 +393,8 @@ impl ClientCore {
         )
     }
 
-    /// Counters: `{delivered, rejected, duplicates, relayGaps}`.
+    /// Counters: `{delivered, rejected, duplicates, relayGaps, refused: {beforeHorizon,
+    /// future, staleLive, retainedRollback, unsigned, unlistedSender}}`.
     pub fn stats(&self) -> JsValue {
         let s = self.core.stats();
         let o = Object::new();
@@ -397,6 +402,14 @@ impl ClientCore {
         set(&o, "rejected", s.rejected as f64);
         set(&o, "duplicates", s.duplicates as f64);
         set(&o, "relayGaps", s.relay_gaps as f64);
+        let r = Object::new();
+        set(&r, "beforeHorizon", s.refused.before_horizon as f64);
+        set(&r, "future", s.refused.future as f64);
+        set(&r, "staleLive", s.refused.stale_live as f64);
+        set(&r, "retainedRollback", s.refused.retained_rollback as f64);
+        set(&r, "unsigned", s.refused.unsigned as f64);
+        set(&r, "unlistedSender", s.refused.unlisted_sender as f64);
+        set(&o, "refused", r);
         o.into()
     }
 

@@ -24,8 +24,10 @@ use whispeer_protocol::{
     TopicFilter,
 };
 
+use crate::core::acks::{AckQueue, SlotId};
+use crate::core::receive::ReceiveConfig;
 use crate::core::{
-    self, ClientCore, CoreStats, LocalSubId, Received, SealPolicy, SubscribeOptions,
+    self, ClientCore, CoreStats, Delivery, LocalSubId, Received, SealPolicy, SubscribeOptions,
 };
 use crate::error::{ConnectError, FlushError, PublishError, ReceiveError, SubscribeError};
 use crate::options::{Engine, Reconnect};
@@ -111,8 +113,21 @@ pub struct Message<T> {
     pub retained: bool,
     /// The content type the sender declared.
     pub content_type: String,
+    /// The tree whose key opened it.
+    pub tree_id: whispeer_protocol::TreeId,
+    /// The key epoch it was sealed under.
+    pub epoch: u64,
     /// The value.
     pub value: T,
+}
+
+/// What a subscription's buffer holds.
+#[derive(Debug)]
+enum Item {
+    /// A message, with its ack-queue slot when the relay expects an ack.
+    Msg(Arc<Received>, Option<SlotId>),
+    /// At most once: messages lost (relay gap) before what follows.
+    Lagged(u64),
 }
 
 /// Where the relay's `PubAck` (its sequence number) for one publish is reported.
@@ -127,13 +142,17 @@ enum Command {
         /// QoS ≥ 1: keep the frame and re-send it after a reconnect until acknowledged.
         keep: bool,
     },
-    /// The app took a message of an at-least-once subscription: acknowledge its sequence.
-    Ack(u64),
+    /// The app took a message of an at-least-once subscription: its ack-queue slot.
+    Ack {
+        slot: SlotId,
+        sub: LocalSubId,
+    },
     Subscribe {
         id: LocalSubId,
         filter: TopicFilter,
         opts: SubscribeOptions,
-        tx: mpsc::Sender<Arc<Received>>,
+        tx: mpsc::Sender<Item>,
+        lag: Arc<AtomicU64>,
         ready: oneshot::Sender<Result<(), SubscribeError>>,
     },
     Unsubscribe {
@@ -204,6 +223,7 @@ pub struct ClientBuilder {
     pub(crate) sub_capacity: usize,
     pub(crate) name: String,
     pub(crate) plugins: Plugins,
+    pub(crate) receive: ReceiveConfig,
     #[cfg(feature = "persistence")]
     pub(crate) persistence: Option<crate::persist::Persistence>,
     /// The relay account sent in `Hello` (key or bearer token).
@@ -227,6 +247,7 @@ impl Default for ClientBuilder {
             sub_capacity: 65_536,
             name: format!("whispeer-rs/{}", env!("CARGO_PKG_VERSION")),
             plugins: Plugins::default(),
+            receive: ReceiveConfig::default(),
             #[cfg(feature = "persistence")]
             persistence: None,
             relay_auth: None,
@@ -251,9 +272,24 @@ impl ClientBuilder {
         self.outbox_bytes = bytes;
         self
     }
-    /// Messages buffered per subscription before new ones are dropped (default 65,536).
+    /// Messages buffered per subscription (default 65,536). At most once: a full buffer
+    /// loses new messages (counted, and the stream yields `ReceiveError::Lagged`). At least
+    /// once: it is the subscription's credit (`Sub.credit`), and nothing beyond it is acked.
     pub fn subscription_capacity(mut self, n: usize) -> Self {
         self.sub_capacity = n.max(1);
+        self
+    }
+    /// How long delivered `(tree, sender, msg_id)`s are remembered across every
+    /// subscription (and, with `Persistence`, restarts); older messages are refused unless a
+    /// subscription asks for `older_history` (default 7 days).
+    pub fn replay_horizon(mut self, d: Duration) -> Self {
+        self.receive.horizon_ms = d.as_millis().try_into().unwrap_or(u64::MAX);
+        self
+    }
+    /// The allowed clock difference with senders (default 5 minutes): live messages dated
+    /// further in the past, and any message dated further in the future, are refused.
+    pub fn clock_skew(mut self, d: Duration) -> Self {
+        self.receive.max_skew_ms = d.as_millis().try_into().unwrap_or(u64::MAX);
         self
     }
 
@@ -289,6 +325,12 @@ impl ClientBuilder {
             Some(p) => Some(crate::persist::Store::open(&p.path)?),
             None => None,
         };
+        let mut core = ClientCore::with_config(keyring.clone(), self.receive);
+        core.set_credit(Some(self.sub_capacity as u64));
+        #[cfg(feature = "persistence")]
+        if let Some(st) = &saved {
+            st.restore(core.guard_mut(), now_ms());
+        }
         #[allow(unused_mut)]
         let mut driver = Driver {
             dialer,
@@ -299,7 +341,7 @@ impl ClientBuilder {
             reconnect: self.reconnect,
             outbox_limit: self.outbox_bytes,
             cmd_rx,
-            core: ClientCore::new(keyring.clone()),
+            core,
             sinks: HashMap::new(),
             acks: HashMap::new(),
             flushes: HashMap::new(),
@@ -311,7 +353,7 @@ impl ClientBuilder {
             plugins: self.plugins.clone(),
             inflight: HashMap::new(),
             next_inflight: 0,
-            pending_acks: Vec::new(),
+            ack_queue: AckQueue::new(),
             #[cfg(feature = "persistence")]
             saved,
         };
@@ -342,10 +384,10 @@ impl ClientBuilder {
 
 /// A stream of typed messages; unsubscribes when dropped.
 pub struct Subscription<T> {
-    rx: mpsc::Receiver<Arc<Received>>,
+    rx: mpsc::Receiver<Item>,
+    /// Messages lost while the buffer was full (reported before the next message).
+    lag: Arc<AtomicU64>,
     id: LocalSubId,
-    /// At least once: acknowledge each message's sequence when the app takes it.
-    acking: bool,
     cmd: mpsc::UnboundedSender<Command>,
     decode: fn(&Received) -> Result<T, ReceiveError>,
     _t: PhantomData<fn() -> T>,
@@ -360,17 +402,37 @@ impl<T> std::fmt::Debug for Subscription<T> {
 }
 
 impl<T> Subscription<T> {
-    /// The next message, or `None` once the client is closed.
+    /// The next message, or `None` once the client is closed. At most once, a
+    /// `ReceiveError::Lagged(n)` says `n` messages were lost here; the stream goes on.
     pub async fn next_message(&mut self) -> Option<Result<Message<T>, ReceiveError>> {
-        let r = self.rx.recv().await?;
-        self.taken(&r);
-        Some(to_message(&r, self.decode))
+        std::future::poll_fn(|cx| self.poll_item(cx)).await
     }
 
-    fn taken(&self, r: &Received) {
-        if self.acking && r.seq > 0 {
-            let _ = self.cmd.send(Command::Ack(r.seq));
+    fn poll_item(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Message<T>, ReceiveError>>> {
+        let polled = self.rx.poll_recv(cx);
+        if polled.is_pending() {
+            // Everything buffered was taken: report losses that came after it.
+            let lost = self.lag.swap(0, Ordering::AcqRel);
+            if lost > 0 {
+                return Poll::Ready(Some(Err(ReceiveError::Lagged(lost))));
+            }
         }
+        polled.map(|o| {
+            o.map(|item| match item {
+                Item::Msg(r, slot) => {
+                    if let Some(slot) = slot {
+                        let _ = self.cmd.send(Command::Ack { slot, sub: self.id });
+                    }
+                    to_message(&r, self.decode)
+                }
+                Item::Lagged(n) => {
+                    Err(ReceiveError::Lagged(n + self.lag.swap(0, Ordering::AcqRel)))
+                }
+            })
+        })
     }
 }
 
@@ -386,6 +448,8 @@ fn to_message<T>(
         seq: r.seq,
         retained: r.retained,
         content_type: r.content_type.clone(),
+        tree_id: r.tree_id,
+        epoch: r.epoch,
         value: decode(r)?,
     })
 }
@@ -393,13 +457,7 @@ fn to_message<T>(
 impl<T> Stream for Subscription<T> {
     type Item = Result<Message<T>, ReceiveError>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let decode = self.decode;
-        self.rx.poll_recv(cx).map(|o| {
-            o.map(|r| {
-                self.taken(&r);
-                to_message(&r, decode)
-            })
-        })
+        self.poll_item(cx)
     }
 }
 
@@ -639,9 +697,9 @@ impl Client {
     ) -> Result<Subscription<T>, SubscribeError> {
         let filter = TopicFilter::new(filter)?;
         self.inner.plugins.on_subscribe(&filter)?;
-        let acking = opts.qos != Qos::AtMostOnce || opts.durable.is_some();
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.inner.sub_capacity);
+        let lag = Arc::new(AtomicU64::new(0));
         let (ready_tx, ready_rx) = oneshot::channel();
         self.inner
             .cmd
@@ -650,13 +708,14 @@ impl Client {
                 filter,
                 opts,
                 tx,
+                lag: lag.clone(),
                 ready: ready_tx,
             })
             .map_err(|_| SubscribeError::Closed)?;
         let sub = Subscription {
             rx,
+            lag,
             id,
-            acking,
             cmd: self.inner.cmd.clone(),
             decode,
             _t: PhantomData,
@@ -826,13 +885,12 @@ async fn open(
 }
 
 struct Sink {
-    tx: mpsc::Sender<Arc<Received>>,
+    tx: mpsc::Sender<Item>,
+    /// At most once: messages lost while `tx` was full.
+    lag: Arc<AtomicU64>,
     ready: Option<(SubReady, HashSet<u64>)>,
     /// At least once or durable: the relay expects `Ack`s for what it delivers.
     acking: bool,
-    /// The durable name, whose dedup window is persisted with `Persistence`.
-    #[cfg_attr(not(feature = "persistence"), allow(dead_code))]
-    durable: Option<String>,
 }
 
 struct Driver {
@@ -857,9 +915,9 @@ struct Driver {
     /// QoS ≥ 1 publishes not yet acknowledged, re-sent in order after a reconnect.
     inflight: HashMap<[u8; 16], (u64, Bytes)>,
     next_inflight: u64,
-    /// Sequences to acknowledge in the next flush.
-    pending_acks: Vec<u64>,
-    /// The client state file (outbox, durable dedup), with `Persistence`.
+    /// One slot per delivered sequence, in order; acks leave for its released prefix.
+    ack_queue: AckQueue,
+    /// The client state file (outbox, dedup window, retained marks), with `Persistence`.
     #[cfg(feature = "persistence")]
     saved: Option<crate::persist::Store>,
 }
@@ -893,24 +951,19 @@ impl Driver {
         }
     }
 
-    /// For durable subscriptions with `Persistence`: whether this message was not already
-    /// delivered under that name before a restart (the in-memory dedup covers the rest).
-    fn first_delivery(&self, _sink: &Sink, _r: &Received) -> bool {
+    /// Writes the receiver state changes (dedup entries, retained marks) to the state file.
+    fn persist_changes(&mut self) {
+        let changes = self.core.take_changes();
         #[cfg(feature = "persistence")]
-        if let (Some(st), Some(name)) = (&self.saved, &_sink.durable) {
-            let mut key = [0u8; 48];
-            if let Some(s) = _r.sender {
-                key[..32].copy_from_slice(&s.to_bytes());
-            }
-            key[32..].copy_from_slice(&_r.msg_id.0);
-            return st.first_delivery(name, &key);
+        if let Some(st) = &self.saved {
+            st.record(&changes, now_ms());
         }
-        true
+        let _ = changes;
     }
 
     fn sync_stats(&self) {
         let mut st = self.stats.lock().expect("stats lock");
-        st.core = self.core.stats().clone();
+        st.core = self.core.stats();
         st.unacked_publishes = self.inflight.len() as u64;
     }
 
@@ -950,7 +1003,7 @@ impl Driver {
                         }
                     }
                     // Unacknowledged deliveries are redelivered by the relay.
-                    self.pending_acks.clear();
+                    self.ack_queue.clear();
                 }
             }
         }
@@ -1038,6 +1091,7 @@ impl Driver {
                 filter,
                 opts,
                 tx,
+                lag,
                 ready,
             } => match self
                 .core
@@ -1045,14 +1099,13 @@ impl Driver {
             {
                 Ok(_) => {
                     // Sent with every other subscription once reconnected.
-                    let acking = opts.qos != Qos::AtMostOnce || opts.durable.is_some();
                     self.sinks.insert(
                         id,
                         Sink {
                             tx,
+                            lag,
                             ready: None,
-                            acking,
-                            durable: opts.durable,
+                            acking: opts.acking(),
                         },
                     );
                     let _ = ready.send(Ok(()));
@@ -1064,10 +1117,11 @@ impl Driver {
             Command::Unsubscribe { id } => {
                 self.core.unsubscribe(id);
                 self.sinks.remove(&id);
+                self.ack_queue.drop_sub(id);
             }
             Command::Resubscribe => {}
             // The relay redelivers what was not acknowledged on the old connection.
-            Command::Ack(_) => {}
+            Command::Ack { .. } => {}
             Command::Flush(tx) => {
                 let _ = tx.send(Err(FlushError::Disconnected));
             }
@@ -1153,8 +1207,9 @@ impl Driver {
                     out.push(Frame::Ping(Ping { nonce: 0 }).to_bytes());
                 }
             }
-            if !self.pending_acks.is_empty() {
-                for chunk in self.pending_acks.chunks(4096) {
+            if self.ack_queue.has_ready() {
+                // The released prefix of the ack queue, in relay-sequence order.
+                for chunk in self.ack_queue.take_ready().chunks(4096) {
                     out.push(
                         Frame::Ack(Ack {
                             seqs: chunk.to_vec(),
@@ -1162,7 +1217,6 @@ impl Driver {
                         .to_bytes(),
                     );
                 }
-                self.pending_acks.clear();
             }
             if !out.is_empty() {
                 if let Err(e) = flush_all(&mut writer, out).await {
@@ -1184,12 +1238,13 @@ impl Driver {
                     self.acks.insert(id, tx);
                 }
             }
-            Command::Ack(seq) => self.pending_acks.push(seq),
+            Command::Ack { slot, sub } => self.ack_queue.taken(slot, sub),
             Command::Subscribe {
                 id,
                 filter,
                 opts,
                 tx,
+                lag,
                 ready,
             } => match self
                 .core
@@ -1198,14 +1253,13 @@ impl Driver {
                 Ok(frames) => {
                     let ids: HashSet<u64> = self.core.relay_ids(id).iter().copied().collect();
                     out.extend(frames.iter().map(Frame::to_bytes));
-                    let acking = opts.qos != Qos::AtMostOnce || opts.durable.is_some();
                     self.sinks.insert(
                         id,
                         Sink {
                             tx,
+                            lag,
                             ready: Some((ready, ids)),
-                            acking,
-                            durable: opts.durable,
+                            acking: opts.acking(),
                         },
                     );
                 }
@@ -1216,6 +1270,7 @@ impl Driver {
             Command::Unsubscribe { id } => {
                 out.extend(self.core.unsubscribe(id).iter().map(Frame::to_bytes));
                 self.sinks.remove(&id);
+                self.ack_queue.drop_sub(id);
             }
             Command::Resubscribe => {
                 // Drop the old relay subscriptions, then subscribe with the current keys.
@@ -1252,42 +1307,109 @@ impl Driver {
         None
     }
 
+    /// One delivered message: the core decides (open, checks, room); every outcome takes
+    /// one slot of the ack queue when the relay expects acks, so acks leave in relay order
+    /// whatever became of the envelope (no key oracle).
+    fn on_msg(&mut self, m: &whispeer_protocol::frame::Msg) {
+        let sinks = &self.sinks;
+        // At most once, a pending lag report goes first, so it needs a slot too.
+        let room = |id: LocalSubId| {
+            sinks.get(&id).is_some_and(|s| {
+                let lag_first = !s.acking && s.lag.load(Ordering::Acquire) > 0;
+                s.tx.capacity() > usize::from(lag_first)
+            })
+        };
+        let routed = if m.seq > 0 {
+            self.core.route_acking(m)
+        } else {
+            Vec::new()
+        };
+        let delivery = self.core.receive_with(m, now_ms(), &room);
+        self.persist_changes();
+        let slotted = !routed.is_empty();
+        let (r, targets, lagged) = match delivery {
+            Delivery::Deliver {
+                msg,
+                targets,
+                lagged,
+            } => (msg, targets, lagged),
+            Delivery::HeldBack => {
+                if slotted {
+                    self.ack_queue.held_back(m.seq, &routed);
+                }
+                self.sync_stats();
+                return;
+            }
+            _ => {
+                if slotted {
+                    self.ack_queue.placeholder(m.seq, &routed);
+                }
+                self.sync_stats();
+                return;
+            }
+        };
+        if !lagged.is_empty() {
+            let mut st = self.stats.lock().expect("stats lock");
+            st.slow_subscriber_drops += lagged.len() as u64;
+            for id in &lagged {
+                if let Some(s) = self.sinks.get(id) {
+                    s.lag.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        }
+        let mut r = r;
+        if !targets.is_empty() && !self.plugins.is_empty() {
+            let rm = Arc::make_mut(&mut r);
+            if self.plugins.on_message(rm) == Verdict::Drop {
+                self.stats.lock().expect("stats lock").plugin_drops += 1;
+                if slotted {
+                    self.ack_queue.placeholder(m.seq, &routed);
+                }
+                self.sync_stats();
+                return;
+            }
+        }
+        self.sync_stats(); // counters are current before the app sees the message
+        let waiting: Vec<LocalSubId> = targets
+            .iter()
+            .copied()
+            .filter(|t| self.sinks.get(t).is_some_and(|s| s.acking))
+            .collect();
+        let slot = if m.seq == 0 {
+            None
+        } else if waiting.is_empty() {
+            if slotted {
+                self.ack_queue.placeholder(m.seq, &routed);
+            }
+            None
+        } else {
+            Some(self.ack_queue.deliver(m.seq, &routed, waiting))
+        };
+        for t in targets {
+            if let Some(s) = self.sinks.get(&t) {
+                if !s.acking {
+                    // Report what was lost before this message, in order.
+                    let lost = s.lag.swap(0, Ordering::AcqRel);
+                    if lost > 0 && s.tx.try_send(Item::Lagged(lost)).is_err() {
+                        s.lag.fetch_add(lost, Ordering::AcqRel);
+                    }
+                }
+                let item = Item::Msg(r.clone(), if s.acking { slot } else { None });
+                if s.tx.try_send(item).is_err() {
+                    // Checked for room just before: only a closed subscription gets here.
+                    if let Some(slot) = slot {
+                        self.ack_queue.drop_sub(t);
+                        let _ = slot;
+                    }
+                }
+            }
+        }
+    }
+
     /// Handles a frame from the relay; returns a reason when the connection must be dropped.
     fn on_frame(&mut self, f: Frame, out: &mut Vec<Bytes>) -> Option<String> {
         match f {
-            Frame::Msg(m) => {
-                let mut opened = self.core.receive(&m, now_ms());
-                if let Some((r, _)) = &mut opened {
-                    if !self.plugins.is_empty() {
-                        let r = Arc::make_mut(r);
-                        if self.plugins.on_message(r) == Verdict::Drop {
-                            self.stats.lock().expect("stats lock").plugin_drops += 1;
-                            opened = None;
-                        }
-                    }
-                }
-                self.sync_stats(); // counters are current before the app sees the message
-                let mut handed_to_acking = false;
-                if let Some((r, targets)) = opened {
-                    for t in targets {
-                        if let Some(s) = self.sinks.get(&t) {
-                            if !self.first_delivery(s, &r) {
-                                self.stats.lock().expect("stats lock").core.duplicates += 1;
-                            } else if s.tx.try_send(r.clone()).is_err() {
-                                self.stats.lock().expect("stats lock").slow_subscriber_drops += 1;
-                            } else if s.acking {
-                                handed_to_acking = true; // acked when the app takes it
-                            }
-                        }
-                    }
-                }
-                // Stored messages no at-least-once subscription will see (not opened,
-                // duplicate, dropped by a plugin) are acknowledged at once, revealing
-                // nothing about why; otherwise the relay would redeliver them forever.
-                if m.seq > 0 && !handed_to_acking && self.sinks.values().any(|s| s.acking) {
-                    self.pending_acks.push(m.seq);
-                }
-            }
+            Frame::Msg(m) => self.on_msg(&m),
             Frame::SubOk(ok) => {
                 if let Some(local) = self.core.local_for(ok.sub_id) {
                     if let Some(sink) = self.sinks.get_mut(&local) {
@@ -1314,7 +1436,17 @@ impl Driver {
                 }
             }
             Frame::Ping(p) => out.push(Frame::Pong(Pong { nonce: p.nonce }).to_bytes()),
-            Frame::Gap(g) => self.core.on_gap(g.dropped),
+            Frame::ReplayDone(d) => self.core.replay_done(d.sub_id),
+            Frame::Gap(g) => {
+                // The relay dropped messages for this connection (at most once): every
+                // at-most-once subscription learns it, in order with its messages.
+                self.core.on_gap(g.dropped);
+                for s in self.sinks.values().filter(|s| !s.acking) {
+                    if s.tx.try_send(Item::Lagged(g.dropped)).is_err() {
+                        s.lag.fetch_add(g.dropped, Ordering::AcqRel);
+                    }
+                }
+            }
             Frame::Err(e) => {
                 tracing::warn!(code = e.code.name(), message = %e.message, fatal = e.fatal, "relay error");
                 if let Some(pid) = e.publish_id {

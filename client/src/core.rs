@@ -4,9 +4,15 @@
 //!
 //! It holds the subscriptions and their filters, compiles filters to token patterns for
 //! every accepted epoch, opens delivered envelopes once and hands them to every local
-//! subscription whose filter matches, drops duplicates, and counts rejections.
+//! subscription whose filter matches, runs the receiver checks of PROTOCOL §4.11
+//! ([`receive`]: dedup across subscriptions within a time horizon, clock skew, retained
+//! values that never move backwards, publisher policies) and counts refusals by reason.
+//! [`acks`] is the ack queue that keeps acks in relay-sequence order whatever the outcome.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+pub mod acks;
+pub mod receive;
+
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -46,6 +52,10 @@ pub struct Received {
     pub payload: Bytes,
     /// Whether the relay delivered it as a retained value.
     pub retained: bool,
+    /// The tree whose key opened it.
+    pub tree_id: TreeId,
+    /// The key epoch it was sealed under.
+    pub epoch: u64,
 }
 
 /// Counters a client keeps (and exposes as metrics).
@@ -59,6 +69,12 @@ pub struct CoreStats {
     pub duplicates: u64,
     /// Messages the relay reported dropped for this connection (slow consumer).
     pub relay_gaps: u64,
+    /// Opened messages refused by the receiver checks, by reason (duplicates are counted
+    /// in `duplicates`).
+    pub refused: receive::RefusedStats,
+    /// At-least-once messages left unacknowledged because a subscription had no room (the
+    /// relay delivers them again).
+    pub held_back: u64,
 }
 
 #[derive(Debug)]
@@ -68,6 +84,15 @@ struct LocalSub {
     relay_ids: Vec<u64>,
     /// The highest relay sequence delivered to this subscription (0: none yet).
     last_seq: u64,
+    /// With an explicit `replay`: the messages this subscription received. History it
+    /// asked for may hold messages another subscription already delivered; those (flagged
+    /// replayed, and only once per subscription) are still its to see.
+    got: Option<std::collections::HashSet<receive::DedupKey>>,
+    /// Relay ids whose history (`ReplayDone`) has not ended yet; once none is left, `got`
+    /// is dropped (live messages need no exception, and it would grow without bound).
+    replaying: Vec<u64>,
+    /// The compiled token patterns of its relay subscriptions.
+    patterns: Vec<whispeer_protocol::TokenPattern>,
 }
 
 /// How a subscription starts and what it asks of the relay.
@@ -83,6 +108,9 @@ pub struct SubscribeOptions {
     pub durable: Option<String>,
     /// Deliver the retained value of each matching topic first (default true).
     pub retained: bool,
+    /// Accept history dated before the client's dedup horizon (default false: such
+    /// messages are refused, since they could no longer be recognised as replays).
+    pub older_history: bool,
 }
 
 impl Default for SubscribeOptions {
@@ -92,6 +120,7 @@ impl Default for SubscribeOptions {
             replay: None,
             durable: None,
             retained: true,
+            older_history: false,
         }
     }
 }
@@ -121,43 +150,38 @@ impl SubscribeOptions {
         self.retained = yes;
         self
     }
+    /// Also accept messages dated before the client's dedup horizon (explicitly old
+    /// history; they are deduped only while remembered).
+    pub fn older_history(mut self, yes: bool) -> Self {
+        self.older_history = yes;
+        self
+    }
+    /// Whether the relay expects acks for this subscription (at least once, or durable).
+    pub fn acking(&self) -> bool {
+        self.qos != Qos::AtMostOnce || self.durable.is_some()
+    }
 }
 
-/// What identifies one delivery: the local subscription and the sealed `(tree, sender,
-/// msg_id)` (CRYPTO.md receiver check 6). Per subscription, so a new subscription that asks
-/// for history gets messages an older one already saw, while each subscription still sees
-/// every message once across reconnects, replays, redeliveries and publisher re-sends.
-type DedupKey = (LocalSubId, TreeId, [u8; 32], [u8; 16]);
-
-/// Bounded set of recently delivered [`DedupKey`]s (oldest forgotten first).
-#[derive(Debug)]
-struct Dedup {
-    seen: HashSet<DedupKey>,
-    order: VecDeque<DedupKey>,
-    cap: usize,
-}
-
-impl Dedup {
-    fn new(cap: usize) -> Self {
-        Dedup {
-            seen: HashSet::new(),
-            order: VecDeque::new(),
-            cap,
-        }
-    }
-    /// True if new (and remembers it).
-    fn insert(&mut self, key: DedupKey) -> bool {
-        if !self.seen.insert(key) {
-            return false;
-        }
-        self.order.push_back(key);
-        if self.order.len() > self.cap {
-            if let Some(old) = self.order.pop_front() {
-                self.seen.remove(&old);
-            }
-        }
-        true
-    }
+/// What became of one delivered `Msg`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Delivery {
+    /// Opened and accepted: hand `msg` to `targets`. `lagged` are at-most-once
+    /// subscriptions that matched but had no room (a counted drop, shown as a lag event).
+    Deliver {
+        /// The message.
+        msg: Arc<Received>,
+        /// Subscriptions to hand it to (each had room).
+        targets: Vec<LocalSubId>,
+        /// At-most-once subscriptions that had no room.
+        lagged: Vec<LocalSubId>,
+    },
+    /// Not for the app (did not open, refused, duplicate, no matching subscription): a
+    /// placeholder in the ack queue.
+    Placeholder,
+    /// An at-least-once subscription had no room: nothing delivered or remembered, left
+    /// unacknowledged for the relay to deliver again.
+    HeldBack,
 }
 
 /// Per-topic sealing options with a default.
@@ -246,27 +270,68 @@ pub fn pub_frame(
 pub struct ClientCore {
     keyring: Arc<RwLock<Keyring>>,
     opener: Opener,
-    subs: HashMap<LocalSubId, LocalSub>,
+    subs: BTreeMap<LocalSubId, LocalSub>,
     relay_to_local: HashMap<u64, LocalSubId>,
     next_relay_id: u64,
-    dedup: Dedup,
+    guard: receive::Guard,
     stats: CoreStats,
     last_seq: u64,
+    /// `Sub.credit` of at-least-once subscriptions (their buffer capacity).
+    credit: Option<u64>,
 }
 
 impl ClientCore {
     /// A core over a shared keyring.
     pub fn new(keyring: Arc<RwLock<Keyring>>) -> Self {
+        Self::with_config(keyring, receive::ReceiveConfig::default())
+    }
+
+    /// A core with these receiver limits and policies.
+    pub fn with_config(keyring: Arc<RwLock<Keyring>>, cfg: receive::ReceiveConfig) -> Self {
         ClientCore {
             keyring,
             opener: Opener::new(),
-            subs: HashMap::new(),
+            subs: BTreeMap::new(),
             relay_to_local: HashMap::new(),
             next_relay_id: 1,
-            dedup: Dedup::new(200_000),
+            guard: receive::Guard::new(cfg),
             stats: CoreStats::default(),
             last_seq: 0,
+            credit: None,
         }
+    }
+
+    /// Asks the relay for flow control on at-least-once subscriptions: at most `credit`
+    /// unacknowledged messages in flight (the subscription's buffer capacity).
+    pub fn set_credit(&mut self, credit: Option<u64>) {
+        self.credit = credit;
+    }
+
+    /// The receiver state (dedup window, retained high-water marks), e.g. to restore it.
+    pub fn guard_mut(&mut self) -> &mut receive::Guard {
+        &mut self.guard
+    }
+
+    /// Whether local subscription `id` expects acks.
+    pub fn is_acking(&self, id: LocalSubId) -> bool {
+        self.subs.get(&id).is_some_and(|s| s.opts.acking())
+    }
+
+    /// The at-least-once subscriptions the relay routed `msg` to, found by matching its
+    /// routing tokens (what the relay sees) against their compiled patterns: known even for
+    /// an envelope that does not open.
+    pub fn route_acking(&self, msg: &Msg) -> Vec<LocalSubId> {
+        let path = msg.envelope.token_path();
+        self.subs
+            .iter()
+            .filter(|(_, s)| s.opts.acking() && s.patterns.iter().any(|p| p.matches(&path)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Whether any subscription expects acks.
+    pub fn any_acking(&self) -> bool {
+        self.subs.values().any(|s| s.opts.acking())
     }
 
     /// The first frame of every connection.
@@ -277,7 +342,8 @@ impl ClientCore {
                 | frame::features::EXACTLY_ONCE
                 | frame::features::RETAIN
                 | frame::features::REPLAY
-                | frame::features::DURABLE,
+                | frame::features::DURABLE
+                | frame::features::FLOW_CONTROL,
             client: Some(client.to_owned()),
             auth: None,
             account: None,
@@ -285,8 +351,10 @@ impl ClientCore {
     }
 
     /// Counters.
-    pub fn stats(&self) -> &CoreStats {
-        &self.stats
+    pub fn stats(&self) -> CoreStats {
+        let mut s = self.stats.clone();
+        s.refused = self.guard.stats().clone();
+        s
     }
 
     /// The relay reported dropped messages.
@@ -309,11 +377,14 @@ impl ClientCore {
         };
         let resuming = sub.last_seq > 0 && sub.opts.durable.is_none();
         let replay = if resuming {
-            Some(frame::Replay::FromSeq(sub.last_seq + 1))
+            // Checked: a relay that sent seq u64::MAX gets asked for it again (dedup drops
+            // it), never for everything from 0.
+            Some(frame::Replay::FromSeq(sub.last_seq.saturating_add(1)))
         } else {
             sub.opts.replay
         };
         let retained = sub.opts.retained && !resuming;
+        sub.replaying.clear();
         for old in sub.relay_ids.drain(..) {
             self.relay_to_local.remove(&old);
         }
@@ -323,10 +394,15 @@ impl ClientCore {
             .expect("keyring lock")
             .compile(&sub.filter, now_ms);
         let mut frames = Vec::with_capacity(patterns.len());
+        let credit = if sub.opts.acking() { self.credit } else { None };
+        sub.patterns = patterns.clone();
         for pattern in patterns {
             let rid = self.next_relay_id;
             self.next_relay_id += 1;
             sub.relay_ids.push(rid);
+            if sub.got.is_some() {
+                sub.replaying.push(rid);
+            }
             self.relay_to_local.insert(rid, id);
             frames.push(Frame::Sub(Sub {
                 sub_id: rid,
@@ -335,7 +411,7 @@ impl ClientCore {
                 durable: sub.opts.durable.clone(),
                 replay,
                 retained,
-                credit: None,
+                credit,
                 owner: None,
             }));
         }
@@ -362,6 +438,7 @@ impl ClientCore {
         opts: SubscribeOptions,
         now_ms: u64,
     ) -> Result<Vec<Frame>, SubscribeError> {
+        let got = opts.replay.is_some().then(Default::default);
         self.subs.insert(
             id,
             LocalSub {
@@ -369,6 +446,9 @@ impl ClientCore {
                 opts,
                 relay_ids: Vec::new(),
                 last_seq: 0,
+                got,
+                replaying: Vec::new(),
+                patterns: Vec::new(),
             },
         );
         let frames = self.sub_frames(id, now_ms);
@@ -379,6 +459,19 @@ impl ClientCore {
             });
         }
         Ok(frames)
+    }
+
+    /// The relay ended the history of relay subscription `relay_id` (`ReplayDone`).
+    pub fn replay_done(&mut self, relay_id: u64) {
+        let Some(local) = self.relay_to_local.get(&relay_id).copied() else {
+            return;
+        };
+        if let Some(sub) = self.subs.get_mut(&local) {
+            sub.replaying.retain(|r| *r != relay_id);
+            if sub.replaying.is_empty() {
+                sub.got = None;
+            }
+        }
     }
 
     /// The relay subscription ids of a local subscription.
@@ -418,12 +511,27 @@ impl ClientCore {
     }
 
     /// Opens a delivered message once and returns it with every local subscription whose
-    /// filter matches its topic. A message that does not open, or is a duplicate, yields
-    /// nothing (and is counted): the client reveals nothing about it to the relay.
+    /// filter matches its topic. A message that does not open, is refused or is a duplicate
+    /// yields nothing (and is counted). Every subscription is assumed to have room.
     pub fn receive(&mut self, msg: &Msg, now_ms: u64) -> Option<(Arc<Received>, Vec<LocalSubId>)> {
-        if msg.seq > self.last_seq {
-            self.last_seq = msg.seq;
+        match self.receive_with(msg, now_ms, &|_| true) {
+            Delivery::Deliver { msg, targets, .. } => Some((msg, targets)),
+            _ => None,
         }
+    }
+
+    /// Opens a delivered message once, runs the receiver checks and decides its fate.
+    /// `room(sub)` says whether a subscription can take one more message now: an
+    /// at-least-once one without room holds the whole message back (unacknowledged, not
+    /// remembered, so the relay's redelivery is accepted); an at-most-once one without
+    /// room loses it (reported in `lagged`).
+    pub fn receive_with(
+        &mut self,
+        msg: &Msg,
+        now_ms: u64,
+        room: &dyn Fn(LocalSubId) -> bool,
+    ) -> Delivery {
+        self.guard.expire(now_ms);
         let opened = {
             let kr = self.keyring.read().expect("keyring lock");
             self.opener.open(&kr, &msg.envelope, now_ms)
@@ -432,30 +540,103 @@ impl ClientCore {
             Ok(o) => o,
             Err(_) => {
                 self.stats.rejected += 1;
-                return None;
+                self.advance(msg.seq, &[]);
+                return Delivery::Placeholder;
             }
         };
-        let sender = o.sender.map(|s| s.to_bytes()).unwrap_or([0; 32]);
-        let mut matched = false;
-        let mut targets: Vec<LocalSubId> = Vec::new();
-        for (id, s) in self.subs.iter_mut() {
-            if !s.filter.matches(&o.topic) {
-                continue;
+        let matched: Vec<LocalSubId> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.filter.matches(&o.topic))
+            .map(|(id, _)| *id)
+            .collect();
+        if matched.is_empty() {
+            self.advance(msg.seq, &[]);
+            return Delivery::Placeholder;
+        }
+        let allow_old = matched.iter().any(|id| self.subs[id].opts.older_history);
+        let cand = receive::Candidate {
+            tree: o.tree_id,
+            topic: &o.topic,
+            sender: o.sender,
+            msg_id: o.msg_id.0,
+            ts_ms: o.ts_ms,
+            flags: msg.flags,
+            allow_old,
+        };
+        let key = receive::dedup_key(&cand);
+        let (accepted, mut eligible) = match self.guard.check(&cand, now_ms) {
+            Ok(a) => (Some(a), matched.clone()),
+            Err(receive::Refusal::Duplicate) => {
+                // Already delivered: only history a subscription asked for (replayed, and
+                // not yet seen by that subscription) may still go to it.
+                let replayed = msg.flags & frame::msg_flags::REPLAYED != 0;
+                let asked: Vec<LocalSubId> = matched
+                    .iter()
+                    .copied()
+                    .filter(|id| {
+                        replayed
+                            && self.subs[id]
+                                .got
+                                .as_ref()
+                                .is_some_and(|g| !g.contains(&key))
+                    })
+                    .collect();
+                if asked.is_empty() {
+                    self.stats.duplicates += 1;
+                    self.advance(msg.seq, &matched);
+                    return Delivery::Placeholder;
+                }
+                (None, asked)
             }
-            matched = true;
-            s.last_seq = s.last_seq.max(msg.seq);
-            if self.dedup.insert((*id, o.tree_id, sender, o.msg_id.0)) {
-                targets.push(*id);
+            Err(_) => {
+                self.advance(msg.seq, &matched);
+                return Delivery::Placeholder;
+            }
+        };
+        let horizon = self.guard.config().horizon_ms;
+        if o.ts_ms < now_ms.saturating_sub(horizon) {
+            eligible.retain(|id| self.subs[id].opts.older_history);
+        }
+        if eligible
+            .iter()
+            .any(|id| self.subs[id].opts.acking() && !room(*id))
+        {
+            self.stats.held_back += 1;
+            return Delivery::HeldBack;
+        }
+        let (targets, lagged): (Vec<LocalSubId>, Vec<LocalSubId>) =
+            eligible.into_iter().partition(|id| room(*id));
+        if let Some(a) = accepted {
+            self.guard.commit(a);
+        }
+        for id in &targets {
+            if let Some(g) = self.subs.get_mut(id).and_then(|s| s.got.as_mut()) {
+                g.insert(key);
             }
         }
+        self.advance(msg.seq, &matched);
         if targets.is_empty() {
-            if matched {
-                self.stats.duplicates += 1;
-            }
-            return None;
+            return if lagged.is_empty() {
+                Delivery::Placeholder
+            } else {
+                Delivery::Deliver {
+                    msg: Arc::new(self.received(o, msg)),
+                    targets,
+                    lagged,
+                }
+            };
         }
         self.stats.delivered += 1;
-        let r = Received {
+        Delivery::Deliver {
+            msg: Arc::new(self.received(o, msg)),
+            targets,
+            lagged,
+        }
+    }
+
+    fn received(&self, o: whispeer_protocol::Opened, msg: &Msg) -> Received {
+        Received {
             topic: o.topic,
             sender: o.sender,
             msg_id: o.msg_id,
@@ -464,8 +645,24 @@ impl ClientCore {
             content_type: o.content_type,
             payload: Bytes::from(o.payload),
             retained: msg.flags & frame::msg_flags::RETAINED != 0,
-        };
-        Some((Arc::new(r), targets))
+            tree_id: o.tree_id,
+            epoch: o.epoch,
+        }
+    }
+
+    /// Moves the resume points past a handled (delivered or placeholder) sequence.
+    fn advance(&mut self, seq: u64, subs: &[LocalSubId]) {
+        self.last_seq = self.last_seq.max(seq);
+        for id in subs {
+            if let Some(s) = self.subs.get_mut(id) {
+                s.last_seq = s.last_seq.max(seq);
+            }
+        }
+    }
+
+    /// Changes to the receiver state to persist (dedup entries, retained high-water marks).
+    pub fn take_changes(&mut self) -> Vec<receive::Change> {
+        self.guard.take_changes()
     }
 }
 

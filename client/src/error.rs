@@ -116,6 +116,10 @@ pub enum ReceiveError {
     /// The CBOR payload does not fit the subscriber's type.
     #[error("cannot decode message on {topic} as the subscribed type: {reason}")]
     Decode { topic: String, reason: String },
+    /// At most once: this many messages were lost before the next one (the subscription's
+    /// buffer was full, or the relay dropped them for a slow consumer). The stream goes on.
+    #[error("subscription fell behind: {0} messages lost")]
+    Lagged(u64),
 }
 
 /// Why a flush or close did not complete.

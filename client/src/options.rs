@@ -15,7 +15,9 @@
 
 use std::time::Duration;
 
-use whispeer_protocol::{Identity, Keyring, Padding as PadMode, SealOptions, TopicFilter};
+use whispeer_protocol::{
+    Identity, Keyring, Padding as PadMode, SealOptions, SenderId, TopicFilter,
+};
 
 use crate::client::ClientBuilder;
 
@@ -145,6 +147,7 @@ pub struct TopicOptions {
     opts: Option<SealOptions>,
     compression: Option<whispeer_protocol::Compression>,
     padding: Option<PadMode>,
+    senders: Option<crate::core::receive::SenderPolicy>,
 }
 impl TopicOptions {
     /// Rules for topics matching `filter` (panics on an invalid filter literal; use
@@ -159,6 +162,7 @@ impl TopicOptions {
             opts: None,
             compression: None,
             padding: None,
+            senders: None,
         })
     }
     /// Compression for these topics.
@@ -176,9 +180,32 @@ impl TopicOptions {
         self.opts = Some(o);
         self
     }
+    /// Refuse unsigned messages on these topics (counted in
+    /// `stats().core.refused.unsigned`, never shown to the app).
+    pub fn require_signed(mut self) -> Self {
+        self.senders = Some(self.senders.take().unwrap_or_default().require_signed());
+        self
+    }
+    /// Accept messages on these topics only from these senders (signed by one of them;
+    /// others are counted in `stats().core.refused`, never shown to the app).
+    pub fn allow_senders(mut self, senders: impl IntoIterator<Item = SenderId>) -> Self {
+        self.senders = Some(
+            self.senders
+                .take()
+                .unwrap_or_default()
+                .allow_senders(senders),
+        );
+        self
+    }
 }
 impl Engine for TopicOptions {
     fn apply(self, b: &mut ClientBuilder) {
+        if let Some(p) = self.senders {
+            b.receive.policies.push((self.filter.clone(), p));
+        }
+        if self.opts.is_none() && self.compression.is_none() && self.padding.is_none() {
+            return; // receive rules only: no sealing rule shadows later ones
+        }
         let mut o = self.opts.unwrap_or(b.policy.default);
         if let Some(c) = self.compression {
             o.compression = c;

@@ -5,17 +5,23 @@
 //! - the **outbox**: every QoS ≥ 1 publish (the sealed `Pub` frame, publish id included)
 //!   until the relay's `PubAck`; a restarted client re-sends them first, with the same
 //!   publish ids, so the relay's dedup window recognises exactly-once re-sends;
-//! - the **dedup window** of durable subscriptions: which `(tree, sender, msg_id)` each
-//!   durable name already delivered, so a message redelivered after a crash (the relay's
-//!   durable floor is at least once) is not delivered to the app twice.
+//! - the **dedup window** of the receiver checks (PROTOCOL §4.11): every `(tree, sender,
+//!   msg_id)` delivered to any subscription, until it expires by time (the client's replay
+//!   horizon), so a message replayed or redelivered after a restart is not delivered again;
+//! - the **retained high-water mark** of each topic (keyed by `BLAKE3(tree id ‖ topic)`),
+//!   so a retained value can never be rolled back across a restart.
 //!
 //! Durable *positions* live on the relay (the durable floor, persisted there); the client
-//! resumes them by name. Only ciphertext frames and ids are written, never plaintext.
+//! resumes them by name. Only ciphertext frames, ids and hashes are written, never
+//! plaintext or topic names.
 
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
+use whispeer_protocol::TreeId;
+
+use crate::core::receive::{Change, Guard};
 use thiserror::Error;
 
 use crate::options::Engine;
@@ -23,7 +29,15 @@ use crate::ClientBuilder;
 
 /// `application_id` of a whispeer client state file ("wspc").
 const APPLICATION_ID: i64 = 0x7773_7063;
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Tables added in schema version 2 (created on a version-1 file too).
+const V2_TABLES: &str = "CREATE TABLE IF NOT EXISTS seen (tree BLOB NOT NULL, sender BLOB NOT NULL,
+                             msg_id BLOB NOT NULL, expires INTEGER NOT NULL,
+                             PRIMARY KEY (tree, sender, msg_id));
+    CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires);
+    CREATE TABLE IF NOT EXISTS retained (key BLOB PRIMARY KEY, ts INTEGER NOT NULL,
+                                         msg_id BLOB NOT NULL);";
 
 /// Why the client state file could not be used.
 #[derive(Debug, Error)]
@@ -72,8 +86,8 @@ impl Engine for Persistence {
 pub(crate) struct Store {
     db: Connection,
     path: PathBuf,
-    /// Entries kept per durable name in the dedup window.
-    dedup_cap: i64,
+    /// Dedup entries written since expired ones were last deleted.
+    since_prune: std::cell::Cell<u64>,
 }
 
 impl Store {
@@ -104,7 +118,13 @@ impl Store {
                  CREATE TABLE outbox (pid BLOB PRIMARY KEY, ord INTEGER NOT NULL, frame BLOB NOT NULL);
                  CREATE TABLE dedup (name TEXT NOT NULL, key BLOB NOT NULL, ord INTEGER NOT NULL,
                                      PRIMARY KEY (name, key));
-                 CREATE INDEX dedup_ord ON dedup (name, ord);"
+                 CREATE INDEX dedup_ord ON dedup (name, ord);
+                 {V2_TABLES}"
+            ))
+            .map_err(err)?;
+        } else if app == APPLICATION_ID && version == 1 {
+            db.execute_batch(&format!(
+                "BEGIN; {V2_TABLES} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))
             .map_err(err)?;
         } else if app != APPLICATION_ID {
@@ -119,7 +139,7 @@ impl Store {
         Ok(Store {
             db,
             path: path.to_owned(),
-            dedup_cap: 100_000,
+            since_prune: std::cell::Cell::new(0),
         })
     }
 
@@ -172,41 +192,92 @@ impl Store {
         }
     }
 
-    /// True if `key` is new for the durable subscription `name` (and remembers it).
-    pub(crate) fn first_delivery(&self, name: &str, key: &[u8]) -> bool {
-        let run = || -> rusqlite::Result<bool> {
-            let seen: Option<i64> = self
+    /// Loads the dedup window and the retained high-water marks into the receiver state.
+    pub(crate) fn restore(&self, guard: &mut Guard, now_ms: u64) {
+        let mut load = || -> rusqlite::Result<()> {
+            let mut st = self
                 .db
-                .query_row(
-                    "SELECT 1 FROM dedup WHERE name = ?1 AND key = ?2",
-                    params![name, key],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if seen.is_some() {
-                return Ok(false);
+                .prepare("SELECT tree, sender, msg_id, expires FROM seen WHERE expires > ?1")?;
+            let rows = st.query_map(params![now_ms as i64], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            for row in rows {
+                let (tree, sender, id, expires) = row?;
+                if let (Ok(t), Ok(s), Ok(i)) = (
+                    <[u8; 16]>::try_from(tree.as_slice()),
+                    <[u8; 32]>::try_from(sender.as_slice()),
+                    <[u8; 16]>::try_from(id.as_slice()),
+                ) {
+                    guard.restore_seen((TreeId(t), s, i), expires as u64, now_ms);
+                }
             }
-            let ord: i64 = self.db.query_row(
-                "SELECT coalesce(max(ord), 0) + 1 FROM dedup WHERE name = ?1",
-                params![name],
-                |r| r.get(0),
-            )?;
-            self.db.execute(
-                "INSERT INTO dedup (name, key, ord) VALUES (?1, ?2, ?3)",
-                params![name, key, ord],
-            )?;
-            if ord % 1024 == 0 {
-                self.db.execute(
-                    "DELETE FROM dedup WHERE name = ?1 AND ord <= ?2",
-                    params![name, ord - self.dedup_cap],
+            let mut st = self.db.prepare("SELECT key, ts, msg_id FROM retained")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })?;
+            for row in rows {
+                let (key, ts, id) = row?;
+                if let (Ok(k), Ok(i)) = (
+                    <[u8; 32]>::try_from(key.as_slice()),
+                    <[u8; 16]>::try_from(id.as_slice()),
+                ) {
+                    guard.restore_retained(k, ts as u64, i);
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = load() {
+            self.warn("reading the dedup window", e);
+        }
+    }
+
+    /// Writes receiver state changes in one transaction; now and then deletes expired
+    /// dedup entries.
+    pub(crate) fn record(&self, changes: &[Change], now_ms: u64) {
+        if changes.is_empty() {
+            return;
+        }
+        let run = || -> rusqlite::Result<()> {
+            let tx = self.db.unchecked_transaction()?;
+            for c in changes {
+                match c {
+                    Change::Seen { key, expires_ms } => {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO seen (tree, sender, msg_id, expires)
+                             VALUES (?1, ?2, ?3, ?4)",
+                            params![&key.0 .0[..], &key.1[..], &key.2[..], *expires_ms as i64],
+                        )?;
+                        self.since_prune.set(self.since_prune.get() + 1);
+                    }
+                    Change::Retained { key, ts_ms, msg_id } => {
+                        tx.execute(
+                            "INSERT OR REPLACE INTO retained (key, ts, msg_id) VALUES (?1, ?2, ?3)",
+                            params![&key[..], *ts_ms as i64, &msg_id[..]],
+                        )?;
+                    }
+                }
+            }
+            if self.since_prune.get() >= 1024 {
+                self.since_prune.set(0);
+                tx.execute(
+                    "DELETE FROM seen WHERE expires <= ?1",
+                    params![now_ms as i64],
                 )?;
             }
-            Ok(true)
+            tx.commit()
         };
-        run().unwrap_or_else(|e| {
-            self.warn("the dedup window", e);
-            true // deliver: at least once beats losing a message
-        })
+        if let Err(e) = run() {
+            self.warn("writing the dedup window", e);
+        }
     }
 }
 
@@ -223,9 +294,19 @@ mod tests {
             s.keep(&[1; 16], 1, b"frame-1");
             s.keep(&[2; 16], 2, b"frame-2");
             s.acked(&[1; 16]);
-            assert!(s.first_delivery("billing", b"k1"));
-            assert!(!s.first_delivery("billing", b"k1"));
-            assert!(s.first_delivery("other", b"k1"), "per durable name");
+            s.record(
+                &[
+                    Change::Seen {
+                        key: (TreeId([1; 16]), [2; 32], [3; 16]),
+                        expires_ms: 1_000,
+                    },
+                    Change::Seen {
+                        key: (TreeId([1; 16]), [2; 32], [4; 16]),
+                        expires_ms: 10,
+                    },
+                ],
+                5,
+            );
         }
         let s = Store::open(&p).unwrap();
         let out = s.outbox();
@@ -234,7 +315,9 @@ mod tests {
             (out[0].0, out[0].1, &out[0].2[..]),
             ([2; 16], 2, &b"frame-2"[..])
         );
-        assert!(!s.first_delivery("billing", b"k1"));
+        let mut g = Guard::new(Default::default());
+        s.restore(&mut g, 100);
+        assert_eq!(g.seen_len(), 1, "the expired entry is not restored");
 
         let foreign = dir.path().join("foreign.db");
         let db = Connection::open(&foreign).unwrap();

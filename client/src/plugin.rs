@@ -343,6 +343,8 @@ mod tests {
             content_type: "text/plain".into(),
             payload: bytes::Bytes::from_static(b"cba"),
             retained: false,
+            tree_id: whispeer_protocol::TreeId([0; 16]),
+            epoch: 0,
         };
         assert_eq!(ps.on_message(&mut r), Verdict::Deliver);
         assert_eq!(&r.payload[..], b"abc");

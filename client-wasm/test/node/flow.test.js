@@ -1,0 +1,109 @@
+// At-most-once loss is never silent, and publish respects the socket's send buffer
+// (issue 9, npm half), against the real relay binary.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { startRelay } from '../shared/relay.js';
+import { Client, Identity, TreeKey } from '../../js/index.node.js';
+
+let relay;
+const clients = [];
+before(async () => {
+  relay = await startRelay();
+});
+after(async () => {
+  await Promise.all(clients.map((c) => c.close()));
+  await relay?.stop();
+});
+
+async function connect(url, opts) {
+  const c = await Client.connect(url, { identity: Identity.generate(), ...opts });
+  clients.push(c);
+  return c;
+}
+
+/** Resolves once `cond()` holds, polling (bounded by each test's timeout). */
+function until(cond, tick = (fn) => setTimeout(fn, 5)) {
+  return new Promise((resolve) => {
+    const check = () => (cond() ? resolve() : tick(check));
+    check();
+  });
+}
+
+test('a subscriber that falls behind gets a lag event and a counter, never silent loss', { timeout: 60_000 }, async () => {
+  const tree = TreeKey.generate('lag');
+  const sub = await connect(relay.url, { keys: tree, subscriptionCapacity: 4 });
+  const pub = await connect(relay.url, { keys: tree });
+  const perSub = [];
+  const clientWide = [];
+  sub.on('lag', (e) => clientWide.push(e.lost));
+  const it = await sub.subscribe('q', { onLag: (n) => perSub.push(n) });
+  for (let i = 0; i < 40; i++) await pub.publish('q', i);
+  await pub.flush();
+  await until(() => it.lost === 36);
+  assert.equal(perSub.reduce((a, b) => a + b, 0), 36);
+  assert.equal(clientWide.reduce((a, b) => a + b, 0), 36);
+  for (let i = 0; i < 4; i++) assert.equal((await it.next()).value.value, i);
+  await pub.publish('q', 40);
+  assert.equal((await it.next()).value.value, 40, 'the subscription goes on');
+});
+
+test('publish waits while the socket send buffer is over the high-water mark, in order', { timeout: 120_000 }, async () => {
+  // A proxy whose client-to-relay direction can be paused: the client's socket then fills.
+  let paused = false;
+  const held = [];
+  const proxy = net.createServer((c) => {
+    const up = net.connect(relay.port, '127.0.0.1');
+    c.on('data', (d) => {
+      if (!up.write(d)) c.pause();
+    });
+    up.on('drain', () => !paused && c.resume());
+    up.pipe(c);
+    c.on('error', () => up.destroy());
+    up.on('error', () => c.destroy());
+    held.push(c);
+  });
+  await new Promise((r) => proxy.listen(0, '127.0.0.1', r));
+  const url = `ws://127.0.0.1:${proxy.address().port}`;
+  const tree = TreeKey.generate('hwm');
+  const hwm = 64 * 1024;
+  const p = await connect(url, { keys: tree, sendHighWaterMark: hwm, compression: 'none', padding: false });
+  const s = await connect(relay.url, { keys: tree });
+  const got = [];
+  await s.subscribe('big', (m) => got.push(m.value[0] | (m.value[1] << 8)));
+  await p.flush();
+
+  paused = true;
+  for (const c of held) c.pause();
+  const payload = (i) => {
+    const b = new Uint8Array(64 * 1024);
+    b[0] = i & 255;
+    b[1] = i >> 8;
+    return b;
+  };
+  const N = 300; // well past what the kernel buffers take
+  let done = 0;
+  let maxBuffered = 0;
+  const all = [];
+  for (let i = 0; i < N; i++)
+    all.push(
+      p.publish('big', payload(i)).then(() => {
+        done++;
+        maxBuffered = Math.max(maxBuffered, p.bufferedAmount);
+      }),
+    );
+  // The kernel takes what it can; then the socket buffers and publishes wait.
+  await until(() => p.bufferedAmount > hwm);
+  await new Promise((r) => setImmediate(r)); // every publish that can settle has settled
+  const settledWhilePaused = done;
+  assert.ok(settledWhilePaused < N, `publishes waited (${settledWhilePaused} of ${N} handed over)`);
+  assert.ok(maxBuffered <= hwm + 2 * 66 * 1024, `buffer stayed near the mark: ${maxBuffered}`);
+
+  paused = false;
+  for (const c of held) c.resume();
+  await Promise.all(all);
+  await p.flush();
+  await until(() => got.length === N);
+  assert.deepEqual(got, Array.from({ length: N }, (_, i) => i), 'every publish, in order');
+  proxy.close();
+});

@@ -1,0 +1,231 @@
+//! The ack queue: one slot per delivered relay sequence, whatever became of the envelope.
+//! A slot is either handed to subscriptions that must take it (at least once), or a
+//! placeholder (did not open, refused, duplicate, dropped by a plugin) that the app never
+//! sees. Each slot belongs to the subscriptions the relay routed it to (matched on the
+//! envelope's routing tokens, which the relay sees too, so the client can attribute even an
+//! envelope it cannot open). Per subscription, acks leave only for the **released prefix**:
+//! a slot leaves once it is taken or a placeholder and every earlier slot of each of its
+//! subscriptions has left. So a placeholder leaves with its neighbours and the Ack stream
+//! (order and batching) says nothing about which envelopes opened (PROTOCOL §4.10), while
+//! a subscription whose app stopped reading never holds back the acks of another one.
+//!
+//! A slot no subscription took (held back for want of credit, or its subscriptions went
+//! away before taking it) is released **unlisted**: never acked, so the relay delivers it
+//! again — nothing is acked that the app did not take.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use super::LocalSubId;
+
+/// Identifies one slot (increasing for the life of the queue).
+pub type SlotId = u64;
+
+#[derive(Debug)]
+struct Slot {
+    seq: u64,
+    /// The subscriptions the relay routed it to (their order binds it).
+    routed: Vec<LocalSubId>,
+    /// Subscriptions that were handed the message and have not taken it yet.
+    waiting: Vec<LocalSubId>,
+    /// Acked when released (false: released unlisted).
+    listed: bool,
+    /// At least one subscription took it.
+    taken: bool,
+}
+
+/// Slots in relay-sequence order per subscription.
+#[derive(Debug, Default)]
+pub struct AckQueue {
+    slots: BTreeMap<SlotId, Slot>,
+    queues: HashMap<LocalSubId, VecDeque<SlotId>>,
+    next: SlotId,
+    ready: Vec<u64>,
+}
+
+impl AckQueue {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A message routed to `routed` and handed to `waiting` (acked once all took it).
+    pub fn deliver(&mut self, seq: u64, routed: &[LocalSubId], waiting: Vec<LocalSubId>) -> SlotId {
+        let listed = !waiting.is_empty();
+        self.push(seq, routed, waiting, listed)
+    }
+
+    /// A placeholder: acked in order with its neighbours.
+    pub fn placeholder(&mut self, seq: u64, routed: &[LocalSubId]) -> SlotId {
+        self.push(seq, routed, Vec::new(), true)
+    }
+
+    /// A message held back (no credit): released in order, never acked.
+    pub fn held_back(&mut self, seq: u64, routed: &[LocalSubId]) -> SlotId {
+        self.push(seq, routed, Vec::new(), false)
+    }
+
+    fn push(
+        &mut self,
+        seq: u64,
+        routed: &[LocalSubId],
+        waiting: Vec<LocalSubId>,
+        listed: bool,
+    ) -> SlotId {
+        let id = self.next;
+        self.next += 1;
+        let mut all: Vec<LocalSubId> = routed.to_vec();
+        for w in &waiting {
+            if !all.contains(w) {
+                all.push(*w);
+            }
+        }
+        for r in &all {
+            self.queues.entry(*r).or_default().push_back(id);
+        }
+        self.slots.insert(
+            id,
+            Slot {
+                seq,
+                routed: all,
+                waiting,
+                listed,
+                taken: false,
+            },
+        );
+        self.release_from(vec![id]);
+        id
+    }
+
+    /// Subscription `sub` took the message of `slot`.
+    pub fn taken(&mut self, slot: SlotId, sub: LocalSubId) {
+        if let Some(s) = self.slots.get_mut(&slot) {
+            if let Some(p) = s.waiting.iter().position(|w| *w == sub) {
+                s.waiting.swap_remove(p);
+                s.taken = true;
+            }
+            self.release_from(vec![slot]);
+        }
+    }
+
+    /// Subscription `sub` went away: what it never took is released unlisted unless
+    /// another subscription took it.
+    pub fn drop_sub(&mut self, sub: LocalSubId) {
+        let Some(q) = self.queues.remove(&sub) else {
+            return;
+        };
+        let mut check = Vec::new();
+        for id in q {
+            if let Some(s) = self.slots.get_mut(&id) {
+                s.routed.retain(|r| *r != sub);
+                if let Some(p) = s.waiting.iter().position(|w| *w == sub) {
+                    s.waiting.swap_remove(p);
+                    if s.waiting.is_empty() && !s.taken {
+                        s.listed = false;
+                    }
+                }
+                check.push(id);
+            }
+        }
+        self.release_from(check);
+    }
+
+    /// Releases every slot that can go, starting from `check`.
+    fn release_from(&mut self, mut check: Vec<SlotId>) {
+        while let Some(id) = check.pop() {
+            let Some(s) = self.slots.get(&id) else {
+                continue;
+            };
+            let at_heads = s
+                .routed
+                .iter()
+                .all(|r| self.queues.get(r).and_then(|q| q.front()) == Some(&id));
+            if !s.waiting.is_empty() || !at_heads {
+                continue;
+            }
+            let s = self.slots.remove(&id).expect("present");
+            if s.listed && s.seq > 0 {
+                self.ready.push(s.seq);
+            }
+            for r in &s.routed {
+                if let Some(q) = self.queues.get_mut(r) {
+                    q.pop_front();
+                    if let Some(next) = q.front() {
+                        check.push(*next);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sequences released since the last call, to send as `Ack` frames.
+    pub fn take_ready(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.ready)
+    }
+
+    /// Whether acks are waiting to leave.
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Slots not yet released.
+    pub fn pending(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The connection dropped: the relay redelivers everything unacknowledged.
+    pub fn clear(&mut self) {
+        self.slots.clear();
+        self.queues.clear();
+        self.ready.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_leave_in_order_with_their_neighbours() {
+        let mut q = AckQueue::new();
+        let a = q.deliver(1, &[7], vec![7]);
+        q.placeholder(2, &[7]);
+        let c = q.deliver(3, &[7, 8], vec![7, 8]);
+        q.placeholder(4, &[7, 8]);
+        assert!(
+            q.take_ready().is_empty(),
+            "nothing before the head is taken"
+        );
+        q.taken(a, 7);
+        assert_eq!(q.take_ready(), vec![1, 2]);
+        q.taken(c, 7);
+        assert!(q.take_ready().is_empty());
+        q.taken(c, 8);
+        assert_eq!(q.take_ready(), vec![3, 4]);
+    }
+
+    #[test]
+    fn a_stalled_subscription_does_not_hold_back_another() {
+        let mut q = AckQueue::new();
+        let _slow = q.deliver(1, &[1], vec![1]);
+        let fast = q.deliver(2, &[2], vec![2]);
+        q.placeholder(3, &[1]);
+        q.placeholder(4, &[2]);
+        q.taken(fast, 2);
+        assert_eq!(q.take_ready(), vec![2, 4]);
+        assert_eq!(q.pending(), 2, "1 and the placeholder behind it wait");
+    }
+
+    #[test]
+    fn held_back_and_untaken_slots_are_never_acked() {
+        let mut q = AckQueue::new();
+        q.held_back(1, &[1, 2]);
+        let b = q.deliver(2, &[1, 2], vec![1, 2]);
+        let c = q.deliver(3, &[1], vec![1]);
+        q.placeholder(4, &[1, 2]);
+        q.taken(b, 2);
+        q.drop_sub(1);
+        assert_eq!(q.take_ready(), vec![2, 4], "3 was never taken: not acked");
+        q.taken(c, 1); // stale: ignored
+        assert_eq!(q.pending(), 0);
+    }
+}

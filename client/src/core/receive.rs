@@ -1,0 +1,505 @@
+//! The receiver checks of PROTOCOL §4.11, runtime-free: what a client refuses even when the
+//! envelope opens and verifies.
+//!
+//! - **Dedup** of `(tree, sender, msg_id)` across every subscription of the client, for a
+//!   time horizon (default 7 days, the relay's default retention). Entries expire by time,
+//!   never by count, so no flood of new messages can push an old one out of the window.
+//! - **Horizon**: a message dated before `now − horizon` is refused (it could no longer be
+//!   recognised as a duplicate) unless the subscription asked for older history.
+//! - **Clock skew**: a message dated more than the allowed skew into the future is refused;
+//!   a *live* message (not replayed, redelivered or retained) dated more than the skew into
+//!   the past is refused too. Replayed history is accepted within the horizon (and deduped).
+//! - **Retained values never move backwards** per `(tree, topic)`: a retained value older
+//!   than the newest one this client accepted for that topic is refused.
+//! - **Publisher policy** per topic or subtree: `require_signed` and an `allow_senders` list.
+//!
+//! The state that must survive a restart (dedup entries, retained high-water marks) is
+//! reported as [`Change`]s for the driver to persist and handed back with
+//! [`Guard::restore_seen`] / [`Guard::restore_retained`].
+
+use std::collections::{BTreeSet, HashMap};
+
+use whispeer_protocol::{frame::msg_flags, SenderId, Topic, TopicFilter, TreeId};
+
+/// Default dedup horizon: 7 days (the relay's default retention).
+pub const DEFAULT_HORIZON_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+/// Default allowed clock skew: 5 minutes.
+pub const DEFAULT_MAX_SKEW_MS: u64 = 5 * 60 * 1000;
+
+/// Who may publish on a topic or subtree, as far as this receiver is concerned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SenderPolicy {
+    /// Refuse unsigned messages.
+    pub require_signed: bool,
+    /// Accept only these senders (implies signed). `None`: anyone holding the key.
+    pub allow_senders: Option<Vec<SenderId>>,
+}
+
+impl SenderPolicy {
+    /// No restriction.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Refuse unsigned messages.
+    pub fn require_signed(mut self) -> Self {
+        self.require_signed = true;
+        self
+    }
+    /// Accept only these senders (added to any already listed).
+    pub fn allow_senders(mut self, senders: impl IntoIterator<Item = SenderId>) -> Self {
+        self.allow_senders
+            .get_or_insert_with(Vec::new)
+            .extend(senders);
+        self
+    }
+}
+
+/// The receiver's limits: horizon, skew and per-topic publisher policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReceiveConfig {
+    /// How long a `(tree, sender, msg_id)` is remembered; older messages are refused unless
+    /// a subscription asks for older history.
+    pub horizon_ms: u64,
+    /// Allowed clock difference between a sender and this client.
+    pub max_skew_ms: u64,
+    /// Publisher policies; every rule whose filter matches a topic applies.
+    pub policies: Vec<(TopicFilter, SenderPolicy)>,
+}
+
+impl Default for ReceiveConfig {
+    fn default() -> Self {
+        ReceiveConfig {
+            horizon_ms: DEFAULT_HORIZON_MS,
+            max_skew_ms: DEFAULT_MAX_SKEW_MS,
+            policies: Vec::new(),
+        }
+    }
+}
+
+/// Why an opened message was refused. Never shown to the app as a message; counted in
+/// [`RefusedStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// `(tree, sender, msg_id)` already delivered within the horizon.
+    Duplicate,
+    /// Dated before the horizon and no subscription asked for older history.
+    BeforeHorizon,
+    /// Dated beyond the allowed skew into the future.
+    Future,
+    /// A live message dated more than the allowed skew in the past.
+    StaleLive,
+    /// A retained value older than one already accepted for its topic.
+    RetainedRollback,
+    /// Unsigned where the topic requires a signature.
+    Unsigned,
+    /// Signed by a sender not on the topic's publisher list.
+    UnlistedSender,
+}
+
+/// Refusals by reason.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RefusedStats {
+    /// Dated before the horizon.
+    pub before_horizon: u64,
+    /// Dated too far in the future.
+    pub future: u64,
+    /// Live but too old.
+    pub stale_live: u64,
+    /// Retained value rolled back.
+    pub retained_rollback: u64,
+    /// Unsigned where a signature is required.
+    pub unsigned: u64,
+    /// Sender not on the publisher list.
+    pub unlisted_sender: u64,
+}
+
+/// `(tree, sender or zeros, msg_id)`.
+pub type DedupKey = (TreeId, [u8; 32], [u8; 16]);
+
+/// Key of the retained high-water mark of one topic: `BLAKE3(tree id ‖ topic)` (the state
+/// file holds no topic names).
+pub type RetainedKey = [u8; 32];
+
+/// A change to persist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Change {
+    /// Remember `key` until `expires_ms`.
+    Seen {
+        /// The dedup key.
+        key: DedupKey,
+        /// Unix ms after which it may be forgotten.
+        expires_ms: u64,
+    },
+    /// The newest retained value of a topic.
+    Retained {
+        /// Which topic.
+        key: RetainedKey,
+        /// Its timestamp.
+        ts_ms: u64,
+        /// Its message id.
+        msg_id: [u8; 16],
+    },
+}
+
+/// What the checks need to know about one opened message.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    /// The tree it was sealed under.
+    pub tree: TreeId,
+    /// The topic.
+    pub topic: &'a Topic,
+    /// The verified sender.
+    pub sender: Option<SenderId>,
+    /// The sender's message id.
+    pub msg_id: [u8; 16],
+    /// The sender's timestamp.
+    pub ts_ms: u64,
+    /// The `Msg` flags.
+    pub flags: u64,
+    /// Whether a matching subscription asked for history older than the horizon.
+    pub allow_old: bool,
+}
+
+/// An accepted message, to [`Guard::commit`] once it is actually delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    key: DedupKey,
+    expires_ms: u64,
+    retained: Option<(RetainedKey, u64, [u8; 16])>,
+}
+
+/// The receiver-side state: dedup window and retained high-water marks.
+#[derive(Debug)]
+pub struct Guard {
+    cfg: ReceiveConfig,
+    seen: HashMap<DedupKey, u64>,
+    expiry: BTreeSet<(u64, DedupKey)>,
+    retained: HashMap<RetainedKey, (u64, [u8; 16])>,
+    stats: RefusedStats,
+    journal: Vec<Change>,
+}
+
+/// The dedup key of a candidate.
+pub fn dedup_key(c: &Candidate<'_>) -> DedupKey {
+    (
+        c.tree,
+        c.sender.map(|s| s.to_bytes()).unwrap_or([0; 32]),
+        c.msg_id,
+    )
+}
+
+fn retained_key(tree: &TreeId, topic: &Topic) -> RetainedKey {
+    let mut h = blake3::Hasher::new_derive_key("whispeer client retained high-water mark");
+    h.update(&tree.0);
+    h.update(topic.as_str().as_bytes());
+    *h.finalize().as_bytes()
+}
+
+impl Guard {
+    /// Empty state with these limits.
+    pub fn new(cfg: ReceiveConfig) -> Self {
+        Guard {
+            cfg,
+            seen: HashMap::new(),
+            expiry: BTreeSet::new(),
+            retained: HashMap::new(),
+            stats: RefusedStats::default(),
+            journal: Vec::new(),
+        }
+    }
+
+    /// The limits.
+    pub fn config(&self) -> &ReceiveConfig {
+        &self.cfg
+    }
+
+    /// Whether `key` is in the dedup window.
+    pub fn is_seen(&self, key: &DedupKey) -> bool {
+        self.seen.contains_key(key)
+    }
+
+    /// Refusals so far (duplicates are counted by the caller).
+    pub fn stats(&self) -> &RefusedStats {
+        &self.stats
+    }
+
+    /// Dedup entries held now.
+    pub fn seen_len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Loads a persisted dedup entry (ignored once expired).
+    pub fn restore_seen(&mut self, key: DedupKey, expires_ms: u64, now_ms: u64) {
+        if expires_ms > now_ms {
+            self.remember(key, expires_ms);
+        }
+    }
+
+    /// Loads a persisted retained high-water mark.
+    pub fn restore_retained(&mut self, key: RetainedKey, ts_ms: u64, msg_id: [u8; 16]) {
+        let e = self.retained.entry(key).or_insert((ts_ms, msg_id));
+        if ts_ms > e.0 {
+            *e = (ts_ms, msg_id);
+        }
+    }
+
+    /// Changes since the last call, for the driver to persist.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.journal)
+    }
+
+    fn remember(&mut self, key: DedupKey, expires_ms: u64) {
+        if let Some(old) = self.seen.insert(key, expires_ms) {
+            self.expiry.remove(&(old, key));
+        }
+        self.expiry.insert((expires_ms, key));
+    }
+
+    /// Forgets dedup entries whose time is up.
+    pub fn expire(&mut self, now_ms: u64) {
+        while let Some(&(at, key)) = self.expiry.first() {
+            if at > now_ms {
+                break;
+            }
+            self.expiry.pop_first();
+            self.seen.remove(&key);
+        }
+    }
+
+    /// Runs every check; on success returns what [`Guard::commit`] records.
+    pub fn check(&mut self, c: &Candidate<'_>, now_ms: u64) -> Result<Accepted, Refusal> {
+        let r = self.check_inner(c, now_ms);
+        if let Err(why) = r {
+            let s = &mut self.stats;
+            match why {
+                Refusal::Duplicate => {}
+                Refusal::BeforeHorizon => s.before_horizon += 1,
+                Refusal::Future => s.future += 1,
+                Refusal::StaleLive => s.stale_live += 1,
+                Refusal::RetainedRollback => s.retained_rollback += 1,
+                Refusal::Unsigned => s.unsigned += 1,
+                Refusal::UnlistedSender => s.unlisted_sender += 1,
+            }
+        }
+        r
+    }
+
+    fn check_inner(&mut self, c: &Candidate<'_>, now_ms: u64) -> Result<Accepted, Refusal> {
+        // Publisher policy first: it does not depend on time.
+        for (filter, p) in &self.cfg.policies {
+            if !filter.matches(c.topic) {
+                continue;
+            }
+            if (p.require_signed || p.allow_senders.is_some()) && c.sender.is_none() {
+                return Err(Refusal::Unsigned);
+            }
+            if let (Some(list), Some(s)) = (&p.allow_senders, &c.sender) {
+                if !list.contains(s) {
+                    return Err(Refusal::UnlistedSender);
+                }
+            }
+        }
+        let skew = self.cfg.max_skew_ms;
+        if c.ts_ms > now_ms.saturating_add(skew) {
+            return Err(Refusal::Future);
+        }
+        let retained = c.flags & msg_flags::RETAINED != 0;
+        let live =
+            c.flags & (msg_flags::RETAINED | msg_flags::REDELIVERED | msg_flags::REPLAYED) == 0;
+        if live && c.ts_ms < now_ms.saturating_sub(skew) {
+            return Err(Refusal::StaleLive);
+        }
+        if !c.allow_old && c.ts_ms < now_ms.saturating_sub(self.cfg.horizon_ms) {
+            return Err(Refusal::BeforeHorizon);
+        }
+        let key = dedup_key(c);
+        // Remembered at least a horizon from now (and from its date): once forgotten, the
+        // horizon check refuses it.
+        let expires_ms = c
+            .ts_ms
+            .max(now_ms)
+            .saturating_add(self.cfg.horizon_ms)
+            .saturating_add(skew);
+        if retained {
+            // A retained value may be shown again on each subscribe (it is the current value),
+            // but never one older than the newest accepted for the topic.
+            let rk = retained_key(&c.tree, c.topic);
+            if let Some(&(ts, id)) = self.retained.get(&rk) {
+                if c.ts_ms < ts || (c.ts_ms == ts && c.msg_id != id && c.msg_id < id) {
+                    return Err(Refusal::RetainedRollback);
+                }
+            }
+            return Ok(Accepted {
+                key,
+                expires_ms,
+                retained: Some((rk, c.ts_ms, c.msg_id)),
+            });
+        }
+        if self.seen.contains_key(&key) {
+            return Err(Refusal::Duplicate);
+        }
+        Ok(Accepted {
+            key,
+            expires_ms,
+            retained: None,
+        })
+    }
+
+    /// Records an accepted message as delivered.
+    pub fn commit(&mut self, a: Accepted) {
+        if !self.seen.contains_key(&a.key) {
+            self.remember(a.key, a.expires_ms);
+            self.journal.push(Change::Seen {
+                key: a.key,
+                expires_ms: a.expires_ms,
+            });
+        }
+        if let Some((rk, ts, id)) = a.retained {
+            if self.retained.get(&rk) != Some(&(ts, id)) {
+                self.retained.insert(rk, (ts, id));
+                self.journal.push(Change::Retained {
+                    key: rk,
+                    ts_ms: ts,
+                    msg_id: id,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_chacha::rand_core::SeedableRng;
+    use whispeer_protocol::Identity;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn cand<'a>(topic: &'a Topic, id: u8, ts: u64, flags: u64) -> Candidate<'a> {
+        Candidate {
+            tree: TreeId([1; 16]),
+            topic,
+            sender: None,
+            msg_id: [id; 16],
+            ts_ms: ts,
+            flags,
+            allow_old: false,
+        }
+    }
+
+    #[test]
+    fn dedup_horizon_skew_and_expiry_by_time() {
+        let t = Topic::new("a/b").unwrap();
+        let mut g = Guard::new(ReceiveConfig::default());
+        let a = g.check(&cand(&t, 1, NOW, 0), NOW).unwrap();
+        g.commit(a);
+        assert_eq!(
+            g.check(&cand(&t, 1, NOW, msg_flags::REPLAYED), NOW + 1000),
+            Err(Refusal::Duplicate)
+        );
+        // Live and stale; replayed and within the horizon is fine.
+        let old = NOW - DEFAULT_MAX_SKEW_MS - 1;
+        assert_eq!(g.check(&cand(&t, 2, old, 0), NOW), Err(Refusal::StaleLive));
+        assert!(g.check(&cand(&t, 2, old, msg_flags::REPLAYED), NOW).is_ok());
+        // Future beyond the skew, whatever the flags.
+        let fut = NOW + DEFAULT_MAX_SKEW_MS + 1;
+        assert_eq!(
+            g.check(&cand(&t, 3, fut, msg_flags::REPLAYED), NOW),
+            Err(Refusal::Future)
+        );
+        // Before the horizon: refused unless asked for.
+        let ancient = NOW - DEFAULT_HORIZON_MS - 1;
+        assert_eq!(
+            g.check(&cand(&t, 4, ancient, msg_flags::REPLAYED), NOW),
+            Err(Refusal::BeforeHorizon)
+        );
+        let mut c = cand(&t, 4, ancient, msg_flags::REPLAYED);
+        c.allow_old = true;
+        assert!(g.check(&c, NOW).is_ok());
+        // A flood of new ids does not push the first one out: only time does.
+        for i in 0..=255u8 {
+            if let Ok(a) = g.check(&cand(&t, i, NOW, 0), NOW) {
+                g.commit(a);
+            }
+        }
+        g.expire(NOW + DEFAULT_HORIZON_MS);
+        assert_eq!(
+            g.check(&cand(&t, 1, NOW, msg_flags::REPLAYED), NOW + 1),
+            Err(Refusal::Duplicate)
+        );
+        let later = NOW + DEFAULT_HORIZON_MS + DEFAULT_MAX_SKEW_MS + 1;
+        g.expire(later);
+        assert_eq!(g.seen_len(), 0);
+        assert_eq!(
+            g.check(&cand(&t, 1, NOW, msg_flags::REPLAYED), later),
+            Err(Refusal::BeforeHorizon),
+            "forgotten entries are refused by the horizon"
+        );
+        assert_eq!(g.stats().stale_live, 1);
+        assert_eq!(g.stats().future, 1);
+    }
+
+    #[test]
+    fn retained_never_moves_backwards_and_policies_apply() {
+        let t = Topic::new("cfg/x").unwrap();
+        let mut g = Guard::new(ReceiveConfig::default());
+        let r = msg_flags::RETAINED;
+        let a = g.check(&cand(&t, 5, NOW - 10_000, r), NOW).unwrap();
+        g.commit(a);
+        // Same value again (a new subscription): fine. An older one: refused.
+        assert!(g.check(&cand(&t, 5, NOW - 10_000, r), NOW).is_ok());
+        assert_eq!(
+            g.check(&cand(&t, 6, NOW - 20_000, r), NOW),
+            Err(Refusal::RetainedRollback)
+        );
+        assert_eq!(
+            g.check(&cand(&t, 7, NOW + DEFAULT_MAX_SKEW_MS + 1, r), NOW),
+            Err(Refusal::Future),
+            "no one can pin a topic with a far-future value"
+        );
+        let changes = g.take_changes();
+        let mut h = Guard::new(ReceiveConfig::default());
+        for c in changes {
+            match c {
+                Change::Seen { key, expires_ms } => h.restore_seen(key, expires_ms, NOW),
+                Change::Retained { key, ts_ms, msg_id } => h.restore_retained(key, ts_ms, msg_id),
+            }
+        }
+        assert_eq!(
+            h.check(&cand(&t, 6, NOW - 20_000, r), NOW),
+            Err(Refusal::RetainedRollback),
+            "the high-water mark survives a restart"
+        );
+
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let (alice, eve) = (Identity::generate(&mut rng), Identity::generate(&mut rng));
+        let mut cfg = ReceiveConfig::default();
+        cfg.policies.push((
+            TopicFilter::new("ctl/#").unwrap(),
+            SenderPolicy::new().allow_senders([alice.sender_id()]),
+        ));
+        cfg.policies.push((
+            TopicFilter::new("signed").unwrap(),
+            SenderPolicy::new().require_signed(),
+        ));
+        let mut g = Guard::new(cfg);
+        let ctl = Topic::new("ctl/door").unwrap();
+        let mut c = cand(&ctl, 1, NOW, 0);
+        assert_eq!(g.check(&c, NOW), Err(Refusal::Unsigned));
+        c.sender = Some(eve.sender_id());
+        assert_eq!(g.check(&c, NOW), Err(Refusal::UnlistedSender));
+        c.sender = Some(alice.sender_id());
+        assert!(g.check(&c, NOW).is_ok());
+        let s = Topic::new("signed").unwrap();
+        assert_eq!(g.check(&cand(&s, 1, NOW, 0), NOW), Err(Refusal::Unsigned));
+        let other = Topic::new("free").unwrap();
+        assert!(g.check(&cand(&other, 1, NOW, 0), NOW).is_ok());
+        assert_eq!(g.stats().unsigned, 2);
+        assert_eq!(g.stats().unlisted_sender, 1);
+    }
+}

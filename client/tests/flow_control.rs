@@ -1,0 +1,135 @@
+//! QoS ≥ 1 flow control end to end (issue 9, "No oracle, no silent loss"): a subscriber whose
+//! app stops reading has nothing acked that the app did not take and loses nothing when it
+//! resumes, while the connection's other subscriptions, PubAcks and heartbeats go on.
+//!
+//! The client asks for `Sub.credit` = the subscription's buffer capacity and holds back
+//! (never acks) what does not fit. The relay half (honouring the credit and keeping the rest
+//! in its store) makes the resume immediate; a relay without it redelivers the held-back
+//! messages after its ack timeout (30 s by default), which this test also tolerates.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use support::raw::RecordingProxy;
+use support::*;
+use whispeer::protocol::frame::Sub;
+use whispeer::protocol::{Frame, Qos};
+use whispeer::{Client, Encryption, PublishOptions, SubscribeOptions, Tcp};
+
+/// Bound for waits that may include one relay ack timeout (only fires when broken).
+const RESUME: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos1_subscriber_that_stops_reading_loses_nothing_and_stalls_nothing_else() {
+    let relay = TestRelay::start().await;
+    let proxy = RecordingProxy::start(relay.addrs.tcp.unwrap()).await;
+    let t = tree("flow");
+    let c = Client::builder()
+        .with(Tcp::new(format!("tcp://{}", proxy.addr)))
+        .with(Encryption::new(keyring_with(&t)))
+        .with(identity())
+        .subscription_capacity(4)
+        .connect()
+        .await
+        .unwrap();
+    let qos1 = || SubscribeOptions::new().qos(Qos::AtLeastOnce);
+    let mut slow = c
+        .subscribe_with_options::<u32>("slow/#", qos1())
+        .await
+        .unwrap();
+    let mut other = c
+        .subscribe_with_options::<u32>("other/#", qos1())
+        .await
+        .unwrap();
+    let credits: Vec<Option<u64>> = proxy
+        .sent
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Sub(Sub { credit, .. }) => Some(*credit),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(credits, vec![Some(4), Some(4)], "credit = buffer capacity");
+
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let mut seqs = Vec::new();
+    for i in 0..20u32 {
+        seqs.push(
+            p.publish_with("slow/x", &i, PublishOptions::at_least_once())
+                .await
+                .unwrap(),
+        );
+    }
+    // The slow app reads nothing. Meanwhile the same connection goes on: another
+    // subscription receives, a QoS 1 publish gets its PubAck, pings are answered.
+    for i in 0..10u32 {
+        p.publish_with("other/y", &i, PublishOptions::at_least_once())
+            .await
+            .unwrap();
+        let m = within("the other subscription", other.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.value, i);
+    }
+    within(
+        "own PubAck",
+        c.publish_with("other/z", &99u32, PublishOptions::at_least_once()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        within("own", other.next()).await.unwrap().unwrap().value,
+        99
+    );
+    within("ping round trip", c.flush()).await.unwrap();
+
+    let slow_seqs: BTreeSet<u64> = seqs.iter().copied().collect();
+    let acked = || -> BTreeSet<u64> { proxy.acks().into_iter().flatten().collect() };
+    assert!(
+        acked().is_disjoint(&slow_seqs),
+        "nothing acked that the app did not take: {:?}",
+        acked().intersection(&slow_seqs).collect::<Vec<_>>()
+    );
+
+    // The app resumes: every message, once, and only taken ones are acked.
+    let mut taken = BTreeSet::new();
+    let mut values = Vec::new();
+    tokio::time::timeout(RESUME, async {
+        while values.len() < 20 {
+            let m = slow.next().await.unwrap().unwrap();
+            values.push(m.value);
+            taken.insert(m.seq);
+            let a = acked();
+            let early: Vec<_> = a
+                .intersection(&slow_seqs)
+                .filter(|s| !taken.contains(s))
+                .collect();
+            assert!(early.is_empty(), "acked before taken: {early:?}");
+        }
+    })
+    .await
+    .expect("every held-back message is delivered again");
+    let mut sorted = values.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(
+        sorted,
+        (0..20).collect::<Vec<_>>(),
+        "nothing lost, nothing twice: {values:?}"
+    );
+    within("all taken acked", async {
+        while !slow_seqs.is_subset(&acked()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    c.close().await;
+    p.close().await;
+    relay.stop().await;
+}

@@ -1,0 +1,482 @@
+//! Receivers that cannot be fooled (PROTOCOL §4.11, issue 9): each attack against a real
+//! relay on real sockets, failing closed. Re-posted envelopes (a member or the relay
+//! replaying captured ones) are dropped across subscriptions and across a restart with
+//! persistence; a retained value cannot be rolled back or pinned in the future; unsigned and
+//! unlisted senders are refused where a topic requires it; acks leave in relay order with
+//! placeholders whatever opens (no key oracle); an at-most-once subscriber that falls
+//! behind gets a lag event; a relay sequence of `u64::MAX` neither panics nor wraps.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use support::raw::*;
+use support::*;
+use whispeer::protocol::frame::{self, Msg, SubOk};
+use whispeer::protocol::{Frame, Qos};
+use whispeer::{
+    Client, ClientStats, Encryption, ReceiveError, Reconnect, Signing, SubscribeOptions, Tcp,
+    TopicOptions,
+};
+
+/// Polls the client's counters until `cond` holds (bounded by the support timeout).
+async fn until_stats(c: &Client, what: &str, cond: impl Fn(&ClientStats) -> bool) -> ClientStats {
+    within(what, async {
+        loop {
+            let s = c.stats();
+            if cond(&s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+async fn value(sub: &mut whispeer::Subscription<u32>) -> u32 {
+    within("a message", sub.next())
+        .await
+        .expect("stream open")
+        .expect("a message")
+        .value
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_envelope_reposted_to_a_new_subscription_is_dropped() {
+    let relay = TestRelay::start().await;
+    let t = tree("news");
+    let alice = identity();
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let c = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+
+    let mut first = c.subscribe::<u32>("news/#").await.unwrap();
+    let captured = seal(&t, Some(&alice), "news/a", 1, whispeer::now_ms());
+    member.publish(&captured, false).await;
+    assert_eq!(value(&mut first).await, 1);
+
+    // A new subscription (live, no history asked): the captured envelope posted again is
+    // not delivered to it, nor again to the first one.
+    let mut second = c.subscribe::<u32>("news/#").await.unwrap();
+    member.publish(&captured, false).await;
+    member
+        .publish(
+            &seal(&t, Some(&alice), "news/a", 2, whispeer::now_ms()),
+            false,
+        )
+        .await;
+    assert_eq!(value(&mut second).await, 2, "the re-post is dropped");
+    assert_eq!(value(&mut first).await, 2, "the re-post is dropped");
+    assert!(c.stats().core.duplicates >= 1);
+    c.close().await;
+    relay.stop().await;
+}
+
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_and_retained_rollbacks_are_refused_after_a_restart_with_persistence() {
+    use whispeer::Persistence;
+    let relay = TestRelay::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("client.db");
+    let t = tree("home");
+    let alice = identity();
+    let me = identity();
+    let connect = || async {
+        Client::builder()
+            .with(Tcp::new(relay.tcp_url()))
+            .with(Encryption::new(keyring_with(&t)))
+            .with(Persistence::sqlite(&state))
+            .connect()
+            .await
+            .unwrap()
+    };
+    let _ = &me;
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let now = whispeer::now_ms();
+    let old_mode = seal(&t, Some(&alice), "cfg/mode", 1, now - 2_000);
+    let new_mode = seal(&t, Some(&alice), "cfg/mode", 2, now - 1_000);
+    member.publish(&old_mode, true).await;
+    member.publish(&new_mode, true).await;
+
+    let c = connect().await;
+    let mut sub = c.subscribe::<u32>("#").await.unwrap();
+    let r = within("retained", sub.next()).await.unwrap().unwrap();
+    assert_eq!((r.value, r.retained), (2, true));
+    let captured = seal(&t, Some(&alice), "news/a", 10, whispeer::now_ms());
+    member.publish(&captured, false).await;
+    assert_eq!(value(&mut sub).await, 10);
+    drop(sub);
+    c.close().await;
+
+    // The relay's retained value is rolled back by re-posting the older one.
+    member.publish(&old_mode, true).await;
+
+    let c = connect().await;
+    let mut sub = c.subscribe::<u32>("#").await.unwrap();
+    member.publish(&captured, false).await;
+    member
+        .publish(
+            &seal(&t, Some(&alice), "news/a", 11, whispeer::now_ms()),
+            false,
+        )
+        .await;
+    assert_eq!(
+        value(&mut sub).await,
+        11,
+        "neither the rolled-back retained value nor the re-post reaches the app"
+    );
+    let s = until_stats(&c, "the rollback counted", |s| {
+        s.core.refused.retained_rollback == 1
+    })
+    .await;
+    assert_eq!(s.core.duplicates, 1, "the re-post is a duplicate: {s:?}");
+    c.close().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_value_cannot_be_rolled_back_or_pinned_in_the_future() {
+    let relay = TestRelay::start().await;
+    let t = tree("cfg");
+    let alice = identity();
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let now = whispeer::now_ms();
+    let v1 = seal(&t, Some(&alice), "cfg/mode", 1, now - 2_000);
+    let v2 = seal(&t, Some(&alice), "cfg/mode", 2, now - 1_000);
+    member.publish(&v1, true).await;
+    member.publish(&v2, true).await;
+
+    let c = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let mut sub = c.subscribe::<u32>("cfg/#").await.unwrap();
+    let r = within("retained", sub.next()).await.unwrap().unwrap();
+    assert_eq!((r.value, r.retained), (2, true));
+    drop(sub);
+    c.flush().await.unwrap(); // the unsubscribe is processed
+
+    member.publish(&v1, true).await; // rolled back on the relay
+                                     // A value dated an hour ahead would pin the topic against every later update.
+    let pin = seal(&t, Some(&alice), "cfg/pin", 3, now + 3_600_000);
+    member.publish(&pin, true).await;
+
+    let mut sub = c.subscribe::<u32>("cfg/#").await.unwrap();
+    member
+        .publish(
+            &seal(&t, Some(&alice), "cfg/live", 9, whispeer::now_ms()),
+            false,
+        )
+        .await;
+    assert_eq!(value(&mut sub).await, 9, "rollback and pin refused");
+    let s = until_stats(&c, "refusals counted", |s| {
+        s.core.refused.retained_rollback == 1 && s.core.refused.future == 1
+    })
+    .await;
+    assert_eq!(s.core.delivered, 2, "{s:?}");
+    c.close().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_and_unlisted_senders_are_refused_where_the_topic_requires_it() {
+    let relay = TestRelay::start().await;
+    let t = tree("home");
+    let (alice, eve) = (identity(), identity());
+    let alice_id = alice.sender_id();
+    let receiver = Client::builder()
+        .with(Tcp::new(relay.tcp_url()))
+        .with(Encryption::new(keyring_with(&t)))
+        .with(TopicOptions::new("ctl/#").allow_senders([alice_id]))
+        .with(TopicOptions::new("signed/#").require_signed())
+        .connect()
+        .await
+        .unwrap();
+    let mut sub = receiver.subscribe::<String>("#").await.unwrap();
+    let alice_c = tcp_client(&relay.tcp_url(), keyring_with(&t), alice).await;
+    let eve_c = tcp_client(&relay.tcp_url(), keyring_with(&t), eve).await;
+    let anon = Client::builder()
+        .with(Tcp::new(relay.tcp_url()))
+        .with(Encryption::new(keyring_with(&t)))
+        .with(identity())
+        .with(Signing::off())
+        .connect()
+        .await
+        .unwrap();
+    eve_c.publish("ctl/door", "eve: open").await.unwrap();
+    anon.publish("ctl/door", "anon: open").await.unwrap();
+    anon.publish("signed/x", "anon: signed?").await.unwrap();
+    anon.publish("free/x", "anon: free").await.unwrap();
+    for c in [&eve_c, &anon] {
+        c.flush().await.unwrap();
+    }
+    until_stats(&receiver, "refusals and the free topic", |s| {
+        s.core.refused.unsigned == 2 && s.core.refused.unlisted_sender == 1 && s.core.delivered >= 1
+    })
+    .await;
+    alice_c.publish("ctl/door", "alice: open").await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = within("messages", sub.next()).await.unwrap().unwrap();
+        got.push(m.value);
+    }
+    got.sort();
+    let s = receiver.stats();
+    assert_eq!(s.core.delivered, 2, "only the free topic and alice: {s:?}");
+    assert_eq!(
+        got,
+        vec!["alice: open".to_string(), "anon: free".to_string()]
+    );
+    for c in [&receiver, &alice_c, &eve_c, &anon] {
+        c.close().await;
+    }
+    relay.stop().await;
+}
+
+/// The Ack frames a QoS 1 subscriber sends for ten envelopes, `bad` of which do not open,
+/// as relay-order indices; also whether any ack left before the app took anything.
+async fn ack_stream(bad: &[usize]) -> (Vec<usize>, bool) {
+    let relay = TestRelay::start().await;
+    let proxy = RecordingProxy::start(relay.addrs.tcp.unwrap()).await;
+    let t = tree("acks");
+    let alice = identity();
+    let c = tcp_client(
+        &format!("tcp://{}", proxy.addr),
+        keyring_with(&t),
+        identity(),
+    )
+    .await;
+    let mut sub = c
+        .subscribe_with_options::<u32>("t/#", SubscribeOptions::new().qos(Qos::AtLeastOnce))
+        .await
+        .unwrap();
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let mut seqs = Vec::new();
+    for i in 0..10usize {
+        let env = seal(&t, Some(&alice), "t/x", i as u32, whispeer::now_ms());
+        let env = if bad.contains(&i) { tamper(&env) } else { env };
+        seqs.push(member.publish(&env, false).await);
+    }
+    until_stats(&c, "all ten handled", |s| {
+        s.core.delivered + s.core.rejected == 10
+    })
+    .await;
+    c.flush().await.unwrap(); // anything queued to send has left
+    let early = !proxy.acks().is_empty();
+    for i in (0..10).filter(|i| !bad.contains(i)) {
+        assert_eq!(value(&mut sub).await, i as u32);
+    }
+    let acks = within("every seq acked", async {
+        loop {
+            let a: Vec<u64> = proxy.acks().into_iter().flatten().collect();
+            if a.len() >= 10 {
+                return a;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    c.close().await;
+    relay.stop().await;
+    let idx = acks
+        .iter()
+        .map(|s| {
+            seqs.iter()
+                .position(|x| x == s)
+                .expect("acked seq was delivered")
+        })
+        .collect();
+    (idx, early)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_stream_is_the_same_whether_envelopes_open_or_not() {
+    let (all_open, early_all) = ack_stream(&[]).await;
+    let (mixed, early_mixed) = ack_stream(&[1, 2, 5, 8, 9]).await;
+    assert_eq!(all_open, (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        mixed, all_open,
+        "acks say nothing about which envelopes opened"
+    );
+    assert!(
+        !early_all && !early_mixed,
+        "nothing acked before the app took anything"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_at_most_once_subscriber_that_falls_behind_gets_a_lag_event() {
+    let relay = TestRelay::start().await;
+    let t = tree("fast");
+    let c = Client::builder()
+        .with(Tcp::new(relay.tcp_url()))
+        .with(Encryption::new(keyring_with(&t)))
+        .subscription_capacity(4)
+        .connect()
+        .await
+        .unwrap();
+    let mut sub = c.subscribe::<u32>("q").await.unwrap();
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    for i in 0..40u32 {
+        p.publish("q", &i).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    let s = until_stats(&c, "drops counted", |s| s.slow_subscriber_drops == 36).await;
+    assert_eq!(s.core.delivered, 4);
+    for want in 0..4u32 {
+        assert_eq!(value(&mut sub).await, want);
+    }
+    match within("lag event", sub.next()).await.unwrap() {
+        Err(ReceiveError::Lagged(n)) => assert_eq!(n, 36),
+        other => panic!("expected a lag event, got {other:?}"),
+    }
+    p.publish("q", &40u32).await.unwrap();
+    assert_eq!(value(&mut sub).await, 40, "the stream goes on");
+    c.close().await;
+    p.close().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_sequence_of_u64_max_neither_panics_nor_wraps_the_resume_point() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = tree("seq");
+    let alice = identity();
+    let env = seal(&t, Some(&alice), "s/x", 7, whispeer::now_ms());
+    let relay = tokio::spawn(async move {
+        let mut conn = FakeConn::accept(&listener).await;
+        let sub_id = match conn.next().await.expect("sub") {
+            Frame::Sub(s) => {
+                assert_eq!(s.replay, None);
+                s.sub_id
+            }
+            other => panic!("expected Sub, got {}", other.name()),
+        };
+        write_frame(&mut conn.s, &Frame::SubOk(SubOk { sub_id, seq: 0 })).await;
+        write_frame(
+            &mut conn.s,
+            &Frame::Msg(Msg {
+                seq: u64::MAX,
+                envelope: env,
+                flags: 0,
+            }),
+        )
+        .await;
+        // Wait until the client saw it (it flushes a Ping), then drop the connection.
+        loop {
+            match whispeer_frame(&mut conn).await {
+                Some(Frame::Ping(p)) => {
+                    write_frame(&mut conn.s, &Frame::Pong(frame::Pong { nonce: p.nonce })).await;
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("client hung up"),
+            }
+        }
+        drop(conn);
+        let mut again = FakeConn::accept(&listener).await;
+        match again.next().await.expect("resubscribe") {
+            Frame::Sub(s) => s.replay,
+            other => panic!("expected Sub, got {}", other.name()),
+        }
+    });
+    let c = Client::builder()
+        .with(Tcp::new(format!("tcp://{addr}")))
+        .with(Encryption::new(keyring_with(&t)))
+        .with(Reconnect {
+            initial: Duration::from_millis(5),
+            max: Duration::from_millis(50),
+            max_attempts: None,
+        })
+        .connect()
+        .await
+        .unwrap();
+    let mut sub = c.subscribe::<u32>("s/#").await.unwrap();
+    let m = within("the message", sub.next()).await.unwrap().unwrap();
+    assert_eq!((m.value, m.seq), (7, u64::MAX));
+    let _ = c.flush().await;
+    let replay = within("resubscribe", relay).await.unwrap();
+    assert_eq!(
+        replay,
+        Some(whispeer::Replay::FromSeq(u64::MAX)),
+        "resumes at the last sequence (dedup drops it again), never from 0"
+    );
+}
+
+async fn whispeer_frame(conn: &mut FakeConn) -> Option<Frame> {
+    read_frame(&mut conn.s).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_live_messages_and_history_before_the_horizon_are_refused_unless_asked_for() {
+    let relay = TestRelay::start().await;
+    let t = tree("clock");
+    let alice = identity();
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let c = Client::builder()
+        .with(Tcp::new(relay.tcp_url()))
+        .with(Encryption::new(keyring_with(&t)))
+        .replay_horizon(Duration::from_secs(3600))
+        .clock_skew(Duration::from_secs(60))
+        .connect()
+        .await
+        .unwrap();
+    let mut live = c.subscribe::<u32>("h/#").await.unwrap();
+    let now = whispeer::now_ms();
+    // Live but dated ten minutes ago (beyond the skew): refused.
+    let first = member
+        .publish(&seal(&t, Some(&alice), "h/x", 1, now - 600_000), false)
+        .await;
+    // Dated two hours ago (before the horizon).
+    member
+        .publish(&seal(&t, Some(&alice), "h/x", 2, now - 7_200_000), false)
+        .await;
+    member
+        .publish(&seal(&t, Some(&alice), "h/x", 3, whispeer::now_ms()), false)
+        .await;
+    assert_eq!(value(&mut live).await, 3, "stale live messages refused");
+    let s = c.stats();
+    assert_eq!(s.core.refused.stale_live, 2, "{s:?}");
+    drop(live);
+
+    // History: within the horizon it is accepted (replayed, even if older than the skew);
+    // before the horizon only when the subscription asks for older history.
+    let mut hist = c
+        .subscribe_with_options::<u32>(
+            "h/#",
+            SubscribeOptions::new().replay(whispeer::Replay::FromSeq(first)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        value(&mut hist).await,
+        1,
+        "replayed history within the horizon"
+    );
+    assert_eq!(
+        value(&mut hist).await,
+        3,
+        "history asked for, though another subscription saw it"
+    );
+    let s = c.stats();
+    assert_eq!(s.core.refused.before_horizon, 1, "{s:?}");
+    let mut old = c
+        .subscribe_with_options::<u32>(
+            "h/#",
+            SubscribeOptions::new()
+                .replay(whispeer::Replay::FromSeq(first))
+                .older_history(true),
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(value(&mut old).await);
+    }
+    assert_eq!(
+        got,
+        vec![1, 2, 3],
+        "explicitly asked for: everything in history"
+    );
+    c.close().await;
+    relay.stop().await;
+}

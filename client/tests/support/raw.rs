@@ -1,0 +1,209 @@
+//! Raw protocol peers over real TCP sockets on 127.0.0.1: a publisher that posts prepared
+//! envelopes (a member re-posting captured ones), a fake relay that sends chosen frames, and
+//! a proxy that records every frame a client sends.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use whispeer::core::{self, SealPolicy};
+use whispeer::protocol::frame::{self, Welcome};
+use whispeer::protocol::{Envelope, Frame, Qos, Sealer};
+use whispeer::{Identity, Keyring, Topic, TreeKey};
+
+pub async fn write_frame(s: &mut (impl AsyncWriteExt + Unpin), f: &Frame) {
+    let b = f.to_bytes();
+    s.write_all(&(b.len() as u32).to_be_bytes()).await.unwrap();
+    s.write_all(&b).await.unwrap();
+    s.flush().await.unwrap();
+}
+
+/// The next frame's bytes, or `None` at the end of the stream.
+pub async fn read_raw(s: &mut (impl AsyncReadExt + Unpin)) -> Option<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.ok()?;
+    let mut b = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut b).await.ok()?;
+    Some(b)
+}
+
+pub async fn read_frame(s: &mut (impl AsyncReadExt + Unpin)) -> Option<Frame> {
+    let b = read_raw(s).await?;
+    Some(Frame::decode_slice(&b).expect("a valid frame"))
+}
+
+/// Seals `value` (CBOR) on `topic`, dated `ts_ms`, signed by `by` (unsigned with `None`).
+pub fn seal(
+    tree: &TreeKey,
+    by: Option<&Identity>,
+    topic: &str,
+    value: u32,
+    ts_ms: u64,
+) -> Envelope {
+    let mut keys = Keyring::new();
+    keys.add_tree_key(tree, whispeer::now_ms()).unwrap();
+    let kr = RwLock::new(keys);
+    let payload = whispeer::to_cbor(&value).unwrap();
+    core::seal_publish(
+        &kr,
+        by,
+        &SealPolicy::default(),
+        &mut Sealer::new(),
+        &Topic::new(topic).unwrap(),
+        core::CBOR,
+        &payload,
+        ts_ms,
+        &mut rand::rngs::OsRng,
+    )
+    .unwrap()
+    .0
+}
+
+/// The same envelope with its last byte (in the AEAD tag) flipped: it routes, never opens.
+pub fn tamper(env: &Envelope) -> Envelope {
+    let mut b = env.as_bytes().to_vec();
+    let n = b.len() - 1;
+    b[n] ^= 0x01;
+    Envelope::from_slice(&b).unwrap()
+}
+
+/// A bare protocol connection that publishes prepared envelopes.
+pub struct RawPublisher {
+    s: TcpStream,
+}
+
+impl RawPublisher {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        write_frame(&mut s, &whispeer::core::ClientCore::hello("raw-publisher")).await;
+        loop {
+            match read_frame(&mut s).await.expect("welcome") {
+                Frame::Welcome(_) => break,
+                Frame::Challenge(_) => panic!("relay wants auth"),
+                _ => {}
+            }
+        }
+        RawPublisher { s }
+    }
+
+    /// Publishes at least once (optionally retained); returns the relay sequence.
+    pub async fn publish(&mut self, env: &Envelope, retain: bool) -> u64 {
+        let pid: [u8; 16] = rand::random();
+        let f = core::pub_frame(env.clone(), Some(pid), retain, Qos::AtLeastOnce);
+        write_frame(&mut self.s, &f).await;
+        loop {
+            match read_frame(&mut self.s).await.expect("puback") {
+                Frame::PubAck(a) if a.publish_id == pid => return a.seq,
+                Frame::Err(e) => panic!("relay refused the publish: {}", e.message),
+                Frame::Ping(p) => {
+                    write_frame(&mut self.s, &Frame::Pong(frame::Pong { nonce: p.nonce })).await;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A proxy between a client and a relay that records every frame the client sends.
+pub struct RecordingProxy {
+    pub addr: SocketAddr,
+    pub sent: Arc<Mutex<Vec<Frame>>>,
+}
+
+impl RecordingProxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let rec = sent.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(relay) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let rec = rec.clone();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut rr, mut rw) = relay.into_split();
+                    let up = async move {
+                        while let Some(b) = read_raw(&mut cr).await {
+                            if let Ok(f) = Frame::decode_slice(&b) {
+                                rec.lock().unwrap().push(f);
+                            }
+                            if rw.write_all(&(b.len() as u32).to_be_bytes()).await.is_err()
+                                || rw.write_all(&b).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = tokio::io::copy(&mut rr, &mut cw) => {}
+                    }
+                });
+            }
+        });
+        RecordingProxy { addr, sent }
+    }
+
+    /// The sequences of every `Ack` frame the client sent so far, frame by frame.
+    pub fn acks(&self) -> Vec<Vec<u64>> {
+        self.sent
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Ack(a) => Some(a.seqs.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// A fake relay's accepted connection, after the handshake.
+pub struct FakeConn {
+    pub s: TcpStream,
+}
+
+impl FakeConn {
+    /// Accepts one client and answers its `Hello` with a `Welcome`.
+    pub async fn accept(l: &TcpListener) -> Self {
+        let (mut s, _) = l.accept().await.unwrap();
+        match read_frame(&mut s).await.expect("hello") {
+            Frame::Hello(_) => {}
+            other => panic!("expected Hello, got {}", other.name()),
+        }
+        write_frame(
+            &mut s,
+            &Frame::Welcome(Welcome {
+                version: frame::PROTOCOL_VERSION,
+                features: frame::features::AT_LEAST_ONCE
+                    | frame::features::RETAIN
+                    | frame::features::REPLAY,
+                max_frame: 1 << 20,
+                session: [7; 16],
+                relay: Some("fake".into()),
+                heartbeat_ms: 0,
+            }),
+        )
+        .await;
+        FakeConn { s }
+    }
+
+    /// The next frame that is not a Ping (Pings are answered).
+    pub async fn next(&mut self) -> Option<Frame> {
+        loop {
+            match read_frame(&mut self.s).await? {
+                Frame::Ping(p) => {
+                    write_frame(&mut self.s, &Frame::Pong(frame::Pong { nonce: p.nonce })).await
+                }
+                f => return Some(f),
+            }
+        }
+    }
+}
