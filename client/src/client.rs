@@ -1011,6 +1011,9 @@ impl Driver {
     }
 
     fn finish(&mut self) {
+        // Refuse new commands before anyone learns the client is closed: a `publish` after
+        // `close()` returned must fail, not land in a queue nobody reads.
+        self.cmd_rx.close();
         let _ = self.state.send(ConnectionState::Closed);
         self.sinks.clear(); // ends every Subscription stream
         self.sync_stats();
