@@ -327,6 +327,16 @@ impl ClientBuilder {
         };
         let mut core = ClientCore::with_config(keyring.clone(), self.receive);
         core.set_credit(Some(self.sub_capacity as u64));
+        // Durable owner secrets: from the identity (a restarted client keeps its durables),
+        // else random for this client's lifetime.
+        core.set_owner_key(match &self.identity {
+            Some(i) => i.derive_secret("whispeer v2 durable owner"),
+            None => {
+                let mut k = zeroize::Zeroizing::new([0u8; 32]);
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k[..]);
+                k
+            }
+        });
         #[cfg(feature = "persistence")]
         if let Some(st) = &saved {
             st.restore(core.guard_mut(), now_ms());

@@ -278,6 +278,20 @@ pub struct ClientCore {
     last_seq: u64,
     /// `Sub.credit` of at-least-once subscriptions (their buffer capacity).
     credit: Option<u64>,
+    /// Key of the owner secrets sent with durable subscriptions (see [`Self::durable_owner`]).
+    owner_key: Option<zeroize::Zeroizing<[u8; 32]>>,
+}
+
+fn owner_secret(
+    key: Option<&[u8; 32]>,
+    key_id: &whispeer_protocol::KeyId,
+    name: &str,
+) -> Option<Bytes> {
+    let mut h = blake3::Hasher::new_keyed(key?);
+    h.update(b"whispeer/v2/durable-owner\0");
+    h.update(key_id.as_bytes());
+    h.update(name.as_bytes());
+    Some(Bytes::copy_from_slice(h.finalize().as_bytes()))
 }
 
 impl ClientCore {
@@ -298,7 +312,22 @@ impl ClientCore {
             stats: CoreStats::default(),
             last_seq: 0,
             credit: None,
+            owner_key: None,
         }
+    }
+
+    /// Sets the key durable-subscription owner secrets are derived from. Without one,
+    /// durable `Sub`s carry no owner and anyone who learns the key id and the name can take
+    /// the durable over on a relay without accounts.
+    pub fn set_owner_key(&mut self, key: zeroize::Zeroizing<[u8; 32]>) {
+        self.owner_key = Some(key);
+    }
+
+    /// The owner secret (`Sub.owner`) of durable `name` under `key_id`:
+    /// `BLAKE3-keyed(owner_key, "whispeer/v2/durable-owner" ‖ 0x00 ‖ key_id ‖ name)`.
+    /// Only this client (or one holding the same identity) can resume, ack or replace it.
+    pub fn durable_owner(&self, key_id: &whispeer_protocol::KeyId, name: &str) -> Option<Bytes> {
+        owner_secret(self.owner_key.as_deref(), key_id, name)
     }
 
     /// Asks the relay for flow control on at-least-once subscriptions: at most `credit`
@@ -404,6 +433,10 @@ impl ClientCore {
                 sub.replaying.push(rid);
             }
             self.relay_to_local.insert(rid, id);
+            let owner =
+                sub.opts.durable.as_deref().and_then(|name| {
+                    owner_secret(self.owner_key.as_deref(), pattern.key_id(), name)
+                });
             frames.push(Frame::Sub(Sub {
                 sub_id: rid,
                 pattern,
@@ -412,7 +445,7 @@ impl ClientCore {
                 replay,
                 retained,
                 credit,
-                owner: None,
+                owner,
             }));
         }
         frames

@@ -219,7 +219,10 @@ async fn a_durable_subscription_resumes_where_it_left_off() {
             .durable("billing")
     };
 
-    let first = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    // The durable belongs to this identity (its owner secret derives from it): the same
+    // identity resumes it after a restart, nobody else can.
+    let me = identity();
+    let first = tcp_client(&relay.tcp_url(), keyring_with(&t), me.clone()).await;
     let mut sub = first
         .subscribe_with_options::<u32>("invoice/#", opts())
         .await
@@ -245,7 +248,23 @@ async fn a_durable_subscription_resumes_where_it_left_off() {
             .await
             .unwrap();
     }
-    let second = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    // A stranger holding the same keys (so the same key id) cannot take the name over.
+    let stranger = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    match stranger
+        .subscribe_with_options::<u32>("invoice/#", opts())
+        .await
+    {
+        Err(whispeer::SubscribeError::Rejected { code, .. }) => {
+            assert_eq!(code, whispeer::protocol::ErrorCode::NotAllowed)
+        }
+        other => panic!(
+            "a stranger resumed someone else's durable: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    stranger.close().await;
+
+    let second = ws_client(&relay.ws_url(), keyring_with(&t), me).await;
     let mut sub = second
         .subscribe_with_options::<u32>("invoice/#", opts())
         .await

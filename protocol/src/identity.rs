@@ -53,6 +53,14 @@ impl Identity {
         SenderId(self.signing.verifying_key())
     }
 
+    /// A 32-byte secret for another purpose, derived from the signing seed with
+    /// `BLAKE3-derive_key(context, seed)`: stable for this identity, unlinkable to it without
+    /// the seed. The client derives its durable-subscription owner secrets this way
+    /// (context `"whispeer v2 durable owner"`), so a restarted client still owns them.
+    pub fn derive_secret(&self, context: &str) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(blake3::derive_key(context, self.signing.as_bytes()))
+    }
+
     /// The public identity to hand out for invites.
     pub fn public_id(&self) -> PublicId {
         let x = XPublic::from(&self.x_secret).to_bytes();
