@@ -318,6 +318,7 @@ impl ClientCore {
             retained: false,
             tree_id: o.tree_id,
             epoch: o.epoch,
+            provenance: o.provenance,
         };
         Ok(message_object(&r))
     }
