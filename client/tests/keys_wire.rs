@@ -114,6 +114,7 @@ async fn after_a_rotation_history_before_the_cutoff_replays_and_after_it_is_refu
     let s = until_stats(&c, "both refusals counted", |s| s.core.rejected >= 2).await;
     assert_eq!(s.core.rejected, 2);
     c.close().await;
+    drop(member);
     relay.stop().await;
 }
 
