@@ -598,11 +598,19 @@ export class Client {
    * the connection (or buffered while reconnecting), after waiting while the socket's send
    * buffer is over `sendHighWaterMark` (default 1 MiB); with `{ ack: true }` once the relay has
    * it, with the relay's sequence number. `{ retain: true }` keeps it as the topic's
-   * retained value.
+   * retained value. `{ tree: TREE_ID }` (32 hex digits, a message's `treeId`) seals with that
+   * tree's key: needed when grants of two trees cover the topic (a publish without it then
+   * fails with code `KEY`, naming both trees).
    */
   async publish(topic, value, options = {}) {
     this.#checkOpen();
-    const out = this.#core.publish(topic, value, !!options.retain, !!options.ack);
+    const out = this.#core.publish(
+      topic,
+      value,
+      !!options.retain,
+      !!options.ack,
+      options.tree ?? undefined,
+    );
     const ack = this.#ackPromise(out);
     ack?.catch(() => {}); // the caller handles it once returned; not "unhandled" meanwhile
     try {
@@ -623,6 +631,7 @@ export class Client {
       bytes,
       !!options.retain,
       !!options.ack,
+      options.tree ?? undefined,
     );
     const ack = this.#ackPromise(out);
     ack?.catch(() => {}); // the caller handles it once returned; not "unhandled" meanwhile
@@ -679,6 +688,15 @@ export class Client {
     for (const g of grantsOf(keys)) this.#core.addGrant(g);
     const frames = this.#core.refreshSubscriptions([...this.#subs.keys()]);
     if (this.#state === 'connected') for (const f of frames) this.#send(f);
+  }
+
+  /**
+   * Lets this client seal with the delegated grant(s) for `scope` (`#`, `a/#` or `a/b`) in
+   * tree `treeId` (32 hex digits): a grant narrowed by someone the keyring cannot verify opens
+   * messages but seals only after this opt-in.
+   */
+  allowSealing(treeId, scope) {
+    this.#core.allowSealing(treeId, scope);
   }
 
   /** Resolves once the relay has processed everything sent before (a Ping/Pong round trip). */

@@ -49,7 +49,7 @@ export function float(x: number): Float;
 export class WhispeerError extends Error {
   readonly name: 'WhispeerError';
   /**
-   * `INVALID_TOPIC`, `NO_KEY`, `KEY`, `ENCODE`, `DECODE`, `SEAL`, `OPEN`, `INVITE`,
+   * `INVALID_TOPIC`, `INVALID_TREE`, `NO_KEY`, `KEY`, `ENCODE`, `DECODE`, `SEAL`, `OPEN`, `INVITE`,
    * `PROTOCOL`, `INVALID_URL`, `CONNECT`, `TIMEOUT`, `REJECTED`, `CLOSED`, `DISCONNECTED`,
    * `NOT_ACKNOWLEDGED`, `BUFFER_FULL`, or a relay error code name.
    */
@@ -179,12 +179,24 @@ export interface Message<T = Received> {
   treeId: string;
   /** The key epoch it was sealed under. */
   epoch: number;
+  /** How the grant whose key opened it is held. */
+  provenance: Provenance;
   contentType: string;
   /** The decompressed payload bytes. */
   payload: Uint8Array;
   /** Set when the payload claimed CBOR but did not decode. */
   error?: WhispeerError;
 }
+
+/**
+ * How a grant is held: signed by the tree admin, re-derived from a broader verified grant
+ * (`from`: its scope, e.g. `a/#`), or narrowed and handed on by `by` (a `wspk1…` sender id)
+ * and unverifiable (it opens messages, and seals only after `allowSealing`).
+ */
+export type Provenance =
+  | { kind: 'admin-signed' }
+  | { kind: 'derived'; from: string }
+  | { kind: 'delegated'; by: string };
 
 export type Compression = 'zstd' | 'none' | boolean | number | { zstd: number };
 
@@ -238,6 +250,11 @@ export interface PublishOptions {
   retain?: boolean;
   /** Resolve with the relay's sequence number once it has the message. */
   ack?: boolean;
+  /**
+   * Seal with the key of this tree (32 hex digits, a message's `treeId`): needed when grants
+   * of two trees cover the topic (a publish without it fails with code `KEY`, naming both).
+   */
+  tree?: string;
 }
 
 export interface SubscribeOptions {
@@ -311,6 +328,12 @@ export class Client {
   subscribe<T = Received>(filter: string, options?: SubscribeOptions): Promise<Subscription<T>>;
   /** Adds grants at run time (e.g. a rotated epoch) and refreshes subscriptions. */
   addKeys(keys: Keys): void;
+  /**
+   * Lets this client seal with the delegated grant(s) for `scope` (`#`, `a/#` or `a/b`) in
+   * tree `treeId`: a grant narrowed by someone the keyring cannot verify opens messages but
+   * seals only after this opt-in. Throws (code `KEY`) when no such grant is held.
+   */
+  allowSealing(treeId: string, scope: string): void;
   flush(): Promise<void>;
   close(): Promise<void>;
 }
@@ -326,14 +349,23 @@ export class ClientCore {
   setTopicOptions(filter: string, compression: number, padding: boolean): void;
   addGrant(grant: Grant): void;
   hello(name: string): Uint8Array;
-  publish(topic: string, value: Value, retain: boolean, ack: boolean): [Uint8Array] | [Uint8Array, string];
+  /** `tree`: 32 hex digits naming the tree whose key seals (when two trees cover the topic). */
+  publish(
+    topic: string,
+    value: Value,
+    retain: boolean,
+    ack: boolean,
+    tree?: string,
+  ): [Uint8Array] | [Uint8Array, string];
   publishBytes(
     topic: string,
     contentType: string,
     payload: Uint8Array,
     retain: boolean,
     ack: boolean,
+    tree?: string,
   ): [Uint8Array] | [Uint8Array, string];
+  allowSealing(treeId: string, scope: string): void;
   sealEnvelope(topic: string, contentType: string, payload: Uint8Array): Uint8Array;
   openEnvelope(envelope: Uint8Array): Message;
   subscribe(id: number, filter: string): Uint8Array[];

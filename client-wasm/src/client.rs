@@ -12,8 +12,8 @@ use wasm_bindgen::prelude::*;
 use whispeer::core::{self, ClientCore as Core, Received, SealPolicy};
 use whispeer_protocol::frame::{Close, Ping, Pong, Unsub};
 use whispeer_protocol::{
-    Compression, Envelope, ErrorCode, Frame, Keyring as PKeyring, Opener, Padding, Qos,
-    SealOptions, Sealer, Topic, TopicFilter,
+    Compression, Envelope, ErrorCode, Frame, Keyring as PKeyring, Opener, Padding, Provenance, Qos,
+    Scope, SealOptions, Sealer, Topic, TopicFilter, TreeId,
 };
 
 use crate::error::{js_error, key_error, publish_error, subscribe_error, topic_error};
@@ -51,6 +51,56 @@ fn seal_options(level: i32, padding: bool) -> SealOptions {
     }
 }
 
+/// A grant's provenance as a JS object: `{ kind: "admin-signed" }`,
+/// `{ kind: "derived", from: SCOPE }` or `{ kind: "delegated", by: SENDER_ID }`.
+fn provenance_object(p: &Provenance) -> JsValue {
+    let o = Object::new();
+    match p {
+        Provenance::AdminSigned => set(&o, "kind", "admin-signed"),
+        Provenance::Derived { from } => {
+            set(&o, "kind", "derived");
+            set(&o, "from", from.to_string());
+        }
+        Provenance::Delegated { by } => {
+            set(&o, "kind", "delegated");
+            set(&o, "by", by.to_string());
+        }
+        // A kind this build does not know: named, never dropped.
+        #[allow(unreachable_patterns)]
+        other => set(&o, "kind", other.to_string()),
+    }
+    o.into()
+}
+
+/// A tree id as `treeId` prints it (32 hex digits).
+fn parse_tree_id(s: &str) -> Result<TreeId, JsValue> {
+    let bad = || {
+        js_error(
+            "INVALID_TREE",
+            &format!("a tree id is 32 hex digits (as a message's treeId), got {s:?}"),
+        )
+    };
+    if s.len() != 32 || !s.is_ascii() {
+        return Err(bad());
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(TreeId(id))
+}
+
+/// A scope as grants print it: `#` (whole tree), `a/b/#` (subtree), `a/b` (one topic).
+fn parse_scope(s: &str) -> Result<Scope, JsValue> {
+    if s == "#" {
+        return Ok(Scope::Tree);
+    }
+    match s.strip_suffix("/#") {
+        Some(p) => Ok(Scope::Subtree(Topic::new(p).map_err(topic_error)?)),
+        None => Ok(Scope::Topic(Topic::new(s).map_err(topic_error)?)),
+    }
+}
+
 /// A delivered message as a JS object (`value` decoded when the content type is CBOR).
 fn message_object(r: &Received) -> JsValue {
     let o = Object::new();
@@ -68,6 +118,7 @@ fn message_object(r: &Received) -> JsValue {
     set(&o, "retained", r.retained);
     set(&o, "treeId", hex(&r.tree_id.0));
     set(&o, "epoch", r.epoch as f64);
+    set(&o, "provenance", provenance_object(&r.provenance));
     set(&o, "contentType", r.content_type.as_str());
     set(&o, "payload", bytes(&r.payload));
     if r.content_type == core::CBOR {
@@ -220,15 +271,32 @@ impl ClientCore {
         Uint8Array::from(&hello.to_bytes()[..])
     }
 
+    /// Lets this client seal with the delegated grant(s) for `scope` (`#`, `a/#` or `a/b`)
+    /// in tree `treeId` (32 hex digits): a grant narrowed by someone the keyring cannot
+    /// verify opens messages but seals only after this opt-in.
+    #[wasm_bindgen(js_name = allowSealing)]
+    pub fn allow_sealing(&mut self, tree_id: &str, scope: &str) -> Result<(), JsValue> {
+        let tree = parse_tree_id(tree_id)?;
+        let scope = parse_scope(scope)?;
+        self.keyring
+            .write()
+            .expect("keyring lock")
+            .allow_sealing(tree, &scope)
+            .map_err(key_error)
+    }
+
     fn seal(
         &mut self,
+        tree: Option<String>,
         topic: &str,
         content_type: &str,
         payload: &[u8],
     ) -> Result<Envelope, JsValue> {
+        let tree = tree.as_deref().map(parse_tree_id).transpose()?;
         let topic = Topic::new(topic).map_err(topic_error)?;
-        core::seal_publish(
+        core::seal_publish_in(
             &self.keyring,
+            tree,
             self.identity.as_ref(),
             &self.policy,
             &mut self.sealer,
@@ -258,16 +326,18 @@ impl ClientCore {
     }
 
     /// A `Pub` frame for a JS value (CBOR). Returns `[frame]`, or `[frame, publishId]` when
-    /// `ack` asks the relay to confirm.
+    /// `ack` asks the relay to confirm. `tree` (32 hex digits) names the tree whose key
+    /// seals it (needed when two trees cover the topic).
     pub fn publish(
         &mut self,
         topic: &str,
         value: &JsValue,
         retain: bool,
         ack: bool,
+        tree: Option<String>,
     ) -> Result<Array, JsValue> {
         let payload = value::encode(value)?;
-        let env = self.seal(topic, core::CBOR, &payload)?;
+        let env = self.seal(tree, topic, core::CBOR, &payload)?;
         Ok(self.pub_bytes(env, retain, ack))
     }
 
@@ -280,8 +350,9 @@ impl ClientCore {
         payload: &[u8],
         retain: bool,
         ack: bool,
+        tree: Option<String>,
     ) -> Result<Array, JsValue> {
-        let env = self.seal(topic, content_type, payload)?;
+        let env = self.seal(tree, topic, content_type, payload)?;
         Ok(self.pub_bytes(env, retain, ack))
     }
 
@@ -293,7 +364,7 @@ impl ClientCore {
         content_type: &str,
         payload: &[u8],
     ) -> Result<Uint8Array, JsValue> {
-        let env = self.seal(topic, content_type, payload)?;
+        let env = self.seal(None, topic, content_type, payload)?;
         Ok(Uint8Array::from(&env.as_bytes()[..]))
     }
 
@@ -318,6 +389,7 @@ impl ClientCore {
             retained: false,
             tree_id: o.tree_id,
             epoch: o.epoch,
+            provenance: o.provenance,
         };
         Ok(message_object(&r))
     }

@@ -70,6 +70,10 @@ pub struct PublishOptions {
     /// reconnect until it does; exactly once (2) adds the relay's publish-id dedup, so a
     /// re-send is never stored or delivered twice.
     pub qos: Qos,
+    /// Seal with the key of this tree. Needed when grants of two trees cover the topic
+    /// (a publish without it then fails with an error naming both trees); otherwise the one
+    /// tree covering the topic seals.
+    pub tree: Option<whispeer_protocol::TreeId>,
 }
 
 impl PublishOptions {
@@ -92,6 +96,11 @@ impl PublishOptions {
     /// Also keep the message as the topic's retained value.
     pub fn retain(mut self) -> Self {
         self.retain = true;
+        self
+    }
+    /// Seals with the key of this tree (see [`PublishOptions::tree`]).
+    pub fn tree(mut self, tree: whispeer_protocol::TreeId) -> Self {
+        self.tree = Some(tree);
         self
     }
 }
@@ -117,6 +126,14 @@ pub struct Message<T> {
     pub tree_id: whispeer_protocol::TreeId,
     /// The key epoch it was sealed under.
     pub epoch: u64,
+    /// How the grant whose key opened it is held: [`Provenance::AdminSigned`],
+    /// [`Provenance::Derived`] (re-derived from a broader verified grant) or
+    /// [`Provenance::Delegated`] (narrowed and handed on by that identity, unverifiable).
+    ///
+    /// [`Provenance::AdminSigned`]: whispeer_protocol::Provenance::AdminSigned
+    /// [`Provenance::Derived`]: whispeer_protocol::Provenance::Derived
+    /// [`Provenance::Delegated`]: whispeer_protocol::Provenance::Delegated
+    pub provenance: whispeer_protocol::Provenance,
     /// The value.
     pub value: T,
 }
@@ -316,15 +333,27 @@ impl ClientBuilder {
             self.relay_auth.as_ref(),
         )
         .await?;
-        let keyring = Arc::new(RwLock::new(self.keyring));
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        let (state_tx, state_rx) = watch::channel(ConnectionState::Connected);
-        let stats = Arc::new(Mutex::new(ClientStats::default()));
+        #[allow(unused_mut)]
+        let mut keyring = self.keyring;
         #[cfg(feature = "persistence")]
         let saved = match &self.persistence {
             Some(p) => Some(crate::persist::Store::open(&p.path)?),
             None => None,
         };
+        // The admins pinned by earlier runs: a grant of the builder's keyring signed by
+        // another admin of a pinned tree fails here (`AdminMismatch`), and so does any later
+        // one. The merged pins are saved at once.
+        #[cfg(feature = "persistence")]
+        if let Some(st) = &saved {
+            if let Some(bytes) = st.pins()? {
+                keyring.import_pins(&bytes)?;
+            }
+            st.save_pins(&keyring.export_pins());
+        }
+        let keyring = Arc::new(RwLock::new(keyring));
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (state_tx, state_rx) = watch::channel(ConnectionState::Connected);
+        let stats = Arc::new(Mutex::new(ClientStats::default()));
         let mut core = ClientCore::with_config(keyring.clone(), self.receive);
         core.set_credit(Some(self.sub_capacity as u64));
         // Durable owner secrets: from the identity (a restarted client keeps its durables),
@@ -460,6 +489,7 @@ fn to_message<T>(
         content_type: r.content_type.clone(),
         tree_id: r.tree_id,
         epoch: r.epoch,
+        provenance: r.provenance.clone(),
         value: decode(r)?,
     })
 }
@@ -556,16 +586,48 @@ impl Client {
         Ok(())
     }
 
+    /// Lets this client seal with the delegated grant(s) for `scope` in `tree` (every held
+    /// epoch): a grant narrowed and handed on by someone the keyring cannot verify opens
+    /// messages but seals only after this opt-in. Admin-signed and derived grants seal
+    /// anyway. Fails when no grant for that scope is held.
+    pub fn allow_sealing(
+        &self,
+        tree: whispeer_protocol::TreeId,
+        scope: &whispeer_protocol::Scope,
+    ) -> Result<(), whispeer_protocol::KeyError> {
+        self.inner
+            .keyring
+            .write()
+            .expect("keyring lock")
+            .allow_sealing(tree, scope)
+    }
+
+    /// The provenance of the grant for `scope` held in the newest epoch of `tree`.
+    pub fn provenance(
+        &self,
+        tree: whispeer_protocol::TreeId,
+        scope: &whispeer_protocol::Scope,
+    ) -> Option<whispeer_protocol::Provenance> {
+        self.inner
+            .keyring
+            .read()
+            .expect("keyring lock")
+            .provenance(tree, scope)
+            .cloned()
+    }
+
     fn seal(
         &self,
+        tree: Option<whispeer_protocol::TreeId>,
         topic: &Topic,
         content_type: &str,
         payload: &[u8],
     ) -> Result<whispeer_protocol::Envelope, PublishError> {
         let i = &self.inner;
         SEALER.with(|s| {
-            core::seal_publish(
+            core::seal_publish_in(
                 &i.keyring,
+                tree,
                 i.identity.as_ref(),
                 &i.policy,
                 &mut s.borrow_mut(),
@@ -582,12 +644,13 @@ impl Client {
     /// Runs the plugins' `on_publish` (which may transform the message), then seals.
     fn seal_with_plugins(
         &self,
+        tree: Option<whispeer_protocol::TreeId>,
         topic: Topic,
         content_type: &str,
         payload: &[u8],
     ) -> Result<whispeer_protocol::Envelope, PublishError> {
         if self.inner.plugins.is_empty() {
-            return self.seal(&topic, content_type, payload);
+            return self.seal(tree, &topic, content_type, payload);
         }
         let mut out = Outgoing {
             topic,
@@ -595,7 +658,7 @@ impl Client {
             payload: payload.to_vec(),
         };
         self.inner.plugins.on_publish(&mut out)?;
-        self.seal(&out.topic, &out.content_type, &out.payload)
+        self.seal(tree, &out.topic, &out.content_type, &out.payload)
     }
 
     async fn send(
@@ -668,6 +731,18 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Publishes raw bytes with a content type of your choice and options (retain, QoS,
+    /// tree); with `ack` it waits for the relay's `PubAck` and returns the relay sequence.
+    pub async fn publish_bytes_with(
+        &self,
+        topic: &str,
+        content_type: &str,
+        payload: &[u8],
+        opts: PublishOptions,
+    ) -> Result<u64, PublishError> {
+        self.publish_raw(topic, content_type, payload, opts).await
+    }
+
     async fn publish_raw(
         &self,
         topic: &str,
@@ -676,7 +751,7 @@ impl Client {
         opts: PublishOptions,
     ) -> Result<u64, PublishError> {
         let topic = Topic::new(topic)?;
-        let env = self.seal_with_plugins(topic, content_type, payload)?;
+        let env = self.seal_with_plugins(opts.tree, topic, content_type, payload)?;
         let keep = opts.qos != Qos::AtMostOnce;
         let pid = (opts.ack || keep).then(|| OsRng.gen::<[u8; 16]>());
         let frame = core::pub_frame(env, pid, opts.retain, opts.qos).to_bytes();
@@ -693,7 +768,7 @@ impl Client {
         let topic = Topic::new(topic)?;
         let mut frames = Vec::with_capacity(values.len());
         for v in values {
-            let env = self.seal_with_plugins(topic.clone(), core::CBOR, &to_cbor(v)?)?;
+            let env = self.seal_with_plugins(None, topic.clone(), core::CBOR, &to_cbor(v)?)?;
             frames.push(core::pub_frame(env, None, false, Qos::AtMostOnce).to_bytes());
         }
         self.send(frames, None, false).await.map(|_| ())
@@ -971,6 +1046,21 @@ impl Driver {
         let _ = changes;
     }
 
+    /// A grant was added at run time: saves the keyring's pins (a new tree pins its admin).
+    fn save_pins(&self) {
+        #[cfg(feature = "persistence")]
+        if let Some(st) = &self.saved {
+            st.save_pins(
+                &self
+                    .core
+                    .keyring()
+                    .read()
+                    .expect("keyring lock")
+                    .export_pins(),
+            );
+        }
+    }
+
     fn sync_stats(&self) {
         let mut st = self.stats.lock().expect("stats lock");
         st.core = self.core.stats();
@@ -1132,7 +1222,7 @@ impl Driver {
                 self.sinks.remove(&id);
                 self.ack_queue.drop_sub(id);
             }
-            Command::Resubscribe => {}
+            Command::Resubscribe => self.save_pins(),
             // The relay redelivers what was not acknowledged on the old connection.
             Command::Ack { .. } => {}
             Command::Flush(tx) => {
@@ -1286,6 +1376,7 @@ impl Driver {
                 self.ack_queue.drop_sub(id);
             }
             Command::Resubscribe => {
+                self.save_pins();
                 // Drop the old relay subscriptions, then subscribe with the current keys.
                 let ids: Vec<LocalSubId> = self.sinks.keys().copied().collect();
                 for id in &ids {

@@ -19,8 +19,8 @@ use bytes::Bytes;
 use rand_core::CryptoRngCore;
 use whispeer_protocol::frame::{self, Hello, Msg, Pub, Sub, Unsub};
 use whispeer_protocol::{
-    Frame, Identity, Keyring, MessageId, Opener, Outgoing, Qos, SealOptions, Sealer, SenderId,
-    Topic, TopicFilter, TreeId,
+    Frame, Identity, Keyring, MessageId, Opener, Outgoing, Provenance, Qos, SealOptions, Sealer,
+    SenderId, Topic, TopicFilter, TreeId,
 };
 
 use crate::error::{PublishError, SubscribeError};
@@ -56,6 +56,9 @@ pub struct Received {
     pub tree_id: TreeId,
     /// The key epoch it was sealed under.
     pub epoch: u64,
+    /// How the grant whose key opened it is held: admin-signed, derived from a broader
+    /// verified grant, or delegated by an identity nothing confirms.
+    pub provenance: Provenance,
 }
 
 /// Counters a client keeps (and exposes as metrics).
@@ -230,7 +233,43 @@ pub fn seal_publish(
     now_ms: u64,
     rng: &mut impl CryptoRngCore,
 ) -> Result<(whispeer_protocol::Envelope, MessageId), PublishError> {
-    let key = keyring.read().expect("keyring lock").topic_key(topic)?;
+    seal_publish_in(
+        keyring,
+        None,
+        identity,
+        policy,
+        sealer,
+        topic,
+        content_type,
+        payload,
+        now_ms,
+        rng,
+    )
+}
+
+/// Like [`seal_publish`], sealing with the key of the named tree when `tree` is given
+/// ([`Keyring::topic_key_in`]); without it the one tree covering `topic` seals, and grants
+/// of two trees covering it are an error naming both ([`Keyring::topic_key`]).
+#[allow(clippy::too_many_arguments)]
+pub fn seal_publish_in(
+    keyring: &RwLock<Keyring>,
+    tree: Option<TreeId>,
+    identity: Option<&Identity>,
+    policy: &SealPolicy,
+    sealer: &mut Sealer,
+    topic: &Topic,
+    content_type: &str,
+    payload: &[u8],
+    now_ms: u64,
+    rng: &mut impl CryptoRngCore,
+) -> Result<(whispeer_protocol::Envelope, MessageId), PublishError> {
+    let key = {
+        let kr = keyring.read().expect("keyring lock");
+        match tree {
+            Some(t) => kr.topic_key_in(t, topic)?,
+            None => kr.topic_key(topic)?,
+        }
+    };
     let msg_id = MessageId::random(rng);
     let out = Outgoing {
         payload,
@@ -330,6 +369,11 @@ impl ClientCore {
         owner_secret(self.owner_key.as_deref(), key_id, name)
     }
 
+    /// The shared keyring.
+    pub fn keyring(&self) -> &Arc<RwLock<Keyring>> {
+        &self.keyring
+    }
+
     /// Asks the relay for flow control on at-least-once subscriptions: at most `credit`
     /// unacknowledged messages in flight (the subscription's buffer capacity).
     pub fn set_credit(&mut self, credit: Option<u64>) {
@@ -417,11 +461,16 @@ impl ClientCore {
         for old in sub.relay_ids.drain(..) {
             self.relay_to_local.remove(&old);
         }
-        let patterns = self
-            .keyring
-            .read()
-            .expect("keyring lock")
-            .compile(&sub.filter, now_ms);
+        let patterns = {
+            let kr = self.keyring.read().expect("keyring lock");
+            // Starting in history: the previous epoch too, past its live grace (its messages
+            // dated before the rotation cutoff are still accepted from history).
+            if replay.is_some() {
+                kr.compile_history(&sub.filter)
+            } else {
+                kr.compile(&sub.filter, now_ms)
+            }
+        };
         let mut frames = Vec::with_capacity(patterns.len());
         let credit = if sub.opts.acking() { self.credit } else { None };
         sub.patterns = patterns.clone();
@@ -565,9 +614,17 @@ impl ClientCore {
         room: &dyn Fn(LocalSubId) -> bool,
     ) -> Delivery {
         self.guard.expire(now_ms);
+        // History (replayed, redelivered, retained) opens with `live = false`: a message of
+        // a superseded epoch is then accepted if dated before the rotation cutoff, whatever
+        // the grace; a live one must also arrive within the grace (PROTOCOL §4.11).
+        let live = msg.flags
+            & (frame::msg_flags::REPLAYED
+                | frame::msg_flags::REDELIVERED
+                | frame::msg_flags::RETAINED)
+            == 0;
         let opened = {
             let kr = self.keyring.read().expect("keyring lock");
-            self.opener.open(&kr, &msg.envelope, now_ms)
+            self.opener.open_with(&kr, &msg.envelope, now_ms, live)
         };
         let o = match opened {
             Ok(o) => o,
@@ -680,6 +737,7 @@ impl ClientCore {
             retained: msg.flags & frame::msg_flags::RETAINED != 0,
             tree_id: o.tree_id,
             epoch: o.epoch,
+            provenance: o.provenance,
         }
     }
 

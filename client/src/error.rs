@@ -38,6 +38,10 @@ pub enum ConnectError {
     #[cfg(feature = "persistence")]
     #[error(transparent)]
     State(#[from] crate::persist::PersistError),
+    /// The keyring cannot be used with the client state: e.g. a grant of a tree whose
+    /// admin pinned in the state file is another key ([`KeyError::AdminMismatch`]).
+    #[error("keyring: {0}")]
+    Keys(#[from] KeyError),
 }
 
 /// Why a publish failed.

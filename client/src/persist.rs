@@ -9,7 +9,10 @@
 //!   msg_id)` delivered to any subscription, until it expires by time (the client's replay
 //!   horizon), so a message replayed or redelivered after a restart is not delivered again;
 //! - the **retained high-water mark** of each topic (keyed by `BLAKE3(tree id ‖ topic)`),
-//!   so a retained value can never be rolled back across a restart.
+//!   so a retained value can never be rolled back across a restart;
+//! - the **pinned admin** of every tree the keyring has seen (`Keyring::export_pins`, one
+//!   row, table `pins`), imported on start before anything else, so after a restart an epoch
+//!   certificate signed by anyone but the pinned admin is refused.
 //!
 //! Durable *positions* live on the relay (the durable floor, persisted there); the client
 //! resumes them by name. Only ciphertext frames, ids and hashes are written, never
@@ -134,8 +137,14 @@ impl Store {
                 "schema version {version}, expected {SCHEMA_VERSION}"
             )));
         }
-        db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
-            .map_err(err)?;
+        // `pins` came after schema 2 was released: created in any schema-2 file that lacks
+        // it (older clients ignore the table).
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+             CREATE TABLE IF NOT EXISTS pins (id INTEGER PRIMARY KEY CHECK (id = 1),
+                                              bytes BLOB NOT NULL);",
+        )
+        .map_err(err)?;
         Ok(Store {
             db,
             path: path.to_owned(),
@@ -189,6 +198,28 @@ impl Store {
             .execute("DELETE FROM outbox WHERE pid = ?1", params![&pid[..]])
         {
             self.warn("clearing a publish", e);
+        }
+    }
+
+    /// The pinned admins saved by [`Store::save_pins`] (`Keyring::export_pins` bytes).
+    pub(crate) fn pins(&self) -> Result<Option<Vec<u8>>, PersistError> {
+        use rusqlite::OptionalExtension;
+        self.db
+            .query_row("SELECT bytes FROM pins WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(|source| PersistError::Sqlite {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Saves the keyring's pins (`Keyring::export_pins` bytes), replacing the old ones.
+    pub(crate) fn save_pins(&self, bytes: &[u8]) {
+        if let Err(e) = self.db.execute(
+            "INSERT OR REPLACE INTO pins (id, bytes) VALUES (1, ?1)",
+            params![bytes],
+        ) {
+            self.warn("saving the pinned admins", e);
         }
     }
 
@@ -326,6 +357,14 @@ mod tests {
         drop(db);
         let e = Store::open(&foreign).unwrap_err();
         assert!(matches!(e, PersistError::Foreign { .. }), "{e}");
+        assert_eq!(s.pins().unwrap(), None);
+        s.save_pins(b"\x01pins");
+        drop(s);
+        assert_eq!(
+            Store::open(&p).unwrap().pins().unwrap().as_deref(),
+            Some(&b"\x01pins"[..])
+        );
+
         let garbage = dir.path().join("garbage.db");
         std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
         let e = Store::open(&garbage).unwrap_err();

@@ -345,6 +345,7 @@ mod tests {
             retained: false,
             tree_id: whispeer_protocol::TreeId([0; 16]),
             epoch: 0,
+            provenance: whispeer_protocol::Provenance::AdminSigned,
         };
         assert_eq!(ps.on_message(&mut r), Verdict::Deliver);
         assert_eq!(&r.payload[..], b"abc");

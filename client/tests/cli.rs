@@ -1214,3 +1214,162 @@ fn a_killed_durable_subscriber_resumes_and_history_replays() {
         1,
     );
 }
+
+#[test]
+fn key_rotate_sets_the_cutoff_and_pub_tree_picks_among_two_trees() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alpha_file, alpha) = new_tree(dir.path(), "alpha");
+    let (beta_file, beta) = new_tree(dir.path(), "beta");
+    let (af, bf) = (alpha_file.to_str().unwrap(), beta_file.to_str().unwrap());
+
+    // key rotate: the next epoch, same tree id and admin, with the cutoff and end given.
+    let next = ok(run_with(
+        &[
+            "key",
+            "rotate",
+            "-",
+            "--cutoff",
+            "1000",
+            "--not-after",
+            "4102444800000",
+        ],
+        &alpha,
+        &[],
+    ));
+    let (old, new) = (show(&alpha), show(&next));
+    assert_eq!(new["kind"], "tree");
+    assert_eq!(new["tree_id"], old["tree_id"]);
+    assert_eq!(new["admin"], old["admin"]);
+    assert_eq!(new["epoch"], 1);
+    assert_eq!(new["prev_cutoff_ms"], 1000);
+    assert_eq!(new["not_after_ms"], 4102444800000u64);
+    // Default cutoff: now.
+    let before = whispeer::now_ms();
+    let now_rotated = show(&ok(run_with(&["key", "rotate", "-"], &alpha, &[])));
+    assert!(now_rotated["prev_cutoff_ms"].as_u64().unwrap() >= before);
+    assert_eq!(now_rotated["not_after_ms"], serde_json::Value::Null);
+    // Only the admin rotates; an end before the cutoff is a usage error.
+    let grant = ok(run_with(
+        &["key", "derive", "-", "--path", "a"],
+        &alpha,
+        &[],
+    ));
+    assert!(fails(run_with(&["key", "rotate", "-"], &grant, &[]), 2).contains("tree key"));
+    fails(
+        run_with(
+            &[
+                "key",
+                "rotate",
+                "-",
+                "--cutoff",
+                "5000",
+                "--not-after",
+                "10",
+            ],
+            &alpha,
+            &[],
+        ),
+        2,
+    );
+
+    // pub --tree: with keys of two trees covering the topic, a plain pub names both trees;
+    // naming one seals with it (a subscriber holding only that tree reads it).
+    let relay = start_relay_binary(&[]);
+    let url = relay.tcp_url();
+    let (alpha_id, beta_id) = (
+        old["tree_id"].as_str().unwrap().to_owned(),
+        show(&beta)["tree_id"].as_str().unwrap().to_owned(),
+    );
+    let err = fails(
+        run(&[
+            "pub",
+            "--relay",
+            &url,
+            "shared/x",
+            "1",
+            "--key-file",
+            af,
+            "--key-file",
+            bf,
+        ]),
+        1,
+    );
+    assert!(err.contains(&alpha_id) && err.contains(&beta_id), "{err}");
+    let mut sub = Proc::spawn(
+        &[
+            "sub",
+            "--relay",
+            &url,
+            "shared/#",
+            "--count",
+            "1",
+            "--key-file",
+            bf,
+        ],
+        &[],
+    );
+    sub.ready();
+    ok(run(&[
+        "pub",
+        "--relay",
+        &url,
+        "shared/x",
+        "2",
+        "--qos",
+        "1",
+        "--tree",
+        &beta_id,
+        "--key-file",
+        af,
+        "--key-file",
+        bf,
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&sub.line()).unwrap();
+    assert_eq!(v["data"], 2);
+    assert!(sub.finish().0.success());
+    let err = fails(
+        run(&[
+            "pub",
+            "--relay",
+            &url,
+            "shared/x",
+            "3",
+            "--tree",
+            "xyz",
+            "--key-file",
+            af,
+        ]),
+        2,
+    );
+    assert!(err.contains("32 hex digits"), "{err}");
+
+    // bench --tree: the same choice for the bench topic.
+    let bench = |tree: Option<&str>| {
+        let mut args = vec![
+            "bench",
+            "--relay",
+            &url,
+            "--msgs",
+            "50",
+            "--topic",
+            "shared/b",
+            "--json",
+            "--no-progress",
+            "--key-file",
+            af,
+            "--key-file",
+            bf,
+        ];
+        if let Some(t) = tree {
+            args.extend(["--tree", t]);
+        }
+        run(&args)
+    };
+    let err = fails(bench(None), 1);
+    assert!(err.contains(&alpha_id) && err.contains(&beta_id), "{err}");
+    let r: serde_json::Value = serde_json::from_str(&ok(bench(Some(&alpha_id)))).unwrap();
+    assert_eq!(
+        (r["sent"].as_u64(), r["lost"].as_u64()),
+        (Some(50), Some(0))
+    );
+}

@@ -566,6 +566,22 @@ impl Keyring {
         out
     }
 
+    /// Like [`Keyring::compile`], for a subscription that starts in history: one pattern
+    /// per *held* epoch (the previous one too after its live grace), since history may hold
+    /// its messages dated before the rotation cutoff ([`Keyring::accepts_message`] with
+    /// `live = false`). Live messages of an epoch past its grace still fail to open.
+    pub fn compile_history(&self, filter: &TopicFilter) -> Vec<TokenPattern> {
+        let mut out = Vec::new();
+        for tree in self.trees.values() {
+            for e in tree.epochs.values() {
+                if e.grants.iter().any(|h| h.grant.scope().intersects(filter)) {
+                    out.push(e.keys.compile(filter));
+                }
+            }
+        }
+        out
+    }
+
     /// The trees held: (id, name, newest epoch, admin).
     pub fn trees(&self) -> impl Iterator<Item = (TreeId, &str, u64, SenderId)> + '_ {
         self.trees.iter().filter_map(|(id, t)| {

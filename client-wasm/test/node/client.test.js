@@ -284,3 +284,55 @@ test('the package loads by name with import and require', () => {
   );
   assert.equal(cjs.trim(), 'wspk1');
 });
+
+test('two trees covering a topic: a plain publish names both, `tree` picks one', async () => {
+  const alpha = TreeKey.generate('alpha');
+  const beta = TreeKey.generate('beta');
+  const pub = await connect({ keys: [alpha, beta] });
+  const sub = await connect({ keys: [alpha, beta] });
+  const c = collector(2);
+  await sub.subscribe('shared/#', c.cb);
+  await assert.rejects(pub.publish('shared/x', 1, { ack: true }), (e) => {
+    assert.equal(e.code, 'KEY');
+    assert.ok(e.message.includes(alpha.treeId) && e.message.includes(beta.treeId), e.message);
+    return true;
+  });
+  await pub.publish('shared/x', 2, { ack: true, tree: beta.treeId });
+  await pub.publish('shared/x', 3, { ack: true, tree: alpha.treeId });
+  const got = await c.all;
+  assert.deepEqual(
+    got.map((m) => [m.value, m.treeId]),
+    [
+      [2, beta.treeId],
+      [3, alpha.treeId],
+    ],
+  );
+  assert.deepEqual(got[0].provenance, { kind: 'admin-signed' });
+  await assert.rejects(pub.publish('shared/x', 4, { tree: 'zz' }), (e) => e.code === 'INVALID_TREE');
+});
+
+test('messages carry the provenance; a delegated grant seals only after allowSealing', async () => {
+  const tree = TreeKey.generate('org');
+  const bob = Identity.generate();
+  const delegated = tree.grant().narrow('org/news/#', bob);
+  const admin = await connect({ keys: tree });
+  const member = await connect({ keys: delegated });
+  const atMember = collector(1);
+  const atAdmin = collector(1);
+  await member.subscribe('org/news/#', atMember.cb);
+  await admin.subscribe('org/#', atAdmin.cb);
+  await admin.publish('org/news/x', 1, { ack: true });
+  const [m] = await atMember.all;
+  assert.equal(m.value, 1);
+  assert.deepEqual(m.provenance, { kind: 'delegated', by: bob.senderId });
+  assert.equal(m.treeId, tree.treeId);
+  await assert.rejects(member.publish('org/news/y', 2, { ack: true }), (e) => e.code === 'KEY');
+  assert.throws(() => member.allowSealing(tree.treeId, 'org/news'), (e) => e.code === 'KEY');
+  member.allowSealing(tree.treeId, 'org/news/#');
+  await member.publish('org/news/y', 2, { ack: true });
+  const [first] = await atAdmin.all;
+  assert.equal(first.value, 1);
+  assert.deepEqual(first.provenance, { kind: 'admin-signed' });
+  await atAdmin.count(2);
+  assert.equal(atAdmin.got[1].value, 2);
+});

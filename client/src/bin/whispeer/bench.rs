@@ -81,6 +81,10 @@ pub struct BenchArgs {
     /// No progress bar (it is also hidden when stderr is not a terminal).
     #[arg(long)]
     no_progress: bool,
+    /// Seal with the key of this tree (32 hex digits): needed when keys of two trees cover
+    /// the topic.
+    #[arg(long, value_name = "TREE_ID", value_parser = io::parse_tree_id)]
+    tree: Option<whispeer::protocol::TreeId>,
     #[command(flatten)]
     keys: KeyArgs,
 }
@@ -221,9 +225,14 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             &mut rand::rngs::OsRng,
         )?));
     }
-    io::keyring(&keys)?
-        .grant_for(&topic)
+    {
+        let kr = io::keyring(&keys)?;
+        match a.tree {
+            Some(t) => kr.grant_in(t, &topic),
+            None => kr.grant_for(&topic),
+        }
         .context("the given keys cannot publish on the bench topic")?;
+    }
 
     let compression = match a.zstd {
         Some(l) if l > 0 => Compression::zstd(l),
@@ -318,6 +327,10 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             duration,
             per_pub_rate,
             a.subs == 0,
+            whispeer::PublishOptions {
+                tree: a.tree,
+                ..Default::default()
+            },
         )));
     }
     let mut pubs = Vec::new();
@@ -471,6 +484,7 @@ async fn publisher(
     duration: Duration,
     rate: f64,
     flush_window: bool,
+    opts: whispeer::PublishOptions,
 ) -> Result<PubResult> {
     let mut buf = vec![0u8; size];
     rand::rngs::OsRng.fill_bytes(&mut buf[HEADER..]);
@@ -499,7 +513,7 @@ async fn publisher(
         }
         buf[..8].copy_from_slice(&shared.now_ns().to_be_bytes());
         client
-            .publish_bytes(topic.as_str(), CONTENT_TYPE, &buf)
+            .publish_bytes_with(topic.as_str(), CONTENT_TYPE, &buf, opts)
             .await
             .context("publish failed")?;
         shared.sent.fetch_add(1, Ordering::AcqRel);

@@ -338,3 +338,18 @@ pub fn write_secret_file(path: &Path, contents: &str, force: bool) -> Result<()>
     std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
     Ok(())
 }
+
+/// Parses a tree id as `whispeer key show` prints it (32 hex digits), for `--tree`.
+pub fn parse_tree_id(s: &str) -> Result<whispeer::protocol::TreeId, String> {
+    let s = s.trim();
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "a tree id is 32 hex digits (as `whispeer key show` prints it), got {s:?}"
+        ));
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(whispeer::protocol::TreeId(id))
+}

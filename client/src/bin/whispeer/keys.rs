@@ -125,6 +125,26 @@ pub enum KeyCommand {
         #[command(flatten)]
         out: OutArgs,
     },
+    /// The next epoch of a tree (revoking anyone means rotating): prints the new tree key
+    /// (wstree1…, fresh random root, same tree id and admin). Holders of the new epoch refuse
+    /// messages of earlier epochs dated at or after --cutoff; re-share grants of the new
+    /// epoch (`key derive`, invites) with those who remain.
+    Rotate {
+        /// The tree key to rotate ('-' reads stdin; default --key-file / WHISPEER_KEY / stdin).
+        key: Option<String>,
+        /// Unix milliseconds: earlier-epoch messages dated at or after it are refused (from
+        /// history too). Default: now (the time of the removal).
+        #[arg(long, value_name = "UNIX_MS")]
+        cutoff: Option<u64>,
+        /// Unix milliseconds: messages of the new epoch dated after it are refused (holders
+        /// that never get the next epoch stop accepting new messages then). Default: no end.
+        #[arg(long, value_name = "UNIX_MS")]
+        not_after: Option<u64>,
+        #[command(flatten)]
+        src: KeyArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
     /// The tree key every holder of NAME + passphrase derives alike (Argon2id). The
     /// passphrase is read from WHISPEER_PASSPHRASE or the first line of stdin.
     FromPassphrase {
@@ -300,6 +320,35 @@ pub fn key(c: KeyCommand) -> Result<ExitCode> {
                 }
             }
             out.emit(&lines.join("\n"))?;
+        }
+        KeyCommand::Rotate {
+            key,
+            cutoff,
+            not_after,
+            src,
+            out,
+        } => {
+            let AnyKey::Tree(tk) = io::one_key(key.as_deref(), &src)? else {
+                usage!("key rotate needs the tree key (wstree1…): only the admin rotates");
+            };
+            let cutoff = cutoff.unwrap_or_else(whispeer::now_ms);
+            if not_after.is_some_and(|na| na < cutoff) {
+                usage!(
+                    "--not-after ({}) is before --cutoff ({cutoff})",
+                    not_after.unwrap_or(0)
+                );
+            }
+            let next = tk
+                .rotate(cutoff, &mut rand::rngs::OsRng)?
+                .with_not_after(not_after);
+            eprintln!(
+                "tree '{}': epoch {} → {} (earlier epochs refused from {cutoff}); share grants \
+                 of the new epoch with those who remain",
+                next.name(),
+                tk.epoch(),
+                next.epoch()
+            );
+            out.emit(&next.to_key_string())?;
         }
         KeyCommand::FromPassphrase {
             tree,

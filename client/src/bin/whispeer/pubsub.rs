@@ -143,6 +143,10 @@ pub struct PubArgs {
     /// Keep as the topic's retained value on the relay.
     #[arg(long)]
     retain: bool,
+    /// Seal with the key of this tree (32 hex digits, as `whispeer key show` prints it):
+    /// needed when keys of two trees cover the topic.
+    #[arg(long, value_name = "TREE_ID", value_parser = io::parse_tree_id)]
+    tree: Option<whispeer::protocol::TreeId>,
     #[command(flatten)]
     keys: KeyArgs,
     /// Sign with this identity (else WHISPEER_IDENTITY; without either, messages are
@@ -162,9 +166,11 @@ pub async fn publish(a: PubArgs) -> Result<ExitCode> {
     let value = a.json.as_deref().map(parse_json).transpose()?;
     let keys = a.keys.require()?;
     let keyring = io::keyring(&keys)?;
-    keyring
-        .grant_for(&topic)
-        .context("cannot publish with the given keys")?;
+    match a.tree {
+        Some(t) => keyring.grant_in(t, &topic),
+        None => keyring.grant_for(&topic),
+    }
+    .context("cannot publish with the given keys")?;
     let identity = a.identity.load()?;
     if identity.is_none() {
         tracing::info!("no identity: publishing unsigned messages");
@@ -175,6 +181,7 @@ pub async fn publish(a: PubArgs) -> Result<ExitCode> {
         retain: a.retain,
         ack: a.qos > 0,
         qos,
+        tree: a.tree,
     };
     let mut sent = 0u64;
     let result: Result<()> = async {

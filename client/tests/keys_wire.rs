@@ -1,0 +1,292 @@
+//! The v2 key format wired into the client (issue 9: grants bound to their tree, revocation
+//! that means it), against a real relay on real sockets: history of a superseded epoch opens
+//! only if dated before the rotation cutoff (and live only within the grace), messages
+//! expose the provenance of the grant that opened them, a delegated grant seals only after
+//! an opt-in, the pinned admins survive a restart in the client state file, and a publish
+//! names the tree when two trees cover a topic.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use support::raw::*;
+use support::*;
+use whispeer::protocol::{KeyError, Provenance, Scope};
+use whispeer::{Client, ClientStats, Encryption, PublishError, PublishOptions, Replay, Tcp};
+use whispeer::{Keyring, SubscribeOptions, Topic, TreeKey};
+
+async fn until_stats(c: &Client, what: &str, cond: impl Fn(&ClientStats) -> bool) -> ClientStats {
+    within(what, async {
+        loop {
+            let s = c.stats();
+            if cond(&s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+async fn next(sub: &mut whispeer::Subscription<u32>) -> whispeer::Message<u32> {
+    within("a message", sub.next())
+        .await
+        .expect("stream open")
+        .expect("a message")
+}
+
+async fn client_with(url: &str, keys: Keyring) -> Client {
+    Client::builder()
+        .with(Tcp::new(url))
+        .with(Encryption::new(keys))
+        .with(identity())
+        .connect()
+        .await
+        .expect("connects")
+}
+
+const HOUR: u64 = 3_600_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rotation_history_before_the_cutoff_replays_and_after_it_is_refused() {
+    let relay = TestRelay::start().await;
+    let now = whispeer::now_ms();
+    let e0 = tree("team");
+    let cutoff = now - 30_000;
+    let e1 = e0.rotate(cutoff, &mut rand::rngs::OsRng).expect("rotates");
+    let alice = identity();
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+
+    // History: epoch 0 before the cutoff, epoch 0 after it (a removed member backdating
+    // is bounded by the cutoff; this one dates after it), then epoch 1.
+    let first = member
+        .publish(&seal(&e0, Some(&alice), "team/a", 1, now - 60_000), false)
+        .await;
+    member
+        .publish(&seal(&e0, Some(&alice), "team/a", 2, now - 10_000), false)
+        .await;
+    member
+        .publish(&seal(&e1, Some(&alice), "team/a", 3, now - 5_000), false)
+        .await;
+
+    // The subscriber got the rotation two hours ago; the grace (one hour) is over.
+    let mut keys = Keyring::with_grace(HOUR);
+    keys.add_grant(e0.grant_all(), now - 2 * HOUR).unwrap();
+    keys.add_grant(e1.grant_all(), now - 2 * HOUR).unwrap();
+    let c = client_with(&relay.tcp_url(), keys).await;
+    let mut sub = c
+        .subscribe_with_options::<u32>(
+            "team/#",
+            SubscribeOptions::new().replay(Replay::FromSeq(first)),
+        )
+        .await
+        .unwrap();
+    // One relay subscription per epoch, each replaying its own history: any order.
+    let mut got = vec![next(&mut sub).await, next(&mut sub).await]
+        .into_iter()
+        .map(|m| (m.value, m.epoch))
+        .collect::<Vec<_>>();
+    got.sort();
+    assert_eq!(
+        got,
+        [(1, 0), (3, 1)],
+        "previous-epoch history dated before the cutoff opens after the grace; dated after \
+         the cutoff it is refused"
+    );
+    until_stats(&c, "the post-cutoff message counted", |s| {
+        s.core.rejected >= 1
+    })
+    .await;
+
+    // Live, past the grace: a previous-epoch message is refused even dated before the
+    // cutoff; the current epoch goes on.
+    member
+        .publish(&seal(&e0, Some(&alice), "team/a", 4, now - 45_000), false)
+        .await;
+    member
+        .publish(
+            &seal(&e1, Some(&alice), "team/a", 5, whispeer::now_ms()),
+            false,
+        )
+        .await;
+    assert_eq!(next(&mut sub).await.value, 5, "live old epoch refused");
+    let s = until_stats(&c, "both refusals counted", |s| s.core.rejected >= 2).await;
+    assert_eq!(s.core.rejected, 2);
+    c.close().await;
+    drop(member);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_carry_the_provenance_and_a_delegated_grant_seals_only_after_opt_in() {
+    let relay = TestRelay::start().await;
+    let t = tree("org");
+    let bob = identity();
+    let news = Topic::new("org/news").unwrap();
+    // Admin-signed (the whole tree), and a subtree narrowed by bob (delegated).
+    let delegated = t.grant_all().narrow(&news, false, &bob).unwrap();
+    let mut dkeys = Keyring::new();
+    dkeys.add_grant(delegated, whispeer::now_ms()).unwrap();
+
+    let admin = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let member = client_with(&relay.tcp_url(), dkeys).await;
+    let scope = Scope::Subtree(news.clone());
+    assert_eq!(
+        member.provenance(t.tree_id(), &scope),
+        Some(Provenance::Delegated {
+            by: bob.sender_id()
+        })
+    );
+
+    let mut at_admin = admin.subscribe::<u32>("org/#").await.unwrap();
+    let mut at_member = member.subscribe::<u32>("org/news/#").await.unwrap();
+    admin
+        .publish_with("org/news/x", &1u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    let m = next(&mut at_member).await;
+    assert_eq!(m.value, 1);
+    assert_eq!(
+        m.provenance,
+        Provenance::Delegated {
+            by: bob.sender_id()
+        }
+    );
+    assert_eq!(m.tree_id, t.tree_id());
+    let m = next(&mut at_admin).await;
+    assert_eq!(m.provenance, Provenance::AdminSigned);
+
+    // The delegated grant opens but does not seal until the member opts in.
+    let e = member
+        .publish_with("org/news/y", &2u32, PublishOptions::at_least_once())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, PublishError::Key(KeyError::NotSealable { .. })),
+        "{e}"
+    );
+    assert!(matches!(
+        member.allow_sealing(t.tree_id(), &Scope::Topic(news.clone())),
+        Err(KeyError::NoSuchGrant { .. })
+    ));
+    member.allow_sealing(t.tree_id(), &scope).unwrap();
+    member
+        .publish_with("org/news/y", &2u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    assert_eq!(next(&mut at_admin).await.value, 2);
+    admin.close().await;
+    member.close().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_trees_covering_a_topic_the_publish_names_the_tree() {
+    let relay = TestRelay::start().await;
+    let a = tree("alpha");
+    let b = tree("beta");
+    let mut keys = keyring_with(&a);
+    keys.add_tree_key(&b, whispeer::now_ms()).unwrap();
+    let mut keys2 = keyring_with(&a);
+    keys2.add_tree_key(&b, whispeer::now_ms()).unwrap();
+    let publisher = client_with(&relay.tcp_url(), keys).await;
+    let subscriber = client_with(&relay.tcp_url(), keys2).await;
+    let mut sub = subscriber.subscribe::<u32>("shared/#").await.unwrap();
+
+    let e = publisher
+        .publish_with("shared/x", &1u32, PublishOptions::at_least_once())
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        matches!(e, PublishError::Key(KeyError::AmbiguousTree { .. })),
+        "{e}"
+    );
+    for id in [a.tree_id(), b.tree_id()] {
+        assert!(text.contains(&id.to_string()), "{text} names {id}");
+    }
+    for (t, v) in [(&b, 2u32), (&a, 3u32)] {
+        publisher
+            .publish_with(
+                "shared/x",
+                &v,
+                PublishOptions::at_least_once().tree(t.tree_id()),
+            )
+            .await
+            .unwrap();
+        let m = next(&mut sub).await;
+        assert_eq!((m.value, m.tree_id), (v, t.tree_id()));
+    }
+    // A tree that does not cover the topic is an error, not a fallback to another tree.
+    let c = tree("gamma");
+    assert!(publisher
+        .publish_with(
+            "shared/x",
+            &4u32,
+            PublishOptions::at_least_once().tree(c.tree_id()),
+        )
+        .await
+        .is_err());
+    publisher.close().await;
+    subscriber.close().await;
+    relay.stop().await;
+}
+
+/// A key claiming `tree`'s id but signed by another admin.
+fn forged(tree: &TreeKey) -> TreeKey {
+    let mut root = [0u8; 32];
+    let mut seed = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut root);
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+    TreeKey::from_parts(tree.tree_id(), 0, tree.name(), root, seed).unwrap()
+}
+
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pinned_admin_survives_a_restart_and_another_admin_is_refused() {
+    use whispeer::{ConnectError, Persistence};
+    let relay = TestRelay::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("client.db");
+    let t = tree("pinned");
+    let other = tree("other");
+    let evil = forged(&t);
+    let connect = |keys: Keyring| {
+        Client::builder()
+            .with(Tcp::new(relay.tcp_url()))
+            .with(Encryption::new(keys))
+            .with(Persistence::sqlite(&state))
+            .connect()
+    };
+
+    // First run: the tree's admin is pinned (and saved).
+    let c = connect(keyring_with(&t)).await.unwrap();
+    c.close().await;
+
+    // Restart with only another tree: a certificate for the pinned tree signed by another
+    // admin is refused at run time...
+    let c = connect(keyring_with(&other)).await.unwrap();
+    let e = c.add_grant(evil.grant_all()).unwrap_err();
+    assert!(matches!(e, KeyError::AdminMismatch { .. }), "{e}");
+    // ...the genuine admin's next epoch is accepted...
+    let t1 = t
+        .rotate(whispeer::now_ms(), &mut rand::rngs::OsRng)
+        .unwrap();
+    c.add_grant(t1.grant_all()).unwrap();
+    c.close().await;
+
+    // ...and a restart with the forged key in the builder's keyring does not connect.
+    let e = connect(keyring_with(&evil)).await.unwrap_err();
+    assert!(
+        matches!(e, ConnectError::Keys(KeyError::AdminMismatch { .. })),
+        "{e}"
+    );
+
+    // Without the state file nothing remembers the pin: the forged key is taken (which is
+    // what the persisted pin prevents).
+    let fresh = tcp_client(&relay.tcp_url(), keyring_with(&other), identity()).await;
+    fresh.add_grant(evil.grant_all()).unwrap();
+    fresh.close().await;
+    relay.stop().await;
+}
