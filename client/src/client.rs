@@ -245,6 +245,7 @@ pub struct ClientBuilder {
     pub(crate) persistence: Option<crate::persist::Persistence>,
     /// The relay account sent in `Hello` (key or bearer token).
     pub(crate) relay_auth: Option<crate::options::RelayAuth>,
+    pub(crate) durable_owner: Option<zeroize::Zeroizing<[u8; 32]>>,
 }
 
 impl Default for ClientBuilder {
@@ -268,6 +269,7 @@ impl Default for ClientBuilder {
             #[cfg(feature = "persistence")]
             persistence: None,
             relay_auth: None,
+            durable_owner: None,
         }
     }
 }
@@ -358,9 +360,10 @@ impl ClientBuilder {
         core.set_credit(Some(self.sub_capacity as u64));
         // Durable owner secrets: from the identity (a restarted client keeps its durables),
         // else random for this client's lifetime.
-        core.set_owner_key(match &self.identity {
-            Some(i) => i.derive_secret("whispeer v2 durable owner"),
-            None => {
+        core.set_owner_key(match (self.durable_owner, &self.identity) {
+            (Some(k), _) => k,
+            (None, Some(i)) => i.derive_secret("whispeer v2 durable owner"),
+            (None, None) => {
                 let mut k = zeroize::Zeroizing::new([0u8; 32]);
                 rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k[..]);
                 k

@@ -76,7 +76,7 @@ pub use options::{
     TlsRoot, TopicOptions, WebSocket,
 };
 #[cfg(feature = "tokio-runtime")]
-pub use options::{RelayAuth, RelayAuthError, ACCOUNT_KEY_PREFIX};
+pub use options::{DurableOwner, RelayAuth, RelayAuthError, ACCOUNT_KEY_PREFIX};
 #[cfg(feature = "persistence")]
 pub use persist::{PersistError, Persistence};
 #[cfg(feature = "tokio-runtime")]

@@ -377,6 +377,42 @@ impl Engine for TlsPin {
 #[error("invalid TLS pin: {0}")]
 pub struct TlsPinError(String);
 
+/// The key a client derives its durable-subscription owner secrets from (`Sub.owner`,
+/// PROTOCOL §3.3.3). By default it is derived from the client's [`Identity`] (so a restarted
+/// client with the same identity keeps its durables) or random when there is none. Set it
+/// to share durables between processes that hold the same secret — the CLI derives it from
+/// the key strings it was given, so anyone holding those keys may resume the durable and
+/// nobody else (a stranger who only learned the key id from the relay) can.
+#[derive(Clone)]
+pub struct DurableOwner(zeroize::Zeroizing<[u8; 32]>);
+
+impl DurableOwner {
+    /// From 32 secret bytes.
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        DurableOwner(zeroize::Zeroizing::new(secret))
+    }
+    /// Derived from any secret material: `BLAKE3-derive_key("whispeer v2 durable owner from
+    /// material", material)`.
+    pub fn derive_from(material: &[u8]) -> Self {
+        DurableOwner(zeroize::Zeroizing::new(blake3::derive_key(
+            "whispeer v2 durable owner from material",
+            material,
+        )))
+    }
+}
+
+impl std::fmt::Debug for DurableOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DurableOwner(..)")
+    }
+}
+
+impl Engine for DurableOwner {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.durable_owner = Some(self.0);
+    }
+}
+
 /// A relay account: proves the right to use a relay that runs with `auth = required`.
 ///
 /// Separate from the [`Identity`] that signs messages (the relay never links the two): an

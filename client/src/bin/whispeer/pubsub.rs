@@ -86,6 +86,18 @@ impl ConnArgs {
         identity: Option<Identity>,
         compression: Option<whispeer::Compression>,
     ) -> Result<Client> {
+        self.connect_owned(keyring, identity, compression, None)
+            .await
+    }
+
+    /// [`Self::connect`], with the key durable-subscription owner secrets derive from.
+    pub async fn connect_owned(
+        &self,
+        keyring: Keyring,
+        identity: Option<Identity>,
+        compression: Option<whispeer::Compression>,
+        owner: Option<whispeer::DurableOwner>,
+    ) -> Result<Client> {
         self.check()?;
         let mut b = Client::builder()
             .with(WebSocket::new(&self.relay)) // sets the URL for every scheme
@@ -96,6 +108,9 @@ impl ConnArgs {
         }
         if let Some(id) = identity {
             b = b.with(id);
+        }
+        if let Some(o) = owner {
+            b = b.with(o);
         }
         if let Some(path) = &self.auth_key {
             b = b.with(whispeer::RelayAuth::key_file(path)?);
@@ -377,7 +392,16 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
     let opts = a.options()?;
     let keys = a.keys.require()?;
     let keyring = io::keyring(&keys)?;
-    let client = a.conn.connect(keyring, None, None).await?;
+    // A durable belongs to whoever holds these keys: a later `sub --durable` with the same
+    // keys resumes it; a stranger who only learned the key id from the relay cannot.
+    let mut material = a.keys.texts()?;
+    material.sort();
+    let material = zeroize::Zeroizing::new(material.join("\n"));
+    let owner = whispeer::DurableOwner::derive_from(material.as_bytes());
+    let client = a
+        .conn
+        .connect_owned(keyring, None, None, Some(owner))
+        .await?;
     let mut sub = match client
         .subscribe_bytes_with_options(filter.as_str(), opts)
         .await
