@@ -72,15 +72,18 @@ fn main() {
                 || stats.connections.load(Ordering::Relaxed) < 1_000)
                 && Instant::now() < deadline
             {
-                stats.progress.notified().await;
+                // Attackers the relay slows down may never reach the marks: start anyway.
+                let deadline = tokio::time::Instant::from_std(deadline);
+                let _ = tokio::time::timeout_at(deadline, stats.progress.notified()).await;
             }
         });
         let rss_before = relay.rss_mib();
         let r = honest_bench(&relay, &["--rate", "1000"], secs);
         let rss_during = relay.rss_mib();
         let _ = stop_tx.send(true);
+        // A throttled attacker may sit in a blocked write forever: stop them all.
         for h in handles {
-            let _ = rt.block_on(h);
+            h.abort();
         }
         println!(
             "relay RSS during the attack: {rss_before:.1} MiB when the honest client started, {rss_during:.1} MiB when it ended"
@@ -334,8 +337,12 @@ fn junk_envelope(key_id: KeyId, token: TopicToken, size: usize) -> Envelope {
     Envelope::from_bytes(Bytes::from(out)).expect("a valid envelope header")
 }
 
-async fn connect(addr: SocketAddr) -> Option<TcpStream> {
-    let mut s = TcpStream::connect(addr).await.ok()?;
+/// Connects from `from` (a loopback address of its own: the relay's per-address limits
+/// must not lump attackers together with the honest client on 127.0.0.1) and says Hello.
+async fn connect(addr: SocketAddr, from: std::net::Ipv4Addr) -> Option<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4().ok()?;
+    sock.bind(SocketAddr::from((from, 0))).ok()?;
+    let mut s = sock.connect(addr).await.ok()?;
     let hello = Frame::Hello(Hello {
         versions: vec![PROTOCOL_VERSION],
         features: u64::MAX,
@@ -369,6 +376,11 @@ async fn drain(mut r: tokio::net::tcp::OwnedReadHalf, stats: Arc<AttackStats>) {
     }
 }
 
+/// Attacker `i`'s source address: 127.0.1.x, ten attackers per address.
+fn attacker_ip(i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(127, 0, 1, 2 + (i / 10) as u8)
+}
+
 /// One attacker connection; its kind depends on `i`.
 async fn attacker(
     i: usize,
@@ -383,7 +395,9 @@ async fn attacker(
         // Publish flood: QoS 1 with PubAck, 4 KiB envelopes, half on the shared key id, half
         // on a fresh invented key id per message (storage and path exhaustion).
         0 => {
-            let Some(s) = connect(addr).await else { return };
+            let Some(s) = connect(addr, attacker_ip(i)).await else {
+                return;
+            };
             stats.bump(&stats.connections);
             let (r, mut w) = s.into_split();
             tokio::spawn(drain(r, stats.clone()));
@@ -410,7 +424,9 @@ async fn attacker(
         }
         // Sub flood: replay from 0 under random key ids, then unsubscribe, as fast as possible.
         1 => {
-            let Some(s) = connect(addr).await else { return };
+            let Some(s) = connect(addr, attacker_ip(i)).await else {
+                return;
+            };
             stats.bump(&stats.connections);
             let (r, mut w) = s.into_split();
             tokio::spawn(drain(r, stats.clone()));
@@ -441,7 +457,7 @@ async fn attacker(
         }
         // A subscriber on the flooded key id that never reads its socket.
         2 => {
-            let Some(mut s) = connect(addr).await else {
+            let Some(mut s) = connect(addr, attacker_ip(i)).await else {
                 return;
             };
             stats.bump(&stats.connections);
@@ -455,7 +471,7 @@ async fn attacker(
         // Connection churn: connect, Hello, hang up, again.
         _ => {
             while !*stop.borrow() {
-                match connect(addr).await {
+                match connect(addr, attacker_ip(i)).await {
                     Some(s) => {
                         stats.bump(&stats.connections);
                         drop(s);
@@ -496,7 +512,9 @@ async fn sinks_scenario(relay: &RelayProc, secs: f64) -> SinkRss {
     let idle = relay.rss_mib();
     let mut sinks = Vec::with_capacity(SINKS);
     for i in 0..SINKS {
-        let Some(mut s) = connect(relay.tcp).await else {
+        // 100 sinks per source address (the relay caps connections per address).
+        let from = std::net::Ipv4Addr::new(127, 1, 0, 2 + (i / 100) as u8);
+        let Some(mut s) = connect(relay.tcp, from).await else {
             break;
         };
         if s.write_all(&codec::encode_prefixed(&sub_all(key, i as u64)))
@@ -523,7 +541,7 @@ async fn sinks_scenario(relay: &RelayProc, secs: f64) -> SinkRss {
     }
     let subscribed = relay.rss_mib();
     let stats = Arc::new(AttackStats::default());
-    let Some(p) = connect(relay.tcp).await else {
+    let Some(p) = connect(relay.tcp, std::net::Ipv4Addr::new(127, 2, 0, 1)).await else {
         panic!("publisher could not connect")
     };
     let (r, mut w) = p.into_split();
@@ -545,11 +563,12 @@ async fn sinks_scenario(relay: &RelayProc, secs: f64) -> SinkRss {
         for _ in 0..64 {
             batch.extend_from_slice(&frame);
         }
-        match tokio::time::timeout(Duration::from_millis(200), w.write_all(&batch)).await {
-            Ok(Ok(())) => published += 64,
-            Ok(Err(_)) => break,
-            Err(_) => {} // backpressure: the relay paused our reads
+        // Blocks while the relay pauses our reads (backpressure); never cut a write short,
+        // or the stream would carry half a frame.
+        if w.write_all(&batch).await.is_err() {
+            break;
         }
+        published += 64;
         if published % 4096 == 0 {
             peak = peak.max(relay.rss_mib());
         }
