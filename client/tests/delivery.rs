@@ -333,16 +333,6 @@ async fn a_persistent_broker_keeps_acknowledged_messages_across_restarts() {
     broker.shutdown().await.unwrap();
 }
 
-/// Waits (on the client's own counters) until `f` holds.
-async fn until_stats(c: &whispeer::Client, what: &str, f: impl Fn(&whispeer::ClientStats) -> bool) {
-    within(what, async {
-        while !f(&c.stats()) {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-}
-
 #[cfg(feature = "persistence")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbox_survives_a_client_restart() {

@@ -7,27 +7,12 @@
 
 mod support;
 
-use std::time::Duration;
-
 use futures_util::StreamExt;
 use support::raw::*;
 use support::*;
 use whispeer::protocol::{KeyError, Provenance, Scope};
-use whispeer::{Client, ClientStats, Encryption, PublishError, PublishOptions, Replay, Tcp};
+use whispeer::{Client, Encryption, PublishError, PublishOptions, Replay, Tcp};
 use whispeer::{Keyring, SubscribeOptions, Topic, TreeKey};
-
-async fn until_stats(c: &Client, what: &str, cond: impl Fn(&ClientStats) -> bool) -> ClientStats {
-    within(what, async {
-        loop {
-            let s = c.stats();
-            if cond(&s) {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-}
 
 async fn next(sub: &mut whispeer::Subscription<u32>) -> whispeer::Message<u32> {
     within("a message", sub.next())

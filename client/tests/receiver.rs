@@ -16,23 +16,8 @@ use support::*;
 use whispeer::protocol::frame::{self, Msg, SubOk};
 use whispeer::protocol::{Frame, Qos};
 use whispeer::{
-    Client, ClientStats, Encryption, ReceiveError, Reconnect, Signing, SubscribeOptions, Tcp,
-    TopicOptions,
+    Client, Encryption, ReceiveError, Reconnect, Signing, SubscribeOptions, Tcp, TopicOptions,
 };
-
-/// Polls the client's counters until `cond` holds (bounded by the support timeout).
-async fn until_stats(c: &Client, what: &str, cond: impl Fn(&ClientStats) -> bool) -> ClientStats {
-    within(what, async {
-        loop {
-            let s = c.stats();
-            if cond(&s) {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-}
 
 async fn value(sub: &mut whispeer::Subscription<u32>) -> u32 {
     within("a message", sub.next())

@@ -259,3 +259,22 @@ pub fn start_relay_binary(extra: &[&str]) -> RelayProcess {
         dir,
     }
 }
+
+/// Polls the client's own counters until `cond` holds (bounded by [`within`]'s timeout);
+/// returns the counters that satisfied it.
+pub async fn until_stats(
+    c: &Client,
+    what: &str,
+    cond: impl Fn(&whispeer::ClientStats) -> bool,
+) -> whispeer::ClientStats {
+    within(what, async {
+        loop {
+            let s = c.stats();
+            if cond(&s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
