@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -186,7 +186,7 @@ struct Inner {
     identity: Option<Identity>,
     policy: SealPolicy,
     state: watch::Receiver<ConnectionState>,
-    stats: Arc<Mutex<ClientStats>>,
+    stats: watch::Receiver<ClientStats>,
     next_id: AtomicU64,
     sub_capacity: usize,
     plugins: Plugins,
@@ -355,7 +355,7 @@ impl ClientBuilder {
         let keyring = Arc::new(RwLock::new(keyring));
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connected);
-        let stats = Arc::new(Mutex::new(ClientStats::default()));
+        let (stats_tx, stats) = watch::channel(ClientStats::default());
         let mut core = ClientCore::with_config(keyring.clone(), self.receive);
         core.set_credit(Some(self.sub_capacity as u64));
         // Durable owner secrets: from the identity (a restarted client keeps its durables),
@@ -390,7 +390,7 @@ impl ClientBuilder {
             outbox: VecDeque::new(),
             outbox_bytes: 0,
             state: state_tx,
-            stats: stats.clone(),
+            stats: stats_tx,
             next_nonce: 1,
             plugins: self.plugins.clone(),
             inflight: HashMap::new(),
@@ -569,7 +569,13 @@ impl Client {
 
     /// Counters: delivered, rejected, duplicates, drops, reconnects.
     pub fn stats(&self) -> ClientStats {
-        self.inner.stats.lock().expect("stats lock").clone()
+        self.inner.stats.borrow().clone()
+    }
+
+    /// A receiver woken whenever the counters change (wait on it instead of polling
+    /// [`Client::stats`]).
+    pub fn stats_changes(&self) -> watch::Receiver<ClientStats> {
+        self.inner.stats.clone()
     }
 
     /// The sender id of this client's identity.
@@ -997,7 +1003,8 @@ struct Driver {
     outbox: VecDeque<Bytes>,
     outbox_bytes: usize,
     state: watch::Sender<ConnectionState>,
-    stats: Arc<Mutex<ClientStats>>,
+    /// The counters; every change wakes `Client::stats_changes` receivers.
+    stats: watch::Sender<ClientStats>,
     next_nonce: u64,
     plugins: Plugins,
     /// QoS ≥ 1 publishes not yet acknowledged, re-sent in order after a reconnect.
@@ -1024,7 +1031,8 @@ impl Driver {
             }
             self.inflight.insert(id, (self.next_inflight, f.clone()));
             self.next_inflight += 1;
-            self.stats.lock().expect("stats lock").unacked_publishes = self.inflight.len() as u64;
+            let n = self.inflight.len() as u64;
+            self.stats.send_modify(|st| st.unacked_publishes = n);
         }
     }
 
@@ -1035,7 +1043,8 @@ impl Driver {
             if let Some(st) = &self.saved {
                 st.acked(id);
             }
-            self.stats.lock().expect("stats lock").unacked_publishes = self.inflight.len() as u64;
+            let n = self.inflight.len() as u64;
+            self.stats.send_modify(|st| st.unacked_publishes = n);
         }
     }
 
@@ -1065,9 +1074,11 @@ impl Driver {
     }
 
     fn sync_stats(&self) {
-        let mut st = self.stats.lock().expect("stats lock");
-        st.core = self.core.stats();
-        st.unacked_publishes = self.inflight.len() as u64;
+        let (core, n) = (self.core.stats(), self.inflight.len() as u64);
+        self.stats.send_modify(|st| {
+            st.core = core;
+            st.unacked_publishes = n;
+        });
     }
 
     async fn run(mut self, first: Connection, heartbeat: Duration) {
@@ -1157,7 +1168,7 @@ impl Driver {
             .await
             {
                 Ok(c) => {
-                    self.stats.lock().expect("stats lock").reconnects += 1;
+                    self.stats.send_modify(|st| st.reconnects += 1);
                     return Some(c);
                 }
                 Err(e) => tracing::debug!(error = %e, attempt, "reconnect failed"),
@@ -1180,7 +1191,8 @@ impl Driver {
             Command::Send { frames, ack, .. } => {
                 let len: usize = frames.iter().map(|f| f.len()).sum();
                 if self.outbox_bytes + len > self.outbox_limit {
-                    self.stats.lock().expect("stats lock").outbox_drops += frames.len() as u64;
+                    self.stats
+                        .send_modify(|st| st.outbox_drops += frames.len() as u64);
                     if let Some((_, tx)) = ack {
                         let _ = tx.send(Err(PublishError::BufferFull(self.outbox_limit)));
                     }
@@ -1456,8 +1468,8 @@ impl Driver {
             }
         };
         if !lagged.is_empty() {
-            let mut st = self.stats.lock().expect("stats lock");
-            st.slow_subscriber_drops += lagged.len() as u64;
+            self.stats
+                .send_modify(|st| st.slow_subscriber_drops += lagged.len() as u64);
             for id in &lagged {
                 if let Some(s) = self.sinks.get(id) {
                     s.lag.fetch_add(1, Ordering::AcqRel);
@@ -1468,7 +1480,7 @@ impl Driver {
         if !targets.is_empty() && !self.plugins.is_empty() {
             let rm = Arc::make_mut(&mut r);
             if self.plugins.on_message(rm) == Verdict::Drop {
-                self.stats.lock().expect("stats lock").plugin_drops += 1;
+                self.stats.send_modify(|st| st.plugin_drops += 1);
                 if slotted {
                     self.ack_queue.placeholder(m.seq, &routed);
                 }

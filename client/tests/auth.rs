@@ -265,12 +265,13 @@ async fn a_removed_account_is_disconnected() {
     assert!(out.status.success());
     // Polled with a deadline: the relay closes the connection at its next reload, and
     // reconnecting fails (auth_failed) so the client never gets back to Connected.
-    within("the disconnect", async {
-        while alice.state() == whispeer::ConnectionState::Connected {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let mut state = alice.state_changes();
+    within(
+        "the disconnect",
+        state.wait_for(|s| *s != whispeer::ConnectionState::Connected),
+    )
+    .await
+    .expect("the client keeps its state");
 }
 
 #[test]

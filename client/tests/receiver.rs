@@ -249,16 +249,7 @@ async fn ack_stream(bad: &[usize]) -> (Vec<usize>, bool) {
     for i in (0..10).filter(|i| !bad.contains(i)) {
         assert_eq!(value(&mut sub).await, i as u32);
     }
-    let acks = within("every seq acked", async {
-        loop {
-            let a: Vec<u64> = proxy.acks().into_iter().flatten().collect();
-            if a.len() >= 10 {
-                return a;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    let acks = within("every seq acked", proxy.wait_acks(|a| a.len() >= 10)).await;
     c.close().await;
     relay.stop().await;
     let idx = acks

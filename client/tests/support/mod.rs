@@ -267,13 +267,14 @@ pub async fn until_stats(
     what: &str,
     cond: impl Fn(&whispeer::ClientStats) -> bool,
 ) -> whispeer::ClientStats {
+    let mut rx = c.stats_changes();
     within(what, async {
         loop {
-            let s = c.stats();
+            let s = rx.borrow_and_update().clone();
             if cond(&s) {
                 return s;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            rx.changed().await.expect("the client keeps its counters");
         }
     })
     .await

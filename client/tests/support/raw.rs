@@ -109,6 +109,8 @@ impl RawPublisher {
 pub struct RecordingProxy {
     pub addr: SocketAddr,
     pub sent: Arc<Mutex<Vec<Frame>>>,
+    /// Counts recorded frames; wakes [`RecordingProxy::wait_acks`].
+    recorded: tokio::sync::watch::Receiver<u64>,
 }
 
 impl RecordingProxy {
@@ -117,6 +119,8 @@ impl RecordingProxy {
         let addr = listener.local_addr().unwrap();
         let sent = Arc::new(Mutex::new(Vec::new()));
         let rec = sent.clone();
+        let (bump, recorded) = tokio::sync::watch::channel(0u64);
+        let bump = Arc::new(bump);
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -126,6 +130,7 @@ impl RecordingProxy {
                     continue;
                 };
                 let rec = rec.clone();
+                let bump = bump.clone();
                 tokio::spawn(async move {
                     let (mut cr, mut cw) = client.into_split();
                     let (mut rr, mut rw) = relay.into_split();
@@ -133,6 +138,7 @@ impl RecordingProxy {
                         while let Some(b) = read_raw(&mut cr).await {
                             if let Ok(f) = Frame::decode_slice(&b) {
                                 rec.lock().unwrap().push(f);
+                                bump.send_modify(|n| *n += 1);
                             }
                             if rw.write_all(&(b.len() as u32).to_be_bytes()).await.is_err()
                                 || rw.write_all(&b).await.is_err()
@@ -148,7 +154,24 @@ impl RecordingProxy {
                 });
             }
         });
-        RecordingProxy { addr, sent }
+        RecordingProxy {
+            addr,
+            sent,
+            recorded,
+        }
+    }
+
+    /// Waits (on the recorded frames, not a timer) until `cond` holds for the acked
+    /// sequences; returns them. Bounded by the caller's `within`.
+    pub async fn wait_acks(&self, cond: impl Fn(&[u64]) -> bool) -> Vec<u64> {
+        let mut rx = self.recorded.clone();
+        loop {
+            let a: Vec<u64> = self.acks().into_iter().flatten().collect();
+            if cond(&a) {
+                return a;
+            }
+            rx.changed().await.expect("the proxy outlives its recorder");
+        }
     }
 
     /// The sequences of every `Ack` frame the client sent so far, frame by frame.
