@@ -145,6 +145,11 @@ enum Item {
     Msg(Arc<Received>, Option<SlotId>),
     /// At most once: messages lost (relay gap) before what follows.
     Lagged(u64),
+    /// At least once: an envelope routed here that the app never sees (did not open, was
+    /// refused, a duplicate, dropped by a plugin, or opened for another subscription). The
+    /// stream takes it silently, so its ack leaves when the app reaches it, exactly as a
+    /// message's would.
+    Hidden(SlotId),
 }
 
 /// Where the relay's `PubAck` (its sequence number) for one publish is reported.
@@ -454,16 +459,21 @@ impl<T> Subscription<T> {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Message<T>, ReceiveError>>> {
-        let polled = self.rx.poll_recv(cx);
-        if polled.is_pending() {
-            // Everything buffered was taken: report losses that came after it.
-            let lost = self.lag.swap(0, Ordering::AcqRel);
-            if lost > 0 {
-                return Poll::Ready(Some(Err(ReceiveError::Lagged(lost))));
+        loop {
+            let polled = self.rx.poll_recv(cx);
+            if polled.is_pending() {
+                // Everything buffered was taken: report losses that came after it.
+                let lost = self.lag.swap(0, Ordering::AcqRel);
+                if lost > 0 {
+                    return Poll::Ready(Some(Err(ReceiveError::Lagged(lost))));
+                }
             }
-        }
-        polled.map(|o| {
-            o.map(|item| match item {
+            let item = match polled {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(item)) => item,
+            };
+            return Poll::Ready(Some(match item {
                 Item::Msg(r, slot) => {
                     if let Some(slot) = slot {
                         let _ = self.cmd.send(Command::Ack { slot, sub: self.id });
@@ -473,8 +483,12 @@ impl<T> Subscription<T> {
                 Item::Lagged(n) => {
                     Err(ReceiveError::Lagged(n + self.lag.swap(0, Ordering::AcqRel)))
                 }
-            })
-        })
+                Item::Hidden(slot) => {
+                    let _ = self.cmd.send(Command::Ack { slot, sub: self.id });
+                    continue;
+                }
+            }));
+        }
     }
 }
 
@@ -1429,6 +1443,12 @@ impl Driver {
     /// One delivered message: the core decides (open, checks, room); every outcome takes
     /// one slot of the ack queue when the relay expects acks, so acks leave in relay order
     /// whatever became of the envelope (no key oracle).
+    ///
+    /// Every at-least-once subscription the relay routed the envelope to gets exactly one
+    /// item for its slot: the message when it opened and matched, otherwise a hidden
+    /// placeholder that its stream consumes silently. So a slot is released when the app
+    /// reaches it in its stream whatever became of the envelope, and the timing of the acks
+    /// follows the app's reading, never the outcome of opening (PROTOCOL §4.10).
     fn on_msg(&mut self, m: &whispeer_protocol::frame::Msg) {
         let sinks = &self.sinks;
         // At most once, a pending lag report goes first, so it needs a slot too.
@@ -1445,7 +1465,6 @@ impl Driver {
         };
         let delivery = self.core.receive_with(m, now_ms(), &room);
         self.persist_changes();
-        let slotted = !routed.is_empty();
         let (r, targets, lagged) = match delivery {
             Delivery::Deliver {
                 msg,
@@ -1453,59 +1472,76 @@ impl Driver {
                 lagged,
             } => (msg, targets, lagged),
             Delivery::HeldBack => {
-                if slotted {
+                if !routed.is_empty() {
                     self.ack_queue.held_back(m.seq, &routed);
                 }
                 self.sync_stats();
                 return;
             }
             _ => {
-                if slotted {
-                    self.ack_queue.placeholder(m.seq, &routed);
-                }
                 self.sync_stats();
+                self.hand_out(m.seq, &routed, None, &[]);
                 return;
             }
         };
         if !lagged.is_empty() {
-            self.stats
-                .send_modify(|st| st.slow_subscriber_drops += lagged.len() as u64);
+            // The subscription's lag first: whoever sees the counter move (a test, a
+            // dashboard) must then find the loss in the stream too.
             for id in &lagged {
                 if let Some(s) = self.sinks.get(id) {
                     s.lag.fetch_add(1, Ordering::AcqRel);
                 }
             }
+            self.stats
+                .send_modify(|st| st.slow_subscriber_drops += lagged.len() as u64);
         }
         let mut r = r;
         if !targets.is_empty() && !self.plugins.is_empty() {
             let rm = Arc::make_mut(&mut r);
             if self.plugins.on_message(rm) == Verdict::Drop {
                 self.stats.send_modify(|st| st.plugin_drops += 1);
-                if slotted {
-                    self.ack_queue.placeholder(m.seq, &routed);
-                }
                 self.sync_stats();
+                self.hand_out(m.seq, &routed, None, &[]);
                 return;
             }
         }
         self.sync_stats(); // counters are current before the app sees the message
-        let waiting: Vec<LocalSubId> = targets
+        self.hand_out(m.seq, &routed, Some(&r), &targets);
+    }
+
+    /// Hands one delivered envelope to the subscriptions: `msg` to `targets`, and a hidden
+    /// placeholder to every other at-least-once subscription in `routed` (one item per
+    /// routed subscription, whatever the envelope's fate); takes its ack-queue slot.
+    fn hand_out(
+        &mut self,
+        seq: u64,
+        routed: &[LocalSubId],
+        msg: Option<&Arc<Received>>,
+        targets: &[LocalSubId],
+    ) {
+        let acking = |id: &LocalSubId| self.sinks.get(id).is_some_and(|s| s.acking);
+        // Routed subscriptions without room (never when the relay honours the credit) or
+        // without a sink do not wait: their part of the slot is released with it.
+        let hidden: Vec<LocalSubId> = routed
             .iter()
             .copied()
-            .filter(|t| self.sinks.get(t).is_some_and(|s| s.acking))
+            .filter(|id| !targets.contains(id) && acking(id))
+            .filter(|id| self.sinks.get(id).is_some_and(|s| s.tx.capacity() > 0))
             .collect();
-        let slot = if m.seq == 0 {
+        let mut waiting: Vec<LocalSubId> = targets.iter().copied().filter(acking).collect();
+        waiting.extend(hidden.iter().copied());
+        let slot = if seq == 0 || routed.is_empty() && waiting.is_empty() {
             None
         } else if waiting.is_empty() {
-            if slotted {
-                self.ack_queue.placeholder(m.seq, &routed);
-            }
+            self.ack_queue.placeholder(seq, routed);
             None
         } else {
-            Some(self.ack_queue.deliver(m.seq, &routed, waiting))
+            Some(self.ack_queue.deliver(seq, routed, waiting))
         };
-        for t in targets {
-            if let Some(s) = self.sinks.get(&t) {
+        let mut failed = Vec::new();
+        if let Some(r) = msg {
+            for t in targets {
+                let Some(s) = self.sinks.get(t) else { continue };
                 if !s.acking {
                     // Report what was lost before this message, in order.
                     let lost = s.lag.swap(0, Ordering::AcqRel);
@@ -1514,14 +1550,25 @@ impl Driver {
                     }
                 }
                 let item = Item::Msg(r.clone(), if s.acking { slot } else { None });
-                if s.tx.try_send(item).is_err() {
+                if s.tx.try_send(item).is_err() && s.acking {
                     // Checked for room just before: only a closed subscription gets here.
-                    if let Some(slot) = slot {
-                        self.ack_queue.drop_sub(t);
-                        let _ = slot;
-                    }
+                    failed.push(*t);
                 }
             }
+        }
+        if let Some(slot) = slot {
+            for h in &hidden {
+                let sent = self
+                    .sinks
+                    .get(h)
+                    .is_some_and(|s| s.tx.try_send(Item::Hidden(slot)).is_ok());
+                if !sent {
+                    failed.push(*h);
+                }
+            }
+        }
+        for t in failed {
+            self.ack_queue.drop_sub(t);
         }
     }
 
