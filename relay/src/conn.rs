@@ -88,6 +88,9 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
     }
 }
 
+/// Frames one connection handles before it lets other tasks run.
+const FRAMES_PER_TURN: usize = 16;
+
 /// Reads until the session asks to close, the queue closes elsewhere, the relay shuts
 /// down, or a timeout fires. Returns whether the source reached its end.
 async fn read_loop<Src: FrameSource>(
@@ -114,7 +117,17 @@ async fn read_loop<Src: FrameSource>(
         .clamp(Duration::from_millis(5), Duration::from_secs(1));
     let mut redeliver = tokio::time::interval(period);
     redeliver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut this_turn = 0usize;
     loop {
+        // Fairness: one read can hold dozens of frames, and tokio only charges its
+        // cooperative budget per read, so a flooding connection could handle thousands of
+        // frames before another task runs. Yield every few frames instead: the worst a
+        // flooder can do to everyone else is one short turn per round.
+        this_turn += 1;
+        if this_turn > FRAMES_PER_TURN {
+            this_turn = 0;
+            tokio::task::yield_now().await;
+        }
         tokio::select! {
             biased;
             _ = &mut closing => {

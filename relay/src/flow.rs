@@ -382,9 +382,8 @@ async fn run(
             }
             let chunk = {
                 let (store, pattern, plan) = (store.clone(), pattern.clone(), plan.clone());
-                tokio::task::spawn_blocking(move || store.read(&pattern, &plan, from, upto))
-                    .await
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))??
+                crate::store::read_off_runtime(move || store.read(&pattern, &plan, from, upto))
+                    .await?
             };
             let mut sent = 0u64;
             for m in chunk.msgs {

@@ -83,6 +83,7 @@ pub struct Metrics {
     redelivered: AtomicU64,
     duplicate_publishes: AtomicU64,
     throttled: AtomicU64,
+    refusal_paused: AtomicU64,
     credit_pauses: AtomicU64,
 }
 
@@ -110,6 +111,7 @@ impl Default for Metrics {
             redelivered: AtomicU64::new(0),
             duplicate_publishes: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
+            refusal_paused: AtomicU64::new(0),
             credit_pauses: AtomicU64::new(0),
         }
     }
@@ -183,6 +185,11 @@ impl Metrics {
         self.error_sent(ErrorCode::SlowConsumer);
     }
     /// A connection's reads were paused by a rate limit.
+    /// A connection's reads were paused after a refused publish.
+    pub(crate) fn refusal_paused(&self) {
+        self.refusal_paused.fetch_add(1, Relaxed);
+    }
+
     pub(crate) fn throttled(&self) {
         self.throttled.fetch_add(1, Relaxed);
     }
@@ -405,7 +412,7 @@ impl Metrics {
                 "whispeer_relay_connections_total{{transport=\"{k}\"}} {v}"
             );
         }
-        let counters: [(&str, &str, u64); 13] = [
+        let counters: [(&str, &str, u64); 14] = [
             (
                 "whispeer_relay_connections_rejected_total",
                 "Connections refused (connection limit, plugins).",
@@ -460,6 +467,11 @@ impl Metrics {
                 "whispeer_relay_throttled_total",
                 "Times a connection's reads were paused by a rate limit (backpressure).",
                 load(&self.throttled),
+            ),
+            (
+                "whispeer_relay_refusal_pauses_total",
+                "Times a connection's reads were paused after a refused publish (the pause doubles per refusal in a row).",
+                load(&self.refusal_paused),
             ),
             (
                 "whispeer_relay_credit_pauses_total",

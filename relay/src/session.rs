@@ -37,6 +37,10 @@ pub(crate) enum Flow {
 }
 
 /// The relay's software name in `Welcome`.
+/// The pause after the first refused publish in a row; it doubles per further refusal.
+const REFUSAL_PAUSE: Duration = Duration::from_micros(500);
+/// Doublings of [`REFUSAL_PAUSE`] at most (0.5 ms × 2^10 ≈ 0.5 s).
+const MAX_REFUSAL_DOUBLINGS: u32 = 11;
 const RELAY_NAME: &str = concat!("whispeer-relay/", env!("CARGO_PKG_VERSION"));
 
 /// Maps a frame decoding failure to the error code the client is told.
@@ -91,6 +95,9 @@ pub(crate) struct Session {
     slot: Option<AddrSlot>,
     /// Over a rate: the reader pauses until then.
     pause: Option<Instant>,
+    /// Publishes refused in a row (store busy or full, quota, rights): each one pauses the
+    /// reader longer, so a client that ignores refusals cannot keep the relay busy refusing.
+    refused_in_a_row: u32,
     reason: String,
     finished: bool,
     /// Whose store quota this connection's writes count against (the source address; the
@@ -146,6 +153,7 @@ impl Session {
             ack_bucket,
             slot,
             pause: None,
+            refused_in_a_row: 0,
             reason: String::from("open"),
             finished: false,
             tenant: Tenant::from_peer(peer),
@@ -285,6 +293,17 @@ impl Session {
                 None,
             ),
         }
+    }
+
+    /// A publish was refused: pause reading for 0.5 ms doubling per refusal in a row, up to
+    /// about 0.5 s; the next accepted publish resets it. A client that waits before it
+    /// retries a refused publish hardly notices; one that keeps firing is
+    /// slowed to a few refusals per second instead of costing the relay a refusal per frame.
+    fn refused_publish(&mut self, now: Instant) {
+        self.refused_in_a_row = (self.refused_in_a_row + 1).min(MAX_REFUSAL_DOUBLINGS);
+        let wait = REFUSAL_PAUSE * (1u32 << (self.refused_in_a_row - 1));
+        self.shared.metrics.refusal_paused();
+        self.charge(Some(wait), now);
     }
 
     fn charge_sub(&mut self, cost: f64, now: Instant) {
@@ -765,6 +784,7 @@ impl Session {
             Rights::of(&[Right::Publish])
         };
         if let Err(r) = self.authorize(path.key_id(), need) {
+            self.refused_publish(now);
             return self.refuse(r, None, p.publish_id);
         }
         let info = PublishInfo {
@@ -810,8 +830,12 @@ impl Session {
                 self.shared.metrics.duplicate_publish();
                 seq
             }
-            Err(e) => return self.reply_err(e.code(), e.to_string(), None, p.publish_id),
+            Err(e) => {
+                self.refused_publish(now);
+                return self.reply_err(e.code(), e.to_string(), None, p.publish_id);
+            }
         };
+        self.refused_in_a_row = 0;
         let Some(publish_id) = p.publish_id.filter(|_| p.flags & pub_flags::ACK != 0) else {
             return Flow::Continue;
         };

@@ -29,6 +29,27 @@ use whispeer_protocol::{Envelope, ErrorCode, KeyId, Qos, TokenPath, TokenPattern
 
 use crate::ids::Seq;
 
+/// Store reads (history, replay, retained, credit refills) in flight at once, process-wide.
+/// Each relay's reads share one SQLite reader connection, so more would only park blocking
+/// threads on its lock; unbounded, a `Sub` flood with replay spawned hundreds of them and
+/// starved the runtime's workers of CPU.
+const CONCURRENT_READS: usize = 4;
+static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CONCURRENT_READS);
+
+/// Runs a store read on the blocking pool, waiting (asynchronously) for one of
+/// [`CONCURRENT_READS`] permits first.
+pub(crate) async fn read_off_runtime<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let _permit = READS
+        .acquire()
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+}
+
 mod sqlite;
 
 pub use sqlite::SqliteStore;
