@@ -218,6 +218,18 @@ fn new_tree(dir: &Path, name: &str) -> (PathBuf, String) {
     )
 }
 
+/// `whispeer sub --relay URL FILTER --count N --key-file F…`, once it is ready.
+fn sub_ready(url: &str, filter: &str, count: u32, key_files: &[&str]) -> Proc {
+    let count = count.to_string();
+    let mut args = vec!["sub", "--relay", url, filter, "--count", &count];
+    for f in key_files {
+        args.extend(["--key-file", f]);
+    }
+    let mut p = Proc::spawn(&args, &[]);
+    p.ready();
+    p
+}
+
 #[test]
 fn keygen_writes_a_0600_file_and_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();
@@ -413,20 +425,7 @@ fn derived_grant_reads_its_subtree_and_cannot_publish_outside() {
     let kitchen_file = write_file(dir.path(), "kitchen.key", &kitchen);
     let url = relay.ws_url();
 
-    let mut sub = Proc::spawn(
-        &[
-            "sub",
-            "--relay",
-            &url,
-            "sensor/#",
-            "--count",
-            "1",
-            "--key-file",
-            kitchen_file.to_str().unwrap(),
-        ],
-        &[],
-    );
-    sub.ready();
+    let mut sub = sub_ready(&url, "sensor/#", 1, &[kitchen_file.to_str().unwrap()]);
     // Outside the grant: published by the admin, never shown to the kitchen subscriber.
     ok(run(&[
         "pub",
@@ -1424,36 +1423,8 @@ fn sub_lines_show_tree_epoch_and_provenance() {
 
     let relay = start_relay_binary(&[]);
     let url = relay.ws_url();
-    let mut both = Proc::spawn(
-        &[
-            "sub",
-            "--relay",
-            &url,
-            "#",
-            "--count",
-            "3",
-            "--key-file",
-            rf,
-            "--key-file",
-            bf,
-        ],
-        &[],
-    );
-    both.ready();
-    let mut delegated = Proc::spawn(
-        &[
-            "sub",
-            "--relay",
-            &url,
-            "team/news",
-            "--count",
-            "1",
-            "--key-file",
-            news_file.to_str().unwrap(),
-        ],
-        &[],
-    );
-    delegated.ready();
+    let mut both = sub_ready(&url, "#", 3, &[rf, bf]);
+    let mut delegated = sub_ready(&url, "team/news", 1, &[news_file.to_str().unwrap()]);
     let publish = |topic: &str, value: &str, tree: &str| {
         ok(run(&[
             "pub",

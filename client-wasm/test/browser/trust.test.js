@@ -5,7 +5,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startRelay } from '../shared/relay.js';
 import { startChromium } from '../shared/chromium.js';
-import { startProxy, relayMetric, publishUntilDropped } from '../shared/proxy.js';
+import { startProxy, forceRelayGap } from '../shared/proxy.js';
 import { Client, Identity, TreeKey, sealInvite } from '../../js/index.node.js';
 
 let relay, browser;
@@ -48,6 +48,12 @@ function pageClient(page, name, { url = relay.url, keys, filter, options = {} })
     },
     { name, url, keys, filter, options },
   );
+}
+
+/** Closes the page's clients, then the page. */
+async function closePage(page) {
+  await page.evaluate(() => Promise.all(Object.values(window.clients ?? {}).map((c) => c.close())));
+  await page.close();
 }
 
 /** Resolves with the page's `inbox[name]` once it holds `n` messages. */
@@ -115,8 +121,7 @@ test('Chromium: messages carry treeId, epoch and provenance (invite, derived gra
     ]);
     assert.ok(tree.epoch >= 1);
   } finally {
-    await page.evaluate(() => Promise.all(Object.values(window.clients ?? {}).map((c) => c.close())));
-    await page.close();
+    await closePage(page);
   }
 });
 
@@ -164,8 +169,7 @@ test('Chromium: two trees on one topic — a plain publish names both, `tree` pi
     );
     assert.equal(bad, 'INVALID_TREE');
   } finally {
-    await page.evaluate(() => Promise.all(Object.values(window.clients ?? {}).map((c) => c.close())));
-    await page.close();
+    await closePage(page);
   }
 });
 
@@ -206,8 +210,7 @@ test('Chromium: a subscriber that falls behind gets onLag, the lag event and sub
     await pub.publish('q', 40);
     assert.equal(await page.evaluate(async () => (await window.it.next()).value.value), 40, 'it goes on');
   } finally {
-    await page.evaluate(() => Promise.all(Object.values(window.clients ?? {}).map((c) => c.close())));
-    await page.close();
+    await closePage(page);
   }
 });
 
@@ -229,18 +232,14 @@ test('Chromium: a relay Gap (slow-consumer drop) is the lag event and relayGaps'
       await c.flush();
     });
     const pub = await nodeClient(local.url, { keys: tree, compression: 'none', padding: false });
-    proxy.pause('down');
-    const sent = await publishUntilDropped(local, pub, 'gap/x');
-    const early = await relayMetric(local, 'whispeer_relay_dropped_messages_total');
-    assert.ok(early > 0 && early < sent, `${early} of ${sent} dropped`);
-    proxy.resume('down');
-
-    // A last message after the resume: the relay sends every Gap before the batch that
-    // follows it, so once this one is here every loss has been reported. (It may still
-    // push out an older one while the relay's queue drains: count from the relay after.)
-    await pub.publish('gap/x', { i: sent });
-    await page.waitForFunction((sent) => window.seen.at(-1) === sent, sent);
-    const dropped = await relayMetric(local, 'whispeer_relay_dropped_messages_total');
+    const { published, dropped } = await forceRelayGap({
+      relay: local,
+      proxy,
+      pub,
+      topic: 'gap/x',
+      lastArrived: (i) => page.waitForFunction((i) => window.seen.at(-1) === i, i),
+    });
+    assert.ok(dropped > 0 && dropped < published, `${dropped} of ${published}`);
     const r = await page.evaluate(() => ({
       seen: window.seen,
       lost: window.sub.lost,
@@ -249,7 +248,7 @@ test('Chromium: a relay Gap (slow-consumer drop) is the lag event and relayGaps'
       ...window.lag,
     }));
     const sum = (xs) => xs.reduce((a, b) => a + b, 0);
-    assert.equal(r.seen.length + r.lost, sent + 1, 'every message delivered or counted as lost');
+    assert.equal(r.seen.length + r.lost, published, 'every message delivered or counted as lost');
     assert.equal(r.lost, dropped);
     assert.equal(r.dropped, 0);
     assert.equal(r.relayGaps, dropped);
@@ -258,8 +257,7 @@ test('Chromium: a relay Gap (slow-consumer drop) is the lag event and relayGaps'
     for (let k = 1; k < r.seen.length; k++) assert.ok(r.seen[k] > r.seen[k - 1], 'in order');
     await pub.close();
   } finally {
-    await page.evaluate(() => Promise.all(Object.values(window.clients ?? {}).map((c) => c.close())));
-    await page.close();
+    await closePage(page);
     await proxy.close();
     await local.stop();
   }
@@ -321,8 +319,7 @@ test('Chromium: publish waits while the WebSocket send buffer is over the high-w
     await arrived;
     assert.deepEqual(got, Array.from({ length: N }, (_, i) => i), 'every publish, in order');
   } finally {
-    await page.evaluate(() => Promise.all(Object.values(window.clients ?? {}).map((c) => c.close())));
-    await page.close();
+    await closePage(page);
     await proxy.close();
   }
 });

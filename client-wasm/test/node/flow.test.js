@@ -3,7 +3,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startRelay } from '../shared/relay.js';
-import { startProxy, relayMetric, publishUntilDropped } from '../shared/proxy.js';
+import { startProxy, forceRelayGap } from '../shared/proxy.js';
 import { Client, Identity, TreeKey } from '../../js/index.node.js';
 
 let relay;
@@ -22,10 +22,16 @@ async function connect(url, opts) {
   return c;
 }
 
-/** Resolves once `cond()` holds, polling (bounded by each test's timeout). */
-function until(cond, tick = (fn) => setTimeout(fn, 5)) {
-  return new Promise((resolve) => {
-    const check = () => (cond() ? resolve() : tick(check));
+/** Resolves once `cond()` holds, polling; rejects after `ms` (a failed test must not leave
+ * a poll loop that keeps the process alive). */
+function until(cond, ms = 60_000) {
+  const deadline = Date.now() + ms;
+  return new Promise((resolve, reject) => {
+    const check = () => {
+      if (cond()) resolve();
+      else if (Date.now() > deadline) reject(new Error(`condition not met within ${ms} ms: ${cond}`));
+      else setTimeout(check, 5);
+    };
     check();
   });
 }
@@ -108,20 +114,16 @@ test('a relay Gap (slow-consumer drop) reaches the app as the lag event and rela
     const s = await sub.subscribe('gap/x', (m) => got.push(m.value.i), { onLag: (n) => perSub.push(n) });
     await sub.flush();
 
-    proxy.pause('down');
-    const sent = await publishUntilDropped(local, pub, 'gap/x');
-    const early = await relayMetric(local, 'whispeer_relay_dropped_messages_total');
-    assert.ok(early > 0 && early < sent, `${early} of ${sent} dropped`);
-        proxy.resume('down');
-
-    // A last message after the resume: the relay sends every Gap before the batch that
-    // follows it, so once this one is here every loss has been reported. (It may still
-    // push out an older one while the relay's queue drains: count from the relay after.)
-    await pub.publish('gap/x', { i: sent });
-    await until(() => got.at(-1) === sent);
-    const dropped = await relayMetric(local, 'whispeer_relay_dropped_messages_total');
-    t.diagnostic(`the relay dropped ${dropped} of ${sent + 1} messages`);
-    assert.equal(got.length + s.lost, sent + 1, 'every message delivered or counted as lost');
+    const { published, dropped } = await forceRelayGap({
+      relay: local,
+      proxy,
+      pub,
+      topic: 'gap/x',
+      lastArrived: (i) => until(() => got.at(-1) === i),
+    });
+    t.diagnostic(`the relay dropped ${dropped} of ${published} messages`);
+    assert.ok(dropped > 0 && dropped < published, `${dropped} of ${published}`);
+    assert.equal(got.length + s.lost, published, 'every message delivered or counted as lost');
     assert.equal(s.lost, dropped, 'the relay gap is counted on the subscription');
     assert.equal(s.dropped, 0, 'nothing was dropped by the client itself');
     assert.equal(sub.stats().relayGaps, dropped);
