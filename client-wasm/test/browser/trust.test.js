@@ -62,7 +62,7 @@ async function inbox(page, name, n) {
   return page.evaluate((name) => window.inbox[name], name);
 }
 
-test('Chromium: messages carry treeId, epoch and provenance (invite, derived grant, delegated)', async () => {
+test('Chromium: messages carry treeId, epoch and provenance (an invite, a subtree grant, a delegated grant)', async () => {
   const page = await browser.testPage();
   const admin = Identity.generate();
   const tree = TreeKey.generate('org').rotate(); // epoch 1: the epoch is reported, not assumed
@@ -91,7 +91,7 @@ test('Chromium: messages carry treeId, epoch and provenance (invite, derived gra
     assert.deepEqual(opened, { inviter: admin.senderId, scope: 'org/#', epoch: tree.epoch });
     // A subtree grant as `whispeer key derive` writes it (admin-signed), and a grant
     // narrowed by bob (delegated: nothing the browser holds can confirm it).
-    await pageClient(page, 'derived', { keys: tree.grant('org/team/#').toKeyString(), filter: 'org/team/#' });
+    await pageClient(page, 'subtree', { keys: tree.grant('org/team/#').toKeyString(), filter: 'org/team/#' });
     await pageClient(page, 'delegated', {
       keys: tree.grant('org/#').narrow('org/news', bob).toKeyString(),
       filter: 'org/news',
@@ -107,7 +107,7 @@ test('Chromium: messages carry treeId, epoch and provenance (invite, derived gra
       { topic: 'org/team/plan', value: 'plan', treeId: tree.treeId, epoch: tree.epoch, provenance: admitted },
       { topic: 'org/news', value: 'news', treeId: tree.treeId, epoch: tree.epoch, provenance: admitted },
     ]);
-    assert.deepEqual(await inbox(page, 'derived', 1), [
+    assert.deepEqual(await inbox(page, 'subtree', 1), [
       { topic: 'org/team/plan', value: 'plan', treeId: tree.treeId, epoch: tree.epoch, provenance: admitted },
     ]);
     assert.deepEqual(await inbox(page, 'delegated', 1), [
