@@ -34,6 +34,7 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
         cfg.queue.capacity,
         cfg.queue.max_bytes,
         cfg.queue.slow_consumer,
+        shared.budget.clone(),
     ));
     let (conn, admitted) = shared.registry.register(&out, cfg.limits.max_connections);
     let _registration = shared.registry.guard(conn);
@@ -148,6 +149,27 @@ async fn read_loop<Src: FrameSource>(
         }
         // Over a rate limit: stop reading until the bucket refills (backpressure through
         // the socket), with the idle timer suspended meanwhile.
+        while let Some(line) = session.deferred_line() {
+            // A claim this request made (or needs) is being synced by the auth-state
+            // writer thread: stop reading until it is on disk, then answer the request.
+            if let Some(mut durable) = shared.accounts.durable() {
+                tokio::select! {
+                    biased;
+                    _ = &mut closing => {
+                        session.closed_elsewhere();
+                        return false;
+                    }
+                    _ = &mut shutdown => {
+                        session.shutting_down();
+                        return false;
+                    }
+                    _ = durable.wait_for(|n| *n >= line) => {}
+                }
+            }
+            if session.resume_deferred() == Flow::Close {
+                return false;
+            }
+        }
         if let Some(until) = session.take_pause() {
             shared.metrics.throttled();
             tokio::select! {
@@ -187,7 +209,10 @@ async fn write_loop<Snk: FrameSink>(
         }
         if !batch.is_empty() {
             let bytes = batch.iter().map(Bytes::len).sum();
-            if sink.send(&batch).await.is_err() {
+            let sent = sink.send(&batch).await;
+            // Until here the batch counted against the relay-wide outbound budget.
+            out.written(taken.msg_bytes);
+            if sent.is_err() {
                 break;
             }
             metrics.frames_out(batch.len(), bytes);

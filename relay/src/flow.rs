@@ -36,6 +36,10 @@ pub(crate) struct Paused {
     pub(crate) next: u64,
     /// Highest sequence the live path skipped for this subscription.
     pub(crate) missed_max: u64,
+    /// Messages skipped that the store does not keep (QoS 0 without `store_qos0`): the
+    /// catch-up cannot send them, so they are counted and reported with a `Gap` when live
+    /// delivery resumes.
+    pub(crate) lost: u64,
 }
 
 #[derive(Debug)]
@@ -123,10 +127,21 @@ impl Tracking {
 
     /// The live path (under the routing lock): records a delivery if there is credit;
     /// otherwise delivery pauses (or stays paused) and the message waits in the store.
-    pub(crate) fn deliver_live(&self, seq: u64, env: &Envelope, now: Instant) -> Delivery {
+    /// `stored`: the store keeps the message in history (else a pause loses it, counted).
+    pub(crate) fn deliver_live(
+        &self,
+        seq: u64,
+        env: &Envelope,
+        stored: bool,
+        now: Instant,
+    ) -> Delivery {
         let mut t = lock(&self.inner);
         if let Some(p) = t.paused.as_mut() {
-            p.missed_max = p.missed_max.max(seq);
+            if stored {
+                p.missed_max = p.missed_max.max(seq);
+            } else {
+                p.lost += 1;
+            }
             return Delivery::Skipped;
         }
         if t.unacked.contains_key(&seq) || t.has_credit(self.credit, self.max_bytes, env.len()) {
@@ -136,6 +151,7 @@ impl Tracking {
         t.paused = Some(Paused {
             next: seq,
             missed_max: seq,
+            lost: u64::from(!stored),
         });
         Delivery::Paused
     }
@@ -155,12 +171,13 @@ impl Tracking {
     /// Like [`try_deliver`](Self::try_deliver), but when there is no credit pauses delivery
     /// at `seq` (with `missed_max` skipped so far) in the same step, so the ack that frees
     /// credit starts the catch-up. Used when live messages buffered during history are
-    /// handed over.
+    /// handed over; `lost`: how many of the messages from `seq` on the store does not keep.
     pub(crate) fn deliver_or_pause(
         &self,
         seq: u64,
         env: &Envelope,
         missed_max: u64,
+        lost: u64,
         now: Instant,
     ) -> bool {
         let mut t = lock(&self.inner);
@@ -171,6 +188,7 @@ impl Tracking {
         t.paused = Some(Paused {
             next: seq,
             missed_max: missed_max.max(seq),
+            lost,
         });
         false
     }
@@ -197,21 +215,22 @@ impl Tracking {
 
     /// The catch-up read up to `upto`: resumes live delivery if nothing later was skipped
     /// (called under the routing lock, so no live message can be skipped meanwhile).
-    /// Returns whether live delivery resumed.
-    pub(crate) fn resume_if_caught_up(&self, upto: u64) -> bool {
+    /// Returns `None` when still paused, else how many skipped messages the store did not
+    /// keep (lost to this subscription: the caller reports them with a `Gap`).
+    pub(crate) fn resume_if_caught_up(&self, upto: u64) -> Option<u64> {
         let mut t = lock(&self.inner);
         match t.paused {
             Some(p) if p.missed_max > upto => {
                 t.paused = Some(Paused {
                     next: upto + 1,
-                    missed_max: p.missed_max,
+                    ..p
                 });
-                false
+                None
             }
-            _ => {
+            p => {
                 t.paused = None;
                 t.catching_up = false;
-                true
+                Some(p.map_or(0, |p| p.lost))
             }
         }
     }

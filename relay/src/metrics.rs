@@ -84,6 +84,7 @@ pub struct Metrics {
     duplicate_publishes: AtomicU64,
     throttled: AtomicU64,
     credit_pauses: AtomicU64,
+    credit_lost: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -111,6 +112,7 @@ impl Default for Metrics {
             duplicate_publishes: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             credit_pauses: AtomicU64::new(0),
+            credit_lost: AtomicU64::new(0),
         }
     }
 }
@@ -189,6 +191,10 @@ impl Metrics {
     /// A subscription ran out of credit and its delivery paused.
     pub(crate) fn credit_paused(&self) {
         self.credit_pauses.fetch_add(1, Relaxed);
+    }
+    /// Messages a paused subscription skipped that the store does not keep (sent as `Gap`).
+    pub(crate) fn credit_lost(&self, n: u64) {
+        self.credit_lost.fetch_add(n, Relaxed);
     }
     pub(crate) fn rejected_by_plugin(&self) {
         self.rejected_by_plugin.fetch_add(1, Relaxed);
@@ -405,7 +411,7 @@ impl Metrics {
                 "whispeer_relay_connections_total{{transport=\"{k}\"}} {v}"
             );
         }
-        let counters: [(&str, &str, u64); 13] = [
+        let counters: [(&str, &str, u64); 14] = [
             (
                 "whispeer_relay_connections_rejected_total",
                 "Connections refused (connection limit, plugins).",
@@ -465,6 +471,11 @@ impl Metrics {
                 "whispeer_relay_credit_pauses_total",
                 "Times a QoS >= 1 subscription ran out of credit and its delivery paused.",
                 load(&self.credit_pauses),
+            ),
+            (
+                "whispeer_relay_credit_lost_total",
+                "QoS 0 messages a credit-paused subscription skipped that the store does not keep (reported to the client in a Gap).",
+                load(&self.credit_lost),
             ),
             (
                 "whispeer_relay_plugin_rejections_total",

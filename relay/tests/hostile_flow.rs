@@ -338,3 +338,53 @@ async fn replay_waits_for_credit_instead_of_overrunning_the_subscriber() {
     }
     assert_eq!(got, live);
 }
+
+/// A QoS 1 subscription paused for want of credit skips QoS 0 publishes that the store
+/// does not keep (`store_qos0 = false`): they cannot follow from the store, so when it
+/// resumes the relay says how many with a `Gap` (PROTOCOL.md §3.3.11) instead of losing
+/// them silently; the stored ones follow in order.
+#[tokio::test]
+async fn unstored_messages_skipped_while_paused_are_reported_in_a_gap() {
+    let relay = TestRelay::start(Config::ephemeral()).await;
+    let mut s = Client::tcp(relay.tcp()).await;
+    hello_flow(&mut s).await;
+    s.send(&qos1_sub(1, exact(1, &[1]), Some(2))).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    // Two stored messages fill the credit.
+    let stored = publish_acked(&mut p, &[1], 0, 2).await;
+    let first = msgs(until_pong(&mut s, 1).await);
+    assert_eq!(first.iter().map(|m| m.seq).collect::<Vec<_>>(), stored);
+    // Paused now: three QoS 0 publishes (live only, not stored) and one more stored one.
+    for i in 0..3u8 {
+        p.send(&Frame::Pub(Pub {
+            envelope: envelope_sized(1, &[1], 40 + usize::from(i)),
+            flags: 0,
+            publish_id: None,
+            qos: Qos::AtMostOnce,
+        }))
+        .await;
+    }
+    let later = publish_acked(&mut p, &[1], 10, 1).await;
+    assert!(
+        until_pong(&mut s, 2).await.is_empty(),
+        "nothing is delivered while paused"
+    );
+    // The ack frees credit: the stored message follows, and a Gap counts the three.
+    s.send(&Frame::Ack(Ack { seqs: stored })).await;
+    let (mut gap, mut got) = (0, Vec::new());
+    while gap < 3 || got.is_empty() {
+        match s.recv().await {
+            Frame::Gap(g) => gap += g.dropped,
+            Frame::Msg(m) => got.push(m.seq),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(gap, 3, "each unstored message skipped is counted once");
+    assert_eq!(got, later);
+    // Live delivery resumed: the next message arrives directly.
+    let next = publish_acked(&mut p, &[1], 20, 1).await;
+    let m = msgs(until_pong(&mut s, 3).await);
+    assert_eq!(m.iter().map(|m| m.seq).collect::<Vec<_>>(), next);
+}

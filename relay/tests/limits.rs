@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use tokio_tungstenite::tungstenite::Message;
-use whispeer_protocol::frame::{Close, Hello, Msg, Pub};
+use whispeer_protocol::frame::{Ack, Close, Hello, Msg, Ping, Pub};
 use whispeer_protocol::{ErrorCode, Frame, Qos};
 use whispeer_relay::plugin::{Plugin, PublishInfo, Rejection, SubscribeInfo, Verdict};
 use whispeer_relay::{Config, Relay};
@@ -210,6 +210,44 @@ async fn per_address_sub_rate_is_shared_across_connections() {
     assert!(
         elapsed >= std::time::Duration::from_millis(2_000),
         "per-address rate not shared: 60 subs from one address in {elapsed:?}"
+    );
+}
+
+/// `Ack` frames from one address share a bucket (per-connection rate off): six
+/// connections of 10 acks each are slowed to the address's rate, and answered in full.
+#[tokio::test]
+async fn per_address_ack_rate_is_shared_across_connections() {
+    let mut config = Config::ephemeral();
+    config.limits.ack_rate = 0;
+    config.limits.addr_ack_rate = 20;
+    config.limits.addr_ack_burst = 5;
+    let relay = TestRelay::start(config).await;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..6u8 {
+        let addr = relay.tcp();
+        tasks.push(tokio::spawn(async move {
+            let mut cl = Client::tcp(addr).await;
+            cl.hello().await;
+            for i in 0..10u64 {
+                cl.send(&Frame::Ack(Ack { seqs: vec![i + 1] })).await;
+            }
+            // The Pong comes after every Ack was read (reads are in order).
+            cl.send(&Frame::Ping(Ping { nonce: 7 })).await;
+            match cl.recv().await {
+                Frame::Pong(p) => assert_eq!(p.nonce, 7),
+                other => panic!("expected Pong, got {other:?} (never a disconnect)"),
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    // 60 acks, a burst of 5, at 20/s; the last of each connection can land together.
+    assert!(
+        elapsed >= std::time::Duration::from_millis(2_000),
+        "per-address ack rate not shared: 60 acks from one address in {elapsed:?}"
     );
 }
 

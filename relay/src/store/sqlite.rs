@@ -1547,7 +1547,7 @@ impl Store for SqliteStore {
                 s.work.notify_one();
             }
             s.m.live_only.fetch_add(1, Relaxed);
-            return Ok(Accepted::New(Seq(seq)));
+            return Ok(Accepted::Live(Seq(seq)));
         }
         if let Some(d) = s.down() {
             if matches!(d, Down::Full(_)) {
@@ -1698,7 +1698,11 @@ impl Store for SqliteStore {
         }
         s.push(ops, keep as usize);
         s.m.appends.fetch_add(1, Relaxed);
-        Ok(Accepted::New(Seq(seq)))
+        Ok(if keep {
+            Accepted::New(Seq(seq))
+        } else {
+            Accepted::Live(Seq(seq))
+        })
     }
 
     fn last_seq(&self) -> Seq {
