@@ -1,12 +1,12 @@
 //! The relay's settings through the real binary: `generate-config` parses back to the
-//! defaults, and every old `WHISPEER_*` variable still works with the precedence
+//! defaults, and every old flag and `WHISPEER_*` variable still works, with the precedence
 //! defaults < file < env < flags (`serve --print-config` prints what `serve` would use).
 
 use std::path::Path;
 use std::process::{Command, Output};
 
 use whispeer_relay::config::{
-    AuthMode, Config, LogFormat, SlowConsumerPolicy, StoreKind, SyncMode,
+    AuthMode, Config, ListenAddr, LogFormat, SlowConsumerPolicy, StoreKind, SyncMode,
 };
 
 fn relay(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -45,58 +45,72 @@ fn generated_config_parses_back_to_the_defaults() {
     assert!(text.contains("# flag --queue-max-bytes, env WHISPEER_QUEUE_MAX_BYTES"));
 }
 
-#[test]
-fn old_environment_variables_still_work() {
-    let env = [
-        ("WHISPEER_WS", "127.0.0.1:1"),
-        ("WHISPEER_TCP", "off"),
-        ("WHISPEER_ADMIN", "127.0.0.1:5"),
-        ("WHISPEER_TLS_CERT", "c.pem"),
-        ("WHISPEER_TLS_KEY", "k.pem"),
-        ("WHISPEER_MAX_FRAME", "4096"),
-        ("WHISPEER_MAX_CONNECTIONS", "7"),
-        ("WHISPEER_MAX_SUBSCRIPTIONS", "8"),
-        ("WHISPEER_MAX_FILTER_DEPTH", "9"),
-        ("WHISPEER_PUBLISH_RATE", "10"),
-        ("WHISPEER_PUBLISH_BURST", "11"),
-        ("WHISPEER_MAX_CONNECTIONS_PER_ADDR", "12"),
-        ("WHISPEER_SUB_RATE", "13"),
-        ("WHISPEER_ADDR_PUBLISH_RATE", "14"),
-        ("WHISPEER_ADDR_SUB_RATE", "15"),
-        ("WHISPEER_ACK_RATE", "16"),
-        ("WHISPEER_QUEUE_MAX_BYTES", "17"),
-        ("WHISPEER_MAX_UNACKED_BYTES", "18"),
-        ("WHISPEER_QUEUE_CAPACITY", "19"),
-        ("WHISPEER_SLOW_CONSUMER", "disconnect"),
-        ("WHISPEER_HELLO_MS", "20"),
-        ("WHISPEER_HEARTBEAT_MS", "21"),
-        ("WHISPEER_IDLE_MS", "22"),
-        ("WHISPEER_DRAIN_MS", "23"),
-        ("WHISPEER_LOG", "debug"),
-        ("WHISPEER_LOG_FORMAT", "json"),
-        ("WHISPEER_STORE", "memory"),
-        ("WHISPEER_STORE_PATH", "x.db"),
-        ("WHISPEER_STORE_SYNC", "normal"),
-        ("WHISPEER_STORE_QUEUE", "24"),
-        ("WHISPEER_STORE_MAX_BATCH", "25"),
-        ("WHISPEER_RETENTION_MESSAGES", "26"),
-        ("WHISPEER_RETENTION_BYTES", "27"),
-        ("WHISPEER_RETENTION_AGE_MS", "28"),
-        ("WHISPEER_DEDUP_WINDOW_MS", "29"),
-        ("WHISPEER_DEDUP_MAX", "30"),
-        ("WHISPEER_ACK_TIMEOUT_MS", "31"),
-        ("WHISPEER_MAX_UNACKED", "32"),
-        ("WHISPEER_AUTH", "required"),
-        ("WHISPEER_ACCOUNTS", "a.toml"),
-        ("WHISPEER_AUTH_STATE", "s.auth"),
-        ("WHISPEER_MAX_CLAIMS", "33"),
-        ("WHISPEER_ACCOUNTS_RELOAD_MS", "34"),
-        ("WHISPEER_ADMIN_TOKEN", "0123456789abcdef0123"),
-    ];
-    let c = effective(&[], &env);
+/// Every flag and environment variable the relay had before its settings were declared
+/// once, with a distinct value each (checked by [`has_the_old_values`]).
+const OLD_NAMES: &[(&str, &str, &str)] = &[
+    ("--ws", "WHISPEER_WS", "127.0.0.1:1"),
+    ("--tcp", "WHISPEER_TCP", "off"),
+    ("--wss", "WHISPEER_WSS", "127.0.0.1:3"),
+    ("--tls", "WHISPEER_TLS", "127.0.0.1:4"),
+    ("--admin", "WHISPEER_ADMIN", "127.0.0.1:5"),
+    ("--tls-cert", "WHISPEER_TLS_CERT", "c.pem"),
+    ("--tls-key", "WHISPEER_TLS_KEY", "k.pem"),
+    ("--max-frame", "WHISPEER_MAX_FRAME", "4096"),
+    ("--max-connections", "WHISPEER_MAX_CONNECTIONS", "7"),
+    ("--max-subscriptions", "WHISPEER_MAX_SUBSCRIPTIONS", "8"),
+    ("--max-filter-depth", "WHISPEER_MAX_FILTER_DEPTH", "9"),
+    ("--publish-rate", "WHISPEER_PUBLISH_RATE", "10"),
+    ("--publish-burst", "WHISPEER_PUBLISH_BURST", "11"),
+    (
+        "--max-connections-per-addr",
+        "WHISPEER_MAX_CONNECTIONS_PER_ADDR",
+        "12",
+    ),
+    ("--sub-rate", "WHISPEER_SUB_RATE", "13"),
+    ("--addr-publish-rate", "WHISPEER_ADDR_PUBLISH_RATE", "14"),
+    ("--addr-sub-rate", "WHISPEER_ADDR_SUB_RATE", "15"),
+    ("--ack-rate", "WHISPEER_ACK_RATE", "16"),
+    ("--queue-max-bytes", "WHISPEER_QUEUE_MAX_BYTES", "17"),
+    ("--max-unacked-bytes", "WHISPEER_MAX_UNACKED_BYTES", "18"),
+    ("--queue-capacity", "WHISPEER_QUEUE_CAPACITY", "19"),
+    ("--slow-consumer", "WHISPEER_SLOW_CONSUMER", "disconnect"),
+    ("--hello-ms", "WHISPEER_HELLO_MS", "20"),
+    ("--heartbeat-ms", "WHISPEER_HEARTBEAT_MS", "21"),
+    ("--idle-ms", "WHISPEER_IDLE_MS", "22"),
+    ("--drain-ms", "WHISPEER_DRAIN_MS", "23"),
+    ("--log", "WHISPEER_LOG", "debug"),
+    ("--log-format", "WHISPEER_LOG_FORMAT", "json"),
+    ("--store", "WHISPEER_STORE", "memory"),
+    ("--store-path", "WHISPEER_STORE_PATH", "x.db"),
+    ("--store-sync", "WHISPEER_STORE_SYNC", "normal"),
+    ("--store-queue", "WHISPEER_STORE_QUEUE", "24"),
+    ("--store-max-batch", "WHISPEER_STORE_MAX_BATCH", "25"),
+    ("--retention-messages", "WHISPEER_RETENTION_MESSAGES", "26"),
+    ("--retention-bytes", "WHISPEER_RETENTION_BYTES", "27"),
+    ("--retention-age-ms", "WHISPEER_RETENTION_AGE_MS", "28"),
+    ("--dedup-window-ms", "WHISPEER_DEDUP_WINDOW_MS", "29"),
+    ("--dedup-max", "WHISPEER_DEDUP_MAX", "30"),
+    ("--ack-timeout-ms", "WHISPEER_ACK_TIMEOUT_MS", "31"),
+    ("--max-unacked", "WHISPEER_MAX_UNACKED", "32"),
+    ("--auth", "WHISPEER_AUTH", "required"),
+    ("--accounts", "WHISPEER_ACCOUNTS", "a.toml"),
+    ("--auth-state", "WHISPEER_AUTH_STATE", "s.auth"),
+    ("--max-claims", "WHISPEER_MAX_CLAIMS", "33"),
+    ("--accounts-reload-ms", "WHISPEER_ACCOUNTS_RELOAD_MS", "34"),
+    (
+        "--admin-token",
+        "WHISPEER_ADMIN_TOKEN",
+        "0123456789abcdef0123",
+    ),
+];
+
+fn has_the_old_values(c: &Config) {
     let l = &c.limits;
     assert_eq!(c.listen.ws, "127.0.0.1:1".parse().unwrap());
-    assert_eq!(c.listen.tcp, whispeer_relay::config::ListenAddr::OFF);
+    assert_eq!(c.listen.tcp, ListenAddr::OFF);
+    assert_eq!(c.listen.wss, "127.0.0.1:3".parse().unwrap());
+    assert_eq!(c.listen.tls, "127.0.0.1:4".parse().unwrap());
+    assert_eq!(c.listen.admin, "127.0.0.1:5".parse().unwrap());
     assert_eq!(c.tls.cert.as_deref(), Some(Path::new("c.pem")));
     assert_eq!(c.tls.key.as_deref(), Some(Path::new("k.pem")));
     assert_eq!(
@@ -147,6 +161,18 @@ fn old_environment_variables_still_work() {
     assert_eq!(a.state.as_deref(), Some(Path::new("s.auth")));
     assert_eq!((a.max_claims_per_group, a.reload_ms), (33, 34));
     assert_eq!(a.admin_token.as_deref(), Some("0123456789abcdef0123"));
+}
+
+#[test]
+fn old_flag_names_still_work() {
+    let args: Vec<&str> = OLD_NAMES.iter().flat_map(|(f, _, v)| [*f, *v]).collect();
+    has_the_old_values(&effective(&args, &[]));
+}
+
+#[test]
+fn old_environment_variables_still_work() {
+    let env: Vec<(&str, &str)> = OLD_NAMES.iter().map(|(_, e, v)| (*e, *v)).collect();
+    has_the_old_values(&effective(&[], &env));
 }
 
 #[test]

@@ -43,17 +43,10 @@ async fn non_reading_subscribers_keep_rss_bounded_by_the_byte_limits() {
     ]);
     let pid = relay.child.id();
     let addr = relay.tcp();
-    // Subscribers with a tiny receive buffer (no kernel autotuning soaking up data):
-    // they subscribe, then never read again.
+    // Subscribers that subscribe, then never read again.
     let mut subs = Vec::with_capacity(SUBS);
     for _ in 0..SUBS {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        let stream = sock.connect(addr).await.unwrap();
-        let mut c = Client::over_stream(Box::new(stream));
-        c.hello().await;
-        c.subscribe(1, exact(1, &[1])).await;
-        subs.push(c);
+        subs.push(non_reader(addr, &[1]).await);
     }
     let before = rss_kib(pid);
     let mut p = Client::tcp(addr).await;
@@ -97,6 +90,18 @@ async fn non_reading_subscribers_keep_rss_bounded_by_the_byte_limits() {
     drop(subs);
 }
 
+/// A subscriber of `levels` under key 1 with a tiny receive buffer (no kernel autotuning
+/// soaking up data), which the caller never reads from again.
+async fn non_reader(addr: std::net::SocketAddr, levels: &[u8]) -> Client {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let mut c = Client::over_stream(Box::new(stream));
+    c.hello().await;
+    c.subscribe(1, exact(1, levels)).await;
+    c
+}
+
 /// `whispeer_relay_dropped_messages_total` from the admin port.
 async fn http_get_metrics(admin: std::net::SocketAddr) -> u64 {
     metric(admin, "whispeer_relay_dropped_messages_total").await
@@ -114,15 +119,20 @@ async fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Subscribers of distinct topics (`WSP_MEMORY_SUBS`, default 100) that never read;
-/// `ROUNDS` messages of `BODY` bytes published to each topic. Returns the relay's RSS
-/// growth in KiB and the budget's drop count.
-async fn distinct_topics(budget: usize, per_queue: usize) -> (u64, u64, usize) {
-    const ROUNDS: usize = 40;
-    let subs: usize = std::env::var("WSP_MEMORY_SUBS")
+/// A count from the environment (for measuring at other sizes), else `default`.
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+        .unwrap_or(default)
+}
+
+/// Subscribers of distinct topics (`WSP_MEMORY_SUBS`, default 100) that never read;
+/// `WSP_MEMORY_ROUNDS` (default 64) messages of `BODY` bytes published to each topic.
+/// Returns the relay's RSS growth in KiB, the budget's drop count and the subscribers.
+async fn distinct_topics(budget: usize, per_queue: usize) -> (u64, u64, usize) {
+    let subs = env_or("WSP_MEMORY_SUBS", 100);
+    let rounds = env_or("WSP_MEMORY_ROUNDS", 64);
     rlimit::increase_nofile_limit(4 * subs as u64 + 256).expect("raise the fd limit");
     let (budget, per_queue) = (budget.to_string(), per_queue.to_string());
     let relay = BinRelay::start(&[
@@ -144,19 +154,13 @@ async fn distinct_topics(budget: usize, per_queue: usize) -> (u64, u64, usize) {
     let topic = |i: usize| [(i >> 8) as u8, i as u8];
     let mut clients = Vec::with_capacity(subs);
     for i in 0..subs {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        let stream = sock.connect(addr).await.unwrap();
-        let mut c = Client::over_stream(Box::new(stream));
-        c.hello().await;
-        c.subscribe(1, exact(1, &topic(i))).await;
-        clients.push(c);
+        clients.push(non_reader(addr, &topic(i)).await);
     }
     let before = rss_kib(pid);
     let mut p = Client::tcp(addr).await;
     p.hello().await;
     let mut peak = before;
-    for r in 0..ROUNDS {
+    for r in 0..rounds {
         for i in 0..subs {
             let frame = codec::encode_prefixed(&pub_frame(envelope_sized(1, &topic(i), BODY)));
             p.send_raw(&frame).await.unwrap();
@@ -191,7 +195,9 @@ async fn distinct_topic_subscribers_keep_rss_within_the_relay_budget() {
     let (unbounded, _, subs) = distinct_topics(0, PER_QUEUE).await;
     let (bounded, dropped, _) = distinct_topics(BUDGET, PER_QUEUE).await;
     eprintln!(
-        "relay RSS growth with {subs} non-reading subscribers of distinct topics,          queue.max_bytes {} KiB: {unbounded} KiB without the relay budget, {bounded} KiB          with queue.total_max_bytes {} KiB ({dropped} QoS 0 messages dropped by it)",
+        "relay RSS growth with {subs} non-reading subscribers of distinct topics, \
+         queue.max_bytes {} KiB: {unbounded} KiB without the relay budget, {bounded} KiB \
+         with queue.total_max_bytes {} KiB ({dropped} QoS 0 messages dropped by it)",
         PER_QUEUE >> 10,
         BUDGET >> 10,
     );
