@@ -128,7 +128,8 @@ struct ServeArgs {
     /// Once listening, write the bound addresses here as JSON.
     #[arg(long, env = "WHISPEER_READY_FILE")]
     ready_file: Option<PathBuf>,
-    /// Print the effective configuration (defaults < file < env < flags) as TOML and exit.
+    /// Print the effective configuration (defaults < file < env < flags) as TOML and exit
+    /// (the admin token redacted).
     #[arg(long)]
     print_config: bool,
     #[command(flatten)]
@@ -167,7 +168,11 @@ fn main() -> Result<()> {
             let config = Config::for_serve(args.config.as_deref(), &args.settings)?;
             let ready_file = args.ready_file;
             if args.print_config {
-                print!("{}", toml::to_string(&config)?);
+                let mut shown = config.clone();
+                if let Some(t) = &mut shown.auth.admin_token {
+                    *t = format!("<redacted, {} characters>", t.len());
+                }
+                print!("{}", toml::to_string(&shown)?);
                 return Ok(());
             }
             logging::init(&config.log.filter, config.log.format).map_err(anyhow::Error::msg)?;
