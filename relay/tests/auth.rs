@@ -329,6 +329,15 @@ async fn key_ids_are_claimed_by_groups_and_claims_survive_a_restart() {
     try_sub(&mut c1, sub(1, 2, None, None))
         .await
         .expect("a1 claims key 2");
+    // A claim is answered only once it is on disk (the state file is synced by its own
+    // thread; the request waits for it, not a tokio worker).
+    let state = std::fs::read_to_string(&s.state).unwrap();
+    for k in [1u8, 2] {
+        assert!(
+            state.contains(&format!("\"key_id\":\"{}\"", hex::encode([k; 16]))),
+            "claim of key {k} answered before it was written: {state}"
+        );
+    }
     // A member of the same group shares both key ids.
     let mut c2 = login(relay.tcp(), &a2).await;
     try_sub(&mut c2, sub(1, 1, None, None)).await.expect("a2");
