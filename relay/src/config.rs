@@ -749,8 +749,9 @@ pub struct QueueConfig {
     /// unlimited. Beyond it, a connection holding more than its fair share (this budget /
     /// connections with messages queued) — the slowest consumers — gets no more QoS 0
     /// messages: each one is counted (whispeer_relay_outbound_budget_dropped_total) and
-    /// reported to it in a Gap. QoS >= 1 deliveries are bounded by credit instead and wait
-    /// in the store.
+    /// reported to it in a Gap. Its QoS >= 1 subscriptions pause instead, as without
+    /// credit: their messages wait in the store and follow in order once it reads
+    /// (whispeer_relay_outbound_budget_pauses_total).
     #[arg(
         id = "queue.total_max_bytes",
         long = "queue-total-max-bytes",

@@ -128,11 +128,14 @@ impl Tracking {
     /// The live path (under the routing lock): records a delivery if there is credit;
     /// otherwise delivery pauses (or stays paused) and the message waits in the store.
     /// `stored`: the store keeps the message in history (else a pause loses it, counted).
+    /// `room`: the connection may queue it (false over the relay-wide outbound budget:
+    /// delivery pauses as without credit, and the message waits in the store).
     pub(crate) fn deliver_live(
         &self,
         seq: u64,
         env: &Envelope,
         stored: bool,
+        room: bool,
         now: Instant,
     ) -> Delivery {
         let mut t = lock(&self.inner);
@@ -144,7 +147,10 @@ impl Tracking {
             }
             return Delivery::Skipped;
         }
-        if t.unacked.contains_key(&seq) || t.has_credit(self.credit, self.max_bytes, env.len()) {
+        if room
+            && (t.unacked.contains_key(&seq)
+                || t.has_credit(self.credit, self.max_bytes, env.len()))
+        {
             t.insert(seq, env, now + self.timeout);
             return Delivery::Send;
         }
@@ -154,6 +160,18 @@ impl Tracking {
             lost: u64::from(!stored),
         });
         Delivery::Paused
+    }
+
+    /// A paused subscription with credit and no catch-up running (it paused for the
+    /// relay-wide budget, so no ack will start one): marks a catch-up as started.
+    pub(crate) fn claim_catch_up(&self) -> bool {
+        let mut t = lock(&self.inner);
+        if t.paused.is_some() && !t.catching_up && t.unacked.len() < self.credit {
+            t.catching_up = true;
+            true
+        } else {
+            false
+        }
     }
 
     /// History and catch-up: records a delivery if there is credit (ignoring a pause, which
@@ -396,6 +414,8 @@ async fn run(
         });
         let mut from = paused.next;
         while from <= upto.0 {
+            // Room in this connection's queue and its share of the relay-wide budget.
+            target.out.wait_room().await;
             if gone() {
                 return Ok(());
             }
@@ -415,7 +435,10 @@ async fn run(
                         .wait_credit(m.envelope.len(), Duration::from_millis(500))
                         .await;
                 }
-                target.out.push_history(msg_frame(m.seq.0, &m.envelope, 0));
+                let frame = msg_frame(m.seq.0, &m.envelope, 0);
+                // Paused for the relay-wide budget: one message at a time within it.
+                target.out.wait_budget(frame.len()).await;
+                target.out.push_history(frame);
                 sent += 1;
                 if target.out.is_closing() {
                     return Ok(());
@@ -423,7 +446,6 @@ async fn run(
             }
             shared.metrics.delivered(sent as usize);
             from = chunk.next;
-            target.out.wait_room().await;
         }
         if shared.router.resume_live(target, upto.0) {
             return Ok(());

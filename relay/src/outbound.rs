@@ -15,9 +15,10 @@
 //! the writer has written them (the batch a writer holds while a non-reading peer blocks
 //! its socket counts too). Over the budget, a connection holding more than its fair share
 //! (budget / connections with bytes queued) — the slowest consumers — gets no more QoS 0
-//! messages: each one not queued is counted and reported to it in a `Gap`. QoS ≥ 1
-//! deliveries are not dropped by the budget: they are bounded by their subscription's
-//! credit (`delivery.max_unacked_bytes`) and beyond it wait in the store.
+//! messages: each one not queued is counted and reported to it in a `Gap`. Its QoS ≥ 1
+//! subscriptions are never dropped from: the router pauses them as if out of credit
+//! ([`Outbound::over_budget`]), their messages wait in the store, and the catch-up sends
+//! them once the connection is back within its share ([`Outbound::wait_room`]).
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -41,6 +42,9 @@ pub(crate) struct Budget {
     busy: AtomicUsize,
     /// QoS 0 messages not queued because of the budget.
     dropped: AtomicU64,
+    /// QoS >= 1 subscriptions paused because of the budget (their messages wait in the
+    /// store).
+    paused: AtomicU64,
 }
 
 impl Budget {
@@ -51,6 +55,7 @@ impl Budget {
             used: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
+            paused: AtomicU64::new(0),
         }
     }
 
@@ -96,9 +101,13 @@ impl Budget {
              whispeer_relay_outbound_bytes {}\n\
              # HELP whispeer_relay_outbound_budget_dropped_total QoS 0 messages not queued for a slow connection because the relay-wide outbound budget was exhausted (reported in a Gap).\n\
              # TYPE whispeer_relay_outbound_budget_dropped_total counter\n\
-             whispeer_relay_outbound_budget_dropped_total {}",
+             whispeer_relay_outbound_budget_dropped_total {}\n\
+             # HELP whispeer_relay_outbound_budget_pauses_total QoS >= 1 subscriptions paused because the relay-wide outbound budget was exhausted (their messages wait in the store).\n\
+             # TYPE whispeer_relay_outbound_budget_pauses_total counter\n\
+             whispeer_relay_outbound_budget_pauses_total {}",
             self.used(),
-            self.dropped.load(Relaxed)
+            self.dropped.load(Relaxed),
+            self.paused.load(Relaxed)
         );
         o
     }
@@ -273,6 +282,22 @@ impl Outbound {
         outcome
     }
 
+    /// Whether a message of `len` bytes would go over the relay-wide budget while this
+    /// connection holds more than its share (a QoS >= 1 delivery then waits in the store).
+    pub(crate) fn over_budget(&self, len: usize) -> bool {
+        // The common case, within the budget, takes no lock.
+        if self.budget.used.load(Relaxed).saturating_add(len) <= self.budget.max {
+            return false;
+        }
+        let held = self.lock().held();
+        self.budget.refuses(held, len)
+    }
+
+    /// Counts a QoS >= 1 subscription paused by the budget.
+    pub(crate) fn count_budget_pause(&self) {
+        self.budget.paused.fetch_add(1, Relaxed);
+    }
+
     /// Queues a history message (prefixed) regardless of the capacity: the history sender
     /// paces itself with [`wait_room`](Self::wait_room) instead of being dropped.
     pub(crate) fn push_history(&self, frame: Bytes) -> Offer {
@@ -295,16 +320,32 @@ impl Outbound {
         Offer::Queued
     }
 
-    /// Waits until at most half the capacity (messages and bytes) is queued (or the queue is
-    /// closing).
+    /// Waits until at most half the capacity (messages and bytes) is queued and the
+    /// connection is not over its share of the relay-wide budget (or the queue is closing).
     pub(crate) async fn wait_room(&self) {
+        self.wait_until(|s| {
+            s.msgs <= self.capacity / 2
+                && s.msg_bytes <= self.max_bytes / 2
+                && !self.budget.refuses(s.held(), 0)
+        })
+        .await
+    }
+
+    /// Waits until `len` more bytes fit the connection's share of the relay-wide budget
+    /// (always once nothing is queued or being written), or the queue is closing.
+    pub(crate) async fn wait_budget(&self, len: usize) {
+        self.wait_until(|s| !self.budget.refuses(s.held(), len))
+            .await
+    }
+
+    async fn wait_until(&self, ready: impl Fn(&State) -> bool) {
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
             {
                 let s = self.lock();
-                if s.closing || (s.msgs <= self.capacity / 2 && s.msg_bytes <= self.max_bytes / 2) {
+                if s.closing || ready(&s) {
                     return;
                 }
             }
@@ -425,6 +466,8 @@ impl Outbound {
         let n = msg_bytes.min(s.inflight);
         s.inflight -= n;
         self.budget.sub(s.held(), n);
+        drop(s);
+        self.drained.notify_waiters();
     }
 
     /// Waits until something may have been queued (or closing began).

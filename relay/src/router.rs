@@ -325,11 +325,17 @@ impl Router {
                 }
             }
             if let Some(tr) = &t.track {
-                // Without credit the message waits in the store (see `flow`).
-                match tr.deliver_live(seq.0, envelope, stored, start) {
+                // Without credit, or over the relay-wide outbound budget, the message
+                // waits in the store (see `flow`).
+                let room = !t.out.over_budget(frame.len());
+                match tr.deliver_live(seq.0, envelope, stored, room, start) {
                     Delivery::Send => {}
                     Delivery::Paused => {
-                        self.metrics.credit_paused();
+                        if room {
+                            self.metrics.credit_paused();
+                        } else {
+                            t.out.count_budget_pause();
+                        }
                         continue;
                     }
                     Delivery::Skipped => continue,

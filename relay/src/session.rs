@@ -715,23 +715,28 @@ impl Session {
                 }
             }
             if outcome.catch_up {
-                let Some(pattern) = self.subs.get(sub_id).cloned() else {
-                    t.stop_catching_up();
-                    continue;
-                };
-                match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => {
-                        rt.spawn(crate::flow::catch_up(
-                            self.shared.clone(),
-                            target.clone(),
-                            pattern,
-                        ));
-                    }
-                    Err(_) => t.stop_catching_up(),
-                }
+                self.start_catch_up(*sub_id, t, target);
             }
         }
         Flow::Continue
+    }
+
+    /// Runs the catch-up of a paused subscription (its catching-up mark is set).
+    fn start_catch_up(&self, sub_id: SubId, t: &Tracking, target: &Arc<Target>) {
+        let Some(pattern) = self.subs.get(&sub_id).cloned() else {
+            t.stop_catching_up();
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(crate::flow::catch_up(
+                    self.shared.clone(),
+                    target.clone(),
+                    pattern,
+                ));
+            }
+            Err(_) => t.stop_catching_up(),
+        }
     }
 
     /// Whether the connection has at-least-once subscriptions (and needs [`tick`]).
@@ -742,9 +747,14 @@ impl Session {
     /// Redelivers unacknowledged messages past the ack timeout.
     pub(crate) fn tick(&mut self, now: Instant) -> Flow {
         let mut resend = Vec::new();
-        for (t, _) in self.tracked.values() {
+        for (sub_id, (t, target)) in &self.tracked {
             if t.pending() > 0 {
                 resend.extend(t.due(now, 4096));
+            }
+            // Paused by the relay-wide budget with credit to spare: no ack will start the
+            // catch-up, so the tick does (it waits for room before sending).
+            if t.claim_catch_up() {
+                self.start_catch_up(*sub_id, t, target);
             }
         }
         if resend.is_empty() {

@@ -388,3 +388,76 @@ async fn unstored_messages_skipped_while_paused_are_reported_in_a_gap() {
     let m = msgs(until_pong(&mut s, 3).await);
     assert_eq!(m.iter().map(|m| m.seq).collect::<Vec<_>>(), next);
 }
+
+/// Over the relay-wide outbound budget (`queue.total_max_bytes`), a QoS 1 subscriber that
+/// does not read is paused instead of queued: its messages wait in the store (the relay's
+/// queued bytes stay near the budget; credit alone would let 8 MiB in) and every one
+/// follows, in order and once, when it reads again.
+#[tokio::test]
+async fn over_the_relay_budget_qos1_waits_in_the_store_and_loses_nothing() {
+    const N: usize = 2_000;
+    const BUDGET: usize = 64 << 10;
+    let mut config = Config::ephemeral();
+    config.queue.total_max_bytes = BUDGET;
+    config.limits.publish_rate = 0;
+    config.delivery.max_unacked_bytes = 64 << 20;
+    let relay = TestRelay::start(config).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = Client::over_stream(Box::new(sock.connect(relay.tcp()).await.unwrap()));
+    hello_flow(&mut s).await;
+    s.send(&qos1_sub(1, exact(1, &[1]), None)).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    for i in 0..N as u32 {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        p.send(&Frame::Pub(Pub {
+            envelope: envelope_sized(1, &[1], 4096),
+            flags: pub_flags::ACK,
+            publish_id: Some(id),
+            qos: Qos::AtLeastOnce,
+        }))
+        .await;
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < N {
+        match p.recv().await {
+            Frame::PubAck(a) => seqs.push(a.seq),
+            other => panic!("publisher expected PubAck, got {other:?}"),
+        }
+    }
+    // Everything is stored and routed; the subscriber has read nothing.
+    let admin = relay.addrs.admin.expect("admin");
+    let queued = metric(admin, "whispeer_relay_outbound_bytes").await;
+    assert!(
+        queued <= 2 * BUDGET as u64,
+        "{queued} bytes queued for a non-reading QoS 1 subscriber over a {BUDGET}-byte budget"
+    );
+    assert!(metric(admin, "whispeer_relay_outbound_budget_pauses_total").await > 0);
+    // It reads (and acks) again: every message, in order, once.
+    let mut got = Vec::new();
+    while got.len() < N {
+        match s.recv().await {
+            Frame::Msg(m) => {
+                s.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+                got.push(m.seq);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, seqs);
+}
+
+/// A metric's value from the admin port (0 when absent).
+async fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
+    let body = whispeer_relay::admin::http_get(&format!("http://{admin}"), "/metrics")
+        .await
+        .unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
