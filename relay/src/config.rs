@@ -1246,20 +1246,34 @@ impl Config {
 
     /// The settings as a Markdown table (the one in relay/README.md; a test compares them).
     pub fn settings_markdown() -> String {
+        let cell = |s: &str| {
+            s.split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .replace('|', "\\|")
+        };
         let mut out = String::from(
             "| setting | flag / env | default | meaning |\n| --- | --- | --- | --- |\n",
         );
-        for st in settings() {
-            let default = st.default.as_deref().unwrap_or("unset");
-            out.push_str(&format!(
-                "| `[{}] {}` | `{}` `{}` | `{}` | {} |\n",
-                st.section,
-                st.key,
-                st.flag,
-                st.env,
-                default,
-                st.help.replace('|', "\\|").replace('\n', " ")
-            ));
+        let all = settings();
+        for s in SECTIONS {
+            let cmd = s.command();
+            if let Some(about) = cmd.get_long_about().or(cmd.get_about()) {
+                let about = sentence(&about.to_string());
+                out.push_str(&format!("| **`[{}]`** | | | {} |\n", s.name, cell(&about)));
+            }
+            for st in all.iter().filter(|st| st.section == s.name) {
+                let default = st.default.as_deref().unwrap_or("unset");
+                out.push_str(&format!(
+                    "| `[{}] {}` | `{}` `{}` | `{}` | {} |\n",
+                    st.section,
+                    st.key,
+                    st.flag,
+                    st.env,
+                    default,
+                    cell(&st.help)
+                ));
+            }
         }
         out
     }
