@@ -134,6 +134,9 @@ struct Queue {
     closed: bool,
     /// The writer is committing a batch taken from `ops`.
     inflight: bool,
+    /// The writer holds waiters it has not resolved yet: a new waiter, even for a sequence
+    /// already committed, queues behind them, so `PubAck`s stay in sequence order.
+    resolving: bool,
     /// Highest live-only sequence not yet covered by `committed`.
     mark: u64,
     /// The high-water mark should be persisted.
@@ -930,6 +933,7 @@ impl Shared {
                 let n = ops.iter().filter(|o| matches!(o, Op::Msg { .. })).count();
                 q.msgs = q.msgs.saturating_sub(n);
                 held.append(&mut q.waiters);
+                q.resolving = !held.is_empty();
                 let mark = if q.ops.is_empty() {
                     std::mem::take(&mut q.mark)
                 } else {
@@ -979,6 +983,7 @@ impl Shared {
                 drop(q);
                 self.resolve(&mut held);
             }
+            lock(&self.queue).resolving = !held.is_empty();
             if closed {
                 break;
             }
@@ -1719,7 +1724,7 @@ impl Store for SqliteStore {
                 |d| d.error(),
             )));
         }
-        if seq.0 <= s.committed.load(Relaxed) {
+        if seq.0 <= s.committed.load(Relaxed) && !q.resolving {
             drop(q);
             return done(Ok(()));
         }
