@@ -369,7 +369,11 @@ pub(crate) async fn catch_up(shared: Arc<Shared>, target: Arc<Target>, pattern: 
         return;
     };
     let pattern = Arc::new(pattern);
-    if let Err(e) = run(&shared, &target, &track, &pattern).await {
+    // Resumed: live delivery took over and the catching-up mark was cleared under the
+    // routing lock; clearing it again here could let a second catch-up start beside a
+    // newer one (duplicates).
+    let result = run(&shared, &target, &track, &pattern).await;
+    if let Err(e) = &result {
         tracing::warn!(conn = %target.conn, sub_id = target.sub.0, error = %e,
             "catch-up read failed");
         shared.metrics.error_sent(ErrorCode::StoreFailed);
@@ -383,7 +387,9 @@ pub(crate) async fn catch_up(shared: Arc<Shared>, target: Arc<Target>, pattern: 
                 publish_id: None,
             })));
     }
-    track.stop_catching_up();
+    if !matches!(result, Ok(true)) {
+        track.stop_catching_up();
+    }
 }
 
 async fn run(
@@ -391,12 +397,12 @@ async fn run(
     target: &Arc<Target>,
     track: &Arc<crate::flow::Tracking>,
     pattern: &Arc<TokenPattern>,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let store = shared.router.store().clone();
     let gone = || target.is_cancelled() || target.out.is_closing();
     loop {
         let Some(paused) = track.paused() else {
-            return Ok(());
+            return Ok(false);
         };
         let upto = Seq(paused.missed_max);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -417,7 +423,7 @@ async fn run(
             // Room in this connection's queue and its share of the relay-wide budget.
             target.out.wait_room().await;
             if gone() {
-                return Ok(());
+                return Ok(false);
             }
             let chunk = {
                 let (store, pattern, plan) = (store.clone(), pattern.clone(), plan.clone());
@@ -429,7 +435,7 @@ async fn run(
             for m in chunk.msgs {
                 while !track.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
                     if gone() {
-                        return Ok(());
+                        return Ok(false);
                     }
                     track
                         .wait_credit(m.envelope.len(), Duration::from_millis(500))
@@ -441,14 +447,14 @@ async fn run(
                 target.out.push_history(frame);
                 sent += 1;
                 if target.out.is_closing() {
-                    return Ok(());
+                    return Ok(false);
                 }
             }
             shared.metrics.delivered(sent as usize);
             from = chunk.next;
         }
         if shared.router.resume_live(target, upto.0) {
-            return Ok(());
+            return Ok(true);
         }
     }
 }

@@ -107,18 +107,6 @@ async fn http_get_metrics(admin: std::net::SocketAddr) -> u64 {
     metric(admin, "whispeer_relay_dropped_messages_total").await
 }
 
-/// A metric's value from the admin port (0 when absent).
-async fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
-    let body = whispeer_relay::admin::http_get(&format!("http://{admin}"), "/metrics")
-        .await
-        .unwrap();
-    let text = String::from_utf8(body.to_vec()).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// A count from the environment (for measuring at other sizes), else `default`.
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -610,3 +610,15 @@ impl Probe {
 pub fn arc<T>(t: T) -> Arc<T> {
     Arc::new(t)
 }
+
+/// A metric's value from a relay's admin port (0 when absent).
+pub async fn metric(admin: SocketAddr, name: &str) -> u64 {
+    let body = whispeer_relay::admin::http_get(&format!("http://{admin}"), "/metrics")
+        .await
+        .unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
