@@ -456,3 +456,79 @@ async fn over_the_relay_budget_qos1_waits_in_the_store_and_loses_nothing() {
         );
     }
 }
+
+/// The same while a replaying subscription hands over from history to live: live QoS 0
+/// messages held back during the replay that find no credit at the hand-over cannot wait
+/// in the store either; they are counted in a `Gap` when delivery resumes.
+#[tokio::test]
+async fn unstored_messages_held_back_during_replay_are_counted_in_a_gap() {
+    let relay = TestRelay::start(Config::ephemeral()).await;
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    let history = publish_acked(&mut p, &[1], 0, 3).await;
+    let mut s = Client::tcp(relay.tcp()).await;
+    s.send(&Frame::Hello(Hello {
+        versions: vec![PROTOCOL_VERSION],
+        features: features::AT_LEAST_ONCE | features::FLOW_CONTROL | features::REPLAY,
+        client: None,
+        auth: None,
+        account: None,
+    }))
+    .await;
+    assert!(matches!(s.recv().await, Frame::Welcome(_)));
+    s.send(&Frame::Sub(Sub {
+        sub_id: 1,
+        pattern: exact(1, &[1]),
+        qos: Qos::AtLeastOnce,
+        durable: None,
+        replay: Some(whispeer_protocol::frame::Replay::FromSeq(0)),
+        retained: false,
+        credit: Some(2),
+        owner: None,
+    }))
+    .await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    let mut first = Vec::new();
+    while first.len() < 2 {
+        match s.recv().await {
+            Frame::Msg(m) => first.push(m.seq),
+            other => panic!("expected Msg, got {other:?}"),
+        }
+    }
+    assert_eq!(first, history[..2].to_vec());
+    // The replay waits for credit: three live QoS 0 messages (not stored) and one stored
+    // message are held back behind it.
+    for i in 0..3u8 {
+        p.send(&Frame::Pub(Pub {
+            envelope: envelope_sized(1, &[1], 40 + usize::from(i)),
+            flags: 0,
+            publish_id: None,
+            qos: Qos::AtMostOnce,
+        }))
+        .await;
+    }
+    let last = publish_acked(&mut p, &[1], 10, 1).await;
+    // Acks free the credit: the last history message, ReplayDone, then one live QoS 0
+    // message fits the credit; the other two do not and cannot wait in the store.
+    s.send(&Frame::Ack(Ack { seqs: first })).await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match s.recv().await {
+            Frame::Msg(m) => got.push(m.seq),
+            Frame::ReplayDone(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got[0], history[2]);
+    s.send(&Frame::Ack(Ack { seqs: got })).await;
+    let (mut gap, mut rest) = (0, Vec::new());
+    while gap < 2 || rest.is_empty() {
+        match s.recv().await {
+            Frame::Gap(g) => gap += g.dropped,
+            Frame::Msg(m) => rest.push(m.seq),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(gap, 2, "the two held-back QoS 0 messages without credit");
+    assert_eq!(rest, last, "the stored one follows from the store");
+}
