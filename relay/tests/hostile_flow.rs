@@ -78,6 +78,72 @@ async fn until_pong(c: &mut Client, nonce: u64) -> Vec<Frame> {
     }
 }
 
+/// A QoS 1 subscriber of `[1]` under key 1 replaying from the start with `credit`.
+async fn replay_subscriber(addr: std::net::SocketAddr, credit: u64) -> Client {
+    let mut s = Client::tcp(addr).await;
+    s.send(&Frame::Hello(Hello {
+        versions: vec![PROTOCOL_VERSION],
+        features: features::AT_LEAST_ONCE | features::FLOW_CONTROL | features::REPLAY,
+        client: None,
+        auth: None,
+        account: None,
+    }))
+    .await;
+    assert!(matches!(s.recv().await, Frame::Welcome(_)));
+    s.send(&Frame::Sub(Sub {
+        sub_id: 1,
+        pattern: exact(1, &[1]),
+        qos: Qos::AtLeastOnce,
+        durable: None,
+        replay: Some(whispeer_protocol::frame::Replay::FromSeq(0)),
+        retained: false,
+        credit: Some(credit),
+        owner: None,
+    }))
+    .await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    s
+}
+
+/// The sequences of the next `n` frames, which must be `Msg`s.
+async fn recv_seqs(c: &mut Client, n: usize) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while seqs.len() < n {
+        match c.recv().await {
+            Frame::Msg(m) => seqs.push(m.seq),
+            other => panic!("expected Msg, got {other:?}"),
+        }
+    }
+    seqs
+}
+
+/// Publishes `n` QoS 0 messages on `[1]` (live only: the store does not keep them).
+async fn publish_qos0(p: &mut Client, n: u8) {
+    for i in 0..n {
+        p.send(&Frame::Pub(Pub {
+            envelope: envelope_sized(1, &[1], 40 + usize::from(i)),
+            flags: 0,
+            publish_id: None,
+            qos: Qos::AtMostOnce,
+        }))
+        .await;
+    }
+}
+
+/// Reads until `Gap`s worth at least `dropped` and at least one `Msg` arrived (in either
+/// order); returns the gap total and the messages' sequences.
+async fn gap_and_msgs(s: &mut Client, dropped: u64) -> (u64, Vec<u64>) {
+    let (mut gap, mut got) = (0, Vec::new());
+    while gap < dropped || got.is_empty() {
+        match s.recv().await {
+            Frame::Gap(g) => gap += g.dropped,
+            Frame::Msg(m) => got.push(m.seq),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (gap, got)
+}
+
 fn msgs(frames: Vec<Frame>) -> Vec<Msg> {
     frames
         .into_iter()
@@ -264,37 +330,10 @@ async fn replay_waits_for_credit_instead_of_overrunning_the_subscriber() {
     let mut p = Client::tcp(relay.tcp()).await;
     p.hello().await;
     let stored = publish_acked(&mut p, &[1], 0, 12).await;
-    let mut s = Client::tcp(relay.tcp()).await;
-    s.send(&Frame::Hello(Hello {
-        versions: vec![PROTOCOL_VERSION],
-        features: features::AT_LEAST_ONCE | features::FLOW_CONTROL | features::REPLAY,
-        client: None,
-        auth: None,
-        account: None,
-    }))
-    .await;
-    assert!(matches!(s.recv().await, Frame::Welcome(_)));
-    s.send(&Frame::Sub(Sub {
-        sub_id: 1,
-        pattern: exact(1, &[1]),
-        qos: Qos::AtLeastOnce,
-        durable: None,
-        replay: Some(whispeer_protocol::frame::Replay::FromSeq(0)),
-        retained: false,
-        credit: Some(4),
-        owner: None,
-    }))
-    .await;
-    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    let mut s = replay_subscriber(relay.tcp(), 4).await;
     // History is sent by its own task: wait for the credit's worth, then a ping shows
     // nothing more was queued (without the credit the whole chunk is queued at once).
-    let mut received = Vec::new();
-    while received.len() < 4 {
-        match s.recv().await {
-            Frame::Msg(m) => received.push(m.seq),
-            other => panic!("expected Msg, got {other:?}"),
-        }
-    }
+    let mut received = recv_seqs(&mut s, 4).await;
     let extra = msgs(until_pong(&mut s, 1).await);
     assert!(extra.is_empty(), "history beyond the credit: {extra:?}");
     assert_eq!(
@@ -357,15 +396,7 @@ async fn unstored_messages_skipped_while_paused_are_reported_in_a_gap() {
     let first = msgs(until_pong(&mut s, 1).await);
     assert_eq!(first.iter().map(|m| m.seq).collect::<Vec<_>>(), stored);
     // Paused now: three QoS 0 publishes (live only, not stored) and one more stored one.
-    for i in 0..3u8 {
-        p.send(&Frame::Pub(Pub {
-            envelope: envelope_sized(1, &[1], 40 + usize::from(i)),
-            flags: 0,
-            publish_id: None,
-            qos: Qos::AtMostOnce,
-        }))
-        .await;
-    }
+    publish_qos0(&mut p, 3).await;
     let later = publish_acked(&mut p, &[1], 10, 1).await;
     assert!(
         until_pong(&mut s, 2).await.is_empty(),
@@ -373,14 +404,7 @@ async fn unstored_messages_skipped_while_paused_are_reported_in_a_gap() {
     );
     // The ack frees credit: the stored message follows, and a Gap counts the three.
     s.send(&Frame::Ack(Ack { seqs: stored })).await;
-    let (mut gap, mut got) = (0, Vec::new());
-    while gap < 3 || got.is_empty() {
-        match s.recv().await {
-            Frame::Gap(g) => gap += g.dropped,
-            Frame::Msg(m) => got.push(m.seq),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let (gap, got) = gap_and_msgs(&mut s, 3).await;
     assert_eq!(gap, 3, "each unstored message skipped is counted once");
     assert_eq!(got, later);
     // Live delivery resumed: the next message arrives directly.
@@ -466,47 +490,12 @@ async fn unstored_messages_held_back_during_replay_are_counted_in_a_gap() {
     let mut p = Client::tcp(relay.tcp()).await;
     p.hello().await;
     let history = publish_acked(&mut p, &[1], 0, 3).await;
-    let mut s = Client::tcp(relay.tcp()).await;
-    s.send(&Frame::Hello(Hello {
-        versions: vec![PROTOCOL_VERSION],
-        features: features::AT_LEAST_ONCE | features::FLOW_CONTROL | features::REPLAY,
-        client: None,
-        auth: None,
-        account: None,
-    }))
-    .await;
-    assert!(matches!(s.recv().await, Frame::Welcome(_)));
-    s.send(&Frame::Sub(Sub {
-        sub_id: 1,
-        pattern: exact(1, &[1]),
-        qos: Qos::AtLeastOnce,
-        durable: None,
-        replay: Some(whispeer_protocol::frame::Replay::FromSeq(0)),
-        retained: false,
-        credit: Some(2),
-        owner: None,
-    }))
-    .await;
-    assert!(matches!(s.recv().await, Frame::SubOk(_)));
-    let mut first = Vec::new();
-    while first.len() < 2 {
-        match s.recv().await {
-            Frame::Msg(m) => first.push(m.seq),
-            other => panic!("expected Msg, got {other:?}"),
-        }
-    }
+    let mut s = replay_subscriber(relay.tcp(), 2).await;
+    let first = recv_seqs(&mut s, 2).await;
     assert_eq!(first, history[..2].to_vec());
     // The replay waits for credit: three live QoS 0 messages (not stored) and one stored
     // message are held back behind it.
-    for i in 0..3u8 {
-        p.send(&Frame::Pub(Pub {
-            envelope: envelope_sized(1, &[1], 40 + usize::from(i)),
-            flags: 0,
-            publish_id: None,
-            qos: Qos::AtMostOnce,
-        }))
-        .await;
-    }
+    publish_qos0(&mut p, 3).await;
     let last = publish_acked(&mut p, &[1], 10, 1).await;
     // Acks free the credit: the last history message, ReplayDone, then one live QoS 0
     // message fits the credit; the other two do not and cannot wait in the store.
@@ -521,14 +510,7 @@ async fn unstored_messages_held_back_during_replay_are_counted_in_a_gap() {
     }
     assert_eq!(got[0], history[2]);
     s.send(&Frame::Ack(Ack { seqs: got })).await;
-    let (mut gap, mut rest) = (0, Vec::new());
-    while gap < 2 || rest.is_empty() {
-        match s.recv().await {
-            Frame::Gap(g) => gap += g.dropped,
-            Frame::Msg(m) => rest.push(m.seq),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let (gap, rest) = gap_and_msgs(&mut s, 2).await;
     assert_eq!(gap, 2, "the two held-back QoS 0 messages without credit");
     assert_eq!(rest, last, "the stored one follows from the store");
 }
