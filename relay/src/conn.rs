@@ -2,7 +2,9 @@
 //! writer task draining the [`Outbound`] queue in coalesced batches, timeouts, and the
 //! orderly end (drain with a deadline, then close).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +36,7 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
         cfg.queue.capacity,
         cfg.queue.max_bytes,
         cfg.queue.slow_consumer,
+        shared.budget.clone(),
     ));
     let (conn, admitted) = shared.registry.register(&out, cfg.limits.max_connections);
     let _registration = shared.registry.guard(conn);
@@ -159,24 +162,51 @@ async fn read_loop<Src: FrameSource>(
                 deadline.as_mut().reset(due);
             }
         }
+        while let Some(line) = session.deferred_line() {
+            // A claim this request made (or needs) is being synced by the auth-state
+            // writer thread: stop reading until it is on disk, then answer the request.
+            if let Some(mut durable) = shared.accounts.durable() {
+                let synced = durable.wait_for(|n| *n >= line);
+                if !unless_closed(session, closing.as_mut(), shutdown.as_mut(), synced).await {
+                    return false;
+                }
+            }
+            if session.resume_deferred() == Flow::Close {
+                return false;
+            }
+        }
         // Over a rate limit: stop reading until the bucket refills (backpressure through
         // the socket), with the idle timer suspended meanwhile.
         if let Some(until) = session.take_pause() {
             shared.metrics.throttled();
-            tokio::select! {
-                biased;
-                _ = &mut closing => {
-                    session.closed_elsewhere();
-                    return false;
-                }
-                _ = &mut shutdown => {
-                    session.shutting_down();
-                    return false;
-                }
-                _ = sleep_until(Instant::from_std(until)) => {}
+            let refilled = sleep_until(Instant::from_std(until));
+            if !unless_closed(session, closing.as_mut(), shutdown.as_mut(), refilled).await {
+                return false;
             }
             last_in = Instant::now();
         }
+    }
+}
+
+/// Waits for `until`, unless the connection starts closing or the relay shuts down first:
+/// then tells the session and returns false.
+async fn unless_closed<C: Future, S: Future>(
+    session: &mut Session,
+    closing: Pin<&mut C>,
+    shutdown: Pin<&mut S>,
+    until: impl Future,
+) -> bool {
+    tokio::select! {
+        biased;
+        _ = closing => {
+            session.closed_elsewhere();
+            false
+        }
+        _ = shutdown => {
+            session.shutting_down();
+            false
+        }
+        _ = until => true,
     }
 }
 
@@ -200,7 +230,10 @@ async fn write_loop<Snk: FrameSink>(
         }
         if !batch.is_empty() {
             let bytes = batch.iter().map(Bytes::len).sum();
-            if sink.send(&batch).await.is_err() {
+            let sent = sink.send(&batch).await;
+            // Until here the batch counted against the relay-wide outbound budget.
+            out.written(taken.msg_bytes);
+            if sent.is_err() {
                 break;
             }
             metrics.frames_out(batch.len(), bytes);

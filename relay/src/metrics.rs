@@ -85,6 +85,7 @@ pub struct Metrics {
     throttled: AtomicU64,
     refusal_paused: AtomicU64,
     credit_pauses: AtomicU64,
+    credit_lost: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -113,6 +114,7 @@ impl Default for Metrics {
             throttled: AtomicU64::new(0),
             refusal_paused: AtomicU64::new(0),
             credit_pauses: AtomicU64::new(0),
+            credit_lost: AtomicU64::new(0),
         }
     }
 }
@@ -196,6 +198,10 @@ impl Metrics {
     /// A subscription ran out of credit and its delivery paused.
     pub(crate) fn credit_paused(&self) {
         self.credit_pauses.fetch_add(1, Relaxed);
+    }
+    /// Messages a paused subscription skipped that the store does not keep (sent as `Gap`).
+    pub(crate) fn credit_lost(&self, n: u64) {
+        self.credit_lost.fetch_add(n, Relaxed);
     }
     pub(crate) fn rejected_by_plugin(&self) {
         self.rejected_by_plugin.fetch_add(1, Relaxed);
@@ -412,7 +418,7 @@ impl Metrics {
                 "whispeer_relay_connections_total{{transport=\"{k}\"}} {v}"
             );
         }
-        let counters: [(&str, &str, u64); 14] = [
+        let counters: [(&str, &str, u64); 15] = [
             (
                 "whispeer_relay_connections_rejected_total",
                 "Connections refused (connection limit, plugins).",
@@ -477,6 +483,11 @@ impl Metrics {
                 "whispeer_relay_credit_pauses_total",
                 "Times a QoS >= 1 subscription ran out of credit and its delivery paused.",
                 load(&self.credit_pauses),
+            ),
+            (
+                "whispeer_relay_credit_lost_total",
+                "QoS 0 messages a credit-paused subscription skipped that the store does not keep (reported to the client in a Gap).",
+                load(&self.credit_lost),
             ),
             (
                 "whispeer_relay_plugin_rejections_total",

@@ -21,7 +21,7 @@ use crate::accounts::{owner_of_secret, Refusal, Right, Rights};
 use crate::ids::{ConnId, SubId, TransportKind};
 use crate::outbound::{Offer, Outbound};
 use crate::plugin::{ConnectInfo, DisconnectInfo, PublishInfo, SubscribeInfo};
-use crate::rate::{AddrSlot, TokenBucket};
+use crate::rate::{AddrSlot, Kind, TokenBucket};
 use crate::relay::Shared;
 use crate::router::{msg_frame, SubStart, Target, Tracking};
 use crate::store::{Accepted, DurableKey, Tenant};
@@ -111,6 +111,8 @@ pub(crate) struct Session {
     /// The authenticated relay account (by name: its rights are looked up at each use, so
     /// an edit of the account list applies at once).
     account: Option<String>,
+    /// A `Sub` or `Pub` held until the auth-state line it needs is on disk.
+    deferred: Option<(u64, Frame)>,
 }
 
 #[derive(Debug)]
@@ -160,6 +162,7 @@ impl Session {
             hello_seen: false,
             challenge: None,
             account: None,
+            deferred: None,
         }
     }
 
@@ -257,13 +260,22 @@ impl Session {
                 self.charge_sub(1.0, now);
                 self.on_unsub(u)
             }
-            Frame::Pub(p) => self.on_pub(p, now),
+            Frame::Pub(p) => {
+                // Over the publish rate (per connection, address or account): accepted,
+                // and the reader pauses until the buckets refill, which slows the
+                // publisher down.
+                let wait = self.bucket.take(1.0, now);
+                self.charge(wait, now);
+                self.charge_shared(Kind::Publish, 1.0, now);
+                self.on_pub(p)
+            }
             Frame::Ping(p) => self.send(&Frame::Pong(Pong { nonce: p.nonce })),
             // Liveness only; the idle timer was reset by the driver.
             Frame::Pong(_) => Flow::Continue,
             Frame::Ack(a) => {
                 let wait = self.ack_bucket.take(1.0, now);
                 self.charge(wait, now);
+                self.charge_shared(Kind::Ack, 1.0, now);
                 self.on_ack(a)
             }
             Frame::Close(c) => {
@@ -309,8 +321,18 @@ impl Session {
     fn charge_sub(&mut self, cost: f64, now: Instant) {
         let wait = self.sub_bucket.take(cost, now);
         self.charge(wait, now);
-        let wait = self.slot.as_ref().and_then(|s| s.take_request(cost, now));
+        self.charge_shared(Kind::Sub, cost, now);
+    }
+
+    /// Charges the buckets shared with other connections: the source address's and, once
+    /// authenticated, the account's.
+    fn charge_shared(&mut self, kind: Kind, n: f64, now: Instant) {
+        let wait = self.slot.as_ref().and_then(|s| s.take(kind, n, now));
         self.charge(wait, now);
+        if let Some(a) = &self.account {
+            let wait = self.shared.account_rates.take(a, kind, n, now);
+            self.charge(wait, now);
+        }
     }
 
     fn on_hello(&mut self, h: Hello) -> Flow {
@@ -484,8 +506,10 @@ impl Session {
         if s.durable.is_some() {
             need = need.with(Right::Durable);
         }
-        if let Err(r) = self.authorize(s.pattern.key_id(), need) {
-            return self.refuse(r, Some(sub_id), None);
+        match self.authorize(s.pattern.key_id(), need) {
+            Err(r) => return self.refuse(r, Some(sub_id), None),
+            Ok(Some(line)) => return self.defer(line, Frame::Sub(s)),
+            Ok(None) => {}
         }
         let info = SubscribeInfo {
             conn: self.conn,
@@ -533,12 +557,14 @@ impl Session {
                 .as_ref()
                 .map(|n| format!("account:{n}"))
                 .or_else(|| s.owner.as_ref().map(owner_of_secret));
-            if let Err(r) = self
+            match self
                 .shared
                 .accounts
                 .durable_owner(&k.key_id, &k.name, owner)
             {
-                return self.refuse(r, Some(sub_id), None);
+                Err(r) => return self.refuse(r, Some(sub_id), None),
+                Ok(Some(line)) => return self.defer(line, Frame::Sub(s)),
+                Ok(None) => {}
             }
             if !self.shared.claim_durable(k) {
                 return self.reply_err(
@@ -708,23 +734,28 @@ impl Session {
                 }
             }
             if outcome.catch_up {
-                let Some(pattern) = self.subs.get(sub_id).cloned() else {
-                    t.stop_catching_up();
-                    continue;
-                };
-                match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => {
-                        rt.spawn(crate::flow::catch_up(
-                            self.shared.clone(),
-                            target.clone(),
-                            pattern,
-                        ));
-                    }
-                    Err(_) => t.stop_catching_up(),
-                }
+                self.start_catch_up(*sub_id, t, target);
             }
         }
         Flow::Continue
+    }
+
+    /// Runs the catch-up of a paused subscription (its catching-up mark is set).
+    fn start_catch_up(&self, sub_id: SubId, t: &Tracking, target: &Arc<Target>) {
+        let Some(pattern) = self.subs.get(&sub_id).cloned() else {
+            t.stop_catching_up();
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(crate::flow::catch_up(
+                    self.shared.clone(),
+                    target.clone(),
+                    pattern,
+                ));
+            }
+            Err(_) => t.stop_catching_up(),
+        }
     }
 
     /// Whether the connection has at-least-once subscriptions (and needs [`tick`]).
@@ -735,9 +766,14 @@ impl Session {
     /// Redelivers unacknowledged messages past the ack timeout.
     pub(crate) fn tick(&mut self, now: Instant) -> Flow {
         let mut resend = Vec::new();
-        for (t, _) in self.tracked.values() {
+        for (sub_id, (t, target)) in &self.tracked {
             if t.pending() > 0 {
                 resend.extend(t.due(now, 4096));
+            }
+            // Paused by the relay-wide budget with credit to spare: no ack will start the
+            // catch-up, so the tick does (it waits for room before sending).
+            if t.claim_catch_up() {
+                self.start_catch_up(*sub_id, t, target);
             }
         }
         if resend.is_empty() {
@@ -748,7 +784,7 @@ impl Session {
         self.shared.metrics.redelivered(resend.len() as u64);
         for (seq, env) in resend {
             self.out
-                .offer_msg(&msg_frame(seq, &env, msg_flags::REDELIVERED));
+                .offer_msg(&msg_frame(seq, &env, msg_flags::REDELIVERED), false);
         }
         if self.out.is_closing() {
             Flow::Close
@@ -770,22 +806,20 @@ impl Session {
         }
     }
 
-    fn on_pub(&mut self, p: Pub, now: Instant) -> Flow {
-        // Over the publish rate (per connection or per address): accepted, and the reader
-        // pauses until the buckets refill, which slows the publisher down.
-        let wait = self.bucket.take(1.0, now);
-        self.charge(wait, now);
-        let wait = self.slot.as_ref().and_then(|s| s.take_publish(1.0, now));
-        self.charge(wait, now);
+    fn on_pub(&mut self, p: Pub) -> Flow {
         let path = p.envelope.token_path();
         let need = if p.flags & pub_flags::RETAIN != 0 {
             Rights::of(&[Right::Publish, Right::Retain])
         } else {
             Rights::of(&[Right::Publish])
         };
-        if let Err(r) = self.authorize(path.key_id(), need) {
-            self.refused_publish(now);
-            return self.refuse(r, None, p.publish_id);
+        match self.authorize(path.key_id(), need) {
+            Err(r) => {
+                self.refused_publish(Instant::now());
+                return self.refuse(r, None, p.publish_id);
+            }
+            Ok(Some(line)) => return self.defer(line, Frame::Pub(p)),
+            Ok(None) => {}
         }
         let info = PublishInfo {
             conn: self.conn,
@@ -825,13 +859,13 @@ impl Session {
             &self.tenant,
         );
         let seq = match accepted {
-            Ok(Accepted::New(seq)) => seq,
+            Ok(Accepted::New(seq) | Accepted::Live(seq)) => seq,
             Ok(Accepted::Duplicate(seq)) => {
                 self.shared.metrics.duplicate_publish();
                 seq
             }
             Err(e) => {
-                self.refused_publish(now);
+                self.refused_publish(Instant::now());
                 return self.reply_err(e.code(), e.to_string(), None, p.publish_id);
             }
         };
@@ -872,12 +906,41 @@ impl Session {
     }
 
     /// Checks the account's rights on a key id (and claims it for the account's group).
-    fn authorize(&self, key_id: &whispeer_protocol::KeyId, need: Rights) -> Result<(), Refusal> {
+    /// `Ok(Some(line))`: allowed once auth-state line `line` is on disk (see `defer`).
+    fn authorize(
+        &self,
+        key_id: &whispeer_protocol::KeyId,
+        need: Rights,
+    ) -> Result<Option<u64>, Refusal> {
         let accounts = &self.shared.accounts;
         if !accounts.required() {
-            return Ok(());
+            return Ok(None);
         }
         accounts.authorize(self.account.as_deref().unwrap_or_default(), key_id, need)
+    }
+
+    /// Holds `frame` until auth-state line `line` (a key-id claim or durable owner it made
+    /// or relies on) is on disk: the state file is synced by its own thread, never on this
+    /// tokio worker, and the request is answered only once its claim would survive a crash.
+    /// The reader stops meanwhile (`deferred_line`, `resume_deferred`), so frames stay in
+    /// order.
+    fn defer(&mut self, line: u64, frame: Frame) -> Flow {
+        self.deferred = Some((line, frame));
+        Flow::Continue
+    }
+
+    /// The auth-state line a held request waits for.
+    pub(crate) fn deferred_line(&self) -> Option<u64> {
+        self.deferred.as_ref().map(|(line, _)| *line)
+    }
+
+    /// Handles the held request (its line is on disk now; rates were charged already).
+    pub(crate) fn resume_deferred(&mut self) -> Flow {
+        match self.deferred.take() {
+            Some((_, Frame::Sub(s))) => self.on_sub(s),
+            Some((_, Frame::Pub(p))) => self.on_pub(p),
+            _ => Flow::Continue,
+        }
     }
 
     /// Answers a refused request: fatal when the account is gone.
@@ -1154,7 +1217,12 @@ mod tests {
             config.queue.capacity = 16;
             let relay = Relay::builder(config).build().unwrap();
             let shared = relay.shared();
-            let out = Arc::new(Outbound::new(16, usize::MAX, shared.config.queue.slow_consumer));
+            let out = Arc::new(Outbound::new(
+                16,
+                usize::MAX,
+                shared.config.queue.slow_consumer,
+                shared.budget.clone(),
+            ));
             let now = Instant::now();
             let mut s = Session::new(shared.clone(), ConnId(1), TransportKind::InProcess, None, out.clone(), now, None);
             let mut closed = false;

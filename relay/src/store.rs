@@ -159,8 +159,12 @@ pub struct Append<'a> {
 /// The outcome of [`Store::append`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
-    /// A new message with this sequence: deliver it.
+    /// A new message with this sequence, kept in history: deliver it.
     New(Seq),
+    /// A new message with this sequence that is routed but not kept in history (QoS 0
+    /// without `store.store_qos0`, a retained-only QoS 0 value, or no store): deliver it; a
+    /// subscription paused for credit cannot catch up on it later.
+    Live(Seq),
     /// A duplicate publish id inside the dedup window: the original's sequence. Not stored
     /// again and not delivered again.
     Duplicate(Seq),
@@ -423,7 +427,7 @@ impl Store for LiveStore {
         if msg.qos != Qos::AtMostOnce {
             return Err(Self::unsupported("QoS >= 1"));
         }
-        Ok(Accepted::New(Seq(self
+        Ok(Accepted::Live(Seq(self
             .last
             .fetch_add(1, Ordering::Relaxed)
             + 1)))
