@@ -267,7 +267,7 @@ impl Session {
                 let wait = self.bucket.take(1.0, now);
                 self.charge(wait, now);
                 self.charge_shared(Kind::Publish, 1.0, now);
-                self.on_pub(p)
+                self.on_pub(p, now)
             }
             Frame::Ping(p) => self.send(&Frame::Pong(Pong { nonce: p.nonce })),
             // Liveness only; the idle timer was reset by the driver.
@@ -806,7 +806,7 @@ impl Session {
         }
     }
 
-    fn on_pub(&mut self, p: Pub) -> Flow {
+    fn on_pub(&mut self, p: Pub, now: Instant) -> Flow {
         let path = p.envelope.token_path();
         let need = if p.flags & pub_flags::RETAIN != 0 {
             Rights::of(&[Right::Publish, Right::Retain])
@@ -815,7 +815,7 @@ impl Session {
         };
         match self.authorize(path.key_id(), need) {
             Err(r) => {
-                self.refused_publish(Instant::now());
+                self.refused_publish(now);
                 return self.refuse(r, None, p.publish_id);
             }
             Ok(Some(line)) => return self.defer(line, Frame::Pub(p)),
@@ -865,7 +865,7 @@ impl Session {
                 seq
             }
             Err(e) => {
-                self.refused_publish(Instant::now());
+                self.refused_publish(now);
                 return self.reply_err(e.code(), e.to_string(), None, p.publish_id);
             }
         };
@@ -938,7 +938,7 @@ impl Session {
     pub(crate) fn resume_deferred(&mut self) -> Flow {
         match self.deferred.take() {
             Some((_, Frame::Sub(s))) => self.on_sub(s),
-            Some((_, Frame::Pub(p))) => self.on_pub(p),
+            Some((_, Frame::Pub(p))) => self.on_pub(p, Instant::now()),
             _ => Flow::Continue,
         }
     }
@@ -1203,6 +1203,92 @@ mod tests {
             1 => Just(Inbound::Text),
             1 => (0usize..1 << 30).prop_map(|len| Inbound::TooLarge { len }),
         ]
+    }
+
+    /// Refused publishes in a row pause the reader longer each time; an accepted one resets.
+    #[test]
+    fn refused_publishes_in_a_row_pause_the_reader_longer_each_time() {
+        let mut config = Config::ephemeral();
+        config.store.tenant_max_messages = 1;
+        config.limits.publish_rate = 0;
+        config.limits.addr_publish_rate = 0;
+        let relay = Relay::builder(config).build().unwrap();
+        let shared = relay.shared();
+        let out = Arc::new(Outbound::new(
+            64,
+            usize::MAX,
+            shared.config.queue.slow_consumer,
+            shared.budget.clone(),
+        ));
+        let now = Instant::now();
+        let mut s = Session::new(
+            shared.clone(),
+            ConnId(1),
+            TransportKind::InProcess,
+            None,
+            out,
+            now,
+            None,
+        );
+        let hello = Frame::Hello(Hello {
+            versions: vec![PROTOCOL_VERSION],
+            features: 0,
+            client: None,
+            auth: None,
+            account: None,
+        });
+        assert_eq!(
+            s.on_inbound(Inbound::Frame(hello.to_bytes()), now),
+            Flow::Continue
+        );
+        let publish = |s: &mut Session, k: u8, qos: Qos| {
+            let p = Frame::Pub(Pub {
+                envelope: envelope(k, &[1]),
+                flags: pub_flags::ACK,
+                publish_id: Some([k; 16]),
+                qos,
+            });
+            assert_eq!(
+                s.on_inbound(Inbound::Frame(p.to_bytes()), now),
+                Flow::Continue
+            );
+            s.take_pause().map(|until| until - now)
+        };
+        assert_eq!(
+            publish(&mut s, 1, Qos::AtLeastOnce),
+            None,
+            "within the quota"
+        );
+        let pauses: Vec<_> = (2..6)
+            .map(|k| publish(&mut s, k, Qos::AtLeastOnce))
+            .collect();
+        assert_eq!(
+            pauses,
+            [1, 2, 4, 8].map(|n| Some(REFUSAL_PAUSE * n)).to_vec(),
+            "each refusal in a row doubles the pause"
+        );
+        assert_eq!(
+            publish(&mut s, 9, Qos::AtMostOnce),
+            None,
+            "a live publish is accepted"
+        );
+        assert_eq!(
+            publish(&mut s, 10, Qos::AtLeastOnce),
+            Some(REFUSAL_PAUSE),
+            "and the next refusal starts over"
+        );
+        for _ in 0..40 {
+            publish(&mut s, 11, Qos::AtLeastOnce);
+        }
+        assert_eq!(
+            publish(&mut s, 12, Qos::AtLeastOnce),
+            Some(REFUSAL_PAUSE * (1 << (MAX_REFUSAL_DOUBLINGS - 1))),
+            "capped"
+        );
+        assert!(shared
+            .metrics
+            .render_prometheus(0)
+            .contains("whispeer_relay_refusal_pauses_total 46"));
     }
 
     proptest! {
