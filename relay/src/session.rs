@@ -1205,6 +1205,33 @@ mod tests {
         ]
     }
 
+    /// A session of a relay built from `config` (not listening), with an outbound queue
+    /// of `capacity` frames.
+    fn session(
+        config: Config,
+        capacity: usize,
+        now: Instant,
+    ) -> (Session, Arc<Shared>, Arc<Outbound>) {
+        let relay = Relay::builder(config).build().unwrap();
+        let shared = relay.shared();
+        let out = Arc::new(Outbound::new(
+            capacity,
+            usize::MAX,
+            shared.config.queue.slow_consumer,
+            shared.budget.clone(),
+        ));
+        let s = Session::new(
+            shared.clone(),
+            ConnId(1),
+            TransportKind::InProcess,
+            None,
+            out.clone(),
+            now,
+            None,
+        );
+        (s, shared, out)
+    }
+
     /// Refused publishes in a row pause the reader longer each time; an accepted one resets.
     #[test]
     fn refused_publishes_in_a_row_pause_the_reader_longer_each_time() {
@@ -1212,24 +1239,8 @@ mod tests {
         config.store.tenant_max_messages = 1;
         config.limits.publish_rate = 0;
         config.limits.addr_publish_rate = 0;
-        let relay = Relay::builder(config).build().unwrap();
-        let shared = relay.shared();
-        let out = Arc::new(Outbound::new(
-            64,
-            usize::MAX,
-            shared.config.queue.slow_consumer,
-            shared.budget.clone(),
-        ));
         let now = Instant::now();
-        let mut s = Session::new(
-            shared.clone(),
-            ConnId(1),
-            TransportKind::InProcess,
-            None,
-            out,
-            now,
-            None,
-        );
+        let (mut s, shared, _out) = session(config, 64, now);
         let hello = Frame::Hello(Hello {
             versions: vec![PROTOCOL_VERSION],
             features: 0,
@@ -1301,16 +1312,8 @@ mod tests {
             let mut config = Config::ephemeral();
             config.limits.max_subscriptions = 3;
             config.queue.capacity = 16;
-            let relay = Relay::builder(config).build().unwrap();
-            let shared = relay.shared();
-            let out = Arc::new(Outbound::new(
-                16,
-                usize::MAX,
-                shared.config.queue.slow_consumer,
-                shared.budget.clone(),
-            ));
             let now = Instant::now();
-            let mut s = Session::new(shared.clone(), ConnId(1), TransportKind::InProcess, None, out.clone(), now, None);
+            let (mut s, shared, out) = session(config, 16, now);
             let mut closed = false;
             for ev in events {
                 if s.on_inbound(ev, now) == Flow::Close {
