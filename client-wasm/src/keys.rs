@@ -8,10 +8,6 @@ use whispeer_protocol as p;
 use crate::error::{invite_error, js_error, key_error, topic_error};
 use crate::now_ms;
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Parses a scope: `#` (or empty) for the whole tree, `a/b/#` for a subtree, `a/b` for
 /// exactly one topic.
 pub(crate) fn parse_scope(s: &str) -> Result<p::Scope, JsValue> {
@@ -164,7 +160,7 @@ impl TreeKey {
     /// The tree id (hex).
     #[wasm_bindgen(getter, js_name = treeId)]
     pub fn tree_id(&self) -> String {
-        hex(&self.inner.tree_id().0)
+        hex::encode(&self.inner.tree_id().0)
     }
 }
 
@@ -223,7 +219,7 @@ impl Grant {
     /// The tree id (hex).
     #[wasm_bindgen(getter, js_name = treeId)]
     pub fn tree_id(&self) -> String {
-        hex(&self.inner.epoch_keys().tree_id().0)
+        hex::encode(&self.inner.epoch_keys().tree_id().0)
     }
 }
 

@@ -86,10 +86,7 @@ fn hex_bytes(digits: &str) -> Result<Vec<u8>, JsValue> {
     } else {
         digits.to_owned()
     };
-    (0..padded.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).map_err(|e| type_error(e.to_string())))
-        .collect()
+    hex::decode(padded).map_err(|e| type_error(e.to_string()))
 }
 
 fn to_value(v: &JsValue, depth: usize) -> Result<Value, JsValue> {

@@ -34,40 +34,45 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Parses `ws://host:port[/path]`, `wss://…`, `tcp://host:port`, `tls://host:port`.
+    /// Parses `ws://host[:port][/path]`, `wss://…`, `tcp://host[:port]`, `tls://host:port`
+    /// (with the `url` crate: IPv6 as `[::1]`, international names, percent-encoding).
+    /// Without a port, `ws` and `wss` use 80 and 443 as browsers do, and `tcp` the relay's
+    /// default TCP port 7481; `tls` has no default and needs one.
     pub fn parse(url: &str) -> Result<Self, ConnectError> {
         let bad = |reason: &str| ConnectError::InvalidUrl {
             url: url.to_owned(),
             reason: reason.to_owned(),
         };
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad("expected scheme://host:port"))?;
-        let (websocket, tls) = match scheme {
-            "ws" => (true, false),
-            "wss" => (true, true),
-            "tcp" => (false, false),
-            "tls" => (false, true),
+        let u = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+        let (websocket, tls, default_port) = match u.scheme() {
+            "ws" => (true, false, Some(80)),
+            "wss" => (true, true, Some(443)),
+            "tcp" => (false, false, Some(DEFAULT_TCP_PORT)),
+            "tls" => (false, true, None),
             _ => return Err(bad("scheme must be ws, wss, tcp or tls")),
         };
-        let authority = rest.split('/').next().unwrap_or_default();
-        let (host, port) = authority
-            .rsplit_once(':')
-            .ok_or_else(|| bad("missing :port"))?;
-        let port: u16 = port.parse().map_err(|_| bad("port is not a number"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(bad("missing host"));
-        }
+        let host = match u.host() {
+            Some(url::Host::Domain(d)) if !d.is_empty() => d.to_owned(),
+            Some(url::Host::Ipv4(a)) => a.to_string(),
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            _ => return Err(bad("missing host")),
+        };
+        let port = u
+            .port()
+            .or(default_port)
+            .ok_or_else(|| bad("missing :port (a tls:// relay has no default port)"))?;
         Ok(Endpoint {
             url: url.to_owned(),
             websocket,
             tls,
-            host: host.to_owned(),
+            host,
             port,
         })
     }
 }
+
+/// The relay's default TCP listener port (`whispeer-relay serve`), used by `tcp://host`.
+const DEFAULT_TCP_PORT: u16 = 7481;
 
 pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -183,7 +188,7 @@ impl rustls::client::danger::ServerCertVerifier for PinVerifier {
         } else {
             Err(rustls::Error::General(format!(
                 "the relay's certificate has SHA-256 fingerprint {} which is not the pinned one",
-                hex_lower(&got)
+                hex::encode(got)
             )))
         }
     }
@@ -209,10 +214,6 @@ impl rustls::client::danger::ServerCertVerifier for PinVerifier {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.algs.supported_schemes()
     }
-}
-
-fn hex_lower(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn tls_connector(settings: &TlsSettings) -> Result<tokio_rustls::TlsConnector, ConnectError> {
@@ -440,7 +441,17 @@ mod tests {
         let e = Endpoint::parse("wss://[::1]:9/path").unwrap();
         assert_eq!(e.host, "::1");
         assert!(Endpoint::parse("http://x:1").is_err());
-        assert!(Endpoint::parse("ws://x").is_err());
         assert!(Endpoint::parse("tcp://:80").is_err());
+        assert!(Endpoint::parse("ws://").is_err());
+        assert!(Endpoint::parse("ws://x:99999").is_err());
+        assert!(
+            Endpoint::parse("tls://relay.example").is_err(),
+            "tls needs a port"
+        );
+        // Without a port: browsers' defaults for WebSocket, the relay's for TCP.
+        assert_eq!(Endpoint::parse("ws://relay.example").unwrap().port, 80);
+        assert_eq!(Endpoint::parse("wss://relay.example/ws").unwrap().port, 443);
+        assert_eq!(Endpoint::parse("tcp://relay.example").unwrap().port, 7481);
+        assert_eq!(Endpoint::parse("ws://[::1]").unwrap().host, "::1");
     }
 }

@@ -629,15 +629,6 @@ fn set_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
     .map(drop)
 }
 
-fn hex(b: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        let _ = write!(s, "{x:02x}");
-    }
-    s
-}
-
 fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
@@ -2000,7 +1991,7 @@ impl Store for SqliteStore {
         let list = top
             .into_iter()
             .map(|(p, st)| PathStatus {
-                path: hex(p),
+                path: hex::encode(p),
                 messages: st.count,
                 bytes: st.bytes,
                 first_seq: st.first_seq,

@@ -364,7 +364,7 @@ pub fn cbor_to_json(v: ciborium::Value) -> serde_json::Value {
             }
         }
         C::Float(f) => serde_json::Number::from_f64(f).map_or(J::Null, J::Number),
-        C::Bytes(b) => J::String(hex(&b)),
+        C::Bytes(b) => J::String(hex::encode(&b)),
         C::Text(s) => J::String(s),
         C::Tag(_, inner) => cbor_to_json(*inner),
         C::Array(a) => J::Array(a.into_iter().map(cbor_to_json).collect()),
@@ -383,10 +383,6 @@ pub fn cbor_to_json(v: ciborium::Value) -> serde_json::Value {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn payload_json(m: &Message<Vec<u8>>) -> Result<serde_json::Value> {
     let ct = m.content_type.as_str();
     let base = ct.split(';').next().unwrap_or("").trim();
@@ -399,7 +395,7 @@ fn payload_json(m: &Message<Vec<u8>>) -> Result<serde_json::Value> {
         "application/json" => Ok(serde_json::from_slice(&m.value)?),
         _ => Ok(match std::str::from_utf8(&m.value) {
             Ok(s) => serde_json::Value::String(s.to_owned()),
-            Err(_) => serde_json::Value::String(hex(&m.value)),
+            Err(_) => serde_json::Value::String(hex::encode(&m.value)),
         }),
     }
 }
