@@ -1890,3 +1890,328 @@ fn seed_decides_ids_and_jitter() {
     assert_ne!(run([1; 32]).0, run([2; 32]).0);
     let _ = SeededRng::new(&[0; 32]);
 }
+
+/// Random interleavings of relay frames, drops, timeouts and app commands (fixed seeds, so
+/// a failure replays): no message twice per subscription; exactly one outcome per publish
+/// that waits for one; nothing acked that the app did not take, nor a seq the connection
+/// never delivered; `Ack`s of at most 4,096; frames only on an open socket; deadlines never
+/// in the past.
+#[test]
+fn random_interleavings_keep_the_invariants() {
+    use rand_chacha::rand_core::RngCore;
+    use std::collections::{BTreeSet, HashMap};
+    let mut totals = [0usize; 5];
+    for run in 0..60u64 {
+        let mode = if run % 2 == 0 {
+            Placeholders::AckAtOnce
+        } else {
+            Placeholders::InChannel
+        };
+        let mut s = Sim::with(mode, |c| {
+            c.retry_first_connect = true;
+            c.sub_capacity = 3;
+            c.ack_delay_ms = 5;
+            c.offline_bytes = 4_000;
+        });
+        let mut r = rand_chacha::ChaCha20Rng::seed_from_u64(1_000 + run);
+        // Envelopes sealed so far, with the at-least-once subscription each opens for.
+        let mut pool: Vec<(Envelope, Option<u64>)> = Vec::new();
+        let subs: [(u64, &str, SubscribeOptions); 3] = [
+            (1, "a/#", qos1()),
+            (2, "a/+", SubscribeOptions::new()),
+            (3, "b/#", qos1().durable("d")),
+        ];
+        for (id, f, o) in subs.iter().cloned() {
+            s.eng
+                .subscribe(id, TopicFilter::new(f).unwrap(), o, s.now)
+                .unwrap();
+        }
+        s.drain();
+        // Driver and relay model.
+        let mut open: Option<ConnId> = None;
+        let mut dialing: Option<ConnId> = None;
+        let mut handshaking = false;
+        let mut live = false;
+        let mut next_seq = 1u64;
+        let mut fed: BTreeMap<(ConnId, u64), usize> = BTreeMap::new();
+        // (subscription, pool index) of every message the app was handed.
+        let mut handed: BTreeSet<(u64, usize)> = BTreeSet::new();
+        let mut fed_seqs: Vec<(u64, usize)> = Vec::new();
+        let mut written_pids: Vec<[u8; 16]> = Vec::new();
+        let mut nonces: Vec<u64> = Vec::new();
+        let mut waiting_pids: BTreeSet<PublishId> = BTreeSet::new();
+        let mut outcomes: HashMap<PublishId, u32> = HashMap::new();
+        let mut seen: BTreeSet<(u64, [u8; 16])> = BTreeSet::new();
+        // Messages of acking subscriptions handed out and not taken, per (conn, seq).
+        let mut untaken: BTreeMap<(ConnId, u64), u32> = BTreeMap::new();
+        let mut token_conn: Vec<(u64, ConnId, u64)> = Vec::new();
+        let mut conn_of_delivery = 0;
+        for _ in 0..400 {
+            // The driver acts on everything queued.
+            while let Some(t) = s.tx.pop_front() {
+                match t {
+                    Transmit::Dial(c) => dialing = Some(c),
+                    Transmit::Hangup(c) => {
+                        if open == Some(c) {
+                            open = None;
+                            handshaking = false;
+                            live = false;
+                        }
+                        if dialing == Some(c) {
+                            dialing = None;
+                        }
+                    }
+                    Transmit::Frame(b) => {
+                        let c = open.expect("a frame only goes to an open socket");
+                        match Frame::decode(&b).unwrap() {
+                            Frame::Ack(a) => {
+                                assert!(a.seqs.len() <= 4096);
+                                for q in a.seqs {
+                                    let idx = *fed.get(&(c, q)).expect("acked, never delivered");
+                                    // An envelope that opens for an at-least-once
+                                    // subscription is acked only once the app had it.
+                                    if let Some(sub) = pool[idx].1 {
+                                        assert!(
+                                            handed.contains(&(sub, idx)),
+                                            "run {run}: seq {q} acked, never handed to {sub}"
+                                        );
+                                    }
+                                    assert_eq!(
+                                        untaken.get(&(c, q)).copied().unwrap_or(0),
+                                        0,
+                                        "seq {q} acked before the app took it"
+                                    );
+                                }
+                            }
+                            Frame::Pub(p) => {
+                                if let Some(id) = p.publish_id {
+                                    written_pids.push(id);
+                                }
+                            }
+                            Frame::Ping(p) if p.nonce > 0 => nonces.push(p.nonce),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            for e in std::mem::take(&mut s.events) {
+                match e {
+                    Event::Message { sub, msg, token } => {
+                        let text = String::from_utf8_lossy(&msg.payload).into_owned();
+                        if let Some(i) = text.strip_prefix('m').and_then(|n| n.parse().ok()) {
+                            handed.insert((sub, i));
+                        }
+                        assert!(
+                            seen.insert((sub, msg.msg_id.0)),
+                            "run {run}: message twice to sub {sub}"
+                        );
+                        if token.acks() {
+                            *untaken.entry((conn_of_delivery, msg.seq)).or_default() += 1;
+                            token_conn.push((sub, conn_of_delivery, msg.seq));
+                        }
+                    }
+                    Event::PubAck { pid, .. } | Event::PublishFailed { pid, .. } => {
+                        *outcomes.entry(pid).or_default() += 1;
+                        assert_eq!(outcomes[&pid], 1, "run {run}: two outcomes for a publish");
+                    }
+                    _ => {}
+                }
+            }
+            let at = s.eng.poll_timeout();
+            if let Some(at) = at {
+                assert!(at >= s.now.mono_ms);
+            }
+            match r.next_u32() % 16 {
+                0 | 1 => {
+                    if let Some(c) = dialing.take() {
+                        if r.next_u32() % 4 == 0 {
+                            s.eng.handle_disconnected(c, "refused", s.now);
+                        } else {
+                            open = Some(c);
+                            handshaking = true;
+                            s.eng.handle_connected(c, s.now);
+                        }
+                    } else if handshaking {
+                        handshaking = false;
+                        live = true;
+                        s.conn = open;
+                        s.step(&Welcome { heartbeat_ms: 50 });
+                        continue;
+                    }
+                }
+                2..=4 if live => {
+                    let c = open.unwrap();
+                    let (seq, idx, flags) = if r.next_u32() % 3 == 0 && !fed_seqs.is_empty() {
+                        let (q, i) = fed_seqs[r.next_u32() as usize % fed_seqs.len()];
+                        (q, i, msg_flags::REDELIVERED)
+                    } else {
+                        // Mostly a fresh message; sometimes one already sent under another
+                        // seq (a duplicate by content), sometimes one that does not open.
+                        let i = match r.next_u32() % 8 {
+                            0 if !pool.is_empty() => r.next_u32() as usize % pool.len(),
+                            k => {
+                                let (topic, owner) = [
+                                    ("a/x", Some(1)),
+                                    ("a/y", Some(1)),
+                                    ("b/z", Some(3)),
+                                    ("c/w", None),
+                                ][k as usize % 4];
+                                let mut env = s.seal(topic, &format!("m{}", pool.len()));
+                                let owner = if k == 7 {
+                                    let mut b = env.as_bytes().to_vec();
+                                    *b.last_mut().unwrap() ^= 1;
+                                    env = Envelope::from_bytes(Bytes::from(b)).unwrap();
+                                    None
+                                } else {
+                                    owner
+                                };
+                                pool.push((env, owner));
+                                pool.len() - 1
+                            }
+                        };
+                        next_seq += 1;
+                        fed_seqs.push((next_seq, i));
+                        (next_seq, i, 0)
+                    };
+                    fed.insert((c, seq), idx);
+                    conn_of_delivery = c;
+                    let envelope = pool[idx].0.clone();
+                    s.eng.handle_frame(
+                        c,
+                        &Frame::Msg(Msg {
+                            seq,
+                            envelope,
+                            flags,
+                        })
+                        .to_bytes(),
+                        s.now,
+                    );
+                }
+                5 if live => {
+                    let ids: Vec<u64> = s.relay_ids.values().flatten().copied().collect();
+                    if let Some(id) = ids.get(r.next_u32() as usize % ids.len().max(1)) {
+                        s.eng.handle_frame(
+                            open.unwrap(),
+                            &Frame::SubOk(frame::SubOk {
+                                sub_id: *id,
+                                seq: 0,
+                            })
+                            .to_bytes(),
+                            s.now,
+                        );
+                    }
+                }
+                6 if live && !written_pids.is_empty() => {
+                    let id = written_pids[r.next_u32() as usize % written_pids.len()];
+                    let f = if r.next_u32() % 5 == 0 {
+                        Frame::Err(ErrFrame {
+                            code: ErrorCode::QuotaExceeded,
+                            message: "no".into(),
+                            fatal: false,
+                            sub_id: None,
+                            publish_id: Some(id),
+                        })
+                    } else {
+                        Frame::PubAck(frame::PubAck {
+                            publish_id: id,
+                            seq: 0,
+                        })
+                    };
+                    s.eng.handle_frame(open.unwrap(), &f.to_bytes(), s.now);
+                }
+                7 => {
+                    let qos = [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce]
+                        [r.next_u32() as usize % 3];
+                    let ack = r.next_u32() % 2 == 0;
+                    let env = s.seal("a/p", "published");
+                    if let Ok(Some(pid)) =
+                        s.eng
+                            .publish(env, PubOptions::new().qos(qos).ack(ack), s.now)
+                    {
+                        waiting_pids.insert(pid);
+                    }
+                }
+                8 | 9 => {
+                    let sub = 1 + (r.next_u32() as u64 % 3);
+                    if let Some((item, token)) = s.inbox.get_mut(&sub).and_then(|q| q.pop_front()) {
+                        if item.is_some() && token.acks() {
+                            let i = token_conn
+                                .iter()
+                                .position(|(sb, _, _)| *sb == sub)
+                                .expect("delivered");
+                            let (_, c, q) = token_conn.remove(i);
+                            *untaken.get_mut(&(c, q)).unwrap() -= 1;
+                        }
+                        s.eng.ack(token, s.now);
+                    }
+                }
+                10 | 11 => {
+                    if let Some(at) = at {
+                        let late = u64::from(r.next_u32() % 3);
+                        s.now.mono_ms = at + late;
+                        s.now.unix_ms = T0_UNIX + (at + late - T0_MONO);
+                        s.eng.handle_timeout(s.now);
+                    }
+                }
+                12 if open.is_some() => {
+                    let c = open.take().unwrap();
+                    handshaking = false;
+                    live = false;
+                    s.eng.handle_disconnected(c, "reset", s.now);
+                }
+                13 => {
+                    if live && !nonces.is_empty() && r.next_u32() % 2 == 0 {
+                        let nonce = nonces.remove(0);
+                        s.eng.handle_frame(
+                            open.unwrap(),
+                            &Frame::Pong(frame::Pong { nonce }).to_bytes(),
+                            s.now,
+                        );
+                    } else {
+                        s.eng.flush(s.now);
+                    }
+                }
+                14 if live => {
+                    s.eng.handle_frame(
+                        open.unwrap(),
+                        &Frame::Gap(Gap { dropped: 2 }).to_bytes(),
+                        s.now,
+                    );
+                }
+                _ => {
+                    // Time passes, up to the next deadline (a timer fires on time; a late
+                    // one is the `handle_timeout` arm with the clock past the deadline).
+                    let ms = u64::from(r.next_u32() % 30)
+                        .min(at.map_or(u64::MAX, |at| at - s.now.mono_ms));
+                    s.now.mono_ms += ms;
+                    s.now.unix_ms += ms;
+                }
+            }
+            s.drain();
+        }
+        // Closing settles every publish still waiting: each has exactly one outcome.
+        s.eng.close(s.now);
+        s.drain();
+        for e in std::mem::take(&mut s.events) {
+            if let Event::PubAck { pid, .. } | Event::PublishFailed { pid, .. } = e {
+                *outcomes.entry(pid).or_default() += 1;
+            }
+        }
+        for pid in &waiting_pids {
+            assert_eq!(
+                outcomes.get(pid),
+                Some(&1),
+                "run {run}: outcomes of {pid:?}"
+            );
+        }
+        assert!(s.eng.is_closed());
+        totals[0] += seen.len();
+        totals[1] += outcomes.len();
+        totals[2] += s.eng.stats().reconnects as usize;
+        totals[3] += s.eng.stats().core.held_back as usize;
+        totals[4] += s.eng.stats().core.duplicates as usize;
+    }
+    // The runs exercise what they claim to.
+    eprintln!("messages, publish outcomes, reconnects, held back, duplicates: {totals:?}");
+    assert!(totals.iter().all(|t| *t > 0), "{totals:?}");
+}
