@@ -217,7 +217,9 @@ impl Engine for TopicOptions {
     }
 }
 
-/// Reconnect policy: exponential backoff with full jitter.
+/// Reconnect policy: exponential backoff with equal jitter (the delay before attempt `n` is
+/// uniform in `[d/2, d]`, `d = min(max, initial·2ⁿ)`; the engine's
+/// [`Backoff`](crate::core::connection::Backoff), with jitter from its seed).
 #[derive(Debug, Clone, Copy)]
 pub struct Reconnect {
     /// First delay.
@@ -234,16 +236,6 @@ impl Default for Reconnect {
             max: Duration::from_secs(5),
             max_attempts: None,
         }
-    }
-}
-impl Reconnect {
-    /// The delay before attempt `n` (0-based): uniform in `[d/2, d]`, `d = min(max, initial·2ⁿ)`.
-    pub fn delay(&self, attempt: u32, unit_random: f64) -> Duration {
-        let d = self
-            .initial
-            .saturating_mul(1u32 << attempt.min(16))
-            .min(self.max);
-        d.mul_f64(0.5 + 0.5 * unit_random.clamp(0.0, 1.0))
     }
 }
 impl Engine for Reconnect {
@@ -492,16 +484,6 @@ impl RelayAuth {
     /// The account's public key (what `whispeer-relay account add --public-key` takes).
     pub fn public_key(&self) -> Option<[u8; 32]> {
         self.0.public_key()
-    }
-
-    /// Puts the account (key) or the token into a `Hello`.
-    pub(crate) fn fill_hello(&self, h: &mut whispeer_protocol::frame::Hello) {
-        self.0.fill_hello(h)
-    }
-
-    /// The `Auth` frame answering a `Challenge` (None for a token).
-    pub(crate) fn answer(&self, nonce: &[u8; 32]) -> Option<whispeer_protocol::Frame> {
-        self.0.answer(nonce).map(whispeer_protocol::Frame::Auth)
     }
 }
 

@@ -135,6 +135,9 @@ enum Step {
     },
     /// Expect a `Dial` and open the socket (no `Welcome` yet).
     Dialed,
+    /// After a drop: jump to the retry, dial, `Hello`, `Welcome` (before the re-sent
+    /// subscriptions and publishes are checked, and before `Connected`).
+    Redial,
     /// Expect a `Dial` and report that it failed.
     DialFails,
     /// The relay: `Welcome`.
@@ -418,6 +421,14 @@ impl Sim {
                 self.step(&Step::ExpectTx(Tx::Hello { account: false }));
                 self.step(&Step::Welcome { heartbeat_ms });
                 self.step(&Step::ExpectEvent(Ev::Connected));
+            }
+            Step::Redial => {
+                self.step(&Timeout);
+                self.step(&Dialed);
+                self.step(&ExpectTx(Tx::Hello { account: false }));
+                self.step(&Welcome {
+                    heartbeat_ms: 10_000,
+                });
             }
             Step::Dialed => match self.next_tx() {
                 Transmit::Dial(c) => {
@@ -767,6 +778,21 @@ fn sub(id: u64, filter: &'static str, opts: SubscribeOptions) -> Step {
     Subscribe { id, filter, opts }
 }
 
+/// The connection (or a dial) failed; `retry`: the attempt whose backoff is scheduled.
+fn lost(why: Why, retry: Option<u32>) -> Step {
+    ExpectEvent(Ev::Disconnected { why, retry })
+}
+
+/// A `Sub` starting live, with retained values, not durable.
+fn fresh_sub(sub: u64) -> Step {
+    ExpectTx(Tx::Sub {
+        sub,
+        replay: None,
+        retained: true,
+        durable: None,
+    })
+}
+
 fn qos1() -> SubscribeOptions {
     SubscribeOptions::new().qos(Qos::AtLeastOnce)
 }
@@ -870,10 +896,7 @@ fn handshake_failures() {
     // With first-connect retry, a refused dial backs off and dials again.
     let steps = [
         DialFails,
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: Some(1),
-        }),
+        lost(Why::Transport, Some(1)),
         Timeout,
         Connect {
             heartbeat_ms: 1_000,
@@ -920,10 +943,7 @@ fn reconnect_mid_publish() {
             publish: "p0",
             reason: Fail::NotAcknowledged,
         }),
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: Some(1),
-        }),
+        lost(Why::Transport, Some(1)),
         ExpectNoTx,
         // Published while disconnected: kept too, sent after the earlier ones.
         Publish {
@@ -933,19 +953,9 @@ fn reconnect_mid_publish() {
             ack: true,
         },
         ExpectNoTx,
-        Timeout,
-        Dialed,
-        ExpectTx(Tx::Hello { account: false }),
-        Welcome {
-            heartbeat_ms: 10_000,
-        },
+        Redial,
         // Subscriptions first, then the kept publishes in order, with the same ids.
-        ExpectTx(Tx::Sub {
-            sub: 1,
-            replay: None,
-            retained: true,
-            durable: None,
-        }),
+        fresh_sub(1),
         ExpectTx(Tx::Pub("p1")),
         ExpectTx(Tx::Pub("p2")),
         ExpectTx(Tx::Pub("p3")),
@@ -1013,28 +1023,14 @@ fn relay_restart_resumes_after_last_seq_and_durable_by_name() {
             message: "restart".into(),
         })),
         ExpectTx(Tx::Hangup),
-        ExpectEvent(Ev::Disconnected {
-            why: Why::RelayClosed,
-            retry: Some(1),
-        }),
+        lost(Why::RelayClosed, Some(1)),
         Timeout,
         DialFails,
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: Some(2),
-        }),
+        lost(Why::Transport, Some(2)),
         Timeout,
         DialFails,
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: Some(3),
-        }),
-        Timeout,
-        Dialed,
-        ExpectTx(Tx::Hello { account: false }),
-        Welcome {
-            heartbeat_ms: 10_000,
-        },
+        lost(Why::Transport, Some(3)),
+        Redial,
         // Resumes right after the last sequence seen, without retained values again.
         ExpectTx(Tx::Sub {
             sub: 1,
@@ -1069,30 +1065,16 @@ fn backoff_gives_up_after_max_attempts() {
         },
         ExpectTx(Tx::Pub("p1")),
         sub(7, "a/#", SubscribeOptions::new()),
-        ExpectTx(Tx::Sub {
-            sub: 7,
-            replay: None,
-            retained: true,
-            durable: None,
-        }),
+        fresh_sub(7),
         Drop,
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: Some(1),
-        }),
+        lost(Why::Transport, Some(1)),
         Timeout,
         DialFails,
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: Some(2),
-        }),
+        lost(Why::Transport, Some(2)),
         Timeout,
         DialFails,
         // Two attempts allowed: the engine gives up; everything waiting fails once.
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: None,
-        }),
+        lost(Why::Transport, None),
         ExpectEvent(Ev::PublishFailed {
             publish: "p1",
             reason: Fail::Closed,
@@ -1194,16 +1176,8 @@ fn replay_hand_over_without_gap_or_duplicate_across_a_cut() {
         Take(1),
         // Cut mid-history.
         Drop,
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: Some(1),
-        }),
-        Timeout,
-        Dialed,
-        ExpectTx(Tx::Hello { account: false }),
-        Welcome {
-            heartbeat_ms: 10_000,
-        },
+        lost(Why::Transport, Some(1)),
+        Redial,
         // Resumes after the last seq seen (2), not from the original position.
         ExpectTx(Tx::Sub {
             sub: 1,
@@ -1264,10 +1238,7 @@ fn qos2_resend_is_acked_once_and_a_restored_outbox_keeps_its_ids() {
         },
         ExpectTx(Tx::Pub("q")),
         Drop,
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: Some(1),
-        }),
+        lost(Why::Transport, Some(1)),
         Timeout,
         Connect {
             heartbeat_ms: 10_000,
@@ -1489,39 +1460,16 @@ fn subscribe_pending_across_a_drop_resolves_once() {
             heartbeat_ms: 10_000,
         },
         sub(1, "a/#", SubscribeOptions::new()),
-        ExpectTx(Tx::Sub {
-            sub: 1,
-            replay: None,
-            retained: true,
-            durable: None,
-        }),
+        fresh_sub(1),
         // Dropped before SubOk.
         Drop,
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: Some(1),
-        }),
+        lost(Why::Transport, Some(1)),
         // Subscribed while offline too: both wait for the next connection.
         sub(2, "b/#", SubscribeOptions::new()),
         ExpectNoTx,
-        Timeout,
-        Dialed,
-        ExpectTx(Tx::Hello { account: false }),
-        Welcome {
-            heartbeat_ms: 10_000,
-        },
-        ExpectTx(Tx::Sub {
-            sub: 1,
-            replay: None,
-            retained: true,
-            durable: None,
-        }),
-        ExpectTx(Tx::Sub {
-            sub: 2,
-            replay: None,
-            retained: true,
-            durable: None,
-        }),
+        Redial,
+        fresh_sub(1),
+        fresh_sub(2),
         ExpectEvent(Ev::Connected),
         ExpectNoEvent,
         SubOk { id: 1, seq: 0 },
@@ -1531,20 +1479,12 @@ fn subscribe_pending_across_a_drop_resolves_once() {
         ExpectNoEvent,
         // A second drop: the confirmed one is simply re-made (no second SubscribeOk).
         Drop,
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: Some(1),
-        }),
+        lost(Why::Transport, Some(1)),
         Timeout,
         Connect {
             heartbeat_ms: 10_000,
         },
-        ExpectTx(Tx::Sub {
-            sub: 1,
-            replay: None,
-            retained: true,
-            durable: None,
-        }),
+        fresh_sub(1),
         ExpectNoTx,
         SubOk { id: 1, seq: 0 },
         ExpectNoEvent,
@@ -1571,10 +1511,7 @@ fn heartbeat_timeout_reconnects_with_backoff() {
         // Two pings unanswered: the connection is dead.
         Timeout,
         ExpectTx(Tx::Hangup),
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Heartbeat,
-            retry: Some(1),
-        }),
+        lost(Why::Heartbeat, Some(1)),
         Timeout,
         Connect {
             heartbeat_ms: 1_000,
@@ -1605,14 +1542,36 @@ fn flush_round_trip_and_failures() {
         // The connection drops with f1 unanswered.
         Drop,
         ExpectEvent(Ev::FlushFailed("f1")),
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: Some(1),
-        }),
+        lost(Why::Transport, Some(1)),
         // A late Pong of an old socket is ignored.
         ExpectNoEvent,
     ];
     play("flush", || Sim::new(|_| {}), &steps);
+}
+
+/// "Everything sent before" a flush includes the acks of what the app took.
+#[test]
+fn flush_sends_pending_acks_first() {
+    let mut steps = connected_with(live_sub(1, "a/#", qos1()));
+    steps.extend([
+        Seal {
+            name: "m",
+            topic: "a/x",
+        },
+        Deliver {
+            msg: "m",
+            seq: 3,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
+        Take(1),
+        ExpectNoTx, // waiting for ack_delay
+        Flush("f"),
+        ExpectTx(Tx::Ack(vec![3])),
+        ExpectTx(Tx::Ping(1)),
+        ExpectNoTx,
+    ]);
+    play("flush acks", || Sim::new(|_| {}), &steps);
 }
 
 #[test]
@@ -1702,10 +1661,7 @@ fn bad_frames_and_fatal_errors_are_disconnects_not_panics() {
         },
         RelayBytes(b"\xff\x00garbage"),
         ExpectTx(Tx::Hangup),
-        ExpectEvent(Ev::Disconnected {
-            why: Why::BadFrame,
-            retry: Some(1),
-        }),
+        lost(Why::BadFrame, Some(1)),
         Timeout,
         Connect {
             heartbeat_ms: 10_000,
@@ -1726,10 +1682,7 @@ fn bad_frames_and_fatal_errors_are_disconnects_not_panics() {
             publish_id: None,
         })),
         ExpectTx(Tx::Hangup),
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Fatal,
-            retry: Some(1),
-        }),
+        lost(Why::Fatal, Some(1)),
     ];
     play("bad frames", || Sim::new(|_| {}), &steps);
 }
@@ -1822,10 +1775,7 @@ fn unsubscribe_never_acks_what_was_not_taken() {
         ExpectTx(Tx::Ack(vec![2])),
         ExpectNoTx,
         Drop,
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: Some(1),
-        }),
+        lost(Why::Transport, Some(1)),
         Timeout,
         ExpectTx(Tx::Dial),
     ]);
@@ -1852,10 +1802,7 @@ fn stale_socket_inputs_are_ignored() {
     s.eng.handle_connected(old, s.now);
     s.drain();
     s.run(&[
-        ExpectEvent(Ev::Disconnected {
-            why: Why::Transport,
-            retry: Some(1),
-        }),
+        lost(Why::Transport, Some(1)),
         ExpectTx(Tx::Hangup), // the engine does not want the old socket back
         ExpectNoEvent,
         ExpectNoTx,

@@ -848,12 +848,15 @@ impl Engine {
         self.queue_acks();
     }
 
-    /// Asks the relay to confirm it processed everything sent before (a `Ping` nonce).
+    /// Asks the relay to confirm it processed everything sent before (a `Ping` nonce),
+    /// pending acks included (they leave first).
     pub fn flush(&mut self, now: Now) -> FlushId {
         self.clamp(now);
         let id = self.next_nonce;
         self.next_nonce += 1;
         if self.is_live() {
+            // Acks of what the app took are part of "everything sent before".
+            self.send_acks(true);
             self.flushes.insert(id);
             self.send(Frame::Ping(Ping { nonce: id }));
         } else {
