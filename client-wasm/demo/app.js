@@ -58,7 +58,7 @@ $('join-form').addEventListener('submit', async (ev) => {
   sessionStorage.setItem('whispeer-demo-name', myName);
   try {
     setState('deriving', 'deriving key…');
-    // Let the state paint before Argon2id (64 MiB) runs on this thread.
+    // Let the state paint before Argon2id (256 MiB) runs on this thread.
     await new Promise((r) => requestAnimationFrame(() => setTimeout(r)));
     const tree = TreeKey.fromPassphrase(`whispeer-demo/${room}`, $('passphrase').value);
     setState('connecting');

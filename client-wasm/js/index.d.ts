@@ -71,9 +71,9 @@ export class Identity {
 }
 
 export interface PassphraseOptions {
-  /** Argon2id memory in KiB (default 65536). */
+  /** Argon2id memory in KiB (default 262144 = 256 MiB). */
   memoryKiB?: number;
-  /** Argon2id passes (default 3). */
+  /** Argon2id passes (default 2). */
   iterations?: number;
   /** Argon2id lanes (default 1). */
   lanes?: number;

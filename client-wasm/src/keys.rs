@@ -87,7 +87,7 @@ impl TreeKey {
     }
 
     /// The tree everyone who knows `name` and `passphrase` derives (Argon2id). `options`
-    /// may set `memoryKiB`, `iterations` and `lanes`; the defaults (64 MiB, 3, 1) are the
+    /// may set `memoryKiB`, `iterations` and `lanes`; the defaults (256 MiB, 2, 1) are the
     /// Rust client's, and both sides must use the same.
     #[wasm_bindgen(js_name = fromPassphrase)]
     pub fn from_passphrase(

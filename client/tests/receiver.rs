@@ -10,7 +10,7 @@ mod support;
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use support::raw::*;
 use support::*;
 use whispeer::protocol::frame::{self, Msg, SubOk};
@@ -249,6 +249,12 @@ async fn ack_stream(bad: &[usize]) -> (Vec<usize>, bool) {
     for i in (0..10).filter(|i| !bad.contains(i)) {
         assert_eq!(value(&mut sub).await, i as u32);
     }
+    // The app reads on, as a `while let Some(m) = sub.next().await` loop does: the hidden
+    // placeholders after the last message are taken, and nothing is left to show.
+    assert!(
+        sub.next().now_or_never().is_none(),
+        "unopenable envelopes never reach the app"
+    );
     let acks = within("every seq acked", proxy.wait_acks(|a| a.len() >= 10)).await;
     c.close().await;
     relay.stop().await;
@@ -267,13 +273,18 @@ async fn ack_stream(bad: &[usize]) -> (Vec<usize>, bool) {
 async fn the_ack_stream_is_the_same_whether_envelopes_open_or_not() {
     let (all_open, early_all) = ack_stream(&[]).await;
     let (mixed, early_mixed) = ack_stream(&[1, 2, 5, 8, 9]).await;
+    // Unopenable ones at the head: they wait in the stream like messages, so nothing leaves
+    // before the app reads (a placeholder released at once would tell the relay it did not
+    // open).
+    let (head, early_head) = ack_stream(&[0, 1, 4]).await;
     assert_eq!(all_open, (0..10).collect::<Vec<_>>());
     assert_eq!(
         mixed, all_open,
         "acks say nothing about which envelopes opened"
     );
+    assert_eq!(head, all_open, "nor when the unopenable ones come first");
     assert!(
-        !early_all && !early_mixed,
+        !early_all && !early_mixed && !early_head,
         "nothing acked before the app took anything"
     );
 }

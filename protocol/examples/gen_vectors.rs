@@ -240,6 +240,28 @@ fn spec_examples() {
     println!("sig_input {}", hx(&m));
     println!("grant_all {}", g.to_key_string().as_str());
     println!("grant_commit_all {}", hx(&g.key_commitment()));
+
+    // §5.9: the passphrase example at the default parameters.
+    let (name, pass) = ("family", b"correct horse battery staple");
+    let pp = PassphraseParams::default();
+    let pt = TreeKey::from_passphrase(name, pass, pp).unwrap();
+    let mut salt_in = pt.tree_id().0.to_vec();
+    salt_in.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    salt_in.extend_from_slice(name.as_bytes());
+    let salt = blake3::derive_key("whispeer v1 passphrase salt", &salt_in);
+    let params = argon2::Params::new(pp.m_kib, pp.t, pp.p, Some(64)).unwrap();
+    let mut ph = [0u8; 64];
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+        .hash_password_into(pass, &salt, &mut ph)
+        .unwrap();
+    println!("passphrase_params m={} t={} p={}", pp.m_kib, pp.t, pp.p);
+    println!("passphrase_tree_id {}", pt.tree_id());
+    println!("passphrase_salt {}", hx(&salt));
+    println!("passphrase_out {}", hx(&ph));
+    println!(
+        "passphrase_key_id {}",
+        hx(pt.cert().keys().key_id().as_bytes())
+    );
 }
 
 fn main() {

@@ -19,9 +19,9 @@ use super::shared::{
     now_ms, AckReply, ClientStats, Command, ConnectionState, FlushReply, Item, SubReady,
 };
 use crate::core::connection::{
-    ConnId, Disconnect, Engine, Event, FlushId, Now, PublishFailure, PublishId, Transmit,
+    AckToken, ConnId, Disconnect, Engine, Event, FlushId, Now, PublishFailure, PublishId, Transmit,
 };
-use crate::core::LocalSubId;
+use crate::core::{LocalSubId, Received};
 use crate::error::{ConnectError, FlushError, PublishError};
 use crate::plugin::{Plugins, Verdict};
 use crate::transport::{Connection, Dialer, FrameWriter, Incoming};
@@ -69,6 +69,8 @@ pub(super) struct Driver {
     flushes: HashMap<FlushId, FlushReply>,
     closing: Vec<oneshot::Sender<()>>,
     plugin_drops: u64,
+    /// The last message the plugins saw and what they made of it.
+    plugin_memo: Option<(Arc<Received>, Option<Arc<Received>>)>,
     /// Credit drops whose lag the subscriptions already hold (the counter never runs ahead
     /// of the `Lagged` report a reader can see).
     slow_drops: u64,
@@ -90,6 +92,7 @@ impl Driver {
             flushes: HashMap::new(),
             closing: Vec::new(),
             plugin_drops: 0,
+            plugin_memo: None,
             slow_drops: 0,
             conn: None,
             dialing: None,
@@ -353,17 +356,11 @@ impl Driver {
                     return true;
                 }
                 Event::Message { sub, msg, token } => {
-                    let mut msg = msg;
-                    if !self.p.plugins.is_empty() {
-                        let m = Arc::make_mut(&mut msg);
-                        if self.p.plugins.on_message(m) == Verdict::Drop {
-                            self.plugin_drops += 1;
-                            self.sync_stats(); // before the app sees what follows
-                            let now = self.now();
-                            self.p.eng.ack(token, now); // a placeholder, in order
-                            continue;
-                        }
-                    }
+                    let Some(msg) = self.plugged(msg) else {
+                        // Dropped by a plugin: a hidden placeholder, in order.
+                        self.hide(sub, token);
+                        continue;
+                    };
                     let Some(s) = self.sinks.get(&sub) else {
                         continue;
                     };
@@ -378,12 +375,7 @@ impl Driver {
                         self.p.eng.ack(token, now);
                     }
                 }
-                Event::Placeholder { token, .. } => {
-                    // Released at once: it leaves in relay order behind what the app has not
-                    // taken yet.
-                    let now = self.now();
-                    self.p.eng.ack(token, now);
-                }
+                Event::Placeholder { sub, token } => self.hide(sub, token),
                 Event::Gap { dropped, subs } => {
                     for sub in subs {
                         if let Some(s) = self.sinks.get(&sub) {
@@ -440,6 +432,43 @@ impl Driver {
             }
         }
         false
+    }
+
+    /// Runs the plugins on a delivered message, once however many subscriptions it goes to
+    /// (the engine hands them out one after another); `None`: a plugin dropped it.
+    fn plugged(&mut self, msg: Arc<Received>) -> Option<Arc<Received>> {
+        if self.p.plugins.is_empty() {
+            return Some(msg);
+        }
+        if let Some((orig, out)) = &self.plugin_memo {
+            if Arc::ptr_eq(orig, &msg) {
+                return out.clone();
+            }
+        }
+        let mut m = msg.clone();
+        let out = if self.p.plugins.on_message(Arc::make_mut(&mut m)) == Verdict::Drop {
+            self.plugin_drops += 1;
+            self.sync_stats(); // before the app sees what follows
+            None
+        } else {
+            Some(m)
+        };
+        self.plugin_memo = Some((msg, out.clone()));
+        out
+    }
+
+    /// A slot the app never sees: it waits in the subscription's stream, which takes it
+    /// silently, so its ack leaves when the app reaches it (ack timing follows reading,
+    /// never the outcome of opening: PROTOCOL §4.10).
+    fn hide(&mut self, sub: LocalSubId, token: AckToken) {
+        let sent = self
+            .sinks
+            .get(&sub)
+            .is_some_and(|s| s.tx.send(Item::Hidden(token)).is_ok());
+        if !sent {
+            let now = self.now();
+            self.p.eng.ack(token, now);
+        }
     }
 
     /// The first connection failed: the typed error for `connect()`.

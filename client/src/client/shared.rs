@@ -149,6 +149,11 @@ pub(crate) enum Item {
     Msg(Arc<Received>, AckToken),
     /// At most once: messages lost (relay gap or no credit) before what follows.
     Lagged(u64),
+    /// At least once: an envelope routed here that the app never sees (did not open, was
+    /// refused, a duplicate, dropped by a plugin, or opened for another subscription). The
+    /// stream takes it silently, so its ack leaves when the app reaches it, exactly as a
+    /// message's would.
+    Hidden(AckToken),
 }
 
 /// Where the relay's `PubAck` (its sequence number) for one publish is reported.

@@ -44,16 +44,21 @@ impl<T> Subscription<T> {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Message<T>, ReceiveError>>> {
-        let polled = self.rx.poll_recv(cx);
-        if polled.is_pending() {
-            // Everything buffered was taken: report losses that came after it.
-            let lost = self.lag.swap(0, Ordering::AcqRel);
-            if lost > 0 {
-                return Poll::Ready(Some(Err(ReceiveError::Lagged(lost))));
+        loop {
+            let polled = self.rx.poll_recv(cx);
+            if polled.is_pending() {
+                // Everything buffered was taken: report losses that came after it.
+                let lost = self.lag.swap(0, Ordering::AcqRel);
+                if lost > 0 {
+                    return Poll::Ready(Some(Err(ReceiveError::Lagged(lost))));
+                }
             }
-        }
-        polled.map(|o| {
-            o.map(|item| match item {
+            let item = match polled {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(item)) => item,
+            };
+            return Poll::Ready(Some(match item {
                 Item::Msg(r, token) => {
                     // Taken: the credit goes back (and, at least once, the ack may leave).
                     let _ = self.cmd.send(Command::Ack(token));
@@ -62,8 +67,12 @@ impl<T> Subscription<T> {
                 Item::Lagged(n) => {
                     Err(ReceiveError::Lagged(n + self.lag.swap(0, Ordering::AcqRel)))
                 }
-            })
-        })
+                Item::Hidden(token) => {
+                    let _ = self.cmd.send(Command::Ack(token));
+                    continue;
+                }
+            }));
+        }
     }
 }
 

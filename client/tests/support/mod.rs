@@ -27,6 +27,9 @@ impl TestRelay {
         config.listen.ws = ListenAddr::on(ws);
         config.listen.tcp = ListenAddr::on(tcp);
         config.listen.admin = ListenAddr::OFF;
+        // Raw test peers never answer the relay's Close: without this every stop would wait
+        // out the default 5 s drain deadline.
+        config.timeouts.drain_ms = 500;
         let relay = Relay::bind(config).await.expect("relay binds");
         let addrs = relay.addrs();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
