@@ -2119,11 +2119,14 @@ fn random_interleavings_keep_the_invariants() {
                     }
                 }
                 14 if live => {
-                    s.eng.handle_frame(
-                        open.unwrap(),
-                        &Frame::Gap(Gap { dropped: 2 }).to_bytes(),
-                        s.now,
-                    );
+                    // A Gap, or now and then a frame with one byte flipped (the engine
+                    // handles it or drops the connection; it never panics).
+                    let mut b = Frame::Gap(Gap { dropped: 2 }).to_bytes().to_vec();
+                    if r.next_u32() % 3 == 0 {
+                        let i = r.next_u32() as usize % b.len();
+                        b[i] ^= 1 << (r.next_u32() % 8);
+                    }
+                    s.eng.handle_frame(open.unwrap(), &Bytes::from(b), s.now);
                 }
                 _ => {
                     // Time passes, up to the next deadline (a timer fires on time; a late
