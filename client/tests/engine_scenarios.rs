@@ -2165,3 +2165,36 @@ fn random_interleavings_keep_the_invariants() {
     eprintln!("messages, publish outcomes, reconnects, held back, duplicates: {totals:?}");
     assert!(totals.iter().all(|t| *t > 0), "{totals:?}");
 }
+
+/// A QoS 0 publish still queued (not yet taken by the driver) when the socket drops goes
+/// back to the offline buffer and leaves on the next connection: accepted data is never
+/// dropped silently. One already written is gone with the socket (at most once).
+#[test]
+fn queued_qos0_publishes_survive_a_drop_written_ones_do_not() {
+    let mut s = Sim::new(|c| c.retry_first_connect = true);
+    s.run(&[Connect {
+        heartbeat_ms: 10_000,
+    }]);
+    let (a, b) = (s.seal("a/1", "written"), s.seal("a/2", "queued"));
+    let now = s.now;
+    s.eng.publish(a, PubOptions::new(), now).unwrap();
+    let Some(Transmit::Frame(_)) = s.eng.poll_transmit() else {
+        panic!("the first publish is written")
+    };
+    s.eng.publish(b.clone(), PubOptions::new(), now).unwrap();
+    // The socket drops before the driver took the second frame.
+    s.eng
+        .handle_disconnected(s.conn.take().unwrap(), "reset", now);
+    s.drain();
+    s.msgs.insert("queued", b);
+    s.pubs.insert("queued", None);
+    s.run(&[
+        lost(Why::Transport, Some(1)),
+        ExpectNoTx,
+        Redial,
+        ExpectTx(Tx::Pub("queued")),
+        ExpectNoTx,
+        ExpectEvent(Ev::Connected),
+        ExpectStat(Stat::OutboxDrops, 0),
+    ]);
+}
