@@ -1653,6 +1653,40 @@ fn acks_leave_within_ack_delay_or_at_once_at_4096() {
     play("ack batching", || Sim::new(|_| {}), &steps);
 }
 
+/// With no ack delay, what one input released leaves at the next `poll_transmit`, as one
+/// `Ack` (here: taking the head releases it and the two placeholders behind it).
+#[test]
+fn no_ack_delay_acks_leave_with_the_next_transmit() {
+    let mut steps = connected_with(live_sub(1, "a/#", qos1()));
+    steps.extend([
+        Seal {
+            name: "m",
+            topic: "a/x",
+        },
+        Deliver {
+            msg: "m",
+            seq: 1,
+            flags: 0,
+        },
+        Deliver {
+            msg: "m",
+            seq: 2,
+            flags: msg_flags::REDELIVERED,
+        },
+        Deliver {
+            msg: "m",
+            seq: 3,
+            flags: msg_flags::REDELIVERED,
+        },
+        ExpectNoTx,
+        Take(1),
+        ExpectTx(Tx::Ack(vec![1, 2, 3])),
+        ExpectNoTx,
+        ExpectTimeoutIn(Some(10_000)),
+    ]);
+    play("no ack delay", || Sim::new(|c| c.ack_delay_ms = 0), &steps);
+}
+
 #[test]
 fn bad_frames_and_fatal_errors_are_disconnects_not_panics() {
     let steps = [

@@ -369,11 +369,9 @@ impl Driver {
                     if lost > 0 {
                         let _ = s.tx.send(Item::Lagged(lost));
                     }
-                    if s.tx.send(Item::Msg(msg, token)).is_err() {
-                        // The subscription was dropped; its Unsubscribe is on its way.
-                        let now = self.now();
-                        self.p.eng.ack(token, now);
-                    }
+                    // A dropped subscription's Unsubscribe is on its way: what it never took
+                    // is then released unacked (the relay delivers it again).
+                    let _ = s.tx.send(Item::Msg(msg, token));
                 }
                 Event::Placeholder { sub, token } => self.hide(sub, token),
                 Event::Gap { dropped, subs } => {
@@ -460,14 +458,9 @@ impl Driver {
     /// A slot the app never sees: it waits in the subscription's stream, which takes it
     /// silently, so its ack leaves when the app reaches it (ack timing follows reading,
     /// never the outcome of opening: PROTOCOL §4.10).
-    fn hide(&mut self, sub: LocalSubId, token: AckToken) {
-        let sent = self
-            .sinks
-            .get(&sub)
-            .is_some_and(|s| s.tx.send(Item::Hidden(token)).is_ok());
-        if !sent {
-            let now = self.now();
-            self.p.eng.ack(token, now);
+    fn hide(&self, sub: LocalSubId, token: AckToken) {
+        if let Some(s) = self.sinks.get(&sub) {
+            let _ = s.tx.send(Item::Hidden(token));
         }
     }
 

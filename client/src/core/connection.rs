@@ -392,7 +392,8 @@ pub struct EngineConfig {
     /// Messages delivered to a subscription and not yet taken (its credit, also sent as
     /// `Sub.credit` for at-least-once subscriptions).
     pub sub_capacity: u64,
-    /// Acks of the released prefix leave within this delay (or at once when 4,096 are ready).
+    /// Acks of the released prefix leave within this delay (or at once when 4,096 are
+    /// ready); 0: with the next `poll_transmit`, one `Ack` for all an input released.
     pub ack_delay_ms: u64,
     /// Heartbeat when the relay asks for none.
     pub default_heartbeat_ms: u64,
@@ -417,7 +418,7 @@ impl Default for EngineConfig {
             offline_bytes: 8 * 1024 * 1024,
             kept_bytes: 64 * 1024 * 1024,
             sub_capacity: 65_536,
-            ack_delay_ms: 10,
+            ack_delay_ms: 0,
             default_heartbeat_ms: 30_000,
             max_unanswered_pings: 2,
             receive: ReceiveConfig::default(),
@@ -716,6 +717,9 @@ impl Engine {
 
     /// The next frame to write, socket to dial or socket to close.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.cfg.ack_delay_ms == 0 && self.acks.has_ready() && self.is_live() {
+            self.send_acks(true);
+        }
         self.out.pop()
     }
 
@@ -1145,15 +1149,16 @@ impl Engine {
         self.queue_acks();
     }
 
-    /// Acks released since the last call: 4,096 go at once; fewer wait for `ack_delay`.
+    /// Acks released since the last call: 4,096 go at once; fewer wait for `ack_delay`
+    /// (0: for the next `poll_transmit`, so what one drain released leaves as one `Ack`).
     fn queue_acks(&mut self) {
         if !self.is_live() || !self.acks.has_ready() {
             return;
         }
-        if self.cfg.ack_delay_ms == 0 || self.acks.ready_len() >= MAX_ACKS_PER_FRAME {
-            self.send_acks(self.cfg.ack_delay_ms == 0);
+        if self.acks.ready_len() >= MAX_ACKS_PER_FRAME {
+            self.send_acks(false);
         }
-        if self.acks.has_ready() && self.ack_at.is_none() {
+        if self.cfg.ack_delay_ms > 0 && self.acks.has_ready() && self.ack_at.is_none() {
             self.ack_at = Some(self.last_mono.saturating_add(self.cfg.ack_delay_ms));
         }
     }
