@@ -434,7 +434,15 @@ export class Client {
         if (!this.#closing) this.#scheduleReconnect(e.message);
         return;
       }
-      if (this.#closing) return;
+      if (this.#closing) {
+        // close() ran while this attempt was in its handshake: hang up, do not keep it.
+        clearInterval(this.#heartbeat);
+        this.#heartbeat = null;
+        const ws = this.#ws;
+        this.#ws = null;
+        ws?.close();
+        return;
+      }
       this.#reconnects++;
       this.#attempt = 0;
       this.#setState('connected');

@@ -375,7 +375,8 @@ export class ClientCore {
   refreshSubscriptions(localIds: Float64Array | number[]): Uint8Array[];
   ping(nonce: number): Uint8Array;
   closeFrame(): Uint8Array;
-  stats(): { delivered: number; rejected: number; duplicates: number; relayGaps: number };
+  /** The message counters of `Client.stats()` (without the connection's). */
+  stats(): Omit<ClientStats, 'reconnects' | 'outboxBytes'>;
   handle(frame: Uint8Array): { type: string; [k: string]: unknown };
   free(): void;
 }

@@ -218,6 +218,18 @@ fn new_tree(dir: &Path, name: &str) -> (PathBuf, String) {
     )
 }
 
+/// `whispeer sub --relay URL FILTER --count N --key-file F…`, once it is ready.
+fn sub_ready(url: &str, filter: &str, count: u32, key_files: &[&str]) -> Proc {
+    let count = count.to_string();
+    let mut args = vec!["sub", "--relay", url, filter, "--count", &count];
+    for f in key_files {
+        args.extend(["--key-file", f]);
+    }
+    let mut p = Proc::spawn(&args, &[]);
+    p.ready();
+    p
+}
+
 #[test]
 fn keygen_writes_a_0600_file_and_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();
@@ -413,20 +425,7 @@ fn derived_grant_reads_its_subtree_and_cannot_publish_outside() {
     let kitchen_file = write_file(dir.path(), "kitchen.key", &kitchen);
     let url = relay.ws_url();
 
-    let mut sub = Proc::spawn(
-        &[
-            "sub",
-            "--relay",
-            &url,
-            "sensor/#",
-            "--count",
-            "1",
-            "--key-file",
-            kitchen_file.to_str().unwrap(),
-        ],
-        &[],
-    );
-    sub.ready();
+    let mut sub = sub_ready(&url, "sensor/#", 1, &[kitchen_file.to_str().unwrap()]);
     // Outside the grant: published by the admin, never shown to the kitchen subscriber.
     ok(run(&[
         "pub",
@@ -641,17 +640,27 @@ fn pub_sub_round_trip(relay: &RelayProcess, url: &str) {
     ]));
     let first = sub.line();
     // Exact shape and field order.
-    let order: Vec<usize> = ["topic", "sender", "seq", "id", "ts", "data"]
-        .iter()
-        .map(|k| {
-            first
-                .find(&format!("\"{k}\":"))
-                .unwrap_or_else(|| panic!("{k} missing in {first}"))
-        })
-        .collect();
+    let order: Vec<usize> = [
+        "topic",
+        "sender",
+        "seq",
+        "id",
+        "ts",
+        "data",
+        "tree",
+        "epoch",
+        "provenance",
+    ]
+    .iter()
+    .map(|k| {
+        first
+            .find(&format!("\"{k}\":"))
+            .unwrap_or_else(|| panic!("{k} missing in {first}"))
+    })
+    .collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{first}");
     let v: serde_json::Value = serde_json::from_str(&first).unwrap();
-    assert_eq!(v.as_object().unwrap().len(), 6, "{first}");
+    assert_eq!(v.as_object().unwrap().len(), 9, "{first}");
     assert_eq!(v["topic"], "sensor/kitchen/temp");
     assert_eq!(v["sender"], alice_sender.as_str());
     assert!(v["seq"].is_u64());
@@ -663,6 +672,10 @@ fn pub_sub_round_trip(relay: &RelayProcess, url: &str) {
         v["data"],
         serde_json::json!({"temp": 21.5, "room": "kitchen"})
     );
+    let d = show(&tree);
+    assert_eq!(v["tree"], d["tree_id"]);
+    assert_eq!(v["epoch"], d["epoch"]);
+    assert_eq!(v["provenance"], serde_json::json!({"kind": "admin-signed"}));
 
     // JSON lines from stdin, unsigned (no identity): two messages, blank lines skipped.
     ok(run_with(
@@ -1372,4 +1385,115 @@ fn key_rotate_sets_the_cutoff_and_pub_tree_picks_among_two_trees() {
         (r["sent"].as_u64(), r["lost"].as_u64()),
         (Some(50), Some(0))
     );
+}
+
+#[test]
+fn sub_lines_show_tree_epoch_and_provenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, alpha) = new_tree(dir.path(), "alpha");
+    let (beta_file, beta) = new_tree(dir.path(), "beta");
+    // Alpha in its next epoch: lines report the epoch that sealed, not a constant.
+    let rotated = ok(run_with(&["key", "rotate", "-"], &alpha, &[]));
+    let rotated_file = write_file(dir.path(), "alpha1.key", &rotated);
+    let (rf, bf) = (rotated_file.to_str().unwrap(), beta_file.to_str().unwrap());
+    let (a, b) = (show(&rotated), show(&beta));
+    assert_eq!(a["epoch"], 1);
+    // A grant for one topic narrowed by `me` from an admin-signed subtree grant: whoever
+    // holds only it cannot check it (delegated).
+    let team = ok(run_with(
+        &["key", "derive", "-", "--path", "team"],
+        &rotated,
+        &[],
+    ));
+    let (me_file, _, me_sender) = keygen(dir.path(), "me.id");
+    let news = ok(run_with(
+        &[
+            "key",
+            "derive",
+            "-",
+            "--topic",
+            "team/news",
+            "--identity",
+            me_file.to_str().unwrap(),
+        ],
+        &team,
+        &[],
+    ));
+    let news_file = write_file(dir.path(), "news.key", &news);
+
+    let relay = start_relay_binary(&[]);
+    let url = relay.ws_url();
+    let mut both = sub_ready(&url, "#", 3, &[rf, bf]);
+    let mut delegated = sub_ready(&url, "team/news", 1, &[news_file.to_str().unwrap()]);
+    let publish = |topic: &str, value: &str, tree: &str| {
+        ok(run(&[
+            "pub",
+            "--relay",
+            &url,
+            topic,
+            value,
+            "--qos",
+            "1",
+            "--tree",
+            tree,
+            "--key-file",
+            rf,
+            "--key-file",
+            bf,
+        ]));
+    };
+    let (alpha_id, beta_id) = (
+        a["tree_id"].as_str().unwrap(),
+        b["tree_id"].as_str().unwrap(),
+    );
+    publish("shared/x", "1", beta_id);
+    publish("shared/x", "2", alpha_id);
+    publish("team/news", "3", alpha_id);
+
+    let admin_signed = serde_json::json!({"kind": "admin-signed"});
+    let lines: Vec<serde_json::Value> = (0..3)
+        .map(|_| serde_json::from_str(&both.line()).unwrap())
+        .collect();
+    let seen: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["data"].clone(),
+                l["tree"].clone(),
+                l["epoch"].clone(),
+                l["provenance"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                1.into(),
+                b["tree_id"].clone(),
+                0.into(),
+                admin_signed.clone()
+            ),
+            (
+                2.into(),
+                a["tree_id"].clone(),
+                1.into(),
+                admin_signed.clone()
+            ),
+            (3.into(), a["tree_id"].clone(), 1.into(), admin_signed),
+        ]
+    );
+    let l: serde_json::Value = serde_json::from_str(&delegated.line()).unwrap();
+    assert_eq!(l["data"], 3);
+    assert_eq!(l["tree"], a["tree_id"]);
+    assert_eq!(l["epoch"], 1);
+    assert_eq!(
+        l["provenance"],
+        serde_json::json!({"kind": "delegated", "by": me_sender})
+    );
+    for p in [both, delegated] {
+        let (status, rest, _) = p.finish();
+        assert!(status.success());
+        assert!(rest.is_empty());
+    }
 }

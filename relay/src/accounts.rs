@@ -342,12 +342,59 @@ enum StateLine {
 }
 
 /// Key-id claims and durable owners, in memory and (optionally) in an append-only file.
+///
+/// Each entry carries the number of its state-file line (0: read at start). The file is
+/// written and `sync_data`ed by a writer thread of its own, a batch of lines at a time,
+/// never on a tokio worker; [`AuthState::durable`] tells how many lines are on disk, so a
+/// request that made (or depends on) a newer line can wait for it before it is answered.
 #[derive(Debug, Default)]
 pub struct AuthState {
-    claims: HashMap<[u8; 16], String>,
+    claims: HashMap<[u8; 16], (String, u64)>,
     claims_per_group: HashMap<String, usize>,
-    owners: HashMap<([u8; 16], String), String>,
-    file: Option<(PathBuf, File)>,
+    owners: HashMap<([u8; 16], String), (String, u64)>,
+    writer: Option<StateWriter>,
+}
+
+/// The state file's writer thread: lines in, their count on disk out.
+#[derive(Debug)]
+struct StateWriter {
+    tx: std::sync::mpsc::Sender<Vec<u8>>,
+    /// Lines handed to the thread.
+    sent: u64,
+    durable: tokio::sync::watch::Receiver<u64>,
+}
+
+impl StateWriter {
+    fn spawn(path: PathBuf, mut f: File) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (done, durable) = tokio::sync::watch::channel(0u64);
+        std::thread::Builder::new()
+            .name("whispeer-auth-state".into())
+            .spawn(move || {
+                let mut written = 0u64;
+                // Group commit: everything queued meanwhile goes in one write and one sync.
+                while let Ok(first) = rx.recv() {
+                    let mut buf = first;
+                    let mut n = 1;
+                    while let Ok(more) = rx.try_recv() {
+                        buf.extend_from_slice(&more);
+                        n += 1;
+                    }
+                    if let Err(e) = f.write_all(&buf).and_then(|_| f.sync_data()) {
+                        tracing::error!(file = %path.display(), error = %e,
+                            "cannot write the auth state file: a claim may not survive a restart");
+                    }
+                    written += n;
+                    // Also after an error: waiting requests go on (as before: logged).
+                    done.send_replace(written);
+                }
+            })?;
+        Ok(Self {
+            tx,
+            sent: 0,
+            durable,
+        })
+    }
 }
 
 impl AuthState {
@@ -388,7 +435,7 @@ impl AuthState {
             o.mode(0o600);
         }
         let f = o.open(path).map_err(io)?;
-        s.file = Some((path.to_owned(), f));
+        s.writer = Some(StateWriter::spawn(path.to_owned(), f).map_err(io)?);
         Ok(s)
     }
 
@@ -398,7 +445,7 @@ impl AuthState {
                 let mut k = [0u8; 16];
                 if hex::decode_to_slice(&key_id, &mut k).is_ok() {
                     *self.claims_per_group.entry(group.clone()).or_default() += 1;
-                    self.claims.insert(k, group);
+                    self.claims.insert(k, (group, 0));
                 }
             }
             StateLine::Owner {
@@ -408,21 +455,35 @@ impl AuthState {
             } => {
                 let mut k = [0u8; 16];
                 if hex::decode_to_slice(&key_id, &mut k).is_ok() {
-                    self.owners.insert((k, name), owner);
+                    self.owners.insert((k, name), (owner, 0));
                 }
             }
         }
     }
 
-    fn append(&mut self, l: &StateLine) {
-        if let Some((path, f)) = &mut self.file {
-            let mut line = serde_json::to_vec(l).unwrap_or_default();
-            line.push(b'\n');
-            if let Err(e) = f.write_all(&line).and_then(|_| f.sync_data()) {
-                tracing::error!(file = %path.display(), error = %e,
-                    "cannot write the auth state file: a claim may not survive a restart");
-            }
+    /// Hands a line to the writer thread; its number (0 without a file).
+    fn append(&mut self, l: &StateLine) -> u64 {
+        let Some(w) = &mut self.writer else {
+            return 0;
+        };
+        let mut line = serde_json::to_vec(l).unwrap_or_default();
+        line.push(b'\n');
+        if w.tx.send(line).is_err() {
+            return 0;
         }
+        w.sent += 1;
+        w.sent
+    }
+
+    /// `Some(line)` while state-file line `line` is not yet on disk.
+    fn pending(&self, line: u64) -> Option<u64> {
+        let w = self.writer.as_ref()?;
+        (line > *w.durable.borrow()).then_some(line)
+    }
+
+    /// How many state-file lines are on disk (changes as the writer thread syncs).
+    pub fn durable(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.writer.as_ref().map(|w| w.durable.clone())
     }
 
     /// Key ids claimed in total.
@@ -495,6 +556,11 @@ impl Accounts {
         self.table().by_name.len()
     }
 
+    /// How many state-file lines are on disk (`None`: the state is in memory only).
+    pub fn durable(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.state().durable()
+    }
+
     /// Key ids claimed and durable owners recorded.
     pub fn state_counts(&self) -> (usize, usize) {
         let s = self.state();
@@ -550,9 +616,17 @@ impl Accounts {
 
     /// May `name` do `need` on `key_id`? Claims the key id for the account's group when
     /// nobody holds it yet.
-    pub fn authorize(&self, name: &str, key_id: &KeyId, need: Rights) -> Result<(), Refusal> {
+    ///
+    /// `Ok(Some(line))`: allowed, but the claim it relies on is state-file line `line`,
+    /// not yet on disk: answer the request once [`durable`](Self::durable) reaches it.
+    pub fn authorize(
+        &self,
+        name: &str,
+        key_id: &KeyId,
+        need: Rights,
+    ) -> Result<Option<u64>, Refusal> {
         if !self.required() {
-            return Ok(());
+            return Ok(None);
         }
         let Some(acct) = self.current(name) else {
             return Err(Refusal {
@@ -572,7 +646,7 @@ impl Accounts {
         let k = *key_id.as_bytes();
         let mut st = self.state();
         match st.claims.get(&k) {
-            Some(g) if *g == acct.group => Ok(()),
+            Some((g, line)) if *g == acct.group => Ok(st.pending(*line)),
             Some(_) => Err(Refusal::new(
                 ErrorCode::AuthFailed,
                 "this key id is claimed by another group of accounts".into(),
@@ -588,43 +662,44 @@ impl Accounts {
                         ),
                     ));
                 }
-                st.claims.insert(k, acct.group.clone());
                 *st.claims_per_group.entry(acct.group.clone()).or_default() += 1;
-                st.append(&StateLine::Claim {
+                let line = st.append(&StateLine::Claim {
                     key_id: hex::encode(k),
                     group: acct.group.clone(),
                 });
-                Ok(())
+                st.claims.insert(k, (acct.group.clone(), line));
+                Ok(st.pending(line))
             }
         }
     }
 
     /// Checks (and on first use records) the owner of a durable subscription. `owner` is
     /// `account:NAME` when authenticated, `sha256:HEX` of the `Sub.owner` secret, or None
-    /// for a durable created without an owner (auth off, legacy clients).
+    /// for a durable created without an owner (auth off, legacy clients). `Ok(Some(line))`
+    /// as for [`authorize`](Self::authorize).
     pub fn durable_owner(
         &self,
         key_id: &KeyId,
         name: &str,
         owner: Option<String>,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Option<u64>, Refusal> {
         let k = (*key_id.as_bytes(), name.to_owned());
         let mut st = self.state();
         match (st.owners.get(&k), owner) {
-            (Some(have), Some(want)) if *have == want => Ok(()),
+            (Some((have, line)), Some(want)) if *have == want => Ok(st.pending(*line)),
             (Some(_), _) => Err(Refusal::new(
                 ErrorCode::NotAllowed,
                 format!("durable subscription {name:?} belongs to someone else"),
             )),
-            (None, None) => Ok(()),
+            (None, None) => Ok(None),
             (None, Some(want)) => {
-                st.append(&StateLine::Owner {
+                let line = st.append(&StateLine::Owner {
                     key_id: hex::encode(k.0),
                     name: k.1.clone(),
                     owner: want.clone(),
                 });
-                st.owners.insert(k, want);
-                Ok(())
+                st.owners.insert(k, (want, line));
+                Ok(st.pending(line))
             }
         }
     }

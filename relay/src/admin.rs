@@ -187,6 +187,7 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                         .metrics
                         .render_store_prometheus(store.kind(), &store.metrics()),
                 );
+                text.push_str(&shared.budget.render_prometheus());
                 text
             },
         ),

@@ -1,9 +1,12 @@
 //! Relay configuration: every setting, its default, TOML (de)serialisation, validation, and
 //! the commented TOML that `whispeer-relay generate-config` prints.
 //!
-//! Precedence is decided by the binary: defaults, then the TOML file, then `WHISPEER_*`
-//! environment variables and flags (clap gives flags priority over env). This module only
-//! knows the shape and the rules, so tests and embedders can build a [`Config`] directly.
+//! Each setting is declared once, as a field of a section struct: serde makes it a TOML key,
+//! clap (`#[arg(long, env)]`) a flag and a `WHISPEER_*` variable, its doc comment is both the
+//! flag's help and its comment in `generate-config` and the README table. Precedence:
+//! defaults, then the TOML file, then environment variables, then flags
+//! ([`Config::for_serve`] with [`Overrides`]; clap gives flags priority over env). Tests and
+//! embedders can build a [`Config`] directly.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -11,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
+use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 use whispeer_protocol::limits::{DEFAULT_MAX_FRAME, MAX_FRAME_CEILING, MAX_LEVELS};
@@ -31,6 +37,9 @@ pub enum ConfigError {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
+    /// A flag or environment variable could not be applied.
+    #[error("invalid flag or environment variable: {0}")]
+    Args(String),
     /// A value is out of range or inconsistent with another one.
     #[error("invalid setting {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
@@ -138,6 +147,11 @@ impl FromStr for LogFormat {
 }
 
 /// The whole configuration.
+///
+/// Every setting is declared once, on the section structs below: the field name is its TOML
+/// key, `#[arg(long, env)]` its flag and `WHISPEER_*` variable, its doc comment both the
+/// flag's help and the comment `generate-config` prints, and `Default` its default. The
+/// sections are listed once more in [`SECTIONS`] (a test checks the two agree).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -159,6 +173,63 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// Relay accounts (admission) and the admin token.
     pub auth: AuthConfig,
+}
+
+/// A section of the configuration: its TOML table name, how clap learns its settings, and
+/// how parsed flags/env vars update it.
+#[derive(Clone, Copy)]
+pub struct Section {
+    /// The TOML table (`[limits]`).
+    pub name: &'static str,
+    /// Its heading in `serve --help`.
+    heading: &'static str,
+    augment: fn(Command) -> Command,
+    update: fn(&mut Config, &ArgMatches) -> Result<(), clap::Error>,
+}
+
+impl fmt::Debug for Section {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Section").field("name", &self.name).finish()
+    }
+}
+
+impl Section {
+    /// The section's settings as clap arguments (flag, env var, help), in declaration order;
+    /// the command's `about` is the section's doc comment.
+    pub fn command(&self) -> Command {
+        (self.augment)(Command::new(self.name))
+    }
+}
+
+macro_rules! sections {
+    ($($field:ident: $ty:ty),* $(,)?) => {
+        /// Every section of [`Config`], in file order.
+        pub const SECTIONS: &[Section] = &[$(Section {
+            name: stringify!($field),
+            heading: concat!("Settings [", stringify!($field), "]"),
+            augment: <$ty as Args>::augment_args_for_update,
+            update: |c, m| c.$field.update_from_arg_matches(m),
+        }),*];
+    };
+}
+
+sections!(
+    listen: ListenConfig,
+    tls: TlsConfig,
+    limits: Limits,
+    queue: QueueConfig,
+    timeouts: Timeouts,
+    log: LogConfig,
+    store: StoreConfig,
+    delivery: DeliveryConfig,
+    auth: AuthConfig,
+);
+
+/// The TOML key of a setting: its clap id, or the part after the dot of an id spelled
+/// `section.key` (for keys that appear in two sections).
+pub fn toml_key(arg: &Arg) -> &str {
+    let id = arg.get_id().as_str();
+    id.rsplit('.').next().unwrap_or(id)
 }
 
 /// Whether clients must authenticate with a relay account.
@@ -193,24 +264,49 @@ impl FromStr for AuthMode {
 }
 
 /// Relay accounts and the admin token.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// A relay for people who do not trust each other runs with `mode = "required"`; see
+/// relay/README.md "Accounts".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// `off` or `required`.
+    /// "off": anyone who can connect may use the relay (fine on loopback; a non-loopback
+    /// listener without auth prints a loud warning). "required": every connection proves a
+    /// relay account (Ed25519 challenge or bearer token) and key ids are claimed by the
+    /// first account's group. `required` without `accounts` refuses to start.
+    #[arg(long = "auth", env = "WHISPEER_AUTH")]
     pub mode: AuthMode,
-    /// The account list (TOML, edited by `whispeer-relay account`); reloaded on change.
+    /// The account list (TOML), edited by `whispeer-relay account add|list|remove` and
+    /// reloaded when it changes or on SIGHUP. Unreadable or invalid at start: the relay
+    /// refuses to start; on a reload the previous list stays in force.
+    #[arg(long, env = "WHISPEER_ACCOUNTS", value_name = "whispeer-accounts.toml")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accounts: Option<PathBuf>,
-    /// Append-only file of key-id claims and durable owners (absent: kept in memory only;
-    /// `serve` puts it beside the SQLite store).
+    /// Append-only file of key-id claims and durable owners. serve default: the store path
+    /// with ".auth" appended (kept in memory when the store is not sqlite).
+    #[arg(
+        long = "auth-state",
+        env = "WHISPEER_AUTH_STATE",
+        value_name = "whispeer-relay.db.auth"
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<PathBuf>,
-    /// Most key ids one group of accounts may claim.
+    /// Most key ids one group of accounts may claim; the request that would claim one more
+    /// gets Err(quota_exceeded).
+    #[arg(long = "max-claims", env = "WHISPEER_MAX_CLAIMS")]
     pub max_claims_per_group: usize,
     /// How often the account file is checked for changes, in milliseconds.
+    #[arg(long = "accounts-reload-ms", env = "WHISPEER_ACCOUNTS_RELOAD_MS")]
     pub reload_ms: u64,
-    /// Bearer token for the admin port: needed for detail in `/status` (key ids), and for
-    /// everything but `/healthz` when the admin port is bound off loopback.
+    /// Bearer token for the admin port (Authorization: Bearer ...): /status shows key ids
+    /// only with it; required (at least 16 characters) when the admin port is not on
+    /// loopback, or the relay refuses to start.
+    #[arg(
+        long,
+        env = "WHISPEER_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
 }
@@ -296,62 +392,98 @@ impl FromStr for SyncMode {
     }
 }
 
-/// The message store.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The message store: kind, file, retention per token path, dedup window and quotas.
+///
+/// Quotas: a tenant is the relay account (accounts on) or the source address (accounts
+/// off); 0 = unlimited. At a quota the publisher gets Err(quota_exceeded) (not fatal, names
+/// the publish id or sub id) and other tenants are untouched. Bytes count history plus
+/// retained values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `sqlite`, `memory` or `none`; absent: `sqlite` for `serve`, `memory` for the library.
+    /// "sqlite" (durable file, the serve default), "memory" (same features, lost on
+    /// restart; the library default) or "none" (live fan-out only: a QoS >= 1 Pub gets
+    /// Err(store_failed), a Sub for history Err(not_allowed)).
+    #[arg(long = "store", env = "WHISPEER_STORE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kind: Option<StoreKind>,
-    /// The SQLite file (kind `sqlite`).
+    /// The SQLite file (kind sqlite; created if missing; a foreign or damaged file fails at
+    /// start).
+    #[arg(long = "store-path", env = "WHISPEER_STORE_PATH")]
     pub path: PathBuf,
-    /// `full` (fsync per commit) or `normal` (fsync per checkpoint).
+    /// "full": fsync per commit (survives power loss); "normal": fsync per checkpoint
+    /// (survives a process crash).
+    #[arg(long = "store-sync", env = "WHISPEER_STORE_SYNC")]
     pub sync: SyncMode,
     /// Messages queued for the writer thread; beyond it a publish that needs the store is
-    /// answered `Err(busy)` (retryable).
+    /// answered Err(busy) (retryable, names the publish id).
+    #[arg(long = "store-queue", env = "WHISPEER_STORE_QUEUE")]
     pub queue: usize,
-    /// Most operations per transaction.
+    /// Most operations per transaction (group commit).
+    #[arg(long = "store-max-batch", env = "WHISPEER_STORE_MAX_BATCH")]
     pub max_batch: usize,
-    /// Per path: most messages kept (0 = unlimited).
+    /// Retention per token path: most messages kept (0 = unlimited); the oldest are
+    /// deleted.
+    #[arg(long = "retention-messages", env = "WHISPEER_RETENTION_MESSAGES")]
     pub max_messages: u64,
-    /// Per path: most envelope bytes kept (0 = unlimited).
+    /// Retention per token path: most envelope bytes kept (0 = unlimited).
+    #[arg(
+        id = "store.max_bytes",
+        long = "retention-bytes",
+        env = "WHISPEER_RETENTION_BYTES"
+    )]
     pub max_bytes: u64,
-    /// Per path: oldest message kept, in milliseconds (0 = unlimited).
+    /// Retention per token path: oldest message kept, in milliseconds (0 = unlimited).
+    #[arg(long = "retention-age-ms", env = "WHISPEER_RETENTION_AGE_MS")]
     pub max_age_ms: u64,
-    /// How long a QoS 2 publish id is remembered for dedup, in milliseconds.
+    /// How long a QoS 2 publish id is remembered for exactly-once dedup, in milliseconds.
+    #[arg(long, env = "WHISPEER_DEDUP_WINDOW_MS")]
     pub dedup_window_ms: u64,
     /// Most publish ids remembered for dedup.
+    #[arg(long, env = "WHISPEER_DEDUP_MAX")]
     pub dedup_max: usize,
-    // --- Store quotas and policy (issue 10). A tenant is the relay account when accounts
-    // are on, else the source address. 0 = unlimited. At a limit the publisher gets
-    // Err(quota_exceeded) naming its publish id.
-    /// Keep QoS 0 messages in history too (`false`: QoS 0 is live-only; retained QoS 0
-    /// values are kept as retained values either way).
+    /// Keep QoS 0 messages in history too (false: QoS 0 is live-only; retained QoS 0 values
+    /// are kept as retained values either way).
+    #[arg(long, env = "WHISPEER_STORE_QOS0", action = ArgAction::Set)]
     pub store_qos0: bool,
     /// Retained values older than this many milliseconds are deleted (0 = kept until
     /// replaced).
+    #[arg(long, env = "WHISPEER_RETAINED_MAX_AGE_MS")]
     pub retained_max_age_ms: u64,
     /// Per tenant: most stored envelope bytes (history plus retained values).
+    #[arg(long, env = "WHISPEER_TENANT_MAX_BYTES")]
     pub tenant_max_bytes: u64,
     /// Per tenant: most stored messages.
+    #[arg(long, env = "WHISPEER_TENANT_MAX_MESSAGES")]
     pub tenant_max_messages: u64,
-    /// Per tenant: most retained values.
+    /// Per tenant: most retained values (replacing one is free).
+    #[arg(long, env = "WHISPEER_TENANT_MAX_RETAINED")]
     pub tenant_max_retained: u64,
-    /// Per tenant: most durable subscription names.
+    /// Per tenant: most durable subscription names (the Sub gets Err(quota_exceeded)).
+    #[arg(long, env = "WHISPEER_TENANT_MAX_DURABLES")]
     pub tenant_max_durables: u64,
     /// Per tenant: most distinct token paths with stored data.
+    #[arg(long, env = "WHISPEER_TENANT_MAX_PATHS")]
     pub tenant_max_paths: u64,
     /// All tenants: most stored envelope bytes.
+    #[arg(long, env = "WHISPEER_TOTAL_MAX_BYTES")]
     pub total_max_bytes: u64,
     /// All tenants: most stored messages.
+    #[arg(long, env = "WHISPEER_TOTAL_MAX_MESSAGES")]
     pub total_max_messages: u64,
     /// All tenants: most retained values.
+    #[arg(long, env = "WHISPEER_TOTAL_MAX_RETAINED")]
     pub total_max_retained: u64,
     /// All tenants: most durable subscription names.
+    #[arg(long, env = "WHISPEER_TOTAL_MAX_DURABLES")]
     pub total_max_durables: u64,
     /// All tenants: most distinct token paths with stored data.
+    #[arg(long, env = "WHISPEER_TOTAL_MAX_PATHS")]
     pub total_max_paths: u64,
-    /// While the disk is full (or a commit failed), how often the store retries, in ms.
+    /// While the disk is full (or a commit failed), publishes needing the store get
+    /// Err(storage_full) (retryable) and the store retries every this many milliseconds,
+    /// resuming by itself when space frees.
+    #[arg(long = "store-retry-ms", env = "WHISPEER_STORE_RETRY_MS")]
     pub retry_ms: u64,
 }
 
@@ -386,17 +518,22 @@ impl Default for StoreConfig {
 }
 
 /// At-least-once delivery to subscribers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeliveryConfig {
-    /// A delivered QoS ≥ 1 message not acknowledged within this time is sent again.
+    /// A delivered QoS >= 1 message not acknowledged within this many milliseconds is sent
+    /// again (flagged REDELIVERED).
+    #[arg(long, env = "WHISPEER_ACK_TIMEOUT_MS")]
     pub ack_timeout_ms: u64,
-    /// Most unacknowledged messages in flight per subscription, and the default credit of
-    /// a `Sub` without one. Beyond it delivery pauses (messages wait in the store) until
+    /// Most unacknowledged messages in flight per QoS >= 1 subscription, and the default
+    /// credit of a Sub without one (a Sub's credit is capped to it). Beyond it delivery of
+    /// that subscription pauses, the messages wait in the store and follow, in order, as
     /// acks free credit; the connection is not closed.
+    #[arg(long, env = "WHISPEER_MAX_UNACKED")]
     pub max_unacked: usize,
-    /// Most bytes of unacknowledged envelopes held per subscription; beyond it delivery
-    /// pauses like at `max_unacked`.
+    /// Most bytes of unacknowledged envelopes per subscription; beyond it delivery pauses
+    /// like at max_unacked.
+    #[arg(long, env = "WHISPEER_MAX_UNACKED_BYTES")]
     pub max_unacked_bytes: usize,
 }
 
@@ -417,19 +554,25 @@ impl DeliveryConfig {
     }
 }
 
-/// Listener addresses; each may be "off" and each may use port 0.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Listener addresses: IP:PORT, port 0 picks a free port, "off" disables a listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenConfig {
-    /// Plain WebSocket.
+    /// Plain WebSocket (ws://): binary messages, one frame each.
+    #[arg(long, env = "WHISPEER_WS")]
     pub ws: ListenAddr,
-    /// Length-prefixed TCP.
+    /// Length-prefixed TCP (u32 big-endian length, then the frame).
+    #[arg(long, env = "WHISPEER_TCP")]
     pub tcp: ListenAddr,
-    /// WebSocket over TLS (needs `[tls]`).
+    /// WebSocket over TLS (wss://); needs [tls].
+    #[arg(long, env = "WHISPEER_WSS")]
     pub wss: ListenAddr,
-    /// Length-prefixed TCP over TLS (needs `[tls]`).
+    /// Length-prefixed TCP over TLS (tls://); needs [tls].
+    #[arg(long, env = "WHISPEER_TLS")]
     pub tls: ListenAddr,
-    /// Admin HTTP: `/metrics`, `/status`, `/healthz`.
+    /// Admin HTTP: /metrics (Prometheus), /status (JSON), /healthz. Off loopback it needs
+    /// auth.admin_token.
+    #[arg(long, env = "WHISPEER_ADMIN")]
     pub admin: ListenAddr,
 }
 
@@ -446,54 +589,107 @@ impl Default for ListenConfig {
     }
 }
 
-/// PEM files for TLS listeners.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// PEM files for the wss and tls listeners (`whispeer-relay tls generate` writes a pair).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// Certificate chain (PEM), leaf first.
+    #[arg(long = "tls-cert", env = "WHISPEER_TLS_CERT", value_name = "relay.crt")]
     pub cert: Option<PathBuf>,
     /// Private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long = "tls-key", env = "WHISPEER_TLS_KEY", value_name = "relay.key")]
     pub key: Option<PathBuf>,
 }
 
-/// Limits. Size and count limits answer a typed `Err` frame and close the connection; rate
-/// limits pause reading the connection instead (backpressure).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Limits that protect the relay and other clients from one client.
+///
+/// Size and count limits answer a typed Err frame and close that connection. Rate limits
+/// never disconnect: over a rate, the relay stops reading that connection until its bucket
+/// refills (its idle timer is suspended meanwhile), so the client is slowed down and loses
+/// nothing. 0 = unlimited for every rate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Largest frame accepted, in bytes (TCP length prefix, WebSocket message).
+    /// Largest frame accepted, in bytes (TCP length prefix, WebSocket message); larger:
+    /// fatal Err(frame_too_large).
+    #[arg(long, env = "WHISPEER_MAX_FRAME")]
     pub max_frame: usize,
-    /// Most concurrent client connections.
+    /// Most concurrent client connections, handshakes included (fatal
+    /// Err(too_many_connections) on TCP; other listeners close the socket).
+    #[arg(long, env = "WHISPEER_MAX_CONNECTIONS")]
     pub max_connections: usize,
-    /// Most subscriptions one connection may hold.
+    /// Most subscriptions one connection may hold (fatal Err(too_many_subscriptions)).
+    #[arg(long, env = "WHISPEER_MAX_SUBSCRIPTIONS")]
     pub max_subscriptions: usize,
-    /// Most levels in a subscription filter (at most the protocol's 32).
+    /// Most levels in a subscription filter, 1..=32 (fatal Err(invalid_filter)).
+    #[arg(long, env = "WHISPEER_MAX_FILTER_DEPTH")]
     pub max_filter_depth: usize,
-    /// Sustained publishes per second per connection (token bucket rate; 0 = unlimited).
+    /// Sustained publishes per second per connection (token bucket rate).
+    #[arg(long, env = "WHISPEER_PUBLISH_RATE")]
     pub publish_rate: u32,
     /// Burst of publishes per connection (token bucket size).
+    #[arg(long, env = "WHISPEER_PUBLISH_BURST")]
     pub publish_burst: u32,
-    /// Most connections from one source IP address, TLS/WebSocket handshakes included.
+    /// Most connections from one source IP address, TLS/WebSocket handshakes included; over
+    /// it the tcp listener answers Err(too_many_connections), the others close the socket.
+    /// Behind a reverse proxy every client has the proxy's address: raise it there.
+    #[arg(long, env = "WHISPEER_MAX_CONNECTIONS_PER_ADDR")]
     pub max_connections_per_addr: usize,
-    /// Sustained `Sub`/`Unsub` requests per second per connection (a `Sub` that replays
-    /// history costs `replay_cost`); 0 = unlimited. Over it, reads pause.
+    /// Sustained Sub/Unsub requests per second per connection (a Sub that replays history
+    /// or resumes a durable costs replay_cost).
+    #[arg(long, env = "WHISPEER_SUB_RATE")]
     pub sub_rate: u32,
-    /// Burst of `Sub`/`Unsub` requests per connection.
+    /// Burst of Sub/Unsub requests per connection.
+    #[arg(long, env = "WHISPEER_SUB_BURST")]
     pub sub_burst: u32,
-    /// Tokens a `Sub` asking for history (replay or a durable resume) costs.
+    /// Tokens a Sub asking for history (replay or a durable resume) costs.
+    #[arg(long, env = "WHISPEER_REPLAY_COST")]
     pub replay_cost: u32,
-    /// Sustained `Ack` frames per second per connection; 0 = unlimited.
+    /// Sustained Ack frames per second per connection.
+    #[arg(long, env = "WHISPEER_ACK_RATE")]
     pub ack_rate: u32,
-    /// Burst of `Ack` frames per connection.
+    /// Burst of Ack frames per connection.
+    #[arg(long, env = "WHISPEER_ACK_BURST")]
     pub ack_burst: u32,
-    /// Publishes per second shared by all connections of one source address; 0 = unlimited.
+    /// Publishes per second shared by all connections of one source address (reconnecting
+    /// does not reset it).
+    #[arg(long, env = "WHISPEER_ADDR_PUBLISH_RATE")]
     pub addr_publish_rate: u32,
     /// Burst of publishes per source address.
+    #[arg(long, env = "WHISPEER_ADDR_PUBLISH_BURST")]
     pub addr_publish_burst: u32,
-    /// `Sub`/`Unsub` requests per second shared by one source address; 0 = unlimited.
+    /// Sub/Unsub requests per second shared by one source address.
+    #[arg(long, env = "WHISPEER_ADDR_SUB_RATE")]
     pub addr_sub_rate: u32,
-    /// Burst of `Sub`/`Unsub` requests per source address.
+    /// Burst of Sub/Unsub requests per source address.
+    #[arg(long, env = "WHISPEER_ADDR_SUB_BURST")]
     pub addr_sub_burst: u32,
+    /// Ack frames per second shared by one source address.
+    #[arg(long, env = "WHISPEER_ADDR_ACK_RATE")]
+    pub addr_ack_rate: u32,
+    /// Burst of Ack frames per source address.
+    #[arg(long, env = "WHISPEER_ADDR_ACK_BURST")]
+    pub addr_ack_burst: u32,
+    /// Publishes per second shared by all connections of one relay account (auth on), from
+    /// any address.
+    #[arg(long, env = "WHISPEER_ACCOUNT_PUBLISH_RATE")]
+    pub account_publish_rate: u32,
+    /// Burst of publishes per relay account.
+    #[arg(long, env = "WHISPEER_ACCOUNT_PUBLISH_BURST")]
+    pub account_publish_burst: u32,
+    /// Sub/Unsub requests per second shared by one relay account (a replaying Sub costs
+    /// replay_cost).
+    #[arg(long, env = "WHISPEER_ACCOUNT_SUB_RATE")]
+    pub account_sub_rate: u32,
+    /// Burst of Sub/Unsub requests per relay account.
+    #[arg(long, env = "WHISPEER_ACCOUNT_SUB_BURST")]
+    pub account_sub_burst: u32,
+    /// Ack frames per second shared by one relay account.
+    #[arg(long, env = "WHISPEER_ACCOUNT_ACK_RATE")]
+    pub account_ack_rate: u32,
+    /// Burst of Ack frames per relay account.
+    #[arg(long, env = "WHISPEER_ACCOUNT_ACK_BURST")]
+    pub account_ack_burst: u32,
 }
 
 impl Default for Limits {
@@ -515,21 +711,53 @@ impl Default for Limits {
             addr_publish_burst: 100_000,
             addr_sub_rate: 2_000,
             addr_sub_burst: 20_000,
+            addr_ack_rate: 100_000,
+            addr_ack_burst: 200_000,
+            account_publish_rate: 50_000,
+            account_publish_burst: 100_000,
+            account_sub_rate: 2_000,
+            account_sub_burst: 20_000,
+            account_ack_rate: 100_000,
+            account_ack_burst: 200_000,
         }
     }
 }
 
 /// The bounded outbound queue every connection has.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Only Msg frames count; control frames are never dropped, but more than `capacity`
+/// unread ones close the connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
     /// Messages a connection may have queued before the slow-consumer policy applies.
+    #[arg(long = "queue-capacity", env = "WHISPEER_QUEUE_CAPACITY")]
     pub capacity: usize,
-    /// `drop` (oldest, with a `Gap` frame) or `disconnect`.
+    /// "drop": drop the oldest queued message and send a Gap frame with the count;
+    /// "disconnect": send fatal Err(slow_consumer) and close.
+    #[arg(long, env = "WHISPEER_SLOW_CONSUMER")]
     pub slow_consumer: SlowConsumerPolicy,
     /// Bytes of messages a connection may have queued before the slow-consumer policy
-    /// applies (whichever of `capacity` and `max_bytes` is reached first).
+    /// applies (whichever of capacity and max_bytes is reached first).
+    #[arg(
+        id = "queue.max_bytes",
+        long = "queue-max-bytes",
+        env = "WHISPEER_QUEUE_MAX_BYTES"
+    )]
     pub max_bytes: usize,
+    /// Bytes of messages queued (or being written) for all connections together; 0 =
+    /// unlimited. Beyond it, a connection holding more than its fair share (this budget /
+    /// connections with messages queued) — the slowest consumers — gets no more QoS 0
+    /// messages: each one is counted (whispeer_relay_outbound_budget_dropped_total) and
+    /// reported to it in a Gap. Its QoS >= 1 subscriptions pause instead, as without
+    /// credit: their messages wait in the store and follow in order once it reads
+    /// (whispeer_relay_outbound_budget_pauses_total).
+    #[arg(
+        id = "queue.total_max_bytes",
+        long = "queue-total-max-bytes",
+        env = "WHISPEER_QUEUE_TOTAL_MAX_BYTES"
+    )]
+    pub total_max_bytes: usize,
 }
 
 impl Default for QueueConfig {
@@ -538,21 +766,27 @@ impl Default for QueueConfig {
             capacity: 4096,
             slow_consumer: SlowConsumerPolicy::Drop,
             max_bytes: 8 << 20,
+            total_max_bytes: 512 << 20,
         }
     }
 }
 
 /// Timeouts, in milliseconds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct Timeouts {
-    /// Time a new connection has to complete its transport handshake and send `Hello`.
+    /// Time a new connection has to complete its transport handshake and send Hello.
+    #[arg(long, env = "WHISPEER_HELLO_MS")]
     pub hello_ms: u64,
-    /// Heartbeat interval announced in `Welcome` (and the WebSocket ping interval).
+    /// Heartbeat interval announced in Welcome, also the WebSocket ping interval; 0 = none.
+    /// Must be below idle_ms.
+    #[arg(long, env = "WHISPEER_HEARTBEAT_MS")]
     pub heartbeat_ms: u64,
-    /// A connection with no inbound traffic for this long is closed (`IdleTimeout`).
+    /// A connection with no inbound traffic for this long gets fatal Err(idle_timeout).
+    #[arg(long, env = "WHISPEER_IDLE_MS")]
     pub idle_ms: u64,
     /// On shutdown or a fatal error, how long queued frames may take to drain.
+    #[arg(long, env = "WHISPEER_DRAIN_MS")]
     pub drain_ms: u64,
 }
 
@@ -586,13 +820,16 @@ impl Timeouts {
     }
 }
 
-/// Logging settings (applied by the binary; the library only emits `tracing` events).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Logging (applied by the binary; the library only emits `tracing` events).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
-    /// `RUST_LOG`-style filter, e.g. `info` or `whispeer_relay=debug`.
+    /// RUST_LOG-style filter, e.g. "info" or "whispeer_relay=debug" (RUST_LOG is used when
+    /// neither the flag nor WHISPEER_LOG is set).
+    #[arg(long = "log", env = "WHISPEER_LOG")]
     pub filter: String,
-    /// `text` or `json`.
+    /// "text" or "json" (one object per line).
+    #[arg(long = "log-format", env = "WHISPEER_LOG_FORMAT")]
     pub format: LogFormat,
 }
 
@@ -694,6 +931,22 @@ impl Config {
                 l.addr_publish_burst,
             ),
             ("limits.addr_sub_burst", l.addr_sub_rate, l.addr_sub_burst),
+            ("limits.addr_ack_burst", l.addr_ack_rate, l.addr_ack_burst),
+            (
+                "limits.account_publish_burst",
+                l.account_publish_rate,
+                l.account_publish_burst,
+            ),
+            (
+                "limits.account_sub_burst",
+                l.account_sub_rate,
+                l.account_sub_burst,
+            ),
+            (
+                "limits.account_ack_burst",
+                l.account_ack_rate,
+                l.account_ack_burst,
+            ),
         ] {
             if rate > 0 && burst == 0 {
                 return invalid(field, "must be at least 1 when its rate is set".into());
@@ -775,233 +1028,254 @@ impl Config {
         }
         Ok(())
     }
+}
 
-    /// The commented TOML printed by `generate-config`: every setting with its default.
+/// The settings given as flags or `WHISPEER_*` environment variables, for every section of
+/// [`Config`] (flatten it into a clap command; [`Config::for_serve`] applies it over the
+/// file). Only what was given is applied, so precedence is defaults < file < env < flags.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides(ArgMatches);
+
+impl Overrides {
+    /// Updates `config` with every setting given as a flag or environment variable.
+    pub fn apply(&self, config: &mut Config) -> Result<(), ConfigError> {
+        for s in SECTIONS {
+            (s.update)(config, &self.0).map_err(|e| ConfigError::Args(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the setting with this clap id (its TOML key, or `section.key`) was given.
+    pub fn given(&self, id: &str) -> bool {
+        self.0.contains_id(id)
+    }
+}
+
+impl Args for Overrides {
+    fn augment_args(cmd: Command) -> Command {
+        // The sections' doc comments would become the command's about: keep the caller's.
+        let about = cmd.get_about().cloned();
+        let long_about = cmd.get_long_about().cloned();
+        let defaults: HashMap<String, String> = settings()
+            .into_iter()
+            .filter_map(|s| Some((s.id, s.default?)))
+            .collect();
+        let mut cmd = cmd;
+        for s in SECTIONS {
+            cmd = (s.augment)(cmd.next_help_heading(s.heading));
+        }
+        cmd = cmd.mut_args(|a| match defaults.get(a.get_id().as_str()) {
+            Some(d) if a.get_help().is_some() => {
+                let help = format!(
+                    "{} [default: {d}]",
+                    a.get_help().map(|h| h.to_string()).unwrap_or_default()
+                );
+                a.help(help)
+            }
+            _ => a,
+        });
+        cmd = match about {
+            Some(a) => cmd.about(a),
+            None => cmd.about(None::<&'static str>),
+        };
+        match long_about {
+            Some(a) => cmd.long_about(a),
+            None => cmd.long_about(None::<&'static str>),
+        }
+        .next_help_heading(None::<&'static str>)
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl FromArgMatches for Overrides {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(Self(m.clone()))
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        self.0 = m.clone();
+        Ok(())
+    }
+}
+
+/// One setting as the operator sees it (for `generate-config` and the README table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    /// The TOML table.
+    pub section: &'static str,
+    /// The TOML key.
+    pub key: String,
+    /// The clap id (the key, or `section.key`).
+    pub id: String,
+    /// `--flag`.
+    pub flag: String,
+    /// `WHISPEER_*`.
+    pub env: String,
+    /// The `serve` default as TOML, `None` when unset.
+    pub default: Option<String>,
+    /// The doc comment.
+    pub help: String,
+    /// An example for an unset value.
+    pub example: String,
+}
+
+/// Every setting in file order, with its default as `whispeer-relay serve` has it.
+pub fn settings() -> Vec<Setting> {
+    let values = toml::Value::try_from(Config::serve_default()).unwrap_or_else(|_| {
+        // Unreachable: every section serializes (a test parses the result back).
+        toml::Value::Table(Default::default())
+    });
+    let mut out = Vec::new();
+    for s in SECTIONS {
+        let cmd = s.command();
+        let table = values.get(s.name);
+        for arg in cmd.get_arguments() {
+            let key = toml_key(arg).to_string();
+            let help = arg
+                .get_long_help()
+                .or(arg.get_help())
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            out.push(Setting {
+                section: s.name,
+                default: table.and_then(|t| t.get(&key)).map(|v| v.to_string()),
+                id: arg.get_id().to_string(),
+                key,
+                flag: arg.get_long().map(|l| format!("--{l}")).unwrap_or_default(),
+                env: arg
+                    .get_env()
+                    .map(|e| e.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                help: sentence(&help),
+                example: arg
+                    .get_value_names()
+                    .and_then(|v| v.first())
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+            });
+        }
+    }
+    out
+}
+
+/// Ends a help text with a full stop (clap drops the one of a one-sentence help).
+fn sentence(s: &str) -> String {
+    let s = s.trim();
+    if s.ends_with(['.', ':']) || s.is_empty() {
+        s.to_string()
+    } else {
+        format!("{s}.")
+    }
+}
+
+/// Appends `text` as `# ` comment lines of at most ~90 columns.
+fn push_comment(out: &mut String, text: &str) {
+    for para in text.split("\n\n") {
+        let mut line = String::from("#");
+        for word in para.split_whitespace() {
+            if line.len() + 1 + word.len() > 90 && line.len() > 1 {
+                out.push_str(&line);
+                out.push('\n');
+                line = String::from("#");
+            }
+            line.push(' ');
+            line.push_str(word);
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+}
+
+impl Config {
+    /// The configuration of `whispeer-relay serve`: the defaults, then the TOML file, then
+    /// the environment variables and flags in `args`; then the `serve` rules (a SQLite store
+    /// unless told otherwise, `RUST_LOG` when no log filter was given, the claims file
+    /// beside the store) and validation.
+    pub fn for_serve(file: Option<&Path>, args: &Overrides) -> Result<Self, ConfigError> {
+        let mut c = match file {
+            Some(path) => Config::from_file(path)?,
+            None => Config::serve_default(),
+        };
+        // `serve` keeps messages in a durable SQLite file unless told otherwise.
+        c.store.kind.get_or_insert(StoreKind::Sqlite);
+        args.apply(&mut c)?;
+        if !args.given("filter") {
+            if let Some(f) = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty()) {
+                c.log.filter = f;
+            }
+        }
+        // Claims and durable owners live beside a durable store unless placed elsewhere.
+        if c.auth.state.is_none() && c.store.kind == Some(StoreKind::Sqlite) {
+            let mut p = c.store.path.as_os_str().to_owned();
+            p.push(".auth");
+            c.auth.state = Some(PathBuf::from(p));
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The commented TOML printed by `generate-config`: every setting with its default, its
+    /// doc comment, flag and environment variable.
     pub fn commented_toml() -> String {
-        let d = Config::default();
-        let l = &d.limits;
-        let t = &d.timeouts;
-        format!(
-            r#"# whispeer-relay configuration. Every setting is shown with its default.
-# Precedence: built-in defaults < this file < WHISPEER_* environment variables < flags.
+        let mut out = String::from(
+            "# whispeer-relay configuration. Every setting is shown with its default.\n\
+             # Precedence: built-in defaults < this file < WHISPEER_* environment variables < flags.\n",
+        );
+        let all = settings();
+        for s in SECTIONS {
+            out.push_str(&format!("\n[{}]\n", s.name));
+            let cmd = s.command();
+            if let Some(about) = cmd.get_long_about().or(cmd.get_about()) {
+                push_comment(&mut out, &sentence(&about.to_string()));
+            }
+            for st in all.iter().filter(|st| st.section == s.name) {
+                out.push('\n');
+                push_comment(&mut out, &st.help);
+                out.push_str(&format!("# flag {}, env {}\n", st.flag, st.env));
+                match &st.default {
+                    Some(v) => out.push_str(&format!("{} = {v}\n", st.key)),
+                    None => out.push_str(&format!("# {} = \"{}\"\n", st.key, st.example)),
+                }
+            }
+        }
+        out
+    }
 
-[listen]
-# Addresses as IP:PORT; port 0 picks a free port; "off" disables a listener.
-# Plain WebSocket (ws://). Binary messages, one frame each.      env WHISPEER_WS
-ws = "{ws}"
-# Length-prefixed TCP (u32 big-endian length, then the frame).   env WHISPEER_TCP
-tcp = "{tcp}"
-# WebSocket over TLS (wss://); needs [tls].                       env WHISPEER_WSS
-wss = "{wss}"
-# Length-prefixed TCP over TLS (tls://); needs [tls].             env WHISPEER_TLS
-tls = "{tls}"
-# Admin HTTP: /metrics (Prometheus), /status (JSON), /healthz.    env WHISPEER_ADMIN
-admin = "{admin}"
-
-[tls]
-# PEM certificate chain (leaf first) and private key for wss/tls.
-# env WHISPEER_TLS_CERT, WHISPEER_TLS_KEY
-# cert = "/etc/whispeer/relay.crt"
-# key = "/etc/whispeer/relay.key"
-
-[limits]
-# Size and count limits: a violation gets a typed Err frame, then that connection is closed.
-# Rate limits slow the connection down instead (see below).
-# Largest frame in bytes (TCP length prefix / WebSocket message). env WHISPEER_MAX_FRAME
-max_frame = {max_frame}
-# Most concurrent client connections.                      env WHISPEER_MAX_CONNECTIONS
-max_connections = {max_connections}
-# Most subscriptions per connection.                       env WHISPEER_MAX_SUBSCRIPTIONS
-max_subscriptions = {max_subscriptions}
-# Most levels in a filter (1..=32).                        env WHISPEER_MAX_FILTER_DEPTH
-max_filter_depth = {max_filter_depth}
-# Publishes per second per connection, token bucket; 0 = unlimited. env WHISPEER_PUBLISH_RATE
-publish_rate = {publish_rate}
-# Token bucket size (burst).                               env WHISPEER_PUBLISH_BURST
-publish_burst = {publish_burst}
-# Rate limits never disconnect: over a rate, the relay stops reading that connection until
-# its bucket refills (its idle timer is suspended meanwhile), so the client is slowed down.
-# Most connections from one source IP, handshakes included; over it the TCP listener
-# answers Err(too_many_connections), the others close the socket. Behind a reverse proxy
-# every client has the proxy's address: raise it there. env WHISPEER_MAX_CONNECTIONS_PER_ADDR
-max_connections_per_addr = {max_connections_per_addr}
-# Sub/Unsub requests per second per connection, and burst; 0 = unlimited. env WHISPEER_SUB_RATE
-sub_rate = {sub_rate}
-sub_burst = {sub_burst}
-# Tokens a Sub that asks for history (replay or durable resume) costs.
-replay_cost = {replay_cost}
-# Ack frames per second per connection, and burst; 0 = unlimited. env WHISPEER_ACK_RATE
-ack_rate = {ack_rate}
-ack_burst = {ack_burst}
-# Shared by all connections of one source IP (reconnecting does not reset them); 0 = unlimited.
-# env WHISPEER_ADDR_PUBLISH_RATE, WHISPEER_ADDR_SUB_RATE
-addr_publish_rate = {addr_publish_rate}
-addr_publish_burst = {addr_publish_burst}
-addr_sub_rate = {addr_sub_rate}
-addr_sub_burst = {addr_sub_burst}
-
-[queue]
-# Messages queued per connection before the slow-consumer policy applies. env WHISPEER_QUEUE_CAPACITY
-capacity = {capacity}
-# "drop": drop the oldest queued message and send a Gap frame with the count;
-# "disconnect": send Err(SlowConsumer) and close.          env WHISPEER_SLOW_CONSUMER
-slow_consumer = "{policy}"
-# Bytes of queued messages per connection before the slow-consumer policy applies. env WHISPEER_QUEUE_MAX_BYTES
-max_bytes = {queue_max_bytes}
-
-[timeouts]
-# Milliseconds to finish the transport handshake and send Hello. env WHISPEER_HELLO_MS
-hello_ms = {hello_ms}
-# Heartbeat announced in Welcome; also the WebSocket ping interval; 0 = none. env WHISPEER_HEARTBEAT_MS
-heartbeat_ms = {heartbeat_ms}
-# Close connections with no inbound traffic for this long.  env WHISPEER_IDLE_MS
-idle_ms = {idle_ms}
-# On shutdown, how long queued frames may take to drain.    env WHISPEER_DRAIN_MS
-drain_ms = {drain_ms}
-
-[store]
-# "sqlite" (durable file, the serve default), "memory" (same features, lost on restart)
-# or "none" (live fan-out only: no QoS >= 1, replay or retained values). env WHISPEER_STORE
-kind = "sqlite"
-# The SQLite file (created if missing; a foreign or damaged file fails at start). env WHISPEER_STORE_PATH
-path = "{store_path}"
-# "full": fsync per commit (survives power loss); "normal": survives a crash. env WHISPEER_STORE_SYNC
-sync = "{store_sync}"
-# Messages queued for the writer thread; beyond, Err(busy) (retryable). env WHISPEER_STORE_QUEUE
-queue = {store_queue}
-# Most operations per transaction (group commit).          env WHISPEER_STORE_MAX_BATCH
-max_batch = {store_max_batch}
-# Retention per token path; 0 = unlimited.
-# Most messages.                                            env WHISPEER_RETENTION_MESSAGES
-max_messages = {max_messages}
-# Most envelope bytes.                                      env WHISPEER_RETENTION_BYTES
-max_bytes = {max_bytes}
-# Oldest message, in milliseconds.                          env WHISPEER_RETENTION_AGE_MS
-max_age_ms = {max_age_ms}
-# How long a QoS 2 publish id is remembered (exactly-once dedup). env WHISPEER_DEDUP_WINDOW_MS
-dedup_window_ms = {dedup_window_ms}
-# Most publish ids remembered.                              env WHISPEER_DEDUP_MAX
-dedup_max = {dedup_max}
-# Keep QoS 0 messages in history (false: QoS 0 is live-only; retained QoS 0 values are kept).
-store_qos0 = {store_qos0}
-# Retained values older than this many ms are deleted; 0 = kept until replaced.
-retained_max_age_ms = {retained_max_age_ms}
-# Quotas. A tenant is the relay account (accounts on) or the source address (accounts off).
-# 0 = unlimited. At a limit the publisher gets Err(quota_exceeded) (not fatal, names the
-# publish id); other tenants are untouched. Bytes count history plus retained values.
-tenant_max_bytes = {tenant_max_bytes}
-tenant_max_messages = {tenant_max_messages}
-tenant_max_retained = {tenant_max_retained}
-tenant_max_durables = {tenant_max_durables}
-tenant_max_paths = {tenant_max_paths}
-total_max_bytes = {total_max_bytes}
-total_max_messages = {total_max_messages}
-total_max_retained = {total_max_retained}
-total_max_durables = {total_max_durables}
-total_max_paths = {total_max_paths}
-# While the disk is full, publishes needing the store get Err(storage_full) (retryable) and
-# the store retries every this many ms, resuming by itself when space frees.
-retry_ms = {store_retry_ms}
-
-[delivery]
-# Unacknowledged QoS >= 1 deliveries are sent again after this many ms. env WHISPEER_ACK_TIMEOUT_MS
-ack_timeout_ms = {ack_timeout_ms}
-# Most unacknowledged messages in flight per QoS >= 1 subscription, and the default credit
-# of a Sub without one (a Sub's credit is capped to it). Beyond it delivery of that
-# subscription pauses, the messages wait in the store and follow, in order, as acks free
-# credit; other subscriptions are not affected.             env WHISPEER_MAX_UNACKED
-max_unacked = {max_unacked}
-# Most bytes of unacknowledged envelopes per subscription (pauses like max_unacked). env WHISPEER_MAX_UNACKED_BYTES
-max_unacked_bytes = {max_unacked_bytes}
-
-[auth]
-# "off": anyone who can connect may use the relay (fine on loopback; a non-loopback
-# listener without auth prints a loud warning). "required": every connection proves a
-# relay account (Ed25519 challenge or bearer token); key ids are claimed by the first
-# account's group. See relay/README.md "Accounts".                  env WHISPEER_AUTH
-mode = "{auth_mode}"
-# The account list (TOML), edited by `whispeer-relay account add|list|remove` and reloaded
-# when it changes or on SIGHUP.                                      env WHISPEER_ACCOUNTS
-# accounts = "whispeer-accounts.toml"
-# Append-only file of key-id claims and durable owners. serve default: the store path
-# with ".auth" appended (in memory when the store is not sqlite).   env WHISPEER_AUTH_STATE
-# state = "whispeer-relay.db.auth"
-# Most key ids one group of accounts may claim (Err quota_exceeded). env WHISPEER_MAX_CLAIMS
-max_claims_per_group = {max_claims}
-# How often the account file is checked for changes, in ms.        env WHISPEER_ACCOUNTS_RELOAD_MS
-reload_ms = {reload_ms}
-# Bearer token for the admin port (Authorization: Bearer ...): /status shows key ids only
-# with it; required when the admin port is not on loopback.        env WHISPEER_ADMIN_TOKEN
-# admin_token = "..."
-
-[log]
-# RUST_LOG-style filter (RUST_LOG also works).              env WHISPEER_LOG
-filter = "{filter}"
-# "text" or "json".                                         env WHISPEER_LOG_FORMAT
-format = "{format}"
-"#,
-            ws = d.listen.ws,
-            tcp = d.listen.tcp,
-            wss = d.listen.wss,
-            tls = d.listen.tls,
-            admin = d.listen.admin,
-            max_frame = l.max_frame,
-            max_connections = l.max_connections,
-            max_subscriptions = l.max_subscriptions,
-            max_filter_depth = l.max_filter_depth,
-            publish_rate = l.publish_rate,
-            publish_burst = l.publish_burst,
-            max_connections_per_addr = l.max_connections_per_addr,
-            sub_rate = l.sub_rate,
-            sub_burst = l.sub_burst,
-            replay_cost = l.replay_cost,
-            ack_rate = l.ack_rate,
-            ack_burst = l.ack_burst,
-            addr_publish_rate = l.addr_publish_rate,
-            addr_publish_burst = l.addr_publish_burst,
-            addr_sub_rate = l.addr_sub_rate,
-            addr_sub_burst = l.addr_sub_burst,
-            queue_max_bytes = d.queue.max_bytes,
-            capacity = d.queue.capacity,
-            policy = d.queue.slow_consumer,
-            hello_ms = t.hello_ms,
-            heartbeat_ms = t.heartbeat_ms,
-            idle_ms = t.idle_ms,
-            drain_ms = t.drain_ms,
-            store_path = d.store.path.display(),
-            store_sync = d.store.sync,
-            store_queue = d.store.queue,
-            store_max_batch = d.store.max_batch,
-            max_messages = d.store.max_messages,
-            max_bytes = d.store.max_bytes,
-            max_age_ms = d.store.max_age_ms,
-            dedup_window_ms = d.store.dedup_window_ms,
-            dedup_max = d.store.dedup_max,
-            store_qos0 = d.store.store_qos0,
-            retained_max_age_ms = d.store.retained_max_age_ms,
-            tenant_max_bytes = d.store.tenant_max_bytes,
-            tenant_max_messages = d.store.tenant_max_messages,
-            tenant_max_retained = d.store.tenant_max_retained,
-            tenant_max_durables = d.store.tenant_max_durables,
-            tenant_max_paths = d.store.tenant_max_paths,
-            total_max_bytes = d.store.total_max_bytes,
-            total_max_messages = d.store.total_max_messages,
-            total_max_retained = d.store.total_max_retained,
-            total_max_durables = d.store.total_max_durables,
-            total_max_paths = d.store.total_max_paths,
-            store_retry_ms = d.store.retry_ms,
-            ack_timeout_ms = d.delivery.ack_timeout_ms,
-            max_unacked = d.delivery.max_unacked,
-            max_unacked_bytes = d.delivery.max_unacked_bytes,
-            auth_mode = d.auth.mode,
-            max_claims = d.auth.max_claims_per_group,
-            reload_ms = d.auth.reload_ms,
-            filter = d.log.filter,
-            format = match d.log.format {
-                LogFormat::Text => "text",
-                LogFormat::Json => "json",
-            },
-        )
+    /// The settings as a Markdown table (the one in relay/README.md; a test compares them).
+    pub fn settings_markdown() -> String {
+        let cell = |s: &str| {
+            s.split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .replace('|', "\\|")
+        };
+        let mut out = String::from(
+            "| setting | flag / env | default | meaning |\n| --- | --- | --- | --- |\n",
+        );
+        let all = settings();
+        for s in SECTIONS {
+            let cmd = s.command();
+            if let Some(about) = cmd.get_long_about().or(cmd.get_about()) {
+                let about = sentence(&about.to_string());
+                out.push_str(&format!("| **`[{}]`** | | | {} |\n", s.name, cell(&about)));
+            }
+            for st in all.iter().filter(|st| st.section == s.name) {
+                let default = st.default.as_deref().unwrap_or("unset");
+                out.push_str(&format!(
+                    "| `[{}] {}` | `{}` `{}` | `{}` | {} |\n",
+                    st.section,
+                    st.key,
+                    st.flag,
+                    st.env,
+                    default,
+                    cell(&st.help)
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -1015,6 +1289,115 @@ mod tests {
         let parsed = Config::from_toml(&text).unwrap();
         assert_eq!(parsed, Config::serve_default());
         Config::default().validate().unwrap();
+    }
+
+    /// The serve command's settings, parsed from `args` as clap would.
+    fn parse(args: &[&str]) -> Result<Overrides, clap::Error> {
+        let cmd = Overrides::augment_args(Command::new("serve").no_binary_name(true));
+        let m = cmd.try_get_matches_from(args)?;
+        Overrides::from_arg_matches(&m)
+    }
+
+    #[test]
+    fn the_command_is_well_formed_and_covers_every_key() {
+        Overrides::augment_args(Command::new("serve")).debug_assert();
+        // Every key the TOML file has is a setting with a flag and an env var, and back.
+        let values = toml::Value::try_from(Config::serve_default()).unwrap();
+        let all = settings();
+        for (section, table) in values.as_table().unwrap() {
+            for key in table.as_table().unwrap().keys() {
+                assert!(
+                    all.iter().any(|s| s.section == section && &s.key == key),
+                    "[{section}] {key} has no flag"
+                );
+            }
+        }
+        let fields = [
+            "listen", "tls", "limits", "queue", "timeouts", "log", "store", "delivery", "auth",
+        ];
+        assert_eq!(SECTIONS.iter().map(|s| s.name).collect::<Vec<_>>(), fields);
+        for s in &all {
+            assert!(
+                s.flag.starts_with("--") && s.env.starts_with("WHISPEER_"),
+                "{s:?}"
+            );
+            assert!(!s.help.is_empty(), "{s:?} has no doc comment");
+            // Every key parses back from the generated TOML line (also the unset ones).
+            let line = format!(
+                "[{}]\n{} = {}\n",
+                s.section,
+                s.key,
+                s.default
+                    .clone()
+                    .unwrap_or_else(|| format!("{:?}", s.example))
+            );
+            Config::from_toml(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file_and_only_given_flags_do() {
+        let dir = std::env::temp_dir().join(format!("wsp-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("relay.toml");
+        std::fs::write(
+            &file,
+            "[limits]\npublish_rate = 5\nsub_rate = 6\n[store]\nstore_qos0 = true\n\
+             tenant_max_bytes = 77\n",
+        )
+        .unwrap();
+        // Quota settings, once TOML-only, are flags now; a bool takes a value.
+        let o = parse(&[
+            "--sub-rate",
+            "9",
+            "--tenant-max-paths",
+            "3",
+            "--store-path",
+            "db",
+        ])
+        .unwrap();
+        let c = Config::for_serve(Some(&file), &o).unwrap();
+        assert_eq!(c.limits.publish_rate, 5, "from the file");
+        assert_eq!(c.limits.sub_rate, 9, "the flag wins over the file");
+        assert!(
+            c.store.store_qos0,
+            "a bool not given keeps the file's value"
+        );
+        assert_eq!(c.store.tenant_max_bytes, 77);
+        assert_eq!(c.store.tenant_max_paths, 3);
+        assert_eq!(
+            c.store.kind,
+            Some(StoreKind::Sqlite),
+            "serve's default store"
+        );
+        assert_eq!(c.auth.state.as_deref(), Some(Path::new("db.auth")));
+        let o = parse(&["--store-qos0", "false"]).unwrap();
+        assert!(!Config::for_serve(Some(&file), &o).unwrap().store.store_qos0);
+        // Bad values are typed errors: clap's at parse time, ConfigError::Invalid after.
+        assert!(parse(&["--max-frame", "lots"]).is_err());
+        let o = parse(&["--max-filter-depth", "40"]).unwrap();
+        assert!(matches!(
+            Config::for_serve(None, &o),
+            Err(ConfigError::Invalid {
+                field: "limits.max_filter_depth",
+                ..
+            })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_readme_table_is_the_generated_one() {
+        let readme = include_str!("../README.md");
+        let begin = "<!-- settings:begin -->\n";
+        let end = "<!-- settings:end -->";
+        let a = readme.find(begin).expect("README has the settings markers") + begin.len();
+        let b = readme[a..].find(end).expect("settings end marker") + a;
+        assert!(
+            readme[a..b] == Config::settings_markdown(),
+            "relay/README.md's settings table differs from the code: replace it with \
+             `whispeer-relay generate-config --markdown`"
+        );
     }
 
     #[test]

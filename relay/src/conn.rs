@@ -2,7 +2,9 @@
 //! writer task draining the [`Outbound`] queue in coalesced batches, timeouts, and the
 //! orderly end (drain with a deadline, then close).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +36,7 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
         cfg.queue.capacity,
         cfg.queue.max_bytes,
         cfg.queue.slow_consumer,
+        shared.budget.clone(),
     ));
     let (conn, admitted) = shared.registry.register(&out, cfg.limits.max_connections);
     let _registration = shared.registry.guard(conn);
@@ -88,6 +91,9 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
     }
 }
 
+/// Frames one connection handles before it lets other tasks run.
+const FRAMES_PER_TURN: usize = 16;
+
 /// Reads until the session asks to close, the queue closes elsewhere, the relay shuts
 /// down, or a timeout fires. Returns whether the source reached its end.
 async fn read_loop<Src: FrameSource>(
@@ -114,7 +120,17 @@ async fn read_loop<Src: FrameSource>(
         .clamp(Duration::from_millis(5), Duration::from_secs(1));
     let mut redeliver = tokio::time::interval(period);
     redeliver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut this_turn = 0usize;
     loop {
+        // Fairness: one read can hold dozens of frames, and tokio only charges its
+        // cooperative budget per read, so a flooding connection could handle thousands of
+        // frames before another task runs. Yield every few frames instead: the worst a
+        // flooder can do to everyone else is one short turn per round.
+        this_turn += 1;
+        if this_turn > FRAMES_PER_TURN {
+            this_turn = 0;
+            tokio::task::yield_now().await;
+        }
         tokio::select! {
             biased;
             _ = &mut closing => {
@@ -146,24 +162,51 @@ async fn read_loop<Src: FrameSource>(
                 deadline.as_mut().reset(due);
             }
         }
+        while let Some(line) = session.deferred_line() {
+            // A claim this request made (or needs) is being synced by the auth-state
+            // writer thread: stop reading until it is on disk, then answer the request.
+            if let Some(mut durable) = shared.accounts.durable() {
+                let synced = durable.wait_for(|n| *n >= line);
+                if !unless_closed(session, closing.as_mut(), shutdown.as_mut(), synced).await {
+                    return false;
+                }
+            }
+            if session.resume_deferred() == Flow::Close {
+                return false;
+            }
+        }
         // Over a rate limit: stop reading until the bucket refills (backpressure through
         // the socket), with the idle timer suspended meanwhile.
         if let Some(until) = session.take_pause() {
             shared.metrics.throttled();
-            tokio::select! {
-                biased;
-                _ = &mut closing => {
-                    session.closed_elsewhere();
-                    return false;
-                }
-                _ = &mut shutdown => {
-                    session.shutting_down();
-                    return false;
-                }
-                _ = sleep_until(Instant::from_std(until)) => {}
+            let refilled = sleep_until(Instant::from_std(until));
+            if !unless_closed(session, closing.as_mut(), shutdown.as_mut(), refilled).await {
+                return false;
             }
             last_in = Instant::now();
         }
+    }
+}
+
+/// Waits for `until`, unless the connection starts closing or the relay shuts down first:
+/// then tells the session and returns false.
+async fn unless_closed<C: Future, S: Future>(
+    session: &mut Session,
+    closing: Pin<&mut C>,
+    shutdown: Pin<&mut S>,
+    until: impl Future,
+) -> bool {
+    tokio::select! {
+        biased;
+        _ = closing => {
+            session.closed_elsewhere();
+            false
+        }
+        _ = shutdown => {
+            session.shutting_down();
+            false
+        }
+        _ = until => true,
     }
 }
 
@@ -187,7 +230,10 @@ async fn write_loop<Snk: FrameSink>(
         }
         if !batch.is_empty() {
             let bytes = batch.iter().map(Bytes::len).sum();
-            if sink.send(&batch).await.is_err() {
+            let sent = sink.send(&batch).await;
+            // Until here the batch counted against the relay-wide outbound budget.
+            out.written(taken.msg_bytes);
+            if sent.is_err() {
                 break;
             }
             metrics.frames_out(batch.len(), bytes);

@@ -36,6 +36,10 @@ pub(crate) struct Paused {
     pub(crate) next: u64,
     /// Highest sequence the live path skipped for this subscription.
     pub(crate) missed_max: u64,
+    /// Messages skipped that the store does not keep (QoS 0 without `store_qos0`): the
+    /// catch-up cannot send them, so they are counted and reported with a `Gap` when live
+    /// delivery resumes.
+    pub(crate) lost: u64,
 }
 
 #[derive(Debug)]
@@ -123,21 +127,51 @@ impl Tracking {
 
     /// The live path (under the routing lock): records a delivery if there is credit;
     /// otherwise delivery pauses (or stays paused) and the message waits in the store.
-    pub(crate) fn deliver_live(&self, seq: u64, env: &Envelope, now: Instant) -> Delivery {
+    /// `stored`: the store keeps the message in history (else a pause loses it, counted).
+    /// `room`: the connection may queue it (false over the relay-wide outbound budget:
+    /// delivery pauses as without credit, and the message waits in the store).
+    pub(crate) fn deliver_live(
+        &self,
+        seq: u64,
+        env: &Envelope,
+        stored: bool,
+        room: bool,
+        now: Instant,
+    ) -> Delivery {
         let mut t = lock(&self.inner);
         if let Some(p) = t.paused.as_mut() {
-            p.missed_max = p.missed_max.max(seq);
+            if stored {
+                p.missed_max = p.missed_max.max(seq);
+            } else {
+                p.lost += 1;
+            }
             return Delivery::Skipped;
         }
-        if t.unacked.contains_key(&seq) || t.has_credit(self.credit, self.max_bytes, env.len()) {
+        if room
+            && (t.unacked.contains_key(&seq)
+                || t.has_credit(self.credit, self.max_bytes, env.len()))
+        {
             t.insert(seq, env, now + self.timeout);
             return Delivery::Send;
         }
         t.paused = Some(Paused {
             next: seq,
             missed_max: seq,
+            lost: u64::from(!stored),
         });
         Delivery::Paused
+    }
+
+    /// A paused subscription with credit and no catch-up running (it paused for the
+    /// relay-wide budget, so no ack will start one): marks a catch-up as started.
+    pub(crate) fn claim_catch_up(&self) -> bool {
+        let mut t = lock(&self.inner);
+        if t.paused.is_some() && !t.catching_up && t.unacked.len() < self.credit {
+            t.catching_up = true;
+            true
+        } else {
+            false
+        }
     }
 
     /// History and catch-up: records a delivery if there is credit (ignoring a pause, which
@@ -155,12 +189,13 @@ impl Tracking {
     /// Like [`try_deliver`](Self::try_deliver), but when there is no credit pauses delivery
     /// at `seq` (with `missed_max` skipped so far) in the same step, so the ack that frees
     /// credit starts the catch-up. Used when live messages buffered during history are
-    /// handed over.
+    /// handed over; `lost`: how many of the messages from `seq` on the store does not keep.
     pub(crate) fn deliver_or_pause(
         &self,
         seq: u64,
         env: &Envelope,
         missed_max: u64,
+        lost: u64,
         now: Instant,
     ) -> bool {
         let mut t = lock(&self.inner);
@@ -171,6 +206,7 @@ impl Tracking {
         t.paused = Some(Paused {
             next: seq,
             missed_max: missed_max.max(seq),
+            lost,
         });
         false
     }
@@ -197,21 +233,22 @@ impl Tracking {
 
     /// The catch-up read up to `upto`: resumes live delivery if nothing later was skipped
     /// (called under the routing lock, so no live message can be skipped meanwhile).
-    /// Returns whether live delivery resumed.
-    pub(crate) fn resume_if_caught_up(&self, upto: u64) -> bool {
+    /// Returns `None` when still paused, else how many skipped messages the store did not
+    /// keep (lost to this subscription: the caller reports them with a `Gap`).
+    pub(crate) fn resume_if_caught_up(&self, upto: u64) -> Option<u64> {
         let mut t = lock(&self.inner);
         match t.paused {
             Some(p) if p.missed_max > upto => {
                 t.paused = Some(Paused {
                     next: upto + 1,
-                    missed_max: p.missed_max,
+                    ..p
                 });
-                false
+                None
             }
-            _ => {
+            p => {
                 t.paused = None;
                 t.catching_up = false;
-                true
+                Some(p.map_or(0, |p| p.lost))
             }
         }
     }
@@ -332,7 +369,11 @@ pub(crate) async fn catch_up(shared: Arc<Shared>, target: Arc<Target>, pattern: 
         return;
     };
     let pattern = Arc::new(pattern);
-    if let Err(e) = run(&shared, &target, &track, &pattern).await {
+    // Resumed: live delivery took over and the catching-up mark was cleared under the
+    // routing lock; clearing it again here could let a second catch-up start beside a
+    // newer one (duplicates).
+    let result = run(&shared, &target, &track, &pattern).await;
+    if let Err(e) = &result {
         tracing::warn!(conn = %target.conn, sub_id = target.sub.0, error = %e,
             "catch-up read failed");
         shared.metrics.error_sent(ErrorCode::StoreFailed);
@@ -346,7 +387,9 @@ pub(crate) async fn catch_up(shared: Arc<Shared>, target: Arc<Target>, pattern: 
                 publish_id: None,
             })));
     }
-    track.stop_catching_up();
+    if !matches!(result, Ok(true)) {
+        track.stop_catching_up();
+    }
 }
 
 async fn run(
@@ -354,12 +397,12 @@ async fn run(
     target: &Arc<Target>,
     track: &Arc<crate::flow::Tracking>,
     pattern: &Arc<TokenPattern>,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let store = shared.router.store().clone();
     let gone = || target.is_cancelled() || target.out.is_closing();
     loop {
         let Some(paused) = track.paused() else {
-            return Ok(());
+            return Ok(false);
         };
         let upto = Seq(paused.missed_max);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -377,37 +420,40 @@ async fn run(
         });
         let mut from = paused.next;
         while from <= upto.0 {
+            // Room in this connection's queue and its share of the relay-wide budget.
+            target.out.wait_room().await;
             if gone() {
-                return Ok(());
+                return Ok(false);
             }
             let chunk = {
                 let (store, pattern, plan) = (store.clone(), pattern.clone(), plan.clone());
-                tokio::task::spawn_blocking(move || store.read(&pattern, &plan, from, upto))
-                    .await
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))??
+                crate::store::read_off_runtime(move || store.read(&pattern, &plan, from, upto))
+                    .await?
             };
             let mut sent = 0u64;
             for m in chunk.msgs {
                 while !track.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
                     if gone() {
-                        return Ok(());
+                        return Ok(false);
                     }
                     track
                         .wait_credit(m.envelope.len(), Duration::from_millis(500))
                         .await;
                 }
-                target.out.push_history(msg_frame(m.seq.0, &m.envelope, 0));
+                let frame = msg_frame(m.seq.0, &m.envelope, 0);
+                // Paused for the relay-wide budget: one message at a time within it.
+                target.out.wait_budget(frame.len()).await;
+                target.out.push_history(frame);
                 sent += 1;
                 if target.out.is_closing() {
-                    return Ok(());
+                    return Ok(false);
                 }
             }
             shared.metrics.delivered(sent as usize);
             from = chunk.next;
-            target.out.wait_room().await;
         }
         if shared.router.resume_live(target, upto.0) {
-            return Ok(());
+            return Ok(true);
         }
     }
 }

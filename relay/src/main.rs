@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use whispeer_relay::accounts::{self, AccountEntry, AccountFile, Right};
-use whispeer_relay::config::{
-    AuthMode, Config, ListenAddr, LogFormat, SlowConsumerPolicy, StoreKind, SyncMode,
-};
+use whispeer_relay::config::{AuthMode, Config, Overrides};
 use whispeer_relay::{admin, logging, Relay};
 
 #[derive(Debug, Parser)]
@@ -23,7 +21,7 @@ enum Command {
     /// Run the relay.
     Serve(Box<ServeArgs>),
     /// Print a commented TOML configuration with every setting and its default.
-    GenerateConfig,
+    GenerateConfig(GenerateConfigArgs),
     /// Print a summary of a running relay (from its admin port's /status).
     Status(StatusArgs),
     /// TLS helpers.
@@ -32,6 +30,13 @@ enum Command {
     /// Manage relay accounts (the account file; a running relay reloads it).
     #[command(subcommand)]
     Account(AccountCmd),
+}
+
+#[derive(Debug, Args)]
+struct GenerateConfigArgs {
+    /// Print the settings as the Markdown table of relay/README.md instead.
+    #[arg(long)]
+    markdown: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,153 +119,21 @@ struct AccountRemoveArgs {
     file: AccountFileArg,
 }
 
-/// Every flag overrides the config file; each also reads a `WHISPEER_*` variable.
+/// Every setting is a flag and a `WHISPEER_*` variable too (see `generate-config`).
 #[derive(Debug, Args)]
 struct ServeArgs {
     /// TOML configuration file (see `generate-config`).
     #[arg(long, env = "WHISPEER_CONFIG")]
     config: Option<PathBuf>,
-    /// WebSocket listener, IP:PORT or "off".
-    #[arg(long, env = "WHISPEER_WS")]
-    ws: Option<ListenAddr>,
-    /// Length-prefixed TCP listener, IP:PORT or "off".
-    #[arg(long, env = "WHISPEER_TCP")]
-    tcp: Option<ListenAddr>,
-    /// WebSocket-over-TLS listener (needs --tls-cert/--tls-key).
-    #[arg(long, env = "WHISPEER_WSS")]
-    wss: Option<ListenAddr>,
-    /// TCP-over-TLS listener (needs --tls-cert/--tls-key).
-    #[arg(long, env = "WHISPEER_TLS")]
-    tls: Option<ListenAddr>,
-    /// Admin HTTP listener (/metrics, /status, /healthz).
-    #[arg(long, env = "WHISPEER_ADMIN")]
-    admin: Option<ListenAddr>,
-    /// PEM certificate chain for wss/tls.
-    #[arg(long, env = "WHISPEER_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key for wss/tls.
-    #[arg(long, env = "WHISPEER_TLS_KEY")]
-    tls_key: Option<PathBuf>,
-    /// Largest frame in bytes.
-    #[arg(long, env = "WHISPEER_MAX_FRAME")]
-    max_frame: Option<usize>,
-    /// Most concurrent connections.
-    #[arg(long, env = "WHISPEER_MAX_CONNECTIONS")]
-    max_connections: Option<usize>,
-    /// Most subscriptions per connection.
-    #[arg(long, env = "WHISPEER_MAX_SUBSCRIPTIONS")]
-    max_subscriptions: Option<usize>,
-    /// Most levels in a filter (1..=32).
-    #[arg(long, env = "WHISPEER_MAX_FILTER_DEPTH")]
-    max_filter_depth: Option<usize>,
-    /// Publishes per second per connection (0 = unlimited).
-    #[arg(long, env = "WHISPEER_PUBLISH_RATE")]
-    publish_rate: Option<u32>,
-    /// Publish burst per connection.
-    #[arg(long, env = "WHISPEER_PUBLISH_BURST")]
-    publish_burst: Option<u32>,
-    /// Most connections (handshakes included) from one source IP address.
-    #[arg(long, env = "WHISPEER_MAX_CONNECTIONS_PER_ADDR")]
-    max_connections_per_addr: Option<usize>,
-    /// Sub/Unsub requests per second per connection (0 = unlimited).
-    #[arg(long, env = "WHISPEER_SUB_RATE")]
-    sub_rate: Option<u32>,
-    /// Publishes per second shared by one source address (0 = unlimited).
-    #[arg(long, env = "WHISPEER_ADDR_PUBLISH_RATE")]
-    addr_publish_rate: Option<u32>,
-    /// Sub/Unsub requests per second shared by one source address (0 = unlimited).
-    #[arg(long, env = "WHISPEER_ADDR_SUB_RATE")]
-    addr_sub_rate: Option<u32>,
-    /// Ack frames per second per connection (0 = unlimited).
-    #[arg(long, env = "WHISPEER_ACK_RATE")]
-    ack_rate: Option<u32>,
-    /// Outbound queue bound per connection, in bytes of queued messages.
-    #[arg(long, env = "WHISPEER_QUEUE_MAX_BYTES")]
-    queue_max_bytes: Option<usize>,
-    /// Most bytes of unacknowledged envelopes per subscription.
-    #[arg(long, env = "WHISPEER_MAX_UNACKED_BYTES")]
-    max_unacked_bytes: Option<usize>,
-    /// Outbound queue capacity per connection, in messages.
-    #[arg(long, env = "WHISPEER_QUEUE_CAPACITY")]
-    queue_capacity: Option<usize>,
-    /// Slow-consumer policy: drop or disconnect.
-    #[arg(long, env = "WHISPEER_SLOW_CONSUMER")]
-    slow_consumer: Option<SlowConsumerPolicy>,
-    /// Milliseconds to finish the handshake and send Hello.
-    #[arg(long, env = "WHISPEER_HELLO_MS")]
-    hello_ms: Option<u64>,
-    /// Heartbeat interval announced to clients (and WebSocket ping interval).
-    #[arg(long, env = "WHISPEER_HEARTBEAT_MS")]
-    heartbeat_ms: Option<u64>,
-    /// Idle timeout in milliseconds.
-    #[arg(long, env = "WHISPEER_IDLE_MS")]
-    idle_ms: Option<u64>,
-    /// Drain deadline on shutdown, in milliseconds.
-    #[arg(long, env = "WHISPEER_DRAIN_MS")]
-    drain_ms: Option<u64>,
-    /// Log filter (RUST_LOG syntax); RUST_LOG is used when this is not set.
-    #[arg(long, env = "WHISPEER_LOG")]
-    log: Option<String>,
-    /// Log format: text or json.
-    #[arg(long, env = "WHISPEER_LOG_FORMAT")]
-    log_format: Option<LogFormat>,
-    /// Store: sqlite (durable file, default), memory, or none (live only).
-    #[arg(long, env = "WHISPEER_STORE")]
-    store: Option<StoreKind>,
-    /// The SQLite store file.
-    #[arg(long, env = "WHISPEER_STORE_PATH")]
-    store_path: Option<PathBuf>,
-    /// SQLite synchronous mode: full (fsync per commit) or normal.
-    #[arg(long, env = "WHISPEER_STORE_SYNC")]
-    store_sync: Option<SyncMode>,
-    /// Messages queued for the store writer; beyond, publishes get Err(busy) (retryable).
-    #[arg(long, env = "WHISPEER_STORE_QUEUE")]
-    store_queue: Option<usize>,
-    /// Most operations per store transaction.
-    #[arg(long, env = "WHISPEER_STORE_MAX_BATCH")]
-    store_max_batch: Option<usize>,
-    /// Retention per token path: most messages (0 = unlimited).
-    #[arg(long, env = "WHISPEER_RETENTION_MESSAGES")]
-    retention_messages: Option<u64>,
-    /// Retention per token path: most envelope bytes (0 = unlimited).
-    #[arg(long, env = "WHISPEER_RETENTION_BYTES")]
-    retention_bytes: Option<u64>,
-    /// Retention per token path: oldest message in milliseconds (0 = unlimited).
-    #[arg(long, env = "WHISPEER_RETENTION_AGE_MS")]
-    retention_age_ms: Option<u64>,
-    /// How long QoS 2 publish ids are remembered, in milliseconds.
-    #[arg(long, env = "WHISPEER_DEDUP_WINDOW_MS")]
-    dedup_window_ms: Option<u64>,
-    /// Most publish ids remembered for dedup.
-    #[arg(long, env = "WHISPEER_DEDUP_MAX")]
-    dedup_max: Option<usize>,
-    /// Unacknowledged QoS >= 1 deliveries are sent again after this many milliseconds.
-    #[arg(long, env = "WHISPEER_ACK_TIMEOUT_MS")]
-    ack_timeout_ms: Option<u64>,
-    /// Most unacknowledged messages per subscription.
-    #[arg(long, env = "WHISPEER_MAX_UNACKED")]
-    max_unacked: Option<usize>,
-    /// Relay accounts: off or required.
-    #[arg(long, env = "WHISPEER_AUTH")]
-    auth: Option<AuthMode>,
-    /// The account file (see `whispeer-relay account`).
-    #[arg(long, env = "WHISPEER_ACCOUNTS")]
-    accounts: Option<PathBuf>,
-    /// File of key-id claims and durable owners (default: beside the SQLite store).
-    #[arg(long, env = "WHISPEER_AUTH_STATE")]
-    auth_state: Option<PathBuf>,
-    /// Most key ids one group of accounts may claim.
-    #[arg(long, env = "WHISPEER_MAX_CLAIMS")]
-    max_claims: Option<usize>,
-    /// How often the account file is checked for changes, in milliseconds.
-    #[arg(long, env = "WHISPEER_ACCOUNTS_RELOAD_MS")]
-    accounts_reload_ms: Option<u64>,
-    /// Bearer token for the admin port (detail in /status; required off loopback).
-    #[arg(long, env = "WHISPEER_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
     /// Once listening, write the bound addresses here as JSON.
     #[arg(long, env = "WHISPEER_READY_FILE")]
     ready_file: Option<PathBuf>,
+    /// Print the effective configuration (defaults < file < env < flags) as TOML and exit
+    /// (the admin token redacted).
+    #[arg(long)]
+    print_config: bool,
+    #[command(flatten)]
+    settings: Overrides,
 }
 
 #[derive(Debug, Args)]
@@ -280,103 +153,28 @@ struct StatusArgs {
     admin_token: Option<String>,
 }
 
-impl ServeArgs {
-    fn into_config(self) -> Result<(Config, Option<PathBuf>)> {
-        let mut c = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::serve_default(),
-        };
-        // `serve` keeps messages in a durable SQLite file unless told otherwise.
-        c.store.kind.get_or_insert(StoreKind::Sqlite);
-        fn set<T>(slot: &mut T, v: Option<T>) {
-            if let Some(v) = v {
-                *slot = v;
-            }
-        }
-        set(&mut c.listen.ws, self.ws);
-        set(&mut c.listen.tcp, self.tcp);
-        set(&mut c.listen.wss, self.wss);
-        set(&mut c.listen.tls, self.tls);
-        set(&mut c.listen.admin, self.admin);
-        if self.tls_cert.is_some() {
-            c.tls.cert = self.tls_cert;
-        }
-        if self.tls_key.is_some() {
-            c.tls.key = self.tls_key;
-        }
-        set(&mut c.limits.max_frame, self.max_frame);
-        set(&mut c.limits.max_connections, self.max_connections);
-        set(&mut c.limits.max_subscriptions, self.max_subscriptions);
-        set(&mut c.limits.max_filter_depth, self.max_filter_depth);
-        set(&mut c.limits.publish_rate, self.publish_rate);
-        set(&mut c.limits.publish_burst, self.publish_burst);
-        set(
-            &mut c.limits.max_connections_per_addr,
-            self.max_connections_per_addr,
-        );
-        set(&mut c.limits.sub_rate, self.sub_rate);
-        set(&mut c.limits.ack_rate, self.ack_rate);
-        set(&mut c.limits.addr_publish_rate, self.addr_publish_rate);
-        set(&mut c.limits.addr_sub_rate, self.addr_sub_rate);
-        set(&mut c.queue.max_bytes, self.queue_max_bytes);
-        set(&mut c.delivery.max_unacked_bytes, self.max_unacked_bytes);
-        set(&mut c.queue.capacity, self.queue_capacity);
-        set(&mut c.queue.slow_consumer, self.slow_consumer);
-        set(&mut c.timeouts.hello_ms, self.hello_ms);
-        set(&mut c.timeouts.heartbeat_ms, self.heartbeat_ms);
-        set(&mut c.timeouts.idle_ms, self.idle_ms);
-        set(&mut c.timeouts.drain_ms, self.drain_ms);
-        let env_log = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty());
-        if let Some(f) = self.log.or(env_log) {
-            c.log.filter = f;
-        }
-        set(&mut c.log.format, self.log_format);
-        if self.store.is_some() {
-            c.store.kind = self.store;
-        }
-        set(&mut c.store.path, self.store_path);
-        set(&mut c.store.sync, self.store_sync);
-        set(&mut c.store.queue, self.store_queue);
-        set(&mut c.store.max_batch, self.store_max_batch);
-        set(&mut c.store.max_messages, self.retention_messages);
-        set(&mut c.store.max_bytes, self.retention_bytes);
-        set(&mut c.store.max_age_ms, self.retention_age_ms);
-        set(&mut c.store.dedup_window_ms, self.dedup_window_ms);
-        set(&mut c.store.dedup_max, self.dedup_max);
-        set(&mut c.delivery.ack_timeout_ms, self.ack_timeout_ms);
-        set(&mut c.delivery.max_unacked, self.max_unacked);
-        set(&mut c.auth.mode, self.auth);
-        if self.accounts.is_some() {
-            c.auth.accounts = self.accounts;
-        }
-        if self.auth_state.is_some() {
-            c.auth.state = self.auth_state;
-        }
-        set(&mut c.auth.max_claims_per_group, self.max_claims);
-        set(&mut c.auth.reload_ms, self.accounts_reload_ms);
-        if self.admin_token.is_some() {
-            c.auth.admin_token = self.admin_token;
-        }
-        // Claims and durable owners live beside a durable store unless placed elsewhere.
-        if c.auth.state.is_none() && c.store.kind == Some(StoreKind::Sqlite) {
-            let mut p = c.store.path.as_os_str().to_owned();
-            p.push(".auth");
-            c.auth.state = Some(PathBuf::from(p));
-        }
-        c.validate()?;
-        Ok((c, self.ready_file))
-    }
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::GenerateConfig => {
-            print!("{}", Config::commented_toml());
+        Command::GenerateConfig(a) => {
+            if a.markdown {
+                print!("{}", Config::settings_markdown());
+            } else {
+                print!("{}", Config::commented_toml());
+            }
             Ok(())
         }
         Command::Serve(args) => {
-            let (config, ready_file) = args.into_config()?;
+            let config = Config::for_serve(args.config.as_deref(), &args.settings)?;
+            let ready_file = args.ready_file;
+            if args.print_config {
+                let mut shown = config.clone();
+                if let Some(t) = &mut shown.auth.admin_token {
+                    *t = format!("<redacted, {} characters>", t.len());
+                }
+                print!("{}", toml::to_string(&shown)?);
+                return Ok(());
+            }
             logging::init(&config.log.filter, config.log.format).map_err(anyhow::Error::msg)?;
             warn_open_relay(&config);
             tokio::runtime::Builder::new_multi_thread()

@@ -83,7 +83,9 @@ pub struct Metrics {
     redelivered: AtomicU64,
     duplicate_publishes: AtomicU64,
     throttled: AtomicU64,
+    refusal_paused: AtomicU64,
     credit_pauses: AtomicU64,
+    credit_lost: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -110,7 +112,9 @@ impl Default for Metrics {
             redelivered: AtomicU64::new(0),
             duplicate_publishes: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
+            refusal_paused: AtomicU64::new(0),
             credit_pauses: AtomicU64::new(0),
+            credit_lost: AtomicU64::new(0),
         }
     }
 }
@@ -183,12 +187,21 @@ impl Metrics {
         self.error_sent(ErrorCode::SlowConsumer);
     }
     /// A connection's reads were paused by a rate limit.
+    /// A connection's reads were paused after a refused publish.
+    pub(crate) fn refusal_paused(&self) {
+        self.refusal_paused.fetch_add(1, Relaxed);
+    }
+
     pub(crate) fn throttled(&self) {
         self.throttled.fetch_add(1, Relaxed);
     }
     /// A subscription ran out of credit and its delivery paused.
     pub(crate) fn credit_paused(&self) {
         self.credit_pauses.fetch_add(1, Relaxed);
+    }
+    /// Messages a paused subscription skipped that the store does not keep (sent as `Gap`).
+    pub(crate) fn credit_lost(&self, n: u64) {
+        self.credit_lost.fetch_add(n, Relaxed);
     }
     pub(crate) fn rejected_by_plugin(&self) {
         self.rejected_by_plugin.fetch_add(1, Relaxed);
@@ -405,7 +418,7 @@ impl Metrics {
                 "whispeer_relay_connections_total{{transport=\"{k}\"}} {v}"
             );
         }
-        let counters: [(&str, &str, u64); 13] = [
+        let counters: [(&str, &str, u64); 15] = [
             (
                 "whispeer_relay_connections_rejected_total",
                 "Connections refused (connection limit, plugins).",
@@ -462,9 +475,19 @@ impl Metrics {
                 load(&self.throttled),
             ),
             (
+                "whispeer_relay_refusal_pauses_total",
+                "Times a connection's reads were paused after a refused publish (the pause doubles per refusal in a row).",
+                load(&self.refusal_paused),
+            ),
+            (
                 "whispeer_relay_credit_pauses_total",
                 "Times a QoS >= 1 subscription ran out of credit and its delivery paused.",
                 load(&self.credit_pauses),
+            ),
+            (
+                "whispeer_relay_credit_lost_total",
+                "QoS 0 messages a credit-paused subscription skipped that the store does not keep (reported to the client in a Gap).",
+                load(&self.credit_lost),
             ),
             (
                 "whispeer_relay_plugin_rejections_total",

@@ -7,11 +7,23 @@
 //! whole queue at once, which is what lets it coalesce many frames into one write.
 //!
 //! Only `Msg` frames count against the capacity (in messages and in bytes, whichever is
-//! reached first) and are subject to the slow-consumer policy; control frames (`SubOk`, `Pong`, `Err`, …) are never dropped, but a client that
-//! provokes more than `capacity` of them without reading is disconnected.
+//! reached first) and are subject to the slow-consumer policy; control frames (`SubOk`,
+//! `Pong`, `Err`, …) are never dropped, but a client that provokes more than `capacity` of
+//! them without reading is disconnected.
+//!
+//! All queues share one relay-wide [`Budget`] of message bytes, counted from queueing until
+//! the writer has written them (the batch a writer holds while a non-reading peer blocks
+//! its socket counts too). Over the budget, a connection holding more than its fair share
+//! (budget / connections with bytes queued) — the slowest consumers — gets no more QoS 0
+//! messages: each one not queued is counted and reported to it in a `Gap`. Its QoS ≥ 1
+//! subscriptions are never dropped from: the router pauses them as if out of credit
+//! ([`Outbound::over_budget`]), their messages wait in the store, and the catch-up sends
+//! them once the connection is back within its share ([`Outbound::wait_room`]).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
@@ -19,6 +31,87 @@ use whispeer_protocol::frame::ErrFrame;
 use whispeer_protocol::{codec, ErrorCode, Frame};
 
 use crate::config::SlowConsumerPolicy;
+
+/// The relay-wide budget of queued outbound message bytes (`queue.total_max_bytes`).
+#[derive(Debug)]
+pub(crate) struct Budget {
+    max: usize,
+    /// Message bytes queued or being written, all connections.
+    used: AtomicUsize,
+    /// Connections with message bytes queued or being written.
+    busy: AtomicUsize,
+    /// QoS 0 messages not queued because of the budget.
+    dropped: AtomicU64,
+    /// QoS >= 1 subscriptions paused because of the budget (their messages wait in the
+    /// store).
+    paused: AtomicU64,
+}
+
+impl Budget {
+    /// `max` bytes for all connections together (0 = unlimited).
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            max: if max == 0 { usize::MAX } else { max },
+            used: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+            paused: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether `len` more bytes on a connection holding `held` would exceed both the budget
+    /// and the connection's fair share of it.
+    fn refuses(&self, held: usize, len: usize) -> bool {
+        if self.used.load(Relaxed).saturating_add(len) <= self.max {
+            return false;
+        }
+        let share = self.max / self.busy.load(Relaxed).max(1);
+        held > 0 && held + len > share
+    }
+
+    fn add(&self, held_before: usize, len: usize) {
+        self.used.fetch_add(len, Relaxed);
+        if held_before == 0 && len > 0 {
+            self.busy.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn sub(&self, held_after: usize, len: usize) {
+        if len == 0 {
+            return;
+        }
+        self.used.fetch_sub(len, Relaxed);
+        if held_after == 0 {
+            self.busy.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Message bytes queued or being written, all connections.
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Relaxed)
+    }
+
+    /// The budget's Prometheus lines.
+    pub(crate) fn render_prometheus(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "# HELP whispeer_relay_outbound_bytes Message bytes queued for clients or being written, all connections.\n\
+             # TYPE whispeer_relay_outbound_bytes gauge\n\
+             whispeer_relay_outbound_bytes {}\n\
+             # HELP whispeer_relay_outbound_budget_dropped_total QoS 0 messages not queued for a slow connection because the relay-wide outbound budget was exhausted (reported in a Gap).\n\
+             # TYPE whispeer_relay_outbound_budget_dropped_total counter\n\
+             whispeer_relay_outbound_budget_dropped_total {}\n\
+             # HELP whispeer_relay_outbound_budget_pauses_total QoS >= 1 subscriptions paused because the relay-wide outbound budget was exhausted (their messages wait in the store).\n\
+             # TYPE whispeer_relay_outbound_budget_pauses_total counter\n\
+             whispeer_relay_outbound_budget_pauses_total {}",
+            self.used(),
+            self.dropped.load(Relaxed),
+            self.paused.load(Relaxed)
+        );
+        o
+    }
+}
 
 #[derive(Debug)]
 struct Item {
@@ -32,6 +125,8 @@ struct State {
     msgs: usize,
     /// Bytes of the queued `Msg` frames.
     msg_bytes: usize,
+    /// Bytes of `Msg` frames the writer took and has not finished writing.
+    inflight: usize,
     controls: usize,
     /// Messages dropped since the writer last took a batch (becomes a `Gap` frame).
     dropped: u64,
@@ -50,6 +145,9 @@ pub(crate) enum Offer {
     Disconnected,
     /// The connection is already closing; the message was not queued.
     Closed,
+    /// Not queued: the relay-wide budget is exhausted and this connection holds more than
+    /// its share (counted; the client gets a `Gap`).
+    OverBudget,
 }
 
 /// What the writer found when it took a batch.
@@ -59,6 +157,8 @@ pub(crate) struct Batch {
     pub(crate) dropped: u64,
     /// The queue is closing and this batch emptied it: write it, then close the transport.
     pub(crate) last: bool,
+    /// Message bytes in the batch: give them back with [`Outbound::written`].
+    pub(crate) msg_bytes: usize,
 }
 
 /// A connection's outbound queue.
@@ -72,6 +172,7 @@ pub(crate) struct Outbound {
     closing: watch::Sender<bool>,
     /// Notified whenever the writer takes a batch (history senders wait for room).
     drained: Notify,
+    budget: Arc<Budget>,
 }
 
 fn fatal_err(code: ErrorCode, message: &str) -> Bytes {
@@ -84,8 +185,19 @@ fn fatal_err(code: ErrorCode, message: &str) -> Bytes {
     }))
 }
 
+impl State {
+    fn held(&self) -> usize {
+        self.msg_bytes + self.inflight
+    }
+}
+
 impl Outbound {
-    pub(crate) fn new(capacity: usize, max_bytes: usize, policy: SlowConsumerPolicy) -> Self {
+    pub(crate) fn new(
+        capacity: usize,
+        max_bytes: usize,
+        policy: SlowConsumerPolicy,
+        budget: Arc<Budget>,
+    ) -> Self {
         Self {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
@@ -94,6 +206,7 @@ impl Outbound {
             policy,
             closing: watch::Sender::new(false),
             drained: Notify::new(),
+            budget,
         }
     }
 
@@ -108,11 +221,17 @@ impl Outbound {
         self.capacity
     }
 
-    /// Offers a message frame (prefixed). Never blocks.
-    pub(crate) fn offer_msg(&self, frame: &Bytes) -> Offer {
+    /// Offers a message frame (prefixed). Never blocks. `droppable`: a QoS 0 delivery, which
+    /// the relay-wide budget may refuse for a slow connection (counted, `Gap`).
+    pub(crate) fn offer_msg(&self, frame: &Bytes, droppable: bool) -> Offer {
         let mut s = self.lock();
         if s.closing {
             return Offer::Closed;
+        }
+        if droppable && self.budget.refuses(s.held(), frame.len()) {
+            s.dropped += 1;
+            self.budget.dropped.fetch_add(1, Relaxed);
+            return Offer::OverBudget;
         }
         let mut outcome = Offer::Queued;
         let full = |s: &State| {
@@ -129,6 +248,7 @@ impl Outbound {
                         if let Some(it) = s.items.remove(i) {
                             s.msgs -= 1;
                             s.msg_bytes -= it.frame.len();
+                            self.budget.sub(s.held(), it.frame.len());
                         }
                         s.dropped += 1;
                     }
@@ -153,12 +273,29 @@ impl Outbound {
             is_msg: true,
         });
         s.msgs += 1;
+        self.budget.add(s.held(), frame.len());
         s.msg_bytes += frame.len();
         drop(s);
         if was_empty {
             self.notify.notify_one();
         }
         outcome
+    }
+
+    /// Whether a message of `len` bytes would go over the relay-wide budget while this
+    /// connection holds more than its share (a QoS >= 1 delivery then waits in the store).
+    pub(crate) fn over_budget(&self, len: usize) -> bool {
+        // The common case, within the budget, takes no lock.
+        if self.budget.used.load(Relaxed).saturating_add(len) <= self.budget.max {
+            return false;
+        }
+        let held = self.lock().held();
+        self.budget.refuses(held, len)
+    }
+
+    /// Counts a QoS >= 1 subscription paused by the budget.
+    pub(crate) fn count_budget_pause(&self) {
+        self.budget.paused.fetch_add(1, Relaxed);
     }
 
     /// Queues a history message (prefixed) regardless of the capacity: the history sender
@@ -169,6 +306,7 @@ impl Outbound {
             return Offer::Closed;
         }
         let was_empty = s.items.is_empty();
+        self.budget.add(s.held(), frame.len());
         s.msg_bytes += frame.len();
         s.items.push_back(Item {
             frame,
@@ -182,16 +320,32 @@ impl Outbound {
         Offer::Queued
     }
 
-    /// Waits until at most half the capacity (messages and bytes) is queued (or the queue is
-    /// closing).
+    /// Waits until at most half the capacity (messages and bytes) is queued and the
+    /// connection is not over its share of the relay-wide budget (or the queue is closing).
     pub(crate) async fn wait_room(&self) {
+        self.wait_until(|s| {
+            s.msgs <= self.capacity / 2
+                && s.msg_bytes <= self.max_bytes / 2
+                && !self.budget.refuses(s.held(), 0)
+        })
+        .await
+    }
+
+    /// Waits until `len` more bytes fit the connection's share of the relay-wide budget
+    /// (always once nothing is queued or being written), or the queue is closing.
+    pub(crate) async fn wait_budget(&self, len: usize) {
+        self.wait_until(|s| !self.budget.refuses(s.held(), len))
+            .await
+    }
+
+    async fn wait_until(&self, ready: impl Fn(&State) -> bool) {
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
             {
                 let s = self.lock();
-                if s.closing || (s.msgs <= self.capacity / 2 && s.msg_bytes <= self.max_bytes / 2) {
+                if s.closing || ready(&s) {
                     return;
                 }
             }
@@ -261,7 +415,8 @@ impl Outbound {
         if discard_msgs {
             s.items.retain(|it| !it.is_msg);
             s.msgs = 0;
-            s.msg_bytes = 0;
+            let freed = std::mem::take(&mut s.msg_bytes);
+            self.budget.sub(s.held(), freed);
             s.dropped = 0;
         }
         if let Some(frame) = last {
@@ -291,13 +446,28 @@ impl Outbound {
         let mut s = self.lock();
         into.extend(s.items.drain(..).map(|it| it.frame));
         s.msgs = 0;
-        s.msg_bytes = 0;
+        let msg_bytes = std::mem::take(&mut s.msg_bytes);
+        s.inflight += msg_bytes;
         s.controls = 0;
         let dropped = std::mem::take(&mut s.dropped);
         let last = s.closing;
         drop(s);
         self.drained.notify_waiters();
-        Batch { dropped, last }
+        Batch {
+            dropped,
+            last,
+            msg_bytes,
+        }
+    }
+
+    /// The writer finished writing (or gave up on) a batch of `msg_bytes` message bytes.
+    pub(crate) fn written(&self, msg_bytes: usize) {
+        let mut s = self.lock();
+        let n = msg_bytes.min(s.inflight);
+        s.inflight -= n;
+        self.budget.sub(s.held(), n);
+        drop(s);
+        self.drained.notify_waiters();
     }
 
     /// Waits until something may have been queued (or closing began).
@@ -312,9 +482,54 @@ impl Outbound {
     }
 }
 
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        let s = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        let held = s.held();
+        self.budget.sub(0, held);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn queue(capacity: usize, max_bytes: usize, policy: SlowConsumerPolicy) -> Outbound {
+        Outbound::new(capacity, max_bytes, policy, Arc::new(Budget::new(0)))
+    }
+
+    #[test]
+    fn the_relay_budget_refuses_qos0_to_the_slowest_and_frees_on_write() {
+        let budget = Arc::new(Budget::new(100));
+        let q = |_| Outbound::new(1000, 1000, SlowConsumerPolicy::Drop, budget.clone());
+        let (slow, fast) = (q(0), q(1));
+        let m = |len: usize| Bytes::from(vec![0; len]);
+        for _ in 0..9 {
+            assert_eq!(slow.offer_msg(&m(10), true), Offer::Queued);
+        }
+        assert_eq!(fast.offer_msg(&m(10), true), Offer::Queued);
+        assert_eq!(budget.used(), 100);
+        // Over budget: the slow connection (90 bytes, share 50) gets no more QoS 0 ...
+        assert_eq!(slow.offer_msg(&m(10), true), Offer::OverBudget);
+        // ... while QoS >= 1 deliveries are still queued (credit bounds them).
+        assert_eq!(slow.offer_msg(&m(10), false), Offer::Queued);
+        // The fast one (10 bytes, under its share) still gets messages.
+        assert_eq!(fast.offer_msg(&m(10), true), Offer::Queued);
+        // A batch taken by the writer still counts until it is written.
+        let mut out = Vec::new();
+        let b = slow.take(&mut out);
+        assert_eq!(b.dropped, 1, "the refused message becomes a Gap");
+        assert_eq!(budget.used(), 120);
+        slow.written(b.msg_bytes);
+        assert_eq!(budget.used(), 20);
+        assert_eq!(slow.offer_msg(&m(10), true), Offer::Queued);
+        drop(fast);
+        assert_eq!(
+            budget.used(),
+            10,
+            "a closed connection gives its bytes back"
+        );
+    }
 
     fn b(n: u8) -> Bytes {
         Bytes::from(vec![n])
@@ -322,11 +537,11 @@ mod tests {
 
     #[test]
     fn drop_policy_drops_oldest_message_and_counts() {
-        let q = Outbound::new(2, usize::MAX, SlowConsumerPolicy::Drop);
+        let q = queue(2, usize::MAX, SlowConsumerPolicy::Drop);
         assert_eq!(q.push_control(b(0)), Offer::Queued);
-        assert_eq!(q.offer_msg(&b(1)), Offer::Queued);
-        assert_eq!(q.offer_msg(&b(2)), Offer::Queued);
-        assert_eq!(q.offer_msg(&b(3)), Offer::DroppedOldest);
+        assert_eq!(q.offer_msg(&b(1), true), Offer::Queued);
+        assert_eq!(q.offer_msg(&b(2), true), Offer::Queued);
+        assert_eq!(q.offer_msg(&b(3), true), Offer::DroppedOldest);
         let mut out = Vec::new();
         let batch = q.take(&mut out);
         assert_eq!(batch.dropped, 1);
@@ -336,13 +551,13 @@ mod tests {
 
     #[test]
     fn byte_bound_drops_oldest_until_the_new_message_fits() {
-        let q = Outbound::new(100, 10, SlowConsumerPolicy::Drop);
+        let q = queue(100, 10, SlowConsumerPolicy::Drop);
         let m = |n: u8, len: usize| Bytes::from(vec![n; len]);
-        assert_eq!(q.offer_msg(&m(1, 4)), Offer::Queued);
-        assert_eq!(q.offer_msg(&m(2, 4)), Offer::Queued);
-        assert_eq!(q.offer_msg(&m(3, 6)), Offer::DroppedOldest);
+        assert_eq!(q.offer_msg(&m(1, 4), true), Offer::Queued);
+        assert_eq!(q.offer_msg(&m(2, 4), true), Offer::Queued);
+        assert_eq!(q.offer_msg(&m(3, 6), true), Offer::DroppedOldest);
         // A message larger than the bound alone is still queued (never starved).
-        assert_eq!(q.offer_msg(&m(4, 20)), Offer::DroppedOldest);
+        assert_eq!(q.offer_msg(&m(4, 20), true), Offer::DroppedOldest);
         let mut out = Vec::new();
         assert_eq!(q.take(&mut out).dropped, 3);
         assert_eq!(out, vec![m(4, 20)]);
@@ -350,12 +565,12 @@ mod tests {
 
     #[test]
     fn disconnect_policy_discards_messages_and_closes() {
-        let q = Outbound::new(1, usize::MAX, SlowConsumerPolicy::Disconnect);
+        let q = queue(1, usize::MAX, SlowConsumerPolicy::Disconnect);
         q.push_control(b(0));
-        q.offer_msg(&b(1));
-        assert_eq!(q.offer_msg(&b(2)), Offer::Disconnected);
+        q.offer_msg(&b(1), true);
+        assert_eq!(q.offer_msg(&b(2), true), Offer::Disconnected);
         assert!(q.is_closing());
-        assert_eq!(q.offer_msg(&b(3)), Offer::Closed);
+        assert_eq!(q.offer_msg(&b(3), true), Offer::Closed);
         let mut out = Vec::new();
         assert!(q.take(&mut out).last);
         assert_eq!(out.len(), 2);

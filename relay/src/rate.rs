@@ -1,5 +1,6 @@
-//! Rate limits by backpressure: token buckets per connection and per source address, and
-//! the per-address connection table (connections and handshakes in progress).
+//! Rate limits by backpressure: token buckets per connection, per source address and per
+//! relay account, and the per-address connection table (connections and handshakes in
+//! progress).
 //!
 //! A client over its rate is never disconnected: the bucket goes into debt by one token and
 //! the connection's reader pauses until the debt is repaid (see `conn::read_loop`), so a
@@ -69,19 +70,91 @@ impl TokenBucket {
     }
 }
 
-/// Rates shared by every connection from one source address.
+/// What a request is charged to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `Pub`.
+    Publish,
+    /// `Sub` / `Unsub`.
+    Sub,
+    /// `Ack`.
+    Ack,
+}
+
+/// `(rate, burst)` of each kind of request, for a bucket set shared by many connections.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct AddrRates {
+pub(crate) struct Rates {
     pub(crate) publish: (u32, u32),
     pub(crate) sub: (u32, u32),
+    pub(crate) ack: (u32, u32),
+}
+
+/// One bucket per kind of request.
+#[derive(Debug)]
+pub(crate) struct Buckets {
+    publish: TokenBucket,
+    sub: TokenBucket,
+    ack: TokenBucket,
+}
+
+impl Buckets {
+    pub(crate) fn new(r: Rates, now: Instant) -> Self {
+        Self {
+            publish: TokenBucket::new(r.publish.0, r.publish.1, now),
+            sub: TokenBucket::new(r.sub.0, r.sub.1, now),
+            ack: TokenBucket::new(r.ack.0, r.ack.1, now),
+        }
+    }
+
+    /// Charges `n` requests of `kind`; the pause that repays the debt, if any.
+    pub(crate) fn take(&mut self, kind: Kind, n: f64, now: Instant) -> Option<Duration> {
+        match kind {
+            Kind::Publish => self.publish.take(n, now),
+            Kind::Sub => self.sub.take(n, now),
+            Kind::Ack => self.ack.take(n, now),
+        }
+    }
+
+    fn is_full(&self, now: Instant) -> bool {
+        self.publish.is_full(now) && self.sub.is_full(now) && self.ack.is_full(now)
+    }
+}
+
+/// Rate buckets shared by every connection of one relay account (auth on), so an account's
+/// many connections share one budget. Accounts are listed by the operator, so the table is
+/// bounded by the account list.
+#[derive(Debug)]
+pub(crate) struct AccountRates {
+    rates: Rates,
+    by_account: Mutex<HashMap<String, Buckets>>,
+}
+
+impl AccountRates {
+    pub(crate) fn new(rates: Rates) -> Self {
+        Self {
+            rates,
+            by_account: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Charges `n` requests of `kind` to `account`.
+    pub(crate) fn take(&self, account: &str, kind: Kind, n: f64, now: Instant) -> Option<Duration> {
+        let mut m = self.by_account.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = m.get_mut(account) {
+            return b.take(kind, n, now);
+        }
+        let mut b = Buckets::new(self.rates, now);
+        let wait = b.take(kind, n, now);
+        m.insert(account.to_owned(), b);
+        wait
+    }
 }
 
 #[derive(Debug)]
 struct AddrEntry {
     /// Connections open or in their handshake from this address.
     conns: usize,
-    publish: TokenBucket,
-    request: TokenBucket,
+    buckets: Buckets,
 }
 
 #[derive(Debug, Default)]
@@ -96,7 +169,7 @@ struct AddrState {
 #[derive(Debug)]
 pub(crate) struct AddrTable {
     state: Mutex<AddrState>,
-    rates: AddrRates,
+    rates: Rates,
     per_addr: usize,
     global: usize,
 }
@@ -111,7 +184,7 @@ pub(crate) enum Refusal {
 }
 
 impl AddrTable {
-    pub(crate) fn new(rates: AddrRates, per_addr: usize, global: usize) -> Self {
+    pub(crate) fn new(rates: Rates, per_addr: usize, global: usize) -> Self {
         Self {
             state: Mutex::new(AddrState::default()),
             rates,
@@ -134,13 +207,12 @@ impl AddrTable {
         }
         if s.by_addr.len() >= 4096 && !s.by_addr.contains_key(&ip) {
             s.by_addr
-                .retain(|_, e| e.conns > 0 || !(e.publish.is_full(now) && e.request.is_full(now)));
+                .retain(|_, e| e.conns > 0 || !e.buckets.is_full(now));
         }
         let rates = self.rates;
         let e = s.by_addr.entry(ip).or_insert_with(|| AddrEntry {
             conns: 0,
-            publish: TokenBucket::new(rates.publish.0, rates.publish.1, now),
-            request: TokenBucket::new(rates.sub.0, rates.sub.1, now),
+            buckets: Buckets::new(rates, now),
         });
         if e.conns >= self.per_addr {
             return Err(Refusal::PerAddr(self.per_addr));
@@ -153,15 +225,10 @@ impl AddrTable {
         })
     }
 
-    /// Charges `n` publishes (`request == false`) or requests to the address's bucket.
-    fn take(&self, ip: IpAddr, request: bool, n: f64, now: Instant) -> Option<Duration> {
+    /// Charges `n` requests of `kind` to the address's bucket.
+    fn take(&self, ip: IpAddr, kind: Kind, n: f64, now: Instant) -> Option<Duration> {
         let mut s = self.lock();
-        let e = s.by_addr.get_mut(&ip)?;
-        if request {
-            e.request.take(n, now)
-        } else {
-            e.publish.take(n, now)
-        }
+        s.by_addr.get_mut(&ip)?.buckets.take(kind, n, now)
     }
 
     fn release(&self, ip: IpAddr) {
@@ -170,7 +237,7 @@ impl AddrTable {
         s.total = s.total.saturating_sub(1);
         if let Some(e) = s.by_addr.get_mut(&ip) {
             e.conns = e.conns.saturating_sub(1);
-            if e.conns == 0 && e.publish.is_full(now) && e.request.is_full(now) {
+            if e.conns == 0 && e.buckets.is_full(now) {
                 s.by_addr.remove(&ip);
             }
         }
@@ -191,14 +258,9 @@ pub(crate) struct AddrSlot {
 }
 
 impl AddrSlot {
-    /// Charges publishes to the address.
-    pub(crate) fn take_publish(&self, n: f64, now: Instant) -> Option<Duration> {
-        self.table.take(self.ip, false, n, now)
-    }
-
-    /// Charges `Sub`/`Unsub`/`Ack` requests to the address.
-    pub(crate) fn take_request(&self, n: f64, now: Instant) -> Option<Duration> {
-        self.table.take(self.ip, true, n, now)
+    /// Charges `n` requests of `kind` to the address.
+    pub(crate) fn take(&self, kind: Kind, n: f64, now: Instant) -> Option<Duration> {
+        self.table.take(self.ip, kind, n, now)
     }
 }
 
@@ -239,10 +301,31 @@ mod tests {
     }
 
     #[test]
+    fn an_account_shares_one_budget_per_kind() {
+        let t0 = Instant::now();
+        let a = AccountRates::new(Rates {
+            publish: (10, 2),
+            sub: (0, 0),
+            ack: (10, 1),
+        });
+        assert_eq!(a.take("alice", Kind::Publish, 2.0, t0), None);
+        // Another connection of alice's shares the empty bucket; bob has his own.
+        assert_eq!(
+            a.take("alice", Kind::Publish, 1.0, t0),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(a.take("bob", Kind::Publish, 2.0, t0), None);
+        assert_eq!(a.take("alice", Kind::Sub, 1e6, t0), None, "0 = unlimited");
+        assert_eq!(a.take("alice", Kind::Ack, 1.0, t0), None);
+        assert!(a.take("alice", Kind::Ack, 1.0, t0).is_some());
+    }
+
+    #[test]
     fn addresses_are_capped_and_counted_until_released() {
-        let rates = AddrRates {
+        let rates = Rates {
             publish: (0, 0),
             sub: (0, 0),
+            ack: (0, 0),
         };
         let t = Arc::new(AddrTable::new(rates, 2, 3));
         let a: IpAddr = "10.0.0.1".parse().unwrap();

@@ -21,7 +21,7 @@ use crate::ids::{ConnId, TransportKind};
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
 use crate::plugin::{LoggingPlugin, MetricsPlugin, Plugin, Plugins};
-use crate::rate::{AddrRates, AddrSlot, AddrTable, Refusal};
+use crate::rate::{AccountRates, AddrSlot, AddrTable, Rates, Refusal};
 use crate::router::Router;
 use crate::store::{DurableKey, Store};
 use crate::transport::channel::{ChannelSink, ChannelSource};
@@ -113,6 +113,10 @@ pub(crate) struct Shared {
     pub(crate) active_durables: Mutex<std::collections::HashSet<DurableKey>>,
     /// Connections and handshakes per source address, and per-address rate buckets.
     pub(crate) addr_table: Arc<AddrTable>,
+    /// Rate buckets per relay account.
+    pub(crate) account_rates: AccountRates,
+    /// The relay-wide budget of queued outbound message bytes.
+    pub(crate) budget: Arc<crate::outbound::Budget>,
 }
 
 impl Shared {
@@ -277,9 +281,10 @@ impl RelayBuilder {
         let addrs = self.listeners.addrs();
         let l = &self.config.limits;
         let addr_table = Arc::new(AddrTable::new(
-            AddrRates {
+            Rates {
                 publish: (l.addr_publish_rate, l.addr_publish_burst),
                 sub: (l.addr_sub_rate, l.addr_sub_burst),
+                ack: (l.addr_ack_rate, l.addr_ack_burst),
             },
             l.max_connections_per_addr,
             l.max_connections,
@@ -288,7 +293,16 @@ impl RelayBuilder {
         let accounts = Arc::new(
             crate::accounts::Accounts::open(&self.config.auth).map_err(RelayError::Accounts)?,
         );
+        let account_rates = AccountRates::new(Rates {
+            publish: (l.account_publish_rate, l.account_publish_burst),
+            sub: (l.account_sub_rate, l.account_sub_burst),
+            ack: (l.account_ack_rate, l.account_ack_burst),
+        });
         let shared = Arc::new(Shared {
+            budget: Arc::new(crate::outbound::Budget::new(
+                self.config.queue.total_max_bytes,
+            )),
+            account_rates,
             accounts,
             router: Router::new(store, metrics.clone()),
             config: self.config,

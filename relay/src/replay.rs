@@ -71,9 +71,7 @@ pub(crate) async fn retained(
         rx.await
             .map_err(|_| StoreError::Unavailable("store closed".into()))??;
         let (store, pattern) = (store.clone(), pattern.clone());
-        tokio::task::spawn_blocking(move || store.retained(&pattern, boundary))
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        crate::store::read_off_runtime(move || store.retained(&pattern, boundary)).await
     };
     match read.await {
         Ok(values) => {
@@ -120,9 +118,7 @@ async fn send(
     let pattern = Arc::new(pattern);
     let plan = {
         let (store, pattern) = (store.clone(), pattern.clone());
-        tokio::task::spawn_blocking(move || store.plan(&pattern, replay, boundary))
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))??
+        crate::store::read_off_runtime(move || store.plan(&pattern, replay, boundary)).await?
     };
     let plan = Arc::new(plan);
     let mut from = plan.start;
@@ -133,9 +129,8 @@ async fn send(
         }
         let chunk = {
             let (store, pattern, plan) = (store.clone(), pattern.clone(), plan.clone());
-            tokio::task::spawn_blocking(move || store.read(&pattern, &plan, from, boundary))
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))??
+            crate::store::read_off_runtime(move || store.read(&pattern, &plan, from, boundary))
+                .await?
         };
         let n = chunk.msgs.len() as u64;
         for m in chunk.msgs {

@@ -46,7 +46,8 @@ pub(crate) fn msg_frame(seq: u64, envelope: &Envelope, flags: u64) -> Bytes {
 
 #[derive(Debug, Default)]
 struct Gate {
-    buf: VecDeque<(u64, Envelope, Bytes)>,
+    /// Live messages held back: sequence, envelope, `Msg` frame, kept in history.
+    buf: VecDeque<(u64, Envelope, Bytes, bool)>,
     dropped: u64,
 }
 
@@ -187,21 +188,26 @@ impl Router {
                     gate.dropped = 0;
                 }
                 let n = gate.buf.len().min(step);
-                let last = gate.buf.back().map_or(0, |(seq, _, _)| *seq);
+                let last = gate.buf.back().map_or(0, |(seq, ..)| *seq);
                 let now = Instant::now();
                 let mut paused = false;
-                for (seq, env, frame) in gate.buf.drain(..n) {
-                    // Out of credit: the rest waits in the store; the ack that frees
-                    // credit starts the catch-up (see `flow`).
+                let mut sent = 0;
+                for (seq, env, frame, _) in gate.buf.iter().take(n) {
+                    // Out of credit: the rest waits in the store (what the store does not
+                    // keep is counted and reported with a Gap when delivery resumes); the
+                    // ack that frees credit starts the catch-up (see `flow`).
                     if let Some(t) = &target.track {
-                        if !t.deliver_or_pause(seq, &env, last, now) {
+                        let unstored = || gate.buf.iter().skip(sent).filter(|m| !m.3).count();
+                        if !t.deliver_or_pause(*seq, env, last, unstored() as u64, now) {
                             self.metrics.credit_paused();
                             paused = true;
                             break;
                         }
                     }
-                    target.out.push_history(frame);
+                    target.out.push_history(frame.clone());
+                    sent += 1;
                 }
+                gate.buf.drain(..sent);
                 if paused {
                     gate.buf.clear();
                 }
@@ -223,12 +229,22 @@ impl Router {
 
     /// A paused subscription's catch-up has sent everything up to `upto`: under the routing
     /// lock, resumes live delivery unless a later message was skipped meanwhile.
+    /// Messages the store did not keep, skipped while paused, are reported with a `Gap`.
     pub(crate) fn resume_live(&self, target: &Target, upto: u64) -> bool {
         let _core = self.lock();
-        target
-            .track
-            .as_ref()
-            .is_none_or(|t| t.resume_if_caught_up(upto))
+        let Some(t) = &target.track else {
+            return true;
+        };
+        match t.resume_if_caught_up(upto) {
+            None => false,
+            Some(lost) => {
+                if lost > 0 {
+                    target.out.add_dropped(lost);
+                    self.metrics.credit_lost(lost);
+                }
+                true
+            }
+        }
     }
 
     /// Removes one subscription; returns whether it existed.
@@ -282,8 +298,10 @@ impl Router {
             publish_id,
             tenant,
         })?;
-        let Accepted::New(seq) = accepted else {
-            return Ok(accepted);
+        let (seq, stored) = match accepted {
+            Accepted::New(seq) => (seq, true),
+            Accepted::Live(seq) => (seq, false),
+            Accepted::Duplicate(_) => return Ok(accepted),
         };
         let frame = msg_frame(seq.0, envelope, 0);
         let mut targets: Vec<&Arc<Target>> = Vec::new();
@@ -301,16 +319,23 @@ impl Router {
                         gate.buf.pop_front();
                         gate.dropped += 1;
                     }
-                    gate.buf.push_back((seq.0, envelope.clone(), frame.clone()));
+                    gate.buf
+                        .push_back((seq.0, envelope.clone(), frame.clone(), stored));
                     continue;
                 }
             }
             if let Some(tr) = &t.track {
-                // Without credit the message waits in the store (see `flow`).
-                match tr.deliver_live(seq.0, envelope, start) {
+                // Without credit, or over the relay-wide outbound budget, the message
+                // waits in the store (see `flow`).
+                let room = !t.out.over_budget(frame.len());
+                match tr.deliver_live(seq.0, envelope, stored, room, start) {
                     Delivery::Send => {}
                     Delivery::Paused => {
-                        self.metrics.credit_paused();
+                        if room {
+                            self.metrics.credit_paused();
+                        } else {
+                            t.out.count_budget_pause();
+                        }
                         continue;
                     }
                     Delivery::Skipped => continue,
@@ -320,14 +345,15 @@ impl Router {
                 continue;
             }
             last_conn = Some(t.conn);
-            match t.out.offer_msg(&frame) {
+            // QoS 0 may be refused by the relay-wide budget; QoS >= 1 is bounded by credit.
+            match t.out.offer_msg(&frame, t.track.is_none()) {
                 Offer::Queued => delivered += 1,
                 Offer::DroppedOldest => {
                     delivered += 1;
                     dropped += 1;
                 }
                 Offer::Disconnected => self.metrics.slow_consumer_disconnect(),
-                Offer::Closed => {}
+                Offer::Closed | Offer::OverBudget => {}
             }
         }
         drop(targets);

@@ -21,7 +21,7 @@ use crate::accounts::{owner_of_secret, Refusal, Right, Rights};
 use crate::ids::{ConnId, SubId, TransportKind};
 use crate::outbound::{Offer, Outbound};
 use crate::plugin::{ConnectInfo, DisconnectInfo, PublishInfo, SubscribeInfo};
-use crate::rate::{AddrSlot, TokenBucket};
+use crate::rate::{AddrSlot, Kind, TokenBucket};
 use crate::relay::Shared;
 use crate::router::{msg_frame, SubStart, Target, Tracking};
 use crate::store::{Accepted, DurableKey, Tenant};
@@ -37,6 +37,10 @@ pub(crate) enum Flow {
 }
 
 /// The relay's software name in `Welcome`.
+/// The pause after the first refused publish in a row; it doubles per further refusal.
+const REFUSAL_PAUSE: Duration = Duration::from_micros(500);
+/// Doublings of [`REFUSAL_PAUSE`] at most (0.5 ms × 2^10 ≈ 0.5 s).
+const MAX_REFUSAL_DOUBLINGS: u32 = 11;
 const RELAY_NAME: &str = concat!("whispeer-relay/", env!("CARGO_PKG_VERSION"));
 
 /// Maps a frame decoding failure to the error code the client is told.
@@ -91,6 +95,9 @@ pub(crate) struct Session {
     slot: Option<AddrSlot>,
     /// Over a rate: the reader pauses until then.
     pause: Option<Instant>,
+    /// Publishes refused in a row (store busy or full, quota, rights): each one pauses the
+    /// reader longer, so a client that ignores refusals cannot keep the relay busy refusing.
+    refused_in_a_row: u32,
     reason: String,
     finished: bool,
     /// Whose store quota this connection's writes count against (the source address; the
@@ -104,6 +111,8 @@ pub(crate) struct Session {
     /// The authenticated relay account (by name: its rights are looked up at each use, so
     /// an edit of the account list applies at once).
     account: Option<String>,
+    /// A `Sub` or `Pub` held until the auth-state line it needs is on disk.
+    deferred: Option<(u64, Frame)>,
 }
 
 #[derive(Debug)]
@@ -146,12 +155,14 @@ impl Session {
             ack_bucket,
             slot,
             pause: None,
+            refused_in_a_row: 0,
             reason: String::from("open"),
             finished: false,
             tenant: Tenant::from_peer(peer),
             hello_seen: false,
             challenge: None,
             account: None,
+            deferred: None,
         }
     }
 
@@ -249,13 +260,22 @@ impl Session {
                 self.charge_sub(1.0, now);
                 self.on_unsub(u)
             }
-            Frame::Pub(p) => self.on_pub(p, now),
+            Frame::Pub(p) => {
+                // Over the publish rate (per connection, address or account): accepted,
+                // and the reader pauses until the buckets refill, which slows the
+                // publisher down.
+                let wait = self.bucket.take(1.0, now);
+                self.charge(wait, now);
+                self.charge_shared(Kind::Publish, 1.0, now);
+                self.on_pub(p, now)
+            }
             Frame::Ping(p) => self.send(&Frame::Pong(Pong { nonce: p.nonce })),
             // Liveness only; the idle timer was reset by the driver.
             Frame::Pong(_) => Flow::Continue,
             Frame::Ack(a) => {
                 let wait = self.ack_bucket.take(1.0, now);
                 self.charge(wait, now);
+                self.charge_shared(Kind::Ack, 1.0, now);
                 self.on_ack(a)
             }
             Frame::Close(c) => {
@@ -287,11 +307,32 @@ impl Session {
         }
     }
 
+    /// A publish was refused: pause reading for 0.5 ms doubling per refusal in a row, up to
+    /// about 0.5 s; the next accepted publish resets it. A client that waits before it
+    /// retries a refused publish hardly notices; one that keeps firing is
+    /// slowed to a few refusals per second instead of costing the relay a refusal per frame.
+    fn refused_publish(&mut self, now: Instant) {
+        self.refused_in_a_row = (self.refused_in_a_row + 1).min(MAX_REFUSAL_DOUBLINGS);
+        let wait = REFUSAL_PAUSE * (1u32 << (self.refused_in_a_row - 1));
+        self.shared.metrics.refusal_paused();
+        self.charge(Some(wait), now);
+    }
+
     fn charge_sub(&mut self, cost: f64, now: Instant) {
         let wait = self.sub_bucket.take(cost, now);
         self.charge(wait, now);
-        let wait = self.slot.as_ref().and_then(|s| s.take_request(cost, now));
+        self.charge_shared(Kind::Sub, cost, now);
+    }
+
+    /// Charges the buckets shared with other connections: the source address's and, once
+    /// authenticated, the account's.
+    fn charge_shared(&mut self, kind: Kind, n: f64, now: Instant) {
+        let wait = self.slot.as_ref().and_then(|s| s.take(kind, n, now));
         self.charge(wait, now);
+        if let Some(a) = &self.account {
+            let wait = self.shared.account_rates.take(a, kind, n, now);
+            self.charge(wait, now);
+        }
     }
 
     fn on_hello(&mut self, h: Hello) -> Flow {
@@ -465,8 +506,10 @@ impl Session {
         if s.durable.is_some() {
             need = need.with(Right::Durable);
         }
-        if let Err(r) = self.authorize(s.pattern.key_id(), need) {
-            return self.refuse(r, Some(sub_id), None);
+        match self.authorize(s.pattern.key_id(), need) {
+            Err(r) => return self.refuse(r, Some(sub_id), None),
+            Ok(Some(line)) => return self.defer(line, Frame::Sub(s)),
+            Ok(None) => {}
         }
         let info = SubscribeInfo {
             conn: self.conn,
@@ -514,12 +557,14 @@ impl Session {
                 .as_ref()
                 .map(|n| format!("account:{n}"))
                 .or_else(|| s.owner.as_ref().map(owner_of_secret));
-            if let Err(r) = self
+            match self
                 .shared
                 .accounts
                 .durable_owner(&k.key_id, &k.name, owner)
             {
-                return self.refuse(r, Some(sub_id), None);
+                Err(r) => return self.refuse(r, Some(sub_id), None),
+                Ok(Some(line)) => return self.defer(line, Frame::Sub(s)),
+                Ok(None) => {}
             }
             if !self.shared.claim_durable(k) {
                 return self.reply_err(
@@ -689,23 +734,28 @@ impl Session {
                 }
             }
             if outcome.catch_up {
-                let Some(pattern) = self.subs.get(sub_id).cloned() else {
-                    t.stop_catching_up();
-                    continue;
-                };
-                match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => {
-                        rt.spawn(crate::flow::catch_up(
-                            self.shared.clone(),
-                            target.clone(),
-                            pattern,
-                        ));
-                    }
-                    Err(_) => t.stop_catching_up(),
-                }
+                self.start_catch_up(*sub_id, t, target);
             }
         }
         Flow::Continue
+    }
+
+    /// Runs the catch-up of a paused subscription (its catching-up mark is set).
+    fn start_catch_up(&self, sub_id: SubId, t: &Tracking, target: &Arc<Target>) {
+        let Some(pattern) = self.subs.get(&sub_id).cloned() else {
+            t.stop_catching_up();
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(crate::flow::catch_up(
+                    self.shared.clone(),
+                    target.clone(),
+                    pattern,
+                ));
+            }
+            Err(_) => t.stop_catching_up(),
+        }
     }
 
     /// Whether the connection has at-least-once subscriptions (and needs [`tick`]).
@@ -716,9 +766,14 @@ impl Session {
     /// Redelivers unacknowledged messages past the ack timeout.
     pub(crate) fn tick(&mut self, now: Instant) -> Flow {
         let mut resend = Vec::new();
-        for (t, _) in self.tracked.values() {
+        for (sub_id, (t, target)) in &self.tracked {
             if t.pending() > 0 {
                 resend.extend(t.due(now, 4096));
+            }
+            // Paused by the relay-wide budget with credit to spare: no ack will start the
+            // catch-up, so the tick does (it waits for room before sending).
+            if t.claim_catch_up() {
+                self.start_catch_up(*sub_id, t, target);
             }
         }
         if resend.is_empty() {
@@ -729,7 +784,7 @@ impl Session {
         self.shared.metrics.redelivered(resend.len() as u64);
         for (seq, env) in resend {
             self.out
-                .offer_msg(&msg_frame(seq, &env, msg_flags::REDELIVERED));
+                .offer_msg(&msg_frame(seq, &env, msg_flags::REDELIVERED), false);
         }
         if self.out.is_closing() {
             Flow::Close
@@ -752,20 +807,19 @@ impl Session {
     }
 
     fn on_pub(&mut self, p: Pub, now: Instant) -> Flow {
-        // Over the publish rate (per connection or per address): accepted, and the reader
-        // pauses until the buckets refill, which slows the publisher down.
-        let wait = self.bucket.take(1.0, now);
-        self.charge(wait, now);
-        let wait = self.slot.as_ref().and_then(|s| s.take_publish(1.0, now));
-        self.charge(wait, now);
         let path = p.envelope.token_path();
         let need = if p.flags & pub_flags::RETAIN != 0 {
             Rights::of(&[Right::Publish, Right::Retain])
         } else {
             Rights::of(&[Right::Publish])
         };
-        if let Err(r) = self.authorize(path.key_id(), need) {
-            return self.refuse(r, None, p.publish_id);
+        match self.authorize(path.key_id(), need) {
+            Err(r) => {
+                self.refused_publish(now);
+                return self.refuse(r, None, p.publish_id);
+            }
+            Ok(Some(line)) => return self.defer(line, Frame::Pub(p)),
+            Ok(None) => {}
         }
         let info = PublishInfo {
             conn: self.conn,
@@ -805,13 +859,17 @@ impl Session {
             &self.tenant,
         );
         let seq = match accepted {
-            Ok(Accepted::New(seq)) => seq,
+            Ok(Accepted::New(seq) | Accepted::Live(seq)) => seq,
             Ok(Accepted::Duplicate(seq)) => {
                 self.shared.metrics.duplicate_publish();
                 seq
             }
-            Err(e) => return self.reply_err(e.code(), e.to_string(), None, p.publish_id),
+            Err(e) => {
+                self.refused_publish(now);
+                return self.reply_err(e.code(), e.to_string(), None, p.publish_id);
+            }
         };
+        self.refused_in_a_row = 0;
         let Some(publish_id) = p.publish_id.filter(|_| p.flags & pub_flags::ACK != 0) else {
             return Flow::Continue;
         };
@@ -848,12 +906,41 @@ impl Session {
     }
 
     /// Checks the account's rights on a key id (and claims it for the account's group).
-    fn authorize(&self, key_id: &whispeer_protocol::KeyId, need: Rights) -> Result<(), Refusal> {
+    /// `Ok(Some(line))`: allowed once auth-state line `line` is on disk (see `defer`).
+    fn authorize(
+        &self,
+        key_id: &whispeer_protocol::KeyId,
+        need: Rights,
+    ) -> Result<Option<u64>, Refusal> {
         let accounts = &self.shared.accounts;
         if !accounts.required() {
-            return Ok(());
+            return Ok(None);
         }
         accounts.authorize(self.account.as_deref().unwrap_or_default(), key_id, need)
+    }
+
+    /// Holds `frame` until auth-state line `line` (a key-id claim or durable owner it made
+    /// or relies on) is on disk: the state file is synced by its own thread, never on this
+    /// tokio worker, and the request is answered only once its claim would survive a crash.
+    /// The reader stops meanwhile (`deferred_line`, `resume_deferred`), so frames stay in
+    /// order.
+    fn defer(&mut self, line: u64, frame: Frame) -> Flow {
+        self.deferred = Some((line, frame));
+        Flow::Continue
+    }
+
+    /// The auth-state line a held request waits for.
+    pub(crate) fn deferred_line(&self) -> Option<u64> {
+        self.deferred.as_ref().map(|(line, _)| *line)
+    }
+
+    /// Handles the held request (its line is on disk now; rates were charged already).
+    pub(crate) fn resume_deferred(&mut self) -> Flow {
+        match self.deferred.take() {
+            Some((_, Frame::Sub(s))) => self.on_sub(s),
+            Some((_, Frame::Pub(p))) => self.on_pub(p, Instant::now()),
+            _ => Flow::Continue,
+        }
     }
 
     /// Answers a refused request: fatal when the account is gone.
@@ -1118,6 +1205,103 @@ mod tests {
         ]
     }
 
+    /// A session of a relay built from `config` (not listening), with an outbound queue
+    /// of `capacity` frames.
+    fn session(
+        config: Config,
+        capacity: usize,
+        now: Instant,
+    ) -> (Session, Arc<Shared>, Arc<Outbound>) {
+        let relay = Relay::builder(config).build().unwrap();
+        let shared = relay.shared();
+        let out = Arc::new(Outbound::new(
+            capacity,
+            usize::MAX,
+            shared.config.queue.slow_consumer,
+            shared.budget.clone(),
+        ));
+        let s = Session::new(
+            shared.clone(),
+            ConnId(1),
+            TransportKind::InProcess,
+            None,
+            out.clone(),
+            now,
+            None,
+        );
+        (s, shared, out)
+    }
+
+    /// Refused publishes in a row pause the reader longer each time; an accepted one resets.
+    #[test]
+    fn refused_publishes_in_a_row_pause_the_reader_longer_each_time() {
+        let mut config = Config::ephemeral();
+        config.store.tenant_max_messages = 1;
+        config.limits.publish_rate = 0;
+        config.limits.addr_publish_rate = 0;
+        let now = Instant::now();
+        let (mut s, shared, _out) = session(config, 64, now);
+        let hello = Frame::Hello(Hello {
+            versions: vec![PROTOCOL_VERSION],
+            features: 0,
+            client: None,
+            auth: None,
+            account: None,
+        });
+        assert_eq!(
+            s.on_inbound(Inbound::Frame(hello.to_bytes()), now),
+            Flow::Continue
+        );
+        let publish = |s: &mut Session, k: u8, qos: Qos| {
+            let p = Frame::Pub(Pub {
+                envelope: envelope(k, &[1]),
+                flags: pub_flags::ACK,
+                publish_id: Some([k; 16]),
+                qos,
+            });
+            assert_eq!(
+                s.on_inbound(Inbound::Frame(p.to_bytes()), now),
+                Flow::Continue
+            );
+            s.take_pause().map(|until| until - now)
+        };
+        assert_eq!(
+            publish(&mut s, 1, Qos::AtLeastOnce),
+            None,
+            "within the quota"
+        );
+        let pauses: Vec<_> = (2..6)
+            .map(|k| publish(&mut s, k, Qos::AtLeastOnce))
+            .collect();
+        assert_eq!(
+            pauses,
+            [1, 2, 4, 8].map(|n| Some(REFUSAL_PAUSE * n)).to_vec(),
+            "each refusal in a row doubles the pause"
+        );
+        assert_eq!(
+            publish(&mut s, 9, Qos::AtMostOnce),
+            None,
+            "a live publish is accepted"
+        );
+        assert_eq!(
+            publish(&mut s, 10, Qos::AtLeastOnce),
+            Some(REFUSAL_PAUSE),
+            "and the next refusal starts over"
+        );
+        for _ in 0..40 {
+            publish(&mut s, 11, Qos::AtLeastOnce);
+        }
+        assert_eq!(
+            publish(&mut s, 12, Qos::AtLeastOnce),
+            Some(REFUSAL_PAUSE * (1 << (MAX_REFUSAL_DOUBLINGS - 1))),
+            "capped"
+        );
+        assert!(shared
+            .metrics
+            .render_prometheus(0)
+            .contains("whispeer_relay_refusal_pauses_total 46"));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -1128,11 +1312,8 @@ mod tests {
             let mut config = Config::ephemeral();
             config.limits.max_subscriptions = 3;
             config.queue.capacity = 16;
-            let relay = Relay::builder(config).build().unwrap();
-            let shared = relay.shared();
-            let out = Arc::new(Outbound::new(16, usize::MAX, shared.config.queue.slow_consumer));
             let now = Instant::now();
-            let mut s = Session::new(shared.clone(), ConnId(1), TransportKind::InProcess, None, out.clone(), now, None);
+            let (mut s, shared, out) = session(config, 16, now);
             let mut closed = false;
             for ev in events {
                 if s.on_inbound(ev, now) == Flow::Close {

@@ -29,6 +29,27 @@ use whispeer_protocol::{Envelope, ErrorCode, KeyId, Qos, TokenPath, TokenPattern
 
 use crate::ids::Seq;
 
+/// Store reads (history, replay, retained, credit refills) in flight at once, process-wide.
+/// Each relay's reads share one SQLite reader connection, so more would only park blocking
+/// threads on its lock; unbounded, a `Sub` flood with replay spawned hundreds of them and
+/// starved the runtime's workers of CPU.
+const CONCURRENT_READS: usize = 4;
+static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CONCURRENT_READS);
+
+/// Runs a store read on the blocking pool, waiting (asynchronously) for one of
+/// [`CONCURRENT_READS`] permits first.
+pub(crate) async fn read_off_runtime<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let _permit = READS
+        .acquire()
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+}
+
 mod sqlite;
 
 pub use sqlite::SqliteStore;
@@ -138,8 +159,12 @@ pub struct Append<'a> {
 /// The outcome of [`Store::append`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
-    /// A new message with this sequence: deliver it.
+    /// A new message with this sequence, kept in history: deliver it.
     New(Seq),
+    /// A new message with this sequence that is routed but not kept in history (QoS 0
+    /// without `store.store_qos0`, a retained-only QoS 0 value, or no store): deliver it; a
+    /// subscription paused for credit cannot catch up on it later.
+    Live(Seq),
     /// A duplicate publish id inside the dedup window: the original's sequence. Not stored
     /// again and not delivered again.
     Duplicate(Seq),
@@ -402,7 +427,7 @@ impl Store for LiveStore {
         if msg.qos != Qos::AtMostOnce {
             return Err(Self::unsupported("QoS >= 1"));
         }
-        Ok(Accepted::New(Seq(self
+        Ok(Accepted::Live(Seq(self
             .last
             .fetch_add(1, Ordering::Relaxed)
             + 1)))

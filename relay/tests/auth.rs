@@ -195,7 +195,7 @@ impl Setup {
         }
     }
 
-    fn relay(&self, extra: &[&str]) -> BinRelay {
+    fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "--auth",
             "required",
@@ -207,7 +207,16 @@ impl Setup {
             "50",
         ];
         args.extend_from_slice(extra);
-        BinRelay::start(&args)
+        args
+    }
+
+    fn relay(&self, extra: &[&str]) -> BinRelay {
+        BinRelay::start(&self.args(extra))
+    }
+
+    /// [`relay`](Self::relay) with its log lines readable (`BinRelay::wait_log`).
+    fn relay_logged(&self, extra: &[&str]) -> BinRelay {
+        BinRelay::start_logged(&self.args(extra))
     }
 }
 
@@ -320,6 +329,15 @@ async fn key_ids_are_claimed_by_groups_and_claims_survive_a_restart() {
     try_sub(&mut c1, sub(1, 2, None, None))
         .await
         .expect("a1 claims key 2");
+    // A claim is answered only once it is on disk (the state file is synced by its own
+    // thread; the request waits for it, not a tokio worker).
+    let state = std::fs::read_to_string(&s.state).unwrap();
+    for k in [1u8, 2] {
+        assert!(
+            state.contains(&format!("\"key_id\":\"{}\"", hex::encode([k; 16]))),
+            "claim of key {k} answered before it was written: {state}"
+        );
+    }
     // A member of the same group shares both key ids.
     let mut c2 = login(relay.tcp(), &a2).await;
     try_sub(&mut c2, sub(1, 1, None, None)).await.expect("a2");
@@ -351,7 +369,8 @@ async fn key_ids_are_claimed_by_groups_and_claims_survive_a_restart() {
 async fn rights_are_enforced() {
     let s = Setup::new("rights");
     let reader = key_account(&s.dir, &s.accounts, "reader", &["--rights", "subscribe"]);
-    let relay = s.relay(&[]);
+    // The relay's "account list reloaded" log line is the event this test waits for.
+    let mut relay = s.relay_logged(&["--log", "warn,whispeer_relay::accounts=info"]);
     let mut c = login(relay.tcp(), &reader).await;
     try_sub(&mut c, sub(1, 4, None, None))
         .await
@@ -370,23 +389,11 @@ async fn rights_are_enforced() {
         "pubr",
         &["--rights", "publish", "--group", "reader"],
     );
-    // The file changed: the relay reloads it (polled) — wait for the new account to work.
-    let deadline = Instant::now() + TIMEOUT;
-    let mut c = loop {
-        let mut c = Client::tcp(relay.tcp()).await;
-        let pk = publisher.verifying_key().to_bytes();
-        match key_login(&mut c, pk, |n| {
-            publisher.sign(&auth_sig_input(&n, &pk)).to_bytes()
-        })
-        .await
-        {
-            Ok(_) => break c,
-            Err(_) => {
-                assert!(Instant::now() < deadline, "new account never accepted");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        }
-    };
+    // The file changed: wait for the relay's reload (polled) that sees both accounts.
+    relay
+        .wait_log(&["account list reloaded", "accounts=2"])
+        .await;
+    let mut c = login(relay.tcp(), &publisher).await;
     try_pub(&mut c, 4, false).await.expect("plain publish");
     let e = try_pub(&mut c, 4, true).await.unwrap_err();
     assert_eq!(
@@ -475,7 +482,10 @@ async fn durables_belong_to_their_account() {
     try_sub(&mut c1, sub(1, 1, Some("d"), None))
         .await
         .expect("a1 creates d");
-    drop(c1);
+    // Hang up and wait for the relay's end of it: the session finished (and released the
+    // name) before the relay closes its side.
+    c1.shutdown_write().await;
+    c1.drain_to_end().await;
     // Another account — even of the same group, even with an owner secret — cannot
     // resume, ack or squat a1's durable.
     let mut c2 = login(relay.tcp(), &a2).await;
@@ -495,19 +505,10 @@ async fn durables_belong_to_their_account() {
     );
     assert!(!e.fatal);
     // a1 resumes it.
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let mut c1 = login(relay.tcp(), &a1).await;
-        match try_sub(&mut c1, sub(1, 1, Some("d"), None)).await {
-            Ok(()) => break,
-            // The previous connection may not have released the name yet.
-            Err(e) if e.message.contains("another connection") => {
-                assert!(Instant::now() < deadline);
-                tokio::task::yield_now().await;
-            }
-            Err(e) => panic!("a1 cannot resume: {e:?}"),
-        }
-    }
+    let mut c1 = login(relay.tcp(), &a1).await;
+    try_sub(&mut c1, sub(1, 1, Some("d"), None))
+        .await
+        .expect("a1 resumes d");
 }
 
 #[tokio::test]
@@ -669,4 +670,98 @@ fn auth_off_beyond_loopback_warns_loudly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("WARNING: auth is off"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Logs in as `sk` over TCP from the loopback address `ip` (a different source address per
+/// connection, so per-address buckets do not apply).
+async fn login_from(ip: &str, addr: std::net::SocketAddr, sk: &SigningKey) -> Client {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    stream.set_nodelay(true).ok();
+    let mut c = Client::over_stream(Box::new(stream));
+    let pk = sk.verifying_key().to_bytes();
+    key_login(&mut c, pk, |n| sk.sign(&auth_sig_input(&n, &pk)).to_bytes())
+        .await
+        .expect("login");
+    c
+}
+
+/// Sends `frames` then a Ping, and waits for its Pong: every frame was read by then.
+async fn send_all_then_ping(c: &mut Client, frames: Vec<Frame>) {
+    for f in &frames {
+        c.send(f).await;
+    }
+    c.send(&Frame::Ping(whispeer_protocol::frame::Ping { nonce: 9 }))
+        .await;
+    loop {
+        match c.recv().await {
+            Frame::Pong(p) if p.nonce == 9 => return,
+            Frame::Err(e) => panic!("rate limits never refuse or disconnect: {e:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// One account's connections from six different addresses share one publish, one sub and
+/// one ack budget (per-connection rates off): each phase of 60 requests is slowed to the
+/// account's rate, never refused.
+#[tokio::test]
+async fn an_accounts_connections_share_its_rate_buckets() {
+    let s = Setup::new("acct-rates");
+    let alice = key_account(&s.dir, &s.accounts, "alice", &[]);
+    let relay = s.relay(&[
+        "--publish-rate",
+        "0",
+        "--sub-rate",
+        "0",
+        "--ack-rate",
+        "0",
+        "--account-publish-rate",
+        "40",
+        "--account-publish-burst",
+        "5",
+        "--account-sub-rate",
+        "40",
+        "--account-sub-burst",
+        "5",
+        "--account-ack-rate",
+        "40",
+        "--account-ack-burst",
+        "5",
+    ]);
+    let mut conns = Vec::new();
+    for i in 2..8 {
+        conns.push(login_from(&format!("127.0.0.{i}"), relay.tcp(), &alice).await);
+    }
+    type Make = fn(u8, u8) -> Frame;
+    let kinds: [(&str, Make); 3] = [
+        ("publish", |c, i| pub_frame(envelope(1, &[c, i]))),
+        ("sub", |c, i| sub_frame(u64::from(i), exact(1, &[c, i]))),
+        ("ack", |_, i| {
+            Frame::Ack(whispeer_protocol::frame::Ack {
+                seqs: vec![u64::from(i) + 1],
+            })
+        }),
+    ];
+    for (name, make) in kinds {
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for (c, mut conn) in conns.drain(..).enumerate() {
+            let frames: Vec<Frame> = (0..10u8).map(|i| make(c as u8, i)).collect();
+            tasks.push(tokio::spawn(async move {
+                send_all_then_ping(&mut conn, frames).await;
+                conn
+            }));
+        }
+        for t in tasks {
+            conns.push(t.await.unwrap());
+        }
+        let elapsed = started.elapsed();
+        // 60 requests, a burst of 5, at 40/s; the last of each connection can land together.
+        assert!(
+            elapsed >= std::time::Duration::from_millis(1_200),
+            "{name}: the account's bucket was not shared: 60 requests in {elapsed:?}"
+        );
+    }
 }

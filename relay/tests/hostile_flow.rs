@@ -78,6 +78,72 @@ async fn until_pong(c: &mut Client, nonce: u64) -> Vec<Frame> {
     }
 }
 
+/// A QoS 1 subscriber of `[1]` under key 1 replaying from the start with `credit`.
+async fn replay_subscriber(addr: std::net::SocketAddr, credit: u64) -> Client {
+    let mut s = Client::tcp(addr).await;
+    s.send(&Frame::Hello(Hello {
+        versions: vec![PROTOCOL_VERSION],
+        features: features::AT_LEAST_ONCE | features::FLOW_CONTROL | features::REPLAY,
+        client: None,
+        auth: None,
+        account: None,
+    }))
+    .await;
+    assert!(matches!(s.recv().await, Frame::Welcome(_)));
+    s.send(&Frame::Sub(Sub {
+        sub_id: 1,
+        pattern: exact(1, &[1]),
+        qos: Qos::AtLeastOnce,
+        durable: None,
+        replay: Some(whispeer_protocol::frame::Replay::FromSeq(0)),
+        retained: false,
+        credit: Some(credit),
+        owner: None,
+    }))
+    .await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    s
+}
+
+/// The sequences of the next `n` frames, which must be `Msg`s.
+async fn recv_seqs(c: &mut Client, n: usize) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while seqs.len() < n {
+        match c.recv().await {
+            Frame::Msg(m) => seqs.push(m.seq),
+            other => panic!("expected Msg, got {other:?}"),
+        }
+    }
+    seqs
+}
+
+/// Publishes `n` QoS 0 messages on `[1]` (live only: the store does not keep them).
+async fn publish_qos0(p: &mut Client, n: u8) {
+    for i in 0..n {
+        p.send(&Frame::Pub(Pub {
+            envelope: envelope_sized(1, &[1], 40 + usize::from(i)),
+            flags: 0,
+            publish_id: None,
+            qos: Qos::AtMostOnce,
+        }))
+        .await;
+    }
+}
+
+/// Reads until `Gap`s worth at least `dropped` and at least one `Msg` arrived (in either
+/// order); returns the gap total and the messages' sequences.
+async fn gap_and_msgs(s: &mut Client, dropped: u64) -> (u64, Vec<u64>) {
+    let (mut gap, mut got) = (0, Vec::new());
+    while gap < dropped || got.is_empty() {
+        match s.recv().await {
+            Frame::Gap(g) => gap += g.dropped,
+            Frame::Msg(m) => got.push(m.seq),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (gap, got)
+}
+
 fn msgs(frames: Vec<Frame>) -> Vec<Msg> {
     frames
         .into_iter()
@@ -264,37 +330,10 @@ async fn replay_waits_for_credit_instead_of_overrunning_the_subscriber() {
     let mut p = Client::tcp(relay.tcp()).await;
     p.hello().await;
     let stored = publish_acked(&mut p, &[1], 0, 12).await;
-    let mut s = Client::tcp(relay.tcp()).await;
-    s.send(&Frame::Hello(Hello {
-        versions: vec![PROTOCOL_VERSION],
-        features: features::AT_LEAST_ONCE | features::FLOW_CONTROL | features::REPLAY,
-        client: None,
-        auth: None,
-        account: None,
-    }))
-    .await;
-    assert!(matches!(s.recv().await, Frame::Welcome(_)));
-    s.send(&Frame::Sub(Sub {
-        sub_id: 1,
-        pattern: exact(1, &[1]),
-        qos: Qos::AtLeastOnce,
-        durable: None,
-        replay: Some(whispeer_protocol::frame::Replay::FromSeq(0)),
-        retained: false,
-        credit: Some(4),
-        owner: None,
-    }))
-    .await;
-    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    let mut s = replay_subscriber(relay.tcp(), 4).await;
     // History is sent by its own task: wait for the credit's worth, then a ping shows
     // nothing more was queued (without the credit the whole chunk is queued at once).
-    let mut received = Vec::new();
-    while received.len() < 4 {
-        match s.recv().await {
-            Frame::Msg(m) => received.push(m.seq),
-            other => panic!("expected Msg, got {other:?}"),
-        }
-    }
+    let mut received = recv_seqs(&mut s, 4).await;
     let extra = msgs(until_pong(&mut s, 1).await);
     assert!(extra.is_empty(), "history beyond the credit: {extra:?}");
     assert_eq!(
@@ -337,4 +376,141 @@ async fn replay_waits_for_credit_instead_of_overrunning_the_subscriber() {
         }
     }
     assert_eq!(got, live);
+}
+
+/// A QoS 1 subscription paused for want of credit skips QoS 0 publishes that the store
+/// does not keep (`store_qos0 = false`): they cannot follow from the store, so when it
+/// resumes the relay says how many with a `Gap` (PROTOCOL.md §3.3.11) instead of losing
+/// them silently; the stored ones follow in order.
+#[tokio::test]
+async fn unstored_messages_skipped_while_paused_are_reported_in_a_gap() {
+    let relay = TestRelay::start(Config::ephemeral()).await;
+    let mut s = Client::tcp(relay.tcp()).await;
+    hello_flow(&mut s).await;
+    s.send(&qos1_sub(1, exact(1, &[1]), Some(2))).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    // Two stored messages fill the credit.
+    let stored = publish_acked(&mut p, &[1], 0, 2).await;
+    let first = msgs(until_pong(&mut s, 1).await);
+    assert_eq!(first.iter().map(|m| m.seq).collect::<Vec<_>>(), stored);
+    // Paused now: three QoS 0 publishes (live only, not stored) and one more stored one.
+    publish_qos0(&mut p, 3).await;
+    let later = publish_acked(&mut p, &[1], 10, 1).await;
+    assert!(
+        until_pong(&mut s, 2).await.is_empty(),
+        "nothing is delivered while paused"
+    );
+    // The ack frees credit: the stored message follows, and a Gap counts the three.
+    s.send(&Frame::Ack(Ack { seqs: stored })).await;
+    let (gap, got) = gap_and_msgs(&mut s, 3).await;
+    assert_eq!(gap, 3, "each unstored message skipped is counted once");
+    assert_eq!(got, later);
+    // Live delivery resumed: the next message arrives directly.
+    let next = publish_acked(&mut p, &[1], 20, 1).await;
+    let m = msgs(until_pong(&mut s, 3).await);
+    assert_eq!(m.iter().map(|m| m.seq).collect::<Vec<_>>(), next);
+}
+
+/// Over the relay-wide outbound budget (`queue.total_max_bytes`), a QoS 1 subscriber that
+/// does not read is paused instead of queued: its messages wait in the store (the relay's
+/// queued bytes stay near the budget; credit alone would let 8 MiB in) and every one
+/// follows, in order and once, when it reads again.
+#[tokio::test]
+async fn over_the_relay_budget_qos1_waits_in_the_store_and_loses_nothing() {
+    const N: usize = 2_000;
+    const BUDGET: usize = 64 << 10;
+    let mut config = Config::ephemeral();
+    config.queue.total_max_bytes = BUDGET;
+    config.limits.publish_rate = 0;
+    config.delivery.max_unacked_bytes = 64 << 20;
+    let relay = TestRelay::start(config).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = Client::over_stream(Box::new(sock.connect(relay.tcp()).await.unwrap()));
+    hello_flow(&mut s).await;
+    s.send(&qos1_sub(1, exact(1, &[1]), None)).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    for i in 0..N as u32 {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        p.send(&Frame::Pub(Pub {
+            envelope: envelope_sized(1, &[1], 4096),
+            flags: pub_flags::ACK,
+            publish_id: Some(id),
+            qos: Qos::AtLeastOnce,
+        }))
+        .await;
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < N {
+        match p.recv().await {
+            Frame::PubAck(a) => seqs.push(a.seq),
+            other => panic!("publisher expected PubAck, got {other:?}"),
+        }
+    }
+    // Everything is stored and routed; the subscriber has read nothing.
+    let admin = relay.addrs.admin.expect("admin");
+    let queued = metric(admin, "whispeer_relay_outbound_bytes").await;
+    assert!(
+        queued <= 2 * BUDGET as u64,
+        "{queued} bytes queued for a non-reading QoS 1 subscriber over a {BUDGET}-byte budget"
+    );
+    assert!(metric(admin, "whispeer_relay_outbound_budget_pauses_total").await > 0);
+    // It reads (and acks) again: every message, in order, once.
+    let mut got = Vec::new();
+    while got.len() < N {
+        match s.recv().await {
+            Frame::Msg(m) => {
+                s.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+                got.push(m.seq);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    if let Some(i) = (0..N).find(|&i| got[i] != seqs[i]) {
+        let w = |v: &[u64]| v[i.saturating_sub(3)..(i + 6).min(N)].to_vec();
+        panic!(
+            "delivery differs at {i}: got {:?}, published {:?}",
+            w(&got),
+            w(&seqs)
+        );
+    }
+}
+
+/// The same while a replaying subscription hands over from history to live: live QoS 0
+/// messages held back during the replay that find no credit at the hand-over cannot wait
+/// in the store either; they are counted in a `Gap` when delivery resumes.
+#[tokio::test]
+async fn unstored_messages_held_back_during_replay_are_counted_in_a_gap() {
+    let relay = TestRelay::start(Config::ephemeral()).await;
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    let history = publish_acked(&mut p, &[1], 0, 3).await;
+    let mut s = replay_subscriber(relay.tcp(), 2).await;
+    let first = recv_seqs(&mut s, 2).await;
+    assert_eq!(first, history[..2].to_vec());
+    // The replay waits for credit: three live QoS 0 messages (not stored) and one stored
+    // message are held back behind it.
+    publish_qos0(&mut p, 3).await;
+    let last = publish_acked(&mut p, &[1], 10, 1).await;
+    // Acks free the credit: the last history message, ReplayDone, then one live QoS 0
+    // message fits the credit; the other two do not and cannot wait in the store.
+    s.send(&Frame::Ack(Ack { seqs: first })).await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match s.recv().await {
+            Frame::Msg(m) => got.push(m.seq),
+            Frame::ReplayDone(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got[0], history[2]);
+    s.send(&Frame::Ack(Ack { seqs: got })).await;
+    let (gap, rest) = gap_and_msgs(&mut s, 2).await;
+    assert_eq!(gap, 2, "the two held-back QoS 0 messages without credit");
+    assert_eq!(rest, last, "the stored one follows from the store");
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use tokio_tungstenite::tungstenite::Message;
-use whispeer_protocol::frame::{Close, Hello, Msg, Pub};
+use whispeer_protocol::frame::{Ack, Close, Hello, Msg, Ping, Pub};
 use whispeer_protocol::{ErrorCode, Frame, Qos};
 use whispeer_relay::plugin::{Plugin, PublishInfo, Rejection, SubscribeInfo, Verdict};
 use whispeer_relay::{Config, Relay};
@@ -181,6 +181,38 @@ async fn sub_flood_is_slowed_not_kicked() {
     );
 }
 
+/// Six connections from 127.0.0.1 each send `make(connection, i)` for i in 0..10 and then
+/// a `Ping`; returns how long until every one had its `Pong` (so every request was read;
+/// a rate limit never refuses or disconnects).
+async fn sixty_requests_from_one_address(
+    addr: std::net::SocketAddr,
+    make: fn(u8, u8) -> Frame,
+) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..6u8 {
+        tasks.push(tokio::spawn(async move {
+            let mut cl = Client::tcp(addr).await;
+            cl.hello().await;
+            for i in 0..10u8 {
+                cl.send(&make(c, i)).await;
+            }
+            cl.send(&Frame::Ping(Ping { nonce: 7 })).await;
+            loop {
+                match cl.recv().await {
+                    Frame::Pong(p) if p.nonce == 7 => break,
+                    Frame::SubOk(_) => {}
+                    other => panic!("expected SubOk or Pong, got {other:?}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    started.elapsed()
+}
+
 /// The per-address bucket is shared by every connection of the address, so opening more
 /// connections (or reconnecting) does not multiply the rate.
 #[tokio::test]
@@ -190,26 +222,34 @@ async fn per_address_sub_rate_is_shared_across_connections() {
     config.limits.addr_sub_rate = 20;
     config.limits.addr_sub_burst = 5;
     let relay = TestRelay::start(config).await;
-    let started = std::time::Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..6u8 {
-        let addr = relay.tcp();
-        tasks.push(tokio::spawn(async move {
-            let mut cl = Client::tcp(addr).await;
-            cl.hello().await;
-            for i in 0..10u8 {
-                cl.subscribe(u64::from(i), exact(1, &[c, i])).await;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let elapsed = started.elapsed();
+    let elapsed = sixty_requests_from_one_address(relay.tcp(), |c, i| {
+        sub_frame(u64::from(i), exact(1, &[c, i]))
+    })
+    .await;
     // The last request of each of the 6 connections can land together: (60-5-6)/20 s.
     assert!(
         elapsed >= std::time::Duration::from_millis(2_000),
         "per-address rate not shared: 60 subs from one address in {elapsed:?}"
+    );
+}
+
+/// `Ack` frames from one address share a bucket too (per-connection ack rate off).
+#[tokio::test]
+async fn per_address_ack_rate_is_shared_across_connections() {
+    let mut config = Config::ephemeral();
+    config.limits.ack_rate = 0;
+    config.limits.addr_ack_rate = 20;
+    config.limits.addr_ack_burst = 5;
+    let relay = TestRelay::start(config).await;
+    let elapsed = sixty_requests_from_one_address(relay.tcp(), |_, i| {
+        Frame::Ack(Ack {
+            seqs: vec![u64::from(i) + 1],
+        })
+    })
+    .await;
+    assert!(
+        elapsed >= std::time::Duration::from_millis(2_000),
+        "per-address ack rate not shared: 60 acks from one address in {elapsed:?}"
     );
 }
 

@@ -17,6 +17,9 @@
 //! 3. `whispeer bench` unpaced against the default relay (target: 0 lost, 0 reconnects).
 //!
 //! Numbers are printed, never asserted: timing thresholds belong to people, not unit tests.
+//!
+//! To find which attack hurts: `--kinds publish,sub,sink,churn` runs only those attackers
+//! (each kind is a quarter of the 100), and `--only-attack` skips scenarios 2 and 3.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,11 +39,30 @@ use whispeer_protocol::{
 
 /// Attacker connections beside the honest client.
 const HOSTILE: usize = 100;
+/// The attacker kinds, in the order `attacker(i)` picks them by `i % 4`.
+const KINDS: [&str; 4] = ["publish", "sub", "sink", "churn"];
 /// Subscribers that never read, for the memory scenario.
 const SINKS: usize = 1_000;
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only_attack = args.iter().any(|a| a == "--only-attack");
+    let kinds: Vec<usize> = match args.iter().position(|a| a == "--kinds") {
+        Some(i) => args
+            .get(i + 1)
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(',')
+            .map(|k| {
+                KINDS
+                    .iter()
+                    .position(|n| *n == k)
+                    .unwrap_or_else(|| panic!("unknown attacker kind {k:?}: one of {KINDS:?}"))
+            })
+            .collect(),
+        None => (0..KINDS.len()).collect(),
+    };
     let secs = if quick { 4.0 } else { 10.0 };
     rlimit_nofile(8192);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -62,14 +84,18 @@ fn main() {
         let stats = Arc::new(AttackStats::default());
         let tcp = relay.tcp;
         let handles: Vec<_> = (0..HOSTILE)
+            .filter(|i| kinds.contains(&(i % KINDS.len())))
             .map(|i| rt.spawn(attacker(i, tcp, stop.clone(), stats.clone())))
             .collect();
         // The honest client starts once every attacker kind is under way.
         rt.block_on(async {
             let deadline = Instant::now() + Duration::from_secs(30);
-            while (stats.published.load(Ordering::Relaxed) < 10_000
-                || stats.subs.load(Ordering::Relaxed) < 10_000
-                || stats.connections.load(Ordering::Relaxed) < 1_000)
+            let short = |kind: usize, c: &AtomicU64, mark: u64| {
+                kinds.contains(&kind) && c.load(Ordering::Relaxed) < mark
+            };
+            while (short(0, &stats.published, 10_000)
+                || short(1, &stats.subs, 10_000)
+                || short(3, &stats.connections, 1_000))
                 && Instant::now() < deadline
             {
                 // Attackers the relay slows down may never reach the marks: start anyway.
@@ -107,6 +133,9 @@ fn main() {
         );
     }
     println!("attackers: {attack}");
+    if only_attack {
+        return;
+    }
 
     // 2. Memory with subscribers that never read.
     println!();

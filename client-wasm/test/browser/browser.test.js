@@ -3,53 +3,34 @@
 // demo chat in two tabs (screenshots in test-output/).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, mkdirSync, rmSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { chromium } from 'playwright-core';
 import { startRelay } from '../shared/relay.js';
 import { runPeer } from '../shared/peer.js';
 import { sample } from '../shared/sample.js';
 import { diff } from '../shared/equal.js';
 import { PKG_ROOT } from '../shared/bins.js';
-import { startServer } from '../../scripts/serve.mjs';
+import { startChromium } from '../shared/chromium.js';
 import { Client, Identity, TreeKey } from '../../js/index.node.js';
 
 const N = 5;
 const OUT = join(PKG_ROOT, 'test-output');
-let relay, server, context, profile, tree;
+let relay, browser, context, server, tree;
 
 before(async () => {
   relay = await startRelay();
-  server = await startServer({ root: PKG_ROOT });
-  profile = mkdtempSync(join(tmpdir(), 'whispeer-chromium-'));
-  context = await chromium.launchPersistentContext(profile, {
-    executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
-    headless: true,
-    args: [
-      '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    ],
-    viewport: { width: 560, height: 640 },
-  });
+  browser = await startChromium();
+  ({ context, server } = browser);
   tree = TreeKey.generate('browser');
   mkdirSync(OUT, { recursive: true });
 });
 
 after(async () => {
-  await context?.close();
-  await server?.close();
+  await browser?.close();
   await relay?.stop();
-  if (profile) rmSync(profile, { recursive: true, force: true });
 });
 
-async function testPage() {
-  const page = await context.newPage();
-  page.on('pageerror', (e) => console.error('page error:', e));
-  await page.goto(`${server.url}/test/browser/page.html`);
-  await page.waitForFunction(() => window.pageReady === true);
-  return page;
-}
+const testPage = () => browser.testPage();
 
 /** In the page: connect and subscribe, collecting messages into window.got. */
 async function browserSubscribe(page, key, filter) {

@@ -3,6 +3,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { startRelay } from '../shared/relay.js';
+import { startProxy } from '../shared/proxy.js';
 import { sample } from '../shared/sample.js';
 import { diff } from '../shared/equal.js';
 import {
@@ -187,6 +188,36 @@ test('reconnects after a relay restart and resubscribes', async () => {
     await pub.close();
     assert.equal(sub.state, 'closed');
   } finally {
+    await local.stop();
+  }
+});
+
+test('close() during a reconnect attempt leaves no connection behind', { timeout: 60_000 }, async () => {
+  // Heartbeats and the idle timeout far beyond the test's timeout: nothing but the client
+  // itself would close a connection it forgot.
+  const slow = ['--heartbeat-ms', '600000', '--idle-ms', '1800000'];
+  const local = await startRelay({ args: slow });
+  const proxy = await startProxy(local.port);
+  try {
+    const c = await Client.connect(proxy.url, {
+      keys: TreeKey.generate('closing'),
+      reconnect: { initialDelayMs: 1, maxDelayMs: 1, jitter: 0 },
+    });
+    // The relay's answers stop reaching the client, the connection is cut, and the client
+    // opens its next one: that attempt is now waiting for the handshake.
+    proxy.pause('down');
+    const reconnecting = c.waitForState('reconnecting');
+    proxy.drop();
+    await reconnecting;
+    await proxy.opened(2);
+    await c.close();
+    assert.equal(c.state, 'closed');
+    // The handshake completes after close(): the client must hang up, not keep the socket.
+    proxy.resume('down');
+    await proxy.idle();
+    assert.equal(proxy.connections, 0);
+  } finally {
+    await proxy.close();
     await local.stop();
   }
 });

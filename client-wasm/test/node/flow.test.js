@@ -2,8 +2,8 @@
 // (issue 9, npm half), against the real relay binary.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import net from 'node:net';
 import { startRelay } from '../shared/relay.js';
+import { startProxy, forceRelayGap } from '../shared/proxy.js';
 import { Client, Identity, TreeKey } from '../../js/index.node.js';
 
 let relay;
@@ -22,10 +22,16 @@ async function connect(url, opts) {
   return c;
 }
 
-/** Resolves once `cond()` holds, polling (bounded by each test's timeout). */
-function until(cond, tick = (fn) => setTimeout(fn, 5)) {
-  return new Promise((resolve) => {
-    const check = () => (cond() ? resolve() : tick(check));
+/** Resolves once `cond()` holds, polling; rejects after `ms` (a failed test must not leave
+ * a poll loop that keeps the process alive). */
+function until(cond, ms = 60_000) {
+  const deadline = Date.now() + ms;
+  return new Promise((resolve, reject) => {
+    const check = () => {
+      if (cond()) resolve();
+      else if (Date.now() > deadline) reject(new Error(`condition not met within ${ms} ms: ${cond}`));
+      else setTimeout(check, 5);
+    };
     check();
   });
 }
@@ -50,31 +56,16 @@ test('a subscriber that falls behind gets a lag event and a counter, never silen
 
 test('publish waits while the socket send buffer is over the high-water mark, in order', { timeout: 120_000 }, async () => {
   // A proxy whose client-to-relay direction can be paused: the client's socket then fills.
-  let paused = false;
-  const held = [];
-  const proxy = net.createServer((c) => {
-    const up = net.connect(relay.port, '127.0.0.1');
-    c.on('data', (d) => {
-      if (!up.write(d)) c.pause();
-    });
-    up.on('drain', () => !paused && c.resume());
-    up.pipe(c);
-    c.on('error', () => up.destroy());
-    up.on('error', () => c.destroy());
-    held.push(c);
-  });
-  await new Promise((r) => proxy.listen(0, '127.0.0.1', r));
-  const url = `ws://127.0.0.1:${proxy.address().port}`;
+  const proxy = await startProxy(relay.port);
   const tree = TreeKey.generate('hwm');
   const hwm = 64 * 1024;
-  const p = await connect(url, { keys: tree, sendHighWaterMark: hwm, compression: 'none', padding: false });
+  const p = await connect(proxy.url, { keys: tree, sendHighWaterMark: hwm, compression: 'none', padding: false });
   const s = await connect(relay.url, { keys: tree });
   const got = [];
   await s.subscribe('big', (m) => got.push(m.value[0] | (m.value[1] << 8)));
   await p.flush();
 
-  paused = true;
-  for (const c of held) c.pause();
+  proxy.pause('up');
   const payload = (i) => {
     const b = new Uint8Array(64 * 1024);
     b[0] = i & 255;
@@ -99,11 +90,49 @@ test('publish waits while the socket send buffer is over the high-water mark, in
   assert.ok(settledWhilePaused < N, `publishes waited (${settledWhilePaused} of ${N} handed over)`);
   assert.ok(maxBuffered <= hwm + 2 * 66 * 1024, `buffer stayed near the mark: ${maxBuffered}`);
 
-  paused = false;
-  for (const c of held) c.resume();
+  proxy.resume('up');
   await Promise.all(all);
   await p.flush();
   await until(() => got.length === N);
   assert.deepEqual(got, Array.from({ length: N }, (_, i) => i), 'every publish, in order');
-  proxy.close();
+  await proxy.close();
+});
+
+test('a relay Gap (slow-consumer drop) reaches the app as the lag event and relayGaps', { timeout: 120_000 }, async (t) => {
+  // A tiny outbound queue, and a proxy that stops reading what the relay sends: once the
+  // kernel buffers are full, the relay drops the oldest queued messages and owes a Gap.
+  const local = await startRelay({ args: ['--queue-capacity', '4', '--slow-consumer', 'drop'] });
+  const proxy = await startProxy(local.port);
+  try {
+    const tree = TreeKey.generate('gap');
+    const sub = await connect(proxy.url, { keys: tree });
+    const pub = await connect(local.url, { keys: tree, compression: 'none', padding: false });
+    const got = [];
+    const perSub = [];
+    const clientWide = [];
+    sub.on('lag', (e) => clientWide.push(e.lost));
+    const s = await sub.subscribe('gap/x', (m) => got.push(m.value.i), { onLag: (n) => perSub.push(n) });
+    await sub.flush();
+
+    const { published, dropped } = await forceRelayGap({
+      relay: local,
+      proxy,
+      pub,
+      topic: 'gap/x',
+      lastArrived: (i) => until(() => got.at(-1) === i),
+    });
+    t.diagnostic(`the relay dropped ${dropped} of ${published} messages`);
+    assert.ok(dropped > 0 && dropped < published, `${dropped} of ${published}`);
+    assert.equal(got.length + s.lost, published, 'every message delivered or counted as lost');
+    assert.equal(s.lost, dropped, 'the relay gap is counted on the subscription');
+    assert.equal(s.dropped, 0, 'nothing was dropped by the client itself');
+    assert.equal(sub.stats().relayGaps, dropped);
+    assert.equal(perSub.reduce((a, b) => a + b, 0), dropped, 'onLag');
+    assert.equal(clientWide.reduce((a, b) => a + b, 0), dropped, "the client's lag event");
+    for (let k = 1; k < got.length; k++) assert.ok(got[k] > got[k - 1], 'in order');
+    await Promise.all([sub.close(), pub.close()]);
+  } finally {
+    await proxy.close();
+    await local.stop();
+  }
 });

@@ -134,6 +134,9 @@ struct Queue {
     closed: bool,
     /// The writer is committing a batch taken from `ops`.
     inflight: bool,
+    /// The writer holds waiters it has not resolved yet: a new waiter, even for a sequence
+    /// already committed, queues behind them, so `PubAck`s stay in sequence order.
+    resolving: bool,
     /// Highest live-only sequence not yet covered by `committed`.
     mark: u64,
     /// The high-water mark should be persisted.
@@ -930,6 +933,7 @@ impl Shared {
                 let n = ops.iter().filter(|o| matches!(o, Op::Msg { .. })).count();
                 q.msgs = q.msgs.saturating_sub(n);
                 held.append(&mut q.waiters);
+                q.resolving = !held.is_empty();
                 let mark = if q.ops.is_empty() {
                     std::mem::take(&mut q.mark)
                 } else {
@@ -979,6 +983,7 @@ impl Shared {
                 drop(q);
                 self.resolve(&mut held);
             }
+            lock(&self.queue).resolving = !held.is_empty();
             if closed {
                 break;
             }
@@ -1547,7 +1552,7 @@ impl Store for SqliteStore {
                 s.work.notify_one();
             }
             s.m.live_only.fetch_add(1, Relaxed);
-            return Ok(Accepted::New(Seq(seq)));
+            return Ok(Accepted::Live(Seq(seq)));
         }
         if let Some(d) = s.down() {
             if matches!(d, Down::Full(_)) {
@@ -1698,7 +1703,11 @@ impl Store for SqliteStore {
         }
         s.push(ops, keep as usize);
         s.m.appends.fetch_add(1, Relaxed);
-        Ok(Accepted::New(Seq(seq)))
+        Ok(if keep {
+            Accepted::New(Seq(seq))
+        } else {
+            Accepted::Live(Seq(seq))
+        })
     }
 
     fn last_seq(&self) -> Seq {
@@ -1715,7 +1724,7 @@ impl Store for SqliteStore {
                 |d| d.error(),
             )));
         }
-        if seq.0 <= s.committed.load(Relaxed) {
+        if seq.0 <= s.committed.load(Relaxed) && !q.resolving {
             drop(q);
             return done(Ok(()));
         }

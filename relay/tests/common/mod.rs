@@ -433,12 +433,40 @@ pub struct BinRelay {
     pub child: Child,
     pub addrs: BoundAddrs,
     pub dir: PathBuf,
+    /// The relay's log lines (only with [`BinRelay::start_logged`]).
+    pub log: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
 }
 
 impl BinRelay {
     /// Starts `whispeer-relay serve` on port-0 listeners plus `extra` arguments and waits
     /// for its ready file.
     pub fn start(extra: &[&str]) -> Self {
+        Self::spawn(extra, false)
+    }
+
+    /// Like [`start`](Self::start), with the relay's stderr read line by line into
+    /// [`log`](Self::log) (and echoed), so a test can wait for a log event.
+    pub fn start_logged(extra: &[&str]) -> Self {
+        Self::spawn(extra, true)
+    }
+
+    /// Waits for a log line containing every one of `needles` (needs `start_logged`).
+    pub async fn wait_log(&mut self, needles: &[&str]) -> String {
+        let log = self.log.as_mut().expect("started with start_logged");
+        let found = tokio::time::timeout(TIMEOUT, async {
+            while let Some(line) = log.recv().await {
+                if needles.iter().all(|n| line.contains(n)) {
+                    return line;
+                }
+            }
+            panic!("the relay's stderr ended before a line with {needles:?}");
+        });
+        found
+            .await
+            .unwrap_or_else(|_| panic!("no log line with {needles:?} within {TIMEOUT:?}"))
+    }
+
+    fn spawn(extra: &[&str], logged: bool) -> Self {
         let dir = temp_dir("bin");
         let ready = dir.join("ready.json");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_whispeer-relay"));
@@ -460,10 +488,31 @@ impl BinRelay {
         .env("WHISPEER_STORE_PATH", dir.join("relay.db"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        .stderr(if logged {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        });
         let mut child = cmd.spawn().expect("spawn whispeer-relay");
+        let log = child.stderr.take().map(|stderr| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("{line}");
+                    let _ = tx.send(line);
+                }
+            });
+            rx
+        });
         let addrs = wait_for_ready_file(&ready, &mut child);
-        Self { child, addrs, dir }
+        Self {
+            child,
+            addrs,
+            dir,
+            log,
+        }
     }
 
     pub fn ws(&self) -> SocketAddr {
@@ -560,4 +609,16 @@ impl Probe {
 
 pub fn arc<T>(t: T) -> Arc<T> {
     Arc::new(t)
+}
+
+/// A metric's value from a relay's admin port (0 when absent).
+pub async fn metric(admin: SocketAddr, name: &str) -> u64 {
+    let body = whispeer_relay::admin::http_get(&format!("http://{admin}"), "/metrics")
+        .await
+        .unwrap();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }

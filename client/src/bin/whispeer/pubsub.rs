@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
-use whispeer::protocol::Qos;
+use whispeer::protocol::{Provenance, Qos};
 use whispeer::{
     Client, Identity, Keyring, Message, PublishOptions, Replay, SubscribeError, SubscribeOptions,
     TlsRoot, Topic, TopicFilter, WebSocket,
@@ -314,7 +314,7 @@ impl SubArgs {
     }
 }
 
-/// One printed message (field order is part of the output contract).
+/// One printed message (field order is part of the output contract: new keys go last).
 #[derive(Serialize)]
 struct Line<'a> {
     topic: &'a str,
@@ -323,6 +323,26 @@ struct Line<'a> {
     id: String,
     ts: u64,
     data: serde_json::Value,
+    /// The tree whose key opened it (32 hex digits).
+    tree: String,
+    /// The key epoch it was sealed under.
+    epoch: u64,
+    /// How the grant that opened it is held (see [`provenance_json`]).
+    provenance: serde_json::Value,
+}
+
+/// A grant's provenance as the npm package shows it: `{"kind":"admin-signed"}`,
+/// `{"kind":"derived","from":SCOPE}` or `{"kind":"delegated","by":SENDER_ID}`.
+fn provenance_json(p: &Provenance) -> serde_json::Value {
+    use serde_json::json;
+    match p {
+        Provenance::AdminSigned => json!({ "kind": "admin-signed" }),
+        Provenance::Derived { from } => json!({ "kind": "derived", "from": from.to_string() }),
+        Provenance::Delegated { by } => json!({ "kind": "delegated", "by": by.to_string() }),
+        // A kind this build does not know: named, never dropped.
+        #[allow(unreachable_patterns)]
+        other => json!({ "kind": other.to_string() }),
+    }
 }
 
 /// CBOR (what every whispeer client publishes) as JSON: byte strings become hex strings,
@@ -459,6 +479,9 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
             id: m.id.to_string(),
             ts: m.timestamp_ms,
             data,
+            tree: m.tree_id.to_string(),
+            epoch: m.epoch,
+            provenance: provenance_json(&m.provenance),
         };
         let text = serde_json::to_string(&line)?;
         match io::println_flush(&text) {
@@ -485,5 +508,26 @@ mod tests {
         assert_eq!(super::since_ms("2h", 1).unwrap(), 0);
         assert!(super::since_ms("5 weeks", 1).is_err());
         assert!(super::since_ms("m", 1).is_err());
+    }
+
+    #[test]
+    fn provenance_prints_as_the_npm_package_shows_it() {
+        use serde_json::json;
+        use whispeer::protocol::{Provenance, Scope};
+        let j = super::provenance_json;
+        assert_eq!(
+            j(&Provenance::AdminSigned),
+            json!({ "kind": "admin-signed" })
+        );
+        let from = Scope::Subtree(whispeer::Topic::new("a/b").unwrap());
+        assert_eq!(
+            j(&Provenance::Derived { from }),
+            json!({ "kind": "derived", "from": "a/b/#" })
+        );
+        let by = whispeer::Identity::generate(&mut rand::rngs::OsRng).sender_id();
+        assert_eq!(
+            j(&Provenance::Delegated { by }),
+            json!({ "kind": "delegated", "by": by.to_string() })
+        );
     }
 }
