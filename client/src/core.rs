@@ -8,8 +8,10 @@
 //! ([`receive`]: dedup across subscriptions within a time horizon, clock skew, retained
 //! values that never move backwards, publisher policies) and counts refusals by reason.
 //! [`acks`] is the ack queue that keeps acks in relay-sequence order whatever the outcome.
+//! [`connection`] is the sans-IO connection engine both clients drive.
 
 pub mod acks;
+pub mod connection;
 pub mod receive;
 
 use std::collections::{BTreeMap, HashMap};

@@ -22,10 +22,13 @@
 //!
 //! ## Module map
 //! - [`core`] — the runtime-free client core (subscriptions, open once / fan out, dedup),
-//!   shared with the WebAssembly client.
+//!   shared with the WebAssembly client, and its sans-IO connection engine
+//!   ([`core::connection::Engine`]: handshake, resubscription, outbox, acks, heartbeat,
+//!   backoff, flush) that the tokio driver runs.
 //! - [`error`] — `ConnectError`, `PublishError`, `SubscribeError`, `ReceiveError`.
-//! - `client` — the tokio [`Client`] handle, its builder and background connection task,
-//!   [`Subscription`] streams (feature `tokio-runtime`).
+//! - `client` — the tokio client, split by role: the [`Client`] handle, its
+//!   [`ClientBuilder`], [`Subscription`] streams, and the driver task that moves bytes
+//!   between the socket and the engine (feature `tokio-runtime`).
 //! - `options` — the builder's engines: [`WebSocket`], [`Tcp`], [`Compression`],
 //!   [`Padding`], [`Encryption`], [`Signing`], [`TopicOptions`], [`Reconnect`], [`TlsRoot`].
 //! - `transport` — `ws://`, `wss://`, `tcp://`, `tls://` connections, and the in-process

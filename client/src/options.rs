@@ -217,7 +217,9 @@ impl Engine for TopicOptions {
     }
 }
 
-/// Reconnect policy: exponential backoff with full jitter.
+/// Reconnect policy: exponential backoff with equal jitter (the delay before attempt `n` is
+/// uniform in `[d/2, d]`, `d = min(max, initial·2ⁿ)`; the engine's
+/// [`Backoff`](crate::core::connection::Backoff), with jitter from its seed).
 #[derive(Debug, Clone, Copy)]
 pub struct Reconnect {
     /// First delay.
@@ -234,16 +236,6 @@ impl Default for Reconnect {
             max: Duration::from_secs(5),
             max_attempts: None,
         }
-    }
-}
-impl Reconnect {
-    /// The delay before attempt `n` (0-based): uniform in `[d/2, d]`, `d = min(max, initial·2ⁿ)`.
-    pub fn delay(&self, attempt: u32, unit_random: f64) -> Duration {
-        let d = self
-            .initial
-            .saturating_mul(1u32 << attempt.min(16))
-            .min(self.max);
-        d.mul_f64(0.5 + 0.5 * unit_random.clamp(0.0, 1.0))
     }
 }
 impl Engine for Reconnect {
@@ -420,13 +412,7 @@ impl Engine for DurableOwner {
 /// sent in `Hello`. `whispeer-relay account add NAME --key-out FILE` writes the key file
 /// [`RelayAuth::key_file`] reads; `--token` prints a token.
 #[derive(Clone)]
-pub struct RelayAuth(RelayAuthKind);
-
-#[derive(Clone)]
-enum RelayAuthKind {
-    Key(std::sync::Arc<ed25519_dalek::SigningKey>),
-    Token(zeroize::Zeroizing<String>),
-}
+pub struct RelayAuth(pub(crate) crate::core::connection::AccountAuth);
 
 /// Prefix of an account key file (`wsp_acct_sk_` + 64 hex characters).
 pub const ACCOUNT_KEY_PREFIX: &str = "wsp_acct_sk_";
@@ -449,7 +435,9 @@ pub enum RelayAuthError {
 impl RelayAuth {
     /// An Ed25519 account key.
     pub fn key(key: ed25519_dalek::SigningKey) -> Self {
-        RelayAuth(RelayAuthKind::Key(std::sync::Arc::new(key)))
+        RelayAuth(crate::core::connection::AccountAuth::Key(
+            std::sync::Arc::new(key),
+        ))
     }
 
     /// Parses an account key string (`wsp_acct_sk_…`).
@@ -488,51 +476,20 @@ impl RelayAuth {
 
     /// A bearer token.
     pub fn token(token: impl Into<String>) -> Self {
-        RelayAuth(RelayAuthKind::Token(zeroize::Zeroizing::new(token.into())))
+        RelayAuth(crate::core::connection::AccountAuth::Token(
+            zeroize::Zeroizing::new(token.into()),
+        ))
     }
 
     /// The account's public key (what `whispeer-relay account add --public-key` takes).
     pub fn public_key(&self) -> Option<[u8; 32]> {
-        match &self.0 {
-            RelayAuthKind::Key(k) => Some(k.verifying_key().to_bytes()),
-            RelayAuthKind::Token(_) => None,
-        }
-    }
-
-    /// Puts the account (key) or the token into a `Hello`.
-    pub(crate) fn fill_hello(&self, h: &mut whispeer_protocol::frame::Hello) {
-        match &self.0 {
-            RelayAuthKind::Key(k) => h.account = Some(k.verifying_key().to_bytes()),
-            RelayAuthKind::Token(t) => {
-                h.auth = Some(bytes::Bytes::copy_from_slice(t.as_bytes()));
-            }
-        }
-    }
-
-    /// The `Auth` frame answering a `Challenge` (None for a token).
-    pub(crate) fn answer(&self, nonce: &[u8; 32]) -> Option<whispeer_protocol::Frame> {
-        use ed25519_dalek::Signer;
-        match &self.0 {
-            RelayAuthKind::Key(k) => {
-                let pk = k.verifying_key().to_bytes();
-                let msg = whispeer_protocol::frame::auth_sig_input(nonce, &pk);
-                Some(whispeer_protocol::Frame::Auth(
-                    whispeer_protocol::frame::Auth {
-                        sig: k.sign(&msg).to_bytes(),
-                    },
-                ))
-            }
-            RelayAuthKind::Token(_) => None,
-        }
+        self.0.public_key()
     }
 }
 
 impl std::fmt::Debug for RelayAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            RelayAuthKind::Key(_) => f.write_str("RelayAuth::Key(..)"),
-            RelayAuthKind::Token(_) => f.write_str("RelayAuth::Token(..)"),
-        }
+        write!(f, "RelayAuth({:?})", self.0)
     }
 }
 

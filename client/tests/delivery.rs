@@ -6,79 +6,13 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use support::proxy::KillerProxy;
 use support::*;
-use tokio::sync::Notify;
 use whispeer::protocol::Qos;
 use whispeer::{Encryption, PublishOptions, Reconnect, Replay, SubscribeOptions, Tcp};
-
-/// A TCP proxy whose live connections can all be cut at once (both directions, abruptly),
-/// to induce reconnects at chosen moments.
-struct KillerProxy {
-    addr: std::net::SocketAddr,
-    kill: Arc<Notify>,
-    /// While set, bytes from clients are swallowed (the relay never sees them).
-    blackhole: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl KillerProxy {
-    async fn start(upstream: std::net::SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let kill = Arc::new(Notify::new());
-        let blackhole = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let hole = blackhole.clone();
-        let k = kill.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    return;
-                };
-                let Ok(relay) = tokio::net::TcpStream::connect(upstream).await else {
-                    continue;
-                };
-                let k = k.clone();
-                let hole = hole.clone();
-                tokio::spawn(async move {
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut rr, mut rw) = relay.into_split();
-                    let upstream = async move {
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            let n = cr.read(&mut buf).await.unwrap_or(0);
-                            if n == 0 {
-                                return;
-                            }
-                            if !hole.load(std::sync::atomic::Ordering::SeqCst)
-                                && rw.write_all(&buf[..n]).await.is_err()
-                            {
-                                return;
-                            }
-                        }
-                    };
-                    // Dropping both halves of both sockets cuts the connection.
-                    tokio::select! {
-                        _ = upstream => {}
-                        _ = tokio::io::copy(&mut rr, &mut cw) => {}
-                        _ = k.notified() => {}
-                    }
-                });
-            }
-        });
-        KillerProxy {
-            addr,
-            kill,
-            blackhole,
-        }
-    }
-    fn cut_all(&self) {
-        self.kill.notify_waiters();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_under_induced_reconnects_in_order() {

@@ -167,6 +167,18 @@ impl AckQueue {
         !self.ready.is_empty()
     }
 
+    /// How many acks are waiting to leave.
+    pub fn ready_len(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Returns sequences taken with [`AckQueue::take_ready`] and not sent yet (they go
+    /// first next time, in order).
+    pub fn put_back(&mut self, mut seqs: Vec<u64>) {
+        seqs.append(&mut self.ready);
+        self.ready = seqs;
+    }
+
     /// Slots not yet released.
     pub fn pending(&self) -> usize {
         self.slots.len()

@@ -3,6 +3,7 @@
 //! fires when something is broken.
 #![allow(dead_code)]
 
+pub mod proxy;
 pub mod raw;
 
 use std::net::SocketAddr;

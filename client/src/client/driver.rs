@@ -1,0 +1,581 @@
+//! The tokio driver of the connection engine: it only moves bytes and runs the engine's one
+//! timer. Every protocol decision (handshake, resubscription, outbox, acks, heartbeat,
+//! backoff, flush) is the engine's (`core::connection`).
+//!
+//! Each turn drains the engine in order — transmits, then the deadline, then events — and
+//! then waits for one of: a frame or a close from the socket, the dial it asked for, an app
+//! command, the timer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::shared::{
+    now_ms, AckReply, ClientStats, Command, ConnectionState, FlushReply, Item, SubReady,
+};
+use crate::core::connection::{
+    AckToken, ConnId, Disconnect, Engine, Event, FlushId, Now, PublishFailure, PublishId, Transmit,
+};
+use crate::core::{LocalSubId, Received};
+use crate::error::{ConnectError, FlushError, PublishError};
+use crate::plugin::{Plugins, Verdict};
+use crate::transport::{Connection, Dialer, FrameWriter, Incoming};
+
+/// Frames handled per wake-up before the driver looks at commands and timers again.
+const READ_BATCH: usize = 256;
+
+/// What the builder hands the driver.
+pub(super) struct Parts {
+    pub(super) eng: Engine,
+    pub(super) epoch: Instant,
+    pub(super) dialer: Dialer,
+    pub(super) max_frame: usize,
+    pub(super) connect_timeout: Duration,
+    pub(super) cmd_rx: mpsc::UnboundedReceiver<Command>,
+    pub(super) state: watch::Sender<ConnectionState>,
+    pub(super) stats: watch::Sender<ClientStats>,
+    pub(super) plugins: Plugins,
+    /// The outcome of the first connection, for `connect()`.
+    pub(super) first: oneshot::Sender<Result<(), ConnectError>>,
+    #[cfg(feature = "persistence")]
+    pub(super) saved: Option<crate::persist::Store>,
+}
+
+/// A subscription's side of the driver.
+struct Sink {
+    tx: mpsc::UnboundedSender<Item>,
+    /// At most once: messages lost for want of credit, reported before the next message.
+    lag: Arc<AtomicU64>,
+    ready: Option<SubReady>,
+}
+
+/// The open socket.
+struct Live {
+    id: ConnId,
+    writer: FrameWriter,
+    incoming: mpsc::Receiver<Incoming>,
+}
+
+pub(super) struct Driver {
+    p: Parts,
+    first: Option<oneshot::Sender<Result<(), ConnectError>>>,
+    sinks: BTreeMap<LocalSubId, Sink>,
+    acks: HashMap<PublishId, AckReply>,
+    flushes: HashMap<FlushId, FlushReply>,
+    closing: Vec<oneshot::Sender<()>>,
+    plugin_drops: u64,
+    /// The last message the plugins saw and what they made of it.
+    plugin_memo: Option<(Arc<Received>, Option<Arc<Received>>)>,
+    /// Credit drops whose lag the subscriptions already hold (the counter never runs ahead
+    /// of the `Lagged` report a reader can see).
+    slow_drops: u64,
+    conn: Option<Live>,
+    dialing: Option<(ConnId, JoinHandle<Result<Connection, ConnectError>>)>,
+    /// The error of the last failed dial (a typed `ConnectError` for `connect()`).
+    dial_error: Option<ConnectError>,
+}
+
+impl Driver {
+    pub(super) fn new(mut p: Parts) -> Self {
+        let (tx, _) = oneshot::channel();
+        let first = std::mem::replace(&mut p.first, tx);
+        Driver {
+            p,
+            first: Some(first),
+            sinks: BTreeMap::new(),
+            acks: HashMap::new(),
+            flushes: HashMap::new(),
+            closing: Vec::new(),
+            plugin_drops: 0,
+            plugin_memo: None,
+            slow_drops: 0,
+            conn: None,
+            dialing: None,
+            dial_error: None,
+        }
+    }
+
+    fn now(&self) -> Now {
+        let mono = self.p.epoch.elapsed().as_millis();
+        Now::new(u64::try_from(mono).unwrap_or(u64::MAX), now_ms())
+    }
+
+    fn instant(&self, deadline: Option<u64>) -> Instant {
+        match deadline {
+            Some(ms) => self.p.epoch + Duration::from_millis(ms),
+            None => Instant::now() + Duration::from_secs(86_400),
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        let sleep = tokio::time::sleep_until(self.instant(None));
+        tokio::pin!(sleep);
+        let mut armed: Option<u64> = None;
+        loop {
+            // 1. Transmit (acks released by the events below come back round here).
+            self.transmit().await;
+            // 2. Events (counters current before the app sees a message); then anything
+            //    they queued.
+            self.sync_stats();
+            if self.deliver_events() {
+                return;
+            }
+            self.transmit().await;
+            // 3. The one timer, re-armed only when the deadline changed.
+            let dl = self.p.eng.poll_timeout();
+            if dl != armed {
+                armed = dl;
+                sleep.as_mut().reset(self.instant(dl));
+            }
+            self.sync_stats();
+            tokio::select! {
+                inc = recv(&mut self.conn) => self.on_incoming(inc),
+                d = dialed(&mut self.dialing) => self.on_dialed(d),
+                cmd = self.p.cmd_rx.recv() => match cmd {
+                    Some(cmd) => {
+                        self.apply(cmd);
+                        // Batch whatever else is ready into the same turn.
+                        for _ in 0..READ_BATCH {
+                            match self.p.cmd_rx.try_recv() {
+                                Ok(cmd) => self.apply(cmd),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    // Every handle is gone: close politely (kept publishes stay saved).
+                    None => {
+                        let now = self.now();
+                        self.p.eng.close(now);
+                    }
+                },
+                _ = &mut sleep => {
+                    armed = None;
+                    let now = self.now();
+                    self.p.eng.handle_timeout(now);
+                }
+            }
+        }
+    }
+
+    /// Writes, dials and hangs up as the engine says.
+    async fn transmit(&mut self) {
+        let mut wrote = false;
+        while let Some(t) = self.p.eng.poll_transmit() {
+            match t {
+                Transmit::Frame(b) => {
+                    let Some(c) = &mut self.conn else { continue };
+                    if let Err(e) = c.writer.write(b).await {
+                        self.lost(e.to_string());
+                        wrote = false;
+                    } else {
+                        wrote = true;
+                    }
+                }
+                Transmit::Dial(id) => {
+                    let d = self.p.dialer.clone();
+                    let (max_frame, timeout) = (self.p.max_frame, self.p.connect_timeout);
+                    let task = tokio::spawn(async move { d.dial(max_frame, timeout).await });
+                    if let Some((_, old)) = self.dialing.replace((id, task)) {
+                        old.abort();
+                    }
+                }
+                Transmit::Hangup(id) => {
+                    if self.conn.as_ref().is_some_and(|c| c.id == id) {
+                        let mut c = self.conn.take().expect("checked");
+                        let _ = c.writer.flush().await;
+                        c.writer.close().await;
+                        wrote = false;
+                    } else if self.dialing.as_ref().is_some_and(|(d, _)| *d == id) {
+                        if let Some((_, task)) = self.dialing.take() {
+                            task.abort();
+                        }
+                    }
+                }
+            }
+        }
+        if wrote {
+            if let Some(c) = &mut self.conn {
+                if let Err(e) = c.writer.flush().await {
+                    self.lost(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// The socket failed under us.
+    fn lost(&mut self, why: String) {
+        if let Some(c) = self.conn.take() {
+            let now = self.now();
+            self.p.eng.handle_disconnected(c.id, &why, now);
+        }
+    }
+
+    fn on_incoming(&mut self, first: Option<Incoming>) {
+        let Some(id) = self.conn.as_ref().map(|c| c.id) else {
+            return;
+        };
+        // Commands already queued go first: credit the app returned before these frames
+        // arrived must count for them (a bounded batch, so frames are never starved).
+        for _ in 0..READ_BATCH {
+            match self.p.cmd_rx.try_recv() {
+                Ok(cmd) => self.apply(cmd),
+                Err(_) => break,
+            }
+        }
+        let mut next = first;
+        for n in 0..READ_BATCH {
+            let now = self.now();
+            match next {
+                Some(Incoming::Frame(f)) => self.p.eng.handle_decoded(id, f, now),
+                Some(Incoming::Closed(why)) => return self.lost(why),
+                None => return self.lost("reader stopped".into()),
+            }
+            if n + 1 == READ_BATCH {
+                break; // the rest waits for the next turn, still queued
+            }
+            match self.conn.as_mut().map(|c| c.incoming.try_recv()) {
+                Some(Ok(i)) => next = Some(i),
+                _ => break,
+            }
+        }
+        self.persist_changes();
+    }
+
+    fn on_dialed(&mut self, (id, r): (ConnId, Result<Connection, ConnectError>)) {
+        let now = self.now();
+        match r {
+            Ok(c) => {
+                self.conn = Some(Live {
+                    id,
+                    writer: c.writer,
+                    incoming: c.incoming,
+                });
+                self.p.eng.handle_connected(id, now);
+            }
+            Err(e) => {
+                tracing::debug!(relay = %self.p.dialer.describe(), error = %e, "dial failed");
+                let why = e.to_string();
+                self.dial_error = Some(e);
+                self.p.eng.handle_disconnected(id, &why, now);
+            }
+        }
+    }
+
+    fn apply(&mut self, cmd: Command) {
+        let now = self.now();
+        match cmd {
+            Command::Publish {
+                envelope,
+                opts,
+                reply,
+            } => match self.p.eng.publish(envelope, opts, now) {
+                Ok(Some(pid)) => {
+                    self.keep(&pid);
+                    if let Some(r) = reply {
+                        self.acks.insert(pid, r);
+                    }
+                }
+                Ok(None) => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Ok(0));
+                    }
+                }
+                Err(e) => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(e));
+                    }
+                }
+            },
+            Command::Ack(token) => self.p.eng.ack(token, now),
+            Command::Subscribe {
+                id,
+                filter,
+                opts,
+                tx,
+                lag,
+                ready,
+            } => match self.p.eng.subscribe(id, filter, opts, now) {
+                Ok(()) => {
+                    let ready = Some(ready);
+                    self.sinks.insert(id, Sink { tx, lag, ready });
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                }
+            },
+            Command::Unsubscribe { id } => {
+                self.p.eng.unsubscribe(id);
+                self.sinks.remove(&id);
+            }
+            Command::Resubscribe => {
+                self.save_pins();
+                self.p.eng.refresh_keys(now);
+            }
+            Command::Flush(tx) => {
+                let id = self.p.eng.flush(now);
+                self.flushes.insert(id, tx);
+            }
+            Command::Close(done) => {
+                self.closing.push(done);
+                self.p.eng.close(now);
+            }
+        }
+    }
+
+    /// Hands the engine's events on; true once the engine closed for good.
+    fn deliver_events(&mut self) -> bool {
+        while let Some(e) = self.p.eng.poll_event() {
+            match e {
+                Event::Connected { .. } => {
+                    self.dial_error = None;
+                    let _ = self.p.state.send(ConnectionState::Connected);
+                    if let Some(f) = self.first.take() {
+                        let _ = f.send(Ok(()));
+                    }
+                }
+                Event::Disconnected {
+                    reason,
+                    attempt,
+                    retry_at,
+                } => {
+                    tracing::info!(relay = %self.p.dialer.describe(), %reason, attempt,
+                        retrying = retry_at.is_some(), "connection lost");
+                    if retry_at.is_some() {
+                        let _ = self.p.state.send(ConnectionState::Reconnecting(attempt));
+                    } else if let Some(f) = self.first.take() {
+                        let _ = f.send(Err(self.connect_error(reason)));
+                    }
+                }
+                Event::Closed => {
+                    self.finish();
+                    return true;
+                }
+                Event::Message { sub, msg, token } => {
+                    let Some(msg) = self.plugged(msg) else {
+                        // Dropped by a plugin: a hidden placeholder, in order.
+                        self.hide(sub, token);
+                        continue;
+                    };
+                    let Some(s) = self.sinks.get(&sub) else {
+                        continue;
+                    };
+                    // Report what was lost before this message, in order.
+                    let lost = s.lag.swap(0, Ordering::AcqRel);
+                    if lost > 0 {
+                        let _ = s.tx.send(Item::Lagged(lost));
+                    }
+                    // A dropped subscription's Unsubscribe is on its way: what it never took
+                    // is then released unacked (the relay delivers it again).
+                    let _ = s.tx.send(Item::Msg(msg, token));
+                }
+                Event::Placeholder { sub, token } => self.hide(sub, token),
+                Event::Gap { dropped, subs } => {
+                    for sub in subs {
+                        if let Some(s) = self.sinks.get(&sub) {
+                            let _ = s.tx.send(Item::Lagged(dropped));
+                        }
+                    }
+                }
+                Event::Dropped { sub, n } => {
+                    if let Some(s) = self.sinks.get(&sub) {
+                        s.lag.fetch_add(n, Ordering::AcqRel);
+                    }
+                    self.slow_drops += n;
+                }
+                Event::SubscribeOk { sub } => {
+                    if let Some(r) = self.sinks.get_mut(&sub).and_then(|s| s.ready.take()) {
+                        let _ = r.send(Ok(()));
+                    }
+                }
+                Event::SubscribeErr { sub, error } => {
+                    if let Some(r) = self.sinks.remove(&sub).and_then(|s| s.ready) {
+                        let _ = r.send(Err(error.into()));
+                    }
+                }
+                Event::PubAck { pid, seq } => {
+                    self.settled(&pid);
+                    if let Some(r) = self.acks.remove(&pid) {
+                        let _ = r.send(Ok(seq));
+                    }
+                }
+                Event::PublishFailed { pid, reason } => {
+                    // A kept publish the engine gave up on at close stays saved: a later
+                    // run re-sends it.
+                    if reason != PublishFailure::Closed {
+                        self.settled(&pid);
+                    }
+                    if let Some(r) = self.acks.remove(&pid) {
+                        let _ = r.send(Err(PublishError::from(reason)));
+                    }
+                }
+                Event::Flushed { id } => {
+                    if let Some(r) = self.flushes.remove(&id) {
+                        let _ = r.send(Ok(()));
+                    }
+                }
+                Event::FlushFailed { id } => {
+                    if let Some(r) = self.flushes.remove(&id) {
+                        let _ = r.send(Err(FlushError::Disconnected));
+                    }
+                }
+                Event::RelayError { code, message, .. } => {
+                    tracing::warn!(code = code.name(), %message, "relay error");
+                }
+                Event::ReplayDone { .. } => {}
+            }
+        }
+        false
+    }
+
+    /// Runs the plugins on a delivered message, once however many subscriptions it goes to
+    /// (the engine hands them out one after another); `None`: a plugin dropped it.
+    fn plugged(&mut self, msg: Arc<Received>) -> Option<Arc<Received>> {
+        if self.p.plugins.is_empty() {
+            return Some(msg);
+        }
+        if let Some((orig, out)) = &self.plugin_memo {
+            if Arc::ptr_eq(orig, &msg) {
+                return out.clone();
+            }
+        }
+        let mut m = msg.clone();
+        let out = if self.p.plugins.on_message(Arc::make_mut(&mut m)) == Verdict::Drop {
+            self.plugin_drops += 1;
+            self.sync_stats(); // before the app sees what follows
+            None
+        } else {
+            Some(m)
+        };
+        self.plugin_memo = Some((msg, out.clone()));
+        out
+    }
+
+    /// A slot the app never sees: it waits in the subscription's stream, which takes it
+    /// silently, so its ack leaves when the app reaches it (ack timing follows reading,
+    /// never the outcome of opening: PROTOCOL §4.10).
+    fn hide(&self, sub: LocalSubId, token: AckToken) {
+        if let Some(s) = self.sinks.get(&sub) {
+            let _ = s.tx.send(Item::Hidden(token));
+        }
+    }
+
+    /// The first connection failed: the typed error for `connect()`.
+    fn connect_error(&mut self, reason: Disconnect) -> ConnectError {
+        if let Some(e) = self.dial_error.take() {
+            return e;
+        }
+        match reason {
+            Disconnect::Timeout => ConnectError::Timeout(self.p.connect_timeout),
+            Disconnect::Rejected { code, message } => ConnectError::Rejected { code, message },
+            Disconnect::Handshake(why) | Disconnect::Transport(why) => ConnectError::Handshake(why),
+            other => ConnectError::Handshake(other.to_string()),
+        }
+    }
+
+    fn finish(&mut self) {
+        // Refuse new commands before anyone learns the client is closed: a `publish` after
+        // `close()` returned must fail, not land in a queue nobody reads.
+        self.p.cmd_rx.close();
+        if let Some((_, task)) = self.dialing.take() {
+            task.abort();
+        }
+        let _ = self.p.state.send(ConnectionState::Closed);
+        self.sinks.clear(); // ends every Subscription stream
+        self.sync_stats();
+        for done in self.closing.drain(..) {
+            let _ = done.send(());
+        }
+        // Commands that raced the close: their senders drop (Closed).
+        while let Ok(cmd) = self.p.cmd_rx.try_recv() {
+            if let Command::Close(done) = cmd {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn sync_stats(&self) {
+        let e = self.p.eng.stats();
+        let next = ClientStats {
+            core: e.core,
+            slow_subscriber_drops: self.slow_drops,
+            outbox_drops: e.outbox_drops,
+            reconnects: e.reconnects,
+            plugin_drops: self.plugin_drops,
+            unacked_publishes: e.unacked_publishes,
+        };
+        self.p.stats.send_if_modified(|s| {
+            if *s == next {
+                return false;
+            }
+            *s = next;
+            true
+        });
+    }
+
+    /// Saves a kept publish (with `Persistence`) when `publish` returns.
+    fn keep(&self, pid: &PublishId) {
+        #[cfg(feature = "persistence")]
+        if let (Some(st), Some((order, frame))) = (&self.p.saved, self.p.eng.kept_publish(pid)) {
+            st.keep(&pid.0, order, &frame);
+        }
+        let _ = pid;
+    }
+
+    /// The relay acknowledged (or refused) a publish: no longer saved.
+    fn settled(&self, pid: &PublishId) {
+        #[cfg(feature = "persistence")]
+        if let Some(st) = &self.p.saved {
+            st.acked(&pid.0);
+        }
+        let _ = pid;
+    }
+
+    /// Writes the receiver state changes (dedup entries, retained marks) to the state file,
+    /// before the app sees the messages.
+    fn persist_changes(&mut self) {
+        let changes = self.p.eng.core_mut().take_changes();
+        #[cfg(feature = "persistence")]
+        if let Some(st) = &self.p.saved {
+            st.record(&changes, now_ms());
+        }
+        let _ = changes;
+    }
+
+    /// A grant was added at run time: saves the keyring's pins (a new tree pins its admin).
+    fn save_pins(&self) {
+        #[cfg(feature = "persistence")]
+        if let Some(st) = &self.p.saved {
+            let kr = self.p.eng.core().keyring().read().expect("keyring lock");
+            st.save_pins(&kr.export_pins());
+        }
+    }
+}
+
+/// The next item of the open socket's reader (pending forever without a socket).
+async fn recv(conn: &mut Option<Live>) -> Option<Incoming> {
+    match conn {
+        Some(c) => c.incoming.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The outcome of the dial in progress (pending forever without one).
+async fn dialed(
+    dialing: &mut Option<(ConnId, JoinHandle<Result<Connection, ConnectError>>)>,
+) -> (ConnId, Result<Connection, ConnectError>) {
+    let Some((id, task)) = dialing else {
+        return std::future::pending().await;
+    };
+    let id = *id;
+    let r = match task.await {
+        Ok(r) => r,
+        Err(e) => Err(ConnectError::Handshake(format!("dial task failed: {e}"))),
+    };
+    *dialing = None;
+    (id, r)
+}

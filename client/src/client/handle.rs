@@ -1,0 +1,389 @@
+//! The [`Client`] handle: cheap to clone, seals in the caller's task (so many tasks seal in
+//! parallel) and hands sealed envelopes and subscriptions to the driver task.
+
+use std::cell::RefCell;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rand::rngs::OsRng;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use whispeer_protocol::{Grant, Sealer, SenderId, Topic, TopicFilter};
+
+use super::shared::{
+    now_ms, ClientStats, Command, ConnectionState, Inner, Message, PublishOptions,
+};
+use super::subscription::{decode_cbor, decode_raw, Subscription};
+use crate::core::{self, Received, SubscribeOptions};
+use crate::error::{FlushError, PublishError, ReceiveError, SubscribeError};
+use crate::plugin::Outgoing;
+
+thread_local! {
+    // One sealer per thread: keeps a zstd context for reuse without a shared lock.
+    static SEALER: RefCell<Sealer> = RefCell::new(Sealer::new());
+}
+
+/// A connected client. Clone it freely: every clone shares the one connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub(super) inner: Arc<Inner>,
+}
+
+/// Serializes a value as CBOR, the format every whispeer client (Rust and JS) uses.
+pub fn to_cbor<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, PublishError> {
+    let mut buf = Vec::with_capacity(128);
+    ciborium::into_writer(value, &mut buf).map_err(|e| PublishError::Encode(e.to_string()))?;
+    Ok(buf)
+}
+
+impl Client {
+    /// The current connection state.
+    pub fn state(&self) -> ConnectionState {
+        *self.inner.state.borrow()
+    }
+
+    /// A receiver of connection state changes.
+    pub fn state_changes(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.state.clone()
+    }
+
+    /// Counters: delivered, rejected, duplicates, drops, reconnects.
+    pub fn stats(&self) -> ClientStats {
+        self.inner.stats.borrow().clone()
+    }
+
+    /// A receiver woken whenever the counters change (wait on it instead of polling
+    /// [`Client::stats`]).
+    pub fn stats_changes(&self) -> watch::Receiver<ClientStats> {
+        self.inner.stats.clone()
+    }
+
+    /// The sender id of this client's identity.
+    pub fn sender_id(&self) -> Option<SenderId> {
+        self.inner.identity.as_ref().map(|i| i.sender_id())
+    }
+
+    /// Adds a grant at run time (e.g. a new epoch after a rotation) and re-subscribes so
+    /// existing subscriptions cover it.
+    pub fn add_grant(&self, grant: Grant) -> Result<(), whispeer_protocol::KeyError> {
+        self.inner
+            .keyring
+            .write()
+            .expect("keyring lock")
+            .add_grant(grant, now_ms())?;
+        let _ = self.inner.cmd.send(Command::Resubscribe);
+        Ok(())
+    }
+
+    /// Lets this client seal with the delegated grant(s) for `scope` in `tree` (every held
+    /// epoch): a grant narrowed and handed on by someone the keyring cannot verify opens
+    /// messages but seals only after this opt-in. Admin-signed and derived grants seal
+    /// anyway. Fails when no grant for that scope is held.
+    pub fn allow_sealing(
+        &self,
+        tree: whispeer_protocol::TreeId,
+        scope: &whispeer_protocol::Scope,
+    ) -> Result<(), whispeer_protocol::KeyError> {
+        self.inner
+            .keyring
+            .write()
+            .expect("keyring lock")
+            .allow_sealing(tree, scope)
+    }
+
+    /// The provenance of the grant for `scope` held in the newest epoch of `tree`.
+    pub fn provenance(
+        &self,
+        tree: whispeer_protocol::TreeId,
+        scope: &whispeer_protocol::Scope,
+    ) -> Option<whispeer_protocol::Provenance> {
+        self.inner
+            .keyring
+            .read()
+            .expect("keyring lock")
+            .provenance(tree, scope)
+            .cloned()
+    }
+
+    fn seal(
+        &self,
+        tree: Option<whispeer_protocol::TreeId>,
+        topic: &Topic,
+        content_type: &str,
+        payload: &[u8],
+    ) -> Result<whispeer_protocol::Envelope, PublishError> {
+        let i = &self.inner;
+        SEALER.with(|s| {
+            core::seal_publish_in(
+                &i.keyring,
+                tree,
+                i.identity.as_ref(),
+                &i.policy,
+                &mut s.borrow_mut(),
+                topic,
+                content_type,
+                payload,
+                now_ms(),
+                &mut OsRng,
+            )
+            .map(|(env, _)| env)
+        })
+    }
+
+    /// Runs the plugins' `on_publish` (which may transform the message), then seals.
+    fn seal_with_plugins(
+        &self,
+        tree: Option<whispeer_protocol::TreeId>,
+        topic: Topic,
+        content_type: &str,
+        payload: &[u8],
+    ) -> Result<whispeer_protocol::Envelope, PublishError> {
+        if self.inner.plugins.is_empty() {
+            return self.seal(tree, &topic, content_type, payload);
+        }
+        let mut out = Outgoing {
+            topic,
+            content_type: content_type.to_owned(),
+            payload: payload.to_vec(),
+        };
+        self.inner.plugins.on_publish(&mut out)?;
+        self.seal(tree, &out.topic, &out.content_type, &out.payload)
+    }
+
+    /// Hands a sealed envelope to the driver; waits for the `PubAck` when the publish does.
+    async fn send(
+        &self,
+        envelope: whispeer_protocol::Envelope,
+        opts: PublishOptions,
+    ) -> Result<u64, PublishError> {
+        let cmd = &self.inner.cmd;
+        if !opts.waits() {
+            let c = Command::Publish {
+                envelope,
+                opts: opts.engine(),
+                reply: None,
+            };
+            cmd.send(c).map_err(|_| PublishError::Closed)?;
+            return Ok(0);
+        }
+        let (tx, rx) = oneshot::channel();
+        let c = Command::Publish {
+            envelope,
+            opts: opts.engine(),
+            reply: Some(tx),
+        };
+        cmd.send(c).map_err(|_| PublishError::Closed)?;
+        rx.await.map_err(|_| PublishError::Closed)?
+    }
+
+    /// Publishes a typed value (serde → CBOR) on `topic`. Returns once the message is handed
+    /// to the connection; use [`Client::flush`] or [`Client::publish_with`] (`ack`) to know
+    /// the relay has it.
+    pub async fn publish<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        value: &T,
+    ) -> Result<(), PublishError> {
+        self.publish_with(topic, value, PublishOptions::default())
+            .await
+            .map(|_| ())
+    }
+
+    /// Publishes with options; with `ack` it waits for the relay's `PubAck` and returns the
+    /// relay sequence.
+    pub async fn publish_with<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        value: &T,
+        opts: PublishOptions,
+    ) -> Result<u64, PublishError> {
+        let payload = to_cbor(value)?;
+        self.publish_bytes_with(topic, core::CBOR, &payload, opts)
+            .await
+    }
+
+    /// Publishes raw bytes with a content type of your choice.
+    pub async fn publish_bytes(
+        &self,
+        topic: &str,
+        content_type: &str,
+        payload: &[u8],
+    ) -> Result<(), PublishError> {
+        self.publish_bytes_with(topic, content_type, payload, PublishOptions::default())
+            .await
+            .map(|_| ())
+    }
+
+    /// Publishes raw bytes with a content type of your choice and options (retain, QoS,
+    /// tree); with `ack` it waits for the relay's `PubAck` and returns the relay sequence.
+    pub async fn publish_bytes_with(
+        &self,
+        topic: &str,
+        content_type: &str,
+        payload: &[u8],
+        opts: PublishOptions,
+    ) -> Result<u64, PublishError> {
+        let topic = Topic::new(topic)?;
+        let env = self.seal_with_plugins(opts.tree, topic, content_type, payload)?;
+        self.send(env, opts).await
+    }
+
+    /// Publishes many values on one topic as one write (sealed individually: each message is
+    /// still opened and verified alone).
+    pub async fn publish_batch<T: Serialize>(
+        &self,
+        topic: &str,
+        values: &[T],
+    ) -> Result<(), PublishError> {
+        let topic = Topic::new(topic)?;
+        let mut envs = Vec::with_capacity(values.len());
+        for v in values {
+            envs.push(self.seal_with_plugins(None, topic.clone(), core::CBOR, &to_cbor(v)?)?);
+        }
+        for env in envs {
+            self.send(env, PublishOptions::default()).await?;
+        }
+        Ok(())
+    }
+
+    async fn subscribe_inner<T>(
+        &self,
+        filter: &str,
+        opts: SubscribeOptions,
+        decode: fn(&Received) -> Result<T, ReceiveError>,
+    ) -> Result<Subscription<T>, SubscribeError> {
+        let filter = TopicFilter::new(filter)?;
+        self.inner.plugins.on_subscribe(&filter)?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        // Unbounded: the engine bounds what is delivered and not taken (the credit).
+        let (tx, rx) = mpsc::unbounded_channel();
+        let lag = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Command::Subscribe {
+                id,
+                filter,
+                opts,
+                tx,
+                lag: lag.clone(),
+                ready: ready_tx,
+            })
+            .map_err(|_| SubscribeError::Closed)?;
+        let sub = Subscription {
+            rx,
+            lag,
+            id,
+            cmd: self.inner.cmd.clone(),
+            decode,
+            _t: PhantomData,
+        };
+        ready_rx.await.map_err(|_| SubscribeError::Closed)??;
+        Ok(sub)
+    }
+
+    /// Subscribes to a filter (`+` one level, `#` the rest) and decodes each message as `T`.
+    /// Returns once the relay has confirmed the subscription: messages published after this
+    /// returns are delivered.
+    pub async fn subscribe<T: DeserializeOwned>(
+        &self,
+        filter: &str,
+    ) -> Result<Subscription<T>, SubscribeError> {
+        self.subscribe_inner(filter, SubscribeOptions::default(), decode_cbor::<T>)
+            .await
+    }
+
+    /// Subscribes with options: replay from the relay's history (a sequence, a time, the
+    /// last N), a durable name, QoS, retained values. After a reconnect every subscription
+    /// resumes after the last relay sequence it received.
+    pub async fn subscribe_with_options<T: DeserializeOwned>(
+        &self,
+        filter: &str,
+        opts: SubscribeOptions,
+    ) -> Result<Subscription<T>, SubscribeError> {
+        self.subscribe_inner(filter, opts, decode_cbor::<T>).await
+    }
+
+    /// Raw payloads with options (replay, durable name, QoS, retained).
+    pub async fn subscribe_bytes_with_options(
+        &self,
+        filter: &str,
+        opts: SubscribeOptions,
+    ) -> Result<Subscription<Vec<u8>>, SubscribeError> {
+        self.subscribe_inner(filter, opts, decode_raw).await
+    }
+
+    /// Subscribes to raw payloads (any content type).
+    pub async fn subscribe_bytes(
+        &self,
+        filter: &str,
+    ) -> Result<Subscription<Vec<u8>>, SubscribeError> {
+        self.subscribe_inner(filter, SubscribeOptions::default(), decode_raw)
+            .await
+    }
+
+    /// Calls `f` for every message on `filter` (decode errors are logged and skipped) until
+    /// the returned handle is aborted or the client closes.
+    pub async fn on<T, F>(
+        &self,
+        filter: &str,
+        mut f: F,
+    ) -> Result<tokio::task::JoinHandle<()>, SubscribeError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnMut(Message<T>) + Send + 'static,
+    {
+        let mut sub = self.subscribe::<T>(filter).await?;
+        Ok(tokio::spawn(async move {
+            while let Some(m) = sub.next_message().await {
+                match m {
+                    Ok(m) => f(m),
+                    Err(e) => tracing::warn!(error = %e, "skipping message"),
+                }
+            }
+        }))
+    }
+
+    /// Like [`Client::on`] with an async callback (awaited before the next message).
+    pub async fn on_async<T, F, Fut>(
+        &self,
+        filter: &str,
+        mut f: F,
+    ) -> Result<tokio::task::JoinHandle<()>, SubscribeError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnMut(Message<T>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let mut sub = self.subscribe::<T>(filter).await?;
+        Ok(tokio::spawn(async move {
+            while let Some(m) = sub.next_message().await {
+                match m {
+                    Ok(m) => f(m).await,
+                    Err(e) => tracing::warn!(error = %e, "skipping message"),
+                }
+            }
+        }))
+    }
+
+    /// Waits until the relay has processed everything sent before (a Ping/Pong round trip).
+    pub async fn flush(&self) -> Result<(), FlushError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Command::Flush(tx))
+            .map_err(|_| FlushError::Closed)?;
+        rx.await.map_err(|_| FlushError::Closed)?
+    }
+
+    /// Flushes, says goodbye to the relay and stops the connection task. Subscriptions end.
+    pub async fn close(&self) {
+        let _ = self.flush().await;
+        let (tx, rx) = oneshot::channel();
+        if self.inner.cmd.send(Command::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! What the handle, its subscriptions and the driver task share: the commands the handle
+//! sends, the items a subscription receives, the state and counters the driver publishes.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use whispeer_protocol::{
+    Envelope, Identity, Keyring, MessageId, Qos, SenderId, Topic, TopicFilter,
+};
+
+use crate::core::connection::{AckToken, PubOptions};
+use crate::core::{CoreStats, LocalSubId, Received, SealPolicy, SubscribeOptions};
+use crate::error::{FlushError, PublishError, SubscribeError};
+use crate::plugin::Plugins;
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The connection's state, observable with [`crate::Client::state_changes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Connected and handshaken.
+    Connected,
+    /// Lost; trying again (attempt number, from 1).
+    Reconnecting(u32),
+    /// Closed by [`crate::Client::close`] or after the reconnect policy gave up.
+    Closed,
+}
+
+/// Options of one publish.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PublishOptions {
+    /// Keep as the retained value of the topic on the relay.
+    pub retain: bool,
+    /// Wait until the relay acknowledges the message (`PubAck`). Implied by QoS 1 and 2.
+    pub ack: bool,
+    /// Delivery guarantee requested from the relay. With at least once (1) the publish
+    /// returns only once the relay's store holds the message, and is re-sent after a
+    /// reconnect until it does; exactly once (2) adds the relay's publish-id dedup, so a
+    /// re-send is never stored or delivered twice.
+    pub qos: Qos,
+    /// Seal with the key of this tree. Needed when grants of two trees cover the topic
+    /// (a publish without it then fails with an error naming both trees); otherwise the one
+    /// tree covering the topic seals.
+    pub tree: Option<whispeer_protocol::TreeId>,
+}
+
+impl PublishOptions {
+    /// At least once: returns the relay sequence once the message is stored.
+    pub fn at_least_once() -> Self {
+        PublishOptions {
+            qos: Qos::AtLeastOnce,
+            ack: true,
+            ..Default::default()
+        }
+    }
+    /// Exactly once (effectively): at least once plus relay-side dedup of re-sends.
+    pub fn exactly_once() -> Self {
+        PublishOptions {
+            qos: Qos::ExactlyOnce,
+            ack: true,
+            ..Default::default()
+        }
+    }
+    /// Also keep the message as the topic's retained value.
+    pub fn retain(mut self) -> Self {
+        self.retain = true;
+        self
+    }
+    /// Seals with the key of this tree (see [`PublishOptions::tree`]).
+    pub fn tree(mut self, tree: whispeer_protocol::TreeId) -> Self {
+        self.tree = Some(tree);
+        self
+    }
+    /// What the engine needs to know.
+    pub(crate) fn engine(&self) -> PubOptions {
+        PubOptions::new()
+            .qos(self.qos)
+            .retain(self.retain)
+            .ack(self.ack)
+    }
+    /// Whether the publish waits for the relay's `PubAck`.
+    pub(crate) fn waits(&self) -> bool {
+        self.ack || self.qos != Qos::AtMostOnce
+    }
+}
+
+/// A message delivered to a subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message<T> {
+    /// The topic it was published on.
+    pub topic: Topic,
+    /// The verified sender, `None` for unsigned messages.
+    pub sender: Option<SenderId>,
+    /// The sender's message id.
+    pub id: MessageId,
+    /// The sender's timestamp, Unix milliseconds.
+    pub timestamp_ms: u64,
+    /// The relay's sequence number (0 when the relay did not store it).
+    pub seq: u64,
+    /// Whether this is the topic's retained value, delivered on subscribe.
+    pub retained: bool,
+    /// The content type the sender declared.
+    pub content_type: String,
+    /// The tree whose key opened it.
+    pub tree_id: whispeer_protocol::TreeId,
+    /// The key epoch it was sealed under.
+    pub epoch: u64,
+    /// How the grant whose key opened it is held: [`Provenance::AdminSigned`],
+    /// [`Provenance::Derived`] (re-derived from a broader verified grant) or
+    /// [`Provenance::Delegated`] (narrowed and handed on by that identity, unverifiable).
+    ///
+    /// [`Provenance::AdminSigned`]: whispeer_protocol::Provenance::AdminSigned
+    /// [`Provenance::Derived`]: whispeer_protocol::Provenance::Derived
+    /// [`Provenance::Delegated`]: whispeer_protocol::Provenance::Delegated
+    pub provenance: whispeer_protocol::Provenance,
+    /// The value.
+    pub value: T,
+}
+
+/// Counters of a client.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ClientStats {
+    /// From the core: delivered, rejected (could not open), duplicates, relay gaps.
+    pub core: CoreStats,
+    /// Messages dropped because a subscription's buffer was full (the app is too slow).
+    pub slow_subscriber_drops: u64,
+    /// Publishes dropped because the reconnect buffer was full.
+    pub outbox_drops: u64,
+    /// Successful reconnects.
+    pub reconnects: u64,
+    /// Messages a client plugin dropped.
+    pub plugin_drops: u64,
+    /// QoS ≥ 1 publishes waiting for the relay's `PubAck` (re-sent after a reconnect).
+    pub unacked_publishes: u64,
+}
+
+/// What a subscription's channel holds.
+#[derive(Debug)]
+pub(crate) enum Item {
+    /// A message and the token that returns its credit (and acks it, at least once).
+    Msg(Arc<Received>, AckToken),
+    /// At most once: messages lost (relay gap or no credit) before what follows.
+    Lagged(u64),
+    /// At least once: an envelope routed here that the app never sees (did not open, was
+    /// refused, a duplicate, dropped by a plugin, or opened for another subscription). The
+    /// stream takes it silently, so its ack leaves when the app reaches it, exactly as a
+    /// message's would.
+    Hidden(AckToken),
+}
+
+/// Where the relay's `PubAck` (its sequence number) for one publish is reported.
+pub(crate) type AckReply = oneshot::Sender<Result<u64, PublishError>>;
+/// Where a subscription learns that the relay confirmed it.
+pub(crate) type SubReady = oneshot::Sender<Result<(), SubscribeError>>;
+/// Where a flush learns its outcome.
+pub(crate) type FlushReply = oneshot::Sender<Result<(), FlushError>>;
+
+/// What the handle asks of the driver task.
+pub(crate) enum Command {
+    /// A sealed envelope; `reply` when the publish waits for its `PubAck`.
+    Publish {
+        envelope: Envelope,
+        opts: PubOptions,
+        reply: Option<AckReply>,
+    },
+    /// The app took a delivered message.
+    Ack(AckToken),
+    Subscribe {
+        id: LocalSubId,
+        filter: TopicFilter,
+        opts: SubscribeOptions,
+        tx: mpsc::UnboundedSender<Item>,
+        lag: Arc<AtomicU64>,
+        ready: SubReady,
+    },
+    Unsubscribe {
+        id: LocalSubId,
+    },
+    /// Keys changed: re-make every subscription.
+    Resubscribe,
+    Flush(FlushReply),
+    Close(oneshot::Sender<()>),
+}
+
+/// What every clone of a [`crate::Client`] shares.
+pub(crate) struct Inner {
+    pub(crate) cmd: mpsc::UnboundedSender<Command>,
+    pub(crate) keyring: Arc<RwLock<Keyring>>,
+    pub(crate) identity: Option<Identity>,
+    pub(crate) policy: SealPolicy,
+    pub(crate) state: watch::Receiver<ConnectionState>,
+    pub(crate) stats: watch::Receiver<ClientStats>,
+    pub(crate) next_id: std::sync::atomic::AtomicU64,
+    pub(crate) plugins: Plugins,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("state", &*self.state.borrow())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,126 @@
+//! [`Subscription`]: a stream of typed messages over the driver's per-subscription channel.
+
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_core::Stream;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::shared::{Command, Item, Message};
+use crate::core::{self, LocalSubId, Received};
+use crate::error::ReceiveError;
+
+/// A stream of typed messages; unsubscribes when dropped.
+pub struct Subscription<T> {
+    pub(super) rx: mpsc::UnboundedReceiver<Item>,
+    /// Messages lost while the subscription had no credit (reported before the next message).
+    pub(super) lag: Arc<AtomicU64>,
+    pub(super) id: LocalSubId,
+    pub(super) cmd: mpsc::UnboundedSender<Command>,
+    pub(super) decode: fn(&Received) -> Result<T, ReceiveError>,
+    pub(super) _t: PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for Subscription<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl<T> Subscription<T> {
+    /// The next message, or `None` once the client is closed. At most once, a
+    /// `ReceiveError::Lagged(n)` says `n` messages were lost here; the stream goes on.
+    pub async fn next_message(&mut self) -> Option<Result<Message<T>, ReceiveError>> {
+        std::future::poll_fn(|cx| self.poll_item(cx)).await
+    }
+
+    fn poll_item(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Message<T>, ReceiveError>>> {
+        loop {
+            let polled = self.rx.poll_recv(cx);
+            if polled.is_pending() {
+                // Everything buffered was taken: report losses that came after it.
+                let lost = self.lag.swap(0, Ordering::AcqRel);
+                if lost > 0 {
+                    return Poll::Ready(Some(Err(ReceiveError::Lagged(lost))));
+                }
+            }
+            let item = match polled {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(item)) => item,
+            };
+            return Poll::Ready(Some(match item {
+                Item::Msg(r, token) => {
+                    // Taken: the credit goes back (and, at least once, the ack may leave).
+                    let _ = self.cmd.send(Command::Ack(token));
+                    to_message(&r, self.decode)
+                }
+                Item::Lagged(n) => {
+                    Err(ReceiveError::Lagged(n + self.lag.swap(0, Ordering::AcqRel)))
+                }
+                Item::Hidden(token) => {
+                    let _ = self.cmd.send(Command::Ack(token));
+                    continue;
+                }
+            }));
+        }
+    }
+}
+
+fn to_message<T>(
+    r: &Received,
+    decode: fn(&Received) -> Result<T, ReceiveError>,
+) -> Result<Message<T>, ReceiveError> {
+    Ok(Message {
+        topic: r.topic.clone(),
+        sender: r.sender,
+        id: r.msg_id,
+        timestamp_ms: r.ts_ms,
+        seq: r.seq,
+        retained: r.retained,
+        content_type: r.content_type.clone(),
+        tree_id: r.tree_id,
+        epoch: r.epoch,
+        provenance: r.provenance.clone(),
+        value: decode(r)?,
+    })
+}
+
+impl<T> Stream for Subscription<T> {
+    type Item = Result<Message<T>, ReceiveError>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.poll_item(cx)
+    }
+}
+
+impl<T> Drop for Subscription<T> {
+    fn drop(&mut self) {
+        let _ = self.cmd.send(Command::Unsubscribe { id: self.id });
+    }
+}
+
+pub(super) fn decode_cbor<T: DeserializeOwned>(r: &Received) -> Result<T, ReceiveError> {
+    if r.content_type != core::CBOR {
+        return Err(ReceiveError::ContentType {
+            expected: core::CBOR,
+            found: r.content_type.clone(),
+        });
+    }
+    ciborium::from_reader(&r.payload[..]).map_err(|e| ReceiveError::Decode {
+        topic: r.topic.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+pub(super) fn decode_raw(r: &Received) -> Result<Vec<u8>, ReceiveError> {
+    Ok(r.payload.to_vec())
+}

@@ -1,0 +1,854 @@
+//! The sans-IO connection engine (`../shared/ENGINE.md`): the whole client side of the
+//! relay protocol — handshake, subscriptions and their resume positions, the QoS 1/2 outbox,
+//! publish ids and acks, the ack queue, heartbeats, backoff and flush — as a state machine
+//! with no clock, socket, task or OS randomness, in the style of quinn-proto.
+//!
+//! - **In**: [`Engine::handle_connected`], [`Engine::handle_frame`],
+//!   [`Engine::handle_disconnected`], [`Engine::handle_timeout`] and the app's commands
+//!   ([`Engine::publish`], [`Engine::subscribe`], [`Engine::ack`], [`Engine::flush`]...),
+//!   each with the time ([`Now`]).
+//! - **Out**: [`Engine::poll_transmit`] (frames to write, sockets to dial or close, in
+//!   order), [`Engine::poll_timeout`] (the next deadline) and [`Engine::poll_event`].
+//!   After every input or command the driver drains them in that order.
+//!
+//! The engine is a **session** that outlives sockets: subscriptions, the outbox and the
+//! dedup window survive reconnects; the handshake, heartbeat, ack queue and flushes belong
+//! to one socket. The engine decides when to dial; the driver reports what happened. The
+//! same inputs, times and seed give the same outputs (no `HashMap` decides any order).
+
+mod auth;
+mod outbox;
+mod rng;
+mod types;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use whispeer_protocol::frame::{self, Ack, Close, ErrFrame, Msg, Ping, Pong, Unsub};
+use whispeer_protocol::{Envelope, ErrorCode, Frame, Keyring, Qos, TopicFilter};
+
+pub use auth::AccountAuth;
+pub use rng::{Backoff, SeededRng};
+pub use types::{
+    AckToken, ConnId, Disconnect, EngineConfig, EngineStats, Event, FlushId, Now, PubOptions,
+    PublishFailure, PublishId, SubscribeFailure, Transmit,
+};
+
+use super::acks::AckQueue;
+use super::{ClientCore, Delivery, LocalSubId, SubscribeOptions};
+use crate::error::{PublishError, SubscribeError};
+use outbox::Outbox;
+
+/// Most sequences in one `Ack` frame (the relay's limit).
+pub const MAX_ACKS_PER_FRAME: usize = 4096;
+
+/// The connection phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Dialing {
+        conn: ConnId,
+        deadline: u64,
+    },
+    Handshaking {
+        conn: ConnId,
+        deadline: u64,
+    },
+    Live {
+        conn: ConnId,
+        heartbeat_ms: u64,
+        ping_at: u64,
+        unanswered: u32,
+    },
+    Backoff {
+        retry_at: u64,
+    },
+    Closed,
+}
+
+/// Per local subscription: its credit and whether the relay expects acks.
+#[derive(Debug)]
+struct SubState {
+    acking: bool,
+    /// Delivered (messages and placeholders) and not yet taken.
+    outstanding: u64,
+    /// Relay subscriptions still waiting for `SubOk` (`None`: confirmed).
+    waiting: Option<BTreeSet<u64>>,
+}
+
+/// The connection engine. See the module documentation.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    core: ClientCore,
+    rng: SeededRng,
+    phase: Phase,
+    /// Failed attempts in a row since the last live connection.
+    attempt: u32,
+    ever_live: bool,
+    next_conn: ConnId,
+    last_mono: u64,
+    out: Outbox,
+    events: VecDeque<Event>,
+    subs: BTreeMap<LocalSubId, SubState>,
+    acks: AckQueue,
+    ack_at: Option<u64>,
+    flushes: BTreeSet<u64>,
+    next_nonce: u64,
+    stats: EngineStats,
+}
+
+impl Engine {
+    /// An engine over a shared keyring; it asks for its first socket at once.
+    pub fn new(
+        mut cfg: EngineConfig,
+        keyring: Arc<RwLock<Keyring>>,
+        seed: [u8; 32],
+        now: Now,
+    ) -> Self {
+        let mut core = ClientCore::with_config(keyring, cfg.receive.clone());
+        core.set_credit(Some(cfg.sub_capacity));
+        if let Some(k) = cfg.owner_key.take() {
+            core.set_owner_key(k);
+        }
+        let mut out = Outbox::default();
+        for (pid, order, frame) in std::mem::take(&mut cfg.restored) {
+            out.restore(pid, order, frame);
+        }
+        let mut e = Engine {
+            cfg,
+            core,
+            rng: SeededRng::new(&seed),
+            phase: Phase::Closed,
+            attempt: 0,
+            ever_live: false,
+            next_conn: 1,
+            last_mono: now.mono_ms,
+            out,
+            events: VecDeque::new(),
+            subs: BTreeMap::new(),
+            acks: AckQueue::new(),
+            ack_at: None,
+            flushes: BTreeSet::new(),
+            next_nonce: 1,
+            stats: EngineStats::default(),
+        };
+        e.dial(now.mono_ms);
+        e.sync_unacked();
+        e
+    }
+
+    /// The runtime-free core (subscriptions, receiver state), e.g. to restore the dedup
+    /// window or read the resume positions.
+    pub fn core(&self) -> &ClientCore {
+        &self.core
+    }
+
+    /// Mutable access to the core (restoring persisted receiver state).
+    pub fn core_mut(&mut self) -> &mut ClientCore {
+        &mut self.core
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EngineStats {
+        let mut s = self.stats.clone();
+        s.core = self.core.stats();
+        s
+    }
+
+    /// Whether handshaken and live.
+    pub fn is_live(&self) -> bool {
+        matches!(self.phase, Phase::Live { .. })
+    }
+
+    /// Whether closed for good.
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// Bytes of frames queued for the driver and not yet taken (backpressure: a driver
+    /// stops accepting publishes above its high-water mark).
+    pub fn queued_bytes(&self) -> usize {
+        self.out.queued_bytes()
+    }
+
+    /// The frame and order of a kept QoS ≥ 1 publish, to persist when `publish` returns.
+    pub fn kept_publish(&self, pid: &PublishId) -> Option<(u64, Bytes)> {
+        self.out.kept_entry(pid)
+    }
+
+    fn clamp(&mut self, now: Now) -> u64 {
+        self.last_mono = self.last_mono.max(now.mono_ms);
+        self.last_mono
+    }
+
+    fn conn(&self) -> Option<ConnId> {
+        match self.phase {
+            Phase::Dialing { conn, .. }
+            | Phase::Handshaking { conn, .. }
+            | Phase::Live { conn, .. } => Some(conn),
+            _ => None,
+        }
+    }
+
+    fn emit(&mut self, e: Event) {
+        self.events.push_back(e);
+    }
+
+    fn send(&mut self, f: Frame) {
+        self.out.control(f.to_bytes());
+    }
+
+    fn sync_unacked(&mut self) {
+        self.stats.unacked_publishes = self.out.kept_len() as u64;
+    }
+
+    fn dial(&mut self, mono: u64) {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.out.dial(conn);
+        self.phase = Phase::Dialing {
+            conn,
+            deadline: mono.saturating_add(self.cfg.connect_timeout_ms),
+        };
+    }
+
+    // ---- inputs from the driver ------------------------------------------------------
+
+    /// Socket `c` is open: the handshake starts (`Hello`).
+    pub fn handle_connected(&mut self, c: ConnId, now: Now) {
+        let mono = self.clamp(now);
+        match self.phase {
+            Phase::Dialing { conn, .. } if conn == c => {
+                let mut hello = ClientCore::hello(&self.cfg.client_name);
+                if let (Some(a), Frame::Hello(h)) = (&self.cfg.auth, &mut hello) {
+                    a.fill_hello(h);
+                }
+                self.send(hello);
+                self.phase = Phase::Handshaking {
+                    conn,
+                    deadline: mono.saturating_add(self.cfg.connect_timeout_ms),
+                };
+            }
+            // A socket the engine no longer wants.
+            _ => self.out.hangup(c),
+        }
+    }
+
+    /// Socket `c` closed or failed (or its dial did).
+    pub fn handle_disconnected(&mut self, c: ConnId, why: &str, now: Now) {
+        let mono = self.clamp(now);
+        if self.conn() == Some(c) {
+            self.lose(Disconnect::Transport(why.to_owned()), false, mono);
+        }
+    }
+
+    /// One frame from socket `c` (transport framing removed).
+    pub fn handle_frame(&mut self, c: ConnId, bytes: &Bytes, now: Now) {
+        if self.conn() != Some(c) {
+            return;
+        }
+        match Frame::decode(bytes) {
+            Ok(f) => self.handle_decoded(c, f, now),
+            Err(e) => {
+                let mono = self.clamp(now);
+                self.lose(Disconnect::BadFrame(e.to_string()), true, mono);
+            }
+        }
+    }
+
+    /// One frame from socket `c`, already decoded by the transport.
+    pub fn handle_decoded(&mut self, c: ConnId, f: Frame, now: Now) {
+        let mono = self.clamp(now);
+        match self.phase {
+            Phase::Handshaking { conn, .. } if conn == c => self.handshake_frame(f, mono, now),
+            Phase::Live { conn, .. } if conn == c => {
+                if let Phase::Live { unanswered, .. } = &mut self.phase {
+                    *unanswered = 0; // the relay is alive
+                }
+                self.live_frame(f, mono, now);
+            }
+            _ => {}
+        }
+    }
+
+    /// Time passed: deadlines that are due fire (an early or repeated call does nothing).
+    pub fn handle_timeout(&mut self, now: Now) {
+        let mono = self.clamp(now);
+        match self.phase.clone() {
+            Phase::Dialing { deadline, .. } | Phase::Handshaking { deadline, .. }
+                if mono >= deadline =>
+            {
+                self.lose(Disconnect::Timeout, true, mono);
+            }
+            Phase::Backoff { retry_at } if mono >= retry_at => self.dial(mono),
+            Phase::Live {
+                heartbeat_ms,
+                ping_at,
+                unanswered,
+                ..
+            } => {
+                if self.ack_at.is_some_and(|t| mono >= t) {
+                    self.send_acks(true);
+                }
+                if mono >= ping_at {
+                    if unanswered >= self.cfg.max_unanswered_pings {
+                        self.lose(Disconnect::HeartbeatTimeout, true, mono);
+                        return;
+                    }
+                    self.send(Frame::Ping(Ping { nonce: 0 }));
+                    if let Phase::Live {
+                        ping_at,
+                        unanswered,
+                        ..
+                    } = &mut self.phase
+                    {
+                        *unanswered += 1;
+                        *ping_at = mono.saturating_add(heartbeat_ms);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---- outputs -----------------------------------------------------------------------
+
+    /// The next frame to write, socket to dial or socket to close.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.cfg.ack_delay_ms == 0 && self.acks.has_ready() && self.is_live() {
+            self.send_acks(true);
+        }
+        self.out.pop()
+    }
+
+    /// The next deadline (monotonic ms), if any: call [`Engine::handle_timeout`] then.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Dialing { deadline, .. } | Phase::Handshaking { deadline, .. } => {
+                Some(*deadline)
+            }
+            Phase::Backoff { retry_at } => Some(*retry_at),
+            Phase::Live { ping_at, .. } => Some(match self.ack_at {
+                Some(a) => a.min(*ping_at),
+                None => *ping_at,
+            }),
+            Phase::Closed => None,
+        }
+    }
+
+    /// The next event for the app.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ---- commands ----------------------------------------------------------------------
+
+    /// Publishes a sealed envelope. Returns the publish id when the publish waits for a
+    /// `PubAck` ([`Event::PubAck`] or [`Event::PublishFailed`] follows, exactly once).
+    /// QoS ≥ 1 is kept and re-sent with the same id after every reconnect until
+    /// acknowledged; QoS 0 is buffered while disconnected, up to `offline_bytes`.
+    pub fn publish(
+        &mut self,
+        envelope: Envelope,
+        o: PubOptions,
+        now: Now,
+    ) -> Result<Option<PublishId>, PublishError> {
+        self.clamp(now);
+        if self.phase == Phase::Closed {
+            return Err(PublishError::Closed);
+        }
+        let kept = o.qos != Qos::AtMostOnce;
+        let pid = (o.ack || kept).then(|| {
+            let mut id = [0u8; 16];
+            rand_core::RngCore::fill_bytes(&mut self.rng, &mut id);
+            PublishId(id)
+        });
+        let frame = super::pub_frame(envelope, pid.map(|p| p.0), o.retain, o.qos).to_bytes();
+        let live = self.is_live();
+        match pid {
+            Some(p) if kept => {
+                if self.out.kept_bytes() + frame.len() > self.cfg.kept_bytes {
+                    return Err(PublishError::BufferFull(self.cfg.kept_bytes));
+                }
+                self.out.keep(p, frame, live);
+                self.sync_unacked();
+            }
+            _ if live => self.out.send0(frame, pid),
+            _ => {
+                if !self.out.buffer0(frame, pid, self.cfg.offline_bytes) {
+                    self.stats.outbox_drops += 1;
+                    return Err(PublishError::BufferFull(self.cfg.offline_bytes));
+                }
+            }
+        }
+        Ok(pid)
+    }
+
+    /// Subscribes local subscription `id` (the driver picks unique ids). Fails at once when
+    /// no key covers the filter; otherwise [`Event::SubscribeOk`] or
+    /// [`Event::SubscribeErr`] follows, exactly once — across reconnects too (a subscribe
+    /// pending when the connection drops is sent again on the next one).
+    pub fn subscribe(
+        &mut self,
+        id: LocalSubId,
+        filter: TopicFilter,
+        opts: SubscribeOptions,
+        now: Now,
+    ) -> Result<(), SubscribeError> {
+        self.clamp(now);
+        if self.phase == Phase::Closed {
+            return Err(SubscribeError::Closed);
+        }
+        if self.subs.contains_key(&id) {
+            self.unsubscribe(id);
+        }
+        let acking = opts.acking();
+        let frames = self
+            .core
+            .subscribe_with_options(id, filter, opts, now.unix_ms)?;
+        let waiting: BTreeSet<u64> = self.core.relay_ids(id).iter().copied().collect();
+        self.subs.insert(
+            id,
+            SubState {
+                acking,
+                outstanding: 0,
+                waiting: Some(waiting),
+            },
+        );
+        // Offline, the frames are dropped: `Welcome` re-sends every subscription.
+        if self.is_live() {
+            for f in frames {
+                self.send(f);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops a subscription; what it never took is not acked (the relay delivers it again
+    /// to a later subscription).
+    pub fn unsubscribe(&mut self, id: LocalSubId) {
+        let frames = self.core.unsubscribe(id);
+        if self.is_live() {
+            for f in frames {
+                self.send(f);
+            }
+        }
+        self.subs.remove(&id);
+        self.acks.drop_sub(id);
+        self.queue_acks();
+    }
+
+    /// The app took a delivered message or placeholder.
+    pub fn ack(&mut self, token: AckToken, now: Now) {
+        self.clamp(now);
+        if let Some(s) = self.subs.get_mut(&token.sub) {
+            s.outstanding = s.outstanding.saturating_sub(1);
+        }
+        if let Some(slot) = token.slot {
+            self.acks.taken(slot, token.sub);
+        }
+        self.queue_acks();
+    }
+
+    /// Asks the relay to confirm it processed everything sent before (a `Ping` nonce),
+    /// pending acks included (they leave first).
+    pub fn flush(&mut self, now: Now) -> FlushId {
+        self.clamp(now);
+        let id = self.next_nonce;
+        self.next_nonce += 1;
+        if self.is_live() {
+            // Acks of what the app took are part of "everything sent before".
+            self.send_acks(true);
+            self.flushes.insert(id);
+            self.send(Frame::Ping(Ping { nonce: id }));
+        } else {
+            self.emit(Event::FlushFailed { id });
+        }
+        id
+    }
+
+    /// Keys changed (a grant was added): every subscription is re-made with the keyring as
+    /// it is now (new epochs included), resuming where it was.
+    pub fn refresh_keys(&mut self, now: Now) {
+        self.clamp(now);
+        if !self.is_live() {
+            return; // the next `Welcome` subscribes with the keys of then
+        }
+        let ids: Vec<LocalSubId> = self.subs.keys().copied().collect();
+        for id in ids {
+            let old: Vec<u64> = self.core.relay_ids(id).to_vec();
+            for sub_id in old {
+                self.send(Frame::Unsub(Unsub { sub_id }));
+            }
+        }
+        self.resubscribe(now);
+    }
+
+    /// Closes for good: pending acks and a `Close` frame are written, then the socket is
+    /// closed. Every publish, subscribe and flush still waiting fails (`Closed`), then
+    /// [`Event::Closed`].
+    pub fn close(&mut self, now: Now) {
+        self.clamp(now);
+        match self.phase {
+            Phase::Live { conn, .. } | Phase::Handshaking { conn, .. } => {
+                self.send_acks(true);
+                self.send(Frame::Close(Close {
+                    code: ErrorCode::Other(0),
+                    message: "client closing".into(),
+                }));
+                self.out.hangup(conn);
+            }
+            Phase::Dialing { conn, .. } => self.out.hangup(conn),
+            Phase::Backoff { .. } => {}
+            Phase::Closed => return,
+        }
+        self.shut();
+    }
+
+    // ---- internals ---------------------------------------------------------------------
+
+    fn handshake_frame(&mut self, f: Frame, mono: u64, now: Now) {
+        match f {
+            Frame::Welcome(w) => {
+                if w.version != frame::PROTOCOL_VERSION {
+                    let why = format!("relay chose protocol version {}", w.version);
+                    self.lose(Disconnect::Handshake(why), true, mono);
+                    return;
+                }
+                let heartbeat_ms = if w.heartbeat_ms == 0 {
+                    self.cfg.default_heartbeat_ms
+                } else {
+                    w.heartbeat_ms
+                };
+                let Some(conn) = self.conn() else { return };
+                self.phase = Phase::Live {
+                    conn,
+                    heartbeat_ms,
+                    ping_at: mono.saturating_add(heartbeat_ms),
+                    unanswered: 0,
+                };
+                if self.ever_live {
+                    self.stats.reconnects += 1;
+                }
+                self.ever_live = true;
+                self.attempt = 0;
+                // Subscriptions first, then the kept publishes in order, then the offline
+                // buffer.
+                self.resubscribe(now);
+                self.out.go_live();
+                self.emit(Event::Connected {
+                    session: w.session,
+                    heartbeat_ms,
+                });
+            }
+            Frame::Challenge(c) => match self.cfg.auth.as_ref().and_then(|a| a.answer(&c.nonce)) {
+                Some(auth) => self.send(Frame::Auth(auth)),
+                None => {
+                    let why = "the relay sent a Challenge but no account key is configured";
+                    self.lose(Disconnect::Handshake(why.into()), true, mono);
+                }
+            },
+            Frame::Err(e) => {
+                let (code, message) = (e.code, e.message);
+                self.lose(Disconnect::Rejected { code, message }, true, mono);
+            }
+            Frame::Close(c) => {
+                let (code, message) = (c.code, c.message);
+                self.lose(Disconnect::Rejected { code, message }, true, mono);
+            }
+            _ => {}
+        }
+    }
+
+    fn live_frame(&mut self, f: Frame, mono: u64, now: Now) {
+        match f {
+            Frame::Msg(m) => self.on_msg(&m, now),
+            Frame::SubOk(ok) => self.sub_ok(ok.sub_id),
+            Frame::PubAck(a) => {
+                let pid = PublishId(a.publish_id);
+                if self.out.settle(&pid) {
+                    self.sync_unacked();
+                    self.emit(Event::PubAck { pid, seq: a.seq });
+                }
+            }
+            Frame::Pong(p) if self.flushes.remove(&p.nonce) => {
+                self.emit(Event::Flushed { id: p.nonce });
+            }
+            Frame::Ping(p) => self.send(Frame::Pong(Pong { nonce: p.nonce })),
+            Frame::ReplayDone(d) => {
+                if let Some(sub) = self.core.local_for(d.sub_id) {
+                    self.core.replay_done(d.sub_id);
+                    self.emit(Event::ReplayDone { sub, seq: d.seq });
+                }
+            }
+            Frame::Gap(g) => {
+                self.core.on_gap(g.dropped);
+                let subs = self
+                    .subs
+                    .iter()
+                    .filter(|(_, s)| !s.acking)
+                    .map(|(id, _)| *id)
+                    .collect();
+                self.emit(Event::Gap {
+                    dropped: g.dropped,
+                    subs,
+                });
+            }
+            Frame::Err(e) => self.on_err(e, mono),
+            Frame::Close(c) => {
+                let (code, message) = (c.code, c.message);
+                self.lose(Disconnect::RelayClosed { code, message }, true, mono);
+            }
+            _ => {} // not for a client (or a late handshake frame): ignored
+        }
+    }
+
+    fn on_err(&mut self, e: ErrFrame, mono: u64) {
+        let mut named = false;
+        if let Some(p) = e.publish_id {
+            let pid = PublishId(p);
+            if self.out.settle(&pid) {
+                named = true;
+                self.sync_unacked();
+                let reason = PublishFailure::Rejected {
+                    code: e.code,
+                    message: e.message.clone(),
+                };
+                self.emit(Event::PublishFailed { pid, reason });
+            }
+        }
+        let mut sub = None;
+        if let Some(rid) = e.sub_id {
+            if let Some(local) = self.core.local_for(rid) {
+                if self.subs.get(&local).is_some_and(|s| s.waiting.is_some()) {
+                    // Refused before it was confirmed: the subscribe fails and is forgotten.
+                    named = true;
+                    for f in self.core.unsubscribe(local) {
+                        if !matches!(&f, Frame::Unsub(u) if u.sub_id == rid) {
+                            self.send(f);
+                        }
+                    }
+                    self.subs.remove(&local);
+                    self.acks.drop_sub(local);
+                    let error = SubscribeFailure::Rejected {
+                        code: e.code,
+                        message: e.message.clone(),
+                    };
+                    self.emit(Event::SubscribeErr { sub: local, error });
+                } else {
+                    sub = Some(local);
+                }
+            }
+        }
+        if e.fatal {
+            let (code, message) = (e.code, e.message);
+            self.lose(Disconnect::Fatal { code, message }, true, mono);
+        } else if !named {
+            self.emit(Event::RelayError {
+                code: e.code,
+                message: e.message,
+                sub,
+            });
+        }
+    }
+
+    fn sub_ok(&mut self, relay_id: u64) {
+        let Some(local) = self.core.local_for(relay_id) else {
+            return;
+        };
+        let Some(s) = self.subs.get_mut(&local) else {
+            return;
+        };
+        if let Some(w) = &mut s.waiting {
+            w.remove(&relay_id);
+            if w.is_empty() {
+                s.waiting = None;
+                self.emit(Event::SubscribeOk { sub: local });
+            }
+        }
+    }
+
+    /// Sends `Sub` for every subscription (after `Welcome` or a key change); subscriptions
+    /// not yet confirmed wait for the new relay ids.
+    fn resubscribe(&mut self, now: Now) {
+        for f in self.core.resubscribe_all(now.unix_ms) {
+            self.send(f);
+        }
+        for (id, s) in self.subs.iter_mut() {
+            if s.waiting.is_some() {
+                s.waiting = Some(self.core.relay_ids(*id).iter().copied().collect());
+            }
+        }
+    }
+
+    /// One delivered `Msg`: the core opens it and runs the receiver checks; every outcome
+    /// for an at-least-once subscription takes a slot of the ack queue, so acks leave in
+    /// relay order whatever became of the envelope.
+    fn on_msg(&mut self, m: &Msg, now: Now) {
+        let cap = self.cfg.sub_capacity;
+        let subs = &self.subs;
+        let room = |id: LocalSubId| subs.get(&id).is_some_and(|s| s.outstanding < cap);
+        let routed = if m.seq > 0 {
+            self.core.route_acking(m)
+        } else {
+            Vec::new()
+        };
+        let delivery = self.core.receive_with(m, now.unix_ms, &room);
+        let (msg, targets) = match delivery {
+            Delivery::Deliver {
+                msg,
+                targets,
+                lagged,
+            } => {
+                for sub in lagged {
+                    self.stats.slow_subscriber_drops += 1;
+                    self.emit(Event::Dropped { sub, n: 1 });
+                }
+                (Some(msg), targets)
+            }
+            Delivery::HeldBack => {
+                // No credit on an at-least-once subscription: never acked, redelivered.
+                if !routed.is_empty() {
+                    self.acks.held_back(m.seq, &routed);
+                    self.queue_acks();
+                }
+                return;
+            }
+            _ => (None, Vec::new()),
+        };
+        // Every at-least-once subscription routed here (or handed it) must take its slot.
+        let mut slot_subs: Vec<LocalSubId> = Vec::new();
+        if m.seq > 0 {
+            slot_subs.extend(routed.iter().copied());
+            for t in &targets {
+                if self.subs.get(t).is_some_and(|s| s.acking) && !slot_subs.contains(t) {
+                    slot_subs.push(*t);
+                }
+            }
+        }
+        let slot =
+            (!slot_subs.is_empty()).then(|| self.acks.deliver(m.seq, &routed, slot_subs.clone()));
+        for &sub in &targets {
+            let slot = if slot_subs.contains(&sub) { slot } else { None };
+            if let Some(s) = self.subs.get_mut(&sub) {
+                s.outstanding += 1;
+            }
+            let msg = msg.clone().expect("targets come with a message");
+            let token = AckToken { sub, slot };
+            self.emit(Event::Message { sub, msg, token });
+        }
+        for sub in slot_subs.into_iter().filter(|s| !targets.contains(s)) {
+            if let Some(s) = self.subs.get_mut(&sub) {
+                s.outstanding += 1;
+            }
+            let token = AckToken { sub, slot };
+            self.emit(Event::Placeholder { sub, token });
+        }
+        self.queue_acks();
+    }
+
+    /// Acks released since the last call: 4,096 go at once; fewer wait for `ack_delay`
+    /// (0: for the next `poll_transmit`, so what one drain released leaves as one `Ack`).
+    fn queue_acks(&mut self) {
+        if !self.is_live() || !self.acks.has_ready() {
+            return;
+        }
+        if self.acks.ready_len() >= MAX_ACKS_PER_FRAME {
+            self.send_acks(false);
+        }
+        if self.cfg.ack_delay_ms > 0 && self.acks.has_ready() && self.ack_at.is_none() {
+            self.ack_at = Some(self.last_mono.saturating_add(self.cfg.ack_delay_ms));
+        }
+    }
+
+    /// Sends full `Ack` frames of 4,096, and the rest too when `all`.
+    fn send_acks(&mut self, all: bool) {
+        let ready = self.acks.take_ready();
+        let mut chunks = ready.chunks(MAX_ACKS_PER_FRAME).peekable();
+        let mut rest = Vec::new();
+        while let Some(c) = chunks.next() {
+            if !all && c.len() < MAX_ACKS_PER_FRAME && chunks.peek().is_none() {
+                rest = c.to_vec();
+                break;
+            }
+            self.send(Frame::Ack(Ack { seqs: c.to_vec() }));
+        }
+        self.acks.put_back(rest);
+        if !self.acks.has_ready() {
+            self.ack_at = None;
+        }
+    }
+
+    /// The current socket is gone (or must go: `hangup`). Per-socket state resets; the
+    /// engine backs off, or gives up.
+    fn lose(&mut self, reason: Disconnect, hangup: bool, mono: u64) {
+        let Some(conn) = self.conn() else { return };
+        for pid in self.out.lost() {
+            let reason = PublishFailure::NotAcknowledged;
+            self.emit(Event::PublishFailed { pid, reason });
+        }
+        if hangup {
+            self.out.hangup(conn);
+        }
+        // The relay redelivers what was not acked.
+        self.acks.clear();
+        self.ack_at = None;
+        for id in std::mem::take(&mut self.flushes) {
+            self.emit(Event::FlushFailed { id });
+        }
+        self.attempt = self.attempt.saturating_add(1);
+        let give_up = (!self.ever_live && !self.cfg.retry_first_connect)
+            || self
+                .cfg
+                .backoff
+                .max_attempts
+                .is_some_and(|m| self.attempt > m);
+        if give_up {
+            self.emit(Event::Disconnected {
+                reason,
+                attempt: self.attempt,
+                retry_at: None,
+            });
+            self.shut();
+            return;
+        }
+        let delay = self.cfg.backoff.delay_ms(self.attempt - 1, &mut self.rng);
+        let retry_at = mono.saturating_add(delay);
+        self.phase = Phase::Backoff { retry_at };
+        self.emit(Event::Disconnected {
+            reason,
+            attempt: self.attempt,
+            retry_at: Some(retry_at),
+        });
+    }
+
+    /// Closed for good: everything still waiting fails.
+    fn shut(&mut self) {
+        self.phase = Phase::Closed;
+        self.acks.clear();
+        self.ack_at = None;
+        let (pids, unsent) = self.out.close();
+        self.stats.outbox_drops += unsent;
+        for pid in pids {
+            let reason = PublishFailure::Closed;
+            self.emit(Event::PublishFailed { pid, reason });
+        }
+        self.sync_unacked();
+        let pending: Vec<LocalSubId> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.waiting.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for sub in pending {
+            self.subs.remove(&sub);
+            let error = SubscribeFailure::Closed;
+            self.emit(Event::SubscribeErr { sub, error });
+        }
+        for id in std::mem::take(&mut self.flushes) {
+            self.emit(Event::FlushFailed { id });
+        }
+        self.emit(Event::Closed);
+    }
+}

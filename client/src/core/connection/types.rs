@@ -1,0 +1,419 @@
+//! The engine's vocabulary: time, ids, what the driver must do, what the app learns, and
+//! how the engine is configured.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use whispeer_protocol::{ErrorCode, Qos};
+
+use super::auth::AccountAuth;
+use super::rng::Backoff;
+use crate::core::acks::SlotId;
+use crate::core::receive::ReceiveConfig;
+use crate::core::{CoreStats, LocalSubId, Received};
+use crate::error::{PublishError, SubscribeError};
+
+/// The time, from the driver. `mono_ms` (never going back; the engine clamps it) drives
+/// every deadline; `unix_ms` dates key epochs, replay positions and the receiver checks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic milliseconds (any origin).
+    pub mono_ms: u64,
+    /// Unix time in milliseconds.
+    pub unix_ms: u64,
+}
+
+impl Now {
+    /// A time.
+    pub fn new(mono_ms: u64, unix_ms: u64) -> Self {
+        Now { mono_ms, unix_ms }
+    }
+}
+
+/// Identifies one socket the engine asked for ([`Transmit::Dial`]); inputs naming an older
+/// socket are ignored.
+pub type ConnId = u64;
+
+/// A flush: answered by [`Event::Flushed`] or [`Event::FlushFailed`].
+pub type FlushId = u64;
+
+/// The 128-bit id of a publish that waits for the relay's `PubAck` (random, from the seed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PublishId(pub [u8; 16]);
+
+/// What the driver must do, in this order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transmit {
+    /// Write this frame (without transport framing) to the current socket.
+    Frame(Bytes),
+    /// Open a socket to the relay and report it with `handle_connected(id)` or
+    /// `handle_disconnected(id)`.
+    Dial(ConnId),
+    /// Close this socket (after writing every frame queued before).
+    Hangup(ConnId),
+}
+
+/// Names a delivered slot when the app takes it ([`Engine::ack`](super::Engine::ack)). Handed out with every
+/// [`Event::Message`] and [`Event::Placeholder`], at most once and at least once alike: it
+/// also returns the subscription's credit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckToken {
+    pub(super) sub: LocalSubId,
+    pub(super) slot: Option<SlotId>,
+}
+
+impl AckToken {
+    /// The subscription it was delivered to.
+    pub fn sub(&self) -> LocalSubId {
+        self.sub
+    }
+    /// Whether taking it acks a relay sequence (at-least-once or durable subscription).
+    pub fn acks(&self) -> bool {
+        self.slot.is_some()
+    }
+}
+
+/// Options of one publish.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PubOptions {
+    /// Keep as the topic's retained value.
+    pub retain: bool,
+    /// Delivery guarantee asked of the relay; QoS ≥ 1 is kept and re-sent (same id) until
+    /// the relay's `PubAck`.
+    pub qos: Qos,
+    /// Wants a `PubAck` (implied by QoS ≥ 1).
+    pub ack: bool,
+}
+
+impl PubOptions {
+    /// Fire and forget.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// With this QoS.
+    pub fn qos(mut self, qos: Qos) -> Self {
+        self.qos = qos;
+        self
+    }
+    /// As the retained value.
+    pub fn retain(mut self, yes: bool) -> Self {
+        self.retain = yes;
+        self
+    }
+    /// Waiting for the relay's `PubAck`.
+    pub fn ack(mut self, yes: bool) -> Self {
+        self.ack = yes;
+        self
+    }
+}
+
+/// Why a connection ended (or a dial failed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Disconnect {
+    /// The driver reported it (socket error, EOF, dial failure).
+    Transport(String),
+    /// No connection or handshake within the connect timeout.
+    Timeout,
+    /// The relay refused the handshake (`Err` or `Close` before `Welcome`).
+    Rejected {
+        /// Its code.
+        code: ErrorCode,
+        /// Its detail.
+        message: String,
+    },
+    /// The handshake went wrong (unexpected frame, version, no account key for a challenge).
+    Handshake(String),
+    /// A fatal `Err` from the relay.
+    Fatal {
+        /// Its code.
+        code: ErrorCode,
+        /// Its detail.
+        message: String,
+    },
+    /// The relay closed the connection (`Close`), e.g. shutting down.
+    RelayClosed {
+        /// Its code.
+        code: ErrorCode,
+        /// Its detail.
+        message: String,
+    },
+    /// The relay did not answer pings.
+    HeartbeatTimeout,
+    /// The relay sent bytes that are not a frame.
+    BadFrame(String),
+}
+
+impl std::fmt::Display for Disconnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Disconnect::Transport(why) => write!(f, "{why}"),
+            Disconnect::Timeout => f.write_str("relay did not answer within the connect timeout"),
+            Disconnect::Rejected { code, message } => {
+                write!(
+                    f,
+                    "relay refused the connection: {message} ({})",
+                    code.name()
+                )
+            }
+            Disconnect::Handshake(why) => write!(f, "handshake failed: {why}"),
+            Disconnect::Fatal { code, message } => {
+                write!(f, "relay error: {message} ({})", code.name())
+            }
+            Disconnect::RelayClosed { code, message } => {
+                write!(
+                    f,
+                    "relay closed the connection: {message} ({})",
+                    code.name()
+                )
+            }
+            Disconnect::HeartbeatTimeout => f.write_str("relay stopped answering pings"),
+            Disconnect::BadFrame(why) => write!(f, "relay sent an invalid frame: {why}"),
+        }
+    }
+}
+
+/// Why a publish that waited for a `PubAck` has none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PublishFailure {
+    /// The relay refused it (`Err` naming its publish id).
+    Rejected {
+        /// Its code.
+        code: ErrorCode,
+        /// Its detail.
+        message: String,
+    },
+    /// QoS 0: the connection dropped after it was written and before its `PubAck`.
+    NotAcknowledged,
+    /// The engine closed first. A QoS ≥ 1 publish may still be re-sent by a later run that
+    /// restores it (keep it persisted).
+    Closed,
+}
+
+impl From<PublishFailure> for PublishError {
+    fn from(f: PublishFailure) -> Self {
+        match f {
+            PublishFailure::Rejected { code, message } => PublishError::Rejected { code, message },
+            PublishFailure::NotAcknowledged => PublishError::NotAcknowledged,
+            PublishFailure::Closed => PublishError::Closed,
+        }
+    }
+}
+
+/// Why a subscription the app asked for will not be confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SubscribeFailure {
+    /// The relay refused it (`Err` naming one of its relay subscriptions before `SubOk`).
+    Rejected {
+        /// Its code.
+        code: ErrorCode,
+        /// Its detail.
+        message: String,
+    },
+    /// The engine closed first.
+    Closed,
+}
+
+impl From<SubscribeFailure> for SubscribeError {
+    fn from(f: SubscribeFailure) -> Self {
+        match f {
+            SubscribeFailure::Rejected { code, message } => {
+                SubscribeError::Rejected { code, message }
+            }
+            SubscribeFailure::Closed => SubscribeError::Closed,
+        }
+    }
+}
+
+/// What the app learns, in order.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Event {
+    /// Handshake done; subscriptions and kept publishes are being re-sent.
+    Connected {
+        /// The relay's session id.
+        session: [u8; 16],
+        /// The heartbeat interval in use.
+        heartbeat_ms: u64,
+    },
+    /// The connection (or a dial) failed. `retry_at` (monotonic ms) is when the engine dials
+    /// again; `None`: it gave up and [`Event::Closed`] follows.
+    Disconnected {
+        /// Why.
+        reason: Disconnect,
+        /// Failed attempts in a row (1 after a live connection dropped).
+        attempt: u32,
+        /// When the next dial is due.
+        retry_at: Option<u64>,
+    },
+    /// Closed for good ([`Engine::close`](super::Engine::close), or the backoff gave up). Nothing follows.
+    Closed,
+    /// A message for subscription `sub`; hand it to the app and call [`Engine::ack`](super::Engine::ack) with
+    /// `token` once it is taken.
+    Message {
+        /// The subscription.
+        sub: LocalSubId,
+        /// The opened message (shared by every subscription it went to).
+        msg: Arc<Received>,
+        /// To pass to [`Engine::ack`](super::Engine::ack).
+        token: AckToken,
+    },
+    /// A delivered sequence of at-least-once subscription `sub` that holds nothing for the
+    /// app (did not open, refused, duplicate). Pass it through the subscription's channel
+    /// silently and [`Engine::ack`](super::Engine::ack) it when the app gets there (or at once): acks leave in
+    /// relay order whatever the outcome, so their timing never shows what opened.
+    Placeholder {
+        /// The subscription.
+        sub: LocalSubId,
+        /// To pass to [`Engine::ack`](super::Engine::ack).
+        token: AckToken,
+    },
+    /// The relay dropped `dropped` messages for this connection (slow consumer); `subs` are
+    /// the at-most-once subscriptions that may have lost some.
+    Gap {
+        /// How many.
+        dropped: u64,
+        /// At-most-once subscriptions.
+        subs: Vec<LocalSubId>,
+    },
+    /// At most once: `n` messages for `sub` were dropped because it had no credit left (the
+    /// app is not taking them). Counted in `slow_subscriber_drops`.
+    Dropped {
+        /// The subscription.
+        sub: LocalSubId,
+        /// How many.
+        n: u64,
+    },
+    /// The history of `sub` ends at `seq`; what follows is live.
+    ReplayDone {
+        /// The subscription.
+        sub: LocalSubId,
+        /// The boundary.
+        seq: u64,
+    },
+    /// The relay confirmed every relay subscription of `sub` (live messages published from
+    /// now on are delivered).
+    SubscribeOk {
+        /// The subscription.
+        sub: LocalSubId,
+    },
+    /// `sub` will not be confirmed; the engine forgot it.
+    SubscribeErr {
+        /// The subscription.
+        sub: LocalSubId,
+        /// Why.
+        error: SubscribeFailure,
+    },
+    /// The relay has publish `pid` (sequence `seq`, 0 when not stored).
+    PubAck {
+        /// The publish.
+        pid: PublishId,
+        /// The relay sequence.
+        seq: u64,
+    },
+    /// Publish `pid` has no `PubAck` and never will.
+    PublishFailed {
+        /// The publish.
+        pid: PublishId,
+        /// Why.
+        reason: PublishFailure,
+    },
+    /// The relay processed everything sent before flush `id`.
+    Flushed {
+        /// The flush.
+        id: FlushId,
+    },
+    /// Flush `id` cannot complete (not connected, or the connection dropped).
+    FlushFailed {
+        /// The flush.
+        id: FlushId,
+    },
+    /// A non-fatal `Err` from the relay; `sub` when it names a confirmed subscription.
+    RelayError {
+        /// Its code.
+        code: ErrorCode,
+        /// Its detail.
+        message: String,
+        /// The subscription concerned, if any.
+        sub: Option<LocalSubId>,
+    },
+}
+
+/// How the engine behaves. Durations in milliseconds.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EngineConfig {
+    /// Client software name sent in `Hello`.
+    pub client_name: String,
+    /// The relay account presented in `Hello`.
+    pub auth: Option<AccountAuth>,
+    /// How long a dial, then the handshake, may take.
+    pub connect_timeout_ms: u64,
+    /// Reconnect policy.
+    pub backoff: Backoff,
+    /// Whether a failed first connection is retried (true) or ends the engine (false: the
+    /// first `Disconnected` has `retry_at: None`).
+    pub retry_first_connect: bool,
+    /// Bytes of QoS 0 publishes kept while disconnected; beyond it `publish` fails with
+    /// `BufferFull` (and `outbox_drops` counts it).
+    pub offline_bytes: usize,
+    /// Bytes of QoS ≥ 1 publishes kept until acknowledged; beyond it `publish` fails with
+    /// `BufferFull`.
+    pub kept_bytes: usize,
+    /// Messages delivered to a subscription and not yet taken (its credit, also sent as
+    /// `Sub.credit` for at-least-once subscriptions).
+    pub sub_capacity: u64,
+    /// Acks of the released prefix leave within this delay (or at once when 4,096 are
+    /// ready); 0: with the next `poll_transmit`, one `Ack` for all an input released.
+    pub ack_delay_ms: u64,
+    /// Heartbeat when the relay asks for none.
+    pub default_heartbeat_ms: u64,
+    /// Pings left unanswered before the connection counts as dead.
+    pub max_unanswered_pings: u32,
+    /// Receiver checks (dedup horizon, skew, publisher policies).
+    pub receive: ReceiveConfig,
+    /// Key of durable owner secrets.
+    pub owner_key: Option<zeroize::Zeroizing<[u8; 32]>>,
+    /// Kept publishes of a previous run `(id, order, Pub frame)`: re-sent first, same ids.
+    pub restored: Vec<(PublishId, u64, Bytes)>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            client_name: format!("whispeer-rs/{}", env!("CARGO_PKG_VERSION")),
+            auth: None,
+            connect_timeout_ms: 10_000,
+            backoff: Backoff::default(),
+            retry_first_connect: false,
+            offline_bytes: 8 * 1024 * 1024,
+            kept_bytes: 64 * 1024 * 1024,
+            sub_capacity: 65_536,
+            ack_delay_ms: 0,
+            default_heartbeat_ms: 30_000,
+            max_unanswered_pings: 2,
+            receive: ReceiveConfig::default(),
+            owner_key: None,
+            restored: Vec::new(),
+        }
+    }
+}
+
+/// Counters of an engine.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EngineStats {
+    /// From the core: delivered, rejected, duplicates, relay gaps, refusals, held back.
+    pub core: CoreStats,
+    /// At most once: messages dropped because a subscription had no credit left.
+    pub slow_subscriber_drops: u64,
+    /// QoS 0 publishes refused (offline buffer full) or never sent (closed).
+    pub outbox_drops: u64,
+    /// Successful reconnects.
+    pub reconnects: u64,
+    /// QoS ≥ 1 publishes waiting for their `PubAck`.
+    pub unacked_publishes: u64,
+}

@@ -1,0 +1,2234 @@
+//! Deterministic scenarios of the sans-IO connection engine alone: no sockets, no tokio, no
+//! clock. A scripted relay feeds real `whispeer-protocol` frames, time moves only by hand
+//! (`Step::Timeout` jumps to `poll_timeout()`, like quinn-proto's `Pair::step`), and the
+//! keyring and the engine's seed are fixed.
+//!
+//! Each scenario is data: a list of [`Step`]s (commands, relay frames, expectations) run by
+//! [`Sim`]. The same lists are meant to drive the JS engine and, with timing relaxed, both
+//! drivers against the real relay (ENGINE.md §4, "one scenario suite, two drivers"). Every
+//! scenario also runs twice and must produce the same trace (determinism).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use rand_chacha::rand_core::SeedableRng;
+use whispeer::core::connection::{
+    AccountAuth, AckToken, Backoff, ConnId, Disconnect, Engine, EngineConfig, Event, Now,
+    PubOptions, PublishFailure, PublishId, SeededRng, SubscribeFailure, Transmit,
+};
+use whispeer::core::{self, SealPolicy, SubscribeOptions};
+use whispeer::protocol::frame::{self, msg_flags, ErrFrame, Gap, Msg, Ping};
+use whispeer::protocol::{Envelope, ErrorCode, Frame, Qos, Sealer, TopicFilter};
+use whispeer::{Identity, Keyring, Replay, Topic, TreeKey};
+
+const T0_MONO: u64 = 1_000;
+const T0_UNIX: u64 = 1_800_000_000_000;
+const SESSION: [u8; 16] = [0x5e; 16];
+
+/// How the test driver treats `Placeholder` events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placeholders {
+    /// Acked as soon as they come out (the driver does not pass them through a channel).
+    AckAtOnce,
+    /// Queued with the subscription's messages; `Take` skips (and acks) them first.
+    InChannel,
+}
+
+/// A frame or action the engine hands the driver.
+#[derive(Debug, Clone, PartialEq)]
+enum Tx {
+    Dial,
+    Hangup,
+    Hello {
+        account: bool,
+    },
+    Auth,
+    /// A `Sub` of local subscription `sub` (its newest relay id), with its resume options.
+    Sub {
+        sub: u64,
+        replay: Option<Replay>,
+        retained: bool,
+        durable: Option<&'static str>,
+    },
+    Unsub,
+    /// A `Pub` of the named publish (same publish id as when it was first published).
+    Pub(&'static str),
+    Ack(Vec<u64>),
+    Ping(u64),
+    Pong(u64),
+    Close,
+}
+
+/// What a `Disconnected` event must say.
+#[derive(Debug, Clone, PartialEq)]
+enum Why {
+    Transport,
+    Timeout,
+    Rejected,
+    Handshake,
+    Fatal,
+    RelayClosed,
+    Heartbeat,
+    BadFrame,
+}
+
+/// An event the app must see.
+#[derive(Debug, Clone, PartialEq)]
+enum Ev {
+    Connected,
+    /// `retry: Some(attempt)`: a retry is scheduled within the backoff bounds of that
+    /// attempt; `None`: the engine gave up.
+    Disconnected {
+        why: Why,
+        retry: Option<u32>,
+    },
+    Closed,
+    Message {
+        sub: u64,
+        msg: &'static str,
+    },
+    Placeholder {
+        sub: u64,
+    },
+    Gap {
+        dropped: u64,
+        subs: Vec<u64>,
+    },
+    Dropped {
+        sub: u64,
+        n: u64,
+    },
+    ReplayDone {
+        sub: u64,
+        seq: u64,
+    },
+    SubscribeOk(u64),
+    SubscribeErrRejected(u64),
+    SubscribeErrClosed(u64),
+    PubAck {
+        publish: &'static str,
+        seq: u64,
+    },
+    PublishFailed {
+        publish: &'static str,
+        reason: Fail,
+    },
+    Flushed(&'static str),
+    FlushFailed(&'static str),
+    RelayError(ErrorCode),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Fail {
+    Rejected,
+    NotAcknowledged,
+    Closed,
+}
+
+/// One step of a scenario.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Dial, open the socket, handshake (`Hello` → `Welcome`), `Connected`.
+    Connect {
+        heartbeat_ms: u64,
+    },
+    /// Expect a `Dial` and open the socket (no `Welcome` yet).
+    Dialed,
+    /// After a drop: jump to the retry, dial, `Hello`, `Welcome` (before the re-sent
+    /// subscriptions and publishes are checked, and before `Connected`).
+    Redial,
+    /// Expect a `Dial` and report that it failed.
+    DialFails,
+    /// The relay: `Welcome`.
+    Welcome {
+        heartbeat_ms: u64,
+    },
+    /// The relay: `Challenge` with this nonce.
+    Challenge([u8; 32]),
+    /// The app subscribes local subscription `id`.
+    Subscribe {
+        id: u64,
+        filter: &'static str,
+        opts: SubscribeOptions,
+    },
+    Unsubscribe(u64),
+    /// The relay confirms every relay subscription of `id` (`SubOk{seq}`).
+    SubOk {
+        id: u64,
+        seq: u64,
+    },
+    /// The relay ends the history of (the newest relay subscription of) `id`.
+    ReplayDone {
+        id: u64,
+        seq: u64,
+    },
+    /// The relay refuses the newest relay subscription of `id`.
+    SubRefused {
+        id: u64,
+    },
+    /// Seal a message on `topic` (by the writer of the fixture keyring) under `name`.
+    Seal {
+        name: &'static str,
+        topic: &'static str,
+    },
+    /// A copy of `from` whose ciphertext was tampered with (routes, never opens).
+    Tamper {
+        name: &'static str,
+        from: &'static str,
+    },
+    /// The relay delivers the named message.
+    Deliver {
+        msg: &'static str,
+        seq: u64,
+        flags: u64,
+    },
+    /// The app publishes a fresh message on `topic` as `name`.
+    Publish {
+        name: &'static str,
+        topic: &'static str,
+        qos: Qos,
+        ack: bool,
+    },
+    /// The relay acknowledges the named publish (`None`: an id nobody used).
+    PubAck {
+        publish: Option<&'static str>,
+        seq: u64,
+    },
+    /// The relay refuses the named publish.
+    PubRefused {
+        publish: &'static str,
+        code: ErrorCode,
+    },
+    /// The relay: any frame.
+    Relay(Frame),
+    /// The relay: these bytes (not a frame).
+    RelayBytes(&'static [u8]),
+    /// The relay answers flush `name`.
+    Pong(&'static str),
+    /// The driver reports the socket gone.
+    Drop,
+    /// Move the clock to the next deadline and fire it.
+    Timeout,
+    /// Move the clock forward without firing anything.
+    Advance(u64),
+    /// The app takes the next delivered item of `sub` (placeholders first, when in channel).
+    Take(u64),
+    /// The app asks for a flush named `name`.
+    Flush(&'static str),
+    /// The app closes.
+    Close,
+    /// Keys changed.
+    RefreshKeys,
+    ExpectTx(Tx),
+    ExpectNoTx,
+    ExpectEvent(Ev),
+    ExpectNoEvent,
+    /// The next deadline is `ms` after now (`None`: no deadline).
+    ExpectTimeoutIn(Option<u64>),
+    ExpectStat(Stat, u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stat {
+    SlowSubscriberDrops,
+    RelayGaps,
+    Duplicates,
+    Rejected,
+    HeldBack,
+    Reconnects,
+    UnackedPublishes,
+    OutboxDrops,
+}
+
+/// The engine, a fake clock, a scripted relay and the app's side, in one.
+struct Sim {
+    eng: Engine,
+    now: Now,
+    cfg_backoff: Backoff,
+    placeholders: Placeholders,
+    /// The socket the driver has open or is dialing.
+    conn: Option<ConnId>,
+    tx: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    writer: Arc<RwLock<Keyring>>,
+    identity: Identity,
+    rng: rand_chacha::ChaCha20Rng,
+    msgs: BTreeMap<&'static str, Envelope>,
+    pubs: BTreeMap<&'static str, Option<PublishId>>,
+    flushes: BTreeMap<&'static str, u64>,
+    /// Relay ids of each local subscription, from the newest `Sub` frames seen.
+    relay_ids: BTreeMap<u64, Vec<u64>>,
+    /// Delivered and not yet taken, per subscription.
+    inbox: BTreeMap<u64, VecDeque<(Option<String>, AckToken)>>,
+    /// Everything that came out, for the determinism check.
+    trace: Vec<String>,
+}
+
+fn keyring() -> Keyring {
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(42);
+    let tk = TreeKey::generate("scenarios", &mut rng).unwrap();
+    let mut kr = Keyring::new();
+    kr.add_tree_key(&tk, 0).unwrap();
+    kr
+}
+
+fn account_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[9; 32])
+}
+
+impl Sim {
+    fn new(tune: impl FnOnce(&mut EngineConfig)) -> Self {
+        Self::with(Placeholders::AckAtOnce, tune)
+    }
+
+    fn with(placeholders: Placeholders, tune: impl FnOnce(&mut EngineConfig)) -> Self {
+        let mut cfg = EngineConfig::default();
+        cfg.backoff = Backoff::new(100, 2_000, None);
+        cfg.ack_delay_ms = 20;
+        tune(&mut cfg);
+        let cfg_backoff = cfg.backoff;
+        let now = Now::new(T0_MONO, T0_UNIX);
+        let kr = Arc::new(RwLock::new(keyring()));
+        let eng = Engine::new(cfg, kr, [1; 32], now);
+        let mut s = Sim {
+            eng,
+            now,
+            cfg_backoff,
+            placeholders,
+            conn: None,
+            tx: VecDeque::new(),
+            events: VecDeque::new(),
+            writer: Arc::new(RwLock::new(keyring())),
+            identity: Identity::generate(&mut rand_chacha::ChaCha20Rng::seed_from_u64(7)),
+            rng: rand_chacha::ChaCha20Rng::seed_from_u64(8),
+            msgs: BTreeMap::new(),
+            pubs: BTreeMap::new(),
+            flushes: BTreeMap::new(),
+            relay_ids: BTreeMap::new(),
+            inbox: BTreeMap::new(),
+            trace: Vec::new(),
+        };
+        s.drain();
+        s
+    }
+
+    /// Drains the engine in the driver's order: transmits, the deadline, events.
+    fn drain(&mut self) {
+        while let Some(t) = self.eng.poll_transmit() {
+            self.trace.push(format!("tx {t:?}"));
+            if let Transmit::Frame(b) = &t {
+                if let Ok(Frame::Sub(s)) = Frame::decode(b) {
+                    let local = self.eng.core().local_for(s.sub_id).expect("known sub");
+                    let ids = self.relay_ids.entry(local).or_default();
+                    if ids.contains(&s.sub_id) {
+                        panic!("relay id {} sent twice", s.sub_id);
+                    }
+                    ids.retain(|r| self.eng.core().relay_ids(local).contains(r));
+                    ids.push(s.sub_id);
+                }
+            }
+            self.tx.push_back(t);
+        }
+        let dl = self.eng.poll_timeout();
+        self.trace.push(format!("timeout {dl:?}"));
+        if let Some(d) = dl {
+            assert!(d >= self.now.mono_ms, "deadline {d} in the past");
+        }
+        while let Some(e) = self.eng.poll_event() {
+            self.trace.push(format!("event {e:?}"));
+            match &e {
+                Event::Message { sub, msg, token } => {
+                    let text = String::from_utf8_lossy(&msg.payload).into_owned();
+                    self.inbox
+                        .entry(*sub)
+                        .or_default()
+                        .push_back((Some(text), *token));
+                }
+                Event::Placeholder { sub, token } => match self.placeholders {
+                    Placeholders::AckAtOnce => {
+                        self.eng.ack(*token, self.now);
+                    }
+                    Placeholders::InChannel => self
+                        .inbox
+                        .entry(*sub)
+                        .or_default()
+                        .push_back((None, *token)),
+                },
+                _ => {}
+            }
+            self.events.push_back(e);
+            // An ack above may have produced output: keep draining in order.
+            while let Some(t) = self.eng.poll_transmit() {
+                self.trace.push(format!("tx {t:?}"));
+                self.tx.push_back(t);
+            }
+        }
+    }
+
+    fn feed(&mut self, f: Frame) {
+        let c = self.conn.expect("a socket is open");
+        self.eng.handle_frame(c, &f.to_bytes(), self.now);
+        self.drain();
+    }
+
+    fn next_tx(&mut self) -> Transmit {
+        self.tx
+            .pop_front()
+            .unwrap_or_else(|| panic!("expected a transmit, got none"))
+    }
+
+    fn next_frame(&mut self) -> Frame {
+        match self.next_tx() {
+            Transmit::Frame(b) => Frame::decode(&b).expect("engine writes valid frames"),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    fn seal(&mut self, topic: &str, body: &str) -> Envelope {
+        core::seal_publish(
+            &self.writer,
+            Some(&self.identity),
+            &SealPolicy::default(),
+            &mut Sealer::new(),
+            &Topic::new(topic).unwrap(),
+            core::OCTETS,
+            body.as_bytes(),
+            self.now.unix_ms,
+            &mut self.rng,
+        )
+        .unwrap()
+        .0
+    }
+
+    fn run(&mut self, steps: &[Step]) {
+        for (i, step) in steps.iter().enumerate() {
+            self.trace.push(format!("step {i}: {step:?}"));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step(step)));
+            if let Err(e) = r {
+                eprintln!("failed at step {i}: {step:?}");
+                eprintln!("pending tx: {:?}", self.tx);
+                eprintln!("pending events: {:?}", self.events);
+                std::panic::resume_unwind(e);
+            }
+        }
+    }
+
+    fn step(&mut self, step: &Step) {
+        match step.clone() {
+            Step::Connect { heartbeat_ms } => {
+                self.step(&Step::Dialed);
+                self.step(&Step::ExpectTx(Tx::Hello { account: false }));
+                self.step(&Step::Welcome { heartbeat_ms });
+                self.step(&Step::ExpectEvent(Ev::Connected));
+            }
+            Step::Redial => {
+                self.step(&Timeout);
+                self.step(&Dialed);
+                self.step(&ExpectTx(Tx::Hello { account: false }));
+                self.step(&Welcome {
+                    heartbeat_ms: 10_000,
+                });
+            }
+            Step::Dialed => match self.next_tx() {
+                Transmit::Dial(c) => {
+                    self.conn = Some(c);
+                    self.eng.handle_connected(c, self.now);
+                    self.drain();
+                }
+                other => panic!("expected Dial, got {other:?}"),
+            },
+            Step::DialFails => match self.next_tx() {
+                Transmit::Dial(c) => {
+                    self.eng
+                        .handle_disconnected(c, "connection refused", self.now);
+                    self.drain();
+                }
+                other => panic!("expected Dial, got {other:?}"),
+            },
+            Step::Welcome { heartbeat_ms } => self.feed(Frame::Welcome(frame::Welcome {
+                version: frame::PROTOCOL_VERSION,
+                features: 0,
+                max_frame: 1 << 20,
+                session: SESSION,
+                relay: None,
+                heartbeat_ms,
+            })),
+            Step::Challenge(nonce) => self.feed(Frame::Challenge(frame::Challenge { nonce })),
+            Step::Subscribe { id, filter, opts } => {
+                let f = TopicFilter::new(filter).unwrap();
+                self.eng
+                    .subscribe(id, f, opts, self.now)
+                    .expect("subscribe");
+                self.drain();
+            }
+            Step::Unsubscribe(id) => {
+                self.eng.unsubscribe(id);
+                self.drain();
+            }
+            Step::SubOk { id, seq } => {
+                for sub_id in self.relay_ids[&id].clone() {
+                    self.feed(Frame::SubOk(frame::SubOk { sub_id, seq }));
+                }
+            }
+            Step::ReplayDone { id, seq } => {
+                let sub_id = *self.relay_ids[&id].last().unwrap();
+                self.feed(Frame::ReplayDone(frame::ReplayDone {
+                    sub_id,
+                    seq,
+                    count: 0,
+                }));
+            }
+            Step::SubRefused { id } => {
+                let sub_id = *self.relay_ids[&id].last().unwrap();
+                self.feed(Frame::Err(ErrFrame {
+                    code: ErrorCode::QuotaExceeded,
+                    message: "too many subscriptions".into(),
+                    fatal: false,
+                    sub_id: Some(sub_id),
+                    publish_id: None,
+                }));
+            }
+            Step::Seal { name, topic } => {
+                let env = self.seal(topic, name);
+                self.msgs.insert(name, env);
+            }
+            Step::Tamper { name, from } => {
+                let mut b = self.msgs[from].as_bytes().to_vec();
+                *b.last_mut().unwrap() ^= 1;
+                self.msgs
+                    .insert(name, Envelope::from_bytes(Bytes::from(b)).unwrap());
+            }
+            Step::Deliver { msg, seq, flags } => {
+                let envelope = self.msgs[msg].clone();
+                self.feed(Frame::Msg(Msg {
+                    seq,
+                    envelope,
+                    flags,
+                }));
+            }
+            Step::Publish {
+                name,
+                topic,
+                qos,
+                ack,
+            } => {
+                let env = self.seal(topic, name);
+                self.msgs.insert(name, env.clone());
+                let o = PubOptions::new().qos(qos).ack(ack);
+                let pid = self.eng.publish(env, o, self.now).expect("publish");
+                assert_eq!(pid.is_some(), ack || qos != Qos::AtMostOnce);
+                self.pubs.insert(name, pid);
+                self.drain();
+            }
+            Step::PubAck { publish, seq } => {
+                let publish_id = match publish {
+                    Some(p) => self.pubs[p].expect("acked publish has an id").0,
+                    None => [0xee; 16],
+                };
+                self.feed(Frame::PubAck(frame::PubAck { publish_id, seq }));
+            }
+            Step::PubRefused { publish, code } => {
+                let publish_id = self.pubs[publish].map(|p| p.0);
+                self.feed(Frame::Err(ErrFrame {
+                    code,
+                    message: "refused".into(),
+                    fatal: false,
+                    sub_id: None,
+                    publish_id,
+                }));
+            }
+            Step::Relay(f) => self.feed(f),
+            Step::RelayBytes(b) => {
+                let c = self.conn.unwrap();
+                self.eng.handle_frame(c, &Bytes::from_static(b), self.now);
+                self.drain();
+            }
+            Step::Pong(name) => self.feed(Frame::Pong(frame::Pong {
+                nonce: self.flushes[name],
+            })),
+            Step::Drop => {
+                let c = self.conn.take().expect("a socket is open");
+                self.eng
+                    .handle_disconnected(c, "connection reset", self.now);
+                self.drain();
+            }
+            Step::Timeout => {
+                let at = self.eng.poll_timeout().expect("a deadline");
+                self.now.mono_ms = self.now.mono_ms.max(at);
+                self.now.unix_ms = T0_UNIX + (self.now.mono_ms - T0_MONO);
+                self.eng.handle_timeout(self.now);
+                self.drain();
+            }
+            Step::Advance(ms) => {
+                self.now.mono_ms += ms;
+                self.now.unix_ms += ms;
+            }
+            Step::Take(sub) => {
+                let q = self.inbox.get_mut(&sub).expect("delivered items");
+                loop {
+                    let (item, token) = q.pop_front().expect("an item to take");
+                    self.eng.ack(token, self.now);
+                    if item.is_some() {
+                        break;
+                    }
+                }
+                self.drain();
+            }
+            Step::Flush(name) => {
+                let id = self.eng.flush(self.now);
+                self.flushes.insert(name, id);
+                self.drain();
+            }
+            Step::Close => {
+                self.eng.close(self.now);
+                self.drain();
+            }
+            Step::RefreshKeys => {
+                self.eng.refresh_keys(self.now);
+                self.drain();
+            }
+            Step::ExpectTx(want) => self.expect_tx(want),
+            Step::ExpectNoTx => assert!(self.tx.is_empty(), "unexpected {:?}", self.tx),
+            Step::ExpectEvent(want) => self.expect_event(want),
+            Step::ExpectNoEvent => {
+                assert!(self.events.is_empty(), "unexpected {:?}", self.events)
+            }
+            Step::ExpectTimeoutIn(d) => {
+                assert_eq!(
+                    self.eng.poll_timeout().map(|t| t - self.now.mono_ms),
+                    d,
+                    "next deadline"
+                )
+            }
+            Step::ExpectStat(which, n) => {
+                let s = self.eng.stats();
+                let got = match which {
+                    Stat::SlowSubscriberDrops => s.slow_subscriber_drops,
+                    Stat::RelayGaps => s.core.relay_gaps,
+                    Stat::Duplicates => s.core.duplicates,
+                    Stat::Rejected => s.core.rejected,
+                    Stat::HeldBack => s.core.held_back,
+                    Stat::Reconnects => s.reconnects,
+                    Stat::UnackedPublishes => s.unacked_publishes,
+                    Stat::OutboxDrops => s.outbox_drops,
+                };
+                assert_eq!(got, n, "{which:?}");
+            }
+        }
+    }
+
+    fn expect_tx(&mut self, want: Tx) {
+        let t = self.next_tx();
+        match (&want, t) {
+            (Tx::Dial, Transmit::Dial(c)) => self.conn = Some(c),
+            (Tx::Hangup, Transmit::Hangup(c)) => {
+                if self.conn == Some(c) {
+                    self.conn = None;
+                }
+            }
+            (_, Transmit::Frame(b)) => {
+                let f = Frame::decode(&b).unwrap();
+                self.check_frame(&want, f);
+            }
+            (_, other) => panic!("expected {want:?}, got {other:?}"),
+        }
+    }
+
+    fn check_frame(&mut self, want: &Tx, f: Frame) {
+        match (want, &f) {
+            (Tx::Hello { account }, Frame::Hello(h)) => {
+                assert_eq!(h.versions, vec![frame::PROTOCOL_VERSION]);
+                assert_eq!(h.account.is_some(), *account);
+            }
+            (Tx::Auth, Frame::Auth(_)) => {}
+            (
+                Tx::Sub {
+                    sub,
+                    replay,
+                    retained,
+                    durable,
+                },
+                Frame::Sub(s),
+            ) => {
+                assert_eq!(self.eng.core().local_for(s.sub_id), Some(*sub), "{s:?}");
+                assert_eq!(&s.replay, replay, "replay of {s:?}");
+                assert_eq!(&s.retained, retained, "retained of {s:?}");
+                assert_eq!(s.durable.as_deref(), *durable, "durable of {s:?}");
+            }
+            (Tx::Unsub, Frame::Unsub(_)) => {}
+            (Tx::Pub(name), Frame::Pub(p)) => {
+                assert_eq!(p.publish_id, self.pubs[name].map(|p| p.0), "publish id");
+                assert_eq!(&p.envelope, &self.msgs[name], "envelope of {name}");
+            }
+            (Tx::Ack(seqs), Frame::Ack(a)) => assert_eq!(&a.seqs, seqs),
+            (Tx::Ping(n), Frame::Ping(p)) => assert_eq!(p.nonce, *n),
+            (Tx::Pong(n), Frame::Pong(p)) => assert_eq!(p.nonce, *n),
+            (Tx::Close, Frame::Close(_)) => {}
+            _ => panic!("expected {want:?}, got {f:?}"),
+        }
+    }
+
+    fn expect_event(&mut self, want: Ev) {
+        let e = self
+            .events
+            .pop_front()
+            .unwrap_or_else(|| panic!("expected {want:?}, got no event"));
+        let pid = |s: &Self, name: &str| s.pubs[name];
+        let ok = match (&want, &e) {
+            (
+                Ev::Connected,
+                Event::Connected {
+                    session,
+                    heartbeat_ms,
+                },
+            ) => *session == SESSION && *heartbeat_ms > 0,
+            (
+                Ev::Disconnected { why, retry },
+                Event::Disconnected {
+                    reason,
+                    attempt,
+                    retry_at,
+                },
+            ) => {
+                let kind = match reason {
+                    Disconnect::Transport(_) => Why::Transport,
+                    Disconnect::Timeout => Why::Timeout,
+                    Disconnect::Rejected { .. } => Why::Rejected,
+                    Disconnect::Handshake(_) => Why::Handshake,
+                    Disconnect::Fatal { .. } => Why::Fatal,
+                    Disconnect::RelayClosed { .. } => Why::RelayClosed,
+                    Disconnect::HeartbeatTimeout => Why::Heartbeat,
+                    Disconnect::BadFrame(_) => Why::BadFrame,
+                    _ => panic!("unknown reason {reason:?}"),
+                };
+                let timing = match (retry, retry_at) {
+                    (Some(n), Some(at)) => {
+                        let b = self.cfg_backoff;
+                        let full = (b.initial_ms << (n - 1).min(16)).min(b.max_ms);
+                        let d = at - self.now.mono_ms;
+                        *attempt == *n && d >= full / 2 && d <= full
+                    }
+                    (None, None) => true,
+                    _ => false,
+                };
+                kind == *why && timing
+            }
+            (Ev::Closed, Event::Closed) => true,
+            (Ev::Message { sub, msg }, Event::Message { sub: s, msg: m, .. }) => {
+                s == sub && m.payload.as_ref() == msg.as_bytes()
+            }
+            (Ev::Placeholder { sub }, Event::Placeholder { sub: s, .. }) => s == sub,
+            (
+                Ev::Gap { dropped, subs },
+                Event::Gap {
+                    dropped: d,
+                    subs: s,
+                },
+            ) => d == dropped && s == subs,
+            (Ev::Dropped { sub, n }, Event::Dropped { sub: s, n: m }) => s == sub && m == n,
+            (Ev::ReplayDone { sub, seq }, Event::ReplayDone { sub: s, seq: q }) => {
+                s == sub && q == seq
+            }
+            (Ev::SubscribeOk(id), Event::SubscribeOk { sub }) => sub == id,
+            (Ev::SubscribeErrRejected(id), Event::SubscribeErr { sub, error }) => {
+                sub == id && matches!(error, SubscribeFailure::Rejected { .. })
+            }
+            (Ev::SubscribeErrClosed(id), Event::SubscribeErr { sub, error }) => {
+                sub == id && *error == SubscribeFailure::Closed
+            }
+            (Ev::PubAck { publish, seq }, Event::PubAck { pid: p, seq: q }) => {
+                pid(self, publish) == Some(*p) && q == seq
+            }
+            (Ev::PublishFailed { publish, reason }, Event::PublishFailed { pid: p, reason: r }) => {
+                let kind = match r {
+                    PublishFailure::Rejected { .. } => Fail::Rejected,
+                    PublishFailure::NotAcknowledged => Fail::NotAcknowledged,
+                    PublishFailure::Closed => Fail::Closed,
+                    _ => panic!("unknown failure {r:?}"),
+                };
+                pid(self, publish) == Some(*p) && kind == *reason
+            }
+            (Ev::Flushed(name), Event::Flushed { id }) => self.flushes[name] == *id,
+            (Ev::FlushFailed(name), Event::FlushFailed { id }) => self.flushes[name] == *id,
+            (Ev::RelayError(code), Event::RelayError { code: c, .. }) => c == code,
+            _ => false,
+        };
+        assert!(ok, "expected {want:?}, got {e:?}");
+    }
+}
+
+/// Runs a scenario twice: it must pass, and both runs must produce the same trace.
+fn play(name: &str, make: impl Fn() -> Sim, steps: &[Step]) {
+    let mut a = make();
+    a.run(steps);
+    let mut b = make();
+    b.run(steps);
+    assert_eq!(
+        a.trace, b.trace,
+        "{name}: the same inputs gave different outputs"
+    );
+}
+
+// ---- scenarios -----------------------------------------------------------------------------
+
+use Step::*;
+
+fn sub(id: u64, filter: &'static str, opts: SubscribeOptions) -> Step {
+    Subscribe { id, filter, opts }
+}
+
+/// The connection (or a dial) failed; `retry`: the attempt whose backoff is scheduled.
+fn lost(why: Why, retry: Option<u32>) -> Step {
+    ExpectEvent(Ev::Disconnected { why, retry })
+}
+
+/// A `Sub` starting live, with retained values, not durable.
+fn fresh_sub(sub: u64) -> Step {
+    ExpectTx(Tx::Sub {
+        sub,
+        replay: None,
+        retained: true,
+        durable: None,
+    })
+}
+
+fn qos1() -> SubscribeOptions {
+    SubscribeOptions::new().qos(Qos::AtLeastOnce)
+}
+
+fn connected_with(subs: Vec<Step>) -> Vec<Step> {
+    let mut v = vec![Connect {
+        heartbeat_ms: 10_000,
+    }];
+    v.extend(subs);
+    v
+}
+
+/// Subscribes `id` while live and confirms it.
+fn live_sub(id: u64, filter: &'static str, opts: SubscribeOptions) -> Vec<Step> {
+    let (replay, retained, durable) = (opts.replay, opts.retained, None);
+    let durable = opts.durable.as_ref().map(|_| "d").or(durable);
+    vec![
+        sub(id, filter, opts),
+        ExpectTx(Tx::Sub {
+            sub: id,
+            replay,
+            retained,
+            durable,
+        }),
+        SubOk { id, seq: 0 },
+        ExpectEvent(Ev::SubscribeOk(id)),
+    ]
+}
+
+fn handshake_steps() -> Vec<Step> {
+    vec![
+        Dialed,
+        ExpectTx(Tx::Hello { account: true }),
+        Challenge([3; 32]),
+        ExpectTx(Tx::Auth),
+        Welcome { heartbeat_ms: 0 },
+        ExpectEvent(Ev::Connected),
+        // The relay asked for no heartbeat: the default (30 s) applies.
+        ExpectTimeoutIn(Some(30_000)),
+        ExpectNoTx,
+        ExpectNoEvent,
+    ]
+}
+
+#[test]
+fn handshake_with_account_challenge() {
+    let make = || {
+        Sim::new(|c| {
+            c.auth = Some(AccountAuth::Key(Arc::new(account_key())));
+        })
+    };
+    play("handshake", make, &handshake_steps());
+    // The Auth frame signs the challenge with the account key.
+    let mut s = make();
+    s.step(&Dialed);
+    s.next_frame();
+    s.step(&Challenge([3; 32]));
+    let Frame::Auth(a) = s.next_frame() else {
+        panic!("Auth expected")
+    };
+    let pk = account_key().verifying_key();
+    let msg = frame::auth_sig_input(&[3; 32], &pk.to_bytes());
+    pk.verify_strict(&msg, &ed25519_dalek::Signature::from_bytes(&a.sig))
+        .expect("valid signature");
+}
+
+#[test]
+fn handshake_failures() {
+    // A challenge without an account key, a refusal, a timeout: each ends the first
+    // connection (no retry by default), hanging up the socket.
+    for (relay, why) in [
+        (
+            Some(Frame::Challenge(frame::Challenge { nonce: [1; 32] })),
+            Why::Handshake,
+        ),
+        (
+            Some(Frame::Err(ErrFrame {
+                code: ErrorCode::AuthRequired,
+                message: "account required".into(),
+                fatal: true,
+                sub_id: None,
+                publish_id: None,
+            })),
+            Why::Rejected,
+        ),
+        (None, Why::Timeout),
+    ] {
+        let mut steps = vec![Dialed, ExpectTx(Tx::Hello { account: false })];
+        match relay {
+            Some(f) => steps.push(Relay(f)),
+            None => steps.push(Timeout),
+        }
+        steps.extend([
+            ExpectTx(Tx::Hangup),
+            ExpectEvent(Ev::Disconnected { why, retry: None }),
+            ExpectEvent(Ev::Closed),
+            ExpectTimeoutIn(None),
+        ]);
+        play("handshake failure", || Sim::new(|_| {}), &steps);
+    }
+    // With first-connect retry, a refused dial backs off and dials again.
+    let steps = [
+        DialFails,
+        lost(Why::Transport, Some(1)),
+        Timeout,
+        Connect {
+            heartbeat_ms: 1_000,
+        },
+        ExpectStat(Stat::Reconnects, 0),
+    ];
+    play(
+        "first connect retry",
+        || Sim::new(|c| c.retry_first_connect = true),
+        &steps,
+    );
+}
+
+#[test]
+fn reconnect_mid_publish() {
+    let mut steps = connected_with(live_sub(1, "a/#", qos1()));
+    steps.extend([
+        Publish {
+            name: "p1",
+            topic: "a/1",
+            qos: Qos::AtLeastOnce,
+            ack: true,
+        },
+        ExpectTx(Tx::Pub("p1")),
+        Publish {
+            name: "p2",
+            topic: "a/2",
+            qos: Qos::ExactlyOnce,
+            ack: true,
+        },
+        ExpectTx(Tx::Pub("p2")),
+        Publish {
+            name: "p0",
+            topic: "a/0",
+            qos: Qos::AtMostOnce,
+            ack: true,
+        },
+        ExpectTx(Tx::Pub("p0")),
+        ExpectStat(Stat::UnackedPublishes, 2),
+        // The connection drops before any PubAck.
+        Drop,
+        // QoS 0 with ack cannot be re-sent safely: it fails; QoS 1/2 are kept.
+        ExpectEvent(Ev::PublishFailed {
+            publish: "p0",
+            reason: Fail::NotAcknowledged,
+        }),
+        lost(Why::Transport, Some(1)),
+        ExpectNoTx,
+        // Published while disconnected: kept too, sent after the earlier ones.
+        Publish {
+            name: "p3",
+            topic: "a/3",
+            qos: Qos::AtLeastOnce,
+            ack: true,
+        },
+        ExpectNoTx,
+        Redial,
+        // Subscriptions first, then the kept publishes in order, with the same ids.
+        fresh_sub(1),
+        ExpectTx(Tx::Pub("p1")),
+        ExpectTx(Tx::Pub("p2")),
+        ExpectTx(Tx::Pub("p3")),
+        ExpectNoTx,
+        ExpectEvent(Ev::Connected),
+        PubAck {
+            publish: Some("p1"),
+            seq: 11,
+        },
+        PubAck {
+            publish: Some("p2"),
+            seq: 12,
+        },
+        PubAck {
+            publish: Some("p3"),
+            seq: 13,
+        },
+        // A late PubAck of the first send of p1: nothing more.
+        PubAck {
+            publish: Some("p1"),
+            seq: 11,
+        },
+        ExpectEvent(Ev::PubAck {
+            publish: "p1",
+            seq: 11,
+        }),
+        ExpectEvent(Ev::PubAck {
+            publish: "p2",
+            seq: 12,
+        }),
+        ExpectEvent(Ev::PubAck {
+            publish: "p3",
+            seq: 13,
+        }),
+        ExpectNoEvent,
+        ExpectStat(Stat::UnackedPublishes, 0),
+        ExpectStat(Stat::Reconnects, 1),
+    ]);
+    play("reconnect mid-publish", || Sim::new(|_| {}), &steps);
+}
+
+#[test]
+fn relay_restart_resumes_after_last_seq_and_durable_by_name() {
+    let mut steps = vec![Connect {
+        heartbeat_ms: 10_000,
+    }];
+    steps.extend(live_sub(1, "a/#", qos1()));
+    steps.extend(live_sub(2, "b/#", qos1().durable("d")));
+    steps.extend([
+        Seal {
+            name: "m5",
+            topic: "a/x",
+        },
+        Deliver {
+            msg: "m5",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m5" }),
+        Take(1),
+        Timeout, // ack_delay
+        ExpectTx(Tx::Ack(vec![5])),
+        Relay(Frame::Close(frame::Close {
+            code: ErrorCode::ShuttingDown,
+            message: "restart".into(),
+        })),
+        ExpectTx(Tx::Hangup),
+        lost(Why::RelayClosed, Some(1)),
+        Timeout,
+        DialFails,
+        lost(Why::Transport, Some(2)),
+        Timeout,
+        DialFails,
+        lost(Why::Transport, Some(3)),
+        Redial,
+        // Resumes right after the last sequence seen, without retained values again.
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: Some(Replay::FromSeq(6)),
+            retained: false,
+            durable: None,
+        }),
+        // The durable one resumes by name (the relay keeps its position).
+        ExpectTx(Tx::Sub {
+            sub: 2,
+            replay: None,
+            retained: true,
+            durable: Some("d"),
+        }),
+        ExpectEvent(Ev::Connected),
+        ExpectStat(Stat::Reconnects, 1),
+    ]);
+    play("relay restart", || Sim::new(|_| {}), &steps);
+}
+
+#[test]
+fn backoff_gives_up_after_max_attempts() {
+    let steps = [
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        Publish {
+            name: "p1",
+            topic: "a/1",
+            qos: Qos::AtLeastOnce,
+            ack: true,
+        },
+        ExpectTx(Tx::Pub("p1")),
+        sub(7, "a/#", SubscribeOptions::new()),
+        fresh_sub(7),
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Timeout,
+        DialFails,
+        lost(Why::Transport, Some(2)),
+        Timeout,
+        DialFails,
+        // Two attempts allowed: the engine gives up; everything waiting fails once.
+        lost(Why::Transport, None),
+        ExpectEvent(Ev::PublishFailed {
+            publish: "p1",
+            reason: Fail::Closed,
+        }),
+        ExpectEvent(Ev::SubscribeErrClosed(7)),
+        ExpectEvent(Ev::Closed),
+        ExpectNoEvent,
+        ExpectTimeoutIn(None),
+        ExpectNoTx,
+    ];
+    play(
+        "give up",
+        || Sim::new(|c| c.backoff = Backoff::new(100, 2_000, Some(2))),
+        &steps,
+    );
+}
+
+#[test]
+fn duplicate_delivery_is_one_message_and_both_seqs_are_acked() {
+    let mut steps = connected_with(live_sub(1, "a/#", qos1()));
+    steps.extend(live_sub(2, "a/+", qos1()));
+    steps.extend([
+        Seal {
+            name: "m",
+            topic: "a/x",
+        },
+        Deliver {
+            msg: "m",
+            seq: 1,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m" }),
+        // The same Msg again, redelivered; then the same envelope under a new seq.
+        Deliver {
+            msg: "m",
+            seq: 1,
+            flags: msg_flags::REDELIVERED,
+        },
+        Deliver {
+            msg: "m",
+            seq: 2,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Placeholder { sub: 1 }),
+        ExpectEvent(Ev::Placeholder { sub: 2 }),
+        ExpectEvent(Ev::Placeholder { sub: 1 }),
+        ExpectEvent(Ev::Placeholder { sub: 2 }),
+        ExpectNoEvent,
+        ExpectStat(Stat::Duplicates, 2),
+        // Nothing is acked before the app takes the message (the duplicates wait behind it):
+        // no ack deadline, only the heartbeat.
+        ExpectTimeoutIn(Some(10_000)),
+        ExpectNoTx,
+        Take(1),
+        Take(2),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![1, 1, 2])),
+        ExpectNoTx,
+    ]);
+    play("duplicate delivery", || Sim::new(|_| {}), &steps);
+}
+
+#[test]
+fn replay_hand_over_without_gap_or_duplicate_across_a_cut() {
+    let opts = qos1().replay(Replay::FromSeq(1));
+    let mut steps = vec![Connect {
+        heartbeat_ms: 10_000,
+    }];
+    steps.extend([
+        sub(1, "a/#", opts),
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: Some(Replay::FromSeq(1)),
+            retained: true,
+            durable: None,
+        }),
+        SubOk { id: 1, seq: 4 },
+        ExpectEvent(Ev::SubscribeOk(1)),
+    ]);
+    for i in 1..=6 {
+        let name: &'static str = ["", "m1", "m2", "m3", "m4", "m5", "m6"][i];
+        steps.push(Seal { name, topic: "a/x" });
+    }
+    steps.extend([
+        Deliver {
+            msg: "m1",
+            seq: 1,
+            flags: msg_flags::REPLAYED,
+        },
+        Deliver {
+            msg: "m2",
+            seq: 2,
+            flags: msg_flags::REPLAYED,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m1" }),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m2" }),
+        Take(1),
+        Take(1),
+        // Cut mid-history.
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Redial,
+        // Resumes after the last seq seen (2), not from the original position.
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: Some(Replay::FromSeq(3)),
+            retained: false,
+            durable: None,
+        }),
+        ExpectEvent(Ev::Connected),
+        SubOk { id: 1, seq: 4 },
+        // The relay overlaps by one (seq 2 again): not shown twice.
+        Deliver {
+            msg: "m2",
+            seq: 2,
+            flags: msg_flags::REPLAYED,
+        },
+        Deliver {
+            msg: "m3",
+            seq: 3,
+            flags: msg_flags::REPLAYED,
+        },
+        Deliver {
+            msg: "m4",
+            seq: 4,
+            flags: msg_flags::REPLAYED,
+        },
+        ReplayDone { id: 1, seq: 4 },
+        Deliver {
+            msg: "m5",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Placeholder { sub: 1 }),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m3" }),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m4" }),
+        ExpectEvent(Ev::ReplayDone { sub: 1, seq: 4 }),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m5" }),
+        ExpectNoEvent,
+        Take(1),
+        Take(1),
+        Take(1),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![2, 3, 4, 5])),
+    ]);
+    play("replay hand-over", || Sim::new(|_| {}), &steps);
+}
+
+#[test]
+fn qos2_resend_is_acked_once_and_a_restored_outbox_keeps_its_ids() {
+    let steps = [
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        Publish {
+            name: "q",
+            topic: "a/q",
+            qos: Qos::ExactlyOnce,
+            ack: true,
+        },
+        ExpectTx(Tx::Pub("q")),
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Timeout,
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        ExpectTx(Tx::Pub("q")),
+        // The relay deduplicated the re-send: both sends are answered with the original seq.
+        PubAck {
+            publish: Some("q"),
+            seq: 3,
+        },
+        PubAck {
+            publish: Some("q"),
+            seq: 3,
+        },
+        // An id this client never used.
+        PubAck {
+            publish: None,
+            seq: 9,
+        },
+        ExpectEvent(Ev::PubAck {
+            publish: "q",
+            seq: 3,
+        }),
+        ExpectNoEvent,
+        // A refused publish fails once, with the relay's code.
+        Publish {
+            name: "r",
+            topic: "a/r",
+            qos: Qos::ExactlyOnce,
+            ack: true,
+        },
+        ExpectTx(Tx::Pub("r")),
+        PubRefused {
+            publish: "r",
+            code: ErrorCode::QuotaExceeded,
+        },
+        ExpectEvent(Ev::PublishFailed {
+            publish: "r",
+            reason: Fail::Rejected,
+        }),
+        ExpectNoEvent,
+        ExpectStat(Stat::UnackedPublishes, 0),
+    ];
+    play("qos2 dedup", || Sim::new(|_| {}), &steps);
+
+    // A restored outbox: entries of a previous run go first, with their ids.
+    let mut prev = Sim::new(|_| {});
+    prev.run(&[
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        Publish {
+            name: "old",
+            topic: "a/o",
+            qos: Qos::ExactlyOnce,
+            ack: true,
+        },
+    ]);
+    let pid = prev.pubs["old"].unwrap();
+    let (order, frame) = prev.eng.kept_publish(&pid).expect("kept");
+    let env = prev.msgs["old"].clone();
+    let mut next = Sim::new(|c| c.restored = vec![(pid, order, frame.clone())]);
+    next.pubs.insert("old", Some(pid));
+    next.msgs.insert("old", env);
+    next.run(&[
+        ExpectStat(Stat::UnackedPublishes, 1),
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        ExpectTx(Tx::Pub("old")),
+        PubAck {
+            publish: Some("old"),
+            seq: 1,
+        },
+        ExpectEvent(Ev::PubAck {
+            publish: "old",
+            seq: 1,
+        }),
+    ]);
+}
+
+#[test]
+fn slow_consumer_qos0_drops_qos1_holds_back_and_placeholders_keep_order() {
+    let mut steps = connected_with(live_sub(1, "zero/#", SubscribeOptions::new()));
+    steps.extend(live_sub(2, "one/#", qos1()));
+    for (name, topic) in [
+        ("z1", "zero/a"),
+        ("z2", "zero/a"),
+        ("z3", "zero/a"),
+        ("o1", "one/a"),
+        ("o2", "one/a"),
+        ("o3", "one/a"),
+    ] {
+        steps.push(Seal { name, topic });
+    }
+    steps.extend([
+        // Credit 2: the third QoS 0 message is dropped, counted and reported.
+        Deliver {
+            msg: "z1",
+            seq: 0,
+            flags: 0,
+        },
+        Deliver {
+            msg: "z2",
+            seq: 0,
+            flags: 0,
+        },
+        Deliver {
+            msg: "z3",
+            seq: 0,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "z1" }),
+        ExpectEvent(Ev::Message { sub: 1, msg: "z2" }),
+        ExpectEvent(Ev::Dropped { sub: 1, n: 1 }),
+        ExpectStat(Stat::SlowSubscriberDrops, 1),
+        // The relay's own drops reach the at-most-once subscriptions.
+        Relay(Frame::Gap(Gap { dropped: 4 })),
+        ExpectEvent(Ev::Gap {
+            dropped: 4,
+            subs: vec![1],
+        }),
+        ExpectStat(Stat::RelayGaps, 4),
+        // QoS 1: the third is held back (not delivered, never acked).
+        Deliver {
+            msg: "o1",
+            seq: 10,
+            flags: 0,
+        },
+        Deliver {
+            msg: "o2",
+            seq: 11,
+            flags: 0,
+        },
+        Deliver {
+            msg: "o3",
+            seq: 12,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "o1" }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "o2" }),
+        ExpectNoEvent,
+        ExpectStat(Stat::HeldBack, 1),
+        Take(2),
+        Take(2),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![10, 11])),
+        ExpectNoTx,
+        // The relay delivers it again; now there is room.
+        Deliver {
+            msg: "o3",
+            seq: 12,
+            flags: msg_flags::REDELIVERED,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "o3" }),
+        Take(2),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![12])),
+    ]);
+    play("slow consumer", || Sim::new(|c| c.sub_capacity = 2), &steps);
+}
+
+/// An unopenable envelope between two taken ones: its ack leaves with its neighbours, in
+/// relay order, whether the driver acks placeholders at once or passes them through the
+/// subscription's channel.
+#[test]
+fn placeholder_between_two_taken_ones_leaves_in_order() {
+    for mode in [Placeholders::AckAtOnce, Placeholders::InChannel] {
+        let mut steps = connected_with(live_sub(1, "a/#", qos1()));
+        steps.extend([
+            Seal {
+                name: "m1",
+                topic: "a/1",
+            },
+            Seal {
+                name: "m3",
+                topic: "a/3",
+            },
+            Tamper {
+                name: "bad",
+                from: "m3",
+            },
+            Deliver {
+                msg: "m1",
+                seq: 1,
+                flags: 0,
+            },
+            Deliver {
+                msg: "bad",
+                seq: 2,
+                flags: 0,
+            },
+            Deliver {
+                msg: "m3",
+                seq: 3,
+                flags: 0,
+            },
+            ExpectEvent(Ev::Message { sub: 1, msg: "m1" }),
+            ExpectEvent(Ev::Placeholder { sub: 1 }),
+            ExpectEvent(Ev::Message { sub: 1, msg: "m3" }),
+            ExpectStat(Stat::Rejected, 1),
+            // Nothing leaves before the head is taken, whatever became of seq 2.
+            ExpectTimeoutIn(Some(10_000)),
+            ExpectNoTx,
+            Take(1),
+            Take(1),
+            Timeout,
+            ExpectTx(Tx::Ack(vec![1, 2, 3])),
+            ExpectNoTx,
+        ]);
+        play("placeholder order", move || Sim::with(mode, |_| {}), &steps);
+    }
+}
+
+#[test]
+fn subscribe_pending_across_a_drop_resolves_once() {
+    let steps = [
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        sub(1, "a/#", SubscribeOptions::new()),
+        fresh_sub(1),
+        // Dropped before SubOk.
+        Drop,
+        lost(Why::Transport, Some(1)),
+        // Subscribed while offline too: both wait for the next connection.
+        sub(2, "b/#", SubscribeOptions::new()),
+        ExpectNoTx,
+        Redial,
+        fresh_sub(1),
+        fresh_sub(2),
+        ExpectEvent(Ev::Connected),
+        ExpectNoEvent,
+        SubOk { id: 1, seq: 0 },
+        ExpectEvent(Ev::SubscribeOk(1)),
+        SubRefused { id: 2 },
+        ExpectEvent(Ev::SubscribeErrRejected(2)),
+        ExpectNoEvent,
+        // A second drop: the confirmed one is simply re-made (no second SubscribeOk).
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Timeout,
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        fresh_sub(1),
+        ExpectNoTx,
+        SubOk { id: 1, seq: 0 },
+        ExpectNoEvent,
+    ];
+    play("subscribe across drop", || Sim::new(|_| {}), &steps);
+}
+
+#[test]
+fn heartbeat_timeout_reconnects_with_backoff() {
+    let steps = [
+        Connect {
+            heartbeat_ms: 1_000,
+        },
+        ExpectTimeoutIn(Some(1_000)),
+        Timeout,
+        ExpectTx(Tx::Ping(0)),
+        // Any frame from the relay shows it is alive.
+        Relay(Frame::Pong(frame::Pong { nonce: 0 })),
+        Timeout,
+        ExpectTx(Tx::Ping(0)),
+        Timeout,
+        ExpectTx(Tx::Ping(0)),
+        ExpectNoEvent,
+        // Two pings unanswered: the connection is dead.
+        Timeout,
+        ExpectTx(Tx::Hangup),
+        lost(Why::Heartbeat, Some(1)),
+        Timeout,
+        Connect {
+            heartbeat_ms: 1_000,
+        },
+        ExpectStat(Stat::Reconnects, 1),
+        // The relay pings too: answered.
+        Relay(Frame::Ping(Ping { nonce: 77 })),
+        ExpectTx(Tx::Pong(77)),
+    ];
+    play("heartbeat", || Sim::new(|_| {}), &steps);
+}
+
+#[test]
+fn flush_round_trip_and_failures() {
+    let steps = [
+        Flush("early"), // not connected yet
+        ExpectEvent(Ev::FlushFailed("early")),
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        Flush("f1"),
+        ExpectTx(Tx::Ping(2)),
+        Flush("f2"),
+        ExpectTx(Tx::Ping(3)),
+        Pong("f2"),
+        ExpectEvent(Ev::Flushed("f2")),
+        ExpectNoEvent,
+        // The connection drops with f1 unanswered.
+        Drop,
+        ExpectEvent(Ev::FlushFailed("f1")),
+        lost(Why::Transport, Some(1)),
+        // A late Pong of an old socket is ignored.
+        ExpectNoEvent,
+    ];
+    play("flush", || Sim::new(|_| {}), &steps);
+}
+
+/// "Everything sent before" a flush includes the acks of what the app took.
+#[test]
+fn flush_sends_pending_acks_first() {
+    let mut steps = connected_with(live_sub(1, "a/#", qos1()));
+    steps.extend([
+        Seal {
+            name: "m",
+            topic: "a/x",
+        },
+        Deliver {
+            msg: "m",
+            seq: 3,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
+        Take(1),
+        ExpectNoTx, // waiting for ack_delay
+        Flush("f"),
+        ExpectTx(Tx::Ack(vec![3])),
+        ExpectTx(Tx::Ping(1)),
+        ExpectNoTx,
+    ]);
+    play("flush acks", || Sim::new(|_| {}), &steps);
+}
+
+#[test]
+fn close_writes_acks_and_close_before_hangup_then_never_dials() {
+    let mut steps = connected_with(live_sub(1, "a/#", qos1()));
+    steps.extend([
+        Seal {
+            name: "m",
+            topic: "a/x",
+        },
+        Deliver {
+            msg: "m",
+            seq: 4,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
+        Take(1),
+        Publish {
+            name: "p",
+            topic: "a/p",
+            qos: Qos::AtLeastOnce,
+            ack: true,
+        },
+        ExpectTx(Tx::Pub("p")),
+        Close,
+        // The pending ack leaves before Close, then the socket closes.
+        ExpectTx(Tx::Ack(vec![4])),
+        ExpectTx(Tx::Close),
+        ExpectTx(Tx::Hangup),
+        ExpectNoTx,
+        ExpectEvent(Ev::PublishFailed {
+            publish: "p",
+            reason: Fail::Closed,
+        }),
+        ExpectEvent(Ev::Closed),
+        ExpectNoEvent,
+        ExpectTimeoutIn(None),
+        Advance(60_000),
+        ExpectNoTx,
+    ]);
+    play("close", || Sim::new(|_| {}), &steps);
+    let mut s = Sim::new(|_| {});
+    s.run(&steps);
+    let env = s.msgs["m"].clone();
+    assert!(matches!(
+        s.eng.publish(env, PubOptions::new(), s.now),
+        Err(whispeer::PublishError::Closed)
+    ));
+}
+
+#[test]
+fn acks_leave_within_ack_delay_or_at_once_at_4096() {
+    let mut steps = connected_with(live_sub(1, "a/#", qos1()));
+    steps.push(Seal {
+        name: "m",
+        topic: "a/x",
+    });
+    // 4,097 deliveries of one envelope: the first opens, the rest are duplicates
+    // (placeholders, acked at once by this driver): every slot is released once seq 1 is
+    // taken.
+    for seq in 1..=4097u64 {
+        steps.push(Deliver {
+            msg: "m",
+            seq,
+            flags: if seq == 1 { 0 } else { msg_flags::REDELIVERED },
+        });
+    }
+    steps.extend([
+        ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
+        ExpectNoTx,
+        Take(1),
+        // 4,096 are ready: one full Ack leaves at once; the last waits for the deadline.
+        ExpectTx(Tx::Ack((1..=4096).collect())),
+        ExpectNoTx,
+        ExpectTimeoutIn(Some(20)),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![4097])),
+    ]);
+    play("ack batching", || Sim::new(|_| {}), &steps);
+}
+
+/// With no ack delay, what one input released leaves at the next `poll_transmit`, as one
+/// `Ack` (here: taking the head releases it and the two placeholders behind it).
+#[test]
+fn no_ack_delay_acks_leave_with_the_next_transmit() {
+    let mut steps = connected_with(live_sub(1, "a/#", qos1()));
+    steps.extend([
+        Seal {
+            name: "m",
+            topic: "a/x",
+        },
+        Deliver {
+            msg: "m",
+            seq: 1,
+            flags: 0,
+        },
+        Deliver {
+            msg: "m",
+            seq: 2,
+            flags: msg_flags::REDELIVERED,
+        },
+        Deliver {
+            msg: "m",
+            seq: 3,
+            flags: msg_flags::REDELIVERED,
+        },
+        ExpectNoTx,
+        Take(1),
+        ExpectTx(Tx::Ack(vec![1, 2, 3])),
+        ExpectNoTx,
+        ExpectTimeoutIn(Some(10_000)),
+    ]);
+    play("no ack delay", || Sim::new(|c| c.ack_delay_ms = 0), &steps);
+}
+
+#[test]
+fn bad_frames_and_fatal_errors_are_disconnects_not_panics() {
+    let steps = [
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        RelayBytes(b"\xff\x00garbage"),
+        ExpectTx(Tx::Hangup),
+        lost(Why::BadFrame, Some(1)),
+        Timeout,
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        Relay(Frame::Err(ErrFrame {
+            code: ErrorCode::RateLimited,
+            message: "slow down".into(),
+            fatal: false,
+            sub_id: None,
+            publish_id: None,
+        })),
+        ExpectEvent(Ev::RelayError(ErrorCode::RateLimited)),
+        Relay(Frame::Err(ErrFrame {
+            code: ErrorCode::Internal,
+            message: "bye".into(),
+            fatal: true,
+            sub_id: None,
+            publish_id: None,
+        })),
+        ExpectTx(Tx::Hangup),
+        lost(Why::Fatal, Some(1)),
+    ];
+    play("bad frames", || Sim::new(|_| {}), &steps);
+}
+
+#[test]
+fn offline_qos0_buffer_is_capped_and_sent_on_connect() {
+    let steps = [
+        // Not connected yet: buffered.
+        Publish {
+            name: "a",
+            topic: "a/1",
+            qos: Qos::AtMostOnce,
+            ack: false,
+        },
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        ExpectTx(Tx::Pub("a")),
+        ExpectNoTx,
+        ExpectStat(Stat::OutboxDrops, 0),
+    ];
+    play("offline buffer", || Sim::new(|_| {}), &steps);
+    // Over the cap: a typed error, counted.
+    let mut s = Sim::new(|c| c.offline_bytes = 10);
+    let env = s.seal("a/1", "too big for ten bytes");
+    assert!(matches!(
+        s.eng.publish(env, PubOptions::new(), s.now),
+        Err(whispeer::PublishError::BufferFull(10))
+    ));
+    s.step(&ExpectStat(Stat::OutboxDrops, 1));
+}
+
+#[test]
+fn refresh_keys_remakes_subscriptions_where_they_were() {
+    let mut steps = connected_with(live_sub(1, "a/#", qos1()));
+    steps.extend([
+        Seal {
+            name: "m",
+            topic: "a/x",
+        },
+        Deliver {
+            msg: "m",
+            seq: 8,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
+        RefreshKeys,
+        ExpectTx(Tx::Unsub),
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: Some(Replay::FromSeq(9)),
+            retained: false,
+            durable: None,
+        }),
+        ExpectNoTx,
+    ]);
+    play("refresh keys", || Sim::new(|_| {}), &steps);
+}
+
+#[test]
+fn unsubscribe_never_acks_what_was_not_taken() {
+    let mut steps = connected_with(live_sub(1, "a/#", qos1()));
+    steps.extend(live_sub(2, "b/#", qos1()));
+    steps.extend([
+        Seal {
+            name: "m1",
+            topic: "a/1",
+        },
+        Seal {
+            name: "m2",
+            topic: "b/2",
+        },
+        Deliver {
+            msg: "m1",
+            seq: 1,
+            flags: 0,
+        },
+        Deliver {
+            msg: "m2",
+            seq: 2,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m1" }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m2" }),
+        Take(2),
+        // Subscription 1 goes away without taking m1: seq 1 is never acked (redelivered).
+        Unsubscribe(1),
+        ExpectTx(Tx::Unsub),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![2])),
+        ExpectNoTx,
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Timeout,
+        ExpectTx(Tx::Dial),
+    ]);
+    play("unsubscribe", || Sim::new(|_| {}), &steps);
+}
+
+#[test]
+fn stale_socket_inputs_are_ignored() {
+    let mut s = Sim::new(|c| c.retry_first_connect = true);
+    s.run(&[
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        Drop,
+    ]);
+    let old = 1;
+    // A late frame and a late close of the old socket change nothing.
+    s.eng.handle_frame(
+        old,
+        &Frame::Pong(frame::Pong { nonce: 5 }).to_bytes(),
+        s.now,
+    );
+    s.eng.handle_disconnected(old, "late", s.now);
+    s.eng.handle_connected(old, s.now);
+    s.drain();
+    s.run(&[
+        lost(Why::Transport, Some(1)),
+        ExpectTx(Tx::Hangup), // the engine does not want the old socket back
+        ExpectNoEvent,
+        ExpectNoTx,
+    ]);
+    // Time never goes back: an older `now` cannot move a deadline into the past.
+    let dl = s.eng.poll_timeout().unwrap();
+    s.eng.handle_timeout(Now::new(0, 0));
+    assert_eq!(s.eng.poll_timeout(), Some(dl));
+}
+
+/// The same seed gives the same publish ids and backoff; another seed, others.
+#[test]
+fn seed_decides_ids_and_jitter() {
+    let run = |seed: [u8; 32]| {
+        let kr = Arc::new(RwLock::new(keyring()));
+        let mut cfg = EngineConfig::default();
+        cfg.retry_first_connect = true;
+        let now = Now::new(0, T0_UNIX);
+        let mut e = Engine::new(cfg, kr, seed, now);
+        let mut s = Sim::new(|_| {});
+        let env = s.seal("a/1", "x");
+        let pid = e
+            .publish(env, PubOptions::new().qos(Qos::AtLeastOnce), now)
+            .unwrap();
+        let Some(Transmit::Dial(c)) = e.poll_transmit() else {
+            panic!()
+        };
+        e.handle_disconnected(c, "refused", now);
+        (pid, e.poll_timeout())
+    };
+    assert_eq!(run([1; 32]), run([1; 32]));
+    assert_ne!(run([1; 32]).0, run([2; 32]).0);
+    let _ = SeededRng::new(&[0; 32]);
+}
+
+/// Random interleavings of relay frames, drops, timeouts and app commands (fixed seeds, so
+/// a failure replays): no message twice per subscription; exactly one outcome per publish
+/// that waits for one; nothing acked that the app did not take, nor a seq the connection
+/// never delivered; `Ack`s of at most 4,096; frames only on an open socket; deadlines never
+/// in the past.
+#[test]
+fn random_interleavings_keep_the_invariants() {
+    use rand_chacha::rand_core::RngCore;
+    use std::collections::{BTreeSet, HashMap};
+    let mut totals = [0usize; 5];
+    for run in 0..60u64 {
+        let mode = if run % 2 == 0 {
+            Placeholders::AckAtOnce
+        } else {
+            Placeholders::InChannel
+        };
+        let mut s = Sim::with(mode, |c| {
+            c.retry_first_connect = true;
+            c.sub_capacity = 3;
+            c.ack_delay_ms = 5;
+            c.offline_bytes = 4_000;
+        });
+        let mut r = rand_chacha::ChaCha20Rng::seed_from_u64(1_000 + run);
+        // Envelopes sealed so far, with the at-least-once subscription each opens for.
+        let mut pool: Vec<(Envelope, Option<u64>)> = Vec::new();
+        let subs: [(u64, &str, SubscribeOptions); 3] = [
+            (1, "a/#", qos1()),
+            (2, "a/+", SubscribeOptions::new()),
+            (3, "b/#", qos1().durable("d")),
+        ];
+        for (id, f, o) in subs.iter().cloned() {
+            s.eng
+                .subscribe(id, TopicFilter::new(f).unwrap(), o, s.now)
+                .unwrap();
+        }
+        s.drain();
+        // Driver and relay model.
+        let mut open: Option<ConnId> = None;
+        let mut dialing: Option<ConnId> = None;
+        let mut handshaking = false;
+        let mut live = false;
+        let mut next_seq = 1u64;
+        let mut fed: BTreeMap<(ConnId, u64), usize> = BTreeMap::new();
+        // (subscription, pool index) of every message the app was handed.
+        let mut handed: BTreeSet<(u64, usize)> = BTreeSet::new();
+        let mut fed_seqs: Vec<(u64, usize)> = Vec::new();
+        let mut written_pids: Vec<[u8; 16]> = Vec::new();
+        let mut nonces: Vec<u64> = Vec::new();
+        let mut waiting_pids: BTreeSet<PublishId> = BTreeSet::new();
+        let mut outcomes: HashMap<PublishId, u32> = HashMap::new();
+        let mut seen: BTreeSet<(u64, [u8; 16])> = BTreeSet::new();
+        // Messages of acking subscriptions handed out and not taken, per (conn, seq).
+        let mut untaken: BTreeMap<(ConnId, u64), u32> = BTreeMap::new();
+        let mut token_conn: Vec<(u64, ConnId, u64)> = Vec::new();
+        let mut conn_of_delivery = 0;
+        for _ in 0..400 {
+            // The driver acts on everything queued.
+            while let Some(t) = s.tx.pop_front() {
+                match t {
+                    Transmit::Dial(c) => dialing = Some(c),
+                    Transmit::Hangup(c) => {
+                        if open == Some(c) {
+                            open = None;
+                            handshaking = false;
+                            live = false;
+                        }
+                        if dialing == Some(c) {
+                            dialing = None;
+                        }
+                    }
+                    Transmit::Frame(b) => {
+                        let c = open.expect("a frame only goes to an open socket");
+                        match Frame::decode(&b).unwrap() {
+                            Frame::Ack(a) => {
+                                assert!(a.seqs.len() <= 4096);
+                                for q in a.seqs {
+                                    let idx = *fed.get(&(c, q)).expect("acked, never delivered");
+                                    // An envelope that opens for an at-least-once
+                                    // subscription is acked only once the app had it.
+                                    if let Some(sub) = pool[idx].1 {
+                                        assert!(
+                                            handed.contains(&(sub, idx)),
+                                            "run {run}: seq {q} acked, never handed to {sub}"
+                                        );
+                                    }
+                                    assert_eq!(
+                                        untaken.get(&(c, q)).copied().unwrap_or(0),
+                                        0,
+                                        "seq {q} acked before the app took it"
+                                    );
+                                }
+                            }
+                            Frame::Pub(p) => {
+                                if let Some(id) = p.publish_id {
+                                    written_pids.push(id);
+                                }
+                            }
+                            Frame::Ping(p) if p.nonce > 0 => nonces.push(p.nonce),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            for e in std::mem::take(&mut s.events) {
+                match e {
+                    Event::Message { sub, msg, token } => {
+                        let text = String::from_utf8_lossy(&msg.payload).into_owned();
+                        if let Some(i) = text.strip_prefix('m').and_then(|n| n.parse().ok()) {
+                            handed.insert((sub, i));
+                        }
+                        assert!(
+                            seen.insert((sub, msg.msg_id.0)),
+                            "run {run}: message twice to sub {sub}"
+                        );
+                        if token.acks() {
+                            *untaken.entry((conn_of_delivery, msg.seq)).or_default() += 1;
+                            token_conn.push((sub, conn_of_delivery, msg.seq));
+                        }
+                    }
+                    Event::PubAck { pid, .. } | Event::PublishFailed { pid, .. } => {
+                        *outcomes.entry(pid).or_default() += 1;
+                        assert_eq!(outcomes[&pid], 1, "run {run}: two outcomes for a publish");
+                    }
+                    _ => {}
+                }
+            }
+            let at = s.eng.poll_timeout();
+            if let Some(at) = at {
+                assert!(at >= s.now.mono_ms);
+            }
+            match r.next_u32() % 16 {
+                0 | 1 => {
+                    if let Some(c) = dialing.take() {
+                        if r.next_u32() % 4 == 0 {
+                            s.eng.handle_disconnected(c, "refused", s.now);
+                        } else {
+                            open = Some(c);
+                            handshaking = true;
+                            s.eng.handle_connected(c, s.now);
+                        }
+                    } else if handshaking {
+                        handshaking = false;
+                        live = true;
+                        s.conn = open;
+                        s.step(&Welcome { heartbeat_ms: 50 });
+                        continue;
+                    }
+                }
+                2..=4 if live => {
+                    let c = open.unwrap();
+                    let (seq, idx, flags) = if r.next_u32() % 3 == 0 && !fed_seqs.is_empty() {
+                        let (q, i) = fed_seqs[r.next_u32() as usize % fed_seqs.len()];
+                        (q, i, msg_flags::REDELIVERED)
+                    } else {
+                        // Mostly a fresh message; sometimes one already sent under another
+                        // seq (a duplicate by content), sometimes one that does not open.
+                        let i = match r.next_u32() % 8 {
+                            0 if !pool.is_empty() => r.next_u32() as usize % pool.len(),
+                            k => {
+                                let (topic, owner) = [
+                                    ("a/x", Some(1)),
+                                    ("a/y", Some(1)),
+                                    ("b/z", Some(3)),
+                                    ("c/w", None),
+                                ][k as usize % 4];
+                                let mut env = s.seal(topic, &format!("m{}", pool.len()));
+                                let owner = if k == 7 {
+                                    let mut b = env.as_bytes().to_vec();
+                                    *b.last_mut().unwrap() ^= 1;
+                                    env = Envelope::from_bytes(Bytes::from(b)).unwrap();
+                                    None
+                                } else {
+                                    owner
+                                };
+                                pool.push((env, owner));
+                                pool.len() - 1
+                            }
+                        };
+                        next_seq += 1;
+                        fed_seqs.push((next_seq, i));
+                        (next_seq, i, 0)
+                    };
+                    fed.insert((c, seq), idx);
+                    conn_of_delivery = c;
+                    let envelope = pool[idx].0.clone();
+                    s.eng.handle_frame(
+                        c,
+                        &Frame::Msg(Msg {
+                            seq,
+                            envelope,
+                            flags,
+                        })
+                        .to_bytes(),
+                        s.now,
+                    );
+                }
+                5 if live => {
+                    let ids: Vec<u64> = s.relay_ids.values().flatten().copied().collect();
+                    if let Some(id) = ids.get(r.next_u32() as usize % ids.len().max(1)) {
+                        s.eng.handle_frame(
+                            open.unwrap(),
+                            &Frame::SubOk(frame::SubOk {
+                                sub_id: *id,
+                                seq: 0,
+                            })
+                            .to_bytes(),
+                            s.now,
+                        );
+                    }
+                }
+                6 if live && !written_pids.is_empty() => {
+                    let id = written_pids[r.next_u32() as usize % written_pids.len()];
+                    let f = if r.next_u32() % 5 == 0 {
+                        Frame::Err(ErrFrame {
+                            code: ErrorCode::QuotaExceeded,
+                            message: "no".into(),
+                            fatal: false,
+                            sub_id: None,
+                            publish_id: Some(id),
+                        })
+                    } else {
+                        Frame::PubAck(frame::PubAck {
+                            publish_id: id,
+                            seq: 0,
+                        })
+                    };
+                    s.eng.handle_frame(open.unwrap(), &f.to_bytes(), s.now);
+                }
+                7 => {
+                    let qos = [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce]
+                        [r.next_u32() as usize % 3];
+                    let ack = r.next_u32() % 2 == 0;
+                    let env = s.seal("a/p", "published");
+                    if let Ok(Some(pid)) =
+                        s.eng
+                            .publish(env, PubOptions::new().qos(qos).ack(ack), s.now)
+                    {
+                        waiting_pids.insert(pid);
+                    }
+                }
+                8 | 9 => {
+                    let sub = 1 + (r.next_u32() as u64 % 3);
+                    if let Some((item, token)) = s.inbox.get_mut(&sub).and_then(|q| q.pop_front()) {
+                        if item.is_some() && token.acks() {
+                            let i = token_conn
+                                .iter()
+                                .position(|(sb, _, _)| *sb == sub)
+                                .expect("delivered");
+                            let (_, c, q) = token_conn.remove(i);
+                            *untaken.get_mut(&(c, q)).unwrap() -= 1;
+                        }
+                        s.eng.ack(token, s.now);
+                    }
+                }
+                10 | 11 => {
+                    if let Some(at) = at {
+                        let late = u64::from(r.next_u32() % 3);
+                        s.now.mono_ms = at + late;
+                        s.now.unix_ms = T0_UNIX + (at + late - T0_MONO);
+                        s.eng.handle_timeout(s.now);
+                    }
+                }
+                12 if open.is_some() => {
+                    let c = open.take().unwrap();
+                    handshaking = false;
+                    live = false;
+                    s.eng.handle_disconnected(c, "reset", s.now);
+                }
+                13 => {
+                    if live && !nonces.is_empty() && r.next_u32() % 2 == 0 {
+                        let nonce = nonces.remove(0);
+                        s.eng.handle_frame(
+                            open.unwrap(),
+                            &Frame::Pong(frame::Pong { nonce }).to_bytes(),
+                            s.now,
+                        );
+                    } else {
+                        s.eng.flush(s.now);
+                    }
+                }
+                14 if live => {
+                    // A Gap, or now and then a frame with one byte flipped (the engine
+                    // handles it or drops the connection; it never panics).
+                    let mut b = Frame::Gap(Gap { dropped: 2 }).to_bytes().to_vec();
+                    if r.next_u32() % 3 == 0 {
+                        let i = r.next_u32() as usize % b.len();
+                        b[i] ^= 1 << (r.next_u32() % 8);
+                    }
+                    s.eng.handle_frame(open.unwrap(), &Bytes::from(b), s.now);
+                }
+                _ => {
+                    // Time passes, up to the next deadline (a timer fires on time; a late
+                    // one is the `handle_timeout` arm with the clock past the deadline).
+                    let ms = u64::from(r.next_u32() % 30)
+                        .min(at.map_or(u64::MAX, |at| at - s.now.mono_ms));
+                    s.now.mono_ms += ms;
+                    s.now.unix_ms += ms;
+                }
+            }
+            s.drain();
+        }
+        // Closing settles every publish still waiting: each has exactly one outcome.
+        s.eng.close(s.now);
+        s.drain();
+        for e in std::mem::take(&mut s.events) {
+            if let Event::PubAck { pid, .. } | Event::PublishFailed { pid, .. } = e {
+                *outcomes.entry(pid).or_default() += 1;
+            }
+        }
+        for pid in &waiting_pids {
+            assert_eq!(
+                outcomes.get(pid),
+                Some(&1),
+                "run {run}: outcomes of {pid:?}"
+            );
+        }
+        assert!(s.eng.is_closed());
+        totals[0] += seen.len();
+        totals[1] += outcomes.len();
+        totals[2] += s.eng.stats().reconnects as usize;
+        totals[3] += s.eng.stats().core.held_back as usize;
+        totals[4] += s.eng.stats().core.duplicates as usize;
+    }
+    // The runs exercise what they claim to.
+    eprintln!("messages, publish outcomes, reconnects, held back, duplicates: {totals:?}");
+    assert!(totals.iter().all(|t| *t > 0), "{totals:?}");
+}
+
+/// A QoS 0 publish still queued (not yet taken by the driver) when the socket drops goes
+/// back to the offline buffer and leaves on the next connection: accepted data is never
+/// dropped silently. One already written is gone with the socket (at most once).
+#[test]
+fn queued_qos0_publishes_survive_a_drop_written_ones_do_not() {
+    let mut s = Sim::new(|c| c.retry_first_connect = true);
+    s.run(&[Connect {
+        heartbeat_ms: 10_000,
+    }]);
+    let (a, b) = (s.seal("a/1", "written"), s.seal("a/2", "queued"));
+    let now = s.now;
+    s.eng.publish(a, PubOptions::new(), now).unwrap();
+    let Some(Transmit::Frame(_)) = s.eng.poll_transmit() else {
+        panic!("the first publish is written")
+    };
+    s.eng.publish(b.clone(), PubOptions::new(), now).unwrap();
+    // The socket drops before the driver took the second frame.
+    s.eng
+        .handle_disconnected(s.conn.take().unwrap(), "reset", now);
+    s.drain();
+    s.msgs.insert("queued", b);
+    s.pubs.insert("queued", None);
+    s.run(&[
+        lost(Why::Transport, Some(1)),
+        ExpectNoTx,
+        Redial,
+        ExpectTx(Tx::Pub("queued")),
+        ExpectNoTx,
+        ExpectEvent(Ev::Connected),
+        ExpectStat(Stat::OutboxDrops, 0),
+    ]);
+}

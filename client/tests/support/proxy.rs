@@ -1,0 +1,72 @@
+//! A TCP proxy between clients and a relay whose live connections can all be cut at once
+//! (both directions, abruptly), to induce reconnects at chosen moments, and which can
+//! swallow what clients send (reporting each swallowed read).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+
+pub struct KillerProxy {
+    pub addr: SocketAddr,
+    pub kill: Arc<Notify>,
+    /// While set, bytes from clients are swallowed (the relay never sees them).
+    pub blackhole: Arc<AtomicBool>,
+    /// The size of each swallowed read.
+    pub swallowed: mpsc::UnboundedReceiver<usize>,
+}
+
+impl KillerProxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let kill = Arc::new(Notify::new());
+        let blackhole = Arc::new(AtomicBool::new(false));
+        let (tx, swallowed) = mpsc::unbounded_channel();
+        let (hole, k) = (blackhole.clone(), kill.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(relay) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (hole, k, tx) = (hole.clone(), k.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut rr, mut rw) = relay.into_split();
+                    let upstream = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = cr.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            if hole.load(Ordering::SeqCst) {
+                                let _ = tx.send(n);
+                            } else if rw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    // Dropping both halves of both sockets cuts the connection.
+                    tokio::select! {
+                        _ = upstream => {}
+                        _ = tokio::io::copy(&mut rr, &mut cw) => {}
+                        _ = k.notified() => {}
+                    }
+                });
+            }
+        });
+        KillerProxy {
+            addr,
+            kill,
+            blackhole,
+            swallowed,
+        }
+    }
+
+    pub fn cut_all(&self) {
+        self.kill.notify_waiters();
+    }
+}
