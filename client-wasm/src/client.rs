@@ -108,11 +108,11 @@ fn message_object(r: &Received) -> JsValue {
             .map(|s| JsValue::from_str(&s.to_string()))
             .unwrap_or(JsValue::NULL),
     );
-    set(&o, "id", hex::encode(&r.msg_id.0));
+    set(&o, "id", hex::encode(r.msg_id.0));
     set(&o, "timestamp", r.ts_ms as f64);
     set(&o, "seq", r.seq as f64);
     set(&o, "retained", r.retained);
-    set(&o, "treeId", hex::encode(&r.tree_id.0));
+    set(&o, "treeId", hex::encode(r.tree_id.0));
     set(&o, "epoch", r.epoch as f64);
     set(&o, "provenance", provenance_object(&r.provenance));
     set(&o, "contentType", r.content_type.as_str());
@@ -316,7 +316,7 @@ impl ClientCore {
         let out = Array::new();
         out.push(&bytes(&f));
         if let Some(id) = pid {
-            out.push(&JsValue::from_str(&hex::encode(&id)));
+            out.push(&JsValue::from_str(&hex::encode(id)));
         }
         out
     }
@@ -512,7 +512,7 @@ impl ClientCore {
             }
             Frame::PubAck(a) => {
                 set(&o, "type", "puback");
-                set(&o, "publishId", hex::encode(&a.publish_id));
+                set(&o, "publishId", hex::encode(a.publish_id));
                 set(&o, "seq", a.seq as f64);
             }
             Frame::Pong(p) => {
@@ -538,7 +538,7 @@ impl ClientCore {
                 set(&o, "message", e.message.as_str());
                 set(&o, "fatal", e.fatal);
                 if let Some(pid) = e.publish_id {
-                    set(&o, "publishId", hex::encode(&pid));
+                    set(&o, "publishId", hex::encode(pid));
                 }
                 if let Some(local) = e.sub_id.and_then(|s| self.core.local_for(s)) {
                     set(&o, "sub", local as f64);
