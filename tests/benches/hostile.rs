@@ -20,6 +20,7 @@
 //!
 //! To find which attack hurts: `--kinds publish,sub,sink,churn` runs only those attackers
 //! (each kind is a quarter of the 100), and `--only-attack` skips scenarios 2 and 3.
+//! `HOSTILE_TCP=1` connects the honest client over TCP instead of WebSocket.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -270,10 +271,19 @@ struct BenchResult {
 
 /// Runs `whispeer bench` (one publisher, one subscriber, 1 KiB, sealed and signed) over
 /// WebSocket against `relay` and reads its JSON result.
+/// The honest client's relay URL: WebSocket, or TCP with `HOSTILE_TCP=1` in the environment.
+fn honest_url(relay: &RelayProc) -> String {
+    if std::env::var_os("HOSTILE_TCP").is_some() {
+        format!("tcp://{}", relay.tcp)
+    } else {
+        format!("ws://{}", relay.ws)
+    }
+}
+
 fn honest_bench(relay: &RelayProc, extra: &[&str], secs: f64) -> BenchResult {
     let out = Command::new(bin("whispeer"))
         .arg("bench")
-        .args(["--relay", &format!("ws://{}", relay.ws)])
+        .args(["--relay", &honest_url(relay)])
         .args(["--size", "1024", "--duration", &secs.to_string()])
         .args(["--json", "--no-progress"])
         .args(extra)
