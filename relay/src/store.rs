@@ -29,25 +29,47 @@ use whispeer_protocol::{Envelope, ErrorCode, KeyId, Qos, TokenPath, TokenPattern
 
 use crate::ids::Seq;
 
-/// Store reads (history, replay, retained, credit refills) in flight at once, process-wide.
-/// Each relay's reads share one SQLite reader connection, so more would only park blocking
-/// threads on its lock; unbounded, a `Sub` flood with replay spawned hundreds of them and
-/// starved the runtime's workers of CPU.
-const CONCURRENT_READS: usize = 4;
-static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CONCURRENT_READS);
+/// A store read to run on the reader thread.
+type ReadJob = Box<dyn FnOnce() + Send>;
 
-/// Runs a store read on the blocking pool, waiting (asynchronously) for one of
-/// [`CONCURRENT_READS`] permits first.
+/// The process's one store-reader thread. Every relay's reads (history, replay, retained,
+/// credit refills) share one SQLite reader connection each, so running them one at a time
+/// loses nothing; `spawn_blocking` per read instead woke a pool thread per `Sub` with replay,
+/// and under a `Sub` flood the pool's threads spent their time contending on its own lock.
+fn reader_thread() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<ReadJob>> {
+    static READER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<ReadJob>>> =
+        std::sync::OnceLock::new();
+    READER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<ReadJob>();
+        std::thread::Builder::new()
+            .name("whispeer-reads".into())
+            .spawn(move || {
+                for job in rx {
+                    // A panicking read fails its own caller (its reply is dropped), not the
+                    // thread every later read needs.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })
+            .expect("spawn the store reader thread");
+        std::sync::Mutex::new(tx)
+    })
+}
+
+/// Runs a store read on the store-reader thread (off the runtime) and awaits its result.
 pub(crate) async fn read_off_runtime<T: Send + 'static>(
     read: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
-    let _permit = READS
-        .acquire()
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-    tokio::task::spawn_blocking(read)
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: ReadJob = Box::new(move || {
+        let _ = tx.send(read());
+    });
+    reader_thread()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(job)
+        .map_err(|_| StoreError::Unavailable("the store reader thread stopped".into()))?;
+    rx.await
+        .map_err(|_| StoreError::Unavailable("a store read failed".into()))?
 }
 
 mod sqlite;
