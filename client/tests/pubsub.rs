@@ -374,16 +374,9 @@ async fn callbacks_flush_acks_and_close() {
     assert_eq!(got, [("async", 2), ("sync", 1)]);
 
     // publish_with ack waits for the relay's PubAck.
-    c.publish_with(
-        "acked",
-        &1u32,
-        PublishOptions {
-            ack: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    c.publish_with("acked", &1u32, PublishOptions::default().ack())
+        .await
+        .unwrap();
     c.publish_batch("batch", &[1u32, 2, 3]).await.unwrap();
     c.flush().await.unwrap();
 

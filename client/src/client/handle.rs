@@ -34,7 +34,7 @@ pub struct Client {
 /// Serializes a value as CBOR, the format every whispeer client (Rust and JS) uses.
 pub fn to_cbor<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, PublishError> {
     let mut buf = Vec::with_capacity(128);
-    ciborium::into_writer(value, &mut buf).map_err(|e| PublishError::Encode(e.to_string()))?;
+    ciborium::into_writer(value, &mut buf).map_err(PublishError::Encode)?;
     Ok(buf)
 }
 

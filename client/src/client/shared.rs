@@ -25,6 +25,7 @@ pub fn now_ms() -> u64 {
 
 /// The connection's state, observable with [`crate::Client::state_changes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConnectionState {
     /// Connected and handshaken.
     Connected,
@@ -34,8 +35,11 @@ pub enum ConnectionState {
     Closed,
 }
 
-/// Options of one publish.
+/// Options of one publish: [`PublishOptions::default`] (at most once, no ack), or
+/// [`PublishOptions::at_least_once`] / [`PublishOptions::exactly_once`], refined with the
+/// builder methods.
 #[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct PublishOptions {
     /// Keep as the retained value of the topic on the relay.
     pub retain: bool,
@@ -69,6 +73,16 @@ impl PublishOptions {
             ..Default::default()
         }
     }
+    /// With this QoS (QoS ≥ 1 implies waiting for the `PubAck`).
+    pub fn qos(mut self, qos: Qos) -> Self {
+        self.qos = qos;
+        self
+    }
+    /// Waits for the relay's `PubAck` (and returns its sequence) even at QoS 0.
+    pub fn ack(mut self) -> Self {
+        self.ack = true;
+        self
+    }
     /// Also keep the message as the topic's retained value.
     pub fn retain(mut self) -> Self {
         self.retain = true;
@@ -94,6 +108,7 @@ impl PublishOptions {
 
 /// A message delivered to a subscription.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Message<T> {
     /// The topic it was published on.
     pub topic: Topic,
@@ -127,6 +142,7 @@ pub struct Message<T> {
 
 /// Counters of a client.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ClientStats {
     /// From the core: delivered, rejected (could not open), duplicates, relay gaps.
     pub core: CoreStats,
