@@ -39,6 +39,7 @@ pub struct ClientBuilder {
     pub(crate) connect_timeout: Duration,
     pub(crate) max_frame: usize,
     pub(crate) outbox_bytes: usize,
+    pub(crate) publish_buffer: usize,
     pub(crate) sub_capacity: usize,
     pub(crate) name: String,
     pub(crate) plugins: Plugins,
@@ -65,6 +66,7 @@ impl Default for ClientBuilder {
             connect_timeout: Duration::from_secs(10),
             max_frame: whispeer_protocol::limits::DEFAULT_MAX_FRAME,
             outbox_bytes: 8 * 1024 * 1024,
+            publish_buffer: 4 * 1024 * 1024,
             sub_capacity: 65_536,
             name: format!("whispeer-rs/{}", env!("CARGO_PKG_VERSION")),
             plugins: Plugins::default(),
@@ -92,6 +94,15 @@ impl ClientBuilder {
     /// Bytes of publishes kept while disconnected (default 8 MiB).
     pub fn reconnect_buffer(mut self, bytes: usize) -> Self {
         self.outbox_bytes = bytes;
+        self
+    }
+    /// Bytes of publishes the connection may have still to write before `publish` waits
+    /// (default 4 MiB): backpressure, so a tight publish loop runs at the speed of the
+    /// link and memory stays bounded; nothing is dropped. See [`Client::queued_bytes`].
+    ///
+    /// [`Client::queued_bytes`]: crate::Client::queued_bytes
+    pub fn publish_buffer(mut self, bytes: usize) -> Self {
+        self.publish_buffer = bytes.max(1);
         self
     }
     /// Messages buffered per subscription (default 65,536). At most once: a full buffer

@@ -13,7 +13,7 @@ use whispeer_protocol::{Identity, Keyring};
 
 use super::driver::Driver;
 use super::handle::Client;
-use super::shared::{now_ms, ClientStats, ConnectionState, Inner};
+use super::shared::{now_ms, Backlog, ClientStats, ConnectionState, Inner};
 use crate::core::connection::{Backoff, Engine as ConnEngine, EngineConfig, Now};
 use crate::error::ConnectError;
 use crate::options::ClientBuilder;
@@ -102,6 +102,7 @@ impl ClientBuilder {
         let (state_tx, state_rx) = watch::channel(ConnectionState::Reconnecting(0));
         let (stats_tx, stats) = watch::channel(ClientStats::default());
         let (first_tx, first_rx) = oneshot::channel();
+        let backlog = Arc::new(Backlog::new(self.publish_buffer));
         let driver = Driver::new(super::driver::Parts {
             eng,
             epoch,
@@ -112,6 +113,7 @@ impl ClientBuilder {
             state: state_tx,
             stats: stats_tx,
             plugins: self.plugins.clone(),
+            backlog: backlog.clone(),
             first: first_tx,
             #[cfg(feature = "persistence")]
             saved,
@@ -130,6 +132,7 @@ impl ClientBuilder {
                 stats,
                 next_id: AtomicU64::new(1),
                 plugins: self.plugins,
+                backlog,
             }),
         })
     }
