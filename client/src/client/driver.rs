@@ -521,6 +521,7 @@ impl Driver {
             reconnects: e.reconnects,
             plugin_drops: self.plugin_drops,
             unacked_publishes: e.unacked_publishes,
+            publish_retries: e.publish_retries,
         };
         self.p.stats.send_if_modified(|s| {
             if *s == next {

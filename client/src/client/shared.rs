@@ -156,6 +156,9 @@ pub struct ClientStats {
     pub plugin_drops: u64,
     /// QoS ≥ 1 publishes waiting for the relay's `PubAck` (re-sent after a reconnect).
     pub unacked_publishes: u64,
+    /// Re-sends of QoS ≥ 1 publishes the relay refused with a retryable code (`busy`,
+    /// `storage_full`...), after a backoff, with the same publish id.
+    pub publish_retries: u64,
 }
 
 /// What a subscription's channel holds.
