@@ -467,11 +467,8 @@ impl TlsPin {
             )));
         }
         let mut out = [0u8; 32];
-        for (i, pair) in digits.chunks(2).enumerate() {
-            let hex = std::str::from_utf8(pair).unwrap_or("zz");
-            out[i] = u8::from_str_radix(hex, 16)
-                .map_err(|_| TlsPinError(format!("{s:?} is not hexadecimal")))?;
-        }
+        hex::decode_to_slice(&digits, &mut out)
+            .map_err(|_| TlsPinError(format!("{s:?} is not hexadecimal")))?;
         Ok(TlsPin(out))
     }
 
@@ -572,15 +569,7 @@ impl RelayAuth {
             return Err(RelayAuthError::Format);
         }
         let mut seed = zeroize::Zeroizing::new([0u8; 32]);
-        for (i, b) in seed.iter_mut().enumerate() {
-            *b = u8::from_str_radix(
-                hex_part
-                    .get(2 * i..2 * i + 2)
-                    .ok_or(RelayAuthError::Format)?,
-                16,
-            )
-            .map_err(|_| RelayAuthError::Format)?;
-        }
+        hex::decode_to_slice(hex_part, &mut seed[..]).map_err(|_| RelayAuthError::Format)?;
         Ok(Self::key(ed25519_dalek::SigningKey::from_bytes(&seed)))
     }
 
