@@ -129,8 +129,9 @@ pub enum SubscribeError {
     Plugin(#[from] PluginError),
 }
 
-/// Why a delivered message could not be turned into the subscriber's type.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
+/// Why a delivered message could not be turned into the subscriber's type. Two errors are
+/// equal when they say the same (the decoder's `source` is not compared).
+#[derive(Debug, Clone, Error)]
 #[non_exhaustive]
 pub enum ReceiveError {
     /// The message's content type is not what this subscription decodes.
@@ -141,12 +142,47 @@ pub enum ReceiveError {
     },
     /// The CBOR payload does not fit the subscriber's type.
     #[error("cannot decode message on {topic} as the subscribed type: {reason}")]
-    Decode { topic: String, reason: String },
+    Decode {
+        /// The message's topic.
+        topic: String,
+        /// What the decoder said.
+        reason: String,
+        /// The decoder's error.
+        #[source]
+        source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
+    },
     /// At most once: this many messages were lost before the next one (the subscription's
     /// buffer was full, or the relay dropped them for a slow consumer). The stream goes on.
     #[error("subscription fell behind: {0} messages lost")]
     Lagged(u64),
 }
+
+impl PartialEq for ReceiveError {
+    fn eq(&self, other: &Self) -> bool {
+        use ReceiveError::*;
+        match (self, other) {
+            (
+                ContentType { expected, found },
+                ContentType {
+                    expected: e,
+                    found: f,
+                },
+            ) => expected == e && found == f,
+            (
+                Decode { topic, reason, .. },
+                Decode {
+                    topic: t,
+                    reason: r,
+                    ..
+                },
+            ) => topic == t && reason == r,
+            (Lagged(a), Lagged(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ReceiveError {}
 
 /// Why a flush or close did not complete.
 #[derive(Debug, Error)]

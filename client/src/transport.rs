@@ -473,4 +473,21 @@ mod tests {
         assert_eq!(Endpoint::parse("tcp://relay.example").unwrap().port, 7481);
         assert_eq!(Endpoint::parse("ws://[::1]").unwrap().host, "::1");
     }
+
+    #[test]
+    fn a_refused_url_keeps_the_parser_error_as_its_source() {
+        use std::error::Error;
+        let e = Endpoint::parse("ws://x:99999").unwrap_err();
+        let source = e.source().expect("the url crate's error");
+        assert!(source.downcast_ref::<url::ParseError>().is_some());
+        assert_eq!(
+            e.to_string(),
+            format!("invalid relay URL \"ws://x:99999\": {source}")
+        );
+        // Refused by us, not the parser: no source.
+        assert!(Endpoint::parse("http://x:1")
+            .unwrap_err()
+            .source()
+            .is_none());
+    }
 }

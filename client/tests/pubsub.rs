@@ -260,10 +260,15 @@ async fn unsigned_messages_have_no_sender_and_wrong_types_are_typed_errors() {
     let m = within("unsigned", sub.next()).await.unwrap().unwrap();
     assert_eq!((m.value, m.sender), (7, None));
     anon.publish("n", "not a number").await.unwrap();
-    assert!(matches!(
-        within("decode error", sub.next()).await.unwrap(),
-        Err(ReceiveError::Decode { .. })
-    ));
+    let e = within("decode error", sub.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, ReceiveError::Decode { .. }), "{e}");
+    assert!(
+        std::error::Error::source(&e).is_some(),
+        "keeps the decoder's error"
+    );
     anon.publish_bytes("n", "text/plain", b"raw").await.unwrap();
     assert!(matches!(
         within("content type", sub.next()).await.unwrap(),
