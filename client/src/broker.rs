@@ -30,8 +30,9 @@ use whispeer_protocol::{Identity, KeyError, Keyring, PassphraseParams, TreeKey};
 use whispeer_relay::config::{ListenAddr, StoreKind};
 use whispeer_relay::{BoundAddrs, Config, Listeners, Relay, RelayError, RelayHandle};
 
-use crate::client::{now_ms, Client, ClientBuilder};
+use crate::client::{now_ms, Client};
 use crate::error::ConnectError;
+use crate::options::ClientBuilder;
 use crate::options::{Compression, Encryption, InProcess};
 
 /// Why a broker could not start.

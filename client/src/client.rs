@@ -7,10 +7,12 @@
 //! - `shared` — what the others share: commands, subscription items, state, counters;
 //! - `subscription` — [`Subscription`] streams;
 //! - `handle` — [`Client`]: publish, subscribe, flush, close;
-//! - `builder` — [`ClientBuilder`] and connecting;
+//! - `builder` — connecting a [`crate::ClientBuilder`] (its settings are `options`'s);
 //! - `driver` — the task that moves bytes between the engine and the socket.
 //!
-//! Imports go one way: builder → handle → subscription → shared, builder → driver → shared.
+//! Imports go one way: builder → handle → subscription → shared, builder → driver → shared,
+//! and from here down to `options`, `transport`, `plugin`, `core` and `error`, never back
+//! (`tests/import_graph.rs` fails on a circle).
 
 mod builder;
 mod driver;
@@ -18,7 +20,6 @@ mod handle;
 mod shared;
 mod subscription;
 
-pub use builder::ClientBuilder;
 pub use handle::{to_cbor, Client};
 pub use shared::{now_ms, ClientStats, ConnectionState, Message, PublishOptions};
 pub use subscription::Subscription;

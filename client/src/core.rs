@@ -65,6 +65,7 @@ pub struct Received {
 
 /// Counters a client keeps (and exposes as metrics).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CoreStats {
     /// Messages opened and delivered.
     pub delivered: u64,

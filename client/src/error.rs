@@ -3,13 +3,25 @@
 use thiserror::Error;
 use whispeer_protocol::{ErrorCode, KeyError, SealError, TopicError};
 
+/// The underlying error a variant keeps as its [`source`](std::error::Error::source) (from
+/// the library that failed: `url`, `rustls`, `tungstenite`...).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Why connecting to a relay failed.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum ConnectError {
     /// The URL is not `ws://`, `wss://`, `tcp://` or `tls://` with a host and port.
     #[error("invalid relay URL {url:?}: {reason}")]
-    InvalidUrl { url: String, reason: String },
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+        /// The URL parser's error, when it refused the URL.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The socket could not be opened.
     #[error("cannot reach relay at {addr}: {source}")]
     Io {
@@ -17,11 +29,21 @@ pub enum ConnectError {
         source: std::io::Error,
     },
     /// TLS setup or handshake failed.
-    #[error("TLS error: {0}")]
-    Tls(String),
+    #[error("TLS error: {message}")]
+    Tls {
+        /// What failed, and what to do about it.
+        message: String,
+        /// The TLS library's error.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The WebSocket handshake failed.
-    #[error("WebSocket handshake failed: {0}")]
-    WebSocket(String),
+    #[error("WebSocket handshake failed: {source}")]
+    WebSocket {
+        /// The WebSocket library's error.
+        #[source]
+        source: BoxError,
+    },
     /// The relay answered the handshake with an error.
     #[error("relay refused the connection: {message} ({code:?})")]
     Rejected { code: ErrorCode, message: String },
@@ -37,7 +59,7 @@ pub enum ConnectError {
     /// The client state file (`Persistence`) could not be opened.
     #[cfg(feature = "persistence")]
     #[error(transparent)]
-    State(#[from] crate::persist::PersistError),
+    State(#[from] PersistError),
     /// The keyring cannot be used with the client state: e.g. a grant of a tree whose
     /// admin pinned in the state file is another key ([`KeyError::AdminMismatch`]).
     #[error("keyring: {0}")]
@@ -59,7 +81,7 @@ pub enum PublishError {
     Seal(SealError),
     /// The value could not be serialized to CBOR.
     #[error("cannot serialize value: {0}")]
-    Encode(String),
+    Encode(#[source] ciborium::ser::Error<std::io::Error>),
     /// The relay refused the message.
     #[error("relay refused the publish: {message} ({code:?})")]
     Rejected { code: ErrorCode, message: String },
@@ -74,7 +96,7 @@ pub enum PublishError {
     NotAcknowledged,
     /// A client plugin refused the message.
     #[error(transparent)]
-    Plugin(#[from] crate::plugin::PluginError),
+    Plugin(#[from] PluginError),
 }
 
 impl From<SealError> for PublishError {
@@ -104,11 +126,12 @@ pub enum SubscribeError {
     Closed,
     /// A client plugin refused the subscription.
     #[error(transparent)]
-    Plugin(#[from] crate::plugin::PluginError),
+    Plugin(#[from] PluginError),
 }
 
-/// Why a delivered message could not be turned into the subscriber's type.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
+/// Why a delivered message could not be turned into the subscriber's type. Two errors are
+/// equal when they say the same (the decoder's `source` is not compared).
+#[derive(Debug, Clone, Error)]
 #[non_exhaustive]
 pub enum ReceiveError {
     /// The message's content type is not what this subscription decodes.
@@ -119,12 +142,47 @@ pub enum ReceiveError {
     },
     /// The CBOR payload does not fit the subscriber's type.
     #[error("cannot decode message on {topic} as the subscribed type: {reason}")]
-    Decode { topic: String, reason: String },
+    Decode {
+        /// The message's topic.
+        topic: String,
+        /// What the decoder said.
+        reason: String,
+        /// The decoder's error.
+        #[source]
+        source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
+    },
     /// At most once: this many messages were lost before the next one (the subscription's
     /// buffer was full, or the relay dropped them for a slow consumer). The stream goes on.
     #[error("subscription fell behind: {0} messages lost")]
     Lagged(u64),
 }
+
+impl PartialEq for ReceiveError {
+    fn eq(&self, other: &Self) -> bool {
+        use ReceiveError::*;
+        match (self, other) {
+            (
+                ContentType { expected, found },
+                ContentType {
+                    expected: e,
+                    found: f,
+                },
+            ) => expected == e && found == f,
+            (
+                Decode { topic, reason, .. },
+                Decode {
+                    topic: t,
+                    reason: r,
+                    ..
+                },
+            ) => topic == t && reason == r,
+            (Lagged(a), Lagged(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ReceiveError {}
 
 /// Why a flush or close did not complete.
 #[derive(Debug, Error)]
@@ -136,4 +194,49 @@ pub enum FlushError {
     /// The connection dropped before the relay answered.
     #[error("connection lost during flush")]
     Disconnected,
+}
+
+/// A plugin refused a publish or a subscription.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("plugin {plugin} refused: {reason}")]
+#[non_exhaustive]
+pub struct PluginError {
+    /// The plugin's name.
+    pub plugin: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl PluginError {
+    /// A refusal by `plugin` for `reason`.
+    pub fn new(plugin: &str, reason: impl Into<String>) -> Self {
+        PluginError {
+            plugin: plugin.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Why the client state file could not be used.
+#[cfg(feature = "persistence")]
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum PersistError {
+    /// SQLite failed (I/O, corruption, locked).
+    #[error("client state file {path}: {source}")]
+    Sqlite {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file is a SQLite database of something else, or a newer schema.
+    #[error("client state file {path} is not a whispeer client state file ({reason}); refusing to touch it")]
+    Foreign {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What did not match.
+        reason: String,
+    },
 }

@@ -26,11 +26,15 @@
 //!   ([`core::connection::Engine`]: handshake, resubscription, outbox, acks, heartbeat,
 //!   backoff, flush) that the tokio driver runs.
 //! - [`error`] — `ConnectError`, `PublishError`, `SubscribeError`, `ReceiveError`.
-//! - `client` — the tokio client, split by role: the [`Client`] handle, its
-//!   [`ClientBuilder`], [`Subscription`] streams, and the driver task that moves bytes
-//!   between the socket and the engine (feature `tokio-runtime`).
-//! - `options` — the builder's engines: [`WebSocket`], [`Tcp`], [`Compression`],
-//!   [`Padding`], [`Encryption`], [`Signing`], [`TopicOptions`], [`Reconnect`], [`TlsRoot`].
+//! - `client` — the tokio client, split by role: the [`Client`] handle, connecting,
+//!   [`Subscription`] streams, and the driver task that moves bytes between the socket and
+//!   the engine (feature `tokio-runtime`).
+//! - `options` — the client's settings, [`ClientBuilder`], and the engines that fill them
+//!   in: [`WebSocket`], [`Tcp`], [`Compression`], [`Padding`], [`Encryption`], [`Signing`],
+//!   [`TopicOptions`], [`Reconnect`], [`TlsRoot`].
+//!
+//! Modules import downwards only (`client` → `options`/`persist` → `transport`/`plugin` →
+//! `core` → `error`); `tests/import_graph.rs` fails on an import circle.
 //! - `transport` — `ws://`, `wss://`, `tcp://`, `tls://` connections, and the in-process
 //!   channel to an embedded relay.
 //! - [`plugin`] — client plugins (run on plaintext, where the keys are): logging, metrics,
@@ -68,15 +72,14 @@ pub use whispeer_protocol::{
 pub use broker::{Broker, BrokerBuilder, BrokerError};
 #[cfg(feature = "tokio-runtime")]
 pub use client::{
-    now_ms, to_cbor, Client, ClientBuilder, ClientStats, ConnectionState, Message, PublishOptions,
-    Subscription,
+    now_ms, to_cbor, Client, ClientStats, ConnectionState, Message, PublishOptions, Subscription,
 };
 #[cfg(feature = "in-process")]
 pub use options::InProcess;
 #[cfg(feature = "tokio-runtime")]
 pub use options::{
-    Compression, Encryption, Engine, Padding, Plugin, Reconnect, Signing, Tcp, TlsPin, TlsPinError,
-    TlsRoot, TopicOptions, WebSocket,
+    ClientBuilder, Compression, Encryption, Engine, Padding, Plugin, Reconnect, Signing, Tcp,
+    TlsPin, TlsPinError, TlsRoot, TopicOptions, WebSocket,
 };
 #[cfg(feature = "tokio-runtime")]
 pub use options::{DurableOwner, RelayAuth, RelayAuthError, ACCOUNT_KEY_PREFIX};

@@ -1,4 +1,5 @@
-//! The builder's engines: each `.with(...)` adds one capability, in the seed's style:
+//! The client's settings, [`ClientBuilder`], and the engines that fill them in: each
+//! `.with(...)` adds one capability, in the seed's style (connecting is `client::builder`'s):
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -19,7 +20,112 @@ use whispeer_protocol::{
     Identity, Keyring, Padding as PadMode, SealOptions, SenderId, TopicFilter,
 };
 
-use crate::client::ClientBuilder;
+use crate::core::receive::ReceiveConfig;
+use crate::core::SealPolicy;
+use crate::plugin::Plugins;
+use crate::transport::TlsSettings;
+
+/// Configures and connects a [`Client`](crate::Client); add engines with [`ClientBuilder::with`].
+#[derive(Debug)]
+pub struct ClientBuilder {
+    pub(crate) url: Option<String>,
+    #[cfg(feature = "in-process")]
+    pub(crate) in_process: Option<whispeer_relay::RelayHandle>,
+    pub(crate) tls: TlsSettings,
+    pub(crate) keyring: Keyring,
+    pub(crate) identity: Option<Identity>,
+    pub(crate) policy: SealPolicy,
+    pub(crate) reconnect: Reconnect,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) max_frame: usize,
+    pub(crate) outbox_bytes: usize,
+    pub(crate) publish_buffer: usize,
+    pub(crate) sub_capacity: usize,
+    pub(crate) name: String,
+    pub(crate) plugins: Plugins,
+    pub(crate) receive: ReceiveConfig,
+    /// The client state file (`Persistence`).
+    #[cfg(feature = "persistence")]
+    pub(crate) state_file: Option<std::path::PathBuf>,
+    /// The relay account sent in `Hello` (key or bearer token).
+    pub(crate) relay_auth: Option<RelayAuth>,
+    pub(crate) durable_owner: Option<zeroize::Zeroizing<[u8; 32]>>,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            url: None,
+            #[cfg(feature = "in-process")]
+            in_process: None,
+            tls: TlsSettings::default(),
+            keyring: Keyring::new(),
+            identity: None,
+            policy: SealPolicy::default(),
+            reconnect: Reconnect::default(),
+            connect_timeout: Duration::from_secs(10),
+            max_frame: whispeer_protocol::limits::DEFAULT_MAX_FRAME,
+            outbox_bytes: 8 * 1024 * 1024,
+            publish_buffer: 4 * 1024 * 1024,
+            sub_capacity: 65_536,
+            name: format!("whispeer-rs/{}", env!("CARGO_PKG_VERSION")),
+            plugins: Plugins::default(),
+            receive: ReceiveConfig::default(),
+            #[cfg(feature = "persistence")]
+            state_file: None,
+            relay_auth: None,
+            durable_owner: None,
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// Adds an engine (transport, keys, identity, compression, padding, per-topic options,
+    /// reconnect policy, TLS roots).
+    pub fn with(mut self, engine: impl Engine) -> Self {
+        engine.apply(&mut self);
+        self
+    }
+    /// How long the first connection may take.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+    /// Bytes of publishes kept while disconnected (default 8 MiB).
+    pub fn reconnect_buffer(mut self, bytes: usize) -> Self {
+        self.outbox_bytes = bytes;
+        self
+    }
+    /// Bytes of publishes the connection may have still to write before `publish` waits
+    /// (default 4 MiB): backpressure, so a tight publish loop runs at the speed of the
+    /// link and memory stays bounded; nothing is dropped. See [`Client::queued_bytes`].
+    ///
+    /// [`Client::queued_bytes`]: crate::Client::queued_bytes
+    pub fn publish_buffer(mut self, bytes: usize) -> Self {
+        self.publish_buffer = bytes.max(1);
+        self
+    }
+    /// Messages buffered per subscription (default 65,536). At most once: a full buffer
+    /// loses new messages (counted, and the stream yields `ReceiveError::Lagged`). At least
+    /// once: it is the subscription's credit (`Sub.credit`), and nothing beyond it is acked.
+    pub fn subscription_capacity(mut self, n: usize) -> Self {
+        self.sub_capacity = n.max(1);
+        self
+    }
+    /// How long delivered `(tree, sender, msg_id)`s are remembered across every
+    /// subscription (and, with `Persistence`, restarts); older messages are refused unless a
+    /// subscription asks for `older_history` (default 7 days).
+    pub fn replay_horizon(mut self, d: Duration) -> Self {
+        self.receive.horizon_ms = d.as_millis().try_into().unwrap_or(u64::MAX);
+        self
+    }
+    /// The allowed clock difference with senders (default 5 minutes): live messages dated
+    /// further in the past, and any message dated further in the future, are refused.
+    pub fn clock_skew(mut self, d: Duration) -> Self {
+        self.receive.max_skew_ms = d.as_millis().try_into().unwrap_or(u64::MAX);
+        self
+    }
+}
 
 /// Something the builder can be given with `.with(...)`.
 pub trait Engine {
@@ -221,6 +327,7 @@ impl Engine for TopicOptions {
 /// uniform in `[d/2, d]`, `d = min(max, initial·2ⁿ)`; the engine's
 /// [`Backoff`](crate::core::connection::Backoff), with jitter from its seed).
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct Reconnect {
     /// First delay.
     pub initial: Duration,
@@ -236,6 +343,21 @@ impl Default for Reconnect {
             max: Duration::from_secs(5),
             max_attempts: None,
         }
+    }
+}
+impl Reconnect {
+    /// Backoff from `initial` doubling up to `max`, never giving up.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Reconnect {
+            initial,
+            max,
+            max_attempts: None,
+        }
+    }
+    /// Gives up after `n` failed attempts in a row (the client then closes).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
+        self
     }
 }
 impl Engine for Reconnect {
@@ -345,11 +467,8 @@ impl TlsPin {
             )));
         }
         let mut out = [0u8; 32];
-        for (i, pair) in digits.chunks(2).enumerate() {
-            let hex = std::str::from_utf8(pair).unwrap_or("zz");
-            out[i] = u8::from_str_radix(hex, 16)
-                .map_err(|_| TlsPinError(format!("{s:?} is not hexadecimal")))?;
-        }
+        hex::decode_to_slice(&digits, &mut out)
+            .map_err(|_| TlsPinError(format!("{s:?} is not hexadecimal")))?;
         Ok(TlsPin(out))
     }
 
@@ -450,15 +569,7 @@ impl RelayAuth {
             return Err(RelayAuthError::Format);
         }
         let mut seed = zeroize::Zeroizing::new([0u8; 32]);
-        for (i, b) in seed.iter_mut().enumerate() {
-            *b = u8::from_str_radix(
-                hex_part
-                    .get(2 * i..2 * i + 2)
-                    .ok_or(RelayAuthError::Format)?,
-                16,
-            )
-            .map_err(|_| RelayAuthError::Format)?;
-        }
+        hex::decode_to_slice(hex_part, &mut seed[..]).map_err(|_| RelayAuthError::Format)?;
         Ok(Self::key(ed25519_dalek::SigningKey::from_bytes(&seed)))
     }
 

@@ -25,7 +25,6 @@ use rusqlite::{params, Connection};
 use whispeer_protocol::TreeId;
 
 use crate::core::receive::{Change, Guard};
-use thiserror::Error;
 
 use crate::options::Engine;
 use crate::ClientBuilder;
@@ -42,28 +41,7 @@ const V2_TABLES: &str = "CREATE TABLE IF NOT EXISTS seen (tree BLOB NOT NULL, se
     CREATE TABLE IF NOT EXISTS retained (key BLOB PRIMARY KEY, ts INTEGER NOT NULL,
                                          msg_id BLOB NOT NULL);";
 
-/// Why the client state file could not be used.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum PersistError {
-    /// SQLite failed (I/O, corruption, locked).
-    #[error("client state file {path}: {source}")]
-    Sqlite {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: rusqlite::Error,
-    },
-    /// The file is a SQLite database of something else, or a newer schema.
-    #[error("client state file {path} is not a whispeer client state file ({reason}); refusing to touch it")]
-    Foreign {
-        /// The file.
-        path: PathBuf,
-        /// What did not match.
-        reason: String,
-    },
-}
+pub use crate::error::PersistError;
 
 /// Where a client keeps its outbox and dedup window; give it to the builder with `.with(...)`.
 #[derive(Debug, Clone)]
@@ -80,7 +58,7 @@ impl Persistence {
 
 impl Engine for Persistence {
     fn apply(self, b: &mut ClientBuilder) {
-        b.persistence = Some(self);
+        b.state_file = Some(self.path);
     }
 }
 

@@ -27,34 +27,15 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use thiserror::Error;
 use whispeer_protocol::{Topic, TopicFilter};
 
 use crate::core::Received;
 
-/// A plugin refused a publish or a subscription.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
-#[error("plugin {plugin} refused: {reason}")]
-#[non_exhaustive]
-pub struct PluginError {
-    /// The plugin's name.
-    pub plugin: String,
-    /// Why.
-    pub reason: String,
-}
-
-impl PluginError {
-    /// A refusal by `plugin` for `reason`.
-    pub fn new(plugin: &str, reason: impl Into<String>) -> Self {
-        PluginError {
-            plugin: plugin.to_owned(),
-            reason: reason.into(),
-        }
-    }
-}
+pub use crate::error::PluginError;
 
 /// A message about to be sealed: plugins may change the content type and payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Outgoing {
     /// The topic (fixed: changing it would change the key and tokens).
     pub topic: Topic,
@@ -62,6 +43,17 @@ pub struct Outgoing {
     pub content_type: String,
     /// The serialized payload.
     pub payload: Vec<u8>,
+}
+
+impl Outgoing {
+    /// A message (e.g. to test a plugin's `on_publish`).
+    pub fn new(topic: Topic, content_type: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        Outgoing {
+            topic,
+            content_type: content_type.into(),
+            payload: payload.into(),
+        }
+    }
 }
 
 /// What to do with a received message.
@@ -170,6 +162,7 @@ struct Counters {
 
 /// A reading of [`Metrics`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MetricsSnapshot {
     /// Messages published (before sealing).
     pub published: u64,

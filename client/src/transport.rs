@@ -18,8 +18,9 @@ use whispeer_protocol::{Frame, FrameDecoder};
 
 use crate::error::ConnectError;
 
-/// Where and how to reach a relay.
+/// Where and how to reach a relay ([`Endpoint::parse`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Endpoint {
     /// The URL as given.
     pub url: String,
@@ -42,8 +43,13 @@ impl Endpoint {
         let bad = |reason: &str| ConnectError::InvalidUrl {
             url: url.to_owned(),
             reason: reason.to_owned(),
+            source: None,
         };
-        let u = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+        let u = url::Url::parse(url).map_err(|e| ConnectError::InvalidUrl {
+            url: url.to_owned(),
+            reason: e.to_string(),
+            source: Some(Box::new(e)),
+        })?;
         let (websocket, tls, default_port) = match u.scheme() {
             "ws" => (true, false, Some(80)),
             "wss" => (true, true, Some(443)),
@@ -143,8 +149,10 @@ pub(crate) struct Connection {
     pub(crate) incoming: mpsc::Receiver<Incoming>,
 }
 
-/// TLS settings for `wss://` and `tls://`.
+/// TLS settings for `wss://` and `tls://` (built by the [`TlsRoot`](crate::TlsRoot) and
+/// [`TlsPin`](crate::TlsPin) engines).
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct TlsSettings {
     /// Extra trusted roots (PEM certificates), e.g. a relay's self-signed certificate.
     pub extra_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
@@ -220,14 +228,12 @@ fn tls_connector(settings: &TlsSettings) -> Result<tokio_rustls::TlsConnector, C
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ConnectError::Tls(e.to_string()))?;
+        .map_err(tls_error)?;
     let config = if settings.pins.is_empty() {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         for c in &settings.extra_roots {
-            roots
-                .add(c.clone())
-                .map_err(|e| ConnectError::Tls(e.to_string()))?;
+            roots.add(c.clone()).map_err(tls_error)?;
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     } else {
@@ -242,26 +248,38 @@ fn tls_connector(settings: &TlsSettings) -> Result<tokio_rustls::TlsConnector, C
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
+/// A TLS error that keeps its source; its message is the source's.
+fn tls_error(e: impl std::error::Error + Send + Sync + 'static) -> ConnectError {
+    ConnectError::Tls {
+        message: e.to_string(),
+        source: Some(Box::new(e)),
+    }
+}
+
 /// Turns a TLS handshake failure into an error that says why and what to do.
 fn tls_failure(e: std::io::Error) -> ConnectError {
     let text = e.to_string();
-    if text.contains("CaUsedAsEndEntity") {
-        return ConnectError::Tls(format!(
+    let hint = if text.contains("CaUsedAsEndEntity") {
+        format!(
             "{text}: the relay presents a CA certificate (basicConstraints CA:TRUE, what \
              `openssl req -x509` makes) as its own server certificate, which TLS clients \
              refuse. Give the relay an end-entity certificate: `whispeer-relay tls generate` \
              writes one and prints its SHA-256 fingerprint; trust it with --ca CERT.pem or pin \
              it with --tls-pin SHA256HEX"
-        ));
-    }
-    if text.contains("UnknownIssuer") {
-        return ConnectError::Tls(format!(
+        )
+    } else if text.contains("UnknownIssuer") {
+        format!(
             "{text}: the relay's certificate is not signed by a trusted authority. For a \
              self-signed relay certificate, trust it with --ca CERT.pem or pin its SHA-256 \
              fingerprint (printed by `whispeer-relay tls generate`) with --tls-pin SHA256HEX"
-        ));
+        )
+    } else {
+        text
+    };
+    ConnectError::Tls {
+        message: hint,
+        source: Some(Box::new(e)),
     }
-    ConnectError::Tls(text)
 }
 
 /// How the connection task reaches its relay, again and again after each loss.
@@ -351,8 +369,7 @@ async fn connect_inner(
         })?;
     let _ = tcp.set_nodelay(true);
     let io: Box<dyn Io> = if ep.tls {
-        let name = rustls_pki_types::ServerName::try_from(ep.host.clone())
-            .map_err(|e| ConnectError::Tls(e.to_string()))?;
+        let name = rustls_pki_types::ServerName::try_from(ep.host.clone()).map_err(tls_error)?;
         Box::new(
             tls_connector(tls)?
                 .connect(name, tcp)
@@ -370,7 +387,9 @@ async fn connect_inner(
         let ws_url = ep.url.replacen("wss://", "ws://", 1);
         let (ws, _) = tokio_tungstenite::client_async_with_config(ws_url, io, Some(cfg))
             .await
-            .map_err(|e| ConnectError::WebSocket(e.to_string()))?;
+            .map_err(|e| ConnectError::WebSocket {
+                source: Box::new(e),
+            })?;
         let (sink, mut stream) = ws.split();
         tokio::spawn(async move {
             let why = loop {
@@ -453,5 +472,22 @@ mod tests {
         assert_eq!(Endpoint::parse("wss://relay.example/ws").unwrap().port, 443);
         assert_eq!(Endpoint::parse("tcp://relay.example").unwrap().port, 7481);
         assert_eq!(Endpoint::parse("ws://[::1]").unwrap().host, "::1");
+    }
+
+    #[test]
+    fn a_refused_url_keeps_the_parser_error_as_its_source() {
+        use std::error::Error;
+        let e = Endpoint::parse("ws://x:99999").unwrap_err();
+        let source = e.source().expect("the url crate's error");
+        assert!(source.downcast_ref::<url::ParseError>().is_some());
+        assert_eq!(
+            e.to_string(),
+            format!("invalid relay URL \"ws://x:99999\": {source}")
+        );
+        // Refused by us, not the parser: no source.
+        assert!(Endpoint::parse("http://x:1")
+            .unwrap_err()
+            .source()
+            .is_none());
     }
 }

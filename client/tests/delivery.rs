@@ -25,11 +25,10 @@ async fn exactly_once_under_induced_reconnects_in_order() {
             .with(Tcp::new(proxy.addr.to_string()))
             .with(Encryption::new(keyring_with(&t)))
             .with(identity())
-            .with(Reconnect {
-                initial: Duration::from_millis(5),
-                max: Duration::from_millis(50),
-                max_attempts: None,
-            })
+            .with(Reconnect::new(
+                Duration::from_millis(5),
+                Duration::from_millis(50),
+            ))
             .connect()
             .await
             .unwrap()

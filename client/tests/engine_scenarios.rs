@@ -239,6 +239,7 @@ enum Stat {
     Reconnects,
     UnackedPublishes,
     OutboxDrops,
+    PublishRetries,
 }
 
 /// The engine, a fake clock, a scripted relay and the app's side, in one.
@@ -612,6 +613,7 @@ impl Sim {
                     Stat::Reconnects => s.reconnects,
                     Stat::UnackedPublishes => s.unacked_publishes,
                     Stat::OutboxDrops => s.outbox_drops,
+                    Stat::PublishRetries => s.publish_retries,
                 };
                 assert_eq!(got, n, "{which:?}");
             }
@@ -2231,4 +2233,131 @@ fn queued_qos0_publishes_survive_a_drop_written_ones_do_not() {
         ExpectEvent(Ev::Connected),
         ExpectStat(Stat::OutboxDrops, 0),
     ]);
+}
+
+#[test]
+fn retryable_refusals_of_kept_publishes_are_retried_with_backoff_and_the_same_id() {
+    let qos1 = |name| Publish {
+        name,
+        topic: "a/1",
+        qos: Qos::AtLeastOnce,
+        ack: true,
+    };
+    let refused = |publish, code| PubRefused { publish, code };
+    let steps = [
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        qos1("p1"),
+        ExpectTx(Tx::Pub("p1")),
+        // Busy: no failure; the publish stays kept and is re-sent after the backoff (well
+        // before the heartbeat), with the same publish id.
+        refused("p1", ErrorCode::Busy),
+        ExpectNoEvent,
+        ExpectNoTx,
+        ExpectStat(Stat::UnackedPublishes, 1),
+        ExpectStat(Stat::PublishRetries, 1),
+        Timeout,
+        ExpectTx(Tx::Pub("p1")),
+        ExpectNoTx,
+        // Storage full this time: retried again (the next backoff step).
+        refused("p1", ErrorCode::StorageFull),
+        ExpectNoEvent,
+        Timeout,
+        ExpectTx(Tx::Pub("p1")),
+        PubAck {
+            publish: Some("p1"),
+            seq: 7,
+        },
+        ExpectEvent(Ev::PubAck {
+            publish: "p1",
+            seq: 7,
+        }),
+        ExpectNoEvent,
+        ExpectStat(Stat::UnackedPublishes, 0),
+        ExpectStat(Stat::PublishRetries, 2),
+        // A refusal that is not retryable fails at once.
+        qos1("p2"),
+        ExpectTx(Tx::Pub("p2")),
+        refused("p2", ErrorCode::QuotaExceeded),
+        ExpectEvent(Ev::PublishFailed {
+            publish: "p2",
+            reason: Fail::Rejected,
+        }),
+        // QoS 0 keeps nothing to re-send: it fails at once too.
+        Publish {
+            name: "p0",
+            topic: "a/1",
+            qos: Qos::AtMostOnce,
+            ack: true,
+        },
+        ExpectTx(Tx::Pub("p0")),
+        refused("p0", ErrorCode::Busy),
+        ExpectEvent(Ev::PublishFailed {
+            publish: "p0",
+            reason: Fail::Rejected,
+        }),
+        // Out of retries (two here): the relay's code, once.
+        qos1("p3"),
+        ExpectTx(Tx::Pub("p3")),
+        refused("p3", ErrorCode::Busy),
+        Timeout,
+        ExpectTx(Tx::Pub("p3")),
+        refused("p3", ErrorCode::Busy),
+        Timeout,
+        ExpectTx(Tx::Pub("p3")),
+        refused("p3", ErrorCode::Busy),
+        ExpectEvent(Ev::PublishFailed {
+            publish: "p3",
+            reason: Fail::Rejected,
+        }),
+        ExpectNoEvent,
+        ExpectNoTx,
+        ExpectStat(Stat::UnackedPublishes, 0),
+        ExpectStat(Stat::PublishRetries, 4),
+    ];
+    play(
+        "retryable publish refusals",
+        || Sim::new(|c| c.publish_retries = 2),
+        &steps,
+    );
+}
+
+#[test]
+fn a_retry_waiting_at_a_drop_is_resent_on_the_next_connection() {
+    let steps = [
+        Connect {
+            heartbeat_ms: 10_000,
+        },
+        Publish {
+            name: "p1",
+            topic: "a/1",
+            qos: Qos::ExactlyOnce,
+            ack: true,
+        },
+        ExpectTx(Tx::Pub("p1")),
+        PubRefused {
+            publish: "p1",
+            code: ErrorCode::Busy,
+        },
+        ExpectNoEvent,
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Redial,
+        // Re-sent once, with the other kept publishes, not again when the old retry was due.
+        ExpectTx(Tx::Pub("p1")),
+        ExpectNoTx,
+        ExpectEvent(Ev::Connected),
+        Advance(5_000),
+        ExpectNoTx,
+        PubAck {
+            publish: Some("p1"),
+            seq: 3,
+        },
+        ExpectEvent(Ev::PubAck {
+            publish: "p1",
+            seq: 3,
+        }),
+    ];
+    play("retry across a drop", || Sim::new(|_| {}), &steps);
 }

@@ -260,10 +260,15 @@ async fn unsigned_messages_have_no_sender_and_wrong_types_are_typed_errors() {
     let m = within("unsigned", sub.next()).await.unwrap().unwrap();
     assert_eq!((m.value, m.sender), (7, None));
     anon.publish("n", "not a number").await.unwrap();
-    assert!(matches!(
-        within("decode error", sub.next()).await.unwrap(),
-        Err(ReceiveError::Decode { .. })
-    ));
+    let e = within("decode error", sub.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, ReceiveError::Decode { .. }), "{e}");
+    assert!(
+        std::error::Error::source(&e).is_some(),
+        "keeps the decoder's error"
+    );
     anon.publish_bytes("n", "text/plain", b"raw").await.unwrap();
     assert!(matches!(
         within("content type", sub.next()).await.unwrap(),
@@ -374,16 +379,9 @@ async fn callbacks_flush_acks_and_close() {
     assert_eq!(got, [("async", 2), ("sync", 1)]);
 
     // publish_with ack waits for the relay's PubAck.
-    c.publish_with(
-        "acked",
-        &1u32,
-        PublishOptions {
-            ack: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    c.publish_with("acked", &1u32, PublishOptions::default().ack())
+        .await
+        .unwrap();
     c.publish_batch("batch", &[1u32, 2, 3]).await.unwrap();
     c.flush().await.unwrap();
 

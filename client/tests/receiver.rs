@@ -369,11 +369,10 @@ async fn a_relay_sequence_of_u64_max_neither_panics_nor_wraps_the_resume_point()
     let c = Client::builder()
         .with(Tcp::new(format!("tcp://{addr}")))
         .with(Encryption::new(keyring_with(&t)))
-        .with(Reconnect {
-            initial: Duration::from_millis(5),
-            max: Duration::from_millis(50),
-            max_attempts: None,
-        })
+        .with(Reconnect::new(
+            Duration::from_millis(5),
+            Duration::from_millis(50),
+        ))
         .connect()
         .await
         .unwrap();

@@ -1,5 +1,6 @@
-//! [`ClientBuilder`]: configures a client, connects it (the first connection must succeed)
-//! and starts the driver task over the connection engine.
+//! Connecting a [`ClientBuilder`] (its settings live in `options`, with the engines that
+//! fill them in): the first connection must succeed, then the driver task runs the
+//! connection engine.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
@@ -12,104 +13,13 @@ use whispeer_protocol::{Identity, Keyring};
 
 use super::driver::Driver;
 use super::handle::Client;
-use super::shared::{now_ms, ClientStats, ConnectionState, Inner};
+use super::shared::{now_ms, Backlog, ClientStats, ConnectionState, Inner};
 use crate::core::connection::{Backoff, Engine as ConnEngine, EngineConfig, Now};
-use crate::core::receive::ReceiveConfig;
-use crate::core::SealPolicy;
 use crate::error::ConnectError;
-use crate::options::{Engine, Reconnect};
-use crate::plugin::Plugins;
-use crate::transport::{Dialer, Endpoint, TlsSettings};
-
-/// Configures and connects a [`Client`]; add engines with [`ClientBuilder::with`].
-#[derive(Debug)]
-pub struct ClientBuilder {
-    pub(crate) url: Option<String>,
-    #[cfg(feature = "in-process")]
-    pub(crate) in_process: Option<whispeer_relay::RelayHandle>,
-    pub(crate) tls: TlsSettings,
-    pub(crate) keyring: Keyring,
-    pub(crate) identity: Option<Identity>,
-    pub(crate) policy: SealPolicy,
-    pub(crate) reconnect: Reconnect,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) max_frame: usize,
-    pub(crate) outbox_bytes: usize,
-    pub(crate) sub_capacity: usize,
-    pub(crate) name: String,
-    pub(crate) plugins: Plugins,
-    pub(crate) receive: ReceiveConfig,
-    #[cfg(feature = "persistence")]
-    pub(crate) persistence: Option<crate::persist::Persistence>,
-    /// The relay account sent in `Hello` (key or bearer token).
-    pub(crate) relay_auth: Option<crate::options::RelayAuth>,
-    pub(crate) durable_owner: Option<zeroize::Zeroizing<[u8; 32]>>,
-}
-
-impl Default for ClientBuilder {
-    fn default() -> Self {
-        ClientBuilder {
-            url: None,
-            #[cfg(feature = "in-process")]
-            in_process: None,
-            tls: TlsSettings::default(),
-            keyring: Keyring::new(),
-            identity: None,
-            policy: SealPolicy::default(),
-            reconnect: Reconnect::default(),
-            connect_timeout: Duration::from_secs(10),
-            max_frame: whispeer_protocol::limits::DEFAULT_MAX_FRAME,
-            outbox_bytes: 8 * 1024 * 1024,
-            sub_capacity: 65_536,
-            name: format!("whispeer-rs/{}", env!("CARGO_PKG_VERSION")),
-            plugins: Plugins::default(),
-            receive: ReceiveConfig::default(),
-            #[cfg(feature = "persistence")]
-            persistence: None,
-            relay_auth: None,
-            durable_owner: None,
-        }
-    }
-}
+use crate::options::ClientBuilder;
+use crate::transport::{Dialer, Endpoint};
 
 impl ClientBuilder {
-    /// Adds an engine (transport, keys, identity, compression, padding, per-topic options,
-    /// reconnect policy, TLS roots).
-    pub fn with(mut self, engine: impl Engine) -> Self {
-        engine.apply(&mut self);
-        self
-    }
-    /// How long the first connection may take.
-    pub fn connect_timeout(mut self, d: Duration) -> Self {
-        self.connect_timeout = d;
-        self
-    }
-    /// Bytes of publishes kept while disconnected (default 8 MiB).
-    pub fn reconnect_buffer(mut self, bytes: usize) -> Self {
-        self.outbox_bytes = bytes;
-        self
-    }
-    /// Messages buffered per subscription (default 65,536). At most once: a full buffer
-    /// loses new messages (counted, and the stream yields `ReceiveError::Lagged`). At least
-    /// once: it is the subscription's credit (`Sub.credit`), and nothing beyond it is acked.
-    pub fn subscription_capacity(mut self, n: usize) -> Self {
-        self.sub_capacity = n.max(1);
-        self
-    }
-    /// How long delivered `(tree, sender, msg_id)`s are remembered across every
-    /// subscription (and, with `Persistence`, restarts); older messages are refused unless a
-    /// subscription asks for `older_history` (default 7 days).
-    pub fn replay_horizon(mut self, d: Duration) -> Self {
-        self.receive.horizon_ms = d.as_millis().try_into().unwrap_or(u64::MAX);
-        self
-    }
-    /// The allowed clock difference with senders (default 5 minutes): live messages dated
-    /// further in the past, and any message dated further in the future, are refused.
-    pub fn clock_skew(mut self, d: Duration) -> Self {
-        self.receive.max_skew_ms = d.as_millis().try_into().unwrap_or(u64::MAX);
-        self
-    }
-
     fn dialer(&self) -> Result<Dialer, ConnectError> {
         #[cfg(feature = "in-process")]
         if let Some(relay) = &self.in_process {
@@ -128,8 +38,8 @@ impl ClientBuilder {
         #[allow(unused_mut)]
         let mut keyring = self.keyring;
         #[cfg(feature = "persistence")]
-        let saved = match &self.persistence {
-            Some(p) => Some(crate::persist::Store::open(&p.path)?),
+        let saved = match &self.state_file {
+            Some(path) => Some(crate::persist::Store::open(path)?),
             None => None,
         };
         // The admins pinned by earlier runs: a grant of the builder's keyring signed by
@@ -192,6 +102,7 @@ impl ClientBuilder {
         let (state_tx, state_rx) = watch::channel(ConnectionState::Reconnecting(0));
         let (stats_tx, stats) = watch::channel(ClientStats::default());
         let (first_tx, first_rx) = oneshot::channel();
+        let backlog = Arc::new(Backlog::new(self.publish_buffer));
         let driver = Driver::new(super::driver::Parts {
             eng,
             epoch,
@@ -202,6 +113,7 @@ impl ClientBuilder {
             state: state_tx,
             stats: stats_tx,
             plugins: self.plugins.clone(),
+            backlog: backlog.clone(),
             first: first_tx,
             #[cfg(feature = "persistence")]
             saved,
@@ -220,6 +132,7 @@ impl ClientBuilder {
                 stats,
                 next_id: AtomicU64::new(1),
                 plugins: self.plugins,
+                backlog,
             }),
         })
     }

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::shared::{
-    now_ms, AckReply, ClientStats, Command, ConnectionState, FlushReply, Item, SubReady,
+    now_ms, AckReply, Backlog, ClientStats, Command, ConnectionState, FlushReply, Item, SubReady,
 };
 use crate::core::connection::{
     AckToken, ConnId, Disconnect, Engine, Event, FlushId, Now, PublishFailure, PublishId, Transmit,
@@ -40,6 +40,8 @@ pub(super) struct Parts {
     pub(super) state: watch::Sender<ConnectionState>,
     pub(super) stats: watch::Sender<ClientStats>,
     pub(super) plugins: Plugins,
+    /// Publish backpressure, shared with the handle.
+    pub(super) backlog: Arc<Backlog>,
     /// The outcome of the first connection, for `connect()`.
     pub(super) first: oneshot::Sender<Result<(), ConnectError>>,
     #[cfg(feature = "persistence")]
@@ -78,6 +80,8 @@ pub(super) struct Driver {
     dialing: Option<(ConnId, JoinHandle<Result<Connection, ConnectError>>)>,
     /// The error of the last failed dial (a typed `ConnectError` for `connect()`).
     dial_error: Option<ConnectError>,
+    /// Backlog bytes of publishes handed to the engine, released once it is drained.
+    unwritten: usize,
 }
 
 impl Driver {
@@ -97,6 +101,7 @@ impl Driver {
             conn: None,
             dialing: None,
             dial_error: None,
+            unwritten: 0,
         }
     }
 
@@ -205,6 +210,9 @@ impl Driver {
                 }
             }
         }
+        // The engine's queue is empty: every publish applied so far is written (or in its
+        // offline or outbox buffer); publishers waiting at the high-water mark go on.
+        self.p.backlog.release(std::mem::take(&mut self.unwritten));
     }
 
     /// The socket failed under us.
@@ -273,24 +281,29 @@ impl Driver {
                 envelope,
                 opts,
                 reply,
-            } => match self.p.eng.publish(envelope, opts, now) {
-                Ok(Some(pid)) => {
-                    self.keep(&pid);
-                    if let Some(r) = reply {
-                        self.acks.insert(pid, r);
+                reserved,
+            } => {
+                // Released once the engine's queue is written (`transmit`).
+                self.unwritten += reserved;
+                match self.p.eng.publish(envelope, opts, now) {
+                    Ok(Some(pid)) => {
+                        self.keep(&pid);
+                        if let Some(r) = reply {
+                            self.acks.insert(pid, r);
+                        }
+                    }
+                    Ok(None) => {
+                        if let Some(r) = reply {
+                            let _ = r.send(Ok(0));
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(r) = reply {
+                            let _ = r.send(Err(e));
+                        }
                     }
                 }
-                Ok(None) => {
-                    if let Some(r) = reply {
-                        let _ = r.send(Ok(0));
-                    }
-                }
-                Err(e) => {
-                    if let Some(r) = reply {
-                        let _ = r.send(Err(e));
-                    }
-                }
-            },
+            }
             Command::Ack(token) => self.p.eng.ack(token, now),
             Command::Subscribe {
                 id,
@@ -481,6 +494,7 @@ impl Driver {
         // Refuse new commands before anyone learns the client is closed: a `publish` after
         // `close()` returned must fail, not land in a queue nobody reads.
         self.p.cmd_rx.close();
+        self.p.backlog.close();
         if let Some((_, task)) = self.dialing.take() {
             task.abort();
         }
@@ -507,6 +521,7 @@ impl Driver {
             reconnects: e.reconnects,
             plugin_drops: self.plugin_drops,
             unacked_publishes: e.unacked_publishes,
+            publish_retries: e.publish_retries,
         };
         self.p.stats.send_if_modified(|s| {
             if *s == next {

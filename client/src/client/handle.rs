@@ -34,7 +34,7 @@ pub struct Client {
 /// Serializes a value as CBOR, the format every whispeer client (Rust and JS) uses.
 pub fn to_cbor<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, PublishError> {
     let mut buf = Vec::with_capacity(128);
-    ciborium::into_writer(value, &mut buf).map_err(|e| PublishError::Encode(e.to_string()))?;
+    ciborium::into_writer(value, &mut buf).map_err(PublishError::Encode)?;
     Ok(buf)
 }
 
@@ -47,6 +47,14 @@ impl Client {
     /// A receiver of connection state changes.
     pub fn state_changes(&self) -> watch::Receiver<ConnectionState> {
         self.inner.state.clone()
+    }
+
+    /// Bytes of publishes handed to the connection and not yet written to the socket (nor
+    /// put in the offline or outbox buffers): at most the
+    /// [`publish_buffer`](crate::ClientBuilder::publish_buffer) high-water mark plus one
+    /// message, since `publish` waits above it.
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.backlog.bytes()
     }
 
     /// Counters: delivered, rejected, duplicates, drops, reconnects.
@@ -159,28 +167,40 @@ impl Client {
         opts: PublishOptions,
     ) -> Result<u64, PublishError> {
         let cmd = &self.inner.cmd;
-        if !opts.waits() {
-            let c = Command::Publish {
-                envelope,
-                opts: opts.engine(),
-                reply: None,
-            };
-            cmd.send(c).map_err(|_| PublishError::Closed)?;
-            return Ok(0);
+        // Backpressure: wait while the driver has a high-water mark's worth to write.
+        let reserved = envelope.as_bytes().len();
+        let backlog = &self.inner.backlog;
+        if !backlog.reserve(reserved, || cmd.is_closed()).await {
+            return Err(PublishError::Closed);
         }
-        let (tx, rx) = oneshot::channel();
+        let (reply, rx) = match opts.waits() {
+            true => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
         let c = Command::Publish {
             envelope,
             opts: opts.engine(),
-            reply: Some(tx),
+            reply,
+            reserved,
         };
-        cmd.send(c).map_err(|_| PublishError::Closed)?;
-        rx.await.map_err(|_| PublishError::Closed)?
+        if cmd.send(c).is_err() {
+            backlog.release(reserved);
+            return Err(PublishError::Closed);
+        }
+        match rx {
+            Some(rx) => rx.await.map_err(|_| PublishError::Closed)?,
+            None => Ok(0),
+        }
     }
 
     /// Publishes a typed value (serde → CBOR) on `topic`. Returns once the message is handed
     /// to the connection; use [`Client::flush`] or [`Client::publish_with`] (`ack`) to know
-    /// the relay has it.
+    /// the relay has it. Waits (backpressure) while the connection has more than
+    /// [`ClientBuilder::publish_buffer`](crate::ClientBuilder::publish_buffer) bytes of
+    /// publishes still to write, so a tight loop goes at the speed of the link.
     pub async fn publish<T: Serialize + ?Sized>(
         &self,
         topic: &str,

@@ -1,11 +1,11 @@
 //! What the handle, its subscriptions and the driver task share: the commands the handle
 //! sends, the items a subscription receives, the state and counters the driver publishes.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use whispeer_protocol::{
     Envelope, Identity, Keyring, MessageId, Qos, SenderId, Topic, TopicFilter,
 };
@@ -25,6 +25,7 @@ pub fn now_ms() -> u64 {
 
 /// The connection's state, observable with [`crate::Client::state_changes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConnectionState {
     /// Connected and handshaken.
     Connected,
@@ -34,8 +35,11 @@ pub enum ConnectionState {
     Closed,
 }
 
-/// Options of one publish.
+/// Options of one publish: [`PublishOptions::default`] (at most once, no ack), or
+/// [`PublishOptions::at_least_once`] / [`PublishOptions::exactly_once`], refined with the
+/// builder methods.
 #[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct PublishOptions {
     /// Keep as the retained value of the topic on the relay.
     pub retain: bool,
@@ -69,6 +73,16 @@ impl PublishOptions {
             ..Default::default()
         }
     }
+    /// With this QoS (QoS ≥ 1 implies waiting for the `PubAck`).
+    pub fn qos(mut self, qos: Qos) -> Self {
+        self.qos = qos;
+        self
+    }
+    /// Waits for the relay's `PubAck` (and returns its sequence) even at QoS 0.
+    pub fn ack(mut self) -> Self {
+        self.ack = true;
+        self
+    }
     /// Also keep the message as the topic's retained value.
     pub fn retain(mut self) -> Self {
         self.retain = true;
@@ -94,6 +108,7 @@ impl PublishOptions {
 
 /// A message delivered to a subscription.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Message<T> {
     /// The topic it was published on.
     pub topic: Topic,
@@ -127,6 +142,7 @@ pub struct Message<T> {
 
 /// Counters of a client.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ClientStats {
     /// From the core: delivered, rejected (could not open), duplicates, relay gaps.
     pub core: CoreStats,
@@ -140,6 +156,9 @@ pub struct ClientStats {
     pub plugin_drops: u64,
     /// QoS ≥ 1 publishes waiting for the relay's `PubAck` (re-sent after a reconnect).
     pub unacked_publishes: u64,
+    /// Re-sends of QoS ≥ 1 publishes the relay refused with a retryable code (`busy`,
+    /// `storage_full`...), after a backoff, with the same publish id.
+    pub publish_retries: u64,
 }
 
 /// What a subscription's channel holds.
@@ -165,11 +184,13 @@ pub(crate) type FlushReply = oneshot::Sender<Result<(), FlushError>>;
 
 /// What the handle asks of the driver task.
 pub(crate) enum Command {
-    /// A sealed envelope; `reply` when the publish waits for its `PubAck`.
+    /// A sealed envelope; `reply` when the publish waits for its `PubAck`; `reserved`: its
+    /// bytes in the [`Backlog`], released once the driver has written it.
     Publish {
         envelope: Envelope,
         opts: PubOptions,
         reply: Option<AckReply>,
+        reserved: usize,
     },
     /// The app took a delivered message.
     Ack(AckToken),
@@ -200,6 +221,76 @@ pub(crate) struct Inner {
     pub(crate) stats: watch::Receiver<ClientStats>,
     pub(crate) next_id: std::sync::atomic::AtomicU64,
     pub(crate) plugins: Plugins,
+    pub(crate) backlog: Arc<Backlog>,
+}
+
+/// Publish backpressure: the bytes of publishes handed to the driver and not yet written
+/// to the socket (or put in the engine's offline or outbox buffers, which have their own
+/// caps and fail with `BufferFull`). `publish` waits while they are at the high-water mark
+/// ([`crate::ClientBuilder::publish_buffer`]), so a tight publish loop runs at the speed of
+/// the link instead of queueing without limit; nothing is dropped. The backlog never holds
+/// more than the mark plus one message.
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    bytes: AtomicUsize,
+    high_water: usize,
+    drained: Notify,
+}
+
+impl Backlog {
+    pub(crate) fn new(high_water: usize) -> Self {
+        Backlog {
+            bytes: AtomicUsize::new(0),
+            high_water: high_water.max(1),
+            drained: Notify::new(),
+        }
+    }
+
+    /// Bytes handed to the driver and not yet written.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    /// Takes `n` bytes once the backlog is under the high-water mark (a message larger than
+    /// the mark goes when it is). False, without taking anything, once `closed()` says the
+    /// driver is gone.
+    pub(crate) async fn reserve(&self, n: usize, closed: impl Fn() -> bool) -> bool {
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            // Registered before the check: a release between the check and the wait wakes it.
+            drained.as_mut().enable();
+            let mut cur = self.bytes.load(Ordering::Acquire);
+            while cur < self.high_water {
+                match self.bytes.compare_exchange_weak(
+                    cur,
+                    cur + n,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return true,
+                    Err(now) => cur = now,
+                }
+            }
+            if closed() {
+                return false;
+            }
+            drained.await;
+        }
+    }
+
+    /// `n` reserved bytes were written (or will never be): waiting publishers go on.
+    pub(crate) fn release(&self, n: usize) {
+        if n > 0 {
+            self.bytes.fetch_sub(n, Ordering::AcqRel);
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// The driver stopped: waiting publishers wake and find the client closed.
+    pub(crate) fn close(&self) {
+        self.drained.notify_waiters();
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -207,5 +298,48 @@ impl std::fmt::Debug for Inner {
         f.debug_struct("Client")
             .field("state", &*self.state.borrow())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::Backlog;
+
+    #[test]
+    fn publishers_wait_at_the_high_water_mark_until_bytes_are_written() {
+        let b = Backlog::new(16);
+        let open = || false;
+        assert_eq!(b.reserve(10, open).now_or_never(), Some(true));
+        // Under the mark: admitted, even though it ends above it.
+        assert_eq!(b.reserve(10, open).now_or_never(), Some(true));
+        assert_eq!(b.bytes(), 20);
+        let waiting = b.reserve(10, open);
+        tokio::pin!(waiting);
+        assert_eq!(waiting.as_mut().now_or_never(), None, "at the mark: waits");
+        b.release(3);
+        assert_eq!(
+            waiting.as_mut().now_or_never(),
+            None,
+            "17 is still at the mark"
+        );
+        b.release(10);
+        assert_eq!(waiting.as_mut().now_or_never(), Some(true));
+        assert_eq!(b.bytes(), 17);
+    }
+
+    #[test]
+    fn a_waiting_publisher_learns_the_client_closed() {
+        let b = Backlog::new(4);
+        assert_eq!(b.reserve(8, || false).now_or_never(), Some(true));
+        let closed = std::sync::atomic::AtomicBool::new(false);
+        let waiting = b.reserve(1, || closed.load(std::sync::atomic::Ordering::Acquire));
+        tokio::pin!(waiting);
+        assert_eq!(waiting.as_mut().now_or_never(), None);
+        closed.store(true, std::sync::atomic::Ordering::Release);
+        b.close();
+        assert_eq!(waiting.as_mut().now_or_never(), Some(false));
+        assert_eq!(b.bytes(), 8, "nothing taken");
     }
 }

@@ -118,6 +118,7 @@ pub(super) fn decode_cbor<T: DeserializeOwned>(r: &Received) -> Result<T, Receiv
     ciborium::from_reader(&r.payload[..]).map_err(|e| ReceiveError::Decode {
         topic: r.topic.to_string(),
         reason: e.to_string(),
+        source: Some(std::sync::Arc::new(e)),
     })
 }
 

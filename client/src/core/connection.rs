@@ -96,6 +96,9 @@ pub struct Engine {
     flushes: BTreeSet<u64>,
     next_nonce: u64,
     stats: EngineStats,
+    /// Kept publishes the relay refused with a retryable code: retries so far, and when the
+    /// next re-send is due (`None`: sent again, waiting for the answer).
+    retries: BTreeMap<PublishId, (u32, Option<u64>)>,
 }
 
 impl Engine {
@@ -132,6 +135,7 @@ impl Engine {
             flushes: BTreeSet::new(),
             next_nonce: 1,
             stats: EngineStats::default(),
+            retries: BTreeMap::new(),
         };
         e.dial(now.mono_ms);
         e.sync_unacked();
@@ -291,6 +295,7 @@ impl Engine {
                 if self.ack_at.is_some_and(|t| mono >= t) {
                     self.send_acks(true);
                 }
+                self.resend_due(mono);
                 if mono >= ping_at {
                     if unanswered >= self.cfg.max_unanswered_pings {
                         self.lose(Disconnect::HeartbeatTimeout, true, mono);
@@ -329,10 +334,15 @@ impl Engine {
                 Some(*deadline)
             }
             Phase::Backoff { retry_at } => Some(*retry_at),
-            Phase::Live { ping_at, .. } => Some(match self.ack_at {
-                Some(a) => a.min(*ping_at),
-                None => *ping_at,
-            }),
+            Phase::Live { ping_at, .. } => {
+                let retry = self.retries.values().filter_map(|(_, due)| *due).min();
+                Some(
+                    [self.ack_at, retry]
+                        .into_iter()
+                        .flatten()
+                        .fold(*ping_at, u64::min),
+                )
+            }
             Phase::Closed => None,
         }
     }
@@ -567,6 +577,7 @@ impl Engine {
             Frame::SubOk(ok) => self.sub_ok(ok.sub_id),
             Frame::PubAck(a) => {
                 let pid = PublishId(a.publish_id);
+                self.retries.remove(&pid);
                 if self.out.settle(&pid) {
                     self.sync_unacked();
                     self.emit(Event::PubAck { pid, seq: a.seq });
@@ -608,7 +619,10 @@ impl Engine {
         let mut named = false;
         if let Some(p) = e.publish_id {
             let pid = PublishId(p);
-            if self.out.settle(&pid) {
+            if e.code.is_retryable() && self.retry_later(pid, mono) {
+                named = true;
+            } else if self.out.settle(&pid) {
+                self.retries.remove(&pid);
                 named = true;
                 self.sync_unacked();
                 let reason = PublishFailure::Rejected {
@@ -650,6 +664,35 @@ impl Engine {
                 message: e.message,
                 sub,
             });
+        }
+    }
+
+    /// A kept (QoS ≥ 1) publish refused with a retryable code (`busy`, `storage_full`...):
+    /// re-sent with the same publish id after the reconnect backoff's delay for its attempt,
+    /// up to `publish_retries` times. False when it is not kept (QoS 0 has nothing to
+    /// re-send) or out of retries: it fails with the relay's code.
+    fn retry_later(&mut self, pid: PublishId, mono: u64) -> bool {
+        if !self.out.is_kept(&pid) {
+            return false;
+        }
+        let (attempts, due) = self.retries.entry(pid).or_insert((0, None));
+        if *attempts >= self.cfg.publish_retries {
+            return false;
+        }
+        let delay = self.cfg.backoff.delay_ms(*attempts, &mut self.rng);
+        *attempts += 1;
+        *due = Some(mono.saturating_add(delay));
+        self.stats.publish_retries += 1;
+        true
+    }
+
+    /// Re-sends the refused publishes whose retry is due.
+    fn resend_due(&mut self, mono: u64) {
+        for (pid, (_, due)) in self.retries.iter_mut() {
+            if due.is_some_and(|d| mono >= d) {
+                *due = None;
+                self.out.resend(pid);
+            }
         }
     }
 
@@ -791,9 +834,11 @@ impl Engine {
         if hangup {
             self.out.hangup(conn);
         }
-        // The relay redelivers what was not acked.
+        // The relay redelivers what was not acked; every kept publish, refused ones included,
+        // is sent again on the next connection.
         self.acks.clear();
         self.ack_at = None;
+        self.retries.clear();
         for id in std::mem::take(&mut self.flushes) {
             self.emit(Event::FlushFailed { id });
         }
@@ -828,6 +873,7 @@ impl Engine {
         self.phase = Phase::Closed;
         self.acks.clear();
         self.ack_at = None;
+        self.retries.clear();
         let (pids, unsent) = self.out.close();
         self.stats.outbox_drops += unsent;
         for pid in pids {

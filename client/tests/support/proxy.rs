@@ -1,13 +1,14 @@
 //! A TCP proxy between clients and a relay whose live connections can all be cut at once
-//! (both directions, abruptly), to induce reconnects at chosen moments, and which can
-//! swallow what clients send (reporting each swallowed read).
+//! (both directions, abruptly), to induce reconnects at chosen moments, which can swallow
+//! what clients send (reporting each swallowed read), and which can stall: stop reading
+//! what clients send (a link to the relay that carries nothing until resumed).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 pub struct KillerProxy {
     pub addr: SocketAddr,
@@ -16,6 +17,9 @@ pub struct KillerProxy {
     pub blackhole: Arc<AtomicBool>,
     /// The size of each swallowed read.
     pub swallowed: mpsc::UnboundedReceiver<usize>,
+    /// While true, bytes from clients are not read (they wait in the sockets' buffers,
+    /// then in the client); see [`KillerProxy::stall`].
+    stalled: Arc<watch::Sender<bool>>,
 }
 
 impl KillerProxy {
@@ -25,19 +29,24 @@ impl KillerProxy {
         let kill = Arc::new(Notify::new());
         let blackhole = Arc::new(AtomicBool::new(false));
         let (tx, swallowed) = mpsc::unbounded_channel();
-        let (hole, k) = (blackhole.clone(), kill.clone());
+        let stalled = Arc::new(watch::Sender::new(false));
+        let (hole, k, stall) = (blackhole.clone(), kill.clone(), stalled.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(relay) = tokio::net::TcpStream::connect(upstream).await else {
                     continue;
                 };
                 let (hole, k, tx) = (hole.clone(), k.clone(), tx.clone());
+                let mut gate = stall.subscribe();
                 tokio::spawn(async move {
                     let (mut cr, mut cw) = client.into_split();
                     let (mut rr, mut rw) = relay.into_split();
                     let upstream = async move {
                         let mut buf = vec![0u8; 64 * 1024];
                         loop {
+                            if gate.wait_for(|stalled| !*stalled).await.is_err() {
+                                return;
+                            }
                             let n = cr.read(&mut buf).await.unwrap_or(0);
                             if n == 0 {
                                 return;
@@ -63,7 +72,13 @@ impl KillerProxy {
             kill,
             blackhole,
             swallowed,
+            stalled,
         }
+    }
+
+    /// Stops (`true`) or resumes (`false`) reading what clients send.
+    pub fn stall(&self, on: bool) {
+        self.stalled.send_replace(on);
     }
 
     pub fn cut_all(&self) {

@@ -327,9 +327,9 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             duration,
             per_pub_rate,
             a.subs == 0,
-            whispeer::PublishOptions {
-                tree: a.tree,
-                ..Default::default()
+            match a.tree {
+                Some(t) => whispeer::PublishOptions::default().tree(t),
+                None => whispeer::PublishOptions::default(),
             },
         )));
     }

@@ -348,8 +348,6 @@ pub fn parse_tree_id(s: &str) -> Result<whispeer::protocol::TreeId, String> {
         ));
     }
     let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
-    }
+    hex::decode_to_slice(s, &mut id).map_err(|e| e.to_string())?;
     Ok(whispeer::protocol::TreeId(id))
 }

@@ -142,7 +142,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // One line: the whole cause chain, newlines folded.
-            let msg = format!("{e:#}").replace(['\n', '\r'], " ");
+            let msg = one_line(&e);
             eprintln!("error: {msg}");
             if e.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(2)
@@ -151,6 +151,23 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The error and its causes on one line. A cause whose text the message already shows (an
+/// error that names its source and keeps it as `source()`) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg.replace(['\n', '\r'], " ")
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

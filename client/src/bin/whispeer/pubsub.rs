@@ -192,12 +192,13 @@ pub async fn publish(a: PubArgs) -> Result<ExitCode> {
     }
     let client = a.conn.connect(keyring, identity, None).await?;
     let qos = Qos::from_u64(a.qos.into()).expect("0..=2");
-    let opts = PublishOptions {
-        retain: a.retain,
-        ack: a.qos > 0,
-        qos,
-        tree: a.tree,
-    };
+    let mut opts = PublishOptions::default().qos(qos);
+    if a.retain {
+        opts = opts.retain();
+    }
+    if let Some(t) = a.tree {
+        opts = opts.tree(t);
+    }
     let mut sent = 0u64;
     let result: Result<()> = async {
         match value {

@@ -98,6 +98,19 @@ impl Outbox {
         self.kept_bytes
     }
 
+    /// Whether `pid` is a kept publish still waiting for its `PubAck`.
+    pub(super) fn is_kept(&self, pid: &PublishId) -> bool {
+        self.kept_index.contains_key(pid)
+    }
+
+    /// Queues a kept publish again (a retry after a retryable refusal), same id.
+    pub(super) fn resend(&mut self, pid: &PublishId) {
+        if let Some((_, f)) = self.kept_index.get(pid).and_then(|o| self.kept.get(o)) {
+            let f = f.clone();
+            self.push(Transmit::Frame(f), Kind::Kept);
+        }
+    }
+
     pub(super) fn kept_len(&self) -> usize {
         self.kept.len()
     }

@@ -379,6 +379,11 @@ pub struct EngineConfig {
     pub owner_key: Option<zeroize::Zeroizing<[u8; 32]>>,
     /// Kept publishes of a previous run `(id, order, Pub frame)`: re-sent first, same ids.
     pub restored: Vec<(PublishId, u64, Bytes)>,
+    /// How often one QoS ≥ 1 publish refused with a retryable code
+    /// ([`ErrorCode::is_retryable`]: `busy`, `storage_full`...) is re-sent, same publish id,
+    /// after the reconnect backoff's delay for each retry, before it fails with the relay's
+    /// code. 0: it fails at once.
+    pub publish_retries: u32,
 }
 
 impl Default for EngineConfig {
@@ -398,6 +403,7 @@ impl Default for EngineConfig {
             receive: ReceiveConfig::default(),
             owner_key: None,
             restored: Vec::new(),
+            publish_retries: 8,
         }
     }
 }
@@ -416,4 +422,6 @@ pub struct EngineStats {
     pub reconnects: u64,
     /// QoS ≥ 1 publishes waiting for their `PubAck`.
     pub unacked_publishes: u64,
+    /// Re-sends of QoS ≥ 1 publishes the relay refused with a retryable code.
+    pub publish_retries: u64,
 }
