@@ -9,6 +9,7 @@ use rand_core::RngCore;
 
 use crate::rng::Rng;
 use wasm_bindgen::prelude::*;
+use whispeer::core::connection::AccountAuth;
 use whispeer::core::{self, ClientCore as Core, Received, SealPolicy};
 use whispeer_protocol::frame::{Close, Ping, Pong, Unsub};
 use whispeer_protocol::{
@@ -20,11 +21,11 @@ use crate::error::{js_error, key_error, publish_error, subscribe_error, topic_er
 use crate::keys::{Grant, Identity, Keyring};
 use crate::{now_ms, value};
 
-fn set(o: &Object, k: &str, v: impl Into<JsValue>) {
+pub(crate) fn set(o: &Object, k: &str, v: impl Into<JsValue>) {
     let _ = Reflect::set(o, &JsValue::from_str(k), &v.into());
 }
 
-fn bytes(b: &[u8]) -> JsValue {
+pub(crate) fn bytes(b: &[u8]) -> JsValue {
     Uint8Array::from(b).into()
 }
 
@@ -98,7 +99,7 @@ fn parse_scope(s: &str) -> Result<Scope, JsValue> {
 }
 
 /// A delivered message as a JS object (`value` decoded when the content type is CBOR).
-fn message_object(r: &Received) -> JsValue {
+pub(crate) fn message_object(r: &Received) -> JsValue {
     let o = Object::new();
     set(&o, "topic", r.topic.as_str());
     set(
@@ -126,34 +127,38 @@ fn message_object(r: &Received) -> JsValue {
     o.into()
 }
 
+/// The message counters as a JS object.
+pub(crate) fn core_stats_object(s: &core::CoreStats) -> Object {
+    let o = Object::new();
+    set(&o, "delivered", s.delivered as f64);
+    set(&o, "rejected", s.rejected as f64);
+    set(&o, "duplicates", s.duplicates as f64);
+    set(&o, "relayGaps", s.relay_gaps as f64);
+    let r = Object::new();
+    set(&r, "beforeHorizon", s.refused.before_horizon as f64);
+    set(&r, "future", s.refused.future as f64);
+    set(&r, "staleLive", s.refused.stale_live as f64);
+    set(&r, "retainedRollback", s.refused.retained_rollback as f64);
+    set(&r, "unsigned", s.refused.unsigned as f64);
+    set(&r, "unlistedSender", s.refused.unlisted_sender as f64);
+    set(&o, "refused", r);
+    o
+}
+
 /// The low-level client: keys, subscriptions, sealing and opening, frame encoding. Not
 /// connected to anything; `Client` (JS) moves its bytes over a WebSocket.
 #[wasm_bindgen]
 #[derive(Debug)]
 pub struct ClientCore {
-    core: Core,
-    keyring: Arc<RwLock<PKeyring>>,
-    identity: Option<whispeer_protocol::Identity>,
+    pub(crate) core: Core,
+    pub(crate) keyring: Arc<RwLock<PKeyring>>,
+    pub(crate) identity: Option<whispeer_protocol::Identity>,
     policy: SealPolicy,
     sealer: Sealer,
     opener: Opener,
-    /// Relay account: an Ed25519 key (answers `Challenge`) or a bearer token.
-    relay_auth: Option<RelayAuth>,
-}
-
-/// A relay account credential (never the identity that signs messages).
-enum RelayAuth {
-    Key(Box<ed25519_dalek::SigningKey>),
-    Token(String),
-}
-
-impl std::fmt::Debug for RelayAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            RelayAuth::Key(_) => "RelayAuth::Key(..)",
-            RelayAuth::Token(_) => "RelayAuth::Token(..)",
-        })
-    }
+    /// Relay account: an Ed25519 key (answers `Challenge`) or a bearer token (never the
+    /// identity that signs messages).
+    pub(crate) relay_auth: Option<AccountAuth>,
 }
 
 /// Prefix of a relay account key (`whispeer-relay account add NAME --key-out FILE`).
@@ -211,14 +216,16 @@ impl ClientCore {
                  (from `whispeer-relay account add NAME --key-out FILE`)",
             )
         })?;
-        self.relay_auth = Some(RelayAuth::Key(Box::new(k)));
+        self.relay_auth = Some(AccountAuth::Key(Arc::new(k)));
         Ok(())
     }
 
     /// Authenticates to the relay with this bearer token.
     #[wasm_bindgen(js_name = setAuthToken)]
     pub fn set_auth_token(&mut self, token: &str) {
-        self.relay_auth = Some(RelayAuth::Token(token.trim().to_owned()));
+        self.relay_auth = Some(AccountAuth::Token(zeroize::Zeroizing::new(
+            token.trim().to_owned(),
+        )));
     }
 
     /// Signs with this identity.
@@ -255,14 +262,8 @@ impl ClientCore {
     /// The first frame of a connection.
     pub fn hello(&self, name: &str) -> Uint8Array {
         let mut hello = Core::hello(name);
-        if let Frame::Hello(h) = &mut hello {
-            match &self.relay_auth {
-                Some(RelayAuth::Key(k)) => h.account = Some(k.verifying_key().to_bytes()),
-                Some(RelayAuth::Token(t)) => {
-                    h.auth = Some(bytes::Bytes::copy_from_slice(t.as_bytes()));
-                }
-                None => {}
-            }
+        if let (Frame::Hello(h), Some(a)) = (&mut hello, &self.relay_auth) {
+            a.fill_hello(h);
         }
         Uint8Array::from(&hello.to_bytes()[..])
     }
@@ -281,7 +282,7 @@ impl ClientCore {
             .map_err(key_error)
     }
 
-    fn seal(
+    pub(crate) fn seal(
         &mut self,
         tree: Option<String>,
         topic: &str,
@@ -464,21 +465,7 @@ impl ClientCore {
     /// Counters: `{delivered, rejected, duplicates, relayGaps, refused: {beforeHorizon,
     /// future, staleLive, retainedRollback, unsigned, unlistedSender}}`.
     pub fn stats(&self) -> JsValue {
-        let s = self.core.stats();
-        let o = Object::new();
-        set(&o, "delivered", s.delivered as f64);
-        set(&o, "rejected", s.rejected as f64);
-        set(&o, "duplicates", s.duplicates as f64);
-        set(&o, "relayGaps", s.relay_gaps as f64);
-        let r = Object::new();
-        set(&r, "beforeHorizon", s.refused.before_horizon as f64);
-        set(&r, "future", s.refused.future as f64);
-        set(&r, "staleLive", s.refused.stale_live as f64);
-        set(&r, "retainedRollback", s.refused.retained_rollback as f64);
-        set(&r, "unsigned", s.refused.unsigned as f64);
-        set(&r, "unlistedSender", s.refused.unlisted_sender as f64);
-        set(&o, "refused", r);
-        o.into()
+        core_stats_object(&self.core.stats()).into()
     }
 
     /// Handles one frame from the relay and returns an event object (`type` is one of
@@ -544,30 +531,20 @@ impl ClientCore {
                     set(&o, "sub", local as f64);
                 }
             }
-            Frame::Challenge(c) => match &self.relay_auth {
-                Some(RelayAuth::Key(k)) => {
-                    use ed25519_dalek::Signer;
-                    let pk = k.verifying_key().to_bytes();
-                    let sig = k.sign(&whispeer_protocol::frame::auth_sig_input(&c.nonce, &pk));
-                    set(&o, "type", "challenge");
-                    set(
-                        &o,
-                        "reply",
-                        bytes(
-                            &Frame::Auth(whispeer_protocol::frame::Auth {
-                                sig: sig.to_bytes(),
-                            })
-                            .to_bytes(),
-                        ),
-                    );
+            Frame::Challenge(c) => {
+                match self.relay_auth.as_ref().and_then(|a| a.answer(&c.nonce)) {
+                    Some(auth) => {
+                        set(&o, "type", "challenge");
+                        set(&o, "reply", bytes(&Frame::Auth(auth).to_bytes()));
+                    }
+                    None => {
+                        return Err(js_error(
+                            "PROTOCOL",
+                            "the relay sent a Challenge but no account key is set",
+                        ))
+                    }
                 }
-                _ => {
-                    return Err(js_error(
-                        "PROTOCOL",
-                        "the relay sent a Challenge but no account key is set",
-                    ))
-                }
-            },
+            }
             Frame::Close(c) => {
                 set(&o, "type", "close");
                 set(&o, "code", c.code.name());
