@@ -102,11 +102,11 @@ pub(crate) fn message_object(r: &Received) -> JsValue {
             .map(|s| JsValue::from_str(&s.to_string()))
             .unwrap_or(JsValue::NULL),
     );
-    set(&o, "id", hex::encode(&r.msg_id.0));
+    set(&o, "id", hex::encode(r.msg_id.0));
     set(&o, "timestamp", r.ts_ms as f64);
     set(&o, "seq", r.seq as f64);
     set(&o, "retained", r.retained);
-    set(&o, "treeId", hex::encode(&r.tree_id.0));
+    set(&o, "treeId", hex::encode(r.tree_id.0));
     set(&o, "epoch", r.epoch as f64);
     set(&o, "provenance", provenance_object(&r.provenance));
     set(&o, "contentType", r.content_type.as_str());

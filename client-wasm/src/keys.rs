@@ -160,7 +160,7 @@ impl TreeKey {
     /// The tree id (hex).
     #[wasm_bindgen(getter, js_name = treeId)]
     pub fn tree_id(&self) -> String {
-        hex::encode(&self.inner.tree_id().0)
+        hex::encode(self.inner.tree_id().0)
     }
 }
 
@@ -219,7 +219,7 @@ impl Grant {
     /// The tree id (hex).
     #[wasm_bindgen(getter, js_name = treeId)]
     pub fn tree_id(&self) -> String {
-        hex::encode(&self.inner.epoch_keys().tree_id().0)
+        hex::encode(self.inner.epoch_keys().tree_id().0)
     }
 }
 
