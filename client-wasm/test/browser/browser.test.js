@@ -192,3 +192,62 @@ test('demo chat in two tabs', async () => {
   assert.ok(readFileSync(join(OUT, 'chat.png')).length > 10_000);
   for (const p of [alice, bob, eve, both]) await p.close();
 });
+
+test('Chromium: QoS 1 acked, replay from a sequence, a durable subscription resumed after a page reload', async () => {
+  const key = TreeKey.generate('tab').toKeyString();
+  const secret = Identity.generate().toSecretString(); // the tab's identity, kept across the reload
+  const node = await Client.connect(relay.url, { keys: key, identity: Identity.generate() });
+  const page = await testPage();
+  try {
+    // QoS 1 publishes from the page resolve with the relay's sequence; a replay from the
+    // third one gives the rest of the history, then ReplayDone.
+    const replay = await page.evaluate(
+      async ({ url, key, secret }) => {
+        const identity = W.Identity.fromSecretString(secret);
+        const c = await W.Client.connect(url, { keys: key, identity });
+        const seqs = [];
+        for (let i = 0; i < 5; i++) seqs.push(await c.publish('tab/h', i, { qos: 1 }));
+        const got = [];
+        let done;
+        const ended = new Promise((r) => (done = r));
+        await c.subscribe('tab/h', (m) => got.push(m.value), { replay: { fromSeq: seqs[2] }, onReplayDone: done });
+        await ended;
+        window.client = c;
+        window.durable = [];
+        await c.subscribe('tab/d', (m) => window.durable.push(m.value), { qos: 1, durable: 'tab' });
+        return { seqs, got };
+      },
+      { url: relay.url, key, secret },
+    );
+    assert.ok(replay.seqs.every((s, i) => s > 0 && (i === 0 || s > replay.seqs[i - 1])), `${replay.seqs}`);
+    assert.deepEqual(replay.got, [2, 3, 4]);
+
+    for (let i = 0; i < 3; i++) await node.publish('tab/d', i, { qos: 1 });
+    await page.waitForFunction(() => window.durable.length >= 3);
+    assert.deepEqual(await page.evaluate(() => window.durable), [0, 1, 2]);
+    await page.evaluate(() => window.client.close()); // the acks of what it took leave first
+
+    await page.reload();
+    await page.waitForFunction(() => window.pageReady === true);
+    for (let i = 3; i < 6; i++) await node.publish('tab/d', i, { qos: 1 });
+    const resumed = await page.evaluate(
+      async ({ url, key, secret }) => {
+        const identity = W.Identity.fromSecretString(secret);
+        const c = await W.Client.connect(url, { keys: key, identity });
+        const got = [];
+        const sub = await c.subscribe('tab/d', { qos: 1, durable: 'tab' });
+        for await (const m of sub) {
+          got.push(m.value);
+          if (got.length === 3) break;
+        }
+        await c.close();
+        return got;
+      },
+      { url: relay.url, key, secret },
+    );
+    assert.deepEqual(resumed, [3, 4, 5], 'what arrived while the page was away, nothing taken before');
+  } finally {
+    await page.close();
+    await node.close();
+  }
+});
