@@ -3,9 +3,11 @@
 // demo chat in two tabs (screenshots in test-output/).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { tmpdir } from 'node:os';
 import { startRelay } from '../shared/relay.js';
+import { startProxy } from '../shared/proxy.js';
 import { runPeer } from '../shared/peer.js';
 import { sample } from '../shared/sample.js';
 import { diff } from '../shared/equal.js';
@@ -249,5 +251,69 @@ test('Chromium: QoS 1 acked, replay from a sequence, a durable subscription resu
   } finally {
     await page.close();
     await node.close();
+  }
+});
+
+test('Chromium: QoS 1 across a relay kill -9 and restart on the same store, 0 acknowledged lost', { timeout: 120_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'whispeer-store-'));
+  const local = await startRelay({ storePath: join(dir, 'relay.db') });
+  const proxy = await startProxy(local.port);
+  const page = await testPage();
+  const key = TreeKey.generate('tab-kill').toKeyString();
+  const N = 40;
+  try {
+    await page.evaluate(
+      async ({ url, key, N }) => {
+        const c = await W.Client.connect(url, { keys: key, reconnect: { initialDelayMs: 20, maxDelayMs: 200 } });
+        window.client = c;
+        window.acked = [];
+        window.failed = [];
+        const send = (i) =>
+          c.publish('kill/x', i, { qos: 1 }).then(
+            () => window.acked.push(i),
+            (e) => window.failed.push(String(e)),
+          );
+        for (let i = 0; i < N / 2; i++) await send(i);
+        window.rest = [];
+        window.second = () => {
+          for (let i = N / 2; i < N; i++) window.rest.push(send(i));
+        };
+      },
+      { url: proxy.url, key, N },
+    );
+    // The relay's answers stop reaching the page: the second half is written and never
+    // acknowledged before the relay dies.
+    proxy.pause('down');
+    await page.evaluate(() => window.second());
+    assert.equal(await page.evaluate(() => window.acked.length), N / 2);
+    const reconnecting = page.evaluate(() => window.client.waitForState('reconnecting'));
+    Object.assign(local, await local.restart()); // SIGKILL, then the same port and store
+    proxy.drop();
+    proxy.resume('down');
+    await reconnecting;
+    const after = await page.evaluate(async () => {
+      await Promise.all(window.rest);
+      return { acked: window.acked.length, failed: window.failed, unacked: window.client.stats().unackedPublishes };
+    });
+    assert.deepEqual(after, { acked: N, failed: [], unacked: 0 });
+
+    const node = await Client.connect(local.url, { keys: key, identity: Identity.generate() });
+    const got = [];
+    let done;
+    const ended = new Promise((r) => (done = r));
+    await node.subscribe('kill/x', (m) => got.push(m.value), { qos: 1, replay: { fromSeq: 1 }, onReplayDone: done });
+    await ended;
+    await node.close();
+    assert.deepEqual(
+      got.sort((a, b) => a - b),
+      Array.from({ length: N }, (_, i) => i),
+      'every acknowledged publish, once',
+    );
+  } finally {
+    await page.evaluate(() => window.client?.close()).catch(() => {});
+    await page.close();
+    await proxy.close();
+    await local.stop();
+    rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -99,7 +99,6 @@ test('QoS 1 across a relay kill -9 and restart on the same store: no acknowledge
     // stored, and never acknowledged before the relay dies.
     proxy.pause('down');
     for (let i = N / 2; i < N; i++) send(i);
-    await pub.flush().catch(() => {}); // hangs on the paused proxy: do not wait for it
     assert.equal(acked.size, N / 2, 'nothing of the second half is acknowledged yet');
     assert.equal(pub.stats().unackedPublishes, N / 2);
 
