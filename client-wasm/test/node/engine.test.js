@@ -7,6 +7,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startRelay } from '../shared/relay.js';
+import { until } from '../shared/until.js';
 import { startProxy } from '../shared/proxy.js';
 import { Client, Identity, TreeKey, WhispeerError } from '../../js/index.node.js';
 
@@ -34,19 +35,6 @@ function storeFile() {
   const d = mkdtempSync(join(tmpdir(), 'whispeer-store-'));
   dirs.push(d);
   return join(d, 'relay.db');
-}
-
-/** Resolves once `cond()` holds, polling; rejects after `ms`. */
-function until(cond, ms = 60_000) {
-  const deadline = Date.now() + ms;
-  return new Promise((resolve, reject) => {
-    const check = () => {
-      if (cond()) resolve();
-      else if (Date.now() > deadline) reject(new Error(`condition not met within ${ms} ms: ${cond}`));
-      else setTimeout(check, 5);
-    };
-    check();
-  });
 }
 
 /** Subscribes with `options` and collects values until the relay's history ended. */
