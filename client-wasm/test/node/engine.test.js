@@ -169,6 +169,14 @@ test('a durable subscription is resumed by a new client with the same identity',
     if (got.length === 3) break;
   }
   assert.deepEqual(got, [3, 4, 5], 'what arrived while away, nothing taken before');
+  await b.close();
+
+  // The owner secret comes from the identity: another identity cannot take it over.
+  const stranger = await connect(relay.url, { keys: tree });
+  await assert.rejects(
+    stranger.subscribe('d/#', { qos: 1, durable: 'inbox' }),
+    (e) => e instanceof WhispeerError && e.code === 'not_allowed' && /belongs to someone else/.test(e.message),
+  );
 });
 
 test('a slow subscriber loop: at most once reports its loss, at least once gets everything', { timeout: 120_000 }, async (t) => {
