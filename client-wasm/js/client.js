@@ -1,8 +1,11 @@
-// The JS half of the whispeer client: it owns the WebSocket, the timers (heartbeat,
-// reconnect backoff) and the callbacks. Everything about messages — keys, sealing,
-// opening, frames, subscriptions, dedup — happens in the Rust core (ClientCore, wasm).
+// The JS half of the whispeer client: a thin driver of the Rust connection engine (wasm
+// `Engine`, ../shared/ENGINE.md §3). It opens WebSockets when the engine asks, moves their
+// bytes, runs one timer and hands events to promises and subscriptions. Every protocol
+// decision — handshake, QoS 1/2 outbox and publish ids, acks, replay, durable
+// subscriptions, heartbeats, backoff, flush — and everything about messages (keys,
+// sealing, opening, dedup) happens in Rust.
 
-import { ClientCore, Keyring, TreeKey, Grant, Identity } from '../pkg/whispeer_wasm.js';
+import { ClientCore, Engine, Keyring, TreeKey, Grant, Identity } from '../pkg/whispeer_wasm.js';
 
 let WebSocketImpl = globalThis.WebSocket;
 
@@ -25,13 +28,27 @@ export class WhispeerError extends Error {
   }
 }
 
-const DEFAULT_RECONNECT = {
-  initialDelayMs: 100,
-  maxDelayMs: 5000,
-  factor: 2,
-  jitter: 0.2,
-  maxAttempts: Infinity,
-};
+/** Errors thrown by the wasm layer (`name` WhispeerError) as real `WhispeerError`s. */
+function wrap(e) {
+  if (e instanceof WhispeerError || !e || e.name !== 'WhispeerError') return e;
+  return new WhispeerError(e.code, e.message);
+}
+
+/** Refuses option names `known` does not list (typos are errors, not silently ignored). */
+function checkOptions(what, options, known) {
+  if (options == null) return {};
+  if (typeof options !== 'object') throw new WhispeerError('INVALID_OPTION', `${what}: options must be an object`);
+  for (const k of Object.keys(options))
+    if (!known.includes(k))
+      throw new WhispeerError('INVALID_OPTION', `${what}: unknown option ${JSON.stringify(k)} (known: ${known.join(', ')})`);
+  return options;
+}
+
+const PUBLISH_OPTIONS = ['qos', 'retain', 'ack', 'tree'];
+const PUBLISH_BYTES_OPTIONS = [...PUBLISH_OPTIONS, 'contentType'];
+const SUBSCRIBE_OPTIONS = ['qos', 'replay', 'durable', 'retained', 'olderHistory', 'capacity', 'onLag', 'onReplayDone'];
+
+const mono = () => performance.now();
 
 /** Builds a Keyring from a Keyring, TreeKey, Grant, key string, or an array of those. */
 export function toKeyring(keys) {
@@ -75,24 +92,29 @@ function level(c) {
 export class Subscription {
   #client;
   #callback;
-  #queue = [];
+  #queue = []; // { msg, token } (msg undefined: a placeholder, taken silently)
   #waiters = [];
   #ended = false;
   #capacity;
-
   #onLag;
+  #onReplayDone;
 
-  constructor(client, id, filter, callback, capacity, onLag) {
+  constructor(client, id, filter, callback, options) {
     this.#client = client;
     this.id = id;
     this.filter = filter;
     this.#callback = callback;
-    this.#capacity = capacity;
-    this.#onLag = onLag;
+    this.#capacity = options.capacity;
+    this.#onLag = options.onLag;
+    this.#onReplayDone = options.onReplayDone;
+    /** The delivery guarantee asked of the relay (0, 1 or 2). */
+    this.qos = options.qos ?? 0;
     /** Messages dropped because the iterator was not read fast enough. */
     this.dropped = 0;
     /** Messages lost in all (dropped here, or by the relay for a slow connection). */
     this.lost = 0;
+    /** The relay sequence where the replayed history ended (once it did). */
+    this.replayedTo = undefined;
   }
 
   /**
@@ -112,31 +134,62 @@ export class Subscription {
     this.#client._emit('lag', { subscription: this, lost: n });
   }
 
-  /** @internal */
-  _deliver(msg) {
-    if (this.#ended) return;
-    if (this.#callback) {
+  /** @internal The history ended at relay sequence `seq`; what follows is live. */
+  _replayDone(seq) {
+    this.replayedTo = seq;
+    if (this.#onReplayDone) {
       try {
-        const r = this.#callback(msg);
-        if (r && typeof r.then === 'function') r.then(undefined, (e) => this.#client._emit('error', e));
+        this.#onReplayDone(seq);
       } catch (e) {
         this.#client._emit('error', e);
       }
-      return;
     }
-    const w = this.#waiters.shift();
-    if (w) w.resolve({ value: msg, done: false });
-    else if (this.#queue.length < this.#capacity) this.#queue.push(msg);
-    else {
+  }
+
+  /** @internal A message (or, `msg` undefined, a placeholder) and the token to ack once taken. */
+  _deliver(msg, token) {
+    const client = this.#client;
+    if (this.#ended) return;
+    if (this.#callback) {
+      // A callback takes it when called; an async one when its promise settles.
+      if (msg === undefined) return client._ack(token);
+      try {
+        const r = this.#callback(msg);
+        if (r && typeof r.then === 'function') {
+          r.then(
+            () => client._ack(token),
+            (e) => {
+              client._ack(token);
+              client._emit('error', e);
+            },
+          );
+          return;
+        }
+      } catch (e) {
+        client._emit('error', e);
+      }
+      return client._ack(token);
+    }
+    if (this.#queue.length === 0 && this.#waiters.length) {
+      if (msg === undefined) return client._ack(token);
+      this.#waiters.shift().resolve({ value: msg, done: false });
+      return client._ack(token);
+    }
+    if (msg !== undefined && this.qos === 0 && this.#capacity !== undefined && this.#queue.length >= this.#capacity) {
+      client._ack(token); // at most once: dropped here, counted and reported
       this.dropped++;
       this._lag(1);
+      return;
     }
+    this.#queue.push({ msg, token });
   }
 
   /** @internal */
   _end(error) {
     if (this.#ended) return;
     this.#ended = true;
+    // What was delivered and never taken is not acked: the relay delivers it again.
+    this.#queue.length = 0;
     for (const w of this.#waiters.splice(0)) {
       if (error) w.reject(error);
       else w.resolve({ value: undefined, done: true });
@@ -152,7 +205,11 @@ export class Subscription {
 
   /** The next message (`{ value, done }`), for the async-iterator protocol. */
   next() {
-    if (this.#queue.length) return Promise.resolve({ value: this.#queue.shift(), done: false });
+    while (this.#queue.length) {
+      const { msg, token } = this.#queue.shift();
+      this.#client._ack(token);
+      if (msg !== undefined) return Promise.resolve({ value: msg, done: false });
+    }
     if (this.#ended) return Promise.resolve({ value: undefined, done: true });
     return new Promise((resolve, reject) => this.#waiters.push({ resolve, reject }));
   }
@@ -175,34 +232,34 @@ export class Subscription {
 export class Client {
   #url;
   #opts;
-  #core;
-  #name;
-  #ws = null;
+  #eng;
+  #ws = null; // the current socket
+  #sockets = new Map(); // engine connection id -> WebSocket
   #state = 'connecting';
   #listeners = new Map();
   #subs = new Map();
-  #pendingSubs = new Map(); // local id -> { relayIds: Set, resolve, reject }
+  #pendingSubs = new Map(); // local id -> { resolve, reject }
   #acks = new Map(); // publish id (hex) -> { resolve, reject }
-  #flushes = new Map(); // nonce -> { resolve, reject }
-  #outbox = [];
-  #outboxBytes = 0;
+  #flushes = new Map(); // flush id -> { resolve, reject }
   #nextSub = 1;
-  #nextNonce = 1;
-  #heartbeat = null;
-  #unanswered = 0;
-  #reconnectTimer = null;
-  #attempt = 0;
-  #reconnects = 0;
   #closing = false;
+  #closeWaiters = [];
+  #first = null; // the pending Client.connect
   #identity;
   #waiting = []; // publishes held while the socket's send buffer is over the high-water mark
+  #waitingTimer = null;
   #pumping = false;
+  #again = false;
+  #armed; // the deadline the timer is set for
+  #timer = null;
 
-  /** Connects (the first attempt must succeed) and returns a ready client. */
+  /**
+   * Connects and returns a ready client. The first attempt must succeed unless
+   * `retryFirstConnect` is set (then it retries with the reconnect backoff).
+   */
   static async connect(url, options = {}) {
     const c = new Client(url, options);
-    await c.#open();
-    c.#setState('connected');
+    await c.#start();
     return c;
   }
 
@@ -217,28 +274,36 @@ export class Client {
       reconnectBuffer: 8 * 1024 * 1024,
       subscriptionCapacity: 65_536,
       sendHighWaterMark: 1024 * 1024,
+      name: 'whispeer-js/0.1.0',
       ...options,
-      reconnect: { ...DEFAULT_RECONNECT, ...(options.reconnect ?? {}) },
     };
-    this.#name = options.name ?? 'whispeer-js/0.1.0';
     const kr = options.keys instanceof Keyring ? options.keys : toKeyring(options.keys);
-    this.#core = new ClientCore(kr, level(options.compression), options.padding !== false, options.sign !== false);
-    if (options.identity) {
-      if (!(options.identity instanceof Identity))
-        throw new TypeError('identity: expected an Identity (Identity.generate() or Identity.fromSecretString())');
-      this.#core.setIdentity(options.identity);
-      this.#identity = options.identity;
-    }
-    for (const [filter, o] of Object.entries(options.topics ?? {})) {
-      this.#core.setTopicOptions(filter, level(o.compression), o.padding !== false);
-    }
-    // Relay account (auth = required relays): an account key answers the relay's challenge;
-    // a bearer token rides in Hello. Never the identity that signs messages.
-    if (options.auth != null) {
-      const a = options.auth;
-      if (typeof a.key === 'string') this.#core.setAccountKey(a.key);
-      else if (typeof a.token === 'string') this.#core.setAuthToken(a.token);
-      else throw new TypeError("auth: expected { key: 'wsp_acct_sk_…' } or { token: '…' }");
+    let core;
+    try {
+      core = new ClientCore(kr, level(options.compression), options.padding !== false, options.sign !== false);
+      if (options.identity) {
+        if (!(options.identity instanceof Identity))
+          throw new TypeError('identity: expected an Identity (Identity.generate() or Identity.fromSecretString())');
+        core.setIdentity(options.identity);
+        this.#identity = options.identity;
+      }
+      for (const [filter, o] of Object.entries(options.topics ?? {})) {
+        core.setTopicOptions(filter, level(o.compression), o.padding !== false);
+      }
+      // Relay account (auth = required relays): an account key answers the relay's
+      // challenge; a bearer token rides in Hello. Never the identity that signs messages.
+      if (options.auth != null) {
+        const a = options.auth;
+        if (typeof a.key === 'string') core.setAccountKey(a.key);
+        else if (typeof a.token === 'string') core.setAuthToken(a.token);
+        else throw new TypeError("auth: expected { key: 'wsp_acct_sk_…' } or { token: '…' }");
+      }
+      const seed = new Uint8Array(32);
+      globalThis.crypto.getRandomValues(seed);
+      this.#eng = new Engine(core, this.#opts, seed, mono(), Date.now());
+    } catch (e) {
+      core?.free();
+      throw wrap(e);
     }
   }
 
@@ -262,14 +327,17 @@ export class Client {
     return this.#ws ? this.#ws.bufferedAmount : 0;
   }
 
-  /** Counters: delivered, rejected (could not open), duplicates, relayGaps, reconnects. */
+  /**
+   * Counters: delivered, rejected (could not open), duplicates, relayGaps, refused,
+   * reconnects, slowSubscriberDrops, outboxDrops, unackedPublishes, outboxBytes.
+   */
   stats() {
-    return { ...this.#core.stats(), reconnects: this.#reconnects, outboxBytes: this.#outboxBytes };
+    return { ...this.#eng.stats(), outboxBytes: this.#eng.queuedBytes() };
   }
 
   /**
-   * Listens to `state` (new state, detail) or `error` (errors thrown by callbacks).
-   * Returns a function that removes the listener.
+   * Listens to `state` (new state, detail), `lag` or `error` (errors thrown by callbacks,
+   * non-fatal relay errors). Returns a function that removes the listener.
    */
   on(event, fn) {
     if (!this.#listeners.has(event)) this.#listeners.set(event, new Set());
@@ -312,249 +380,223 @@ export class Client {
     this._emit('state', s, detail);
   }
 
-  // One connection attempt: socket, Hello, Welcome, resubscribe, outbox.
-  #open() {
+  #start() {
     return new Promise((resolve, reject) => {
-      let settled = false;
-      let ws;
-      try {
-        ws = new WebSocketImpl(this.#url);
-      } catch (e) {
-        reject(new WhispeerError('CONNECT', `cannot open ${this.#url}: ${e.message}`));
-        return;
-      }
-      ws.binaryType = 'arraybuffer';
-      const fail = (why) => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        try {
-          ws.close();
-        } catch {}
-        reject(why instanceof Error ? why : new WhispeerError('CONNECT', why));
-      };
-      const timer = setTimeout(
-        () => fail(new WhispeerError('TIMEOUT', `relay did not answer within ${this.#opts.connectTimeoutMs} ms`)),
-        this.#opts.connectTimeoutMs,
-      );
-      ws.onopen = () => ws.send(this.#core.hello(this.#name));
-      ws.onerror = (ev) => fail(`cannot reach relay at ${this.#url}${ev?.message ? ': ' + ev.message : ''}`);
-      ws.onclose = (ev) => {
-        if (!settled) fail(`connection closed during handshake (${ev?.code ?? ''})`);
-        else if (this.#ws === ws) this.#lost(`connection closed (${ev?.code ?? ''} ${ev?.reason ?? ''})`.trim());
-      };
-      ws.onmessage = (ev) => {
-        if (!(ev.data instanceof ArrayBuffer)) return; // the protocol is binary only
-        let e;
-        try {
-          e = this.#core.handle(new Uint8Array(ev.data));
-        } catch (err) {
-          if (!settled) fail(err);
-          else if (this.#ws === ws) {
-            this.#ws = null;
-            ws.close();
-            this.#lost(err.message);
-          }
-          return;
-        }
-        if (settled) {
-          if (this.#ws === ws) this.#dispatch(e);
-          return;
-        }
-        if (e.type === 'challenge') {
-          ws.send(e.reply);
-        } else if (e.type === 'welcome') {
-          settled = true;
-          clearTimeout(timer);
-          this.#ws = ws;
-          this.#unanswered = 0;
-          // Re-establish every subscription, then send what was buffered while offline.
-          for (const f of this.#core.resubscribeAll()) ws.send(f);
-          for (const f of this.#outbox) ws.send(f);
-          this.#outbox = [];
-          this.#outboxBytes = 0;
-          this.#startHeartbeat(e.heartbeatMs || 30_000);
-          resolve();
-        } else if (e.type === 'error' || e.type === 'close') {
-          fail(new WhispeerError('REJECTED', `relay refused the connection: ${e.message} (${e.code})`));
-        }
-      };
+      this.#first = { resolve, reject };
+      this.#pump();
     });
   }
 
-  #startHeartbeat(ms) {
-    clearInterval(this.#heartbeat);
-    this.#heartbeat = setInterval(() => {
-      if (this.#unanswered >= 2) {
-        const ws = this.#ws;
-        this.#ws = null;
-        ws?.close();
-        this.#lost('relay stopped answering pings');
-        return;
-      }
-      this.#unanswered++;
-      this.#send(this.#core.ping(0));
-    }, ms);
-    this.#heartbeat.unref?.();
-  }
+  // ---- the driver: sockets, one timer, the drain (ENGINE.md §3) ----------------------
 
-  #lost(reason) {
-    clearInterval(this.#heartbeat);
-    this.#heartbeat = null;
-    this.#ws = null;
-    for (const [, f] of this.#flushes) f.reject(new WhispeerError('DISCONNECTED', 'connection lost during flush'));
-    this.#flushes.clear();
-    for (const [, a] of this.#acks)
-      a.reject(new WhispeerError('NOT_ACKNOWLEDGED', 'connection lost before the relay acknowledged the message'));
-    this.#acks.clear();
-    // Pending subscriptions are re-sent with the others once reconnected.
-    for (const [, p] of this.#pendingSubs) p.resolve();
-    this.#pendingSubs.clear();
-    if (this.#closing || this.#state === 'closed') return;
-    this.#attempt = 0;
-    this.#scheduleReconnect(reason);
-  }
-
-  #scheduleReconnect(reason) {
-    const r = this.#opts.reconnect;
-    this.#attempt++;
-    if (this.#attempt > r.maxAttempts) {
-      this.#finish(new WhispeerError('CLOSED', `gave up reconnecting: ${reason}`));
+  /** Drains the engine: transmits, then the deadline, then events (dispatched after). */
+  #pump() {
+    if (this.#pumping) {
+      this.#again = true; // an app callback re-entered through a command
       return;
     }
-    this.#setState('reconnecting', { attempt: this.#attempt, reason });
-    const base = Math.min(r.maxDelayMs, r.initialDelayMs * r.factor ** (this.#attempt - 1));
-    const delay = base * (1 - r.jitter + 2 * r.jitter * Math.random());
-    this.#reconnectTimer = setTimeout(async () => {
-      this.#reconnectTimer = null;
-      if (this.#closing) return;
-      try {
-        await this.#open();
-      } catch (e) {
-        if (!this.#closing) this.#scheduleReconnect(e.message);
-        return;
-      }
-      if (this.#closing) {
-        // close() ran while this attempt was in its handshake: hang up, do not keep it.
-        clearInterval(this.#heartbeat);
-        this.#heartbeat = null;
-        const ws = this.#ws;
-        this.#ws = null;
-        ws?.close();
-        return;
-      }
-      this.#reconnects++;
-      this.#attempt = 0;
-      this.#setState('connected');
-    }, delay);
-  }
-
-  #finish(error) {
-    clearInterval(this.#heartbeat);
-    clearTimeout(this.#reconnectTimer);
-    this.#setState('closed', error ? { reason: error.message } : undefined);
-    for (const [, s] of this.#subs) s._end();
-    this.#subs.clear();
-    for (const [, p] of this.#pendingSubs) p.reject(error ?? new WhispeerError('CLOSED', 'client is closed'));
-    this.#pendingSubs.clear();
-    for (const [, a] of this.#acks) a.reject(error ?? new WhispeerError('CLOSED', 'client is closed'));
-    this.#acks.clear();
-  }
-
-  #send(frame) {
-    if (this.#ws && this.#state === 'connected') {
-      this.#ws.send(frame);
-      return true;
+    this.#pumping = true;
+    try {
+      do {
+        this.#again = false;
+        const eng = this.#eng;
+        for (let t; (t = eng.pollTransmit()) !== undefined; ) {
+          if (t instanceof Uint8Array) this.#write(t);
+          else if (t.dial !== undefined) this.#dial(t.dial);
+          else if (t.hangup !== undefined) this.#hangup(t.hangup);
+        }
+        this.#arm(eng.pollTimeout());
+        const events = [];
+        for (let e; (e = eng.pollEvent()) !== undefined; ) events.push(e);
+        for (const e of events) this.#dispatch(e);
+      } while (this.#again);
+    } finally {
+      this.#pumping = false;
     }
-    return false;
+  }
+
+  #arm(deadline) {
+    if (deadline === this.#armed) return;
+    clearTimeout(this.#timer);
+    this.#timer = null;
+    this.#armed = deadline;
+    if (deadline === undefined) return;
+    const ms = Math.min(2 ** 31 - 1, Math.max(0, Math.ceil(deadline - mono())));
+    this.#timer = setTimeout(() => {
+      this.#timer = null;
+      this.#armed = undefined;
+      this.#eng.handleTimeout(mono(), Date.now());
+      this.#pump();
+    }, ms);
+  }
+
+  #write(frame) {
+    try {
+      this.#ws?.send(frame);
+    } catch {} // the socket is going away: its close event reports it
+  }
+
+  #dial(id) {
+    let ws;
+    try {
+      ws = new WebSocketImpl(this.#url);
+    } catch (e) {
+      this.#eng.handleDisconnected(id, `cannot open ${this.#url}: ${e.message}`, mono(), Date.now());
+      this.#again = true;
+      return;
+    }
+    ws.binaryType = 'arraybuffer';
+    this.#ws = ws;
+    this.#sockets.set(id, ws);
+    let error = '';
+    ws.onopen = () => {
+      this.#eng.handleConnected(id, mono(), Date.now());
+      this.#pump();
+    };
+    ws.onmessage = (ev) => {
+      if (!(ev.data instanceof ArrayBuffer)) return; // the protocol is binary only
+      this.#eng.handleFrame(id, new Uint8Array(ev.data), mono(), Date.now());
+      this.#pump();
+    };
+    ws.onerror = (ev) => {
+      error = ev?.message ?? error;
+    };
+    ws.onclose = (ev) => {
+      this.#sockets.delete(id);
+      if (this.#ws === ws) this.#ws = null;
+      const why = error
+        ? `cannot reach relay at ${this.#url}: ${error}`
+        : `connection closed (${ev?.code ?? ''} ${ev?.reason ?? ''})`.trim();
+      this.#eng.handleDisconnected(id, why, mono(), Date.now());
+      this.#pump();
+      if (this.#sockets.size === 0) for (const r of this.#closeWaiters.splice(0)) r();
+    };
+  }
+
+  #hangup(id) {
+    const ws = this.#sockets.get(id);
+    if (!ws) return;
+    if (this.#ws === ws) this.#ws = null;
+    try {
+      ws.close();
+    } catch {}
   }
 
   #dispatch(e) {
     switch (e.type) {
       case 'message':
-        for (const id of e.subs) this.#subs.get(id)?._deliver(e.message);
+      case 'placeholder': {
+        const s = this.#subs.get(e.sub);
+        if (s) s._deliver(e.message, e.token);
+        else this._ack(e.token);
         break;
+      }
       case 'gap':
-        // The relay dropped messages for this (slow) connection: every subscription is at
-        // most once here, and each learns it.
-        for (const sub of this.#subs.values()) sub._lag(e.dropped);
+        // The relay dropped messages for this (slow) connection: every at-most-once
+        // subscription learns it.
+        for (const id of e.subs) this.#subs.get(id)?._lag(e.dropped);
         break;
-      case 'subok': {
-        const p = this.#pendingSubs.get(e.sub);
-        if (p) {
-          p.relayIds.delete(e.relayId);
-          if (p.relayIds.size === 0) {
-            this.#pendingSubs.delete(e.sub);
-            p.resolve();
-          }
+      case 'dropped': {
+        const s = this.#subs.get(e.sub);
+        if (s) {
+          s.dropped += e.n;
+          s._lag(e.n);
         }
+        break;
+      }
+      case 'replayDone':
+        this.#subs.get(e.sub)?._replayDone(e.seq);
+        break;
+      case 'subscribed': {
+        const p = this.#pendingSubs.get(e.sub);
+        this.#pendingSubs.delete(e.sub);
+        p?.resolve();
+        break;
+      }
+      case 'subscribeFailed': {
+        const err = wrap(e.error);
+        const p = this.#pendingSubs.get(e.sub);
+        this.#pendingSubs.delete(e.sub);
+        const s = this.#subs.get(e.sub);
+        this.#subs.delete(e.sub);
+        s?._end(err);
+        if (p) p.reject(err);
+        else if (s && !this.#closing) this._emit('error', err);
         break;
       }
       case 'puback': {
-        const a = this.#acks.get(e.publishId);
-        if (a) {
-          this.#acks.delete(e.publishId);
-          a.resolve(e.seq);
-        }
+        const a = this.#acks.get(e.id);
+        this.#acks.delete(e.id);
+        a?.resolve(e.seq);
         break;
       }
-      case 'pong': {
-        this.#unanswered = 0;
-        const f = this.#flushes.get(e.nonce);
-        if (f) {
-          this.#flushes.delete(e.nonce);
-          f.resolve();
-        }
+      case 'publishFailed': {
+        const a = this.#acks.get(e.id);
+        this.#acks.delete(e.id);
+        a?.reject(wrap(e.error));
         break;
       }
-      case 'ping':
-        this.#send(e.reply);
-        break;
-      case 'error': {
-        const err = new WhispeerError(e.code, `relay error: ${e.message}`);
-        if (e.publishId && this.#acks.has(e.publishId)) {
-          this.#acks.get(e.publishId).reject(err);
-          this.#acks.delete(e.publishId);
-        }
-        if (e.sub !== undefined && this.#pendingSubs.has(e.sub)) {
-          this.#pendingSubs.get(e.sub).reject(err);
-          this.#pendingSubs.delete(e.sub);
-          this.#subs.delete(e.sub);
-          this.#core.unsubscribe(e.sub);
-        }
-        if (e.fatal) {
-          const ws = this.#ws;
-          this.#ws = null;
-          ws?.close();
-          this.#lost(err.message);
-        }
+      case 'flushed':
+      case 'flushFailed': {
+        const f = this.#flushes.get(e.id);
+        this.#flushes.delete(e.id);
+        if (e.type === 'flushed') f?.resolve();
+        else f?.reject(new WhispeerError('DISCONNECTED', 'not connected, or the connection dropped during flush'));
         break;
       }
-      case 'close': {
-        const ws = this.#ws;
-        this.#ws = null;
-        ws?.close();
-        this.#lost(`relay closed the connection: ${e.message} (${e.code})`);
+      case 'connected':
+        this.#setState('connected');
+        this.#first?.resolve();
+        this.#first = null;
         break;
-      }
+      case 'disconnected':
+        if (e.retryAt !== undefined) {
+          if (this.#first) this.#setState('connecting', { attempt: e.attempt, reason: e.reason });
+          else this.#setState('reconnecting', { attempt: e.attempt, reason: e.reason });
+        } else {
+          this.#first?.reject(new WhispeerError(e.code, e.reason));
+          this.#first = null;
+          this.#gaveUp = new WhispeerError('CLOSED', `gave up reconnecting: ${e.reason}`);
+        }
+        break;
+      case 'closed':
+        this.#finish();
+        break;
+      case 'error':
+        this._emit('error', new WhispeerError(e.code, `relay error: ${e.message}`));
+        break;
       default:
-        break; // dropped (could not open / duplicate / no match), gap, ignored
+        break;
     }
+  }
+
+  #gaveUp = null;
+
+  #finish() {
+    clearTimeout(this.#timer);
+    clearTimeout(this.#waitingTimer);
+    this.#armed = undefined;
+    const error = this.#gaveUp ?? new WhispeerError('CLOSED', 'client is closed');
+    this.#setState('closed', this.#gaveUp ? { reason: this.#gaveUp.message } : undefined);
+    for (const [, s] of this.#subs) s._end();
+    this.#subs.clear();
+    for (const [, p] of this.#pendingSubs) p.reject(error);
+    this.#pendingSubs.clear();
+    for (const [, a] of this.#acks) a.reject(error);
+    this.#acks.clear();
+    for (const w of this.#waiting.splice(0)) w.reject(error);
+    if (this.#sockets.size === 0) for (const r of this.#closeWaiters.splice(0)) r();
+  }
+
+  /** @internal The app took a delivered message: its credit returns, its ack may leave. */
+  _ack(token) {
+    if (this.#state === 'closed') return;
+    this.#eng.ack(token, mono(), Date.now());
+    this.#pump();
   }
 
   #checkOpen() {
     if (this.#state === 'closed' || this.#closing) throw new WhispeerError('CLOSED', 'client is closed');
-  }
-
-  #queue(frame) {
-    if (this.#send(frame)) return;
-    if (this.#outboxBytes + frame.length > this.#opts.reconnectBuffer)
-      throw new WhispeerError(
-        'BUFFER_FULL',
-        `not connected and the reconnect buffer (${this.#opts.reconnectBuffer} bytes) is full`,
-      );
-    this.#outbox.push(frame);
-    this.#outboxBytes += frame.length;
   }
 
   #overHighWater() {
@@ -563,99 +605,82 @@ export class Client {
   }
 
   /**
-   * Sends (or buffers while reconnecting) a sealed frame; while the socket's send buffer is
-   * over `sendHighWaterMark`, waits, in publish order.
+   * Hands a publish (`command`: the engine call, returning its publish id or undefined) to
+   * the engine now, or — while the socket's send buffer is over `sendHighWaterMark` —
+   * once it drains, in publish order. Resolves with the relay's sequence when the publish
+   * waits for a PubAck, else undefined.
    */
-  #submit(frame) {
-    if (this.#waiting.length === 0 && !this.#overHighWater()) {
-      this.#queue(frame);
-      return undefined;
-    }
+  #submit(command) {
+    if (this.#waiting.length === 0 && !this.#overHighWater()) return this.#hand(command);
     return new Promise((resolve, reject) => {
-      this.#waiting.push({ frame, resolve, reject });
+      this.#waiting.push({ command, resolve, reject });
       this.#pumpWaiting();
     });
   }
 
+  #hand(command) {
+    let id;
+    try {
+      id = command();
+    } catch (e) {
+      throw wrap(e);
+    }
+    const ack =
+      id === undefined ? undefined : new Promise((resolve, reject) => this.#acks.set(id, { resolve, reject }));
+    this.#pump();
+    return ack;
+  }
+
   #pumpWaiting() {
-    if (this.#pumping) return;
-    this.#pumping = true;
+    if (this.#waitingTimer !== null) return;
     const step = () => {
+      this.#waitingTimer = null;
       while (this.#waiting.length && !this.#overHighWater()) {
         const w = this.#waiting.shift();
         try {
-          this.#queue(w.frame);
-          w.resolve();
+          const ack = this.#hand(w.command);
+          ack?.catch(() => {});
+          w.resolve(ack);
         } catch (e) {
           w.reject(e);
         }
       }
-      if (this.#waiting.length) setTimeout(step, 1);
-      else this.#pumping = false;
+      if (this.#waiting.length) this.#waitingTimer = setTimeout(step, 1);
     };
-    setTimeout(step, 1);
-  }
-
-  #ackPromise(out) {
-    if (out.length < 2) return undefined;
-    return new Promise((resolve, reject) => this.#acks.set(out[1], { resolve, reject }));
+    this.#waitingTimer = setTimeout(step, 1);
   }
 
   /**
-   * Publishes `value` (a plain JS value, encoded as CBOR) on `topic`. Resolves once handed to
-   * the connection (or buffered while reconnecting), after waiting while the socket's send
-   * buffer is over `sendHighWaterMark` (default 1 MiB); with `{ ack: true }` once the relay has
-   * it, with the relay's sequence number. `{ retain: true }` keeps it as the topic's
-   * retained value. `{ tree: TREE_ID }` (32 hex digits, a message's `treeId`) seals with that
-   * tree's key: needed when grants of two trees cover the topic (a publish without it then
-   * fails with code `KEY`, naming both trees).
+   * Publishes `value` (a plain JS value, encoded as CBOR) on `topic`. Waits while the
+   * socket's send buffer is over `sendHighWaterMark` (default 1 MiB), in publish order.
+   * `{ qos: 1 }` or `{ qos: 2 }`: the relay stores it and confirms; the publish is kept and
+   * re-sent with the same id across reconnects until then, and resolves with the relay's
+   * sequence number. `{ ack: true }` (QoS 0): resolves once the relay has it (fails with
+   * NOT_ACKNOWLEDGED if the connection drops first). `{ retain: true }` keeps it as the
+   * topic's retained value. `{ tree: TREE_ID }` (32 hex digits, a message's `treeId`) seals
+   * with that tree's key: needed when grants of two trees cover the topic.
    */
   async publish(topic, value, options = {}) {
     this.#checkOpen();
-    const out = this.#core.publish(
-      topic,
-      value,
-      !!options.retain,
-      !!options.ack,
-      options.tree ?? undefined,
-    );
-    const ack = this.#ackPromise(out);
-    ack?.catch(() => {}); // the caller handles it once returned; not "unhandled" meanwhile
-    try {
-      await this.#submit(out[0]);
-    } catch (e) {
-      this.#acks.delete(out[1]);
-      throw e;
-    }
-    return ack ? ack : undefined;
+    options = checkOptions('publish', options, PUBLISH_OPTIONS);
+    return this.#submit(() => this.#eng.publish(topic, value, options, mono(), Date.now()));
   }
 
   /** Publishes raw bytes with a content type (default `application/octet-stream`). */
   async publishBytes(topic, bytes, options = {}) {
     this.#checkOpen();
-    const out = this.#core.publishBytes(
-      topic,
-      options.contentType ?? 'application/octet-stream',
-      bytes,
-      !!options.retain,
-      !!options.ack,
-      options.tree ?? undefined,
-    );
-    const ack = this.#ackPromise(out);
-    ack?.catch(() => {}); // the caller handles it once returned; not "unhandled" meanwhile
-    try {
-      await this.#submit(out[0]);
-    } catch (e) {
-      this.#acks.delete(out[1]);
-      throw e;
-    }
-    return ack ? ack : undefined;
+    options = checkOptions('publishBytes', options, PUBLISH_BYTES_OPTIONS);
+    const ct = options.contentType ?? 'application/octet-stream';
+    return this.#submit(() => this.#eng.publishBytes(topic, ct, bytes, options, mono(), Date.now()));
   }
 
   /**
    * Subscribes to `filter` (`+` one level, `#` the rest). With a callback, calls it for
-   * every message; without, the returned Subscription is an async iterator. Resolves once
-   * the relay confirmed the subscription (or immediately while reconnecting).
+   * every message; without, the returned Subscription is an async iterator. Options:
+   * `qos` (1: at least once — what the app has not taken is redelivered), `replay`
+   * (`{ fromSeq }`, `{ sinceMs }` or `{ last }`), `durable` (a name the relay remembers
+   * the position under), `retained` (default true), `capacity`, `onLag`, `onReplayDone`.
+   * Resolves once the relay confirmed the subscription (or immediately while reconnecting).
    */
   async subscribe(filter, callback, options = {}) {
     this.#checkOpen();
@@ -663,22 +688,21 @@ export class Client {
       options = callback ?? {};
       callback = undefined;
     }
+    options = checkOptions('subscribe', options, SUBSCRIBE_OPTIONS);
     const id = this.#nextSub++;
-    const frames = this.#core.subscribe(id, filter); // throws NO_KEY / INVALID_TOPIC
-    const sub = new Subscription(
-      this,
-      id,
-      filter,
-      callback,
-      options.capacity ?? this.#opts.subscriptionCapacity,
-      options.onLag,
-    );
+    try {
+      this.#eng.subscribe(id, filter, options, mono(), Date.now()); // NO_KEY / INVALID_TOPIC
+    } catch (e) {
+      throw wrap(e);
+    }
+    const sub = new Subscription(this, id, filter, callback, options);
     this.#subs.set(id, sub);
-    if (this.#state !== 'connected' || !this.#ws) return sub; // sent on reconnect
-    const ready = new Promise((resolve, reject) => {
-      this.#pendingSubs.set(id, { relayIds: new Set(this.#core.relayIds(id)), resolve, reject });
-    });
-    for (const f of frames) this.#ws.send(f);
+    if (this.#state !== 'connected') {
+      this.#pump();
+      return sub; // sent on (re)connect
+    }
+    const ready = new Promise((resolve, reject) => this.#pendingSubs.set(id, { resolve, reject }));
+    this.#pump();
     await ready;
     return sub;
   }
@@ -687,15 +711,20 @@ export class Client {
   _unsubscribe(id) {
     if (!this.#subs.delete(id)) return;
     this.#pendingSubs.delete(id);
-    const frames = this.#core.unsubscribe(id);
-    for (const f of frames) this.#send(f);
+    if (this.#state === 'closed') return;
+    this.#eng.unsubscribe(id);
+    this.#pump();
   }
 
   /** Adds keys at run time (new grants, a rotated epoch) and refreshes subscriptions. */
   addKeys(keys) {
-    for (const g of grantsOf(keys)) this.#core.addGrant(g);
-    const frames = this.#core.refreshSubscriptions([...this.#subs.keys()]);
-    if (this.#state === 'connected') for (const f of frames) this.#send(f);
+    this.#checkOpen();
+    try {
+      for (const g of grantsOf(keys)) this.#eng.addGrant(g, mono(), Date.now());
+    } catch (e) {
+      throw wrap(e);
+    }
+    this.#pump();
   }
 
   /**
@@ -704,18 +733,23 @@ export class Client {
    * messages but seals only after this opt-in.
    */
   allowSealing(treeId, scope) {
-    this.#core.allowSealing(treeId, scope);
+    try {
+      this.#eng.allowSealing(treeId, scope);
+    } catch (e) {
+      throw wrap(e);
+    }
   }
 
-  /** Resolves once the relay has processed everything sent before (a Ping/Pong round trip). */
+  /**
+   * Resolves once the relay has processed everything sent before (a Ping/Pong round trip),
+   * acks of what the app took included.
+   */
   flush() {
-    if (this.#state !== 'connected' || !this.#ws)
-      return Promise.reject(new WhispeerError('DISCONNECTED', 'not connected'));
-    const nonce = this.#nextNonce++;
-    return new Promise((resolve, reject) => {
-      this.#flushes.set(nonce, { resolve, reject });
-      this.#ws.send(this.#core.ping(nonce));
-    });
+    if (this.#state === 'closed') return Promise.reject(new WhispeerError('DISCONNECTED', 'not connected'));
+    const id = this.#eng.flush(mono(), Date.now());
+    const p = new Promise((resolve, reject) => this.#flushes.set(id, { resolve, reject }));
+    this.#pump();
+    return p;
   }
 
   /** Flushes, says goodbye to the relay and closes. Subscriptions end. */
@@ -724,20 +758,11 @@ export class Client {
     try {
       await this.flush();
     } catch {}
+    if (this.#closing || this.#state === 'closed') return;
     this.#closing = true;
-    const ws = this.#ws;
-    this.#ws = null;
-    if (ws) {
-      try {
-        ws.send(this.#core.closeFrame());
-      } catch {}
-      const closed = new Promise((resolve) => {
-        ws.onclose = () => resolve();
-        ws.onerror = () => resolve();
-      });
-      ws.close();
-      await closed;
-    }
-    this.#finish();
+    const closed = this.#sockets.size ? new Promise((r) => this.#closeWaiters.push(r)) : undefined;
+    this.#eng.close(mono(), Date.now());
+    this.#pump();
+    await closed;
   }
 }

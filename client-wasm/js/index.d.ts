@@ -200,16 +200,16 @@ export type Provenance =
 
 export type Compression = 'zstd' | 'none' | boolean | number | { zstd: number };
 
+/**
+ * The reconnect backoff (the Rust client's, computed by the same engine): the delay before
+ * attempt n is uniform in [d/2, d] with d = min(maxDelayMs, initialDelayMs·2ⁿ).
+ */
 export interface ReconnectOptions {
-  /** First delay (default 100 ms). */
+  /** First delay (default 50 ms). */
   initialDelayMs?: number;
   /** Longest delay (default 5000 ms). */
   maxDelayMs?: number;
-  /** Growth per attempt (default 2). */
-  factor?: number;
-  /** ± fraction of random jitter (default 0.2). */
-  jitter?: number;
-  /** Give up (state `closed`) after this many failed attempts (default Infinity). */
+  /** Give up (state `closed`) after this many failed attempts in a row (default Infinity). */
   maxAttempts?: number;
 }
 
@@ -227,12 +227,25 @@ export interface ConnectOptions {
   /** Per-topic sealing rules, first matching filter wins. */
   topics?: Record<string, { compression?: Compression; padding?: boolean }>;
   reconnect?: ReconnectOptions;
-  /** First connection timeout (default 10 s). */
+  /** How long a dial, then the handshake, may take (default 10 s). */
   connectTimeoutMs?: number;
-  /** Bytes of publishes kept while reconnecting (default 8 MiB). */
+  /**
+   * Retry a failed first connection with the reconnect backoff (default false: `connect`
+   * rejects with code `CONNECT`, `TIMEOUT` or `REJECTED`).
+   */
+  retryFirstConnect?: boolean;
+  /** Bytes of QoS 0 publishes kept while reconnecting (default 8 MiB; beyond: `BUFFER_FULL`). */
   reconnectBuffer?: number;
-  /** Messages an unread async iterator buffers before dropping (default 65536). */
+  /** Bytes of QoS 1/2 publishes kept until acknowledged (default 64 MiB; beyond: `BUFFER_FULL`). */
+  keptBytes?: number;
+  /**
+   * Messages delivered to a subscription and not yet taken (default 65536): beyond it an
+   * at-most-once subscription drops (counted, `lag`), an at-least-once one is held back by
+   * the relay and redelivered.
+   */
   subscriptionCapacity?: number;
+  /** Heartbeat when the relay asks for none (default 30 s). */
+  heartbeatMs?: number;
   /** `publish` waits while the socket has more than this many bytes unsent (default 1 MiB). */
   sendHighWaterMark?: number;
   /** Client name sent to the relay. */
@@ -246,9 +259,15 @@ export interface ConnectOptions {
 }
 
 export interface PublishOptions {
+  /**
+   * 0 (default): at most once. 1 or 2: the relay stores it and confirms; kept and re-sent
+   * with the same publish id across reconnects until then; resolves with the sequence.
+   */
+  qos?: 0 | 1 | 2;
   /** Keep as the topic's retained value on the relay. */
   retain?: boolean;
-  /** Resolve with the relay's sequence number once it has the message. */
+  /** QoS 0: resolve with the relay's sequence number once it has the message (fails with
+   * `NOT_ACKNOWLEDGED` if the connection drops first). */
   ack?: boolean;
   /**
    * Seal with the key of this tree (32 hex digits, a message's `treeId`): needed when grants
@@ -257,11 +276,31 @@ export interface PublishOptions {
   tree?: string;
 }
 
+/** Where a subscription starts in the relay's history before it continues live. */
+export type Replay = { fromSeq: number } | { sinceMs: number } | { last: number };
+
 export interface SubscribeOptions {
-  /** Messages buffered for an unread async iterator (default: the client's). */
+  /**
+   * 0 (default): at most once. 1 or 2: at least once — a message is acked when the app
+   * takes it (the callback returned or its promise settled, or the iterator yielded it);
+   * what was not taken is redelivered.
+   */
+  qos?: 0 | 1 | 2;
+  /** Start in the relay's history (needs a relay with a store). */
+  replay?: Replay;
+  /** A durable subscription name: the relay remembers the position; a client with the
+   * same identity resumes it. */
+  durable?: string;
+  /** Deliver each matching topic's retained value first (default true). */
+  retained?: boolean;
+  /** Accept history dated before the dedup horizon (default false). */
+  olderHistory?: boolean;
+  /** At most once: messages an unread async iterator buffers before dropping. */
   capacity?: number;
   /** Called with the number of messages lost (buffer full, or a relay gap). */
   onLag?: (lost: number) => void;
+  /** Called with the relay sequence where the replayed history ended. */
+  onReplayDone?: (seq: number) => void;
 }
 
 export type ConnectionState = 'connecting' | 'connected' | 'reconnecting' | 'closed';
@@ -282,6 +321,13 @@ export interface ClientStats {
     unlistedSender: number;
   };
   reconnects: number;
+  /** At most once: messages dropped because a subscription had no credit left. */
+  slowSubscriberDrops: number;
+  /** QoS 0 publishes refused (reconnect buffer full) or never sent (closed). */
+  outboxDrops: number;
+  /** QoS 1/2 publishes waiting for the relay's acknowledgement. */
+  unackedPublishes: number;
+  /** Bytes of frames queued in the engine and not yet handed to the socket. */
   outboxBytes: number;
 }
 
@@ -293,6 +339,10 @@ export class Subscription<T = Received> implements AsyncIterableIterator<Message
   readonly dropped: number;
   /** Messages lost in all: dropped here, or by the relay for a slow connection (gap). */
   readonly lost: number;
+  /** The delivery guarantee asked of the relay. */
+  readonly qos: number;
+  /** The relay sequence where the replayed history ended (once it did). */
+  readonly replayedTo: number | undefined;
   unsubscribe(): Promise<void>;
   next(): Promise<IteratorResult<Message<T>>>;
   return(): Promise<IteratorResult<Message<T>>>;
@@ -301,7 +351,7 @@ export class Subscription<T = Received> implements AsyncIterableIterator<Message
 
 export class Client {
   private constructor();
-  /** Connects (the first attempt must succeed). */
+  /** Connects (the first attempt must succeed unless `retryFirstConnect`). */
   static connect(url: string, options?: ConnectOptions): Promise<Client>;
   readonly state: ConnectionState;
   readonly url: string;
@@ -339,44 +389,21 @@ export class Client {
 }
 
 /** The low-level sans-IO core `Client` drives (advanced use: custom transports, benchmarks). */
+/**
+ * The low-level core: keys, identity and sealing/opening without a connection (e.g. to
+ * seal envelopes for storage). `Client` builds one and hands it to its connection engine.
+ */
 export class ClientCore {
   constructor(keys: Keyring, compression: number, padding: boolean, sign: boolean);
   setIdentity(identity: Identity): void;
-  /** Relay account key (`wsp_acct_sk_…`): `handle` answers the relay's challenge. */
+  /** Relay account key (`wsp_acct_sk_…`): answers the relay's challenge. */
   setAccountKey(key: string): void;
-  /** Relay account bearer token, sent in `hello`. */
+  /** Relay account bearer token, sent in `Hello`. */
   setAuthToken(token: string): void;
   setTopicOptions(filter: string, compression: number, padding: boolean): void;
   addGrant(grant: Grant): void;
-  hello(name: string): Uint8Array;
-  /** `tree`: 32 hex digits naming the tree whose key seals (when two trees cover the topic). */
-  publish(
-    topic: string,
-    value: Value,
-    retain: boolean,
-    ack: boolean,
-    tree?: string,
-  ): [Uint8Array] | [Uint8Array, string];
-  publishBytes(
-    topic: string,
-    contentType: string,
-    payload: Uint8Array,
-    retain: boolean,
-    ack: boolean,
-    tree?: string,
-  ): [Uint8Array] | [Uint8Array, string];
   allowSealing(treeId: string, scope: string): void;
   sealEnvelope(topic: string, contentType: string, payload: Uint8Array): Uint8Array;
   openEnvelope(envelope: Uint8Array): Message;
-  subscribe(id: number, filter: string): Uint8Array[];
-  relayIds(id: number): Float64Array;
-  unsubscribe(id: number): Uint8Array[];
-  resubscribeAll(): Uint8Array[];
-  refreshSubscriptions(localIds: Float64Array | number[]): Uint8Array[];
-  ping(nonce: number): Uint8Array;
-  closeFrame(): Uint8Array;
-  /** The message counters of `Client.stats()` (without the connection's). */
-  stats(): Omit<ClientStats, 'reconnects' | 'outboxBytes'>;
-  handle(frame: Uint8Array): { type: string; [k: string]: unknown };
   free(): void;
 }

@@ -1,35 +1,29 @@
-//! The sans-IO client the JS `Client` drives: it wraps the Rust client core
-//! (`whispeer::core`) and turns frames into bytes and events. JS owns only the WebSocket,
-//! the timers and the callbacks.
+//! Keys, identity and sealing for JS: `ClientCore` seals and opens with the Rust client
+//! core (`whispeer::core`); the connection engine (`crate::engine`) takes it over.
 
 use std::sync::{Arc, RwLock};
 
-use js_sys::{Array, Object, Reflect, Uint8Array};
-use rand_core::RngCore;
+use js_sys::{Object, Reflect, Uint8Array};
 
 use crate::rng::Rng;
 use wasm_bindgen::prelude::*;
-use whispeer::core::{self, ClientCore as Core, Received, SealPolicy};
-use whispeer_protocol::frame::{Close, Ping, Pong, Unsub};
+use whispeer::core::connection::AccountAuth;
+use whispeer::core::{self, Received, SealPolicy};
 use whispeer_protocol::{
-    Compression, Envelope, ErrorCode, Frame, Keyring as PKeyring, Opener, Padding, Provenance, Qos,
-    Scope, SealOptions, Sealer, Topic, TopicFilter, TreeId,
+    Compression, Envelope, Keyring as PKeyring, Opener, Padding, Provenance, Scope, SealOptions,
+    Sealer, Topic, TopicFilter, TreeId,
 };
 
-use crate::error::{js_error, key_error, publish_error, subscribe_error, topic_error};
+use crate::error::{js_error, key_error, publish_error, topic_error};
 use crate::keys::{Grant, Identity, Keyring};
 use crate::{now_ms, value};
 
-fn set(o: &Object, k: &str, v: impl Into<JsValue>) {
+pub(crate) fn set(o: &Object, k: &str, v: impl Into<JsValue>) {
     let _ = Reflect::set(o, &JsValue::from_str(k), &v.into());
 }
 
-fn bytes(b: &[u8]) -> JsValue {
+pub(crate) fn bytes(b: &[u8]) -> JsValue {
     Uint8Array::from(b).into()
-}
-
-fn frames(fs: &[Frame]) -> Array {
-    fs.iter().map(|f| bytes(&f.to_bytes())).collect()
 }
 
 fn seal_options(level: i32, padding: bool) -> SealOptions {
@@ -98,7 +92,7 @@ fn parse_scope(s: &str) -> Result<Scope, JsValue> {
 }
 
 /// A delivered message as a JS object (`value` decoded when the content type is CBOR).
-fn message_object(r: &Received) -> JsValue {
+pub(crate) fn message_object(r: &Received) -> JsValue {
     let o = Object::new();
     set(&o, "topic", r.topic.as_str());
     set(
@@ -126,34 +120,37 @@ fn message_object(r: &Received) -> JsValue {
     o.into()
 }
 
-/// The low-level client: keys, subscriptions, sealing and opening, frame encoding. Not
-/// connected to anything; `Client` (JS) moves its bytes over a WebSocket.
+/// The message counters as a JS object.
+pub(crate) fn core_stats_object(s: &core::CoreStats) -> Object {
+    let o = Object::new();
+    set(&o, "delivered", s.delivered as f64);
+    set(&o, "rejected", s.rejected as f64);
+    set(&o, "duplicates", s.duplicates as f64);
+    set(&o, "relayGaps", s.relay_gaps as f64);
+    let r = Object::new();
+    set(&r, "beforeHorizon", s.refused.before_horizon as f64);
+    set(&r, "future", s.refused.future as f64);
+    set(&r, "staleLive", s.refused.stale_live as f64);
+    set(&r, "retainedRollback", s.refused.retained_rollback as f64);
+    set(&r, "unsigned", s.refused.unsigned as f64);
+    set(&r, "unlistedSender", s.refused.unlisted_sender as f64);
+    set(&o, "refused", r);
+    o
+}
+
+/// The low-level client: keys, identity, relay account, sealing and opening. Not connected
+/// to anything: the connection engine (`Engine`) takes it over to seal what it publishes.
 #[wasm_bindgen]
 #[derive(Debug)]
 pub struct ClientCore {
-    core: Core,
-    keyring: Arc<RwLock<PKeyring>>,
-    identity: Option<whispeer_protocol::Identity>,
+    pub(crate) keyring: Arc<RwLock<PKeyring>>,
+    pub(crate) identity: Option<whispeer_protocol::Identity>,
     policy: SealPolicy,
     sealer: Sealer,
     opener: Opener,
-    /// Relay account: an Ed25519 key (answers `Challenge`) or a bearer token.
-    relay_auth: Option<RelayAuth>,
-}
-
-/// A relay account credential (never the identity that signs messages).
-enum RelayAuth {
-    Key(Box<ed25519_dalek::SigningKey>),
-    Token(String),
-}
-
-impl std::fmt::Debug for RelayAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            RelayAuth::Key(_) => "RelayAuth::Key(..)",
-            RelayAuth::Token(_) => "RelayAuth::Token(..)",
-        })
-    }
+    /// Relay account: an Ed25519 key (answers `Challenge`) or a bearer token (never the
+    /// identity that signs messages).
+    pub(crate) relay_auth: Option<AccountAuth>,
 }
 
 /// Prefix of a relay account key (`whispeer-relay account add NAME --key-out FILE`).
@@ -186,7 +183,6 @@ impl ClientCore {
     ) -> Result<ClientCore, JsValue> {
         let keyring = Arc::new(RwLock::new(keys.build()?));
         Ok(ClientCore {
-            core: Core::new(keyring.clone()),
             keyring,
             identity: None,
             policy: SealPolicy {
@@ -211,14 +207,16 @@ impl ClientCore {
                  (from `whispeer-relay account add NAME --key-out FILE`)",
             )
         })?;
-        self.relay_auth = Some(RelayAuth::Key(Box::new(k)));
+        self.relay_auth = Some(AccountAuth::Key(Arc::new(k)));
         Ok(())
     }
 
     /// Authenticates to the relay with this bearer token.
     #[wasm_bindgen(js_name = setAuthToken)]
     pub fn set_auth_token(&mut self, token: &str) {
-        self.relay_auth = Some(RelayAuth::Token(token.trim().to_owned()));
+        self.relay_auth = Some(AccountAuth::Token(zeroize::Zeroizing::new(
+            token.trim().to_owned(),
+        )));
     }
 
     /// Signs with this identity.
@@ -252,21 +250,6 @@ impl ClientCore {
             .map_err(key_error)
     }
 
-    /// The first frame of a connection.
-    pub fn hello(&self, name: &str) -> Uint8Array {
-        let mut hello = Core::hello(name);
-        if let Frame::Hello(h) = &mut hello {
-            match &self.relay_auth {
-                Some(RelayAuth::Key(k)) => h.account = Some(k.verifying_key().to_bytes()),
-                Some(RelayAuth::Token(t)) => {
-                    h.auth = Some(bytes::Bytes::copy_from_slice(t.as_bytes()));
-                }
-                None => {}
-            }
-        }
-        Uint8Array::from(&hello.to_bytes()[..])
-    }
-
     /// Lets this client seal with the delegated grant(s) for `scope` (`#`, `a/#` or `a/b`)
     /// in tree `treeId` (32 hex digits): a grant narrowed by someone the keyring cannot
     /// verify opens messages but seals only after this opt-in.
@@ -281,7 +264,7 @@ impl ClientCore {
             .map_err(key_error)
     }
 
-    fn seal(
+    pub(crate) fn seal(
         &mut self,
         tree: Option<String>,
         topic: &str,
@@ -304,52 +287,6 @@ impl ClientCore {
         )
         .map(|(env, _)| env)
         .map_err(publish_error)
-    }
-
-    fn pub_bytes(&mut self, env: Envelope, retain: bool, ack: bool) -> Array {
-        let pid = ack.then(|| {
-            let mut id = [0u8; 16];
-            Rng.fill_bytes(&mut id);
-            id
-        });
-        let f = core::pub_frame(env, pid, retain, Qos::AtMostOnce).to_bytes();
-        let out = Array::new();
-        out.push(&bytes(&f));
-        if let Some(id) = pid {
-            out.push(&JsValue::from_str(&hex::encode(id)));
-        }
-        out
-    }
-
-    /// A `Pub` frame for a JS value (CBOR). Returns `[frame]`, or `[frame, publishId]` when
-    /// `ack` asks the relay to confirm. `tree` (32 hex digits) names the tree whose key
-    /// seals it (needed when two trees cover the topic).
-    pub fn publish(
-        &mut self,
-        topic: &str,
-        value: &JsValue,
-        retain: bool,
-        ack: bool,
-        tree: Option<String>,
-    ) -> Result<Array, JsValue> {
-        let payload = value::encode(value)?;
-        let env = self.seal(tree, topic, core::CBOR, &payload)?;
-        Ok(self.pub_bytes(env, retain, ack))
-    }
-
-    /// A `Pub` frame for raw bytes with a content type.
-    #[wasm_bindgen(js_name = publishBytes)]
-    pub fn publish_bytes(
-        &mut self,
-        topic: &str,
-        content_type: &str,
-        payload: &[u8],
-        retain: bool,
-        ack: bool,
-        tree: Option<String>,
-    ) -> Result<Array, JsValue> {
-        let env = self.seal(tree, topic, content_type, payload)?;
-        Ok(self.pub_bytes(env, retain, ack))
     }
 
     /// Seals a message to an envelope without framing it (for storage or benchmarks).
@@ -388,196 +325,5 @@ impl ClientCore {
             provenance: o.provenance,
         };
         Ok(message_object(&r))
-    }
-
-    /// Registers local subscription `id` on `filter`; returns the `Sub` frames to send.
-    pub fn subscribe(&mut self, id: f64, filter: &str) -> Result<Array, JsValue> {
-        let f = TopicFilter::new(filter).map_err(topic_error)?;
-        let fs = self
-            .core
-            .subscribe(id as u64, f, Qos::AtMostOnce, now_ms())
-            .map_err(subscribe_error)?;
-        Ok(frames(&fs))
-    }
-
-    /// The relay subscription ids of local subscription `id` (each is confirmed by a
-    /// `subok` event).
-    #[wasm_bindgen(js_name = relayIds)]
-    pub fn relay_ids(&self, id: f64) -> Vec<f64> {
-        self.core
-            .relay_ids(id as u64)
-            .iter()
-            .map(|r| *r as f64)
-            .collect()
-    }
-
-    /// Drops local subscription `id`; returns the `Unsub` frames.
-    pub fn unsubscribe(&mut self, id: f64) -> Array {
-        frames(&self.core.unsubscribe(id as u64))
-    }
-
-    /// After a reconnect: `Sub` frames for every subscription.
-    #[wasm_bindgen(js_name = resubscribeAll)]
-    pub fn resubscribe_all(&mut self) -> Array {
-        frames(&self.core.resubscribe_all(now_ms()))
-    }
-
-    /// After a key change on a live connection: `Unsub` for the old relay subscriptions,
-    /// then `Sub` frames recompiled against the keyring as it is now.
-    #[wasm_bindgen(js_name = refreshSubscriptions)]
-    pub fn refresh_subscriptions(&mut self, local_ids: Vec<f64>) -> Array {
-        let mut out: Vec<Frame> = Vec::new();
-        for id in local_ids {
-            out.extend(
-                self.core
-                    .relay_ids(id as u64)
-                    .iter()
-                    .map(|r| Frame::Unsub(Unsub { sub_id: *r })),
-            );
-        }
-        out.extend(self.core.resubscribe_all(now_ms()));
-        frames(&out)
-    }
-
-    /// A `Ping` frame.
-    pub fn ping(&self, nonce: f64) -> Uint8Array {
-        Uint8Array::from(
-            &Frame::Ping(Ping {
-                nonce: nonce as u64,
-            })
-            .to_bytes()[..],
-        )
-    }
-
-    /// A `Close` frame.
-    #[wasm_bindgen(js_name = closeFrame)]
-    pub fn close_frame(&self) -> Uint8Array {
-        Uint8Array::from(
-            &Frame::Close(Close {
-                code: ErrorCode::Other(0),
-                message: "client closing".into(),
-            })
-            .to_bytes()[..],
-        )
-    }
-
-    /// Counters: `{delivered, rejected, duplicates, relayGaps, refused: {beforeHorizon,
-    /// future, staleLive, retainedRollback, unsigned, unlistedSender}}`.
-    pub fn stats(&self) -> JsValue {
-        let s = self.core.stats();
-        let o = Object::new();
-        set(&o, "delivered", s.delivered as f64);
-        set(&o, "rejected", s.rejected as f64);
-        set(&o, "duplicates", s.duplicates as f64);
-        set(&o, "relayGaps", s.relay_gaps as f64);
-        let r = Object::new();
-        set(&r, "beforeHorizon", s.refused.before_horizon as f64);
-        set(&r, "future", s.refused.future as f64);
-        set(&r, "staleLive", s.refused.stale_live as f64);
-        set(&r, "retainedRollback", s.refused.retained_rollback as f64);
-        set(&r, "unsigned", s.refused.unsigned as f64);
-        set(&r, "unlistedSender", s.refused.unlisted_sender as f64);
-        set(&o, "refused", r);
-        o.into()
-    }
-
-    /// Handles one frame from the relay and returns an event object (`type` is one of
-    /// `welcome`, `message`, `dropped`, `subok`, `puback`, `pong`, `ping`, `gap`, `error`,
-    /// `close`, `ignored`). Throws on bytes that are not a frame.
-    pub fn handle(&mut self, frame: &[u8]) -> Result<JsValue, JsValue> {
-        let f = Frame::decode_slice(frame)
-            .map_err(|e| js_error("PROTOCOL", &format!("bad frame from relay: {e}")))?;
-        let o = Object::new();
-        match f {
-            Frame::Welcome(w) => {
-                set(&o, "type", "welcome");
-                set(&o, "heartbeatMs", w.heartbeat_ms as f64);
-                set(&o, "maxFrame", w.max_frame as f64);
-            }
-            Frame::Msg(m) => match self.core.receive(&m, now_ms()) {
-                Some((r, targets)) => {
-                    set(&o, "type", "message");
-                    let subs: Array = targets.iter().map(|t| JsValue::from(*t as f64)).collect();
-                    set(&o, "subs", subs);
-                    set(&o, "message", message_object(&r));
-                }
-                None => set(&o, "type", "dropped"),
-            },
-            Frame::SubOk(ok) => {
-                set(&o, "type", "subok");
-                set(&o, "relayId", ok.sub_id as f64);
-                if let Some(local) = self.core.local_for(ok.sub_id) {
-                    set(&o, "sub", local as f64);
-                }
-            }
-            Frame::PubAck(a) => {
-                set(&o, "type", "puback");
-                set(&o, "publishId", hex::encode(a.publish_id));
-                set(&o, "seq", a.seq as f64);
-            }
-            Frame::Pong(p) => {
-                set(&o, "type", "pong");
-                set(&o, "nonce", p.nonce as f64);
-            }
-            Frame::Ping(p) => {
-                set(&o, "type", "ping");
-                set(
-                    &o,
-                    "reply",
-                    bytes(&Frame::Pong(Pong { nonce: p.nonce }).to_bytes()),
-                );
-            }
-            Frame::Gap(g) => {
-                self.core.on_gap(g.dropped);
-                set(&o, "type", "gap");
-                set(&o, "dropped", g.dropped as f64);
-            }
-            Frame::Err(e) => {
-                set(&o, "type", "error");
-                set(&o, "code", e.code.name());
-                set(&o, "message", e.message.as_str());
-                set(&o, "fatal", e.fatal);
-                if let Some(pid) = e.publish_id {
-                    set(&o, "publishId", hex::encode(pid));
-                }
-                if let Some(local) = e.sub_id.and_then(|s| self.core.local_for(s)) {
-                    set(&o, "sub", local as f64);
-                }
-            }
-            Frame::Challenge(c) => match &self.relay_auth {
-                Some(RelayAuth::Key(k)) => {
-                    use ed25519_dalek::Signer;
-                    let pk = k.verifying_key().to_bytes();
-                    let sig = k.sign(&whispeer_protocol::frame::auth_sig_input(&c.nonce, &pk));
-                    set(&o, "type", "challenge");
-                    set(
-                        &o,
-                        "reply",
-                        bytes(
-                            &Frame::Auth(whispeer_protocol::frame::Auth {
-                                sig: sig.to_bytes(),
-                            })
-                            .to_bytes(),
-                        ),
-                    );
-                }
-                _ => {
-                    return Err(js_error(
-                        "PROTOCOL",
-                        "the relay sent a Challenge but no account key is set",
-                    ))
-                }
-            },
-            Frame::Close(c) => {
-                set(&o, "type", "close");
-                set(&o, "code", c.code.name());
-                set(&o, "message", c.message.as_str());
-            }
-            other => {
-                set(&o, "type", "ignored");
-                set(&o, "frame", other.name());
-            }
-        }
-        Ok(o.into())
     }
 }

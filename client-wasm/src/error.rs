@@ -5,7 +5,8 @@ use whispeer::{PublishError, SubscribeError};
 use whispeer_protocol::{InviteError, KeyError, TopicError};
 
 /// A JS `Error` with a `code` property (`INVALID_TOPIC`, `NO_KEY`, `KEY`, `ENCODE`,
-/// `DECODE`, `SEAL`, `INVITE`, `PROTOCOL`).
+/// `DECODE`, `SEAL`, `INVITE`, `PROTOCOL`, `BUFFER_FULL`, `CLOSED`, `NOT_ACKNOWLEDGED`,
+/// `INVALID_OPTION`, or a relay error code such as `not_allowed`).
 pub fn js_error(code: &str, message: &str) -> JsValue {
     let e = js_sys::Error::new(message);
     e.set_name("WhispeerError");
@@ -43,6 +44,10 @@ pub fn publish_error(e: PublishError) -> JsValue {
         PublishError::Topic(_) => "INVALID_TOPIC",
         PublishError::Key(k) => key_code(k),
         PublishError::Encode(_) => "ENCODE",
+        PublishError::BufferFull(_) => "BUFFER_FULL",
+        PublishError::Closed => "CLOSED",
+        PublishError::NotAcknowledged => "NOT_ACKNOWLEDGED",
+        PublishError::Rejected { code, .. } => code.name(),
         _ => "SEAL",
     };
     js_error(code, &e.to_string())
@@ -52,6 +57,8 @@ pub fn subscribe_error(e: SubscribeError) -> JsValue {
     let code = match &e {
         SubscribeError::Topic(_) => "INVALID_TOPIC",
         SubscribeError::NoKey { .. } => "NO_KEY",
+        SubscribeError::Closed => "CLOSED",
+        SubscribeError::Rejected { code, .. } => code.name(),
         _ => "SUBSCRIBE",
     };
     js_error(code, &e.to_string())

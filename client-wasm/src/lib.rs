@@ -6,10 +6,12 @@
 //! timers; nothing about messages is implemented twice.
 //!
 //! - [`keys`] — `Identity`, `TreeKey`, `Grant`, `Keyring`, `sealInvite`, `openInvite`.
-//! - [`client`] — `ClientCore`: subscriptions, publish frames, frame handling.
+//! - [`client`] — `ClientCore`: keys, identity, sealing and opening.
+//! - [`engine`] — `Engine`: the connection engine (handshake, QoS, acks, replay, backoff).
 //! - [`value`] — JS values ↔ CBOR (serde-compatible; the mapping is in the README).
 
 pub mod client;
+pub mod engine;
 mod error;
 pub mod keys;
 mod rng;
@@ -18,6 +20,7 @@ pub mod value;
 use wasm_bindgen::prelude::*;
 
 pub use client::ClientCore;
+pub use engine::Engine;
 pub use keys::{open_invite, seal_invite, Grant, Identity, Keyring, OpenedInvite, TreeKey};
 
 /// Unix time in milliseconds (the JS clock).

@@ -3,9 +3,11 @@
 // demo chat in two tabs (screenshots in test-output/).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { tmpdir } from 'node:os';
 import { startRelay } from '../shared/relay.js';
+import { startProxy } from '../shared/proxy.js';
 import { runPeer } from '../shared/peer.js';
 import { sample } from '../shared/sample.js';
 import { diff } from '../shared/equal.js';
@@ -191,4 +193,127 @@ test('demo chat in two tabs', async () => {
   await both.screenshot({ path: join(OUT, 'chat.png') });
   assert.ok(readFileSync(join(OUT, 'chat.png')).length > 10_000);
   for (const p of [alice, bob, eve, both]) await p.close();
+});
+
+test('Chromium: QoS 1 acked, replay from a sequence, a durable subscription resumed after a page reload', async () => {
+  const key = TreeKey.generate('tab').toKeyString();
+  const secret = Identity.generate().toSecretString(); // the tab's identity, kept across the reload
+  const node = await Client.connect(relay.url, { keys: key, identity: Identity.generate() });
+  const page = await testPage();
+  try {
+    // QoS 1 publishes from the page resolve with the relay's sequence; a replay from the
+    // third one gives the rest of the history, then ReplayDone.
+    const replay = await page.evaluate(
+      async ({ url, key, secret }) => {
+        const identity = W.Identity.fromSecretString(secret);
+        const c = await W.Client.connect(url, { keys: key, identity });
+        const seqs = [];
+        for (let i = 0; i < 5; i++) seqs.push(await c.publish('tab/h', i, { qos: 1 }));
+        const got = [];
+        let done;
+        const ended = new Promise((r) => (done = r));
+        await c.subscribe('tab/h', (m) => got.push(m.value), { replay: { fromSeq: seqs[2] }, onReplayDone: done });
+        await ended;
+        window.client = c;
+        window.durable = [];
+        await c.subscribe('tab/d', (m) => window.durable.push(m.value), { qos: 1, durable: 'tab' });
+        return { seqs, got };
+      },
+      { url: relay.url, key, secret },
+    );
+    assert.ok(replay.seqs.every((s, i) => s > 0 && (i === 0 || s > replay.seqs[i - 1])), `${replay.seqs}`);
+    assert.deepEqual(replay.got, [2, 3, 4]);
+
+    for (let i = 0; i < 3; i++) await node.publish('tab/d', i, { qos: 1 });
+    await page.waitForFunction(() => window.durable.length >= 3);
+    assert.deepEqual(await page.evaluate(() => window.durable), [0, 1, 2]);
+    await page.evaluate(() => window.client.close()); // the acks of what it took leave first
+
+    await page.reload();
+    await page.waitForFunction(() => window.pageReady === true);
+    for (let i = 3; i < 6; i++) await node.publish('tab/d', i, { qos: 1 });
+    const resumed = await page.evaluate(
+      async ({ url, key, secret }) => {
+        const identity = W.Identity.fromSecretString(secret);
+        const c = await W.Client.connect(url, { keys: key, identity });
+        const got = [];
+        const sub = await c.subscribe('tab/d', { qos: 1, durable: 'tab' });
+        for await (const m of sub) {
+          got.push(m.value);
+          if (got.length === 3) break;
+        }
+        await c.close();
+        return got;
+      },
+      { url: relay.url, key, secret },
+    );
+    assert.deepEqual(resumed, [3, 4, 5], 'what arrived while the page was away, nothing taken before');
+  } finally {
+    await page.close();
+    await node.close();
+  }
+});
+
+test('Chromium: QoS 1 across a relay kill -9 and restart on the same store, 0 acknowledged lost', { timeout: 120_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'whispeer-store-'));
+  const local = await startRelay({ storePath: join(dir, 'relay.db') });
+  const proxy = await startProxy(local.port);
+  const page = await testPage();
+  const key = TreeKey.generate('tab-kill').toKeyString();
+  const N = 40;
+  try {
+    await page.evaluate(
+      async ({ url, key, N }) => {
+        const c = await W.Client.connect(url, { keys: key, reconnect: { initialDelayMs: 20, maxDelayMs: 200 } });
+        window.client = c;
+        window.acked = [];
+        window.failed = [];
+        const send = (i) =>
+          c.publish('kill/x', i, { qos: 1 }).then(
+            () => window.acked.push(i),
+            (e) => window.failed.push(String(e)),
+          );
+        for (let i = 0; i < N / 2; i++) await send(i);
+        window.rest = [];
+        window.second = () => {
+          for (let i = N / 2; i < N; i++) window.rest.push(send(i));
+        };
+      },
+      { url: proxy.url, key, N },
+    );
+    // The relay's answers stop reaching the page: the second half is written and never
+    // acknowledged before the relay dies.
+    proxy.pause('down');
+    await page.evaluate(() => window.second());
+    assert.equal(await page.evaluate(() => window.acked.length), N / 2);
+    const reconnecting = page.evaluate(() => window.client.waitForState('reconnecting'));
+    Object.assign(local, await local.restart()); // SIGKILL, then the same port and store
+    proxy.drop();
+    proxy.resume('down');
+    await reconnecting;
+    const after = await page.evaluate(async () => {
+      await Promise.all(window.rest);
+      return { acked: window.acked.length, failed: window.failed, unacked: window.client.stats().unackedPublishes };
+    });
+    assert.deepEqual(after, { acked: N, failed: [], unacked: 0 });
+
+    const node = await Client.connect(local.url, { keys: key, identity: Identity.generate() });
+    const got = [];
+    let done;
+    const ended = new Promise((r) => (done = r));
+    await node.subscribe('kill/x', (m) => got.push(m.value), { qos: 1, replay: { fromSeq: 1 }, onReplayDone: done });
+    await ended;
+    await node.close();
+    assert.deepEqual(
+      got.sort((a, b) => a - b),
+      Array.from({ length: N }, (_, i) => i),
+      'every acknowledged publish, once',
+    );
+  } finally {
+    await page.evaluate(() => window.client?.close()).catch(() => {});
+    await page.close();
+    await proxy.close();
+    await local.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

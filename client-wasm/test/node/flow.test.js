@@ -3,6 +3,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startRelay } from '../shared/relay.js';
+import { until } from '../shared/until.js';
 import { startProxy, forceRelayGap } from '../shared/proxy.js';
 import { Client, Identity, TreeKey } from '../../js/index.node.js';
 
@@ -20,20 +21,6 @@ async function connect(url, opts) {
   const c = await Client.connect(url, { identity: Identity.generate(), ...opts });
   clients.push(c);
   return c;
-}
-
-/** Resolves once `cond()` holds, polling; rejects after `ms` (a failed test must not leave
- * a poll loop that keeps the process alive). */
-function until(cond, ms = 60_000) {
-  const deadline = Date.now() + ms;
-  return new Promise((resolve, reject) => {
-    const check = () => {
-      if (cond()) resolve();
-      else if (Date.now() > deadline) reject(new Error(`condition not met within ${ms} ms: ${cond}`));
-      else setTimeout(check, 5);
-    };
-    check();
-  });
 }
 
 test('a subscriber that falls behind gets a lag event and a counter, never silent loss', { timeout: 60_000 }, async () => {

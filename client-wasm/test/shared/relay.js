@@ -1,5 +1,6 @@
 // Starts the real relay binary on free ports and waits for its ready file (an event, not a
-// sleep): { ws, tcp, admin, url, stop(), restart() }.
+// sleep): { ws, tcp, admin, url, stop(), restart() }. `storePath`: a SQLite store file that
+// survives `restart()` (a kill -9), instead of the in-memory store.
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, watch, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -28,12 +29,12 @@ function waitReady(dir, file, child) {
   });
 }
 
-export async function startRelay({ wsPort = 0, args = [] } = {}) {
+export async function startRelay({ wsPort = 0, args = [], storePath } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'whispeer-relay-'));
   const file = join(dir, 'ready.json');
   const child = spawn(
     relayBin(),
-    ['serve', '--store', 'memory', '--ws', `127.0.0.1:${wsPort}`, '--tcp', '127.0.0.1:0', '--admin', '127.0.0.1:0', '--ready-file', file, ...args],
+    ['serve', ...(storePath ? ['--store', 'sqlite', '--store-path', storePath] : ['--store', 'memory']), '--ws', `127.0.0.1:${wsPort}`, '--tcp', '127.0.0.1:0', '--admin', '127.0.0.1:0', '--ready-file', file, ...args],
     { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, WHISPEER_LOG: process.env.WHISPEER_LOG ?? 'warn' } },
   );
   const ready = await waitReady(dir, file, child);
@@ -50,10 +51,10 @@ export async function startRelay({ wsPort = 0, args = [] } = {}) {
       await exited;
       rmSync(dir, { recursive: true, force: true });
     },
-    /** Stops this relay and starts a fresh one on the same WebSocket port. */
+    /** Kills this relay (SIGKILL) and starts a fresh one on the same WebSocket port (and store). */
     async restart() {
       await relay.stop();
-      return startRelay({ wsPort: port, args });
+      return startRelay({ wsPort: port, args, storePath });
     },
   };
   return relay;

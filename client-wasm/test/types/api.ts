@@ -54,8 +54,18 @@ off();
 const stats: ClientStats = client.stats();
 const gaps: number = stats.relayGaps;
 const refused: number = stats.refused.unlistedSender + stats.refused.retainedRollback;
-declare const core: ClientCore; // the low-level core counts the same (no reconnects)
-const coreStats: ClientStats['refused'] = core.stats().refused;
+declare const core: ClientCore; // the low-level core seals without a connection
+const env: Uint8Array = core.sealEnvelope('sensor/x', 'application/cbor', new Uint8Array(1));
+const coreStats: number = stats.unackedPublishes + stats.slowSubscriberDrops + env.length;
+// QoS 1, replay, durable.
+const acked: number | undefined = await client.publish('sensor/x', 1, { qos: 1, retain: true });
+const durable = await client.subscribe('sensor/#', { qos: 1, durable: 'inbox', replay: { last: 10 }, retained: false });
+const replayedTo: number | undefined = durable.replayedTo;
+console.log(acked, replayedTo);
+// @ts-expect-error qos is 0, 1 or 2
+await client.publish('sensor/x', 1, { qos: 3 });
+// @ts-expect-error a replay names one start
+await client.subscribe('sensor/#', { replay: { from: 1 } });
 // Publish: the tree to seal with, and waiting on the socket (bufferedAmount).
 const seq: number | undefined = await client.publish('sensor/x', { celsius: 1 }, { tree: tree.treeId, ack: true });
 const buffered: number = client.bufferedAmount;

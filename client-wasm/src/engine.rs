@@ -1,0 +1,529 @@
+//! The connection engine (`whispeer::core::connection::Engine`) for JS: the whole client
+//! side of the relay protocol — handshake, subscriptions and resume positions, the QoS 1/2
+//! outbox with its publish ids, acks, replay, durable subscriptions, heartbeats, backoff
+//! and flush. The JS `Client` only opens WebSockets, moves their bytes and runs one timer
+//! (`../shared/ENGINE.md` §3); sealing stays here (a `ClientCore` moved in at construction).
+//!
+//! Every input takes the time: `monoMs` (`performance.now()`, deadlines) and `unixMs`
+//! (`Date.now()`, key epochs and replay). After each input or command the driver drains
+//! `pollTransmit`, then `pollTimeout`, then `pollEvent`.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use js_sys::{Array, Object, Reflect, Uint8Array};
+use wasm_bindgen::prelude::*;
+use whispeer::core::connection::{
+    AckToken, Backoff, Engine as Inner, EngineConfig, Event as E, Now, PubOptions, PublishId,
+    Transmit,
+};
+use whispeer::core::{self, SubscribeOptions};
+use whispeer_protocol::frame::Replay;
+use whispeer_protocol::{Qos, TopicFilter};
+
+use crate::client::{message_object, set, ClientCore};
+use crate::error::{js_error, key_error, publish_error, subscribe_error, topic_error};
+use crate::keys::Grant;
+use crate::value;
+
+fn now(mono_ms: f64, unix_ms: f64) -> Now {
+    Now::new(mono_ms.max(0.0) as u64, unix_ms.max(0.0) as u64)
+}
+
+fn get(o: &JsValue, k: &str) -> Option<JsValue> {
+    if !o.is_object() {
+        return None;
+    }
+    Reflect::get(o, &JsValue::from_str(k))
+        .ok()
+        .filter(|v| !v.is_undefined() && !v.is_null())
+}
+
+fn bad_option(what: &str, v: &JsValue) -> JsValue {
+    js_error(
+        "INVALID_OPTION",
+        &format!(
+            "{what}, got {}",
+            String::from(js_sys::JSON::stringify(v).unwrap_or_else(|_| "?".into()))
+        ),
+    )
+}
+
+/// A whole number ≥ 0 option (`Infinity` → `None` where allowed by the caller).
+fn count(o: &JsValue, k: &str) -> Result<Option<f64>, JsValue> {
+    match get(o, k) {
+        None => Ok(None),
+        Some(v) => match v.as_f64() {
+            Some(n) if n >= 0.0 && (n.fract() == 0.0 || n.is_infinite()) => Ok(Some(n)),
+            _ => Err(bad_option(&format!("{k}: expected a whole number ≥ 0"), &v)),
+        },
+    }
+}
+
+fn flag(o: &JsValue, k: &str) -> Result<Option<bool>, JsValue> {
+    match get(o, k) {
+        None => Ok(None),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| bad_option(&format!("{k}: expected true or false"), &v)),
+    }
+}
+
+fn qos(o: &JsValue) -> Result<Qos, JsValue> {
+    match count(o, "qos")? {
+        None => Ok(Qos::AtMostOnce),
+        Some(n) if n <= 2.0 => Ok(Qos::from_u64(n as u64).unwrap_or(Qos::AtMostOnce)),
+        Some(_) => Err(bad_option(
+            "qos: expected 0, 1 or 2",
+            &get(o, "qos").unwrap_or_default(),
+        )),
+    }
+}
+
+fn pid_hex(p: &PublishId) -> String {
+    hex::encode(p.0)
+}
+
+/// The connection engine. See the module documentation.
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct Engine {
+    eng: Inner,
+    core: ClientCore,
+    /// Ack tokens handed to JS (as numbers) and not yet taken.
+    tokens: BTreeMap<u64, AckToken>,
+    next_token: u64,
+}
+
+#[wasm_bindgen]
+impl Engine {
+    /// An engine sealing with `core` (moved in: its keys, identity, topic options and
+    /// relay account) and configured by `options` (`name`, `connectTimeoutMs`, `reconnect:
+    /// { initialDelayMs, maxDelayMs, maxAttempts }`, `retryFirstConnect`,
+    /// `reconnectBuffer`, `keptBytes`, `subscriptionCapacity`, `heartbeatMs`). `seed`: 32
+    /// random bytes (`crypto.getRandomValues`) for publish ids and backoff jitter. The
+    /// first `pollTransmit` asks for a socket.
+    #[wasm_bindgen(constructor)]
+    pub fn new(
+        core: ClientCore,
+        options: &JsValue,
+        seed: &[u8],
+        mono_ms: f64,
+        unix_ms: f64,
+    ) -> Result<Engine, JsValue> {
+        let seed: [u8; 32] = seed
+            .try_into()
+            .map_err(|_| js_error("INVALID_OPTION", "seed: expected 32 random bytes"))?;
+        let mut cfg = EngineConfig::default();
+        if let Some(n) = get(options, "name").and_then(|v| v.as_string()) {
+            cfg.client_name = n;
+        }
+        cfg.auth = core.relay_auth.clone();
+        let ms = |k: &str, d: u64| -> Result<u64, JsValue> {
+            Ok(count(options, k)?.map_or(d, |n| n.min(u64::MAX as f64) as u64))
+        };
+        cfg.connect_timeout_ms = ms("connectTimeoutMs", cfg.connect_timeout_ms)?;
+        cfg.offline_bytes = ms("reconnectBuffer", cfg.offline_bytes as u64)? as usize;
+        cfg.kept_bytes = ms("keptBytes", cfg.kept_bytes as u64)? as usize;
+        cfg.sub_capacity = ms("subscriptionCapacity", cfg.sub_capacity)?.max(1);
+        cfg.default_heartbeat_ms = ms("heartbeatMs", cfg.default_heartbeat_ms)?;
+        cfg.retry_first_connect = flag(options, "retryFirstConnect")?.unwrap_or(false);
+        if let Some(r) = get(options, "reconnect") {
+            let d = Backoff::default();
+            let max_attempts = match count(&r, "maxAttempts")? {
+                None => d.max_attempts,
+                Some(n) if n.is_infinite() => None,
+                Some(n) => Some(n.min(u32::MAX as f64) as u32),
+            };
+            let initial = count(&r, "initialDelayMs")?.map_or(d.initial_ms, |n| n as u64);
+            let max = count(&r, "maxDelayMs")?.map_or(d.max_ms, |n| n as u64);
+            cfg.backoff = Backoff::new(initial, max.max(initial), max_attempts);
+        }
+        // Durable owner secrets from the identity: a client with the same identity resumes
+        // its durable subscriptions (else random for this engine's lifetime).
+        cfg.owner_key = Some(match &core.identity {
+            Some(i) => i.derive_secret("whispeer v2 durable owner"),
+            None => {
+                let mut k = zeroize::Zeroizing::new([0u8; 32]);
+                rand_core::RngCore::fill_bytes(&mut crate::rng::Rng, &mut k[..]);
+                k
+            }
+        });
+        let eng = Inner::new(cfg, core.keyring.clone(), seed, now(mono_ms, unix_ms));
+        Ok(Engine {
+            eng,
+            core,
+            tokens: BTreeMap::new(),
+            next_token: 1,
+        })
+    }
+
+    // ---- inputs ------------------------------------------------------------------------
+
+    /// Socket `conn` is open.
+    #[wasm_bindgen(js_name = handleConnected)]
+    pub fn handle_connected(&mut self, conn: f64, mono_ms: f64, unix_ms: f64) {
+        self.eng
+            .handle_connected(conn as u64, now(mono_ms, unix_ms));
+    }
+
+    /// One binary WebSocket message (one frame) from socket `conn`.
+    #[wasm_bindgen(js_name = handleFrame)]
+    pub fn handle_frame(&mut self, conn: f64, frame: &[u8], mono_ms: f64, unix_ms: f64) {
+        let b = Bytes::copy_from_slice(frame);
+        self.eng
+            .handle_frame(conn as u64, &b, now(mono_ms, unix_ms));
+    }
+
+    /// Socket `conn` closed or failed (or could not be opened).
+    #[wasm_bindgen(js_name = handleDisconnected)]
+    pub fn handle_disconnected(&mut self, conn: f64, why: &str, mono_ms: f64, unix_ms: f64) {
+        self.eng
+            .handle_disconnected(conn as u64, why, now(mono_ms, unix_ms));
+    }
+
+    /// The timer fired (an early or repeated call does nothing).
+    #[wasm_bindgen(js_name = handleTimeout)]
+    pub fn handle_timeout(&mut self, mono_ms: f64, unix_ms: f64) {
+        self.eng.handle_timeout(now(mono_ms, unix_ms));
+    }
+
+    // ---- commands ----------------------------------------------------------------------
+
+    /// Seals `value` (CBOR) for `topic` and publishes it. `options`: `qos` (0, 1, 2),
+    /// `retain`, `ack`, `tree` (32 hex digits). Returns the publish id (hex) when a `puback`
+    /// or `publishFailed` event follows (QoS ≥ 1, or `ack`), else `undefined`.
+    pub fn publish(
+        &mut self,
+        topic: &str,
+        value: &JsValue,
+        options: &JsValue,
+        mono_ms: f64,
+        unix_ms: f64,
+    ) -> Result<Option<String>, JsValue> {
+        let payload = value::encode(value)?;
+        self.publish_payload(topic, core::CBOR, &payload, options, now(mono_ms, unix_ms))
+    }
+
+    /// Like `publish`, for raw bytes with a content type.
+    #[wasm_bindgen(js_name = publishBytes)]
+    pub fn publish_bytes(
+        &mut self,
+        topic: &str,
+        content_type: &str,
+        payload: &[u8],
+        options: &JsValue,
+        mono_ms: f64,
+        unix_ms: f64,
+    ) -> Result<Option<String>, JsValue> {
+        self.publish_payload(topic, content_type, payload, options, now(mono_ms, unix_ms))
+    }
+
+    /// Subscribes local subscription `id` to `filter`. `options`: `qos` (0, 1, 2), `replay`
+    /// (`{ fromSeq }`, `{ sinceMs }` or `{ last }`), `durable` (a name), `retained`
+    /// (default true), `olderHistory`. Throws `NO_KEY`/`INVALID_TOPIC` at once; a
+    /// `subscribed` or `subscribeFailed` event follows.
+    pub fn subscribe(
+        &mut self,
+        id: f64,
+        filter: &str,
+        options: &JsValue,
+        mono_ms: f64,
+        unix_ms: f64,
+    ) -> Result<(), JsValue> {
+        let f = TopicFilter::new(filter).map_err(topic_error)?;
+        let mut o = SubscribeOptions::new().qos(qos(options)?);
+        if let Some(r) = get(options, "replay") {
+            let keys = [("fromSeq", 0), ("sinceMs", 1), ("last", 2)];
+            let mut chosen = None;
+            for (k, kind) in keys {
+                if let Some(n) = count(&r, k)? {
+                    if chosen.is_some() {
+                        return Err(bad_option(
+                            "replay: expected one of fromSeq, sinceMs, last",
+                            &r,
+                        ));
+                    }
+                    let n = n as u64;
+                    chosen = Some(match kind {
+                        0 => Replay::FromSeq(n),
+                        1 => Replay::SinceMs(n),
+                        _ => Replay::LastN(n),
+                    });
+                }
+            }
+            let replay = chosen.ok_or_else(|| {
+                bad_option("replay: expected { fromSeq }, { sinceMs } or { last }", &r)
+            })?;
+            o = o.replay(replay);
+        }
+        if let Some(d) = get(options, "durable") {
+            let name = d
+                .as_string()
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| bad_option("durable: expected a non-empty name", &d))?;
+            o = o.durable(name);
+        }
+        if let Some(r) = flag(options, "retained")? {
+            o = o.retained(r);
+        }
+        if let Some(h) = flag(options, "olderHistory")? {
+            o = o.older_history(h);
+        }
+        self.eng
+            .subscribe(id as u64, f, o, now(mono_ms, unix_ms))
+            .map_err(subscribe_error)
+    }
+
+    /// Drops local subscription `id` (what it never took is not acked: the relay delivers
+    /// it again to a later subscription).
+    pub fn unsubscribe(&mut self, id: f64) {
+        let id = id as u64;
+        self.eng.unsubscribe(id);
+        self.tokens.retain(|_, t| t.sub() != id);
+    }
+
+    /// The app took the message (or placeholder) handed out with `token`: returns its
+    /// subscription's credit and acks it in relay order when the subscription acks.
+    pub fn ack(&mut self, token: f64, mono_ms: f64, unix_ms: f64) {
+        if let Some(t) = self.tokens.remove(&(token as u64)) {
+            self.eng.ack(t, now(mono_ms, unix_ms));
+        }
+    }
+
+    /// Asks the relay to confirm it processed everything sent before; a `flushed` or
+    /// `flushFailed` event with the returned id follows.
+    pub fn flush(&mut self, mono_ms: f64, unix_ms: f64) -> f64 {
+        self.eng.flush(now(mono_ms, unix_ms)) as f64
+    }
+
+    /// Closes for good: the `Close` frame, then the hang-up; everything still waiting fails,
+    /// then the `closed` event.
+    pub fn close(&mut self, mono_ms: f64, unix_ms: f64) {
+        self.eng.close(now(mono_ms, unix_ms));
+    }
+
+    /// Adds a grant at run time; subscriptions are re-made with the new keys.
+    #[wasm_bindgen(js_name = addGrant)]
+    pub fn add_grant(&mut self, grant: &Grant, mono_ms: f64, unix_ms: f64) -> Result<(), JsValue> {
+        let n = now(mono_ms, unix_ms);
+        self.core
+            .keyring
+            .write()
+            .expect("keyring lock")
+            .add_grant(grant.inner.clone(), n.unix_ms)
+            .map_err(key_error)?;
+        self.eng.refresh_keys(n);
+        Ok(())
+    }
+
+    /// See `ClientCore.allowSealing`.
+    #[wasm_bindgen(js_name = allowSealing)]
+    pub fn allow_sealing(&mut self, tree_id: &str, scope: &str) -> Result<(), JsValue> {
+        self.core.allow_sealing(tree_id, scope)
+    }
+
+    // ---- outputs -----------------------------------------------------------------------
+
+    /// The next thing to do: a `Uint8Array` (a frame for the current socket), `{ dial: id }`
+    /// (open a socket), `{ hangup: id }` (close it after what was sent), or `undefined`.
+    #[wasm_bindgen(js_name = pollTransmit)]
+    pub fn poll_transmit(&mut self) -> JsValue {
+        match self.eng.poll_transmit() {
+            None => JsValue::UNDEFINED,
+            Some(Transmit::Frame(b)) => Uint8Array::from(&b[..]).into(),
+            Some(Transmit::Dial(c)) => {
+                let o = Object::new();
+                set(&o, "dial", c as f64);
+                o.into()
+            }
+            Some(Transmit::Hangup(c)) => {
+                let o = Object::new();
+                set(&o, "hangup", c as f64);
+                o.into()
+            }
+        }
+    }
+
+    /// The next deadline (`monoMs`), if any.
+    #[wasm_bindgen(js_name = pollTimeout)]
+    pub fn poll_timeout(&self) -> Option<f64> {
+        self.eng.poll_timeout().map(|t| t as f64)
+    }
+
+    /// The next event as a plain object (`type`: `connected`, `disconnected`, `closed`,
+    /// `message`, `placeholder`, `gap`, `dropped`, `replayDone`, `subscribed`,
+    /// `subscribeFailed`, `puback`, `publishFailed`, `flushed`, `flushFailed`, `error`), or
+    /// `undefined`.
+    #[wasm_bindgen(js_name = pollEvent)]
+    pub fn poll_event(&mut self) -> JsValue {
+        loop {
+            let Some(e) = self.eng.poll_event() else {
+                return JsValue::UNDEFINED;
+            };
+            if let Some(o) = self.event_object(e) {
+                return o.into();
+            }
+        }
+    }
+
+    /// Bytes of frames queued and not yet taken by `pollTransmit`.
+    #[wasm_bindgen(js_name = queuedBytes)]
+    pub fn queued_bytes(&self) -> f64 {
+        self.eng.queued_bytes() as f64
+    }
+
+    /// Counters: `{delivered, rejected, duplicates, relayGaps, refused: {...},
+    /// slowSubscriberDrops, outboxDrops, reconnects, unackedPublishes}`.
+    pub fn stats(&self) -> JsValue {
+        let s = self.eng.stats();
+        let o = crate::client::core_stats_object(&s.core);
+        set(&o, "slowSubscriberDrops", s.slow_subscriber_drops as f64);
+        set(&o, "outboxDrops", s.outbox_drops as f64);
+        set(&o, "reconnects", s.reconnects as f64);
+        set(&o, "unackedPublishes", s.unacked_publishes as f64);
+        o.into()
+    }
+}
+
+impl Engine {
+    fn publish_payload(
+        &mut self,
+        topic: &str,
+        content_type: &str,
+        payload: &[u8],
+        options: &JsValue,
+        n: Now,
+    ) -> Result<Option<String>, JsValue> {
+        let tree = match get(options, "tree") {
+            None => None,
+            Some(t) => Some(t.as_string().ok_or_else(|| {
+                js_error(
+                    "INVALID_TREE",
+                    "tree: expected 32 hex digits (a message's treeId)",
+                )
+            })?),
+        };
+        let o = PubOptions::new()
+            .qos(qos(options)?)
+            .retain(flag(options, "retain")?.unwrap_or(false))
+            .ack(flag(options, "ack")?.unwrap_or(false));
+        let env = self.core.seal(tree, topic, content_type, payload)?;
+        let pid = self.eng.publish(env, o, n).map_err(publish_error)?;
+        Ok(pid.as_ref().map(pid_hex))
+    }
+
+    fn token(&mut self, t: AckToken) -> f64 {
+        let id = self.next_token;
+        self.next_token += 1;
+        self.tokens.insert(id, t);
+        id as f64
+    }
+
+    fn event_object(&mut self, e: E) -> Option<Object> {
+        let o = Object::new();
+        let ty = match e {
+            E::Connected {
+                session,
+                heartbeat_ms,
+            } => {
+                set(&o, "session", hex::encode(session));
+                set(&o, "heartbeatMs", heartbeat_ms as f64);
+                "connected"
+            }
+            E::Disconnected {
+                reason,
+                attempt,
+                retry_at,
+            } => {
+                set(&o, "reason", reason.to_string());
+                set(&o, "code", disconnect_code(&reason));
+                set(&o, "attempt", attempt);
+                if let Some(t) = retry_at {
+                    set(&o, "retryAt", t as f64);
+                }
+                "disconnected"
+            }
+            E::Closed => "closed",
+            E::Message { sub, msg, token } => {
+                set(&o, "sub", sub as f64);
+                set(&o, "message", message_object(&msg));
+                set(&o, "token", self.token(token));
+                "message"
+            }
+            E::Placeholder { sub, token } => {
+                set(&o, "sub", sub as f64);
+                set(&o, "token", self.token(token));
+                "placeholder"
+            }
+            E::Gap { dropped, subs } => {
+                set(&o, "dropped", dropped as f64);
+                let a: Array = subs.iter().map(|s| JsValue::from(*s as f64)).collect();
+                set(&o, "subs", a);
+                "gap"
+            }
+            E::Dropped { sub, n } => {
+                set(&o, "sub", sub as f64);
+                set(&o, "n", n as f64);
+                "dropped"
+            }
+            E::ReplayDone { sub, seq } => {
+                set(&o, "sub", sub as f64);
+                set(&o, "seq", seq as f64);
+                "replayDone"
+            }
+            E::SubscribeOk { sub } => {
+                set(&o, "sub", sub as f64);
+                "subscribed"
+            }
+            E::SubscribeErr { sub, error } => {
+                self.tokens.retain(|_, t| t.sub() != sub);
+                let e = subscribe_error(error.into());
+                set(&o, "sub", sub as f64);
+                set(&o, "error", e);
+                "subscribeFailed"
+            }
+            E::PubAck { pid, seq } => {
+                set(&o, "id", pid_hex(&pid));
+                set(&o, "seq", seq as f64);
+                "puback"
+            }
+            E::PublishFailed { pid, reason } => {
+                set(&o, "id", pid_hex(&pid));
+                set(&o, "error", publish_error(reason.into()));
+                "publishFailed"
+            }
+            E::Flushed { id } => {
+                set(&o, "id", id as f64);
+                "flushed"
+            }
+            E::FlushFailed { id } => {
+                set(&o, "id", id as f64);
+                "flushFailed"
+            }
+            E::RelayError { code, message, sub } => {
+                set(&o, "code", code.name());
+                set(&o, "message", message);
+                if let Some(s) = sub {
+                    set(&o, "sub", s as f64);
+                }
+                "error"
+            }
+            _ => return None,
+        };
+        set(&o, "type", ty);
+        Some(o)
+    }
+}
+
+/// A stable code for why a connection ended (the `WhispeerError` code of a failed connect).
+fn disconnect_code(d: &whispeer::core::connection::Disconnect) -> &'static str {
+    use whispeer::core::connection::Disconnect as D;
+    match d {
+        D::Timeout => "TIMEOUT",
+        D::Rejected { .. } => "REJECTED",
+        D::Transport(_) => "CONNECT",
+        _ => "PROTOCOL",
+    }
+}
