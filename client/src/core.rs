@@ -101,6 +101,16 @@ struct LocalSub {
     patterns: Vec<whispeer_protocol::TokenPattern>,
 }
 
+impl LocalSub {
+    /// Whether a replayed message with relay sequence `seq` is this subscription's: it is
+    /// still in its history (or durable: the relay resumes those from its own position),
+    /// and the history it asked for starts at or before `seq`.
+    fn wants_history(&self, seq: u64) -> bool {
+        (self.opts.durable.is_some() || !self.replaying.is_empty())
+            && !matches!(self.opts.replay, Some(frame::Replay::FromSeq(from)) if seq < from)
+    }
+}
+
 /// How a subscription starts and what it asks of the relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -481,7 +491,7 @@ impl ClientCore {
             let rid = self.next_relay_id;
             self.next_relay_id += 1;
             sub.relay_ids.push(rid);
-            if sub.got.is_some() {
+            if sub.got.is_some() || replay.is_some() {
                 sub.replaying.push(rid);
             }
             self.relay_to_local.insert(rid, id);
@@ -637,10 +647,16 @@ impl ClientCore {
                 return Delivery::Placeholder;
             }
         };
+        // History goes only to the subscriptions that are in their history (the relay
+        // replays per subscription, but a `Msg` does not say for which one): a live
+        // subscription, or one whose history ended, never receives another's replay, and one
+        // that asked for history from sequence `n` gets nothing before `n`.
+        let replayed = msg.flags & frame::msg_flags::REPLAYED != 0;
         let matched: Vec<LocalSubId> = self
             .subs
             .iter()
             .filter(|(_, s)| s.filter.matches(&o.topic))
+            .filter(|(_, s)| !replayed || s.wants_history(msg.seq))
             .map(|(id, _)| *id)
             .collect();
         if matched.is_empty() {
@@ -663,7 +679,6 @@ impl ClientCore {
             Err(receive::Refusal::Duplicate) => {
                 // Already delivered: only history a subscription asked for (replayed, and
                 // not yet seen by that subscription) may still go to it.
-                let replayed = msg.flags & frame::msg_flags::REPLAYED != 0;
                 let asked: Vec<LocalSubId> = matched
                     .iter()
                     .copied()

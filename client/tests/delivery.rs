@@ -78,6 +78,71 @@ async fn exactly_once_under_induced_reconnects_in_order() {
     relay.stop().await;
 }
 
+/// One client, three subscriptions on the same topic: live, history from the 7th message,
+/// history from the start. Each gets what it asked for and nothing of the others' history
+/// (a `Msg` does not say which subscription's history it is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_goes_only_to_the_subscription_that_asked_for_it() {
+    let relay = TestRelay::start().await;
+    let t = tree("iso");
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let mut seqs = Vec::new();
+    for i in 0..10u32 {
+        seqs.push(
+            p.publish_with("r/a", &i, PublishOptions::at_least_once())
+                .await
+                .unwrap(),
+        );
+    }
+    let c = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let mut live = c.subscribe::<u32>("r/a").await.unwrap();
+    let mut from6 = c
+        .subscribe_with_options::<u32>(
+            "r/a",
+            SubscribeOptions::new().replay(Replay::FromSeq(seqs[6])),
+        )
+        .await
+        .unwrap();
+    let mut all = c
+        .subscribe_with_options::<u32>("r/a", SubscribeOptions::new().replay(Replay::FromSeq(0)))
+        .await
+        .unwrap();
+    for want in 0..10u32 {
+        assert_eq!(
+            within("all history", all.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .value,
+            want
+        );
+    }
+    for want in 6..10u32 {
+        assert_eq!(
+            within("history from 6", from6.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .value,
+            want
+        );
+    }
+    // Then one live message: the first thing the live subscription sees, and the next for
+    // the others (nothing of another subscription's history came in between).
+    p.publish("r/a", &10u32).await.unwrap();
+    for (name, sub) in [
+        ("live", &mut live),
+        ("from 6", &mut from6),
+        ("all", &mut all),
+    ] {
+        let m = within(name, sub.next()).await.unwrap().unwrap();
+        assert_eq!(m.value, 10, "{name} got history it did not ask for");
+    }
+    p.close().await;
+    c.close().await;
+    relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_from_sequence_last_n_and_retained_values() {
     let relay = TestRelay::start().await;
