@@ -12,13 +12,18 @@
 //! | `Array` | array | `Vec<T>`, tuples, arrays |
 //! | plain object | map with text keys | structs, `HashMap<String, T>` |
 //! | `Map` | map with any keys | `HashMap<K, V>`, `BTreeMap<K, V>` |
+//! | `Date` | epoch time (tag 1): integer seconds, or float seconds with milliseconds | `ciborium::tag::Required<f64, 1>`, or the number after untagging |
+//!
+//! Refused with a `TypeError` naming the type (never silently encoded as `{}` or an index
+//! map): functions, symbols, `Set`, `WeakMap`, `WeakSet`, `Promise`, `RegExp`, an invalid
+//! `Date`, and typed arrays other than `Uint8Array` (convert them to bytes or an `Array`).
 //!
 //! Decoding: integers in ±(2^53−1) become `number`, larger ones `bigint`; bignums become
 //! `bigint`; a map whose keys are all text becomes a plain object, any other map a `Map`;
-//! other tags are unwrapped.
+//! tag 1 (epoch time) becomes a `Date`; other tags are unwrapped.
 
 use ciborium::value::{Integer, Value};
-use js_sys::{Array, ArrayBuffer, BigInt, DataView, Map, Object, Reflect, Uint8Array};
+use js_sys::{Array, ArrayBuffer, BigInt, DataView, Date, Map, Object, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 
@@ -125,6 +130,42 @@ fn to_value(v: &JsValue, depth: usize) -> Result<Value, JsValue> {
         );
         return Ok(Value::Bytes(u.to_vec()));
     }
+    if let Some(d) = v.dyn_ref::<Date>() {
+        let ms = d.get_time();
+        if !ms.is_finite() {
+            return Err(type_error("cannot encode an invalid Date as CBOR".into()));
+        }
+        let secs = if ms % 1000.0 == 0.0 && (ms / 1000.0).abs() <= MAX_SAFE as f64 {
+            Value::Integer(Integer::from((ms / 1000.0) as i64))
+        } else {
+            Value::Float(ms / 1000.0)
+        };
+        return Ok(Value::Tag(1, Box::new(secs)));
+    }
+    if ArrayBuffer::is_view(v) {
+        // Uint8Array and DataView were taken above: any other view would be encoded as
+        // an index map, which no reader expects.
+        return Err(type_error(format!(
+            "cannot encode a {} as CBOR: convert it to a Uint8Array (bytes) or an Array",
+            constructor_name(v)
+        )));
+    }
+    if v.is_instance_of::<js_sys::Set>()
+        || v.is_instance_of::<js_sys::WeakMap>()
+        || v.is_instance_of::<js_sys::WeakSet>()
+        || v.is_instance_of::<js_sys::Promise>()
+        || v.is_instance_of::<js_sys::RegExp>()
+    {
+        let hint = if v.is_instance_of::<js_sys::Set>() {
+            ": use an Array"
+        } else {
+            ""
+        };
+        return Err(type_error(format!(
+            "cannot encode a {} as CBOR{hint}",
+            constructor_name(v)
+        )));
+    }
     if Array::is_array(v) {
         let a: &Array = v.unchecked_ref();
         let mut out = Vec::with_capacity(a.length() as usize);
@@ -176,6 +217,15 @@ fn to_value(v: &JsValue, depth: usize) -> Result<Value, JsValue> {
         return Ok(Value::Map(out));
     }
     Err(type_error("cannot encode this value as CBOR".into()))
+}
+
+/// The name of a value's constructor, for error messages.
+fn constructor_name(v: &JsValue) -> String {
+    Reflect::get(v, &JsValue::from_str("constructor"))
+        .ok()
+        .and_then(|c| Reflect::get(&c, &JsValue::from_str("name")).ok())
+        .and_then(|n| n.as_string())
+        .unwrap_or_else(|| "value of this type".into())
 }
 
 fn int_to_js(n: i128) -> JsValue {
@@ -241,6 +291,14 @@ fn from_value(v: &Value) -> Result<JsValue, JsValue> {
                 unreachable!()
             };
             bignum_to_js(b, matches!(v, Value::Tag(3, _)))?
+        }
+        Value::Tag(1, inner) if matches!(**inner, Value::Integer(_) | Value::Float(_)) => {
+            let secs = match &**inner {
+                Value::Integer(i) => i128::from(*i) as f64,
+                Value::Float(f) => *f,
+                _ => unreachable!(),
+            };
+            Date::new(&JsValue::from_f64(secs * 1000.0)).into()
         }
         Value::Tag(_, inner) => from_value(inner)?,
         _ => JsValue::UNDEFINED,

@@ -284,6 +284,26 @@ test('CBOR mapping matches serde: bigint, bytes, maps, floats', () => {
   assert.throws(() => decodeValue(new Uint8Array([0xff])), { code: 'DECODE' });
 });
 
+test('CBOR: a Date is an epoch-time tag; Sets and other typed arrays are refused, never {}', () => {
+  const hex = (v) => Buffer.from(encodeValue(v)).toString('hex');
+  assert.equal(hex(new Date(1_700_000_000_000)), 'c11a6553f100'); // tag 1, integer seconds
+  assert.equal(hex(new Date(1_700_000_000_500)), 'c1fb41d954fc40200000'); // float seconds
+  const back = decodeValue(encodeValue({ at: new Date(1_700_000_000_500) }));
+  assert.ok(back.at instanceof Date);
+  assert.equal(back.at.getTime(), 1_700_000_000_500);
+  for (const [v, name] of [
+    [new Set([1]), /Set.*use an Array/],
+    [new Float32Array([1]), /Float32Array.*Uint8Array/],
+    [new Uint16Array([1]), /Uint16Array/],
+    [new Date(NaN), /invalid Date/],
+    [new WeakMap(), /WeakMap/],
+    [/re/, /RegExp/],
+    [{ nested: [new Set()] }, /Set/],
+  ]) {
+    assert.throws(() => encodeValue(v), (e) => e.code === 'ENCODE' && name.test(e.message), String(v));
+  }
+});
+
 test('zstd compression shrinks and opens (wasm seals, wasm opens)', () => {
   const tree = TreeKey.generate('z');
   const kr = new Keyring();
