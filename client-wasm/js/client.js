@@ -44,6 +44,12 @@ function checkOptions(what, options, known) {
   return options;
 }
 
+const CONNECT_OPTIONS = [
+  'identity', 'keys', 'compression', 'padding', 'sign', 'topics', 'reconnect', 'connectTimeoutMs',
+  'retryFirstConnect', 'reconnectBuffer', 'keptBytes', 'subscriptionCapacity', 'heartbeatMs',
+  'sendHighWaterMark', 'name', 'auth',
+];
+const TOPIC_OPTIONS = ['compression', 'padding'];
 const PUBLISH_OPTIONS = ['qos', 'retain', 'ack', 'tree'];
 const PUBLISH_BYTES_OPTIONS = [...PUBLISH_OPTIONS, 'contentType'];
 const SUBSCRIBE_OPTIONS = ['qos', 'replay', 'durable', 'retained', 'olderHistory', 'capacity', 'onLag', 'onReplayDone'];
@@ -63,7 +69,7 @@ function addKeys(kr, keys) {
     else if (k instanceof TreeKey) kr.addTreeKey(k);
     else if (k instanceof Grant) kr.addGrant(k);
     else if (typeof k === 'string') kr.addKeyString(k);
-    else throw new TypeError('keys: expected a Keyring, TreeKey, Grant or key string');
+    else throw new WhispeerError('INVALID_OPTION', 'keys: expected a Keyring, TreeKey, Grant or key string');
   }
 }
 
@@ -75,17 +81,21 @@ function grantsOf(keys) {
     else if (k instanceof Grant) out.push(k);
     else if (typeof k === 'string')
       out.push(k.trim().startsWith('wstree1') ? TreeKey.fromKeyString(k).grant('#') : Grant.fromKeyString(k));
-    else throw new TypeError('keys: expected a Keyring, TreeKey, Grant or key string');
+    else throw new WhispeerError('INVALID_OPTION', 'keys: expected a Keyring, TreeKey, Grant or key string');
   }
   return out;
 }
 
+/** A zstd level (1–22), 0 for none. */
 function level(c) {
   if (c === undefined || c === true || c === 'zstd') return 3;
   if (c === false || c === null || c === 'none' || c === 0) return 0;
-  if (typeof c === 'number') return c;
-  if (typeof c === 'object' && typeof c.zstd === 'number') return c.zstd;
-  throw new TypeError(`compression: expected 'zstd', 'none', a level or { zstd: level }, got ${c}`);
+  const n = typeof c === 'number' ? c : c && typeof c === 'object' ? c.zstd : undefined;
+  if (Number.isInteger(n) && n >= 0 && n <= 22) return n;
+  throw new WhispeerError(
+    'INVALID_OPTION',
+    `compression: expected 'zstd', 'none', a zstd level 1-22 or { zstd: level }, got ${JSON.stringify(c)}`,
+  );
 }
 
 /** A subscription: a callback target, or an async iterator of messages. */
@@ -268,6 +278,7 @@ export class Client {
     if (typeof url !== 'string' || !/^wss?:\/\//.test(url))
       throw new WhispeerError('INVALID_URL', `relay URL must be ws:// or wss://, got ${url}`);
     if (!WebSocketImpl) throw new WhispeerError('NO_WEBSOCKET', 'no WebSocket implementation available');
+    checkOptions('Client.connect', options, CONNECT_OPTIONS);
     this.#url = url;
     this.#opts = {
       connectTimeoutMs: 10_000,
@@ -283,11 +294,12 @@ export class Client {
       core = new ClientCore(kr, level(options.compression), options.padding !== false, options.sign !== false);
       if (options.identity) {
         if (!(options.identity instanceof Identity))
-          throw new TypeError('identity: expected an Identity (Identity.generate() or Identity.fromSecretString())');
+          throw new WhispeerError('INVALID_OPTION', 'identity: expected an Identity (Identity.generate() or Identity.fromSecretString())');
         core.setIdentity(options.identity);
         this.#identity = options.identity;
       }
       for (const [filter, o] of Object.entries(options.topics ?? {})) {
+        checkOptions(`topics[${JSON.stringify(filter)}]`, o, TOPIC_OPTIONS);
         core.setTopicOptions(filter, level(o.compression), o.padding !== false);
       }
       // Relay account (auth = required relays): an account key answers the relay's
@@ -296,7 +308,7 @@ export class Client {
         const a = options.auth;
         if (typeof a.key === 'string') core.setAccountKey(a.key);
         else if (typeof a.token === 'string') core.setAuthToken(a.token);
-        else throw new TypeError("auth: expected { key: 'wsp_acct_sk_…' } or { token: '…' }");
+        else throw new WhispeerError('INVALID_OPTION', "auth: expected { key: 'wsp_acct_sk_…' } or { token: '…' }");
       }
       const seed = new Uint8Array(32);
       globalThis.crypto.getRandomValues(seed);

@@ -246,4 +246,17 @@ test('invalid options and wasm errors are WhispeerErrors with a code', async () 
   await assert.rejects(c.publish('a/+', 1), (e) => e instanceof WhispeerError && e.code === 'INVALID_TOPIC');
   const keyless = await connect(relay.url, {});
   await assert.rejects(keyless.subscribe('a', { qos: 1 }), (e) => e instanceof WhispeerError && e.code === 'NO_KEY');
+  // Client options: typos, out-of-range levels and wrong types are typed errors too.
+  for (const opts of [
+    { keys: tree, compresion: 3 },
+    { keys: tree, compression: 99 },
+    { keys: tree, compression: -1 },
+    { keys: tree, compression: 'gzip' },
+    { keys: tree, topics: { 'a/#': { compresion: 0 } } },
+    { keys: tree, identity: 'not an identity' },
+    { keys: 42 },
+    { keys: tree, auth: {} },
+  ]) {
+    await assert.rejects(connect(relay.url, opts), invalid, JSON.stringify(opts));
+  }
 });
