@@ -39,6 +39,7 @@ pub struct ClientBuilder {
     pub(crate) connect_timeout: Duration,
     pub(crate) max_frame: usize,
     pub(crate) outbox_bytes: usize,
+    pub(crate) kept_bytes: usize,
     pub(crate) publish_buffer: usize,
     pub(crate) sub_capacity: usize,
     pub(crate) name: String,
@@ -66,6 +67,7 @@ impl Default for ClientBuilder {
             connect_timeout: Duration::from_secs(10),
             max_frame: whispeer_protocol::limits::DEFAULT_MAX_FRAME,
             outbox_bytes: 8 * 1024 * 1024,
+            kept_bytes: 64 * 1024 * 1024,
             publish_buffer: 4 * 1024 * 1024,
             sub_capacity: 65_536,
             name: format!("whispeer-rs/{}", env!("CARGO_PKG_VERSION")),
@@ -94,6 +96,13 @@ impl ClientBuilder {
     /// Bytes of publishes kept while disconnected (default 8 MiB).
     pub fn reconnect_buffer(mut self, bytes: usize) -> Self {
         self.outbox_bytes = bytes;
+        self
+    }
+    /// Bytes of QoS ≥ 1 publishes kept until the relay's `PubAck` (re-sent with the same
+    /// publish id after every reconnect; default 64 MiB). Beyond it a new QoS ≥ 1 publish
+    /// fails with `PublishError::BufferFull`; the ones kept stay kept.
+    pub fn unacked_publish_buffer(mut self, bytes: usize) -> Self {
+        self.kept_bytes = bytes.max(1);
         self
     }
     /// Bytes of publishes the connection may have still to write before `publish` waits

@@ -188,3 +188,63 @@ async fn qos1_publishers_over_a_stalled_link_stay_bounded_and_lose_nothing() {
     assert_eq!(client.stats().unacked_publishes, 0);
     relay.stop().await;
 }
+
+/// QoS ≥ 1 publishes kept until their `PubAck` are capped by `unacked_publish_buffer`: over
+/// it a new one fails at once with `BufferFull` (never silently dropped), and the ones kept
+/// are acknowledged once the link moves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_publishes_waiting_for_their_puback_are_capped() {
+    const CAP: usize = 3 * PAYLOAD;
+    let relay = TestRelay::start().await;
+    let proxy = KillerProxy::start(relay.addrs.tcp.unwrap()).await;
+    let t = tree("kept");
+    let p = Client::builder()
+        .with(Tcp::new(proxy.addr.to_string()))
+        .with(Encryption::new(keyring_with(&t)))
+        .with(identity())
+        .with(Compression::none())
+        .unacked_publish_buffer(CAP)
+        .connect()
+        .await
+        .expect("publisher connects");
+    proxy.stall(true);
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            p.publish_bytes_with(
+                "k/x",
+                "application/octet-stream",
+                &payload(i),
+                PublishOptions::at_least_once(),
+            )
+            .await
+        }));
+    }
+    // The refused ones answer at once, while the link is still stalled (each kept one is
+    // a little over PAYLOAD, so at most CAP / PAYLOAD are kept).
+    until("the publishes over the cap are refused", || {
+        tasks.iter().filter(|t| t.is_finished()).count() >= 8 - CAP / PAYLOAD
+    })
+    .await;
+    let mut refused = 0;
+    proxy.stall(false);
+    let mut acked = 0;
+    for task in tasks {
+        match within("publish outcome", task).await.unwrap() {
+            Ok(_) => acked += 1,
+            Err(whispeer::PublishError::BufferFull(n)) => {
+                assert_eq!(n, CAP);
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected publish error: {e}"),
+        }
+    }
+    assert!(
+        acked >= 1 && acked < CAP / PAYLOAD + 1,
+        "kept and acknowledged: {acked}"
+    );
+    assert_eq!(acked + refused, 8);
+    p.close().await;
+    relay.stop().await;
+}

@@ -65,6 +65,7 @@ impl ClientBuilder {
                 self.reconnect.max_attempts,
             ),
             offline_bytes: self.outbox_bytes,
+            kept_bytes: self.kept_bytes,
             sub_capacity: self.sub_capacity as u64,
             receive: self.receive,
             // Durable owner secrets: from the identity (a restarted client keeps its
