@@ -124,12 +124,15 @@ async fn read_loop<Src: FrameSource>(
     loop {
         // Fairness: one read can hold dozens of frames, and tokio only charges its
         // cooperative budget per read, so a flooding connection could handle thousands of
-        // frames before another task runs. Yield every few frames instead: the worst a
-        // flooder can do to everyone else is one short turn per round.
+        // frames before another task runs. Every frame costs a unit of the task's budget,
+        // and every few frames it yields outright: the worst a flooder can do to everyone
+        // else is one short turn per round.
         this_turn += 1;
         if this_turn > FRAMES_PER_TURN {
             this_turn = 0;
             tokio::task::yield_now().await;
+        } else {
+            tokio::task::consume_budget().await;
         }
         tokio::select! {
             biased;
