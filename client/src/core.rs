@@ -647,16 +647,21 @@ impl ClientCore {
                 return Delivery::Placeholder;
             }
         };
-        // History goes only to the subscriptions that are in their history (the relay
-        // replays per subscription, but a `Msg` does not say for which one): a live
-        // subscription, or one whose history ended, never receives another's replay, and one
-        // that asked for history from sequence `n` gets nothing before `n`.
+        // History goes only to the subscription it is for: a live subscription, or one
+        // whose history ended, never receives another's replay, and one that asked for
+        // history from sequence `n` gets nothing before `n`.
+        // A relay names the subscription of a history message (`Msg.sub_id`); from one
+        // that does not, a replayed message goes to the subscriptions still in history.
         let replayed = msg.flags & frame::msg_flags::REPLAYED != 0;
+        let owner = msg.sub_id.map(|rid| self.relay_to_local.get(&rid).copied());
         let matched: Vec<LocalSubId> = self
             .subs
             .iter()
             .filter(|(_, s)| s.filter.matches(&o.topic))
-            .filter(|(_, s)| !replayed || s.wants_history(msg.seq))
+            .filter(|(id, s)| match owner {
+                Some(owner) => owner == Some(**id),
+                None => !replayed || s.wants_history(msg.seq),
+            })
             .map(|(id, _)| *id)
             .collect();
         if matched.is_empty() {
@@ -814,6 +819,7 @@ mod tests {
         )
         .unwrap();
         let msg = Msg {
+            sub_id: None,
             seq: 9,
             envelope: env,
             flags: 0,
@@ -882,6 +888,7 @@ mod tests {
         assert!(core
             .receive(
                 &Msg {
+                    sub_id: None,
                     seq: 1,
                     envelope: env,
                     flags: 0

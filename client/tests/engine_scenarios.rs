@@ -503,6 +503,7 @@ impl Sim {
             Step::Deliver { msg, seq, flags } => {
                 let envelope = self.msgs[msg].clone();
                 self.feed(Frame::Msg(Msg {
+                    sub_id: None,
                     seq,
                     envelope,
                     flags,
@@ -2062,6 +2063,7 @@ fn random_interleavings_keep_the_invariants() {
                     s.eng.handle_frame(
                         c,
                         &Frame::Msg(Msg {
+                            sub_id: None,
                             seq,
                             envelope,
                             flags,

@@ -342,6 +342,7 @@ async fn a_relay_sequence_of_u64_max_neither_panics_nor_wraps_the_resume_point()
         write_frame(
             &mut conn.s,
             &Frame::Msg(Msg {
+                sub_id: None,
                 seq: u64::MAX,
                 envelope: env,
                 flags: 0,

@@ -659,6 +659,7 @@ fn main() {
             seq: 42,
         }),
         Frame::Msg(Msg {
+            sub_id: None,
             seq: 42,
             envelope: env.clone(),
             flags: 0,

@@ -692,8 +692,9 @@ frames! {
         4 => qos: Qos as QosCodec [always(Qos::AtMostOnce)],
     }
 
-    /// Relay → client: a message. Carries nothing specific to one subscriber, so the relay
-    /// encodes it once for all; the client matches the envelope's tokens to its own filters.
+    /// Relay → client: a message. A live one carries nothing specific to one subscriber, so
+    /// the relay encodes it once for all; the client matches the envelope's tokens to its
+    /// own filters.
     #[derive(Debug, Clone, PartialEq, Eq)]
     MSG => pub struct Msg {
         /// Relay sequence (strictly increasing per relay store; 0 when not stored).
@@ -702,6 +703,10 @@ frames! {
         2 => envelope: Envelope as EnvelopeCodec [req],
         /// [`msg_flags`] bits.
         3 => flags: u64 as Uint [always(0)],
+        /// History only (`REPLAYED` or `RETAINED`): the subscription whose history this is.
+        /// History is per subscription, so without it a client with several subscriptions
+        /// matching the envelope could not tell whose it is; live messages leave it out.
+        4 => sub_id: u64 as Uint [opt],
     }
 
     /// Client → relay: acknowledge delivered sequences (QoS ≥ 1).

@@ -11,7 +11,7 @@ use whispeer_protocol::{codec, Frame, TokenPattern};
 
 use crate::ids::Seq;
 use crate::relay::Shared;
-use crate::router::{msg_frame, Target};
+use crate::router::{history_frame, Target};
 use crate::store::StoreError;
 
 /// Sends history for `target` and opens its gate. `done_frame`: send `ReplayDone`.
@@ -76,9 +76,12 @@ pub(crate) async fn retained(
     match read.await {
         Ok(values) => {
             for m in values {
-                target
-                    .out
-                    .push_history(msg_frame(m.seq.0, &m.envelope, msg_flags::RETAINED));
+                target.out.push_history(history_frame(
+                    m.seq.0,
+                    &m.envelope,
+                    msg_flags::RETAINED,
+                    target.sub.0,
+                ));
             }
         }
         Err(e) => {
@@ -144,9 +147,12 @@ async fn send(
                         .await;
                 }
             }
-            target
-                .out
-                .push_history(msg_frame(m.seq.0, &m.envelope, msg_flags::REPLAYED));
+            target.out.push_history(history_frame(
+                m.seq.0,
+                &m.envelope,
+                msg_flags::REPLAYED,
+                target.sub.0,
+            ));
         }
         count += n;
         if let Some(t) = &target.track {

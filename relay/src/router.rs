@@ -35,9 +35,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Encodes a `Msg` frame (length-prefixed).
+/// Encodes a `Msg` frame (length-prefixed): live and redelivered ones name no subscription.
 pub(crate) fn msg_frame(seq: u64, envelope: &Envelope, flags: u64) -> Bytes {
+    encode_msg(seq, envelope, flags, None)
+}
+
+/// Encodes a history `Msg` (replayed or retained) for subscription `sub_id`.
+pub(crate) fn history_frame(seq: u64, envelope: &Envelope, flags: u64, sub_id: u64) -> Bytes {
+    encode_msg(seq, envelope, flags, Some(sub_id))
+}
+
+fn encode_msg(seq: u64, envelope: &Envelope, flags: u64, sub_id: Option<u64>) -> Bytes {
     codec::encode_prefixed(&Frame::Msg(Msg {
+        sub_id,
         seq,
         envelope: envelope.clone(),
         flags,

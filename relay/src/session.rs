@@ -1177,6 +1177,7 @@ mod tests {
                 }
             )),
             path.prop_map(|(k, p)| Frame::Msg(Msg {
+                sub_id: None,
                 seq: 1,
                 envelope: envelope(k, &p),
                 flags: 0

@@ -337,6 +337,7 @@ async fn protocol_order_and_version_errors() {
     let mut c = Client::tcp(relay.tcp()).await;
     c.hello().await;
     c.send(&Frame::Msg(Msg {
+        sub_id: None,
         seq: 1,
         envelope: envelope(1, &[1]),
         flags: 0,
