@@ -95,6 +95,8 @@ async fn a_tight_publish_loop_over_a_stalled_link_waits_at_the_high_water_mark()
     let c = client.clone();
     // Fire and forget (QoS 0): `publish` returns once the message is handed over, so only
     // backpressure keeps this loop from queueing all 16 MiB.
+    // The loop reports the backlog after every publish it gets through.
+    let (report, mut backlog) = tokio::sync::watch::channel(0usize);
     let publishing = tokio::spawn(async move {
         let mut most = 0;
         for i in 0..N {
@@ -102,13 +104,16 @@ async fn a_tight_publish_loop_over_a_stalled_link_waits_at_the_high_water_mark()
                 .await
                 .expect("publish");
             most = most.max(c.queued_bytes());
+            let _ = report.send(c.queued_bytes());
         }
         most
     });
-    until("the backlog reaches the mark", || {
-        client.queued_bytes() >= MARK
-    })
-    .await;
+    within(
+        "the backlog reaches the mark",
+        backlog.wait_for(|b| *b >= MARK),
+    )
+    .await
+    .expect("the publishing loop reports");
     assert!(
         !publishing.is_finished(),
         "the loop waits while the link is stalled"
@@ -208,30 +213,39 @@ async fn qos1_publishes_waiting_for_their_puback_are_capped() {
         .await
         .expect("publisher connects");
     proxy.stall(true);
-    let mut tasks = Vec::new();
+    // Every publish reports its outcome on a channel the moment it has one.
+    let (tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
     for i in 0..8 {
-        let p = p.clone();
-        tasks.push(tokio::spawn(async move {
-            p.publish_bytes_with(
-                "k/x",
-                "application/octet-stream",
-                &payload(i),
-                PublishOptions::at_least_once(),
-            )
-            .await
-        }));
+        let (p, tx) = (p.clone(), tx.clone());
+        tokio::spawn(async move {
+            let r = p
+                .publish_bytes_with(
+                    "k/x",
+                    "application/octet-stream",
+                    &payload(i),
+                    PublishOptions::at_least_once(),
+                )
+                .await;
+            let _ = tx.send(r);
+        });
     }
-    // The refused ones answer at once, while the link is still stalled (each kept one is
-    // a little over PAYLOAD, so at most CAP / PAYLOAD are kept).
-    until("the publishes over the cap are refused", || {
-        tasks.iter().filter(|t| t.is_finished()).count() >= 8 - CAP / PAYLOAD
-    })
-    .await;
+    drop(tx);
+    // While the link is stalled no PubAck can come: the first outcomes are the refusals
+    // (each kept publish is a little over PAYLOAD, so at most CAP / PAYLOAD are kept).
     let mut refused = 0;
+    for _ in 0..8 - CAP / PAYLOAD {
+        match within("a refusal while stalled", outcomes.recv()).await {
+            Some(Err(whispeer::PublishError::BufferFull(n))) => {
+                assert_eq!(n, CAP);
+                refused += 1;
+            }
+            other => panic!("expected BufferFull while stalled, got {other:?}"),
+        }
+    }
     proxy.stall(false);
     let mut acked = 0;
-    for task in tasks {
-        match within("publish outcome", task).await.unwrap() {
+    while let Some(r) = within("publish outcome", outcomes.recv()).await {
+        match r {
             Ok(_) => acked += 1,
             Err(whispeer::PublishError::BufferFull(n)) => {
                 assert_eq!(n, CAP);

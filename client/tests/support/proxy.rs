@@ -51,6 +51,11 @@ impl KillerProxy {
                             if n == 0 {
                                 return;
                             }
+                            // Stalled while this read waited: hold what it got too, so a
+                            // stall stops everything sent after it, not all but one read.
+                            if gate.wait_for(|stalled| !*stalled).await.is_err() {
+                                return;
+                            }
                             if hole.load(Ordering::SeqCst) {
                                 let _ = tx.send(n);
                             } else if rw.write_all(&buf[..n]).await.is_err() {
