@@ -61,7 +61,10 @@ pub(crate) async fn retained(
 ) {
     let store = shared.router.store().clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    store.when_durable(
+    // Only this key id's queued writes must reach the file first: other tenants' backlog
+    // never holds back this subscription (its live messages wait behind the gate).
+    store.when_readable(
+        pattern.key_id(),
         boundary,
         Box::new(move |r| {
             let _ = tx.send(r);
@@ -110,7 +113,10 @@ async fn send(
 ) -> Result<u64, StoreError> {
     let store = shared.router.store().clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    store.when_durable(
+    // Only this key id's queued writes must reach the file first: other tenants' backlog
+    // never holds back this subscription (its live messages wait behind the gate).
+    store.when_readable(
+        pattern.key_id(),
         boundary,
         Box::new(move |r| {
             let _ = tx.send(r);

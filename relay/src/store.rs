@@ -382,6 +382,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn last_seq(&self) -> Seq;
     /// Runs `done` once every message up to `seq` is durable (immediately if it is).
     fn when_durable(&self, seq: Seq, done: OnDurable);
+    /// Runs `done` once a history or retained read of `key_id` up to `upto` would see
+    /// every write of that key id up to `upto` (immediately if it would). Writes of other
+    /// key ids — other tenants — never delay it, nor do `PubAck`s waiting in order: a
+    /// subscriber's live messages wait behind its replay or retained lookup, so waiting for
+    /// the whole store would let anyone who floods the disk stall every new subscription.
+    fn when_readable(&self, key_id: &KeyId, upto: Seq, done: OnDurable);
     /// Resolves a replay request against what is stored, for messages up to `upto`.
     /// Blocking: call off the async runtime.
     fn plan(
@@ -461,6 +467,10 @@ impl Store for LiveStore {
 
     fn when_durable(&self, _seq: Seq, done: OnDurable) {
         done(Err(Self::unsupported("durability")))
+    }
+
+    fn when_readable(&self, _: &KeyId, _: Seq, done: OnDurable) {
+        done(Err(Self::unsupported("history")))
     }
 
     fn plan(&self, _: &TokenPattern, _: Replay, _: Seq) -> Result<ReadPlan, StoreError> {

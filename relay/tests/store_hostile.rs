@@ -539,6 +539,98 @@ async fn a_full_store_queue_answers_busy_and_never_stalls_others() {
     relay.stop().await;
 }
 
+/// A new subscription with a retained lookup or a replay waits only for its own key id's
+/// queued writes, never for another tenant's backlog: while the store's writer is stuck
+/// (the test holds SQLite's write lock, as a slow disk under a flood would), a subscriber of
+/// key A gets its retained value, its history and then live messages at once, although
+/// tenant B's QoS 1 publish waits in the queue. Before, the lookup waited for the whole
+/// store to commit, so a flood of other tenants' writes held every new subscriber's live
+/// messages back for as long as the commits took (the hostile bench saw 1–2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_store_backlog_never_holds_back_a_new_subscription() {
+    let dir = temp_dir("barrier");
+    let db = dir.join("s.db");
+    let config = file_config(&db);
+    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
+    let relay = relay_with(config, store.clone()).await;
+    // Key A holds a retained value and a stored message, committed.
+    let mut a = client_from("127.0.0.4", relay.tcp()).await;
+    let r = publish_one(
+        &mut a,
+        env_on(KA, 1, 1, 64),
+        Qos::AtLeastOnce,
+        pid(1, 4),
+        true,
+    )
+    .await;
+    assert!(matches!(r, Answer::Acked(_)), "{r:?}");
+    // The writer gets stuck: SQLite's write lock is held by another connection.
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // Tenant B's write is queued behind the lock (its PubAck cannot come yet).
+    let mut b = client_from("127.0.0.2", relay.tcp()).await;
+    b.send(&pub_qos(
+        env_on(KB, 1, 2, 64),
+        Qos::AtLeastOnce,
+        Some(pid(2, 2)),
+        false,
+    ))
+    .await;
+    // A new subscriber of key A: its retained value, then a live message.
+    let mut c = client_from("127.0.0.3", relay.tcp()).await;
+    c.send(&sub(1, all_of(KA), None, true)).await;
+    // And one replaying key A's history.
+    let mut d = client_from("127.0.0.5", relay.tcp()).await;
+    d.send(&sub(1, all_of(KA), Some(Replay::FromSeq(0)), false))
+        .await;
+    // The live message is published once both subscriptions exist (SubOk seen by the relay
+    // before the publish: the same connection orders them).
+    a.send(&sub(9, all_of(KC), None, false)).await;
+    loop {
+        if let Frame::SubOk(_) = a.recv().await {
+            break;
+        }
+    }
+    a.send(&pub_qos(env_on(KA, 1, 3, 64), Qos::AtMostOnce, None, false))
+        .await;
+    // While the writer is stuck: long enough for a loaded machine, far below the writer's
+    // 5 s busy timeout, after which its commit would fail and release the lookup anyway.
+    let limit = Duration::from_secs(4);
+    let (got_c, got_d) = tokio::join!(
+        tokio::time::timeout(limit, first_two(&mut c)),
+        tokio::time::timeout(limit, first_two(&mut d))
+    );
+    let got_c = got_c.expect("the retained lookup waited for another tenant's queued write");
+    let got_d = got_d.expect("the replay waited for another tenant's queued write");
+    assert_eq!(got_c[0], (1, msg_flags::RETAINED), "{got_c:?}");
+    assert_eq!(got_c[1].0, 3, "then the live message: {got_c:?}");
+    assert_eq!(got_d[0].0, 1, "history first: {got_d:?}");
+    assert!(got_d[0].1 & msg_flags::REPLAYED != 0, "{got_d:?}");
+    assert_eq!(got_d[1], (3, 0), "then the live message: {got_d:?}");
+    // The lock goes: tenant B's write commits and is acknowledged; nothing was lost.
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    match b.recv().await {
+        Frame::PubAck(p) => assert_eq!(p.publish_id, pid(2, 2)),
+        other => panic!("unexpected {other:?}"),
+    }
+    drop((a, b, c, d));
+    relay.stop().await;
+}
+
+/// The first two messages a subscriber gets (skipping `SubOk` and `ReplayDone`): index, flags.
+async fn first_two(c: &mut Client) -> Vec<(u64, u64)> {
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match c.recv().await {
+            Frame::SubOk(_) | Frame::ReplayDone(_) => {}
+            Frame::Msg(m) => seen.push((index_of(&m.envelope), m.flags)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    seen
+}
+
 fn index_of_pid(p: [u8; 16]) -> u64 {
     u64::from_le_bytes(p[..8].try_into().unwrap())
 }

@@ -173,6 +173,9 @@ struct PathStat {
 struct KeyStat {
     kid: i64,
     paths: u64,
+    /// Sequence of the last message or retained value queued for this key id: a history
+    /// read of the key id waits for this one only (`Store::when_readable`).
+    last_write: u64,
 }
 
 /// What the store knows in memory: ids and usage (never envelopes).
@@ -568,7 +571,11 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
         if let Some(k) = kids.get(&kid) {
             idx.keys
                 .entry(*k)
-                .or_insert(KeyStat { kid, paths: 0 })
+                .or_insert(KeyStat {
+                    kid,
+                    paths: 0,
+                    last_write: 0,
+                })
                 .paths += 1;
         }
     }
@@ -1604,7 +1611,14 @@ impl Store for SqliteStore {
                     None => {
                         let kid = idx.next_kid;
                         idx.next_kid += 1;
-                        idx.keys.insert(key, KeyStat { kid, paths: 1 });
+                        idx.keys.insert(
+                            key,
+                            KeyStat {
+                                kid,
+                                paths: 1,
+                                last_write: seq,
+                            },
+                        );
                         ops.push(Op::Key { kid, key_id: key });
                         kid
                     }
@@ -1636,6 +1650,11 @@ impl Store for SqliteStore {
                 (pid, kid)
             }
         };
+        if keep || retain {
+            if let Some(k) = idx.keys.get_mut(m.path.key_id().as_bytes()) {
+                k.last_write = seq;
+            }
+        }
         if retain {
             if let Some((otid, ob, _)) = old_retained {
                 let u = idx.usage(otid);
@@ -1733,6 +1752,20 @@ impl Store for SqliteStore {
         if was_empty {
             s.work.notify_one();
         }
+    }
+
+    fn when_readable(&self, key_id: &KeyId, upto: Seq, done: OnDurable) {
+        let s = &self.shared;
+        let barrier = lock(&s.idx)
+            .keys
+            .get(key_id.as_bytes())
+            .map_or(0, |k| k.last_write)
+            .min(upto.0);
+        // Committed (or dropped by a failed commit, which a read simply does not see).
+        if barrier <= s.committed.load(Relaxed) {
+            return done(Ok(()));
+        }
+        self.when_durable(Seq(barrier), done);
     }
 
     fn plan(

@@ -10,6 +10,10 @@
 //! relay round trip), so the run measures throughput rather than how long queues can grow.
 //! A window that stalls (messages the relay dropped) is released after a short wait and the
 //! missing messages are counted as lost.
+//!
+//! Debugging aid: with `WHISPEER_BENCH_TRACE=FILE` in the environment, subscriber `i` writes
+//! one line per message to `FILE.i`: the send time (ns since the run's start) and the
+//! latency (µs), so a tail can be placed in time (a startup stall or periodic ones).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -543,6 +547,7 @@ async fn subscriber(
     let mut hist = new_hist();
     let mut received = 0u64;
     let mut last_ns = 0u64;
+    let mut trace = std::env::var_os("WHISPEER_BENCH_TRACE").map(|p| (p, Vec::new()));
     loop {
         let m = tokio::select! {
             biased;
@@ -563,6 +568,9 @@ async fn subscriber(
         let sent_ns = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
         let us = now.saturating_sub(sent_ns) / 1000;
         hist.saturating_record(us.max(1));
+        if let Some((_, t)) = trace.as_mut() {
+            t.push((sent_ns, us));
+        }
         received += 1;
         last_ns = now;
         shared.received[idx].fetch_add(1, Ordering::AcqRel);
@@ -571,6 +579,14 @@ async fn subscriber(
         }
     }
     shared.progress.notify_waiters();
+    if let Some((path, t)) = trace {
+        let mut path = path;
+        path.push(format!(".{idx}"));
+        let lines: String = t.iter().map(|(s, us)| format!("{s} {us}\n")).collect();
+        if let Err(e) = std::fs::write(&path, lines) {
+            tracing::warn!(?path, %e, "could not write the latency trace");
+        }
+    }
     let stats = client.stats();
     tracing::debug!(subscriber = idx, received, ?stats, "subscriber done");
     drop(sub);
