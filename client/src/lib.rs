@@ -78,7 +78,7 @@ pub use client::{
 pub use options::InProcess;
 #[cfg(feature = "tokio-runtime")]
 pub use options::{
-    ClientBuilder, Compression, Encryption, Engine, Padding, Plugin, Reconnect, Signing, Tcp,
+    ClientBuilder, Compression, Encryption, Engine, Padding, Plugin, Quic, Reconnect, Signing, Tcp,
     TlsPin, TlsPinError, TlsRoot, TopicOptions, WebSocket,
 };
 #[cfg(feature = "tokio-runtime")]

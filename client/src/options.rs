@@ -177,6 +177,28 @@ impl Engine for Tcp {
     }
 }
 
+/// Connect over QUIC (`quic://host:port`, or `host:port`): one stream of length-prefixed
+/// frames, TLS 1.3 with the same roots and pins as `tls://` ([`TlsRoot`], [`TlsPin`]), and
+/// connection migration — the connection survives a change of the client's address.
+#[derive(Debug, Clone)]
+pub struct Quic(pub(crate) String);
+impl Quic {
+    /// An address or URL.
+    pub fn new(addr: impl Into<String>) -> Self {
+        Quic(addr.into())
+    }
+}
+impl Engine for Quic {
+    fn apply(self, b: &mut ClientBuilder) {
+        let a = self.0;
+        b.url = Some(if a.contains("://") {
+            a
+        } else {
+            format!("quic://{a}")
+        });
+    }
+}
+
 /// Default payload compression for every topic (per-topic rules override it).
 #[derive(Debug, Clone, Copy)]
 pub struct Compression(pub(crate) whispeer_protocol::Compression);

@@ -1,4 +1,4 @@
-//! Connecting to a relay: `ws://`, `wss://`, `tcp://` and `tls://` URLs, each turned into a
+//! Connecting to a relay: `ws://`, `wss://`, `tcp://`, `tls://` and `quic://` URLs, each turned into a
 //! frame writer plus a channel of incoming frames fed by a reader task (so the connection
 //! driver can `select!` on it without cancellation hazards).
 
@@ -28,6 +28,8 @@ pub struct Endpoint {
     pub websocket: bool,
     /// TLS on top.
     pub tls: bool,
+    /// QUIC (`quic`): one bidirectional stream of length-prefixed frames, TLS 1.3.
+    pub quic: bool,
     /// Host name or address.
     pub host: String,
     /// Port.
@@ -35,10 +37,11 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Parses `ws://host[:port][/path]`, `wss://…`, `tcp://host[:port]`, `tls://host:port`
+    /// Parses `ws://host[:port][/path]`, `wss://…`, `tcp://host[:port]`, `tls://host:port`,
+    /// `quic://host:port`
     /// (with the `url` crate: IPv6 as `[::1]`, international names, percent-encoding).
     /// Without a port, `ws` and `wss` use 80 and 443 as browsers do, and `tcp` the relay's
-    /// default TCP port 7481; `tls` has no default and needs one.
+    /// default TCP port 7481; `tls` and `quic` have no default and need one.
     pub fn parse(url: &str) -> Result<Self, ConnectError> {
         let bad = |reason: &str| ConnectError::InvalidUrl {
             url: url.to_owned(),
@@ -54,9 +57,10 @@ impl Endpoint {
             "ws" => (true, false, Some(80)),
             "wss" => (true, true, Some(443)),
             "tcp" => (false, false, Some(DEFAULT_TCP_PORT)),
-            "tls" => (false, true, None),
-            _ => return Err(bad("scheme must be ws, wss, tcp or tls")),
+            "tls" | "quic" => (false, true, None),
+            _ => return Err(bad("scheme must be ws, wss, tcp, tls or quic")),
         };
+        let quic = u.scheme() == "quic";
         let host = match u.host() {
             Some(url::Host::Domain(d)) if !d.is_empty() => d.to_owned(),
             Some(url::Host::Ipv4(a)) => a.to_string(),
@@ -66,11 +70,12 @@ impl Endpoint {
         let port = u
             .port()
             .or(default_port)
-            .ok_or_else(|| bad("missing :port (a tls:// relay has no default port)"))?;
+            .ok_or_else(|| bad("missing :port (tls:// and quic:// relays have no default port)"))?;
         Ok(Endpoint {
             url: url.to_owned(),
             websocket,
             tls,
+            quic,
             host,
             port,
         })
@@ -229,6 +234,18 @@ fn tls_connector(settings: &TlsSettings) -> Result<tokio_rustls::TlsConnector, C
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(tls_error)?;
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(tls_client(
+        settings, provider, builder,
+    )?)))
+}
+
+/// The client TLS configuration for `settings`: the web PKI roots plus extra ones, or
+/// exactly the pinned certificates.
+fn tls_client(
+    settings: &TlsSettings,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>,
+) -> Result<rustls::ClientConfig, ConnectError> {
     let config = if settings.pins.is_empty() {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -245,7 +262,127 @@ fn tls_connector(settings: &TlsSettings) -> Result<tokio_rustls::TlsConnector, C
             }))
             .with_no_client_auth()
     };
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    Ok(config)
+}
+
+/// The ALPN protocol id of whispeer over QUIC (the relay's `tls::QUIC_ALPN`).
+const QUIC_ALPN: &[u8] = b"whispeer";
+
+/// A QUIC connection's one bidirectional stream as a byte stream, keeping its endpoint and
+/// connection alive for as long as the stream is used.
+struct QuicIo {
+    io: tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
+    _connection: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+impl AsyncRead for QuicIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for QuicIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Dials `quic://host:port`: a client endpoint on an ephemeral UDP port, the TLS 1.3
+/// handshake (same roots and pins as `tls://`), and the one stream every frame travels on.
+async fn dial_quic(
+    ep: &Endpoint,
+    settings: &TlsSettings,
+    addr: &str,
+) -> Result<Box<dyn Io>, ConnectError> {
+    let io_err = |source: std::io::Error| ConnectError::Io {
+        addr: addr.to_owned(),
+        source,
+    };
+    let remote = tokio::net::lookup_host(addr)
+        .await
+        .map_err(io_err)?
+        .next()
+        .ok_or_else(|| io_err(std::io::ErrorKind::NotFound.into()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?;
+    let mut crypto = tls_client(settings, provider, builder)?;
+    crypto.alpn_protocols = vec![QUIC_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(tls_error)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    // NAT bindings for UDP expire fast: keep packets flowing even when the app is quiet.
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    // A relay that died (or restarted without answering for the old connection) is
+    // noticed after 10 s of silence; while it lives, the keep-alives answer well within.
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(10)).map_err(tls_error)?,
+    ));
+    config.transport_config(Arc::new(transport));
+    let local: std::net::SocketAddr = if remote.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(local).map_err(io_err)?;
+    endpoint.set_default_client_config(config);
+    let connection = endpoint
+        .connect(remote, &ep.host)
+        .map_err(tls_error)?
+        .await
+        .map_err(|e| quic_failure(addr, e))?;
+    let (send, recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| quic_failure(addr, e))?;
+    Ok(Box::new(QuicIo {
+        io: tokio::io::join(recv, send),
+        _connection: connection,
+        _endpoint: endpoint,
+    }))
+}
+
+/// A failed QUIC connection: TLS problems get the same hints as `tls://`.
+fn quic_failure(addr: &str, e: quinn::ConnectionError) -> ConnectError {
+    match e {
+        // TLS alerts travel as QUIC CRYPTO_ERROR codes 0x100..=0x1ff (RFC 9000 §20.1).
+        quinn::ConnectionError::TransportError(ref t) if u64::from(t.code) >> 8 == 1 => {
+            tls_failure(std::io::Error::other(e))
+        }
+        quinn::ConnectionError::TimedOut => ConnectError::Io {
+            addr: addr.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no QUIC answer (is a quic listener there, and UDP let through?)",
+            ),
+        },
+        other => ConnectError::Io {
+            addr: addr.to_owned(),
+            source: std::io::Error::other(other),
+        },
+    }
 }
 
 /// A TLS error that keeps its source; its message is the source's.
@@ -360,15 +497,32 @@ async fn connect_inner(
     tls: &TlsSettings,
     max_frame: usize,
 ) -> Result<Connection, ConnectError> {
-    let addr = format!("{}:{}", ep.host, ep.port);
-    let tcp = TcpStream::connect(&addr)
+    let addr = match ep.host.contains(':') {
+        true => format!("[{}]:{}", ep.host, ep.port),
+        false => format!("{}:{}", ep.host, ep.port),
+    };
+    let io: Box<dyn Io> = if ep.quic {
+        dial_quic(ep, tls, &addr).await?
+    } else {
+        dial_tcp(ep, tls, &addr).await?
+    };
+    connect_io(ep, io, max_frame).await
+}
+
+/// A TCP connection, with TLS on top for `wss://` and `tls://`.
+async fn dial_tcp(
+    ep: &Endpoint,
+    tls: &TlsSettings,
+    addr: &str,
+) -> Result<Box<dyn Io>, ConnectError> {
+    let tcp = TcpStream::connect(addr)
         .await
         .map_err(|source| ConnectError::Io {
-            addr: addr.clone(),
+            addr: addr.to_owned(),
             source,
         })?;
     let _ = tcp.set_nodelay(true);
-    let io: Box<dyn Io> = if ep.tls {
+    Ok(if ep.tls {
         let name = rustls_pki_types::ServerName::try_from(ep.host.clone()).map_err(tls_error)?;
         Box::new(
             tls_connector(tls)?
@@ -378,7 +532,15 @@ async fn connect_inner(
         )
     } else {
         Box::new(tcp)
-    };
+    })
+}
+
+/// Starts the reader task on an open byte stream (WebSocket handshake first for `ws`).
+async fn connect_io(
+    ep: &Endpoint,
+    io: Box<dyn Io>,
+    max_frame: usize,
+) -> Result<Connection, ConnectError> {
     let (tx, rx) = mpsc::channel(1024);
     if ep.websocket {
         let mut cfg = WebSocketConfig::default();

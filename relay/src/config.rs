@@ -570,6 +570,10 @@ pub struct ListenConfig {
     /// Length-prefixed TCP over TLS (tls://); needs [tls].
     #[arg(long, env = "WHISPEER_TLS")]
     pub tls: ListenAddr,
+    /// QUIC (quic://, a UDP port): one bidirectional stream of length-prefixed frames, TLS
+    /// 1.3, connection migration; needs [tls].
+    #[arg(long, env = "WHISPEER_QUIC")]
+    pub quic: ListenAddr,
     /// Admin HTTP: /metrics (Prometheus), /status (JSON), /healthz. Off loopback it needs
     /// auth.admin_token.
     #[arg(long, env = "WHISPEER_ADMIN")]
@@ -584,12 +588,13 @@ impl Default for ListenConfig {
             tcp: local(7481),
             wss: ListenAddr::OFF,
             tls: ListenAddr::OFF,
+            quic: ListenAddr::OFF,
             admin: local(7482),
         }
     }
 }
 
-/// PEM files for the wss and tls listeners (`whispeer-relay tls generate` writes a pair).
+/// PEM files for the wss, tls and quic listeners (`whispeer-relay tls generate` writes a pair).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
@@ -878,6 +883,7 @@ impl Config {
                 tcp: any,
                 wss: ListenAddr::OFF,
                 tls: ListenAddr::OFF,
+                quic: ListenAddr::OFF,
                 admin: any,
             },
             store: StoreConfig {

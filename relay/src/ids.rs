@@ -38,16 +38,19 @@ pub enum TransportKind {
     Tls,
     /// An in-process channel pair (embedded relay, no sockets).
     InProcess,
+    /// One QUIC stream of length-prefixed frames (`quic://`).
+    Quic,
 }
 
 impl TransportKind {
     /// Every kind, in the order metrics list them.
-    pub const ALL: [TransportKind; 5] = [
+    pub const ALL: [TransportKind; 6] = [
         TransportKind::Ws,
         TransportKind::Wss,
         TransportKind::Tcp,
         TransportKind::Tls,
         TransportKind::InProcess,
+        TransportKind::Quic,
     ];
 
     /// Stable lowercase name (metrics label, logs).
@@ -58,6 +61,7 @@ impl TransportKind {
             TransportKind::Tcp => "tcp",
             TransportKind::Tls => "tls",
             TransportKind::InProcess => "in_process",
+            TransportKind::Quic => "quic",
         }
     }
 

@@ -24,7 +24,8 @@
 //! - `session` — the per-connection protocol state machine (sans I/O).
 //! - `conn` — drives a session over a transport: reader, coalescing writer, timeouts, drain.
 //! - [`transport`] — frame sources/sinks: length-prefixed streams, WebSocket, channels.
-//! - [`tls`] — rustls (ring) acceptor from PEM files.
+//! - [`tls`] — rustls (ring) acceptor from PEM files; the QUIC server configuration.
+//! - `quic` — the QUIC listener: one stream of length-prefixed frames per connection.
 //! - [`plugin`] — metadata-only hooks; logging and metrics plugins.
 //! - [`metrics`] — counters, routing histogram, Prometheus text.
 //! - [`accounts`] — relay accounts, rights, key-id claims, durable owners, hot reload.
@@ -46,6 +47,7 @@ pub mod logging;
 pub mod metrics;
 mod outbound;
 pub mod plugin;
+mod quic;
 mod rate;
 mod relay;
 mod replay;

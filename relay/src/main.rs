@@ -307,13 +307,19 @@ fn warn_open_relay(config: &Config) {
         return;
     }
     let l = &config.listen;
-    let open: Vec<String> = [("ws", l.ws), ("tcp", l.tcp), ("wss", l.wss), ("tls", l.tls)]
-        .into_iter()
-        .filter_map(|(n, a)| {
-            a.0.filter(|a| !a.ip().is_loopback())
-                .map(|a| format!("{n} {a}"))
-        })
-        .collect();
+    let open: Vec<String> = [
+        ("ws", l.ws),
+        ("tcp", l.tcp),
+        ("wss", l.wss),
+        ("tls", l.tls),
+        ("quic", l.quic),
+    ]
+    .into_iter()
+    .filter_map(|(n, a)| {
+        a.0.filter(|a| !a.ip().is_loopback())
+            .map(|a| format!("{n} {a}"))
+    })
+    .collect();
     if !open.is_empty() {
         let msg = format!(
             "WARNING: auth is off and the relay listens beyond loopback ({}): anyone who can \
@@ -358,7 +364,8 @@ async fn serve(config: Config, ready_file: Option<PathBuf>) -> Result<()> {
     let relay = Relay::bind(config).await?;
     let addrs = relay.addrs();
     tracing::info!(
-        ws = ?addrs.ws, tcp = ?addrs.tcp, wss = ?addrs.wss, tls = ?addrs.tls, admin = ?addrs.admin,
+        ws = ?addrs.ws, tcp = ?addrs.tcp, wss = ?addrs.wss, tls = ?addrs.tls, quic = ?addrs.quic,
+        admin = ?addrs.admin,
         "whispeer-relay listening"
     );
     if let Some(path) = ready_file {

@@ -63,8 +63,8 @@ impl Histogram {
 #[derive(Debug)]
 pub struct Metrics {
     started: Instant,
-    connections: [AtomicI64; 5],
-    connections_total: [AtomicU64; 5],
+    connections: [AtomicI64; TransportKind::ALL.len()],
+    connections_total: [AtomicU64; TransportKind::ALL.len()],
     connections_rejected: AtomicU64,
     subscriptions: AtomicI64,
     subscribes_total: AtomicU64,

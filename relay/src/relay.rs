@@ -152,6 +152,9 @@ pub struct BoundAddrs {
     /// Length-prefixed TCP over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<SocketAddr>,
+    /// QUIC (UDP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic: Option<SocketAddr>,
     /// Admin HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
@@ -169,6 +172,8 @@ pub struct Listeners {
     pub wss: Option<TcpListener>,
     /// Length-prefixed TCP over TLS.
     pub tls: Option<TcpListener>,
+    /// QUIC: the bound UDP socket (the QUIC endpoint is made on it when the relay runs).
+    pub quic: Option<std::net::UdpSocket>,
     /// Admin HTTP.
     pub admin: Option<TcpListener>,
 }
@@ -205,6 +210,18 @@ impl Listeners {
             tcp: one("tcp", l.tcp).await?,
             wss: one("wss", l.wss).await?,
             tls: one("tls", l.tls).await?,
+            quic: match l.quic.0 {
+                None => None,
+                Some(a) => {
+                    Some(
+                        std::net::UdpSocket::bind(a).map_err(|source| RelayError::Bind {
+                            listener: "quic",
+                            addr: a,
+                            source,
+                        })?,
+                    )
+                }
+            },
             admin: one("admin", l.admin).await?,
         })
     }
@@ -217,6 +234,7 @@ impl Listeners {
             tcp: a(&self.tcp),
             wss: a(&self.wss),
             tls: a(&self.tls),
+            quic: self.quic.as_ref().and_then(|u| u.local_addr().ok()),
             admin: a(&self.admin),
         }
     }
@@ -266,6 +284,23 @@ impl RelayBuilder {
                 reason: "a wss or tls listener needs tls.cert and tls.key".into(),
             }));
         }
+        let quic = match (
+            &self.config.tls.cert,
+            &self.config.tls.key,
+            &self.listeners.quic,
+        ) {
+            (_, _, None) => None,
+            (Some(c), Some(k), Some(_)) => {
+                Some(tls::quic_server(c, k, self.config.timeouts.idle())?)
+            }
+            _ => {
+                return Err(RelayError::Config(crate::config::ConfigError::Invalid {
+                    field: "tls",
+                    reason: "a quic listener needs tls.cert and tls.key (QUIC is always TLS 1.3)"
+                        .into(),
+                }))
+            }
+        };
         let metrics = Arc::new(Metrics::new());
         let mut plugins = Plugins::new();
         plugins.push(Arc::new(MetricsPlugin::new(metrics.clone())));
@@ -318,6 +353,7 @@ impl RelayBuilder {
             shared,
             listeners: self.listeners,
             tls,
+            quic,
         })
     }
 }
@@ -327,6 +363,7 @@ pub struct Relay {
     shared: Arc<Shared>,
     listeners: Listeners,
     tls: Option<TlsAcceptor>,
+    quic: Option<quinn::ServerConfig>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -381,6 +418,7 @@ impl Relay {
             shared,
             listeners,
             tls,
+            quic,
         } = self;
         let mut tasks = JoinSet::new();
         let mut spawn = |l: Option<TcpListener>, kind: TransportKind| {
@@ -392,6 +430,23 @@ impl Relay {
         spawn(listeners.tcp, TransportKind::Tcp);
         spawn(listeners.wss, TransportKind::Wss);
         spawn(listeners.tls, TransportKind::Tls);
+        if let (Some(socket), Some(server)) = (listeners.quic, quic) {
+            let endpoint = quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                Some(server),
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(|source| RelayError::Bind {
+                listener: "quic",
+                addr: shared
+                    .addrs
+                    .quic
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                source,
+            })?;
+            tasks.spawn(crate::quic::accept_loop(shared.clone(), endpoint));
+        }
         if let Some(l) = listeners.admin {
             tasks.spawn(admin::serve(l, shared.clone()));
         }
@@ -676,7 +731,8 @@ async fn handshake(
                     conn::serve(shared.clone(), src, snk, kind, peer_s, slot.take()).await;
                 }
             }
-            TransportKind::InProcess => {}
+            // Not accepted here (in-process channels, QUIC's own listener).
+            TransportKind::InProcess | TransportKind::Quic => {}
         }
         Ok(())
     }

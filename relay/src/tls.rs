@@ -1,4 +1,4 @@
-//! TLS for the `wss` and `tls` listeners: rustls with the *ring* provider, certificate
+//! TLS for the `wss`, `tls` and `quic` listeners: rustls with the *ring* provider, certificate
 //! chain and key from PEM files; `whispeer-relay tls generate` (a self-signed end-entity
 //! certificate and its SHA-256 fingerprint for clients to pin).
 
@@ -41,6 +41,9 @@ pub enum TlsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The TLS configuration cannot carry QUIC (it needs TLS 1.3).
+    #[error("QUIC needs TLS 1.3: {0}")]
+    Quic(String),
 }
 
 /// SHA-256 of a certificate's DER bytes: the fingerprint clients pin (`--tls-pin`).
@@ -134,8 +137,11 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// Builds the acceptor shared by both TLS listeners.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+/// The certificate chain and key from PEM files.
+fn load(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let cert_pem = read(cert)?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .filter_map(Result::ok)
@@ -146,6 +152,12 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     let key_pem = read(key)?;
     let key_der =
         PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey(key.to_owned()))?;
+    Ok((certs, key_der))
+}
+
+/// Builds the acceptor shared by both TLS listeners.
+pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let (certs, key_der) = load(cert, key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -153,4 +165,39 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .with_single_cert(certs, key_der)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The ALPN protocol id of whispeer over QUIC (`quic://`).
+pub const QUIC_ALPN: &[u8] = b"whispeer";
+
+/// The QUIC listener's configuration: TLS 1.3 only (QUIC has no other), ALPN
+/// [`QUIC_ALPN`], connection migration on (a client whose address changes — Wi-Fi to
+/// mobile, a NAT rebinding — keeps its connection), and an idle timeout of `idle`: the
+/// relay's own idle timer answers first with `Err(idle_timeout)`, QUIC's closes what is left.
+pub fn quic_server(
+    cert: &Path,
+    key: &Path,
+    idle: std::time::Duration,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let (certs, key_der) = load(cert, key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)?;
+    config.alpn_protocols = vec![QUIC_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(config)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    // One bidirectional stream per connection carries every frame; nothing else is opened.
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(idle + std::time::Duration::from_secs(5))
+            .map_err(|e| TlsError::Quic(e.to_string()))?,
+    ));
+    server.transport_config(Arc::new(transport));
+    server.migration(true);
+    Ok(server)
 }

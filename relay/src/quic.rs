@@ -1,0 +1,82 @@
+//! The QUIC listener (`quic://`): each QUIC connection carries one bidirectional stream of
+//! length-prefixed frames, exactly the bytes of the `tcp` listener, under TLS 1.3 (see
+//! [`crate::tls::quic_server`]). QUIC adds connection migration — a client whose address
+//! changes keeps its connection and its subscriptions — and no head-of-line blocking at
+//! the TCP level on lossy links.
+//!
+//! Admission is the same as for TCP: a connection counts against its source address and
+//! the global cap from its first packet, handshake included; one over a cap is refused
+//! before any cryptography (QUIC `CONNECTION_REFUSED`).
+
+use std::sync::Arc;
+
+use crate::conn;
+use crate::ids::TransportKind;
+use crate::rate::AddrSlot;
+use crate::relay::Shared;
+use crate::transport::stream::{StreamSink, StreamSource};
+
+/// Accepts QUIC connections until the task is aborted (relay shutdown).
+pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let peer = incoming.remote_address();
+        match shared.addr_table.admit(peer.ip()) {
+            Ok(slot) => {
+                tokio::spawn(handshake(shared.clone(), incoming, slot));
+            }
+            Err(why) => {
+                shared.metrics.connection_rejected();
+                shared
+                    .metrics
+                    .error_sent(whispeer_protocol::ErrorCode::TooManyConnections);
+                tracing::debug!(
+                    listener = "quic",
+                    ?why,
+                    "connection refused before its handshake"
+                );
+                incoming.refuse();
+            }
+        }
+    }
+}
+
+/// Completes the QUIC handshake and waits for the client's stream (both within
+/// `hello_ms`), then serves the connection and lets its last frames reach the client.
+async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlot) {
+    let peer = incoming.remote_address();
+    let limit = shared.config.timeouts.hello();
+    let opened = tokio::time::timeout(limit, async {
+        let connection = incoming
+            .await
+            .map_err(|e| format!("QUIC handshake failed: {e}"))?;
+        let (send, recv) = connection
+            .accept_bi()
+            .await
+            .map_err(|e| format!("no stream opened: {e}"))?;
+        Ok::<_, String>((connection, send, recv))
+    })
+    .await
+    .map_err(|_| "QUIC handshake timed out".to_string())
+    .and_then(|r| r);
+    let (connection, send, recv) = match opened {
+        Ok(x) => x,
+        Err(why) => {
+            tracing::debug!(%peer, listener = "quic", %why, "connection dropped during handshake");
+            return;
+        }
+    };
+    let max = shared.config.limits.max_frame;
+    conn::serve(
+        shared.clone(),
+        StreamSource::new(recv, max),
+        StreamSink::new(send),
+        TransportKind::Quic,
+        Some(peer),
+        Some(slot),
+    )
+    .await;
+    // The stream is finished (our last frames are queued in QUIC): give the client the
+    // drain time to read them and close, rather than cutting them off by closing now.
+    let _ = tokio::time::timeout(shared.config.timeouts.drain(), connection.closed()).await;
+    connection.close(0u32.into(), b"done");
+}
