@@ -1,0 +1,459 @@
+// Runs one scenario of the shared suite (tests/scenarios/*.json, format in its README.md)
+// with the npm package against the real relay binary — the JavaScript twin of the Rust
+// runner (client/tests/scenarios.rs). Throws a ScenarioError naming the failing step.
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { startRelay } from '../shared/relay.js';
+import { startFaultProxy } from './fault-proxy.js';
+import { Client, Identity, TreeKey } from '../../js/index.node.js';
+
+/** How long one wait may take before the scenario fails (only a broken run gets there). */
+const DEADLINE_MS = 60_000;
+
+export class ScenarioError extends Error {
+  constructor(step, message) {
+    super(message);
+    this.name = 'ScenarioError';
+    /** The index of the failing step (-1: the file or the relay section). */
+    this.step = step;
+  }
+}
+
+/** Payload of message `i`: `i` as 8 bytes big-endian, then zeros up to `size`. */
+function payload(i, size) {
+  const b = new Uint8Array(Math.max(8, size));
+  new DataView(b.buffer).setBigUint64(0, BigInt(i));
+  return b;
+}
+
+function indexOf(p) {
+  if (!(p instanceof Uint8Array) || p.length < 8) return Number.MAX_SAFE_INTEGER;
+  return Number(new DataView(p.buffer, p.byteOffset, p.byteLength).getBigUint64(0));
+}
+
+/** A step's keys, each read at most once; unknown keys are an error. */
+class Step {
+  constructor(obj) {
+    this.obj = obj;
+    this.used = new Set(['do', 'note']);
+  }
+  #get(k, type, what) {
+    this.used.add(k);
+    const v = this.obj[k];
+    if (v === undefined) return undefined;
+    if (type === 'count' ? !(Number.isSafeInteger(v) && v >= 0) : typeof v !== type)
+      throw new Error(`"${k}" must be ${what}`);
+    return v;
+  }
+  str(k) {
+    const v = this.optStr(k);
+    if (v === undefined) throw new Error(`missing "${k}"`);
+    return v;
+  }
+  optStr(k) {
+    return this.#get(k, 'string', 'a string');
+  }
+  optU64(k) {
+    return this.#get(k, 'count', 'a count');
+  }
+  optBool(k) {
+    return this.#get(k, 'boolean', 'a boolean');
+  }
+  opt(k) {
+    this.used.add(k);
+    return this.obj[k];
+  }
+  done() {
+    const extra = Object.keys(this.obj).find((k) => !this.used.has(k));
+    if (extra !== undefined) throw new Error(`unknown key "${extra}"`);
+  }
+}
+
+function qos(n = 0) {
+  if (n !== 0 && n !== 1 && n !== 2) throw new Error(`qos ${n} is not 0, 1 or 2`);
+  return n;
+}
+
+function ranges(v) {
+  if (!Array.isArray(v)) throw new Error('a message list is an array of ranges');
+  const out = [];
+  for (const r of v) {
+    if (typeof r.topic !== 'string' || !Number.isSafeInteger(r.from) || !Number.isSafeInteger(r.to))
+      throw new Error('a range needs "topic", "from", "to"');
+    for (let i = r.from; i <= r.to; i++) out.push([r.topic, i]);
+  }
+  return out;
+}
+
+const key = ([t, i]) => `${t}:${i}`;
+
+/** Runs of consecutive indices on one topic, so a long list stays readable. */
+function show(list) {
+  const parts = [];
+  for (let i = 0; i < list.length; ) {
+    let j = i;
+    while (j + 1 < list.length && list[j + 1][0] === list[i][0] && list[j + 1][1] === list[j][1] + 1) j++;
+    parts.push(i === j ? key(list[i]) : `${list[i][0]}:${list[i][1]}..=${list[j][1]}`);
+    i = j + 1;
+  }
+  return `[${parts.join(', ')}]`;
+}
+
+const sameList = (a, b) => a.length === b.length && a.every((x, k) => x[0] === b[k][0] && x[1] === b[k][1]);
+const byKey = (a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : a[1] - b[1]);
+
+class World {
+  relay;
+  storePath;
+  limits = [];
+  trees = new Map();
+  identities = new Map();
+  proxies = new Map();
+  clients = new Map(); // name → { client, acked: [], sent, failed: [], running }
+  subs = new Map(); // name → { client, received: [], lost, reading, wake, sub }
+  nextIndex = new Map();
+
+  client(name) {
+    const c = this.clients.get(name);
+    if (!c) throw new Error(`no client ${name}`);
+    return c;
+  }
+
+  sub(name) {
+    const s = this.subs.get(name);
+    if (!s) throw new Error(`no subscription ${name}`);
+    return s;
+  }
+
+  async connect(s) {
+    const name = s.str('client');
+    const via = s.optStr('via') ?? 'direct';
+    const treeName = s.optStr('tree') ?? 't';
+    const capacity = s.optU64('capacity');
+    const identity = s.optStr('identity');
+    s.done();
+    if (this.clients.has(name)) throw new Error(`client ${name} exists`);
+    if (!this.trees.has(treeName)) this.trees.set(treeName, TreeKey.generate(treeName));
+    let id;
+    if (identity !== undefined) {
+      if (!this.identities.has(identity)) this.identities.set(identity, Identity.generate());
+      id = this.identities.get(identity);
+    } else id = Identity.generate();
+    let url;
+    if (via === 'direct') url = this.relay.url;
+    else if (via === 'proxy') {
+      const p = await startFaultProxy(this.relay.port);
+      this.proxies.set(name, p);
+      url = p.url;
+    } else throw new Error(`via "${via}" is not direct or proxy`);
+    const opts = {
+      identity: id,
+      keys: this.trees.get(treeName),
+      reconnect: { initialDelayMs: 20, maxDelayMs: 200 },
+    };
+    if (capacity !== undefined) opts.subscriptionCapacity = capacity;
+    const client = await Client.connect(url, opts);
+    client.on('error', () => {}); // counted by the expectations, not printed
+    this.clients.set(name, { client, acked: [], sent: 0, failed: [], running: 0 });
+  }
+
+  async subscribe(s) {
+    const clientName = s.str('client');
+    const name = s.str('sub');
+    const filter = s.str('filter');
+    const opts = { qos: qos(s.optU64('qos')) };
+    const replay = s.opt('replay');
+    if (replay !== undefined) {
+      const ks = Object.keys(replay ?? {});
+      if (ks.length !== 1 || !['fromSeq', 'sinceMs', 'last'].includes(ks[0]))
+        throw new Error('"replay" has exactly one of fromSeq, sinceMs, last');
+      opts.replay = replay;
+    }
+    const durable = s.optStr('durable');
+    if (durable !== undefined) opts.durable = durable;
+    const reading = s.optBool('reading') ?? true;
+    s.done();
+    if (this.subs.has(name)) throw new Error(`subscription ${name} exists`);
+    const { client } = this.client(clientName);
+    const sub = await client.subscribe(filter, opts);
+    const rec = { client: clientName, received: [], sub, reading, wake: null };
+    Object.defineProperty(rec, 'lost', { get: () => sub.lost });
+    this.subs.set(name, rec);
+    // The reader: takes messages while reading is on.
+    (async () => {
+      for (;;) {
+        while (!rec.reading) await new Promise((r) => (rec.wake = r));
+        const r = await sub.next();
+        if (r.done) return;
+        rec.received.push([r.value.topic, indexOf(r.value.payload)]);
+      }
+    })().catch((e) => rec.received.push([`error: ${e.message}`, Number.MAX_SAFE_INTEGER]));
+  }
+
+  async publish(s) {
+    const name = s.str('client');
+    const topic = s.str('topic');
+    const count = s.optU64('count') ?? 1;
+    const q = qos(s.optU64('qos'));
+    const size = s.optU64('size') ?? 8;
+    const window = Math.max(1, s.optU64('window') ?? 1);
+    const background = s.optBool('background') ?? false;
+    s.done();
+    const actor = this.client(name);
+    const first = this.nextIndex.get(topic) ?? 0;
+    this.nextIndex.set(topic, first + count);
+    actor.running++;
+    const run = async () => {
+      const inflight = new Set();
+      for (let i = first; i < first + count; i++) {
+        while (inflight.size >= window) await Promise.race(inflight);
+        // publishBytes hands the message to the engine synchronously: in order.
+        const p = actor.client.publishBytes(topic, payload(i, size), { qos: q }).then(
+          () => (q === 0 ? actor.sent++ : actor.acked.push([topic, i])),
+          (e) => actor.failed.push(`${topic}:${i}: ${e.message}`),
+        );
+        const tracked = p.finally(() => inflight.delete(tracked));
+        inflight.add(tracked);
+      }
+      await Promise.all(inflight);
+      actor.running--;
+    };
+    if (background) run();
+    else await run();
+  }
+
+  proxy(s) {
+    const name = s.str('client');
+    const action = s.str('action');
+    s.done();
+    const p = this.proxies.get(name);
+    if (!p) throw new Error(`client ${name} is not behind a proxy`);
+    switch (action) {
+      case 'cut':
+        return p.cut();
+      case 'stall':
+        return p.stall('up', true);
+      case 'stall_down':
+        return p.stall('down', true);
+      case 'resume':
+        p.stall('up', false);
+        return p.stall('down', false);
+      case 'duplicate':
+        return p.duplicate(true);
+      case 'pass':
+        return p.duplicate(false);
+      default:
+        throw new Error(`unknown proxy action "${action}"`);
+    }
+  }
+
+  async relayStep(s) {
+    const action = s.str('action');
+    s.done();
+    const start = () =>
+      startRelay({ wsPort: this.relay.port, args: this.limits, storePath: this.storePath });
+    switch (action) {
+      case 'kill':
+        return this.relay.stop();
+      case 'start':
+        this.relay = await start();
+        return;
+      case 'restart':
+        await this.relay.stop();
+        this.relay = await start();
+        return;
+      default:
+        throw new Error(`unknown relay action "${action}"`);
+    }
+  }
+
+  /** Polls `cond` every 5 ms until it holds; fails after DEADLINE_MS with `what` and `detail()`. */
+  async until(what, cond, detail = () => '') {
+    const deadline = Date.now() + DEADLINE_MS;
+    while (!cond()) {
+      if (Date.now() > deadline) throw new Error(`timed out after ${DEADLINE_MS} ms waiting for ${what}${detail()}`);
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  }
+
+  async wait(s) {
+    const subName = s.optStr('sub');
+    if (subName !== undefined) {
+      const received = s.optU64('received');
+      const accounted = s.optU64('accounted');
+      s.done();
+      const sub = this.sub(subName);
+      if (received !== undefined && accounted === undefined)
+        return this.until(`${subName} to receive ${received}`, () => sub.received.length >= received, () => ` (received ${show(sub.received)})`);
+      if (accounted !== undefined && received === undefined)
+        return this.until(
+          `${subName} to receive or lose ${accounted}`,
+          () => sub.received.length + sub.lost >= accounted,
+          () => ` (received ${sub.received.length}, lost ${sub.lost})`,
+        );
+      throw new Error('wait on a sub needs one of received, accounted');
+    }
+    const name = s.str('client');
+    const acked = s.optU64('acked');
+    const published = s.optBool('published');
+    const duplicates = s.optU64('duplicates');
+    const state = s.optStr('state');
+    s.done();
+    const a = this.client(name);
+    const given = [acked, published, duplicates, state].filter((x) => x !== undefined).length;
+    if (given !== 1) throw new Error('wait on a client needs one of acked, published, duplicates, state');
+    if (acked !== undefined) return this.until(`${name} to have ${acked} publishes acknowledged`, () => a.acked.length >= acked);
+    if (published === true) return this.until(`${name} to finish publishing`, () => a.running === 0);
+    if (duplicates !== undefined)
+      return this.until(`${name} to count ${duplicates} duplicates`, () => a.client.stats().duplicates >= duplicates);
+    if (!['connected', 'reconnecting', 'closed'].includes(state)) throw new Error(`unknown state "${state}"`);
+    if (published !== undefined) throw new Error('"published" must be true');
+    return this.until(`${name} to be ${state}`, () => a.client.state === state);
+  }
+
+  async expect(s) {
+    const subName = s.optStr('sub');
+    if (subName !== undefined) {
+      const exact = s.opt('exact');
+      const once = s.opt('once');
+      const ordered = s.optBool('ordered');
+      const includesAcked = s.optStr('includes_acked');
+      const accounted = s.optU64('accounted');
+      const lost = s.optU64('lost');
+      const lostMin = s.optU64('lost_min');
+      s.done();
+      const sub = this.sub(subName);
+      // What the relay sent before now has reached the client.
+      await this.client(sub.client).client.flush().catch(() => {});
+      const got = sub.received;
+      if (exact !== undefined) {
+        const want = ranges(exact);
+        if (!sameList(got, want)) throw new Error(`${subName} received ${show(got)} — expected exactly ${show(want)}`);
+      }
+      if (once !== undefined) {
+        const g = [...got].sort(byKey);
+        const w = ranges(once).sort(byKey);
+        if (!sameList(g, w)) throw new Error(`${subName} received ${show(g)} — expected each of ${show(w)} exactly once`);
+      }
+      if (ordered === true) {
+        const last = new Map();
+        for (const [t, i] of got) {
+          if (last.has(t) && last.get(t) >= i) throw new Error(`${subName} received ${t}:${i} after ${t}:${last.get(t)}`);
+          last.set(t, i);
+        }
+      }
+      if (includesAcked !== undefined) {
+        const have = new Set(got.map(key));
+        const missing = this.client(includesAcked).acked.filter((m) => !have.has(key(m)));
+        if (missing.length)
+          throw new Error(`${subName} lacks ${missing.length} acknowledged publishes of ${includesAcked}: ${show(missing)}`);
+      }
+      if (accounted !== undefined) {
+        if (new Set(got.map(key)).size !== got.length) throw new Error(`${subName} received a message twice: ${show(got)}`);
+        if (got.length + sub.lost !== accounted)
+          throw new Error(`${subName}: ${got.length} received + ${sub.lost} reported lost ≠ ${accounted} published`);
+      }
+      if (lost !== undefined && sub.lost !== lost) throw new Error(`${subName} reported ${sub.lost} lost, expected ${lost}`);
+      if (lostMin !== undefined && sub.lost < lostMin)
+        throw new Error(`${subName} reported ${sub.lost} lost, expected at least ${lostMin}`);
+      return;
+    }
+    const name = s.str('client');
+    const acked = s.optU64('acked');
+    const failed = s.optU64('failed');
+    const reconnectsMin = s.optU64('reconnects_min');
+    const duplicates = s.optU64('duplicates');
+    s.done();
+    const a = this.client(name);
+    const stats = a.client.stats();
+    if (acked !== undefined && a.acked.length !== acked)
+      throw new Error(`${name} has ${a.acked.length} publishes acknowledged, expected ${acked}`);
+    if (failed !== undefined && a.failed.length !== failed)
+      throw new Error(`${name} has ${a.failed.length} failed publishes, expected ${failed}: ${JSON.stringify(a.failed)}`);
+    if (reconnectsMin !== undefined && stats.reconnects < reconnectsMin)
+      throw new Error(`${name} reconnected ${stats.reconnects} times, expected at least ${reconnectsMin}`);
+    if (duplicates !== undefined && stats.duplicates !== duplicates)
+      throw new Error(`${name} counted ${stats.duplicates} duplicates, expected ${duplicates}`);
+  }
+
+  async step(obj) {
+    const s = new Step(obj);
+    if (typeof obj.do !== 'string') throw new Error('a step needs "do"');
+    switch (obj.do) {
+      case 'connect':
+        return this.connect(s);
+      case 'close': {
+        const c = s.str('client');
+        s.done();
+        return this.client(c).client.close();
+      }
+      case 'flush': {
+        const c = s.str('client');
+        s.done();
+        return this.client(c).client.flush();
+      }
+      case 'subscribe':
+        return this.subscribe(s);
+      case 'read': {
+        const name = s.str('sub');
+        const on = s.optBool('on');
+        if (on === undefined) throw new Error('read needs "on"');
+        s.done();
+        const sub = this.sub(name);
+        sub.reading = on;
+        if (on && sub.wake) {
+          sub.wake();
+          sub.wake = null;
+        }
+        return;
+      }
+      case 'publish':
+        return this.publish(s);
+      case 'proxy':
+        return this.proxy(s);
+      case 'relay':
+        return this.relayStep(s);
+      case 'wait':
+        return this.wait(s);
+      case 'expect':
+        return this.expect(s);
+      default:
+        throw new Error(`unknown step "${obj.do}"`);
+    }
+  }
+}
+
+/** Runs the scenario in `file`; throws a ScenarioError at the first failing step. */
+export async function runScenario(file) {
+  let v;
+  try {
+    v = JSON.parse(readFileSync(file, 'utf8'));
+  } catch (e) {
+    throw new ScenarioError(-1, `${file}: ${e.message}`);
+  }
+  const relay = v.relay ?? {};
+  const store = relay.store ?? 'memory';
+  if (store !== 'memory' && store !== 'sqlite') throw new ScenarioError(-1, `store "${store}" is not memory or sqlite`);
+  const w = new World();
+  const dir = mkdtempSync(join(tmpdir(), 'whispeer-scenario-'));
+  if (store === 'sqlite') w.storePath = join(dir, 'relay.db');
+  for (const [k, val] of Object.entries(relay.limits ?? {})) w.limits.push(`--${k}`, String(val));
+  if (!Array.isArray(v.steps)) throw new ScenarioError(-1, 'no "steps" array');
+  try {
+    w.relay = await startRelay({ args: w.limits, storePath: w.storePath });
+    for (const [i, st] of v.steps.entries()) {
+      try {
+        if (typeof st !== 'object' || st === null || Array.isArray(st)) throw new Error('a step is an object');
+        await w.step(st);
+      } catch (e) {
+        throw new ScenarioError(i, `step ${i} ${JSON.stringify(st)}: ${e.message}`);
+      }
+    }
+  } finally {
+    await Promise.all([...w.clients.values()].map(({ client }) => Promise.race([client.close(), new Promise((r) => setTimeout(r, 5000).unref())])));
+    for (const p of w.proxies.values()) await p.close();
+    await w.relay?.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
