@@ -149,6 +149,10 @@ pub struct SubscribeOptions {
     /// Accept history dated before the client's dedup horizon (default false: such
     /// messages are refused, since they could no longer be recognised as replays).
     pub older_history: bool,
+    /// Messages this subscription may hold delivered and not yet taken (`None`: the
+    /// client's subscription capacity). Beyond it at most once loses new messages
+    /// (counted), at least once asks the relay to hold them back (`Sub.credit`).
+    pub capacity: Option<u64>,
 }
 
 impl Default for SubscribeOptions {
@@ -159,6 +163,7 @@ impl Default for SubscribeOptions {
             durable: None,
             retained: true,
             older_history: false,
+            capacity: None,
         }
     }
 }
@@ -192,6 +197,11 @@ impl SubscribeOptions {
     /// history; they are deduped only while remembered).
     pub fn older_history(mut self, yes: bool) -> Self {
         self.older_history = yes;
+        self
+    }
+    /// This subscription's capacity (at least 1), instead of the client's.
+    pub fn capacity(mut self, n: u64) -> Self {
+        self.capacity = Some(n.max(1));
         self
     }
     /// Whether the relay expects acks for this subscription (at least once, or durable).
@@ -517,7 +527,11 @@ impl ClientCore {
             }
         };
         let mut frames = Vec::with_capacity(patterns.len());
-        let credit = if sub.opts.acking() { self.credit } else { None };
+        let credit = if sub.opts.acking() {
+            sub.opts.capacity.or(self.credit)
+        } else {
+            None
+        };
         sub.patterns = patterns.clone();
         for pattern in patterns {
             let rid = self.next_relay_id;

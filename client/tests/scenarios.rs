@@ -532,6 +532,9 @@ impl World {
         if let Some(d) = s.opt_str("durable")? {
             opts = opts.durable(d);
         }
+        if let Some(c) = s.opt_u64("capacity")? {
+            opts = opts.capacity(c);
+        }
         let reading = s.opt_bool("reading")?.unwrap_or(true);
         s.done()?;
         if self.subs.contains_key(&name) {
@@ -884,8 +887,13 @@ impl World {
         let failed = s.opt_u64("failed")?;
         let reconnects_min = s.opt_u64("reconnects_min")?;
         let duplicates = s.opt_u64("duplicates")?;
+        let delivered = s.opt_u64("delivered")?;
         s.done()?;
         let actor = self.client(name)?;
+        if delivered.is_some() {
+            // What the relay sent before now has reached the client.
+            let _ = actor.client.flush().await;
+        }
         let stats = actor.client.stats();
         let l = actor.log.lock().unwrap();
         if let Some(n) = acked {
@@ -910,6 +918,14 @@ impl World {
                 return Err(format!(
                     "{name} reconnected {} times, expected at least {n} ({stats:?})",
                     stats.reconnects
+                ));
+            }
+        }
+        if let Some(n) = delivered {
+            if stats.core.delivered != n {
+                return Err(format!(
+                    "{name} delivered {} messages to its subscriptions, expected {n}",
+                    stats.core.delivered
                 ));
             }
         }

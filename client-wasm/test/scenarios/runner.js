@@ -172,6 +172,8 @@ class World {
     }
     const durable = s.optStr('durable');
     if (durable !== undefined) opts.durable = durable;
+    const capacity = s.optU64('capacity');
+    if (capacity !== undefined) opts.capacity = capacity;
     const reading = s.optBool('reading') ?? true;
     s.done();
     if (this.subs.has(name)) throw new Error(`subscription ${name} exists`);
@@ -364,8 +366,11 @@ class World {
     const failed = s.optU64('failed');
     const reconnectsMin = s.optU64('reconnects_min');
     const duplicates = s.optU64('duplicates');
+    const delivered = s.optU64('delivered');
     s.done();
     const a = this.client(name);
+    // What the relay sent before now has reached the client.
+    if (delivered !== undefined) await a.client.flush().catch(() => {});
     const stats = a.client.stats();
     if (acked !== undefined && a.acked.length !== acked)
       throw new Error(`${name} has ${a.acked.length} publishes acknowledged, expected ${acked}`);
@@ -373,6 +378,8 @@ class World {
       throw new Error(`${name} has ${a.failed.length} failed publishes, expected ${failed}: ${JSON.stringify(a.failed)}`);
     if (reconnectsMin !== undefined && stats.reconnects < reconnectsMin)
       throw new Error(`${name} reconnected ${stats.reconnects} times, expected at least ${reconnectsMin}`);
+    if (delivered !== undefined && stats.delivered !== delivered)
+      throw new Error(`${name} delivered ${stats.delivered} messages to its subscriptions, expected ${delivered}`);
     if (duplicates !== undefined && stats.duplicates !== duplicates)
       throw new Error(`${name} counted ${stats.duplicates} duplicates, expected ${duplicates}`);
   }
