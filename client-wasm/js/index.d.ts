@@ -315,6 +315,11 @@ export interface ClientStats {
   rejected: number;
   duplicates: number;
   relayGaps: number;
+  /**
+   * At least once: messages the relay sent beyond a subscription's capacity, not delivered
+   * and not acked (the relay sends them again). Stays 0 while the relay honours the credit.
+   */
+  heldBack: number;
   /** Opened messages refused by the receiver checks (PROTOCOL §4.11), by reason. */
   refused: {
     beforeHorizon: number;

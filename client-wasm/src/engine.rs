@@ -384,7 +384,7 @@ impl Engine {
         self.eng.queued_bytes() as f64
     }
 
-    /// Counters: `{delivered, rejected, duplicates, relayGaps, refused: {...},
+    /// Counters: `{delivered, rejected, duplicates, relayGaps, heldBack, refused: {...},
     /// slowSubscriberDrops, outboxDrops, reconnects, unackedPublishes}`.
     pub fn stats(&self) -> JsValue {
         let s = self.eng.stats();

@@ -888,9 +888,10 @@ impl World {
         let reconnects_min = s.opt_u64("reconnects_min")?;
         let duplicates = s.opt_u64("duplicates")?;
         let delivered = s.opt_u64("delivered")?;
+        let held_back = s.opt_u64("held_back")?;
         s.done()?;
         let actor = self.client(name)?;
-        if delivered.is_some() {
+        if delivered.is_some() || held_back.is_some() {
             // What the relay sent before now has reached the client.
             let _ = actor.client.flush().await;
         }
@@ -918,6 +919,14 @@ impl World {
                 return Err(format!(
                     "{name} reconnected {} times, expected at least {n} ({stats:?})",
                     stats.reconnects
+                ));
+            }
+        }
+        if let Some(n) = held_back {
+            if stats.core.held_back != n {
+                return Err(format!(
+                    "{name} held back {} messages beyond a subscription's capacity, expected {n}",
+                    stats.core.held_back
                 ));
             }
         }

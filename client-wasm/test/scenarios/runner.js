@@ -367,10 +367,11 @@ class World {
     const reconnectsMin = s.optU64('reconnects_min');
     const duplicates = s.optU64('duplicates');
     const delivered = s.optU64('delivered');
+    const heldBack = s.optU64('held_back');
     s.done();
     const a = this.client(name);
     // What the relay sent before now has reached the client.
-    if (delivered !== undefined) await a.client.flush().catch(() => {});
+    if (delivered !== undefined || heldBack !== undefined) await a.client.flush().catch(() => {});
     const stats = a.client.stats();
     if (acked !== undefined && a.acked.length !== acked)
       throw new Error(`${name} has ${a.acked.length} publishes acknowledged, expected ${acked}`);
@@ -378,6 +379,8 @@ class World {
       throw new Error(`${name} has ${a.failed.length} failed publishes, expected ${failed}: ${JSON.stringify(a.failed)}`);
     if (reconnectsMin !== undefined && stats.reconnects < reconnectsMin)
       throw new Error(`${name} reconnected ${stats.reconnects} times, expected at least ${reconnectsMin}`);
+    if (heldBack !== undefined && stats.heldBack !== heldBack)
+      throw new Error(`${name} held back ${stats.heldBack} messages beyond a subscription's capacity, expected ${heldBack}`);
     if (delivered !== undefined && stats.delivered !== delivered)
       throw new Error(`${name} delivered ${stats.delivered} messages to its subscriptions, expected ${delivered}`);
     if (duplicates !== undefined && stats.duplicates !== duplicates)
