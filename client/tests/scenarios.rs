@@ -24,6 +24,8 @@ use whispeer::{
 
 /// How long one wait may take before the scenario fails (only a broken run gets there).
 const DEADLINE: Duration = Duration::from_secs(60);
+/// How long an expectation waits for its client's flush at most.
+const SETTLE: Duration = Duration::from_secs(5);
 const CONTENT_TYPE: &str = "application/octet-stream";
 
 type Res<T> = Result<T, String>;
@@ -803,7 +805,7 @@ impl World {
             s.done()?;
             let sb = self.sub(sub)?;
             // What the relay sent before now has reached the client.
-            let _ = self.client(&sb.client)?.client.flush().await;
+            settle(&self.client(&sb.client)?.client).await;
             let l = sb.log.lock().unwrap();
             let got = &l.received;
             if let Some(want) = exact {
@@ -893,7 +895,7 @@ impl World {
         let actor = self.client(name)?;
         if delivered.is_some() || held_back.is_some() {
             // What the relay sent before now has reached the client.
-            let _ = actor.client.flush().await;
+            settle(&actor.client).await;
         }
         let stats = actor.client.stats();
         let l = actor.log.lock().unwrap();
@@ -991,6 +993,13 @@ impl World {
             o => Err(format!("unknown step {o:?}")),
         }
     }
+}
+
+/// Best effort before an expectation: what the relay sent before now has reached the
+/// client (a Ping/Pong round trip). Bounded: a client that is not connected (a stalled or
+/// dead link) is checked as it is.
+async fn settle(c: &Client) {
+    let _ = tokio::time::timeout(SETTLE, c.flush()).await;
 }
 
 /// Runs one scenario file; `Err((step index, message))` at the first failing step (index

@@ -11,6 +11,21 @@ import { Client, Identity, TreeKey } from '../../js/index.node.js';
 /** How long one wait may take before the scenario fails (only a broken run gets there). */
 const DEADLINE_MS = 60_000;
 
+/** How long an expectation waits for its client's flush at most. */
+const SETTLE_MS = 5_000;
+
+/**
+ * Best effort before an expectation: what the relay sent before now has reached the client
+ * (a Ping/Pong round trip). Bounded: a client that is not connected is checked as it is.
+ */
+function settle(client) {
+  let timer;
+  return Promise.race([
+    client.flush().catch(() => {}),
+    new Promise((r) => (timer = setTimeout(r, SETTLE_MS))),
+  ]).finally(() => clearTimeout(timer));
+}
+
 export class ScenarioError extends Error {
   constructor(step, message) {
     super(message);
@@ -327,7 +342,7 @@ class World {
       s.done();
       const sub = this.sub(subName);
       // What the relay sent before now has reached the client.
-      await this.client(sub.client).client.flush().catch(() => {});
+      await settle(this.client(sub.client).client);
       const got = sub.received;
       if (exact !== undefined) {
         const want = ranges(exact);
@@ -371,7 +386,7 @@ class World {
     s.done();
     const a = this.client(name);
     // What the relay sent before now has reached the client.
-    if (delivered !== undefined || heldBack !== undefined) await a.client.flush().catch(() => {});
+    if (delivered !== undefined || heldBack !== undefined) await settle(a.client);
     const stats = a.client.stats();
     if (acked !== undefined && a.acked.length !== acked)
       throw new Error(`${name} has ${a.acked.length} publishes acknowledged, expected ${acked}`);
