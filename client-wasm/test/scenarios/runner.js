@@ -6,25 +6,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startRelay } from '../shared/relay.js';
 import { startFaultProxy } from './fault-proxy.js';
-import { Client, Identity, TreeKey } from '../../js/index.node.js';
+import { makeActors } from './actors.js';
+import * as W from '../../js/index.node.js';
 
 /** How long one wait may take before the scenario fails (only a broken run gets there). */
 const DEADLINE_MS = 60_000;
 
 /** How long an expectation waits for its client's flush at most. */
 const SETTLE_MS = 5_000;
-
-/**
- * Best effort before an expectation: what the relay sent before now has reached the client
- * (a Ping/Pong round trip). Bounded: a client that is not connected is checked as it is.
- */
-function settle(client) {
-  let timer;
-  return Promise.race([
-    client.flush().catch(() => {}),
-    new Promise((r) => (timer = setTimeout(r, SETTLE_MS))),
-  ]).finally(() => clearTimeout(timer));
-}
 
 export class ScenarioError extends Error {
   constructor(step, message) {
@@ -33,18 +22,6 @@ export class ScenarioError extends Error {
     /** The index of the failing step (-1: the file or the relay section). */
     this.step = step;
   }
-}
-
-/** Payload of message `i`: `i` as 8 bytes big-endian, then zeros up to `size`. */
-function payload(i, size) {
-  const b = new Uint8Array(Math.max(8, size));
-  new DataView(b.buffer).setBigUint64(0, BigInt(i));
-  return b;
-}
-
-function indexOf(p) {
-  if (!(p instanceof Uint8Array) || p.length < 8) return Number.MAX_SAFE_INTEGER;
-  return Number(new DataView(p.buffer, p.byteOffset, p.byteLength).getBigUint64(0));
 }
 
 /** A step's keys, each read at most once; unknown keys are an error. */
@@ -118,27 +95,37 @@ function show(list) {
 const sameList = (a, b) => a.length === b.length && a.every((x, k) => x[0] === b[k][0] && x[1] === b[k][1]);
 const byKey = (a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : a[1] - b[1]);
 
+/** Actors in this process: the npm package's Node build. */
+export function localActors() {
+  const a = makeActors(W);
+  return {
+    ...a,
+    publishBackground: (...args) => {
+      a.publish(...args);
+    },
+  };
+}
+
 class World {
   relay;
   storePath;
   limits = [];
-  trees = new Map();
-  identities = new Map();
+  trees = new Map(); // name → key string
+  identities = new Map(); // name → secret string
   proxies = new Map();
-  clients = new Map(); // name → { client, acked: [], sent, failed: [], running }
-  subs = new Map(); // name → { client, received: [], lost, reading, wake, sub }
   nextIndex = new Map();
+  /** The client side: `localActors()` or actors in a browser page (same methods, async). */
+  actors;
+  /** Polling interval of waits (a snapshot from a page costs a round trip). */
+  pollMs;
 
-  client(name) {
-    const c = this.clients.get(name);
-    if (!c) throw new Error(`no client ${name}`);
-    return c;
+  constructor(actors, pollMs) {
+    this.actors = actors;
+    this.pollMs = pollMs;
   }
 
-  sub(name) {
-    const s = this.subs.get(name);
-    if (!s) throw new Error(`no subscription ${name}`);
-    return s;
+  snap() {
+    return this.actors.snapshot();
   }
 
   async connect(s) {
@@ -148,13 +135,13 @@ class World {
     const capacity = s.optU64('capacity');
     const identity = s.optStr('identity');
     s.done();
-    if (this.clients.has(name)) throw new Error(`client ${name} exists`);
-    if (!this.trees.has(treeName)) this.trees.set(treeName, TreeKey.generate(treeName));
+    if (await this.actors.has('client', name)) throw new Error(`client ${name} exists`);
+    if (!this.trees.has(treeName)) this.trees.set(treeName, W.TreeKey.generate(treeName).toKeyString());
     let id;
     if (identity !== undefined) {
-      if (!this.identities.has(identity)) this.identities.set(identity, Identity.generate());
+      if (!this.identities.has(identity)) this.identities.set(identity, W.Identity.generate().toSecretString());
       id = this.identities.get(identity);
-    } else id = Identity.generate();
+    } else id = W.Identity.generate().toSecretString();
     let url;
     if (via === 'direct') url = this.relay.url;
     else if (via === 'proxy') {
@@ -162,15 +149,7 @@ class World {
       this.proxies.set(name, p);
       url = p.url;
     } else throw new Error(`via "${via}" is not direct or proxy`);
-    const opts = {
-      identity: id,
-      keys: this.trees.get(treeName),
-      reconnect: { initialDelayMs: 20, maxDelayMs: 200 },
-    };
-    if (capacity !== undefined) opts.subscriptionCapacity = capacity;
-    const client = await Client.connect(url, opts);
-    client.on('error', () => {}); // counted by the expectations, not printed
-    this.clients.set(name, { client, acked: [], sent: 0, failed: [], running: 0 });
+    await this.actors.connect(name, url, { keys: this.trees.get(treeName), identity: id, capacity });
   }
 
   async subscribe(s) {
@@ -191,21 +170,9 @@ class World {
     if (capacity !== undefined) opts.capacity = capacity;
     const reading = s.optBool('reading') ?? true;
     s.done();
-    if (this.subs.has(name)) throw new Error(`subscription ${name} exists`);
-    const { client } = this.client(clientName);
-    const sub = await client.subscribe(filter, opts);
-    const rec = { client: clientName, received: [], sub, reading, wake: null };
-    Object.defineProperty(rec, 'lost', { get: () => sub.lost });
-    this.subs.set(name, rec);
-    // The reader: takes messages while reading is on.
-    (async () => {
-      for (;;) {
-        while (!rec.reading) await new Promise((r) => (rec.wake = r));
-        const r = await sub.next();
-        if (r.done) return;
-        rec.received.push([r.value.topic, indexOf(r.value.payload)]);
-      }
-    })().catch((e) => rec.received.push([`error: ${e.message}`, Number.MAX_SAFE_INTEGER]));
+    if (await this.actors.has('sub', name)) throw new Error(`subscription ${name} exists`);
+    if (!(await this.actors.has('client', clientName))) throw new Error(`no client ${clientName}`);
+    await this.actors.subscribe(clientName, name, filter, opts, reading);
   }
 
   async publish(s) {
@@ -217,27 +184,12 @@ class World {
     const window = Math.max(1, s.optU64('window') ?? 1);
     const background = s.optBool('background') ?? false;
     s.done();
-    const actor = this.client(name);
+    if (!(await this.actors.has('client', name))) throw new Error(`no client ${name}`);
     const first = this.nextIndex.get(topic) ?? 0;
     this.nextIndex.set(topic, first + count);
-    actor.running++;
-    const run = async () => {
-      const inflight = new Set();
-      for (let i = first; i < first + count; i++) {
-        while (inflight.size >= window) await Promise.race(inflight);
-        // publishBytes hands the message to the engine synchronously: in order.
-        const p = actor.client.publishBytes(topic, payload(i, size), { qos: q }).then(
-          () => (q === 0 ? actor.sent++ : actor.acked.push([topic, i])),
-          (e) => actor.failed.push(`${topic}:${i}: ${e.message}`),
-        );
-        const tracked = p.finally(() => inflight.delete(tracked));
-        inflight.add(tracked);
-      }
-      await Promise.all(inflight);
-      actor.running--;
-    };
-    if (background) run();
-    else await run();
+    const args = [name, topic, first, count, q, size, window];
+    if (background) await this.actors.publishBackground(...args);
+    else await this.actors.publish(...args);
   }
 
   proxy(s) {
@@ -268,8 +220,7 @@ class World {
   async relayStep(s) {
     const action = s.str('action');
     s.done();
-    const start = () =>
-      startRelay({ wsPort: this.relay.port, args: this.limits, storePath: this.storePath });
+    const start = () => startRelay({ wsPort: this.relay.port, args: this.limits, storePath: this.storePath });
     switch (action) {
       case 'kill':
         return this.relay.stop();
@@ -285,12 +236,14 @@ class World {
     }
   }
 
-  /** Polls `cond` every 5 ms until it holds; fails after DEADLINE_MS with `what` and `detail()`. */
+  /** Polls `cond(snapshot)` until it holds; fails after DEADLINE_MS with `what` and `detail`. */
   async until(what, cond, detail = () => '') {
     const deadline = Date.now() + DEADLINE_MS;
-    while (!cond()) {
-      if (Date.now() > deadline) throw new Error(`timed out after ${DEADLINE_MS} ms waiting for ${what}${detail()}`);
-      await new Promise((r) => setTimeout(r, 5));
+    for (;;) {
+      const snap = await this.snap();
+      if (cond(snap)) return;
+      if (Date.now() > deadline) throw new Error(`timed out after ${DEADLINE_MS} ms waiting for ${what}${detail(snap)}`);
+      await new Promise((r) => setTimeout(r, this.pollMs));
     }
   }
 
@@ -300,14 +253,19 @@ class World {
       const received = s.optU64('received');
       const accounted = s.optU64('accounted');
       s.done();
-      const sub = this.sub(subName);
+      if (!(await this.actors.has('sub', subName))) throw new Error(`no subscription ${subName}`);
+      const sub = (snap) => snap.subs[subName];
       if (received !== undefined && accounted === undefined)
-        return this.until(`${subName} to receive ${received}`, () => sub.received.length >= received, () => ` (received ${show(sub.received)})`);
+        return this.until(
+          `${subName} to receive ${received}`,
+          (x) => sub(x).received.length >= received,
+          (x) => ` (received ${show(sub(x).received)})`,
+        );
       if (accounted !== undefined && received === undefined)
         return this.until(
           `${subName} to receive or lose ${accounted}`,
-          () => sub.received.length + sub.lost >= accounted,
-          () => ` (received ${sub.received.length}, lost ${sub.lost})`,
+          (x) => sub(x).received.length + sub(x).lost >= accounted,
+          (x) => ` (received ${sub(x).received.length}, lost ${sub(x).lost})`,
         );
       throw new Error('wait on a sub needs one of received, accounted');
     }
@@ -317,16 +275,20 @@ class World {
     const duplicates = s.optU64('duplicates');
     const state = s.optStr('state');
     s.done();
-    const a = this.client(name);
+    if (!(await this.actors.has('client', name))) throw new Error(`no client ${name}`);
+    const a = (snap) => snap.clients[name];
     const given = [acked, published, duplicates, state].filter((x) => x !== undefined).length;
     if (given !== 1) throw new Error('wait on a client needs one of acked, published, duplicates, state');
-    if (acked !== undefined) return this.until(`${name} to have ${acked} publishes acknowledged`, () => a.acked.length >= acked);
-    if (published === true) return this.until(`${name} to finish publishing`, () => a.running === 0);
+    if (acked !== undefined)
+      return this.until(`${name} to have ${acked} publishes acknowledged`, (x) => a(x).acked.length >= acked);
+    if (published !== undefined) {
+      if (published !== true) throw new Error('"published" must be true');
+      return this.until(`${name} to finish publishing`, (x) => a(x).running === 0);
+    }
     if (duplicates !== undefined)
-      return this.until(`${name} to count ${duplicates} duplicates`, () => a.client.stats().duplicates >= duplicates);
+      return this.until(`${name} to count ${duplicates} duplicates`, (x) => a(x).stats.duplicates >= duplicates);
     if (!['connected', 'reconnecting', 'closed'].includes(state)) throw new Error(`unknown state "${state}"`);
-    if (published !== undefined) throw new Error('"published" must be true');
-    return this.until(`${name} to be ${state}`, () => a.client.state === state);
+    return this.until(`${name} to be ${state}`, (x) => a(x).state === state);
   }
 
   async expect(s) {
@@ -340,9 +302,11 @@ class World {
       const lost = s.optU64('lost');
       const lostMin = s.optU64('lost_min');
       s.done();
-      const sub = this.sub(subName);
+      if (!(await this.actors.has('sub', subName))) throw new Error(`no subscription ${subName}`);
       // What the relay sent before now has reached the client.
-      await settle(this.client(sub.client).client);
+      await this.actors.settle((await this.snap()).subs[subName].client, SETTLE_MS);
+      const snap = await this.snap();
+      const sub = snap.subs[subName];
       const got = sub.received;
       if (exact !== undefined) {
         const want = ranges(exact);
@@ -361,8 +325,10 @@ class World {
         }
       }
       if (includesAcked !== undefined) {
+        const p = snap.clients[includesAcked];
+        if (!p) throw new Error(`no client ${includesAcked}`);
         const have = new Set(got.map(key));
-        const missing = this.client(includesAcked).acked.filter((m) => !have.has(key(m)));
+        const missing = p.acked.filter((m) => !have.has(key(m)));
         if (missing.length)
           throw new Error(`${subName} lacks ${missing.length} acknowledged publishes of ${includesAcked}: ${show(missing)}`);
       }
@@ -384,10 +350,11 @@ class World {
     const delivered = s.optU64('delivered');
     const heldBack = s.optU64('held_back');
     s.done();
-    const a = this.client(name);
+    if (!(await this.actors.has('client', name))) throw new Error(`no client ${name}`);
     // What the relay sent before now has reached the client.
-    if (delivered !== undefined || heldBack !== undefined) await settle(a.client);
-    const stats = a.client.stats();
+    if (delivered !== undefined || heldBack !== undefined) await this.actors.settle(name, SETTLE_MS);
+    const a = (await this.snap()).clients[name];
+    const stats = a.stats;
     if (acked !== undefined && a.acked.length !== acked)
       throw new Error(`${name} has ${a.acked.length} publishes acknowledged, expected ${acked}`);
     if (failed !== undefined && a.failed.length !== failed)
@@ -411,12 +378,14 @@ class World {
       case 'close': {
         const c = s.str('client');
         s.done();
-        return this.client(c).client.close();
+        if (!(await this.actors.has('client', c))) throw new Error(`no client ${c}`);
+        return this.actors.close(c);
       }
       case 'flush': {
         const c = s.str('client');
         s.done();
-        return this.client(c).client.flush();
+        if (!(await this.actors.has('client', c))) throw new Error(`no client ${c}`);
+        return this.actors.flush(c);
       }
       case 'subscribe':
         return this.subscribe(s);
@@ -425,13 +394,8 @@ class World {
         const on = s.optBool('on');
         if (on === undefined) throw new Error('read needs "on"');
         s.done();
-        const sub = this.sub(name);
-        sub.reading = on;
-        if (on && sub.wake) {
-          sub.wake();
-          sub.wake = null;
-        }
-        return;
+        if (!(await this.actors.has('sub', name))) throw new Error(`no subscription ${name}`);
+        return this.actors.read(name, on);
       }
       case 'publish':
         return this.publish(s);
@@ -449,8 +413,11 @@ class World {
   }
 }
 
-/** Runs the scenario in `file`; throws a ScenarioError at the first failing step. */
-export async function runScenario(file) {
+/**
+ * Runs the scenario in `file`; throws a ScenarioError at the first failing step. The
+ * clients live in this process unless `actors` (e.g. in a browser page) is given.
+ */
+export async function runScenario(file, { actors = localActors(), pollMs = 5 } = {}) {
   let v;
   try {
     v = JSON.parse(readFileSync(file, 'utf8'));
@@ -460,7 +427,7 @@ export async function runScenario(file) {
   const relay = v.relay ?? {};
   const store = relay.store ?? 'memory';
   if (store !== 'memory' && store !== 'sqlite') throw new ScenarioError(-1, `store "${store}" is not memory or sqlite`);
-  const w = new World();
+  const w = new World(actors, pollMs);
   const dir = mkdtempSync(join(tmpdir(), 'whispeer-scenario-'));
   if (store === 'sqlite') w.storePath = join(dir, 'relay.db');
   for (const [k, val] of Object.entries(relay.limits ?? {})) w.limits.push(`--${k}`, String(val));
@@ -476,7 +443,7 @@ export async function runScenario(file) {
       }
     }
   } finally {
-    await Promise.all([...w.clients.values()].map(({ client }) => Promise.race([client.close(), new Promise((r) => setTimeout(r, 5000).unref())])));
+    await w.actors.closeAll(5000);
     for (const p of w.proxies.values()) await p.close();
     await w.relay?.stop();
     rmSync(dir, { recursive: true, force: true });
