@@ -295,7 +295,11 @@ export interface SubscribeOptions {
   retained?: boolean;
   /** Accept history dated before the dedup horizon (default false). */
   olderHistory?: boolean;
-  /** At most once: messages an unread async iterator buffers before dropping. */
+  /**
+   * Messages this subscription may hold delivered and not yet taken (default: the client's
+   * `subscriptionCapacity`): beyond it at most once drops (counted, `lag`), at least once
+   * is held back by the relay (`Sub.credit`) and follows once the app takes what it has.
+   */
   capacity?: number;
   /** Called with the number of messages lost (buffer full, or a relay gap). */
   onLag?: (lost: number) => void;
@@ -311,6 +315,11 @@ export interface ClientStats {
   rejected: number;
   duplicates: number;
   relayGaps: number;
+  /**
+   * At least once: messages the relay sent beyond a subscription's capacity, not delivered
+   * and not acked (the relay sends them again). Stays 0 while the relay honours the credit.
+   */
+  heldBack: number;
   /** Opened messages refused by the receiver checks (PROTOCOL §4.11), by reason. */
   refused: {
     beforeHorizon: number;

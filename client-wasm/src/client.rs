@@ -127,6 +127,7 @@ pub(crate) fn core_stats_object(s: &core::CoreStats) -> Object {
     set(&o, "rejected", s.rejected as f64);
     set(&o, "duplicates", s.duplicates as f64);
     set(&o, "relayGaps", s.relay_gaps as f64);
+    set(&o, "heldBack", s.held_back as f64);
     let r = Object::new();
     set(&r, "beforeHorizon", s.refused.before_horizon as f64);
     set(&r, "future", s.refused.future as f64);
@@ -185,11 +186,7 @@ impl ClientCore {
         Ok(ClientCore {
             keyring,
             identity: None,
-            policy: SealPolicy {
-                default: seal_options(compression, padding),
-                per_topic: Vec::new(),
-                sign,
-            },
+            policy: SealPolicy::new(seal_options(compression, padding), sign),
             sealer: Sealer::new(),
             opener: Opener::new(),
             relay_auth: None,
@@ -311,19 +308,7 @@ impl ClientCore {
             .opener
             .open(&kr, &env, now_ms())
             .map_err(|e| js_error("OPEN", &e.to_string()))?;
-        let r = Received {
-            topic: o.topic,
-            sender: o.sender,
-            msg_id: o.msg_id,
-            ts_ms: o.ts_ms,
-            seq: 0,
-            content_type: o.content_type,
-            payload: o.payload.into(),
-            retained: false,
-            tree_id: o.tree_id,
-            epoch: o.epoch,
-            provenance: o.provenance,
-        };
+        let r = Received::from_opened(o, 0, false);
         Ok(message_object(&r))
     }
 }

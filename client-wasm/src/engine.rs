@@ -222,7 +222,8 @@ impl Engine {
 
     /// Subscribes local subscription `id` to `filter`. `options`: `qos` (0, 1, 2), `replay`
     /// (`{ fromSeq }`, `{ sinceMs }` or `{ last }`), `durable` (a name), `retained`
-    /// (default true), `olderHistory`. Throws `NO_KEY`/`INVALID_TOPIC` at once; a
+    /// (default true), `olderHistory`, `capacity` (messages delivered and not yet taken;
+    /// default the client's). Throws `NO_KEY`/`INVALID_TOPIC` at once; a
     /// `subscribed` or `subscribeFailed` event follows.
     pub fn subscribe(
         &mut self,
@@ -270,6 +271,15 @@ impl Engine {
         }
         if let Some(h) = flag(options, "olderHistory")? {
             o = o.older_history(h);
+        }
+        if let Some(c) = count(options, "capacity")? {
+            if c < 1.0 {
+                return Err(bad_option(
+                    "capacity: expected a whole number ≥ 1",
+                    &JsValue::from(c),
+                ));
+            }
+            o = o.capacity(if c.is_finite() { c as u64 } else { u64::MAX });
         }
         self.eng
             .subscribe(id as u64, f, o, now(mono_ms, unix_ms))
@@ -374,7 +384,7 @@ impl Engine {
         self.eng.queued_bytes() as f64
     }
 
-    /// Counters: `{delivered, rejected, duplicates, relayGaps, refused: {...},
+    /// Counters: `{delivered, rejected, duplicates, relayGaps, heldBack, refused: {...},
     /// slowSubscriberDrops, outboxDrops, reconnects, unackedPublishes}`.
     pub fn stats(&self) -> JsValue {
         let s = self.eng.stats();

@@ -36,7 +36,9 @@ pub const OCTETS: &str = "application/octet-stream";
 pub type LocalSubId = u64;
 
 /// A delivered, opened, verified message before it is decoded into the subscriber's type.
+/// Built with [`Received::from_opened`] outside this crate.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Received {
     /// The topic.
     pub topic: Topic,
@@ -61,6 +63,26 @@ pub struct Received {
     /// How the grant whose key opened it is held: admin-signed, derived from a broader
     /// verified grant, or delegated by an identity nothing confirms.
     pub provenance: Provenance,
+}
+
+impl Received {
+    /// A message opened from an envelope: `seq` is the relay's sequence (0 when it did not
+    /// store it), `retained` whether the relay delivered it as the topic's retained value.
+    pub fn from_opened(o: whispeer_protocol::Opened, seq: u64, retained: bool) -> Self {
+        Received {
+            topic: o.topic,
+            sender: o.sender,
+            msg_id: o.msg_id,
+            ts_ms: o.ts_ms,
+            seq,
+            content_type: o.content_type,
+            payload: Bytes::from(o.payload),
+            retained,
+            tree_id: o.tree_id,
+            epoch: o.epoch,
+            provenance: o.provenance,
+        }
+    }
 }
 
 /// Counters a client keeps (and exposes as metrics).
@@ -127,6 +149,10 @@ pub struct SubscribeOptions {
     /// Accept history dated before the client's dedup horizon (default false: such
     /// messages are refused, since they could no longer be recognised as replays).
     pub older_history: bool,
+    /// Messages this subscription may hold delivered and not yet taken (`None`: the
+    /// client's subscription capacity). Beyond it at most once loses new messages
+    /// (counted), at least once asks the relay to hold them back (`Sub.credit`).
+    pub capacity: Option<u64>,
 }
 
 impl Default for SubscribeOptions {
@@ -137,6 +163,7 @@ impl Default for SubscribeOptions {
             durable: None,
             retained: true,
             older_history: false,
+            capacity: None,
         }
     }
 }
@@ -172,6 +199,11 @@ impl SubscribeOptions {
         self.older_history = yes;
         self
     }
+    /// This subscription's capacity (at least 1), instead of the client's.
+    pub fn capacity(mut self, n: u64) -> Self {
+        self.capacity = Some(n.max(1));
+        self
+    }
     /// Whether the relay expects acks for this subscription (at least once, or durable).
     pub fn acking(&self) -> bool {
         self.qos != Qos::AtMostOnce || self.durable.is_some()
@@ -200,8 +232,10 @@ pub enum Delivery {
     HeldBack,
 }
 
-/// Per-topic sealing options with a default.
+/// Per-topic sealing options with a default. Built with [`SealPolicy::new`] (or
+/// `default()`) outside this crate; `per_topic` rules are pushed onto the field.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SealPolicy {
     /// Used where no per-topic rule matches.
     pub default: SealOptions,
@@ -222,6 +256,14 @@ impl Default for SealPolicy {
 }
 
 impl SealPolicy {
+    /// `default` for every topic (no per-topic rule yet); `sign`: sign with the identity.
+    pub fn new(default: SealOptions, sign: bool) -> Self {
+        SealPolicy {
+            default,
+            per_topic: Vec::new(),
+            sign,
+        }
+    }
     /// The options for `topic`.
     pub fn for_topic(&self, topic: &Topic) -> SealOptions {
         self.per_topic
@@ -485,7 +527,11 @@ impl ClientCore {
             }
         };
         let mut frames = Vec::with_capacity(patterns.len());
-        let credit = if sub.opts.acking() { self.credit } else { None };
+        let credit = if sub.opts.acking() {
+            sub.opts.capacity.or(self.credit)
+        } else {
+            None
+        };
         sub.patterns = patterns.clone();
         for pattern in patterns {
             let rid = self.next_relay_id;
@@ -749,19 +795,7 @@ impl ClientCore {
     }
 
     fn received(&self, o: whispeer_protocol::Opened, msg: &Msg) -> Received {
-        Received {
-            topic: o.topic,
-            sender: o.sender,
-            msg_id: o.msg_id,
-            ts_ms: o.ts_ms,
-            seq: msg.seq,
-            content_type: o.content_type,
-            payload: Bytes::from(o.payload),
-            retained: msg.flags & frame::msg_flags::RETAINED != 0,
-            tree_id: o.tree_id,
-            epoch: o.epoch,
-            provenance: o.provenance,
-        }
+        Received::from_opened(o, msg.seq, msg.flags & frame::msg_flags::RETAINED != 0)
     }
 
     /// Moves the resume points past a handled (delivered or placeholder) sequence.

@@ -396,7 +396,12 @@ impl Driver {
                 }
                 Event::Dropped { sub, n } => {
                     if let Some(s) = self.sinks.get(&sub) {
-                        s.lag.fetch_add(n, Ordering::AcqRel);
+                        // The first loss since the last report also queues a wake-up, so a
+                        // reader waiting on an empty stream learns of it now, not only when
+                        // (if ever) another message arrives. One marker per report: bounded.
+                        if s.lag.fetch_add(n, Ordering::AcqRel) == 0 {
+                            let _ = s.tx.send(Item::Lagged(0));
+                        }
                     }
                     self.slow_drops += n;
                 }

@@ -64,9 +64,11 @@ impl<T> Subscription<T> {
                     let _ = self.cmd.send(Command::Ack(token));
                     to_message(&r, self.decode)
                 }
-                Item::Lagged(n) => {
-                    Err(ReceiveError::Lagged(n + self.lag.swap(0, Ordering::AcqRel)))
-                }
+                Item::Lagged(n) => match n + self.lag.swap(0, Ordering::AcqRel) {
+                    // A wake-up whose loss was already reported.
+                    0 => continue,
+                    lost => Err(ReceiveError::Lagged(lost)),
+                },
                 Item::Hidden(token) => {
                     let _ = self.cmd.send(Command::Ack(token));
                     continue;

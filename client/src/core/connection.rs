@@ -70,6 +70,8 @@ enum Phase {
 #[derive(Debug)]
 struct SubState {
     acking: bool,
+    /// Delivered and not yet taken at most (its own capacity, else the client's).
+    capacity: u64,
     /// Delivered (messages and placeholders) and not yet taken.
     outstanding: u64,
     /// Relay subscriptions still waiting for `SubOk` (`None`: confirmed).
@@ -414,6 +416,7 @@ impl Engine {
             self.unsubscribe(id);
         }
         let acking = opts.acking();
+        let capacity = opts.capacity.unwrap_or(self.cfg.sub_capacity);
         let frames = self
             .core
             .subscribe_with_options(id, filter, opts, now.unix_ms)?;
@@ -422,6 +425,7 @@ impl Engine {
             id,
             SubState {
                 acking,
+                capacity,
                 outstanding: 0,
                 waiting: Some(waiting),
             },
@@ -729,9 +733,8 @@ impl Engine {
     /// for an at-least-once subscription takes a slot of the ack queue, so acks leave in
     /// relay order whatever became of the envelope.
     fn on_msg(&mut self, m: &Msg, now: Now) {
-        let cap = self.cfg.sub_capacity;
         let subs = &self.subs;
-        let room = |id: LocalSubId| subs.get(&id).is_some_and(|s| s.outstanding < cap);
+        let room = |id: LocalSubId| subs.get(&id).is_some_and(|s| s.outstanding < s.capacity);
         let routed = if m.seq > 0 {
             self.core.route_acking(m)
         } else {
