@@ -1,0 +1,236 @@
+// The `persistence` option in Node.js against the real relay: the QoS 1 outbox and the
+// receive-dedup window survive a client killed with SIGKILL (a child process), and the same
+// scenarios without the option lose or duplicate (the controls that prove the tests can
+// fail). Waits are on events (child output lines, delivered messages), never sleeps.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { startRelay } from '../shared/relay.js';
+import { startProxy } from '../shared/proxy.js';
+import { Client, Identity, TreeKey, WhispeerError } from '../../js/index.node.js';
+
+const CHILD = new URL('../shared/persist-child.js', import.meta.url).pathname;
+
+let relay;
+let dir;
+const clients = [];
+const children = new Set();
+before(async () => {
+  relay = await startRelay();
+  dir = mkdtempSync(join(tmpdir(), 'whispeer-persist-'));
+});
+after(async () => {
+  for (const c of children) c.kill('SIGKILL');
+  await Promise.all(clients.map((c) => c.close()));
+  await relay?.stop();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+/** A client in a child process (test/shared/persist-child.js). */
+function child(url, key, file, identity) {
+  const p = spawn(process.execPath, [CHILD, url, key, file ?? '', identity ?? ''], { stdio: ['pipe', 'pipe', 'inherit'] });
+  children.add(p);
+  const lines = [];
+  const waits = [];
+  const settle = () => {
+    for (const w of [...waits]) {
+      const hit = lines.find(w.pred);
+      if (hit) {
+        waits.splice(waits.indexOf(w), 1);
+        w.resolve(hit);
+      }
+    }
+  };
+  createInterface({ input: p.stdout }).on('line', (l) => {
+    lines.push(JSON.parse(l));
+    settle();
+  });
+  const exited = new Promise((r) => p.once('exit', r));
+  p.once('exit', () => {
+    children.delete(p);
+    for (const w of waits.splice(0)) w.reject(new Error(`child exited; output: ${JSON.stringify(lines)}`));
+  });
+  return {
+    lines,
+    send: (o) => p.stdin.write(`${JSON.stringify(o)}\n`),
+    /** The first output line matching `pred` (already printed or to come). */
+    when: (pred) =>
+      new Promise((resolve, reject) => {
+        waits.push({ pred, resolve, reject });
+        settle();
+      }),
+    async kill() {
+      p.kill('SIGKILL');
+      await exited;
+    },
+  };
+}
+
+/** A QoS 1 subscriber in this process: `got` values; `when(cond)` resolves once it holds. */
+async function subscriber(key, topic) {
+  const c = await Client.connect(relay.url, { keys: TreeKey.fromKeyString(key) });
+  clients.push(c);
+  const got = [];
+  const waits = [];
+  await c.subscribe(
+    topic,
+    (m) => {
+      got.push(m.value.i);
+      for (const w of waits.filter((w) => w.cond())) waits.splice(waits.indexOf(w), 1) && w.resolve();
+    },
+    { qos: 1 },
+  );
+  return { got, when: (cond) => (cond() ? Promise.resolve() : new Promise((resolve) => waits.push({ cond, resolve }))) };
+}
+
+/**
+ * Publishes 0..4 (acked), then 5..9 while a proxy swallows everything the publisher sends;
+ * kills the publisher with SIGKILL once `publish` returned for 9; a second publisher
+ * process with the same `file` connects directly and publishes the marker 10. Returns what
+ * the subscriber received up to the marker.
+ */
+async function publishAcrossKill(topic, file) {
+  const key = TreeKey.generate(topic).toKeyString();
+  const sub = await subscriber(key, topic);
+  const proxy = await startProxy(relay.port);
+  try {
+    const a = child(proxy.url, key, file);
+    await a.when((l) => l.ev === 'ready');
+    for (let i = 0; i < 5; i++) a.send({ op: 'pub', topic, i, qos: 1 });
+    await a.when((l) => l.ev === 'acked' && l.i === 4);
+    await sub.when(() => sub.got.length >= 5);
+    proxy.pause('up'); // the relay is unreachable from here on, the socket stays open
+    for (let i = 5; i < 10; i++) a.send({ op: 'pub', topic, i, qos: 1 });
+    await a.when((l) => l.ev === 'called' && l.i === 9);
+    assert.ok(!a.lines.some((l) => l.ev === 'acked' && l.i >= 5), 'nothing after the stall was acknowledged');
+    await a.kill();
+  } finally {
+    await proxy.close();
+  }
+  const b = child(relay.url, key, file);
+  await b.when((l) => l.ev === 'ready');
+  b.send({ op: 'pub', topic, i: 10, qos: 1 });
+  await b.when((l) => l.ev === 'acked' && l.i === 10);
+  // The restored publishes are re-sent before anything new, so the marker comes last.
+  await sub.when(() => sub.got.includes(10));
+  b.send({ op: 'stats' });
+  const stats = (await b.when((l) => l.ev === 'stats')).stats;
+  await b.kill();
+  return { got: [...sub.got], stats };
+}
+
+test('a QoS 1 publish not acknowledged when the process is killed (SIGKILL) is re-sent by the next process: 0 lost, none twice', async () => {
+  const file = join(dir, 'outbox.wsp');
+  const { got, stats } = await publishAcrossKill('persist/outbox', file);
+  assert.deepEqual(got, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 'each message once, in order');
+  assert.equal(stats.unackedPublishes, 0, 'the restored publishes were acknowledged');
+  const bytes = readFileSync(file);
+  assert.ok(bytes.length > 8, 'the state file exists');
+  // No plaintext in the file: the values published were CBOR maps {i: n}; the topic name
+  // never appears.
+  assert.ok(!bytes.includes(Buffer.from('persist/outbox')), 'no topic name in the state file');
+});
+
+test('control: without persistence the same kill loses the unacknowledged publishes', async () => {
+  const { got } = await publishAcrossKill('persist/control', undefined);
+  assert.deepEqual(got, [0, 1, 2, 3, 4, 10], 'the publishes in flight at the kill are lost');
+});
+
+/**
+ * A child (QoS 1, durable subscription, through a proxy) gets `n` messages and its callback
+ * has them all; its acks never reach the relay (the proxy swallows what it sends), and it
+ * is killed with SIGKILL. The relay still owes the `n` and redelivers them when a new child
+ * with the same identity and `file` resumes the durable subscription. Returns what each
+ * child's callback got (the second one up to the new message n).
+ */
+async function dedupAcrossKill(topic, file, n) {
+  const key = TreeKey.generate(topic).toKeyString();
+  const identity = Identity.generate().toSecretString();
+  const pub = await Client.connect(relay.url, { keys: TreeKey.fromKeyString(key) });
+  clients.push(pub);
+  const proxy = await startProxy(relay.port);
+  let firstRun;
+  try {
+    const a = child(proxy.url, key, file, identity);
+    await a.when((l) => l.ev === 'ready');
+    a.send({ op: 'sub', topic, durable: 'inbox' });
+    await a.when((l) => l.ev === 'subscribed');
+    proxy.pause('up'); // its acks stay here
+    for (let i = 0; i < n; i++) await pub.publish(topic, { i }, { qos: 1 });
+    await a.when((l) => l.ev === 'got' && l.i === n - 1);
+    await a.kill();
+    firstRun = a.lines.filter((l) => l.ev === 'got').map((l) => l.i);
+  } finally {
+    await proxy.close();
+  }
+
+  const b = child(relay.url, key, file, identity);
+  await b.when((l) => l.ev === 'ready');
+  b.send({ op: 'sub', topic, durable: 'inbox' });
+  await b.when((l) => l.ev === 'subscribed');
+  await pub.publish(topic, { i: n }, { qos: 1 });
+  await b.when((l) => l.ev === 'got' && l.i === n); // the redelivered ones come first
+  b.send({ op: 'stats' });
+  const stats = (await b.when((l) => l.ev === 'stats')).stats;
+  await b.kill();
+  return { firstRun, secondRun: b.lines.filter((l) => l.ev === 'got').map((l) => l.i), stats };
+}
+
+test('dedup across a SIGKILL: messages the app had, redelivered to the resumed durable subscription, are not delivered again; new ones are', async () => {
+  const n = 20;
+  const { firstRun, secondRun, stats } = await dedupAcrossKill('persist/dedup', join(dir, 'dedup.wsp'), n);
+  assert.deepEqual(firstRun, [...Array(n).keys()]);
+  assert.deepEqual(secondRun, [n], 'only the new message');
+  assert.ok(stats.duplicates >= n, `the redelivered ones were refused as duplicates: ${JSON.stringify(stats)}`);
+});
+
+test('control: without persistence the redelivery after the kill hands the N to the app again', async () => {
+  const n = 20;
+  const { secondRun } = await dedupAcrossKill('persist/dedup-control', undefined, n);
+  assert.deepEqual(secondRun, [...Array(n + 1).keys()], 'all N again, then the new one');
+});
+
+test('the persistence option is validated, and a foreign, corrupt or busy state file fails with STATE', async () => {
+  const key = TreeKey.generate('v');
+  const invalid = (p) => (e) => e instanceof WhispeerError && e.code === 'INVALID_OPTION' && e.message.includes(p);
+  for (const [p, msg] of [
+    [42, 'expected a file path'],
+    [{ path: '' }, 'path'],
+    [{ path: 'x', indexedDB: 'y' }, 'exactly one'],
+    [{ pth: 'x' }, 'unknown option "pth"'],
+    [{ path: 'x', fsync: 'yes' }, 'fsync'],
+    [{ indexedDB: 'db' }, 'no IndexedDB here'],
+  ])
+    await assert.rejects(Client.connect(relay.url, { keys: key, persistence: p }), invalid(msg), JSON.stringify(p));
+
+  const state = (p) => (e) => e instanceof WhispeerError && e.code === 'STATE' && e.message.includes(p);
+  const foreign = join(dir, 'foreign.db');
+  writeFileSync(foreign, 'SQLite format 3\u0000 and more bytes');
+  await assert.rejects(Client.connect(relay.url, { keys: key, persistence: foreign }), state('not a whispeer client state'));
+  assert.equal(readFileSync(foreign, 'utf8').slice(0, 6), 'SQLite', 'a foreign file is left alone');
+
+  // A good file with a flipped byte in its first record (not the last one): corrupt.
+  const good = join(dir, 'good.wsp');
+  const c = await Client.connect(relay.url, { keys: key, persistence: good });
+  await assert.rejects(Client.connect(relay.url, { keys: key, persistence: good }), state('in use by another client'));
+  await c.publish('v/a', 1, { qos: 1 });
+  await c.publish('v/a', 2, { qos: 1 });
+  await c.close();
+  const bytes = readFileSync(good);
+  bytes[8 + 6] ^= 0xff;
+  const corrupt = join(dir, 'corrupt.wsp');
+  writeFileSync(corrupt, bytes);
+  await assert.rejects(Client.connect(relay.url, { keys: key, persistence: corrupt }), state('corrupt client state at byte 8'));
+  await assert.rejects(Client.connect(relay.url, { keys: key, persistence: dir }), state('cannot read'));
+
+  // A torn last write (a crash in the middle of an append) is not an error.
+  const torn = join(dir, 'torn.wsp');
+  writeFileSync(torn, readFileSync(good).subarray(0, readFileSync(good).length - 3));
+  const t = await Client.connect(relay.url, { keys: key, persistence: torn });
+  await t.close();
+  assert.ok(existsSync(torn));
+});
