@@ -40,7 +40,7 @@ export async function openFileStore(path, fsync) {
     where: full,
     async load() {
       try {
-        return new Uint8Array(readFileSync(full));
+        return readFileSync(full); // a Buffer is a Uint8Array
       } catch (e) {
         if (e.code === 'ENOENT') return undefined;
         open.delete(full);

@@ -197,7 +197,7 @@ impl Engine {
             for (k, exp) in s.seen {
                 g.restore_seen(k, exp, n.unix_ms);
             }
-            for (k, (ts, id)) in s.retained {
+            for (k, ts, id) in s.retained {
                 g.restore_retained(k, ts, id);
             }
             Saving {

@@ -23,7 +23,7 @@
 //! is a [`StateError`]. The driver compacts (rewrites the log as a snapshot) at start and
 //! when the log has grown.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use whispeer::core::receive::{Change, DedupKey, RetainedKey};
@@ -63,10 +63,11 @@ pub enum StateError {
 pub struct Saved {
     /// Kept publishes by id: `(order, Pub frame)`.
     pub outbox: BTreeMap<[u8; 16], (u64, Bytes)>,
-    /// Dedup entries and their expiry.
-    pub seen: HashMap<DedupKey, u64>,
-    /// Retained high-water marks (the newest per key).
-    pub retained: HashMap<RetainedKey, (u64, [u8; 16])>,
+    /// Dedup entries and their expiry (not expired when loaded), in log order.
+    pub seen: Vec<(DedupKey, u64)>,
+    /// Retained high-water marks in log order (`Guard::restore_retained` keeps the newest
+    /// of each key).
+    pub retained: Vec<(RetainedKey, u64, [u8; 16])>,
     /// The last pins saved.
     pub pins: Option<Vec<u8>>,
     /// Bytes of a torn last record that were ignored.
@@ -199,17 +200,11 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
                 let key = (TreeId(arr(f)), arr(&f[16..]), arr(&f[48..]));
                 let exp = u64_at(&f[64..]);
                 if exp > now_ms {
-                    s.seen.insert(key, exp);
-                } else {
-                    s.seen.remove(&key);
+                    s.seen.push((key, exp));
                 }
             }
             (RETAINED, 56) => {
-                let (key, ts, id) = (arr(f), u64_at(&f[32..]), arr(&f[40..]));
-                let e = s.retained.entry(key).or_insert((ts, id));
-                if ts > e.0 {
-                    *e = (ts, id);
-                }
+                s.retained.push((arr(f), u64_at(&f[32..]), arr(&f[40..])));
             }
             (PINS, _) => s.pins = Some(f.to_vec()),
             (KEEP | ACKED | SEEN | RETAINED, _) => return Err(corrupt("record of the wrong size")),
@@ -269,9 +264,26 @@ mod tests {
         let s = load(&sample(), 100).unwrap();
         assert_eq!(s.outbox.len(), 1, "the acked publish is gone");
         assert_eq!(s.outbox[&[2; 16]], (2, Bytes::from_static(b"frame-2")));
-        assert_eq!(s.seen.len(), 1, "the expired entry is dropped");
-        assert_eq!(s.seen[&(TreeId([1; 16]), [2; 32], [3; 16])], 1_000);
-        assert_eq!(s.retained[&[7; 32]], (50, [8; 16]), "never rolled back");
+        assert_eq!(
+            s.seen,
+            [((TreeId([1; 16]), [2; 32], [3; 16]), 1_000)],
+            "the expired entry is dropped"
+        );
+        assert_eq!(s.retained, [([7; 32], 50, [8; 16]), ([7; 32], 40, [9; 16])]);
+        // Imported into the receiver state, the newest mark wins.
+        let mut g = whispeer::core::receive::Guard::new(Default::default());
+        for &(k, ts, id) in &s.retained {
+            g.restore_retained(k, ts, id);
+        }
+        assert_eq!(
+            g.snapshot(0),
+            [Change::Retained {
+                key: [7; 32],
+                ts_ms: 50,
+                msg_id: [8; 16]
+            }],
+            "never rolled back"
+        );
         assert_eq!(s.pins.as_deref(), Some(&b"\x01new"[..]));
         assert_eq!(s.torn, 0);
         assert!(

@@ -234,3 +234,78 @@ test('the persistence option is validated, and a foreign, corrupt or busy state 
   await t.close();
   assert.ok(existsSync(torn));
 });
+
+// Bech32m (BIP 350), to forge a tree key string in the test below.
+const CHARSET = 'qpzry9x8gf2tvdw0s3jn54khce6mua7l';
+function polymod(values) {
+  const G = [0x3b6a57b2, 0x26508e6d, 0x1ea119fa, 0x3d4233dd, 0x2a1462b3];
+  let chk = 1;
+  for (const v of values) {
+    const b = chk >>> 25;
+    chk = ((chk & 0x1ffffff) << 5) ^ v;
+    for (let i = 0; i < 5; i++) if ((b >>> i) & 1) chk ^= G[i];
+  }
+  return chk >>> 0;
+}
+const hrpExpand = (h) => [...[...h].map((c) => c.charCodeAt(0) >> 5), 0, ...[...h].map((c) => c.charCodeAt(0) & 31)];
+function convert(data, from, to, pad) {
+  let acc = 0;
+  let bits = 0;
+  const out = [];
+  for (const v of data) {
+    acc = (acc << from) | v;
+    bits += from;
+    while (bits >= to) {
+      bits -= to;
+      out.push((acc >>> bits) & ((1 << to) - 1));
+    }
+    acc &= (1 << bits) - 1;
+  }
+  if (pad && bits > 0) out.push((acc << (to - bits)) & ((1 << to) - 1));
+  return out;
+}
+function bech32mDecode(s) {
+  const at = s.lastIndexOf('1');
+  const words = [...s.slice(at + 1)].map((c) => CHARSET.indexOf(c));
+  assert.equal(polymod([...hrpExpand(s.slice(0, at)), ...words]), 0x2bc830a3, 'a valid bech32m string');
+  return { hrp: s.slice(0, at), bytes: Uint8Array.from(convert(words.slice(0, -6), 5, 8, false)) };
+}
+function bech32mEncode(hrp, bytes) {
+  const words = convert(bytes, 8, 5, true);
+  const mod = polymod([...hrpExpand(hrp), ...words, 0, 0, 0, 0, 0, 0]) ^ 0x2bc830a3;
+  const sum = [0, 1, 2, 3, 4, 5].map((i) => (mod >>> (5 * (5 - i))) & 31);
+  return `${hrp}1${[...words, ...sum].map((w) => CHARSET[w]).join('')}`;
+}
+
+/** A key claiming `tree`'s id but with another root and admin (format 2: format, flags,
+ * tree id 16, epoch 4, root 32, admin seed 32, …). */
+function forged(tree) {
+  const { hrp, bytes } = bech32mDecode(tree.toKeyString());
+  globalThis.crypto.getRandomValues(bytes.subarray(22, 86));
+  const evil = TreeKey.fromKeyString(bech32mEncode(hrp, bytes));
+  assert.equal(evil.treeId, tree.treeId);
+  return evil;
+}
+
+test('the pinned tree admin survives a restart: a key for the same tree from another admin is refused (KEY), and without persistence it is taken', async () => {
+  const file = join(dir, 'pins.wsp');
+  const tree = TreeKey.generate('pinned');
+  const other = TreeKey.generate('other');
+  const evil = forged(tree);
+  const first = await Client.connect(relay.url, { keys: tree, persistence: file });
+  await first.close();
+
+  // Restart with another tree only: the pinned admin still guards `tree`'s id at run time...
+  const second = await Client.connect(relay.url, { keys: other, persistence: file });
+  assert.throws(() => second.addKeys(evil), (e) => e instanceof WhispeerError && e.code === 'KEY' && /admin/i.test(e.message));
+  await second.close();
+  // ...and at connect.
+  await assert.rejects(
+    Client.connect(relay.url, { keys: evil, persistence: file }),
+    (e) => e instanceof WhispeerError && e.code === 'KEY' && /admin/i.test(e.message),
+  );
+  // Control: without the saved pins the forged key is accepted.
+  const fresh = await Client.connect(relay.url, { keys: other });
+  fresh.addKeys(evil);
+  await fresh.close();
+});
