@@ -309,3 +309,25 @@ test('the pinned tree admin survives a restart: a key for the same tree from ano
   fresh.addKeys(evil);
   await fresh.close();
 });
+
+test('the log is compacted once it has grown (atomic rename), and the compacted state is still right', async () => {
+  const file = join(dir, 'compact.wsp');
+  const tree = TreeKey.generate('compact');
+  const sub = await subscriber(tree.toKeyString(), 'big/#');
+  const pad = new Uint8Array(64 * 1024);
+  globalThis.crypto.getRandomValues(pad); // not compressible: each kept frame is > 64 KiB
+  const c = await Client.connect(relay.url, { keys: tree, persistence: file, compression: 'none' });
+  const n = 48; // > 3 MiB of kept frames in all, 1 MiB at most between compactions
+  for (let i = 0; i < n; i++) await c.publish('big/x', { i, pad }, { qos: 1 });
+  await sub.when(() => sub.got.length >= n);
+  const size = readFileSync(file).length;
+  assert.ok(size < 2 * 1024 * 1024, `compacted: ${size} bytes on disk after ${n} × 64 KiB kept and acked`);
+  await c.close();
+  // The state after compactions: nothing left to re-send, nothing lost.
+  const again = await Client.connect(relay.url, { keys: tree, persistence: file });
+  await again.publish('big/x', { i: n }, { qos: 1 });
+  await sub.when(() => sub.got.includes(n));
+  assert.deepEqual(sub.got, [...Array(n + 1).keys()], 'no acknowledged publish re-sent');
+  assert.equal(again.stats().unackedPublishes, 0);
+  await again.close();
+});
