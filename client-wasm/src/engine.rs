@@ -182,13 +182,12 @@ impl Engine {
                     .import_pins(p)
                     .map_err(key_error)?;
             }
-            let mut restored: Vec<_> = s
+            // (The engine's outbox orders them by their saved order.)
+            cfg.restored = s
                 .outbox
                 .iter()
                 .map(|(pid, (order, frame))| (PublishId(*pid), *order, frame.clone()))
                 .collect();
-            restored.sort_by_key(|r| r.1);
-            cfg.restored = restored;
             saved = Some(s);
         }
         let mut eng = Inner::new(cfg, core.keyring.clone(), seed, n);
@@ -472,9 +471,7 @@ impl Engine {
             .expect("keyring lock")
             .export_pins();
         persist::pins(&mut out, &p);
-        let mut kept: Vec<_> = sv.kept.iter().collect();
-        kept.sort_by_key(|(_, (order, _))| *order);
-        for (pid, (order, frame)) in kept {
+        for (pid, (order, frame)) in &sv.kept {
             persist::keep(&mut out, pid, *order, frame);
         }
         for c in self.eng.core().guard().snapshot(unix_ms.max(0.0) as u64) {

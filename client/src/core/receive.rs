@@ -248,8 +248,9 @@ impl Guard {
         }
     }
 
-    /// The whole persisted state as changes (dedup entries not expired at `now_ms`, every
-    /// retained high-water mark), sorted: what a compacted state file holds.
+    /// The whole persisted state as changes (dedup entries not expired at `now_ms` by
+    /// expiry, then every retained high-water mark in no particular order): what a
+    /// compacted state file holds.
     pub fn snapshot(&self, now_ms: u64) -> Vec<Change> {
         let mut out: Vec<Change> = self
             .expiry
@@ -257,11 +258,9 @@ impl Guard {
             .filter(|(exp, _)| *exp > now_ms)
             .map(|&(expires_ms, key)| Change::Seen { key, expires_ms })
             .collect();
-        let mut marks: Vec<_> = self.retained.iter().collect();
-        marks.sort();
         out.extend(
-            marks
-                .into_iter()
+            self.retained
+                .iter()
                 .map(|(k, &(ts_ms, msg_id))| Change::Retained {
                     key: *k,
                     ts_ms,
