@@ -5,7 +5,11 @@
 // A plain `await client.publish(…)` loop; the subscriber counts what arrives and what it is
 // told it lost. Prints delivered msgs/s over the time from the first publish to the last
 // delivery (or loss report). BENCH_SIGN=0: unsigned messages (no Ed25519 sign/verify, so
-// the driver's own cost shows).
+// the driver's own cost shows). BENCH_PERSIST=1: both clients with `persistence` (a file
+// each in a temp dir); BENCH_PERSIST=fsync: with `fsync: true`.
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { startRelay } from '../test/shared/relay.js';
 import { Client, Identity, TreeKey } from '../js/index.node.js';
 
@@ -13,12 +17,17 @@ const N = Number(process.argv[2] ?? 20_000);
 const qos = Number(process.argv[3] ?? 0);
 const pipe = process.argv[4] === 'pipe';
 const sign = process.env.BENCH_SIGN !== '0';
-const id = () => (sign ? { identity: Identity.generate() } : { sign: false });
+const persist = process.env.BENCH_PERSIST;
+const stateDir = persist ? mkdtempSync(join(tmpdir(), 'whispeer-bench-')) : null;
+const id = (name) => ({
+  ...(sign ? { identity: Identity.generate() } : { sign: false }),
+  ...(persist ? { persistence: { path: join(stateDir, name), fsync: persist === 'fsync' } } : {}),
+});
 const relay = await startRelay();
 try {
   const tree = TreeKey.generate('bench');
-  const sub = await Client.connect(relay.url, { keys: tree, ...id() });
-  const pub = await Client.connect(relay.url, { keys: tree, ...id() });
+  const sub = await Client.connect(relay.url, { keys: tree, ...id('sub.wsp') });
+  const pub = await Client.connect(relay.url, { keys: tree, ...id('pub.wsp') });
   let got = 0;
   let lost = 0;
   let done;
@@ -42,7 +51,7 @@ try {
   const t1 = performance.now();
   const secs = (t1 - t0) / 1000;
   console.log(JSON.stringify({
-    n: N, qos, pipe, sign, delivered: got, lost, unaccounted: N - got - lost,
+    n: N, qos, pipe, sign, persist: persist || 'off', delivered: got, lost, unaccounted: N - got - lost,
     publishMsgsPerSec: Math.round(N / ((tPub - t0) / 1000)),
     deliveredMsgsPerSec: Math.round(got / secs), seconds: +secs.toFixed(2),
   }));
@@ -51,4 +60,5 @@ try {
   await pub.close();
 } finally {
   await relay.stop();
+  if (stateDir) rmSync(stateDir, { recursive: true, force: true });
 }

@@ -19,14 +19,10 @@ export function float(x) {
   return { __whispeerFloat: Number(x) };
 }
 
-/** The error class of every error the client itself raises (`code` names the cause). */
-export class WhispeerError extends Error {
-  constructor(code, message) {
-    super(message);
-    this.name = 'WhispeerError';
-    this.code = code;
-  }
-}
+import { WhispeerError } from './errors.js';
+import { persistenceOption } from './persist.js';
+
+export { WhispeerError };
 
 /** Errors thrown by the wasm layer (`name` WhispeerError) as real `WhispeerError`s. */
 function wrap(e) {
@@ -47,7 +43,7 @@ function checkOptions(what, options, known) {
 const CONNECT_OPTIONS = [
   'identity', 'keys', 'compression', 'padding', 'sign', 'topics', 'reconnect', 'connectTimeoutMs',
   'retryFirstConnect', 'reconnectBuffer', 'keptBytes', 'subscriptionCapacity', 'heartbeatMs',
-  'sendHighWaterMark', 'name', 'auth',
+  'sendHighWaterMark', 'name', 'auth', 'persistence',
 ];
 const TOPIC_OPTIONS = ['compression', 'padding'];
 const PUBLISH_OPTIONS = ['qos', 'retain', 'ack', 'tree'];
@@ -262,6 +258,14 @@ export class Client {
   #again = false;
   #armed; // the deadline the timer is set for
   #timer = null;
+  #core; // the ClientCore until the engine takes it
+  #openStore; // persistence: opens the store (null without)
+  #store = null;
+  #logBytes = 0; // appended since the last compaction
+  #snapBytes = 0; // the last compaction's size
+  #gate = Promise.resolve(); // the last write events wait for (IndexedDB)
+  #gated = 0; // event batches waiting for a write
+  #inflight = 0; // async writes not yet committed
 
   /**
    * Connects and returns a ready client. The first attempt must succeed unless
@@ -288,6 +292,8 @@ export class Client {
       name: 'whispeer-js/0.1.0',
       ...options,
     };
+    delete this.#opts.persistence;
+    this.#openStore = persistenceOption(options.persistence);
     const kr = options.keys instanceof Keyring ? options.keys : toKeyring(options.keys);
     let core;
     try {
@@ -310,11 +316,47 @@ export class Client {
         else if (typeof a.token === 'string') core.setAuthToken(a.token);
         else throw new WhispeerError('INVALID_OPTION', "auth: expected { key: 'wsp_acct_sk_…' } or { token: '…' }");
       }
-      const seed = new Uint8Array(32);
-      globalThis.crypto.getRandomValues(seed);
-      this.#eng = new Engine(core, this.#opts, seed, mono(), Date.now());
+      this.#core = core;
+      if (!this.#openStore) this.#engine(undefined);
     } catch (e) {
       core?.free();
+      throw wrap(e);
+    }
+  }
+
+  /** Makes the engine (taking the core), importing `state` (persistence) when given. */
+  #engine(state) {
+    const seed = new Uint8Array(32);
+    globalThis.crypto.getRandomValues(seed);
+    const core = this.#core;
+    this.#core = undefined;
+    const opts = state === undefined ? this.#opts : { ...this.#opts, state };
+    this.#eng = new Engine(core, opts, seed, mono(), Date.now());
+  }
+
+  /**
+   * With `persistence`: opens and loads the saved state, imports it into the engine and
+   * compacts it (the snapshot replaces the log, a torn last write included).
+   */
+  async #restore() {
+    let store;
+    try {
+      store = await this.#openStore();
+      const saved = await store.load();
+      try {
+        this.#engine(saved ?? new Uint8Array(0));
+      } catch (e) {
+        const w = wrap(e);
+        if (w instanceof WhispeerError && w.code === 'STATE') w.message = `${store.where}: ${w.message}`;
+        throw w;
+      }
+      this.#store = store;
+      this.#compact();
+      await this.#gate;
+    } catch (e) {
+      store?.close();
+      this.#store = null;
+      this.#core?.free();
       throw wrap(e);
     }
   }
@@ -392,9 +434,75 @@ export class Client {
     this._emit('state', s, detail);
   }
 
-  #start() {
+  async #start() {
+    if (this.#openStore) await this.#restore();
     return new Promise((resolve, reject) => {
       this.#first = { resolve, reject };
+      this.#pump();
+    });
+  }
+
+  // ---- persistence: every change written before what it covers is reported ------------
+
+  /** A write that failed: reported, the client goes on (as the Rust client does). */
+  #writeFailed(e) {
+    this._emit('error', wrap(e));
+  }
+
+  /** Writes `bytes` with `op` (append or replace); a Promise while an async write runs. */
+  #write1(op, bytes) {
+    try {
+      const w = this.#store[op](bytes);
+      if (w) {
+        this.#inflight++;
+        const p = w.catch((e) => this.#writeFailed(e)).finally(() => this.#inflight--);
+        this.#gate = Promise.all([this.#gate, p]);
+        return this.#gate;
+      }
+    } catch (e) {
+      this.#writeFailed(e);
+    }
+    return undefined;
+  }
+
+  #compact() {
+    const snap = this.#eng.snapshot(Date.now());
+    this.#logBytes = 0;
+    this.#snapBytes = snap.length;
+    return this.#write1('replace', snap);
+  }
+
+  /** Saves the engine's changes; returns a Promise when an (async) write is still running. */
+  #persist() {
+    if (!this.#store) return undefined;
+    const b = this.#eng.takeChanges();
+    if (b === undefined) return this.#inflight ? this.#gate : undefined;
+    this.#logBytes += b.length;
+    if (this.#logBytes > Math.max(1 << 20, 2 * this.#snapBytes)) return this.#compact();
+    return this.#write1('append', b);
+  }
+
+  /**
+   * Resolves once every change so far (kept publishes, dedup entries, retained marks,
+   * pins) is written to the `persistence` store (at once for a file, which is written
+   * synchronously; after the IndexedDB transaction commits in browsers).
+   */
+  async persisted() {
+    if (this.#eng && this.#store) this.#persist();
+    await this.#gate;
+  }
+
+  /** Dispatches `events` now, or once `write` and earlier held batches are done. */
+  #deliver(events, write) {
+    if (!write && this.#gated === 0) {
+      for (const e of events) this.#dispatch(e);
+      return;
+    }
+    if (events.length === 0) return;
+    this.#gated++;
+    this.#gate.then(() => {
+      this.#gated--;
+      for (const e of events) this.#dispatch(e);
       this.#pump();
     });
   }
@@ -412,6 +520,7 @@ export class Client {
       do {
         this.#again = false;
         const eng = this.#eng;
+        this.#persist(); // a kept publish is saved before its frame leaves
         for (let t; (t = eng.pollTransmit()) !== undefined; ) {
           if (t instanceof Uint8Array) this.#write(t);
           else if (t.dial !== undefined) this.#dial(t.dial);
@@ -420,7 +529,8 @@ export class Client {
         this.#arm(eng.pollTimeout());
         const events = [];
         for (let e; (e = eng.pollEvent()) !== undefined; ) events.push(e);
-        for (const e of events) this.#dispatch(e);
+        // Dedup entries, retained marks and acked publishes are saved before the app hears.
+        this.#deliver(events, this.#persist());
       } while (this.#again);
     } finally {
       this.#pumping = false;
@@ -597,6 +707,12 @@ export class Client {
     for (const [, a] of this.#acks) a.reject(error);
     this.#acks.clear();
     for (const w of this.#waiting.splice(0)) w.reject(error);
+    if (this.#store) {
+      const st = this.#store;
+      this.#persist();
+      this.#store = null;
+      this.#gate.then(() => st.close());
+    }
     if (this.#sockets.size === 0) for (const r of this.#closeWaiters.splice(0)) r();
   }
 

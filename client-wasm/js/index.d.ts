@@ -51,7 +51,8 @@ export class WhispeerError extends Error {
   /**
    * `INVALID_TOPIC`, `INVALID_TREE`, `NO_KEY`, `KEY`, `ENCODE`, `DECODE`, `SEAL`, `OPEN`, `INVITE`,
    * `PROTOCOL`, `INVALID_URL`, `CONNECT`, `TIMEOUT`, `REJECTED`, `CLOSED`, `DISCONNECTED`,
-   * `NOT_ACKNOWLEDGED`, `BUFFER_FULL`, or a relay error code name.
+   * `NOT_ACKNOWLEDGED`, `BUFFER_FULL`, `INVALID_OPTION`, `STATE` (the `persistence` store
+   * is foreign, corrupt, in use or cannot be written), or a relay error code name.
    */
   readonly code: string;
 }
@@ -256,7 +257,22 @@ export interface ConnectOptions {
    * (`whispeer-relay account add NAME --token`). Not the identity that signs messages.
    */
   auth?: { key: string } | { token: string };
+  /**
+   * Keeps the QoS ≥ 1 outbox (until each `PubAck`), the receive-dedup window, the retained
+   * high-water marks and the pinned tree admins across restarts: unacknowledged publishes
+   * are re-sent first with their ids, and a message delivered before is not delivered
+   * again. Node.js: a file path (or `{ path, fsync }`; `fsync: true` also survives a power
+   * loss). Browsers: `{ indexedDB: name }`. One client per file or database. A foreign or
+   * corrupt store makes `connect` reject with code `STATE`.
+   */
+  persistence?: Persistence;
 }
+
+/** Where `persistence` keeps the client state. */
+export type Persistence =
+  | string
+  | { path: string; fsync?: boolean; indexedDB?: never }
+  | { indexedDB: string; path?: never; fsync?: never };
 
 export interface PublishOptions {
   /**
@@ -394,6 +410,12 @@ export class Client {
    */
   allowSealing(treeId: string, scope: string): void;
   flush(): Promise<void>;
+  /**
+   * Resolves once every change so far is written to the `persistence` store (a file is
+   * written synchronously; IndexedDB once its transaction commits). Without persistence,
+   * at once.
+   */
+  persisted(): Promise<void>;
   close(): Promise<void>;
 }
 

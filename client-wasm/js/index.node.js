@@ -4,8 +4,11 @@ import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { initSync } from '../pkg/whispeer_wasm.js';
 import { setWebSocket } from './client.js';
+import { setFileStore } from './persist.js';
+import { openFileStore } from './persist.node.js';
 
 initSync({ module: readFileSync(new URL('../pkg/whispeer_wasm_bg.wasm', import.meta.url)) });
+setFileStore(openFileStore);
 if (typeof globalThis.WebSocket !== 'function') setWebSocket(createRequire(import.meta.url)('ws'));
 
 export * from './api.js';

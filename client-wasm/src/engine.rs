@@ -14,8 +14,8 @@ use bytes::Bytes;
 use js_sys::{Array, Object, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 use whispeer::core::connection::{
-    AckToken, Backoff, Engine as Inner, EngineConfig, Event as E, Now, PubOptions, PublishId,
-    Transmit,
+    AckToken, Backoff, Engine as Inner, EngineConfig, Event as E, Now, PubOptions, PublishFailure,
+    PublishId, Transmit,
 };
 use whispeer::core::{self, SubscribeOptions};
 use whispeer_protocol::frame::Replay;
@@ -24,6 +24,7 @@ use whispeer_protocol::{Qos, TopicFilter};
 use crate::client::{message_object, set, ClientCore};
 use crate::error::{js_error, key_error, publish_error, subscribe_error, topic_error};
 use crate::keys::Grant;
+use crate::persist;
 use crate::value;
 
 fn now(mono_ms: f64, unix_ms: f64) -> Now {
@@ -94,6 +95,15 @@ pub struct Engine {
     /// Ack tokens handed to JS (as numbers) and not yet taken.
     tokens: BTreeMap<u64, AckToken>,
     next_token: u64,
+    /// With persistence (`options.state` given): the records not yet taken by
+    /// `takeChanges`, and the kept publishes (for snapshots; `Bytes` shared with the outbox).
+    saving: Option<Saving>,
+}
+
+#[derive(Debug, Default)]
+struct Saving {
+    journal: Vec<u8>,
+    kept: BTreeMap<[u8; 16], (u64, Bytes)>,
 }
 
 #[wasm_bindgen]
@@ -101,9 +111,15 @@ impl Engine {
     /// An engine sealing with `core` (moved in: its keys, identity, topic options and
     /// relay account) and configured by `options` (`name`, `connectTimeoutMs`, `reconnect:
     /// { initialDelayMs, maxDelayMs, maxAttempts }`, `retryFirstConnect`,
-    /// `reconnectBuffer`, `keptBytes`, `subscriptionCapacity`, `heartbeatMs`). `seed`: 32
-    /// random bytes (`crypto.getRandomValues`) for publish ids and backoff jitter. The
-    /// first `pollTransmit` asks for a socket.
+    /// `reconnectBuffer`, `keptBytes`, `subscriptionCapacity`, `heartbeatMs`, `state`).
+    /// `seed`: 32 random bytes (`crypto.getRandomValues`) for publish ids and backoff
+    /// jitter. The first `pollTransmit` asks for a socket.
+    ///
+    /// `state` (a `Uint8Array`, empty for a new one) turns persistence on: the saved state
+    /// (`snapshot` and `takeChanges` bytes, concatenated) is imported first — the kept
+    /// publishes are re-sent first with their ids, the dedup window, retained high-water
+    /// marks and pinned admins hold again — and every change is recorded for `takeChanges`.
+    /// A foreign or corrupt state throws `STATE`; pins that contradict the keys, `KEY`.
     #[wasm_bindgen(constructor)]
     pub fn new(
         core: ClientCore,
@@ -150,12 +166,50 @@ impl Engine {
                 k
             }
         });
-        let eng = Inner::new(cfg, core.keyring.clone(), seed, now(mono_ms, unix_ms));
+        let n = now(mono_ms, unix_ms);
+        let mut saved = None;
+        if let Some(v) = get(options, "state") {
+            let bytes = v
+                .dyn_into::<Uint8Array>()
+                .map_err(|v| bad_option("state: expected a Uint8Array", &v))?
+                .to_vec();
+            let s =
+                persist::load(&bytes, n.unix_ms).map_err(|e| js_error("STATE", &e.to_string()))?;
+            if let Some(p) = &s.pins {
+                core.keyring
+                    .write()
+                    .expect("keyring lock")
+                    .import_pins(p)
+                    .map_err(key_error)?;
+            }
+            // (The engine's outbox orders them by their saved order.)
+            cfg.restored = s
+                .outbox
+                .iter()
+                .map(|(pid, (order, frame))| (PublishId(*pid), *order, frame.clone()))
+                .collect();
+            saved = Some(s);
+        }
+        let mut eng = Inner::new(cfg, core.keyring.clone(), seed, n);
+        let saving = saved.map(|s| {
+            let g = eng.core_mut().guard_mut();
+            for (k, exp) in s.seen {
+                g.restore_seen(k, exp, n.unix_ms);
+            }
+            for (k, ts, id) in s.retained {
+                g.restore_retained(k, ts, id);
+            }
+            Saving {
+                journal: Vec::new(),
+                kept: s.outbox,
+            }
+        });
         Ok(Engine {
             eng,
             core,
             tokens: BTreeMap::new(),
             next_token: 1,
+            saving,
         })
     }
 
@@ -325,6 +379,15 @@ impl Engine {
             .add_grant(grant.inner.clone(), n.unix_ms)
             .map_err(key_error)?;
         self.eng.refresh_keys(n);
+        if let Some(sv) = &mut self.saving {
+            let p = self
+                .core
+                .keyring
+                .read()
+                .expect("keyring lock")
+                .export_pins();
+            persist::pins(&mut sv.journal, &p);
+        }
         Ok(())
     }
 
@@ -368,6 +431,10 @@ impl Engine {
     /// `undefined`.
     #[wasm_bindgen(js_name = pollEvent)]
     pub fn poll_event(&mut self) -> JsValue {
+        if self.saving.is_none() {
+            // Nothing persists the receiver-state journal: dropped, not accumulated.
+            self.eng.core_mut().take_changes();
+        }
         loop {
             let Some(e) = self.eng.poll_event() else {
                 return JsValue::UNDEFINED;
@@ -376,6 +443,51 @@ impl Engine {
                 return o.into();
             }
         }
+    }
+
+    /// With persistence: the state records recorded since the last call (kept and
+    /// acknowledged publishes, dedup entries, retained high-water marks, pins), to append
+    /// to the saved state before reporting anything the inputs produced; `undefined` when
+    /// nothing changed (always without persistence).
+    #[wasm_bindgen(js_name = takeChanges)]
+    pub fn take_changes(&mut self) -> Option<Uint8Array> {
+        let changes = self.eng.core_mut().take_changes();
+        let sv = self.saving.as_mut()?;
+        for c in &changes {
+            persist::change(&mut sv.journal, c);
+        }
+        if sv.journal.is_empty() {
+            return None;
+        }
+        let out = Uint8Array::from(&sv.journal[..]);
+        sv.journal.clear();
+        Some(out)
+    }
+
+    /// With persistence: the whole state as a fresh log (what the saved state compacts
+    /// to: header, pins, kept publishes, live dedup entries, retained marks). Pending
+    /// changes are included (and no longer returned by `takeChanges`). `undefined` without
+    /// persistence.
+    pub fn snapshot(&mut self, unix_ms: f64) -> Option<Uint8Array> {
+        let changes = self.eng.core_mut().take_changes();
+        let sv = self.saving.as_mut()?;
+        drop(changes);
+        sv.journal.clear();
+        let mut out = persist::MAGIC.to_vec();
+        let p = self
+            .core
+            .keyring
+            .read()
+            .expect("keyring lock")
+            .export_pins();
+        persist::pins(&mut out, &p);
+        for (pid, (order, frame)) in &sv.kept {
+            persist::keep(&mut out, pid, *order, frame);
+        }
+        for c in self.eng.core().guard().snapshot(unix_ms.max(0.0) as u64) {
+            persist::change(&mut out, &c);
+        }
+        Some(Uint8Array::from(&out[..]))
     }
 
     /// Bytes of frames queued and not yet taken by `pollTransmit`.
@@ -421,7 +533,22 @@ impl Engine {
             .ack(flag(options, "ack")?.unwrap_or(false));
         let env = self.core.seal(tree, topic, content_type, payload)?;
         let pid = self.eng.publish(env, o, n).map_err(publish_error)?;
+        if let (Some(sv), Some(p)) = (&mut self.saving, &pid) {
+            if let Some((order, frame)) = self.eng.kept_publish(p) {
+                persist::keep(&mut sv.journal, &p.0, order, &frame);
+                sv.kept.insert(p.0, (order, frame));
+            }
+        }
         Ok(pid.as_ref().map(pid_hex))
+    }
+
+    /// A kept publish was acknowledged or refused: no longer saved.
+    fn settled(&mut self, pid: &PublishId) {
+        if let Some(sv) = &mut self.saving {
+            if sv.kept.remove(&pid.0).is_some() {
+                persist::acked(&mut sv.journal, &pid.0);
+            }
+        }
     }
 
     fn token(&mut self, t: AckToken) -> f64 {
@@ -495,11 +622,17 @@ impl Engine {
                 "subscribeFailed"
             }
             E::PubAck { pid, seq } => {
+                self.settled(&pid);
                 set(&o, "id", pid_hex(&pid));
                 set(&o, "seq", seq as f64);
                 "puback"
             }
             E::PublishFailed { pid, reason } => {
+                // A kept publish the engine gave up on at close stays saved: a later run
+                // re-sends it (as the Rust driver does).
+                if reason != PublishFailure::Closed {
+                    self.settled(&pid);
+                }
                 set(&o, "id", pid_hex(&pid));
                 set(&o, "error", publish_error(reason.into()));
                 "publishFailed"

@@ -8,12 +8,14 @@
 //! - [`keys`] — `Identity`, `TreeKey`, `Grant`, `Keyring`, `sealInvite`, `openInvite`.
 //! - [`client`] — `ClientCore`: keys, identity, sealing and opening.
 //! - [`engine`] — `Engine`: the connection engine (handshake, QoS, acks, replay, backoff).
+//! - [`persist`] — the saved state (outbox, dedup window, retained marks, pins) as a log.
 //! - [`value`] — JS values ↔ CBOR (serde-compatible; the mapping is in the README).
 
 pub mod client;
 pub mod engine;
 mod error;
 pub mod keys;
+pub mod persist;
 mod rng;
 pub mod value;
 

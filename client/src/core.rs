@@ -435,6 +435,11 @@ impl ClientCore {
         self.credit = credit;
     }
 
+    /// The receiver state (dedup window, retained high-water marks), e.g. to snapshot it.
+    pub fn guard(&self) -> &receive::Guard {
+        &self.guard
+    }
+
     /// The receiver state (dedup window, retained high-water marks), e.g. to restore it.
     pub fn guard_mut(&mut self) -> &mut receive::Guard {
         &mut self.guard

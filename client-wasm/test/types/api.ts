@@ -93,3 +93,13 @@ client.on('lag', (e) => e.count);
 // @ts-expect-error lost is read-only
 sub.lost = 0;
 console.log(t1, e1);
+
+// Persistence: a file path (Node.js) or IndexedDB (browsers); nothing else.
+const saved = await Client.connect('ws://127.0.0.1:7480', { keys: tree, persistence: 'state.wsp' });
+await saved.persisted();
+await Client.connect('ws://127.0.0.1:7480', { keys: tree, persistence: { path: 'state.wsp', fsync: true } });
+await Client.connect('ws://127.0.0.1:7480', { keys: tree, persistence: { indexedDB: 'whispeer-state' } });
+// @ts-expect-error a file store takes a path, not a number
+await Client.connect('ws://127.0.0.1:7480', { keys: tree, persistence: { path: 7 } });
+// @ts-expect-error IndexedDB has no fsync option
+await Client.connect('ws://127.0.0.1:7480', { keys: tree, persistence: { indexedDB: 'x', fsync: true } });

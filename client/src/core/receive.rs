@@ -248,6 +248,28 @@ impl Guard {
         }
     }
 
+    /// The whole persisted state as changes (dedup entries not expired at `now_ms` by
+    /// expiry, then every retained high-water mark in no particular order): what a
+    /// compacted state file holds.
+    pub fn snapshot(&self, now_ms: u64) -> Vec<Change> {
+        let mut out: Vec<Change> = self
+            .expiry
+            .iter()
+            .filter(|(exp, _)| *exp > now_ms)
+            .map(|&(expires_ms, key)| Change::Seen { key, expires_ms })
+            .collect();
+        out.extend(
+            self.retained
+                .iter()
+                .map(|(k, &(ts_ms, msg_id))| Change::Retained {
+                    key: *k,
+                    ts_ms,
+                    msg_id,
+                }),
+        );
+        out
+    }
+
     /// Changes since the last call, for the driver to persist.
     pub fn take_changes(&mut self) -> Vec<Change> {
         std::mem::take(&mut self.journal)
@@ -474,6 +496,21 @@ mod tests {
             h.check(&cand(&t, 6, NOW - 20_000, r), NOW),
             Err(Refusal::RetainedRollback),
             "the high-water mark survives a restart"
+        );
+        let snap = g.snapshot(NOW);
+        assert_eq!(
+            snap.len(),
+            2,
+            "one dedup entry, one retained mark: {snap:?}"
+        );
+        assert_eq!(
+            h.snapshot(NOW),
+            snap,
+            "a snapshot holds what the journal held"
+        );
+        assert!(
+            matches!(g.snapshot(u64::MAX)[..], [Change::Retained { .. }]),
+            "expired dedup entries are left out"
         );
 
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);

@@ -1,0 +1,346 @@
+//! The npm package's saved client state: the bytes the JS driver keeps in a file (Node) or
+//! IndexedDB (browsers), encoded and checked here so no protocol logic lives in JS.
+//!
+//! The state is what the Rust client keeps in its SQLite file (`client/src/persist.rs`):
+//! the QoS ≥ 1 outbox (sealed `Pub` frames with their publish ids, until `PubAck`), the
+//! receive-dedup window (`(tree, sender, msg_id)` and expiry), the retained high-water
+//! marks (`BLAKE3(tree id ‖ topic)`, timestamp, msg_id) and the pinned tree admins
+//! (`Keyring::export_pins`). Only ciphertext frames, ids and hashes: no plaintext, no
+//! topic names.
+//!
+//! Format: an append-only log. `MAGIC` (8 bytes: `wspjs` + NUL + version 1 + `\n`), then
+//! records `len: u32 BE ‖ body (len bytes) ‖ BLAKE3-derived 4-byte check of the body`.
+//! Body: a kind byte, then
+//! - `1` keep: publish id (16) ‖ order (u64 BE) ‖ `Pub` frame (rest);
+//! - `2` acked: publish id (16);
+//! - `3` seen: tree (16) ‖ sender or zeros (32) ‖ msg_id (16) ‖ expires unix ms (u64 BE);
+//! - `4` retained: key (32) ‖ timestamp ms (u64 BE) ‖ msg_id (16);
+//! - `5` pins: `Keyring::export_pins` bytes (rest; replaces earlier pins).
+//!
+//! Read in order, later records win. A last record cut short or failing its check is a
+//! write torn by a crash and is ignored (the driver writes a record before it reports
+//! what it covers, so nothing reported depends on it); anything else that does not parse
+//! is a [`StateError`]. The driver compacts (rewrites the log as a snapshot) at start and
+//! when the log has grown.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use whispeer::core::receive::{Change, DedupKey, RetainedKey};
+use whispeer_protocol::TreeId;
+
+/// The first bytes of a state log (format version 1).
+pub const MAGIC: &[u8; 8] = b"wspjs\x00\x01\n";
+
+const KEEP: u8 = 1;
+const ACKED: u8 = 2;
+const SEEN: u8 = 3;
+const RETAINED: u8 = 4;
+const PINS: u8 = 5;
+
+/// Largest record body accepted (a `Pub` frame is far smaller).
+const MAX_BODY: usize = 64 << 20;
+
+/// Why saved state cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StateError {
+    /// Not a whispeer state log (another file, or another program's data).
+    #[error("not a whispeer client state (wrong header: {0})")]
+    Foreign(String),
+    /// A record in the middle does not parse or fails its check.
+    #[error("corrupt client state at byte {offset}: {reason}")]
+    Corrupt {
+        /// Where the bad record starts.
+        offset: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// Saved state, replayed from a log.
+#[derive(Debug, Default)]
+pub struct Saved {
+    /// Kept publishes by id: `(order, Pub frame)`.
+    pub outbox: BTreeMap<[u8; 16], (u64, Bytes)>,
+    /// Dedup entries and their expiry (not expired when loaded), in log order.
+    pub seen: Vec<(DedupKey, u64)>,
+    /// Retained high-water marks in log order (`Guard::restore_retained` keeps the newest
+    /// of each key).
+    pub retained: Vec<(RetainedKey, u64, [u8; 16])>,
+    /// The last pins saved.
+    pub pins: Option<Vec<u8>>,
+    /// Bytes of a torn last record that were ignored.
+    pub torn: usize,
+}
+
+fn check(body: &[u8]) -> [u8; 4] {
+    let h = blake3::Hasher::new_derive_key("whispeer js client state record")
+        .update(body)
+        .finalize();
+    let mut c = [0u8; 4];
+    c.copy_from_slice(&h.as_bytes()[..4]);
+    c
+}
+
+fn record(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    let start = out.len();
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    let c = check(&out[start..]);
+    out.extend_from_slice(&c);
+}
+
+/// Appends a kept publish.
+pub fn keep(out: &mut Vec<u8>, pid: &[u8; 16], order: u64, frame: &[u8]) {
+    record(out, &[&[KEEP], pid, &order.to_be_bytes(), frame]);
+}
+
+/// Appends an acknowledged (or refused) publish.
+pub fn acked(out: &mut Vec<u8>, pid: &[u8; 16]) {
+    record(out, &[&[ACKED], pid]);
+}
+
+/// Appends pins.
+pub fn pins(out: &mut Vec<u8>, bytes: &[u8]) {
+    record(out, &[&[PINS], bytes]);
+}
+
+/// Appends a receiver-state change.
+pub fn change(out: &mut Vec<u8>, c: &Change) {
+    match c {
+        Change::Seen { key, expires_ms } => record(
+            out,
+            &[
+                &[SEEN],
+                &key.0 .0,
+                &key.1,
+                &key.2,
+                &expires_ms.to_be_bytes(),
+            ],
+        ),
+        Change::Retained { key, ts_ms, msg_id } => {
+            record(out, &[&[RETAINED], key, &ts_ms.to_be_bytes(), msg_id])
+        }
+        // A change kind this format does not know yet: not persisted (the Rust state
+        // file would not hold it either).
+        _ => {}
+    }
+}
+
+fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&b[..N]);
+    a
+}
+
+fn u64_at(b: &[u8]) -> u64 {
+    u64::from_be_bytes(arr(b))
+}
+
+/// Replays a log. `now_ms` (unix) drops expired dedup entries.
+pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
+    let mut s = Saved::default();
+    if bytes.is_empty() {
+        return Ok(s);
+    }
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        let n = bytes.len().min(MAGIC.len());
+        let shown: String = bytes[..n]
+            .iter()
+            .map(|&b| {
+                if b.is_ascii_graphic() {
+                    (b as char).to_string()
+                } else {
+                    format!("\\x{b:02x}")
+                }
+            })
+            .collect();
+        return Err(StateError::Foreign(shown));
+    }
+    let mut at = MAGIC.len();
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        let corrupt = |reason| StateError::Corrupt { offset: at, reason };
+        let len = if rest.len() >= 4 {
+            u32::from_be_bytes(arr(rest)) as usize
+        } else {
+            s.torn = rest.len();
+            break;
+        };
+        if len > MAX_BODY {
+            return Err(corrupt("record length out of range"));
+        }
+        let end = 4 + len + 4;
+        if rest.len() < end {
+            s.torn = rest.len();
+            break;
+        }
+        let body = &rest[4..4 + len];
+        if check(body) != rest[4 + len..end] {
+            if rest.len() == end {
+                s.torn = rest.len();
+                break;
+            }
+            return Err(corrupt("record check failed"));
+        }
+        let (&kind, f) = body.split_first().ok_or_else(|| corrupt("empty record"))?;
+        match (kind, f.len()) {
+            (KEEP, n) if n >= 24 => {
+                let frame = Bytes::copy_from_slice(&f[24..]);
+                s.outbox.insert(arr(f), (u64_at(&f[16..]), frame));
+            }
+            (ACKED, 16) => {
+                s.outbox.remove(&arr::<16>(f));
+            }
+            (SEEN, 72) => {
+                let key = (TreeId(arr(f)), arr(&f[16..]), arr(&f[48..]));
+                let exp = u64_at(&f[64..]);
+                if exp > now_ms {
+                    s.seen.push((key, exp));
+                }
+            }
+            (RETAINED, 56) => {
+                s.retained.push((arr(f), u64_at(&f[32..]), arr(&f[40..])));
+            }
+            (PINS, _) => s.pins = Some(f.to_vec()),
+            (KEEP | ACKED | SEEN | RETAINED, _) => return Err(corrupt("record of the wrong size")),
+            _ => return Err(corrupt("unknown record kind (written by a newer version?)")),
+        }
+        at += end;
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        keep(&mut b, &[1; 16], 1, b"frame-1");
+        keep(&mut b, &[2; 16], 2, b"frame-2");
+        acked(&mut b, &[1; 16]);
+        change(
+            &mut b,
+            &Change::Seen {
+                key: (TreeId([1; 16]), [2; 32], [3; 16]),
+                expires_ms: 1_000,
+            },
+        );
+        change(
+            &mut b,
+            &Change::Seen {
+                key: (TreeId([1; 16]), [2; 32], [4; 16]),
+                expires_ms: 10,
+            },
+        );
+        change(
+            &mut b,
+            &Change::Retained {
+                key: [7; 32],
+                ts_ms: 50,
+                msg_id: [8; 16],
+            },
+        );
+        change(
+            &mut b,
+            &Change::Retained {
+                key: [7; 32],
+                ts_ms: 40,
+                msg_id: [9; 16],
+            },
+        );
+        pins(&mut b, b"\x01old");
+        pins(&mut b, b"\x01new");
+        b
+    }
+
+    #[test]
+    fn a_log_replays_to_the_state_it_recorded() {
+        let s = load(&sample(), 100).unwrap();
+        assert_eq!(s.outbox.len(), 1, "the acked publish is gone");
+        assert_eq!(s.outbox[&[2; 16]], (2, Bytes::from_static(b"frame-2")));
+        assert_eq!(
+            s.seen,
+            [((TreeId([1; 16]), [2; 32], [3; 16]), 1_000)],
+            "the expired entry is dropped"
+        );
+        assert_eq!(s.retained, [([7; 32], 50, [8; 16]), ([7; 32], 40, [9; 16])]);
+        // Imported into the receiver state, the newest mark wins.
+        let mut g = whispeer::core::receive::Guard::new(Default::default());
+        for &(k, ts, id) in &s.retained {
+            g.restore_retained(k, ts, id);
+        }
+        assert_eq!(
+            g.snapshot(0),
+            [Change::Retained {
+                key: [7; 32],
+                ts_ms: 50,
+                msg_id: [8; 16]
+            }],
+            "never rolled back"
+        );
+        assert_eq!(s.pins.as_deref(), Some(&b"\x01new"[..]));
+        assert_eq!(s.torn, 0);
+        assert!(
+            load(&[], 0).unwrap().outbox.is_empty(),
+            "empty: a new state"
+        );
+    }
+
+    #[test]
+    fn a_torn_last_record_is_ignored_but_corruption_inside_is_refused() {
+        let full = sample();
+        let whole = load(&full, 100).unwrap();
+        // Every cut inside the last record: the rest loads, the torn bytes are counted.
+        let mut last = MAGIC.to_vec();
+        pins(&mut last, b"\x01new");
+        let last_len = last.len() - MAGIC.len();
+        for cut in 1..last_len {
+            let s = load(&full[..full.len() - cut], 100).unwrap();
+            assert_eq!(s.torn, last_len - cut);
+            assert_eq!(s.pins.as_deref(), Some(&b"\x01old"[..]));
+            assert_eq!(s.outbox, whole.outbox);
+        }
+        // A flipped byte in the last record: torn; in an earlier one: corrupt.
+        let mut b = full.clone();
+        let n = b.len();
+        b[n - 6] ^= 1;
+        assert_eq!(load(&b, 100).unwrap().torn, last_len);
+        let mut b = full.clone();
+        b[MAGIC.len() + 6] ^= 1;
+        let e = load(&b, 100).unwrap_err();
+        assert_eq!(
+            e,
+            StateError::Corrupt {
+                offset: MAGIC.len(),
+                reason: "record check failed"
+            }
+        );
+        assert!(
+            e.to_string().contains("corrupt client state at byte 8"),
+            "{e}"
+        );
+        // An unknown kind in the middle.
+        let mut b = MAGIC.to_vec();
+        record(&mut b, &[&[99], b"x"]);
+        pins(&mut b, b"\x01");
+        assert!(matches!(
+            load(&b, 0),
+            Err(StateError::Corrupt { offset: 8, .. })
+        ));
+    }
+
+    #[test]
+    fn foreign_bytes_are_refused() {
+        for bad in [&b"SQLite format 3\x00"[..], b"{\"a\":1}", b"wsp"] {
+            let e = load(bad, 0).unwrap_err();
+            assert!(matches!(e, StateError::Foreign(_)), "{bad:?}: {e}");
+            assert!(e.to_string().contains("not a whispeer client state"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,194 @@
+// The `persistence: { indexedDB }` option in headless Chromium against the real relay: a
+// QoS 1 publish queued while the relay is down survives a page reload and is delivered once
+// when the relay is back; messages the page had are not handed to it again after a reload
+// (the relay redelivers them to the resumed durable subscription). Each with a control
+// without the option, which loses or duplicates. Waits are on events, never sleeps.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startRelay } from '../shared/relay.js';
+import { startChromium } from '../shared/chromium.js';
+import { startProxy } from '../shared/proxy.js';
+import { Client, Identity, TreeKey } from '../../js/index.node.js';
+
+let relay, browser;
+const nodeClients = [];
+before(async () => {
+  relay = await startRelay();
+  browser = await startChromium();
+});
+after(async () => {
+  await Promise.all(nodeClients.map((c) => c.close()));
+  await browser?.close();
+  await relay?.stop();
+});
+
+const FAST = { initialDelayMs: 20, maxDelayMs: 200, maxAttempts: Infinity };
+
+/** A QoS 1 subscriber in Node: `got` values; `when(cond)` resolves once it holds. */
+async function nodeSubscriber(tree, topic) {
+  const c = await Client.connect(relay.url, { keys: tree, reconnect: FAST });
+  nodeClients.push(c);
+  const got = [];
+  const waits = [];
+  await c.subscribe(
+    topic,
+    (m) => {
+      got.push(m.value);
+      for (const w of waits.filter((w) => w.cond())) waits.splice(waits.indexOf(w), 1) && w.resolve();
+    },
+    { qos: 1 },
+  );
+  return { client: c, got, when: (cond) => (cond() ? Promise.resolve() : new Promise((r) => waits.push({ cond, resolve: r }))) };
+}
+
+/** In the page: `window.c`, a client of `url` with `options` (`keys` a key string). */
+function pageConnect(page, url, options) {
+  return page.evaluate(
+    async ({ url, options }) => {
+      const { identity, ...rest } = options;
+      window.c = await W.Client.connect(url, {
+        ...rest,
+        ...(identity ? { identity: W.Identity.fromSecretString(identity) } : {}),
+        reconnect: { initialDelayMs: 20, maxDelayMs: 200, maxAttempts: Infinity },
+        retryFirstConnect: true,
+      });
+    },
+    { url, options },
+  );
+}
+
+async function reload(page) {
+  await page.reload();
+  await page.waitForFunction(() => window.pageReady === true);
+}
+
+/**
+ * Publishes 0 (acked); with the relay down, 1..3 (QoS 1, queued); reloads the page; brings
+ * the relay back; the reloaded page (same `persistence`) publishes 4. Returns what a Node
+ * subscriber got up to 4.
+ */
+async function outboxAcrossReload(name, persistence) {
+  const page = await browser.testPage();
+  const tree = TreeKey.generate(name);
+  const topic = `${name}/q`;
+  const sub = await nodeSubscriber(tree, topic);
+  const opts = { keys: tree.toKeyString(), ...(persistence ? { persistence } : {}) };
+  try {
+    await pageConnect(page, relay.url, opts);
+    await page.evaluate((topic) => window.c.publish(topic, 0, { qos: 1 }), topic);
+    await relay.stop();
+    await page.evaluate(async (topic) => {
+      await window.c.waitForState('reconnecting');
+      for (let i = 1; i <= 3; i++) window.c.publish(topic, i, { qos: 1 }).catch(() => {});
+      await window.c.persisted(); // the IndexedDB transaction committed
+      window.unacked = window.c.stats().unackedPublishes;
+    }, topic);
+    assert.equal(await page.evaluate(() => window.unacked), 3);
+    await reload(page);
+    relay = await relay.restart();
+    await sub.client.waitForState('connected');
+    await sub.client.flush(); // its subscription is back on the new relay
+    await pageConnect(page, relay.url, opts);
+    await page.evaluate((topic) => window.c.publish(topic, 4, { qos: 1 }), topic);
+    await sub.when(() => sub.got.includes(4));
+    const stats = await page.evaluate(() => window.c.stats());
+    return { got: [...sub.got], stats };
+  } finally {
+    await page.evaluate(() => window.c?.close());
+    await page.close();
+  }
+}
+
+test('Chromium: a QoS 1 publish queued while the relay is down survives a page reload and is delivered once', async () => {
+  const { got, stats } = await outboxAcrossReload('idb-outbox', { indexedDB: 'persist-outbox' });
+  assert.deepEqual(got, [0, 1, 2, 3, 4]);
+  assert.equal(stats.unackedPublishes, 0);
+});
+
+test('Chromium control: without persistence the reload loses the queued publishes', async () => {
+  const { got } = await outboxAcrossReload('idb-outbox-control', undefined);
+  assert.deepEqual(got, [0, 4]);
+});
+
+/**
+ * The page (through a proxy, a durable QoS 1 subscription) gets `n` messages; its acks
+ * never reach the relay; the page reloads and resumes the durable subscription directly:
+ * the relay redelivers the `n`. Returns what the reloaded page's callback got up to `n`.
+ */
+async function dedupAcrossReload(name, persistence, n) {
+  const page = await browser.testPage();
+  const tree = TreeKey.generate(name);
+  const topic = `${name}/q`;
+  const identity = Identity.generate().toSecretString();
+  const opts = { keys: tree.toKeyString(), identity, ...(persistence ? { persistence } : {}) };
+  const pub = await Client.connect(relay.url, { keys: tree });
+  nodeClients.push(pub);
+  const subscribe = (topic) =>
+    page.evaluate(async (topic) => {
+      window.got = [];
+      await window.c.subscribe(topic, (m) => window.got.push(m.value), { qos: 1, durable: 'inbox' });
+    }, topic);
+  const proxy = await startProxy(relay.port);
+  try {
+    await pageConnect(page, proxy.url, opts);
+    await subscribe(topic);
+    proxy.pause('up'); // the page's acks stay here
+    for (let i = 0; i < n; i++) await pub.publish(topic, i, { qos: 1 });
+    await page.waitForFunction((n) => window.got.length >= n, n);
+    assert.deepEqual(await page.evaluate(() => window.got), [...Array(n).keys()]);
+    await reload(page);
+  } finally {
+    await proxy.close();
+  }
+  try {
+    await pageConnect(page, relay.url, opts);
+    await subscribe(topic);
+    await pub.publish(topic, n, { qos: 1 });
+    await page.waitForFunction((n) => window.got.includes(n), n);
+    return { got: await page.evaluate(() => window.got), stats: await page.evaluate(() => window.c.stats()) };
+  } finally {
+    await page.evaluate(() => window.c?.close());
+    await page.close();
+  }
+}
+
+test('Chromium: messages the page had are not delivered again after a reload (dedup in IndexedDB)', async () => {
+  const n = 10;
+  const { got, stats } = await dedupAcrossReload('idb-dedup', { indexedDB: 'persist-dedup' }, n);
+  assert.deepEqual(got, [n], 'only the new message');
+  assert.ok(stats.duplicates >= n, JSON.stringify(stats));
+});
+
+test('Chromium control: without persistence the reloaded page gets them again', async () => {
+  const n = 10;
+  const { got } = await dedupAcrossReload('idb-dedup-control', undefined, n);
+  assert.deepEqual(got, [...Array(n + 1).keys()]);
+});
+
+test('Chromium: a foreign IndexedDB database or a file path fails with a typed error', async () => {
+  const page = await browser.testPage();
+  try {
+    const codes = await page.evaluate(async (url) => {
+      await new Promise((resolve, reject) => {
+        const r = indexedDB.open('someone-else', 3);
+        r.onupgradeneeded = () => r.result.createObjectStore('notes');
+        r.onsuccess = () => {
+          r.result.close();
+          resolve();
+        };
+        r.onerror = () => reject(r.error);
+      });
+      const codeOf = (p) =>
+        W.Client.connect(url, { keys: W.TreeKey.generate('x'), persistence: p }).then(
+          () => 'connected',
+          (e) => [e instanceof W.WhispeerError, e.code, e.message],
+        );
+      return [await codeOf({ indexedDB: 'someone-else' }), await codeOf('/tmp/state.wsp')];
+    }, relay.url);
+    assert.deepEqual(codes[0].slice(0, 2), [true, 'STATE'], JSON.stringify(codes));
+    assert.deepEqual(codes[1].slice(0, 2), [true, 'INVALID_OPTION'], JSON.stringify(codes));
+    assert.match(codes[1][2], /Node\.js only/);
+  } finally {
+    await page.close();
+  }
+});

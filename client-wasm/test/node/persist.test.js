@@ -1,0 +1,333 @@
+// The `persistence` option in Node.js against the real relay: the QoS 1 outbox and the
+// receive-dedup window survive a client killed with SIGKILL (a child process), and the same
+// scenarios without the option lose or duplicate (the controls that prove the tests can
+// fail). Waits are on events (child output lines, delivered messages), never sleeps.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { startRelay } from '../shared/relay.js';
+import { startProxy } from '../shared/proxy.js';
+import { Client, Identity, TreeKey, WhispeerError } from '../../js/index.node.js';
+
+const CHILD = new URL('../shared/persist-child.js', import.meta.url).pathname;
+
+let relay;
+let dir;
+const clients = [];
+const children = new Set();
+before(async () => {
+  relay = await startRelay();
+  dir = mkdtempSync(join(tmpdir(), 'whispeer-persist-'));
+});
+after(async () => {
+  for (const c of children) c.kill('SIGKILL');
+  await Promise.all(clients.map((c) => c.close()));
+  await relay?.stop();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+/** A client in a child process (test/shared/persist-child.js). */
+function child(url, key, file, identity) {
+  const p = spawn(process.execPath, [CHILD, url, key, file ?? '', identity ?? ''], { stdio: ['pipe', 'pipe', 'inherit'] });
+  children.add(p);
+  const lines = [];
+  const waits = [];
+  const settle = () => {
+    for (const w of [...waits]) {
+      const hit = lines.find(w.pred);
+      if (hit) {
+        waits.splice(waits.indexOf(w), 1);
+        w.resolve(hit);
+      }
+    }
+  };
+  createInterface({ input: p.stdout }).on('line', (l) => {
+    lines.push(JSON.parse(l));
+    settle();
+  });
+  const exited = new Promise((r) => p.once('exit', r));
+  p.once('exit', () => {
+    children.delete(p);
+    for (const w of waits.splice(0)) w.reject(new Error(`child exited; output: ${JSON.stringify(lines)}`));
+  });
+  return {
+    lines,
+    send: (o) => p.stdin.write(`${JSON.stringify(o)}\n`),
+    /** The first output line matching `pred` (already printed or to come). */
+    when: (pred) =>
+      new Promise((resolve, reject) => {
+        waits.push({ pred, resolve, reject });
+        settle();
+      }),
+    async kill() {
+      p.kill('SIGKILL');
+      await exited;
+    },
+  };
+}
+
+/** A QoS 1 subscriber in this process: `got` values; `when(cond)` resolves once it holds. */
+async function subscriber(key, topic) {
+  const c = await Client.connect(relay.url, { keys: TreeKey.fromKeyString(key) });
+  clients.push(c);
+  const got = [];
+  const waits = [];
+  await c.subscribe(
+    topic,
+    (m) => {
+      got.push(m.value.i);
+      for (const w of waits.filter((w) => w.cond())) waits.splice(waits.indexOf(w), 1) && w.resolve();
+    },
+    { qos: 1 },
+  );
+  return { got, when: (cond) => (cond() ? Promise.resolve() : new Promise((resolve) => waits.push({ cond, resolve }))) };
+}
+
+/**
+ * Publishes 0..4 (acked), then 5..9 while a proxy swallows everything the publisher sends;
+ * kills the publisher with SIGKILL once `publish` returned for 9; a second publisher
+ * process with the same `file` connects directly and publishes the marker 10. Returns what
+ * the subscriber received up to the marker.
+ */
+async function publishAcrossKill(topic, file) {
+  const key = TreeKey.generate(topic).toKeyString();
+  const sub = await subscriber(key, topic);
+  const proxy = await startProxy(relay.port);
+  try {
+    const a = child(proxy.url, key, file);
+    await a.when((l) => l.ev === 'ready');
+    for (let i = 0; i < 5; i++) a.send({ op: 'pub', topic, i, qos: 1 });
+    await a.when((l) => l.ev === 'acked' && l.i === 4);
+    await sub.when(() => sub.got.length >= 5);
+    proxy.pause('up'); // the relay is unreachable from here on, the socket stays open
+    for (let i = 5; i < 10; i++) a.send({ op: 'pub', topic, i, qos: 1 });
+    await a.when((l) => l.ev === 'called' && l.i === 9);
+    assert.ok(!a.lines.some((l) => l.ev === 'acked' && l.i >= 5), 'nothing after the stall was acknowledged');
+    await a.kill();
+  } finally {
+    await proxy.close();
+  }
+  const b = child(relay.url, key, file);
+  await b.when((l) => l.ev === 'ready');
+  b.send({ op: 'pub', topic, i: 10, qos: 1 });
+  await b.when((l) => l.ev === 'acked' && l.i === 10);
+  // The restored publishes are re-sent before anything new, so the marker comes last.
+  await sub.when(() => sub.got.includes(10));
+  b.send({ op: 'stats' });
+  const stats = (await b.when((l) => l.ev === 'stats')).stats;
+  await b.kill();
+  return { got: [...sub.got], stats };
+}
+
+test('a QoS 1 publish not acknowledged when the process is killed (SIGKILL) is re-sent by the next process: 0 lost, none twice', async () => {
+  const file = join(dir, 'outbox.wsp');
+  const { got, stats } = await publishAcrossKill('persist/outbox', file);
+  assert.deepEqual(got, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 'each message once, in order');
+  assert.equal(stats.unackedPublishes, 0, 'the restored publishes were acknowledged');
+  const bytes = readFileSync(file);
+  assert.ok(bytes.length > 8, 'the state file exists');
+  // No plaintext in the file: the values published were CBOR maps {i: n}; the topic name
+  // never appears.
+  assert.ok(!bytes.includes(Buffer.from('persist/outbox')), 'no topic name in the state file');
+});
+
+test('control: without persistence the same kill loses the unacknowledged publishes', async () => {
+  const { got } = await publishAcrossKill('persist/control', undefined);
+  assert.deepEqual(got, [0, 1, 2, 3, 4, 10], 'the publishes in flight at the kill are lost');
+});
+
+/**
+ * A child (QoS 1, durable subscription, through a proxy) gets `n` messages and its callback
+ * has them all; its acks never reach the relay (the proxy swallows what it sends), and it
+ * is killed with SIGKILL. The relay still owes the `n` and redelivers them when a new child
+ * with the same identity and `file` resumes the durable subscription. Returns what each
+ * child's callback got (the second one up to the new message n).
+ */
+async function dedupAcrossKill(topic, file, n) {
+  const key = TreeKey.generate(topic).toKeyString();
+  const identity = Identity.generate().toSecretString();
+  const pub = await Client.connect(relay.url, { keys: TreeKey.fromKeyString(key) });
+  clients.push(pub);
+  const proxy = await startProxy(relay.port);
+  let firstRun;
+  try {
+    const a = child(proxy.url, key, file, identity);
+    await a.when((l) => l.ev === 'ready');
+    a.send({ op: 'sub', topic, durable: 'inbox' });
+    await a.when((l) => l.ev === 'subscribed');
+    proxy.pause('up'); // its acks stay here
+    for (let i = 0; i < n; i++) await pub.publish(topic, { i }, { qos: 1 });
+    await a.when((l) => l.ev === 'got' && l.i === n - 1);
+    await a.kill();
+    firstRun = a.lines.filter((l) => l.ev === 'got').map((l) => l.i);
+  } finally {
+    await proxy.close();
+  }
+
+  const b = child(relay.url, key, file, identity);
+  await b.when((l) => l.ev === 'ready');
+  b.send({ op: 'sub', topic, durable: 'inbox' });
+  await b.when((l) => l.ev === 'subscribed');
+  await pub.publish(topic, { i: n }, { qos: 1 });
+  await b.when((l) => l.ev === 'got' && l.i === n); // the redelivered ones come first
+  b.send({ op: 'stats' });
+  const stats = (await b.when((l) => l.ev === 'stats')).stats;
+  await b.kill();
+  return { firstRun, secondRun: b.lines.filter((l) => l.ev === 'got').map((l) => l.i), stats };
+}
+
+test('dedup across a SIGKILL: messages the app had, redelivered to the resumed durable subscription, are not delivered again; new ones are', async () => {
+  const n = 20;
+  const { firstRun, secondRun, stats } = await dedupAcrossKill('persist/dedup', join(dir, 'dedup.wsp'), n);
+  assert.deepEqual(firstRun, [...Array(n).keys()]);
+  assert.deepEqual(secondRun, [n], 'only the new message');
+  assert.ok(stats.duplicates >= n, `the redelivered ones were refused as duplicates: ${JSON.stringify(stats)}`);
+});
+
+test('control: without persistence the redelivery after the kill hands the N to the app again', async () => {
+  const n = 20;
+  const { secondRun } = await dedupAcrossKill('persist/dedup-control', undefined, n);
+  assert.deepEqual(secondRun, [...Array(n + 1).keys()], 'all N again, then the new one');
+});
+
+test('the persistence option is validated, and a foreign, corrupt or busy state file fails with STATE', async () => {
+  const key = TreeKey.generate('v');
+  const invalid = (p) => (e) => e instanceof WhispeerError && e.code === 'INVALID_OPTION' && e.message.includes(p);
+  for (const [p, msg] of [
+    [42, 'expected a file path'],
+    [{ path: '' }, 'path'],
+    [{ path: 'x', indexedDB: 'y' }, 'exactly one'],
+    [{ pth: 'x' }, 'unknown option "pth"'],
+    [{ path: 'x', fsync: 'yes' }, 'fsync'],
+    [{ indexedDB: 'db' }, 'no IndexedDB here'],
+  ])
+    await assert.rejects(Client.connect(relay.url, { keys: key, persistence: p }), invalid(msg), JSON.stringify(p));
+
+  const state = (p) => (e) => e instanceof WhispeerError && e.code === 'STATE' && e.message.includes(p);
+  const foreign = join(dir, 'foreign.db');
+  writeFileSync(foreign, 'SQLite format 3\u0000 and more bytes');
+  await assert.rejects(Client.connect(relay.url, { keys: key, persistence: foreign }), state('not a whispeer client state'));
+  assert.equal(readFileSync(foreign, 'utf8').slice(0, 6), 'SQLite', 'a foreign file is left alone');
+
+  // A good file with a flipped byte in its first record (not the last one): corrupt.
+  const good = join(dir, 'good.wsp');
+  const c = await Client.connect(relay.url, { keys: key, persistence: good });
+  await assert.rejects(Client.connect(relay.url, { keys: key, persistence: good }), state('in use by another client'));
+  await c.publish('v/a', 1, { qos: 1 });
+  await c.publish('v/a', 2, { qos: 1 });
+  await c.close();
+  const bytes = readFileSync(good);
+  bytes[8 + 6] ^= 0xff;
+  const corrupt = join(dir, 'corrupt.wsp');
+  writeFileSync(corrupt, bytes);
+  await assert.rejects(Client.connect(relay.url, { keys: key, persistence: corrupt }), state('corrupt client state at byte 8'));
+  await assert.rejects(Client.connect(relay.url, { keys: key, persistence: dir }), state('cannot read'));
+
+  // A torn last write (a crash in the middle of an append) is not an error.
+  const torn = join(dir, 'torn.wsp');
+  writeFileSync(torn, readFileSync(good).subarray(0, readFileSync(good).length - 3));
+  const t = await Client.connect(relay.url, { keys: key, persistence: torn });
+  await t.close();
+  assert.ok(existsSync(torn));
+});
+
+// Bech32m (BIP 350), to forge a tree key string in the test below.
+const CHARSET = 'qpzry9x8gf2tvdw0s3jn54khce6mua7l';
+function polymod(values) {
+  const G = [0x3b6a57b2, 0x26508e6d, 0x1ea119fa, 0x3d4233dd, 0x2a1462b3];
+  let chk = 1;
+  for (const v of values) {
+    const b = chk >>> 25;
+    chk = ((chk & 0x1ffffff) << 5) ^ v;
+    for (let i = 0; i < 5; i++) if ((b >>> i) & 1) chk ^= G[i];
+  }
+  return chk >>> 0;
+}
+const hrpExpand = (h) => [...[...h].map((c) => c.charCodeAt(0) >> 5), 0, ...[...h].map((c) => c.charCodeAt(0) & 31)];
+function convert(data, from, to, pad) {
+  let acc = 0;
+  let bits = 0;
+  const out = [];
+  for (const v of data) {
+    acc = (acc << from) | v;
+    bits += from;
+    while (bits >= to) {
+      bits -= to;
+      out.push((acc >>> bits) & ((1 << to) - 1));
+    }
+    acc &= (1 << bits) - 1;
+  }
+  if (pad && bits > 0) out.push((acc << (to - bits)) & ((1 << to) - 1));
+  return out;
+}
+function bech32mDecode(s) {
+  const at = s.lastIndexOf('1');
+  const words = [...s.slice(at + 1)].map((c) => CHARSET.indexOf(c));
+  assert.equal(polymod([...hrpExpand(s.slice(0, at)), ...words]), 0x2bc830a3, 'a valid bech32m string');
+  return { hrp: s.slice(0, at), bytes: Uint8Array.from(convert(words.slice(0, -6), 5, 8, false)) };
+}
+function bech32mEncode(hrp, bytes) {
+  const words = convert(bytes, 8, 5, true);
+  const mod = polymod([...hrpExpand(hrp), ...words, 0, 0, 0, 0, 0, 0]) ^ 0x2bc830a3;
+  const sum = [0, 1, 2, 3, 4, 5].map((i) => (mod >>> (5 * (5 - i))) & 31);
+  return `${hrp}1${[...words, ...sum].map((w) => CHARSET[w]).join('')}`;
+}
+
+/** A key claiming `tree`'s id but with another root and admin (format 2: format, flags,
+ * tree id 16, epoch 4, root 32, admin seed 32, …). */
+function forged(tree) {
+  const { hrp, bytes } = bech32mDecode(tree.toKeyString());
+  globalThis.crypto.getRandomValues(bytes.subarray(22, 86));
+  const evil = TreeKey.fromKeyString(bech32mEncode(hrp, bytes));
+  assert.equal(evil.treeId, tree.treeId);
+  return evil;
+}
+
+test('the pinned tree admin survives a restart: a key for the same tree from another admin is refused (KEY), and without persistence it is taken', async () => {
+  const file = join(dir, 'pins.wsp');
+  const tree = TreeKey.generate('pinned');
+  const other = TreeKey.generate('other');
+  const evil = forged(tree);
+  const first = await Client.connect(relay.url, { keys: tree, persistence: file });
+  await first.close();
+
+  // Restart with another tree only: the pinned admin still guards `tree`'s id at run time...
+  const second = await Client.connect(relay.url, { keys: other, persistence: file });
+  assert.throws(() => second.addKeys(evil), (e) => e instanceof WhispeerError && e.code === 'KEY' && /admin/i.test(e.message));
+  await second.close();
+  // ...and at connect.
+  await assert.rejects(
+    Client.connect(relay.url, { keys: evil, persistence: file }),
+    (e) => e instanceof WhispeerError && e.code === 'KEY' && /admin/i.test(e.message),
+  );
+  // Control: without the saved pins the forged key is accepted.
+  const fresh = await Client.connect(relay.url, { keys: other });
+  fresh.addKeys(evil);
+  await fresh.close();
+});
+
+test('the log is compacted once it has grown (atomic rename), and the compacted state is still right', async () => {
+  const file = join(dir, 'compact.wsp');
+  const tree = TreeKey.generate('compact');
+  const sub = await subscriber(tree.toKeyString(), 'big/#');
+  const pad = new Uint8Array(64 * 1024);
+  globalThis.crypto.getRandomValues(pad); // not compressible: each kept frame is > 64 KiB
+  const c = await Client.connect(relay.url, { keys: tree, persistence: file, compression: 'none' });
+  const n = 48; // > 3 MiB of kept frames in all, 1 MiB at most between compactions
+  for (let i = 0; i < n; i++) await c.publish('big/x', { i, pad }, { qos: 1 });
+  await sub.when(() => sub.got.length >= n);
+  const size = readFileSync(file).length;
+  assert.ok(size < 2 * 1024 * 1024, `compacted: ${size} bytes on disk after ${n} × 64 KiB kept and acked`);
+  await c.close();
+  // The state after compactions: nothing left to re-send, nothing lost.
+  const again = await Client.connect(relay.url, { keys: tree, persistence: file });
+  await again.publish('big/x', { i: n }, { qos: 1 });
+  await sub.when(() => sub.got.includes(n));
+  assert.deepEqual(sub.got, [...Array(n + 1).keys()], 'no acknowledged publish re-sent');
+  assert.equal(again.stats().unackedPublishes, 0);
+  await again.close();
+});
