@@ -32,7 +32,7 @@ async fn user(url: Option<&str>, broker: Option<&whispeer::Broker>) -> anyhow::R
             keys.add_tree_key(&tree, whispeer::now_ms())?;
             Client::builder()
                 .with(WebSocket::new(url))
-                .with(Encryption::new(keys))
+                .with(Encryption::with_keyring(keys))
                 .with(Compression::zstd(3))
                 .with(me)
                 .connect()
@@ -58,9 +58,9 @@ async fn main() -> anyhow::Result<()> {
     let broker = match url {
         Some(_) => None,
         None => Some(
-            whispeer::Broker::builder()
+            whispeer::Broker::build_default()
                 .passphrase("room-lobby", "open sesame")?
-                .start()
+                .build()
                 .await?,
         ),
     };

@@ -31,12 +31,13 @@ async fn main() -> anyhow::Result<()> {
     // The garage monitor gets a grant for one subtree only.
     let grant = broker
         .tree_key()
+        .expect("a broker with a fresh tree holds its key")
         .grant(&Scope::Subtree(Topic::new("sensor/garage")?));
     let mut keys = Keyring::new();
     keys.add_grant(grant, whispeer::now_ms())?;
     let garage = Client::builder()
         .with(InProcess::new(broker.relay().clone()))
-        .with(Encryption::new(keys))
+        .with(Encryption::with_keyring(keys))
         .with(Identity::generate(&mut rand::rngs::OsRng))
         .connect()
         .await?;

@@ -48,6 +48,7 @@
 pub mod core;
 pub mod error;
 pub mod plugin;
+pub mod tag;
 
 #[cfg(feature = "in-process")]
 pub mod broker;
@@ -69,10 +70,11 @@ pub use whispeer_protocol::{
 };
 
 #[cfg(feature = "in-process")]
-pub use broker::{Broker, BrokerBuilder, BrokerError};
+pub use broker::{Broker, BrokerBuilder, BrokerError, BrokerOptions, PersistenceType};
 #[cfg(feature = "tokio-runtime")]
 pub use client::{
     now_ms, to_cbor, Client, ClientStats, ConnectionState, Message, PublishOptions, Subscription,
+    SubscriptionHandle, TypedTopic,
 };
 #[cfg(feature = "in-process")]
 pub use options::InProcess;
@@ -85,5 +87,10 @@ pub use options::{
 pub use options::{DurableOwner, RelayAuth, RelayAuthError, ACCOUNT_KEY_PREFIX};
 #[cfg(feature = "persistence")]
 pub use persist::{PersistError, Persistence};
+pub use plugin::{Logging, Metrics, MetricsSnapshot, Transform};
+pub use tag::TypeTag;
 #[cfg(feature = "tokio-runtime")]
 pub use transport::{Endpoint, TlsSettings};
+/// `#[derive(TypeTag)]` with `#[whispeer(type = "myapp.MyData/v1")]`.
+pub use whispeer_derive::TypeTag;
+pub use whispeer_protocol::frame::Qos;

@@ -58,11 +58,11 @@ async fn an_in_process_broker_seals_routes_and_opens_without_sockets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_with_a_websocket_listener_joins_network_clients_and_in_process_ones() {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let broker = Broker::builder()
-        .websocket(any)
+    let broker = Broker::build_default()
+        .with(WebSocket::new(format!("ws://{any}")))
         .passphrase("family", "correct horse battery staple")
         .unwrap()
-        .start()
+        .build()
         .await
         .unwrap();
     let url = broker.ws_url().expect("listening");
@@ -80,7 +80,7 @@ async fn a_broker_with_a_websocket_listener_joins_network_clients_and_in_process
     keys.add_tree_key(&tree, whispeer::now_ms()).unwrap();
     let remote = Client::builder()
         .with(WebSocket::new(url))
-        .with(whispeer::Encryption::new(keys))
+        .with(whispeer::Encryption::with_keyring(keys))
         .with(Identity::generate(&mut rand::rngs::OsRng))
         .connect()
         .await

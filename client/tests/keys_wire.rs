@@ -24,7 +24,7 @@ async fn next(sub: &mut whispeer::Subscription<u32>) -> whispeer::Message<u32> {
 async fn client_with(url: &str, keys: Keyring) -> Client {
     Client::builder()
         .with(Tcp::new(url))
-        .with(Encryption::new(keys))
+        .with(Encryption::with_keyring(keys))
         .with(identity())
         .connect()
         .await
@@ -240,7 +240,7 @@ async fn the_pinned_admin_survives_a_restart_and_another_admin_is_refused() {
     let connect = |keys: Keyring| {
         Client::builder()
             .with(Tcp::new(relay.tcp_url()))
-            .with(Encryption::new(keys))
+            .with(Encryption::with_keyring(keys))
             .with(Persistence::sqlite(&state))
             .connect()
     };

@@ -94,7 +94,7 @@ pub async fn ws_client(url: &str, keys: Keyring, id: Identity) -> Client {
     Client::builder()
         .with(WebSocket::new(url))
         .with(Compression::zstd(3))
-        .with(Encryption::new(keys))
+        .with(Encryption::with_keyring(keys))
         .with(id)
         .connect()
         .await
@@ -104,7 +104,7 @@ pub async fn ws_client(url: &str, keys: Keyring, id: Identity) -> Client {
 pub async fn tcp_client(url: &str, keys: Keyring, id: Identity) -> Client {
     Client::builder()
         .with(Tcp::new(url))
-        .with(Encryption::new(keys))
+        .with(Encryption::with_keyring(keys))
         .with(id)
         .connect()
         .await

@@ -79,7 +79,7 @@ async fn main() -> ExitCode {
     let me = Identity::generate(&mut rand::rngs::OsRng);
     let client = match Client::builder()
         .with(WebSocket::new(url.clone()))
-        .with(Encryption::new(keys))
+        .with(Encryption::with_keyring(keys))
         .with(compression)
         .with(me)
         .connect()

@@ -449,7 +449,7 @@ async fn connect_bench(
     let keyring = io::keyring(keys)?;
     let mut b = Client::builder()
         .with(whispeer::WebSocket::new(&conn.relay))
-        .with(whispeer::Encryption::new(keyring))
+        .with(whispeer::Encryption::with_keyring(keyring))
         .with(compression)
         .with(if no_padding {
             Padding::none()

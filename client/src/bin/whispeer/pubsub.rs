@@ -101,7 +101,7 @@ impl ConnArgs {
         self.check()?;
         let mut b = Client::builder()
             .with(WebSocket::new(&self.relay)) // sets the URL for every scheme
-            .with(whispeer::Encryption::new(keyring))
+            .with(whispeer::Encryption::with_keyring(keyring))
             .connect_timeout(secs(self.connect_timeout)?);
         if let Some(c) = compression {
             b = b.with(c);
