@@ -167,6 +167,7 @@ pub struct BrokerSetup {
     /// Also serve length-prefixed TCP there (`tcp://` URL or `host:port`).
     pub(crate) serve_tcp: Option<String>,
     /// The directory of the relay's history, the client's outbox and the key file.
+    #[cfg_attr(not(feature = "in-process"), allow(dead_code))]
     pub(crate) store_dir: Option<std::path::PathBuf>,
     /// The broker's keys (default: a fresh tree).
     pub(crate) encryption: Option<Encryption>,
@@ -296,6 +297,7 @@ impl AnyKey {
         }
     }
     /// The string to share: a grant of the whole tree for a tree key (not the admin key).
+    #[cfg_attr(not(feature = "in-process"), allow(dead_code))]
     pub(crate) fn share_string(&self) -> zeroize::Zeroizing<String> {
         match self {
             AnyKey::Tree(t) => t.grant_all().to_key_string(),
