@@ -54,6 +54,8 @@ pub mod tag;
 pub mod broker;
 #[cfg(feature = "tokio-runtime")]
 mod client;
+#[cfg(feature = "persistence")]
+pub mod history;
 #[cfg(feature = "tokio-runtime")]
 mod options;
 #[cfg(feature = "persistence")]
@@ -76,19 +78,23 @@ pub use client::{
     now_ms, to_cbor, Client, ClientStats, ConnectionState, Message, PublishOptions, Subscription,
     SubscriptionHandle, TypedTopic,
 };
+#[cfg(feature = "persistence")]
+pub use history::{HistoryEntry, HistoryError, LocalHistory};
 #[cfg(feature = "in-process")]
 pub use options::InProcess;
 #[cfg(feature = "tokio-runtime")]
 pub use options::{
-    ClientBuilder, Compression, Encryption, Engine, Padding, Plugin, Reconnect, Signing, Tcp,
-    TlsPin, TlsPinError, TlsRoot, TopicOptions, WebSocket,
+    ClientBuilder, Compression, Encryption, Engine, Padding, Reconnect, Signing, Tcp, TlsPin,
+    TlsPinError, TlsRoot, TopicOptions, WebSocket,
 };
 #[cfg(feature = "tokio-runtime")]
 pub use options::{DurableOwner, RelayAuth, RelayAuthError, ACCOUNT_KEY_PREFIX};
 #[cfg(feature = "persistence")]
 pub use persist::{PersistError, Persistence};
-pub use plugin::{Logging, Metrics, MetricsSnapshot, Transform};
+pub use plugin::{Logging, Metrics, MetricsSnapshot, Plugin, Transform, TypeEnforcement};
 pub use tag::TypeTag;
+/// The level of [`Logging`] (`tracing::Level`).
+pub use tracing::Level as LogLevel;
 #[cfg(feature = "tokio-runtime")]
 pub use transport::{Endpoint, TlsSettings};
 /// `#[derive(TypeTag)]` with `#[whispeer(type = "myapp.MyData/v1")]`.

@@ -544,39 +544,13 @@ impl Engine for InProcess {
     }
 }
 
-/// Adds a client plugin (see [`crate::plugin`]); plugins run in the order added.
-#[derive(Clone)]
-pub struct Plugin(pub(crate) std::sync::Arc<dyn crate::plugin::ClientPlugin>);
-impl Plugin {
-    /// Wraps a plugin.
-    pub fn new(p: impl crate::plugin::ClientPlugin) -> Self {
-        Plugin(std::sync::Arc::new(p))
-    }
-}
-impl std::fmt::Debug for Plugin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Plugin").field(&self.0.name()).finish()
-    }
-}
-impl Engine for Plugin {
+/// Any [`Plugin`](crate::plugin::Plugin) is an engine: `.with(Metrics::new())`,
+/// `.with(MyPlugin)`; plugins run in the order added.
+impl<P: crate::plugin::Plugin> Engine for P {
     fn apply(self, b: &mut ClientBuilder) {
-        b.plugins.push(self.0);
+        b.plugins.push(std::sync::Arc::new(self));
     }
 }
-macro_rules! plugin_engine {
-    ($($t:ty),*) => {$(
-        impl Engine for $t {
-            fn apply(self, b: &mut ClientBuilder) {
-                b.plugins.push(std::sync::Arc::new(self));
-            }
-        }
-    )*};
-}
-plugin_engine!(
-    crate::plugin::Logging,
-    crate::plugin::Metrics,
-    crate::plugin::Transform
-);
 
 /// Pin a relay's TLS certificate by its SHA-256 fingerprint (as printed by
 /// `whispeer-relay tls generate`) for `wss://` and `tls://`: the relay must present exactly

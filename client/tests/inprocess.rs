@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use support::within;
-use whispeer::plugin::{ClientPlugin, Logging, Metrics, Outgoing, PluginError, Transform};
+use whispeer::plugin::{Logging, Metrics, Outgoing, Plugin, PluginError, Transform};
 use whispeer::{
     Broker, Client, Identity, Keyring, PublishError, SubscribeError, TopicFilter, WebSocket,
 };
@@ -102,7 +102,7 @@ async fn a_broker_with_a_websocket_listener_joins_network_clients_and_in_process
 
 /// Refuses subscriptions to `admin/#` and publishes over 64 bytes.
 struct Policy;
-impl ClientPlugin for Policy {
+impl Plugin for Policy {
     fn name(&self) -> &str {
         "policy"
     }
@@ -139,10 +139,10 @@ async fn plugins_transform_count_drop_and_refuse() {
     let got = Metrics::new();
     let publisher = broker
         .client_builder()
-        .with(Logging)
+        .with(Logging::default())
         .with(sent.clone())
         .with(versioned())
-        .with(whispeer::Plugin::new(Policy))
+        .with(Policy)
         .connect()
         .await
         .unwrap();
