@@ -145,7 +145,7 @@ pub async fn run(dir: &Path) -> Result<Vec<String>, Error> {
     let remote = Client::builder()
         .with(WebSocket::new(url.clone()))
         .with(Encryption::with_keys(broker.keys())?)
-        .with(Identity::generate(&mut rand::rngs::OsRng))
+        .with(Identity::generate())
         .connect()
         .await?;
     remote.publish("greetings", "hello over ws").await?;

@@ -24,12 +24,12 @@ struct Line {
 }
 
 async fn user(url: Option<&str>, broker: Option<&whispeer::Broker>) -> anyhow::Result<Client> {
-    let me = Identity::generate(&mut rand::rngs::OsRng);
+    let me = Identity::generate();
     Ok(match (url, broker) {
         (Some(url), _) => {
             let tree = TreeKey::from_passphrase("room-lobby", b"open sesame", Default::default())?;
             let mut keys = Keyring::new();
-            keys.add_tree_key(&tree, whispeer::now_ms())?;
+            keys.add_tree_key(&tree)?;
             Client::builder()
                 .with(WebSocket::new(url))
                 .with(Encryption::with_keyring(keys))

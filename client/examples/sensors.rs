@@ -34,11 +34,11 @@ async fn main() -> anyhow::Result<()> {
         .expect("a broker with a fresh tree holds its key")
         .grant(&Scope::Subtree(Topic::new("sensor/garage")?));
     let mut keys = Keyring::new();
-    keys.add_grant(grant, whispeer::now_ms())?;
+    keys.add_grant(grant)?;
     let garage = Client::builder()
         .with(InProcess::new(broker.relay().clone()))
         .with(Encryption::with_keyring(keys))
-        .with(Identity::generate(&mut rand::rngs::OsRng))
+        .with(Identity::generate())
         .connect()
         .await?;
     match garage.subscribe::<Reading>("sensor/kitchen/#").await {

@@ -233,7 +233,7 @@ impl BrokerBuilder {
         b.in_process = Some(handle.clone());
         b.url = None;
         if b.identity.is_none() {
-            b.identity = Some(Identity::generate(&mut rand::rngs::OsRng));
+            b.identity = Some(Identity::generate());
         }
         let client = match b.connect().await {
             Ok(c) => c,
@@ -299,10 +299,7 @@ async fn listen_addr(url: &str, schemes: &[&str]) -> Result<SocketAddr, BrokerEr
 fn resolve_keys(enc: Encryption, tree_name: &str) -> Result<Vec<AnyKey>, BrokerError> {
     use crate::options::EncryptionKeys;
     match enc.0 {
-        EncryptionKeys::Fresh => Ok(vec![AnyKey::Tree(TreeKey::generate(
-            tree_name,
-            &mut rand::rngs::OsRng,
-        )?)]),
+        EncryptionKeys::Fresh => Ok(vec![AnyKey::Tree(TreeKey::generate(tree_name)?)]),
         EncryptionKeys::Keys(k) => Ok(k),
         EncryptionKeys::Keyring(_) => Err(BrokerError::KeyringNotShareable),
     }
@@ -361,7 +358,7 @@ fn load_or_make_identity(dir: &Path) -> Result<Identity, BrokerError> {
     match std::fs::read_to_string(&path) {
         Ok(text) => Ok(Identity::from_secret_string(text.trim())?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let id = Identity::generate(&mut rand::rngs::OsRng);
+            let id = Identity::generate();
             write_secret(&path, id.to_secret_string().as_bytes())?;
             Ok(id)
         }
@@ -496,7 +493,7 @@ impl Broker {
     /// compression and plugins): for another task that wants its own connection.
     pub async fn connect_client(&self) -> Result<Client, ConnectError> {
         self.client_builder()
-            .with(Identity::generate(&mut rand::rngs::OsRng))
+            .with(Identity::generate())
             .connect()
             .await
     }

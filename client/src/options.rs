@@ -292,8 +292,8 @@ impl AnyKey {
     }
     pub(crate) fn add_to(&self, keys: &mut Keyring, now_ms: u64) -> Result<(), KeyError> {
         match self {
-            AnyKey::Tree(t) => keys.add_tree_key(t, now_ms),
-            AnyKey::Grant(g) => keys.add_grant(g.clone(), now_ms),
+            AnyKey::Tree(t) => keys.add_tree_key_at(t, now_ms),
+            AnyKey::Grant(g) => keys.add_grant_at(g.clone(), now_ms),
         }
     }
     /// The string to share: a grant of the whole tree for a tree key (not the admin key).
@@ -331,7 +331,7 @@ impl Encryption {
         match self.0 {
             EncryptionKeys::Keyring(k) => Ok((k, Vec::new())),
             EncryptionKeys::Fresh => {
-                let tree = TreeKey::generate("default", &mut rand::rngs::OsRng)?;
+                let tree = TreeKey::generate("default")?;
                 let keys = vec![AnyKey::Tree(tree)];
                 let mut ring = Keyring::new();
                 keys[0].add_to(&mut ring, now_ms)?;

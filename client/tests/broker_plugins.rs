@@ -114,7 +114,7 @@ async fn type_enforcement_refuses_publishes_and_drops_messages_of_other_types() 
     let rogue = Client::builder()
         .with(InProcess::new(broker.relay().clone()))
         .with(Encryption::with_keys(broker.keys()).unwrap())
-        .with(Identity::generate(&mut rand::rngs::OsRng))
+        .with(Identity::generate())
         .connect()
         .await
         .unwrap();

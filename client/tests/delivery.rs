@@ -286,7 +286,7 @@ async fn a_durable_subscription_resumes_where_it_left_off() {
 async fn a_persistent_broker_keeps_acknowledged_messages_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("broker");
-    let tree = whispeer::TreeKey::generate("persist", &mut rand::rngs::OsRng).unwrap();
+    let tree = whispeer::TreeKey::generate("persist").unwrap();
     let broker = whispeer::Broker::build_default()
         .with(whispeer::Persistence::sqlite(&db))
         .tree_key(tree.clone())

@@ -77,11 +77,11 @@ async fn a_broker_with_a_websocket_listener_joins_network_clients_and_in_process
     )
     .unwrap();
     let mut keys = Keyring::new();
-    keys.add_tree_key(&tree, whispeer::now_ms()).unwrap();
+    keys.add_tree_key(&tree).unwrap();
     let remote = Client::builder()
         .with(WebSocket::new(url))
         .with(whispeer::Encryption::with_keyring(keys))
-        .with(Identity::generate(&mut rand::rngs::OsRng))
+        .with(Identity::generate())
         .connect()
         .await
         .unwrap();

@@ -197,7 +197,7 @@ async fn without_the_key_nothing_is_seen_and_rejections_are_counted() {
     // Bob holds only sensor/garage/#.
     let mut bob_keys = whispeer::Keyring::new();
     bob_keys
-        .add_grant(
+        .add_grant_at(
             t.grant(&Scope::Subtree(Topic::new("sensor/garage").unwrap())),
             whispeer::now_ms(),
         )

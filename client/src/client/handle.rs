@@ -88,7 +88,7 @@ impl Client {
             .keyring
             .write()
             .expect("keyring lock")
-            .add_grant(grant, now_ms())?;
+            .add_grant(grant)?;
         let _ = self.inner.cmd.send(Command::Resubscribe);
         Ok(())
     }

@@ -220,7 +220,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let topic = Topic::new(a.topic.as_str()).with_context(|| format!("topic '{}'", a.topic))?;
     let mut keys = a.keys.load()?;
     if keys.is_empty() {
-        keys.push(AnyKey::Tree(TreeKey::generate(
+        keys.push(AnyKey::Tree(TreeKey::generate_with(
             "bench",
             &mut rand::rngs::OsRng,
         )?));
@@ -254,7 +254,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     }
     let mut pub_clients = Vec::with_capacity(a.pubs);
     for _ in 0..a.pubs {
-        let id = (!a.no_sign).then(|| Identity::generate(&mut rand::rngs::OsRng));
+        let id = (!a.no_sign).then(Identity::generate);
         pub_clients.push(connect(id).await?);
     }
 

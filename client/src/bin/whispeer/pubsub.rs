@@ -521,7 +521,7 @@ mod tests {
             j(&Provenance::Derived { from }),
             json!({ "kind": "derived", "from": "a/b/#" })
         );
-        let by = whispeer::Identity::generate(&mut rand::rngs::OsRng).sender_id();
+        let by = whispeer::Identity::generate().sender_id();
         assert_eq!(
             j(&Provenance::Delegated { by }),
             json!({ "kind": "delegated", "by": by.to_string() })
