@@ -100,6 +100,13 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+    /// The key file is sealed under a passphrase and `BrokerOptions::key_passphrase` is not
+    /// set.
+    #[error("{path} is sealed under a passphrase: set BrokerOptions::key_passphrase")]
+    KeyFileLocked {
+        /// The key file.
+        path: PathBuf,
+    },
     /// `Encryption::with_keyring` on a broker: it must be able to hand its keys on.
     #[error(
         "a broker needs key strings (Encryption::with_keys) or a fresh tree \
@@ -130,6 +137,20 @@ pub struct BrokerOptions {
     /// The embedded relay's configuration: limits, queues, timeouts. Its listeners are
     /// honoured too; `WebSocket`/`Tcp` engines override them.
     pub relay: Config,
+    /// With persistence: seal the generated key (and identity) files under this passphrase
+    /// (`wslocked1…`: Argon2id + XChaCha20-Poly1305); a restart needs the same passphrase.
+    /// `None` (the default): the files hold the plain secret strings, mode 0600.
+    pub key_passphrase: Option<zeroize::Zeroizing<String>>,
+    /// The Argon2id cost of `key_passphrase` (default: as for passphrase trees, 256 MiB).
+    pub key_passphrase_params: PassphraseParams,
+}
+
+impl BrokerOptions {
+    /// Seals the broker's key files under `passphrase` (see `key_passphrase`).
+    pub fn key_passphrase(mut self, passphrase: impl Into<String>) -> Self {
+        self.key_passphrase = Some(zeroize::Zeroizing::new(passphrase.into()));
+        self
+    }
 }
 
 impl Default for BrokerOptions {
@@ -142,6 +163,8 @@ impl Default for BrokerOptions {
         BrokerOptions {
             tree_name: "broker".into(),
             relay,
+            key_passphrase: None,
+            key_passphrase_params: PassphraseParams::default(),
         }
     }
 }
@@ -191,7 +214,13 @@ impl BrokerBuilder {
         let BrokerOptions {
             tree_name,
             relay: mut config,
+            key_passphrase,
+            key_passphrase_params,
         } = self.opts;
+        let lock = Lock {
+            passphrase: key_passphrase,
+            params: key_passphrase_params,
+        };
         let mut setup = self.setup;
         if let Some(url) = &setup.serve_ws {
             config.listen.ws = ListenAddr::on(listen_addr(url, &["http", "ws"]).await?);
@@ -212,9 +241,9 @@ impl BrokerBuilder {
                     setup.client.state_file = Some(dir.join(CLIENT_STATE_FILE));
                 }
                 if setup.client.identity.is_none() {
-                    setup.client.identity = Some(load_or_make_identity(dir)?);
+                    setup.client.identity = Some(load_or_make_identity(dir, &lock)?);
                 }
-                load_or_make_keys(dir, encryption, &tree_name)?
+                load_or_make_keys(dir, encryption, &tree_name, &lock)?
             }
             None => resolve_keys(encryption, &tree_name)?,
         };
@@ -311,6 +340,7 @@ fn load_or_make_keys(
     dir: &Path,
     enc: Encryption,
     tree_name: &str,
+    lock: &Lock,
 ) -> Result<Vec<AnyKey>, BrokerError> {
     if !matches!(enc.0, crate::options::EncryptionKeys::Fresh) {
         return resolve_keys(enc, tree_name);
@@ -322,8 +352,8 @@ fn load_or_make_keys(
                 .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(AnyKey::parse)
-                .collect::<Result<Vec<_>, _>>()?;
+                .map(|l| Ok(AnyKey::parse(&lock.open(l, &path)?)?))
+                .collect::<Result<Vec<_>, BrokerError>>()?;
             if keys.is_empty() {
                 return Err(BrokerError::Io {
                     path,
@@ -342,7 +372,7 @@ fn load_or_make_keys(
             ));
             for k in &keys {
                 if let AnyKey::Tree(t) = k {
-                    text.push_str(&t.to_key_string());
+                    text.push_str(&lock.seal(&t.to_key_string())?);
                     text.push('\n');
                 }
             }
@@ -353,13 +383,49 @@ fn load_or_make_keys(
     }
 }
 
-fn load_or_make_identity(dir: &Path) -> Result<Identity, BrokerError> {
+/// How the key files are kept: plain (mode 0600) or sealed under a passphrase.
+struct Lock {
+    passphrase: Option<zeroize::Zeroizing<String>>,
+    params: PassphraseParams,
+}
+
+impl Lock {
+    fn seal(&self, secret: &str) -> Result<zeroize::Zeroizing<String>, BrokerError> {
+        Ok(zeroize::Zeroizing::new(match &self.passphrase {
+            None => secret.to_owned(),
+            Some(p) => whispeer_protocol::locked::lock_secret_string(
+                secret,
+                p.as_bytes(),
+                self.params,
+                &mut rand::rngs::OsRng,
+            )?,
+        }))
+    }
+    fn open(&self, line: &str, path: &Path) -> Result<zeroize::Zeroizing<String>, BrokerError> {
+        if !line.to_ascii_lowercase().starts_with("wslocked1") {
+            return Ok(zeroize::Zeroizing::new(line.to_owned()));
+        }
+        match &self.passphrase {
+            Some(p) => Ok(whispeer_protocol::locked::unlock_secret_string(
+                line,
+                p.as_bytes(),
+            )?),
+            None => Err(BrokerError::KeyFileLocked {
+                path: path.to_owned(),
+            }),
+        }
+    }
+}
+
+fn load_or_make_identity(dir: &Path, lock: &Lock) -> Result<Identity, BrokerError> {
     let path = dir.join(IDENTITY_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(text) => Ok(Identity::from_secret_string(text.trim())?),
+        Ok(text) => Ok(Identity::from_secret_string(
+            &lock.open(text.trim(), &path)?,
+        )?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = Identity::generate();
-            write_secret(&path, id.to_secret_string().as_bytes())?;
+            write_secret(&path, lock.seal(&id.to_secret_string())?.as_bytes())?;
             Ok(id)
         }
         Err(source) => Err(BrokerError::Io { path, source }),

@@ -246,3 +246,86 @@ async fn bad_listen_addresses_and_keyrings_are_typed_errors() {
     );
     assert!(Encryption::with_keys(["not a key"]).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_sealed_under_a_passphrase_needs_it_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker");
+    let opts = || {
+        let mut o = BrokerOptions::default().key_passphrase("correct horse");
+        o.key_passphrase_params = whispeer::PassphraseParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        o
+    };
+    let broker = Broker::builder(opts())
+        .with(Persistence::sqlite(&db))
+        .build()
+        .await
+        .unwrap();
+    broker
+        .publish_with(
+            "diary/today",
+            "sealed at rest",
+            PublishOptions::at_least_once(),
+        )
+        .await
+        .unwrap();
+    let keys = broker.keys();
+    let tree = broker.tree_key().unwrap().to_key_string().to_string();
+    broker.shutdown().await.unwrap();
+    let text = std::fs::read_to_string(db.join(whispeer::broker::KEY_FILE)).unwrap();
+    assert!(
+        text.contains("wslocked1") && !text.contains(&tree),
+        "{text}"
+    );
+
+    // Without the passphrase, or with another one: typed errors, nothing opened.
+    let e = Broker::builder(BrokerOptions::default())
+        .with(Persistence::sqlite(&db))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, whispeer::BrokerError::KeyFileLocked { .. }),
+        "{e}"
+    );
+    let mut wrong = opts().key_passphrase("wrong horse");
+    wrong.key_passphrase_params = opts().key_passphrase_params;
+    let e = Broker::builder(wrong)
+        .with(Persistence::sqlite(&db))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            whispeer::BrokerError::Keys(whispeer::protocol::KeyError::Locked)
+        ),
+        "{e}"
+    );
+
+    // With it: the same keys, and the history reads.
+    let broker = Broker::builder(opts())
+        .with(Persistence::sqlite(&db))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(broker.keys(), keys);
+    let mut s = broker
+        .subscribe_stream_with_options::<String>(
+            "diary/#",
+            whispeer::SubscribeOptions::new().replay(whispeer::Replay::FromSeq(0)),
+        )
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(WAIT, s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.value, "sealed at rest");
+    broker.shutdown().await.unwrap();
+}
