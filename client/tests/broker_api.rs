@@ -329,3 +329,103 @@ async fn a_key_file_sealed_under_a_passphrase_needs_it_after_a_restart() {
     assert_eq!(m.value, "sealed at rest");
     broker.shutdown().await.unwrap();
 }
+
+/// Prints publish→stream throughput on one in-memory broker, untyped and typed (no
+/// threshold): `cargo test -p whispeer --features in-process --test broker_api measure --
+/// --ignored --nocapture` (add `--release` for real numbers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_broker_throughput_untyped_and_typed() {
+    const TASKS: u32 = 8;
+    const EACH: u32 = 2_500;
+    let broker = Broker::build_default().build().await.unwrap();
+    for typed in [false, true] {
+        let topic = if typed { "m/typed" } else { "m/plain" };
+        let t = broker.topic::<Celsius>("m/typed").unwrap();
+        let mut s = if typed {
+            t.stream().await.unwrap()
+        } else {
+            broker.subscribe_stream::<Celsius>(topic).await.unwrap()
+        };
+        let start = std::time::Instant::now();
+        let mut pubs = Vec::new();
+        for _ in 0..TASKS {
+            let (b, t) = (broker.clone(), t.clone());
+            pubs.push(tokio::spawn(async move {
+                for i in 0..EACH {
+                    let v = Celsius {
+                        value: f64::from(i),
+                    };
+                    if typed {
+                        t.publish(&v).await.unwrap();
+                    } else {
+                        b.publish(topic, &v).await.unwrap();
+                    }
+                }
+            }));
+        }
+        // QoS 0: a subscriber that falls behind loses messages, reported as `Lagged(n)`.
+        let (mut got, mut lost) = (0u64, 0u64);
+        while got + lost < u64::from(TASKS * EACH) {
+            match tokio::time::timeout(WAIT, s.next()).await.unwrap().unwrap() {
+                Ok(_) => got += 1,
+                Err(ReceiveError::Lagged(n)) => lost += n,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let dt = start.elapsed();
+        for p in pubs {
+            p.await.unwrap();
+        }
+        println!(
+            "{}: {} published, {got} delivered, {lost} lost (QoS 0, reported) in {dt:?} = {:.0} msg/s",
+            if typed { "typed" } else { "untyped" },
+            TASKS * EACH,
+            f64::from(TASKS * EACH) / dt.as_secs_f64()
+        );
+    }
+    broker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_serves_tcp_and_callback_handles_unsubscribe_on_drop() {
+    let broker = Broker::build_default()
+        .with(whispeer::Tcp::new("tcp://127.0.0.1:0"))
+        .build()
+        .await
+        .unwrap();
+    let url = broker.tcp_url().expect("serving TCP");
+    assert!(!url.ends_with(":0"), "{url}");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let handle = broker
+        .subscribe("tcp/#", move |m: Message<String>| {
+            let _ = tx.send(m.value);
+        })
+        .await
+        .unwrap();
+    let remote = whispeer::Client::builder()
+        .with(whispeer::Tcp::new(url))
+        .with(Encryption::with_keys(broker.keys()).unwrap())
+        .with(whispeer::Identity::generate())
+        .connect()
+        .await
+        .unwrap();
+    remote.publish("tcp/x", "over tcp").await.unwrap();
+    let got = tokio::time::timeout(WAIT, rx.recv()).await.unwrap();
+    assert_eq!(got.as_deref(), Some("over tcp"));
+
+    // Dropping the handle ends the callback: its closure (and the sender it owns) is
+    // dropped, so the channel closes; later messages never reach it.
+    drop(handle);
+    assert_eq!(tokio::time::timeout(WAIT, rx.recv()).await.unwrap(), None);
+    let mut after = broker.subscribe_stream::<String>("tcp/#").await.unwrap();
+    remote.publish("tcp/x", "later").await.unwrap();
+    let m = tokio::time::timeout(WAIT, after.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.value, "later");
+    remote.close().await;
+    broker.shutdown().await.unwrap();
+}

@@ -165,4 +165,22 @@ mod tests {
             Err(KeyError::InvalidString { .. })
         ));
     }
+
+    /// Prints the cost of the default parameters (no threshold):
+    /// `cargo test -p whispeer-protocol --lib locked -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn measure_the_default_cost() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let t = std::time::Instant::now();
+        let locked =
+            lock_secret_string("wstree1x", b"pass", PassphraseParams::default(), &mut rng).unwrap();
+        let lock = t.elapsed();
+        let t = std::time::Instant::now();
+        unlock_secret_string(&locked, b"pass").unwrap();
+        println!(
+            "default Argon2id (256 MiB, t=2): lock {lock:?}, unlock {:?}",
+            t.elapsed()
+        );
+    }
 }
