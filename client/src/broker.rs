@@ -129,7 +129,7 @@ pub enum PersistenceType<P: AsRef<Path> = PathBuf> {
 }
 
 /// A broker's own options (the rest comes with `.with(...)`).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct BrokerOptions {
     /// The name of a freshly generated tree (default `"broker"`).
@@ -143,6 +143,20 @@ pub struct BrokerOptions {
     pub key_passphrase: Option<zeroize::Zeroizing<String>>,
     /// The Argon2id cost of `key_passphrase` (default: as for passphrase trees, 256 MiB).
     pub key_passphrase_params: PassphraseParams,
+}
+
+impl std::fmt::Debug for BrokerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerOptions")
+            .field("tree_name", &self.tree_name)
+            .field("relay", &self.relay)
+            .field(
+                "key_passphrase",
+                &self.key_passphrase.as_ref().map(|_| "<redacted>"),
+            )
+            .field("key_passphrase_params", &self.key_passphrase_params)
+            .finish()
+    }
 }
 
 impl BrokerOptions {
