@@ -243,7 +243,7 @@ impl ClientCore {
         self.keyring
             .write()
             .expect("keyring lock")
-            .add_grant(grant.inner.clone(), now_ms())
+            .add_grant_at(grant.inner.clone(), now_ms())
             .map_err(key_error)
     }
 

@@ -376,7 +376,7 @@ impl Engine {
             .keyring
             .write()
             .expect("keyring lock")
-            .add_grant(grant.inner.clone(), n.unix_ms)
+            .add_grant_at(grant.inner.clone(), n.unix_ms)
             .map_err(key_error)?;
         self.eng.refresh_keys(n);
         if let Some(sv) = &mut self.saving {

@@ -35,7 +35,7 @@ impl Identity {
     /// A fresh random identity.
     pub fn generate() -> Identity {
         Identity {
-            inner: p::Identity::generate(&mut Rng),
+            inner: p::Identity::generate_with(&mut Rng),
         }
     }
 
@@ -78,7 +78,7 @@ impl TreeKey {
     /// A new tree with a random id and root.
     pub fn generate(name: &str) -> Result<TreeKey, JsValue> {
         Ok(TreeKey {
-            inner: p::TreeKey::generate(name, &mut Rng).map_err(key_error)?,
+            inner: p::TreeKey::generate_with(name, &mut Rng).map_err(key_error)?,
         })
     }
 
@@ -241,7 +241,7 @@ impl Keyring {
 
     fn push(&mut self, g: p::Grant) -> Result<(), JsValue> {
         self.check
-            .add_grant(g.clone(), now_ms())
+            .add_grant_at(g.clone(), now_ms())
             .map_err(key_error)?;
         self.grants.push(g);
         Ok(())
@@ -295,7 +295,7 @@ impl Keyring {
     pub(crate) fn build(&self) -> Result<p::Keyring, JsValue> {
         let mut kr = p::Keyring::new();
         for g in &self.grants {
-            kr.add_grant(g.clone(), now_ms()).map_err(key_error)?;
+            kr.add_grant_at(g.clone(), now_ms()).map_err(key_error)?;
         }
         Ok(kr)
     }

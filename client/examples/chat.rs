@@ -24,15 +24,15 @@ struct Line {
 }
 
 async fn user(url: Option<&str>, broker: Option<&whispeer::Broker>) -> anyhow::Result<Client> {
-    let me = Identity::generate(&mut rand::rngs::OsRng);
+    let me = Identity::generate();
     Ok(match (url, broker) {
         (Some(url), _) => {
             let tree = TreeKey::from_passphrase("room-lobby", b"open sesame", Default::default())?;
             let mut keys = Keyring::new();
-            keys.add_tree_key(&tree, whispeer::now_ms())?;
+            keys.add_tree_key(&tree)?;
             Client::builder()
                 .with(WebSocket::new(url))
-                .with(Encryption::new(keys))
+                .with(Encryption::with_keyring(keys))
                 .with(Compression::zstd(3))
                 .with(me)
                 .connect()
@@ -58,9 +58,9 @@ async fn main() -> anyhow::Result<()> {
     let broker = match url {
         Some(_) => None,
         None => Some(
-            whispeer::Broker::builder()
+            whispeer::Broker::build_default()
                 .passphrase("room-lobby", "open sesame")?
-                .start()
+                .build()
                 .await?,
         ),
     };

@@ -31,13 +31,14 @@ async fn main() -> anyhow::Result<()> {
     // The garage monitor gets a grant for one subtree only.
     let grant = broker
         .tree_key()
+        .expect("a broker with a fresh tree holds its key")
         .grant(&Scope::Subtree(Topic::new("sensor/garage")?));
     let mut keys = Keyring::new();
-    keys.add_grant(grant, whispeer::now_ms())?;
+    keys.add_grant(grant)?;
     let garage = Client::builder()
         .with(InProcess::new(broker.relay().clone()))
-        .with(Encryption::new(keys))
-        .with(Identity::generate(&mut rand::rngs::OsRng))
+        .with(Encryption::with_keyring(keys))
+        .with(Identity::generate())
         .connect()
         .await?;
     match garage.subscribe::<Reading>("sensor/kitchen/#").await {

@@ -2,38 +2,76 @@
 //!
 //! For single-process apps and tests a [`Broker`] is the whole system in one value: an
 //! embedded `whispeer-relay` (the same code as the server, no sockets unless asked), a tree
-//! key, and clients that connect to it over channels. Encryption and compression stay on —
-//! messages are sealed and opened exactly as over the network, so code moves to a real relay
-//! by changing one line. Optional WebSocket and TCP listeners let other processes (a browser,
-//! the CLI) join the same broker. Messages are kept in memory (QoS 1/2, replay, retained
-//! values) or, with [`BrokerBuilder::persistence`], in a SQLite file.
+//! key, and an embedded client that connects to it over channels. Encryption and compression
+//! stay on — messages are sealed and opened exactly as over the network, so code moves to a
+//! real relay by changing one line. One builder, one `.with(engine)` for everything:
+//!
+//! - every engine a [`ClientBuilder`] takes (compression, padding, identity, plugins, topic
+//!   options...) configures the embedded client (and the clients of
+//!   [`Broker::connect_client`]);
+//! - [`WebSocket::new(url)`](crate::WebSocket) and [`Tcp::new(addr)`](crate::Tcp) mean
+//!   "also serve there" (`http://`, `ws://`, `tcp://` or `host:port`; port 0 picks one and
+//!   [`Broker::ws_url`] / [`Broker::tcp_url`] tell the real one), so other processes (a
+//!   browser, the CLI) join the same broker;
+//! - [`Persistence::sqlite(dir)`](crate::Persistence) keeps, in one directory, the relay's
+//!   history (`relay.sqlite`, ciphertext only), the embedded client's outbox and dedup
+//!   window (`client.sqlite`), and the broker's generated keys (`broker.keys`, mode 0600,
+//!   never in a store) — so history stays readable after a restart;
+//! - [`Encryption::new()`](crate::Encryption) (the default) makes a fresh tree,
+//!   [`Encryption::with_keys`](crate::Encryption::with_keys) takes existing key strings;
+//!   [`Broker::keys`] returns the strings to share out of band.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use futures_util::StreamExt;
-//! let broker = whispeer::Broker::start().await?; // in process, zstd + encryption on
-//! let alice = broker.client().await?;
-//! let bob = broker.client().await?;
-//! let mut inbox = bob.subscribe::<String>("chat/#").await?;
-//! alice.publish("chat/lobby", "hello").await?;
-//! assert_eq!(inbox.next().await.unwrap()?.value, "hello");
+//! use serde::{Deserialize, Serialize};
+//! use whispeer::{Broker, BrokerOptions, Compression, Encryption, Message, WebSocket};
+//! #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+//! struct MyData { name: String, id: i32 }
+//!
+//! let broker = Broker::builder(BrokerOptions::default())
+//!     .with(Encryption::new())
+//!     .with(Compression::new())
+//!     .with(WebSocket::new("http://127.0.0.1:0"))
+//!     .build()
+//!     .await?;
+//! let _sub = broker
+//!     .subscribe("some-event", |msg: Message<MyData>| println!("{:?}", msg.value))
+//!     .await?;
+//! broker.publish("some-event", MyData::default()).await?;
 //! # Ok(()) }
 //! ```
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use rand::rngs::OsRng;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use whispeer_protocol::{Identity, KeyError, Keyring, PassphraseParams, TreeKey};
+use whispeer_protocol::{Identity, KeyError, PassphraseParams, TreeKey};
 use whispeer_relay::config::{ListenAddr, StoreKind};
 use whispeer_relay::{BoundAddrs, Config, Listeners, Relay, RelayError, RelayHandle};
 
-use crate::client::{now_ms, Client};
-use crate::error::ConnectError;
-use crate::options::ClientBuilder;
-use crate::options::{Compression, Encryption, InProcess};
+use crate::client::{
+    now_ms, Client, Message, PublishOptions, Subscription, SubscriptionHandle, TypedTopic,
+};
+use crate::core::SubscribeOptions;
+use crate::error::{ConnectError, PublishError, SubscribeError};
+use crate::options::{AnyKey, BrokerSetup, ClientBuilder, Engine, InProcess};
+use crate::options::{Compression, Encryption};
+use crate::tag::TypeTag;
+
+/// The relay history file in a broker's persistence directory.
+pub const RELAY_STORE_FILE: &str = "relay.sqlite";
+/// The embedded client's state file (outbox, dedup window) in a broker's directory.
+pub const CLIENT_STATE_FILE: &str = "client.sqlite";
+/// The broker's key file (generated key strings, mode 0600) in its directory.
+pub const KEY_FILE: &str = "broker.keys";
+/// The embedded client's identity (secret string, mode 0600) in the broker's directory.
+pub const IDENTITY_FILE: &str = "broker.identity";
 
 /// Why a broker could not start.
 #[derive(Debug, Error)]
@@ -45,50 +83,131 @@ pub enum BrokerError {
     /// The tree key could not be made or loaded.
     #[error("broker keys: {0}")]
     Keys(#[from] KeyError),
+    /// A listen address given with `WebSocket::new`/`Tcp::new` is not usable.
+    #[error("cannot serve on {addr:?}: {reason}")]
+    Listen {
+        /// What was given.
+        addr: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// The persistence directory or a key file could not be read or written.
+    #[error("broker directory {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The key file is sealed under a passphrase and `BrokerOptions::key_passphrase` is not
+    /// set.
+    #[error("{path} is sealed under a passphrase: set BrokerOptions::key_passphrase")]
+    KeyFileLocked {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// `Encryption::with_keyring` on a broker: it must be able to hand its keys on.
+    #[error(
+        "a broker needs key strings (Encryption::with_keys) or a fresh tree \
+         (Encryption::new()), not a Keyring: it hands its keys to other clients"
+    )]
+    KeyringNotShareable,
+    /// The embedded client could not connect to the embedded relay.
+    #[error("embedded client: {0}")]
+    Connect(#[from] ConnectError),
 }
 
-/// Configures a [`Broker`].
-#[derive(Debug)]
-pub struct BrokerBuilder {
-    config: Config,
-    tree: Option<TreeKey>,
-    compression: Compression,
+/// Where a broker keeps its messages: see [`Broker::build_default_with_persistence`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum PersistenceType<P: AsRef<Path> = PathBuf> {
+    /// SQLite files in this directory (created if missing).
+    Sqlite(P),
+    /// In memory: lost when the broker stops.
+    Memory,
 }
 
-impl Default for BrokerBuilder {
+/// A broker's own options (the rest comes with `.with(...)`).
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct BrokerOptions {
+    /// The name of a freshly generated tree (default `"broker"`).
+    pub tree_name: String,
+    /// The embedded relay's configuration: limits, queues, timeouts. Its listeners are
+    /// honoured too; `WebSocket`/`Tcp` engines override them.
+    pub relay: Config,
+    /// With persistence: seal the generated key (and identity) files under this passphrase
+    /// (`wslocked1…`: Argon2id + XChaCha20-Poly1305); a restart needs the same passphrase.
+    /// `None` (the default): the files hold the plain secret strings, mode 0600.
+    pub key_passphrase: Option<zeroize::Zeroizing<String>>,
+    /// The Argon2id cost of `key_passphrase` (default: as for passphrase trees, 256 MiB).
+    pub key_passphrase_params: PassphraseParams,
+}
+
+impl std::fmt::Debug for BrokerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerOptions")
+            .field("tree_name", &self.tree_name)
+            .field("relay", &self.relay)
+            .field(
+                "key_passphrase",
+                &self.key_passphrase.as_ref().map(|_| "<redacted>"),
+            )
+            .field("key_passphrase_params", &self.key_passphrase_params)
+            .finish()
+    }
+}
+
+impl BrokerOptions {
+    /// Seals the broker's key files under `passphrase` (see `key_passphrase`).
+    pub fn key_passphrase(mut self, passphrase: impl Into<String>) -> Self {
+        self.key_passphrase = Some(zeroize::Zeroizing::new(passphrase.into()));
+        self
+    }
+}
+
+impl Default for BrokerOptions {
     fn default() -> Self {
-        let mut config = Config::default();
-        config.listen.ws = ListenAddr::OFF;
-        config.listen.tcp = ListenAddr::OFF;
-        config.listen.admin = ListenAddr::OFF;
-        config.store.kind = Some(StoreKind::Memory);
-        BrokerBuilder {
-            config,
-            tree: None,
-            compression: Compression::zstd(3),
+        let mut relay = Config::default();
+        relay.listen.ws = ListenAddr::OFF;
+        relay.listen.tcp = ListenAddr::OFF;
+        relay.listen.admin = ListenAddr::OFF;
+        relay.store.kind = Some(StoreKind::Memory);
+        BrokerOptions {
+            tree_name: "broker".into(),
+            relay,
+            key_passphrase: None,
+            key_passphrase_params: PassphraseParams::default(),
         }
     }
 }
 
+/// Configures a [`Broker`]: add engines with [`BrokerBuilder::with`], then `build()`.
+#[derive(Debug)]
+pub struct BrokerBuilder {
+    opts: BrokerOptions,
+    setup: BrokerSetup,
+}
+
 impl BrokerBuilder {
-    /// Also listen for WebSocket clients (browsers, other processes); port 0 picks one.
-    pub fn websocket(mut self, addr: SocketAddr) -> Self {
-        self.config.listen.ws = ListenAddr::on(addr);
-        self
-    }
-    /// Also listen for length-prefixed TCP clients; port 0 picks one.
-    pub fn tcp(mut self, addr: SocketAddr) -> Self {
-        self.config.listen.tcp = ListenAddr::on(addr);
+    /// Adds an engine: any client engine (for the embedded client), or the broker's own
+    /// meaning of `WebSocket`/`Tcp` (serve there), `Persistence` (one directory for
+    /// history, outbox and keys) and `Encryption` (the broker's keys).
+    pub fn with(mut self, engine: impl Engine) -> Self {
+        engine.apply_broker(&mut self.setup);
         self
     }
     /// Also serve `/metrics`, `/status` and `/healthz`.
     pub fn admin(mut self, addr: SocketAddr) -> Self {
-        self.config.listen.admin = ListenAddr::on(addr);
+        self.opts.relay.listen.admin = ListenAddr::on(addr);
         self
     }
-    /// Use this tree key instead of a fresh random one (e.g. shared with other processes).
+    /// Use this tree key (e.g. shared with other processes).
     pub fn tree_key(mut self, tree: TreeKey) -> Self {
-        self.tree = Some(tree);
+        self.setup.encryption = Some(Encryption(crate::options::EncryptionKeys::Keys(vec![
+            AnyKey::Tree(tree),
+        ])));
         self
     }
     /// Derive the tree key from a passphrase (Argon2id; every party with the same tree
@@ -98,126 +217,514 @@ impl BrokerBuilder {
             TreeKey::from_passphrase(tree, passphrase.as_bytes(), PassphraseParams::default())?;
         Ok(self.tree_key(key))
     }
-    /// The compression its clients use (default zstd level 3).
-    pub fn compression(mut self, c: Compression) -> Self {
-        self.compression = c;
-        self
-    }
-    /// Keep messages in a SQLite file (WAL, group commit): at-least-once publishes, replay,
-    /// retained values and durable subscriptions survive a restart. Without it the broker
-    /// keeps them in memory only.
-    pub fn persistence(mut self, path: impl Into<std::path::PathBuf>) -> Self {
-        self.config.store.kind = Some(StoreKind::Sqlite);
-        self.config.store.path = path.into();
-        self
-    }
-    /// Full relay configuration (limits, queues, timeouts); listeners from it are honoured.
+    /// Full relay configuration (limits, queues, timeouts).
     pub fn relay_config(mut self, config: Config) -> Self {
-        self.config = config;
+        self.opts.relay = config;
         self
     }
 
-    /// Starts the embedded relay (must be called inside a tokio runtime).
-    pub async fn start(self) -> Result<Broker, BrokerError> {
-        let tree = match self.tree {
-            Some(t) => t,
-            None => TreeKey::generate("broker", &mut OsRng)?,
+    /// Starts the embedded relay and connects the embedded client (inside a tokio runtime).
+    pub async fn build(self) -> Result<Broker, BrokerError> {
+        let BrokerOptions {
+            tree_name,
+            relay: mut config,
+            key_passphrase,
+            key_passphrase_params,
+        } = self.opts;
+        let lock = Lock {
+            passphrase: key_passphrase,
+            params: key_passphrase_params,
         };
-        let listeners = Listeners::bind(&self.config).await?;
-        let relay = Relay::builder(self.config).listeners(listeners).build()?;
+        let mut setup = self.setup;
+        if let Some(url) = &setup.serve_ws {
+            config.listen.ws = ListenAddr::on(listen_addr(url, &["http", "ws"]).await?);
+        }
+        if let Some(url) = &setup.serve_tcp {
+            config.listen.tcp = ListenAddr::on(listen_addr(url, &["tcp"]).await?);
+        }
+        let encryption = setup.encryption.take().unwrap_or_else(Encryption::new);
+        let keys = match &setup.store_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| BrokerError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+                config.store.kind = Some(StoreKind::Sqlite);
+                config.store.path = dir.join(RELAY_STORE_FILE);
+                if setup.client.state_file.is_none() {
+                    setup.client.state_file = Some(dir.join(CLIENT_STATE_FILE));
+                }
+                if setup.client.identity.is_none() {
+                    setup.client.identity = Some(load_or_make_identity(dir, &lock)?);
+                }
+                load_or_make_keys(dir, encryption, &tree_name, &lock)?
+            }
+            None => resolve_keys(encryption, &tree_name)?,
+        };
+        let listeners = Listeners::bind(&config).await?;
+        let relay = Relay::builder(config).listeners(listeners).build()?;
         let addrs = relay.addrs();
         let handle = relay.handle();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(relay.run(async {
             let _ = stop_rx.await;
         }));
+        let policy = setup.client.policy.clone();
+        let plugins = setup.client.plugins.clone();
+        let mut b = setup.client;
+        b.keyring = keyring_of(&keys)?;
+        b.in_process = Some(handle.clone());
+        b.url = None;
+        if b.identity.is_none() {
+            b.identity = Some(Identity::generate());
+        }
+        let client = match b.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                handle.shutdown();
+                return Err(e.into());
+            }
+        };
         Ok(Broker {
-            handle,
-            addrs,
-            tree,
-            compression: self.compression,
-            stop: Some(stop_tx),
-            task: Some(task),
+            inner: Arc::new(Inner {
+                handle,
+                addrs,
+                keys,
+                policy,
+                plugins,
+                client,
+                stop: Mutex::new(Some(stop_tx)),
+                task: Mutex::new(Some(task)),
+            }),
         })
+    }
+
+    /// Same as [`BrokerBuilder::build`] (the name of earlier versions).
+    pub async fn start(self) -> Result<Broker, BrokerError> {
+        self.build().await
     }
 }
 
-/// An embedded relay plus a tree key: see the [module docs](self).
-#[derive(Debug)]
+/// `http://h:p`, `ws://h:p`, `tcp://h:p` or `h:p` → a socket address (port 0 allowed).
+async fn listen_addr(url: &str, schemes: &[&str]) -> Result<SocketAddr, BrokerError> {
+    let bad = |reason: String| BrokerError::Listen {
+        addr: url.to_owned(),
+        reason,
+    };
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            if !schemes.iter().any(|s| s.eq_ignore_ascii_case(scheme)) {
+                return Err(bad(format!(
+                    "scheme {scheme}:// is not served here (use {})",
+                    schemes
+                        .iter()
+                        .map(|s| format!("{s}://"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                )));
+            }
+            rest
+        }
+        None => url,
+    };
+    let hostport = rest.trim_end_matches('/');
+    if hostport.contains('/') {
+        return Err(bad("a listen address has no path".into()));
+    }
+    let mut addrs = tokio::net::lookup_host(hostport)
+        .await
+        .map_err(|e| bad(format!("{e} (expected host:port)")))?;
+    addrs
+        .next()
+        .ok_or_else(|| bad("the host name resolves to no address".into()))
+}
+
+fn resolve_keys(enc: Encryption, tree_name: &str) -> Result<Vec<AnyKey>, BrokerError> {
+    use crate::options::EncryptionKeys;
+    match enc.0 {
+        EncryptionKeys::Fresh => Ok(vec![AnyKey::Tree(TreeKey::generate(tree_name)?)]),
+        EncryptionKeys::Keys(k) => Ok(k),
+        EncryptionKeys::Keyring(_) => Err(BrokerError::KeyringNotShareable),
+    }
+}
+
+/// With persistence a generated key lives in `dir/broker.keys` (never in a store): loaded
+/// if present, written (mode 0600) if not. Keys given with `with_keys` are used as given.
+fn load_or_make_keys(
+    dir: &Path,
+    enc: Encryption,
+    tree_name: &str,
+    lock: &Lock,
+) -> Result<Vec<AnyKey>, BrokerError> {
+    if !matches!(enc.0, crate::options::EncryptionKeys::Fresh) {
+        return resolve_keys(enc, tree_name);
+    }
+    let path = dir.join(KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let keys = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(|l| Ok(AnyKey::parse(&lock.open(l, &path)?)?))
+                .collect::<Result<Vec<_>, BrokerError>>()?;
+            if keys.is_empty() {
+                return Err(BrokerError::Io {
+                    path,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "the key file holds no key",
+                    ),
+                });
+            }
+            Ok(keys)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let keys = resolve_keys(enc, tree_name)?;
+            let mut text = zeroize::Zeroizing::new(String::from(
+                "# whispeer broker key: whoever holds it reads and writes every topic\n",
+            ));
+            for k in &keys {
+                if let AnyKey::Tree(t) = k {
+                    text.push_str(&lock.seal(&t.to_key_string())?);
+                    text.push('\n');
+                }
+            }
+            write_secret(&path, text.as_bytes())?;
+            Ok(keys)
+        }
+        Err(source) => Err(BrokerError::Io { path, source }),
+    }
+}
+
+/// How the key files are kept: plain (mode 0600) or sealed under a passphrase.
+struct Lock {
+    passphrase: Option<zeroize::Zeroizing<String>>,
+    params: PassphraseParams,
+}
+
+impl Lock {
+    fn seal(&self, secret: &str) -> Result<zeroize::Zeroizing<String>, BrokerError> {
+        Ok(zeroize::Zeroizing::new(match &self.passphrase {
+            None => secret.to_owned(),
+            Some(p) => whispeer_protocol::locked::lock_secret_string(
+                secret,
+                p.as_bytes(),
+                self.params,
+                &mut rand::rngs::OsRng,
+            )?,
+        }))
+    }
+    fn open(&self, line: &str, path: &Path) -> Result<zeroize::Zeroizing<String>, BrokerError> {
+        if !line.to_ascii_lowercase().starts_with("wslocked1") {
+            return Ok(zeroize::Zeroizing::new(line.to_owned()));
+        }
+        match &self.passphrase {
+            Some(p) => Ok(whispeer_protocol::locked::unlock_secret_string(
+                line,
+                p.as_bytes(),
+            )?),
+            None => Err(BrokerError::KeyFileLocked {
+                path: path.to_owned(),
+            }),
+        }
+    }
+}
+
+fn load_or_make_identity(dir: &Path, lock: &Lock) -> Result<Identity, BrokerError> {
+    let path = dir.join(IDENTITY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Identity::from_secret_string(
+            &lock.open(text.trim(), &path)?,
+        )?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = Identity::generate();
+            write_secret(&path, lock.seal(&id.to_secret_string())?.as_bytes())?;
+            Ok(id)
+        }
+        Err(source) => Err(BrokerError::Io { path, source }),
+    }
+}
+
+/// Writes a new file readable by its owner only (created with mode 0600 on Unix).
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), BrokerError> {
+    use std::io::Write;
+    let io = |source| BrokerError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    let mut f = o.open(path).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+fn keyring_of(keys: &[AnyKey]) -> Result<whispeer_protocol::Keyring, KeyError> {
+    let mut ring = whispeer_protocol::Keyring::new();
+    for k in keys {
+        k.add_to(&mut ring, now_ms())?;
+    }
+    Ok(ring)
+}
+
+/// An embedded relay, its keys and a connected client: see the [module docs](self).
+/// Cheap to clone; every clone is the same broker (it stops when the last one is dropped
+/// or on [`Broker::shutdown`]).
+#[derive(Debug, Clone)]
 pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     handle: RelayHandle,
     addrs: BoundAddrs,
-    tree: TreeKey,
-    compression: Compression,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), RelayError>>>,
+    keys: Vec<AnyKey>,
+    policy: crate::core::SealPolicy,
+    plugins: crate::plugin::Plugins,
+    client: Client,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    task: Mutex<Option<JoinHandle<Result<(), RelayError>>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+    }
 }
 
 impl Broker {
-    /// An in-process broker with a fresh random tree key, zstd and encryption on.
+    /// A broker with options; add engines with `.with(...)` then `.build().await`.
+    pub fn builder(options: BrokerOptions) -> BrokerBuilder {
+        BrokerBuilder {
+            opts: options,
+            setup: BrokerSetup::default(),
+        }
+    }
+
+    /// In memory, compression (zstd 3) and encryption (a fresh tree) on.
+    pub fn build_default() -> BrokerBuilder {
+        Self::builder(BrokerOptions::default())
+            .with(Encryption::new())
+            .with(Compression::new())
+    }
+
+    /// [`Broker::build_default`], also serving WebSocket at `url` (`http://` or `ws://`).
+    pub fn build_default_with_ws(url: &str) -> BrokerBuilder {
+        Self::build_default().with(crate::options::WebSocket::new(url))
+    }
+
+    /// [`Broker::build_default`] with its history, outbox and keys kept in a directory.
+    pub fn build_default_with_persistence<P: AsRef<Path>>(
+        persistence: PersistenceType<P>,
+    ) -> BrokerBuilder {
+        let b = Self::build_default();
+        match persistence {
+            PersistenceType::Sqlite(dir) => {
+                b.with(crate::persist::Persistence::sqlite(dir.as_ref()))
+            }
+            PersistenceType::Memory => b,
+        }
+    }
+
+    /// [`Broker::build_default_with_persistence`], also serving WebSocket at `url`.
+    pub fn build_default_with_persistence_ws<P: AsRef<Path>>(
+        url: &str,
+        persistence: PersistenceType<P>,
+    ) -> BrokerBuilder {
+        Self::build_default_with_persistence(persistence).with(crate::options::WebSocket::new(url))
+    }
+
+    /// An in-memory broker with default options (as [`Broker::build_default`]).
     pub async fn start() -> Result<Broker, BrokerError> {
-        BrokerBuilder::default().start().await
+        Self::build_default().build().await
     }
 
-    /// A broker with options: listeners, a given key or passphrase, compression.
-    pub fn builder() -> BrokerBuilder {
-        BrokerBuilder::default()
+    /// The key strings to share out of band (a grant of the whole tree for a tree the
+    /// broker holds, not its admin key): `Encryption::with_keys(broker.keys())` elsewhere.
+    pub fn keys(&self) -> Vec<String> {
+        self.inner
+            .keys
+            .iter()
+            .map(|k| k.share_string().to_string())
+            .collect()
     }
 
-    /// A new client with its own fresh identity and the broker's keys.
-    pub async fn client(&self) -> Result<Client, ConnectError> {
+    /// The tree key when the broker holds one (its first).
+    pub fn tree_key(&self) -> Option<&TreeKey> {
+        self.inner.keys.iter().find_map(|k| match k {
+            AnyKey::Tree(t) => Some(t),
+            AnyKey::Grant(_) => None,
+        })
+    }
+
+    /// The embedded client (publishes and subscriptions of the broker itself).
+    pub fn client_handle(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// A new client of this broker (in process, its own fresh identity, the broker's keys,
+    /// compression and plugins): for another task that wants its own connection.
+    pub async fn connect_client(&self) -> Result<Client, ConnectError> {
         self.client_builder()
-            .with(Identity::generate(&mut OsRng))
+            .with(Identity::generate())
             .connect()
             .await
     }
 
-    /// A builder already set up for this broker (in-process transport, keys, compression);
-    /// add an identity or other engines, then `connect()`.
+    /// Same as [`Broker::connect_client`] (the name of earlier versions).
+    pub async fn client(&self) -> Result<Client, ConnectError> {
+        self.connect_client().await
+    }
+
+    /// A builder already set up for this broker (in-process transport, keys, sealing
+    /// options, plugins); add an identity or other engines, then `connect()`.
     pub fn client_builder(&self) -> ClientBuilder {
-        let mut keys = Keyring::new();
-        keys.add_tree_key(&self.tree, now_ms())
-            .expect("a broker's own tree key is valid");
-        Client::builder()
-            .with(InProcess::new(self.handle.clone()))
-            .with(Encryption::new(keys))
-            .with(self.compression)
+        let mut b = Client::builder().with(InProcess::new(self.inner.handle.clone()));
+        match keyring_of(&self.inner.keys) {
+            Ok(k) => b.keyring = k,
+            Err(e) => b.key_error = Some(e),
+        }
+        b.policy = self.inner.policy.clone();
+        b.plugins = self.inner.plugins.clone();
+        b
     }
 
-    /// The tree key (give it to other processes so they can join).
-    pub fn tree_key(&self) -> &TreeKey {
-        &self.tree
-    }
-
-    /// `ws://…` when a WebSocket listener was asked for.
+    /// `ws://…` when a WebSocket listener was asked for: give it, with [`Broker::keys`],
+    /// to another process (`Client::builder().with(WebSocket::new(url))`).
     pub fn ws_url(&self) -> Option<String> {
-        self.addrs.ws.map(|a| format!("ws://{a}"))
+        self.inner.addrs.ws.map(|a| format!("ws://{a}"))
     }
 
     /// `tcp://…` when a TCP listener was asked for.
     pub fn tcp_url(&self) -> Option<String> {
-        self.addrs.tcp.map(|a| format!("tcp://{a}"))
+        self.inner.addrs.tcp.map(|a| format!("tcp://{a}"))
     }
 
     /// The embedded relay (metrics, status).
     pub fn relay(&self) -> &RelayHandle {
-        &self.handle
+        &self.inner.handle
     }
 
-    /// Shuts the relay down gracefully and waits for it.
-    pub async fn shutdown(mut self) -> Result<(), RelayError> {
-        if let Some(stop) = self.stop.take() {
+    /// Messages of another type refused on typed subscriptions of this broker (never given
+    /// to a callback).
+    pub fn type_mismatches(&self) -> u64 {
+        self.inner.client.stats().type_mismatches
+    }
+
+    /// Publishes a value (serde → CBOR) on `topic`, by value or by reference. On a topic
+    /// registered with [`Broker::topic`] only that type is accepted (it is then sent with
+    /// the type's tag); another type fails with [`PublishError::TypeMismatch`].
+    pub async fn publish<T: Serialize>(&self, topic: &str, value: T) -> Result<(), PublishError> {
+        self.inner.client.publish(topic, &value).await
+    }
+
+    /// [`Broker::publish`] with options (QoS, retain, ack); returns the relay sequence with
+    /// `ack`.
+    pub async fn publish_with<T: Serialize>(
+        &self,
+        topic: &str,
+        value: T,
+        opts: PublishOptions,
+    ) -> Result<u64, PublishError> {
+        self.inner.client.publish_with(topic, &value, opts).await
+    }
+
+    /// Calls `f` for every message on `filter` (on its own task, in order) until the handle
+    /// is dropped (which unsubscribes). Messages that do not decode as `T` are logged and
+    /// skipped.
+    pub async fn subscribe<T, F>(
+        &self,
+        filter: &str,
+        f: F,
+    ) -> Result<SubscriptionHandle, SubscribeError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnMut(Message<T>) + Send + 'static,
+    {
+        self.inner.client.subscribe_callback(filter, f).await
+    }
+
+    /// Like [`Broker::subscribe`] with an async callback (awaited before the next message).
+    pub async fn subscribe_async<T, F, Fut>(
+        &self,
+        filter: &str,
+        f: F,
+    ) -> Result<SubscriptionHandle, SubscribeError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnMut(Message<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        self.inner.client.subscribe_async(filter, f).await
+    }
+
+    /// A stream of the messages on `filter` decoded as `T` (a [`Subscription`]; drop it to
+    /// unsubscribe).
+    pub async fn subscribe_stream<T: DeserializeOwned>(
+        &self,
+        filter: &str,
+    ) -> Result<Subscription<T>, SubscribeError> {
+        self.inner.client.subscribe::<T>(filter).await
+    }
+
+    /// A stream with options (replay from history, durable name, QoS, retained values).
+    pub async fn subscribe_stream_with_options<T: DeserializeOwned>(
+        &self,
+        filter: &str,
+        opts: SubscribeOptions,
+    ) -> Result<Subscription<T>, SubscribeError> {
+        self.inner
+            .client
+            .subscribe_with_options::<T>(filter, opts)
+            .await
+    }
+
+    /// A typed topic of this broker: its `publish` takes only `T`, its `subscribe` gives
+    /// only `T` (messages of another type are refused with `ReceiveError::TypeMismatch` and
+    /// counted in [`Broker::type_mismatches`]). Registers the topic: [`Broker::publish`]
+    /// of another type on it is refused.
+    pub fn topic<T>(&self, topic: &str) -> Result<TypedTopic<T>, PublishError>
+    where
+        T: TypeTag + Serialize + DeserializeOwned + Send + 'static,
+    {
+        self.inner.client.topic::<T>(topic)
+    }
+
+    /// Flushes the embedded client, stops the relay and waits for it (every clone of this
+    /// broker stops with it).
+    pub async fn shutdown(self) -> Result<(), RelayError> {
+        self.inner.client.close().await;
+        let stop = self
+            .inner
+            .stop
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(stop) = stop {
             let _ = stop.send(());
         }
-        match self.task.take() {
+        let task = self
+            .inner
+            .task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match task {
             Some(t) => t.await.unwrap_or(Ok(())),
             None => Ok(()),
         }
     }
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.handle.shutdown();
-    }
+#[allow(dead_code)]
+fn assert_clone_send_sync() {
+    fn is<T: Clone + Send + Sync>() {}
+    is::<Broker>();
 }

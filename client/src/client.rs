@@ -7,6 +7,7 @@
 //! - `shared` — what the others share: commands, subscription items, state, counters;
 //! - `subscription` — [`Subscription`] streams;
 //! - `handle` — [`Client`]: publish, subscribe, flush, close;
+//! - `typed` — [`TypedTopic`] (one type per topic) and callback [`SubscriptionHandle`]s;
 //! - `builder` — connecting a [`crate::ClientBuilder`] (its settings are `options`'s);
 //! - `driver` — the task that moves bytes between the engine and the socket.
 //!
@@ -19,7 +20,9 @@ mod driver;
 mod handle;
 mod shared;
 mod subscription;
+mod typed;
 
 pub use handle::{to_cbor, Client};
 pub use shared::{now_ms, ClientStats, ConnectionState, Message, PublishOptions};
 pub use subscription::Subscription;
+pub use typed::{SubscriptionHandle, TypedTopic};

@@ -828,11 +828,11 @@ mod tests {
     #[test]
     fn open_once_deliver_to_matching_dedup() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
-        let tk = TreeKey::generate("t", &mut rng).unwrap();
+        let tk = TreeKey::generate_with("t", &mut rng).unwrap();
         let mut kr = Keyring::new();
-        kr.add_tree_key(&tk, 0).unwrap();
+        kr.add_tree_key_at(&tk, 0).unwrap();
         let kr = Arc::new(RwLock::new(kr));
-        let id = Identity::generate(&mut rng);
+        let id = Identity::generate_with(&mut rng);
         let mut core = ClientCore::new(kr.clone());
         assert_eq!(
             core.subscribe(1, TopicFilter::new("a/#").unwrap(), Qos::AtMostOnce, 0)
@@ -897,9 +897,9 @@ mod tests {
     #[test]
     fn no_key_no_subscription_and_rejections_counted() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
-        let tk = TreeKey::generate("t", &mut rng).unwrap();
+        let tk = TreeKey::generate_with("t", &mut rng).unwrap();
         let mut kr = Keyring::new();
-        kr.add_grant(tk.grant(&Scope::Subtree(Topic::new("a").unwrap())), 0)
+        kr.add_grant_at(tk.grant(&Scope::Subtree(Topic::new("a").unwrap())), 0)
             .unwrap();
         let mut core = ClientCore::new(Arc::new(RwLock::new(kr)));
         assert!(matches!(
@@ -910,7 +910,7 @@ mod tests {
             .unwrap();
         // A message on b/x sealed by a full-tree holder: name visible to the tree, body not.
         let mut full = Keyring::new();
-        full.add_tree_key(&tk, 0).unwrap();
+        full.add_tree_key_at(&tk, 0).unwrap();
         let full = RwLock::new(full);
         let (env, _) = seal_publish(
             &full,

@@ -97,6 +97,19 @@ pub enum PublishError {
     /// A client plugin refused the message.
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    /// A type's tag cannot be carried in a content type.
+    #[error("unusable type tag: {0}")]
+    TypeTag(String),
+    /// The topic is a typed topic (`topic::<T>()`) of another type.
+    #[error("topic {topic:?} carries type {expected:?}, not {found:?}")]
+    TypeMismatch {
+        /// The topic.
+        topic: String,
+        /// The tag the topic was registered with.
+        expected: String,
+        /// The type (or tag) given.
+        found: String,
+    },
 }
 
 impl From<SealError> for PublishError {
@@ -155,6 +168,17 @@ pub enum ReceiveError {
     /// buffer was full, or the relay dropped them for a slow consumer). The stream goes on.
     #[error("subscription fell behind: {0} messages lost")]
     Lagged(u64),
+    /// A typed subscription received a message of another type (another tag, or none):
+    /// refused, counted in `ClientStats::type_mismatches`, never decoded.
+    #[error("message on {topic} has type {found:?}; this subscription takes {expected:?}")]
+    TypeMismatch {
+        /// The message's topic.
+        topic: String,
+        /// The subscription's type tag.
+        expected: &'static str,
+        /// The message's content type.
+        found: String,
+    },
 }
 
 impl PartialEq for ReceiveError {
@@ -177,6 +201,18 @@ impl PartialEq for ReceiveError {
                 },
             ) => topic == t && reason == r,
             (Lagged(a), Lagged(b)) => a == b,
+            (
+                TypeMismatch {
+                    topic,
+                    expected,
+                    found,
+                },
+                TypeMismatch {
+                    topic: t,
+                    expected: e,
+                    found: f,
+                },
+            ) => topic == t && expected == e && found == f,
             _ => false,
         }
     }

@@ -7,11 +7,10 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use whispeer::{Client, Identity, Keyring, TreeKey};
 //! use futures_util::StreamExt;
-//! let mut rng = rand::rngs::OsRng;
-//! let tree = TreeKey::generate("home", &mut rng)?;
+//! let tree = TreeKey::generate("home")?;
 //! let mut keys = Keyring::new();
-//! keys.add_tree_key(&tree, whispeer::now_ms())?;
-//! let me = Identity::generate(&mut rng);
+//! keys.add_tree_key(&tree)?;
+//! let me = Identity::generate();
 //! let client = Client::connect("ws://127.0.0.1:7070", keys, me).await?;
 //! let mut sub = client.subscribe::<f64>("sensor/+/temp").await?;
 //! client.publish("sensor/kitchen/temp", &21.5).await?;
@@ -37,22 +36,47 @@
 //! `core` → `error`); `tests/import_graph.rs` fails on an import circle.
 //! - `transport` — `ws://`, `wss://`, `tcp://`, `tls://` connections, and the in-process
 //!   channel to an embedded relay.
-//! - [`plugin`] — client plugins (run on plaintext, where the keys are): logging, metrics,
-//!   transforms.
+//! - [`plugin`] — the [`Plugin`] trait (run on plaintext, where the keys are) and the
+//!   built-ins [`Logging`], [`Metrics`], [`TypeEnforcement`], [`Transform`]; any plugin is an
+//!   engine (`.with(plugin)`).
+//! - [`tag`] — [`TypeTag`] (derive it with `#[derive(TypeTag)] #[whispeer(type = "…")]`,
+//!   from `whispeer-derive` under `client/derive`) and how a tag rides in the content type;
+//!   `client::typed` has [`TypedTopic`] (`client.topic::<T>(name)`, one type per topic) and
+//!   callback [`SubscriptionHandle`]s.
 //! - `persist` — `Persistence::sqlite(path)`: the outbox and durable dedup window survive a
 //!   client restart (feature `persistence`).
-//! - `broker` — in-process mode: an embedded relay with keys ready, [`Broker`] (feature
+//! - `history` — the [`LocalHistory`] plugin: decrypted messages of
+//!   chosen topics in a local SQLite file, queried by filter and time (feature
+//!   `persistence`).
+//! - `broker` — in-process mode: [`Broker`], an embedded relay, its keys and a connected
+//!   client behind one builder (`Broker::builder(BrokerOptions::default()).with(…)`,
+//!   `Broker::build_default*`); on a broker `WebSocket`/`Tcp` serve, `Persistence` is one
+//!   directory (history, outbox, 0600 key file), `Encryption::new()` a fresh tree (feature
 //!   `in-process`).
 #![forbid(unsafe_code)]
+
+/// The repository README's Rust examples, compiled (and run unless `no_run`) by
+/// `cargo test -p whispeer --features in-process --doc`.
+#[cfg(all(doctest, feature = "in-process"))]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
+/// The client README's Rust examples, compiled by the doc tests too.
+#[cfg(all(doctest, feature = "in-process"))]
+#[doc = include_str!("../README.md")]
+pub struct ClientReadmeDoctests;
 
 pub mod core;
 pub mod error;
 pub mod plugin;
+pub mod tag;
 
 #[cfg(feature = "in-process")]
 pub mod broker;
 #[cfg(feature = "tokio-runtime")]
 mod client;
+#[cfg(feature = "persistence")]
+pub mod history;
 #[cfg(feature = "tokio-runtime")]
 mod options;
 #[cfg(feature = "persistence")]
@@ -69,21 +93,31 @@ pub use whispeer_protocol::{
 };
 
 #[cfg(feature = "in-process")]
-pub use broker::{Broker, BrokerBuilder, BrokerError};
+pub use broker::{Broker, BrokerBuilder, BrokerError, BrokerOptions, PersistenceType};
 #[cfg(feature = "tokio-runtime")]
 pub use client::{
     now_ms, to_cbor, Client, ClientStats, ConnectionState, Message, PublishOptions, Subscription,
+    SubscriptionHandle, TypedTopic,
 };
+#[cfg(feature = "persistence")]
+pub use history::{HistoryEntry, HistoryError, LocalHistory};
 #[cfg(feature = "in-process")]
 pub use options::InProcess;
 #[cfg(feature = "tokio-runtime")]
 pub use options::{
-    ClientBuilder, Compression, Encryption, Engine, Padding, Plugin, Quic, Reconnect, Signing, Tcp,
-    TlsPin, TlsPinError, TlsRoot, TopicOptions, WebSocket,
+    ClientBuilder, Compression, Encryption, Engine, Padding, Quic, Reconnect, Signing, Tcp, TlsPin,
+    TlsPinError, TlsRoot, TopicOptions, WebSocket,
 };
 #[cfg(feature = "tokio-runtime")]
 pub use options::{DurableOwner, RelayAuth, RelayAuthError, ACCOUNT_KEY_PREFIX};
 #[cfg(feature = "persistence")]
 pub use persist::{PersistError, Persistence};
+pub use plugin::{Logging, Metrics, MetricsSnapshot, Plugin, Transform, TypeEnforcement};
+pub use tag::TypeTag;
+/// The level of [`Logging`] (`tracing::Level`).
+pub use tracing::Level as LogLevel;
 #[cfg(feature = "tokio-runtime")]
 pub use transport::{Endpoint, TlsSettings};
+/// `#[derive(TypeTag)]` with `#[whispeer(type = "myapp.MyData/v1")]`.
+pub use whispeer_derive::TypeTag;
+pub use whispeer_protocol::frame::Qos;

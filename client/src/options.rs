@@ -8,7 +8,7 @@
 //! let client = Client::builder()
 //!     .with(WebSocket::new("ws://127.0.0.1:7070"))
 //!     .with(Compression::zstd(3))
-//!     .with(Encryption::new(keyring))
+//!     .with(Encryption::with_keyring(keyring))
 //!     .connect()
 //!     .await?;
 //! # Ok(()) }
@@ -17,7 +17,8 @@
 use std::time::Duration;
 
 use whispeer_protocol::{
-    Identity, Keyring, Padding as PadMode, SealOptions, SenderId, TopicFilter,
+    Grant, Identity, KeyError, Keyring, Padding as PadMode, SealOptions, SenderId, TopicFilter,
+    TreeKey,
 };
 
 use crate::core::receive::ReceiveConfig;
@@ -51,6 +52,8 @@ pub struct ClientBuilder {
     /// The relay account sent in `Hello` (key or bearer token).
     pub(crate) relay_auth: Option<RelayAuth>,
     pub(crate) durable_owner: Option<zeroize::Zeroizing<[u8; 32]>>,
+    /// Key strings given to `Encryption` that did not parse (`connect` fails with it).
+    pub(crate) key_error: Option<KeyError>,
 }
 
 impl Default for ClientBuilder {
@@ -77,6 +80,7 @@ impl Default for ClientBuilder {
             state_file: None,
             relay_auth: None,
             durable_owner: None,
+            key_error: None,
         }
     }
 }
@@ -140,6 +144,33 @@ impl ClientBuilder {
 pub trait Engine {
     /// Applies this engine to the builder.
     fn apply(self, b: &mut ClientBuilder);
+    /// Applies this engine to a broker's builder: by default to its embedded client; the
+    /// transports (serve there), `Persistence` (relay history and client outbox in one
+    /// directory) and `Encryption` (the broker's keys) mean more on a broker.
+    #[doc(hidden)]
+    fn apply_broker(self, b: &mut BrokerSetup)
+    where
+        Self: Sized,
+    {
+        self.apply(&mut b.client);
+    }
+}
+
+/// What a broker's `.with(...)` collected (see [`Engine::apply_broker`]).
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct BrokerSetup {
+    /// The embedded client's settings (and those of `connect_client`).
+    pub(crate) client: ClientBuilder,
+    /// Also serve WebSocket there (`http://`, `ws://` URL or `host:port`).
+    pub(crate) serve_ws: Option<String>,
+    /// Also serve length-prefixed TCP there (`tcp://` URL or `host:port`).
+    pub(crate) serve_tcp: Option<String>,
+    /// The directory of the relay's history, the client's outbox and the key file.
+    #[cfg_attr(not(feature = "in-process"), allow(dead_code))]
+    pub(crate) store_dir: Option<std::path::PathBuf>,
+    /// The broker's keys (default: a fresh tree).
+    pub(crate) encryption: Option<Encryption>,
 }
 
 /// Connect over WebSocket (`ws://` or `wss://`).
@@ -154,6 +185,9 @@ impl WebSocket {
 impl Engine for WebSocket {
     fn apply(self, b: &mut ClientBuilder) {
         b.url = Some(self.0);
+    }
+    fn apply_broker(self, b: &mut BrokerSetup) {
+        b.serve_ws = Some(self.0);
     }
 }
 
@@ -174,6 +208,9 @@ impl Engine for Tcp {
         } else {
             format!("tcp://{a}")
         });
+    }
+    fn apply_broker(self, b: &mut BrokerSetup) {
+        b.serve_tcp = Some(self.0);
     }
 }
 
@@ -203,6 +240,11 @@ impl Engine for Quic {
 #[derive(Debug, Clone, Copy)]
 pub struct Compression(pub(crate) whispeer_protocol::Compression);
 impl Compression {
+    /// zstd at level 3 (the default).
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        Self::zstd(3)
+    }
     /// zstd at `level` (1–22; 3 is a good default).
     pub fn zstd(level: i32) -> Self {
         Compression(whispeer_protocol::Compression::Zstd(level))
@@ -237,18 +279,105 @@ impl Engine for Padding {
     }
 }
 
-/// The keys: a [`Keyring`] of grants.
+/// The keys: a fresh tree ([`Encryption::new`]), key strings ([`Encryption::with_keys`])
+/// or a [`Keyring`] of grants ([`Encryption::with_keyring`]).
 #[derive(Debug)]
-pub struct Encryption(pub(crate) Keyring);
+pub struct Encryption(pub(crate) EncryptionKeys);
+
+/// Where an [`Encryption`] engine's keys come from.
+#[derive(Debug)]
+pub(crate) enum EncryptionKeys {
+    /// A fresh random tree key (a broker keeps it, with persistence, in its key file).
+    Fresh,
+    /// Parsed key strings (`wstree1…` tree keys, `wskey1…` grants).
+    Keys(Vec<AnyKey>),
+    /// A ready keyring.
+    Keyring(Keyring),
+}
+
+/// A parsed key string: a tree admin key or a grant.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // a handful of keys per process
+pub(crate) enum AnyKey {
+    Tree(TreeKey),
+    Grant(Grant),
+}
+
+impl AnyKey {
+    pub(crate) fn parse(s: &str) -> Result<AnyKey, KeyError> {
+        let s = s.trim();
+        if s.to_ascii_lowercase().starts_with("wstree1") {
+            Ok(AnyKey::Tree(TreeKey::from_key_string(s)?))
+        } else {
+            Ok(AnyKey::Grant(Grant::from_key_string(s)?))
+        }
+    }
+    pub(crate) fn add_to(&self, keys: &mut Keyring, now_ms: u64) -> Result<(), KeyError> {
+        match self {
+            AnyKey::Tree(t) => keys.add_tree_key_at(t, now_ms),
+            AnyKey::Grant(g) => keys.add_grant_at(g.clone(), now_ms),
+        }
+    }
+    /// The string to share: a grant of the whole tree for a tree key (not the admin key).
+    #[cfg_attr(not(feature = "in-process"), allow(dead_code))]
+    pub(crate) fn share_string(&self) -> zeroize::Zeroizing<String> {
+        match self {
+            AnyKey::Tree(t) => t.grant_all().to_key_string(),
+            AnyKey::Grant(g) => g.to_key_string(),
+        }
+    }
+}
+
 impl Encryption {
-    /// Use these keys.
-    pub fn new(keyring: Keyring) -> Self {
-        Encryption(keyring)
+    /// A fresh random tree key. On a [`Broker`](crate::Broker), `broker.keys()` gives the
+    /// key strings to share; with persistence the key is kept in the broker's key file.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        Encryption(EncryptionKeys::Fresh)
+    }
+    /// Existing key strings: tree keys (`wstree1…`) and grants (`wskey1…`), e.g. what
+    /// another broker's `keys()` returned.
+    pub fn with_keys<S: AsRef<str>>(keys: impl IntoIterator<Item = S>) -> Result<Self, KeyError> {
+        let keys = keys
+            .into_iter()
+            .map(|k| AnyKey::parse(k.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Encryption(EncryptionKeys::Keys(keys)))
+    }
+    /// Use this keyring.
+    pub fn with_keyring(keyring: Keyring) -> Self {
+        Encryption(EncryptionKeys::Keyring(keyring))
+    }
+    /// Resolves to a keyring (generating a fresh tree key if asked) and the parsed keys.
+    pub(crate) fn resolve(self, now_ms: u64) -> Result<(Keyring, Vec<AnyKey>), KeyError> {
+        match self.0 {
+            EncryptionKeys::Keyring(k) => Ok((k, Vec::new())),
+            EncryptionKeys::Fresh => {
+                let tree = TreeKey::generate("default")?;
+                let keys = vec![AnyKey::Tree(tree)];
+                let mut ring = Keyring::new();
+                keys[0].add_to(&mut ring, now_ms)?;
+                Ok((ring, keys))
+            }
+            EncryptionKeys::Keys(keys) => {
+                let mut ring = Keyring::new();
+                for k in &keys {
+                    k.add_to(&mut ring, now_ms)?;
+                }
+                Ok((ring, keys))
+            }
+        }
     }
 }
 impl Engine for Encryption {
     fn apply(self, b: &mut ClientBuilder) {
-        b.keyring = self.0;
+        match self.resolve(crate::client::now_ms()) {
+            Ok((ring, _)) => b.keyring = ring,
+            Err(e) => b.key_error = Some(e),
+        }
+    }
+    fn apply_broker(self, b: &mut BrokerSetup) {
+        b.encryption = Some(self);
     }
 }
 
@@ -437,39 +566,13 @@ impl Engine for InProcess {
     }
 }
 
-/// Adds a client plugin (see [`crate::plugin`]); plugins run in the order added.
-#[derive(Clone)]
-pub struct Plugin(pub(crate) std::sync::Arc<dyn crate::plugin::ClientPlugin>);
-impl Plugin {
-    /// Wraps a plugin.
-    pub fn new(p: impl crate::plugin::ClientPlugin) -> Self {
-        Plugin(std::sync::Arc::new(p))
-    }
-}
-impl std::fmt::Debug for Plugin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Plugin").field(&self.0.name()).finish()
-    }
-}
-impl Engine for Plugin {
+/// Any [`Plugin`](crate::plugin::Plugin) is an engine: `.with(Metrics::new())`,
+/// `.with(MyPlugin)`; plugins run in the order added.
+impl<P: crate::plugin::Plugin> Engine for P {
     fn apply(self, b: &mut ClientBuilder) {
-        b.plugins.push(self.0);
+        b.plugins.push(std::sync::Arc::new(self));
     }
 }
-macro_rules! plugin_engine {
-    ($($t:ty),*) => {$(
-        impl Engine for $t {
-            fn apply(self, b: &mut ClientBuilder) {
-                b.plugins.push(std::sync::Arc::new(self));
-            }
-        }
-    )*};
-}
-plugin_engine!(
-    crate::plugin::Logging,
-    crate::plugin::Metrics,
-    crate::plugin::Transform
-);
 
 /// Pin a relay's TLS certificate by its SHA-256 fingerprint (as printed by
 /// `whispeer-relay tls generate`) for `wss://` and `tls://`: the relay must present exactly

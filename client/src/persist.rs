@@ -60,6 +60,11 @@ impl Engine for Persistence {
     fn apply(self, b: &mut ClientBuilder) {
         b.state_file = Some(self.path);
     }
+    /// On a broker the path is a directory: the relay's history, the embedded client's
+    /// state and the broker's key file, side by side.
+    fn apply_broker(self, b: &mut crate::options::BrokerSetup) {
+        b.store_dir = Some(self.path);
+    }
 }
 
 /// The open state file (used by the connection task only).

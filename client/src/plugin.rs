@@ -2,17 +2,18 @@
 //!
 //! The relay's plugins see only metadata; a client plugin sees each value before it is
 //! sealed and after it is opened, so it can transform, validate, drop, log or count
-//! messages. Plugins run in the order they were added with `.with(Plugin::new(..))`:
+//! messages. Plugins run in the order they were added with `.with(plugin)`:
 //! `on_publish` in the publishing task (before sealing), `on_message` once per received
 //! message (before it is fanned out to subscriptions), `on_subscribe` before a filter is
-//! sent to the relay. Built in: [`Logging`], [`Metrics`] and the example transform
-//! [`Transform`].
+//! sent to the relay. Built in: [`Logging`], [`Metrics`], [`TypeEnforcement`], the
+//! example transform [`Transform`], and (feature `persistence`)
+//! [`LocalHistory`](crate::history::LocalHistory).
 //!
 //! ```
-//! use whispeer::plugin::{ClientPlugin, Outgoing, PluginError};
+//! use whispeer::plugin::{Plugin, Outgoing, PluginError};
 //! /// Refuses to publish payloads over 4 KiB.
 //! struct SizeGuard;
-//! impl ClientPlugin for SizeGuard {
+//! impl Plugin for SizeGuard {
 //!     fn name(&self) -> &str { "size-guard" }
 //!     fn on_publish(&self, msg: &mut Outgoing) -> Result<(), PluginError> {
 //!         if msg.payload.len() > 4096 {
@@ -66,7 +67,7 @@ pub enum Verdict {
 }
 
 /// A client plugin; every method has a pass-through default.
-pub trait ClientPlugin: Send + Sync + 'static {
+pub trait Plugin: Send + Sync + 'static {
     /// A short name for errors and logs.
     fn name(&self) -> &str;
     /// Before a message is sealed; may transform it or refuse (the publish fails).
@@ -83,9 +84,12 @@ pub trait ClientPlugin: Send + Sync + 'static {
     }
 }
 
+/// The earlier name of [`Plugin`].
+pub use self::Plugin as ClientPlugin;
+
 /// The plugins of one client, in order.
 #[derive(Clone, Default)]
-pub struct Plugins(Vec<Arc<dyn ClientPlugin>>);
+pub struct Plugins(Vec<Arc<dyn Plugin>>);
 
 impl fmt::Debug for Plugins {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -97,7 +101,7 @@ impl fmt::Debug for Plugins {
 
 impl Plugins {
     /// Adds a plugin at the end.
-    pub fn push(&mut self, p: Arc<dyn ClientPlugin>) {
+    pub fn push(&mut self, p: Arc<dyn Plugin>) {
         self.0.push(p);
     }
     /// Whether there are none (the fast path skips all plugin work).
@@ -123,26 +127,185 @@ impl Plugins {
     }
 }
 
-/// Logs every publish, message and subscription with `tracing` (topics and sizes, never
-/// payloads) at the given level of detail: `debug` for messages, `info` for subscriptions.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Logging;
+/// Logs every publish, message and subscription (topics, sizes, content types — never
+/// payloads) at one level. Works out of the box: [`Logging::new`] (and `default()`, at
+/// `INFO`) installs a `tracing` fmt subscriber on stderr showing that level and above when
+/// the program has none (with feature `tokio-runtime`), and otherwise emits `tracing`
+/// events to the program's subscriber; [`Logging::to_writer`] writes lines to a writer of
+/// your choice instead, without `tracing`.
+#[derive(Clone)]
+pub struct Logging {
+    level: tracing::Level,
+    writer: Option<Arc<std::sync::Mutex<Box<dyn std::io::Write + Send>>>>,
+}
 
-impl ClientPlugin for Logging {
+impl fmt::Debug for Logging {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Logging")
+            .field("level", &self.level)
+            .field("own_writer", &self.writer.is_some())
+            .finish()
+    }
+}
+
+impl Default for Logging {
+    fn default() -> Self {
+        Logging::new(tracing::Level::INFO)
+    }
+}
+
+impl Logging {
+    /// Logs at `level` through `tracing`, installing a fmt subscriber (stderr, `level` and
+    /// above) if the program has not set one.
+    pub fn new(level: tracing::Level) -> Self {
+        #[cfg(feature = "tokio-runtime")]
+        if !tracing::dispatcher::has_been_set() {
+            // Another thread may win the race: then its subscriber is used, also fine.
+            let _ = tracing_subscriber::fmt()
+                .with_max_level(level)
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .try_init();
+        }
+        Logging {
+            level,
+            writer: None,
+        }
+    }
+
+    /// Writes one line per event to `w` (e.g. a file or `std::io::stdout()`), without
+    /// `tracing`; `level` is written at the start of each line.
+    pub fn to_writer(level: tracing::Level, w: impl std::io::Write + Send + 'static) -> Self {
+        Logging {
+            level,
+            writer: Some(Arc::new(std::sync::Mutex::new(Box::new(w)))),
+        }
+    }
+
+    /// The level events are logged at.
+    pub fn level(&self) -> tracing::Level {
+        self.level
+    }
+
+    fn emit(&self, line: fmt::Arguments<'_>) {
+        use std::io::Write as _;
+        use tracing::Level;
+        match &self.writer {
+            Some(w) => {
+                let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = writeln!(w, "{} whispeer: {line}", self.level);
+                let _ = w.flush();
+            }
+            None => match self.level {
+                Level::ERROR => tracing::error!("{line}"),
+                Level::WARN => tracing::warn!("{line}"),
+                Level::INFO => tracing::info!("{line}"),
+                Level::DEBUG => tracing::debug!("{line}"),
+                _ => tracing::trace!("{line}"),
+            },
+        }
+    }
+}
+
+impl Plugin for Logging {
     fn name(&self) -> &str {
         "logging"
     }
     fn on_publish(&self, msg: &mut Outgoing) -> Result<(), PluginError> {
-        tracing::debug!(topic = %msg.topic, bytes = msg.payload.len(), content_type = %msg.content_type, "publish");
+        self.emit(format_args!(
+            "publish topic={} bytes={} content_type={:?}",
+            msg.topic,
+            msg.payload.len(),
+            msg.content_type
+        ));
         Ok(())
     }
     fn on_message(&self, msg: &mut Received) -> Verdict {
-        tracing::debug!(topic = %msg.topic, bytes = msg.payload.len(), seq = msg.seq, signed = msg.sender.is_some(), "message");
+        self.emit(format_args!(
+            "message topic={} bytes={} seq={} signed={} content_type={:?}",
+            msg.topic,
+            msg.payload.len(),
+            msg.seq,
+            msg.sender.is_some(),
+            msg.content_type
+        ));
         Verdict::Deliver
     }
     fn on_subscribe(&self, filter: &TopicFilter) -> Result<(), PluginError> {
-        tracing::info!(filter = %filter, "subscribe");
+        self.emit(format_args!("subscribe filter={filter}"));
         Ok(())
+    }
+}
+
+/// One type per topic, for every publish and message of a client: topics matching a rule
+/// must carry its type tag (see [`crate::TypeTag`]). A publish of anything else is refused
+/// (`PublishError::Plugin`); a message of anything else is dropped (counted here in
+/// [`TypeEnforcement::refused`] and in `ClientStats::plugin_drops`), never delivered. The
+/// first matching rule wins. Unlike `topic::<T>()`, it also covers the untyped
+/// `publish_bytes` and subscriptions of every kind.
+#[derive(Debug, Default, Clone)]
+pub struct TypeEnforcement {
+    rules: Arc<Vec<(TopicFilter, String)>>,
+    refused: Arc<AtomicU64>,
+}
+
+impl TypeEnforcement {
+    /// No rules yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Topics matching `filter` carry `T`.
+    pub fn topic<T: crate::TypeTag>(
+        self,
+        filter: &str,
+    ) -> Result<Self, whispeer_protocol::TopicError> {
+        self.tag(filter, T::TAG)
+    }
+    /// Topics matching `filter` carry the type tagged `tag` (as JS declares it).
+    pub fn tag(mut self, filter: &str, tag: &str) -> Result<Self, whispeer_protocol::TopicError> {
+        let f = TopicFilter::new(filter)?;
+        Arc::make_mut(&mut self.rules).push((f, tag.to_owned()));
+        Ok(self)
+    }
+    /// Messages dropped because they carried another type.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+    fn expected(&self, topic: &Topic) -> Option<&str> {
+        self.rules
+            .iter()
+            .find(|(f, _)| f.matches(topic))
+            .map(|(_, t)| t.as_str())
+    }
+}
+
+impl Plugin for TypeEnforcement {
+    fn name(&self) -> &str {
+        "type-enforcement"
+    }
+    fn on_publish(&self, msg: &mut Outgoing) -> Result<(), PluginError> {
+        match self.expected(&msg.topic) {
+            Some(tag) if crate::tag::tag_of(&msg.content_type) != Some(tag) => {
+                Err(PluginError::new(
+                    self.name(),
+                    format!(
+                        "topic {} carries type {tag:?}, not {:?}",
+                        msg.topic, msg.content_type
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+    fn on_message(&self, msg: &mut Received) -> Verdict {
+        match self.expected(&msg.topic) {
+            Some(tag) if crate::tag::tag_of(&msg.content_type) != Some(tag) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(topic = %msg.topic, expected = tag, found = %msg.content_type, "type mismatch; dropping message");
+                Verdict::Drop
+            }
+            _ => Verdict::Deliver,
+        }
     }
 }
 
@@ -194,7 +357,7 @@ impl Metrics {
     }
 }
 
-impl ClientPlugin for Metrics {
+impl Plugin for Metrics {
     fn name(&self) -> &str {
         "metrics"
     }
@@ -256,7 +419,7 @@ impl Transform {
     }
 }
 
-impl ClientPlugin for Transform {
+impl Plugin for Transform {
     fn name(&self) -> &str {
         &self.name
     }

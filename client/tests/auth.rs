@@ -78,7 +78,7 @@ async fn rust_client_authenticates_with_a_key_file_or_a_token() {
     rejected_with(
         Client::builder()
             .with(WebSocket::new(relay.ws_url()))
-            .with(Encryption::new(keys()))
+            .with(Encryption::with_keyring(keys()))
             .connect()
             .await,
         ErrorCode::AuthRequired,
@@ -87,7 +87,7 @@ async fn rust_client_authenticates_with_a_key_file_or_a_token() {
     rejected_with(
         Client::builder()
             .with(Tcp::new(relay.tcp_url()))
-            .with(Encryption::new(keys()))
+            .with(Encryption::with_keyring(keys()))
             .with(stranger)
             .connect()
             .await,
@@ -105,7 +105,7 @@ async fn rust_client_authenticates_with_a_key_file_or_a_token() {
     // Alice (key file) subscribes; the service (token, same group) publishes to her.
     let alice = Client::builder()
         .with(WebSocket::new(relay.ws_url()))
-        .with(Encryption::new(keys()))
+        .with(Encryption::with_keyring(keys()))
         .with(RelayAuth::key_file(&a.alice_key).unwrap())
         .connect()
         .await
@@ -113,7 +113,7 @@ async fn rust_client_authenticates_with_a_key_file_or_a_token() {
     let mut inbox = alice.subscribe::<String>("chat/lobby").await.unwrap();
     let svc = Client::builder()
         .with(Tcp::new(relay.tcp_url()))
-        .with(Encryption::new(keys()))
+        .with(Encryption::with_keyring(keys()))
         .with(RelayAuth::token(a.token.clone()))
         .connect()
         .await

@@ -32,7 +32,7 @@ const N1: usize = 512;
 async fn publisher(proxy: &KillerProxy, t: &TreeKey, metrics: &Metrics) -> Client {
     Client::builder()
         .with(Tcp::new(proxy.addr.to_string()))
-        .with(Encryption::new(keyring_with(t)))
+        .with(Encryption::with_keyring(keyring_with(t)))
         .with(identity())
         .with(Compression::none())
         .with(metrics.clone())
@@ -205,7 +205,7 @@ async fn qos1_publishes_waiting_for_their_puback_are_capped() {
     let t = tree("kept");
     let p = Client::builder()
         .with(Tcp::new(proxy.addr.to_string()))
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .with(identity())
         .with(Compression::none())
         .unacked_publish_buffer(CAP)

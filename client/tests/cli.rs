@@ -614,7 +614,7 @@ fn pub_sub_round_trip(relay: &RelayProcess, url: &str) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let grant: whispeer::Grant = show_grant(&tree);
     let mut keys = whispeer::Keyring::new();
-    keys.add_grant(grant, whispeer::now_ms()).unwrap();
+    keys.add_grant(grant).unwrap();
     let (typed_client, mut typed) = rt.block_on(async {
         let c = support::ws_client(&relay.ws_url(), keys, support::identity()).await;
         let s = c.subscribe::<Reading>("sensor/+/temp").await.unwrap();

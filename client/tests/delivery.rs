@@ -23,7 +23,7 @@ async fn exactly_once_under_induced_reconnects_in_order() {
     let connect = || async {
         whispeer::Client::builder()
             .with(Tcp::new(proxy.addr.to_string()))
-            .with(Encryption::new(keyring_with(&t)))
+            .with(Encryption::with_keyring(keyring_with(&t)))
             .with(identity())
             .with(Reconnect::new(
                 Duration::from_millis(5),
@@ -285,12 +285,12 @@ async fn a_durable_subscription_resumes_where_it_left_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persistent_broker_keeps_acknowledged_messages_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("broker.db");
-    let tree = whispeer::TreeKey::generate("persist", &mut rand::rngs::OsRng).unwrap();
-    let broker = whispeer::Broker::builder()
-        .persistence(&db)
+    let db = dir.path().join("broker");
+    let tree = whispeer::TreeKey::generate("persist").unwrap();
+    let broker = whispeer::Broker::build_default()
+        .with(whispeer::Persistence::sqlite(&db))
         .tree_key(tree.clone())
-        .start()
+        .build()
         .await
         .unwrap();
     let c = broker.client().await.unwrap();
@@ -301,12 +301,12 @@ async fn a_persistent_broker_keeps_acknowledged_messages_across_restarts() {
     }
     c.close().await;
     broker.shutdown().await.unwrap();
-    assert!(db.exists());
+    assert!(db.join(whispeer::broker::RELAY_STORE_FILE).exists());
 
-    let broker = whispeer::Broker::builder()
-        .persistence(&db)
+    let broker = whispeer::Broker::build_default()
+        .with(whispeer::Persistence::sqlite(&db))
         .tree_key(tree)
-        .start()
+        .build()
         .await
         .unwrap();
     let c = broker.client().await.unwrap();
@@ -345,7 +345,7 @@ async fn the_outbox_survives_a_client_restart() {
 
     let first = whispeer::Client::builder()
         .with(Tcp::new(proxy.addr.to_string()))
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .with(identity())
         .with(Persistence::sqlite(&state))
         .connect()
@@ -379,7 +379,7 @@ async fn the_outbox_survives_a_client_restart() {
     // A new run with the same state file re-sends it first, straight to the relay.
     let second = whispeer::Client::builder()
         .with(Tcp::new(relay.tcp_url()))
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .with(identity())
         .with(Persistence::sqlite(&state))
         .connect()

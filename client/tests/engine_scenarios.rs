@@ -268,9 +268,9 @@ struct Sim {
 
 fn keyring() -> Keyring {
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(42);
-    let tk = TreeKey::generate("scenarios", &mut rng).unwrap();
+    let tk = TreeKey::generate_with("scenarios", &mut rng).unwrap();
     let mut kr = Keyring::new();
-    kr.add_tree_key(&tk, 0).unwrap();
+    kr.add_tree_key_at(&tk, 0).unwrap();
     kr
 }
 
@@ -301,7 +301,7 @@ impl Sim {
             tx: VecDeque::new(),
             events: VecDeque::new(),
             writer: Arc::new(RwLock::new(keyring())),
-            identity: Identity::generate(&mut rand_chacha::ChaCha20Rng::seed_from_u64(7)),
+            identity: Identity::generate_with(&mut rand_chacha::ChaCha20Rng::seed_from_u64(7)),
             rng: rand_chacha::ChaCha20Rng::seed_from_u64(8),
             msgs: BTreeMap::new(),
             pubs: BTreeMap::new(),

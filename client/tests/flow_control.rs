@@ -29,7 +29,7 @@ async fn a_qos1_subscriber_that_stops_reading_loses_nothing_and_stalls_nothing_e
     let t = tree("flow");
     let c = Client::builder()
         .with(Tcp::new(format!("tcp://{}", proxy.addr)))
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .with(identity())
         .subscription_capacity(4)
         .connect()

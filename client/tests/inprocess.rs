@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use support::within;
-use whispeer::plugin::{ClientPlugin, Logging, Metrics, Outgoing, PluginError, Transform};
+use whispeer::plugin::{Logging, Metrics, Outgoing, Plugin, PluginError, Transform};
 use whispeer::{
     Broker, Client, Identity, Keyring, PublishError, SubscribeError, TopicFilter, WebSocket,
 };
@@ -58,11 +58,11 @@ async fn an_in_process_broker_seals_routes_and_opens_without_sockets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_with_a_websocket_listener_joins_network_clients_and_in_process_ones() {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let broker = Broker::builder()
-        .websocket(any)
+    let broker = Broker::build_default()
+        .with(WebSocket::new(format!("ws://{any}")))
         .passphrase("family", "correct horse battery staple")
         .unwrap()
-        .start()
+        .build()
         .await
         .unwrap();
     let url = broker.ws_url().expect("listening");
@@ -77,11 +77,11 @@ async fn a_broker_with_a_websocket_listener_joins_network_clients_and_in_process
     )
     .unwrap();
     let mut keys = Keyring::new();
-    keys.add_tree_key(&tree, whispeer::now_ms()).unwrap();
+    keys.add_tree_key(&tree).unwrap();
     let remote = Client::builder()
         .with(WebSocket::new(url))
-        .with(whispeer::Encryption::new(keys))
-        .with(Identity::generate(&mut rand::rngs::OsRng))
+        .with(whispeer::Encryption::with_keyring(keys))
+        .with(Identity::generate())
         .connect()
         .await
         .unwrap();
@@ -102,7 +102,7 @@ async fn a_broker_with_a_websocket_listener_joins_network_clients_and_in_process
 
 /// Refuses subscriptions to `admin/#` and publishes over 64 bytes.
 struct Policy;
-impl ClientPlugin for Policy {
+impl Plugin for Policy {
     fn name(&self) -> &str {
         "policy"
     }
@@ -139,10 +139,10 @@ async fn plugins_transform_count_drop_and_refuse() {
     let got = Metrics::new();
     let publisher = broker
         .client_builder()
-        .with(Logging)
+        .with(Logging::default())
         .with(sent.clone())
         .with(versioned())
-        .with(whispeer::Plugin::new(Policy))
+        .with(Policy)
         .connect()
         .await
         .unwrap();

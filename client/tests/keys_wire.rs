@@ -24,7 +24,7 @@ async fn next(sub: &mut whispeer::Subscription<u32>) -> whispeer::Message<u32> {
 async fn client_with(url: &str, keys: Keyring) -> Client {
     Client::builder()
         .with(Tcp::new(url))
-        .with(Encryption::new(keys))
+        .with(Encryption::with_keyring(keys))
         .with(identity())
         .connect()
         .await
@@ -57,8 +57,8 @@ async fn after_a_rotation_history_before_the_cutoff_replays_and_after_it_is_refu
 
     // The subscriber got the rotation two hours ago; the grace (one hour) is over.
     let mut keys = Keyring::with_grace(HOUR);
-    keys.add_grant(e0.grant_all(), now - 2 * HOUR).unwrap();
-    keys.add_grant(e1.grant_all(), now - 2 * HOUR).unwrap();
+    keys.add_grant_at(e0.grant_all(), now - 2 * HOUR).unwrap();
+    keys.add_grant_at(e1.grant_all(), now - 2 * HOUR).unwrap();
     let c = client_with(&relay.tcp_url(), keys).await;
     let mut sub = c
         .subscribe_with_options::<u32>(
@@ -112,7 +112,7 @@ async fn messages_carry_the_provenance_and_a_delegated_grant_seals_only_after_op
     // Admin-signed (the whole tree), and a subtree narrowed by bob (delegated).
     let delegated = t.grant_all().narrow(&news, false, &bob).unwrap();
     let mut dkeys = Keyring::new();
-    dkeys.add_grant(delegated, whispeer::now_ms()).unwrap();
+    dkeys.add_grant(delegated).unwrap();
 
     let admin = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
     let member = client_with(&relay.tcp_url(), dkeys).await;
@@ -172,9 +172,9 @@ async fn with_two_trees_covering_a_topic_the_publish_names_the_tree() {
     let a = tree("alpha");
     let b = tree("beta");
     let mut keys = keyring_with(&a);
-    keys.add_tree_key(&b, whispeer::now_ms()).unwrap();
+    keys.add_tree_key(&b).unwrap();
     let mut keys2 = keyring_with(&a);
-    keys2.add_tree_key(&b, whispeer::now_ms()).unwrap();
+    keys2.add_tree_key(&b).unwrap();
     let publisher = client_with(&relay.tcp_url(), keys).await;
     let subscriber = client_with(&relay.tcp_url(), keys2).await;
     let mut sub = subscriber.subscribe::<u32>("shared/#").await.unwrap();
@@ -218,6 +218,7 @@ async fn with_two_trees_covering_a_topic_the_publish_names_the_tree() {
     relay.stop().await;
 }
 
+#[cfg(feature = "persistence")]
 /// A key claiming `tree`'s id but signed by another admin.
 fn forged(tree: &TreeKey) -> TreeKey {
     let mut root = [0u8; 32];
@@ -240,7 +241,7 @@ async fn the_pinned_admin_survives_a_restart_and_another_admin_is_refused() {
     let connect = |keys: Keyring| {
         Client::builder()
             .with(Tcp::new(relay.tcp_url()))
-            .with(Encryption::new(keys))
+            .with(Encryption::with_keyring(keys))
             .with(Persistence::sqlite(&state))
             .connect()
     };

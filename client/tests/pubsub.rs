@@ -197,7 +197,7 @@ async fn without_the_key_nothing_is_seen_and_rejections_are_counted() {
     // Bob holds only sensor/garage/#.
     let mut bob_keys = whispeer::Keyring::new();
     bob_keys
-        .add_grant(
+        .add_grant_at(
             t.grant(&Scope::Subtree(Topic::new("sensor/garage").unwrap())),
             whispeer::now_ms(),
         )
@@ -248,7 +248,7 @@ async fn unsigned_messages_have_no_sender_and_wrong_types_are_typed_errors() {
     let t = tree("home");
     let anon = whispeer::Client::builder()
         .with(whispeer::WebSocket::new(relay.ws_url()))
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .with(identity())
         .with(Signing::off())
         .connect()
@@ -331,7 +331,7 @@ async fn an_envelope_altered_in_flight_is_rejected() {
     let proxy = tampering_proxy(relay.addrs.tcp.unwrap()).await;
     let victim = whispeer::Client::builder()
         .with(Tcp::new(proxy.to_string()))
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .with(identity())
         .connect()
         .await

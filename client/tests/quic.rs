@@ -61,7 +61,7 @@ async fn quic_client(addr: SocketAddr, pin: &str, keys: whispeer::Keyring) -> Cl
     Client::builder()
         .with(Quic::new(format!("quic://{addr}")))
         .with(TlsPin::sha256_hex(pin).unwrap())
-        .with(Encryption::new(keys))
+        .with(Encryption::with_keyring(keys))
         .with(identity())
         .connect()
         .await
@@ -124,7 +124,7 @@ async fn an_untrusted_certificate_over_quic_is_refused_with_a_hint() {
     let (_relay, addr) = serve_quic(&cert, &key, "127.0.0.1:0");
     let err = Client::builder()
         .with(Quic::new(addr.to_string()))
-        .with(Encryption::new(keyring_with(&tree("untrusted"))))
+        .with(Encryption::with_keyring(keyring_with(&tree("untrusted"))))
         .connect()
         .await
         .expect_err("a self-signed certificate neither pinned nor trusted");
@@ -136,7 +136,7 @@ async fn an_untrusted_certificate_over_quic_is_refused_with_a_hint() {
     let err = Client::builder()
         .with(Quic::new(addr.to_string()))
         .with(TlsPin::sha256_hex(std::str::from_utf8(&wrong).unwrap()).unwrap())
-        .with(Encryption::new(keyring_with(&tree("untrusted"))))
+        .with(Encryption::with_keyring(keyring_with(&tree("untrusted"))))
         .connect()
         .await
         .expect_err("a wrong pin");

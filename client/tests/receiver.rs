@@ -70,7 +70,7 @@ async fn replays_and_retained_rollbacks_are_refused_after_a_restart_with_persist
     let connect = || async {
         Client::builder()
             .with(Tcp::new(relay.tcp_url()))
-            .with(Encryption::new(keyring_with(&t)))
+            .with(Encryption::with_keyring(keyring_with(&t)))
             .with(Persistence::sqlite(&state))
             .connect()
             .await
@@ -169,7 +169,7 @@ async fn unsigned_and_unlisted_senders_are_refused_where_the_topic_requires_it()
     let alice_id = alice.sender_id();
     let receiver = Client::builder()
         .with(Tcp::new(relay.tcp_url()))
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .with(TopicOptions::new("ctl/#").allow_senders([alice_id]))
         .with(TopicOptions::new("signed/#").require_signed())
         .connect()
@@ -180,7 +180,7 @@ async fn unsigned_and_unlisted_senders_are_refused_where_the_topic_requires_it()
     let eve_c = tcp_client(&relay.tcp_url(), keyring_with(&t), eve).await;
     let anon = Client::builder()
         .with(Tcp::new(relay.tcp_url()))
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .with(identity())
         .with(Signing::off())
         .connect()
@@ -295,7 +295,7 @@ async fn an_at_most_once_subscriber_that_falls_behind_gets_a_lag_event() {
     let t = tree("fast");
     let c = Client::builder()
         .with(Tcp::new(relay.tcp_url()))
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .subscription_capacity(4)
         .connect()
         .await
@@ -369,7 +369,7 @@ async fn a_relay_sequence_of_u64_max_neither_panics_nor_wraps_the_resume_point()
     });
     let c = Client::builder()
         .with(Tcp::new(format!("tcp://{addr}")))
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .with(Reconnect::new(
             Duration::from_millis(5),
             Duration::from_millis(50),
@@ -401,7 +401,7 @@ async fn stale_live_messages_and_history_before_the_horizon_are_refused_unless_a
     let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
     let c = Client::builder()
         .with(Tcp::new(relay.tcp_url()))
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .replay_horizon(Duration::from_secs(3600))
         .clock_skew(Duration::from_secs(60))
         .connect()

@@ -463,17 +463,16 @@ impl World {
         let tree = self
             .trees
             .entry(tree_name.clone())
-            .or_insert_with(|| TreeKey::generate(&tree_name, &mut rand::rngs::OsRng).unwrap());
+            .or_insert_with(|| TreeKey::generate(&tree_name).unwrap());
         let mut keys = Keyring::new();
-        keys.add_tree_key(tree, whispeer::now_ms())
-            .map_err(|e| e.to_string())?;
+        keys.add_tree_key(tree).map_err(|e| e.to_string())?;
         let id = match identity {
             Some(n) => self
                 .identities
                 .entry(n.to_string())
-                .or_insert_with(|| Identity::generate(&mut rand::rngs::OsRng))
+                .or_insert_with(Identity::generate)
                 .clone(),
-            None => Identity::generate(&mut rand::rngs::OsRng),
+            None => Identity::generate(),
         };
         let url = match via {
             "direct" => format!("ws://{}", self.relay.ws),
@@ -487,7 +486,7 @@ impl World {
         };
         let mut b = Client::builder()
             .with(WebSocket::new(url))
-            .with(Encryption::new(keys))
+            .with(Encryption::with_keyring(keys))
             .with(id)
             .with(Reconnect::new(
                 Duration::from_millis(20),

@@ -94,7 +94,7 @@ async fn generated_certificate_is_pinned_by_its_fingerprint_over_tls_and_wss() {
     let a = Client::builder()
         .with(Tcp::new(format!("tls://{tls}")))
         .with(pin)
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .connect()
         .await
         .expect("pinned tls:// connects");
@@ -108,7 +108,7 @@ async fn generated_certificate_is_pinned_by_its_fingerprint_over_tls_and_wss() {
     let b = Client::builder()
         .with(WebSocket::new(format!("wss://{wss}")))
         .with(TlsPin::sha256_hex(&colons.join(":")).unwrap())
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .connect()
         .await
         .expect("pinned wss:// connects");
@@ -121,7 +121,7 @@ async fn generated_certificate_is_pinned_by_its_fingerprint_over_tls_and_wss() {
     let err = Client::builder()
         .with(Tcp::new(format!("tls://{tls}")))
         .with(TlsPin::sha256_hex(&wrong_hex).unwrap())
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .connect()
         .await
         .expect_err("wrong pin");
@@ -134,7 +134,7 @@ async fn generated_certificate_is_pinned_by_its_fingerprint_over_tls_and_wss() {
     // Neither pinned nor trusted: says how to trust or pin it.
     let err = Client::builder()
         .with(Tcp::new(format!("tls://{tls}")))
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .connect()
         .await
         .expect_err("untrusted self-signed");
@@ -145,7 +145,7 @@ async fn generated_certificate_is_pinned_by_its_fingerprint_over_tls_and_wss() {
     Client::builder()
         .with(Tcp::new(format!("tls://{tls}")))
         .with(TlsRoot::pem_file(&cert).unwrap())
-        .with(Encryption::new(keyring_with(&t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .connect()
         .await
         .expect("trusted generated certificate connects");
@@ -189,7 +189,7 @@ async fn ca_certificate_as_end_entity_gets_an_error_that_says_what_to_do() {
     let err = Client::builder()
         .with(Tcp::new(format!("tls://{tls}")))
         .with(TlsRoot::pem_file(&cert).unwrap())
-        .with(Encryption::new(keyring_with(&tree("ca"))))
+        .with(Encryption::with_keyring(keyring_with(&tree("ca"))))
         .connect()
         .await
         .expect_err("CA as end entity is refused");

@@ -18,7 +18,7 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let tk = TreeKey::from_parts(TreeId([1; 16]), 0, "fuzz", [2; 32], [3; 32]).unwrap();
         let mut keyring = Keyring::new();
-        keyring.add_tree_key(&tk, 0).unwrap();
+        keyring.add_tree_key_at(&tk, 0).unwrap();
         let id = Identity::from_seeds(&[4; 32], &[5; 32]);
         let topic = Topic::new("sensor/kitchen/temp").unwrap();
         let key = keyring.topic_key(&topic).unwrap();

@@ -45,10 +45,10 @@ fn modes() -> [(&'static str, Compression, bool); 4] {
 
 fn seal_open(c: &mut Criterion) {
     let mut rng = OsRng;
-    let tk = TreeKey::generate("bench", &mut rng).unwrap();
+    let tk = TreeKey::generate_with("bench", &mut rng).unwrap();
     let mut kr = Keyring::new();
-    kr.add_tree_key(&tk, 0).unwrap();
-    let id = Identity::generate(&mut rng);
+    kr.add_tree_key_at(&tk, 0).unwrap();
+    let id = Identity::generate_with(&mut rng);
     let topic = Topic::new("sensor/kitchen/temp").unwrap();
     let key = kr.topic_key(&topic).unwrap();
 

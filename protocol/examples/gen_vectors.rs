@@ -61,7 +61,7 @@ struct Case<'a> {
 fn seal_case(rng: &mut impl RngCore, c: &Case<'_>) -> (Envelope, Value) {
     let tk = tree(0, 0x22);
     let mut kr = Keyring::new();
-    kr.add_tree_key(&tk, 0).unwrap();
+    kr.add_tree_key_at(&tk, 0).unwrap();
     let mut nonce = [0u8; 24];
     rng.fill_bytes(&mut nonce);
     let mut msg_id = [0u8; 16];
@@ -177,7 +177,7 @@ fn spec_examples() {
     println!("admin {}", hx(&tk.admin().to_bytes()));
     let topic = t("sensor/kitchen/temp");
     let mut kr = Keyring::new();
-    kr.add_tree_key(&tk, 0).unwrap();
+    kr.add_tree_key_at(&tk, 0).unwrap();
     let key = kr.topic_key(&topic).unwrap();
     let id = Identity::from_seeds(&[0x33; 32], &[0x34; 32]);
     let payload = hex::decode("a16474656d70f94d60").unwrap();

@@ -94,6 +94,9 @@ pub enum KeyError {
     /// A signature scheme that is reserved or unknown (2 = batch signature, reserved).
     #[error("unsupported signature scheme {0}")]
     UnsupportedSignatureScheme(u8),
+    /// A locked secret string did not open: wrong passphrase, or damaged (one error).
+    #[error("locked secret could not be opened (wrong passphrase, or damaged)")]
+    Locked,
 }
 
 /// Why a message could not be sealed.

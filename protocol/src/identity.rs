@@ -31,8 +31,14 @@ impl fmt::Debug for Identity {
 }
 
 impl Identity {
+    /// A fresh identity from the operating system's randomness (`crypto.getRandomValues`
+    /// in a browser).
+    pub fn generate() -> Self {
+        Self::generate_with(&mut rand_core::OsRng)
+    }
+
     /// A fresh identity from the caller's CSPRNG.
-    pub fn generate(rng: &mut impl CryptoRngCore) -> Self {
+    pub fn generate_with(rng: &mut impl CryptoRngCore) -> Self {
         let mut seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(&mut seed[..]);
         let mut x = Zeroizing::new([0u8; 32]);
@@ -237,7 +243,7 @@ mod tests {
     #[test]
     fn strings_roundtrip_and_typecheck() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
-        let id = Identity::generate(&mut rng);
+        let id = Identity::generate_with(&mut rng);
         let s = id.to_secret_string();
         assert!(s.starts_with("wssec1"));
         let back = Identity::from_secret_string(&s).unwrap();
@@ -261,7 +267,7 @@ mod tests {
     #[test]
     fn public_id_signature_is_checked() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
-        let id = Identity::generate(&mut rng);
+        let id = Identity::generate_with(&mut rng);
         let mut b = id.public_id().to_bytes();
         b[40] ^= 1; // swap in another X25519 key
         assert_eq!(

@@ -184,10 +184,10 @@ mod tests {
     #[test]
     fn invite_roundtrip_and_failures() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(21);
-        let tk = TreeKey::generate("home", &mut rng).unwrap();
-        let alice = Identity::generate(&mut rng);
-        let bob = Identity::generate(&mut rng);
-        let eve = Identity::generate(&mut rng);
+        let tk = TreeKey::generate_with("home", &mut rng).unwrap();
+        let alice = Identity::generate_with(&mut rng);
+        let bob = Identity::generate_with(&mut rng);
+        let eve = Identity::generate_with(&mut rng);
         let grant = tk.grant(&Scope::Subtree(Topic::new("sensor").unwrap()));
         let inv = Invite::seal(&grant, &alice, &bob.public_id(), 1000, &mut rng).unwrap();
         assert!(inv.starts_with("wsinv1"));

@@ -92,7 +92,7 @@ pub struct DroppedGrant {
     pub contradicted_by: Scope,
 }
 
-/// What [`Keyring::add_grant_report`] did.
+/// What [`Keyring::add_grant_report_at`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Added {
@@ -162,6 +162,15 @@ impl Default for Keyring {
     }
 }
 
+/// Unix milliseconds from the system clock (0 before 1970).
+#[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 impl Keyring {
     /// An empty keyring with the default epoch grace period.
     pub fn new() -> Self {
@@ -179,9 +188,17 @@ impl Keyring {
         }
     }
 
-    /// Adds a grant; see [`Keyring::add_grant_report`] (this drops the report).
-    pub fn add_grant(&mut self, grant: Grant, now_ms: u64) -> Result<(), KeyError> {
-        self.add_grant_report(grant, now_ms).map(|_| ())
+    /// Adds a grant now (the system clock); see [`Keyring::add_grant_report_at`]. Not on
+    /// `wasm32-unknown-unknown`, which has no system clock: use [`Keyring::add_grant_at`].
+    #[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
+    pub fn add_grant(&mut self, grant: Grant) -> Result<(), KeyError> {
+        self.add_grant_at(grant, wall_clock_ms())
+    }
+
+    /// Adds a grant at `now_ms` (Unix milliseconds; tests pass their own clock); see
+    /// [`Keyring::add_grant_report_at`] (this drops the report).
+    pub fn add_grant_at(&mut self, grant: Grant, now_ms: u64) -> Result<(), KeyError> {
+        self.add_grant_report_at(grant, now_ms).map(|_| ())
     }
 
     /// Adds a grant.
@@ -197,7 +214,7 @@ impl Keyring {
     ///
     /// The first grant of a tree pins its admin. A grant of a newer epoch starts the grace
     /// period of the current one and drops anything older than that.
-    pub fn add_grant_report(&mut self, grant: Grant, now_ms: u64) -> Result<Added, KeyError> {
+    pub fn add_grant_report_at(&mut self, grant: Grant, now_ms: u64) -> Result<Added, KeyError> {
         let cert = grant.cert();
         let keys = cert.keys().clone();
         let tree_id = keys.tree_id();
@@ -373,9 +390,16 @@ impl Keyring {
         })
     }
 
-    /// Adds the whole-tree grant of an admin key.
-    pub fn add_tree_key(&mut self, tree: &TreeKey, now_ms: u64) -> Result<(), KeyError> {
-        self.add_grant(tree.grant_all(), now_ms)
+    /// Adds the whole-tree grant of an admin key now (the system clock). Not on
+    /// `wasm32-unknown-unknown`: use [`Keyring::add_tree_key_at`].
+    #[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
+    pub fn add_tree_key(&mut self, tree: &TreeKey) -> Result<(), KeyError> {
+        self.add_tree_key_at(tree, wall_clock_ms())
+    }
+
+    /// Adds the whole-tree grant of an admin key at `now_ms` (Unix milliseconds).
+    pub fn add_tree_key_at(&mut self, tree: &TreeKey, now_ms: u64) -> Result<(), KeyError> {
+        self.add_grant_at(tree.grant_all(), now_ms)
     }
 
     /// Lets the keyring seal with the delegated grant(s) for `scope` in `tree_id` (every
@@ -719,12 +743,29 @@ mod tests {
     }
 
     #[test]
+    fn os_randomness_and_the_system_clock_need_no_arguments() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        assert_ne!(a.sender_id(), b.sender_id());
+        let tree = TreeKey::generate("home").unwrap();
+        assert_ne!(tree.tree_id(), TreeKey::generate("home").unwrap().tree_id());
+        let mut kr = Keyring::new();
+        kr.add_tree_key(&tree).unwrap();
+        kr.add_grant(tree.grant(&Scope::Subtree(t("a")))).unwrap();
+        assert!(kr.topic_key(&t("a/b")).is_ok());
+        // Added "now": a message dated now is accepted, live.
+        let key_id = tree.cert().keys().key_id();
+        assert!(kr.accepts_message(&key_id, wall_clock_ms(), wall_clock_ms(), true));
+    }
+
+    #[test]
     fn most_specific_grant_and_epoch_grace() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
-        let tk = TreeKey::generate("home", &mut rng).unwrap();
+        let tk = TreeKey::generate_with("home", &mut rng).unwrap();
         let mut kr = Keyring::with_grace(1000);
-        kr.add_grant(tk.grant(&Scope::Subtree(t("a"))), 0).unwrap();
-        kr.add_grant(tk.grant(&Scope::Topic(t("a/b"))), 0).unwrap();
+        kr.add_grant_at(tk.grant(&Scope::Subtree(t("a"))), 0)
+            .unwrap();
+        kr.add_grant_at(tk.grant(&Scope::Topic(t("a/b"))), 0)
+            .unwrap();
         assert_eq!(
             kr.grant_for(&t("a/b")).unwrap().scope(),
             &Scope::Topic(t("a/b"))
@@ -740,7 +781,7 @@ mod tests {
 
         let old_id = tk.cert().keys().key_id();
         let tk1 = tk.rotate(u64::MAX, &mut rng).unwrap();
-        kr.add_grant(tk1.grant_all(), 5000).unwrap();
+        kr.add_grant_at(tk1.grant_all(), 5000).unwrap();
         assert_eq!(kr.grant_for(&t("z")).unwrap().epoch_keys().epoch(), 1);
         assert!(
             kr.epoch(&old_id, 5500).is_some(),
@@ -753,7 +794,7 @@ mod tests {
         // Epoch 2 drops epoch 0 entirely; epoch 1 enters its grace.
         let e1 = tk1.cert().keys().key_id();
         let tk2 = tk1.rotate(u64::MAX, &mut rng).unwrap();
-        kr.add_grant(tk2.grant_all(), 8000).unwrap();
+        kr.add_grant_at(tk2.grant_all(), 8000).unwrap();
         assert!(kr.epoch(&old_id, 5500).is_none());
         assert!(kr.epoch(&e1, 8500).is_some());
         // Jumping from epoch 2 to 5 still keeps epoch 2 for the grace period.
@@ -765,11 +806,11 @@ mod tests {
             .unwrap()
             .rotate(u64::MAX, &mut rng)
             .unwrap();
-        kr.add_grant(tk5.grant_all(), 9000).unwrap();
+        kr.add_grant_at(tk5.grant_all(), 9000).unwrap();
         assert!(kr.epoch(&e2, 9500).is_some());
         assert!(kr.epoch(&e1, 9500).is_none());
         // A late grant for epoch 2 does not restart its grace.
-        kr.add_grant(tk2.grant(&Scope::Subtree(t("late"))), 9900)
+        kr.add_grant_at(tk2.grant(&Scope::Subtree(t("late"))), 9900)
             .unwrap();
         assert!(kr.epoch(&e2, 10_001).is_none());
     }
@@ -777,14 +818,14 @@ mod tests {
     #[test]
     fn admin_is_pinned() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
-        let tk = TreeKey::generate("home", &mut rng).unwrap();
+        let tk = TreeKey::generate_with("home", &mut rng).unwrap();
         let mut kr = Keyring::new();
-        kr.add_tree_key(&tk, 0).unwrap();
+        kr.add_tree_key_at(&tk, 0).unwrap();
         // Same tree id, different admin: forged by someone else.
-        let other = TreeKey::generate("home", &mut rng).unwrap();
+        let other = TreeKey::generate_with("home", &mut rng).unwrap();
         let forged = crate::tree::tests_support::with_tree_id(&other, tk.tree_id());
         assert!(matches!(
-            kr.add_tree_key(&forged, 0),
+            kr.add_tree_key_at(&forged, 0),
             Err(KeyError::AdminMismatch { .. })
         ));
     }
@@ -816,11 +857,11 @@ mod tests {
     #[test]
     fn forged_exact_topic_grant_under_held_subtree_is_refused() {
         let mut r = rng(31);
-        let tk = TreeKey::generate("team", &mut r).unwrap();
-        let mallory = Identity::generate(&mut r);
+        let tk = TreeKey::generate_with("team", &mut r).unwrap();
+        let mallory = Identity::generate_with(&mut r);
         let team = tk.grant(&Scope::Subtree(t("team")));
         let mut victim = Keyring::new();
-        victim.add_grant(team.clone(), 0).unwrap();
+        victim.add_grant_at(team.clone(), 0).unwrap();
         // Mallory (holding team/#) hands over an exact-topic grant for team/secret with a
         // key she chose.
         let forged = forge_narrowed(
@@ -830,7 +871,7 @@ mod tests {
             [0x66; 32],
             &mallory,
         );
-        let err = victim.add_grant(forged, 1).unwrap_err();
+        let err = victim.add_grant_at(forged, 1).unwrap_err();
         assert_eq!(
             err,
             KeyError::Contradicts {
@@ -847,7 +888,7 @@ mod tests {
         );
         // An honest narrowing by Mallory is accepted and shown as derived, not delegated.
         let honest = team.narrow(&t("team/secret"), true, &mallory).unwrap();
-        let added = victim.add_grant_report(honest, 2).unwrap();
+        let added = victim.add_grant_report_at(honest, 2).unwrap();
         assert_eq!(
             added.provenance,
             Some(Provenance::Derived {
@@ -859,8 +900,8 @@ mod tests {
     #[test]
     fn forged_grant_held_first_is_dropped_when_the_verified_broader_grant_arrives() {
         let mut r = rng(32);
-        let tk = TreeKey::generate("team", &mut r).unwrap();
-        let mallory = Identity::generate(&mut r);
+        let tk = TreeKey::generate_with("team", &mut r).unwrap();
+        let mallory = Identity::generate_with(&mut r);
         let team = tk.grant(&Scope::Subtree(t("team")));
         let forged = forge_narrowed(
             &team,
@@ -870,7 +911,7 @@ mod tests {
             &mallory,
         );
         let mut victim = Keyring::new();
-        let added = victim.add_grant_report(forged, 0).unwrap();
+        let added = victim.add_grant_report_at(forged, 0).unwrap();
         assert_eq!(
             added.provenance,
             Some(Provenance::Delegated {
@@ -882,7 +923,7 @@ mod tests {
             victim.topic_key(&t("team/secret")),
             Err(KeyError::NotSealable { .. })
         ));
-        let added = victim.add_grant_report(team, 1).unwrap();
+        let added = victim.add_grant_report_at(team, 1).unwrap();
         assert_eq!(added.provenance, Some(Provenance::AdminSigned));
         assert_eq!(added.dropped.len(), 1);
         assert_eq!(added.dropped[0].scope, Scope::Topic(t("team/secret")));
@@ -898,15 +939,15 @@ mod tests {
     #[test]
     fn delegated_grants_open_but_seal_only_after_opt_in() {
         let mut r = rng(33);
-        let tk = TreeKey::generate("team", &mut r).unwrap();
-        let bob = Identity::generate(&mut r);
+        let tk = TreeKey::generate_with("team", &mut r).unwrap();
+        let bob = Identity::generate_with(&mut r);
         let team = tk.grant(&Scope::Subtree(t("team")));
         let narrowed = team.narrow(&t("team/a"), false, &bob).unwrap();
         let mut full = Keyring::new();
-        full.add_tree_key(&tk, 0).unwrap();
+        full.add_tree_key_at(&tk, 0).unwrap();
         let env = seal_on(&full, "team/a/x", 10, 1);
         let mut kr = Keyring::new();
-        kr.add_grant(narrowed, 0).unwrap();
+        kr.add_grant_at(narrowed, 0).unwrap();
         let o = Opener::new().open(&kr, &env, 10).unwrap();
         assert_eq!(
             o.provenance,
@@ -935,8 +976,8 @@ mod tests {
     #[test]
     fn a_second_tree_copying_r_and_n_cannot_take_the_key_id() {
         let mut r = rng(34);
-        let a = TreeKey::generate("home", &mut r).unwrap();
-        let attacker = TreeKey::generate("home", &mut r).unwrap();
+        let a = TreeKey::generate_with("home", &mut r).unwrap();
+        let attacker = TreeKey::generate_with("home", &mut r).unwrap();
         let copy = copy_rn(&a, &attacker, attacker.tree_id());
         assert_ne!(
             copy.epoch_keys().key_id(),
@@ -944,21 +985,21 @@ mod tests {
             "the key id binds the tree id, not R alone"
         );
         let mut kr = Keyring::new();
-        kr.add_tree_key(&a, 0).unwrap();
+        kr.add_tree_key_at(&a, 0).unwrap();
         let env = seal_on(&kr, "door", 5, 2);
-        kr.add_grant(copy, 1).unwrap();
+        kr.add_grant_at(copy, 1).unwrap();
         let o = Opener::new().open(&kr, &env, 5).unwrap();
         assert_eq!(o.tree_id, a.tree_id(), "A's messages still resolve to A");
         // Same tree id, other admin: refused by the pin.
         let same_id = copy_rn(&a, &attacker, a.tree_id());
         assert!(matches!(
-            kr.add_grant(same_id, 2),
+            kr.add_grant_at(same_id, 2),
             Err(KeyError::AdminMismatch { .. })
         ));
         // And a certificate of another tree claiming a held key id outright is refused,
         // naming both trees.
         let claim = with_forced_key_id(&attacker.grant_all(), a.cert().keys().key_id());
-        match kr.add_grant(claim, 3).unwrap_err() {
+        match kr.add_grant_at(claim, 3).unwrap_err() {
             KeyError::KeyIdConflict {
                 held_tree,
                 new_tree,
@@ -978,12 +1019,12 @@ mod tests {
     #[test]
     fn two_trees_covering_a_topic_are_ambiguous_and_the_publisher_names_one() {
         let mut r = rng(35);
-        let a = TreeKey::generate("a", &mut r).unwrap();
-        let b = TreeKey::generate("b", &mut r).unwrap();
+        let a = TreeKey::generate_with("a", &mut r).unwrap();
+        let b = TreeKey::generate_with("b", &mut r).unwrap();
         let mut kr = Keyring::new();
-        kr.add_tree_key(&a, 0).unwrap();
+        kr.add_tree_key_at(&a, 0).unwrap();
         // A more specific grant of another tree does not silently win.
-        kr.add_grant(b.grant(&Scope::Topic(t("team/secret"))), 0)
+        kr.add_grant_at(b.grant(&Scope::Topic(t("team/secret"))), 0)
             .unwrap();
         match kr.grant_for(&t("team/secret")).unwrap_err() {
             KeyError::AmbiguousTree { trees, .. } => {
@@ -1005,32 +1046,32 @@ mod tests {
     #[test]
     fn an_epoch_signed_by_anyone_but_the_pinned_admin_is_refused_even_after_restart() {
         let mut r = rng(36);
-        let tk = TreeKey::generate("home", &mut r).unwrap();
+        let tk = TreeKey::generate_with("home", &mut r).unwrap();
         let mut kr = Keyring::new();
-        kr.add_tree_key(&tk, 0).unwrap();
+        kr.add_tree_key_at(&tk, 0).unwrap();
         let pins = kr.export_pins();
-        let other = TreeKey::generate("home", &mut r).unwrap();
+        let other = TreeKey::generate_with("home", &mut r).unwrap();
         let forged = crate::tree::tests_support::with_tree_id(&other, tk.tree_id())
             .rotate(0, &mut r)
             .unwrap();
         assert!(matches!(
-            kr.add_tree_key(&forged, 1),
+            kr.add_tree_key_at(&forged, 1),
             Err(KeyError::AdminMismatch { .. })
         ));
         // A restarted client that restored only its pins refuses it too.
         let mut fresh = Keyring::new();
         assert_eq!(fresh.import_pins(&pins).unwrap(), 1);
         assert!(matches!(
-            fresh.add_tree_key(&forged, 1),
+            fresh.add_tree_key_at(&forged, 1),
             Err(KeyError::AdminMismatch { .. })
         ));
         assert_eq!(fresh.pin(tk.tree_id()).unwrap().admin, tk.admin());
         fresh
-            .add_tree_key(&tk.rotate(0, &mut r).unwrap(), 2)
+            .add_tree_key_at(&tk.rotate(0, &mut r).unwrap(), 2)
             .unwrap();
         // Pins that contradict held ones are refused; bad bytes are a typed error.
         let mut kr2 = Keyring::new();
-        kr2.add_tree_key(
+        kr2.add_tree_key_at(
             &crate::tree::tests_support::with_tree_id(&other, tk.tree_id()),
             0,
         )
@@ -1058,7 +1099,7 @@ mod tests {
             Err(KeyError::PassphraseEpoch { .. })
         ));
         let mut kr = Keyring::new();
-        kr.add_tree_key(&pt, 0).unwrap();
+        kr.add_tree_key_at(&pt, 0).unwrap();
         // A member (who knows the admin key) signs epoch 1 with the flag: refused on parse.
         let flagged = passphrase_at(&pt, 1).grant_all();
         assert!(matches!(
@@ -1066,13 +1107,13 @@ mod tests {
             Err(KeyError::PassphraseEpoch { .. })
         ));
         assert!(matches!(
-            kr.add_grant(flagged, 1),
+            kr.add_grant_at(flagged, 1),
             Err(KeyError::PassphraseEpoch { .. })
         ));
         // ... or without it: refused by the pinned flag.
         let unflagged = crate::tree::tests_support::unflag(&passphrase_at(&pt, 1));
         assert!(matches!(
-            kr.add_tree_key(&unflagged, 1),
+            kr.add_tree_key_at(&unflagged, 1),
             Err(KeyError::PinMismatch { .. })
         ));
         // A realm changes the tree and its keys.
@@ -1084,13 +1125,13 @@ mod tests {
     #[test]
     fn rotation_cutoff_bounds_the_previous_epoch() {
         let mut r = rng(38);
-        let tk = TreeKey::generate("home", &mut r).unwrap();
+        let tk = TreeKey::generate_with("home", &mut r).unwrap();
         let mut kr = Keyring::with_grace(1_000);
-        kr.add_tree_key(&tk, 0).unwrap();
+        kr.add_tree_key_at(&tk, 0).unwrap();
         let before = seal_on(&kr, "a", 900, 3); // dated before the cutoff
         let after = seal_on(&kr, "a", 1_100, 4); // a removed member, dated after it
         let tk1 = tk.rotate(1_000, &mut r).unwrap();
-        kr.add_tree_key(&tk1, 2_000).unwrap();
+        kr.add_tree_key_at(&tk1, 2_000).unwrap();
         let mut o = Opener::new();
         // Live within grace: only messages dated before the cutoff.
         assert!(o.open_with(&kr, &before, 2_500, true).is_ok());
@@ -1107,12 +1148,12 @@ mod tests {
     #[test]
     fn messages_dated_after_not_after_are_refused() {
         let mut r = rng(39);
-        let tk = TreeKey::generate("home", &mut r)
+        let tk = TreeKey::generate_with("home", &mut r)
             .unwrap()
             .with_not_after(Some(5_000));
         assert_eq!(tk.cert().not_after_ms(), Some(5_000));
         let mut kr = Keyring::new();
-        kr.add_tree_key(&tk, 0).unwrap();
+        kr.add_tree_key_at(&tk, 0).unwrap();
         let ok = seal_on(&kr, "a", 5_000, 5);
         let late = seal_on(&kr, "a", 5_001, 6);
         let mut o = Opener::new();

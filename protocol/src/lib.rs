@@ -46,6 +46,8 @@ pub mod kdf;
 #[cfg(feature = "keys")]
 pub mod keyring;
 #[cfg(feature = "keys")]
+pub mod locked;
+#[cfg(feature = "keys")]
 pub mod seal;
 #[cfg(feature = "keys")]
 pub mod text;

@@ -670,10 +670,10 @@ mod tests {
 
     fn setup() -> (rand_chacha::ChaCha20Rng, TreeKey, Keyring, Identity) {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
-        let tk = TreeKey::generate("home", &mut rng).unwrap();
+        let tk = TreeKey::generate_with("home", &mut rng).unwrap();
         let mut kr = Keyring::new();
-        kr.add_tree_key(&tk, 0).unwrap();
-        let id = Identity::generate(&mut rng);
+        kr.add_tree_key_at(&tk, 0).unwrap();
+        let id = Identity::generate_with(&mut rng);
         (rng, tk, kr, id)
     }
 
@@ -772,7 +772,7 @@ mod tests {
         // A kitchen-only member learns the topic name exists but cannot open it.
         let mut kitchen = Keyring::new();
         kitchen
-            .add_grant(
+            .add_grant_at(
                 tk.grant(&Scope::Subtree(Topic::new("sensor/kitchen").unwrap())),
                 0,
             )
@@ -781,7 +781,7 @@ mod tests {
         // Another tree entirely.
         let mut other = Keyring::new();
         other
-            .add_tree_key(&TreeKey::generate("other", &mut rng).unwrap(), 0)
+            .add_tree_key_at(&TreeKey::generate_with("other", &mut rng).unwrap(), 0)
             .unwrap();
         assert_eq!(Opener::new().open(&other, &env, 0), Err(OpenError));
     }

@@ -38,6 +38,8 @@ pub mod hrp {
     pub const SENDER: &str = "wspk";
     /// An invite sealed to a recipient.
     pub const INVITE: &str = "wsinv";
+    /// A secret string sealed under a passphrase (`locked`).
+    pub const LOCKED: &str = "wslocked";
 }
 
 /// Encodes `data` under the type prefix `hrp` (lowercase).

@@ -851,8 +851,14 @@ impl fmt::Debug for TreeKey {
 }
 
 impl TreeKey {
-    /// A new tree with a random id, epoch 0, a random root and a random admin key.
-    pub fn generate(name: &str, rng: &mut impl CryptoRngCore) -> Result<Self, KeyError> {
+    /// A new tree with a random id, epoch 0, a random root and a random admin key, from
+    /// the operating system's randomness (`crypto.getRandomValues` in a browser).
+    pub fn generate(name: &str) -> Result<Self, KeyError> {
+        Self::generate_with(name, &mut rand_core::OsRng)
+    }
+
+    /// [`TreeKey::generate`] from the caller's CSPRNG.
+    pub fn generate_with(name: &str, rng: &mut impl CryptoRngCore) -> Result<Self, KeyError> {
         check_tree_name(name)?;
         let tree_id = TreeId::random(rng);
         let mut root = Secret32([0; 32]);
@@ -1372,10 +1378,10 @@ mod tests {
 
     #[test]
     fn subtree_grant_derives_children_not_siblings() {
-        let tk = TreeKey::generate("home", &mut rng()).unwrap();
+        let tk = TreeKey::generate_with("home", &mut rng()).unwrap();
         let all = tk.grant_all();
         let kitchen = tk.grant(&Scope::Subtree(t("sensor/kitchen")));
-        let me = Identity::generate(&mut rng());
+        let me = Identity::generate_with(&mut rng());
         let temp = t("sensor/kitchen/temp");
         assert_eq!(kitchen.message_key(&temp), all.message_key(&temp));
         assert_eq!(
@@ -1394,7 +1400,7 @@ mod tests {
 
     #[test]
     fn key_strings_roundtrip_and_verify() {
-        let tk = TreeKey::generate("home", &mut rng()).unwrap();
+        let tk = TreeKey::generate_with("home", &mut rng()).unwrap();
         let s = tk.to_key_string();
         assert!(s.starts_with("wstree1"));
         let back = TreeKey::from_key_string(&s).unwrap();
@@ -1420,7 +1426,7 @@ mod tests {
 
     #[test]
     fn rotation_changes_everything_but_tree_and_admin() {
-        let tk = TreeKey::generate("home", &mut rng()).unwrap();
+        let tk = TreeKey::generate_with("home", &mut rng()).unwrap();
         let next = tk.rotate(5, &mut rng()).unwrap();
         assert_eq!(next.epoch(), 1);
         assert_eq!(next.tree_id(), tk.tree_id());
@@ -1445,7 +1451,7 @@ mod tests {
 
     #[test]
     fn tokens_are_position_bound() {
-        let k = TreeKey::generate("x", &mut rng())
+        let k = TreeKey::generate_with("x", &mut rng())
             .unwrap()
             .cert()
             .keys()
@@ -1460,8 +1466,8 @@ mod tests {
 
     #[test]
     fn narrowed_grants_record_the_narrower_and_verify() {
-        let tk = TreeKey::generate("home", &mut rng()).unwrap();
-        let bob = Identity::generate(&mut rng());
+        let tk = TreeKey::generate_with("home", &mut rng()).unwrap();
+        let bob = Identity::generate_with(&mut rng());
         let g = tk.grant(&Scope::Subtree(t("sensor")));
         assert_eq!(g.claimed_provenance(), Provenance::AdminSigned);
         let n = g.narrow(&t("sensor/kitchen"), false, &bob).unwrap();
@@ -1501,7 +1507,7 @@ mod tests {
 
     #[test]
     fn version_1_strings_are_refused_and_upgraded() {
-        let tk = TreeKey::generate("home", &mut rng()).unwrap();
+        let tk = TreeKey::generate_with("home", &mut rng()).unwrap();
         // The version-1 layout: 0x01 ‖ tree_id ‖ epoch ‖ root ‖ seed ‖ lp(name).
         let mut v1 = vec![1u8];
         v1.extend_from_slice(&tk.tree_id.0);
@@ -1562,7 +1568,7 @@ mod tests {
 
     #[test]
     fn key_id_binds_tree_and_epoch() {
-        let tk = TreeKey::generate("home", &mut rng()).unwrap();
+        let tk = TreeKey::generate_with("home", &mut rng()).unwrap();
         let other = tests_support::with_tree_id(&tk, TreeId([9; 16]));
         // Same root, other tree id: other R too (B binds the tree id), and other key id.
         assert_ne!(tk.cert().keys().key_id(), other.cert().keys().key_id());

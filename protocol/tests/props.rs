@@ -306,10 +306,10 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
-        let tk = TreeKey::generate("p", &mut rng).unwrap();
+        let tk = TreeKey::generate_with("p", &mut rng).unwrap();
         let mut kr = Keyring::new();
-        kr.add_tree_key(&tk, 0).unwrap();
-        let id = Identity::generate(&mut rng);
+        kr.add_tree_key_at(&tk, 0).unwrap();
+        let id = Identity::generate_with(&mut rng);
         let topic = Topic::new(topic.join("/")).unwrap();
         let opts = SealOptions {
             compression: if compress { Compression::Zstd(3) } else { Compression::None },
@@ -329,9 +329,9 @@ proptest! {
     #[test]
     fn opener_never_panics_on_mutations(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8), seed in any::<u64>()) {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
-        let tk = TreeKey::generate("p", &mut rng).unwrap();
+        let tk = TreeKey::generate_with("p", &mut rng).unwrap();
         let mut kr = Keyring::new();
-        kr.add_tree_key(&tk, 0).unwrap();
+        kr.add_tree_key_at(&tk, 0).unwrap();
         let topic = Topic::new("a/b/c").unwrap();
         let out = Outgoing { payload: b"payload", content_type: "t", msg_id: MessageId([1; 16]), ts_ms: 0 };
         let env = Sealer::new().seal(&kr.topic_key(&topic).unwrap(), &out, &SealOptions::default(), None, &mut rng).unwrap();
@@ -417,12 +417,12 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
-        let tk = TreeKey::generate("p", &mut rng).unwrap();
+        let tk = TreeKey::generate_with("p", &mut rng).unwrap();
         let chain = scope_chain(&segs, exact);
         // Each step narrowed from the previous one by a different member.
         let mut grants = vec![tk.grant_all()];
         for s in &chain[1..] {
-            let by = Identity::generate(&mut rng);
+            let by = Identity::generate_with(&mut rng);
             let (t, ex) = scope_topic(s);
             let g = grants.last().unwrap().narrow(&t, ex, &by).unwrap();
             grants.push(g);
@@ -434,7 +434,7 @@ proptest! {
         grants.rotate_left(k);
         let mut kr = Keyring::new();
         for g in &grants {
-            let added = kr.add_grant_report(g.clone(), 0);
+            let added = kr.add_grant_report_at(g.clone(), 0);
             prop_assert!(added.is_ok(), "{:?}", added);
             prop_assert!(added.unwrap().dropped.is_empty());
         }
@@ -458,7 +458,7 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
-        let tk = TreeKey::generate("p", &mut rng).unwrap();
+        let tk = TreeKey::generate_with("p", &mut rng).unwrap();
         let chain = scope_chain(&segs, exact);
         let seed_m = [7u8; 32];
         let mallory = Identity::from_seeds(&seed_m, &[8; 32]);
@@ -474,14 +474,14 @@ proptest! {
         let verified = tk.grant(&chain[j]);
         let mut kr = Keyring::new();
         if forged_first {
-            kr.add_grant(forged, 0).unwrap();
-            let added = kr.add_grant_report(verified, 1).unwrap();
+            kr.add_grant_at(forged, 0).unwrap();
+            let added = kr.add_grant_report_at(verified, 1).unwrap();
             prop_assert_eq!(added.dropped.len(), 1);
             prop_assert_eq!(&added.dropped[0].scope, &chain[i]);
             prop_assert_eq!(kr.held_grants().count(), 1);
         } else {
-            kr.add_grant(verified, 0).unwrap();
-            let err = kr.add_grant(forged, 1).unwrap_err();
+            kr.add_grant_at(verified, 0).unwrap();
+            let err = kr.add_grant_at(forged, 1).unwrap_err();
             let is_contradiction = matches!(err, KeyError::Contradicts { .. });
             prop_assert!(is_contradiction, "{}", err);
         }
@@ -490,7 +490,7 @@ proptest! {
         let mut s = Sealer::new();
         let env = s.seal(&kr.topic_key(&t).unwrap(), &Outgoing { payload: b"x", content_type: "", msg_id: MessageId([1; 16]), ts_ms: 0 }, &SealOptions::default(), None, &mut rng).unwrap();
         let mut full = Keyring::new();
-        full.add_tree_key(&tk, 0).unwrap();
+        full.add_tree_key_at(&tk, 0).unwrap();
         prop_assert!(Opener::new().open(&full, &env, 0).is_ok());
     }
 }

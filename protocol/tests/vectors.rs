@@ -41,10 +41,10 @@ fn add_keys(kr: &mut Keyring, steps: &Value) -> Result<(), String> {
         let at = u(k, "added_ms");
         if let Some(t) = k["key"].as_str() {
             let tk = TreeKey::from_key_string(t).map_err(|e| e.to_string())?;
-            kr.add_tree_key(&tk, at).map_err(|e| e.to_string())?;
+            kr.add_tree_key_at(&tk, at).map_err(|e| e.to_string())?;
         } else {
             let g = Grant::from_key_string(s(k, "grant")).map_err(|e| e.to_string())?;
-            kr.add_grant(g, at).map_err(|e| e.to_string())?;
+            kr.add_grant_at(g, at).map_err(|e| e.to_string())?;
         }
     }
     Ok(())

@@ -19,10 +19,10 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(1024);
-    let tk = TreeKey::generate("bench", &mut OsRng).unwrap();
+    let tk = TreeKey::generate_with("bench", &mut OsRng).unwrap();
     let mut kr = Keyring::new();
-    kr.add_tree_key(&tk, 0).unwrap();
-    let id = Identity::generate(&mut OsRng);
+    kr.add_tree_key_at(&tk, 0).unwrap();
+    let id = Identity::generate_with(&mut OsRng);
     let topic = Topic::new("sensor/kitchen/temp").unwrap();
     let key = kr.topic_key(&topic).unwrap();
     let data = bench_payload(size);

@@ -34,6 +34,9 @@ impl ClientBuilder {
 
     /// Connects (the first attempt must succeed) and starts the background task.
     pub async fn connect(self) -> Result<Client, ConnectError> {
+        if let Some(e) = self.key_error {
+            return Err(e.into());
+        }
         let dialer = self.dialer()?;
         #[allow(unused_mut)]
         let mut keyring = self.keyring;
@@ -134,6 +137,8 @@ impl ClientBuilder {
                 next_id: AtomicU64::new(1),
                 plugins: self.plugins,
                 backlog,
+                types: Default::default(),
+                type_mismatches: Default::default(),
             }),
         })
     }

@@ -527,6 +527,7 @@ impl Driver {
             plugin_drops: self.plugin_drops,
             unacked_publishes: e.unacked_publishes,
             publish_retries: e.publish_retries,
+            type_mismatches: 0, // counted by the subscriptions; `Client::stats` adds it
         };
         self.p.stats.send_if_modified(|s| {
             if *s == next {

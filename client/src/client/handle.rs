@@ -1,6 +1,7 @@
 //! The [`Client`] handle: cheap to clone, seals in the caller's task (so many tasks seal in
 //! parallel) and hands sealed envelopes and subscriptions to the driver task.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +39,11 @@ pub fn to_cbor<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, PublishError
     Ok(buf)
 }
 
+/// `T`'s name without leading references (`&MyData` publishes a `MyData`).
+fn rust_type_name<T: ?Sized>() -> &'static str {
+    std::any::type_name::<T>().trim_start_matches('&')
+}
+
 impl Client {
     /// The current connection state.
     pub fn state(&self) -> ConnectionState {
@@ -59,7 +65,9 @@ impl Client {
 
     /// Counters: delivered, rejected, duplicates, drops, reconnects.
     pub fn stats(&self) -> ClientStats {
-        self.inner.stats.borrow().clone()
+        let mut s = self.inner.stats.borrow().clone();
+        s.type_mismatches = self.inner.type_mismatches.load(Ordering::Relaxed);
+        s
     }
 
     /// A receiver woken whenever the counters change (wait on it instead of polling
@@ -80,7 +88,7 @@ impl Client {
             .keyring
             .write()
             .expect("keyring lock")
-            .add_grant(grant, now_ms())?;
+            .add_grant(grant)?;
         let _ = self.inner.cmd.send(Command::Resubscribe);
         Ok(())
     }
@@ -219,9 +227,64 @@ impl Client {
         value: &T,
         opts: PublishOptions,
     ) -> Result<u64, PublishError> {
+        let content_type = self.content_type_for::<T>(topic)?;
         let payload = to_cbor(value)?;
-        self.publish_bytes_with(topic, core::CBOR, &payload, opts)
+        self.publish_bytes_with(topic, &content_type, &payload, opts)
             .await
+    }
+
+    /// The content type of a serde publish of `T` on `topic`: plain CBOR, or on a typed
+    /// topic (`Client::topic`) its tag when `T` is its type, else `TypeMismatch`.
+    fn content_type_for<T: ?Sized>(&self, topic: &str) -> Result<Cow<'static, str>, PublishError> {
+        let types = self.inner.types.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((tag, name)) = types.get(topic) else {
+            return Ok(Cow::Borrowed(core::CBOR));
+        };
+        let given = rust_type_name::<T>();
+        if given == *name {
+            Ok(Cow::Owned(crate::tag::content_type(tag)))
+        } else {
+            Err(PublishError::TypeMismatch {
+                topic: topic.to_owned(),
+                expected: (*tag).to_owned(),
+                found: given.to_owned(),
+            })
+        }
+    }
+
+    /// On a typed topic only its tag's content type may be published.
+    fn check_content_type(&self, topic: &str, content_type: &str) -> Result<(), PublishError> {
+        let types = self.inner.types.lock().unwrap_or_else(|p| p.into_inner());
+        match types.get(topic) {
+            Some((tag, _)) if crate::tag::tag_of(content_type) != Some(*tag) => {
+                Err(PublishError::TypeMismatch {
+                    topic: topic.to_owned(),
+                    expected: (*tag).to_owned(),
+                    found: content_type.to_owned(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Registers `topic` as carrying `T` (tag `tag`); another registration fails.
+    pub(super) fn register_type<T: ?Sized>(
+        &self,
+        topic: &str,
+        tag: &'static str,
+    ) -> Result<(), PublishError> {
+        let mut types = self.inner.types.lock().unwrap_or_else(|p| p.into_inner());
+        match types.get(topic) {
+            Some((t, _)) if *t != tag => Err(PublishError::TypeMismatch {
+                topic: topic.to_owned(),
+                expected: (*t).to_owned(),
+                found: tag.to_owned(),
+            }),
+            _ => {
+                types.insert(topic.to_owned(), (tag, rust_type_name::<T>()));
+                Ok(())
+            }
+        }
     }
 
     /// Publishes raw bytes with a content type of your choice.
@@ -245,6 +308,7 @@ impl Client {
         payload: &[u8],
         opts: PublishOptions,
     ) -> Result<u64, PublishError> {
+        self.check_content_type(topic, content_type)?;
         let topic = Topic::new(topic)?;
         let env = self.seal_with_plugins(opts.tree, topic, content_type, payload)?;
         self.send(env, opts).await
@@ -257,10 +321,11 @@ impl Client {
         topic: &str,
         values: &[T],
     ) -> Result<(), PublishError> {
+        let content_type = self.content_type_for::<T>(topic)?;
         let topic = Topic::new(topic)?;
         let mut envs = Vec::with_capacity(values.len());
         for v in values {
-            envs.push(self.seal_with_plugins(None, topic.clone(), core::CBOR, &to_cbor(v)?)?);
+            envs.push(self.seal_with_plugins(None, topic.clone(), &content_type, &to_cbor(v)?)?);
         }
         for env in envs {
             self.send(env, PublishOptions::default()).await?;
@@ -268,7 +333,7 @@ impl Client {
         Ok(())
     }
 
-    async fn subscribe_inner<T>(
+    pub(super) async fn subscribe_inner<T>(
         &self,
         filter: &str,
         opts: SubscribeOptions,
@@ -298,6 +363,7 @@ impl Client {
             id,
             cmd: self.inner.cmd.clone(),
             decode,
+            mismatches: self.inner.type_mismatches.clone(),
             _t: PhantomData,
         };
         ready_rx.await.map_err(|_| SubscribeError::Closed)??;

@@ -159,6 +159,9 @@ pub struct ClientStats {
     /// Re-sends of QoS ≥ 1 publishes the relay refused with a retryable code (`busy`,
     /// `storage_full`...), after a backoff, with the same publish id.
     pub publish_retries: u64,
+    /// Messages a typed subscription refused because they carry another type (or none):
+    /// `ReceiveError::TypeMismatch`, never given to a callback.
+    pub type_mismatches: u64,
 }
 
 /// What a subscription's channel holds.
@@ -222,6 +225,11 @@ pub(crate) struct Inner {
     pub(crate) next_id: std::sync::atomic::AtomicU64,
     pub(crate) plugins: Plugins,
     pub(crate) backlog: Arc<Backlog>,
+    /// Typed topics (`Client::topic`): topic → (tag, Rust type name).
+    pub(crate) types:
+        std::sync::Mutex<std::collections::HashMap<String, (&'static str, &'static str)>>,
+    /// Messages typed subscriptions refused as another type.
+    pub(crate) type_mismatches: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Publish backpressure: the bytes of publishes handed to the driver and not yet written

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::shared::{Command, Item, Message};
 use crate::core::{self, LocalSubId, Received};
 use crate::error::ReceiveError;
+use crate::tag::{self, TypeTag};
 
 /// A stream of typed messages; unsubscribes when dropped.
 pub struct Subscription<T> {
@@ -22,6 +23,8 @@ pub struct Subscription<T> {
     pub(super) id: LocalSubId,
     pub(super) cmd: mpsc::UnboundedSender<Command>,
     pub(super) decode: fn(&Received) -> Result<T, ReceiveError>,
+    /// The client's count of `ReceiveError::TypeMismatch`.
+    pub(super) mismatches: Arc<AtomicU64>,
     pub(super) _t: PhantomData<fn() -> T>,
 }
 
@@ -62,7 +65,11 @@ impl<T> Subscription<T> {
                 Item::Msg(r, token) => {
                     // Taken: the credit goes back (and, at least once, the ack may leave).
                     let _ = self.cmd.send(Command::Ack(token));
-                    to_message(&r, self.decode)
+                    let m = to_message(&r, self.decode);
+                    if let Err(ReceiveError::TypeMismatch { .. }) = &m {
+                        self.mismatches.fetch_add(1, Ordering::Relaxed);
+                    }
+                    m
                 }
                 Item::Lagged(n) => match n + self.lag.swap(0, Ordering::AcqRel) {
                     // A wake-up whose loss was already reported.
@@ -111,12 +118,29 @@ impl<T> Drop for Subscription<T> {
 }
 
 pub(super) fn decode_cbor<T: DeserializeOwned>(r: &Received) -> Result<T, ReceiveError> {
-    if r.content_type != core::CBOR {
+    if !tag::is_cbor(&r.content_type) {
         return Err(ReceiveError::ContentType {
             expected: core::CBOR,
             found: r.content_type.clone(),
         });
     }
+    cbor_value(r)
+}
+
+/// A typed topic's decoder: only messages tagged with `T::TAG`; anything else (another
+/// tag, untagged CBOR, other content) is a `TypeMismatch`, never decoded.
+pub(super) fn decode_typed<T: DeserializeOwned + TypeTag>(r: &Received) -> Result<T, ReceiveError> {
+    if tag::tag_of(&r.content_type) != Some(T::TAG) {
+        return Err(ReceiveError::TypeMismatch {
+            topic: r.topic.to_string(),
+            expected: T::TAG,
+            found: r.content_type.clone(),
+        });
+    }
+    cbor_value(r)
+}
+
+fn cbor_value<T: DeserializeOwned>(r: &Received) -> Result<T, ReceiveError> {
     ciborium::from_reader(&r.payload[..]).map_err(|e| ReceiveError::Decode {
         topic: r.topic.to_string(),
         reason: e.to_string(),

@@ -514,7 +514,10 @@ mod tests {
         );
 
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
-        let (alice, eve) = (Identity::generate(&mut rng), Identity::generate(&mut rng));
+        let (alice, eve) = (
+            Identity::generate_with(&mut rng),
+            Identity::generate_with(&mut rng),
+        );
         let mut cfg = ReceiveConfig::default();
         cfg.policies.push((
             TopicFilter::new("ctl/#").unwrap(),

@@ -77,24 +77,24 @@ impl TestRelay {
 }
 
 pub fn tree(name: &str) -> TreeKey {
-    TreeKey::generate(name, &mut rand::rngs::OsRng).unwrap()
+    TreeKey::generate(name).unwrap()
 }
 
 pub fn keyring_with(tree: &TreeKey) -> Keyring {
     let mut k = Keyring::new();
-    k.add_tree_key(tree, whispeer::now_ms()).unwrap();
+    k.add_tree_key(tree).unwrap();
     k
 }
 
 pub fn identity() -> Identity {
-    Identity::generate(&mut rand::rngs::OsRng)
+    Identity::generate()
 }
 
 pub async fn ws_client(url: &str, keys: Keyring, id: Identity) -> Client {
     Client::builder()
         .with(WebSocket::new(url))
         .with(Compression::zstd(3))
-        .with(Encryption::new(keys))
+        .with(Encryption::with_keyring(keys))
         .with(id)
         .connect()
         .await
@@ -104,7 +104,7 @@ pub async fn ws_client(url: &str, keys: Keyring, id: Identity) -> Client {
 pub async fn tcp_client(url: &str, keys: Keyring, id: Identity) -> Client {
     Client::builder()
         .with(Tcp::new(url))
-        .with(Encryption::new(keys))
+        .with(Encryption::with_keyring(keys))
         .with(id)
         .connect()
         .await

@@ -42,7 +42,7 @@ pub fn seal(
     ts_ms: u64,
 ) -> Envelope {
     let mut keys = Keyring::new();
-    keys.add_tree_key(tree, whispeer::now_ms()).unwrap();
+    keys.add_tree_key(tree).unwrap();
     let kr = RwLock::new(keys);
     let payload = whispeer::to_cbor(&value).unwrap();
     core::seal_publish(

@@ -31,10 +31,10 @@ fn keyring(key: &str) -> Result<Keyring, String> {
     let now = whispeer::now_ms();
     if key.starts_with("wstree1") {
         let tk: TreeKey = key.parse().map_err(|e| format!("{e}"))?;
-        kr.add_tree_key(&tk, now).map_err(|e| e.to_string())?;
+        kr.add_tree_key_at(&tk, now).map_err(|e| e.to_string())?;
     } else {
         let g: Grant = key.parse().map_err(|e| format!("{e}"))?;
-        kr.add_grant(g, now).map_err(|e| e.to_string())?;
+        kr.add_grant_at(g, now).map_err(|e| e.to_string())?;
     }
     Ok(kr)
 }
@@ -76,10 +76,10 @@ async fn main() -> ExitCode {
         Some("none") => Compression::none(),
         _ => Compression::zstd(3),
     };
-    let me = Identity::generate(&mut rand::rngs::OsRng);
+    let me = Identity::generate();
     let client = match Client::builder()
         .with(WebSocket::new(url.clone()))
-        .with(Encryption::new(keys))
+        .with(Encryption::with_keyring(keys))
         .with(compression)
         .with(me)
         .connect()

@@ -224,7 +224,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let topic = Topic::new(a.topic.as_str()).with_context(|| format!("topic '{}'", a.topic))?;
     let mut keys = a.keys.load()?;
     if keys.is_empty() {
-        keys.push(AnyKey::Tree(TreeKey::generate(
+        keys.push(AnyKey::Tree(TreeKey::generate_with(
             "bench",
             &mut rand::rngs::OsRng,
         )?));
@@ -258,7 +258,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     }
     let mut pub_clients = Vec::with_capacity(a.pubs);
     for _ in 0..a.pubs {
-        let id = (!a.no_sign).then(|| Identity::generate(&mut rand::rngs::OsRng));
+        let id = (!a.no_sign).then(Identity::generate);
         pub_clients.push(connect(id).await?);
     }
 
@@ -453,7 +453,7 @@ async fn connect_bench(
     let keyring = io::keyring(keys)?;
     let mut b = Client::builder()
         .with(whispeer::WebSocket::new(&conn.relay))
-        .with(whispeer::Encryption::new(keyring))
+        .with(whispeer::Encryption::with_keyring(keyring))
         .with(compression)
         .with(if no_padding {
             Padding::none()

@@ -83,8 +83,7 @@ impl AnyKey {
 pub fn keyring(keys: &[AnyKey]) -> Result<Keyring> {
     let mut k = Keyring::new();
     for key in keys {
-        k.add_grant(key.grant(), whispeer::now_ms())
-            .context("cannot add key")?;
+        k.add_grant(key.grant()).context("cannot add key")?;
     }
     Ok(k)
 }

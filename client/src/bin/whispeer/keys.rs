@@ -225,7 +225,7 @@ fn identity_file_text(id: &Identity) -> String {
 }
 
 pub fn keygen(a: KeygenArgs) -> Result<ExitCode> {
-    let id = Identity::generate(&mut rand::rngs::OsRng);
+    let id = Identity::generate();
     match &a.out {
         Some(path) => {
             io::write_secret_file(path, &identity_file_text(&id), a.force)?;
@@ -269,7 +269,7 @@ pub fn id(a: IdArgs) -> Result<ExitCode> {
 pub fn key(c: KeyCommand) -> Result<ExitCode> {
     match c {
         KeyCommand::New { tree, out } => {
-            let tk = TreeKey::generate(&tree, &mut rand::rngs::OsRng)?;
+            let tk = TreeKey::generate(&tree)?;
             out.emit(&tk.to_key_string())?;
         }
         KeyCommand::Derive {

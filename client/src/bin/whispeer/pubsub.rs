@@ -101,7 +101,7 @@ impl ConnArgs {
         self.check()?;
         let mut b = Client::builder()
             .with(WebSocket::new(&self.relay)) // sets the URL for every scheme
-            .with(whispeer::Encryption::new(keyring))
+            .with(whispeer::Encryption::with_keyring(keyring))
             .connect_timeout(secs(self.connect_timeout)?);
         if let Some(c) = compression {
             b = b.with(c);
@@ -521,7 +521,7 @@ mod tests {
             j(&Provenance::Derived { from }),
             json!({ "kind": "derived", "from": "a/b/#" })
         );
-        let by = whispeer::Identity::generate(&mut rand::rngs::OsRng).sender_id();
+        let by = whispeer::Identity::generate().sender_id();
         assert_eq!(
             j(&Provenance::Delegated { by }),
             json!({ "kind": "delegated", "by": by.to_string() })

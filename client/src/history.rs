@@ -1,0 +1,268 @@
+//! [`LocalHistory`]: a plugin that keeps the decrypted messages of chosen topics in a local
+//! SQLite file, queryable by topic filter and time range.
+//!
+//! It runs where the keys are — the relay only ever stores ciphertext — so the file holds
+//! **plaintext**: keep it where you would keep the keys (it is created with mode 0600 on
+//! Unix). Each message is kept once (by tree, sender and message id), however often it is
+//! delivered or replayed.
+//!
+//! ```no_run
+//! # async fn demo(broker: whispeer::Broker) -> Result<(), Box<dyn std::error::Error>> {
+//! use whispeer::history::LocalHistory;
+//! let history = LocalHistory::open("./history.sqlite", ["sensor/#"])?;
+//! // `.with(history.clone())` on a client or broker builder, then later:
+//! let last_hour = history.query("sensor/+/temp", whispeer::now_ms() - 3_600_000..)?;
+//! for m in &last_hour {
+//!     let celsius: f64 = m.decode()?;
+//!     println!("{} {} {celsius}", m.timestamp_ms, m.topic);
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection};
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+use whispeer_protocol::{SenderId, Topic, TopicError, TopicFilter};
+
+use crate::core::Received;
+use crate::error::ReceiveError;
+use crate::plugin::{Plugin, Verdict};
+
+/// `application_id` of a local history file ("wsph").
+const APPLICATION_ID: i64 = 0x7773_7068;
+
+/// Why the local history could not be opened or read.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum HistoryError {
+    /// A topic filter is invalid.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    /// The SQLite file could not be opened, created or read.
+    #[error("local history {path}: {reason}")]
+    Store {
+        /// The file.
+        path: PathBuf,
+        /// What SQLite said.
+        reason: String,
+    },
+}
+
+/// A message kept by [`LocalHistory`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HistoryEntry {
+    /// The topic.
+    pub topic: String,
+    /// The sender's timestamp, Unix milliseconds (what time ranges select on).
+    pub timestamp_ms: u64,
+    /// The verified sender, `None` for unsigned messages.
+    pub sender: Option<SenderId>,
+    /// The content type (a type tag for typed topics).
+    pub content_type: String,
+    /// The decrypted payload.
+    pub payload: Vec<u8>,
+}
+
+impl HistoryEntry {
+    /// Decodes a CBOR payload (plain or tagged) as `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, ReceiveError> {
+        if !crate::tag::is_cbor(&self.content_type) {
+            return Err(ReceiveError::ContentType {
+                expected: crate::tag::CBOR,
+                found: self.content_type.clone(),
+            });
+        }
+        ciborium::from_reader(&self.payload[..]).map_err(|e| ReceiveError::Decode {
+            topic: self.topic.clone(),
+            reason: e.to_string(),
+            source: Some(Arc::new(e)),
+        })
+    }
+}
+
+/// Keeps the decrypted messages of chosen topics in a local SQLite file; add it to a client
+/// or broker with `.with(history.clone())` and query the clone you kept.
+#[derive(Clone)]
+pub struct LocalHistory {
+    conn: Arc<Mutex<Connection>>,
+    filters: Arc<Vec<TopicFilter>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for LocalHistory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalHistory")
+            .field("path", &self.path)
+            .field("filters", &self.filters)
+            .finish()
+    }
+}
+
+impl LocalHistory {
+    /// Opens (or creates) the file at `path`, keeping messages on topics matching any of
+    /// `filters` (e.g. `["sensor/#", "chat/lobby"]`).
+    pub fn open<S: AsRef<str>>(
+        path: impl AsRef<Path>,
+        filters: impl IntoIterator<Item = S>,
+    ) -> Result<Self, HistoryError> {
+        let path = path.as_ref().to_owned();
+        let filters = filters
+            .into_iter()
+            .map(|f| TopicFilter::new(f.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let err = |e: rusqlite::Error| HistoryError::Store {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        if !path.exists() {
+            // Created owner-only: the file holds plaintext.
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                o.mode(0o600);
+            }
+            if let Err(e) = o.open(&path) {
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    return Err(HistoryError::Store {
+                        path,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        let conn = Connection::open(&path).map_err(err)?;
+        let app: i64 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .map_err(err)?;
+        if app != 0 && app != APPLICATION_ID {
+            return Err(HistoryError::Store {
+                path,
+                reason: format!("not a whispeer local history (application_id {app:#x})"),
+            });
+        }
+        conn.execute_batch(&format!(
+            "PRAGMA application_id = {APPLICATION_ID};
+             PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             CREATE TABLE IF NOT EXISTS messages (
+                 tree BLOB NOT NULL, sender BLOB NOT NULL, msg_id BLOB NOT NULL,
+                 topic TEXT NOT NULL, ts INTEGER NOT NULL,
+                 content_type TEXT NOT NULL, payload BLOB NOT NULL,
+                 UNIQUE (tree, sender, msg_id));
+             CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts);"
+        ))
+        .map_err(err)?;
+        Ok(LocalHistory {
+            conn: Arc::new(Mutex::new(conn)),
+            filters: Arc::new(filters),
+            path,
+        })
+    }
+
+    /// The messages on topics matching `filter` whose sender timestamp is in `range`
+    /// (Unix milliseconds; `..` for all), oldest first.
+    pub fn query(
+        &self,
+        filter: &str,
+        range: impl RangeBounds<u64>,
+    ) -> Result<Vec<HistoryEntry>, HistoryError> {
+        let filter = TopicFilter::new(filter)?;
+        let lo = match range.start_bound() {
+            Bound::Included(v) => *v,
+            Bound::Excluded(v) => v.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let hi = match range.end_bound() {
+            Bound::Included(v) => *v,
+            Bound::Excluded(0) => return Ok(Vec::new()),
+            Bound::Excluded(v) => v - 1,
+            Bound::Unbounded => u64::MAX,
+        };
+        let err = |e: rusqlite::Error| HistoryError::Store {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        };
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = conn
+            .prepare_cached(
+                "SELECT topic, ts, sender, content_type, payload FROM messages
+                 WHERE ts >= ?1 AND ts <= ?2 ORDER BY ts, rowid",
+            )
+            .map_err(err)?;
+        let rows = st
+            .query_map(params![to_i64(lo), to_i64(hi)], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                ))
+            })
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (topic, ts, sender, content_type, payload) = row.map_err(err)?;
+            let matches = Topic::new(topic.as_str()).is_ok_and(|t| filter.matches(&t));
+            if !matches {
+                continue;
+            }
+            // Unsigned messages are kept with an empty sender (unique with their id).
+            let sender = <[u8; 32]>::try_from(sender.as_slice())
+                .ok()
+                .and_then(|b| SenderId::from_bytes(&b).ok());
+            out.push(HistoryEntry {
+                topic,
+                timestamp_ms: u64::try_from(ts).unwrap_or(0),
+                sender,
+                content_type,
+                payload,
+            });
+        }
+        Ok(out)
+    }
+
+    fn keep(&self, msg: &Received) -> Result<(), rusqlite::Error> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO messages (tree, sender, msg_id, topic, ts, content_type, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            &msg.tree_id.0[..],
+            msg.sender.map(|s| s.to_bytes().to_vec()).unwrap_or_default(),
+            &msg.msg_id.0[..],
+            msg.topic.as_str(),
+            to_i64(msg.ts_ms),
+            &msg.content_type,
+            &msg.payload[..],
+        ])?;
+        Ok(())
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Plugin for LocalHistory {
+    fn name(&self) -> &str {
+        "local-history"
+    }
+    fn on_message(&self, msg: &mut Received) -> Verdict {
+        if self.filters.iter().any(|f| f.matches(&msg.topic)) {
+            if let Err(e) = self.keep(msg) {
+                // Never lose a delivery because the local copy failed.
+                tracing::warn!(path = %self.path.display(), error = %e, "local history: cannot keep message");
+            }
+        }
+        Verdict::Deliver
+    }
+}

@@ -1,0 +1,431 @@
+//! The Broker API of issue 14: the example `broker_api` run as a test, many tasks on one
+//! broker, typed topics refusing other types, and the broker's persistence directory.
+#![cfg(feature = "in-process")]
+
+#[allow(dead_code)]
+#[path = "../examples/broker_api.rs"]
+mod example;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use whispeer::{
+    Broker, BrokerOptions, Encryption, Message, Persistence, PublishError, PublishOptions,
+    ReceiveError, TypeTag,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_issue_example_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = example::run(dir.path()).await.unwrap();
+    assert_eq!(done.len(), 7, "{done:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tasks_publish_and_subscribe_on_one_broker() {
+    let broker = Broker::build_default().build().await.unwrap();
+    const TASKS: u32 = 16;
+    const EACH: u32 = 50;
+    // Subscribers made from many tasks at once, each counting everything.
+    let mut subs = Vec::new();
+    for _ in 0..4 {
+        let b = broker.clone();
+        subs.push(tokio::spawn(async move {
+            b.subscribe_stream::<(u32, u32)>("load/#").await.unwrap()
+        }));
+    }
+    let mut streams = Vec::new();
+    for s in subs {
+        streams.push(s.await.unwrap());
+    }
+    let mut pubs = Vec::new();
+    for t in 0..TASKS {
+        let b = broker.clone();
+        pubs.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                if i % 2 == 0 {
+                    b.publish(&format!("load/{t}"), (t, i)).await.unwrap();
+                } else {
+                    b.publish(&format!("load/{t}"), &(t, i)).await.unwrap();
+                }
+            }
+        }));
+    }
+    for p in pubs {
+        p.await.unwrap();
+    }
+    for mut s in streams {
+        let mut seen = HashSet::new();
+        while seen.len() < (TASKS * EACH) as usize {
+            let m = tokio::time::timeout(WAIT, s.next())
+                .await
+                .expect("every message arrives")
+                .unwrap()
+                .unwrap();
+            assert!(seen.insert(m.value), "no duplicates");
+        }
+    }
+    broker.shutdown().await.unwrap();
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TypeTag)]
+#[whispeer(type = "test.Celsius/v1")]
+struct Celsius {
+    value: f64,
+}
+
+/// The same shape as `Celsius`: only the tag tells them apart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TypeTag)]
+#[whispeer(type = "test.Fahrenheit/v1")]
+struct Fahrenheit {
+    value: f64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typed_subscriber_refuses_another_type_and_counts_it() {
+    let broker = Broker::build_default().build().await.unwrap();
+    let celsius = broker.topic::<Celsius>("temp/kitchen").unwrap();
+    let mut stream = celsius.stream().await.unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _cb = celsius
+        .subscribe(move |m: Message<Celsius>| {
+            let _ = tx.send(m.value);
+        })
+        .await
+        .unwrap();
+
+    // Another client publishes tag B (and untagged CBOR of the same shape) on the topic.
+    let other = broker.connect_client().await.unwrap();
+    let f = other.topic::<Fahrenheit>("temp/kitchen").unwrap();
+    f.publish_with(Fahrenheit { value: 70.0 }, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    let plain = broker.connect_client().await.unwrap();
+    plain
+        .publish_with(
+            "temp/kitchen",
+            &Fahrenheit { value: 71.0 },
+            PublishOptions::at_least_once(),
+        )
+        .await
+        .unwrap();
+    celsius.publish(Celsius { value: 21.0 }).await.unwrap();
+
+    for found in ["test.Fahrenheit/v1", "application/cbor"] {
+        match tokio::time::timeout(WAIT, stream.next()).await.unwrap() {
+            Some(Err(ReceiveError::TypeMismatch {
+                expected, found: f, ..
+            })) => {
+                assert_eq!(expected, "test.Celsius/v1");
+                assert!(f.contains(found), "{f}");
+            }
+            other => panic!("expected a type mismatch, got {other:?}"),
+        }
+    }
+    let ok = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ok.value, Celsius { value: 21.0 });
+    // The callback only ever saw the Celsius value.
+    let first = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, Celsius { value: 21.0 });
+    // Two refusals on each of the two typed subscriptions, counted.
+    assert_eq!(broker.type_mismatches(), 4);
+    assert_eq!(broker.client_handle().stats().type_mismatches, 4);
+    broker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typed_topic_refuses_other_types_through_the_untyped_api() {
+    let broker = Broker::build_default().build().await.unwrap();
+    let t = broker.topic::<Celsius>("temp/hall").unwrap();
+    let e = broker
+        .publish("temp/hall", Fahrenheit { value: 1.0 })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, PublishError::TypeMismatch { .. }), "{e}");
+    let e = broker
+        .client_handle()
+        .publish_bytes("temp/hall", "application/cbor", b"\xa0")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, PublishError::TypeMismatch { .. }), "{e}");
+    // Re-registering with another type is refused; the same type is fine.
+    assert!(matches!(
+        broker.topic::<Fahrenheit>("temp/hall"),
+        Err(PublishError::TypeMismatch { .. })
+    ));
+    broker.topic::<Celsius>("temp/hall").unwrap();
+    // The right type through the untyped API goes out tagged: the typed stream takes it.
+    let mut s = t.stream().await.unwrap();
+    broker
+        .publish("temp/hall", &Celsius { value: 19.5 })
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(WAIT, s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.value.value, 19.5);
+    assert_eq!(m.content_type, "application/cbor; type=\"test.Celsius/v1\"");
+    broker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_broker_keeps_its_key_in_a_0600_file_never_in_the_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker");
+    let broker = Broker::builder(BrokerOptions::default())
+        .with(Encryption::new())
+        .with(Persistence::sqlite(&db))
+        .build()
+        .await
+        .unwrap();
+    broker
+        .publish_with("a/b", "secret text", PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    let tree = broker.tree_key().unwrap().to_key_string().to_string();
+    broker.shutdown().await.unwrap();
+
+    let key_file = db.join(whispeer::broker::KEY_FILE);
+    let text = std::fs::read_to_string(&key_file).unwrap();
+    assert!(text.contains(&tree), "the key file holds the tree key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "key file mode {mode:o}");
+    }
+    // Neither store holds the key (nor the plaintext).
+    for f in [
+        whispeer::broker::RELAY_STORE_FILE,
+        whispeer::broker::CLIENT_STATE_FILE,
+    ] {
+        let mut bytes = std::fs::read(db.join(f)).unwrap();
+        for ext in ["-wal", "-shm"] {
+            if let Ok(more) = std::fs::read(db.join(format!("{f}{ext}"))) {
+                bytes.extend(more);
+            }
+        }
+        for needle in [tree.as_bytes(), b"secret text".as_slice()] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "{f} holds no key and no plaintext"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_listen_addresses_and_keyrings_are_typed_errors() {
+    let e = Broker::build_default_with_ws("ftp://127.0.0.1:0")
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, whispeer::BrokerError::Listen { .. }), "{e}");
+    let e = Broker::build_default()
+        .with(Encryption::with_keyring(whispeer::Keyring::new()))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, whispeer::BrokerError::KeyringNotShareable),
+        "{e}"
+    );
+    assert!(Encryption::with_keys(["not a key"]).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_sealed_under_a_passphrase_needs_it_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker");
+    let opts = || {
+        let mut o = BrokerOptions::default().key_passphrase("correct horse");
+        o.key_passphrase_params = whispeer::PassphraseParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        o
+    };
+    let broker = Broker::builder(opts())
+        .with(Persistence::sqlite(&db))
+        .build()
+        .await
+        .unwrap();
+    broker
+        .publish_with(
+            "diary/today",
+            "sealed at rest",
+            PublishOptions::at_least_once(),
+        )
+        .await
+        .unwrap();
+    let keys = broker.keys();
+    let tree = broker.tree_key().unwrap().to_key_string().to_string();
+    broker.shutdown().await.unwrap();
+    let text = std::fs::read_to_string(db.join(whispeer::broker::KEY_FILE)).unwrap();
+    assert!(
+        text.contains("wslocked1") && !text.contains(&tree),
+        "{text}"
+    );
+
+    // Without the passphrase, or with another one: typed errors, nothing opened.
+    let e = Broker::builder(BrokerOptions::default())
+        .with(Persistence::sqlite(&db))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, whispeer::BrokerError::KeyFileLocked { .. }),
+        "{e}"
+    );
+    let mut wrong = opts().key_passphrase("wrong horse");
+    wrong.key_passphrase_params = opts().key_passphrase_params;
+    let e = Broker::builder(wrong)
+        .with(Persistence::sqlite(&db))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            whispeer::BrokerError::Keys(whispeer::protocol::KeyError::Locked)
+        ),
+        "{e}"
+    );
+
+    // With it: the same keys, and the history reads.
+    let broker = Broker::builder(opts())
+        .with(Persistence::sqlite(&db))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(broker.keys(), keys);
+    let mut s = broker
+        .subscribe_stream_with_options::<String>(
+            "diary/#",
+            whispeer::SubscribeOptions::new().replay(whispeer::Replay::FromSeq(0)),
+        )
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(WAIT, s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.value, "sealed at rest");
+    broker.shutdown().await.unwrap();
+}
+
+/// Prints publish→stream throughput on one in-memory broker, untyped and typed (no
+/// threshold): `cargo test -p whispeer --features in-process --test broker_api measure --
+/// --ignored --nocapture` (add `--release` for real numbers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_broker_throughput_untyped_and_typed() {
+    const TASKS: u32 = 8;
+    const EACH: u32 = 2_500;
+    let broker = Broker::build_default().build().await.unwrap();
+    for typed in [false, true] {
+        let topic = if typed { "m/typed" } else { "m/plain" };
+        let t = broker.topic::<Celsius>("m/typed").unwrap();
+        let mut s = if typed {
+            t.stream().await.unwrap()
+        } else {
+            broker.subscribe_stream::<Celsius>(topic).await.unwrap()
+        };
+        let start = std::time::Instant::now();
+        let mut pubs = Vec::new();
+        for _ in 0..TASKS {
+            let (b, t) = (broker.clone(), t.clone());
+            pubs.push(tokio::spawn(async move {
+                for i in 0..EACH {
+                    let v = Celsius {
+                        value: f64::from(i),
+                    };
+                    if typed {
+                        t.publish(&v).await.unwrap();
+                    } else {
+                        b.publish(topic, &v).await.unwrap();
+                    }
+                }
+            }));
+        }
+        // QoS 0: a subscriber that falls behind loses messages, reported as `Lagged(n)`.
+        let (mut got, mut lost) = (0u64, 0u64);
+        while got + lost < u64::from(TASKS * EACH) {
+            match tokio::time::timeout(WAIT, s.next()).await.unwrap().unwrap() {
+                Ok(_) => got += 1,
+                Err(ReceiveError::Lagged(n)) => lost += n,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let dt = start.elapsed();
+        for p in pubs {
+            p.await.unwrap();
+        }
+        println!(
+            "{}: {} published, {got} delivered, {lost} lost (QoS 0, reported) in {dt:?} = {:.0} msg/s",
+            if typed { "typed" } else { "untyped" },
+            TASKS * EACH,
+            f64::from(TASKS * EACH) / dt.as_secs_f64()
+        );
+    }
+    broker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_serves_tcp_and_callback_handles_unsubscribe_on_drop() {
+    let broker = Broker::build_default()
+        .with(whispeer::Tcp::new("tcp://127.0.0.1:0"))
+        .build()
+        .await
+        .unwrap();
+    let url = broker.tcp_url().expect("serving TCP");
+    assert!(!url.ends_with(":0"), "{url}");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let handle = broker
+        .subscribe("tcp/#", move |m: Message<String>| {
+            let _ = tx.send(m.value);
+        })
+        .await
+        .unwrap();
+    let remote = whispeer::Client::builder()
+        .with(whispeer::Tcp::new(url))
+        .with(Encryption::with_keys(broker.keys()).unwrap())
+        .with(whispeer::Identity::generate())
+        .connect()
+        .await
+        .unwrap();
+    remote.publish("tcp/x", "over tcp").await.unwrap();
+    let got = tokio::time::timeout(WAIT, rx.recv()).await.unwrap();
+    assert_eq!(got.as_deref(), Some("over tcp"));
+
+    // Dropping the handle ends the callback: its closure (and the sender it owns) is
+    // dropped, so the channel closes; later messages never reach it.
+    drop(handle);
+    assert_eq!(tokio::time::timeout(WAIT, rx.recv()).await.unwrap(), None);
+    let mut after = broker.subscribe_stream::<String>("tcp/#").await.unwrap();
+    remote.publish("tcp/x", "later").await.unwrap();
+    let m = tokio::time::timeout(WAIT, after.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.value, "later");
+    remote.close().await;
+    broker.shutdown().await.unwrap();
+}
