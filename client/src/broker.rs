@@ -9,10 +9,14 @@
 //! - every engine a [`ClientBuilder`] takes (compression, padding, identity, plugins, topic
 //!   options...) configures the embedded client (and the clients of
 //!   [`Broker::connect_client`]);
-//! - [`WebSocket::new(url)`](crate::WebSocket) and [`Tcp::new(addr)`](crate::Tcp) mean
-//!   "also serve there" (`http://`, `ws://`, `tcp://` or `host:port`; port 0 picks one and
-//!   [`Broker::ws_url`] / [`Broker::tcp_url`] tell the real one), so other processes (a
-//!   browser, the CLI) join the same broker;
+//! - [`WebSocket::new(url)`](crate::WebSocket), [`Tcp::new(addr)`](crate::Tcp) and
+//!   [`Quic::new(addr)`](crate::Quic) mean "also serve there" (`http://`, `ws://`,
+//!   `tcp://`, `quic://` or `host:port`; port 0 picks one and [`Broker::ws_url`] /
+//!   [`Broker::tcp_url`] / [`Broker::quic_url`] tell the real one), so other processes (a
+//!   browser, the CLI) join the same broker. QUIC is always TLS 1.3: without a certificate
+//!   in [`BrokerBuilder::relay_config`] the broker makes a self-signed one (kept in the
+//!   persistence directory, so its pin survives a restart) and [`Broker::tls_pin`] gives
+//!   the fingerprint a client pins;
 //! - [`Persistence::sqlite(dir)`](crate::Persistence) keeps, in one directory, the relay's
 //!   history (`relay.sqlite`, ciphertext only), the embedded client's outbox and dedup
 //!   window (`client.sqlite`), and the broker's generated keys (`broker.keys`, mode 0600,
@@ -72,6 +76,10 @@ pub const CLIENT_STATE_FILE: &str = "client.sqlite";
 pub const KEY_FILE: &str = "broker.keys";
 /// The embedded client's identity (secret string, mode 0600) in the broker's directory.
 pub const IDENTITY_FILE: &str = "broker.identity";
+/// The self-signed certificate of a broker's QUIC listener (PEM) in its directory.
+pub const QUIC_CERT_FILE: &str = "broker.crt";
+/// The private key of that certificate (PEM, mode 0600) in the broker's directory.
+pub const QUIC_KEY_FILE: &str = "broker.key";
 
 /// Why a broker could not start.
 #[derive(Debug, Error)]
@@ -83,7 +91,7 @@ pub enum BrokerError {
     /// The tree key could not be made or loaded.
     #[error("broker keys: {0}")]
     Keys(#[from] KeyError),
-    /// A listen address given with `WebSocket::new`/`Tcp::new` is not usable.
+    /// A listen address given with `WebSocket::new`/`Tcp::new`/`Quic::new` is not usable.
     #[error("cannot serve on {addr:?}: {reason}")]
     Listen {
         /// What was given.
@@ -116,6 +124,9 @@ pub enum BrokerError {
     /// The embedded client could not connect to the embedded relay.
     #[error("embedded client: {0}")]
     Connect(#[from] ConnectError),
+    /// The QUIC listener's certificate could not be made, read or written.
+    #[error("QUIC certificate: {0}")]
+    Tls(#[from] whispeer_relay::tls::TlsError),
 }
 
 /// Where a broker keeps its messages: see [`Broker::build_default_with_persistence`].
@@ -242,6 +253,18 @@ impl BrokerBuilder {
         if let Some(url) = &setup.serve_tcp {
             config.listen.tcp = ListenAddr::on(listen_addr(url, &["tcp"]).await?);
         }
+        // A generated certificate's files live until the relay has loaded them (build).
+        let mut quic_cert: Option<QuicCert> = None;
+        if let Some(url) = &setup.serve_quic {
+            let addr = listen_addr(url, &["quic"]).await?;
+            config.listen.quic = ListenAddr::on(addr);
+            if config.tls.cert.is_none() || config.tls.key.is_none() {
+                let cert = QuicCert::load_or_make(setup.store_dir.as_deref(), addr)?;
+                config.tls.cert = Some(cert.cert.clone());
+                config.tls.key = Some(cert.key.clone());
+                quic_cert = Some(cert);
+            }
+        }
         let encryption = setup.encryption.take().unwrap_or_else(Encryption::new);
         let keys = match &setup.store_dir {
             Some(dir) => {
@@ -263,6 +286,7 @@ impl BrokerBuilder {
         };
         let listeners = Listeners::bind(&config).await?;
         let relay = Relay::builder(config).listeners(listeners).build()?;
+        let tls_pin = quic_cert.map(|c| c.sha256);
         let addrs = relay.addrs();
         let handle = relay.handle();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -289,6 +313,7 @@ impl BrokerBuilder {
             inner: Arc::new(Inner {
                 handle,
                 addrs,
+                tls_pin,
                 keys,
                 policy,
                 plugins,
@@ -337,6 +362,72 @@ async fn listen_addr(url: &str, schemes: &[&str]) -> Result<SocketAddr, BrokerEr
     addrs
         .next()
         .ok_or_else(|| bad("the host name resolves to no address".into()))
+}
+
+/// The certificate of a broker's QUIC listener: in the persistence directory (made once,
+/// then reused so clients' pins hold across restarts), or in a private temporary
+/// directory removed once the relay has loaded it.
+struct QuicCert {
+    cert: PathBuf,
+    key: PathBuf,
+    sha256: [u8; 32],
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl QuicCert {
+    fn load_or_make(dir: Option<&Path>, addr: SocketAddr) -> Result<QuicCert, BrokerError> {
+        use whispeer_relay::tls;
+        let (dir, temp) = match dir {
+            Some(d) => (d.to_path_buf(), None),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("whispeer-broker-")
+                    .tempdir()
+                    .map_err(|source| BrokerError::Io {
+                        path: std::env::temp_dir(),
+                        source,
+                    })?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let cert = dir.join(QUIC_CERT_FILE);
+        let key = dir.join(QUIC_KEY_FILE);
+        if cert.exists() && key.exists() {
+            let pem = std::fs::read(&cert).map_err(|source| BrokerError::Io {
+                path: cert.clone(),
+                source,
+            })?;
+            use rustls_pki_types::pem::PemObject;
+            let der = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                .next()
+                .and_then(Result::ok)
+                .ok_or_else(|| tls::TlsError::NoCertificate(cert.clone()))?;
+            let sha256 = tls::cert_sha256(&der);
+            return Ok(QuicCert {
+                cert,
+                key,
+                sha256,
+                _temp: temp,
+            });
+        }
+        // Names a client may dial: the bound IP, or every loopback name when it binds all.
+        let ip = addr.ip();
+        let mut names = vec!["localhost".to_owned()];
+        if ip.is_unspecified() {
+            names.extend(["127.0.0.1".to_owned(), "::1".to_owned()]);
+        } else {
+            names.push(ip.to_string());
+        }
+        let g = tls::generate(&names)?;
+        tls::write_pem(&cert, &g.cert_pem, false, true)?;
+        tls::write_pem(&key, &g.key_pem, true, true)?;
+        Ok(QuicCert {
+            cert,
+            key,
+            sha256: g.sha256,
+            _temp: temp,
+        })
+    }
 }
 
 fn resolve_keys(enc: Encryption, tree_name: &str) -> Result<Vec<AnyKey>, BrokerError> {
@@ -485,6 +576,8 @@ pub struct Broker {
 struct Inner {
     handle: RelayHandle,
     addrs: BoundAddrs,
+    /// SHA-256 of the generated QUIC certificate.
+    tls_pin: Option<[u8; 32]>,
     keys: Vec<AnyKey>,
     policy: crate::core::SealPolicy,
     plugins: crate::plugin::Plugins,
@@ -605,6 +698,20 @@ impl Broker {
     /// `tcp://…` when a TCP listener was asked for.
     pub fn tcp_url(&self) -> Option<String> {
         self.inner.addrs.tcp.map(|a| format!("tcp://{a}"))
+    }
+
+    /// `quic://…` when a QUIC listener was asked for; a client connects with
+    /// `Client::builder().with(Quic::new(url)).with(TlsPin::sha256_hex(&pin)?)` where
+    /// `pin` is [`Broker::tls_pin`] (or the CA of a certificate given in the relay config).
+    pub fn quic_url(&self) -> Option<String> {
+        self.inner.addrs.quic.map(|a| format!("quic://{a}"))
+    }
+
+    /// The SHA-256 fingerprint (hex) of the self-signed certificate the broker made for its
+    /// QUIC listener — what a client pins ([`crate::TlsPin::sha256_hex`], the CLI's
+    /// `--tls-pin`). `None` without QUIC or when the relay config names a certificate.
+    pub fn tls_pin(&self) -> Option<String> {
+        self.inner.tls_pin.map(hex::encode)
     }
 
     /// The embedded relay (metrics, status).

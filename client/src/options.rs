@@ -166,6 +166,8 @@ pub struct BrokerSetup {
     pub(crate) serve_ws: Option<String>,
     /// Also serve length-prefixed TCP there (`tcp://` URL or `host:port`).
     pub(crate) serve_tcp: Option<String>,
+    /// Also serve QUIC there (`quic://` URL or `host:port`).
+    pub(crate) serve_quic: Option<String>,
     /// The directory of the relay's history, the client's outbox and the key file.
     #[cfg_attr(not(feature = "in-process"), allow(dead_code))]
     pub(crate) store_dir: Option<std::path::PathBuf>,
@@ -233,6 +235,9 @@ impl Engine for Quic {
         } else {
             format!("quic://{a}")
         });
+    }
+    fn apply_broker(self, b: &mut BrokerSetup) {
+        b.serve_quic = Some(self.0);
     }
 }
 

@@ -429,3 +429,109 @@ async fn a_broker_serves_tcp_and_callback_handles_unsubscribe_on_drop() {
     remote.close().await;
     broker.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_serves_quic_with_a_pinnable_certificate_kept_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        Broker::build_default_with_persistence(whispeer::PersistenceType::Sqlite(dir.path()))
+            .with(whispeer::Quic::new("quic://127.0.0.1:0"))
+            .build()
+    };
+    let broker = start().await.unwrap();
+    let url = broker.quic_url().expect("serving QUIC");
+    let pin = broker.tls_pin().expect("a generated certificate");
+    let remote = |url: String, pin: String, keys: Vec<String>| async move {
+        whispeer::Client::builder()
+            .with(whispeer::Quic::new(url))
+            .with(whispeer::TlsPin::sha256_hex(&pin).unwrap())
+            .with(Encryption::with_keys(keys).unwrap())
+            .with(whispeer::Identity::generate())
+            .connect()
+            .await
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _handle = broker
+        .subscribe("quic/#", move |m: Message<String>| {
+            let _ = tx.send((m.topic.as_str().to_owned(), m.value));
+        })
+        .await
+        .unwrap();
+    let client = remote(url.clone(), pin.clone(), broker.keys())
+        .await
+        .unwrap();
+    let mut from_broker = client.subscribe::<u32>("numbers/+").await.unwrap();
+    client.publish("quic/a/b", "over quic").await.unwrap();
+    let got = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, ("quic/a/b".to_owned(), "over quic".to_owned()));
+    broker.publish("numbers/one", 1u32).await.unwrap();
+    let m = tokio::time::timeout(WAIT, from_broker.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((m.topic.as_str(), m.value), ("numbers/one", 1));
+    // Without the pin the self-signed certificate is refused.
+    let unpinned = whispeer::Client::builder()
+        .with(whispeer::Quic::new(url.clone()))
+        .with(Encryption::with_keys(broker.keys()).unwrap())
+        .connect()
+        .await;
+    assert!(unpinned.is_err(), "an unpinned self-signed certificate");
+    // The certificate is the broker's (in its directory, key 0600): a restart (on any
+    // port: the certificate names the address, not the port) presents the same one, so
+    // clients' pins keep working.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(whispeer::broker::QUIC_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    client.close().await;
+    broker.shutdown().await.unwrap();
+    let again = start().await.unwrap();
+    assert_eq!(again.tls_pin().as_deref(), Some(pin.as_str()));
+    let client = remote(again.quic_url().unwrap(), pin, again.keys())
+        .await
+        .expect("the old pin still connects");
+    client.close().await;
+    again.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_persistence_serves_quic_from_a_temporary_certificate() {
+    let broker = Broker::build_default()
+        .with(whispeer::Quic::new("127.0.0.1:0"))
+        .build()
+        .await
+        .unwrap();
+    let client = whispeer::Client::builder()
+        .with(whispeer::Quic::new(broker.quic_url().unwrap()))
+        .with(whispeer::TlsPin::sha256_hex(&broker.tls_pin().unwrap()).unwrap())
+        .with(Encryption::with_keys(broker.keys()).unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let mut sub = broker.subscribe_stream::<String>("t").await.unwrap();
+    client.publish("t", "hi").await.unwrap();
+    let m = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.value, "hi");
+    let err = Broker::build_default()
+        .with(whispeer::Quic::new("ws://127.0.0.1:0"))
+        .build()
+        .await
+        .expect_err("a ws:// URL is not a QUIC address");
+    assert!(err.to_string().contains("quic://"), "{err}");
+    client.close().await;
+    broker.shutdown().await.unwrap();
+}

@@ -430,6 +430,7 @@ impl Relay {
         spawn(listeners.tcp, TransportKind::Tcp);
         spawn(listeners.wss, TransportKind::Wss);
         spawn(listeners.tls, TransportKind::Tls);
+        let mut quic_endpoint = None;
         if let (Some(socket), Some(server)) = (listeners.quic, quic) {
             let endpoint = quinn::Endpoint::new(
                 quinn::EndpointConfig::default(),
@@ -445,6 +446,7 @@ impl Relay {
                     .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
                 source,
             })?;
+            quic_endpoint = Some(endpoint.clone());
             tasks.spawn(crate::quic::accept_loop(shared.clone(), endpoint));
         }
         if let Some(l) = listeners.admin {
@@ -475,6 +477,14 @@ impl Relay {
                 left = shared.registry.len(),
                 "drain deadline passed; dropping remaining connections"
             );
+        }
+        // QUIC: close what is left and wait (within the drain time) until every connection
+        // has finished closing, so the UDP port is free when `run` returns (a restart in
+        // the same process can bind it again).
+        if let Some(endpoint) = quic_endpoint {
+            endpoint.close(0u32.into(), b"relay stopped");
+            let _ =
+                tokio::time::timeout(shared.config.timeouts.drain(), endpoint.wait_idle()).await;
         }
         // Flush and close the store off the runtime (the writer thread commits what is queued).
         let store = shared.router.store().clone();
