@@ -808,7 +808,9 @@ export class Client {
    * `qos` (1: at least once — what the app has not taken is redelivered), `replay`
    * (`{ fromSeq }`, `{ sinceMs }` or `{ last }`), `durable` (a name the relay remembers
    * the position under), `retained` (default true), `capacity`, `onLag`, `onReplayDone`.
-   * Resolves once the relay confirmed the subscription (or immediately while reconnecting).
+   * Resolves once the relay confirmed the subscription; while reconnecting, once it is
+   * confirmed on the next connection (as in the Rust client), so a message published after
+   * it resolves is delivered.
    */
   async subscribe(filter, callback, options = {}) {
     this.#checkOpen();
@@ -825,10 +827,8 @@ export class Client {
     }
     const sub = new Subscription(this, id, filter, callback, options);
     this.#subs.set(id, sub);
-    if (this.#state !== 'connected') {
-      this.#pump();
-      return sub; // sent on (re)connect
-    }
+    // Like the Rust client: while reconnecting, the engine sends the Sub on the next
+    // connection and this resolves at its SubOk (rejects if the client closes first).
     const ready = new Promise((resolve, reject) => this.#pendingSubs.set(id, { resolve, reject }));
     this.#pump();
     await ready;

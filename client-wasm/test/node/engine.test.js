@@ -260,3 +260,41 @@ test('invalid options and wasm errors are WhispeerErrors with a code', async () 
     await assert.rejects(connect(relay.url, opts), invalid, JSON.stringify(opts));
   }
 });
+
+test('subscribe while reconnecting resolves only when the relay confirmed it, as in Rust', { timeout: 60_000 }, async () => {
+  const local = await startRelay();
+  try {
+    const tree = TreeKey.generate('resub');
+    const sub = await connect(local.url, { keys: tree });
+    const reconnecting = sub.waitForState('reconnecting');
+    await local.stop();
+    await reconnecting;
+    let settled = false;
+    const got = [];
+    const pending = sub.subscribe('down/+', (m) => got.push(m.value)).then((s) => {
+      settled = true;
+      return s;
+    });
+    // Two further failed attempts while the relay is down: the subscription is not confirmed.
+    const next = () => new Promise((resolve) => {
+      const off = sub.on('state', (s) => {
+        if (s === 'reconnecting') {
+          off();
+          resolve();
+        }
+      });
+    });
+    await next();
+    await next();
+    assert.equal(settled, false, 'subscribe resolved while no relay could confirm it');
+    Object.assign(local, await startRelay({ wsPort: local.port }));
+    await pending;
+    // Confirmed: a publish made right after is delivered.
+    const pub = await connect(local.url, { keys: tree });
+    await pub.publish('down/x', 7);
+    await until(() => got.length === 1);
+    assert.deepEqual(got, [7]);
+  } finally {
+    await local.stop();
+  }
+});
