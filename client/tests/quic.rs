@@ -7,8 +7,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 
 use support::*;
@@ -18,23 +17,6 @@ use whispeer_protocol::frame::{Hello, Pub, Sub, PROTOCOL_VERSION};
 use whispeer_protocol::{
     codec, Envelope, Frame, FrameDecoder, KeyId, PatternElem, Qos, TokenPattern, TopicToken,
 };
-
-/// `whispeer-relay tls generate` into `dir`: (certificate, key, SHA-256 hex).
-fn generate(dir: &Path) -> (PathBuf, PathBuf, String) {
-    let cert = dir.join("relay.crt");
-    let key = dir.join("relay.key");
-    let out = Command::new(relay_binary())
-        .args(["tls", "generate", "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .expect("run whispeer-relay tls generate");
-    assert!(out.status.success(), "{out:?}");
-    let line = String::from_utf8(out.stdout).unwrap();
-    let hex = line.trim().strip_prefix("sha256:").unwrap().to_owned();
-    (cert, key, hex)
-}
 
 /// The relay binary with a QUIC listener on `quic` (port 0: any).
 fn serve_quic(cert: &Path, key: &Path, quic: &str) -> (RelayProcess, SocketAddr) {
@@ -71,7 +53,7 @@ async fn quic_client(addr: SocketAddr, pin: &str, keys: whispeer::Keyring) -> Cl
 #[tokio::test]
 async fn quic_round_trips_with_wildcards_and_a_pinned_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, hex) = generate(dir.path());
+    let (cert, key, hex) = tls_generate(dir.path());
     let (relay, addr) = serve_quic(&cert, &key, "127.0.0.1:0");
     let t = tree("quic");
     let a = quic_client(addr, &hex, keyring_with(&t)).await;
@@ -120,7 +102,7 @@ async fn reqwest_free_get(admin: SocketAddr, path: &str) -> String {
 #[tokio::test]
 async fn an_untrusted_certificate_over_quic_is_refused_with_a_hint() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, hex) = generate(dir.path());
+    let (cert, key, hex) = tls_generate(dir.path());
     let (_relay, addr) = serve_quic(&cert, &key, "127.0.0.1:0");
     let err = Client::builder()
         .with(Quic::new(addr.to_string()))
@@ -147,7 +129,7 @@ async fn an_untrusted_certificate_over_quic_is_refused_with_a_hint() {
 #[tokio::test]
 async fn a_quic_client_resubscribes_after_the_relay_restarts_on_the_same_port() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, hex) = generate(dir.path());
+    let (cert, key, hex) = tls_generate(dir.path());
     let (relay, addr) = serve_quic(&cert, &key, "127.0.0.1:0");
     let t = tree("restart");
     let a = quic_client(addr, &hex, keyring_with(&t)).await;
@@ -282,7 +264,7 @@ fn envelope(key: [u8; 16], i: u8) -> Envelope {
 #[tokio::test]
 async fn a_quic_connection_survives_a_change_of_the_client_address() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = generate(dir.path());
+    let (cert, key, _) = tls_generate(dir.path());
     let (_relay, addr) = serve_quic(&cert, &key, "127.0.0.1:0");
     const K: [u8; 16] = [0x5c; 16];
     let mut sub = RawQuic::connect(addr, &cert).await;
@@ -333,7 +315,7 @@ async fn a_quic_connection_survives_a_change_of_the_client_address() {
 #[tokio::test]
 async fn the_cli_publishes_and_subscribes_over_quic() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, hex) = generate(dir.path());
+    let (cert, key, hex) = tls_generate(dir.path());
     let (_relay, addr) = serve_quic(&cert, &key, "127.0.0.1:0");
     let t = tree("cli-quic");
     let keys = dir.path().join("keys");

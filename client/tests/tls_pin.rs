@@ -14,23 +14,7 @@ use support::*;
 use whispeer::{Client, Encryption, Tcp, TlsPin, TlsRoot, WebSocket};
 
 fn generate(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
-    let cert = dir.join("relay.crt");
-    let key = dir.join("relay.key");
-    let out = Command::new(relay_binary())
-        .args(["tls", "generate", "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .expect("run whispeer-relay tls generate");
-    assert!(out.status.success(), "{out:?}");
-    let line = String::from_utf8(out.stdout).unwrap();
-    let hex = line
-        .trim()
-        .strip_prefix("sha256:")
-        .expect("prints sha256:HEX")
-        .to_owned();
-    assert_eq!(hex.len(), 64);
+    let (cert, key, hex) = tls_generate(dir);
     // The fingerprint is the certificate's: check it independently.
     let der = {
         use rustls_pki_types::pem::PemObject;

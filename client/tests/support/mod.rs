@@ -121,6 +121,28 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
 /// The real `whispeer-relay` binary: next to this test executable
 /// (`target/<profile>/whispeer-relay`), built with cargo into the same target directory
 /// when it is missing.
+/// `whispeer-relay tls generate` into `dir`: (certificate, key, the SHA-256 hex it printed).
+pub fn tls_generate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let cert = dir.join("relay.crt");
+    let key = dir.join("relay.key");
+    let out = std::process::Command::new(relay_binary())
+        .args(["tls", "generate", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .expect("run whispeer-relay tls generate");
+    assert!(out.status.success(), "{out:?}");
+    let line = String::from_utf8(out.stdout).unwrap();
+    let hex = line
+        .trim()
+        .strip_prefix("sha256:")
+        .expect("prints sha256:HEX")
+        .to_owned();
+    assert_eq!(hex.len(), 64);
+    (cert, key, hex)
+}
+
 pub fn relay_binary() -> std::path::PathBuf {
     use std::path::PathBuf;
     let exe = std::env::current_exe().expect("current_exe");
