@@ -46,6 +46,8 @@ const CONNECT_OPTIONS = [
   'sendHighWaterMark', 'name', 'auth', 'persistence',
 ];
 const TOPIC_OPTIONS = ['compression', 'padding'];
+/** The content type of a retained value's clear (PROTOCOL §4.11; Rust `core::CLEAR_RETAINED`). */
+const CLEAR_RETAINED = 'application/vnd.whispeer.clear-retained';
 const PUBLISH_OPTIONS = ['qos', 'retain', 'ack', 'tree'];
 const PUBLISH_BYTES_OPTIONS = [...PUBLISH_OPTIONS, 'contentType'];
 const SUBSCRIBE_OPTIONS = ['qos', 'replay', 'durable', 'retained', 'olderHistory', 'capacity', 'onLag', 'onReplayDone'];
@@ -800,6 +802,19 @@ export class Client {
     options = checkOptions('publishBytes', options, PUBLISH_BYTES_OPTIONS);
     const ct = options.contentType ?? 'application/octet-stream';
     return this.#submit(() => this.#eng.publishBytes(topic, ct, bytes, options, mono(), Date.now()));
+  }
+
+  /**
+   * Clears `topic`'s retained value (PROTOCOL §4.11): publishes a sealed, signed, empty
+   * *clear* with `retain` that replaces it on the relay, and resolves with the relay's
+   * sequence once the relay has it. Receivers never deliver a clear: a live subscriber sees
+   * nothing, a later one gets no retained value for the topic. Options: `qos`, `tree`.
+   */
+  async clearRetained(topic, options = {}) {
+    this.#checkOpen();
+    options = checkOptions('clearRetained', options, ['qos', 'tree']);
+    const opts = { ...options, retain: true, ack: true };
+    return this.#submit(() => this.#eng.publishBytes(topic, CLEAR_RETAINED, new Uint8Array(0), opts, mono(), Date.now()));
   }
 
   /**

@@ -390,6 +390,8 @@ export class Client {
   readonly bufferedAmount: number;
   waitForState(state: ConnectionState): Promise<void>;
   publish(topic: string, value: Value, options?: PublishOptions): Promise<number | undefined>;
+  /** Clears `topic`'s retained value; resolves with the relay sequence. */
+  clearRetained(topic: string, options?: { qos?: 0 | 1 | 2; tree?: string }): Promise<number>;
   publishBytes(
     topic: string,
     bytes: Uint8Array,

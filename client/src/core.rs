@@ -31,6 +31,12 @@ use crate::error::{PublishError, SubscribeError};
 pub const CBOR: &str = "application/cbor";
 /// Content type of raw byte messages.
 pub const OCTETS: &str = "application/octet-stream";
+/// The content type of a retained-value *clear* (PROTOCOL §4.11): a sealed, signed, empty
+/// message published with `RETAIN` that replaces a topic's retained value. Receivers never
+/// hand it to the application; its date still raises the topic's retained high-water mark,
+/// so the relay cannot bring the cleared value back. The relay cannot tell it from any
+/// other retained publish.
+pub const CLEAR_RETAINED: &str = "application/vnd.whispeer.clear-retained";
 
 /// A local subscription id (one per `subscribe` call).
 pub type LocalSubId = u64;
@@ -758,6 +764,15 @@ impl ClientCore {
                 return Delivery::Placeholder;
             }
         };
+        if o.content_type == CLEAR_RETAINED {
+            // A retained value's clear: accepted (its date moves the retained mark, its id
+            // is remembered), never handed to the application.
+            if let Some(a) = accepted {
+                self.guard.commit(a);
+            }
+            self.advance(msg.seq, &matched);
+            return Delivery::Placeholder;
+        }
         let horizon = self.guard.config().horizon_ms;
         if o.ts_ms < now_ms.saturating_sub(horizon) {
             eligible.retain(|id| self.subs[id].opts.older_history);

@@ -418,3 +418,47 @@ async fn a_large_burst_is_delivered_completely_in_order() {
     assert_eq!(sub_client.stats().core.relay_gaps, 0);
     relay.stop().await;
 }
+
+/// Clearing a retained value (PROTOCOL §4.11): nobody is handed the clear, a later
+/// subscriber gets no retained value, and the relay cannot bring the cleared one back (the
+/// clear's date raised the receiver's retained mark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleared_retained_value_reaches_nobody() {
+    let relay = TestRelay::start().await;
+    let t = tree("clear");
+    let a = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    a.publish_with(
+        "state/door",
+        "open",
+        whispeer::PublishOptions::default().retain().ack(),
+    )
+    .await
+    .unwrap();
+    let live = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    let mut sub = live.subscribe::<String>("state/+").await.unwrap();
+    let first = within("the retained value", sub.next_message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.value.as_str(), first.retained), ("open", true));
+    a.clear_retained("state/door").await.unwrap();
+    // The live subscriber is not handed the clear: the next thing it gets is the marker.
+    a.publish("state/marker", "after").await.unwrap();
+    let next = within("the marker", sub.next_message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.value, "after");
+    assert_eq!(next.topic.as_str(), "state/marker");
+    // A later subscriber gets no retained value for the door (only the marker's, which
+    // is not retained, so nothing) — its first message is a fresh publish.
+    let later = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    let mut sub2 = later.subscribe::<String>("state/+").await.unwrap();
+    a.publish("state/marker", "fresh").await.unwrap();
+    let m = within("the fresh marker", sub2.next_message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((m.value.as_str(), m.retained), ("fresh", false));
+    assert_eq!(later.stats().core.delivered, 1);
+}

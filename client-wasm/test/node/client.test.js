@@ -117,6 +117,22 @@ test('async iterator form, unsubscribe, acked and retained publishes, bytes', as
   const [m] = await r.all;
   assert.equal(m.value, 'open');
   assert.equal(m.retained, true);
+
+  // Cleared: b (live) is not handed the clear, a later subscriber gets no retained value.
+  const seqClear = await a.clearRetained('state/door');
+  assert.equal(typeof seqClear, 'number');
+  const after = collector(1);
+  await b.subscribe('state/marker', after.cb);
+  const c = await connect({ keys: tree });
+  const fresh = collector(1);
+  await c.subscribe('state/+', fresh.cb);
+  await a.publish('state/marker', 'after');
+  const [[mk], [f]] = await Promise.all([after.all, fresh.all]);
+  assert.equal(mk.value, 'after');
+  assert.deepEqual([f.topic, f.value, f.retained], ['state/marker', 'after', false]);
+  assert.equal(c.stats().delivered, 1, 'the clear was not delivered to the later subscriber');
+  assert.equal(b.stats().delivered, 2, 'b got the retained value and the marker, not the clear');
+  await assert.rejects(a.clearRetained('state/door', { retain: false }), (e) => e.code === 'INVALID_OPTION');
 });
 
 test('wrong or missing keys are rejected', async () => {

@@ -314,6 +314,36 @@ impl Client {
         self.send(env, opts).await
     }
 
+    /// Clears `topic`'s retained value: publishes a sealed, signed, empty *clear* with
+    /// `RETAIN` (PROTOCOL §4.11) that replaces the value on the relay, and waits for the
+    /// relay's acknowledgement (returns its sequence). Subscribers from then on get no
+    /// retained value for the topic; receivers never hand a clear to the application (a
+    /// live subscriber sees nothing), and its date raises their retained high-water mark,
+    /// so the relay cannot bring the old value back. The relay cannot tell a clear from any
+    /// other retained publish (it keeps the clear in the topic's retained slot).
+    pub async fn clear_retained(&self, topic: &str) -> Result<u64, PublishError> {
+        self.clear_retained_with(topic, PublishOptions::default())
+            .await
+    }
+
+    /// [`Client::clear_retained`] with options (QoS, tree; `retain` and `ack` are implied).
+    pub async fn clear_retained_with(
+        &self,
+        topic: &str,
+        opts: PublishOptions,
+    ) -> Result<u64, PublishError> {
+        let topic = Topic::new(topic)?;
+        // Not through the plugins: a transform must not turn the clear into a value, and a
+        // typed topic's retained value can be cleared like any other.
+        let env = self.seal(opts.tree, &topic, crate::core::CLEAR_RETAINED, &[])?;
+        let opts = PublishOptions {
+            retain: true,
+            ack: true,
+            ..opts
+        };
+        self.send(env, opts).await
+    }
+
     /// Publishes many values on one topic as one write (sealed individually: each message is
     /// still opened and verified alone).
     pub async fn publish_batch<T: Serialize>(
