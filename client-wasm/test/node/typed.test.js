@@ -13,6 +13,8 @@ const CT = `application/cbor; type="${TAG}"`;
 // The Rust interop peer's two types.
 const POINT = 'interop.Point/v1';
 const NOTE = 'interop.Note/v1';
+// Each test waits on events; a behaviour that breaks fails it by this deadline, not a hang.
+const T = { timeout: Number(process.env.WHISPEER_TYPED_TIMEOUT_MS ?? 30_000) };
 const point = (i) => ({ i, x: -(i * 1000) - 7, label: `point-${i}` });
 
 let relay;
@@ -59,7 +61,7 @@ function assertMismatch(e, { topic, expected, found }) {
   return true;
 }
 
-test('typed publish and subscribe round trip: the tag is the content type, untyped subscribers still decode', async () => {
+test('typed publish and subscribe round trip: the tag is the content type, untyped subscribers still decode', T, async () => {
   const pub = await connect();
   const sub = await connect();
   const typed = pub.topic('typed/rt', { type: TAG });
@@ -87,7 +89,7 @@ test('typed publish and subscribe round trip: the tag is the content type, untyp
   assert.equal(s.typeMismatches, 0);
 });
 
-test('a typed subscriber refuses other types: TYPE_MISMATCH, counted, never delivered, later messages still arrive', async () => {
+test('a typed subscriber refuses other types: TYPE_MISMATCH, counted, never delivered, later messages still arrive', T, async () => {
   const topic = 'typed/mismatch';
   const pub = await connect();
   const other = await connect(); // publishes another type on the same topic
@@ -139,7 +141,7 @@ test('a typed subscriber refuses other types: TYPE_MISMATCH, counted, never deli
   assert.equal(iterClient.stats().typeMismatches, 4);
 });
 
-test('a registered topic refuses untyped publishes of another type; tags and topics are checked like Rust', async () => {
+test('a registered topic refuses untyped publishes of another type; tags and topics are checked like Rust', T, async () => {
   const topic = 'typed/registered';
   const c = await connect();
   const watcher = await connect();
@@ -192,7 +194,7 @@ test('a registered topic refuses untyped publishes of another type; tags and top
   await c.publish('typed/tags3', 'fine');
 });
 
-test('Rust publishes tags A and B on one topic; a Node typed subscriber for A gets the A values and counts B', async () => {
+test('Rust publishes tags A and B on one topic; a Node typed subscriber for A gets the A values and counts B', T, async () => {
   const topic = 'typed/rust-to-node';
   const node = await connect();
   const got = collector();
@@ -219,7 +221,7 @@ test('Rust publishes tags A and B on one topic; a Node typed subscriber for A ge
   }
 });
 
-test('Node publishes tag A; a Rust typed subscriber for B reports TypeMismatch, one for A decodes the value', async () => {
+test('Node publishes tag A; a Rust typed subscriber for B reports TypeMismatch, one for A decodes the value', T, async () => {
   const topic = 'typed/node-to-rust';
   const args = ['typed-sub', '--url', relay.url, '--key', tree.toKeyString(), '--topic', topic, '--count', '1'];
   const subB = runPeer([...args, '--type', 'B']);
