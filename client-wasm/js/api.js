@@ -14,7 +14,7 @@ import {
   version,
 } from '../pkg/whispeer_wasm.js';
 
-export { Client, Subscription, WhispeerError, float, toKeyring } from './client.js';
+export { Client, Subscription, TypedTopic, WhispeerError, float, toKeyring } from './client.js';
 export { Identity, TreeKey, Grant, Keyring, OpenedInvite, ClientCore, openInvite, encodeValue, decodeValue, version };
 
 const WEEK_MS = 7 * 24 * 3600 * 1000;

@@ -5,7 +5,7 @@
 // subscriptions, heartbeats, backoff, flush — and everything about messages (keys,
 // sealing, opening, dedup) happens in Rust.
 
-import { ClientCore, Engine, Keyring, TreeKey, Grant, Identity } from '../pkg/whispeer_wasm.js';
+import { ClientCore, Engine, Keyring, TreeKey, Grant, Identity, encodeValue, typedTopic } from '../pkg/whispeer_wasm.js';
 
 let WebSocketImpl = globalThis.WebSocket;
 
@@ -51,6 +51,17 @@ const CLEAR_RETAINED = 'application/vnd.whispeer.clear-retained';
 const PUBLISH_OPTIONS = ['qos', 'retain', 'ack', 'tree'];
 const PUBLISH_BYTES_OPTIONS = [...PUBLISH_OPTIONS, 'contentType'];
 const SUBSCRIBE_OPTIONS = ['qos', 'replay', 'durable', 'retained', 'olderHistory', 'capacity', 'onLag', 'onReplayDone'];
+const TYPED_TOPIC_OPTIONS = ['type'];
+const TYPED_SUBSCRIBE_OPTIONS = [...SUBSCRIBE_OPTIONS, 'onError'];
+
+/** TYPE_MISMATCH for a publish on typed `topic` (tag `expected`) of another content type. */
+function publishMismatch(topic, expected, found, hint = '') {
+  return new WhispeerError(
+    'TYPE_MISMATCH',
+    `topic ${JSON.stringify(topic)} carries type ${JSON.stringify(expected)}, not ${JSON.stringify(found)}${hint}`,
+    { topic, expected, found },
+  );
+}
 
 const mono = () => performance.now();
 
@@ -106,8 +117,10 @@ export class Subscription {
   #capacity;
   #onLag;
   #onReplayDone;
+  #onError;
+  #contentType; // typed: the only content type delivered
 
-  constructor(client, id, filter, callback, options) {
+  constructor(client, id, filter, callback, options, typed) {
     this.#client = client;
     this.id = id;
     this.filter = filter;
@@ -115,6 +128,12 @@ export class Subscription {
     this.#capacity = options.capacity;
     this.#onLag = options.onLag;
     this.#onReplayDone = options.onReplayDone;
+    this.#onError = options.onError;
+    this.#contentType = typed?.contentType;
+    /** A typed topic's subscription: its type tag (else undefined). */
+    this.type = typed?.type;
+    /** Typed: messages of another type (another tag, or none), refused and never delivered. */
+    this.typeMismatches = 0;
     /** The delivery guarantee asked of the relay (0, 1 or 2). */
     this.qos = options.qos ?? 0;
     /** Messages dropped because the iterator was not read fast enough. */
@@ -154,10 +173,35 @@ export class Subscription {
     }
   }
 
+  /**
+   * @internal A typed subscription refuses a message of another type: taken (acked) and
+   * counted here and in the client's `typeMismatches`, then reported as a TYPE_MISMATCH
+   * WhispeerError to `onError` (else the client's `error` event). The subscription goes on.
+   */
+  _mismatch(msg, token) {
+    const client = this.#client;
+    client._ack(token);
+    this.typeMismatches++;
+    client._countTypeMismatch();
+    const err = new WhispeerError(
+      'TYPE_MISMATCH',
+      `message on ${msg.topic} has type ${JSON.stringify(msg.contentType)}; this subscription takes ${JSON.stringify(this.type)}`,
+      { topic: msg.topic, expected: this.type, found: msg.contentType, sender: msg.sender, seq: msg.seq },
+    );
+    if (!this.#onError) return client._emit('error', err);
+    try {
+      this.#onError(err);
+    } catch (e) {
+      client._emit('error', e);
+    }
+  }
+
   /** @internal A message (or, `msg` undefined, a placeholder) and the token to ack once taken. */
   _deliver(msg, token) {
     const client = this.#client;
     if (this.#ended) return;
+    if (msg !== undefined && this.#contentType !== undefined && msg.contentType !== this.#contentType)
+      return this._mismatch(msg, token);
     if (this.#callback) {
       // A callback takes it when called; an async one when its promise settles.
       if (msg === undefined) return client._ack(token);
@@ -234,6 +278,43 @@ export class Subscription {
 }
 
 /**
+ * A topic that carries one type, named by its tag (`client.topic(name, { type })`):
+ * `publish` sends values tagged with it (content type `application/cbor; type="<tag>"`,
+ * sealed and signed), subscriptions deliver only messages with that tag. The same as the
+ * Rust client's `client.topic::<T>(name)` for a `T` with `#[whispeer(type = "<tag>")]`.
+ */
+export class TypedTopic {
+  #client;
+
+  /** @internal Use `client.topic(name, { type })`. */
+  constructor(client, name, tag, contentType) {
+    this.#client = client;
+    /** The topic. */
+    this.name = name;
+    /** The type tag. */
+    this.type = tag;
+    /** The content type its messages carry. */
+    this.contentType = contentType;
+  }
+
+  /** Publishes `value` tagged with the topic's type (options as `client.publish`). */
+  publish(value, options = {}) {
+    return this.#client._publishTyped(this, value, options);
+  }
+
+  /**
+   * Subscribes to the topic (as `client.subscribe`, with a callback or as an async
+   * iterator): only messages of this type are delivered. One of another type (another
+   * tag, or none) is refused: counted (`subscription.typeMismatches`, the client's
+   * `stats().typeMismatches`) and reported as a `WhispeerError` with code `TYPE_MISMATCH`
+   * to the `onError` option (else the client's `error` event); the subscription goes on.
+   */
+  subscribe(callback, options) {
+    return this.#client._subscribeTyped(this, callback, options);
+  }
+}
+
+/**
  * A client connected to one relay. Publish and subscribe with plain JS values; the
  * connection reconnects with backoff and resubscribes on its own.
  */
@@ -268,6 +349,8 @@ export class Client {
   #gate = Promise.resolve(); // the last write events wait for (IndexedDB)
   #gated = 0; // event batches waiting for a write
   #inflight = 0; // async writes not yet committed
+  #types = new Map(); // typed topic -> { tag, contentType } (client.topic)
+  #typeMismatches = 0;
 
   /**
    * Connects and returns a ready client. The first attempt must succeed unless
@@ -385,10 +468,16 @@ export class Client {
 
   /**
    * Counters: delivered, rejected (could not open), duplicates, relayGaps, refused,
-   * reconnects, slowSubscriberDrops, outboxDrops, unackedPublishes, outboxBytes.
+   * reconnects, slowSubscriberDrops, outboxDrops, unackedPublishes, outboxBytes,
+   * typeMismatches.
    */
   stats() {
-    return { ...this.#eng.stats(), outboxBytes: this.#eng.queuedBytes() };
+    return { ...this.#eng.stats(), outboxBytes: this.#eng.queuedBytes(), typeMismatches: this.#typeMismatches };
+  }
+
+  /** @internal A typed subscription refused a message of another type. */
+  _countTypeMismatch() {
+    this.#typeMismatches++;
   }
 
   /**
@@ -793,15 +882,68 @@ export class Client {
   async publish(topic, value, options = {}) {
     this.#checkOpen();
     options = checkOptions('publish', options, PUBLISH_OPTIONS);
+    this.#checkContentType(topic, 'application/cbor');
     return this.#submit(() => this.#eng.publish(topic, value, options, mono(), Date.now()));
   }
 
-  /** Publishes raw bytes with a content type (default `application/octet-stream`). */
+  /**
+   * Publishes raw bytes with a content type (default `application/octet-stream`). On a
+   * typed topic only its content type (`application/cbor; type="<tag>"`) is accepted.
+   */
   async publishBytes(topic, bytes, options = {}) {
     this.#checkOpen();
     options = checkOptions('publishBytes', options, PUBLISH_BYTES_OPTIONS);
     const ct = options.contentType ?? 'application/octet-stream';
+    this.#checkContentType(topic, ct);
     return this.#submit(() => this.#eng.publishBytes(topic, ct, bytes, options, mono(), Date.now()));
+  }
+
+  /** On a typed topic (registered with `topic`) only its tag's content type may be published. */
+  #checkContentType(topic, contentType) {
+    const t = this.#types.get(topic);
+    if (t && contentType !== t.contentType)
+      throw publishMismatch(topic, t.tag, contentType, ` (publish its values with client.topic(${JSON.stringify(topic)}, { type: ${JSON.stringify(t.tag)} }).publish)`);
+  }
+
+  /**
+   * A typed topic: `options.type` is the tag of the one type it carries (a name the type
+   * declares, e.g. `'myapp.MyData/v1'`, the Rust type's `#[whispeer(type = "…")]`).
+   * Registers `name` (this exact topic) on this client: from now on an untyped `publish`
+   * (untagged CBOR) or a `publishBytes` with another content type on it is refused with
+   * `TYPE_MISMATCH`. Throws `INVALID_OPTION` for an unusable tag (1 to 128 bytes of
+   * printable ASCII without quotes, backslashes or spaces), `INVALID_TOPIC`, and
+   * `TYPE_MISMATCH` when `name` is already registered with another tag.
+   */
+  topic(name, options) {
+    options = checkOptions('topic', options, TYPED_TOPIC_OPTIONS);
+    const tag = options.type;
+    if (typeof tag !== 'string')
+      throw new WhispeerError('INVALID_OPTION', `topic: expected { type: 'tag' } (a string), got ${JSON.stringify(tag)}`);
+    let contentType;
+    try {
+      contentType = typedTopic(name, tag);
+    } catch (e) {
+      throw wrap(e);
+    }
+    const had = this.#types.get(name);
+    if (had && had.tag !== tag) throw publishMismatch(name, had.tag, tag);
+    if (!had) this.#types.set(name, { tag, contentType });
+    return new TypedTopic(this, name, tag, contentType);
+  }
+
+  /** @internal `TypedTopic.publish`. */
+  async _publishTyped(typed, value, options = {}) {
+    this.#checkOpen();
+    options = checkOptions('publish', options, PUBLISH_OPTIONS);
+    this.#checkContentType(typed.name, typed.contentType);
+    return this.#submit(() =>
+      this.#eng.publishBytes(typed.name, typed.contentType, encodeValue(value), options, mono(), Date.now()),
+    );
+  }
+
+  /** @internal `TypedTopic.subscribe`. */
+  async _subscribeTyped(typed, callback, options) {
+    return this.#subscribe(typed.name, callback, options, TYPED_SUBSCRIBE_OPTIONS, typed);
   }
 
   /**
@@ -828,19 +970,23 @@ export class Client {
    * it resolves is delivered.
    */
   async subscribe(filter, callback, options = {}) {
+    return this.#subscribe(filter, callback, options, SUBSCRIBE_OPTIONS, undefined);
+  }
+
+  async #subscribe(filter, callback, options, known, typed) {
     this.#checkOpen();
     if (callback !== undefined && typeof callback !== 'function') {
       options = callback ?? {};
       callback = undefined;
     }
-    options = checkOptions('subscribe', options, SUBSCRIBE_OPTIONS);
+    options = checkOptions('subscribe', options, known);
     const id = this.#nextSub++;
     try {
       this.#eng.subscribe(id, filter, options, mono(), Date.now()); // NO_KEY / INVALID_TOPIC
     } catch (e) {
       throw wrap(e);
     }
-    const sub = new Subscription(this, id, filter, callback, options);
+    const sub = new Subscription(this, id, filter, callback, options, typed);
     this.#subs.set(id, sub);
     // Like the Rust client: while reconnecting, the engine sends the Sub on the next
     // connection and this resolves at its SubOk (rejects if the client closes first).

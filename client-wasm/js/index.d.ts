@@ -52,9 +52,20 @@ export class WhispeerError extends Error {
    * `INVALID_TOPIC`, `INVALID_TREE`, `NO_KEY`, `KEY`, `ENCODE`, `DECODE`, `SEAL`, `OPEN`, `INVITE`,
    * `PROTOCOL`, `INVALID_URL`, `CONNECT`, `TIMEOUT`, `REJECTED`, `CLOSED`, `DISCONNECTED`,
    * `NOT_ACKNOWLEDGED`, `BUFFER_FULL`, `INVALID_OPTION`, `STATE` (the `persistence` store
-   * is foreign, corrupt, in use or cannot be written), or a relay error code name.
+   * is foreign, corrupt, in use or cannot be written), `TYPE_MISMATCH` (typed topics), or a
+   * relay error code name.
    */
   readonly code: string;
+  /** `TYPE_MISMATCH`: the typed topic (a received message's topic). */
+  readonly topic?: string;
+  /** `TYPE_MISMATCH`: the topic's type tag. */
+  readonly expected?: string;
+  /** `TYPE_MISMATCH`: what was found instead (a content type, or the other tag). */
+  readonly found?: string;
+  /** `TYPE_MISMATCH` of a received message: its verified sender (or null). */
+  readonly sender?: string | null;
+  /** `TYPE_MISMATCH` of a received message: its relay sequence. */
+  readonly seq?: number;
 }
 
 /** A user's or device's secret keys (Ed25519 signing + X25519 for invites). */
@@ -164,7 +175,7 @@ export function version(): string;
 /** A delivered message. */
 export interface Message<T = Received> {
   topic: string;
-  /** The decoded value (content type `application/cbor`). */
+  /** The decoded value (content type `application/cbor`, with a type tag or without). */
   value: T;
   /** The verified sender (`wspk1…`), or null for an unsigned message. */
   sender: string | null;
@@ -323,6 +334,48 @@ export interface SubscribeOptions {
   onReplayDone?: (seq: number) => void;
 }
 
+/** Options of a typed topic's subscription. */
+export interface TypedSubscribeOptions extends SubscribeOptions {
+  /**
+   * Called with a `TYPE_MISMATCH` `WhispeerError` for each message of another type (another
+   * tag, or none), which is not delivered; without it the client's `error` event gets it.
+   * The subscription goes on.
+   */
+  onError?: (error: WhispeerError) => void;
+}
+
+/** `client.topic(name, options)`. */
+export interface TypedTopicOptions {
+  /**
+   * The tag of the one type the topic carries: a name the type declares, the same string as
+   * the Rust type's `#[whispeer(type = "…")]` (e.g. `'myapp.MyData/v1'`). 1 to 128 bytes of
+   * printable ASCII without quotes, backslashes or spaces (else `INVALID_OPTION`).
+   */
+  type: string;
+}
+
+/**
+ * A topic that carries one type (`client.topic<T>(name, { type })`): `publish` takes `T`
+ * and sends it with content type `application/cbor; type="<tag>"` (sealed and signed);
+ * subscriptions give only messages with that tag. Messages of another type are refused
+ * with `TYPE_MISMATCH` (counted in `stats().typeMismatches`), never passed to a callback.
+ */
+export class TypedTopic<T = Received> {
+  private constructor();
+  /** The topic. */
+  readonly name: string;
+  /** The type tag. */
+  readonly type: string;
+  /** The content type its messages carry: `application/cbor; type="<tag>"`. */
+  readonly contentType: string;
+  publish(value: T, options?: PublishOptions): Promise<number | undefined>;
+  subscribe(
+    callback: (message: Message<T>) => void | Promise<void>,
+    options?: TypedSubscribeOptions,
+  ): Promise<Subscription<T>>;
+  subscribe(options?: TypedSubscribeOptions): Promise<Subscription<T>>;
+}
+
 export type ConnectionState = 'connecting' | 'connected' | 'reconnecting' | 'closed';
 
 export interface ClientStats {
@@ -354,6 +407,8 @@ export interface ClientStats {
   unackedPublishes: number;
   /** Bytes of frames queued in the engine and not yet handed to the socket. */
   outboxBytes: number;
+  /** Messages typed subscriptions refused because they carried another type. */
+  typeMismatches: number;
 }
 
 /** A subscription; without a callback, an async iterator of messages. */
@@ -368,6 +423,10 @@ export class Subscription<T = Received> implements AsyncIterableIterator<Message
   readonly qos: number;
   /** The relay sequence where the replayed history ended (once it did). */
   readonly replayedTo: number | undefined;
+  /** A typed topic's subscription: its type tag (else undefined). */
+  readonly type: string | undefined;
+  /** Typed: messages of another type refused here (`TYPE_MISMATCH`), never delivered. */
+  readonly typeMismatches: number;
   unsubscribe(): Promise<void>;
   next(): Promise<IteratorResult<Message<T>>>;
   return(): Promise<IteratorResult<Message<T>>>;
@@ -389,9 +448,11 @@ export class Client {
   /** Bytes the socket has not sent yet. */
   readonly bufferedAmount: number;
   waitForState(state: ConnectionState): Promise<void>;
+  /** On a typed topic (`topic`) refused with `TYPE_MISMATCH`: publish through its handle. */
   publish(topic: string, value: Value, options?: PublishOptions): Promise<number | undefined>;
   /** Clears `topic`'s retained value; resolves with the relay sequence. */
   clearRetained(topic: string, options?: { qos?: 0 | 1 | 2; tree?: string }): Promise<number>;
+  /** On a typed topic only its content type is accepted (else `TYPE_MISMATCH`). */
   publishBytes(
     topic: string,
     bytes: Uint8Array,
@@ -403,6 +464,14 @@ export class Client {
     options?: SubscribeOptions,
   ): Promise<Subscription<T>>;
   subscribe<T = Received>(filter: string, options?: SubscribeOptions): Promise<Subscription<T>>;
+  /**
+   * A typed topic carrying one type, named by its tag (`{ type: 'myapp.MyData/v1' }`).
+   * Registers this exact topic on the client: an untyped `publish`, or a `publishBytes` of
+   * another content type, on it is then refused with `TYPE_MISMATCH`. Throws
+   * `INVALID_OPTION` (unusable tag), `INVALID_TOPIC`, or `TYPE_MISMATCH` (the topic is
+   * registered with another tag).
+   */
+  topic<T = Received>(name: string, options: TypedTopicOptions): TypedTopic<T>;
   /** Adds grants at run time (e.g. a rotated epoch) and refreshes subscriptions. */
   addKeys(keys: Keys): void;
   /**

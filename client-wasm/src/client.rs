@@ -91,7 +91,8 @@ fn parse_scope(s: &str) -> Result<Scope, JsValue> {
     }
 }
 
-/// A delivered message as a JS object (`value` decoded when the content type is CBOR).
+/// A delivered message as a JS object (`value` decoded when the content type is CBOR,
+/// tagged with a type or not).
 pub(crate) fn message_object(r: &Received) -> JsValue {
     let o = Object::new();
     set(&o, "topic", r.topic.as_str());
@@ -111,7 +112,7 @@ pub(crate) fn message_object(r: &Received) -> JsValue {
     set(&o, "provenance", provenance_object(&r.provenance));
     set(&o, "contentType", r.content_type.as_str());
     set(&o, "payload", bytes(&r.payload));
-    if r.content_type == core::CBOR {
+    if whispeer::tag::is_cbor(&r.content_type) {
         match value::decode(&r.payload) {
             Ok(v) => set(&o, "value", v),
             Err(e) => set(&o, "error", e),

@@ -52,6 +52,17 @@ pub fn decode_value(bytes: &[u8]) -> Result<JsValue, JsValue> {
     value::decode(bytes)
 }
 
+/// A typed topic's checks, in the Rust client's order (`Client::topic`): `tag` must be
+/// usable (1 to 128 bytes of printable ASCII without quotes, backslashes or spaces; else
+/// `INVALID_OPTION`), `topic` a topic (else `INVALID_TOPIC`). Returns the content type its
+/// messages carry, `application/cbor; type="<tag>"` (the bytes of `whispeer::tag`).
+#[wasm_bindgen(js_name = typedTopic)]
+pub fn typed_topic(topic: &str, tag: &str) -> Result<String, JsValue> {
+    whispeer::tag::check_tag(tag).map_err(|e| error::js_error("INVALID_OPTION", &e))?;
+    whispeer_protocol::Topic::new(topic).map_err(error::topic_error)?;
+    Ok(whispeer::tag::content_type(tag))
+}
+
 /// The crate version.
 #[wasm_bindgen]
 pub fn version() -> String {

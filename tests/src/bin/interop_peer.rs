@@ -7,6 +7,15 @@
 //!     {"topic":…,"i":…,"ok":<equals Sample::expected(i)>,"sender":…,"value":…}
 //! interop_peer pub --url ws://… --key wstree1… --prefix interop/rust --count 6 [--compression none]
 //!     publishes Sample::expected(i) on "<prefix>/<i>", flushes, prints {"published":n}
+//! interop_peer typed-pub --url ws://… --key wstree1… --topic T --order ABA
+//!     typed topics: per letter publishes the next `Point` (A, tag "interop.Point/v1") or
+//!     `Note` (B, tag "interop.Note/v1") on T through `client.topic::<_>(T)` (two clients: a
+//!     topic has one type per client), flushing after each so the relay keeps the order;
+//!     prints {"published":"ABA","sender":…}
+//! interop_peer typed-sub --url ws://… --key wstree1… --topic T --type A|B --count N
+//!     a typed subscription (`client.topic::<Point|Note>(T)`); prints {"ready":true}, then per
+//!     item {"value":…,"contentType":…} or {"mismatch":{"expected":…,"found":…}}, then
+//!     {"typeMismatches":<ClientStats::type_mismatches>}
 //! ```
 
 use std::collections::HashMap;
@@ -14,14 +23,45 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use futures_util::StreamExt;
-use whispeer::{Client, Compression, Encryption, Identity, Keyring, TreeKey, WebSocket};
+use serde::{Deserialize, Serialize};
+use whispeer::{
+    Client, Compression, Encryption, Identity, Keyring, ReceiveError, TreeKey, TypeTag, WebSocket,
+};
 use whispeer_protocol::Grant;
 use whispeer_tests::Sample;
 
+/// Type A of the typed-topic interop (JS declares the tag as the same string).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TypeTag)]
+#[whispeer(type = "interop.Point/v1")]
+struct Point {
+    i: u32,
+    x: i64,
+    label: String,
+}
+
+impl Point {
+    fn expected(i: u32) -> Self {
+        Point {
+            i,
+            x: -(i64::from(i) * 1000) - 7,
+            label: format!("point-{i}"),
+        }
+    }
+}
+
+/// Type B of the typed-topic interop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, TypeTag)]
+#[whispeer(type = "interop.Note/v1")]
+struct Note {
+    i: u32,
+    text: String,
+}
+
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: interop_peer (sub --filter F | pub --prefix P [--compression none|zstd]) \
-         --url URL --key KEY --count N"
+        "usage: interop_peer (sub --filter F | pub --prefix P [--compression none|zstd] \
+         | typed-pub --topic T --order ABA | typed-sub --topic T --type A|B) \
+         --url URL --key KEY [--count N]"
     );
     ExitCode::from(2)
 }
@@ -92,6 +132,35 @@ async fn main() -> ExitCode {
         }
     };
     match mode.as_str() {
+        "typed-pub" => {
+            let (Some(topic), Some(order)) = (opts.get("topic"), opts.get("order")) else {
+                return usage();
+            };
+            return match typed_pub(&client, url, key, topic, order).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("typed-pub: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        "typed-sub" => {
+            let Some(topic) = opts.get("topic") else {
+                return usage();
+            };
+            let r = match opts.get("type").map(String::as_str) {
+                Some("A") => typed_sub::<Point>(&client, topic, count).await,
+                Some("B") => typed_sub::<Note>(&client, topic, count).await,
+                _ => return usage(),
+            };
+            return match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("typed-sub: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         "sub" => {
             let Some(filter) = opts.get("filter") else {
                 return usage();
@@ -150,4 +219,89 @@ async fn main() -> ExitCode {
         _ => return usage(),
     }
     ExitCode::SUCCESS
+}
+
+/// Publishes `order` (letters A and B) on `topic`: A through this client's
+/// `topic::<Point>`, B through a second client's `topic::<Note>` (one type per topic per
+/// client), flushed after each so the relay sequences them in this order.
+async fn typed_pub(
+    client: &Client,
+    url: &str,
+    key: &str,
+    topic: &str,
+    order: &str,
+) -> Result<(), String> {
+    let other = Client::builder()
+        .with(WebSocket::new(url.to_owned()))
+        .with(Encryption::with_keyring(keyring(key)?))
+        .with(Identity::generate())
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let points = client.topic::<Point>(topic).map_err(|e| e.to_string())?;
+    let notes = other.topic::<Note>(topic).map_err(|e| e.to_string())?;
+    let (mut a, mut b) = (0, 0);
+    for c in order.chars() {
+        match c {
+            'A' => {
+                points
+                    .publish(Point::expected(a))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                client.flush().await.map_err(|e| e.to_string())?;
+                a += 1;
+            }
+            'B' => {
+                let n = Note {
+                    i: b,
+                    text: format!("note-{b}"),
+                };
+                notes.publish(&n).await.map_err(|e| e.to_string())?;
+                other.flush().await.map_err(|e| e.to_string())?;
+                b += 1;
+            }
+            _ => return Err(format!("order: unknown type {c:?} (A or B)")),
+        }
+    }
+    line(serde_json::json!({
+        "published": order,
+        "sender": client.sender_id().map(|s| s.to_string()),
+        "otherSender": other.sender_id().map(|s| s.to_string()),
+    }));
+    other.close().await;
+    client.close().await;
+    Ok(())
+}
+
+/// Prints `count` items of a typed subscription (`T` or a `TypeMismatch`), then the count.
+async fn typed_sub<T>(client: &Client, topic: &str, count: u32) -> Result<(), String>
+where
+    T: TypeTag + Serialize + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let typed = client.topic::<T>(topic).map_err(|e| e.to_string())?;
+    let mut sub = typed.stream().await.map_err(|e| e.to_string())?;
+    line(serde_json::json!({ "ready": true, "tag": T::TAG }));
+    for _ in 0..count {
+        let Some(m) = sub.next().await else {
+            return Err("subscription ended early".into());
+        };
+        match m {
+            Ok(m) => line(serde_json::json!({
+                "value": serde_json::to_value(&m.value).map_err(|e| e.to_string())?,
+                "contentType": m.content_type,
+                "sender": m.sender.map(|s| s.to_string()),
+            })),
+            Err(ReceiveError::TypeMismatch {
+                topic,
+                expected,
+                found,
+            }) => line(serde_json::json!({
+                "mismatch": { "topic": topic, "expected": expected, "found": found },
+            })),
+            Err(e) => line(serde_json::json!({ "error": e.to_string() })),
+        }
+    }
+    line(serde_json::json!({ "typeMismatches": client.stats().type_mismatches }));
+    client.close().await;
+    Ok(())
 }
