@@ -154,6 +154,18 @@ impl BatchProof {
     pub fn index(&self) -> u32 {
         self.index
     }
+    /// The Ed25519 signature over the batch root.
+    pub fn signature(&self) -> [u8; 64] {
+        self.sig.to_bytes()
+    }
+    /// Salt of this message's leaf.
+    pub fn salt(&self) -> &[u8; SALT_LEN] {
+        &self.salt
+    }
+    /// The inclusion path, siblings from the leaf upwards.
+    pub fn path(&self) -> &[[u8; 32]] {
+        &self.path
+    }
     /// Encoded length: `32 + 64 + 4 + 4 + 32 + 1 + 32·path_len`.
     pub fn encoded_len(&self) -> usize {
         137 + 32 * self.path.len()
