@@ -11,6 +11,8 @@ use whispeer_protocol::*;
 struct Fixture {
     keyring: Keyring,
     valid: Vec<u8>,
+    /// A batch-signed (`sig_scheme = 2`) envelope, so mutations reach the batch parser.
+    batch: Vec<u8>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -33,9 +35,21 @@ fn fixture() -> &'static Fixture {
         let env = Sealer::new()
             .seal(&key, &out, &SealOptions::default(), Some(&id), &mut rng)
             .unwrap();
+        let mut sealer = Sealer::new();
+        let prepared: Vec<_> = (0..3u8)
+            .map(|i| {
+                let out = Outgoing {
+                    msg_id: MessageId([i; 16]),
+                    ..out
+                };
+                sealer.prepare(&key, &out, &SealOptions::default()).unwrap()
+            })
+            .collect();
+        let batch = sealer.seal_batch(&prepared, &id, &mut rng).unwrap();
         Fixture {
             keyring,
             valid: env.as_bytes().to_vec(),
+            batch: batch[2].as_bytes().to_vec(),
         }
     })
 }
@@ -51,14 +65,16 @@ fuzz_target!(|data: &[u8]| {
     if data.is_empty() {
         return;
     }
-    let mut b = f.valid.clone();
-    for (i, x) in data.iter().enumerate() {
+    // The first input byte picks the per-message-signed or the batch-signed envelope.
+    let base = if data[0] & 1 == 0 { &f.valid } else { &f.batch };
+    let mut b = base.clone();
+    for (i, x) in data.iter().enumerate().skip(1) {
         let j = (i * 131) % b.len();
         b[j] ^= x;
     }
     if let Ok(env) = Envelope::from_slice(&b) {
         let r = opener.open(&f.keyring, &env, 0);
-        if b != f.valid {
+        if &b != base {
             assert!(r.is_err(), "a modified envelope opened");
         }
     }

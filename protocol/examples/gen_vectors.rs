@@ -916,8 +916,285 @@ fn main() {
         ),
     );
 
+    // --- Batch signatures (sig_scheme 2, issue 11): own RNG, so earlier vectors keep
+    // their bytes ---
+    batch_vectors(&dir);
+
     let count = std::fs::read_dir(&dir).unwrap().count();
     println!("wrote {count} vectors to {}", dir.display());
+}
+
+/// Decrypts the body of `env` sealed in `tk` on `topic`, lets `f` change it, re-encrypts.
+fn reseal_in(tk: &TreeKey, env: &Envelope, topic: &str, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mk = tk.grant_all().message_key(&t(topic)).unwrap();
+    let mut x = [0u8; 64];
+    xof(mk.as_bytes(), tag::BODY, &[env.nonce()], &mut x);
+    let cipher = XChaCha20Poly1305::new((&x[..32]).into());
+    let ct = env.ciphertext();
+    let (c, tg) = ct.split_at(ct.len() - TAG_LEN);
+    let mut body = c.to_vec();
+    cipher
+        .decrypt_in_place_detached(
+            XNonce::from_slice(env.nonce()),
+            env.header(),
+            &mut body,
+            Tag::from_slice(tg),
+        )
+        .unwrap();
+    f(&mut body);
+    let tag = cipher
+        .encrypt_in_place_detached(XNonce::from_slice(env.nonce()), env.header(), &mut body)
+        .unwrap();
+    let mut out = env.header().to_vec();
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&tag);
+    out
+}
+
+/// Body offsets of a scheme-2 body (§4.14).
+const B_COUNT: usize = 97;
+const B_INDEX: usize = 101;
+const B_PATH_LEN: usize = 137;
+const B_PATH: usize = 138;
+
+fn batch_vectors(dir: &Path) {
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0xba7c);
+    let tk = tree(0, 0x22);
+    let mut kr = Keyring::new();
+    kr.add_tree_key_at(&tk, 0).unwrap();
+    let id = alice();
+    // Five messages (not a power of two), four topics, mixed options.
+    let msgs: [(&str, &[u8], Compression, Padding); 5] = [
+        (
+            "sensor/kitchen/temp",
+            b"\xa1\x64temp\xf9\x4d\x60",
+            Compression::None,
+            Padding::Padme,
+        ),
+        (
+            "sensor/kitchen/humidity",
+            b"\xa1\x63hum\x18\x2d",
+            Compression::None,
+            Padding::Padme,
+        ),
+        (
+            "sensor/garage/door",
+            b"open",
+            Compression::None,
+            Padding::None,
+        ),
+        (
+            "chat/general",
+            &[b'x'; 300],
+            Compression::Zstd(3),
+            Padding::Padme,
+        ),
+        (
+            "sensor/kitchen/temp",
+            b"\xa1\x64temp\xf9\x4d\x80",
+            Compression::None,
+            Padding::None,
+        ),
+    ];
+    let mut sealer = Sealer::new();
+    let mut prepared = Vec::new();
+    let mut inputs = Vec::new();
+    for (i, (topic, payload, compression, padding)) in msgs.iter().enumerate() {
+        let mut msg_id = [0u8; 16];
+        rng.fill_bytes(&mut msg_id);
+        let ts = NOW + i as u64;
+        let out = Outgoing {
+            payload,
+            content_type: "application/cbor",
+            msg_id: MessageId(msg_id),
+            ts_ms: ts,
+        };
+        let opts = SealOptions {
+            compression: *compression,
+            padding: *padding,
+        };
+        let key = kr.topic_key(&t(topic)).unwrap();
+        prepared.push(sealer.prepare(&key, &out, &opts).unwrap());
+        inputs.push((msg_id, ts));
+    }
+    let mut salts = vec![0u8; 32 * msgs.len()];
+    rng.fill_bytes(&mut salts);
+    let mut b = BatchSigner::new(BatchPolicy::default());
+    let mut srng = FixedRng::new(&salts);
+    for p in &prepared {
+        b.push(p, 0, &mut srng).unwrap();
+    }
+    let proofs = b.sign(&id).unwrap();
+    let root = proofs[0].root(prepared[0].sig_input()).unwrap();
+    let mut envs = Vec::new();
+    let mut items = Vec::new();
+    for (i, ((p, proof), (topic, payload, compression, padding))) in
+        prepared.iter().zip(&proofs).zip(&msgs).enumerate()
+    {
+        let mut nonce = [0u8; 24];
+        rng.fill_bytes(&mut nonce);
+        let env = sealer
+            .seal_prepared(p, Signing::Batch(proof), &mut FixedRng::new(&nonce))
+            .unwrap();
+        let grant = tk.grant(&Scope::Topic(t(topic)));
+        items.push(json!({
+            "topic": topic,
+            "content_type": "application/cbor",
+            "payload": hx(payload),
+            "msg_id": hx(&inputs[i].0),
+            "ts_ms": inputs[i].1,
+            "compression": match compression { Compression::None => "none".to_string(), Compression::Zstd(l) => format!("zstd:{l}") },
+            "padding": match padding { Padding::None => "none", Padding::Padme => "padme" },
+            "salt": hx(proof.salt()),
+            "nonce": hx(&nonce),
+            "index": i,
+            "path": proof.path().iter().map(|h| hx(h)).collect::<Vec<_>>(),
+            "grant": grant.to_key_string().as_str(),
+            "envelope": hx(env.as_bytes()),
+        }));
+        envs.push(env);
+    }
+    write(
+        dir,
+        "ok_batch_five_messages",
+        json!({
+            "kind": "batch",
+            "description": "five messages on four topics signed as one batch (count 5, not a power of two); each envelope opens alone with a grant for its topic only",
+            "keys": [{"key": tk.to_key_string().as_str(), "added_ms": 0}],
+            "grace_ms": keyring::DEFAULT_EPOCH_GRACE_MS,
+            "now_ms": NOW,
+            "signer": id.to_secret_string().as_str(),
+            "messages": items,
+            "expect": {
+                "sender": id.sender_id().to_string(),
+                "count": msgs.len(),
+                "root": hx(&root),
+                "signature": hx(&proofs[0].signature()),
+            },
+        }),
+    );
+
+    // Fail vectors: a validly encrypted body whose batch proof is wrong, each with the
+    // typed reason `check_body` reports (the opener itself stays opaque).
+    let base = |topic: &str, keys: Value| {
+        json!({
+            "kind": "envelope",
+            "keys": keys,
+            "grace_ms": keyring::DEFAULT_EPOCH_GRACE_MS,
+            "now_ms": NOW,
+            "live": true,
+            "check_body": {"topic": topic},
+        })
+    };
+    let tree_keys = json!([{"key": tk.to_key_string().as_str(), "added_ms": 0}]);
+    let fail = |name: &str, what: &str, i: usize, reason: &str, f: &dyn Fn(&mut Vec<u8>)| {
+        let topic = msgs[i].0;
+        let bytes = reseal_in(&tk, &envs[i], topic, f);
+        let mut v = base(topic, tree_keys.clone());
+        v["reason"] = json!(reason);
+        fail_env(dir, name, what, &v, &bytes);
+    };
+    fail(
+        "fail_envelope_batch_wrong_path",
+        "message 1 of the batch: one bit of its first path sibling flipped",
+        1,
+        "signature does not verify",
+        &|b| b[B_PATH + 5] ^= 0x01,
+    );
+    fail(
+        "fail_envelope_batch_reordered_leaves",
+        "message 0 claims leaf index 1 (same path length): the leaves reordered",
+        0,
+        "signature does not verify",
+        &|b| b[B_INDEX..B_INDEX + 4].copy_from_slice(&1u32.to_be_bytes()),
+    );
+    fail(
+        "fail_envelope_batch_count_changed",
+        "message 0 (index 0 of 5, path length 3) claims count 6, which implies the same path length",
+        0,
+        "signature does not verify",
+        &|b| b[B_COUNT..B_COUNT + 4].copy_from_slice(&6u32.to_be_bytes()),
+    );
+    fail(
+        "fail_envelope_batch_count_out_of_range",
+        "batch count 4097 (the limit is 4096)",
+        4,
+        "batch count 4097",
+        &|b| b[B_COUNT..B_COUNT + 4].copy_from_slice(&4097u32.to_be_bytes()),
+    );
+    fail(
+        "fail_envelope_batch_count_zero",
+        "batch count 0",
+        4,
+        "batch count 0",
+        &|b| b[B_COUNT..B_COUNT + 4].copy_from_slice(&0u32.to_be_bytes()),
+    );
+    fail(
+        "fail_envelope_batch_index_out_of_range",
+        "leaf index 5 in a batch of 5",
+        4,
+        "batch index 5 not below count 5",
+        &|b| b[B_INDEX..B_INDEX + 4].copy_from_slice(&5u32.to_be_bytes()),
+    );
+    fail(
+        "fail_envelope_batch_path_too_long",
+        "leaf 4 of 5 needs a path of 1; it carries 2 (an extra sibling, unpadded body)",
+        4,
+        "batch path length 2, expected 1",
+        &|b| {
+            b[B_PATH_LEN] = 2;
+            b.splice(B_PATH + 32..B_PATH + 32, [0x5a; 32]);
+        },
+    );
+    fail(
+        "fail_envelope_batch_path_too_short",
+        "leaf 2 of 5 needs a path of 3; it carries 0",
+        2,
+        "batch path length 0, expected 3",
+        &|b| {
+            b[B_PATH_LEN] = 0;
+            b.drain(B_PATH..B_PATH + 96);
+        },
+    );
+    // Root reuse across trees and epochs: message 0's body (proof for tree A, epoch 0) moved
+    // into an envelope of tree B (or of epoch 1 of tree A), validly encrypted there.
+    let body0 = {
+        let mut body = Vec::new();
+        reseal_in(&tk, &envs[0], msgs[0].0, |b| body = b.clone());
+        body
+    };
+    for (name, what, other) in [
+        (
+            "fail_envelope_batch_root_reuse_across_trees",
+            "a batch proof signed for tree A, its body re-encrypted under tree B's key",
+            TreeKey::from_parts(TreeId([0x12; 16]), 0, "other", [0x23; 32], [0x33; 32]).unwrap(),
+        ),
+        (
+            "fail_envelope_batch_root_reuse_across_epochs",
+            "a batch proof signed for epoch 0, its body re-encrypted under epoch 1 of the same tree",
+            tree(1, 0x24),
+        ),
+    ] {
+        let mut okr = Keyring::new();
+        okr.add_tree_key_at(&other, 0).unwrap();
+        let key = okr.topic_key(&t(msgs[0].0)).unwrap();
+        let carrier = Sealer::new()
+            .seal(
+                &key,
+                &Outgoing { payload: b"carrier", content_type: "", msg_id: MessageId([0; 16]), ts_ms: NOW },
+                &SealOptions::default(),
+                None,
+                &mut rng,
+            )
+            .unwrap();
+        let bytes = reseal_in(&other, &carrier, msgs[0].0, |b| *b = body0.clone());
+        let mut v = base(
+            msgs[0].0,
+            json!([{"key": other.to_key_string().as_str(), "added_ms": 0}]),
+        );
+        v["reason"] = json!("signature does not verify");
+        fail_env(dir, name, what, &v, &bytes);
+    }
 }
 
 /// The fields of a grant written by hand from PROTOCOL.md §5.7 and §6.3 (not through the

@@ -91,7 +91,7 @@ pub enum KeyError {
     /// A passphrase tree accepts no epoch after 0: every member knows its admin key.
     #[error("passphrase tree {tree}: epoch {epoch} refused (every member knows a passphrase tree's admin key, so it has only epoch 0; rotate by choosing a new passphrase)")]
     PassphraseEpoch { tree: String, epoch: u64 },
-    /// A signature scheme that is reserved or unknown (2 = batch signature, reserved).
+    /// A signature scheme that is unknown (3 and above).
     #[error("unsupported signature scheme {0}")]
     UnsupportedSignatureScheme(u8),
     /// A locked secret string did not open: wrong passphrase, or damaged (one error).
@@ -115,6 +115,41 @@ pub enum SealError {
     /// The compressor failed.
     #[error("compression failed: {0}")]
     Compression(String),
+    /// A batch holds messages of one (tree, epoch) only: sign it and start a new one.
+    #[error("a batch never spans two (tree, epoch) pairs: sign this batch and start another")]
+    BatchTreeEpoch,
+    /// The batch already holds its maximum number of messages.
+    #[error("the batch is full ({0} messages)")]
+    BatchFull(u32),
+    /// Signing a batch without messages.
+    #[error("the batch is empty")]
+    BatchEmpty,
+}
+
+/// Why a decrypted body's signature part was refused ([`crate::seal::check_body`] and
+/// [`crate::batch::BatchProof`]). Opening an envelope never reports it: [`OpenError`] stays
+/// opaque. It serves code that already holds the plaintext (tests, vectors, tools).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    /// A field is missing, out of range, or does not decode.
+    #[error("malformed body")]
+    Malformed,
+    /// An unknown signature scheme.
+    #[error("unsupported signature scheme {0}")]
+    UnsupportedScheme(u8),
+    /// The signature (scheme 1) or the batch root's signature (scheme 2) does not verify.
+    #[error("signature does not verify")]
+    BadSignature,
+    /// A batch count outside 1..=4096.
+    #[error("batch count {0} outside 1..=4096")]
+    BatchCount(u32),
+    /// A leaf index not below the batch count.
+    #[error("batch index {index} not below count {count}")]
+    BatchIndex { index: u32, count: u32 },
+    /// An inclusion path whose length is not the depth `(index, count)` implies.
+    #[error("batch path length {len}, expected {expected}")]
+    BatchPathLength { len: usize, expected: usize },
 }
 
 /// The one error for every failure to open an envelope.

@@ -22,6 +22,8 @@
 //! - [`tree`] — topic trees, epochs, grants, key strings, passphrases, tokens.
 //! - [`keyring`] — grants held by a client, epoch grace, finding a key for a topic.
 //! - [`seal`] — sealing and opening envelopes (CBOR → zstd → pad → sign → AEAD).
+//! - [`batch`] — batch signatures (`sig_scheme = 2`): Merkle root signed once, per-message
+//!   inclusion paths, the verified-root cache.
 //! - [`invite`] — HPKE-sealed grants for a recipient's X25519 key.
 //! - [`text`] — bech32m key strings with type prefixes.
 #![forbid(unsafe_code)]
@@ -35,6 +37,8 @@ pub mod token;
 
 mod cbor;
 
+#[cfg(feature = "keys")]
+pub mod batch;
 #[cfg(feature = "keys")]
 pub mod error_keys;
 #[cfg(feature = "keys")]
@@ -57,7 +61,9 @@ pub mod topic;
 pub mod tree;
 
 #[cfg(feature = "keys")]
-pub use error_keys::{InviteError, KeyError, OpenError, SealError};
+pub use batch::{BatchPolicy, BatchProof, BatchSigner, VerifiedRoots};
+#[cfg(feature = "keys")]
+pub use error_keys::{BodyError, InviteError, KeyError, OpenError, SealError};
 #[cfg(feature = "keys")]
 pub use identity::{Identity, PublicId, SenderId};
 #[cfg(feature = "keys")]
@@ -66,7 +72,8 @@ pub use invite::Invite;
 pub use keyring::{Added, DroppedGrant, Keyring, Pin, TopicKey};
 #[cfg(feature = "keys")]
 pub use seal::{
-    Compression, MessageId, Opened, Opener, Outgoing, Padding, SealOptions, Sealer, SignatureScheme,
+    Compression, MessageId, Opened, Opener, Outgoing, Padding, Prepared, SealOptions, Sealer,
+    SignatureScheme, Signing,
 };
 #[cfg(feature = "keys")]
 pub use topic::{Topic, TopicFilter};

@@ -4,9 +4,10 @@
 //!
 //! Body plaintext (inside the AEAD):
 //! ```text
-//! sig_scheme u8                 0 = unsigned, 1 = Ed25519 (2 reserved: batch signature,
-//!                               refused today)
+//! sig_scheme u8                 0 = unsigned, 1 = Ed25519, 2 = batch signature
 //! sender_pk[32] ‖ sig[64]       only when sig_scheme = 1
+//! sender_pk[32] ‖ sig[64] ‖ u32be count ‖ u32be index ‖ salt[32] ‖ u8 path_len ‖
+//!   path[32·path_len]           only when sig_scheme = 2 (see [`crate::batch`])
 //! msg_id[16] ‖ u64be ts_ms ‖ lp(content_type) ‖ codec u8 ‖ pad_scheme u8
 //! u32be payload_len ‖ payload[payload_len] ‖ zero padding
 //! ```
@@ -23,8 +24,9 @@ use rand_core::CryptoRngCore;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use crate::batch::{BatchPolicy, BatchProof, BatchSigner, VerifiedRoots};
 use crate::envelope_header::{Envelope, HeaderFields, COMMIT_LEN, NAME_PAD, NONCE_LEN, TAG_LEN};
-use crate::error_keys::{KeyError, OpenError, SealError};
+use crate::error_keys::{BodyError, KeyError, OpenError, SealError};
 use crate::identity::{Identity, SenderId};
 use crate::kdf::{lp, tag, xof, Secret32};
 use crate::keyring::{Keyring, TopicKey};
@@ -45,6 +47,9 @@ pub enum SignatureScheme {
     None,
     /// 1: one Ed25519 signature per message.
     Ed25519,
+    /// 2: batch signature: one Ed25519 signature over a Merkle root, an inclusion path per
+    /// message ([`crate::batch`]).
+    Batch,
 }
 
 impl SignatureScheme {
@@ -53,16 +58,17 @@ impl SignatureScheme {
         match self {
             SignatureScheme::None => SIG_NONE,
             SignatureScheme::Ed25519 => SIG_ED25519,
+            SignatureScheme::Batch => SIG_BATCH,
         }
     }
-    /// Parses a scheme byte. 2 (batch signature: a Merkle root signed once, a per-message
-    /// inclusion path) is reserved and refused today, like every unknown value, with
+    /// Parses a scheme byte: 0, 1 and 2 (batch signature: a Merkle root signed once, a
+    /// per-message inclusion path); every other value is refused with
     /// [`KeyError::UnsupportedSignatureScheme`].
     pub fn from_byte(b: u8) -> Result<Self, KeyError> {
         match b {
             SIG_NONE => Ok(SignatureScheme::None),
             SIG_ED25519 => Ok(SignatureScheme::Ed25519),
-            SIG_BATCH => Err(KeyError::UnsupportedSignatureScheme(b)),
+            SIG_BATCH => Ok(SignatureScheme::Batch),
             _ => Err(KeyError::UnsupportedSignatureScheme(b)),
         }
     }
@@ -196,7 +202,7 @@ pub fn padme(len: usize) -> usize {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn sig_input(
+pub(crate) fn sig_input(
     tree_id: &TreeId,
     epoch: u64,
     topic: &str,
@@ -298,6 +304,39 @@ impl Sealer {
         }
     }
 
+    fn compress_for<'p>(
+        &mut self,
+        msg: &Outgoing<'p>,
+        opts: &SealOptions,
+        compressed: &'p mut Vec<u8>,
+    ) -> Result<(u8, u8, bool), SealError> {
+        if msg.content_type.len() > MAX_CONTENT_TYPE_LEN {
+            return Err(SealError::ContentTypeTooLong(msg.content_type.len()));
+        }
+        if msg.payload.len() > self.max_payload {
+            return Err(SealError::PayloadTooLarge {
+                len: msg.payload.len(),
+                max: self.max_payload,
+            });
+        }
+        let (codec, use_compressed) = match opts.compression {
+            Compression::Zstd(level) => {
+                *compressed = self.compress(level, msg.payload)?;
+                if compressed.len() < msg.payload.len() {
+                    (CODEC_ZSTD, true)
+                } else {
+                    (CODEC_NONE, false)
+                }
+            }
+            Compression::None => (CODEC_NONE, false),
+        };
+        let pad = match opts.padding {
+            Padding::None => PAD_NONE,
+            Padding::Padme => PAD_PADME,
+        };
+        Ok((codec, pad, use_compressed))
+    }
+
     /// Seals `msg` on the key's topic. `signer` signs it (sealed sender: the relay cannot
     /// see who); `None` sends it unsigned, so any key holder could have written it.
     pub fn seal(
@@ -308,127 +347,286 @@ impl Sealer {
         signer: Option<&Identity>,
         rng: &mut impl CryptoRngCore,
     ) -> Result<Envelope, SealError> {
-        if msg.content_type.len() > MAX_CONTENT_TYPE_LEN {
-            return Err(SealError::ContentTypeTooLong(msg.content_type.len()));
-        }
-        if msg.payload.len() > self.max_payload {
-            return Err(SealError::PayloadTooLarge {
-                len: msg.payload.len(),
-                max: self.max_payload,
-            });
-        }
-        let compressed;
-        let (codec, payload): (u8, &[u8]) = match opts.compression {
-            Compression::Zstd(level) => {
-                compressed = self.compress(level, msg.payload)?;
-                if compressed.len() < msg.payload.len() {
-                    (CODEC_ZSTD, &compressed)
-                } else {
-                    (CODEC_NONE, msg.payload)
-                }
-            }
-            Compression::None => (CODEC_NONE, msg.payload),
+        let mut compressed = Vec::new();
+        let (codec, pad, use_c) = self.compress_for(msg, opts, &mut compressed)?;
+        let payload: &[u8] = if use_c { &compressed } else { msg.payload };
+        let signing = match signer {
+            Some(id) => Signing::Ed25519(id),
+            None => Signing::Unsigned,
         };
-        let pad = match opts.padding {
-            Padding::None => PAD_NONE,
-            Padding::Padme => PAD_PADME,
+        let fields = Fields {
+            msg_id: &msg.msg_id,
+            ts_ms: msg.ts_ms,
+            content_type: msg.content_type,
+            codec,
+            pad,
+            payload,
         };
-        let topic = key.topic.as_str();
-        let ct = msg.content_type;
+        Ok(seal_fields(key, &fields, None, signing, rng))
+    }
 
-        // Header.
-        let mut nonce = [0u8; NONCE_LEN];
-        rng.fill_bytes(&mut nonce);
-        let (body_key, commit) = body_keys(&key.message_key, &nonce);
-        let name_len = sealed_name_len(topic);
-        let body_len = 1
-            + if signer.is_some() { 96 } else { 0 }
-            + 16
-            + 8
-            + 2
-            + ct.len()
-            + 2
-            + 4
-            + payload.len();
-        let body_total = if pad == PAD_PADME {
-            padme(body_len)
+    /// Checks and compresses `msg` for `key`'s topic and computes the bytes a signature
+    /// covers (§4.8), without sealing: push it to a [`BatchSigner`], then seal it with
+    /// [`Sealer::seal_prepared`] and its [`BatchProof`].
+    pub fn prepare(
+        &mut self,
+        key: &TopicKey,
+        msg: &Outgoing<'_>,
+        opts: &SealOptions,
+    ) -> Result<Prepared, SealError> {
+        let mut compressed = Vec::new();
+        let (codec, pad, use_c) = self.compress_for(msg, opts, &mut compressed)?;
+        let payload = if use_c {
+            compressed
         } else {
-            body_len
+            msg.payload.to_vec()
         };
-        let hdr = HeaderFields {
-            flags: 0,
-            key_id: key.keys.key_id(),
-            nonce,
-            commit,
-            tokens: &key.tokens,
+        let sig_input = sig_input(
+            &key.keys.tree_id(),
+            key.keys.epoch(),
+            key.topic.as_str(),
+            &msg.msg_id,
+            msg.ts_ms,
+            msg.content_type,
+            codec,
+            pad,
+            &payload,
+        );
+        Ok(Prepared {
+            key: key.clone(),
+            msg_id: msg.msg_id,
+            ts_ms: msg.ts_ms,
+            content_type: msg.content_type.to_owned(),
+            codec,
+            pad,
+            payload,
+            sig_input,
+        })
+    }
+
+    /// Seals a prepared message. With [`Signing::Batch`], the proof MUST be the one
+    /// [`BatchSigner::sign`] returned for this message (same index as its push), or
+    /// receivers refuse it.
+    pub fn seal_prepared(
+        &mut self,
+        msg: &Prepared,
+        signing: Signing<'_>,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Envelope, SealError> {
+        let fields = Fields {
+            msg_id: &msg.msg_id,
+            ts_ms: msg.ts_ms,
+            content_type: &msg.content_type,
+            codec: msg.codec,
+            pad: msg.pad,
+            payload: &msg.payload,
         };
-        let mut out =
-            Vec::with_capacity(80 + 16 * key.tokens.len() + name_len + body_total + TAG_LEN);
-        hdr.write_prefix(name_len, &mut out);
+        Ok(seal_fields(
+            &msg.key,
+            &fields,
+            Some(&msg.sig_input),
+            signing,
+            rng,
+        ))
+    }
 
-        // Sealed name: u16be(len) ‖ name ‖ zeros, to a multiple of 32, under N.
-        let name_ad_len = out.len();
-        out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-        out.extend_from_slice(topic.as_bytes());
-        out.resize(name_ad_len + name_len - TAG_LEN, 0);
-        let nk = name_key(&key.keys, &nonce);
-        let (ad, name_pt) = out.split_at_mut(name_ad_len);
-        let tag = XChaCha20Poly1305::new(nk.as_ref().into())
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, name_pt)
-            .expect("XChaCha20-Poly1305 seals any length we produce");
-        out.extend_from_slice(&tag);
-        let header_len = out.len();
-
-        // Body.
-        out.push(if signer.is_some() {
-            SIG_ED25519
-        } else {
-            SIG_NONE
+    /// Seals `msgs` (all of one tree and epoch, 1..=4096 of them) as one batch: a salt per
+    /// message from `rng`, one signature over the Merkle root, then each envelope (a nonce
+    /// each from `rng`), in order.
+    pub fn seal_batch(
+        &mut self,
+        msgs: &[Prepared],
+        signer: &Identity,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Vec<Envelope>, SealError> {
+        let mut b = BatchSigner::new(BatchPolicy {
+            max_messages: u32::try_from(msgs.len()).unwrap_or(u32::MAX),
+            max_wait_us: u64::MAX,
         });
-        if let Some(id) = signer {
-            let m = sig_input(
-                &key.keys.tree_id(),
-                key.keys.epoch(),
-                topic,
-                &msg.msg_id,
-                msg.ts_ms,
-                ct,
-                codec,
-                pad,
-                payload,
-            );
-            let sig = id.sign(&m);
+        for m in msgs {
+            b.push(m, 0, rng)?;
+        }
+        let proofs = b.sign(signer)?;
+        msgs.iter()
+            .zip(&proofs)
+            .map(|(m, p)| self.seal_prepared(m, Signing::Batch(p), rng))
+            .collect()
+    }
+}
+
+/// How a message is signed.
+#[derive(Debug, Clone, Copy)]
+pub enum Signing<'a> {
+    /// `sig_scheme = 0`.
+    Unsigned,
+    /// `sig_scheme = 1`: sign this message alone.
+    Ed25519(&'a Identity),
+    /// `sig_scheme = 2`: this message's proof from a signed batch.
+    Batch(&'a BatchProof),
+}
+
+/// A message checked, compressed and ready to sign and seal ([`Sealer::prepare`]).
+#[derive(Clone)]
+pub struct Prepared {
+    pub(crate) key: TopicKey,
+    msg_id: MessageId,
+    ts_ms: u64,
+    content_type: String,
+    codec: u8,
+    pad: u8,
+    payload: Vec<u8>,
+    pub(crate) sig_input: Vec<u8>,
+}
+
+impl fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Prepared")
+            .field("topic", &self.key.topic)
+            .field("msg_id", &self.msg_id)
+            .field("payload_len", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    /// The topic.
+    pub fn topic(&self) -> &Topic {
+        &self.key.topic
+    }
+    /// The tree.
+    pub fn tree_id(&self) -> TreeId {
+        self.key.keys.tree_id()
+    }
+    /// The epoch.
+    pub fn epoch(&self) -> u64 {
+        self.key.keys.epoch()
+    }
+    /// The bytes a signature covers (§4.8); a batch leaf hashes them with its salt.
+    pub fn sig_input(&self) -> &[u8] {
+        &self.sig_input
+    }
+}
+
+struct Fields<'a> {
+    msg_id: &'a MessageId,
+    ts_ms: u64,
+    content_type: &'a str,
+    codec: u8,
+    pad: u8,
+    payload: &'a [u8],
+}
+
+fn seal_fields(
+    key: &TopicKey,
+    f: &Fields<'_>,
+    sig_in: Option<&[u8]>,
+    signing: Signing<'_>,
+    rng: &mut impl CryptoRngCore,
+) -> Envelope {
+    let topic = key.topic.as_str();
+    let ct = f.content_type;
+    let (codec, pad, payload) = (f.codec, f.pad, f.payload);
+
+    // Header.
+    let mut nonce = [0u8; NONCE_LEN];
+    rng.fill_bytes(&mut nonce);
+    let (body_key, commit) = body_keys(&key.message_key, &nonce);
+    let name_len = sealed_name_len(topic);
+    let sig_len = match signing {
+        Signing::Unsigned => 0,
+        Signing::Ed25519(_) => 96,
+        Signing::Batch(p) => p.encoded_len(),
+    };
+    let body_len = 1 + sig_len + 16 + 8 + 2 + ct.len() + 2 + 4 + payload.len();
+    let body_total = if pad == PAD_PADME {
+        padme(body_len)
+    } else {
+        body_len
+    };
+    let hdr = HeaderFields {
+        flags: 0,
+        key_id: key.keys.key_id(),
+        nonce,
+        commit,
+        tokens: &key.tokens,
+    };
+    let mut out = Vec::with_capacity(80 + 16 * key.tokens.len() + name_len + body_total + TAG_LEN);
+    hdr.write_prefix(name_len, &mut out);
+
+    // Sealed name: u16be(len) ‖ name ‖ zeros, to a multiple of 32, under N.
+    let name_ad_len = out.len();
+    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out.resize(name_ad_len + name_len - TAG_LEN, 0);
+    let nk = name_key(&key.keys, &nonce);
+    let (ad, name_pt) = out.split_at_mut(name_ad_len);
+    let tag = XChaCha20Poly1305::new(nk.as_ref().into())
+        .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, name_pt)
+        .expect("XChaCha20-Poly1305 seals any length we produce");
+    out.extend_from_slice(&tag);
+    let header_len = out.len();
+
+    // Body.
+    match signing {
+        Signing::Unsigned => out.push(SIG_NONE),
+        Signing::Ed25519(id) => {
+            out.push(SIG_ED25519);
+            let computed;
+            let m = match sig_in {
+                Some(m) => m,
+                None => {
+                    computed = sig_input(
+                        &key.keys.tree_id(),
+                        key.keys.epoch(),
+                        topic,
+                        f.msg_id,
+                        f.ts_ms,
+                        ct,
+                        codec,
+                        pad,
+                        payload,
+                    );
+                    &computed
+                }
+            };
+            let sig = id.sign(m);
             out.extend_from_slice(id.signing_key().verifying_key().as_bytes());
             out.extend_from_slice(&sig.to_bytes());
         }
-        out.extend_from_slice(&msg.msg_id.0);
-        out.extend_from_slice(&msg.ts_ms.to_be_bytes());
-        out.extend_from_slice(&lp(ct.as_bytes()));
-        out.extend_from_slice(ct.as_bytes());
-        out.push(codec);
-        out.push(pad);
-        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        out.extend_from_slice(payload);
-        out.resize(header_len + body_total, 0);
-        let (ad, body) = out.split_at_mut(header_len);
-        let tag = XChaCha20Poly1305::new(body_key.as_ref().into())
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, body)
-            .expect("XChaCha20-Poly1305 seals any length we produce");
-        out.extend_from_slice(&tag);
-        Ok(Envelope::from_bytes(out.into()).expect("a sealed envelope has a valid header"))
+        Signing::Batch(p) => {
+            out.push(SIG_BATCH);
+            p.write(&mut out);
+        }
     }
+    out.extend_from_slice(&f.msg_id.0);
+    out.extend_from_slice(&f.ts_ms.to_be_bytes());
+    out.extend_from_slice(&lp(ct.as_bytes()));
+    out.extend_from_slice(ct.as_bytes());
+    out.push(codec);
+    out.push(pad);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out.resize(header_len + body_total, 0);
+    let (ad, body) = out.split_at_mut(header_len);
+    let tag = XChaCha20Poly1305::new(body_key.as_ref().into())
+        .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, body)
+        .expect("XChaCha20-Poly1305 seals any length we produce");
+    out.extend_from_slice(&tag);
+    Envelope::from_bytes(out.into()).expect("a sealed envelope has a valid header")
 }
 
 /// Opens envelopes. Keeps a zstd decompression context for reuse.
 pub struct Opener {
     zstd: zstd::bulk::Decompressor<'static>,
     max_payload: usize,
+    roots: VerifiedRoots,
 }
 
 impl fmt::Debug for Opener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Opener")
             .field("max_payload", &self.max_payload)
+            .field("roots", &self.roots)
             .finish()
     }
 }
@@ -439,8 +637,14 @@ impl Default for Opener {
     }
 }
 
+enum SenderProof {
+    None,
+    Ed25519(VerifyingKey, Signature),
+    Batch(BatchProof),
+}
+
 struct Body<'a> {
-    sender: Option<(VerifyingKey, Signature)>,
+    sender: SenderProof,
     msg_id: MessageId,
     ts_ms: u64,
     content_type: &'a str,
@@ -449,34 +653,46 @@ struct Body<'a> {
     payload: &'a [u8],
 }
 
-fn parse_body(b: &[u8]) -> Option<Body<'_>> {
-    let (&scheme, mut rest) = b.split_first()?;
-    let mut take = |n: usize| -> Option<&[u8]> {
+fn parse_body(b: &[u8]) -> Result<Body<'_>, BodyError> {
+    const M: BodyError = BodyError::Malformed;
+    let (&scheme, mut rest) = b.split_first().ok_or(M)?;
+    let sender = match SignatureScheme::from_byte(scheme)
+        .map_err(|_| BodyError::UnsupportedScheme(scheme))?
+    {
+        SignatureScheme::None => SenderProof::None,
+        SignatureScheme::Ed25519 => {
+            if rest.len() < 96 {
+                return Err(M);
+            }
+            let pk = VerifyingKey::from_bytes(rest[..32].try_into().expect("32")).map_err(|_| M)?;
+            let sig = Signature::from_bytes(rest[32..96].try_into().expect("64"));
+            rest = &rest[96..];
+            SenderProof::Ed25519(pk, sig)
+        }
+        SignatureScheme::Batch => {
+            let (p, r) = BatchProof::parse(rest)?;
+            rest = r;
+            SenderProof::Batch(p)
+        }
+    };
+    let mut take = |n: usize| -> Result<&[u8], BodyError> {
         if rest.len() < n {
-            return None;
+            return Err(M);
         }
         let (a, r) = rest.split_at(n);
         rest = r;
-        Some(a)
+        Ok(a)
     };
-    let sender = match SignatureScheme::from_byte(scheme).ok()? {
-        SignatureScheme::None => None,
-        SignatureScheme::Ed25519 => {
-            let pk = VerifyingKey::from_bytes(take(32)?.try_into().ok()?).ok()?;
-            let sig = Signature::from_bytes(take(64)?.try_into().ok()?);
-            Some((pk, sig))
-        }
-    };
-    let msg_id = MessageId(take(16)?.try_into().ok()?);
-    let ts_ms = u64::from_be_bytes(take(8)?.try_into().ok()?);
-    let ct_len = u16::from_be_bytes(take(2)?.try_into().ok()?) as usize;
+    let msg_id = MessageId(take(16)?.try_into().map_err(|_| M)?);
+    let ts_ms = u64::from_be_bytes(take(8)?.try_into().map_err(|_| M)?);
+    let ct_len = u16::from_be_bytes(take(2)?.try_into().map_err(|_| M)?) as usize;
     if ct_len > MAX_CONTENT_TYPE_LEN {
-        return None;
+        return Err(M);
     }
-    let content_type = std::str::from_utf8(take(ct_len)?).ok()?;
+    let content_type = std::str::from_utf8(take(ct_len)?).map_err(|_| M)?;
     let codec = take(1)?[0];
     let pad = take(1)?[0];
-    let len = u32::from_be_bytes(take(4)?.try_into().ok()?) as usize;
+    let len = u32::from_be_bytes(take(4)?.try_into().map_err(|_| M)?) as usize;
     let payload = take(len)?;
     let padding = rest;
     let pad_ok = match pad {
@@ -486,9 +702,9 @@ fn parse_body(b: &[u8]) -> Option<Body<'_>> {
         _ => false,
     };
     if !pad_ok || codec > CODEC_ZSTD {
-        return None;
+        return Err(M);
     }
-    Some(Body {
+    Ok(Body {
         sender,
         msg_id,
         ts_ms,
@@ -497,6 +713,53 @@ fn parse_body(b: &[u8]) -> Option<Body<'_>> {
         pad,
         payload,
     })
+}
+
+/// Step 9 of §4.10: the sender, verified over the bound fields (scheme 1: one signature;
+/// scheme 2: the inclusion path to a root whose signature verified, or is in `cache`).
+fn verify_sender(
+    b: &Body<'_>,
+    tree_id: &TreeId,
+    epoch: u64,
+    topic: &str,
+    cache: Option<&mut VerifiedRoots>,
+) -> Result<Option<SenderId>, BodyError> {
+    let input = || {
+        sig_input(
+            tree_id,
+            epoch,
+            topic,
+            &b.msg_id,
+            b.ts_ms,
+            b.content_type,
+            b.codec,
+            b.pad,
+            b.payload,
+        )
+    };
+    match &b.sender {
+        SenderProof::None => Ok(None),
+        SenderProof::Ed25519(pk, sig) => {
+            pk.verify_strict(&input(), sig)
+                .map_err(|_| BodyError::BadSignature)?;
+            Ok(Some(SenderId(*pk)))
+        }
+        SenderProof::Batch(p) => p.verify(tree_id, epoch, &input(), cache).map(Some),
+    }
+}
+
+/// Parses a decrypted body plaintext of a message of `topic` in tree `tree_id`, epoch
+/// `epoch`, and verifies its signature (no cache) — the body checks of §4.10 steps 8 and 9
+/// with a typed reason. [`Opener`] applies the same checks and reports only [`OpenError`];
+/// this is for code that already holds the plaintext (tests, vectors, tools).
+pub fn check_body(
+    tree_id: &TreeId,
+    epoch: u64,
+    topic: &Topic,
+    body: &[u8],
+) -> Result<Option<SenderId>, BodyError> {
+    let b = parse_body(body)?;
+    verify_sender(&b, tree_id, epoch, topic.as_str(), None)
 }
 
 impl Opener {
@@ -510,7 +773,19 @@ impl Opener {
         Opener {
             zstd: zstd::bulk::Decompressor::new().expect("zstd context"),
             max_payload: max,
+            roots: VerifiedRoots::default(),
         }
+    }
+
+    /// Replaces the cache of verified batch roots (default: [`VerifiedRoots::DEFAULT_CAPACITY`]).
+    pub fn with_verified_roots(mut self, roots: VerifiedRoots) -> Self {
+        self.roots = roots;
+        self
+    }
+
+    /// The cache of verified batch roots.
+    pub fn verified_roots(&self) -> &VerifiedRoots {
+        &self.roots
     }
 
     /// Opens a live message (see [`Opener::open_with`] with `live = true`).
@@ -593,31 +868,21 @@ impl Opener {
                 Tag::from_slice(tag),
             )
             .map_err(|_| OpenError)?;
-        let b = parse_body(&body).ok_or(OpenError)?;
+        let b = parse_body(&body).map_err(|_| OpenError)?;
         // The epoch accepts a message of this date (cutoff, not_after, live grace).
         if !keyring.accepts_message(&env.key_id(), b.ts_ms, now_ms, live) {
             return Err(OpenError);
         }
 
         // 4. Verify the signature over the bound fields, before decompressing.
-        let sender = match b.sender {
-            Some((pk, sig)) => {
-                let m = sig_input(
-                    &keys.tree_id(),
-                    keys.epoch(),
-                    topic.as_str(),
-                    &b.msg_id,
-                    b.ts_ms,
-                    b.content_type,
-                    b.codec,
-                    b.pad,
-                    b.payload,
-                );
-                pk.verify_strict(&m, &sig).map_err(|_| OpenError)?;
-                Some(SenderId(pk))
-            }
-            None => None,
-        };
+        let sender = verify_sender(
+            &b,
+            &keys.tree_id(),
+            keys.epoch(),
+            topic.as_str(),
+            Some(&mut self.roots),
+        )
+        .map_err(|_| OpenError)?;
 
         // 5. Decompress with a hard cap.
         let payload = match b.codec {
@@ -816,10 +1081,11 @@ mod tests {
     }
 
     #[test]
-    fn reserved_batch_signature_scheme_is_refused() {
+    fn batch_scheme_parses_and_a_malformed_batch_body_is_refused() {
+        assert_eq!(SignatureScheme::from_byte(2), Ok(SignatureScheme::Batch));
         assert_eq!(
-            SignatureScheme::from_byte(2),
-            Err(KeyError::UnsupportedSignatureScheme(2))
+            SignatureScheme::from_byte(3),
+            Err(KeyError::UnsupportedSignatureScheme(3))
         );
         assert_eq!(
             SignatureScheme::from_byte(9),
@@ -827,7 +1093,7 @@ mod tests {
         );
         assert_eq!(SignatureScheme::from_byte(1), Ok(SignatureScheme::Ed25519));
         assert_eq!(SignatureScheme::from_byte(0), Ok(SignatureScheme::None));
-        // A validly encrypted body that claims scheme 2 does not open.
+        // A validly encrypted unsigned body that claims scheme 2 does not open.
         let (mut rng, tk, kr, _id) = setup();
         let topic = Topic::new("a").unwrap();
         let key = kr.topic_key(&topic).unwrap();
@@ -860,5 +1126,51 @@ mod tests {
         b.extend_from_slice(&tag);
         let e = Envelope::from_slice(&b).unwrap();
         assert_eq!(opener.open(&kr, &e, 0), Err(OpenError));
+    }
+
+    #[test]
+    fn batch_roundtrip_one_verification_and_mixed_epochs_refused() {
+        let (mut rng, tk, kr, id) = setup();
+        let mut sealer = Sealer::new();
+        let topics = ["a", "a/b", "c/d/e", "f", "g"];
+        let prepared: Vec<Prepared> = topics
+            .iter()
+            .map(|t| {
+                let key = kr.topic_key(&Topic::new(*t).unwrap()).unwrap();
+                sealer
+                    .prepare(&key, &msg(t.as_bytes()), &SealOptions::default())
+                    .unwrap()
+            })
+            .collect();
+        let envs = sealer.seal_batch(&prepared, &id, &mut rng).unwrap();
+        let mut opener = Opener::new();
+        for (t, e) in topics.iter().zip(&envs) {
+            let o = opener.open(&kr, e, 0).unwrap();
+            assert_eq!(o.topic.as_str(), *t);
+            assert_eq!(o.payload, t.as_bytes());
+            assert_eq!(o.sender, Some(id.sender_id()));
+        }
+        assert_eq!(opener.verified_roots().len(), 1);
+        assert_eq!(opener.verified_roots().hits(), 4);
+        // A subscriber of one topic only opens its message alone.
+        let mut one = Keyring::new();
+        one.add_grant_at(tk.grant(&Scope::Topic(Topic::new("c/d/e").unwrap())), 0)
+            .unwrap();
+        assert!(Opener::new().open(&one, &envs[2], 0).is_ok());
+        assert_eq!(Opener::new().open(&one, &envs[1], 0), Err(OpenError));
+        // Another epoch in the same batch is refused.
+        let tk1 = tk.rotate(0, &mut rng).unwrap();
+        let mut kr1 = Keyring::new();
+        kr1.add_tree_key_at(&tk1, 0).unwrap();
+        let other = sealer
+            .prepare(
+                &kr1.topic_key(&Topic::new("a").unwrap()).unwrap(),
+                &msg(b"x"),
+                &SealOptions::default(),
+            )
+            .unwrap();
+        let mut b = BatchSigner::new(BatchPolicy::default());
+        b.push(&prepared[0], 0, &mut rng).unwrap();
+        assert_eq!(b.push(&other, 0, &mut rng), Err(SealError::BatchTreeEpoch));
     }
 }

@@ -494,3 +494,106 @@ proptest! {
         prop_assert!(Opener::new().open(&full, &env, 0).is_ok());
     }
 }
+
+// ---- Batch signatures (sig_scheme 2) ----
+
+fn batch_fixture(n: usize, seed: u64) -> (Keyring, TreeKey, Identity, Vec<Prepared>) {
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+    let tk = TreeKey::generate_with("b", &mut rng).unwrap();
+    let mut kr = Keyring::new();
+    kr.add_tree_key_at(&tk, 0).unwrap();
+    let id = Identity::generate_with(&mut rng);
+    let mut sealer = Sealer::new();
+    let prepared = (0..n)
+        .map(|i| {
+            let topic = Topic::new(format!("t/{}", i % 7)).unwrap();
+            let payload = vec![i as u8; i * 3];
+            let out = Outgoing {
+                payload: &payload,
+                content_type: "c",
+                msg_id: MessageId::random(&mut rng),
+                ts_ms: i as u64,
+            };
+            sealer
+                .prepare(
+                    &kr.topic_key(&topic).unwrap(),
+                    &out,
+                    &SealOptions::default(),
+                )
+                .unwrap()
+        })
+        .collect();
+    (kr, tk, id, prepared)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Any batch of 1..=64 messages: every message opens alone (its own opener, a keyring
+    /// holding only its topic) with the right sender; a shared opener verifies once.
+    #[test]
+    fn batch_every_message_opens_alone(n in 1usize..=64, seed in any::<u64>()) {
+        let (kr, tk, id, prepared) = batch_fixture(n, seed);
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed ^ 1);
+        let envs = Sealer::new().seal_batch(&prepared, &id, &mut rng).unwrap();
+        let mut shared = Opener::new();
+        for (p, e) in prepared.iter().zip(&envs) {
+            let mut one = Keyring::new();
+            one.add_grant_at(tk.grant(&Scope::Topic(p.topic().clone())), 0).unwrap();
+            let o = Opener::new().open(&one, e, 0).unwrap();
+            prop_assert_eq!(o.sender, Some(id.sender_id()));
+            prop_assert_eq!(&o.topic, p.topic());
+            prop_assert_eq!(shared.open(&kr, e, 0).unwrap().sender, Some(id.sender_id()));
+        }
+        prop_assert_eq!(shared.verified_roots().len(), 1);
+        prop_assert_eq!(shared.verified_roots().hits(), n as u64 - 1);
+    }
+
+    /// Any single-bit change in a proof (sender, signature, count, index, salt, path length,
+    /// path) or in the signed fields fails, cold and with the batch's root already cached.
+    #[test]
+    fn batch_any_bit_flip_fails_cold_and_cached(
+        n in 1usize..=64,
+        pick in any::<prop::sample::Index>(),
+        bit in any::<prop::sample::Index>(),
+        seed in any::<u64>(),
+    ) {
+        let (_kr, tk, id, prepared) = batch_fixture(n, seed);
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed ^ 2);
+        let mut b = BatchSigner::new(BatchPolicy { max_messages: 64, max_wait_us: 0 });
+        for p in &prepared {
+            b.push(p, 0, &mut rng).unwrap();
+        }
+        let proofs = b.sign(&id).unwrap();
+        let j = pick.index(n);
+        let (tree, epoch) = (tk.tree_id(), tk.epoch());
+        let mut warm = VerifiedRoots::default();
+        // Warm the cache with every honest proof.
+        for (p, pr) in prepared.iter().zip(&proofs) {
+            prop_assert_eq!(pr.verify(&tree, epoch, p.sig_input(), Some(&mut warm)), Ok(id.sender_id()));
+        }
+        let mut enc = Vec::new();
+        proofs[j].write(&mut enc);
+        let input = prepared[j].sig_input().to_vec();
+        let total_bits = (enc.len() + input.len()) * 8;
+        let k = bit.index(total_bits);
+        let (mut enc2, mut input2) = (enc.clone(), input.clone());
+        if k < enc.len() * 8 {
+            enc2[k / 8] ^= 1 << (k % 8);
+        } else {
+            let k = k - enc.len() * 8;
+            input2[k / 8] ^= 1 << (k % 8);
+        }
+        match BatchProof::parse(&enc2) {
+            Err(_) => {}
+            Ok((pr, _rest)) => {
+                let cold = pr.verify(&tree, epoch, &input2, None);
+                let cached = pr.verify(&tree, epoch, &input2, Some(&mut warm));
+                prop_assert!(cold.is_err(), "cold verify accepted bit {}", k);
+                prop_assert_eq!(cached.is_err(), cold.is_err());
+            }
+        }
+        // The honest proof under another epoch never verifies, cached or not.
+        prop_assert!(proofs[j].verify(&tree, epoch + 1, &input, Some(&mut warm)).is_err());
+    }
+}
