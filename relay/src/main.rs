@@ -425,11 +425,12 @@ async fn status(args: StatusArgs) -> Result<()> {
         }
     );
     println!(
-        "listeners    ws {}  tcp {}  wss {}  tls {}  admin {}",
+        "listeners    ws {}  tcp {}  wss {}  tls {}  quic {}  admin {}",
         addr(s.listeners.ws),
         addr(s.listeners.tcp),
         addr(s.listeners.wss),
         addr(s.listeners.tls),
+        addr(s.listeners.quic),
         addr(s.listeners.admin)
     );
     println!("connections  {} ({} sockets)", t.connections, s.sockets);
