@@ -135,30 +135,7 @@ fn fail_env(dir: &Path, name: &str, what: &str, base: &Value, bytes: &[u8]) {
 /// Decrypts the body of `env` (the generator holds the keys), lets `f` change the plaintext,
 /// and re-encrypts: a validly encrypted envelope whose inside is wrong.
 fn reseal_body(env: &Envelope, topic: &str, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let g = tree(0, 0x22).grant_all();
-    let mk = g.message_key(&t(topic)).unwrap();
-    let mut x = [0u8; 64];
-    xof(mk.as_bytes(), tag::BODY, &[env.nonce()], &mut x);
-    let cipher = XChaCha20Poly1305::new((&x[..32]).into());
-    let ct = env.ciphertext();
-    let (c, tg) = ct.split_at(ct.len() - TAG_LEN);
-    let mut body = c.to_vec();
-    cipher
-        .decrypt_in_place_detached(
-            XNonce::from_slice(env.nonce()),
-            env.header(),
-            &mut body,
-            Tag::from_slice(tg),
-        )
-        .unwrap();
-    f(&mut body);
-    let tag = cipher
-        .encrypt_in_place_detached(XNonce::from_slice(env.nonce()), env.header(), &mut body)
-        .unwrap();
-    let mut out = env.header().to_vec();
-    out.extend_from_slice(&body);
-    out.extend_from_slice(&tag);
-    out
+    reseal_in(&tree(0, 0x22), env, topic, f)
 }
 
 /// `gen_vectors --spec`: prints the values of the worked examples in PROTOCOL.md §4.12 and
