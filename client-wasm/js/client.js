@@ -48,6 +48,10 @@ const CONNECT_OPTIONS = [
 const TOPIC_OPTIONS = ['compression', 'padding'];
 /** The content type of a retained value's clear (PROTOCOL §4.11; Rust `core::CLEAR_RETAINED`). */
 const CLEAR_RETAINED = 'application/vnd.whispeer.clear-retained';
+/** Publishes handed to the engine before it is pumped at once (the batch-signature size). */
+const BATCH_PUMP = 64;
+/** …or once they hold this many payload bytes (large messages gain nothing from waiting). */
+const BATCH_PUMP_BYTES = 64 * 1024;
 const PUBLISH_OPTIONS = ['qos', 'retain', 'ack', 'tree'];
 const PUBLISH_BYTES_OPTIONS = [...PUBLISH_OPTIONS, 'contentType'];
 const SUBSCRIBE_OPTIONS = ['qos', 'replay', 'durable', 'retained', 'olderHistory', 'capacity', 'onLag', 'onReplayDone'];
@@ -338,6 +342,8 @@ export class Client {
   #waiting = []; // publishes held while the socket's send buffer is over the high-water mark
   #waitingTimer = null;
   #pumping = false;
+  #handed = 0; // publishes handed to the engine since the last pump
+  #pumpQueued = false;
   #again = false;
   #armed; // the deadline the timer is set for
   #timer = null;
@@ -382,7 +388,9 @@ export class Client {
     const kr = options.keys instanceof Keyring ? options.keys : toKeyring(options.keys);
     let core;
     try {
-      core = new ClientCore(kr, level(options.compression), options.padding !== false, options.sign !== false);
+      const sign = options.sign ?? true;
+      core = new ClientCore(kr, level(options.compression), options.padding !== false, sign !== false && sign !== 'off');
+      core.setSigning(sign === true ? 'batch' : sign === false ? 'off' : String(sign));
       if (options.identity) {
         if (!(options.identity instanceof Identity))
           throw new WhispeerError('INVALID_OPTION', 'identity: expected an Identity (Identity.generate() or Identity.fromSecretString())');
@@ -602,6 +610,7 @@ export class Client {
 
   /** Drains the engine: transmits, then the deadline, then events (dispatched after). */
   #pump() {
+    this.#handed = 0;
     if (this.#pumping) {
       this.#again = true; // an app callback re-entered through a command
       return;
@@ -846,7 +855,17 @@ export class Client {
     }
     const ack =
       id === undefined ? undefined : new Promise((resolve, reject) => this.#acks.set(id, { resolve, reject }));
-    this.#pump();
+    // Batch signing: publishes handed in the same turn of the event loop share one
+    // signature — the frames leave in a microtask (or at once after BATCH_PUMP of them, so
+    // the send buffer's high-water mark still holds back a synchronous loop).
+    if (++this.#handed >= BATCH_PUMP || this.#eng.batchBytes() >= BATCH_PUMP_BYTES) this.#pump();
+    else if (!this.#pumpQueued) {
+      this.#pumpQueued = true;
+      queueMicrotask(() => {
+        this.#pumpQueued = false;
+        this.#pump();
+      });
+    }
     return ack;
   }
 

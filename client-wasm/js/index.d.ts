@@ -234,8 +234,13 @@ export interface ConnectOptions {
   compression?: Compression;
   /** Padmé length padding (default true). */
   padding?: boolean;
-  /** Sign with the identity (default true). */
-  sign?: boolean;
+  /**
+   * Signing with the identity: `true` / `'batch'` (the default) — one Ed25519 signature per
+   * batch of publishes (those handed over in the same turn of the event loop, up to 64),
+   * each message still verifiable alone (PROTOCOL §4.14); `'message'` — one signature per
+   * message; `false` / `'off'` — unsigned.
+   */
+  sign?: boolean | 'batch' | 'message' | 'off';
   /** Per-topic sealing rules, first matching filter wins. */
   topics?: Record<string, { compression?: Compression; padding?: boolean }>;
   reconnect?: ReconnectOptions;

@@ -288,6 +288,73 @@ impl ClientCore {
         .map_err(publish_error)
     }
 
+    /// Signing: `batch` (one signature per batch of publishes, PROTOCOL §4.14; the default),
+    /// `message` (one per message) or `off` (unsigned).
+    #[wasm_bindgen(js_name = setSigning)]
+    pub fn set_signing(&mut self, mode: &str) -> Result<(), JsValue> {
+        match mode {
+            "batch" => {
+                self.policy.sign = true;
+                self.policy.batch = Some(core::DEFAULT_BATCH);
+            }
+            "message" => {
+                self.policy.sign = true;
+                self.policy.batch = None;
+            }
+            "off" => self.policy.sign = false,
+            _ => {
+                return Err(js_error(
+                    "INVALID_OPTION",
+                    &format!(
+                        "sign: expected true, false, 'batch', 'message' or 'off' (got {mode:?})"
+                    ),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether publishes are batch-signed (an identity, signing on, in batches).
+    pub(crate) fn batches(&self) -> Option<whispeer_protocol::BatchPolicy> {
+        self.policy.batches(self.identity.as_ref())
+    }
+
+    /// Prepares a publish for its batch signature ([`core::prepare_publish_in`]).
+    pub(crate) fn prepare(
+        &mut self,
+        tree: Option<String>,
+        topic: &str,
+        content_type: &str,
+        payload: &[u8],
+    ) -> Result<whispeer_protocol::Prepared, JsValue> {
+        let tree = tree.as_deref().map(parse_tree_id).transpose()?;
+        let topic = Topic::new(topic).map_err(topic_error)?;
+        core::prepare_publish_in(
+            &self.keyring,
+            tree,
+            &self.policy,
+            &mut self.sealer,
+            &topic,
+            content_type,
+            payload,
+            now_ms(),
+            &mut Rng,
+        )
+        .map(|(p, _)| p)
+        .map_err(publish_error)
+    }
+
+    /// Signs and seals everything `batch` holds, in order.
+    pub(crate) fn seal_batch<M>(
+        &mut self,
+        batch: &mut core::batching::PublishBatch<M>,
+    ) -> Vec<(Result<Envelope, whispeer_protocol::SealError>, M)> {
+        match &self.identity {
+            Some(id) => batch.seal_all(&mut self.sealer, id, &mut Rng),
+            None => Vec::new(),
+        }
+    }
+
     /// Seals a message to an envelope without framing it (for storage or benchmarks).
     #[wasm_bindgen(js_name = sealEnvelope)]
     pub fn seal_envelope(

@@ -8,7 +8,7 @@
 //! (`Date.now()`, key epochs and replay). After each input or command the driver drains
 //! `pollTransmit`, then `pollTimeout`, then `pollEvent`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 use js_sys::{Array, Object, Reflect, Uint8Array};
@@ -98,6 +98,16 @@ pub struct Engine {
     /// With persistence (`options.state` given): the records not yet taken by
     /// `takeChanges`, and the kept publishes (for snapshots; `Bytes` shared with the outbox).
     saving: Option<Saving>,
+    /// Batch signing (PROTOCOL §4.14): publishes prepared and waiting for their batch's
+    /// signature — signed and sealed before the next frame leaves (`pollTransmit`), a
+    /// flush or a close, so a synchronous run of publishes shares one signature.
+    batch: core::batching::PublishBatch<(PubOptions, Option<PublishId>)>,
+    /// Publishes with an id that failed when their batch was sealed: reported as
+    /// `publishFailed` events before the engine's own.
+    failed: VecDeque<(PublishId, whispeer::PublishError)>,
+    /// The time of the latest publish queued for the batch (the engine's clock only moves
+    /// forward, so handing the batch over with it is exact enough).
+    batch_now: Now,
 }
 
 #[derive(Debug, Default)]
@@ -210,6 +220,9 @@ impl Engine {
             tokens: BTreeMap::new(),
             next_token: 1,
             saving,
+            batch: core::batching::PublishBatch::new(core::DEFAULT_BATCH),
+            failed: VecDeque::new(),
+            batch_now: n,
         })
     }
 
@@ -359,13 +372,17 @@ impl Engine {
     /// Asks the relay to confirm it processed everything sent before; a `flushed` or
     /// `flushFailed` event with the returned id follows.
     pub fn flush(&mut self, mono_ms: f64, unix_ms: f64) -> f64 {
-        self.eng.flush(now(mono_ms, unix_ms)) as f64
+        let n = now(mono_ms, unix_ms);
+        self.seal_batch(n);
+        self.eng.flush(n) as f64
     }
 
     /// Closes for good: the `Close` frame, then the hang-up; everything still waiting fails,
     /// then the `closed` event.
     pub fn close(&mut self, mono_ms: f64, unix_ms: f64) {
-        self.eng.close(now(mono_ms, unix_ms));
+        let n = now(mono_ms, unix_ms);
+        self.seal_batch(n);
+        self.eng.close(n);
     }
 
     /// Adds a grant at run time; subscriptions are re-made with the new keys.
@@ -403,6 +420,9 @@ impl Engine {
     /// (open a socket), `{ hangup: id }` (close it after what was sent), or `undefined`.
     #[wasm_bindgen(js_name = pollTransmit)]
     pub fn poll_transmit(&mut self) -> JsValue {
+        if !self.batch.is_empty() {
+            self.seal_batch(self.batch_now);
+        }
         match self.eng.poll_transmit() {
             None => JsValue::UNDEFINED,
             Some(Transmit::Frame(b)) => Uint8Array::from(&b[..]).into(),
@@ -434,6 +454,13 @@ impl Engine {
         if self.saving.is_none() {
             // Nothing persists the receiver-state journal: dropped, not accumulated.
             self.eng.core_mut().take_changes();
+        }
+        if let Some((pid, e)) = self.failed.pop_front() {
+            let o = Object::new();
+            set(&o, "id", pid_hex(&pid));
+            set(&o, "error", publish_error(e));
+            set(&o, "type", "publishFailed");
+            return o.into();
         }
         loop {
             let Some(e) = self.eng.poll_event() else {
@@ -490,10 +517,17 @@ impl Engine {
         Some(Uint8Array::from(&out[..]))
     }
 
-    /// Bytes of frames queued and not yet taken by `pollTransmit`.
+    /// Bytes of frames queued and not yet taken by `pollTransmit`, and of publishes waiting
+    /// for their batch signature.
     #[wasm_bindgen(js_name = queuedBytes)]
     pub fn queued_bytes(&self) -> f64 {
-        self.eng.queued_bytes() as f64
+        (self.eng.queued_bytes() + self.batch.pending_bytes()) as f64
+    }
+
+    /// Payload bytes of publishes waiting for their batch signature.
+    #[wasm_bindgen(js_name = batchBytes)]
+    pub fn batch_bytes(&self) -> f64 {
+        self.batch.pending_bytes() as f64
     }
 
     /// Counters: `{delivered, rejected, duplicates, relayGaps, heldBack, refused: {...},
@@ -504,7 +538,17 @@ impl Engine {
         set(&o, "slowSubscriberDrops", s.slow_subscriber_drops as f64);
         set(&o, "outboxDrops", s.outbox_drops as f64);
         set(&o, "reconnects", s.reconnects as f64);
-        set(&o, "unackedPublishes", s.unacked_publishes as f64);
+        // A QoS ≥ 1 publish waiting for its batch signature is already unacknowledged.
+        let waiting = self
+            .batch
+            .pending()
+            .filter(|(o, _)| o.qos != Qos::AtMostOnce)
+            .count() as u64;
+        set(
+            &o,
+            "unackedPublishes",
+            (s.unacked_publishes + waiting) as f64,
+        );
         o.into()
     }
 }
@@ -531,15 +575,49 @@ impl Engine {
             .qos(qos(options)?)
             .retain(flag(options, "retain")?.unwrap_or(false))
             .ack(flag(options, "ack")?.unwrap_or(false));
+        if self.core.batches().is_some() {
+            if self.eng.is_closed() {
+                return Err(publish_error(whispeer::PublishError::Closed));
+            }
+            let prepared = self.core.prepare(tree, topic, content_type, payload)?;
+            let pid = self.eng.publish_id(&o);
+            self.batch.push(prepared, (o, pid), n.mono_ms);
+            self.batch_now = n;
+            return Ok(pid.as_ref().map(pid_hex));
+        }
         let env = self.core.seal(tree, topic, content_type, payload)?;
         let pid = self.eng.publish(env, o, n).map_err(publish_error)?;
+        self.kept(pid);
+        Ok(pid.as_ref().map(pid_hex))
+    }
+
+    /// With persistence: saves a kept publish once the engine holds its frame.
+    fn kept(&mut self, pid: Option<PublishId>) {
         if let (Some(sv), Some(p)) = (&mut self.saving, &pid) {
             if let Some((order, frame)) = self.eng.kept_publish(p) {
                 persist::keep(&mut sv.journal, &p.0, order, &frame);
                 sv.kept.insert(p.0, (order, frame));
             }
         }
-        Ok(pid.as_ref().map(pid_hex))
+    }
+
+    /// Signs and seals the publishes waiting for their batch signature and hands them to
+    /// the engine in publish order; failures of publishes with an id become events.
+    fn seal_batch(&mut self, n: Now) {
+        if self.batch.is_empty() {
+            return;
+        }
+        for (env, (o, pid)) in self.core.seal_batch(&mut self.batch) {
+            let r = env
+                .map_err(whispeer::PublishError::Seal)
+                .and_then(|env| self.eng.publish_as(env, o, pid, n));
+            match (r, pid) {
+                (Ok(()), _) => self.kept(pid),
+                (Err(e), Some(p)) => self.failed.push_back((p, e)),
+                // QoS 0 without ack: counted (`outboxDrops`), as the engine does.
+                (Err(_), None) => {}
+            }
+        }
     }
 
     /// A kept publish was acknowledged or refused: no longer saved.

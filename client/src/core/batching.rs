@@ -27,6 +27,8 @@ pub struct PublishBatch<M> {
     pending: Vec<(Prepared, M)>,
     /// When the oldest pending message arrived (µs, the caller's clock).
     first_us: Option<u64>,
+    /// Payload bytes pending (what the batch will put on the wire, near enough).
+    bytes: usize,
 }
 
 impl<M> PublishBatch<M> {
@@ -36,6 +38,7 @@ impl<M> PublishBatch<M> {
             policy,
             pending: Vec::new(),
             first_us: None,
+            bytes: 0,
         }
     }
 
@@ -47,12 +50,23 @@ impl<M> PublishBatch<M> {
     /// Queues a prepared message at `now_us`.
     pub fn push(&mut self, msg: Prepared, meta: M, now_us: u64) {
         self.first_us.get_or_insert(now_us);
+        self.bytes += msg.payload_len();
         self.pending.push((msg, meta));
     }
 
     /// Messages waiting.
     pub fn len(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Payload bytes of the messages waiting (backpressure counts them as queued).
+    pub fn pending_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The caller's data of each waiting message, in publish order.
+    pub fn pending(&self) -> impl Iterator<Item = &M> {
+        self.pending.iter().map(|(_, m)| m)
     }
 
     /// Whether none wait.
@@ -84,6 +98,7 @@ impl<M> PublishBatch<M> {
         rng: &mut impl CryptoRngCore,
     ) -> Vec<(Result<Envelope, SealError>, M)> {
         self.first_us = None;
+        self.bytes = 0;
         let pending = std::mem::take(&mut self.pending);
         let mut out = Vec::with_capacity(pending.len());
         let mut run: Vec<(Prepared, M)> = Vec::new();

@@ -370,12 +370,34 @@ impl Engine {
         if self.phase == Phase::Closed {
             return Err(PublishError::Closed);
         }
-        let kept = o.qos != Qos::AtMostOnce;
-        let pid = (o.ack || kept).then(|| {
+        let pid = self.publish_id(&o);
+        self.publish_as(envelope, o, pid, now).map(|()| pid)
+    }
+
+    /// The publish id a publish with `o` gets (QoS ≥ 1 or `ack`), drawn before its envelope
+    /// exists — a batch-signed publish learns its id when it is queued for the batch, and
+    /// [`Engine::publish_as`] hands the envelope over once the batch is signed.
+    pub fn publish_id(&mut self, o: &PubOptions) -> Option<PublishId> {
+        (o.ack || o.qos != Qos::AtMostOnce).then(|| {
             let mut id = [0u8; 16];
             rand_core::RngCore::fill_bytes(&mut self.rng, &mut id);
             PublishId(id)
-        });
+        })
+    }
+
+    /// [`Engine::publish`] with the id drawn by [`Engine::publish_id`] for the same `o`.
+    pub fn publish_as(
+        &mut self,
+        envelope: Envelope,
+        o: PubOptions,
+        pid: Option<PublishId>,
+        now: Now,
+    ) -> Result<(), PublishError> {
+        self.clamp(now);
+        if self.phase == Phase::Closed {
+            return Err(PublishError::Closed);
+        }
+        let kept = o.qos != Qos::AtMostOnce;
         let frame = super::pub_frame(envelope, pid.map(|p| p.0), o.retain, o.qos).to_bytes();
         let live = self.is_live();
         match pid {
@@ -394,7 +416,7 @@ impl Engine {
                 }
             }
         }
-        Ok(pid)
+        Ok(())
     }
 
     /// Subscribes local subscription `id` (the driver picks unique ids). Fails at once when
