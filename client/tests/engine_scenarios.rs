@@ -454,6 +454,7 @@ impl Sim {
                 session: SESSION,
                 relay: None,
                 heartbeat_ms,
+                seq_space: None,
             })),
             Step::Challenge(nonce) => self.feed(Frame::Challenge(frame::Challenge { nonce })),
             Step::Subscribe { id, filter, opts } => {
