@@ -111,6 +111,18 @@ pub struct CoreStats {
     pub held_back: u64,
 }
 
+/// The numbering a relay's sequence numbers belong to (PROTOCOL §3.5.7): resume positions
+/// (`Replay::FromSeq` after the last sequence seen) mean something only on a relay of the
+/// same space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqSpace {
+    /// Named by the relay in `Welcome.seq_space`: one per store, shared by a cluster.
+    Named([u8; 16]),
+    /// A relay that names none (older relays): its own space, known only by the address the
+    /// client dialed (an index into the client's relay list).
+    Unnamed(usize),
+}
+
 #[derive(Debug)]
 struct LocalSub {
     filter: TopicFilter,
@@ -380,6 +392,9 @@ pub struct ClientCore {
     credit: Option<u64>,
     /// Key of the owner secrets sent with durable subscriptions (see [`Self::durable_owner`]).
     owner_key: Option<zeroize::Zeroizing<[u8; 32]>>,
+    /// The sequence space the resume positions (`last_seq`) came from (`None`: no
+    /// connection yet).
+    space: Option<SeqSpace>,
 }
 
 fn owner_secret(
@@ -413,7 +428,32 @@ impl ClientCore {
             last_seq: 0,
             credit: None,
             owner_key: None,
+            space: None,
         }
+    }
+
+    /// A connection opened on a relay of sequence space `space` (call before
+    /// [`ClientCore::resubscribe_all`]). When it is not the space the resume positions came
+    /// from, they are forgotten: every subscription starts again as first asked (live, plus
+    /// the replay its options asked for), and the dedup window drops what was already
+    /// delivered. A sequence from another space could skip messages (a resume point past
+    /// the new relay's numbers) or replay the wrong ones. Returns whether positions carry
+    /// over (true also when there were none).
+    pub fn enter_seq_space(&mut self, space: SeqSpace) -> bool {
+        let same = self.space.is_none_or(|s| s == space);
+        if !same {
+            self.last_seq = 0;
+            for s in self.subs.values_mut() {
+                s.last_seq = 0;
+            }
+        }
+        self.space = Some(space);
+        same
+    }
+
+    /// The sequence space of the resume positions, once connected.
+    pub fn seq_space(&self) -> Option<SeqSpace> {
+        self.space
     }
 
     /// Sets the key durable-subscription owner secrets are derived from. Without one,

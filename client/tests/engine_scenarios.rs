@@ -685,6 +685,7 @@ impl Sim {
                 Event::Connected {
                     session,
                     heartbeat_ms,
+                    ..
                 },
             ) => *session == SESSION && *heartbeat_ms > 0,
             (

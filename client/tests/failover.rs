@@ -1,0 +1,269 @@
+//! Failover between relays: a client given several relay URLs (`Relays`) moves to the next
+//! when its relay dies, resubscribes and re-sends its unacknowledged QoS 1 publishes; a
+//! resume position from one relay's sequence space is never used on another.
+//!
+//! Real `whispeer-relay` processes on 127.0.0.1 (port 0), killed with SIGKILL; every wait
+//! is on an event (a message, a state or relay change), bounded only by `TIMEOUT`.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use support::{identity, keyring_with, start_relay_binary, tree, within, RelayProcess};
+use whispeer::protocol::frame::Replay;
+use whispeer::{
+    Client, ConnectError, Encryption, Keyring, PublishOptions, Qos, Reconnect, Relays,
+    SubscribeOptions, Subscription,
+};
+
+/// A client over these relays, reconnecting quickly (the backoff is per full round).
+async fn client(urls: &[String], keys: Keyring) -> Result<Client, ConnectError> {
+    Client::builder()
+        .with(Relays::new(urls.iter().cloned()))
+        .with(Encryption::with_keyring(keys))
+        .with(identity())
+        .with(Reconnect::new(
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        ))
+        .connect()
+        .await
+}
+
+/// An address nothing listens on, held for the whole test: a TCP socket bound to a port
+/// but not listening, so a connection is refused and no other process can take the port.
+fn dead_port() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let a = s.local_addr().unwrap();
+    (s, a)
+}
+
+/// Stops (SIGSTOP) a relay process: it keeps its sockets but processes nothing.
+fn freeze(r: &RelayProcess) {
+    let st = std::process::Command::new("kill")
+        .args(["-STOP", &r.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Waits until `c` is connected to `url`.
+async fn on_relay(what: &str, c: &Client, url: &str) {
+    let mut rx = c.relay_changes();
+    within(what, async {
+        loop {
+            if *rx.borrow_and_update() == url && c.state() == whispeer::ConnectionState::Connected {
+                return;
+            }
+            let mut st = c.state_changes();
+            tokio::select! {
+                r = rx.changed() => r.unwrap(),
+                r = st.changed() => r.unwrap(),
+            }
+        }
+    })
+    .await
+}
+
+/// Takes messages until every value in `want` was seen; returns how often each value came.
+async fn take_until(
+    what: &str,
+    sub: &mut Subscription<u32>,
+    seen: &mut BTreeMap<u32, u32>,
+    want: impl IntoIterator<Item = u32>,
+) {
+    let want: Vec<u32> = want.into_iter().collect();
+    within(what, async {
+        while !want.iter().all(|v| seen.contains_key(v)) {
+            let m = sub.next_message().await.expect("open").expect("a message");
+            *seen.entry(m.value).or_default() += 1;
+        }
+    })
+    .await
+}
+
+fn qos1() -> PublishOptions {
+    PublishOptions::at_least_once()
+}
+
+/// Everything from the start of the relay's history, then live: after a move to a relay of
+/// another sequence space the subscription starts again as first asked, so what the
+/// publisher re-sent there before the subscriber arrived is in that history.
+fn all_history() -> SubscribeOptions {
+    SubscribeOptions::new()
+        .qos(Qos::AtLeastOnce)
+        .replay(Replay::FromSeq(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_moves_both_clients_to_the_next_relay_exactly_once() {
+    let a = start_relay_binary(&[]);
+    let b = start_relay_binary(&[]);
+    let t = tree("fo");
+    let sub_client = client(&[a.ws_url(), b.tcp_url()], keyring_with(&t))
+        .await
+        .unwrap();
+    let publisher = client(&[a.tcp_url(), b.ws_url()], keyring_with(&t))
+        .await
+        .unwrap();
+    assert_eq!(sub_client.relay_url(), a.ws_url());
+    assert_eq!(publisher.relay_url(), a.tcp_url());
+    let mut sub = sub_client
+        .subscribe_with_options::<u32>("feed/x", all_history())
+        .await
+        .unwrap();
+    let mut seen = BTreeMap::new();
+
+    // 1..=20 through A, each acknowledged and received.
+    for v in 1..=20u32 {
+        publisher.publish_with("feed/x", &v, qos1()).await.unwrap();
+    }
+    take_until("1..=20 on A", &mut sub, &mut seen, 1..=20).await;
+
+    // 21..=30 sent without waiting for their acks; once the subscriber has them, A freezes:
+    // some may be acknowledged, some not (those are re-sent to B and must not show twice).
+    let mut pending = Vec::new();
+    for v in 21..=30u32 {
+        let p = publisher.clone();
+        pending.push(tokio::spawn(async move {
+            p.publish_with("feed/x", &v, qos1()).await
+        }));
+    }
+    take_until("21..=30 on A", &mut sub, &mut seen, 21..=30).await;
+    freeze(&a);
+    // 31..=40 reach the frozen A's socket at most: never acknowledged, kept in the outbox.
+    for v in 31..=40u32 {
+        let p = publisher.clone();
+        pending.push(tokio::spawn(async move {
+            p.publish_with("feed/x", &v, qos1()).await
+        }));
+    }
+    // In the outbox (sent to the frozen A's socket, never acknowledged) before A dies.
+    let mut stats = publisher.stats_changes();
+    within(
+        "31..=40 kept",
+        stats.wait_for(|s| s.unacked_publishes >= 10),
+    )
+    .await
+    .unwrap();
+    let mut a = a;
+    a.child.kill().unwrap(); // SIGKILL
+    a.child.wait().unwrap();
+
+    on_relay("subscriber on B", &sub_client, &b.tcp_url()).await;
+    on_relay("publisher on B", &publisher, &b.ws_url()).await;
+    for p in pending {
+        within("kept publishes acknowledged by B", p)
+            .await
+            .unwrap()
+            .expect("acknowledged");
+    }
+    for v in 41..=50u32 {
+        publisher.publish_with("feed/x", &v, qos1()).await.unwrap();
+    }
+    take_until("31..=50 on B", &mut sub, &mut seen, 31..=50).await;
+    // A last one: anything delivered twice before it would be counted by now.
+    publisher
+        .publish_with("feed/x", &51u32, qos1())
+        .await
+        .unwrap();
+    take_until("the last one", &mut sub, &mut seen, [51]).await;
+
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (1..=51).collect::<Vec<_>>()
+    );
+    assert!(sub_client.stats().reconnects >= 1);
+    assert!(publisher.stats().reconnects >= 1);
+    assert_eq!(publisher.stats().unacked_publishes, 0);
+    sub_client.close().await;
+    publisher.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_connect_skips_a_dead_relay_and_fails_only_when_all_are_dead() {
+    let (_held, dead) = dead_port();
+    let (_held2, dead2) = dead_port();
+    let b = start_relay_binary(&[]);
+    let t = tree("fo");
+    let urls = [format!("ws://{dead}"), b.ws_url()];
+    let sub_client = client(&urls, keyring_with(&t))
+        .await
+        .expect("connects to B");
+    assert_eq!(sub_client.relay_url(), b.ws_url());
+    let publisher = client(&[format!("tcp://{dead}"), b.tcp_url()], keyring_with(&t))
+        .await
+        .expect("connects to B");
+    let mut sub = sub_client.subscribe::<u32>("feed/x").await.unwrap();
+    publisher
+        .publish_with("feed/x", &7u32, qos1())
+        .await
+        .unwrap();
+    let mut seen = BTreeMap::new();
+    take_until("7 through B", &mut sub, &mut seen, [7]).await;
+
+    // Every relay down: the first connection fails after one round (no endless retry).
+    let err = within(
+        "connect over two dead relays",
+        client(
+            &[format!("ws://{dead}"), format!("tcp://{dead2}")],
+            keyring_with(&t),
+        ),
+    )
+    .await
+    .expect_err("no relay answers");
+    // The error of the last relay tried (the second dead one).
+    match &err {
+        ConnectError::Io { addr, .. } => assert!(addr.contains(&dead2.port().to_string()), "{err}"),
+        other => panic!("expected Io, got {other:?}"),
+    }
+    sub_client.close().await;
+    publisher.close().await;
+}
+
+/// B numbers its messages far below A: a subscriber that resumed "after A's sequence N" on
+/// B would skip what B stored meanwhile. It must start again as first asked (here: B's
+/// whole history), get what B stored, and then live messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_position_is_not_used_in_another_sequence_space() {
+    let a = start_relay_binary(&[]);
+    let b = start_relay_binary(&[]);
+    let t = tree("fo");
+    let sub_client = client(&[a.ws_url(), b.ws_url()], keyring_with(&t))
+        .await
+        .unwrap();
+    let mut sub = sub_client
+        .subscribe_with_options::<u32>("feed/x", all_history())
+        .await
+        .unwrap();
+    // A's numbers climb well past anything B will use.
+    let on_a = client(&[a.tcp_url()], keyring_with(&t)).await.unwrap();
+    let mut seen = BTreeMap::new();
+    for v in 1..=60u32 {
+        on_a.publish_with("feed/x", &v, qos1()).await.unwrap();
+    }
+    take_until("1..=60 on A", &mut sub, &mut seen, 1..=60).await;
+
+    // Stored on B while the subscriber is on A: B's sequences 1..=5.
+    let on_b = client(&[b.tcp_url()], keyring_with(&t)).await.unwrap();
+    for v in 101..=105u32 {
+        let seq = on_b.publish_with("feed/x", &v, qos1()).await.unwrap();
+        assert!(seq <= 5, "B numbers from 1, got {seq}");
+    }
+
+    let mut a = a;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    on_relay("subscriber on B", &sub_client, &b.ws_url()).await;
+    take_until("B's history", &mut sub, &mut seen, 101..=105).await;
+    on_b.publish_with("feed/x", &106u32, qos1()).await.unwrap();
+    take_until("live on B", &mut sub, &mut seen, [106]).await;
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+    sub_client.close().await;
+    on_a.close().await;
+    on_b.close().await;
+}
