@@ -889,6 +889,10 @@ mod tests {
         let kr = Arc::new(RwLock::new(kr));
         let id = Identity::generate_with(&mut rng);
         let mut core = ClientCore::new(kr.clone());
+        assert!(
+            core.enter_seq_space(SeqSpace::Named([1; 16])),
+            "no positions yet"
+        );
         assert_eq!(
             core.subscribe(1, TopicFilter::new("a/#").unwrap(), Qos::AtMostOnce, 0)
                 .unwrap()
@@ -928,24 +932,39 @@ mod tests {
 
         // After a reconnect, subscriptions that saw stored messages resume right after the
         // last one (without retained values again); the others start as they first did.
-        let mut resumed: Vec<(u64, Option<frame::Replay>, bool)> = core
-            .resubscribe_all(0)
-            .into_iter()
-            .map(|f| match f {
-                Frame::Sub(s) => (core.local_for(s.sub_id).unwrap(), s.replay, s.retained),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        resumed.sort_by_key(|r| r.0);
+        // (Only on a relay of the same sequence space.)
+        let subs = |core: &mut ClientCore| {
+            let mut r: Vec<(u64, Option<frame::Replay>, bool)> = core
+                .resubscribe_all(0)
+                .into_iter()
+                .map(|f| match f {
+                    Frame::Sub(s) => (core.local_for(s.sub_id).unwrap(), s.replay, s.retained),
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect();
+            r.sort_by_key(|r| r.0);
+            r
+        };
+        assert!(core.enter_seq_space(SeqSpace::Named([1; 16])));
         use frame::Replay::FromSeq;
         assert_eq!(
-            resumed,
+            subs(&mut core),
             vec![
                 (1, Some(FromSeq(10)), false),
                 (2, Some(FromSeq(10)), false),
                 (3, None, true)
             ]
         );
+        // Another space (failover to a relay of another store): sequence 9 means nothing
+        // there, so every subscription starts again as first asked.
+        assert!(!core.enter_seq_space(SeqSpace::Named([2; 16])));
+        let fresh = vec![(1, None, true), (2, None, true), (3, None, true)];
+        assert_eq!(subs(&mut core), fresh);
+        assert_eq!(core.last_seq(), 0);
+        // A relay naming no space is known by its address only.
+        assert!(!core.enter_seq_space(SeqSpace::Unnamed(0)));
+        assert!(core.enter_seq_space(SeqSpace::Unnamed(0)));
+        assert!(!core.enter_seq_space(SeqSpace::Unnamed(1)));
         assert_eq!(core.unsubscribe(1).len(), 1);
     }
 
