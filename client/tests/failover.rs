@@ -267,3 +267,47 @@ async fn a_resume_position_is_not_used_in_another_sequence_space() {
     on_a.close().await;
     on_b.close().await;
 }
+
+/// The `seq_space` a relay process sends in `Welcome`.
+async fn welcome_space(r: &RelayProcess) -> Option<[u8; 16]> {
+    use support::raw::{read_frame, write_frame};
+    use whispeer::protocol::Frame;
+    let mut s = tokio::net::TcpStream::connect(r.tcp).await.unwrap();
+    write_frame(&mut s, &whispeer::core::ClientCore::hello("space-probe")).await;
+    loop {
+        match within("Welcome", read_frame(&mut s))
+            .await
+            .expect("a frame")
+        {
+            Frame::Welcome(w) => return w.seq_space,
+            Frame::Challenge(_) => panic!("relay wants auth"),
+            _ => {}
+        }
+    }
+}
+
+/// A SQLite store keeps its sequence space across a restart (its numbers go on, so clients
+/// resume by sequence); another store, or a memory store, is another space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_names_the_store_and_a_file_store_keeps_it_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let args = ["--store", "sqlite", "--store-path", path.to_str().unwrap()];
+    let mut a = start_relay_binary(&args);
+    let first = welcome_space(&a)
+        .await
+        .expect("the relay names its sequence space");
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let a2 = start_relay_binary(&args);
+    assert_eq!(
+        welcome_space(&a2).await,
+        Some(first),
+        "same store, same space"
+    );
+    let other = start_relay_binary(&[]);
+    let mem = start_relay_binary(&["--store", "memory"]);
+    let others = [welcome_space(&other).await, welcome_space(&mem).await];
+    assert!(others.iter().all(|s| s.is_some() && *s != Some(first)));
+    assert_ne!(others[0], others[1]);
+}
