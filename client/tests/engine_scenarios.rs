@@ -2005,6 +2005,9 @@ fn random_interleavings_keep_the_invariants() {
             c.sub_capacity = 3;
             c.ack_delay_ms = 5;
             c.offline_bytes = 4_000;
+            // One, two or three relay addresses: failover moves between them (each its own
+            // sequence space, as the scripted relay names none).
+            c.relays = 1 + (run % 3) as usize;
         });
         let mut r = rand_chacha::ChaCha20Rng::seed_from_u64(1_000 + run);
         // Envelopes sealed so far, with the at-least-once subscription each opens for.
