@@ -271,6 +271,9 @@ impl Driver {
         let now = self.now();
         match r {
             Ok(c) => {
+                // A later relay's handshake failure must not be reported as an earlier
+                // relay's dial error.
+                self.dial_error = None;
                 self.conn = Some(Live {
                     id,
                     writer: c.writer,
