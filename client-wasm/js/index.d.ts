@@ -392,6 +392,11 @@ export interface ClientStats {
    * and not acked (the relay sends them again). Stays 0 while the relay honours the credit.
    */
   heldBack: number;
+  /**
+   * Batch-signed messages (PROTOCOL §4.14) whose batch signature was already verified:
+   * each skipped one Ed25519 verification.
+   */
+  batchRootHits: number;
   /** Opened messages refused by the receiver checks (PROTOCOL §4.11), by reason. */
   refused: {
     beforeHorizon: number;

@@ -129,6 +129,7 @@ pub(crate) fn core_stats_object(s: &core::CoreStats) -> Object {
     set(&o, "duplicates", s.duplicates as f64);
     set(&o, "relayGaps", s.relay_gaps as f64);
     set(&o, "heldBack", s.held_back as f64);
+    set(&o, "batchRootHits", s.batch_root_hits as f64);
     let r = Object::new();
     set(&r, "beforeHorizon", s.refused.before_horizon as f64);
     set(&r, "future", s.refused.future as f64);

@@ -8,9 +8,11 @@
 //! ([`receive`]: dedup across subscriptions within a time horizon, clock skew, retained
 //! values that never move backwards, publisher policies) and counts refusals by reason.
 //! [`acks`] is the ack queue that keeps acks in relay-sequence order whatever the outcome.
-//! [`connection`] is the sans-IO connection engine both clients drive.
+//! [`connection`] is the sans-IO connection engine both clients drive. [`batching`] holds
+//! prepared publishes until one batch signature covers them (PROTOCOL §4.14).
 
 pub mod acks;
+pub mod batching;
 pub mod connection;
 pub mod receive;
 
@@ -21,8 +23,8 @@ use bytes::Bytes;
 use rand_core::CryptoRngCore;
 use whispeer_protocol::frame::{self, Hello, Msg, Pub, Sub, Unsub};
 use whispeer_protocol::{
-    Frame, Identity, Keyring, MessageId, Opener, Outgoing, Provenance, Qos, SealOptions, Sealer,
-    SenderId, Topic, TopicFilter, TreeId,
+    BatchPolicy, Frame, Identity, Keyring, MessageId, Opener, Outgoing, Prepared, Provenance, Qos,
+    SealOptions, Sealer, SenderId, Topic, TopicFilter, TreeId,
 };
 
 use crate::error::{PublishError, SubscribeError};
@@ -109,6 +111,9 @@ pub struct CoreStats {
     /// At-least-once messages left unacknowledged because a subscription had no room (the
     /// relay delivers them again).
     pub held_back: u64,
+    /// Batch-signed messages (PROTOCOL §4.14) whose batch signature this client had already
+    /// verified: each skipped one Ed25519 verification.
+    pub batch_root_hits: u64,
 }
 
 /// The numbering a relay's sequence numbers belong to (PROTOCOL §3.5.7): resume positions
@@ -261,7 +266,17 @@ pub struct SealPolicy {
     pub per_topic: Vec<(TopicFilter, SealOptions)>,
     /// Sign messages with the identity (when one is configured).
     pub sign: bool,
+    /// When signing: one signature per batch of publishes (`sig_scheme` 2, PROTOCOL
+    /// §4.14) with this window, or `None` for one signature per message (`sig_scheme` 1).
+    pub batch: Option<BatchPolicy>,
 }
+
+/// The default batch window: up to 64 messages, no added wait — whatever is pending when
+/// the connection task runs is signed at once (see [`batching`]).
+pub const DEFAULT_BATCH: BatchPolicy = BatchPolicy {
+    max_messages: 64,
+    max_wait_us: 0,
+};
 
 impl Default for SealPolicy {
     fn default() -> Self {
@@ -269,6 +284,7 @@ impl Default for SealPolicy {
             default: SealOptions::default(),
             per_topic: Vec::new(),
             sign: true,
+            batch: Some(DEFAULT_BATCH),
         }
     }
 }
@@ -280,6 +296,15 @@ impl SealPolicy {
             default,
             per_topic: Vec::new(),
             sign,
+            batch: Some(DEFAULT_BATCH),
+        }
+    }
+    /// Whether publishes with `identity` are batch-signed (prepared, then signed by the
+    /// connection's [`batching::PublishBatch`]) rather than sealed whole at once.
+    pub fn batches(&self, identity: Option<&Identity>) -> Option<BatchPolicy> {
+        match (self.sign, identity) {
+            (true, Some(_)) => self.batch,
+            _ => None,
         }
     }
     /// The options for `topic`.
@@ -336,13 +361,7 @@ pub fn seal_publish_in(
     now_ms: u64,
     rng: &mut impl CryptoRngCore,
 ) -> Result<(whispeer_protocol::Envelope, MessageId), PublishError> {
-    let key = {
-        let kr = keyring.read().expect("keyring lock");
-        match tree {
-            Some(t) => kr.topic_key_in(t, topic)?,
-            None => kr.topic_key(topic)?,
-        }
-    };
+    let key = topic_key(keyring, tree, topic)?;
     let msg_id = MessageId::random(rng);
     let out = Outgoing {
         payload,
@@ -353,6 +372,45 @@ pub fn seal_publish_in(
     let signer = if policy.sign { identity } else { None };
     let env = sealer.seal(&key, &out, &policy.for_topic(topic), signer, rng)?;
     Ok((env, msg_id))
+}
+
+/// The first half of a batch-signed publish: like [`seal_publish_in`] up to the signature
+/// (key lookup, compression, the §4.8 signature input), leaving signing and sealing to the
+/// connection's [`batching::PublishBatch`].
+#[allow(clippy::too_many_arguments)]
+pub fn prepare_publish_in(
+    keyring: &RwLock<Keyring>,
+    tree: Option<TreeId>,
+    policy: &SealPolicy,
+    sealer: &mut Sealer,
+    topic: &Topic,
+    content_type: &str,
+    payload: &[u8],
+    now_ms: u64,
+    rng: &mut impl CryptoRngCore,
+) -> Result<(Prepared, MessageId), PublishError> {
+    let key = topic_key(keyring, tree, topic)?;
+    let msg_id = MessageId::random(rng);
+    let out = Outgoing {
+        payload,
+        content_type,
+        msg_id,
+        ts_ms: now_ms,
+    };
+    let p = sealer.prepare(&key, &out, &policy.for_topic(topic))?;
+    Ok((p, msg_id))
+}
+
+fn topic_key(
+    keyring: &RwLock<Keyring>,
+    tree: Option<TreeId>,
+    topic: &Topic,
+) -> Result<whispeer_protocol::TopicKey, PublishError> {
+    let kr = keyring.read().expect("keyring lock");
+    Ok(match tree {
+        Some(t) => kr.topic_key_in(t, topic)?,
+        None => kr.topic_key(topic)?,
+    })
 }
 
 /// Builds the `Pub` frame for an envelope.
@@ -533,6 +591,7 @@ impl ClientCore {
     pub fn stats(&self) -> CoreStats {
         let mut s = self.stats.clone();
         s.refused = self.guard.stats().clone();
+        s.batch_root_hits = self.opener.verified_roots().hits();
         s
     }
 

@@ -501,6 +501,10 @@ impl Prepared {
     pub fn epoch(&self) -> u64 {
         self.key.keys.epoch()
     }
+    /// Bytes of the (compressed) payload to be sealed.
+    pub fn payload_len(&self) -> usize {
+        self.payload.len()
+    }
     /// The bytes a signature covers (§4.8); a batch leaf hashes them with its salt.
     pub fn sig_input(&self) -> &[u8] {
         &self.sig_input

@@ -131,6 +131,11 @@ impl ClientBuilder {
             plugins: self.plugins.clone(),
             backlog: backlog.clone(),
             first: first_tx,
+            batch: self
+                .policy
+                .batches(self.identity.as_ref())
+                .zip(self.identity.clone())
+                .map(|(b, i)| (i, b)),
             #[cfg(feature = "persistence")]
             saved,
         });

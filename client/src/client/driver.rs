@@ -16,8 +16,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::shared::{
-    now_ms, AckReply, Backlog, ClientStats, Command, ConnectionState, FlushReply, Item, SubReady,
+    now_ms, AckReply, Backlog, ClientStats, Command, ConnectionState, FlushReply, Item, Outbound,
+    SubReady,
 };
+use crate::core::batching::PublishBatch;
 use crate::core::connection::{
     AckToken, ConnId, Disconnect, Engine, Event, FlushId, Now, PublishFailure, PublishId, Transmit,
 };
@@ -47,8 +49,22 @@ pub(super) struct Parts {
     pub(super) backlog: Arc<Backlog>,
     /// The outcome of the first connection, for `connect()`.
     pub(super) first: oneshot::Sender<Result<(), ConnectError>>,
+    /// The identity and window of batch signing, when publishes arrive prepared.
+    pub(super) batch: Option<(whispeer_protocol::Identity, whispeer_protocol::BatchPolicy)>,
     #[cfg(feature = "persistence")]
     pub(super) saved: Option<crate::persist::Store>,
+}
+
+/// What a prepared publish carries through the batch: its options, the app's reply, its
+/// backlog bytes.
+type PendingPub = (crate::core::connection::PubOptions, Option<AckReply>, usize);
+
+/// Batch signing in the driver: the publishes prepared by the app's tasks, the signer, and
+/// the sealer that seals them once the batch is signed.
+struct Batching {
+    batch: PublishBatch<PendingPub>,
+    signer: whispeer_protocol::Identity,
+    sealer: whispeer_protocol::Sealer,
 }
 
 /// A subscription's side of the driver.
@@ -85,13 +101,20 @@ pub(super) struct Driver {
     dial_error: Option<ConnectError>,
     /// Backlog bytes of publishes handed to the engine, released once it is drained.
     unwritten: usize,
+    batching: Option<Batching>,
 }
 
 impl Driver {
     pub(super) fn new(mut p: Parts) -> Self {
         let (tx, _) = oneshot::channel();
         let first = std::mem::replace(&mut p.first, tx);
+        let batching = p.batch.take().map(|(signer, policy)| Batching {
+            batch: PublishBatch::new(policy),
+            signer,
+            sealer: whispeer_protocol::Sealer::new(),
+        });
         Driver {
+            batching,
             p,
             first: Some(first),
             sinks: BTreeMap::new(),
@@ -113,6 +136,73 @@ impl Driver {
         Now::new(u64::try_from(mono).unwrap_or(u64::MAX), now_ms())
     }
 
+    /// Microseconds on the driver's clock (the batch window).
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.p.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Signs and seals the pending batch (when `force`, or when it is due) and hands each
+    /// publish to the engine in order.
+    fn seal_batch(&mut self, force: bool) {
+        let now_us = self.now_us();
+        let Some(b) = &mut self.batching else { return };
+        if b.batch.is_empty() || !(force || b.batch.due(now_us)) {
+            return;
+        }
+        let sealed = b
+            .batch
+            .seal_all(&mut b.sealer, &b.signer, &mut rand_core::OsRng);
+        for (env, (opts, reply, reserved)) in sealed {
+            match env {
+                Ok(env) => self.publish_sealed(env, opts, reply, reserved),
+                Err(e) => {
+                    self.unwritten += reserved;
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(PublishError::Seal(e)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// When the pending batch is due by time (a positive window only).
+    fn batch_deadline(&self) -> Option<Instant> {
+        let b = self.batching.as_ref()?;
+        let us = b.batch.deadline_us()?;
+        Some(self.p.epoch + Duration::from_micros(us))
+    }
+
+    /// Hands a sealed publish to the engine.
+    fn publish_sealed(
+        &mut self,
+        envelope: whispeer_protocol::Envelope,
+        opts: crate::core::connection::PubOptions,
+        reply: Option<AckReply>,
+        reserved: usize,
+    ) {
+        let now = self.now();
+        // Released once the engine's queue is written (`transmit`).
+        self.unwritten += reserved;
+        match self.p.eng.publish(envelope, opts, now) {
+            Ok(Some(pid)) => {
+                self.keep(&pid);
+                if let Some(r) = reply {
+                    self.acks.insert(pid, r);
+                }
+            }
+            Ok(None) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(0));
+                }
+            }
+            Err(e) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(e));
+                }
+            }
+        }
+    }
+
     fn instant(&self, deadline: Option<u64>) -> Instant {
         match deadline {
             Some(ms) => self.p.epoch + Duration::from_millis(ms),
@@ -124,7 +214,12 @@ impl Driver {
         let sleep = tokio::time::sleep_until(self.instant(None));
         tokio::pin!(sleep);
         let mut armed: Option<u64> = None;
+        let far = Instant::now() + Duration::from_secs(86_400);
+        let batch_sleep = tokio::time::sleep_until(far);
+        tokio::pin!(batch_sleep);
         loop {
+            // 0. Publishes prepared for a batch signature: signed and sealed once due.
+            self.seal_batch(false);
             // 1. Transmit (acks released by the events below come back round here).
             self.transmit().await;
             // 2. Events (counters current before the app sees a message); then anything
@@ -141,7 +236,12 @@ impl Driver {
                 sleep.as_mut().reset(self.instant(dl));
             }
             self.sync_stats();
+            let batch_due = self.batch_deadline();
+            if let Some(at) = batch_due {
+                batch_sleep.as_mut().reset(at);
+            }
             tokio::select! {
+                _ = &mut batch_sleep, if batch_due.is_some() => self.seal_batch(true),
                 inc = recv(&mut self.conn) => self.on_incoming(inc),
                 d = dialed(&mut self.dialing) => self.on_dialed(d),
                 cmd = self.p.cmd_rx.recv() => match cmd {
@@ -157,6 +257,7 @@ impl Driver {
                     }
                     // Every handle is gone: close politely (kept publishes stay saved).
                     None => {
+                        self.seal_batch(true);
                         let now = self.now();
                         self.p.eng.close(now);
                     }
@@ -294,31 +395,30 @@ impl Driver {
         let now = self.now();
         match cmd {
             Command::Publish {
-                envelope,
+                envelope: Outbound::Prepared(p),
+                opts,
+                reply,
+                reserved,
+            } => match (self.now_us(), &mut self.batching) {
+                (now_us, Some(b)) => {
+                    b.batch.push(*p, (opts, reply, reserved), now_us);
+                }
+                (_, None) => {
+                    self.unwritten += reserved;
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(PublishError::Closed));
+                    }
+                }
+            },
+            Command::Publish {
+                envelope: Outbound::Sealed(envelope),
                 opts,
                 reply,
                 reserved,
             } => {
-                // Released once the engine's queue is written (`transmit`).
-                self.unwritten += reserved;
-                match self.p.eng.publish(envelope, opts, now) {
-                    Ok(Some(pid)) => {
-                        self.keep(&pid);
-                        if let Some(r) = reply {
-                            self.acks.insert(pid, r);
-                        }
-                    }
-                    Ok(None) => {
-                        if let Some(r) = reply {
-                            let _ = r.send(Ok(0));
-                        }
-                    }
-                    Err(e) => {
-                        if let Some(r) = reply {
-                            let _ = r.send(Err(e));
-                        }
-                    }
-                }
+                // In publish order: the batch before it goes first.
+                self.seal_batch(true);
+                self.publish_sealed(envelope, opts, reply, reserved);
             }
             Command::Ack(token) => self.p.eng.ack(token, now),
             Command::Subscribe {
@@ -346,10 +446,12 @@ impl Driver {
                 self.p.eng.refresh_keys(now);
             }
             Command::Flush(tx) => {
+                self.seal_batch(true);
                 let id = self.p.eng.flush(now);
                 self.flushes.insert(id, tx);
             }
             Command::Close(done) => {
+                self.seal_batch(true);
                 self.closing.push(done);
                 self.p.eng.close(now);
             }

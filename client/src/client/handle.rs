@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use whispeer_protocol::{Grant, Sealer, SenderId, Topic, TopicFilter};
 
 use super::shared::{
-    now_ms, ClientStats, Command, ConnectionState, Inner, Message, PublishOptions,
+    now_ms, ClientStats, Command, ConnectionState, Inner, Message, Outbound, PublishOptions,
 };
 use super::subscription::{decode_cbor, decode_raw, Subscription};
 use crate::core::{self, Received, SubscribeOptions};
@@ -134,28 +134,45 @@ impl Client {
             .cloned()
     }
 
+    /// Seals a publish whole, or — when batch-signing — prepares it for the driver's batch.
     fn seal(
         &self,
         tree: Option<whispeer_protocol::TreeId>,
         topic: &Topic,
         content_type: &str,
         payload: &[u8],
-    ) -> Result<whispeer_protocol::Envelope, PublishError> {
+    ) -> Result<Outbound, PublishError> {
         let i = &self.inner;
         SEALER.with(|s| {
-            core::seal_publish_in(
-                &i.keyring,
-                tree,
-                i.identity.as_ref(),
-                &i.policy,
-                &mut s.borrow_mut(),
-                topic,
-                content_type,
-                payload,
-                now_ms(),
-                &mut OsRng,
-            )
-            .map(|(env, _)| env)
+            let s = &mut s.borrow_mut();
+            if i.policy.batches(i.identity.as_ref()).is_some() {
+                core::prepare_publish_in(
+                    &i.keyring,
+                    tree,
+                    &i.policy,
+                    s,
+                    topic,
+                    content_type,
+                    payload,
+                    now_ms(),
+                    &mut OsRng,
+                )
+                .map(|(p, _)| Outbound::Prepared(Box::new(p)))
+            } else {
+                core::seal_publish_in(
+                    &i.keyring,
+                    tree,
+                    i.identity.as_ref(),
+                    &i.policy,
+                    s,
+                    topic,
+                    content_type,
+                    payload,
+                    now_ms(),
+                    &mut OsRng,
+                )
+                .map(|(env, _)| Outbound::Sealed(env))
+            }
         })
     }
 
@@ -166,7 +183,7 @@ impl Client {
         topic: Topic,
         content_type: &str,
         payload: &[u8],
-    ) -> Result<whispeer_protocol::Envelope, PublishError> {
+    ) -> Result<Outbound, PublishError> {
         if self.inner.plugins.is_empty() {
             return self.seal(tree, &topic, content_type, payload);
         }
@@ -180,14 +197,10 @@ impl Client {
     }
 
     /// Hands a sealed envelope to the driver; waits for the `PubAck` when the publish does.
-    async fn send(
-        &self,
-        envelope: whispeer_protocol::Envelope,
-        opts: PublishOptions,
-    ) -> Result<u64, PublishError> {
+    async fn send(&self, envelope: Outbound, opts: PublishOptions) -> Result<u64, PublishError> {
         let cmd = &self.inner.cmd;
         // Backpressure: wait while the driver has a high-water mark's worth to write.
-        let reserved = envelope.as_bytes().len();
+        let reserved = envelope.wire_len();
         let backlog = &self.inner.backlog;
         if !backlog.reserve(reserved, || cmd.is_closed()).await {
             return Err(PublishError::Closed);

@@ -187,10 +187,11 @@ pub(crate) type FlushReply = oneshot::Sender<Result<(), FlushError>>;
 
 /// What the handle asks of the driver task.
 pub(crate) enum Command {
-    /// A sealed envelope; `reply` when the publish waits for its `PubAck`; `reserved`: its
-    /// bytes in the [`Backlog`], released once the driver has written it.
+    /// A sealed envelope, or one prepared for the batch signature; `reply` when the publish
+    /// waits for its `PubAck`; `reserved`: its bytes in the [`Backlog`], released once the
+    /// driver has written it.
     Publish {
-        envelope: Envelope,
+        envelope: Outbound,
         opts: PubOptions,
         reply: Option<AckReply>,
         reserved: usize,
@@ -212,6 +213,26 @@ pub(crate) enum Command {
     Resubscribe,
     Flush(FlushReply),
     Close(oneshot::Sender<()>),
+}
+
+/// A publish on its way to the driver.
+pub(crate) enum Outbound {
+    /// Sealed whole (unsigned or signed alone) in the publishing task.
+    Sealed(Envelope),
+    /// Prepared in the publishing task; the driver signs it with the rest of its batch and
+    /// seals it ([`crate::core::batching`]).
+    Prepared(Box<whispeer_protocol::Prepared>),
+}
+
+impl Outbound {
+    /// The bytes it will take on the wire, near enough for backpressure.
+    pub(crate) fn wire_len(&self) -> usize {
+        match self {
+            Outbound::Sealed(e) => e.as_bytes().len(),
+            // Header, proof (a path of up to 12 hashes) and tag: well under 1 KiB.
+            Outbound::Prepared(p) => p.payload_len() + 640,
+        }
+    }
 }
 
 /// What every clone of a [`crate::Client`] shares.

@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 use rand::RngCore;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
-use whispeer::{Client, Compression, Identity, Padding, Topic, TreeKey};
+use whispeer::{Client, Compression, Identity, Padding, Signing, Topic, TreeKey};
 
 use crate::io::{self, AnyKey, KeyArgs};
 use crate::pubsub::{secs, ConnArgs};
@@ -76,9 +76,20 @@ pub struct BenchArgs {
     /// Exact sizes instead of Padmé padding.
     #[arg(long)]
     no_padding: bool,
-    /// Do not sign messages (publishers have no identity).
+    /// Do not sign messages (publishers have no identity); the same as `--signing off`.
     #[arg(long)]
     no_sign: bool,
+    /// How publishers sign: `batch` (the default: one Ed25519 signature per batch of
+    /// messages, PROTOCOL §4.14), `message` (one per message), `off` (unsigned).
+    #[arg(long, value_enum, default_value_t = SigningArg::Batch)]
+    signing: SigningArg,
+    /// Batch signing: most messages per signature (1..=4096).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    batch_max: u32,
+    /// Batch signing: microseconds a batch waits for more messages after its first (0:
+    /// sign whatever is pending at once).
+    #[arg(long, value_name = "MICROS", default_value_t = 0)]
+    batch_wait_us: u64,
     /// Print one JSON object with the results instead of text.
     #[arg(long)]
     json: bool,
@@ -91,6 +102,27 @@ pub struct BenchArgs {
     tree: Option<whispeer::protocol::TreeId>,
     #[command(flatten)]
     keys: KeyArgs,
+}
+
+/// `--signing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SigningArg {
+    /// One signature per batch of messages.
+    Batch,
+    /// One signature per message.
+    Message,
+    /// Unsigned.
+    Off,
+}
+
+impl SigningArg {
+    fn name(self) -> &'static str {
+        match self {
+            SigningArg::Batch => "batch",
+            SigningArg::Message => "message",
+            SigningArg::Off => "off",
+        }
+    }
 }
 
 /// Shared between publishers, subscribers and the progress ticker.
@@ -166,6 +198,7 @@ struct SubResult {
     reconnects: u64,
     relay_gaps: u64,
     rejected: u64,
+    batch_root_hits: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -200,6 +233,13 @@ struct Report {
     topic: String,
     reconnects: u64,
     relay_gaps: u64,
+    /// `batch`, `message` or `off`.
+    signing: &'static str,
+    /// Signatures the subscribers did not have to check (batch signing, PROTOCOL §4.14).
+    batch_root_hits: u64,
+    /// CPU seconds this process used (publishers and subscribers together), from
+    /// `/proc/self/stat` (0 where there is none).
+    cpu_s: f64,
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -242,8 +282,18 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         Some(l) if l > 0 => Compression::zstd(l),
         _ => Compression::none(),
     };
+    let signing_arg = if a.no_sign {
+        SigningArg::Off
+    } else {
+        a.signing
+    };
+    let signing = match signing_arg {
+        SigningArg::Batch => Signing::batched(a.batch_max, Duration::from_micros(a.batch_wait_us)),
+        SigningArg::Message => Signing::per_message(),
+        SigningArg::Off => Signing::off(),
+    };
     let connect = |identity: Option<Identity>| {
-        connect_bench(&a.conn, &keys, identity, compression, a.no_padding)
+        connect_bench(&a.conn, &keys, identity, signing, compression, a.no_padding)
     };
 
     // Connect everyone and subscribe before the first publish.
@@ -258,7 +308,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     }
     let mut pub_clients = Vec::with_capacity(a.pubs);
     for _ in 0..a.pubs {
-        let id = (!a.no_sign).then(Identity::generate);
+        let id = (signing_arg != SigningArg::Off).then(Identity::generate);
         pub_clients.push(connect(id).await?);
     }
 
@@ -371,6 +421,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let mut last_ns = 0;
     let mut relay_gaps = 0;
     let mut rejected = 0;
+    let mut batch_root_hits = 0;
     let mut reconnects: u64 = pubs.iter().map(|p| p.reconnects).sum();
     for t in sub_tasks {
         let r = t.await.context("subscriber task")?;
@@ -379,6 +430,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         last_ns = last_ns.max(r.last_ns);
         relay_gaps += r.relay_gaps;
         rejected += r.rejected;
+        batch_root_hits += r.batch_root_hits;
         reconnects += r.reconnects;
     }
 
@@ -425,6 +477,9 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         topic: a.topic.clone(),
         reconnects,
         relay_gaps,
+        signing: signing_arg.name(),
+        batch_root_hits,
+        cpu_s: round3(process_cpu_seconds()),
     };
     if reconnects > 0 {
         io::warn(format!(
@@ -447,6 +502,7 @@ async fn connect_bench(
     conn: &ConnArgs,
     keys: &[AnyKey],
     identity: Option<Identity>,
+    signing: Signing,
     compression: Compression,
     no_padding: bool,
 ) -> Result<Client> {
@@ -454,6 +510,7 @@ async fn connect_bench(
     let mut b = Client::builder()
         .with(whispeer::Relays::new(conn.urls()))
         .with(whispeer::Encryption::with_keyring(keyring))
+        .with(signing)
         .with(compression)
         .with(if no_padding {
             Padding::none()
@@ -598,6 +655,7 @@ async fn subscriber(
         reconnects: stats.reconnects,
         relay_gaps: stats.core.relay_gaps,
         rejected: stats.core.rejected,
+        batch_root_hits: stats.core.batch_root_hits,
     }
 }
 
@@ -617,6 +675,22 @@ fn progress_bar(a: &BenchArgs, duration: Duration) -> indicatif::ProgressBar {
         bar.set_style(style.progress_chars("=> "));
     }
     bar
+}
+
+/// CPU seconds (user + system) of this process so far: fields 14 and 15 of
+/// `/proc/self/stat`, in clock ticks (100 per second on Linux). 0 where there is no `/proc`.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // The command name (field 2) may hold spaces: count from after its closing parenthesis.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
 }
 
 fn round1(x: f64) -> f64 {
@@ -673,7 +747,18 @@ fn print_human(r: &Report) -> Result<()> {
             r.latency_us.max,
             r.latency_us.mean
         ),
-        format!("duration:  {:.3} s", r.duration_s),
+        format!(
+            "signing:   {} ({} of {} deliveries rode on an already verified batch signature)",
+            r.signing,
+            fmt_int(r.batch_root_hits as f64),
+            fmt_int(r.received as f64)
+        ),
+        format!(
+            "duration:  {:.3} s; this process used {:.2} CPU s ({:.2} cores)",
+            r.duration_s,
+            r.cpu_s,
+            r.cpu_s / r.duration_s.max(1e-9)
+        ),
     ];
     for l in lines {
         io::print_or_exit(&l)?;
