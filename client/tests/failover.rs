@@ -8,6 +8,8 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::{identity, keyring_with, start_relay_binary, tree, within, RelayProcess};
@@ -47,6 +49,46 @@ fn freeze(r: &RelayProcess) {
         .status()
         .unwrap();
     assert!(st.success());
+}
+
+/// A TCP proxy to a relay that can swallow everything the relay sends back (`mute`): the
+/// relay gets and delivers a client's publishes, the client never sees their `PubAck`s.
+/// A connection ends when either side does.
+async fn mute_proxy(upstream: std::net::SocketAddr) -> (String, Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("tcp://{}", l.local_addr().unwrap());
+    let mute = Arc::new(AtomicBool::new(false));
+    let m = mute.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let Ok(relay) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let m = m.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut rr, mut rw) = relay.into_split();
+                let down = async {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = rr.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        if !m.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::io::copy(&mut cr, &mut rw) => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    (url, mute)
 }
 
 /// Waits until `c` is connected to `url`.
@@ -105,11 +147,13 @@ async fn sigkill_mid_stream_moves_both_clients_to_the_next_relay_exactly_once() 
     let sub_client = client(&[a.ws_url(), b.tcp_url()], keyring_with(&t))
         .await
         .unwrap();
-    let publisher = client(&[a.tcp_url(), b.ws_url()], keyring_with(&t))
+    // The publisher reaches A through a proxy that can hide A's answers from it.
+    let (to_a, mute) = mute_proxy(a.tcp).await;
+    let publisher = client(&[to_a.clone(), b.ws_url()], keyring_with(&t))
         .await
         .unwrap();
     assert_eq!(sub_client.relay_url(), a.ws_url());
-    assert_eq!(publisher.relay_url(), a.tcp_url());
+    assert_eq!(publisher.relay_url(), to_a);
     let mut sub = sub_client
         .subscribe_with_options::<u32>("feed/x", all_history())
         .await
@@ -122,8 +166,10 @@ async fn sigkill_mid_stream_moves_both_clients_to_the_next_relay_exactly_once() 
     }
     take_until("1..=20 on A", &mut sub, &mut seen, 1..=20).await;
 
-    // 21..=30 sent without waiting for their acks; once the subscriber has them, A freezes:
-    // some may be acknowledged, some not (those are re-sent to B and must not show twice).
+    // 21..=30: A stores and delivers them, but their `PubAck`s never reach the publisher,
+    // so it re-sends all ten to B, which delivers them again: the subscriber's dedup must
+    // show each once.
+    mute.store(true, Ordering::SeqCst);
     let mut pending = Vec::new();
     for v in 21..=30u32 {
         let p = publisher.clone();
@@ -132,6 +178,13 @@ async fn sigkill_mid_stream_moves_both_clients_to_the_next_relay_exactly_once() 
         }));
     }
     take_until("21..=30 on A", &mut sub, &mut seen, 21..=30).await;
+    let mut stats = publisher.stats_changes();
+    within(
+        "21..=30 kept",
+        stats.wait_for(|s| s.unacked_publishes >= 10),
+    )
+    .await
+    .unwrap();
     freeze(&a);
     // 31..=40 reach the frozen A's socket at most: never acknowledged, kept in the outbox.
     for v in 31..=40u32 {
@@ -141,10 +194,9 @@ async fn sigkill_mid_stream_moves_both_clients_to_the_next_relay_exactly_once() 
         }));
     }
     // In the outbox (sent to the frozen A's socket, never acknowledged) before A dies.
-    let mut stats = publisher.stats_changes();
     within(
         "31..=40 kept",
-        stats.wait_for(|s| s.unacked_publishes >= 10),
+        stats.wait_for(|s| s.unacked_publishes >= 20),
     )
     .await
     .unwrap();
@@ -154,6 +206,7 @@ async fn sigkill_mid_stream_moves_both_clients_to_the_next_relay_exactly_once() 
 
     on_relay("subscriber on B", &sub_client, &b.tcp_url()).await;
     on_relay("publisher on B", &publisher, &b.ws_url()).await;
+    mute.store(false, Ordering::SeqCst); // (A is gone; nothing goes through the proxy now)
     for p in pending {
         within("kept publishes acknowledged by B", p)
             .await
@@ -177,6 +230,10 @@ async fn sigkill_mid_stream_moves_both_clients_to_the_next_relay_exactly_once() 
         seen.keys().copied().collect::<Vec<_>>(),
         (1..=51).collect::<Vec<_>>()
     );
+    // 21..=30 came twice (from A, then from B after the publisher re-sent them): the
+    // dedup window dropped the second copies (counted), the app saw each once (above).
+    let dups = sub_client.stats().core.duplicates;
+    assert!(dups >= 10, "duplicates dropped: {dups}");
     assert!(sub_client.stats().reconnects >= 1);
     assert!(publisher.stats().reconnects >= 1);
     assert_eq!(publisher.stats().unacked_publishes, 0);
