@@ -368,3 +368,21 @@ async fn welcome_names_the_store_and_a_file_store_keeps_it_across_restarts() {
     assert!(others.iter().all(|s| s.is_some() && *s != Some(first)));
     assert_ne!(others[0], others[1]);
 }
+
+/// `Relays` from a comma-separated list (what `--relay` and `WHISPEER_RELAY` take): blanks
+/// and empty entries dropped, a bare `host:port` is WebSocket; a bad URL fails `connect`
+/// at once, before any relay is dialed.
+#[tokio::test]
+async fn relay_lists_parse_and_a_bad_url_fails_connect() {
+    assert_eq!(
+        Relays::parse_list(" ws://a:1, ,tcp://b:2,c:3 ").urls(),
+        ["ws://a:1", "tcp://b:2", "ws://c:3"]
+    );
+    let err = client(
+        &["ws://127.0.0.1:1".into(), "http://x:2".into()],
+        Keyring::new(),
+    )
+    .await
+    .expect_err("http:// is no relay URL");
+    assert!(matches!(err, ConnectError::InvalidUrl { .. }), "{err:?}");
+}
