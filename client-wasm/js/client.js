@@ -46,6 +46,21 @@ const CONNECT_OPTIONS = [
   'sendHighWaterMark', 'name', 'auth', 'persistence',
 ];
 const TOPIC_OPTIONS = ['compression', 'padding'];
+
+/**
+ * The relay URLs of `Client.connect`: one `ws://`/`wss://` URL, an array of them, or a
+ * comma-separated list (as the CLI's `--relay a,b,c`), in the order they are tried.
+ */
+function relayUrls(url) {
+  const list = Array.isArray(url) ? url : typeof url === 'string' ? url.split(',') : [url];
+  const urls = list.map((u) => (typeof u === 'string' ? u.trim() : u)).filter((u) => u !== '');
+  if (urls.length === 0)
+    throw new WhispeerError('INVALID_URL', `expected a relay URL or a list of them, got ${JSON.stringify(url)}`);
+  for (const u of urls)
+    if (typeof u !== 'string' || !/^wss?:\/\//.test(u))
+      throw new WhispeerError('INVALID_URL', `relay URL must be ws:// or wss://, got ${u}`);
+  return urls;
+}
 /** The content type of a retained value's clear (PROTOCOL §4.11; Rust `core::CLEAR_RETAINED`). */
 const CLEAR_RETAINED = 'application/vnd.whispeer.clear-retained';
 /** Publishes handed to the engine before it is pumped at once (the batch-signature size). */
@@ -319,11 +334,14 @@ export class TypedTopic {
 }
 
 /**
- * A client connected to one relay. Publish and subscribe with plain JS values; the
- * connection reconnects with backoff and resubscribes on its own.
+ * A client connected to a relay. Publish and subscribe with plain JS values; the
+ * connection reconnects with backoff and resubscribes on its own. Given several relay URLs
+ * it fails over between them (the shared engine goes round them: the next one at once
+ * after a failure, the backoff after a full round).
  */
 export class Client {
-  #url;
+  #urls; // the relay URLs, in the order tried
+  #url; // the one in use (or last tried)
   #opts;
   #eng;
   #ws = null; // the current socket
@@ -370,11 +388,11 @@ export class Client {
 
   /** Use `Client.connect`. */
   constructor(url, options = {}) {
-    if (typeof url !== 'string' || !/^wss?:\/\//.test(url))
-      throw new WhispeerError('INVALID_URL', `relay URL must be ws:// or wss://, got ${url}`);
+    const urls = relayUrls(url);
     if (!WebSocketImpl) throw new WhispeerError('NO_WEBSOCKET', 'no WebSocket implementation available');
     checkOptions('Client.connect', options, CONNECT_OPTIONS);
-    this.#url = url;
+    this.#urls = urls;
+    this.#url = urls[0];
     this.#opts = {
       connectTimeoutMs: 10_000,
       reconnectBuffer: 8 * 1024 * 1024,
@@ -382,6 +400,7 @@ export class Client {
       sendHighWaterMark: 1024 * 1024,
       name: 'whispeer-js/0.1.0',
       ...options,
+      relays: urls.length,
     };
     delete this.#opts.persistence;
     this.#openStore = persistenceOption(options.persistence);
@@ -459,9 +478,14 @@ export class Client {
     return this.#state;
   }
 
-  /** The relay URL. */
+  /** The URL of the relay in use (the last one tried while reconnecting). */
   get url() {
     return this.#url;
+  }
+
+  /** Every relay URL given, in the order they are tried. */
+  get urls() {
+    return [...this.#urls];
   }
 
   /** This client's sender id (`wspk1…`), or null without an identity. */
@@ -623,7 +647,7 @@ export class Client {
         this.#persist(); // a kept publish is saved before its frame leaves
         for (let t; (t = eng.pollTransmit()) !== undefined; ) {
           if (t instanceof Uint8Array) this.#write(t);
-          else if (t.dial !== undefined) this.#dial(t.dial);
+          else if (t.dial !== undefined) this.#dial(t.dial, t.relay ?? 0);
           else if (t.hangup !== undefined) this.#hangup(t.hangup);
         }
         this.#arm(eng.pollTimeout());
@@ -658,12 +682,14 @@ export class Client {
     } catch {} // the socket is going away: its close event reports it
   }
 
-  #dial(id) {
+  #dial(id, relay) {
+    const url = this.#urls[relay % this.#urls.length];
+    this.#url = url;
     let ws;
     try {
-      ws = new WebSocketImpl(this.#url);
+      ws = new WebSocketImpl(url);
     } catch (e) {
-      this.#eng.handleDisconnected(id, `cannot open ${this.#url}: ${e.message}`, mono(), Date.now());
+      this.#eng.handleDisconnected(id, `cannot open ${url}: ${e.message}`, mono(), Date.now());
       this.#again = true;
       return;
     }
@@ -687,7 +713,7 @@ export class Client {
       this.#sockets.delete(id);
       if (this.#ws === ws) this.#ws = null;
       const why = error
-        ? `cannot reach relay at ${this.#url}: ${error}`
+        ? `cannot reach relay at ${url}: ${error}`
         : `connection closed (${ev?.code ?? ''} ${ev?.reason ?? ''})`.trim();
       this.#eng.handleDisconnected(id, why, mono(), Date.now());
       this.#pump();
@@ -767,7 +793,8 @@ export class Client {
         break;
       }
       case 'connected':
-        this.#setState('connected');
+        this.#url = this.#urls[e.relay % this.#urls.length];
+        this.#setState('connected', { url: this.#url });
         this.#first?.resolve();
         this.#first = null;
         break;

@@ -221,7 +221,10 @@ export interface ReconnectOptions {
   initialDelayMs?: number;
   /** Longest delay (default 5000 ms). */
   maxDelayMs?: number;
-  /** Give up (state `closed`) after this many failed attempts in a row (default Infinity). */
+  /**
+   * Give up (state `closed`) after this many failed attempts in a row (default Infinity).
+   * With several relays the backoff and this count apply per full round over them.
+   */
   maxAttempts?: number;
 }
 
@@ -445,13 +448,24 @@ export class Subscription<T = Received> implements AsyncIterableIterator<Message
 
 export class Client {
   private constructor();
-  /** Connects (the first attempt must succeed unless `retryFirstConnect`). */
-  static connect(url: string, options?: ConnectOptions): Promise<Client>;
+  /**
+   * Connects (the first attempt must succeed unless `retryFirstConnect`). Several relays
+   * (an array, or a comma-separated list) fail over in order: the first connection tries
+   * each in turn; a lost connection moves to the next at once, the backoff waits only
+   * after a full round; subscriptions and unacknowledged QoS ≥ 1 publishes carry over.
+   */
+  static connect(url: string | readonly string[], options?: ConnectOptions): Promise<Client>;
   readonly state: ConnectionState;
+  /** The relay in use (the last one tried while reconnecting). */
   readonly url: string;
+  /** Every relay URL given, in the order tried. */
+  readonly urls: string[];
   readonly senderId: string | null;
   stats(): ClientStats;
-  on(event: 'state', fn: (state: ConnectionState, detail?: { attempt?: number; reason?: string }) => void): () => void;
+  on(
+    event: 'state',
+    fn: (state: ConnectionState, detail?: { attempt?: number; reason?: string; url?: string }) => void,
+  ): () => void;
   on(event: 'error', fn: (error: unknown) => void): () => void;
   /** At most once, messages were lost for a subscription (its buffer was full, or a relay gap). */
   on(event: 'lag', fn: (e: { subscription: Subscription<unknown>; lost: number }) => void): () => void;

@@ -119,7 +119,8 @@ struct Saving {
 #[wasm_bindgen]
 impl Engine {
     /// An engine sealing with `core` (moved in: its keys, identity, topic options and
-    /// relay account) and configured by `options` (`name`, `connectTimeoutMs`, `reconnect:
+    /// relay account) and configured by `options` (`name`, `relays` (how many URLs),
+    /// `connectTimeoutMs`, `reconnect:
     /// { initialDelayMs, maxDelayMs, maxAttempts }`, `retryFirstConnect`,
     /// `reconnectBuffer`, `keptBytes`, `subscriptionCapacity`, `heartbeatMs`, `state`).
     /// `seed`: 32 random bytes (`crypto.getRandomValues`) for publish ids and backoff
@@ -155,6 +156,8 @@ impl Engine {
         cfg.sub_capacity = ms("subscriptionCapacity", cfg.sub_capacity)?.max(1);
         cfg.default_heartbeat_ms = ms("heartbeatMs", cfg.default_heartbeat_ms)?;
         cfg.retry_first_connect = flag(options, "retryFirstConnect")?.unwrap_or(false);
+        // How many relay URLs the driver has: the engine goes round them (`dial.relay`).
+        cfg.relays = count(options, "relays")?.map_or(1, |n| n.clamp(1.0, 1024.0) as usize);
         if let Some(r) = get(options, "reconnect") {
             let d = Backoff::default();
             let max_attempts = match count(&r, "maxAttempts")? {
@@ -416,8 +419,8 @@ impl Engine {
 
     // ---- outputs -----------------------------------------------------------------------
 
-    /// The next thing to do: a `Uint8Array` (a frame for the current socket), `{ dial: id }`
-    /// (open a socket), `{ hangup: id }` (close it after what was sent), or `undefined`.
+    /// The next thing to do: a `Uint8Array` (a frame for the current socket), `{ dial: id,
+    /// relay }` (open a socket to URL number `relay` of the `relays` given), `{ hangup: id }` (close it after what was sent), or `undefined`.
     #[wasm_bindgen(js_name = pollTransmit)]
     pub fn poll_transmit(&mut self) -> JsValue {
         if !self.batch.is_empty() {
@@ -429,6 +432,7 @@ impl Engine {
             Some(Transmit::Dial(c)) => {
                 let o = Object::new();
                 set(&o, "dial", c as f64);
+                set(&o, "relay", self.eng.dial_relay(c) as f64);
                 o.into()
             }
             Some(Transmit::Hangup(c)) => {
@@ -642,7 +646,9 @@ impl Engine {
             E::Connected {
                 session,
                 heartbeat_ms,
+                relay,
             } => {
+                set(&o, "relay", relay as f64);
                 set(&o, "session", hex::encode(session));
                 set(&o, "heartbeatMs", heartbeat_ms as f64);
                 "connected"

@@ -298,7 +298,7 @@ impl BrokerBuilder {
         let mut b = setup.client;
         b.keyring = keyring_of(&keys)?;
         b.in_process = Some(handle.clone());
-        b.url = None;
+        b.urls.clear();
         if b.identity.is_none() {
             b.identity = Some(Identity::generate());
         }

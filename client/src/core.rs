@@ -116,6 +116,18 @@ pub struct CoreStats {
     pub batch_root_hits: u64,
 }
 
+/// The numbering a relay's sequence numbers belong to (PROTOCOL §3.5.7): resume positions
+/// (`Replay::FromSeq` after the last sequence seen) mean something only on a relay of the
+/// same space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqSpace {
+    /// Named by the relay in `Welcome.seq_space`: one per store, shared by a cluster.
+    Named([u8; 16]),
+    /// A relay that names none (older relays): its own space, known only by the address the
+    /// client dialed (an index into the client's relay list).
+    Unnamed(usize),
+}
+
 #[derive(Debug)]
 struct LocalSub {
     filter: TopicFilter,
@@ -438,6 +450,9 @@ pub struct ClientCore {
     credit: Option<u64>,
     /// Key of the owner secrets sent with durable subscriptions (see [`Self::durable_owner`]).
     owner_key: Option<zeroize::Zeroizing<[u8; 32]>>,
+    /// The sequence space the resume positions (`last_seq`) came from (`None`: no
+    /// connection yet).
+    space: Option<SeqSpace>,
 }
 
 fn owner_secret(
@@ -471,7 +486,32 @@ impl ClientCore {
             last_seq: 0,
             credit: None,
             owner_key: None,
+            space: None,
         }
+    }
+
+    /// A connection opened on a relay of sequence space `space` (call before
+    /// [`ClientCore::resubscribe_all`]). When it is not the space the resume positions came
+    /// from, they are forgotten: every subscription starts again as first asked (live, plus
+    /// the replay its options asked for), and the dedup window drops what was already
+    /// delivered. A sequence from another space could skip messages (a resume point past
+    /// the new relay's numbers) or replay the wrong ones. Returns whether positions carry
+    /// over (true also when there were none).
+    pub fn enter_seq_space(&mut self, space: SeqSpace) -> bool {
+        let same = self.space.is_none_or(|s| s == space);
+        if !same {
+            self.last_seq = 0;
+            for s in self.subs.values_mut() {
+                s.last_seq = 0;
+            }
+        }
+        self.space = Some(space);
+        same
+    }
+
+    /// The sequence space of the resume positions, once connected.
+    pub fn seq_space(&self) -> Option<SeqSpace> {
+        self.space
     }
 
     /// Sets the key durable-subscription owner secrets are derived from. Without one,
@@ -908,6 +948,10 @@ mod tests {
         let kr = Arc::new(RwLock::new(kr));
         let id = Identity::generate_with(&mut rng);
         let mut core = ClientCore::new(kr.clone());
+        assert!(
+            core.enter_seq_space(SeqSpace::Named([1; 16])),
+            "no positions yet"
+        );
         assert_eq!(
             core.subscribe(1, TopicFilter::new("a/#").unwrap(), Qos::AtMostOnce, 0)
                 .unwrap()
@@ -947,24 +991,39 @@ mod tests {
 
         // After a reconnect, subscriptions that saw stored messages resume right after the
         // last one (without retained values again); the others start as they first did.
-        let mut resumed: Vec<(u64, Option<frame::Replay>, bool)> = core
-            .resubscribe_all(0)
-            .into_iter()
-            .map(|f| match f {
-                Frame::Sub(s) => (core.local_for(s.sub_id).unwrap(), s.replay, s.retained),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        resumed.sort_by_key(|r| r.0);
+        // (Only on a relay of the same sequence space.)
+        let subs = |core: &mut ClientCore| {
+            let mut r: Vec<(u64, Option<frame::Replay>, bool)> = core
+                .resubscribe_all(0)
+                .into_iter()
+                .map(|f| match f {
+                    Frame::Sub(s) => (core.local_for(s.sub_id).unwrap(), s.replay, s.retained),
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect();
+            r.sort_by_key(|r| r.0);
+            r
+        };
+        assert!(core.enter_seq_space(SeqSpace::Named([1; 16])));
         use frame::Replay::FromSeq;
         assert_eq!(
-            resumed,
+            subs(&mut core),
             vec![
                 (1, Some(FromSeq(10)), false),
                 (2, Some(FromSeq(10)), false),
                 (3, None, true)
             ]
         );
+        // Another space (failover to a relay of another store): sequence 9 means nothing
+        // there, so every subscription starts again as first asked.
+        assert!(!core.enter_seq_space(SeqSpace::Named([2; 16])));
+        let fresh = vec![(1, None, true), (2, None, true), (3, None, true)];
+        assert_eq!(subs(&mut core), fresh);
+        assert_eq!(core.last_seq(), 0);
+        // A relay naming no space is known by its address only.
+        assert!(!core.enter_seq_space(SeqSpace::Unnamed(0)));
+        assert!(core.enter_seq_space(SeqSpace::Unnamed(0)));
+        assert!(!core.enter_seq_space(SeqSpace::Unnamed(1)));
         assert_eq!(core.unsubscribe(1).len(), 1);
     }
 

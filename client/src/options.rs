@@ -29,7 +29,9 @@ use crate::transport::TlsSettings;
 /// Configures and connects a [`Client`](crate::Client); add engines with [`ClientBuilder::with`].
 #[derive(Debug)]
 pub struct ClientBuilder {
-    pub(crate) url: Option<String>,
+    /// The relay URLs in the order they are tried (every transport engine appends one;
+    /// [`Relays`] appends several). See [`Relays`] for failover.
+    pub(crate) urls: Vec<String>,
     #[cfg(feature = "in-process")]
     pub(crate) in_process: Option<whispeer_relay::RelayHandle>,
     pub(crate) tls: TlsSettings,
@@ -59,7 +61,7 @@ pub struct ClientBuilder {
 impl Default for ClientBuilder {
     fn default() -> Self {
         ClientBuilder {
-            url: None,
+            urls: Vec::new(),
             #[cfg(feature = "in-process")]
             in_process: None,
             tls: TlsSettings::default(),
@@ -175,6 +177,72 @@ pub struct BrokerSetup {
     pub(crate) encryption: Option<Encryption>,
 }
 
+/// Several relays to fail over between, tried in order: `ws://`, `wss://`, `tcp://`,
+/// `tls://` and `quic://` URLs may be mixed (a bare `host:port` means `ws://`).
+///
+/// Every transport engine ([`WebSocket`], [`Tcp`], [`Quic`]) *appends* its URL, so
+/// `.with(WebSocket::new(a)).with(Tcp::new(b))` is the same list as
+/// `.with(Relays::new([a, "tcp://b"]))`; a single one is the one relay it always was.
+///
+/// The client connects to the first relay that answers: `connect` tries each in turn and
+/// fails only when every one failed (with the error of the last).
+/// When a connection is lost it moves at once to the next URL, round robin; only after a
+/// full round of failures does it wait, with the [`Reconnect`] backoff (whose
+/// `max_attempts` then counts rounds). On every new connection it resubscribes and re-sends
+/// the unacknowledged QoS ≥ 1 publishes with their ids, as a reconnect to the same relay
+/// does. Subscriptions resume after the last relay sequence seen only on a relay of the
+/// same sequence space (`Welcome.seq_space`: the same store, or a cluster sharing one);
+/// elsewhere they start again as first asked, and the dedup window drops what was already
+/// delivered. [`Client::relay_url`](crate::Client::relay_url) tells which relay is in use.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use whispeer::{Client, Relays};
+/// let client = Client::builder()
+///     .with(Relays::new(["ws://relay-a:7070", "tcp://relay-b:7481"]))
+///     .connect()
+///     .await?;
+/// println!("connected to {}", client.relay_url());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Relays(pub(crate) Vec<String>);
+impl Relays {
+    /// These URLs, in order.
+    pub fn new<S: Into<String>>(urls: impl IntoIterator<Item = S>) -> Self {
+        Relays(urls.into_iter().map(Into::into).collect())
+    }
+    /// A comma-separated list (`"ws://a:7070,tcp://b:7481"`), as the CLI's `--relay`
+    /// takes; blanks around entries and empty entries are ignored.
+    pub fn parse_list(list: &str) -> Self {
+        Relays(
+            list.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        )
+    }
+    /// The URLs, as they will be dialed.
+    pub fn urls(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|u| {
+                if u.contains("://") {
+                    u.clone()
+                } else {
+                    format!("ws://{u}")
+                }
+            })
+            .collect()
+    }
+}
+impl Engine for Relays {
+    fn apply(self, b: &mut ClientBuilder) {
+        b.urls.extend(self.urls());
+    }
+}
+
 /// Connect over WebSocket (`ws://` or `wss://`).
 #[derive(Debug, Clone)]
 pub struct WebSocket(pub(crate) String);
@@ -186,7 +254,7 @@ impl WebSocket {
 }
 impl Engine for WebSocket {
     fn apply(self, b: &mut ClientBuilder) {
-        b.url = Some(self.0);
+        b.urls.push(self.0);
     }
     fn apply_broker(self, b: &mut BrokerSetup) {
         b.serve_ws = Some(self.0);
@@ -205,7 +273,7 @@ impl Tcp {
 impl Engine for Tcp {
     fn apply(self, b: &mut ClientBuilder) {
         let a = self.0;
-        b.url = Some(if a.contains("://") {
+        b.urls.push(if a.contains("://") {
             a
         } else {
             format!("tcp://{a}")
@@ -230,7 +298,7 @@ impl Quic {
 impl Engine for Quic {
     fn apply(self, b: &mut ClientBuilder) {
         let a = self.0;
-        b.url = Some(if a.contains("://") {
+        b.urls.push(if a.contains("://") {
             a
         } else {
             format!("quic://{a}")
@@ -525,7 +593,9 @@ pub struct Reconnect {
     pub initial: Duration,
     /// Largest delay.
     pub max: Duration,
-    /// Give up after this many failed attempts in a row (`None`: never).
+    /// Give up after this many failed attempts in a row (`None`: never). With several
+    /// relays ([`Relays`]) an attempt is a full round over them: the next relay is tried
+    /// at once, the delay comes only after every one failed.
     pub max_attempts: Option<u32>,
 }
 impl Default for Reconnect {

@@ -1497,3 +1497,63 @@ fn sub_lines_show_tree_epoch_and_provenance() {
         assert!(rest.is_empty());
     }
 }
+
+/// `--relay A,B`: the subscriber starts on A, moves to B when A is killed (a `relay: now
+/// on` line on stderr) and goes on; a publisher given `--relay dead,alive` skips the dead
+/// one.
+#[test]
+fn relay_list_fails_over_to_the_next_relay() {
+    let mut a = start_relay_binary(&[]);
+    let b = start_relay_binary(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (tree_file, _) = new_tree(dir.path(), "home");
+    let key = tree_file.to_str().unwrap();
+    let subs = format!("{},{}", a.ws_url(), b.tcp_url());
+    let mut sub = sub_ready(&subs, "sensor/#", 2, &[key]);
+    let pubs = format!("{},{}", a.tcp_url(), b.ws_url());
+    ok(run(&[
+        "pub",
+        "--relay",
+        &pubs,
+        "sensor/t",
+        "1",
+        "--key-file",
+        key,
+    ]));
+    let line: serde_json::Value = serde_json::from_str(&sub.line()).unwrap();
+    assert_eq!(line["data"], 1);
+
+    a.child.kill().unwrap(); // SIGKILL
+    a.child.wait().unwrap();
+    let moved = format!("relay: now on {}", b.tcp_url());
+    loop {
+        match sub.err.recv_timeout(TIMEOUT) {
+            Ok(l) if l == moved => break,
+            Ok(l) => sub.err_seen.push(l),
+            Err(e) => panic!("no failover line ({e:?}); stderr: {:?}", sub.err_seen),
+        }
+    }
+    // A is dead now: `--relay dead,alive`.
+    ok(run(&[
+        "pub",
+        "--relay",
+        &pubs,
+        "sensor/t",
+        "2",
+        "--key-file",
+        key,
+    ]));
+    let line: serde_json::Value = serde_json::from_str(&sub.line()).unwrap();
+    assert_eq!(line["data"], 2);
+    let (status, rest, _) = sub.finish();
+    assert!(status.success());
+    assert!(rest.is_empty());
+
+    // Every relay dead: one error naming the last one tried.
+    drop(b);
+    let e = fails(
+        run(&["pub", "--relay", &pubs, "sensor/t", "3", "--key-file", key]),
+        1,
+    );
+    assert!(e.contains("cannot connect to"), "{e}");
+}

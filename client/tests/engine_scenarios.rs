@@ -454,6 +454,7 @@ impl Sim {
                 session: SESSION,
                 relay: None,
                 heartbeat_ms,
+                seq_space: None,
             })),
             Step::Challenge(nonce) => self.feed(Frame::Challenge(frame::Challenge { nonce })),
             Step::Subscribe { id, filter, opts } => {
@@ -684,6 +685,7 @@ impl Sim {
                 Event::Connected {
                     session,
                     heartbeat_ms,
+                    ..
                 },
             ) => *session == SESSION && *heartbeat_ms > 0,
             (
@@ -1850,6 +1852,113 @@ fn stale_socket_inputs_are_ignored() {
     assert_eq!(s.eng.poll_timeout(), Some(dl));
 }
 
+/// Several relays: every failure moves on to the next at once (round robin, the lost
+/// connection counting as its relay's try); the backoff waits only after a full round, and
+/// `max_attempts` counts rounds. Without `retry_first_connect` the first connection gives
+/// up after one round.
+#[test]
+fn relays_round_robin_with_the_backoff_per_full_round() {
+    let kr = Arc::new(RwLock::new(keyring()));
+    let mut cfg = EngineConfig::default();
+    cfg.retry_first_connect = true;
+    cfg.relays = 3;
+    cfg.connect_timeout_ms = 1_000;
+    cfg.backoff = Backoff::new(100, 1_000, Some(2));
+    let t0 = Now::new(0, T0_UNIX);
+    let mut e = Engine::new(cfg.clone(), kr.clone(), [3; 32], t0);
+    let dial = |e: &mut Engine| match e.poll_transmit() {
+        Some(Transmit::Dial(c)) => (c, e.dial_relay(c)),
+        other => panic!("expected Dial, got {other:?}"),
+    };
+    let events = |e: &mut Engine| std::iter::from_fn(|| e.poll_event()).collect::<Vec<_>>();
+    // Round 1: relays 0, 1, 2 at once, then the first backoff.
+    let (c, r) = dial(&mut e);
+    assert_eq!(r, 0);
+    e.handle_disconnected(c, "refused", Now::new(5, T0_UNIX));
+    let (c, r) = dial(&mut e);
+    assert_eq!(r, 1, "the next relay, at once");
+    assert_eq!(
+        e.poll_timeout(),
+        Some(1_005),
+        "its connect deadline, no backoff"
+    );
+    e.handle_disconnected(c, "refused", Now::new(6, T0_UNIX));
+    let (c, r) = dial(&mut e);
+    assert_eq!(r, 2);
+    e.handle_disconnected(c, "refused", Now::new(7, T0_UNIX));
+    assert_eq!(e.poll_transmit(), None, "a full round failed: back off");
+    let retry = e.poll_timeout().unwrap();
+    assert!(
+        (57..=107).contains(&retry),
+        "backoff attempt 0 after the round: {retry}"
+    );
+    let ev = events(&mut e);
+    let retries: Vec<_> = ev
+        .iter()
+        .map(|x| match x {
+            Event::Disconnected {
+                attempt, retry_at, ..
+            } => (*attempt, *retry_at),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(retries, vec![(1, Some(5)), (2, Some(6)), (3, Some(retry))]);
+    e.handle_timeout(Now::new(retry, T0_UNIX));
+    let (c, r) = dial(&mut e);
+    assert_eq!(r, 0, "round 2 starts again at the first relay");
+    // Live on relay 0, then lost: relay 1 at once.
+    e.handle_connected(c, Now::new(retry, T0_UNIX));
+    let _hello = e.poll_transmit();
+    e.handle_decoded(
+        c,
+        Frame::Welcome(frame::Welcome {
+            version: frame::PROTOCOL_VERSION,
+            features: 0,
+            max_frame: 1 << 20,
+            session: SESSION,
+            relay: None,
+            heartbeat_ms: 10_000,
+            seq_space: Some([9; 16]),
+        }),
+        Now::new(retry, T0_UNIX),
+    );
+    assert!(e.is_live());
+    assert!(matches!(
+        events(&mut e).last(),
+        Some(Event::Connected { relay: 0, .. })
+    ));
+    e.handle_disconnected(c, "reset", Now::new(retry + 1, T0_UNIX));
+    assert_eq!(dial(&mut e).1, 1);
+
+    // max_attempts = 2 rounds: the third full round of failures gives up.
+    let mut e = Engine::new(cfg.clone(), kr.clone(), [3; 32], t0);
+    let mut now = 0;
+    for round in 1..=3 {
+        for relay in 0..3 {
+            let (c, r) = dial(&mut e);
+            assert_eq!(r, relay);
+            e.handle_disconnected(c, "refused", Now::new(now, T0_UNIX));
+        }
+        if round < 3 {
+            now = e.poll_timeout().unwrap();
+            e.handle_timeout(Now::new(now, T0_UNIX));
+        }
+    }
+    assert!(e.is_closed(), "gave up after the third round");
+
+    // The first connection without retry_first_connect: one round, then it gives up.
+    cfg.retry_first_connect = false;
+    cfg.relays = 2;
+    let mut e = Engine::new(cfg, kr, [3; 32], t0);
+    let (c, _) = dial(&mut e);
+    e.handle_disconnected(c, "refused", t0);
+    assert!(!e.is_closed(), "the second relay is still to try");
+    let (c, r) = dial(&mut e);
+    assert_eq!(r, 1);
+    e.handle_disconnected(c, "refused", t0);
+    assert!(e.is_closed());
+}
+
 /// The same seed gives the same publish ids and backoff; another seed, others.
 #[test]
 fn seed_decides_ids_and_jitter() {
@@ -1896,6 +2005,9 @@ fn random_interleavings_keep_the_invariants() {
             c.sub_capacity = 3;
             c.ack_delay_ms = 5;
             c.offline_bytes = 4_000;
+            // One, two or three relay addresses: failover moves between them (each its own
+            // sequence space, as the scripted relay names none).
+            c.relays = 1 + (run % 3) as usize;
         });
         let mut r = rand_chacha::ChaCha20Rng::seed_from_u64(1_000 + run);
         // Envelopes sealed so far, with the at-least-once subscription each opens for.

@@ -613,6 +613,7 @@ fn main() {
             session: [0xab; 16],
             relay: Some("whispeer-relay/0.1".into()),
             heartbeat_ms: 30_000,
+            seq_space: Some([0x5e; 16]),
         }),
         Frame::Sub(Sub {
             sub_id: 1,

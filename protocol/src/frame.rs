@@ -637,6 +637,11 @@ frames! {
         5 => relay: String as Text [opt],
         /// Interval at which the client should send `Ping` if otherwise idle (0 = none).
         6 => heartbeat_ms: u64 as Uint [always(0)],
+        /// The relay's sequence space: 16 bytes naming the numbering its `Msg.seq`,
+        /// `SubOk.seq` and `Replay::FromSeq` positions belong to (one per store, shared by
+        /// every relay of a cluster). A client resumes by sequence only on a relay that
+        /// names the space its positions came from (PROTOCOL §3.5.7).
+        7 => seq_space: [u8; 16] as B16 [opt],
     }
 
     /// Client → relay: subscribe to a token pattern.

@@ -104,19 +104,21 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             any::<u64>(),
             any::<[u8; 16]>(),
             prop::option::of(arb_text()),
-            any::<u64>()
+            any::<u64>(),
+            prop::option::of(any::<[u8; 16]>())
         )
             .prop_map(
-                |(version, features, max_frame, session, relay, heartbeat_ms)| Frame::Welcome(
-                    Welcome {
+                |(version, features, max_frame, session, relay, heartbeat_ms, seq_space)| {
+                    Frame::Welcome(Welcome {
                         version,
                         features,
                         max_frame,
                         session,
                         relay,
-                        heartbeat_ms
-                    }
-                )
+                        heartbeat_ms,
+                        seq_space,
+                    })
+                }
             ),
         (
             any::<u64>(),

@@ -468,6 +468,7 @@ impl Session {
             session,
             relay: Some(RELAY_NAME.into()),
             heartbeat_ms: cfg.timeouts.heartbeat_ms,
+            seq_space: Some(self.shared.router.store().seq_space()),
         });
         self.send(&welcome)
     }

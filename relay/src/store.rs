@@ -380,6 +380,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn append(&self, msg: Append<'_>) -> Result<Accepted, StoreError>;
     /// The last sequence assigned (`Seq(0)` before the first message).
     fn last_seq(&self) -> Seq;
+    /// The id of the sequence space this store numbers messages in (`Welcome.seq_space`,
+    /// PROTOCOL §3.5.7): random when the store is created and kept as long as its numbers
+    /// are (a file store keeps it across restarts; a memory or `none` store numbers afresh
+    /// in each process, so it draws a new one). A client resumes by sequence only on a
+    /// relay naming the space its positions came from.
+    fn seq_space(&self) -> [u8; 16];
     /// Runs `done` once every message up to `seq` is durable (immediately if it is).
     fn when_durable(&self, seq: Seq, done: OnDurable);
     /// Runs `done` once a history or retained read of `key_id` up to `upto` would see
@@ -423,9 +429,28 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 }
 
 /// Live fan-out only: assigns sequence numbers and keeps nothing (`store.kind = "none"`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LiveStore {
     last: std::sync::atomic::AtomicU64,
+    /// Numbers restart at 1 in every process: a fresh space each time.
+    space: [u8; 16],
+}
+
+impl Default for LiveStore {
+    fn default() -> Self {
+        LiveStore {
+            last: Default::default(),
+            space: new_seq_space(),
+        }
+    }
+}
+
+/// A fresh random sequence-space id (OS randomness; a failing OS RNG would make every
+/// relay share one space, so it panics rather than fall back to a constant).
+pub fn new_seq_space() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    getrandom::getrandom(&mut id).expect("OS random number generator");
+    id
 }
 
 impl LiveStore {
@@ -463,6 +488,10 @@ impl Store for LiveStore {
 
     fn last_seq(&self) -> Seq {
         Seq(self.last.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn seq_space(&self) -> [u8; 16] {
+        self.space
     }
 
     fn when_durable(&self, _seq: Seq, done: OnDurable) {

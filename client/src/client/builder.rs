@@ -20,16 +20,25 @@ use crate::options::ClientBuilder;
 use crate::transport::{Dialer, Endpoint};
 
 impl ClientBuilder {
-    fn dialer(&self) -> Result<Dialer, ConnectError> {
+    /// One dialer per relay, in the order tried (every URL is checked now: a bad one fails
+    /// `connect` rather than a failover hours later).
+    fn dialers(&self) -> Result<Vec<Dialer>, ConnectError> {
         #[cfg(feature = "in-process")]
         if let Some(relay) = &self.in_process {
-            return Ok(Dialer::InProcess(relay.clone()));
+            return Ok(vec![Dialer::InProcess(relay.clone())]);
         }
-        let url = self.url.as_deref().ok_or(ConnectError::NoTransport)?;
-        Ok(Dialer::Net {
-            ep: Endpoint::parse(url)?,
-            tls: self.tls.clone(),
-        })
+        if self.urls.is_empty() {
+            return Err(ConnectError::NoTransport);
+        }
+        self.urls
+            .iter()
+            .map(|url| {
+                Ok(Dialer::Net {
+                    ep: Endpoint::parse(url)?,
+                    tls: self.tls.clone(),
+                })
+            })
+            .collect()
     }
 
     /// Connects (the first attempt must succeed) and starts the background task.
@@ -37,7 +46,7 @@ impl ClientBuilder {
         if let Some(e) = self.key_error {
             return Err(e.into());
         }
-        let dialer = self.dialer()?;
+        let dialers = self.dialers()?;
         #[allow(unused_mut)]
         let mut keyring = self.keyring;
         #[cfg(feature = "persistence")]
@@ -62,6 +71,7 @@ impl ClientBuilder {
             client_name: self.name,
             auth: self.relay_auth.map(|a| a.0),
             connect_timeout_ms: ms(self.connect_timeout),
+            relays: dialers.len(),
             backoff: Backoff::new(
                 ms(self.reconnect.initial),
                 ms(self.reconnect.max),
@@ -104,13 +114,15 @@ impl ClientBuilder {
         }
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (state_tx, state_rx) = watch::channel(ConnectionState::Reconnecting(0));
+        let (relay_tx, relay_rx) = watch::channel(dialers[0].describe().to_owned());
         let (stats_tx, stats) = watch::channel(ClientStats::default());
         let (first_tx, first_rx) = oneshot::channel();
         let backlog = Arc::new(Backlog::new(self.publish_buffer));
         let driver = Driver::new(super::driver::Parts {
             eng,
             epoch,
-            dialer,
+            dialers,
+            relay: relay_tx,
             max_frame: self.max_frame,
             connect_timeout: self.connect_timeout,
             cmd_rx,
@@ -138,6 +150,7 @@ impl ClientBuilder {
                 identity: self.identity,
                 policy: self.policy,
                 state: state_rx,
+                relay: relay_rx,
                 stats,
                 next_id: AtomicU64::new(1),
                 plugins: self.plugins,
@@ -163,7 +176,7 @@ impl Client {
         identity: Identity,
     ) -> Result<Client, ConnectError> {
         ClientBuilder {
-            url: Some(url.to_owned()),
+            urls: vec![url.to_owned()],
             keyring,
             identity: Some(identity),
             ..ClientBuilder::default()

@@ -35,7 +35,10 @@ const READ_BATCH: usize = 256;
 pub(super) struct Parts {
     pub(super) eng: Engine,
     pub(super) epoch: Instant,
-    pub(super) dialer: Dialer,
+    /// One per relay, in the order the engine goes round them.
+    pub(super) dialers: Vec<Dialer>,
+    /// The URL of the relay in use, for `Client::relay_url`.
+    pub(super) relay: watch::Sender<String>,
     pub(super) max_frame: usize,
     pub(super) connect_timeout: Duration,
     pub(super) cmd_rx: mpsc::UnboundedReceiver<Command>,
@@ -283,7 +286,7 @@ impl Driver {
                     }
                 }
                 Transmit::Dial(id) => {
-                    let d = self.p.dialer.clone();
+                    let d = self.dialer(id).clone();
                     let (max_frame, timeout) = (self.p.max_frame, self.p.connect_timeout);
                     let task = tokio::spawn(async move { d.dial(max_frame, timeout).await });
                     if let Some((_, old)) = self.dialing.replace((id, task)) {
@@ -314,6 +317,16 @@ impl Driver {
         // The engine's queue is empty: every publish applied so far is written (or in its
         // offline or outbox buffer); publishers waiting at the high-water mark go on.
         self.p.backlog.release(std::mem::take(&mut self.unwritten));
+    }
+
+    /// The dialer of dial `id` (the engine picks the relay).
+    fn dialer(&self, id: ConnId) -> &Dialer {
+        &self.p.dialers[self.p.eng.dial_relay(id) % self.p.dialers.len()]
+    }
+
+    /// The URL of the relay in use (or last tried).
+    fn describe(&self) -> &str {
+        self.p.dialers[self.p.eng.relay() % self.p.dialers.len()].describe()
     }
 
     /// The socket failed under us.
@@ -359,6 +372,9 @@ impl Driver {
         let now = self.now();
         match r {
             Ok(c) => {
+                // A later relay's handshake failure must not be reported as an earlier
+                // relay's dial error.
+                self.dial_error = None;
                 self.conn = Some(Live {
                     id,
                     writer: c.writer,
@@ -367,7 +383,7 @@ impl Driver {
                 self.p.eng.handle_connected(id, now);
             }
             Err(e) => {
-                tracing::debug!(relay = %self.p.dialer.describe(), error = %e, "dial failed");
+                tracing::debug!(relay = %self.dialer(id).describe(), error = %e, "dial failed");
                 let why = e.to_string();
                 self.dial_error = Some(e);
                 self.p.eng.handle_disconnected(id, &why, now);
@@ -446,8 +462,17 @@ impl Driver {
     fn deliver_events(&mut self) -> bool {
         while let Some(e) = self.p.eng.poll_event() {
             match e {
-                Event::Connected { .. } => {
+                Event::Connected { relay, .. } => {
                     self.dial_error = None;
+                    let url = self.p.dialers[relay % self.p.dialers.len()].describe();
+                    self.p.relay.send_if_modified(|cur| {
+                        let changed = cur != url;
+                        if changed {
+                            tracing::info!(relay = %url, "connected to another relay");
+                            url.clone_into(cur);
+                        }
+                        changed
+                    });
                     let _ = self.p.state.send(ConnectionState::Connected);
                     if let Some(f) = self.first.take() {
                         let _ = f.send(Ok(()));
@@ -458,7 +483,7 @@ impl Driver {
                     attempt,
                     retry_at,
                 } => {
-                    tracing::info!(relay = %self.p.dialer.describe(), %reason, attempt,
+                    tracing::info!(next_relay = %self.describe(), %reason, attempt,
                         retrying = retry_at.is_some(), "connection lost");
                     if retry_at.is_some() {
                         let _ = self.p.state.send(ConnectionState::Reconnecting(attempt));

@@ -50,6 +50,17 @@ impl Client {
         *self.inner.state.borrow()
     }
 
+    /// The URL of the relay of the current connection (the last one while reconnecting):
+    /// with several relays ([`Relays`](crate::Relays)), the one failover moved to.
+    pub fn relay_url(&self) -> String {
+        self.inner.relay.borrow().clone()
+    }
+
+    /// A receiver woken when the client connects to another relay.
+    pub fn relay_changes(&self) -> watch::Receiver<String> {
+        self.inner.relay.clone()
+    }
+
     /// A receiver of connection state changes.
     pub fn state_changes(&self) -> watch::Receiver<ConnectionState> {
         self.inner.state.clone()

@@ -242,6 +242,8 @@ pub(crate) struct Inner {
     pub(crate) identity: Option<Identity>,
     pub(crate) policy: SealPolicy,
     pub(crate) state: watch::Receiver<ConnectionState>,
+    /// The URL of the relay in use (or being tried first).
+    pub(crate) relay: watch::Receiver<String>,
     pub(crate) stats: watch::Receiver<ClientStats>,
     pub(crate) next_id: std::sync::atomic::AtomicU64,
     pub(crate) plugins: Plugins,

@@ -36,7 +36,7 @@ pub use types::{
 };
 
 use super::acks::AckQueue;
-use super::{ClientCore, Delivery, LocalSubId, SubscribeOptions};
+use super::{ClientCore, Delivery, LocalSubId, SeqSpace, SubscribeOptions};
 use crate::error::{PublishError, SubscribeError};
 use outbox::Outbox;
 
@@ -85,8 +85,13 @@ pub struct Engine {
     core: ClientCore,
     rng: SeededRng,
     phase: Phase,
-    /// Failed attempts in a row since the last live connection.
+    /// Failed attempts in a row since the last live connection (each dial and each lost
+    /// connection counts one, whichever relay it was).
     attempt: u32,
+    /// The relay address (index into the driver's list) the current or next dial goes to.
+    relay: usize,
+    /// The last dial asked for and its relay (what [`Engine::dial_relay`] answers).
+    dialed: (ConnId, usize),
     ever_live: bool,
     next_conn: ConnId,
     last_mono: u64,
@@ -126,6 +131,8 @@ impl Engine {
             rng: SeededRng::new(&seed),
             phase: Phase::Closed,
             attempt: 0,
+            relay: 0,
+            dialed: (0, 0),
             ever_live: false,
             next_conn: 1,
             last_mono: now.mono_ms,
@@ -209,9 +216,25 @@ impl Engine {
         self.stats.unacked_publishes = self.out.kept_len() as u64;
     }
 
+    /// The relay address (an index into the list the driver was given, `0..relays`) that
+    /// dial `conn` must open: the driver asks when it takes a [`Transmit::Dial`].
+    pub fn dial_relay(&self, conn: ConnId) -> usize {
+        if self.dialed.0 == conn {
+            self.dialed.1
+        } else {
+            self.relay
+        }
+    }
+
+    /// The relay address the current connection (or the next dial) uses.
+    pub fn relay(&self) -> usize {
+        self.relay
+    }
+
     fn dial(&mut self, mono: u64) {
         let conn = self.next_conn;
         self.next_conn += 1;
+        self.dialed = (conn, self.relay);
         self.out.dial(conn);
         self.phase = Phase::Dialing {
             conn,
@@ -558,6 +581,13 @@ impl Engine {
                     w.heartbeat_ms
                 };
                 let Some(conn) = self.conn() else { return };
+                // Resume positions are relay sequence numbers: they hold only in the space
+                // they came from. A relay naming no space is its own (same address only).
+                let space = match w.seq_space {
+                    Some(id) => SeqSpace::Named(id),
+                    None => SeqSpace::Unnamed(self.relay),
+                };
+                self.core.enter_seq_space(space);
                 self.phase = Phase::Live {
                     conn,
                     heartbeat_ms,
@@ -576,6 +606,7 @@ impl Engine {
                 self.emit(Event::Connected {
                     session: w.session,
                     heartbeat_ms,
+                    relay: self.relay,
                 });
             }
             Frame::Challenge(c) => match self.cfg.auth.as_ref().and_then(|a| a.answer(&c.nonce)) {
@@ -868,12 +899,25 @@ impl Engine {
             self.emit(Event::FlushFailed { id });
         }
         self.attempt = self.attempt.saturating_add(1);
+        // Round robin over the relays: every failure moves on to the next address at once;
+        // only a full round of failures (every address tried once, the lost connection
+        // counting as its relay's try) backs off, and the give-up rules count rounds.
+        // One relay: every failure is a full round, as before.
+        let n = self.cfg.relays.max(1);
+        self.relay = (self.relay + 1) % n;
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        if self.attempt % n != 0 {
+            self.dial(mono);
+            self.emit(Event::Disconnected {
+                reason,
+                attempt: self.attempt,
+                retry_at: Some(mono),
+            });
+            return;
+        }
+        let rounds = self.attempt / n;
         let give_up = (!self.ever_live && !self.cfg.retry_first_connect)
-            || self
-                .cfg
-                .backoff
-                .max_attempts
-                .is_some_and(|m| self.attempt > m);
+            || self.cfg.backoff.max_attempts.is_some_and(|m| rounds > m);
         if give_up {
             self.emit(Event::Disconnected {
                 reason,
@@ -883,7 +927,7 @@ impl Engine {
             self.shut();
             return;
         }
-        let delay = self.cfg.backoff.delay_ms(self.attempt - 1, &mut self.rng);
+        let delay = self.cfg.backoff.delay_ms(rounds - 1, &mut self.rng);
         let retry_at = mono.saturating_add(delay);
         self.phase = Phase::Backoff { retry_at };
         self.emit(Event::Disconnected {

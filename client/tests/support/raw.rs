@@ -212,6 +212,7 @@ impl FakeConn {
                 session: [7; 16],
                 relay: Some("fake".into()),
                 heartbeat_ms: 0,
+                seq_space: None,
             }),
         )
         .await;

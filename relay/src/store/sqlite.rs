@@ -294,6 +294,9 @@ struct Shared {
     reader: Option<Mutex<Connection>>,
     last: AtomicU64,
     committed: AtomicU64,
+    /// The sequence-space id (`meta` row `seq_space`, 32 hex digits): drawn when the store
+    /// is created, kept with its numbers.
+    space: [u8; 16],
     queue: Mutex<Queue>,
     work: Condvar,
     idx: Mutex<Index>,
@@ -627,6 +630,20 @@ fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
         .optional()
 }
 
+/// The store's sequence-space id, drawn and saved the first time (a store written before
+/// ids existed gets one on its next start: its numbers go on, so later positions match).
+fn seq_space(conn: &Connection) -> rusqlite::Result<[u8; 16]> {
+    let mut id = [0u8; 16];
+    if let Some(h) = meta(conn, "seq_space")? {
+        if hex::decode_to_slice(h.trim(), &mut id).is_ok() {
+            return Ok(id);
+        }
+    }
+    let id = crate::store::new_seq_space();
+    set_meta(conn, "seq_space", &hex::encode(id))?;
+    Ok(id)
+}
+
 fn set_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO meta(key, value) VALUES (?1, ?2)
@@ -773,6 +790,7 @@ impl SqliteStore {
         }
         set_meta(&conn, "last_seq", &last.to_string()).map_err(err)?;
         set_meta(&conn, "clean", "0").map_err(err)?;
+        let space = seq_space(&conn).map_err(err)?;
         let Loaded { idx, dedup } = load(&conn, &cfg, now)?;
 
         let shared = Arc::new(Shared {
@@ -784,6 +802,7 @@ impl SqliteStore {
             reader: reader.map(Mutex::new),
             last: AtomicU64::new(last),
             committed: AtomicU64::new(last),
+            space,
             queue: Mutex::new(Queue {
                 persist_at: last + PERSIST_EVERY,
                 ..Queue::default()
@@ -1724,6 +1743,10 @@ impl Store for SqliteStore {
         Seq(self.shared.last.load(Relaxed))
     }
 
+    fn seq_space(&self) -> [u8; 16] {
+        self.shared.space
+    }
+
     fn when_durable(&self, seq: Seq, done: OnDurable) {
         let s = &self.shared;
         let mut q = lock(&s.queue);
@@ -2155,6 +2178,32 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         rows.join(" | ")
+    }
+
+    /// A file store keeps its sequence-space id across restarts (its numbers go on); a
+    /// memory or `none` store numbers afresh, so each draws its own.
+    #[test]
+    fn seq_space_survives_a_restart_of_a_file_store_only() {
+        let dir = std::env::temp_dir().join(format!("wsp-space-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = StoreConfig {
+            path: dir.join("s.db"),
+            ..StoreConfig::default()
+        };
+        let a = SqliteStore::open_file(cfg.clone()).unwrap();
+        let first = a.seq_space();
+        a.close();
+        drop(a);
+        let b = SqliteStore::open_file(cfg).unwrap();
+        assert_eq!(b.seq_space(), first, "reopened file store");
+        b.close();
+        let m1 = SqliteStore::open_memory(StoreConfig::default()).unwrap();
+        let m2 = SqliteStore::open_memory(StoreConfig::default()).unwrap();
+        assert_ne!(m1.seq_space(), m2.seq_space());
+        assert_ne!(m1.seq_space(), first);
+        assert_ne!(LiveStore::new().seq_space(), LiveStore::new().seq_space());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

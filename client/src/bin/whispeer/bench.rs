@@ -508,7 +508,7 @@ async fn connect_bench(
 ) -> Result<Client> {
     let keyring = io::keyring(keys)?;
     let mut b = Client::builder()
-        .with(whispeer::WebSocket::new(&conn.relay))
+        .with(whispeer::Relays::new(conn.urls()))
         .with(whispeer::Encryption::with_keyring(keyring))
         .with(signing)
         .with(compression)

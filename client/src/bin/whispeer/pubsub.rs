@@ -11,7 +11,7 @@ use tokio::io::AsyncBufReadExt;
 use whispeer::protocol::{Provenance, Qos};
 use whispeer::{
     Client, Identity, Keyring, Message, PublishOptions, Replay, SubscribeError, SubscribeOptions,
-    TlsRoot, Topic, TopicFilter, WebSocket,
+    TlsRoot, Topic, TopicFilter,
 };
 
 use crate::io::{self, IdentityArgs, KeyArgs};
@@ -20,8 +20,12 @@ use crate::usage;
 /// How to reach the relay.
 #[derive(Debug, Args, Clone)]
 pub struct ConnArgs {
-    /// Relay URL: ws://, wss://, tcp:// or tls://HOST:PORT.
-    #[arg(long, env = "WHISPEER_RELAY", value_name = "URL")]
+    /// Relay URL: ws://, wss://, tcp://, tls:// or quic://HOST:PORT. Several, comma-separated
+    /// (`--relay ws://a:7070,tcp://b:7481`), fail over in order: the first that answers is
+    /// used; when its connection is lost the client moves to the next at once (round robin,
+    /// backing off only after a full round), resubscribing and re-sending unacknowledged
+    /// QoS 1/2 messages.
+    #[arg(long, env = "WHISPEER_RELAY", value_name = "URL[,URL...]")]
     pub relay: String,
     /// Also trust the certificates in this PEM file (e.g. a relay's self-signed one) for
     /// wss:// and tls://.
@@ -59,15 +63,30 @@ pub struct ConnArgs {
 }
 
 impl ConnArgs {
-    /// Checks the URL before any key work, so typos fail fast.
+    /// The relay URLs of `--relay`, in order.
+    pub fn urls(&self) -> Vec<String> {
+        self.relay
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Checks the URLs before any key work, so typos fail fast.
     pub fn check(&self) -> Result<()> {
-        if !self.relay.contains("://") {
-            usage!(
-                "relay URL '{}' needs a scheme: ws://, wss://, tcp:// or tls://",
-                self.relay
-            );
+        let urls = self.urls();
+        if urls.is_empty() {
+            usage!("--relay needs a URL (ws://, wss://, tcp://, tls:// or quic://)");
         }
-        whispeer::Endpoint::parse(&self.relay)?;
+        for url in &urls {
+            if !url.contains("://") {
+                usage!(
+                    "relay URL '{url}' needs a scheme: ws://, wss://, tcp://, tls:// or quic://"
+                );
+            }
+            whispeer::Endpoint::parse(url)?;
+        }
         Ok(())
     }
 
@@ -100,7 +119,7 @@ impl ConnArgs {
     ) -> Result<Client> {
         self.check()?;
         let mut b = Client::builder()
-            .with(WebSocket::new(&self.relay)) // sets the URL for every scheme
+            .with(whispeer::Relays::new(self.urls())) // any scheme, in failover order
             .with(whispeer::Encryption::with_keyring(keyring))
             .connect_timeout(secs(self.connect_timeout)?);
         if let Some(c) = compression {
@@ -430,10 +449,17 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
         Err(e) => return Err(anyhow::Error::new(e).context("subscribe failed")),
     };
     if !a.quiet {
-        eprintln!("ready: subscribed to '{}' on {}", a.filter, a.conn.relay);
+        eprintln!(
+            "ready: subscribed to '{}' on {}",
+            a.filter,
+            client.relay_url()
+        );
     }
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut got = 0u64;
+    // With several relays: a line on stderr each time failover moves to another one.
+    let mut relay = client.relay_changes();
+    relay.mark_unchanged();
     let outcome: Result<()> = loop {
         if a.count.is_some_and(|c| got >= c) {
             break Ok(());
@@ -444,7 +470,17 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
                 None => Some(sub.next_message().await),
             }
         };
-        let m = match next.await {
+        let next = tokio::select! {
+            m = next => m,
+            Ok(()) = relay.changed() => {
+                let url = relay.borrow_and_update().clone();
+                if !a.quiet {
+                    eprintln!("relay: now on {url}");
+                }
+                continue;
+            }
+        };
+        let m = match next {
             None => {
                 // The deadline passed.
                 break match a.count {

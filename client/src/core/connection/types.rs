@@ -238,15 +238,17 @@ pub enum Event {
         session: [u8; 16],
         /// The heartbeat interval in use.
         heartbeat_ms: u64,
+        /// Which relay address (index into the driver's list, from 0) this connection uses.
+        relay: usize,
     },
     /// The connection (or a dial) failed. `retry_at` (monotonic ms) is when the engine dials
     /// again; `None`: it gave up and [`Event::Closed`] follows.
     Disconnected {
         /// Why.
         reason: Disconnect,
-        /// Failed attempts in a row (1 after a live connection dropped).
+        /// Failed attempts in a row (1 after a live connection dropped), over every relay.
         attempt: u32,
-        /// When the next dial is due.
+        /// When the next dial is due (now, when it moves on to the next relay of a round).
         retry_at: Option<u64>,
     },
     /// Closed for good ([`Engine::close`](super::Engine::close), or the backoff gave up). Nothing follows.
@@ -352,8 +354,13 @@ pub struct EngineConfig {
     pub auth: Option<AccountAuth>,
     /// How long a dial, then the handshake, may take.
     pub connect_timeout_ms: u64,
-    /// Reconnect policy.
+    /// Reconnect policy, applied per full round over the relays (its `max_attempts`
+    /// counts rounds).
     pub backoff: Backoff,
+    /// How many relay addresses the driver can dial (at least 1). The engine goes round
+    /// them in order, moving to the next after every failure (the first connection too),
+    /// and tells the driver which to dial ([`Engine::dial_relay`](super::Engine::dial_relay)).
+    pub relays: usize,
     /// Whether a failed first connection is retried (true) or ends the engine (false: the
     /// first `Disconnected` has `retry_at: None`).
     pub retry_first_connect: bool,
@@ -393,6 +400,7 @@ impl Default for EngineConfig {
             auth: None,
             connect_timeout_ms: 10_000,
             backoff: Backoff::default(),
+            relays: 1,
             retry_first_connect: false,
             offline_bytes: 8 * 1024 * 1024,
             kept_bytes: 64 * 1024 * 1024,

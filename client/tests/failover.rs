@@ -1,0 +1,388 @@
+//! Failover between relays: a client given several relay URLs (`Relays`) moves to the next
+//! when its relay dies, resubscribes and re-sends its unacknowledged QoS 1 publishes; a
+//! resume position from one relay's sequence space is never used on another.
+//!
+//! Real `whispeer-relay` processes on 127.0.0.1 (port 0), killed with SIGKILL; every wait
+//! is on an event (a message, a state or relay change), bounded only by `TIMEOUT`.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::{identity, keyring_with, start_relay_binary, tree, within, RelayProcess};
+use whispeer::protocol::frame::Replay;
+use whispeer::{
+    Client, ConnectError, Encryption, Keyring, PublishOptions, Qos, Reconnect, Relays,
+    SubscribeOptions, Subscription,
+};
+
+/// A client over these relays, reconnecting quickly (the backoff is per full round).
+async fn client(urls: &[String], keys: Keyring) -> Result<Client, ConnectError> {
+    Client::builder()
+        .with(Relays::new(urls.iter().cloned()))
+        .with(Encryption::with_keyring(keys))
+        .with(identity())
+        .with(Reconnect::new(
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        ))
+        .connect()
+        .await
+}
+
+/// An address nothing listens on, held for the whole test: a TCP socket bound to a port
+/// but not listening, so a connection is refused and no other process can take the port.
+fn dead_port() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let a = s.local_addr().unwrap();
+    (s, a)
+}
+
+/// Stops (SIGSTOP) a relay process: it keeps its sockets but processes nothing.
+fn freeze(r: &RelayProcess) {
+    let st = std::process::Command::new("kill")
+        .args(["-STOP", &r.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// A TCP proxy to a relay that can swallow everything the relay sends back (`mute`): the
+/// relay gets and delivers a client's publishes, the client never sees their `PubAck`s.
+/// A connection ends when either side does.
+async fn mute_proxy(upstream: std::net::SocketAddr) -> (String, Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("tcp://{}", l.local_addr().unwrap());
+    let mute = Arc::new(AtomicBool::new(false));
+    let m = mute.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let Ok(relay) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let m = m.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut rr, mut rw) = relay.into_split();
+                let down = async {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = rr.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        if !m.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::io::copy(&mut cr, &mut rw) => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    (url, mute)
+}
+
+/// Waits until `c` is connected to `url`.
+async fn on_relay(what: &str, c: &Client, url: &str) {
+    let mut rx = c.relay_changes();
+    within(what, async {
+        loop {
+            if *rx.borrow_and_update() == url && c.state() == whispeer::ConnectionState::Connected {
+                return;
+            }
+            let mut st = c.state_changes();
+            tokio::select! {
+                r = rx.changed() => r.unwrap(),
+                r = st.changed() => r.unwrap(),
+            }
+        }
+    })
+    .await
+}
+
+/// Takes messages until every value in `want` was seen; returns how often each value came.
+async fn take_until(
+    what: &str,
+    sub: &mut Subscription<u32>,
+    seen: &mut BTreeMap<u32, u32>,
+    want: impl IntoIterator<Item = u32>,
+) {
+    let want: Vec<u32> = want.into_iter().collect();
+    within(what, async {
+        while !want.iter().all(|v| seen.contains_key(v)) {
+            let m = sub.next_message().await.expect("open").expect("a message");
+            *seen.entry(m.value).or_default() += 1;
+        }
+    })
+    .await
+}
+
+fn qos1() -> PublishOptions {
+    PublishOptions::at_least_once()
+}
+
+/// Everything from the start of the relay's history, then live: after a move to a relay of
+/// another sequence space the subscription starts again as first asked, so what the
+/// publisher re-sent there before the subscriber arrived is in that history.
+fn all_history() -> SubscribeOptions {
+    SubscribeOptions::new()
+        .qos(Qos::AtLeastOnce)
+        .replay(Replay::FromSeq(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_moves_both_clients_to_the_next_relay_exactly_once() {
+    let a = start_relay_binary(&[]);
+    let b = start_relay_binary(&[]);
+    let t = tree("fo");
+    let sub_client = client(&[a.ws_url(), b.tcp_url()], keyring_with(&t))
+        .await
+        .unwrap();
+    // The publisher reaches A through a proxy that can hide A's answers from it.
+    let (to_a, mute) = mute_proxy(a.tcp).await;
+    let publisher = client(&[to_a.clone(), b.ws_url()], keyring_with(&t))
+        .await
+        .unwrap();
+    assert_eq!(sub_client.relay_url(), a.ws_url());
+    assert_eq!(publisher.relay_url(), to_a);
+    let mut sub = sub_client
+        .subscribe_with_options::<u32>("feed/x", all_history())
+        .await
+        .unwrap();
+    let mut seen = BTreeMap::new();
+
+    // 1..=20 through A, each acknowledged and received.
+    for v in 1..=20u32 {
+        publisher.publish_with("feed/x", &v, qos1()).await.unwrap();
+    }
+    take_until("1..=20 on A", &mut sub, &mut seen, 1..=20).await;
+
+    // 21..=30: A stores and delivers them, but their `PubAck`s never reach the publisher,
+    // so it re-sends all ten to B, which delivers them again: the subscriber's dedup must
+    // show each once.
+    mute.store(true, Ordering::SeqCst);
+    let mut pending = Vec::new();
+    for v in 21..=30u32 {
+        let p = publisher.clone();
+        pending.push(tokio::spawn(async move {
+            p.publish_with("feed/x", &v, qos1()).await
+        }));
+    }
+    take_until("21..=30 on A", &mut sub, &mut seen, 21..=30).await;
+    let mut stats = publisher.stats_changes();
+    within(
+        "21..=30 kept",
+        stats.wait_for(|s| s.unacked_publishes >= 10),
+    )
+    .await
+    .unwrap();
+    freeze(&a);
+    // 31..=40 reach the frozen A's socket at most: never acknowledged, kept in the outbox.
+    for v in 31..=40u32 {
+        let p = publisher.clone();
+        pending.push(tokio::spawn(async move {
+            p.publish_with("feed/x", &v, qos1()).await
+        }));
+    }
+    // In the outbox (sent to the frozen A's socket, never acknowledged) before A dies.
+    within(
+        "31..=40 kept",
+        stats.wait_for(|s| s.unacked_publishes >= 20),
+    )
+    .await
+    .unwrap();
+    let mut a = a;
+    a.child.kill().unwrap(); // SIGKILL
+    a.child.wait().unwrap();
+
+    on_relay("subscriber on B", &sub_client, &b.tcp_url()).await;
+    on_relay("publisher on B", &publisher, &b.ws_url()).await;
+    mute.store(false, Ordering::SeqCst); // (A is gone; nothing goes through the proxy now)
+    for p in pending {
+        within("kept publishes acknowledged by B", p)
+            .await
+            .unwrap()
+            .expect("acknowledged");
+    }
+    for v in 41..=50u32 {
+        publisher.publish_with("feed/x", &v, qos1()).await.unwrap();
+    }
+    take_until("31..=50 on B", &mut sub, &mut seen, 31..=50).await;
+    // A last one: anything delivered twice before it would be counted by now.
+    publisher
+        .publish_with("feed/x", &51u32, qos1())
+        .await
+        .unwrap();
+    take_until("the last one", &mut sub, &mut seen, [51]).await;
+
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (1..=51).collect::<Vec<_>>()
+    );
+    // 21..=30 came twice (from A, then from B after the publisher re-sent them): the
+    // dedup window dropped the second copies (counted), the app saw each once (above).
+    let dups = sub_client.stats().core.duplicates;
+    assert!(dups >= 10, "duplicates dropped: {dups}");
+    assert!(sub_client.stats().reconnects >= 1);
+    assert!(publisher.stats().reconnects >= 1);
+    assert_eq!(publisher.stats().unacked_publishes, 0);
+    sub_client.close().await;
+    publisher.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_connect_skips_a_dead_relay_and_fails_only_when_all_are_dead() {
+    let (_held, dead) = dead_port();
+    let (_held2, dead2) = dead_port();
+    let b = start_relay_binary(&[]);
+    let t = tree("fo");
+    let urls = [format!("ws://{dead}"), b.ws_url()];
+    let sub_client = client(&urls, keyring_with(&t))
+        .await
+        .expect("connects to B");
+    assert_eq!(sub_client.relay_url(), b.ws_url());
+    let publisher = client(&[format!("tcp://{dead}"), b.tcp_url()], keyring_with(&t))
+        .await
+        .expect("connects to B");
+    let mut sub = sub_client.subscribe::<u32>("feed/x").await.unwrap();
+    publisher
+        .publish_with("feed/x", &7u32, qos1())
+        .await
+        .unwrap();
+    let mut seen = BTreeMap::new();
+    take_until("7 through B", &mut sub, &mut seen, [7]).await;
+
+    // Every relay down: the first connection fails after one round (no endless retry).
+    let err = within(
+        "connect over two dead relays",
+        client(
+            &[format!("ws://{dead}"), format!("tcp://{dead2}")],
+            keyring_with(&t),
+        ),
+    )
+    .await
+    .expect_err("no relay answers");
+    // The error of the last relay tried (the second dead one).
+    match &err {
+        ConnectError::Io { addr, .. } => assert!(addr.contains(&dead2.port().to_string()), "{err}"),
+        other => panic!("expected Io, got {other:?}"),
+    }
+    sub_client.close().await;
+    publisher.close().await;
+}
+
+/// B numbers its messages far below A: a subscriber that resumed "after A's sequence N" on
+/// B would skip what B stored meanwhile. It must start again as first asked (here: B's
+/// whole history), get what B stored, and then live messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_position_is_not_used_in_another_sequence_space() {
+    let a = start_relay_binary(&[]);
+    let b = start_relay_binary(&[]);
+    let t = tree("fo");
+    let sub_client = client(&[a.ws_url(), b.ws_url()], keyring_with(&t))
+        .await
+        .unwrap();
+    let mut sub = sub_client
+        .subscribe_with_options::<u32>("feed/x", all_history())
+        .await
+        .unwrap();
+    // A's numbers climb well past anything B will use.
+    let on_a = client(&[a.tcp_url()], keyring_with(&t)).await.unwrap();
+    let mut seen = BTreeMap::new();
+    for v in 1..=60u32 {
+        on_a.publish_with("feed/x", &v, qos1()).await.unwrap();
+    }
+    take_until("1..=60 on A", &mut sub, &mut seen, 1..=60).await;
+
+    // Stored on B while the subscriber is on A: B's sequences 1..=5.
+    let on_b = client(&[b.tcp_url()], keyring_with(&t)).await.unwrap();
+    for v in 101..=105u32 {
+        let seq = on_b.publish_with("feed/x", &v, qos1()).await.unwrap();
+        assert!(seq <= 5, "B numbers from 1, got {seq}");
+    }
+
+    let mut a = a;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    on_relay("subscriber on B", &sub_client, &b.ws_url()).await;
+    take_until("B's history", &mut sub, &mut seen, 101..=105).await;
+    on_b.publish_with("feed/x", &106u32, qos1()).await.unwrap();
+    take_until("live on B", &mut sub, &mut seen, [106]).await;
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+    sub_client.close().await;
+    on_a.close().await;
+    on_b.close().await;
+}
+
+/// The `seq_space` a relay process sends in `Welcome`.
+async fn welcome_space(r: &RelayProcess) -> Option<[u8; 16]> {
+    use support::raw::{read_frame, write_frame};
+    use whispeer::protocol::Frame;
+    let mut s = tokio::net::TcpStream::connect(r.tcp).await.unwrap();
+    write_frame(&mut s, &whispeer::core::ClientCore::hello("space-probe")).await;
+    loop {
+        match within("Welcome", read_frame(&mut s))
+            .await
+            .expect("a frame")
+        {
+            Frame::Welcome(w) => return w.seq_space,
+            Frame::Challenge(_) => panic!("relay wants auth"),
+            _ => {}
+        }
+    }
+}
+
+/// A SQLite store keeps its sequence space across a restart (its numbers go on, so clients
+/// resume by sequence); another store, or a memory store, is another space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_names_the_store_and_a_file_store_keeps_it_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let args = ["--store", "sqlite", "--store-path", path.to_str().unwrap()];
+    let mut a = start_relay_binary(&args);
+    let first = welcome_space(&a)
+        .await
+        .expect("the relay names its sequence space");
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let a2 = start_relay_binary(&args);
+    assert_eq!(
+        welcome_space(&a2).await,
+        Some(first),
+        "same store, same space"
+    );
+    let other = start_relay_binary(&[]);
+    let mem = start_relay_binary(&["--store", "memory"]);
+    let others = [welcome_space(&other).await, welcome_space(&mem).await];
+    assert!(others.iter().all(|s| s.is_some() && *s != Some(first)));
+    assert_ne!(others[0], others[1]);
+}
+
+/// `Relays` from a comma-separated list (what `--relay` and `WHISPEER_RELAY` take): blanks
+/// and empty entries dropped, a bare `host:port` is WebSocket; a bad URL fails `connect`
+/// at once, before any relay is dialed.
+#[tokio::test]
+async fn relay_lists_parse_and_a_bad_url_fails_connect() {
+    assert_eq!(
+        Relays::parse_list(" ws://a:1, ,tcp://b:2,c:3 ").urls(),
+        ["ws://a:1", "tcp://b:2", "ws://c:3"]
+    );
+    let err = client(
+        &["ws://127.0.0.1:1".into(), "http://x:2".into()],
+        Keyring::new(),
+    )
+    .await
+    .expect_err("http:// is no relay URL");
+    assert!(matches!(err, ConnectError::InvalidUrl { .. }), "{err:?}");
+}
