@@ -331,3 +331,95 @@ async fn a_relay_never_receives_its_own_publish_back() {
         "no copy of A's own publishes came back from NATS"
     );
 }
+
+/// NATS unreachable: the relay starts, serves its own clients in full and in order, and
+/// counts what it could not forward (a queue of 8 behind the NATS client's own buffer).
+#[tokio::test]
+async fn with_nats_down_local_routing_goes_on_and_the_forward_loss_is_counted() {
+    let nowhere = format!("nats://127.0.0.1:{}", common::nats::free_port());
+    let relay = BinRelay::start(&[
+        "--cluster",
+        &nowhere,
+        "--cluster-queue",
+        "8",
+        "--store",
+        "memory",
+    ]);
+    let mut sub = subscriber(relay.tcp(), &[pattern(1, &[], true)]).await;
+    let mut publ = connect(relay.tcp()).await;
+    let msgs: Vec<Envelope> = (0..3000).map(|i| numbered(1, &[3], i)).collect();
+    for e in &msgs {
+        publ.publish(e.clone()).await;
+    }
+    expect_exactly(&mut sub, &msgs, "local subscriber with NATS down").await;
+    let dropped = metric(
+        relay.admin(),
+        "whispeer_relay_cluster_forward_dropped_total",
+    )
+    .await;
+    assert!(dropped > 0, "forward loss is counted");
+    let st = status(relay.admin()).await;
+    assert_eq!(st["cluster"]["connected"], false, "{st}");
+    assert_eq!(st["cluster"]["forward_dropped"], dropped);
+}
+
+/// What holds for the store in this phase: a relay numbers and stores what reaches it from
+/// the cluster (here a retained value, kept by B because one of B's clients held a matching
+/// filter), and serves it later to a new subscriber; relay C, where nobody subscribed,
+/// never received it and has no retained value.
+#[tokio::test]
+async fn a_relay_keeps_retained_values_that_reached_it_from_the_cluster() {
+    use whispeer_protocol::frame::{msg_flags, pub_flags, Pub, Sub};
+    use whispeer_protocol::Qos;
+    let Some(s) = Setup::start() else { return };
+    let (a, b, c) = (&s.relays[0], &s.relays[1], &s.relays[2]);
+    let mut holder = subscriber(b.tcp(), &[pattern(1, &[], true)]).await;
+    let publ = connect(a.tcp()).await;
+    let mut publ = sync_interest(publ, &mut [&mut holder], 1, &[4, 2]).await;
+    let value = numbered(1, &[4, 2], 42);
+    publ.send(&Frame::Pub(Pub {
+        envelope: value.clone(),
+        flags: pub_flags::RETAIN,
+        publish_id: None,
+        qos: Qos::AtMostOnce,
+    }))
+    .await;
+    let live = holder.expect_msg().await;
+    assert!(
+        live.envelope == value && live.seq > 0,
+        "B numbers it itself"
+    );
+
+    let retained_sub = |p| {
+        Frame::Sub(Sub {
+            sub_id: 7,
+            pattern: p,
+            qos: Qos::AtMostOnce,
+            durable: None,
+            replay: None,
+            retained: true,
+            credit: None,
+            owner: None,
+        })
+    };
+    let mut late = connect(b.tcp()).await;
+    late.send(&retained_sub(exact(1, &[4, 2]))).await;
+    assert!(matches!(late.recv().await, Frame::SubOk(_)));
+    let m = late.expect_msg().await;
+    assert!(
+        m.envelope == value,
+        "B serves the retained value A accepted"
+    );
+    assert_eq!(m.flags, msg_flags::RETAINED);
+    assert_eq!(m.seq, live.seq, "under B's own sequence number");
+
+    // C had no interest when it was published: nothing retained there. A live marker
+    // published at C after the Sub comes first (retained values would precede it).
+    let mut at_c = connect(c.tcp()).await;
+    at_c.send(&retained_sub(exact(1, &[4, 2]))).await;
+    assert!(matches!(at_c.recv().await, Frame::SubOk(_)));
+    let mut publ_c = connect(c.tcp()).await;
+    let marker = numbered(1, &[4, 2], u32::MAX - 1);
+    publ_c.publish(marker.clone()).await;
+    expect_next(&mut at_c, &marker, "C").await;
+}
