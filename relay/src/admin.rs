@@ -59,6 +59,9 @@ pub struct Status {
     /// Whether per-tenant detail (key ids) is included (admin token given).
     #[serde(default)]
     pub detail: bool,
+    /// The NATS bridge, in a cluster: connected or not, server counts, traffic totals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterStatus>,
 }
 
 /// Relay account counts in `/status`.
@@ -108,6 +111,7 @@ pub(crate) fn status(shared: &Shared) -> Status {
             }
         },
         detail: true,
+        cluster: shared.cluster.as_ref().map(|c| c.status(&shared.metrics)),
     }
 }
 

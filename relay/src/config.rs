@@ -173,6 +173,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// Relay accounts (admission) and the admin token.
     pub auth: AuthConfig,
+    /// Relays sharing live routing through core NATS.
+    pub cluster: ClusterConfig,
 }
 
 /// A section of the configuration: its TOML table name, how clap learns its settings, and
@@ -223,6 +225,7 @@ sections!(
     store: StoreConfig,
     delivery: DeliveryConfig,
     auth: AuthConfig,
+    cluster: ClusterConfig,
 );
 
 /// The TOML key of a setting: its clap id, or the part after the dot of an id spelled
@@ -321,6 +324,130 @@ impl Default for AuthConfig {
             reload_ms: 1_000,
             admin_token: None,
         }
+    }
+}
+
+/// Relays sharing live routing through core NATS (off while `urls` is empty).
+///
+/// Each relay publishes the envelopes its clients publish to NATS (subject
+/// `<subject_prefix>.<key id hex>.<token hex>…`) and subscribes on NATS only for the filters
+/// its own clients hold. NATS sees what a relay sees: tokens, sizes, timing. See
+/// docs/DEPLOY.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URLs, comma separated (give every server of the NATS cluster: the relay
+    /// reconnects to another one when its server goes away). Empty: no cluster.
+    #[arg(
+        long = "cluster",
+        env = "WHISPEER_CLUSTER",
+        value_delimiter = ',',
+        value_name = "nats://h1:4222,nats://h2:4222"
+    )]
+    pub urls: Vec<String>,
+    /// Subject prefix of every envelope on NATS; relays that share routing use the same one.
+    #[arg(long = "cluster-prefix", env = "WHISPEER_CLUSTER_PREFIX")]
+    pub subject_prefix: String,
+    /// This relay's connection name on NATS (shown by the NATS monitoring endpoints).
+    #[arg(
+        long = "cluster-name",
+        env = "WHISPEER_CLUSTER_NAME",
+        value_name = "relay-1"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// NATS credentials file (`.creds`: a user JWT and NKey seed).
+    #[arg(
+        long = "cluster-credentials",
+        env = "WHISPEER_CLUSTER_CREDENTIALS",
+        value_name = "relay.creds"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<PathBuf>,
+    /// NATS user name (with `password`).
+    #[arg(
+        long = "cluster-user",
+        env = "WHISPEER_CLUSTER_USER",
+        value_name = "relay"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// NATS password (with `user`).
+    #[arg(
+        long = "cluster-password",
+        env = "WHISPEER_CLUSTER_PASSWORD",
+        hide_env_values = true,
+        value_name = "PASSWORD"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// NATS authentication token.
+    #[arg(
+        long = "cluster-token",
+        env = "WHISPEER_CLUSTER_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// PEM file of CA certificates the NATS servers' certificates are checked against;
+    /// setting it requires TLS to NATS.
+    #[arg(
+        long = "cluster-ca",
+        env = "WHISPEER_CLUSTER_CA",
+        value_name = "nats-ca.pem"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for NATS (mutual TLS, with `tls_key`).
+    #[arg(
+        long = "cluster-cert",
+        env = "WHISPEER_CLUSTER_CERT",
+        value_name = "relay-cert.pem"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[arg(
+        long = "cluster-key",
+        env = "WHISPEER_CLUSTER_KEY",
+        value_name = "relay-key.pem"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// Envelopes waiting to be published to NATS. When NATS is slow or unreachable the
+    /// queue fills and further envelopes are routed locally only, counted in
+    /// whispeer_relay_cluster_forward_dropped_total (QoS 0 loss across relays).
+    #[arg(
+        id = "cluster.queue",
+        long = "cluster-queue",
+        env = "WHISPEER_CLUSTER_QUEUE"
+    )]
+    pub queue: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            subject_prefix: "wsp".into(),
+            name: None,
+            credentials: None,
+            user: None,
+            password: None,
+            token: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            queue: 65_536,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether the relay joins a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.urls.is_empty()
     }
 }
 
@@ -990,6 +1117,34 @@ impl Config {
                 "ack_timeout_ms and max_unacked must be positive".into(),
             );
         }
+        let c = &self.cluster;
+        if c.enabled() {
+            if c.urls.iter().any(|u| u.trim().is_empty()) {
+                return invalid("cluster.urls", "an empty NATS URL".into());
+            }
+            let p = &c.subject_prefix;
+            if p.is_empty()
+                || p.split('.').any(|t| t.is_empty())
+                || p.contains(|ch: char| ch.is_whitespace() || ch == '*' || ch == '>')
+            {
+                return invalid(
+                    "cluster.subject_prefix",
+                    format!("{p:?} is not a NATS subject without wildcards"),
+                );
+            }
+            if c.user.is_some() != c.password.is_some() {
+                return invalid("cluster.user", "user and password go together".into());
+            }
+            if c.tls_cert.is_some() != c.tls_key.is_some() {
+                return invalid(
+                    "cluster.tls_cert",
+                    "tls_cert and tls_key go together".into(),
+                );
+            }
+            if c.queue == 0 {
+                return invalid("cluster.queue", "must be at least 1".into());
+            }
+        }
         let a = &self.auth;
         if a.mode == AuthMode::Required
             && a.accounts.as_ref().is_none_or(|p| p.as_os_str().is_empty())
@@ -1320,6 +1475,7 @@ mod tests {
         }
         let fields = [
             "listen", "tls", "limits", "queue", "timeouts", "log", "store", "delivery", "auth",
+            "cluster",
         ];
         assert_eq!(SECTIONS.iter().map(|s| s.name).collect::<Vec<_>>(), fields);
         for s in &all {

@@ -31,4 +31,7 @@ pub enum RelayError {
     /// The account list or the auth state file could not be loaded.
     #[error("cannot load relay accounts: {0}")]
     Accounts(crate::accounts::AccountError),
+    /// The NATS connection of a cluster could not be set up.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }

@@ -28,6 +28,8 @@
 //! - `quic` — the QUIC listener: one stream of length-prefixed frames per connection.
 //! - [`plugin`] — metadata-only hooks; logging and metrics plugins.
 //! - [`metrics`] — counters, routing histogram, Prometheus text.
+//! - [`cluster`] — relays sharing live routing through core NATS: token paths as subjects,
+//!   interest-based NATS subscriptions, forwarding queue, once-per-client dedup.
 //! - [`accounts`] — relay accounts, rights, key-id claims, durable owners, hot reload.
 //! - [`admin`] — `/metrics`, `/status`, `/healthz`; a GET client for `status`.
 //! - `rate` — token buckets (rate limits by backpressure) and the per-address connection table.
@@ -37,6 +39,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod cluster;
 pub mod config;
 mod conn;
 pub mod error;

@@ -129,7 +129,7 @@ struct ServeArgs {
     #[arg(long, env = "WHISPEER_READY_FILE")]
     ready_file: Option<PathBuf>,
     /// Print the effective configuration (defaults < file < env < flags) as TOML and exit
-    /// (the admin token redacted).
+    /// (the admin token and the NATS password and token redacted).
     #[arg(long)]
     print_config: bool,
     #[command(flatten)]
@@ -169,7 +169,14 @@ fn main() -> Result<()> {
             let ready_file = args.ready_file;
             if args.print_config {
                 let mut shown = config.clone();
-                if let Some(t) = &mut shown.auth.admin_token {
+                for t in [
+                    &mut shown.auth.admin_token,
+                    &mut shown.cluster.password,
+                    &mut shown.cluster.token,
+                ]
+                .into_iter()
+                .flatten()
+                {
                     *t = format!("<redacted, {} characters>", t.len());
                 }
                 print!("{}", toml::to_string(&shown)?);

@@ -86,6 +86,31 @@ pub struct Metrics {
     refusal_paused: AtomicU64,
     credit_pauses: AtomicU64,
     credit_lost: AtomicU64,
+    /// The NATS bridge (see `cluster`); all zero without a cluster.
+    pub(crate) cluster: ClusterMetrics,
+}
+
+/// Counters of the NATS bridge. Forwarded envelopes that could not be handed to NATS are
+/// QoS 0 loss across relays and are counted, never silent.
+#[derive(Debug, Default)]
+pub(crate) struct ClusterMetrics {
+    /// Envelopes published to NATS.
+    pub(crate) forwarded: AtomicU64,
+    /// Envelopes not forwarded: the queue to NATS was full or the publish failed.
+    pub(crate) forward_dropped: AtomicU64,
+    /// Envelopes from other relays routed to local subscribers.
+    pub(crate) received: AtomicU64,
+    /// Second copies NATS delivered for overlapping filters (dropped on purpose).
+    pub(crate) duplicates: AtomicU64,
+    /// Envelopes from NATS that could not be routed (malformed, refused by the store, or
+    /// dropped by NATS for a slow subscription).
+    pub(crate) receive_dropped: AtomicU64,
+    /// 1 while connected to a NATS server.
+    pub(crate) connected: AtomicI64,
+    /// NATS subscriptions held (one or two per distinct local filter).
+    pub(crate) subscriptions: AtomicI64,
+    /// Connections (first and re-) to a NATS server.
+    pub(crate) connects: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -115,6 +140,7 @@ impl Default for Metrics {
             refusal_paused: AtomicU64::new(0),
             credit_pauses: AtomicU64::new(0),
             credit_lost: AtomicU64::new(0),
+            cluster: ClusterMetrics::default(),
         }
     }
 }
@@ -498,6 +524,58 @@ impl Metrics {
         for (name, help, v) in counters {
             family(&mut o, name, "counter", help);
             let _ = writeln!(o, "{name} {v}");
+        }
+        let c = &self.cluster;
+        let cluster: [(&str, &str, u64); 6] = [
+            (
+                "whispeer_relay_cluster_forwarded_total",
+                "Envelopes published to NATS for other relays.",
+                load(&c.forwarded),
+            ),
+            (
+                "whispeer_relay_cluster_forward_dropped_total",
+                "Envelopes not forwarded to other relays (queue to NATS full or publish failed): QoS 0 loss across relays.",
+                load(&c.forward_dropped),
+            ),
+            (
+                "whispeer_relay_cluster_received_total",
+                "Envelopes from other relays (via NATS) routed to local subscribers.",
+                load(&c.received),
+            ),
+            (
+                "whispeer_relay_cluster_duplicates_total",
+                "Second copies NATS delivered for overlapping filters, dropped so each client gets a message once.",
+                load(&c.duplicates),
+            ),
+            (
+                "whispeer_relay_cluster_receive_dropped_total",
+                "Envelopes from NATS not routed (malformed, refused by the store, or dropped by NATS for a slow subscription).",
+                load(&c.receive_dropped),
+            ),
+            (
+                "whispeer_relay_cluster_connects_total",
+                "Connections (first and reconnections) to a NATS server.",
+                load(&c.connects),
+            ),
+        ];
+        for (name, help, v) in cluster {
+            family(&mut o, name, "counter", help);
+            let _ = writeln!(o, "{name} {v}");
+        }
+        for (name, help, v) in [
+            (
+                "whispeer_relay_cluster_connected",
+                "1 while connected to a NATS server (always 0 without a cluster).",
+                &c.connected,
+            ),
+            (
+                "whispeer_relay_cluster_subscriptions",
+                "NATS subscriptions held for the filters of local clients.",
+                &c.subscriptions,
+            ),
+        ] {
+            family(&mut o, name, "gauge", help);
+            let _ = writeln!(o, "{name} {}", v.load(Relaxed).max(0));
         }
         family(
             &mut o,

@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     pub(crate) account_rates: AccountRates,
     /// The relay-wide budget of queued outbound message bytes.
     pub(crate) budget: Arc<crate::outbound::Budget>,
+    /// The NATS bridge's status, in a cluster.
+    pub(crate) cluster: Option<crate::cluster::State>,
 }
 
 impl Shared {
@@ -333,13 +335,22 @@ impl RelayBuilder {
             sub: (l.account_sub_rate, l.account_sub_burst),
             ack: (l.account_ack_rate, l.account_ack_burst),
         });
+        let (link, cluster_rx) = if self.config.cluster.enabled() {
+            let (l, r) = crate::cluster::link(&self.config.cluster, metrics.clone());
+            (Some(l), Some(r))
+        } else {
+            (None, None)
+        };
         let shared = Arc::new(Shared {
+            cluster: cluster_rx
+                .as_ref()
+                .map(|_| crate::cluster::State::new(&self.config.cluster)),
             budget: Arc::new(crate::outbound::Budget::new(
                 self.config.queue.total_max_bytes,
             )),
             account_rates,
             accounts,
-            router: Router::new(store, metrics.clone()),
+            router: Router::new(store, metrics.clone(), link),
             config: self.config,
             metrics,
             plugins,
@@ -354,6 +365,7 @@ impl RelayBuilder {
             listeners: self.listeners,
             tls,
             quic,
+            cluster_rx,
         })
     }
 }
@@ -364,6 +376,8 @@ pub struct Relay {
     listeners: Listeners,
     tls: Option<TlsAcceptor>,
     quic: Option<quinn::ServerConfig>,
+    /// The bridge's ends of the router's queues, until `run` starts the bridge.
+    cluster_rx: Option<crate::cluster::Receivers>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -419,8 +433,16 @@ impl Relay {
             listeners,
             tls,
             quic,
+            cluster_rx,
         } = self;
         let mut tasks = JoinSet::new();
+        if let Some(rx) = cluster_rx {
+            // Connects in the background: the relay serves its own clients while NATS is
+            // unreachable (forwarded envelopes are counted as dropped meanwhile).
+            let client =
+                crate::cluster::connect(&shared.config.cluster, shared.metrics.clone()).await?;
+            tasks.spawn(crate::cluster::run(shared.clone(), client, rx));
+        }
         let mut spawn = |l: Option<TcpListener>, kind: TransportKind| {
             if let Some(l) = l {
                 tasks.spawn(accept_loop(shared.clone(), l, kind, tls.clone()));

@@ -13,8 +13,15 @@
 //! the subscription while the history task sends stored messages up to the boundary
 //! (`SubOk.seq`); then [`Router::release`] sends the buffer — all with larger sequences —
 //! and opens the gate. No gap, no duplicate.
+//!
+//! In a cluster (see `crate::cluster`) the router also keeps the refcount of distinct
+//! filters under the same lock — so the NATS bridge sees subscribe/unsubscribe transitions
+//! in the order they happened — and offers every local publish to the bridge's bounded
+//! queue (a non-blocking offer, so NATS never stalls local routing). Envelopes from other
+//! relays enter through [`Router::publish_remote`]: numbered, stored and fanned out like a
+//! local publish, never forwarded again.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -23,6 +30,7 @@ use bytes::Bytes;
 use whispeer_protocol::frame::Msg;
 use whispeer_protocol::{codec, Envelope, Frame, Qos, TokenPath, TokenPattern};
 
+use crate::cluster::{Interest, Link};
 use crate::flow::Delivery;
 pub(crate) use crate::flow::Tracking;
 use crate::ids::{ConnId, Seq, SubId};
@@ -98,6 +106,31 @@ pub(crate) struct SubStart {
 struct Core {
     index: SubIndex<Arc<Target>>,
     store: Arc<dyn Store>,
+    /// Local subscriptions per distinct filter (kept only in a cluster): the bridge holds
+    /// NATS subscriptions for the filters with a count above zero.
+    interest: HashMap<TokenPattern, usize>,
+}
+
+impl Core {
+    fn interest_add(&mut self, cluster: Option<&Link>, pattern: &TokenPattern) {
+        let Some(link) = cluster else { return };
+        let n = self.interest.entry(pattern.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            link.interest(Interest::Add(pattern.clone()));
+        }
+    }
+
+    fn interest_remove(&mut self, cluster: Option<&Link>, pattern: &TokenPattern) {
+        let Some(link) = cluster else { return };
+        if let Some(n) = self.interest.get_mut(pattern) {
+            *n -= 1;
+            if *n == 0 {
+                self.interest.remove(pattern);
+                link.interest(Interest::Remove(pattern.clone()));
+            }
+        }
+    }
 }
 
 /// Subscriptions, sequence assignment and fan-out.
@@ -106,17 +139,21 @@ pub(crate) struct Router {
     core: Mutex<Core>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    /// The NATS bridge's queues, in a cluster.
+    cluster: Option<Link>,
 }
 
 impl Router {
-    pub(crate) fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, cluster: Option<Link>) -> Self {
         Self {
             core: Mutex::new(Core {
                 index: SubIndex::new(),
                 store: store.clone(),
+                interest: HashMap::new(),
             }),
             store,
             metrics,
+            cluster,
         }
     }
 
@@ -167,6 +204,7 @@ impl Router {
                 }
             }
             core.index.insert(pattern, conn, sub, target.clone());
+            core.interest_add(self.cluster.as_ref(), pattern);
             self.metrics.subscribed();
         }
         (offer, target, seq)
@@ -259,7 +297,12 @@ impl Router {
 
     /// Removes one subscription; returns whether it existed.
     pub(crate) fn unsubscribe(&self, pattern: &TokenPattern, conn: ConnId, sub: SubId) -> bool {
-        let removed = self.lock().index.remove_value(pattern, conn, sub);
+        let mut core = self.lock();
+        let removed = core.index.remove_value(pattern, conn, sub);
+        if removed.is_some() {
+            core.interest_remove(self.cluster.as_ref(), pattern);
+        }
+        drop(core);
         let existed = removed.is_some();
         if let Some(t) = removed {
             t.cancelled.store(true, Ordering::Relaxed);
@@ -278,6 +321,7 @@ impl Router {
         let mut n = 0;
         for (sub, pattern) in subs {
             if let Some(t) = core.index.remove_value(pattern, conn, sub) {
+                core.interest_remove(self.cluster.as_ref(), pattern);
                 t.cancelled.store(true, Ordering::Relaxed);
                 n += 1;
             }
@@ -289,6 +333,7 @@ impl Router {
     /// Accepts a publish: assigns its sequence, encodes one `Msg` frame and offers the same
     /// bytes to every matching connection (once per connection, however many of its
     /// subscriptions match). A duplicate publish id (QoS 2) is neither stored nor routed.
+    /// In a cluster the envelope is also offered to the NATS bridge.
     pub(crate) fn publish(
         &self,
         envelope: &Envelope,
@@ -297,6 +342,39 @@ impl Router {
         qos: Qos,
         publish_id: Option<[u8; 16]>,
         tenant: &Tenant,
+    ) -> Result<Accepted, StoreError> {
+        self.route(envelope, path, flags, qos, publish_id, tenant, true)
+    }
+
+    /// Routes an envelope another relay accepted (it came through NATS): numbered by this
+    /// relay's store, stored per its policy and fanned out like a local publish, but not
+    /// forwarded again. QoS is lowered to 0 when this relay has no store for more.
+    pub(crate) fn publish_remote(
+        &self,
+        envelope: &Envelope,
+        path: &TokenPath,
+        flags: u64,
+        qos: Qos,
+    ) -> Result<Accepted, StoreError> {
+        let qos = if self.store.features() & whispeer_protocol::frame::features::AT_LEAST_ONCE == 0
+        {
+            Qos::AtMostOnce
+        } else {
+            qos
+        };
+        self.route(envelope, path, flags, qos, None, &Tenant::Local, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &self,
+        envelope: &Envelope,
+        path: &TokenPath,
+        flags: u64,
+        qos: Qos,
+        publish_id: Option<[u8; 16]>,
+        tenant: &Tenant,
+        forward: bool,
     ) -> Result<Accepted, StoreError> {
         let start = Instant::now();
         let core = self.lock();
@@ -313,6 +391,13 @@ impl Router {
             Accepted::Live(seq) => (seq, false),
             Accepted::Duplicate(_) => return Ok(accepted),
         };
+        if forward {
+            // Under the lock, so envelopes reach NATS in relay-sequence order; a
+            // non-blocking offer (a full queue is counted, never waited on).
+            if let Some(link) = &self.cluster {
+                link.forward(envelope, flags, qos);
+            }
+        }
         let frame = msg_frame(seq.0, envelope, 0);
         let mut targets: Vec<&Arc<Target>> = Vec::new();
         core.index.for_each_match(path, |_, t| targets.push(t));

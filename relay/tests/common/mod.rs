@@ -5,6 +5,8 @@
 //! timeout that only exists so a broken relay fails the test instead of hanging it.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

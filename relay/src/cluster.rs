@@ -1,0 +1,667 @@
+//! The cluster bridge: relays share live routing through core NATS.
+//!
+//! Why NATS and not a home-made mesh: NATS already does cluster-wide wildcard routing,
+//! interest propagation, reconnection and TLS/auth between servers. The relay only maps its
+//! opaque routes onto NATS subjects:
+//!
+//! - a token path `[key_id, t0, t1, …]` is the subject `<prefix>.<key id hex>.<t0 hex>…`;
+//! - a filter maps `+` → `*` and `#` → `>`. MQTT's `a/#` also matches `a` and NATS's `a.>`
+//!   does not, so a filter ending in `#` with at least one level before it takes two NATS
+//!   subscriptions (`a.>` and `a`), which never both match one subject.
+//!
+//! **Interest.** The router keeps a refcount per distinct local filter under its routing
+//! lock and sends the 0 → 1 and 1 → 0 transitions here, in order; this task holds one NATS
+//! subscription set per distinct filter, shared by every local client holding it.
+//!
+//! **Forwarding.** Every local publish is offered (non-blocking) to a bounded queue; one
+//! task publishes the queue to NATS in order, so a publisher's envelopes keep their order on
+//! every path. A full queue (NATS slow or down) is counted in
+//! `whispeer_relay_cluster_forward_dropped_total`: QoS 0 loss across relays, visible.
+//! Local routing never waits for NATS.
+//!
+//! **Once per client.** The connection uses NATS `no_echo`, so a relay never receives its own
+//! publishes. When local filters overlap, NATS delivers one copy per matching subscription:
+//! every forwarded envelope carries the sending relay's random origin id and a counter, and
+//! a window of recently seen counters per origin lets only the first copy through. That copy
+//! is routed like a local publish (one `Msg` per connection, whatever its subscriptions), so
+//! every client sees it once and its own filter matching gives it to each subscription once.
+//!
+//! **Sequence numbers.** In this phase every relay numbers what it routes: an envelope from
+//! another relay gets this relay's next sequence number and is stored per this relay's
+//! store policy (retained values, history of QoS ≥ 1), so replay and retained values are
+//! served for it by this relay — but only for envelopes that reached it, i.e. matched a
+//! filter one of its clients held at the time. QoS ≥ 1 guarantees do not cross relays yet
+//! (that is JetStream's job, later: its stream sequence will become the relay sequence).
+//!
+//! **Blind.** The NATS payload is a 26-byte bridge header (version, origin, counter, publish
+//! flags, QoS) and the sealed envelope as the relay received it: NATS sees exactly what a
+//! relay sees — key ids, tokens, sizes, timing — and no key code enters the relay.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use whispeer_protocol::{Envelope, PatternElem, Qos, TokenPath, TokenPattern};
+
+use crate::config::ClusterConfig;
+use crate::metrics::Metrics;
+use crate::relay::Shared;
+
+/// Version byte of the bridge header.
+const VERSION: u8 = 1;
+/// Bridge header: version, origin (8), counter (8), publish flags (8), QoS (1).
+const HEADER_LEN: usize = 26;
+/// Counters remembered per origin for duplicate detection.
+const WINDOW: u64 = 1 << 16;
+/// Origins remembered (relays restart with a new origin id; old ones are forgotten).
+const MAX_ORIGINS: usize = 1024;
+/// Copies from NATS waiting to be routed.
+const INBOUND: usize = 4096;
+
+/// Why the bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The credentials file could not be read.
+    #[error("cannot read the NATS credentials file {path}: {source}")]
+    Credentials {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The NATS client refused the options.
+    #[error("cannot set up the NATS connection: {0}")]
+    Connect(String),
+}
+
+/// A subscription set change, sent by the router in the order it happened.
+#[derive(Debug)]
+pub(crate) enum Interest {
+    /// The first local subscription with this filter.
+    Add(TokenPattern),
+    /// The last local subscription with this filter went away.
+    Remove(TokenPattern),
+}
+
+/// A local publish to forward.
+#[derive(Debug)]
+pub(crate) struct Forward {
+    envelope: Envelope,
+    flags: u64,
+    qos: Qos,
+}
+
+/// The router's side of the bridge: two queues, both fed without blocking.
+#[derive(Debug)]
+pub(crate) struct Link {
+    forward: mpsc::Sender<Forward>,
+    interest: mpsc::UnboundedSender<Interest>,
+    metrics: Arc<Metrics>,
+}
+
+impl Link {
+    /// Offers a local publish to NATS; a full queue is counted, never waited on.
+    pub(crate) fn forward(&self, envelope: &Envelope, flags: u64, qos: Qos) {
+        let f = Forward {
+            envelope: envelope.clone(),
+            flags,
+            qos,
+        };
+        if self.forward.try_send(f).is_err() {
+            self.metrics.cluster.forward_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Reports a subscription set change (unbounded: one message per distinct filter
+    /// transition, bounded by the subscription limits).
+    pub(crate) fn interest(&self, change: Interest) {
+        let _ = self.interest.send(change);
+    }
+}
+
+/// The bridge's side of the queues, taken by [`run`].
+#[derive(Debug)]
+pub(crate) struct Receivers {
+    forward: mpsc::Receiver<Forward>,
+    interest: mpsc::UnboundedReceiver<Interest>,
+}
+
+/// The queues between router and bridge.
+pub(crate) fn link(config: &ClusterConfig, metrics: Arc<Metrics>) -> (Link, Receivers) {
+    let (ftx, frx) = mpsc::channel(config.queue);
+    let (itx, irx) = mpsc::unbounded_channel();
+    (
+        Link {
+            forward: ftx,
+            interest: itx,
+            metrics,
+        },
+        Receivers {
+            forward: frx,
+            interest: irx,
+        },
+    )
+}
+
+/// What `/status` shows of the bridge (never key ids or subjects).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// Connected to a NATS server now.
+    pub connected: bool,
+    /// NATS URLs configured.
+    pub servers: usize,
+    /// The NATS server connected to (`host:port` as that server announces itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// NATS subscriptions held for local filters.
+    pub subscriptions: u64,
+    /// Envelopes published to NATS.
+    pub forwarded: u64,
+    /// Envelopes not forwarded (queue full or publish failed).
+    pub forward_dropped: u64,
+    /// Envelopes from other relays routed here.
+    pub received: u64,
+}
+
+/// Bridge state shared with `/status`.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    client: OnceLock<async_nats::Client>,
+    servers: usize,
+}
+
+impl State {
+    pub(crate) fn new(config: &ClusterConfig) -> Self {
+        Self {
+            client: OnceLock::new(),
+            servers: config.urls.len(),
+        }
+    }
+
+    pub(crate) fn status(&self, metrics: &Metrics) -> ClusterStatus {
+        let c = &metrics.cluster;
+        let client = self.client.get();
+        let connected = client
+            .is_some_and(|cl| cl.connection_state() == async_nats::connection::State::Connected);
+        ClusterStatus {
+            connected,
+            servers: self.servers,
+            server: client
+                .filter(|_| connected)
+                .map(|cl| cl.server_info())
+                .map(|i| format!("{}:{}", i.host, i.port)),
+            subscriptions: c.subscriptions.load(Relaxed).max(0) as u64,
+            forwarded: c.forwarded.load(Relaxed),
+            forward_dropped: c.forward_dropped.load(Relaxed),
+            received: c.received.load(Relaxed),
+        }
+    }
+}
+
+/// Connects (in the background: an unreachable NATS does not stop the relay from serving
+/// its own clients; the client keeps retrying every configured server).
+pub(crate) async fn connect(
+    config: &ClusterConfig,
+    metrics: Arc<Metrics>,
+) -> Result<async_nats::Client, ClusterError> {
+    let mut o = async_nats::ConnectOptions::new()
+        .no_echo()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .name(config.name.as_deref().unwrap_or("whispeer-relay"))
+        // Deep enough for a burst; beyond it NATS reports a slow consumer (counted).
+        .subscription_capacity(65_536)
+        .event_callback(move |event| {
+            let metrics = metrics.clone();
+            async move {
+                let c = &metrics.cluster;
+                match &event {
+                    async_nats::Event::Connected => {
+                        c.connected.store(1, Relaxed);
+                        c.connects.fetch_add(1, Relaxed);
+                        tracing::info!("cluster: connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        c.connected.store(0, Relaxed);
+                        tracing::warn!("cluster: disconnected from NATS; reconnecting");
+                    }
+                    async_nats::Event::Closed => {
+                        c.connected.store(0, Relaxed);
+                    }
+                    async_nats::Event::SlowConsumer(_) => {
+                        c.receive_dropped.fetch_add(1, Relaxed);
+                    }
+                    // Repeats on every reconnect attempt while NATS is unreachable.
+                    async_nats::Event::ClientError(e) => {
+                        tracing::debug!(error = %e, "cluster: NATS client error");
+                    }
+                    other => tracing::warn!(event = %other, "cluster: NATS event"),
+                }
+            }
+        });
+    if let Some(path) = &config.credentials {
+        o = o
+            .credentials_file(path)
+            .await
+            .map_err(|source| ClusterError::Credentials {
+                path: path.clone(),
+                source,
+            })?;
+    }
+    if let (Some(u), Some(p)) = (&config.user, &config.password) {
+        o = o.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(t) = &config.token {
+        o = o.token(t.clone());
+    }
+    if let Some(ca) = &config.tls_ca {
+        o = o.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        o = o.add_client_certificate(cert.clone(), key.clone());
+    }
+    let urls: Vec<&str> = config.urls.iter().map(|u| u.trim()).collect();
+    o.connect(urls)
+        .await
+        .map_err(|e| ClusterError::Connect(e.to_string()))
+}
+
+/// Runs the bridge until aborted (relay shutdown): the publisher, the subscription keeper
+/// and the router of remote envelopes.
+pub(crate) async fn run(shared: Arc<Shared>, client: async_nats::Client, rx: Receivers) {
+    let Some(state) = shared.cluster.as_ref() else {
+        return;
+    };
+    let _ = state.client.set(client.clone());
+    let prefix = shared.config.cluster.subject_prefix.clone();
+    let origin = random_origin();
+    let (in_tx, in_rx) = mpsc::channel(INBOUND);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(publish_loop(
+        client.clone(),
+        rx.forward,
+        prefix.clone(),
+        origin,
+        shared.metrics.clone(),
+    ));
+    tasks.spawn(interest_loop(
+        client,
+        rx.interest,
+        prefix,
+        in_tx,
+        shared.metrics.clone(),
+    ));
+    tasks.spawn(receive_loop(shared.clone(), in_rx, origin));
+    // Each loop ends only when its queue closes (the relay is going away).
+    while tasks.join_next().await.is_some() {}
+}
+
+fn random_origin() -> u64 {
+    let mut b = [0u8; 8];
+    // A fallback origin still works unless two relays draw the same one.
+    if getrandom::getrandom(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        return t ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(b)
+}
+
+async fn publish_loop(
+    client: async_nats::Client,
+    mut rx: mpsc::Receiver<Forward>,
+    prefix: String,
+    origin: u64,
+    metrics: Arc<Metrics>,
+) {
+    let mut counter = 0u64;
+    while let Some(f) = rx.recv().await {
+        counter += 1;
+        let subject = path_subject(&prefix, &f.envelope.token_path());
+        let payload = encode(origin, counter, &f);
+        // Waits only while the NATS client's own buffer is full (reconnecting); the router
+        // never waits: its offers fail and are counted meanwhile.
+        match client.publish(subject, payload).await {
+            Ok(()) => {
+                metrics.cluster.forwarded.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                metrics.cluster.forward_dropped.fetch_add(1, Relaxed);
+                tracing::debug!(error = %e, "cluster: publish to NATS failed");
+            }
+        }
+    }
+}
+
+async fn interest_loop(
+    client: async_nats::Client,
+    mut rx: mpsc::UnboundedReceiver<Interest>,
+    prefix: String,
+    inbound: mpsc::Sender<async_nats::Message>,
+    metrics: Arc<Metrics>,
+) {
+    let mut held: HashMap<TokenPattern, Vec<tokio::task::AbortHandle>> = HashMap::new();
+    let mut readers = JoinSet::new();
+    while let Some(change) = rx.recv().await {
+        // Reap finished readers so the set does not grow.
+        while readers.try_join_next().is_some() {}
+        match change {
+            Interest::Add(pattern) => {
+                let mut handles = Vec::new();
+                for subject in pattern_subjects(&prefix, &pattern) {
+                    match client.subscribe(subject).await {
+                        Ok(mut sub) => {
+                            metrics.cluster.subscriptions.fetch_add(1, Relaxed);
+                            let tx = inbound.clone();
+                            let m = metrics.clone();
+                            handles.push(readers.spawn(async move {
+                                // Dropping `sub` (on abort) unsubscribes on NATS.
+                                let _gauge = Gauge(m);
+                                while let Some(msg) = sub.next().await {
+                                    if tx.send(msg).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cluster: NATS subscribe failed");
+                        }
+                    }
+                }
+                held.insert(pattern, handles);
+            }
+            Interest::Remove(pattern) => {
+                for h in held.remove(&pattern).unwrap_or_default() {
+                    h.abort();
+                }
+            }
+        }
+    }
+}
+
+/// Decrements the subscription gauge when a reader ends (aborted or finished).
+struct Gauge(Arc<Metrics>);
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        self.0.cluster.subscriptions.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn receive_loop(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<async_nats::Message>,
+    origin: u64,
+) {
+    let metrics = shared.metrics.clone();
+    let c = &metrics.cluster;
+    let mut seen = Dedup::default();
+    while let Some(msg) = rx.recv().await {
+        let Some(d) = decode(msg.payload) else {
+            c.receive_dropped.fetch_add(1, Relaxed);
+            continue;
+        };
+        // `no_echo` keeps our own publishes away; this is the second line of defence.
+        if d.origin == origin || !seen.first(d.origin, d.counter) {
+            c.duplicates.fetch_add(1, Relaxed);
+            continue;
+        }
+        let path = d.envelope.token_path();
+        match shared
+            .router
+            .publish_remote(&d.envelope, &path, d.flags, d.qos)
+        {
+            Ok(_) => {
+                c.received.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                c.receive_dropped.fetch_add(1, Relaxed);
+                tracing::debug!(error = %e, "cluster: an envelope from NATS was not routed");
+            }
+        }
+    }
+}
+
+/// `<prefix>.<key id hex>.<token hex>…`
+pub fn path_subject(prefix: &str, path: &TokenPath) -> String {
+    let mut s = String::with_capacity(prefix.len() + 33 * (1 + path.tokens().len()));
+    s.push_str(prefix);
+    s.push('.');
+    s.push_str(&path.key_id().to_string());
+    for t in path.tokens() {
+        s.push('.');
+        s.push_str(&t.to_string());
+    }
+    s
+}
+
+/// The NATS subjects covering a filter: one, or two for `…/x/#` (`x.>` and `x`).
+pub fn pattern_subjects(prefix: &str, pattern: &TokenPattern) -> Vec<String> {
+    let mut base = format!("{prefix}.{}", pattern.key_id());
+    let elems = pattern.elems();
+    for e in elems {
+        match e {
+            PatternElem::Token(t) => {
+                base.push('.');
+                base.push_str(&t.to_string());
+            }
+            PatternElem::One => base.push_str(".*"),
+            PatternElem::Rest => {}
+        }
+    }
+    if elems.last() == Some(&PatternElem::Rest) {
+        let rest = format!("{base}.>");
+        // `k/#` alone: a path has at least one level, so the bare key id never occurs.
+        if elems.len() > 1 {
+            vec![rest, base]
+        } else {
+            vec![rest]
+        }
+    } else {
+        vec![base]
+    }
+}
+
+fn encode(origin: u64, counter: u64, f: &Forward) -> Bytes {
+    let env = f.envelope.as_bytes();
+    let mut b = BytesMut::with_capacity(HEADER_LEN + env.len());
+    b.put_u8(VERSION);
+    b.put_u64(origin);
+    b.put_u64(counter);
+    b.put_u64(f.flags);
+    b.put_u8(f.qos as u8);
+    b.extend_from_slice(env);
+    b.freeze()
+}
+
+struct Decoded {
+    origin: u64,
+    counter: u64,
+    flags: u64,
+    qos: Qos,
+    envelope: Envelope,
+}
+
+fn decode(payload: Bytes) -> Option<Decoded> {
+    if payload.len() < HEADER_LEN || payload[0] != VERSION {
+        return None;
+    }
+    let u64_at = |i: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&payload[i..i + 8]);
+        u64::from_be_bytes(a)
+    };
+    Some(Decoded {
+        origin: u64_at(1),
+        counter: u64_at(9),
+        flags: u64_at(17),
+        qos: Qos::from_u64(u64::from(payload[25]))?,
+        envelope: Envelope::from_bytes(payload.slice(HEADER_LEN..)).ok()?,
+    })
+}
+
+/// Which counters of each origin were already routed: a bitmap of the last [`WINDOW`]
+/// counters below the highest seen. Copies of one envelope arrive close together (NATS
+/// writes them back to back on one connection), so a copy older than the window is
+/// treated as already seen.
+#[derive(Default)]
+struct Dedup {
+    origins: HashMap<u64, Window>,
+    tick: u64,
+}
+
+struct Window {
+    max: u64,
+    bits: Vec<u64>,
+    used: u64,
+}
+
+impl Dedup {
+    /// True the first time `(origin, counter)` is seen.
+    fn first(&mut self, origin: u64, counter: u64) -> bool {
+        self.tick += 1;
+        if !self.origins.contains_key(&origin) && self.origins.len() >= MAX_ORIGINS {
+            // Forget the origin unused longest (a relay that restarted or left).
+            if let Some(old) = self
+                .origins
+                .iter()
+                .min_by_key(|(_, w)| w.used)
+                .map(|(k, _)| *k)
+            {
+                self.origins.remove(&old);
+            }
+        }
+        let w = self.origins.entry(origin).or_insert_with(|| Window {
+            max: 0,
+            bits: vec![0; (WINDOW / 64) as usize],
+            used: 0,
+        });
+        w.used = self.tick;
+        w.first(counter)
+    }
+}
+
+impl Window {
+    fn bit(n: u64) -> (usize, u64) {
+        let i = n % WINDOW;
+        ((i / 64) as usize, 1 << (i % 64))
+    }
+
+    fn first(&mut self, n: u64) -> bool {
+        if n > self.max {
+            if n - self.max >= WINDOW {
+                self.bits.iter_mut().for_each(|b| *b = 0);
+            } else {
+                for k in self.max + 1..n {
+                    let (i, m) = Self::bit(k);
+                    self.bits[i] &= !m;
+                }
+            }
+            self.max = n;
+            let (i, m) = Self::bit(n);
+            self.bits[i] |= m;
+            return true;
+        }
+        if self.max - n >= WINDOW {
+            return false;
+        }
+        let (i, m) = Self::bit(n);
+        let fresh = self.bits[i] & m == 0;
+        self.bits[i] |= m;
+        fresh
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use whispeer_protocol::{KeyId, TopicToken};
+
+    fn k() -> KeyId {
+        KeyId::from_bytes([0xab; 16])
+    }
+    fn t(b: u8) -> TopicToken {
+        TopicToken::from_bytes([b; 16])
+    }
+
+    #[test]
+    fn subjects_follow_the_mapping() {
+        let kh = "ab".repeat(16);
+        let th = |b: u8| format!("{b:02x}").repeat(16);
+        let path = TokenPath::new(k(), vec![t(1), t(2)]).unwrap();
+        assert_eq!(
+            path_subject("wsp", &path),
+            format!("wsp.{kh}.{}.{}", th(1), th(2))
+        );
+        let p = |e: Vec<PatternElem>| TokenPattern::new(k(), e).unwrap();
+        use PatternElem::*;
+        assert_eq!(
+            pattern_subjects("wsp", &p(vec![Token(t(1)), One])),
+            vec![format!("wsp.{kh}.{}.*", th(1))]
+        );
+        assert_eq!(
+            pattern_subjects("wsp", &p(vec![Rest])),
+            vec![format!("wsp.{kh}.>")]
+        );
+        assert_eq!(
+            pattern_subjects("x.y", &p(vec![Token(t(1)), Rest])),
+            vec![
+                format!("x.y.{kh}.{}.>", th(1)),
+                format!("x.y.{kh}.{}", th(1))
+            ]
+        );
+    }
+
+    #[test]
+    fn dedup_lets_each_counter_through_once() {
+        let mut d = Dedup::default();
+        assert!(d.first(1, 1));
+        assert!(!d.first(1, 1));
+        assert!(d.first(1, 3));
+        assert!(
+            d.first(1, 2),
+            "a later counter does not hide an earlier first copy"
+        );
+        assert!(!d.first(1, 2));
+        assert!(d.first(2, 1), "origins are separate");
+        assert!(d.first(1, 3 + WINDOW));
+        assert!(!d.first(1, 3), "older than the window counts as seen");
+        assert!(d.first(1, 4 + WINDOW));
+        assert!(!d.first(1, 4 + WINDOW));
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let path = TokenPath::new(k(), vec![t(1)]).unwrap();
+        let _ = path;
+        let mut raw = Vec::new();
+        whispeer_protocol::envelope_header::HeaderFields {
+            flags: 0,
+            key_id: k(),
+            nonce: [7; 24],
+            commit: [8; 32],
+            tokens: &[t(1)],
+        }
+        .write_prefix(48, &mut raw);
+        raw.extend_from_slice(&[0x5a; 64]);
+        let envelope = Envelope::from_bytes(Bytes::from(raw)).unwrap();
+        let f = Forward {
+            envelope: envelope.clone(),
+            flags: 5,
+            qos: Qos::AtLeastOnce,
+        };
+        let d = decode(encode(9, 7, &f)).unwrap();
+        assert_eq!(
+            (d.origin, d.counter, d.flags, d.qos),
+            (9, 7, 5, Qos::AtLeastOnce)
+        );
+        assert_eq!(d.envelope.as_bytes(), envelope.as_bytes());
+        assert!(decode(Bytes::from_static(b"short")).is_none());
+    }
+}

@@ -1,0 +1,425 @@
+//! Relays sharing live routing through core NATS: a real three-node nats-server cluster
+//! (routes on loopback, JetStream on) and three real `whispeer-relay` processes, each given
+//! every NATS URL.
+//!
+//! Waiting is on events. NATS interest crosses the cluster asynchronously, so before a
+//! test's messages the publisher sends probe envelopes (paced, on a path every subscriber
+//! matches) until each subscriber has received one, then an end marker: after the marker,
+//! a subscriber's stream holds only the test's messages, in order.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::nats::NatsCluster;
+use common::*;
+use whispeer_protocol::envelope_header::HeaderFields;
+use whispeer_protocol::{Envelope, Frame, TopicToken};
+
+/// An envelope on `[key(k), tok(levels)…]` told apart by `n` (in its nonce) and `size`.
+fn numbered_sized(k: u8, levels: &[u8], n: u32, size: usize) -> Envelope {
+    let tokens: Vec<TopicToken> = levels.iter().map(|t| tok(*t)).collect();
+    let mut nonce = [0u8; 24];
+    nonce[..4].copy_from_slice(&n.to_be_bytes());
+    let fields = HeaderFields {
+        flags: 0,
+        key_id: key(k),
+        nonce,
+        commit: [8; 32],
+        tokens: &tokens,
+    };
+    let mut out = Vec::new();
+    fields.write_prefix(48, &mut out);
+    out.extend_from_slice(&[0x5a; 48]);
+    out.extend((0..size.max(16)).map(|i| i as u8));
+    Envelope::from_bytes(Bytes::from(out)).expect("valid envelope")
+}
+
+fn numbered(k: u8, levels: &[u8], n: u32) -> Envelope {
+    numbered_sized(k, levels, n, 32)
+}
+
+/// The three-relay cluster under test. `None` (test skipped) without nats-server.
+struct Setup {
+    // Relays first: fields drop in order, so the relays stop before NATS goes away.
+    relays: Vec<BinRelay>,
+    nats: NatsCluster,
+}
+
+impl Setup {
+    fn start() -> Option<Self> {
+        let Some(nats) = NatsCluster::start(3) else {
+            eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
+            return None;
+        };
+        let urls = nats.urls();
+        let relays = (0..3)
+            .map(|i| {
+                BinRelay::start(&[
+                    "--cluster",
+                    &urls,
+                    "--cluster-name",
+                    &format!("relay-{i}"),
+                    "--store",
+                    "memory",
+                ])
+            })
+            .collect();
+        Some(Self { relays, nats })
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Client {
+    let mut c = Client::tcp(addr).await;
+    c.hello().await;
+    c
+}
+
+async fn subscriber(addr: SocketAddr, subs: &[whispeer_protocol::TokenPattern]) -> Client {
+    let mut c = connect(addr).await;
+    for (i, p) in subs.iter().enumerate() {
+        c.subscribe(i as u64 + 1, p.clone()).await;
+    }
+    c
+}
+
+/// Until every subscriber in `subs` has received a probe published by `publisher` on
+/// `[key(k), levels…]`, publishes probes (paced); then an end marker, which every
+/// subscriber reads past. Proves the NATS interest of each subscriber's relay reached the
+/// publisher's NATS server. Returns the publisher.
+async fn sync_interest(
+    publisher: Client,
+    subs: &mut [&mut Client],
+    k: u8,
+    levels: &[u8],
+) -> Client {
+    let probe = numbered_sized(k, levels, u32::MAX, 17);
+    let end = numbered_sized(k, levels, u32::MAX, 18);
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (p, e) = (probe.clone(), end.clone());
+    let task = tokio::spawn(async move {
+        let mut publisher = publisher;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => break,
+                _ = tick.tick() => publisher.publish(p.clone()).await,
+            }
+        }
+        publisher.publish(e).await;
+        publisher
+    });
+    for s in subs.iter_mut() {
+        let m = s.expect_msg().await;
+        assert_eq!(m.envelope, probe, "the first message is a probe");
+    }
+    let _ = stop_tx.send(());
+    let publisher = task.await.expect("probe task");
+    for s in subs.iter_mut() {
+        loop {
+            let m = s.expect_msg().await;
+            if m.envelope == end {
+                break;
+            }
+            assert_eq!(m.envelope, probe, "only probes before the end marker");
+        }
+    }
+    publisher
+}
+
+/// Reads `want.len()` messages and checks they are exactly `want`, in order.
+async fn expect_exactly(c: &mut Client, want: &[Envelope], who: &str) {
+    for (i, w) in want.iter().enumerate() {
+        let m = c.expect_msg().await;
+        assert!(
+            m.envelope == *w,
+            "{who}: message {i} of {} is not the expected one (lost, duplicated or reordered)",
+            want.len()
+        );
+    }
+}
+
+/// The next frame is `marker` (nothing else arrived before it).
+async fn expect_next(c: &mut Client, marker: &Envelope, who: &str) {
+    match c.recv().await {
+        Frame::Msg(m) => assert!(
+            m.envelope == *marker,
+            "{who}: an extra message arrived before the marker (a duplicate)"
+        ),
+        other => panic!("{who}: expected the marker, got {other:?}"),
+    }
+}
+
+async fn status(admin: SocketAddr) -> serde_json::Value {
+    let body = whispeer_relay::admin::http_get(&format!("http://{admin}"), "/status")
+        .await
+        .unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Publish at relay A; wildcard subscribers at B (`1/#`) and C (`+/2`) receive what they
+/// match, in publish order, nothing twice; paths interleave so per-path order is checked
+/// on two paths at once.
+#[tokio::test]
+async fn publish_at_a_reaches_wildcard_subscribers_at_b_and_c_in_order() {
+    let Some(s) = Setup::start() else { return };
+    let (a, b, c) = (&s.relays[0], &s.relays[1], &s.relays[2]);
+    let mut sub_b = subscriber(b.tcp(), &[pattern(1, &[Some(1)], true)]).await;
+    let mut sub_c = subscriber(c.tcp(), &[pattern(1, &[None, Some(2)], false)]).await;
+    let publ = connect(a.tcp()).await;
+    let mut publ = sync_interest(publ, &mut [&mut sub_b, &mut sub_c], 1, &[1, 2]).await;
+
+    let n = 300;
+    let mut all = Vec::new();
+    let mut on_12 = Vec::new();
+    for i in 0..n {
+        let levels: &[u8] = if i % 3 == 0 { &[1, 3] } else { &[1, 2] };
+        let env = numbered(1, levels, i);
+        if levels == [1, 2] {
+            on_12.push(env.clone());
+        }
+        all.push(env.clone());
+        publ.publish(env).await;
+        // A message nobody matches is not delivered anywhere.
+        if i % 50 == 0 {
+            publ.publish(numbered(1, &[9, 9, 9], i)).await;
+        }
+    }
+    let marker = numbered(1, &[1, 2], u32::MAX - 1);
+    publ.publish(marker.clone()).await;
+    expect_exactly(&mut sub_b, &all, "B 1/#").await;
+    expect_next(&mut sub_b, &marker, "B").await;
+    expect_exactly(&mut sub_c, &on_12, "C +/2").await;
+    expect_next(&mut sub_c, &marker, "C").await;
+
+    // Counted on both sides; /status names no key id.
+    let sa = status(a.admin()).await;
+    assert_eq!(sa["cluster"]["connected"], true, "{sa}");
+    assert_eq!(sa["cluster"]["servers"], 3);
+    assert!(metric(a.admin(), "whispeer_relay_cluster_forwarded_total").await >= u64::from(n));
+    assert!(metric(b.admin(), "whispeer_relay_cluster_received_total").await > u64::from(n));
+    assert_eq!(
+        metric(a.admin(), "whispeer_relay_cluster_forward_dropped_total").await,
+        0
+    );
+    assert!(!sa.to_string().contains(&key(1).to_string()));
+}
+
+/// The NATS node relay A is connected to is killed: A (given every URL) reconnects, B and C
+/// keep or regain their interest, and delivery goes on, in order.
+#[tokio::test]
+async fn delivery_goes_on_when_a_nats_node_dies() {
+    let Some(mut s) = Setup::start() else { return };
+    let (a_tcp, a_admin) = (s.relays[0].tcp(), s.relays[0].admin());
+    let mut sub_b = subscriber(s.relays[1].tcp(), &[pattern(1, &[], true)]).await;
+    let mut sub_c = subscriber(s.relays[2].tcp(), &[pattern(1, &[None], false)]).await;
+    let publ = connect(a_tcp).await;
+    let mut publ = sync_interest(publ, &mut [&mut sub_b, &mut sub_c], 1, &[5]).await;
+    let before: Vec<Envelope> = (0..50).map(|i| numbered(1, &[5], i)).collect();
+    for e in &before {
+        publ.publish(e.clone()).await;
+    }
+    expect_exactly(&mut sub_b, &before, "B before").await;
+    expect_exactly(&mut sub_c, &before, "C before").await;
+
+    let st = status(a_admin).await;
+    let server = st["cluster"]["server"]
+        .as_str()
+        .expect("A names its NATS server");
+    let port: u16 = server.rsplit(':').next().unwrap().parse().unwrap();
+    let connects = metric(a_admin, "whispeer_relay_cluster_connects_total").await;
+    let node = s
+        .nats
+        .node_on_port(port)
+        .expect("A's server is one of ours");
+    let killed = node.name.clone();
+    node.kill();
+
+    let mut publ = sync_interest(publ, &mut [&mut sub_b, &mut sub_c], 1, &[5]).await;
+    let after: Vec<Envelope> = (100..200).map(|i| numbered(1, &[5], i)).collect();
+    for e in &after {
+        publ.publish(e.clone()).await;
+    }
+    expect_exactly(&mut sub_b, &after, "B after the kill").await;
+    expect_exactly(&mut sub_c, &after, "C after the kill").await;
+
+    let st = status(a_admin).await;
+    assert_eq!(st["cluster"]["connected"], true, "{st}");
+    assert_ne!(
+        st["cluster"]["server"].as_str(),
+        Some(server),
+        "A moved off the killed node {killed}"
+    );
+    assert!(metric(a_admin, "whispeer_relay_cluster_connects_total").await > connects);
+}
+
+/// Overlapping filters at one relay (one client with `1/#`, `1/+` and `1/2`; another with
+/// `+/2` and `#`): NATS delivers a copy per matching NATS subscription, the relay routes
+/// one, so each connection gets each message once (one `Msg` per connection; the client's
+/// own filter matching hands it to each of its subscriptions once).
+#[tokio::test]
+async fn overlapping_filters_at_one_relay_deliver_each_message_once() {
+    let Some(s) = Setup::start() else { return };
+    let (a, b) = (&s.relays[0], &s.relays[1]);
+    let mut x = subscriber(
+        b.tcp(),
+        &[
+            pattern(1, &[Some(1)], true),
+            pattern(1, &[Some(1), None], false),
+            exact(1, &[1, 2]),
+        ],
+    )
+    .await;
+    let mut y = subscriber(
+        b.tcp(),
+        &[pattern(1, &[None, Some(2)], false), pattern(1, &[], true)],
+    )
+    .await;
+    let publ = connect(a.tcp()).await;
+    let mut publ = sync_interest(publ, &mut [&mut x, &mut y], 1, &[1, 2]).await;
+    let dups_before = metric(b.admin(), "whispeer_relay_cluster_duplicates_total").await;
+    let msgs: Vec<Envelope> = (0..200).map(|i| numbered(1, &[1, 2], i)).collect();
+    for e in &msgs {
+        publ.publish(e.clone()).await;
+    }
+    let marker = numbered(1, &[1, 2], u32::MAX - 1);
+    publ.publish(marker.clone()).await;
+    expect_exactly(&mut x, &msgs, "X (three overlapping filters)").await;
+    expect_next(&mut x, &marker, "X").await;
+    expect_exactly(&mut y, &msgs, "Y (two overlapping filters)").await;
+    expect_next(&mut y, &marker, "Y").await;
+    // NATS did deliver the extra copies (five filters match [1, 2]); they were dropped.
+    let dups = metric(b.admin(), "whispeer_relay_cluster_duplicates_total").await - dups_before;
+    assert!(dups >= 4 * msgs.len() as u64, "{dups} duplicates dropped");
+}
+
+/// A relay never receives its own publish back: A's local subscriber gets each of A's
+/// publishes once. The check is ordered by NATS itself: B publishes a marker only after
+/// its subscriber received everything A sent, so any echo of A's publishes would reach A
+/// (on the same NATS subscription) before B's marker.
+#[tokio::test]
+async fn a_relay_never_receives_its_own_publish_back() {
+    let Some(s) = Setup::start() else { return };
+    let (a, b) = (&s.relays[0], &s.relays[1]);
+    let filter = pattern(1, &[Some(7)], true);
+    let mut sub_a = subscriber(a.tcp(), std::slice::from_ref(&filter)).await;
+    let mut sub_b = subscriber(b.tcp(), std::slice::from_ref(&filter)).await;
+    let publ_a = connect(a.tcp()).await;
+    let publ_b = connect(b.tcp()).await;
+    // A → B interest (A's own subscriber sees the probes locally).
+    let mut publ_a = sync_interest(publ_a, &mut [&mut sub_b, &mut sub_a], 1, &[7]).await;
+    // B → A interest.
+    let mut publ_b = sync_interest(publ_b, &mut [&mut sub_a, &mut sub_b], 1, &[7]).await;
+
+    let msgs: Vec<Envelope> = (0..200)
+        .map(|i| numbered(1, &[7, (i % 4) as u8], i))
+        .collect();
+    for e in &msgs {
+        publ_a.publish(e.clone()).await;
+    }
+    expect_exactly(&mut sub_a, &msgs, "A's own subscriber").await;
+    expect_exactly(&mut sub_b, &msgs, "B").await;
+    let marker = numbered(1, &[7], u32::MAX - 1);
+    publ_b.publish(marker.clone()).await;
+    expect_next(&mut sub_a, &marker, "A").await;
+    expect_next(&mut sub_b, &marker, "B").await;
+    assert_eq!(
+        metric(a.admin(), "whispeer_relay_cluster_duplicates_total").await,
+        0,
+        "no copy of A's own publishes came back from NATS"
+    );
+}
+
+/// NATS unreachable: the relay starts, serves its own clients in full and in order, and
+/// counts what it could not forward (a queue of 8 behind the NATS client's own buffer).
+#[tokio::test]
+async fn with_nats_down_local_routing_goes_on_and_the_forward_loss_is_counted() {
+    let nowhere = format!("nats://127.0.0.1:{}", common::nats::free_port());
+    let relay = BinRelay::start(&[
+        "--cluster",
+        &nowhere,
+        "--cluster-queue",
+        "8",
+        "--store",
+        "memory",
+    ]);
+    let mut sub = subscriber(relay.tcp(), &[pattern(1, &[], true)]).await;
+    let mut publ = connect(relay.tcp()).await;
+    let msgs: Vec<Envelope> = (0..3000).map(|i| numbered(1, &[3], i)).collect();
+    for e in &msgs {
+        publ.publish(e.clone()).await;
+    }
+    expect_exactly(&mut sub, &msgs, "local subscriber with NATS down").await;
+    let dropped = metric(
+        relay.admin(),
+        "whispeer_relay_cluster_forward_dropped_total",
+    )
+    .await;
+    assert!(dropped > 0, "forward loss is counted");
+    let st = status(relay.admin()).await;
+    assert_eq!(st["cluster"]["connected"], false, "{st}");
+    assert_eq!(st["cluster"]["forward_dropped"], dropped);
+}
+
+/// What holds for the store in this phase: a relay numbers and stores what reaches it from
+/// the cluster (here a retained value, kept by B because one of B's clients held a matching
+/// filter), and serves it later to a new subscriber; relay C, where nobody subscribed,
+/// never received it and has no retained value.
+#[tokio::test]
+async fn a_relay_keeps_retained_values_that_reached_it_from_the_cluster() {
+    use whispeer_protocol::frame::{msg_flags, pub_flags, Pub, Sub};
+    use whispeer_protocol::Qos;
+    let Some(s) = Setup::start() else { return };
+    let (a, b, c) = (&s.relays[0], &s.relays[1], &s.relays[2]);
+    let mut holder = subscriber(b.tcp(), &[pattern(1, &[], true)]).await;
+    let publ = connect(a.tcp()).await;
+    let mut publ = sync_interest(publ, &mut [&mut holder], 1, &[4, 2]).await;
+    let value = numbered(1, &[4, 2], 42);
+    publ.send(&Frame::Pub(Pub {
+        envelope: value.clone(),
+        flags: pub_flags::RETAIN,
+        publish_id: None,
+        qos: Qos::AtMostOnce,
+    }))
+    .await;
+    let live = holder.expect_msg().await;
+    assert!(
+        live.envelope == value && live.seq > 0,
+        "B numbers it itself"
+    );
+
+    let retained_sub = |p| {
+        Frame::Sub(Sub {
+            sub_id: 7,
+            pattern: p,
+            qos: Qos::AtMostOnce,
+            durable: None,
+            replay: None,
+            retained: true,
+            credit: None,
+            owner: None,
+        })
+    };
+    let mut late = connect(b.tcp()).await;
+    late.send(&retained_sub(exact(1, &[4, 2]))).await;
+    assert!(matches!(late.recv().await, Frame::SubOk(_)));
+    let m = late.expect_msg().await;
+    assert!(
+        m.envelope == value,
+        "B serves the retained value A accepted"
+    );
+    assert_eq!(m.flags, msg_flags::RETAINED);
+    assert_eq!(m.seq, live.seq, "under B's own sequence number");
+
+    // C had no interest when it was published: nothing retained there. A live marker
+    // published at C after the Sub comes first (retained values would precede it).
+    let mut at_c = connect(c.tcp()).await;
+    at_c.send(&retained_sub(exact(1, &[4, 2]))).await;
+    assert!(matches!(at_c.recv().await, Frame::SubOk(_)));
+    let mut publ_c = connect(c.tcp()).await;
+    let marker = numbered(1, &[4, 2], u32::MAX - 1);
+    publ_c.publish(marker.clone()).await;
+    expect_next(&mut at_c, &marker, "C").await;
+}

@@ -1,0 +1,182 @@
+//! A real nats-server cluster on loopback for cluster tests: one config file, JetStream
+//! store directory and log stream per node, routes between all of them, free ports.
+//!
+//! Ready is an event, not a delay: every node's log has said "Server is ready" (its client
+//! port accepts) and named the JetStream metadata leader (which needs routes to a quorum).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use super::{temp_dir, TIMEOUT};
+
+/// `nats-server` on PATH, or Debian's location.
+pub fn nats_server_bin() -> Option<PathBuf> {
+    ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .or_else(|| {
+            Command::new("nats-server")
+                .arg("--version")
+                .output()
+                .ok()
+                .map(|_| PathBuf::from("nats-server"))
+        })
+}
+
+/// A free loopback TCP port (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// One node of the cluster.
+pub struct NatsNode {
+    pub name: String,
+    pub port: u16,
+    pub cluster_port: u16,
+    child: Option<Child>,
+    log: mpsc::Receiver<String>,
+}
+
+impl NatsNode {
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the node (SIGKILL: no lame-duck goodbye to clients or routes).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for a log line containing `needle`; panics on timeout or exit.
+    pub fn wait_log(&self, needle: &str, deadline: Instant) -> String {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("nats-server {} logged no {needle:?} in time", self.name)
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("nats-server {} exited before logging {needle:?}", self.name)
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NatsNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A NATS cluster with JetStream, every node routed to every other.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsNode>,
+    pub dir: PathBuf,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes and waits until each is ready and the cluster has a JetStream
+    /// metadata leader. `None` when nats-server is not installed.
+    pub fn start(n: usize) -> Option<Self> {
+        let bin = nats_server_bin()?;
+        let dir = temp_dir("nats");
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let routes = ports
+            .iter()
+            .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for (i, (port, cluster_port)) in ports.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let store = dir.join(format!("js-{name}"));
+            let conf = dir.join(format!("{name}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: {name}\n\
+                     listen: 127.0.0.1:{port}\n\
+                     jetstream {{ store_dir: {store:?} }}\n\
+                     cluster {{\n  name: wsp\n  listen: 127.0.0.1:{cluster_port}\n  routes: [{routes}]\n}}\n"
+                ),
+            )
+            .expect("write nats config");
+            let mut child = Command::new(&bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn nats-server");
+            let stderr = child.stderr.take().expect("piped stderr");
+            let (tx, rx) = mpsc::channel();
+            let tag = name.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if std::env::var_os("WHISPEER_TEST_NATS_LOG").is_some() {
+                        eprintln!("[{tag}] {line}");
+                    }
+                    // Nobody may listen any more; keep draining so the server never blocks.
+                    let _ = tx.send(line);
+                }
+            });
+            nodes.push(NatsNode {
+                name,
+                port: *port,
+                cluster_port: *cluster_port,
+                child: Some(child),
+                log: rx,
+            });
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        for node in &nodes {
+            node.wait_log("Server is ready", deadline);
+        }
+        for node in &nodes {
+            // "JetStream cluster new metadata leader: …", or "Self is new JetStream cluster
+            // metadata leader" on the leader itself.
+            node.wait_log("metadata leader", deadline);
+        }
+        Some(Self { nodes, dir })
+    }
+
+    /// Every node's URL, comma separated (what `--cluster` takes).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsNode::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node listening on client port `port`.
+    pub fn node_on_port(&mut self, port: u16) -> Option<&mut NatsNode> {
+        self.nodes.iter_mut().find(|n| n.port == port)
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
