@@ -156,6 +156,15 @@ pub struct ClientCore {
     pub(crate) relay_auth: Option<AccountAuth>,
 }
 
+/// A publish's tree (32 hex digits, when given) and topic, checked.
+fn parse_target(
+    tree: Option<String>,
+    topic: &str,
+) -> Result<(Option<whispeer_protocol::TreeId>, Topic), JsValue> {
+    let tree = tree.as_deref().map(parse_tree_id).transpose()?;
+    Ok((tree, Topic::new(topic).map_err(topic_error)?))
+}
+
 /// Prefix of a relay account key (`whispeer-relay account add NAME --key-out FILE`).
 const ACCOUNT_KEY_PREFIX: &str = "wsp_acct_sk_";
 
@@ -270,8 +279,7 @@ impl ClientCore {
         content_type: &str,
         payload: &[u8],
     ) -> Result<Envelope, JsValue> {
-        let tree = tree.as_deref().map(parse_tree_id).transpose()?;
-        let topic = Topic::new(topic).map_err(topic_error)?;
+        let (tree, topic) = parse_target(tree, topic)?;
         core::seal_publish_in(
             &self.keyring,
             tree,
@@ -327,8 +335,7 @@ impl ClientCore {
         content_type: &str,
         payload: &[u8],
     ) -> Result<whispeer_protocol::Prepared, JsValue> {
-        let tree = tree.as_deref().map(parse_tree_id).transpose()?;
-        let topic = Topic::new(topic).map_err(topic_error)?;
+        let (tree, topic) = parse_target(tree, topic)?;
         core::prepare_publish_in(
             &self.keyring,
             tree,

@@ -361,14 +361,8 @@ pub fn seal_publish_in(
     now_ms: u64,
     rng: &mut impl CryptoRngCore,
 ) -> Result<(whispeer_protocol::Envelope, MessageId), PublishError> {
-    let key = topic_key(keyring, tree, topic)?;
-    let msg_id = MessageId::random(rng);
-    let out = Outgoing {
-        payload,
-        content_type,
-        msg_id,
-        ts_ms: now_ms,
-    };
+    let (key, msg_id) = (topic_key(keyring, tree, topic)?, MessageId::random(rng));
+    let out = outgoing(payload, content_type, msg_id, now_ms);
     let signer = if policy.sign { identity } else { None };
     let env = sealer.seal(&key, &out, &policy.for_topic(topic), signer, rng)?;
     Ok((env, msg_id))
@@ -389,16 +383,24 @@ pub fn prepare_publish_in(
     now_ms: u64,
     rng: &mut impl CryptoRngCore,
 ) -> Result<(Prepared, MessageId), PublishError> {
-    let key = topic_key(keyring, tree, topic)?;
-    let msg_id = MessageId::random(rng);
-    let out = Outgoing {
+    let (key, msg_id) = (topic_key(keyring, tree, topic)?, MessageId::random(rng));
+    let out = outgoing(payload, content_type, msg_id, now_ms);
+    let p = sealer.prepare(&key, &out, &policy.for_topic(topic))?;
+    Ok((p, msg_id))
+}
+
+fn outgoing<'a>(
+    payload: &'a [u8],
+    content_type: &'a str,
+    msg_id: MessageId,
+    ts_ms: u64,
+) -> Outgoing<'a> {
+    Outgoing {
         payload,
         content_type,
         msg_id,
-        ts_ms: now_ms,
-    };
-    let p = sealer.prepare(&key, &out, &policy.for_topic(topic))?;
-    Ok((p, msg_id))
+        ts_ms,
+    }
 }
 
 fn topic_key(

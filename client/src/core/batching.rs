@@ -42,21 +42,11 @@ impl<M> PublishBatch<M> {
         }
     }
 
-    /// The policy.
-    pub fn policy(&self) -> BatchPolicy {
-        self.policy
-    }
-
     /// Queues a prepared message at `now_us`.
     pub fn push(&mut self, msg: Prepared, meta: M, now_us: u64) {
         self.first_us.get_or_insert(now_us);
         self.bytes += msg.payload_len();
         self.pending.push((msg, meta));
-    }
-
-    /// Messages waiting.
-    pub fn len(&self) -> usize {
-        self.pending.len()
     }
 
     /// Payload bytes of the messages waiting (backpressure counts them as queued).
