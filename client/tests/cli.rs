@@ -1074,6 +1074,145 @@ fn bench_json_reports_every_message_delivered() {
     );
 }
 
+/// A single nats-server on a random loopback port (`-p -1`), ready once its log names the
+/// port it listens on. `None` when nats-server is not installed (`.ci/run` installs it).
+struct NatsServer {
+    child: Child,
+    url: String,
+}
+
+impl NatsServer {
+    fn start() -> Option<Self> {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let mut child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", "-1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nats-server");
+        let (tx, rx) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + TIMEOUT;
+        let url = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).expect("nats-server did not start");
+            // "Listening for client connections on 127.0.0.1:PORT"
+            if let Some(addr) = line.split("client connections on ").nth(1) {
+                break format!("nats://{}", addr.trim());
+            }
+        };
+        Some(Self { child, url })
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `bench --nats URL`: the same load through a real nats-server in the same run, reported
+/// beside whispeer's with the ratio; the whispeer fields keep their shape.
+#[test]
+fn bench_runs_the_same_load_through_nats_and_prints_the_ratio() {
+    let Some(nats) = NatsServer::start() else {
+        eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
+        return;
+    };
+    let relay = start_relay_binary(&[]);
+    let out = ok(run(&[
+        "bench",
+        "--relay",
+        &relay.tcp_url(),
+        "--nats",
+        &nats.url,
+        "--msgs",
+        "1000",
+        "--subs",
+        "2",
+        "--size",
+        "256",
+        "--json",
+        "--no-progress",
+    ]));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["received"], 2000, "{out}");
+    assert_eq!(r["signing"], "batch");
+    let n = &r["nats"];
+    assert_eq!(n["sent"], 1000, "{out}");
+    assert_eq!(n["received"], 2000, "{out}");
+    assert_eq!(n["lost"], 0);
+    assert_eq!(n["size"], 256);
+    assert_eq!(n["signing"], "plaintext");
+    assert_eq!(n["relay"], nats.url.as_str());
+    assert!(n["latency_us"]["p50"].as_u64().unwrap() > 0, "{out}");
+    let ratio = r["nats_ratio"]["delivery_rate"].as_f64().unwrap();
+    let expect = r["delivery_rate"].as_f64().unwrap() / n["delivery_rate"].as_f64().unwrap();
+    assert!((ratio - expect).abs() <= 0.001 + expect * 0.01, "{out}");
+    // Without --nats there is no NATS part.
+    let out = ok(run(&[
+        "bench",
+        "--relay",
+        &relay.tcp_url(),
+        "--msgs",
+        "10",
+        "--json",
+        "--no-progress",
+    ]));
+    assert!(!out.contains("\"nats\""), "{out}");
+    // Human output: NATS beside whispeer, with the ratio.
+    let out = ok(run(&[
+        "bench",
+        "--relay",
+        &relay.tcp_url(),
+        "--nats",
+        &nats.url,
+        "--msgs",
+        "200",
+        "--no-progress",
+    ]));
+    assert!(
+        out.contains("nats (plaintext") && out.contains("whispeer/nats:"),
+        "{out}"
+    );
+    // A URL that is not NATS is a usage error; an unreachable server a runtime one.
+    fails(
+        run(&[
+            "bench",
+            "--relay",
+            &relay.tcp_url(),
+            "--nats",
+            "ws://127.0.0.1:1",
+        ]),
+        2,
+    );
+    let e = fails(
+        run(&[
+            "bench",
+            "--relay",
+            &relay.tcp_url(),
+            "--msgs",
+            "10",
+            "--nats",
+            "nats://127.0.0.1:1",
+            "--connect-timeout",
+            "2",
+        ]),
+        1,
+    );
+    assert!(e.contains("nats://127.0.0.1:1"), "{e}");
+}
+
 /// `sub --durable NAME --qos 1`: a subscriber process killed (SIGKILL) mid-stream resumes
 /// from its durable position; `--from`, `--last` and `--since` replay the relay's history.
 #[test]

@@ -12,7 +12,10 @@
 //! messages ahead of its slowest subscriber), so both brokers are measured at a rate they
 //! sustain without dropping. Reported per scenario: deliveries/s, broker CPU (cores) and
 //! RSS, end-to-end latency p50/p99 (publish → subscriber decoded it, timestamps carried in
-//! the payload), and the whispeer/NATS ratio. nats-server is skipped if not installed.
+//! the payload), and the whispeer/NATS ratio. NATS runs twice: driven by the same
+//! raw-socket generator as the relay (the NATS text protocol over plain sockets, publishes
+//! coalesced the same way — the fair broker-to-broker figure) and through `async-nats`
+//! (what a NATS user's program sees). nats-server is skipped if not installed.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -142,37 +145,46 @@ fn main() {
         eprintln!("nats-server not found (apt-get install -y nats-server): whispeer only");
     }
     println!(
-        "{:<18} {:>8} | {:>12} {:>6} {:>8} {:>8} {:>8} | {:>12} {:>6} {:>8} {:>8} {:>8} | {:>6}",
-        "scenario",
-        "msgs",
-        "wsp deliv/s",
-        "cpu",
-        "rss MiB",
-        "p50 us",
-        "p99 us",
-        "nats deliv/s",
-        "cpu",
-        "rss MiB",
-        "p50 us",
-        "p99 us",
-        "ratio"
+        "{:<18} {:>8} | {:<10} {:>12} {:>6} {:>8} {:>8} {:>8} | {:>9}",
+        "scenario", "msgs", "broker", "deliv/s", "cpu", "rss MiB", "p50 us", "p99 us", "wsp/this"
     );
     for s in scenarios {
         if only.as_deref().is_some_and(|o| !s.name.contains(o)) {
             continue;
         }
         let w = rt.block_on(run_whispeer(&relay, s));
-        let n = nats.as_ref().map(|n| rt.block_on(run_nats(n, s)));
-        let nn = n.clone().unwrap_or_default();
-        println!(
-            "{:<18} {:>8} | {:>12.0} {:>6.2} {:>8.1} {:>8.0} {:>8.0} | {:>12.0} {:>6.2} {:>8.1} {:>8.0} {:>8.0} | {:>6.2}",
-            s.name, s.messages,
-            w.deliveries_per_s, w.cpu_cores, w.rss_mib, w.p50_us, w.p99_us,
-            nn.deliveries_per_s, nn.cpu_cores, nn.rss_mib, nn.p50_us, nn.p99_us,
-            if nn.deliveries_per_s > 0.0 { w.deliveries_per_s / nn.deliveries_per_s } else { f64::NAN },
-        );
-        if w.lost > 0 || nn.lost > 0 {
-            println!("  (lost: whispeer {}, nats {})", w.lost, nn.lost);
+        let mut rows = vec![("whispeer", w.clone())];
+        if let Some(n) = nats.as_ref() {
+            // The same raw-socket generator as whispeer's, then the official async client.
+            rows.push(("nats raw", rt.block_on(run_nats(n, s, NatsClient::Raw))));
+            rows.push(("nats async", rt.block_on(run_nats(n, s, NatsClient::Async))));
+        }
+        for (i, (broker, o)) in rows.iter().enumerate() {
+            let (name, msgs) = if i == 0 {
+                (s.name.to_owned(), s.messages.to_string())
+            } else {
+                (String::new(), String::new())
+            };
+            let ratio = if i == 0 || o.deliveries_per_s <= 0.0 {
+                String::new()
+            } else {
+                format!("{:.2}", w.deliveries_per_s / o.deliveries_per_s)
+            };
+            println!(
+                "{:<18} {:>8} | {:<10} {:>12.0} {:>6.2} {:>8.1} {:>8.0} {:>8.0} | {:>9}",
+                name,
+                msgs,
+                broker,
+                o.deliveries_per_s,
+                o.cpu_cores,
+                o.rss_mib,
+                o.p50_us,
+                o.p99_us,
+                ratio
+            );
+            if o.lost > 0 {
+                println!("  ({broker} lost {})", o.lost);
+            }
         }
     }
 }
@@ -381,6 +393,40 @@ fn sealed_envelope(levels: &[u8]) -> (Vec<u8>, usize) {
     (out, body_at)
 }
 
+/// The raw-socket publisher shared by whispeer and NATS: stamps the send time into the
+/// payload, appends each message with `encode` and writes in 64 KiB chunks, flushing when
+/// the window is full or a paced message is not yet due.
+async fn raw_publish(
+    publ: &mut TcpStream,
+    h: &Harness,
+    s: Scenario,
+    start: Instant,
+    payload: &mut [u8],
+    body_at: usize,
+    mut encode: impl FnMut(&[u8], &mut Vec<u8>),
+) {
+    let mut buf = Vec::with_capacity(128 * 1024);
+    for n in 0..s.messages {
+        if n >= h.min_received() + WINDOW {
+            publ.write_all(&buf).await.unwrap();
+            buf.clear();
+            h.wait_window(n).await;
+        }
+        if let Some(due) = pace(start, n, s.paced) {
+            publ.write_all(&buf).await.unwrap();
+            buf.clear();
+            tokio::time::sleep_until(due.into()).await;
+        }
+        payload[body_at..body_at + 8].copy_from_slice(&h.now_ns().to_be_bytes());
+        encode(payload, &mut buf);
+        if buf.len() >= 64 * 1024 {
+            publ.write_all(&buf).await.unwrap();
+            buf.clear();
+        }
+    }
+    publ.write_all(&buf).await.unwrap();
+}
+
 fn timestamp_of(payload: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(payload[at..at + 8].try_into().unwrap())
 }
@@ -491,36 +537,20 @@ async fn run_whispeer(relay: &RelayProc, s: Scenario) -> Outcome {
     let (mut payload, _) = sealed_envelope(&[1]);
     let cpu0 = proc_cpu_secs(pid);
     let start = Instant::now();
-    let mut buf = Vec::with_capacity(128 * 1024);
-    for n in 0..s.messages {
-        if n >= h.min_received() + WINDOW {
-            publ.write_all(&buf).await.unwrap();
-            buf.clear();
-            h.wait_window(n).await;
-        }
-        if let Some(due) = pace(start, n, s.paced) {
-            publ.write_all(&buf).await.unwrap();
-            buf.clear();
-            tokio::time::sleep_until(due.into()).await;
-        }
-        payload[body_at..body_at + 8].copy_from_slice(&h.now_ns().to_be_bytes());
+    raw_publish(&mut publ, &h, s, start, &mut payload, body_at, |p, buf| {
         let frame = Frame::Pub(Pub {
-            envelope: Envelope::from_slice(&payload).unwrap(),
+            envelope: Envelope::from_slice(p).unwrap(),
             flags: 0,
             publish_id: None,
             qos: Qos::AtMostOnce,
         });
         let at = buf.len();
         buf.extend_from_slice(&[0; 4]);
-        frame.encode(&mut buf);
+        frame.encode(buf);
         let len = (buf.len() - at - 4) as u32;
         buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
-        if buf.len() >= 64 * 1024 {
-            publ.write_all(&buf).await.unwrap();
-            buf.clear();
-        }
-    }
-    publ.write_all(&buf).await.unwrap();
+    })
+    .await;
     let lost = h.wait_all(s.messages).await;
     let elapsed = start.elapsed();
     let cpu = proc_cpu_secs(pid) - cpu0;
@@ -587,69 +617,154 @@ async fn ws_idle_subscriber(
 
 // ---------- NATS ----------
 
-async fn run_nats(nats: &NatsProc, s: Scenario) -> Outcome {
+/// How the NATS side is driven.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NatsClient {
+    /// Raw sockets and the NATS text protocol, the same shape as the whispeer generator
+    /// (publishes coalesced into 64 KiB writes, subscribers parsing frames off the socket).
+    Raw,
+    /// The official async client (`async-nats`).
+    Async,
+}
+
+/// A raw NATS connection: `CONNECT`, optional `SUB`, then `PING` answered by `PONG`, so
+/// the subscription is registered when this returns.
+async fn nats_raw_connect(addr: SocketAddr, sub: Option<&str>) -> (TcpStream, bytes::BytesMut) {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.set_nodelay(true).unwrap();
+    let sub = sub.map_or(String::new(), |s| format!("SUB {s} 1\r\n"));
+    c.write_all(format!("CONNECT {{\"verbose\":false}}\r\n{sub}PING\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
+    loop {
+        if let Some(i) = buf.windows(6).position(|w| w == b"PONG\r\n") {
+            let _ = buf.split_to(i + 6);
+            return (c, buf);
+        }
+        assert!(c.read_buf(&mut buf).await.unwrap() > 0, "nats closed");
+    }
+}
+
+/// The next `MSG` payload on a raw NATS connection (answering `PING`s, skipping `+OK`,
+/// `INFO`, `PONG`); `None` at end of stream.
+async fn nats_raw_next(c: &mut TcpStream, buf: &mut bytes::BytesMut) -> Option<Bytes> {
+    loop {
+        if let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = &buf[..eol];
+            if line.starts_with(b"MSG ") {
+                // MSG <subject> <sid> [reply-to] <#bytes>
+                let len: usize = std::str::from_utf8(line)
+                    .ok()
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .expect("MSG size");
+                if buf.len() >= eol + 2 + len + 2 {
+                    let _ = buf.split_to(eol + 2);
+                    let payload = buf.split_to(len).freeze();
+                    let _ = buf.split_to(2);
+                    return Some(payload);
+                }
+            } else {
+                if line == b"PING" {
+                    c.write_all(b"PONG\r\n").await.ok()?;
+                }
+                let _ = buf.split_to(eol + 2);
+                continue;
+            }
+        }
+        buf.reserve(64 * 1024);
+        if c.read_buf(buf).await.unwrap_or(0) == 0 {
+            return None;
+        }
+    }
+}
+
+async fn run_nats(nats: &NatsProc, s: Scenario, how: NatsClient) -> Outcome {
     use futures_util::StreamExt;
     let url = format!("nats://{}", nats.addr);
     let pid = nats.child.id();
     // Idle subscribers over raw connections (cheap on our side, a real client to the server).
     let mut idle = Vec::with_capacity(s.idle);
     for i in 0..s.idle {
-        let mut c = TcpStream::connect(nats.addr).await.unwrap();
-        c.write_all(
-            format!("CONNECT {{\"verbose\":false}}\r\nSUB idle.{i} 1\r\nPING\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        // Wait for the PONG (after INFO) so the subscription is registered.
-        let mut got = Vec::new();
-        while !got.windows(4).any(|w| w == b"PONG") {
-            let mut b = [0u8; 4096];
-            let n = c.read(&mut b).await.unwrap();
-            assert!(n > 0);
-            got.extend_from_slice(&b[..n]);
-        }
-        idle.push(c);
+        idle.push(
+            nats_raw_connect(nats.addr, Some(&format!("idle.{i}")))
+                .await
+                .0,
+        );
     }
     let h = Harness::new(s.fanout);
     let (_, body_at) = sealed_envelope(&[1]);
     let mut readers = Vec::new();
     for i in 0..s.fanout {
-        let client = async_nats::connect(&url).await.unwrap();
-        let mut sub = client.subscribe("bench.t").await.unwrap();
-        client.flush().await.unwrap();
         let h = h.clone();
         let total = s.messages;
-        readers.push(tokio::spawn(async move {
-            let _client = client;
-            let mut local = Vec::with_capacity(total as usize);
-            let mut n = 0;
-            while n < total {
-                let Some(m) = sub.next().await else { break };
-                h.record(i, timestamp_of(&m.payload, body_at), &mut local);
-                n += 1;
+        let mut local = Vec::with_capacity(total as usize);
+        match how {
+            NatsClient::Raw => {
+                let (mut c, mut buf) = nats_raw_connect(nats.addr, Some("bench.t")).await;
+                readers.push(tokio::spawn(async move {
+                    let mut n = 0;
+                    while n < total {
+                        let Some(p) = nats_raw_next(&mut c, &mut buf).await else {
+                            break;
+                        };
+                        h.record(i, timestamp_of(&p, body_at), &mut local);
+                        n += 1;
+                    }
+                    h.finish_sub(local);
+                }));
             }
-            h.finish_sub(local);
-        }));
+            NatsClient::Async => {
+                let client = async_nats::connect(&url).await.unwrap();
+                let mut sub = client.subscribe("bench.t").await.unwrap();
+                client.flush().await.unwrap();
+                readers.push(tokio::spawn(async move {
+                    let _client = client;
+                    let mut n = 0;
+                    while n < total {
+                        let Some(m) = sub.next().await else { break };
+                        h.record(i, timestamp_of(&m.payload, body_at), &mut local);
+                        n += 1;
+                    }
+                    h.finish_sub(local);
+                }));
+            }
+        }
     }
-    let publ = async_nats::connect(&url).await.unwrap();
     let (mut payload, _) = sealed_envelope(&[1]);
     let cpu0 = proc_cpu_secs(pid);
     let start = Instant::now();
-    for n in 0..s.messages {
-        if n >= h.min_received() + WINDOW {
-            publ.flush().await.unwrap();
-            h.wait_window(n).await;
+    match how {
+        NatsClient::Raw => {
+            let (mut publ, _) = nats_raw_connect(nats.addr, None).await;
+            let head = format!("PUB bench.t {}\r\n", payload.len());
+            raw_publish(&mut publ, &h, s, start, &mut payload, body_at, |p, buf| {
+                buf.extend_from_slice(head.as_bytes());
+                buf.extend_from_slice(p);
+                buf.extend_from_slice(b"\r\n");
+            })
+            .await;
         }
-        if let Some(due) = pace(start, n, s.paced) {
+        NatsClient::Async => {
+            let publ = async_nats::connect(&url).await.unwrap();
+            for n in 0..s.messages {
+                if n >= h.min_received() + WINDOW {
+                    publ.flush().await.unwrap();
+                    h.wait_window(n).await;
+                }
+                if let Some(due) = pace(start, n, s.paced) {
+                    publ.flush().await.unwrap();
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                payload[body_at..body_at + 8].copy_from_slice(&h.now_ns().to_be_bytes());
+                publ.publish("bench.t", Bytes::copy_from_slice(&payload))
+                    .await
+                    .unwrap();
+            }
             publ.flush().await.unwrap();
-            tokio::time::sleep_until(due.into()).await;
         }
-        payload[body_at..body_at + 8].copy_from_slice(&h.now_ns().to_be_bytes());
-        publ.publish("bench.t", Bytes::copy_from_slice(&payload))
-            .await
-            .unwrap();
     }
-    publ.flush().await.unwrap();
     let lost = h.wait_all(s.messages).await;
     let elapsed = start.elapsed();
     let cpu = proc_cpu_secs(pid) - cpu0;

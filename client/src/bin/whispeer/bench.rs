@@ -90,6 +90,11 @@ pub struct BenchArgs {
     /// sign whatever is pending at once).
     #[arg(long, value_name = "MICROS", default_value_t = 0)]
     batch_wait_us: u64,
+    /// Then run the same load (publishers, subscribers, size, rate, count or duration,
+    /// window) through this nats-server with plaintext payloads via async-nats, and print
+    /// NATS beside whispeer with the ratio (JSON: `nats` and `nats_ratio`).
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
     /// Print one JSON object with the results instead of text.
     #[arg(long)]
     json: bool,
@@ -237,9 +242,43 @@ struct Report {
     signing: &'static str,
     /// Signatures the subscribers did not have to check (batch signing, PROTOCOL §4.14).
     batch_root_hits: u64,
-    /// CPU seconds this process used (publishers and subscribers together), from
-    /// `/proc/self/stat` (0 where there is none).
+    /// CPU seconds this process used during the run (publishers and subscribers together),
+    /// from `/proc/self/stat` (0 where there is none).
     cpu_s: f64,
+    /// Messages the subscribers could not open.
+    rejected: u64,
+    /// `--nats`: the same load through nats-server, plaintext (`signing` = `plaintext`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats: Option<Box<Report>>,
+    /// `--nats`: whispeer divided by NATS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats_ratio: Option<Ratio>,
+}
+
+/// whispeer's figure divided by NATS's, per figure (throughput above 1 = whispeer faster;
+/// latency and CPU above 1 = whispeer slower or costlier).
+#[derive(Debug, Serialize)]
+struct Ratio {
+    delivery_rate: f64,
+    publish_rate: f64,
+    latency_p50: f64,
+    latency_p99: f64,
+    /// CPU seconds of this process per delivered message.
+    cpu_per_msg: f64,
+}
+
+impl Ratio {
+    fn of(w: &Report, n: &Report) -> Self {
+        let div = |a: f64, b: f64| if b > 0.0 { round3(a / b) } else { 0.0 };
+        let per_msg = |r: &Report| r.cpu_s / (r.received.max(r.sent).max(1)) as f64;
+        Self {
+            delivery_rate: div(w.delivery_rate, n.delivery_rate),
+            publish_rate: div(w.publish_rate, n.publish_rate),
+            latency_p50: div(w.latency_us.p50 as f64, n.latency_us.p50 as f64),
+            latency_p99: div(w.latency_us.p99 as f64, n.latency_us.p99 as f64),
+            cpu_per_msg: div(per_msg(w), per_msg(n)),
+        }
+    }
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -259,6 +298,11 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     }
     if a.window == 0 {
         usage!("--window must be at least 1");
+    }
+    if let Some(url) = &a.nats {
+        if !(url.starts_with("nats://") || url.starts_with("tls://")) {
+            usage!("--nats takes a nats:// (or tls://) URL, not '{url}'");
+        }
     }
     let duration = secs(a.duration)?;
     let topic = Topic::new(a.topic.as_str()).with_context(|| format!("topic '{}'", a.topic))?;
@@ -297,26 +341,108 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     };
 
     // Connect everyone and subscribe before the first publish.
-    let mut sub_clients = Vec::with_capacity(a.subs);
+    let mut subs = Vec::with_capacity(a.subs);
     for _ in 0..a.subs {
-        let c = connect(None).await?;
-        let s = c
+        let client = connect(None).await?;
+        let sub = client
             .subscribe_bytes(topic.as_str())
             .await
             .context("subscribe failed")?;
-        sub_clients.push((c, s));
+        subs.push(SubConn::Wsp { client, sub });
     }
-    let mut pub_clients = Vec::with_capacity(a.pubs);
+    let opts = match a.tree {
+        Some(t) => whispeer::PublishOptions::default().tree(t),
+        None => whispeer::PublishOptions::default(),
+    };
+    let mut pubs = Vec::with_capacity(a.pubs);
     for _ in 0..a.pubs {
         let id = (signing_arg != SigningArg::Off).then(Identity::generate);
-        pub_clients.push(connect(id).await?);
+        pubs.push(PubConn::Wsp {
+            client: connect(id).await?,
+            topic: topic.clone(),
+            opts,
+        });
+    }
+    let mut report = run_load(&a, duration, pubs, subs).await?;
+    report.relay = a.conn.relay.clone();
+    report.signing = signing_arg.name();
+    if report.reconnects > 0 {
+        io::warn(format!(
+            "clients reconnected {} time(s) during the run (a relay limit such as \
+             publish_rate? run the relay with --publish-rate 0 for benchmarks)",
+            report.reconnects
+        ));
+    }
+    if report.rejected > 0 {
+        io::warn(format!(
+            "{} message(s) could not be opened",
+            report.rejected
+        ));
     }
 
+    if let Some(url) = a.nats.clone() {
+        let mut nats = run_nats(&a, duration, &url).await?;
+        nats.relay = url;
+        report.nats_ratio = Some(Ratio::of(&report, &nats));
+        report.nats = Some(Box::new(nats));
+    }
+    if a.json {
+        io::print_or_exit(&serde_json::to_string(&report)?)?;
+    } else {
+        print_human(&report)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The same load through nats-server (core NATS, plaintext payloads of the same size, one
+/// subject, one async-nats connection per publisher and per subscriber).
+async fn run_nats(a: &BenchArgs, duration: Duration, url: &str) -> Result<Report> {
+    let subject = format!("whispeer.bench.{:016x}", rand::rngs::OsRng.next_u64());
+    let connect = || async {
+        async_nats::ConnectOptions::new()
+            .connection_timeout(secs(a.conn.connect_timeout)?)
+            .connect(url)
+            .await
+            .with_context(|| format!("cannot connect to nats-server at {url}"))
+    };
+    let mut subs = Vec::with_capacity(a.subs);
+    for _ in 0..a.subs {
+        let client = connect().await?;
+        let sub = client
+            .subscribe(subject.clone())
+            .await
+            .context("NATS subscribe failed")?;
+        // The subscription is registered at the server once a flush round trip returns.
+        client.flush().await.context("NATS flush")?;
+        subs.push(SubConn::Nats { client, sub });
+    }
+    let mut pubs = Vec::with_capacity(a.pubs);
+    for _ in 0..a.pubs {
+        pubs.push(PubConn::Nats {
+            client: connect().await?,
+            subject: subject.clone(),
+        });
+    }
+    let mut r = run_load(a, duration, pubs, subs).await?;
+    r.signing = "plaintext";
+    r.topic = subject;
+    Ok(r)
+}
+
+/// Runs one load (publishers and subscribers already connected and subscribed) and
+/// reports it; `relay` and `signing` are for the caller to fill in.
+async fn run_load(
+    a: &BenchArgs,
+    duration: Duration,
+    pub_conns: Vec<PubConn>,
+    sub_conns: Vec<SubConn>,
+) -> Result<Report> {
+    let cpu0 = process_cpu_seconds();
     let shared = Arc::new(Shared {
         base: Instant::now(),
         run_id: rand::rngs::OsRng.next_u64(),
         sent: AtomicU64::new(0),
-        received: (0..a.subs).map(|_| AtomicU64::new(0)).collect(),
+        received: (0..sub_conns.len()).map(|_| AtomicU64::new(0)).collect(),
         forgiven: AtomicU64::new(0),
         progress: Notify::new(),
         stop_publishing: AtomicBool::new(false),
@@ -326,17 +452,16 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sub_tasks = Vec::new();
-    for (i, (client, sub)) in sub_clients.into_iter().enumerate() {
+    for (i, conn) in sub_conns.into_iter().enumerate() {
         sub_tasks.push(tokio::spawn(subscriber(
             i,
-            client,
-            sub,
+            conn,
             shared.clone(),
             stop_rx.clone(),
         )));
     }
 
-    let bar = progress_bar(&a, duration);
+    let bar = progress_bar(a, duration);
     let ticker = {
         let shared = shared.clone();
         let bar = bar.clone();
@@ -367,24 +492,19 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
 
     let per_pub_rate = a.rate / a.pubs as f64;
     let mut pub_tasks = Vec::new();
-    for (i, client) in pub_clients.into_iter().enumerate() {
+    for (i, conn) in pub_conns.into_iter().enumerate() {
         let quota = a.msgs.map(|m| {
             let n = a.pubs as u64;
             m / n + u64::from((i as u64) < m % n)
         });
         pub_tasks.push(tokio::spawn(publisher(
-            client,
-            topic.clone(),
+            conn,
             shared.clone(),
             a.size,
             quota,
             duration,
             per_pub_rate,
             a.subs == 0,
-            match a.tree {
-                Some(t) => whispeer::PublishOptions::default().tree(t),
-                None => whispeer::PublishOptions::default(),
-            },
         )));
     }
     let mut pubs = Vec::new();
@@ -451,7 +571,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             hist.value_at_quantile(p)
         }
     };
-    let report = Report {
+    Ok(Report {
         pubs: a.pubs,
         subs: a.subs,
         size: a.size,
@@ -473,29 +593,17 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         publish_mb_per_s: round3(mb(publish_rate)),
         delivery_mb_per_s: round3(mb(delivery_rate)),
         target_rate: a.rate,
-        relay: a.conn.relay.clone(),
+        relay: String::new(),
         topic: a.topic.clone(),
         reconnects,
         relay_gaps,
-        signing: signing_arg.name(),
+        signing: "",
         batch_root_hits,
-        cpu_s: round3(process_cpu_seconds()),
-    };
-    if reconnects > 0 {
-        io::warn(format!(
-            "clients reconnected {reconnects} time(s) during the run (a relay limit such as \
-             publish_rate? run the relay with --publish-rate 0 for benchmarks)"
-        ));
-    }
-    if rejected > 0 {
-        io::warn(format!("{rejected} message(s) could not be opened"));
-    }
-    if a.json {
-        io::print_or_exit(&serde_json::to_string(&report)?)?;
-    } else {
-        print_human(&report)?;
-    }
-    Ok(ExitCode::SUCCESS)
+        cpu_s: round3(process_cpu_seconds() - cpu0),
+        rejected,
+        nats: None,
+        nats_ratio: None,
+    })
 }
 
 async fn connect_bench(
@@ -535,17 +643,123 @@ async fn connect_bench(
         .with_context(|| format!("cannot connect to {}", conn.relay))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A publishing connection of a run: a whispeer client (sealed, and signed as asked) or a
+/// NATS one (plaintext), driven by the same [`publisher`] loop.
+enum PubConn {
+    Wsp {
+        client: Client,
+        topic: Topic,
+        opts: whispeer::PublishOptions,
+    },
+    Nats {
+        client: async_nats::Client,
+        subject: String,
+    },
+}
+
+impl PubConn {
+    async fn send(&self, payload: &[u8]) -> Result<()> {
+        match self {
+            PubConn::Wsp {
+                client,
+                topic,
+                opts,
+            } => client
+                .publish_bytes_with(topic.as_str(), CONTENT_TYPE, payload, *opts)
+                .await
+                .map(drop)
+                .context("publish failed"),
+            PubConn::Nats { client, subject } => client
+                .publish(subject.clone(), bytes::Bytes::copy_from_slice(payload))
+                .await
+                .context("NATS publish failed"),
+        }
+    }
+
+    /// Waits until the server has everything sent so far.
+    async fn flush(&self) -> Result<()> {
+        match self {
+            PubConn::Wsp { client, .. } => client
+                .flush()
+                .await
+                .context("the relay did not confirm the messages"),
+            PubConn::Nats { client, .. } => client.flush().await.context("NATS flush failed"),
+        }
+    }
+
+    /// Closes the connection; returns how often it reconnected.
+    async fn close(self) -> u64 {
+        match self {
+            PubConn::Wsp { client, .. } => {
+                let n = client.stats().reconnects;
+                client.close().await;
+                n
+            }
+            PubConn::Nats { client, .. } => {
+                let n = client.statistics().connects.load(Ordering::Relaxed);
+                drop(client);
+                n.saturating_sub(1)
+            }
+        }
+    }
+}
+
+/// A subscribing connection of a run (see [`PubConn`]).
+enum SubConn {
+    Wsp {
+        client: Client,
+        sub: whispeer::Subscription<Vec<u8>>,
+    },
+    Nats {
+        client: async_nats::Client,
+        sub: async_nats::Subscriber,
+    },
+}
+
+impl SubConn {
+    /// The next payload; `None` when the stream ended, `Some(None)` for a message that could
+    /// not be opened (counted by the client).
+    async fn next(&mut self) -> Option<Option<Vec<u8>>> {
+        use futures_util::StreamExt;
+        match self {
+            SubConn::Wsp { sub, .. } => sub.next_message().await.map(|m| m.ok().map(|m| m.value)),
+            SubConn::Nats { sub, .. } => sub.next().await.map(|m| Some(m.payload.into())),
+        }
+    }
+
+    /// Closes the connection; returns (reconnects, relay gaps, rejected, batch root hits).
+    async fn close(self, idx: usize, received: u64) -> [u64; 4] {
+        match self {
+            SubConn::Wsp { client, sub } => {
+                let stats = client.stats();
+                tracing::debug!(subscriber = idx, received, ?stats, "subscriber done");
+                drop(sub);
+                client.close().await;
+                [
+                    stats.reconnects,
+                    stats.core.relay_gaps,
+                    stats.core.rejected,
+                    stats.core.batch_root_hits,
+                ]
+            }
+            SubConn::Nats { client, sub } => {
+                let connects = client.statistics().connects.load(Ordering::Relaxed);
+                drop(sub);
+                drop(client);
+                [connects.saturating_sub(1), 0, 0, 0]
+            }
+        }
+    }
+}
+
 async fn publisher(
-    client: Client,
-    topic: Topic,
+    conn: PubConn,
     shared: Arc<Shared>,
     size: usize,
     quota: Option<u64>,
     duration: Duration,
     rate: f64,
     flush_window: bool,
-    opts: whispeer::PublishOptions,
 ) -> Result<PubResult> {
     let mut buf = vec![0u8; size];
     rand::rngs::OsRng.fill_bytes(&mut buf[HEADER..]);
@@ -567,26 +781,19 @@ async fn publisher(
         }
         if flush_window {
             if n > 0 && n % shared.window == 0 {
-                client.flush().await.context("flush")?;
+                conn.flush().await?;
             }
         } else {
             shared.window_open().await;
         }
         buf[..8].copy_from_slice(&shared.now_ns().to_be_bytes());
-        client
-            .publish_bytes_with(topic.as_str(), CONTENT_TYPE, &buf, opts)
-            .await
-            .context("publish failed")?;
+        conn.send(&buf).await?;
         shared.sent.fetch_add(1, Ordering::AcqRel);
         n += 1;
     }
-    client
-        .flush()
-        .await
-        .context("the relay did not confirm the messages")?;
+    conn.flush().await?;
     let end_ns = shared.now_ns();
-    let reconnects = client.stats().reconnects;
-    client.close().await;
+    let reconnects = conn.close().await;
     Ok(PubResult {
         sent: n,
         end_ns,
@@ -596,8 +803,7 @@ async fn publisher(
 
 async fn subscriber(
     idx: usize,
-    client: Client,
-    mut sub: whispeer::Subscription<Vec<u8>>,
+    mut conn: SubConn,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) -> SubResult {
@@ -608,16 +814,15 @@ async fn subscriber(
     loop {
         let m = tokio::select! {
             biased;
-            m = sub.next_message() => m,
+            m = conn.next() => m,
             _ = stop.changed() => break,
         };
-        let Some(Ok(m)) = m else {
+        let Some(Some(v)) = m else {
             if m.is_none() {
                 break;
             }
             continue;
         };
-        let v = &m.value;
         if v.len() < HEADER || v[8..16] != shared.run_id.to_be_bytes() {
             continue; // not from this run
         }
@@ -644,18 +849,15 @@ async fn subscriber(
             tracing::warn!(?path, %e, "could not write the latency trace");
         }
     }
-    let stats = client.stats();
-    tracing::debug!(subscriber = idx, received, ?stats, "subscriber done");
-    drop(sub);
-    client.close().await;
+    let [reconnects, relay_gaps, rejected, batch_root_hits] = conn.close(idx, received).await;
     SubResult {
         hist,
         received,
         last_ns,
-        reconnects: stats.reconnects,
-        relay_gaps: stats.core.relay_gaps,
-        rejected: stats.core.rejected,
-        batch_root_hits: stats.core.batch_root_hits,
+        reconnects,
+        relay_gaps,
+        rejected,
+        batch_root_hits,
     }
 }
 
@@ -762,6 +964,35 @@ fn print_human(r: &Report) -> Result<()> {
     ];
     for l in lines {
         io::print_or_exit(&l)?;
+    }
+    if let (Some(n), Some(x)) = (&r.nats, &r.nats_ratio) {
+        let lines = [
+            format!(
+                "nats (plaintext, async-nats, same load) {}: publish {} msgs/s, delivered {} \
+                 msgs/s, lost {}",
+                n.relay,
+                fmt_int(n.publish_rate),
+                fmt_int(n.delivery_rate),
+                n.lost
+            ),
+            format!(
+                "nats latency µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}; {:.2} CPU s",
+                n.latency_us.p50,
+                n.latency_us.p90,
+                n.latency_us.p99,
+                n.latency_us.p999,
+                n.latency_us.max,
+                n.cpu_s
+            ),
+            format!(
+                "whispeer/nats: delivered {:.3}×, published {:.3}×, p50 latency {:.2}×, p99 \
+                 latency {:.2}×, client CPU per message {:.2}×",
+                x.delivery_rate, x.publish_rate, x.latency_p50, x.latency_p99, x.cpu_per_msg
+            ),
+        ];
+        for l in lines {
+            io::print_or_exit(&l)?;
+        }
     }
     Ok(())
 }
