@@ -87,16 +87,14 @@ impl Relay {
         Ok(r)
     }
 
-    /// Starts the binary on `self.ws` (port 0 the first time) and waits for its ready file.
+    /// Starts the binary on `self.ws` (port 0 the first time) and waits for its ready line
+    /// on stdout (`--ready-file -`): an event, or end of stream if it exits first.
     async fn spawn(&mut self) -> Res<()> {
-        let ready = self.dir.path().join("ready.json");
-        let _ = std::fs::remove_file(&ready);
         let mut cmd = Command::new(relay_binary());
         cmd.arg("serve")
             .args(["--ws", &self.ws.to_string()])
             .args(["--tcp", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .arg("--ready-file")
-            .arg(&ready);
+            .args(["--ready-file", "-"]);
         if self.spec.sqlite {
             cmd.args(["--store", "sqlite", "--store-path"])
                 .arg(self.dir.path().join("relay.db"));
@@ -111,26 +109,32 @@ impl Relay {
             .env("WHISPEER_LOG", "warn")
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| format!("spawn whispeer-relay: {e}"))?;
-        let start = Instant::now();
-        let text = loop {
-            if let Ok(t) = std::fs::read(&ready) {
-                if let Ok(v) = serde_json::from_slice::<Value>(&t) {
-                    break v;
-                }
-            }
-            if let Ok(Some(status)) = child.try_wait() {
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next().and_then(Result::ok));
+            // Keep draining so the relay never writes into a closed pipe.
+            for _ in lines.map_while(Result::ok) {}
+        });
+        let line = match tokio::time::timeout(DEADLINE, rx).await {
+            Ok(Ok(Some(line))) => line,
+            Ok(_) => {
+                let status = child.wait().map_err(|e| e.to_string())?;
                 return Err(format!("the relay exited before it was ready: {status}"));
             }
-            if start.elapsed() > DEADLINE {
+            Err(_) => {
                 let _ = child.kill();
-                return Err("the relay wrote no ready file".into());
+                return Err("the relay printed no ready line".into());
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         };
+        let text: Value =
+            serde_json::from_str(&line).map_err(|e| format!("ready line {line:?}: {e}"))?;
         self.ws = text["ws"]
             .as_str()
             .and_then(|s| s.parse().ok())

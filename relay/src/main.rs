@@ -125,7 +125,9 @@ struct ServeArgs {
     /// TOML configuration file (see `generate-config`).
     #[arg(long, env = "WHISPEER_CONFIG")]
     config: Option<PathBuf>,
-    /// Once listening, write the bound addresses here as JSON.
+    /// Once listening, write the bound addresses here as JSON (written to a temporary file
+    /// and renamed, so a reader never sees half of it); `-` prints them as one JSON line on
+    /// stdout instead, for a supervisor that waits on the pipe.
     #[arg(long, env = "WHISPEER_READY_FILE")]
     ready_file: Option<PathBuf>,
     /// Print the effective configuration (defaults < file < env < flags) as TOML and exit
@@ -370,15 +372,26 @@ async fn serve(config: Config, ready_file: Option<PathBuf>) -> Result<()> {
     let shutdown = shutdown_signal()?;
     let relay = Relay::bind(config).await?;
     let addrs = relay.addrs();
+    match ready_file {
+        Some(path) if path.as_os_str() == "-" => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer(&mut out, &addrs)?;
+            writeln!(out)
+                .and_then(|()| out.flush())
+                .context("writing the ready line to stdout")?;
+        }
+        Some(path) => write_atomically(&path, &serde_json::to_vec(&addrs)?)
+            .with_context(|| format!("writing the ready file {}", path.display()))?,
+        None => {}
+    }
+    // Logged after the ready file is in place, so a supervisor reading the log can read
+    // the file as soon as it sees this line.
     tracing::info!(
         ws = ?addrs.ws, tcp = ?addrs.tcp, wss = ?addrs.wss, tls = ?addrs.tls, quic = ?addrs.quic,
         admin = ?addrs.admin,
         "whispeer-relay listening"
     );
-    if let Some(path) = ready_file {
-        write_atomically(&path, &serde_json::to_vec(&addrs)?)
-            .with_context(|| format!("writing the ready file {}", path.display()))?;
-    }
     relay.run(shutdown).await?;
     Ok(())
 }

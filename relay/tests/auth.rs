@@ -608,7 +608,6 @@ fn admin_port_off_loopback_needs_a_token() {
 #[tokio::test]
 async fn admin_port_off_loopback_refuses_requests_without_the_token() {
     let dir = temp_dir("admin-public");
-    let ready = dir.join("ready.json");
     let mut child = relay_bin()
         .args([
             "serve",
@@ -623,12 +622,12 @@ async fn admin_port_off_loopback_refuses_requests_without_the_token() {
             "--admin-token",
             ADMIN_TOKEN,
             "--ready-file",
+            "-",
         ])
-        .arg(&ready)
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let addrs = wait_for_ready_file(&ready, &mut child);
+    let addrs = wait_ready(&mut child);
     let admin = format!("127.0.0.1:{}", addrs.admin.unwrap().port());
     let e = http_get(&admin, "/status").await.unwrap_err();
     assert!(e.to_string().contains("401"), "{e}");
@@ -643,8 +642,10 @@ async fn admin_port_off_loopback_refuses_requests_without_the_token() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Also the ready-file mode: the file is in place when the "listening" line is logged.
 #[test]
 fn auth_off_beyond_loopback_warns_loudly() {
+    use std::io::BufRead;
     let dir = temp_dir("warn");
     let mut child = relay_bin()
         .args([
@@ -660,15 +661,35 @@ fn auth_off_beyond_loopback_warns_loudly() {
             "--ready-file",
         ])
         .arg(dir.join("ready.json"))
+        .env("WHISPEER_LOG", "info")
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_for_ready_file(&dir.join("ready.json"), &mut child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = String::new();
+    while !log.contains("whispeer-relay listening") {
+        let line = rx
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|e| panic!("no 'listening' line ({e:?}): {log}"));
+        log.push_str(&line);
+        log.push('\n');
+    }
+    let addrs: whispeer_relay::BoundAddrs =
+        serde_json::from_slice(&std::fs::read(dir.join("ready.json")).unwrap()).unwrap();
+    assert!(addrs.ws.is_some() && addrs.tcp.is_none(), "{addrs:?}");
+    assert!(log.contains("WARNING: auth is off"), "{log}");
     let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("WARNING: auth is off"), "{err}");
+    let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

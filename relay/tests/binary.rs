@@ -78,7 +78,6 @@ fn serve_reads_config_file_and_env_with_flags_winning() {
 
     // An environment variable sets the same thing.
     let dir = temp_dir("env");
-    let ready = dir.join("ready.json");
     let mut child = bin()
         .args([
             "serve",
@@ -89,15 +88,14 @@ fn serve_reads_config_file_and_env_with_flags_winning() {
             "--admin",
             "127.0.0.1:0",
         ])
-        .arg("--ready-file")
-        .arg(&ready)
+        .args(["--ready-file", "-"])
         .env("WHISPEER_MAX_FRAME", "3000")
         .env("WHISPEER_LOG", "warn")
         .env("WHISPEER_STORE_PATH", dir.join("relay.db"))
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let addrs = wait_for_ready_file(&ready, &mut child);
+    let addrs = wait_ready(&mut child);
     assert!(addrs.ws.is_none(), "ws is off");
     let status: Status = rt.block_on(async {
         serde_json::from_slice(

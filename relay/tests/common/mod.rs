@@ -8,11 +8,11 @@
 pub mod nats;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -470,7 +470,6 @@ impl BinRelay {
 
     fn spawn(extra: &[&str], logged: bool) -> Self {
         let dir = temp_dir("bin");
-        let ready = dir.join("ready.json");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_whispeer-relay"));
         cmd.args([
             "serve",
@@ -481,15 +480,15 @@ impl BinRelay {
             "--admin",
             "127.0.0.1:0",
             "--ready-file",
+            "-",
         ])
-        .arg(&ready)
         .args(extra)
         .env_remove("RUST_LOG")
         .env("WHISPEER_LOG", "warn")
         // The durable store lives in the test's own directory (flags still override).
         .env("WHISPEER_STORE_PATH", dir.join("relay.db"))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(if logged {
             Stdio::piped()
         } else {
@@ -508,7 +507,7 @@ impl BinRelay {
             });
             rx
         });
-        let addrs = wait_for_ready_file(&ready, &mut child);
+        let addrs = wait_ready(&mut child);
         Self {
             child,
             addrs,
@@ -542,15 +541,25 @@ impl BinRelay {
     }
 
     /// Waits for the process to exit (blocking; call from spawn_blocking in async tests).
+    /// A watchdog SIGKILLs it after [`TIMEOUT`], and the test fails.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
+        let pid = self.child.id().to_string();
+        let (done, watch) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let late =
+                watch.recv_timeout(TIMEOUT) == Err(std::sync::mpsc::RecvTimeoutError::Timeout);
+            if late {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
             }
-            assert!(start.elapsed() < TIMEOUT, "relay did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            late
+        });
+        let status = self.child.wait().expect("wait");
+        drop(done);
+        assert!(
+            !watchdog.join().unwrap(),
+            "relay did not exit within {TIMEOUT:?}"
+        );
+        status
     }
 }
 
@@ -562,19 +571,31 @@ impl Drop for BinRelay {
     }
 }
 
-/// Polls for the ready file (written atomically by the relay) until it appears; fails if
-/// the process exits first or after [`TIMEOUT`].
-pub fn wait_for_ready_file(path: &Path, child: &mut Child) -> BoundAddrs {
-    let start = Instant::now();
-    loop {
-        if let Ok(text) = std::fs::read(path) {
-            return serde_json::from_slice(&text).expect("ready file is JSON");
+/// Waits for the ready line of a relay started with `--ready-file -` and stdout piped: an
+/// event (the line, or end of stream when the process exits first), bounded by
+/// [`TIMEOUT`]. Stdout is drained afterwards so the relay never writes into a closed pipe.
+pub fn wait_ready(child: &mut Child) -> BoundAddrs {
+    use std::io::BufRead;
+    let stdout = child
+        .stdout
+        .take()
+        .expect("start the relay with --ready-file - and stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next().and_then(Result::ok));
+        for _ in lines.map_while(Result::ok) {}
+    });
+    match rx.recv_timeout(TIMEOUT) {
+        Ok(Some(line)) => serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("ready line is not the addresses ({e}): {line}")),
+        Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            let status = child.wait().expect("wait");
+            panic!("whispeer-relay exited before it was ready: {status}")
         }
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            panic!("whispeer-relay exited before it was ready: {status}");
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("whispeer-relay not ready after {TIMEOUT:?}")
         }
-        assert!(start.elapsed() < TIMEOUT, "no ready file after {TIMEOUT:?}");
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
