@@ -18,8 +18,10 @@ use crate::error::{js_error, key_error, publish_error, topic_error};
 use crate::keys::{Grant, Identity, Keyring};
 use crate::{now_ms, value};
 
+/// `o[k] = v`. Property names are interned: converted to a JS string once, then reused from
+/// wasm-bindgen's cache (a message object sets a dozen of them per delivery).
 pub(crate) fn set(o: &Object, k: &str, v: impl Into<JsValue>) {
-    let _ = Reflect::set(o, &JsValue::from_str(k), &v.into());
+    let _ = Reflect::set(o, &JsValue::from_str(wasm_bindgen::intern(k)), &v.into());
 }
 
 pub(crate) fn bytes(b: &[u8]) -> JsValue {
