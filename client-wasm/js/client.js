@@ -41,11 +41,11 @@ function checkOptions(what, options, known) {
 }
 
 const CONNECT_OPTIONS = [
-  'identity', 'keys', 'compression', 'padding', 'sign', 'topics', 'reconnect', 'connectTimeoutMs',
+  'identity', 'keys', 'compression', 'suite', 'padding', 'sign', 'topics', 'reconnect', 'connectTimeoutMs',
   'retryFirstConnect', 'reconnectBuffer', 'keptBytes', 'subscriptionCapacity', 'heartbeatMs',
   'sendHighWaterMark', 'name', 'auth', 'persistence',
 ];
-const TOPIC_OPTIONS = ['compression', 'padding'];
+const TOPIC_OPTIONS = ['compression', 'padding', 'suite'];
 
 /**
  * The relay URLs of `Client.connect`: one `ws://`/`wss://` URL, an array of them, or a
@@ -114,16 +114,23 @@ function grantsOf(keys) {
   return out;
 }
 
-/** A zstd level (1–22), 0 for none. */
+/** The core's compression: a zstd level (1–22), 0 for none, or 'lz4'. */
 function level(c) {
   if (c === undefined || c === true || c === 'zstd') return 3;
   if (c === false || c === null || c === 'none' || c === 0) return 0;
+  if (c === 'lz4') return 'lz4';
   const n = typeof c === 'number' ? c : c && typeof c === 'object' ? c.zstd : undefined;
   if (Number.isInteger(n) && n >= 0 && n <= 22) return n;
   throw new WhispeerError(
     'INVALID_OPTION',
-    `compression: expected 'zstd', 'none', a zstd level 1-22 or { zstd: level }, got ${JSON.stringify(c)}`,
+    `compression: expected 'zstd', 'lz4', 'none', a zstd level 1-22 or { zstd: level }, got ${JSON.stringify(c)}`,
   );
+}
+
+/** The AEAD suite: 'xchacha' (XChaCha20-Poly1305, the default) or 'aes-gcm' (AES-256-GCM). */
+function suiteName(s, what = 'suite') {
+  if (s === 'xchacha' || s === 'aes-gcm') return s;
+  throw new WhispeerError('INVALID_OPTION', `${what}: expected 'xchacha' or 'aes-gcm', got ${JSON.stringify(s)}`);
 }
 
 /** A subscription: a callback target, or an async iterator of messages. */
@@ -410,6 +417,7 @@ export class Client {
       const sign = options.sign ?? true;
       core = new ClientCore(kr, level(options.compression), options.padding !== false, sign !== false && sign !== 'off');
       core.setSigning(sign === true ? 'batch' : sign === false ? 'off' : String(sign));
+      if (options.suite !== undefined) core.setSuite(suiteName(options.suite));
       if (options.identity) {
         if (!(options.identity instanceof Identity))
           throw new WhispeerError('INVALID_OPTION', 'identity: expected an Identity (Identity.generate() or Identity.fromSecretString())');
@@ -418,7 +426,8 @@ export class Client {
       }
       for (const [filter, o] of Object.entries(options.topics ?? {})) {
         checkOptions(`topics[${JSON.stringify(filter)}]`, o, TOPIC_OPTIONS);
-        core.setTopicOptions(filter, level(o.compression), o.padding !== false);
+        const suite = o.suite === undefined ? undefined : suiteName(o.suite, `topics[${JSON.stringify(filter)}].suite`);
+        core.setTopicOptions(filter, level(o.compression), o.padding !== false, suite);
       }
       // Relay account (auth = required relays): an account key answers the relay's
       // challenge; a bearer token rides in Hello. Never the identity that signs messages.

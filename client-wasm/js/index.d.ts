@@ -210,7 +210,13 @@ export type Provenance =
   | { kind: 'derived'; from: string }
   | { kind: 'delegated'; by: string };
 
-export type Compression = 'zstd' | 'none' | boolean | number | { zstd: number };
+export type Compression = 'zstd' | 'lz4' | 'none' | boolean | number | { zstd: number };
+
+/**
+ * The AEAD suite of sealed envelopes: `'xchacha'` (XChaCha20-Poly1305, suite 1, the
+ * default) or `'aes-gcm'` (AES-256-GCM, suite 3). Every receiver opens both.
+ */
+export type Suite = 'xchacha' | 'aes-gcm';
 
 /**
  * The reconnect backoff (the Rust client's, computed by the same engine): the delay before
@@ -233,8 +239,10 @@ export interface ConnectOptions {
   identity?: Identity;
   /** The keys to publish and subscribe with. */
   keys?: Keys;
-  /** Default compression: zstd level 3 (`'zstd'`), `'none'`, or a level 1–22. */
+  /** Default compression: zstd level 3 (`'zstd'`), `'lz4'`, `'none'`, or a zstd level 1–22. */
   compression?: Compression;
+  /** Default AEAD suite (`'xchacha'` unless set). */
+  suite?: Suite;
   /** Padmé length padding (default true). */
   padding?: boolean;
   /**
@@ -245,7 +253,7 @@ export interface ConnectOptions {
    */
   sign?: boolean | 'batch' | 'message' | 'off';
   /** Per-topic sealing rules, first matching filter wins. */
-  topics?: Record<string, { compression?: Compression; padding?: boolean }>;
+  topics?: Record<string, { compression?: Compression; padding?: boolean; suite?: Suite }>;
   reconnect?: ReconnectOptions;
   /** How long a dial, then the handshake, may take (default 10 s). */
   connectTimeoutMs?: number;
@@ -520,13 +528,19 @@ export class Client {
  * seal envelopes for storage). `Client` builds one and hands it to its connection engine.
  */
 export class ClientCore {
-  constructor(keys: Keyring, compression: number, padding: boolean, sign: boolean);
+  constructor(keys: Keyring, compression: number | 'none' | 'zstd' | 'lz4' | string, padding: boolean, sign: boolean);
+  setSuite(suite: Suite): void;
   setIdentity(identity: Identity): void;
   /** Relay account key (`wsp_acct_sk_…`): answers the relay's challenge. */
   setAccountKey(key: string): void;
   /** Relay account bearer token, sent in `Hello`. */
   setAuthToken(token: string): void;
-  setTopicOptions(filter: string, compression: number, padding: boolean): void;
+  setTopicOptions(
+    filter: string,
+    compression: number | 'none' | 'zstd' | 'lz4' | string,
+    padding: boolean,
+    suite?: Suite,
+  ): void;
   addGrant(grant: Grant): void;
   allowSealing(treeId: string, scope: string): void;
   sealEnvelope(topic: string, contentType: string, payload: Uint8Array): Uint8Array;

@@ -11,7 +11,7 @@ use whispeer::core::connection::AccountAuth;
 use whispeer::core::{self, Received, SealPolicy};
 use whispeer_protocol::{
     Compression, Envelope, Keyring as PKeyring, Opener, Padding, Provenance, Scope, SealOptions,
-    Sealer, Topic, TopicFilter, TreeId,
+    Sealer, Suite, Topic, TopicFilter, TreeId,
 };
 
 use crate::error::{js_error, key_error, publish_error, topic_error};
@@ -28,18 +28,42 @@ pub(crate) fn bytes(b: &[u8]) -> JsValue {
     Uint8Array::from(b).into()
 }
 
-fn seal_options(level: i32, padding: bool) -> SealOptions {
-    SealOptions {
-        compression: if level <= 0 {
+/// The compression a JS caller asked for: a zstd level (0 = none), or a name the protocol
+/// parses (`'none'`, `'zstd'`, `'zstd:N'`, `'lz4'`).
+fn compression(c: &JsValue) -> Result<Compression, JsValue> {
+    if let Some(level) = c.as_f64() {
+        let level = level as i32;
+        return Ok(if level <= 0 {
             Compression::None
         } else {
             Compression::Zstd(level.min(22))
-        },
+        });
+    }
+    c.as_string()
+        .and_then(|s| Compression::from_name(&s))
+        .ok_or_else(|| {
+            js_error(
+                "INVALID_OPTION",
+                "compression: expected 'zstd', 'lz4', 'none' or a zstd level 1-22",
+            )
+        })
+}
+
+/// `'xchacha'` (XChaCha20-Poly1305) or `'aes-gcm'` (AES-256-GCM).
+fn suite(s: &str) -> Result<Suite, JsValue> {
+    Suite::from_name(s)
+        .ok_or_else(|| js_error("INVALID_OPTION", "suite: expected 'xchacha' or 'aes-gcm'"))
+}
+
+fn seal_options(compression: Compression, padding: bool, suite: Suite) -> SealOptions {
+    SealOptions {
+        compression,
         padding: if padding {
             Padding::Padme
         } else {
             Padding::None
         },
+        suite,
     }
 }
 
@@ -186,20 +210,22 @@ fn parse_account_key(text: &str) -> Option<ed25519_dalek::SigningKey> {
 
 #[wasm_bindgen]
 impl ClientCore {
-    /// A core over a copy of `keys`. `compression`: zstd level (0 = none); `padding`:
-    /// Padmé buckets; `sign`: sign messages when an identity is set.
+    /// A core over a copy of `keys`. `compression`: a zstd level (0 = none) or `'none'`,
+    /// `'zstd'`, `'zstd:N'`, `'lz4'`; `padding`: Padmé buckets; `sign`: sign messages when
+    /// an identity is set. Seals with XChaCha20-Poly1305 unless `setSuite` says otherwise.
     #[wasm_bindgen(constructor)]
     pub fn new(
         keys: &Keyring,
-        compression: i32,
+        compression: JsValue,
         padding: bool,
         sign: bool,
     ) -> Result<ClientCore, JsValue> {
         let keyring = Arc::new(RwLock::new(keys.build()?));
+        let opts = seal_options(self::compression(&compression)?, padding, Suite::default());
         Ok(ClientCore {
             keyring,
             identity: None,
-            policy: SealPolicy::new(seal_options(compression, padding), sign),
+            policy: SealPolicy::new(opts, sign),
             sealer: Sealer::new(),
             opener: Opener::new(),
             relay_auth: None,
@@ -235,18 +261,31 @@ impl ClientCore {
         self.identity = Some(identity.inner.clone());
     }
 
-    /// Sealing options for topics matching `filter` (first rule added wins).
+    /// The default AEAD suite of sealed envelopes: `'xchacha'` or `'aes-gcm'` (every
+    /// receiver opens both).
+    #[wasm_bindgen(js_name = setSuite)]
+    pub fn set_suite(&mut self, name: &str) -> Result<(), JsValue> {
+        self.policy.default.suite = suite(name)?;
+        Ok(())
+    }
+
+    /// Sealing options for topics matching `filter` (first rule added wins); `suite`
+    /// absent = the default suite.
     #[wasm_bindgen(js_name = setTopicOptions)]
     pub fn set_topic_options(
         &mut self,
         filter: &str,
-        compression: i32,
+        compression: JsValue,
         padding: bool,
+        suite: Option<String>,
     ) -> Result<(), JsValue> {
         let f = TopicFilter::new(filter).map_err(topic_error)?;
-        self.policy
-            .per_topic
-            .push((f, seal_options(compression, padding)));
+        let s = match suite {
+            Some(s) => self::suite(&s)?,
+            None => self.policy.default.suite,
+        };
+        let opts = seal_options(self::compression(&compression)?, padding, s);
+        self.policy.per_topic.push((f, opts));
         Ok(())
     }
 

@@ -105,8 +105,8 @@ pub use history::{HistoryEntry, HistoryError, LocalHistory};
 pub use options::InProcess;
 #[cfg(feature = "tokio-runtime")]
 pub use options::{
-    ClientBuilder, Compression, Encryption, Engine, Padding, Quic, Reconnect, Relays, Signing, Tcp,
-    TlsPin, TlsPinError, TlsRoot, TopicOptions, WebSocket,
+    CipherSuite, ClientBuilder, Compression, Encryption, Engine, Padding, Quic, Reconnect, Relays,
+    Signing, Tcp, TlsPin, TlsPinError, TlsRoot, TopicOptions, WebSocket,
 };
 #[cfg(feature = "tokio-runtime")]
 pub use options::{DurableOwner, RelayAuth, RelayAuthError, ACCOUNT_KEY_PREFIX};

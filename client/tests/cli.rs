@@ -762,7 +762,7 @@ fn pub_count_and_qos_with_acknowledgements() {
             &url,
             "a/#",
             "--count",
-            "3",
+            "5",
             "--key-file",
             tf,
         ],
@@ -790,21 +790,50 @@ fn pub_count_and_qos_with_acknowledgements() {
         })
         .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
-    assert!(sub.finish().0.success());
-    fails(
-        run(&[
+    // The sealer's codec and suite (issue 11): the subscriber opens every combination.
+    let long = format!("\"{}\"", "lz4 and aes-gcm ".repeat(40));
+    for (compress, suite) in [("lz4", "aes-gcm"), ("zstd:9", "xchacha")] {
+        ok(run(&[
             "pub",
             "--relay",
             &url,
-            "a/b",
-            "1",
+            "a/c",
+            &long,
+            "--compress",
+            compress,
+            "--suite",
+            suite,
             "--qos",
-            "3",
+            "1",
             "--key-file",
             tf,
-        ]),
-        2,
-    );
+        ]));
+        let v: serde_json::Value = serde_json::from_str(&sub.line()).unwrap();
+        assert_eq!(
+            v["data"].as_str().unwrap().len(),
+            16 * 40,
+            "{compress} {suite}"
+        );
+    }
+    assert!(sub.finish().0.success());
+    // Usage errors (exit 2) name the bad value.
+    for bad in [["--qos", "3"], ["--suite", "des"], ["--compress", "lz5"]] {
+        let e = fails(
+            run(&[
+                "pub",
+                "--relay",
+                &url,
+                "a/b",
+                "1",
+                bad[0],
+                bad[1],
+                "--key-file",
+                tf,
+            ]),
+            2,
+        );
+        assert!(e.contains(bad[1]), "{e}");
+    }
 }
 
 #[test]

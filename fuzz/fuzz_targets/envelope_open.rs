@@ -13,6 +13,8 @@ struct Fixture {
     valid: Vec<u8>,
     /// A batch-signed (`sig_scheme = 2`) envelope, so mutations reach the batch parser.
     batch: Vec<u8>,
+    /// Suite 3 (AES-256-GCM) with an LZ4 payload (`codec = 2`).
+    aes_lz4: Vec<u8>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -46,10 +48,19 @@ fn fixture() -> &'static Fixture {
             })
             .collect();
         let batch = sealer.seal_batch(&prepared, &id, &mut rng).unwrap();
+        let aes_lz4 = SealOptions {
+            compression: Compression::Lz4,
+            suite: Suite::Aes256Gcm,
+            ..SealOptions::default()
+        };
+        let aes_lz4 = sealer
+            .seal(&key, &out, &aes_lz4, Some(&id), &mut rng)
+            .unwrap();
         Fixture {
             keyring,
             valid: env.as_bytes().to_vec(),
             batch: batch[2].as_bytes().to_vec(),
+            aes_lz4: aes_lz4.as_bytes().to_vec(),
         }
     })
 }
@@ -65,8 +76,13 @@ fuzz_target!(|data: &[u8]| {
     if data.is_empty() {
         return;
     }
-    // The first input byte picks the per-message-signed or the batch-signed envelope.
-    let base = if data[0] & 1 == 0 { &f.valid } else { &f.batch };
+    // The first input byte picks the per-message-signed, the batch-signed or the
+    // AES-GCM + LZ4 envelope.
+    let base = match data[0] % 3 {
+        0 => &f.valid,
+        1 => &f.batch,
+        _ => &f.aes_lz4,
+    };
     let mut b = base.clone();
     for (i, x) in data.iter().enumerate().skip(1) {
         let j = (i * 131) % b.len();

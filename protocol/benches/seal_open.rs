@@ -6,6 +6,14 @@
 //! ```
 //!
 //! Payloads are CBOR-like records (compressible, like real application data).
+//!
+//! The `codecs/*` groups (issue 11) seal + open realistic JSON at 1 KiB and 64 KiB for every
+//! suite × codec ({xchacha, aes-gcm} × {none, zstd:3, lz4}) with bytes/s throughput, and
+//! print each codec's compression ratio first:
+//!
+//! ```sh
+//! cargo bench -p whispeer-protocol --bench seal_open -- codecs
+//! ```
 
 use std::hint::black_box;
 
@@ -60,6 +68,7 @@ fn seal_open(c: &mut Criterion) {
             let opts = SealOptions {
                 compression,
                 padding: Padding::Padme,
+                suite: Suite::XChaCha20Poly1305,
             };
             let mut sealer = Sealer::new();
             g.bench_function(BenchmarkId::from_parameter(mode), |b| {
@@ -86,6 +95,7 @@ fn seal_open(c: &mut Criterion) {
             let opts = SealOptions {
                 compression,
                 padding: Padding::Padme,
+                suite: Suite::XChaCha20Poly1305,
             };
             let out = Outgoing {
                 payload: &data,
@@ -162,6 +172,7 @@ fn batch(c: &mut Criterion) {
     let opts = SealOptions {
         compression: Compression::None,
         padding: Padding::Padme,
+        suite: Suite::XChaCha20Poly1305,
     };
     let out = |i: usize| Outgoing {
         payload: &data,
@@ -222,5 +233,122 @@ fn batch(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, seal_open, raw_primitives, batch);
+criterion_group!(benches, seal_open, raw_primitives, batch, codecs);
 criterion_main!(benches);
+
+/// Realistic JSON telemetry: an array of records with varying numbers and a few strings.
+fn json_payload(size: usize) -> Vec<u8> {
+    let rooms = ["kitchen", "garage", "attic", "living-room", "bedroom"];
+    let mut v = b"[".to_vec();
+    let mut n = 0u32;
+    while v.len() < size {
+        let r = rooms[(n as usize * 7) % rooms.len()];
+        let rec = format!(
+            r#"{{"id":{},"ts":{},"room":"{}","celsius":{}.{},"humidity":{},"battery":{},"ok":{}}},"#,
+            n,
+            1_700_000_000_000u64 + u64::from(n) * 1013,
+            r,
+            15 + n.wrapping_mul(2_654_435_761) % 15,
+            n.wrapping_mul(40_503) % 10,
+            30 + n.wrapping_mul(97) % 50,
+            100 - n % 37,
+            n % 11 != 0
+        );
+        v.extend_from_slice(rec.as_bytes());
+        n += 1;
+    }
+    v.truncate(size);
+    v
+}
+
+/// Seal + open of one message per iteration for each suite × codec, signed (the default
+/// for a topic), throughput in payload bytes. Criterion reports MiB/s; the ratios are
+/// printed up front (stored payload / original).
+fn codecs(c: &mut Criterion) {
+    let mut rng = OsRng;
+    let tk = TreeKey::generate_with("bench", &mut rng).unwrap();
+    let mut kr = Keyring::new();
+    kr.add_tree_key_at(&tk, 0).unwrap();
+    let id = Identity::generate_with(&mut rng);
+    let key = kr
+        .topic_key(&Topic::new("sensor/kitchen/temp").unwrap())
+        .unwrap();
+    let codecs = [
+        ("none", Compression::None),
+        ("zstd3", Compression::Zstd(3)),
+        ("lz4", Compression::Lz4),
+    ];
+    for (size, label) in [(1024, "1KiB"), (65536, "64KiB")] {
+        let data = json_payload(size);
+        let out = Outgoing {
+            payload: &data,
+            content_type: "application/json",
+            msg_id: MessageId([1; 16]),
+            ts_ms: 1,
+        };
+        let mut sealer = Sealer::new();
+        for (name, compression) in codecs {
+            let opts = SealOptions {
+                compression,
+                ..SealOptions::default()
+            };
+            let p = sealer.prepare(&key, &out, &opts).unwrap();
+            println!(
+                "ratio {label} {name}: {} -> {} bytes ({:.3})",
+                size,
+                p.payload_len(),
+                p.payload_len() as f64 / size as f64
+            );
+        }
+        let mut g = c.benchmark_group(format!("codecs/{label}"));
+        g.throughput(Throughput::Bytes(size as u64));
+        for suite in Suite::ALL {
+            for (name, compression) in codecs {
+                let opts = SealOptions {
+                    compression,
+                    padding: Padding::Padme,
+                    suite,
+                };
+                let mut opener = Opener::new();
+                g.bench_function(format!("{suite}+{name}/seal+open"), |b| {
+                    b.iter(|| {
+                        let env = sealer.seal(&key, &out, &opts, Some(&id), &mut rng).unwrap();
+                        black_box(opener.open(&kr, &env, 0).unwrap())
+                    })
+                });
+            }
+        }
+        g.finish();
+        // The primitives alone at this size: each AEAD, each codec both ways.
+        let mut g = c.benchmark_group(format!("codecs-raw/{label}"));
+        g.throughput(Throughput::Bytes(size as u64));
+        let nonce = [9u8; 24];
+        for suite in Suite::ALL {
+            let mut buf = data.clone();
+            g.bench_function(format!("{suite}_seal"), |b| {
+                b.iter(|| {
+                    black_box(aead::seal_detached(
+                        suite, &[7; 32], &nonce, b"hdr", &mut buf,
+                    ))
+                })
+            });
+        }
+        let mut z = zstd::bulk::Compressor::new(3).unwrap();
+        let zc = z.compress(&data).unwrap();
+        g.bench_function("zstd3_compress", |b| {
+            b.iter(|| black_box(z.compress(&data).unwrap()))
+        });
+        let mut d = zstd::bulk::Decompressor::new().unwrap();
+        g.bench_function("zstd_decompress", |b| {
+            b.iter(|| black_box(d.decompress(&zc, size).unwrap()))
+        });
+        let lc = compress::lz4_compress(&data).unwrap();
+        g.bench_function("lz4_compress", |b| {
+            b.iter(|| black_box(compress::lz4_compress(&data).unwrap()))
+        });
+        g.bench_function("lz4_decompress", |b| {
+            b.iter(|| black_box(compress::lz4_decompress(&lc, size).unwrap()))
+        });
+        g.finish();
+    }
+}

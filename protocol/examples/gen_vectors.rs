@@ -56,6 +56,7 @@ struct Case<'a> {
     compression: Compression,
     padding: Padding,
     signed: bool,
+    suite: Suite,
 }
 
 fn seal_case(rng: &mut impl RngCore, c: &Case<'_>) -> (Envelope, Value) {
@@ -78,19 +79,17 @@ fn seal_case(rng: &mut impl RngCore, c: &Case<'_>) -> (Envelope, Value) {
     let opts = SealOptions {
         compression: c.compression,
         padding: c.padding,
+        suite: c.suite,
     };
     let env = Sealer::new()
         .seal(&key, &out, &opts, signer, &mut FixedRng::new(&nonce))
         .unwrap();
-    let compression = match c.compression {
-        Compression::None => "none".to_string(),
-        Compression::Zstd(l) => format!("zstd:{l}"),
-    };
+    let compression = c.compression.to_string();
     let padding = match c.padding {
         Padding::None => "none",
         Padding::Padme => "padme",
     };
-    let v = json!({
+    let mut v = json!({
         "kind": "envelope",
         "keys": [{"key": tk.to_key_string().as_str(), "added_ms": 0}],
         "grace_ms": keyring::DEFAULT_EPOCH_GRACE_MS,
@@ -120,6 +119,10 @@ fn seal_case(rng: &mut impl RngCore, c: &Case<'_>) -> (Envelope, Value) {
             "provenance": "admin-signed",
         },
     });
+    if c.suite != Suite::XChaCha20Poly1305 {
+        // Absent = suite 1, so the vectors written before suite 3 keep their bytes.
+        v["seal"]["suite"] = json!(c.suite.name());
+    }
     (env, v)
 }
 
@@ -172,6 +175,7 @@ fn spec_examples() {
             &SealOptions {
                 compression: Compression::None,
                 padding: Padding::Padme,
+                suite: Suite::XChaCha20Poly1305,
             },
             Some(&id),
             &mut FixedRng::new(&nonce),
@@ -362,6 +366,7 @@ fn main() {
                 compression: Compression::Zstd(3),
                 padding: Padding::Padme,
                 signed: true,
+                suite: Suite::XChaCha20Poly1305,
             },
         ),
         (
@@ -373,6 +378,7 @@ fn main() {
                 compression: Compression::None,
                 padding: Padding::None,
                 signed: false,
+                suite: Suite::XChaCha20Poly1305,
             },
         ),
         (
@@ -384,6 +390,7 @@ fn main() {
                 compression: Compression::Zstd(1),
                 padding: Padding::Padme,
                 signed: true,
+                suite: Suite::XChaCha20Poly1305,
             },
         ),
         (
@@ -395,6 +402,7 @@ fn main() {
                 compression: Compression::Zstd(3),
                 padding: Padding::Padme,
                 signed: true,
+                suite: Suite::XChaCha20Poly1305,
             },
         ),
     ];
@@ -898,31 +906,51 @@ fn main() {
     // their bytes ---
     batch_vectors(&dir);
 
+    // --- LZ4 (codec 2) and AES-256-GCM (suite 3), issue 11: own RNG as well ---
+    codec_suite_vectors(&dir);
+
     let count = std::fs::read_dir(&dir).unwrap().count();
     println!("wrote {count} vectors to {}", dir.display());
 }
 
 /// Decrypts the body of `env` sealed in `tk` on `topic`, lets `f` change it, re-encrypts.
+/// Works for both suites, written from §4.3 with the cipher crates directly (not through
+/// the library's `aead` module), so the vectors check the library rather than echo it.
 fn reseal_in(tk: &TreeKey, env: &Envelope, topic: &str, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mk = tk.grant_all().message_key(&t(topic)).unwrap();
     let mut x = [0u8; 64];
-    xof(mk.as_bytes(), tag::BODY, &[env.nonce()], &mut x);
-    let cipher = XChaCha20Poly1305::new((&x[..32]).into());
+    let aes = env.suite() == 3;
+    let suite_part: &[u8] = if aes { &[3] } else { &[] };
+    xof(mk.as_bytes(), tag::BODY, &[env.nonce(), suite_part], &mut x);
     let ct = env.ciphertext();
     let (c, tg) = ct.split_at(ct.len() - TAG_LEN);
     let mut body = c.to_vec();
-    cipher
-        .decrypt_in_place_detached(
-            XNonce::from_slice(env.nonce()),
-            env.header(),
-            &mut body,
-            Tag::from_slice(tg),
-        )
-        .unwrap();
-    f(&mut body);
-    let tag = cipher
-        .encrypt_in_place_detached(XNonce::from_slice(env.nonce()), env.header(), &mut body)
-        .unwrap();
+    let tag = if aes {
+        use aes_gcm::{Aes256Gcm, Nonce};
+        let cipher = Aes256Gcm::new((&x[..32]).into());
+        let n = Nonce::from_slice(&env.nonce()[..12]);
+        cipher
+            .decrypt_in_place_detached(n, env.header(), &mut body, Tag::from_slice(tg))
+            .unwrap();
+        f(&mut body);
+        cipher
+            .encrypt_in_place_detached(n, env.header(), &mut body)
+            .unwrap()
+    } else {
+        let cipher = XChaCha20Poly1305::new((&x[..32]).into());
+        cipher
+            .decrypt_in_place_detached(
+                XNonce::from_slice(env.nonce()),
+                env.header(),
+                &mut body,
+                Tag::from_slice(tg),
+            )
+            .unwrap();
+        f(&mut body);
+        cipher
+            .encrypt_in_place_detached(XNonce::from_slice(env.nonce()), env.header(), &mut body)
+            .unwrap()
+    };
     let mut out = env.header().to_vec();
     out.extend_from_slice(&body);
     out.extend_from_slice(&tag);
@@ -990,6 +1018,7 @@ fn batch_vectors(dir: &Path) {
         let opts = SealOptions {
             compression: *compression,
             padding: *padding,
+            suite: Suite::XChaCha20Poly1305,
         };
         let key = kr.topic_key(&t(topic)).unwrap();
         prepared.push(sealer.prepare(&key, &out, &opts).unwrap());
@@ -1021,7 +1050,7 @@ fn batch_vectors(dir: &Path) {
             "payload": hx(payload),
             "msg_id": hx(&inputs[i].0),
             "ts_ms": inputs[i].1,
-            "compression": match compression { Compression::None => "none".to_string(), Compression::Zstd(l) => format!("zstd:{l}") },
+            "compression": compression.to_string(),
             "padding": match padding { Padding::None => "none", Padding::Padme => "padme" },
             "salt": hx(proof.salt()),
             "nonce": hx(&nonce),
@@ -1540,4 +1569,174 @@ fn pattern_json(p: &TokenPattern) -> Value {
             PatternElem::Rest => json!("#"),
         }).collect::<Vec<_>>(),
     })
+}
+
+/// `ok_*` vectors for LZ4 and AES-256-GCM (alone and together), and the `fail_*` vectors
+/// for a lying LZ4 size, a broken LZ4 block, a tampered GCM tag and a rewritten suite byte.
+fn codec_suite_vectors(dir: &Path) {
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0x1a4c);
+    // Realistic JSON: what an LZ4 topic would carry.
+    let json_payload = br#"[{"room":"kitchen","celsius":21.5,"humidity":41,"ok":true},{"room":"garage","celsius":12.25,"humidity":63,"ok":true},{"room":"attic","celsius":27.0,"humidity":35,"ok":false}]"#.to_vec();
+    assert!(
+        whispeer_protocol::compress::lz4_compress(&json_payload)
+            .unwrap()
+            .len()
+            < json_payload.len(),
+        "the LZ4 vectors really carry codec 2"
+    );
+    let case = |compression, padding, signed, suite| Case {
+        topic: "sensor/kitchen/temp",
+        content_type: "application/json",
+        payload: json_payload.clone(),
+        compression,
+        padding,
+        signed,
+        suite,
+    };
+    let cases = [
+        (
+            "ok_envelope_lz4_signed_padme",
+            case(
+                Compression::Lz4,
+                Padding::Padme,
+                true,
+                Suite::XChaCha20Poly1305,
+            ),
+        ),
+        (
+            "ok_envelope_aes_gcm_signed_zstd_padme",
+            case(Compression::Zstd(3), Padding::Padme, true, Suite::Aes256Gcm),
+        ),
+        (
+            "ok_envelope_aes_gcm_lz4_unsigned_plain",
+            case(Compression::Lz4, Padding::None, false, Suite::Aes256Gcm),
+        ),
+        (
+            "ok_envelope_aes_gcm_plain_signed",
+            case(Compression::None, Padding::Padme, true, Suite::Aes256Gcm),
+        ),
+    ];
+    let mut sealed = Vec::new();
+    for (name, c) in &cases {
+        let (env, v) = seal_case(&mut rng, c);
+        write(dir, name, v.clone());
+        sealed.push((env, v));
+    }
+    let (x_env, x_v) = &sealed[0]; // suite 1, LZ4, signed
+    let (a_env, a_v) = &sealed[2]; // suite 3, LZ4, unsigned, no padding
+    let topic = "sensor/kitchen/temp";
+    let tk = tree(0, 0x22);
+    let with_byte = |env: &Envelope, i: usize, b: u8| {
+        let mut v = env.as_bytes().to_vec();
+        v[i] = b;
+        v
+    };
+    let xor_last = |env: &Envelope| {
+        let mut v = env.as_bytes().to_vec();
+        *v.last_mut().unwrap() ^= 0x01;
+        v
+    };
+    let suite_reason = |v: &Value, r: &str| {
+        let mut v = v.clone();
+        v["reason"] = json!(r);
+        v
+    };
+    fail_env(
+        dir,
+        "fail_envelope_aes_gcm_flip_body_tag",
+        "suite 3: bit flipped in the body's GCM tag",
+        a_v,
+        &xor_last(a_env),
+    );
+    let name_tag = a_env.header().len() - 1;
+    fail_env(
+        dir,
+        "fail_envelope_aes_gcm_flip_name_tag",
+        "suite 3: bit flipped in the sealed name's GCM tag",
+        a_v,
+        &with_byte(a_env, name_tag, a_env.as_bytes()[name_tag] ^ 0x01),
+    );
+    fail_env(
+        dir,
+        "fail_envelope_suite_1_to_3",
+        "suite byte rewritten from 1 to 3: parses, but the commitment (derived with the suite) and the AD differ",
+        x_v,
+        &with_byte(x_env, 1, 3),
+    );
+    fail_env(
+        dir,
+        "fail_envelope_suite_3_to_1",
+        "suite byte rewritten from 3 to 1: parses, but the commitment and the AD differ",
+        a_v,
+        &with_byte(a_env, 1, 1),
+    );
+    fail_env(
+        dir,
+        "fail_envelope_suite_2_reserved",
+        "suite 2 is reserved (forward-secret suite): refused by the parser",
+        &suite_reason(a_v, "unsupported cipher suite 2"),
+        &with_byte(a_env, 1, 2),
+    );
+    fail_env(
+        dir,
+        "fail_envelope_unknown_suite",
+        "suite 4 is unknown: refused by the parser",
+        &suite_reason(a_v, "unsupported cipher suite 4"),
+        &with_byte(a_env, 1, 4),
+    );
+
+    // LZ4 payloads that lie, inside a validly encrypted unsigned body (so the failure is
+    // the decompression of §4.6, step 10 of §4.10): the checker names the typed reason.
+    let lz4_fail = |name: &str, what: &str, reason: &str, f: &dyn Fn(&[u8]) -> Vec<u8>| {
+        let bytes = reseal_in(&tk, a_env, topic, |body| {
+            // Unsigned, no padding: sig_scheme ‖ msg_id ‖ ts ‖ lp(ct) ‖ codec ‖ pad ‖ len ‖ payload.
+            let ct_len = u16::from_be_bytes([body[25], body[26]]) as usize;
+            let codec_off = 27 + ct_len;
+            assert_eq!(body[codec_off], 2, "codec 2");
+            let payload = f(&body[codec_off + 6..]);
+            body.truncate(codec_off + 2);
+            body.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            body.extend_from_slice(&payload);
+        });
+        let mut v = a_v.clone();
+        v["reason"] = json!(reason);
+        v["check_body"] = json!({"topic": topic});
+        fail_env(dir, name, what, &v, &bytes);
+    };
+    let set_size = |p: &[u8], n: u32| {
+        let mut p = p.to_vec();
+        p[..4].copy_from_slice(&n.to_be_bytes());
+        p
+    };
+    let real = json_payload.len() as u32;
+    lz4_fail(
+        "fail_envelope_lz4_declared_above_cap",
+        "LZ4 size prefix declares 16 MiB + 1 (the default cap is 16 MiB): refused before allocating",
+        "exceeds the decompression cap",
+        &|p| set_size(p, (16 << 20) + 1),
+    );
+    lz4_fail(
+        "fail_envelope_lz4_declared_too_large",
+        "LZ4 size prefix one more than the block decodes to",
+        "does not decompress",
+        &|p| set_size(p, real + 1),
+    );
+    lz4_fail(
+        "fail_envelope_lz4_declared_too_small",
+        "LZ4 size prefix one less than the block decodes to",
+        "does not decompress",
+        &|p| set_size(p, real - 1),
+    );
+    lz4_fail(
+        "fail_envelope_lz4_truncated_block",
+        "LZ4 block cut short by 3 bytes (payload_len adjusted)",
+        "does not decompress",
+        &|p| p[..p.len() - 3].to_vec(),
+    );
+    lz4_fail(
+        "fail_envelope_lz4_no_size_prefix",
+        "codec 2 payload of 3 bytes: shorter than its size prefix",
+        "does not decompress",
+        &|p| p[..3].to_vec(),
+    );
 }

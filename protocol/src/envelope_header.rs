@@ -3,7 +3,8 @@
 //! ```text
 //! off  size  field
 //!   0     1  version        = 2 (1 is refused with a version error)
-//!   1     1  suite          = 1 (XChaCha20-Poly1305, BLAKE3 KDF, Ed25519 signatures)
+//!   1     1  suite          = 1 (XChaCha20-Poly1305) or 3 (AES-256-GCM); BLAKE3 KDF,
+//!                             Ed25519 signatures, static keys either way; 2 is reserved
 //!   2     1  flags          = 0 (relays ignore unknown bits, receivers reject them)
 //!   3    16  key_id
 //!  19    24  nonce
@@ -32,6 +33,77 @@ use crate::token::{KeyId, TokenPath, TopicToken};
 pub const ENVELOPE_VERSION: u8 = 2;
 /// Suite 1: XChaCha20-Poly1305 + BLAKE3 key schedule + Ed25519 signatures (static keys).
 pub const SUITE_V1: u8 = 1;
+/// Suite 3: AES-256-GCM + the same key schedule and signatures as suite 1. (Suite 2 stays
+/// reserved for a forward-secret suite.)
+pub const SUITE_AES256GCM: u8 = 3;
+
+/// The AEAD suite of an envelope (header byte 1), chosen by the sealer per topic. Every
+/// receiver opens every suite; the relay only checks that the byte is a known one.
+///
+/// Both suites share the key schedule, the key commitment, the header layout and the body;
+/// only the AEAD that seals the name and the body differs (PROTOCOL.md §4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Suite {
+    /// 1: XChaCha20-Poly1305 — constant time everywhere without hardware support; the
+    /// default.
+    #[default]
+    XChaCha20Poly1305,
+    /// 3: AES-256-GCM — faster where the CPU has AES and carry-less multiply instructions
+    /// (AES-NI + PCLMULQDQ, ARMv8 crypto extensions), a constant-time bitsliced fallback
+    /// elsewhere (wasm32 included).
+    Aes256Gcm,
+}
+
+impl Suite {
+    /// Every suite this implementation seals and opens.
+    pub const ALL: [Suite; 2] = [Suite::XChaCha20Poly1305, Suite::Aes256Gcm];
+
+    /// The header byte.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            Suite::XChaCha20Poly1305 => SUITE_V1,
+            Suite::Aes256Gcm => SUITE_AES256GCM,
+        }
+    }
+
+    /// Parses a header byte; 2 (reserved) and every unknown value are refused with
+    /// [`DecodeError::UnsupportedSuite`].
+    pub fn from_byte(b: u8) -> Result<Self, DecodeError> {
+        match b {
+            SUITE_V1 => Ok(Suite::XChaCha20Poly1305),
+            SUITE_AES256GCM => Ok(Suite::Aes256Gcm),
+            _ => Err(DecodeError::UnsupportedSuite(b)),
+        }
+    }
+
+    /// The short name used by the CLI, the npm package and the vectors: `xchacha` or
+    /// `aes-gcm`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Suite::XChaCha20Poly1305 => "xchacha",
+            Suite::Aes256Gcm => "aes-gcm",
+        }
+    }
+
+    /// Parses [`Suite::name`] (also accepts the long forms `xchacha20poly1305` and
+    /// `aes256gcm`).
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "xchacha" | "xchacha20poly1305" | "xchacha20-poly1305" => {
+                Some(Suite::XChaCha20Poly1305)
+            }
+            "aes-gcm" | "aes256gcm" | "aes-256-gcm" => Some(Suite::Aes256Gcm),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Suite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 /// Length of the XChaCha20 nonce.
 pub const NONCE_LEN: usize = 24;
 /// Length of the key commitment.
@@ -108,6 +180,10 @@ impl Envelope {
     pub fn suite(&self) -> u8 {
         self.bytes[1]
     }
+    /// The suite (the byte was checked when parsing).
+    pub fn cipher_suite(&self) -> Suite {
+        Suite::from_byte(self.bytes[1]).expect("checked when parsing")
+    }
     /// The flags byte.
     pub fn flags(&self) -> u8 {
         self.bytes[2]
@@ -174,9 +250,7 @@ fn parse_header_len(b: &[u8]) -> Result<usize, DecodeError> {
             version: b[0] as u64,
         });
     }
-    if b[1] != SUITE_V1 {
-        return Err(DecodeError::UnsupportedSuite(b[1]));
-    }
+    Suite::from_byte(b[1])?;
     let n = b[OFF_N] as usize;
     if n == 0 {
         return Err(DecodeError::InvalidHeader(
@@ -240,10 +314,17 @@ impl HeaderFields<'_> {
     /// Writes everything up to and including the sealed-name length; the caller appends the
     /// sealed name of exactly `sealed_name_len` bytes and then the ciphertext.
     pub fn write_prefix(&self, sealed_name_len: usize, out: &mut Vec<u8>) {
+        self.write_prefix_in(Suite::XChaCha20Poly1305, sealed_name_len, out);
+    }
+
+    /// [`HeaderFields::write_prefix`] for an envelope of `suite` (header byte 1). A separate
+    /// method rather than a field, so code that builds suite-1 headers (relay tests and
+    /// benches) is unchanged.
+    pub fn write_prefix_in(&self, suite: Suite, sealed_name_len: usize, out: &mut Vec<u8>) {
         debug_assert!(!self.tokens.is_empty() && self.tokens.len() <= MAX_LEVELS);
         debug_assert!(sealed_name_len <= u16::MAX as usize);
         out.push(ENVELOPE_VERSION);
-        out.push(SUITE_V1);
+        out.push(suite.to_byte());
         out.push(self.flags);
         out.extend_from_slice(self.key_id.as_bytes());
         out.extend_from_slice(&self.nonce);
@@ -309,6 +390,17 @@ mod tests {
             Envelope::from_slice(&v),
             Err(DecodeError::UnsupportedSuite(9))
         ));
+        for (byte, ok) in [(0u8, false), (1, true), (2, false), (3, true), (4, false)] {
+            let mut v = b.clone();
+            v[1] = byte;
+            let r = Envelope::from_slice(&v);
+            assert_eq!(r.is_ok(), ok, "suite {byte}");
+            if ok {
+                assert_eq!(r.unwrap().cipher_suite().to_byte(), byte);
+            } else {
+                assert_eq!(r, Err(DecodeError::UnsupportedSuite(byte)));
+            }
+        }
         let mut v = b.clone();
         v[OFF_N] = 0;
         assert!(Envelope::from_slice(&v).is_err());

@@ -126,7 +126,7 @@ pub enum SealError {
     BatchEmpty,
 }
 
-/// Why a decrypted body's signature part was refused ([`crate::seal::check_body`] and
+/// Why a decrypted body (its signature part, or its payload's decompression) was refused ([`crate::seal::check_body`] and
 /// [`crate::batch::BatchProof`]). Opening an envelope never reports it: [`OpenError`] stays
 /// opaque. It serves code that already holds the plaintext (tests, vectors, tools).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -150,6 +150,16 @@ pub enum BodyError {
     /// An inclusion path whose length is not the depth `(index, count)` implies.
     #[error("batch path length {len}, expected {expected}")]
     BatchPathLength { len: usize, expected: usize },
+    /// A `codec` value outside the registry (§4.13).
+    #[error("unsupported codec {0}")]
+    UnsupportedCodec(u8),
+    /// The payload declares (or, uncompressed, has) more bytes than the receiver's cap;
+    /// refused before anything is allocated for it.
+    #[error("payload of {declared} bytes exceeds the decompression cap of {max}")]
+    PayloadTooLarge { declared: u64, max: usize },
+    /// The compressed payload does not decode into exactly its declared size.
+    #[error("payload does not decompress: {0}")]
+    Decompression(&'static str),
 }
 
 /// The one error for every failure to open an envelope.

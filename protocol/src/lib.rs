@@ -21,7 +21,9 @@
 //! - [`identity`] — Ed25519 + X25519 identities, public ids, text encodings.
 //! - [`tree`] — topic trees, epochs, grants, key strings, passphrases, tokens.
 //! - [`keyring`] — grants held by a client, epoch grace, finding a key for a topic.
-//! - [`seal`] — sealing and opening envelopes (CBOR → zstd → pad → sign → AEAD).
+//! - [`seal`] — sealing and opening envelopes (CBOR → zstd/LZ4 → pad → sign → AEAD).
+//! - [`aead`] — the AEAD of each suite (XChaCha20-Poly1305, AES-256-GCM).
+//! - [`compress`] — the body codecs (none, zstd, LZ4) and the decompression cap.
 //! - [`batch`] — batch signatures (`sig_scheme = 2`): Merkle root signed once, per-message
 //!   inclusion paths, the verified-root cache.
 //! - [`invite`] — HPKE-sealed grants for a recipient's X25519 key.
@@ -38,7 +40,11 @@ pub mod token;
 mod cbor;
 
 #[cfg(feature = "keys")]
+pub mod aead;
+#[cfg(feature = "keys")]
 pub mod batch;
+#[cfg(feature = "keys")]
+pub mod compress;
 #[cfg(feature = "keys")]
 pub mod error_keys;
 #[cfg(feature = "keys")]
@@ -84,7 +90,7 @@ pub use tree::{
 };
 
 pub use codec::FrameDecoder;
-pub use envelope_header::Envelope;
+pub use envelope_header::{Envelope, Suite};
 pub use error::{DecodeError, TopicError};
 pub use frame::{ErrorCode, Frame, Qos, Replay};
 pub use token::{KeyId, PatternElem, TokenPath, TokenPattern, TopicToken};

@@ -1,4 +1,5 @@
-//! Sealing and opening envelopes: `payload (CBOR) → zstd → pad → sign → XChaCha20-Poly1305`,
+//! Sealing and opening envelopes: `payload (CBOR) → zstd or LZ4 → pad → sign → AEAD` (the
+//! envelope's suite: XChaCha20-Poly1305 or AES-256-GCM, [`crate::aead`]),
 //! and the reverse with every check of CRYPTO.md "What a receiver checks", failing closed
 //! with the one opaque [`OpenError`].
 //!
@@ -17,15 +18,17 @@
 
 use std::fmt;
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 use ed25519_dalek::{Signature, VerifyingKey};
 use rand_core::CryptoRngCore;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use crate::aead::{open_detached, seal_detached, suite_parts};
 use crate::batch::{BatchPolicy, BatchProof, BatchSigner, VerifiedRoots};
-use crate::envelope_header::{Envelope, HeaderFields, COMMIT_LEN, NAME_PAD, NONCE_LEN, TAG_LEN};
+use crate::compress::{decompress_with, lz4_compress, CODEC_LZ4, CODEC_NONE, CODEC_ZSTD};
+use crate::envelope_header::{
+    Envelope, HeaderFields, Suite, COMMIT_LEN, NAME_PAD, NONCE_LEN, TAG_LEN,
+};
 use crate::error_keys::{BodyError, KeyError, OpenError, SealError};
 use crate::identity::{Identity, SenderId};
 use crate::kdf::{lp, tag, xof, Secret32};
@@ -73,8 +76,6 @@ impl SignatureScheme {
         }
     }
 }
-const CODEC_NONE: u8 = 0;
-const CODEC_ZSTD: u8 = 1;
 const PAD_NONE: u8 = 0;
 const PAD_PADME: u8 = 1;
 
@@ -108,6 +109,36 @@ pub enum Compression {
     None,
     /// zstd at this level (1..=22). A payload that does not shrink is stored uncompressed.
     Zstd(i32),
+    /// LZ4 block (`codec = 2`): a fraction of zstd's CPU cost for a worse ratio; pure Rust,
+    /// so it is the same code in wasm. A payload that does not shrink is stored uncompressed.
+    Lz4,
+}
+
+impl Compression {
+    /// Parses `none`, `zstd` (level 3), `zstd:N` / `zstdN` (level N, 1..=22) or `lz4`.
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "none" | "off" => Some(Compression::None),
+            "zstd" => Some(Compression::Zstd(3)),
+            "lz4" => Some(Compression::Lz4),
+            z => {
+                let l = z.strip_prefix("zstd:").or_else(|| z.strip_prefix("zstd"))?;
+                let l: i32 = l.parse().ok()?;
+                (1..=22).contains(&l).then_some(Compression::Zstd(l))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    /// `none`, `zstd:N` or `lz4` (what [`Compression::from_name`] parses back).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Compression::None => f.write_str("none"),
+            Compression::Zstd(l) => write!(f, "zstd:{l}"),
+            Compression::Lz4 => f.write_str("lz4"),
+        }
+    }
 }
 
 /// Length hiding for the body.
@@ -119,13 +150,15 @@ pub enum Padding {
     Padme,
 }
 
-/// Per-topic sealing options. Default: zstd level 3 and Padmé padding.
+/// Per-topic sealing options. Default: zstd level 3, Padmé padding, XChaCha20-Poly1305.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SealOptions {
     /// Compression.
     pub compression: Compression,
     /// Padding.
     pub padding: Padding,
+    /// AEAD suite of the envelope (every receiver opens every suite).
+    pub suite: Suite,
 }
 
 impl Default for SealOptions {
@@ -133,6 +166,7 @@ impl Default for SealOptions {
         SealOptions {
             compression: Compression::Zstd(3),
             padding: Padding::Padme,
+            suite: Suite::XChaCha20Poly1305,
         }
     }
 }
@@ -229,23 +263,32 @@ pub(crate) fn sig_input(
     m
 }
 
+/// `x = xof(M(t), "wsp1" ‖ 0x0A ‖ nonce [‖ suite], 64)`: body key `x[..32]`, commitment
+/// `x[32..]` (§4.3; the suite byte only for suites after 1, [`suite_parts`]).
 fn body_keys(
     message_key: &Secret32,
     nonce: &[u8; NONCE_LEN],
+    suite: Suite,
 ) -> (Zeroizing<[u8; 32]>, [u8; COMMIT_LEN]) {
     let mut x = Zeroizing::new([0u8; 64]);
-    xof(message_key.as_bytes(), tag::BODY, &[nonce], &mut x[..]);
+    xof(
+        message_key.as_bytes(),
+        tag::BODY,
+        &[nonce, suite_parts(suite)],
+        &mut x[..],
+    );
     let key = Zeroizing::new(<[u8; 32]>::try_from(&x[..32]).expect("32"));
     let commit = <[u8; 32]>::try_from(&x[32..]).expect("32");
     (key, commit)
 }
 
-fn name_key(keys: &EpochKeys, nonce: &[u8; NONCE_LEN]) -> Zeroizing<[u8; 32]> {
+/// `xof(N, "wsp1" ‖ 0x0B ‖ nonce [‖ suite], 32)` (§4.3).
+fn name_key(keys: &EpochKeys, nonce: &[u8; NONCE_LEN], suite: Suite) -> Zeroizing<[u8; 32]> {
     let mut k = Zeroizing::new([0u8; 32]);
     xof(
         keys.name_key().as_bytes(),
         tag::SEALED_NAME,
-        &[nonce],
+        &[nonce, suite_parts(suite)],
         &mut k[..],
     );
     k
@@ -310,6 +353,7 @@ impl Sealer {
         opts: &SealOptions,
         compressed: &'p mut Vec<u8>,
     ) -> Result<(u8, u8, bool), SealError> {
+        // (codec, pad_scheme, whether `compressed` holds the stored payload)
         if msg.content_type.len() > MAX_CONTENT_TYPE_LEN {
             return Err(SealError::ContentTypeTooLong(msg.content_type.len()));
         }
@@ -324,6 +368,14 @@ impl Sealer {
                 *compressed = self.compress(level, msg.payload)?;
                 if compressed.len() < msg.payload.len() {
                     (CODEC_ZSTD, true)
+                } else {
+                    (CODEC_NONE, false)
+                }
+            }
+            Compression::Lz4 => {
+                *compressed = lz4_compress(msg.payload)?;
+                if compressed.len() < msg.payload.len() {
+                    (CODEC_LZ4, true)
                 } else {
                     (CODEC_NONE, false)
                 }
@@ -355,6 +407,7 @@ impl Sealer {
             None => Signing::Unsigned,
         };
         let fields = Fields {
+            suite: opts.suite,
             msg_id: &msg.msg_id,
             ts_ms: msg.ts_ms,
             content_type: msg.content_type,
@@ -394,6 +447,7 @@ impl Sealer {
         );
         Ok(Prepared {
             key: key.clone(),
+            suite: opts.suite,
             msg_id: msg.msg_id,
             ts_ms: msg.ts_ms,
             content_type: msg.content_type.to_owned(),
@@ -414,6 +468,7 @@ impl Sealer {
         rng: &mut impl CryptoRngCore,
     ) -> Result<Envelope, SealError> {
         let fields = Fields {
+            suite: msg.suite,
             msg_id: &msg.msg_id,
             ts_ms: msg.ts_ms,
             content_type: &msg.content_type,
@@ -469,6 +524,7 @@ pub enum Signing<'a> {
 #[derive(Clone)]
 pub struct Prepared {
     pub(crate) key: TopicKey,
+    suite: Suite,
     msg_id: MessageId,
     ts_ms: u64,
     content_type: String,
@@ -512,6 +568,7 @@ impl Prepared {
 }
 
 struct Fields<'a> {
+    suite: Suite,
     msg_id: &'a MessageId,
     ts_ms: u64,
     content_type: &'a str,
@@ -534,7 +591,8 @@ fn seal_fields(
     // Header.
     let mut nonce = [0u8; NONCE_LEN];
     rng.fill_bytes(&mut nonce);
-    let (body_key, commit) = body_keys(&key.message_key, &nonce);
+    let suite = f.suite;
+    let (body_key, commit) = body_keys(&key.message_key, &nonce, suite);
     let name_len = sealed_name_len(topic);
     let sig_len = match signing {
         Signing::Unsigned => 0,
@@ -555,18 +613,16 @@ fn seal_fields(
         tokens: &key.tokens,
     };
     let mut out = Vec::with_capacity(80 + 16 * key.tokens.len() + name_len + body_total + TAG_LEN);
-    hdr.write_prefix(name_len, &mut out);
+    hdr.write_prefix_in(suite, name_len, &mut out);
 
     // Sealed name: u16be(len) ‖ name ‖ zeros, to a multiple of 32, under N.
     let name_ad_len = out.len();
     out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
     out.extend_from_slice(topic.as_bytes());
     out.resize(name_ad_len + name_len - TAG_LEN, 0);
-    let nk = name_key(&key.keys, &nonce);
+    let nk = name_key(&key.keys, &nonce, suite);
     let (ad, name_pt) = out.split_at_mut(name_ad_len);
-    let tag = XChaCha20Poly1305::new(nk.as_ref().into())
-        .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, name_pt)
-        .expect("XChaCha20-Poly1305 seals any length we produce");
+    let tag = seal_detached(suite, &nk, &nonce, ad, name_pt);
     out.extend_from_slice(&tag);
     let header_len = out.len();
 
@@ -612,9 +668,7 @@ fn seal_fields(
     out.extend_from_slice(payload);
     out.resize(header_len + body_total, 0);
     let (ad, body) = out.split_at_mut(header_len);
-    let tag = XChaCha20Poly1305::new(body_key.as_ref().into())
-        .encrypt_in_place_detached(XNonce::from_slice(&nonce), ad, body)
-        .expect("XChaCha20-Poly1305 seals any length we produce");
+    let tag = seal_detached(suite, &body_key, &nonce, ad, body);
     out.extend_from_slice(&tag);
     Envelope::from_bytes(out.into()).expect("a sealed envelope has a valid header")
 }
@@ -705,7 +759,7 @@ fn parse_body(b: &[u8]) -> Result<Body<'_>, BodyError> {
         PAD_PADME => b.len() == padme(b.len() - padding.len()) && padding.iter().all(|b| *b == 0),
         _ => false,
     };
-    if !pad_ok || codec > CODEC_ZSTD {
+    if !pad_ok || codec > CODEC_LZ4 {
         return Err(M);
     }
     Ok(Body {
@@ -820,20 +874,14 @@ impl Opener {
         }
         let keys = keyring.held_epoch(&env.key_id()).ok_or(OpenError)?;
         let nonce = env.nonce();
+        let suite = env.cipher_suite();
 
         // 2. Open the sealed name, check it is a valid topic, recompute every token.
         let sealed = env.sealed_name();
         let (ct, tag) = sealed.split_at(sealed.len() - TAG_LEN);
         let mut name = Zeroizing::new(ct.to_vec());
-        let nk = name_key(keys, nonce);
-        XChaCha20Poly1305::new(nk.as_ref().into())
-            .decrypt_in_place_detached(
-                XNonce::from_slice(nonce),
-                env.name_ad(),
-                &mut name,
-                Tag::from_slice(tag),
-            )
-            .map_err(|_| OpenError)?;
+        let nk = name_key(keys, nonce, suite);
+        open_detached(suite, &nk, nonce, env.name_ad(), &mut name, tag)?;
         let n = u16::from_be_bytes([name[0], name[1]]) as usize;
         if 2 + n > name.len()
             || name[2 + n..].iter().any(|b| *b != 0)
@@ -857,21 +905,14 @@ impl Opener {
 
         // 3. Derive M(t) from a held grant, check the key commitment, open the body.
         let ok = keyring.open_key(&env.key_id(), &topic).ok_or(OpenError)?;
-        let (body_key, commit) = body_keys(&ok.key, nonce);
+        let (body_key, commit) = body_keys(&ok.key, nonce, suite);
         if !bool::from(commit.ct_eq(env.commit())) {
             return Err(OpenError);
         }
         let ctext = env.ciphertext();
         let (ct, tag) = ctext.split_at(ctext.len() - TAG_LEN);
         let mut body = Zeroizing::new(ct.to_vec());
-        XChaCha20Poly1305::new(body_key.as_ref().into())
-            .decrypt_in_place_detached(
-                XNonce::from_slice(nonce),
-                env.header(),
-                &mut body,
-                Tag::from_slice(tag),
-            )
-            .map_err(|_| OpenError)?;
+        open_detached(suite, &body_key, nonce, env.header(), &mut body, tag)?;
         let b = parse_body(&body).map_err(|_| OpenError)?;
         // The epoch accepts a message of this date (cutoff, not_after, live grace).
         if !keyring.accepts_message(&env.key_id(), b.ts_ms, now_ms, live) {
@@ -888,31 +929,9 @@ impl Opener {
         )
         .map_err(|_| OpenError)?;
 
-        // 5. Decompress with a hard cap.
-        let payload = match b.codec {
-            CODEC_NONE => {
-                if b.payload.len() > self.max_payload {
-                    return Err(OpenError);
-                }
-                b.payload.to_vec()
-            }
-            _ => {
-                let declared = zstd::zstd_safe::get_frame_content_size(b.payload)
-                    .map_err(|_| OpenError)?
-                    .ok_or(OpenError)?;
-                if declared > self.max_payload as u64 {
-                    return Err(OpenError);
-                }
-                let out = self
-                    .zstd
-                    .decompress(b.payload, declared as usize)
-                    .map_err(|_| OpenError)?;
-                if out.len() as u64 != declared {
-                    return Err(OpenError);
-                }
-                out
-            }
-        };
+        // 5. Decompress with a hard cap (declared size checked before allocating).
+        let payload = decompress_with(&mut self.zstd, b.codec, b.payload, self.max_payload)
+            .map_err(|_| OpenError)?;
         Ok(Opened {
             topic,
             sender,
@@ -976,20 +995,30 @@ mod tests {
         let mut sealer = Sealer::new();
         let mut opener = Opener::new();
         let data = b"hello hello hello hello hello hello hello".repeat(10);
-        for compression in [
+        for (compression, suite) in [
             Compression::None,
             Compression::Zstd(1),
             Compression::Zstd(3),
-        ] {
+            Compression::Lz4,
+        ]
+        .into_iter()
+        .flat_map(|c| Suite::ALL.map(|s| (c, s)))
+        {
             for padding in [Padding::None, Padding::Padme] {
                 for signer in [None, Some(&id)] {
                     let opts = SealOptions {
                         compression,
                         padding,
+                        suite,
                     };
                     let env = sealer
                         .seal(&key, &msg(&data), &opts, signer, &mut rng)
                         .unwrap();
+                    assert_eq!(env.cipher_suite(), suite);
+                    assert!(
+                        compression == Compression::None || env.len() < data.len(),
+                        "{compression} compresses"
+                    );
                     let o = opener.open(&kr, &env, 0).unwrap();
                     assert_eq!(o.payload, data);
                     assert_eq!(o.topic, topic);
@@ -1005,23 +1034,174 @@ mod tests {
     fn every_flipped_bit_fails() {
         let (mut rng, _tk, kr, id) = setup();
         let key = kr.topic_key(&Topic::new("a/b").unwrap()).unwrap();
-        let env = Sealer::new()
-            .seal(
-                &key,
-                &msg(b"x"),
-                &SealOptions::default(),
-                Some(&id),
-                &mut rng,
-            )
-            .unwrap();
-        let mut opener = Opener::new();
-        let bytes = env.as_bytes().to_vec();
-        for i in 0..bytes.len() {
-            let mut b = bytes.clone();
-            b[i] ^= 0x01;
-            if let Ok(e) = Envelope::from_slice(&b) {
-                assert_eq!(opener.open(&kr, &e, 0), Err(OpenError), "byte {i}");
+        for suite in Suite::ALL {
+            let opts = SealOptions {
+                suite,
+                compression: Compression::Lz4,
+                ..SealOptions::default()
+            };
+            let env = Sealer::new()
+                .seal(&key, &msg(&[b'x'; 64]), &opts, Some(&id), &mut rng)
+                .unwrap();
+            let mut opener = Opener::new();
+            let bytes = env.as_bytes().to_vec();
+            for i in 0..bytes.len() {
+                for x in [0x01, 0x02, 0x80] {
+                    let mut b = bytes.clone();
+                    b[i] ^= x;
+                    if let Ok(e) = Envelope::from_slice(&b) {
+                        assert_eq!(opener.open(&kr, &e, 0), Err(OpenError), "byte {i}");
+                    }
+                }
             }
+        }
+    }
+
+    /// Suite 1 ↔ 3 (a relay rewriting header byte 1 to another known suite): the
+    /// envelope still parses, but the key commitment (derived with the suite) and the AD
+    /// both differ, so it does not open; and suite 3 really is AES-256-GCM under the
+    /// derived keys.
+    #[test]
+    fn suite_byte_is_bound_and_suite_3_is_aes_gcm() {
+        let (mut rng, tk, kr, _id) = setup();
+        let topic = Topic::new("a/b").unwrap();
+        let key = kr.topic_key(&topic).unwrap();
+        for suite in Suite::ALL {
+            let opts = SealOptions {
+                suite,
+                ..SealOptions::default()
+            };
+            let env = Sealer::new()
+                .seal(&key, &msg(b"hi"), &opts, None, &mut rng)
+                .unwrap();
+            let mut b = env.as_bytes().to_vec();
+            b[1] = if suite == Suite::Aes256Gcm { 1 } else { 3 };
+            let e = Envelope::from_slice(&b).unwrap();
+            assert_eq!(Opener::new().open(&kr, &e, 0), Err(OpenError));
+            // The same nonce gives another key and commitment per suite.
+            let mk = tk.grant_all().message_key(&topic).unwrap();
+            let (k1, c1) = body_keys(&mk, env.nonce(), Suite::XChaCha20Poly1305);
+            let (k3, c3) = body_keys(&mk, env.nonce(), Suite::Aes256Gcm);
+            assert_ne!(*k1, *k3);
+            assert_ne!(c1, c3);
+            let (bk, commit) = body_keys(&mk, env.nonce(), suite);
+            assert_eq!(&commit, env.commit());
+            let ct = env.ciphertext();
+            let (c, tg) = ct.split_at(ct.len() - TAG_LEN);
+            let mut body = c.to_vec();
+            if suite == Suite::Aes256Gcm {
+                use aes_gcm::aead::{AeadInPlace, KeyInit};
+                aes_gcm::Aes256Gcm::new(bk.as_ref().into())
+                    .decrypt_in_place_detached(
+                        aes_gcm::Nonce::from_slice(&env.nonce()[..12]),
+                        env.header(),
+                        &mut body,
+                        aes_gcm::Tag::from_slice(tg),
+                    )
+                    .unwrap();
+            } else {
+                open_detached(suite, &bk, env.nonce(), env.header(), &mut body, tg).unwrap();
+            }
+            assert_eq!(body[0], SIG_NONE);
+        }
+    }
+
+    /// LZ4 payloads that lie about their size are refused (opaquely) before allocating,
+    /// and the cap applies to LZ4 exactly as to zstd.
+    #[test]
+    fn lz4_cap_and_bad_size_refused() {
+        let (mut rng, tk, kr, _id) = setup();
+        let topic = Topic::new("a").unwrap();
+        let key = kr.topic_key(&topic).unwrap();
+        let big = vec![0u8; 1 << 20];
+        let opts = SealOptions {
+            compression: Compression::Lz4,
+            padding: Padding::None,
+            suite: Suite::Aes256Gcm,
+        };
+        let env = Sealer::new()
+            .seal(&key, &msg(&big), &opts, None, &mut rng)
+            .unwrap();
+        assert!(env.len() < 1 << 13, "LZ4 shrinks zeros: {}", env.len());
+        assert_eq!(
+            Opener::with_max_payload((1 << 20) - 1).open(&kr, &env, 0),
+            Err(OpenError)
+        );
+        assert_eq!(
+            Opener::with_max_payload(1 << 20)
+                .open(&kr, &env, 0)
+                .unwrap()
+                .payload,
+            big
+        );
+        // Rewrite the declared size inside a validly encrypted, unsigned body.
+        let mk = tk.grant_all().message_key(&topic).unwrap();
+        let (bk, _) = body_keys(&mk, env.nonce(), Suite::Aes256Gcm);
+        let ct = env.ciphertext();
+        let (c, tg) = ct.split_at(ct.len() - TAG_LEN);
+        let mut body = c.to_vec();
+        open_detached(
+            Suite::Aes256Gcm,
+            &bk,
+            env.nonce(),
+            env.header(),
+            &mut body,
+            tg,
+        )
+        .unwrap();
+        let p = parse_body(&body).unwrap();
+        assert_eq!(p.codec, CODEC_LZ4);
+        let off = body.len() - p.payload.len();
+        for declared in [u32::MAX, (1 << 20) + 1, (1 << 20) - 1] {
+            let mut b = body.clone();
+            b[off..off + 4].copy_from_slice(&declared.to_be_bytes());
+            let tag = seal_detached(Suite::Aes256Gcm, &bk, env.nonce(), env.header(), &mut b);
+            let mut e = env.header().to_vec();
+            e.extend_from_slice(&b);
+            e.extend_from_slice(&tag);
+            let e = Envelope::from_slice(&e).unwrap();
+            assert_eq!(
+                Opener::with_max_payload(1 << 21).open(&kr, &e, 0),
+                Err(OpenError),
+                "declared {declared}"
+            );
+        }
+    }
+
+    #[test]
+    fn incompressible_payload_is_stored_with_codec_0() {
+        let (mut rng, _tk, kr, _id) = setup();
+        let key = kr.topic_key(&Topic::new("a").unwrap()).unwrap();
+        let mut noise = vec![0u8; 300];
+        rand_chacha::rand_core::RngCore::fill_bytes(&mut rng, &mut noise);
+        let mut sealer = Sealer::new();
+        for compression in [Compression::Lz4, Compression::Zstd(3)] {
+            let opts = SealOptions {
+                compression,
+                ..SealOptions::default()
+            };
+            let p = sealer.prepare(&key, &msg(&noise), &opts).unwrap();
+            assert_eq!(p.codec, CODEC_NONE, "{compression}");
+            assert_eq!(p.payload, noise);
+        }
+    }
+
+    #[test]
+    fn compression_names_round_trip() {
+        for c in [
+            Compression::None,
+            Compression::Zstd(1),
+            Compression::Zstd(19),
+            Compression::Lz4,
+        ] {
+            assert_eq!(Compression::from_name(&c.to_string()), Some(c));
+        }
+        assert_eq!(Compression::from_name("zstd"), Some(Compression::Zstd(3)));
+        assert_eq!(Compression::from_name("zstd7"), Some(Compression::Zstd(7)));
+        assert_eq!(Compression::from_name("zstd:23"), None);
+        assert_eq!(Compression::from_name("lz5"), None);
+        for s in Suite::ALL {
+            assert_eq!(Suite::from_name(s.name()), Some(s));
         }
     }
 
@@ -1107,24 +1287,15 @@ mod tests {
         let mut opener = Opener::new();
         assert!(opener.open(&kr, &env, 0).is_ok());
         let mk = tk.grant_all().message_key(&topic).unwrap();
-        let (bk, _) = body_keys(&mk, env.nonce());
-        let cipher = XChaCha20Poly1305::new(bk.as_ref().into());
+        let suite = env.cipher_suite();
+        let (bk, _) = body_keys(&mk, env.nonce(), suite);
         let ct = env.ciphertext();
         let (c, tg) = ct.split_at(ct.len() - TAG_LEN);
         let mut body = c.to_vec();
-        cipher
-            .decrypt_in_place_detached(
-                XNonce::from_slice(env.nonce()),
-                env.header(),
-                &mut body,
-                Tag::from_slice(tg),
-            )
-            .unwrap();
+        open_detached(suite, &bk, env.nonce(), env.header(), &mut body, tg).unwrap();
         assert_eq!(body[0], SIG_NONE);
         body[0] = SIG_BATCH;
-        let tag = cipher
-            .encrypt_in_place_detached(XNonce::from_slice(env.nonce()), env.header(), &mut body)
-            .unwrap();
+        let tag = seal_detached(suite, &bk, env.nonce(), env.header(), &mut body);
         let mut b = env.header().to_vec();
         b.extend_from_slice(&body);
         b.extend_from_slice(&tag);

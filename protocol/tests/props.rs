@@ -23,8 +23,9 @@ fn arb_envelope() -> impl Strategy<Value = Envelope> {
         prop::collection::vec(arb_token(), 1..=8),
         0usize..4,
         prop::collection::vec(any::<u8>(), 16..200),
+        any::<bool>(),
     )
-        .prop_map(|(kid, nonce, toks, name_blocks, ct)| {
+        .prop_map(|(kid, nonce, toks, name_blocks, ct, aes)| {
             let h = HeaderFields {
                 flags: 0,
                 key_id: KeyId::from_bytes(kid),
@@ -34,7 +35,12 @@ fn arb_envelope() -> impl Strategy<Value = Envelope> {
             };
             let name_len = 16 + 32 * (name_blocks + 1);
             let mut b = Vec::new();
-            h.write_prefix(name_len, &mut b);
+            let suite = if aes {
+                Suite::Aes256Gcm
+            } else {
+                Suite::XChaCha20Poly1305
+            };
+            h.write_prefix_in(suite, name_len, &mut b);
             b.extend(std::iter::repeat_n(0x5a, name_len));
             b.extend_from_slice(&ct);
             Envelope::from_slice(&b).unwrap()
@@ -279,6 +285,34 @@ proptest! {
     }
 
     #[test]
+    fn decompression_never_panics(
+        codec in 0u8..4,
+        bytes in prop::collection::vec(any::<u8>(), 0..512),
+        max in 0usize..(1 << 16),
+    ) {
+        if let Ok(out) = whispeer_protocol::compress::decompress(codec, &bytes, max) {
+            prop_assert!(out.len() <= max);
+        }
+    }
+
+    #[test]
+    fn lz4_roundtrips_and_a_changed_byte_never_panics(
+        data in prop::collection::vec(0u8..4, 0..2048),
+        at in any::<prop::sample::Index>(),
+        x in 1u8..=255,
+    ) {
+        use whispeer_protocol::compress::{lz4_compress, lz4_decompress};
+        let c = lz4_compress(&data).unwrap();
+        prop_assert_eq!(&lz4_decompress(&c, data.len()).unwrap(), &data);
+        let mut bad = c.clone();
+        let i = at.index(bad.len());
+        bad[i] ^= x;
+        if let Ok(out) = lz4_decompress(&bad, 1 << 16) {
+            prop_assert_eq!(out.len() as u64, u64::from(u32::from_be_bytes(bad[..4].try_into().unwrap())));
+        }
+    }
+
+    #[test]
     fn envelope_parser_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
         let _ = Envelope::from_slice(&bytes);
     }
@@ -300,9 +334,11 @@ proptest! {
 
     #[test]
     fn seal_open_roundtrip(
-        payload in prop::collection::vec(any::<u8>(), 0..4096),
+        chunk in prop::collection::vec(any::<u8>(), 0..1024),
+        repeat in 1usize..5,
         topic in arb_topic(),
-        compress in any::<bool>(),
+        codec in 0u8..3,
+        aes in any::<bool>(),
         pad in any::<bool>(),
         sign in any::<bool>(),
         seed in any::<u64>(),
@@ -313,9 +349,12 @@ proptest! {
         kr.add_tree_key_at(&tk, 0).unwrap();
         let id = Identity::generate_with(&mut rng);
         let topic = Topic::new(topic.join("/")).unwrap();
+        // Repeated chunks, so zstd and LZ4 really compress some of the cases (codec × suite).
+        let payload = chunk.repeat(repeat);
         let opts = SealOptions {
-            compression: if compress { Compression::Zstd(3) } else { Compression::None },
+            compression: [Compression::None, Compression::Zstd(3), Compression::Lz4][codec as usize],
             padding: if pad { Padding::Padme } else { Padding::None },
+            suite: if aes { Suite::Aes256Gcm } else { Suite::XChaCha20Poly1305 },
         };
         let out = Outgoing { payload: &payload, content_type: "application/x-test", msg_id: MessageId::random(&mut rng), ts_ms: seed };
         let env = Sealer::new().seal(&kr.topic_key(&topic).unwrap(), &out, &opts, sign.then_some(&id), &mut rng).unwrap();
@@ -324,6 +363,7 @@ proptest! {
         prop_assert_eq!(&o.topic, &topic);
         prop_assert_eq!(o.sender, sign.then(|| id.sender_id()));
         prop_assert_eq!(o.ts_ms, seed);
+        prop_assert_eq!(env.cipher_suite(), opts.suite);
         // The relay sees the same path the keyholder computes.
         prop_assert_eq!(env.token_path(), kr.grant_for(&topic).unwrap().epoch_keys().token_path(&topic));
     }

@@ -35,6 +35,7 @@ fn main() {
         let opts = SealOptions {
             compression,
             padding: Padding::Padme,
+            ..SealOptions::default()
         };
         let mut sealer = Sealer::new();
         let mut opener = Opener::new();

@@ -337,6 +337,36 @@ test('zstd compression shrinks and opens (wasm seals, wasm opens)', () => {
   });
 });
 
+test('LZ4 and AES-256-GCM: wasm seals, wasm opens every codec x suite; bad options refused', () => {
+  const tree = TreeKey.generate('l');
+  const kr = new Keyring();
+  kr.addTreeKey(tree);
+  const value = encodeValue({ text: 'all work and no play '.repeat(200) });
+  const cores = {};
+  for (const compression of [0, 3, 'lz4']) {
+    for (const suite of ['xchacha', 'aes-gcm']) {
+      const core = new ClientCore(kr, compression, false, true);
+      core.setSuite(suite);
+      cores[`${compression}/${suite}`] = core;
+    }
+  }
+  const plain = cores['0/xchacha'].sealEnvelope('a', 'application/cbor', value);
+  for (const [name, core] of Object.entries(cores)) {
+    const env = core.sealEnvelope('a', 'application/cbor', value);
+    assert.equal(env[1], name.endsWith('aes-gcm') ? 3 : 1, `${name}: suite byte`);
+    if (name.startsWith('lz4')) assert.ok(env.length * 5 < plain.length, `${name}: ${env.length} vs ${plain.length}`);
+    for (const other of Object.values(cores)) assert.deepEqual(other.openEnvelope(env).payload, value, name);
+    assert.throws(() => core.openEnvelope(env.map((b, i) => (i === env.length - 1 ? b ^ 1 : b))), { code: 'OPEN' });
+  }
+  // A per-topic rule picks codec and suite for its topics only.
+  const mixed = new ClientCore(kr, 3, false, true);
+  mixed.setTopicOptions('fast/#', 'lz4', false, 'aes-gcm');
+  assert.equal(mixed.sealEnvelope('fast/x', 'application/cbor', value)[1], 3);
+  assert.equal(mixed.sealEnvelope('slow/x', 'application/cbor', value)[1], 1);
+  assert.throws(() => mixed.setSuite('des'), { code: 'INVALID_OPTION' });
+  assert.throws(() => new ClientCore(kr, 'lz5', false, true), { code: 'INVALID_OPTION' });
+});
+
 test('the package loads by name with import and require', () => {
   const esm = execFileSync(
     process.execPath,

@@ -1,6 +1,7 @@
 // Rust ↔ Node through one relay: the Rust interop peer (tokio client, typed serde values)
 // and this package exchange `Sample` values (structs, maps, bytes, bigints, enums) over
-// wildcard subscriptions, with zstd on and off.
+// wildcard subscriptions, with zstd on and off, and with LZ4 + AES-256-GCM (codec 2,
+// suite 3) sealed on either side.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startRelay } from '../shared/relay.js';
@@ -20,7 +21,11 @@ after(async () => {
   await relay?.stop();
 });
 
-for (const compression of ['zstd', 'none']) {
+// 'lz4+aes-gcm': LZ4 compression and the AES-256-GCM suite on the publishing side.
+const sealing = (mode) =>
+  mode === 'lz4+aes-gcm' ? { compression: 'lz4', suite: 'aes-gcm' } : { compression: mode };
+for (const compression of ['zstd', 'none', 'lz4+aes-gcm']) {
+  const seal = sealing(compression);
   test(`Rust publishes, Node receives (${compression})`, async () => {
     const node = await Client.connect(relay.url, { keys: tree, identity: Identity.generate() });
     const got = [];
@@ -32,7 +37,8 @@ for (const compression of ['zstd', 'none']) {
     });
     const peer = runPeer([
       'pub', '--url', relay.url, '--key', tree.toKeyString(), '--prefix', `interop/rust-${compression}`,
-      '--count', String(N), '--compression', compression,
+      '--count', String(N), '--compression', seal.compression,
+      ...(seal.suite ? ['--suite', seal.suite] : []),
     ]);
     const [{ published, sender }] = await peer.take(1);
     assert.equal(published, N);
@@ -53,7 +59,7 @@ for (const compression of ['zstd', 'none']) {
       const node = await Client.connect(relay.url, {
         keys: tree.grant(`interop/node-${compression}/#`),
         identity: Identity.generate(),
-        compression,
+        ...seal,
       });
       await node.publish('interop/elsewhere/0', sample(0)).catch(() => {}); // no key: NO_KEY
       for (let i = 0; i < N; i++) await node.publish(`interop/node-${compression}/${i % 2 ? 'odd' : 'even'}/${i}`, sample(i));

@@ -59,7 +59,7 @@ struct Note {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: interop_peer (sub --filter F | pub --prefix P [--compression none|zstd] \
+        "usage: interop_peer (sub --filter F | pub --prefix P [--compression none|zstd|lz4] [--suite xchacha|aes-gcm] \
          | typed-pub --topic T --order ABA | typed-sub --topic T --type A|B) \
          --url URL --key KEY [--count N]"
     );
@@ -114,13 +114,19 @@ async fn main() -> ExitCode {
     };
     let compression = match opts.get("compression").map(String::as_str) {
         Some("none") => Compression::none(),
+        Some("lz4") => Compression::lz4(),
         _ => Compression::zstd(3),
+    };
+    let suite = match opts.get("suite").map(String::as_str) {
+        Some("aes-gcm") => whispeer::CipherSuite::aes_gcm(),
+        _ => whispeer::CipherSuite::xchacha(),
     };
     let me = Identity::generate();
     let client = match Client::builder()
         .with(WebSocket::new(url.clone()))
         .with(Encryption::with_keyring(keys))
         .with(compression)
+        .with(suite)
         .with(me)
         .connect()
         .await

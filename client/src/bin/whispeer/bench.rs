@@ -27,10 +27,10 @@ use hdrhistogram::Histogram;
 use rand::RngCore;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
-use whispeer::{Client, Compression, Identity, Padding, Signing, Topic, TreeKey};
+use whispeer::{CipherSuite, Client, Compression, Identity, Padding, Signing, Topic, TreeKey};
 
 use crate::io::{self, AnyKey, KeyArgs};
-use crate::pubsub::{secs, ConnArgs};
+use crate::pubsub::{secs, ConnArgs, SealArgs};
 use crate::usage;
 
 /// Content type of bench payloads.
@@ -71,8 +71,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 200)]
     window: u64,
     /// Compress payloads with zstd at this level (default: off; bench payloads are random).
-    #[arg(long, value_name = "LEVEL")]
+    /// The same as `--compress zstd:LEVEL`.
+    #[arg(long, value_name = "LEVEL", conflicts_with = "compress")]
     zstd: Option<i32>,
+    /// Compression (`none`, `zstd`, `zstd:N`, `lz4`) and AEAD suite (`xchacha`, `aes-gcm`).
+    #[command(flatten)]
+    seal: SealArgs,
     /// Exact sizes instead of Padmé padding.
     #[arg(long)]
     no_padding: bool,
@@ -322,10 +326,12 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         .context("the given keys cannot publish on the bench topic")?;
     }
 
-    let compression = match a.zstd {
-        Some(l) if l > 0 => Compression::zstd(l),
+    let compression = match (a.zstd, a.seal.compress) {
+        (_, Some(c)) => c,
+        (Some(l), None) if l > 0 => Compression::zstd(l),
         _ => Compression::none(),
     };
+    let suite = a.seal.suite.unwrap_or_else(CipherSuite::xchacha);
     let signing_arg = if a.no_sign {
         SigningArg::Off
     } else {
@@ -337,7 +343,14 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         SigningArg::Off => Signing::off(),
     };
     let connect = |identity: Option<Identity>| {
-        connect_bench(&a.conn, &keys, identity, signing, compression, a.no_padding)
+        connect_bench(
+            &a.conn,
+            &keys,
+            identity,
+            signing,
+            (compression, suite),
+            a.no_padding,
+        )
     };
 
     // Connect everyone and subscribe before the first publish.
@@ -611,7 +624,7 @@ async fn connect_bench(
     keys: &[AnyKey],
     identity: Option<Identity>,
     signing: Signing,
-    compression: Compression,
+    (compression, suite): (Compression, CipherSuite),
     no_padding: bool,
 ) -> Result<Client> {
     let keyring = io::keyring(keys)?;
@@ -620,6 +633,7 @@ async fn connect_bench(
         .with(whispeer::Encryption::with_keyring(keyring))
         .with(signing)
         .with(compression)
+        .with(suite)
         .with(if no_padding {
             Padding::none()
         } else {

@@ -103,10 +103,9 @@ impl ConnArgs {
         &self,
         keyring: Keyring,
         identity: Option<Identity>,
-        compression: Option<whispeer::Compression>,
+        seal: Option<&SealArgs>,
     ) -> Result<Client> {
-        self.connect_owned(keyring, identity, compression, None)
-            .await
+        self.connect_owned(keyring, identity, seal, None).await
     }
 
     /// [`Self::connect`], with the key durable-subscription owner secrets derive from.
@@ -114,7 +113,7 @@ impl ConnArgs {
         &self,
         keyring: Keyring,
         identity: Option<Identity>,
-        compression: Option<whispeer::Compression>,
+        seal: Option<&SealArgs>,
         owner: Option<whispeer::DurableOwner>,
     ) -> Result<Client> {
         self.check()?;
@@ -122,8 +121,11 @@ impl ConnArgs {
             .with(whispeer::Relays::new(self.urls())) // any scheme, in failover order
             .with(whispeer::Encryption::with_keyring(keyring))
             .connect_timeout(secs(self.connect_timeout)?);
-        if let Some(c) = compression {
+        if let Some(c) = seal.and_then(|s| s.compress) {
             b = b.with(c);
+        }
+        if let Some(s) = seal.and_then(|s| s.suite) {
+            b = b.with(s);
         }
         if let Some(id) = identity {
             b = b.with(id);
@@ -158,10 +160,35 @@ pub fn secs(s: f64) -> Result<Duration> {
     Ok(Duration::from_secs_f64(s))
 }
 
+/// How a publisher seals: compression and AEAD suite (receivers open every codec and suite).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct SealArgs {
+    /// Payload compression: `none`, `zstd` (level 3, the default), `zstd:N` (level N,
+    /// 1-22) or `lz4` (cheaper in CPU, a worse ratio). A payload that does not shrink is
+    /// sent uncompressed.
+    #[arg(long, value_name = "none|zstd|lz4", value_parser = parse_compress)]
+    pub compress: Option<whispeer::Compression>,
+    /// AEAD suite: `xchacha` (XChaCha20-Poly1305, the default) or `aes-gcm` (AES-256-GCM,
+    /// faster on CPUs with AES instructions).
+    #[arg(long, value_name = "xchacha|aes-gcm", value_parser = parse_suite)]
+    pub suite: Option<whispeer::CipherSuite>,
+}
+
+fn parse_compress(s: &str) -> Result<whispeer::Compression, String> {
+    whispeer::Compression::from_name(s)
+        .ok_or_else(|| format!("'{s}': expected none, zstd, zstd:LEVEL (1-22) or lz4"))
+}
+
+fn parse_suite(s: &str) -> Result<whispeer::CipherSuite, String> {
+    whispeer::CipherSuite::from_name(s).ok_or_else(|| format!("'{s}': expected xchacha or aes-gcm"))
+}
+
 #[derive(Debug, Args)]
 pub struct PubArgs {
     #[command(flatten)]
     conn: ConnArgs,
+    #[command(flatten)]
+    seal: SealArgs,
     /// The topic (no wildcards), e.g. sensor/kitchen/temp.
     topic: String,
     /// A JSON value to publish; without it each line of stdin is one JSON value.
@@ -209,7 +236,7 @@ pub async fn publish(a: PubArgs) -> Result<ExitCode> {
     if identity.is_none() {
         tracing::info!("no identity: publishing unsigned messages");
     }
-    let client = a.conn.connect(keyring, identity, None).await?;
+    let client = a.conn.connect(keyring, identity, Some(&a.seal)).await?;
     let qos = Qos::from_u64(a.qos.into()).expect("0..=2");
     let mut opts = PublishOptions::default().qos(qos);
     if a.retain {
