@@ -49,9 +49,9 @@ use whispeer_protocol::frame::{features, pub_flags, Replay};
 use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
 use super::{
-    path_bytes, Accepted, Append, DurableKey, OnDurable, PathStatus, ReadChunk, ReadPlan,
-    RetentionStatus, Store, StoreError, StoreMetrics, StoreStatus, Stored, Tenant, BATCH_BUCKETS,
-    COMMIT_BUCKETS,
+    path_bytes, Accepted, Append, DurableKey, OnDurable, OnSequenced, PathStatus, ReadChunk,
+    ReadPlan, RetentionStatus, Sequenced, Store, StoreError, StoreMetrics, StoreStatus, Stored,
+    Tenant, BATCH_BUCKETS, COMMIT_BUCKETS,
 };
 use crate::config::{StoreConfig, SyncMode};
 use crate::ids::Seq;
@@ -1775,6 +1775,18 @@ impl Store for SqliteStore {
         if was_empty {
             s.work.notify_one();
         }
+    }
+
+    fn when_sequenced(&self, _: u64, done: OnSequenced) {
+        done(Err(StoreError::Unsupported(
+            "the SQLite store numbers its messages itself".into(),
+        )))
+    }
+
+    fn advance(&self, _: Seq) {}
+
+    fn take_sequenced(&self) -> Option<tokio::sync::mpsc::Receiver<Sequenced>> {
+        None
     }
 
     fn when_readable(&self, key_id: &KeyId, upto: Seq, done: OnDurable) {
