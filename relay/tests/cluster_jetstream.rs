@@ -252,24 +252,14 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message() {
     s.relays[0].child.kill().unwrap(); // SIGKILL
     let _ = s.relays[0].child.wait();
     // Whatever else reached the publisher and the subscriber before the connection broke.
-    loop {
-        match publ.read().await {
-            Read::Frame(b) => {
-                if let Frame::PubAck(a) = Frame::decode(&b).unwrap() {
-                    acked.insert(id_of(&a.publish_id), a.seq);
-                }
-            }
-            _ => break,
+    while let Read::Frame(b) = publ.read().await {
+        if let Frame::PubAck(a) = Frame::decode(&b).unwrap() {
+            acked.insert(id_of(&a.publish_id), a.seq);
         }
     }
-    loop {
-        match sub_a.read().await {
-            Read::Frame(b) => {
-                if let Frame::Msg(m) = Frame::decode(&b).unwrap() {
-                    seen_a.push(m);
-                }
-            }
-            _ => break,
+    while let Read::Frame(b) = sub_a.read().await {
+        if let Frame::Msg(m) = Frame::decode(&b).unwrap() {
+            seen_a.push(m);
         }
     }
     let acked_before = acked.len();
