@@ -434,13 +434,13 @@ pub struct ClusterConfig {
         env = "WHISPEER_CLUSTER_STORE"
     )]
     pub store: ClusterStore,
-    /// JetStream stream of stored messages (store "jetstream"); the retained values live in
-    /// `<stream>_RETAINED` and durable positions in the key-value bucket `<stream>_DURABLE`.
-    /// Relays that share one numbering use the same name.
+    /// JetStream stream of stored messages (store "jetstream"); retained values live in
+    /// the stream `<stream>_RETAINED` and durable positions in the stream
+    /// `<stream>_DURABLE`. Relays that share one numbering use the same name.
     #[arg(long = "cluster-stream", env = "WHISPEER_CLUSTER_STREAM")]
     pub stream: String,
-    /// JetStream replicas of the streams and bucket the relays create (1 to 5; 3 on a
-    /// three-node NATS cluster survives the loss of one node).
+    /// JetStream replicas of the streams the relays create (1 to 5; 3 on a three-node NATS
+    /// cluster survives the loss of one node).
     #[arg(long = "cluster-replicas", env = "WHISPEER_CLUSTER_REPLICAS")]
     pub replicas: usize,
 }

@@ -37,6 +37,22 @@ pub(crate) enum Flow {
 }
 
 /// The relay's software name in `Welcome`.
+/// The `Err` a publisher gets when the store failed its publish (counted).
+fn store_failure(
+    metrics: &crate::metrics::Metrics,
+    e: &crate::store::StoreError,
+    publish_id: [u8; 16],
+) -> Frame {
+    metrics.error_sent(e.code());
+    Frame::Err(ErrFrame {
+        code: e.code(),
+        message: e.to_string(),
+        fatal: false,
+        sub_id: None,
+        publish_id: Some(publish_id),
+    })
+}
+
 /// The pause after the first refused publish in a row; it doubles per further refusal.
 const REFUSAL_PAUSE: Duration = Duration::from_micros(500);
 /// Doublings of [`REFUSAL_PAUSE`] at most (0.5 ms × 2^10 ≈ 0.5 s).
@@ -894,16 +910,7 @@ impl Session {
             Box::new(move |r| {
                 let frame = match r {
                     Ok(()) => ack,
-                    Err(e) => {
-                        metrics.error_sent(e.code());
-                        Frame::Err(ErrFrame {
-                            code: e.code(),
-                            message: e.to_string(),
-                            fatal: false,
-                            sub_id: None,
-                            publish_id: Some(publish_id),
-                        })
-                    }
+                    Err(e) => store_failure(&metrics, &e, publish_id),
                 };
                 out.push_control(codec::encode_prefixed(&frame));
             }),
@@ -933,16 +940,7 @@ impl Session {
                         })
                     }
                     Ok(Accepted::Pending(_)) => return,
-                    Err(e) => {
-                        metrics.error_sent(e.code());
-                        Frame::Err(ErrFrame {
-                            code: e.code(),
-                            message: e.to_string(),
-                            fatal: false,
-                            sub_id: None,
-                            publish_id: Some(publish_id),
-                        })
-                    }
+                    Err(e) => store_failure(&metrics, &e, publish_id),
                 };
                 out.push_control(codec::encode_prefixed(&frame));
             }),

@@ -239,6 +239,15 @@ pub struct ReadPlan {
 }
 
 impl ReadPlan {
+    /// `LastN`: from each path's own first sequence (`upto + 1` when no path has any).
+    pub fn per_path(starts: HashMap<Vec<u8>, u64>, upto: Seq) -> Self {
+        ReadPlan {
+            start: starts.values().copied().min().unwrap_or(upto.0 + 1),
+            since_ms: None,
+            path_starts: Some(starts),
+        }
+    }
+
     /// Whether a stored message passes the plan's filters (the pattern is checked apart).
     pub fn admits(&self, seq: u64, path: &[u8], ts_ms: u64) -> bool {
         if seq < self.start {

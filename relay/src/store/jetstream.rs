@@ -129,7 +129,7 @@ struct Inner {
     /// Durable floors by key, as the durable stream's reader reports them (and this relay
     /// wrote them).
     durables: Mutex<HashMap<String, u64>>,
-    /// Floors to write to the bucket (write-behind).
+    /// Floors to write to the durable stream (write-behind).
     dirty: Mutex<HashMap<String, u64>>,
     flush: Arc<Notify>,
     counters: Counters,
@@ -162,7 +162,7 @@ fn limit(v: u64) -> i64 {
 }
 
 impl JetStreamStore {
-    /// Connects, creates (or finds) the stream, the retained stream and the durable bucket,
+    /// Connects, creates (or finds) the stream, the retained stream and the durable stream,
     /// and starts the publishing, acknowledging, live-reading and durable tasks on the
     /// current runtime. Waits (retrying) until JetStream answers: the relay cannot name its
     /// sequence space before.
@@ -199,8 +199,9 @@ impl JetStreamStore {
             num_replicas: cluster.replicas,
             ..Default::default()
         };
-        // Durable floors: one message per durable (the last floor), a key-value store
-        // made of a plain stream (works with nats-server 2.9 and every client version).
+        // Durable floors: one message per durable (the last floor): a key-value store made
+        // of a plain stream (async-nats 0.51's KV API did not parse nats-server 2.9's
+        // answers when creating a bucket).
         let durable_cfg = stream::Config {
             name: durable_name.clone(),
             subjects: vec![format!("{}.>", durable_prefix(&prefix))],
@@ -775,11 +776,7 @@ impl Store for JetStreamStore {
                         (p, seqs[seqs.len() - k])
                     })
                     .collect::<HashMap<_, _>>();
-                Ok(ReadPlan {
-                    start: starts.values().copied().min().unwrap_or(upto.0 + 1),
-                    since_ms: None,
-                    path_starts: Some(starts),
-                })
+                Ok(ReadPlan::per_path(starts, upto))
             }
         }
     }

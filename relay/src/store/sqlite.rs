@@ -1869,11 +1869,7 @@ impl Store for SqliteStore {
                         starts.insert(p, s.map_or(0, |s| s as u64));
                     }
                 }
-                ReadPlan {
-                    start: starts.values().copied().min().unwrap_or(upto.0 + 1),
-                    since_ms: None,
-                    path_starts: Some(starts),
-                }
+                ReadPlan::per_path(starts, upto)
             }
         })
     }
