@@ -423,3 +423,47 @@ async fn qos2_resend_at_another_relay_is_deduplicated() {
     let got: Vec<u32> = got.iter().map(|m| number(&m.envelope)).collect();
     assert_eq!(got, vec![1, 2], "delivered once, then the marker");
 }
+
+/// JetStream unreachable: a publish that needs the store gets the retryable
+/// `Err(store_failed)` naming it, and live-only QoS 0 routing goes on (unnumbered).
+#[tokio::test]
+async fn without_jetstream_stored_publishes_fail_and_live_routing_goes_on() {
+    let Some(mut s) = Setup::start(1) else { return };
+    let (mut sub_c, _) = connect(s.relays[0].tcp()).await;
+    subscribe(&mut sub_c, sub(1, pattern(6, &[], true), Qos::AtLeastOnce)).await;
+    let (mut publ, _) = connect(s.relays[0].tcp()).await;
+    let stored = publish_acked(
+        &mut publ,
+        &[(1, numbered(6, &[1], 1))],
+        Qos::AtLeastOnce,
+        false,
+    )
+    .await;
+    let m = sub_c.expect_msg().await;
+    assert_eq!((m.seq, number(&m.envelope)), (stored[0], 1));
+
+    for n in &mut s.nats.nodes {
+        n.kill();
+    }
+    publ.send(&pub_frame(numbered(6, &[1], 2), Qos::AtLeastOnce, 2, false))
+        .await;
+    let e = publ.expect_err().await;
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::StoreFailed, "{e:?}");
+    assert!(!e.fatal);
+    assert_eq!(e.publish_id.map(|p| id_of(&p)), Some(2));
+
+    // QoS 0 the store does not keep: routed at once, unnumbered, to the QoS 1 subscriber.
+    publ.send(&Frame::Pub(Pub {
+        envelope: numbered(6, &[1], 3),
+        flags: 0,
+        publish_id: None,
+        qos: Qos::AtMostOnce,
+    }))
+    .await;
+    let m = sub_c.expect_msg().await;
+    assert_eq!(
+        (m.seq, number(&m.envelope)),
+        (0, 3),
+        "live-only, sequence 0"
+    );
+}
