@@ -471,6 +471,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn close(&self);
 }
 
+/// The delivery features of a store that keeps messages (SQLite, memory, JetStream).
+pub const KEEPING_FEATURES: u64 = whispeer_protocol::frame::features::AT_LEAST_ONCE
+    | whispeer_protocol::frame::features::EXACTLY_ONCE
+    | whispeer_protocol::frame::features::RETAIN
+    | whispeer_protocol::frame::features::REPLAY
+    | whispeer_protocol::frame::features::DURABLE;
+
 /// Live fan-out only: assigns sequence numbers and keeps nothing (`store.kind = "none"`).
 #[derive(Debug)]
 pub struct LiveStore {

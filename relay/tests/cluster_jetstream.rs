@@ -10,30 +10,15 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use common::nats::NatsCluster;
+use common::nats::{numbered_sized, NatsCluster};
 use common::*;
 use futures_util::StreamExt;
-use whispeer_protocol::envelope_header::HeaderFields;
 use whispeer_protocol::frame::{msg_flags, pub_flags, Ack, Msg, Pub, Replay, Sub};
-use whispeer_protocol::{Envelope, Frame, Qos, TokenPattern, TopicToken};
+use whispeer_protocol::{Envelope, Frame, Qos, TokenPattern};
 
 /// An envelope on `[key(k), tok(levels)…]` told apart by `n` (in its nonce).
 fn numbered(k: u8, levels: &[u8], n: u32) -> Envelope {
-    let tokens: Vec<TopicToken> = levels.iter().map(|t| tok(*t)).collect();
-    let mut nonce = [0u8; 24];
-    nonce[..4].copy_from_slice(&n.to_be_bytes());
-    let fields = HeaderFields {
-        flags: 0,
-        key_id: key(k),
-        nonce,
-        commit: [8; 32],
-        tokens: &tokens,
-    };
-    let mut out = Vec::new();
-    fields.write_prefix(48, &mut out);
-    out.extend_from_slice(&[0x5a; 48]);
-    out.extend((0..32).map(|i| i as u8));
-    Envelope::from_bytes(Bytes::from(out)).expect("valid envelope")
+    numbered_sized(k, levels, n, 32)
 }
 
 /// The `n` an envelope of [`numbered`] carries.

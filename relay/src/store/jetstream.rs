@@ -41,7 +41,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
-use whispeer_protocol::frame::{features, pub_flags, Replay};
+use whispeer_protocol::frame::{pub_flags, Replay};
 use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
 use super::{
@@ -609,11 +609,7 @@ impl Store for JetStreamStore {
     }
 
     fn features(&self) -> u64 {
-        features::AT_LEAST_ONCE
-            | features::EXACTLY_ONCE
-            | features::RETAIN
-            | features::REPLAY
-            | features::DURABLE
+        super::KEEPING_FEATURES
     }
 
     fn append(&self, m: Append<'_>) -> Result<Accepted, StoreError> {

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use whispeer_protocol::frame::{features, pub_flags, Replay};
+use whispeer_protocol::frame::{pub_flags, Replay};
 use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
 use super::{
@@ -1537,11 +1537,7 @@ impl Store for SqliteStore {
     }
 
     fn features(&self) -> u64 {
-        features::AT_LEAST_ONCE
-            | features::EXACTLY_ONCE
-            | features::RETAIN
-            | features::REPLAY
-            | features::DURABLE
+        super::KEEPING_FEATURES
     }
 
     fn append(&self, m: Append<'_>) -> Result<Accepted, StoreError> {
