@@ -96,12 +96,17 @@ fn start_nats(n: usize, dir: &std::path::Path) -> Option<(Vec<Proc>, Vec<String>
 }
 
 fn start_relay(dir: &std::path::Path, name: &str, nats: &str) -> (Proc, BoundAddrs) {
+    start_relay_with(dir, name, &["--store", "none", "--cluster", nats])
+}
+
+fn start_relay_with(dir: &std::path::Path, name: &str, extra: &[&str]) -> (Proc, BoundAddrs) {
     let ready = dir.join(format!("{name}.json"));
     let child = Command::new(env!("CARGO_BIN_EXE_whispeer-relay"))
         .args(["serve", "--tcp", "127.0.0.1:0", "--ws", "off"])
-        .args(["--admin", "127.0.0.1:0", "--store", "none"])
+        .args(["--admin", "127.0.0.1:0"])
         .args(["--publish-rate", "0", "--addr-publish-rate", "0"])
-        .args(["--cluster", nats, "--cluster-name", name])
+        .args(["--cluster-name", name])
+        .args(extra)
         .arg("--ready-file")
         .arg(&ready)
         .env("WHISPEER_LOG", "warn")
@@ -250,6 +255,98 @@ async fn run(pub_addr: SocketAddr, sub_addr: SocketAddr, rate: f64, n: u64) -> (
     (lat, got)
 }
 
+/// QoS 1 publish → `PubAck` latencies (µs) of `n` publishes, one in flight at a time.
+async fn run_acked(addr: SocketAddr, n: u64) -> Vec<f64> {
+    let (mut publ, mut dec) = connect(addr).await;
+    let mut lat = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&i.to_be_bytes());
+        let f = codec::encode_prefixed(&Frame::Pub(Pub {
+            envelope: envelope(0, i),
+            flags: whispeer_protocol::frame::pub_flags::ACK,
+            publish_id: Some(id),
+            qos: Qos::AtLeastOnce,
+        }));
+        let t = Instant::now();
+        publ.write_all(&f).await.unwrap();
+        loop {
+            match next(&mut publ, &mut dec).await {
+                Frame::PubAck(_) => break,
+                Frame::Err(e) => panic!("publish refused: {e:?}"),
+                _ => {}
+            }
+        }
+        lat.push(t.elapsed().as_nanos() as f64 / 1000.0);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    lat
+}
+
+/// `--acked N`: QoS 1 publish → `PubAck` with the JetStream store (one nats-server with
+/// JetStream, file storage, R1) against a relay with its SQLite file store, same run.
+fn acked_bench(n: u64, dir: &std::path::Path) {
+    let port = free_port();
+    let store = dir.join("js");
+    let Ok(child) = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(&store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("nats-server not found (apt-get install -y nats-server)");
+        return;
+    };
+    let mut nats = Proc(child);
+    let stderr = nats.0.stderr.take().unwrap();
+    {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok);
+        assert!(
+            lines.any(|l| l.contains("Server is ready")),
+            "nats-server not ready"
+        );
+        std::thread::spawn(move || lines.for_each(drop));
+    }
+    let url = format!("nats://127.0.0.1:{port}");
+    let db = dir.join("relay.db");
+    let (_js, js) = start_relay_with(
+        dir,
+        "relay-js",
+        &["--cluster", &url, "--cluster-store", "jetstream"],
+    );
+    let (_sq, sq) = start_relay_with(
+        dir,
+        "relay-sqlite",
+        &["--store", "sqlite", "--store-path", db.to_str().unwrap()],
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("acked bench: {n} QoS 1 publishes × {PAYLOAD} B, one in flight, release relays");
+    println!("| store | p50 µs | p90 µs | p99 µs | max µs |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (label, addr) in [
+        ("SQLite file (sync full)", sq.tcp.unwrap()),
+        ("JetStream (1 node, file, R1)", js.tcp.unwrap()),
+    ] {
+        let lat = rt.block_on(run_acked(addr, n));
+        println!(
+            "| {label} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            pct(&lat, 0.5),
+            pct(&lat, 0.9),
+            pct(&lat, 0.99),
+            lat.last().copied().unwrap_or(f64::NAN)
+        );
+    }
+    drop(nats);
+}
+
 fn pct(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -273,6 +370,12 @@ fn main() {
     let dir: PathBuf =
         std::env::temp_dir().join(format!("whispeer-cluster-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let acked = arg("--acked", 0.0) as u64;
+    if acked > 0 {
+        acked_bench(acked, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let Some((_nats, urls)) = start_nats(nodes.max(1), &dir) else {
         eprintln!("nats-server not found or not ready (apt-get install -y nats-server)");
         return;

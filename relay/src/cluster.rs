@@ -207,7 +207,7 @@ pub(crate) async fn connect(
     config: &ClusterConfig,
     metrics: Arc<Metrics>,
 ) -> Result<async_nats::Client, ClusterError> {
-    let mut o = async_nats::ConnectOptions::new()
+    let o = async_nats::ConnectOptions::new()
         .no_echo()
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -242,6 +242,41 @@ pub(crate) async fn connect(
                 }
             }
         });
+    auth(o, config)
+        .await?
+        .connect(urls(config))
+        .await
+        .map_err(|e| ClusterError::Connect(e.to_string()))
+}
+
+/// A second connection for the JetStream store (`[cluster] store = "jetstream"`): the same
+/// servers, credentials and TLS, without the bridge's metrics.
+pub(crate) async fn connect_plain(
+    config: &ClusterConfig,
+) -> Result<async_nats::Client, ClusterError> {
+    let o = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .name(format!(
+            "{} store",
+            config.name.as_deref().unwrap_or("whispeer-relay")
+        ));
+    auth(o, config)
+        .await?
+        .connect(urls(config))
+        .await
+        .map_err(|e| ClusterError::Connect(e.to_string()))
+}
+
+fn urls(config: &ClusterConfig) -> Vec<&str> {
+    config.urls.iter().map(|u| u.trim()).collect()
+}
+
+/// Credentials and TLS from the configuration.
+async fn auth(
+    mut o: async_nats::ConnectOptions,
+    config: &ClusterConfig,
+) -> Result<async_nats::ConnectOptions, ClusterError> {
     if let Some(path) = &config.credentials {
         o = o
             .credentials_file(path)
@@ -263,10 +298,7 @@ pub(crate) async fn connect(
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         o = o.add_client_certificate(cert.clone(), key.clone());
     }
-    let urls: Vec<&str> = config.urls.iter().map(|u| u.trim()).collect();
-    o.connect(urls)
-        .await
-        .map_err(|e| ClusterError::Connect(e.to_string()))
+    Ok(o)
 }
 
 /// Runs the bridge until aborted (relay shutdown): the publisher, the subscription keeper
@@ -276,7 +308,13 @@ pub(crate) async fn run(shared: Arc<Shared>, client: async_nats::Client, rx: Rec
         return;
     };
     let _ = state.client.set(client.clone());
-    let prefix = shared.config.cluster.subject_prefix.clone();
+    // With the JetStream store the stream owns `<prefix>.>`: stored envelopes reach every
+    // relay through it, and only live-only (unnumbered) ones travel here, beside it.
+    let prefix = if shared.config.cluster.jetstream() {
+        crate::store::jetstream::live_prefix(&shared.config.cluster.subject_prefix)
+    } else {
+        shared.config.cluster.subject_prefix.clone()
+    };
     let origin = random_origin();
     let (in_tx, in_rx) = mpsc::channel(INBOUND);
     let mut tasks = JoinSet::new();

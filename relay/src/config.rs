@@ -424,6 +424,56 @@ pub struct ClusterConfig {
         env = "WHISPEER_CLUSTER_QUEUE"
     )]
     pub queue: usize,
+    /// Where a clustered relay keeps messages: "local" (its own [store]; sequence numbers
+    /// per relay, QoS >= 1 does not cross relays) or "jetstream" (one JetStream stream
+    /// numbers and keeps every stored message for the whole cluster: the same sequences,
+    /// history, retained values and durables on every relay; [store] kind is not used).
+    #[arg(
+        id = "cluster.store",
+        long = "cluster-store",
+        env = "WHISPEER_CLUSTER_STORE"
+    )]
+    pub store: ClusterStore,
+    /// JetStream stream of stored messages (store "jetstream"); retained values live in
+    /// the stream `<stream>_RETAINED` and durable positions in the stream
+    /// `<stream>_DURABLE`. Relays that share one numbering use the same name.
+    #[arg(long = "cluster-stream", env = "WHISPEER_CLUSTER_STREAM")]
+    pub stream: String,
+    /// JetStream replicas of the streams the relays create (1 to 5; 3 on a three-node NATS
+    /// cluster survives the loss of one node).
+    #[arg(long = "cluster-replicas", env = "WHISPEER_CLUSTER_REPLICAS")]
+    pub replicas: usize,
+}
+
+/// Where a clustered relay keeps messages (`[cluster] store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterStore {
+    /// The relay's own `[store]`; NATS carries live routing only.
+    #[default]
+    Local,
+    /// JetStream numbers and keeps stored messages for every relay of the cluster.
+    Jetstream,
+}
+
+impl fmt::Display for ClusterStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClusterStore::Local => "local",
+            ClusterStore::Jetstream => "jetstream",
+        })
+    }
+}
+
+impl FromStr for ClusterStore {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "local" => Ok(ClusterStore::Local),
+            "jetstream" => Ok(ClusterStore::Jetstream),
+            other => Err(format!("{other:?} is not \"local\" or \"jetstream\"")),
+        }
+    }
 }
 
 impl Default for ClusterConfig {
@@ -440,6 +490,9 @@ impl Default for ClusterConfig {
             tls_cert: None,
             tls_key: None,
             queue: 65_536,
+            store: ClusterStore::Local,
+            stream: "WSP".into(),
+            replicas: 1,
         }
     }
 }
@@ -448,6 +501,11 @@ impl ClusterConfig {
     /// Whether the relay joins a cluster.
     pub fn enabled(&self) -> bool {
         !self.urls.is_empty()
+    }
+
+    /// Whether stored messages live in JetStream (a cluster with `store = "jetstream"`).
+    pub fn jetstream(&self) -> bool {
+        self.enabled() && self.store == ClusterStore::Jetstream
     }
 }
 
@@ -1143,6 +1201,25 @@ impl Config {
             }
             if c.queue == 0 {
                 return invalid("cluster.queue", "must be at least 1".into());
+            }
+            if c.store == ClusterStore::Jetstream {
+                if c.stream.is_empty()
+                    || !c
+                        .stream
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+                {
+                    return invalid(
+                        "cluster.stream",
+                        format!(
+                            "{:?} is not a JetStream stream name ([A-Za-z0-9_-]+)",
+                            c.stream
+                        ),
+                    );
+                }
+                if !(1..=5).contains(&c.replicas) {
+                    return invalid("cluster.replicas", "must be 1 to 5".into());
+                }
             }
         }
         let a = &self.auth;

@@ -162,6 +162,20 @@ impl Tracking {
         Delivery::Paused
     }
 
+    /// An unnumbered live message (sequence 0: live-only with the JetStream store): sent
+    /// without tracking (there is nothing to acknowledge), unless delivery is paused — then
+    /// it is skipped and counted for the `Gap` sent when delivery resumes.
+    pub(crate) fn unnumbered(&self) -> bool {
+        let mut t = lock(&self.inner);
+        match t.paused.as_mut() {
+            Some(p) => {
+                p.lost += 1;
+                false
+            }
+            None => true,
+        }
+    }
+
     /// A paused subscription with credit and no catch-up running (it paused for the
     /// relay-wide budget, so no ack will start one): marks a catch-up as started.
     pub(crate) fn claim_catch_up(&self) -> bool {

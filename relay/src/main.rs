@@ -369,8 +369,15 @@ fn tls_generate(args: TlsGenerateArgs) -> Result<()> {
 async fn serve(config: Config, ready_file: Option<PathBuf>) -> Result<()> {
     // Install signal handlers before announcing readiness, so a signal sent right after
     // the ready file appears is never missed.
-    let shutdown = shutdown_signal()?;
-    let relay = Relay::bind(config).await?;
+    let mut shutdown = Box::pin(shutdown_signal()?);
+    // Binding may wait (the JetStream store waits for JetStream): a signal meanwhile stops.
+    let relay = tokio::select! {
+        r = Relay::bind(config) => r?,
+        _ = &mut shutdown => {
+            tracing::info!("stopped before the relay was ready");
+            return Ok(());
+        }
+    };
     let addrs = relay.addrs();
     match ready_file {
         Some(path) if path.as_os_str() == "-" => {

@@ -403,7 +403,18 @@ impl Relay {
     /// Binds the configured listeners and builds the relay with default plugins and store.
     pub async fn bind(config: Config) -> Result<Self, RelayError> {
         let listeners = Listeners::bind(&config).await?;
-        Self::builder(config).listeners(listeners).build()
+        let mut builder = Self::builder(config);
+        if builder.config.cluster.jetstream() {
+            // The cluster's JetStream stream is the store: opened (and waited for) before
+            // the relay can name its sequence space in a Welcome.
+            builder.config.validate()?;
+            let store =
+                crate::store::JetStreamStore::open(&builder.config.cluster, &builder.config.store)
+                    .await
+                    .map_err(RelayError::Store)?;
+            builder = builder.store(Arc::new(store));
+        }
+        builder.listeners(listeners).build()
     }
 
     /// The shared state, for unit tests that drive a session directly.
@@ -442,6 +453,17 @@ impl Relay {
             let client =
                 crate::cluster::connect(&shared.config.cluster, shared.metrics.clone()).await?;
             tasks.spawn(crate::cluster::run(shared.clone(), client, rx));
+        }
+        if let Some(mut rx) = shared.router.store().take_sequenced() {
+            // Messages the cluster stream numbered, in order, routed on this relay.
+            let s = shared.clone();
+            tasks.spawn(async move {
+                while let Some(m) = rx.recv().await {
+                    if let Err(e) = s.router.publish_sequenced(&m) {
+                        tracing::debug!(error = %e, "cluster store: a stream message was not routed");
+                    }
+                }
+            });
         }
         let mut spawn = |l: Option<TcpListener>, kind: TransportKind| {
             if let Some(l) = l {

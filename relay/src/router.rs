@@ -37,7 +37,7 @@ use crate::ids::{ConnId, Seq, SubId};
 use crate::index::SubIndex;
 use crate::metrics::Metrics;
 use crate::outbound::{Offer, Outbound};
-use crate::store::{Accepted, Append, Store, StoreError, Tenant};
+use crate::store::{Accepted, Append, Sequenced, Store, StoreError, Tenant};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -86,6 +86,19 @@ impl Target {
     pub(crate) fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
     }
+}
+
+/// Where a routed message's sequence comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Numbering {
+    /// A local publish: the store numbers it (or queues it for the cluster stream).
+    Local,
+    /// From another relay over core NATS (phase 1): this relay's store numbers it.
+    Remote,
+    /// Live-only from another relay with the JetStream store: not numbered (seq 0).
+    Unnumbered,
+    /// Numbered by the cluster stream.
+    Sequenced(Seq),
 }
 
 /// How a subscription starts.
@@ -141,6 +154,8 @@ pub(crate) struct Router {
     metrics: Arc<Metrics>,
     /// The NATS bridge's queues, in a cluster.
     cluster: Option<Link>,
+    /// The store numbers messages elsewhere (the JetStream stream).
+    sequenced: bool,
 }
 
 impl Router {
@@ -151,6 +166,7 @@ impl Router {
                 store: store.clone(),
                 interest: HashMap::new(),
             }),
+            sequenced: store.kind() == "jetstream",
             store,
             metrics,
             cluster,
@@ -236,7 +252,7 @@ impl Router {
                     gate.dropped = 0;
                 }
                 let n = gate.buf.len().min(step);
-                let last = gate.buf.back().map_or(0, |(seq, ..)| *seq);
+                let last = gate.buf.iter().map(|(seq, ..)| *seq).max().unwrap_or(0);
                 let now = Instant::now();
                 let mut paused = false;
                 let mut sent = 0;
@@ -244,7 +260,12 @@ impl Router {
                     // Out of credit: the rest waits in the store (what the store does not
                     // keep is counted and reported with a Gap when delivery resumes); the
                     // ack that frees credit starts the catch-up (see `flow`).
-                    if let Some(t) = &target.track {
+                    if let (Some(t), true) = (&target.track, *seq == 0) {
+                        if !t.unnumbered() {
+                            sent += 1;
+                            continue;
+                        }
+                    } else if let Some(t) = &target.track {
                         let unstored = || gate.buf.iter().skip(sent).filter(|m| !m.3).count();
                         if !t.deliver_or_pause(*seq, env, last, unstored() as u64, now) {
                             self.metrics.credit_paused();
@@ -343,12 +364,21 @@ impl Router {
         publish_id: Option<[u8; 16]>,
         tenant: &Tenant,
     ) -> Result<Accepted, StoreError> {
-        self.route(envelope, path, flags, qos, publish_id, tenant, true)
+        self.route(
+            envelope,
+            path,
+            flags,
+            qos,
+            publish_id,
+            tenant,
+            Numbering::Local,
+        )
     }
 
     /// Routes an envelope another relay accepted (it came through NATS): numbered by this
     /// relay's store, stored per its policy and fanned out like a local publish, but not
-    /// forwarded again. QoS is lowered to 0 when this relay has no store for more.
+    /// forwarded again. QoS is lowered to 0 when this relay has no store for more. With the
+    /// JetStream store only live-only envelopes come this way: routed unnumbered (seq 0).
     pub(crate) fn publish_remote(
         &self,
         envelope: &Envelope,
@@ -356,13 +386,47 @@ impl Router {
         flags: u64,
         qos: Qos,
     ) -> Result<Accepted, StoreError> {
+        if self.sequenced {
+            return self.route(
+                envelope,
+                path,
+                flags,
+                Qos::AtMostOnce,
+                None,
+                &Tenant::Local,
+                Numbering::Unnumbered,
+            );
+        }
         let qos = if self.store.features() & whispeer_protocol::frame::features::AT_LEAST_ONCE == 0
         {
             Qos::AtMostOnce
         } else {
             qos
         };
-        self.route(envelope, path, flags, qos, None, &Tenant::Local, false)
+        self.route(
+            envelope,
+            path,
+            flags,
+            qos,
+            None,
+            &Tenant::Local,
+            Numbering::Remote,
+        )
+    }
+
+    /// Routes a message the store numbered elsewhere (the cluster's JetStream stream), in
+    /// sequence order: it becomes the last sequence and is fanned out with its sequence.
+    pub(crate) fn publish_sequenced(&self, m: &Sequenced) -> Result<Accepted, StoreError> {
+        let path = m.envelope.token_path();
+        self.route(
+            &m.envelope,
+            &path,
+            m.flags,
+            Qos::AtLeastOnce,
+            None,
+            &Tenant::Local,
+            Numbering::Sequenced(m.seq),
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -374,24 +438,32 @@ impl Router {
         qos: Qos,
         publish_id: Option<[u8; 16]>,
         tenant: &Tenant,
-        forward: bool,
+        numbering: Numbering,
     ) -> Result<Accepted, StoreError> {
         let start = Instant::now();
         let core = self.lock();
-        let accepted = core.store.append(Append {
-            path,
-            envelope,
-            flags,
-            qos,
-            publish_id,
-            tenant,
-        })?;
+        let accepted = match numbering {
+            Numbering::Local | Numbering::Remote => core.store.append(Append {
+                path,
+                envelope,
+                flags,
+                qos,
+                publish_id,
+                tenant,
+            })?,
+            Numbering::Unnumbered => Accepted::Live(Seq(0)),
+            Numbering::Sequenced(seq) => {
+                core.store.advance(seq);
+                Accepted::New(seq)
+            }
+        };
         let (seq, stored) = match accepted {
             Accepted::New(seq) => (seq, true),
             Accepted::Live(seq) => (seq, false),
-            Accepted::Duplicate(_) => return Ok(accepted),
+            // Pending: routed when it comes back numbered from the stream.
+            Accepted::Duplicate(_) | Accepted::Pending(_) => return Ok(accepted),
         };
-        if forward {
+        if numbering == Numbering::Local {
             // Under the lock, so envelopes reach NATS in relay-sequence order; a
             // non-blocking offer (a full queue is counted, never waited on).
             if let Some(link) = &self.cluster {
@@ -419,7 +491,13 @@ impl Router {
                     continue;
                 }
             }
-            if let Some(tr) = &t.track {
+            if let (Some(tr), true) = (&t.track, seq.0 == 0) {
+                // Unnumbered (live-only with the JetStream store): nothing to acknowledge
+                // or catch up on; skipped (and counted for a Gap) while paused.
+                if !tr.unnumbered() {
+                    continue;
+                }
+            } else if let Some(tr) = &t.track {
                 // Without credit, or over the relay-wide outbound budget, the message
                 // waits in the store (see `flow`).
                 let room = !t.out.over_budget(frame.len());

@@ -37,6 +37,22 @@ pub(crate) enum Flow {
 }
 
 /// The relay's software name in `Welcome`.
+/// The `Err` a publisher gets when the store failed its publish (counted).
+fn store_failure(
+    metrics: &crate::metrics::Metrics,
+    e: &crate::store::StoreError,
+    publish_id: [u8; 16],
+) -> Frame {
+    metrics.error_sent(e.code());
+    Frame::Err(ErrFrame {
+        code: e.code(),
+        message: e.to_string(),
+        fatal: false,
+        sub_id: None,
+        publish_id: Some(publish_id),
+    })
+}
+
 /// The pause after the first refused publish in a row; it doubles per further refusal.
 const REFUSAL_PAUSE: Duration = Duration::from_micros(500);
 /// Doublings of [`REFUSAL_PAUSE`] at most (0.5 ms × 2^10 ≈ 0.5 s).
@@ -860,6 +876,11 @@ impl Session {
             &self.tenant,
         );
         let seq = match accepted {
+            Ok(Accepted::Pending(ticket)) => {
+                self.refused_in_a_row = 0;
+                self.when_sequenced(&store, ticket, &p);
+                return Flow::Continue;
+            }
             Ok(Accepted::New(seq) | Accepted::Live(seq)) => seq,
             Ok(Accepted::Duplicate(seq)) => {
                 self.shared.metrics.duplicate_publish();
@@ -889,21 +910,41 @@ impl Session {
             Box::new(move |r| {
                 let frame = match r {
                     Ok(()) => ack,
-                    Err(e) => {
-                        metrics.error_sent(e.code());
-                        Frame::Err(ErrFrame {
-                            code: e.code(),
-                            message: e.to_string(),
-                            fatal: false,
-                            sub_id: None,
-                            publish_id: Some(publish_id),
-                        })
-                    }
+                    Err(e) => store_failure(&metrics, &e, publish_id),
                 };
                 out.push_control(codec::encode_prefixed(&frame));
             }),
         );
         Flow::Continue
+    }
+
+    /// A publish handed to a store that numbers it elsewhere (the JetStream stream): its
+    /// `PubAck` (if asked for) once the stream holds it, with the stream's sequence — the
+    /// original's for a QoS 2 duplicate — or `Err` with the store's code.
+    fn when_sequenced(&self, store: &Arc<dyn crate::store::Store>, ticket: u64, p: &Pub) {
+        let publish_id = p.publish_id.filter(|_| p.flags & pub_flags::ACK != 0);
+        let out = self.out.clone();
+        let metrics = self.shared.metrics.clone();
+        store.when_sequenced(
+            ticket,
+            Box::new(move |r| {
+                if let Ok(Accepted::Duplicate(_)) = r {
+                    metrics.duplicate_publish();
+                }
+                let Some(publish_id) = publish_id else { return };
+                let frame = match r {
+                    Ok(Accepted::New(seq) | Accepted::Duplicate(seq) | Accepted::Live(seq)) => {
+                        Frame::PubAck(PubAck {
+                            publish_id,
+                            seq: seq.0,
+                        })
+                    }
+                    Ok(Accepted::Pending(_)) => return,
+                    Err(e) => store_failure(&metrics, &e, publish_id),
+                };
+                out.push_control(codec::encode_prefixed(&frame));
+            }),
+        );
     }
 
     /// Checks the account's rights on a key id (and claims it for the account's group).

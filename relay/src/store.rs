@@ -72,8 +72,10 @@ pub(crate) async fn read_off_runtime<T: Send + 'static>(
         .map_err(|_| StoreError::Unavailable("a store read failed".into()))?
 }
 
+pub mod jetstream;
 mod sqlite;
 
+pub use jetstream::JetStreamStore;
 pub use sqlite::SqliteStore;
 
 /// Why a store refused a message or could not be opened.
@@ -190,10 +192,31 @@ pub enum Accepted {
     /// A duplicate publish id inside the dedup window: the original's sequence. Not stored
     /// again and not delivered again.
     Duplicate(Seq),
+    /// Handed to a store that numbers messages elsewhere (the cluster's JetStream stream):
+    /// not routed now — it is routed, numbered, when it comes back from the stream
+    /// ([`Store::take_sequenced`]). [`Store::when_sequenced`] with this ticket learns the
+    /// outcome (`New` or `Duplicate` with its sequence, once durable, or the error); it
+    /// MUST be called once for every ticket.
+    Pending(u64),
 }
 
 /// Called once a sequence is durable (or the store failed).
 pub type OnDurable = Box<dyn FnOnce(Result<(), StoreError>) + Send + 'static>;
+
+/// Called once a [`Accepted::Pending`] publish is numbered and durable: `New(seq)`,
+/// `Duplicate(original seq)`, or the error.
+pub type OnSequenced = Box<dyn FnOnce(Result<Accepted, StoreError>) + Send + 'static>;
+
+/// A message a store numbered elsewhere, to be routed by the relay in sequence order.
+#[derive(Debug, Clone)]
+pub struct Sequenced {
+    /// Its sequence (the JetStream stream sequence).
+    pub seq: Seq,
+    /// The envelope as published.
+    pub envelope: Envelope,
+    /// The publish flags (`pub_flags`).
+    pub flags: u64,
+}
 
 /// A stored message read back.
 #[derive(Debug, Clone)]
@@ -216,6 +239,15 @@ pub struct ReadPlan {
 }
 
 impl ReadPlan {
+    /// `LastN`: from each path's own first sequence (`upto + 1` when no path has any).
+    pub fn per_path(starts: HashMap<Vec<u8>, u64>, upto: Seq) -> Self {
+        ReadPlan {
+            start: starts.values().copied().min().unwrap_or(upto.0 + 1),
+            since_ms: None,
+            path_starts: Some(starts),
+        }
+    }
+
     /// Whether a stored message passes the plan's filters (the pattern is checked apart).
     pub fn admits(&self, seq: u64, path: &[u8], ts_ms: u64) -> bool {
         if seq < self.start {
@@ -388,6 +420,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn seq_space(&self) -> [u8; 16];
     /// Runs `done` once every message up to `seq` is durable (immediately if it is).
     fn when_durable(&self, seq: Seq, done: OnDurable);
+    /// Runs `done` with the outcome of a publish [`append`](Self::append) answered
+    /// [`Accepted::Pending`] (immediately if known). Stores that number messages
+    /// themselves never answer `Pending` and fail this at once.
+    fn when_sequenced(&self, ticket: u64, done: OnSequenced);
+    /// A message this store numbered elsewhere ([`Sequenced`]) is being routed, under the
+    /// routing lock: it becomes [`last_seq`](Self::last_seq). Stores that number messages
+    /// themselves ignore it.
+    fn advance(&self, seq: Seq);
+    /// The messages this store numbers elsewhere, in sequence order, for the relay to route
+    /// (taken once). `None` for stores that number messages themselves.
+    fn take_sequenced(&self) -> Option<tokio::sync::mpsc::Receiver<Sequenced>>;
     /// Runs `done` once a history or retained read of `key_id` up to `upto` would see
     /// every write of that key id up to `upto` (immediately if it would). Writes of other
     /// key ids — other tenants — never delay it, nor do `PubAck`s waiting in order: a
@@ -427,6 +470,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Flushes everything queued and closes (clean shutdown). Idempotent.
     fn close(&self);
 }
+
+/// The delivery features of a store that keeps messages (SQLite, memory, JetStream).
+pub const KEEPING_FEATURES: u64 = whispeer_protocol::frame::features::AT_LEAST_ONCE
+    | whispeer_protocol::frame::features::EXACTLY_ONCE
+    | whispeer_protocol::frame::features::RETAIN
+    | whispeer_protocol::frame::features::REPLAY
+    | whispeer_protocol::frame::features::DURABLE;
 
 /// Live fan-out only: assigns sequence numbers and keeps nothing (`store.kind = "none"`).
 #[derive(Debug)]
@@ -500,6 +550,16 @@ impl Store for LiveStore {
 
     fn when_readable(&self, _: &KeyId, _: Seq, done: OnDurable) {
         done(Err(Self::unsupported("history")))
+    }
+
+    fn when_sequenced(&self, _: u64, done: OnSequenced) {
+        done(Err(Self::unsupported("durability")))
+    }
+
+    fn advance(&self, _: Seq) {}
+
+    fn take_sequenced(&self) -> Option<tokio::sync::mpsc::Receiver<Sequenced>> {
+        None
     }
 
     fn plan(&self, _: &TokenPattern, _: Replay, _: Seq) -> Result<ReadPlan, StoreError> {

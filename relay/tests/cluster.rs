@@ -12,30 +12,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
-use common::nats::NatsCluster;
+use common::nats::{numbered_sized, NatsCluster};
 use common::*;
-use whispeer_protocol::envelope_header::HeaderFields;
-use whispeer_protocol::{Envelope, Frame, TopicToken};
-
-/// An envelope on `[key(k), tok(levels)…]` told apart by `n` (in its nonce) and `size`.
-fn numbered_sized(k: u8, levels: &[u8], n: u32, size: usize) -> Envelope {
-    let tokens: Vec<TopicToken> = levels.iter().map(|t| tok(*t)).collect();
-    let mut nonce = [0u8; 24];
-    nonce[..4].copy_from_slice(&n.to_be_bytes());
-    let fields = HeaderFields {
-        flags: 0,
-        key_id: key(k),
-        nonce,
-        commit: [8; 32],
-        tokens: &tokens,
-    };
-    let mut out = Vec::new();
-    fields.write_prefix(48, &mut out);
-    out.extend_from_slice(&[0x5a; 48]);
-    out.extend((0..size.max(16)).map(|i| i as u8));
-    Envelope::from_bytes(Bytes::from(out)).expect("valid envelope")
-}
+use whispeer_protocol::{Envelope, Frame};
 
 fn numbered(k: u8, levels: &[u8], n: u32) -> Envelope {
     numbered_sized(k, levels, n, 32)

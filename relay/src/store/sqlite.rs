@@ -45,13 +45,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use whispeer_protocol::frame::{features, pub_flags, Replay};
+use whispeer_protocol::frame::{pub_flags, Replay};
 use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
 use super::{
-    path_bytes, Accepted, Append, DurableKey, OnDurable, PathStatus, ReadChunk, ReadPlan,
-    RetentionStatus, Store, StoreError, StoreMetrics, StoreStatus, Stored, Tenant, BATCH_BUCKETS,
-    COMMIT_BUCKETS,
+    path_bytes, Accepted, Append, DurableKey, OnDurable, OnSequenced, PathStatus, ReadChunk,
+    ReadPlan, RetentionStatus, Sequenced, Store, StoreError, StoreMetrics, StoreStatus, Stored,
+    Tenant, BATCH_BUCKETS, COMMIT_BUCKETS,
 };
 use crate::config::{StoreConfig, SyncMode};
 use crate::ids::Seq;
@@ -1537,11 +1537,7 @@ impl Store for SqliteStore {
     }
 
     fn features(&self) -> u64 {
-        features::AT_LEAST_ONCE
-            | features::EXACTLY_ONCE
-            | features::RETAIN
-            | features::REPLAY
-            | features::DURABLE
+        super::KEEPING_FEATURES
     }
 
     fn append(&self, m: Append<'_>) -> Result<Accepted, StoreError> {
@@ -1777,6 +1773,18 @@ impl Store for SqliteStore {
         }
     }
 
+    fn when_sequenced(&self, _: u64, done: OnSequenced) {
+        done(Err(StoreError::Unsupported(
+            "the SQLite store numbers its messages itself".into(),
+        )))
+    }
+
+    fn advance(&self, _: Seq) {}
+
+    fn take_sequenced(&self) -> Option<tokio::sync::mpsc::Receiver<Sequenced>> {
+        None
+    }
+
     fn when_readable(&self, key_id: &KeyId, upto: Seq, done: OnDurable) {
         let s = &self.shared;
         let barrier = lock(&s.idx)
@@ -1857,11 +1865,7 @@ impl Store for SqliteStore {
                         starts.insert(p, s.map_or(0, |s| s as u64));
                     }
                 }
-                ReadPlan {
-                    start: starts.values().copied().min().unwrap_or(upto.0 + 1),
-                    since_ms: None,
-                    path_starts: Some(starts),
-                }
+                ReadPlan::per_path(starts, upto)
             }
         })
     }

@@ -10,7 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use super::{temp_dir, TIMEOUT};
+use bytes::Bytes;
+use whispeer_protocol::envelope_header::HeaderFields;
+use whispeer_protocol::{Envelope, TopicToken};
+
+use super::{key, temp_dir, tok, TIMEOUT};
 
 /// `nats-server` on PATH, or Debian's location.
 pub fn nats_server_bin() -> Option<PathBuf> {
@@ -179,4 +183,23 @@ impl Drop for NatsCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// An envelope on `[key(k), tok(levels)…]` told apart by `n` (in its nonce) and `size`.
+pub fn numbered_sized(k: u8, levels: &[u8], n: u32, size: usize) -> Envelope {
+    let tokens: Vec<TopicToken> = levels.iter().map(|t| tok(*t)).collect();
+    let mut nonce = [0u8; 24];
+    nonce[..4].copy_from_slice(&n.to_be_bytes());
+    let fields = HeaderFields {
+        flags: 0,
+        key_id: key(k),
+        nonce,
+        commit: [8; 32],
+        tokens: &tokens,
+    };
+    let mut out = Vec::new();
+    fields.write_prefix(48, &mut out);
+    out.extend_from_slice(&[0x5a; 48]);
+    out.extend((0..size.max(16)).map(|i| i as u8));
+    Envelope::from_bytes(Bytes::from(out)).expect("valid envelope")
 }
