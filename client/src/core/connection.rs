@@ -83,7 +83,7 @@ struct SubState {
 #[derive(Debug)]
 enum Parked {
     /// A `Msg` whose envelope an [`OpenJob`] is opening (`None` until it answers).
-    Msg(Box<Msg>, Option<Result<Opened, OpenError>>),
+    Msg(Box<Msg>, Option<Box<Result<Opened, OpenError>>>),
     /// Any other frame: handled once everything before it is.
     Frame(Frame),
 }
@@ -437,7 +437,7 @@ impl Engine {
     pub fn handle_opened(&mut self, done: OpenDone, now: Now) {
         self.clamp(now);
         if let Some(Parked::Msg(_, slot @ None)) = self.parked.frames.get_mut(&done.id) {
-            *slot = Some(done.result);
+            *slot = Some(Box::new(done.result));
             self.release_parked(now);
         }
     }
@@ -668,7 +668,7 @@ impl Engine {
             };
             let live = self.is_live();
             match p {
-                Parked::Msg(m, Some(opened)) if live => self.on_msg_opened(&m, opened, now),
+                Parked::Msg(m, Some(opened)) if live => self.on_msg_opened(&m, *opened, now),
                 Parked::Frame(f) if live => self.live_frame(f, self.last_mono, now),
                 _ => {}
             }
@@ -701,7 +701,7 @@ impl Engine {
                 _ => continue,
             };
             if let Some(Parked::Msg(_, slot)) = self.parked.frames.get_mut(&id) {
-                *slot = Some(opened);
+                *slot = Some(Box::new(opened));
             }
         }
         self.release_parked(now);
