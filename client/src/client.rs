@@ -9,7 +9,8 @@
 //! - `handle` — [`Client`]: publish, subscribe, flush, close;
 //! - `typed` — [`TypedTopic`] (one type per topic) and callback [`SubscriptionHandle`]s;
 //! - `builder` — connecting a [`crate::ClientBuilder`] (its settings are `options`'s);
-//! - `driver` — the task that moves bytes between the engine and the socket.
+//! - `driver` — the task that moves bytes between the engine and the socket;
+//! - `pool` — the worker threads that run the engine's open jobs off the driver.
 //!
 //! Imports go one way: builder → handle → subscription → shared, builder → driver → shared,
 //! and from here down to `options`, `transport`, `plugin`, `core` and `error`, never back
@@ -18,6 +19,7 @@
 mod builder;
 mod driver;
 mod handle;
+mod pool;
 mod shared;
 mod subscription;
 mod typed;

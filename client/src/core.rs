@@ -14,6 +14,7 @@
 pub mod acks;
 pub mod batching;
 pub mod connection;
+pub mod jobs;
 pub mod receive;
 
 use std::collections::{BTreeMap, HashMap};
@@ -23,8 +24,9 @@ use bytes::Bytes;
 use rand_core::CryptoRngCore;
 use whispeer_protocol::frame::{self, Hello, Msg, Pub, Sub, Unsub};
 use whispeer_protocol::{
-    BatchPolicy, Frame, Identity, Keyring, MessageId, Opener, Outgoing, Prepared, Provenance, Qos,
-    SealOptions, Sealer, SenderId, Topic, TopicFilter, TreeId,
+    BatchPolicy, Frame, Identity, Keyring, MessageId, OpenError, Opened, Opener, Outgoing,
+    Prepared, Provenance, Qos, SealOptions, Sealer, SenderId, SharedRoots, Topic, TopicFilter,
+    TreeId, VerifiedRoots,
 };
 
 use crate::error::{PublishError, SubscribeError};
@@ -114,6 +116,9 @@ pub struct CoreStats {
     /// Batch-signed messages (PROTOCOL §4.14) whose batch signature this client had already
     /// verified: each skipped one Ed25519 verification.
     pub batch_root_hits: u64,
+    /// Batch roots verified twice because two parallel opens met a new batch at once (see
+    /// [`jobs`]): the price of opening in parallel, a few per run at most.
+    pub batch_root_races: u64,
 }
 
 /// The numbering a relay's sequence numbers belong to (PROTOCOL §3.5.7): resume positions
@@ -442,6 +447,8 @@ pub fn pub_frame(
 pub struct ClientCore {
     keyring: Arc<RwLock<Keyring>>,
     opener: Opener,
+    /// Verified batch roots, shared with open jobs on worker threads ([`jobs::OpenJob`]).
+    roots: SharedRoots,
     subs: BTreeMap<LocalSubId, LocalSub>,
     relay_to_local: HashMap<u64, LocalSubId>,
     next_relay_id: u64,
@@ -480,6 +487,7 @@ impl ClientCore {
         ClientCore {
             keyring,
             opener: Opener::new(),
+            roots: SharedRoots::new(VerifiedRoots::DEFAULT_CAPACITY),
             subs: BTreeMap::new(),
             relay_to_local: HashMap::new(),
             next_relay_id: 1,
@@ -593,8 +601,15 @@ impl ClientCore {
     pub fn stats(&self) -> CoreStats {
         let mut s = self.stats.clone();
         s.refused = self.guard.stats().clone();
-        s.batch_root_hits = self.opener.verified_roots().hits();
+        let roots = self.roots.lock();
+        s.batch_root_hits = roots.hits();
+        s.batch_root_races = roots.raced();
         s
+    }
+
+    /// The verified batch roots this core shares with its open jobs.
+    pub fn roots(&self) -> &SharedRoots {
+        &self.roots
     }
 
     /// The relay reported dropped messages.
@@ -784,19 +799,29 @@ impl ClientCore {
         now_ms: u64,
         room: &dyn Fn(LocalSubId) -> bool,
     ) -> Delivery {
+        let opened = self.open(msg, now_ms);
+        self.receive_opened(msg, opened, now_ms, room)
+    }
+
+    /// Opens a delivered message here (the first half of [`ClientCore::receive_with`]);
+    /// a [`jobs::OpenJob`] does the same on another thread.
+    pub fn open(&mut self, msg: &Msg, now_ms: u64) -> Result<Opened, OpenError> {
+        let kr = self.keyring.read().expect("keyring lock");
+        let live = jobs::is_live(msg.flags);
+        self.opener
+            .open_shared(&kr, &msg.envelope, now_ms, live, &self.roots)
+    }
+
+    /// The second half of [`ClientCore::receive_with`]: the receiver checks and the fate of
+    /// a message opened already (here, or by a [`jobs::OpenJob`]), in relay order.
+    pub fn receive_opened(
+        &mut self,
+        msg: &Msg,
+        opened: Result<Opened, OpenError>,
+        now_ms: u64,
+        room: &dyn Fn(LocalSubId) -> bool,
+    ) -> Delivery {
         self.guard.expire(now_ms);
-        // History (replayed, redelivered, retained) opens with `live = false`: a message of
-        // a superseded epoch is then accepted if dated before the rotation cutoff, whatever
-        // the grace; a live one must also arrive within the grace (PROTOCOL §4.11).
-        let live = msg.flags
-            & (frame::msg_flags::REPLAYED
-                | frame::msg_flags::REDELIVERED
-                | frame::msg_flags::RETAINED)
-            == 0;
-        let opened = {
-            let kr = self.keyring.read().expect("keyring lock");
-            self.opener.open_with(&kr, &msg.envelope, now_ms, live)
-        };
         let o = match opened {
             Ok(o) => o,
             Err(_) => {

@@ -151,8 +151,11 @@ async fn a_positive_window_gathers_publishes_made_apart_under_one_signature() {
             .unwrap();
         assert_eq!(m.value, i);
     }
+    // Opened in parallel (more than one core), two workers may meet the new root at once
+    // and both verify it: counted as a race, never as a hit.
+    let core = subscriber.stats().core;
     assert_eq!(
-        subscriber.stats().core.batch_root_hits,
+        core.batch_root_hits + core.batch_root_races,
         2,
         "one signature for three"
     );

@@ -15,6 +15,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use rand_core::CryptoRngCore;
@@ -188,11 +189,24 @@ impl BatchProof {
     /// the sender key decodes; `count ∈ 1..=4096`; `index < count`; `path_len` equals the
     /// depth `(index, count)` implies.
     pub fn parse(b: &[u8]) -> Result<(Self, &[u8]), BodyError> {
+        Self::parse_with(b, None)
+    }
+
+    /// [`BatchProof::parse`], decoding the sender key through `keys` (a key decodes the
+    /// same wherever it is cached; decoding one costs a square root, about 5 µs).
+    pub(crate) fn parse_with<'b>(
+        b: &'b [u8],
+        keys: Option<&mut SenderKeys>,
+    ) -> Result<(Self, &'b [u8]), BodyError> {
         if b.len() < 137 {
             return Err(BodyError::Malformed);
         }
-        let sender = VerifyingKey::from_bytes(b[..32].try_into().expect("32"))
-            .map_err(|_| BodyError::Malformed)?;
+        let pk: &[u8; 32] = b[..32].try_into().expect("32");
+        let sender = match keys {
+            Some(k) => k.decode(pk),
+            None => VerifyingKey::from_bytes(pk).ok(),
+        }
+        .ok_or(BodyError::Malformed)?;
         let sig = Signature::from_bytes(b[32..96].try_into().expect("64"));
         let count = u32::from_be_bytes(b[96..100].try_into().expect("4"));
         let index = u32::from_be_bytes(b[100..104].try_into().expect("4"));
@@ -269,6 +283,30 @@ impl BatchProof {
         sig_input: &[u8],
         cache: Option<&mut VerifiedRoots>,
     ) -> Result<SenderId, BodyError> {
+        match cache {
+            Some(c) => self.verify_in(tree_id, epoch, sig_input, RootCache::Own(c)),
+            None => self.verify_in(tree_id, epoch, sig_input, RootCache::None),
+        }
+    }
+
+    /// [`BatchProof::verify`] with a cache shared between threads ([`SharedRoots`]).
+    pub fn verify_shared(
+        &self,
+        tree_id: &TreeId,
+        epoch: u64,
+        sig_input: &[u8],
+        cache: &SharedRoots,
+    ) -> Result<SenderId, BodyError> {
+        self.verify_in(tree_id, epoch, sig_input, RootCache::Shared(cache))
+    }
+
+    pub(crate) fn verify_in(
+        &self,
+        tree_id: &TreeId,
+        epoch: u64,
+        sig_input: &[u8],
+        cache: RootCache<'_>,
+    ) -> Result<SenderId, BodyError> {
         let root = self.root(sig_input)?;
         let key = RootKey {
             sender: self.sender.to_bytes(),
@@ -279,25 +317,30 @@ impl BatchProof {
             sig: self.sig.to_bytes(),
         };
         let mut cache = cache;
-        if let Some(c) = cache.as_deref_mut() {
-            if c.set.contains(&key) {
-                c.hits += 1;
-                return Ok(SenderId(self.sender));
-            }
+        let hit = match &mut cache {
+            RootCache::None => false,
+            RootCache::Own(c) => c.hit(&key),
+            // The lock is held for the lookup only, never across the verification.
+            RootCache::Shared(c) => c.lock().hit(&key),
+        };
+        if hit {
+            return Ok(SenderId(self.sender));
         }
         let m = batch_sig_input(tree_id, epoch, self.count, &root);
         self.sender
             .verify_strict(&m, &self.sig)
             .map_err(|_| BodyError::BadSignature)?;
-        if let Some(c) = cache {
-            c.insert(key);
+        match cache {
+            RootCache::None => {}
+            RootCache::Own(c) => c.insert(key),
+            RootCache::Shared(c) => c.lock().insert(key),
         }
         Ok(SenderId(self.sender))
     }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct RootKey {
+pub(crate) struct RootKey {
     sender: [u8; 32],
     tree: [u8; 16],
     epoch: u64,
@@ -316,8 +359,59 @@ struct RootKey {
 pub struct VerifiedRoots {
     cap: usize,
     set: HashSet<RootKey>,
-    order: VecDeque<RootKey>,
+    pub(crate) order: VecDeque<RootKey>,
     hits: u64,
+    raced: u64,
+}
+
+/// Where [`BatchProof::verify_in`] looks a root up.
+pub(crate) enum RootCache<'a> {
+    None,
+    Own(&'a mut VerifiedRoots),
+    Shared(&'a SharedRoots),
+}
+
+/// A [`VerifiedRoots`] shared by openers on several threads (a subscriber opening in
+/// parallel): a batch still costs one verification, except when two threads meet the same
+/// new root at once — both verify, and [`VerifiedRoots::raced`] counts the second.
+#[derive(Clone, Debug, Default)]
+pub struct SharedRoots(Arc<Mutex<VerifiedRoots>>);
+
+impl SharedRoots {
+    /// A shared cache of at most `cap` roots.
+    pub fn new(cap: usize) -> Self {
+        SharedRoots(Arc::new(Mutex::new(VerifiedRoots::new(cap))))
+    }
+    /// The cache (a poisoned lock is taken over: the set holds only verified roots).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, VerifiedRoots> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Decoded sender keys, most recent first: a subscriber meets few senders, and decoding a
+/// key (a point decompression) costs about as much as the rest of opening a 1 KiB message.
+#[derive(Debug, Default)]
+pub(crate) struct SenderKeys {
+    keys: VecDeque<([u8; 32], VerifyingKey)>,
+}
+
+impl SenderKeys {
+    const CAP: usize = 16;
+    /// The key `pk` encodes (`None`: not a valid point).
+    pub(crate) fn decode(&mut self, pk: &[u8; 32]) -> Option<VerifyingKey> {
+        if let Some(i) = self.keys.iter().position(|(b, _)| b == pk) {
+            let k = self.keys[i].1;
+            if i > 0 {
+                let e = self.keys.remove(i).expect("present");
+                self.keys.push_front(e);
+            }
+            return Some(k);
+        }
+        let k = VerifyingKey::from_bytes(pk).ok()?;
+        self.keys.push_front((*pk, k));
+        self.keys.truncate(Self::CAP);
+        Some(k)
+    }
 }
 
 impl fmt::Debug for VerifiedRoots {
@@ -347,6 +441,7 @@ impl VerifiedRoots {
             set: HashSet::new(),
             order: VecDeque::new(),
             hits: 0,
+            raced: 0,
         }
     }
     /// Roots held.
@@ -361,13 +456,28 @@ impl VerifiedRoots {
     pub fn hits(&self) -> u64 {
         self.hits
     }
+    /// Roots verified twice because two openers met them at once (shared cache only).
+    pub fn raced(&self) -> u64 {
+        self.raced
+    }
+    fn hit(&mut self, k: &RootKey) -> bool {
+        let hit = self.set.contains(k);
+        if hit {
+            self.hits += 1;
+        }
+        hit
+    }
     /// Forgets every root.
     pub fn clear(&mut self) {
         self.set.clear();
         self.order.clear();
     }
-    fn insert(&mut self, k: RootKey) {
-        if self.cap == 0 || !self.set.insert(k) {
+    pub(crate) fn insert(&mut self, k: RootKey) {
+        if self.cap == 0 {
+            return;
+        }
+        if !self.set.insert(k) {
+            self.raced += 1;
             return;
         }
         self.order.push_back(k);

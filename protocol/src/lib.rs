@@ -67,7 +67,7 @@ pub mod topic;
 pub mod tree;
 
 #[cfg(feature = "keys")]
-pub use batch::{BatchPolicy, BatchProof, BatchSigner, VerifiedRoots};
+pub use batch::{BatchPolicy, BatchProof, BatchSigner, SharedRoots, VerifiedRoots};
 #[cfg(feature = "keys")]
 pub use error_keys::{BodyError, InviteError, KeyError, OpenError, SealError};
 #[cfg(feature = "keys")]

@@ -24,7 +24,9 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::aead::{open_detached, seal_detached, suite_parts};
-use crate::batch::{BatchPolicy, BatchProof, BatchSigner, VerifiedRoots};
+use crate::batch::{
+    BatchPolicy, BatchProof, BatchSigner, RootCache, SenderKeys, SharedRoots, VerifiedRoots,
+};
 use crate::compress::{decompress_with, lz4_compress, CODEC_LZ4, CODEC_NONE, CODEC_ZSTD};
 use crate::envelope_header::{
     Envelope, HeaderFields, Suite, COMMIT_LEN, NAME_PAD, NONCE_LEN, TAG_LEN,
@@ -678,6 +680,7 @@ pub struct Opener {
     zstd: zstd::bulk::Decompressor<'static>,
     max_payload: usize,
     roots: VerifiedRoots,
+    keys: SenderKeys,
 }
 
 impl fmt::Debug for Opener {
@@ -712,7 +715,12 @@ struct Body<'a> {
 }
 
 fn parse_body(b: &[u8]) -> Result<Body<'_>, BodyError> {
+    parse_body_with(b, None)
+}
+
+fn parse_body_with<'b>(b: &'b [u8], keys: Option<&mut SenderKeys>) -> Result<Body<'b>, BodyError> {
     const M: BodyError = BodyError::Malformed;
+    let mut keys = keys;
     let (&scheme, mut rest) = b.split_first().ok_or(M)?;
     let sender = match SignatureScheme::from_byte(scheme)
         .map_err(|_| BodyError::UnsupportedScheme(scheme))?
@@ -722,13 +730,18 @@ fn parse_body(b: &[u8]) -> Result<Body<'_>, BodyError> {
             if rest.len() < 96 {
                 return Err(M);
             }
-            let pk = VerifyingKey::from_bytes(rest[..32].try_into().expect("32")).map_err(|_| M)?;
+            let pk: &[u8; 32] = rest[..32].try_into().expect("32");
+            let pk = match keys.as_deref_mut() {
+                Some(k) => k.decode(pk),
+                None => VerifyingKey::from_bytes(pk).ok(),
+            }
+            .ok_or(M)?;
             let sig = Signature::from_bytes(rest[32..96].try_into().expect("64"));
             rest = &rest[96..];
             SenderProof::Ed25519(pk, sig)
         }
         SignatureScheme::Batch => {
-            let (p, r) = BatchProof::parse(rest)?;
+            let (p, r) = BatchProof::parse_with(rest, keys)?;
             rest = r;
             SenderProof::Batch(p)
         }
@@ -780,7 +793,7 @@ fn verify_sender(
     tree_id: &TreeId,
     epoch: u64,
     topic: &str,
-    cache: Option<&mut VerifiedRoots>,
+    cache: RootCache<'_>,
 ) -> Result<Option<SenderId>, BodyError> {
     let input = || {
         sig_input(
@@ -802,7 +815,7 @@ fn verify_sender(
                 .map_err(|_| BodyError::BadSignature)?;
             Ok(Some(SenderId(*pk)))
         }
-        SenderProof::Batch(p) => p.verify(tree_id, epoch, &input(), cache).map(Some),
+        SenderProof::Batch(p) => p.verify_in(tree_id, epoch, &input(), cache).map(Some),
     }
 }
 
@@ -817,7 +830,7 @@ pub fn check_body(
     body: &[u8],
 ) -> Result<Option<SenderId>, BodyError> {
     let b = parse_body(body)?;
-    verify_sender(&b, tree_id, epoch, topic.as_str(), None)
+    verify_sender(&b, tree_id, epoch, topic.as_str(), RootCache::None)
 }
 
 impl Opener {
@@ -832,6 +845,7 @@ impl Opener {
             zstd: zstd::bulk::Decompressor::new().expect("zstd context"),
             max_payload: max,
             roots: VerifiedRoots::default(),
+            keys: SenderKeys::default(),
         }
     }
 
@@ -867,6 +881,31 @@ impl Opener {
         env: &Envelope,
         now_ms: u64,
         live: bool,
+    ) -> Result<Opened, OpenError> {
+        self.open_in(keyring, env, now_ms, live, None)
+    }
+
+    /// [`Opener::open_with`], looking batch roots up in `roots` (shared with openers on
+    /// other threads) instead of this opener's own cache: a subscriber that opens on
+    /// several threads still verifies each batch signature once.
+    pub fn open_shared(
+        &mut self,
+        keyring: &Keyring,
+        env: &Envelope,
+        now_ms: u64,
+        live: bool,
+        roots: &SharedRoots,
+    ) -> Result<Opened, OpenError> {
+        self.open_in(keyring, env, now_ms, live, Some(roots))
+    }
+
+    fn open_in(
+        &mut self,
+        keyring: &Keyring,
+        env: &Envelope,
+        now_ms: u64,
+        live: bool,
+        shared: Option<&SharedRoots>,
     ) -> Result<Opened, OpenError> {
         // 1. The key id names a tree and epoch we hold (its dates are checked below).
         if env.flags() != 0 {
@@ -913,7 +952,7 @@ impl Opener {
         let (ct, tag) = ctext.split_at(ctext.len() - TAG_LEN);
         let mut body = Zeroizing::new(ct.to_vec());
         open_detached(suite, &body_key, nonce, env.header(), &mut body, tag)?;
-        let b = parse_body(&body).map_err(|_| OpenError)?;
+        let b = parse_body_with(&body, Some(&mut self.keys)).map_err(|_| OpenError)?;
         // The epoch accepts a message of this date (cutoff, not_after, live grace).
         if !keyring.accepts_message(&env.key_id(), b.ts_ms, now_ms, live) {
             return Err(OpenError);
@@ -925,7 +964,10 @@ impl Opener {
             &keys.tree_id(),
             keys.epoch(),
             topic.as_str(),
-            Some(&mut self.roots),
+            match shared {
+                Some(s) => RootCache::Shared(s),
+                None => RootCache::Own(&mut self.roots),
+            },
         )
         .map_err(|_| OpenError)?;
 
@@ -1301,6 +1343,67 @@ mod tests {
         b.extend_from_slice(&tag);
         let e = Envelope::from_slice(&b).unwrap();
         assert_eq!(opener.open(&kr, &e, 0), Err(OpenError));
+    }
+
+    #[test]
+    fn shared_roots_one_verification_across_openers_and_races_counted() {
+        let (mut rng, _tk, kr, id) = setup();
+        let mut sealer = Sealer::new();
+        let key = kr.topic_key(&Topic::new("s/t").unwrap()).unwrap();
+        let prepared: Vec<Prepared> = (0..6u8)
+            .map(|i| {
+                sealer
+                    .prepare(&key, &msg(&[i]), &SealOptions::default())
+                    .unwrap()
+            })
+            .collect();
+        let envs = sealer.seal_batch(&prepared, &id, &mut rng).unwrap();
+        let shared = SharedRoots::new(16);
+        // Two openers (two worker threads) take turns: one verification for the batch.
+        let (mut a, mut b) = (Opener::new(), Opener::new());
+        for (i, e) in envs.iter().enumerate() {
+            let o = if i % 2 == 0 { &mut a } else { &mut b };
+            let opened = o.open_shared(&kr, e, 0, true, &shared).unwrap();
+            assert_eq!(opened.payload, [i as u8]);
+            assert_eq!(opened.sender, Some(id.sender_id()));
+        }
+        assert_eq!(shared.lock().len(), 1);
+        assert_eq!(shared.lock().hits(), 5);
+        assert_eq!(a.verified_roots().hits(), 0, "the own cache is not used");
+        // Two openers that both missed the new root (racing) verify twice: counted.
+        let fresh = SharedRoots::new(16);
+        let root = |e: &Envelope| {
+            let mut o = Opener::new();
+            o.open(&kr, e, 0).unwrap();
+            o.roots.order[0]
+        };
+        let k = root(&envs[0]);
+        fresh.lock().insert(k);
+        fresh.lock().insert(k);
+        let f = fresh.lock();
+        assert_eq!((f.len(), f.raced()), (1, 1));
+    }
+
+    #[test]
+    fn sender_keys_cached_decode_like_fresh_ones() {
+        let (_, _, _, id) = setup();
+        let mut keys = SenderKeys::default();
+        let pk = id.sender_id().to_bytes();
+        assert_eq!(
+            keys.decode(&pk),
+            Some(VerifyingKey::from_bytes(&pk).unwrap())
+        );
+        assert_eq!(
+            keys.decode(&pk),
+            Some(VerifyingKey::from_bytes(&pk).unwrap())
+        );
+        // Not a point: refused, and not remembered.
+        let mut bad = [0u8; 32];
+        bad[0] = 2;
+        bad[31] = 0x80;
+        if VerifyingKey::from_bytes(&bad).is_err() {
+            assert_eq!(keys.decode(&bad), None);
+        }
     }
 
     #[test]

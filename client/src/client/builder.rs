@@ -92,6 +92,9 @@ impl ClientBuilder {
                     k
                 }
             }),
+            // More than one core: envelopes open on the worker threads (`pool`), in relay
+            // order; one core gains nothing from the hand-off, so it opens inline.
+            open_ahead: open_ahead(),
             ..EngineConfig::default()
         };
         // Publishes a previous run kept but never saw acknowledged: re-sent first.
@@ -183,5 +186,22 @@ impl Client {
         }
         .connect()
         .await
+    }
+}
+
+/// How many frames a subscriber may park while their envelopes open on the worker threads
+/// (`EngineConfig::open_ahead`): 0 (inline) on one core, else 256. `WHISPEER_OPEN_AHEAD`
+/// overrides it (0 opens inline; for measuring).
+fn open_ahead() -> usize {
+    if let Some(n) = std::env::var("WHISPEER_OPEN_AHEAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return n;
+    }
+    if super::pool::cores() > 1 {
+        256
+    } else {
+        0
     }
 }

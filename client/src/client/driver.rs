@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::pool;
 use super::shared::{
     now_ms, AckReply, Backlog, ClientStats, Command, ConnectionState, FlushReply, Item, Outbound,
     SubReady,
@@ -23,6 +24,7 @@ use crate::core::batching::PublishBatch;
 use crate::core::connection::{
     AckToken, ConnId, Disconnect, Engine, Event, FlushId, Now, PublishFailure, PublishId, Transmit,
 };
+use crate::core::jobs::OpenDone;
 use crate::core::{LocalSubId, Received};
 use crate::error::{ConnectError, FlushError, PublishError};
 use crate::plugin::{Plugins, Verdict};
@@ -102,6 +104,9 @@ pub(super) struct Driver {
     /// Backlog bytes of publishes handed to the engine, released once it is drained.
     unwritten: usize,
     batching: Option<Batching>,
+    /// Open jobs' results from the worker threads (deferred opening).
+    opened_tx: mpsc::UnboundedSender<OpenDone>,
+    opened_rx: mpsc::UnboundedReceiver<OpenDone>,
 }
 
 impl Driver {
@@ -113,8 +118,11 @@ impl Driver {
             signer,
             sealer: whispeer_protocol::Sealer::new(),
         });
+        let (opened_tx, opened_rx) = mpsc::unbounded_channel();
         Driver {
             batching,
+            opened_tx,
+            opened_rx,
             p,
             first: Some(first),
             sinks: BTreeMap::new(),
@@ -151,7 +159,9 @@ impl Driver {
         }
         let sealed = b
             .batch
-            .seal_all(&mut b.sealer, &b.signer, &mut rand_core::OsRng);
+            // A user-space CSPRNG (ChaCha12, reseeded from the OS): salts and nonces for a
+            // whole batch without a `getrandom` system call each.
+            .seal_all(&mut b.sealer, &b.signer, &mut rand::thread_rng());
         for (env, (opts, reply, reserved)) in sealed {
             match env {
                 Ok(env) => self.publish_sealed(env, opts, reply, reserved),
@@ -218,8 +228,10 @@ impl Driver {
         let batch_sleep = tokio::time::sleep_until(far);
         tokio::pin!(batch_sleep);
         loop {
-            // 0. Publishes prepared for a batch signature: signed and sealed once due.
+            // 0. Publishes prepared for a batch signature: signed and sealed once due;
+            //    envelopes to open go to the workers.
             self.seal_batch(false);
+            self.dispatch_jobs();
             // 1. Transmit (acks released by the events below come back round here).
             self.transmit().await;
             // 2. Events (counters current before the app sees a message); then anything
@@ -242,7 +254,8 @@ impl Driver {
             }
             tokio::select! {
                 _ = &mut batch_sleep, if batch_due.is_some() => self.seal_batch(true),
-                inc = recv(&mut self.conn) => self.on_incoming(inc),
+                inc = recv(&mut self.conn), if self.p.eng.wants_read() => self.on_incoming(inc),
+                Some(done) = self.opened_rx.recv() => self.on_opened(done),
                 d = dialed(&mut self.dialing) => self.on_dialed(d),
                 cmd = self.p.cmd_rx.recv() => match cmd {
                     Some(cmd) => {
@@ -269,6 +282,24 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Hands the engine's open jobs to the worker threads.
+    fn dispatch_jobs(&mut self) {
+        while let Some(job) = self.p.eng.poll_open_job() {
+            pool::open(job, &self.opened_tx);
+        }
+    }
+
+    /// Open jobs finished (in any order): the engine releases what is complete in relay
+    /// order.
+    fn on_opened(&mut self, first: OpenDone) {
+        let now = self.now();
+        self.p.eng.handle_opened(first, now);
+        while let Ok(done) = self.opened_rx.try_recv() {
+            self.p.eng.handle_opened(done, now);
+        }
+        self.persist_changes();
     }
 
     /// Writes, dials and hangs up as the engine says.
@@ -357,7 +388,7 @@ impl Driver {
                 Some(Incoming::Closed(why)) => return self.lost(why),
                 None => return self.lost("reader stopped".into()),
             }
-            if n + 1 == READ_BATCH {
+            if n + 1 == READ_BATCH || !self.p.eng.wants_read() {
                 break; // the rest waits for the next turn, still queued
             }
             match self.conn.as_mut().map(|c| c.incoming.try_recv()) {

@@ -7,7 +7,6 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rand::rngs::OsRng;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -135,6 +134,8 @@ impl Client {
     }
 
     /// Seals a publish whole, or — when batch-signing — prepares it for the driver's batch.
+    /// Message ids and nonces come from the thread's CSPRNG (ChaCha12 reseeded from the OS),
+    /// not a `getrandom` system call per message.
     fn seal(
         &self,
         tree: Option<whispeer_protocol::TreeId>,
@@ -155,7 +156,7 @@ impl Client {
                     content_type,
                     payload,
                     now_ms(),
-                    &mut OsRng,
+                    &mut rand::thread_rng(),
                 )
                 .map(|(p, _)| Outbound::Prepared(Box::new(p)))
             } else {
@@ -169,7 +170,7 @@ impl Client {
                     content_type,
                     payload,
                     now_ms(),
-                    &mut OsRng,
+                    &mut rand::thread_rng(),
                 )
                 .map(|(env, _)| Outbound::Sealed(env))
             }

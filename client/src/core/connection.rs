@@ -26,7 +26,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use whispeer_protocol::frame::{self, Ack, Close, ErrFrame, Msg, Ping, Pong, Unsub};
-use whispeer_protocol::{Envelope, ErrorCode, Frame, Keyring, Qos, TopicFilter};
+use whispeer_protocol::{Envelope, ErrorCode, Frame, Keyring, OpenError, Opened, Qos, TopicFilter};
 
 pub use auth::AccountAuth;
 pub use rng::{Backoff, SeededRng};
@@ -36,6 +36,7 @@ pub use types::{
 };
 
 use super::acks::AckQueue;
+use super::jobs::{OpenDone, OpenJob};
 use super::{ClientCore, Delivery, LocalSubId, SeqSpace, SubscribeOptions};
 use crate::error::{PublishError, SubscribeError};
 use outbox::Outbox;
@@ -78,6 +79,25 @@ struct SubState {
     waiting: Option<BTreeSet<u64>>,
 }
 
+/// A frame of the live socket waiting for the opens before it (deferred opening).
+#[derive(Debug)]
+enum Parked {
+    /// A `Msg` whose envelope an [`OpenJob`] is opening (`None` until it answers).
+    Msg(Box<Msg>, Option<Box<Result<Opened, OpenError>>>),
+    /// Any other frame: handled once everything before it is.
+    Frame(Frame),
+}
+
+/// Deferred opening: the live socket's frames in arrival order from the first one still
+/// waiting for its open, keyed by arrival number (a `Msg`'s number is its job id), and the
+/// jobs not yet taken by the driver.
+#[derive(Debug, Default)]
+struct Parking {
+    frames: BTreeMap<u64, Parked>,
+    jobs: VecDeque<OpenJob>,
+    next: u64,
+}
+
 /// The connection engine. See the module documentation.
 #[derive(Debug)]
 pub struct Engine {
@@ -106,6 +126,8 @@ pub struct Engine {
     /// Kept publishes the relay refused with a retryable code: retries so far, and when the
     /// next re-send is due (`None`: sent again, waiting for the answer).
     retries: BTreeMap<PublishId, (u32, Option<u64>)>,
+    /// Frames waiting for their (or earlier) envelopes to open (`open_ahead > 0`).
+    parked: Parking,
 }
 
 impl Engine {
@@ -145,6 +167,7 @@ impl Engine {
             next_nonce: 1,
             stats: EngineStats::default(),
             retries: BTreeMap::new(),
+            parked: Parking::default(),
         };
         e.dial(now.mono_ms);
         e.sync_unacked();
@@ -268,7 +291,11 @@ impl Engine {
     pub fn handle_disconnected(&mut self, c: ConnId, why: &str, now: Now) {
         let mono = self.clamp(now);
         if self.conn() == Some(c) {
-            self.lose(Disconnect::Transport(why.to_owned()), false, mono);
+            // What arrived before the socket closed is handled first, as inline.
+            self.open_parked_inline(now);
+            if self.conn() == Some(c) {
+                self.lose(Disconnect::Transport(why.to_owned()), false, mono);
+            }
         }
     }
 
@@ -295,7 +322,13 @@ impl Engine {
                 if let Phase::Live { unanswered, .. } = &mut self.phase {
                     *unanswered = 0; // the relay is alive
                 }
-                self.live_frame(f, mono, now);
+                if self.cfg.open_ahead > 0
+                    && (matches!(f, Frame::Msg(_)) || !self.parked.frames.is_empty())
+                {
+                    self.park(f, now);
+                } else {
+                    self.live_frame(f, mono, now);
+                }
             }
             _ => {}
         }
@@ -323,7 +356,10 @@ impl Engine {
                 self.resend_due(mono);
                 if mono >= ping_at {
                     if unanswered >= self.cfg.max_unanswered_pings {
-                        self.lose(Disconnect::HeartbeatTimeout, true, mono);
+                        self.open_parked_inline(now);
+                        if self.is_live() {
+                            self.lose(Disconnect::HeartbeatTimeout, true, mono);
+                        }
                         return;
                     }
                     self.send(Frame::Ping(Ping { nonce: 0 }));
@@ -375,6 +411,35 @@ impl Engine {
     /// The next event for the app.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// The next envelope to open elsewhere (deferred opening, `open_ahead > 0`): run it
+    /// ([`OpenJob::run`], any thread) and hand the result to [`Engine::handle_opened`].
+    pub fn poll_open_job(&mut self) -> Option<OpenJob> {
+        self.parked.jobs.pop_front()
+    }
+
+    /// Whether the driver should read more frames: false while `open_ahead` frames wait
+    /// for their opens (like rustls's `wants_read`), so parked work stays bounded.
+    pub fn wants_read(&self) -> bool {
+        self.cfg.open_ahead == 0 || self.parked.frames.len() < self.cfg.open_ahead
+    }
+
+    /// Envelopes handed out as [`OpenJob`]s and not answered yet, parked frames behind them
+    /// included.
+    pub fn parked(&self) -> usize {
+        self.parked.frames.len()
+    }
+
+    /// An [`OpenJob`] finished, in any order: the frames before the first still unopened
+    /// one are handled now, in relay order. A result for a frame no longer parked (opened
+    /// inline at a disconnect, or of a socket gone) is ignored.
+    pub fn handle_opened(&mut self, done: OpenDone, now: Now) {
+        self.clamp(now);
+        if let Some(Parked::Msg(_, slot @ None)) = self.parked.frames.get_mut(&done.id) {
+            *slot = Some(Box::new(done.result));
+            self.release_parked(now);
+        }
     }
 
     // ---- commands ----------------------------------------------------------------------
@@ -549,6 +614,8 @@ impl Engine {
     /// [`Event::Closed`].
     pub fn close(&mut self, now: Now) {
         self.clamp(now);
+        // Frames that arrived before the close are handled first, as inline.
+        self.open_parked_inline(now);
         match self.phase {
             Phase::Live { conn, .. } | Phase::Handshaking { conn, .. } => {
                 self.send_acks(true);
@@ -566,6 +633,85 @@ impl Engine {
     }
 
     // ---- internals ---------------------------------------------------------------------
+
+    /// Parks a frame of the live socket: a `Msg` becomes an [`OpenJob`]; anything else
+    /// waits behind the opens before it.
+    fn park(&mut self, f: Frame, now: Now) {
+        let id = self.parked.next;
+        self.parked.next += 1;
+        match f {
+            Frame::Msg(m) => {
+                let kr = self.core.keyring().clone();
+                let roots = self.core.roots().clone();
+                let job = OpenJob::new(id, &m, now.unix_ms, kr, roots);
+                self.parked.jobs.push_back(job);
+                self.parked
+                    .frames
+                    .insert(id, Parked::Msg(Box::new(m), None));
+            }
+            f => {
+                self.parked.frames.insert(id, Parked::Frame(f));
+                self.release_parked(now);
+            }
+        }
+    }
+
+    /// Handles the parked frames up to the first envelope still being opened.
+    fn release_parked(&mut self, now: Now) {
+        loop {
+            match self.parked.frames.first_key_value() {
+                None | Some((_, Parked::Msg(_, None))) => return,
+                Some(_) => {}
+            }
+            let Some((_, p)) = self.parked.frames.pop_first() else {
+                return;
+            };
+            let live = self.is_live();
+            match p {
+                Parked::Msg(m, Some(opened)) if live => self.on_msg_opened(&m, *opened, now),
+                Parked::Frame(f) if live => self.live_frame(f, self.last_mono, now),
+                _ => {}
+            }
+            if !self.is_live() {
+                // The frame ended the connection: what came after it is never handled
+                // (as inline, where frames of a socket gone are ignored).
+                self.clear_parked();
+                return;
+            }
+        }
+    }
+
+    /// Opens every parked envelope here, then handles the parked frames: before a
+    /// disconnect or a close, what arrived is handled as it would have been inline.
+    fn open_parked_inline(&mut self, now: Now) {
+        if self.parked.frames.is_empty() {
+            return;
+        }
+        self.parked.jobs.clear();
+        let ids: Vec<u64> = self
+            .parked
+            .frames
+            .iter()
+            .filter(|(_, p)| matches!(p, Parked::Msg(_, None)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let opened = match self.parked.frames.get(&id) {
+                Some(Parked::Msg(m, None)) => self.core.open(m, now.unix_ms),
+                _ => continue,
+            };
+            if let Some(Parked::Msg(_, slot)) = self.parked.frames.get_mut(&id) {
+                *slot = Some(Box::new(opened));
+            }
+        }
+        self.release_parked(now);
+    }
+
+    /// Forgets every parked frame and job (their socket is gone); late results are ignored.
+    fn clear_parked(&mut self) {
+        self.parked.frames.clear();
+        self.parked.jobs.clear();
+    }
 
     fn handshake_frame(&mut self, f: Frame, mono: u64, now: Now) {
         match f {
@@ -786,6 +932,12 @@ impl Engine {
     /// for an at-least-once subscription takes a slot of the ack queue, so acks leave in
     /// relay order whatever became of the envelope.
     fn on_msg(&mut self, m: &Msg, now: Now) {
+        let opened = self.core.open(m, now.unix_ms);
+        self.on_msg_opened(m, opened, now);
+    }
+
+    /// [`Engine::on_msg`] for an envelope opened already (inline or by an [`OpenJob`]).
+    fn on_msg_opened(&mut self, m: &Msg, opened: Result<Opened, OpenError>, now: Now) {
         let subs = &self.subs;
         let room = |id: LocalSubId| subs.get(&id).is_some_and(|s| s.outstanding < s.capacity);
         let routed = if m.seq > 0 {
@@ -793,7 +945,7 @@ impl Engine {
         } else {
             Vec::new()
         };
-        let delivery = self.core.receive_with(m, now.unix_ms, &room);
+        let delivery = self.core.receive_opened(m, opened, now.unix_ms, &room);
         let (msg, targets) = match delivery {
             Delivery::Deliver {
                 msg,
@@ -883,6 +1035,7 @@ impl Engine {
     /// engine backs off, or gives up.
     fn lose(&mut self, reason: Disconnect, hangup: bool, mono: u64) {
         let Some(conn) = self.conn() else { return };
+        self.clear_parked();
         for pid in self.out.lost() {
             let reason = PublishFailure::NotAcknowledged;
             self.emit(Event::PublishFailed { pid, reason });
@@ -940,6 +1093,7 @@ impl Engine {
     /// Closed for good: everything still waiting fails.
     fn shut(&mut self) {
         self.phase = Phase::Closed;
+        self.clear_parked();
         self.acks.clear();
         self.ack_at = None;
         self.retries.clear();

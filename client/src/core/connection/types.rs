@@ -391,6 +391,11 @@ pub struct EngineConfig {
     /// after the reconnect backoff's delay for each retry, before it fails with the relay's
     /// code. 0: it fails at once.
     pub publish_retries: u32,
+    /// Deferred opening (`core::jobs`): most frames of the current socket parked while
+    /// their envelopes are opened by [`OpenJob`](crate::core::jobs::OpenJob)s the driver
+    /// runs elsewhere; `wants_read()` is false at the cap. 0 (the default, and always in
+    /// the wasm client): every envelope opens inline in `handle_frame`.
+    pub open_ahead: usize,
 }
 
 impl Default for EngineConfig {
@@ -412,6 +417,7 @@ impl Default for EngineConfig {
             owner_key: None,
             restored: Vec::new(),
             publish_retries: 8,
+            open_ahead: 0,
         }
     }
 }

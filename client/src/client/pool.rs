@@ -1,0 +1,76 @@
+//! The worker threads that run the engine's jobs (`core::jobs`) off the connection task:
+//! one pool per process, one thread per core (at most [`MAX_WORKERS`]), shared by every
+//! client, so a subscriber opens on every core while its driver only moves frames.
+//!
+//! Plain `std::thread`s over one job queue rather than `spawn_blocking`: a job is a few
+//! microseconds, far below what a blocking-pool hand-off costs, and the threads keep their
+//! per-thread state (an `Opener`'s zstd context and decoded sender keys) warm. The queue is
+//! bounded by the engines (`open_ahead` jobs per client at most), not here.
+
+use std::cell::RefCell;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::sync::mpsc::UnboundedSender;
+use whispeer_protocol::Opener;
+
+use crate::core::jobs::{OpenDone, OpenJob};
+
+/// Most worker threads, whatever the core count.
+pub(super) const MAX_WORKERS: usize = 8;
+
+type Task = Box<dyn FnOnce() + Send>;
+
+thread_local! {
+    static OPENER: RefCell<Opener> = RefCell::new(Opener::new());
+}
+
+/// Cores available to this process (1 when unknown).
+pub(super) fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn queue() -> &'static Mutex<Sender<Task>> {
+    static POOL: OnceLock<Mutex<Sender<Task>>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = channel::<Task>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..cores().clamp(1, MAX_WORKERS) {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("whispeer-open-{i}"))
+                .spawn(move || work(&rx));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a worker thread");
+            }
+        }
+        Mutex::new(tx)
+    })
+}
+
+fn work(rx: &Mutex<Receiver<Task>>) {
+    loop {
+        let task = {
+            let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+            rx.recv()
+        };
+        match task {
+            Ok(t) => t(),
+            Err(_) => return,
+        }
+    }
+}
+
+/// Opens `job` on a worker and sends the result to `done` (the driver's channel). Without
+/// a worker (none could start) it opens here.
+pub(super) fn open(job: OpenJob, done: &UnboundedSender<OpenDone>) {
+    let tx = done.clone();
+    let task: Task = Box::new(move || {
+        let r = OPENER.with(|o| job.run(&mut o.borrow_mut()));
+        let _ = tx.send(r);
+    });
+    let sent = queue().lock().unwrap_or_else(|p| p.into_inner()).send(task);
+    if let Err(e) = sent {
+        (e.0)();
+    }
+}
