@@ -64,16 +64,28 @@ impl NatsNode {
 
     /// Waits for a log line containing `needle`; panics on timeout or exit.
     pub fn wait_log(&self, needle: &str, deadline: Instant) -> String {
+        self.try_wait_log(needle, deadline)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`wait_log`](Self::wait_log) returning the failure instead of panicking.
+    pub fn try_wait_log(&self, needle: &str, deadline: Instant) -> Result<String, String> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.log.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
+                Ok(line) if line.contains(needle) => return Ok(line),
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!("nats-server {} logged no {needle:?} in time", self.name)
+                    return Err(format!(
+                        "nats-server {} logged no {needle:?} in time",
+                        self.name
+                    ))
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    panic!("nats-server {} exited before logging {needle:?}", self.name)
+                    return Err(format!(
+                        "nats-server {} exited before logging {needle:?}",
+                        self.name
+                    ))
                 }
             }
         }
@@ -95,8 +107,26 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts `n` nodes and waits until each is ready and the cluster has a JetStream
     /// metadata leader. `None` when nats-server is not installed.
+    ///
+    /// Ports are picked free and released before nats-server binds them, so a parallel test
+    /// can take one in between (the node exits): the whole cluster is started again on
+    /// fresh ports, up to three times.
     pub fn start(n: usize) -> Option<Self> {
         let bin = nats_server_bin()?;
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start(&bin, n) {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    eprintln!("nats cluster start failed, retrying on fresh ports: {e}");
+                    last = e;
+                }
+            }
+        }
+        panic!("nats cluster did not start: {last}");
+    }
+
+    fn try_start(bin: &std::path::Path, n: usize) -> Result<Self, String> {
         let dir = temp_dir("nats");
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let routes = ports
@@ -119,7 +149,7 @@ impl NatsCluster {
                 ),
             )
             .expect("write nats config");
-            let mut child = Command::new(&bin)
+            let mut child = Command::new(bin)
                 .arg("-c")
                 .arg(&conf)
                 .stdin(Stdio::null())
@@ -149,16 +179,18 @@ impl NatsCluster {
                 log: rx,
             });
         }
+        // From here a failure drops `cluster`, which kills the nodes and removes the dir.
+        let cluster = Self { nodes, dir };
         let deadline = Instant::now() + TIMEOUT;
-        for node in &nodes {
-            node.wait_log("Server is ready", deadline);
+        for node in &cluster.nodes {
+            node.try_wait_log("Server is ready", deadline)?;
         }
-        for node in &nodes {
+        for node in &cluster.nodes {
             // "JetStream cluster new metadata leader: …", or "Self is new JetStream cluster
             // metadata leader" on the leader itself.
-            node.wait_log("metadata leader", deadline);
+            node.try_wait_log("metadata leader", deadline)?;
         }
-        Some(Self { nodes, dir })
+        Ok(cluster)
     }
 
     /// Every node's URL, comma separated (what `--cluster` takes).
