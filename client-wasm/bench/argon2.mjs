@@ -4,13 +4,8 @@
 // as much memory-hard work as a browser tab tolerates on a 2-core machine.
 //   node bench/argon2.mjs [--no-browser] [--runs 3]
 // Needs the built package (npm run build) and, for the browser column, /usr/bin/chromium.
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { TreeKey } from '../js/index.node.js';
 
-const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const args = process.argv.slice(2);
 const runs = Number(args[args.indexOf('--runs') + 1] || 3) || 3;
 const browser = !args.includes('--no-browser');
@@ -42,20 +37,10 @@ function measure(Tree, memoryKiB, iterations) {
 const rows = choices.map(([m, t]) => ({ m, t, node: measure(TreeKey, m, t), chromium: null }));
 
 if (browser) {
-  const { chromium } = await import('playwright-core');
-  const { startServer } = await import('../scripts/serve.mjs');
-  const server = await startServer({ root });
-  const profile = mkdtempSync(join(tmpdir(), 'whispeer-argon2-'));
-  const context = await chromium.launchPersistentContext(profile, {
-    executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
-    headless: true,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  const { startChromium } = await import('../test/shared/chromium.js');
+  const browser = await startChromium();
   try {
-    const page = await context.newPage();
-    await page.goto(`${server.url}/test/browser/page.html`);
-    await page.waitForFunction(() => window.pageReady === true);
+    const page = await browser.testPage();
     for (const r of rows) {
       r.chromium = await page.evaluate(({ m, t, runs }) => {
         const ms = [];
@@ -69,9 +54,7 @@ if (browser) {
       }, { m: r.m, t: r.t, runs });
     }
   } finally {
-    await context.close();
-    await server.close();
-    rmSync(profile, { recursive: true, force: true });
+    await browser.close();
   }
 }
 

@@ -5,8 +5,7 @@
 // (same payload, same modes, same Padmé padding). Chromium is /usr/bin/chromium
 // (CHROMIUM_PATH) driven by playwright-core, as in the browser tests.
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync } from 'node:fs';
 import { gzipSync } from 'node:zlib';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -74,25 +73,13 @@ const node = measureAll({ size });
 let chromium = [];
 if (!args.includes('--no-browser')) {
   try {
-    const { chromium: browserType } = await import('playwright-core');
-    const { startServer } = await import('../scripts/serve.mjs');
-    const server = await startServer({ root });
-    const profile = mkdtempSync(join(tmpdir(), 'whispeer-seal-open-'));
-    const context = await browserType.launchPersistentContext(profile, {
-      executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
-      headless: true,
-      args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-        '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    });
+    const { startChromium } = await import('../test/shared/chromium.js');
+    const browser = await startChromium();
     try {
-      const page = await context.newPage();
-      await page.goto(`${server.url}/test/browser/page.html`);
-      await page.waitForFunction(() => window.pageReady === true);
+      const page = await browser.testPage();
       chromium = await page.evaluate(measureAll, { size });
     } finally {
-      await context.close();
-      await server.close();
-      rmSync(profile, { recursive: true, force: true });
+      await browser.close();
     }
   } catch (e) {
     console.error(`Chromium run failed: ${e.message}`);

@@ -1159,20 +1159,14 @@ fn bench_runs_the_same_load_through_nats_and_prints_the_ratio() {
         return;
     };
     let relay = start_relay_binary(&[]);
-    let out = ok(run(&[
-        "bench",
-        "--relay",
-        &relay.tcp_url(),
-        "--nats",
-        &nats.url,
-        "--msgs",
-        "1000",
-        "--subs",
-        "2",
-        "--size",
-        "256",
-        "--json",
-        "--no-progress",
+    let tcp = relay.tcp_url();
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", "--relay", tcp.as_str(), "--no-progress"];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let out = ok(bench(&[
+        "--nats", &nats.url, "--msgs", "1000", "--subs", "2", "--size", "256", "--json",
     ]));
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["received"], 2000, "{out}");
@@ -1189,47 +1183,18 @@ fn bench_runs_the_same_load_through_nats_and_prints_the_ratio() {
     let expect = r["delivery_rate"].as_f64().unwrap() / n["delivery_rate"].as_f64().unwrap();
     assert!((ratio - expect).abs() <= 0.001 + expect * 0.01, "{out}");
     // Without --nats there is no NATS part.
-    let out = ok(run(&[
-        "bench",
-        "--relay",
-        &relay.tcp_url(),
-        "--msgs",
-        "10",
-        "--json",
-        "--no-progress",
-    ]));
+    let out = ok(bench(&["--msgs", "10", "--json"]));
     assert!(!out.contains("\"nats\""), "{out}");
     // Human output: NATS beside whispeer, with the ratio.
-    let out = ok(run(&[
-        "bench",
-        "--relay",
-        &relay.tcp_url(),
-        "--nats",
-        &nats.url,
-        "--msgs",
-        "200",
-        "--no-progress",
-    ]));
+    let out = ok(bench(&["--nats", &nats.url, "--msgs", "200"]));
     assert!(
         out.contains("nats (plaintext") && out.contains("whispeer/nats:"),
         "{out}"
     );
     // A URL that is not NATS is a usage error; an unreachable server a runtime one.
-    fails(
-        run(&[
-            "bench",
-            "--relay",
-            &relay.tcp_url(),
-            "--nats",
-            "ws://127.0.0.1:1",
-        ]),
-        2,
-    );
+    fails(bench(&["--nats", "ws://127.0.0.1:1"]), 2);
     let e = fails(
-        run(&[
-            "bench",
-            "--relay",
-            &relay.tcp_url(),
+        bench(&[
             "--msgs",
             "10",
             "--nats",
