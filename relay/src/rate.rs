@@ -172,6 +172,9 @@ pub(crate) struct AddrTable {
     rates: Rates,
     per_addr: usize,
     global: usize,
+    /// The global count, published on every change (sent under the state lock, so
+    /// watchers see the changes in order).
+    count: tokio::sync::watch::Sender<usize>,
 }
 
 /// Why a new connection was refused before its handshake.
@@ -190,7 +193,13 @@ impl AddrTable {
             rates,
             per_addr,
             global,
+            count: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Watches the count of connections and handshakes (see [`RelayHandle::connections`](crate::RelayHandle::connections)).
+    pub(crate) fn watch(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.count.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, AddrState> {
@@ -219,6 +228,7 @@ impl AddrTable {
         }
         e.conns += 1;
         s.total += 1;
+        self.count.send_replace(s.total);
         Ok(AddrSlot {
             table: self.clone(),
             ip,
@@ -235,6 +245,7 @@ impl AddrTable {
         let now = Instant::now();
         let mut s = self.lock();
         s.total = s.total.saturating_sub(1);
+        self.count.send_replace(s.total);
         if let Some(e) = s.by_addr.get_mut(&ip) {
             e.conns = e.conns.saturating_sub(1);
             if e.conns == 0 && e.buckets.is_full(now) {

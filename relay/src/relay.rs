@@ -636,6 +636,13 @@ impl RelayHandle {
         admin::status(&self.shared)
     }
 
+    /// The number of client connections open or in their handshake (what
+    /// `max_connections` and `max_connections_per_addr` count), as a watch: an operator's
+    /// tooling or a test waits on it (`wait_for`) instead of polling.
+    pub fn connections(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.shared.addr_table.watch()
+    }
+
     /// Asks [`Relay::run`] to shut down gracefully.
     pub fn shutdown(&self) {
         self.shared.shutdown.send_replace(true);

@@ -183,12 +183,13 @@ async fn relay_with(config: Config, store: Arc<SqliteStore>) -> TestRelay {
     )
 }
 
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Waits (bounded) until `f` holds, re-checking after each turn of the store's writer.
+async fn wait_until(store: &SqliteStore, what: &str, mut f: impl FnMut() -> bool) {
+    let mut changes = store.changes();
+    tokio::time::timeout(TIMEOUT, changes.wait_for(|_| f()))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .expect("store open");
 }
 
 const KA: [u8; 16] = [0xa1; 16];
@@ -741,7 +742,7 @@ async fn qos0_is_live_only_and_retained_values_roll_over_and_expire() {
         Frame::Msg(m) => assert_eq!(index_of(&m.envelope), 1000, "no retained value left"),
         other => panic!("unexpected {other:?}"),
     }
-    wait_until("retained values to be deleted", || {
+    wait_until(&store, "retained values to be deleted", || {
         store.status().retained == 0
     })
     .await;
@@ -1020,7 +1021,11 @@ async fn disk_full_is_refused_retryably_live_routing_goes_on_and_the_store_resum
                 assert!(code.is_retryable(), "{code:?}: {m}");
                 streak = 0;
                 assert!(Instant::now() < deadline, "the store never resumed: {m}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Retry once the store's recovery probe committed.
+                wait_until(&store, "the store to resume", || {
+                    store.status().state == "ok"
+                })
+                .await;
             }
         }
     }

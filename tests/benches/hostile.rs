@@ -21,6 +21,11 @@
 //! To find which attack hurts: `--kinds publish,sub,sink,churn` runs only those attackers
 //! (each kind is a quarter of the 100), and `--only-attack` skips scenarios 2 and 3.
 //! `HOSTILE_TCP=1` connects the honest client over TCP instead of WebSocket.
+//!
+//! The attack generator runs in this process on the same cores as the relay; its runtime
+//! threads run at nice 19 (`--attacker-nice N` to change) so it models attackers on other
+//! machines: they send as fast as the relay reads, using whatever CPU the relay and the
+//! honest client leave, but never preempt them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -65,14 +70,36 @@ fn main() {
         None => (0..KINDS.len()).collect(),
     };
     let secs = if quick { 4.0 } else { 10.0 };
+    // The attackers model clients on other machines: they may take every CPU cycle the
+    // relay and the honest client leave idle, but do not preempt them. At equal priority
+    // on this 2-core machine the attack generator itself (over a core of kernel time
+    // filling socket buffers) starves the relay and the honest client, and the figure
+    // measures the generator, not the relay. `--attacker-nice 0` restores equal priority.
+    let attacker_nice: i32 = match args.iter().position(|a| a == "--attacker-nice") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .expect("--attacker-nice takes a nice value (-20..=19)"),
+        None => 19,
+    };
     rlimit_nofile(8192);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(move || {
+            // Linux: PRIO_PROCESS of the calling thread only (the main thread, which starts
+            // the relay and the honest client, keeps its priority).
+            if let Err(e) = rustix::process::setpriority_process(None, attacker_nice) {
+                eprintln!("cannot set the attacker threads' nice to {attacker_nice}: {e}");
+            }
+        })
         .enable_all()
         .build()
         .expect("tokio runtime");
 
     println!("# whispeer relay among hostile clients (default relay settings, release build)");
+    println!(
+        "# attacker threads at nice {attacker_nice} (--attacker-nice N; 0 = the relay's priority)"
+    );
 
     // 1. Honest latency alone, then beside the attackers (a fresh relay each time).
     let alone = {
