@@ -270,10 +270,17 @@ impl Conn {
     async fn send(&mut self, f: &Frame) {
         self.io.write_all(&codec::encode_prefixed(f)).await.unwrap();
     }
+    /// The next frame already received, without reading the socket.
+    fn buffered(&mut self) -> Option<Frame> {
+        self.dec
+            .next_frame()
+            .unwrap()
+            .map(|f| Frame::decode(&f).unwrap())
+    }
     async fn next(&mut self) -> Frame {
         loop {
-            if let Some(f) = self.dec.next_frame().unwrap() {
-                return Frame::decode(&f).unwrap();
+            if let Some(f) = self.buffered() {
+                return f;
             }
             let buf = self.dec.buffer_mut();
             buf.reserve(256 * 1024);
@@ -312,13 +319,19 @@ async fn whispeer_run(addr: SocketAddr, n: u64) -> Outcome {
         if !buf.is_empty() {
             c.io.write_all(&buf).await.unwrap();
         }
-        match c.next().await {
-            Frame::PubAck(a) => {
-                let i = u64::from_le_bytes(a.publish_id[..8].try_into().unwrap());
-                lat.push(sent_at[i as usize].elapsed().as_nanos() as u64);
-                acked += 1;
+        // Every ack already received before the next write: one write refills the window
+        // for all of them, as async-nats coalesces JetStream publishes.
+        let mut next = Some(c.next().await);
+        while let Some(f) = next {
+            match f {
+                Frame::PubAck(a) => {
+                    let i = u64::from_le_bytes(a.publish_id[..8].try_into().unwrap());
+                    lat.push(sent_at[i as usize].elapsed().as_nanos() as u64);
+                    acked += 1;
+                }
+                other => panic!("unexpected {other:?}"),
             }
-            other => panic!("unexpected {other:?}"),
+            next = c.buffered();
         }
     }
     let publish_s = start.elapsed().as_secs_f64();

@@ -16,6 +16,13 @@
 //! raw-socket generator as the relay (the NATS text protocol over plain sockets, publishes
 //! coalesced the same way — the fair broker-to-broker figure) and through `async-nats`
 //! (what a NATS user's program sees). nats-server is skipped if not installed.
+//!
+//! `-- --cluster 1,3` (issue 12's cluster benchmark) adds, after each whispeer row, the same
+//! scenario on a relay cluster sharing routing through one nats-server: with 1 relay (every
+//! envelope also forwarded to NATS) and with 3 relays (publisher on the first, subscribers
+//! spread round-robin over all three, so most deliveries cross NATS). Its CPU column is
+//! every relay plus nats-server, and `cpu µs/d` is CPU time per delivered message — what
+//! docs/DEPLOY.md's capacity estimate is computed from.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,6 +80,20 @@ fn main() {
         args.iter()
             .position(|a| a == "--only")
             .and_then(|i| args.get(i + 1).cloned())
+    };
+    // `--cluster 1,3`: also run each scenario on relay clusters of these sizes.
+    let cluster: Vec<usize> = {
+        let args: Vec<String> = std::env::args().collect();
+        args.iter()
+            .position(|a| a == "--cluster")
+            .and_then(|i| args.get(i + 1))
+            .map(|v| {
+                v.split(',')
+                    .filter_map(|n| n.parse().ok())
+                    .filter(|n| *n > 0)
+                    .collect()
+            })
+            .unwrap_or_default()
     };
     let scale = if quick { 10 } else { 1 };
     rlimit::increase_nofile_limit(2 * IDLE as u64 + 4096).ok();
@@ -144,20 +165,58 @@ fn main() {
     if nats.is_none() {
         eprintln!("nats-server not found (apt-get install -y nats-server): whispeer only");
     }
+    // The cluster's own nats-server (the peer above is measured on its own).
+    let cluster_nats = if cluster.is_empty() {
+        None
+    } else {
+        let n = NatsProc::start(&[]);
+        if n.is_none() {
+            eprintln!("nats-server not found: no cluster rows");
+        }
+        n
+    };
     println!(
-        "{:<18} {:>8} | {:<10} {:>12} {:>6} {:>8} {:>8} {:>8} | {:>9}",
-        "scenario", "msgs", "broker", "deliv/s", "cpu", "rss MiB", "p50 us", "p99 us", "wsp/this"
+        "{:<18} {:>8} | {:<10} {:>12} {:>6} {:>8} {:>8} {:>8} {:>9} | {:>9}",
+        "scenario",
+        "msgs",
+        "broker",
+        "deliv/s",
+        "cpu",
+        "rss MiB",
+        "p50 us",
+        "p99 us",
+        "cpu us/d",
+        "wsp/this"
     );
     for s in scenarios {
         if only.as_deref().is_some_and(|o| !s.name.contains(o)) {
             continue;
         }
         let w = rt.block_on(run_whispeer(&relay, s));
-        let mut rows = vec![("whispeer", w.clone())];
+        let mut rows = vec![("whispeer".to_owned(), w.clone())];
+        if let Some(n) = cluster_nats.as_ref().filter(|_| s.idle == 0) {
+            let url = format!("nats://{}", n.addr);
+            for &k in &cluster {
+                let relays: Vec<RelayProc> = (0..k)
+                    .map(|i| {
+                        let name = format!("bench-{k}-{i}");
+                        RelayProc::start_with(&name, &["--cluster", &url, "--cluster-name", &name])
+                    })
+                    .collect();
+                let o = rt.block_on(run_whispeer_on(&relays, &[n.child.id()], s));
+                rows.push((format!("cluster x{k}"), o));
+            }
+        }
         if let Some(n) = nats.as_ref() {
             // The same raw-socket generator as whispeer's, then the official async client.
-            rows.push(("nats raw", rt.block_on(run_nats(n, s, NatsClient::Raw))));
-            rows.push(("nats async", rt.block_on(run_nats(n, s, NatsClient::Async))));
+            rows.push((
+                "nats raw".to_owned(),
+                rt.block_on(run_nats(n, s, NatsClient::Raw)),
+            ));
+            rows.push((
+                "nats async".to_owned(),
+                rt.block_on(run_nats(n, s, NatsClient::Async)),
+            ));
         }
         for (i, (broker, o)) in rows.iter().enumerate() {
             let (name, msgs) = if i == 0 {
@@ -170,8 +229,13 @@ fn main() {
             } else {
                 format!("{:.2}", w.deliveries_per_s / o.deliveries_per_s)
             };
+            let cpu_per = if o.deliveries_per_s > 0.0 {
+                o.cpu_cores / o.deliveries_per_s * 1e6
+            } else {
+                f64::NAN
+            };
             println!(
-                "{:<18} {:>8} | {:<10} {:>12.0} {:>6.2} {:>8.1} {:>8.0} {:>8.0} | {:>9}",
+                "{:<18} {:>8} | {:<10} {:>12.0} {:>6.2} {:>8.1} {:>8.0} {:>8.0} {:>9.2} | {:>9}",
                 name,
                 msgs,
                 broker,
@@ -180,6 +244,7 @@ fn main() {
                 o.rss_mib,
                 o.p50_us,
                 o.p99_us,
+                cpu_per,
                 ratio
             );
             if o.lost > 0 {
@@ -217,7 +282,13 @@ struct RelayProc {
 
 impl RelayProc {
     fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("whispeer-bench-{}", std::process::id()));
+        Self::start_with("single", &[])
+    }
+
+    /// A relay with `extra` arguments (e.g. `--cluster URL`), its files under a directory
+    /// named for `tag`.
+    fn start_with(tag: &str, extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!("whispeer-bench-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
@@ -237,6 +308,7 @@ impl RelayProc {
             .args(["--addr-publish-rate", "0", "--addr-sub-rate", "0"])
             // Live fan-out against NATS core: no store (the durable bench is benches/durable.rs).
             .args(["--store", "none"])
+            .args(extra)
             .args([
                 "--idle-ms",
                 "3600000",
@@ -288,8 +360,13 @@ fn pace(start: Instant, n: u64, rate: Option<u64>) -> Option<Instant> {
 }
 
 /// Per-run shared state: delivered counts per subscriber, latency samples, wakeups.
+/// The timestamp of a warm-up probe (not counted).
+const PROBE: u64 = u64::MAX;
+
 struct Harness {
     base: Instant,
+    /// Subscribers that have seen a warm-up probe.
+    warm: AtomicU64,
     received: Vec<AtomicU64>,
     latencies: Mutex<Vec<u64>>,
     progress: Notify,
@@ -299,6 +376,7 @@ impl Harness {
     fn new(subs: usize) -> Arc<Self> {
         Arc::new(Self {
             base: Instant::now(),
+            warm: AtomicU64::new(0),
             received: (0..subs).map(|_| AtomicU64::new(0)).collect(),
             latencies: Mutex::new(Vec::new()),
             progress: Notify::new(),
@@ -485,8 +563,21 @@ async fn wsp_subscribe(s: &mut TcpStream, dec: &mut FrameDecoder, levels: &[u8])
 }
 
 async fn run_whispeer(relay: &RelayProc, s: Scenario) -> Outcome {
+    run_whispeer_on(std::slice::from_ref(relay), &[], s).await
+}
+
+/// The scenario on `relays` (publisher and idle subscribers on the first, subscriber `i`
+/// on relay `i % n`); CPU is summed over the relays and `also` (nats-server of a cluster).
+async fn run_whispeer_on(relays: &[RelayProc], also: &[u32], s: Scenario) -> Outcome {
+    let relay = &relays[0];
     let addr = relay.tcp();
     let pid = relay.child.id();
+    let pids: Vec<u32> = relays
+        .iter()
+        .map(|r| r.child.id())
+        .chain(also.iter().copied())
+        .collect();
+    let cpu_now = || pids.iter().map(|p| proc_cpu_secs(*p)).sum::<f64>();
     // Idle subscribers: connected, greeted, subscribed to their own topic, never sent to.
     let rss_before_idle = proc_rss_mib(pid);
     let mut idle = Vec::with_capacity(s.idle);
@@ -513,20 +604,30 @@ async fn run_whispeer(relay: &RelayProc, s: Scenario) -> Outcome {
     let (_, body_at) = sealed_envelope(&[1]);
     let mut readers = Vec::new();
     for i in 0..s.fanout {
-        let (mut c, mut d) = wsp_connect(addr).await;
+        let (mut c, mut d) = wsp_connect(relays[i % relays.len()].tcp()).await;
         wsp_subscribe(&mut c, &mut d, &[1]).await;
         let h = h.clone();
         let total = s.messages;
         readers.push(tokio::spawn(async move {
             let mut local = Vec::with_capacity(total as usize);
             let mut n = 0;
+            let mut warm = false;
             while n < total {
                 let Some(f) = wsp_next(&mut c, &mut d).await else {
                     break;
                 };
                 if let Ok(Frame::Msg(m)) = Frame::decode(&f) {
                     let at = m.envelope.header().len();
-                    h.record(i, timestamp_of(m.envelope.as_bytes(), at), &mut local);
+                    let ts = timestamp_of(m.envelope.as_bytes(), at);
+                    if ts == PROBE {
+                        if !warm {
+                            warm = true;
+                            h.warm.fetch_add(1, Ordering::Relaxed);
+                            h.progress.notify_one();
+                        }
+                        continue;
+                    }
+                    h.record(i, ts, &mut local);
                     n += 1;
                 }
             }
@@ -535,9 +636,7 @@ async fn run_whispeer(relay: &RelayProc, s: Scenario) -> Outcome {
     }
     let (mut publ, _) = wsp_connect(addr).await;
     let (mut payload, _) = sealed_envelope(&[1]);
-    let cpu0 = proc_cpu_secs(pid);
-    let start = Instant::now();
-    raw_publish(&mut publ, &h, s, start, &mut payload, body_at, |p, buf| {
+    let pub_frame = |p: &[u8], buf: &mut Vec<u8>| {
         let frame = Frame::Pub(Pub {
             envelope: Envelope::from_slice(p).unwrap(),
             flags: 0,
@@ -549,11 +648,29 @@ async fn run_whispeer(relay: &RelayProc, s: Scenario) -> Outcome {
         frame.encode(buf);
         let len = (buf.len() - at - 4) as u32;
         buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
-    })
-    .await;
+    };
+    if relays.len() > 1 || !also.is_empty() {
+        // Across relays a subscription reaches the others through NATS interest: probe
+        // until every subscriber has seen one, so no counted message is sent too early.
+        payload[body_at..body_at + 8].copy_from_slice(&PROBE.to_be_bytes());
+        let mut probe = Vec::new();
+        pub_frame(&payload, &mut probe);
+        let start = Instant::now();
+        while (h.warm.load(Ordering::Relaxed) as usize) < s.fanout {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "cluster interest never arrived"
+            );
+            publ.write_all(&probe).await.unwrap();
+            let _ = tokio::time::timeout(Duration::from_millis(20), h.progress.notified()).await;
+        }
+    }
+    let cpu0 = cpu_now();
+    let start = Instant::now();
+    raw_publish(&mut publ, &h, s, start, &mut payload, body_at, pub_frame).await;
     let lost = h.wait_all(s.messages).await;
     let elapsed = start.elapsed();
-    let cpu = proc_cpu_secs(pid) - cpu0;
+    let cpu = cpu_now() - cpu0;
     let rss = proc_rss_mib(pid);
     for r in readers {
         r.abort();
