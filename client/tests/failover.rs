@@ -7,6 +7,27 @@
 
 mod support;
 
+/// relay/tests' real three-node nats-server cluster (JetStream, routes, free ports, ready on
+/// log events), used as is; the four items after it are what it expects from its parent.
+#[path = "../../relay/tests/common/nats.rs"]
+mod nats;
+const TIMEOUT: Duration = Duration::from_secs(30);
+#[allow(dead_code)]
+fn key(k: u8) -> whispeer_protocol::KeyId {
+    whispeer_protocol::KeyId::from_bytes([k; 16])
+}
+#[allow(dead_code)]
+fn tok(t: u8) -> whispeer_protocol::TopicToken {
+    whispeer_protocol::TopicToken::from_bytes([t; 16])
+}
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    tempfile::Builder::new()
+        .prefix(&format!("whispeer-client-test-{tag}-"))
+        .tempdir()
+        .expect("temp dir")
+        .keep()
+}
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -239,6 +260,128 @@ async fn sigkill_mid_stream_moves_both_clients_to_the_next_relay_exactly_once() 
     assert_eq!(publisher.stats().unacked_publishes, 0);
     sub_client.close().await;
     publisher.close().await;
+}
+
+/// The same failover with the cluster's JetStream store (`--cluster-store jetstream`, a real
+/// three-node nats-server cluster, R3): one sequence space on every relay, so a subscriber
+/// that moves resumes from its position instead of starting again, and a publish a dead
+/// relay acknowledged is in the stream for every other relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_cluster_failover_resumes_in_place_and_loses_no_acknowledged_message() {
+    let Some(nats) = nats::NatsCluster::start(3) else {
+        eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let relay = |name: &str| {
+        start_relay_binary(&[
+            "--cluster",
+            &urls,
+            "--cluster-name",
+            name,
+            "--cluster-store",
+            "jetstream",
+            "--cluster-replicas",
+            "3",
+        ])
+    };
+    let (a, b, c) = (relay("fo-a"), relay("fo-b"), relay("fo-c"));
+    let spaces = (
+        welcome_space(&a).await,
+        welcome_space(&b).await,
+        welcome_space(&c).await,
+    );
+    assert!(
+        spaces.0.is_some(),
+        "the JetStream store names its sequence space"
+    );
+    assert!(
+        spaces.0 == spaces.1 && spaces.1 == spaces.2,
+        "one sequence space for the cluster: {spaces:?}"
+    );
+    let t = tree("fo-js");
+    let sub_client = client(&[b.ws_url(), c.tcp_url()], keyring_with(&t))
+        .await
+        .unwrap();
+    let (to_a, mute) = mute_proxy(a.tcp).await;
+    let publisher = client(&[to_a.clone(), c.ws_url()], keyring_with(&t))
+        .await
+        .unwrap();
+    let mut sub = sub_client
+        .subscribe_with_options::<u32>("feed/x", all_history())
+        .await
+        .unwrap();
+    let mut seen = BTreeMap::new();
+    for v in 1..=20u32 {
+        publisher.publish_with("feed/x", &v, qos1()).await.unwrap();
+    }
+    take_until("1..=20 from A at B", &mut sub, &mut seen, 1..=20).await;
+
+    // 21..=30: A puts them in the stream (B delivers them) but the acks never reach the
+    // publisher; A dies; the publisher re-sends them at C.
+    mute.store(true, Ordering::SeqCst);
+    let mut pending = Vec::new();
+    for v in 21..=30u32 {
+        let p = publisher.clone();
+        pending.push(tokio::spawn(async move {
+            p.publish_with("feed/x", &v, qos1()).await
+        }));
+    }
+    take_until("21..=30 from A at B", &mut sub, &mut seen, 21..=30).await;
+    let mut a = a;
+    a.child.kill().unwrap(); // SIGKILL
+    a.child.wait().unwrap();
+    on_relay("publisher on C", &publisher, &c.ws_url()).await;
+    for p in pending {
+        within("re-sent publishes acknowledged by C", p)
+            .await
+            .unwrap()
+            .expect("acknowledged");
+    }
+    // 31 follows the re-sent copies in the stream: once it arrives, so have they.
+    publisher
+        .publish_with("feed/x", &31u32, qos1())
+        .await
+        .unwrap();
+    take_until("31 after the re-sent copies", &mut sub, &mut seen, [31]).await;
+    let dups_before = sub_client.stats().core.duplicates;
+
+    // 32..=41 are acknowledged (in the stream) while the subscriber's relay B is frozen,
+    // then B dies: the subscriber moves to C and reads them from its resume position.
+    freeze(&b);
+    for v in 32..=41u32 {
+        publisher.publish_with("feed/x", &v, qos1()).await.unwrap();
+    }
+    let mut b = b;
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    on_relay("subscriber on C", &sub_client, &c.tcp_url()).await;
+    take_until("32..=41 from history at C", &mut sub, &mut seen, 32..=41).await;
+    publisher
+        .publish_with("feed/x", &42u32, qos1())
+        .await
+        .unwrap();
+    take_until("live at C", &mut sub, &mut seen, [42]).await;
+
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (1..=42).collect::<Vec<_>>()
+    );
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    // The re-sent 21..=30 are second copies in the stream, dropped by the client's dedup.
+    assert!(dups_before >= 10, "duplicates dropped: {dups_before}");
+    // Resumed in place: starting again from the first sequence would have re-read 1..=30
+    // (and their re-sent copies) and counted them as duplicates.
+    let after = sub_client.stats().core.duplicates - dups_before;
+    assert!(
+        after < 10,
+        "the subscriber started over on C instead of resuming ({after} more duplicates)"
+    );
+    assert_eq!(publisher.stats().unacked_publishes, 0);
+    sub_client.close().await;
+    publisher.close().await;
+    drop(nats);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
