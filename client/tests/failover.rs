@@ -151,6 +151,32 @@ fn qos1() -> PublishOptions {
     PublishOptions::at_least_once()
 }
 
+/// Publishes each value on `feed/x` at QoS 1, one after another, each acknowledged.
+async fn publish_acked(p: &Client, values: std::ops::RangeInclusive<u32>) {
+    for v in values {
+        p.publish_with("feed/x", &v, qos1()).await.unwrap();
+    }
+}
+
+/// Starts a QoS 1 publish of each value on `feed/x` without waiting for its `PubAck`.
+fn publish_pending(
+    p: &Client,
+    values: std::ops::RangeInclusive<u32>,
+) -> Vec<tokio::task::JoinHandle<Result<u64, whispeer::PublishError>>> {
+    values
+        .map(|v| {
+            let p = p.clone();
+            tokio::spawn(async move { p.publish_with("feed/x", &v, qos1()).await })
+        })
+        .collect()
+}
+
+/// SIGKILLs a relay process and reaps it.
+fn sigkill(mut r: RelayProcess) {
+    r.child.kill().unwrap();
+    r.child.wait().unwrap();
+}
+
 /// Everything from the start of the relay's history, then live: after a move to a relay of
 /// another sequence space the subscription starts again as first asked, so what the
 /// publisher re-sent there before the subscriber arrived is in that history.
@@ -182,22 +208,14 @@ async fn sigkill_mid_stream_moves_both_clients_to_the_next_relay_exactly_once() 
     let mut seen = BTreeMap::new();
 
     // 1..=20 through A, each acknowledged and received.
-    for v in 1..=20u32 {
-        publisher.publish_with("feed/x", &v, qos1()).await.unwrap();
-    }
+    publish_acked(&publisher, 1..=20).await;
     take_until("1..=20 on A", &mut sub, &mut seen, 1..=20).await;
 
     // 21..=30: A stores and delivers them, but their `PubAck`s never reach the publisher,
     // so it re-sends all ten to B, which delivers them again: the subscriber's dedup must
     // show each once.
     mute.store(true, Ordering::SeqCst);
-    let mut pending = Vec::new();
-    for v in 21..=30u32 {
-        let p = publisher.clone();
-        pending.push(tokio::spawn(async move {
-            p.publish_with("feed/x", &v, qos1()).await
-        }));
-    }
+    let mut pending = publish_pending(&publisher, 21..=30);
     take_until("21..=30 on A", &mut sub, &mut seen, 21..=30).await;
     let mut stats = publisher.stats_changes();
     within(
@@ -208,12 +226,7 @@ async fn sigkill_mid_stream_moves_both_clients_to_the_next_relay_exactly_once() 
     .unwrap();
     freeze(&a);
     // 31..=40 reach the frozen A's socket at most: never acknowledged, kept in the outbox.
-    for v in 31..=40u32 {
-        let p = publisher.clone();
-        pending.push(tokio::spawn(async move {
-            p.publish_with("feed/x", &v, qos1()).await
-        }));
-    }
+    pending.extend(publish_pending(&publisher, 31..=40));
     // In the outbox (sent to the frozen A's socket, never acknowledged) before A dies.
     within(
         "31..=40 kept",
@@ -221,9 +234,7 @@ async fn sigkill_mid_stream_moves_both_clients_to_the_next_relay_exactly_once() 
     )
     .await
     .unwrap();
-    let mut a = a;
-    a.child.kill().unwrap(); // SIGKILL
-    a.child.wait().unwrap();
+    sigkill(a);
 
     on_relay("subscriber on B", &sub_client, &b.tcp_url()).await;
     on_relay("publisher on B", &publisher, &b.ws_url()).await;
@@ -234,9 +245,7 @@ async fn sigkill_mid_stream_moves_both_clients_to_the_next_relay_exactly_once() 
             .unwrap()
             .expect("acknowledged");
     }
-    for v in 41..=50u32 {
-        publisher.publish_with("feed/x", &v, qos1()).await.unwrap();
-    }
+    publish_acked(&publisher, 41..=50).await;
     take_until("31..=50 on B", &mut sub, &mut seen, 31..=50).await;
     // A last one: anything delivered twice before it would be counted by now.
     publisher
@@ -312,25 +321,15 @@ async fn jetstream_cluster_failover_resumes_in_place_and_loses_no_acknowledged_m
         .await
         .unwrap();
     let mut seen = BTreeMap::new();
-    for v in 1..=20u32 {
-        publisher.publish_with("feed/x", &v, qos1()).await.unwrap();
-    }
+    publish_acked(&publisher, 1..=20).await;
     take_until("1..=20 from A at B", &mut sub, &mut seen, 1..=20).await;
 
     // 21..=30: A puts them in the stream (B delivers them) but the acks never reach the
     // publisher; A dies; the publisher re-sends them at C.
     mute.store(true, Ordering::SeqCst);
-    let mut pending = Vec::new();
-    for v in 21..=30u32 {
-        let p = publisher.clone();
-        pending.push(tokio::spawn(async move {
-            p.publish_with("feed/x", &v, qos1()).await
-        }));
-    }
+    let pending = publish_pending(&publisher, 21..=30);
     take_until("21..=30 from A at B", &mut sub, &mut seen, 21..=30).await;
-    let mut a = a;
-    a.child.kill().unwrap(); // SIGKILL
-    a.child.wait().unwrap();
+    sigkill(a);
     on_relay("publisher on C", &publisher, &c.ws_url()).await;
     for p in pending {
         within("re-sent publishes acknowledged by C", p)
@@ -349,12 +348,8 @@ async fn jetstream_cluster_failover_resumes_in_place_and_loses_no_acknowledged_m
     // 32..=41 are acknowledged (in the stream) while the subscriber's relay B is frozen,
     // then B dies: the subscriber moves to C and reads them from its resume position.
     freeze(&b);
-    for v in 32..=41u32 {
-        publisher.publish_with("feed/x", &v, qos1()).await.unwrap();
-    }
-    let mut b = b;
-    b.child.kill().unwrap();
-    b.child.wait().unwrap();
+    publish_acked(&publisher, 32..=41).await;
+    sigkill(b);
     on_relay("subscriber on C", &sub_client, &c.tcp_url()).await;
     take_until("32..=41 from history at C", &mut sub, &mut seen, 32..=41).await;
     publisher
@@ -455,9 +450,7 @@ async fn a_resume_position_is_not_used_in_another_sequence_space() {
         assert!(seq <= 5, "B numbers from 1, got {seq}");
     }
 
-    let mut a = a;
-    a.child.kill().unwrap();
-    a.child.wait().unwrap();
+    sigkill(a);
     on_relay("subscriber on B", &sub_client, &b.ws_url()).await;
     take_until("B's history", &mut sub, &mut seen, 101..=105).await;
     on_b.publish_with("feed/x", &106u32, qos1()).await.unwrap();
