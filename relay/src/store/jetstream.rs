@@ -191,6 +191,8 @@ fn now_ms() -> u64 {
 
 /// How long a history read's consumer is kept for its next chunk.
 const CURSOR_IDLE: Duration = Duration::from_secs(30);
+/// Most durable creations remembered between a `Sub`'s owner check and its creation.
+const PENDING_CREATIONS: usize = 4096;
 /// Most history consumers kept between chunks.
 const MAX_CURSORS: usize = 64;
 
@@ -392,12 +394,28 @@ impl JetStreamStore {
         };
         let last = info.state.last_sequence;
         // Usage per tenant: what the stream holds now, before the relay takes a publish.
-        let mut ledger = Ledger::new(Limits::of(config));
-        let retained_stream = js
-            .get_stream(&retained_name)
-            .await
-            .map_err(|e| unavailable("retained stream", e))?;
-        load_ledger(&mut ledger, &retained_stream, &main, &prefix, last).await?;
+        let mut attempt = 0u32;
+        let (ledger, retained_stream) = loop {
+            let mut ledger = Ledger::new(Limits::of(config));
+            let r = async {
+                let retained = js
+                    .get_stream(&retained_name)
+                    .await
+                    .map_err(|e| unavailable("retained stream", e))?;
+                load_ledger(&mut ledger, &retained, &main, &prefix, last).await?;
+                Ok::<_, StoreError>(retained)
+            }
+            .await;
+            match r {
+                Ok(retained) => break (ledger, retained),
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "cluster store: usage not read yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(8))))
+                        .await;
+                }
+            }
+        };
         let (jobs_tx, jobs_rx) = mpsc::channel(cluster.queue);
         let (feed_tx, feed_rx) = mpsc::channel(FEED);
         let inner = Arc::new(Inner {
@@ -1410,8 +1428,14 @@ impl Store for JetStreamStore {
         let want = owner.map(owner_tag);
         let have = match self.fetch_durable(&k)? {
             None if !lock(&inner.durables).contains_key(&k) => {
-                // New: the owner goes into the record `set_durable` creates.
-                lock(&inner.creating).insert(k, want);
+                // New: the owner goes into the record `set_durable` creates. An entry lives
+                // for one `Sub`; those of `Sub`s that failed in between (a quota, a name
+                // held on this relay) are dropped wholesale past a bound.
+                let mut creating = lock(&inner.creating);
+                if creating.len() >= PENDING_CREATIONS {
+                    creating.clear();
+                }
+                creating.insert(k, want);
                 return Ok(true);
             }
             rec => rec
@@ -1452,13 +1476,20 @@ impl Store for JetStreamStore {
                         Refused::Global => &self.inner.counters.quota_global,
                     }
                     .fetch_add(1, Relaxed);
+                    drop(l);
+                    lock(&self.inner.creating).remove(&k);
                     return Err(e);
                 }
                 drop(l);
                 // Created before the `SubOk`, not written behind: a client that moves to
                 // another relay at once finds it there (with its owner).
                 self.create_durable(&k, floor, &tag)?;
-                lock(&self.inner.fresh).insert(k.clone());
+                let mut fresh = lock(&self.inner.fresh);
+                if fresh.len() >= PENDING_CREATIONS {
+                    fresh.clear();
+                }
+                fresh.insert(k.clone());
+                drop(fresh);
                 lock(&self.inner.ledger).add_durable(&k, &tag);
                 let mut d = lock(&self.inner.durables);
                 let e = d.entry(k).or_insert(floor);
