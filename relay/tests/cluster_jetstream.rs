@@ -855,3 +855,42 @@ async fn last_n_and_since_do_not_scan_the_whole_history() {
     let want: Vec<u32> = (0..1500).chain(3000..3002).collect();
     assert_eq!(got, want);
 }
+
+/// Retained races, 3 (deterministic): a retained write for a *higher* stream sequence that
+/// landed first — put in the retained stream by hand here — is not replaced by a later
+/// write for a lower one.
+#[tokio::test]
+async fn a_lower_sequence_never_replaces_a_higher_retained_value() {
+    let Some(s) = Setup::start(1) else { return };
+    let nc = async_nats::connect(s.nats.nodes[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let subject = format!("wsp_retained.{}.{}", key(16), tok(1));
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Wsp-Seq", "1000000000");
+    js.publish_with_headers(
+        subject.clone(),
+        h,
+        numbered(16, &[1], 999).as_bytes().clone(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let (mut publ, _) = connect(s.relays[0].tcp()).await;
+    let seq = publish_acked(
+        &mut publ,
+        &[(1, numbered(16, &[1], 1))],
+        Qos::AtLeastOnce,
+        true,
+    )
+    .await[0];
+    assert!(seq < 1_000_000_000);
+    let rs = js.get_stream("WSP_RETAINED").await.unwrap();
+    let m = rs.get_last_raw_message_by_subject(&subject).await.unwrap();
+    assert_eq!(
+        m.headers.get("Wsp-Seq").map(|v| v.as_str().to_string()),
+        Some("1000000000".to_string()),
+        "the PubAck came after the (skipped) write; the higher sequence stays"
+    );
+}
