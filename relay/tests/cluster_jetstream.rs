@@ -896,3 +896,47 @@ async fn a_lower_sequence_never_replaces_a_higher_retained_value() {
         "the PubAck came after the (skipped) write; the higher sequence stays"
     );
 }
+
+/// Measurement (ignored; `cargo test -p whispeer-relay --test cluster_jetstream -- --ignored
+/// ledger_load --nocapture`): how long a relay started beside a stream of
+/// `WSP_LEDGER_MESSAGES` (default 100,000) stored messages takes to read the usage back
+/// (headers only), from its "usage per tenant read from the streams" log line.
+#[tokio::test]
+#[ignore]
+async fn ledger_load_time() {
+    let Some(s) = Setup::start(1) else { return };
+    let total: u32 = std::env::var("WSP_LEDGER_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let (mut publ, _) = connect(s.relays[0].tcp()).await;
+    let started = std::time::Instant::now();
+    let mut done = 0u32;
+    while done < total {
+        let batch: Vec<(u32, Envelope)> = (done..(done + 1000).min(total))
+            .map(|i| (i, numbered_sized(17, &[(i % 50) as u8], i, 256)))
+            .collect();
+        publish_acked(
+            &mut publ,
+            &batch,
+            Qos::AtLeastOnce,
+            i64::from(done) % 7 == 0,
+        )
+        .await;
+        done += batch.len() as u32;
+    }
+    let publish = started.elapsed();
+    let mut args = relay_args(&s.nats.urls(), "late");
+    args.extend(["--log".to_string(), "info".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = std::time::Instant::now();
+    let mut late = BinRelay::start_logged(&args);
+    let line = late
+        .wait_log(&["usage per tenant read from the streams"])
+        .await;
+    eprintln!(
+        "ledger load: {total} messages published (QoS 1, 256 B) in {publish:?}; a new relay \
+         ready in {:?}: {line}",
+        started.elapsed()
+    );
+}
