@@ -940,3 +940,85 @@ async fn ledger_load_time() {
         started.elapsed()
     );
 }
+
+/// Retained-value and durable-name quotas with the JetStream store, across relays: a
+/// tenant's retained value published at A counts at B (replacing it stays free), and a
+/// durable created at A counts at B once B's durable reader has it.
+#[tokio::test]
+async fn retained_and_durable_quotas_count_the_whole_cluster() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let quota = ["--tenant-max-retained", "1", "--tenant-max-durables", "1"];
+    let a = start_relay_with(&urls, "relay-a", &quota);
+    let b = start_relay_with(&urls, "relay-b", &quota);
+    let (mut watch, _) = connect(b.tcp()).await;
+    subscribe(&mut watch, sub(1, pattern(18, &[], true), Qos::AtMostOnce)).await;
+    let (mut pa, _) = connect(a.tcp()).await;
+    let first = publish_acked(
+        &mut pa,
+        &[(1, numbered(18, &[1], 1))],
+        Qos::AtLeastOnce,
+        true,
+    )
+    .await;
+    read_until(&mut watch, first[0]).await; // B's ledger has it
+
+    let (mut pb, _) = connect(b.tcp()).await;
+    pb.send(&pub_frame(numbered(18, &[2], 2), Qos::AtLeastOnce, 2, true))
+        .await;
+    let e = pb.expect_err().await;
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::QuotaExceeded, "{e:?}");
+    assert!(e.message.contains("retained values quota (1)"), "{e:?}");
+    publish_acked(
+        &mut pb,
+        &[(3, numbered(18, &[1], 3))],
+        Qos::AtLeastOnce,
+        true,
+    )
+    .await; // replacing the tenant's one retained value is free
+
+    let (mut ca, _) = connect(a.tcp()).await;
+    let mut d = sub(5, pattern(18, &[], true), Qos::AtLeastOnce);
+    d.durable = Some("q1".into());
+    subscribe(&mut ca, d).await;
+    // B's durable reader learning of q1 is the event (its /status counts durables).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let body = whispeer_relay::admin::http_get(&format!("http://{}", b.admin()), "/status")
+            .await
+            .unwrap();
+        let st: whispeer_relay::admin::Status = serde_json::from_slice(&body).unwrap();
+        if st.store.durables >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never learned of q1"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await; // poll interval
+    }
+    let mut q2 = sub(6, pattern(18, &[], true), Qos::AtLeastOnce);
+    q2.durable = Some("q2".into());
+    pb.send(&Frame::Sub(q2)).await;
+    let e = loop {
+        match pb.recv().await {
+            Frame::Err(e) => break e,
+            Frame::Msg(_) | Frame::PubAck(_) => {}
+            other => panic!("expected Err, got {other:?}"),
+        }
+    };
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::QuotaExceeded, "{e:?}");
+    assert_eq!(e.sub_id, Some(6));
+    assert!(e.message.contains("durable names quota (1)"), "{e:?}");
+    assert!(
+        metric(
+            b.admin(),
+            "whispeer_relay_store_quota_tenant_rejections_total"
+        )
+        .await
+            >= 2
+    );
+}
