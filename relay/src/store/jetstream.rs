@@ -950,7 +950,13 @@ fn apply_stream_message(
 ) -> Option<bool> {
     let flags = header_u64(h, FLAGS_HEADER).unwrap_or(0);
     let retain = flags & pub_flags::RETAIN != 0;
-    let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
+    let Some(rest) = subject
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('.'))
+    else {
+        ledger.advance(seq);
+        return None;
+    };
     let (path, kept) = match rest.strip_prefix("r.") {
         Some(path) => (path, false),
         None => (rest, true),

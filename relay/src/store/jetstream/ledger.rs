@@ -105,7 +105,7 @@ pub struct Ledger {
     in_flight: HashMap<u32, Usage>,
     in_flight_total: Usage,
     /// Publishes acknowledged by the stream but not yet read back: sequence → (tenant, need).
-    awaiting: HashMap<u64, (u32, Need)>,
+    awaiting: BTreeMap<u64, (u32, Need)>,
     /// Durable names, by durable key: their tenant.
     durables: HashMap<String, u32>,
 }
@@ -124,7 +124,7 @@ impl Ledger {
             applied: 0,
             in_flight: HashMap::new(),
             in_flight_total: Usage::default(),
-            awaiting: HashMap::new(),
+            awaiting: BTreeMap::new(),
             durables: HashMap::new(),
         };
         l.tenant(&NO_TAG);
@@ -180,10 +180,7 @@ impl Ledger {
         if seq <= self.applied {
             return;
         }
-        self.applied = seq;
-        if let Some((t, need)) = self.awaiting.remove(&seq) {
-            self.settle(t, &need);
-        }
+        self.advance(seq);
         let tenant = self.tenant(tag);
         let e = Entry {
             seq,
@@ -213,6 +210,18 @@ impl Ledger {
             self.set_retained(&key, e);
         }
         self.drop_if_empty(&key);
+    }
+
+    /// The ordered read has reached `seq` (also past messages it could not apply, or never
+    /// saw because retention deleted them first): this relay's writes up to it are no
+    /// longer in flight — counted by `apply`, or gone.
+    pub fn advance(&mut self, seq: u64) {
+        self.applied = self.applied.max(seq);
+        let later = self.awaiting.split_off(&(self.applied + 1));
+        let done = std::mem::replace(&mut self.awaiting, later);
+        for (_, (t, need)) in done {
+            self.settle(t, &need);
+        }
     }
 
     /// Applies a retained value read from the retained stream at start (its original
@@ -575,5 +584,15 @@ mod tests {
         );
         assert_eq!(l.first_since("k.", all, 55, 10), Some(10));
         assert_eq!(l.first_since("k.", all, 55, 9), None);
+
+        // A write the ordered read never sees (retention deleted it first) stops being in
+        // flight once the read passes its sequence.
+        let before = l.in_flight_total;
+        let n = l.need("k.z", 10, true, false);
+        let t = l.begin(&a, &n);
+        l.finish(t, n, Some(20));
+        assert_eq!(l.in_flight_total.msgs, before.msgs + 1);
+        l.apply(21, 70, "k.q", &a, 10, true, false);
+        assert_eq!(l.in_flight_total, before);
     }
 }
