@@ -378,9 +378,21 @@ async fn publish_loop(
             _ = &mut drain => None,
         };
         let Some(f) = f else {
-            // Whatever the NATS client still buffers goes out before the process exits.
+            // Whatever the NATS client still buffers goes out before the process exits —
+            // and reaches the server: a flush only hands it to the socket, whose unsent
+            // bytes a reset at exit would discard. A request nobody answers comes back
+            // ("no responders") only after the server has read every publish before it.
             if let Err(e) = client.flush().await {
                 tracing::warn!(error = %e, "cluster: flushing the forward queue to NATS failed");
+            }
+            // Inside the relays' subjects (NATS permissions), never a path (not 32 hex).
+            let probe = format!("{prefix}.drained.{origin:016x}");
+            match client.request(probe, Bytes::new()).await {
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: the forward queue's last publishes may not have reached NATS");
+                }
             }
             return;
         };

@@ -747,6 +747,14 @@ async fn a_routed_retained_value_is_served_at_once() {
 #[tokio::test]
 async fn concurrent_retained_writers_the_stream_order_decides() {
     let Some(mut s) = Setup::start(2) else { return };
+    // Watchers: each relay having routed the last publish is the event to check it after
+    // (a PubAck can come before the ordered read routes the message).
+    let mut watchers = Vec::new();
+    for r in &s.relays {
+        let (mut w, _) = connect(r.tcp()).await;
+        subscribe(&mut w, sub(9, pattern(14, &[], true), Qos::AtMostOnce)).await;
+        watchers.push(w);
+    }
     let (mut pa, _) = connect(s.relays[0].tcp()).await;
     let (mut pb, _) = connect(s.relays[1].tcp()).await;
     let ea: Vec<(u32, Envelope)> = (0..100).map(|i| (i, numbered(14, &[1], i))).collect();
@@ -762,6 +770,9 @@ async fn concurrent_retained_writers_the_stream_order_decides() {
         .map(|(s, n)| (*s, n))
         .max()
         .unwrap();
+    for w in &mut watchers {
+        read_until(w, last_seq).await;
+    }
 
     // The retained stream holds the highest sequence (every PubAck followed its write).
     let nc = async_nats::connect(s.nats.nodes[0].url()).await.unwrap();
@@ -798,11 +809,20 @@ async fn concurrent_retained_writers_the_stream_order_decides() {
 async fn last_n_and_since_do_not_scan_the_whole_history() {
     let Some(s) = Setup::start(1) else { return };
     let admin = s.relays[0].admin();
+    // A PubAck can come before the relay's ordered read routes the message (and moves the
+    // SubOk boundary): a watcher reading the last one is the event that it has.
+    let (mut watch, _) = connect(s.relays[0].tcp()).await;
+    subscribe(
+        &mut watch,
+        sub(9, pattern(15, &[Some(2)], false), Qos::AtMostOnce),
+    )
+    .await;
     let (mut publ, _) = connect(s.relays[0].tcp()).await;
     let bulk: Vec<(u32, Envelope)> = (0..1500).map(|i| (i, numbered(15, &[1], i))).collect();
     publish_acked(&mut publ, &bulk, Qos::AtLeastOnce, false).await;
     let tail: Vec<(u32, Envelope)> = (2000..2003).map(|i| (i, numbered(15, &[2], i))).collect();
     let tail_seqs = publish_acked(&mut publ, &tail, Qos::AtLeastOnce, false).await;
+    read_until(&mut watch, tail_seqs[2]).await;
 
     let rows = metric(admin, "whispeer_relay_store_rows_read_total").await;
     let (mut c, _) = connect(s.relays[0].tcp()).await;

@@ -193,6 +193,8 @@ fn now_ms() -> u64 {
 const CURSOR_IDLE: Duration = Duration::from_secs(30);
 /// Most durable creations remembered between a `Sub`'s owner check and its creation.
 const PENDING_CREATIONS: usize = 4096;
+/// Retained values read at once by one retained lookup.
+const RETAINED_READS: usize = 32;
 /// Most history consumers kept between chunks.
 const MAX_CURSORS: usize = 64;
 
@@ -1361,42 +1363,52 @@ impl Store for JetStreamStore {
                 .get_stream_no_info(&inner.stream)
                 .await
                 .map_err(|e| unavailable("stream", e))?;
-            let mut out = Vec::with_capacity(current.len());
-            for (key, seq) in &current {
-                inner.counters.rows_read.fetch_add(1, Relaxed);
-                let subject = format!("{rp}.{key}");
-                let stored = match kept.get_last_raw_message_by_subject(&subject).await {
-                    Ok(m) => header_u64(Some(&m.headers), SEQ_HEADER)
-                        .filter(|s| s == seq)
-                        .map(|_| m.payload),
-                    Err(e) => {
-                        use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
-                        if e.kind() != K::NoMessageFound {
-                            return Err(unavailable("retained read", e));
-                        }
-                        None
-                    }
-                };
-                // Not there yet (the accepting relay's write is on its way, or lost a
-                // race it is retrying): the message itself, from the main stream.
-                let payload = match stored {
-                    Some(p) => Some(p),
-                    None => match main.get_raw_message(*seq).await {
-                        Ok(m) => Some(m.payload),
+            // One path's value: the retained stream's when it is the current one, else the
+            // message itself from the main stream (the accepting relay's write is on its
+            // way, or lost a race it is retrying).
+            let one = |key: String, seq: u64| {
+                let (kept, main, rp) = (&kept, &main, &rp);
+                async move {
+                    inner.counters.rows_read.fetch_add(1, Relaxed);
+                    let subject = format!("{rp}.{key}");
+                    let stored = match kept.get_last_raw_message_by_subject(&subject).await {
+                        Ok(m) => header_u64(Some(&m.headers), SEQ_HEADER)
+                            .filter(|s| *s == seq)
+                            .map(|_| m.payload),
                         Err(e) => {
-                            tracing::debug!(error = %e, seq, "cluster store: retained value gone");
+                            use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+                            if e.kind() != K::NoMessageFound {
+                                return Err(unavailable("retained read", e));
+                            }
                             None
                         }
-                    },
-                };
-                if let Some(env) = payload.and_then(|p| Envelope::from_bytes(p).ok()) {
-                    if pattern.matches(&env.token_path()) {
-                        out.push(Stored {
-                            seq: Seq(*seq),
+                    };
+                    let payload = match stored {
+                        Some(p) => Some(p),
+                        None => match main.get_raw_message(seq).await {
+                            Ok(m) => Some(m.payload),
+                            Err(e) => {
+                                tracing::debug!(error = %e, seq, "cluster store: retained value gone");
+                                None
+                            }
+                        },
+                    };
+                    Ok(payload
+                        .and_then(|p| Envelope::from_bytes(p).ok())
+                        .filter(|env| pattern.matches(&env.token_path()))
+                        .map(|env| Stored {
+                            seq: Seq(seq),
                             envelope: env,
-                        });
-                    }
+                        }))
                 }
+            };
+            // Many paths: several direct reads in flight at once (within READ_TIMEOUT).
+            let mut reads = futures_util::stream::iter(current)
+                .map(|(key, seq)| one(key, seq))
+                .buffer_unordered(RETAINED_READS);
+            let mut out = Vec::new();
+            while let Some(r) = reads.next().await {
+                out.extend(r?);
             }
             Ok(out)
         })?;
