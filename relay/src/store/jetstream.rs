@@ -233,8 +233,6 @@ struct Counters {
     rows_read: AtomicU64,
     quota_tenant: AtomicU64,
     quota_global: AtomicU64,
-    /// History consumers created (one per read, not per chunk).
-    consumers: AtomicU64,
 }
 
 struct Inner {
@@ -560,7 +558,6 @@ impl JetStreamStore {
                     .create_consumer(cfg)
                     .await
                     .map_err(|e| unavailable("history consumer", e))?;
-                inner.counters.consumers.fetch_add(1, Relaxed);
                 if c.cached_info().num_pending == 0 {
                     return Ok(upto);
                 }
