@@ -301,9 +301,18 @@ async fn auth(
     Ok(o)
 }
 
-/// Runs the bridge until aborted (relay shutdown): the publisher, the subscription keeper
-/// and the router of remote envelopes.
-pub(crate) async fn run(shared: Arc<Shared>, client: async_nats::Client, rx: Receivers) {
+/// Runs the bridge: the publisher, the subscription keeper and the router of remote
+/// envelopes. Returns once `drain` fires (graceful shutdown, after the relay's connections
+/// are gone, so nothing more is offered) and every envelope already accepted for other
+/// relays is published and flushed to the NATS server — QoS 0 a client saw accepted is not
+/// lost by a clean stop. The caller bounds the wait with the shutdown deadline (and aborts
+/// the bridge past it).
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    client: async_nats::Client,
+    rx: Receivers,
+    drain: tokio::sync::oneshot::Receiver<()>,
+) {
     let Some(state) = shared.cluster.as_ref() else {
         return;
     };
@@ -318,13 +327,14 @@ pub(crate) async fn run(shared: Arc<Shared>, client: async_nats::Client, rx: Rec
     let origin = random_origin();
     let (in_tx, in_rx) = mpsc::channel(INBOUND);
     let mut tasks = JoinSet::new();
-    tasks.spawn(publish_loop(
+    let publisher = publish_loop(
         client.clone(),
         rx.forward,
         prefix.clone(),
         origin,
         shared.metrics.clone(),
-    ));
+        drain,
+    );
     tasks.spawn(interest_loop(
         client,
         rx.interest,
@@ -333,8 +343,9 @@ pub(crate) async fn run(shared: Arc<Shared>, client: async_nats::Client, rx: Rec
         shared.metrics.clone(),
     ));
     tasks.spawn(receive_loop(shared.clone(), in_rx, origin));
-    // Each loop ends only when its queue closes (the relay is going away).
-    while tasks.join_next().await.is_some() {}
+    // The publisher ends when drained (or its queue closes); the other loops go with it.
+    publisher.await;
+    tasks.abort_all();
 }
 
 fn random_origin() -> u64 {
@@ -356,9 +367,35 @@ async fn publish_loop(
     prefix: String,
     origin: u64,
     metrics: Arc<Metrics>,
+    mut drain: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut counter = 0u64;
-    while let Some(f) = rx.recv().await {
+    loop {
+        // Queued envelopes first: `drain` is taken only once the queue is empty.
+        let f = tokio::select! {
+            biased;
+            f = rx.recv() => f,
+            _ = &mut drain => None,
+        };
+        let Some(f) = f else {
+            // Whatever the NATS client still buffers goes out before the process exits —
+            // and reaches the server: a flush only hands it to the socket, whose unsent
+            // bytes a reset at exit would discard. A request nobody answers comes back
+            // ("no responders") only after the server has read every publish before it.
+            if let Err(e) = client.flush().await {
+                tracing::warn!(error = %e, "cluster: flushing the forward queue to NATS failed");
+            }
+            // Inside the relays' subjects (NATS permissions), never a path (not 32 hex).
+            let probe = format!("{prefix}.drained.{origin:016x}");
+            match client.request(probe, Bytes::new()).await {
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: the forward queue's last publishes may not have reached NATS");
+                }
+            }
+            return;
+        };
         counter += 1;
         let subject = path_subject(&prefix, &f.envelope.token_path());
         let payload = encode(origin, counter, &f);

@@ -447,12 +447,17 @@ impl Relay {
             cluster_rx,
         } = self;
         let mut tasks = JoinSet::new();
+        // The bridge runs apart from `tasks`: at shutdown it drains its forward queue after
+        // the connections are gone instead of being aborted with the listeners.
+        let mut bridge = None;
         if let Some(rx) = cluster_rx {
             // Connects in the background: the relay serves its own clients while NATS is
             // unreachable (forwarded envelopes are counted as dropped meanwhile).
             let client =
                 crate::cluster::connect(&shared.config.cluster, shared.metrics.clone()).await?;
-            tasks.spawn(crate::cluster::run(shared.clone(), client, rx));
+            let (drain_tx, drain_rx) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(crate::cluster::run(shared.clone(), client, rx, drain_rx));
+            bridge = Some((task, drain_tx));
         }
         if let Some(mut rx) = shared.router.store().take_sequenced() {
             // Messages the cluster stream numbered, in order, routed on this relay.
@@ -513,6 +518,7 @@ impl Relay {
         tasks.abort_all();
         // Connections drain within `drain_ms` each, in parallel; allow a little more.
         let limit = shared.config.timeouts.drain() + std::time::Duration::from_millis(500);
+        let deadline = tokio::time::Instant::now() + limit;
         if tokio::time::timeout(limit, shared.registry.wait_empty())
             .await
             .is_err()
@@ -529,6 +535,19 @@ impl Relay {
             endpoint.close(0u32.into(), b"relay stopped");
             let _ =
                 tokio::time::timeout(shared.config.timeouts.drain(), endpoint.wait_idle()).await;
+        }
+        // The forward queue to NATS: envelopes accepted before the stop reach the other
+        // relays, within what is left of the deadline.
+        if let Some((task, drain)) = bridge {
+            let _ = drain.send(());
+            let abort = task.abort_handle();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if tokio::time::timeout(left, task).await.is_err() {
+                abort.abort();
+                tracing::warn!(
+                    "drain deadline passed; envelopes not yet forwarded to NATS are dropped"
+                );
+            }
         }
         // Flush and close the store off the runtime (the writer thread commits what is queued).
         let store = shared.router.store().clone();

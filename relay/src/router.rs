@@ -97,8 +97,8 @@ enum Numbering {
     Remote,
     /// Live-only from another relay with the JetStream store: not numbered (seq 0).
     Unnumbered,
-    /// Numbered by the cluster stream.
-    Sequenced(Seq),
+    /// Numbered by the cluster stream; kept in history (false: a retained-only value).
+    Sequenced(Seq, bool),
 }
 
 /// How a subscription starts.
@@ -425,7 +425,7 @@ impl Router {
             Qos::AtLeastOnce,
             None,
             &Tenant::Local,
-            Numbering::Sequenced(m.seq),
+            Numbering::Sequenced(m.seq, m.kept),
         )
     }
 
@@ -452,9 +452,13 @@ impl Router {
                 tenant,
             })?,
             Numbering::Unnumbered => Accepted::Live(Seq(0)),
-            Numbering::Sequenced(seq) => {
+            Numbering::Sequenced(seq, kept) => {
                 core.store.advance(seq);
-                Accepted::New(seq)
+                if kept {
+                    Accepted::New(seq)
+                } else {
+                    Accepted::Live(seq)
+                }
             }
         };
         let (seq, stored) = match accepted {

@@ -574,14 +574,22 @@ impl Session {
                 .as_ref()
                 .map(|n| format!("account:{n}"))
                 .or_else(|| s.owner.as_ref().map(owner_of_secret));
-            match self
-                .shared
-                .accounts
-                .durable_owner(&k.key_id, &k.name, owner)
-            {
-                Err(r) => return self.refuse(r, Some(sub_id), None),
-                Ok(Some(line)) => return self.defer(line, Frame::Sub(s)),
-                Ok(None) => {}
+            // A store shared by relays (JetStream) keeps the owner with the durable, so a
+            // relay that did not create it enforces it; otherwise the auth-state file does.
+            let shared_owner = match store.durable_owner(k, owner.as_deref()) {
+                Ok(b) => b,
+                Err(e) => return self.reply_err(e.code(), e.to_string(), Some(sub_id), None),
+            };
+            if !shared_owner {
+                match self
+                    .shared
+                    .accounts
+                    .durable_owner(&k.key_id, &k.name, owner)
+                {
+                    Err(r) => return self.refuse(r, Some(sub_id), None),
+                    Ok(Some(line)) => return self.defer(line, Frame::Sub(s)),
+                    Ok(None) => {}
+                }
             }
             if !self.shared.claim_durable(k) {
                 return self.reply_err(

@@ -75,6 +75,102 @@ pub(crate) async fn read_off_runtime<T: Send + 'static>(
 pub mod jetstream;
 mod sqlite;
 
+/// Quota arithmetic shared by the stores that count usage (SQLite, JetStream), so a
+/// publish over a quota gets the same error text whichever store counts it.
+pub(crate) mod quota {
+    use super::StoreError;
+    use crate::config::StoreConfig;
+
+    /// Usage counters of one tenant (or all).
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub(crate) struct Usage {
+        pub(crate) bytes: u64,
+        pub(crate) msgs: u64,
+        pub(crate) retained: u64,
+        pub(crate) durables: u64,
+        pub(crate) paths: u64,
+    }
+
+    impl Usage {
+        /// Adds `n` (a write accepted).
+        pub(crate) fn add(&mut self, n: &Need) {
+            self.bytes = self.bytes.saturating_add(n.bytes);
+            self.msgs = self.msgs.saturating_add(n.msgs);
+            self.retained = self.retained.saturating_add(n.retained);
+            self.durables = self.durables.saturating_add(n.durables);
+            self.paths = self.paths.saturating_add(n.paths);
+        }
+
+        /// Removes `n` (a write deleted, or no longer in flight).
+        pub(crate) fn sub(&mut self, n: &Need) {
+            self.bytes = self.bytes.saturating_sub(n.bytes);
+            self.msgs = self.msgs.saturating_sub(n.msgs);
+            self.retained = self.retained.saturating_sub(n.retained);
+            self.durables = self.durables.saturating_sub(n.durables);
+            self.paths = self.paths.saturating_sub(n.paths);
+        }
+
+        /// This usage plus `n`.
+        pub(crate) fn plus(mut self, n: &Need) -> Usage {
+            self.add(n);
+            self
+        }
+    }
+
+    /// What a new write adds to a tenant's (and the total) usage.
+    pub(crate) type Need = Usage;
+
+    /// Checks one usage against its limits (0 = unlimited); the first limit hit, if any.
+    pub(crate) fn over(u: &Usage, n: &Need, lim: [u64; 5]) -> Option<(&'static str, u64)> {
+        let checks = [
+            ("stored bytes", u.bytes, n.bytes, lim[0]),
+            ("stored messages", u.msgs, n.msgs, lim[1]),
+            ("retained values", u.retained, n.retained, lim[2]),
+            ("durable names", u.durables, n.durables, lim[3]),
+            ("distinct paths", u.paths, n.paths, lim[4]),
+        ];
+        checks
+            .into_iter()
+            .find(|(_, have, add, max)| *max > 0 && *add > 0 && have.saturating_add(*add) > *max)
+            .map(|(what, _, _, max)| (what, max))
+    }
+
+    /// The per-tenant limits of a store configuration, in [`over`]'s order.
+    pub(crate) fn tenant_limits(c: &StoreConfig) -> [u64; 5] {
+        [
+            c.tenant_max_bytes,
+            c.tenant_max_messages,
+            c.tenant_max_retained,
+            c.tenant_max_durables,
+            c.tenant_max_paths,
+        ]
+    }
+
+    /// The all-tenant limits of a store configuration, in [`over`]'s order.
+    pub(crate) fn total_limits(c: &StoreConfig) -> [u64; 5] {
+        [
+            c.total_max_bytes,
+            c.total_max_messages,
+            c.total_max_retained,
+            c.total_max_durables,
+            c.total_max_paths,
+        ]
+    }
+
+    /// The error of a publish over a per-tenant quota.
+    pub(crate) fn tenant_error(what: &str, max: u64) -> StoreError {
+        StoreError::QuotaExceeded(format!(
+            "this tenant's {what} quota ({max}) is reached; wait for retention to free space \
+             or ask the operator"
+        ))
+    }
+
+    /// The error of a publish over an all-tenant quota.
+    pub(crate) fn global_error(what: &str, max: u64) -> StoreError {
+        StoreError::QuotaExceeded(format!("the relay's total {what} quota ({max}) is reached"))
+    }
+}
+
 pub use jetstream::JetStreamStore;
 pub use sqlite::SqliteStore;
 
@@ -101,6 +197,9 @@ pub enum StoreError {
     /// This store does not do that (e.g. history on the `none` store).
     #[error("not supported: {0}")]
     Unsupported(String),
+    /// Refused for this client (a durable subscription owned by someone else).
+    #[error("{0}")]
+    NotAllowed(String),
 }
 
 impl StoreError {
@@ -110,7 +209,7 @@ impl StoreError {
             StoreError::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
             StoreError::StorageFull(_) => ErrorCode::StorageFull,
             StoreError::Busy(_) => ErrorCode::Busy,
-            StoreError::Unsupported(_) => ErrorCode::NotAllowed,
+            StoreError::Unsupported(_) | StoreError::NotAllowed(_) => ErrorCode::NotAllowed,
             StoreError::Unavailable(_) | StoreError::Open(_) => ErrorCode::StoreFailed,
         }
     }
@@ -216,6 +315,9 @@ pub struct Sequenced {
     pub envelope: Envelope,
     /// The publish flags (`pub_flags`).
     pub flags: u64,
+    /// Kept in history (false: a retained-only QoS 0 value, routed like a live-only
+    /// message: a subscription paused for credit cannot catch up on it).
+    pub kept: bool,
 }
 
 /// A stored message read back.
@@ -463,6 +565,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Records a durable subscription's floor, persisted write-behind. Creating a new
     /// durable counts against `tenant`'s durable-name quota.
     fn set_durable(&self, key: &DurableKey, floor: u64, tenant: &Tenant) -> Result<(), StoreError>;
+    /// Checks, for a store shared by several relays, the owner of a durable subscription
+    /// (`account:NAME`, `sha256:HEX` of the `Sub.owner` secret, or None), recording it for
+    /// a durable about to be created or one created without an owner. `Ok(true)`: this
+    /// store keeps owners, the relay keeps none of its own; `Ok(false)`: owners are the
+    /// relay's (its auth-state file); `Err(NotAllowed)`: the durable is someone else's.
+    fn durable_owner(&self, key: &DurableKey, owner: Option<&str>) -> Result<bool, StoreError>;
     /// `/status` details.
     fn status(&self) -> StoreStatus;
     /// `/metrics` counters.
@@ -585,6 +693,10 @@ impl Store for LiveStore {
     }
 
     fn set_durable(&self, _: &DurableKey, _: u64, _: &Tenant) -> Result<(), StoreError> {
+        Err(Self::unsupported("durable subscriptions"))
+    }
+
+    fn durable_owner(&self, _: &DurableKey, _: Option<&str>) -> Result<bool, StoreError> {
         Err(Self::unsupported("durable subscriptions"))
     }
 

@@ -452,3 +452,593 @@ async fn without_jetstream_stored_publishes_fail_and_live_routing_goes_on() {
         "live-only, sequence 0"
     );
 }
+
+fn start_relay_with(urls: &str, name: &str, extra: &[&str]) -> BinRelay {
+    let mut args = relay_args(urls, name);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    BinRelay::start(&args)
+}
+
+/// Per-tenant quotas with the JetStream store: usage is counted by every relay from the
+/// ordered read of the stream (header `Wsp-Tenant`), so a tenant at its quota through
+/// relay A is refused at relay B — and at a relay started afterwards, which reads the
+/// usage back from the stream — with the same `Err(quota_exceeded)` and metric as SQLite.
+#[tokio::test]
+async fn tenant_quota_counts_the_whole_cluster() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let quota = ["--tenant-max-messages", "5"];
+    let a = start_relay_with(&urls, "relay-a", &quota);
+    let b = start_relay_with(&urls, "relay-b", &quota);
+    // B reading the five messages is the event that its ledger has counted them (a
+    // message is applied to the ledger before it is routed).
+    let (mut watch, _) = connect(b.tcp()).await;
+    subscribe(&mut watch, sub(1, pattern(7, &[], true), Qos::AtMostOnce)).await;
+    let (mut pa, _) = connect(a.tcp()).await;
+    let envs: Vec<(u32, Envelope)> = (0..5).map(|i| (i, numbered(7, &[1], i))).collect();
+    let seqs = publish_acked(&mut pa, &envs, Qos::AtLeastOnce, false).await;
+    read_until(&mut watch, seqs[4]).await;
+
+    let (mut pb, _) = connect(b.tcp()).await;
+    pb.send(&pub_frame(numbered(7, &[2], 5), Qos::AtLeastOnce, 5, false))
+        .await;
+    let e = pb.expect_err().await;
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::QuotaExceeded, "{e:?}");
+    assert!(!e.fatal);
+    assert_eq!(e.publish_id.map(|p| id_of(&p)), Some(5));
+    assert!(e.message.contains("stored messages quota (5)"), "{e:?}");
+    assert_eq!(
+        metric(
+            b.admin(),
+            "whispeer_relay_store_quota_tenant_rejections_total"
+        )
+        .await,
+        1
+    );
+    // A at its own quota too (its in-flight and read-back counts agree).
+    pa.send(&pub_frame(numbered(7, &[1], 6), Qos::AtLeastOnce, 6, false))
+        .await;
+    assert_eq!(
+        pa.expect_err().await.code,
+        whispeer_protocol::ErrorCode::QuotaExceeded
+    );
+
+    // A relay started now reads the usage back from the stream.
+    let c = start_relay_with(&urls, "relay-c", &quota);
+    let (mut pc, _) = connect(c.tcp()).await;
+    pc.send(&pub_frame(numbered(7, &[3], 7), Qos::AtLeastOnce, 7, false))
+        .await;
+    assert_eq!(
+        pc.expect_err().await.code,
+        whispeer_protocol::ErrorCode::QuotaExceeded
+    );
+}
+
+/// Publishes live-only QoS 0 probes on `[key(k), 9]` from `publ` until `watch` gets one:
+/// the event that `watch`'s relay's NATS interest reached the publisher's NATS server.
+/// The probes `watch` reads later are told apart by their number (`u32::MAX`).
+async fn sync_live_interest(publ: &mut Client, watch: &mut Client, k: u8) {
+    let probe = numbered(k, &[9], u32::MAX);
+    loop {
+        publ.send(&Frame::Pub(Pub {
+            envelope: probe.clone(),
+            flags: 0,
+            publish_id: None,
+            qos: Qos::AtMostOnce,
+        }))
+        .await;
+        // Pacing of the probes, not a wait for a result: the wait is on the probe.
+        if let Ok(m) =
+            tokio::time::timeout(std::time::Duration::from_millis(50), watch.expect_msg()).await
+        {
+            assert_eq!(number(&m.envelope), u32::MAX);
+            return;
+        }
+    }
+}
+
+/// A relay stopped gracefully forwards what it accepted: live-only QoS 0 envelopes still
+/// in its queue to NATS when SIGTERM arrives (NATS is frozen meanwhile, so the queue is
+/// full of them) are published once NATS answers again, within the drain deadline, and
+/// reach the other relay's subscriber.
+#[tokio::test]
+async fn graceful_shutdown_drains_the_forward_queue() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let b = start_relay(&urls, "relay-b");
+    let mut args = relay_args(&urls, "relay-a");
+    args.extend(["--log".to_string(), "info".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut a = BinRelay::start_logged(&args);
+    let (mut watch, _) = connect(b.tcp()).await;
+    subscribe(&mut watch, sub(1, pattern(8, &[], true), Qos::AtMostOnce)).await;
+    let (mut publ, _) = connect(a.tcp()).await;
+    sync_live_interest(&mut publ, &mut watch, 8).await;
+
+    // More than the NATS client's own command buffer (2,048) holds: the rest waits in the
+    // relay's forward queue. B's subscriber reads as they come (B's queue for it stays
+    // short).
+    let total = 20000u32;
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < total as usize {
+            let m = watch.expect_msg().await;
+            let n = number(&m.envelope);
+            if n != u32::MAX {
+                assert_eq!(m.seq, 0, "live-only");
+                got.push(n);
+            }
+        }
+        got
+    });
+    for n in &nats.nodes {
+        n.signal("STOP");
+    }
+    for i in 0..total {
+        publ.send(&Frame::Pub(Pub {
+            envelope: numbered_sized(8, &[1], i, 1024),
+            flags: 0,
+            publish_id: None,
+            qos: Qos::AtMostOnce,
+        }))
+        .await;
+    }
+    // The Pong: A's session handled every publish before the Ping (one connection is
+    // handled in order), so all of them were accepted and offered to the forward queue.
+    publ.send(&Frame::Ping(whispeer_protocol::frame::Ping { nonce: 7 }))
+        .await;
+    match publ.recv().await {
+        Frame::Pong(p) => assert_eq!(p.nonce, 7),
+        other => panic!("expected Pong, got {other:?}"),
+    }
+    drop(publ);
+    a.sigterm();
+    a.wait_log(&["shutting down"]).await;
+    for n in &nats.nodes {
+        n.signal("CONT");
+    }
+    let status = tokio::task::spawn_blocking(move || a.wait_exit())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let got = reader.await.expect("reader");
+    assert_eq!(got, (0..total).collect::<Vec<_>>(), "all of them, in order");
+}
+
+/// QoS 0 + `RETAIN` when the retention policy keeps no QoS 0 (`store_qos0` off): kept as
+/// the path's retained value only, as with SQLite — numbered (so the retained value has a
+/// sequence on every relay), delivered live, absent from history.
+#[tokio::test]
+async fn qos0_retain_is_a_retained_value_only() {
+    let Some(s) = Setup::start(2) else { return };
+    let (mut watch, _) = connect(s.relays[1].tcp()).await;
+    subscribe(&mut watch, sub(1, pattern(11, &[], true), Qos::AtMostOnce)).await;
+    let (mut publ, _) = connect(s.relays[0].tcp()).await;
+    for n in [0, 1] {
+        publ.send(&Frame::Pub(Pub {
+            envelope: numbered(11, &[1], n),
+            flags: pub_flags::RETAIN,
+            publish_id: None,
+            qos: Qos::AtMostOnce,
+        }))
+        .await;
+    }
+    let marker = publish_acked(
+        &mut publ,
+        &[(2, numbered(11, &[2], 2))],
+        Qos::AtLeastOnce,
+        false,
+    )
+    .await[0];
+    let live = read_until(&mut watch, marker).await;
+    let live: Vec<u32> = live.iter().map(|m| number(&m.envelope)).collect();
+    assert_eq!(live, vec![0, 1, 2], "all delivered live");
+
+    let (mut c, _) = connect(s.relays[1].tcp()).await;
+    let mut h = sub(2, pattern(11, &[], true), Qos::AtLeastOnce);
+    h.replay = Some(Replay::FromSeq(1));
+    subscribe(&mut c, h).await;
+    let got = read_until(&mut c, marker).await;
+    let got: Vec<u32> = got.iter().map(|m| number(&m.envelope)).collect();
+    assert_eq!(got, vec![2], "history holds the QoS 1 message only");
+
+    let mut r = sub(3, pattern(11, &[], true), Qos::AtMostOnce);
+    r.retained = true;
+    subscribe(&mut c, r).await;
+    let m = c.expect_msg().await;
+    assert_eq!(number(&m.envelope), 1, "the retained value");
+    assert!(
+        m.seq > 0 && m.seq < marker,
+        "numbered by the stream: {}",
+        m.seq
+    );
+    assert!(m.flags & msg_flags::RETAINED != 0);
+}
+
+/// Durable owners across relays: the owner is kept with the durable in the durable stream,
+/// so relay B — which did not create it — refuses another owner's `Sub`, and lets the
+/// owner resume from the floor the creation recorded even before any acknowledgement (the
+/// record is written before the `Sub` is answered, not behind).
+#[tokio::test]
+async fn durable_owner_is_enforced_by_a_relay_that_did_not_create_it() {
+    let Some(s) = Setup::start(2) else { return };
+    let (mut publ, _) = connect(s.relays[1].tcp()).await;
+    let old: Vec<(u32, Envelope)> = (0..2).map(|i| (i, numbered(12, &[1], i))).collect();
+    publish_acked(&mut publ, &old, Qos::AtLeastOnce, false).await;
+
+    let (mut a, _) = connect(s.relays[0].tcp()).await;
+    let mut d = sub(1, pattern(12, &[], true), Qos::AtLeastOnce);
+    d.durable = Some("d2".into());
+    d.owner = Some(Bytes::from(vec![9u8; 16]));
+    subscribe(&mut a, d.clone()).await;
+    drop(a); // releases the durable at A (no acknowledgement)
+
+    let (mut thief, _) = connect(s.relays[1].tcp()).await;
+    let mut t = d.clone();
+    t.owner = Some(Bytes::from(vec![8u8; 16]));
+    thief.send(&Frame::Sub(t)).await;
+    let e = thief.expect_err().await;
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::NotAllowed, "{e:?}");
+    assert_eq!(e.sub_id, Some(1));
+    assert!(e.message.contains("belongs to someone else"), "{e:?}");
+
+    let new: Vec<(u32, Envelope)> = (2..5).map(|i| (i, numbered(12, &[1], i))).collect();
+    let seqs = publish_acked(&mut publ, &new, Qos::AtLeastOnce, false).await;
+    let (mut b, _) = connect(s.relays[1].tcp()).await;
+    subscribe(&mut b, d).await;
+    let got = read_until(&mut b, seqs[2]).await;
+    let got: Vec<(u64, u32)> = got.iter().map(|m| (m.seq, number(&m.envelope))).collect();
+    let want: Vec<(u64, u32)> = seqs.iter().copied().zip(2..5).collect();
+    assert_eq!(
+        got, want,
+        "resumed from the creation's floor: not new (live only), not from the start"
+    );
+}
+
+/// Retained races, 1: a relay that has routed a retained publish serves it as the retained
+/// value at once, even before its write to the retained stream lands (it reads it from
+/// the main stream by the sequence its ordered read recorded).
+#[tokio::test]
+async fn a_routed_retained_value_is_served_at_once() {
+    let Some(s) = Setup::start(2) else { return };
+    let (mut watch, _) = connect(s.relays[1].tcp()).await;
+    subscribe(&mut watch, sub(1, pattern(13, &[], true), Qos::AtMostOnce)).await;
+    let (mut publ, _) = connect(s.relays[0].tcp()).await;
+    let (mut c, _) = connect(s.relays[1].tcp()).await;
+    for i in 0..20u32 {
+        // No waiting for the PubAck (it follows the retained write): the event is B
+        // routing the message.
+        publ.send(&Frame::Pub(Pub {
+            envelope: numbered(13, &[1], i),
+            flags: pub_flags::RETAIN,
+            publish_id: None,
+            qos: Qos::AtMostOnce,
+        }))
+        .await;
+        let m = watch.expect_msg().await;
+        assert_eq!(number(&m.envelope), i);
+        let mut r = sub(100 + u64::from(i), pattern(13, &[], true), Qos::AtMostOnce);
+        r.retained = true;
+        let boundary = subscribe(&mut c, r).await;
+        assert!(boundary >= m.seq);
+        let got = c.expect_msg().await;
+        assert_eq!(
+            (got.seq, number(&got.envelope)),
+            (m.seq, i),
+            "round {i}: the value B routed"
+        );
+        c.send(&Frame::Unsub(whispeer_protocol::frame::Unsub {
+            sub_id: 100 + u64::from(i),
+        }))
+        .await;
+    }
+}
+
+/// Retained races, 2: relays replacing one path's value at once — the highest stream
+/// sequence wins in the retained stream and on every relay, whatever order the writes
+/// landed in.
+#[tokio::test]
+async fn concurrent_retained_writers_the_stream_order_decides() {
+    let Some(mut s) = Setup::start(2) else { return };
+    // Watchers: each relay having routed the last publish is the event to check it after
+    // (a PubAck can come before the ordered read routes the message).
+    let mut watchers = Vec::new();
+    for r in &s.relays {
+        let (mut w, _) = connect(r.tcp()).await;
+        subscribe(&mut w, sub(9, pattern(14, &[], true), Qos::AtMostOnce)).await;
+        watchers.push(w);
+    }
+    let (mut pa, _) = connect(s.relays[0].tcp()).await;
+    let (mut pb, _) = connect(s.relays[1].tcp()).await;
+    let ea: Vec<(u32, Envelope)> = (0..100).map(|i| (i, numbered(14, &[1], i))).collect();
+    let eb: Vec<(u32, Envelope)> = (100..200).map(|i| (i, numbered(14, &[1], i))).collect();
+    let (sa, sb) = tokio::join!(
+        publish_acked(&mut pa, &ea, Qos::AtLeastOnce, true),
+        publish_acked(&mut pb, &eb, Qos::AtLeastOnce, true)
+    );
+    let (last_seq, last_n) = sa
+        .iter()
+        .zip(0..100u32)
+        .chain(sb.iter().zip(100..200u32))
+        .map(|(s, n)| (*s, n))
+        .max()
+        .unwrap();
+    for w in &mut watchers {
+        read_until(w, last_seq).await;
+    }
+
+    // The retained stream holds the highest sequence (every PubAck followed its write).
+    let nc = async_nats::connect(s.nats.nodes[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let rs = js.get_stream("WSP_RETAINED").await.unwrap();
+    let subject = format!("wsp_retained.{}.{}", key(14), tok(1));
+    let m = rs.get_last_raw_message_by_subject(&subject).await.unwrap();
+    assert_eq!(
+        m.headers.get("Wsp-Seq").map(|v| v.as_str().to_string()),
+        Some(last_seq.to_string())
+    );
+
+    let late = start_relay(&s.nats.urls(), "late");
+    s.relays.push(late);
+    for (i, r) in s.relays.iter().enumerate() {
+        let (mut c, _) = connect(r.tcp()).await;
+        let mut q = sub(1, pattern(14, &[], true), Qos::AtMostOnce);
+        q.retained = true;
+        subscribe(&mut c, q).await;
+        let m = c.expect_msg().await;
+        assert_eq!(
+            (m.seq, number(&m.envelope)),
+            (last_seq, last_n),
+            "relay {i}: the highest sequence"
+        );
+    }
+}
+
+/// History reads: `LastN` and `SinceMs` are planned from the relay's ledger (sequence and
+/// time of each kept message per path), not by scanning the key id's whole history, and a
+/// read of several chunks reuses its consumer. Measured by the rows the relay reads
+/// (`whispeer_relay_store_rows_read_total`).
+#[tokio::test]
+async fn last_n_and_since_do_not_scan_the_whole_history() {
+    let Some(s) = Setup::start(1) else { return };
+    let admin = s.relays[0].admin();
+    // A PubAck can come before the relay's ordered read routes the message (and moves the
+    // SubOk boundary): a watcher reading the last one is the event that it has.
+    let (mut watch, _) = connect(s.relays[0].tcp()).await;
+    subscribe(
+        &mut watch,
+        sub(9, pattern(15, &[Some(2)], false), Qos::AtMostOnce),
+    )
+    .await;
+    let (mut publ, _) = connect(s.relays[0].tcp()).await;
+    let bulk: Vec<(u32, Envelope)> = (0..1500).map(|i| (i, numbered(15, &[1], i))).collect();
+    publish_acked(&mut publ, &bulk, Qos::AtLeastOnce, false).await;
+    let tail: Vec<(u32, Envelope)> = (2000..2003).map(|i| (i, numbered(15, &[2], i))).collect();
+    let tail_seqs = publish_acked(&mut publ, &tail, Qos::AtLeastOnce, false).await;
+    read_until(&mut watch, tail_seqs[2]).await;
+
+    let rows = metric(admin, "whispeer_relay_store_rows_read_total").await;
+    let (mut c, _) = connect(s.relays[0].tcp()).await;
+    let mut r = sub(1, pattern(15, &[Some(2)], false), Qos::AtMostOnce);
+    r.replay = Some(Replay::LastN(2));
+    subscribe(&mut c, r).await;
+    let got = read_until(&mut c, tail_seqs[2]).await;
+    let got: Vec<u32> = got.iter().map(|m| number(&m.envelope)).collect();
+    assert_eq!(got, vec![2001, 2002]);
+    let read = metric(admin, "whispeer_relay_store_rows_read_total").await - rows;
+    assert!(
+        read <= 3,
+        "LastN(2) read {read} rows of a 1503-message history"
+    );
+
+    // SinceMs: a time after the bulk (the stream's clock is this machine's).
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 1;
+    while (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64)
+        <= t
+    {
+        tokio::task::yield_now().await;
+    }
+    let late: Vec<(u32, Envelope)> = (3000..3002).map(|i| (i, numbered(15, &[1], i))).collect();
+    let late_seqs = publish_acked(&mut publ, &late, Qos::AtLeastOnce, false).await;
+    let rows = metric(admin, "whispeer_relay_store_rows_read_total").await;
+    let mut r = sub(2, pattern(15, &[], true), Qos::AtMostOnce);
+    r.replay = Some(Replay::SinceMs(t));
+    subscribe(&mut c, r).await;
+    let got = read_until(&mut c, late_seqs[1]).await;
+    let got: Vec<u32> = got.iter().map(|m| number(&m.envelope)).collect();
+    assert_eq!(got, vec![3000, 3001]);
+    let read = metric(admin, "whispeer_relay_store_rows_read_total").await - rows;
+    assert!(read <= 2, "SinceMs read {read} rows");
+
+    // A full replay of more than one chunk (1024) is complete and in order.
+    let mut r = sub(3, pattern(15, &[Some(1)], false), Qos::AtMostOnce);
+    r.replay = Some(Replay::FromSeq(1));
+    subscribe(&mut c, r).await;
+    let got = read_until(&mut c, late_seqs[1]).await;
+    let got: Vec<u32> = got
+        .iter()
+        .filter(|m| m.seq > 0)
+        .map(|m| number(&m.envelope))
+        .collect();
+    let want: Vec<u32> = (0..1500).chain(3000..3002).collect();
+    assert_eq!(got, want);
+}
+
+/// Retained races, 3 (deterministic): a retained write for a *higher* stream sequence that
+/// landed first — put in the retained stream by hand here — is not replaced by a later
+/// write for a lower one.
+#[tokio::test]
+async fn a_lower_sequence_never_replaces_a_higher_retained_value() {
+    let Some(s) = Setup::start(1) else { return };
+    let nc = async_nats::connect(s.nats.nodes[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let subject = format!("wsp_retained.{}.{}", key(16), tok(1));
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Wsp-Seq", "1000000000");
+    js.publish_with_headers(
+        subject.clone(),
+        h,
+        numbered(16, &[1], 999).as_bytes().clone(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let (mut publ, _) = connect(s.relays[0].tcp()).await;
+    let seq = publish_acked(
+        &mut publ,
+        &[(1, numbered(16, &[1], 1))],
+        Qos::AtLeastOnce,
+        true,
+    )
+    .await[0];
+    assert!(seq < 1_000_000_000);
+    let rs = js.get_stream("WSP_RETAINED").await.unwrap();
+    let m = rs.get_last_raw_message_by_subject(&subject).await.unwrap();
+    assert_eq!(
+        m.headers.get("Wsp-Seq").map(|v| v.as_str().to_string()),
+        Some("1000000000".to_string()),
+        "the PubAck came after the (skipped) write; the higher sequence stays"
+    );
+}
+
+/// Measurement (ignored; `cargo test -p whispeer-relay --test cluster_jetstream -- --ignored
+/// ledger_load --nocapture`): how long a relay started beside a stream of
+/// `WSP_LEDGER_MESSAGES` (default 100,000) stored messages takes to read the usage back
+/// (headers only), from its "usage per tenant read from the streams" log line.
+#[tokio::test]
+#[ignore]
+async fn ledger_load_time() {
+    let Some(s) = Setup::start(1) else { return };
+    let total: u32 = std::env::var("WSP_LEDGER_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let (mut publ, _) = connect(s.relays[0].tcp()).await;
+    let started = std::time::Instant::now();
+    let mut done = 0u32;
+    while done < total {
+        let batch: Vec<(u32, Envelope)> = (done..(done + 1000).min(total))
+            .map(|i| (i, numbered_sized(17, &[(i % 50) as u8], i, 256)))
+            .collect();
+        publish_acked(
+            &mut publ,
+            &batch,
+            Qos::AtLeastOnce,
+            i64::from(done) % 7 == 0,
+        )
+        .await;
+        done += batch.len() as u32;
+    }
+    let publish = started.elapsed();
+    let mut args = relay_args(&s.nats.urls(), "late");
+    args.extend(["--log".to_string(), "info".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = std::time::Instant::now();
+    let mut late = BinRelay::start_logged(&args);
+    let line = late
+        .wait_log(&["usage per tenant read from the streams"])
+        .await;
+    eprintln!(
+        "ledger load: {total} messages published (QoS 1, 256 B) in {publish:?}; a new relay \
+         ready in {:?}: {line}",
+        started.elapsed()
+    );
+}
+
+/// Retained-value and durable-name quotas with the JetStream store, across relays: a
+/// tenant's retained value published at A counts at B (replacing it stays free), and a
+/// durable created at A counts at B once B's durable reader has it.
+#[tokio::test]
+async fn retained_and_durable_quotas_count_the_whole_cluster() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let quota = ["--tenant-max-retained", "1", "--tenant-max-durables", "1"];
+    let a = start_relay_with(&urls, "relay-a", &quota);
+    let b = start_relay_with(&urls, "relay-b", &quota);
+    let (mut watch, _) = connect(b.tcp()).await;
+    subscribe(&mut watch, sub(1, pattern(18, &[], true), Qos::AtMostOnce)).await;
+    let (mut pa, _) = connect(a.tcp()).await;
+    let first = publish_acked(
+        &mut pa,
+        &[(1, numbered(18, &[1], 1))],
+        Qos::AtLeastOnce,
+        true,
+    )
+    .await;
+    read_until(&mut watch, first[0]).await; // B's ledger has it
+
+    let (mut pb, _) = connect(b.tcp()).await;
+    pb.send(&pub_frame(numbered(18, &[2], 2), Qos::AtLeastOnce, 2, true))
+        .await;
+    let e = pb.expect_err().await;
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::QuotaExceeded, "{e:?}");
+    assert!(e.message.contains("retained values quota (1)"), "{e:?}");
+    publish_acked(
+        &mut pb,
+        &[(3, numbered(18, &[1], 3))],
+        Qos::AtLeastOnce,
+        true,
+    )
+    .await; // replacing the tenant's one retained value is free
+
+    let (mut ca, _) = connect(a.tcp()).await;
+    let mut d = sub(5, pattern(18, &[], true), Qos::AtLeastOnce);
+    d.durable = Some("q1".into());
+    subscribe(&mut ca, d).await;
+    // B's durable reader learning of q1 is the event (its /status counts durables).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let body = whispeer_relay::admin::http_get(&format!("http://{}", b.admin()), "/status")
+            .await
+            .unwrap();
+        let st: whispeer_relay::admin::Status = serde_json::from_slice(&body).unwrap();
+        if st.store.durables >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never learned of q1"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await; // poll interval
+    }
+    let mut q2 = sub(6, pattern(18, &[], true), Qos::AtLeastOnce);
+    q2.durable = Some("q2".into());
+    pb.send(&Frame::Sub(q2)).await;
+    let e = loop {
+        match pb.recv().await {
+            Frame::Err(e) => break e,
+            Frame::Msg(_) | Frame::PubAck(_) => {}
+            other => panic!("expected Err, got {other:?}"),
+        }
+    };
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::QuotaExceeded, "{e:?}");
+    assert_eq!(e.sub_id, Some(6));
+    assert!(e.message.contains("durable names quota (1)"), "{e:?}");
+    assert!(
+        metric(
+            b.admin(),
+            "whispeer_relay_store_quota_tenant_rejections_total"
+        )
+        .await
+            >= 2
+    );
+}

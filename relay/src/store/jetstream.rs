@@ -44,6 +44,11 @@ use tokio::sync::{mpsc, Notify};
 use whispeer_protocol::frame::{pub_flags, Replay};
 use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
+mod ledger;
+
+use ledger::{Ledger, Limits, Refused, Tag};
+
+use super::quota::Need;
 use super::{
     path_bytes, Accepted, Append, DurableKey, OnDurable, OnSequenced, ReadChunk, ReadPlan,
     RetentionStatus, Sequenced, Store, StoreError, StoreMetrics, StoreStatus, Stored, Tenant,
@@ -55,6 +60,14 @@ use crate::ids::Seq;
 const SEQ_HEADER: &str = "Wsp-Seq";
 /// Header carrying the publish flags (absent = 0).
 const FLAGS_HEADER: &str = "Wsp-Flags";
+/// Header carrying the publishing tenant's tag (hex of [`tenant_tag`]): what every relay's
+/// usage ledger counts a stored message, retained value or durable name against.
+const TENANT_HEADER: &str = "Wsp-Tenant";
+/// Header of a durable record: a keyed hash of the durable's owner (`account:NAME` or the
+/// `Sub.owner` secret's hash), so every relay enforces it and NATS learns no name.
+const OWNER_HEADER: &str = "Wsp-Owner";
+/// Header JetStream puts on a headers-only delivery: the payload's size.
+const SIZE_HEADER: &str = "Nats-Msg-Size";
 /// Most messages one history read returns.
 const CHUNK: usize = 1024;
 /// How long a history or retained read may take before it fails.
@@ -84,6 +97,115 @@ fn durable_prefix(prefix: &str) -> String {
     format!("{prefix}_durable")
 }
 
+/// The subject prefix, inside the stream, of retained-only values (QoS 0 + `RETAIN` when
+/// `store_qos0` is off): numbered by the stream like every stored publish, but outside
+/// every history read's filter (`<prefix>.<key id>.>`: a key id is 32 hex digits, never
+/// `r`) and outside the per-path message limit, so history holds exactly what SQLite's
+/// does.
+fn retained_only_prefix(prefix: &str) -> String {
+    format!("{prefix}.r")
+}
+
+/// A tenant as the stream and NATS see it: a keyed hash of its store key, so a source
+/// address never travels in clear (an IPv4 address is guessable from its hash by brute
+/// force; NATS sees the relays' connections anyway, never the clients').
+fn tenant_tag(t: &Tenant) -> Tag {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"whispeer-relay/v2/jetstream-tenant\0");
+    h.update(t.key());
+    let d = h.finalize();
+    let mut tag = [0u8; 16];
+    tag.copy_from_slice(&d[..16]);
+    tag
+}
+
+/// Whether NATS subject `subject` matches filter `filter` (`*` one token, `>` the rest).
+fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The owner as a durable record carries it (hex of a keyed hash).
+fn owner_tag(owner: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"whispeer-relay/v2/jetstream-durable-owner\0");
+    h.update(owner.as_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+/// A durable record as read from the durable stream.
+#[derive(Debug, Clone, Default)]
+struct DurableRecord {
+    floor: Option<u64>,
+    owner: Option<String>,
+    tenant: Tag,
+}
+
+impl DurableRecord {
+    fn of(h: Option<&HeaderMap>, payload: &[u8]) -> Self {
+        DurableRecord {
+            floor: std::str::from_utf8(payload)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok()),
+            owner: h
+                .and_then(|h| h.get(OWNER_HEADER))
+                .map(|v| v.as_str().to_string()),
+            tenant: header_tag(h),
+        }
+    }
+}
+
+/// The tenant tag a message header names ([`ledger::NO_TAG`] when absent or malformed).
+fn header_tag(h: Option<&HeaderMap>) -> Tag {
+    let mut tag = ledger::NO_TAG;
+    if let Some(v) = h.and_then(|h| h.get(TENANT_HEADER)) {
+        if hex::decode_to_slice(v.as_str(), &mut tag).is_err() {
+            tag = ledger::NO_TAG;
+        }
+    }
+    tag
+}
+
+fn header_u64(h: Option<&HeaderMap>, name: &str) -> Option<u64> {
+    h.and_then(|h| h.get(name))
+        .and_then(|v| v.as_str().parse::<u64>().ok())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How long a history read's consumer is kept for its next chunk.
+const CURSOR_IDLE: Duration = Duration::from_secs(30);
+/// Most durable creations remembered between a `Sub`'s owner check and its creation.
+const PENDING_CREATIONS: usize = 4096;
+/// Retained values read at once by one retained lookup.
+const RETAINED_READS: usize = 32;
+/// Most history consumers kept between chunks.
+const MAX_CURSORS: usize = 64;
+
+/// A history read's ordered consumer, kept between the chunks of one read.
+struct Cursor {
+    msgs: consumer::pull::Ordered,
+    /// The first message of the next chunk (read past the end of the last one).
+    peeked: Option<jetstream::Message>,
+    at: std::time::Instant,
+}
+
 /// One publish on its way to the stream.
 struct Job {
     ticket: u64,
@@ -92,6 +214,8 @@ struct Job {
     payload: Bytes,
     /// The retained stream's subject, for a `RETAIN` publish.
     retain: Option<String>,
+    /// The quota usage this publish holds in flight (tenant index, what it adds).
+    quota: (u32, Need),
 }
 
 enum Slot {
@@ -107,6 +231,8 @@ struct Counters {
     live_only: AtomicU64,
     busy: AtomicU64,
     rows_read: AtomicU64,
+    quota_tenant: AtomicU64,
+    quota_global: AtomicU64,
 }
 
 struct Inner {
@@ -129,10 +255,22 @@ struct Inner {
     /// Durable floors by key, as the durable stream's reader reports them (and this relay
     /// wrote them).
     durables: Mutex<HashMap<String, u64>>,
-    /// Floors to write to the durable stream (write-behind).
-    dirty: Mutex<HashMap<String, u64>>,
+    /// Floors to write to the durable stream (write-behind), with the tenant tag.
+    dirty: Mutex<HashMap<String, (u64, Tag)>>,
+    /// Durable owners (owner tags) as the durable stream holds them, by durable key.
+    owners: Mutex<HashMap<String, String>>,
+    /// The owner of a durable this relay is about to create (from `durable_owner` to the
+    /// creating `set_durable`).
+    creating: Mutex<HashMap<String, Option<String>>>,
+    /// Durables this relay just created: their next floor (the `Sub`'s boundary, right
+    /// after the creation) is written at once too, not behind.
+    fresh: Mutex<std::collections::HashSet<String>>,
     flush: Arc<Notify>,
     counters: Counters,
+    /// Usage per tenant, from the ordered read of the stream (see [`ledger`]).
+    ledger: Mutex<Ledger>,
+    /// History reads between chunks, by (filter, next sequence).
+    cursors: Mutex<HashMap<(String, u64), Cursor>>,
 }
 
 /// The JetStream-backed store (`[cluster] store = "jetstream"`).
@@ -255,6 +393,29 @@ impl JetStreamStore {
             s
         };
         let last = info.state.last_sequence;
+        // Usage per tenant: what the stream holds now, before the relay takes a publish.
+        let mut attempt = 0u32;
+        let (ledger, retained_stream) = loop {
+            let mut ledger = Ledger::new(Limits::of(config));
+            let r = async {
+                let retained = js
+                    .get_stream(&retained_name)
+                    .await
+                    .map_err(|e| unavailable("retained stream", e))?;
+                load_ledger(&mut ledger, &retained, &main, &prefix, last).await?;
+                Ok::<_, StoreError>(retained)
+            }
+            .await;
+            match r {
+                Ok(retained) => break (ledger, retained),
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "cluster store: usage not read yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(8))))
+                        .await;
+                }
+            }
+        };
         let (jobs_tx, jobs_rx) = mpsc::channel(cluster.queue);
         let (feed_tx, feed_rx) = mpsc::channel(FEED);
         let inner = Arc::new(Inner {
@@ -279,8 +440,13 @@ impl JetStreamStore {
             durable_stream: durables.clone(),
             durables: Mutex::new(HashMap::new()),
             dirty: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
+            creating: Mutex::new(HashMap::new()),
+            fresh: Mutex::new(std::collections::HashSet::new()),
             flush: Arc::new(Notify::new()),
             counters: Counters::default(),
+            ledger: Mutex::new(ledger),
+            cursors: Mutex::new(HashMap::new()),
         });
         // Durable floors: what the stream holds now, then every change, kept in memory.
         tokio::spawn(durable_watch(
@@ -296,8 +462,13 @@ impl JetStreamStore {
         ));
         let (acks_tx, acks_rx) = mpsc::channel(cluster.queue);
         tokio::spawn(publish_loop(js.clone(), jobs_rx, acks_tx));
-        tokio::spawn(ack_loop(Arc::downgrade(&inner), js, acks_rx));
-        tokio::spawn(live_loop(main, last, feed_tx));
+        tokio::spawn(ack_loop(
+            Arc::downgrade(&inner),
+            js,
+            retained_stream,
+            acks_rx,
+        ));
+        tokio::spawn(live_loop(Arc::downgrade(&inner), main, last, feed_tx));
         tracing::info!(
             stream = %inner.stream,
             last_seq = last,
@@ -351,7 +522,9 @@ impl JetStreamStore {
     }
 
     /// Reads the stream's messages of `key_id` in `from..=upto` (at most `max`), calling
-    /// `each(seq, received ms, envelope, flags)`; returns the last sequence looked at.
+    /// `each(seq, received ms, envelope)`; returns the last sequence looked at. A read of
+    /// several chunks goes on with the consumer its previous chunk left (kept under the
+    /// next sequence it will deliver), not a new consumer per chunk.
     async fn scan(
         &self,
         key_id: &KeyId,
@@ -364,39 +537,67 @@ impl JetStreamStore {
         if from > upto {
             return Ok(upto);
         }
-        let stream = inner
-            .js
-            .get_stream_no_info(&inner.stream)
-            .await
-            .map_err(|e| unavailable("stream", e))?;
-        let cfg = consumer::pull::OrderedConfig {
-            filter_subject: format!("{}.{}.>", inner.prefix, key_id),
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: from.max(1),
-            },
-            ..Default::default()
+        let filter = format!("{}.{}.>", inner.prefix, key_id);
+        let kept = lock(&inner.cursors).remove(&(filter.clone(), from));
+        let mut cur = match kept {
+            Some(c) => c,
+            None => {
+                let stream = inner
+                    .js
+                    .get_stream_no_info(&inner.stream)
+                    .await
+                    .map_err(|e| unavailable("stream", e))?;
+                let cfg = consumer::pull::OrderedConfig {
+                    filter_subject: filter.clone(),
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: from.max(1),
+                    },
+                    ..Default::default()
+                };
+                let c = stream
+                    .create_consumer(cfg)
+                    .await
+                    .map_err(|e| unavailable("history consumer", e))?;
+                if c.cached_info().num_pending == 0 {
+                    return Ok(upto);
+                }
+                let msgs = c
+                    .messages()
+                    .await
+                    .map_err(|e| unavailable("history read", e))?;
+                Cursor {
+                    msgs,
+                    peeked: None,
+                    at: std::time::Instant::now(),
+                }
+            }
         };
-        let c = stream
-            .create_consumer(cfg)
-            .await
-            .map_err(|e| unavailable("history consumer", e))?;
-        let mut last = upto;
-        if c.cached_info().num_pending == 0 {
-            return Ok(last);
-        }
-        let mut msgs = c
-            .messages()
-            .await
-            .map_err(|e| unavailable("history read", e))?;
         let mut n = 0;
-        while let Some(m) = msgs.next().await {
-            let m = m.map_err(|e| unavailable("history read", e))?;
+        loop {
+            let m = match cur.peeked.take() {
+                Some(m) => m,
+                None => match cur.msgs.next().await {
+                    Some(m) => m.map_err(|e| unavailable("history read", e))?,
+                    None => return Ok(upto),
+                },
+            };
             let info = m.info().map_err(|e| unavailable("history read", e))?;
             let seq = info.stream_sequence;
             let pending = info.pending;
             let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
             if seq > upto {
-                break;
+                return Ok(upto);
+            }
+            if n >= max {
+                // The next chunk starts here: keep the consumer and this message for it.
+                cur.peeked = Some(m);
+                cur.at = std::time::Instant::now();
+                let mut cursors = lock(&inner.cursors);
+                cursors.retain(|_, c| c.at.elapsed() < CURSOR_IDLE);
+                if cursors.len() < MAX_CURSORS {
+                    cursors.insert((filter, seq), cur);
+                }
+                return Ok(seq - 1);
             }
             inner.counters.rows_read.fetch_add(1, Relaxed);
             if let Ok(env) = Envelope::from_bytes(m.payload.clone()) {
@@ -404,14 +605,134 @@ impl JetStreamStore {
             }
             n += 1;
             if pending == 0 || seq == upto {
-                break;
-            }
-            if n >= max {
-                last = seq;
-                break;
+                return Ok(upto);
             }
         }
-        Ok(last)
+    }
+
+    /// Runs `f` to completion from a synchronous store call on the runtime (a durable
+    /// `Sub`: rare, bounded by `limit`). `None` off the multi-threaded runtime (in-process
+    /// uses): the caller falls back to what this relay knows.
+    fn on_runtime<T: Send>(
+        &self,
+        limit: Duration,
+        f: impl std::future::Future<Output = Result<T, StoreError>> + Send,
+    ) -> Option<Result<T, StoreError>> {
+        let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
+        if flavor.ok() != Some(tokio::runtime::RuntimeFlavor::MultiThread) {
+            return None;
+        }
+        let rt = self.inner.rt.clone();
+        Some(tokio::task::block_in_place(|| {
+            rt.block_on(async move {
+                tokio::time::timeout(limit, f)
+                    .await
+                    .unwrap_or_else(|_| Err(StoreError::Unavailable("JetStream timed out".into())))
+            })
+        }))
+    }
+
+    /// The durable's record in the durable stream, read directly: another relay may have
+    /// written it an instant ago (its reader here may not have it yet).
+    fn fetch_durable(&self, k: &str) -> Result<Option<DurableRecord>, StoreError> {
+        let inner = &self.inner;
+        let subject = format!("{}.{k}", durable_prefix(&inner.prefix));
+        let stream = inner.durable_stream.clone();
+        let r = self.on_runtime(Duration::from_secs(5), async move {
+            match stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => Ok(Some(DurableRecord::of(Some(&m.headers), &m.payload))),
+                Err(e) => {
+                    use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+                    match e.kind() {
+                        K::NoMessageFound => Ok(None),
+                        _ => Err(unavailable("durable read", e)),
+                    }
+                }
+            }
+        });
+        match r {
+            Some(r) => r,
+            None => Ok(lock(&inner.durables).get(k).map(|f| DurableRecord {
+                floor: Some(*f),
+                owner: lock(&inner.owners).get(k).cloned(),
+                tenant: ledger::NO_TAG,
+            })),
+        }
+    }
+
+    /// Writes a new durable's first record — floor, tenant, owner — only if the durable
+    /// stream has none for it (`Nats-Expected-Last-Subject-Sequence: 0`): of two relays
+    /// creating one name at once, one wins and the other's `Sub` fails (retryable).
+    fn create_durable(&self, k: &str, floor: u64, tag: &Tag) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let owner = lock(&inner.creating).remove(k).flatten();
+        if let Some(o) = &owner {
+            lock(&inner.owners).insert(k.to_string(), o.clone());
+        }
+        let mut h = HeaderMap::new();
+        h.insert(TENANT_HEADER, hex::encode(tag).as_str());
+        if let Some(o) = &owner {
+            h.insert(OWNER_HEADER, o.as_str());
+        }
+        h.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        let subject = format!("{}.{k}", durable_prefix(&inner.prefix));
+        let js = inner.js.clone();
+        let payload = Bytes::from(floor.to_string());
+        let r = self.on_runtime(Duration::from_secs(5), async move {
+            let ack = js
+                .publish_with_headers(subject, h, payload)
+                .await
+                .map_err(|e| unavailable("durable create", e))?;
+            match ack.await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    Err(StoreError::Unavailable(
+                        "the durable subscription was created on another relay meanwhile; \
+                         subscribe again"
+                            .into(),
+                    ))
+                }
+                Err(e) => Err(unavailable("durable create", e)),
+            }
+        });
+        match r {
+            Some(r) => r,
+            None => {
+                // Off the multi-threaded runtime: written behind, as every later floor.
+                lock(&inner.dirty).insert(k.to_string(), (floor, *tag));
+                inner.flush.notify_one();
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes a durable's floor now (waiting for JetStream), with its tenant and owner.
+    fn write_durable_now(&self, k: &str, floor: u64, tag: &Tag) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut h = HeaderMap::new();
+        h.insert(TENANT_HEADER, hex::encode(tag).as_str());
+        if let Some(o) = lock(&inner.owners).get(k) {
+            h.insert(OWNER_HEADER, o.as_str());
+        }
+        let subject = format!("{}.{k}", durable_prefix(&inner.prefix));
+        let js = inner.js.clone();
+        let payload = Bytes::from(floor.to_string());
+        let r = self.on_runtime(Duration::from_secs(5), async move {
+            js.publish_with_headers(subject, h, payload)
+                .await
+                .map_err(|e| unavailable("durable write", e))?
+                .await
+                .map_err(|e| unavailable("durable write", e))?;
+            Ok(())
+        });
+        match r {
+            Some(r) => r,
+            None => {
+                lock(&inner.dirty).insert(k.to_string(), (floor, *tag));
+                inner.flush.notify_one();
+                Ok(())
+            }
+        }
     }
 
     fn durable_key(key: &DurableKey) -> String {
@@ -444,9 +765,58 @@ async fn publish_loop(
     }
 }
 
+/// Writes a retained value to the retained stream unless a value with a higher stream
+/// sequence is there already: the stream's order decides, not the order in which relays
+/// write (`Nats-Expected-Last-Subject-Sequence` makes the check and the write one step;
+/// a lost race re-reads and tries again).
+async fn write_retained(
+    js: &jetstream::Context,
+    retained: &stream::Stream,
+    subject: &str,
+    job: &Job,
+    seq: u64,
+) -> Result<(), StoreError> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+    for _ in 0..16 {
+        let expect = match retained.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => {
+                if header_u64(Some(&m.headers), SEQ_HEADER).is_some_and(|s| s >= seq) {
+                    return Ok(());
+                }
+                m.sequence
+            }
+            Err(e) if e.kind() == K::NoMessageFound => 0,
+            Err(e) => return Err(unavailable("retained read", e)),
+        };
+        let mut h = HeaderMap::new();
+        h.insert(SEQ_HEADER, seq.to_string().as_str());
+        if let Some(t) = job.headers.get(TENANT_HEADER) {
+            h.insert(TENANT_HEADER, t.as_str());
+        }
+        h.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            expect.to_string().as_str(),
+        );
+        let r = js
+            .publish_with_headers(subject.to_string(), h, job.payload.clone())
+            .await
+            .map_err(|e| unavailable("retained publish", e))?
+            .await;
+        match r {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {}
+            Err(e) => return Err(unavailable("retained publish ack", e)),
+        }
+    }
+    Err(StoreError::Busy(
+        "the retained value is being replaced on other relays; publish again".into(),
+    ))
+}
+
 async fn ack_loop(
     inner: std::sync::Weak<Inner>,
     js: jetstream::Context,
+    retained: stream::Stream,
     mut rx: mpsc::Receiver<(
         Job,
         Result<jetstream::context::PublishAckFuture, StoreError>,
@@ -460,25 +830,148 @@ async fn ack_loop(
                 return Ok(Accepted::Duplicate(seq));
             }
             if let Some(subject) = &job.retain {
-                let mut h = HeaderMap::new();
-                h.insert(SEQ_HEADER, ack.sequence.to_string().as_str());
-                js.publish_with_headers(subject.clone(), h, job.payload.clone())
-                    .await
-                    .map_err(|e| unavailable("retained publish", e))?
-                    .await
-                    .map_err(|e| unavailable("retained publish ack", e))?;
+                write_retained(&js, &retained, subject, &job, ack.sequence).await?;
             }
             Ok(Accepted::New(seq))
         }
         .await;
         let Some(inner) = inner.upgrade() else { return };
+        let seq = match &out {
+            Ok(Accepted::New(s)) => Some(s.0),
+            _ => None,
+        };
+        lock(&inner.ledger).finish(job.quota.0, job.quota.1, seq);
         JetStreamStore::resolve(&inner, job.ticket, out);
     }
 }
 
+/// Fills the usage ledger from what the streams hold at start: the retained stream's values
+/// (headers only), then the main stream up to `last` in order (headers only: sizes come
+/// from `Nats-Msg-Size`). Bounded by the streams' sizes; a relay takes no publish before.
+async fn load_ledger(
+    ledger: &mut Ledger,
+    retained: &stream::Stream,
+    main: &stream::Stream,
+    prefix: &str,
+    last: u64,
+) -> Result<(), StoreError> {
+    let started = std::time::Instant::now();
+    let rp = format!("{}.", retained_prefix(prefix));
+    let c = retained
+        .create_consumer(consumer::pull::OrderedConfig {
+            // nats-server 2.9 wants a filter with `LastPerSubject`.
+            filter_subject: format!("{rp}>"),
+            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            headers_only: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable("retained usage read", e))?;
+    if c.cached_info().num_pending > 0 {
+        let mut msgs = c
+            .messages()
+            .await
+            .map_err(|e| unavailable("retained usage read", e))?;
+        while let Some(m) = msgs.next().await {
+            let m = m.map_err(|e| unavailable("retained usage read", e))?;
+            let info = m
+                .info()
+                .map_err(|e| unavailable("retained usage read", e))?;
+            let pending = info.pending;
+            let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            let h = m.headers.as_ref();
+            if let (Some(path), Some(seq)) = (
+                m.subject.as_str().strip_prefix(&rp),
+                header_u64(h, SEQ_HEADER),
+            ) {
+                let size = header_u64(h, SIZE_HEADER).unwrap_or(0);
+                ledger.apply_retained(seq, ts, path, &header_tag(h), size);
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+    }
+    if last > 0 {
+        let c = main
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                headers_only: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("usage read", e))?;
+        if c.cached_info().num_pending > 0 {
+            let mut msgs = c
+                .messages()
+                .await
+                .map_err(|e| unavailable("usage read", e))?;
+            while let Some(m) = msgs.next().await {
+                let m = m.map_err(|e| unavailable("usage read", e))?;
+                let info = m.info().map_err(|e| unavailable("usage read", e))?;
+                let (seq, pending) = (info.stream_sequence, info.pending);
+                if seq > last {
+                    break;
+                }
+                let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+                let h = m.headers.as_ref();
+                let size = header_u64(h, SIZE_HEADER).unwrap_or(0);
+                apply_stream_message(ledger, prefix, m.subject.as_str(), seq, ts, h, size);
+                if pending == 0 || seq == last {
+                    break;
+                }
+            }
+        }
+    }
+    ledger.expire(now_ms());
+    let t = ledger.total();
+    tracing::info!(
+        messages = t.msgs,
+        bytes = t.bytes,
+        retained = t.retained,
+        tenants = ledger.tenants(),
+        ms = started.elapsed().as_millis() as u64,
+        "cluster store: usage per tenant read from the streams"
+    );
+    Ok(())
+}
+
+/// Applies one message of the main stream to the ledger; returns whether it is kept in
+/// history (false: a retained-only value) or `None` for a subject outside the layout.
+fn apply_stream_message(
+    ledger: &mut Ledger,
+    prefix: &str,
+    subject: &str,
+    seq: u64,
+    ts: u64,
+    h: Option<&HeaderMap>,
+    size: u64,
+) -> Option<bool> {
+    let flags = header_u64(h, FLAGS_HEADER).unwrap_or(0);
+    let retain = flags & pub_flags::RETAIN != 0;
+    let Some(rest) = subject
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('.'))
+    else {
+        ledger.advance(seq);
+        return None;
+    };
+    let (path, kept) = match rest.strip_prefix("r.") {
+        Some(path) => (path, false),
+        None => (rest, true),
+    };
+    ledger.apply(seq, ts, path, &header_tag(h), size, kept, retain);
+    Some(kept)
+}
+
 /// Reads the whole stream in order from `last + 1`, forever (re-created after errors),
-/// feeding the router.
-async fn live_loop(stream: stream::Stream, last: u64, feed: mpsc::Sender<Sequenced>) {
+/// applying each message to the usage ledger, then feeding it to the router.
+async fn live_loop(
+    inner: std::sync::Weak<Inner>,
+    stream: stream::Stream,
+    last: u64,
+    feed: mpsc::Sender<Sequenced>,
+) {
     let mut next = last + 1;
     let mut failures = 0u32;
     loop {
@@ -509,12 +1002,23 @@ async fn live_loop(stream: stream::Stream, last: u64, feed: mpsc::Sender<Sequenc
                     }
                     next = seq + 1;
                     failures = 0;
-                    let flags = m
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(FLAGS_HEADER))
-                        .and_then(|v| v.as_str().parse::<u64>().ok())
-                        .unwrap_or(0);
+                    let h = m.headers.as_ref();
+                    let flags = header_u64(h, FLAGS_HEADER).unwrap_or(0);
+                    let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+                    let kept = {
+                        let Some(i) = inner.upgrade() else { return };
+                        let mut l = lock(&i.ledger);
+                        apply_stream_message(
+                            &mut l,
+                            &i.prefix,
+                            m.subject.as_str(),
+                            seq,
+                            ts,
+                            h,
+                            m.payload.len() as u64,
+                        )
+                    };
+                    let Some(kept) = kept else { continue };
                     let Ok(envelope) = Envelope::from_bytes(m.payload.clone()) else {
                         tracing::debug!(seq, "cluster store: a stream message is no envelope");
                         continue;
@@ -523,6 +1027,7 @@ async fn live_loop(stream: stream::Stream, last: u64, feed: mpsc::Sender<Sequenc
                         seq: Seq(seq),
                         envelope,
                         flags,
+                        kept,
                     };
                     if feed.send(s).await.is_err() {
                         return;
@@ -545,6 +1050,9 @@ async fn durable_watch(inner: std::sync::Weak<Inner>, stream: stream::Stream, pr
     let mut failures = 0u32;
     loop {
         let cfg = consumer::pull::OrderedConfig {
+            // nats-server 2.9 wants a filter with `LastPerSubject` (without one the
+            // watch never started there).
+            filter_subject: format!("{prefix}>"),
             deliver_policy: consumer::DeliverPolicy::LastPerSubject,
             ..Default::default()
         };
@@ -562,6 +1070,11 @@ async fn durable_watch(inner: std::sync::Weak<Inner>, stream: stream::Stream, pr
                     else {
                         continue;
                     };
+                    let rec = DurableRecord::of(m.headers.as_ref(), &m.payload);
+                    lock(&i.ledger).add_durable(key, &rec.tenant);
+                    if let Some(o) = rec.owner {
+                        lock(&i.owners).insert(key.to_string(), o);
+                    }
                     let mut d = lock(&i.durables);
                     let e = d.entry(key.to_string()).or_insert(floor);
                     *e = (*e).max(floor);
@@ -585,11 +1098,19 @@ async fn durable_writer(
     loop {
         let notified = flush.notified();
         let Some(i) = inner.upgrade() else { return };
-        let batch: Vec<(String, u64)> = lock(&i.dirty).drain().collect();
+        let batch: Vec<(String, (u64, Tag))> = lock(&i.dirty).drain().collect();
         drop(i);
-        for (k, v) in batch {
+        for (k, (v, tag)) in batch {
+            let mut h = HeaderMap::new();
+            h.insert(TENANT_HEADER, hex::encode(tag).as_str());
+            let owner = inner
+                .upgrade()
+                .and_then(|i| lock(&i.owners).get(&k).cloned());
+            if let Some(o) = owner {
+                h.insert(OWNER_HEADER, o.as_str());
+            }
             let r = match js
-                .publish(format!("{prefix}.{k}"), Bytes::from(v.to_string()))
+                .publish_with_headers(format!("{prefix}.{k}"), h, Bytes::from(v.to_string()))
                 .await
             {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
@@ -615,7 +1136,8 @@ impl Store for JetStreamStore {
     fn append(&self, m: Append<'_>) -> Result<Accepted, StoreError> {
         let inner = &self.inner;
         let retain = m.flags & pub_flags::RETAIN != 0;
-        if m.qos == Qos::AtMostOnce && !inner.store_qos0 && !retain {
+        let kept = m.qos != Qos::AtMostOnce || inner.store_qos0;
+        if !kept && !retain {
             inner.counters.live_only.fetch_add(1, Relaxed);
             return Ok(Accepted::Live(Seq(0)));
         }
@@ -626,8 +1148,32 @@ impl Store for JetStreamStore {
             ));
         }
         let path = m.path;
-        let subject = crate::cluster::path_subject(&inner.prefix, path);
+        // A retained-only value is numbered by the stream but kept outside history.
+        let subject = if kept {
+            crate::cluster::path_subject(&inner.prefix, path)
+        } else {
+            crate::cluster::path_subject(&retained_only_prefix(&inner.prefix), path)
+        };
+        let tag = tenant_tag(m.tenant);
+        let size = m.envelope.as_bytes().len() as u64;
+        let quota = {
+            let key = crate::cluster::path_subject("", path);
+            let key = key.strip_prefix('.').unwrap_or(&key);
+            let mut l = lock(&inner.ledger);
+            l.expire(now_ms());
+            let need = l.need(key, size, kept, retain);
+            if let Err((by, e)) = l.check(&tag, &need) {
+                match by {
+                    Refused::Tenant => &inner.counters.quota_tenant,
+                    Refused::Global => &inner.counters.quota_global,
+                }
+                .fetch_add(1, Relaxed);
+                return Err(e);
+            }
+            (l.begin(&tag, &need), need)
+        };
         let mut headers = HeaderMap::new();
+        headers.insert(TENANT_HEADER, hex::encode(tag).as_str());
         if m.flags != 0 {
             headers.insert(FLAGS_HEADER, m.flags.to_string().as_str());
         }
@@ -646,18 +1192,23 @@ impl Store for JetStreamStore {
             payload: m.envelope.as_bytes().clone(),
             retain: retain
                 .then(|| crate::cluster::path_subject(&retained_prefix(&inner.prefix), path)),
+            quota,
         };
         match inner.jobs.try_send(job) {
             Ok(()) => Ok(Accepted::Pending(ticket)),
             Err(mpsc::error::TrySendError::Full(_)) => {
+                lock(&inner.ledger).finish(quota.0, quota.1, None);
                 inner.counters.busy.fetch_add(1, Relaxed);
                 Err(StoreError::Busy(
                     "the JetStream publish queue is full".into(),
                 ))
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(StoreError::Unavailable(
-                "the JetStream publisher stopped".into(),
-            )),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                lock(&inner.ledger).finish(quota.0, quota.1, None);
+                Err(StoreError::Unavailable(
+                    "the JetStream publisher stopped".into(),
+                ))
+            }
         }
     }
 
@@ -709,33 +1260,22 @@ impl Store for JetStreamStore {
         replay: Replay,
         upto: Seq,
     ) -> Result<ReadPlan, StoreError> {
+        // `SinceMs` and `LastN` are answered from the usage ledger (each kept message's
+        // sequence and time per path, from the ordered read): no scan of the key id's
+        // history. The read then starts at the plan's sequence.
+        let prefix = format!("{}.", pattern.key_id());
+        let filters = crate::cluster::pattern_subjects("x", pattern);
+        let matches = |k: &str| {
+            let s = format!("x.{k}");
+            filters.iter().any(|f| subject_matches(f, &s))
+        };
         match replay {
             Replay::FromSeq(s) => Ok(ReadPlan {
                 start: s,
                 ..ReadPlan::default()
             }),
             Replay::SinceMs(t) => {
-                // The first stored message at or after `t` (history is read in order, so
-                // the reads filter by time from there).
-                let mut first = None;
-                let mut from = 1;
-                while first.is_none() && from <= upto.0 {
-                    let last = self.block(self.scan(
-                        pattern.key_id(),
-                        from,
-                        upto.0,
-                        CHUNK,
-                        |seq, ts, env| {
-                            if first.is_none() && ts >= t && pattern.matches(&env.token_path()) {
-                                first = Some(seq);
-                            }
-                        },
-                    ))?;
-                    if last >= upto.0 {
-                        break;
-                    }
-                    from = last + 1;
-                }
+                let first = lock(&self.inner.ledger).first_since(&prefix, matches, t, upto.0);
                 Ok(ReadPlan {
                     start: first.unwrap_or(upto.0 + 1),
                     since_ms: Some(t),
@@ -743,33 +1283,15 @@ impl Store for JetStreamStore {
                 })
             }
             Replay::LastN(n) => {
-                // Every matching message's sequence per path, then each path's n-th last.
-                let mut per_path: HashMap<Vec<u8>, Vec<u64>> = HashMap::new();
-                let mut from = 1;
-                while from <= upto.0 {
-                    let last = self.block(self.scan(
-                        pattern.key_id(),
-                        from,
-                        upto.0,
-                        CHUNK,
-                        |seq, _, env| {
-                            let path = env.token_path();
-                            if pattern.matches(&path) {
-                                per_path.entry(path_bytes(&path)).or_default().push(seq);
-                            }
-                        },
-                    ))?;
-                    if last >= upto.0 {
-                        break;
-                    }
-                    from = last + 1;
-                }
-                let starts = per_path
+                let starts = lock(&self.inner.ledger).last_n_starts(&prefix, matches, n, upto.0);
+                let starts = starts
                     .into_iter()
-                    .filter(|_| n > 0)
-                    .map(|(p, seqs)| {
-                        let k = usize::try_from(n).unwrap_or(usize::MAX).min(seqs.len());
-                        (p, seqs[seqs.len() - k])
+                    .filter_map(|(k, seq)| {
+                        let mut raw = Vec::with_capacity(16 * 4);
+                        for part in k.split('.') {
+                            raw.extend_from_slice(&hex::decode(part).ok()?);
+                        }
+                        Some((raw, seq))
                     })
                     .collect::<HashMap<_, _>>();
                 Ok(ReadPlan::per_path(starts, upto))
@@ -807,51 +1329,83 @@ impl Store for JetStreamStore {
     fn retained(&self, pattern: &TokenPattern, upto: Seq) -> Result<Vec<Stored>, StoreError> {
         let inner = &self.inner;
         let rp = retained_prefix(&inner.prefix);
+        // Which paths have a retained value, and its sequence, as the ordered read of the
+        // stream decided it (the highest sequence wins), up to `upto` — which this relay
+        // has read, so its ledger has it. No consumer: one direct read per path.
+        let current: Vec<(String, u64)> = {
+            let filters = crate::cluster::pattern_subjects("x", pattern);
+            let l = lock(&inner.ledger);
+            l.retained_under(&format!("{}.", pattern.key_id()))
+                .into_iter()
+                .filter(|(k, seq)| {
+                    *seq <= upto.0
+                        && filters
+                            .iter()
+                            .any(|f| subject_matches(f, &format!("x.{k}")))
+                })
+                .map(|(k, seq)| (k.to_string(), seq))
+                .collect()
+        };
+        if current.is_empty() {
+            return Ok(Vec::new());
+        }
         let out = self.block(async {
-            let stream = inner
+            let kept = inner
                 .js
                 .get_stream_no_info(&inner.retained_stream)
                 .await
                 .map_err(|e| unavailable("retained stream", e))?;
-            let mut out = Vec::new();
-            for subject in crate::cluster::pattern_subjects(&rp, pattern) {
-                let cfg = consumer::pull::OrderedConfig {
-                    filter_subject: subject,
-                    deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                    ..Default::default()
-                };
-                let c = stream
-                    .create_consumer(cfg)
-                    .await
-                    .map_err(|e| unavailable("retained consumer", e))?;
-                if c.cached_info().num_pending == 0 {
-                    continue;
-                }
-                let mut msgs = c
-                    .messages()
-                    .await
-                    .map_err(|e| unavailable("retained read", e))?;
-                while let Some(m) = msgs.next().await {
-                    let m = m.map_err(|e| unavailable("retained read", e))?;
-                    let pending = m.info().map(|i| i.pending).unwrap_or(0);
+            let main = inner
+                .js
+                .get_stream_no_info(&inner.stream)
+                .await
+                .map_err(|e| unavailable("stream", e))?;
+            // One path's value: the retained stream's when it is the current one, else the
+            // message itself from the main stream (the accepting relay's write is on its
+            // way, or lost a race it is retrying).
+            let one = |key: String, seq: u64| {
+                let (kept, main, rp) = (&kept, &main, &rp);
+                async move {
                     inner.counters.rows_read.fetch_add(1, Relaxed);
-                    let seq = m
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(SEQ_HEADER))
-                        .and_then(|v| v.as_str().parse::<u64>().ok());
-                    if let (Some(seq), Ok(env)) = (seq, Envelope::from_bytes(m.payload.clone())) {
-                        if seq <= upto.0 && pattern.matches(&env.token_path()) {
-                            out.push(Stored {
-                                seq: Seq(seq),
-                                envelope: env,
-                            });
+                    let subject = format!("{rp}.{key}");
+                    let stored = match kept.get_last_raw_message_by_subject(&subject).await {
+                        Ok(m) => header_u64(Some(&m.headers), SEQ_HEADER)
+                            .filter(|s| *s == seq)
+                            .map(|_| m.payload),
+                        Err(e) => {
+                            use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+                            if e.kind() != K::NoMessageFound {
+                                return Err(unavailable("retained read", e));
+                            }
+                            None
                         }
-                    }
-                    if pending == 0 {
-                        break;
-                    }
+                    };
+                    let payload = match stored {
+                        Some(p) => Some(p),
+                        None => match main.get_raw_message(seq).await {
+                            Ok(m) => Some(m.payload),
+                            Err(e) => {
+                                tracing::debug!(error = %e, seq, "cluster store: retained value gone");
+                                None
+                            }
+                        },
+                    };
+                    Ok(payload
+                        .and_then(|p| Envelope::from_bytes(p).ok())
+                        .filter(|env| pattern.matches(&env.token_path()))
+                        .map(|env| Stored {
+                            seq: Seq(seq),
+                            envelope: env,
+                        }))
                 }
+            };
+            // Many paths: several direct reads in flight at once (within READ_TIMEOUT).
+            let mut reads = futures_util::stream::iter(current)
+                .map(|(key, seq)| one(key, seq))
+                .buffer_unordered(RETAINED_READS);
+            let mut out = Vec::new();
+            while let Some(r) = reads.next().await {
+                out.extend(r?);
             }
             Ok(out)
         })?;
@@ -864,41 +1418,18 @@ impl Store for JetStreamStore {
         let inner = &self.inner;
         let k = Self::durable_key(key);
         let cached = lock(&inner.durables).get(&k).copied();
-        // The floor another relay wrote may not have reached this relay's reader yet (it
-        // was acknowledged there an instant before that relay died): read the stream's
-        // value directly. A durable `Sub` is rare; the wait is bounded. Only on the
-        // multi-threaded runtime (the `serve` binary); elsewhere the reader's view counts.
-        let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
-        if flavor.ok() != Some(tokio::runtime::RuntimeFlavor::MultiThread) {
-            return Ok(cached);
-        }
-        let subject = format!("{}.{k}", durable_prefix(&inner.prefix));
-        let stream = inner.durable_stream.clone();
-        let fetched = tokio::task::block_in_place(|| {
-            inner.rt.block_on(async move {
-                tokio::time::timeout(
-                    Duration::from_secs(5),
-                    stream.get_last_raw_message_by_subject(&subject),
-                )
-                .await
-            })
-        });
-        let fetched = match fetched {
-            Err(_) => {
-                return Err(StoreError::Unavailable(
-                    "JetStream durable read timed out".into(),
-                ))
-            }
-            Ok(Ok(m)) => std::str::from_utf8(&m.payload)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok()),
-            Ok(Err(e)) => {
-                use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
-                match e.kind() {
-                    K::NoMessageFound => None,
-                    _ => return Err(unavailable("durable read", e)),
+        let fetched = match self.fetch_durable(&k)? {
+            Some(rec) => {
+                // Known from now on (a later floor write is not a creation).
+                lock(&inner.ledger).add_durable(&k, &rec.tenant);
+                if let Some(f) = rec.floor {
+                    let mut d = lock(&inner.durables);
+                    let e = d.entry(k.clone()).or_insert(f);
+                    *e = (*e).max(f);
                 }
+                rec.floor
             }
+            None => None,
         };
         Ok(match (cached, fetched) {
             (Some(a), Some(b)) => Some(a.max(b)),
@@ -906,19 +1437,90 @@ impl Store for JetStreamStore {
         })
     }
 
-    fn set_durable(
-        &self,
-        key: &DurableKey,
-        floor: u64,
-        _tenant: &Tenant,
-    ) -> Result<(), StoreError> {
+    fn durable_owner(&self, key: &DurableKey, owner: Option<&str>) -> Result<bool, StoreError> {
+        let inner = &self.inner;
         let k = Self::durable_key(key);
+        let want = owner.map(owner_tag);
+        let have = match self.fetch_durable(&k)? {
+            None if !lock(&inner.durables).contains_key(&k) => {
+                // New: the owner goes into the record `set_durable` creates. An entry lives
+                // for one `Sub`; those of `Sub`s that failed in between (a quota, a name
+                // held on this relay) are dropped wholesale past a bound.
+                let mut creating = lock(&inner.creating);
+                if creating.len() >= PENDING_CREATIONS {
+                    creating.clear();
+                }
+                creating.insert(k, want);
+                return Ok(true);
+            }
+            rec => rec
+                .and_then(|r| r.owner)
+                .or_else(|| lock(&inner.owners).get(&k).cloned()),
+        };
+        match (have, want) {
+            (Some(h), Some(w)) if h == w => Ok(true),
+            (Some(_), _) => Err(StoreError::NotAllowed(format!(
+                "durable subscription {:?} belongs to someone else",
+                key.name
+            ))),
+            (None, None) => Ok(true),
+            (None, Some(w)) => {
+                // A durable created without an owner is adopted by the first one to name
+                // one (as the auth-state file does); written with its next floor.
+                lock(&inner.owners).insert(k, w);
+                Ok(true)
+            }
+        }
+    }
+
+    fn set_durable(&self, key: &DurableKey, floor: u64, tenant: &Tenant) -> Result<(), StoreError> {
+        let k = Self::durable_key(key);
+        let tag = tenant_tag(tenant);
+        {
+            // A new name counts against the tenant's durable quota, as with SQLite; the
+            // ledger learns every relay's names from the durable stream.
+            let l = lock(&self.inner.ledger);
+            if !l.has_durable(&k) && !lock(&self.inner.durables).contains_key(&k) {
+                let need = Need {
+                    durables: 1,
+                    ..Need::default()
+                };
+                if let Err((by, e)) = l.check(&tag, &need) {
+                    match by {
+                        Refused::Tenant => &self.inner.counters.quota_tenant,
+                        Refused::Global => &self.inner.counters.quota_global,
+                    }
+                    .fetch_add(1, Relaxed);
+                    drop(l);
+                    lock(&self.inner.creating).remove(&k);
+                    return Err(e);
+                }
+                drop(l);
+                // Created before the `SubOk`, not written behind: a client that moves to
+                // another relay at once finds it there (with its owner).
+                self.create_durable(&k, floor, &tag)?;
+                let mut fresh = lock(&self.inner.fresh);
+                if fresh.len() >= PENDING_CREATIONS {
+                    fresh.clear();
+                }
+                fresh.insert(k.clone());
+                drop(fresh);
+                lock(&self.inner.ledger).add_durable(&k, &tag);
+                let mut d = lock(&self.inner.durables);
+                let e = d.entry(k).or_insert(floor);
+                *e = (*e).max(floor);
+                return Ok(());
+            }
+        }
         {
             let mut d = lock(&self.inner.durables);
             let e = d.entry(k.clone()).or_insert(floor);
             *e = (*e).max(floor);
         }
-        lock(&self.inner.dirty).insert(k, floor);
+        if lock(&self.inner.fresh).remove(&k) {
+            return self.write_durable_now(&k, floor, &tag);
+        }
+        lock(&self.inner.dirty).insert(k, (floor, tag));
         self.inner.flush.notify_one();
         Ok(())
     }
@@ -927,12 +1529,22 @@ impl Store for JetStreamStore {
         let inner = &self.inner;
         let last = inner.last.load(Relaxed);
         let connected = inner.client.connection_state() == async_nats::connection::State::Connected;
+        let (total, tenants, durables) = {
+            let mut l = lock(&inner.ledger);
+            l.expire(now_ms());
+            (l.total(), l.tenants(), l.durable_count())
+        };
         StoreStatus {
             kind: self.kind().into(),
             retention: inner.retention,
             last_seq: last,
             committed_seq: last,
-            durables: lock(&inner.durables).len() as u64,
+            durables: durables.max(lock(&inner.durables).len() as u64),
+            messages: total.msgs,
+            bytes: total.bytes,
+            path_count: total.paths,
+            retained: total.retained,
+            tenants,
             state: if connected { "ok" } else { "unavailable" }.into(),
             ..StoreStatus::default()
         }
@@ -947,6 +1559,8 @@ impl Store for JetStreamStore {
             live_only: c.live_only.load(Relaxed),
             busy_rejections: c.busy.load(Relaxed),
             rows_read: c.rows_read.load(Relaxed),
+            quota_tenant_rejections: c.quota_tenant.load(Relaxed),
+            quota_global_rejections: c.quota_global.load(Relaxed),
             ..StoreMetrics::default()
         }
     }

@@ -48,6 +48,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use whispeer_protocol::frame::{pub_flags, Replay};
 use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
+use super::quota::{over, Need, Usage};
 use super::{
     path_bytes, Accepted, Append, DurableKey, OnDurable, OnSequenced, PathStatus, ReadChunk,
     ReadPlan, RetentionStatus, Sequenced, Store, StoreError, StoreMetrics, StoreStatus, Stored,
@@ -143,16 +144,6 @@ struct Queue {
     persist: bool,
     /// Next live-only sequence at which `persist` is raised.
     persist_at: u64,
-}
-
-/// Usage counters of one tenant (or all).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Usage {
-    bytes: u64,
-    msgs: u64,
-    retained: u64,
-    durables: u64,
-    paths: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1469,31 +1460,6 @@ impl Shared {
     }
 }
 
-/// What a new write adds to a tenant's (and the total) usage.
-#[derive(Debug, Clone, Copy, Default)]
-struct Need {
-    bytes: u64,
-    msgs: u64,
-    retained: u64,
-    durables: u64,
-    paths: u64,
-}
-
-/// Checks one usage against its limits (0 = unlimited); the first limit hit, if any.
-fn over(u: &Usage, n: &Need, lim: [u64; 5]) -> Option<(&'static str, u64)> {
-    let checks = [
-        ("stored bytes", u.bytes, n.bytes, lim[0]),
-        ("stored messages", u.msgs, n.msgs, lim[1]),
-        ("retained values", u.retained, n.retained, lim[2]),
-        ("durable names", u.durables, n.durables, lim[3]),
-        ("distinct paths", u.paths, n.paths, lim[4]),
-    ];
-    checks
-        .into_iter()
-        .find(|(_, have, add, max)| *max > 0 && *add > 0 && have.saturating_add(*add) > *max)
-        .map(|(what, _, _, max)| (what, max))
-}
-
 impl Shared {
     /// Refuses a write that would pass a tenant or global limit.
     fn check_quota(&self, idx: &Index, tid: Option<i64>, n: &Need) -> Result<(), StoreError> {
@@ -1513,10 +1479,7 @@ impl Shared {
             ],
         ) {
             self.m.quota_tenant.fetch_add(1, Relaxed);
-            return Err(StoreError::QuotaExceeded(format!(
-                "this tenant's {what} quota ({max}) is reached; wait for retention to free \
-                 space or ask the operator"
-            )));
+            return Err(super::quota::tenant_error(what, max));
         }
         if let Some((what, max)) = over(
             &idx.total,
@@ -1530,9 +1493,7 @@ impl Shared {
             ],
         ) {
             self.m.quota_global.fetch_add(1, Relaxed);
-            return Err(StoreError::QuotaExceeded(format!(
-                "the relay's total {what} quota ({max}) is reached"
-            )));
+            return Err(super::quota::global_error(what, max));
         }
         Ok(())
     }
@@ -2009,6 +1970,11 @@ impl Store for SqliteStore {
 
     fn durable(&self, key: &DurableKey) -> Result<Option<u64>, StoreError> {
         Ok(lock(&self.shared.idx).durables.get(key).map(|(f, _)| *f))
+    }
+
+    fn durable_owner(&self, _: &DurableKey, _: Option<&str>) -> Result<bool, StoreError> {
+        // One relay per file: the relay's auth-state file keeps owners.
+        Ok(false)
     }
 
     fn set_durable(&self, key: &DurableKey, floor: u64, tenant: &Tenant) -> Result<(), StoreError> {

@@ -54,6 +54,19 @@ impl NatsNode {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Sends the node a signal through kill(1) (the test crates have no unsafe code):
+    /// `STOP` freezes it — its clients' writes back up, as behind a stalled network —
+    /// and `CONT` resumes it.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = std::process::Command::new("kill")
+                .args([format!("-{sig}"), c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill -{sig} nats-server {}", self.name);
+        }
+    }
+
     /// Kills the node (SIGKILL: no lame-duck goodbye to clients or routes).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -1,0 +1,598 @@
+//! Per-tenant usage of the JetStream store, kept by every relay from the ordered read of the
+//! stream.
+//!
+//! JetStream enforces only stream-wide limits; the per-tenant quotas of `[store]` need
+//! usage per tenant, and every relay must agree on it so a tenant cannot get more by
+//! moving to another relay. So nothing is counted where a publish is accepted: each stored
+//! message carries its tenant's tag (header `Wsp-Tenant`), and every relay applies every
+//! message of the stream, in stream order, to this ledger — the same sequence of updates
+//! on every relay, hence the same counts (up to where each relay has read). Retention is
+//! modelled the way JetStream applies it (most messages per subject, oldest first; age),
+//! so the counts go down when the stream forgets a message without any relay being told.
+//!
+//! What a relay has handed to the stream and not yet read back is counted as in flight
+//! for its tenant, so a burst at one relay cannot overrun a quota before its messages come
+//! back. Bursts at *several* relays at once can pass a quota by what is in flight at the
+//! others (documented; bounded by the publish queues).
+//!
+//! Memory: one small entry per stored message (sequence, time, tenant, size) and one per
+//! path; no envelope bytes, no names.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::store::quota::{over, tenant_limits, total_limits, Need, Usage};
+use crate::store::StoreError;
+
+/// A tenant as the stream sees it: 16 bytes of a keyed hash of [`crate::store::Tenant::key`]
+/// (the account hash, or the source address — which NATS must not learn in clear).
+pub type Tag = [u8; 16];
+
+/// The tag of messages without a tenant header (written by an older relay): counted in
+/// the totals only.
+pub const NO_TAG: Tag = [0; 16];
+
+/// One stored message (or retained value) as the ledger counts it.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    seq: u64,
+    ts_ms: u64,
+    tenant: u32,
+    size: u64,
+}
+
+#[derive(Debug, Default)]
+struct PathUse {
+    /// The tenant that made the path exist (its distinct-path quota holds it).
+    owner: u32,
+    kept: VecDeque<Entry>,
+    retained: Option<Entry>,
+}
+
+/// What a refused write was refused by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// A per-tenant limit.
+    Tenant,
+    /// An all-tenant limit.
+    Global,
+}
+
+/// Retention and quota limits the ledger applies (from `[store]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most messages kept per path (the stream's per-subject limit).
+    pub max_messages: u64,
+    /// Oldest message kept (ms).
+    pub max_age_ms: u64,
+    /// Oldest retained value kept (ms).
+    pub retained_max_age_ms: u64,
+    /// Per-tenant limits, in `quota::over` order.
+    pub tenant: [u64; 5],
+    /// All-tenant limits, in `quota::over` order.
+    pub total: [u64; 5],
+}
+
+impl Limits {
+    /// The limits of a store configuration.
+    pub fn of(c: &crate::config::StoreConfig) -> Self {
+        Limits {
+            max_messages: c.max_messages,
+            max_age_ms: c.max_age_ms,
+            retained_max_age_ms: c.retained_max_age_ms,
+            tenant: tenant_limits(c),
+            total: total_limits(c),
+        }
+    }
+}
+
+/// The usage ledger (one per relay, behind a mutex).
+#[derive(Debug)]
+pub struct Ledger {
+    limits: Limits,
+    tags: HashMap<Tag, u32>,
+    usage: Vec<Usage>,
+    total: Usage,
+    /// By path key (the subject's hex path, key id first: a key id's paths are a range).
+    paths: BTreeMap<Arc<str>, PathUse>,
+    /// Kept messages in stream order, for age-based expiry.
+    aged: VecDeque<(u64, u64, Arc<str>)>,
+    /// Retained values in stream order, for age-based expiry.
+    retained_aged: VecDeque<(u64, u64, Arc<str>)>,
+    /// The highest stream sequence applied.
+    applied: u64,
+    /// This relay's writes handed to the stream and not yet read back, per tenant.
+    in_flight: HashMap<u32, Usage>,
+    in_flight_total: Usage,
+    /// Publishes acknowledged by the stream but not yet read back: sequence → (tenant, need).
+    awaiting: BTreeMap<u64, (u32, Need)>,
+    /// Durable names, by durable key: their tenant.
+    durables: HashMap<String, u32>,
+}
+
+impl Ledger {
+    /// An empty ledger.
+    pub fn new(limits: Limits) -> Self {
+        let mut l = Ledger {
+            limits,
+            tags: HashMap::new(),
+            usage: Vec::new(),
+            total: Usage::default(),
+            paths: BTreeMap::new(),
+            aged: VecDeque::new(),
+            retained_aged: VecDeque::new(),
+            applied: 0,
+            in_flight: HashMap::new(),
+            in_flight_total: Usage::default(),
+            awaiting: BTreeMap::new(),
+            durables: HashMap::new(),
+        };
+        l.tenant(&NO_TAG);
+        l
+    }
+
+    /// The tenant index of a tag (interned).
+    pub fn tenant(&mut self, tag: &Tag) -> u32 {
+        if let Some(t) = self.tags.get(tag) {
+            return *t;
+        }
+        let t = u32::try_from(self.usage.len()).unwrap_or(u32::MAX);
+        self.tags.insert(*tag, t);
+        self.usage.push(Usage::default());
+        t
+    }
+
+    fn usage_mut(&mut self, t: u32) -> &mut Usage {
+        let i = t as usize;
+        if i >= self.usage.len() {
+            self.usage.resize(i + 1, Usage::default());
+        }
+        &mut self.usage[i]
+    }
+
+    /// Tenants with stored data.
+    pub fn tenants(&self) -> u64 {
+        self.usage
+            .iter()
+            .filter(|u| **u != Usage::default())
+            .count() as u64
+    }
+
+    /// Totals over all tenants.
+    pub fn total(&self) -> Usage {
+        self.total
+    }
+
+    /// Applies one message of the stream, in stream order: `kept` in history (else a
+    /// retained-only value), `retain` as the path's retained value. A sequence at or below
+    /// one applied already is ignored (a re-read after a reconnect).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        &mut self,
+        seq: u64,
+        ts_ms: u64,
+        path: &str,
+        tag: &Tag,
+        size: u64,
+        kept: bool,
+        retain: bool,
+    ) {
+        if seq <= self.applied {
+            return;
+        }
+        self.advance(seq);
+        let tenant = self.tenant(tag);
+        let e = Entry {
+            seq,
+            ts_ms,
+            tenant,
+            size,
+        };
+        let key = self.path_key(path, tenant);
+        if kept {
+            self.add_entry(tenant, size, 1, 0);
+            let max = self.limits.max_messages;
+            let mut trimmed = None;
+            if let Some(p) = self.paths.get_mut(&key) {
+                p.kept.push_back(e);
+                if max > 0 && p.kept.len() as u64 > max {
+                    trimmed = p.kept.pop_front();
+                }
+            }
+            if let Some(old) = trimmed {
+                self.remove_entry(old.tenant, old.size, 1, 0);
+            }
+            if self.limits.max_age_ms > 0 {
+                self.aged.push_back((ts_ms, seq, key.clone()));
+            }
+        }
+        if retain {
+            self.set_retained(&key, e);
+        }
+        self.drop_if_empty(&key);
+    }
+
+    /// The ordered read has reached `seq` (also past messages it could not apply, or never
+    /// saw because retention deleted them first): this relay's writes up to it are no
+    /// longer in flight — counted by `apply`, or gone.
+    pub fn advance(&mut self, seq: u64) {
+        self.applied = self.applied.max(seq);
+        let later = self.awaiting.split_off(&(self.applied + 1));
+        let done = std::mem::replace(&mut self.awaiting, later);
+        for (_, (t, need)) in done {
+            self.settle(t, &need);
+        }
+    }
+
+    /// Applies a retained value read from the retained stream at start (its original
+    /// sequence and time): kept unless the path already has a newer one.
+    pub fn apply_retained(&mut self, seq: u64, ts_ms: u64, path: &str, tag: &Tag, size: u64) {
+        let tenant = self.tenant(tag);
+        let key = self.path_key(path, tenant);
+        self.set_retained(
+            &key,
+            Entry {
+                seq,
+                ts_ms,
+                tenant,
+                size,
+            },
+        );
+        self.drop_if_empty(&key);
+    }
+
+    /// The path's key, creating the path (owned by `tenant`) when new.
+    fn path_key(&mut self, path: &str, tenant: u32) -> Arc<str> {
+        if let Some((k, _)) = self.paths.get_key_value(path) {
+            return k.clone();
+        }
+        let k: Arc<str> = Arc::from(path);
+        self.paths.insert(
+            k.clone(),
+            PathUse {
+                owner: tenant,
+                ..PathUse::default()
+            },
+        );
+        self.usage_mut(tenant).paths += 1;
+        self.total.paths += 1;
+        k
+    }
+
+    fn set_retained(&mut self, key: &Arc<str>, e: Entry) {
+        let Some(p) = self.paths.get_mut(key) else {
+            return;
+        };
+        if p.retained.is_some_and(|old| old.seq >= e.seq) {
+            return;
+        }
+        let old = p.retained.replace(e);
+        if let Some(old) = old {
+            self.remove_entry(old.tenant, old.size, 0, 1);
+        }
+        self.add_entry(e.tenant, e.size, 0, 1);
+        if self.limits.retained_max_age_ms > 0 {
+            self.retained_aged.push_back((e.ts_ms, e.seq, key.clone()));
+        }
+    }
+
+    fn add_entry(&mut self, t: u32, size: u64, msgs: u64, retained: u64) {
+        let n = Need {
+            bytes: size,
+            msgs,
+            retained,
+            ..Need::default()
+        };
+        self.usage_mut(t).add(&n);
+        self.total.add(&n);
+    }
+
+    fn remove_entry(&mut self, t: u32, size: u64, msgs: u64, retained: u64) {
+        let n = Need {
+            bytes: size,
+            msgs,
+            retained,
+            ..Need::default()
+        };
+        self.usage_mut(t).sub(&n);
+        self.total.sub(&n);
+    }
+
+    fn drop_if_empty(&mut self, key: &Arc<str>) {
+        let empty = self
+            .paths
+            .get(key)
+            .is_some_and(|p| p.kept.is_empty() && p.retained.is_none());
+        if empty {
+            if let Some(p) = self.paths.remove(key) {
+                let u = self.usage_mut(p.owner);
+                u.paths = u.paths.saturating_sub(1);
+                self.total.paths = self.total.paths.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Forgets what the stream's age limits have deleted by `now_ms`.
+    pub fn expire(&mut self, now_ms: u64) {
+        let max = self.limits.max_age_ms;
+        while let Some((ts, seq, key)) = self.aged.front().cloned().filter(|_| max > 0) {
+            if ts.saturating_add(max) > now_ms {
+                break;
+            }
+            self.aged.pop_front();
+            let front = self
+                .paths
+                .get_mut(&key)
+                .filter(|p| p.kept.front().is_some_and(|e| e.seq == seq))
+                .and_then(|p| p.kept.pop_front());
+            if let Some(e) = front {
+                self.remove_entry(e.tenant, e.size, 1, 0);
+                self.drop_if_empty(&key);
+            }
+        }
+        let max = self.limits.retained_max_age_ms;
+        while let Some((ts, seq, key)) = self.retained_aged.front().cloned().filter(|_| max > 0) {
+            if ts.saturating_add(max) > now_ms {
+                break;
+            }
+            self.retained_aged.pop_front();
+            let gone = self
+                .paths
+                .get_mut(&key)
+                .filter(|p| p.retained.is_some_and(|e| e.seq == seq))
+                .and_then(|p| p.retained.take());
+            if let Some(e) = gone {
+                self.remove_entry(e.tenant, e.size, 0, 1);
+                self.drop_if_empty(&key);
+            }
+        }
+    }
+
+    /// What a publish on `path` of `size` bytes would add.
+    pub fn need(&self, path: &str, size: u64, kept: bool, retain: bool) -> Need {
+        let p = self.paths.get(path);
+        Need {
+            bytes: if kept { size } else { 0 } + if retain { size } else { 0 },
+            msgs: kept as u64,
+            retained: (retain && p.is_none_or(|p| p.retained.is_none())) as u64,
+            durables: 0,
+            paths: p.is_none() as u64,
+        }
+    }
+
+    /// Checks `need` for `tag` against the quotas, counting this relay's writes in flight.
+    pub fn check(&self, tag: &Tag, need: &Need) -> Result<(), (Refused, StoreError)> {
+        let t = self.tags.get(tag).copied();
+        let mut u = t
+            .and_then(|t| self.usage.get(t as usize).copied())
+            .unwrap_or_default();
+        if let Some(f) = t.and_then(|t| self.in_flight.get(&t)) {
+            u.add(f);
+        }
+        if let Some((what, max)) = over(&u, need, self.limits.tenant) {
+            return Err((
+                Refused::Tenant,
+                crate::store::quota::tenant_error(what, max),
+            ));
+        }
+        let total = self.total.plus(&self.in_flight_total);
+        if let Some((what, max)) = over(&total, need, self.limits.total) {
+            return Err((
+                Refused::Global,
+                crate::store::quota::global_error(what, max),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts a write handed to the stream as in flight; returns its tenant index.
+    pub fn begin(&mut self, tag: &Tag, need: &Need) -> u32 {
+        let t = self.tenant(tag);
+        self.in_flight.entry(t).or_default().add(need);
+        self.in_flight_total.add(need);
+        t
+    }
+
+    /// A write in flight is over: `Some(seq)` when the stream took it under that sequence
+    /// (it stays counted until the ordered read applies it), `None` when it failed or was
+    /// a duplicate.
+    pub fn finish(&mut self, t: u32, need: Need, seq: Option<u64>) {
+        match seq {
+            Some(s) if s > self.applied => {
+                self.awaiting.insert(s, (t, need));
+            }
+            _ => self.settle(t, &need),
+        }
+    }
+
+    fn settle(&mut self, t: u32, need: &Need) {
+        if let Some(f) = self.in_flight.get_mut(&t) {
+            f.sub(need);
+            if *f == Usage::default() {
+                self.in_flight.remove(&t);
+            }
+        }
+        self.in_flight_total.sub(need);
+    }
+
+    /// Whether a durable name is known.
+    pub fn has_durable(&self, key: &str) -> bool {
+        self.durables.contains_key(key)
+    }
+
+    /// Records a durable name for `tag` (known names are not counted again).
+    pub fn add_durable(&mut self, key: &str, tag: &Tag) {
+        if self.durables.contains_key(key) {
+            return;
+        }
+        let t = self.tenant(tag);
+        self.durables.insert(key.to_string(), t);
+        self.usage_mut(t).durables += 1;
+        self.total.durables += 1;
+    }
+
+    /// The number of durable names known.
+    pub fn durable_count(&self) -> u64 {
+        self.durables.len() as u64
+    }
+
+    /// The retained values of paths whose key starts with `prefix` (a key id's paths):
+    /// (path key, original sequence), in key order.
+    pub fn retained_under(&self, prefix: &str) -> Vec<(Arc<str>, u64)> {
+        self.under(prefix)
+            .filter_map(|(k, p)| p.retained.map(|e| (k.clone(), e.seq)))
+            .collect()
+    }
+
+    /// `LastN` without reading the stream: for each kept path under `prefix` (a key id
+    /// and a dot) that `matches`, the sequence of its `n`-th last message up to `upto`.
+    pub fn last_n_starts(
+        &self,
+        prefix: &str,
+        matches: impl Fn(&str) -> bool,
+        n: u64,
+        upto: u64,
+    ) -> Vec<(Arc<str>, u64)> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        self.under(prefix)
+            .filter(|(k, _)| matches(k))
+            .filter_map(|(k, p)| {
+                let end = p.kept.partition_point(|e| e.seq <= upto);
+                (end > 0).then(|| (k.clone(), p.kept[end - n.min(end)].seq))
+            })
+            .collect()
+    }
+
+    /// `SinceMs` without reading the stream: the first sequence (up to `upto`) of a kept
+    /// message at or after `since_ms` on a path under `prefix` that `matches`.
+    pub fn first_since(
+        &self,
+        prefix: &str,
+        matches: impl Fn(&str) -> bool,
+        since_ms: u64,
+        upto: u64,
+    ) -> Option<u64> {
+        self.under(prefix)
+            .filter(|(k, _)| matches(k))
+            .filter_map(|(_, p)| {
+                // Times follow sequences within a path (one stream, one clock).
+                let i = p.kept.partition_point(|e| e.ts_ms < since_ms);
+                p.kept.get(i).map(|e| e.seq).filter(|s| *s <= upto)
+            })
+            .min()
+    }
+
+    fn under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a Arc<str>, &'a PathUse)> {
+        self.paths
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(move |(k, _)| k.starts_with(prefix))
+    }
+
+    /// A tenant's usage.
+    #[cfg(test)]
+    pub fn usage_of(&self, tag: &Tag) -> Usage {
+        self.tags
+            .get(tag)
+            .and_then(|t| self.usage.get(*t as usize).copied())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_messages: 2,
+            max_age_ms: 1000,
+            retained_max_age_ms: 0,
+            tenant: [0, 3, 1, 0, 0],
+            total: [0; 5],
+        }
+    }
+
+    #[test]
+    fn counts_follow_the_stream_and_its_retention() {
+        let mut l = Ledger::new(limits());
+        let a = [1u8; 16];
+        for seq in 1..=3 {
+            l.apply(seq, 10 * seq, "k.p", &a, 100, true, false);
+        }
+        let u = l.usage_of(&a);
+        assert_eq!(
+            (u.msgs, u.bytes, u.paths),
+            (2, 200, 1),
+            "per-subject limit 2"
+        );
+        l.apply(2, 0, "k.p", &a, 100, true, false);
+        assert_eq!(l.usage_of(&a).msgs, 2, "a re-read sequence is ignored");
+        l.expire(1025);
+        assert_eq!(l.usage_of(&a).msgs, 1, "seq 2 (ts 20) aged out");
+        l.expire(2000);
+        assert_eq!(l.usage_of(&a), Usage::default(), "the path is gone too");
+    }
+
+    #[test]
+    fn in_flight_writes_count_until_read_back() {
+        let mut l = Ledger::new(limits());
+        let a = [1u8; 16];
+        let n = l.need("k.p", 10, true, false);
+        for _ in 0..3 {
+            l.check(&a, &n).unwrap();
+            l.begin(&a, &n);
+        }
+        assert_eq!(l.check(&a, &n).unwrap_err().0, Refused::Tenant);
+        let t = l.tenant(&a);
+        l.finish(t, n, None);
+        l.check(&a, &n).unwrap();
+        l.finish(t, n, Some(7));
+        l.apply(7, 0, "k.q", &a, 10, true, false);
+        let r = l.need("k.r", 10, true, true);
+        assert!(l.check(&a, &r).is_ok());
+        l.apply(8, 0, "k.r", &a, 10, false, true);
+        let r = l.need("k.r", 10, false, true);
+        assert_eq!(r.retained, 0);
+        assert!(
+            l.check(&a, &r).is_ok(),
+            "replacing a retained value is free"
+        );
+        let s = l.need("k.s", 10, false, true);
+        assert_eq!(
+            l.check(&a, &s).unwrap_err().0,
+            Refused::Tenant,
+            "one retained value per tenant"
+        );
+        assert_eq!(l.retained_under("k."), vec![(Arc::from("k.r"), 8)]);
+        l.apply(9, 50, "k.q", &a, 10, true, false);
+        l.apply(10, 60, "k.q", &a, 10, true, false);
+        let all = |_: &str| true;
+        assert_eq!(
+            l.last_n_starts("k.", all, 1, 10),
+            vec![(Arc::from("k.q"), 10)]
+        );
+        assert_eq!(
+            l.last_n_starts("k.", all, 5, 9),
+            vec![(Arc::from("k.q"), 9)],
+            "seq 7 went with the per-path limit (2)"
+        );
+        assert_eq!(l.first_since("k.", all, 55, 10), Some(10));
+        assert_eq!(l.first_since("k.", all, 55, 9), None);
+
+        // A write the ordered read never sees (retention deleted it first) stops being in
+        // flight once the read passes its sequence.
+        let before = l.in_flight_total;
+        let n = l.need("k.z", 10, true, false);
+        let t = l.begin(&a, &n);
+        l.finish(t, n, Some(20));
+        assert_eq!(l.in_flight_total.msgs, before.msgs + 1);
+        l.apply(21, 70, "k.q", &a, 10, true, false);
+        assert_eq!(l.in_flight_total, before);
+    }
+}
