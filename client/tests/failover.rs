@@ -283,16 +283,8 @@ async fn jetstream_cluster_failover_resumes_in_place_and_loses_no_acknowledged_m
     };
     let urls = nats.urls();
     let relay = |name: &str| {
-        start_relay_binary(&[
-            "--cluster",
-            &urls,
-            "--cluster-name",
-            name,
-            "--cluster-store",
-            "jetstream",
-            "--cluster-replicas",
-            "3",
-        ])
+        let args = nats::jetstream_relay_args(&urls, name);
+        start_relay_binary(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let (a, b, c) = (relay("fo-a"), relay("fo-b"), relay("fo-c"));
     let spaces = (

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use common::nats::{numbered_sized, NatsCluster};
+use common::nats::{jetstream_relay_args, numbered_sized, NatsCluster};
 use common::*;
 use futures_util::StreamExt;
 use whispeer_protocol::frame::{msg_flags, pub_flags, Ack, Msg, Pub, Replay, Sub};
@@ -28,24 +28,8 @@ fn number(env: &Envelope) -> u32 {
     u32::from_be_bytes(nonce[..4].try_into().unwrap())
 }
 
-fn relay_args(urls: &str, name: &str) -> Vec<String> {
-    [
-        "--cluster",
-        urls,
-        "--cluster-name",
-        name,
-        "--cluster-store",
-        "jetstream",
-        "--cluster-replicas",
-        "3",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 fn start_relay(urls: &str, name: &str) -> BinRelay {
-    let args = relay_args(urls, name);
+    let args = jetstream_relay_args(urls, name);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     BinRelay::start(&args)
 }
@@ -454,7 +438,7 @@ async fn without_jetstream_stored_publishes_fail_and_live_routing_goes_on() {
 }
 
 fn start_relay_with(urls: &str, name: &str, extra: &[&str]) -> BinRelay {
-    let mut args = relay_args(urls, name);
+    let mut args = jetstream_relay_args(urls, name);
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     BinRelay::start(&args)
@@ -553,7 +537,7 @@ async fn graceful_shutdown_drains_the_forward_queue() {
     };
     let urls = nats.urls();
     let b = start_relay(&urls, "relay-b");
-    let mut args = relay_args(&urls, "relay-a");
+    let mut args = jetstream_relay_args(&urls, "relay-a");
     args.extend(["--log".to_string(), "info".to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut a = BinRelay::start_logged(&args);
@@ -946,7 +930,7 @@ async fn ledger_load_time() {
         done += batch.len() as u32;
     }
     let publish = started.elapsed();
-    let mut args = relay_args(&s.nats.urls(), "late");
+    let mut args = jetstream_relay_args(&s.nats.urls(), "late");
     args.extend(["--log".to_string(), "info".to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let started = std::time::Instant::now();

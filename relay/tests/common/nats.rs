@@ -111,6 +111,24 @@ impl Drop for NatsNode {
     }
 }
 
+/// The `whispeer-relay serve` arguments of relay `name` storing in the cluster's JetStream
+/// (`--cluster-store jetstream`, R3) on the NATS servers `urls`.
+pub fn jetstream_relay_args(urls: &str, name: &str) -> Vec<String> {
+    [
+        "--cluster",
+        urls,
+        "--cluster-name",
+        name,
+        "--cluster-store",
+        "jetstream",
+        "--cluster-replicas",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// A NATS cluster with JetStream, every node routed to every other.
 pub struct NatsCluster {
     pub nodes: Vec<NatsNode>,
