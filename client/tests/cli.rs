@@ -1086,8 +1086,13 @@ fn bench_json_reports_every_message_delivered() {
             .collect();
         assert!(p.windows(2).all(|w| w[0] <= w[1]), "{out}");
         assert!(p[0] > 0);
+        assert!(
+            r.get("server_cpu_s").is_none(),
+            "only with --relay-pid: {out}"
+        );
     }
-    // Human output without --json.
+    // Human output without --json; --relay-pid adds the relay's CPU from /proc.
+    let pid = relay.child.id().to_string();
     let out = ok(run(&[
         "bench",
         "--relay",
@@ -1095,8 +1100,27 @@ fn bench_json_reports_every_message_delivered() {
         "--msgs",
         "100",
         "--no-progress",
+        "--relay-pid",
+        &pid,
     ]));
     assert!(out.contains("msgs/s") && out.contains("p99"), "{out}");
+    assert!(
+        out.contains("cpu:       relay ") && out.contains("per delivered message: relay "),
+        "{out}"
+    );
+    let out = ok(run(&[
+        "bench",
+        "--relay",
+        &relay.tcp_url(),
+        "--msgs",
+        "200",
+        "--json",
+        "--no-progress",
+        "--relay-pid",
+        &pid,
+    ]));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(r["server_cpu_s"].as_f64().unwrap() >= 0.0, "{out}");
     fails(
         run(&["bench", "--relay", &relay.ws_url(), "--size", "8"]),
         2,

@@ -99,6 +99,15 @@ pub struct BenchArgs {
     /// NATS beside whispeer with the ratio (JSON: `nats` and `nats_ratio`).
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
+    /// The relay's process id, when it runs on this machine: its CPU seconds during the run
+    /// (from `/proc`) are reported beside this process's, with CPU per delivered message
+    /// (JSON: `server_cpu_s`). Three processes sharing the cores is what limits a one-box
+    /// benchmark; this says how the CPU was spent.
+    #[arg(long, value_name = "PID")]
+    relay_pid: Option<u32>,
+    /// nats-server's process id, for the same figure in the `--nats` run.
+    #[arg(long, value_name = "PID", requires = "nats")]
+    nats_pid: Option<u32>,
     /// Print one JSON object with the results instead of text.
     #[arg(long)]
     json: bool,
@@ -249,6 +258,9 @@ struct Report {
     /// CPU seconds this process used during the run (publishers and subscribers together),
     /// from `/proc/self/stat` (0 where there is none).
     cpu_s: f64,
+    /// `--relay-pid` / `--nats-pid`: CPU seconds the server process used during the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_cpu_s: Option<f64>,
     /// Messages the subscribers could not open.
     rejected: u64,
     /// `--nats`: the same load through nats-server, plaintext (`signing` = `plaintext`).
@@ -376,7 +388,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             opts,
         });
     }
-    let mut report = run_load(&a, duration, pubs, subs).await?;
+    let mut report = run_load(&a, duration, pubs, subs, a.relay_pid).await?;
     report.relay = a.conn.relay.clone();
     report.signing = signing_arg.name();
     if report.reconnects > 0 {
@@ -436,7 +448,7 @@ async fn run_nats(a: &BenchArgs, duration: Duration, url: &str) -> Result<Report
             subject: subject.clone(),
         });
     }
-    let mut r = run_load(a, duration, pubs, subs).await?;
+    let mut r = run_load(a, duration, pubs, subs, a.nats_pid).await?;
     r.signing = "plaintext";
     r.topic = subject;
     Ok(r)
@@ -449,8 +461,10 @@ async fn run_load(
     duration: Duration,
     pub_conns: Vec<PubConn>,
     sub_conns: Vec<SubConn>,
+    server_pid: Option<u32>,
 ) -> Result<Report> {
-    let cpu0 = process_cpu_seconds();
+    let cpu0 = cpu_seconds(None);
+    let server0 = server_pid.map(|p| cpu_seconds(Some(p)));
     let shared = Arc::new(Shared {
         base: Instant::now(),
         run_id: rand::rngs::OsRng.next_u64(),
@@ -612,7 +626,10 @@ async fn run_load(
         relay_gaps,
         signing: "",
         batch_root_hits,
-        cpu_s: round3(process_cpu_seconds() - cpu0),
+        cpu_s: round3(cpu_seconds(None) - cpu0),
+        server_cpu_s: server_pid
+            .zip(server0)
+            .map(|(p, c0)| round3(cpu_seconds(Some(p)) - c0)),
         rejected,
         nats: None,
         nats_ratio: None,
@@ -893,10 +910,15 @@ fn progress_bar(a: &BenchArgs, duration: Duration) -> indicatif::ProgressBar {
     bar
 }
 
-/// CPU seconds (user + system) of this process so far: fields 14 and 15 of
-/// `/proc/self/stat`, in clock ticks (100 per second on Linux). 0 where there is no `/proc`.
-fn process_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+/// CPU seconds (user + system) of this process (`None`) or of process `pid` so far: fields
+/// 14 and 15 of `/proc/…/stat`, in clock ticks (100 per second on Linux). 0 where there is
+/// no `/proc` (or no such process).
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_owned(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0.0;
     };
     // The command name (field 2) may hold spaces: count from after its closing parenthesis.
@@ -979,6 +1001,17 @@ fn print_human(r: &Report) -> Result<()> {
     for l in lines {
         io::print_or_exit(&l)?;
     }
+    if let Some(server) = r.server_cpu_s {
+        let per = |cpu: f64| cpu * 1e6 / r.received.max(1) as f64;
+        io::print_or_exit(&format!(
+            "cpu:       relay {:.2} CPU s ({:.2} cores); per delivered message: relay {:.2} µs,              clients {:.2} µs, together {:.2} µs",
+            server,
+            server / r.duration_s.max(1e-9),
+            per(server),
+            per(r.cpu_s),
+            per(server + r.cpu_s)
+        ))?;
+    }
     if let (Some(n), Some(x)) = (&r.nats, &r.nats_ratio) {
         let lines = [
             format!(
@@ -1006,6 +1039,15 @@ fn print_human(r: &Report) -> Result<()> {
         ];
         for l in lines {
             io::print_or_exit(&l)?;
+        }
+        if let Some(server) = n.server_cpu_s {
+            io::print_or_exit(&format!(
+                "nats cpu:  nats-server {:.2} CPU s; per delivered message: server {:.2} µs, \
+                 clients {:.2} µs",
+                server,
+                server * 1e6 / n.received.max(1) as f64,
+                n.cpu_s * 1e6 / n.received.max(1) as f64
+            ))?;
         }
     }
     Ok(())
