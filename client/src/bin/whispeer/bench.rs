@@ -1004,7 +1004,8 @@ fn print_human(r: &Report) -> Result<()> {
     if let Some(server) = r.server_cpu_s {
         let per = |cpu: f64| cpu * 1e6 / r.received.max(1) as f64;
         io::print_or_exit(&format!(
-            "cpu:       relay {:.2} CPU s ({:.2} cores); per delivered message: relay {:.2} µs,              clients {:.2} µs, together {:.2} µs",
+            "cpu:       relay {:.2} CPU s ({:.2} cores); per delivered message: relay {:.2} µs, \
+             clients {:.2} µs, together {:.2} µs",
             server,
             server / r.duration_s.max(1e-9),
             per(server),
