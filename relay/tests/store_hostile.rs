@@ -192,6 +192,12 @@ async fn wait_until(store: &SqliteStore, what: &str, mut f: impl FnMut() -> bool
         .expect("store open");
 }
 
+/// The store-reader thread is one per process (relay/src/store.rs), shared by every relay a
+/// test binary runs at once: the `Sub` flood's thousands of reads would queue ahead of the
+/// backlog test's one timed replay. One relay per process in production; here they take
+/// turns.
+static READER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const KA: [u8; 16] = [0xa1; 16];
 const KB: [u8; 16] = [0xb2; 16];
 const KC: [u8; 16] = [0xc3; 16];
@@ -549,6 +555,7 @@ async fn a_full_store_queue_answers_busy_and_never_stalls_others() {
 /// messages back for as long as the commits took (the hostile bench saw 1–2 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_tenants_store_backlog_never_holds_back_a_new_subscription() {
+    let _alone = READER.lock().await;
     let dir = temp_dir("barrier");
     let db = dir.join("s.db");
     let config = file_config(&db);
@@ -751,6 +758,7 @@ async fn qos0_is_live_only_and_retained_values_roll_over_and_expire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_flood_under_random_key_ids_reads_no_row_and_the_honest_client_loses_nothing() {
+    let _alone = READER.lock().await;
     let dir = temp_dir("flood");
     let mut config = file_config(&dir.join("s.db"));
     config.limits.max_subscriptions = 100_000;
