@@ -93,7 +93,7 @@ export function toKeyring(keys) {
 
 function addKeys(kr, keys) {
   for (const k of Array.isArray(keys) ? keys : keys == null ? [] : [keys]) {
-    if (k instanceof Keyring) for (const s of k.toKeyStrings()) kr.addKeyString(s);
+    if (k instanceof Keyring) for (const s of [...k.toKeyStrings(), ...k.toDictionaryStrings()]) kr.addKeyString(s);
     else if (k instanceof TreeKey) kr.addTreeKey(k);
     else if (k instanceof Grant) kr.addGrant(k);
     else if (typeof k === 'string') kr.addKeyString(k);
@@ -107,6 +107,7 @@ function grantsOf(keys) {
     if (k instanceof Keyring) for (const s of k.toKeyStrings()) out.push(Grant.fromKeyString(s));
     else if (k instanceof TreeKey) out.push(k.grant('#'));
     else if (k instanceof Grant) out.push(k);
+    else if (typeof k === 'string' && /^wsdict1/i.test(k.trim())) continue; // a dictionary, not a grant
     else if (typeof k === 'string')
       out.push(k.trim().startsWith('wstree1') ? TreeKey.fromKeyString(k).grant('#') : Grant.fromKeyString(k));
     else throw new WhispeerError('INVALID_OPTION', 'keys: expected a Keyring, TreeKey, Grant or key string');
@@ -114,16 +115,17 @@ function grantsOf(keys) {
   return out;
 }
 
-/** The core's compression: a zstd level (1–22), 0 for none, or 'lz4'. */
+/** The core's compression: a zstd level (1–22), 0 for none, 'lz4', or 'zstd-dict:ID[:N]'. */
 function level(c) {
   if (c === undefined || c === true || c === 'zstd') return 3;
   if (c === false || c === null || c === 'none' || c === 0) return 0;
   if (c === 'lz4') return 'lz4';
+  if (typeof c === 'string' && c.startsWith('zstd-dict:')) return c;
   const n = typeof c === 'number' ? c : c && typeof c === 'object' ? c.zstd : undefined;
   if (Number.isInteger(n) && n >= 0 && n <= 22) return n;
   throw new WhispeerError(
     'INVALID_OPTION',
-    `compression: expected 'zstd', 'lz4', 'none', a zstd level 1-22 or { zstd: level }, got ${JSON.stringify(c)}`,
+    `compression: expected 'zstd', 'lz4', 'none', a zstd level 1-22, { zstd: level } or 'zstd-dict:ID[:LEVEL]', got ${JSON.stringify(c)}`,
   );
 }
 

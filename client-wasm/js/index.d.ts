@@ -134,6 +134,10 @@ export class Keyring {
   addTreeKey(tree: TreeKey): void;
   /** A `wskey1…` grant or a `wstree1…` admin key. */
   addKeyString(s: string): void;
+  /** Adds a zstd dictionary (raw bytes or a `wsdict1…` string); returns its id (32 hex digits). */
+  addDictionary(dict: Uint8Array | string): string;
+  /** The dictionaries as `wsdict1…` strings (secret like keys). */
+  toDictionaryStrings(): string[];
   toKeyStrings(): string[];
   readonly size: number;
   free(): void;
@@ -210,7 +214,11 @@ export type Provenance =
   | { kind: 'derived'; from: string }
   | { kind: 'delegated'; by: string };
 
-export type Compression = 'zstd' | 'lz4' | 'none' | boolean | number | { zstd: number };
+/**
+ * `'zstd-dict:<id>[:<level>]'`: zstd with a dictionary the keyring holds
+ * (`Keyring.addDictionary`, or a `wsdict1…` string among the keys; PROTOCOL §4.6.1).
+ */
+export type Compression = 'zstd' | 'lz4' | 'none' | boolean | number | { zstd: number } | `zstd-dict:${string}`;
 
 /**
  * The AEAD suite of sealed envelopes: `'xchacha'` (XChaCha20-Poly1305, suite 1, the

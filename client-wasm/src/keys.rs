@@ -229,6 +229,8 @@ impl Grant {
 pub struct Keyring {
     grants: Vec<p::Grant>,
     check: p::Keyring,
+    /// zstd dictionaries (codec 3), shared like keys (`wsdict1…`).
+    dictionaries: Vec<p::Dictionary>,
 }
 
 #[wasm_bindgen]
@@ -259,11 +261,42 @@ impl Keyring {
         self.push(tree.inner.grant_all())
     }
 
-    /// Adds a key string: a grant (`wskey1…`) or an admin key (`wstree1…`).
+    /// Adds a zstd dictionary (codec 3, PROTOCOL §4.6.1) from its raw bytes (as
+    /// `whispeer dict train` writes them) or its `wsdict1…` string; returns its id (32 hex
+    /// digits), which a topic's compression names: `'zstd-dict:<id>'`.
+    #[wasm_bindgen(js_name = addDictionary)]
+    pub fn add_dictionary(&mut self, dict: JsValue) -> Result<String, JsValue> {
+        let d = match dict.as_string() {
+            Some(s) => p::Dictionary::from_key_string(&s),
+            None => p::Dictionary::new(js_sys::Uint8Array::new(&dict).to_vec()),
+        }
+        .map_err(key_error)?;
+        let id = d.id().to_string();
+        self.push_dictionary(d);
+        Ok(id)
+    }
+
+    /// The dictionaries as `wsdict1…` strings (secret like keys).
+    #[wasm_bindgen(js_name = toDictionaryStrings)]
+    pub fn to_dictionary_strings(&self) -> Vec<String> {
+        self.dictionaries
+            .iter()
+            .map(|d| d.to_key_string().to_string())
+            .collect()
+    }
+
+    /// Adds a key string: a grant (`wskey1…`), an admin key (`wstree1…`) or a zstd
+    /// dictionary (`wsdict1…`).
     #[wasm_bindgen(js_name = addKeyString)]
     pub fn add_key_string(&mut self, s: &str) -> Result<(), JsValue> {
         let s = s.trim();
-        if s.starts_with("wstree1") {
+        if s.get(..7)
+            .is_some_and(|p| p.eq_ignore_ascii_case("wsdict1"))
+        {
+            let d = p::Dictionary::from_key_string(s).map_err(key_error)?;
+            self.push_dictionary(d);
+            Ok(())
+        } else if s.starts_with("wstree1") {
             self.push(
                 p::TreeKey::from_key_string(s)
                     .map_err(key_error)?
@@ -291,9 +324,18 @@ impl Keyring {
 }
 
 impl Keyring {
-    /// A protocol keyring with every grant (for one client).
+    fn push_dictionary(&mut self, d: p::Dictionary) {
+        if !self.dictionaries.iter().any(|h| h.id() == d.id()) {
+            self.dictionaries.push(d);
+        }
+    }
+
+    /// A protocol keyring with every grant and dictionary (for one client).
     pub(crate) fn build(&self) -> Result<p::Keyring, JsValue> {
         let mut kr = p::Keyring::new();
+        for d in &self.dictionaries {
+            kr.add_dictionary(d.clone());
+        }
         for g in &self.grants {
             kr.add_grant_at(g.clone(), now_ms()).map_err(key_error)?;
         }

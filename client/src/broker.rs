@@ -653,7 +653,7 @@ impl Broker {
     pub fn tree_key(&self) -> Option<&TreeKey> {
         self.inner.keys.iter().find_map(|k| match k {
             AnyKey::Tree(t) => Some(t),
-            AnyKey::Grant(_) => None,
+            AnyKey::Grant(_) | AnyKey::Dict(_) => None,
         })
     }
 

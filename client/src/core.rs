@@ -824,7 +824,12 @@ impl ClientCore {
         self.guard.expire(now_ms);
         let o = match opened {
             Ok(o) => o,
-            Err(_) => {
+            Err(e) => {
+                if let Some(id) = e.missing_dictionary() {
+                    // Authentic (decrypted and verified) but compressed with a dictionary
+                    // this client lacks: say which, so the user can import it.
+                    tracing::warn!(dictionary = %id, "{e}");
+                }
                 self.stats.rejected += 1;
                 self.advance(msg.seq, &[]);
                 return Delivery::Placeholder;

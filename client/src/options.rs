@@ -331,7 +331,25 @@ impl Compression {
     pub fn lz4() -> Self {
         Compression(whispeer_protocol::Compression::Lz4)
     }
-    /// Parses `none`, `zstd` (level 3), `zstd:N` or `lz4` (the CLI's `--compress`).
+    /// zstd at `level` with a dictionary (`codec` 3, PROTOCOL §4.6.1): small messages that
+    /// share structure (JSON telemetry, chat) compress several times better. The keyring
+    /// must hold the dictionary — pass its `wsdict1…` string with the keys
+    /// ([`Encryption::with_keys`]) or add it to the [`Keyring`]
+    /// ([`Keyring::add_dictionary`]) — else publishing fails with
+    /// `SealError::MissingDictionary`. Receivers need it too: share it as keys are shared;
+    /// one without it counts the message as refused and logs the dictionary id it lacks.
+    pub fn zstd_dict(level: i32, dict: &whispeer_protocol::Dictionary) -> Self {
+        Compression(whispeer_protocol::Compression::ZstdDict {
+            level,
+            dict: dict.id(),
+        })
+    }
+    /// The protocol's value.
+    pub fn into_inner(self) -> whispeer_protocol::Compression {
+        self.0
+    }
+    /// Parses `none`, `zstd` (level 3), `zstd:N`, `lz4` or `zstd-dict:ID[:N]` (the CLI's
+    /// `--compress`).
     pub fn from_name(s: &str) -> Option<Self> {
         whispeer_protocol::Compression::from_name(s).map(Compression)
     }
@@ -408,13 +426,20 @@ pub(crate) enum EncryptionKeys {
 pub(crate) enum AnyKey {
     Tree(TreeKey),
     Grant(Grant),
+    /// A zstd dictionary (`wsdict1…`): content that travels with the keys.
+    Dict(whispeer_protocol::Dictionary),
 }
 
 impl AnyKey {
     pub(crate) fn parse(s: &str) -> Result<AnyKey, KeyError> {
         let s = s.trim();
-        if s.to_ascii_lowercase().starts_with("wstree1") {
+        let lower = s.get(..7).unwrap_or(s).to_ascii_lowercase();
+        if lower.starts_with("wstree1") {
             Ok(AnyKey::Tree(TreeKey::from_key_string(s)?))
+        } else if lower.starts_with("wsdict1") {
+            Ok(AnyKey::Dict(
+                whispeer_protocol::Dictionary::from_key_string(s)?,
+            ))
         } else {
             Ok(AnyKey::Grant(Grant::from_key_string(s)?))
         }
@@ -423,6 +448,10 @@ impl AnyKey {
         match self {
             AnyKey::Tree(t) => keys.add_tree_key_at(t, now_ms),
             AnyKey::Grant(g) => keys.add_grant_at(g.clone(), now_ms),
+            AnyKey::Dict(d) => {
+                keys.add_dictionary(d.clone());
+                Ok(())
+            }
         }
     }
     /// The string to share: a grant of the whole tree for a tree key (not the admin key).
@@ -431,6 +460,7 @@ impl AnyKey {
         match self {
             AnyKey::Tree(t) => t.grant_all().to_key_string(),
             AnyKey::Grant(g) => g.to_key_string(),
+            AnyKey::Dict(d) => d.to_key_string(),
         }
     }
 }
@@ -442,8 +472,8 @@ impl Encryption {
     pub fn new() -> Self {
         Encryption(EncryptionKeys::Fresh)
     }
-    /// Existing key strings: tree keys (`wstree1…`) and grants (`wskey1…`), e.g. what
-    /// another broker's `keys()` returned.
+    /// Existing key strings: tree keys (`wstree1…`), grants (`wskey1…`) and zstd
+    /// dictionaries (`wsdict1…`), e.g. what another broker's `keys()` returned.
     pub fn with_keys<S: AsRef<str>>(keys: impl IntoIterator<Item = S>) -> Result<Self, KeyError> {
         let keys = keys
             .into_iter()

@@ -1714,3 +1714,161 @@ fn relay_list_fails_over_to_the_next_relay() {
     );
     assert!(e.contains("cannot connect to"), "{e}");
 }
+
+/// `dict train` from JSON lines, `dict show`/`export`, then `pub --dict`: a subscriber
+/// holding the dictionary (a `wsdict1…` line in a key file) reads the message; one without
+/// it is told which dictionary it lacks (the body opened and verified; only that is
+/// reported).
+#[test]
+fn dict_train_share_and_publish_with_a_dictionary() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let samples: String = (0..300)
+        .map(|i| {
+            format!(
+                "{{\"device\":\"th-{:04}\",\"room\":\"{}\",\"seq\":{i},\"celsius\":{}.{},\"humidity\":{},\"ok\":true}}\n",
+                i * 37 % 9973,
+                ["kitchen", "garage", "attic", "hall"][i % 4],
+                15 + i % 12,
+                i % 10,
+                30 + i % 40
+            )
+        })
+        .collect();
+    write_file(dir.path(), "samples.jsonl", &samples);
+    let trained: serde_json::Value = serde_json::from_str(&ok(run(&[
+        "dict",
+        "train",
+        "--samples",
+        &path("samples.jsonl"),
+        "--lines",
+        "--size",
+        "4096",
+        "-o",
+        &path("dict.bin"),
+    ])))
+    .unwrap();
+    let id = trained["id"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 32);
+    assert_eq!(trained["zstd_format"], true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path("dict.bin"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // Refuses to overwrite; show and export agree on the id.
+    fails(
+        run(&[
+            "dict",
+            "train",
+            "--samples",
+            &path("samples.jsonl"),
+            "--lines",
+            "-o",
+            &path("dict.bin"),
+        ]),
+        1,
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(run(&["dict", "show", "--json", &path("dict.bin")]))).unwrap();
+    assert_eq!(shown["id"], trained["id"]);
+    ok(run(&[
+        "dict",
+        "export",
+        &path("dict.bin"),
+        "--out",
+        &path("dict.key"),
+    ]));
+    let exported = std::fs::read_to_string(path("dict.key")).unwrap();
+    assert!(exported.starts_with("wsdict1"));
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(run(&["dict", "show", "--json", &path("dict.key")]))).unwrap();
+    assert_eq!(shown["id"], trained["id"]);
+
+    // Usage errors: --dict with another codec; too few samples; a file too large.
+    let (tree_file, _) = new_tree(dir.path(), "tele");
+    let tf = tree_file.to_str().unwrap();
+    let e = fails(
+        run(&[
+            "pub",
+            "--relay",
+            "ws://127.0.0.1:1",
+            "a/b",
+            "1",
+            "--key-file",
+            tf,
+            "--dict",
+            &path("dict.bin"),
+            "--compress",
+            "lz4",
+        ]),
+        2,
+    );
+    assert!(e.contains("--dict"), "{e}");
+    write_file(dir.path(), "two.jsonl", "{\"a\":1}\n{\"a\":2}\n");
+    fails(
+        run(&[
+            "dict",
+            "train",
+            "--samples",
+            &path("two.jsonl"),
+            "--lines",
+            "-o",
+            &path("x.bin"),
+        ]),
+        2,
+    );
+    std::fs::write(path("big.bin"), vec![b'x'; 112 * 1024 + 1]).unwrap();
+    let e = fails(run(&["dict", "show", &path("big.bin")]), 1);
+    assert!(e.contains("exceeds the limit"), "{e}");
+
+    let relay = start_relay_binary(&[]);
+    let url = relay.ws_url();
+    let mut with = sub_ready(&url, "tele/#", 1, &[tf, &path("dict.key")]);
+    let mut without = sub_ready(&url, "tele/#", 1, &[tf]);
+    let value =
+        r#"{"device":"th-0042","room":"kitchen","seq":7,"celsius":21.5,"humidity":44,"ok":true}"#;
+    ok(run(&[
+        "pub",
+        "--relay",
+        &url,
+        "tele/kitchen",
+        value,
+        "--qos",
+        "1",
+        "--key-file",
+        tf,
+        "--dict",
+        &path("dict.bin"),
+    ]));
+    let l: serde_json::Value = serde_json::from_str(&with.line()).unwrap();
+    assert_eq!(l["topic"], "tele/kitchen");
+    assert_eq!(l["data"]["celsius"], 21.5);
+    let (status, _, _) = with.finish();
+    assert!(status.success());
+    // The other subscriber logs the dictionary it lacks (and delivers nothing).
+    let start = Instant::now();
+    loop {
+        let left = TIMEOUT.saturating_sub(start.elapsed());
+        let line = without.err.recv_timeout(left).unwrap_or_else(|e| {
+            let out: Vec<String> = without.out.try_iter().collect();
+            panic!(
+                "no missing-dictionary warning ({e:?}): {:?}, stdout {out:?}",
+                without.err_seen
+            )
+        });
+        if line.contains("dictionary") {
+            assert!(line.contains(&id), "{line}");
+            break;
+        }
+        without.err_seen.push(line);
+    }
+    assert!(
+        without.out.try_recv().is_err(),
+        "nothing delivered without the dictionary"
+    );
+}

@@ -15,6 +15,8 @@ struct Fixture {
     batch: Vec<u8>,
     /// Suite 3 (AES-256-GCM) with an LZ4 payload (`codec = 2`).
     aes_lz4: Vec<u8>,
+    /// A zstd-with-dictionary payload (`codec = 3`), the dictionary held by the keyring.
+    dict: Vec<u8>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -23,6 +25,9 @@ fn fixture() -> &'static Fixture {
         let tk = TreeKey::from_parts(TreeId([1; 16]), 0, "fuzz", [2; 32], [3; 32]).unwrap();
         let mut keyring = Keyring::new();
         keyring.add_tree_key_at(&tk, 0).unwrap();
+        let dict = Dictionary::new(b"{\"celsius\": 20.0, \"room\": \"garage\"}".repeat(3)).unwrap();
+        let dict_id = dict.id();
+        keyring.add_dictionary(dict);
         let id = Identity::from_seeds(&[4; 32], &[5; 32]);
         let topic = Topic::new("sensor/kitchen/temp").unwrap();
         let key = keyring.topic_key(&topic).unwrap();
@@ -56,11 +61,23 @@ fn fixture() -> &'static Fixture {
         let aes_lz4 = sealer
             .seal(&key, &out, &aes_lz4, Some(&id), &mut rng)
             .unwrap();
+        let with_dict = SealOptions {
+            compression: Compression::ZstdDict {
+                level: 3,
+                dict: dict_id,
+            },
+            ..SealOptions::default()
+        };
+        let key = keyring.topic_key(&topic).unwrap();
+        let dict = sealer
+            .seal(&key, &out, &with_dict, Some(&id), &mut rng)
+            .unwrap();
         Fixture {
             keyring,
             valid: env.as_bytes().to_vec(),
             batch: batch[2].as_bytes().to_vec(),
             aes_lz4: aes_lz4.as_bytes().to_vec(),
+            dict: dict.as_bytes().to_vec(),
         }
     })
 }
@@ -76,12 +93,13 @@ fuzz_target!(|data: &[u8]| {
     if data.is_empty() {
         return;
     }
-    // The first input byte picks the per-message-signed, the batch-signed or the
-    // AES-GCM + LZ4 envelope.
-    let base = match data[0] % 3 {
+    // The first input byte picks the per-message-signed, the batch-signed, the
+    // AES-GCM + LZ4 or the zstd-with-dictionary envelope.
+    let base = match data[0] % 4 {
         0 => &f.valid,
         1 => &f.batch,
-        _ => &f.aes_lz4,
+        2 => &f.aes_lz4,
+        _ => &f.dict,
     };
     let mut b = base.clone();
     for (i, x) in data.iter().enumerate().skip(1) {

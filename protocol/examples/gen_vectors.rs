@@ -60,9 +60,21 @@ struct Case<'a> {
 }
 
 fn seal_case(rng: &mut impl RngCore, c: &Case<'_>) -> (Envelope, Value) {
+    seal_case_with(rng, c, None)
+}
+
+/// [`seal_case`] with a keyring that also holds `dict` (codec 3).
+fn seal_case_with(
+    rng: &mut impl RngCore,
+    c: &Case<'_>,
+    dict: Option<&Dictionary>,
+) -> (Envelope, Value) {
     let tk = tree(0, 0x22);
     let mut kr = Keyring::new();
     kr.add_tree_key_at(&tk, 0).unwrap();
+    if let Some(d) = dict {
+        kr.add_dictionary(d.clone());
+    }
     let mut nonce = [0u8; 24];
     rng.fill_bytes(&mut nonce);
     let mut msg_id = [0u8; 16];
@@ -908,6 +920,7 @@ fn main() {
 
     // --- LZ4 (codec 2) and AES-256-GCM (suite 3), issue 11: own RNG as well ---
     codec_suite_vectors(&dir);
+    dict_vectors(&dir);
 
     let count = std::fs::read_dir(&dir).unwrap().count();
     println!("wrote {count} vectors to {}", dir.display());
@@ -1738,5 +1751,254 @@ fn codec_suite_vectors(dir: &Path) {
         "codec 2 payload of 3 bytes: shorter than its size prefix",
         "does not decompress",
         &|p| p[..3].to_vec(),
+    );
+}
+
+/// Realistic telemetry JSON (fixed seed), for training and the codec-3 vectors.
+fn telemetry_samples(n: usize, seed: u64) -> Vec<Vec<u8>> {
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+    let rooms = ["kitchen", "garage", "attic", "bedroom", "hall", "office"];
+    (0..n)
+        .map(|i| {
+            let r = rooms[(rng.next_u32() as usize) % rooms.len()];
+            let c = 15.0 + (rng.next_u32() % 1500) as f64 / 100.0;
+            let h = 30 + rng.next_u32() % 40;
+            format!(
+                r#"{{"device":"th-{:04}","room":"{r}","seq":{i},"ts":"2026-11-30T12:{:02}:{:02}Z","celsius":{c:.2},"humidity":{h},"battery":{},"firmware":"2.4.1","ok":{}}}"#,
+                rng.next_u32() % 10000,
+                i % 60,
+                (i * 7) % 60,
+                rng.next_u32() % 101,
+                rng.next_u32() % 10 != 0,
+            )
+            .into_bytes()
+        })
+        .collect()
+}
+
+/// Codec 3 (zstd with a dictionary, §4.6.1) and `wsdict` strings (§6.4).
+fn dict_vectors(dir: &Path) {
+    let samples = telemetry_samples(400, 0xd1c7);
+    let trained = zstd::dict::from_samples(&samples, 4096).expect("training");
+    let dict = Dictionary::new(trained).unwrap();
+    assert!(dict.is_zstd_format());
+    let dict_str = dict.to_key_string().to_string();
+    let payload = telemetry_samples(1, 0x5eed).remove(0);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0xd1c8);
+    let level3 = Compression::ZstdDict {
+        level: 3,
+        dict: dict.id(),
+    };
+    let mut cases = Vec::new();
+    for (name, suite, padding, signed) in [
+        (
+            "ok_envelope_zstd_dict_signed_padme",
+            Suite::XChaCha20Poly1305,
+            Padding::Padme,
+            true,
+        ),
+        (
+            "ok_envelope_zstd_dict_aes_gcm_unsigned_plain",
+            Suite::Aes256Gcm,
+            Padding::None,
+            false,
+        ),
+    ] {
+        let c = Case {
+            topic: "sensor/kitchen/temp",
+            content_type: "application/json",
+            payload: payload.clone(),
+            compression: level3,
+            padding,
+            signed,
+            suite,
+        };
+        let (env, mut v) = seal_case_with(&mut rng, &c, Some(&dict));
+        v["dictionaries"] = json!([dict_str.as_str()]);
+        write(dir, name, v.clone());
+        cases.push((env, v));
+    }
+    let (s_env, s_v) = &cases[0];
+    let (u_env, u_v) = &cases[1];
+    let topic = "sensor/kitchen/temp";
+    let tk = tree(0, 0x22);
+
+    // The receiver does not hold the dictionary: the body opens and verifies, and the
+    // failure is the one typed error (§4.10 step 10).
+    let mut v = s_v.clone();
+    v.as_object_mut().unwrap().remove("dictionaries");
+    v["reason"] = json!(format!("needs zstd dictionary {}", dict.id()));
+    fail_env(
+        dir,
+        "fail_envelope_zstd_dict_missing",
+        "codec 3 names a dictionary the receiver does not hold: reported as such (the AEAD and the signature passed)",
+        &v,
+        s_env.as_bytes(),
+    );
+    // Another dictionary held, not the one named.
+    let other = Dictionary::new(b"{\"unrelated\":\"dictionary content\"}".repeat(8)).unwrap();
+    let mut v = s_v.clone();
+    v["dictionaries"] = json!([other.to_key_string().as_str()]);
+    v["reason"] = json!(format!("needs zstd dictionary {}", dict.id()));
+    fail_env(
+        dir,
+        "fail_envelope_zstd_dict_other_dictionary_held",
+        "codec 3 names dictionary A; the receiver holds only dictionary B",
+        &v,
+        s_env.as_bytes(),
+    );
+
+    // Payloads that lie, inside a validly encrypted unsigned body (checker: typed reason).
+    let dict_fail = |name: &str, what: &str, reason: &str, f: &dyn Fn(&[u8]) -> Vec<u8>| {
+        let bytes = reseal_in(&tk, u_env, topic, |body| {
+            let ct_len = u16::from_be_bytes([body[25], body[26]]) as usize;
+            let codec_off = 27 + ct_len;
+            assert_eq!(body[codec_off], 3, "codec 3");
+            let payload = f(&body[codec_off + 6..]);
+            body.truncate(codec_off + 2);
+            body.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            body.extend_from_slice(&payload);
+        });
+        let mut v = u_v.clone();
+        v["reason"] = json!(reason);
+        v["check_body"] = json!({"topic": topic});
+        fail_env(dir, name, what, &v, &bytes);
+    };
+    let with_frame = |frame: Vec<u8>| {
+        let mut p = dict.id().0.to_vec();
+        p.extend_from_slice(&frame);
+        p
+    };
+    let mut bomb = zstd::bulk::Compressor::with_dictionary(3, dict.as_bytes()).unwrap();
+    bomb.set_parameter(zstd::stream::raw::CParameter::DictIdFlag(false))
+        .unwrap();
+    let bomb_frame = bomb.compress(&vec![0u8; (16 << 20) + 1]).unwrap();
+    dict_fail(
+        "fail_envelope_zstd_dict_declared_above_cap",
+        "codec 3 frame declaring 16 MiB + 1 (the default cap is 16 MiB): refused before allocating",
+        "exceeds the decompression cap",
+        &|_| with_frame(bomb_frame.clone()),
+    );
+    let mut with_id = zstd::bulk::Compressor::with_dictionary(3, dict.as_bytes()).unwrap();
+    with_id
+        .set_parameter(zstd::stream::raw::CParameter::DictIdFlag(true))
+        .unwrap();
+    let id_frame = with_id.compress(&payload).unwrap();
+    assert_ne!(id_frame[4] & 3, 0, "the frame carries a Dictionary_ID");
+    dict_fail(
+        "fail_envelope_zstd_dict_frame_has_dictionary_id",
+        "codec 3 frame with a Dictionary_ID field (senders MUST omit it): refused",
+        "carries a Dictionary_ID field",
+        &|_| with_frame(id_frame.clone()),
+    );
+    dict_fail(
+        "fail_envelope_zstd_dict_short_payload",
+        "codec 3 payload of 10 bytes: shorter than the dictionary id",
+        "shorter than its dictionary id",
+        &|p| p[..10].to_vec(),
+    );
+    dict_fail(
+        "fail_envelope_zstd_dict_truncated_frame",
+        "codec 3 frame cut short by 3 bytes",
+        "does not decompress",
+        &|p| p[..p.len() - 3].to_vec(),
+    );
+    dict_fail(
+        "fail_envelope_zstd_dict_no_content_size",
+        "codec 3 frame without Frame_Content_Size",
+        "without content size",
+        &|_| {
+            // A streaming encoder that pledges no size writes no Frame_Content_Size.
+            let mut out = Vec::new();
+            {
+                let mut e =
+                    zstd::stream::Encoder::with_dictionary(&mut out, 3, dict.as_bytes()).unwrap();
+                e.set_parameter(zstd::stream::raw::CParameter::DictIdFlag(false))
+                    .unwrap();
+                std::io::Write::write_all(&mut e, &payload).unwrap();
+                e.finish().unwrap();
+            }
+            assert!(zstd::zstd_safe::get_frame_content_size(&out)
+                .unwrap()
+                .is_none());
+            with_frame(out)
+        },
+    );
+
+    // Dictionary strings (§6.4).
+    write(
+        dir,
+        "ok_dictionary_trained",
+        json!({
+            "kind": "dictionary",
+            "string": dict_str.as_str(),
+            "expect": {"id": dict.id().to_string(), "len": dict.len(), "zstd_format": true},
+        }),
+    );
+    let raw = Dictionary::new(samples[..4].concat()).unwrap();
+    write(
+        dir,
+        "ok_dictionary_raw_content",
+        json!({
+            "kind": "dictionary",
+            "string": raw.to_key_string().as_str(),
+            "expect": {"id": raw.id().to_string(), "len": raw.len(), "zstd_format": false},
+        }),
+    );
+    let dict_fail_str = |name: &str, what: &str, reason: &str, bytes: Vec<u8>| {
+        write(
+            dir,
+            name,
+            json!({
+                "kind": "dictionary",
+                "description": what,
+                "string": text::encode_long(text::hrp::DICT, &bytes),
+                "expect": "error",
+                "reason": reason,
+            }),
+        );
+    };
+    let layout = |format: u8, id: &[u8], bytes: &[u8]| {
+        let mut b = vec![format];
+        b.extend_from_slice(id);
+        b.extend_from_slice(bytes);
+        b
+    };
+    let mut wrong_id = dict.id().0;
+    wrong_id[0] ^= 1;
+    dict_fail_str(
+        "fail_dictionary_id_mismatch",
+        "the id does not match the dictionary bytes",
+        "does not match",
+        layout(1, &wrong_id, dict.as_bytes()),
+    );
+    dict_fail_str(
+        "fail_dictionary_format_2",
+        "format byte 2 (unknown)",
+        "format version 2",
+        layout(2, &dict.id().0, dict.as_bytes()),
+    );
+    let big: Vec<u8> = (0..112 * 1024 + 1).map(|i| (i * 31 % 251) as u8).collect();
+    dict_fail_str(
+        "fail_dictionary_too_large",
+        "112 KiB + 1 bytes",
+        "exceeds the limit",
+        layout(1, &DictId::of(&big).0, &big),
+    );
+    dict_fail_str(
+        "fail_dictionary_too_short",
+        "7 bytes",
+        "at least 8",
+        layout(1, &DictId::of(b"1234567").0, b"1234567"),
+    );
+    let mut broken = dict.as_bytes().to_vec();
+    for b in &mut broken[8..64] {
+        *b = 0xff;
+    }
+    dict_fail_str(
+        "fail_dictionary_broken_entropy_tables",
+        "zstd-format dictionary whose entropy tables are garbage",
+        "cannot use these bytes",
+        layout(1, &DictId::of(&broken).0, &broken),
     );
 }

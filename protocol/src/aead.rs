@@ -66,7 +66,7 @@ pub fn open_detached(
     tag: &[u8],
 ) -> Result<(), OpenError> {
     if tag.len() != TAG_LEN {
-        return Err(OpenError);
+        return Err(OpenError::OPAQUE);
     }
     let tag = Tag::from_slice(tag);
     match suite {
@@ -83,7 +83,7 @@ pub fn open_detached(
             tag,
         ),
     }
-    .map_err(|_| OpenError)
+    .map_err(|_| OpenError::OPAQUE)
 }
 
 #[cfg(test)]

@@ -7,11 +7,13 @@
 //! | 0 | as is |
 //! | 1 | one zstd frame with Frame_Content_Size |
 //! | 2 | `u32be(uncompressed_len) ‖ LZ4 block` |
+//! | 3 | `dict_id[16] ‖ one zstd frame` compressed with that dictionary ([`crate::dict`]) |
 //!
 //! Codec 2 writes its own size prefix, **big-endian** like every other integer of the
 //! protocol (not `lz4_flex::compress_prepend_size`, which writes it little-endian), so a
 //! receiver can check the declared size against its cap before allocating.
 
+use crate::dict::{DictId, Dictionaries, Dictionary, DICT_ID_LEN};
 use crate::error_keys::{BodyError, SealError};
 
 /// `codec = 0`: stored as is.
@@ -20,6 +22,10 @@ pub const CODEC_NONE: u8 = 0;
 pub const CODEC_ZSTD: u8 = 1;
 /// `codec = 2`: `u32be(uncompressed_len) ‖ LZ4 block`.
 pub const CODEC_LZ4: u8 = 2;
+/// `codec = 3`: `dict_id[16] ‖ one zstd frame` compressed with the dictionary of that id.
+pub const CODEC_ZSTD_DICT: u8 = 3;
+/// The highest codec value defined.
+pub const CODEC_MAX: u8 = CODEC_ZSTD_DICT;
 /// Length of codec 2's size prefix.
 pub const LZ4_SIZE_LEN: usize = 4;
 
@@ -76,46 +82,186 @@ pub fn zstd_declared_size(payload: &[u8], max: usize) -> Result<usize, BodyError
     Ok(declared as usize)
 }
 
-/// Decompresses a body's payload per its `codec` with the cap `max` (§4.6), with a fresh
-/// zstd context: for tools and checkers; [`crate::Opener`] reuses its own.
-pub fn decompress(codec: u8, payload: &[u8], max: usize) -> Result<Vec<u8>, BodyError> {
-    let mut ctx =
-        zstd::bulk::Decompressor::new().map_err(|_| BodyError::Decompression("zstd context"))?;
-    decompress_with(&mut ctx, codec, payload, max)
+/// Codec 3: splits `dict_id ‖ frame`.
+pub fn zstd_dict_parts(payload: &[u8]) -> Result<(DictId, &[u8]), BodyError> {
+    let (id, frame) =
+        payload
+            .split_first_chunk::<DICT_ID_LEN>()
+            .ok_or(BodyError::Decompression(
+                "codec 3 payload shorter than its dictionary id",
+            ))?;
+    Ok((DictId(*id), frame))
 }
 
-/// [`decompress`] with a caller's zstd context.
-pub(crate) fn decompress_with(
-    zstd: &mut zstd::bulk::Decompressor<'static>,
+/// Codec 3, receiving, before decompressing: the frame must not carry a Dictionary_ID
+/// field (the body's id names the dictionary), and its declared content size must be
+/// present and within `max`.
+fn zstd_dict_frame_size(frame: &[u8], max: usize) -> Result<usize, BodyError> {
+    // Magic_Number (4 bytes), then Frame_Header_Descriptor: bits 0-1 = Dictionary_ID_flag.
+    match frame.get(4) {
+        Some(fhd) if frame.starts_with(&ZSTD_FRAME_MAGIC) && fhd & 0x03 != 0 => {
+            return Err(BodyError::Decompression(
+                "codec 3 zstd frame carries a Dictionary_ID field",
+            ))
+        }
+        _ => {}
+    }
+    zstd_declared_size(frame, max)
+}
+
+/// zstd's frame magic number as it appears in the bytes (RFC 8878 §3.1.1).
+const ZSTD_FRAME_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Decompresses a body's payload per its `codec` with the cap `max` (§4.6), with fresh
+/// contexts and no dictionaries (codec 3 fails with [`BodyError::MissingDictionary`]): for
+/// tools and checkers; [`crate::Opener`] reuses its own.
+pub fn decompress(codec: u8, payload: &[u8], max: usize) -> Result<Vec<u8>, BodyError> {
+    decompress_dict(codec, payload, max, &Dictionaries::new())
+}
+
+/// [`decompress`] with these dictionaries for codec 3.
+pub fn decompress_dict(
     codec: u8,
     payload: &[u8],
     max: usize,
+    dicts: &Dictionaries,
 ) -> Result<Vec<u8>, BodyError> {
-    match codec {
-        CODEC_NONE => {
-            if payload.len() > max {
-                return Err(BodyError::PayloadTooLarge {
-                    declared: payload.len() as u64,
-                    max,
-                });
-            }
-            Ok(payload.to_vec())
-        }
-        CODEC_ZSTD => {
-            let declared = zstd_declared_size(payload, max)?;
-            let out = zstd
-                .decompress(payload, declared)
-                .map_err(|_| BodyError::Decompression("zstd frame does not decode"))?;
-            if out.len() != declared {
-                return Err(BodyError::Decompression(
-                    "zstd frame decodes to another size than declared",
-                ));
-            }
-            Ok(out)
-        }
-        CODEC_LZ4 => lz4_decompress(payload, max),
-        _ => Err(BodyError::UnsupportedCodec(codec)),
+    Decompressors::new()?.decompress(codec, payload, max, dicts)
+}
+
+/// How many dictionary contexts an [`Decompressors`] keeps (each holds its dictionary
+/// digested; a miss rebuilds one).
+const DICT_CONTEXTS: usize = 4;
+
+/// Decompression contexts reused across messages: zstd's plain one, and one per recently
+/// used dictionary.
+pub(crate) struct Decompressors {
+    zstd: zstd::bulk::Decompressor<'static>,
+    /// Most recently used first.
+    dict: Vec<(DictId, zstd::bulk::Decompressor<'static>)>,
+}
+
+impl Decompressors {
+    pub(crate) fn new() -> Result<Self, BodyError> {
+        Ok(Decompressors {
+            zstd: zstd::bulk::Decompressor::new()
+                .map_err(|_| BodyError::Decompression("zstd context"))?,
+            dict: Vec::new(),
+        })
     }
+
+    fn dict_context(
+        &mut self,
+        d: &Dictionary,
+    ) -> Result<&mut zstd::bulk::Decompressor<'static>, BodyError> {
+        match self.dict.iter().position(|(id, _)| *id == d.id()) {
+            Some(0) => {}
+            Some(i) => {
+                let e = self.dict.remove(i);
+                self.dict.insert(0, e);
+            }
+            None => {
+                let ctx = zstd::bulk::Decompressor::with_dictionary(d.as_bytes())
+                    .map_err(|_| BodyError::Decompression("zstd dictionary context"))?;
+                self.dict.truncate(DICT_CONTEXTS - 1);
+                self.dict.insert(0, (d.id(), ctx));
+            }
+        }
+        Ok(&mut self.dict[0].1)
+    }
+
+    /// Decompresses per `codec` with the cap `max`; codec 3 looks its dictionary up in
+    /// `dicts`.
+    pub(crate) fn decompress(
+        &mut self,
+        codec: u8,
+        payload: &[u8],
+        max: usize,
+        dicts: &Dictionaries,
+    ) -> Result<Vec<u8>, BodyError> {
+        match codec {
+            CODEC_NONE => {
+                if payload.len() > max {
+                    return Err(BodyError::PayloadTooLarge {
+                        declared: payload.len() as u64,
+                        max,
+                    });
+                }
+                Ok(payload.to_vec())
+            }
+            CODEC_ZSTD => {
+                let declared = zstd_declared_size(payload, max)?;
+                zstd_exact(&mut self.zstd, payload, declared)
+            }
+            CODEC_LZ4 => lz4_decompress(payload, max),
+            CODEC_ZSTD_DICT => {
+                let (id, frame) = zstd_dict_parts(payload)?;
+                let d = dicts.get(&id).ok_or(BodyError::MissingDictionary(id))?;
+                let declared = zstd_dict_frame_size(frame, max)?;
+                let ctx = self.dict_context(d)?;
+                zstd_exact(ctx, frame, declared)
+            }
+            _ => Err(BodyError::UnsupportedCodec(codec)),
+        }
+    }
+}
+
+/// Decompresses one frame into exactly `declared` bytes.
+fn zstd_exact(
+    ctx: &mut zstd::bulk::Decompressor<'static>,
+    frame: &[u8],
+    declared: usize,
+) -> Result<Vec<u8>, BodyError> {
+    let out = ctx
+        .decompress(frame, declared)
+        .map_err(|_| BodyError::Decompression("zstd frame does not decode"))?;
+    if out.len() != declared {
+        return Err(BodyError::Decompression(
+            "zstd frame decodes to another size than declared",
+        ));
+    }
+    Ok(out)
+}
+
+/// Codec 3, sending: `dict_id ‖ frame` from a compressor holding dictionary `id` (its
+/// Dictionary_ID flag off, content size on).
+pub(crate) fn zstd_dict_compress(
+    ctx: &mut zstd::bulk::Compressor<'static>,
+    id: &DictId,
+    data: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    let err = |e: std::io::Error| SealError::Compression(e.to_string());
+    let frame = ctx.compress(data).map_err(err)?;
+    let mut out = Vec::with_capacity(DICT_ID_LEN + frame.len());
+    out.extend_from_slice(&id.0);
+    out.extend_from_slice(&frame);
+    Ok(out)
+}
+
+/// Codec 3 with a fresh context: the stored payload `dict_id ‖ frame` of `data` compressed
+/// with `d` at `level` (for tools, tests and benches; [`crate::Sealer`] reuses a context).
+pub fn zstd_dict_compress_once(
+    d: &Dictionary,
+    level: i32,
+    data: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    let mut ctx = zstd_dict_compressor(level, d)?;
+    zstd_dict_compress(&mut ctx, &d.id(), data)
+}
+
+/// A zstd compression context holding dictionary `d` at `level`, writing no Dictionary_ID
+/// field (§4.6.1).
+pub(crate) fn zstd_dict_compressor(
+    level: i32,
+    d: &Dictionary,
+) -> Result<zstd::bulk::Compressor<'static>, SealError> {
+    let err = |e: std::io::Error| SealError::Compression(e.to_string());
+    let mut c = zstd::bulk::Compressor::with_dictionary(level, d.as_bytes()).map_err(err)?;
+    c.set_parameter(zstd::stream::raw::CParameter::DictIdFlag(false))
+        .map_err(err)?;
+    c.set_parameter(zstd::stream::raw::CParameter::ContentSizeFlag(true))
+        .map_err(err)?;
+    Ok(c)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use thiserror::Error;
 
+use crate::dict::DictId;
 use crate::error::TopicError;
 
 /// Problems with keys, key strings, identities, grants and the keyring.
@@ -118,6 +119,9 @@ pub enum SealError {
     /// A batch holds messages of one (tree, epoch) only: sign it and start a new one.
     #[error("a batch never spans two (tree, epoch) pairs: sign this batch and start another")]
     BatchTreeEpoch,
+    /// The topic's compression names a zstd dictionary the keyring does not hold.
+    #[error("compression names zstd dictionary {0}, which is not held (add it to the keyring)")]
+    MissingDictionary(DictId),
     /// The batch already holds its maximum number of messages.
     #[error("the batch is full ({0} messages)")]
     BatchFull(u32),
@@ -160,16 +164,62 @@ pub enum BodyError {
     /// The compressed payload does not decode into exactly its declared size.
     #[error("payload does not decompress: {0}")]
     Decompression(&'static str),
+    /// Codec 3 names a zstd dictionary the receiver does not hold.
+    #[error("payload needs zstd dictionary {0}, which is not held")]
+    MissingDictionary(DictId),
 }
 
-/// The one error for every failure to open an envelope.
+/// The one error for every failure to open an envelope, with one exception.
 ///
 /// Deliberately carries no reason: wrong key, unknown tree, expired epoch, tampered header,
 /// bad signature, bad padding and a decompression bomb all look the same, so nothing a
 /// receiver reveals can serve as an oracle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error, Default)]
-#[error("message could not be opened")]
-pub struct OpenError;
+///
+/// The exception ([`OpenError::missing_dictionary`]): a body that decrypted, parsed and
+/// whose signature verified (so it comes from a key holder, not from the relay), but whose
+/// payload is compressed with a zstd dictionary (codec 3) the receiver does not hold. Its
+/// id is reported so the application can say which dictionary to import (PROTOCOL.md
+/// §4.10 step 10). Like every other failure it sends nothing to the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OpenError {
+    missing_dictionary: Option<DictId>,
+}
+
+impl OpenError {
+    /// The opaque error.
+    pub const OPAQUE: OpenError = OpenError {
+        missing_dictionary: None,
+    };
+
+    /// The message is authentic but needs a dictionary that is not held.
+    pub fn missing(id: DictId) -> Self {
+        OpenError {
+            missing_dictionary: Some(id),
+        }
+    }
+
+    /// The id of the zstd dictionary the message needs and the keyring does not hold
+    /// (only after the body decrypted and its signature verified); `None` for every other
+    /// failure, which stays opaque.
+    pub fn missing_dictionary(&self) -> Option<DictId> {
+        self.missing_dictionary
+    }
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.missing_dictionary {
+            None => f.write_str("message could not be opened"),
+            Some(id) => write!(
+                f,
+                "message could not be opened: it needs zstd dictionary {id}, which is not \
+                 held (import its wsdict key string)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
 
 /// Why an invite could not be made or opened.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

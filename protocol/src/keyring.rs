@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::dict::{DictId, Dictionaries, Dictionary};
 use crate::error_keys::KeyError;
 use crate::identity::SenderId;
 use crate::kdf::Secret32;
@@ -111,6 +112,8 @@ pub struct TopicKey {
     pub(crate) topic: Topic,
     pub(crate) tokens: Vec<TopicToken>,
     pub(crate) message_key: Secret32,
+    /// The keyring's zstd dictionaries (codec 3 finds its dictionary here).
+    pub(crate) dictionaries: Dictionaries,
 }
 
 impl TopicKey {
@@ -128,7 +131,14 @@ impl TopicKey {
             keys,
             topic: topic.clone(),
             message_key,
+            dictionaries: Dictionaries::new(),
         })
+    }
+    /// The same key with these dictionaries (for [`crate::Compression::ZstdDict`]);
+    /// [`Keyring::topic_key`] gives the keyring's.
+    pub fn with_dictionaries(mut self, dictionaries: Dictionaries) -> Self {
+        self.dictionaries = dictionaries;
+        self
     }
     /// The topic.
     pub fn topic(&self) -> &Topic {
@@ -154,6 +164,7 @@ pub struct Keyring {
     pins: HashMap<TreeId, Pin>,
     by_key_id: HashMap<KeyId, (TreeId, u64)>,
     grace_ms: u64,
+    dictionaries: Dictionaries,
 }
 
 impl Default for Keyring {
@@ -185,6 +196,7 @@ impl Keyring {
             pins: HashMap::new(),
             by_key_id: HashMap::new(),
             grace_ms,
+            dictionaries: Dictionaries::new(),
         }
     }
 
@@ -565,12 +577,36 @@ impl Keyring {
 
     /// The sealing key for `topic` (see [`Keyring::grant_for`]).
     pub fn topic_key(&self, topic: &Topic) -> Result<TopicKey, KeyError> {
-        TopicKey::from_grant(self.grant_for(topic)?, topic)
+        Ok(TopicKey::from_grant(self.grant_for(topic)?, topic)?
+            .with_dictionaries(self.dictionaries.clone()))
     }
 
     /// The sealing key for `topic` in the named tree (when several trees cover it).
     pub fn topic_key_in(&self, tree_id: TreeId, topic: &Topic) -> Result<TopicKey, KeyError> {
-        TopicKey::from_grant(self.grant_in(tree_id, topic)?, topic)
+        Ok(TopicKey::from_grant(self.grant_in(tree_id, topic)?, topic)?
+            .with_dictionaries(self.dictionaries.clone()))
+    }
+
+    /// Adds a zstd dictionary (§4.6.1): messages naming its id open, and topics whose
+    /// compression names it seal with it. `false` if it was already held. Dictionaries are
+    /// not bound to a tree or epoch: a body names one by the hash of its bytes.
+    pub fn add_dictionary(&mut self, d: Dictionary) -> bool {
+        self.dictionaries.insert(d)
+    }
+
+    /// Drops a dictionary; `true` if it was held.
+    pub fn remove_dictionary(&mut self, id: &DictId) -> bool {
+        self.dictionaries.remove(id)
+    }
+
+    /// The dictionary with this id.
+    pub fn dictionary(&self, id: &DictId) -> Option<&Dictionary> {
+        self.dictionaries.get(id)
+    }
+
+    /// Every dictionary held.
+    pub fn dictionaries(&self) -> &Dictionaries {
+        &self.dictionaries
     }
 
     /// The token patterns to subscribe with for `filter`: one per accepted epoch of every

@@ -23,7 +23,9 @@
 //! - [`keyring`] — grants held by a client, epoch grace, finding a key for a topic.
 //! - [`seal`] — sealing and opening envelopes (CBOR → zstd/LZ4 → pad → sign → AEAD).
 //! - [`aead`] — the AEAD of each suite (XChaCha20-Poly1305, AES-256-GCM).
-//! - [`compress`] — the body codecs (none, zstd, LZ4) and the decompression cap.
+//! - [`compress`] — the body codecs (none, zstd, LZ4, zstd with a dictionary) and the
+//!   decompression cap.
+//! - [`dict`] — zstd dictionaries: ids, `wsdict` key strings, the set a keyring holds.
 //! - [`batch`] — batch signatures (`sig_scheme = 2`): Merkle root signed once, per-message
 //!   inclusion paths, the verified-root cache.
 //! - [`invite`] — HPKE-sealed grants for a recipient's X25519 key.
@@ -45,6 +47,8 @@ pub mod aead;
 pub mod batch;
 #[cfg(feature = "keys")]
 pub mod compress;
+#[cfg(feature = "keys")]
+pub mod dict;
 #[cfg(feature = "keys")]
 pub mod error_keys;
 #[cfg(feature = "keys")]
@@ -68,6 +72,8 @@ pub mod tree;
 
 #[cfg(feature = "keys")]
 pub use batch::{BatchPolicy, BatchProof, BatchSigner, SharedRoots, VerifiedRoots};
+#[cfg(feature = "keys")]
+pub use dict::{DictId, Dictionaries, Dictionary};
 #[cfg(feature = "keys")]
 pub use error_keys::{BodyError, InviteError, KeyError, OpenError, SealError};
 #[cfg(feature = "keys")]

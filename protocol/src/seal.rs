@@ -27,7 +27,11 @@ use crate::aead::{open_detached, seal_detached, suite_parts};
 use crate::batch::{
     BatchPolicy, BatchProof, BatchSigner, RootCache, SenderKeys, SharedRoots, VerifiedRoots,
 };
-use crate::compress::{decompress_with, lz4_compress, CODEC_LZ4, CODEC_NONE, CODEC_ZSTD};
+use crate::compress::{
+    lz4_compress, zstd_dict_compress, zstd_dict_compressor, Decompressors, CODEC_LZ4, CODEC_MAX,
+    CODEC_NONE, CODEC_ZSTD, CODEC_ZSTD_DICT,
+};
+use crate::dict::DictId;
 use crate::envelope_header::{
     Envelope, HeaderFields, Suite, COMMIT_LEN, NAME_PAD, NONCE_LEN, TAG_LEN,
 };
@@ -114,15 +118,41 @@ pub enum Compression {
     /// LZ4 block (`codec = 2`): a fraction of zstd's CPU cost for a worse ratio; pure Rust,
     /// so it is the same code in wasm. A payload that does not shrink is stored uncompressed.
     Lz4,
+    /// zstd at `level` (1..=22) with the dictionary `dict` (`codec = 3`, PROTOCOL.md
+    /// §4.6.1): small messages that share structure (JSON telemetry, chat) shrink far more.
+    /// The sealing key ([`crate::TopicKey`], from a [`crate::Keyring`] holding the
+    /// dictionary) must carry it, else sealing fails with
+    /// [`SealError::MissingDictionary`]. Receivers need the dictionary too: share it as keys
+    /// are shared ([`crate::Dictionary::to_key_string`]). A payload that does not shrink is
+    /// stored uncompressed.
+    ZstdDict {
+        /// zstd level, 1..=22.
+        level: i32,
+        /// The dictionary's id.
+        dict: DictId,
+    },
 }
 
 impl Compression {
-    /// Parses `none`, `zstd` (level 3), `zstd:N` / `zstdN` (level N, 1..=22) or `lz4`.
+    /// Parses `none`, `zstd` (level 3), `zstd:N` / `zstdN` (level N, 1..=22), `lz4`, or
+    /// `zstd-dict:ID` / `zstd-dict:ID:N` (the dictionary with that 32-hex-digit id, level 3
+    /// or N).
     pub fn from_name(s: &str) -> Option<Self> {
         match s {
             "none" | "off" => Some(Compression::None),
             "zstd" => Some(Compression::Zstd(3)),
             "lz4" => Some(Compression::Lz4),
+            z if z.starts_with("zstd-dict:") => {
+                let rest = &z["zstd-dict:".len()..];
+                let (id, level) = match rest.split_once(':') {
+                    Some((id, l)) => (id, l.parse().ok()?),
+                    None => (rest, 3),
+                };
+                let dict = DictId::from_hex(id)?;
+                (1..=22)
+                    .contains(&level)
+                    .then_some(Compression::ZstdDict { level, dict })
+            }
             z => {
                 let l = z.strip_prefix("zstd:").or_else(|| z.strip_prefix("zstd"))?;
                 let l: i32 = l.parse().ok()?;
@@ -139,6 +169,7 @@ impl fmt::Display for Compression {
             Compression::None => f.write_str("none"),
             Compression::Zstd(l) => write!(f, "zstd:{l}"),
             Compression::Lz4 => f.write_str("lz4"),
+            Compression::ZstdDict { level, dict } => write!(f, "zstd-dict:{dict}:{level}"),
         }
     }
 }
@@ -304,6 +335,8 @@ fn sealed_name_len(topic: &str) -> usize {
 /// costs about 3×), so keep one `Sealer` per thread or connection.
 pub struct Sealer {
     zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    /// A context holding one dictionary at one level (codec 3).
+    zstd_dict: Option<(i32, DictId, zstd::bulk::Compressor<'static>)>,
     max_payload: usize,
 }
 
@@ -326,6 +359,7 @@ impl Sealer {
     pub fn new() -> Self {
         Sealer {
             zstd: None,
+            zstd_dict: None,
             max_payload: DEFAULT_MAX_PAYLOAD,
         }
     }
@@ -349,8 +383,29 @@ impl Sealer {
         }
     }
 
+    fn compress_dict(
+        &mut self,
+        key: &TopicKey,
+        level: i32,
+        id: DictId,
+        data: &[u8],
+    ) -> Result<Vec<u8>, SealError> {
+        let ctx = match &mut self.zstd_dict {
+            Some((l, i, c)) if *l == level && *i == id => c,
+            slot => {
+                let d = key
+                    .dictionaries
+                    .get(&id)
+                    .ok_or(SealError::MissingDictionary(id))?;
+                &mut slot.insert((level, id, zstd_dict_compressor(level, d)?)).2
+            }
+        };
+        zstd_dict_compress(ctx, &id, data)
+    }
+
     fn compress_for<'p>(
         &mut self,
+        key: &TopicKey,
         msg: &Outgoing<'p>,
         opts: &SealOptions,
         compressed: &'p mut Vec<u8>,
@@ -382,6 +437,14 @@ impl Sealer {
                     (CODEC_NONE, false)
                 }
             }
+            Compression::ZstdDict { level, dict } => {
+                *compressed = self.compress_dict(key, level, dict, msg.payload)?;
+                if compressed.len() < msg.payload.len() {
+                    (CODEC_ZSTD_DICT, true)
+                } else {
+                    (CODEC_NONE, false)
+                }
+            }
             Compression::None => (CODEC_NONE, false),
         };
         let pad = match opts.padding {
@@ -402,7 +465,7 @@ impl Sealer {
         rng: &mut impl CryptoRngCore,
     ) -> Result<Envelope, SealError> {
         let mut compressed = Vec::new();
-        let (codec, pad, use_c) = self.compress_for(msg, opts, &mut compressed)?;
+        let (codec, pad, use_c) = self.compress_for(key, msg, opts, &mut compressed)?;
         let payload: &[u8] = if use_c { &compressed } else { msg.payload };
         let signing = match signer {
             Some(id) => Signing::Ed25519(id),
@@ -430,7 +493,7 @@ impl Sealer {
         opts: &SealOptions,
     ) -> Result<Prepared, SealError> {
         let mut compressed = Vec::new();
-        let (codec, pad, use_c) = self.compress_for(msg, opts, &mut compressed)?;
+        let (codec, pad, use_c) = self.compress_for(key, msg, opts, &mut compressed)?;
         let payload = if use_c {
             compressed
         } else {
@@ -677,7 +740,7 @@ fn seal_fields(
 
 /// Opens envelopes. Keeps a zstd decompression context for reuse.
 pub struct Opener {
-    zstd: zstd::bulk::Decompressor<'static>,
+    zstd: Decompressors,
     max_payload: usize,
     roots: VerifiedRoots,
     keys: SenderKeys,
@@ -772,7 +835,7 @@ fn parse_body_with<'b>(b: &'b [u8], keys: Option<&mut SenderKeys>) -> Result<Bod
         PAD_PADME => b.len() == padme(b.len() - padding.len()) && padding.iter().all(|b| *b == 0),
         _ => false,
     };
-    if !pad_ok || codec > CODEC_LZ4 {
+    if !pad_ok || codec > CODEC_MAX {
         return Err(M);
     }
     Ok(Body {
@@ -842,7 +905,7 @@ impl Opener {
     /// An opener that rejects payloads that decompress beyond `max` bytes.
     pub fn with_max_payload(max: usize) -> Self {
         Opener {
-            zstd: zstd::bulk::Decompressor::new().expect("zstd context"),
+            zstd: Decompressors::new().expect("zstd context"),
             max_payload: max,
             roots: VerifiedRoots::default(),
             keys: SenderKeys::default(),
@@ -909,9 +972,9 @@ impl Opener {
     ) -> Result<Opened, OpenError> {
         // 1. The key id names a tree and epoch we hold (its dates are checked below).
         if env.flags() != 0 {
-            return Err(OpenError);
+            return Err(OpenError::OPAQUE);
         }
-        let keys = keyring.held_epoch(&env.key_id()).ok_or(OpenError)?;
+        let keys = keyring.held_epoch(&env.key_id()).ok_or(OpenError::OPAQUE)?;
         let nonce = env.nonce();
         let suite = env.cipher_suite();
 
@@ -926,36 +989,38 @@ impl Opener {
             || name[2 + n..].iter().any(|b| *b != 0)
             || sealed_name_len_of(n) != sealed.len()
         {
-            return Err(OpenError);
+            return Err(OpenError::OPAQUE);
         }
         let topic = std::str::from_utf8(&name[2..2 + n])
-            .map_err(|_| OpenError)
-            .and_then(|s| Topic::new(s).map_err(|_| OpenError))?;
+            .map_err(|_| OpenError::OPAQUE)
+            .and_then(|s| Topic::new(s).map_err(|_| OpenError::OPAQUE))?;
         if topic.levels() != env.levels() {
-            return Err(OpenError);
+            return Err(OpenError::OPAQUE);
         }
         let mut same = subtle::Choice::from(1u8);
         for (i, (seg, tok)) in topic.segments().zip(env.tokens()).enumerate() {
             same &= keys.token(i, seg).as_bytes().ct_eq(tok.as_bytes());
         }
         if !bool::from(same) {
-            return Err(OpenError);
+            return Err(OpenError::OPAQUE);
         }
 
         // 3. Derive M(t) from a held grant, check the key commitment, open the body.
-        let ok = keyring.open_key(&env.key_id(), &topic).ok_or(OpenError)?;
+        let ok = keyring
+            .open_key(&env.key_id(), &topic)
+            .ok_or(OpenError::OPAQUE)?;
         let (body_key, commit) = body_keys(&ok.key, nonce, suite);
         if !bool::from(commit.ct_eq(env.commit())) {
-            return Err(OpenError);
+            return Err(OpenError::OPAQUE);
         }
         let ctext = env.ciphertext();
         let (ct, tag) = ctext.split_at(ctext.len() - TAG_LEN);
         let mut body = Zeroizing::new(ct.to_vec());
         open_detached(suite, &body_key, nonce, env.header(), &mut body, tag)?;
-        let b = parse_body_with(&body, Some(&mut self.keys)).map_err(|_| OpenError)?;
+        let b = parse_body_with(&body, Some(&mut self.keys)).map_err(|_| OpenError::OPAQUE)?;
         // The epoch accepts a message of this date (cutoff, not_after, live grace).
         if !keyring.accepts_message(&env.key_id(), b.ts_ms, now_ms, live) {
-            return Err(OpenError);
+            return Err(OpenError::OPAQUE);
         }
 
         // 4. Verify the signature over the bound fields, before decompressing.
@@ -969,11 +1034,18 @@ impl Opener {
                 None => RootCache::Own(&mut self.roots),
             },
         )
-        .map_err(|_| OpenError)?;
+        .map_err(|_| OpenError::OPAQUE)?;
 
-        // 5. Decompress with a hard cap (declared size checked before allocating).
-        let payload = decompress_with(&mut self.zstd, b.codec, b.payload, self.max_payload)
-            .map_err(|_| OpenError)?;
+        // 5. Decompress with a hard cap (declared size checked before allocating). A
+        // dictionary the keyring does not hold is the one reported failure: the body is
+        // authentic (it decrypted and its signature verified) and the cause is local.
+        let payload = self
+            .zstd
+            .decompress(b.codec, b.payload, self.max_payload, keyring.dictionaries())
+            .map_err(|e| match e {
+                BodyError::MissingDictionary(id) => OpenError::missing(id),
+                _ => OpenError::OPAQUE,
+            })?;
         Ok(Opened {
             topic,
             sender,
@@ -1014,6 +1086,72 @@ mod tests {
             msg_id: MessageId([5; 16]),
             ts_ms: 1_700_000_000_000,
         }
+    }
+
+    #[test]
+    fn zstd_dict_seals_opens_and_reports_a_missing_dictionary() {
+        use crate::dict::Dictionary;
+        let (mut rng, tk, mut kr, id) = setup();
+        let topic = Topic::new("sensor/kitchen/temp").unwrap();
+        let sample =
+            br#"{"device":"th-0042","room":"kitchen","celsius":21.50,"humidity":41,"ok":true}"#;
+        let dict = Dictionary::new(sample.repeat(3)).unwrap();
+        let opts = SealOptions {
+            compression: Compression::ZstdDict {
+                level: 3,
+                dict: dict.id(),
+            },
+            ..SealOptions::default()
+        };
+        // Not held: sealing names the dictionary it lacks.
+        let key = kr.topic_key(&topic).unwrap();
+        assert_eq!(
+            Sealer::new()
+                .seal(&key, &msg(sample), &opts, Some(&id), &mut rng)
+                .unwrap_err(),
+            SealError::MissingDictionary(dict.id())
+        );
+        assert!(kr.add_dictionary(dict.clone()));
+        assert!(!kr.add_dictionary(dict.clone()));
+        let key = kr.topic_key(&topic).unwrap();
+        let mut sealer = Sealer::new();
+        let env = sealer
+            .seal(&key, &msg(sample), &opts, Some(&id), &mut rng)
+            .unwrap();
+        let plain = sealer
+            .seal(
+                &key,
+                &msg(sample),
+                &SealOptions::default(),
+                Some(&id),
+                &mut rng,
+            )
+            .unwrap();
+        assert!(env.as_bytes().len() < plain.as_bytes().len());
+        let o = Opener::new().open(&kr, &env, 0).unwrap();
+        assert_eq!(o.payload, sample);
+        // A receiver without it: the typed error, naming the id (the body was authentic).
+        let mut other = Keyring::new();
+        other.add_tree_key_at(&tk, 0).unwrap();
+        let e = Opener::new().open(&other, &env, 0).unwrap_err();
+        assert_eq!(e.missing_dictionary(), Some(dict.id()));
+        assert!(e.to_string().contains(&dict.id().to_string()));
+        // Every other failure stays opaque.
+        let mut bad = env.as_bytes().to_vec();
+        *bad.last_mut().unwrap() ^= 1;
+        let bad = Envelope::from_slice(&bad).unwrap();
+        assert_eq!(Opener::new().open(&kr, &bad, 0), Err(OpenError::OPAQUE));
+        // Names round-trip.
+        let c = opts.compression;
+        assert_eq!(Compression::from_name(&c.to_string()), Some(c));
+        assert_eq!(
+            Compression::from_name(&format!("zstd-dict:{}", dict.id())),
+            Some(Compression::ZstdDict {
+                level: 3,
+                dict: dict.id()
+            })
+        );
+        assert_eq!(Compression::from_name("zstd-dict:00"), None);
     }
 
     #[test]
@@ -1092,7 +1230,7 @@ mod tests {
                     let mut b = bytes.clone();
                     b[i] ^= x;
                     if let Ok(e) = Envelope::from_slice(&b) {
-                        assert_eq!(opener.open(&kr, &e, 0), Err(OpenError), "byte {i}");
+                        assert_eq!(opener.open(&kr, &e, 0), Err(OpenError::OPAQUE), "byte {i}");
                     }
                 }
             }
@@ -1119,7 +1257,7 @@ mod tests {
             let mut b = env.as_bytes().to_vec();
             b[1] = if suite == Suite::Aes256Gcm { 1 } else { 3 };
             let e = Envelope::from_slice(&b).unwrap();
-            assert_eq!(Opener::new().open(&kr, &e, 0), Err(OpenError));
+            assert_eq!(Opener::new().open(&kr, &e, 0), Err(OpenError::OPAQUE));
             // The same nonce gives another key and commitment per suite.
             let mk = tk.grant_all().message_key(&topic).unwrap();
             let (k1, c1) = body_keys(&mk, env.nonce(), Suite::XChaCha20Poly1305);
@@ -1167,7 +1305,7 @@ mod tests {
         assert!(env.len() < 1 << 13, "LZ4 shrinks zeros: {}", env.len());
         assert_eq!(
             Opener::with_max_payload((1 << 20) - 1).open(&kr, &env, 0),
-            Err(OpenError)
+            Err(OpenError::OPAQUE)
         );
         assert_eq!(
             Opener::with_max_payload(1 << 20)
@@ -1204,7 +1342,7 @@ mod tests {
             let e = Envelope::from_slice(&e).unwrap();
             assert_eq!(
                 Opener::with_max_payload(1 << 21).open(&kr, &e, 0),
-                Err(OpenError),
+                Err(OpenError::OPAQUE),
                 "declared {declared}"
             );
         }
@@ -1268,13 +1406,16 @@ mod tests {
                 0,
             )
             .unwrap();
-        assert_eq!(Opener::new().open(&kitchen, &env, 0), Err(OpenError));
+        assert_eq!(
+            Opener::new().open(&kitchen, &env, 0),
+            Err(OpenError::OPAQUE)
+        );
         // Another tree entirely.
         let mut other = Keyring::new();
         other
             .add_tree_key_at(&TreeKey::generate_with("other", &mut rng).unwrap(), 0)
             .unwrap();
-        assert_eq!(Opener::new().open(&other, &env, 0), Err(OpenError));
+        assert_eq!(Opener::new().open(&other, &env, 0), Err(OpenError::OPAQUE));
     }
 
     #[test]
@@ -1294,7 +1435,7 @@ mod tests {
         assert!(env.len() < 1 << 12, "compresses well");
         assert_eq!(
             Opener::with_max_payload(1 << 19).open(&kr, &env, 0),
-            Err(OpenError)
+            Err(OpenError::OPAQUE)
         );
         assert_eq!(
             Opener::with_max_payload(1 << 20)
@@ -1342,7 +1483,7 @@ mod tests {
         b.extend_from_slice(&body);
         b.extend_from_slice(&tag);
         let e = Envelope::from_slice(&b).unwrap();
-        assert_eq!(opener.open(&kr, &e, 0), Err(OpenError));
+        assert_eq!(opener.open(&kr, &e, 0), Err(OpenError::OPAQUE));
     }
 
     #[test]
@@ -1435,7 +1576,10 @@ mod tests {
         one.add_grant_at(tk.grant(&Scope::Topic(Topic::new("c/d/e").unwrap())), 0)
             .unwrap();
         assert!(Opener::new().open(&one, &envs[2], 0).is_ok());
-        assert_eq!(Opener::new().open(&one, &envs[1], 0), Err(OpenError));
+        assert_eq!(
+            Opener::new().open(&one, &envs[1], 0),
+            Err(OpenError::OPAQUE)
+        );
         // Another epoch in the same batch is refused.
         let tk1 = tk.rotate(0, &mut rng).unwrap();
         let mut kr1 = Keyring::new();

@@ -24,6 +24,20 @@ impl Checksum for Bech32mLong {
     const TARGET_RESIDUE: u32 = <bech32::Bech32m as Checksum>::TARGET_RESIDUE;
 }
 
+/// Bech32m with a code length that holds a 112 KiB dictionary (`wsdict`, §6.4): the
+/// checksum catches a random error with probability 1 − 2⁻³⁰ at this length, and the
+/// string also carries the dictionary's BLAKE3-derived id, which the parser recomputes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bech32mDict {}
+
+impl Checksum for Bech32mDict {
+    type MidstateRepr = u32;
+    const CODE_LENGTH: usize = 200_000;
+    const CHECKSUM_LENGTH: usize = 6;
+    const GENERATOR_SH: [u32; 5] = <bech32::Bech32m as Checksum>::GENERATOR_SH;
+    const TARGET_RESIDUE: u32 = <bech32::Bech32m as Checksum>::TARGET_RESIDUE;
+}
+
 /// Type prefixes (HRPs) of every key string.
 pub mod hrp {
     /// A tree's admin key (root of one epoch plus the admin signing key).
@@ -40,6 +54,8 @@ pub mod hrp {
     pub const INVITE: &str = "wsinv";
     /// A secret string sealed under a passphrase (`locked`).
     pub const LOCKED: &str = "wslocked";
+    /// A zstd dictionary (content shared like a key, §6.4).
+    pub const DICT: &str = "wsdict";
 }
 
 /// Encodes `data` under the type prefix `hrp` (lowercase).
@@ -52,6 +68,26 @@ pub fn encode(hrp: &'static str, data: &[u8]) -> String {
 pub fn decode(expected: &'static str, s: &str) -> Result<Vec<u8>, KeyError> {
     let s = s.trim();
     let checked = CheckedHrpstring::new::<Bech32mLong>(s).map_err(|e| KeyError::InvalidString {
+        kind: expected,
+        reason: e.to_string(),
+    })?;
+    let found = checked.hrp().to_lowercase();
+    if found != expected {
+        return Err(KeyError::WrongKind { expected, found });
+    }
+    Ok(checked.byte_iter().collect())
+}
+
+/// [`encode`] with the dictionary code length ([`Bech32mDict`], up to 200,000 characters).
+pub fn encode_long(hrp: &'static str, data: &[u8]) -> String {
+    let hrp = Hrp::parse(hrp).expect("static HRPs are valid");
+    bech32::encode::<Bech32mDict>(hrp, data).expect("a dictionary is below the code length")
+}
+
+/// [`decode`] with the dictionary code length ([`Bech32mDict`]).
+pub fn decode_long(expected: &'static str, s: &str) -> Result<Vec<u8>, KeyError> {
+    let s = s.trim();
+    let checked = CheckedHrpstring::new::<Bech32mDict>(s).map_err(|e| KeyError::InvalidString {
         kind: expected,
         reason: e.to_string(),
     })?;

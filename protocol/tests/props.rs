@@ -296,6 +296,29 @@ proptest! {
     }
 
     #[test]
+    fn dictionary_decompression_never_panics(
+        dict_bytes in prop::collection::vec(any::<u8>(), 8..256),
+        data in prop::collection::vec(0u8..4, 0..2048),
+        at in any::<prop::sample::Index>(),
+        x in 1u8..=255,
+        max in 0usize..(1 << 16),
+    ) {
+        use whispeer_protocol::compress::{decompress_dict, CODEC_ZSTD_DICT};
+        let d = Dictionary::new(dict_bytes).unwrap();
+        let mut set = Dictionaries::new();
+        set.insert(d.clone());
+        // Round trip through a real sealer-side frame.
+        let mut c = whispeer_protocol::compress::zstd_dict_compress_once(&d, 3, &data).unwrap();
+        prop_assert_eq!(&decompress_dict(CODEC_ZSTD_DICT, &c, data.len(), &set).unwrap(), &data);
+        // Any changed byte: refused, or within the cap; never a panic.
+        let i = at.index(c.len());
+        c[i] ^= x;
+        if let Ok(out) = decompress_dict(CODEC_ZSTD_DICT, &c, max, &set) {
+            prop_assert!(out.len() <= max);
+        }
+    }
+
+    #[test]
     fn lz4_roundtrips_and_a_changed_byte_never_panics(
         data in prop::collection::vec(0u8..4, 0..2048),
         at in any::<prop::sample::Index>(),
@@ -337,7 +360,7 @@ proptest! {
         chunk in prop::collection::vec(any::<u8>(), 0..1024),
         repeat in 1usize..5,
         topic in arb_topic(),
-        codec in 0u8..3,
+        codec in 0u8..4,
         aes in any::<bool>(),
         pad in any::<bool>(),
         sign in any::<bool>(),
@@ -351,8 +374,12 @@ proptest! {
         let topic = Topic::new(topic.join("/")).unwrap();
         // Repeated chunks, so zstd and LZ4 really compress some of the cases (codec × suite).
         let payload = chunk.repeat(repeat);
+        // Codec 3: a raw-content dictionary made of the chunk itself, held by the keyring.
+        let dict = Dictionary::new(if chunk.len() >= 8 { chunk.clone() } else { b"whispeer-dictionary".to_vec() }).unwrap();
+        kr.add_dictionary(dict.clone());
+        let zd = Compression::ZstdDict { level: 3, dict: dict.id() };
         let opts = SealOptions {
-            compression: [Compression::None, Compression::Zstd(3), Compression::Lz4][codec as usize],
+            compression: [Compression::None, Compression::Zstd(3), Compression::Lz4, zd][codec as usize],
             padding: if pad { Padding::Padme } else { Padding::None },
             suite: if aes { Suite::Aes256Gcm } else { Suite::XChaCha20Poly1305 },
         };
@@ -364,6 +391,17 @@ proptest! {
         prop_assert_eq!(o.sender, sign.then(|| id.sender_id()));
         prop_assert_eq!(o.ts_ms, seed);
         prop_assert_eq!(env.cipher_suite(), opts.suite);
+        // Without the dictionary, a codec-3 message is the one typed failure; any other
+        // opens as before.
+        let mut without = Keyring::new();
+        without.add_tree_key_at(&tk, 0).unwrap();
+        match Opener::new().open(&without, &env, 0) {
+            Ok(o) => prop_assert_eq!(&o.payload, &payload),
+            Err(e) => {
+                prop_assert_eq!(codec, 3);
+                prop_assert_eq!(e.missing_dictionary(), Some(dict.id()));
+            }
+        }
         // The relay sees the same path the keyholder computes.
         prop_assert_eq!(env.token_path(), kr.grant_for(&topic).unwrap().epoch_keys().token_path(&topic));
     }

@@ -31,6 +31,7 @@ fn run(v: &Value) -> Result<(), String> {
         "invite" => invite(v),
         "keyring" => keyring_steps(v).map(|_| ()),
         "batch" => batch(v),
+        "dictionary" => dictionary(v),
         k => panic!("unknown vector kind {k}"),
     }
 }
@@ -70,9 +71,33 @@ fn keyring_steps(v: &Value) -> Result<Keyring, String> {
     Ok(kr)
 }
 
+/// The vector's `dictionaries` (wsdict strings), if any.
+fn dictionaries(v: &Value) -> Dictionaries {
+    let mut d = Dictionaries::new();
+    for s in v["dictionaries"].as_array().into_iter().flatten() {
+        d.insert(Dictionary::from_key_string(s.as_str().unwrap()).unwrap());
+    }
+    d
+}
+
+/// A `wsdict` string: its id, length and format, or refused.
+fn dictionary(v: &Value) -> Result<(), String> {
+    let d = Dictionary::from_key_string(s(v, "string")).map_err(|e| e.to_string())?;
+    let x = &v["expect"];
+    assert_eq!(d.id().to_string(), s(x, "id"));
+    assert_eq!(d.len() as u64, u(x, "len"));
+    assert_eq!(d.is_zstd_format(), x["zstd_format"].as_bool().unwrap());
+    assert_eq!(*d.to_key_string(), s(v, "string"), "re-encoding");
+    Ok(())
+}
+
 fn envelope(v: &Value) -> Result<(), String> {
     let mut kr = keyring::Keyring::with_grace(u(v, "grace_ms"));
     add_keys(&mut kr, &v["keys"])?;
+    let dicts = dictionaries(v);
+    for d in dicts.iter() {
+        kr.add_dictionary(d.clone());
+    }
     let bytes = unhex(v, "envelope");
     let env = Envelope::from_slice(&bytes).map_err(|e| e.to_string())?;
     let live = v["live"].as_bool().unwrap_or(true);
@@ -91,7 +116,7 @@ fn envelope(v: &Value) -> Result<(), String> {
                     // Then the payload (step 10): decompress it with the default cap.
                     Ok(_) => {
                         let (codec, p) = stored_payload(&body);
-                        compress::decompress(codec, p, limits::DEFAULT_MAX_PAYLOAD)
+                        compress::decompress_dict(codec, p, limits::DEFAULT_MAX_PAYLOAD, &dicts)
                             .err()
                             .map(|w| w.to_string())
                             .unwrap_or_else(|| "body checks pass".into())

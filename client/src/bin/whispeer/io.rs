@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use whispeer::protocol::Dictionary;
 use whispeer::{Grant, Identity, Keyring, TreeKey};
 
 use crate::usage;
@@ -150,12 +151,23 @@ impl KeyArgs {
         Ok(out)
     }
 
-    /// The parsed keys (possibly none).
+    /// The parsed keys (possibly none). Dictionaries (`wsdict1…`) among them are left to
+    /// [`KeyArgs::dictionaries`].
     pub fn load(&self) -> Result<Vec<AnyKey>> {
         self.texts()?
             .iter()
+            .filter(|s| !is_dict_string(s))
             .enumerate()
             .map(|(i, s)| AnyKey::parse(s).with_context(|| format!("key #{}", i + 1)))
+            .collect()
+    }
+
+    /// The zstd dictionaries (`wsdict1…` strings) among the keys.
+    pub fn dictionaries(&self) -> Result<Vec<Dictionary>> {
+        self.texts()?
+            .iter()
+            .filter(|s| is_dict_string(s))
+            .map(|s| Dictionary::from_key_string(s).context("invalid dictionary string"))
             .collect()
     }
 
@@ -170,8 +182,45 @@ impl KeyArgs {
 }
 
 fn looks_like_key(s: &str) -> bool {
-    let s = s.trim_start().to_ascii_lowercase();
-    s.starts_with("wstree1") || s.starts_with("wskey1")
+    let s = s.trim_start().get(..7).unwrap_or(s).to_ascii_lowercase();
+    s.starts_with("wstree1") || s.starts_with("wskey1") || s.starts_with("wsdict1")
+}
+
+/// A `wsdict1…` string (a zstd dictionary that travels with the keys).
+pub fn is_dict_string(s: &str) -> bool {
+    s.trim_start()
+        .get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("wsdict1"))
+}
+
+/// `--dict FILE`: zstd dictionaries for codec 3, each a file holding either the raw
+/// dictionary (as `whispeer dict train` writes it) or its `wsdict1…` string.
+#[derive(Debug, Args, Clone, Default)]
+pub struct DictArgs {
+    /// A zstd dictionary file (raw, from `whispeer dict train`, or a `wsdict1…` string);
+    /// repeatable. Key files may also hold `wsdict1…` lines.
+    #[arg(long = "dict", value_name = "FILE")]
+    pub dicts: Vec<PathBuf>,
+}
+
+impl DictArgs {
+    /// The dictionaries named by `--dict`.
+    pub fn load(&self) -> Result<Vec<Dictionary>> {
+        self.dicts.iter().map(|p| read_dictionary(p)).collect()
+    }
+}
+
+/// Reads a dictionary file: a `wsdict1…` string, or the raw dictionary bytes.
+pub fn read_dictionary(path: &Path) -> Result<Dictionary> {
+    let bytes = zeroize::Zeroizing::new(
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+    );
+    let text = std::str::from_utf8(&bytes).ok().map(str::trim);
+    match text {
+        Some(t) if is_dict_string(t) => Dictionary::from_key_string(t),
+        _ => Dictionary::new(bytes.to_vec()),
+    }
+    .with_context(|| format!("invalid dictionary in {}", path.display()))
 }
 
 /// Key strings from a positional argument (`-` = stdin), else from the key flags and

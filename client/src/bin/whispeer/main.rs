@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod dict;
 mod io;
 mod keys;
 mod pubsub;
@@ -38,6 +39,9 @@ enum Command {
     /// Seal a grant to someone's public id, or open an invite addressed to you.
     #[command(subcommand)]
     Invite(keys::InviteCommand),
+    /// Train, show and export zstd dictionaries (shared like keys; `pub --dict FILE`).
+    #[command(subcommand)]
+    Dict(dict::DictCommand),
     /// Publish JSON values (an argument, or JSON lines from stdin).
     Pub(pubsub::PubArgs),
     /// Subscribe and print one JSON line per message.
@@ -133,6 +137,7 @@ fn main() -> ExitCode {
         Command::Id(a) => keys::id(a),
         Command::Key(c) => keys::key(c),
         Command::Invite(c) => keys::invite(c),
+        Command::Dict(c) => dict::dict(c),
         Command::Pub(a) => runtime().and_then(|rt| rt.block_on(pubsub::publish(a))),
         Command::Sub(a) => runtime().and_then(|rt| rt.block_on(pubsub::subscribe(a))),
         Command::Bench(a) => runtime().and_then(|rt| rt.block_on(bench::run(a))),

@@ -14,7 +14,7 @@ use whispeer::{
     TlsRoot, Topic, TopicFilter,
 };
 
-use crate::io::{self, IdentityArgs, KeyArgs};
+use crate::io::{self, DictArgs, IdentityArgs, KeyArgs};
 use crate::usage;
 
 /// How to reach the relay.
@@ -164,8 +164,9 @@ pub fn secs(s: f64) -> Result<Duration> {
 #[derive(Debug, Clone, Copy, Args)]
 pub struct SealArgs {
     /// Payload compression: `none`, `zstd` (level 3, the default), `zstd:N` (level N,
-    /// 1-22) or `lz4` (cheaper in CPU, a worse ratio). A payload that does not shrink is
-    /// sent uncompressed.
+    /// 1-22), `lz4` (cheaper in CPU, a worse ratio) or `zstd-dict:ID[:N]` (a dictionary
+    /// the keys hold; `--dict FILE` picks it by file instead). A payload that does not
+    /// shrink is sent uncompressed.
     #[arg(long, value_name = "none|zstd|lz4", value_parser = parse_compress)]
     pub compress: Option<whispeer::Compression>,
     /// AEAD suite: `xchacha` (XChaCha20-Poly1305, the default) or `aes-gcm` (AES-256-GCM,
@@ -175,8 +176,9 @@ pub struct SealArgs {
 }
 
 fn parse_compress(s: &str) -> Result<whispeer::Compression, String> {
-    whispeer::Compression::from_name(s)
-        .ok_or_else(|| format!("'{s}': expected none, zstd, zstd:LEVEL (1-22) or lz4"))
+    whispeer::Compression::from_name(s).ok_or_else(|| {
+        format!("'{s}': expected none, zstd, zstd:LEVEL (1-22), lz4 or zstd-dict:ID[:LEVEL]")
+    })
 }
 
 fn parse_suite(s: &str) -> Result<whispeer::CipherSuite, String> {
@@ -189,6 +191,8 @@ pub struct PubArgs {
     conn: ConnArgs,
     #[command(flatten)]
     seal: SealArgs,
+    #[command(flatten)]
+    dict: DictArgs,
     /// The topic (no wildcards), e.g. sensor/kitchen/temp.
     topic: String,
     /// A JSON value to publish; without it each line of stdin is one JSON value.
@@ -226,7 +230,36 @@ pub async fn publish(a: PubArgs) -> Result<ExitCode> {
     let topic = Topic::new(a.topic.as_str()).with_context(|| format!("topic '{}'", a.topic))?;
     let value = a.json.as_deref().map(parse_json).transpose()?;
     let keys = a.keys.require()?;
-    let keyring = io::keyring(&keys)?;
+    let mut keyring = io::keyring(&keys)?;
+    let mut seal = a.seal;
+    let dicts = a.dict.load()?;
+    for d in a
+        .keys
+        .dictionaries()?
+        .into_iter()
+        .chain(dicts.iter().cloned())
+    {
+        keyring.add_dictionary(d);
+    }
+    // `--dict FILE`: compress with the (first) dictionary, at the --compress zstd level.
+    if let Some(d) = dicts.first() {
+        let level = match seal.compress.map(|c| c.into_inner()) {
+            None => 3,
+            Some(whispeer::protocol::Compression::Zstd(l))
+            | Some(whispeer::protocol::Compression::ZstdDict { level: l, .. }) => l,
+            Some(other) => {
+                usage!("--dict compresses with zstd; it cannot be combined with --compress {other}")
+            }
+        };
+        seal.compress = Some(whispeer::Compression::zstd_dict(level, d));
+    }
+    if let Some(whispeer::protocol::Compression::ZstdDict { dict, .. }) =
+        seal.compress.map(|c| c.into_inner())
+    {
+        if keyring.dictionary(&dict).is_none() {
+            usage!("--compress names dictionary {dict}, which the keys do not hold (add its wsdict1… string to the key file, or --dict FILE)");
+        }
+    }
     match a.tree {
         Some(t) => keyring.grant_in(t, &topic),
         None => keyring.grant_for(&topic),
@@ -236,7 +269,7 @@ pub async fn publish(a: PubArgs) -> Result<ExitCode> {
     if identity.is_none() {
         tracing::info!("no identity: publishing unsigned messages");
     }
-    let client = a.conn.connect(keyring, identity, Some(&a.seal)).await?;
+    let client = a.conn.connect(keyring, identity, Some(&seal)).await?;
     let qos = Qos::from_u64(a.qos.into()).expect("0..=2");
     let mut opts = PublishOptions::default().qos(qos);
     if a.retain {
@@ -287,6 +320,8 @@ pub async fn publish(a: PubArgs) -> Result<ExitCode> {
 pub struct SubArgs {
     #[command(flatten)]
     conn: ConnArgs,
+    #[command(flatten)]
+    dict: DictArgs,
     /// The filter: `+` matches one level, `#` the rest, e.g. sensor/+/temp or sensor/#.
     filter: String,
     /// Exit (0) after this many messages.
@@ -454,10 +489,14 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
     let timeout = a.timeout.map(secs).transpose()?;
     let opts = a.options()?;
     let keys = a.keys.require()?;
-    let keyring = io::keyring(&keys)?;
+    let mut keyring = io::keyring(&keys)?;
+    for d in a.keys.dictionaries()?.into_iter().chain(a.dict.load()?) {
+        keyring.add_dictionary(d);
+    }
     // A durable belongs to whoever holds these keys: a later `sub --durable` with the same
     // keys resumes it; a stranger who only learned the key id from the relay cannot.
     let mut material = a.keys.texts()?;
+    material.retain(|s| !io::is_dict_string(s));
     material.sort();
     let material = zeroize::Zeroizing::new(material.join("\n"));
     let owner = whispeer::DurableOwner::derive_from(material.as_bytes());
