@@ -657,6 +657,9 @@ export class Client {
         const eng = this.#eng;
         this.#persist(); // a kept publish is saved before its frame leaves
         for (let t; (t = eng.pollTransmit()) !== undefined; ) {
+          // Publishes are sealed inside pollTransmit (the engine's seal jobs, inline here):
+          // a kept one is saved before its frame leaves.
+          this.#persist();
           if (t instanceof Uint8Array) this.#write(t);
           else if (t.dial !== undefined) this.#dial(t.dial, t.relay ?? 0);
           else if (t.hangup !== undefined) this.#hangup(t.hangup);
@@ -896,7 +899,15 @@ export class Client {
     // Batch signing: publishes handed in the same turn of the event loop share one
     // signature — the frames leave in a microtask (or at once after BATCH_PUMP of them, so
     // the send buffer's high-water mark still holds back a synchronous loop).
-    if (++this.#handed >= BATCH_PUMP || this.#eng.batchBytes() >= BATCH_PUMP_BYTES) this.#pump();
+    // With `persistence`, a publish that waits for its PubAck is sealed and saved before
+    // `publish` returns (the outbox promise, README "Persistence"): it is pumped at once, so
+    // such publishes are not batched under one signature.
+    if (
+      (ack !== undefined && this.#store) ||
+      ++this.#handed >= BATCH_PUMP ||
+      this.#eng.batchBytes() >= BATCH_PUMP_BYTES
+    )
+      this.#pump();
     else if (!this.#pumpQueued) {
       this.#pumpQueued = true;
       queueMicrotask(() => {

@@ -56,6 +56,7 @@ function child(url, key, file, identity) {
   });
   return {
     lines,
+    exited,
     send: (o) => p.stdin.write(`${JSON.stringify(o)}\n`),
     /** The first output line matching `pred` (already printed or to come). */
     when: (pred) =>
@@ -133,6 +134,27 @@ test('a QoS 1 publish not acknowledged when the process is killed (SIGKILL) is r
   // No plaintext in the file: the values published were CBOR maps {i: n}; the topic name
   // never appears.
   assert.ok(!bytes.includes(Buffer.from('persist/outbox')), 'no topic name in the state file');
+});
+
+test('a QoS 1 publish is in the outbox the moment publish returns: killed in the same turn, the next process re-sends it', async () => {
+  const topic = 'persist/same-turn';
+  const file = join(dir, 'same-turn.wsp');
+  const key = TreeKey.generate(topic).toKeyString();
+  const sub = await subscriber(key, topic);
+  const a = child(relay.url, key, file);
+  await a.when((l) => l.ev === 'ready');
+  // Three publishes, then SIGKILL before the event loop turns: no microtask, no timer ran.
+  a.send({ op: 'pubdie', topic, is: [0, 1, 2], qos: 1 });
+  await a.exited;
+  const b = child(relay.url, key, file);
+  await b.when((l) => l.ev === 'ready');
+  b.send({ op: 'pub', topic, i: 3, qos: 1 });
+  await b.when((l) => l.ev === 'acked' && l.i === 3);
+  await sub.when(() => sub.got.includes(3));
+  await b.kill();
+  // Each once (the relay may have stored some before the kill: the re-send is deduplicated).
+  assert.deepEqual([...new Set(sub.got)].sort(), [0, 1, 2, 3], `got ${sub.got}`);
+  assert.equal(sub.got.length, 4, `each once: ${sub.got}`);
 });
 
 test('control: without persistence the same kill loses the unacknowledged publishes', async () => {

@@ -7,6 +7,9 @@
 //   {op:'sub', topic, durable, replay} → {ev:'subscribed'}, then {ev:'got', i} per message,
 //                               printed by the callback (the app has it), QoS 1
 //   {op:'stats'}              → {ev:'stats', stats}
+//   {op:'pubdie', topic, is, qos} → publishes each of `is` in one turn of the event loop,
+//                               then SIGKILLs itself before any other task or microtask
+//                               can run (nothing is printed)
 // First line: {ev:'ready'} once connected (connect retries until the relay is there).
 import { createInterface } from 'node:readline';
 import { Client, Identity, TreeKey } from '../../js/index.node.js';
@@ -31,6 +34,9 @@ for await (const line of createInterface({ input: process.stdin })) {
       (seq) => say({ ev: 'acked', i: c.i, seq }),
       (e) => say({ ev: 'failed', i: c.i, message: e.message }),
     );
+  } else if (c.op === 'pubdie') {
+    for (const i of c.is) client.publish(c.topic, { i }, { qos: c.qos }).catch(() => {});
+    process.kill(process.pid, 'SIGKILL');
   } else if (c.op === 'sub') {
     await client.subscribe(c.topic, (m) => say({ ev: 'got', i: m.value.i }), {
       qos: 1,
