@@ -14,7 +14,6 @@ use whispeer_protocol::{Grant, Sealer, SenderId, Topic, TopicFilter};
 
 use super::shared::{
     now_ms, ClientStats, Command, ConnectionState, Inner, Message, Outbound, PublishOptions,
-    PublishReq,
 };
 use super::subscription::{decode_cbor, decode_raw, Subscription};
 use crate::core::{self, Received, SubscribeOptions};
@@ -214,14 +213,13 @@ impl Client {
             }
             false => (None, None),
         };
-        let req = PublishReq {
+        let c = Command::Publish {
             envelope,
             opts: opts.engine(),
             reply,
             reserved,
         };
-        // Appended to the engine's queue: the driver wakes only when it was empty.
-        if self.inner.inbox.push(req).is_err() {
+        if cmd.send(c).is_err() {
             backlog.release(reserved);
             return Err(PublishError::Closed);
         }
