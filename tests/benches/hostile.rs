@@ -225,29 +225,26 @@ impl RelayProc {
             std::env::temp_dir().join(format!("whispeer-hostile-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let ready = dir.join("ready.json");
+        // `--ready-file -`: the relay prints its bound addresses as one JSON line on stdout
+        // once it accepts connections (an event, not a poll of a file).
         let mut child = Command::new(bin("whispeer-relay"))
             .args(["serve", "--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
             .arg("--store-path")
             .arg(dir.join("store.db"))
-            .arg("--ready-file")
-            .arg(&ready)
+            .args(["--ready-file", "-"])
             .env("WHISPEER_LOG", "warn")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn relay");
-        let start = Instant::now();
-        let addrs: serde_json::Value = loop {
-            if let Ok(b) = std::fs::read(&ready) {
-                if let Ok(v) = serde_json::from_slice(&b) {
-                    break v;
-                }
-            }
-            assert!(child.try_wait().unwrap().is_none(), "relay exited");
-            assert!(start.elapsed() < Duration::from_secs(30), "relay not ready");
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("piped stdout")),
+            &mut line,
+        )
+        .expect("read the relay's ready line");
+        let addrs: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("relay not ready ({e}): {line:?}"));
         let addr = |k: &str| -> SocketAddr {
             addrs[k]
                 .as_str()

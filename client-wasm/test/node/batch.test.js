@@ -2,26 +2,13 @@
 // default signs publishes handed over in one turn of the event loop under one signature,
 // each message still verifies alone and names its sender, order and acks hold; `sign:
 // 'message'` signs each message alone; unknown modes are refused.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startRelay } from '../shared/relay.js';
+import { relayPerFile } from '../shared/fixture.js';
 import { Client, Identity, TreeKey } from '../../js/index.node.js';
 
-let relay;
-const clients = [];
-before(async () => {
-  relay = await startRelay();
-});
-after(async () => {
-  await Promise.all(clients.map((c) => c.close()));
-  await relay?.stop();
-});
-
-async function connect(opts) {
-  const c = await Client.connect(relay.url, { identity: Identity.generate(), ...opts });
-  clients.push(c);
-  return c;
-}
+const fx = relayPerFile();
+const connect = (opts) => fx.connect(opts);
 
 function collect(n) {
   const got = [];
@@ -72,7 +59,7 @@ test("sign: 'message' signs each message alone; bad modes are refused", async ()
   assert.ok(got.every((m) => m.sender === pub.senderId));
   assert.equal(sub.stats().batchRootHits, 0, 'one signature per message');
   await assert.rejects(
-    Client.connect(relay.url, { identity: Identity.generate(), keys: tree, sign: 'sometimes' }),
+    Client.connect(fx.relay.url, { identity: Identity.generate(), keys: tree, sign: 'sometimes' }),
     (e) => e.code === 'INVALID_OPTION' && /sign/.test(e.message),
   );
 });

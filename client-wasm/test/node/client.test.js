@@ -1,7 +1,8 @@
 // The Node.js client against the real relay binary.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import { relayPerFile } from '../shared/fixture.js';
 import { startRelay } from '../shared/relay.js';
 import { startProxy } from '../shared/proxy.js';
 import { sample } from '../shared/sample.js';
@@ -21,21 +22,8 @@ import {
 } from '../../js/index.node.js';
 import { PKG_ROOT } from '../shared/bins.js';
 
-let relay;
-const clients = [];
-before(async () => {
-  relay = await startRelay();
-});
-after(async () => {
-  await Promise.all(clients.map((c) => c.close()));
-  await relay?.stop();
-});
-
-async function connect(opts) {
-  const c = await Client.connect(relay.url, { identity: Identity.generate(), ...opts });
-  clients.push(c);
-  return c;
-}
+const fx = relayPerFile();
+const connect = (opts) => fx.connect(opts);
 
 /** Collects messages delivered to a callback; `all` resolves with the first `n`,
  * `count(k)` once `k` have arrived. */

@@ -2,26 +2,13 @@
 // to a keyring (raw bytes or a wsdict1… string) compresses a topic ('zstd-dict:<id>') and
 // decompresses on the receiver; a receiver without it gets nothing; the Rust CLI's
 // dictionary strings import as they are.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startRelay } from '../shared/relay.js';
+import { relayPerFile } from '../shared/fixture.js';
 import { Client, Identity, TreeKey, Keyring } from '../../js/index.node.js';
 
-let relay;
-const clients = [];
-before(async () => {
-  relay = await startRelay();
-});
-after(async () => {
-  await Promise.all(clients.map((c) => c.close()));
-  await relay?.stop();
-});
-
-async function connect(opts) {
-  const c = await Client.connect(relay.url, { identity: Identity.generate(), ...opts });
-  clients.push(c);
-  return c;
-}
+const fx = relayPerFile();
+const connect = (opts) => fx.connect(opts);
 
 // A raw-content dictionary: what the telemetry has in common.
 const dictBytes = new TextEncoder().encode(

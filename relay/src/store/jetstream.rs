@@ -857,28 +857,17 @@ async fn load_ledger(
 ) -> Result<(), StoreError> {
     let started = std::time::Instant::now();
     let rp = format!("{}.", retained_prefix(prefix));
-    let c = retained
-        .create_consumer(consumer::pull::OrderedConfig {
+    scan_headers(
+        retained,
+        consumer::pull::OrderedConfig {
             // nats-server 2.9 wants a filter with `LastPerSubject`.
             filter_subject: format!("{rp}>"),
             deliver_policy: consumer::DeliverPolicy::LastPerSubject,
             headers_only: true,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| unavailable("retained usage read", e))?;
-    if c.cached_info().num_pending > 0 {
-        let mut msgs = c
-            .messages()
-            .await
-            .map_err(|e| unavailable("retained usage read", e))?;
-        while let Some(m) = msgs.next().await {
-            let m = m.map_err(|e| unavailable("retained usage read", e))?;
-            let info = m
-                .info()
-                .map_err(|e| unavailable("retained usage read", e))?;
-            let pending = info.pending;
-            let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        },
+        "retained usage read",
+        |m, _seq, ts| {
             let h = m.headers.as_ref();
             if let (Some(path), Some(seq)) = (
                 m.subject.as_str().strip_prefix(&rp),
@@ -887,41 +876,30 @@ async fn load_ledger(
                 let size = header_u64(h, SIZE_HEADER).unwrap_or(0);
                 ledger.apply_retained(seq, ts, path, &header_tag(h), size);
             }
-            if pending == 0 {
-                break;
-            }
-        }
-    }
+            true
+        },
+    )
+    .await?;
     if last > 0 {
-        let c = main
-            .create_consumer(consumer::pull::OrderedConfig {
+        scan_headers(
+            main,
+            consumer::pull::OrderedConfig {
                 deliver_policy: consumer::DeliverPolicy::All,
                 headers_only: true,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable("usage read", e))?;
-        if c.cached_info().num_pending > 0 {
-            let mut msgs = c
-                .messages()
-                .await
-                .map_err(|e| unavailable("usage read", e))?;
-            while let Some(m) = msgs.next().await {
-                let m = m.map_err(|e| unavailable("usage read", e))?;
-                let info = m.info().map_err(|e| unavailable("usage read", e))?;
-                let (seq, pending) = (info.stream_sequence, info.pending);
+            },
+            "usage read",
+            |m, seq, ts| {
                 if seq > last {
-                    break;
+                    return false;
                 }
-                let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
                 let h = m.headers.as_ref();
                 let size = header_u64(h, SIZE_HEADER).unwrap_or(0);
                 apply_stream_message(ledger, prefix, m.subject.as_str(), seq, ts, h, size);
-                if pending == 0 || seq == last {
-                    break;
-                }
-            }
-        }
+                seq < last
+            },
+        )
+        .await?;
     }
     ledger.expire(now_ms());
     let t = ledger.total();
@@ -933,6 +911,35 @@ async fn load_ledger(
         ms = started.elapsed().as_millis() as u64,
         "cluster store: usage per tenant read from the streams"
     );
+    Ok(())
+}
+
+/// Reads a stream once with an ordered consumer (`config`), handing each message with its
+/// stream sequence and publish time (Unix ms) to `each` until it returns false or nothing
+/// is pending; `what` names the read in errors.
+async fn scan_headers(
+    stream: &stream::Stream,
+    config: consumer::pull::OrderedConfig,
+    what: &str,
+    mut each: impl FnMut(&jetstream::Message, u64, u64) -> bool,
+) -> Result<(), StoreError> {
+    let c = stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| unavailable(what, e))?;
+    if c.cached_info().num_pending == 0 {
+        return Ok(());
+    }
+    let mut msgs = c.messages().await.map_err(|e| unavailable(what, e))?;
+    while let Some(m) = msgs.next().await {
+        let m = m.map_err(|e| unavailable(what, e))?;
+        let info = m.info().map_err(|e| unavailable(what, e))?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        if !each(&m, seq, ts) || pending == 0 {
+            break;
+        }
+    }
     Ok(())
 }
 
