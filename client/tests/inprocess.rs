@@ -168,6 +168,12 @@ async fn plugins_transform_count_drop_and_refuse() {
         .publish_bytes("notes/b", "text/plain", b"2-unversioned")
         .await
         .unwrap();
+    // Two connections: the relay keeps order per connection only, so wait until the
+    // subscriber has dropped notes/b before the publisher sends notes/c.
+    let mut stats = subscriber.stats_changes();
+    within("dropped", stats.wait_for(|s| s.plugin_drops == 1))
+        .await
+        .unwrap();
     publisher
         .publish_bytes("notes/c", "text/plain", b"after")
         .await
