@@ -223,3 +223,30 @@ fn inline_mode_hands_out_no_jobs_and_delivers_at_once() {
     assert_eq!(acked(&mut eng), vec![1, 2, 3, 4, 5]);
     assert_eq!(eng.stats().core.batch_root_hits, 4);
 }
+
+#[test]
+fn a_message_with_nothing_waiting_opens_inline_and_a_burst_parks_in_order() {
+    let (mut eng, c, _) = live(64);
+    let ms = msgs(4);
+    let mut taken = Vec::new();
+    // Alone (nothing parked, nothing behind it): opened at once, no job.
+    eng.handle_decoded_more(c, Frame::Msg(ms[0].clone()), NOW, false);
+    assert!(eng.poll_open_job().is_none());
+    assert_eq!(eng.parked(), 0);
+    drain_events(&mut eng, &mut taken);
+    assert_eq!(taken, vec!["m:0".to_string()]);
+    // A burst: the first with more behind it parks; the last, though nothing is behind
+    // it, parks too (it must not overtake the parked one).
+    eng.handle_decoded_more(c, Frame::Msg(ms[1].clone()), NOW, true);
+    eng.handle_decoded_more(c, Frame::Msg(ms[2].clone()), NOW, true);
+    eng.handle_decoded_more(c, Frame::Msg(ms[3].clone()), NOW, false);
+    assert_eq!(eng.parked(), 3);
+    let jobs: Vec<_> = std::iter::from_fn(|| eng.poll_open_job()).collect();
+    assert_eq!(jobs.len(), 3);
+    for j in jobs.into_iter().rev() {
+        eng.handle_opened(j.run(&mut Opener::new()), NOW);
+    }
+    drain_events(&mut eng, &mut taken);
+    assert_eq!(taken, (0..4).map(|i| format!("m:{i}")).collect::<Vec<_>>());
+    assert_eq!(acked(&mut eng), vec![1, 2, 3, 4]);
+}

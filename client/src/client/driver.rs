@@ -84,6 +84,12 @@ struct Live {
     incoming: mpsc::Receiver<Incoming>,
 }
 
+/// Frames waiting behind the current one from which their opens go to the worker pool
+/// (see [`Engine::handle_decoded_more`]). Measured at a paced 10k msg/s, 1 KiB: handing
+/// every small burst to the pool cost the subscriber ~1.8× the CPU of opening inline and
+/// ~0.15 ms of p50 latency.
+const PARALLEL_BACKLOG: usize = 32;
+
 pub(super) struct Driver {
     p: Parts,
     first: Option<oneshot::Sender<Result<(), ConnectError>>>,
@@ -286,8 +292,9 @@ impl Driver {
 
     /// Hands the engine's open jobs to the worker threads.
     fn dispatch_jobs(&mut self) {
-        while let Some(job) = self.p.eng.poll_open_job() {
-            pool::open(job, &self.opened_tx);
+        let jobs: Vec<_> = std::iter::from_fn(|| self.p.eng.poll_open_job()).collect();
+        if !jobs.is_empty() {
+            pool::open_all(jobs, &self.opened_tx);
         }
     }
 
@@ -384,7 +391,16 @@ impl Driver {
         for n in 0..READ_BATCH {
             let now = self.now();
             match next {
-                Some(Incoming::Frame(f)) => self.p.eng.handle_decoded(id, f, now),
+                Some(Incoming::Frame(f)) => {
+                    // A backlog behind this frame means opening inline would fall behind:
+                    // hand the opens to the workers. A few frames together (a paced
+                    // publisher's tick) open here, cheaper than waking a thread for them.
+                    let more = self
+                        .conn
+                        .as_ref()
+                        .is_some_and(|c| c.incoming.len() >= PARALLEL_BACKLOG);
+                    self.p.eng.handle_decoded_more(id, f, now, more)
+                }
                 Some(Incoming::Closed(why)) => return self.lost(why),
                 None => return self.lost("reader stopped".into()),
             }

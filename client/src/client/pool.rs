@@ -61,16 +61,34 @@ fn work(rx: &Mutex<Receiver<Task>>) {
     }
 }
 
-/// Opens `job` on a worker and sends the result to `done` (the driver's channel). Without
-/// a worker (none could start) it opens here.
-pub(super) fn open(job: OpenJob, done: &UnboundedSender<OpenDone>) {
-    let tx = done.clone();
-    let task: Task = Box::new(move || {
-        let r = OPENER.with(|o| job.run(&mut o.borrow_mut()));
-        let _ = tx.send(r);
-    });
-    let sent = queue().lock().unwrap_or_else(|p| p.into_inner()).send(task);
-    if let Err(e) = sent {
-        (e.0)();
+/// The fewest opens worth a worker's wake-up: a futex wake and the result's channel
+/// round trip cost about as much as opening a few 1 KiB messages, so a small burst goes to
+/// one worker rather than one job per thread.
+const MIN_CHUNK: usize = 4;
+
+/// Opens `jobs` on the workers and sends each result to `done` (the driver's channel) as
+/// it finishes. The jobs are cut into contiguous runs — one per worker, each at least
+/// [`MIN_CHUNK`] long — so a burst costs one wake-up per worker, not one per message.
+/// Without a worker (none could start) they open here.
+pub(super) fn open_all(mut jobs: Vec<OpenJob>, done: &UnboundedSender<OpenDone>) {
+    let workers = cores().clamp(1, MAX_WORKERS);
+    let runs = jobs.len().div_ceil(MIN_CHUNK).clamp(1, workers);
+    let per = jobs.len().div_ceil(runs);
+    while !jobs.is_empty() {
+        let rest = jobs.split_off(per.min(jobs.len()));
+        let run = std::mem::replace(&mut jobs, rest);
+        let tx = done.clone();
+        let task: Task = Box::new(move || {
+            OPENER.with(|o| {
+                let mut o = o.borrow_mut();
+                for job in run {
+                    let _ = tx.send(job.run(&mut o));
+                }
+            })
+        });
+        let sent = queue().lock().unwrap_or_else(|p| p.into_inner()).send(task);
+        if let Err(e) = sent {
+            (e.0)();
+        }
     }
 }

@@ -313,8 +313,20 @@ impl Engine {
         }
     }
 
-    /// One frame from socket `c`, already decoded by the transport.
+    /// One frame from socket `c`, already decoded by the transport. With `open_ahead > 0`
+    /// a `Msg` always becomes an [`OpenJob`]; drivers that know whether more frames are
+    /// already waiting call [`Engine::handle_decoded_more`] instead.
     pub fn handle_decoded(&mut self, c: ConnId, f: Frame, now: Now) {
+        self.handle_decoded_more(c, f, now, true)
+    }
+
+    /// [`Engine::handle_decoded`], told whether the transport already holds more frames
+    /// (`more_waiting`). A `Msg` that arrives with nothing parked and nothing behind it is
+    /// opened here at once: handing it to a worker would add a thread wake-up and a
+    /// channel round trip to its latency and CPU for no parallelism. Only when frames queue
+    /// up (a burst, or a reader faster than this task) do they become open jobs, so the
+    /// pool serves throughput and a paced stream keeps the inline path's latency.
+    pub fn handle_decoded_more(&mut self, c: ConnId, f: Frame, now: Now, more_waiting: bool) {
         let mono = self.clamp(now);
         match self.phase {
             Phase::Handshaking { conn, .. } if conn == c => self.handshake_frame(f, mono, now),
@@ -323,7 +335,8 @@ impl Engine {
                     *unanswered = 0; // the relay is alive
                 }
                 if self.cfg.open_ahead > 0
-                    && (matches!(f, Frame::Msg(_)) || !self.parked.frames.is_empty())
+                    && (!self.parked.frames.is_empty()
+                        || (more_waiting && matches!(f, Frame::Msg(_))))
                 {
                     self.park(f, now);
                 } else {
