@@ -23,7 +23,7 @@ use whispeer_protocol::{codec, Envelope, ErrorCode, Frame, TokenPattern};
 use crate::ids::Seq;
 use crate::relay::Shared;
 use crate::router::{msg_frame, Target};
-use crate::store::{DurableKey, ReadPlan, StoreError};
+use crate::store::{Admission, DurableKey, ReadPlan, StoreError, Tenant};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -377,8 +377,15 @@ pub(crate) enum Delivery {
 }
 
 /// Sends, in sequence order and as credit allows, the messages a paused subscription
-/// skipped, reading them from the store; then resumes its live delivery.
-pub(crate) async fn catch_up(shared: Arc<Shared>, target: Arc<Target>, pattern: TokenPattern) {
+/// skipped, reading them from the store (in `tenant`'s turn on the store-reader thread,
+/// never refused: at most one catch-up runs per subscription); then resumes its live
+/// delivery.
+pub(crate) async fn catch_up(
+    shared: Arc<Shared>,
+    tenant: Tenant,
+    target: Arc<Target>,
+    pattern: TokenPattern,
+) {
     let Some(track) = target.track.clone() else {
         return;
     };
@@ -386,7 +393,7 @@ pub(crate) async fn catch_up(shared: Arc<Shared>, target: Arc<Target>, pattern: 
     // Resumed: live delivery took over and the catching-up mark was cleared under the
     // routing lock; clearing it again here could let a second catch-up start beside a
     // newer one (duplicates).
-    let result = run(&shared, &target, &track, &pattern).await;
+    let result = run(&shared, &tenant, &target, &track, &pattern).await;
     if let Err(e) = &result {
         tracing::warn!(conn = %target.conn, sub_id = target.sub.0, error = %e,
             "catch-up read failed");
@@ -408,6 +415,7 @@ pub(crate) async fn catch_up(shared: Arc<Shared>, target: Arc<Target>, pattern: 
 
 async fn run(
     shared: &Arc<Shared>,
+    tenant: &Tenant,
     target: &Arc<Target>,
     track: &Arc<crate::flow::Tracking>,
     pattern: &Arc<TokenPattern>,
@@ -441,8 +449,10 @@ async fn run(
             }
             let chunk = {
                 let (store, pattern, plan) = (store.clone(), pattern.clone(), plan.clone());
-                crate::store::read_off_runtime(move || store.read(&pattern, &plan, from, upto))
-                    .await?
+                crate::store::read_off_runtime(tenant, Admission::Always, move || {
+                    store.read(&pattern, &plan, from, upto)
+                })
+                .await?
             };
             let mut sent = 0u64;
             for m in chunk.msgs {

@@ -268,7 +268,37 @@ impl Metrics {
             "The store kind (value is always 1).",
         );
         let _ = writeln!(o, "whispeer_relay_store_info{{kind=\"{kind}\"}} 1");
-        let counters: [(&str, &str, u64); 15] = [
+        // The store-reader thread is one per process: its counters are the process's.
+        let reads = crate::store::reads().status();
+        family(
+            &mut o,
+            "whispeer_relay_store_reads_queued",
+            "gauge",
+            "Store reads (history, replay, retained, catch-up) waiting for the reader thread, all tenants.",
+        );
+        let _ = writeln!(o, "whispeer_relay_store_reads_queued {}", reads.queued);
+        family(
+            &mut o,
+            "whispeer_relay_store_read_tenants_queued",
+            "gauge",
+            "Tenants with store reads waiting (the reader thread serves them round-robin).",
+        );
+        let _ = writeln!(
+            o,
+            "whispeer_relay_store_read_tenants_queued {}",
+            reads.tenants
+        );
+        let counters: [(&str, &str, u64); 17] = [
+            (
+                "whispeer_relay_store_reads_total",
+                "Store reads run by the reader thread.",
+                reads.served,
+            ),
+            (
+                "whispeer_relay_store_read_busy_rejections_total",
+                "Store reads refused because their tenant had the most reads queued (Err busy).",
+                reads.refused,
+            ),
             (
                 "whispeer_relay_store_rows_read_total",
                 "Stored rows examined by history, replay and retained reads.",

@@ -12,11 +12,14 @@ use whispeer_protocol::{codec, Frame, TokenPattern};
 use crate::ids::Seq;
 use crate::relay::Shared;
 use crate::router::{history_frame, Target};
-use crate::store::StoreError;
+use crate::store::{Admission, StoreError, Tenant};
 
-/// Sends history for `target` and opens its gate. `done_frame`: send `ReplayDone`.
+/// Sends history for `target` and opens its gate. `done_frame`: send `ReplayDone`. The
+/// reads run in `tenant`'s turn on the store-reader thread (a full tenant queue fails the
+/// history with the retryable `busy`).
 pub(crate) async fn history(
     shared: Arc<Shared>,
+    tenant: Tenant,
     target: Arc<Target>,
     pattern: TokenPattern,
     replay: Replay,
@@ -24,7 +27,7 @@ pub(crate) async fn history(
     done_frame: bool,
 ) {
     let sub_id = target.sub.0;
-    let count = match send(&shared, &target, pattern, replay, boundary).await {
+    let count = match send(&shared, &tenant, &target, pattern, replay, boundary).await {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(conn = %target.conn, sub_id, error = %e, "history read failed");
@@ -52,9 +55,11 @@ pub(crate) async fn history(
 }
 
 /// Sends the retained values of the paths `target` matches (sequence up to the boundary)
-/// and opens its gate; newer values arrive live from the gate buffer.
+/// and opens its gate; newer values arrive live from the gate buffer. The read runs in
+/// `tenant`'s turn on the store-reader thread.
 pub(crate) async fn retained(
     shared: Arc<Shared>,
+    tenant: Tenant,
     target: Arc<Target>,
     pattern: TokenPattern,
     boundary: Seq,
@@ -74,7 +79,10 @@ pub(crate) async fn retained(
         rx.await
             .map_err(|_| StoreError::Unavailable("store closed".into()))??;
         let (store, pattern) = (store.clone(), pattern.clone());
-        crate::store::read_off_runtime(move || store.retained(&pattern, boundary)).await
+        crate::store::read_off_runtime(&tenant, Admission::Capped, move || {
+            store.retained(&pattern, boundary)
+        })
+        .await
     };
     match read.await {
         Ok(values) => {
@@ -106,6 +114,7 @@ pub(crate) async fn retained(
 
 async fn send(
     shared: &Arc<Shared>,
+    tenant: &Tenant,
     target: &Arc<Target>,
     pattern: TokenPattern,
     replay: Replay,
@@ -127,7 +136,10 @@ async fn send(
     let pattern = Arc::new(pattern);
     let plan = {
         let (store, pattern) = (store.clone(), pattern.clone());
-        crate::store::read_off_runtime(move || store.plan(&pattern, replay, boundary)).await?
+        crate::store::read_off_runtime(tenant, Admission::Capped, move || {
+            store.plan(&pattern, replay, boundary)
+        })
+        .await?
     };
     let plan = Arc::new(plan);
     let mut from = plan.start;
@@ -138,8 +150,11 @@ async fn send(
         }
         let chunk = {
             let (store, pattern, plan) = (store.clone(), pattern.clone(), plan.clone());
-            crate::store::read_off_runtime(move || store.read(&pattern, &plan, from, boundary))
-                .await?
+            // One chunk per read job: a long replay takes many turns of the reader thread.
+            crate::store::read_off_runtime(tenant, Admission::Capped, move || {
+                store.read(&pattern, &plan, from, boundary)
+            })
+            .await?
         };
         let n = chunk.msgs.len() as u64;
         for m in chunk.msgs {

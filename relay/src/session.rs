@@ -695,6 +695,7 @@ impl Session {
                 Ok(rt) => {
                     rt.spawn(crate::replay::history(
                         self.shared.clone(),
+                        self.tenant.clone(),
                         target,
                         s.pattern,
                         replay,
@@ -716,6 +717,7 @@ impl Session {
                 Ok(rt) => {
                     rt.spawn(crate::replay::retained(
                         self.shared.clone(),
+                        self.tenant.clone(),
                         target,
                         s.pattern,
                         boundary,
@@ -775,6 +777,7 @@ impl Session {
             Ok(rt) => {
                 rt.spawn(crate::flow::catch_up(
                     self.shared.clone(),
+                    self.tenant.clone(),
                     target.clone(),
                     pattern,
                 ));

@@ -15,6 +15,15 @@
 //! - [`LiveStore`] — numbers messages and keeps nothing (live fan-out only; grants no
 //!   delivery features).
 //!
+//! Reads (history, replay, retained values, catch-up after a credit pause) block on the
+//! disk, so they run off the async runtime on the process's one store-reader thread
+//! (`read_off_runtime`, module `reads`), whose queue is fair per [`Tenant`]: each tenant
+//! has its own FIFO and the thread serves tenants round-robin, one read per turn, so a
+//! tenant flooding replaying `Sub`s delays another tenant's read by at most one read of its
+//! own, not by its backlog. A tenant with [`MAX_QUEUED_READS_PER_TENANT`] reads queued gets
+//! the retryable `busy` for the next (counted in `/metrics`). A history read is chunked
+//! (one job examines at most one chunk of rows), so a long replay takes many turns.
+//!
 //! A store only ever sees what the relay can already see: the token path, sizes, flags,
 //! publish ids, times, and the opaque envelope bytes.
 
@@ -29,51 +38,12 @@ use whispeer_protocol::{Envelope, ErrorCode, KeyId, Qos, TokenPath, TokenPattern
 
 use crate::ids::Seq;
 
-/// A store read to run on the reader thread.
-type ReadJob = Box<dyn FnOnce() + Send>;
-
-/// The process's one store-reader thread. Every relay's reads (history, replay, retained,
-/// credit refills) share one SQLite reader connection each, so running them one at a time
-/// loses nothing; `spawn_blocking` per read instead woke a pool thread per `Sub` with replay,
-/// and under a `Sub` flood the pool's threads spent their time contending on its own lock.
-fn reader_thread() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<ReadJob>> {
-    static READER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<ReadJob>>> =
-        std::sync::OnceLock::new();
-    READER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<ReadJob>();
-        std::thread::Builder::new()
-            .name("whispeer-reads".into())
-            .spawn(move || {
-                for job in rx {
-                    // A panicking read fails its own caller (its reply is dropped), not the
-                    // thread every later read needs.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                }
-            })
-            .expect("spawn the store reader thread");
-        std::sync::Mutex::new(tx)
-    })
-}
-
-/// Runs a store read on the store-reader thread (off the runtime) and awaits its result.
-pub(crate) async fn read_off_runtime<T: Send + 'static>(
-    read: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let job: ReadJob = Box::new(move || {
-        let _ = tx.send(read());
-    });
-    reader_thread()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send(job)
-        .map_err(|_| StoreError::Unavailable("the store reader thread stopped".into()))?;
-    rx.await
-        .map_err(|_| StoreError::Unavailable("a store read failed".into()))?
-}
-
 pub mod jetstream;
+mod reads;
 mod sqlite;
+
+pub(crate) use reads::{read_off_runtime, Admission};
+pub use reads::{reads, ReadQueue, ReadQueueStatus, MAX_QUEUED_READS_PER_TENANT};
 
 /// Quota arithmetic shared by the stores that count usage (SQLite, JetStream), so a
 /// publish over a quota gets the same error text whichever store counts it.

@@ -3,7 +3,9 @@
 //! addresses: clients connect from 127.0.0.2, 127.0.0.3, ...), a full store queue answered
 //! with a retryable `Busy`, QoS 0 kept live-only, retained values that roll over and
 //! expire, a flood of `Sub{replay: FromSeq(0)}` under random key ids beside an honest
-//! client, and a disk that fills up and frees again (a real 8 MiB tmpfs, root only).
+//! client, store reads served fairly per tenant (one tenant's full queue of replay reads
+//! delays another's replay by at most 3 reads; past 1,024 queued the flood gets `busy`),
+//! and a disk that fills up and frees again (a real 8 MiB tmpfs, root only).
 //!
 //! Every wait is on an event (a frame, a counter polled with a deadline), bounded by
 //! `TIMEOUT`.
@@ -23,7 +25,7 @@ use whispeer_protocol::frame::{
 };
 use whispeer_protocol::{Envelope, ErrorCode, Frame, KeyId, Qos, TokenPattern, TopicToken};
 use whispeer_relay::config::StoreKind;
-use whispeer_relay::store::{SqliteStore, Store};
+use whispeer_relay::store::{SqliteStore, Store, Tenant};
 use whispeer_relay::{Config, Relay};
 
 const ALL_FEATURES: u64 = features::AT_LEAST_ONCE
@@ -192,10 +194,11 @@ async fn wait_until(store: &SqliteStore, what: &str, mut f: impl FnMut() -> bool
         .expect("store open");
 }
 
-/// The store-reader thread is one per process (relay/src/store.rs), shared by every relay a
-/// test binary runs at once: the `Sub` flood's thousands of reads would queue ahead of the
-/// backlog test's one timed replay. One relay per process in production; here they take
-/// turns.
+/// The store-reader thread is one per process (relay/src/store/reads.rs), shared by every
+/// relay a test binary runs at once. Its queue is fair per tenant, so the `Sub` flood's
+/// thousands of reads no longer queue ahead of the backlog test's one timed replay; but the
+/// fairness test stops the reader thread on purpose (a gated read), so it and the timed
+/// test take turns.
 static READER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const KA: [u8; 16] = [0xa1; 16];
@@ -758,7 +761,6 @@ async fn qos0_is_live_only_and_retained_values_roll_over_and_expire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_flood_under_random_key_ids_reads_no_row_and_the_honest_client_loses_nothing() {
-    let _alone = READER.lock().await;
     let dir = temp_dir("flood");
     let mut config = file_config(&dir.join("s.db"));
     config.limits.max_subscriptions = 100_000;
@@ -1053,4 +1055,330 @@ async fn disk_full_is_refused_retryably_live_routing_goes_on_and_the_store_resum
     relay.stop().await;
     drop(store);
     drop(disk);
+}
+
+/// A [`SqliteStore`] that logs which key id each history read is for, in the order the
+/// store-reader thread runs them, and whose first replay plan of `gate_key` stops the
+/// reader thread until the test opens the gate (so everything queued meanwhile is ordered
+/// by the reader's queue alone).
+#[derive(Debug)]
+struct GatedStore {
+    inner: Arc<SqliteStore>,
+    gate_key: KeyId,
+    /// Taken by the gate read: tells the test it runs, then waits for the gate to open
+    /// (or its sender to drop, should the test fail).
+    gate: std::sync::Mutex<
+        Option<(
+            tokio::sync::oneshot::Sender<()>,
+            std::sync::mpsc::Receiver<()>,
+        )>,
+    >,
+    /// (first byte of the key id, "plan" / "read" / "retained", whether `watched` had a
+    /// read queued when this one started), in run order.
+    log: std::sync::Mutex<Vec<(u8, &'static str, bool)>>,
+    /// The tenant whose waiting the log records.
+    watched: std::sync::Mutex<Option<Tenant>>,
+}
+
+impl GatedStore {
+    fn note(&self, key: &KeyId, what: &'static str) {
+        let waiting = self
+            .watched
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|t| whispeer_relay::store::reads().queued_for(t) > 0);
+        self.log
+            .lock()
+            .unwrap()
+            .push((key.as_bytes()[0], what, waiting));
+    }
+}
+
+impl Store for GatedStore {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn features(&self) -> u64 {
+        self.inner.features()
+    }
+    fn append(
+        &self,
+        msg: whispeer_relay::store::Append<'_>,
+    ) -> Result<whispeer_relay::store::Accepted, whispeer_relay::store::StoreError> {
+        self.inner.append(msg)
+    }
+    fn last_seq(&self) -> whispeer_relay::Seq {
+        self.inner.last_seq()
+    }
+    fn seq_space(&self) -> [u8; 16] {
+        self.inner.seq_space()
+    }
+    fn when_durable(&self, seq: whispeer_relay::Seq, done: whispeer_relay::store::OnDurable) {
+        self.inner.when_durable(seq, done)
+    }
+    fn when_sequenced(&self, ticket: u64, done: whispeer_relay::store::OnSequenced) {
+        self.inner.when_sequenced(ticket, done)
+    }
+    fn advance(&self, seq: whispeer_relay::Seq) {
+        self.inner.advance(seq)
+    }
+    fn take_sequenced(
+        &self,
+    ) -> Option<tokio::sync::mpsc::Receiver<whispeer_relay::store::Sequenced>> {
+        self.inner.take_sequenced()
+    }
+    fn when_readable(
+        &self,
+        key_id: &KeyId,
+        upto: whispeer_relay::Seq,
+        done: whispeer_relay::store::OnDurable,
+    ) {
+        self.inner.when_readable(key_id, upto, done)
+    }
+    fn plan(
+        &self,
+        pattern: &TokenPattern,
+        replay: Replay,
+        upto: whispeer_relay::Seq,
+    ) -> Result<whispeer_relay::store::ReadPlan, whispeer_relay::store::StoreError> {
+        self.note(pattern.key_id(), "plan");
+        if *pattern.key_id() == self.gate_key {
+            let gate = self.gate.lock().unwrap().take();
+            if let Some((entered, open)) = gate {
+                let _ = entered.send(());
+                let _ = open.recv();
+            }
+        }
+        self.inner.plan(pattern, replay, upto)
+    }
+    fn read(
+        &self,
+        pattern: &TokenPattern,
+        plan: &whispeer_relay::store::ReadPlan,
+        from: u64,
+        upto: whispeer_relay::Seq,
+    ) -> Result<whispeer_relay::store::ReadChunk, whispeer_relay::store::StoreError> {
+        self.note(pattern.key_id(), "read");
+        self.inner.read(pattern, plan, from, upto)
+    }
+    fn retained(
+        &self,
+        pattern: &TokenPattern,
+        upto: whispeer_relay::Seq,
+    ) -> Result<Vec<whispeer_relay::store::Stored>, whispeer_relay::store::StoreError> {
+        self.note(pattern.key_id(), "retained");
+        self.inner.retained(pattern, upto)
+    }
+    fn durable(
+        &self,
+        key: &whispeer_relay::store::DurableKey,
+    ) -> Result<Option<u64>, whispeer_relay::store::StoreError> {
+        self.inner.durable(key)
+    }
+    fn set_durable(
+        &self,
+        key: &whispeer_relay::store::DurableKey,
+        floor: u64,
+        tenant: &Tenant,
+    ) -> Result<(), whispeer_relay::store::StoreError> {
+        self.inner.set_durable(key, floor, tenant)
+    }
+    fn durable_owner(
+        &self,
+        key: &whispeer_relay::store::DurableKey,
+        owner: Option<&str>,
+    ) -> Result<bool, whispeer_relay::store::StoreError> {
+        self.inner.durable_owner(key, owner)
+    }
+    fn status(&self) -> whispeer_relay::store::StoreStatus {
+        self.inner.status()
+    }
+    fn metrics(&self) -> whispeer_relay::store::StoreMetrics {
+        self.inner.metrics()
+    }
+    fn close(&self) {
+        self.inner.close()
+    }
+}
+
+/// Store reads are served fairly per tenant: while one tenant (a source address) has a
+/// full queue of replay reads — 1,024 queued, 8 more refused with the retryable `busy` —
+/// each read of another tenant's replay waits for at most 2 of them (the running one and
+/// the one whose turn comes first), not for the backlog. Before, the reader's single FIFO
+/// ran the other tenant's replay after all 1,024.
+/// The reader is held in a gated read until both tenants' reads are queued, so the order
+/// is the queue's alone; the log is the order the real SQLite store was read in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_replay_flood_delays_anothers_replay_by_a_bounded_count_of_reads() {
+    // This test stops the process's reader thread for a moment: the test timing a replay
+    // must not run meanwhile.
+    let _alone = READER.lock().await;
+    const KG: [u8; 16] = [0xd4; 16];
+    const A_MSGS: u64 = 4;
+    const B_MSGS: u64 = 5;
+    let cap = whispeer_relay::store::MAX_QUEUED_READS_PER_TENANT as u64;
+    let flood = cap + 8;
+    let dir = temp_dir("fair-reads");
+    let mut config = file_config(&dir.join("s.db"));
+    config.limits.max_subscriptions = 10_000;
+    config.limits.sub_rate = 0;
+    config.limits.addr_sub_rate = 0;
+    let (entered_tx, entered) = tokio::sync::oneshot::channel();
+    let (open, gate) = std::sync::mpsc::channel::<()>();
+    let store = Arc::new(GatedStore {
+        inner: Arc::new(SqliteStore::open_file(config.store.clone()).unwrap()),
+        gate_key: KeyId::from_bytes(KG),
+        gate: std::sync::Mutex::new(Some((entered_tx, gate))),
+        log: Default::default(),
+        watched: Default::default(),
+    });
+    let listeners = whispeer_relay::Listeners::bind(&config).await.unwrap();
+    let relay = TestRelay::run(
+        Relay::builder(config)
+            .listeners(listeners)
+            .store(store.clone())
+            .build()
+            .unwrap(),
+    );
+    let addr = relay.tcp();
+    // Stored history of both trees (tenant A reads key A's, tenant B key B's).
+    let mut p = client_from("127.0.2.4", addr).await;
+    for i in 0..A_MSGS.max(B_MSGS) {
+        for (key, n, salt) in [(KA, A_MSGS, 0xa), (KB, B_MSGS, 0xb)] {
+            if i < n {
+                let r = publish_one(
+                    &mut p,
+                    env_on(key, 1, i, 128),
+                    Qos::AtLeastOnce,
+                    pid(i, salt),
+                    false,
+                )
+                .await;
+                assert!(matches!(r, Answer::Acked(_)), "{r:?}");
+            }
+        }
+    }
+
+    // The gate: a replay whose plan read stops the reader thread.
+    let mut g = client_from("127.0.2.1", addr).await;
+    g.send(&sub(1, all_of(KG), Some(Replay::FromSeq(0)), false))
+        .await;
+    tokio::time::timeout(TIMEOUT, entered)
+        .await
+        .expect("the gate read runs")
+        .unwrap();
+
+    // Tenant A floods replaying Subs: 1,024 reads queue, the rest are refused `busy`.
+    let mut a = client_from("127.0.2.2", addr).await;
+    for id in 1..=flood {
+        a.send(&sub(id, all_of(KA), Some(Replay::FromSeq(0)), false))
+            .await;
+    }
+    let (mut sub_oks, mut refused, mut done_a) = (0u64, Vec::new(), Vec::new());
+    while sub_oks < flood || (refused.len() as u64) < flood - cap {
+        match a.recv().await {
+            Frame::SubOk(_) => sub_oks += 1,
+            Frame::Err(e) => {
+                assert_eq!(e.code, ErrorCode::Busy, "{e:?}");
+                assert!(!e.fatal && e.code.is_retryable(), "{e:?}");
+                refused.push(e.sub_id.expect("the Err names the Sub"));
+            }
+            Frame::ReplayDone(d) => done_a.push((d.sub_id, d.count)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let tenant_a = Tenant::from_peer(Some("127.0.2.2:1".parse().unwrap()));
+    let reads = whispeer_relay::store::reads();
+    assert_eq!(
+        reads.queued_for(&tenant_a) as u64,
+        cap,
+        "tenant A's queue is full"
+    );
+
+    // Tenant B's one replay queues behind A's full queue.
+    let tenant_b = Tenant::from_peer(Some("127.0.2.3:1".parse().unwrap()));
+    let mut b = client_from("127.0.2.3", addr).await;
+    *store.watched.lock().unwrap() = Some(tenant_b.clone());
+    let mut changes = reads.changes();
+    b.send(&sub(1, all_of(KB), Some(Replay::FromSeq(0)), false))
+        .await;
+    tokio::time::timeout(
+        TIMEOUT,
+        changes.wait_for(|_| reads.queued_for(&tenant_b) == 1),
+    )
+    .await
+    .expect("tenant B's replay read is queued")
+    .unwrap();
+    assert_eq!(reads.queued_for(&tenant_a) as u64, cap);
+
+    // The gate opens: B's replay completes, in full.
+    open.send(()).unwrap();
+    let mut got = Vec::new();
+    let count = loop {
+        match b.recv().await {
+            Frame::SubOk(_) => {}
+            Frame::Msg(m) => {
+                assert!(m.flags & msg_flags::REPLAYED != 0);
+                got.push(index_of(&m.envelope));
+            }
+            Frame::ReplayDone(d) => break d.count,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(got, (0..B_MSGS).collect::<Vec<_>>());
+    assert_eq!(count, B_MSGS);
+    let log = store.log.lock().unwrap().clone();
+    let gate_at = log.iter().position(|e| e.0 == KG[0]).unwrap();
+    let after = &log[gate_at + 1..];
+    let b_last = after
+        .iter()
+        .rposition(|e| e.0 == KB[0])
+        .expect("B's reads are logged");
+    let b_reads: Vec<_> = after[..=b_last]
+        .iter()
+        .filter(|e| e.0 == KB[0])
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(b_reads, ["plan", "read"], "{after:?}");
+    // Both were queued when the gate opened: one of A's reads, then B's plan.
+    assert_eq!(after[0].0, KA[0], "{:?}", &after[..2]);
+    assert_eq!(after[1].0, KB[0], "{:?}", &after[..2]);
+    // Each of B's reads waited for at most two of A's once queued: the one whose turn came
+    // first and, counted when it started just before B's read was queued, the one running.
+    // (Between its plan and its chunk read B has nothing queued: reads of A that run while
+    // B's task turns the plan into the next read wait for nobody.)
+    let a_while_b_waited = after[..b_last]
+        .iter()
+        .filter(|e| e.0 == KA[0] && e.2)
+        .count();
+    let a_before = after[..b_last].iter().filter(|e| e.0 == KA[0]).count();
+    println!(
+        "tenant B's replay (2 reads) waited for {a_while_b_waited} of tenant A's {cap} queued \
+         reads ({a_before} of A's ran before B's last read)"
+    );
+    assert!(
+        a_while_b_waited <= 4,
+        "tenant B's replay waited for {a_while_b_waited} of tenant A's reads: {:?}",
+        &after[..=b_last]
+    );
+
+    // The flood's admitted replays complete too, each in full; the refused ones got
+    // `ReplayDone` with nothing (after their `Err`).
+    while (done_a.len() as u64) < flood {
+        match a.recv().await {
+            Frame::ReplayDone(d) => done_a.push((d.sub_id, d.count)),
+            Frame::Msg(_) | Frame::SubOk(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    for (id, n) in &done_a {
+        let want = if refused.contains(id) { 0 } else { A_MSGS };
+        assert_eq!(*n, want, "sub {id}");
+    }
+    assert!(matches!(g.recv().await, Frame::SubOk(_)));
+    assert!(matches!(g.recv().await, Frame::ReplayDone(_)));
+    assert!(reads.status().refused >= flood - cap);
+    drop((a, b, g, p));
+    relay.stop().await;
 }
