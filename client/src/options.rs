@@ -378,6 +378,10 @@ impl CipherSuite {
     pub fn from_name(s: &str) -> Option<Self> {
         whispeer_protocol::Suite::from_name(s).map(CipherSuite)
     }
+    /// The protocol's value.
+    pub fn into_inner(self) -> whispeer_protocol::Suite {
+        self.0
+    }
 }
 impl Engine for CipherSuite {
     fn apply(self, b: &mut ClientBuilder) {
@@ -396,6 +400,10 @@ impl Padding {
     /// Exact lengths.
     pub fn none() -> Self {
         Padding(PadMode::None)
+    }
+    /// The protocol's value.
+    pub fn into_inner(self) -> PadMode {
+        self.0
     }
 }
 impl Engine for Padding {

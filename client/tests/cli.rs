@@ -1090,6 +1090,13 @@ fn bench_json_reports_every_message_delivered() {
             r.get("server_cpu_s").is_none(),
             "only with --relay-pid: {out}"
         );
+        // The pipeline limit: seal and open measured alone; no relay term without its pid.
+        let pl = &r["pipeline"];
+        for k in ["seal_us", "open_us", "limit_per_s", "reached"] {
+            assert!(pl[k].as_f64().unwrap() > 0.0, "pipeline {k} in {out}");
+        }
+        assert!(pl["cores"].as_u64().unwrap() >= 1, "{out}");
+        assert!(pl.get("relay_us").is_none(), "{out}");
     }
     // Human output without --json; --relay-pid adds the relay's CPU from /proc.
     let pid = relay.child.id().to_string();
@@ -1108,6 +1115,10 @@ fn bench_json_reports_every_message_delivered() {
         out.contains("cpu:       relay ") && out.contains("per delivered message: relay "),
         "{out}"
     );
+    assert!(
+        out.contains("pipeline:  seal ") && out.contains(" + relay ") && out.contains("limit "),
+        "{out}"
+    );
     let out = ok(run(&[
         "bench",
         "--relay",
@@ -1121,6 +1132,7 @@ fn bench_json_reports_every_message_delivered() {
     ]));
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(r["server_cpu_s"].as_f64().unwrap() >= 0.0, "{out}");
+    assert!(r["pipeline"]["relay_us"].as_f64().unwrap() >= 0.0, "{out}");
     fails(
         run(&["bench", "--relay", &relay.ws_url(), "--size", "8"]),
         2,

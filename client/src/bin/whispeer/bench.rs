@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
-use rand::RngCore;
+use rand::{RngCore, SeedableRng};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use whispeer::{CipherSuite, Client, Compression, Identity, Padding, Signing, Topic, TreeKey};
@@ -263,6 +263,10 @@ struct Report {
     server_cpu_s: Option<f64>,
     /// Messages the subscribers could not open.
     rejected: u64,
+    /// What sealing and opening alone cost here, and the delivery rate that allows
+    /// (whispeer runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pipeline: Option<Pipeline>,
     /// `--nats`: the same load through nats-server, plaintext (`signing` = `plaintext`).
     #[serde(skip_serializing_if = "Option::is_none")]
     nats: Option<Box<Report>>,
@@ -293,6 +297,140 @@ impl Ratio {
             latency_p50: div(w.latency_us.p50 as f64, n.latency_us.p50 as f64),
             latency_p99: div(w.latency_us.p99 as f64, n.latency_us.p99 as f64),
             cpu_per_msg: div(per_msg(w), per_msg(n)),
+        }
+    }
+}
+
+/// The pipeline limit (issue 11): what sealing and opening one message cost on one thread
+/// here — measured before the load with the run's topic, size, codec, suite, padding and
+/// signing — plus the relay's CPU per delivery in the run (`--relay-pid`), and so the most
+/// deliveries/s the machine's cores could sustain with publisher, relay and subscribers
+/// sharing them. `reached` says how close the run came: the rest is the client stack
+/// (framing, syscalls, task hand-offs) and scheduling.
+#[derive(Debug, Clone, Serialize)]
+struct Pipeline {
+    /// µs of one thread to seal one message (batch signing: with its share of the
+    /// batch's signature).
+    seal_us: f64,
+    /// µs of one thread to open one message (verify, decrypt, decompress).
+    open_us: f64,
+    /// The relay's CPU µs per delivered message during the run (`--relay-pid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relay_us: Option<f64>,
+    /// Cores of this machine.
+    cores: usize,
+    /// cores × 10⁶ ÷ (seal ÷ subs + open + relay): deliveries/s at those costs.
+    limit_per_s: f64,
+    /// The run's delivery rate ÷ `limit_per_s`.
+    reached: f64,
+}
+
+/// Messages sealed and opened to measure [`Pipeline`] (about 4 MiB of payload, 256–4,096).
+fn pipeline_messages(size: usize) -> usize {
+    ((4 << 20) / size.max(1)).clamp(256, 4096)
+}
+
+/// Seals then opens [`pipeline_messages`] messages on this thread as the run's clients
+/// would; returns µs per seal and per open.
+#[allow(clippy::too_many_arguments)]
+fn measure_seal_open(
+    keys: &[AnyKey],
+    topic: &Topic,
+    tree: Option<whispeer::protocol::TreeId>,
+    signing: SigningArg,
+    batch_max: u32,
+    opts: whispeer::protocol::SealOptions,
+    size: usize,
+) -> Result<(f64, f64)> {
+    use whispeer::core::{self, batching::PublishBatch, SealPolicy};
+    use whispeer::protocol::{BatchPolicy, Opener, Sealer};
+    let kr = std::sync::RwLock::new(io::keyring(keys)?);
+    let n = pipeline_messages(size);
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    let mut payload = vec![0u8; size];
+    rng.fill_bytes(&mut payload);
+    let id = (signing != SigningArg::Off).then(Identity::generate);
+    let policy = SealPolicy::new(opts, id.is_some());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut sealer = Sealer::new();
+    let mut envs = Vec::with_capacity(n);
+    let t = Instant::now();
+    match (&id, signing) {
+        (Some(id), SigningArg::Batch) => {
+            let per = batch_max.clamp(1, 4096) as usize;
+            let window = BatchPolicy {
+                max_messages: per as u32,
+                max_wait_us: 0,
+            };
+            for start in (0..n).step_by(per) {
+                let mut batch = PublishBatch::new(window);
+                for i in start..(start + per).min(n) {
+                    let (p, _) = core::prepare_publish_in(
+                        &kr,
+                        tree,
+                        &policy,
+                        &mut sealer,
+                        topic,
+                        CONTENT_TYPE,
+                        &payload,
+                        now,
+                        &mut rng,
+                    )?;
+                    batch.push(p, i, 0);
+                }
+                for (env, _) in batch.seal_all(&mut sealer, id, &mut rng) {
+                    envs.push(env?);
+                }
+            }
+        }
+        _ => {
+            for _ in 0..n {
+                let (env, _) = core::seal_publish_in(
+                    &kr,
+                    tree,
+                    id.as_ref(),
+                    &policy,
+                    &mut sealer,
+                    topic,
+                    CONTENT_TYPE,
+                    &payload,
+                    now,
+                    &mut rng,
+                )?;
+                envs.push(env);
+            }
+        }
+    }
+    let seal_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let keyring = kr.read().unwrap_or_else(|p| p.into_inner());
+    let mut opener = Opener::new();
+    let t = Instant::now();
+    for e in &envs {
+        opener
+            .open(&keyring, e, now)
+            .context("the pipeline measurement could not open its own message")?;
+    }
+    let open_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    Ok((seal_us, open_us))
+}
+
+impl Pipeline {
+    fn of(seal_us: f64, open_us: f64, r: &Report) -> Self {
+        let relay_us = r
+            .server_cpu_s
+            .map(|cpu| round1(cpu * 1e6 / r.received.max(1) as f64));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per = seal_us / r.subs.max(1) as f64 + open_us + relay_us.unwrap_or(0.0);
+        let limit_per_s = (cores as f64 * 1e6 / per.max(1e-9)).round();
+        Pipeline {
+            seal_us: round1(seal_us),
+            open_us: round1(open_us),
+            relay_us,
+            cores,
+            limit_per_s,
+            reached: round3(r.delivery_rate / limit_per_s.max(1.0)),
         }
     }
 }
@@ -388,7 +526,28 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             opts,
         });
     }
+    // Seal and open alone, before the load (so the load does not slow it down).
+    let seal_opts = whispeer::protocol::SealOptions {
+        compression: compression.into_inner(),
+        padding: if a.no_padding {
+            Padding::none()
+        } else {
+            Padding::padme()
+        }
+        .into_inner(),
+        suite: suite.into_inner(),
+    };
+    let (seal_us, open_us) = measure_seal_open(
+        &keys,
+        &topic,
+        a.tree,
+        signing_arg,
+        a.batch_max,
+        seal_opts,
+        a.size,
+    )?;
     let mut report = run_load(&a, duration, pubs, subs, a.relay_pid).await?;
+    report.pipeline = Some(Pipeline::of(seal_us, open_us, &report));
     report.relay = a.conn.relay.clone();
     report.signing = signing_arg.name();
     if report.reconnects > 0 {
@@ -631,6 +790,7 @@ async fn run_load(
             .zip(server0)
             .map(|(p, c0)| round3(cpu_seconds(Some(p)) - c0)),
         rejected,
+        pipeline: None,
         nats: None,
         nats_ratio: None,
     })
@@ -1011,6 +1171,27 @@ fn print_human(r: &Report) -> Result<()> {
             per(server),
             per(r.cpu_s),
             per(server + r.cpu_s)
+        ))?;
+    }
+    if let Some(p) = &r.pipeline {
+        let relay = p.relay_us.map_or_else(
+            || " (relay not counted: --relay-pid)".to_owned(),
+            |us| format!(" + relay {us:.1} µs"),
+        );
+        io::print_or_exit(&format!(
+            "pipeline:  seal {:.1} µs{} + open {:.1} µs{} per delivery (one thread each, \
+             measured before the run) → limit {} deliveries/s on {} core(s); reached {:.0} %",
+            p.seal_us,
+            if r.subs > 1 {
+                format!(" ÷ {} subscribers", r.subs)
+            } else {
+                String::new()
+            },
+            p.open_us,
+            relay,
+            fmt_int(p.limit_per_s),
+            p.cores,
+            p.reached * 100.0
         ))?;
     }
     if let (Some(n), Some(x)) = (&r.nats, &r.nats_ratio) {
