@@ -537,15 +537,21 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         .into_inner(),
         suite: suite.into_inner(),
     };
-    let (seal_us, open_us) = measure_seal_open(
-        &keys,
-        &topic,
-        a.tree,
-        signing_arg,
-        a.batch_max,
-        seal_opts,
-        a.size,
-    )?;
+    // Twice, keeping the faster of each: the first pass also warms caches and clocks.
+    let seal_open = || {
+        measure_seal_open(
+            &keys,
+            &topic,
+            a.tree,
+            signing_arg,
+            a.batch_max,
+            seal_opts,
+            a.size,
+        )
+    };
+    let (s1, o1) = seal_open()?;
+    let (s2, o2) = seal_open()?;
+    let (seal_us, open_us) = (s1.min(s2), o1.min(o2));
     let mut report = run_load(&a, duration, pubs, subs, a.relay_pid).await?;
     report.pipeline = Some(Pipeline::of(seal_us, open_us, &report));
     report.relay = a.conn.relay.clone();
