@@ -156,10 +156,10 @@ struct StatusArgs {
 }
 
 /// mimalloc instead of glibc's malloc: routing allocates per frame and per delivery across
-/// the runtime's threads. Measured with `cargo bench -p whispeer-relay --bench load --
-/// --only 1->4` (two runs each, loaded machine): relay CPU per delivery 1.89–2.08 → 1.58–
-/// 1.71 µs; 10k idle subscribers: RSS per TCP connection 14.7 → 17.5 KiB, per WebSocket
-/// connection 7.3 → 4.5 KiB.
+/// the runtime's threads. Measured (alternated A/B, `whispeer bench --subs 4 --signing off
+/// --relay-pid`, 1 KiB): relay CPU per delivery 1.88–1.94 → 1.62–1.88 µs (a few percent);
+/// 10k idle subscribers (`cargo bench --bench load -- --only "10k idle"`): RSS per TCP
+/// connection 14.7 → 17.5 KiB, per WebSocket connection 7.3 → 4.5 KiB.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
