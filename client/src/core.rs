@@ -211,7 +211,10 @@ impl SubscribeOptions {
         self.replay = Some(replay);
         self
     }
-    /// Names a durable subscription.
+    /// Names a durable subscription. One connection holds a durable name at a time (on a
+    /// relay, or across a JetStream cluster); a resume the relay refuses because the name
+    /// is still held (the old connection or relay not yet gone) is asked again with the
+    /// reconnect backoff until it succeeds.
     pub fn durable(mut self, name: impl Into<String>) -> Self {
         self.durable = Some(name.into());
         self
@@ -684,6 +687,42 @@ impl ClientCore {
             }));
         }
         frames
+    }
+
+    /// The `Sub` frame of relay subscription `relay_id` again, same id and pattern: a
+    /// durable resume the relay refused (its name held elsewhere for now) is asked again.
+    /// `None` when it no longer exists or is not durable.
+    pub fn resubscribe_durable(&mut self, relay_id: u64) -> Option<Frame> {
+        let local = self.relay_to_local.get(&relay_id).copied()?;
+        let sub = self.subs.get_mut(&local)?;
+        let name = sub.opts.durable.clone()?;
+        let i = sub.relay_ids.iter().position(|r| *r == relay_id)?;
+        let pattern = sub.patterns.get(i)?.clone();
+        let replay = sub.opts.replay;
+        if (sub.got.is_some() || replay.is_some()) && !sub.replaying.contains(&relay_id) {
+            sub.replaying.push(relay_id);
+        }
+        let credit = if sub.opts.acking() {
+            sub.opts.capacity.or(self.credit)
+        } else {
+            None
+        };
+        let owner = owner_secret(self.owner_key.as_deref(), pattern.key_id(), &name);
+        Some(Frame::Sub(Sub {
+            sub_id: relay_id,
+            pattern,
+            qos: sub.opts.qos,
+            durable: Some(name),
+            replay,
+            retained: sub.opts.retained,
+            credit,
+            owner,
+        }))
+    }
+
+    /// Whether local subscription `id` is durable.
+    pub fn is_durable(&self, id: LocalSubId) -> bool {
+        self.subs.get(&id).is_some_and(|s| s.opts.durable.is_some())
     }
 
     /// Registers a subscription and returns the `Sub` frames to send (one per tree epoch

@@ -371,6 +371,69 @@ async fn jetstream_cluster_failover_resumes_in_place_and_loses_no_acknowledged_m
     drop(nats);
 }
 
+/// A durable subscriber whose relay is frozen (SIGSTOP) and then killed, in a JetStream
+/// cluster: the next relay refuses its resume (`Err(not_allowed)`) while the dead relay's
+/// hold on the name has not lapsed; the client asks again with its reconnect backoff until
+/// the hold lapses (a short TTL here), then resumes from the durable's floor and misses
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_durable_subscriber_resumes_at_another_relay_once_the_hold_lapses() {
+    let Some(nats) = nats::NatsCluster::start(3) else {
+        eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let relay = |name: &str| {
+        let mut args = nats::jetstream_relay_args(&urls, name);
+        args.extend(["--cluster-durable-lease-ms".to_string(), "1500".to_string()]);
+        start_relay_binary(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (a, b) = (relay("fd-a"), relay("fd-b"));
+    let t = tree("fo-durable");
+    let sub_client = client(&[a.ws_url(), b.tcp_url()], keyring_with(&t))
+        .await
+        .unwrap();
+    let publisher = client(&[b.ws_url()], keyring_with(&t)).await.unwrap();
+    let mut sub = sub_client
+        .subscribe_with_options::<u32>(
+            "feed/x",
+            SubscribeOptions::new()
+                .qos(Qos::AtLeastOnce)
+                .durable("fo-durable"),
+        )
+        .await
+        .unwrap();
+    let mut seen = BTreeMap::new();
+    publish_acked(&publisher, 1..=5).await;
+    take_until("1..=5 at A", &mut sub, &mut seen, 1..=5).await;
+
+    freeze(&a);
+    publish_acked(&publisher, 6..=10).await;
+    sigkill(a);
+    on_relay("subscriber on B", &sub_client, &b.tcp_url()).await;
+    take_until(
+        "6..=10 from the durable's floor at B",
+        &mut sub,
+        &mut seen,
+        6..=10,
+    )
+    .await;
+    publisher
+        .publish_with("feed/x", &11u32, qos1())
+        .await
+        .unwrap();
+    take_until("live at B", &mut sub, &mut seen, [11]).await;
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (1..=11).collect::<Vec<_>>()
+    );
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    sub_client.close().await;
+    publisher.close().await;
+    drop(nats);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_connect_skips_a_dead_relay_and_fails_only_when_all_are_dead() {
     let (_held, dead) = dead_port();

@@ -435,14 +435,27 @@ pub struct ClusterConfig {
     )]
     pub store: ClusterStore,
     /// JetStream stream of stored messages (store "jetstream"); retained values live in
-    /// the stream `<stream>_RETAINED` and durable positions in the stream
-    /// `<stream>_DURABLE`. Relays that share one numbering use the same name.
+    /// the stream `<stream>_RETAINED`, durable positions in the stream `<stream>_DURABLE`
+    /// and holds on durable names in `<stream>_LEASES`. Relays that share one numbering
+    /// use the same name.
     #[arg(long = "cluster-stream", env = "WHISPEER_CLUSTER_STREAM")]
     pub stream: String,
     /// JetStream replicas of the streams the relays create (1 to 5; 3 on a three-node NATS
     /// cluster survives the loss of one node).
     #[arg(long = "cluster-replicas", env = "WHISPEER_CLUSTER_REPLICAS")]
     pub replicas: usize,
+    /// Store "jetstream": how long a relay's hold on a durable subscription name lasts
+    /// without renewal (ms; renewed every third of it, in the stream `<stream>_LEASES`).
+    /// While a connection at one relay holds a durable, a Sub for it at another relay gets
+    /// Err(not_allowed); a hold its relay stopped renewing (dead, frozen, cut off from NATS)
+    /// can be taken once this has passed, and a relay that cannot renew ends its own
+    /// holder's subscription before then. 300 to 600000.
+    #[arg(
+        id = "cluster.durable_lease_ms",
+        long = "cluster-durable-lease-ms",
+        env = "WHISPEER_CLUSTER_DURABLE_LEASE_MS"
+    )]
+    pub durable_lease_ms: u64,
 }
 
 /// Where a clustered relay keeps messages (`[cluster] store`).
@@ -493,6 +506,7 @@ impl Default for ClusterConfig {
             store: ClusterStore::Local,
             stream: "WSP".into(),
             replicas: 1,
+            durable_lease_ms: 6_000,
         }
     }
 }
@@ -1227,6 +1241,9 @@ impl Config {
                 }
                 if !(1..=5).contains(&c.replicas) {
                     return invalid("cluster.replicas", "must be 1 to 5".into());
+                }
+                if !(300..=600_000).contains(&c.durable_lease_ms) {
+                    return invalid("cluster.durable_lease_ms", "must be 300 to 600000".into());
                 }
             }
         }

@@ -121,6 +121,11 @@ async fn read_loop<Src: FrameSource>(
     let mut redeliver = tokio::time::interval(period);
     redeliver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut this_turn = 0usize;
+    // Durable names whose cluster-wide hold the store lost (JetStream): the session ends
+    // those subscriptions. The session keeps a sender, so this never ends early.
+    let mut hold_lost = session
+        .take_hold_lost()
+        .unwrap_or_else(|| tokio::sync::mpsc::unbounded_channel().1);
     loop {
         // Fairness: one read can hold dozens of frames, and tokio only charges its
         // cooperative budget per read, so a flooding connection could handle thousands of
@@ -153,6 +158,11 @@ async fn read_loop<Src: FrameSource>(
             }
             _ = redeliver.tick(), if session.tracks() => {
                 if session.tick(Instant::now().into_std()) == Flow::Close {
+                    return false;
+                }
+            }
+            Some(key) = hold_lost.recv() => {
+                if session.hold_lost(key) == Flow::Close {
                     return false;
                 }
             }

@@ -130,12 +130,16 @@ impl Shared {
             .insert(key.clone())
     }
 
-    /// Gives a durable name back.
+    /// Gives a durable name back (and its cluster-wide hold, if the store took one).
     pub(crate) fn release_durable(&self, key: &DurableKey) {
-        self.active_durables
+        let held = self
+            .active_durables
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
+        if held {
+            self.router.store().release_hold(key);
+        }
     }
 }
 

@@ -129,6 +129,10 @@ pub(crate) struct Session {
     account: Option<String>,
     /// A `Sub` or `Pub` held until the auth-state line it needs is on disk.
     deferred: Option<(u64, Frame)>,
+    /// Where the store reports a durable name whose cluster-wide hold was lost.
+    hold_lost: crate::store::HoldLost,
+    /// Its receiving end, taken by the connection's read loop.
+    hold_lost_rx: Option<tokio::sync::mpsc::UnboundedReceiver<DurableKey>>,
 }
 
 #[derive(Debug)]
@@ -154,6 +158,7 @@ impl Session {
         let bucket = TokenBucket::new(l.publish_rate, l.publish_burst, now);
         let sub_bucket = TokenBucket::new(l.sub_rate, l.sub_burst, now);
         let ack_bucket = TokenBucket::new(l.ack_rate, l.ack_burst, now);
+        let (hold_lost, hold_lost_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             shared,
             conn,
@@ -179,7 +184,46 @@ impl Session {
             challenge: None,
             account: None,
             deferred: None,
+            hold_lost,
+            hold_lost_rx: Some(hold_lost_rx),
         }
+    }
+
+    /// The receiver of lost durable holds (see [`Session::hold_lost`]), once.
+    pub(crate) fn take_hold_lost(
+        &mut self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<DurableKey>> {
+        self.hold_lost_rx.take()
+    }
+
+    /// The cluster-wide hold on durable `key` was lost (not renewed in time, or taken at
+    /// another relay): the subscription holding it here ends, with a non-fatal
+    /// `Err(not_allowed)` naming it, so two relays never both deliver it for long.
+    pub(crate) fn hold_lost(&mut self, key: DurableKey) -> Flow {
+        let Some(sub_id) = self
+            .durables
+            .iter()
+            .find(|(_, k)| **k == key)
+            .map(|(id, _)| *id)
+        else {
+            return Flow::Continue;
+        };
+        tracing::warn!(
+            conn = %self.conn,
+            durable = %key.name,
+            "durable subscription ended: its cluster hold lapsed"
+        );
+        self.drop_sub(sub_id);
+        self.reply_err(
+            ErrorCode::NotAllowed,
+            format!(
+                "durable subscription {:?} ended: this relay could not keep its hold in the \
+                 cluster (it may be held at another relay now); subscribe again",
+                key.name
+            ),
+            Some(sub_id),
+            None,
+        )
     }
 
     /// Whether `Welcome` was sent.
@@ -601,6 +645,11 @@ impl Session {
                     Some(sub_id),
                     None,
                 );
+            }
+            // Across relays sharing the store (JetStream): the cluster-wide hold.
+            if let Err(e) = store.hold_durable(k, &self.hold_lost) {
+                self.shared.release_durable(k);
+                return self.reply_err(e.code(), e.to_string(), Some(sub_id), None);
             }
             let found = match store.durable(k) {
                 Ok(f) => f,

@@ -356,6 +356,10 @@ pub struct DurableKey {
     pub name: String,
 }
 
+/// Where a store reports a durable name whose cluster-wide hold was lost (the connection
+/// holding it ends that subscription).
+pub type HoldLost = tokio::sync::mpsc::UnboundedSender<DurableKey>;
+
 /// Retention limits, per token path (0 = unlimited).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct RetentionStatus {
@@ -541,6 +545,18 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// store keeps owners, the relay keeps none of its own; `Ok(false)`: owners are the
     /// relay's (its auth-state file); `Err(NotAllowed)`: the durable is someone else's.
     fn durable_owner(&self, key: &DurableKey, owner: Option<&str>) -> Result<bool, StoreError>;
+    /// Takes the hold on a durable name across every relay sharing this store, for one
+    /// connection of this relay (which already holds it locally: one holder per relay is
+    /// the relay's own rule). `Err(NotAllowed)`: a connection at another relay holds it.
+    /// When the hold is lost afterwards (not renewed in time, taken elsewhere), the key
+    /// is sent on `lost` and the relay ends that subscription. Stores not shared by relays
+    /// (SQLite, memory) have nothing to take: `Ok`.
+    fn hold_durable(&self, _key: &DurableKey, _lost: &HoldLost) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Gives back a hold [`hold_durable`](Store::hold_durable) took (the subscription or
+    /// its connection ended). Does nothing for a name this relay does not hold.
+    fn release_hold(&self, _key: &DurableKey) {}
     /// `/status` details.
     fn status(&self) -> StoreStatus;
     /// `/metrics` counters.

@@ -320,13 +320,115 @@ async fn replay_and_retained_from_a_relay_that_did_not_see_the_publish() {
     assert_eq!(got, want, "the history, with the original sequences");
 }
 
+/// The durable-hold stream (`WSP_LEASES`) read in order from now on: holds taken,
+/// renewed and released (an empty record), as the relays write them.
+async fn lease_watch(nats: &NatsCluster) -> async_nats::jetstream::consumer::pull::Ordered {
+    use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+    let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let leases = js.get_stream("WSP_LEASES").await.unwrap();
+    leases
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap()
+}
+
+/// Waits until a relay writes a released (empty) hold record.
+async fn wait_released(watch: &mut async_nats::jetstream::consumer::pull::Ordered) {
+    loop {
+        let m = watch.next().await.expect("lease stream").unwrap();
+        if m.payload.is_empty() {
+            return;
+        }
+    }
+}
+
+/// The newest hold record of the cluster (one durable held in the test): its NATS
+/// timestamp (Unix ms) and the TTL it names (ms).
+async fn newest_hold(nats: &NatsCluster) -> (i128, u64) {
+    use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+    let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let leases = js.get_stream("WSP_LEASES").await.unwrap();
+    let m = leases
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::Last,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap()
+        .next()
+        .await
+        .expect("a hold record")
+        .unwrap();
+    let stamped = m.info().unwrap().published.unix_timestamp_nanos() / 1_000_000;
+    let text = String::from_utf8(m.payload.to_vec()).unwrap();
+    let ttl = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a live hold record, got {text:?}"));
+    (stamped, ttl)
+}
+
+fn wall_ms() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i128
+}
+
+/// Sends `d` until the relay answers `SubOk`; every refusal must be the cluster hold of
+/// another relay, and the wait before the next try is the rest of that hold as the
+/// refusal names it. Returns the refusals seen.
+async fn subscribe_when_the_hold_lapses(c: &mut Client, d: Sub) -> u32 {
+    let mut refused = 0;
+    loop {
+        c.send(&Frame::Sub(d.clone())).await;
+        match c.recv().await {
+            Frame::SubOk(ok) if ok.sub_id == d.sub_id => return refused,
+            Frame::Err(e) => {
+                assert_eq!(e.code, whispeer_protocol::ErrorCode::NotAllowed, "{e:?}");
+                assert!(e.message.contains("at another relay"), "{e:?}");
+                refused += 1;
+                let left: u64 = e
+                    .message
+                    .split("within ")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("the refusal names the hold's rest: {e:?}"));
+                tokio::time::sleep(std::time::Duration::from_millis(left)).await;
+            }
+            other => panic!("expected SubOk or Err, got {other:?}"),
+        }
+    }
+}
+
 /// Slice 3: a durable subscription resumes on another relay after its relay dies, from the
-/// position it acknowledged.
+/// position it acknowledged — once the dead relay's hold on the name has lapsed (its TTL,
+/// short here, after its last renewal), and not before.
 #[tokio::test]
 async fn durable_resumes_on_another_relay_after_its_relay_dies() {
-    let Some(mut s) = Setup::start(2) else { return };
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let ttl = ["--cluster-durable-lease-ms", "1500"];
+    let mut a = start_relay_with(&urls, "relay-0", &ttl);
+    let b = start_relay_with(&urls, "relay-1", &ttl);
     // Watch the durable stream: the acknowledged floor reaching it is the event to wait on.
-    let nc = async_nats::connect(s.nats.nodes[0].url()).await.unwrap();
+    let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
     let js = async_nats::jetstream::new(nc);
     let floors = js.get_stream("WSP_DURABLE").await.unwrap();
     let mut watch = floors
@@ -337,12 +439,12 @@ async fn durable_resumes_on_another_relay_after_its_relay_dies() {
         .await
         .unwrap();
 
-    let (mut c, _) = connect(s.relays[0].tcp()).await;
+    let (mut c, _) = connect(a.tcp()).await;
     let mut d = sub(1, pattern(4, &[], true), Qos::AtLeastOnce);
     d.durable = Some("d1".into());
     d.owner = Some(Bytes::from(vec![9u8; 16]));
     subscribe(&mut c, d.clone()).await;
-    let (mut publ, _) = connect(s.relays[1].tcp()).await;
+    let (mut publ, _) = connect(b.tcp()).await;
     let envs: Vec<(u32, Envelope)> = (0..10).map(|i| (i, numbered(4, &[1], i))).collect();
     let seqs = publish_acked(&mut publ, &envs, Qos::AtLeastOnce, false).await;
     let got = read_until(&mut c, seqs[9]).await;
@@ -358,16 +460,107 @@ async fn durable_resumes_on_another_relay_after_its_relay_dies() {
             break;
         }
     }
-    s.relays[0].child.kill().unwrap();
-    let _ = s.relays[0].child.wait();
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    // The dead relay's last renewal: nobody may take the name before it lapses.
+    let (stamped, hold_ttl) = newest_hold(&nats).await;
+    assert_eq!(hold_ttl, 1500, "the holder's TTL is in its record");
 
-    let (mut c, _) = connect(s.relays[1].tcp()).await;
+    let (mut c, _) = connect(b.tcp()).await;
     d.replay = Some(Replay::FromSeq(1)); // ignored: the durable resumes from its floor
-    subscribe(&mut c, d).await;
+    let refused = subscribe_when_the_hold_lapses(&mut c, d).await;
+    let at = wall_ms();
+    assert!(
+        at >= stamped + i128::from(hold_ttl),
+        "taken {} ms before the dead relay's hold lapsed ({refused} refusals)",
+        stamped + i128::from(hold_ttl) - at
+    );
     let got = read_until(&mut c, seqs[9]).await;
     let got: Vec<(u64, u32)> = got.iter().map(|m| (m.seq, number(&m.envelope))).collect();
     let want: Vec<(u64, u32)> = seqs[5..].iter().copied().zip(5..10).collect();
     assert_eq!(got, want, "the unacknowledged rest, from the floor");
+}
+
+/// One holder per durable name in the whole cluster: while a connection at relay A holds
+/// it, a `Sub` for it at relay B gets the non-fatal `Err(not_allowed)` one relay gives a
+/// second connection; once A's holder unsubscribes (or its connection ends) B's `Sub`
+/// succeeds — and then holds it against A in turn.
+#[tokio::test]
+async fn a_durable_held_at_one_relay_is_refused_at_another_until_released() {
+    let Some(s) = Setup::start(2) else { return };
+    let mut leases = lease_watch(&s.nats).await;
+    let (mut a, _) = connect(s.relays[0].tcp()).await;
+    let mut d = sub(1, pattern(14, &[], true), Qos::AtLeastOnce);
+    d.durable = Some("one".into());
+    d.owner = Some(Bytes::from(vec![7u8; 16]));
+    subscribe(&mut a, d.clone()).await;
+
+    let (mut b, _) = connect(s.relays[1].tcp()).await;
+    b.send(&Frame::Sub(d.clone())).await;
+    let e = b.expect_err().await;
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::NotAllowed, "{e:?}");
+    assert!(!e.fatal, "{e:?}");
+    assert_eq!(e.sub_id, Some(1));
+    assert!(e.message.contains("active at another relay"), "{e:?}");
+
+    // The holder at A unsubscribes: A releases the hold, then B may take it.
+    a.send(&Frame::Unsub(whispeer_protocol::frame::Unsub { sub_id: 1 }))
+        .await;
+    wait_released(&mut leases).await;
+    subscribe(&mut b, d.clone()).await;
+
+    // Now A is the other relay; B's connection ends, and A may take it back.
+    a.send(&Frame::Sub(d.clone())).await;
+    let e = a.expect_err().await;
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::NotAllowed, "{e:?}");
+    assert!(e.message.contains("active at another relay"), "{e:?}");
+    drop(b);
+    wait_released(&mut leases).await;
+    subscribe(&mut a, d).await;
+}
+
+/// A relay frozen (SIGSTOP) past its hold's TTL lost it: another relay takes the name, and
+/// when the frozen relay runs again it ends its own holder's subscription with a non-fatal
+/// `Err(not_allowed)` naming it, instead of delivering beside the new holder.
+#[tokio::test]
+async fn a_frozen_holder_ends_its_subscription_when_it_wakes_after_losing_the_hold() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let ttl = ["--cluster-durable-lease-ms", "1000"];
+    let a = start_relay_with(&urls, "relay-0", &ttl);
+    let b = start_relay_with(&urls, "relay-1", &ttl);
+    let (mut old, _) = connect(a.tcp()).await;
+    let mut d = sub(3, pattern(15, &[], true), Qos::AtLeastOnce);
+    d.durable = Some("frozen".into());
+    subscribe(&mut old, d.clone()).await;
+
+    signal(&a, "STOP");
+    let (mut new, _) = connect(b.tcp()).await;
+    subscribe_when_the_hold_lapses(&mut new, d).await;
+    signal(&a, "CONT");
+    let e = loop {
+        match old.recv().await {
+            Frame::Err(e) => break e,
+            Frame::Msg(_) | Frame::Ping(_) => {}
+            other => panic!("expected Err, got {other:?}"),
+        }
+    };
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::NotAllowed, "{e:?}");
+    assert!(!e.fatal, "{e:?}");
+    assert_eq!(e.sub_id, Some(3));
+    assert!(e.message.contains("could not keep its hold"), "{e:?}");
+}
+
+/// kill(1) `-SIG` on a relay process.
+fn signal(r: &BinRelay, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([format!("-{sig}"), r.child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} relay");
 }
 
 /// Slice 4: QoS 2 dedup across relays through `Nats-Msg-Id`: a re-send at another relay
@@ -662,6 +855,7 @@ async fn durable_owner_is_enforced_by_a_relay_that_did_not_create_it() {
     d.durable = Some("d2".into());
     d.owner = Some(Bytes::from(vec![9u8; 16]));
     subscribe(&mut a, d.clone()).await;
+    let mut leases = lease_watch(&s.nats).await;
     drop(a); // releases the durable at A (no acknowledgement)
 
     let (mut thief, _) = connect(s.relays[1].tcp()).await;
@@ -676,6 +870,7 @@ async fn durable_owner_is_enforced_by_a_relay_that_did_not_create_it() {
     let new: Vec<(u32, Envelope)> = (2..5).map(|i| (i, numbered(12, &[1], i))).collect();
     let seqs = publish_acked(&mut publ, &new, Qos::AtLeastOnce, false).await;
     let (mut b, _) = connect(s.relays[1].tcp()).await;
+    wait_released(&mut leases).await; // A gave the hold back
     subscribe(&mut b, d).await;
     let got = read_until(&mut b, seqs[2]).await;
     let got: Vec<(u64, u32)> = got.iter().map(|m| (m.seq, number(&m.envelope))).collect();

@@ -126,6 +126,10 @@ pub struct Engine {
     /// Kept publishes the relay refused with a retryable code: retries so far, and when the
     /// next re-send is due (`None`: sent again, waiting for the answer).
     retries: BTreeMap<PublishId, (u32, Option<u64>)>,
+    /// Durable resumes the relay refused with `not_allowed` (the name is held elsewhere: a
+    /// connection of the previous relay not yet timed out, or its cluster hold not yet
+    /// lapsed), by relay subscription id: refusals in a row, and when the next `Sub` is due.
+    sub_retries: BTreeMap<u64, (u32, Option<u64>)>,
     /// Frames waiting for their (or earlier) envelopes to open (`open_ahead > 0`).
     parked: Parking,
 }
@@ -167,6 +171,7 @@ impl Engine {
             next_nonce: 1,
             stats: EngineStats::default(),
             retries: BTreeMap::new(),
+            sub_retries: BTreeMap::new(),
             parked: Parking::default(),
         };
         e.dial(now.mono_ms);
@@ -367,6 +372,7 @@ impl Engine {
                     self.send_acks(true);
                 }
                 self.resend_due(mono);
+                self.resubscribe_due(mono);
                 if mono >= ping_at {
                     if unanswered >= self.cfg.max_unanswered_pings {
                         self.open_parked_inline(now);
@@ -409,7 +415,12 @@ impl Engine {
             }
             Phase::Backoff { retry_at } => Some(*retry_at),
             Phase::Live { ping_at, .. } => {
-                let retry = self.retries.values().filter_map(|(_, due)| *due).min();
+                let retry = self
+                    .retries
+                    .values()
+                    .chain(self.sub_retries.values())
+                    .filter_map(|(_, due)| *due)
+                    .min();
                 Some(
                     [self.ack_at, retry]
                         .into_iter()
@@ -868,6 +879,20 @@ impl Engine {
                     self.emit(Event::SubscribeErr { sub: local, error });
                 } else {
                     sub = Some(local);
+                    // A confirmed durable subscription refused on a resume (a reconnect,
+                    // a failover): its name is held elsewhere for now — by the old
+                    // connection until the relay sees it gone, or at another relay of a
+                    // cluster until that hold is released or lapses. Asked again with the
+                    // reconnect backoff (so is one refused with a retryable code: the store
+                    // unreachable for now); the error is reported once per streak.
+                    let retry = e.code == ErrorCode::NotAllowed || e.code.is_retryable();
+                    if retry && !e.fatal && self.core.is_durable(local) {
+                        let attempts = self.sub_retries.get(&rid).map_or(0, |r| r.0);
+                        let delay = self.cfg.backoff.delay_ms(attempts, &mut self.rng);
+                        self.sub_retries
+                            .insert(rid, (attempts + 1, Some(mono.saturating_add(delay))));
+                        named = attempts > 0;
+                    }
                 }
             }
         }
@@ -902,6 +927,29 @@ impl Engine {
         true
     }
 
+    /// Sends again the refused durable resumes whose retry is due.
+    fn resubscribe_due(&mut self, mono: u64) {
+        let due: Vec<u64> = self
+            .sub_retries
+            .iter()
+            .filter(|(_, (_, d))| d.is_some_and(|d| mono >= d))
+            .map(|(rid, _)| *rid)
+            .collect();
+        for rid in due {
+            match self.core.resubscribe_durable(rid) {
+                Some(f) => {
+                    if let Some(r) = self.sub_retries.get_mut(&rid) {
+                        r.1 = None;
+                    }
+                    self.send(f);
+                }
+                None => {
+                    self.sub_retries.remove(&rid);
+                }
+            }
+        }
+    }
+
     /// Re-sends the refused publishes whose retry is due.
     fn resend_due(&mut self, mono: u64) {
         for (pid, (_, due)) in self.retries.iter_mut() {
@@ -913,6 +961,7 @@ impl Engine {
     }
 
     fn sub_ok(&mut self, relay_id: u64) {
+        self.sub_retries.remove(&relay_id);
         let Some(local) = self.core.local_for(relay_id) else {
             return;
         };
@@ -1061,6 +1110,7 @@ impl Engine {
         self.acks.clear();
         self.ack_at = None;
         self.retries.clear();
+        self.sub_retries.clear();
         for id in std::mem::take(&mut self.flushes) {
             self.emit(Event::FlushFailed { id });
         }
@@ -1110,6 +1160,7 @@ impl Engine {
         self.acks.clear();
         self.ack_at = None;
         self.retries.clear();
+        self.sub_retries.clear();
         let (pids, unsent) = self.out.close();
         self.stats.outbox_drops += unsent;
         for pid in pids {

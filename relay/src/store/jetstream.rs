@@ -23,7 +23,9 @@
 //!   stream (`<stream>_RETAINED`, subjects `<prefix>_retained.>`, one message per subject)
 //!   carrying the original's sequence in header `Wsp-Seq`; **durable floors** live in a
 //!   third stream (`<stream>_DURABLE`, subjects `<prefix>_durable.<key>`, one message per
-//!   durable), kept in memory from an ordered read of it and written behind.
+//!   durable), kept in memory from an ordered read of it and written behind; **holds on
+//!   durable names** (one holder per durable in the cluster) are leases in a fourth
+//!   stream (`<stream>_LEASES`, see [`lease`]).
 //! - **Sequence space.** `Welcome.seq_space` is derived from the stream's name and creation
 //!   time, the same on every relay, and new when the stream is recreated.
 //!
@@ -44,14 +46,16 @@ use tokio::sync::{mpsc, Notify};
 use whispeer_protocol::frame::{pub_flags, Replay};
 use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
+mod lease;
 mod ledger;
 
 use ledger::{Ledger, Limits, Refused, Tag};
 
 use super::quota::Need;
 use super::{
-    path_bytes, Accepted, Append, DurableKey, OnDurable, OnSequenced, ReadChunk, ReadPlan,
-    RetentionStatus, Sequenced, Store, StoreError, StoreMetrics, StoreStatus, Stored, Tenant,
+    path_bytes, Accepted, Append, DurableKey, HoldLost, OnDurable, OnSequenced, ReadChunk,
+    ReadPlan, RetentionStatus, Sequenced, Store, StoreError, StoreMetrics, StoreStatus, Stored,
+    Tenant,
 };
 use crate::config::{ClusterConfig, StoreConfig};
 use crate::ids::Seq;
@@ -271,6 +275,8 @@ struct Inner {
     ledger: Mutex<Ledger>,
     /// History reads between chunks, by (filter, next sequence).
     cursors: Mutex<HashMap<(String, u64), Cursor>>,
+    /// This relay's holds on durable names (one holder per durable in the cluster).
+    leases: Arc<lease::Leases>,
 }
 
 /// The JetStream-backed store (`[cluster] store = "jetstream"`).
@@ -348,8 +354,19 @@ impl JetStreamStore {
             num_replicas: cluster.replicas,
             ..Default::default()
         };
+        // Durable holds: one lease message per durable (see `lease`). Old released or
+        // lapsed records go after a day.
+        let lease_cfg = stream::Config {
+            name: format!("{name}_LEASES"),
+            subjects: vec![format!("{}.>", lease::lease_prefix(&prefix))],
+            max_messages_per_subject: 1,
+            max_age: Duration::from_secs(24 * 3600),
+            storage: stream::StorageType::File,
+            num_replicas: cluster.replicas,
+            ..Default::default()
+        };
         let mut attempt = 0u32;
-        let (mut main, durables) = loop {
+        let (mut main, durables, lease_stream) = loop {
             let r = async {
                 let main = js
                     .get_or_create_stream(main_cfg.clone())
@@ -362,7 +379,11 @@ impl JetStreamStore {
                     .get_or_create_stream(durable_cfg.clone())
                     .await
                     .map_err(|e| unavailable("durable stream", e))?;
-                Ok::<_, StoreError>((main, durables))
+                let leases = js
+                    .get_or_create_stream(lease_cfg.clone())
+                    .await
+                    .map_err(|e| unavailable("durable lease stream", e))?;
+                Ok::<_, StoreError>((main, durables, leases))
             }
             .await;
             match r {
@@ -416,6 +437,7 @@ impl JetStreamStore {
                 }
             }
         };
+        let prefix_for_leases = prefix.clone();
         let (jobs_tx, jobs_rx) = mpsc::channel(cluster.queue);
         let (feed_tx, feed_rx) = mpsc::channel(FEED);
         let inner = Arc::new(Inner {
@@ -447,7 +469,17 @@ impl JetStreamStore {
             counters: Counters::default(),
             ledger: Mutex::new(ledger),
             cursors: Mutex::new(HashMap::new()),
+            leases: Arc::new(lease::Leases::new(
+                Duration::from_millis(cluster.durable_lease_ms),
+                &prefix_for_leases,
+                js.clone(),
+                lease_stream,
+            )),
         });
+        tokio::spawn(lease::renew_loop(
+            Arc::downgrade(&inner.leases),
+            Duration::from_millis(cluster.durable_lease_ms),
+        ));
         // Durable floors: what the stream holds now, then every change, kept in memory.
         tokio::spawn(durable_watch(
             Arc::downgrade(&inner),
@@ -1480,6 +1512,28 @@ impl Store for JetStreamStore {
         }
     }
 
+    fn hold_durable(&self, key: &DurableKey, lost: &HoldLost) -> Result<(), StoreError> {
+        let k = Self::durable_key(key);
+        let leases = self.inner.leases.clone();
+        let lost = lost.clone();
+        let key = key.clone();
+        let r = self.on_runtime(Duration::from_secs(5), async move {
+            leases.take(&k, &key, &lost).await
+        });
+        // Off the multi-threaded runtime (in-process uses): the relay's own rule only.
+        r.unwrap_or(Ok(()))
+    }
+
+    fn release_hold(&self, key: &DurableKey) {
+        let k = Self::durable_key(key);
+        if let Some(seq) = self.inner.leases.forget(&k) {
+            let leases = self.inner.leases.clone();
+            self.inner.rt.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), leases.release(&k, seq)).await;
+            });
+        }
+    }
+
     fn set_durable(&self, key: &DurableKey, floor: u64, tenant: &Tenant) -> Result<(), StoreError> {
         let k = Self::durable_key(key);
         let tag = tenant_tag(tenant);
@@ -1574,5 +1628,18 @@ impl Store for JetStreamStore {
 
     fn close(&self) {
         self.inner.flush.notify_one();
+        // Graceful shutdown: the holds this relay still has are given back (called off the
+        // runtime, from the blocking pool).
+        let leases = self.inner.leases.clone();
+        let (done, released) = std::sync::mpsc::channel::<()>();
+        self.inner.rt.spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), leases.release_all()).await;
+            let _ = done.send(());
+        });
+        // Waits unless this thread is the only one that could run the release.
+        let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
+        if flavor.ok() != Some(tokio::runtime::RuntimeFlavor::CurrentThread) {
+            let _ = released.recv_timeout(Duration::from_secs(3));
+        }
     }
 }

@@ -1,0 +1,293 @@
+//! One holder per durable name across the cluster: a lease per durable in the stream
+//! `<stream>_LEASES` (subjects `<prefix>_lease.<durable key>`, one message per subject).
+//!
+//! - **Take.** A relay whose connection subscribes to a durable reads the durable's lease
+//!   record directly. A live record of another holder (another relay, or an earlier run of
+//!   this one) refuses the `Sub` with `Err(not_allowed)`; no record, a released one (empty
+//!   payload) or an expired one — its NATS timestamp plus its TTL is past — is replaced,
+//!   conditionally on the sequence read (`Nats-Expected-Last-Subject-Sequence`): of two
+//!   relays taking one lease at once, one wins and the other `Sub` is refused.
+//! - **Renew.** Every third of the TTL the relay rewrites each lease it holds, again
+//!   conditionally on the sequence it last wrote.
+//! - **Release.** When the subscription or its connection ends, and on graceful shutdown,
+//!   the relay writes an empty record (conditionally: never over a lease another relay took).
+//! - **Loss.** A renewal refused because the record moved (another relay took the lease)
+//!   ends the local holder's subscription at once; renewals that fail (NATS lost) end it
+//!   once half the TTL has passed since the last renewal that succeeded, and at the latest
+//!   five sixths of the TTL after it (checked before each renewal), so the holder stops
+//!   before another relay may take the lease (TTL after the record's NATS timestamp, which
+//!   is later than the renewal's send time). A relay frozen (SIGSTOP) past the TTL ends its
+//!   holder first thing when it runs again.
+//!
+//! A record is `<holder> <ttl ms>` where `<holder>` is this relay run's random id and a
+//! counter per hold; the TTL is the holder's (`[cluster] durable_lease_ms`), so relays
+//! configured differently still agree on when a lease expires. Expiry compares the
+//! taking relay's clock with the NATS server's timestamp: clocks must agree within a small
+//! part of the TTL (NTP).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_nats::header::HeaderMap;
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+
+use super::{lock, unavailable};
+use crate::store::{DurableKey, HoldLost, StoreError};
+
+/// A lease this relay holds.
+struct Held {
+    key: DurableKey,
+    /// The stream sequence of this relay's last record (the next write's condition).
+    seq: u64,
+    /// When the last renewal that succeeded was sent.
+    renewed: Instant,
+    /// The record's holder field.
+    holder: String,
+    lost: HoldLost,
+}
+
+/// The leases of one relay.
+pub(super) struct Leases {
+    /// This relay run's id (random): its records name it.
+    relay_id: String,
+    ttl: Duration,
+    /// `<prefix>_lease`.
+    prefix: String,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    held: Mutex<HashMap<String, Held>>,
+    next: AtomicU64,
+}
+
+/// The lease stream's subject prefix.
+pub(super) fn lease_prefix(prefix: &str) -> String {
+    format!("{prefix}_lease")
+}
+
+fn wall_ms() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i128)
+        .unwrap_or(0)
+}
+
+fn expected(seq: u64) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        seq.to_string().as_str(),
+    );
+    h
+}
+
+/// Why a conditional write failed.
+enum WriteError {
+    /// The record moved (another writer in between).
+    Moved,
+    Failed(String),
+}
+
+impl Leases {
+    pub(super) fn new(
+        ttl: Duration,
+        prefix: &str,
+        js: jetstream::Context,
+        stream: stream::Stream,
+    ) -> Self {
+        let mut id = [0u8; 8];
+        getrandom::getrandom(&mut id).expect("OS random number generator");
+        Self {
+            relay_id: hex::encode(id),
+            ttl,
+            prefix: lease_prefix(prefix),
+            js,
+            stream,
+            held: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn subject(&self, k: &str) -> String {
+        format!("{}.{k}", self.prefix)
+    }
+
+    /// Writes a record for `k` if the subject's last sequence is still `seq`: the new
+    /// sequence.
+    async fn write(&self, k: &str, seq: u64, payload: Bytes) -> Result<u64, WriteError> {
+        let ack = self
+            .js
+            .publish_with_headers(self.subject(k), expected(seq), payload)
+            .await
+            .map_err(|e| WriteError::Failed(e.to_string()))?;
+        match ack.await {
+            Ok(a) => Ok(a.sequence),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Err(WriteError::Moved)
+            }
+            Err(e) => Err(WriteError::Failed(e.to_string())),
+        }
+    }
+
+    fn record(&self, holder: &str) -> Bytes {
+        Bytes::from(format!("{holder} {}", self.ttl.as_millis()))
+    }
+
+    /// Takes the lease of durable `k` (see the module docs).
+    pub(super) async fn take(
+        &self,
+        k: &str,
+        key: &DurableKey,
+        lost: &HoldLost,
+    ) -> Result<(), StoreError> {
+        let last = match self
+            .stream
+            .get_last_raw_message_by_subject(&self.subject(k))
+            .await
+        {
+            Ok(m) => {
+                let text = String::from_utf8_lossy(&m.payload).into_owned();
+                let mut parts = text.split_whitespace();
+                let holder = parts.next();
+                let ttl_ms = parts.next().and_then(|v| v.parse::<u64>().ok());
+                let stamped = m.time.unix_timestamp_nanos() / 1_000_000;
+                if let (Some(holder), Some(ttl_ms)) = (holder, ttl_ms) {
+                    let ours = holder.split(':').next().is_some_and(|r| r == self.relay_id);
+                    let left = stamped + i128::from(ttl_ms) - wall_ms();
+                    if !ours && left > 0 {
+                        return Err(StoreError::NotAllowed(format!(
+                            "durable subscription {:?} is active at another relay (its hold \
+                             lapses within {} ms unless renewed)",
+                            key.name, left
+                        )));
+                    }
+                }
+                m.sequence
+            }
+            Err(e) => {
+                use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+                match e.kind() {
+                    K::NoMessageFound => 0,
+                    _ => return Err(unavailable("durable hold read", e)),
+                }
+            }
+        };
+        let holder = format!("{}:{}", self.relay_id, self.next.fetch_add(1, Relaxed));
+        let sent = Instant::now();
+        match self.write(k, last, self.record(&holder)).await {
+            Ok(seq) => {
+                lock(&self.held).insert(
+                    k.to_string(),
+                    Held {
+                        key: key.clone(),
+                        seq,
+                        renewed: sent,
+                        holder,
+                        lost: lost.clone(),
+                    },
+                );
+                Ok(())
+            }
+            Err(WriteError::Moved) => Err(StoreError::NotAllowed(format!(
+                "durable subscription {:?} was just taken at another relay",
+                key.name
+            ))),
+            Err(WriteError::Failed(e)) => Err(unavailable("durable hold write", e)),
+        }
+    }
+
+    /// Stops holding `k`: the record to write (its condition), if this relay held it.
+    pub(super) fn forget(&self, k: &str) -> Option<u64> {
+        lock(&self.held).remove(k).map(|h| h.seq)
+    }
+
+    /// Writes the released (empty) record of `k` over this relay's record `seq`.
+    pub(super) async fn release(&self, k: &str, seq: u64) {
+        match self.write(k, seq, Bytes::new()).await {
+            Ok(_) | Err(WriteError::Moved) => {}
+            Err(WriteError::Failed(e)) => {
+                tracing::debug!(error = %e, "cluster store: durable hold not released (it lapses)");
+            }
+        }
+    }
+
+    /// Releases every lease this relay holds (graceful shutdown).
+    pub(super) async fn release_all(&self) {
+        let all: Vec<(String, u64)> = lock(&self.held).drain().map(|(k, h)| (k, h.seq)).collect();
+        for (k, seq) in all {
+            self.release(&k, seq).await;
+        }
+    }
+
+    fn end(&self, k: &str, why: &str) {
+        if let Some(h) = lock(&self.held).remove(k) {
+            tracing::warn!(durable = %h.key.name, why, "cluster store: durable hold lost");
+            let _ = h.lost.send(h.key);
+        }
+    }
+
+    /// One round of renewals (see the module docs).
+    async fn renew(&self) {
+        let ttl = self.ttl;
+        let now = Instant::now();
+        let mut due = Vec::new();
+        let mut late = Vec::new();
+        for (k, h) in lock(&self.held).iter() {
+            if now >= h.renewed + ttl * 5 / 6 {
+                late.push(k.clone());
+            } else {
+                due.push((k.clone(), h.seq, self.record(&h.holder)));
+            }
+        }
+        for k in late {
+            self.end(&k, "not renewed in time");
+        }
+        let sent = Instant::now();
+        let writes = due.into_iter().map(|(k, seq, rec)| async move {
+            let r = tokio::time::timeout(ttl / 6, self.write(&k, seq, rec))
+                .await
+                .unwrap_or_else(|_| Err(WriteError::Failed("timed out".into())));
+            (k, seq, r)
+        });
+        for (k, seq, r) in futures_util::future::join_all(writes).await {
+            match r {
+                Ok(new) => {
+                    if let Some(h) = lock(&self.held).get_mut(&k) {
+                        if h.seq == seq {
+                            h.seq = new;
+                            h.renewed = sent;
+                        }
+                    }
+                }
+                Err(WriteError::Moved) => {
+                    let mine = lock(&self.held).get(&k).is_some_and(|h| h.seq == seq);
+                    if mine {
+                        self.end(&k, "taken at another relay");
+                    }
+                }
+                Err(WriteError::Failed(e)) => {
+                    let lapsing = lock(&self.held)
+                        .get(&k)
+                        .is_some_and(|h| h.seq == seq && Instant::now() >= h.renewed + ttl / 2);
+                    if lapsing {
+                        tracing::warn!(error = %e, "cluster store: durable hold not renewed");
+                        self.end(&k, "not renewed in time");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Renews the relay's leases every third of the TTL while the store lives.
+pub(super) async fn renew_loop(leases: std::sync::Weak<Leases>, ttl: Duration) {
+    let mut every = tokio::time::interval(ttl / 3);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(l) = leases.upgrade() else { return };
+        l.renew().await;
+    }
+}
