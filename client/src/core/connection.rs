@@ -19,6 +19,7 @@
 mod auth;
 mod outbox;
 mod rng;
+mod sealing;
 mod types;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -26,7 +27,9 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use whispeer_protocol::frame::{self, Ack, Close, ErrFrame, Msg, Ping, Pong, Unsub};
-use whispeer_protocol::{Envelope, ErrorCode, Frame, Keyring, OpenError, Opened, Qos, TopicFilter};
+use whispeer_protocol::{
+    Envelope, ErrorCode, Frame, Keyring, OpenError, Opened, Prepared, Qos, TopicFilter,
+};
 
 pub use auth::AccountAuth;
 pub use rng::{Backoff, SeededRng};
@@ -36,10 +39,12 @@ pub use types::{
 };
 
 use super::acks::AckQueue;
+use super::batching::{SealDone, SealJob};
 use super::jobs::{OpenDone, OpenJob};
 use super::{ClientCore, Delivery, LocalSubId, SeqSpace, SubscribeOptions};
 use crate::error::{PublishError, SubscribeError};
 use outbox::Outbox;
+use sealing::{Meta, Sealing, Unit};
 
 /// Most sequences in one `Ack` frame (the relay's limit).
 pub const MAX_ACKS_PER_FRAME: usize = 4096;
@@ -128,6 +133,11 @@ pub struct Engine {
     retries: BTreeMap<PublishId, (u32, Option<u64>)>,
     /// Frames waiting for their (or earlier) envelopes to open (`open_ahead > 0`).
     parked: Parking,
+    /// Batch signing: prepared publishes queued and cut into seal jobs, re-ordered by job
+    /// id (`sealing`), with the sealed publishes, flushes and a close issued behind them.
+    sealing: Sealing,
+    /// `close()` was called and waits behind publishes still being sealed.
+    closing: bool,
 }
 
 impl Engine {
@@ -147,7 +157,10 @@ impl Engine {
         for (pid, order, frame) in std::mem::take(&mut cfg.restored) {
             out.restore(pid, order, frame);
         }
+        let sealing = Sealing::new(cfg.batch, cfg.seal_ahead);
         let mut e = Engine {
+            sealing,
+            closing: false,
             cfg,
             core,
             rng: SeededRng::new(&seed),
@@ -202,10 +215,18 @@ impl Engine {
         self.phase == Phase::Closed
     }
 
-    /// Bytes of frames queued for the driver and not yet taken (backpressure: a driver
-    /// stops accepting publishes above its high-water mark).
+    /// Bytes of frames queued for the driver and not yet taken, and of publishes queued
+    /// for (or in) a seal job ([`Engine::sealing_bytes`]) (backpressure: a driver stops
+    /// accepting publishes above its high-water mark).
     pub fn queued_bytes(&self) -> usize {
-        self.out.queued_bytes()
+        self.out.queued_bytes() + self.sealing.bytes()
+    }
+
+    /// Backlog bytes of the publishes waiting to be sealed: queued for a batch, in a seal
+    /// job, or behind one ([`crate::core::batching::prepared_weight`] each, a sealed
+    /// envelope's length).
+    pub fn sealing_bytes(&self) -> usize {
+        self.sealing.bytes()
     }
 
     /// The frame and order of a kept QoS ≥ 1 publish, to persist when `publish` returns.
@@ -236,7 +257,8 @@ impl Engine {
     }
 
     fn sync_unacked(&mut self) {
-        self.stats.unacked_publishes = self.out.kept_len() as u64;
+        // A QoS ≥ 1 publish waiting for its seal job is already unacknowledged.
+        self.stats.unacked_publishes = (self.out.kept_len() + self.sealing.kept()) as u64;
     }
 
     /// The relay address (an index into the list the driver was given, `0..relays`) that
@@ -403,6 +425,15 @@ impl Engine {
 
     /// The next deadline (monotonic ms), if any: call [`Engine::handle_timeout`] then.
     pub fn poll_timeout(&self) -> Option<u64> {
+        let conn = self.conn_timeout();
+        match (conn, self.sealing.deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) if self.phase != Phase::Closed => a.or(b),
+            _ => None,
+        }
+    }
+
+    fn conn_timeout(&self) -> Option<u64> {
         match &self.phase {
             Phase::Dialing { deadline, .. } | Phase::Handshaking { deadline, .. } => {
                 Some(*deadline)
@@ -455,7 +486,109 @@ impl Engine {
         }
     }
 
+    /// The next batch of prepared publishes to sign and seal elsewhere
+    /// ([`SealJob::run`], any thread): at most `batch.max_messages`, cut once full or due
+    /// (no window: whatever is queued), at most `seal_ahead` (at least 1) out at a time.
+    /// Hand the result to [`Engine::handle_sealed`]. A driver without threads runs each
+    /// job at once (the wasm client, and `seal_ahead = 0`).
+    pub fn poll_seal_job(&mut self, now: Now) -> Option<SealJob> {
+        let mono = self.clamp(now);
+        if self.phase == Phase::Closed {
+            return None;
+        }
+        self.sealing.poll_job(mono)
+    }
+
+    /// A [`SealJob`] finished, in any order: the publishes (and the sealed publishes,
+    /// flushes and close behind them) before the first job still out are handed on in
+    /// publish order. A publish that could not be sealed fails
+    /// ([`PublishFailure::Seal`] when it has an id; counted in
+    /// [`EngineStats::seal_failures`]). An answer to no waiting job is ignored.
+    pub fn handle_sealed(&mut self, done: SealDone, now: Now) {
+        self.clamp(now);
+        if self.sealing.answer(done) {
+            self.release_sealed(now);
+            self.sync_unacked();
+        }
+    }
+
+    /// Hands on the units whose turn it is.
+    fn release_sealed(&mut self, now: Now) {
+        while let Some(u) = self.sealing.pop_ready() {
+            match u {
+                Unit::Batch { metas, results } => {
+                    for (m, r) in metas.into_iter().zip(results.unwrap_or_default()) {
+                        self.hand_sealed(m, r, now);
+                    }
+                }
+                Unit::Sealed(env, m) => self.hand_sealed(m, Ok(env), now),
+                Unit::Flush(id) => self.do_flush(id),
+                Unit::Close => {
+                    self.do_close(now);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One publish out of the seal pipeline, into the outbox (or failed).
+    fn hand_sealed(
+        &mut self,
+        m: Meta,
+        r: Result<Envelope, whispeer_protocol::SealError>,
+        now: Now,
+    ) {
+        let reason = match r {
+            Ok(env) => match self.publish_as(env, m.o, m.pid, now) {
+                Ok(()) => {
+                    if let (Some(pid), true) = (m.pid, m.o.qos != Qos::AtMostOnce) {
+                        self.emit(Event::Kept { pid });
+                    }
+                    return;
+                }
+                Err(PublishError::BufferFull(n)) => PublishFailure::BufferFull(n),
+                Err(_) => PublishFailure::Closed,
+            },
+            Err(e) => {
+                self.stats.seal_failures += 1;
+                tracing::warn!(error = %e, "a publish could not be sealed");
+                PublishFailure::Seal(e)
+            }
+        };
+        if let Some(pid) = m.pid {
+            self.emit(Event::PublishFailed { pid, reason });
+        }
+    }
+
     // ---- commands ----------------------------------------------------------------------
+
+    /// Publishes a message prepared for its batch signature
+    /// ([`crate::core::prepare_publish_in`]): queued, in publish order with every other
+    /// publish, until a [`SealJob`] signs and seals it. Returns the publish id when the
+    /// publish waits for a `PubAck`; [`Event::PubAck`] or [`Event::PublishFailed`] follows
+    /// exactly once (a seal failure included), and [`Event::Kept`] once a QoS ≥ 1 publish
+    /// is in the outbox (to persist).
+    pub fn publish_prepared(
+        &mut self,
+        prepared: Prepared,
+        o: PubOptions,
+        now: Now,
+    ) -> Result<Option<PublishId>, PublishError> {
+        let mono = self.clamp(now);
+        if self.phase == Phase::Closed || self.closing {
+            return Err(PublishError::Closed);
+        }
+        if o.qos != Qos::AtMostOnce {
+            let w = super::batching::prepared_weight(&prepared);
+            if self.out.kept_bytes() + self.sealing.bytes() + w > self.cfg.kept_bytes {
+                return Err(PublishError::BufferFull(self.cfg.kept_bytes));
+            }
+        }
+        let pid = self.publish_id(&o);
+        self.sealing.push(prepared, o, pid, mono);
+        self.sync_unacked();
+        Ok(pid)
+    }
 
     /// Publishes a sealed envelope. Returns the publish id when the publish waits for a
     /// `PubAck` ([`Event::PubAck`] or [`Event::PublishFailed`] follows, exactly once).
@@ -468,10 +601,19 @@ impl Engine {
         now: Now,
     ) -> Result<Option<PublishId>, PublishError> {
         self.clamp(now);
-        if self.phase == Phase::Closed {
+        if self.phase == Phase::Closed || self.closing {
             return Err(PublishError::Closed);
         }
         let pid = self.publish_id(&o);
+        if self.sealing.busy() {
+            // Behind publishes still being sealed: it leaves after them.
+            let weight = envelope.as_bytes().len();
+            self.sealing
+                .push_unit(Unit::Sealed(envelope, Meta { o, pid, weight }));
+            self.sync_unacked();
+            self.release_sealed(now);
+            return Ok(pid);
+        }
         self.publish_as(envelope, o, pid, now).map(|()| pid)
     }
 
@@ -594,6 +736,17 @@ impl Engine {
         self.clamp(now);
         let id = self.next_nonce;
         self.next_nonce += 1;
+        if self.sealing.busy() && self.phase != Phase::Closed {
+            // After the publishes still being sealed.
+            self.sealing.push_unit(Unit::Flush(id));
+            self.release_sealed(now);
+        } else {
+            self.do_flush(id);
+        }
+        id
+    }
+
+    fn do_flush(&mut self, id: FlushId) {
         if self.is_live() {
             // Acks of what the app took are part of "everything sent before".
             self.send_acks(true);
@@ -602,7 +755,6 @@ impl Engine {
         } else {
             self.emit(Event::FlushFailed { id });
         }
-        id
     }
 
     /// Keys changed (a grant was added): every subscription is re-made with the keyring as
@@ -627,6 +779,20 @@ impl Engine {
     /// [`Event::Closed`].
     pub fn close(&mut self, now: Now) {
         self.clamp(now);
+        if self.phase == Phase::Closed || self.closing {
+            return;
+        }
+        if self.sealing.busy() {
+            // Publishes still being sealed go first (the driver keeps running the jobs).
+            self.closing = true;
+            self.sealing.push_unit(Unit::Close);
+            self.release_sealed(now);
+            return;
+        }
+        self.do_close(now);
+    }
+
+    fn do_close(&mut self, now: Now) {
         // Frames that arrived before the close are handled first, as inline.
         self.open_parked_inline(now);
         match self.phase {
@@ -1106,6 +1272,7 @@ impl Engine {
     /// Closed for good: everything still waiting fails.
     fn shut(&mut self) {
         self.phase = Phase::Closed;
+        self.closing = false;
         self.clear_parked();
         self.acks.clear();
         self.ack_at = None;
@@ -1115,6 +1282,16 @@ impl Engine {
         for pid in pids {
             let reason = PublishFailure::Closed;
             self.emit(Event::PublishFailed { pid, reason });
+        }
+        // Publishes (and flushes) still waiting for their seal jobs: never sent.
+        let (pids, flushes, unsent) = self.sealing.clear();
+        self.stats.outbox_drops += unsent;
+        for pid in pids {
+            let reason = PublishFailure::Closed;
+            self.emit(Event::PublishFailed { pid, reason });
+        }
+        for id in flushes {
+            self.emit(Event::FlushFailed { id });
         }
         self.sync_unacked();
         let pending: Vec<LocalSubId> = self
