@@ -417,6 +417,9 @@ impl Engine {
     #[wasm_bindgen(js_name = pollTransmit)]
     pub fn poll_transmit(&mut self) -> JsValue {
         self.run_seal_jobs(self.seal_now);
+        // Kept publishes go to the journal before their frames can leave: the driver saves
+        // it (`takeChanges`) before it writes what this returns.
+        self.save_kept();
         match self.eng.poll_transmit() {
             None => JsValue::UNDEFINED,
             Some(Transmit::Frame(b)) => Uint8Array::from(&b[..]).into(),
@@ -450,6 +453,7 @@ impl Engine {
             // Nothing persists the receiver-state journal: dropped, not accumulated.
             self.eng.core_mut().take_changes();
         }
+        self.save_kept();
         loop {
             let Some(e) = self.eng.poll_event() else {
                 return JsValue::UNDEFINED;
@@ -466,6 +470,7 @@ impl Engine {
     /// nothing changed (always without persistence).
     #[wasm_bindgen(js_name = takeChanges)]
     pub fn take_changes(&mut self) -> Option<Uint8Array> {
+        self.save_kept();
         let changes = self.eng.core_mut().take_changes();
         let sv = self.saving.as_mut()?;
         for c in &changes {
@@ -484,6 +489,7 @@ impl Engine {
     /// changes are included (and no longer returned by `takeChanges`). `undefined` without
     /// persistence.
     pub fn snapshot(&mut self, unix_ms: f64) -> Option<Uint8Array> {
+        self.save_kept();
         let changes = self.eng.core_mut().take_changes();
         let sv = self.saving.as_mut()?;
         drop(changes);
@@ -526,8 +532,14 @@ impl Engine {
         set(&o, "slowSubscriberDrops", s.slow_subscriber_drops as f64);
         set(&o, "outboxDrops", s.outbox_drops as f64);
         set(&o, "reconnects", s.reconnects as f64);
-        // A QoS ≥ 1 publish waiting for its seal job counts already (the engine's count).
-        set(&o, "unackedPublishes", s.unacked_publishes as f64);
+        // A QoS ≥ 1 publish waiting for its seal job counts already: the JS client seals
+        // and saves a kept publish at once with persistence (`pollTransmit` journals it
+        // before its frame), so only a client without a store can see one unsealed.
+        set(
+            &o,
+            "unackedPublishes",
+            (s.unacked_publishes + s.sealing_publishes) as f64,
+        );
         o.into()
     }
 }
@@ -568,14 +580,15 @@ impl Engine {
         }
         let env = self.core.seal(tree, topic, content_type, payload)?;
         let pid = self.eng.publish(env, o, n).map_err(publish_error)?;
-        self.kept(pid);
+        self.save_kept();
         Ok(pid.as_ref().map(pid_hex))
     }
 
-    /// With persistence: saves a kept publish once the engine holds its frame.
-    fn kept(&mut self, pid: Option<PublishId>) {
-        if let (Some(sv), Some(p)) = (&mut self.saving, &pid) {
-            if let Some((order, frame)) = self.eng.kept_publish(p) {
+    /// With persistence: journals the publishes the engine kept since the last call (once
+    /// it holds their frames, before any of them leaves: `pollTransmit` calls it first).
+    fn save_kept(&mut self) {
+        while let Some((p, order, frame)) = self.eng.poll_kept() {
+            if let Some(sv) = &mut self.saving {
                 persist::keep(&mut sv.journal, &p.0, order, &frame);
                 sv.kept.insert(p.0, (order, frame));
             }
@@ -687,11 +700,6 @@ impl Engine {
                 set(&o, "id", pid_hex(&pid));
                 set(&o, "error", publish_error(reason.into()));
                 "publishFailed"
-            }
-            E::Kept { pid } => {
-                // Out of its seal job and into the outbox: saved now.
-                self.kept(Some(pid));
-                return None;
             }
             E::Flushed { id } => {
                 set(&o, "id", id as f64);

@@ -254,10 +254,16 @@ async fn scrambled_seal_completion_still_leaves_in_publish_order_with_acks_in_or
             flush = Some(w.eng.flush(now));
         }
     }
-    // The unsealed publishes count as queued (backpressure) and as unacknowledged.
+    // The unsealed publishes count as queued (backpressure), and the QoS 1 ones as being
+    // sealed — not yet as unacknowledged: none is kept (nor saved) yet.
     assert_eq!(w.eng.sealing_bytes(), weights);
     assert!(w.eng.queued_bytes() >= weights);
-    assert_eq!(w.eng.stats().unacked_publishes, pids.len() as u64);
+    assert_eq!(w.eng.stats().sealing_publishes, pids.len() as u64);
+    assert_eq!(w.eng.stats().unacked_publishes, 0);
+    assert!(
+        w.eng.poll_kept().is_none(),
+        "nothing kept before its seal job"
+    );
     let mut jobs: Vec<SealJob> = Vec::new();
     while let Some(j) = w.eng.poll_seal_job(now) {
         jobs.push(j);
@@ -273,11 +279,28 @@ async fn scrambled_seal_completion_still_leaves_in_publish_order_with_acks_in_or
     // Finishing backwards, the first job last: nothing may leave before it.
     done.reverse();
     let mut written: Vec<Bytes> = Vec::new();
+    // What a driver with persistence saves, each before the next `poll_transmit`.
+    let mut saved: Vec<(PublishId, Bytes)> = Vec::new();
     let n = done.len();
     for (k, d) in done.into_iter().enumerate() {
         w.eng.handle_sealed(d, w.now());
-        while let Some(t) = w.eng.poll_transmit() {
+        loop {
+            while let Some((pid, _, frame)) = w.eng.poll_kept() {
+                saved.push((pid, frame));
+            }
+            let Some(t) = w.eng.poll_transmit() else {
+                break;
+            };
             if let Transmit::Frame(b) = t {
+                if matches!(Frame::decode(&b), Ok(Frame::Pub(_))) {
+                    if let Some(id) = pub_ids(std::slice::from_ref(&b))[0] {
+                        // A kept publish's frame leaves only after it was reported.
+                        assert!(
+                            saved.iter().any(|(p, f)| p.0 == id && *f == b),
+                            "a kept publish's frame left before poll_kept reported it"
+                        );
+                    }
+                }
                 if let Some((_, s)) = &mut w.sock {
                     s.write_all(&(b.len() as u32).to_be_bytes()).await.unwrap();
                     s.write_all(&b).await.unwrap();
@@ -291,9 +314,17 @@ async fn scrambled_seal_completion_still_leaves_in_publish_order_with_acks_in_or
                 "nothing leaves before job 0 answered"
             );
             assert_eq!(w.eng.sealing_bytes(), weights);
+            assert!(saved.is_empty(), "nothing kept before job 0 answered");
         }
     }
     assert_eq!(w.eng.sealing_bytes(), 0);
+    assert_eq!(
+        saved.iter().map(|s| s.0).collect::<Vec<_>>(),
+        pids,
+        "every kept publish reported once, in publish order"
+    );
+    assert_eq!(w.eng.stats().sealing_publishes, 0);
+    assert_eq!(w.eng.stats().unacked_publishes, pids.len() as u64);
     let ids = pub_ids(&written);
     assert_eq!(ids.len(), 40);
     let sent: Vec<[u8; 16]> = ids.into_iter().flatten().collect();
@@ -565,4 +596,67 @@ async fn a_disconnect_mid_flight_loses_nothing_acknowledged() {
     let relay = start_relay_binary(&[]);
     let proxy = KillerProxy::start(relay.tcp).await;
     qos1_in_order(2, Some(&proxy), &relay, 400).await;
+}
+
+/// With `Persistence`, a batch-signed QoS ≥ 1 publish is in the saved outbox before it
+/// counts as unacknowledged and before any of its frame leaves the process — on the worker
+/// threads and sealing inline. The test holds the state file's write lock (the client's
+/// save then waits in SQLite's busy handler), so while it holds it the relay must not see
+/// the publish nor the stats count it; once released, the publish goes out.
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kept_publish_is_saved_before_it_counts_or_leaves() {
+    let relay = start_relay_binary(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    for seal_jobs in [4, 0] {
+        let t = tree(&format!("seal-persist-{seal_jobs}"));
+        let (_sc, mut sub) = subscriber(&relay, &t).await;
+        let state = dir.path().join(format!("state-{seal_jobs}.db"));
+        let c = Client::builder()
+            .with(Tcp::new(relay.tcp_url()))
+            .with(Encryption::with_keyring(keyring_with(&t)))
+            .with(Identity::generate())
+            .with(whispeer::Persistence::sqlite(&state))
+            .seal_jobs(seal_jobs)
+            .connect()
+            .await
+            .expect("publisher connects");
+        let publish = |i: usize| {
+            let c = c.clone();
+            async move {
+                c.publish_bytes_with(
+                    "s/a",
+                    core::OCTETS,
+                    i.to_string().as_bytes(),
+                    PublishOptions::at_least_once(),
+                )
+                .await
+            }
+        };
+        within("a first publish", publish(0)).await.unwrap();
+        assert_eq!(receive(&mut sub, 1).await, vec![0]);
+
+        let db = rusqlite::Connection::open(&state).unwrap();
+        db.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let pending = tokio::spawn(publish(1));
+        let early = tokio::time::timeout(Duration::from_millis(400), sub.next_message()).await;
+        assert!(
+            early.is_err(),
+            "seal_jobs {seal_jobs}: the publish left before it was saved"
+        );
+        let s = c.stats();
+        assert_eq!(
+            s.unacked_publishes, 0,
+            "seal_jobs {seal_jobs}: counted as unacknowledged before it was saved"
+        );
+        assert!(s.sealing_publishes <= 1, "{s:?}");
+        db.execute_batch("COMMIT").unwrap();
+        assert_eq!(receive(&mut sub, 1).await, vec![1]);
+        within("acknowledged", pending).await.unwrap().unwrap();
+        let rows: i64 = db
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0, "acknowledged: no longer saved");
+        c.close().await;
+    }
 }

@@ -169,8 +169,9 @@ impl Driver {
             Outbound::Prepared(p) => self.p.eng.publish_prepared(*p, r.opts, now),
         };
         match res {
+            // A kept publish is saved (`save_kept`) before its frame is written and before
+            // the stats count it.
             Ok(Some(pid)) => {
-                self.keep(&pid);
                 if let Some(reply) = r.reply {
                     self.acks.insert(pid, reply);
                 }
@@ -304,7 +305,12 @@ impl Driver {
     /// Writes, dials and hangs up as the engine says.
     async fn transmit(&mut self) {
         let mut wrote = false;
-        while let Some(t) = self.p.eng.poll_transmit() {
+        loop {
+            // Kept publishes are saved before any frame of theirs leaves.
+            self.save_kept();
+            let Some(t) = self.p.eng.poll_transmit() else {
+                break;
+            };
             match t {
                 Transmit::Frame(b) => {
                     let Some(c) = &mut self.conn else { continue };
@@ -577,7 +583,6 @@ impl Driver {
                         let _ = r.send(Err(PublishError::from(reason)));
                     }
                 }
-                Event::Kept { pid } => self.keep(&pid),
                 Event::Flushed { id } => {
                     if let Some(r) = self.flushes.remove(&id) {
                         let _ = r.send(Ok(()));
@@ -671,7 +676,9 @@ impl Driver {
         }
     }
 
-    fn sync_stats(&self) {
+    fn sync_stats(&mut self) {
+        // A publish counts as unacknowledged only once it is saved.
+        self.save_kept();
         let e = self.p.eng.stats();
         let next = ClientStats {
             core: e.core,
@@ -680,6 +687,7 @@ impl Driver {
             reconnects: e.reconnects,
             plugin_drops: self.plugin_drops,
             unacked_publishes: e.unacked_publishes,
+            sealing_publishes: e.sealing_publishes,
             publish_retries: e.publish_retries,
             type_mismatches: 0, // counted by the subscriptions; `Client::stats` adds it
             seal_failures: e.seal_failures,
@@ -693,13 +701,18 @@ impl Driver {
         });
     }
 
-    /// Saves a kept publish (with `Persistence`) when `publish` returns.
-    fn keep(&self, pid: &PublishId) {
-        #[cfg(feature = "persistence")]
-        if let (Some(st), Some((order, frame))) = (&self.p.saved, self.p.eng.kept_publish(pid)) {
-            st.keep(&pid.0, order, &frame);
+    /// Saves (with `Persistence`) the publishes the engine kept since the last call: called
+    /// before every `poll_transmit` and before the stats are published, so a QoS ≥ 1
+    /// publish is in the saved outbox before any of its frame is written and before it
+    /// counts as unacknowledged (a crash after either cannot lose it).
+    fn save_kept(&mut self) {
+        while let Some((pid, order, frame)) = self.p.eng.poll_kept() {
+            #[cfg(feature = "persistence")]
+            if let Some(st) = &self.p.saved {
+                st.keep(&pid.0, order, &frame);
+            }
+            let _ = (pid, order, frame);
         }
-        let _ = pid;
     }
 
     /// The relay acknowledged (or refused) a publish: no longer saved.

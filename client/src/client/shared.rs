@@ -155,7 +155,12 @@ pub struct ClientStats {
     /// Messages a client plugin dropped.
     pub plugin_drops: u64,
     /// QoS ≥ 1 publishes waiting for the relay's `PubAck` (re-sent after a reconnect).
+    /// With [`Persistence`](crate::Persistence) each is in the saved outbox before it
+    /// counts here.
     pub unacked_publishes: u64,
+    /// QoS ≥ 1 publishes still waiting for their batch-signing seal job (not yet kept nor
+    /// saved); each moves to `unacked_publishes` once sealed.
+    pub sealing_publishes: u64,
     /// Re-sends of QoS ≥ 1 publishes the relay refused with a retryable code (`busy`,
     /// `storage_full`...), after a backoff, with the same publish id.
     pub publish_retries: u64,

@@ -138,6 +138,9 @@ pub struct Engine {
     sealing: Sealing,
     /// `close()` was called and waits behind publishes still being sealed.
     closing: bool,
+    /// QoS ≥ 1 publishes put in the outbox since the driver last asked
+    /// ([`Engine::poll_kept`]): to persist before any of their frames leaves.
+    kept_new: VecDeque<(PublishId, u64, Bytes)>,
 }
 
 impl Engine {
@@ -161,6 +164,7 @@ impl Engine {
         let mut e = Engine {
             sealing,
             closing: false,
+            kept_new: VecDeque::new(),
             cfg,
             core,
             rng: SeededRng::new(&seed),
@@ -229,9 +233,22 @@ impl Engine {
         self.sealing.bytes()
     }
 
-    /// The frame and order of a kept QoS ≥ 1 publish, to persist when `publish` returns.
+    /// The frame and order of a kept QoS ≥ 1 publish still in the outbox.
     pub fn kept_publish(&self, pid: &PublishId) -> Option<(u64, Bytes)> {
         self.out.kept_entry(pid)
+    }
+
+    /// The next QoS ≥ 1 publish put in the outbox (kept until acknowledged): its id, order
+    /// and `Pub` frame — a sealed publish as soon as [`Engine::publish`] (or
+    /// [`Engine::publish_as`]) returns, a prepared one once its seal job is handed back
+    /// ([`Engine::handle_sealed`]). A driver with persistence saves every one **before it
+    /// takes the next [`Engine::poll_transmit`]** (the frame may be the next transmit) and
+    /// before it reports [`EngineStats::unacked_publishes`], so a publish is in the saved
+    /// outbox before it counts as unacknowledged and before any of it leaves the process.
+    /// The entry stays valid after the engine closed (a kept publish stays saved for the
+    /// next run). Drivers without persistence drain it too (it is not bounded otherwise).
+    pub fn poll_kept(&mut self) -> Option<(PublishId, u64, Bytes)> {
+        self.kept_new.pop_front()
     }
 
     fn clamp(&mut self, now: Now) -> u64 {
@@ -257,8 +274,10 @@ impl Engine {
     }
 
     fn sync_unacked(&mut self) {
-        // A QoS ≥ 1 publish waiting for its seal job is already unacknowledged.
-        self.stats.unacked_publishes = (self.out.kept_len() + self.sealing.kept()) as u64;
+        // A QoS ≥ 1 publish waiting for its seal job is not yet kept (nor saved): counted
+        // apart until it is in the outbox.
+        self.stats.unacked_publishes = self.out.kept_len() as u64;
+        self.stats.sealing_publishes = self.sealing.kept() as u64;
     }
 
     /// The relay address (an index into the list the driver was given, `0..relays`) that
@@ -539,13 +558,9 @@ impl Engine {
         now: Now,
     ) {
         let reason = match r {
+            // A kept one is reported by `poll_kept` (to persist before its frame leaves).
             Ok(env) => match self.publish_as(env, m.o, m.pid, now) {
-                Ok(()) => {
-                    if let (Some(pid), true) = (m.pid, m.o.qos != Qos::AtMostOnce) {
-                        self.emit(Event::Kept { pid });
-                    }
-                    return;
-                }
+                Ok(()) => return,
                 Err(PublishError::BufferFull(n)) => PublishFailure::BufferFull(n),
                 Err(_) => PublishFailure::Closed,
             },
@@ -566,8 +581,9 @@ impl Engine {
     /// ([`crate::core::prepare_publish_in`]): queued, in publish order with every other
     /// publish, until a [`SealJob`] signs and seals it. Returns the publish id when the
     /// publish waits for a `PubAck`; [`Event::PubAck`] or [`Event::PublishFailed`] follows
-    /// exactly once (a seal failure included), and [`Event::Kept`] once a QoS ≥ 1 publish
-    /// is in the outbox (to persist).
+    /// exactly once (a seal failure included); a QoS ≥ 1 publish counts in
+    /// [`EngineStats::sealing_publishes`] until it is in the outbox, then in
+    /// [`EngineStats::unacked_publishes`] and [`Engine::poll_kept`] reports it (to persist).
     pub fn publish_prepared(
         &mut self,
         prepared: Prepared,
@@ -648,7 +664,8 @@ impl Engine {
                 if self.out.kept_bytes() + frame.len() > self.cfg.kept_bytes {
                     return Err(PublishError::BufferFull(self.cfg.kept_bytes));
                 }
-                self.out.keep(p, frame, live);
+                let order = self.out.keep(p, frame.clone(), live);
+                self.kept_new.push_back((p, order, frame));
                 self.sync_unacked();
             }
             _ if live => self.out.send0(frame, pid),

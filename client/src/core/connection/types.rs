@@ -323,12 +323,6 @@ pub enum Event {
         /// The relay sequence.
         seq: u64,
     },
-    /// A QoS ≥ 1 publish that waited for its seal job is now in the outbox (persist it
-    /// now: [`Engine::kept_publish`](super::Engine::kept_publish)).
-    Kept {
-        /// The publish.
-        pid: PublishId,
-    },
     /// Publish `pid` has no `PubAck` and never will.
     PublishFailed {
         /// The publish.
@@ -456,8 +450,13 @@ pub struct EngineStats {
     pub outbox_drops: u64,
     /// Successful reconnects.
     pub reconnects: u64,
-    /// QoS ≥ 1 publishes waiting for their `PubAck`.
+    /// QoS ≥ 1 publishes in the outbox (reported by
+    /// [`Engine::poll_kept`](super::Engine::poll_kept), saved with persistence) waiting for
+    /// their `PubAck`.
     pub unacked_publishes: u64,
+    /// QoS ≥ 1 publishes still waiting for their seal job (batch signing): not yet kept;
+    /// they move to `unacked_publishes` once sealed.
+    pub sealing_publishes: u64,
     /// Re-sends of QoS ≥ 1 publishes the relay refused with a retryable code.
     pub publish_retries: u64,
     /// Publishes their seal job could not seal (never sent).
