@@ -392,14 +392,12 @@ impl ClientCore {
         .map_err(publish_error)
     }
 
-    /// Signs and seals everything `batch` holds, in order.
-    pub(crate) fn seal_batch<M>(
-        &mut self,
-        batch: &mut core::batching::PublishBatch<M>,
-    ) -> Vec<(Result<Envelope, whispeer_protocol::SealError>, M)> {
+    /// Runs one of the engine's seal jobs with this client's identity and sealer.
+    pub(crate) fn seal_job(&mut self, job: core::batching::SealJob) -> core::batching::SealDone {
         match &self.identity {
-            Some(id) => batch.seal_all(&mut self.sealer, id, &mut Rng),
-            None => Vec::new(),
+            Some(id) => job.run(id, &mut self.sealer, &mut Rng),
+            // The identity went away after the publishes were prepared.
+            None => job.fail(whispeer_protocol::SealError::BatchEmpty),
         }
     }
 

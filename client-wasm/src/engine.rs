@@ -8,7 +8,7 @@
 //! (`Date.now()`, key epochs and replay). After each input or command the driver drains
 //! `pollTransmit`, then `pollTimeout`, then `pollEvent`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use js_sys::{Array, Object, Reflect, Uint8Array};
@@ -98,16 +98,11 @@ pub struct Engine {
     /// With persistence (`options.state` given): the records not yet taken by
     /// `takeChanges`, and the kept publishes (for snapshots; `Bytes` shared with the outbox).
     saving: Option<Saving>,
-    /// Batch signing (PROTOCOL §4.14): publishes prepared and waiting for their batch's
-    /// signature — signed and sealed before the next frame leaves (`pollTransmit`), a
-    /// flush or a close, so a synchronous run of publishes shares one signature.
-    batch: core::batching::PublishBatch<(PubOptions, Option<PublishId>)>,
-    /// Publishes with an id that failed when their batch was sealed: reported as
-    /// `publishFailed` events before the engine's own.
-    failed: VecDeque<(PublishId, whispeer::PublishError)>,
-    /// The time of the latest publish queued for the batch (the engine's clock only moves
-    /// forward, so handing the batch over with it is exact enough).
-    batch_now: Now,
+    /// Batch signing (PROTOCOL §4.14): the engine queues prepared publishes and cuts seal
+    /// jobs; this glue runs them inline before the next frame leaves (`pollTransmit`), so
+    /// a synchronous run of publishes shares one signature. The time of the latest publish
+    /// (the engine's clock only moves forward, so running the jobs with it is exact enough).
+    seal_now: Now,
 }
 
 #[derive(Debug, Default)]
@@ -223,9 +218,7 @@ impl Engine {
             tokens: BTreeMap::new(),
             next_token: 1,
             saving,
-            batch: core::batching::PublishBatch::new(core::DEFAULT_BATCH),
-            failed: VecDeque::new(),
-            batch_now: n,
+            seal_now: n,
         })
     }
 
@@ -376,7 +369,7 @@ impl Engine {
     /// `flushFailed` event with the returned id follows.
     pub fn flush(&mut self, mono_ms: f64, unix_ms: f64) -> f64 {
         let n = now(mono_ms, unix_ms);
-        self.seal_batch(n);
+        // Behind the publishes still waiting for their seal job (run by `pollTransmit`).
         self.eng.flush(n) as f64
     }
 
@@ -384,7 +377,7 @@ impl Engine {
     /// then the `closed` event.
     pub fn close(&mut self, mono_ms: f64, unix_ms: f64) {
         let n = now(mono_ms, unix_ms);
-        self.seal_batch(n);
+        // After the publishes still waiting for their seal job (run by `pollTransmit`).
         self.eng.close(n);
     }
 
@@ -423,9 +416,10 @@ impl Engine {
     /// relay }` (open a socket to URL number `relay` of the `relays` given), `{ hangup: id }` (close it after what was sent), or `undefined`.
     #[wasm_bindgen(js_name = pollTransmit)]
     pub fn poll_transmit(&mut self) -> JsValue {
-        if !self.batch.is_empty() {
-            self.seal_batch(self.batch_now);
-        }
+        self.run_seal_jobs(self.seal_now);
+        // Kept publishes go to the journal before their frames can leave: the driver saves
+        // it (`takeChanges`) before it writes what this returns.
+        self.save_kept();
         match self.eng.poll_transmit() {
             None => JsValue::UNDEFINED,
             Some(Transmit::Frame(b)) => Uint8Array::from(&b[..]).into(),
@@ -459,13 +453,7 @@ impl Engine {
             // Nothing persists the receiver-state journal: dropped, not accumulated.
             self.eng.core_mut().take_changes();
         }
-        if let Some((pid, e)) = self.failed.pop_front() {
-            let o = Object::new();
-            set(&o, "id", pid_hex(&pid));
-            set(&o, "error", publish_error(e));
-            set(&o, "type", "publishFailed");
-            return o.into();
-        }
+        self.save_kept();
         loop {
             let Some(e) = self.eng.poll_event() else {
                 return JsValue::UNDEFINED;
@@ -482,6 +470,7 @@ impl Engine {
     /// nothing changed (always without persistence).
     #[wasm_bindgen(js_name = takeChanges)]
     pub fn take_changes(&mut self) -> Option<Uint8Array> {
+        self.save_kept();
         let changes = self.eng.core_mut().take_changes();
         let sv = self.saving.as_mut()?;
         for c in &changes {
@@ -500,6 +489,7 @@ impl Engine {
     /// changes are included (and no longer returned by `takeChanges`). `undefined` without
     /// persistence.
     pub fn snapshot(&mut self, unix_ms: f64) -> Option<Uint8Array> {
+        self.save_kept();
         let changes = self.eng.core_mut().take_changes();
         let sv = self.saving.as_mut()?;
         drop(changes);
@@ -525,13 +515,13 @@ impl Engine {
     /// for their batch signature.
     #[wasm_bindgen(js_name = queuedBytes)]
     pub fn queued_bytes(&self) -> f64 {
-        (self.eng.queued_bytes() + self.batch.pending_bytes()) as f64
+        self.eng.queued_bytes() as f64
     }
 
     /// Payload bytes of publishes waiting for their batch signature.
     #[wasm_bindgen(js_name = batchBytes)]
     pub fn batch_bytes(&self) -> f64 {
-        self.batch.pending_bytes() as f64
+        self.eng.sealing_bytes() as f64
     }
 
     /// Counters: `{delivered, rejected, duplicates, relayGaps, heldBack, refused: {...},
@@ -542,16 +532,13 @@ impl Engine {
         set(&o, "slowSubscriberDrops", s.slow_subscriber_drops as f64);
         set(&o, "outboxDrops", s.outbox_drops as f64);
         set(&o, "reconnects", s.reconnects as f64);
-        // A QoS ≥ 1 publish waiting for its batch signature is already unacknowledged.
-        let waiting = self
-            .batch
-            .pending()
-            .filter(|(o, _)| o.qos != Qos::AtMostOnce)
-            .count() as u64;
+        // A QoS ≥ 1 publish waiting for its seal job counts already: the JS client seals
+        // and saves a kept publish at once with persistence (`pollTransmit` journals it
+        // before its frame), so only a client without a store can see one unsealed.
         set(
             &o,
             "unackedPublishes",
-            (s.unacked_publishes + waiting) as f64,
+            (s.unacked_publishes + s.sealing_publishes) as f64,
         );
         o.into()
     }
@@ -584,43 +571,36 @@ impl Engine {
                 return Err(publish_error(whispeer::PublishError::Closed));
             }
             let prepared = self.core.prepare(tree, topic, content_type, payload)?;
-            let pid = self.eng.publish_id(&o);
-            self.batch.push(prepared, (o, pid), n.mono_ms);
-            self.batch_now = n;
+            let pid = self
+                .eng
+                .publish_prepared(prepared, o, n)
+                .map_err(publish_error)?;
+            self.seal_now = n;
             return Ok(pid.as_ref().map(pid_hex));
         }
         let env = self.core.seal(tree, topic, content_type, payload)?;
         let pid = self.eng.publish(env, o, n).map_err(publish_error)?;
-        self.kept(pid);
+        self.save_kept();
         Ok(pid.as_ref().map(pid_hex))
     }
 
-    /// With persistence: saves a kept publish once the engine holds its frame.
-    fn kept(&mut self, pid: Option<PublishId>) {
-        if let (Some(sv), Some(p)) = (&mut self.saving, &pid) {
-            if let Some((order, frame)) = self.eng.kept_publish(p) {
+    /// With persistence: journals the publishes the engine kept since the last call (once
+    /// it holds their frames, before any of them leaves: `pollTransmit` calls it first).
+    fn save_kept(&mut self) {
+        while let Some((p, order, frame)) = self.eng.poll_kept() {
+            if let Some(sv) = &mut self.saving {
                 persist::keep(&mut sv.journal, &p.0, order, &frame);
                 sv.kept.insert(p.0, (order, frame));
             }
         }
     }
 
-    /// Signs and seals the publishes waiting for their batch signature and hands them to
-    /// the engine in publish order; failures of publishes with an id become events.
-    fn seal_batch(&mut self, n: Now) {
-        if self.batch.is_empty() {
-            return;
-        }
-        for (env, (o, pid)) in self.core.seal_batch(&mut self.batch) {
-            let r = env
-                .map_err(whispeer::PublishError::Seal)
-                .and_then(|env| self.eng.publish_as(env, o, pid, n));
-            match (r, pid) {
-                (Ok(()), _) => self.kept(pid),
-                (Err(e), Some(p)) => self.failed.push_back((p, e)),
-                // QoS 0 without ack: counted (`outboxDrops`), as the engine does.
-                (Err(_), None) => {}
-            }
+    /// Runs the engine's seal jobs here (no threads in wasm), each at once: the engine
+    /// hands their publishes on in publish order; failures become `publishFailed` events.
+    fn run_seal_jobs(&mut self, n: Now) {
+        while let Some(job) = self.eng.poll_seal_job(n) {
+            let done = self.core.seal_job(job);
+            self.eng.handle_sealed(done, n);
         }
     }
 

@@ -308,7 +308,7 @@ impl SealPolicy {
         }
     }
     /// Whether publishes with `identity` are batch-signed (prepared, then signed by the
-    /// connection's [`batching::PublishBatch`]) rather than sealed whole at once.
+    /// engine's seal jobs, [`batching::SealJob`]) rather than sealed whole at once.
     pub fn batches(&self, identity: Option<&Identity>) -> Option<BatchPolicy> {
         match (self.sign, identity) {
             (true, Some(_)) => self.batch,
@@ -378,7 +378,8 @@ pub fn seal_publish_in(
 
 /// The first half of a batch-signed publish: like [`seal_publish_in`] up to the signature
 /// (key lookup, compression, the §4.8 signature input), leaving signing and sealing to the
-/// connection's [`batching::PublishBatch`].
+/// engine ([`connection::Engine::publish_prepared`]), which cuts the prepared publishes into
+/// [`batching::SealJob`]s.
 #[allow(clippy::too_many_arguments)]
 pub fn prepare_publish_in(
     keyring: &RwLock<Keyring>,

@@ -44,6 +44,9 @@ pub struct ClientBuilder {
     pub(crate) outbox_bytes: usize,
     pub(crate) kept_bytes: usize,
     pub(crate) publish_buffer: usize,
+    /// Seal jobs on the worker threads at once (`None`: by core count and
+    /// `WHISPEER_SEAL_AHEAD`; 0: inline on the connection task).
+    pub(crate) seal_jobs: Option<usize>,
     pub(crate) sub_capacity: usize,
     pub(crate) name: String,
     pub(crate) plugins: Plugins,
@@ -74,6 +77,7 @@ impl Default for ClientBuilder {
             outbox_bytes: 8 * 1024 * 1024,
             kept_bytes: 64 * 1024 * 1024,
             publish_buffer: 4 * 1024 * 1024,
+            seal_jobs: None,
             sub_capacity: 65_536,
             name: format!("whispeer-rs/{}", env!("CARGO_PKG_VERSION")),
             plugins: Plugins::default(),
@@ -118,6 +122,14 @@ impl ClientBuilder {
     /// [`Client::queued_bytes`]: crate::Client::queued_bytes
     pub fn publish_buffer(mut self, bytes: usize) -> Self {
         self.publish_buffer = bytes.max(1);
+        self
+    }
+    /// Batch signing: how many seal jobs (one batch each: seal every message, one
+    /// signature) may run on the worker threads at once; 0 seals on the connection task
+    /// (one core). By default 2 with more than one core, else 0 (`WHISPEER_SEAL_AHEAD`
+    /// overrides the default). Frames leave in publish order either way.
+    pub fn seal_jobs(mut self, n: usize) -> Self {
+        self.seal_jobs = Some(n);
         self
     }
     /// Messages buffered per subscription (default 65,536). At most once: a full buffer

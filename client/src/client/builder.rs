@@ -13,7 +13,7 @@ use whispeer_protocol::{Identity, Keyring};
 
 use super::driver::Driver;
 use super::handle::Client;
-use super::shared::{now_ms, Backlog, ClientStats, ConnectionState, Inner};
+use super::shared::{now_ms, Backlog, ClientStats, ConnectionState, Inbox, Inner};
 use crate::core::connection::{Backoff, Engine as ConnEngine, EngineConfig, Now};
 use crate::error::ConnectError;
 use crate::options::ClientBuilder;
@@ -66,6 +66,7 @@ impl ClientBuilder {
         }
         let keyring = Arc::new(RwLock::new(keyring));
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let seal_jobs = self.seal_jobs.unwrap_or_else(seal_ahead);
         #[allow(unused_mut)]
         let mut cfg = EngineConfig {
             client_name: self.name,
@@ -95,6 +96,10 @@ impl ClientBuilder {
             // More than one core: envelopes open on the worker threads (`pool`), in relay
             // order; one core gains nothing from the hand-off, so it opens inline.
             open_ahead: open_ahead(),
+            // Batch signing: the engine queues prepared publishes and cuts seal jobs; with
+            // more than one core they run on the worker threads (`pool`), in publish order.
+            batch: self.policy.batch.unwrap_or(crate::core::DEFAULT_BATCH),
+            seal_ahead: seal_jobs.max(1),
             ..EngineConfig::default()
         };
         // Publishes a previous run kept but never saw acknowledged: re-sent first.
@@ -121,6 +126,10 @@ impl ClientBuilder {
         let (stats_tx, stats) = watch::channel(ClientStats::default());
         let (first_tx, first_rx) = oneshot::channel();
         let backlog = Arc::new(Backlog::new(self.publish_buffer));
+        let batch = self.policy.batches(self.identity.as_ref());
+        let inbox = Arc::new(Inbox::new(
+            batch.map_or(64, |b| b.max_messages.clamp(1, 4096) as usize),
+        ));
         let driver = Driver::new(super::driver::Parts {
             eng,
             epoch,
@@ -134,11 +143,9 @@ impl ClientBuilder {
             plugins: self.plugins.clone(),
             backlog: backlog.clone(),
             first: first_tx,
-            batch: self
-                .policy
-                .batches(self.identity.as_ref())
-                .zip(self.identity.clone())
-                .map(|(b, i)| (i, b)),
+            inbox: inbox.clone(),
+            signer: batch.and(self.identity.clone()).map(Arc::new),
+            seal_inline: seal_jobs == 0,
             #[cfg(feature = "persistence")]
             saved,
         });
@@ -149,6 +156,7 @@ impl ClientBuilder {
         Ok(Client {
             inner: Arc::new(Inner {
                 cmd: cmd_tx,
+                inbox,
                 keyring,
                 identity: self.identity,
                 policy: self.policy,
@@ -201,6 +209,24 @@ fn open_ahead() -> usize {
     }
     if super::pool::cores() > 1 {
         256
+    } else {
+        0
+    }
+}
+
+/// How many seal jobs (batch signing) may run on the worker threads at once
+/// (`EngineConfig::seal_ahead`): 0 (inline, on the connection task) on one core, else 2 —
+/// while they run, publishes queue and the next batch grows by itself.
+/// `WHISPEER_SEAL_AHEAD` overrides it (0 seals inline; for measuring).
+fn seal_ahead() -> usize {
+    if let Some(n) = std::env::var("WHISPEER_SEAL_AHEAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return n;
+    }
+    if super::pool::cores() > 1 {
+        2
     } else {
         0
     }

@@ -17,10 +17,10 @@ use tokio::time::Instant;
 
 use super::pool;
 use super::shared::{
-    now_ms, AckReply, Backlog, ClientStats, Command, ConnectionState, FlushReply, Item, Outbound,
-    SubReady,
+    now_ms, AckReply, Backlog, ClientStats, Command, ConnectionState, FlushReply, Inbox, Item,
+    Outbound, PublishReq, SubReady,
 };
-use crate::core::batching::PublishBatch;
+use crate::core::batching::SealDone;
 use crate::core::connection::{
     AckToken, ConnId, Disconnect, Engine, Event, FlushId, Now, PublishFailure, PublishId, Transmit,
 };
@@ -51,22 +51,14 @@ pub(super) struct Parts {
     pub(super) backlog: Arc<Backlog>,
     /// The outcome of the first connection, for `connect()`.
     pub(super) first: oneshot::Sender<Result<(), ConnectError>>,
-    /// The identity and window of batch signing, when publishes arrive prepared.
-    pub(super) batch: Option<(whispeer_protocol::Identity, whispeer_protocol::BatchPolicy)>,
+    /// Publishes, queued by the handles (the driver takes them all at once).
+    pub(super) inbox: Arc<Inbox>,
+    /// The identity that signs batches, when publishes arrive prepared.
+    pub(super) signer: Option<Arc<whispeer_protocol::Identity>>,
+    /// Seal jobs run on the driver task (one core) rather than on the worker threads.
+    pub(super) seal_inline: bool,
     #[cfg(feature = "persistence")]
     pub(super) saved: Option<crate::persist::Store>,
-}
-
-/// What a prepared publish carries through the batch: its options, the app's reply, its
-/// backlog bytes.
-type PendingPub = (crate::core::connection::PubOptions, Option<AckReply>, usize);
-
-/// Batch signing in the driver: the publishes prepared by the app's tasks, the signer, and
-/// the sealer that seals them once the batch is signed.
-struct Batching {
-    batch: PublishBatch<PendingPub>,
-    signer: whispeer_protocol::Identity,
-    sealer: whispeer_protocol::Sealer,
 }
 
 /// A subscription's side of the driver.
@@ -107,9 +99,16 @@ pub(super) struct Driver {
     dialing: Option<(ConnId, JoinHandle<Result<Connection, ConnectError>>)>,
     /// The error of the last failed dial (a typed `ConnectError` for `connect()`).
     dial_error: Option<ConnectError>,
-    /// Backlog bytes of publishes handed to the engine, released once it is drained.
-    unwritten: usize,
-    batching: Option<Batching>,
+    /// Backlog bytes of publishes handed to the engine, released once it has written them
+    /// (what still waits for a seal job stays counted).
+    handed: usize,
+    /// Seals inline (`seal_inline`), with this thread's compression context.
+    sealer: whispeer_protocol::Sealer,
+    /// Seal jobs' results from the worker threads.
+    sealed_tx: mpsc::UnboundedSender<SealDone>,
+    sealed_rx: mpsc::UnboundedReceiver<SealDone>,
+    /// Publishes taken from the inbox (reused).
+    taken: Vec<PublishReq>,
     /// Open jobs' results from the worker threads (deferred opening).
     opened_tx: mpsc::UnboundedSender<OpenDone>,
     opened_rx: mpsc::UnboundedReceiver<OpenDone>,
@@ -119,14 +118,14 @@ impl Driver {
     pub(super) fn new(mut p: Parts) -> Self {
         let (tx, _) = oneshot::channel();
         let first = std::mem::replace(&mut p.first, tx);
-        let batching = p.batch.take().map(|(signer, policy)| Batching {
-            batch: PublishBatch::new(policy),
-            signer,
-            sealer: whispeer_protocol::Sealer::new(),
-        });
         let (opened_tx, opened_rx) = mpsc::unbounded_channel();
+        let (sealed_tx, sealed_rx) = mpsc::unbounded_channel();
         Driver {
-            batching,
+            handed: 0,
+            sealer: whispeer_protocol::Sealer::new(),
+            sealed_tx,
+            sealed_rx,
+            taken: Vec::new(),
             opened_tx,
             opened_rx,
             p,
@@ -141,7 +140,6 @@ impl Driver {
             conn: None,
             dialing: None,
             dial_error: None,
-            unwritten: 0,
         }
     }
 
@@ -150,70 +148,42 @@ impl Driver {
         Now::new(u64::try_from(mono).unwrap_or(u64::MAX), now_ms())
     }
 
-    /// Microseconds on the driver's clock (the batch window).
-    fn now_us(&self) -> u64 {
-        u64::try_from(self.p.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
-    }
-
-    /// Signs and seals the pending batch (when `force`, or when it is due) and hands each
-    /// publish to the engine in order.
-    fn seal_batch(&mut self, force: bool) {
-        let now_us = self.now_us();
-        let Some(b) = &mut self.batching else { return };
-        if b.batch.is_empty() || !(force || b.batch.due(now_us)) {
-            return;
+    /// Hands everything the handles queued to the engine, in publish order.
+    fn take_inbox(&mut self) {
+        let mut taken = std::mem::take(&mut self.taken);
+        self.p.inbox.take(&mut taken);
+        for r in taken.drain(..) {
+            self.submit(r);
         }
-        let sealed = b
-            .batch
-            // A user-space CSPRNG (ChaCha12, reseeded from the OS): salts and nonces for a
-            // whole batch without a `getrandom` system call each.
-            .seal_all(&mut b.sealer, &b.signer, &mut rand::thread_rng());
-        for (env, (opts, reply, reserved)) in sealed {
-            match env {
-                Ok(env) => self.publish_sealed(env, opts, reply, reserved),
-                Err(e) => {
-                    self.unwritten += reserved;
-                    if let Some(r) = reply {
-                        let _ = r.send(Err(PublishError::Seal(e)));
-                    }
-                }
-            }
-        }
+        self.taken = taken;
     }
 
-    /// When the pending batch is due by time (a positive window only).
-    fn batch_deadline(&self) -> Option<Instant> {
-        let b = self.batching.as_ref()?;
-        let us = b.batch.deadline_us()?;
-        Some(self.p.epoch + Duration::from_micros(us))
-    }
-
-    /// Hands a sealed publish to the engine.
-    fn publish_sealed(
-        &mut self,
-        envelope: whispeer_protocol::Envelope,
-        opts: crate::core::connection::PubOptions,
-        reply: Option<AckReply>,
-        reserved: usize,
-    ) {
+    /// One publish into the engine: sealed ones go to the outbox (behind any still being
+    /// sealed), prepared ones to the batch queue.
+    fn submit(&mut self, r: PublishReq) {
         let now = self.now();
-        // Released once the engine's queue is written (`transmit`).
-        self.unwritten += reserved;
-        match self.p.eng.publish(envelope, opts, now) {
+        // Released once the engine has written it (`transmit`).
+        self.handed += r.reserved;
+        let res = match r.envelope {
+            Outbound::Sealed(env) => self.p.eng.publish(env, r.opts, now),
+            Outbound::Prepared(p) => self.p.eng.publish_prepared(*p, r.opts, now),
+        };
+        match res {
+            // A kept publish is saved (`save_kept`) before its frame is written and before
+            // the stats count it.
             Ok(Some(pid)) => {
-                self.keep(&pid);
-                if let Some(r) = reply {
-                    self.acks.insert(pid, r);
+                if let Some(reply) = r.reply {
+                    self.acks.insert(pid, reply);
                 }
             }
             Ok(None) => {
-                if let Some(r) = reply {
-                    let _ = r.send(Ok(0));
+                if let Some(reply) = r.reply {
+                    let _ = reply.send(Ok(0));
                 }
             }
             Err(e) => {
-                if let Some(r) = reply {
-                    let _ = r.send(Err(e));
+                if let Some(reply) = r.reply {
+                    let _ = reply.send(Err(e));
                 }
             }
         }
@@ -230,13 +200,11 @@ impl Driver {
         let sleep = tokio::time::sleep_until(self.instant(None));
         tokio::pin!(sleep);
         let mut armed: Option<u64> = None;
-        let far = Instant::now() + Duration::from_secs(86_400);
-        let batch_sleep = tokio::time::sleep_until(far);
-        tokio::pin!(batch_sleep);
+        let inbox = self.p.inbox.clone();
         loop {
-            // 0. Publishes prepared for a batch signature: signed and sealed once due;
-            //    envelopes to open go to the workers.
-            self.seal_batch(false);
+            // 0. Publishes the handles queued go to the engine; its seal and open jobs to
+            //    the workers (or, sealing inline, run here).
+            self.take_inbox();
             self.dispatch_jobs();
             // 1. Transmit (acks released by the events below come back round here).
             self.transmit().await;
@@ -254,14 +222,11 @@ impl Driver {
                 sleep.as_mut().reset(self.instant(dl));
             }
             self.sync_stats();
-            let batch_due = self.batch_deadline();
-            if let Some(at) = batch_due {
-                batch_sleep.as_mut().reset(at);
-            }
             tokio::select! {
-                _ = &mut batch_sleep, if batch_due.is_some() => self.seal_batch(true),
+                () = inbox.woken() => self.take_inbox(),
                 inc = recv(&mut self.conn), if self.p.eng.wants_read() => self.on_incoming(inc),
                 Some(done) = self.opened_rx.recv() => self.on_opened(done),
+                Some(done) = self.sealed_rx.recv() => self.on_sealed(done),
                 d = dialed(&mut self.dialing) => self.on_dialed(d),
                 cmd = self.p.cmd_rx.recv() => match cmd {
                     Some(cmd) => {
@@ -276,7 +241,7 @@ impl Driver {
                     }
                     // Every handle is gone: close politely (kept publishes stay saved).
                     None => {
-                        self.seal_batch(true);
+                        self.take_inbox();
                         let now = self.now();
                         self.p.eng.close(now);
                     }
@@ -290,11 +255,39 @@ impl Driver {
         }
     }
 
-    /// Hands the engine's open jobs to the worker threads.
+    /// Hands the engine's open jobs to the worker threads, and its seal jobs too (or runs
+    /// them here, sealing inline).
     fn dispatch_jobs(&mut self) {
         let jobs: Vec<_> = std::iter::from_fn(|| self.p.eng.poll_open_job()).collect();
         if !jobs.is_empty() {
             pool::open_all(jobs, &self.opened_tx);
+        }
+        let now = self.now();
+        while let Some(job) = self.p.eng.poll_seal_job(now) {
+            match &self.p.signer {
+                Some(signer) if self.p.seal_inline => {
+                    // A user-space CSPRNG (ChaCha12, reseeded from the OS): salts and
+                    // nonces for a whole batch without a `getrandom` system call each.
+                    let done = job.run(signer, &mut self.sealer, &mut rand::thread_rng());
+                    self.p.eng.handle_sealed(done, now);
+                }
+                Some(signer) => pool::seal(job, signer.clone(), &self.sealed_tx),
+                // Prepared publishes come only with an identity: never here.
+                None => {
+                    let done = job.fail(whispeer_protocol::SealError::BatchEmpty);
+                    self.p.eng.handle_sealed(done, now);
+                }
+            }
+        }
+    }
+
+    /// Seal jobs finished (in any order): the engine hands their publishes on in publish
+    /// order.
+    fn on_sealed(&mut self, first: SealDone) {
+        let now = self.now();
+        self.p.eng.handle_sealed(first, now);
+        while let Ok(done) = self.sealed_rx.try_recv() {
+            self.p.eng.handle_sealed(done, now);
         }
     }
 
@@ -312,7 +305,12 @@ impl Driver {
     /// Writes, dials and hangs up as the engine says.
     async fn transmit(&mut self) {
         let mut wrote = false;
-        while let Some(t) = self.p.eng.poll_transmit() {
+        loop {
+            // Kept publishes are saved before any frame of theirs leaves.
+            self.save_kept();
+            let Some(t) = self.p.eng.poll_transmit() else {
+                break;
+            };
             match t {
                 Transmit::Frame(b) => {
                     let Some(c) = &mut self.conn else { continue };
@@ -352,9 +350,12 @@ impl Driver {
                 }
             }
         }
-        // The engine's queue is empty: every publish applied so far is written (or in its
-        // offline or outbox buffer); publishers waiting at the high-water mark go on.
-        self.p.backlog.release(std::mem::take(&mut self.unwritten));
+        // The engine's queue is empty: every publish handed over so far is written (or in
+        // its offline or outbox buffer), except those still waiting to be sealed;
+        // publishers waiting at the high-water mark go on.
+        let still = self.p.eng.sealing_bytes().min(self.handed);
+        self.p.backlog.release(self.handed - still);
+        self.handed = still;
     }
 
     /// The dialer of dial `id` (the engine picks the relay).
@@ -441,32 +442,6 @@ impl Driver {
     fn apply(&mut self, cmd: Command) {
         let now = self.now();
         match cmd {
-            Command::Publish {
-                envelope: Outbound::Prepared(p),
-                opts,
-                reply,
-                reserved,
-            } => match (self.now_us(), &mut self.batching) {
-                (now_us, Some(b)) => {
-                    b.batch.push(*p, (opts, reply, reserved), now_us);
-                }
-                (_, None) => {
-                    self.unwritten += reserved;
-                    if let Some(r) = reply {
-                        let _ = r.send(Err(PublishError::Closed));
-                    }
-                }
-            },
-            Command::Publish {
-                envelope: Outbound::Sealed(envelope),
-                opts,
-                reply,
-                reserved,
-            } => {
-                // In publish order: the batch before it goes first.
-                self.seal_batch(true);
-                self.publish_sealed(envelope, opts, reply, reserved);
-            }
             Command::Ack(token) => self.p.eng.ack(token, now),
             Command::Subscribe {
                 id,
@@ -493,12 +468,15 @@ impl Driver {
                 self.p.eng.refresh_keys(now);
             }
             Command::Flush(tx) => {
-                self.seal_batch(true);
+                // Publishes queued before the flush go first.
+                self.take_inbox();
+                let now = self.now();
                 let id = self.p.eng.flush(now);
                 self.flushes.insert(id, tx);
             }
             Command::Close(done) => {
-                self.seal_batch(true);
+                self.take_inbox();
+                let now = self.now();
                 self.closing.push(done);
                 self.p.eng.close(now);
             }
@@ -673,6 +651,13 @@ impl Driver {
         // Refuse new commands before anyone learns the client is closed: a `publish` after
         // `close()` returned must fail, not land in a queue nobody reads.
         self.p.cmd_rx.close();
+        // Publishes queued after the close: their waiters learn it (`Closed`).
+        let late = self.p.inbox.close();
+        self.p
+            .backlog
+            .release(late.iter().map(|r| r.reserved).sum::<usize>() + self.handed);
+        self.handed = 0;
+        drop(late);
         self.p.backlog.close();
         if let Some((_, task)) = self.dialing.take() {
             task.abort();
@@ -691,7 +676,9 @@ impl Driver {
         }
     }
 
-    fn sync_stats(&self) {
+    fn sync_stats(&mut self) {
+        // A publish counts as unacknowledged only once it is saved.
+        self.save_kept();
         let e = self.p.eng.stats();
         let next = ClientStats {
             core: e.core,
@@ -700,8 +687,10 @@ impl Driver {
             reconnects: e.reconnects,
             plugin_drops: self.plugin_drops,
             unacked_publishes: e.unacked_publishes,
+            sealing_publishes: e.sealing_publishes,
             publish_retries: e.publish_retries,
             type_mismatches: 0, // counted by the subscriptions; `Client::stats` adds it
+            seal_failures: e.seal_failures,
         };
         self.p.stats.send_if_modified(|s| {
             if *s == next {
@@ -712,13 +701,18 @@ impl Driver {
         });
     }
 
-    /// Saves a kept publish (with `Persistence`) when `publish` returns.
-    fn keep(&self, pid: &PublishId) {
-        #[cfg(feature = "persistence")]
-        if let (Some(st), Some((order, frame))) = (&self.p.saved, self.p.eng.kept_publish(pid)) {
-            st.keep(&pid.0, order, &frame);
+    /// Saves (with `Persistence`) the publishes the engine kept since the last call: called
+    /// before every `poll_transmit` and before the stats are published, so a QoS ≥ 1
+    /// publish is in the saved outbox before any of its frame is written and before it
+    /// counts as unacknowledged (a crash after either cannot lose it).
+    fn save_kept(&mut self) {
+        while let Some((pid, order, frame)) = self.p.eng.poll_kept() {
+            #[cfg(feature = "persistence")]
+            if let Some(st) = &self.p.saved {
+                st.keep(&pid.0, order, &frame);
+            }
+            let _ = (pid, order, frame);
         }
-        let _ = pid;
     }
 
     /// The relay acknowledged (or refused) a publish: no longer saved.

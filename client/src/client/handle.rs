@@ -14,6 +14,7 @@ use whispeer_protocol::{Grant, Sealer, SenderId, Topic, TopicFilter};
 
 use super::shared::{
     now_ms, ClientStats, Command, ConnectionState, Inner, Message, Outbound, PublishOptions,
+    PublishReq,
 };
 use super::subscription::{decode_cbor, decode_raw, Subscription};
 use crate::core::{self, Received, SubscribeOptions};
@@ -213,13 +214,14 @@ impl Client {
             }
             false => (None, None),
         };
-        let c = Command::Publish {
+        let req = PublishReq {
             envelope,
             opts: opts.engine(),
             reply,
             reserved,
         };
-        if cmd.send(c).is_err() {
+        // Appended to the engine's queue: the driver wakes only when it was empty.
+        if self.inner.inbox.push(req).is_err() {
             backlog.release(reserved);
             return Err(PublishError::Closed);
         }

@@ -5,15 +5,17 @@
 //! Plain `std::thread`s over one job queue rather than `spawn_blocking`: a job is a few
 //! microseconds, far below what a blocking-pool hand-off costs, and the threads keep their
 //! per-thread state (an `Opener`'s zstd context and decoded sender keys) warm. The queue is
-//! bounded by the engines (`open_ahead` jobs per client at most), not here.
+//! bounded by the engines (`open_ahead` open jobs and `seal_ahead` seal jobs per client at
+//! most), not here.
 
 use std::cell::RefCell;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::mpsc::UnboundedSender;
-use whispeer_protocol::Opener;
+use whispeer_protocol::{Identity, Opener, Sealer};
 
+use crate::core::batching::{SealDone, SealJob};
 use crate::core::jobs::{OpenDone, OpenJob};
 
 /// Most worker threads, whatever the core count.
@@ -23,6 +25,7 @@ type Task = Box<dyn FnOnce() + Send>;
 
 thread_local! {
     static OPENER: RefCell<Opener> = RefCell::new(Opener::new());
+    static SEALER: RefCell<Sealer> = RefCell::new(Sealer::new());
 }
 
 /// Cores available to this process (1 when unknown).
@@ -90,5 +93,20 @@ pub(super) fn open_all(mut jobs: Vec<OpenJob>, done: &UnboundedSender<OpenDone>)
         if let Err(e) = sent {
             (e.0)();
         }
+    }
+}
+
+/// Signs and seals `job` on a worker with `signer` and sends the result to `done` (the
+/// driver's channel). Without a worker it seals here. Salts and nonces come from the
+/// worker's CSPRNG (ChaCha12, reseeded from the OS).
+pub(super) fn seal(job: SealJob, signer: Arc<Identity>, done: &UnboundedSender<SealDone>) {
+    let tx = done.clone();
+    let task: Task = Box::new(move || {
+        let r = SEALER.with(|s| job.run(&signer, &mut s.borrow_mut(), &mut rand::thread_rng()));
+        let _ = tx.send(r);
+    });
+    let sent = queue().lock().unwrap_or_else(|p| p.into_inner()).send(task);
+    if let Err(e) = sent {
+        (e.0)();
     }
 }

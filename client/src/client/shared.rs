@@ -155,13 +155,21 @@ pub struct ClientStats {
     /// Messages a client plugin dropped.
     pub plugin_drops: u64,
     /// QoS ≥ 1 publishes waiting for the relay's `PubAck` (re-sent after a reconnect).
+    /// With [`Persistence`](crate::Persistence) each is in the saved outbox before it
+    /// counts here.
     pub unacked_publishes: u64,
+    /// QoS ≥ 1 publishes still waiting for their batch-signing seal job (not yet kept nor
+    /// saved); each moves to `unacked_publishes` once sealed.
+    pub sealing_publishes: u64,
     /// Re-sends of QoS ≥ 1 publishes the relay refused with a retryable code (`busy`,
     /// `storage_full`...), after a backoff, with the same publish id.
     pub publish_retries: u64,
     /// Messages a typed subscription refused because they carry another type (or none):
     /// `ReceiveError::TypeMismatch`, never given to a callback.
     pub type_mismatches: u64,
+    /// Publishes their batch-signing seal job could not seal (never sent; a publish that
+    /// waits for its `PubAck` fails with `PublishError::Seal`).
+    pub seal_failures: u64,
 }
 
 /// What a subscription's channel holds.
@@ -185,17 +193,92 @@ pub(crate) type SubReady = oneshot::Sender<Result<(), SubscribeError>>;
 /// Where a flush learns its outcome.
 pub(crate) type FlushReply = oneshot::Sender<Result<(), FlushError>>;
 
-/// What the handle asks of the driver task.
+/// A publish on its way to the driver: a sealed envelope, or one prepared for the batch
+/// signature; `reply` when the publish waits for its `PubAck`; `reserved`: its bytes in the
+/// [`Backlog`], released once the driver has written it.
+pub(crate) struct PublishReq {
+    pub(crate) envelope: Outbound,
+    pub(crate) opts: PubOptions,
+    pub(crate) reply: Option<AckReply>,
+    pub(crate) reserved: usize,
+}
+
+/// The publish queue in front of the engine: a publish appends here (no channel round trip
+/// and no driver wake per message) and wakes the driver only when the queue goes from empty
+/// to non-empty or fills a batch; the driver takes everything queued at once and hands it
+/// to the engine in order. Bounded by the [`Backlog`] (a publish reserves first).
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    q: std::sync::Mutex<InboxState>,
+    wake: Notify,
+    /// Wake the driver every this many queued publishes (a batch).
+    batch: usize,
+}
+
+#[derive(Debug, Default)]
+struct InboxState {
+    items: Vec<PublishReq>,
+    closed: bool,
+}
+
+impl Inbox {
+    pub(crate) fn new(batch: usize) -> Self {
+        Inbox {
+            q: Default::default(),
+            wake: Notify::new(),
+            batch: batch.max(1),
+        }
+    }
+
+    /// Queues a publish; gives it back once the driver is gone.
+    pub(crate) fn push(&self, r: PublishReq) -> Result<(), PublishReq> {
+        let n = {
+            let mut q = self.q.lock().unwrap_or_else(|p| p.into_inner());
+            if q.closed {
+                return Err(r);
+            }
+            q.items.push(r);
+            q.items.len()
+        };
+        if n == 1 || n % self.batch == 0 {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Moves everything queued into `into` (in publish order).
+    pub(crate) fn take(&self, into: &mut Vec<PublishReq>) {
+        let mut q = self.q.lock().unwrap_or_else(|p| p.into_inner());
+        if into.is_empty() {
+            std::mem::swap(&mut q.items, into);
+        } else {
+            into.append(&mut q.items);
+        }
+    }
+
+    /// Resolves once a publish was queued since the last wake (maybe already taken).
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
+    /// The driver stopped: later pushes fail; returns what was still queued.
+    pub(crate) fn close(&self) -> Vec<PublishReq> {
+        let mut q = self.q.lock().unwrap_or_else(|p| p.into_inner());
+        q.closed = true;
+        std::mem::take(&mut q.items)
+    }
+}
+
+impl std::fmt::Debug for PublishReq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishReq")
+            .field("reserved", &self.reserved)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the handle asks of the driver task (publishes go through the [`Inbox`]).
 pub(crate) enum Command {
-    /// A sealed envelope, or one prepared for the batch signature; `reply` when the publish
-    /// waits for its `PubAck`; `reserved`: its bytes in the [`Backlog`], released once the
-    /// driver has written it.
-    Publish {
-        envelope: Outbound,
-        opts: PubOptions,
-        reply: Option<AckReply>,
-        reserved: usize,
-    },
     /// The app took a delivered message.
     Ack(AckToken),
     Subscribe {
@@ -229,8 +312,7 @@ impl Outbound {
     pub(crate) fn wire_len(&self) -> usize {
         match self {
             Outbound::Sealed(e) => e.as_bytes().len(),
-            // Header, proof (a path of up to 12 hashes) and tag: well under 1 KiB.
-            Outbound::Prepared(p) => p.payload_len() + 640,
+            Outbound::Prepared(p) => crate::core::batching::prepared_weight(p),
         }
     }
 }
@@ -238,6 +320,7 @@ impl Outbound {
 /// What every clone of a [`crate::Client`] shares.
 pub(crate) struct Inner {
     pub(crate) cmd: mpsc::UnboundedSender<Command>,
+    pub(crate) inbox: Arc<Inbox>,
     pub(crate) keyring: Arc<RwLock<Keyring>>,
     pub(crate) identity: Option<Identity>,
     pub(crate) policy: SealPolicy,

@@ -2,17 +2,22 @@
 //! WebAssembly engine.
 //!
 //! The app's tasks *prepare* each publish (key lookup, compression, the §4.8 signature
-//! input) where they run, so that work spreads over the cores; the prepared messages wait
-//! here, in publish order, until the batch is due. Then one Ed25519 signature covers the
-//! Merkle root of all of them and each is sealed with its own inclusion proof — a receiver
-//! of one topic of the batch verifies its message alone, and caches the root so the rest of
-//! the batch costs no further signature check.
+//! input) where they run, so that work spreads over the cores; the engine
+//! ([`Engine::publish_prepared`](super::connection::Engine::publish_prepared)) queues the
+//! prepared messages in publish order and cuts them into [`SealJob`]s: one Ed25519
+//! signature covers the Merkle root of a job's messages and each is sealed with its own
+//! inclusion proof — a receiver of one topic of the batch verifies its message alone, and
+//! caches the root so the rest of the batch costs no further signature check. A driver runs
+//! the jobs on worker threads (tokio) or at once (wasm, inline mode); the engine re-orders
+//! the results by job id, so frames leave in publish order.
 //!
-//! The window is *opportunistic* by default ([`BatchPolicy`] `max_wait_us = 0`): the driver
-//! signs whatever is pending each time it runs, so a message never waits for a timer — a
-//! publisher at a gentle rate gets batches of one (the per-message cost and latency), a
-//! tight loop fills batches by itself while the previous one is being signed. A positive
-//! `max_wait_us` trades that latency for larger batches at moderate rates.
+//! The window is *opportunistic* by default ([`BatchPolicy`] `max_wait_us = 0`): the engine
+//! cuts whatever is queued each time the driver asks for a job, so a message never waits for
+//! a timer — a publisher at a gentle rate gets batches of one (the per-message cost and
+//! latency), a tight loop fills batches by itself while the previous jobs are being signed
+//! (at most `seal_ahead` out at once). A positive `max_wait_us` trades that latency for
+//! larger batches at moderate rates. [`PublishBatch`] is the same batching over a plain
+//! list, for callers without an engine.
 
 use rand_core::CryptoRngCore;
 use whispeer_protocol::{
@@ -116,6 +121,93 @@ impl<M> PublishBatch<M> {
         }
         seal_run(signer_batch, run, sealer, signer, rng, &mut out);
         out
+    }
+}
+
+/// The backlog bytes a prepared publish counts for until it is sealed and written: its
+/// payload plus the header, proof (a path of up to 12 hashes) and tag — well under 1 KiB.
+/// The tokio handle reserves exactly this, and the engine counts it while the publish
+/// waits for its seal job.
+pub fn prepared_weight(p: &Prepared) -> usize {
+    p.payload_len() + 640
+}
+
+/// One cut batch of prepared publishes to sign and seal elsewhere, from
+/// [`Engine::poll_seal_job`](super::connection::Engine::poll_seal_job): seal each message,
+/// build the Merkle batch, one Ed25519 signature per run of one (tree, epoch). A pure
+/// function over owned bytes and the key material the runner passes in (the identity, a
+/// [`Sealer`] and a CSPRNG of its thread): no clock, no socket, so the engine stays sans-IO.
+/// Hand the result back with
+/// [`Engine::handle_sealed`](super::connection::Engine::handle_sealed), in any order: the
+/// engine re-orders by job id, so frames leave in publish order.
+#[derive(Debug)]
+pub struct SealJob {
+    pub(crate) id: u64,
+    pub(crate) msgs: Vec<Prepared>,
+    pub(crate) policy: BatchPolicy,
+}
+
+/// What became of a [`SealJob`]: one result per message, in the job's order.
+#[derive(Debug)]
+pub struct SealDone {
+    pub(crate) id: u64,
+    pub(crate) results: Vec<Result<Envelope, SealError>>,
+}
+
+impl SealDone {
+    /// The id of the job it answers.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl SealJob {
+    /// The job's id (increasing in publish order).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Messages in the job.
+    pub fn len(&self) -> usize {
+        self.msgs.len()
+    }
+
+    /// Whether the job holds no message (never, for a job the engine hands out).
+    pub fn is_empty(&self) -> bool {
+        self.msgs.is_empty()
+    }
+
+    /// Signs and seals the job's messages with `signer` (any thread; keep one `sealer` per
+    /// thread). A batch never spans two (tree, epoch) pairs: a job of several is split into
+    /// runs, one signature each (PROTOCOL §4.14).
+    pub fn run(
+        self,
+        signer: &Identity,
+        sealer: &mut Sealer,
+        rng: &mut impl CryptoRngCore,
+    ) -> SealDone {
+        let mut batch = PublishBatch::new(self.policy);
+        for m in self.msgs {
+            batch.push(m, (), 0);
+        }
+        let results = batch
+            .seal_all(sealer, signer, rng)
+            .into_iter()
+            .map(|(r, ())| r)
+            .collect();
+        SealDone {
+            id: self.id,
+            results,
+        }
+    }
+
+    /// Answers the job without sealing: every message fails with `error` (a runner that
+    /// cannot sign, e.g. no identity any more).
+    pub fn fail(self, error: SealError) -> SealDone {
+        SealDone {
+            id: self.id,
+            results: self.msgs.iter().map(|_| Err(error.clone())).collect(),
+        }
     }
 }
 

@@ -19,6 +19,7 @@
 mod auth;
 mod outbox;
 mod rng;
+mod sealing;
 mod types;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -26,7 +27,9 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use whispeer_protocol::frame::{self, Ack, Close, ErrFrame, Msg, Ping, Pong, Unsub};
-use whispeer_protocol::{Envelope, ErrorCode, Frame, Keyring, OpenError, Opened, Qos, TopicFilter};
+use whispeer_protocol::{
+    Envelope, ErrorCode, Frame, Keyring, OpenError, Opened, Prepared, Qos, TopicFilter,
+};
 
 pub use auth::AccountAuth;
 pub use rng::{Backoff, SeededRng};
@@ -36,10 +39,12 @@ pub use types::{
 };
 
 use super::acks::AckQueue;
+use super::batching::{SealDone, SealJob};
 use super::jobs::{OpenDone, OpenJob};
 use super::{ClientCore, Delivery, LocalSubId, SeqSpace, SubscribeOptions};
 use crate::error::{PublishError, SubscribeError};
 use outbox::Outbox;
+use sealing::{Meta, Sealing, Unit};
 
 /// Most sequences in one `Ack` frame (the relay's limit).
 pub const MAX_ACKS_PER_FRAME: usize = 4096;
@@ -132,6 +137,14 @@ pub struct Engine {
     sub_retries: BTreeMap<u64, (u32, Option<u64>)>,
     /// Frames waiting for their (or earlier) envelopes to open (`open_ahead > 0`).
     parked: Parking,
+    /// Batch signing: prepared publishes queued and cut into seal jobs, re-ordered by job
+    /// id (`sealing`), with the sealed publishes, flushes and a close issued behind them.
+    sealing: Sealing,
+    /// `close()` was called and waits behind publishes still being sealed.
+    closing: bool,
+    /// QoS ≥ 1 publishes put in the outbox since the driver last asked
+    /// ([`Engine::poll_kept`]): to persist before any of their frames leaves.
+    kept_new: VecDeque<(PublishId, u64, Bytes)>,
 }
 
 impl Engine {
@@ -151,7 +164,11 @@ impl Engine {
         for (pid, order, frame) in std::mem::take(&mut cfg.restored) {
             out.restore(pid, order, frame);
         }
+        let sealing = Sealing::new(cfg.batch, cfg.seal_ahead);
         let mut e = Engine {
+            sealing,
+            closing: false,
+            kept_new: VecDeque::new(),
             cfg,
             core,
             rng: SeededRng::new(&seed),
@@ -207,15 +224,36 @@ impl Engine {
         self.phase == Phase::Closed
     }
 
-    /// Bytes of frames queued for the driver and not yet taken (backpressure: a driver
-    /// stops accepting publishes above its high-water mark).
+    /// Bytes of frames queued for the driver and not yet taken, and of publishes queued
+    /// for (or in) a seal job ([`Engine::sealing_bytes`]) (backpressure: a driver stops
+    /// accepting publishes above its high-water mark).
     pub fn queued_bytes(&self) -> usize {
-        self.out.queued_bytes()
+        self.out.queued_bytes() + self.sealing.bytes()
     }
 
-    /// The frame and order of a kept QoS ≥ 1 publish, to persist when `publish` returns.
+    /// Backlog bytes of the publishes waiting to be sealed: queued for a batch, in a seal
+    /// job, or behind one ([`crate::core::batching::prepared_weight`] each, a sealed
+    /// envelope's length).
+    pub fn sealing_bytes(&self) -> usize {
+        self.sealing.bytes()
+    }
+
+    /// The frame and order of a kept QoS ≥ 1 publish still in the outbox.
     pub fn kept_publish(&self, pid: &PublishId) -> Option<(u64, Bytes)> {
         self.out.kept_entry(pid)
+    }
+
+    /// The next QoS ≥ 1 publish put in the outbox (kept until acknowledged): its id, order
+    /// and `Pub` frame — a sealed publish as soon as [`Engine::publish`] (or
+    /// [`Engine::publish_as`]) returns, a prepared one once its seal job is handed back
+    /// ([`Engine::handle_sealed`]). A driver with persistence saves every one **before it
+    /// takes the next [`Engine::poll_transmit`]** (the frame may be the next transmit) and
+    /// before it reports [`EngineStats::unacked_publishes`], so a publish is in the saved
+    /// outbox before it counts as unacknowledged and before any of it leaves the process.
+    /// The entry stays valid after the engine closed (a kept publish stays saved for the
+    /// next run). Drivers without persistence drain it too (it is not bounded otherwise).
+    pub fn poll_kept(&mut self) -> Option<(PublishId, u64, Bytes)> {
+        self.kept_new.pop_front()
     }
 
     fn clamp(&mut self, now: Now) -> u64 {
@@ -241,7 +279,10 @@ impl Engine {
     }
 
     fn sync_unacked(&mut self) {
+        // A QoS ≥ 1 publish waiting for its seal job is not yet kept (nor saved): counted
+        // apart until it is in the outbox.
         self.stats.unacked_publishes = self.out.kept_len() as u64;
+        self.stats.sealing_publishes = self.sealing.kept() as u64;
     }
 
     /// The relay address (an index into the list the driver was given, `0..relays`) that
@@ -409,6 +450,15 @@ impl Engine {
 
     /// The next deadline (monotonic ms), if any: call [`Engine::handle_timeout`] then.
     pub fn poll_timeout(&self) -> Option<u64> {
+        let conn = self.conn_timeout();
+        match (conn, self.sealing.deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) if self.phase != Phase::Closed => a.or(b),
+            _ => None,
+        }
+    }
+
+    fn conn_timeout(&self) -> Option<u64> {
         match &self.phase {
             Phase::Dialing { deadline, .. } | Phase::Handshaking { deadline, .. } => {
                 Some(*deadline)
@@ -466,7 +516,106 @@ impl Engine {
         }
     }
 
+    /// The next batch of prepared publishes to sign and seal elsewhere
+    /// ([`SealJob::run`], any thread): at most `batch.max_messages`, cut once full or due
+    /// (no window: whatever is queued), at most `seal_ahead` (at least 1) out at a time.
+    /// Hand the result to [`Engine::handle_sealed`]. A driver without threads runs each
+    /// job at once (the wasm client, and `seal_ahead = 0`).
+    pub fn poll_seal_job(&mut self, now: Now) -> Option<SealJob> {
+        let mono = self.clamp(now);
+        if self.phase == Phase::Closed {
+            return None;
+        }
+        self.sealing.poll_job(mono)
+    }
+
+    /// A [`SealJob`] finished, in any order: the publishes (and the sealed publishes,
+    /// flushes and close behind them) before the first job still out are handed on in
+    /// publish order. A publish that could not be sealed fails
+    /// ([`PublishFailure::Seal`] when it has an id; counted in
+    /// [`EngineStats::seal_failures`]). An answer to no waiting job is ignored.
+    pub fn handle_sealed(&mut self, done: SealDone, now: Now) {
+        self.clamp(now);
+        if self.sealing.answer(done) {
+            self.release_sealed(now);
+            self.sync_unacked();
+        }
+    }
+
+    /// Hands on the units whose turn it is.
+    fn release_sealed(&mut self, now: Now) {
+        while let Some(u) = self.sealing.pop_ready() {
+            match u {
+                Unit::Batch { metas, results } => {
+                    for (m, r) in metas.into_iter().zip(results.unwrap_or_default()) {
+                        self.hand_sealed(m, r, now);
+                    }
+                }
+                Unit::Sealed(env, m) => self.hand_sealed(m, Ok(env), now),
+                Unit::Flush(id) => self.do_flush(id),
+                Unit::Close => {
+                    self.do_close(now);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One publish out of the seal pipeline, into the outbox (or failed).
+    fn hand_sealed(
+        &mut self,
+        m: Meta,
+        r: Result<Envelope, whispeer_protocol::SealError>,
+        now: Now,
+    ) {
+        let reason = match r {
+            // A kept one is reported by `poll_kept` (to persist before its frame leaves).
+            Ok(env) => match self.publish_as(env, m.o, m.pid, now) {
+                Ok(()) => return,
+                Err(PublishError::BufferFull(n)) => PublishFailure::BufferFull(n),
+                Err(_) => PublishFailure::Closed,
+            },
+            Err(e) => {
+                self.stats.seal_failures += 1;
+                tracing::warn!(error = %e, "a publish could not be sealed");
+                PublishFailure::Seal(e)
+            }
+        };
+        if let Some(pid) = m.pid {
+            self.emit(Event::PublishFailed { pid, reason });
+        }
+    }
+
     // ---- commands ----------------------------------------------------------------------
+
+    /// Publishes a message prepared for its batch signature
+    /// ([`crate::core::prepare_publish_in`]): queued, in publish order with every other
+    /// publish, until a [`SealJob`] signs and seals it. Returns the publish id when the
+    /// publish waits for a `PubAck`; [`Event::PubAck`] or [`Event::PublishFailed`] follows
+    /// exactly once (a seal failure included); a QoS ≥ 1 publish counts in
+    /// [`EngineStats::sealing_publishes`] until it is in the outbox, then in
+    /// [`EngineStats::unacked_publishes`] and [`Engine::poll_kept`] reports it (to persist).
+    pub fn publish_prepared(
+        &mut self,
+        prepared: Prepared,
+        o: PubOptions,
+        now: Now,
+    ) -> Result<Option<PublishId>, PublishError> {
+        let mono = self.clamp(now);
+        if self.phase == Phase::Closed || self.closing {
+            return Err(PublishError::Closed);
+        }
+        if o.qos != Qos::AtMostOnce {
+            let w = super::batching::prepared_weight(&prepared);
+            if self.out.kept_bytes() + self.sealing.bytes() + w > self.cfg.kept_bytes {
+                return Err(PublishError::BufferFull(self.cfg.kept_bytes));
+            }
+        }
+        let pid = self.publish_id(&o);
+        self.sealing.push(prepared, o, pid, mono);
+        self.sync_unacked();
+        Ok(pid)
+    }
 
     /// Publishes a sealed envelope. Returns the publish id when the publish waits for a
     /// `PubAck` ([`Event::PubAck`] or [`Event::PublishFailed`] follows, exactly once).
@@ -479,10 +628,19 @@ impl Engine {
         now: Now,
     ) -> Result<Option<PublishId>, PublishError> {
         self.clamp(now);
-        if self.phase == Phase::Closed {
+        if self.phase == Phase::Closed || self.closing {
             return Err(PublishError::Closed);
         }
         let pid = self.publish_id(&o);
+        if self.sealing.busy() {
+            // Behind publishes still being sealed: it leaves after them.
+            let weight = envelope.as_bytes().len();
+            self.sealing
+                .push_unit(Unit::Sealed(envelope, Meta { o, pid, weight }));
+            self.sync_unacked();
+            self.release_sealed(now);
+            return Ok(pid);
+        }
         self.publish_as(envelope, o, pid, now).map(|()| pid)
     }
 
@@ -517,7 +675,8 @@ impl Engine {
                 if self.out.kept_bytes() + frame.len() > self.cfg.kept_bytes {
                     return Err(PublishError::BufferFull(self.cfg.kept_bytes));
                 }
-                self.out.keep(p, frame, live);
+                let order = self.out.keep(p, frame.clone(), live);
+                self.kept_new.push_back((p, order, frame));
                 self.sync_unacked();
             }
             _ if live => self.out.send0(frame, pid),
@@ -605,6 +764,17 @@ impl Engine {
         self.clamp(now);
         let id = self.next_nonce;
         self.next_nonce += 1;
+        if self.sealing.busy() && self.phase != Phase::Closed {
+            // After the publishes still being sealed.
+            self.sealing.push_unit(Unit::Flush(id));
+            self.release_sealed(now);
+        } else {
+            self.do_flush(id);
+        }
+        id
+    }
+
+    fn do_flush(&mut self, id: FlushId) {
         if self.is_live() {
             // Acks of what the app took are part of "everything sent before".
             self.send_acks(true);
@@ -613,7 +783,6 @@ impl Engine {
         } else {
             self.emit(Event::FlushFailed { id });
         }
-        id
     }
 
     /// Keys changed (a grant was added): every subscription is re-made with the keyring as
@@ -638,6 +807,20 @@ impl Engine {
     /// [`Event::Closed`].
     pub fn close(&mut self, now: Now) {
         self.clamp(now);
+        if self.phase == Phase::Closed || self.closing {
+            return;
+        }
+        if self.sealing.busy() {
+            // Publishes still being sealed go first (the driver keeps running the jobs).
+            self.closing = true;
+            self.sealing.push_unit(Unit::Close);
+            self.release_sealed(now);
+            return;
+        }
+        self.do_close(now);
+    }
+
+    fn do_close(&mut self, now: Now) {
         // Frames that arrived before the close are handled first, as inline.
         self.open_parked_inline(now);
         match self.phase {
@@ -1156,6 +1339,7 @@ impl Engine {
     /// Closed for good: everything still waiting fails.
     fn shut(&mut self) {
         self.phase = Phase::Closed;
+        self.closing = false;
         self.clear_parked();
         self.acks.clear();
         self.ack_at = None;
@@ -1166,6 +1350,16 @@ impl Engine {
         for pid in pids {
             let reason = PublishFailure::Closed;
             self.emit(Event::PublishFailed { pid, reason });
+        }
+        // Publishes (and flushes) still waiting for their seal jobs: never sent.
+        let (pids, flushes, unsent) = self.sealing.clear();
+        self.stats.outbox_drops += unsent;
+        for pid in pids {
+            let reason = PublishFailure::Closed;
+            self.emit(Event::PublishFailed { pid, reason });
+        }
+        for id in flushes {
+            self.emit(Event::FlushFailed { id });
         }
         self.sync_unacked();
         let pending: Vec<LocalSubId> = self

@@ -190,6 +190,11 @@ pub enum PublishFailure {
     /// The engine closed first. A QoS ≥ 1 publish may still be re-sent by a later run that
     /// restores it (keep it persisted).
     Closed,
+    /// Its seal job could not seal it (batch signing): it was never sent.
+    Seal(whispeer_protocol::SealError),
+    /// Sealed, but the outbox (QoS ≥ 1 `kept_bytes`, or the offline buffer) was full: it
+    /// was never sent.
+    BufferFull(usize),
 }
 
 impl From<PublishFailure> for PublishError {
@@ -198,6 +203,8 @@ impl From<PublishFailure> for PublishError {
             PublishFailure::Rejected { code, message } => PublishError::Rejected { code, message },
             PublishFailure::NotAcknowledged => PublishError::NotAcknowledged,
             PublishFailure::Closed => PublishError::Closed,
+            PublishFailure::Seal(e) => PublishError::Seal(e),
+            PublishFailure::BufferFull(n) => PublishError::BufferFull(n),
         }
     }
 }
@@ -396,6 +403,13 @@ pub struct EngineConfig {
     /// runs elsewhere; `wants_read()` is false at the cap. 0 (the default, and always in
     /// the wasm client): every envelope opens inline in `handle_frame`.
     pub open_ahead: usize,
+    /// Batch signing's window ([`Engine::publish_prepared`](super::Engine::publish_prepared)):
+    /// at most `max_messages` per seal job, and a queue waits at most `max_wait_us`
+    /// (rounded up to whole milliseconds; 0: cut whatever is queued when the driver asks).
+    pub batch: whispeer_protocol::BatchPolicy,
+    /// Most seal jobs out at once (at least 1). While they run, publishes queue up and the
+    /// next batch grows by itself. A driver without threads runs each job at once.
+    pub seal_ahead: usize,
 }
 
 impl Default for EngineConfig {
@@ -418,6 +432,8 @@ impl Default for EngineConfig {
             restored: Vec::new(),
             publish_retries: 8,
             open_ahead: 0,
+            batch: crate::core::DEFAULT_BATCH,
+            seal_ahead: 1,
         }
     }
 }
@@ -434,8 +450,15 @@ pub struct EngineStats {
     pub outbox_drops: u64,
     /// Successful reconnects.
     pub reconnects: u64,
-    /// QoS ≥ 1 publishes waiting for their `PubAck`.
+    /// QoS ≥ 1 publishes in the outbox (reported by
+    /// [`Engine::poll_kept`](super::Engine::poll_kept), saved with persistence) waiting for
+    /// their `PubAck`.
     pub unacked_publishes: u64,
+    /// QoS ≥ 1 publishes still waiting for their seal job (batch signing): not yet kept;
+    /// they move to `unacked_publishes` once sealed.
+    pub sealing_publishes: u64,
     /// Re-sends of QoS ≥ 1 publishes the relay refused with a retryable code.
     pub publish_retries: u64,
+    /// Publishes their seal job could not seal (never sent).
+    pub seal_failures: u64,
 }

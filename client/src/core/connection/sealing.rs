@@ -1,0 +1,262 @@
+//! Batch signing in the engine: prepared publishes queue here in publish order, are cut into
+//! [`SealJob`]s by the [`BatchPolicy`] (at most N messages, or once the oldest waited the
+//! window), and wait — with any sealed publish, flush or close issued after them — until
+//! their job answers. Units leave in id order only, so frames leave in publish order
+//! whatever order the jobs finish in (the same park-and-reorder as `core::jobs` on the
+//! receiving side).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use whispeer_protocol::{BatchPolicy, Envelope, Prepared, Qos, SealError};
+
+use super::types::{FlushId, PubOptions, PublishId};
+use crate::core::batching::{prepared_weight, SealDone, SealJob};
+
+/// What a queued publish carries to its release: its options, its id, its backlog bytes.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Meta {
+    pub(super) o: PubOptions,
+    pub(super) pid: Option<PublishId>,
+    pub(super) weight: usize,
+}
+
+impl Meta {
+    fn kept(&self) -> bool {
+        self.o.qos != Qos::AtMostOnce && self.pid.is_some()
+    }
+}
+
+/// Something that must leave after everything published before it.
+#[derive(Debug)]
+pub(super) enum Unit {
+    /// A cut batch: its publishes, and the job's results once it answered.
+    Batch {
+        metas: Vec<Meta>,
+        results: Option<Vec<Result<Envelope, SealError>>>,
+    },
+    /// A publish sealed whole by the caller, behind publishes still being sealed.
+    Sealed(Envelope, Meta),
+    /// A flush issued behind publishes still being sealed.
+    Flush(FlushId),
+    /// A close issued behind publishes still being sealed.
+    Close,
+}
+
+/// The engine's publish pipeline (see the module documentation).
+#[derive(Debug)]
+pub(super) struct Sealing {
+    policy: BatchPolicy,
+    /// Most jobs handed out and not answered (at least 1).
+    ahead: usize,
+    queue: Vec<(Prepared, Meta)>,
+    /// When the oldest queued publish arrived (monotonic ms).
+    since: Option<u64>,
+    units: BTreeMap<u64, Unit>,
+    jobs: VecDeque<SealJob>,
+    /// Jobs cut and not answered (queued in `jobs` or out with the driver).
+    out: usize,
+    next: u64,
+    /// Backlog bytes of every publish queued or in a unit.
+    bytes: usize,
+    /// QoS ≥ 1 publishes queued or in a unit (already unacknowledged).
+    kept: usize,
+}
+
+impl Sealing {
+    pub(super) fn new(policy: BatchPolicy, ahead: usize) -> Self {
+        Sealing {
+            policy,
+            ahead: ahead.max(1),
+            queue: Vec::new(),
+            since: None,
+            units: BTreeMap::new(),
+            jobs: VecDeque::new(),
+            out: 0,
+            next: 0,
+            bytes: 0,
+            kept: 0,
+        }
+    }
+
+    fn max(&self) -> usize {
+        self.policy.max_messages.clamp(1, 4096) as usize
+    }
+
+    /// Whether anything waits (then a sealed publish, flush or close must queue behind).
+    pub(super) fn busy(&self) -> bool {
+        !self.queue.is_empty() || !self.units.is_empty()
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub(super) fn kept(&self) -> usize {
+        self.kept
+    }
+
+    /// Queues a prepared publish; true when the queue went from empty to non-empty or
+    /// filled a batch (the moments a driver needs waking).
+    pub(super) fn push(
+        &mut self,
+        p: Prepared,
+        o: PubOptions,
+        pid: Option<PublishId>,
+        mono: u64,
+    ) -> bool {
+        let meta = Meta {
+            o,
+            pid,
+            weight: prepared_weight(&p),
+        };
+        self.bytes += meta.weight;
+        self.kept += usize::from(meta.kept());
+        self.since.get_or_insert(mono);
+        self.queue.push((p, meta));
+        self.queue.len() == 1 || self.queue.len() % self.max() == 0
+    }
+
+    /// Queues `u` behind everything before it (the queue is cut first, whatever the cap).
+    pub(super) fn push_unit(&mut self, u: Unit) {
+        self.cut_all();
+        if let Unit::Sealed(_, m) = &u {
+            self.bytes += m.weight;
+            self.kept += usize::from(m.kept());
+        }
+        let id = self.next;
+        self.next += 1;
+        self.units.insert(id, u);
+    }
+
+    /// When the queue is due by time (a positive window only).
+    pub(super) fn deadline(&self) -> Option<u64> {
+        if self.policy.max_wait_us == 0 || self.out >= self.ahead {
+            return None;
+        }
+        let wait_ms = self.policy.max_wait_us.div_ceil(1000);
+        self.since.map(|s| s.saturating_add(wait_ms))
+    }
+
+    /// The next job to run: cuts one batch when fewer than `ahead` jobs are out and the
+    /// queue is full or due (with no window: whatever is queued).
+    pub(super) fn poll_job(&mut self, mono: u64) -> Option<SealJob> {
+        if self.jobs.is_empty() && self.out < self.ahead && !self.queue.is_empty() {
+            let full = self.queue.len() >= self.max();
+            let due = self.since.is_some_and(|s| {
+                mono.saturating_sub(s).saturating_mul(1000) >= self.policy.max_wait_us
+            });
+            if full || due {
+                self.cut(self.max());
+            }
+        }
+        self.jobs.pop_front()
+    }
+
+    fn cut_all(&mut self) {
+        while !self.queue.is_empty() {
+            self.cut(self.max());
+        }
+    }
+
+    /// Cuts the first `n` queued publishes into a unit and its job.
+    fn cut(&mut self, n: usize) {
+        let n = n.min(self.queue.len());
+        if n == 0 {
+            return;
+        }
+        let rest = self.queue.split_off(n);
+        let batch = std::mem::replace(&mut self.queue, rest);
+        self.since = if self.queue.is_empty() {
+            None
+        } else {
+            self.since
+        };
+        let id = self.next;
+        self.next += 1;
+        let (msgs, metas): (Vec<Prepared>, Vec<Meta>) = batch.into_iter().unzip();
+        self.units.insert(
+            id,
+            Unit::Batch {
+                metas,
+                results: None,
+            },
+        );
+        self.jobs.push_back(SealJob {
+            id,
+            msgs,
+            policy: self.policy,
+        });
+        self.out += 1;
+    }
+
+    /// A job answered: true when it was one still waiting (a stale or malformed answer is
+    /// ignored; a short answer fails the missing publishes).
+    pub(super) fn answer(&mut self, done: SealDone) -> bool {
+        match self.units.get_mut(&done.id) {
+            Some(Unit::Batch {
+                metas,
+                results: r @ None,
+            }) => {
+                let mut results = done.results;
+                results.truncate(metas.len());
+                // An answer short of messages (a broken runner): the missing ones failed.
+                results.resize_with(metas.len(), || Err(SealError::BatchEmpty));
+                *r = Some(results);
+                self.out = self.out.saturating_sub(1);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The next unit that may leave (everything before it has).
+    pub(super) fn pop_ready(&mut self) -> Option<Unit> {
+        match self.units.first_key_value() {
+            None | Some((_, Unit::Batch { results: None, .. })) => return None,
+            Some(_) => {}
+        }
+        let (_, u) = self.units.pop_first()?;
+        match &u {
+            Unit::Batch { metas, .. } => {
+                for m in metas {
+                    self.release(m);
+                }
+            }
+            Unit::Sealed(_, m) => self.release(m),
+            _ => {}
+        }
+        Some(u)
+    }
+
+    fn release(&mut self, m: &Meta) {
+        self.bytes = self.bytes.saturating_sub(m.weight);
+        self.kept = self.kept.saturating_sub(usize::from(m.kept()));
+    }
+
+    /// Forgets everything (closed for good): the publishes with an id and the flushes that
+    /// were waiting, in order, and how many publishes without an id were dropped.
+    pub(super) fn clear(&mut self) -> (Vec<PublishId>, Vec<FlushId>, u64) {
+        let (mut pids, mut flushes, mut dropped) = (Vec::new(), Vec::new(), 0u64);
+        let mut meta = |m: &Meta| match m.pid {
+            Some(p) => pids.push(p),
+            None => dropped += 1,
+        };
+        for (_, u) in std::mem::take(&mut self.units) {
+            match u {
+                Unit::Batch { metas, .. } => metas.iter().for_each(&mut meta),
+                Unit::Sealed(_, m) => meta(&m),
+                Unit::Flush(id) => flushes.push(id),
+                Unit::Close => {}
+            }
+        }
+        for (_, m) in std::mem::take(&mut self.queue) {
+            meta(&m);
+        }
+        self.jobs.clear();
+        self.since = None;
+        self.out = 0;
+        self.bytes = 0;
+        self.kept = 0;
+        (pids, flushes, dropped)
+    }
+}
