@@ -215,8 +215,12 @@ fn open_ahead() -> usize {
 }
 
 /// How many seal jobs (batch signing) may run on the worker threads at once
-/// (`EngineConfig::seal_ahead`): 0 (inline, on the connection task) on one core, else 2 —
-/// while they run, publishes queue and the next batch grows by itself.
+/// (`EngineConfig::seal_ahead`): 0 (inline, on the connection task) on up to two cores,
+/// else 2 — while they run, publishes queue and the next batch grows by itself. On two
+/// cores the hand-off measured no throughput gain and 1–4 µs more client CPU per message
+/// (`whispeer bench`, 100k × 1 KiB, batch-signed: 44.1–49.6k msg/s with jobs vs 48.5–49.7k
+/// inline), so there it seals inline; with more cores the publisher's sealing would
+/// otherwise be one core's work (not measured here: no such machine).
 /// `WHISPEER_SEAL_AHEAD` overrides it (0 seals inline; for measuring).
 fn seal_ahead() -> usize {
     if let Some(n) = std::env::var("WHISPEER_SEAL_AHEAD")
@@ -225,7 +229,7 @@ fn seal_ahead() -> usize {
     {
         return n;
     }
-    if super::pool::cores() > 1 {
+    if super::pool::cores() > 2 {
         2
     } else {
         0
