@@ -123,6 +123,11 @@ pub fn jetstream_relay_args(urls: &str, name: &str) -> Vec<String> {
         "jetstream",
         "--cluster-replicas",
         "3",
+        // The stream's byte limit is reserved on every replica's disk up front: the
+        // default (8 GiB) made JetStream refuse placement ("insufficient storage") when
+        // parallel tests' clusters shared a disk with under ~11 GB free.
+        "--total-max-bytes",
+        "268435456",
     ]
     .iter()
     .map(|s| s.to_string())
