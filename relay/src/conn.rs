@@ -161,8 +161,8 @@ async fn read_loop<Src: FrameSource>(
                     return false;
                 }
             }
-            Some(key) = hold_lost.recv() => {
-                if session.hold_lost(key) == Flow::Close {
+            Some((key, generation)) = hold_lost.recv() => {
+                if session.hold_lost(key, generation) == Flow::Close {
                     return false;
                 }
             }

@@ -129,10 +129,15 @@ pub(crate) struct Session {
     account: Option<String>,
     /// A `Sub` or `Pub` held until the auth-state line it needs is on disk.
     deferred: Option<(u64, Frame)>,
-    /// Where the store reports a durable name whose cluster-wide hold was lost.
-    hold_lost: crate::store::HoldLost,
+    /// Where the store reports a durable name whose cluster-wide hold was lost, with the
+    /// hold's generation ([`crate::store::HoldLost`]).
+    hold_lost: tokio::sync::mpsc::UnboundedSender<(DurableKey, u64)>,
     /// Its receiving end, taken by the connection's read loop.
-    hold_lost_rx: Option<tokio::sync::mpsc::UnboundedReceiver<DurableKey>>,
+    hold_lost_rx: Option<tokio::sync::mpsc::UnboundedReceiver<(DurableKey, u64)>>,
+    /// The generation of the hold each durable subscription took (the last one handed out
+    /// in `hold_generation`).
+    hold_gens: HashMap<SubId, u64>,
+    hold_generation: u64,
 }
 
 #[derive(Debug)]
@@ -186,24 +191,28 @@ impl Session {
             deferred: None,
             hold_lost,
             hold_lost_rx: Some(hold_lost_rx),
+            hold_gens: HashMap::new(),
+            hold_generation: 0,
         }
     }
 
     /// The receiver of lost durable holds (see [`Session::hold_lost`]), once.
     pub(crate) fn take_hold_lost(
         &mut self,
-    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<DurableKey>> {
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<(DurableKey, u64)>> {
         self.hold_lost_rx.take()
     }
 
     /// The cluster-wide hold on durable `key` was lost (not renewed in time, or taken at
     /// another relay): the subscription holding it here ends, with a non-fatal
     /// `Err(not_allowed)` naming it, so two relays never both deliver it for long.
-    pub(crate) fn hold_lost(&mut self, key: DurableKey) -> Flow {
+    pub(crate) fn hold_lost(&mut self, key: DurableKey, generation: u64) -> Flow {
+        // Only the subscription that took this very hold: a notice about a hold given back
+        // since (unsubscribed, then subscribed again) must not end the new one.
         let Some(sub_id) = self
             .durables
             .iter()
-            .find(|(_, k)| **k == key)
+            .find(|(id, k)| **k == key && self.hold_gens.get(id) == Some(&generation))
             .map(|(id, _)| *id)
         else {
             return Flow::Continue;
@@ -611,6 +620,7 @@ impl Session {
         let mut replay = s.replay;
         let mut floor = 0;
         let mut new_durable = false;
+        let mut hold_gen = 0;
         if let Some(k) = &durable {
             // The owner: the authenticated account, else the hash of the Sub.owner secret.
             let owner = self
@@ -647,7 +657,10 @@ impl Session {
                 );
             }
             // Across relays sharing the store (JetStream): the cluster-wide hold.
-            if let Err(e) = store.hold_durable(k, &self.hold_lost) {
+            self.hold_generation += 1;
+            hold_gen = self.hold_generation;
+            let lost = crate::store::HoldLost::new(self.hold_lost.clone(), hold_gen);
+            if let Err(e) = store.hold_durable(k, &lost) {
                 self.shared.release_durable(k);
                 return self.reply_err(e.code(), e.to_string(), Some(sub_id), None);
             }
@@ -735,6 +748,7 @@ impl Session {
                     }
                 }
                 self.durables.insert(sub_id, k);
+                self.hold_gens.insert(sub_id, hold_gen);
             }
             self.tracked.insert(sub_id, (t, target.clone()));
         }
@@ -792,6 +806,7 @@ impl Session {
         };
         self.shared.router.unsubscribe(&old, self.conn, sub_id);
         self.tracked.remove(&sub_id);
+        self.hold_gens.remove(&sub_id);
         if let Some(k) = self.durables.remove(&sub_id) {
             self.shared.release_durable(&k);
         }
@@ -1112,6 +1127,7 @@ impl Session {
             .unsubscribe_all(self.conn, self.subs.iter().map(|(id, p)| (*id, p)));
         self.subs.clear();
         self.tracked.clear();
+        self.hold_gens.clear();
         for (_, k) in self.durables.drain() {
             self.shared.release_durable(&k);
         }
@@ -1333,6 +1349,85 @@ mod tests {
             None,
         );
         (s, shared, out)
+    }
+
+    /// A lost-hold notice ends only the subscription that took that very hold: after the
+    /// name is unsubscribed and subscribed again, a late notice about the first hold leaves
+    /// the new subscription alone; a notice about the new hold ends it with a non-fatal
+    /// `Err(not_allowed)` naming it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stale_hold_lost_notice_does_not_end_a_resubscribed_durable() {
+        let now = Instant::now();
+        let (mut s, _shared, out) = session(Config::ephemeral(), 64, now);
+        let send = |s: &mut Session, f: Frame| {
+            assert_eq!(
+                s.on_inbound(Inbound::Frame(f.to_bytes()), now),
+                Flow::Continue
+            );
+        };
+        send(
+            &mut s,
+            Frame::Hello(Hello {
+                versions: vec![PROTOCOL_VERSION],
+                features: 0,
+                client: None,
+                auth: None,
+                account: None,
+            }),
+        );
+        let pattern = TokenPattern::new(
+            KeyId::from_bytes([4; 16]),
+            vec![PatternElem::Token(TopicToken::from_bytes([1; 16]))],
+        )
+        .unwrap();
+        let durable = |sub_id| {
+            Frame::Sub(Sub {
+                sub_id,
+                pattern: pattern.clone(),
+                qos: Qos::AtLeastOnce,
+                durable: Some("d".into()),
+                replay: None,
+                retained: false,
+                credit: None,
+                owner: Some(Bytes::from_static(&[7; 32])),
+            })
+        };
+        let key = DurableKey {
+            key_id: KeyId::from_bytes([4; 16]),
+            name: "d".into(),
+        };
+        send(&mut s, durable(1));
+        send(&mut s, Frame::Unsub(Unsub { sub_id: 1 }));
+        send(&mut s, durable(2));
+        let mut frames = Vec::new();
+        out.take(&mut frames);
+        let errs = |frames: &[Bytes]| -> Vec<ErrFrame> {
+            frames
+                .iter()
+                .filter_map(|f| match Frame::decode(&f.slice(4..)) {
+                    Ok(Frame::Err(e)) => Some(e),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(errs(&frames).is_empty(), "both subscribes accepted: {:?}", errs(&frames));
+        // The first hold's notice, late: nothing happens.
+        assert_eq!(s.hold_lost(key.clone(), 1), Flow::Continue);
+        frames.clear();
+        out.take(&mut frames);
+        assert!(errs(&frames).is_empty(), "a stale notice ends nothing");
+        assert_eq!(s.subscription_count(), 1);
+        // The current hold's notice ends the subscription.
+        assert_eq!(s.hold_lost(key, 2), Flow::Continue);
+        frames.clear();
+        out.take(&mut frames);
+        let e = errs(&frames);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(
+            (e[0].code, e[0].sub_id, e[0].fatal),
+            (ErrorCode::NotAllowed, Some(2), false)
+        );
+        assert_eq!(s.subscription_count(), 0);
     }
 
     /// Refused publishes in a row pause the reader longer each time; an accepted one resets.

@@ -357,8 +357,26 @@ pub struct DurableKey {
 }
 
 /// Where a store reports a durable name whose cluster-wide hold was lost (the connection
-/// holding it ends that subscription).
-pub type HoldLost = tokio::sync::mpsc::UnboundedSender<DurableKey>;
+/// holding it ends that subscription). Each hold carries its own `generation`, sent back
+/// with the notice, so a notice about a hold the connection has since given back and taken
+/// again (unsubscribe, subscribe) cannot end the new subscription.
+#[derive(Debug, Clone)]
+pub struct HoldLost {
+    tx: tokio::sync::mpsc::UnboundedSender<(DurableKey, u64)>,
+    generation: u64,
+}
+
+impl HoldLost {
+    /// A notifier for one hold: `generation` tells it apart from the same name's other
+    /// holds on this connection.
+    pub fn new(tx: tokio::sync::mpsc::UnboundedSender<(DurableKey, u64)>, generation: u64) -> Self {
+        HoldLost { tx, generation }
+    }
+    /// Reports that the hold on `key` was lost (ignored once the connection is gone).
+    pub fn notify(&self, key: DurableKey) {
+        let _ = self.tx.send((key, self.generation));
+    }
+}
 
 /// Retention limits, per token path (0 = unlimited).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -224,7 +224,7 @@ impl Leases {
     fn end(&self, k: &str, why: &str) {
         if let Some(h) = lock(&self.held).remove(k) {
             tracing::warn!(durable = %h.key.name, why, "cluster store: durable hold lost");
-            let _ = h.lost.send(h.key);
+            h.lost.notify(h.key);
         }
     }
 
