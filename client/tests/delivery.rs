@@ -405,3 +405,66 @@ async fn the_outbox_survives_a_client_restart() {
     sub_client.close().await;
     relay.stop().await;
 }
+
+/// A publish over the relay's `max_frame` would make the relay close the connection, and a
+/// kept (QoS 1) one would be re-sent after every reconnect — a poison publish. The client
+/// refuses it with the relay's own code, `frame_too_large`, stays connected, and the
+/// publishes after it go through (real relay binary, `--max-frame 4096`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_over_the_relays_max_frame_is_refused_not_resent_forever() {
+    let relay = start_relay_binary(&["--max-frame", "4096", "--store", "memory"]);
+    let t = tree("poison");
+    let receiver = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let mut sub = receiver
+        .subscribe_bytes_with_options("p/#", SubscribeOptions::new().qos(Qos::AtLeastOnce))
+        .await
+        .unwrap();
+    let publisher = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    // QoS 1: the publish fails with the relay's code.
+    {
+        // Incompressible (the default codec is zstd): 8 KiB of xorshift output.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let big: Vec<u8> = (0..8192)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        match within(
+            "the refusal",
+            publisher.publish_bytes_with("p/big", "x/y", &big, PublishOptions::at_least_once()),
+        )
+        .await
+        {
+            Err(whispeer::PublishError::Rejected { code, message }) => {
+                assert_eq!(
+                    code,
+                    whispeer::protocol::ErrorCode::FrameTooLarge,
+                    "{message}"
+                );
+            }
+            other => panic!("expected frame_too_large, got {other:?}"),
+        }
+        // QoS 0 (answered when queued, batch-signed): dropped before it leaves, counted.
+        let mut stats = publisher.stats_changes();
+        within("queued", publisher.publish_bytes("p/big", "x/y", &big))
+            .await
+            .unwrap();
+        within("counted", stats.wait_for(|s| s.outbox_drops == 1))
+            .await
+            .unwrap();
+    }
+    let seq = within(
+        "a small publish",
+        publisher.publish_bytes_with("p/small", "x/y", b"fits", PublishOptions::at_least_once()),
+    )
+    .await
+    .unwrap();
+    assert!(seq > 0);
+    let m = within("delivery", sub.next()).await.unwrap().unwrap();
+    assert_eq!(m.value, b"fits", "the refused ones never reached the relay");
+    let s = publisher.stats();
+    assert_eq!((s.reconnects, s.unacked_publishes), (0, 0), "{s:?}");
+}

@@ -1410,7 +1410,11 @@ mod tests {
                 })
                 .collect()
         };
-        assert!(errs(&frames).is_empty(), "both subscribes accepted: {:?}", errs(&frames));
+        assert!(
+            errs(&frames).is_empty(),
+            "both subscribes accepted: {:?}",
+            errs(&frames)
+        );
         // The first hold's notice, late: nothing happens.
         assert_eq!(s.hold_lost(key.clone(), 1), Flow::Continue);
         frames.clear();

@@ -128,6 +128,8 @@ pub struct Engine {
     flushes: BTreeSet<u64>,
     next_nonce: u64,
     stats: EngineStats,
+    /// The current (or last) relay's `Welcome.max_frame`: publishes over it are refused.
+    relay_max_frame: usize,
     /// Kept publishes the relay refused with a retryable code: retries so far, and when the
     /// next re-send is due (`None`: sent again, waiting for the answer).
     retries: BTreeMap<PublishId, (u32, Option<u64>)>,
@@ -187,6 +189,7 @@ impl Engine {
             flushes: BTreeSet::new(),
             next_nonce: 1,
             stats: EngineStats::default(),
+            relay_max_frame: usize::MAX,
             retries: BTreeMap::new(),
             sub_retries: BTreeMap::new(),
             parked: Parking::default(),
@@ -573,6 +576,9 @@ impl Engine {
             Ok(env) => match self.publish_as(env, m.o, m.pid, now) {
                 Ok(()) => return,
                 Err(PublishError::BufferFull(n)) => PublishFailure::BufferFull(n),
+                Err(PublishError::Rejected { code, message }) => {
+                    PublishFailure::Rejected { code, message }
+                }
                 Err(_) => PublishFailure::Closed,
             },
             Err(e) => {
@@ -581,8 +587,15 @@ impl Engine {
                 PublishFailure::Seal(e)
             }
         };
-        if let Some(pid) = m.pid {
-            self.emit(Event::PublishFailed { pid, reason });
+        match m.pid {
+            Some(pid) => self.emit(Event::PublishFailed { pid, reason }),
+            // A QoS 0 publish's caller was answered when it was queued: its loss is counted.
+            None => {
+                if let PublishFailure::Rejected { message, .. } = &reason {
+                    tracing::warn!(%message, "a QoS 0 publish was dropped");
+                    self.stats.outbox_drops += 1;
+                }
+            }
         }
     }
 
@@ -670,6 +683,19 @@ impl Engine {
         let kept = o.qos != Qos::AtMostOnce;
         let frame = super::pub_frame(envelope, pid.map(|p| p.0), o.retain, o.qos).to_bytes();
         let live = self.is_live();
+        // Over the relay's limit the relay would close the connection, and a kept publish
+        // would go again after every reconnect: refused here with the relay's own code.
+        // (While not live the limit is checked when the next relay says its own.)
+        if live && frame.len() > self.relay_max_frame {
+            return Err(PublishError::Rejected {
+                code: ErrorCode::FrameTooLarge,
+                message: format!(
+                    "the {}-byte publish frame is over this relay's max_frame ({} bytes)",
+                    frame.len(),
+                    self.relay_max_frame
+                ),
+            });
+        }
         match pid {
             Some(p) if kept => {
                 if self.out.kept_bytes() + frame.len() > self.cfg.kept_bytes {
@@ -955,7 +981,25 @@ impl Engine {
                 // Subscriptions first, then the kept publishes in order, then the offline
                 // buffer.
                 self.resubscribe(now);
-                self.out.go_live();
+                self.relay_max_frame = usize::try_from(w.max_frame).unwrap_or(usize::MAX);
+                let (over, over0) = self.out.go_live(self.relay_max_frame);
+                let reason = |max| PublishFailure::Rejected {
+                    code: ErrorCode::FrameTooLarge,
+                    message: format!("the publish is over this relay's max_frame ({max} bytes)"),
+                };
+                for pid in over {
+                    self.retries.remove(&pid);
+                    let reason = reason(self.relay_max_frame);
+                    self.emit(Event::PublishFailed { pid, reason });
+                }
+                for pid in over0 {
+                    self.stats.outbox_drops += 1;
+                    if let Some(pid) = pid {
+                        let reason = reason(self.relay_max_frame);
+                        self.emit(Event::PublishFailed { pid, reason });
+                    }
+                }
+                self.sync_unacked();
                 self.emit(Event::Connected {
                     session: w.session,
                     heartbeat_ms,

@@ -155,16 +155,41 @@ impl Outbox {
         self.ack0.remove(pid)
     }
 
-    /// Handshake done: every kept publish in order, then the offline buffer.
-    pub(super) fn go_live(&mut self) {
+    /// Handshake done: every kept publish in order, then the offline buffer. A publish
+    /// whose frame is over the relay's `max_frame` is taken out instead of sent (the relay
+    /// would close the connection on it, and a kept one would be re-sent after every
+    /// reconnect — a poison publish): returned as (kept ones, QoS 0 ones), for the engine
+    /// to fail.
+    pub(super) fn go_live(&mut self, max_frame: usize) -> (Vec<PublishId>, Vec<Option<PublishId>>) {
+        let over: Vec<(u64, PublishId)> = self
+            .kept
+            .iter()
+            .filter(|(_, (_, f))| f.len() > max_frame)
+            .map(|(o, (p, _))| (*o, *p))
+            .collect();
+        for (o, p) in &over {
+            if let Some((_, f)) = self.kept.remove(o) {
+                self.kept_bytes -= f.len();
+            }
+            self.kept_index.remove(p);
+        }
         let kept: Vec<Bytes> = self.kept.values().map(|(_, f)| f.clone()).collect();
         for f in kept {
             self.push(Transmit::Frame(f), Kind::Kept);
         }
         self.offline_bytes = 0;
+        let mut over0 = Vec::new();
         while let Some((f, pid)) = self.offline.pop_front() {
+            if f.len() > max_frame {
+                if let Some(p) = &pid {
+                    self.ack0.remove(p);
+                }
+                over0.push(pid);
+                continue;
+            }
             self.push(Transmit::Frame(f), Kind::Pub0(pid));
         }
+        (over.into_iter().map(|(_, p)| p).collect(), over0)
     }
 
     /// The connection dropped: frames not yet written are dropped, except QoS 0 publishes,
