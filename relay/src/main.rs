@@ -155,14 +155,6 @@ struct StatusArgs {
     admin_token: Option<String>,
 }
 
-/// mimalloc instead of glibc's malloc: routing allocates per frame and per delivery across
-/// the runtime's threads. Measured (alternated A/B, `whispeer bench --subs 4 --signing off
-/// --relay-pid`, 1 KiB): relay CPU per delivery 1.88–1.94 → 1.62–1.88 µs (a few percent);
-/// 10k idle subscribers (`cargo bench --bench load -- --only "10k idle"`): RSS per TCP
-/// connection 14.7 → 17.5 KiB, per WebSocket connection 7.3 → 4.5 KiB.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
