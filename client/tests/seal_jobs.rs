@@ -119,31 +119,38 @@ impl Wire {
         .await
     }
 
-    /// One frame (or a short wait, then the timer).
+    /// One frame, or the engine's next deadline (`poll_timeout`) if it comes first.
     async fn read(&mut self) {
-        let Some(rx) = &mut self.rx else {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            let now = self.now();
-            self.eng.handle_timeout(now);
-            return;
-        };
-        match tokio::time::timeout(Duration::from_millis(20), rx.recv()).await {
-            Ok(Some(Some(f))) => {
-                let now = self.now();
-                let id = self.sock.as_ref().map_or(0, |s| s.0);
-                self.eng.handle_frame(id, &Bytes::from(f), now);
+        let deadline = self
+            .eng
+            .poll_timeout()
+            .map(|ms| tokio::time::Instant::from_std(self.start + Duration::from_millis(ms)));
+        let timer = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
             }
-            Ok(_) => {
-                let now = self.now();
-                let id = self.sock.as_ref().map_or(0, |s| s.0);
+        };
+        let frame = async {
+            match &mut self.rx {
+                Some(rx) => Some(rx.recv().await),
+                None => std::future::pending().await,
+            }
+        };
+        let got = tokio::select! {
+            f = frame => f,
+            () = timer => None,
+        };
+        let now = self.now();
+        let id = self.sock.as_ref().map_or(0, |s| s.0);
+        match got {
+            Some(Some(Some(f))) => self.eng.handle_frame(id, &Bytes::from(f), now),
+            Some(_) => {
                 self.rx = None;
                 self.sock = None;
                 self.eng.handle_disconnected(id, "closed", now);
             }
-            Err(_) => {
-                let now = self.now();
-                self.eng.handle_timeout(now);
-            }
+            None => self.eng.handle_timeout(now),
         }
     }
 }

@@ -201,17 +201,18 @@ impl Client {
 /// (`EngineConfig::open_ahead`): 0 (inline) on one core, else 256. `WHISPEER_OPEN_AHEAD`
 /// overrides it (0 opens inline; for measuring).
 fn open_ahead() -> usize {
-    if let Some(n) = std::env::var("WHISPEER_OPEN_AHEAD")
+    env_or(
+        "WHISPEER_OPEN_AHEAD",
+        if super::pool::cores() > 1 { 256 } else { 0 },
+    )
+}
+
+/// `name` parsed from the environment (an override for measuring), else `default`.
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-    {
-        return n;
-    }
-    if super::pool::cores() > 1 {
-        256
-    } else {
-        0
-    }
+        .unwrap_or(default)
 }
 
 /// How many seal jobs (batch signing) may run on the worker threads at once
@@ -223,15 +224,8 @@ fn open_ahead() -> usize {
 /// otherwise be one core's work (not measured here: no such machine).
 /// `WHISPEER_SEAL_AHEAD` overrides it (0 seals inline; for measuring).
 fn seal_ahead() -> usize {
-    if let Some(n) = std::env::var("WHISPEER_SEAL_AHEAD")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return n;
-    }
-    if super::pool::cores() > 2 {
-        2
-    } else {
-        0
-    }
+    env_or(
+        "WHISPEER_SEAL_AHEAD",
+        if super::pool::cores() > 2 { 2 } else { 0 },
+    )
 }
