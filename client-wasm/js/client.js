@@ -142,6 +142,8 @@ export class Subscription {
   #queue = []; // { msg, token } (msg undefined: a placeholder, taken silently)
   #waiters = [];
   #ended = false;
+  /** Why the relay ended it, for the first `next()` after the end if none was waiting. */
+  #endError = null;
   #capacity;
   #onLag;
   #onReplayDone;
@@ -270,7 +272,9 @@ export class Subscription {
     this.#ended = true;
     // What was delivered and never taken is not acked: the relay delivers it again.
     this.#queue.length = 0;
-    for (const w of this.#waiters.splice(0)) {
+    const waiters = this.#waiters.splice(0);
+    if (error && waiters.length === 0) this.#endError = error;
+    for (const w of waiters) {
       if (error) w.reject(error);
       else w.resolve({ value: undefined, done: true });
     }
@@ -290,7 +294,11 @@ export class Subscription {
       this.#client._ack(token);
       if (msg !== undefined) return Promise.resolve({ value: msg, done: false });
     }
-    if (this.#ended) return Promise.resolve({ value: undefined, done: true });
+    if (this.#ended) {
+      const e = this.#endError;
+      this.#endError = null;
+      return e ? Promise.reject(e) : Promise.resolve({ value: undefined, done: true });
+    }
     return new Promise((resolve, reject) => this.#waiters.push({ resolve, reject }));
   }
 

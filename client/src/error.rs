@@ -168,6 +168,16 @@ pub enum ReceiveError {
     /// buffer was full, or the relay dropped them for a slow consumer). The stream goes on.
     #[error("subscription fell behind: {0} messages lost")]
     Lagged(u64),
+    /// The relay ended this subscription: a durable subscription was refused on a resume
+    /// (a reconnect, a failover) with a code retrying cannot change — for example
+    /// `not_allowed`, its owner differs at the relay now used. The stream ends after this.
+    #[error("the relay ended the subscription: {message} ({code:?})")]
+    Ended {
+        /// The relay's code.
+        code: ErrorCode,
+        /// The relay's detail.
+        message: String,
+    },
     /// A typed subscription received a message of another type (another tag, or none):
     /// refused, counted in `ClientStats::type_mismatches`, never decoded.
     #[error("message on {topic} has type {found:?}; this subscription takes {expected:?}")]
@@ -201,6 +211,13 @@ impl PartialEq for ReceiveError {
                 },
             ) => topic == t && reason == r,
             (Lagged(a), Lagged(b)) => a == b,
+            (
+                Ended { code, message },
+                Ended {
+                    code: c,
+                    message: m,
+                },
+            ) => code == c && message == m,
             (
                 TypeMismatch {
                     topic,

@@ -171,6 +171,26 @@ fn publish_pending(
         .collect()
 }
 
+/// A subscriber over `subscriber_relays` holding durable `name` on `feed/x` (QoS 1) and a
+/// publisher at `publisher_relay`, both with tree `name`'s keys.
+async fn durable_pair(
+    subscriber_relays: &[String],
+    publisher_relay: String,
+    name: &str,
+) -> (Client, Client, Subscription<u32>) {
+    let t = tree(name);
+    let sub_client = client(subscriber_relays, keyring_with(&t)).await.unwrap();
+    let publisher = client(&[publisher_relay], keyring_with(&t)).await.unwrap();
+    let sub = sub_client
+        .subscribe_with_options::<u32>(
+            "feed/x",
+            SubscribeOptions::new().qos(Qos::AtLeastOnce).durable(name),
+        )
+        .await
+        .unwrap();
+    (sub_client, publisher, sub)
+}
+
 /// SIGKILLs a relay process and reaps it.
 fn sigkill(mut r: RelayProcess) {
     r.child.kill().unwrap();
@@ -389,20 +409,8 @@ async fn jetstream_durable_subscriber_resumes_at_another_relay_once_the_hold_lap
         start_relay_binary(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let (a, b) = (relay("fd-a"), relay("fd-b"));
-    let t = tree("fo-durable");
-    let sub_client = client(&[a.ws_url(), b.tcp_url()], keyring_with(&t))
-        .await
-        .unwrap();
-    let publisher = client(&[b.ws_url()], keyring_with(&t)).await.unwrap();
-    let mut sub = sub_client
-        .subscribe_with_options::<u32>(
-            "feed/x",
-            SubscribeOptions::new()
-                .qos(Qos::AtLeastOnce)
-                .durable("fo-durable"),
-        )
-        .await
-        .unwrap();
+    let (sub_client, publisher, mut sub) =
+        durable_pair(&[a.ws_url(), b.tcp_url()], b.ws_url(), "fo-durable").await;
     let mut seen = BTreeMap::new();
     publish_acked(&publisher, 1..=5).await;
     take_until("1..=5 at A", &mut sub, &mut seen, 1..=5).await;
@@ -432,6 +440,41 @@ async fn jetstream_durable_subscriber_resumes_at_another_relay_once_the_hold_lap
     sub_client.close().await;
     publisher.close().await;
     drop(nats);
+}
+
+/// A durable subscription refused for good on a resume (here: the next relay keeps no store,
+/// so it has no durable subscriptions — `not_allowed`) ends: its stream yields
+/// `ReceiveError::Ended` with the relay's code, then `None` — not asked again forever, as a
+/// name held elsewhere for now (`busy`) is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_refused_for_good_on_a_resume_ends_its_stream_with_the_reason() {
+    let a = start_relay_binary(&[]);
+    let b = start_relay_binary(&["--store", "none"]);
+    let (sub_client, publisher, mut sub) =
+        durable_pair(&[a.tcp_url(), b.tcp_url()], a.tcp_url(), "fo-ends").await;
+    let mut seen = BTreeMap::new();
+    publish_acked(&publisher, 1..=2).await;
+    take_until("1..=2 at A", &mut sub, &mut seen, 1..=2).await;
+    sigkill(a);
+    let end = match within("the stream ends at B", sub.next_message()).await {
+        Some(Ok(m)) => panic!("a message after the failover: {}", m.value),
+        Some(Err(e)) => e,
+        None => panic!("the stream ended without saying why"),
+    };
+    match &end {
+        whispeer::ReceiveError::Ended { code, message } => {
+            assert_eq!(*code, whispeer::protocol::ErrorCode::NotAllowed, "{end:?}");
+            assert!(message.contains("no store"), "{end:?}");
+        }
+        other => panic!("expected Ended, got {other:?}"),
+    }
+    assert!(
+        within("then None", sub.next_message()).await.is_none(),
+        "the stream is over"
+    );
+    assert_eq!(sub_client.relay_url(), b.tcp_url(), "on B");
+    sub_client.close().await;
+    publisher.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

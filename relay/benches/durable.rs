@@ -17,8 +17,12 @@
 //!
 //! whispeer runs twice: `sync = full` (fsync per group commit: an acknowledged message
 //! survives power loss) and `sync = normal` (fsync at checkpoints: survives a crash of the
-//! process, like JetStream's default `sync_interval`, which fsyncs every 2 minutes).
+//! process, like JetStream's default `sync_interval`, which fsyncs every 2 minutes) — and a
+//! third time as a cluster relay on the JetStream store (`--cluster-store jetstream`, its
+//! own nats-server with file storage, R1): the same load, acknowledged by the relay only
+//! once JetStream has the message, replayed from the stream.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -93,6 +97,22 @@ fn main() {
         ));
         drop(relay);
     }
+    match start_jetstream(&base.join("nats-relay")) {
+        Some(nats) => {
+            let dir = base.join("wsp-jetstream");
+            std::fs::create_dir_all(&dir).unwrap();
+            let relay = RelayProc::jetstream(&dir, nats.addr);
+            let o = rt.block_on(whispeer_run(relay.addrs.tcp.unwrap(), n));
+            let size = file_bytes(&base.join("nats-relay"));
+            rows.push((
+                "whispeer on JetStream (R1)".into(),
+                o,
+                Some(size as f64 / 1048576.0),
+            ));
+            drop(relay);
+        }
+        None => eprintln!("nats-server not found: no whispeer-on-JetStream row"),
+    }
     match start_jetstream(&base.join("nats")) {
         Some(nats) => {
             let o = rt.block_on(nats_run(nats.addr, n));
@@ -166,8 +186,31 @@ struct RelayProc {
 
 impl RelayProc {
     fn start(dir: &Path, sync: &str) -> Self {
-        let ready = dir.join("ready.json");
         let db: PathBuf = dir.join("bench.db");
+        let store: Vec<OsString> = vec![
+            "--store".into(),
+            "sqlite".into(),
+            "--store-sync".into(),
+            sync.into(),
+            "--store-path".into(),
+            db.into(),
+        ];
+        Self::start_with(dir, &store)
+    }
+
+    /// A cluster relay on the JetStream store of the nats-server at `nats`.
+    fn jetstream(dir: &Path, nats: SocketAddr) -> Self {
+        let store: Vec<OsString> = vec![
+            "--cluster".into(),
+            format!("nats://{nats}").into(),
+            "--cluster-store".into(),
+            "jetstream".into(),
+        ];
+        Self::start_with(dir, &store)
+    }
+
+    fn start_with(dir: &Path, store: &[OsString]) -> Self {
+        let ready = dir.join("ready.json");
         let mut child = Command::new(env!("CARGO_BIN_EXE_whispeer-relay"))
             .args([
                 "serve",
@@ -186,16 +229,8 @@ impl RelayProc {
                 "--heartbeat-ms",
                 "0",
             ])
-            .args([
-                "--queue-capacity",
-                "65536",
-                "--store",
-                "sqlite",
-                "--store-sync",
-                sync,
-            ])
-            .arg("--store-path")
-            .arg(&db)
+            .args(["--queue-capacity", "65536"])
+            .args(store)
             .arg("--ready-file")
             .arg(&ready)
             .env("WHISPEER_LOG", "warn")

@@ -447,7 +447,7 @@ pub struct ClusterConfig {
     /// Store "jetstream": how long a relay's hold on a durable subscription name lasts
     /// without renewal (ms; renewed every third of it, in the stream `<stream>_LEASES`).
     /// While a connection at one relay holds a durable, a Sub for it at another relay gets
-    /// Err(not_allowed); a hold its relay stopped renewing (dead, frozen, cut off from NATS)
+    /// Err(busy) (retryable); a hold its relay stopped renewing (dead, frozen, cut off from NATS)
     /// can be taken once this has passed, and a relay that cannot renew ends its own
     /// holder's subscription before then. 300 to 600000.
     #[arg(

@@ -223,8 +223,9 @@ impl Session {
             "durable subscription ended: its cluster hold lapsed"
         );
         self.drop_sub(sub_id);
+        // Retryable (`busy`): the name is free again once the new holder lets it go.
         self.reply_err(
-            ErrorCode::NotAllowed,
+            ErrorCode::Busy,
             format!(
                 "durable subscription {:?} ended: this relay could not keep its hold in the \
                  cluster (it may be held at another relay now); subscribe again",
@@ -646,8 +647,9 @@ impl Session {
                 }
             }
             if !self.shared.claim_durable(k) {
+                // Retryable: the name is given back when that connection ends.
                 return self.reply_err(
-                    ErrorCode::NotAllowed,
+                    ErrorCode::Busy,
                     format!(
                         "durable subscription {:?} is active on another connection",
                         k.name
@@ -1429,7 +1431,7 @@ mod tests {
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!(
             (e[0].code, e[0].sub_id, e[0].fatal),
-            (ErrorCode::NotAllowed, Some(2), false)
+            (ErrorCode::Busy, Some(2), false)
         );
         assert_eq!(s.subscription_count(), 0);
     }

@@ -170,6 +170,10 @@ pub enum StoreError {
     /// Refused for this client (a durable subscription owned by someone else).
     #[error("{0}")]
     NotAllowed(String),
+    /// A durable name held by a connection at another relay (a cluster hold): retryable,
+    /// it is given back when that subscription ends or lapses when that relay dies.
+    #[error("{0}")]
+    Held(String),
 }
 
 impl StoreError {
@@ -178,7 +182,7 @@ impl StoreError {
         match self {
             StoreError::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
             StoreError::StorageFull(_) => ErrorCode::StorageFull,
-            StoreError::Busy(_) => ErrorCode::Busy,
+            StoreError::Busy(_) | StoreError::Held(_) => ErrorCode::Busy,
             StoreError::Unsupported(_) | StoreError::NotAllowed(_) => ErrorCode::NotAllowed,
             StoreError::Unavailable(_) | StoreError::Open(_) => ErrorCode::StoreFailed,
         }
@@ -565,7 +569,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn durable_owner(&self, key: &DurableKey, owner: Option<&str>) -> Result<bool, StoreError>;
     /// Takes the hold on a durable name across every relay sharing this store, for one
     /// connection of this relay (which already holds it locally: one holder per relay is
-    /// the relay's own rule). `Err(NotAllowed)`: a connection at another relay holds it.
+    /// the relay's own rule). `Err(Held)`: a connection at another relay holds it.
     /// When the hold is lost afterwards (not renewed in time, taken elsewhere), the key
     /// is sent on `lost` and the relay ends that subscription. Stores not shared by relays
     /// (SQLite, memory) have nothing to take: `Ok`.

@@ -397,7 +397,7 @@ async fn subscribe_when_the_hold_lapses(c: &mut Client, d: Sub) -> u32 {
         match c.recv().await {
             Frame::SubOk(ok) if ok.sub_id == d.sub_id => return refused,
             Frame::Err(e) => {
-                assert_eq!(e.code, whispeer_protocol::ErrorCode::NotAllowed, "{e:?}");
+                assert_eq!(e.code, whispeer_protocol::ErrorCode::Busy, "{e:?}");
                 assert!(e.message.contains("at another relay"), "{e:?}");
                 refused += 1;
                 let left: u64 = e
@@ -482,7 +482,7 @@ async fn durable_resumes_on_another_relay_after_its_relay_dies() {
 }
 
 /// One holder per durable name in the whole cluster: while a connection at relay A holds
-/// it, a `Sub` for it at relay B gets the non-fatal `Err(not_allowed)` one relay gives a
+/// it, a `Sub` for it at relay B gets the non-fatal, retryable `Err(busy)` one relay gives a
 /// second connection; once A's holder unsubscribes (or its connection ends) B's `Sub`
 /// succeeds — and then holds it against A in turn.
 #[tokio::test]
@@ -498,7 +498,7 @@ async fn a_durable_held_at_one_relay_is_refused_at_another_until_released() {
     let (mut b, _) = connect(s.relays[1].tcp()).await;
     b.send(&Frame::Sub(d.clone())).await;
     let e = b.expect_err().await;
-    assert_eq!(e.code, whispeer_protocol::ErrorCode::NotAllowed, "{e:?}");
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::Busy, "{e:?}");
     assert!(!e.fatal, "{e:?}");
     assert_eq!(e.sub_id, Some(1));
     assert!(e.message.contains("active at another relay"), "{e:?}");
@@ -512,7 +512,7 @@ async fn a_durable_held_at_one_relay_is_refused_at_another_until_released() {
     // Now A is the other relay; B's connection ends, and A may take it back.
     a.send(&Frame::Sub(d.clone())).await;
     let e = a.expect_err().await;
-    assert_eq!(e.code, whispeer_protocol::ErrorCode::NotAllowed, "{e:?}");
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::Busy, "{e:?}");
     assert!(e.message.contains("active at another relay"), "{e:?}");
     drop(b);
     wait_released(&mut leases).await;
@@ -521,7 +521,7 @@ async fn a_durable_held_at_one_relay_is_refused_at_another_until_released() {
 
 /// A relay frozen (SIGSTOP) past its hold's TTL lost it: another relay takes the name, and
 /// when the frozen relay runs again it ends its own holder's subscription with a non-fatal
-/// `Err(not_allowed)` naming it, instead of delivering beside the new holder.
+/// `Err(busy)` naming it, instead of delivering beside the new holder.
 #[tokio::test]
 async fn a_frozen_holder_ends_its_subscription_when_it_wakes_after_losing_the_hold() {
     let Some(nats) = NatsCluster::start(3) else {
@@ -548,7 +548,7 @@ async fn a_frozen_holder_ends_its_subscription_when_it_wakes_after_losing_the_ho
             other => panic!("expected Err, got {other:?}"),
         }
     };
-    assert_eq!(e.code, whispeer_protocol::ErrorCode::NotAllowed, "{e:?}");
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::Busy, "{e:?}");
     assert!(!e.fatal, "{e:?}");
     assert_eq!(e.sub_id, Some(3));
     assert!(e.message.contains("could not keep its hold"), "{e:?}");
@@ -656,14 +656,10 @@ async fn tenant_quota_counts_the_whole_cluster() {
     let (mut watch, _) = connect(b.tcp()).await;
     subscribe(&mut watch, sub(1, pattern(7, &[], true), Qos::AtMostOnce)).await;
     let (mut pa, _) = connect(a.tcp()).await;
-    // One at a time: a write the ordered read applies before its own stream ack came back
-    // counts twice (usage and in flight) until that ack — pipelined publishes at exactly
-    // the quota can then be refused one early (an over-count, never an overshoot; open).
-    let mut seqs = Vec::new();
-    for i in 0..5 {
-        let env = [(i, numbered(7, &[1], i))];
-        seqs.extend(publish_acked(&mut pa, &env, Qos::AtLeastOnce, false).await);
-    }
+    // Pipelined: the ordered read may apply a write before its stream ack comes back; it
+    // must count once, or the fifth is refused one early (ledger `Wsp-Write` ids).
+    let envs: Vec<(u32, Envelope)> = (0..5).map(|i| (i, numbered(7, &[1], i))).collect();
+    let seqs = publish_acked(&mut pa, &envs, Qos::AtLeastOnce, false).await;
     read_until(&mut watch, seqs[4]).await;
 
     let (mut pb, _) = connect(b.tcp()).await;

@@ -610,7 +610,11 @@ async fn durable_subscriber_resumes_after_its_connection_and_the_relay_die() {
         .send(&sub(2, exact(1, &[1]), Qos::AtLeastOnce, Some("d1"), None))
         .await;
     let e = other.expect_err().await;
-    assert_eq!(e.code, whispeer_protocol::ErrorCode::NotAllowed);
+    assert_eq!(
+        e.code,
+        whispeer_protocol::ErrorCode::Busy,
+        "retryable: {e:?}"
+    );
     assert!(!e.fatal);
 }
 

@@ -5,7 +5,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startRelay } from '../shared/relay.js';
-import { Client, Identity, TreeKey } from '../../js/index.node.js';
+import { Client, Identity, TreeKey, WhispeerError } from '../../js/index.node.js';
 
 const relays = [];
 const clients = [];
@@ -14,8 +14,8 @@ after(async () => {
   await Promise.all(relays.map((r) => r.stop()));
 });
 
-async function relay() {
-  const r = await startRelay();
+async function relay(opts) {
+  const r = await startRelay(opts);
   relays.push(r);
   return r;
 }
@@ -108,6 +108,29 @@ test('SIGKILL of the relay mid-stream: both clients move to the next, every mess
   assert.deepEqual(twice, [], 'delivered more than once');
   assert.deepEqual([...got.seen.keys()].sort((x, y) => x - y), range(1, 26));
   assert.equal(pub.stats().unackedPublishes, 0);
+});
+
+test('a durable refused for good on a resume ends its iterator with the reason', async () => {
+  // The next relay keeps no store, so it has no durable subscriptions: `not_allowed` is
+  // not asked again forever (as a name held elsewhere for now, `busy`, is).
+  const a = await relay();
+  const b = await relay({ store: 'none' });
+  const tree = TreeKey.generate('fo');
+  const sub = await connect([a.url, b.url], tree);
+  const pub = await connect([a.url], tree);
+  const it = await sub.subscribe('feed/x', { qos: 1, durable: 'ends' });
+  await pub.publish('feed/x', 1, { qos: 1 });
+  assert.equal((await it.next()).value.value, 1);
+  const errors = [];
+  sub.on('error', (e) => errors.push(e));
+  await a.stop(); // SIGKILL
+  await assert.rejects(
+    it.next(),
+    (e) => e instanceof WhispeerError && e.code === 'not_allowed' && /no store/.test(e.message),
+  );
+  assert.equal(sub.url, b.url);
+  assert.deepEqual((await it.next()), { value: undefined, done: true }, 'ended');
+  assert.equal(errors.length, 1, 'reported once');
 });
 
 test('first connect skips a dead relay', async () => {

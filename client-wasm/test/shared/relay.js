@@ -29,12 +29,12 @@ function waitReady(dir, file, child) {
   });
 }
 
-export async function startRelay({ wsPort = 0, args = [], storePath } = {}) {
+export async function startRelay({ wsPort = 0, args = [], storePath, store = 'memory' } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'whispeer-relay-'));
   const file = join(dir, 'ready.json');
   const child = spawn(
     relayBin(),
-    ['serve', ...(storePath ? ['--store', 'sqlite', '--store-path', storePath] : ['--store', 'memory']), '--ws', `127.0.0.1:${wsPort}`, '--tcp', '127.0.0.1:0', '--admin', '127.0.0.1:0', '--ready-file', file, ...args],
+    ['serve', ...(storePath ? ['--store', 'sqlite', '--store-path', storePath] : ['--store', store]), '--ws', `127.0.0.1:${wsPort}`, '--tcp', '127.0.0.1:0', '--admin', '127.0.0.1:0', '--ready-file', file, ...args],
     { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, WHISPEER_LOG: process.env.WHISPEER_LOG ?? 'warn' } },
   );
   const ready = await waitReady(dir, file, child);

@@ -22,11 +22,12 @@ use super::shared::{
 };
 use crate::core::batching::SealDone;
 use crate::core::connection::{
-    AckToken, ConnId, Disconnect, Engine, Event, FlushId, Now, PublishFailure, PublishId, Transmit,
+    AckToken, ConnId, Disconnect, Engine, Event, FlushId, Now, PublishFailure, PublishId,
+    SubscribeFailure, Transmit,
 };
 use crate::core::jobs::OpenDone;
 use crate::core::{LocalSubId, Received};
-use crate::error::{ConnectError, FlushError, PublishError};
+use crate::error::{ConnectError, FlushError, PublishError, ReceiveError};
 use crate::plugin::{Plugins, Verdict};
 use crate::transport::{Connection, Dialer, FrameWriter, Incoming};
 
@@ -563,8 +564,20 @@ impl Driver {
                     }
                 }
                 Event::SubscribeErr { sub, error } => {
-                    if let Some(r) = self.sinks.remove(&sub).and_then(|s| s.ready) {
-                        let _ = r.send(Err(error.into()));
+                    if let Some(s) = self.sinks.remove(&sub) {
+                        match s.ready {
+                            Some(r) => {
+                                let _ = r.send(Err(error.into()));
+                            }
+                            // Confirmed before: the stream ends with the relay's reason.
+                            None => {
+                                if let SubscribeFailure::Rejected { code, message } = error {
+                                    let why = ReceiveError::Ended { code, message };
+                                    tracing::warn!(%why, "subscription ended by the relay");
+                                    let _ = s.tx.send(Item::Ended(why));
+                                }
+                            }
+                        }
                     }
                 }
                 Event::PubAck { pid, seq } => {

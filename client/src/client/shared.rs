@@ -12,7 +12,7 @@ use whispeer_protocol::{
 
 use crate::core::connection::{AckToken, PubOptions};
 use crate::core::{CoreStats, LocalSubId, Received, SealPolicy, SubscribeOptions};
-use crate::error::{FlushError, PublishError, SubscribeError};
+use crate::error::{FlushError, PublishError, ReceiveError, SubscribeError};
 use crate::plugin::Plugins;
 
 /// Unix time in milliseconds.
@@ -184,6 +184,9 @@ pub(crate) enum Item {
     /// stream takes it silently, so its ack leaves when the app reaches it, exactly as a
     /// message's would.
     Hidden(AckToken),
+    /// The relay ended this subscription (a durable refused for good on a resume): the
+    /// stream yields this error, then ends.
+    Ended(ReceiveError),
 }
 
 /// Where the relay's `PubAck` (its sequence number) for one publish is reported.

@@ -80,6 +80,7 @@ impl<T> Subscription<T> {
                     let _ = self.cmd.send(Command::Ack(token));
                     continue;
                 }
+                Item::Ended(why) => Err(why),
             }));
         }
     }

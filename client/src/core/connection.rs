@@ -1089,8 +1089,15 @@ impl Engine {
         let mut sub = None;
         if let Some(rid) = e.sub_id {
             if let Some(local) = self.core.local_for(rid) {
-                if self.subs.get(&local).is_some_and(|s| s.waiting.is_some()) {
-                    // Refused before it was confirmed: the subscribe fails and is forgotten.
+                let confirmed = self.subs.get(&local).is_some_and(|s| s.waiting.is_none());
+                let durable = self.core.is_durable(local);
+                // A confirmed durable subscription refused on a resume (a reconnect, a
+                // failover) with a code retrying cannot change (its owner differs at this
+                // relay, the relay keeps no store, a quota): it ends, with that error.
+                let ends = confirmed && durable && !e.fatal && !e.code.is_retryable();
+                if !confirmed || ends {
+                    // Refused before it was confirmed (the subscribe fails), or a confirmed
+                    // durable ends: forgotten either way.
                     named = true;
                     for f in self.core.unsubscribe(local) {
                         if !matches!(&f, Frame::Unsub(u) if u.sub_id == rid) {
@@ -1106,14 +1113,13 @@ impl Engine {
                     self.emit(Event::SubscribeErr { sub: local, error });
                 } else {
                     sub = Some(local);
-                    // A confirmed durable subscription refused on a resume (a reconnect,
-                    // a failover): its name is held elsewhere for now — by the old
-                    // connection until the relay sees it gone, or at another relay of a
-                    // cluster until that hold is released or lapses. Asked again with the
-                    // reconnect backoff (so is one refused with a retryable code: the store
-                    // unreachable for now); the error is reported once per streak.
-                    let retry = e.code == ErrorCode::NotAllowed || e.code.is_retryable();
-                    if retry && !e.fatal && self.core.is_durable(local) {
+                    // A confirmed durable subscription refused on a resume with a
+                    // retryable code: its name is held elsewhere for now (`busy`) — by the
+                    // old connection until the relay sees it gone, or at another relay of
+                    // a cluster until that hold is released or lapses — or the store is
+                    // unreachable for now. Asked again with the reconnect backoff; the
+                    // error is reported once per streak.
+                    if !e.fatal && durable && e.code.is_retryable() {
                         let attempts = self.sub_retries.get(&rid).map_or(0, |r| r.0);
                         let delay = self.cfg.backoff.delay_ms(attempts, &mut self.rng);
                         self.sub_retries

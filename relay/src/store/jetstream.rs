@@ -70,6 +70,10 @@ const TENANT_HEADER: &str = "Wsp-Tenant";
 /// Header of a durable record: a keyed hash of the durable's owner (`account:NAME` or the
 /// `Sub.owner` secret's hash), so every relay enforces it and NATS learns no name.
 const OWNER_HEADER: &str = "Wsp-Owner";
+/// Header carrying the writing relay's origin and write id (`<origin hex>.<id>`): the
+/// ordered read of the relay that wrote a message ends its in-flight quota count (see
+/// [`ledger`]).
+const WRITE_HEADER: &str = "Wsp-Write";
 /// Header JetStream puts on a headers-only delivery: the payload's size.
 const SIZE_HEADER: &str = "Nats-Msg-Size";
 /// Most messages one history read returns.
@@ -181,6 +185,13 @@ fn header_tag(h: Option<&HeaderMap>) -> Tag {
     tag
 }
 
+/// The write id of a message this relay run (`origin`) wrote, from its `Wsp-Write` header.
+fn own_write(h: Option<&HeaderMap>, origin: &str) -> Option<u64> {
+    let v = h?.get(WRITE_HEADER)?;
+    let (o, id) = v.as_str().split_once('.')?;
+    (o == origin).then(|| id.parse().ok()).flatten()
+}
+
 fn header_u64(h: Option<&HeaderMap>, name: &str) -> Option<u64> {
     h.and_then(|h| h.get(name))
         .and_then(|v| v.as_str().parse::<u64>().ok())
@@ -218,8 +229,8 @@ struct Job {
     payload: Bytes,
     /// The retained stream's subject, for a `RETAIN` publish.
     retain: Option<String>,
-    /// The quota usage this publish holds in flight (tenant index, what it adds).
-    quota: (u32, Need),
+    /// The ledger's write id of this publish (its quota usage in flight).
+    write: u64,
 }
 
 enum Slot {
@@ -277,6 +288,8 @@ struct Inner {
     cursors: Mutex<HashMap<(String, u64), Cursor>>,
     /// This relay's holds on durable names (one holder per durable in the cluster).
     leases: Arc<lease::Leases>,
+    /// This relay run's random id in the `Wsp-Write` header of its writes.
+    origin: String,
 }
 
 /// The JetStream-backed store (`[cluster] store = "jetstream"`).
@@ -469,6 +482,11 @@ impl JetStreamStore {
             counters: Counters::default(),
             ledger: Mutex::new(ledger),
             cursors: Mutex::new(HashMap::new()),
+            origin: {
+                let mut id = [0u8; 8];
+                getrandom::getrandom(&mut id).expect("OS random number generator");
+                hex::encode(id)
+            },
             leases: Arc::new(lease::Leases::new(
                 Duration::from_millis(cluster.durable_lease_ms),
                 &prefix_for_leases,
@@ -872,7 +890,7 @@ async fn ack_loop(
             Ok(Accepted::New(s)) => Some(s.0),
             _ => None,
         };
-        lock(&inner.ledger).finish(job.quota.0, job.quota.1, seq);
+        lock(&inner.ledger).finish(job.write, seq);
         JetStreamStore::resolve(&inner, job.ticket, out);
     }
 }
@@ -927,7 +945,8 @@ async fn load_ledger(
                 }
                 let h = m.headers.as_ref();
                 let size = header_u64(h, SIZE_HEADER).unwrap_or(0);
-                apply_stream_message(ledger, prefix, m.subject.as_str(), seq, ts, h, size);
+                // A relay starting has written nothing yet: no write of its own to settle.
+                apply_stream_message(ledger, prefix, "", m.subject.as_str(), seq, ts, h, size);
                 seq < last
             },
         )
@@ -977,9 +996,11 @@ async fn scan_headers(
 
 /// Applies one message of the main stream to the ledger; returns whether it is kept in
 /// history (false: a retained-only value) or `None` for a subject outside the layout.
+#[allow(clippy::too_many_arguments)]
 fn apply_stream_message(
     ledger: &mut Ledger,
     prefix: &str,
+    origin: &str,
     subject: &str,
     seq: u64,
     ts: u64,
@@ -999,7 +1020,8 @@ fn apply_stream_message(
         Some(path) => (path, false),
         None => (rest, true),
     };
-    ledger.apply(seq, ts, path, &header_tag(h), size, kept, retain);
+    let own = own_write(h, origin);
+    ledger.apply(seq, ts, path, &header_tag(h), size, kept, retain, own);
     Some(kept)
 }
 
@@ -1050,6 +1072,7 @@ async fn live_loop(
                         apply_stream_message(
                             &mut l,
                             &i.prefix,
+                            &i.origin,
                             m.subject.as_str(),
                             seq,
                             ts,
@@ -1195,7 +1218,7 @@ impl Store for JetStreamStore {
         };
         let tag = tenant_tag(m.tenant);
         let size = m.envelope.as_bytes().len() as u64;
-        let quota = {
+        let write = {
             let key = crate::cluster::path_subject("", path);
             let key = key.strip_prefix('.').unwrap_or(&key);
             let mut l = lock(&inner.ledger);
@@ -1209,10 +1232,11 @@ impl Store for JetStreamStore {
                 .fetch_add(1, Relaxed);
                 return Err(e);
             }
-            (l.begin(&tag, &need), need)
+            l.begin(&tag, &need)
         };
         let mut headers = HeaderMap::new();
         headers.insert(TENANT_HEADER, hex::encode(tag).as_str());
+        headers.insert(WRITE_HEADER, format!("{}.{write}", inner.origin).as_str());
         if m.flags != 0 {
             headers.insert(FLAGS_HEADER, m.flags.to_string().as_str());
         }
@@ -1231,19 +1255,19 @@ impl Store for JetStreamStore {
             payload: m.envelope.as_bytes().clone(),
             retain: retain
                 .then(|| crate::cluster::path_subject(&retained_prefix(&inner.prefix), path)),
-            quota,
+            write,
         };
         match inner.jobs.try_send(job) {
             Ok(()) => Ok(Accepted::Pending(ticket)),
             Err(mpsc::error::TrySendError::Full(_)) => {
-                lock(&inner.ledger).finish(quota.0, quota.1, None);
+                lock(&inner.ledger).finish(write, None);
                 inner.counters.busy.fetch_add(1, Relaxed);
                 Err(StoreError::Busy(
                     "the JetStream publish queue is full".into(),
                 ))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                lock(&inner.ledger).finish(quota.0, quota.1, None);
+                lock(&inner.ledger).finish(write, None);
                 Err(StoreError::Unavailable(
                     "the JetStream publisher stopped".into(),
                 ))

@@ -309,7 +309,11 @@ pub enum Event {
         /// The subscription.
         sub: LocalSubId,
     },
-    /// `sub` will not be confirmed; the engine forgot it.
+    /// `sub` will not be confirmed — or, confirmed and durable, it was refused on a resume
+    /// (a reconnect, a failover) with a code retrying cannot change, such as `not_allowed`
+    /// for a durable owned by someone else at the relay now used; the engine forgot it.
+    /// (Refused with a retryable code, such as `busy` for a name held elsewhere for now, a
+    /// durable is asked for again with the reconnect backoff instead.)
     SubscribeErr {
         /// The subscription.
         sub: LocalSubId,

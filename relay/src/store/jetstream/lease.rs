@@ -157,7 +157,7 @@ impl Leases {
                     let ours = holder.split(':').next().is_some_and(|r| r == self.relay_id);
                     let left = stamped + i128::from(ttl_ms) - wall_ms();
                     if !ours && left > 0 {
-                        return Err(StoreError::NotAllowed(format!(
+                        return Err(StoreError::Held(format!(
                             "durable subscription {:?} is active at another relay (its hold \
                              lapses within {} ms unless renewed)",
                             key.name, left
@@ -190,7 +190,7 @@ impl Leases {
                 );
                 Ok(())
             }
-            Err(WriteError::Moved) => Err(StoreError::NotAllowed(format!(
+            Err(WriteError::Moved) => Err(StoreError::Held(format!(
                 "durable subscription {:?} was just taken at another relay",
                 key.name
             ))),

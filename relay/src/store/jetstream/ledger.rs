@@ -12,7 +12,10 @@
 //!
 //! What a relay has handed to the stream and not yet read back is counted as in flight
 //! for its tenant, so a burst at one relay cannot overrun a quota before its messages come
-//! back. Bursts at *several* relays at once can pass a quota by what is in flight at the
+//! back. Each such write carries this relay's write id (header `Wsp-Write`), so the
+//! ordered read that applies it also ends its in-flight count — whether the stream's ack
+//! reached this relay before or after: a write is never counted twice (applied and in
+//! flight), which would refuse a publish one early at exactly a quota. Bursts at *several* relays at once can pass a quota by what is in flight at the
 //! others (documented; bounded by the publish queues).
 //!
 //! Memory: one small entry per stored message (sequence, time, tenant, size) and one per
@@ -104,6 +107,10 @@ pub struct Ledger {
     /// This relay's writes handed to the stream and not yet read back, per tenant.
     in_flight: HashMap<u32, Usage>,
     in_flight_total: Usage,
+    /// Writes handed to the stream, not yet acknowledged nor read back: write id →
+    /// (tenant, need).
+    writes: HashMap<u64, (u32, Need)>,
+    next_write: u64,
     /// Publishes acknowledged by the stream but not yet read back: sequence → (tenant, need).
     awaiting: BTreeMap<u64, (u32, Need)>,
     /// Durable names, by durable key: their tenant.
@@ -124,6 +131,8 @@ impl Ledger {
             applied: 0,
             in_flight: HashMap::new(),
             in_flight_total: Usage::default(),
+            writes: HashMap::new(),
+            next_write: 1,
             awaiting: BTreeMap::new(),
             durables: HashMap::new(),
         };
@@ -164,7 +173,8 @@ impl Ledger {
     }
 
     /// Applies one message of the stream, in stream order: `kept` in history (else a
-    /// retained-only value), `retain` as the path's retained value. A sequence at or below
+    /// retained-only value), `retain` as the path's retained value; `own` is the write id
+    /// when this relay wrote it (its in-flight count ends here). A sequence at or below
     /// one applied already is ignored (a re-read after a reconnect).
     #[allow(clippy::too_many_arguments)]
     pub fn apply(
@@ -176,11 +186,15 @@ impl Ledger {
         size: u64,
         kept: bool,
         retain: bool,
+        own: Option<u64>,
     ) {
         if seq <= self.applied {
             return;
         }
         self.advance(seq);
+        if let Some((t, need)) = own.and_then(|id| self.writes.remove(&id)) {
+            self.settle(t, &need);
+        }
         let tenant = self.tenant(tag);
         let e = Entry {
             seq,
@@ -385,18 +399,25 @@ impl Ledger {
         Ok(())
     }
 
-    /// Counts a write handed to the stream as in flight; returns its tenant index.
-    pub fn begin(&mut self, tag: &Tag, need: &Need) -> u32 {
+    /// Counts a write handed to the stream as in flight; returns its write id (to send
+    /// with it, and to [`Ledger::finish`] it).
+    pub fn begin(&mut self, tag: &Tag, need: &Need) -> u64 {
         let t = self.tenant(tag);
         self.in_flight.entry(t).or_default().add(need);
         self.in_flight_total.add(need);
-        t
+        let id = self.next_write;
+        self.next_write += 1;
+        self.writes.insert(id, (t, *need));
+        id
     }
 
-    /// A write in flight is over: `Some(seq)` when the stream took it under that sequence
+    /// The stream answered write `id`: `Some(seq)` when it took it under that sequence
     /// (it stays counted until the ordered read applies it), `None` when it failed or was
-    /// a duplicate.
-    pub fn finish(&mut self, t: u32, need: Need, seq: Option<u64>) {
+    /// a duplicate. A write the ordered read has applied already is not settled again.
+    pub fn finish(&mut self, id: u64, seq: Option<u64>) {
+        let Some((t, need)) = self.writes.remove(&id) else {
+            return;
+        };
         match seq {
             Some(s) if s > self.applied => {
                 self.awaiting.insert(s, (t, need));
@@ -523,7 +544,7 @@ mod tests {
         let mut l = Ledger::new(limits());
         let a = [1u8; 16];
         for seq in 1..=3 {
-            l.apply(seq, 10 * seq, "k.p", &a, 100, true, false);
+            l.apply(seq, 10 * seq, "k.p", &a, 100, true, false, None);
         }
         let u = l.usage_of(&a);
         assert_eq!(
@@ -531,7 +552,7 @@ mod tests {
             (2, 200, 1),
             "per-subject limit 2"
         );
-        l.apply(2, 0, "k.p", &a, 100, true, false);
+        l.apply(2, 0, "k.p", &a, 100, true, false, None);
         assert_eq!(l.usage_of(&a).msgs, 2, "a re-read sequence is ignored");
         l.expire(1025);
         assert_eq!(l.usage_of(&a).msgs, 1, "seq 2 (ts 20) aged out");
@@ -544,19 +565,19 @@ mod tests {
         let mut l = Ledger::new(limits());
         let a = [1u8; 16];
         let n = l.need("k.p", 10, true, false);
+        let mut ids = Vec::new();
         for _ in 0..3 {
             l.check(&a, &n).unwrap();
-            l.begin(&a, &n);
+            ids.push(l.begin(&a, &n));
         }
         assert_eq!(l.check(&a, &n).unwrap_err().0, Refused::Tenant);
-        let t = l.tenant(&a);
-        l.finish(t, n, None);
+        l.finish(ids[0], None);
         l.check(&a, &n).unwrap();
-        l.finish(t, n, Some(7));
-        l.apply(7, 0, "k.q", &a, 10, true, false);
+        l.finish(ids[1], Some(7));
+        l.apply(7, 0, "k.q", &a, 10, true, false, None);
         let r = l.need("k.r", 10, true, true);
         assert!(l.check(&a, &r).is_ok());
-        l.apply(8, 0, "k.r", &a, 10, false, true);
+        l.apply(8, 0, "k.r", &a, 10, false, true, None);
         let r = l.need("k.r", 10, false, true);
         assert_eq!(r.retained, 0);
         assert!(
@@ -570,8 +591,8 @@ mod tests {
             "one retained value per tenant"
         );
         assert_eq!(l.retained_under("k."), vec![(Arc::from("k.r"), 8)]);
-        l.apply(9, 50, "k.q", &a, 10, true, false);
-        l.apply(10, 60, "k.q", &a, 10, true, false);
+        l.apply(9, 50, "k.q", &a, 10, true, false, None);
+        l.apply(10, 60, "k.q", &a, 10, true, false, None);
         let all = |_: &str| true;
         assert_eq!(
             l.last_n_starts("k.", all, 1, 10),
@@ -589,10 +610,58 @@ mod tests {
         // flight once the read passes its sequence.
         let before = l.in_flight_total;
         let n = l.need("k.z", 10, true, false);
-        let t = l.begin(&a, &n);
-        l.finish(t, n, Some(20));
+        let id = l.begin(&a, &n);
+        l.finish(id, Some(20));
         assert_eq!(l.in_flight_total.msgs, before.msgs + 1);
-        l.apply(21, 70, "k.q", &a, 10, true, false);
+        l.apply(21, 70, "k.q", &a, 10, true, false, None);
         assert_eq!(l.in_flight_total, before);
+    }
+
+    /// The ordered read can apply a write before the stream's ack reaches the relay that
+    /// wrote it: counted once (usage), not also in flight — else a publish exactly at a
+    /// quota was refused one early while the acks were on their way.
+    #[test]
+    fn a_write_read_back_before_its_ack_counts_once() {
+        let mut l = Ledger::new(limits());
+        let a = [1u8; 16];
+        let n = l.need("k.p", 10, true, false);
+        let ids: Vec<u64> = (0..3)
+            .map(|_| {
+                l.check(&a, &n).unwrap();
+                l.begin(&a, &n)
+            })
+            .collect();
+        // All three come back through the ordered read before any ack.
+        for (i, id) in ids.iter().enumerate() {
+            l.apply(
+                i as u64 + 1,
+                0,
+                &format!("k.p{i}"),
+                &a,
+                10,
+                true,
+                false,
+                Some(*id),
+            );
+        }
+        assert_eq!(l.usage_of(&a).msgs, 3);
+        assert_eq!(
+            l.in_flight_total,
+            Usage::default(),
+            "nothing left in flight"
+        );
+        // The late acks change nothing.
+        for (i, id) in ids.iter().enumerate() {
+            l.finish(*id, Some(i as u64 + 1));
+        }
+        assert_eq!(l.in_flight_total, Usage::default());
+        assert_eq!(l.usage_of(&a).msgs, 3);
+        // A write id of another relay's (or an unknown one) settles nothing here.
+        let n = l.need("k.x", 10, true, false);
+        let id = l.begin(&a, &n);
+        l.apply(9, 0, "k.x2", &[2u8; 16], 10, true, false, Some(id + 100));
+        assert_eq!(l.in_flight_total.msgs, 1);
+        l.finish(id, None);
+        assert_eq!(l.in_flight_total, Usage::default());
     }
 }
