@@ -102,7 +102,14 @@ fn main() {
             let dir = base.join("wsp-jetstream");
             std::fs::create_dir_all(&dir).unwrap();
             let relay = RelayProc::jetstream(&dir, nats.addr);
+            let cpu = [cpu_s(relay.child.id()), cpu_s(nats.child.id())];
             let o = rt.block_on(whispeer_run(relay.addrs.tcp.unwrap(), n));
+            eprintln!(
+                "whispeer on JetStream: CPU per message (publish + ack + replay): relay {:.1} µs, \
+                 nats-server {:.1} µs",
+                (cpu_s(relay.child.id()) - cpu[0]) * 1e6 / n as f64,
+                (cpu_s(nats.child.id()) - cpu[1]) * 1e6 / n as f64,
+            );
             let size = file_bytes(&base.join("nats-relay"));
             rows.push((
                 "whispeer on JetStream (R1)".into(),
@@ -115,7 +122,12 @@ fn main() {
     }
     match start_jetstream(&base.join("nats")) {
         Some(nats) => {
+            let cpu = cpu_s(nats.child.id());
             let o = rt.block_on(nats_run(nats.addr, n));
+            eprintln!(
+                "nats-server JetStream: CPU per message (publish + ack + replay): {:.1} µs",
+                (cpu_s(nats.child.id()) - cpu) * 1e6 / n as f64
+            );
             let size = file_bytes(&base.join("nats"));
             rows.push((
                 "nats-server JetStream file".into(),
@@ -154,6 +166,21 @@ fn main() {
         }
     }
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc` (0 elsewhere).
+fn cpu_s(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is field 3; utime and
+    // stime are fields 14 and 15, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map_or("", |r| r.1);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
 }
 
 fn file_bytes(dir: &Path) -> u64 {
@@ -385,12 +412,15 @@ async fn whispeer_run(addr: SocketAddr, n: u64) -> Outcome {
         owner: None,
     }))
     .await;
-    let mut got = 0u64;
-    loop {
+    // History up to the `SubOk` boundary, then live. On the JetStream store a `PubAck`
+    // can leave before the relay's ordered read of the stream reaches that message, so the
+    // boundary may be below the last acknowledged sequence: the rest comes live.
+    let (mut got, mut done) = (0u64, false);
+    while !done || got < n {
         match s.next().await {
             Frame::SubOk(_) => {}
             Frame::Msg(_) => got += 1,
-            Frame::ReplayDone(_) => break,
+            Frame::ReplayDone(_) => done = true,
             other => panic!("unexpected {other:?}"),
         }
     }
