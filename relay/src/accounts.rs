@@ -33,6 +33,7 @@ use whispeer_protocol::{codec, ErrorCode, Frame, KeyId};
 use crate::config::{AuthConfig, AuthMode};
 use crate::ids::ConnId;
 use crate::outbound::Outbound;
+use crate::store::{Claim, StoreError};
 
 /// Prefix of a bearer token printed by `account add --token`.
 pub const TOKEN_PREFIX: &str = "wsp_tok_";
@@ -619,11 +620,17 @@ impl Accounts {
     ///
     /// `Ok(Some(line))`: allowed, but the claim it relies on is state-file line `line`,
     /// not yet on disk: answer the request once [`durable`](Self::durable) reaches it.
+    ///
+    /// `shared` asks a store shared by several relays (JetStream) for the claim, so one
+    /// group holds a key id in the whole cluster ([`crate::store::Store::claim_key`]); it
+    /// is called without this relay's state locked. A claim it reports is remembered here
+    /// (claims never move) and not written to the state file.
     pub fn authorize(
         &self,
         name: &str,
         key_id: &KeyId,
         need: Rights,
+        shared: impl FnOnce(&str) -> Result<Claim, StoreError>,
     ) -> Result<Option<u64>, Refusal> {
         if !self.required() {
             return Ok(None);
@@ -644,23 +651,57 @@ impl Accounts {
             ));
         }
         let k = *key_id.as_bytes();
-        let mut st = self.state();
-        match st.claims.get(&k) {
-            Some((g, line)) if *g == acct.group => Ok(st.pending(*line)),
-            Some(_) => Err(Refusal::new(
+        let others = || {
+            Err(Refusal::new(
                 ErrorCode::AuthFailed,
                 "this key id is claimed by another group of accounts".into(),
-            )),
+            ))
+        };
+        let over = |n: usize| {
+            Err(Refusal::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "the account's group holds {n} key ids, the limit \
+                     (auth.max_claims_per_group)"
+                ),
+            ))
+        };
+        {
+            let st = self.state();
+            match st.claims.get(&k) {
+                Some((g, line)) if *g == acct.group => return Ok(st.pending(*line)),
+                Some(_) => return others(),
+                None => {
+                    let n = st.claims_per_group.get(&acct.group).copied().unwrap_or(0);
+                    if n >= self.max_claims {
+                        return over(n);
+                    }
+                }
+            }
+        }
+        let claim = shared(&acct.group).map_err(|e| Refusal::new(e.code(), e.to_string()))?;
+        let mut st = self.state();
+        match claim {
+            Claim::NotShared => {}
+            Claim::Ours { new } => {
+                // Counted per relay: a group can claim up to the limit at each relay.
+                if new {
+                    *st.claims_per_group.entry(acct.group.clone()).or_default() += 1;
+                }
+                st.claims.insert(k, (acct.group.clone(), 0));
+                return Ok(None);
+            }
+            // Not remembered here (the holding group's name is not known here, only its
+            // tag): the store remembers it.
+            Claim::Others => return others(),
+        }
+        match st.claims.get(&k) {
+            Some((g, line)) if *g == acct.group => Ok(st.pending(*line)),
+            Some(_) => others(),
             None => {
                 let n = st.claims_per_group.get(&acct.group).copied().unwrap_or(0);
                 if n >= self.max_claims {
-                    return Err(Refusal::new(
-                        ErrorCode::QuotaExceeded,
-                        format!(
-                            "the account's group holds {n} key ids, the limit \
-                             (auth.max_claims_per_group)"
-                        ),
-                    ));
+                    return over(n);
                 }
                 *st.claims_per_group.entry(acct.group.clone()).or_default() += 1;
                 let line = st.append(&StateLine::Claim {

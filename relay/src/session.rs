@@ -1035,7 +1035,13 @@ impl Session {
         if !accounts.required() {
             return Ok(None);
         }
-        accounts.authorize(self.account.as_deref().unwrap_or_default(), key_id, need)
+        let store = self.shared.router.store();
+        accounts.authorize(
+            self.account.as_deref().unwrap_or_default(),
+            key_id,
+            need,
+            |group| store.claim_key(key_id, group),
+        )
     }
 
     /// Holds `frame` until auth-state line `line` (a key-id claim or durable owner it made

@@ -189,6 +189,20 @@ impl StoreError {
     }
 }
 
+/// A key-id claim as a store shared by relays answers it ([`Store::claim_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This store does not keep claims: the relay's auth-state file does.
+    NotShared,
+    /// The group holds the key id; `new`: this call claimed it.
+    Ours {
+        /// Claimed by this call.
+        new: bool,
+    },
+    /// Another group holds the key id.
+    Others,
+}
+
 /// Whose quota a stored message, retained value or durable name counts against: the
 /// authenticated relay account when accounts are on, else the source address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -567,6 +581,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// store keeps owners, the relay keeps none of its own; `Ok(false)`: owners are the
     /// relay's (its auth-state file); `Err(NotAllowed)`: the durable is someone else's.
     fn durable_owner(&self, key: &DurableKey, owner: Option<&str>) -> Result<bool, StoreError>;
+    /// Claims `key_id` for the accounts group `group` across every relay sharing this
+    /// store, or says who holds it (§ relay accounts: the first group to use a key id
+    /// claims it). [`Claim::NotShared`]: claims are the relay's own (its auth-state file).
+    fn claim_key(&self, key_id: &KeyId, group: &str) -> Result<Claim, StoreError>;
     /// Takes the hold on a durable name across every relay sharing this store, for one
     /// connection of this relay (which already holds it locally: one holder per relay is
     /// the relay's own rule). `Err(Held)`: a connection at another relay holds it.
@@ -706,6 +724,11 @@ impl Store for LiveStore {
 
     fn durable_owner(&self, _: &DurableKey, _: Option<&str>) -> Result<bool, StoreError> {
         Err(Self::unsupported("durable subscriptions"))
+    }
+
+    fn claim_key(&self, _: &KeyId, _: &str) -> Result<Claim, StoreError> {
+        // One relay, nothing stored: the relay's auth-state file keeps claims.
+        Ok(Claim::NotShared)
     }
 
     fn status(&self) -> StoreStatus {

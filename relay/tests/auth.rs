@@ -24,22 +24,6 @@ fn relay_bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_whispeer-relay"))
 }
 
-/// `whispeer-relay account add NAME --file FILE ARGS…`; returns stdout.
-fn account_add(file: &Path, name: &str, args: &[&str]) -> String {
-    let out = relay_bin()
-        .args(["account", "add", name, "--file"])
-        .arg(file)
-        .args(args)
-        .output()
-        .expect("run account add");
-    assert!(
-        out.status.success(),
-        "account add failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Adds an account with a fresh key (written by the relay binary) and returns the key.
 fn key_account(dir: &Path, file: &Path, name: &str, extra: &[&str]) -> SigningKey {
     let key_file = dir.join(format!("{name}.key"));

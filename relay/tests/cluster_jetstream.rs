@@ -1223,3 +1223,138 @@ async fn retained_and_durable_quotas_count_the_whole_cluster() {
             >= 2
     );
 }
+
+/// True on the next `PubAck`, false on an `Err(auth_failed)`.
+async fn acked_or_refused(c: &mut Client) -> bool {
+    loop {
+        match c.recv().await {
+            Frame::PubAck(_) => return true,
+            Frame::Err(e) => {
+                assert_eq!(e.code, whispeer_protocol::ErrorCode::AuthFailed, "{e:?}");
+                return false;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A token account in `group`: the token printed.
+fn token_account(file: &std::path::Path, name: &str, group: &str) -> String {
+    let out = account_add(file, name, &["--token", "--group", group]);
+    out.trim().lines().last().unwrap().to_string()
+}
+
+/// A client logged in with a bearer token.
+async fn token_client(addr: SocketAddr, token: &str) -> Client {
+    let mut c = Client::tcp(addr).await;
+    c.send(&Frame::Hello(whispeer_protocol::frame::Hello {
+        versions: vec![whispeer_protocol::frame::PROTOCOL_VERSION],
+        features: u64::MAX,
+        client: Some("claims-test".into()),
+        auth: Some(Bytes::copy_from_slice(token.as_bytes())),
+        account: None,
+    }))
+    .await;
+    match c.recv().await {
+        Frame::Welcome(_) => c,
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+/// Key-id claims are the cluster's with the JetStream store: the first accounts group to
+/// use a key id at relay A holds it at relay B too (each relay with its own auth-state file,
+/// one account list), so another group cannot take it over by connecting elsewhere — nor at
+/// a relay started later. Two groups claiming one new key id at two relays at once: one wins.
+#[tokio::test]
+async fn key_id_claims_hold_across_the_cluster() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let dir = temp_dir("claims");
+    let accounts = dir.join("accounts.toml");
+    let alice = token_account(&accounts, "alice", "a");
+    let mallory = token_account(&accounts, "mallory", "m");
+    let relay = |name: &str| {
+        let state = dir.join(format!("{name}.state"));
+        let extra = [
+            "--auth",
+            "required",
+            "--accounts",
+            accounts.to_str().unwrap(),
+            "--auth-state",
+            state.to_str().unwrap(),
+        ];
+        start_relay_with(&urls, name, &extra)
+    };
+    let (a, b) = (relay("claims-a"), relay("claims-b"));
+    let publish = |k: u8, id: u32| pub_frame(numbered(k, &[1], id), Qos::AtLeastOnce, id, false);
+
+    // Alice's group claims key 41 at A by publishing on it.
+    let mut pa = token_client(a.tcp(), &alice).await;
+    let seqs = publish_acked(
+        &mut pa,
+        &[(0, numbered(41, &[1], 0))],
+        Qos::AtLeastOnce,
+        false,
+    )
+    .await;
+    assert_eq!(seqs.len(), 1);
+    // Mallory at B: refused, publishing or subscribing.
+    let mut mb = token_client(b.tcp(), &mallory).await;
+    mb.send(&publish(41, 1)).await;
+    let e = mb.expect_err().await;
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::AuthFailed, "{e:?}");
+    assert!(e.message.contains("claimed by another group"), "{e:?}");
+    mb.send(&Frame::Sub(sub(1, pattern(41, &[], true), Qos::AtMostOnce)))
+        .await;
+    assert_eq!(
+        mb.expect_err().await.code,
+        whispeer_protocol::ErrorCode::AuthFailed
+    );
+    // Alice's group keeps it at B.
+    let mut ab = token_client(b.tcp(), &alice).await;
+    publish_acked(
+        &mut ab,
+        &[(2, numbered(41, &[1], 2))],
+        Qos::AtLeastOnce,
+        false,
+    )
+    .await;
+
+    // A relay started now knows the claim (it reads it from the stream on first use).
+    let c = relay("claims-c");
+    let mut mc = token_client(c.tcp(), &mallory).await;
+    mc.send(&publish(41, 3)).await;
+    assert_eq!(
+        mc.expect_err().await.code,
+        whispeer_protocol::ErrorCode::AuthFailed
+    );
+
+    // A new key id claimed at A and B at the same moment by the two groups: one group
+    // holds it at both relays, the other is refused at both.
+    pa.send(&publish(42, 10)).await;
+    mb.send(&publish(42, 11)).await;
+    let alice_won = acked_or_refused(&mut pa).await;
+    let mallory_won = acked_or_refused(&mut mb).await;
+    assert!(alice_won != mallory_won, "exactly one group holds key 42");
+    let (mut winner_elsewhere, mut loser_elsewhere) = if alice_won {
+        (ab, token_client(a.tcp(), &mallory).await)
+    } else {
+        (token_client(a.tcp(), &mallory).await, ab)
+    };
+    publish_acked(
+        &mut winner_elsewhere,
+        &[(12, numbered(42, &[1], 12))],
+        Qos::AtLeastOnce,
+        false,
+    )
+    .await;
+    loser_elsewhere.send(&publish(42, 13)).await;
+    assert_eq!(
+        loser_elsewhere.expect_err().await.code,
+        whispeer_protocol::ErrorCode::AuthFailed
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

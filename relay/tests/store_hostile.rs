@@ -1184,6 +1184,14 @@ impl Store for GatedStore {
     ) -> Result<(), whispeer_relay::store::StoreError> {
         self.inner.set_durable(key, floor, tenant)
     }
+    fn claim_key(
+        &self,
+        key_id: &whispeer_protocol::KeyId,
+        group: &str,
+    ) -> Result<whispeer_relay::store::Claim, whispeer_relay::store::StoreError> {
+        self.inner.claim_key(key_id, group)
+    }
+
     fn durable_owner(
         &self,
         key: &whispeer_relay::store::DurableKey,

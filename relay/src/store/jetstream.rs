@@ -25,7 +25,9 @@
 //!   third stream (`<stream>_DURABLE`, subjects `<prefix>_durable.<key>`, one message per
 //!   durable), kept in memory from an ordered read of it and written behind; **holds on
 //!   durable names** (one holder per durable in the cluster) are leases in a fourth
-//!   stream (`<stream>_LEASES`, see [`lease`]).
+//!   stream (`<stream>_LEASES`, see [`lease`]); **key-id claims** of relay accounts are
+//!   records in a fifth (`<stream>_CLAIMS`, one per key id, written once: the first group
+//!   to claim a key id holds it at every relay).
 //! - **Sequence space.** `Welcome.seq_space` is derived from the stream's name and creation
 //!   time, the same on every relay, and new when the stream is recreated.
 //!
@@ -53,7 +55,7 @@ use ledger::{Ledger, Limits, Refused, Tag};
 
 use super::quota::Need;
 use super::{
-    path_bytes, Accepted, Append, DurableKey, HoldLost, OnDurable, OnSequenced, ReadChunk,
+    path_bytes, Accepted, Append, Claim, DurableKey, HoldLost, OnDurable, OnSequenced, ReadChunk,
     ReadPlan, RetentionStatus, Sequenced, Store, StoreError, StoreMetrics, StoreStatus, Stored,
     Tenant,
 };
@@ -105,6 +107,30 @@ fn durable_prefix(prefix: &str) -> String {
     format!("{prefix}_durable")
 }
 
+fn claim_prefix(prefix: &str) -> String {
+    format!("{prefix}_claim")
+}
+
+/// What a key-id claim record holds: a keyed hash of the accounts group (NATS learns no
+/// group name; equal groups give equal tags on every relay).
+fn group_tag(group: &str) -> String {
+    hex::encode(keyed_tag(
+        b"whispeer-relay/v2/jetstream-claim-group\0",
+        group.as_bytes(),
+    ))
+}
+
+/// 16 bytes of SHA-256 over a context string (its own for each kind of tag) and `data`.
+fn keyed_tag(context: &[u8], data: &[u8]) -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(context);
+    h.update(data);
+    let mut tag = [0u8; 16];
+    tag.copy_from_slice(&h.finalize()[..16]);
+    tag
+}
+
 /// The subject prefix, inside the stream, of retained-only values (QoS 0 + `RETAIN` when
 /// `store_qos0` is off): numbered by the stream like every stored publish, but outside
 /// every history read's filter (`<prefix>.<key id>.>`: a key id is 32 hex digits, never
@@ -118,14 +144,7 @@ fn retained_only_prefix(prefix: &str) -> String {
 /// address never travels in clear (an IPv4 address is guessable from its hash by brute
 /// force; NATS sees the relays' connections anyway, never the clients').
 fn tenant_tag(t: &Tenant) -> Tag {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(b"whispeer-relay/v2/jetstream-tenant\0");
-    h.update(t.key());
-    let d = h.finalize();
-    let mut tag = [0u8; 16];
-    tag.copy_from_slice(&d[..16]);
-    tag
+    keyed_tag(b"whispeer-relay/v2/jetstream-tenant\0", &t.key())
 }
 
 /// Whether NATS subject `subject` matches filter `filter` (`*` one token, `>` the rest).
@@ -145,11 +164,10 @@ fn subject_matches(filter: &str, subject: &str) -> bool {
 
 /// The owner as a durable record carries it (hex of a keyed hash).
 fn owner_tag(owner: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(b"whispeer-relay/v2/jetstream-durable-owner\0");
-    h.update(owner.as_bytes());
-    hex::encode(&h.finalize()[..16])
+    hex::encode(keyed_tag(
+        b"whispeer-relay/v2/jetstream-durable-owner\0",
+        owner.as_bytes(),
+    ))
 }
 
 /// A durable record as read from the durable stream.
@@ -290,6 +308,10 @@ struct Inner {
     leases: Arc<lease::Leases>,
     /// This relay run's random id in the `Wsp-Write` header of its writes.
     origin: String,
+    /// Key-id claims of relay accounts (one record per key id, written once).
+    claim_stream: stream::Stream,
+    /// Claims read or written by this relay: key id hex → group tag (claims never move).
+    claims: Mutex<HashMap<String, String>>,
 }
 
 /// The JetStream-backed store (`[cluster] store = "jetstream"`).
@@ -367,6 +389,16 @@ impl JetStreamStore {
             num_replicas: cluster.replicas,
             ..Default::default()
         };
+        // Key-id claims of relay accounts: one message per key id, written once (the first
+        // group to use a key id holds it in the whole cluster).
+        let claim_cfg = stream::Config {
+            name: format!("{name}_CLAIMS"),
+            subjects: vec![format!("{}.>", claim_prefix(&prefix))],
+            max_messages_per_subject: 1,
+            storage: stream::StorageType::File,
+            num_replicas: cluster.replicas,
+            ..Default::default()
+        };
         // Durable holds: one lease message per durable (see `lease`). Old released or
         // lapsed records go after a day.
         let lease_cfg = stream::Config {
@@ -379,7 +411,7 @@ impl JetStreamStore {
             ..Default::default()
         };
         let mut attempt = 0u32;
-        let (mut main, durables, lease_stream) = loop {
+        let (mut main, durables, lease_stream, claim_stream) = loop {
             let r = async {
                 let main = js
                     .get_or_create_stream(main_cfg.clone())
@@ -396,7 +428,11 @@ impl JetStreamStore {
                     .get_or_create_stream(lease_cfg.clone())
                     .await
                     .map_err(|e| unavailable("durable lease stream", e))?;
-                Ok::<_, StoreError>((main, durables, leases))
+                let claims = js
+                    .get_or_create_stream(claim_cfg.clone())
+                    .await
+                    .map_err(|e| unavailable("claim stream", e))?;
+                Ok::<_, StoreError>((main, durables, leases, claims))
             }
             .await;
             match r {
@@ -482,6 +518,8 @@ impl JetStreamStore {
             counters: Counters::default(),
             ledger: Mutex::new(ledger),
             cursors: Mutex::new(HashMap::new()),
+            claim_stream,
+            claims: Mutex::new(HashMap::new()),
             origin: {
                 let mut id = [0u8; 8];
                 getrandom::getrandom(&mut id).expect("OS random number generator");
@@ -893,6 +931,41 @@ async fn ack_loop(
         lock(&inner.ledger).finish(job.write, seq);
         JetStreamStore::resolve(&inner, job.ticket, out);
     }
+}
+
+/// Reads the claim record at `subject`, creating it with `tag` when there is none (written
+/// only if the subject is still empty: of relays claiming at once, the stream's order
+/// decides). Returns the holding group's tag and whether this call wrote it.
+async fn write_claim(
+    js: &jetstream::Context,
+    stream: &stream::Stream,
+    subject: String,
+    tag: String,
+) -> Result<(String, bool), StoreError> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+    for _ in 0..4 {
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => return Ok((String::from_utf8_lossy(&m.payload).into_owned(), false)),
+            Err(e) if e.kind() == K::NoMessageFound => {}
+            Err(e) => return Err(unavailable("claim read", e)),
+        }
+        let mut h = HeaderMap::new();
+        h.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        let r = js
+            .publish_with_headers(subject.clone(), h, Bytes::from(tag.clone()))
+            .await
+            .map_err(|e| unavailable("claim write", e))?
+            .await;
+        match r {
+            Ok(_) => return Ok((tag, true)),
+            // Another relay wrote it in between: read it.
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {}
+            Err(e) => return Err(unavailable("claim write ack", e)),
+        }
+    }
+    Err(StoreError::Busy(
+        "the key id is being claimed at other relays; retry".into(),
+    ))
 }
 
 /// Fills the usage ledger from what the streams hold at start: the retained stream's values
@@ -1534,6 +1607,35 @@ impl Store for JetStreamStore {
                 Ok(true)
             }
         }
+    }
+
+    fn claim_key(&self, key_id: &KeyId, group: &str) -> Result<Claim, StoreError> {
+        let want = group_tag(group);
+        let k = hex::encode(key_id.as_bytes());
+        let known = lock(&self.inner.claims).get(&k).cloned();
+        let (have, new) = match known {
+            Some(have) => (have, false),
+            None => {
+                let subject = format!("{}.{k}", claim_prefix(&self.inner.prefix));
+                let (js, stream) = (self.inner.js.clone(), self.inner.claim_stream.clone());
+                let tag = want.clone();
+                let r = self.on_runtime(Duration::from_secs(5), async move {
+                    write_claim(&js, &stream, subject, tag).await
+                });
+                // Off the multi-threaded runtime (in-process uses): the relay's own claims.
+                let Some(r) = r else {
+                    return Ok(Claim::NotShared);
+                };
+                let (have, new) = r?;
+                lock(&self.inner.claims).insert(k, have.clone());
+                (have, new)
+            }
+        };
+        Ok(if have == want {
+            Claim::Ours { new }
+        } else {
+            Claim::Others
+        })
     }
 
     fn hold_durable(&self, key: &DurableKey, lost: &HoldLost) -> Result<(), StoreError> {

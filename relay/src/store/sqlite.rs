@@ -50,7 +50,7 @@ use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
 use super::quota::{over, Need, Usage};
 use super::{
-    path_bytes, Accepted, Append, DurableKey, OnDurable, OnSequenced, PathStatus, ReadChunk,
+    path_bytes, Accepted, Append, Claim, DurableKey, OnDurable, OnSequenced, PathStatus, ReadChunk,
     ReadPlan, RetentionStatus, Sequenced, Store, StoreError, StoreMetrics, StoreStatus, Stored,
     Tenant, BATCH_BUCKETS, COMMIT_BUCKETS,
 };
@@ -1975,6 +1975,11 @@ impl Store for SqliteStore {
     fn durable_owner(&self, _: &DurableKey, _: Option<&str>) -> Result<bool, StoreError> {
         // One relay per file: the relay's auth-state file keeps owners.
         Ok(false)
+    }
+
+    fn claim_key(&self, _: &KeyId, _: &str) -> Result<Claim, StoreError> {
+        // One relay per file: the relay's auth-state file keeps claims.
+        Ok(Claim::NotShared)
     }
 
     fn set_durable(&self, key: &DurableKey, floor: u64, tenant: &Tenant) -> Result<(), StoreError> {

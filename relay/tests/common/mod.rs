@@ -645,3 +645,20 @@ pub async fn metric(admin: SocketAddr, name: &str) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// `whispeer-relay account add NAME --file FILE ARGS…`; returns stdout.
+#[allow(dead_code)]
+pub fn account_add(file: &std::path::Path, name: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_whispeer-relay"))
+        .args(["account", "add", name, "--file"])
+        .arg(file)
+        .args(args)
+        .output()
+        .expect("run account add");
+    assert!(
+        out.status.success(),
+        "account add failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
