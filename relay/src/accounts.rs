@@ -188,12 +188,26 @@ impl AccountFile {
                 })
             }
         };
-        let file: AccountFile = toml::from_str(&text).map_err(|e| AccountError::Parse {
-            path: path.into(),
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks an account list's TOML text; `origin` names it in errors (a file,
+    /// or the cluster's stream).
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, AccountError> {
+        let file: AccountFile = toml::from_str(text).map_err(|e| AccountError::Parse {
+            path: origin.into(),
             reason: e.to_string(),
         })?;
         file.table()?;
         Ok(file)
+    }
+
+    /// The list as TOML text (what [`save`](Self::save) writes, without its comment).
+    pub fn to_toml(&self) -> Result<String, AccountError> {
+        toml::to_string(self).map_err(|e| AccountError::Parse {
+            path: PathBuf::from("<account list>"),
+            reason: e.to_string(),
+        })
     }
 
     /// Writes the file atomically (temporary file, then rename), mode 0600 on Unix.
@@ -206,10 +220,7 @@ impl AccountFile {
             "# whispeer-relay accounts: edit with `whispeer-relay account add|list|remove`.\n\
              # The relay reloads this file when it changes (and on SIGHUP).\n",
         );
-        text.push_str(&toml::to_string(self).map_err(|e| AccountError::Parse {
-            path: path.into(),
-            reason: e.to_string(),
-        })?);
+        text.push_str(&self.to_toml()?);
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
@@ -767,7 +778,20 @@ impl Accounts {
         let Some(path) = &self.file else {
             return Ok(0);
         };
-        let table = Arc::new(AccountFile::load(path)?.table()?);
+        let table = AccountFile::load(path)?.table()?;
+        Ok(self.install_table(table))
+    }
+
+    /// Installs an account list given as TOML text (the cluster's list, from JetStream);
+    /// closes the connections of accounts it no longer has. A list that does not parse or
+    /// check leaves the previous one in force.
+    pub fn install(&self, text: &str) -> Result<usize, AccountError> {
+        let table = AccountFile::parse(text, Path::new("<the cluster's account list>"))?.table()?;
+        Ok(self.install_table(table))
+    }
+
+    fn install_table(&self, table: Table) -> usize {
+        let table = Arc::new(table);
         let n = table.by_name.len();
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = table.clone();
         let mut closed = 0;
@@ -787,7 +811,7 @@ impl Accounts {
             }
         }
         tracing::info!(accounts = n, closed, "account list reloaded");
-        Ok(closed)
+        closed
     }
 }
 

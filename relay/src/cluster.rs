@@ -268,6 +268,17 @@ pub(crate) async fn connect_plain(
         .map_err(|e| ClusterError::Connect(e.to_string()))
 }
 
+/// One connection with the configuration's servers, credentials and TLS, not retried
+/// (`whispeer-relay account … --config`): an error when NATS does not answer.
+pub async fn connect_once(config: &ClusterConfig) -> Result<async_nats::Client, ClusterError> {
+    let o = async_nats::ConnectOptions::new().name("whispeer-relay account");
+    auth(o, config)
+        .await?
+        .connect(urls(config))
+        .await
+        .map_err(|e| ClusterError::Connect(e.to_string()))
+}
+
 fn urls(config: &ClusterConfig) -> Vec<&str> {
     config.urls.iter().map(|u| u.trim()).collect()
 }

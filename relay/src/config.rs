@@ -456,6 +456,17 @@ pub struct ClusterConfig {
         env = "WHISPEER_CLUSTER_DURABLE_LEASE_MS"
     )]
     pub durable_lease_ms: u64,
+    /// Store "jetstream": the relay-account list is the cluster's, kept in the stream
+    /// `<stream>_ACCOUNTS` (`whispeer-relay account add|list|remove --config` with this
+    /// set edits it there) instead of each relay's `auth.accounts` file; every relay
+    /// follows its changes at once and closes the connections of removed accounts.
+    #[arg(
+        id = "cluster.shared_accounts",
+        long = "cluster-shared-accounts",
+        env = "WHISPEER_CLUSTER_SHARED_ACCOUNTS",
+        action = ArgAction::Set
+    )]
+    pub shared_accounts: bool,
 }
 
 /// Where a clustered relay keeps messages (`[cluster] store`).
@@ -507,6 +518,7 @@ impl Default for ClusterConfig {
             stream: "WSP".into(),
             replicas: 1,
             durable_lease_ms: 6_000,
+            shared_accounts: false,
         }
     }
 }
@@ -1247,8 +1259,16 @@ impl Config {
                 }
             }
         }
+        if c.shared_accounts && !self.cluster.jetstream() {
+            return invalid(
+                "cluster.shared_accounts",
+                "needs the cluster's JetStream store (cluster.urls and cluster.store = \"jetstream\")"
+                    .into(),
+            );
+        }
         let a = &self.auth;
         if a.mode == AuthMode::Required
+            && !c.shared_accounts
             && a.accounts.as_ref().is_none_or(|p| p.as_os_str().is_empty())
         {
             return invalid(

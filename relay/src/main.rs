@@ -83,6 +83,108 @@ struct AccountFileArg {
         default_value = "whispeer-accounts.toml"
     )]
     file: PathBuf,
+    /// The relay's configuration file: when its [cluster] has shared_accounts = true, the
+    /// cluster's account list in JetStream is edited (with its NATS servers, credentials
+    /// and TLS) instead of --file; every relay of the cluster follows it at once.
+    #[arg(long, value_name = "relay.toml")]
+    config: Option<PathBuf>,
+}
+
+/// Where an account command reads and writes the list.
+enum ListAt {
+    File(PathBuf),
+    Cluster(Box<whispeer_relay::config::ClusterConfig>),
+}
+
+impl AccountFileArg {
+    fn at(&self) -> Result<ListAt> {
+        if let Some(path) = &self.config {
+            let c = Config::from_file(path)
+                .with_context(|| format!("reading the relay configuration {}", path.display()))?;
+            if c.cluster.shared_accounts {
+                c.validate()?;
+                return Ok(ListAt::Cluster(Box::new(c.cluster)));
+            }
+        }
+        Ok(ListAt::File(self.file.clone()))
+    }
+}
+
+impl std::fmt::Display for ListAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListAt::File(p) => write!(f, "{}", p.display()),
+            ListAt::Cluster(c) => write!(
+                f,
+                "the cluster's account list (stream {}_ACCOUNTS)",
+                c.stream
+            ),
+        }
+    }
+}
+
+impl ListAt {
+    /// The list as it is now.
+    fn read(&self) -> Result<AccountFile> {
+        match self {
+            ListAt::File(p) => Ok(AccountFile::load(p)?),
+            ListAt::Cluster(c) => cluster_list(c, |_| Ok(false)),
+        }
+    }
+
+    /// Applies `change` to the list and writes it (for the cluster: only if nobody wrote
+    /// in between, else on the newer version, again). `change` returns whether to write.
+    fn edit(&self, mut change: impl FnMut(&mut AccountFile) -> Result<bool>) -> Result<()> {
+        match self {
+            ListAt::File(p) => {
+                let mut file = AccountFile::load(p)?;
+                if change(&mut file)? {
+                    file.save(p)?;
+                }
+                Ok(())
+            }
+            ListAt::Cluster(c) => cluster_list(c, change).map(|_| ()),
+        }
+    }
+}
+
+/// Reads the cluster's list, applies `change` and writes it back if it says so (retrying on
+/// a concurrent writer); returns the list as written (or read).
+fn cluster_list(
+    cluster: &whispeer_relay::config::ClusterConfig,
+    mut change: impl FnMut(&mut AccountFile) -> Result<bool>,
+) -> Result<AccountFile> {
+    use whispeer_relay::store::jetstream::accounts as list;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async {
+        let client = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            whispeer_relay::cluster::connect_once(cluster),
+        )
+        .await
+        .context("NATS did not answer within 10 s")??;
+        let js = async_nats::jetstream::new(client);
+        let stream = list::open(&js, cluster).await?;
+        for _ in 0..16 {
+            let (seq, mut file) = match list::latest(&stream, cluster).await? {
+                Some((seq, text)) => (
+                    seq,
+                    AccountFile::parse(&text, Path::new("<the cluster's account list>"))?,
+                ),
+                None => (0, AccountFile::default()),
+            };
+            if !change(&mut file)? {
+                return Ok(file);
+            }
+            if list::replace(&js, cluster, seq, file.to_toml()?).await? {
+                return Ok(file);
+            }
+        }
+        anyhow::bail!("the cluster's account list kept changing under this edit; run it again")
+    })
 }
 
 #[derive(Debug, Args)]
@@ -205,11 +307,7 @@ fn main() -> Result<()> {
 fn account(cmd: AccountCmd) -> Result<()> {
     match cmd {
         AccountCmd::Add(a) => {
-            let path = &a.file.file;
-            let mut file = AccountFile::load(path)?;
-            if file.account.iter().any(|e| e.name == a.name) {
-                anyhow::bail!("account {:?} already exists in {}", a.name, path.display());
-            }
+            let at = a.file.at()?;
             let mut entry = AccountEntry {
                 name: a.name.clone(),
                 group: a.group.clone(),
@@ -238,16 +336,24 @@ fn account(cmd: AccountCmd) -> Result<()> {
                 None
             };
             let public = entry.key.clone();
-            file.account.push(entry);
-            // Validate the whole list before anything is written.
-            file.validate()?;
-            if let Some((out, secret)) = &secret_out {
-                write_secret(out, secret)
-                    .with_context(|| format!("writing the account key {}", out.display()))?;
-                eprintln!("wrote the account key to {}", out.display());
-            }
-            file.save(path)?;
-            eprintln!("added account {:?} to {}", a.name, path.display());
+            // Validate the whole list before anything is written; the secret key file is
+            // written before the list names its public key.
+            let mut secret_written = false;
+            at.edit(|file| {
+                if file.account.iter().any(|e| e.name == a.name) {
+                    anyhow::bail!("account {:?} already exists in {at}", a.name);
+                }
+                file.account.push(entry.clone());
+                file.validate()?;
+                if let (Some((out, secret)), false) = (&secret_out, secret_written) {
+                    write_secret(out, secret)
+                        .with_context(|| format!("writing the account key {}", out.display()))?;
+                    eprintln!("wrote the account key to {}", out.display());
+                    secret_written = true;
+                }
+                Ok(true)
+            })?;
+            eprintln!("added account {:?} to {at}", a.name);
             if let Some(p) = public {
                 println!("public key: {p}");
             }
@@ -258,7 +364,7 @@ fn account(cmd: AccountCmd) -> Result<()> {
             Ok(())
         }
         AccountCmd::List(f) => {
-            let file = AccountFile::load(&f.file)?;
+            let file = f.at()?.read()?;
             for e in &file.account {
                 let kind = match (&e.key, &e.token_sha256) {
                     (Some(_), Some(_)) => "key+token",
@@ -278,18 +384,25 @@ fn account(cmd: AccountCmd) -> Result<()> {
             Ok(())
         }
         AccountCmd::Remove(a) => {
-            let path = &a.file.file;
-            let mut file = AccountFile::load(path)?;
-            let before = file.account.len();
-            file.account.retain(|e| e.name != a.name);
-            if file.account.len() == before {
-                anyhow::bail!("no account {:?} in {}", a.name, path.display());
+            let at = a.file.at()?;
+            at.edit(|file| {
+                let before = file.account.len();
+                file.account.retain(|e| e.name != a.name);
+                if file.account.len() == before {
+                    anyhow::bail!("no account {:?} in {at}", a.name);
+                }
+                Ok(true)
+            })?;
+            match at {
+                ListAt::File(_) => eprintln!(
+                    "removed account {:?}; a running relay closes its connections at its next reload",
+                    a.name
+                ),
+                ListAt::Cluster(_) => eprintln!(
+                    "removed account {:?} from {at}; every relay closes its connections now",
+                    a.name
+                ),
             }
-            file.save(path)?;
-            eprintln!(
-                "removed account {:?}; a running relay closes its connections at its next reload",
-                a.name
-            );
             Ok(())
         }
     }

@@ -331,9 +331,14 @@ impl RelayBuilder {
             l.max_connections,
         ));
 
-        let accounts = Arc::new(
-            crate::accounts::Accounts::open(&self.config.auth).map_err(RelayError::Accounts)?,
-        );
+        // With the cluster's shared account list the file is not read: `run` installs the
+        // list from JetStream before it accepts a connection.
+        let mut auth = self.config.auth.clone();
+        if self.config.cluster.shared_accounts {
+            auth.accounts = None;
+        }
+        let accounts =
+            Arc::new(crate::accounts::Accounts::open(&auth).map_err(RelayError::Accounts)?);
         let account_rates = AccountRates::new(Rates {
             publish: (l.account_publish_rate, l.account_publish_burst),
             sub: (l.account_sub_rate, l.account_sub_burst),
@@ -474,6 +479,9 @@ impl Relay {
                 }
             });
         }
+        if shared.config.cluster.shared_accounts {
+            tasks.spawn(follow_accounts(shared.clone()).await);
+        }
         let mut spawn = |l: Option<TcpListener>, kind: TransportKind| {
             if let Some(l) = l {
                 tasks.spawn(accept_loop(shared.clone(), l, kind, tls.clone()));
@@ -559,6 +567,58 @@ impl Relay {
         tracing::info!("relay stopped");
         Ok(())
     }
+}
+
+/// Installs the cluster's account list from JetStream (waiting, with warnings, until
+/// JetStream answers: a relay with `auth = required` admits no one without it) and returns
+/// the task that follows its later versions.
+async fn follow_accounts(shared: Arc<Shared>) -> impl Future<Output = ()> + Send + 'static {
+    use crate::store::jetstream::accounts;
+    let cluster = shared.config.cluster.clone();
+    let mut attempt = 0u32;
+    let (stream, after) = loop {
+        let r = async {
+            let client = crate::cluster::connect_plain(&cluster)
+                .await
+                .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))?;
+            let js = async_nats::jetstream::new(client);
+            let stream = accounts::open(&js, &cluster).await?;
+            let latest = accounts::latest(&stream, &cluster).await?;
+            Ok::<_, crate::store::StoreError>((stream, latest))
+        }
+        .await;
+        match r {
+            Ok((stream, latest)) => {
+                let after = match latest {
+                    Some((seq, text)) => {
+                        if let Err(e) = shared.accounts.install(&text) {
+                            tracing::error!(error = %e, "cluster accounts: the list in JetStream is invalid; no account admitted until a valid one is written");
+                        }
+                        seq
+                    }
+                    None => {
+                        tracing::warn!("cluster accounts: no account list in JetStream yet (whispeer-relay account add --config …)");
+                        0
+                    }
+                };
+                break (stream, after);
+            }
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "cluster accounts: JetStream not ready; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    250 * u64::from(attempt.min(8)),
+                ))
+                .await;
+            }
+        }
+    };
+    let s = shared.clone();
+    accounts::follow(stream, cluster, after, move |text| {
+        if let Err(e) = s.accounts.install(text) {
+            tracing::error!(error = %e, "cluster accounts: a new list in JetStream is invalid; the previous one stays in force");
+        }
+    })
 }
 
 /// Reloads the account file when it changes (polled every `auth.reload_ms`) or on SIGHUP.

@@ -1244,17 +1244,21 @@ fn token_account(file: &std::path::Path, name: &str, group: &str) -> String {
     out.trim().lines().last().unwrap().to_string()
 }
 
+/// A `Hello` with a bearer token.
+fn token_hello(token: &str) -> Frame {
+    Frame::Hello(whispeer_protocol::frame::Hello {
+        versions: vec![whispeer_protocol::frame::PROTOCOL_VERSION],
+        features: u64::MAX,
+        client: Some("accounts-test".into()),
+        auth: Some(Bytes::copy_from_slice(token.as_bytes())),
+        account: None,
+    })
+}
+
 /// A client logged in with a bearer token.
 async fn token_client(addr: SocketAddr, token: &str) -> Client {
     let mut c = Client::tcp(addr).await;
-    c.send(&Frame::Hello(whispeer_protocol::frame::Hello {
-        versions: vec![whispeer_protocol::frame::PROTOCOL_VERSION],
-        features: u64::MAX,
-        client: Some("claims-test".into()),
-        auth: Some(Bytes::copy_from_slice(token.as_bytes())),
-        account: None,
-    }))
-    .await;
+    c.send(&token_hello(token)).await;
     match c.recv().await {
         Frame::Welcome(_) => c,
         other => panic!("expected Welcome, got {other:?}"),
@@ -1355,6 +1359,100 @@ async fn key_id_claims_hold_across_the_cluster() {
     assert_eq!(
         loser_elsewhere.expect_err().await.code,
         whispeer_protocol::ErrorCode::AuthFailed
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The cluster's account list in JetStream (`[cluster] shared_accounts`): accounts added
+/// once with `whispeer-relay account add --config relay.toml` are admitted at every relay
+/// (none reads an account file) — including one started afterwards — and removing one
+/// closes its connections at every relay at once.
+#[tokio::test]
+async fn a_shared_account_list_admits_and_revokes_at_every_relay() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let dir = temp_dir("shared-accounts");
+    let config = dir.join("relay.toml");
+    let list: Vec<String> = urls.split(',').map(|u| format!("{u:?}")).collect();
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nurls = [{}]\nstore = \"jetstream\"\nreplicas = 3\nshared_accounts = true\n\
+             [auth]\nmode = \"required\"\n",
+            list.join(", ")
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_string();
+    let add = |name: &str| {
+        let out = account_add(
+            &dir.join("unused.toml"),
+            name,
+            &["--token", "--config", &cfg],
+        );
+        assert!(!dir.join("unused.toml").exists(), "the file is not used");
+        out.trim().lines().last().unwrap().to_string()
+    };
+    let alice = add("alice");
+    // Logged: a relay's "account list reloaded" line is the event that it installed a
+    // new version.
+    let relay = |name: &str| {
+        let state = dir.join(format!("{name}.state"));
+        let mut args = jetstream_relay_args(&urls, name);
+        args.extend(
+            [
+                "--cluster-shared-accounts",
+                "true",
+                "--auth",
+                "required",
+                "--auth-state",
+                state.to_str().unwrap(),
+                "--log",
+                "warn,whispeer_relay::accounts=info",
+            ]
+            .map(String::from),
+        );
+        BinRelay::start_logged(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (mut a, mut b) = (relay("acct-a"), relay("acct-b"));
+    let mut at_a = token_client(a.tcp(), &alice).await;
+    let mut at_b = token_client(b.tcp(), &alice).await;
+    // Added while both run: admitted at both (each follows the list).
+    let bob = add("bob");
+    for r in [&mut a, &mut b] {
+        r.wait_log(&["account list reloaded", "accounts=2"]).await;
+        let mut c = token_client(r.tcp(), &bob).await;
+        publish_acked(
+            &mut c,
+            &[(1, numbered(51, &[1], 1))],
+            Qos::AtLeastOnce,
+            false,
+        )
+        .await;
+    }
+    // Removed: both relays close alice's connections.
+    relay_cli(&["account", "remove", "alice", "--config", &cfg]);
+    for c in [&mut at_a, &mut at_b] {
+        let e = c
+            .expect_fatal(whispeer_protocol::ErrorCode::AuthFailed)
+            .await;
+        assert!(e.message.contains("removed"), "{e:?}");
+    }
+    // A relay started now reads the list: bob in, alice out.
+    let c = relay("acct-c");
+    token_client(c.tcp(), &bob).await;
+    let mut refused = Client::tcp(c.tcp()).await;
+    refused.send(&token_hello(&alice)).await;
+    refused
+        .expect_fatal(whispeer_protocol::ErrorCode::AuthFailed)
+        .await;
+    let listed = relay_cli(&["account", "list", "--config", &cfg]);
+    assert!(
+        listed.starts_with("bob\t") && !listed.contains("alice"),
+        "{listed}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

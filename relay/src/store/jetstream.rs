@@ -48,6 +48,7 @@ use tokio::sync::{mpsc, Notify};
 use whispeer_protocol::frame::{pub_flags, Replay};
 use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
+pub mod accounts;
 mod lease;
 mod ledger;
 
@@ -1098,6 +1099,25 @@ fn apply_stream_message(
     Some(kept)
 }
 
+/// An ordered read of `stream` (of `filter`'s subjects, or all) from sequence `start`.
+async fn read_from(
+    stream: &stream::Stream,
+    filter: Option<String>,
+    start: u64,
+) -> Result<consumer::pull::Ordered, String> {
+    let cfg = consumer::pull::OrderedConfig {
+        filter_subject: filter.unwrap_or_default(),
+        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start,
+        },
+        ..Default::default()
+    };
+    match stream.create_consumer(cfg).await {
+        Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Reads the whole stream in order from `last + 1`, forever (re-created after errors),
 /// applying each message to the usage ledger, then feeding it to the router.
 async fn live_loop(
@@ -1109,17 +1129,7 @@ async fn live_loop(
     let mut next = last + 1;
     let mut failures = 0u32;
     loop {
-        let cfg = consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: next,
-            },
-            ..Default::default()
-        };
-        let msgs = match stream.create_consumer(cfg).await {
-            Ok(c) => c.messages().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match msgs {
+        match read_from(&stream, None, next).await {
             Ok(mut msgs) => {
                 while let Some(m) = msgs.next().await {
                     let m = match m {

@@ -649,15 +649,22 @@ pub async fn metric(admin: SocketAddr, name: &str) -> u64 {
 /// `whispeer-relay account add NAME --file FILE ARGS…`; returns stdout.
 #[allow(dead_code)]
 pub fn account_add(file: &std::path::Path, name: &str, args: &[&str]) -> String {
+    let file = file.to_str().expect("a UTF-8 path");
+    let mut all = vec!["account", "add", name, "--file", file];
+    all.extend_from_slice(args);
+    relay_cli(&all)
+}
+
+/// Runs `whispeer-relay ARGS…`, which must succeed; returns its stdout.
+#[allow(dead_code)]
+pub fn relay_cli(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_whispeer-relay"))
-        .args(["account", "add", name, "--file"])
-        .arg(file)
         .args(args)
         .output()
-        .expect("run account add");
+        .expect("run whispeer-relay");
     assert!(
         out.status.success(),
-        "account add failed: {}",
+        "whispeer-relay {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
