@@ -731,7 +731,13 @@ async fn graceful_shutdown_drains_the_forward_queue() {
         return;
     };
     let urls = nats.urls();
-    let b = start_relay(&urls, "relay-b");
+    // B queues the whole burst for its subscriber if this test's reader is starved (a
+    // loaded machine): the test is about A's drain, not B's slow-consumer policy.
+    let b = start_relay_with(
+        &urls,
+        "relay-b",
+        &["--queue-capacity", "65536", "--queue-max-bytes", "134217728"],
+    );
     let mut args = jetstream_relay_args(&urls, "relay-a");
     args.extend(["--log".to_string(), "info".to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
