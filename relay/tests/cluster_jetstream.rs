@@ -736,7 +736,12 @@ async fn graceful_shutdown_drains_the_forward_queue() {
     let b = start_relay_with(
         &urls,
         "relay-b",
-        &["--queue-capacity", "65536", "--queue-max-bytes", "134217728"],
+        &[
+            "--queue-capacity",
+            "65536",
+            "--queue-max-bytes",
+            "134217728",
+        ],
     );
     let mut args = jetstream_relay_args(&urls, "relay-a");
     args.extend(["--log".to_string(), "info".to_string()]);
