@@ -21,8 +21,12 @@ const WEEK_MS = 7 * 24 * 3600 * 1000;
 
 /**
  * Seals `grant` to the holder of `recipientPublicId` (`wsid1…`), signed by `inviter`.
- * The invite (`wsinv1…`) expires after `ttlMs` (default 7 days).
+ * The invite (`wsinv1…`) expires after `ttlMs` (default 7 days). `dictionaries`: the zstd
+ * dictionaries the granted topics are compressed with, to travel in the invite (PROTOCOL
+ * §7) — a Keyring (all it holds) or an array of `wsdict1…` strings / Uint8Arrays.
  */
 export function sealInvite(grant, inviter, recipientPublicId, options = {}) {
-  return sealInviteRaw(grant, inviter, recipientPublicId, options.ttlMs ?? WEEK_MS);
+  const d = options.dictionaries ?? [];
+  const dicts = d instanceof Keyring ? d.toDictionaryStrings() : Array.isArray(d) ? d : [d];
+  return sealInviteRaw(grant, inviter, recipientPublicId, options.ttlMs ?? WEEK_MS, dicts);
 }

@@ -5,7 +5,7 @@
 // subscriptions, heartbeats, backoff, flush — and everything about messages (keys,
 // sealing, opening, dedup) happens in Rust.
 
-import { ClientCore, Engine, Keyring, TreeKey, Grant, Identity, encodeValue, typedTopic } from '../pkg/whispeer_wasm.js';
+import { ClientCore, Engine, Keyring, TreeKey, Grant, Identity, OpenedInvite, encodeValue, typedTopic } from '../pkg/whispeer_wasm.js';
 
 let WebSocketImpl = globalThis.WebSocket;
 
@@ -91,13 +91,17 @@ export function toKeyring(keys) {
   return kr;
 }
 
+const KEYS_EXPECTED = 'keys: expected a Keyring, TreeKey, Grant, OpenedInvite or key string';
+const isDictString = (k) => typeof k === 'string' && /^wsdict1/i.test(k.trim());
+
 function addKeys(kr, keys) {
   for (const k of Array.isArray(keys) ? keys : keys == null ? [] : [keys]) {
     if (k instanceof Keyring) for (const s of [...k.toKeyStrings(), ...k.toDictionaryStrings()]) kr.addKeyString(s);
     else if (k instanceof TreeKey) kr.addTreeKey(k);
     else if (k instanceof Grant) kr.addGrant(k);
+    else if (k instanceof OpenedInvite) kr.acceptInvite(k);
     else if (typeof k === 'string') kr.addKeyString(k);
-    else throw new WhispeerError('INVALID_OPTION', 'keys: expected a Keyring, TreeKey, Grant or key string');
+    else throw new WhispeerError('INVALID_OPTION', KEYS_EXPECTED);
   }
 }
 
@@ -107,10 +111,22 @@ function grantsOf(keys) {
     if (k instanceof Keyring) for (const s of k.toKeyStrings()) out.push(Grant.fromKeyString(s));
     else if (k instanceof TreeKey) out.push(k.grant('#'));
     else if (k instanceof Grant) out.push(k);
-    else if (typeof k === 'string' && /^wsdict1/i.test(k.trim())) continue; // a dictionary, not a grant
+    else if (k instanceof OpenedInvite) out.push(k.grant);
+    else if (isDictString(k)) continue; // a dictionary, not a grant
     else if (typeof k === 'string')
       out.push(k.trim().startsWith('wstree1') ? TreeKey.fromKeyString(k).grant('#') : Grant.fromKeyString(k));
-    else throw new WhispeerError('INVALID_OPTION', 'keys: expected a Keyring, TreeKey, Grant or key string');
+    else throw new WhispeerError('INVALID_OPTION', KEYS_EXPECTED);
+  }
+  return out;
+}
+
+/** The zstd dictionaries (`wsdict1…` strings) among keys: strings, a Keyring's, an invite's. */
+function dictionariesOf(keys) {
+  const out = [];
+  for (const k of Array.isArray(keys) ? keys : [keys]) {
+    if (k instanceof Keyring) out.push(...k.toDictionaryStrings());
+    else if (k instanceof OpenedInvite) out.push(...k.dictionaries);
+    else if (isDictString(k)) out.push(k.trim());
   }
   return out;
 }
@@ -519,8 +535,9 @@ export class Client {
 
   /**
    * Counters: delivered, rejected (could not open), duplicates, relayGaps, refused,
-   * reconnects, slowSubscriberDrops, outboxDrops, unackedPublishes, outboxBytes,
-   * typeMismatches.
+   * reconnects, slowSubscriberDrops, outboxDrops, unackedPublishes (QoS ≥ 1 publishes in
+   * the outbox waiting for their PubAck), sealingPublishes (QoS ≥ 1 publishes waiting for
+   * their batch signature, not yet in the outbox), outboxBytes, typeMismatches.
    */
   stats() {
     return { ...this.#eng.stats(), outboxBytes: this.#eng.queuedBytes(), typeMismatches: this.#typeMismatches };
@@ -1081,11 +1098,16 @@ export class Client {
     this.#pump();
   }
 
-  /** Adds keys at run time (new grants, a rotated epoch) and refreshes subscriptions. */
+  /**
+   * Adds keys at run time (new grants, a rotated epoch, zstd dictionaries, an accepted
+   * invite's grant and dictionaries) and refreshes subscriptions.
+   */
   addKeys(keys) {
     this.#checkOpen();
     try {
-      for (const g of grantsOf(keys)) this.#eng.addGrant(g, mono(), Date.now());
+      const grants = grantsOf(keys);
+      for (const d of dictionariesOf(keys)) this.#eng.addDictionary(d);
+      for (const g of grants) this.#eng.addGrant(g, mono(), Date.now());
     } catch (e) {
       throw wrap(e);
     }

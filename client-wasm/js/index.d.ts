@@ -138,13 +138,21 @@ export class Keyring {
   addDictionary(dict: Uint8Array | string): string;
   /** The dictionaries as `wsdict1…` strings (secret like keys). */
   toDictionaryStrings(): string[];
+  /** Adds an opened invite's grant, then its dictionaries (nothing if the grant is refused). */
+  acceptInvite(invite: OpenedInvite): void;
   toKeyStrings(): string[];
   readonly size: number;
   free(): void;
 }
 
-/** Anything `keys` accepts. */
-export type Keys = Keyring | TreeKey | Grant | string | Array<Keyring | TreeKey | Grant | string>;
+/** Anything `keys` accepts (an `OpenedInvite`: its grant and dictionaries). */
+export type Keys =
+  | Keyring
+  | TreeKey
+  | Grant
+  | OpenedInvite
+  | string
+  | Array<Keyring | TreeKey | Grant | OpenedInvite | string>;
 
 /** Builds a Keyring from keys. */
 export function toKeyring(keys: Keys): Keyring;
@@ -156,15 +164,32 @@ export class OpenedInvite {
   readonly inviter: string;
   /** Unix ms. */
   readonly expiresAt: number;
+  /** The zstd dictionaries it carries (`wsdict1…`, by ascending id); empty if none. */
+  readonly dictionaries: string[];
+  /** Their ids (32 hex digits), in the same order. */
+  readonly dictionaryIds: string[];
   free(): void;
 }
 
-/** Seals `grant` to `recipientPublicId` (`wsid1…`), signed by `inviter`; returns `wsinv1…`. */
+export interface SealInviteOptions {
+  /** How long the recipient can open it (default 7 days). */
+  ttlMs?: number;
+  /**
+   * zstd dictionaries to carry (PROTOCOL §7): a Keyring (every one it holds) or
+   * `wsdict1…` strings / raw bytes. Without any the invite is the format older clients open.
+   */
+  dictionaries?: Keyring | string | Uint8Array | Array<string | Uint8Array>;
+}
+
+/**
+ * Seals `grant` (and `options.dictionaries`) to `recipientPublicId` (`wsid1…`), signed by
+ * `inviter`; returns `wsinv1…`.
+ */
 export function sealInvite(
   grant: Grant,
   inviter: Identity,
   recipientPublicId: string,
-  options?: { ttlMs?: number },
+  options?: SealInviteOptions,
 ): string;
 /** Opens an invite addressed to `me` (checks signature and expiry). */
 export function openInvite(invite: string, me: Identity): OpenedInvite;
@@ -432,8 +457,13 @@ export interface ClientStats {
   slowSubscriberDrops: number;
   /** QoS 0 publishes refused (reconnect buffer full) or never sent (closed). */
   outboxDrops: number;
-  /** QoS 1/2 publishes waiting for the relay's acknowledgement. */
+  /** QoS 1/2 publishes in the outbox waiting for the relay's acknowledgement. */
   unackedPublishes: number;
+  /**
+   * QoS 1/2 publishes waiting for their batch signature (handed over in this turn of the
+   * event loop), not yet in the outbox; each moves to `unackedPublishes` once sealed.
+   */
+  sealingPublishes: number;
   /** Bytes of frames queued in the engine and not yet handed to the socket. */
   outboxBytes: number;
   /** Messages typed subscriptions refused because they carried another type. */

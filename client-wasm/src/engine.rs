@@ -404,6 +404,19 @@ impl Engine {
         Ok(())
     }
 
+    /// Adds a zstd dictionary (`wsdict1…` or raw bytes) at run time; returns its id.
+    #[wasm_bindgen(js_name = addDictionary)]
+    pub fn add_dictionary(&mut self, dict: JsValue) -> Result<String, JsValue> {
+        let d = crate::keys::parse_dictionary(&dict)?;
+        let id = d.id().to_string();
+        self.core
+            .keyring
+            .write()
+            .expect("keyring lock")
+            .add_dictionary(d);
+        Ok(id)
+    }
+
     /// See `ClientCore.allowSealing`.
     #[wasm_bindgen(js_name = allowSealing)]
     pub fn allow_sealing(&mut self, tree_id: &str, scope: &str) -> Result<(), JsValue> {
@@ -525,21 +538,20 @@ impl Engine {
     }
 
     /// Counters: `{delivered, rejected, duplicates, relayGaps, heldBack, refused: {...},
-    /// slowSubscriberDrops, outboxDrops, reconnects, unackedPublishes}`.
+    /// slowSubscriberDrops, outboxDrops, reconnects, unackedPublishes, sealingPublishes}`,
+    /// as the Rust client's `EngineStats`: `unackedPublishes` counts QoS ≥ 1 publishes in the
+    /// outbox waiting for their `PubAck`, `sealingPublishes` those still waiting for their
+    /// batch signature (not yet in the outbox; each moves to `unackedPublishes` once
+    /// sealed). With persistence a kept publish is sealed and saved at once, so it never
+    /// counts as sealing.
     pub fn stats(&self) -> JsValue {
         let s = self.eng.stats();
         let o = crate::client::core_stats_object(&s.core);
         set(&o, "slowSubscriberDrops", s.slow_subscriber_drops as f64);
         set(&o, "outboxDrops", s.outbox_drops as f64);
         set(&o, "reconnects", s.reconnects as f64);
-        // A QoS ≥ 1 publish waiting for its seal job counts already: the JS client seals
-        // and saves a kept publish at once with persistence (`pollTransmit` journals it
-        // before its frame), so only a client without a store can see one unsealed.
-        set(
-            &o,
-            "unackedPublishes",
-            (s.unacked_publishes + s.sealing_publishes) as f64,
-        );
+        set(&o, "unackedPublishes", s.unacked_publishes as f64);
+        set(&o, "sealingPublishes", s.sealing_publishes as f64);
         o.into()
     }
 }

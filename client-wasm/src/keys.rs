@@ -22,6 +22,25 @@ pub(crate) fn parse_scope(s: &str) -> Result<p::Scope, JsValue> {
     Ok(p::Scope::Topic(p::Topic::new(s).map_err(topic_error)?))
 }
 
+/// A zstd dictionary from its `wsdict1…` string or its raw bytes (a `Uint8Array`).
+pub(crate) fn parse_dictionary(dict: &JsValue) -> Result<p::Dictionary, JsValue> {
+    match dict.as_string() {
+        Some(s) => p::Dictionary::from_key_string(&s),
+        None if dict.is_instance_of::<js_sys::Uint8Array>()
+            || dict.is_instance_of::<js_sys::ArrayBuffer>() =>
+        {
+            p::Dictionary::new(js_sys::Uint8Array::new(dict).to_vec())
+        }
+        None => {
+            return Err(js_error(
+                "KEY",
+                "a dictionary is a 'wsdict1…' string or a Uint8Array of its bytes",
+            ))
+        }
+    }
+    .map_err(key_error)
+}
+
 /// A user's or device's secret keys: an Ed25519 signing key (its public half is the sender
 /// id) and an X25519 key for receiving invites.
 #[wasm_bindgen]
@@ -266,11 +285,7 @@ impl Keyring {
     /// digits), which a topic's compression names: `'zstd-dict:<id>'`.
     #[wasm_bindgen(js_name = addDictionary)]
     pub fn add_dictionary(&mut self, dict: JsValue) -> Result<String, JsValue> {
-        let d = match dict.as_string() {
-            Some(s) => p::Dictionary::from_key_string(&s),
-            None => p::Dictionary::new(js_sys::Uint8Array::new(&dict).to_vec()),
-        }
-        .map_err(key_error)?;
+        let d = parse_dictionary(&dict)?;
         let id = d.id().to_string();
         self.push_dictionary(d);
         Ok(id)
@@ -305,6 +320,18 @@ impl Keyring {
         } else {
             self.push(p::Grant::from_key_string(s).map_err(key_error)?)
         }
+    }
+
+    /// Accepts an opened invite (PROTOCOL §7): adds its grant, then the zstd dictionaries it
+    /// carries. A refused grant adds nothing. Decide whether you trust `invite.inviter`
+    /// first.
+    #[wasm_bindgen(js_name = acceptInvite)]
+    pub fn accept_invite(&mut self, invite: &OpenedInvite) -> Result<(), JsValue> {
+        self.push(invite.grant.clone())?;
+        for d in &invite.dictionaries {
+            self.push_dictionary(d.clone());
+        }
+        Ok(())
     }
 
     /// The grants as key strings.
@@ -350,6 +377,7 @@ pub struct OpenedInvite {
     grant: p::Grant,
     inviter: String,
     expiry_ms: u64,
+    dictionaries: Vec<p::Dictionary>,
 }
 
 #[wasm_bindgen]
@@ -371,23 +399,48 @@ impl OpenedInvite {
     pub fn expires_at(&self) -> f64 {
         self.expiry_ms as f64
     }
+    /// The zstd dictionaries it carries, as `wsdict1…` strings (secret like keys), by
+    /// ascending id; empty for an invite without any.
+    #[wasm_bindgen(getter)]
+    pub fn dictionaries(&self) -> Vec<String> {
+        self.dictionaries
+            .iter()
+            .map(|d| d.to_key_string().to_string())
+            .collect()
+    }
+    /// Their ids (32 hex digits each), in the same order: what `'zstd-dict:<id>'` names.
+    #[wasm_bindgen(getter, js_name = dictionaryIds)]
+    pub fn dictionary_ids(&self) -> Vec<String> {
+        self.dictionaries
+            .iter()
+            .map(|d| d.id().to_string())
+            .collect()
+    }
 }
 
-/// Seals `grant` to the holder of `recipient_public_id` (`wsid1…`), signed by `inviter`,
-/// valid for `ttl_ms` from now.
+/// Seals `grant` and `dictionaries` (an array of `wsdict1…` strings or `Uint8Array`s; may
+/// be empty) to the holder of `recipient_public_id` (`wsid1…`), signed by `inviter`, valid
+/// for `ttl_ms` from now. Without dictionaries the invite is format 2 (older clients open
+/// it); with them format 3 (PROTOCOL §7).
 #[wasm_bindgen(js_name = sealInvite)]
 pub fn seal_invite(
     grant: &Grant,
     inviter: &Identity,
     recipient_public_id: &str,
     ttl_ms: f64,
+    dictionaries: Vec<JsValue>,
 ) -> Result<String, JsValue> {
     let recipient: p::PublicId = recipient_public_id.trim().parse().map_err(key_error)?;
     if ttl_ms.is_nan() || ttl_ms < 0.0 {
         return Err(js_error("INVITE", "ttl must be a non-negative number"));
     }
-    p::Invite::seal(
+    let dictionaries = dictionaries
+        .iter()
+        .map(parse_dictionary)
+        .collect::<Result<Vec<_>, _>>()?;
+    p::Invite::seal_with_dictionaries(
         &grant.inner,
+        &dictionaries,
         &inviter.inner,
         &recipient,
         now_ms().saturating_add(ttl_ms as u64),
@@ -404,5 +457,6 @@ pub fn open_invite(invite: &str, me: &Identity) -> Result<OpenedInvite, JsValue>
         grant: i.grant,
         inviter: i.inviter.to_string(),
         expiry_ms: i.expiry_ms,
+        dictionaries: i.dictionaries,
     })
 }

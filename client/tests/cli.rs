@@ -158,6 +158,27 @@ impl Proc {
         }
     }
 
+    /// Waits for a stderr line naming the zstd dictionary `id` it lacks (a subscriber
+    /// without it logs that and delivers nothing), and returns it.
+    fn missing_dictionary(&mut self, id: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let left = TIMEOUT.saturating_sub(start.elapsed());
+            let line = self.err.recv_timeout(left).unwrap_or_else(|e| {
+                let out: Vec<String> = self.out.try_iter().collect();
+                panic!(
+                    "no missing-dictionary warning ({e:?}): {:?}, stdout {out:?}",
+                    self.err_seen
+                )
+            });
+            if line.contains("dictionary") {
+                assert!(line.contains(id), "{line}");
+                return line;
+            }
+            self.err_seen.push(line);
+        }
+    }
+
     fn line(&mut self) -> String {
         match self.out.recv_timeout(TIMEOUT) {
             Ok(l) => l,
@@ -595,6 +616,239 @@ fn invite_seal_and_open_round_trip() {
         ]),
         2,
     );
+}
+
+/// `samples.jsonl`: 300 telemetry readings, one JSON object per line (to train on).
+fn telemetry_samples(dir: &Path) -> PathBuf {
+    let samples: String = (0..300)
+        .map(|i| {
+            format!(
+                "{{\"device\":\"th-{:04}\",\"room\":\"{}\",\"seq\":{i},\"celsius\":{}.{},\"humidity\":{},\"ok\":true}}\n",
+                i * 37 % 9973,
+                ["kitchen", "garage", "attic", "hall"][i % 4],
+                15 + i % 12,
+                i % 10,
+                30 + i % 40
+            )
+        })
+        .collect();
+    write_file(dir, "samples.jsonl", &samples)
+}
+
+/// A dictionary trained on [`telemetry_samples`] (`dict train`, 4 KiB) and its `wsdict1…`
+/// key file (`dict export`): (dictionary file, key file, id).
+fn new_dictionary(dir: &Path, name: &str) -> (PathBuf, PathBuf, String) {
+    let raw = dir.join(format!("{name}.dict"));
+    ok(run(&[
+        "dict",
+        "train",
+        "--samples",
+        telemetry_samples(dir).to_str().unwrap(),
+        "--lines",
+        "--size",
+        "4096",
+        "-o",
+        raw.to_str().unwrap(),
+    ]));
+    let key = dir.join(format!("{name}.dict.key"));
+    ok(run(&[
+        "dict",
+        "export",
+        raw.to_str().unwrap(),
+        "--out",
+        key.to_str().unwrap(),
+    ]));
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(run(&["dict", "show", "--json", raw.to_str().unwrap()]))).unwrap();
+    (raw, key, shown["id"].as_str().unwrap().to_owned())
+}
+
+/// `pub --qos 1 --dict DICT` of a telemetry reading (like [`telemetry_samples`], with
+/// `celsius`) on `tele/kitchen`.
+fn pub_reading_with_dict(url: &str, key_file: &str, dict: &str, celsius: &str) {
+    let value = format!(
+        r#"{{"device":"th-0042","room":"kitchen","seq":7,"celsius":{celsius},"humidity":44,"ok":true}}"#
+    );
+    ok(run(&[
+        "pub",
+        "--relay",
+        url,
+        "tele/kitchen",
+        &value,
+        "--qos",
+        "1",
+        "--key-file",
+        key_file,
+        "--dict",
+        dict,
+    ]));
+}
+
+/// `key show` describes a `wsdict1…` string (an argument, stdin, or a key file line next
+/// to a tree key) with the fields of `dict show`, and refuses a damaged one.
+#[test]
+fn key_show_describes_a_dictionary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raw, dict_key, id) = new_dictionary(dir.path(), "d");
+    let s = std::fs::read_to_string(&dict_key)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let d = show(&s);
+    let dict_show: serde_json::Value =
+        serde_json::from_str(&ok(run(&["dict", "show", "--json", raw.to_str().unwrap()]))).unwrap();
+    assert_eq!(d["kind"], "dictionary");
+    for k in ["id", "bytes", "zstd_format", "format", "compress"] {
+        assert_eq!(d[k], dict_show[k], "{k}");
+    }
+    assert_eq!(d["id"], id.as_str());
+    assert_eq!(d["format"], "zstd format");
+    let len = std::fs::metadata(&raw).unwrap().len();
+    assert_eq!(d["bytes"], len);
+
+    // A key file holding a tree key and the dictionary: both described, in order.
+    let (_, tree) = new_tree(dir.path(), "home");
+    let both = write_file(
+        dir.path(),
+        "both.key",
+        &format!("{tree}\n# dictionary\n{s}\n"),
+    );
+    let lines = ok(run(&[
+        "key",
+        "show",
+        "--json",
+        "--key-file",
+        both.to_str().unwrap(),
+    ]));
+    let kinds: Vec<String> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].to_string())
+        .collect();
+    assert_eq!(kinds, ["\"tree\"", "\"dictionary\""]);
+    let human = ok(run(&[
+        "key",
+        "show",
+        "--key-file",
+        dict_key.to_str().unwrap(),
+    ]));
+    assert!(human.contains("zstd dictionary"), "{human}");
+    assert!(human.contains(&format!("id:        {id}")), "{human}");
+    assert!(
+        human.contains(&format!("size:      {len} bytes")),
+        "{human}"
+    );
+    assert!(human.contains("format:    zstd format"), "{human}");
+
+    // One character changed: refused (checksum or id), with one error line.
+    let mut damaged = s.clone().into_bytes();
+    let i = damaged.len() / 2;
+    damaged[i] = if damaged[i] == b'q' { b'p' } else { b'q' };
+    let e = fails(
+        run_with(
+            &["key", "show", "-"],
+            std::str::from_utf8(&damaged).unwrap(),
+            &[],
+        ),
+        1,
+    );
+    assert!(e.contains("dictionary"), "{e}");
+}
+
+/// `invite seal` carries the dictionaries next to the key (a `wsdict1…` line in the key
+/// file, or `--dict`), `invite open` prints the grant and them as a key file, and the
+/// invitee — holding only that — reads a message `pub --dict` compressed with it, over the
+/// real relay. `--no-dicts` seals the format-2 invite.
+#[test]
+fn invite_carries_dictionaries_to_the_invitee() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let (alice, _, _) = keygen(dir.path(), "alice.id");
+    let (bob, bob_public, _) = keygen(dir.path(), "bob.id");
+    let (raw, dict_key, id) = new_dictionary(dir.path(), "tele");
+    let (tree_file, tree) = new_tree(dir.path(), "home");
+    let dict_line = std::fs::read_to_string(&dict_key).unwrap();
+    write_file(dir.path(), "admin.key", &format!("{tree}\n{dict_line}"));
+    let seal = |extra: &[&str]| {
+        let mut args = vec![
+            "invite",
+            "seal",
+            "--to",
+            &bob_public,
+            "--path",
+            "tele",
+            "--identity",
+            alice.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let open = |inv: &str, out: &str| {
+        let o = run_with(
+            &[
+                "invite",
+                "open",
+                "--identity",
+                bob.to_str().unwrap(),
+                "--out",
+                out,
+            ],
+            inv,
+            &[],
+        );
+        let err = stderr(&o);
+        ok(o);
+        (std::fs::read_to_string(out).unwrap(), err)
+    };
+
+    // From the key file holding the tree key and the dictionary.
+    let o = seal(&["--key-file", &path("admin.key")]);
+    assert!(
+        stderr(&o).contains(&format!("1 zstd dictionary: {id}")),
+        "{}",
+        stderr(&o)
+    );
+    let inv = ok(o);
+    assert_eq!(show(&inv)["format"], 3);
+    let (bob_keys, err) = open(&inv, &path("bob.key"));
+    assert!(err.contains(&id), "{err}");
+    let lines: Vec<&str> = bob_keys.lines().collect();
+    assert_eq!(lines.len(), 2, "{bob_keys}");
+    assert_eq!(show(lines[0])["scope"], "tele/#");
+    assert_eq!(show(lines[1])["id"], id.as_str());
+
+    // From --dict with a key file of the tree key alone: the same dictionary.
+    let with_flag = ok(seal(&[
+        "--key-file",
+        tree_file.to_str().unwrap(),
+        "--dict",
+        raw.to_str().unwrap(),
+    ]));
+    let (again, _) = open(&with_flag, &path("bob2.key"));
+    assert_eq!(again, bob_keys);
+    // --no-dicts: the format-2 invite, the grant alone.
+    let plain = ok(seal(&["--key-file", &path("admin.key"), "--no-dicts"]));
+    assert_eq!(show(&plain)["format"], 2);
+    let (grant_only, _) = open(&plain, &path("bob3.key"));
+    assert_eq!(grant_only.lines().count(), 1);
+
+    // Bob, with only what the invite carried, reads a message compressed with the dictionary.
+    let relay = start_relay_binary(&[]);
+    let url = relay.ws_url();
+    let mut bob_sub = sub_ready(&url, "tele/#", 1, &[&path("bob.key")]);
+    // The grant alone (the format-2 invite) cannot read it: the message is codec 3.
+    let mut grant_only = sub_ready(&url, "tele/#", 1, &[&path("bob3.key")]);
+    pub_reading_with_dict(
+        &url,
+        tree_file.to_str().unwrap(),
+        raw.to_str().unwrap(),
+        "19.5",
+    );
+    let l: serde_json::Value = serde_json::from_str(&bob_sub.line()).unwrap();
+    assert_eq!(l["topic"], "tele/kitchen");
+    assert_eq!(l["data"]["celsius"], 19.5);
+    let (status, _, _) = bob_sub.finish();
+    assert!(status.success());
+    grant_only.missing_dictionary(&id);
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -1735,19 +1989,7 @@ fn relay_list_fails_over_to_the_next_relay() {
 fn dict_train_share_and_publish_with_a_dictionary() {
     let dir = tempfile::tempdir().unwrap();
     let path = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
-    let samples: String = (0..300)
-        .map(|i| {
-            format!(
-                "{{\"device\":\"th-{:04}\",\"room\":\"{}\",\"seq\":{i},\"celsius\":{}.{},\"humidity\":{},\"ok\":true}}\n",
-                i * 37 % 9973,
-                ["kitchen", "garage", "attic", "hall"][i % 4],
-                15 + i % 12,
-                i % 10,
-                30 + i % 40
-            )
-        })
-        .collect();
-    write_file(dir.path(), "samples.jsonl", &samples);
+    telemetry_samples(dir.path());
     let trained: serde_json::Value = serde_json::from_str(&ok(run(&[
         "dict",
         "train",
@@ -1842,43 +2084,14 @@ fn dict_train_share_and_publish_with_a_dictionary() {
     let url = relay.ws_url();
     let mut with = sub_ready(&url, "tele/#", 1, &[tf, &path("dict.key")]);
     let mut without = sub_ready(&url, "tele/#", 1, &[tf]);
-    let value =
-        r#"{"device":"th-0042","room":"kitchen","seq":7,"celsius":21.5,"humidity":44,"ok":true}"#;
-    ok(run(&[
-        "pub",
-        "--relay",
-        &url,
-        "tele/kitchen",
-        value,
-        "--qos",
-        "1",
-        "--key-file",
-        tf,
-        "--dict",
-        &path("dict.bin"),
-    ]));
+    pub_reading_with_dict(&url, tf, &path("dict.bin"), "21.5");
     let l: serde_json::Value = serde_json::from_str(&with.line()).unwrap();
     assert_eq!(l["topic"], "tele/kitchen");
     assert_eq!(l["data"]["celsius"], 21.5);
     let (status, _, _) = with.finish();
     assert!(status.success());
     // The other subscriber logs the dictionary it lacks (and delivers nothing).
-    let start = Instant::now();
-    loop {
-        let left = TIMEOUT.saturating_sub(start.elapsed());
-        let line = without.err.recv_timeout(left).unwrap_or_else(|e| {
-            let out: Vec<String> = without.out.try_iter().collect();
-            panic!(
-                "no missing-dictionary warning ({e:?}): {:?}, stdout {out:?}",
-                without.err_seen
-            )
-        });
-        if line.contains("dictionary") {
-            assert!(line.contains(&id), "{line}");
-            break;
-        }
-        without.err_seen.push(line);
-    }
+    without.missing_dictionary(&id);
     assert!(
         without.out.try_recv().is_err(),
         "nothing delivered without the dictionary"

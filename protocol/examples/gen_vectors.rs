@@ -921,6 +921,7 @@ fn main() {
     // --- LZ4 (codec 2) and AES-256-GCM (suite 3), issue 11: own RNG as well ---
     codec_suite_vectors(&dir);
     dict_vectors(&dir);
+    invite_dict_vectors(&dir);
 
     let count = std::fs::read_dir(&dir).unwrap().count();
     println!("wrote {count} vectors to {}", dir.display());
@@ -1776,6 +1777,15 @@ fn telemetry_samples(n: usize, seed: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// A zstd-format dictionary's bytes with garbage entropy tables (bytes 8..64 set to 0xff):
+/// zstd cannot load it.
+fn broken_entropy_tables(d: &Dictionary) -> Vec<u8> {
+    assert!(d.is_zstd_format());
+    let mut broken = d.as_bytes().to_vec();
+    broken[8..64].fill(0xff);
+    broken
+}
+
 /// Codec 3 (zstd with a dictionary, §4.6.1) and `wsdict` strings (§6.4).
 fn dict_vectors(dir: &Path) {
     let samples = telemetry_samples(400, 0xd1c7);
@@ -1991,14 +2001,284 @@ fn dict_vectors(dir: &Path) {
         "at least 8",
         layout(1, &DictId::of(b"1234567").0, b"1234567"),
     );
-    let mut broken = dict.as_bytes().to_vec();
-    for b in &mut broken[8..64] {
-        *b = 0xff;
-    }
+    let broken = broken_entropy_tables(&dict);
     dict_fail_str(
         "fail_dictionary_broken_entropy_tables",
         "zstd-format dictionary whose entropy tables are garbage",
         "cannot use these bytes",
         layout(1, &DictId::of(&broken).0, &broken),
     );
+}
+
+/// An invite written by hand from §7 (not through the library): the plaintext of `inner`
+/// format, the inviter's Ed25519 signature (`signed`: the dictionary section the signature
+/// covers, `None` for format 2), and the HPKE seal with `seed`'s RNG, under the string
+/// format byte `outer`.
+struct HandInvite<'a> {
+    outer: u8,
+    inner: u8,
+    grant: &'a Grant,
+    expiry: u64,
+    dicts: Vec<u8>,
+    signed: Option<Vec<u8>>,
+}
+
+impl HandInvite<'_> {
+    fn seal(&self, inviter_seed: &[u8; 32], recipient: &PublicId, seed: u64) -> String {
+        use ed25519_dalek::{Signer, SigningKey};
+        use hpke::{Deserializable, Serializable};
+        type Kem = hpke::kem::X25519HkdfSha256;
+        let inviter = SigningKey::from_bytes(inviter_seed);
+        let gb = text::decode(text::hrp::GRANT, &self.grant.to_key_string()).unwrap();
+        let ctx: &[u8] = match self.signed {
+            None => b"whispeer/v2/invite\0",
+            Some(_) => b"whispeer/v2/invite3\0",
+        };
+        let mut m = ctx.to_vec();
+        m.extend_from_slice(&recipient.sender_id().to_bytes());
+        m.extend_from_slice(recipient.x25519());
+        m.extend_from_slice(&self.grant.epoch_keys().tree_id().0);
+        m.extend_from_slice(&self.grant.epoch_keys().epoch().to_be_bytes());
+        let scope = self.grant.scope().to_string();
+        m.extend_from_slice(&(scope.len() as u16).to_be_bytes());
+        m.extend_from_slice(scope.as_bytes());
+        m.extend_from_slice(&self.expiry.to_be_bytes());
+        m.extend_from_slice(blake3::hash(&gb).as_bytes());
+        if let Some(d) = &self.signed {
+            m.extend_from_slice(blake3::hash(d).as_bytes());
+        }
+        let sig = inviter.sign(&m);
+        let mut pt = vec![self.inner];
+        pt.extend_from_slice(inviter.verifying_key().as_bytes());
+        pt.extend_from_slice(&self.expiry.to_be_bytes());
+        pt.extend_from_slice(&sig.to_bytes());
+        if self.inner == 3 {
+            pt.extend_from_slice(&(gb.len() as u16).to_be_bytes());
+        }
+        pt.extend_from_slice(&gb);
+        pt.extend_from_slice(&self.dicts);
+        let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(recipient.x25519()).unwrap();
+        let (enc, ct) =
+            hpke::single_shot_seal::<hpke::aead::ChaCha20Poly1305, hpke::kdf::HkdfSha256, Kem, _>(
+                &hpke::OpModeS::Base,
+                &pk,
+                b"whispeer/v2/invite",
+                &pt,
+                recipient.x25519(),
+                &mut rand_chacha::ChaCha20Rng::seed_from_u64(seed),
+            )
+            .unwrap();
+        let mut out = vec![self.outer];
+        out.extend_from_slice(&enc.to_bytes());
+        out.extend_from_slice(&ct);
+        text::encode_invite(&out).unwrap()
+    }
+}
+
+/// A format-3 dictionary section: `u8 n ‖ (id ‖ u32be len ‖ D)*`, entries as given.
+fn dict_section(entries: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut b = vec![entries.len() as u8];
+    for (id, d) in entries {
+        b.extend_from_slice(id);
+        b.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        b.extend_from_slice(d);
+    }
+    b
+}
+
+/// Invites that carry zstd dictionaries (format 3, §7).
+fn invite_dict_vectors(dir: &Path) {
+    let tk = tree(0, 0x22);
+    let g = tk.grant(&Scope::Subtree(t("sensor")));
+    let ek = g.epoch_keys().clone();
+    let bob = Identity::from_seeds(&[0x66; 32], &[0x77; 32]);
+    let eve = Identity::from_seeds(&[0x88; 32], &[0x89; 32]);
+    let expiry = NOW + 86_400_000;
+    let samples = telemetry_samples(200, 0x1a7e);
+    let trained =
+        Dictionary::new(zstd::dict::from_samples(&samples, 1024).expect("training")).unwrap();
+    assert!(trained.is_zstd_format());
+    let raw = Dictionary::new(samples[0].clone()).unwrap();
+    let mut both = [trained.clone(), raw.clone()];
+    both.sort_by_key(|d| d.id());
+    let ids: Vec<String> = both.iter().map(|d| d.id().to_string()).collect();
+    let both_ids: Vec<[u8; 16]> = both.iter().map(|d| d.id().0).collect();
+    let entries: Vec<(&[u8], &[u8])> = both_ids
+        .iter()
+        .zip(&both)
+        .map(|(id, d)| (&id[..], d.as_bytes()))
+        .collect();
+    let section = dict_section(&entries);
+    const SEED: u64 = 0x1a71;
+
+    // The library's format-3 invite, and the same written by hand from §7: byte for byte.
+    let inv = Invite::seal_with_dictionaries(
+        &g,
+        &[raw.clone(), trained.clone(), raw.clone()],
+        &alice(),
+        &bob.public_id(),
+        expiry,
+        &mut rand_chacha::ChaCha20Rng::seed_from_u64(SEED),
+    )
+    .unwrap();
+    let hand = |outer: u8, inner: u8, dicts: Vec<u8>, signed: Option<Vec<u8>>| {
+        HandInvite {
+            outer,
+            inner,
+            grant: &g,
+            expiry,
+            dicts,
+            signed,
+        }
+        .seal(&[0x44; 32], &bob.public_id(), SEED)
+    };
+    assert_eq!(
+        hand(3, 3, section.clone(), Some(section.clone())),
+        inv,
+        "the hand-written format 3 (§7) is what the library seals"
+    );
+    assert_eq!(
+        hand(2, 2, Vec::new(), None),
+        Invite::seal(
+            &g,
+            &alice(),
+            &bob.public_id(),
+            expiry,
+            &mut rand_chacha::ChaCha20Rng::seed_from_u64(SEED)
+        )
+        .unwrap(),
+        "the hand-written format 2 (§7) is what the library seals"
+    );
+    let iv = |recipient: &Identity, now: u64, invite: &str, expect: Value, what: &str| json!({"kind": "invite", "description": what, "recipient": recipient.to_secret_string().as_str(), "now_ms": now, "invite": invite, "expect": expect});
+    write(
+        dir,
+        "ok_invite_dictionaries",
+        iv(
+            &bob,
+            NOW,
+            &inv,
+            json!({"scope": "sensor/#", "inviter": alice().sender_id().to_string(), "expiry_ms": expiry, "key_id": hx(ek.key_id().as_bytes()), "dictionaries": ids}),
+            "format 3: grant for sensor/# and two dictionaries (one zstd-format, one raw content) sealed to bob",
+        ),
+    );
+    write(
+        dir,
+        "fail_invite_dictionaries_wrong_recipient",
+        iv(
+            &eve,
+            NOW,
+            &inv,
+            json!("error"),
+            "eve cannot open bob's format-3 invite",
+        ),
+    );
+    let fail = |name: &str, what: &str, reason: &str, invite: String| {
+        let mut v = iv(&bob, NOW, &invite, json!("error"), what);
+        v["reason"] = json!(reason);
+        write(dir, name, v);
+    };
+    let signed = |dicts: Vec<u8>| hand(3, 3, dicts.clone(), Some(dicts));
+    let mut wrong_id = both[0].id().0;
+    wrong_id[15] ^= 1;
+    fail(
+        "fail_invite_dictionary_id_mismatch",
+        "format 3, correctly signed, whose first dictionary id does not match its bytes",
+        "id does not match its bytes",
+        signed(dict_section(&[
+            (&wrong_id, both[0].as_bytes()),
+            (&both[1].id().0, both[1].as_bytes()),
+        ])),
+    );
+    fail(
+        "fail_invite_dictionaries_descending",
+        "format 3, correctly signed, with the dictionaries in descending id order",
+        "ascending",
+        signed(dict_section(&[entries[1], entries[0]])),
+    );
+    fail(
+        "fail_invite_dictionaries_duplicate",
+        "format 3, correctly signed, with the same dictionary twice",
+        "ascending",
+        signed(dict_section(&[entries[0], entries[0]])),
+    );
+    fail(
+        "fail_invite_dictionaries_none",
+        "format 3, correctly signed, with n = 0",
+        "no dictionary",
+        signed(vec![0]),
+    );
+    fail(
+        "fail_invite_dictionary_too_short",
+        "format 3, correctly signed, with a 7-byte dictionary",
+        "7 bytes",
+        signed(dict_section(&[(&DictId::of(b"1234567").0, b"1234567")])),
+    );
+    let mut trailing = section.clone();
+    trailing.push(0);
+    fail(
+        "fail_invite_dictionaries_trailing_bytes",
+        "format 3, correctly signed, with a byte after the last dictionary",
+        "trailing bytes",
+        signed(trailing),
+    );
+    let mut truncated = section.clone();
+    truncated.truncate(section.len() - 1);
+    fail(
+        "fail_invite_dictionaries_truncated",
+        "format 3, correctly signed, whose last dictionary is one byte short of its length",
+        "too short",
+        signed(truncated),
+    );
+    let broken = broken_entropy_tables(&trained);
+    fail(
+        "fail_invite_dictionary_broken_entropy_tables",
+        "format 3, correctly signed, carrying a zstd-format dictionary whose entropy tables are garbage (its id matches)",
+        "cannot use these bytes",
+        signed(dict_section(&[(&DictId::of(&broken).0, &broken)])),
+    );
+    let other = Dictionary::new(b"{\"unrelated\":\"dictionary content\"}".repeat(8)).unwrap();
+    fail(
+        "fail_invite_dictionaries_not_signed",
+        "format 3 whose signature covers other dictionaries than it carries",
+        "signature does not verify",
+        hand(
+            3,
+            3,
+            section.clone(),
+            Some(dict_section(&[(&other.id().0, other.as_bytes())])),
+        ),
+    );
+    fail(
+        "fail_invite_dictionaries_signed_as_format_2",
+        "format 3 plaintext signed with the format-2 context and fields (no dictionary hash)",
+        "signature does not verify",
+        hand(3, 3, section.clone(), None),
+    );
+    fail(
+        "fail_invite_format_3_string_2",
+        "a format-3 plaintext under string format byte 2 (the unauthenticated byte rewritten)",
+        "could not be opened",
+        hand(2, 3, section.clone(), Some(section.clone())),
+    );
+    fail(
+        "fail_invite_format_2_string_3",
+        "a format-2 plaintext under string format byte 3",
+        "could not be opened",
+        hand(3, 2, Vec::new(), None),
+    );
+    fail(
+        "fail_invite_format_4",
+        "string format byte 4 (unknown)",
+        "version 4",
+        hand(4, 3, section.clone(), Some(section.clone())),
+    );
+    let mut v = iv(
+        &bob,
+        expiry + 1,
+        &inv,
+        json!("error"),
+        "format 3 opened after expiry",
+    );
+    v["reason"] = json!("expired");
+    write(dir, "fail_invite_dictionaries_expired", v);
 }

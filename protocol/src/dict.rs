@@ -1,8 +1,9 @@
 //! Per-topic zstd dictionaries (codec 3, PROTOCOL.md §4.6.1, key strings §6.4).
 //!
 //! A dictionary is content: it is trained on messages and reveals what they have in common,
-//! so it travels only as keys do (a `wsdict1…` key string, or a line of a key file) and
-//! never through the relay in the clear. A sealed body names it by its [`DictId`]:
+//! so it travels only as keys do (a `wsdict1…` key string, a line of a key file, or inside
+//! an invite with the grant, [`crate::Invite::seal_with_dictionaries`]) and never through
+//! the relay in the clear. A sealed body names it by its [`DictId`]:
 //! `derive_key("whispeer v2 zstd dictionary id", bytes)[0..16]`, so the id is a function of
 //! the exact bytes, needs no registry, and is inside the AEAD (the relay never sees it).
 //!

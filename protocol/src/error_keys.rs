@@ -240,4 +240,10 @@ pub enum InviteError {
     /// HPKE failed while sealing.
     #[error("invite sealing failed")]
     SealFailed,
+    /// More dictionaries than one invite carries (255).
+    #[error("{count} dictionaries do not fit one invite (at most 255): send the rest as wsdict key strings")]
+    TooManyDictionaries { count: usize },
+    /// The invite would exceed the longest invite string (1,048,576 characters).
+    #[error("the invite would be {chars} characters, more than the 1048576 an invite may have: carry fewer dictionaries and send the rest as wsdict key strings")]
+    TooLarge { chars: usize },
 }

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::dict::{DictId, Dictionaries, Dictionary};
 use crate::error_keys::KeyError;
 use crate::identity::SenderId;
+use crate::invite::Invite;
 use crate::kdf::Secret32;
 use crate::text::Cursor;
 use crate::token::{KeyId, TokenPattern, TopicToken};
@@ -592,6 +593,25 @@ impl Keyring {
     /// not bound to a tree or epoch: a body names one by the hash of its bytes.
     pub fn add_dictionary(&mut self, d: Dictionary) -> bool {
         self.dictionaries.insert(d)
+    }
+
+    /// Accepts an opened invite (§7): adds its grant as [`Keyring::add_grant_report_at`]
+    /// does, then the zstd dictionaries it carries. A refused grant leaves the keyring
+    /// unchanged (no dictionary is added either). Whether to trust `invite.inviter` is the
+    /// caller's decision, made before.
+    pub fn accept_invite_at(&mut self, invite: &Invite, now_ms: u64) -> Result<Added, KeyError> {
+        let added = self.add_grant_report_at(invite.grant.clone(), now_ms)?;
+        for d in &invite.dictionaries {
+            self.add_dictionary(d.clone());
+        }
+        Ok(added)
+    }
+
+    /// [`Keyring::accept_invite_at`] now (the system clock). Not on
+    /// `wasm32-unknown-unknown`: use [`Keyring::accept_invite_at`].
+    #[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
+    pub fn accept_invite(&mut self, invite: &Invite) -> Result<Added, KeyError> {
+        self.accept_invite_at(invite, wall_clock_ms())
     }
 
     /// Drops a dictionary; `true` if it was held.

@@ -58,44 +58,73 @@ pub mod hrp {
     pub const DICT: &str = "wsdict";
 }
 
+/// Bech32m with the code length of an invite (`wsinv`, §7): up to 1,048,576 characters, so
+/// an invite can carry zstd dictionaries (format 3). An invite is also authenticated by
+/// its HPKE AEAD, which catches any change the checksum misses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bech32mInvite {}
+
+impl Checksum for Bech32mInvite {
+    type MidstateRepr = u32;
+    const CODE_LENGTH: usize = MAX_INVITE_CHARS;
+    const CHECKSUM_LENGTH: usize = 6;
+    const GENERATOR_SH: [u32; 5] = <bech32::Bech32m as Checksum>::GENERATOR_SH;
+    const TARGET_RESIDUE: u32 = <bech32::Bech32m as Checksum>::TARGET_RESIDUE;
+}
+
+/// Most characters in an invite string (`wsinv`, §7).
+pub const MAX_INVITE_CHARS: usize = 1 << 20;
+
+fn encode_with<Ck: Checksum>(hrp: &'static str, data: &[u8]) -> Result<String, KeyError> {
+    let hrp = Hrp::parse(hrp).expect("static HRPs are valid");
+    bech32::encode::<Ck>(hrp, data).map_err(|e| KeyError::InvalidString {
+        kind: "key string",
+        reason: e.to_string(),
+    })
+}
+
+fn decode_with<Ck: Checksum>(expected: &'static str, s: &str) -> Result<Vec<u8>, KeyError> {
+    let s = s.trim();
+    let checked = CheckedHrpstring::new::<Ck>(s).map_err(|e| KeyError::InvalidString {
+        kind: expected,
+        reason: e.to_string(),
+    })?;
+    let found = checked.hrp().to_lowercase();
+    if found != expected {
+        return Err(KeyError::WrongKind { expected, found });
+    }
+    Ok(checked.byte_iter().collect())
+}
+
 /// Encodes `data` under the type prefix `hrp` (lowercase).
 pub fn encode(hrp: &'static str, data: &[u8]) -> String {
-    let hrp = Hrp::parse(hrp).expect("static HRPs are valid");
-    bech32::encode::<Bech32mLong>(hrp, data).expect("key material is below the code length")
+    encode_with::<Bech32mLong>(hrp, data).expect("key material is below the code length")
 }
 
 /// Decodes a string that must carry the type prefix `expected`.
 pub fn decode(expected: &'static str, s: &str) -> Result<Vec<u8>, KeyError> {
-    let s = s.trim();
-    let checked = CheckedHrpstring::new::<Bech32mLong>(s).map_err(|e| KeyError::InvalidString {
-        kind: expected,
-        reason: e.to_string(),
-    })?;
-    let found = checked.hrp().to_lowercase();
-    if found != expected {
-        return Err(KeyError::WrongKind { expected, found });
-    }
-    Ok(checked.byte_iter().collect())
+    decode_with::<Bech32mLong>(expected, s)
 }
 
 /// [`encode`] with the dictionary code length ([`Bech32mDict`], up to 200,000 characters).
 pub fn encode_long(hrp: &'static str, data: &[u8]) -> String {
-    let hrp = Hrp::parse(hrp).expect("static HRPs are valid");
-    bech32::encode::<Bech32mDict>(hrp, data).expect("a dictionary is below the code length")
+    encode_with::<Bech32mDict>(hrp, data).expect("a dictionary is below the code length")
 }
 
 /// [`decode`] with the dictionary code length ([`Bech32mDict`]).
 pub fn decode_long(expected: &'static str, s: &str) -> Result<Vec<u8>, KeyError> {
-    let s = s.trim();
-    let checked = CheckedHrpstring::new::<Bech32mDict>(s).map_err(|e| KeyError::InvalidString {
-        kind: expected,
-        reason: e.to_string(),
-    })?;
-    let found = checked.hrp().to_lowercase();
-    if found != expected {
-        return Err(KeyError::WrongKind { expected, found });
-    }
-    Ok(checked.byte_iter().collect())
+    decode_with::<Bech32mDict>(expected, s)
+}
+
+/// An invite string (`wsinv`) with the invite code length ([`Bech32mInvite`]); an error
+/// when `data` is too long for it.
+pub fn encode_invite(data: &[u8]) -> Result<String, KeyError> {
+    encode_with::<Bech32mInvite>(hrp::INVITE, data)
+}
+
+/// Decodes an invite string (`wsinv`, up to [`MAX_INVITE_CHARS`] characters).
+pub fn decode_invite(s: &str) -> Result<Vec<u8>, KeyError> {
+    decode_with::<Bech32mInvite>(hrp::INVITE, s)
 }
 
 /// Reads fields out of decoded key-string bytes, failing with a typed error when short.
@@ -128,11 +157,17 @@ impl<'a> Cursor<'a> {
     pub(crate) fn u8(&mut self) -> Result<u8, KeyError> {
         Ok(self.take(1)?[0])
     }
+    pub(crate) fn u16(&mut self) -> Result<u16, KeyError> {
+        Ok(u16::from_be_bytes(self.arr()?))
+    }
+    pub(crate) fn u32(&mut self) -> Result<u32, KeyError> {
+        Ok(u32::from_be_bytes(self.arr()?))
+    }
     pub(crate) fn u64(&mut self) -> Result<u64, KeyError> {
         Ok(u64::from_be_bytes(self.arr()?))
     }
     pub(crate) fn lp_str(&mut self) -> Result<String, KeyError> {
-        let n = u16::from_be_bytes(self.arr()?) as usize;
+        let n = self.u16()? as usize;
         let b = self.take(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| KeyError::InvalidString {
             kind: self.kind,

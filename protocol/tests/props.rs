@@ -677,3 +677,46 @@ proptest! {
         prop_assert!(proofs[j].verify(&tree, epoch + 1, &input, Some(&mut warm)).is_err());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// An invite carries any set of dictionaries (format 3; none: format 2): opening gives
+    /// the grant and exactly the distinct dictionaries by ascending id, and a keyring that
+    /// accepts it holds them all. Any bit flipped in the string's data (re-encoded with a
+    /// valid checksum) is refused, and opening never panics on it.
+    #[test]
+    fn invite_dictionaries_roundtrip_and_bit_flips(
+        raw in prop::collection::vec(prop::collection::vec(any::<u8>(), 8..600), 0..5),
+        dup in any::<prop::sample::Index>(),
+        bit in any::<prop::sample::Index>(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+        let tk = TreeKey::generate_with("props", &mut rng).unwrap();
+        let grant = tk.grant(&Scope::Subtree(Topic::new("a/b").unwrap()));
+        let (alice, bob) = (Identity::generate_with(&mut rng), Identity::generate_with(&mut rng));
+        let mut dicts: Vec<Dictionary> = raw.into_iter().filter_map(|b| Dictionary::new(b).ok()).collect();
+        if !dicts.is_empty() {
+            let again = dicts[dup.index(dicts.len())].clone();
+            dicts.push(again);
+        }
+        let inv = Invite::seal_with_dictionaries(&grant, &dicts, &alice, &bob.public_id(), 10, &mut rng).unwrap();
+        let got = Invite::open(&inv, &bob, 10).unwrap();
+        prop_assert_eq!(got.inviter, alice.sender_id());
+        prop_assert_eq!(got.grant.to_key_string(), grant.to_key_string());
+        let mut want = dicts.clone();
+        want.sort_by_key(|d| d.id());
+        want.dedup_by_key(|d| d.id());
+        prop_assert_eq!(&got.dictionaries, &want);
+        let mut kr = Keyring::new();
+        kr.accept_invite_at(&got, 10).unwrap();
+        prop_assert_eq!(kr.dictionaries().len(), want.len());
+
+        let mut b = text::decode_invite(&inv).unwrap();
+        let k = bit.index(b.len() * 8);
+        b[k / 8] ^= 1 << (k % 8);
+        let flipped = text::encode_invite(&b).unwrap();
+        prop_assert!(Invite::open(&flipped, &bob, 10).is_err(), "bit {} flipped opened", k);
+    }
+}

@@ -481,6 +481,25 @@ fn invite(v: &Value) -> Result<(), String> {
         hex::encode(inv.grant.epoch_keys().key_id().as_bytes()),
         s(x, "key_id")
     );
+    let ids: Vec<String> = inv
+        .dictionaries
+        .iter()
+        .map(|d| d.id().to_string())
+        .collect();
+    let want: Vec<String> = x["dictionaries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, want, "the dictionaries the invite carries, in order");
+    // Accepting it adds the grant and every dictionary (§7).
+    let mut kr = Keyring::new();
+    kr.accept_invite_at(&inv, u(v, "now_ms"))
+        .map_err(|e| e.to_string())?;
+    for d in &inv.dictionaries {
+        assert_eq!(kr.dictionary(&d.id()), Some(d));
+    }
     Ok(())
 }
 
@@ -521,7 +540,7 @@ fn every_vector() {
     }
     println!("{ok} ok vectors accepted, {fail} fail vectors rejected");
     assert!(
-        ok >= 19 && fail >= 66,
+        ok >= 26 && fail >= 104,
         "vectors missing: {ok} ok, {fail} fail"
     );
 }

@@ -5,15 +5,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { relayPerFile } from '../shared/fixture.js';
-import { Client, Identity, TreeKey, Keyring } from '../../js/index.node.js';
+import { dictBytes, reading } from '../shared/dictionary.js';
+import { TreeKey, Keyring } from '../../js/index.node.js';
 
 const fx = relayPerFile();
 const connect = (opts) => fx.connect(opts);
-
-// A raw-content dictionary: what the telemetry has in common.
-const dictBytes = new TextEncoder().encode(
-  '{"device":"th-0000","room":"kitchen","celsius":21.50,"humidity":40,"battery":99,"ok":true}'.repeat(8),
-);
 
 test('a dictionary topic round-trips; the id is stable; strings carry it', async () => {
   const tree = TreeKey.generate('dict');
@@ -41,7 +37,7 @@ test('a dictionary topic round-trips; the id is stable; strings carry it', async
     resolve();
   });
   await lacking.subscribe('sensor/#', (m) => lackingGot.push(m));
-  const value = { device: 'th-0042', room: 'kitchen', celsius: 21.5, humidity: 44, battery: 97, ok: true };
+  const value = reading;
   await pub.publish('sensor/kitchen', value, { ack: true });
   await arrived;
   assert.deepEqual(got[0].value, value);

@@ -3,9 +3,40 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { before, after } from 'node:test';
 import { chromium } from 'playwright-core';
 import { PKG_ROOT } from './bins.js';
+import { startRelay } from './relay.js';
 import { startServer } from '../../scripts/serve.mjs';
+import { Client, Identity } from '../../js/index.node.js';
+
+/**
+ * One relay and one browser per test file (started before the file's tests, stopped after
+ * them): `fx.relay`, `fx.browser` (as `startChromium` returns) and `fx.nodeClient(opts)`, a
+ * Node client on the relay with a fresh identity, closed after the tests.
+ */
+export function chromiumPerFile() {
+  const clients = [];
+  const fx = {
+    relay: undefined,
+    browser: undefined,
+    async nodeClient(opts) {
+      const c = await Client.connect(fx.relay.url, { identity: Identity.generate(), ...opts });
+      clients.push(c);
+      return c;
+    },
+  };
+  before(async () => {
+    fx.relay = await startRelay();
+    fx.browser = await startChromium();
+  });
+  after(async () => {
+    await Promise.all(clients.map((c) => c.close()));
+    await fx.browser?.close();
+    await fx.relay?.stop();
+  });
+  return fx;
+}
 
 /** Starts the server and the browser: { context, server, testPage(), close() }. */
 export async function startChromium() {

@@ -5,7 +5,10 @@
 import {
   Client,
   Identity,
+  Keyring,
   TreeKey,
+  openInvite,
+  sealInvite,
   type Message,
   type Provenance,
   type Subscription,
@@ -56,7 +59,20 @@ const gaps: number = stats.relayGaps;
 const refused: number = stats.refused.unlistedSender + stats.refused.retainedRollback;
 declare const core: ClientCore; // the low-level core seals without a connection
 const env: Uint8Array = core.sealEnvelope('sensor/x', 'application/cbor', new Uint8Array(1));
-const coreStats: number = stats.unackedPublishes + stats.slowSubscriberDrops + env.length;
+const coreStats: number = stats.unackedPublishes + stats.sealingPublishes + stats.slowSubscriberDrops + env.length;
+// Invites carry the dictionaries of a keyring (or listed ones); accepting adds them.
+const ring = new Keyring();
+const dictId: string = ring.addDictionary(new Uint8Array(64));
+const bob = Identity.generate();
+const inv: string = sealInvite(tree.grant('sensor/#'), Identity.generate(), bob.publicId, { dictionaries: ring, ttlMs: 1000 });
+const opened = openInvite(inv, bob);
+const ids: string[] = opened.dictionaryIds;
+const strings: string[] = opened.dictionaries;
+new Keyring().acceptInvite(opened);
+client.addKeys(opened);
+console.log(dictId, ids, strings);
+// @ts-expect-error dictionaries are strings, bytes or a Keyring
+sealInvite(tree.grant('#'), bob, bob.publicId, { dictionaries: 42 });
 // QoS 1, replay, durable.
 const acked: number | undefined = await client.publish('sensor/x', 1, { qos: 1, retain: true });
 const durable = await client.subscribe('sensor/#', { qos: 1, durable: 'inbox', replay: { last: 10 }, retained: false });

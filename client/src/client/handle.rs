@@ -104,6 +104,23 @@ impl Client {
         Ok(())
     }
 
+    /// Accepts an opened invite at run time, as `Keyring::accept_invite` does: adds its
+    /// grant, then the zstd dictionaries it carries (PROTOCOL §7), and re-subscribes so
+    /// existing subscriptions cover the grant. A refused grant adds nothing. Decide whether you trust
+    /// `invite.inviter` first.
+    pub fn accept_invite(
+        &self,
+        invite: &whispeer_protocol::Invite,
+    ) -> Result<(), whispeer_protocol::KeyError> {
+        self.inner
+            .keyring
+            .write()
+            .expect("keyring lock")
+            .accept_invite(invite)?;
+        let _ = self.inner.cmd.send(Command::Resubscribe);
+        Ok(())
+    }
+
     /// Lets this client seal with the delegated grant(s) for `scope` in `tree` (every held
     /// epoch): a grant narrowed and handed on by someone the keyring cannot verify opens
     /// messages but seals only after this opt-in. Admin-signed and derived grants seal

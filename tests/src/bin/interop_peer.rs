@@ -16,6 +16,12 @@
 //!     a typed subscription (`client.topic::<Point|Note>(T)`); prints {"ready":true}, then per
 //!     item {"value":…,"contentType":…} or {"mismatch":{"expected":…,"found":…}}, then
 //!     {"typeMismatches":<ClientStats::type_mismatches>}
+//! interop_peer invite-seal --key wstree1… --to wsid1… [--scope 'a/#'] [--dict wsdict1…]
+//!     seals an invite (format 3 with --dict, PROTOCOL §7) from a fresh identity; prints
+//!     {"invite":"wsinv1…","inviter":"wspk1…"} (no relay)
+//! `sub` (and the others) take `--invite wsinv1… --identity wssec1…` instead of `--key`: the
+//! client's keyring is only what the invite carried (grant and dictionaries), accepted by
+//! that identity, which the client then uses.
 //! ```
 
 use std::collections::HashMap;
@@ -25,9 +31,10 @@ use std::process::ExitCode;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use whispeer::{
-    Client, Compression, Encryption, Identity, Keyring, ReceiveError, TreeKey, TypeTag, WebSocket,
+    Client, Compression, Encryption, Identity, Invite, Keyring, ReceiveError, Scope, Topic,
+    TreeKey, TypeTag, WebSocket,
 };
-use whispeer_protocol::Grant;
+use whispeer_protocol::{Dictionary, Grant};
 use whispeer_tests::Sample;
 
 /// Type A of the typed-topic interop (JS declares the tag as the same string).
@@ -61,7 +68,8 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: interop_peer (sub --filter F | pub --prefix P [--compression none|zstd|lz4] [--suite xchacha|aes-gcm] \
          | typed-pub --topic T --order ABA | typed-sub --topic T --type A|B) \
-         --url URL --key KEY [--count N]"
+         --url URL (--key KEY | --invite INVITE --identity SECRET) [--count N] \
+         | invite-seal --key TREE_KEY --to PUBLIC_ID [--scope S] [--dict DICT]"
     );
     ExitCode::from(2)
 }
@@ -77,6 +85,47 @@ fn keyring(key: &str) -> Result<Keyring, String> {
         kr.add_grant_at(g, now).map_err(|e| e.to_string())?;
     }
     Ok(kr)
+}
+
+/// A keyring holding only what `invite` carried, accepted by `me`.
+fn accepted(invite: &str, me: &Identity) -> Result<Keyring, String> {
+    let inv = Invite::open(invite, me, whispeer::now_ms()).map_err(|e| e.to_string())?;
+    let mut kr = Keyring::new();
+    kr.accept_invite(&inv).map_err(|e| e.to_string())?;
+    Ok(kr)
+}
+
+/// `invite-seal`: an invite for `--to` with the tree key's grant for `--scope` (`#`,
+/// `a/#` or `a/b`) and the `--dict` dictionary, signed by a fresh identity.
+fn invite_seal(opts: &HashMap<String, String>) -> Result<serde_json::Value, String> {
+    let (Some(key), Some(to)) = (opts.get("key"), opts.get("to")) else {
+        return Err("invite-seal needs --key and --to".into());
+    };
+    let tk: TreeKey = key.parse().map_err(|e| format!("{e}"))?;
+    let scope = match opts.get("scope").map(String::as_str) {
+        None | Some("#") => Scope::Tree,
+        Some(s) => match s.strip_suffix("/#") {
+            Some(p) => Scope::Subtree(Topic::new(p).map_err(|e| e.to_string())?),
+            None => Scope::Topic(Topic::new(s).map_err(|e| e.to_string())?),
+        },
+    };
+    let dicts = opts
+        .get("dict")
+        .map(|d| Dictionary::from_key_string(d))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let me = Identity::generate();
+    let to: whispeer::PublicId = to.parse().map_err(|e| format!("{e}"))?;
+    let inv = Invite::seal_with_dictionaries(
+        &tk.grant(&scope),
+        dicts.as_slice(),
+        &me,
+        &to,
+        whispeer::now_ms() + 3_600_000,
+        &mut rand::rngs::OsRng,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(serde_json::json!({ "invite": inv, "inviter": me.sender_id().to_string() }))
 }
 
 fn line(v: serde_json::Value) {
@@ -101,11 +150,39 @@ async fn main() -> ExitCode {
         };
         opts.insert(name.to_owned(), v);
     }
-    let (Some(url), Some(key)) = (opts.get("url"), opts.get("key")) else {
+    if mode == "invite-seal" {
+        return match invite_seal(&opts) {
+            Ok(v) => {
+                line(v);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("invite-seal: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let Some(url) = opts.get("url") else {
         return usage();
     };
+    let me = match opts
+        .get("identity")
+        .map(|s| Identity::from_secret_string(s))
+    {
+        None => Identity::generate(),
+        Some(Ok(id)) => id,
+        Some(Err(e)) => {
+            eprintln!("bad identity: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let count: u32 = opts.get("count").and_then(|c| c.parse().ok()).unwrap_or(1);
-    let keys = match keyring(key) {
+    let keys = match (opts.get("key"), opts.get("invite")) {
+        (Some(key), None) => keyring(key),
+        (None, Some(invite)) => accepted(invite, &me),
+        _ => return usage(),
+    };
+    let keys = match keys {
         Ok(k) => k,
         Err(e) => {
             eprintln!("bad key: {e}");
@@ -121,7 +198,6 @@ async fn main() -> ExitCode {
         Some("aes-gcm") => whispeer::CipherSuite::aes_gcm(),
         _ => whispeer::CipherSuite::xchacha(),
     };
-    let me = Identity::generate();
     let client = match Client::builder()
         .with(WebSocket::new(url.clone()))
         .with(Encryption::with_keyring(keys))
@@ -139,7 +215,9 @@ async fn main() -> ExitCode {
     };
     match mode.as_str() {
         "typed-pub" => {
-            let (Some(topic), Some(order)) = (opts.get("topic"), opts.get("order")) else {
+            let (Some(topic), Some(order), Some(key)) =
+                (opts.get("topic"), opts.get("order"), opts.get("key"))
+            else {
                 return usage();
             };
             return match typed_pub(&client, url, key, topic, order).await {

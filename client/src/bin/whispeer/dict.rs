@@ -83,11 +83,7 @@ pub fn dict(c: DictCommand) -> Result<ExitCode> {
                     "zstd dictionary {} ({} bytes, {})",
                     d.id(),
                     d.len(),
-                    if d.is_zstd_format() {
-                        "zstd format"
-                    } else {
-                        "raw content"
-                    }
+                    format_name(&d)
                 ))?;
             }
             Ok(ExitCode::SUCCESS)
@@ -107,11 +103,23 @@ pub fn dict(c: DictCommand) -> Result<ExitCode> {
     }
 }
 
-fn describe(d: &Dictionary) -> serde_json::Value {
+/// `zstd format` (magic, entropy tables, content) or `raw content`.
+pub fn format_name(d: &Dictionary) -> &'static str {
+    if d.is_zstd_format() {
+        "zstd format"
+    } else {
+        "raw content"
+    }
+}
+
+/// A JSON description of a dictionary (`dict show --json`, `key show` of a `wsdict1…`):
+/// id, size, format and the compression setting that names it — never its bytes.
+pub fn describe(d: &Dictionary) -> serde_json::Value {
     json!({
         "id": d.id().to_string(),
         "bytes": d.len(),
         "zstd_format": d.is_zstd_format(),
+        "format": format_name(d),
         "compress": format!("zstd-dict:{}", d.id()),
     })
 }

@@ -164,11 +164,7 @@ impl KeyArgs {
 
     /// The zstd dictionaries (`wsdict1…` strings) among the keys.
     pub fn dictionaries(&self) -> Result<Vec<Dictionary>> {
-        self.texts()?
-            .iter()
-            .filter(|s| is_dict_string(s))
-            .map(|s| Dictionary::from_key_string(s).context("invalid dictionary string"))
-            .collect()
+        parse_dictionaries(&self.texts()?)
     }
 
     /// The parsed keys; a usage error when there are none.
@@ -253,13 +249,31 @@ pub fn key_texts_from(arg: Option<&str>, src: &KeyArgs) -> Result<Vec<String>> {
     }
 }
 
-/// Exactly one key from a positional argument or the key sources.
-pub fn one_key(arg: Option<&str>, src: &KeyArgs) -> Result<AnyKey> {
-    let texts = key_texts_from(arg, src)?;
-    if texts.len() != 1 {
-        usage!("expected exactly one key, got {}", texts.len());
+/// Exactly one key from a positional argument or the key sources, and the zstd
+/// dictionaries (`wsdict1…` lines) next to it.
+pub fn key_and_dictionaries(arg: Option<&str>, src: &KeyArgs) -> Result<(AnyKey, Vec<Dictionary>)> {
+    let (dicts, keys): (Vec<String>, Vec<String>) = key_texts_from(arg, src)?
+        .into_iter()
+        .partition(|s| is_dict_string(s));
+    if keys.len() != 1 {
+        usage!("expected exactly one key, got {}", keys.len());
     }
-    AnyKey::parse(&texts[0])
+    Ok((AnyKey::parse(&keys[0])?, parse_dictionaries(&dicts)?))
+}
+
+/// The zstd dictionaries (`wsdict1…` strings) among key strings.
+pub fn parse_dictionaries(texts: &[String]) -> Result<Vec<Dictionary>> {
+    texts
+        .iter()
+        .filter(|s| is_dict_string(s))
+        .map(|s| Dictionary::from_key_string(s).context("invalid dictionary string"))
+        .collect()
+}
+
+/// Exactly one key from a positional argument or the key sources (dictionaries among
+/// them are ignored).
+pub fn one_key(arg: Option<&str>, src: &KeyArgs) -> Result<AnyKey> {
+    Ok(key_and_dictionaries(arg, src)?.0)
 }
 
 fn read_stdin_keys() -> Result<Vec<String>> {

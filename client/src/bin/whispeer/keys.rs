@@ -8,12 +8,12 @@ use std::str::FromStr;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
-use whispeer::protocol::{upgrade_key_string, Provenance, Upgraded};
+use whispeer::protocol::{upgrade_key_string, Dictionary, Provenance, Upgraded};
 use whispeer::{
     Grant, Identity, Invite, PassphraseParams, PublicId, Scope, SenderId, Topic, TreeKey,
 };
 
-use crate::io::{self, AnyKey, IdentityArgs, KeyArgs};
+use crate::io::{self, AnyKey, DictArgs, IdentityArgs, KeyArgs};
 use crate::usage;
 
 /// Environment variable read by `key from-passphrase`.
@@ -169,7 +169,7 @@ pub enum KeyCommand {
         out: OutArgs,
     },
     /// Describe a key string of any kind (tree key, grant, identity, public id, sender id,
-    /// invite) without revealing secrets.
+    /// invite, zstd dictionary) without revealing secrets.
     Show {
         /// The string ('-' reads stdin; default --key-file / WHISPEER_KEY / stdin).
         key: Option<String>,
@@ -184,7 +184,10 @@ pub enum KeyCommand {
 #[derive(Debug, Subcommand)]
 pub enum InviteCommand {
     /// Seal a key to a recipient's public id (wsid1…): prints an invite (wsinv1…) that only
-    /// they can open, signed by your identity. Safe to send over any channel.
+    /// they can open, signed by your identity. Safe to send over any channel. The zstd
+    /// dictionaries (wsdict1…) among the key strings given, and --dict files, travel in it
+    /// (the keys do not record which topic uses which dictionary: give only those the
+    /// recipient's topics need, or --no-dicts).
     Seal {
         /// The recipient's public id (wsid1…, as printed by their `whispeer keygen`).
         #[arg(long, value_name = "PUBLIC_ID")]
@@ -197,11 +200,17 @@ pub enum InviteCommand {
         #[arg(long, value_name = "SECS", default_value_t = 7 * 24 * 3600)]
         expires_in: u64,
         #[command(flatten)]
+        dicts: DictArgs,
+        /// Carry no dictionary, not even the wsdict1… lines among the keys.
+        #[arg(long, conflicts_with = "dicts")]
+        no_dicts: bool,
+        #[command(flatten)]
         identity: IdentityArgs,
         #[command(flatten)]
         src: KeyArgs,
     },
-    /// Open an invite addressed to your identity: prints the key string it carries.
+    /// Open an invite addressed to your identity: prints the key string it carries, then
+    /// the zstd dictionaries (wsdict1…) it carries, one per line — a key file.
     Open {
         /// The invite (wsinv1…; '-' or nothing reads stdin).
         invite: Option<String>,
@@ -520,13 +529,22 @@ fn describe(s: &str) -> Result<serde_json::Value> {
         }
         "wsinv" => {
             // Only the recipient can open it; check the checksum at least.
-            whispeer::protocol::text::decode(whispeer::protocol::text::hrp::INVITE, s)
-                .context("invalid invite")?;
-            json!({ "kind": "invite", "note": "sealed; open it with `whispeer invite open`" })
+            let b = whispeer::protocol::text::decode_invite(s).context("invalid invite")?;
+            json!({
+                "kind": "invite",
+                "format": b.first(),
+                "note": "sealed; open it with `whispeer invite open`",
+            })
+        }
+        "wsdict" => {
+            let d = Dictionary::from_key_string(s).context("invalid dictionary string")?;
+            let mut v = crate::dict::describe(&d);
+            v["kind"] = json!("dictionary");
+            v
         }
         _ => anyhow::bail!(
-            "not a whispeer key string (expected wstree1…, wskey1…, wssec1…, wsid1…, wspk1… \
-             or wsinv1…)"
+            "not a whispeer key string (expected wstree1…, wskey1…, wssec1…, wsid1…, wspk1…, \
+             wsinv1… or wsdict1…)"
         ),
     })
 }
@@ -554,6 +572,7 @@ fn print_human(d: &serde_json::Value) -> Result<()> {
         "public_id" => "public id".to_owned(),
         "sender_id" => "sender id".to_owned(),
         "invite" => "invite (sealed)".to_owned(),
+        "dictionary" => "zstd dictionary (content: secret like a key)".to_owned(),
         k => k.to_owned(),
     };
     io::print_or_exit(&format!("kind:      {title}"))?;
@@ -568,11 +587,16 @@ fn print_human(d: &serde_json::Value) -> Result<()> {
         ("narrowed_from", "narrowed:  "),
         ("public_id", "public id: "),
         ("sender_id", "sender id: "),
+        ("id", "id:        "),
+        ("bytes", "size:      "),
+        ("format", "format:    "),
+        ("compress", "compress:  "),
         ("note", "note:      "),
     ];
     for (k, label) in rows {
         if let Some(v) = get(k) {
-            io::print_or_exit(&format!("{label}{v}"))?;
+            let unit = if k == "bytes" { " bytes" } else { "" };
+            io::print_or_exit(&format!("{label}{v}{unit}"))?;
         }
     }
     Ok(())
@@ -585,6 +609,8 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
             key,
             narrow: n,
             expires_in,
+            dicts,
+            no_dicts,
             identity,
             src,
         } => {
@@ -597,10 +623,24 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
             }
             let recipient = PublicId::from_str(to).context("invalid --to public id")?;
             let me = identity.require()?;
-            let k: AnyKey = io::one_key(key.as_deref(), &src)?;
+            let (k, mut carried) = io::key_and_dictionaries(key.as_deref(), &src)?;
+            carried.extend(dicts.load()?);
+            if no_dicts {
+                carried.clear();
+            }
             let g = narrow(&k, Some(&me), n.path.as_deref(), n.topic.as_deref())?;
             let expiry = whispeer::now_ms().saturating_add(expires_in.saturating_mul(1000));
-            let inv = Invite::seal(&g, &me, &recipient, expiry, &mut rand::rngs::OsRng)?;
+            let inv = Invite::seal_with_dictionaries(
+                &g,
+                &carried,
+                &me,
+                &recipient,
+                expiry,
+                &mut rand::rngs::OsRng,
+            )?;
+            if !carried.is_empty() {
+                eprintln!("the invite carries {}", dictionary_list(&carried));
+            }
             io::print_or_exit(&inv)?;
         }
         InviteCommand::Open {
@@ -630,8 +670,26 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
                 inv.grant.cert().tree_name(),
                 inv.grant.epoch_keys().epoch()
             );
-            out.emit(&inv.grant.to_key_string())?;
+            let mut lines = vec![inv.grant.to_key_string().to_string()];
+            if !inv.dictionaries.is_empty() {
+                eprintln!("with {}", dictionary_list(&inv.dictionaries));
+                lines.extend(
+                    inv.dictionaries
+                        .iter()
+                        .map(|d| d.to_key_string().to_string()),
+                );
+            }
+            out.emit(&lines.join("\n"))?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// "2 zstd dictionaries: <id>, <id>" (what an invite carries).
+fn dictionary_list(dicts: &[Dictionary]) -> String {
+    let mut ids: Vec<String> = dicts.iter().map(|d| d.id().to_string()).collect();
+    ids.sort();
+    ids.dedup();
+    let s = if ids.len() == 1 { "y" } else { "ies" };
+    format!("{} zstd dictionar{s}: {}", ids.len(), ids.join(", "))
 }

@@ -1,0 +1,126 @@
+// Invites that carry zstd dictionaries (format 3, PROTOCOL §7): an invitee holding nothing
+// but an accepted invite reads a topic compressed with a dictionary (codec 3) — invites made
+// in JS and opened in JS (keys at connect and `client.addKeys` at run time), made by the
+// Rust SDK (the interop peer) and opened in JS, and made in JS and opened by the Rust SDK —
+// while the same grant without the dictionary refuses those messages. Against the real relay.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { relayPerFile } from '../shared/fixture.js';
+import { dictBytes, reading } from '../shared/dictionary.js';
+import { runPeer } from '../shared/peer.js';
+import { sample } from '../shared/sample.js';
+import { Identity, TreeKey, Keyring, sealInvite, openInvite } from '../../js/index.node.js';
+
+const fx = relayPerFile();
+const connect = (opts) => fx.connect(opts);
+
+/** The admin: a tree, a keyring holding its key and the dictionary, a publisher with it. */
+async function admin(name) {
+  const tree = TreeKey.generate(name);
+  const keys = new Keyring();
+  keys.addTreeKey(tree);
+  const id = keys.addDictionary(dictBytes);
+  const me = Identity.generate();
+  const publisher = await connect({ identity: me, keys, compression: `zstd-dict:${id}` });
+  return { tree, keys, id, me, publisher };
+}
+
+/** Subscribes `client` to `filter`; `first` resolves with the first message. */
+async function firstMessage(client, filter) {
+  let resolve;
+  const first = new Promise((r) => (resolve = r));
+  const got = [];
+  await client.subscribe(filter, (m) => {
+    got.push(m);
+    resolve(m);
+  });
+  return { first, got };
+}
+
+/**
+ * The grant alone refused the codec-3 message: the next message `lacking` delivers is a
+ * marker published after it without the dictionary (the relay keeps their order).
+ */
+async function assertRefused(tree, lacking, lackingGot, topic) {
+  const plain = await connect({ keys: tree, compression: 'zstd' });
+  await plain.publish(topic, 'marker', { ack: true });
+  assert.equal((await lackingGot.first).topic, topic);
+  assert.equal(lacking.stats().rejected, 1);
+  assert.equal(lackingGot.got.length, 1);
+}
+
+test('a JS invite carries the keyring\'s dictionaries; accepting it (at connect or at run time) reads codec 3', async () => {
+  const a = await admin('invite-js');
+  const [bob, carol] = [Identity.generate(), Identity.generate()];
+  const grant = a.tree.grant('sensor/#');
+  const forBob = sealInvite(grant, a.me, bob.publicId, { dictionaries: a.keys });
+  const forCarol = sealInvite(grant, a.me, carol.publicId, { dictionaries: a.keys.toDictionaryStrings() });
+  const opened = openInvite(forBob, bob);
+  assert.equal(opened.inviter, a.me.senderId);
+  assert.deepEqual(opened.dictionaryIds, [a.id]);
+  assert.deepEqual(opened.dictionaries, a.keys.toDictionaryStrings());
+  assert.equal(opened.grant.scope, 'sensor/#');
+  // Without dictionaries the invite is the format-2 one, and carries none.
+  assert.deepEqual(openInvite(sealInvite(grant, a.me, bob.publicId), bob).dictionaries, []);
+
+  const atBob = await connect({ identity: bob, keys: opened });
+  const atCarol = await connect({ identity: carol, keys: a.tree.grant('elsewhere/#') });
+  atCarol.addKeys(openInvite(forCarol, carol));
+  const lacking = await connect({ keys: opened.grant });
+  const bobGot = await firstMessage(atBob, 'sensor/#');
+  const carolGot = await firstMessage(atCarol, 'sensor/#');
+  const lackingGot = await firstMessage(lacking, 'sensor/#');
+  // The keyring path: `acceptInvite` adds the dictionary next to the grant.
+  const kr = new Keyring();
+  kr.acceptInvite(opened);
+  assert.deepEqual(kr.toDictionaryStrings(), a.keys.toDictionaryStrings());
+  assert.equal(kr.size, 1);
+
+  await a.publisher.publish('sensor/kitchen', reading, { ack: true });
+  assert.deepEqual((await bobGot.first).value, reading);
+  assert.deepEqual((await carolGot.first).value, reading);
+  await assertRefused(a.tree, lacking, lackingGot, 'sensor/marker');
+});
+
+test('an invite the Rust SDK sealed carries the dictionary to a JS invitee', async () => {
+  const a = await admin('invite-rust-js');
+  const bob = Identity.generate();
+  const peer = runPeer([
+    'invite-seal', '--key', a.tree.toKeyString(), '--to', bob.publicId, '--scope', 'sensor/#',
+    '--dict', a.keys.toDictionaryStrings()[0],
+  ]);
+  const [{ invite, inviter }] = await peer.take(1);
+  assert.equal(await peer.exited, 0);
+  const opened = openInvite(invite, bob);
+  assert.equal(opened.inviter, inviter);
+  assert.deepEqual(opened.dictionaryIds, [a.id]);
+  const atBob = await connect({ identity: bob, keys: opened });
+  const got = await firstMessage(atBob, 'sensor/#');
+  await a.publisher.publish('sensor/kitchen', reading, { ack: true });
+  assert.deepEqual((await got.first).value, reading);
+});
+
+test('an invite sealed in JS carries the dictionary to a Rust SDK invitee', async () => {
+  const a = await admin('invite-js-rust');
+  const rust = Identity.generate();
+  const grant = a.tree.grant('interop/#');
+  const invite = sealInvite(grant, a.me, rust.publicId, { dictionaries: a.keys });
+  const lacking = await connect({ keys: grant });
+  const lackingGot = await firstMessage(lacking, 'interop/invite/#');
+  const peer = runPeer([
+    'sub', '--url', fx.relay.url, '--invite', invite, '--identity', rust.toSecretString(),
+    '--filter', 'interop/invite/#', '--count', '1',
+  ]);
+  try {
+    assert.deepEqual(await peer.next(), { ready: true });
+    await a.publisher.publish('interop/invite/0', sample(0), { ack: true });
+    const [l] = await peer.take(1);
+    assert.equal(l.error, undefined, l.error);
+    assert.equal(l.ok, true, `Rust decoded the sample differently: ${JSON.stringify(l.value)}`);
+    assert.equal(l.sender, a.me.senderId);
+    assert.equal(await peer.exited, 0);
+    await assertRefused(a.tree, lacking, lackingGot, 'interop/invite/marker');
+  } finally {
+    peer.kill();
+  }
+});
