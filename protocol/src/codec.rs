@@ -97,7 +97,8 @@ pub fn write_prefixed(frame: &[u8], out: &mut Vec<u8>) {
 
 /// Encodes `frame` with its length prefix into one buffer.
 pub fn encode_prefixed(frame: &Frame) -> Bytes {
-    let mut out = vec![0u8; LEN_PREFIX];
+    let mut out = Vec::with_capacity(LEN_PREFIX + frame.size_hint());
+    out.extend_from_slice(&[0u8; LEN_PREFIX]);
     frame.encode(&mut out);
     let len = (out.len() - LEN_PREFIX) as u32;
     out[..LEN_PREFIX].copy_from_slice(&len.to_be_bytes());

@@ -971,10 +971,11 @@ impl Frame {
         Bytes::from(out)
     }
 
-    fn size_hint(&self) -> usize {
+    /// Room for the encoded frame, so encoding an envelope copies it once (no regrowth).
+    pub(crate) fn size_hint(&self) -> usize {
         match self {
-            Frame::Pub(p) => p.envelope.len() + 40,
-            Frame::Msg(m) => m.envelope.len() + 24,
+            Frame::Pub(p) => p.envelope.len() + 64,
+            Frame::Msg(m) => m.envelope.len() + 48,
             _ => 64,
         }
     }

@@ -93,6 +93,11 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
 
 /// Frames one connection handles before it lets other tasks run.
 const FRAMES_PER_TURN: usize = 16;
+/// Bytes of frames one connection handles before it lets other tasks run (a frame larger
+/// than this is handled alone in its turn). A turn costs the relay about what its bytes
+/// cost to decode, copy and store, so a connection of 4 KiB frames gets 4 per turn, one of
+/// 1 KiB frames still 16.
+const BYTES_PER_TURN: usize = 16 << 10;
 
 /// Reads until the session asks to close, the queue closes elsewhere, the relay shuts
 /// down, or a timeout fires. Returns whether the source reached its end.
@@ -120,7 +125,7 @@ async fn read_loop<Src: FrameSource>(
         .clamp(Duration::from_millis(5), Duration::from_secs(1));
     let mut redeliver = tokio::time::interval(period);
     redeliver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut this_turn = 0usize;
+    let (mut this_turn, mut turn_bytes) = (0usize, 0usize);
     // Durable names whose cluster-wide hold the store lost (JetStream): the session ends
     // those subscriptions. The session keeps a sender, so this never ends early.
     let mut hold_lost = session
@@ -130,11 +135,16 @@ async fn read_loop<Src: FrameSource>(
         // Fairness: one read can hold dozens of frames, and tokio only charges its
         // cooperative budget per read, so a flooding connection could handle thousands of
         // frames before another task runs. Every frame costs a unit of the task's budget,
-        // and every few frames it yields outright: the worst a flooder can do to everyone
-        // else is one short turn per round.
+        // and every few frames — or every few KiB, whichever comes first — it yields
+        // outright: the worst a flooder can do to everyone else is one short turn per
+        // round. Counting bytes matters: every other connection waits a whole round of
+        // the flooders' turns, and with 25 connections flooding 4 KiB publishes, 16 frames
+        // a turn made that round 10–24 ms on two cores (the hostile bench's honest client
+        // waited that long for its frames to be read; 16 KiB a turn cut it by half).
         this_turn += 1;
-        if this_turn > FRAMES_PER_TURN {
+        if this_turn > FRAMES_PER_TURN || turn_bytes >= BYTES_PER_TURN {
             this_turn = 0;
+            turn_bytes = 0;
             tokio::task::yield_now().await;
         } else {
             tokio::task::consume_budget().await;
@@ -150,6 +160,9 @@ async fn read_loop<Src: FrameSource>(
                 return false;
             }
             ev = source.recv() => {
+                if let Inbound::Frame(b) = &ev {
+                    turn_bytes += b.len();
+                }
                 let closed = matches!(ev, Inbound::Closed);
                 last_in = Instant::now();
                 if session.on_inbound(ev, last_in.into_std()) == Flow::Close {

@@ -474,12 +474,15 @@ impl Router {
                 link.forward(envelope, flags, qos);
             }
         }
-        let frame = msg_frame(seq.0, envelope, 0);
         let mut targets: Vec<&Arc<Target>> = Vec::new();
         core.index.for_each_match(path, |_, t| targets.push(t));
         if targets.len() > 1 {
             targets.sort_unstable_by_key(|t| t.conn);
         }
+        // Encoded once, for the first subscriber that takes it: a publish nobody
+        // subscribed to (a flood on invented key ids) costs no copy of its envelope here.
+        let mut encoded: Option<Bytes> = None;
+        let encode = || msg_frame(seq.0, envelope, 0);
         let (mut delivered, mut dropped) = (0, 0);
         let mut last_conn = None;
         for t in &targets {
@@ -490,8 +493,8 @@ impl Router {
                         gate.buf.pop_front();
                         gate.dropped += 1;
                     }
-                    gate.buf
-                        .push_back((seq.0, envelope.clone(), frame.clone(), stored));
+                    let frame = encoded.get_or_insert_with(encode).clone();
+                    gate.buf.push_back((seq.0, envelope.clone(), frame, stored));
                     continue;
                 }
             }
@@ -504,7 +507,8 @@ impl Router {
             } else if let Some(tr) = &t.track {
                 // Without credit, or over the relay-wide outbound budget, the message
                 // waits in the store (see `flow`).
-                let room = !t.out.over_budget(frame.len());
+                let len = encoded.get_or_insert_with(encode).len();
+                let room = !t.out.over_budget(len);
                 match tr.deliver_live(seq.0, envelope, stored, room, start) {
                     Delivery::Send => {}
                     Delivery::Paused => {
@@ -523,7 +527,10 @@ impl Router {
             }
             last_conn = Some(t.conn);
             // QoS 0 may be refused by the relay-wide budget; QoS >= 1 is bounded by credit.
-            match t.out.offer_msg(&frame, t.track.is_none()) {
+            match t
+                .out
+                .offer_msg(encoded.get_or_insert_with(encode), t.track.is_none())
+            {
                 Offer::Queued => delivered += 1,
                 Offer::DroppedOldest => {
                     delivered += 1;

@@ -40,6 +40,7 @@ use crate::ids::Seq;
 
 pub mod jetstream;
 mod reads;
+mod sharded;
 mod sqlite;
 
 pub(crate) use reads::{read_off_runtime, Admission};

@@ -629,6 +629,97 @@ async fn another_tenants_store_backlog_never_holds_back_a_new_subscription() {
     relay.stop().await;
 }
 
+/// While the store's writer is stuck in a commit (the test holds SQLite's write lock, as a
+/// slow disk under a stored flood would) and one tenant's stored publishes have filled its
+/// write queue — the next one answered `busy`, retryable, naming the publish id — another
+/// tenant's live QoS 0 messages are routed and acknowledged at once: nothing on the live
+/// path waits for the store (issue 10: a full store queue pushes back on the publishing
+/// connection only). Once the lock goes, every publish the queue took is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_routing_goes_on_while_the_writer_is_stuck_and_its_queue_is_full() {
+    let dir = temp_dir("stuck");
+    let db = dir.join("s.db");
+    let mut config = file_config(&db);
+    config.store.queue = 64;
+    config.store.max_batch = 16;
+    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
+    let relay = relay_with(config, store.clone()).await;
+    let mut c = client_from("127.0.0.4", relay.tcp()).await;
+    c.send(&sub(1, all_of(KB), None, false)).await;
+    assert!(matches!(c.recv().await, Frame::SubOk(_)));
+    // The writer gets stuck: SQLite's write lock is held by another connection.
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let commits = store.metrics().commits;
+    // Tenant A publishes QoS 1, one at a time (a Ping after each tells when the relay has
+    // handled it), until the queue is full.
+    let mut a = client_from("127.0.0.2", relay.tcp()).await;
+    let mut queued = Vec::new();
+    for i in 0u64.. {
+        let id = pid(i, 2);
+        a.send(&pub_qos(
+            env_on(KA, 1, i, 200),
+            Qos::AtLeastOnce,
+            Some(id),
+            false,
+        ))
+        .await;
+        a.send(&Frame::Ping(whispeer_protocol::frame::Ping { nonce: i }))
+            .await;
+        let mut busy = false;
+        loop {
+            match a.recv().await {
+                Frame::Pong(p) if p.nonce == i => break,
+                Frame::Err(e) => {
+                    assert_eq!(e.code, ErrorCode::Busy, "{e:?}");
+                    assert!(!e.fatal && e.code.is_retryable(), "{e:?}");
+                    assert_eq!(e.publish_id, Some(id));
+                    busy = true;
+                }
+                other => panic!("nothing is acknowledged while the writer is stuck: {other:?}"),
+            }
+        }
+        if busy {
+            break;
+        }
+        queued.push(id);
+    }
+    assert!(queued.len() >= 64, "the queue took {}", queued.len());
+    // Tenant B's live QoS 0 message: acknowledged and delivered while the writer is stuck.
+    let mut b = client_from("127.0.0.3", relay.tcp()).await;
+    let r = publish_one(
+        &mut b,
+        env_on(KB, 1, 7, 64),
+        Qos::AtMostOnce,
+        pid(7, 3),
+        false,
+    )
+    .await;
+    assert!(matches!(r, Answer::Acked(_)), "{r:?}");
+    match c.recv().await {
+        Frame::Msg(m) => assert_eq!(index_of(&m.envelope), 7),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(
+        store.metrics().commits,
+        commits,
+        "the writer was stuck throughout"
+    );
+    // The lock goes: everything the queue took commits and is acknowledged, in order.
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    let mut acked = Vec::new();
+    while acked.len() < queued.len() {
+        match a.recv().await {
+            Frame::PubAck(p) => acked.push(p.publish_id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acked, queued);
+    drop((a, b, c));
+    relay.stop().await;
+}
+
 /// The first two messages a subscriber gets (skipping `SubOk` and `ReplayDone`): index, flags.
 async fn first_two(c: &mut Client) -> Vec<(u64, u64)> {
     let mut seen = Vec::new();

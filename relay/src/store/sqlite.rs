@@ -3,7 +3,10 @@
 //!
 //! `append` (under the routing lock) never waits on a disk: it checks the quotas against
 //! in-memory usage counters, assigns the sequence and queues the write; a full queue is
-//! answered with a retryable `Busy`. The writer thread takes everything queued (up to
+//! answered with a retryable `Busy`. Nor does it wait on the writer or do work that grows
+//! with a flood: the write queue is a list of fixed-size blocks the writer takes whole (the
+//! queue lock is held for pointer moves), and the in-memory index is sharded, so growing it
+//! rehashes 1/64 of it at a time. The writer thread takes everything queued (up to
 //! `max_batch` operations) and commits it in ONE transaction, applies retention, then runs
 //! the `when_durable` callbacks whose sequence is committed — that is where `PubAck` for
 //! QoS ≥ 1 is sent from. The WAL is never checkpointed on the commit path
@@ -49,6 +52,7 @@ use whispeer_protocol::frame::{pub_flags, Replay};
 use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
 use super::quota::{over, Need, Usage};
+use super::sharded::Sharded;
 use super::{
     path_bytes, Accepted, Append, Claim, DurableKey, OnDurable, OnSequenced, PathStatus, ReadChunk,
     ReadPlan, RetentionStatus, Sequenced, Store, StoreError, StoreMetrics, StoreStatus, Stored,
@@ -127,9 +131,23 @@ enum Op {
     },
 }
 
+/// Operations per block of the write queue.
+const BLOCK: usize = 1024;
+/// Emptied blocks kept for reuse.
+const SPARE_BLOCKS: usize = 16;
+
 #[derive(Default)]
 struct Queue {
-    ops: Vec<Op>,
+    /// Queued operations, oldest first, in blocks of at most [`BLOCK`]: a push appends to
+    /// the last block and the writer takes whole blocks, so neither ever copies or
+    /// reallocates the queue while holding its lock (`append` pushes under the routing
+    /// lock; a queue of 65,536 messages in one `Vec` cost multi-millisecond reallocations
+    /// and a `split_off` copy of everything behind each batch, with the lock held).
+    blocks: VecDeque<Vec<Op>>,
+    /// Operations in `blocks`.
+    len: usize,
+    /// Emptied blocks the writer gives back, so pushes rarely allocate.
+    spare: Vec<Vec<Op>>,
     msgs: usize,
     waiters: Vec<(u64, OnDurable)>,
     closed: bool,
@@ -144,6 +162,69 @@ struct Queue {
     persist: bool,
     /// Next live-only sequence at which `persist` is raised.
     persist_at: u64,
+}
+
+impl Queue {
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, ops: impl IntoIterator<Item = Op>) {
+        for op in ops {
+            match self.blocks.back_mut() {
+                Some(b) if b.len() < BLOCK => b.push(op),
+                _ => {
+                    let mut b = self
+                        .spare
+                        .pop()
+                        .unwrap_or_else(|| Vec::with_capacity(BLOCK));
+                    b.push(op);
+                    self.blocks.push_back(b);
+                }
+            }
+            self.len += 1;
+        }
+    }
+
+    /// Takes up to `max` operations (at least one), oldest first, as whole blocks while
+    /// they fit; only a `max` below the first block's length splits it (copying at most
+    /// `max` operations).
+    fn take(&mut self, max: usize) -> Vec<Vec<Op>> {
+        let max = max.max(1);
+        let mut out = Vec::new();
+        let mut n = 0;
+        while let Some(front) = self.blocks.front_mut() {
+            if front.len() <= max - n {
+                n += front.len();
+                out.extend(self.blocks.pop_front());
+            } else {
+                if n == 0 {
+                    out.push(front.drain(..max).collect());
+                    n = max;
+                }
+                break;
+            }
+        }
+        self.len -= n;
+        out
+    }
+
+    /// Empties the queue; the operations are returned to be dropped off the lock.
+    fn clear(&mut self) -> VecDeque<Vec<Op>> {
+        self.len = 0;
+        std::mem::take(&mut self.blocks)
+    }
+
+    /// Gives emptied blocks back for reuse (at most [`SPARE_BLOCKS`] are kept).
+    fn recycle(&mut self, blocks: &mut Vec<Vec<Op>>) {
+        while self.spare.len() < SPARE_BLOCKS {
+            match blocks.pop() {
+                Some(b) if b.is_empty() && b.capacity() == BLOCK => self.spare.push(b),
+                Some(_) => {}
+                None => break,
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -172,11 +253,12 @@ struct KeyStat {
 /// What the store knows in memory: ids and usage (never envelopes).
 #[derive(Default)]
 struct Index {
-    paths: HashMap<Vec<u8>, PathStat>,
-    by_pid: HashMap<i64, Vec<u8>>,
-    keys: HashMap<[u8; 16], KeyStat>,
-    tenants: HashMap<Vec<u8>, i64>,
-    usage: HashMap<i64, Usage>,
+    // Sharded: they grow with what anyone publishes, under the routing lock.
+    paths: Sharded<Vec<u8>, PathStat>,
+    by_pid: Sharded<i64, Vec<u8>>,
+    keys: Sharded<[u8; 16], KeyStat>,
+    tenants: Sharded<Vec<u8>, i64>,
+    usage: Sharded<i64, Usage>,
     total: Usage,
     durables: HashMap<DurableKey, (u64, i64)>,
     next_pid: i64,
@@ -213,7 +295,7 @@ impl Index {
 
 #[derive(Default)]
 struct Dedup {
-    map: HashMap<[u8; 16], (u64, u64)>,
+    map: Sharded<[u8; 16], (u64, u64)>,
     order: VecDeque<([u8; 16], u64)>,
 }
 
@@ -894,8 +976,8 @@ impl Shared {
 
     fn push(&self, ops: impl IntoIterator<Item = Op>, msgs: usize) {
         let mut q = lock(&self.queue);
-        let was_empty = q.ops.is_empty() && q.waiters.is_empty();
-        q.ops.extend(ops);
+        let was_empty = q.is_empty() && q.waiters.is_empty();
+        q.push(ops);
         q.msgs += msgs;
         drop(q);
         if was_empty {
@@ -949,11 +1031,7 @@ impl Shared {
             let (ops, mark, persist, closed) = {
                 let mut q = lock(&self.queue);
                 let wait = Duration::from_millis(if down { self.cfg.retry_ms } else { 1000 });
-                while q.ops.is_empty()
-                    && q.waiters.is_empty()
-                    && q.mark == 0
-                    && !q.persist
-                    && !q.closed
+                while q.is_empty() && q.waiters.is_empty() && q.mark == 0 && !q.persist && !q.closed
                 {
                     let (g, t) = self
                         .work
@@ -964,25 +1042,36 @@ impl Shared {
                         break;
                     }
                 }
-                let ops = if q.ops.len() > self.cfg.max_batch {
-                    let rest = q.ops.split_off(self.cfg.max_batch);
-                    std::mem::replace(&mut q.ops, rest)
+                // Whole blocks and the waiter list change hands: nothing here is copied
+                // or counted per operation, so a push under the routing lock never waits
+                // for more than a few pointer moves.
+                let ops = q.take(self.cfg.max_batch);
+                if held.is_empty() {
+                    std::mem::swap(&mut held, &mut q.waiters);
                 } else {
-                    std::mem::take(&mut q.ops)
-                };
-                let n = ops.iter().filter(|o| matches!(o, Op::Msg { .. })).count();
-                q.msgs = q.msgs.saturating_sub(n);
-                held.append(&mut q.waiters);
+                    held.append(&mut q.waiters);
+                }
                 q.resolving = !held.is_empty();
-                let mark = if q.ops.is_empty() {
+                let mark = if q.is_empty() {
                     std::mem::take(&mut q.mark)
                 } else {
                     0
                 };
                 let persist = std::mem::take(&mut q.persist);
                 q.inflight = !ops.is_empty();
-                (ops, mark, persist, q.closed && q.ops.is_empty())
+                (ops, mark, persist, q.closed && q.is_empty())
             };
+            let mut ops = ops;
+            let count: usize = ops.iter().map(Vec::len).sum();
+            if count > 0 {
+                let n = ops
+                    .iter()
+                    .flatten()
+                    .filter(|o| matches!(o, Op::Msg { .. }))
+                    .count();
+                let mut q = lock(&self.queue);
+                q.msgs = q.msgs.saturating_sub(n);
+            }
             let now = (self.clock)();
             let ages = self.cfg.max_age_ms > 0 || self.cfg.retained_max_age_ms > 0;
             let sweep = ages && now >= last_sweep + 1000;
@@ -993,22 +1082,22 @@ impl Shared {
                 self.committed.fetch_max(mark, Relaxed);
                 drop(q);
                 self.resolve(&mut held);
-            } else if !ops.is_empty() || sweep || persist {
+            } else if count > 0 || sweep || persist {
                 if sweep {
                     last_sweep = now;
                 }
                 let started = Instant::now();
                 match self.commit(&ops, now, sweep) {
                     Ok(top) => {
-                        if !ops.is_empty() {
-                            self.observe(ops.len(), started.elapsed());
+                        if count > 0 {
+                            self.observe(count, started.elapsed());
                         }
                         let mut q = lock(&self.queue);
                         self.committed
                             .fetch_max(top.unwrap_or(0).max(mark), Relaxed);
                         q.inflight = false;
                         drop(q);
-                        if !ops.is_empty() {
+                        if count > 0 {
                             let (m, cv) = &self.checkpoint_wake;
                             *lock(m) = true;
                             cv.notify_one();
@@ -1023,7 +1112,14 @@ impl Shared {
                 drop(q);
                 self.resolve(&mut held);
             }
-            lock(&self.queue).resolving = !held.is_empty();
+            // The committed operations are dropped here, off the queue lock; their blocks
+            // go back for reuse.
+            ops.iter_mut().for_each(Vec::clear);
+            {
+                let mut q = lock(&self.queue);
+                q.resolving = !held.is_empty();
+                q.recycle(&mut ops);
+            }
             self.changes.send_modify(|n| *n += 1);
             if closed {
                 break;
@@ -1063,7 +1159,7 @@ impl Shared {
         let mut q = lock(&self.queue);
         let hi = self.last.load(Relaxed);
         let lo = self.committed.load(Relaxed) + 1;
-        q.ops.clear();
+        let dropped = q.clear();
         q.msgs = 0;
         q.mark = 0;
         q.inflight = false;
@@ -1078,6 +1174,8 @@ impl Shared {
             }
         }
         self.committed.fetch_max(hi, Relaxed);
+        drop(q);
+        drop(dropped);
     }
 
     /// While down: commits a tiny probe; on success reloads the counters from the file
@@ -1115,19 +1213,20 @@ impl Shared {
         let mut q = lock(&self.queue);
         let hi = self.last.load(Relaxed);
         let lo = self.committed.load(Relaxed) + 1;
-        if !q.ops.is_empty() || lo <= hi {
+        if !q.is_empty() || lo <= hi {
             let mut lost = lock(&self.lost);
             lost.push_back((lo, hi));
             while lost.len() > 64 {
                 lost.pop_front();
             }
         }
-        q.ops.clear();
+        let dropped = q.clear();
         q.msgs = 0;
         q.mark = 0;
         self.committed.fetch_max(hi, Relaxed);
         *lock(&self.down) = None;
         drop(q);
+        drop(dropped);
         tracing::info!("store resumed: commits succeed again");
     }
 
@@ -1180,7 +1279,7 @@ impl Shared {
 
     /// One transaction: the queued operations, retention, the high-water mark. Returns the
     /// highest message sequence written.
-    fn commit(&self, ops: &[Op], now: u64, sweep: bool) -> rusqlite::Result<Option<u64>> {
+    fn commit(&self, ops: &[Vec<Op>], now: u64, sweep: bool) -> rusqlite::Result<Option<u64>> {
         let mut conn = lock(&self.conn);
         let tx = conn.transaction()?;
         let mut touched: HashSet<i64> = HashSet::new();
@@ -1190,7 +1289,7 @@ impl Shared {
                 "INSERT INTO msgs(seq, kid, pid, tid, ts, flags, env)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
-            for op in ops {
+            for op in ops.iter().flatten() {
                 match op {
                     Op::Tenant { tid, key } => {
                         tx.prepare_cached("INSERT INTO tenants(id, key) VALUES (?1, ?2)")?
@@ -1548,7 +1647,7 @@ impl Store for SqliteStore {
             let seq = s.last.load(Relaxed) + 1;
             s.last.store(seq, Relaxed);
             let mut q = lock(&s.queue);
-            if q.ops.is_empty() && !q.inflight {
+            if q.is_empty() && !q.inflight {
                 s.committed.fetch_max(seq, Relaxed);
             } else {
                 q.mark = seq;
@@ -1760,7 +1859,7 @@ impl Store for SqliteStore {
             drop(q);
             return done(Err(StoreError::Unavailable("the store is closed".into())));
         }
-        let was_empty = q.ops.is_empty() && q.waiters.is_empty();
+        let was_empty = q.is_empty() && q.waiters.is_empty();
         q.waiters.push((seq.0, done));
         drop(q);
         if was_empty {
@@ -2178,6 +2277,71 @@ fn path_matches(pattern: &TokenPattern, path: &[u8]) -> bool {
 mod tests {
     use super::*;
     use crate::store::LiveStore;
+
+    fn dedup_op(i: u64) -> Op {
+        Op::Dedup {
+            pid: [0; 16],
+            seq: i,
+            ts: 0,
+        }
+    }
+
+    fn seqs(blocks: &[Vec<Op>]) -> Vec<u64> {
+        blocks
+            .iter()
+            .flatten()
+            .map(|o| match o {
+                Op::Dedup { seq, .. } => *seq,
+                _ => unreachable!(),
+            })
+            .collect()
+    }
+
+    /// The writer takes queued operations as whole blocks, oldest first, up to the batch
+    /// size: the blocks a push filled are handed over, not copied (their buffers are the
+    /// same), so neither the push under the routing lock nor the writer's take copies the
+    /// queue while holding its lock, however long it is. Emptied blocks come back for
+    /// pushes to reuse.
+    #[test]
+    fn the_write_queue_hands_over_whole_blocks_in_order() {
+        let mut q = Queue::default();
+        let n = 5 * BLOCK as u64 + 7;
+        q.push((0..n).map(dedup_op));
+        assert_eq!(q.len, n as usize);
+        let buffers: Vec<*const Op> = q.blocks.iter().map(|b| b.as_ptr()).collect();
+        assert_eq!(buffers.len(), 6);
+        // A batch of 2.5 blocks: two whole blocks, the third is not split.
+        let batch = q.take(2 * BLOCK + BLOCK / 2);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[0].as_ptr(), buffers[0]);
+        assert_eq!(batch[1].as_ptr(), buffers[1]);
+        assert_eq!(seqs(&batch), (0..2 * BLOCK as u64).collect::<Vec<_>>());
+        // The rest follows in order, however the batches fall.
+        let mut rest = Vec::new();
+        while !q.is_empty() {
+            let b = q.take(2 * BLOCK);
+            assert!(!b.is_empty() && b.iter().map(Vec::len).sum::<usize>() <= 2 * BLOCK);
+            rest.extend(seqs(&b));
+        }
+        assert_eq!(rest, (2 * BLOCK as u64..n).collect::<Vec<_>>());
+        // A batch smaller than a block takes exactly that many (the front of one block).
+        q.push((0..10).map(dedup_op));
+        assert_eq!(seqs(&q.take(3)), vec![0, 1, 2]);
+        assert_eq!(seqs(&q.take(1)), vec![3]);
+        assert_eq!(q.len, 6);
+        // Emptied blocks are reused by later pushes.
+        let mut batch = batch;
+        batch.iter_mut().for_each(Vec::clear);
+        q.recycle(&mut batch);
+        assert_eq!(q.spare.len(), 2);
+        q.push((0..2 * BLOCK as u64).map(dedup_op));
+        assert!(q
+            .blocks
+            .iter()
+            .any(|b| b.as_ptr() == buffers[0] || b.as_ptr() == buffers[1]));
+        assert_eq!(q.clear().iter().map(Vec::len).sum::<usize>(), 6 + 2 * BLOCK);
+        assert!(q.is_empty());
+    }
 
     fn plan_of(conn: &Connection, sql: &str) -> String {
         let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
