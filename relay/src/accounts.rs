@@ -641,7 +641,7 @@ impl Accounts {
         name: &str,
         key_id: &KeyId,
         need: Rights,
-        shared: impl FnOnce(&str) -> Result<Claim, StoreError>,
+        shared: impl FnOnce(&str, bool) -> Result<Claim, StoreError>,
     ) -> Result<Option<u64>, Refusal> {
         if !self.required() {
             return Ok(None);
@@ -677,23 +677,28 @@ impl Accounts {
                 ),
             ))
         };
-        {
+        // At its limit a group may still use key ids it holds (at another relay of the
+        // cluster, too): the shared store is then only asked, never written.
+        let at_limit = {
             let st = self.state();
             match st.claims.get(&k) {
                 Some((g, line)) if *g == acct.group => return Ok(st.pending(*line)),
                 Some(_) => return others(),
                 None => {
                     let n = st.claims_per_group.get(&acct.group).copied().unwrap_or(0);
-                    if n >= self.max_claims {
-                        return over(n);
-                    }
+                    (n >= self.max_claims).then_some(n)
                 }
             }
-        }
-        let claim = shared(&acct.group).map_err(|e| Refusal::new(e.code(), e.to_string()))?;
+        };
+        let claim = shared(&acct.group, at_limit.is_none())
+            .map_err(|e| Refusal::new(e.code(), e.to_string()))?;
         let mut st = self.state();
         match claim {
-            Claim::NotShared => {}
+            Claim::NotShared | Claim::Unclaimed => {
+                if let Some(n) = at_limit {
+                    return over(n);
+                }
+            }
             Claim::Ours { new } => {
                 // Counted per relay: a group can claim up to the limit at each relay.
                 if new {

@@ -1040,7 +1040,7 @@ impl Session {
             self.account.as_deref().unwrap_or_default(),
             key_id,
             need,
-            |group| store.claim_key(key_id, group),
+            |group, create| store.claim_key(key_id, group, create),
         )
     }
 

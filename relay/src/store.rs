@@ -202,6 +202,8 @@ pub enum Claim {
     },
     /// Another group holds the key id.
     Others,
+    /// Nobody holds it, and the caller did not ask to claim it.
+    Unclaimed,
 }
 
 /// Whose quota a stored message, retained value or durable name counts against: the
@@ -584,8 +586,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn durable_owner(&self, key: &DurableKey, owner: Option<&str>) -> Result<bool, StoreError>;
     /// Claims `key_id` for the accounts group `group` across every relay sharing this
     /// store, or says who holds it (§ relay accounts: the first group to use a key id
-    /// claims it). [`Claim::NotShared`]: claims are the relay's own (its auth-state file).
-    fn claim_key(&self, key_id: &KeyId, group: &str) -> Result<Claim, StoreError>;
+    /// claims it). With `create` false nothing is written: an unclaimed key id is
+    /// [`Claim::Unclaimed`] (a group at its claim limit may still use what it holds).
+    /// [`Claim::NotShared`]: claims are the relay's own (its auth-state file).
+    fn claim_key(&self, key_id: &KeyId, group: &str, create: bool) -> Result<Claim, StoreError>;
     /// Takes the hold on a durable name across every relay sharing this store, for one
     /// connection of this relay (which already holds it locally: one holder per relay is
     /// the relay's own rule). `Err(Held)`: a connection at another relay holds it.
@@ -727,7 +731,7 @@ impl Store for LiveStore {
         Err(Self::unsupported("durable subscriptions"))
     }
 
-    fn claim_key(&self, _: &KeyId, _: &str) -> Result<Claim, StoreError> {
+    fn claim_key(&self, _: &KeyId, _: &str, _: bool) -> Result<Claim, StoreError> {
         // One relay, nothing stored: the relay's auth-state file keeps claims.
         Ok(Claim::NotShared)
     }

@@ -1467,3 +1467,52 @@ async fn a_shared_account_list_admits_and_revokes_at_every_relay() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `auth.max_claims_per_group` counts the claims made at each relay; a group at its limit
+/// at one relay still uses the key ids it claimed at another (the shared store is asked,
+/// not written), and only a new key id is refused.
+#[tokio::test]
+async fn a_group_at_its_claim_limit_still_uses_what_it_claimed_elsewhere() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let dir = temp_dir("claim-limit");
+    let accounts = dir.join("accounts.toml");
+    let alice = token_account(&accounts, "alice", "a");
+    let relay = |name: &str| {
+        let state = dir.join(format!("{name}.state"));
+        let extra = [
+            "--auth",
+            "required",
+            "--accounts",
+            accounts.to_str().unwrap(),
+            "--auth-state",
+            state.to_str().unwrap(),
+            "--max-claims",
+            "1",
+        ];
+        start_relay_with(&urls, name, &extra)
+    };
+    let (a, b) = (relay("limit-a"), relay("limit-b"));
+    let mut at_a = token_client(a.tcp(), &alice).await;
+    let mut at_b = token_client(b.tcp(), &alice).await;
+    let env = |k: u8, id: u32| [(id, numbered(k, &[1], id))];
+    publish_acked(&mut at_a, &env(61, 1), Qos::AtLeastOnce, false).await;
+    publish_acked(&mut at_b, &env(62, 2), Qos::AtLeastOnce, false).await;
+    // Each relay is at the limit now; each still takes the other's claim.
+    publish_acked(&mut at_a, &env(62, 3), Qos::AtLeastOnce, false).await;
+    publish_acked(&mut at_b, &env(61, 4), Qos::AtLeastOnce, false).await;
+    // A new key id is one claim too many.
+    at_a.send(&pub_frame(
+        numbered(63, &[1], 5),
+        Qos::AtLeastOnce,
+        5,
+        false,
+    ))
+    .await;
+    let e = at_a.expect_err().await;
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::QuotaExceeded, "{e:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1279,8 +1279,9 @@ impl Store for GatedStore {
         &self,
         key_id: &whispeer_protocol::KeyId,
         group: &str,
+        create: bool,
     ) -> Result<whispeer_relay::store::Claim, whispeer_relay::store::StoreError> {
-        self.inner.claim_key(key_id, group)
+        self.inner.claim_key(key_id, group, create)
     }
 
     fn durable_owner(

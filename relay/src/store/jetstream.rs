@@ -934,22 +934,29 @@ async fn ack_loop(
     }
 }
 
-/// Reads the claim record at `subject`, creating it with `tag` when there is none (written
-/// only if the subject is still empty: of relays claiming at once, the stream's order
-/// decides). Returns the holding group's tag and whether this call wrote it.
+/// Reads the claim record at `subject`, creating it with `tag` (if given) when there is
+/// none (written only if the subject is still empty: of relays claiming at once, the
+/// stream's order decides). Returns the holding group's tag and whether this call wrote it;
+/// `None` when there is none and no `tag` to write.
 async fn write_claim(
     js: &jetstream::Context,
     stream: &stream::Stream,
     subject: String,
-    tag: String,
-) -> Result<(String, bool), StoreError> {
+    tag: Option<String>,
+) -> Result<Option<(String, bool)>, StoreError> {
     use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
     for _ in 0..4 {
         match stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(m) => return Ok((String::from_utf8_lossy(&m.payload).into_owned(), false)),
+            Ok(m) => {
+                return Ok(Some((
+                    String::from_utf8_lossy(&m.payload).into_owned(),
+                    false,
+                )))
+            }
             Err(e) if e.kind() == K::NoMessageFound => {}
             Err(e) => return Err(unavailable("claim read", e)),
         }
+        let Some(tag) = &tag else { return Ok(None) };
         let mut h = HeaderMap::new();
         h.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
         let r = js
@@ -958,7 +965,7 @@ async fn write_claim(
             .map_err(|e| unavailable("claim write", e))?
             .await;
         match r {
-            Ok(_) => return Ok((tag, true)),
+            Ok(_) => return Ok(Some((tag.clone(), true))),
             // Another relay wrote it in between: read it.
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {}
             Err(e) => return Err(unavailable("claim write ack", e)),
@@ -1619,7 +1626,7 @@ impl Store for JetStreamStore {
         }
     }
 
-    fn claim_key(&self, key_id: &KeyId, group: &str) -> Result<Claim, StoreError> {
+    fn claim_key(&self, key_id: &KeyId, group: &str, create: bool) -> Result<Claim, StoreError> {
         let want = group_tag(group);
         let k = hex::encode(key_id.as_bytes());
         let known = lock(&self.inner.claims).get(&k).cloned();
@@ -1630,13 +1637,15 @@ impl Store for JetStreamStore {
                 let (js, stream) = (self.inner.js.clone(), self.inner.claim_stream.clone());
                 let tag = want.clone();
                 let r = self.on_runtime(Duration::from_secs(5), async move {
-                    write_claim(&js, &stream, subject, tag).await
+                    write_claim(&js, &stream, subject, create.then_some(tag)).await
                 });
                 // Off the multi-threaded runtime (in-process uses): the relay's own claims.
                 let Some(r) = r else {
                     return Ok(Claim::NotShared);
                 };
-                let (have, new) = r?;
+                let Some((have, new)) = r? else {
+                    return Ok(Claim::Unclaimed);
+                };
                 lock(&self.inner.claims).insert(k, have.clone());
                 (have, new)
             }

@@ -2076,7 +2076,7 @@ impl Store for SqliteStore {
         Ok(false)
     }
 
-    fn claim_key(&self, _: &KeyId, _: &str) -> Result<Claim, StoreError> {
+    fn claim_key(&self, _: &KeyId, _: &str, _: bool) -> Result<Claim, StoreError> {
         // One relay per file: the relay's auth-state file keeps claims.
         Ok(Claim::NotShared)
     }
