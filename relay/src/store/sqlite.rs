@@ -2130,46 +2130,59 @@ impl Store for SqliteStore {
             wal.push("-wal");
             file_size(f) + file_size(Path::new(&wal))
         });
-        // One pass under the index lock with a bounded heap (publishes wait on this lock).
-        let idx = lock(&s.idx);
-        let (mut messages, mut bytes, mut path_count) = (0, 0, 0u64);
-        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<(u64, &Vec<u8>)>> =
+        // One pass over the paths with a bounded heap, taking the index lock once per shard
+        // (publishes wait on this lock: a store of a million paths would otherwise stall
+        // routing for the whole pass). Counts are of a moving store, as on any live status.
+        let (mut messages, mut bytes, mut path_count, mut tenants) = (0, 0, 0u64, 0u64);
+        // (bytes, path, messages, first_seq, last_seq), smallest on top.
+        type Entry = (u64, Vec<u8>, u64, u64, u64);
+        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<Entry>> =
             std::collections::BinaryHeap::with_capacity(101);
-        for (p, st) in &idx.paths {
-            if st.count == 0 {
-                continue;
+        for i in 0..super::sharded::SHARDS {
+            let idx = lock(&s.idx);
+            for (p, st) in idx.paths.shard_iter(i) {
+                if st.count == 0 {
+                    continue;
+                }
+                messages += st.count;
+                bytes += st.bytes;
+                path_count += 1;
+                let smallest = heap.peek().map(|std::cmp::Reverse(e)| e.0);
+                if heap.len() < 100 || smallest.is_some_and(|b| st.bytes > b) {
+                    heap.push(std::cmp::Reverse((
+                        st.bytes,
+                        p.clone(),
+                        st.count,
+                        st.first_seq,
+                        st.last_seq,
+                    )));
+                    if heap.len() > 100 {
+                        heap.pop();
+                    }
+                }
             }
-            messages += st.count;
-            bytes += st.bytes;
-            path_count += 1;
-            heap.push(std::cmp::Reverse((st.bytes, p)));
-            if heap.len() > 100 {
-                heap.pop();
-            }
+            tenants += idx
+                .usage
+                .shard_iter(i)
+                .filter(|(_, u)| **u != Usage::default())
+                .count() as u64;
         }
-        let mut top: Vec<(&Vec<u8>, &PathStat)> = heap
-            .into_iter()
-            .filter_map(|std::cmp::Reverse((_, p))| Some((p, idx.paths.get(p)?)))
-            .collect();
-        top.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then_with(|| a.0.cmp(b.0)));
+        let mut top: Vec<Entry> = heap.into_iter().map(|std::cmp::Reverse(e)| e).collect();
+        top.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
         let list = top
             .into_iter()
-            .map(|(p, st)| PathStatus {
+            .map(|(bytes, p, messages, first_seq, last_seq)| PathStatus {
                 path: hex::encode(p),
-                messages: st.count,
-                bytes: st.bytes,
-                first_seq: st.first_seq,
-                last_seq: st.last_seq,
+                messages,
+                bytes,
+                first_seq,
+                last_seq,
             })
             .collect();
-        let retained = idx.total.retained;
-        let durables = idx.durables.len() as u64;
-        let tenants = idx
-            .usage
-            .values()
-            .filter(|u| **u != Usage::default())
-            .count() as u64;
-        drop(idx);
+        let (retained, durables) = {
+            let idx = lock(&s.idx);
+            (idx.total.retained, idx.durables.len() as u64)
+        };
         StoreStatus {
             kind: s.kind.into(),
             file: s.file.as_ref().map(|f| f.display().to_string()),
