@@ -1165,7 +1165,13 @@ async fn retained_and_durable_quotas_count_the_whole_cluster() {
     let urls = nats.urls();
     let quota = ["--tenant-max-retained", "1", "--tenant-max-durables", "1"];
     let a = start_relay_with(&urls, "relay-a", &quota);
-    let b = start_relay_with(&urls, "relay-b", &quota);
+    // Logged: B's "durable record read" line is the event that it learned of A's durable.
+    let mut b = {
+        let mut args = jetstream_relay_args(&urls, "relay-b");
+        args.extend(quota.map(String::from));
+        args.extend(["--log", "warn,whispeer_relay::store::jetstream=debug"].map(String::from));
+        BinRelay::start_logged(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
     let (mut watch, _) = connect(b.tcp()).await;
     subscribe(&mut watch, sub(1, pattern(18, &[], true), Qos::AtMostOnce)).await;
     let (mut pa, _) = connect(a.tcp()).await;
@@ -1196,22 +1202,8 @@ async fn retained_and_durable_quotas_count_the_whole_cluster() {
     let mut d = sub(5, pattern(18, &[], true), Qos::AtLeastOnce);
     d.durable = Some("q1".into());
     subscribe(&mut ca, d).await;
-    // B's durable reader learning of q1 is the event (its /status counts durables).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let body = whispeer_relay::admin::http_get(&format!("http://{}", b.admin()), "/status")
-            .await
-            .unwrap();
-        let st: whispeer_relay::admin::Status = serde_json::from_slice(&body).unwrap();
-        if st.store.durables >= 1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "B never learned of q1"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await; // poll interval
-    }
+    // B's durable reader learning of q1 is the event (it logs each durable it learns).
+    b.wait_log(&["durable record read", "durables=1"]).await;
     let mut q2 = sub(6, pattern(18, &[], true), Qos::AtLeastOnce);
     q2.durable = Some("q2".into());
     pb.send(&Frame::Sub(q2)).await;

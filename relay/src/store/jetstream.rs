@@ -1228,8 +1228,12 @@ async fn durable_watch(inner: std::sync::Weak<Inner>, stream: stream::Stream, pr
                         lock(&i.owners).insert(key.to_string(), o);
                     }
                     let mut d = lock(&i.durables);
+                    let known = d.len();
                     let e = d.entry(key.to_string()).or_insert(floor);
                     *e = (*e).max(floor);
+                    if d.len() > known {
+                        tracing::debug!(durables = d.len(), "cluster store: durable record read");
+                    }
                 }
             }
         }
