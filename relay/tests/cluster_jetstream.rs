@@ -1268,6 +1268,27 @@ async fn token_client(addr: SocketAddr, token: &str) -> Client {
     }
 }
 
+/// A JetStream relay requiring accounts from `accounts`, its auth-state file in `dir`.
+fn auth_relay(
+    urls: &str,
+    dir: &std::path::Path,
+    accounts: &std::path::Path,
+    name: &str,
+    extra: &[&str],
+) -> BinRelay {
+    let state = dir.join(format!("{name}.state"));
+    let mut args = vec![
+        "--auth",
+        "required",
+        "--accounts",
+        accounts.to_str().unwrap(),
+        "--auth-state",
+        state.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    start_relay_with(urls, name, &args)
+}
+
 /// Key-id claims are the cluster's with the JetStream store: the first accounts group to
 /// use a key id at relay A holds it at relay B too (each relay with its own auth-state file,
 /// one account list), so another group cannot take it over by connecting elsewhere — nor at
@@ -1283,18 +1304,7 @@ async fn key_id_claims_hold_across_the_cluster() {
     let accounts = dir.join("accounts.toml");
     let alice = token_account(&accounts, "alice", "a");
     let mallory = token_account(&accounts, "mallory", "m");
-    let relay = |name: &str| {
-        let state = dir.join(format!("{name}.state"));
-        let extra = [
-            "--auth",
-            "required",
-            "--accounts",
-            accounts.to_str().unwrap(),
-            "--auth-state",
-            state.to_str().unwrap(),
-        ];
-        start_relay_with(&urls, name, &extra)
-    };
+    let relay = |name: &str| auth_relay(&urls, &dir, &accounts, name, &[]);
     let (a, b) = (relay("claims-a"), relay("claims-b"));
     let publish = |k: u8, id: u32| pub_frame(numbered(k, &[1], id), Qos::AtLeastOnce, id, false);
 
@@ -1473,20 +1483,7 @@ async fn a_group_at_its_claim_limit_still_uses_what_it_claimed_elsewhere() {
     let dir = temp_dir("claim-limit");
     let accounts = dir.join("accounts.toml");
     let alice = token_account(&accounts, "alice", "a");
-    let relay = |name: &str| {
-        let state = dir.join(format!("{name}.state"));
-        let extra = [
-            "--auth",
-            "required",
-            "--accounts",
-            accounts.to_str().unwrap(),
-            "--auth-state",
-            state.to_str().unwrap(),
-            "--max-claims",
-            "1",
-        ];
-        start_relay_with(&urls, name, &extra)
-    };
+    let relay = |name: &str| auth_relay(&urls, &dir, &accounts, name, &["--max-claims", "1"]);
     let (a, b) = (relay("limit-a"), relay("limit-b"));
     let mut at_a = token_client(a.tcp(), &alice).await;
     let mut at_b = token_client(b.tcp(), &alice).await;
