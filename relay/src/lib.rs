@@ -16,7 +16,8 @@
 //! - [`store`] — where publishes are accepted, numbered and kept: the `Store` trait,
 //!   `SqliteStore` (file or memory; WAL, group commit, retention, retained values, durable
 //!   positions, publish-id dedup) and `LiveStore` (numbers only).
-//! - `router` — index + store behind one routing lock; encodes each `Msg` once, fans out;
+//! - `router` — index + store behind routing locks (64 shards by key id); encodes each
+//!   `Msg` once, fans out;
 //!   gated (buffered) subscriptions while history is sent; at-least-once tracking.
 //! - `flow` — flow control of QoS ≥ 1 subscriptions: credit, pause, catch-up from the store.
 //! - `replay` — the history task of a replaying or resuming subscription.

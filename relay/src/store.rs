@@ -1,8 +1,10 @@
 //! The store: where a publish is accepted, numbered, kept, and read back.
 //!
-//! The router calls [`Store::append`] under its routing lock, right before it fans the
-//! message out, so sequence numbers are assigned in ONE place and every subscriber sees them
-//! in increasing order. `append` therefore never waits on a disk: it checks quotas in
+//! The router calls [`Store::append`] under the routing lock of the key id's shard, right
+//! before it fans the message out, so sequence numbers are assigned in ONE place and every
+//! subscriber (whose pattern names one key id) sees them in increasing order. Appends on
+//! other shards run at the same time, so a store numbers atomically. `append` never waits
+//! on a disk: it checks quotas in
 //! memory and queues the write; a durable implementation commits it on its own thread
 //! (group commit) and reports durability through [`Store::when_durable`] — that is what
 //! gates `PubAck` for QoS ≥ 1. A refusal is a typed [`StoreError`] whose
@@ -520,8 +522,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn kind(&self) -> &'static str;
     /// Feature bits (`whispeer_protocol::frame::features`) this store supports.
     fn features(&self) -> u64;
-    /// Accepts one message (called under the routing lock, so it never waits on a disk):
-    /// returns its sequence, strictly greater than every earlier one, or the original's for
+    /// Accepts one message (called under the routing lock of its key id's shard, so it never
+    /// waits on a disk; appends of other shards' key ids run concurrently): returns its
+    /// sequence, strictly greater than every earlier one, or the original's for
     /// a duplicate publish id. A full queue is [`StoreError::Busy`], a quota
     /// [`StoreError::QuotaExceeded`], a full disk [`StoreError::StorageFull`].
     fn append(&self, msg: Append<'_>) -> Result<Accepted, StoreError>;
@@ -539,8 +542,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// [`Accepted::Pending`] (immediately if known). Stores that number messages
     /// themselves never answer `Pending` and fail this at once.
     fn when_sequenced(&self, ticket: u64, done: OnSequenced);
-    /// A message this store numbered elsewhere ([`Sequenced`]) is being routed, under the
-    /// routing lock: it becomes [`last_seq`](Self::last_seq). Stores that number messages
+    /// A message this store numbered elsewhere ([`Sequenced`]) is being routed, under its
+    /// shard's routing lock (one task routes them all, in order): it becomes [`last_seq`](Self::last_seq). Stores that number messages
     /// themselves ignore it.
     fn advance(&self, seq: Seq);
     /// The messages this store numbers elsewhere, in sequence order, for the relay to route

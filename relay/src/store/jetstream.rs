@@ -4,7 +4,7 @@
 //! (`[cluster] stream`, default `WSP`, subjects `<prefix>.>`), so a sequence means the same
 //! on every relay:
 //!
-//! - **Publishing.** [`append`](Store::append) (under the routing lock, never waiting)
+//! - **Publishing.** [`append`](Store::append) (under a routing shard's lock, never waiting)
 //!   queues the envelope for the stream — subject `<prefix>.<key id hex>.<token hex>…`,
 //!   header `Nats-Msg-Id` for QoS 2 — and answers [`Accepted::Pending`]. The publish is not
 //!   routed then: one task publishes the queue in order, another awaits JetStream's acks in

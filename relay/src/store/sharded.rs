@@ -1,7 +1,7 @@
 //! A hash map that never rehashes more than a small part of itself at once.
 //!
 //! The SQLite store's in-memory index (paths, key ids, tenants, the dedup window) is
-//! updated by `append`, under the routing lock. A `HashMap` that grows doubles its table
+//! updated by `append`, under its lock. A `HashMap` that grows doubles its table
 //! and rehashes every entry in one go: at 100,000 token paths (an attacker invents one per
 //! message) that took tens of milliseconds — page faults for the new table, SipHash of
 //! every key — during which no message was routed (the hostile bench saw one 64 ms stall

@@ -1,9 +1,10 @@
 //! The SQLite store: WAL mode, group commit on a dedicated writer thread, reads and WAL
 //! checkpoints on their own connections.
 //!
-//! `append` (under the routing lock) never waits on a disk: it checks the quotas against
-//! in-memory usage counters, assigns the sequence and queues the write; a full queue is
-//! answered with a retryable `Busy`. Nor does it wait on the writer or do work that grows
+//! `append` (under a routing shard's lock; other shards append concurrently) never waits on
+//! a disk: it checks the quotas against in-memory usage counters, assigns the sequence and
+//! queues the write in one step under the queue lock (so sequence order is queue order); a
+//! full queue is answered with a retryable `Busy`. Nor does it wait on the writer or do work that grows
 //! with a flood: the write queue is a list of fixed-size blocks the writer takes whole (the
 //! queue lock is held for pointer moves), and the in-memory index is sharded, so growing it
 //! rehashes 1/64 of it at a time. The writer thread takes everything queued (up to
@@ -253,7 +254,7 @@ struct KeyStat {
 /// What the store knows in memory: ids and usage (never envelopes).
 #[derive(Default)]
 struct Index {
-    // Sharded: they grow with what anyone publishes, under the routing lock.
+    // Sharded: they grow with what anyone publishes, in `append`.
     paths: Sharded<Vec<u8>, PathStat>,
     by_pid: Sharded<i64, Vec<u8>>,
     keys: Sharded<[u8; 16], KeyStat>,
@@ -974,6 +975,34 @@ impl Shared {
         lock(&self.down).clone()
     }
 
+    /// Numbers a message and queues its operations in one step under the queue lock (the
+    /// `seq: 0` fields of its `Msg`, `Retain` and `Dedup` operations are set to the new
+    /// sequence). Appends on different key ids run concurrently (the router locks per key
+    /// id shard), so sequence order must be queue order — the committed mark assumes every
+    /// sequence below a committed one was queued before it — and a live-only append reads
+    /// the queue in the same critical section. Returns the sequence.
+    fn enqueue(&self, mut ops: Vec<Op>, msgs: usize) -> u64 {
+        let mut q = lock(&self.queue);
+        let seq = self.last.load(Relaxed) + 1;
+        self.last.store(seq, Relaxed);
+        for op in &mut ops {
+            match op {
+                Op::Msg { seq: s, .. } | Op::Retain { seq: s, .. } | Op::Dedup { seq: s, .. } => {
+                    *s = seq
+                }
+                _ => {}
+            }
+        }
+        let was_empty = q.is_empty() && q.waiters.is_empty();
+        q.push(ops);
+        q.msgs += msgs;
+        drop(q);
+        if was_empty {
+            self.work.notify_one();
+        }
+        seq
+    }
+
     fn push(&self, ops: impl IntoIterator<Item = Op>, msgs: usize) {
         let mut q = lock(&self.queue);
         let was_empty = q.is_empty() && q.waiters.is_empty();
@@ -1643,10 +1672,11 @@ impl Store for SqliteStore {
             _ => None,
         };
         if !keep && !retain && dedup_id.is_none() {
-            // Live only: a sequence, nothing stored, nothing queued.
+            // Live only: a sequence, nothing stored, nothing queued. Numbered under the
+            // queue lock, like a stored message (see `enqueue`).
+            let mut q = lock(&s.queue);
             let seq = s.last.load(Relaxed) + 1;
             s.last.store(seq, Relaxed);
-            let mut q = lock(&s.queue);
             if q.is_empty() && !q.inflight {
                 s.committed.fetch_max(seq, Relaxed);
             } else {
@@ -1706,12 +1736,12 @@ impl Store for SqliteStore {
         };
         s.check_quota(&idx, known_tid, &need)?;
         let tid = Shared::tenant_id(&mut idx, m.tenant, &mut ops);
-        let seq = s.last.load(Relaxed) + 1;
-        s.last.store(seq, Relaxed);
+        let key: [u8; 16] = *m.path.key_id().as_bytes();
+        // A new path (and maybe a new key id) is registered first; its sequence fields are
+        // set below, once the message is numbered, while `idx` is still held.
         let (pid, kid) = match existing {
             Some(st) => (st.pid, st.kid),
             None => {
-                let key: [u8; 16] = *m.path.key_id().as_bytes();
                 let kid = match idx.keys.get_mut(&key) {
                     Some(k) => {
                         k.paths += 1;
@@ -1725,7 +1755,7 @@ impl Store for SqliteStore {
                             KeyStat {
                                 kid,
                                 paths: 1,
-                                last_write: seq,
+                                last_write: 0,
                             },
                         );
                         ops.push(Op::Key { kid, key_id: key });
@@ -1742,8 +1772,8 @@ impl Store for SqliteStore {
                         owner: tid,
                         count: 0,
                         bytes: 0,
-                        first_seq: seq,
-                        last_seq: seq,
+                        first_seq: 0,
+                        last_seq: 0,
                         retained: None,
                     },
                 );
@@ -1759,9 +1789,43 @@ impl Store for SqliteStore {
                 (pid, kid)
             }
         };
-        if keep || retain {
-            if let Some(k) = idx.keys.get_mut(m.path.key_id().as_bytes()) {
-                k.last_write = seq;
+        if retain {
+            ops.push(Op::Retain {
+                pid,
+                kid,
+                tid,
+                seq: 0,
+                ts: now,
+                env: env.clone(),
+            });
+        }
+        if let Some(pid) = dedup_id {
+            ops.push(Op::Dedup {
+                pid,
+                seq: 0,
+                ts: now,
+            });
+        }
+        if keep {
+            ops.push(Op::Msg {
+                seq: 0,
+                pid,
+                kid,
+                tid,
+                ts: now,
+                flags: m.flags,
+                env,
+            });
+        }
+        let seq = s.enqueue(ops, keep as usize);
+        // Here `keep || retain` holds (QoS 2 is always kept): the key id was written.
+        if let Some(k) = idx.keys.get_mut(&key) {
+            k.last_write = seq;
+        }
+        if existing.is_none() {
+            if let Some(st) = idx.paths.get_mut(&path) {
+                st.first_seq = seq;
+                st.last_seq = seq;
             }
         }
         if retain {
@@ -1780,14 +1844,6 @@ impl Store for SqliteStore {
             if let Some(st) = idx.paths.get_mut(&path) {
                 st.retained = Some((tid, size, seq));
             }
-            ops.push(Op::Retain {
-                pid,
-                kid,
-                tid,
-                seq,
-                ts: now,
-                env: env.clone(),
-            });
         }
         if keep {
             let u = idx.usage(tid);
@@ -1807,20 +1863,7 @@ impl Store for SqliteStore {
         drop(idx);
         if let Some(pid) = dedup_id {
             lock(&s.dedup).insert(pid, seq, now);
-            ops.push(Op::Dedup { pid, seq, ts: now });
         }
-        if keep {
-            ops.push(Op::Msg {
-                seq,
-                pid,
-                kid,
-                tid,
-                ts: now,
-                flags: m.flags,
-                env,
-            });
-        }
-        s.push(ops, keep as usize);
         s.m.appends.fetch_add(1, Relaxed);
         Ok(if keep {
             Accepted::New(Seq(seq))
