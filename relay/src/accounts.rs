@@ -694,7 +694,11 @@ impl Accounts {
             .map_err(|e| Refusal::new(e.code(), e.to_string()))?;
         let mut st = self.state();
         match claim {
-            Claim::NotShared | Claim::Unclaimed => {
+            // Only answered to a question without creating, i.e. at the limit: the key id
+            // would be a new claim.
+            Claim::Unclaimed => return over(at_limit.unwrap_or(self.max_claims)),
+            // Claims are this relay's own: decided below from its state.
+            Claim::NotShared => {
                 if let Some(n) = at_limit {
                     return over(n);
                 }

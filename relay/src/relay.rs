@@ -455,6 +455,10 @@ impl Relay {
             quic,
             cluster_rx,
         } = self;
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut stop = shared.shutdown.subscribe();
+        // Stopped before accepting (while waiting for the shared account list).
+        let mut stopped = false;
         let mut tasks = JoinSet::new();
         // The bridge runs apart from `tasks`: at shutdown it drains its forward queue after
         // the connections are gone instead of being aborted with the listeners.
@@ -480,7 +484,17 @@ impl Relay {
             });
         }
         if shared.config.cluster.shared_accounts {
-            tasks.spawn(follow_accounts(shared.clone()).await);
+            // Waits (retrying) until JetStream answers; a stop asked for meanwhile is obeyed.
+            tokio::select! {
+                follow = follow_accounts(shared.clone()) => {
+                    tasks.spawn(follow);
+                }
+                _ = &mut shutdown => stopped = true,
+                _ = stop.wait_for(|s| *s) => stopped = true,
+            }
+            if stopped {
+                tracing::info!("stopped while waiting for the shared account list");
+            }
         }
         let mut spawn = |l: Option<TcpListener>, kind: TransportKind| {
             if let Some(l) = l {
@@ -516,10 +530,11 @@ impl Relay {
         if shared.accounts.file().is_some() {
             tasks.spawn(reload_accounts(shared.clone()));
         }
-        let mut stop = shared.shutdown.subscribe();
-        tokio::select! {
-            _ = shutdown => {}
-            _ = stop.wait_for(|s| *s) => {}
+        if !stopped {
+            tokio::select! {
+                _ = &mut shutdown => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
         }
         let open = shared.registry.len();
         tracing::info!(

@@ -1505,3 +1505,38 @@ async fn a_group_at_its_claim_limit_still_uses_what_it_claimed_elsewhere() {
     assert_eq!(e.code, whispeer_protocol::ErrorCode::QuotaExceeded, "{e:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A relay that waits for the cluster's account list still stops when asked: here JetStream
+/// stops answering after the relay's store opened, so the relay keeps retrying the list —
+/// and `run` must still return soon after the stop instead of retrying until NATS is back.
+#[tokio::test]
+async fn a_relay_waiting_for_the_shared_account_list_stops_when_asked() {
+    let Some(mut nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let mut config = whispeer_relay::Config::ephemeral();
+    config.listen.ws = whispeer_relay::config::ListenAddr::OFF;
+    config.cluster.urls = nats.urls().split(',').map(str::to_string).collect();
+    config.cluster.store = whispeer_relay::config::ClusterStore::Jetstream;
+    config.cluster.replicas = 3;
+    config.cluster.shared_accounts = true;
+    config.auth.mode = whispeer_relay::config::AuthMode::Required;
+    config.store.total_max_bytes = 256 << 20;
+    let relay = whispeer_relay::Relay::bind(config)
+        .await
+        .expect("the store opens while JetStream answers");
+    for node in &mut nats.nodes {
+        node.kill();
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(relay.run(async {
+        let _ = stop_rx.await;
+    }));
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(TIMEOUT, run)
+        .await
+        .expect("run returns after the stop while the account list is unavailable")
+        .unwrap()
+        .unwrap();
+}

@@ -311,6 +311,13 @@ fn honest_bench(relay: &RelayProc, extra: &[&str], secs: f64) -> BenchResult {
         .args(["--size", "1024", "--duration", &secs.to_string()])
         .args(["--json", "--no-progress"])
         .args(extra)
+        // HOSTILE_HONEST_ARGS: more `whispeer bench` flags for the honest client (e.g.
+        // "--signing off"), to tell where its latency goes.
+        .args(
+            std::env::var("HOSTILE_HONEST_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .env("WHISPEER_LOG", "warn")
         .stderr(Stdio::inherit())
         .output()
