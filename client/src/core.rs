@@ -140,6 +140,12 @@ struct LocalSub {
     relay_ids: Vec<u64>,
     /// The highest relay sequence delivered to this subscription (0: none yet).
     last_seq: u64,
+    /// Per key id: the highest relay sequence handled for this subscription, or the
+    /// boundary (`SubOk.seq`, `ReplayDone.seq`) from which its live messages follow. A
+    /// relay orders messages per key id only (it routes key ids in parallel, PROTOCOL
+    /// §3.5.5): a message of one key id may arrive after a later-numbered one of another,
+    /// so each of this subscription's patterns resumes from its own key id's position.
+    positions: HashMap<whispeer_protocol::KeyId, u64>,
     /// With an explicit `replay`: the messages this subscription received. History it
     /// asked for may hold messages another subscription already delivered; those (flagged
     /// replayed, and only once per subscription) are still its to see.
@@ -152,6 +158,16 @@ struct LocalSub {
 }
 
 impl LocalSub {
+    /// Raises the position of relay subscription `relay_id`'s key id to `seq`.
+    fn reached(&mut self, relay_id: u64, seq: u64) {
+        if let Some(i) = self.relay_ids.iter().position(|r| *r == relay_id) {
+            if let Some(p) = self.patterns.get(i) {
+                let pos = self.positions.entry(*p.key_id()).or_insert(0);
+                *pos = (*pos).max(seq);
+            }
+        }
+    }
+
     /// Whether a replayed message with relay sequence `seq` is this subscription's: it is
     /// still in its history (or durable: the relay resumes those from its own position),
     /// and the history it asked for starts at or before `seq`.
@@ -517,6 +533,7 @@ impl ClientCore {
             self.last_seq = 0;
             for s in self.subs.values_mut() {
                 s.last_seq = 0;
+                s.positions.clear();
             }
         }
         self.space = Some(space);
@@ -643,6 +660,17 @@ impl ClientCore {
             sub.opts.replay
         };
         let retained = sub.opts.retained && !resuming;
+        // Per pattern: after its own key id's position (see `positions`).
+        let replay_for = |sub: &LocalSub, key: &whispeer_protocol::KeyId| match replay {
+            Some(frame::Replay::FromSeq(_)) if resuming => Some(frame::Replay::FromSeq(
+                sub.positions
+                    .get(key)
+                    .copied()
+                    .unwrap_or(sub.last_seq)
+                    .saturating_add(1),
+            )),
+            other => other,
+        };
         sub.replaying.clear();
         for old in sub.relay_ids.drain(..) {
             self.relay_to_local.remove(&old);
@@ -676,6 +704,7 @@ impl ClientCore {
                 sub.opts.durable.as_deref().and_then(|name| {
                     owner_secret(self.owner_key.as_deref(), pattern.key_id(), name)
                 });
+            let replay = replay_for(sub, pattern.key_id());
             frames.push(Frame::Sub(Sub {
                 sub_id: rid,
                 pattern,
@@ -754,6 +783,7 @@ impl ClientCore {
                 opts,
                 relay_ids: Vec::new(),
                 last_seq: 0,
+                positions: HashMap::new(),
                 got,
                 replaying: Vec::new(),
                 patterns: Vec::new(),
@@ -769,8 +799,9 @@ impl ClientCore {
         Ok(frames)
     }
 
-    /// The relay ended the history of relay subscription `relay_id` (`ReplayDone`).
-    pub fn replay_done(&mut self, relay_id: u64) {
+    /// The relay ended the history of relay subscription `relay_id` (`ReplayDone` with its
+    /// boundary `seq`): live messages follow from there.
+    pub fn replay_done(&mut self, relay_id: u64, seq: u64) {
         let Some(local) = self.relay_to_local.get(&relay_id).copied() else {
             return;
         };
@@ -778,6 +809,22 @@ impl ClientCore {
             sub.replaying.retain(|r| *r != relay_id);
             if sub.replaying.is_empty() {
                 sub.got = None;
+            }
+            sub.reached(relay_id, seq);
+        }
+    }
+
+    /// The relay confirmed relay subscription `relay_id` (`SubOk` with boundary `seq`).
+    /// Without history to come, its live messages follow from `seq`: a resume of it starts
+    /// there even if none arrived (messages of its key id numbered below another key id's
+    /// latest may still have been on their way).
+    pub fn sub_confirmed(&mut self, relay_id: u64, seq: u64) {
+        let Some(local) = self.relay_to_local.get(&relay_id).copied() else {
+            return;
+        };
+        if let Some(sub) = self.subs.get_mut(&local) {
+            if !sub.replaying.contains(&relay_id) {
+                sub.reached(relay_id, seq);
             }
         }
     }
@@ -871,7 +918,7 @@ impl ClientCore {
                     tracing::warn!(dictionary = %id, "{e}");
                 }
                 self.stats.rejected += 1;
-                self.advance(msg.seq, &[]);
+                self.advance(msg.seq, msg.envelope.key_id(), &[]);
                 return Delivery::Placeholder;
             }
         };
@@ -893,7 +940,7 @@ impl ClientCore {
             .map(|(id, _)| *id)
             .collect();
         if matched.is_empty() {
-            self.advance(msg.seq, &[]);
+            self.advance(msg.seq, msg.envelope.key_id(), &[]);
             return Delivery::Placeholder;
         }
         let allow_old = matched.iter().any(|id| self.subs[id].opts.older_history);
@@ -925,13 +972,13 @@ impl ClientCore {
                     .collect();
                 if asked.is_empty() {
                     self.stats.duplicates += 1;
-                    self.advance(msg.seq, &matched);
+                    self.advance(msg.seq, msg.envelope.key_id(), &matched);
                     return Delivery::Placeholder;
                 }
                 (None, asked)
             }
             Err(_) => {
-                self.advance(msg.seq, &matched);
+                self.advance(msg.seq, msg.envelope.key_id(), &matched);
                 return Delivery::Placeholder;
             }
         };
@@ -941,7 +988,7 @@ impl ClientCore {
             if let Some(a) = accepted {
                 self.guard.commit(a);
             }
-            self.advance(msg.seq, &matched);
+            self.advance(msg.seq, msg.envelope.key_id(), &matched);
             return Delivery::Placeholder;
         }
         let horizon = self.guard.config().horizon_ms;
@@ -965,7 +1012,7 @@ impl ClientCore {
                 g.insert(key);
             }
         }
-        self.advance(msg.seq, &matched);
+        self.advance(msg.seq, msg.envelope.key_id(), &matched);
         if targets.is_empty() {
             return if lagged.is_empty() {
                 Delivery::Placeholder
@@ -989,12 +1036,15 @@ impl ClientCore {
         Received::from_opened(o, msg.seq, msg.flags & frame::msg_flags::RETAINED != 0)
     }
 
-    /// Moves the resume points past a handled (delivered or placeholder) sequence.
-    fn advance(&mut self, seq: u64, subs: &[LocalSubId]) {
+    /// Moves the resume points past a handled (delivered or placeholder) sequence of an
+    /// envelope of key id `key`.
+    fn advance(&mut self, seq: u64, key: whispeer_protocol::KeyId, subs: &[LocalSubId]) {
         self.last_seq = self.last_seq.max(seq);
         for id in subs {
             if let Some(s) = self.subs.get_mut(id) {
                 s.last_seq = s.last_seq.max(seq);
+                let pos = s.positions.entry(key).or_insert(0);
+                *pos = (*pos).max(seq);
             }
         }
     }
@@ -1097,6 +1147,77 @@ mod tests {
         assert!(core.enter_seq_space(SeqSpace::Unnamed(0)));
         assert!(!core.enter_seq_space(SeqSpace::Unnamed(1)));
         assert_eq!(core.unsubscribe(1).len(), 1);
+    }
+
+    /// A subscription spanning two key ids (here two trees; an epoch rotation does the
+    /// same) resumes each pattern after its own key id's position: the relay orders
+    /// messages per key id only, so a message of tree 1 numbered 11 may still be on its way
+    /// when tree 2's 12 arrived — resuming both from 13 would lose it.
+    #[test]
+    fn each_key_id_resumes_from_its_own_position() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let mut kr = Keyring::new();
+        let trees = [
+            TreeKey::generate_with("t", &mut rng).unwrap(),
+            TreeKey::generate_with("u", &mut rng).unwrap(),
+        ];
+        for tk in &trees {
+            kr.add_tree_key_at(tk, 0).unwrap();
+        }
+        let kr = Arc::new(RwLock::new(kr));
+        let mut core = ClientCore::new(kr.clone());
+        core.enter_seq_space(SeqSpace::Named([1; 16]));
+        let frames = core
+            .subscribe(1, TopicFilter::new("a/#").unwrap(), Qos::AtLeastOnce, 0)
+            .unwrap();
+        assert_eq!(frames.len(), 2, "one pattern per tree");
+        for f in &frames {
+            let Frame::Sub(s) = f else { panic!("{f:?}") };
+            core.sub_confirmed(s.sub_id, 5);
+        }
+        // Tree 2's message 12 arrives; tree 1's 11 does not (the connection drops).
+        let seal = |tree: &TreeKey, rng: &mut rand_chacha::ChaCha20Rng| {
+            let mut one = Keyring::new();
+            one.add_tree_key_at(tree, 0).unwrap();
+            seal_publish(
+                &RwLock::new(one),
+                None,
+                &SealPolicy::default(),
+                &mut Sealer::new(),
+                &Topic::new("a/x").unwrap(),
+                CBOR,
+                b"\x01",
+                5,
+                rng,
+            )
+            .unwrap()
+            .0
+        };
+        let env = seal(&trees[1], &mut rng);
+        let later_key = env.key_id();
+        let msg = Msg {
+            sub_id: None,
+            seq: 12,
+            envelope: env,
+            flags: 0,
+        };
+        assert!(core.receive(&msg, 0).is_some());
+        assert!(core.enter_seq_space(SeqSpace::Named([1; 16])));
+        let mut resumed: Vec<(bool, Option<frame::Replay>)> = core
+            .resubscribe_all(0)
+            .into_iter()
+            .map(|f| match f {
+                Frame::Sub(s) => (*s.pattern.key_id() == later_key, s.replay),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        resumed.sort_by_key(|r| r.0);
+        use frame::Replay::FromSeq;
+        assert_eq!(
+            resumed,
+            vec![(false, Some(FromSeq(6))), (true, Some(FromSeq(13)))],
+            "tree 1 from its SubOk boundary, tree 2 after its message"
+        );
     }
 
     #[test]

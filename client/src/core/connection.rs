@@ -1028,7 +1028,10 @@ impl Engine {
     fn live_frame(&mut self, f: Frame, mono: u64, now: Now) {
         match f {
             Frame::Msg(m) => self.on_msg(&m, now),
-            Frame::SubOk(ok) => self.sub_ok(ok.sub_id),
+            Frame::SubOk(ok) => {
+                self.core.sub_confirmed(ok.sub_id, ok.seq);
+                self.sub_ok(ok.sub_id)
+            }
             Frame::PubAck(a) => {
                 let pid = PublishId(a.publish_id);
                 self.retries.remove(&pid);
@@ -1043,7 +1046,7 @@ impl Engine {
             Frame::Ping(p) => self.send(Frame::Pong(Pong { nonce: p.nonce })),
             Frame::ReplayDone(d) => {
                 if let Some(sub) = self.core.local_for(d.sub_id) {
-                    self.core.replay_done(d.sub_id);
+                    self.core.replay_done(d.sub_id, d.seq);
                     self.emit(Event::ReplayDone { sub, seq: d.seq });
                 }
             }
