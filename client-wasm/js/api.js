@@ -13,6 +13,7 @@ import {
   decodeValue,
   version,
 } from '../pkg/whispeer_wasm.js';
+import './message.js'; // ClientCore.prototype.openEnvelope
 
 export { Client, Subscription, TypedTopic, WhispeerError, float, toKeyring } from './client.js';
 export { Identity, TreeKey, Grant, Keyring, OpenedInvite, ClientCore, openInvite, encodeValue, decodeValue, version };

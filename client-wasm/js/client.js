@@ -6,6 +6,7 @@
 // sealing, opening, dedup) happens in Rust.
 
 import { ClientCore, Engine, Keyring, TreeKey, Grant, Identity, OpenedInvite, encodeValue, typedTopic } from '../pkg/whispeer_wasm.js';
+import { readMessage } from './message.js';
 
 let WebSocketImpl = globalThis.WebSocket;
 
@@ -691,7 +692,11 @@ export class Client {
         }
         this.#arm(eng.pollTimeout());
         const events = [];
-        for (let e; (e = eng.pollEvent()) !== undefined; ) events.push(e);
+        for (let e; (e = eng.pollEvent()) !== undefined; ) {
+          // A message event points at the message in wasm memory until the next poll.
+          if (e.at !== undefined) e.message = readMessage(e.at, eng);
+          events.push(e);
+        }
         // Dedup entries, retained marks and acked publishes are saved before the app hears.
         this.#deliver(events, this.#persist());
       } while (this.#again);

@@ -1,7 +1,9 @@
 //! Keys, identity and sealing for JS: `ClientCore` seals and opens with the Rust client
 //! core (`whispeer::core`); the connection engine (`crate::engine`) takes it over.
 
-use std::sync::{Arc, RwLock};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
 
 use js_sys::{Object, Reflect, Uint8Array};
 
@@ -11,7 +13,7 @@ use whispeer::core::connection::AccountAuth;
 use whispeer::core::{self, Received, SealPolicy};
 use whispeer_protocol::{
     Compression, Envelope, Keyring as PKeyring, Opener, Padding, Provenance, Scope, SealOptions,
-    Sealer, Suite, Topic, TopicFilter, TreeId,
+    Sealer, Suite, Topic, TopicFilter, TopicKey, TreeId,
 };
 
 use crate::error::{js_error, key_error, publish_error, topic_error};
@@ -147,6 +149,96 @@ pub(crate) fn message_object(r: &Received) -> JsValue {
     o.into()
 }
 
+/// Layout of an opened message in wasm memory, read by `js/message.js` (`readMessage`),
+/// which builds the same object as [`message_object`] from it with one UTF-8 decode and
+/// one copy of the payload instead of a dozen property sets across the boundary.
+/// Little-endian; the offsets must match `js/message.js`.
+///
+/// ```text
+///  0  u32  total length          4  u8 flags (1 retained, 2 sender, 4 CBOR value)
+///  5  u8   provenance kind (0 admin-signed, 1 derived, 2 delegated, 3 other)
+///  8  f64  timestamp            16  f64 seq             24  f64 epoch
+/// 32  u32  payload offset       36  u32 payload length  40  u32 UTF-8 length of the strings
+/// 44  u32  UTF-16 lengths of: topic, sender, id, treeId, contentType, provenance detail
+/// 68  the strings (UTF-8, in that order), then the payload
+/// ```
+pub(crate) mod layout {
+    pub const FLAG_RETAINED: u8 = 1;
+    pub const FLAG_SENDER: u8 = 2;
+    pub const FLAG_CBOR: u8 = 4;
+    pub const STRINGS: usize = 68;
+}
+
+/// Writes `r` to `out` in the [`layout`] read by `js/message.js` (clearing `out` first).
+pub(crate) fn write_message(r: &Received, out: &mut Vec<u8>) {
+    out.clear();
+    out.resize(layout::STRINGS, 0);
+    let mut flags = 0;
+    if r.retained {
+        flags |= layout::FLAG_RETAINED;
+    }
+    if r.sender.is_some() {
+        flags |= layout::FLAG_SENDER;
+    }
+    if whispeer::tag::is_cbor(&r.content_type) {
+        flags |= layout::FLAG_CBOR;
+    }
+    out[4] = flags;
+    out[8..16].copy_from_slice(&(r.ts_ms as f64).to_le_bytes());
+    out[16..24].copy_from_slice(&(r.seq as f64).to_le_bytes());
+    out[24..32].copy_from_slice(&(r.epoch as f64).to_le_bytes());
+    // The strings, each followed by its UTF-16 length in the table at 44.
+    let mut lens = [0u32; 6];
+    let mut push = |out: &mut Vec<u8>, i: usize, s: &str| {
+        out.extend_from_slice(s.as_bytes());
+        lens[i] = if s.is_ascii() {
+            s.len()
+        } else {
+            s.encode_utf16().count()
+        } as u32;
+    };
+    push(out, 0, r.topic.as_str());
+    if let Some(s) = &r.sender {
+        push(out, 1, &s.to_string());
+    }
+    let mut hex = [0u8; 32];
+    for (i, id) in [&r.msg_id.0, &r.tree_id.0].into_iter().enumerate() {
+        hex::encode_to_slice(id, &mut hex).expect("16 bytes are 32 hex digits");
+        push(out, 2 + i, std::str::from_utf8(&hex).expect("hex is ASCII"));
+    }
+    push(out, 4, &r.content_type);
+    let kind = match &r.provenance {
+        Provenance::AdminSigned => 0,
+        Provenance::Derived { from } => {
+            push(out, 5, &from.to_string());
+            1
+        }
+        Provenance::Delegated { by } => {
+            push(out, 5, &by.to_string());
+            2
+        }
+        // A kind this build does not know: named, never dropped.
+        #[allow(unreachable_patterns)]
+        other => {
+            push(out, 5, &other.to_string());
+            3
+        }
+    };
+    out[5] = kind;
+    let strings = out.len() - layout::STRINGS;
+    let payload_at = out.len();
+    out.extend_from_slice(&r.payload);
+    let total = out.len();
+    let mut put = |at: usize, v: usize| out[at..at + 4].copy_from_slice(&(v as u32).to_le_bytes());
+    put(0, total);
+    put(32, payload_at);
+    put(36, r.payload.len());
+    put(40, strings);
+    for (i, l) in lens.iter().enumerate() {
+        put(44 + 4 * i, *l as usize);
+    }
+}
+
 /// The message counters as a JS object.
 pub(crate) fn core_stats_object(s: &core::CoreStats) -> Object {
     let o = Object::new();
@@ -180,6 +272,14 @@ pub struct ClientCore {
     /// Relay account: an Ed25519 key (answers `Challenge`) or a bearer token (never the
     /// identity that signs messages).
     pub(crate) relay_auth: Option<AccountAuth>,
+    /// Sealing keys of the topics published to without a `tree` (a key derivation per topic
+    /// level saved per publish). Emptied on every keyring change: writes go through
+    /// [`ClientCore::keys_mut`].
+    sealing_keys: HashMap<String, TopicKey>,
+    /// The last message `openEnvelopeAt` opened ([`layout`]).
+    scratch: Vec<u8>,
+    /// Its CBOR value, until `takeValue`.
+    value: Option<Result<JsValue, JsValue>>,
 }
 
 /// A publish's tree (32 hex digits, when given) and topic, checked.
@@ -189,6 +289,36 @@ fn parse_target(
 ) -> Result<(Option<whispeer_protocol::TreeId>, Topic), JsValue> {
     let tree = tree.as_deref().map(parse_tree_id).transpose()?;
     Ok((tree, Topic::new(topic).map_err(topic_error)?))
+}
+
+/// The sealing key for a publish to `topic` (in `tree`, when given): from `cache` when
+/// there is no tree and the topic was sealed to before, else looked up in the keyring
+/// (the checks and errors of [`core::seal_publish_in`]) and, without a tree, kept.
+fn sealing_key<'c>(
+    cache: &'c mut HashMap<String, TopicKey>,
+    keyring: &RwLock<PKeyring>,
+    tree: Option<String>,
+    topic: &str,
+) -> Result<Cow<'c, TopicKey>, JsValue> {
+    /// Topics kept at most (the cache is emptied beyond).
+    const MAX_CACHED: usize = 1024;
+    if tree.is_none() && cache.contains_key(topic) {
+        return Ok(Cow::Borrowed(&cache[topic]));
+    }
+    let (tree, t) = parse_target(tree, topic)?;
+    let kr = keyring.read().expect("keyring lock");
+    let key = match tree {
+        Some(id) => kr.topic_key_in(id, &t),
+        None => kr.topic_key(&t),
+    }
+    .map_err(|e| publish_error(e.into()))?;
+    if tree.is_some() {
+        return Ok(Cow::Owned(key));
+    }
+    if cache.len() >= MAX_CACHED {
+        cache.clear();
+    }
+    Ok(Cow::Borrowed(cache.entry(topic.to_owned()).or_insert(key)))
 }
 
 /// Prefix of a relay account key (`whispeer-relay account add NAME --key-out FILE`).
@@ -229,6 +359,9 @@ impl ClientCore {
             sealer: Sealer::new(),
             opener: Opener::new(),
             relay_auth: None,
+            sealing_keys: HashMap::new(),
+            scratch: Vec::new(),
+            value: None,
         })
     }
 
@@ -292,9 +425,7 @@ impl ClientCore {
     /// Adds a grant at run time; call `refreshSubscriptions` and send its frames.
     #[wasm_bindgen(js_name = addGrant)]
     pub fn add_grant(&mut self, grant: &Grant) -> Result<(), JsValue> {
-        self.keyring
-            .write()
-            .expect("keyring lock")
+        self.keys_mut()
             .add_grant_at(grant.inner.clone(), now_ms())
             .map_err(key_error)
     }
@@ -306,11 +437,16 @@ impl ClientCore {
     pub fn allow_sealing(&mut self, tree_id: &str, scope: &str) -> Result<(), JsValue> {
         let tree = parse_tree_id(tree_id)?;
         let scope = parse_scope(scope)?;
-        self.keyring
-            .write()
-            .expect("keyring lock")
+        self.keys_mut()
             .allow_sealing(tree, &scope)
             .map_err(key_error)
+    }
+
+    /// The keyring, to change it: forgets the cached sealing keys. Every write to the
+    /// keyring goes through here.
+    pub(crate) fn keys_mut(&mut self) -> RwLockWriteGuard<'_, PKeyring> {
+        self.sealing_keys.clear();
+        self.keyring.write().expect("keyring lock")
     }
 
     pub(crate) fn seal(
@@ -320,14 +456,12 @@ impl ClientCore {
         content_type: &str,
         payload: &[u8],
     ) -> Result<Envelope, JsValue> {
-        let (tree, topic) = parse_target(tree, topic)?;
-        core::seal_publish_in(
-            &self.keyring,
-            tree,
+        let key = sealing_key(&mut self.sealing_keys, &self.keyring, tree, topic)?;
+        core::seal_with_key(
+            &key,
             self.identity.as_ref(),
             &self.policy,
             &mut self.sealer,
-            &topic,
             content_type,
             payload,
             now_ms(),
@@ -376,13 +510,11 @@ impl ClientCore {
         content_type: &str,
         payload: &[u8],
     ) -> Result<whispeer_protocol::Prepared, JsValue> {
-        let (tree, topic) = parse_target(tree, topic)?;
-        core::prepare_publish_in(
-            &self.keyring,
-            tree,
+        let key = sealing_key(&mut self.sealing_keys, &self.keyring, tree, topic)?;
+        core::prepare_with_key(
+            &key,
             &self.policy,
             &mut self.sealer,
-            &topic,
             content_type,
             payload,
             now_ms(),
@@ -413,17 +545,47 @@ impl ClientCore {
         Ok(Uint8Array::from(&env.as_bytes()[..]))
     }
 
-    /// Opens an envelope (no subscription, no dedup); throws when it does not open.
-    #[wasm_bindgen(js_name = openEnvelope)]
-    pub fn open_envelope(&mut self, envelope: &[u8]) -> Result<JsValue, JsValue> {
-        let env = Envelope::from_slice(envelope)
+    fn open_received(&mut self, envelope: Vec<u8>) -> Result<Received, JsValue> {
+        // Owned: the bytes JS copied into wasm memory become the envelope, not copied again.
+        let env = Envelope::from_bytes(envelope.into())
             .map_err(|e| js_error("DECODE", &format!("invalid envelope: {e}")))?;
         let kr = self.keyring.read().expect("keyring lock");
         let o = self
             .opener
             .open(&kr, &env, now_ms())
             .map_err(|e| js_error("OPEN", &e.to_string()))?;
-        let r = Received::from_opened(o, 0, false);
+        Ok(Received::from_opened(o, 0, false))
+    }
+
+    /// Opens an envelope (no subscription, no dedup); throws when it does not open. (The
+    /// npm package's `openEnvelope` is `openEnvelopeAt` + `readMessage`, js/message.js,
+    /// which builds the same object faster.)
+    #[wasm_bindgen(js_name = openEnvelopeObject)]
+    pub fn open_envelope(&mut self, envelope: Vec<u8>) -> Result<JsValue, JsValue> {
+        let r = self.open_received(envelope)?;
         Ok(message_object(&r))
+    }
+
+    /// Opens an envelope like `openEnvelopeObject`, writing the message to this core's
+    /// scratch buffer in [`layout`]; returns its address in wasm memory, valid until the
+    /// next call. A CBOR value is decoded here and kept for `takeValue`.
+    #[wasm_bindgen(js_name = openEnvelopeAt)]
+    pub fn open_envelope_at(&mut self, envelope: Vec<u8>) -> Result<u32, JsValue> {
+        let r = self.open_received(envelope)?;
+        Ok(self.stage_message(&r))
+    }
+
+    /// Writes `r` to the scratch buffer for `readMessage` (js/message.js) and decodes its
+    /// CBOR value for `takeValue`; returns the buffer's address in wasm memory.
+    pub(crate) fn stage_message(&mut self, r: &Received) -> u32 {
+        write_message(r, &mut self.scratch);
+        self.value = whispeer::tag::is_cbor(&r.content_type).then(|| value::decode(&r.payload));
+        self.scratch.as_ptr() as u32
+    }
+
+    /// The value decoded by the last `openEnvelopeAt` (throws its decoding error).
+    #[wasm_bindgen(js_name = takeValue)]
+    pub fn take_value(&mut self) -> Result<JsValue, JsValue> {
+        self.value.take().unwrap_or(Ok(JsValue::UNDEFINED))
     }
 }

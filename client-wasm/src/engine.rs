@@ -21,7 +21,7 @@ use whispeer::core::{self, SubscribeOptions};
 use whispeer_protocol::frame::Replay;
 use whispeer_protocol::{Qos, TopicFilter};
 
-use crate::client::{message_object, set, ClientCore};
+use crate::client::{set, ClientCore};
 use crate::error::{js_error, key_error, publish_error, subscribe_error, topic_error};
 use crate::keys::Grant;
 use crate::persist;
@@ -128,7 +128,7 @@ impl Engine {
     /// A foreign or corrupt state throws `STATE`; pins that contradict the keys, `KEY`.
     #[wasm_bindgen(constructor)]
     pub fn new(
-        core: ClientCore,
+        mut core: ClientCore,
         options: &JsValue,
         seed: &[u8],
         mono_ms: f64,
@@ -184,11 +184,7 @@ impl Engine {
             let s =
                 persist::load(&bytes, n.unix_ms).map_err(|e| js_error("STATE", &e.to_string()))?;
             if let Some(p) = &s.pins {
-                core.keyring
-                    .write()
-                    .expect("keyring lock")
-                    .import_pins(p)
-                    .map_err(key_error)?;
+                core.keys_mut().import_pins(p).map_err(key_error)?;
             }
             // (The engine's outbox orders them by their saved order.)
             cfg.restored = s
@@ -386,9 +382,7 @@ impl Engine {
     pub fn add_grant(&mut self, grant: &Grant, mono_ms: f64, unix_ms: f64) -> Result<(), JsValue> {
         let n = now(mono_ms, unix_ms);
         self.core
-            .keyring
-            .write()
-            .expect("keyring lock")
+            .keys_mut()
             .add_grant_at(grant.inner.clone(), n.unix_ms)
             .map_err(key_error)?;
         self.eng.refresh_keys(n);
@@ -409,11 +403,7 @@ impl Engine {
     pub fn add_dictionary(&mut self, dict: JsValue) -> Result<String, JsValue> {
         let d = crate::keys::parse_dictionary(&dict)?;
         let id = d.id().to_string();
-        self.core
-            .keyring
-            .write()
-            .expect("keyring lock")
-            .add_dictionary(d);
+        self.core.keys_mut().add_dictionary(d);
         Ok(id)
     }
 
@@ -456,10 +446,18 @@ impl Engine {
         self.eng.poll_timeout().map(|t| t as f64)
     }
 
+    /// The CBOR value of the message of the last `message` event (throws its decoding
+    /// error), for `readMessage` (js/message.js).
+    #[wasm_bindgen(js_name = takeValue)]
+    pub fn take_value(&mut self) -> Result<JsValue, JsValue> {
+        self.core.take_value()
+    }
+
     /// The next event as a plain object (`type`: `connected`, `disconnected`, `closed`,
     /// `message`, `placeholder`, `gap`, `dropped`, `replayDone`, `subscribed`,
     /// `subscribeFailed`, `puback`, `publishFailed`, `flushed`, `flushFailed`, `error`), or
-    /// `undefined`.
+    /// `undefined`. A `message` event's `at` is the message in wasm memory, valid
+    /// until the next call (`readMessage`, js/message.js, reads it).
     #[wasm_bindgen(js_name = pollEvent)]
     pub fn poll_event(&mut self) -> JsValue {
         if self.saving.is_none() {
@@ -661,7 +659,8 @@ impl Engine {
             E::Closed => "closed",
             E::Message { sub, msg, token } => {
                 set(&o, "sub", sub as f64);
-                set(&o, "message", message_object(&msg));
+                // Read by `readMessage` (js/message.js) before the next event is polled.
+                set(&o, "at", self.core.stage_message(&msg));
                 set(&o, "token", self.token(token));
                 "message"
             }

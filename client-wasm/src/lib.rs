@@ -63,6 +63,12 @@ pub fn typed_topic(topic: &str, tag: &str) -> Result<String, JsValue> {
     Ok(whispeer::tag::content_type(tag))
 }
 
+/// The module's memory (`js/message.js` reads opened messages from it).
+#[wasm_bindgen(js_name = wasmMemory)]
+pub fn wasm_memory() -> JsValue {
+    wasm_bindgen::memory()
+}
+
 /// The crate version.
 #[wasm_bindgen]
 pub fn version() -> String {

@@ -385,10 +385,37 @@ pub fn seal_publish_in(
     now_ms: u64,
     rng: &mut impl CryptoRngCore,
 ) -> Result<(whispeer_protocol::Envelope, MessageId), PublishError> {
-    let (key, msg_id) = (topic_key(keyring, tree, topic)?, MessageId::random(rng));
+    let key = topic_key(keyring, tree, topic)?;
+    seal_with_key(
+        &key,
+        identity,
+        policy,
+        sealer,
+        content_type,
+        payload,
+        now_ms,
+        rng,
+    )
+}
+
+/// [`seal_publish_in`] with the sealing key already looked up ([`Keyring::topic_key`] or
+/// [`Keyring::topic_key_in`]): a client that seals many messages to one topic keeps the
+/// key rather than deriving it again (a BLAKE3 derivation per topic level).
+#[allow(clippy::too_many_arguments)]
+pub fn seal_with_key(
+    key: &whispeer_protocol::TopicKey,
+    identity: Option<&Identity>,
+    policy: &SealPolicy,
+    sealer: &mut Sealer,
+    content_type: &str,
+    payload: &[u8],
+    now_ms: u64,
+    rng: &mut impl CryptoRngCore,
+) -> Result<(whispeer_protocol::Envelope, MessageId), PublishError> {
+    let msg_id = MessageId::random(rng);
     let out = outgoing(payload, content_type, msg_id, now_ms);
     let signer = if policy.sign { identity } else { None };
-    let env = sealer.seal(&key, &out, &policy.for_topic(topic), signer, rng)?;
+    let env = sealer.seal(key, &out, &policy.for_topic(key.topic()), signer, rng)?;
     Ok((env, msg_id))
 }
 
@@ -408,9 +435,23 @@ pub fn prepare_publish_in(
     now_ms: u64,
     rng: &mut impl CryptoRngCore,
 ) -> Result<(Prepared, MessageId), PublishError> {
-    let (key, msg_id) = (topic_key(keyring, tree, topic)?, MessageId::random(rng));
+    let key = topic_key(keyring, tree, topic)?;
+    prepare_with_key(&key, policy, sealer, content_type, payload, now_ms, rng)
+}
+
+/// [`prepare_publish_in`] with the sealing key already looked up (see [`seal_with_key`]).
+pub fn prepare_with_key(
+    key: &whispeer_protocol::TopicKey,
+    policy: &SealPolicy,
+    sealer: &mut Sealer,
+    content_type: &str,
+    payload: &[u8],
+    now_ms: u64,
+    rng: &mut impl CryptoRngCore,
+) -> Result<(Prepared, MessageId), PublishError> {
+    let msg_id = MessageId::random(rng);
     let out = outgoing(payload, content_type, msg_id, now_ms);
-    let p = sealer.prepare(&key, &out, &policy.for_topic(topic))?;
+    let p = sealer.prepare(key, &out, &policy.for_topic(key.topic()))?;
     Ok((p, msg_id))
 }
 

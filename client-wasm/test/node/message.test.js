@@ -1,0 +1,45 @@
+// openEnvelope builds the message object in JS from the buffer the wasm side writes
+// (js/message.js); it must equal the object built property by property in Rust
+// (`openEnvelopeObject`, the reference), for every kind of field.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { ClientCore, Identity, Keyring, TreeKey, encodeValue } from '../../js/index.node.js';
+
+test('openEnvelope equals the Rust-built message object', () => {
+  const tree = TreeKey.generate('msg');
+  const keys = new Keyring();
+  keys.addTreeKey(tree);
+  const me = Identity.generate();
+  const cases = [
+    ['sensor/kitchen/temp', 'application/octet-stream', new Uint8Array([1, 2, 3])],
+    ['sensor/kitchen/temp', 'application/octet-stream', new Uint8Array(0)],
+    ['\ufeffké/ü😀/x', 'application/cbor', encodeValue({ a: 1, b: 'x', big: 2n ** 70n, d: new Date(5000) })],
+    ['a/b', 'application/cbor; type="t.T/v1"', encodeValue([1, 2.5, null, new Uint8Array([9])])],
+    ['a/b', 'application/cbor', new Uint8Array([0xff, 0xff])], // undecodable: `error`
+    ['a/b', 'text/plain; charset=ü', new Uint8Array(70_000).fill(7)],
+  ];
+  for (const sign of [false, true]) {
+    const core = new ClientCore(keys, 3, true, sign);
+    core.setIdentity(me);
+    for (const [topic, ct, payload] of cases) {
+      const env = core.sealEnvelope(topic, ct, payload);
+      const a = core.openEnvelope(env);
+      const b = core.openEnvelopeObject(env);
+      assert.deepStrictEqual(Object.keys(a), Object.keys(b));
+      assert.deepStrictEqual(Object.keys(a.provenance), Object.keys(b.provenance));
+      if (b.error) {
+        assert.equal(a.error.code, b.error.code);
+        assert.equal(a.error.message, b.error.message);
+        delete a.error;
+        delete b.error;
+      }
+      assert.deepStrictEqual(a, b);
+      assert.equal(a.topic, topic);
+      assert.equal(a.sender, sign ? me.senderId : null);
+      // The payload is its own buffer, as before.
+      assert.equal(a.payload.byteOffset, 0);
+      assert.equal(a.payload.buffer.byteLength, payload.length);
+    }
+    assert.throws(() => core.openEnvelope(new Uint8Array([1, 2, 3])), { code: 'DECODE' });
+  }
+});
