@@ -369,7 +369,10 @@ pub fn seal_publish_in(
     now_ms: u64,
     rng: &mut impl CryptoRngCore,
 ) -> Result<(whispeer_protocol::Envelope, MessageId), PublishError> {
-    let (key, msg_id) = (topic_key(keyring, tree, topic)?, MessageId::random(rng));
+    let (key, msg_id) = (
+        topic_key(keyring, tree, topic, sealer)?,
+        MessageId::random(rng),
+    );
     let out = outgoing(payload, content_type, msg_id, now_ms);
     let signer = if policy.sign { identity } else { None };
     let env = sealer.seal(&key, &out, &policy.for_topic(topic), signer, rng)?;
@@ -392,7 +395,10 @@ pub fn prepare_publish_in(
     now_ms: u64,
     rng: &mut impl CryptoRngCore,
 ) -> Result<(Prepared, MessageId), PublishError> {
-    let (key, msg_id) = (topic_key(keyring, tree, topic)?, MessageId::random(rng));
+    let (key, msg_id) = (
+        topic_key(keyring, tree, topic, sealer)?,
+        MessageId::random(rng),
+    );
     let out = outgoing(payload, content_type, msg_id, now_ms);
     let p = sealer.prepare(&key, &out, &policy.for_topic(topic))?;
     Ok((p, msg_id))
@@ -412,16 +418,16 @@ fn outgoing<'a>(
     }
 }
 
+/// The sealing key of `topic` (`Keyring::topic_key`, or `topic_key_in` with a tree),
+/// with the derivations `sealer` remembers for the same grant and topic.
 fn topic_key(
     keyring: &RwLock<Keyring>,
     tree: Option<TreeId>,
     topic: &Topic,
+    sealer: &mut Sealer,
 ) -> Result<whispeer_protocol::TopicKey, PublishError> {
     let kr = keyring.read().expect("keyring lock");
-    Ok(match tree {
-        Some(t) => kr.topic_key_in(t, topic)?,
-        None => kr.topic_key(topic)?,
-    })
+    Ok(sealer.topic_key(&kr, tree, topic)?)
 }
 
 /// Builds the `Pub` frame for an envelope.
