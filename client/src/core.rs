@@ -1009,6 +1009,11 @@ impl ClientCore {
     pub fn take_changes(&mut self) -> Vec<receive::Change> {
         self.guard.take_changes()
     }
+
+    /// Forgets the receiver state changes since the last call (nothing is persisted).
+    pub fn clear_changes(&mut self) {
+        self.guard.clear_changes();
+    }
 }
 
 #[cfg(test)]

@@ -281,6 +281,13 @@ impl Guard {
         std::mem::take(&mut self.journal)
     }
 
+    /// Forgets the changes since the last call (a driver that persists nothing), keeping
+    /// the journal's buffer: taking it instead left an empty one to regrow for every batch
+    /// of deliveries (1.2 % of a bench subscriber's CPU).
+    pub fn clear_changes(&mut self) {
+        self.journal.clear();
+    }
+
     fn remember(&mut self, key: DedupKey, expires_ms: u64) {
         if let Some(old) = self.seen.insert(key, expires_ms) {
             if old == expires_ms {
