@@ -258,7 +258,11 @@ impl Guard {
     /// compacted state file holds.
     pub fn snapshot(&self, now_ms: u64) -> Vec<Change> {
         let mut out: Vec<Change> = Vec::with_capacity(self.seen.len() + self.retained.len());
-        for (&expires_ms, keys) in self.expiry.range(now_ms.saturating_add(1)..) {
+        // Entries expiring after `now_ms` (none once `now_ms` is the largest time).
+        let after = now_ms
+            .checked_add(1)
+            .map_or(self.expiry.range(0..0), |t| self.expiry.range(t..));
+        for (&expires_ms, keys) in after {
             // By expiry, then by key (the order a `(expiry, key)` set gave).
             let mut keys = keys.clone();
             keys.sort_unstable();
