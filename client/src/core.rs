@@ -385,7 +385,7 @@ pub fn seal_publish_in(
     now_ms: u64,
     rng: &mut impl CryptoRngCore,
 ) -> Result<(whispeer_protocol::Envelope, MessageId), PublishError> {
-    let key = topic_key(keyring, tree, topic)?;
+    let key = topic_key(keyring, tree, topic, sealer)?;
     seal_with_key(
         &key,
         identity,
@@ -435,7 +435,7 @@ pub fn prepare_publish_in(
     now_ms: u64,
     rng: &mut impl CryptoRngCore,
 ) -> Result<(Prepared, MessageId), PublishError> {
-    let key = topic_key(keyring, tree, topic)?;
+    let key = topic_key(keyring, tree, topic, sealer)?;
     prepare_with_key(&key, policy, sealer, content_type, payload, now_ms, rng)
 }
 
@@ -469,16 +469,16 @@ fn outgoing<'a>(
     }
 }
 
+/// The sealing key of `topic` (`Keyring::topic_key`, or `topic_key_in` with a tree),
+/// with the derivations `sealer` remembers for the same grant and topic.
 fn topic_key(
     keyring: &RwLock<Keyring>,
     tree: Option<TreeId>,
     topic: &Topic,
+    sealer: &mut Sealer,
 ) -> Result<whispeer_protocol::TopicKey, PublishError> {
     let kr = keyring.read().expect("keyring lock");
-    Ok(match tree {
-        Some(t) => kr.topic_key_in(t, topic)?,
-        None => kr.topic_key(topic)?,
-    })
+    Ok(sealer.topic_key(&kr, tree, topic)?)
 }
 
 /// Builds the `Pub` frame for an envelope.
@@ -1093,6 +1093,11 @@ impl ClientCore {
     /// Changes to the receiver state to persist (dedup entries, retained high-water marks).
     pub fn take_changes(&mut self) -> Vec<receive::Change> {
         self.guard.take_changes()
+    }
+
+    /// Forgets the receiver state changes since the last call (nothing is persisted).
+    pub fn clear_changes(&mut self) {
+        self.guard.clear_changes();
     }
 }
 

@@ -7,14 +7,18 @@
 use std::ops::Range;
 
 use bytes::Bytes;
-use ciborium_io::{Read, Write};
+use ciborium_io::Write;
 use ciborium_ll::{simple, Decoder, Encoder, Header};
 
 use crate::error::DecodeError;
 use crate::limits::{MAX_CBOR_DEPTH, MAX_CBOR_ITEMS};
 
 pub(crate) struct Reader<'a> {
+    /// Decodes `input[base..]`: a string's content is skipped by starting a new decoder
+    /// after it, not read through (a 1 KiB envelope was copied into a scratch buffer just
+    /// to move past it).
     dec: Decoder<&'a [u8]>,
+    base: usize,
     input: &'a Bytes,
 }
 
@@ -26,20 +30,21 @@ impl<'a> Reader<'a> {
     pub(crate) fn new(input: &'a Bytes) -> Self {
         Self {
             dec: Decoder::from(&input[..]),
+            base: 0,
             input,
         }
     }
 
     pub(crate) fn offset(&mut self) -> usize {
-        self.dec.offset()
+        self.base + self.dec.offset()
     }
 
     pub(crate) fn remaining(&mut self) -> usize {
-        self.input.len() - self.dec.offset()
+        self.input.len() - self.offset()
     }
 
     pub(crate) fn header(&mut self) -> Result<Header, DecodeError> {
-        let off = self.dec.offset();
+        let off = self.offset();
         match self.dec.pull() {
             Ok(Header::Tag(_)) => Err(cbor_err(off, "tags are not allowed")),
             Ok(
@@ -50,32 +55,26 @@ impl<'a> Reader<'a> {
                 what: "CBOR item",
                 needed: 1,
             }),
-            Err(ciborium_ll::Error::Syntax(o)) => Err(cbor_err(o, "malformed item")),
+            Err(ciborium_ll::Error::Syntax(o)) => Err(cbor_err(self.base + o, "malformed item")),
         }
     }
 
     /// Advances over `len` content bytes (already bounds-checked) and returns their range.
     fn advance(&mut self, len: usize) -> Result<Range<usize>, DecodeError> {
-        let start = self.dec.offset();
+        let start = self.offset();
         if len > self.input.len() - start {
             return Err(DecodeError::Truncated {
                 what: "CBOR string",
                 needed: len - (self.input.len() - start),
             });
         }
-        let mut scratch = [0u8; 1024];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(scratch.len());
-            self.dec
-                .read_exact(&mut scratch[..n])
-                .map_err(|_| DecodeError::Truncated {
-                    what: "CBOR string",
-                    needed: left,
-                })?;
-            left -= n;
-        }
-        Ok(start..start + len)
+        // Called right after a string header was pulled: the decoder holds no pushed-back
+        // header, so a new one over the rest of the input continues exactly where reading
+        // through the content would have.
+        let end = start + len;
+        self.dec = Decoder::from(&self.input[end..]);
+        self.base = end;
+        Ok(start..end)
     }
 
     /// The next `len` raw content bytes (after a string header was pulled), shared.

@@ -22,6 +22,7 @@ use crate::error_keys::KeyError;
 use crate::identity::SenderId;
 use crate::invite::Invite;
 use crate::kdf::Secret32;
+use crate::memo::KeyMemo;
 use crate::text::Cursor;
 use crate::token::{KeyId, TokenPattern, TopicToken};
 use crate::topic::{Topic, TopicFilter};
@@ -495,7 +496,14 @@ impl Keyring {
 
     /// `M(topic)` in the epoch `key_id` names (if held), and the best provenance among the
     /// held grants covering it (they all give the same key: contradictions are refused).
-    pub(crate) fn open_key(&self, key_id: &KeyId, topic: &Topic) -> Option<OpenKey> {
+    /// The grant is chosen here on every call; `memo` only spares deriving M(t) again from
+    /// the same grant for the same topic.
+    pub(crate) fn open_key_memo(
+        &self,
+        key_id: &KeyId,
+        topic: &Topic,
+        memo: &mut KeyMemo,
+    ) -> Option<OpenKey> {
         let (_, e) = self.held(key_id)?;
         let h = e
             .grants
@@ -503,7 +511,7 @@ impl Keyring {
             .filter(|h| h.grant.scope().covers(topic))
             .max_by_key(|h| (h.provenance.rank(), h.grant.scope().specificity()))?;
         Some(OpenKey {
-            key: h.grant.message_key(topic)?,
+            key: memo.message_key(&h.grant, topic)?,
             provenance: h.provenance.clone(),
         })
     }
@@ -586,6 +594,34 @@ impl Keyring {
     pub fn topic_key_in(&self, tree_id: TreeId, topic: &Topic) -> Result<TopicKey, KeyError> {
         Ok(TopicKey::from_grant(self.grant_in(tree_id, topic)?, topic)?
             .with_dictionaries(self.dictionaries.clone()))
+    }
+
+    /// [`Keyring::topic_key`] (or [`Keyring::topic_key_in`] with a tree), deriving the
+    /// tokens and M(t) through `memo`: the grant is chosen here on every call, exactly as
+    /// there.
+    pub(crate) fn topic_key_memo(
+        &self,
+        tree_id: Option<TreeId>,
+        topic: &Topic,
+        memo: &mut KeyMemo,
+    ) -> Result<TopicKey, KeyError> {
+        let grant = match tree_id {
+            Some(t) => self.grant_in(t, topic)?,
+            None => self.grant_for(topic)?,
+        };
+        let message_key =
+            memo.message_key(grant, topic)
+                .ok_or_else(|| KeyError::NoKeyForTopic {
+                    topic: topic.to_string(),
+                })?;
+        let keys = grant.epoch_keys().clone();
+        Ok(TopicKey {
+            tokens: memo.tokens(&keys, topic).to_vec(),
+            keys,
+            topic: topic.clone(),
+            message_key,
+            dictionaries: self.dictionaries.clone(),
+        })
     }
 
     /// Adds a zstd dictionary (§4.6.1): messages naming its id open, and topics whose

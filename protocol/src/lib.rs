@@ -62,6 +62,8 @@ pub mod keyring;
 #[cfg(feature = "keys")]
 pub mod locked;
 #[cfg(feature = "keys")]
+mod memo;
+#[cfg(feature = "keys")]
 pub mod seal;
 #[cfg(feature = "keys")]
 pub mod text;

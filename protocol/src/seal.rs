@@ -40,6 +40,7 @@ use crate::identity::{Identity, SenderId};
 use crate::kdf::{lp, tag, xof, Secret32};
 use crate::keyring::{Keyring, TopicKey};
 use crate::limits::{DEFAULT_MAX_PAYLOAD, MAX_CONTENT_TYPE_LEN};
+use crate::memo::KeyMemo;
 use crate::topic::Topic;
 use crate::tree::{EpochKeys, Provenance, TreeId};
 
@@ -338,6 +339,8 @@ pub struct Sealer {
     /// A context holding one dictionary at one level (codec 3).
     zstd_dict: Option<(i32, DictId, zstd::bulk::Compressor<'static>)>,
     max_payload: usize,
+    /// Tokens and message keys of the topics sealed on ([`Sealer::topic_key`]).
+    memo: KeyMemo,
 }
 
 impl fmt::Debug for Sealer {
@@ -361,7 +364,21 @@ impl Sealer {
             zstd: None,
             zstd_dict: None,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            memo: KeyMemo::default(),
         }
+    }
+
+    /// [`Keyring::topic_key`] (or [`Keyring::topic_key_in`] when `tree` is given), with the
+    /// topic's tokens and message key remembered between calls: the keyring still picks
+    /// the grant on every call (so a grant added or an epoch rotated applies at once), and
+    /// a remembered derivation is used only for the very same grant, epoch keys and topic.
+    pub fn topic_key(
+        &mut self,
+        keyring: &Keyring,
+        tree: Option<TreeId>,
+        topic: &Topic,
+    ) -> Result<TopicKey, KeyError> {
+        keyring.topic_key_memo(tree, topic, &mut self.memo)
     }
 
     /// Sets the largest payload accepted (receivers enforce their own limit too).
@@ -744,6 +761,9 @@ pub struct Opener {
     max_payload: usize,
     roots: VerifiedRoots,
     keys: SenderKeys,
+    /// Valid topic names, tokens and message keys of the topics opened
+    /// ([`crate::memo`]).
+    memo: KeyMemo,
 }
 
 impl fmt::Debug for Opener {
@@ -909,6 +929,7 @@ impl Opener {
             max_payload: max,
             roots: VerifiedRoots::default(),
             keys: SenderKeys::default(),
+            memo: KeyMemo::default(),
         }
     }
 
@@ -993,13 +1014,13 @@ impl Opener {
         }
         let topic = std::str::from_utf8(&name[2..2 + n])
             .map_err(|_| OpenError::OPAQUE)
-            .and_then(|s| Topic::new(s).map_err(|_| OpenError::OPAQUE))?;
+            .and_then(|s| self.memo.topic(s).ok_or(OpenError::OPAQUE))?;
         if topic.levels() != env.levels() {
             return Err(OpenError::OPAQUE);
         }
         let mut same = subtle::Choice::from(1u8);
-        for (i, (seg, tok)) in topic.segments().zip(env.tokens()).enumerate() {
-            same &= keys.token(i, seg).as_bytes().ct_eq(tok.as_bytes());
+        for (want, tok) in self.memo.tokens(keys, &topic).iter().zip(env.tokens()) {
+            same &= want.as_bytes().ct_eq(tok.as_bytes());
         }
         if !bool::from(same) {
             return Err(OpenError::OPAQUE);
@@ -1007,7 +1028,7 @@ impl Opener {
 
         // 3. Derive M(t) from a held grant, check the key commitment, open the body.
         let ok = keyring
-            .open_key(&env.key_id(), &topic)
+            .open_key_memo(&env.key_id(), &topic, &mut self.memo)
             .ok_or(OpenError::OPAQUE)?;
         let (body_key, commit) = body_keys(&ok.key, nonce, suite);
         if !bool::from(commit.ct_eq(env.commit())) {
@@ -1383,6 +1404,52 @@ mod tests {
         for s in Suite::ALL {
             assert_eq!(Suite::from_name(s.name()), Some(s));
         }
+    }
+
+    #[test]
+    fn remembered_derivations_never_outlive_the_keyring_that_allowed_them() {
+        let (mut rng, tk, kr, id) = setup();
+        let door = Topic::new("sensor/garage/door").unwrap();
+        let mut sealer = Sealer::new();
+        let mut opener = Opener::new();
+        let seal = |s: &mut Sealer, kr: &Keyring, rng: &mut rand_chacha::ChaCha20Rng| {
+            let key = s.topic_key(kr, None, &door).unwrap();
+            s.seal(&key, &msg(b"open"), &SealOptions::default(), Some(&id), rng)
+                .unwrap()
+        };
+        // Sealed and opened twice with one sealer and one opener: the second time from
+        // their memos, with the same result as deriving afresh.
+        let e1 = seal(&mut sealer, &kr, &mut rng);
+        let e2 = seal(&mut sealer, &kr, &mut rng);
+        assert_eq!(
+            sealer.topic_key(&kr, None, &door).unwrap().tokens,
+            kr.topic_key(&door).unwrap().tokens
+        );
+        for e in [&e1, &e2, &e1] {
+            assert_eq!(opener.open(&kr, e, 0).unwrap().payload, b"open");
+        }
+        // The same opener with a keyring that does not cover the topic refuses it, though
+        // it remembers the topic's keys.
+        let mut kitchen = Keyring::new();
+        kitchen
+            .add_grant_at(
+                tk.grant(&Scope::Subtree(Topic::new("sensor/kitchen").unwrap())),
+                0,
+            )
+            .unwrap();
+        assert_eq!(opener.open(&kitchen, &e1, 0), Err(OpenError::OPAQUE));
+        // Another tree's keyring: the sealer seals with that tree's key, not the
+        // remembered one, and only that tree opens it.
+        let mut other = Keyring::new();
+        other
+            .add_tree_key_at(&TreeKey::generate_with("other", &mut rng).unwrap(), 0)
+            .unwrap();
+        let e3 = seal(&mut sealer, &other, &mut rng);
+        assert_eq!(e3.key_id(), other.topic_key(&door).unwrap().keys.key_id());
+        assert_eq!(opener.open(&other, &e3, 0).unwrap().payload, b"open");
+        assert_eq!(opener.open(&kr, &e3, 0), Err(OpenError::OPAQUE));
+        assert_eq!(opener.open(&other, &e1, 0), Err(OpenError::OPAQUE));
+        assert_eq!(opener.open(&kr, &e1, 0).unwrap().payload, b"open");
     }
 
     #[test]

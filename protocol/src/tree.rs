@@ -586,6 +586,10 @@ impl Grant {
     pub fn epoch_keys(&self) -> &EpochKeys {
         &self.cert.keys
     }
+    /// The grant's key (what its derivations start from).
+    pub(crate) fn secret(&self) -> &Secret32 {
+        &self.key
+    }
     /// What this grant covers.
     pub fn scope(&self) -> &Scope {
         &self.scope

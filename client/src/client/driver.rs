@@ -740,12 +740,13 @@ impl Driver {
     /// Writes the receiver state changes (dedup entries, retained marks) to the state file,
     /// before the app sees the messages.
     fn persist_changes(&mut self) {
-        let changes = self.p.eng.core_mut().take_changes();
         #[cfg(feature = "persistence")]
         if let Some(st) = &self.p.saved {
+            let changes = self.p.eng.core_mut().take_changes();
             st.record(&changes, now_ms());
+            return;
         }
-        let _ = changes;
+        self.p.eng.core_mut().clear_changes();
     }
 
     /// A grant was added at run time: saves the keyring's pins (a new tree pins its admin).
