@@ -18,11 +18,10 @@ use bytes::Bytes;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use whispeer_protocol::envelope_header::HeaderFields;
 use whispeer_protocol::frame::{
     features, msg_flags, pub_flags, Ack, Hello, Msg, Pub, Replay, ReplayDone, Sub, PROTOCOL_VERSION,
 };
-use whispeer_protocol::{codec, Envelope, Frame, FrameDecoder, Qos, TokenPattern, TopicToken};
+use whispeer_protocol::{codec, Envelope, Frame, FrameDecoder, Qos, TokenPattern};
 use whispeer_relay::admin::{http_get, Status};
 use whispeer_relay::config::StoreKind;
 use whispeer_relay::store::SqliteStore;
@@ -34,29 +33,9 @@ const ALL_FEATURES: u64 = features::AT_LEAST_ONCE
     | features::REPLAY
     | features::DURABLE;
 
-/// An envelope on `[key(k), tok(level)]` whose body starts with `i` (little endian), then
-/// `body` bytes in total.
+/// An envelope on `[key(k), tok(level)]` told apart by `i` ([`index_of`]), `body` bytes.
 fn indexed(k: u8, level: u8, i: u64, body: usize) -> Envelope {
-    let tokens = [TopicToken::from_bytes([level; 16])];
-    let mut out = Vec::new();
-    HeaderFields {
-        flags: 0,
-        key_id: key(k),
-        nonce: [3; 24],
-        commit: [4; 32],
-        tokens: &tokens,
-    }
-    .write_prefix(48, &mut out);
-    out.extend_from_slice(&[0x5a; 48]);
-    out.extend_from_slice(&i.to_le_bytes());
-    out.extend((8..body.max(16)).map(|j| (j as u64 ^ i) as u8));
-    Envelope::from_bytes(Bytes::from(out)).expect("valid envelope")
-}
-
-/// The index written by [`indexed`].
-fn index_of(env: &Envelope) -> u64 {
-    let c = env.ciphertext();
-    u64::from_le_bytes(c[..8].try_into().unwrap())
+    indexed_on(key(k), level, i, body)
 }
 
 fn pid(i: u64) -> [u8; 16] {
@@ -96,18 +75,8 @@ fn sub(
 
 async fn greeted(addr: std::net::SocketAddr) -> Client {
     let mut c = Client::tcp(addr).await;
-    c.send(&Frame::Hello(Hello {
-        versions: vec![PROTOCOL_VERSION],
-        features: ALL_FEATURES,
-        client: Some("durable-tests".into()),
-        auth: None,
-        account: None,
-    }))
-    .await;
-    match c.recv().await {
-        Frame::Welcome(w) => assert_eq!(w.features, ALL_FEATURES, "store features granted"),
-        other => panic!("expected Welcome, got {other:?}"),
-    }
+    let w = c.hello_with(ALL_FEATURES).await;
+    assert_eq!(w.features, ALL_FEATURES, "store features granted");
     c
 }
 

@@ -19,11 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use whispeer_protocol::envelope_header::HeaderFields;
-use whispeer_protocol::frame::{
-    features, msg_flags, pub_flags, Hello, Pub, Replay, Sub, PROTOCOL_VERSION,
-};
-use whispeer_protocol::{Envelope, ErrorCode, Frame, KeyId, Qos, TokenPattern, TopicToken};
+use whispeer_protocol::frame::{features, msg_flags, pub_flags, Pub, Replay, Sub};
+use whispeer_protocol::{Envelope, ErrorCode, Frame, KeyId, Qos, TokenPattern};
 use whispeer_relay::config::StoreKind;
 use whispeer_relay::store::{SqliteStore, Store, Tenant};
 use whispeer_relay::{Config, Relay};
@@ -34,28 +31,9 @@ const ALL_FEATURES: u64 = features::AT_LEAST_ONCE
     | features::REPLAY
     | features::DURABLE;
 
-/// An envelope on `[key, tok(level)]` whose body starts with `i` (little endian), `body`
-/// bytes in total.
+/// An envelope on `[key, tok(level)]` whose body starts with `i` ([`index_of`]).
 fn env_on(key: [u8; 16], level: u8, i: u64, body: usize) -> Envelope {
-    let tokens = [TopicToken::from_bytes([level; 16])];
-    let mut out = Vec::new();
-    HeaderFields {
-        flags: 0,
-        key_id: KeyId::from_bytes(key),
-        nonce: [3; 24],
-        commit: [4; 32],
-        tokens: &tokens,
-    }
-    .write_prefix(48, &mut out);
-    out.extend_from_slice(&[0x5a; 48]);
-    out.extend_from_slice(&i.to_le_bytes());
-    out.extend((8..body.max(16)).map(|j| (j as u64 ^ i) as u8));
-    Envelope::from_bytes(bytes::Bytes::from(out)).expect("valid envelope")
-}
-
-fn index_of(env: &Envelope) -> u64 {
-    let c = env.ciphertext();
-    u64::from_le_bytes(c[..8].try_into().unwrap())
+    indexed_on(KeyId::from_bytes(key), level, i, body)
 }
 
 fn pid(i: u64, salt: u8) -> [u8; 16] {
@@ -105,18 +83,8 @@ async fn client_from(ip: &str, relay: SocketAddr) -> Client {
     let io = sock.connect(relay).await.expect("connect");
     io.set_nodelay(true).unwrap();
     let mut c = Client::over_stream(Box::new(io));
-    c.send(&Frame::Hello(Hello {
-        versions: vec![PROTOCOL_VERSION],
-        features: ALL_FEATURES,
-        client: Some("store-tests".into()),
-        auth: None,
-        account: None,
-    }))
-    .await;
-    match c.recv().await {
-        Frame::Welcome(_) => c,
-        other => panic!("expected Welcome, got {other:?}"),
-    }
+    c.hello_with(ALL_FEATURES).await;
+    c
 }
 
 /// What the relay answered a publish with an ack request.

@@ -982,7 +982,7 @@ impl Shared {
     /// sequence below a committed one was queued before it — and a live-only append reads
     /// the queue in the same critical section. Returns the sequence.
     fn enqueue(&self, mut ops: Vec<Op>, msgs: usize) -> u64 {
-        let mut q = lock(&self.queue);
+        let q = lock(&self.queue);
         let seq = self.last.load(Relaxed) + 1;
         self.last.store(seq, Relaxed);
         for op in &mut ops {
@@ -993,18 +993,21 @@ impl Shared {
                 _ => {}
             }
         }
-        let was_empty = q.is_empty() && q.waiters.is_empty();
-        q.push(ops);
-        q.msgs += msgs;
-        drop(q);
-        if was_empty {
-            self.work.notify_one();
-        }
+        self.push_locked(q, ops, msgs);
         seq
     }
 
     fn push(&self, ops: impl IntoIterator<Item = Op>, msgs: usize) {
-        let mut q = lock(&self.queue);
+        self.push_locked(lock(&self.queue), ops, msgs);
+    }
+
+    /// Queues `ops` (`msgs` of them messages) and wakes the writer if it was idle.
+    fn push_locked(
+        &self,
+        mut q: MutexGuard<'_, Queue>,
+        ops: impl IntoIterator<Item = Op>,
+        msgs: usize,
+    ) {
         let was_empty = q.is_empty() && q.waiters.is_empty();
         q.push(ops);
         q.msgs += msgs;

@@ -56,6 +56,30 @@ pub fn envelope_sized(k: u8, levels: &[u8], body: usize) -> Envelope {
     Envelope::from_bytes(Bytes::from(out)).expect("valid envelope")
 }
 
+/// An envelope on `[key, tok(level)]` whose ciphertext starts with `i` (little endian; read
+/// back by [`index_of`]), `body` ciphertext bytes after the 48-byte prefix (at least 16).
+pub fn indexed_on(key: KeyId, level: u8, i: u64, body: usize) -> Envelope {
+    let tokens = [tok(level)];
+    let mut out = Vec::new();
+    HeaderFields {
+        flags: 0,
+        key_id: key,
+        nonce: [3; 24],
+        commit: [4; 32],
+        tokens: &tokens,
+    }
+    .write_prefix(48, &mut out);
+    out.extend_from_slice(&[0x5a; 48]);
+    out.extend_from_slice(&i.to_le_bytes());
+    out.extend((8..body.max(16)).map(|j| (j as u64 ^ i) as u8));
+    Envelope::from_bytes(Bytes::from(out)).expect("valid envelope")
+}
+
+/// The index written by [`indexed_on`].
+pub fn index_of(env: &Envelope) -> u64 {
+    u64::from_le_bytes(env.ciphertext()[..8].try_into().expect("8 bytes"))
+}
+
 pub fn envelope(k: u8, levels: &[u8]) -> Envelope {
     envelope_sized(k, levels, 64)
 }
@@ -273,7 +297,19 @@ impl Client {
     }
 
     pub async fn hello(&mut self) -> Welcome {
-        self.send(&hello_frame()).await;
+        self.hello_with(0).await
+    }
+
+    /// `Hello` offering `features` (§3.4.6); returns the `Welcome`.
+    pub async fn hello_with(&mut self, features: u64) -> Welcome {
+        self.send(&Frame::Hello(Hello {
+            versions: vec![PROTOCOL_VERSION],
+            features,
+            client: Some("relay-tests".into()),
+            auth: None,
+            account: None,
+        }))
+        .await;
         match self.recv().await {
             Frame::Welcome(w) => w,
             other => panic!("expected Welcome, got {other:?}"),
