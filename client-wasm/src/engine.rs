@@ -17,6 +17,7 @@ use whispeer::core::connection::{
     AckToken, Backoff, Engine as Inner, EngineConfig, Event as E, Now, PubOptions, PublishFailure,
     PublishId, Transmit,
 };
+use whispeer::core::receive::Change;
 use whispeer::core::{self, SubscribeOptions};
 use whispeer_protocol::frame::Replay;
 use whispeer_protocol::{Qos, TopicFilter};
@@ -199,6 +200,9 @@ impl Engine {
             let g = eng.core_mut().guard_mut();
             for (k, exp) in s.seen {
                 g.restore_seen(k, exp, n.unix_ms);
+            }
+            for (d, exp) in s.seen_digests {
+                g.restore_digest(d, exp, n.unix_ms);
             }
             for (k, ts, id) in s.retained {
                 g.restore_retained(k, ts, id);
@@ -516,8 +520,12 @@ impl Engine {
         for (pid, (order, frame)) in &sv.kept {
             persist::keep(&mut out, pid, *order, frame);
         }
-        for c in self.eng.core().guard().snapshot(unix_ms.max(0.0) as u64) {
-            persist::change(&mut out, &c);
+        let snap = self.eng.core().guard().snapshot(unix_ms.max(0.0) as u64);
+        for (d, exp) in snap.seen {
+            persist::seen_digest(&mut out, d, exp);
+        }
+        for (key, ts_ms, msg_id) in snap.retained {
+            persist::change(&mut out, &Change::Retained { key, ts_ms, msg_id });
         }
         Some(Uint8Array::from(&out[..]))
     }

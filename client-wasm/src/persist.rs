@@ -15,7 +15,10 @@
 //! - `2` acked: publish id (16);
 //! - `3` seen: tree (16) ‖ sender or zeros (32) ‖ msg_id (16) ‖ expires unix ms (u64 BE);
 //! - `4` retained: key (32) ‖ timestamp ms (u64 BE) ‖ msg_id (16);
-//! - `5` pins: `Keyring::export_pins` bytes (rest; replaces earlier pins).
+//! - `5` pins: `Keyring::export_pins` bytes (rest; replaces earlier pins);
+//! - `6` seen digest: the 16-byte digest the receiver's window holds of a `3` entry
+//!   (`receive::Digest`, little-endian) ‖ expires unix ms (u64 BE) — what a snapshot
+//!   writes, since the window keeps digests, not full keys.
 //!
 //! Read in order, later records win. A last record cut short or failing its check is a
 //! write torn by a crash and is ignored (the driver writes a record before it reports
@@ -26,7 +29,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use whispeer::core::receive::{Change, DedupKey, RetainedKey};
+use whispeer::core::receive::{Change, DedupKey, Digest, RetainedKey};
 use whispeer_protocol::TreeId;
 
 /// The first bytes of a state log (format version 1).
@@ -37,6 +40,7 @@ const ACKED: u8 = 2;
 const SEEN: u8 = 3;
 const RETAINED: u8 = 4;
 const PINS: u8 = 5;
+const SEEN_DIGEST: u8 = 6;
 
 /// Largest record body accepted (a `Pub` frame is far smaller).
 const MAX_BODY: usize = 64 << 20;
@@ -65,6 +69,9 @@ pub struct Saved {
     pub outbox: BTreeMap<[u8; 16], (u64, Bytes)>,
     /// Dedup entries and their expiry (not expired when loaded), in log order.
     pub seen: Vec<(DedupKey, u64)>,
+    /// Dedup entries saved as digests (a snapshot's) and their expiry (not expired when
+    /// loaded), in log order.
+    pub seen_digests: Vec<(Digest, u64)>,
     /// Retained high-water marks in log order (`Guard::restore_retained` keeps the newest
     /// of each key).
     pub retained: Vec<(RetainedKey, u64, [u8; 16])>,
@@ -107,6 +114,14 @@ pub fn acked(out: &mut Vec<u8>, pid: &[u8; 16]) {
 /// Appends pins.
 pub fn pins(out: &mut Vec<u8>, bytes: &[u8]) {
     record(out, &[&[PINS], bytes]);
+}
+
+/// Appends a dedup entry held as its digest (a snapshot's).
+pub fn seen_digest(out: &mut Vec<u8>, d: Digest, expires_ms: u64) {
+    record(
+        out,
+        &[&[SEEN_DIGEST], &d.to_le_bytes(), &expires_ms.to_be_bytes()],
+    );
 }
 
 /// Appends a receiver-state change.
@@ -203,11 +218,19 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
                     s.seen.push((key, exp));
                 }
             }
+            (SEEN_DIGEST, 24) => {
+                let exp = u64_at(&f[16..]);
+                if exp > now_ms {
+                    s.seen_digests.push((Digest::from_le_bytes(arr(f)), exp));
+                }
+            }
             (RETAINED, 56) => {
                 s.retained.push((arr(f), u64_at(&f[32..]), arr(&f[40..])));
             }
             (PINS, _) => s.pins = Some(f.to_vec()),
-            (KEEP | ACKED | SEEN | RETAINED, _) => return Err(corrupt("record of the wrong size")),
+            (KEEP | ACKED | SEEN | SEEN_DIGEST | RETAINED, _) => {
+                return Err(corrupt("record of the wrong size"))
+            }
             _ => return Err(corrupt("unknown record kind (written by a newer version?)")),
         }
         at += end;
@@ -276,12 +299,8 @@ mod tests {
             g.restore_retained(k, ts, id);
         }
         assert_eq!(
-            g.snapshot(0),
-            [Change::Retained {
-                key: [7; 32],
-                ts_ms: 50,
-                msg_id: [8; 16]
-            }],
+            g.snapshot(0).retained,
+            [([7; 32], 50, [8; 16])],
             "never rolled back"
         );
         assert_eq!(s.pins.as_deref(), Some(&b"\x01new"[..]));
@@ -342,5 +361,33 @@ mod tests {
             assert!(matches!(e, StateError::Foreign(_)), "{bad:?}: {e}");
             assert!(e.to_string().contains("not a whispeer client state"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_snapshot_keeps_digests_and_loads_back_into_the_window() {
+        use whispeer::core::receive::{digest, Guard};
+        let key = (TreeId([1; 16]), [2; 32], [3; 16]);
+        let mut g = Guard::new(Default::default());
+        g.restore_seen(key, 1_000, 0);
+        let mut b = MAGIC.to_vec();
+        for (d, exp) in g.snapshot(0).seen {
+            seen_digest(&mut b, d, exp);
+        }
+        seen_digest(&mut b, 7, 10);
+        let s = load(&b, 100).unwrap();
+        assert_eq!(
+            s.seen_digests,
+            [(digest(&key), 1_000)],
+            "the expired one is dropped"
+        );
+        let mut h = Guard::new(Default::default());
+        for (d, exp) in s.seen_digests {
+            h.restore_digest(d, exp, 100);
+        }
+        assert!(h.is_seen(&key));
+        let mut bad = MAGIC.to_vec();
+        record(&mut bad, &[&[SEEN_DIGEST], &[0; 20]]);
+        record(&mut bad, &[&[PINS], b"x"]);
+        assert!(matches!(load(&bad, 0), Err(StateError::Corrupt { .. })));
     }
 }

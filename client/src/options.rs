@@ -141,7 +141,10 @@ impl ClientBuilder {
     }
     /// How long delivered `(tree, sender, msg_id)`s are remembered across every
     /// subscription (and, with `Persistence`, restarts); older messages are refused unless a
-    /// subscription asks for `older_history` (default 7 days).
+    /// subscription asks for `older_history` (default 7 days). The window costs about 95
+    /// bytes of memory per message delivered within it (a 16-byte digest, its expiry and
+    /// the table around them): at 1,000 msg/s, ~57 GB for 7 days — a high-rate subscriber
+    /// that needs less replay protection sets a shorter horizon.
     pub fn replay_horizon(mut self, d: Duration) -> Self {
         self.receive.horizon_ms = d.as_millis().try_into().unwrap_or(u64::MAX);
         self
