@@ -446,6 +446,11 @@ export interface ClientStats {
   /** Opened messages refused by the receiver checks (PROTOCOL §4.11), by reason. */
   refused: {
     beforeHorizon: number;
+    /**
+     * History dated before the oldest message the dedup window still remembers, once it
+     * reached its capacity (4 million messages): it might be one it forgot.
+     */
+    beforeWindow: number;
     future: number;
     staleLive: number;
     retainedRollback: number;

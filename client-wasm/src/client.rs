@@ -250,6 +250,7 @@ pub(crate) fn core_stats_object(s: &core::CoreStats) -> Object {
     set(&o, "batchRootHits", s.batch_root_hits as f64);
     let r = Object::new();
     set(&r, "beforeHorizon", s.refused.before_horizon as f64);
+    set(&r, "beforeWindow", s.refused.before_window as f64);
     set(&r, "future", s.refused.future as f64);
     set(&r, "staleLive", s.refused.stale_live as f64);
     set(&r, "retainedRollback", s.refused.retained_rollback as f64);

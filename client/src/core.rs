@@ -997,9 +997,11 @@ impl ClientCore {
         let key = receive::dedup_key(&cand);
         let (accepted, mut eligible) = match self.guard.check(&cand, now_ms) {
             Ok(a) => (Some(a), matched.clone()),
-            Err(receive::Refusal::Duplicate) => {
-                // Already delivered: only history a subscription asked for (replayed, and
-                // not yet seen by that subscription) may still go to it.
+            Err(why @ (receive::Refusal::Duplicate | receive::Refusal::BeforeWindow)) => {
+                // Already delivered (or dated before what a dedup window shortened by its
+                // capacity still covers, so perhaps delivered): only history a subscription
+                // asked for (replayed, and not yet seen by that subscription) may still go
+                // to it.
                 let asked: Vec<LocalSubId> = matched
                     .iter()
                     .copied()
@@ -1012,7 +1014,9 @@ impl ClientCore {
                     })
                     .collect();
                 if asked.is_empty() {
-                    self.stats.duplicates += 1;
+                    if why == receive::Refusal::Duplicate {
+                        self.stats.duplicates += 1;
+                    }
                     self.advance(msg.seq, msg.envelope.key_id(), &matched);
                     return Delivery::Placeholder;
                 }
@@ -1032,8 +1036,17 @@ impl ClientCore {
             self.advance(msg.seq, msg.envelope.key_id(), &matched);
             return Delivery::Placeholder;
         }
-        let horizon = self.guard.config().horizon_ms;
-        if o.ts_ms < now_ms.saturating_sub(horizon) {
+        // Older than what the dedup window covers (the horizon, or a window shortened by
+        // its capacity: retained values are held to the horizon only): only for
+        // subscriptions that asked for older history.
+        let start = if accepted.is_none() || msg.flags & frame::msg_flags::RETAINED != 0 {
+            // History a subscription asked for is deduplicated by what that subscription
+            // got; retained values by their high-water mark.
+            now_ms.saturating_sub(self.guard.config().horizon_ms)
+        } else {
+            self.guard.window_start_ms(now_ms)
+        };
+        if o.ts_ms < start {
             eligible.retain(|id| self.subs[id].opts.older_history);
         }
         if eligible

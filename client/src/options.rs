@@ -155,6 +155,14 @@ impl ClientBuilder {
         self.receive.max_skew_ms = d.as_millis().try_into().unwrap_or(u64::MAX);
         self
     }
+    /// Most messages the dedup window remembers (default 4 million, ~380 MB at most). At
+    /// the limit the oldest are forgotten and history dated before the oldest one still
+    /// remembered is refused (counted as `refused.before_window`) unless a subscription
+    /// asks for `older_history`: a bounded memory, never a message delivered twice.
+    pub fn dedup_capacity(mut self, messages: usize) -> Self {
+        self.receive.max_entries = messages.max(1);
+        self
+    }
 }
 
 /// Something the builder can be given with `.with(...)`.

@@ -467,3 +467,47 @@ async fn stale_live_messages_and_history_before_the_horizon_are_refused_unless_a
     c.close().await;
     relay.stop().await;
 }
+
+/// A dedup window at its capacity forgets its oldest entries, and a forgotten message
+/// posted again is refused, not delivered twice (memory bounded, replay protection kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_at_capacity_forgets_but_never_delivers_a_replay() {
+    let relay = TestRelay::start().await;
+    let t = tree("busy");
+    let alice = identity();
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let c = Client::builder()
+        .with(Tcp::new(relay.tcp_url()))
+        .with(Encryption::with_keyring(keyring_with(&t)))
+        .clock_skew(Duration::from_secs(60))
+        .dedup_capacity(3)
+        .connect()
+        .await
+        .unwrap();
+    let mut live = c.subscribe::<u32>("w/#").await.unwrap();
+    // Dated 30 s ago: within the skew, so a re-post of it is live and fresh enough.
+    let captured = seal(&t, Some(&alice), "w/a", 1, whispeer::now_ms() - 30_000);
+    member.publish(&captured, false).await;
+    assert_eq!(value(&mut live).await, 1);
+    for v in 2..=7 {
+        member
+            .publish(&seal(&t, Some(&alice), "w/a", v, whispeer::now_ms()), false)
+            .await;
+        assert_eq!(value(&mut live).await, v);
+    }
+    // The window (3 entries) has forgotten the first message: posted again, it is refused.
+    member.publish(&captured, false).await;
+    member
+        .publish(&seal(&t, Some(&alice), "w/a", 8, whispeer::now_ms()), false)
+        .await;
+    assert_eq!(
+        value(&mut live).await,
+        8,
+        "the forgotten message is not delivered again"
+    );
+    let s = c.stats();
+    assert_eq!(s.core.refused.before_window, 1, "{s:?}");
+    assert_eq!(s.core.duplicates, 0, "{s:?}");
+    c.close().await;
+    relay.stop().await;
+}

@@ -2,8 +2,10 @@
 //! envelope opens and verifies.
 //!
 //! - **Dedup** of `(tree, sender, msg_id)` across every subscription of the client, for a
-//!   time horizon (default 7 days, the relay's default retention). Entries expire by time,
-//!   never by count, so no flood of new messages can push an old one out of the window.
+//!   time horizon (default 7 days, the relay's default retention). Entries expire by time;
+//!   the window is bounded ([`ReceiveConfig::max_entries`]), and one at its bound forgets
+//!   the entries that expire first *and moves its start past them*, so a flood of new
+//!   messages can shorten the window (counted) but never make a forgotten one deliverable.
 //! - **Horizon**: a message dated before `now − horizon` is refused (it could no longer be
 //!   recognised as a duplicate) unless the subscription asked for older history.
 //! - **Clock skew**: a message dated more than the allowed skew into the future is refused;
@@ -25,6 +27,11 @@ use whispeer_protocol::{frame::msg_flags, SenderId, Topic, TopicFilter, TreeId};
 pub const DEFAULT_HORIZON_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 /// Default allowed clock skew: 5 minutes.
 pub const DEFAULT_MAX_SKEW_MS: u64 = 5 * 60 * 1000;
+/// Default most messages the dedup window remembers: 4 million, about 380 MB at most (95
+/// bytes each). Reached only above ~6.6 msg/s sustained over the 7-day horizon; beyond it
+/// the window keeps the newest and refuses history dated before the oldest it still holds
+/// (see [`ReceiveConfig::max_entries`]).
+pub const DEFAULT_MAX_ENTRIES: usize = 4_000_000;
 
 /// Who may publish on a topic or subtree, as far as this receiver is concerned.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -64,6 +71,16 @@ pub struct ReceiveConfig {
     pub horizon_ms: u64,
     /// Allowed clock difference between a sender and this client.
     pub max_skew_ms: u64,
+    /// Most messages the dedup window remembers. Memory is ~95 bytes per message
+    /// remembered, and a subscriber busy enough (or a member flooding a topic it reads)
+    /// would otherwise fill the whole horizon's worth: at 1,000 msg/s, 57 GB for 7 days.
+    /// At the limit the entries that expire first are forgotten and the window's start
+    /// moves up past them: a message dated before it is refused
+    /// ([`Refusal::BeforeWindow`], counted) unless a subscription asked for older history
+    /// — so a forgotten message can never be delivered twice; the horizon just becomes
+    /// shorter under load. Live messages (dated within the skew) pass unless the window
+    /// holds less than the skew's worth of traffic.
+    pub max_entries: usize,
     /// Publisher policies; every rule whose filter matches a topic applies.
     pub policies: Vec<(TopicFilter, SenderPolicy)>,
 }
@@ -73,6 +90,7 @@ impl Default for ReceiveConfig {
         ReceiveConfig {
             horizon_ms: DEFAULT_HORIZON_MS,
             max_skew_ms: DEFAULT_MAX_SKEW_MS,
+            max_entries: DEFAULT_MAX_ENTRIES,
             policies: Vec::new(),
         }
     }
@@ -87,6 +105,10 @@ pub enum Refusal {
     Duplicate,
     /// Dated before the horizon and no subscription asked for older history.
     BeforeHorizon,
+    /// Dated before the oldest message the dedup window still remembers, after it reached
+    /// [`ReceiveConfig::max_entries`] (it might be one it forgot), and no subscription
+    /// asked for older history.
+    BeforeWindow,
     /// Dated beyond the allowed skew into the future.
     Future,
     /// A live message dated more than the allowed skew in the past.
@@ -105,6 +127,8 @@ pub enum Refusal {
 pub struct RefusedStats {
     /// Dated before the horizon.
     pub before_horizon: u64,
+    /// Dated before the start of a dedup window shortened by its capacity.
+    pub before_window: u64,
     /// Dated too far in the future.
     pub future: u64,
     /// Live but too old.
@@ -233,6 +257,9 @@ struct Window {
     /// inserts alone.
     expiry: BTreeMap<u64, Vec<Digest>>,
     len: usize,
+    /// The latest expiry time among entries forgotten for room (0: none): every forgotten
+    /// message was dated at most this minus the horizon and skew.
+    forgot_upto: u64,
 }
 
 impl Window {
@@ -241,6 +268,7 @@ impl Window {
             shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
             expiry: BTreeMap::new(),
             len: 0,
+            forgot_upto: 0,
         }
     }
 
@@ -313,10 +341,28 @@ impl Window {
             if *first.key() > now_ms {
                 break;
             }
-            for d in first.remove() {
-                if self.shard_mut(d).remove(&d).is_some() {
-                    self.len -= 1;
-                }
+            self.forget_first();
+        }
+    }
+
+    /// Forgets the bucket that expires first; its time.
+    fn forget_first(&mut self) -> Option<u64> {
+        let (at, ds) = self.expiry.pop_first()?;
+        for d in ds {
+            if self.shard_mut(d).remove(&d).is_some() {
+                self.len -= 1;
+            }
+        }
+        Some(at)
+    }
+
+    /// Forgets the entries that expire first until at most `max` remain (whole buckets:
+    /// at most a millisecond's worth more), moving the window's start past them.
+    fn make_room(&mut self, max: usize) {
+        while self.len > max {
+            match self.forget_first() {
+                Some(at) => self.forgot_upto = self.forgot_upto.max(at),
+                None => break,
             }
         }
     }
@@ -374,6 +420,7 @@ impl Guard {
     pub fn restore_seen(&mut self, key: DedupKey, expires_ms: u64, now_ms: u64) {
         if expires_ms > now_ms {
             self.seen.insert(digest(&key), expires_ms);
+            self.seen.make_room(self.cfg.max_entries);
         }
     }
 
@@ -389,6 +436,7 @@ impl Guard {
     pub fn restore_digest(&mut self, d: Digest, expires_ms: u64, now_ms: u64) {
         if expires_ms > now_ms {
             self.seen.insert(d, expires_ms);
+            self.seen.make_room(self.cfg.max_entries);
         }
     }
 
@@ -425,6 +473,32 @@ impl Guard {
         self.journal.clear();
     }
 
+    /// Whether a message dated `ts_ms` may be one the window forgot for room.
+    fn forgotten(&self, ts_ms: u64) -> bool {
+        self.seen.forgot_upto > 0
+            && ts_ms
+                .saturating_add(self.cfg.horizon_ms)
+                .saturating_add(self.cfg.max_skew_ms)
+                <= self.seen.forgot_upto
+    }
+
+    /// The oldest date (Unix ms) the dedup window still covers at `now_ms`: the horizon's
+    /// start, or later once the window reached [`ReceiveConfig::max_entries`]. Older
+    /// messages go only to subscriptions that asked for older history.
+    pub fn window_start_ms(&self, now_ms: u64) -> u64 {
+        let horizon = now_ms.saturating_sub(self.cfg.horizon_ms);
+        if self.seen.forgot_upto == 0 {
+            return horizon;
+        }
+        let forgot = self
+            .seen
+            .forgot_upto
+            .saturating_sub(self.cfg.horizon_ms)
+            .saturating_sub(self.cfg.max_skew_ms)
+            .saturating_add(1);
+        horizon.max(forgot)
+    }
+
     /// Forgets dedup entries whose time is up.
     pub fn expire(&mut self, now_ms: u64) {
         self.seen.expire(now_ms);
@@ -438,6 +512,7 @@ impl Guard {
             match why {
                 Refusal::Duplicate => {}
                 Refusal::BeforeHorizon => s.before_horizon += 1,
+                Refusal::BeforeWindow => s.before_window += 1,
                 Refusal::Future => s.future += 1,
                 Refusal::StaleLive => s.stale_live += 1,
                 Refusal::RetainedRollback => s.retained_rollback += 1,
@@ -500,6 +575,11 @@ impl Guard {
                 retained: Some((rk, c.ts_ms, c.msg_id)),
             });
         }
+        // Retained values are not held to the window's start: the high-water mark above
+        // already keeps them from moving backwards, and the current value may be old.
+        if !c.allow_old && self.forgotten(c.ts_ms) {
+            return Err(Refusal::BeforeWindow);
+        }
         let d = digest(&key);
         if self.seen.contains(d) {
             return Err(Refusal::Duplicate);
@@ -515,6 +595,7 @@ impl Guard {
     /// Records an accepted message as delivered.
     pub fn commit(&mut self, a: Accepted) {
         if self.seen.insert_new(a.digest, a.expires_ms) {
+            self.seen.make_room(self.cfg.max_entries);
             self.journal.push(Change::Seen {
                 key: a.key,
                 expires_ms: a.expires_ms,
@@ -772,5 +853,67 @@ mod tests {
         assert_eq!(g.seen_len(), 0);
         g.restore_seen(key, NOW, NOW);
         assert_eq!(g.seen_len(), 0, "an expired entry is not restored");
+    }
+
+    #[test]
+    fn a_full_window_forgets_the_oldest_and_refuses_what_it_might_have_forgotten() {
+        let t = Topic::new("busy").unwrap();
+        let cfg = ReceiveConfig {
+            max_entries: 100,
+            ..ReceiveConfig::default()
+        };
+        let mut g = Guard::new(cfg);
+        let msg = |i: u32, ts: u64, flags: u64| {
+            let mut c = cand(&t, 0, ts, flags);
+            c.msg_id[..4].copy_from_slice(&i.to_be_bytes());
+            c
+        };
+        for i in 0..100 {
+            let a = g.check(&msg(i, NOW, 0), NOW).unwrap();
+            g.commit(a);
+        }
+        assert_eq!(g.window_start_ms(NOW), NOW - DEFAULT_HORIZON_MS);
+        // 100 more, 10 ms later: the first 100 (the earliest expiry) make room.
+        for i in 100..200 {
+            let a = g.check(&msg(i, NOW + 10, 0), NOW + 10).unwrap();
+            g.commit(a);
+            assert!(g.seen_len() <= 100, "never more than the capacity");
+        }
+        assert_eq!(g.seen_len(), 100);
+        let now = NOW + 20;
+        assert_eq!(g.window_start_ms(now), NOW + 1);
+        // A replay of a forgotten message is refused, never delivered again.
+        assert_eq!(
+            g.check(&msg(0, NOW, msg_flags::REPLAYED), now),
+            Err(Refusal::BeforeWindow)
+        );
+        assert_eq!(g.stats().before_window, 1);
+        // What it still remembers is a duplicate; new messages pass, live or replayed.
+        assert_eq!(
+            g.check(&msg(150, NOW + 10, msg_flags::REPLAYED), now),
+            Err(Refusal::Duplicate)
+        );
+        assert!(g.check(&msg(500, now, 0), now).is_ok());
+        assert!(g
+            .check(&msg(501, NOW + 1, msg_flags::REPLAYED), now)
+            .is_ok());
+        // A subscription that asked for older history still gets it (as beyond the horizon).
+        let mut old = msg(0, NOW, msg_flags::REPLAYED);
+        old.allow_old = true;
+        assert!(g.check(&old, now).is_ok());
+        // A retained value is held to its high-water mark, not to the window's start.
+        let r = msg(7, NOW - 60_000, msg_flags::RETAINED);
+        assert!(g.check(&r, now).is_ok());
+        // Restoring more than the capacity keeps the newest.
+        let mut h = Guard::new(ReceiveConfig {
+            max_entries: 10,
+            ..ReceiveConfig::default()
+        });
+        for i in 0..50u32 {
+            h.restore_seen(dedup_key(&msg(i, NOW, 0)), NOW + u64::from(i), NOW);
+        }
+        assert_eq!(h.seen_len(), 10);
+        assert!(h.is_seen(&dedup_key(&msg(49, NOW, 0))));
+        assert!(!h.is_seen(&dedup_key(&msg(39, NOW, 0))));
     }
 }
