@@ -267,6 +267,11 @@ struct Report {
     /// (whispeer runs only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pipeline: Option<Pipeline>,
+    /// Paced runs: the latency of the same rate and size through two loopback hops with
+    /// nothing in between (`floor`), measured before the run: what this machine adds to
+    /// any message path of a run's shape.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floor_us: Option<Latency>,
     /// `--nats`: the same load through nats-server, plaintext (`signing` = `plaintext`).
     #[serde(skip_serializing_if = "Option::is_none")]
     nats: Option<Box<Report>>,
@@ -435,7 +440,30 @@ impl Pipeline {
     }
 }
 
-fn new_hist() -> Histogram<u64> {
+impl Latency {
+    fn of(hist: &Histogram<u64>) -> Self {
+        if hist.is_empty() {
+            return Latency {
+                p50: 0,
+                p90: 0,
+                p99: 0,
+                p999: 0,
+                max: 0,
+                mean: 0.0,
+            };
+        }
+        Latency {
+            p50: hist.value_at_quantile(0.50),
+            p90: hist.value_at_quantile(0.90),
+            p99: hist.value_at_quantile(0.99),
+            p999: hist.value_at_quantile(0.999),
+            max: hist.max(),
+            mean: round1(hist.mean()),
+        }
+    }
+}
+
+pub(crate) fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
@@ -552,8 +580,19 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let (s1, o1) = seal_open()?;
     let (s2, o2) = seal_open()?;
     let (seal_us, open_us) = (s1.min(s2), o1.min(o2));
+    let floor = if a.rate > 0.0 {
+        let (rate, size) = (a.rate, a.size);
+        let h = tokio::task::spawn_blocking(move || {
+            crate::floor::measure(rate, size, crate::floor::messages(rate))
+        })
+        .await??;
+        Some(Latency::of(&h))
+    } else {
+        None
+    };
     let mut report = run_load(&a, duration, pubs, subs, a.relay_pid).await?;
     report.pipeline = Some(Pipeline::of(seal_us, open_us, &report));
+    report.floor_us = floor;
     report.relay = a.conn.relay.clone();
     report.signing = signing_arg.name();
     if report.reconnects > 0 {
@@ -756,13 +795,6 @@ async fn run_load(
     } else {
         0.0
     };
-    let q = |p: f64| {
-        if hist.is_empty() {
-            0
-        } else {
-            hist.value_at_quantile(p)
-        }
-    };
     Ok(Report {
         pubs: a.pubs,
         subs: a.subs,
@@ -772,14 +804,7 @@ async fn run_load(
         duration_s: round3(pub_s.max(if received > 0 { del_s } else { 0.0 })),
         publish_rate: round1(publish_rate),
         delivery_rate: round1(delivery_rate),
-        latency_us: Latency {
-            p50: q(0.50),
-            p90: q(0.90),
-            p99: q(0.99),
-            p999: q(0.999),
-            max: if hist.is_empty() { 0 } else { hist.max() },
-            mean: round1(if hist.is_empty() { 0.0 } else { hist.mean() }),
-        },
+        latency_us: Latency::of(&hist),
         expected,
         lost: expected.saturating_sub(received),
         publish_mb_per_s: round3(mb(publish_rate)),
@@ -797,6 +822,7 @@ async fn run_load(
             .map(|(p, c0)| round3(cpu_seconds(Some(p)) - c0)),
         rejected,
         pipeline: None,
+        floor_us: None,
         nats: None,
         nats_ratio: None,
     })
@@ -1166,6 +1192,14 @@ fn print_human(r: &Report) -> Result<()> {
     ];
     for l in lines {
         io::print_or_exit(&l)?;
+    }
+    if let Some(f) = &r.floor_us {
+        io::print_or_exit(&format!(
+            "floor µs:  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}: the same rate and size \
+             through two loopback hops with nothing in between (measured before the run): \
+             what this machine adds to any path of this shape",
+            f.p50, f.p90, f.p99, f.p999, f.max
+        ))?;
     }
     if let Some(server) = r.server_cpu_s {
         let per = |cpu: f64| cpu * 1e6 / r.received.max(1) as f64;

@@ -8,6 +8,7 @@
 
 mod bench;
 mod dict;
+mod floor;
 mod io;
 mod keys;
 mod pubsub;
