@@ -742,9 +742,11 @@ async fn run_load(
             a.size,
             quota,
             duration,
-            per_pub_rate,
+            Pace {
+                rate: per_pub_rate,
+                even: a.even_pacing,
+            },
             a.subs == 0,
-            a.even_pacing,
         )));
     }
     let mut pubs = Vec::new();
@@ -985,6 +987,13 @@ impl SubConn {
     }
 }
 
+/// A publisher's rate (messages/s, 0 = unpaced) and whether to space them evenly.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    rate: f64,
+    even: bool,
+}
+
 /// With `--even-pacing`, intervals shorter than this are paced by a [`Pacer`] thread rather
 /// than tokio's timer.
 const PACER_BELOW: Duration = Duration::from_millis(2);
@@ -1045,10 +1054,10 @@ async fn publisher(
     size: usize,
     quota: Option<u64>,
     duration: Duration,
-    rate: f64,
+    pace: Pace,
     flush_window: bool,
-    even: bool,
 ) -> Result<PubResult> {
+    let Pace { rate, even } = pace;
     let mut buf = vec![0u8; size];
     rand::rngs::OsRng.fill_bytes(&mut buf[HEADER..]);
     buf[8..16].copy_from_slice(&shared.run_id.to_be_bytes());
