@@ -288,6 +288,9 @@ async fn write_loop<Snk: FrameSink>(
             }
             None => out.wait().await,
         }
+        // Woken by the first frame queued: let the task that queued it (a publisher's
+        // reader, routing a whole read) go on queueing before taking the batch.
+        tokio::task::yield_now().await;
     }
     // The peer is gone: stop the reader too.
     out.close_with(None);
