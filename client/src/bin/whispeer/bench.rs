@@ -471,7 +471,7 @@ impl Latency {
     }
 }
 
-pub(crate) fn new_hist() -> Histogram<u64> {
+fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
@@ -591,7 +591,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let floor = if a.rate > 0.0 {
         let (rate, size) = (a.rate, a.size);
         let h = tokio::task::spawn_blocking(move || {
-            crate::floor::measure(rate, size, crate::floor::messages(rate))
+            crate::floor::measure(rate, size, crate::floor::messages(rate), new_hist())
         })
         .await??;
         Some(Latency::of(&h))

@@ -20,9 +20,14 @@ pub(crate) fn messages(rate: f64) -> u64 {
     (rate as u64).clamp(1_000, 20_000)
 }
 
-/// Sends `n` payloads of `size` bytes at `rate`/s through a forwarding thread; returns the
-/// one-way latencies (µs, at least 1).
-pub(crate) fn measure(rate: f64, size: usize, n: u64) -> Result<Histogram<u64>> {
+/// Sends `n` payloads of `size` bytes at `rate`/s through a forwarding thread and records
+/// their one-way latencies (µs, at least 1) into `hist`, which it returns.
+pub(crate) fn measure(
+    rate: f64,
+    size: usize,
+    n: u64,
+    mut hist: Histogram<u64>,
+) -> Result<Histogram<u64>> {
     let size = size.max(8);
     let last = TcpListener::bind("127.0.0.1:0").context("floor: bind")?;
     let middle = TcpListener::bind("127.0.0.1:0").context("floor: bind")?;
@@ -32,7 +37,6 @@ pub(crate) fn measure(rate: f64, size: usize, n: u64) -> Result<Histogram<u64>> 
         move || -> Result<Histogram<u64>> {
             let (mut s, _) = last.accept()?;
             s.set_nodelay(true)?;
-            let mut hist = super::bench::new_hist();
             let mut buf = vec![0u8; size];
             for _ in 0..n {
                 s.read_exact(&mut buf)?;
@@ -83,7 +87,8 @@ pub(crate) fn measure(rate: f64, size: usize, n: u64) -> Result<Histogram<u64>> 
 mod tests {
     #[test]
     fn every_message_crosses_both_hops_and_is_timed() {
-        let h = super::measure(20_000.0, 64, 500).unwrap();
+        let hist = hdrhistogram::Histogram::new(3).unwrap();
+        let h = super::measure(20_000.0, 64, 500, hist).unwrap();
         assert_eq!(h.len(), 500);
         assert!(h.min() >= 1);
     }
