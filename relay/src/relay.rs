@@ -25,6 +25,7 @@ use crate::rate::{AccountRates, AddrSlot, AddrTable, Rates, Refusal};
 use crate::router::Router;
 use crate::store::{DurableKey, Store};
 use crate::transport::channel::{ChannelSink, ChannelSource};
+use crate::transport::read_ahead::ReadAhead;
 use crate::transport::stream::{StreamSink, StreamSource};
 use crate::transport::{ws, FrameSink, FrameSource};
 use crate::{admin, conn, tls};
@@ -850,7 +851,10 @@ async fn handshake(
             TransportKind::Ws => {
                 let ws = tokio::time::timeout(
                     limit,
-                    tokio_tungstenite::accept_async_with_config(stream, Some(ws::ws_config(max))),
+                    tokio_tungstenite::accept_async_with_config(
+                        ReadAhead::new(stream),
+                        Some(ws::ws_config(max)),
+                    ),
                 )
                 .await
                 .map_err(|_| "WebSocket handshake timed out".to_string())?
@@ -879,7 +883,7 @@ async fn handshake(
                     let ws = tokio::time::timeout(
                         limit,
                         tokio_tungstenite::accept_async_with_config(
-                            tls_stream,
+                            ReadAhead::new(tls_stream),
                             Some(ws::ws_config(max)),
                         ),
                     )

@@ -7,6 +7,7 @@
 //! - [`channel`] — in-process `mpsc` channels of frame bytes (embedded relay, no sockets).
 
 pub mod channel;
+pub mod read_ahead;
 pub mod stream;
 pub mod ws;
 

@@ -19,7 +19,8 @@ use super::{FrameSink, FrameSource, Inbound};
 /// Bytes tungstenite reads per `read` call. Its read buffer is allocated at this size and
 /// zero-filled on every read, so it is resident for every connection: the default (128 KiB)
 /// made an idle WebSocket connection cost ~126 KiB of relay RSS. Larger frames still
-/// arrive whole (the buffer grows to the frame's length), in more reads.
+/// arrive whole (the buffer grows to the frame's length); the socket itself is read in
+/// large reads by [`ReadAhead`](super::read_ahead::ReadAhead) underneath.
 pub const WS_READ_BUFFER: usize = 1024;
 
 /// The tungstenite configuration for a relay with this `max_frame`.
