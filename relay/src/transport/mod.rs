@@ -5,6 +5,7 @@
 //! - [`stream`] — u32-BE length-prefixed frames over any byte stream (TCP, TLS).
 //! - [`ws`] — one binary WebSocket message per frame.
 //! - [`channel`] — in-process `mpsc` channels of frame bytes (embedded relay, no sockets).
+//! - [`read_ahead`] — large socket reads under tungstenite's small ones.
 
 pub mod channel;
 pub mod read_ahead;
@@ -15,6 +16,37 @@ use std::future::Future;
 use std::io;
 
 use bytes::Bytes;
+
+/// How much to reserve for the next socket read: reads start small (idle connections keep
+/// little memory) and double while reads fill the space, for streaming publishers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadHint(usize);
+
+impl ReadHint {
+    /// Smallest reservation.
+    pub(crate) const MIN: usize = 2 * 1024;
+    /// Largest reservation.
+    pub(crate) const MAX: usize = 64 * 1024;
+
+    pub(crate) fn new() -> Self {
+        ReadHint(Self::MIN)
+    }
+
+    /// Bytes to reserve.
+    pub(crate) fn get(self) -> usize {
+        self.0
+    }
+
+    /// A read of `n` bytes into `spare` bytes of room: double when it filled them, halve
+    /// otherwise.
+    pub(crate) fn update(&mut self, n: usize, spare: usize) {
+        self.0 = if n >= spare {
+            (self.0 * 2).min(Self::MAX)
+        } else {
+            (self.0 / 2).max(Self::MIN)
+        };
+    }
+}
 
 /// What a transport read.
 #[derive(Debug, Clone)]

@@ -16,15 +16,14 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-const READ_MIN: usize = 2 * 1024;
-const READ_MAX: usize = 64 * 1024;
+use super::ReadHint;
 
 /// `inner` with reads served from a buffer filled by large reads.
 #[derive(Debug)]
 pub struct ReadAhead<S> {
     inner: S,
     buf: BytesMut,
-    hint: usize,
+    hint: ReadHint,
     /// The last direct read filled the caller's buffer: read ahead next time.
     streaming: bool,
 }
@@ -35,7 +34,7 @@ impl<S> ReadAhead<S> {
         ReadAhead {
             inner,
             buf: BytesMut::new(),
-            hint: READ_MIN,
+            hint: ReadHint::new(),
             streaming: false,
         }
     }
@@ -58,7 +57,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             return r;
         }
         if this.buf.is_empty() {
-            this.buf.reserve(this.hint);
+            this.buf.reserve(this.hint.get());
             let spare = this.buf.capacity() - this.buf.len();
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
                 Poll::Pending => {
@@ -66,7 +65,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
                     // again until the connection streams.
                     this.buf = BytesMut::new();
                     this.streaming = false;
-                    this.hint = READ_MIN;
+                    this.hint = ReadHint::new();
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => {
@@ -78,13 +77,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
                     this.buf = BytesMut::new();
                     return Poll::Ready(Ok(()));
                 }
-                Poll::Ready(Ok(n)) => {
-                    this.hint = if n >= spare {
-                        (this.hint * 2).min(READ_MAX)
-                    } else {
-                        (this.hint / 2).max(READ_MIN)
-                    };
-                }
+                Poll::Ready(Ok(n)) => this.hint.update(n, spare),
             }
         }
         let n = this.buf.len().min(out.remaining());

@@ -8,15 +8,11 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use whispeer_protocol::{DecodeError, FrameDecoder};
 
-use super::{FrameSink, FrameSource, Inbound};
+use super::{FrameSink, FrameSource, Inbound, ReadHint};
 
 /// Bytes gathered before one `write` call; large enough to amortise syscalls, small
 /// enough to keep per-connection memory bounded.
 const WRITE_CHUNK: usize = 64 * 1024;
-/// Smallest and largest read reservation. Reads start small (idle connections keep little
-/// memory) and double while reads fill the space, for streaming publishers.
-const READ_MIN: usize = 2 * 1024;
-const READ_MAX: usize = 64 * 1024;
 
 /// Reads length-prefixed frames.
 #[derive(Debug)]
@@ -27,7 +23,7 @@ pub struct StreamSource<R> {
     /// with a FIN (and our last frames arrive) instead of a reset caused by unread bytes.
     broken: bool,
     closed: bool,
-    read_hint: usize,
+    read_hint: ReadHint,
 }
 
 impl<R: AsyncRead + Unpin + Send + 'static> StreamSource<R> {
@@ -42,7 +38,7 @@ impl<R: AsyncRead + Unpin + Send + 'static> StreamSource<R> {
             decoder,
             broken: false,
             closed: false,
-            read_hint: READ_MIN,
+            read_hint: ReadHint::new(),
         }
     }
 }
@@ -56,7 +52,7 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
             if self.broken {
                 let buf = self.decoder.buffer_mut();
                 buf.clear();
-                buf.reserve(READ_MIN);
+                buf.reserve(ReadHint::MIN);
                 match self.reader.read_buf(buf).await {
                     Ok(0) | Err(_) => self.closed = true,
                     Ok(_) => {}
@@ -75,7 +71,7 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
                 }
             }
             let buf = self.decoder.buffer_mut();
-            buf.reserve(self.read_hint);
+            buf.reserve(self.read_hint.get());
             let spare = buf.capacity() - buf.len();
             match self.reader.read_buf(buf).await {
                 Ok(0) | Err(_) => {
@@ -83,8 +79,7 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
                     self.closed = true;
                     return Inbound::Closed;
                 }
-                Ok(n) if n >= spare => self.read_hint = (self.read_hint * 2).min(READ_MAX),
-                Ok(_) => self.read_hint = (self.read_hint / 2).max(READ_MIN),
+                Ok(n) => self.read_hint.update(n, spare),
             }
         }
     }
