@@ -916,4 +916,34 @@ mod tests {
         assert!(h.is_seen(&dedup_key(&msg(49, NOW, 0))));
         assert!(!h.is_seen(&dedup_key(&msg(39, NOW, 0))));
     }
+
+    proptest::proptest! {
+        /// Whatever the capacity and the order of arrivals, a message accepted once is never
+        /// accepted again (the window forgets only what its moved start then refuses), and
+        /// the window never holds more than its capacity.
+        #[test]
+        fn no_message_is_accepted_twice_whatever_the_capacity(
+            cap in 1usize..40,
+            events in proptest::collection::vec((0u32..60, 0u64..4_000, 0u64..3, proptest::bool::ANY), 1..400),
+        ) {
+            let t = Topic::new("p").unwrap();
+            let mut g = Guard::new(ReceiveConfig { max_entries: cap, ..ReceiveConfig::default() });
+            let mut now = NOW;
+            let mut sent_at = std::collections::HashMap::new();
+            let mut delivered = std::collections::HashSet::new();
+            for (id, age, step, replayed) in events {
+                now += step;
+                // A message keeps the date it was first sent with; re-posts reuse it.
+                let ts = *sent_at.entry(id).or_insert(now.saturating_sub(age));
+                let flags = if replayed { msg_flags::REPLAYED } else { 0 };
+                let mut c = cand(&t, 0, ts, flags);
+                c.msg_id[..4].copy_from_slice(&id.to_be_bytes());
+                if let Ok(a) = g.check(&c, now) {
+                    proptest::prop_assert!(delivered.insert(id), "message {} accepted twice", id);
+                    g.commit(a);
+                }
+                proptest::prop_assert!(g.seen_len() <= cap);
+            }
+        }
+    }
 }
