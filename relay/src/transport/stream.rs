@@ -70,16 +70,31 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
                     };
                 }
             }
-            let buf = self.decoder.buffer_mut();
-            buf.reserve(self.read_hint.get());
-            let spare = buf.capacity() - buf.len();
-            match self.reader.read_buf(buf).await {
-                Ok(0) | Err(_) => {
+            let (reader, decoder, hint) = (&mut self.reader, &mut self.decoder, self.read_hint);
+            let read = std::future::poll_fn(|cx| {
+                let buf = decoder.buffer_mut();
+                buf.reserve(hint.get());
+                let spare = buf.capacity() - buf.len();
+                match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *reader), cx, buf) {
+                    std::task::Poll::Pending => {
+                        // Nothing to read: an idle connection waits without holding the
+                        // reservation (~2 KiB of RSS each, 10,000 idle connections 20 MiB).
+                        if buf.is_empty() {
+                            *buf = bytes::BytesMut::new();
+                        }
+                        std::task::Poll::Pending
+                    }
+                    std::task::Poll::Ready(r) => std::task::Poll::Ready(r.map(|n| (n, spare))),
+                }
+            })
+            .await;
+            match read {
+                Ok((0, _)) | Err(_) => {
                     // A partial frame at EOF is a truncated stream: nothing to answer.
                     self.closed = true;
                     return Inbound::Closed;
                 }
-                Ok(n) => self.read_hint.update(n, spare),
+                Ok((n, spare)) => self.read_hint.update(n, spare),
             }
         }
     }
