@@ -57,13 +57,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             return r;
         }
         if this.buf.is_empty() {
-            this.buf.reserve(this.hint.get());
-            let spare = this.buf.capacity() - this.buf.len();
-            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
+            match this.hint.poll_read(&mut this.inner, cx, &mut this.buf) {
                 Poll::Pending => {
-                    // Drained: wait without holding the reservation, and read directly
-                    // again until the connection streams.
-                    this.buf = BytesMut::new();
+                    // Drained (the reservation is given back): read directly again until
+                    // the connection streams.
                     this.streaming = false;
                     this.hint = ReadHint::new();
                     return Poll::Pending;
@@ -77,7 +74,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
                     this.buf = BytesMut::new();
                     return Poll::Ready(Ok(()));
                 }
-                Poll::Ready(Ok(n)) => this.hint.update(n, spare),
+                Poll::Ready(Ok(_)) => {}
             }
         }
         let n = this.buf.len().min(out.remaining());

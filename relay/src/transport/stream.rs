@@ -70,31 +70,15 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
                     };
                 }
             }
-            let (reader, decoder, hint) = (&mut self.reader, &mut self.decoder, self.read_hint);
-            let read = std::future::poll_fn(|cx| {
-                let buf = decoder.buffer_mut();
-                buf.reserve(hint.get());
-                let spare = buf.capacity() - buf.len();
-                match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *reader), cx, buf) {
-                    std::task::Poll::Pending => {
-                        // Nothing to read: an idle connection waits without holding the
-                        // reservation (~2 KiB of RSS each, 10,000 idle connections 20 MiB).
-                        if buf.is_empty() {
-                            *buf = bytes::BytesMut::new();
-                        }
-                        std::task::Poll::Pending
-                    }
-                    std::task::Poll::Ready(r) => std::task::Poll::Ready(r.map(|n| (n, spare))),
-                }
-            })
-            .await;
-            match read {
-                Ok((0, _)) | Err(_) => {
-                    // A partial frame at EOF is a truncated stream: nothing to answer.
-                    self.closed = true;
-                    return Inbound::Closed;
-                }
-                Ok((n, spare)) => self.read_hint.update(n, spare),
+            // Idle, this holds no read buffer (10,000 idle connections: 20 MiB less).
+            let (reader, decoder, hint) =
+                (&mut self.reader, &mut self.decoder, &mut self.read_hint);
+            let read =
+                std::future::poll_fn(|cx| hint.poll_read(reader, cx, decoder.buffer_mut())).await;
+            if matches!(read, Ok(0) | Err(_)) {
+                // A partial frame at EOF is a truncated stream: nothing to answer.
+                self.closed = true;
+                return Inbound::Closed;
             }
         }
     }
@@ -150,5 +134,39 @@ impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink for StreamSink<W> {
 
     async fn close(&mut self) {
         let _ = self.writer.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    /// Waiting for input holds no read buffer; frames still arrive whole afterwards, and a
+    /// partial frame is kept across the wait.
+    #[tokio::test]
+    async fn an_idle_source_holds_no_read_buffer() {
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        let mut src = StreamSource::new(a, 1 << 20);
+        assert!(src.recv().now_or_never().is_none(), "nothing to read yet");
+        assert_eq!(
+            src.decoder.buffer_mut().capacity(),
+            0,
+            "idle: no reservation"
+        );
+        // Half a frame: kept while waiting for the rest.
+        b.write_all(&[0, 0, 0, 3, 7]).await.unwrap();
+        assert!(src.recv().now_or_never().is_none());
+        assert!(
+            src.decoder.buffer_mut().capacity() > 0,
+            "a partial frame is kept"
+        );
+        b.write_all(&[8, 9]).await.unwrap();
+        match src.recv().await {
+            Inbound::Frame(f) => assert_eq!(&f[..], &[7, 8, 9]),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+        assert!(src.recv().now_or_never().is_none());
+        assert_eq!(src.decoder.buffer_mut().capacity(), 0, "idle again");
     }
 }
