@@ -33,13 +33,16 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use whispeer_protocol::envelope_header::HeaderFields;
 use whispeer_protocol::frame::{features, pub_flags, Hello, Pub, Replay, Sub, PROTOCOL_VERSION};
 use whispeer_protocol::{
-    codec, Envelope, Frame, FrameDecoder, KeyId, PatternElem, Qos, TokenPattern, TopicToken,
+    codec, Envelope, Frame, FrameDecoder, KeyId, PatternElem, Qos, TokenPattern,
 };
 use whispeer_relay::BoundAddrs;
 
+#[path = "../tests/common/indexed.rs"]
+#[allow(dead_code)]
+mod indexed;
+use indexed::indexed_on;
 #[path = "common/nats.rs"]
 mod nats;
 use nats::NatsProc;
@@ -286,23 +289,11 @@ impl Drop for RelayProc {
     }
 }
 
+/// Envelope `i` of the run, `SIZE` bytes in all (numbered as the relay tests number theirs).
 fn envelope(i: u64) -> Envelope {
-    let tokens = [TopicToken::from_bytes([1; 16])];
-    let mut out = Vec::with_capacity(SIZE);
-    HeaderFields {
-        flags: 0,
-        key_id: KeyId::from_bytes([7; 16]),
-        nonce: [3; 24],
-        commit: [4; 32],
-        tokens: &tokens,
-    }
-    .write_prefix(48, &mut out);
-    out.extend_from_slice(&[0x5a; 48]);
-    out.extend_from_slice(&i.to_le_bytes());
-    while out.len() < SIZE {
-        out.push((out.len() as u64 ^ i) as u8);
-    }
-    Envelope::from_bytes(Bytes::from(out)).unwrap()
+    let key = KeyId::from_bytes([7; 16]);
+    let header = indexed_on(key, 1, i, 16).as_bytes().len() - 16;
+    indexed_on(key, 1, i, SIZE - header)
 }
 
 struct Conn {

@@ -27,6 +27,11 @@ use whispeer_protocol::{
 };
 use whispeer_relay::{BoundAddrs, Config, Relay, RelayHandle};
 
+#[path = "indexed.rs"]
+mod indexed;
+#[allow(unused_imports)] // used by some of the test files that include `common`
+pub use indexed::{index_of, indexed_on};
+
 /// Long enough for a loaded CI machine; only reached when the relay is broken.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -54,30 +59,6 @@ pub fn envelope_sized(k: u8, levels: &[u8], body: usize) -> Envelope {
     out.extend_from_slice(&[0x5a; 48]);
     out.extend((0..body.max(16)).map(|i| i as u8));
     Envelope::from_bytes(Bytes::from(out)).expect("valid envelope")
-}
-
-/// An envelope on `[key, tok(level)]` whose ciphertext starts with `i` (little endian; read
-/// back by [`index_of`]), `body` ciphertext bytes after the 48-byte prefix (at least 16).
-pub fn indexed_on(key: KeyId, level: u8, i: u64, body: usize) -> Envelope {
-    let tokens = [tok(level)];
-    let mut out = Vec::new();
-    HeaderFields {
-        flags: 0,
-        key_id: key,
-        nonce: [3; 24],
-        commit: [4; 32],
-        tokens: &tokens,
-    }
-    .write_prefix(48, &mut out);
-    out.extend_from_slice(&[0x5a; 48]);
-    out.extend_from_slice(&i.to_le_bytes());
-    out.extend((8..body.max(16)).map(|j| (j as u64 ^ i) as u8));
-    Envelope::from_bytes(Bytes::from(out)).expect("valid envelope")
-}
-
-/// The index written by [`indexed_on`].
-pub fn index_of(env: &Envelope) -> u64 {
-    u64::from_le_bytes(env.ciphertext()[..8].try_into().expect("8 bytes"))
 }
 
 pub fn envelope(k: u8, levels: &[u8]) -> Envelope {
