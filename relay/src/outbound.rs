@@ -224,14 +224,25 @@ impl Outbound {
     /// Offers a message frame (prefixed). Never blocks. `droppable`: a QoS 0 delivery, which
     /// the relay-wide budget may refuse for a slow connection (counted, `Gap`).
     pub(crate) fn offer_msg(&self, frame: &Bytes, droppable: bool) -> Offer {
+        let (offer, wake) = self.offer_msg_unwoken(frame, droppable);
+        if wake {
+            self.wake();
+        }
+        offer
+    }
+
+    /// [`offer_msg`](Self::offer_msg) without waking the writer; `true` when the caller
+    /// must [`wake`](Self::wake) it. The router counts a delivery before the writer can
+    /// send it, so `/status` never shows fewer messages out than a subscriber received.
+    pub(crate) fn offer_msg_unwoken(&self, frame: &Bytes, droppable: bool) -> (Offer, bool) {
         let mut s = self.lock();
         if s.closing {
-            return Offer::Closed;
+            return (Offer::Closed, false);
         }
         if droppable && self.budget.refuses(s.held(), frame.len()) {
             s.dropped += 1;
             self.budget.dropped.fetch_add(1, Relaxed);
-            return Offer::OverBudget;
+            return (Offer::OverBudget, false);
         }
         let mut outcome = Offer::Queued;
         let full = |s: &State| {
@@ -263,7 +274,7 @@ impl Outbound {
                         )),
                         true,
                     );
-                    return Offer::Disconnected;
+                    return (Offer::Disconnected, false);
                 }
             }
         }
@@ -275,11 +286,12 @@ impl Outbound {
         s.msgs += 1;
         self.budget.add(s.held(), frame.len());
         s.msg_bytes += frame.len();
-        drop(s);
-        if was_empty {
-            self.notify.notify_one();
-        }
-        outcome
+        (outcome, was_empty)
+    }
+
+    /// Wakes the writer (after [`offer_msg_unwoken`](Self::offer_msg_unwoken) said so).
+    pub(crate) fn wake(&self) {
+        self.notify.notify_one();
     }
 
     /// Whether a message of `len` bytes would go over the relay-wide budget while this

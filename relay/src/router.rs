@@ -509,6 +509,7 @@ impl Router {
         let encode = || msg_frame(seq.0, envelope, 0);
         let (mut delivered, mut dropped) = (0, 0);
         let mut last_conn = None;
+        let mut wake: Vec<&Arc<Target>> = Vec::new();
         for t in &targets {
             if t.gated.load(Ordering::Relaxed) {
                 let mut g = lock(&t.gate);
@@ -551,10 +552,13 @@ impl Router {
             }
             last_conn = Some(t.conn);
             // QoS 0 may be refused by the relay-wide budget; QoS >= 1 is bounded by credit.
-            match t
+            let (offer, needs_wake) = t
                 .out
-                .offer_msg(encoded.get_or_insert_with(encode), t.track.is_none())
-            {
+                .offer_msg_unwoken(encoded.get_or_insert_with(encode), t.track.is_none());
+            if needs_wake {
+                wake.push(t);
+            }
+            match offer {
                 Offer::Queued => delivered += 1,
                 Offer::DroppedOldest => {
                     delivered += 1;
@@ -564,13 +568,17 @@ impl Router {
                 Offer::Closed | Offer::OverBudget => {}
             }
         }
-        drop(targets);
-        drop(core);
+        // Counted before any writer can send them.
         self.metrics.published();
         self.metrics.delivered(delivered);
         if dropped > 0 {
             self.metrics.dropped(dropped);
         }
+        for t in wake {
+            t.out.wake();
+        }
+        drop(targets);
+        drop(core);
         self.metrics.routed(start.elapsed());
         Ok(accepted)
     }
