@@ -127,10 +127,9 @@ async fn read_loop<Src: FrameSource>(
     redeliver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut this_turn, mut turn_bytes) = (0usize, 0usize);
     // Durable names whose cluster-wide hold the store lost (JetStream): the session ends
-    // those subscriptions. The session keeps a sender, so this never ends early.
-    let mut hold_lost = session
-        .take_hold_lost()
-        .unwrap_or_else(|| tokio::sync::mpsc::unbounded_channel().1);
+    // those subscriptions. The session makes the channel at its first durable subscription
+    // and keeps a sender, so once taken this never ends early.
+    let mut hold_lost = None;
     loop {
         // Fairness: one read can hold dozens of frames, and tokio only charges its
         // cooperative budget per read, so a flooding connection could handle thousands of
@@ -174,7 +173,7 @@ async fn read_loop<Src: FrameSource>(
                     return false;
                 }
             }
-            Some((key, generation)) = hold_lost.recv() => {
+            Some((key, generation)) = recv_or_pending(&mut hold_lost) => {
                 if session.hold_lost(key, generation) == Flow::Close {
                     return false;
                 }
@@ -187,6 +186,9 @@ async fn read_loop<Src: FrameSource>(
                 }
                 deadline.as_mut().reset(due);
             }
+        }
+        if hold_lost.is_none() {
+            hold_lost = session.take_hold_lost();
         }
         while let Some(line) = session.deferred_line() {
             // A claim this request made (or needs) is being synced by the auth-state
@@ -211,6 +213,14 @@ async fn read_loop<Src: FrameSource>(
             }
             last_in = Instant::now();
         }
+    }
+}
+
+/// The next value of `rx`, or never while there is no receiver yet.
+async fn recv_or_pending<T>(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -130,9 +130,11 @@ pub(crate) struct Session {
     /// A `Sub` or `Pub` held until the auth-state line it needs is on disk.
     deferred: Option<(u64, Frame)>,
     /// Where the store reports a durable name whose cluster-wide hold was lost, with the
-    /// hold's generation ([`crate::store::HoldLost`]).
-    hold_lost: tokio::sync::mpsc::UnboundedSender<(DurableKey, u64)>,
-    /// Its receiving end, taken by the connection's read loop.
+    /// hold's generation ([`crate::store::HoldLost`]). Made at the first durable
+    /// subscription: a channel costs ~2 KiB (its first block of slots), which every idle
+    /// connection would otherwise hold.
+    hold_lost: Option<tokio::sync::mpsc::UnboundedSender<(DurableKey, u64)>>,
+    /// Its receiving end, until the connection's read loop takes it.
     hold_lost_rx: Option<tokio::sync::mpsc::UnboundedReceiver<(DurableKey, u64)>>,
     /// The generation of the hold each durable subscription took (the last one handed out
     /// in `hold_generation`).
@@ -163,7 +165,6 @@ impl Session {
         let bucket = TokenBucket::new(l.publish_rate, l.publish_burst, now);
         let sub_bucket = TokenBucket::new(l.sub_rate, l.sub_burst, now);
         let ack_bucket = TokenBucket::new(l.ack_rate, l.ack_burst, now);
-        let (hold_lost, hold_lost_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             shared,
             conn,
@@ -189,14 +190,15 @@ impl Session {
             challenge: None,
             account: None,
             deferred: None,
-            hold_lost,
-            hold_lost_rx: Some(hold_lost_rx),
+            hold_lost: None,
+            hold_lost_rx: None,
             hold_gens: HashMap::new(),
             hold_generation: 0,
         }
     }
 
-    /// The receiver of lost durable holds (see [`Session::hold_lost`]), once.
+    /// The receiver of lost durable holds (see [`Session::hold_lost`]), once it exists
+    /// (after the first durable subscription), once.
     pub(crate) fn take_hold_lost(
         &mut self,
     ) -> Option<tokio::sync::mpsc::UnboundedReceiver<(DurableKey, u64)>> {
@@ -661,7 +663,12 @@ impl Session {
             // Across relays sharing the store (JetStream): the cluster-wide hold.
             self.hold_generation += 1;
             hold_gen = self.hold_generation;
-            let lost = crate::store::HoldLost::new(self.hold_lost.clone(), hold_gen);
+            let tx = self.hold_lost.get_or_insert_with(|| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                self.hold_lost_rx = Some(rx);
+                tx
+            });
+            let lost = crate::store::HoldLost::new(tx.clone(), hold_gen);
             if let Err(e) = store.hold_durable(k, &lost) {
                 self.shared.release_durable(k);
                 return self.reply_err(e.code(), e.to_string(), Some(sub_id), None);
