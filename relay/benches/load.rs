@@ -304,7 +304,12 @@ impl RelayProc {
             ])
             .args(["--publish-rate", "0", "--max-connections", "100000"])
             // One source address opens every connection of the benchmark.
-            .args(["--max-connections-per-addr", "100000"])
+            .args([
+                "--max-connections-per-addr",
+                "100000",
+                "--addr-connect-rate",
+                "0",
+            ])
             .args(["--addr-publish-rate", "0", "--addr-sub-rate", "0"])
             // Live fan-out against NATS core: no store (the durable bench is benches/durable.rs).
             .args(["--store", "none"])

@@ -882,6 +882,15 @@ pub struct Limits {
     /// Burst of publishes per source address.
     #[arg(long, env = "WHISPEER_ADDR_PUBLISH_BURST")]
     pub addr_publish_burst: u32,
+    /// New connections per second from one source address. Over it a connection is still
+    /// accepted, but its handshake waits until the address's bucket refills (connection
+    /// churn costs the relay a bounded rate of handshakes; nothing is refused for it).
+    #[arg(long, env = "WHISPEER_ADDR_CONNECT_RATE")]
+    pub addr_connect_rate: u32,
+    /// Burst of new connections per source address (connections arriving at once before
+    /// any waits).
+    #[arg(long, env = "WHISPEER_ADDR_CONNECT_BURST")]
+    pub addr_connect_burst: u32,
     /// Sub/Unsub requests per second shared by one source address.
     #[arg(long, env = "WHISPEER_ADDR_SUB_RATE")]
     pub addr_sub_rate: u32,
@@ -933,6 +942,8 @@ impl Default for Limits {
             ack_burst: 40_000,
             addr_publish_rate: 50_000,
             addr_publish_burst: 100_000,
+            addr_connect_rate: 50,
+            addr_connect_burst: 256,
             addr_sub_rate: 2_000,
             addr_sub_burst: 20_000,
             addr_ack_rate: 100_000,
@@ -1154,6 +1165,11 @@ impl Config {
                 "limits.addr_publish_burst",
                 l.addr_publish_rate,
                 l.addr_publish_burst,
+            ),
+            (
+                "limits.addr_connect_burst",
+                l.addr_connect_rate,
+                l.addr_connect_burst,
             ),
             ("limits.addr_sub_burst", l.addr_sub_rate, l.addr_sub_burst),
             ("limits.addr_ack_burst", l.addr_ack_rate, l.addr_ack_burst),

@@ -527,7 +527,7 @@ impl Metrics {
             ),
             (
                 "whispeer_relay_throttled_total",
-                "Times a connection's reads were paused by a rate limit (backpressure).",
+                "Times a connection was slowed by a rate limit (backpressure): its reads paused, or its handshake delayed (addr_connect_rate).",
                 load(&self.throttled),
             ),
             (

@@ -43,6 +43,9 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) 
 /// Completes the QUIC handshake and waits for the client's stream (both within
 /// `hello_ms`), then serves the connection and lets its last frames reach the client.
 async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlot) {
+    if !crate::relay::connect_wait(&shared, &slot).await {
+        return;
+    }
     let peer = incoming.remote_address();
     let limit = shared.config.timeouts.hello();
     let opened = tokio::time::timeout(limit, async {

@@ -155,6 +155,15 @@ struct AddrEntry {
     /// Connections open or in their handshake from this address.
     conns: usize,
     buckets: Buckets,
+    /// New connections (`addr_connect_rate`).
+    connects: TokenBucket,
+}
+
+impl AddrEntry {
+    /// Nothing to remember: no connection and every bucket full again.
+    fn forgettable(&self, now: Instant) -> bool {
+        self.conns == 0 && self.buckets.is_full(now) && self.connects.is_full(now)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -170,6 +179,8 @@ struct AddrState {
 pub(crate) struct AddrTable {
     state: Mutex<AddrState>,
     rates: Rates,
+    /// `(rate, burst)` of new connections per address.
+    connect: (u32, u32),
     per_addr: usize,
     global: usize,
     /// The global count, published on every change (sent under the state lock, so
@@ -187,10 +198,11 @@ pub(crate) enum Refusal {
 }
 
 impl AddrTable {
-    pub(crate) fn new(rates: Rates, per_addr: usize, global: usize) -> Self {
+    pub(crate) fn new(rates: Rates, connect: (u32, u32), per_addr: usize, global: usize) -> Self {
         Self {
             state: Mutex::new(AddrState::default()),
             rates,
+            connect,
             per_addr,
             global,
             count: tokio::sync::watch::Sender::new(0),
@@ -207,7 +219,9 @@ impl AddrTable {
     }
 
     /// Admits a new connection from `ip` (counted from accept, through its handshake, until
-    /// the returned slot drops).
+    /// the returned slot drops). Over the address's connect rate the slot says how long
+    /// the handshake must wait ([`AddrSlot::wait`]); the wait is bounded, since every
+    /// waiting connection holds one of the address's `per_addr` places.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<AddrSlot, Refusal> {
         let now = Instant::now();
         let mut s = self.lock();
@@ -215,23 +229,25 @@ impl AddrTable {
             return Err(Refusal::Global(self.global));
         }
         if s.by_addr.len() >= 4096 && !s.by_addr.contains_key(&ip) {
-            s.by_addr
-                .retain(|_, e| e.conns > 0 || !e.buckets.is_full(now));
+            s.by_addr.retain(|_, e| !e.forgettable(now));
         }
-        let rates = self.rates;
+        let (rates, (rate, burst)) = (self.rates, self.connect);
         let e = s.by_addr.entry(ip).or_insert_with(|| AddrEntry {
             conns: 0,
             buckets: Buckets::new(rates, now),
+            connects: TokenBucket::new(rate, burst, now),
         });
         if e.conns >= self.per_addr {
             return Err(Refusal::PerAddr(self.per_addr));
         }
         e.conns += 1;
+        let wait = e.connects.take(1.0, now);
         s.total += 1;
         self.count.send_replace(s.total);
         Ok(AddrSlot {
             table: self.clone(),
             ip,
+            wait,
         })
     }
 
@@ -248,7 +264,7 @@ impl AddrTable {
         self.count.send_replace(s.total);
         if let Some(e) = s.by_addr.get_mut(&ip) {
             e.conns = e.conns.saturating_sub(1);
-            if e.conns == 0 && e.buckets.is_full(now) {
+            if e.forgettable(now) {
                 s.by_addr.remove(&ip);
             }
         }
@@ -266,9 +282,15 @@ impl AddrTable {
 pub(crate) struct AddrSlot {
     table: Arc<AddrTable>,
     ip: IpAddr,
+    wait: Option<Duration>,
 }
 
 impl AddrSlot {
+    /// How long this connection's handshake waits: the address is over its connect rate.
+    pub(crate) fn wait(&self) -> Option<Duration> {
+        self.wait
+    }
+
     /// Charges `n` requests of `kind` to the address.
     pub(crate) fn take(&self, kind: Kind, n: f64, now: Instant) -> Option<Duration> {
         self.table.take(self.ip, kind, n, now)
@@ -284,6 +306,12 @@ impl Drop for AddrSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const UNLIMITED: Rates = Rates {
+        publish: (0, 0),
+        sub: (0, 0),
+        ack: (0, 0),
+    };
 
     #[test]
     fn burst_then_refill() {
@@ -333,12 +361,8 @@ mod tests {
 
     #[test]
     fn addresses_are_capped_and_counted_until_released() {
-        let rates = Rates {
-            publish: (0, 0),
-            sub: (0, 0),
-            ack: (0, 0),
-        };
-        let t = Arc::new(AddrTable::new(rates, 2, 3));
+        let rates = UNLIMITED;
+        let t = Arc::new(AddrTable::new(rates, (0, 0), 2, 3));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let s1 = t.admit(a).unwrap();
@@ -349,5 +373,35 @@ mod tests {
         drop(s1);
         assert_eq!(t.total(), 2);
         let _s4 = t.admit(a).unwrap();
+    }
+
+    #[test]
+    fn connections_over_the_connect_rate_wait_and_reconnecting_does_not_reset_it() {
+        let rates = UNLIMITED;
+        let t = Arc::new(AddrTable::new(rates, (10, 2), 100, 1000));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        // The burst arrives at once; the next waits a token's time, the one after two.
+        let s1 = t.admit(a).unwrap();
+        let s2 = t.admit(a).unwrap();
+        assert_eq!((s1.wait(), s2.wait()), (None, None));
+        let s3 = t.admit(a).unwrap();
+        let w3 = s3.wait().expect("over the burst: waits");
+        assert!(
+            w3 > Duration::from_millis(90) && w3 <= Duration::from_millis(100),
+            "{w3:?}"
+        );
+        // Hanging up and coming back does not forget the debt (the entry is kept while a
+        // bucket is not full).
+        drop((s1, s2, s3));
+        let s4 = t.admit(a).unwrap();
+        let w4 = s4.wait().expect("still in debt after reconnecting");
+        assert!(w4 > w3, "{w4:?} after {w3:?}");
+        // Another address has its own bucket.
+        assert_eq!(t.admit(b).unwrap().wait(), None);
+        // 0 = unlimited.
+        let free = Arc::new(AddrTable::new(rates, (0, 0), 100, 1000));
+        let slots: Vec<_> = (0..50).map(|_| free.admit(a).unwrap()).collect();
+        assert!(slots.iter().all(|s| s.wait().is_none()));
     }
 }

@@ -328,6 +328,7 @@ impl RelayBuilder {
                 sub: (l.addr_sub_rate, l.addr_sub_burst),
                 ack: (l.addr_ack_rate, l.addr_ack_burst),
             },
+            (l.addr_connect_rate, l.addr_connect_burst),
             l.max_connections_per_addr,
             l.max_connections,
         ));
@@ -820,6 +821,23 @@ async fn refuse(shared: Arc<Shared>, mut stream: TcpStream, kind: TransportKind,
     .await;
 }
 
+/// Over its address's connect rate (`addr_connect_rate`), a new connection waits before
+/// its handshake — its place in the per-address count held meanwhile, so the waits of one
+/// address stay bounded — instead of being refused: connection churn costs the relay a
+/// bounded rate of handshakes per address. Returns false if the relay began shutting down
+/// during the wait.
+pub(crate) async fn connect_wait(shared: &Shared, slot: &AddrSlot) -> bool {
+    let Some(wait) = slot.wait() else {
+        return true;
+    };
+    shared.metrics.throttled();
+    let mut stop = shared.shutdown.subscribe();
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = stop.wait_for(|s| *s) => false,
+    }
+}
+
 /// Completes the transport handshake (TLS, WebSocket upgrade) within `hello_ms`, then
 /// serves the connection.
 async fn handshake(
@@ -830,6 +848,9 @@ async fn handshake(
     tls: Option<TlsAcceptor>,
     slot: AddrSlot,
 ) {
+    if !connect_wait(&shared, &slot).await {
+        return;
+    }
     let mut slot = Some(slot);
     let max = shared.config.limits.max_frame;
     let limit = shared.config.timeouts.hello();

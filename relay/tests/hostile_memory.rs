@@ -38,6 +38,9 @@ async fn non_reading_subscribers_keep_rss_bounded_by_the_byte_limits() {
         &max_bytes,
         "--max-connections-per-addr",
         "4096",
+        // Every subscriber connects from 127.0.0.1 at once: not churn.
+        "--addr-connect-rate",
+        "0",
         "--publish-rate",
         "0",
     ]);
@@ -132,6 +135,9 @@ async fn distinct_topics(budget: usize, per_queue: usize) -> (u64, u64, usize) {
         &budget,
         "--max-connections-per-addr",
         "4096",
+        // Every subscriber connects from 127.0.0.1 at once: not churn.
+        "--addr-connect-rate",
+        "0",
         "--publish-rate",
         "0",
         "--addr-publish-rate",

@@ -253,6 +253,44 @@ async fn per_address_ack_rate_is_shared_across_connections() {
     );
 }
 
+/// Connection churn from one address is slowed, not refused: over `addr_connect_rate` a new
+/// connection waits for the address's bucket before its handshake (every one still gets its
+/// `Welcome`), hanging up and reconnecting does not reset the bucket, and another address
+/// has its own.
+#[tokio::test]
+async fn connection_churn_from_one_address_is_slowed_not_refused() {
+    let mut config = Config::ephemeral();
+    config.limits.addr_connect_rate = 10;
+    config.limits.addr_connect_burst = 2;
+    let relay = TestRelay::start(config).await;
+    let (addr, admin) = (relay.tcp(), relay.addrs.admin.expect("admin"));
+    let throttled = || metric(admin, "whispeer_relay_throttled_total");
+    let started = std::time::Instant::now();
+    // Six connections in a row, each hung up once welcomed: the burst (2) is not delayed,
+    // the other four wait one token (100 ms) each.
+    for i in 0..6 {
+        let mut c = Client::tcp(addr).await;
+        c.send(&hello_frame()).await;
+        match c.recv().await {
+            Frame::Welcome(_) => {}
+            other => panic!("connection {i}: expected Welcome, got {other:?}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    // A lower bound only: the relay cannot have let them through faster than its rate.
+    assert!(
+        elapsed >= std::time::Duration::from_millis(350),
+        "6 connections from one address at 10/s (burst 2) in {elapsed:?}"
+    );
+    assert_eq!(throttled().await, 4, "four connections were delayed");
+    // Another address (127.0.0.2) has its own bucket: not delayed.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = Client::over_stream(Box::new(sock.connect(addr).await.unwrap()));
+    other.hello().await;
+    assert_eq!(throttled().await, 4, "another address was delayed");
+}
+
 /// A connection flood from one address is capped (handshakes included: these connections
 /// never send a byte) while another address still connects.
 #[tokio::test]

@@ -16,6 +16,7 @@ async fn a_thousand_concurrent_connections_all_receive() {
     let mut config = Config::ephemeral();
     // Every connection comes from 127.0.0.1.
     config.limits.max_connections_per_addr = 2 * N;
+    config.limits.addr_connect_rate = 0;
     let relay = TestRelay::start(config).await;
     let (tcp, ws) = (relay.tcp(), relay.ws());
     let mut clients = Vec::with_capacity(N);
