@@ -882,6 +882,11 @@ pub struct Limits {
     /// Burst of publishes per source address.
     #[arg(long, env = "WHISPEER_ADDR_PUBLISH_BURST")]
     pub addr_publish_burst: u32,
+    /// Leading bits of an IPv6 source address that every per-address limit and quota
+    /// counts by (32..=128): a host usually holds a whole /64 and can use any address in
+    /// it, so 64 makes one such host one source. IPv4 addresses count singly.
+    #[arg(long, env = "WHISPEER_ADDR_IPV6_PREFIX")]
+    pub addr_ipv6_prefix: u8,
     /// New connections per second from one source address. Over it a connection is still
     /// accepted, but its handshake waits until the address's bucket refills (connection
     /// churn costs the relay a bounded rate of handshakes; nothing is refused for it).
@@ -942,6 +947,7 @@ impl Default for Limits {
             ack_burst: 40_000,
             addr_publish_rate: 50_000,
             addr_publish_burst: 100_000,
+            addr_ipv6_prefix: 64,
             addr_connect_rate: 50,
             addr_connect_burst: 256,
             addr_sub_rate: 2_000,
@@ -1151,6 +1157,12 @@ impl Config {
         }
         if self.queue.capacity == 0 || self.queue.max_bytes == 0 {
             return invalid("queue", "capacity and max_bytes must be at least 1".into());
+        }
+        if !(32..=128).contains(&l.addr_ipv6_prefix) {
+            return invalid(
+                "limits.addr_ipv6_prefix",
+                format!("must be 32..=128, got {}", l.addr_ipv6_prefix),
+            );
         }
         if l.max_connections_per_addr == 0 {
             return invalid(
@@ -1721,5 +1733,10 @@ mod tests {
         let mut c = Config::default();
         c.timeouts.heartbeat_ms = c.timeouts.idle_ms;
         assert!(c.validate().is_err());
+        for (prefix, ok) in [(31, false), (32, true), (128, true), (129, false)] {
+            let mut c = Config::default();
+            c.limits.addr_ipv6_prefix = prefix;
+            assert_eq!(c.validate().is_ok(), ok, "addr_ipv6_prefix {prefix}");
+        }
     }
 }

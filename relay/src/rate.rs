@@ -11,6 +11,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::store::source_address;
+
 /// `rate` tokens per second, at most `burst` stored; each request takes one.
 #[derive(Debug, Clone)]
 pub(crate) struct TokenBucket {
@@ -181,6 +183,8 @@ pub(crate) struct AddrTable {
     rates: Rates,
     /// `(rate, burst)` of new connections per address.
     connect: (u32, u32),
+    /// Leading bits an IPv6 address is counted by ([`source_address`]).
+    v6_prefix: u8,
     per_addr: usize,
     global: usize,
     /// The global count, published on every change (sent under the state lock, so
@@ -198,11 +202,18 @@ pub(crate) enum Refusal {
 }
 
 impl AddrTable {
-    pub(crate) fn new(rates: Rates, connect: (u32, u32), per_addr: usize, global: usize) -> Self {
+    pub(crate) fn new(
+        rates: Rates,
+        connect: (u32, u32),
+        v6_prefix: u8,
+        per_addr: usize,
+        global: usize,
+    ) -> Self {
         Self {
             state: Mutex::new(AddrState::default()),
             rates,
             connect,
+            v6_prefix,
             per_addr,
             global,
             count: tokio::sync::watch::Sender::new(0),
@@ -223,6 +234,7 @@ impl AddrTable {
     /// the handshake must wait ([`AddrSlot::wait`]); the wait is bounded, since every
     /// waiting connection holds one of the address's `per_addr` places.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<AddrSlot, Refusal> {
+        let ip = source_address(ip, self.v6_prefix);
         let now = Instant::now();
         let mut s = self.lock();
         if s.total >= self.global {
@@ -362,7 +374,7 @@ mod tests {
     #[test]
     fn addresses_are_capped_and_counted_until_released() {
         let rates = UNLIMITED;
-        let t = Arc::new(AddrTable::new(rates, (0, 0), 2, 3));
+        let t = Arc::new(AddrTable::new(rates, (0, 0), 64, 2, 3));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let s1 = t.admit(a).unwrap();
@@ -376,9 +388,28 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_host_is_one_source_across_its_slash_64() {
+        let t = Arc::new(AddrTable::new(UNLIMITED, (0, 0), 64, 2, 100));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _a = t.admit(ip("2001:db8:0:1::1")).unwrap();
+        let _b = t.admit(ip("2001:db8:0:1:dead:beef::2")).unwrap();
+        // A third interface id in the same /64 is the same source: capped.
+        assert_eq!(
+            t.admit(ip("2001:db8:0:1:ffff:ffff:ffff:ffff")).unwrap_err(),
+            Refusal::PerAddr(2)
+        );
+        // The next /64 is another source.
+        let _c = t.admit(ip("2001:db8:0:2::1")).unwrap();
+        // An IPv4 client is the same source mapped into IPv6 or not.
+        let _d = t.admit(ip("10.0.0.1")).unwrap();
+        let _e = t.admit(ip("::ffff:10.0.0.1")).unwrap();
+        assert_eq!(t.admit(ip("10.0.0.1")).unwrap_err(), Refusal::PerAddr(2));
+    }
+
+    #[test]
     fn connections_over_the_connect_rate_wait_and_reconnecting_does_not_reset_it() {
         let rates = UNLIMITED;
-        let t = Arc::new(AddrTable::new(rates, (10, 2), 100, 1000));
+        let t = Arc::new(AddrTable::new(rates, (10, 2), 64, 100, 1000));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         // The burst arrives at once; the next waits a token's time, the one after two.
@@ -400,7 +431,7 @@ mod tests {
         // Another address has its own bucket.
         assert_eq!(t.admit(b).unwrap().wait(), None);
         // 0 = unlimited.
-        let free = Arc::new(AddrTable::new(rates, (0, 0), 100, 1000));
+        let free = Arc::new(AddrTable::new(rates, (0, 0), 64, 100, 1000));
         let slots: Vec<_> = (0..50).map(|_| free.admit(a).unwrap()).collect();
         assert!(slots.iter().all(|s| s.wait().is_none()));
     }

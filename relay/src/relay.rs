@@ -329,6 +329,7 @@ impl RelayBuilder {
                 ack: (l.addr_ack_rate, l.addr_ack_burst),
             },
             (l.addr_connect_rate, l.addr_connect_burst),
+            l.addr_ipv6_prefix,
             l.max_connections_per_addr,
             l.max_connections,
         ));

@@ -165,6 +165,7 @@ impl Session {
         let bucket = TokenBucket::new(l.publish_rate, l.publish_burst, now);
         let sub_bucket = TokenBucket::new(l.sub_rate, l.sub_burst, now);
         let ack_bucket = TokenBucket::new(l.ack_rate, l.ack_burst, now);
+        let tenant = Tenant::from_peer(peer, l.addr_ipv6_prefix);
         Self {
             shared,
             conn,
@@ -185,7 +186,7 @@ impl Session {
             refused_in_a_row: 0,
             reason: String::from("open"),
             finished: false,
-            tenant: Tenant::from_peer(peer),
+            tenant,
             hello_seen: false,
             challenge: None,
             account: None,

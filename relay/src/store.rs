@@ -208,6 +208,25 @@ pub enum Claim {
     Unclaimed,
 }
 
+/// The address every per-address limit and quota counts a client under: an IPv4 address as
+/// is (also when it arrives mapped into IPv6), an IPv6 address cut to its first
+/// `v6_prefix` bits (at most 128). A host usually holds a whole IPv6 /64 and can pick any
+/// address in it per connection, so counting full IPv6 addresses would give one client
+/// 2⁶⁴ separate budgets.
+pub fn source_address(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u32::from(v6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        },
+    }
+}
+
 /// Whose quota a stored message, retained value or durable name counts against: the
 /// authenticated relay account when accounts are on, else the source address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -215,21 +234,18 @@ pub enum Claim {
 pub enum Tenant {
     /// A relay account (its Ed25519 public key or account id).
     Account([u8; 32]),
-    /// The connection's source address (IPv4-mapped IPv6 addresses are folded to IPv4).
+    /// The connection's [`source_address`].
     Address(IpAddr),
     /// An in-process caller with no address (embedded use, tests).
     Local,
 }
 
 impl Tenant {
-    /// The tenant of a connection from `peer` when accounts are off.
-    pub fn from_peer(peer: Option<SocketAddr>) -> Self {
-        match peer.map(|p| p.ip()) {
-            Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
-                Some(v4) => Tenant::Address(IpAddr::V4(v4)),
-                None => Tenant::Address(IpAddr::V6(v6)),
-            },
-            Some(ip) => Tenant::Address(ip),
+    /// The tenant of a connection from `peer` when accounts are off: its
+    /// [`source_address`] (IPv6 grouped by its first `v6_prefix` bits).
+    pub fn from_peer(peer: Option<SocketAddr>, v6_prefix: u8) -> Self {
+        match peer {
+            Some(p) => Tenant::Address(source_address(p.ip(), v6_prefix)),
             None => Tenant::Local,
         }
     }

@@ -1356,7 +1356,7 @@ async fn one_tenants_replay_flood_delays_anothers_replay_by_a_bounded_count_of_r
             other => panic!("unexpected {other:?}"),
         }
     }
-    let tenant_a = Tenant::from_peer(Some("127.0.2.2:1".parse().unwrap()));
+    let tenant_a = Tenant::from_peer(Some("127.0.2.2:1".parse().unwrap()), 64);
     let reads = whispeer_relay::store::reads();
     assert_eq!(
         reads.queued_for(&tenant_a) as u64,
@@ -1365,7 +1365,7 @@ async fn one_tenants_replay_flood_delays_anothers_replay_by_a_bounded_count_of_r
     );
 
     // Tenant B's one replay queues behind A's full queue.
-    let tenant_b = Tenant::from_peer(Some("127.0.2.3:1".parse().unwrap()));
+    let tenant_b = Tenant::from_peer(Some("127.0.2.3:1".parse().unwrap()), 64);
     let mut b = client_from("127.0.2.3", addr).await;
     *store.watched.lock().unwrap() = Some(tenant_b.clone());
     let mut changes = reads.changes();

@@ -2492,15 +2492,20 @@ mod tests {
     }
 
     #[test]
-    fn tenants_fold_v4_mapped_addresses() {
-        let v4: std::net::SocketAddr = "10.1.2.3:5".parse().unwrap();
-        let mapped: std::net::SocketAddr = "[::ffff:10.1.2.3]:6".parse().unwrap();
-        assert_eq!(Tenant::from_peer(Some(v4)), Tenant::from_peer(Some(mapped)));
-        assert_ne!(
-            Tenant::from_peer(Some(v4)).key(),
-            Tenant::from_peer(Some("10.1.2.4:5".parse().unwrap())).key()
+    fn tenants_fold_v4_mapped_addresses_and_group_ipv6_by_prefix() {
+        let t = |a: &str, prefix| Tenant::from_peer(Some(a.parse().unwrap()), prefix);
+        assert_eq!(t("10.1.2.3:5", 64), t("[::ffff:10.1.2.3]:6", 64));
+        assert_ne!(t("10.1.2.3:5", 64).key(), t("10.1.2.4:5", 64).key());
+        // One /64: one tenant, whatever the interface id; the next /64 is another.
+        assert_eq!(
+            t("[2001:db8:0:1::1]:5", 64),
+            t("[2001:db8:0:1:ffff::9]:6", 64)
         );
-        assert_eq!(Tenant::from_peer(None), Tenant::Local);
+        assert_ne!(t("[2001:db8:0:1::1]:5", 64), t("[2001:db8:0:2::1]:5", 64));
+        // The prefix is the operator's: /128 counts single addresses, /48 whole sites.
+        assert_ne!(t("[2001:db8:0:1::1]:5", 128), t("[2001:db8:0:1::2]:5", 128));
+        assert_eq!(t("[2001:db8:0:1::1]:5", 48), t("[2001:db8:0:2::1]:5", 48));
+        assert_eq!(Tenant::from_peer(None, 64), Tenant::Local);
         assert_ne!(Tenant::Account([0; 32]).key(), Tenant::Local.key());
     }
 
