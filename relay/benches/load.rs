@@ -66,6 +66,9 @@ struct Scenario {
 struct Outcome {
     deliveries_per_s: f64,
     cpu_cores: f64,
+    /// Cores the load generator (this process: publisher and subscribers) used meanwhile:
+    /// on a small machine it competes with the broker for the same cores.
+    gen_cores: f64,
     rss_mib: f64,
     p50_us: f64,
     p99_us: f64,
@@ -176,12 +179,13 @@ fn main() {
         n
     };
     println!(
-        "{:<18} {:>8} | {:<10} {:>12} {:>6} {:>8} {:>8} {:>8} {:>9} | {:>9}",
+        "{:<18} {:>8} | {:<10} {:>12} {:>6} {:>5} {:>8} {:>8} {:>8} {:>9} | {:>9}",
         "scenario",
         "msgs",
         "broker",
         "deliv/s",
         "cpu",
+        "gen",
         "rss MiB",
         "p50 us",
         "p99 us",
@@ -235,12 +239,13 @@ fn main() {
                 f64::NAN
             };
             println!(
-                "{:<18} {:>8} | {:<10} {:>12.0} {:>6.2} {:>8.1} {:>8.0} {:>8.0} {:>9.2} | {:>9}",
+                "{:<18} {:>8} | {:<10} {:>12.0} {:>6.2} {:>5.2} {:>8.1} {:>8.0} {:>8.0} {:>9.2} | {:>9}",
                 name,
                 msgs,
                 broker,
                 o.deliveries_per_s,
                 o.cpu_cores,
+                o.gen_cores,
                 o.rss_mib,
                 o.p50_us,
                 o.p99_us,
@@ -430,7 +435,7 @@ impl Harness {
         &self,
         elapsed: Duration,
         deliveries: u64,
-        cpu: f64,
+        (cpu, gen_cpu): (f64, f64),
         rss: f64,
         lost: u64,
     ) -> Outcome {
@@ -446,6 +451,7 @@ impl Harness {
         Outcome {
             deliveries_per_s: deliveries as f64 / elapsed.as_secs_f64(),
             cpu_cores: cpu / elapsed.as_secs_f64(),
+            gen_cores: gen_cpu / elapsed.as_secs_f64(),
             rss_mib: rss,
             p50_us: pct(0.50),
             p99_us: pct(0.99),
@@ -671,11 +677,12 @@ async fn run_whispeer_on(relays: &[RelayProc], also: &[u32], s: Scenario) -> Out
         }
     }
     let cpu0 = cpu_now();
+    let gen0 = proc_cpu_secs(std::process::id());
     let start = Instant::now();
     raw_publish(&mut publ, &h, s, start, &mut payload, body_at, pub_frame).await;
     let lost = h.wait_all(s.messages).await;
     let elapsed = start.elapsed();
-    let cpu = cpu_now() - cpu0;
+    let cpu = (cpu_now() - cpu0, proc_cpu_secs(std::process::id()) - gen0);
     let rss = proc_rss_mib(pid);
     for r in readers {
         r.abort();
@@ -856,6 +863,7 @@ async fn run_nats(nats: &NatsProc, s: Scenario, how: NatsClient) -> Outcome {
     }
     let (mut payload, _) = sealed_envelope(&[1]);
     let cpu0 = proc_cpu_secs(pid);
+    let gen0 = proc_cpu_secs(std::process::id());
     let start = Instant::now();
     match how {
         NatsClient::Raw => {
@@ -889,7 +897,10 @@ async fn run_nats(nats: &NatsProc, s: Scenario, how: NatsClient) -> Outcome {
     }
     let lost = h.wait_all(s.messages).await;
     let elapsed = start.elapsed();
-    let cpu = proc_cpu_secs(pid) - cpu0;
+    let cpu = (
+        proc_cpu_secs(pid) - cpu0,
+        proc_cpu_secs(std::process::id()) - gen0,
+    );
     let rss = proc_rss_mib(pid);
     for r in readers {
         r.abort();
