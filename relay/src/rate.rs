@@ -234,8 +234,12 @@ impl AddrTable {
     /// the handshake must wait ([`AddrSlot::wait`]); the wait is bounded, since every
     /// waiting connection holds one of the address's `per_addr` places.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<AddrSlot, Refusal> {
+        self.admit_at(ip, Instant::now())
+    }
+
+    /// [`AddrTable::admit`] at time `now`.
+    fn admit_at(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<AddrSlot, Refusal> {
         let ip = source_address(ip, self.v6_prefix);
-        let now = Instant::now();
         let mut s = self.lock();
         if s.total >= self.global {
             return Err(Refusal::Global(self.global));
@@ -373,8 +377,7 @@ mod tests {
 
     #[test]
     fn addresses_are_capped_and_counted_until_released() {
-        let rates = UNLIMITED;
-        let t = Arc::new(AddrTable::new(rates, (0, 0), 64, 2, 3));
+        let t = Arc::new(AddrTable::new(UNLIMITED, (0, 0), 64, 2, 3));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let s1 = t.admit(a).unwrap();
@@ -408,31 +411,28 @@ mod tests {
 
     #[test]
     fn connections_over_the_connect_rate_wait_and_reconnecting_does_not_reset_it() {
-        let rates = UNLIMITED;
-        let t = Arc::new(AddrTable::new(rates, (10, 2), 64, 100, 1000));
+        let t = Arc::new(AddrTable::new(UNLIMITED, (10, 2), 64, 100, 1000));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        // The burst arrives at once; the next waits a token's time, the one after two.
-        let s1 = t.admit(a).unwrap();
-        let s2 = t.admit(a).unwrap();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // The burst arrives at once; the next waits a token's time (100 ms).
+        let s1 = t.admit_at(a, t0).unwrap();
+        let s2 = t.admit_at(a, t0).unwrap();
         assert_eq!((s1.wait(), s2.wait()), (None, None));
-        let s3 = t.admit(a).unwrap();
-        let w3 = s3.wait().expect("over the burst: waits");
-        assert!(
-            w3 > Duration::from_millis(90) && w3 <= Duration::from_millis(100),
-            "{w3:?}"
-        );
+        let s3 = t.admit_at(a, t0).unwrap();
+        assert_eq!(s3.wait(), Some(ms(100)));
         // Hanging up and coming back does not forget the debt (the entry is kept while a
-        // bucket is not full).
+        // bucket is not full): 50 ms later the bucket is still half a token short, so the
+        // next connection waits that plus its own token.
         drop((s1, s2, s3));
-        let s4 = t.admit(a).unwrap();
-        let w4 = s4.wait().expect("still in debt after reconnecting");
-        assert!(w4 > w3, "{w4:?} after {w3:?}");
+        let s4 = t.admit_at(a, t0 + ms(50)).unwrap();
+        assert_eq!(s4.wait(), Some(ms(150)));
         // Another address has its own bucket.
-        assert_eq!(t.admit(b).unwrap().wait(), None);
+        assert_eq!(t.admit_at(b, t0).unwrap().wait(), None);
         // 0 = unlimited.
-        let free = Arc::new(AddrTable::new(rates, (0, 0), 64, 100, 1000));
-        let slots: Vec<_> = (0..50).map(|_| free.admit(a).unwrap()).collect();
+        let free = Arc::new(AddrTable::new(UNLIMITED, (0, 0), 64, 100, 1000));
+        let slots: Vec<_> = (0..50).map(|_| free.admit_at(a, t0).unwrap()).collect();
         assert!(slots.iter().all(|s| s.wait().is_none()));
     }
 }

@@ -198,8 +198,8 @@ impl Session {
         }
     }
 
-    /// The receiver of lost durable holds (see [`Session::hold_lost`]), once it exists
-    /// (after the first durable subscription), once.
+    /// The receiver of lost durable holds (see [`Session::hold_lost`]): `Some` once, after
+    /// the first durable subscription made the channel.
     pub(crate) fn take_hold_lost(
         &mut self,
     ) -> Option<tokio::sync::mpsc::UnboundedReceiver<(DurableKey, u64)>> {

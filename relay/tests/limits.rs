@@ -282,13 +282,15 @@ async fn connection_churn_from_one_address_is_slowed_not_refused() {
         elapsed >= std::time::Duration::from_millis(350),
         "6 connections from one address at 10/s (burst 2) in {elapsed:?}"
     );
-    assert_eq!(throttled().await, 4, "four connections were delayed");
+    // Up to four were delayed (fewer only if this test was itself slower than the rate).
+    let delayed = throttled().await;
+    assert!((1..=4).contains(&delayed), "{delayed} connections delayed");
     // Another address (127.0.0.2) has its own bucket: not delayed.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
     let mut other = Client::over_stream(Box::new(sock.connect(addr).await.unwrap()));
     other.hello().await;
-    assert_eq!(throttled().await, 4, "another address was delayed");
+    assert_eq!(throttled().await, delayed, "another address was delayed");
 }
 
 /// A connection flood from one address is capped (handshakes included: these connections
