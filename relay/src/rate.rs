@@ -65,6 +65,12 @@ impl TokenBucket {
         (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
     }
 
+    /// Whether the bucket is in debt: requests are being made faster than its rate.
+    fn in_debt(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.rate != 0.0 && self.tokens + elapsed * self.rate < 0.0
+    }
+
     /// Whether the bucket is full again (an idle address entry can be forgotten).
     fn is_full(&self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
@@ -197,6 +203,10 @@ pub(crate) struct AddrTable {
 pub(crate) enum Refusal {
     /// The address has `max_connections_per_addr` connections or handshakes.
     PerAddr(usize),
+    /// The same, from an address that is also over its connect rate (connection churn):
+    /// the connection is closed at once, without the explanation an honest client over the
+    /// cap gets, so a churning address costs the relay as little as possible per attempt.
+    Churning(usize),
     /// The relay has `max_connections` connections or handshakes.
     Global(usize),
 }
@@ -254,7 +264,11 @@ impl AddrTable {
             connects: TokenBucket::new(rate, burst, now),
         });
         if e.conns >= self.per_addr {
-            return Err(Refusal::PerAddr(self.per_addr));
+            return Err(if e.connects.in_debt(now) {
+                Refusal::Churning(self.per_addr)
+            } else {
+                Refusal::PerAddr(self.per_addr)
+            });
         }
         e.conns += 1;
         let wait = e.connects.take(1.0, now);
@@ -428,6 +442,16 @@ mod tests {
         drop((s1, s2, s3));
         let s4 = t.admit_at(a, t0 + ms(50)).unwrap();
         assert_eq!(s4.wait(), Some(ms(150)));
+        // Over the per-address cap while in debt: churning.
+        let capped = Arc::new(AddrTable::new(UNLIMITED, (10, 1), 64, 2, 1000));
+        let _c1 = capped.admit_at(a, t0).unwrap();
+        let _c2 = capped.admit_at(a, t0).unwrap();
+        assert_eq!(capped.admit_at(a, t0).unwrap_err(), Refusal::Churning(2));
+        // Once the debt is repaid, a refusal is the plain cap again.
+        assert_eq!(
+            capped.admit_at(a, t0 + ms(200)).unwrap_err(),
+            Refusal::PerAddr(2)
+        );
         // Another address has its own bucket.
         assert_eq!(t.admit_at(b, t0).unwrap().wait(), None);
         // 0 = unlimited.

@@ -769,6 +769,12 @@ async fn accept_loop(
         // Counted from here, through the handshake, until the connection ends.
         let slot = match shared.addr_table.admit(peer.ip()) {
             Ok(slot) => slot,
+            Err(Refusal::Churning(_)) => {
+                // Closed here, unanswered: see `Refusal::Churning`.
+                shared.metrics.connection_rejected();
+                drop(stream);
+                continue;
+            }
             Err(refusal) => {
                 tokio::spawn(refuse(shared.clone(), stream, kind, refusal));
                 continue;
@@ -801,7 +807,7 @@ async fn refuse(shared: Arc<Shared>, mut stream: TcpStream, kind: TransportKind,
         return;
     }
     let message = match why {
-        Refusal::PerAddr(n) => {
+        Refusal::PerAddr(n) | Refusal::Churning(n) => {
             format!(
                 "limit of {n} connections per source address reached (max_connections_per_addr)"
             )
