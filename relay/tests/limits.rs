@@ -293,6 +293,36 @@ async fn connection_churn_from_one_address_is_slowed_not_refused() {
     assert_eq!(throttled().await, delayed, "another address was delayed");
 }
 
+/// An address at its connection cap that is also over its connect rate (churning) has a
+/// further connection closed at once without an answer; the same cap reached without churn
+/// is explained with `Err(too_many_connections)` (`connection_flood_from_one_address_is_capped`).
+#[tokio::test]
+async fn a_churning_address_at_its_cap_is_closed_unanswered() {
+    let mut config = Config::ephemeral();
+    config.limits.max_connections_per_addr = 4;
+    config.limits.addr_connect_rate = 1;
+    config.limits.addr_connect_burst = 1;
+    let relay = TestRelay::start(config).await;
+    let addr = relay.tcp();
+    // The first takes the burst, the others wait 1, 2 and 3 s for their handshakes: the
+    // address stays in debt for 3 s.
+    let mut open = relay.handle.connections();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::timeout(TIMEOUT, open.wait_for(|n| *n == 4))
+        .await
+        .expect("both counted")
+        .expect("relay running");
+    let mut c = Client::tcp(addr).await;
+    let (frames, _) = c.drain_to_end().await;
+    assert!(
+        frames.is_empty(),
+        "a churning address was answered: {frames:?}"
+    );
+}
+
 /// A connection flood from one address is capped (handshakes included: these connections
 /// never send a byte) while another address still connects.
 #[tokio::test]
