@@ -20,8 +20,10 @@ use super::{FrameSink, FrameSource, Inbound};
 /// zero-filled on every read, so it is resident for every connection: the default (128 KiB)
 /// made an idle WebSocket connection cost ~126 KiB of relay RSS. Larger frames still
 /// arrive whole (the buffer grows to the frame's length); the socket itself is read in
-/// large reads by [`ReadAhead`](super::read_ahead::ReadAhead) underneath.
-pub const WS_READ_BUFFER: usize = 1024;
+/// large reads by [`ReadAhead`](super::read_ahead::ReadAhead) underneath, so tungstenite's
+/// reads are copies out of memory: 512 B instead of 1 KiB saved 0.5 KiB per idle connection
+/// and cost nothing measurable (relay CPU per 1 KiB or 16 KiB WebSocket message unchanged).
+pub const WS_READ_BUFFER: usize = 512;
 
 /// The tungstenite configuration for a relay with this `max_frame`.
 pub fn ws_config(max_frame: usize) -> WebSocketConfig {
