@@ -203,10 +203,11 @@ pub(crate) struct AddrTable {
 pub(crate) enum Refusal {
     /// The address has `max_connections_per_addr` connections or handshakes.
     PerAddr(usize),
-    /// The same, from an address that is also over its connect rate (connection churn):
-    /// the connection is closed at once, without the explanation an honest client over the
-    /// cap gets, so a churning address costs the relay as little as possible per attempt.
-    Churning(usize),
+    /// Either cap, reached by an address that is also over its connect rate (connection
+    /// churn): the connection is closed at once, without the explanation an honest client
+    /// over a cap gets, so a churning address costs the relay as little as possible per
+    /// attempt.
+    Churning,
     /// The relay has `max_connections` connections or handshakes.
     Global(usize),
 }
@@ -252,7 +253,12 @@ impl AddrTable {
         let ip = source_address(ip, self.v6_prefix);
         let mut s = self.lock();
         if s.total >= self.global {
-            return Err(Refusal::Global(self.global));
+            let churning = s.by_addr.get(&ip).is_some_and(|e| e.connects.in_debt(now));
+            return Err(if churning {
+                Refusal::Churning
+            } else {
+                Refusal::Global(self.global)
+            });
         }
         if s.by_addr.len() >= 4096 && !s.by_addr.contains_key(&ip) {
             s.by_addr.retain(|_, e| !e.forgettable(now));
@@ -265,7 +271,7 @@ impl AddrTable {
         });
         if e.conns >= self.per_addr {
             return Err(if e.connects.in_debt(now) {
-                Refusal::Churning(self.per_addr)
+                Refusal::Churning
             } else {
                 Refusal::PerAddr(self.per_addr)
             });
@@ -446,12 +452,18 @@ mod tests {
         let capped = Arc::new(AddrTable::new(UNLIMITED, (10, 1), 64, 2, 1000));
         let _c1 = capped.admit_at(a, t0).unwrap();
         let _c2 = capped.admit_at(a, t0).unwrap();
-        assert_eq!(capped.admit_at(a, t0).unwrap_err(), Refusal::Churning(2));
+        assert_eq!(capped.admit_at(a, t0).unwrap_err(), Refusal::Churning);
         // Once the debt is repaid, a refusal is the plain cap again.
         assert_eq!(
             capped.admit_at(a, t0 + ms(200)).unwrap_err(),
             Refusal::PerAddr(2)
         );
+        // At the global cap too: the churning address is closed, another is told why.
+        let full = Arc::new(AddrTable::new(UNLIMITED, (10, 1), 64, 100, 2));
+        let _f1 = full.admit_at(a, t0).unwrap();
+        let _f2 = full.admit_at(a, t0).unwrap();
+        assert_eq!(full.admit_at(a, t0).unwrap_err(), Refusal::Churning);
+        assert_eq!(full.admit_at(b, t0).unwrap_err(), Refusal::Global(2));
         // Another address has its own bucket.
         assert_eq!(t.admit_at(b, t0).unwrap().wait(), None);
         // 0 = unlimited.

@@ -769,7 +769,7 @@ async fn accept_loop(
         // Counted from here, through the handshake, until the connection ends.
         let slot = match shared.addr_table.admit(peer.ip()) {
             Ok(slot) => slot,
-            Err(Refusal::Churning(_)) => {
+            Err(Refusal::Churning) => {
                 // Closed here, unanswered: see `Refusal::Churning`.
                 shared.metrics.connection_rejected();
                 drop(stream);
@@ -807,7 +807,12 @@ async fn refuse(shared: Arc<Shared>, mut stream: TcpStream, kind: TransportKind,
         return;
     }
     let message = match why {
-        Refusal::PerAddr(n) | Refusal::Churning(n) => {
+        Refusal::Churning => {
+            "connections from this address are refused while it reconnects over its connect \
+             rate (addr_connect_rate)"
+                .to_string()
+        }
+        Refusal::PerAddr(n) => {
             format!(
                 "limit of {n} connections per source address reached (max_connections_per_addr)"
             )
