@@ -860,7 +860,7 @@ impl Session {
         }
     }
 
-    /// Whether the connection has at-least-once subscriptions (and needs [`tick`]).
+    /// Whether the connection has at-least-once subscriptions (and needs [`Session::tick`]).
     pub(crate) fn tracks(&self) -> bool {
         !self.tracked.is_empty()
     }
