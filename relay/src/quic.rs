@@ -25,15 +25,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) 
                 tokio::spawn(handshake(shared.clone(), incoming, slot));
             }
             Err(why) => {
-                shared.metrics.connection_rejected();
-                shared
-                    .metrics
-                    .error_sent(whispeer_protocol::ErrorCode::TooManyConnections);
-                tracing::debug!(
-                    listener = "quic",
-                    ?why,
-                    "connection refused before its handshake"
-                );
+                crate::relay::refused(&shared, TransportKind::Quic, &why);
                 incoming.refuse();
             }
         }

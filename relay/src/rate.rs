@@ -212,6 +212,22 @@ pub(crate) enum Refusal {
     Global(usize),
 }
 
+impl Refusal {
+    /// What the relay tells the refused client (the `tcp` listener sends it in a fatal
+    /// `Err(too_many_connections)`), or `None` for a churning address: closed unanswered.
+    pub(crate) fn explanation(&self) -> Option<String> {
+        match self {
+            Refusal::PerAddr(n) => Some(format!(
+                "limit of {n} connections per source address reached (max_connections_per_addr)"
+            )),
+            Refusal::Global(n) => {
+                Some(format!("connection limit of {n} reached (max_connections)"))
+            }
+            Refusal::Churning => None,
+        }
+    }
+}
+
 impl AddrTable {
     pub(crate) fn new(
         rates: Rates,

@@ -769,14 +769,14 @@ async fn accept_loop(
         // Counted from here, through the handshake, until the connection ends.
         let slot = match shared.addr_table.admit(peer.ip()) {
             Ok(slot) => slot,
-            Err(Refusal::Churning) => {
-                // Closed here, unanswered: see `Refusal::Churning`.
-                shared.metrics.connection_rejected();
-                drop(stream);
-                continue;
-            }
-            Err(refusal) => {
-                tokio::spawn(refuse(shared.clone(), stream, kind, refusal));
+            Err(why) => {
+                // Only the plain TCP listener can explain without a handshake; the others
+                // (TLS, WebSocket) close, as does every listener for a churning address.
+                if let Some(message) = refused(&shared, kind, &why) {
+                    if kind == TransportKind::Tcp {
+                        tokio::spawn(answer_refusal(stream, message));
+                    }
+                }
                 continue;
             }
         };
@@ -792,33 +792,25 @@ async fn accept_loop(
     }
 }
 
-/// Refuses a connection over the per-address or global cap before any handshake: the
-/// plain TCP listener answers a fatal `Err(too_many_connections)` saying which cap; the
-/// others (TLS, WebSocket) just close, since answering would need the handshake the cap
-/// is there to avoid.
-async fn refuse(shared: Arc<Shared>, mut stream: TcpStream, kind: TransportKind, why: Refusal) {
+/// Counts a connection refused before its handshake (over the per-address or global cap)
+/// and returns what to tell the client: `None` for a churning address, which is closed
+/// unanswered ([`Refusal::Churning`]).
+pub(crate) fn refused(shared: &Shared, kind: TransportKind, why: &Refusal) -> Option<String> {
+    shared.metrics.connection_rejected();
+    tracing::debug!(listener = %kind, ?why, "connection refused before its handshake");
+    let message = why.explanation()?;
+    shared
+        .metrics
+        .error_sent(whispeer_protocol::ErrorCode::TooManyConnections);
+    Some(message)
+}
+
+/// Answers a refused plain TCP connection with a fatal `Err(too_many_connections)` saying
+/// which cap, then closes it.
+async fn answer_refusal(mut stream: TcpStream, message: String) {
     use tokio::io::AsyncWriteExt;
     use whispeer_protocol::frame::ErrFrame;
     use whispeer_protocol::{codec, ErrorCode, Frame};
-    shared.metrics.connection_rejected();
-    shared.metrics.error_sent(ErrorCode::TooManyConnections);
-    tracing::debug!(listener = %kind, ?why, "connection refused before its handshake");
-    if kind != TransportKind::Tcp {
-        return;
-    }
-    let message = match why {
-        Refusal::Churning => {
-            "connections from this address are refused while it reconnects over its connect \
-             rate (addr_connect_rate)"
-                .to_string()
-        }
-        Refusal::PerAddr(n) => {
-            format!(
-                "limit of {n} connections per source address reached (max_connections_per_addr)"
-            )
-        }
-        Refusal::Global(n) => format!("connection limit of {n} reached (max_connections)"),
-    };
     let frame = codec::encode_prefixed(&Frame::Err(ErrFrame {
         code: ErrorCode::TooManyConnections,
         message,

@@ -286,9 +286,7 @@ async fn connection_churn_from_one_address_is_slowed_not_refused() {
     let delayed = throttled().await;
     assert!((1..=4).contains(&delayed), "{delayed} connections delayed");
     // Another address (127.0.0.2) has its own bucket: not delayed.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-    let mut other = Client::over_stream(Box::new(sock.connect(addr).await.unwrap()));
+    let mut other = Client::tcp_from(addr, "127.0.0.2").await;
     other.hello().await;
     assert_eq!(throttled().await, delayed, "another address was delayed");
 }
@@ -313,7 +311,7 @@ async fn a_churning_address_at_its_cap_is_closed_unanswered() {
     }
     tokio::time::timeout(TIMEOUT, open.wait_for(|n| *n == 4))
         .await
-        .expect("both counted")
+        .expect("all four counted")
         .expect("relay running");
     let mut c = Client::tcp(addr).await;
     let (frames, _) = c.drain_to_end().await;
@@ -352,10 +350,7 @@ async fn connection_flood_from_one_address_is_capped() {
         "WebSocket over the per-address cap was accepted"
     );
     // Another address (127.0.0.2, also loopback) still connects and works.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-    let stream = sock.connect(addr).await.unwrap();
-    let mut other = Client::over_stream(Box::new(stream));
+    let mut other = Client::tcp_from(addr, "127.0.0.2").await;
     other.hello().await;
     other.subscribe(1, exact(1, &[1])).await;
     // Closing flood connections frees their slots: once the relay has seen them close

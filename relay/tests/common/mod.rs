@@ -154,6 +154,17 @@ impl Client {
         Self::over_stream(Box::new(s))
     }
 
+    /// A TCP client whose connection comes from `from` (another loopback address, for
+    /// per-address limits).
+    pub async fn tcp_from(addr: SocketAddr, from: &str) -> Self {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(SocketAddr::new(from.parse().expect("an IPv4 address"), 0))
+            .expect("bind the source address");
+        let s = sock.connect(addr).await.expect("connect tcp");
+        s.set_nodelay(true).ok();
+        Self::over_stream(Box::new(s))
+    }
+
     pub fn over_stream(io: Box<dyn Io>) -> Self {
         Self {
             inner: Inner::Stream {
