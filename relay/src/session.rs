@@ -1412,7 +1412,12 @@ mod tests {
             key_id: KeyId::from_bytes([4; 16]),
             name: "d".into(),
         };
+        // No channel for hold notices until a durable subscription needs one (~2 KiB that
+        // every idle connection held), then exactly one receiver for the read loop.
+        assert!(s.take_hold_lost().is_none(), "made before any durable");
         send(&mut s, durable(1));
+        let _notices = s.take_hold_lost().expect("made by the first durable");
+        assert!(s.take_hold_lost().is_none(), "handed out once");
         send(&mut s, Frame::Unsub(Unsub { sub_id: 1 }));
         send(&mut s, durable(2));
         let mut frames = Vec::new();
