@@ -35,6 +35,13 @@ impl FrameDecoder {
         self.max_frame
     }
 
+    /// Changes the limit (capped at 64 MiB) for the frames not yet returned: a relay reads
+    /// the handshake with [`HANDSHAKE_MAX_FRAME`](crate::limits::HANDSHAKE_MAX_FRAME) and
+    /// raises the limit to its `max_frame` once the client is admitted.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame.min(MAX_FRAME_CEILING);
+    }
+
     /// Appends bytes received from the stream.
     pub fn push(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
@@ -109,6 +116,46 @@ pub fn encode_prefixed(frame: &Frame) -> Bytes {
 mod tests {
     use super::*;
     use crate::frame::{Frame, Ping};
+
+    /// The handshake cap must admit every valid `Hello`: the largest one (every field at
+    /// its limit, the longest CBOR encodings) decodes and fits, with room to spare.
+    #[test]
+    fn the_largest_valid_hello_fits_the_handshake_cap() {
+        use crate::frame::{Hello, MAX_AUTH_LEN, MAX_OFFERED_VERSIONS};
+        use crate::limits::{HANDSHAKE_MAX_FRAME, MAX_TEXT_LEN};
+        let hello = Frame::Hello(Hello {
+            versions: vec![u64::MAX; MAX_OFFERED_VERSIONS],
+            features: u64::MAX,
+            client: Some("\u{10FFFF}".repeat(MAX_TEXT_LEN / 4)),
+            auth: Some(Bytes::from(vec![0xff; MAX_AUTH_LEN])),
+            account: Some([0xff; 32]),
+        });
+        let wire = encode_prefixed(&hello);
+        let mut d = FrameDecoder::new(HANDSHAKE_MAX_FRAME);
+        d.push(&wire);
+        let back = d.next_decoded().expect("within the cap").expect("complete");
+        assert_eq!(back, hello);
+        assert!(
+            wire.len() - LEN_PREFIX <= HANDSHAKE_MAX_FRAME / 2 + 512,
+            "{}",
+            wire.len()
+        );
+    }
+
+    #[test]
+    fn a_raised_limit_admits_what_the_handshake_cap_refused() {
+        use crate::limits::HANDSHAKE_MAX_FRAME;
+        let big = (HANDSHAKE_MAX_FRAME as u32 + 1).to_be_bytes();
+        let mut d = FrameDecoder::new(HANDSHAKE_MAX_FRAME);
+        d.push(&big);
+        assert!(matches!(d.next_frame(), Err(DecodeError::TooLarge { .. })));
+        let mut d = FrameDecoder::new(HANDSHAKE_MAX_FRAME);
+        d.set_max_frame(1 << 20);
+        d.push(&big);
+        assert_eq!(d.next_frame().unwrap(), None, "waits for the body");
+        d.set_max_frame(usize::MAX);
+        assert_eq!(d.max_frame(), MAX_FRAME_CEILING);
+    }
 
     #[test]
     fn byte_by_byte_and_many_per_read() {

@@ -13,6 +13,11 @@ pub const TOKEN_LEN: usize = 16;
 pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
 /// Absolute ceiling for any configured `max_frame`.
 pub const MAX_FRAME_CEILING: usize = 64 * 1024 * 1024;
+/// Largest frame a relay must accept before its handshake with the client completes
+/// (`Welcome` sent): `Hello` and `Auth` are small (the largest valid `Hello` is under 2.5 KiB),
+/// and without this cap a stranger who has not proved an account could make the relay
+/// buffer a partial `max_frame` (up to 64 MiB) per connection until the hello timeout.
+pub const HANDSHAKE_MAX_FRAME: usize = 4096;
 /// Most sequence numbers in one `Ack` frame.
 pub const MAX_ACKS_PER_FRAME: usize = 4096;
 /// Most bytes in any text field of a frame (error messages, names).

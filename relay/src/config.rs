@@ -835,7 +835,8 @@ pub struct TlsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest frame accepted, in bytes (TCP length prefix, WebSocket message); larger:
-    /// fatal Err(frame_too_large).
+    /// fatal Err(frame_too_large). Before Welcome, TCP/TLS/QUIC frames are capped at 4 KiB
+    /// (Hello and Auth are smaller), so a stranger cannot park a partial max_frame.
     #[arg(long, env = "WHISPEER_MAX_FRAME")]
     pub max_frame: usize,
     /// Most concurrent client connections, handshakes included (fatal

@@ -164,8 +164,12 @@ async fn read_loop<Src: FrameSource>(
                 }
                 let closed = matches!(ev, Inbound::Closed);
                 last_in = Instant::now();
+                let was_open = session.is_open();
                 if session.on_inbound(ev, last_in.into_std()) == Flow::Close {
                     return closed;
+                }
+                if !was_open && session.is_open() {
+                    source.admitted();
                 }
             }
             _ = redeliver.tick(), if session.tracks() => {

@@ -15,6 +15,7 @@ use whispeer_protocol::frame::{
     features, msg_flags, negotiate_version, pub_flags, Ack, Auth, Challenge, Close, ErrFrame,
     Hello, Pong, Pub, PubAck, Replay, Sub, SubOk, Unsub, Welcome, PROTOCOL_VERSION,
 };
+use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
 use whispeer_protocol::{codec, DecodeError, ErrorCode, Frame, Qos, TokenPattern};
 
 use crate::accounts::{owner_of_secret, Refusal, Right, Rights};
@@ -279,15 +280,18 @@ impl Session {
                 None,
                 None,
             ),
-            Inbound::TooLarge { len } => self.fatal(
-                ErrorCode::FrameTooLarge,
-                format!(
-                    "frame of {len} bytes exceeds max_frame {}",
-                    self.shared.config.limits.max_frame
-                ),
-                None,
-                None,
-            ),
+            Inbound::TooLarge { len } => {
+                let max = self.shared.config.limits.max_frame;
+                let why = if self.open || max <= HANDSHAKE_MAX_FRAME {
+                    format!("frame of {len} bytes exceeds max_frame {max}")
+                } else {
+                    format!(
+                        "frame of {len} bytes before the handshake completed: until Welcome \
+                         frames are limited to {HANDSHAKE_MAX_FRAME} bytes"
+                    )
+                };
+                self.fatal(ErrorCode::FrameTooLarge, why, None, None)
+            }
             Inbound::Invalid(why) => self.fatal(ErrorCode::Malformed, why, None, None),
             Inbound::Closed => {
                 self.close_quietly("peer closed the connection");

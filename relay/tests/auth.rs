@@ -225,6 +225,56 @@ async fn no_auth_is_refused_when_required() {
     c.expect_fatal(ErrorCode::ProtocolViolation).await;
 }
 
+/// A stranger cannot make the relay hold a large partial frame before proving an account:
+/// until `Welcome` a length prefix over the handshake cap (4 KiB) is refused as soon as its
+/// 4 bytes arrive — before `Hello`, and while a challenge is pending — and an admitted
+/// account may then send frames up to `max_frame` (1 MiB by default). Fails if the relay
+/// buffers a frame body before admission (the refusal would wait for the body, which is
+/// never sent) or keeps the small cap after it.
+#[tokio::test]
+async fn a_stranger_cannot_park_a_large_frame_before_the_handshake() {
+    use whispeer_protocol::limits::{DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME};
+    let s = Setup::new("handshake-cap");
+    let alice = key_account(&s.dir, &s.accounts, "alice", &[]);
+    let relay = s.relay(&[]);
+    let prefix = |len: usize| (len as u32).to_be_bytes();
+
+    // Before Hello: a declared max_frame body is refused without waiting for it.
+    let mut c = Client::tcp(relay.tcp()).await;
+    c.send_raw(&prefix(DEFAULT_MAX_FRAME)).await.unwrap();
+    let e = c.expect_fatal(ErrorCode::FrameTooLarge).await;
+    assert!(e.message.contains("before the handshake"), "{e:?}");
+    assert!(
+        e.message.contains(&HANDSHAKE_MAX_FRAME.to_string()),
+        "{e:?}"
+    );
+
+    // Challenge pending (the account named, not yet proved): the same.
+    let mut c = Client::tcp(relay.tcp()).await;
+    c.send(&hello(None, Some(alice.verifying_key().to_bytes())))
+        .await;
+    assert!(matches!(c.recv().await, Frame::Challenge(_)));
+    c.send_raw(&prefix(HANDSHAKE_MAX_FRAME + 1)).await.unwrap();
+    c.expect_fatal(ErrorCode::FrameTooLarge).await;
+
+    // Admitted: a 100 KiB publish is taken (PubAck), well over the handshake cap.
+    let mut c = login(relay.tcp(), &alice).await;
+    c.send(&Frame::Pub(Pub {
+        envelope: envelope_sized(1, &[1], 100 * 1024),
+        flags: whispeer_protocol::frame::pub_flags::ACK,
+        publish_id: Some([1; 16]),
+        qos: Qos::AtLeastOnce,
+    }))
+    .await;
+    loop {
+        match c.recv().await {
+            Frame::PubAck(_) => break,
+            Frame::Err(e) => panic!("an admitted account's large frame refused: {e:?}"),
+            _ => continue,
+        }
+    }
+}
+
 #[tokio::test]
 async fn unknown_account_bad_signature_and_replayed_signature_fail() {
     let s = Setup::new("keys");

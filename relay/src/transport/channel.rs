@@ -13,20 +13,40 @@ use super::{FrameSink, FrameSource, Inbound};
 pub struct ChannelSource {
     rx: mpsc::Receiver<Bytes>,
     max_frame: usize,
+    admitted: bool,
 }
 
 impl ChannelSource {
-    /// Reads from `rx`, enforcing `max_frame` like the socket transports do.
+    /// Reads from `rx`, enforcing the handshake cap and then `max_frame` like the socket
+    /// transports do (the frame already sits in memory here: this only keeps the rules the
+    /// same).
     pub fn new(rx: mpsc::Receiver<Bytes>, max_frame: usize) -> Self {
-        Self { rx, max_frame }
+        Self {
+            rx,
+            max_frame,
+            admitted: false,
+        }
+    }
+
+    fn limit(&self) -> usize {
+        if self.admitted {
+            self.max_frame
+        } else {
+            self.max_frame
+                .min(whispeer_protocol::limits::HANDSHAKE_MAX_FRAME)
+        }
     }
 }
 
 impl FrameSource for ChannelSource {
+    fn admitted(&mut self) {
+        self.admitted = true;
+    }
+
     async fn recv(&mut self) -> Inbound {
         match self.rx.recv().await {
             None => Inbound::Closed,
-            Some(f) if f.len() > self.max_frame => Inbound::TooLarge { len: f.len() },
+            Some(f) if f.len() > self.limit() => Inbound::TooLarge { len: f.len() },
             Some(f) if f.is_empty() => Inbound::Invalid("empty frame".into()),
             Some(f) => Inbound::Frame(f),
         }

@@ -95,6 +95,12 @@ pub enum Inbound {
 pub trait FrameSource: Send + 'static {
     /// The next event. After `Closed`, keeps returning `Closed`.
     fn recv(&mut self) -> impl Future<Output = Inbound> + Send;
+    /// The client is admitted (`Welcome` sent): frames up to `max_frame` from now on.
+    /// Until then a source refuses frames over
+    /// [`HANDSHAKE_MAX_FRAME`](whispeer_protocol::limits::HANDSHAKE_MAX_FRAME) where its
+    /// framing lets it tell before buffering, so a stranger cannot park a partial
+    /// `max_frame` in the relay's memory for the hello timeout.
+    fn admitted(&mut self);
 }
 
 /// Where outbound frames are written. Frames are handed over *with* their 4-byte length

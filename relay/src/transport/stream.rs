@@ -6,6 +6,7 @@ use std::io;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
 use whispeer_protocol::{DecodeError, FrameDecoder};
 
 use super::{FrameSink, FrameSource, Inbound, ReadHint};
@@ -24,12 +25,15 @@ pub struct StreamSource<R> {
     broken: bool,
     closed: bool,
     read_hint: ReadHint,
+    /// The limit once the client is admitted (the handshake's is smaller).
+    max_frame: usize,
 }
 
 impl<R: AsyncRead + Unpin + Send + 'static> StreamSource<R> {
-    /// Frames of at most `max_frame` bytes from `reader`.
+    /// Frames from `reader`: at most [`HANDSHAKE_MAX_FRAME`] bytes until
+    /// [`FrameSource::admitted`], then at most `max_frame`.
     pub fn new(reader: R, max_frame: usize) -> Self {
-        let mut decoder = FrameDecoder::new(max_frame);
+        let mut decoder = FrameDecoder::new(max_frame.min(HANDSHAKE_MAX_FRAME));
         // The decoder preallocates 8 KiB; with 10,000 idle connections that is 80 MiB, so
         // start empty and grow on demand instead.
         *decoder.buffer_mut() = bytes::BytesMut::new();
@@ -39,6 +43,7 @@ impl<R: AsyncRead + Unpin + Send + 'static> StreamSource<R> {
             broken: false,
             closed: false,
             read_hint: ReadHint::new(),
+            max_frame,
         }
     }
 }
@@ -81,6 +86,10 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
                 return Inbound::Closed;
             }
         }
+    }
+
+    fn admitted(&mut self) {
+        self.decoder.set_max_frame(self.max_frame);
     }
 }
 

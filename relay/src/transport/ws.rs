@@ -56,6 +56,12 @@ pub struct WsSource<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameSource for WsSource<S> {
+    /// Nothing changes here: tungstenite's size limits are fixed when the upgrade is
+    /// accepted (tokio-tungstenite cannot change them on a split stream), so over WebSocket
+    /// a frame before `Welcome` may be as large as `max_frame`; the session still refuses
+    /// anything but `Hello` and `Auth` there.
+    fn admitted(&mut self) {}
+
     async fn recv(&mut self) -> Inbound {
         loop {
             if self.closed {
