@@ -57,6 +57,13 @@ impl FrameDecoder {
         self.buf.len()
     }
 
+    /// The declared length of the frame being received, once its 4-byte prefix is
+    /// buffered (whatever the limit: [`next_frame`](Self::next_frame) judges it).
+    pub fn pending_len(&self) -> Option<usize> {
+        let p = self.buf.get(..LEN_PREFIX)?;
+        Some(u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize)
+    }
+
     /// The next complete frame's bytes (without prefix), `None` if more input is needed, or
     /// an error for a declared length of zero or above the limit. After an error the stream
     /// is unusable: close it.

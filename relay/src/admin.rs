@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::{Limits, SlowConsumerPolicy};
 use crate::metrics::Snapshot;
 use crate::relay::{BoundAddrs, Shared};
+use crate::transport::frame_budget::FrameBudget;
 
 /// The `/status` document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -192,6 +193,9 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                         .render_store_prometheus(store.kind(), &store.metrics()),
                 );
                 text.push_str(&shared.budget.render_prometheus());
+                text.push_str(&FrameBudget::render_prometheus(
+                    shared.frame_budget.as_deref(),
+                ));
                 text
             },
         ),

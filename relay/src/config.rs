@@ -839,6 +839,15 @@ pub struct Limits {
     /// (Hello and Auth are smaller), so a stranger cannot park a partial max_frame.
     #[arg(long, env = "WHISPEER_MAX_FRAME")]
     pub max_frame: usize,
+    /// Bytes of frames over 64 KiB that all connections together may be receiving at once
+    /// (a partial frame is held in memory until complete, and does not reset the idle
+    /// timer). A large frame takes its size when its length prefix arrives and gives it back
+    /// when complete; when the budget is spent the connection is not read until it frees
+    /// (backpressure, idle timer suspended; whispeer_relay_frame_budget_waits_total); frames
+    /// up to 64 KiB never wait. TCP, TLS and QUIC (a WebSocket message is bounded by
+    /// max_frame per connection only). At least max_frame; 0 = unlimited.
+    #[arg(long, env = "WHISPEER_LARGE_FRAME_BUDGET")]
+    pub large_frame_budget: usize,
     /// Most concurrent client connections, handshakes included (fatal
     /// Err(too_many_connections) on TCP; other listeners close the socket).
     #[arg(long, env = "WHISPEER_MAX_CONNECTIONS")]
@@ -935,6 +944,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_frame: DEFAULT_MAX_FRAME,
+            large_frame_budget: 256 << 20,
             max_connections: 10_000,
             max_subscriptions: 1_000,
             max_filter_depth: MAX_LEVELS,
@@ -1139,6 +1149,16 @@ impl Config {
             return invalid(
                 "limits.max_frame",
                 format!("{} is outside 64..={MAX_FRAME_CEILING}", l.max_frame),
+            );
+        }
+        if l.large_frame_budget != 0 && l.large_frame_budget < l.max_frame {
+            return invalid(
+                "limits.large_frame_budget",
+                format!(
+                    "{} is below max_frame ({}): a largest frame could never be received \
+                     (0 = unlimited)",
+                    l.large_frame_budget, l.max_frame
+                ),
             );
         }
         if l.max_filter_depth == 0 || l.max_filter_depth > MAX_LEVELS {
@@ -1738,6 +1758,13 @@ mod tests {
             let mut c = Config::default();
             c.limits.addr_ipv6_prefix = prefix;
             assert_eq!(c.validate().is_ok(), ok, "addr_ipv6_prefix {prefix}");
+        }
+        // A frame budget must hold the largest frame (or be 0 = unlimited).
+        let max = Limits::default().max_frame;
+        for (budget, ok) in [(0, true), (max - 1, false), (max, true)] {
+            let mut c = Config::default();
+            c.limits.large_frame_budget = budget;
+            assert_eq!(c.validate().is_ok(), ok, "large_frame_budget {budget}");
         }
     }
 }

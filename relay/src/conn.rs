@@ -183,6 +183,10 @@ async fn read_loop<Src: FrameSource>(
                 }
             }
             _ = &mut deadline => {
+                if source.stalled() {
+                    // Waiting for the relay's frame budget is not the client's idleness.
+                    last_in = Instant::now();
+                }
                 let due = if session.is_open() { last_in + idle } else { started + hello };
                 if Instant::now() >= due {
                     session.timed_out();

@@ -25,6 +25,7 @@ use crate::rate::{AccountRates, AddrSlot, AddrTable, Rates, Refusal};
 use crate::router::Router;
 use crate::store::{DurableKey, Store};
 use crate::transport::channel::{ChannelSink, ChannelSource};
+use crate::transport::frame_budget::FrameBudget;
 use crate::transport::read_ahead::ReadAhead;
 use crate::transport::stream::{StreamSink, StreamSource};
 use crate::transport::{ws, FrameSink, FrameSource};
@@ -118,6 +119,8 @@ pub(crate) struct Shared {
     pub(crate) account_rates: AccountRates,
     /// The relay-wide budget of queued outbound message bytes.
     pub(crate) budget: Arc<crate::outbound::Budget>,
+    /// The relay-wide budget of large frames being received (`None`: unlimited).
+    pub(crate) frame_budget: Option<Arc<FrameBudget>>,
     /// The NATS bridge's status, in a cluster.
     pub(crate) cluster: Option<crate::cluster::State>,
 }
@@ -357,6 +360,7 @@ impl RelayBuilder {
             cluster: cluster_rx
                 .as_ref()
                 .map(|_| crate::cluster::State::new(&self.config.cluster)),
+            frame_budget: FrameBudget::new(self.config.limits.large_frame_budget),
             budget: Arc::new(crate::outbound::Budget::new(
                 self.config.queue.total_max_bytes,
             )),
@@ -865,7 +869,7 @@ async fn handshake(
                 let (r, w) = stream.into_split();
                 conn::serve(
                     shared.clone(),
-                    StreamSource::new(r, max),
+                    StreamSource::new(r, max).with_budget(shared.frame_budget.clone()),
                     StreamSink::new(w),
                     kind,
                     peer_s,
@@ -897,7 +901,7 @@ async fn handshake(
                     let (r, w) = tokio::io::split(tls_stream);
                     conn::serve(
                         shared.clone(),
-                        StreamSource::new(r, max),
+                        StreamSource::new(r, max).with_budget(shared.frame_budget.clone()),
                         StreamSink::new(w),
                         kind,
                         peer_s,

@@ -503,3 +503,77 @@ async fn sigterm_sends_close_to_clients_and_exits_zero() {
     .0;
     assert!(status.success(), "exit status {status}");
 }
+
+/// Waits (bounded) until the relay's metric `name` satisfies `ok`; a poll of another
+/// process's `/metrics`, which has no event to wait on.
+async fn metric_until(admin: std::net::SocketAddr, name: &str, ok: impl Fn(u64) -> bool) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let v = metric(admin, name).await;
+        if ok(v) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{name} stuck at {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Partial large frames cannot pile up in the relay's memory: with a budget of two 256 KiB
+/// frames, two connections that announce such frames and never finish them hold all of it;
+/// a third connection's large frame is then not read (it waits, counted) while small
+/// frames from anyone still flow; once one holder goes, the waiting frame is read and
+/// delivered whole. Fails if large partial frames are buffered without limit (no wait is
+/// counted and the budget gauge never fills) or if small frames wait too.
+#[tokio::test]
+async fn partial_large_frames_are_bounded_by_the_frame_budget() {
+    const BIG: usize = 256 * 1024;
+    let relay = BinRelay::start(&[
+        "--store",
+        "none",
+        "--max-frame",
+        &BIG.to_string(),
+        "--large-frame-budget",
+        &(2 * BIG).to_string(),
+    ]);
+    let admin = relay.admin();
+    let mut sub = subscriber_tcp(relay.tcp(), exact(1, &[1])).await;
+    let large = |body: usize| {
+        whispeer_protocol::codec::encode_prefixed(&pub_frame(envelope_sized(1, &[1], body)))
+    };
+    // Two holders: a frame just under max_frame announced, 1,000 bytes of it sent.
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut c = Client::tcp(relay.tcp()).await;
+        c.hello().await;
+        let f = large(BIG - 200);
+        assert!(f.len() - 4 <= BIG && f.len() - 4 > BIG / 2);
+        c.send_raw(&f[..1004]).await.unwrap();
+        holders.push(c);
+    }
+    let held = metric_until(admin, "whispeer_relay_frame_budget_bytes", |v| {
+        v > BIG as u64
+    })
+    .await;
+    assert!(held <= 2 * BIG as u64, "{held}");
+
+    // A third large frame, sent whole: the relay does not read it yet.
+    let mut third = Client::tcp(relay.tcp()).await;
+    third.hello().await;
+    third.send_raw(&large(BIG / 2)).await.unwrap();
+    metric_until(admin, "whispeer_relay_frame_budget_waits_total", |v| v >= 1).await;
+
+    // Small frames flow meanwhile, on a connection of their own.
+    let mut small = Client::tcp(relay.tcp()).await;
+    small.hello().await;
+    small.publish(envelope_sized(1, &[1], 100)).await;
+    let m = sub.expect_msg().await;
+    assert!(m.envelope.len() < 1024, "the small message comes first");
+
+    // One holder goes: the waiting frame is read and delivered.
+    drop(holders.remove(0));
+    let m = sub.expect_msg().await;
+    assert!(m.envelope.len() > BIG / 2, "then the large one");
+    // The second holder still holds its share; nothing else was refused.
+    assert!(metric(admin, "whispeer_relay_frame_budget_bytes").await > 0);
+    drop(holders);
+}

@@ -43,6 +43,11 @@ impl FrameSource for ChannelSource {
         self.admitted = true;
     }
 
+    /// In-process frames arrive whole: nothing waits for budget.
+    fn stalled(&self) -> bool {
+        false
+    }
+
     async fn recv(&mut self) -> Inbound {
         match self.rx.recv().await {
             None => Inbound::Closed,

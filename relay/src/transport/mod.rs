@@ -8,6 +8,7 @@
 //! - [`read_ahead`] — large socket reads under tungstenite's small ones.
 
 pub mod channel;
+pub mod frame_budget;
 pub mod read_ahead;
 pub mod stream;
 pub mod ws;
@@ -101,6 +102,9 @@ pub trait FrameSource: Send + 'static {
     /// framing lets it tell before buffering, so a stranger cannot park a partial
     /// `max_frame` in the relay's memory for the hello timeout.
     fn admitted(&mut self);
+    /// Whether the last `recv` was waiting for relay-side budget rather than for the peer
+    /// ([`frame_budget`]): the idle timer does not count that time against the client.
+    fn stalled(&self) -> bool;
 }
 
 /// Where outbound frames are written. Frames are handed over *with* their 4-byte length

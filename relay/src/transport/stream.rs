@@ -3,12 +3,15 @@
 //! prefix as soon as its 4 bytes arrive, before any buffer grows for it.
 
 use std::io;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
 use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
 use whispeer_protocol::{DecodeError, FrameDecoder};
 
+use super::frame_budget::FrameBudget;
 use super::{FrameSink, FrameSource, Inbound, ReadHint};
 
 /// Bytes gathered before one `write` call; large enough to amortise syscalls, small
@@ -27,6 +30,12 @@ pub struct StreamSource<R> {
     read_hint: ReadHint,
     /// The limit once the client is admitted (the handshake's is smaller).
     max_frame: usize,
+    /// The relay-wide budget of large frames in progress (`None`: unlimited).
+    budget: Option<Arc<FrameBudget>>,
+    /// The budget taken for the frame being received.
+    held: Option<OwnedSemaphorePermit>,
+    /// Waiting for budget: the relay, not the client, is holding this connection up.
+    waiting: bool,
 }
 
 impl<R: AsyncRead + Unpin + Send + 'static> StreamSource<R> {
@@ -44,7 +53,16 @@ impl<R: AsyncRead + Unpin + Send + 'static> StreamSource<R> {
             closed: false,
             read_hint: ReadHint::new(),
             max_frame,
+            budget: None,
+            held: None,
+            waiting: false,
         }
+    }
+
+    /// Frames over [`FREE`](super::frame_budget::FREE) draw on `budget` while they arrive.
+    pub fn with_budget(mut self, budget: Option<Arc<FrameBudget>>) -> Self {
+        self.budget = budget;
+        self
     }
 }
 
@@ -65,7 +83,12 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
                 continue;
             }
             match self.decoder.next_frame() {
-                Ok(Some(frame)) => return Inbound::Frame(frame),
+                Ok(Some(frame)) => {
+                    // Complete: its budget goes back (the frame is handled at once; what it
+                    // becomes is bounded by the queues' own byte limits).
+                    self.held = None;
+                    return Inbound::Frame(frame);
+                }
                 Ok(None) => {}
                 Err(e) => {
                     self.broken = true;
@@ -73,6 +96,15 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
                         DecodeError::TooLarge { len, .. } => Inbound::TooLarge { len },
                         other => Inbound::Invalid(other.to_string()),
                     };
+                }
+            }
+            if self.held.is_none() {
+                if let (Some(budget), Some(len)) = (&self.budget, self.decoder.pending_len()) {
+                    // Before reading the body of a large frame: cover it, or stop reading.
+                    let budget = budget.clone();
+                    self.waiting = true;
+                    self.held = budget.take(len).await;
+                    self.waiting = false;
                 }
             }
             // Idle, this holds no read buffer (10,000 idle connections: 20 MiB less).
@@ -90,6 +122,10 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
 
     fn admitted(&mut self) {
         self.decoder.set_max_frame(self.max_frame);
+    }
+
+    fn stalled(&self) -> bool {
+        self.waiting
     }
 }
 

@@ -62,6 +62,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameSource for WsSourc
     /// anything but `Hello` and `Auth` there.
     fn admitted(&mut self) {}
 
+    /// tungstenite buffers a message inside; this source never waits for the frame
+    /// budget (large WebSocket messages are bounded by `max_frame` per connection only).
+    fn stalled(&self) -> bool {
+        false
+    }
+
     async fn recv(&mut self) -> Inbound {
         loop {
             if self.closed {
