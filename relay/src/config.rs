@@ -835,17 +835,17 @@ pub struct TlsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest frame accepted, in bytes (TCP length prefix, WebSocket message); larger:
-    /// fatal Err(frame_too_large). Before Welcome, TCP/TLS/QUIC frames are capped at 4 KiB
-    /// (Hello and Auth are smaller), so a stranger cannot park a partial max_frame.
+    /// fatal Err(frame_too_large). Before Welcome, frames are capped at 4 KiB (Hello and Auth
+    /// are smaller), so a stranger cannot park a partial max_frame.
     #[arg(long, env = "WHISPEER_MAX_FRAME")]
     pub max_frame: usize,
     /// Bytes of frames over 64 KiB that all connections together may be receiving at once
     /// (a partial frame is held in memory until complete, and does not reset the idle
-    /// timer). A large frame takes its size when its length prefix arrives and gives it back
-    /// when complete; when the budget is spent the connection is not read until it frees
-    /// (backpressure, idle timer suspended; whispeer_relay_frame_budget_waits_total); frames
-    /// up to 64 KiB never wait. TCP, TLS and QUIC (a WebSocket message is bounded by
-    /// max_frame per connection only). At least max_frame; 0 = unlimited.
+    /// timer). A large frame takes its size when its length arrives (a fragmented WebSocket
+    /// message: max_frame) and gives it back when complete; when the budget is spent the
+    /// connection is not read until it frees (backpressure, idle timer suspended;
+    /// whispeer_relay_frame_budget_waits_total); frames up to 64 KiB never wait. At least
+    /// max_frame; 0 = unlimited.
     #[arg(long, env = "WHISPEER_LARGE_FRAME_BUDGET")]
     pub large_frame_budget: usize,
     /// Most concurrent client connections, handshakes included (fatal

@@ -28,6 +28,7 @@ use crate::transport::channel::{ChannelSink, ChannelSource};
 use crate::transport::frame_budget::FrameBudget;
 use crate::transport::read_ahead::ReadAhead;
 use crate::transport::stream::{StreamSink, StreamSource};
+use crate::transport::ws_gate::{Follower, WsGate};
 use crate::transport::{ws, FrameSink, FrameSource};
 use crate::{admin, conn, tls};
 
@@ -878,17 +879,18 @@ async fn handshake(
                 .await;
             }
             TransportKind::Ws => {
+                let gate = WsGate::new(shared.frame_budget.clone());
                 let ws = tokio::time::timeout(
                     limit,
                     tokio_tungstenite::accept_async_with_config(
-                        ReadAhead::new(stream),
+                        ReadAhead::new(stream).following(Follower::new(gate.clone(), max)),
                         Some(ws::ws_config(max)),
                     ),
                 )
                 .await
                 .map_err(|_| "WebSocket handshake timed out".to_string())?
                 .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
-                let (src, snk) = ws::split(ws);
+                let (src, snk) = ws::split(ws, gate);
                 conn::serve(shared.clone(), src, snk, kind, peer_s, slot.take()).await;
             }
             TransportKind::Tls | TransportKind::Wss => {
@@ -909,17 +911,18 @@ async fn handshake(
                     )
                     .await;
                 } else {
+                    let gate = WsGate::new(shared.frame_budget.clone());
                     let ws = tokio::time::timeout(
                         limit,
                         tokio_tungstenite::accept_async_with_config(
-                            ReadAhead::new(tls_stream),
+                            ReadAhead::new(tls_stream).following(Follower::new(gate.clone(), max)),
                             Some(ws::ws_config(max)),
                         ),
                     )
                     .await
                     .map_err(|_| "WebSocket handshake timed out".to_string())?
                     .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
-                    let (src, snk) = ws::split(ws);
+                    let (src, snk) = ws::split(ws, gate);
                     conn::serve(shared.clone(), src, snk, kind, peer_s, slot.take()).await;
                 }
             }

@@ -227,7 +227,8 @@ async fn no_auth_is_refused_when_required() {
 
 /// A stranger cannot make the relay hold a large partial frame before proving an account:
 /// until `Welcome` a length prefix over the handshake cap (4 KiB) is refused as soon as its
-/// 4 bytes arrive — before `Hello`, and while a challenge is pending — and an admitted
+/// 4 bytes arrive (over WebSocket: at the message's header) — before `Hello`, and while a
+/// challenge is pending — and an admitted
 /// account may then send frames up to `max_frame` (1 MiB by default). Fails if the relay
 /// buffers a frame body before admission (the refusal would wait for the body, which is
 /// never sent) or keeps the small cap after it.
@@ -248,6 +249,16 @@ async fn a_stranger_cannot_park_a_large_frame_before_the_handshake() {
         e.message.contains(&HANDSHAKE_MAX_FRAME.to_string()),
         "{e:?}"
     );
+
+    // Over WebSocket: a message over the cap is refused at its header, with the same
+    // answer (the client sends it whole; the relay does not buffer it).
+    let mut c = Client::ws(relay.ws()).await;
+    c.send_ws_message(tokio_tungstenite::tungstenite::Message::Binary(
+        vec![0u8; 100_000].into(),
+    ))
+    .await;
+    let e = c.expect_fatal(ErrorCode::FrameTooLarge).await;
+    assert!(e.message.contains("before the handshake"), "{e:?}");
 
     // Challenge pending (the account named, not yet proved): the same.
     let mut c = Client::tcp(relay.tcp()).await;

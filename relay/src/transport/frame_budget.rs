@@ -4,8 +4,8 @@
 //! idle timer: without a budget, every connection could park one partial `max_frame`
 //! (1 MiB by default) for `idle_ms` — 256 MiB from one source address at the default
 //! per-address cap, 10 GiB at the global one. With it, a frame over [`FREE`] draws its
-//! declared size from the budget when its length prefix arrives and gives it back when the
-//! frame is complete; while the budget cannot cover it the connection is not read
+//! declared size from the budget when its length prefix arrives (over WebSocket, see
+//! [`ws_gate`](super::ws_gate)) and gives it back when the frame is complete; while the budget cannot cover it the connection is not read
 //! (backpressure, its idle timer suspended), and frames up to [`FREE`] never wait. The
 //! memory held for partial frames stays under the budget plus [`FREE`] per connection.
 
@@ -70,7 +70,13 @@ impl FrameBudget {
         if len <= FREE {
             return None;
         }
-        let n = u32::try_from(len).unwrap_or(u32::MAX);
+        self.take_exact(len).await
+    }
+
+    /// `n` bytes of budget whatever their size (a WebSocket message past [`FREE`] takes
+    /// each further fragment's length); waits like [`take`](Self::take).
+    pub async fn take_exact(self: &Arc<Self>, n: usize) -> Option<OwnedSemaphorePermit> {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
         if let Ok(p) = self.bytes.clone().try_acquire_many_owned(n) {
             return Some(p);
         }

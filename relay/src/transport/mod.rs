@@ -12,6 +12,7 @@ pub mod frame_budget;
 pub mod read_ahead;
 pub mod stream;
 pub mod ws;
+pub mod ws_gate;
 
 use std::future::Future;
 use std::io;
@@ -98,9 +99,9 @@ pub trait FrameSource: Send + 'static {
     fn recv(&mut self) -> impl Future<Output = Inbound> + Send;
     /// The client is admitted (`Welcome` sent): frames up to `max_frame` from now on.
     /// Until then a source refuses frames over
-    /// [`HANDSHAKE_MAX_FRAME`](whispeer_protocol::limits::HANDSHAKE_MAX_FRAME) where its
-    /// framing lets it tell before buffering, so a stranger cannot park a partial
-    /// `max_frame` in the relay's memory for the hello timeout.
+    /// [`HANDSHAKE_MAX_FRAME`](whispeer_protocol::limits::HANDSHAKE_MAX_FRAME) before
+    /// buffering them, so a stranger cannot park a partial `max_frame` in the relay's
+    /// memory for the hello timeout.
     fn admitted(&mut self);
     /// Whether the last `recv` was waiting for relay-side budget rather than for the peer
     /// ([`frame_budget`]): the idle timer does not count that time against the client.

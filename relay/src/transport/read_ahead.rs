@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::ws_gate::Follower;
 use super::ReadHint;
 
 /// `inner` with reads served from a buffer filled by large reads.
@@ -26,6 +27,8 @@ pub struct ReadAhead<S> {
     hint: ReadHint,
     /// The last direct read filled the caller's buffer: read ahead next time.
     streaming: bool,
+    /// Holds a WebSocket client's messages to the size rules (`None`: bytes pass as read).
+    follower: Option<Follower>,
 }
 
 impl<S> ReadAhead<S> {
@@ -36,7 +39,15 @@ impl<S> ReadAhead<S> {
             buf: BytesMut::new(),
             hint: ReadHint::new(),
             streaming: false,
+            follower: None,
         }
+    }
+
+    /// Every byte read is shown to `follower` first, and reads wait while it waits for
+    /// budget.
+    pub fn following(mut self, follower: Follower) -> Self {
+        self.follower = Some(follower);
+        self
     }
 }
 
@@ -47,6 +58,28 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        let Some(follower) = this.follower.as_mut() else {
+            return this.poll_read_ahead(cx, out);
+        };
+        if follower.poll_budget(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let before = out.filled().len();
+        let r = this.poll_read_ahead(cx, out);
+        if let (Poll::Ready(Ok(())), Some(f)) = (&r, this.follower.as_mut()) {
+            f.follow(&out.filled()[before..])?;
+        }
+        r
+    }
+}
+
+impl<S: AsyncRead + Unpin> ReadAhead<S> {
+    fn poll_read_ahead(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         if this.buf.is_empty() && !this.streaming {
             let want = out.remaining();
             let before = out.filled().len();

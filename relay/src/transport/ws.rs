@@ -3,6 +3,7 @@
 //! tungstenite before it is buffered (its size limits are set from `max_frame`).
 
 use std::io;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -14,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use whispeer_protocol::codec::LEN_PREFIX;
 
+use super::ws_gate::WsGate;
 use super::{FrameSink, FrameSource, Inbound};
 
 /// Bytes tungstenite reads per `read` call. Its read buffer is allocated at this size and
@@ -33,8 +35,9 @@ pub fn ws_config(max_frame: usize) -> WebSocketConfig {
         .read_buffer_size(WS_READ_BUFFER)
 }
 
-/// Splits an accepted WebSocket into a frame source and sink.
-pub fn split<S>(ws: WebSocketStream<S>) -> (WsSource<S>, WsSink<S>)
+/// Splits an accepted WebSocket into a frame source and sink; `gate` is the one the
+/// stream's [`Gated`](super::ws_gate::Gated) layer reports to.
+pub fn split<S>(ws: WebSocketStream<S>, gate: Arc<WsGate>) -> (WsSource<S>, WsSink<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -43,6 +46,7 @@ where
         WsSource {
             stream,
             closed: false,
+            gate,
         },
         WsSink { sink },
     )
@@ -53,19 +57,18 @@ where
 pub struct WsSource<S> {
     stream: SplitStream<WebSocketStream<S>>,
     closed: bool,
+    gate: Arc<WsGate>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameSource for WsSource<S> {
-    /// Nothing changes here: tungstenite's size limits are fixed when the upgrade is
-    /// accepted (tokio-tungstenite cannot change them on a split stream), so over WebSocket
-    /// a frame before `Welcome` may be as large as `max_frame`; the session still refuses
-    /// anything but `Hello` and `Auth` there.
-    fn admitted(&mut self) {}
+    /// tungstenite's own limit stays `max_frame`; the gate under it stops enforcing the
+    /// handshake cap.
+    fn admitted(&mut self) {
+        self.gate.admit();
+    }
 
-    /// tungstenite buffers a message inside; this source never waits for the frame
-    /// budget (large WebSocket messages are bounded by `max_frame` per connection only).
     fn stalled(&self) -> bool {
-        false
+        self.gate.stalled()
     }
 
     async fn recv(&mut self) -> Inbound {
@@ -97,7 +100,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameSource for WsSourc
                 }
                 Err(_) => {
                     self.closed = true;
-                    Inbound::Closed
+                    match self.gate.refused() {
+                        Some(len) => Inbound::TooLarge { len },
+                        None => Inbound::Closed,
+                    }
                 }
             };
         }

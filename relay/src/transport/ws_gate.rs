@@ -1,0 +1,425 @@
+//! Size rules for WebSocket messages *before* tungstenite buffers them: the handshake cap
+//! (`HANDSHAKE_MAX_FRAME` until `Welcome`) and the relay-wide large-frame budget
+//! ([`frame_budget`](super::frame_budget)), which the length-prefixed transports apply at
+//! the prefix.
+//!
+//! tungstenite collects a message (all its fragments) in its own buffer up to `max_frame`,
+//! and its limits cannot change after the upgrade. So a [`Follower`] under it (in
+//! [`ReadAhead`](super::read_ahead::ReadAhead)) looks at the client's bytes as they pass —
+//! the HTTP upgrade request up to its blank line, then each WebSocket frame header
+//! (RFC 6455 §5.2: length, mask) and payload — and interprets nothing else. Once a
+//! message's data frames pass [`FREE`] bytes, no more is read until the budget covers the
+//! message (backpressure); the budget goes back when its last frame has passed. A
+//! single-frame message takes its length, a fragmented one `max_frame`, once: no connection
+//! ever waits while holding part of the budget. Before admission, a message over the
+//! handshake cap fails the read, and [`WsGate::refused`] tells the source to answer
+//! `frame_too_large`.
+//!
+//! At most one read of tungstenite's (its read-buffer size) of a payload passes before the
+//! payload's header is judged.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::sync::OwnedSemaphorePermit;
+use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
+
+use super::frame_budget::{FrameBudget, FREE};
+
+/// What the gate under a WebSocket and its frame source share.
+#[derive(Debug)]
+pub struct WsGate {
+    budget: Option<Arc<FrameBudget>>,
+    admitted: AtomicBool,
+    stalled: AtomicBool,
+    /// Size of a message refused before admission (0: none).
+    refused: AtomicUsize,
+}
+
+impl WsGate {
+    /// A gate drawing on `budget` (`None`: unlimited).
+    pub fn new(budget: Option<Arc<FrameBudget>>) -> Arc<Self> {
+        Arc::new(Self {
+            budget,
+            admitted: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
+            refused: AtomicUsize::new(0),
+        })
+    }
+
+    /// The client is admitted: messages up to `max_frame` (tungstenite's own limit).
+    pub fn admit(&self) {
+        self.admitted.store(true, Relaxed);
+    }
+
+    /// Reads are paused for budget.
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Relaxed)
+    }
+
+    /// The size of the message refused before admission, if one was.
+    pub fn refused(&self) -> Option<usize> {
+        Some(self.refused.load(Relaxed)).filter(|n| *n > 0)
+    }
+}
+
+/// Where the follower is in the client's byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    /// The HTTP upgrade request: how many bytes of `\r\n\r\n` were just seen.
+    Http(u8),
+    /// A frame header: its bytes so far.
+    Header { have: usize },
+    /// A payload: bytes left, and whether the message ends with this frame.
+    Payload { left: u64, last: bool },
+}
+
+type Taking = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
+
+/// Follows the client's bytes on a WebSocket connection and holds its messages to the
+/// gate's rules ([`ReadAhead`](super::read_ahead::ReadAhead) calls it on every read).
+pub struct Follower {
+    gate: Arc<WsGate>,
+    at: At,
+    header: [u8; 14],
+    /// Data payload bytes of the message in progress, frames seen so far.
+    message: u64,
+    /// Budget held for the message in progress (taken at most once per message).
+    held: Option<OwnedSemaphorePermit>,
+    /// The message in progress has taken (or is taking) its budget.
+    covered: bool,
+    /// The relay's `max_frame` (tungstenite's message limit).
+    max_frame: usize,
+    /// Budget being taken for the payload about to pass.
+    taking: Option<Taking>,
+}
+
+impl std::fmt::Debug for Follower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follower")
+            .field("at", &self.at)
+            .field("message", &self.message)
+            .field("held", &self.held.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Follower {
+    /// Follows the client's bytes from the first byte of its upgrade request.
+    pub fn new(gate: Arc<WsGate>, max_frame: usize) -> Self {
+        Self {
+            gate,
+            covered: false,
+            max_frame,
+            at: At::Http(0),
+            header: [0; 14],
+            message: 0,
+            held: None,
+            taking: None,
+        }
+    }
+
+    /// The header's full length once its first two bytes are known.
+    fn header_len(&self) -> usize {
+        let ext = match self.header[1] & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        2 + ext + if self.header[1] & 0x80 != 0 { 4 } else { 0 }
+    }
+
+    /// A complete header: the payload's length, and what the message now needs.
+    fn on_header(&mut self) -> io::Result<()> {
+        let len = match self.header[1] & 0x7f {
+            126 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
+            127 => u64::from_be_bytes(self.header[2..10].try_into().expect("8 bytes")),
+            n => u64::from(n),
+        };
+        let opcode = self.header[0] & 0x0f;
+        let fin = self.header[0] & 0x80 != 0;
+        // Control frames (8..) are small and may come between a message's fragments.
+        let data = opcode < 8;
+        if data {
+            self.message = self.message.saturating_add(len);
+            let admitted = self.gate.admitted.load(Relaxed);
+            if !admitted && self.message > HANDSHAKE_MAX_FRAME as u64 {
+                let n = usize::try_from(self.message).unwrap_or(usize::MAX);
+                self.gate.refused.store(n, Relaxed);
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a message over the handshake cap before Welcome",
+                ));
+            }
+            // Past FREE the message takes budget once, all it will need: a single frame
+            // its length, a fragmented message the most it may become (`max_frame`), so
+            // no connection ever holds part of the budget while waiting for more (two of
+            // them could then wait on each other forever). Over `max_frame`, tungstenite
+            // refuses the message: nothing to take.
+            let whole = fin && self.message == len;
+            if self.message > FREE as u64 && !self.covered && self.message <= self.max_frame as u64
+            {
+                if let Some(budget) = self.gate.budget.clone() {
+                    let n = if whole {
+                        self.message as usize
+                    } else {
+                        self.max_frame
+                    };
+                    self.taking = Some(Box::pin(async move { budget.take_exact(n).await }));
+                }
+                self.covered = true;
+            }
+        }
+        self.at = At::Payload {
+            left: len,
+            last: data && fin,
+        };
+        if len == 0 {
+            self.payload_done();
+        }
+        Ok(())
+    }
+
+    fn payload_done(&mut self) {
+        if let At::Payload { last: true, .. } = self.at {
+            self.message = 0;
+            self.covered = false;
+            self.held = None;
+        }
+        self.at = At::Header { have: 0 };
+    }
+
+    /// Follows `bytes` just read; `Err` when a message breaks the handshake cap.
+    pub fn follow(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            match self.at {
+                At::Http(seen) => {
+                    const END: &[u8; 4] = b"\r\n\r\n";
+                    let b = bytes[0];
+                    bytes = &bytes[1..];
+                    let seen = if b == END[seen as usize] {
+                        seen + 1
+                    } else {
+                        u8::from(b == END[0])
+                    };
+                    self.at = if seen == 4 {
+                        At::Header { have: 0 }
+                    } else {
+                        At::Http(seen)
+                    };
+                }
+                At::Header { have } => {
+                    let need = if have < 2 { 2 } else { self.header_len() };
+                    let n = (need - have).min(bytes.len());
+                    self.header[have..have + n].copy_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    let have = have + n;
+                    self.at = At::Header { have };
+                    if have >= 2 && have == self.header_len() {
+                        self.on_header()?;
+                    }
+                }
+                At::Payload { left, last } => {
+                    let n = (bytes.len() as u64).min(left);
+                    bytes = &bytes[n as usize..];
+                    self.at = At::Payload {
+                        left: left - n,
+                        last,
+                    };
+                    if left == n {
+                        self.payload_done();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Follower {
+    /// Ready when the payload about to pass is covered by the budget (or needs none);
+    /// pending while the budget cannot cover it (the gate says it is stalled meanwhile).
+    pub fn poll_budget(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(taking) = self.taking.as_mut() {
+            match taking.as_mut().poll(cx) {
+                Poll::Pending => {
+                    self.gate.stalled.store(true, Relaxed);
+                    return Poll::Pending;
+                }
+                Poll::Ready(p) => {
+                    self.gate.stalled.store(false, Relaxed);
+                    self.taking = None;
+                    self.held = p;
+                }
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::task::noop_waker_ref;
+
+    const UPGRADE: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n";
+
+    /// A client frame header (masked, as clients must send) for `len` payload bytes.
+    fn header(fin: bool, opcode: u8, len: usize) -> Vec<u8> {
+        let mut h = vec![u8::from(fin) << 7 | opcode];
+        match len {
+            0..=125 => h.push(0x80 | len as u8),
+            126..=0xffff => {
+                h.push(0x80 | 126);
+                h.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                h.push(0x80 | 127);
+                h.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        h.extend_from_slice(&[1, 2, 3, 4]);
+        h
+    }
+
+    fn frame(fin: bool, opcode: u8, len: usize) -> Vec<u8> {
+        let mut f = header(fin, opcode, len);
+        f.resize(f.len() + len, 0xab);
+        f
+    }
+
+    /// Feeds `bytes` in pieces of `step`, taking budget whenever the follower asks.
+    fn feed(f: &mut Follower, bytes: &[u8], step: usize) -> io::Result<()> {
+        let mut cx = Context::from_waker(noop_waker_ref());
+        for piece in bytes.chunks(step) {
+            assert!(f.poll_budget(&mut cx).is_ready(), "budget available");
+            f.follow(piece)?;
+        }
+        Ok(())
+    }
+
+    fn admitted(budget: usize) -> (Arc<WsGate>, Option<Arc<FrameBudget>>) {
+        let b = FrameBudget::new(budget);
+        let gate = WsGate::new(b.clone());
+        gate.admit();
+        (gate, b)
+    }
+
+    /// Headers of every length form, masked, split anywhere: small messages take nothing;
+    /// a single large frame takes exactly its length while it passes and gives it back
+    /// when done; control frames between fragments do not count.
+    #[test]
+    fn follows_every_header_form_in_any_split_and_takes_budget_only_for_large_messages() {
+        for step in [1, 3, 7, 500, 1 << 20] {
+            let (gate, budget) = admitted(1 << 20);
+            let budget = budget.unwrap();
+            let mut f = Follower::new(gate, 1 << 20);
+            let mut stream = UPGRADE.to_vec();
+            stream.extend(frame(true, 2, 100)); // 7-bit length
+            stream.extend(frame(true, 2, 1000)); // 16-bit length
+            stream.extend(frame(false, 2, 30_000)); // a fragmented message of 60,000...
+            stream.extend(frame(true, 9, 4)); // ...with a ping between its fragments
+            stream.extend(frame(true, 0, 30_000));
+            feed(&mut f, &stream, step).unwrap();
+            assert_eq!(
+                budget.available(),
+                1 << 20,
+                "nothing over FREE: nothing taken"
+            );
+            assert_eq!(f.at, At::Header { have: 0 });
+
+            // A 100 KiB single frame (the 64-bit length form): its header makes the
+            // follower take its exact length.
+            let big = 100 * 1024;
+            let f2 = frame(true, 2, big);
+            let cut = header(true, 2, big).len() + 10;
+            feed(&mut f, &f2[..cut], step.min(cut)).unwrap();
+            let mut cx = Context::from_waker(noop_waker_ref());
+            assert!(f.poll_budget(&mut cx).is_ready());
+            assert_eq!(
+                budget.available(),
+                (1 << 20) - big,
+                "its length, while it passes"
+            );
+            feed(&mut f, &f2[cut..], step).unwrap();
+            assert_eq!(budget.available(), 1 << 20, "given back at its end");
+        }
+    }
+
+    /// A fragmented message past FREE reserves max_frame once (later fragments take
+    /// nothing more), and gives it back at its last fragment.
+    #[test]
+    fn a_fragmented_large_message_reserves_max_frame_once() {
+        let (gate, budget) = admitted(4 << 20);
+        let budget = budget.unwrap();
+        let mut f = Follower::new(gate, 1 << 20);
+        let mut stream = UPGRADE.to_vec();
+        for _ in 0..4 {
+            stream.extend(frame(
+                false,
+                if stream.len() == UPGRADE.len() { 2 } else { 0 },
+                40_000,
+            ));
+        }
+        feed(&mut f, &stream, 4096).unwrap();
+        assert_eq!(budget.available(), (4 << 20) - (1 << 20));
+        feed(&mut f, &frame(true, 0, 10), 4096).unwrap();
+        assert_eq!(budget.available(), 4 << 20);
+    }
+
+    /// Before admission a message over the handshake cap fails the read at its header (a
+    /// fragmented one when its fragments add up to more), and the gate records its size.
+    #[test]
+    fn before_admission_a_message_over_the_handshake_cap_is_refused_at_its_header() {
+        let gate = WsGate::new(None);
+        let mut f = Follower::new(gate.clone(), 1 << 20);
+        let mut stream = UPGRADE.to_vec();
+        stream.extend(frame(true, 2, 3000)); // a Hello-sized message: fine
+        stream.extend(header(true, 2, 1 << 20)); // no payload sent: refused anyway
+        let e = feed(&mut f, &stream, 64).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(gate.refused(), Some(1 << 20));
+
+        let gate = WsGate::new(None);
+        let mut f = Follower::new(gate.clone(), 1 << 20);
+        let mut stream = UPGRADE.to_vec();
+        stream.extend(frame(false, 2, 3000));
+        stream.extend(header(true, 0, 2000));
+        assert!(feed(&mut f, &stream, 64).is_err());
+        assert_eq!(gate.refused(), Some(5000));
+
+        // Admitted, the same message passes (tungstenite's max_frame is the limit then).
+        let (gate, _) = admitted(0);
+        let mut f = Follower::new(gate.clone(), 1 << 20);
+        let mut stream = UPGRADE.to_vec();
+        stream.extend(frame(true, 2, 200_000));
+        feed(&mut f, &stream, 4096).unwrap();
+        assert_eq!(gate.refused(), None);
+    }
+
+    /// While the budget cannot cover a message, the follower is pending and the gate says
+    /// stalled; once budget frees it is ready again.
+    #[test]
+    fn a_message_the_budget_cannot_cover_waits_and_says_stalled() {
+        let (gate, budget) = admitted(1 << 20);
+        let budget = budget.unwrap();
+        let mut f = Follower::new(gate.clone(), 1 << 20);
+        let hold = futures_util::FutureExt::now_or_never(budget.take(1 << 20))
+            .unwrap()
+            .unwrap();
+        let mut stream = UPGRADE.to_vec();
+        stream.extend(header(true, 2, 200_000));
+        f.follow(&stream).unwrap();
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(f.poll_budget(&mut cx).is_pending());
+        assert!(gate.stalled());
+        drop(hold);
+        assert!(f.poll_budget(&mut cx).is_ready());
+        assert!(!gate.stalled());
+        assert_eq!(budget.available(), (1 << 20) - 200_000);
+    }
+}
