@@ -3,7 +3,8 @@
 //! the outbound queues (`queue.max_bytes`), not by the count limit (`queue.capacity`,
 //! 4,096 messages here about 280 MiB); and subscribers of distinct topics (no frame shared
 //! between queues) keep it bounded by the relay-wide budget (`queue.total_max_bytes`), not
-//! by connections × `queue.max_bytes`. The numbers are printed for the report.
+//! by connections × `queue.max_bytes`; and connections parking partial large frames keep it
+//! bounded by `limits.large_frame_budget`. The numbers are printed for the report.
 
 mod common;
 
@@ -207,4 +208,78 @@ async fn distinct_topic_subscribers_keep_rss_within_the_relay_budget() {
         "without the budget the same load holds more ({unbounded} KiB): the test would \
          not notice a missing budget"
     );
+}
+
+/// Connections that announce a large frame, send most of it and never finish it: without a
+/// limit the relay would hold each one's partial frame (`PARKERS` × 600 KiB here, and up
+/// to `max_connections` × `max_frame` in general) until the idle timeout. With
+/// `large_frame_budget` the frames that fit are read, every other connection is simply not
+/// read (its bytes stay in the kernel's socket buffers), and the relay's RSS grows by about
+/// the budget. Fails if no connection has to wait for the budget (the metric never
+/// reaches the count) or if RSS grows by far more than the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_partial_frames_keep_rss_within_the_frame_budget() {
+    const PARKERS: usize = 200;
+    const PARK_BODY: usize = 600 * 1024;
+    const BUDGET: usize = 16 << 20;
+    rlimit::increase_nofile_limit(4 * PARKERS as u64 + 256).expect("raise the fd limit");
+    let budget = BUDGET.to_string();
+    let relay = BinRelay::start(&[
+        "--store",
+        "none",
+        "--large-frame-budget",
+        &budget,
+        "--max-connections-per-addr",
+        "4096",
+        "--addr-connect-rate",
+        "0",
+    ]);
+    let (pid, addr, admin) = (relay.child.id(), relay.tcp(), relay.admin());
+    let before = rss_kib(pid);
+    let frame = codec::encode_prefixed(&pub_frame(envelope_sized(1, &[1], PARK_BODY)));
+    let part = frame.slice(..frame.len() - 100);
+    let mut parkers = Vec::with_capacity(PARKERS);
+    for _ in 0..PARKERS {
+        let mut c = Client::tcp(addr).await;
+        c.hello().await;
+        let part = part.clone();
+        // The write may never finish (the relay stops reading): not awaited.
+        parkers.push(tokio::spawn(async move {
+            let _ = c.send_raw(&part).await;
+            c
+        }));
+    }
+    let fit = BUDGET / (frame.len() - 4);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let waits = loop {
+        let w = metric(admin, "whispeer_relay_frame_budget_waits_total").await as usize;
+        if w >= PARKERS - fit {
+            break w;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {w} waits");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let held = metric(admin, "whispeer_relay_frame_budget_bytes").await as usize;
+    let after = rss_kib(pid);
+    let grown = after.saturating_sub(before);
+    eprintln!(
+        "relay RSS with {PARKERS} connections parking {} KiB partial frames: {before} KiB \
+         before, {after} KiB after (growth {grown} KiB); budget {} KiB, held {} KiB, \
+         {waits} connections waiting (without the budget: ~{} KiB of partial frames)",
+        PARK_BODY >> 10,
+        BUDGET >> 10,
+        held >> 10,
+        (PARKERS * PARK_BODY) >> 10
+    );
+    assert!(held <= BUDGET && held >= fit * PARK_BODY, "held {held}");
+    // The budget, plus per connection at most one 64 KiB read past a prefix and buffers.
+    let bound_kib = (BUDGET >> 10) as u64 + PARKERS as u64 * 160 + 32 * 1024;
+    assert!(
+        grown <= bound_kib,
+        "relay RSS grew by {grown} KiB with the budget at {} KiB (bound {bound_kib} KiB)",
+        BUDGET >> 10
+    );
+    for p in parkers {
+        p.abort();
+    }
 }
