@@ -32,19 +32,7 @@ fn rss_kib(pid: u32) -> u64 {
 async fn non_reading_subscribers_keep_rss_bounded_by_the_byte_limits() {
     rlimit::increase_nofile_limit(4 * SUBS as u64 + 256).expect("raise the fd limit");
     let max_bytes = QUEUE_MAX_BYTES.to_string();
-    let relay = BinRelay::start(&[
-        "--store",
-        "none",
-        "--queue-max-bytes",
-        &max_bytes,
-        "--max-connections-per-addr",
-        "4096",
-        // Every subscriber connects from 127.0.0.1 at once: not churn.
-        "--addr-connect-rate",
-        "0",
-        "--publish-rate",
-        "0",
-    ]);
+    let relay = crowded_relay(&["--queue-max-bytes", &max_bytes, "--publish-rate", "0"]);
     let pid = relay.child.id();
     let addr = relay.tcp();
     // Subscribers that subscribe, then never read again.
@@ -94,6 +82,21 @@ async fn non_reading_subscribers_keep_rss_bounded_by_the_byte_limits() {
     drop(subs);
 }
 
+/// The relay binary without a store, taking thousands of connections from 127.0.0.1 at
+/// once (every test client connects from there: that is not churn), plus `extra`.
+fn crowded_relay(extra: &[&str]) -> BinRelay {
+    let mut args = vec![
+        "--store",
+        "none",
+        "--max-connections-per-addr",
+        "4096",
+        "--addr-connect-rate",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    BinRelay::start(&args)
+}
+
 /// A subscriber of `levels` under key 1 with a tiny receive buffer (no kernel autotuning
 /// soaking up data), which the caller never reads from again.
 async fn non_reader(addr: std::net::SocketAddr, levels: &[u8]) -> Client {
@@ -127,18 +130,11 @@ async fn distinct_topics(budget: usize, per_queue: usize) -> (u64, u64, usize) {
     let rounds = env_or("WSP_MEMORY_ROUNDS", 64);
     rlimit::increase_nofile_limit(4 * subs as u64 + 256).expect("raise the fd limit");
     let (budget, per_queue) = (budget.to_string(), per_queue.to_string());
-    let relay = BinRelay::start(&[
-        "--store",
-        "none",
+    let relay = crowded_relay(&[
         "--queue-max-bytes",
         &per_queue,
         "--queue-total-max-bytes",
         &budget,
-        "--max-connections-per-addr",
-        "4096",
-        // Every subscriber connects from 127.0.0.1 at once: not churn.
-        "--addr-connect-rate",
-        "0",
         "--publish-rate",
         "0",
         "--addr-publish-rate",
@@ -224,16 +220,7 @@ async fn parked_partial_frames_keep_rss_within_the_frame_budget() {
     const BUDGET: usize = 16 << 20;
     rlimit::increase_nofile_limit(4 * PARKERS as u64 + 256).expect("raise the fd limit");
     let budget = BUDGET.to_string();
-    let relay = BinRelay::start(&[
-        "--store",
-        "none",
-        "--large-frame-budget",
-        &budget,
-        "--max-connections-per-addr",
-        "4096",
-        "--addr-connect-rate",
-        "0",
-    ]);
+    let relay = crowded_relay(&["--large-frame-budget", &budget]);
     let (pid, addr, admin) = (relay.child.id(), relay.tcp(), relay.admin());
     let before = rss_kib(pid);
     let frame = codec::encode_prefixed(&pub_frame(envelope_sized(1, &[1], PARK_BODY)));
