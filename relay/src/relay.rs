@@ -847,6 +847,12 @@ pub(crate) async fn connect_wait(shared: &Shared, slot: &AddrSlot) -> bool {
     }
 }
 
+/// The WebSocket follower (`transport::ws_gate`) and tungstenite disagree on where the
+/// upgrade request ended: the client's frame sizes could not be followed, so it is not
+/// served (no client of this crate, a browser or a conforming library gets here).
+const UPGRADE_OUT_OF_STEP: &str =
+    "WebSocket upgrade request not delimited as the frame follower expects";
+
 /// Completes the transport handshake (TLS, WebSocket upgrade) within `hello_ms`, then
 /// serves the connection.
 async fn handshake(
@@ -890,6 +896,9 @@ async fn handshake(
                 .await
                 .map_err(|_| "WebSocket handshake timed out".to_string())?
                 .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
+                if ws.get_ref().upgrade_unfinished() {
+                    return Err(UPGRADE_OUT_OF_STEP.into());
+                }
                 let (src, snk) = ws::split(ws, gate);
                 conn::serve(shared.clone(), src, snk, kind, peer_s, slot.take()).await;
             }
@@ -922,6 +931,9 @@ async fn handshake(
                     .await
                     .map_err(|_| "WebSocket handshake timed out".to_string())?
                     .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
+                    if ws.get_ref().upgrade_unfinished() {
+                        return Err(UPGRADE_OUT_OF_STEP.into());
+                    }
                     let (src, snk) = ws::split(ws, gate);
                     conn::serve(shared.clone(), src, snk, kind, peer_s, slot.take()).await;
                 }

@@ -260,6 +260,20 @@ async fn a_stranger_cannot_park_a_large_frame_before_the_handshake() {
     let e = c.expect_fatal(ErrorCode::FrameTooLarge).await;
     assert!(e.message.contains("before the handshake"), "{e:?}");
 
+    // The same for an upgrade request in the other forms the relay's HTTP parser accepts
+    // (leading empty lines, bare LF line ends): the relay follows the frames after it in
+    // step, or it would miss the oversized header and wait for the body instead.
+    let request = b"\r\n\nGET / HTTP/1.1\nHost: relay\nUpgrade: websocket\nConnection: Upgrade\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\nSec-WebSocket-Version: 13\n\n";
+    let mut c = Client::ws_with_request(relay.ws(), request)
+        .await
+        .expect("upgraded");
+    c.send_ws_message(tokio_tungstenite::tungstenite::Message::Binary(
+        vec![0u8; 100_000].into(),
+    ))
+    .await;
+    c.expect_fatal(ErrorCode::FrameTooLarge).await;
+
     // Challenge pending (the account named, not yet proved): the same.
     let mut c = Client::tcp(relay.tcp()).await;
     c.send(&hello(None, Some(alice.verifying_key().to_bytes())))

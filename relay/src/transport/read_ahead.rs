@@ -49,6 +49,13 @@ impl<S> ReadAhead<S> {
         self.follower = Some(follower);
         self
     }
+
+    /// Whether the follower still counts the bytes as the upgrade request. Checked once
+    /// tungstenite has accepted it: then the two disagree on where the frames begin, and
+    /// the connection is not served (its sizes could not be followed).
+    pub fn upgrade_unfinished(&self) -> bool {
+        self.follower.as_ref().is_some_and(Follower::in_upgrade)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {

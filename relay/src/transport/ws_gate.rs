@@ -67,11 +67,27 @@ impl WsGate {
     }
 }
 
+/// Where in the upgrade request's lines, delimited as tungstenite's parser (httparse)
+/// does — the two must agree on the request's last byte, or the follower would read the
+/// client's frames out of step: empty lines before the request line are skipped, a line
+/// ends with `\n` or `\r\n`, and the first empty line after it ends the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// Before the request line (empty lines so far).
+    Leading,
+    /// Inside a line.
+    In,
+    /// At the start of a line.
+    Start,
+    /// At the start of a line, after a `\r`.
+    StartCr,
+}
+
 /// Where the follower is in the client's byte stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum At {
-    /// The HTTP upgrade request: how many bytes of `\r\n\r\n` were just seen.
-    Http(u8),
+    /// The HTTP upgrade request, where in its lines.
+    Http(Line),
     /// A frame header: its bytes so far.
     Header { have: usize },
     /// A payload: bytes left, and whether the message ends with this frame.
@@ -115,7 +131,7 @@ impl Follower {
             gate,
             covered: false,
             max_frame,
-            at: At::Http(0),
+            at: At::Http(Line::Leading),
             header: [0; 14],
             message: 0,
             held: None,
@@ -193,23 +209,25 @@ impl Follower {
         self.at = At::Header { have: 0 };
     }
 
+    /// Whether the upgrade request has not ended yet by this follower's count: after
+    /// tungstenite accepted it, that means the two disagree, and the connection must go.
+    pub fn in_upgrade(&self) -> bool {
+        matches!(self.at, At::Http(_))
+    }
+
     /// Follows `bytes` just read; `Err` when a message breaks the handshake cap.
     pub fn follow(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             match self.at {
-                At::Http(seen) => {
-                    const END: &[u8; 4] = b"\r\n\r\n";
+                At::Http(line) => {
                     let b = bytes[0];
                     bytes = &bytes[1..];
-                    let seen = if b == END[seen as usize] {
-                        seen + 1
-                    } else {
-                        u8::from(b == END[0])
-                    };
-                    self.at = if seen == 4 {
-                        At::Header { have: 0 }
-                    } else {
-                        At::Http(seen)
+                    self.at = match (line, b) {
+                        (Line::Leading, b'\r' | b'\n') => At::Http(Line::Leading),
+                        (Line::Start | Line::StartCr, b'\n') => At::Header { have: 0 },
+                        (Line::Start, b'\r') => At::Http(Line::StartCr),
+                        (_, b'\n') => At::Http(Line::Start),
+                        _ => At::Http(Line::In),
                     };
                 }
                 At::Header { have } => {
@@ -267,6 +285,35 @@ mod tests {
     use futures_util::task::noop_waker_ref;
 
     const UPGRADE: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n";
+
+    /// The request ends where httparse ends it: leading empty lines skipped, `\n` or
+    /// `\r\n` line ends, the first empty line. A follower that ended it elsewhere would
+    /// read the frames out of step (a client could hide a large frame's header in what
+    /// the follower takes for a payload).
+    #[test]
+    fn the_upgrade_request_ends_where_httparse_ends_it() {
+        for req in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"\r\n\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: x\n\n",
+            b"GET / HTTP/1.1\nHost: x\r\n\n",
+            b"GET / HTTP/1.1\r\nHost: x\n\r\n",
+        ] {
+            let mut headers = [httparse::EMPTY_HEADER; 4];
+            let parsed = httparse::Request::new(&mut headers).parse(req).unwrap();
+            assert_eq!(parsed, httparse::Status::Complete(req.len()), "{req:?}");
+            for step in [1, 2, 5, req.len()] {
+                let mut f = Follower::new(WsGate::new(None), 1 << 20);
+                let (last, head) = req.split_last().unwrap();
+                for piece in head.chunks(step) {
+                    f.follow(piece).unwrap();
+                }
+                assert!(f.in_upgrade(), "{req:?}: not before its last byte");
+                f.follow(&[*last]).unwrap();
+                assert!(!f.in_upgrade(), "{req:?}: ended at its last byte");
+            }
+        }
+    }
 
     /// A client frame header (masked, as clients must send) for `len` payload bytes.
     fn header(fin: bool, opcode: u8, len: usize) -> Vec<u8> {

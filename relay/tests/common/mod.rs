@@ -181,6 +181,38 @@ impl Client {
         Self::ws_over(Box::new(s), &format!("ws://{addr}/")).await
     }
 
+    /// A WebSocket client whose upgrade request is `request`, sent as is (for requests
+    /// another client library would not write); `None` if the relay does not answer 101.
+    #[allow(dead_code)]
+    pub async fn ws_with_request(addr: SocketAddr, request: &[u8]) -> Option<Self> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(addr).await.expect("connect ws");
+        s.write_all(request)
+            .await
+            .expect("send the upgrade request");
+        let mut response = Vec::new();
+        while !response.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            if s.read(&mut b).await.ok()? == 0 {
+                return None;
+            }
+            response.push(b[0]);
+        }
+        if !response.starts_with(b"HTTP/1.1 101") {
+            return None;
+        }
+        let io: Box<dyn Io> = Box::new(s);
+        let ws = WebSocketStream::from_raw_socket(
+            io,
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+        Some(Self {
+            inner: Inner::Ws(Box::new(ws)),
+        })
+    }
+
     pub async fn ws_over(io: Box<dyn Io>, url: &str) -> Self {
         let (ws, _) = tokio_tungstenite::client_async(url, io)
             .await
