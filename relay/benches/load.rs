@@ -316,6 +316,8 @@ impl RelayProc {
                 "0",
             ])
             .args(["--addr-publish-rate", "0", "--addr-sub-rate", "0"])
+            // 10,000 idle subscribers and the measured ones, all from 127.0.0.1.
+            .args(["--tenant-max-subscriptions", "0"])
             // Live fan-out against NATS core: no store (the durable bench is benches/durable.rs).
             .args(["--store", "none"])
             .args(extra)

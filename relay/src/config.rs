@@ -855,6 +855,16 @@ pub struct Limits {
     /// Most subscriptions one connection may hold (fatal Err(too_many_subscriptions)).
     #[arg(long, env = "WHISPEER_MAX_SUBSCRIPTIONS")]
     pub max_subscriptions: usize,
+    /// Most subscriptions one tenant may hold over all its connections: the relay account
+    /// with auth required, else the source address (IPv6 by addr_ipv6_prefix). Over it a
+    /// Sub gets a non-fatal Err(too_many_subscriptions); 0 = unlimited. A subscription costs
+    /// the relay about 2 KiB.
+    #[arg(long, env = "WHISPEER_TENANT_MAX_SUBSCRIPTIONS")]
+    pub tenant_max_subscriptions: usize,
+    /// Most subscriptions the relay holds in all (non-fatal Err(too_many_subscriptions)
+    /// beyond); 0 = unlimited.
+    #[arg(long, env = "WHISPEER_MAX_TOTAL_SUBSCRIPTIONS")]
+    pub max_total_subscriptions: usize,
     /// Most levels in a subscription filter, 1..=32 (fatal Err(invalid_filter)).
     #[arg(long, env = "WHISPEER_MAX_FILTER_DEPTH")]
     pub max_filter_depth: usize,
@@ -944,6 +954,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_frame: DEFAULT_MAX_FRAME,
+            tenant_max_subscriptions: 10_000,
+            max_total_subscriptions: 500_000,
             large_frame_budget: 256 << 20,
             max_connections: 10_000,
             max_subscriptions: 1_000,

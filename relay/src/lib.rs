@@ -23,6 +23,7 @@
 //! - `replay` — the history task of a replaying or resuming subscription.
 //! - `outbound` — per-connection bounded queue, slow-consumer policy, batch takes.
 //! - `session` — the per-connection protocol state machine (sans I/O).
+//! - `sub_quota` — subscriptions held per tenant (account or source address) and in all.
 //! - `conn` — drives a session over a transport: reader, coalescing writer, timeouts, drain.
 //! - [`transport`] — frame sources/sinks: length-prefixed streams, WebSocket, channels.
 //! - [`tls`] — rustls (ring) acceptor from PEM files; the QUIC server configuration.
@@ -58,6 +59,7 @@ mod replay;
 mod router;
 mod session;
 pub mod store;
+mod sub_quota;
 pub mod tls;
 pub mod transport;
 

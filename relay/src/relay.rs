@@ -120,6 +120,8 @@ pub(crate) struct Shared {
     pub(crate) account_rates: AccountRates,
     /// The relay-wide budget of queued outbound message bytes.
     pub(crate) budget: Arc<crate::outbound::Budget>,
+    /// Subscriptions held per tenant (`limits.tenant_max_subscriptions`).
+    pub(crate) sub_quota: crate::sub_quota::SubQuota,
     /// The relay-wide budget of large frames being received (`None`: unlimited).
     pub(crate) frame_budget: Option<Arc<FrameBudget>>,
     /// The NATS bridge's status, in a cluster.
@@ -361,6 +363,10 @@ impl RelayBuilder {
             cluster: cluster_rx
                 .as_ref()
                 .map(|_| crate::cluster::State::new(&self.config.cluster)),
+            sub_quota: crate::sub_quota::SubQuota::new(
+                self.config.limits.tenant_max_subscriptions,
+                self.config.limits.max_total_subscriptions,
+            ),
             frame_budget: FrameBudget::new(self.config.limits.large_frame_budget),
             budget: Arc::new(crate::outbound::Budget::new(
                 self.config.queue.total_max_bytes,

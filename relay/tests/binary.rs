@@ -591,3 +591,59 @@ async fn partial_large_frames_are_bounded_by_the_frame_budget() {
     drop((third, ws));
     metric_until(admin, "whispeer_relay_frame_budget_bytes", |v| v == 0).await;
 }
+
+/// Subscriptions are capped per tenant (here the source address) and in all, not only per
+/// connection: one address cannot hold more than its share over many connections, another
+/// address is not affected by it until the relay-wide cap, and a refused `Sub` is a
+/// non-fatal `Err(too_many_subscriptions)` naming it — the connection carries on, and room
+/// freed by a closed connection is usable again. Fails if a tenant can exceed its cap by
+/// opening more connections, or if the refusal ends the connection.
+#[tokio::test]
+async fn subscriptions_are_capped_per_source_address_and_in_all() {
+    let relay = BinRelay::start(&[
+        "--store",
+        "none",
+        "--tenant-max-subscriptions",
+        "3",
+        "--max-total-subscriptions",
+        "5",
+    ]);
+    let admin = relay.admin();
+    let refused = |e: whispeer_protocol::frame::ErrFrame, sub_id: u64, why: &str| {
+        assert_eq!(e.code, ErrorCode::TooManySubscriptions, "{e:?}");
+        assert!(!e.fatal, "{e:?}");
+        assert_eq!(e.sub_id, Some(sub_id), "{e:?}");
+        assert!(e.message.contains(why), "{e:?}");
+    };
+    // 127.0.0.1: three subscriptions over two connections, then no more on either.
+    let mut a1 = Client::tcp(relay.tcp()).await;
+    a1.hello().await;
+    a1.subscribe(1, exact(1, &[1])).await;
+    a1.subscribe(2, exact(1, &[2])).await;
+    let mut a2 = Client::tcp(relay.tcp()).await;
+    a2.hello().await;
+    a2.subscribe(1, exact(1, &[3])).await;
+    a2.send(&sub_frame(2, exact(1, &[4]))).await;
+    refused(a2.expect_err().await, 2, "per source address");
+    a1.send(&sub_frame(3, exact(1, &[4]))).await;
+    refused(a1.expect_err().await, 3, "per source address");
+    // Replacing a subscription (the same id) is not one more.
+    a1.subscribe(2, exact(1, &[5])).await;
+
+    // 127.0.0.2 has its own share, until the relay-wide cap of five.
+    let mut b = Client::tcp_from(relay.tcp(), "127.0.0.2").await;
+    b.hello().await;
+    b.subscribe(1, exact(2, &[1])).await;
+    b.subscribe(2, exact(2, &[2])).await;
+    b.send(&sub_frame(3, exact(2, &[3]))).await;
+    refused(b.expect_err().await, 3, "relay holds");
+
+    // The refused connections still route: a publish reaches a1's subscription 1.
+    b.publish(envelope(1, &[1])).await;
+    assert_eq!(a1.expect_msg().await.envelope, envelope(1, &[1]));
+
+    // a2 goes: its subscription is given back to the address and to the total.
+    drop(a2);
+    metric_until(admin, "whispeer_relay_subscriptions", |v| v == 4).await;
+    a1.subscribe(3, exact(1, &[4])).await;
+}
