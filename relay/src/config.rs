@@ -857,14 +857,23 @@ pub struct Limits {
     pub max_subscriptions: usize,
     /// Most subscriptions one tenant may hold over all its connections: the relay account
     /// with auth required, else the source address (IPv6 by addr_ipv6_prefix). Over it a
-    /// Sub gets a non-fatal Err(too_many_subscriptions); 0 = unlimited. A subscription costs
-    /// the relay about 2 KiB.
+    /// Sub gets a non-fatal Err(too_many_subscriptions); 0 = unlimited.
     #[arg(long, env = "WHISPEER_TENANT_MAX_SUBSCRIPTIONS")]
     pub tenant_max_subscriptions: usize,
+    /// Most memory one tenant's subscription filters may cost the relay, in bytes, each
+    /// counted as 512 + 544 per level (what an unshared filter costs the routing index:
+    /// 32 MiB is ~10,000 filters of 4 levels or ~1,900 of 32); over it a Sub gets a
+    /// non-fatal Err(too_many_subscriptions); 0 = unlimited.
+    #[arg(long, env = "WHISPEER_TENANT_SUBSCRIPTION_BYTES")]
+    pub tenant_subscription_bytes: usize,
     /// Most subscriptions the relay holds in all (non-fatal Err(too_many_subscriptions)
     /// beyond); 0 = unlimited.
     #[arg(long, env = "WHISPEER_MAX_TOTAL_SUBSCRIPTIONS")]
     pub max_total_subscriptions: usize,
+    /// Most memory all subscription filters may cost, counted as for
+    /// tenant_subscription_bytes; 0 = unlimited.
+    #[arg(long, env = "WHISPEER_TOTAL_SUBSCRIPTION_BYTES")]
+    pub total_subscription_bytes: usize,
     /// Most levels in a subscription filter, 1..=32 (fatal Err(invalid_filter)).
     #[arg(long, env = "WHISPEER_MAX_FILTER_DEPTH")]
     pub max_filter_depth: usize,
@@ -955,7 +964,9 @@ impl Default for Limits {
         Self {
             max_frame: DEFAULT_MAX_FRAME,
             tenant_max_subscriptions: 10_000,
+            tenant_subscription_bytes: 32 << 20,
             max_total_subscriptions: 500_000,
+            total_subscription_bytes: 1 << 30,
             large_frame_budget: 256 << 20,
             max_connections: 10_000,
             max_subscriptions: 1_000,

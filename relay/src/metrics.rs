@@ -191,10 +191,6 @@ impl Metrics {
     pub(crate) fn unsubscribed(&self, n: usize) {
         self.subscriptions.fetch_sub(n as i64, Relaxed);
     }
-    /// Subscriptions held relay-wide now.
-    pub(crate) fn active_subscriptions(&self) -> usize {
-        self.subscriptions.load(Relaxed).max(0) as usize
-    }
     pub(crate) fn published(&self) {
         self.messages_in.fetch_add(1, Relaxed);
     }

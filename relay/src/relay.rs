@@ -364,8 +364,14 @@ impl RelayBuilder {
                 .as_ref()
                 .map(|_| crate::cluster::State::new(&self.config.cluster)),
             sub_quota: crate::sub_quota::SubQuota::new(
-                self.config.limits.tenant_max_subscriptions,
-                self.config.limits.max_total_subscriptions,
+                (
+                    self.config.limits.tenant_max_subscriptions,
+                    self.config.limits.tenant_subscription_bytes,
+                ),
+                (
+                    self.config.limits.max_total_subscriptions,
+                    self.config.limits.total_subscription_bytes,
+                ),
             ),
             frame_budget: FrameBudget::new(self.config.limits.large_frame_budget),
             budget: Arc::new(crate::outbound::Budget::new(

@@ -577,11 +577,9 @@ impl Session {
                 None,
             );
         }
-        if !replacing {
-            let total = self.shared.metrics.active_subscriptions();
-            if let Some(why) = self.shared.sub_quota.refusal(&self.tenant, total) {
-                return self.reply_err(ErrorCode::TooManySubscriptions, why, Some(sub_id), None);
-            }
+        let replaced = self.subs.get(&sub_id).map(|p| p.elems().len());
+        if let Some(why) = self.shared.sub_quota.refusal(&self.tenant, depth, replaced) {
+            return self.reply_err(ErrorCode::TooManySubscriptions, why, Some(sub_id), None);
         }
         let mut need = Rights::of(&[Right::Subscribe]);
         if s.replay.is_some() {
@@ -760,7 +758,9 @@ impl Session {
             }
         }
         self.subs.insert(sub_id, s.pattern.clone());
-        self.shared.sub_quota.add(&self.tenant);
+        self.shared
+            .sub_quota
+            .add(&self.tenant, s.pattern.elems().len());
         if let Some(t) = track {
             if let Some(k) = durable {
                 if new_durable {
@@ -825,7 +825,9 @@ impl Session {
         let Some(old) = self.subs.remove(&sub_id) else {
             return false;
         };
-        self.shared.sub_quota.remove(&self.tenant, 1);
+        self.shared
+            .sub_quota
+            .remove(&self.tenant, [old.elems().len()]);
         self.shared.router.unsubscribe(&old, self.conn, sub_id);
         self.tracked.remove(&sub_id);
         self.hold_gens.remove(&sub_id);
@@ -1153,7 +1155,9 @@ impl Session {
         self.shared
             .router
             .unsubscribe_all(self.conn, self.subs.iter().map(|(id, p)| (*id, p)));
-        self.shared.sub_quota.remove(&self.tenant, self.subs.len());
+        self.shared
+            .sub_quota
+            .remove(&self.tenant, self.subs.values().map(|p| p.elems().len()));
         self.subs.clear();
         self.tracked.clear();
         self.hold_gens.clear();

@@ -1,80 +1,140 @@
 //! Subscriptions per tenant and in all (`limits.tenant_max_subscriptions`,
-//! `limits.max_total_subscriptions`).
+//! `limits.tenant_subscription_bytes`, `limits.max_total_subscriptions`,
+//! `limits.total_subscription_bytes`).
 //!
-//! A subscription costs the relay about 2 KiB (its index entries, the session's record and
-//! the pattern), and `max_subscriptions` only bounds one connection: 256 connections from
-//! one address could hold 256,000 of them (~600 MiB), and addresses are cheap (an IPv6
-//! /48 holds 65,536 /64s). So the tenant — the relay account, or the source address when
-//! accounts are off — has a cap of its own, and the relay a total. Over either, a `Sub` is
-//! answered with a non-fatal `Err(too_many_subscriptions)` naming it; the connection and
-//! its other subscriptions carry on.
+//! A subscription costs the relay memory that grows with its depth: each level it does not
+//! share with another subscription is a node of the routing index (measured on the relay
+//! binary's RSS, debug build: ~2.4 KiB for a five-level filter, ~16.5 KiB for a 32-level
+//! one), and
+//! `max_subscriptions` only bounds one connection: 256 connections from one address could
+//! hold 256,000 of them, and addresses are cheap (an IPv6 /48 holds 65,536 /64s). So the
+//! tenant — the relay account, or the source address when accounts are off — has caps of
+//! its own, on the count and on the memory its filters may cost ([`cost`]: as if no level
+//! were shared), and the relay has totals. Over any, a `Sub` is answered with a non-fatal
+//! `Err(too_many_subscriptions)` naming it; the connection and its other subscriptions
+//! carry on.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::store::Tenant;
 
-/// Subscriptions held per tenant.
+/// What a subscription of `levels` levels may cost the relay, in bytes: a fixed part
+/// (session record, index entry, target) and one index node per level, as measured.
+pub(crate) fn cost(levels: usize) -> usize {
+    512 + 544 * levels
+}
+
+/// What a tenant, or the relay, holds.
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    subs: usize,
+    bytes: usize,
+}
+
+/// Subscriptions held per tenant and in all.
 #[derive(Debug)]
 pub(crate) struct SubQuota {
-    tenant_max: usize,
-    total_max: usize,
-    held: Mutex<HashMap<Tenant, usize>>,
+    tenant_max: Held,
+    total_max: Held,
+    state: Mutex<(HashMap<Tenant, Held>, Held)>,
 }
 
 impl SubQuota {
-    /// Caps per tenant and in all (0 = unlimited).
-    pub(crate) fn new(tenant_max: usize, total_max: usize) -> Self {
+    /// Caps per tenant and in all, as (count, bytes); 0 = unlimited.
+    pub(crate) fn new(tenant_max: (usize, usize), total_max: (usize, usize)) -> Self {
         let unlimited = |n: usize| if n == 0 { usize::MAX } else { n };
+        let cap = |(subs, bytes): (usize, usize)| Held {
+            subs: unlimited(subs),
+            bytes: unlimited(bytes),
+        };
         Self {
-            tenant_max: unlimited(tenant_max),
-            total_max: unlimited(total_max),
-            held: Mutex::new(HashMap::new()),
+            tenant_max: cap(tenant_max),
+            total_max: cap(total_max),
+            state: Mutex::new((HashMap::new(), Held::default())),
         }
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<Tenant, usize>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> std::sync::MutexGuard<'_, (HashMap<Tenant, Held>, Held)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Why one more subscription of `tenant` is refused, with `total` held relay-wide now;
-    /// `None` when it may go ahead.
-    pub(crate) fn refusal(&self, tenant: &Tenant, total: usize) -> Option<String> {
-        if total >= self.total_max {
+    /// Why one more subscription of `levels` levels for `tenant` is refused — replacing
+    /// one of `replacing` levels, whose share it takes over — or `None` when it may go
+    /// ahead.
+    pub(crate) fn refusal(
+        &self,
+        tenant: &Tenant,
+        levels: usize,
+        replacing: Option<usize>,
+    ) -> Option<String> {
+        let (tenants, total) = &*self.state();
+        let freed = replacing.map_or(Held::default(), |l| Held {
+            subs: 1,
+            bytes: cost(l),
+        });
+        let after = |h: Held| Held {
+            subs: h.subs.saturating_sub(freed.subs) + 1,
+            bytes: h.bytes.saturating_sub(freed.bytes) + cost(levels),
+        };
+        let c = cost(levels);
+        let t = after(*total);
+        if t.subs > self.total_max.subs || t.bytes > self.total_max.bytes {
             return Some(format!(
-                "the relay holds its limit of {} subscriptions; try again later",
-                self.total_max
+                "the relay holds its limit of subscriptions ({} or {} MiB of filters); try \
+                 again later",
+                self.total_max.subs,
+                self.total_max.bytes >> 20
             ));
         }
-        let held = self.held().get(tenant).copied().unwrap_or(0);
-        (held >= self.tenant_max).then(|| {
+        let held = after(tenants.get(tenant).copied().unwrap_or_default());
+        let whose = match tenant {
+            Tenant::Account(_) => "account",
+            _ => "source address",
+        };
+        if held.subs > self.tenant_max.subs {
+            return Some(format!(
+                "subscription limit of {} per {whose} reached",
+                self.tenant_max.subs
+            ));
+        }
+        (held.bytes > self.tenant_max.bytes).then(|| {
             format!(
-                "subscription limit of {} per {} reached",
-                self.tenant_max,
-                match tenant {
-                    Tenant::Account(_) => "account",
-                    _ => "source address",
-                }
+                "subscription memory limit of {} KiB per {whose} reached (a filter of \
+                 {levels} levels counts {} bytes)",
+                self.tenant_max.bytes >> 10,
+                c
             )
         })
     }
 
-    /// `tenant` holds one more subscription.
-    pub(crate) fn add(&self, tenant: &Tenant) {
-        *self.held().entry(tenant.clone()).or_insert(0) += 1;
+    /// `tenant` holds one more subscription, of `levels` levels.
+    pub(crate) fn add(&self, tenant: &Tenant, levels: usize) {
+        let (tenants, total) = &mut *self.state();
+        let h = tenants.entry(tenant.clone()).or_default();
+        for h in [h, total] {
+            h.subs += 1;
+            h.bytes += cost(levels);
+        }
     }
 
-    /// `tenant` holds `n` fewer (an unsubscribe, a replaced subscription, a closed
-    /// connection); a tenant holding none is forgotten.
-    pub(crate) fn remove(&self, tenant: &Tenant, n: usize) {
+    /// `tenant` holds fewer: one of `levels` levels each (an unsubscribe, a replaced
+    /// subscription, a closed connection); a tenant holding none is forgotten.
+    pub(crate) fn remove(&self, tenant: &Tenant, levels: impl IntoIterator<Item = usize>) {
+        let (n, bytes) = levels
+            .into_iter()
+            .fold((0, 0), |(n, b), l| (n + 1, b + cost(l)));
         if n == 0 {
             return;
         }
-        let mut held = self.held();
-        if let Some(h) = held.get_mut(tenant) {
-            *h = h.saturating_sub(n);
-            if *h == 0 {
-                held.remove(tenant);
+        let (tenants, total) = &mut *self.state();
+        total.subs = total.subs.saturating_sub(n);
+        total.bytes = total.bytes.saturating_sub(bytes);
+        if let Some(h) = tenants.get_mut(tenant) {
+            h.subs = h.subs.saturating_sub(n);
+            h.bytes = h.bytes.saturating_sub(bytes);
+            if h.subs == 0 {
+                tenants.remove(tenant);
             }
         }
     }
@@ -82,7 +142,7 @@ impl SubQuota {
     /// Subscriptions `tenant` holds.
     #[cfg(test)]
     pub(crate) fn of(&self, tenant: &Tenant) -> usize {
-        self.held().get(tenant).copied().unwrap_or(0)
+        self.state().0.get(tenant).map_or(0, |h| h.subs)
     }
 }
 
@@ -92,31 +152,68 @@ mod tests {
 
     #[test]
     fn a_tenant_at_its_cap_is_refused_others_are_not_and_the_total_binds_everyone() {
-        let q = SubQuota::new(2, 5);
-        let (a, b) = (
+        let q = SubQuota::new((2, 0), (5, 0));
+        let (a, b, c) = (
             Tenant::Address("10.0.0.1".parse().unwrap()),
             Tenant::Account([7; 32]),
+            Tenant::Address("10.0.0.2".parse().unwrap()),
         );
-        q.add(&a);
-        q.add(&a);
-        assert!(q.refusal(&a, 2).unwrap().contains("per source address"));
-        assert_eq!(q.refusal(&b, 2), None);
-        q.add(&b);
-        q.add(&b);
-        assert!(q.refusal(&b, 4).unwrap().contains("per account"));
-        q.remove(&a, 1);
-        assert_eq!(q.refusal(&a, 3), None, "room again after an unsubscribe");
+        q.add(&a, 3);
+        q.add(&a, 3);
+        assert!(q
+            .refusal(&a, 3, None)
+            .unwrap()
+            .contains("per source address"));
+        assert_eq!(q.refusal(&b, 3, None), None);
+        q.add(&b, 1);
+        q.add(&b, 1);
+        assert!(q.refusal(&b, 1, None).unwrap().contains("per account"));
+        q.remove(&a, [3]);
+        assert_eq!(
+            q.refusal(&a, 3, None),
+            None,
+            "room again after an unsubscribe"
+        );
+        q.add(&c, 2);
+        q.add(&c, 2);
         assert!(
-            q.refusal(&a, 5).unwrap().contains("relay holds"),
+            q.refusal(&a, 3, None).unwrap().contains("relay holds"),
             "the total binds"
         );
-        q.remove(&b, 2);
+        q.remove(&b, [1, 1]);
         assert_eq!(q.of(&b), 0);
         assert!(
-            q.held().get(&b).is_none(),
+            q.state().0.get(&b).is_none(),
             "a tenant holding none is forgotten"
         );
-        let unlimited = SubQuota::new(0, 0);
-        assert_eq!(unlimited.refusal(&a, usize::MAX - 1), None);
+        let unlimited = SubQuota::new((0, 0), (0, 0));
+        unlimited.add(&a, 32);
+        assert_eq!(unlimited.refusal(&a, 32, None), None);
+    }
+
+    /// Deep filters cost more: a memory cap admits many shallow subscriptions but few deep
+    /// ones (the index holds a node per unshared level).
+    #[test]
+    fn the_memory_cap_counts_a_filter_by_its_depth() {
+        let q = SubQuota::new((0, 10 * cost(32)), (0, 0));
+        let t = Tenant::Local;
+        let mut deep = 0;
+        while q.refusal(&t, 32, None).is_none() {
+            q.add(&t, 32);
+            deep += 1;
+        }
+        assert_eq!(deep, 10);
+        assert!(q.refusal(&t, 32, None).unwrap().contains("memory limit"));
+        q.remove(&t, [32; 10]);
+        let mut shallow = 0;
+        while q.refusal(&t, 2, None).is_none() {
+            q.add(&t, 2);
+            shallow += 1;
+        }
+        assert!(shallow > 8 * deep, "{shallow} shallow vs {deep} deep");
+        // Replacing a shallow filter with a deep one is judged by the difference: at the
+        // cap, a deep replacement is refused, a same-depth one is not.
+        assert!(q.refusal(&t, 32, Some(2)).unwrap().contains("memory limit"));
+        assert_eq!(q.refusal(&t, 2, Some(2)), None);
     }
 }

@@ -647,3 +647,27 @@ async fn subscriptions_are_capped_per_source_address_and_in_all() {
     metric_until(admin, "whispeer_relay_subscriptions", |v| v == 4).await;
     a1.subscribe(3, exact(1, &[4])).await;
 }
+
+/// Deep filters cost the relay a routing-index node per level, so a tenant's subscriptions
+/// are also capped by what they may cost (`--tenant-subscription-bytes`, each filter
+/// counted 512 + 544 bytes per level): three 32-level filters fit in 60,000 bytes, a fourth
+/// does not, shallow ones still do, and a shallow filter cannot be swapped for a deep one
+/// past the cap. Fails if depth is not counted (the fourth deep filter would be taken).
+#[tokio::test]
+async fn deep_filters_are_capped_by_the_memory_they_cost() {
+    let relay = BinRelay::start(&["--store", "none", "--tenant-subscription-bytes", "60000"]);
+    let deep = |i: u8| exact(1, &[i; 32]);
+    let mut c = Client::tcp(relay.tcp()).await;
+    c.hello().await;
+    for i in 1..=3 {
+        c.subscribe(u64::from(i), deep(i)).await;
+    }
+    c.send(&sub_frame(4, deep(4))).await;
+    let e = c.expect_err().await;
+    assert_eq!(e.code, ErrorCode::TooManySubscriptions, "{e:?}");
+    assert!(!e.fatal && e.message.contains("memory limit"), "{e:?}");
+    c.subscribe(5, exact(1, &[5])).await;
+    c.send(&sub_frame(5, deep(5))).await;
+    let e = c.expect_err().await;
+    assert!(e.message.contains("memory limit"), "{e:?}");
+}
