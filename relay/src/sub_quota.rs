@@ -183,7 +183,7 @@ mod tests {
         q.remove(&b, [1, 1]);
         assert_eq!(q.of(&b), 0);
         assert!(
-            q.state().0.get(&b).is_none(),
+            !q.state().0.contains_key(&b),
             "a tenant holding none is forgotten"
         );
         let unlimited = SubQuota::new((0, 0), (0, 0));
