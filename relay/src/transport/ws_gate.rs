@@ -202,9 +202,14 @@ impl Follower {
 
     fn payload_done(&mut self) {
         if let At::Payload { last: true, .. } = self.at {
+            // The whole message has passed: its budget goes back, and budget still being
+            // taken for it is not needed any more (one large read can carry a header and
+            // all its payload before the taking is polled).
             self.message = 0;
             self.covered = false;
             self.held = None;
+            self.taking = None;
+            self.gate.stalled.store(false, Relaxed);
         }
         self.at = At::Header { have: 0 };
     }
@@ -356,16 +361,24 @@ mod tests {
         (gate, b)
     }
 
+    /// An admitted follower with a budget of `budget` bytes, and its stream so far (the
+    /// upgrade request).
+    fn following(budget: usize) -> (Arc<FrameBudget>, Follower, Vec<u8>) {
+        let (gate, b) = admitted(budget);
+        (
+            b.expect("a budget"),
+            Follower::new(gate, 1 << 20),
+            UPGRADE.to_vec(),
+        )
+    }
+
     /// Headers of every length form, masked, split anywhere: small messages take nothing;
     /// a single large frame takes exactly its length while it passes and gives it back
     /// when done; control frames between fragments do not count.
     #[test]
     fn follows_every_header_form_in_any_split_and_takes_budget_only_for_large_messages() {
         for step in [1, 3, 7, 500, 1 << 20] {
-            let (gate, budget) = admitted(1 << 20);
-            let budget = budget.unwrap();
-            let mut f = Follower::new(gate, 1 << 20);
-            let mut stream = UPGRADE.to_vec();
+            let (budget, mut f, mut stream) = following(1 << 20);
             stream.extend(frame(true, 2, 100)); // 7-bit length
             stream.extend(frame(true, 2, 1000)); // 16-bit length
             stream.extend(frame(false, 2, 30_000)); // a fragmented message of 60,000...
@@ -401,10 +414,7 @@ mod tests {
     /// nothing more), and gives it back at its last fragment.
     #[test]
     fn a_fragmented_large_message_reserves_max_frame_once() {
-        let (gate, budget) = admitted(4 << 20);
-        let budget = budget.unwrap();
-        let mut f = Follower::new(gate, 1 << 20);
-        let mut stream = UPGRADE.to_vec();
+        let (budget, mut f, mut stream) = following(4 << 20);
         for _ in 0..4 {
             stream.extend(frame(
                 false,
@@ -446,6 +456,19 @@ mod tests {
         stream.extend(frame(true, 2, 200_000));
         feed(&mut f, &stream, 4096).unwrap();
         assert_eq!(gate.refused(), None);
+    }
+
+    /// A message whose header and whole payload pass in one read needs no budget any
+    /// more: the taking started at its header is dropped, nothing stays held.
+    #[test]
+    fn a_message_passed_whole_in_one_read_keeps_no_budget() {
+        let (budget, mut f, mut stream) = following(1 << 20);
+        stream.extend(frame(true, 2, 200_000));
+        f.follow(&stream).unwrap();
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(f.poll_budget(&mut cx).is_ready());
+        assert_eq!(budget.available(), 1 << 20);
+        assert!(f.held.is_none());
     }
 
     /// While the budget cannot cover a message, the follower is pending and the gate says
