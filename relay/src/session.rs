@@ -1158,6 +1158,8 @@ impl Session {
         self.shared
             .sub_quota
             .remove(&self.tenant, self.subs.values().map(|p| p.elems().len()));
+        tracing::debug!(conn = %self.conn, subscriptions = self.subs.len(),
+            "connection's subscriptions given back");
         self.subs.clear();
         self.tracked.clear();
         self.hold_gens.clear();

@@ -504,20 +504,6 @@ async fn sigterm_sends_close_to_clients_and_exits_zero() {
     assert!(status.success(), "exit status {status}");
 }
 
-/// Waits (bounded) until the relay's metric `name` satisfies `ok`; a poll of another
-/// process's `/metrics`, which has no event to wait on.
-async fn metric_until(admin: std::net::SocketAddr, name: &str, ok: impl Fn(u64) -> bool) -> u64 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let v = metric(admin, name).await;
-        if ok(v) {
-            return v;
-        }
-        assert!(std::time::Instant::now() < deadline, "{name} stuck at {v}");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-}
-
 /// Partial large frames cannot pile up in the relay's memory: with a budget of two 256 KiB
 /// frames, two connections that announce such frames and never finish them hold all of it;
 /// a third connection's large frame (TCP) and a large WebSocket message are then not read
@@ -527,13 +513,15 @@ async fn metric_until(admin: std::net::SocketAddr, name: &str, ok: impl Fn(u64) 
 #[tokio::test]
 async fn partial_large_frames_are_bounded_by_the_frame_budget() {
     const BIG: usize = 256 * 1024;
-    let relay = BinRelay::start(&[
+    let mut relay = BinRelay::start_logged(&[
         "--store",
         "none",
         "--max-frame",
         &BIG.to_string(),
         "--large-frame-budget",
         &(2 * BIG).to_string(),
+        "--log",
+        "warn,whispeer_relay::transport::frame_budget=debug",
     ]);
     let admin = relay.admin();
     let mut sub = subscriber_tcp(relay.tcp(), exact(1, &[1])).await;
@@ -548,19 +536,17 @@ async fn partial_large_frames_are_bounded_by_the_frame_budget() {
         let f = large(BIG - 200);
         assert!(f.len() - 4 <= BIG && f.len() - 4 > BIG / 2);
         c.send_raw(&f[..1004]).await.unwrap();
+        relay.wait_log(&["large frame took budget"]).await;
         holders.push(c);
     }
-    let held = metric_until(admin, "whispeer_relay_frame_budget_bytes", |v| {
-        v > BIG as u64
-    })
-    .await;
-    assert!(held <= 2 * BIG as u64, "{held}");
+    let held = metric(admin, "whispeer_relay_frame_budget_bytes").await;
+    assert!(held > BIG as u64 && held <= 2 * BIG as u64, "{held}");
 
     // A third large frame, sent whole: the relay does not read it yet.
     let mut third = Client::tcp(relay.tcp()).await;
     third.hello().await;
     third.send_raw(&large(BIG / 2)).await.unwrap();
-    metric_until(admin, "whispeer_relay_frame_budget_waits_total", |v| v >= 1).await;
+    relay.wait_log(&["large frame waits for budget"]).await;
 
     // A large WebSocket message waits for the same budget.
     let mut ws = Client::ws(relay.ws()).await;
@@ -570,7 +556,11 @@ async fn partial_large_frames_are_bounded_by_the_frame_budget() {
             .slice(4..),
     ))
     .await;
-    metric_until(admin, "whispeer_relay_frame_budget_waits_total", |v| v >= 2).await;
+    relay.wait_log(&["large frame waits for budget"]).await;
+    assert_eq!(
+        metric(admin, "whispeer_relay_frame_budget_waits_total").await,
+        2
+    );
 
     // Small frames flow meanwhile, on a connection of their own.
     let mut small = Client::tcp(relay.tcp()).await;
@@ -580,16 +570,19 @@ async fn partial_large_frames_are_bounded_by_the_frame_budget() {
     assert!(m.envelope.len() < 1024, "the small message comes first");
 
     // The holders go: the waiting frames are read and delivered.
-    drop(holders.remove(0));
-    drop(holders.remove(0));
+    drop(holders);
     let mut sizes = [sub.expect_msg().await, sub.expect_msg().await].map(|m| m.envelope.len());
     sizes.sort();
     assert!(
         sizes[0] > 100_000 && sizes[1] > BIG / 2,
         "then the large ones: {sizes:?}"
     );
+    // Every lease is given back: the holders' two and the two frames that waited.
+    for _ in 0..4 {
+        relay.wait_log(&["large frame budget given back"]).await;
+    }
+    assert_eq!(metric(admin, "whispeer_relay_frame_budget_bytes").await, 0);
     drop((third, ws));
-    metric_until(admin, "whispeer_relay_frame_budget_bytes", |v| v == 0).await;
 }
 
 /// Subscriptions are capped per tenant (here the source address) and in all, not only per
@@ -600,15 +593,16 @@ async fn partial_large_frames_are_bounded_by_the_frame_budget() {
 /// opening more connections, or if the refusal ends the connection.
 #[tokio::test]
 async fn subscriptions_are_capped_per_source_address_and_in_all() {
-    let relay = BinRelay::start(&[
+    let mut relay = BinRelay::start_logged(&[
         "--store",
         "none",
         "--tenant-max-subscriptions",
         "3",
         "--max-total-subscriptions",
         "5",
+        "--log",
+        "warn,whispeer_relay::session=debug",
     ]);
-    let admin = relay.admin();
     let refused = |e: whispeer_protocol::frame::ErrFrame, sub_id: u64, why: &str| {
         assert_eq!(e.code, ErrorCode::TooManySubscriptions, "{e:?}");
         assert!(!e.fatal, "{e:?}");
@@ -644,7 +638,9 @@ async fn subscriptions_are_capped_per_source_address_and_in_all() {
 
     // a2 goes: its subscription is given back to the address and to the total.
     drop(a2);
-    metric_until(admin, "whispeer_relay_subscriptions", |v| v == 4).await;
+    relay
+        .wait_log(&["connection's subscriptions given back", "subscriptions=1"])
+        .await;
     a1.subscribe(3, exact(1, &[4])).await;
 }
 

@@ -85,6 +85,11 @@ async fn non_reading_subscribers_keep_rss_bounded_by_the_byte_limits() {
 /// The relay binary without a store, taking thousands of connections from 127.0.0.1 at
 /// once (every test client connects from there: that is not churn), plus `extra`.
 fn crowded_relay(extra: &[&str]) -> BinRelay {
+    BinRelay::start(&crowded_args(extra))
+}
+
+/// The arguments of [`crowded_relay`].
+fn crowded_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "--store",
         "none",
@@ -94,7 +99,7 @@ fn crowded_relay(extra: &[&str]) -> BinRelay {
         "0",
     ];
     args.extend_from_slice(extra);
-    BinRelay::start(&args)
+    args
 }
 
 /// A subscriber of `levels` under key 1 with a tiny receive buffer (no kernel autotuning
@@ -220,7 +225,12 @@ async fn parked_partial_frames_keep_rss_within_the_frame_budget() {
     const BUDGET: usize = 16 << 20;
     rlimit::increase_nofile_limit(4 * PARKERS as u64 + 256).expect("raise the fd limit");
     let budget = BUDGET.to_string();
-    let relay = crowded_relay(&["--large-frame-budget", &budget]);
+    let mut relay = BinRelay::start_logged(&crowded_args(&[
+        "--large-frame-budget",
+        &budget,
+        "--log",
+        "warn,whispeer_relay::transport::frame_budget=debug",
+    ]));
     let (pid, addr, admin) = (relay.child.id(), relay.tcp(), relay.admin());
     let before = rss_kib(pid);
     let frame = codec::encode_prefixed(&pub_frame(envelope_sized(1, &[1], PARK_BODY)));
@@ -236,16 +246,14 @@ async fn parked_partial_frames_keep_rss_within_the_frame_budget() {
             c
         }));
     }
+    // The frames that fit take the budget; every other parker waits (nothing is given
+    // back: no frame completes).
     let fit = BUDGET / (frame.len() - 4);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let waits = loop {
-        let w = metric(admin, "whispeer_relay_frame_budget_waits_total").await as usize;
-        if w >= PARKERS - fit {
-            break w;
-        }
-        assert!(std::time::Instant::now() < deadline, "only {w} waits");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    for _ in 0..PARKERS - fit {
+        relay.wait_log(&["large frame waits for budget"]).await;
+    }
+    let waits = metric(admin, "whispeer_relay_frame_budget_waits_total").await as usize;
+    assert_eq!(waits, PARKERS - fit);
     let held = metric(admin, "whispeer_relay_frame_budget_bytes").await as usize;
     let after = rss_kib(pid);
     let grown = after.saturating_sub(before);

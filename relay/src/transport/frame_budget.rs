@@ -62,27 +62,42 @@ impl FrameBudget {
         )
     }
 
-    /// Budget for a frame of `len` bytes (`None` when it is small enough to need none);
+    /// `n` bytes of budget for one frame (callers ask only for frames over [`FREE`]);
     /// waits while the budget cannot cover it. Cancel-safe: nothing is held until it
-    /// returns. `len` must not exceed the budget (the configuration checks
+    /// returns. `n` must not exceed the budget (the configuration checks
     /// `large_frame_budget >= max_frame`).
-    pub async fn take(self: &Arc<Self>, len: usize) -> Option<OwnedSemaphorePermit> {
-        if len <= FREE {
-            return None;
-        }
-        self.take_exact(len).await
+    pub async fn take(self: &Arc<Self>, n: usize) -> Option<Lease> {
+        let permits = u32::try_from(n).unwrap_or(u32::MAX);
+        let permit = match self.bytes.clone().try_acquire_many_owned(permits) {
+            Ok(p) => p,
+            Err(_) => {
+                self.waits.fetch_add(1, Relaxed);
+                tracing::debug!(bytes = n, "large frame waits for budget");
+                // The semaphore is never closed.
+                self.bytes.clone().acquire_many_owned(permits).await.ok()?
+            }
+        };
+        tracing::debug!(bytes = n, "large frame took budget");
+        Some(Lease {
+            permit: Some(permit),
+            bytes: n,
+        })
     }
+}
 
-    /// `n` bytes of budget whatever their size (a WebSocket message past [`FREE`] takes
-    /// each further fragment's length); waits like [`take`](Self::take).
-    pub async fn take_exact(self: &Arc<Self>, n: usize) -> Option<OwnedSemaphorePermit> {
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
-        if let Ok(p) = self.bytes.clone().try_acquire_many_owned(n) {
-            return Some(p);
-        }
-        self.waits.fetch_add(1, Relaxed);
-        // The semaphore is never closed.
-        self.bytes.clone().acquire_many_owned(n).await.ok()
+/// Budget held for one frame, given back when dropped (the frame complete, or its
+/// connection gone).
+#[derive(Debug)]
+pub struct Lease {
+    permit: Option<OwnedSemaphorePermit>,
+    bytes: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Given back first, then said: whoever reads the log line sees the budget back.
+        drop(self.permit.take());
+        tracing::debug!(bytes = self.bytes, "large frame budget given back");
     }
 }
 
@@ -92,17 +107,14 @@ mod tests {
     use futures_util::FutureExt;
 
     #[tokio::test]
-    async fn small_frames_take_nothing_and_large_ones_wait_for_the_budget() {
+    async fn large_frames_wait_for_the_budget_and_give_it_back() {
         let b = FrameBudget::new(3 * FREE).expect("a budget");
-        assert!(b.take(FREE).await.is_none());
         let first = b.take(2 * FREE).await.expect("taken");
         assert_eq!(b.available(), FREE);
         // A second large frame cannot be covered: it waits, and counts as a wait.
         let mut second = Box::pin(b.take(2 * FREE));
         assert!(second.as_mut().now_or_never().is_none());
         assert_eq!(b.waits(), 1);
-        // Small frames still go through.
-        assert!(b.take(100).await.is_none());
         drop(first);
         let second = second.await.expect("taken once the first is done");
         assert_eq!(b.available(), FREE);

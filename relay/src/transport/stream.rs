@@ -7,11 +7,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::OwnedSemaphorePermit;
 use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
 use whispeer_protocol::{DecodeError, FrameDecoder};
 
-use super::frame_budget::FrameBudget;
+use super::frame_budget::{FrameBudget, Lease, FREE};
 use super::{FrameSink, FrameSource, Inbound, ReadHint};
 
 /// Bytes gathered before one `write` call; large enough to amortise syscalls, small
@@ -33,7 +32,7 @@ pub struct StreamSource<R> {
     /// The relay-wide budget of large frames in progress (`None`: unlimited).
     budget: Option<Arc<FrameBudget>>,
     /// The budget taken for the frame being received.
-    held: Option<OwnedSemaphorePermit>,
+    held: Option<Lease>,
     /// Waiting for budget: the relay, not the client, is holding this connection up.
     waiting: bool,
 }
@@ -99,9 +98,9 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
                 }
             }
             if self.held.is_none() {
-                if let (Some(budget), Some(len)) = (&self.budget, self.decoder.pending_len()) {
+                let len = self.decoder.pending_len().unwrap_or(0);
+                if let Some(budget) = self.budget.clone().filter(|_| len > FREE) {
                     // Before reading the body of a large frame: cover it, or stop reading.
-                    let budget = budget.clone();
                     self.waiting = true;
                     self.held = budget.take(len).await;
                     self.waiting = false;

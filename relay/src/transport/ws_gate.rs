@@ -25,10 +25,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::sync::OwnedSemaphorePermit;
 use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
 
-use super::frame_budget::{FrameBudget, FREE};
+use super::frame_budget::{FrameBudget, Lease, FREE};
 
 /// What the gate under a WebSocket and its frame source share.
 #[derive(Debug)]
@@ -94,7 +93,7 @@ enum At {
     Payload { left: u64, last: bool },
 }
 
-type Taking = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
+type Taking = Pin<Box<dyn Future<Output = Option<Lease>> + Send>>;
 
 /// Follows the client's bytes on a WebSocket connection and holds its messages to the
 /// gate's rules ([`ReadAhead`](super::read_ahead::ReadAhead) calls it on every read).
@@ -105,7 +104,7 @@ pub struct Follower {
     /// Data payload bytes of the message in progress, frames seen so far.
     message: u64,
     /// Budget held for the message in progress (taken at most once per message).
-    held: Option<OwnedSemaphorePermit>,
+    held: Option<Lease>,
     /// The message in progress has taken (or is taking) its budget.
     covered: bool,
     /// The relay's `max_frame` (tungstenite's message limit).
@@ -185,7 +184,7 @@ impl Follower {
                     } else {
                         self.max_frame
                     };
-                    self.taking = Some(Box::pin(async move { budget.take_exact(n).await }));
+                    self.taking = Some(Box::pin(async move { budget.take(n).await }));
                 }
                 self.covered = true;
             }
