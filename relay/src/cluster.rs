@@ -496,6 +496,7 @@ async fn receive_loop(
         // `no_echo` keeps our own publishes away; this is the second line of defence.
         if d.origin == origin || !seen.first(d.origin, d.counter) {
             c.duplicates.fetch_add(1, Relaxed);
+            tracing::debug!(counter = d.counter, "cluster duplicate dropped");
             continue;
         }
         let path = d.envelope.token_path();
