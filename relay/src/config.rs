@@ -630,6 +630,13 @@ pub struct StoreConfig {
     /// answered Err(busy) (retryable, names the publish id).
     #[arg(long = "store-queue", env = "WHISPEER_STORE_QUEUE")]
     pub queue: usize,
+    /// Envelope bytes queued for the writer thread (0 = bounded by count only): while
+    /// the disk lags, what waits for it is held in memory, and `queue` alone would let
+    /// 65,536 large envelopes (GiBs) wait. Beyond it a publish that needs the store is
+    /// answered Err(busy) (retryable); a message larger than the bound is queued when
+    /// nothing else waits.
+    #[arg(long = "store-queue-bytes", env = "WHISPEER_STORE_QUEUE_BYTES")]
+    pub queue_bytes: u64,
     /// Most operations per transaction (group commit).
     #[arg(long = "store-max-batch", env = "WHISPEER_STORE_MAX_BATCH")]
     pub max_batch: usize,
@@ -712,6 +719,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("whispeer-relay.db"),
             sync: SyncMode::Full,
             queue: 65_536,
+            queue_bytes: 64 << 20,
             max_batch: 16_384,
             max_messages: 0,
             max_bytes: 0,

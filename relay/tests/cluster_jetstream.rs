@@ -630,6 +630,77 @@ async fn without_jetstream_stored_publishes_fail_and_live_routing_goes_on() {
     );
 }
 
+/// While JetStream does not answer, what waits for it is held in the relay's memory: the
+/// publish queue is bounded in envelope bytes (`--store-queue-bytes`), not only by its
+/// 65,536 jobs. With every NATS node frozen, 8 KiB QoS 1 publishes fill a 64 KiB bound
+/// after exactly 64 KiB / size of them, then get the retryable `Err(busy)`; when NATS wakes
+/// every queued one is acknowledged.
+#[tokio::test]
+async fn the_jetstream_publish_queue_is_bounded_in_bytes_while_nats_is_frozen() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let a = start_relay_with(&nats.urls(), "relay-a", &["--store-queue-bytes", "65536"]);
+    let (mut p, _) = connect(a.tcp()).await;
+    // One stored publish first: the stream is up and the relay's publisher is warm.
+    publish_acked(
+        &mut p,
+        &[(0, numbered(9, &[1], 0))],
+        Qos::AtLeastOnce,
+        false,
+    )
+    .await;
+    for n in &nats.nodes {
+        n.signal("STOP");
+    }
+    let each = numbered_sized(9, &[1], 1, 8 << 10).as_bytes().len();
+    let mut queued = Vec::new();
+    for n in 1u32.. {
+        p.send(&pub_frame(
+            numbered_sized(9, &[1], n, 8 << 10),
+            Qos::AtLeastOnce,
+            n,
+            false,
+        ))
+        .await;
+        p.send(&Frame::Ping(whispeer_protocol::frame::Ping {
+            nonce: n.into(),
+        }))
+        .await;
+        let mut busy = false;
+        loop {
+            match p.recv().await {
+                Frame::Pong(g) if g.nonce == u64::from(n) => break,
+                Frame::Err(e) => {
+                    assert_eq!(e.code, whispeer_protocol::ErrorCode::Busy, "{e:?}");
+                    assert!(!e.fatal && e.code.is_retryable(), "{e:?}");
+                    assert_eq!(e.publish_id.map(|p| id_of(&p)), Some(n));
+                    busy = true;
+                }
+                other => panic!("nothing is acknowledged while NATS is frozen: {other:?}"),
+            }
+        }
+        if busy {
+            break;
+        }
+        queued.push(n);
+    }
+    assert_eq!(queued.len(), (64 << 10) / each, "{each}-byte envelopes");
+    for n in &nats.nodes {
+        n.signal("CONT");
+    }
+    let mut acked = HashSet::new();
+    while acked.len() < queued.len() {
+        match p.recv().await {
+            Frame::PubAck(a) => assert!(acked.insert(id_of(&a.publish_id))),
+            Frame::Ping(_) => {}
+            other => panic!("expected PubAck, got {other:?}"),
+        }
+    }
+    assert_eq!(acked, queued.into_iter().collect());
+}
+
 fn start_relay_with(urls: &str, name: &str, extra: &[&str]) -> BinRelay {
     let mut args = jetstream_relay_args(urls, name);
     args.extend(extra.iter().map(|s| s.to_string()));

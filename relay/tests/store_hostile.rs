@@ -619,39 +619,8 @@ async fn live_routing_goes_on_while_the_writer_is_stuck_and_its_queue_is_full() 
     let lock = rusqlite::Connection::open(&db).unwrap();
     lock.execute_batch("BEGIN IMMEDIATE").unwrap();
     let commits = store.metrics().commits;
-    // Tenant A publishes QoS 1, one at a time (a Ping after each tells when the relay has
-    // handled it), until the queue is full.
     let mut a = client_from("127.0.0.2", relay.tcp()).await;
-    let mut queued = Vec::new();
-    for i in 0u64.. {
-        let id = pid(i, 2);
-        a.send(&pub_qos(
-            env_on(KA, 1, i, 200),
-            Qos::AtLeastOnce,
-            Some(id),
-            false,
-        ))
-        .await;
-        a.send(&Frame::Ping(whispeer_protocol::frame::Ping { nonce: i }))
-            .await;
-        let mut busy = false;
-        loop {
-            match a.recv().await {
-                Frame::Pong(p) if p.nonce == i => break,
-                Frame::Err(e) => {
-                    assert_eq!(e.code, ErrorCode::Busy, "{e:?}");
-                    assert!(!e.fatal && e.code.is_retryable(), "{e:?}");
-                    assert_eq!(e.publish_id, Some(id));
-                    busy = true;
-                }
-                other => panic!("nothing is acknowledged while the writer is stuck: {other:?}"),
-            }
-        }
-        if busy {
-            break;
-        }
-        queued.push(id);
-    }
+    let queued = fill_until_busy(&mut a, 200).await;
     assert!(queued.len() >= 64, "the queue took {}", queued.len());
     // Tenant B's live QoS 0 message: acknowledged and delivered while the writer is stuck.
     let mut b = client_from("127.0.0.3", relay.tcp()).await;
@@ -685,6 +654,87 @@ async fn live_routing_goes_on_while_the_writer_is_stuck_and_its_queue_is_full() 
     }
     assert_eq!(acked, queued);
     drop((a, b, c));
+    relay.stop().await;
+}
+
+/// Publishes QoS 1 envelopes with `body`-byte bodies on `KA`, one at a time (a Ping after
+/// each tells when the relay has handled it), while the writer is stuck, until the store
+/// answers `busy`; returns the publish ids it queued (nothing is acknowledged meanwhile).
+async fn fill_until_busy(a: &mut Client, body: usize) -> Vec<[u8; 16]> {
+    let mut queued = Vec::new();
+    for i in 0u64.. {
+        let id = pid(i, 2);
+        a.send(&pub_qos(
+            env_on(KA, 1, i, body),
+            Qos::AtLeastOnce,
+            Some(id),
+            false,
+        ))
+        .await;
+        a.send(&Frame::Ping(whispeer_protocol::frame::Ping { nonce: i }))
+            .await;
+        let mut busy = false;
+        loop {
+            match a.recv().await {
+                Frame::Pong(p) if p.nonce == i => break,
+                Frame::Err(e) => {
+                    assert_eq!(e.code, ErrorCode::Busy, "{e:?}");
+                    assert!(!e.fatal && e.code.is_retryable(), "{e:?}");
+                    assert_eq!(e.publish_id, Some(id));
+                    busy = true;
+                }
+                other => panic!("nothing is acknowledged while the writer is stuck: {other:?}"),
+            }
+        }
+        if busy {
+            return queued;
+        }
+        queued.push(id);
+    }
+    unreachable!()
+}
+
+/// While the disk lags, what waits for the writer is held in memory: the queue is bounded
+/// in envelope bytes as well as in messages (65,536 queued 1 MiB envelopes would be 64 GiB).
+/// With the writer stuck, 8 KiB envelopes fill a 64 KiB bound after 8, not after `queue`
+/// (65,536) of them; a larger envelope waits for an empty queue, then goes in alone; and
+/// everything queued is acknowledged in order when the disk is back.
+#[tokio::test]
+async fn the_write_queue_is_bounded_in_bytes_while_the_writer_is_stuck() {
+    let dir = temp_dir("queue-bytes");
+    let db = dir.join("s.db");
+    let mut config = file_config(&db);
+    config.store.queue = 65_536;
+    config.store.queue_bytes = 64 << 10;
+    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
+    let relay = relay_with(config, store.clone()).await;
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let busy = store.metrics().busy_rejections;
+    let mut a = client_from("127.0.0.2", relay.tcp()).await;
+    let each = env_on(KA, 1, 0, 8 << 10).as_bytes().len();
+    let queued = fill_until_busy(&mut a, 8 << 10).await;
+    assert_eq!(queued.len(), (64 << 10) / each, "{each}-byte envelopes");
+    assert_eq!(store.metrics().busy_rejections, busy + 1);
+    // Another tenant's envelope larger than the whole bound: busy while others wait.
+    let mut b = client_from("127.0.0.3", relay.tcp()).await;
+    let big = || env_on(KB, 1, 9, 100 << 10);
+    let r = publish_one(&mut b, big(), Qos::AtLeastOnce, pid(9, 3), false).await;
+    assert!(matches!(r, Answer::Refused(ErrorCode::Busy, _)), "{r:?}");
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    let mut acked = Vec::new();
+    while acked.len() < queued.len() {
+        match a.recv().await {
+            Frame::PubAck(p) => acked.push(p.publish_id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acked, queued);
+    // The queue is empty: the large envelope goes in alone.
+    let r = publish_one(&mut b, big(), Qos::AtLeastOnce, pid(10, 3), false).await;
+    assert!(matches!(r, Answer::Acked(_)), "{r:?}");
+    drop((a, b));
     relay.stop().await;
 }
 

@@ -250,6 +250,38 @@ struct Job {
     retain: Option<String>,
     /// The ledger's write id of this publish (its quota usage in flight).
     write: u64,
+    /// Its bytes in [`Inner::queued_bytes`] until the job is dropped (answered or failed).
+    _held: HeldBytes,
+}
+
+/// Envelope bytes a queued job holds in memory, given back when it drops: while NATS
+/// lags, the publish and ack queues (65,536 jobs each) would otherwise hold that many
+/// envelopes of any size.
+struct HeldBytes {
+    total: Arc<AtomicU64>,
+    n: u64,
+}
+
+impl HeldBytes {
+    /// Takes `n` bytes unless `limit` (0 = none) would be passed; a job larger than the
+    /// limit goes in when nothing else is held.
+    fn take(total: &Arc<AtomicU64>, n: u64, limit: u64) -> Option<Self> {
+        total
+            .fetch_update(Relaxed, Relaxed, |held| {
+                (limit == 0 || held == 0 || held + n <= limit).then_some(held + n)
+            })
+            .ok()?;
+        Some(HeldBytes {
+            total: total.clone(),
+            n,
+        })
+    }
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.n, Relaxed);
+    }
 }
 
 enum Slot {
@@ -279,6 +311,9 @@ struct Inner {
     space: [u8; 16],
     last: AtomicU64,
     jobs: mpsc::Sender<Job>,
+    /// Envelope bytes of queued jobs, bounded by `store.queue_bytes`.
+    queued_bytes: Arc<AtomicU64>,
+    queue_bytes: u64,
     next_ticket: AtomicU64,
     slots: Mutex<HashMap<u64, Slot>>,
     feed: Mutex<Option<mpsc::Receiver<Sequenced>>>,
@@ -500,6 +535,8 @@ impl JetStreamStore {
             space,
             last: AtomicU64::new(last),
             jobs: jobs_tx,
+            queued_bytes: Arc::default(),
+            queue_bytes: config.queue_bytes,
             next_ticket: AtomicU64::new(1),
             slots: Mutex::new(HashMap::new()),
             feed: Mutex::new(Some(feed_rx)),
@@ -1312,6 +1349,13 @@ impl Store for JetStreamStore {
         };
         let tag = tenant_tag(m.tenant);
         let size = m.envelope.as_bytes().len() as u64;
+        let Some(held) = HeldBytes::take(&inner.queued_bytes, size, inner.queue_bytes) else {
+            inner.counters.busy.fetch_add(1, Relaxed);
+            return Err(StoreError::Busy(format!(
+                "{} bytes wait for JetStream; publish again shortly",
+                inner.queued_bytes.load(Relaxed)
+            )));
+        };
         let write = {
             let key = crate::cluster::path_subject("", path);
             let key = key.strip_prefix('.').unwrap_or(&key);
@@ -1350,6 +1394,7 @@ impl Store for JetStreamStore {
             retain: retain
                 .then(|| crate::cluster::path_subject(&retained_prefix(&inner.prefix), path)),
             write,
+            _held: held,
         };
         match inner.jobs.try_send(job) {
             Ok(()) => Ok(Accepted::Pending(ticket)),

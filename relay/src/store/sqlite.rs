@@ -132,6 +132,16 @@ enum Op {
     },
 }
 
+impl Op {
+    /// Envelope bytes this operation holds in memory until it is committed.
+    fn env_bytes(&self) -> u64 {
+        match self {
+            Op::Msg { env, .. } | Op::Retain { env, .. } => env.len() as u64,
+            _ => 0,
+        }
+    }
+}
+
 /// Operations per block of the write queue.
 const BLOCK: usize = 1024;
 /// Emptied blocks kept for reuse.
@@ -150,6 +160,9 @@ struct Queue {
     /// Emptied blocks the writer gives back, so pushes rarely allocate.
     spare: Vec<Vec<Op>>,
     msgs: usize,
+    /// Envelope bytes in `blocks` (history and retained copies), bounded by
+    /// `queue_bytes`.
+    bytes: u64,
     waiters: Vec<(u64, OnDurable)>,
     closed: bool,
     /// The writer is committing a batch taken from `ops`.
@@ -172,6 +185,7 @@ impl Queue {
 
     fn push(&mut self, ops: impl IntoIterator<Item = Op>) {
         for op in ops {
+            self.bytes += op.env_bytes();
             match self.blocks.back_mut() {
                 Some(b) if b.len() < BLOCK => b.push(op),
                 _ => {
@@ -213,6 +227,9 @@ impl Queue {
     /// Empties the queue; the operations are returned to be dropped off the lock.
     fn clear(&mut self) -> VecDeque<Vec<Op>> {
         self.len = 0;
+        // Only what is dropped here: a batch the writer holds gives its bytes back itself.
+        let dropped: u64 = self.blocks.iter().flatten().map(Op::env_bytes).sum();
+        self.bytes = self.bytes.saturating_sub(dropped);
         std::mem::take(&mut self.blocks)
     }
 
@@ -1095,12 +1112,12 @@ impl Shared {
             };
             let mut ops = ops;
             let count: usize = ops.iter().map(Vec::len).sum();
-            if count > 0 {
-                let n = ops
-                    .iter()
-                    .flatten()
-                    .filter(|o| matches!(o, Op::Msg { .. }))
-                    .count();
+            // Messages leave the count when taken; their bytes when dropped below, so what
+            // the writer holds in memory while a commit waits on the disk stays bounded.
+            let (n, bytes) = ops.iter().flatten().fold((0, 0), |(n, b), o| {
+                (n + matches!(o, Op::Msg { .. }) as usize, b + o.env_bytes())
+            });
+            if n > 0 {
                 let mut q = lock(&self.queue);
                 q.msgs = q.msgs.saturating_sub(n);
             }
@@ -1150,6 +1167,7 @@ impl Shared {
             {
                 let mut q = lock(&self.queue);
                 q.resolving = !held.is_empty();
+                q.bytes = q.bytes.saturating_sub(bytes);
                 q.recycle(&mut ops);
             }
             self.changes.send_modify(|n| *n += 1);
@@ -1719,6 +1737,14 @@ impl Store for SqliteStore {
                 return Err(StoreError::Busy(format!(
                     "{} messages wait for the disk; publish again shortly",
                     q.msgs
+                )));
+            }
+            let adds = m.envelope.as_bytes().len() as u64 * (keep as u64 + retain as u64);
+            if s.cfg.queue_bytes > 0 && q.bytes > 0 && q.bytes + adds > s.cfg.queue_bytes {
+                s.m.busy.fetch_add(1, Relaxed);
+                return Err(StoreError::Busy(format!(
+                    "{} bytes wait for the disk; publish again shortly",
+                    q.bytes
                 )));
             }
         }
