@@ -240,6 +240,21 @@ impl Tracking {
         let _ = tokio::time::timeout(limit, freed).await;
     }
 
+    /// Pauses delivery as `p` says (a gate that spilled opens: the messages from `p.next`
+    /// on wait in the store); the caller starts the catch-up if there is credit
+    /// ([`claim_catch_up`](Self::claim_catch_up)), else the ack that frees credit does.
+    pub(crate) fn pause(&self, p: Paused) {
+        let mut t = lock(&self.inner);
+        t.paused = Some(match t.paused {
+            Some(q) => Paused {
+                next: q.next.min(p.next),
+                missed_max: q.missed_max.max(p.missed_max),
+                lost: q.lost + p.lost,
+            },
+            None => p,
+        });
+    }
+
     /// The pause, if delivery is paused.
     pub(crate) fn paused(&self) -> Option<Paused> {
         lock(&self.inner).paused

@@ -127,6 +127,9 @@ struct State {
     msg_bytes: usize,
     /// Bytes of `Msg` frames the writer took and has not finished writing.
     inflight: usize,
+    /// Bytes of live messages the connection's gated subscriptions hold back
+    /// ([`Outbound::hold_gated`]).
+    gated: usize,
     controls: usize,
     /// Messages dropped since the writer last took a batch (becomes a `Gap` frame).
     dropped: u64,
@@ -187,7 +190,7 @@ fn fatal_err(code: ErrorCode, message: &str) -> Bytes {
 
 impl State {
     fn held(&self) -> usize {
-        self.msg_bytes + self.inflight
+        self.msg_bytes + self.inflight + self.gated
     }
 }
 
@@ -303,6 +306,33 @@ impl Outbound {
         }
         let held = self.lock().held();
         self.budget.refuses(held, len)
+    }
+
+    /// Holds `len` bytes of a gated subscription's buffer (live messages held back while
+    /// its history or retained values are sent) in this connection's account: all gates of
+    /// the connection together within `max_bytes` (apart from the queue) and, like queued
+    /// messages, within the relay-wide budget or the connection's share of it. False when
+    /// they do not fit; the first message always fits while the gates hold nothing.
+    pub(crate) fn hold_gated(&self, len: usize) -> bool {
+        let mut s = self.lock();
+        let held = s.held();
+        if s.gated > 0 && (s.gated + len > self.max_bytes || self.budget.refuses(held, len)) {
+            return false;
+        }
+        s.gated += len;
+        self.budget.add(held, len);
+        true
+    }
+
+    /// Gives back `len` bytes taken by [`hold_gated`](Self::hold_gated).
+    pub(crate) fn free_gated(&self, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let mut s = self.lock();
+        let n = len.min(s.gated);
+        s.gated -= n;
+        self.budget.sub(s.held(), n);
     }
 
     /// Counts a QoS >= 1 subscription paused by the budget.

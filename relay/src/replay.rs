@@ -27,7 +27,7 @@ pub(crate) async fn history(
     done_frame: bool,
 ) {
     let sub_id = target.sub.0;
-    let count = match send(&shared, &tenant, &target, pattern, replay, boundary).await {
+    let count = match send(&shared, &tenant, &target, pattern.clone(), replay, boundary).await {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(conn = %target.conn, sub_id, error = %e, "history read failed");
@@ -51,7 +51,28 @@ pub(crate) async fn history(
             count,
         }))
     });
-    shared.router.release(&target, done).await;
+    open_gate(&shared, &tenant, &target, &pattern, done).await;
+}
+
+/// Opens the subscription's gate (`Router::release`). A QoS ≥ 1 subscription whose gate
+/// spilled (its live messages stayed in the store) is paused where it spilled: its
+/// catch-up starts here if it has credit, else the ack that frees credit starts it.
+async fn open_gate(
+    shared: &Arc<Shared>,
+    tenant: &Tenant,
+    target: &Arc<Target>,
+    pattern: &TokenPattern,
+    done: Option<bytes::Bytes>,
+) {
+    shared.router.release(target, done).await;
+    if target.track.as_ref().is_some_and(|t| t.claim_catch_up()) {
+        tokio::spawn(crate::flow::catch_up(
+            shared.clone(),
+            tenant.clone(),
+            target.clone(),
+            pattern.clone(),
+        ));
+    }
 }
 
 /// Sends the retained values of the paths `target` matches (sequence up to the boundary)
@@ -109,7 +130,7 @@ pub(crate) async fn retained(
                 })));
         }
     }
-    shared.router.release(&target, None).await;
+    open_gate(&shared, &tenant, &target, &pattern, None).await;
 }
 
 async fn send(

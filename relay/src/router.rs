@@ -43,6 +43,7 @@ use whispeer_protocol::{codec, Envelope, Frame, KeyId, Qos, TokenPath, TokenPatt
 
 use crate::cluster::{Interest, Link};
 use crate::flow::Delivery;
+use crate::flow::Paused;
 pub(crate) use crate::flow::Tracking;
 use crate::ids::{ConnId, Seq, SubId};
 use crate::index::SubIndex;
@@ -73,11 +74,26 @@ fn encode_msg(seq: u64, envelope: &Envelope, flags: u64, sub_id: Option<u64>) ->
     }))
 }
 
+/// Live messages held back while a subscription's history (or retained values) is sent.
+///
+/// The buffer is bounded in messages (`gate_limit`) and in bytes: its frames are held in
+/// the connection's outbound account ([`Outbound::hold_gated`]: all gates of a connection
+/// together within `queue.max_bytes`, and the relay-wide budget), because a subscriber
+/// that never reads (or never acks, with a small credit) keeps its history from ending, and
+/// everything published meanwhile would otherwise pile up here. Beyond the bound a QoS 0
+/// subscription loses its oldest held-back messages (counted, `Gap`); a QoS ≥ 1 one
+/// *spills*: from that message on nothing more is held, the messages wait in the store,
+/// and when the gate opens delivery is paused there so the catch-up sends them in order.
 #[derive(Debug, Default)]
 struct Gate {
     /// Live messages held back: sequence, envelope, `Msg` frame, kept in history.
     buf: VecDeque<(u64, Envelope, Bytes, bool)>,
     dropped: u64,
+    /// Bytes of the frames in `buf`, held in the connection's outbound account.
+    bytes: usize,
+    /// A QoS ≥ 1 subscription's buffer was full: the first message not held, the highest
+    /// since, and how many of those the store does not keep.
+    spill: Option<Paused>,
 }
 
 /// One subscription as the index holds it.
@@ -95,7 +111,74 @@ pub(crate) struct Target {
     gate_limit: usize,
 }
 
+impl Drop for Target {
+    fn drop(&mut self) {
+        let gate = self.gate.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = gate.take() {
+            self.out.free_gated(g.bytes);
+        }
+    }
+}
+
 impl Target {
+    /// Holds a live message back in the open gate (see [`Gate`]).
+    fn hold_back(
+        &self,
+        gate: &mut Gate,
+        seq: u64,
+        envelope: &Envelope,
+        frame: Bytes,
+        stored: bool,
+    ) {
+        if let Some(p) = gate.spill.as_mut() {
+            if stored {
+                p.missed_max = p.missed_max.max(seq);
+            } else {
+                p.lost += 1;
+            }
+            return;
+        }
+        let len = frame.len();
+        loop {
+            if gate.buf.len() < self.gate_limit && self.out.hold_gated(len) {
+                gate.bytes += len;
+                gate.buf.push_back((seq, envelope.clone(), frame, stored));
+                return;
+            }
+            if self.track.is_some() {
+                if seq == 0 {
+                    // Unnumbered (live-only with the JetStream store): it cannot wait in
+                    // the store, and the held-back messages before it must not go.
+                    gate.dropped += 1;
+                } else {
+                    gate.spill = Some(Paused {
+                        next: seq,
+                        missed_max: seq,
+                        lost: u64::from(!stored),
+                    });
+                }
+                return;
+            }
+            // QoS 0: the oldest held-back message goes, counted for a Gap.
+            gate.dropped += 1;
+            match gate.buf.pop_front() {
+                Some((.., old, _)) => {
+                    gate.bytes -= old.len();
+                    self.out.free_gated(old.len());
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// Opens the gate: what it still holds is given back to the connection's account.
+    fn open_gate(&self, g: &mut Option<Gate>) {
+        if let Some(gate) = g.take() {
+            self.out.free_gated(gate.bytes);
+        }
+        self.gated.store(false, Ordering::Relaxed);
+    }
+
     pub(crate) fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
     }
@@ -263,8 +346,7 @@ impl Router {
                 let mut g = lock(&target.gate);
                 let Some(gate) = g.as_mut() else { return };
                 if target.is_cancelled() {
-                    *g = None;
-                    target.gated.store(false, Ordering::Relaxed);
+                    target.open_gate(&mut g);
                     return;
                 }
                 if let Some(d) = done.take() {
@@ -276,7 +358,15 @@ impl Router {
                     gate.dropped = 0;
                 }
                 let n = gate.buf.len().min(step);
-                let last = gate.buf.iter().map(|(seq, ..)| *seq).max().unwrap_or(0);
+                let spill = gate.spill;
+                let last = gate
+                    .buf
+                    .iter()
+                    .map(|(seq, ..)| *seq)
+                    .chain(spill.map(|p| p.missed_max))
+                    .max()
+                    .unwrap_or(0);
+                let spill_lost = spill.map_or(0, |p| p.lost);
                 let now = Instant::now();
                 let mut paused = false;
                 let mut sent = 0;
@@ -291,7 +381,8 @@ impl Router {
                         }
                     } else if let Some(t) = &target.track {
                         let unstored = || gate.buf.iter().skip(sent).filter(|m| !m.3).count();
-                        if !t.deliver_or_pause(*seq, env, last, unstored() as u64, now) {
+                        let lost = unstored() as u64 + spill_lost;
+                        if !t.deliver_or_pause(*seq, env, last, lost, now) {
                             self.metrics.credit_paused();
                             paused = true;
                             break;
@@ -300,14 +391,23 @@ impl Router {
                     target.out.push_history(frame.clone());
                     sent += 1;
                 }
-                gate.buf.drain(..sent);
+                // Sent frames now count in the queue; the rest of a paused buffer (and a
+                // spill) waits in the store.
+                let mut freed: usize = gate.buf.drain(..sent).map(|m| m.2.len()).sum();
                 if paused {
-                    gate.buf.clear();
+                    freed += gate.buf.drain(..).map(|m| m.2.len()).sum::<usize>();
+                    gate.spill = None;
                 }
+                gate.bytes -= freed;
+                target.out.free_gated(freed);
                 if gate.buf.is_empty() {
-                    *g = None;
-                    target.gated.store(false, Ordering::Relaxed);
+                    let spill = gate.spill.take();
+                    target.open_gate(&mut g);
                     if let Some(t) = &target.track {
+                        if let Some(p) = spill {
+                            t.pause(p);
+                            self.metrics.credit_paused();
+                        }
                         t.history_done();
                     }
                     return;
@@ -514,12 +614,8 @@ impl Router {
             if t.gated.load(Ordering::Relaxed) {
                 let mut g = lock(&t.gate);
                 if let Some(gate) = g.as_mut() {
-                    if gate.buf.len() >= t.gate_limit {
-                        gate.buf.pop_front();
-                        gate.dropped += 1;
-                    }
                     let frame = encoded.get_or_insert_with(encode).clone();
-                    gate.buf.push_back((seq.0, envelope.clone(), frame, stored));
+                    t.hold_back(gate, seq.0, envelope, frame, stored);
                     continue;
                 }
             }

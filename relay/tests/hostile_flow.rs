@@ -44,12 +44,23 @@ async fn hello_flow(c: &mut Client) -> u64 {
 /// Publishes `n` QoS 1 messages on `levels` and waits for every PubAck (so each is stored
 /// and routed before this returns). Returns the sequences.
 async fn publish_acked(p: &mut Client, levels: &[u8], first: u32, n: u32) -> Vec<u64> {
+    publish_acked_sized(p, levels, first, n, |i| 16 + i as usize).await
+}
+
+/// [`publish_acked`] with envelope bodies of `size(i)` bytes.
+async fn publish_acked_sized(
+    p: &mut Client,
+    levels: &[u8],
+    first: u32,
+    n: u32,
+    size: impl Fn(u32) -> usize,
+) -> Vec<u64> {
     for i in first..first + n {
         let mut id = [0u8; 16];
         id[..4].copy_from_slice(&i.to_be_bytes());
         id[15] = levels[0];
         p.send(&Frame::Pub(Pub {
-            envelope: envelope_sized(1, levels, 16 + i as usize),
+            envelope: envelope_sized(1, levels, size(i)),
             flags: pub_flags::ACK,
             publish_id: Some(id),
             qos: Qos::AtLeastOnce,
@@ -76,33 +87,6 @@ async fn until_pong(c: &mut Client, nonce: u64) -> Vec<Frame> {
             f => got.push(f),
         }
     }
-}
-
-/// A QoS 1 subscriber of `[1]` under key 1 replaying from the start with `credit`.
-async fn replay_subscriber(addr: std::net::SocketAddr, credit: u64) -> Client {
-    let mut s = Client::tcp(addr).await;
-    s.send(&Frame::Hello(Hello {
-        versions: vec![PROTOCOL_VERSION],
-        features: features::AT_LEAST_ONCE | features::FLOW_CONTROL | features::REPLAY,
-        client: None,
-        auth: None,
-        account: None,
-    }))
-    .await;
-    assert!(matches!(s.recv().await, Frame::Welcome(_)));
-    s.send(&Frame::Sub(Sub {
-        sub_id: 1,
-        pattern: exact(1, &[1]),
-        qos: Qos::AtLeastOnce,
-        durable: None,
-        replay: Some(whispeer_protocol::frame::Replay::FromSeq(0)),
-        retained: false,
-        credit: Some(credit),
-        owner: None,
-    }))
-    .await;
-    assert!(matches!(s.recv().await, Frame::SubOk(_)));
-    s
 }
 
 /// The sequences of the next `n` frames, which must be `Msg`s.
@@ -330,7 +314,7 @@ async fn replay_waits_for_credit_instead_of_overrunning_the_subscriber() {
     let mut p = Client::tcp(relay.tcp()).await;
     p.hello().await;
     let stored = publish_acked(&mut p, &[1], 0, 12).await;
-    let mut s = replay_subscriber(relay.tcp(), 4).await;
+    let mut s = replay_subscriber(relay.tcp(), 1, 4).await;
     // History is sent by its own task: wait for the credit's worth, then a ping shows
     // nothing more was queued (without the credit the whole chunk is queued at once).
     let mut received = recv_seqs(&mut s, 4).await;
@@ -490,7 +474,7 @@ async fn unstored_messages_held_back_during_replay_are_counted_in_a_gap() {
     let mut p = Client::tcp(relay.tcp()).await;
     p.hello().await;
     let history = publish_acked(&mut p, &[1], 0, 3).await;
-    let mut s = replay_subscriber(relay.tcp(), 2).await;
+    let mut s = replay_subscriber(relay.tcp(), 1, 2).await;
     let first = recv_seqs(&mut s, 2).await;
     assert_eq!(first, history[..2].to_vec());
     // The replay waits for credit: three live QoS 0 messages (not stored) and one stored
@@ -513,4 +497,56 @@ async fn unstored_messages_held_back_during_replay_are_counted_in_a_gap() {
     let (gap, rest) = gap_and_msgs(&mut s, 2).await;
     assert_eq!(gap, 2, "the two held-back QoS 0 messages without credit");
     assert_eq!(rest, last, "the stored one follows from the store");
+}
+
+/// A subscriber with credit 1 that does not ack keeps its replay from ending (the history
+/// waits for credit), and every live message published meanwhile is held back behind the
+/// history. Held back in memory without a bound, a subscriber that never acks made the
+/// relay keep everything published to its key id (65,536 messages of any size, twice:
+/// envelope and frame). Now the held-back messages count in the connection's outbound
+/// bytes (here `queue.max_bytes` = 64 KiB) and the rest waits in the store; when the
+/// subscriber acks again it gets the history, then every live message in order, once,
+/// without a `Gap`.
+#[tokio::test]
+async fn live_messages_held_back_behind_a_stalled_replay_are_bounded_and_lose_nothing() {
+    const BOUND: usize = 64 << 10;
+    const N: u32 = 64;
+    let mut config = Config::ephemeral();
+    config.queue.max_bytes = BOUND;
+    config.limits.publish_rate = 0;
+    let relay = TestRelay::start(config).await;
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    let history = publish_acked(&mut p, &[1], 0, 2).await;
+    let mut s = replay_subscriber(relay.tcp(), 1, 1).await;
+    assert_eq!(recv_seqs(&mut s, 1).await, history[..1]);
+    // 64 live messages of 8 KiB (512 KiB) while the replay waits for an ack.
+    let live = publish_acked_sized(&mut p, &[1], 100, N, |_| 8 << 10).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let held = metric(admin, "whispeer_relay_outbound_bytes").await;
+    assert!(
+        held > 0 && held as usize <= BOUND + (9 << 10),
+        "{held} bytes held back for a subscriber stalled in its replay (bound {BOUND})"
+    );
+    let mut want = vec![history[1]];
+    want.extend(&live);
+    let mut got = Vec::new();
+    let mut ack = history[0];
+    while got.len() < want.len() {
+        s.send(&Frame::Ack(Ack { seqs: vec![ack] })).await;
+        match s.recv().await {
+            Frame::ReplayDone(_) => {
+                // The ack is spent; the next message still waits for one.
+                continue;
+            }
+            Frame::Msg(m) => {
+                ack = m.seq;
+                got.push(m.seq);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, want, "history, then every live message in order, once");
+    let extra = msgs(until_pong(&mut s, 7).await);
+    assert!(extra.is_empty(), "nothing more: {extra:?}");
 }

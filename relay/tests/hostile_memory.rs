@@ -4,7 +4,9 @@
 //! 4,096 messages here about 280 MiB); and subscribers of distinct topics (no frame shared
 //! between queues) keep it bounded by the relay-wide budget (`queue.total_max_bytes`), not
 //! by connections × `queue.max_bytes`; and connections parking partial large frames keep it
-//! bounded by `limits.large_frame_budget`. The numbers are printed for the report.
+//! bounded by `limits.large_frame_budget`; and subscribers whose replay never ends keep
+//! the live messages held back behind it within `queue.max_bytes`. The numbers are printed
+//! for the report.
 
 mod common;
 
@@ -277,4 +279,104 @@ async fn parked_partial_frames_keep_rss_within_the_frame_budget() {
     for p in parkers {
         p.abort();
     }
+}
+
+/// A QoS 1 subscriber with credit 1 that never acks keeps its replay from ending, and every
+/// live message published to its key id meanwhile is held back behind the history. Eight
+/// such subscribers (each on its own key id) and 160 MiB published to them: held back
+/// without a bound that was twice the published bytes in relay memory (envelope and frame);
+/// now the held-back messages count in each connection's outbound bytes
+/// (`--queue-max-bytes` 256 KiB) and the rest waits in the store (SQLite, whose page cache
+/// is the main term left).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_replays_keep_rss_within_the_queue_bound() {
+    use whispeer_protocol::frame::{pub_flags, Pub};
+    use whispeer_protocol::Qos;
+    const STALLED: u8 = 8;
+    const BODY: usize = 60 * 1024;
+    const PUBLISHED: usize = 160 << 20;
+    let max_bytes = QUEUE_MAX_BYTES.to_string();
+    let relay = BinRelay::start(&[
+        "--queue-max-bytes",
+        &max_bytes,
+        "--store-sync",
+        "normal",
+        "--publish-rate",
+        "0",
+        "--addr-publish-rate",
+        "0",
+    ]);
+    let (pid, addr) = (relay.child.id(), relay.tcp());
+    let mut p = Client::tcp(addr).await;
+    p.hello().await;
+    let pub_acked = |k: u8, i: u32, body: usize| {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        id[4] = k;
+        Frame::Pub(Pub {
+            envelope: envelope_sized(k, &[1], body),
+            flags: pub_flags::ACK,
+            publish_id: Some(id),
+            qos: Qos::AtLeastOnce,
+        })
+    };
+    async fn acks(p: &mut Client, n: usize) {
+        for _ in 0..n {
+            match p.recv().await {
+                Frame::PubAck(_) => {}
+                other => panic!("publisher expected PubAck, got {other:?}"),
+            }
+        }
+    }
+    // Two stored messages per key id: the history each stalled replay starts with.
+    for k in 1..=STALLED {
+        for i in 0..2 {
+            p.send(&pub_acked(k, i, 64)).await;
+        }
+    }
+    acks(&mut p, 2 * STALLED as usize).await;
+    let mut stalled = Vec::new();
+    for k in 1..=STALLED {
+        let mut s = replay_subscriber(addr, k, 1).await;
+        // The first history message takes the credit; it is never acked.
+        assert!(matches!(s.recv().await, Frame::Msg(_)));
+        stalled.push(s);
+    }
+    let before = rss_kib(pid);
+    let n = PUBLISHED / BODY;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(256) {
+        for &i in chunk {
+            p.send(&pub_acked(
+                1 + (i % STALLED as usize) as u8,
+                10 + i as u32,
+                BODY,
+            ))
+            .await;
+        }
+        acks(&mut p, chunk.len()).await;
+    }
+    let after = rss_kib(pid);
+    let grown = after.saturating_sub(before);
+    let held = metric(relay.admin(), "whispeer_relay_outbound_bytes").await;
+    eprintln!(
+        "relay RSS with {STALLED} subscribers stalled in their replay and {} MiB published \
+         to them: {before} KiB before, {after} KiB after (growth {grown} KiB); held back \
+         {} KiB (bound {} KiB per connection)",
+        PUBLISHED >> 20,
+        held >> 10,
+        QUEUE_MAX_BYTES >> 10
+    );
+    assert!(
+        held as usize <= STALLED as usize * (QUEUE_MAX_BYTES + BODY + 1024),
+        "held back {held} bytes"
+    );
+    // The published bytes once (not twice, as held back without a bound) would be 160 MiB;
+    // SQLite's page cache (64 MiB for the writer) is most of what remains.
+    let bound_kib = (PUBLISHED >> 10) as u64 * 3 / 4;
+    assert!(
+        grown <= bound_kib,
+        "relay RSS grew by {grown} KiB with {} MiB published to stalled replays (bound {bound_kib} KiB)",
+        PUBLISHED >> 20
+    );
+    drop(stalled);
 }

@@ -729,3 +729,33 @@ pub fn relay_cli(args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// A QoS 1 subscriber of `[1]` under key `k` replaying from the start with `credit`
+/// (features: at-least-once, flow control, replay); returns after its `SubOk`.
+pub async fn replay_subscriber(addr: SocketAddr, k: u8, credit: u64) -> Client {
+    let mut s = Client::tcp(addr).await;
+    s.send(&Frame::Hello(Hello {
+        versions: vec![PROTOCOL_VERSION],
+        features: whispeer_protocol::frame::features::AT_LEAST_ONCE
+            | whispeer_protocol::frame::features::FLOW_CONTROL
+            | whispeer_protocol::frame::features::REPLAY,
+        client: None,
+        auth: None,
+        account: None,
+    }))
+    .await;
+    assert!(matches!(s.recv().await, Frame::Welcome(_)));
+    s.send(&Frame::Sub(Sub {
+        sub_id: 1,
+        pattern: exact(k, &[1]),
+        qos: Qos::AtLeastOnce,
+        durable: None,
+        replay: Some(whispeer_protocol::frame::Replay::FromSeq(0)),
+        retained: false,
+        credit: Some(credit),
+        owner: None,
+    }))
+    .await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    s
+}
