@@ -190,7 +190,15 @@ fn fatal_err(code: ErrorCode, message: &str) -> Bytes {
 
 impl State {
     fn held(&self) -> usize {
-        self.msg_bytes + self.inflight + self.gated
+        self.queued_held() + self.gated
+    }
+
+    /// Message bytes queued or being written, without the gates' held-back bytes: what
+    /// the writer can drain. A history or catch-up sender waits on this, never on the
+    /// gates — a gate empties only once its history is sent, so counting it there could
+    /// wait forever.
+    fn queued_held(&self) -> usize {
+        self.msg_bytes + self.inflight
     }
 }
 
@@ -365,18 +373,24 @@ impl Outbound {
     /// Waits until at most half the capacity (messages and bytes) is queued and the
     /// connection is not over its share of the relay-wide budget (or the queue is closing).
     pub(crate) async fn wait_room(&self) {
-        self.wait_until(|s| {
-            s.msgs <= self.capacity / 2
-                && s.msg_bytes <= self.max_bytes / 2
-                && !self.budget.refuses(s.held(), 0)
-        })
-        .await
+        self.wait_until(|s| self.has_room(s)).await
+    }
+
+    /// Whether [`wait_room`](Self::wait_room) would return at once.
+    pub(crate) fn room(&self) -> bool {
+        self.has_room(&self.lock())
+    }
+
+    fn has_room(&self, s: &State) -> bool {
+        s.msgs <= self.capacity / 2
+            && s.msg_bytes <= self.max_bytes / 2
+            && !self.budget.refuses(s.queued_held(), 0)
     }
 
     /// Waits until `len` more bytes fit the connection's share of the relay-wide budget
     /// (always once nothing is queued or being written), or the queue is closing.
     pub(crate) async fn wait_budget(&self, len: usize) {
-        self.wait_until(|s| !self.budget.refuses(s.held(), len))
+        self.wait_until(|s| !self.budget.refuses(s.queued_held(), len))
             .await
     }
 

@@ -202,6 +202,9 @@ async fn send(
         }
         shared.metrics.replayed(n);
         from = chunk.next;
+        if !target.out.room() {
+            tracing::debug!(conn = %target.conn, sub_id = target.sub.0, "history waits for room in the queue");
+        }
         target.out.wait_room().await;
     }
     Ok(count)

@@ -629,6 +629,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn close(&self);
 }
 
+/// Envelope bytes after which a history read chunk ends (it holds at least one message).
+/// The history sender queues a chunk whole for the subscriber, then waits for room: a chunk
+/// of 1,024 large envelopes was up to 1 GiB in the queue of one connection that does not
+/// read (a copy per replaying connection).
+pub const READ_CHUNK_BYTES: usize = 1 << 20;
+
 /// The delivery features of a store that keeps messages (SQLite, memory, JetStream).
 pub const KEEPING_FEATURES: u64 = whispeer_protocol::frame::features::AT_LEAST_ONCE
     | whispeer_protocol::frame::features::EXACTLY_ONCE

@@ -290,8 +290,6 @@ async fn parked_partial_frames_keep_rss_within_the_frame_budget() {
 /// is the main term left).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_replays_keep_rss_within_the_queue_bound() {
-    use whispeer_protocol::frame::{pub_flags, Pub};
-    use whispeer_protocol::Qos;
     const STALLED: u8 = 8;
     const BODY: usize = 60 * 1024;
     const PUBLISHED: usize = 160 << 20;
@@ -309,29 +307,10 @@ async fn stalled_replays_keep_rss_within_the_queue_bound() {
     let (pid, addr) = (relay.child.id(), relay.tcp());
     let mut p = Client::tcp(addr).await;
     p.hello().await;
-    let pub_acked = |k: u8, i: u32, body: usize| {
-        let mut id = [0u8; 16];
-        id[..4].copy_from_slice(&i.to_be_bytes());
-        id[4] = k;
-        Frame::Pub(Pub {
-            envelope: envelope_sized(k, &[1], body),
-            flags: pub_flags::ACK,
-            publish_id: Some(id),
-            qos: Qos::AtLeastOnce,
-        })
-    };
-    async fn acks(p: &mut Client, n: usize) {
-        for _ in 0..n {
-            match p.recv().await {
-                Frame::PubAck(_) => {}
-                other => panic!("publisher expected PubAck, got {other:?}"),
-            }
-        }
-    }
     // Two stored messages per key id: the history each stalled replay starts with.
     for k in 1..=STALLED {
         for i in 0..2 {
-            p.send(&pub_acked(k, i, 64)).await;
+            p.send(&acked_pub(k, i, 64)).await;
         }
     }
     acks(&mut p, 2 * STALLED as usize).await;
@@ -346,7 +325,7 @@ async fn stalled_replays_keep_rss_within_the_queue_bound() {
     let n = PUBLISHED / BODY;
     for chunk in (0..n).collect::<Vec<_>>().chunks(256) {
         for &i in chunk {
-            p.send(&pub_acked(
+            p.send(&acked_pub(
                 1 + (i % STALLED as usize) as u8,
                 10 + i as u32,
                 BODY,
@@ -379,4 +358,109 @@ async fn stalled_replays_keep_rss_within_the_queue_bound() {
         PUBLISHED >> 20
     );
     drop(stalled);
+}
+
+/// A history read is queued for the subscriber whole, then its sender waits for room, so
+/// its size is what a replaying connection that does not read holds: chunks were up to
+/// 1,024 envelopes of any size (12 MiB here, a copy per connection); now a chunk ends after
+/// 1 MiB. Forty such connections replaying 200 stored 60 KiB envelopes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_non_readers_hold_one_read_chunk_each() {
+    use whispeer_protocol::Qos;
+    const REPLAYERS: usize = 40;
+    const STORED: u32 = 200;
+    const BODY: usize = 60 * 1024;
+    let max_bytes = QUEUE_MAX_BYTES.to_string();
+    let mut relay = BinRelay::start_logged(&[
+        "--queue-max-bytes",
+        &max_bytes,
+        "--publish-rate",
+        "0",
+        "--store-sync",
+        "normal",
+        "--log",
+        "warn,whispeer_relay::replay=debug",
+    ]);
+    let (pid, addr) = (relay.child.id(), relay.tcp());
+    let mut p = Client::tcp(addr).await;
+    p.hello().await;
+    for i in 0..STORED {
+        p.send(&acked_pub(1, i, BODY)).await;
+    }
+    acks(&mut p, STORED as usize).await;
+    let before = rss_kib(pid);
+    let mut replayers = Vec::new();
+    for _ in 0..REPLAYERS {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut c = Client::over_stream(Box::new(sock.connect(addr).await.unwrap()));
+        c.hello_with(whispeer_protocol::frame::features::REPLAY)
+            .await;
+        c.send(&replay_sub(1, exact(1, &[1]), Qos::AtMostOnce, None))
+            .await;
+        replayers.push(c);
+    }
+    // Every replay has queued a chunk its subscriber does not read, and waits.
+    for _ in 0..REPLAYERS {
+        relay.wait_log(&["history waits for room"]).await;
+    }
+    let after = rss_kib(pid);
+    let grown = after.saturating_sub(before);
+    let history_kib = (STORED as usize * BODY) >> 10;
+    eprintln!(
+        "relay RSS with {REPLAYERS} connections replaying {history_kib} KiB of history without \
+         reading: {before} KiB before, {after} KiB after (growth {grown} KiB; a whole history \
+         per connection would be {} KiB)",
+        REPLAYERS * history_kib
+    );
+    // A chunk (1 MiB, plus the message that crosses it) per connection with allocator
+    // slack, and SQLite's reader cache (16 MiB): measured 56–74 MiB, against ~600 MiB with
+    // chunks of 1,024 envelopes.
+    let bound_kib = REPLAYERS as u64 * 2048 + 32 * 1024;
+    assert!(
+        grown <= bound_kib,
+        "relay RSS grew by {grown} KiB (bound {bound_kib} KiB)"
+    );
+    // One of them reads: the whole history, chunk after chunk, in order, once.
+    let mut r = replayers.pop().expect("a replayer");
+    drop(replayers);
+    let mut seqs = Vec::new();
+    loop {
+        match r.recv().await {
+            Frame::SubOk(_) => {}
+            Frame::Msg(m) => seqs.push(m.seq),
+            Frame::ReplayDone(d) => {
+                assert_eq!(d.count, u64::from(STORED));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seqs.len(), STORED as usize);
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+}
+
+/// A QoS 1 `Pub` of a `body`-byte envelope on `[k, 1]` asking for a `PubAck`, told apart
+/// by `i`.
+fn acked_pub(k: u8, i: u32, body: usize) -> Frame {
+    use whispeer_protocol::frame::{pub_flags, Pub};
+    let mut id = [0u8; 16];
+    id[..4].copy_from_slice(&i.to_be_bytes());
+    id[4] = k;
+    Frame::Pub(Pub {
+        envelope: envelope_sized(k, &[1], body),
+        flags: pub_flags::ACK,
+        publish_id: Some(id),
+        qos: whispeer_protocol::Qos::AtLeastOnce,
+    })
+}
+
+/// Reads `n` `PubAck`s.
+async fn acks(p: &mut Client, n: usize) {
+    for _ in 0..n {
+        match p.recv().await {
+            Frame::PubAck(_) => {}
+            other => panic!("publisher expected PubAck, got {other:?}"),
+        }
+    }
 }

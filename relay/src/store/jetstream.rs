@@ -698,7 +698,7 @@ impl JetStreamStore {
                 }
             }
         };
-        let mut n = 0;
+        let (mut n, mut bytes) = (0, 0);
         loop {
             let m = match cur.peeked.take() {
                 Some(m) => m,
@@ -714,7 +714,7 @@ impl JetStreamStore {
             if seq > upto {
                 return Ok(upto);
             }
-            if n >= max {
+            if n >= max || bytes >= super::READ_CHUNK_BYTES {
                 // The next chunk starts here: keep the consumer and this message for it.
                 cur.peeked = Some(m);
                 cur.at = std::time::Instant::now();
@@ -726,6 +726,7 @@ impl JetStreamStore {
                 return Ok(seq - 1);
             }
             inner.counters.rows_read.fetch_add(1, Relaxed);
+            bytes += m.payload.len();
             if let Ok(env) = Envelope::from_bytes(m.payload.clone()) {
                 each(seq, ts, env);
             }

@@ -21,7 +21,8 @@
 //! bound them, and an aborted catch-up would resend what it already sent.
 //!
 //! A read job is short: a history read examines at most one chunk of rows (the SQLite
-//! store's `READ_CHUNK`, 1,024 rows; JetStream's `CHUNK`) and the task asks for the next
+//! store's `READ_CHUNK`, 1,024 rows; JetStream's `CHUNK`; either ends after
+//! [`READ_CHUNK_BYTES`](super::READ_CHUNK_BYTES) of envelopes) and the task asks for the next
 //! chunk only after queueing the previous one, so a long replay takes many turns, not one.
 //! Not chunked: a retained read (every retained value of the key id, bounded by the
 //! retained-value quotas) and a `LastN` plan (one lookup per path of the key id, bounded by

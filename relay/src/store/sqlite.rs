@@ -2065,9 +2065,12 @@ impl Store for SqliteStore {
         let mut rows = st
             .query(params![kid, from as i64, upto.0 as i64, READ_CHUNK as i64])
             .map_err(err)?;
-        let (mut n, mut last) = (0usize, from);
+        let (mut n, mut last, mut bytes) = (0usize, from, 0usize);
         let mut msgs = Vec::new();
         while let Some(r) = rows.next().map_err(err)? {
+            if bytes >= super::READ_CHUNK_BYTES {
+                break; // the next chunk starts at this row
+            }
             n += 1;
             let seq = r.get::<_, i64>(0).map_err(err)? as u64;
             last = seq;
@@ -2081,6 +2084,7 @@ impl Store for SqliteStore {
             let env = r.get_ref(3).map_err(err)?.as_blob().map_err(|e| {
                 StoreError::Unavailable(format!("history read: bad envelope column: {e}"))
             })?;
+            bytes += env.len();
             match Envelope::from_bytes(Bytes::copy_from_slice(env)) {
                 Ok(envelope) => msgs.push(Stored {
                     seq: Seq(seq),
@@ -2094,7 +2098,11 @@ impl Store for SqliteStore {
         self.shared.m.rows_read.fetch_add(n as u64, Relaxed);
         Ok(ReadChunk {
             msgs,
-            next: if n < READ_CHUNK { upto.0 + 1 } else { last + 1 },
+            next: if n < READ_CHUNK && bytes < super::READ_CHUNK_BYTES {
+                upto.0 + 1
+            } else {
+                last + 1
+            },
         })
     }
 

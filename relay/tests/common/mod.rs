@@ -745,17 +745,27 @@ pub async fn replay_subscriber(addr: SocketAddr, k: u8, credit: u64) -> Client {
     }))
     .await;
     assert!(matches!(s.recv().await, Frame::Welcome(_)));
-    s.send(&Frame::Sub(Sub {
-        sub_id: 1,
-        pattern: exact(k, &[1]),
-        qos: Qos::AtLeastOnce,
-        durable: None,
-        replay: Some(whispeer_protocol::frame::Replay::FromSeq(0)),
-        retained: false,
-        credit: Some(credit),
-        owner: None,
-    }))
+    s.send(&replay_sub(
+        1,
+        exact(k, &[1]),
+        Qos::AtLeastOnce,
+        Some(credit),
+    ))
     .await;
     assert!(matches!(s.recv().await, Frame::SubOk(_)));
     s
+}
+
+/// A `Sub` replaying everything stored under `pattern` from the start, then live.
+pub fn replay_sub(sub_id: u64, pattern: TokenPattern, qos: Qos, credit: Option<u64>) -> Frame {
+    Frame::Sub(Sub {
+        sub_id,
+        pattern,
+        qos,
+        durable: None,
+        replay: Some(whispeer_protocol::frame::Replay::FromSeq(0)),
+        retained: false,
+        credit,
+        owner: None,
+    })
 }
