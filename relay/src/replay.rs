@@ -96,18 +96,24 @@ pub(crate) async fn retained(
             let _ = tx.send(r);
         }),
     );
+    // In chunks, each queued whole and paced like history: a pattern may match many large
+    // retained values, and a subscriber that does not read holds what was queued.
     let read = async {
         rx.await
             .map_err(|_| StoreError::Unavailable("store closed".into()))??;
-        let (store, pattern) = (store.clone(), pattern.clone());
-        crate::store::read_off_runtime(&tenant, Admission::Capped, move || {
-            store.retained(&pattern, boundary)
-        })
-        .await
-    };
-    match read.await {
-        Ok(values) => {
-            for m in values {
+        let mut from = 0;
+        while from <= boundary.0 {
+            if target.is_cancelled() || target.out.is_closing() {
+                break;
+            }
+            let chunk = {
+                let (store, pattern) = (store.clone(), pattern.clone());
+                crate::store::read_off_runtime(&tenant, Admission::Capped, move || {
+                    store.retained(&pattern, from, boundary)
+                })
+                .await?
+            };
+            for m in chunk.msgs {
                 target.out.push_history(history_frame(
                     m.seq.0,
                     &m.envelope,
@@ -115,7 +121,13 @@ pub(crate) async fn retained(
                     target.sub.0,
                 ));
             }
+            from = chunk.next;
+            wait_room(&target).await;
         }
+        Ok::<_, StoreError>(())
+    };
+    match read.await {
+        Ok(()) => {}
         Err(e) => {
             tracing::warn!(conn = %target.conn, sub_id = target.sub.0, error = %e, "retained read failed");
             shared.metrics.error_sent(e.code());
@@ -202,10 +214,16 @@ async fn send(
         }
         shared.metrics.replayed(n);
         from = chunk.next;
-        if !target.out.room() {
-            tracing::debug!(conn = %target.conn, sub_id = target.sub.0, "history waits for room in the queue");
-        }
-        target.out.wait_room().await;
+        wait_room(target).await;
     }
     Ok(count)
+}
+
+/// Paces a history or retained-value sender after a chunk: waits until the subscriber's
+/// queue has room (half empty, and within its share of the relay-wide budget).
+async fn wait_room(target: &Target) {
+    if !target.out.room() {
+        tracing::debug!(conn = %target.conn, sub_id = target.sub.0, "history waits for room in the queue");
+    }
+    target.out.wait_room().await;
 }

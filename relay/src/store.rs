@@ -588,9 +588,16 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         from: u64,
         upto: Seq,
     ) -> Result<ReadChunk, StoreError>;
-    /// Retained values (sequence `<= upto`) of every path the pattern matches, in sequence
-    /// order. Blocking: call off the async runtime.
-    fn retained(&self, pattern: &TokenPattern, upto: Seq) -> Result<Vec<Stored>, StoreError>;
+    /// Retained values with sequence in `from..=upto` of every path the pattern matches, in
+    /// sequence order — a chunk that ends after [`READ_CHUNK_BYTES`] of envelopes (at least
+    /// one value); call again from `next` until `next > upto`. Blocking: call off the async
+    /// runtime.
+    fn retained(
+        &self,
+        pattern: &TokenPattern,
+        from: u64,
+        upto: Seq,
+    ) -> Result<ReadChunk, StoreError>;
     /// A durable subscription's acknowledged floor (every matching message up to it is
     /// acknowledged), if the durable exists.
     fn durable(&self, key: &DurableKey) -> Result<Option<u64>, StoreError>;
@@ -740,7 +747,7 @@ impl Store for LiveStore {
         Err(Self::unsupported("history"))
     }
 
-    fn retained(&self, _: &TokenPattern, _: Seq) -> Result<Vec<Stored>, StoreError> {
+    fn retained(&self, _: &TokenPattern, _: u64, _: Seq) -> Result<ReadChunk, StoreError> {
         Err(Self::unsupported("retained values"))
     }
 

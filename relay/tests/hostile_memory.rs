@@ -366,8 +366,24 @@ async fn stalled_replays_keep_rss_within_the_queue_bound() {
 /// 1 MiB. Forty such connections replaying 200 stored 60 KiB envelopes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_non_readers_hold_one_read_chunk_each() {
+    non_readers_of_stored_values(false).await;
+}
+
+/// The same for retained values: a subscription with `retained` got every retained value
+/// its pattern matches in one read (up to the retained quotas: 10,000 values, 256 MiB per
+/// tenant), queued whole; now in chunks of 1 MiB paced like history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_value_non_readers_hold_one_read_chunk_each() {
+    non_readers_of_stored_values(true).await;
+}
+
+/// Forty connections that never read ask for 200 stored 60 KiB envelopes — as history
+/// (`retained` false) or as retained values — and the relay's RSS growth is a chunk per
+/// connection; then one of them reads everything, in order, once.
+async fn non_readers_of_stored_values(retained: bool) {
+    use whispeer_protocol::frame::pub_flags;
     use whispeer_protocol::Qos;
-    const REPLAYERS: usize = 40;
+    const READERS: usize = 40;
     const STORED: u32 = 200;
     const BODY: usize = 60 * 1024;
     let max_bytes = QUEUE_MAX_BYTES.to_string();
@@ -384,60 +400,78 @@ async fn replaying_non_readers_hold_one_read_chunk_each() {
     let (pid, addr) = (relay.child.id(), relay.tcp());
     let mut p = Client::tcp(addr).await;
     p.hello().await;
+    // Retained and in history, each on its own path.
     for i in 0..STORED {
-        p.send(&acked_pub(1, i, BODY)).await;
+        let mut f = acked_pub(1, i, BODY);
+        if let Frame::Pub(p) = &mut f {
+            p.envelope = envelope_sized(1, &[1, i as u8, (i >> 8) as u8], BODY);
+            p.flags |= pub_flags::RETAIN;
+        }
+        p.send(&f).await;
     }
     acks(&mut p, STORED as usize).await;
     let before = rss_kib(pid);
-    let mut replayers = Vec::new();
-    for _ in 0..REPLAYERS {
+    let all = pattern(1, &[Some(1)], true);
+    let mut readers = Vec::new();
+    for _ in 0..READERS {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.set_recv_buffer_size(4096).unwrap();
         let mut c = Client::over_stream(Box::new(sock.connect(addr).await.unwrap()));
-        c.hello_with(whispeer_protocol::frame::features::REPLAY)
-            .await;
-        c.send(&replay_sub(1, exact(1, &[1]), Qos::AtMostOnce, None))
-            .await;
-        replayers.push(c);
+        c.hello_with(
+            whispeer_protocol::frame::features::REPLAY | whispeer_protocol::frame::features::RETAIN,
+        )
+        .await;
+        let mut sub = replay_sub(1, all.clone(), Qos::AtMostOnce, None);
+        if let (Frame::Sub(s), true) = (&mut sub, retained) {
+            (s.replay, s.retained) = (None, true);
+        }
+        c.send(&sub).await;
+        readers.push(c);
     }
-    // Every replay has queued a chunk its subscriber does not read, and waits.
-    for _ in 0..REPLAYERS {
+    // Every sender has queued a chunk its subscriber does not read, and waits.
+    for _ in 0..READERS {
         relay.wait_log(&["history waits for room"]).await;
     }
     let after = rss_kib(pid);
     let grown = after.saturating_sub(before);
-    let history_kib = (STORED as usize * BODY) >> 10;
+    let stored_kib = (STORED as usize * BODY) >> 10;
+    let what = if retained {
+        "retained values"
+    } else {
+        "history"
+    };
     eprintln!(
-        "relay RSS with {REPLAYERS} connections replaying {history_kib} KiB of history without \
-         reading: {before} KiB before, {after} KiB after (growth {grown} KiB; a whole history \
-         per connection would be {} KiB)",
-        REPLAYERS * history_kib
+        "relay RSS with {READERS} connections asking for {stored_kib} KiB of {what} without \
+         reading: {before} KiB before, {after} KiB after (growth {grown} KiB; all of it per \
+         connection would be {} KiB)",
+        READERS * stored_kib
     );
     // A chunk (1 MiB, plus the message that crosses it) per connection with allocator
-    // slack, and SQLite's reader cache (16 MiB): measured 56–74 MiB, against ~600 MiB with
-    // chunks of 1,024 envelopes.
-    let bound_kib = REPLAYERS as u64 * 2048 + 32 * 1024;
+    // slack, and SQLite's reader cache (16 MiB): measured 41–74 MiB, against ~600 MiB with
+    // everything queued at once.
+    let bound_kib = READERS as u64 * 2048 + 32 * 1024;
     assert!(
         grown <= bound_kib,
         "relay RSS grew by {grown} KiB (bound {bound_kib} KiB)"
     );
-    // One of them reads: the whole history, chunk after chunk, in order, once.
-    let mut r = replayers.pop().expect("a replayer");
-    drop(replayers);
+    // One of them reads: everything, chunk after chunk, in order, once.
+    let mut r = readers.pop().expect("a reader");
+    drop(readers);
     let mut seqs = Vec::new();
-    loop {
+    while seqs.len() < STORED as usize {
         match r.recv().await {
             Frame::SubOk(_) => {}
             Frame::Msg(m) => seqs.push(m.seq),
-            Frame::ReplayDone(d) => {
-                assert_eq!(d.count, u64::from(STORED));
-                break;
-            }
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert_eq!(seqs.len(), STORED as usize);
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    if !retained {
+        match r.recv().await {
+            Frame::ReplayDone(d) => assert_eq!(d.count, u64::from(STORED)),
+            other => panic!("expected ReplayDone, got {other:?}"),
+        }
+    }
 }
 
 /// A QoS 1 `Pub` of a `body`-byte envelope on `[k, 1]` asking for a `PubAck`, told apart

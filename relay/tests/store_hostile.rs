@@ -1274,10 +1274,11 @@ impl Store for GatedStore {
     fn retained(
         &self,
         pattern: &TokenPattern,
+        from: u64,
         upto: whispeer_relay::Seq,
-    ) -> Result<Vec<whispeer_relay::store::Stored>, whispeer_relay::store::StoreError> {
+    ) -> Result<whispeer_relay::store::ReadChunk, whispeer_relay::store::StoreError> {
         self.note(pattern.key_id(), "retained");
-        self.inner.retained(pattern, upto)
+        self.inner.retained(pattern, from, upto)
     }
     fn durable(
         &self,

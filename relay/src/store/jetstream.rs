@@ -1529,19 +1529,24 @@ impl Store for JetStreamStore {
         })
     }
 
-    fn retained(&self, pattern: &TokenPattern, upto: Seq) -> Result<Vec<Stored>, StoreError> {
+    fn retained(
+        &self,
+        pattern: &TokenPattern,
+        from: u64,
+        upto: Seq,
+    ) -> Result<ReadChunk, StoreError> {
         let inner = &self.inner;
         let rp = retained_prefix(&inner.prefix);
         // Which paths have a retained value, and its sequence, as the ordered read of the
         // stream decided it (the highest sequence wins), up to `upto` — which this relay
         // has read, so its ledger has it. No consumer: one direct read per path.
-        let current: Vec<(String, u64)> = {
+        let mut current: Vec<(String, u64)> = {
             let filters = crate::cluster::pattern_subjects("x", pattern);
             let l = lock(&inner.ledger);
             l.retained_under(&format!("{}.", pattern.key_id()))
                 .into_iter()
                 .filter(|(k, seq)| {
-                    *seq <= upto.0
+                    (from..=upto.0).contains(seq)
                         && filters
                             .iter()
                             .any(|f| subject_matches(f, &format!("x.{k}")))
@@ -1549,10 +1554,15 @@ impl Store for JetStreamStore {
                 .map(|(k, seq)| (k.to_string(), seq))
                 .collect()
         };
+        let done = ReadChunk {
+            msgs: Vec::new(),
+            next: upto.0 + 1,
+        };
         if current.is_empty() {
-            return Ok(Vec::new());
+            return Ok(done);
         }
-        let out = self.block(async {
+        current.sort_by_key(|(_, seq)| *seq);
+        self.block(async {
             let kept = inner
                 .js
                 .get_stream_no_info(&inner.retained_stream)
@@ -1602,19 +1612,26 @@ impl Store for JetStreamStore {
                         }))
                 }
             };
-            // Many paths: several direct reads in flight at once (within READ_TIMEOUT).
+            // Many paths: several direct reads in flight at once (within READ_TIMEOUT), in
+            // sequence order; the chunk ends after READ_CHUNK_BYTES of envelopes.
             let mut reads = futures_util::stream::iter(current)
-                .map(|(key, seq)| one(key, seq))
-                .buffer_unordered(RETAINED_READS);
-            let mut out = Vec::new();
-            while let Some(r) = reads.next().await {
-                out.extend(r?);
+                .map(|(key, seq)| async move { (seq, one(key, seq).await) })
+                .buffered(RETAINED_READS);
+            let (mut msgs, mut bytes) = (Vec::new(), 0usize);
+            while let Some((seq, r)) = reads.next().await {
+                if let Some(s) = r? {
+                    bytes += s.envelope.as_bytes().len();
+                    msgs.push(s);
+                }
+                if bytes >= super::READ_CHUNK_BYTES {
+                    return Ok(ReadChunk {
+                        msgs,
+                        next: seq + 1,
+                    });
+                }
             }
-            Ok(out)
-        })?;
-        let mut out = out;
-        out.sort_by_key(|s| s.seq);
-        Ok(out)
+            Ok(ReadChunk { msgs, ..done })
+        })
     }
 
     fn durable(&self, key: &DurableKey) -> Result<Option<u64>, StoreError> {

@@ -24,9 +24,9 @@
 //! store's `READ_CHUNK`, 1,024 rows; JetStream's `CHUNK`; either ends after
 //! [`READ_CHUNK_BYTES`](super::READ_CHUNK_BYTES) of envelopes) and the task asks for the next
 //! chunk only after queueing the previous one, so a long replay takes many turns, not one.
-//! Not chunked: a retained read (every retained value of the key id, bounded by the
-//! retained-value quotas) and a `LastN` plan (one lookup per path of the key id, bounded by
-//! the path quotas).
+//! A retained read is chunked the same way (by sequence, ending after
+//! `READ_CHUNK_BYTES`). Not chunked: a `LastN` plan (one lookup per path of the key id,
+//! bounded by the path quotas).
 //!
 //! A panicking read fails its own caller (its reply is dropped, the caller sees
 //! [`StoreError::Unavailable`]), never the thread every later read needs.

@@ -2106,16 +2106,26 @@ impl Store for SqliteStore {
         })
     }
 
-    fn retained(&self, pattern: &TokenPattern, upto: Seq) -> Result<Vec<Stored>, StoreError> {
+    fn retained(
+        &self,
+        pattern: &TokenPattern,
+        from: u64,
+        upto: Seq,
+    ) -> Result<ReadChunk, StoreError> {
         let err = |e: rusqlite::Error| StoreError::Unavailable(format!("retained read: {e}"));
+        let done = ReadChunk {
+            msgs: Vec::new(),
+            next: upto.0 + 1,
+        };
         let Some(kid) = self.shared.kid_of(pattern) else {
-            return Ok(Vec::new());
+            return Ok(done);
         };
         let conn = self.shared.reader();
         let mut st = conn
             .prepare_cached(
                 "SELECT r.seq, p.path, r.env FROM retained r JOIN paths p ON p.id = r.pid
-                 WHERE r.kid = ?1 AND r.seq <= ?2 AND r.ts >= ?3 ORDER BY r.seq",
+                 WHERE r.kid = ?1 AND r.seq >= ?4 AND r.seq <= ?2 AND r.ts >= ?3
+                 ORDER BY r.seq",
             )
             .map_err(err)?;
         // Expired values are never sent, even before the sweep deleted them.
@@ -2124,27 +2134,35 @@ impl Store for SqliteStore {
             age => (self.shared.clock)().saturating_sub(age),
         };
         let mut rows = st
-            .query(params![kid, upto.0 as i64, cutoff as i64])
+            .query(params![kid, upto.0 as i64, cutoff as i64, from as i64])
             .map_err(err)?;
-        let mut v = Vec::new();
+        let (mut v, mut bytes) = (Vec::new(), 0usize);
         while let Some(r) = rows.next().map_err(err)? {
             self.shared.m.rows_read.fetch_add(1, Relaxed);
+            let seq = r.get::<_, i64>(0).map_err(err)? as u64;
             let path: Vec<u8> = r.get(1).map_err(err)?;
             if !path_matches(pattern, &path) {
                 continue;
             }
             let env: Vec<u8> = r.get(2).map_err(err)?;
+            bytes += env.len();
             match Envelope::from_bytes(Bytes::from(env)) {
                 Ok(envelope) => v.push(Stored {
-                    seq: Seq(r.get::<_, i64>(0).map_err(err)? as u64),
+                    seq: Seq(seq),
                     envelope,
                 }),
                 Err(e) => {
                     tracing::warn!(error = %e, "skipping a retained envelope that does not parse")
                 }
             }
+            if bytes >= super::READ_CHUNK_BYTES {
+                return Ok(ReadChunk {
+                    msgs: v,
+                    next: seq + 1,
+                });
+            }
         }
-        Ok(v)
+        Ok(ReadChunk { msgs: v, ..done })
     }
 
     fn durable(&self, key: &DurableKey) -> Result<Option<u64>, StoreError> {
@@ -2488,7 +2506,7 @@ mod tests {
         let retained = plan_of(
             &conn,
             "SELECT r.seq, p.path, r.env FROM retained r JOIN paths p ON p.id = r.pid
-             WHERE r.kid = 1 AND r.seq <= 9 AND r.ts >= 0 ORDER BY r.seq",
+             WHERE r.kid = 1 AND r.seq >= 3 AND r.seq <= 9 AND r.ts >= 0 ORDER BY r.seq",
         );
         assert!(retained.contains("retained_kid"), "{retained}");
         let last_n = plan_of(
@@ -2507,7 +2525,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            s.retained(&p, Seq(0)),
+            s.retained(&p, 0, Seq(0)),
             Err(StoreError::Unsupported(_))
         ));
         assert!(matches!(
