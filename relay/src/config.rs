@@ -762,6 +762,13 @@ pub struct DeliveryConfig {
     /// like at max_unacked.
     #[arg(long, env = "WHISPEER_MAX_UNACKED_BYTES")]
     pub max_unacked_bytes: usize,
+    /// Most bytes of unacknowledged envelopes over all QoS >= 1 subscriptions of one
+    /// connection (max_unacked_bytes bounds one, and a connection may hold
+    /// max_subscriptions of them: a client that reads but never acks made the relay keep
+    /// GiBs). Beyond it delivery of its subscriptions pauses like at max_unacked (one
+    /// message always goes when the connection has nothing unacknowledged).
+    #[arg(long, env = "WHISPEER_CONNECTION_UNACKED_BYTES")]
+    pub connection_unacked_bytes: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -770,6 +777,7 @@ impl Default for DeliveryConfig {
             ack_timeout_ms: 30_000,
             max_unacked: 4_096,
             max_unacked_bytes: 16 << 20,
+            connection_unacked_bytes: 64 << 20,
         }
     }
 }
@@ -1259,6 +1267,12 @@ impl Config {
         }
         if self.delivery.max_unacked_bytes == 0 {
             return invalid("delivery.max_unacked_bytes", "must be positive".into());
+        }
+        if self.delivery.connection_unacked_bytes == 0 {
+            return invalid(
+                "delivery.connection_unacked_bytes",
+                "must be positive".into(),
+            );
         }
         let t = &self.timeouts;
         if t.hello_ms == 0 || t.idle_ms == 0 {

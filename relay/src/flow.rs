@@ -13,6 +13,7 @@
 //! a pause is always followed by a catch-up once credit frees.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,45 @@ use crate::store::{Admission, DurableKey, ReadPlan, StoreError, Tenant};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Unacknowledged envelope bytes of all at-least-once subscriptions of one connection,
+/// bounded by `delivery.connection_unacked_bytes`: `max_unacked_bytes` bounds one
+/// subscription, and a connection may hold `max_subscriptions` of them, so a client that
+/// reads but never acks made the relay keep 16 MiB per subscription, GiBs per connection.
+#[derive(Debug)]
+pub(crate) struct ConnUnacked {
+    used: AtomicUsize,
+    max: usize,
+    /// Notified when an ack (or a subscription's end) frees bytes.
+    freed: Notify,
+}
+
+impl ConnUnacked {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            max: max.max(1),
+            freed: Notify::new(),
+        })
+    }
+
+    /// Whether `len` more bytes fit (always while nothing is unacknowledged).
+    fn fits(&self, len: usize) -> bool {
+        let used = self.used.load(Relaxed);
+        used == 0 || used + len <= self.max
+    }
+
+    fn add(&self, n: usize) {
+        self.used.fetch_add(n, Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        if n > 0 {
+            self.used.fetch_sub(n, Relaxed);
+            self.freed.notify_waiters();
+        }
+    }
 }
 
 /// Delivery paused for lack of credit.
@@ -79,26 +119,39 @@ pub(crate) struct Tracking {
     credit: usize,
     max_bytes: usize,
     freed: Notify,
+    /// The connection's unacknowledged bytes, shared by its subscriptions.
+    conn: Arc<ConnUnacked>,
+}
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        let t = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.conn.sub(t.unacked_bytes);
+    }
 }
 
 impl TrackInner {
-    fn has_credit(&self, credit: usize, max_bytes: usize, len: usize) -> bool {
-        self.unacked.is_empty()
-            || (self.unacked.len() < credit && self.unacked_bytes + len <= max_bytes)
+    fn has_credit(&self, credit: usize, max_bytes: usize, len: usize, conn: &ConnUnacked) -> bool {
+        (self.unacked.is_empty()
+            || (self.unacked.len() < credit && self.unacked_bytes + len <= max_bytes))
+            && conn.fits(len)
     }
 
-    fn insert(&mut self, seq: u64, env: &Envelope, due: Instant) {
+    fn insert(&mut self, seq: u64, env: &Envelope, due: Instant, conn: &ConnUnacked) {
         if let Some((old, _)) = self.unacked.insert(seq, (env.clone(), due)) {
             self.unacked_bytes -= old.len();
+            conn.sub(old.len());
         }
         self.unacked_bytes += env.len();
+        conn.add(env.len());
         self.delivered_max = self.delivered_max.max(seq);
     }
 }
 
 impl Tracking {
     /// `credit`: most unacknowledged messages (at least 1); `max_bytes`: most
-    /// unacknowledged envelope bytes (one message is always allowed).
+    /// unacknowledged envelope bytes (one message is always allowed); `conn`: the
+    /// connection's unacknowledged bytes, shared by its subscriptions.
     pub(crate) fn new(
         floor: u64,
         gated: bool,
@@ -106,6 +159,7 @@ impl Tracking {
         timeout: Duration,
         credit: usize,
         max_bytes: usize,
+        conn: Arc<ConnUnacked>,
     ) -> Self {
         Self {
             inner: Mutex::new(TrackInner {
@@ -122,6 +176,7 @@ impl Tracking {
             credit: credit.max(1),
             max_bytes: max_bytes.max(1),
             freed: Notify::new(),
+            conn,
         }
     }
 
@@ -149,9 +204,9 @@ impl Tracking {
         }
         if room
             && (t.unacked.contains_key(&seq)
-                || t.has_credit(self.credit, self.max_bytes, env.len()))
+                || t.has_credit(self.credit, self.max_bytes, env.len(), &self.conn))
         {
-            t.insert(seq, env, now + self.timeout);
+            t.insert(seq, env, now + self.timeout, &self.conn);
             return Delivery::Send;
         }
         t.paused = Some(Paused {
@@ -192,8 +247,10 @@ impl Tracking {
     /// is what the caller is working off); false when there is none.
     pub(crate) fn try_deliver(&self, seq: u64, env: &Envelope, now: Instant) -> bool {
         let mut t = lock(&self.inner);
-        if t.unacked.contains_key(&seq) || t.has_credit(self.credit, self.max_bytes, env.len()) {
-            t.insert(seq, env, now + self.timeout);
+        if t.unacked.contains_key(&seq)
+            || t.has_credit(self.credit, self.max_bytes, env.len(), &self.conn)
+        {
+            t.insert(seq, env, now + self.timeout, &self.conn);
             true
         } else {
             false
@@ -213,8 +270,10 @@ impl Tracking {
         now: Instant,
     ) -> bool {
         let mut t = lock(&self.inner);
-        if t.unacked.contains_key(&seq) || t.has_credit(self.credit, self.max_bytes, env.len()) {
-            t.insert(seq, env, now + self.timeout);
+        if t.unacked.contains_key(&seq)
+            || t.has_credit(self.credit, self.max_bytes, env.len(), &self.conn)
+        {
+            t.insert(seq, env, now + self.timeout, &self.conn);
             return true;
         }
         t.paused = Some(Paused {
@@ -225,19 +284,27 @@ impl Tracking {
         false
     }
 
-    /// Waits until an ack may have freed credit for a message of `len` bytes, or `limit`
-    /// passed.
+    /// Waits until an ack (of this subscription, or of another one of the connection) may
+    /// have freed credit for a message of `len` bytes, or `limit` passed.
     pub(crate) async fn wait_credit(&self, len: usize, limit: Duration) {
         let freed = self.freed.notified();
-        tokio::pin!(freed);
+        let conn_freed = self.conn.freed.notified();
+        tokio::pin!(freed, conn_freed);
         freed.as_mut().enable();
+        conn_freed.as_mut().enable();
         {
             let t = lock(&self.inner);
-            if t.has_credit(self.credit, self.max_bytes, len) {
+            if t.has_credit(self.credit, self.max_bytes, len, &self.conn) {
                 return;
             }
         }
-        let _ = tokio::time::timeout(limit, freed).await;
+        let _ = tokio::time::timeout(limit, async {
+            tokio::select! {
+                _ = freed => {}
+                _ = conn_freed => {}
+            }
+        })
+        .await;
     }
 
     /// Pauses delivery as `p` says (a gate that spilled opens: the messages from `p.next`
@@ -337,6 +404,7 @@ impl Tracking {
         for s in seqs {
             if let Some((env, _)) = t.unacked.remove(s) {
                 t.unacked_bytes -= env.len();
+                self.conn.sub(env.len());
                 any = true;
             }
         }

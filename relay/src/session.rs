@@ -19,6 +19,7 @@ use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
 use whispeer_protocol::{codec, DecodeError, ErrorCode, Frame, Qos, TokenPattern};
 
 use crate::accounts::{owner_of_secret, Refusal, Right, Rights};
+use crate::flow::ConnUnacked;
 use crate::ids::{ConnId, SubId, TransportKind};
 use crate::outbound::{Offer, Outbound};
 use crate::plugin::{ConnectInfo, DisconnectInfo, PublishInfo, SubscribeInfo};
@@ -101,6 +102,8 @@ pub(crate) struct Session {
     /// At-least-once state of QoS ≥ 1 and durable subscriptions, with their index entry
     /// (for the catch-up after a credit pause).
     tracked: HashMap<SubId, (Arc<Tracking>, Arc<Target>)>,
+    /// Unacknowledged bytes of all its at-least-once subscriptions.
+    unacked: Arc<ConnUnacked>,
     /// Durable names this connection holds.
     durables: HashMap<SubId, DurableKey>,
     /// Feature bits granted in `Welcome`.
@@ -167,6 +170,7 @@ impl Session {
         let sub_bucket = TokenBucket::new(l.sub_rate, l.sub_burst, now);
         let ack_bucket = TokenBucket::new(l.ack_rate, l.ack_burst, now);
         let tenant = Tenant::from_peer(peer, l.addr_ipv6_prefix);
+        let unacked = ConnUnacked::new(shared.config.delivery.connection_unacked_bytes);
         Self {
             shared,
             conn,
@@ -177,6 +181,7 @@ impl Session {
             open: false,
             subs: HashMap::new(),
             tracked: HashMap::new(),
+            unacked,
             durables: HashMap::new(),
             granted: 0,
             bucket,
@@ -708,7 +713,6 @@ impl Session {
             }
         }
         let dcfg = &self.shared.config.delivery;
-        // Flow control: the Sub's credit, capped by (and defaulting to) max_unacked.
         // Flow control: the Sub's credit (absent or 0: the default), capped by max_unacked.
         let credit = match s.credit {
             Some(c) if c > 0 => usize::try_from(c)
@@ -724,6 +728,7 @@ impl Session {
                 dcfg.ack_timeout(),
                 credit,
                 dcfg.max_unacked_bytes,
+                self.unacked.clone(),
             ))
         });
         let want_retained = s.retained && replay.is_none() && supported & features::RETAIN != 0;
@@ -848,7 +853,10 @@ impl Session {
                     }
                 }
             }
-            if outcome.catch_up {
+            // An ack on one subscription frees the connection's unacknowledged bytes for
+            // the others too: one paused with credit of its own catches up now, not at
+            // the next tick.
+            if outcome.catch_up || (self.tracked.len() > 1 && t.claim_catch_up()) {
                 self.start_catch_up(*sub_id, t, target);
             }
         }

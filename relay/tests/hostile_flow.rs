@@ -550,3 +550,69 @@ async fn live_messages_held_back_behind_a_stalled_replay_are_bounded_and_lose_no
     let extra = msgs(until_pong(&mut s, 7).await);
     assert!(extra.is_empty(), "nothing more: {extra:?}");
 }
+
+/// `max_unacked_bytes` bounds one subscription, and a connection may hold
+/// `max_subscriptions` of them: a client that reads but never acks made the relay keep
+/// 16 MiB of envelopes per subscription. All at-least-once subscriptions of a connection
+/// share `delivery.connection_unacked_bytes` (here 64 KiB): eight subscriptions, 16
+/// messages of 8 KiB each published to every one, and the client (which reads, never acks)
+/// gets about 64 KiB of them; the rest waits in the store, and as it acks, every message
+/// follows, in order per subscription, once.
+#[tokio::test]
+async fn a_connection_that_never_acks_holds_at_most_its_unacked_bytes() {
+    const SUBS: u8 = 8;
+    const EACH: u32 = 16;
+    const BODY: usize = 8 << 10;
+    const BOUND: usize = 64 << 10;
+    let mut config = Config::ephemeral();
+    config.delivery.connection_unacked_bytes = BOUND;
+    config.limits.publish_rate = 0;
+    let relay = TestRelay::start(config).await;
+    let mut s = Client::tcp(relay.tcp()).await;
+    hello_flow(&mut s).await;
+    for k in 1..=SUBS {
+        s.send(&qos1_sub(u64::from(k), exact(1, &[k]), None)).await;
+        assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    }
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    let mut published = Vec::new();
+    for k in 1..=SUBS {
+        let seqs = publish_acked_sized(&mut p, &[k], u32::from(k) * 100, EACH, |_| BODY).await;
+        published.extend(seqs.into_iter().map(|q| (k, q)));
+    }
+    // Everything is stored and routed: what the connection got before the Pong is all it
+    // holds unacknowledged.
+    let first = msgs(until_pong(&mut s, 1).await);
+    let bytes: usize = first.iter().map(|m| m.envelope.as_bytes().len()).sum();
+    assert!(
+        !first.is_empty() && bytes <= BOUND + BODY + 1024,
+        "{} messages, {bytes} bytes unacknowledged (bound {BOUND})",
+        first.len()
+    );
+    let mut got: Vec<Msg> = first;
+    let mut acked = 0;
+    while got.len() < published.len() {
+        let seqs: Vec<u64> = got[acked..].iter().map(|m| m.seq).collect();
+        acked = got.len();
+        s.send(&Frame::Ack(Ack { seqs })).await;
+        match s.recv().await {
+            Frame::Msg(m) => got.push(m),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Per subscription (its topic's level), in order, once.
+    for k in 1..=SUBS {
+        let want: Vec<u64> = published
+            .iter()
+            .filter(|(j, _)| *j == k)
+            .map(|(_, q)| *q)
+            .collect();
+        let have: Vec<u64> = got
+            .iter()
+            .filter(|m| m.envelope.token_path().tokens()[0] == tok(k))
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(have, want, "subscription {k}");
+    }
+}
