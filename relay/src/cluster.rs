@@ -49,6 +49,7 @@ use tokio::task::JoinSet;
 use whispeer_protocol::{Envelope, PatternElem, Qos, TokenPath, TokenPattern};
 
 use crate::config::ClusterConfig;
+use crate::held_bytes::{ByteLimit, Held};
 use crate::metrics::Metrics;
 use crate::relay::Shared;
 
@@ -92,12 +93,16 @@ pub(crate) struct Forward {
     envelope: Envelope,
     flags: u64,
     qos: Qos,
+    /// Its bytes in the queue's bound until published (or dropped).
+    _held: Option<Held>,
 }
 
 /// The router's side of the bridge: two queues, both fed without blocking.
 #[derive(Debug)]
 pub(crate) struct Link {
     forward: mpsc::Sender<Forward>,
+    /// Envelope bytes in the forward queue (`cluster.queue_bytes`).
+    queued: Arc<ByteLimit>,
     interest: mpsc::UnboundedSender<Interest>,
     metrics: Arc<Metrics>,
 }
@@ -105,10 +110,15 @@ pub(crate) struct Link {
 impl Link {
     /// Offers a local publish to NATS; a full queue is counted, never waited on.
     pub(crate) fn forward(&self, envelope: &Envelope, flags: u64, qos: Qos) {
+        let Some(held) = self.queued.take(envelope.as_bytes().len() as u64) else {
+            self.metrics.cluster.forward_dropped.fetch_add(1, Relaxed);
+            return;
+        };
         let f = Forward {
             envelope: envelope.clone(),
             flags,
             qos,
+            _held: Some(held),
         };
         if self.forward.try_send(f).is_err() {
             self.metrics.cluster.forward_dropped.fetch_add(1, Relaxed);
@@ -136,6 +146,7 @@ pub(crate) fn link(config: &ClusterConfig, metrics: Arc<Metrics>) -> (Link, Rece
     (
         Link {
             forward: ftx,
+            queued: ByteLimit::new(config.queue_bytes),
             interest: itx,
             metrics,
         },
@@ -742,6 +753,7 @@ mod tests {
             envelope: envelope.clone(),
             flags: 5,
             qos: Qos::AtLeastOnce,
+            _held: None,
         };
         let d = decode(encode(9, 7, &f)).unwrap();
         assert_eq!(

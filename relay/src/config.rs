@@ -424,6 +424,15 @@ pub struct ClusterConfig {
         env = "WHISPEER_CLUSTER_QUEUE"
     )]
     pub queue: usize,
+    /// Envelope bytes waiting to be published to NATS (0 = bounded by count only): the
+    /// queue holds them in memory, and `queue` alone let 65,536 large envelopes wait.
+    /// Beyond it further envelopes are routed locally only and counted the same way.
+    #[arg(
+        id = "cluster.queue_bytes",
+        long = "cluster-queue-bytes",
+        env = "WHISPEER_CLUSTER_QUEUE_BYTES"
+    )]
+    pub queue_bytes: u64,
     /// Where a clustered relay keeps messages: "local" (its own [store]; sequence numbers
     /// per relay, QoS >= 1 does not cross relays) or "jetstream" (one JetStream stream
     /// numbers and keeps every stored message for the whole cluster: the same sequences,
@@ -514,6 +523,7 @@ impl Default for ClusterConfig {
             tls_cert: None,
             tls_key: None,
             queue: 65_536,
+            queue_bytes: 64 << 20,
             store: ClusterStore::Local,
             stream: "WSP".into(),
             replicas: 1,

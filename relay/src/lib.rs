@@ -34,6 +34,7 @@
 //!   interest-based NATS subscriptions, forwarding queue, once-per-client dedup.
 //! - [`accounts`] — relay accounts, rights, key-id claims, durable owners, hot reload.
 //! - [`admin`] — `/metrics`, `/status`, `/healthz`; a GET client for `status`.
+//! - `held_bytes` — byte bounds on queued work (store and NATS queues).
 //! - `rate` — token buckets (rate limits by backpressure) and the per-address connection table.
 //! - [`logging`] — tracing-subscriber setup for the binary (text or JSON).
 //! - [`error`] — [`RelayError`].
@@ -46,6 +47,7 @@ pub mod config;
 mod conn;
 pub mod error;
 mod flow;
+mod held_bytes;
 pub mod ids;
 pub mod index;
 pub mod logging;

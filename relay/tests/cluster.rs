@@ -326,18 +326,48 @@ async fn a_relay_never_receives_its_own_publish_back() {
 /// counts what it could not forward (a queue of 8 behind the NATS client's own buffer).
 #[tokio::test]
 async fn with_nats_down_local_routing_goes_on_and_the_forward_loss_is_counted() {
+    let dropped = forward_loss_with_nats_down(&["--cluster-queue", "8"], 32).await;
+    assert!(dropped > 0, "forward loss is counted");
+}
+
+/// The forward queue holds its envelopes in memory, so it is bounded in bytes too: with a
+/// 64 KiB `--cluster-queue-bytes` (and room for 65,536 envelopes) 3,000 envelopes of 8 KiB
+/// cannot all wait for an unreachable NATS — what the NATS client buffers (2,048) plus
+/// 64 KiB wait, the rest is counted as forward loss (by count alone all 3,000 would wait).
+#[tokio::test]
+async fn the_forward_queue_is_bounded_in_bytes() {
+    let dropped = forward_loss_with_nats_down(
+        &[
+            "--cluster-queue",
+            "65536",
+            "--cluster-queue-bytes",
+            "65536",
+            // The local subscriber reads 24 MiB behind the publisher: none of it dropped.
+            "--queue-max-bytes",
+            "67108864",
+        ],
+        8 << 10,
+    )
+    .await;
+    assert!(
+        (3000 - 2048 - 8 - 1..3000).contains(&dropped),
+        "{dropped} of 3,000 8 KiB envelopes not forwarded"
+    );
+}
+
+/// A relay whose NATS is unreachable (with `queue` flags) routes 3,000 envelopes of
+/// `size` bytes to its local subscriber; returns the forward loss it counted (also in
+/// `/status`).
+async fn forward_loss_with_nats_down(queue: &[&str], size: usize) -> u64 {
     let nowhere = format!("nats://127.0.0.1:{}", common::nats::free_port());
-    let relay = BinRelay::start(&[
-        "--cluster",
-        &nowhere,
-        "--cluster-queue",
-        "8",
-        "--store",
-        "memory",
-    ]);
+    let mut args = vec!["--cluster", &nowhere, "--store", "memory"];
+    args.extend_from_slice(queue);
+    let relay = BinRelay::start(&args);
     let mut sub = subscriber(relay.tcp(), &[pattern(1, &[], true)]).await;
     let mut publ = connect(relay.tcp()).await;
-    let msgs: Vec<Envelope> = (0..3000).map(|i| numbered(1, &[3], i)).collect();
+    let msgs: Vec<Envelope> = (0..3000)
+        .map(|i| numbered_sized(1, &[3], i, size))
+        .collect();
     for e in &msgs {
         publ.publish(e.clone()).await;
     }
@@ -347,10 +377,10 @@ async fn with_nats_down_local_routing_goes_on_and_the_forward_loss_is_counted() 
         "whispeer_relay_cluster_forward_dropped_total",
     )
     .await;
-    assert!(dropped > 0, "forward loss is counted");
     let st = status(relay.admin()).await;
     assert_eq!(st["cluster"]["connected"], false, "{st}");
     assert_eq!(st["cluster"]["forward_dropped"], dropped);
+    dropped
 }
 
 /// What holds for the store in this phase: a relay numbers and stores what reaches it from

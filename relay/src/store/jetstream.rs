@@ -61,6 +61,7 @@ use super::{
     Tenant,
 };
 use crate::config::{ClusterConfig, StoreConfig};
+use crate::held_bytes::{ByteLimit, Held};
 use crate::ids::Seq;
 
 /// Header carrying a retained value's original sequence.
@@ -250,38 +251,10 @@ struct Job {
     retain: Option<String>,
     /// The ledger's write id of this publish (its quota usage in flight).
     write: u64,
-    /// Its bytes in [`Inner::queued_bytes`] until the job is dropped (answered or failed).
-    _held: HeldBytes,
-}
-
-/// Envelope bytes a queued job holds in memory, given back when it drops: while NATS
-/// lags, the publish and ack queues (65,536 jobs each) would otherwise hold that many
-/// envelopes of any size.
-struct HeldBytes {
-    total: Arc<AtomicU64>,
-    n: u64,
-}
-
-impl HeldBytes {
-    /// Takes `n` bytes unless `limit` (0 = none) would be passed; a job larger than the
-    /// limit goes in when nothing else is held.
-    fn take(total: &Arc<AtomicU64>, n: u64, limit: u64) -> Option<Self> {
-        total
-            .fetch_update(Relaxed, Relaxed, |held| {
-                (limit == 0 || held == 0 || held + n <= limit).then_some(held + n)
-            })
-            .ok()?;
-        Some(HeldBytes {
-            total: total.clone(),
-            n,
-        })
-    }
-}
-
-impl Drop for HeldBytes {
-    fn drop(&mut self) {
-        self.total.fetch_sub(self.n, Relaxed);
-    }
+    /// Its bytes in [`Inner::queued`] until the job is dropped (answered or failed): while
+    /// NATS lags, the publish and ack queues (65,536 jobs each) would otherwise hold that
+    /// many envelopes of any size.
+    _held: Held,
 }
 
 enum Slot {
@@ -312,8 +285,7 @@ struct Inner {
     last: AtomicU64,
     jobs: mpsc::Sender<Job>,
     /// Envelope bytes of queued jobs, bounded by `store.queue_bytes`.
-    queued_bytes: Arc<AtomicU64>,
-    queue_bytes: u64,
+    queued: Arc<ByteLimit>,
     next_ticket: AtomicU64,
     slots: Mutex<HashMap<u64, Slot>>,
     feed: Mutex<Option<mpsc::Receiver<Sequenced>>>,
@@ -535,8 +507,7 @@ impl JetStreamStore {
             space,
             last: AtomicU64::new(last),
             jobs: jobs_tx,
-            queued_bytes: Arc::default(),
-            queue_bytes: config.queue_bytes,
+            queued: ByteLimit::new(config.queue_bytes),
             next_ticket: AtomicU64::new(1),
             slots: Mutex::new(HashMap::new()),
             feed: Mutex::new(Some(feed_rx)),
@@ -1350,11 +1321,11 @@ impl Store for JetStreamStore {
         };
         let tag = tenant_tag(m.tenant);
         let size = m.envelope.as_bytes().len() as u64;
-        let Some(held) = HeldBytes::take(&inner.queued_bytes, size, inner.queue_bytes) else {
+        let Some(held) = inner.queued.take(size) else {
             inner.counters.busy.fetch_add(1, Relaxed);
             return Err(StoreError::Busy(format!(
                 "{} bytes wait for JetStream; publish again shortly",
-                inner.queued_bytes.load(Relaxed)
+                inner.queued.held()
             )));
         };
         let write = {
