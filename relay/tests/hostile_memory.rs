@@ -386,17 +386,7 @@ async fn non_readers_of_stored_values(retained: bool) {
     const READERS: usize = 40;
     const STORED: u32 = 200;
     const BODY: usize = 60 * 1024;
-    let max_bytes = QUEUE_MAX_BYTES.to_string();
-    let mut relay = BinRelay::start_logged(&[
-        "--queue-max-bytes",
-        &max_bytes,
-        "--publish-rate",
-        "0",
-        "--store-sync",
-        "normal",
-        "--log",
-        "warn,whispeer_relay::replay=debug",
-    ]);
+    let mut relay = replay_relay();
     let (pid, addr) = (relay.child.id(), relay.tcp());
     let mut p = Client::tcp(addr).await;
     p.hello().await;
@@ -497,4 +487,88 @@ async fn acks(p: &mut Client, n: usize) {
             other => panic!("publisher expected PubAck, got {other:?}"),
         }
     }
+}
+
+/// A QoS 0 subscriber whose replay stalls because it does not read: live messages
+/// published meanwhile are held back within `queue.max_bytes` (256 KiB here); an
+/// at-most-once subscription has no store to wait in, so the oldest go. When it reads: the
+/// whole history, `ReplayDone`, a `Gap` counting the dropped ones, then the newest held-back
+/// messages in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_qos0_replay_keeps_the_newest_held_back_messages_and_counts_the_rest() {
+    use whispeer_protocol::frame::{msg_flags, Ping};
+    use whispeer_protocol::Qos;
+    const STORED: u32 = 200;
+    const LIVE: u32 = 100;
+    const BODY: usize = 60 * 1024;
+    const LIVE_BODY: usize = 8 << 10;
+    let mut relay = replay_relay();
+    let addr = relay.tcp();
+    let mut p = Client::tcp(addr).await;
+    p.hello().await;
+    for i in 0..STORED {
+        p.send(&acked_pub(1, i, BODY)).await;
+    }
+    acks(&mut p, STORED as usize).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = Client::over_stream(Box::new(sock.connect(addr).await.unwrap()));
+    s.hello_with(whispeer_protocol::frame::features::REPLAY)
+        .await;
+    s.send(&replay_sub(1, exact(1, &[1]), Qos::AtMostOnce, None))
+        .await;
+    relay.wait_log(&["history waits for room"]).await;
+    // Live QoS 0 messages while the history waits; the Pong says the relay routed them.
+    for i in 0..LIVE {
+        p.publish(envelope_sized(1, &[1], LIVE_BODY + i as usize))
+            .await;
+    }
+    p.send(&Frame::Ping(Ping { nonce: 1 })).await;
+    assert!(matches!(p.recv().await, Frame::Pong(_)));
+    let base = envelope_sized(1, &[1], LIVE_BODY).as_bytes().len();
+    let (mut history, mut live, mut gap, mut done) = (0, Vec::new(), 0, false);
+    while !done || gap + live.len() < LIVE as usize {
+        match s.recv().await {
+            Frame::SubOk(_) => {}
+            Frame::Msg(m) if m.flags & msg_flags::REPLAYED != 0 => history += 1,
+            Frame::ReplayDone(_) => done = true,
+            Frame::Gap(g) => {
+                eprintln!("GAP {} after {:?}", g.dropped, live.last());
+                gap += g.dropped as usize
+            }
+            Frame::Msg(m) => {
+                assert!(done, "live before ReplayDone");
+                // Message i is i bytes longer than message 0.
+                live.push(m.envelope.as_bytes().len() - base);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(history, STORED);
+    assert!(gap > 0, "nothing dropped of {LIVE} held back");
+    let newest: Vec<usize> = (LIVE as usize - live.len()..LIVE as usize).collect();
+    assert_eq!(
+        live, newest,
+        "the newest held back, in order ({gap} dropped)"
+    );
+    assert!(
+        live.len() * LIVE_BODY <= QUEUE_MAX_BYTES,
+        "{} held back",
+        live.len()
+    );
+}
+
+/// The relay binary with its SQLite store, `--queue-max-bytes` [`QUEUE_MAX_BYTES`], no
+/// publish rate limit, and the replay module's debug events (history waiting for room).
+fn replay_relay() -> BinRelay {
+    BinRelay::start_logged(&[
+        "--queue-max-bytes",
+        &QUEUE_MAX_BYTES.to_string(),
+        "--publish-rate",
+        "0",
+        "--store-sync",
+        "normal",
+        "--log",
+        "warn,whispeer_relay::replay=debug",
+    ])
 }
