@@ -637,7 +637,9 @@ pub struct StoreConfig {
     #[arg(long = "store-sync", env = "WHISPEER_STORE_SYNC")]
     pub sync: SyncMode,
     /// Messages queued for the writer thread; beyond it a publish that needs the store is
-    /// answered Err(busy) (retryable, names the publish id).
+    /// answered Err(busy) (retryable, names the publish id) — unless its tenant holds less
+    /// than its fair share (this bound divided among the tenants with writes waiting), so one
+    /// tenant's flood never refuses another's publish; never past twice the bound.
     #[arg(long = "store-queue", env = "WHISPEER_STORE_QUEUE")]
     pub queue: usize,
     /// Envelope bytes queued for the writer thread (0 = bounded by count only): while

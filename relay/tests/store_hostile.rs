@@ -620,7 +620,7 @@ async fn live_routing_goes_on_while_the_writer_is_stuck_and_its_queue_is_full() 
     lock.execute_batch("BEGIN IMMEDIATE").unwrap();
     let commits = store.metrics().commits;
     let mut a = client_from("127.0.0.2", relay.tcp()).await;
-    let queued = fill_until_busy(&mut a, 200).await;
+    let queued = fill_until_busy(&mut a, KA, 200).await;
     assert!(queued.len() >= 64, "the queue took {}", queued.len());
     // Tenant B's live QoS 0 message: acknowledged and delivered while the writer is stuck.
     let mut b = client_from("127.0.0.3", relay.tcp()).await;
@@ -657,15 +657,15 @@ async fn live_routing_goes_on_while_the_writer_is_stuck_and_its_queue_is_full() 
     relay.stop().await;
 }
 
-/// Publishes QoS 1 envelopes with `body`-byte bodies on `KA`, one at a time (a Ping after
+/// Publishes QoS 1 envelopes with `body`-byte bodies on `key`, one at a time (a Ping after
 /// each tells when the relay has handled it), while the writer is stuck, until the store
 /// answers `busy`; returns the publish ids it queued (nothing is acknowledged meanwhile).
-async fn fill_until_busy(a: &mut Client, body: usize) -> Vec<[u8; 16]> {
+async fn fill_until_busy(a: &mut Client, key: [u8; 16], body: usize) -> Vec<[u8; 16]> {
     let mut queued = Vec::new();
     for i in 0u64.. {
-        let id = pid(i, 2);
+        let id = pid(i, key[0]);
         a.send(&pub_qos(
-            env_on(KA, 1, i, body),
+            env_on(key, 1, i, body),
             Qos::AtLeastOnce,
             Some(id),
             false,
@@ -696,9 +696,12 @@ async fn fill_until_busy(a: &mut Client, body: usize) -> Vec<[u8; 16]> {
 
 /// While the disk lags, what waits for the writer is held in memory: the queue is bounded
 /// in envelope bytes as well as in messages (65,536 queued 1 MiB envelopes would be 64 GiB).
-/// With the writer stuck, 8 KiB envelopes fill a 64 KiB bound after 8, not after `queue`
-/// (65,536) of them; a larger envelope waits for an empty queue, then goes in alone; and
-/// everything queued is acknowledged in order when the disk is back.
+/// With the writer stuck, one tenant's 8 KiB envelopes fill a 64 KiB bound after 7, not
+/// after `queue` (65,536) of them; another tenant still gets its fair share (half of it)
+/// while the first is refused — one tenant's flood never refuses another's publish — and
+/// nothing takes what waits past twice the bound; a larger envelope waits for an empty
+/// queue, then goes in alone; everything queued is acknowledged in order when the disk is
+/// back.
 #[tokio::test]
 async fn the_write_queue_is_bounded_in_bytes_while_the_writer_is_stuck() {
     let dir = temp_dir("queue-bytes");
@@ -713,28 +716,44 @@ async fn the_write_queue_is_bounded_in_bytes_while_the_writer_is_stuck() {
     let busy = store.metrics().busy_rejections;
     let mut a = client_from("127.0.0.2", relay.tcp()).await;
     let each = env_on(KA, 1, 0, 8 << 10).as_bytes().len();
-    let queued = fill_until_busy(&mut a, 8 << 10).await;
+    let queued = fill_until_busy(&mut a, KA, 8 << 10).await;
     assert_eq!(queued.len(), (64 << 10) / each, "{each}-byte envelopes");
     assert_eq!(store.metrics().busy_rejections, busy + 1);
-    // Another tenant's envelope larger than the whole bound: busy while others wait.
+    // The queue is full, but not of tenant B's writes: B gets its fair share (half the
+    // bound, two tenants waiting) while A stays refused.
     let mut b = client_from("127.0.0.3", relay.tcp()).await;
-    let big = || env_on(KB, 1, 9, 100 << 10);
-    let r = publish_one(&mut b, big(), Qos::AtLeastOnce, pid(9, 3), false).await;
+    let queued_b = fill_until_busy(&mut b, KB, 8 << 10).await;
+    assert_eq!(queued_b.len(), (32 << 10) / each, "tenant B's share");
+    let r = publish_one(
+        &mut a,
+        env_on(KA, 1, 99, 64),
+        Qos::AtLeastOnce,
+        pid(99, 2),
+        false,
+    )
+    .await;
+    assert!(matches!(r, Answer::Refused(ErrorCode::Busy, _)), "{r:?}");
+    // A third tenant's envelope that would take what waits past twice the bound: busy.
+    let mut c = client_from("127.0.0.5", relay.tcp()).await;
+    let big = || env_on(KC, 1, 9, 100 << 10);
+    let r = publish_one(&mut c, big(), Qos::AtLeastOnce, pid(9, 5), false).await;
     assert!(matches!(r, Answer::Refused(ErrorCode::Busy, _)), "{r:?}");
     lock.execute_batch("COMMIT").unwrap();
     drop(lock);
-    let mut acked = Vec::new();
-    while acked.len() < queued.len() {
-        match a.recv().await {
-            Frame::PubAck(p) => acked.push(p.publish_id),
-            other => panic!("unexpected {other:?}"),
+    for (client, queued) in [(&mut a, &queued), (&mut b, &queued_b)] {
+        let mut acked = Vec::new();
+        while acked.len() < queued.len() {
+            match client.recv().await {
+                Frame::PubAck(p) => acked.push(p.publish_id),
+                other => panic!("unexpected {other:?}"),
+            }
         }
+        assert_eq!(&acked, queued);
     }
-    assert_eq!(acked, queued);
     // The queue is empty: the large envelope goes in alone.
-    let r = publish_one(&mut b, big(), Qos::AtLeastOnce, pid(10, 3), false).await;
+    let r = publish_one(&mut c, big(), Qos::AtLeastOnce, pid(10, 5), false).await;
     assert!(matches!(r, Answer::Acked(_)), "{r:?}");
-    drop((a, b));
+    drop((a, b, c));
     relay.stop().await;
 }
 

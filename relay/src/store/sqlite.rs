@@ -140,6 +140,46 @@ impl Op {
             _ => 0,
         }
     }
+
+    /// The tenant whose write this is, with the messages and bytes it queues.
+    fn queued(&self) -> Option<(i64, Queued)> {
+        match self {
+            Op::Msg { tid, env, .. } => Some((
+                *tid,
+                Queued {
+                    msgs: 1,
+                    bytes: env.len() as u64,
+                },
+            )),
+            Op::Retain { tid, env, .. } => Some((
+                *tid,
+                Queued {
+                    msgs: 0,
+                    bytes: env.len() as u64,
+                },
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// What `ops` queue per tenant (a few entries: summed off the queue lock).
+fn per_tenant<'a>(ops: impl Iterator<Item = &'a Op>) -> HashMap<i64, Queued> {
+    let mut m: HashMap<i64, Queued> = HashMap::new();
+    for (tid, q) in ops.filter_map(Op::queued) {
+        let t = m.entry(tid).or_default();
+        t.msgs += q.msgs;
+        t.bytes += q.bytes;
+    }
+    m
+}
+
+/// Messages and envelope bytes one tenant has waiting for the writer (queued, or in the
+/// batch being committed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Queued {
+    msgs: usize,
+    bytes: u64,
 }
 
 /// Operations per block of the write queue.
@@ -163,6 +203,9 @@ struct Queue {
     /// Envelope bytes in `blocks` (history and retained copies), bounded by
     /// `queue_bytes`.
     bytes: u64,
+    /// What each tenant has waiting (queued or being committed): a tenant over the bounds
+    /// is refused only beyond its fair share, so one tenant's flood never refuses another.
+    by_tenant: HashMap<i64, Queued>,
     waiters: Vec<(u64, OnDurable)>,
     closed: bool,
     /// The writer is committing a batch taken from `ops`.
@@ -186,6 +229,11 @@ impl Queue {
     fn push(&mut self, ops: impl IntoIterator<Item = Op>) {
         for op in ops {
             self.bytes += op.env_bytes();
+            if let Some((tid, q)) = op.queued() {
+                let t = self.by_tenant.entry(tid).or_default();
+                t.msgs += q.msgs;
+                t.bytes += q.bytes;
+            }
             match self.blocks.back_mut() {
                 Some(b) if b.len() < BLOCK => b.push(op),
                 _ => {
@@ -230,7 +278,49 @@ impl Queue {
         // Only what is dropped here: a batch the writer holds gives its bytes back itself.
         let dropped: u64 = self.blocks.iter().flatten().map(Op::env_bytes).sum();
         self.bytes = self.bytes.saturating_sub(dropped);
-        std::mem::take(&mut self.blocks)
+        let blocks = std::mem::take(&mut self.blocks);
+        self.release(per_tenant(blocks.iter().flatten()));
+        blocks
+    }
+
+    /// Takes what tenants had waiting (committed or dropped now) off `by_tenant`.
+    fn release(&mut self, done: impl IntoIterator<Item = (i64, Queued)>) {
+        for (tid, q) in done {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = self.by_tenant.entry(tid) {
+                let t = e.get_mut();
+                t.msgs = t.msgs.saturating_sub(q.msgs);
+                t.bytes = t.bytes.saturating_sub(q.bytes);
+                if *t == Queued::default() {
+                    e.remove();
+                }
+            }
+        }
+    }
+
+    /// Whether tenant `tid` may queue `add` more. Within the bounds (`queue` messages,
+    /// `queue_bytes` bytes; 0 = none) anyone may; beyond them (the disk lags) only a tenant
+    /// holding less than its fair share — the bounds divided among the tenants with writes
+    /// waiting — so a flooding tenant fills the queue and gets `busy`, while another tenant's
+    /// publish is still taken. What waits stays below twice the bounds.
+    fn admits(&self, tid: Option<i64>, add: Queued, queue: usize, queue_bytes: u64) -> bool {
+        let fits = |msgs: usize, bytes: u64, held: Queued| {
+            held.msgs + add.msgs <= msgs
+                && (bytes == 0 || held.bytes == 0 || held.bytes + add.bytes <= bytes)
+        };
+        let all = Queued {
+            msgs: self.msgs,
+            bytes: self.bytes,
+        };
+        if fits(queue, queue_bytes, all) {
+            return true;
+        }
+        let mine = tid
+            .and_then(|t| self.by_tenant.get(&t).copied())
+            .unwrap_or_default();
+        let tenants = self.by_tenant.len() + usize::from(mine == Queued::default());
+        let n = tenants.max(1);
+        fits(queue / n, queue_bytes / n as u64, mine)
+            && fits(queue.saturating_mul(2), queue_bytes.saturating_mul(2), all)
     }
 
     /// Gives emptied blocks back for reuse (at most [`SPARE_BLOCKS`] are kept).
@@ -1163,11 +1253,13 @@ impl Shared {
             }
             // The committed operations are dropped here, off the queue lock; their blocks
             // go back for reuse.
+            let done = per_tenant(ops.iter().flatten());
             ops.iter_mut().for_each(Vec::clear);
             {
                 let mut q = lock(&self.queue);
                 q.resolving = !held.is_empty();
                 q.bytes = q.bytes.saturating_sub(bytes);
+                q.release(done);
                 q.recycle(&mut ops);
             }
             self.changes.send_modify(|n| *n += 1);
@@ -1732,21 +1824,6 @@ impl Store for SqliteStore {
             if q.closed {
                 return Err(StoreError::Unavailable("the store is closed".into()));
             }
-            if q.msgs >= s.cfg.queue {
-                s.m.busy.fetch_add(1, Relaxed);
-                return Err(StoreError::Busy(format!(
-                    "{} messages wait for the disk; publish again shortly",
-                    q.msgs
-                )));
-            }
-            let adds = m.envelope.as_bytes().len() as u64 * (keep as u64 + retain as u64);
-            if s.cfg.queue_bytes > 0 && q.bytes > 0 && q.bytes + adds > s.cfg.queue_bytes {
-                s.m.busy.fetch_add(1, Relaxed);
-                return Err(StoreError::Busy(format!(
-                    "{} bytes wait for the disk; publish again shortly",
-                    q.bytes
-                )));
-            }
         }
         let path = path_bytes(m.path);
         let env = m.envelope.as_bytes().clone();
@@ -1764,6 +1841,21 @@ impl Store for SqliteStore {
             paths: existing.is_none() as u64,
         };
         s.check_quota(&idx, known_tid, &need)?;
+        {
+            // The write queue's bounds, with a fair share per tenant (`Queue::admits`).
+            let q = lock(&s.queue);
+            let add = Queued {
+                msgs: keep as usize,
+                bytes: need.bytes,
+            };
+            if !q.admits(known_tid, add, s.cfg.queue, s.cfg.queue_bytes) {
+                s.m.busy.fetch_add(1, Relaxed);
+                return Err(StoreError::Busy(format!(
+                    "{} messages ({} bytes) wait for the disk; publish again shortly",
+                    q.msgs, q.bytes
+                )));
+            }
+        }
         let tid = Shared::tenant_id(&mut idx, m.tenant, &mut ops);
         let key: [u8; 16] = *m.path.key_id().as_bytes();
         // A new path (and maybe a new key id) is registered first; its sequence fields are
@@ -2387,6 +2479,48 @@ fn path_matches(pattern: &TokenPattern, path: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn msg_op(tid: i64, len: usize) -> Op {
+        Op::Msg {
+            seq: 0,
+            pid: 1,
+            kid: 1,
+            tid,
+            ts: 0,
+            flags: 0,
+            env: Bytes::from(vec![0; len]),
+        }
+    }
+
+    /// Over the write queue's bounds, a tenant is refused only beyond its fair share (the
+    /// bounds over the tenants with writes waiting), and nothing passes twice the bounds;
+    /// what is committed or dropped gives its share back.
+    #[test]
+    fn the_write_queue_admits_each_tenant_its_fair_share() {
+        let one = Queued { msgs: 1, bytes: 10 };
+        let mut q = Queue::default();
+        q.push((0..4).map(|_| msg_op(1, 10)));
+        q.msgs = 4;
+        assert!(!q.admits(Some(1), one, 4, 0), "tenant 1 filled 4 messages");
+        assert!(q.admits(Some(2), one, 4, 0), "tenant 2 holds nothing");
+        assert!(q.admits(None, one, 4, 0), "a new tenant holds nothing");
+        q.push([msg_op(2, 10), msg_op(2, 10)]);
+        q.msgs = 6;
+        assert!(
+            !q.admits(Some(2), one, 4, 0),
+            "tenant 2 at its share (4 / 2)"
+        );
+        assert!(q.admits(None, one, 4, 0), "a third tenant: a share of 1");
+        q.push([msg_op(3, 10), msg_op(4, 10)]);
+        q.msgs = 8;
+        assert!(!q.admits(None, one, 4, 0), "never past twice the bound");
+        // Bytes: the same rule.
+        assert!(!q.admits(Some(1), Queued { msgs: 0, bytes: 10 }, 100, 50));
+        assert!(q.admits(Some(5), Queued { msgs: 0, bytes: 10 }, 100, 50));
+        let done = per_tenant(q.clear().iter().flatten());
+        assert!(q.by_tenant.is_empty(), "{:?}", q.by_tenant);
+        assert_eq!(done[&1], Queued { msgs: 4, bytes: 40 });
+    }
     use crate::store::LiveStore;
 
     fn dedup_op(i: u64) -> Op {
