@@ -400,17 +400,20 @@ impl Tracking {
     /// Applies acknowledgements.
     pub(crate) fn ack(&self, seqs: &[u64]) -> AckOutcome {
         let mut t = lock(&self.inner);
+        let mut freed = 0;
         let mut any = false;
         for s in seqs {
             if let Some((env, _)) = t.unacked.remove(s) {
                 t.unacked_bytes -= env.len();
-                self.conn.sub(env.len());
+                freed += env.len();
                 any = true;
             }
         }
         if !any {
             return AckOutcome::default();
         }
+        // Once per Ack frame: it wakes the connection's other waiters for credit.
+        self.conn.sub(freed);
         let mut outcome = AckOutcome::default();
         let f = Self::compute_floor(&t);
         if f > t.floor {

@@ -42,9 +42,8 @@ use whispeer_protocol::frame::Msg;
 use whispeer_protocol::{codec, Envelope, Frame, KeyId, Qos, TokenPath, TokenPattern};
 
 use crate::cluster::{Interest, Link};
-use crate::flow::Delivery;
-use crate::flow::Paused;
 pub(crate) use crate::flow::Tracking;
+use crate::flow::{Delivery, Paused};
 use crate::ids::{ConnId, Seq, SubId};
 use crate::index::SubIndex;
 use crate::metrics::Metrics;
