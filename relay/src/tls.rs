@@ -170,6 +170,10 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
 /// The ALPN protocol id of whispeer over QUIC (`quic://`).
 pub const QUIC_ALPN: &[u8] = b"whispeer";
 
+/// Bytes a QUIC peer may send before the relay reads them (stream and connection receive
+/// window; see [`quic_server`]).
+pub const QUIC_RECEIVE_WINDOW: u32 = 512 << 10;
+
 /// The QUIC listener's configuration: TLS 1.3 only (QUIC has no other), ALPN
 /// [`QUIC_ALPN`], connection migration on (a client whose address changes — Wi-Fi to
 /// mobile, a NAT rebinding — keeps its connection), and an idle timeout of `idle`: the
@@ -193,6 +197,15 @@ pub fn quic_server(
     // One bidirectional stream per connection carries every frame; nothing else is opened.
     transport.max_concurrent_bidi_streams(1u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // quinn buffers in the relay's own memory what a peer may send before the relay reads
+    // (its receive window) and what the relay sent and the peer has not acknowledged (its
+    // send window) — TCP's equivalents are kernel buffers under `tcp_mem`. quinn's defaults
+    // (1.25 MB and 10 MB) let every stalled connection (a frame waiting for the large-frame
+    // budget, a publisher paused by its rate) hold that much; 512 KiB in (at 50 ms RTT still
+    // ~10 MB/s for one connection) and 2 MiB out.
+    transport.stream_receive_window(QUIC_RECEIVE_WINDOW.into());
+    transport.receive_window(QUIC_RECEIVE_WINDOW.into());
+    transport.send_window(2 << 20);
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(idle + std::time::Duration::from_secs(5))
             .map_err(|e| TlsError::Quic(e.to_string()))?,

@@ -572,3 +572,130 @@ fn replay_relay() -> BinRelay {
         "warn,whispeer_relay::replay=debug",
     ])
 }
+
+/// QUIC buffers what a peer sends in the relay's own memory — quinn's stream receive
+/// window, up to which a peer may send before the relay reads — unlike TCP, whose socket
+/// buffers are kernel memory under `tcp_mem`. Forty QUIC connections each try to send 3 MiB
+/// of a 4 MiB frame while the large-frame budget lets the relay read two of them: each of
+/// the others can send only the window before its stream blocks — quinn's default was
+/// 1.25 MB per connection (38 stalled senders: relay RSS +56 MB); the relay's is
+/// [`QUIC_RECEIVE_WINDOW`](whispeer_relay::tls::QUIC_RECEIVE_WINDOW), 512 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_quic_senders_are_held_to_a_small_window() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const CONNS: usize = 40;
+    const FRAME: usize = 4 << 20;
+    const SENT: usize = 3 << 20;
+    rlimit::increase_nofile_limit(4 * CONNS as u64 + 256).expect("raise the fd limit");
+    let dir = temp_dir("quic-window");
+    let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    relay_cli(&["tls", "generate", "--cert", cert_s, "--key", key_s]);
+    let budget = (2 * FRAME).to_string();
+    let mut relay = BinRelay::start_logged(&crowded_args(&[
+        "--quic",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert_s,
+        "--tls-key",
+        key_s,
+        "--max-frame",
+        "8388608",
+        "--large-frame-budget",
+        &budget,
+        "--log",
+        "warn,whispeer_relay::transport::frame_budget=debug",
+    ]));
+    let pid = relay.child.id();
+    let addr = relay.addrs.quic.expect("a quic address");
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&cert).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"whispeer".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let frame = codec::encode_prefixed(&pub_frame(envelope_sized(1, &[1], FRAME - 200)));
+    let part = frame.slice(..SENT);
+    let hello = codec::encode_prefixed(&hello_frame());
+    let before = rss_kib(pid);
+    let mut senders = Vec::new();
+    for _ in 0..CONNS {
+        let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&hello).await.unwrap();
+        let written = Arc::new(AtomicUsize::new(0));
+        let (part, w) = (part.clone(), written.clone());
+        // Writes until the relay's flow control blocks the stream (it never completes for
+        // the connections the relay does not read).
+        let task = tokio::spawn(async move {
+            let mut off = 0;
+            while off < part.len() {
+                match send.write(&part[off..]).await {
+                    Ok(n) => {
+                        off += n;
+                        w.store(off, Ordering::Relaxed);
+                    }
+                    Err(_) => return,
+                }
+            }
+            // The stream stays open (dropping it would finish the frame's stream early).
+            std::future::pending::<()>().await;
+            drop(send);
+        });
+        senders.push((conn, recv, written, task));
+    }
+    // Two frames take the budget; every other connection waits, unread.
+    for _ in 0..CONNS - 2 {
+        relay.wait_log(&["large frame waits for budget"]).await;
+    }
+    // Each waiting sender stops where the relay's window ends: quinn tells the relay with a
+    // STREAM_DATA_BLOCKED or DATA_BLOCKED frame (polled: the client's own counter has no
+    // event).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut blocked = Vec::new();
+    for (conn, _, written, _) in &senders {
+        while {
+            let f = conn.stats().frame_tx;
+            f.stream_data_blocked + f.data_blocked == 0
+        } {
+            if written.load(Ordering::Relaxed) >= SENT {
+                break; // one of the two the relay reads
+            }
+            assert!(std::time::Instant::now() < deadline, "no sender blocked");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let w = written.load(Ordering::Relaxed);
+        if w < SENT {
+            blocked.push(w);
+        }
+    }
+    let after = rss_kib(pid);
+    let grown = after.saturating_sub(before);
+    let most = blocked.iter().copied().max().unwrap_or(0);
+    eprintln!(
+        "{} QUIC senders blocked by the relay's flow control after at most {most} bytes each; \
+         relay RSS {before} KiB before, {after} KiB after (growth {grown} KiB)",
+        blocked.len()
+    );
+    assert!(blocked.len() >= CONNS - 2, "{} blocked", blocked.len());
+    let window = whispeer_relay::tls::QUIC_RECEIVE_WINDOW as usize;
+    assert!(
+        most <= window + hello.len(),
+        "a stalled QUIC sender got {most} bytes into the relay (window {window})"
+    );
+    for (conn, _, _, task) in senders {
+        task.abort();
+        conn.close(0u32.into(), b"done");
+    }
+}
