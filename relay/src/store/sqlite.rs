@@ -319,7 +319,13 @@ impl Queue {
             .unwrap_or_default();
         let tenants = self.by_tenant.len() + usize::from(mine == Queued::default());
         let n = tenants.max(1);
-        fits(queue / n, queue_bytes / n as u64, mine)
+        // A byte share never rounds down to 0, which `fits` reads as "no bound".
+        let share_bytes = if queue_bytes == 0 {
+            0
+        } else {
+            (queue_bytes / n as u64).max(1)
+        };
+        fits(queue / n, share_bytes, mine)
             && fits(queue.saturating_mul(2), queue_bytes.saturating_mul(2), all)
     }
 
@@ -2520,6 +2526,12 @@ mod tests {
         let done = per_tenant(q.clear().iter().flatten());
         assert!(q.by_tenant.is_empty(), "{:?}", q.by_tenant);
         assert_eq!(done[&1], Queued { msgs: 4, bytes: 40 });
+        // Four tenants holding a byte each over a 3-byte bound: a share rounds down to 0
+        // bytes, which must still be a bound (not "none"), though 5 <= 2 x 3.
+        let mut q = Queue::default();
+        q.push((1..=4).map(|t| msg_op(t, 1)));
+        q.msgs = 4;
+        assert!(!q.admits(Some(1), Queued { msgs: 0, bytes: 1 }, 100, 3));
     }
     use crate::store::LiveStore;
 
