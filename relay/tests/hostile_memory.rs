@@ -582,7 +582,6 @@ fn replay_relay() -> BinRelay {
 /// [`QUIC_RECEIVE_WINDOW`](whispeer_relay::tls::QUIC_RECEIVE_WINDOW), 512 KiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_quic_senders_are_held_to_a_small_window() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     const CONNS: usize = 40;
     const FRAME: usize = 4 << 20;
@@ -634,17 +633,27 @@ async fn stalled_quic_senders_are_held_to_a_small_window() {
         let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
         let (mut send, recv) = conn.open_bi().await.unwrap();
         send.write_all(&hello).await.unwrap();
-        let written = Arc::new(AtomicUsize::new(0));
-        let (part, w) = (part.clone(), written.clone());
-        // Writes until the relay's flow control blocks the stream (it never completes for
-        // the connections the relay does not read).
+        // (bytes written, stopped): stopped when a write found the stream blocked by the
+        // relay's flow control (it never completes for the connections the relay does not
+        // read), or when the whole part is written.
+        let (progress, watch) = tokio::sync::watch::channel((0usize, false));
+        let part = part.clone();
         let task = tokio::spawn(async move {
             let mut off = 0;
             while off < part.len() {
-                match send.write(&part[off..]).await {
+                let mut write = std::pin::pin!(send.write(&part[off..]));
+                let r = std::future::poll_fn(|cx| {
+                    let p = std::future::Future::poll(write.as_mut(), cx);
+                    if p.is_pending() {
+                        progress.send_replace((off, true));
+                    }
+                    p
+                })
+                .await;
+                match r {
                     Ok(n) => {
                         off += n;
-                        w.store(off, Ordering::Relaxed);
+                        progress.send_replace((off, off == part.len()));
                     }
                     Err(_) => return,
                 }
@@ -653,29 +662,17 @@ async fn stalled_quic_senders_are_held_to_a_small_window() {
             std::future::pending::<()>().await;
             drop(send);
         });
-        senders.push((conn, recv, written, task));
+        senders.push((conn, recv, watch, task));
     }
     // Two frames take the budget; every other connection waits, unread.
     for _ in 0..CONNS - 2 {
         relay.wait_log(&["large frame waits for budget"]).await;
     }
-    // Each waiting sender stops where the relay's window ends: quinn tells the relay with a
-    // STREAM_DATA_BLOCKED or DATA_BLOCKED frame (polled: the client's own counter has no
-    // event).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // Each waiting sender stops where the relay's window ends (quinn's write is pending
+    // exactly when the peer's flow-control credit is used up).
     let mut blocked = Vec::new();
-    for (conn, _, written, _) in &senders {
-        while {
-            let f = conn.stats().frame_tx;
-            f.stream_data_blocked + f.data_blocked == 0
-        } {
-            if written.load(Ordering::Relaxed) >= SENT {
-                break; // one of the two the relay reads
-            }
-            assert!(std::time::Instant::now() < deadline, "no sender blocked");
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        let w = written.load(Ordering::Relaxed);
+    for (_, _, watch, _) in &mut senders {
+        let (w, _) = *watch.wait_for(|(_, stopped)| *stopped).await.unwrap();
         if w < SENT {
             blocked.push(w);
         }
