@@ -366,7 +366,7 @@ async fn stalled_replays_keep_rss_within_the_queue_bound() {
 /// 1 MiB. Forty such connections replaying 200 stored 60 KiB envelopes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_non_readers_hold_one_read_chunk_each() {
-    non_readers_of_stored_values(false).await;
+    non_readers_of_stored_values(false, replay_relay(&[]), None).await;
 }
 
 /// The same for retained values: a subscription with `retained` got every retained value
@@ -374,19 +374,66 @@ async fn replaying_non_readers_hold_one_read_chunk_each() {
 /// tenant), queued whole; now in chunks of 1 MiB paced like history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_value_non_readers_hold_one_read_chunk_each() {
-    non_readers_of_stored_values(true).await;
+    non_readers_of_stored_values(true, replay_relay(&[]), None).await;
+}
+
+/// The same against the JetStream store (three nats-servers): a history read's consumer is
+/// kept between chunks, and what it has fetched ahead is the relay's memory — async-nats's
+/// ordered consumer asks for 500 messages at a time, of any size (here every stored
+/// envelope, 12 MiB per connection). Also reads the whole history back across chunks of
+/// large envelopes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_replaying_non_readers_hold_one_read_chunk_each() {
+    let Some(nats) = common::nats::NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let args = common::nats::jetstream_relay_args(&nats.urls(), "js");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let url = nats.nodes[0].url();
+    non_readers_of_stored_values(false, replay_relay(&args), Some(url)).await;
+    drop(nats);
+}
+
+/// What the relay's history reads have asked the JetStream stream for and not yet taken:
+/// every read parked between chunks must have no pull request outstanding (what a request
+/// brings lands in the relay's memory whether the subscriber reads or not — the ordered
+/// consumer kept one for 500 messages open at all times). `parked` reads are expected.
+async fn nothing_fetched_ahead(url: &str, parked: usize) {
+    use futures_util::StreamExt;
+    let nc = async_nats::connect(url).await.expect("connect to NATS");
+    let js = async_nats::jetstream::new(nc);
+    let stream = js.get_stream("WSP").await.expect("the relay's stream");
+    let mut consumers = stream.consumers();
+    let mut history = 0;
+    while let Some(info) = consumers.next().await {
+        let info = info.expect("consumer info");
+        // History reads filter on one key id; the relay's own reads of the whole stream
+        // (live routing, usage) do not.
+        if info.config.filter_subject.is_empty() {
+            continue;
+        }
+        history += 1;
+        assert_eq!(
+            info.num_waiting, 0,
+            "a parked history read has a pull request outstanding: {info:?}"
+        );
+    }
+    assert!(
+        history >= parked,
+        "{history} history reads, {parked} parked"
+    );
 }
 
 /// Forty connections that never read ask for 200 stored 60 KiB envelopes — as history
 /// (`retained` false) or as retained values — and the relay's RSS growth is a chunk per
 /// connection; then one of them reads everything, in order, once.
-async fn non_readers_of_stored_values(retained: bool) {
+async fn non_readers_of_stored_values(retained: bool, mut relay: BinRelay, nats: Option<String>) {
     use whispeer_protocol::frame::pub_flags;
     use whispeer_protocol::Qos;
     const READERS: usize = 40;
     const STORED: u32 = 200;
     const BODY: usize = 60 * 1024;
-    let mut relay = replay_relay();
     let (pid, addr) = (relay.child.id(), relay.tcp());
     let mut p = Client::tcp(addr).await;
     p.hello().await;
@@ -418,9 +465,13 @@ async fn non_readers_of_stored_values(retained: bool) {
         c.send(&sub).await;
         readers.push(c);
     }
-    // Every sender has queued a chunk its subscriber does not read, and waits.
-    for _ in 0..READERS {
-        relay.wait_log(&["history waits for room"]).await;
+    // Every sender has queued a chunk its subscriber does not read, and waits (a sender
+    // may log several waits: count connections).
+    let mut waiting = std::collections::HashSet::new();
+    while waiting.len() < READERS {
+        let line = relay.wait_log(&["history waits for room"]).await;
+        let conn = line.split_whitespace().find(|w| w.starts_with("conn="));
+        waiting.insert(conn.expect("a conn= field").to_string());
     }
     let after = rss_kib(pid);
     let grown = after.saturating_sub(before);
@@ -444,9 +495,11 @@ async fn non_readers_of_stored_values(retained: bool) {
         grown <= bound_kib,
         "relay RSS grew by {grown} KiB (bound {bound_kib} KiB)"
     );
+    if let Some(url) = nats {
+        nothing_fetched_ahead(&url, READERS).await;
+    }
     // One of them reads: everything, chunk after chunk, in order, once.
     let mut r = readers.pop().expect("a reader");
-    drop(readers);
     let mut seqs = Vec::new();
     while seqs.len() < STORED as usize {
         match r.recv().await {
@@ -462,6 +515,7 @@ async fn non_readers_of_stored_values(retained: bool) {
             other => panic!("expected ReplayDone, got {other:?}"),
         }
     }
+    drop(readers);
 }
 
 /// A QoS 1 `Pub` of a `body`-byte envelope on `[k, 1]` asking for a `PubAck`, told apart
@@ -502,7 +556,7 @@ async fn a_stalled_qos0_replay_keeps_the_newest_held_back_messages_and_counts_th
     const LIVE: u32 = 100;
     const BODY: usize = 60 * 1024;
     const LIVE_BODY: usize = 8 << 10;
-    let mut relay = replay_relay();
+    let mut relay = replay_relay(&[]);
     let addr = relay.tcp();
     let mut p = Client::tcp(addr).await;
     p.hello().await;
@@ -560,17 +614,20 @@ async fn a_stalled_qos0_replay_keeps_the_newest_held_back_messages_and_counts_th
 
 /// The relay binary with its SQLite store, `--queue-max-bytes` [`QUEUE_MAX_BYTES`], no
 /// publish rate limit, and the replay module's debug events (history waiting for room).
-fn replay_relay() -> BinRelay {
-    BinRelay::start_logged(&[
+fn replay_relay(extra: &[&str]) -> BinRelay {
+    let max_bytes = QUEUE_MAX_BYTES.to_string();
+    let mut args = vec![
         "--queue-max-bytes",
-        &QUEUE_MAX_BYTES.to_string(),
+        &max_bytes,
         "--publish-rate",
         "0",
         "--store-sync",
         "normal",
         "--log",
         "warn,whispeer_relay::replay=debug",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    BinRelay::start_logged(&args)
 }
 
 /// QUIC buffers what a peer sends in the relay's own memory — quinn's stream receive

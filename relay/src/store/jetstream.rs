@@ -233,12 +233,41 @@ const RETAINED_READS: usize = 32;
 /// Most history consumers kept between chunks.
 const MAX_CURSORS: usize = 64;
 
-/// A history read's ordered consumer, kept between the chunks of one read.
+/// How long a history fetch may stay silent before it counts as finished (a fetch whose
+/// byte allowance was used up exactly may end without a status message).
+const FETCH_QUIET: Duration = Duration::from_secs(2);
+
+/// A history read's consumer, kept between the chunks of one read. It holds no messages
+/// between chunks: each chunk is fetched with a request bounded in messages and bytes, so
+/// a replay that waits for its subscriber to read (possibly forever) holds nothing here.
+/// (async-nats's ordered consumer asks for 500 messages at a time, of any size, and keeps
+/// asking: what it had fetched ahead stayed in this relay's memory — up to 500 envelopes
+/// per parked read.)
 struct Cursor {
-    msgs: consumer::pull::Ordered,
-    /// The first message of the next chunk (read past the end of the last one).
-    peeked: Option<jetstream::Message>,
+    consumer: consumer::PullConsumer,
+    /// The consumer sequence its next delivery must carry: a message lost between the
+    /// server and this relay (AckNone: never redelivered) shows as a jump.
+    next: u64,
     at: std::time::Instant,
+}
+
+/// What one history fetch brought.
+enum Fetched {
+    /// In stream order (none: nothing was pending).
+    Messages(Vec<FetchedMsg>),
+    /// The next message is larger than the byte allowance.
+    TooLarge,
+}
+
+/// One message of a history fetch.
+struct FetchedMsg {
+    seq: u64,
+    /// Received by the stream, ms since the epoch.
+    ts: u64,
+    /// Messages the consumer still has after this one.
+    pending: u64,
+    bytes: usize,
+    envelope: Result<Envelope, whispeer_protocol::DecodeError>,
 }
 
 /// One publish on its way to the stream.
@@ -644,68 +673,142 @@ impl JetStreamStore {
                     .get_stream_no_info(&inner.stream)
                     .await
                     .map_err(|e| unavailable("stream", e))?;
-                let cfg = consumer::pull::OrderedConfig {
+                let cfg = consumer::pull::Config {
                     filter_subject: filter.clone(),
                     deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                         start_sequence: from.max(1),
                     },
+                    ack_policy: consumer::AckPolicy::None,
+                    // The server forgets an abandoned read after this (kept here for
+                    // `CURSOR_IDLE` at most).
+                    inactive_threshold: CURSOR_IDLE * 2,
+                    num_replicas: 1,
+                    memory_storage: true,
                     ..Default::default()
                 };
-                let c = stream
+                let consumer = stream
                     .create_consumer(cfg)
                     .await
                     .map_err(|e| unavailable("history consumer", e))?;
-                if c.cached_info().num_pending == 0 {
+                if consumer.cached_info().num_pending == 0 {
                     return Ok(upto);
                 }
-                let msgs = c
-                    .messages()
-                    .await
-                    .map_err(|e| unavailable("history read", e))?;
                 Cursor {
-                    msgs,
-                    peeked: None,
+                    consumer,
+                    next: 1,
                     at: std::time::Instant::now(),
                 }
             }
         };
         let (mut n, mut bytes) = (0, 0);
+        let mut last = from.saturating_sub(1);
         loop {
-            let m = match cur.peeked.take() {
-                Some(m) => m,
-                None => match cur.msgs.next().await {
-                    Some(m) => m.map_err(|e| unavailable("history read", e))?,
-                    None => return Ok(upto),
+            // Asks for what the chunk has room for, so nothing is fetched ahead; a chunk
+            // holds at least one message, asked for alone when it exceeds the room.
+            let room = super::READ_CHUNK_BYTES.saturating_sub(bytes);
+            let fetched = self.fetch(&mut cur, max - n, Some(room)).await?;
+            let got = match fetched {
+                Fetched::Messages(msgs) => msgs,
+                Fetched::TooLarge if n == 0 => match self.fetch(&mut cur, 1, None).await? {
+                    Fetched::Messages(msgs) => msgs,
+                    Fetched::TooLarge => Vec::new(),
                 },
+                Fetched::TooLarge => Vec::new(),
             };
-            let info = m.info().map_err(|e| unavailable("history read", e))?;
-            let seq = info.stream_sequence;
-            let pending = info.pending;
-            let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-            if seq > upto {
+            let Some(tail) = got.last() else {
+                if n == 0 {
+                    // Nothing was pending after all (deleted or aged out meanwhile).
+                    return Ok(upto);
+                }
+                break;
+            };
+            let done = tail.pending == 0;
+            for m in got {
+                if m.seq > upto {
+                    return Ok(upto);
+                }
+                inner.counters.rows_read.fetch_add(1, Relaxed);
+                bytes += m.bytes;
+                last = m.seq;
+                if let Ok(env) = m.envelope {
+                    each(m.seq, m.ts, env);
+                }
+                n += 1;
+            }
+            if done || last == upto {
                 return Ok(upto);
             }
             if n >= max || bytes >= super::READ_CHUNK_BYTES {
-                // The next chunk starts here: keep the consumer and this message for it.
-                cur.peeked = Some(m);
-                cur.at = std::time::Instant::now();
-                let mut cursors = lock(&inner.cursors);
-                cursors.retain(|_, c| c.at.elapsed() < CURSOR_IDLE);
-                if cursors.len() < MAX_CURSORS {
-                    cursors.insert((filter, seq), cur);
-                }
-                return Ok(seq - 1);
-            }
-            inner.counters.rows_read.fetch_add(1, Relaxed);
-            bytes += m.payload.len();
-            if let Ok(env) = Envelope::from_bytes(m.payload.clone()) {
-                each(seq, ts, env);
-            }
-            n += 1;
-            if pending == 0 || seq == upto {
-                return Ok(upto);
+                break;
             }
         }
+        // The next chunk starts after `last`: keep the consumer for it.
+        cur.at = std::time::Instant::now();
+        let mut cursors = lock(&inner.cursors);
+        cursors.retain(|_, c| c.at.elapsed() < CURSOR_IDLE);
+        if cursors.len() < MAX_CURSORS {
+            cursors.insert((filter, last + 1), cur);
+        }
+        Ok(last)
+    }
+
+    /// One fetch of at most `count` messages and (when given) about `room` bytes from a
+    /// history consumer, read to its end: the server sends nothing more for it afterwards.
+    async fn fetch(
+        &self,
+        cur: &mut Cursor,
+        count: usize,
+        room: Option<usize>,
+    ) -> Result<Fetched, StoreError> {
+        let mut req = cur.consumer.fetch().max_messages(count.max(1));
+        if let Some(room) = room {
+            req = req.max_bytes(room.max(1));
+        }
+        let mut batch = req
+            .messages()
+            .await
+            .map_err(|e| unavailable("history fetch", e))?;
+        let mut out = Vec::new();
+        loop {
+            let m = match tokio::time::timeout(FETCH_QUIET, batch.next()).await {
+                Ok(Some(Ok(m))) => m,
+                // The fetch ended: count reached, nothing more pending, or its time up.
+                Ok(None) | Err(_) => break,
+                // A status ends the fetch: with a byte allowance, the next message did not
+                // fit ("409 Message Size Exceeds MaxBytes").
+                Ok(Some(Err(e))) => {
+                    if out.is_empty() && room.is_some() {
+                        return Ok(Fetched::TooLarge);
+                    }
+                    if out.is_empty() {
+                        return Err(unavailable("history fetch", e));
+                    }
+                    break;
+                }
+            };
+            let info = m.info().map_err(|e| unavailable("history read", e))?;
+            if info.consumer_sequence != cur.next {
+                return Err(unavailable(
+                    "history read",
+                    format!(
+                        "delivery {} arrived where {} was due (a message was lost on the way)",
+                        info.consumer_sequence, cur.next
+                    ),
+                ));
+            }
+            cur.next += 1;
+            let seq = info.stream_sequence;
+            let pending = info.pending;
+            let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            out.push(FetchedMsg {
+                seq,
+                ts,
+                pending,
+                bytes: m.message.payload.len(),
+                envelope: Envelope::from_bytes(m.message.payload.clone()),
+            });
+        }
+        Ok(Fetched::Messages(out))
     }
 
     /// Runs `f` to completion from a synchronous store call on the runtime (a durable
