@@ -62,7 +62,13 @@ const WINDOW: u64 = 1 << 16;
 /// Origins remembered (relays restart with a new origin id; old ones are forgotten).
 const MAX_ORIGINS: usize = 1024;
 /// Copies from NATS waiting to be routed.
-const INBOUND: usize = 4096;
+/// Envelopes received from NATS and not yet routed (also bounded in bytes by
+/// `cluster.receive_bytes`).
+const INBOUND: usize = 65_536;
+/// The NATS client's buffer per subscription, in messages.
+const SUBSCRIPTION_CAPACITY: usize = 8_192;
+/// Unflushed bytes after which the publisher flushes the NATS client even while more waits.
+const FLUSH_BYTES: u64 = 1 << 20;
 
 /// Why the bridge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -93,8 +99,9 @@ pub(crate) struct Forward {
     envelope: Envelope,
     flags: u64,
     qos: Qos,
-    /// Its bytes in the queue's bound until published (or dropped).
-    _held: Option<Held>,
+    /// Its bytes in the queue's bound until the NATS client has written it (or it is
+    /// dropped).
+    held: Option<Held>,
 }
 
 /// The router's side of the bridge: two queues, both fed without blocking.
@@ -118,7 +125,7 @@ impl Link {
             envelope: envelope.clone(),
             flags,
             qos,
-            _held: Some(held),
+            held: Some(held),
         };
         if self.forward.try_send(f).is_err() {
             self.metrics.cluster.forward_dropped.fetch_add(1, Relaxed);
@@ -223,8 +230,10 @@ pub(crate) async fn connect(
         .retry_on_initial_connect()
         .max_reconnects(None)
         .name(config.name.as_deref().unwrap_or("whispeer-relay"))
-        // Deep enough for a burst; beyond it NATS reports a slow consumer (counted).
-        .subscription_capacity(65_536)
+        // Each subscription's reader moves what arrives at once into the byte-bounded
+        // receive queue, so this buffer holds only what came in since the reader last ran
+        // (one socket read); beyond it NATS reports a slow consumer (counted).
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .event_callback(move |event| {
             let metrics = metrics.clone();
             async move {
@@ -362,6 +371,7 @@ pub(crate) async fn run(
         rx.interest,
         prefix,
         in_tx,
+        ByteLimit::new(shared.config.cluster.receive_bytes),
         shared.metrics.clone(),
     ));
     tasks.spawn(receive_loop(shared.clone(), in_rx, origin));
@@ -392,6 +402,9 @@ async fn publish_loop(
     mut drain: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut counter = 0u64;
+    // What the NATS client may still hold: published, not yet known written to its socket.
+    let mut unflushed: Vec<Held> = Vec::new();
+    let mut unflushed_bytes = 0u64;
     loop {
         // Queued envelopes first: `drain` is taken only once the queue is empty.
         let f = tokio::select! {
@@ -399,7 +412,7 @@ async fn publish_loop(
             f = rx.recv() => f,
             _ = &mut drain => None,
         };
-        let Some(f) = f else {
+        let Some(mut f) = f else {
             // Whatever the NATS client still buffers goes out before the process exits —
             // and reaches the server: a flush only hands it to the socket, whose unsent
             // bytes a reset at exit would discard. A request nobody answers comes back
@@ -432,6 +445,20 @@ async fn publish_loop(
                 tracing::debug!(error = %e, "cluster: publish to NATS failed");
             }
         }
+        // An envelope's bytes stay in `cluster.queue_bytes` until a flush says the client
+        // has written it: the client's own buffer (2,048 publishes of any size) is memory
+        // too, and fills whenever NATS is slow or away. A flush after each burst (and
+        // every `FLUSH_BYTES` within one) gives them back; meanwhile the router's offers
+        // beyond the bound are dropped and counted.
+        unflushed_bytes += f.envelope.as_bytes().len() as u64;
+        unflushed.extend(f.held.take());
+        if rx.is_empty() || unflushed_bytes >= FLUSH_BYTES {
+            if let Err(e) = client.flush().await {
+                tracing::debug!(error = %e, "cluster: flushing to NATS failed");
+            }
+            unflushed.clear();
+            unflushed_bytes = 0;
+        }
     }
 }
 
@@ -439,7 +466,8 @@ async fn interest_loop(
     client: async_nats::Client,
     mut rx: mpsc::UnboundedReceiver<Interest>,
     prefix: String,
-    inbound: mpsc::Sender<async_nats::Message>,
+    inbound: mpsc::Sender<Received>,
+    received: Arc<ByteLimit>,
     metrics: Arc<Metrics>,
 ) {
     let mut held: HashMap<TokenPattern, Vec<tokio::task::AbortHandle>> = HashMap::new();
@@ -456,11 +484,12 @@ async fn interest_loop(
                             metrics.cluster.subscriptions.fetch_add(1, Relaxed);
                             let tx = inbound.clone();
                             let m = metrics.clone();
+                            let limit = received.clone();
                             handles.push(readers.spawn(async move {
                                 // Dropping `sub` (on abort) unsubscribes on NATS.
-                                let _gauge = Gauge(m);
+                                let _gauge = Gauge(m.clone());
                                 while let Some(msg) = sub.next().await {
-                                    if tx.send(msg).await.is_err() {
+                                    if !receive(&tx, &limit, &m, msg) {
                                         break;
                                     }
                                 }
@@ -482,6 +511,37 @@ async fn interest_loop(
     }
 }
 
+/// An envelope from NATS waiting to be routed; its bytes count in `cluster.receive_bytes`.
+pub(crate) struct Received {
+    msg: async_nats::Message,
+    _held: Held,
+}
+
+/// Queues `msg` for routing without waiting: beyond the receive bound (bytes or count) it
+/// is dropped and counted — the reader never leaves it in the NATS client's buffer, where
+/// 8,192 messages of any size per subscription would wait. `false` once routing has ended.
+fn receive(
+    tx: &mpsc::Sender<Received>,
+    limit: &Arc<ByteLimit>,
+    metrics: &Metrics,
+    msg: async_nats::Message,
+) -> bool {
+    let Some(held) = limit.take(msg.payload.len() as u64) else {
+        metrics.cluster.receive_dropped.fetch_add(1, Relaxed);
+        tracing::debug!("cluster: receive queue full, an envelope from NATS dropped");
+        return true;
+    };
+    match tx.try_send(Received { msg, _held: held }) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            metrics.cluster.receive_dropped.fetch_add(1, Relaxed);
+            tracing::debug!("cluster: receive queue full, an envelope from NATS dropped");
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
 /// Decrements the subscription gauge when a reader ends (aborted or finished).
 struct Gauge(Arc<Metrics>);
 
@@ -491,16 +551,13 @@ impl Drop for Gauge {
     }
 }
 
-async fn receive_loop(
-    shared: Arc<Shared>,
-    mut rx: mpsc::Receiver<async_nats::Message>,
-    origin: u64,
-) {
+async fn receive_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Received>, origin: u64) {
     let metrics = shared.metrics.clone();
     let c = &metrics.cluster;
     let mut seen = Dedup::default();
-    while let Some(msg) = rx.recv().await {
-        let Some(d) = decode(msg.payload) else {
+    // Each envelope's bytes leave the receive bound once routed (end of the iteration).
+    while let Some(r) = rx.recv().await {
+        let Some(d) = decode(r.msg.payload.clone()) else {
             c.receive_dropped.fetch_add(1, Relaxed);
             continue;
         };
@@ -688,6 +745,47 @@ mod tests {
         TopicToken::from_bytes([b; 16])
     }
 
+    fn nats_msg(len: usize) -> async_nats::Message {
+        async_nats::Message {
+            subject: "wsp.x".into(),
+            reply: None,
+            payload: Bytes::from(vec![0u8; len]),
+            headers: None,
+            status: None,
+            description: None,
+            length: len,
+        }
+    }
+
+    /// What arrives from NATS waits for routing within the byte bound (and the count),
+    /// never in the NATS client's buffer: beyond either it is dropped and counted.
+    #[test]
+    fn received_envelopes_are_bounded_in_bytes_and_count() {
+        let metrics = Metrics::default();
+        let dropped = || metrics.cluster.receive_dropped.load(Relaxed);
+        let limit = ByteLimit::new(100);
+        let (tx, mut rx) = mpsc::channel(3);
+        assert!(receive(&tx, &limit, &metrics, nats_msg(60)));
+        assert!(receive(&tx, &limit, &metrics, nats_msg(60)), "goes on");
+        assert_eq!((dropped(), limit.held()), (1, 60), "60 + 60 > 100: dropped");
+        assert!(receive(&tx, &limit, &metrics, nats_msg(40)));
+        assert_eq!(limit.held(), 100);
+        let first = rx.try_recv().expect("queued");
+        drop(first);
+        assert_eq!(limit.held(), 40, "routed: its bytes are given back");
+        // By count: the channel holds 3.
+        for _ in 0..3 {
+            assert!(receive(&tx, &limit, &metrics, nats_msg(1)));
+        }
+        assert_eq!(dropped(), 2, "the third small one found the channel full");
+        assert_eq!(limit.held(), 42, "a dropped one holds nothing");
+        drop(rx);
+        assert!(
+            !receive(&tx, &limit, &metrics, nats_msg(1)),
+            "routing ended"
+        );
+    }
+
     #[test]
     fn subjects_follow_the_mapping() {
         let kh = "ab".repeat(16);
@@ -753,7 +851,7 @@ mod tests {
             envelope: envelope.clone(),
             flags: 5,
             qos: Qos::AtLeastOnce,
-            _held: None,
+            held: None,
         };
         let d = decode(encode(9, 7, &f)).unwrap();
         assert_eq!(

@@ -424,15 +424,27 @@ pub struct ClusterConfig {
         env = "WHISPEER_CLUSTER_QUEUE"
     )]
     pub queue: usize,
-    /// Envelope bytes waiting to be published to NATS (0 = bounded by count only): the
-    /// queue holds them in memory, and `queue` alone let 65,536 large envelopes wait.
-    /// Beyond it further envelopes are routed locally only and counted the same way.
+    /// Envelope bytes waiting to be published to NATS (0 = bounded by count only): in the
+    /// queue and in the NATS client's own buffer, until the client has written them to
+    /// its socket (by count alone 65,536 queued plus 2,048 buffered large envelopes could
+    /// wait). Beyond it further envelopes are routed locally only and counted the same way.
     #[arg(
         id = "cluster.queue_bytes",
         long = "cluster-queue-bytes",
         env = "WHISPEER_CLUSTER_QUEUE_BYTES"
     )]
     pub queue_bytes: u64,
+    /// Envelope bytes received from NATS and not yet routed (0 = unbounded): when this
+    /// relay falls behind what other relays send it, beyond this bound envelopes from NATS
+    /// are dropped and counted in whispeer_relay_cluster_receive_dropped_total (QoS 0 loss
+    /// across relays), instead of waiting in memory (the NATS client buffered 65,536
+    /// messages of any size per subscription).
+    #[arg(
+        id = "cluster.receive_bytes",
+        long = "cluster-receive-bytes",
+        env = "WHISPEER_CLUSTER_RECEIVE_BYTES"
+    )]
+    pub receive_bytes: u64,
     /// Where a clustered relay keeps messages: "local" (its own [store]; sequence numbers
     /// per relay, QoS >= 1 does not cross relays) or "jetstream" (one JetStream stream
     /// numbers and keeps every stored message for the whole cluster: the same sequences,
@@ -524,6 +536,7 @@ impl Default for ClusterConfig {
             tls_key: None,
             queue: 65_536,
             queue_bytes: 64 << 20,
+            receive_bytes: 64 << 20,
             store: ClusterStore::Local,
             stream: "WSP".into(),
             replicas: 1,
