@@ -25,6 +25,12 @@
 //! several-fold between identical runs. `HOSTILE_RELAY_ARGS` adds relay flags.
 //! `HOSTILE_TCP=1` connects the honest client over TCP instead of WebSocket.
 //!
+//! To place a tail in time: `--timeline` prints, every 250 ms of each attack, the relay's
+//! RSS and CPU and what the attackers got through; `--attack-after SECS` starts the honest
+//! client first and the attackers SECS later on the same relay (its run lasts SECS longer),
+//! so the attack's start meets a warm client; `WHISPEER_BENCH_TRACE=FILE` (read by
+//! `whispeer bench`) writes the honest client's per-message latency with its send time.
+//!
 //! The attack generator runs in this process on the same cores as the relay; its runtime
 //! threads run at nice 19 (`--attacker-nice N` to change) so it models attackers on other
 //! machines: they send as fast as the relay reads, using whatever CPU the relay and the
@@ -95,6 +101,17 @@ fn main() {
             .expect("--attacker-nice takes a nice value (-20..=19)"),
         None => 19,
     };
+    let opts = AttackOpts {
+        timeline: args.iter().any(|a| a == "--timeline"),
+        attack_after: match args.iter().position(|a| a == "--attack-after") {
+            Some(i) => args
+                .get(i + 1)
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|s| *s >= 0.0)
+                .expect("--attack-after takes seconds"),
+            None => 0.0,
+        },
+    };
     rlimit_nofile(8192);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -125,7 +142,7 @@ fn main() {
             let relay = RelayProc::start("alone");
             honest_bench(&relay, &["--rate", "1000"], secs)
         });
-        let (b, attack, rss) = attack_round(&rt, &kinds, secs);
+        let (b, attack, rss) = attack_round(&rt, &kinds, secs, &opts);
         println!(
             "round {round}: relay RSS during the attack: {:.1} MiB when the honest client started, {:.1} MiB when it ended",
             rss.0, rss.1
@@ -214,19 +231,49 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// One honest run beside the attackers of `kinds` on a fresh relay: the honest result,
 /// what the attackers did, and the relay's RSS (MiB) when the honest client started and
 /// when it ended.
+/// How an attack round runs (`--timeline`, `--attack-after SECS`).
+struct AttackOpts {
+    timeline: bool,
+    attack_after: f64,
+}
+
 fn attack_round(
     rt: &tokio::runtime::Runtime,
     kinds: &[usize],
     secs: f64,
+    opts: &AttackOpts,
 ) -> (BenchResult, String, (f64, f64)) {
     let relay = RelayProc::start("beside");
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let stats = Arc::new(AttackStats::default());
     let tcp = relay.tcp;
-    let handles: Vec<_> = (0..HOSTILE)
-        .filter(|i| kinds.contains(&(i % KINDS.len())))
-        .map(|i| rt.spawn(attacker(i, tcp, stop.clone(), stats.clone())))
-        .collect();
+    let spawn_attackers = || -> Vec<_> {
+        (0..HOSTILE)
+            .filter(|i| kinds.contains(&(i % KINDS.len())))
+            .map(|i| rt.spawn(attacker(i, tcp, stop.clone(), stats.clone())))
+            .collect()
+    };
+    if opts.attack_after > 0.0 {
+        // The honest client first; the attack starts into its run.
+        let rss_before = relay.rss_mib();
+        let (r, handles) = std::thread::scope(|sc| {
+            let honest =
+                sc.spawn(|| honest_bench(&relay, &["--rate", "1000"], secs + opts.attack_after));
+            std::thread::sleep(Duration::from_secs_f64(opts.attack_after));
+            let handles = spawn_attackers();
+            if opts.timeline {
+                timeline(&relay, &stats, || honest.is_finished());
+            }
+            (honest.join().expect("honest client"), handles)
+        });
+        let rss_during = relay.rss_mib();
+        let _ = stop_tx.send(true);
+        for h in handles {
+            h.abort();
+        }
+        return (r, stats.snapshot(), (rss_before, rss_during));
+    }
+    let handles = spawn_attackers();
     // The honest client starts once every attacker kind is under way.
     rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -244,7 +291,13 @@ fn attack_round(
         }
     });
     let rss_before = relay.rss_mib();
-    let r = honest_bench(&relay, &["--rate", "1000"], secs);
+    let r = std::thread::scope(|sc| {
+        let honest = sc.spawn(|| honest_bench(&relay, &["--rate", "1000"], secs));
+        if opts.timeline {
+            timeline(&relay, &stats, || honest.is_finished());
+        }
+        honest.join().expect("honest client")
+    });
     let rss_during = relay.rss_mib();
     let _ = stop_tx.send(true);
     // A throttled attacker may sit in a blocked write forever: stop them all.
@@ -252,6 +305,45 @@ fn attack_round(
         h.abort();
     }
     (r, stats.snapshot(), (rss_before, rss_during))
+}
+
+/// Prints, every 250 ms until `done`, the relay's RSS and CPU and what the attackers got
+/// through meanwhile (`--timeline`): where in the run a tail falls, and which phase of the
+/// attack it belongs to (a flood before and after its tenants reach their quotas, say).
+fn timeline(relay: &RelayProc, stats: &AttackStats, done: impl Fn() -> bool) {
+    const STEP: Duration = Duration::from_millis(250);
+    let t0 = Instant::now();
+    let take = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let counts = || {
+        [
+            take(&stats.published),
+            take(&stats.subs),
+            take(&stats.connections),
+            take(&stats.errors),
+        ]
+    };
+    let (mut last, mut cpu) = (counts(), relay.cpu_ticks());
+    println!(
+        "| t s | relay RSS MiB | relay CPU % | published | Sub frames | connections | Err frames |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    while !done() {
+        std::thread::sleep(STEP);
+        let (now, c) = (counts(), relay.cpu_ticks());
+        // Clock ticks are 1/100 s on Linux (`getconf CLK_TCK`).
+        let pct = c.saturating_sub(cpu) as f64 / STEP.as_secs_f64();
+        let d = |i: usize| now[i] - last[i];
+        println!(
+            "| {:.2} | {:.0} | {pct:.0} | {} | {} | {} | {} |",
+            t0.elapsed().as_secs_f64(),
+            relay.rss_mib(),
+            d(0),
+            d(1),
+            d(2),
+            d(3)
+        );
+        (last, cpu) = (now, c);
+    }
 }
 
 // ---------- processes ----------
@@ -329,6 +421,20 @@ impl RelayProc {
             child,
             dir,
         }
+    }
+
+    /// The relay's user + system CPU time so far, in clock ticks (`/proc/PID/stat`).
+    fn cpu_ticks(&self) -> u64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) end with ')'.
+        let f: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        field(11) + field(12)
     }
 
     fn rss_mib(&self) -> f64 {
