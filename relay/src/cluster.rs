@@ -61,7 +61,6 @@ const HEADER_LEN: usize = 26;
 const WINDOW: u64 = 1 << 16;
 /// Origins remembered (relays restart with a new origin id; old ones are forgotten).
 const MAX_ORIGINS: usize = 1024;
-/// Copies from NATS waiting to be routed.
 /// Envelopes received from NATS and not yet routed (also bounded in bytes by
 /// `cluster.receive_bytes`).
 const INBOUND: usize = 65_536;
