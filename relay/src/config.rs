@@ -998,6 +998,21 @@ pub struct Limits {
     /// Burst of Ack frames per relay account.
     #[arg(long, env = "WHISPEER_ACCOUNT_ACK_BURST")]
     pub account_ack_burst: u32,
+    /// Envelope bytes per second that publishes from one source address may store
+    /// (history and retained values; 0 = unlimited). Over it the address's connections are
+    /// read more slowly (backpressure, nothing refused): a storing flood costs the relay's
+    /// writer CPU that live routing for everyone else needs.
+    #[arg(long, env = "WHISPEER_ADDR_STORE_RATE")]
+    pub addr_store_rate: u32,
+    /// Burst of stored envelope bytes per source address.
+    #[arg(long, env = "WHISPEER_ADDR_STORE_BURST")]
+    pub addr_store_burst: u32,
+    /// Envelope bytes per second that one relay account may store (0 = unlimited).
+    #[arg(long, env = "WHISPEER_ACCOUNT_STORE_RATE")]
+    pub account_store_rate: u32,
+    /// Burst of stored envelope bytes per relay account.
+    #[arg(long, env = "WHISPEER_ACCOUNT_STORE_BURST")]
+    pub account_store_burst: u32,
 }
 
 impl Default for Limits {
@@ -1035,6 +1050,10 @@ impl Default for Limits {
             account_sub_burst: 20_000,
             account_ack_rate: 100_000,
             account_ack_burst: 200_000,
+            addr_store_rate: 0,
+            addr_store_burst: 16 << 20,
+            account_store_rate: 0,
+            account_store_burst: 16 << 20,
         }
     }
 }
@@ -1284,6 +1303,16 @@ impl Config {
                 "limits.account_ack_burst",
                 l.account_ack_rate,
                 l.account_ack_burst,
+            ),
+            (
+                "limits.addr_store_burst",
+                l.addr_store_rate,
+                l.addr_store_burst,
+            ),
+            (
+                "limits.account_store_burst",
+                l.account_store_rate,
+                l.account_store_burst,
             ),
         ] {
             if rate > 0 && burst == 0 {

@@ -87,6 +87,8 @@ pub(crate) enum Kind {
     Sub,
     /// `Ack`.
     Ack,
+    /// Envelope bytes a publish stored (history or retained value).
+    Store,
 }
 
 /// `(rate, burst)` of each kind of request, for a bucket set shared by many connections.
@@ -95,6 +97,8 @@ pub(crate) struct Rates {
     pub(crate) publish: (u32, u32),
     pub(crate) sub: (u32, u32),
     pub(crate) ack: (u32, u32),
+    /// Stored envelope bytes per second, and their burst.
+    pub(crate) store: (u32, u32),
 }
 
 /// One bucket per kind of request.
@@ -103,6 +107,7 @@ pub(crate) struct Buckets {
     publish: TokenBucket,
     sub: TokenBucket,
     ack: TokenBucket,
+    store: TokenBucket,
 }
 
 impl Buckets {
@@ -111,6 +116,7 @@ impl Buckets {
             publish: TokenBucket::new(r.publish.0, r.publish.1, now),
             sub: TokenBucket::new(r.sub.0, r.sub.1, now),
             ack: TokenBucket::new(r.ack.0, r.ack.1, now),
+            store: TokenBucket::new(r.store.0, r.store.1, now),
         }
     }
 
@@ -120,11 +126,15 @@ impl Buckets {
             Kind::Publish => self.publish.take(n, now),
             Kind::Sub => self.sub.take(n, now),
             Kind::Ack => self.ack.take(n, now),
+            Kind::Store => self.store.take(n, now),
         }
     }
 
     fn is_full(&self, now: Instant) -> bool {
-        self.publish.is_full(now) && self.sub.is_full(now) && self.ack.is_full(now)
+        self.publish.is_full(now)
+            && self.sub.is_full(now)
+            && self.ack.is_full(now)
+            && self.store.is_full(now)
     }
 }
 
@@ -363,6 +373,7 @@ mod tests {
         publish: (0, 0),
         sub: (0, 0),
         ack: (0, 0),
+        store: (0, 0),
     };
 
     #[test]
@@ -398,7 +409,14 @@ mod tests {
             publish: (10, 2),
             sub: (0, 0),
             ack: (10, 1),
+            store: (1000, 500),
         });
+        // Stored bytes: a burst of 500, then 1,000 a second.
+        assert_eq!(a.take("alice", Kind::Store, 400.0, t0), None);
+        assert_eq!(
+            a.take("alice", Kind::Store, 200.0, t0),
+            Some(Duration::from_millis(100))
+        );
         assert_eq!(a.take("alice", Kind::Publish, 2.0, t0), None);
         // Another connection of alice's shares the empty bucket; bob has his own.
         assert_eq!(

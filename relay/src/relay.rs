@@ -333,6 +333,7 @@ impl RelayBuilder {
                 publish: (l.addr_publish_rate, l.addr_publish_burst),
                 sub: (l.addr_sub_rate, l.addr_sub_burst),
                 ack: (l.addr_ack_rate, l.addr_ack_burst),
+                store: (l.addr_store_rate, l.addr_store_burst),
             },
             (l.addr_connect_rate, l.addr_connect_burst),
             l.addr_ipv6_prefix,
@@ -352,6 +353,7 @@ impl RelayBuilder {
             publish: (l.account_publish_rate, l.account_publish_burst),
             sub: (l.account_sub_rate, l.account_sub_burst),
             ack: (l.account_ack_rate, l.account_ack_burst),
+            store: (l.account_store_rate, l.account_store_burst),
         });
         let (link, cluster_rx) = if self.config.cluster.enabled() {
             let (l, r) = crate::cluster::link(&self.config.cluster, metrics.clone());

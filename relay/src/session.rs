@@ -982,6 +982,10 @@ impl Session {
             p.publish_id,
             &self.tenant,
         );
+        // What the publish stored counts in the stored-bytes rates (address, account).
+        if let Ok(Accepted::Pending(_) | Accepted::New(_)) = accepted {
+            self.charge_shared(Kind::Store, p.envelope.len() as f64, now);
+        }
         let seq = match accepted {
             Ok(Accepted::Pending(ticket)) => {
                 self.refused_in_a_row = 0;

@@ -627,3 +627,63 @@ async fn a_connection_of_large_frames_yields_after_each_one() {
     // Nothing refused either publisher.
     assert!(f_rx.try_recv().is_err() && o_rx.try_recv().is_err());
 }
+
+/// Stored bytes from one address are slowed, not refused: over `addr_store_rate` the
+/// address's connections are read more slowly (every QoS 1 publish still gets its
+/// `PubAck`), and publishes the relay does not store (QoS 0, live only) are not charged.
+/// (The bucket is the address's, shared by its connections like the other per-address
+/// rates: `rate::tests`.)
+#[tokio::test]
+async fn stored_bytes_from_one_address_are_slowed_not_refused() {
+    use whispeer_protocol::frame::pub_flags;
+    const BODY: usize = 32 * 1024;
+    let mut config = Config::ephemeral();
+    config.limits.addr_store_rate = 128 * 1024;
+    config.limits.addr_store_burst = 32 * 1024;
+    let relay = TestRelay::start(config).await;
+    let (addr, admin) = (relay.tcp(), relay.addrs.admin.expect("admin"));
+    let throttled = || metric(admin, "whispeer_relay_throttled_total");
+    let mut c = Client::tcp(addr).await;
+    c.hello().await;
+    let started = std::time::Instant::now();
+    // Six stored publishes of a little over 32 KiB: the burst covers the first, and each
+    // later one is read only once the debt of those before it is repaid — the sixth after
+    // (5 × 32 − 32) KiB at 128 KiB/s, at least 1 s.
+    for i in 0..6u8 {
+        c.send(&Frame::Pub(Pub {
+            envelope: envelope_sized(1, &[1, i], BODY),
+            flags: pub_flags::ACK,
+            publish_id: Some([i; 16]),
+            qos: Qos::AtLeastOnce,
+        }))
+        .await;
+        match c.recv().await {
+            Frame::PubAck(ack) => assert_eq!(ack.publish_id, [i; 16]),
+            other => panic!("publish {i}: expected PubAck, got {other:?}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    // A lower bound only: the relay cannot have stored them faster than its rate.
+    assert!(
+        elapsed >= std::time::Duration::from_millis(1_000),
+        "6 × 32 KiB stored from one address at 128 KiB/s (burst 32 KiB) in {elapsed:?}"
+    );
+    // Live-only publishes are not stored, so not charged: after the last stored publish's
+    // pause (the next frame is read only then), no further pause, however many.
+    for i in 0..16u8 {
+        c.send(&pub_frame(envelope_sized(1, &[2, i], BODY))).await;
+    }
+    c.send(&Frame::Ping(Ping { nonce: 9 })).await;
+    loop {
+        if let Frame::Pong(_) = c.recv().await {
+            break;
+        }
+    }
+    // Each stored envelope (a little over the 32 KiB burst) left the bucket in debt: one
+    // pause each, and none for the live-only ones.
+    assert_eq!(
+        throttled().await,
+        6,
+        "pauses: one per stored publish, none for live ones"
+    );
+}
