@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 use whispeer_protocol::frame::Msg;
 use whispeer_protocol::{codec, Envelope, Frame, KeyId, Qos, TokenPath, TokenPattern};
 
@@ -49,6 +50,10 @@ use crate::index::SubIndex;
 use crate::metrics::Metrics;
 use crate::outbound::{Offer, Outbound};
 use crate::store::{Accepted, Append, Sequenced, Store, StoreError, Tenant};
+
+/// The subscriptions one routed message goes to, inline for up to eight: a `Vec` cost two
+/// heap allocations per routed message (targets, wake-ups).
+type Targets<'a> = SmallVec<[&'a Arc<Target>; 8]>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -597,7 +602,9 @@ impl Router {
                 link.forward(envelope, flags, qos);
             }
         }
-        let mut targets: Vec<&Arc<Target>> = Vec::new();
+        // On the stack for a few subscribers (the common case): two allocations per routed
+        // message fewer (callgrind, 1→1: see `Targets`).
+        let mut targets: Targets<'_> = SmallVec::new();
         core.index.for_each_match(path, |_, t| targets.push(t));
         if targets.len() > 1 {
             targets.sort_unstable_by_key(|t| t.conn);
@@ -608,7 +615,7 @@ impl Router {
         let encode = || msg_frame(seq.0, envelope, 0);
         let (mut delivered, mut dropped) = (0, 0);
         let mut last_conn = None;
-        let mut wake: Vec<&Arc<Target>> = Vec::new();
+        let mut wake: Targets<'_> = SmallVec::new();
         for t in &targets {
             if t.gated.load(Ordering::Relaxed) {
                 let mut g = lock(&t.gate);
