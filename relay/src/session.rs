@@ -982,8 +982,11 @@ impl Session {
             p.publish_id,
             &self.tenant,
         );
-        // What the publish stored counts in the stored-bytes rates (address, account).
-        if let Ok(Accepted::Pending(_) | Accepted::New(_)) = accepted {
+        // What the publish stored counts in the stored-bytes rates (address, account) — when
+        // one is set: off (the default) it costs no second look-up of the address's buckets.
+        let l = &self.shared.config.limits;
+        let store_rated = l.addr_store_rate > 0 || l.account_store_rate > 0;
+        if store_rated && matches!(accepted, Ok(Accepted::Pending(_) | Accepted::New(_))) {
             self.charge_shared(Kind::Store, p.envelope.len() as f64, now);
         }
         let seq = match accepted {

@@ -228,15 +228,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// One honest run beside the attackers of `kinds` on a fresh relay: the honest result,
-/// what the attackers did, and the relay's RSS (MiB) when the honest client started and
-/// when it ended.
 /// How an attack round runs (`--timeline`, `--attack-after SECS`).
 struct AttackOpts {
     timeline: bool,
     attack_after: f64,
 }
 
+/// One honest run beside the attackers of `kinds` on a fresh relay: the honest result,
+/// what the attackers did, and the relay's RSS (MiB) when the honest client started and
+/// when it ended.
 fn attack_round(
     rt: &tokio::runtime::Runtime,
     kinds: &[usize],
@@ -253,50 +253,40 @@ fn attack_round(
             .map(|i| rt.spawn(attacker(i, tcp, stop.clone(), stats.clone())))
             .collect()
     };
-    if opts.attack_after > 0.0 {
-        // The honest client first; the attack starts into its run.
-        let rss_before = relay.rss_mib();
-        let (r, handles) = std::thread::scope(|sc| {
-            let honest =
-                sc.spawn(|| honest_bench(&relay, &["--rate", "1000"], secs + opts.attack_after));
-            std::thread::sleep(Duration::from_secs_f64(opts.attack_after));
-            let handles = spawn_attackers();
-            if opts.timeline {
-                timeline(&relay, &stats, || honest.is_finished());
+    // The attackers first, and the honest client once every attacker kind is under way;
+    // with `--attack-after`, the honest client first and the attack SECS into its run.
+    let early = (opts.attack_after == 0.0).then(|| {
+        let handles = spawn_attackers();
+        rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let short = |kind: usize, c: &AtomicU64, mark: u64| {
+                kinds.contains(&kind) && c.load(Ordering::Relaxed) < mark
+            };
+            while (short(0, &stats.published, 10_000)
+                || short(1, &stats.subs, 10_000)
+                || short(3, &stats.connections, 1_000))
+                && Instant::now() < deadline
+            {
+                // Attackers the relay slows down may never reach the marks: start anyway.
+                let deadline = tokio::time::Instant::from_std(deadline);
+                let _ = tokio::time::timeout_at(deadline, stats.progress.notified()).await;
             }
-            (honest.join().expect("honest client"), handles)
         });
-        let rss_during = relay.rss_mib();
-        let _ = stop_tx.send(true);
-        for h in handles {
-            h.abort();
-        }
-        return (r, stats.snapshot(), (rss_before, rss_during));
-    }
-    let handles = spawn_attackers();
-    // The honest client starts once every attacker kind is under way.
-    rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let short = |kind: usize, c: &AtomicU64, mark: u64| {
-            kinds.contains(&kind) && c.load(Ordering::Relaxed) < mark
-        };
-        while (short(0, &stats.published, 10_000)
-            || short(1, &stats.subs, 10_000)
-            || short(3, &stats.connections, 1_000))
-            && Instant::now() < deadline
-        {
-            // Attackers the relay slows down may never reach the marks: start anyway.
-            let deadline = tokio::time::Instant::from_std(deadline);
-            let _ = tokio::time::timeout_at(deadline, stats.progress.notified()).await;
-        }
+        handles
     });
     let rss_before = relay.rss_mib();
-    let r = std::thread::scope(|sc| {
-        let honest = sc.spawn(|| honest_bench(&relay, &["--rate", "1000"], secs));
+    let run = secs + opts.attack_after;
+    let (r, handles) = std::thread::scope(|sc| {
+        let honest = sc.spawn(|| honest_bench(&relay, &["--rate", "1000"], run));
+        let handles = early.unwrap_or_else(|| {
+            // The experiment's design, not a wait for an event: the attack starts then.
+            std::thread::sleep(Duration::from_secs_f64(opts.attack_after));
+            spawn_attackers()
+        });
         if opts.timeline {
             timeline(&relay, &stats, || honest.is_finished());
         }
-        honest.join().expect("honest client")
+        (honest.join().expect("honest client"), handles)
     });
     let rss_during = relay.rss_mib();
     let _ = stop_tx.send(true);
