@@ -1611,3 +1611,100 @@ async fn a_relay_waiting_for_the_shared_account_list_stops_when_asked() {
         .unwrap()
         .unwrap();
 }
+
+/// A relay that falls behind the stream — frozen here (SIGSTOP) while another relay takes
+/// 300 × 60 KiB — has been sent only what its live read's two bounded pull requests asked
+/// for (2 × 2 MiB), not the backlog: what the server sends lands in that relay's memory
+/// whether its router keeps up or not (async-nats's ordered consumer kept 500 messages of
+/// any size requested: the whole 18 MiB here). Running again, its subscriber gets every
+/// message, once, in order — three of them larger than a request's bytes (asked for alone).
+#[tokio::test]
+async fn a_relay_behind_the_stream_is_sent_two_bounded_requests_not_the_backlog() {
+    const N: u32 = 300;
+    const BODY: usize = 60 * 1024;
+    const LARGE: usize = 3 << 20;
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let frame = ["--max-frame", "8000000"];
+    let s = Setup {
+        relays: vec![
+            start_relay_with(&urls, "relay-0", &frame),
+            start_relay_with(&urls, "relay-1", &frame),
+        ],
+        nats,
+    };
+    let (mut watch, _) = connect(s.relays[1].tcp()).await;
+    subscribe(&mut watch, sub(1, pattern(21, &[], true), Qos::AtLeastOnce)).await;
+    let (mut publ, _) = connect(s.relays[0].tcp()).await;
+    // Relay 1 reads the stream before it is frozen: one message through it.
+    let first = publish_acked(
+        &mut publ,
+        &[(0, numbered_sized(21, &[1], 0, 1024))],
+        Qos::AtLeastOnce,
+        false,
+    )
+    .await[0];
+    read_until(&mut watch, first).await;
+
+    signal(&s.relays[1], "STOP");
+    let envs: Vec<(u32, Envelope)> = (1..=N)
+        .map(|i| (i, numbered_sized(21, &[1], i, BODY)))
+        .collect();
+    let mut acked = publish_acked(&mut publ, &envs, Qos::AtLeastOnce, false).await;
+    let last = *acked.last().unwrap();
+    // What the server has sent each relay's live read (the running relay: everything).
+    let nc = async_nats::connect(s.nats.nodes[0].url())
+        .await
+        .expect("connect to NATS");
+    let js = async_nats::jetstream::new(nc);
+    let stream = js.get_stream("WSP").await.expect("the relays' stream");
+    let mut consumers = stream.consumers();
+    let mut sent = Vec::new();
+    while let Some(info) = consumers.next().await {
+        let info = info.expect("consumer info");
+        if info.config.description.as_deref() == Some("whispeer-relay live read") {
+            sent.push(info.delivered.stream_sequence);
+        }
+    }
+    sent.sort_unstable();
+    assert_eq!(sent.len(), 2, "one live read per relay: {sent:?}");
+    let bound = first + (2 * (2 << 20) / BODY) as u64 + 2;
+    eprintln!(
+        "stream at {last}; sent to the frozen relay up to {}, to the running one up to {} \
+         (bound {bound})",
+        sent[0], sent[1]
+    );
+    assert!(
+        sent[0] <= bound,
+        "the frozen relay was sent up to sequence {} of {last} (bound {bound})",
+        sent[0]
+    );
+    // Then three envelopes larger than a live request's 2 MiB, between small ones.
+    let more: Vec<(u32, Envelope)> = (N + 1..=N + 6)
+        .map(|i| {
+            let size = if i % 2 == 0 { LARGE } else { 1024 };
+            (i, numbered_sized(21, &[1], i, size))
+        })
+        .collect();
+    acked.extend(publish_acked(&mut publ, &more, Qos::AtLeastOnce, false).await);
+    let last = *acked.last().unwrap();
+
+    signal(&s.relays[1], "CONT");
+    // Acknowledged as read: the relay holds back a QoS 1 subscriber's deliveries beyond its
+    // unacknowledged bytes.
+    let mut seen = Vec::new();
+    while seen.last().is_none_or(|(seq, _)| *seq < last) {
+        match watch.recv().await {
+            Frame::Msg(m) => {
+                watch.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+                seen.push((m.seq, number(&m.envelope)));
+            }
+            other => panic!("expected Msg, got {other:?}"),
+        }
+    }
+    let want: Vec<(u64, u32)> = acked.iter().copied().zip(1..=N + 6).collect();
+    assert_eq!(seen, want, "every message, once, in order, after the thaw");
+}

@@ -12,14 +12,15 @@
 //!   `PubAck` ([`Store::when_sequenced`]). A duplicate `Nats-Msg-Id` inside the stream's
 //!   duplicate window is answered with the original's sequence (QoS 2 dedup across relays).
 //! - **Live delivery** on every relay, the accepting one included, comes from the stream:
-//!   one ordered consumer per relay reads it in sequence order and hands each message to
+//!   one pull consumer per relay reads it in sequence order (two requests of at most
+//!   2 MiB outstanding, so a relay that falls behind holds little) and hands each message to
 //!   the router ([`Store::take_sequenced`]), which makes it [`last_seq`](Store::last_seq)
 //!   under the routing lock ([`Store::advance`]) and fans it out with that sequence.
 //! - **QoS 0 the retention policy does not keep** (`store_qos0 = false`) is not numbered:
 //!   [`Accepted::Live`] with sequence 0, routed at once and carried to the other relays by
 //!   core NATS (the bridge, on `<prefix>_live.…`). It cannot be resumed.
-//! - **History** (replay, catch-up) is read back from the stream by an ordered consumer
-//!   filtered on the key id, from a start sequence; **retained values** live in a second
+//! - **History** (replay, catch-up) is read back from the stream by a pull consumer
+//!   filtered on the key id, from a start sequence, one bounded fetch per chunk; **retained values** live in a second
 //!   stream (`<stream>_RETAINED`, subjects `<prefix>_retained.>`, one message per subject)
 //!   carrying the original's sequence in header `Wsp-Seq`; **durable floors** live in a
 //!   third stream (`<stream>_DURABLE`, subjects `<prefix>_durable.<key>`, one message per
@@ -35,7 +36,7 @@
 //! while live routing of QoS 0 goes on. The relay sees here what it sees anyway — tokens,
 //! sizes, flags, publish ids — and never opens an envelope.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -673,19 +674,9 @@ impl JetStreamStore {
                     .get_stream_no_info(&inner.stream)
                     .await
                     .map_err(|e| unavailable("stream", e))?;
-                let cfg = consumer::pull::Config {
-                    filter_subject: filter.clone(),
-                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: from.max(1),
-                    },
-                    ack_policy: consumer::AckPolicy::None,
-                    // The server forgets an abandoned read after this (kept here for
-                    // `CURSOR_IDLE` at most).
-                    inactive_threshold: CURSOR_IDLE * 2,
-                    num_replicas: 1,
-                    memory_storage: true,
-                    ..Default::default()
-                };
+                // The server forgets an abandoned read after twice `CURSOR_IDLE` (kept
+                // here for `CURSOR_IDLE` at most).
+                let cfg = read_config(filter.clone(), from, CURSOR_IDLE * 2);
                 let consumer = stream
                     .create_consumer(cfg)
                     .await
@@ -1218,7 +1209,8 @@ fn apply_stream_message(
     Some(kept)
 }
 
-/// An ordered read of `stream` (of `filter`'s subjects, or all) from sequence `start`.
+/// An ordered read of `stream` (of `filter`'s subjects, or all) from sequence `start`
+/// (the account records: small, written by operators).
 async fn read_from(
     stream: &stream::Stream,
     filter: Option<String>,
@@ -1237,6 +1229,40 @@ async fn read_from(
     }
 }
 
+/// The consumer of one of this relay's reads of the stream (`filter`: its subjects, empty:
+/// all), from sequence `start`: no acks (a delivery lost on the way shows as a jump in the
+/// consumer sequence, and fails the read), one replica in memory (a read's cursor: losing
+/// it fails the read, which is retried), forgotten by the server after `idle` without a
+/// request.
+fn read_config(filter: String, start: u64, idle: Duration) -> consumer::pull::Config {
+    consumer::pull::Config {
+        filter_subject: filter,
+        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start.max(1),
+        },
+        ack_policy: consumer::AckPolicy::None,
+        inactive_threshold: idle,
+        num_replicas: 1,
+        memory_storage: true,
+        ..Default::default()
+    }
+}
+
+/// Messages and bytes one pull request of the live read asks for. Two requests are
+/// outstanding at a time (the second queued at the server behind the first, so the read
+/// never waits a round trip between them): while the router falls behind, at most about
+/// twice this waits in this relay. (async-nats's ordered consumer asked for 500 messages
+/// of any size and kept asking: up to 500 envelopes of up to `max_frame` each.)
+const LIVE_BATCH: usize = 4096;
+const LIVE_BYTES: usize = 2 << 20;
+/// How long a live pull request waits at the server for messages before it ends.
+const LIVE_EXPIRES: Duration = Duration::from_secs(10);
+/// The server deletes the live read's consumer after this long without a request (a relay
+/// frozen that long re-creates it from where it was).
+const LIVE_IDLE: Duration = Duration::from_secs(60);
+/// The live read's consumer, so an operator (and the tests) can tell it from history reads.
+pub const LIVE_DESCRIPTION: &str = "whispeer-relay live read";
+
 /// Reads the whole stream in order from `last + 1`, forever (re-created after errors),
 /// applying each message to the usage ledger, then feeding it to the router.
 async fn live_loop(
@@ -1248,63 +1274,191 @@ async fn live_loop(
     let mut next = last + 1;
     let mut failures = 0u32;
     loop {
-        match read_from(&stream, None, next).await {
-            Ok(mut msgs) => {
-                while let Some(m) = msgs.next().await {
-                    let m = match m {
-                        Ok(m) => m,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "cluster store: live read error");
-                            break;
-                        }
-                    };
-                    let Ok(info) = m.info() else { continue };
-                    let seq = info.stream_sequence;
-                    if seq < next {
-                        continue;
-                    }
-                    next = seq + 1;
-                    failures = 0;
-                    let h = m.headers.as_ref();
-                    let flags = header_u64(h, FLAGS_HEADER).unwrap_or(0);
-                    let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-                    let kept = {
-                        let Some(i) = inner.upgrade() else { return };
-                        let mut l = lock(&i.ledger);
-                        apply_stream_message(
-                            &mut l,
-                            &i.prefix,
-                            &i.origin,
-                            m.subject.as_str(),
-                            seq,
-                            ts,
-                            h,
-                            m.payload.len() as u64,
-                        )
-                    };
-                    let Some(kept) = kept else { continue };
-                    let Ok(envelope) = Envelope::from_bytes(m.payload.clone()) else {
-                        tracing::debug!(seq, "cluster store: a stream message is no envelope");
-                        continue;
-                    };
-                    let s = Sequenced {
-                        seq: Seq(seq),
-                        envelope,
-                        flags,
-                        kept,
-                    };
-                    if feed.send(s).await.is_err() {
-                        return;
-                    }
-                }
+        let from = next;
+        match live_read(&inner, &stream, &mut next, &feed).await {
+            Ok(()) => return,
+            Err(e) if next == from => {
+                tracing::warn!(error = %e, "cluster store: cannot read the stream")
             }
-            Err(e) => tracing::warn!(error = %e, "cluster store: cannot read the stream"),
+            Err(e) => tracing::debug!(error = %e, "cluster store: live read restarts"),
         }
         if feed.is_closed() {
             return;
         }
-        failures += 1;
+        failures = if next > from { 1 } else { failures + 1 };
         tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20)))).await;
+    }
+}
+
+/// One live read: a pull consumer from `next`, two bounded requests outstanding, each
+/// message handed on in order. `Ok` when the relay is shutting down; `Err` (re-create the
+/// consumer from `next`) on any failure, including a delivery lost on the way (AckNone:
+/// never redelivered, seen as a jump in the consumer sequence).
+async fn live_read(
+    inner: &std::sync::Weak<Inner>,
+    stream: &stream::Stream,
+    next: &mut u64,
+    feed: &mpsc::Sender<Sequenced>,
+) -> Result<(), String> {
+    let cfg = consumer::pull::Config {
+        description: Some(LIVE_DESCRIPTION.into()),
+        ..read_config(String::new(), *next, LIVE_IDLE)
+    };
+    let consumer = stream
+        .create_consumer(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    let r = live_requests(inner, &consumer, next, feed).await;
+    if r.is_err() {
+        // Its successor starts where it stopped; the server would keep it for `LIVE_IDLE`.
+        let name = consumer.cached_info().name.clone();
+        if let Err(e) = stream.delete_consumer(&name).await {
+            tracing::debug!(error = %e, "cluster store: old live read not deleted");
+        }
+    }
+    r
+}
+
+/// The requests and deliveries of one live read's consumer (see [`live_read`]).
+///
+/// All requests reply under one wildcard subscription, so deliveries arrive in the
+/// consumer's order although the server spreads them over the waiting requests. A data
+/// message does not say which request it answers: it is charged to the oldest open one.
+/// That keeps what the server may still send at or below what the open requests have
+/// left here (at most `2 × LIVE_BYTES`), whichever request it really answered. A request
+/// is closed by its status (408, 409), by the messages and bytes charged to it, or at its
+/// expiry (a request whose bytes were used up exactly may end without a status).
+async fn live_requests(
+    inner: &std::sync::Weak<Inner>,
+    consumer: &consumer::PullConsumer,
+    next: &mut u64,
+    feed: &mpsc::Sender<Sequenced>,
+) -> Result<(), String> {
+    struct Open {
+        id: u64,
+        msgs: usize,
+        bytes: Option<usize>,
+        ends: tokio::time::Instant,
+    }
+    let (client, context) = match inner.upgrade() {
+        Some(i) => (i.client.clone(), i.js.clone()),
+        None => return Ok(()),
+    };
+    let inbox = client.new_inbox();
+    let mut sub = client
+        .subscribe(format!("{inbox}.*"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut open: VecDeque<Open> = VecDeque::new();
+    let mut ids = 0u64;
+    // "Message Size Exceeds MaxBytes" twice without a delivery between: the next message
+    // is larger than a request's bytes; it is asked for alone.
+    let mut refused_in_a_row = 0u32;
+    let mut due = 1u64;
+    loop {
+        while open.len() < 2 {
+            ids += 1;
+            let alone = refused_in_a_row >= 2;
+            let req = Open {
+                id: ids,
+                msgs: if alone { 1 } else { LIVE_BATCH },
+                bytes: (!alone).then_some(LIVE_BYTES),
+                ends: tokio::time::Instant::now() + LIVE_EXPIRES + Duration::from_secs(1),
+            };
+            let batch = consumer::pull::BatchConfig {
+                batch: req.msgs,
+                max_bytes: req.bytes.unwrap_or(0),
+                expires: Some(LIVE_EXPIRES),
+                ..Default::default()
+            };
+            consumer
+                .request_batch(batch, format!("{inbox}.{ids}").into())
+                .await
+                .map_err(|e| e.to_string())?;
+            open.push_back(req);
+            refused_in_a_row = refused_in_a_row.min(1);
+        }
+        let first_end = open.iter().map(|r| r.ends).min().expect("open requests");
+        let m = tokio::select! {
+            m = sub.next() => m.ok_or("the live read's subscription ended")?,
+            () = tokio::time::sleep_until(first_end) => {
+                let now = tokio::time::Instant::now();
+                open.retain(|r| r.ends > now);
+                continue;
+            }
+        };
+        if let Some(status) = m.status.filter(|s| *s != async_nats::StatusCode::OK) {
+            let id = m.subject.as_str().rsplit('.').next();
+            let id = id.and_then(|s| s.parse::<u64>().ok());
+            let what = m.description.unwrap_or_default();
+            match status {
+                async_nats::StatusCode::IDLE_HEARTBEAT => continue,
+                async_nats::StatusCode::TIMEOUT | async_nats::StatusCode::NOT_FOUND => {}
+                _ if what.contains("Message Size Exceeds MaxBytes") => refused_in_a_row += 1,
+                _ if what.contains("Batch Completed") => {}
+                _ => return Err(format!("live request ended: {status} {what}")),
+            }
+            open.retain(|r| Some(r.id) != id);
+            continue;
+        }
+        if let Some(r) = open.front_mut() {
+            r.msgs = r.msgs.saturating_sub(1);
+            r.bytes = r.bytes.map(|b| b.saturating_sub(m.length));
+            if r.msgs == 0 || r.bytes.is_some_and(|b| b <= LIVE_BYTES / 16) {
+                open.pop_front();
+            }
+        }
+        refused_in_a_row = 0;
+        let m = jetstream::Message {
+            message: m,
+            context: context.clone(),
+        };
+        let info = m.info().map_err(|e| e.to_string())?;
+        if info.consumer_sequence != due {
+            return Err(format!(
+                "delivery {} arrived where {due} was due (a message was lost on the way)",
+                info.consumer_sequence
+            ));
+        }
+        due += 1;
+        let seq = info.stream_sequence;
+        if seq < *next {
+            continue;
+        }
+        *next = seq + 1;
+        let h = m.headers.as_ref();
+        let flags = header_u64(h, FLAGS_HEADER).unwrap_or(0);
+        let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        let kept = {
+            let Some(i) = inner.upgrade() else {
+                return Ok(());
+            };
+            let mut l = lock(&i.ledger);
+            apply_stream_message(
+                &mut l,
+                &i.prefix,
+                &i.origin,
+                m.subject.as_str(),
+                seq,
+                ts,
+                h,
+                m.payload.len() as u64,
+            )
+        };
+        let Some(kept) = kept else { continue };
+        let Ok(envelope) = Envelope::from_bytes(m.payload.clone()) else {
+            tracing::debug!(seq, "cluster store: a stream message is no envelope");
+            continue;
+        };
+        let s = Sequenced {
+            seq: Seq(seq),
+            envelope,
+            flags,
+            kept,
+        };
+        if feed.send(s).await.is_err() {
+            return Ok(());
+        }
     }
 }
 

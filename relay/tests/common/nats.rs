@@ -180,6 +180,7 @@ impl NatsCluster {
                 format!(
                     "server_name: {name}\n\
                      listen: 127.0.0.1:{port}\n\
+                     max_payload: 8MB\n\
                      jetstream {{ store_dir: {store:?} }}\n\
                      cluster {{\n  name: wsp\n  listen: 127.0.0.1:{cluster_port}\n  routes: [{routes}]\n}}\n"
                 ),
