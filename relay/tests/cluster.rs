@@ -445,3 +445,97 @@ async fn a_relay_keeps_retained_values_that_reached_it_from_the_cluster() {
     publ_c.publish(marker.clone()).await;
     expect_next(&mut at_c, &marker, "C").await;
 }
+
+/// A relay that falls behind what the cluster sends it — frozen here (SIGSTOP) while
+/// another relay publishes 2,000 × 1 KiB live — keeps at most `cluster.receive_bytes`
+/// (16 KiB here) of it waiting for routing when it runs again: each reader moves what the
+/// NATS client received into that bounded queue at once, and beyond the bound envelopes
+/// are dropped and counted (`whispeer_relay_cluster_receive_dropped_total`), instead of
+/// waiting in the client's buffer (8,192 messages of any size per subscription). Every
+/// envelope is either delivered, in order, or counted.
+#[tokio::test]
+async fn a_relay_behind_the_cluster_drops_beyond_its_receive_bound_and_counts() {
+    use futures_util::StreamExt;
+    const N: u32 = 2000;
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let relay = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--cluster",
+            &urls,
+            "--cluster-name",
+            name,
+            "--store",
+            "memory",
+        ];
+        args.extend_from_slice(extra);
+        BinRelay::start(&args)
+    };
+    let a = relay("relay-a", &[]);
+    let b = relay("relay-b", &["--cluster-receive-bytes", "16384"]);
+    let mut sub = subscriber(b.tcp(), &[pattern(1, &[], true)]).await;
+    let publ = connect(a.tcp()).await;
+    let mut publ = sync_interest(publ, &mut [&mut sub], 1, &[3]).await;
+    // Watches NATS until it has all of them (and so has queued them for the frozen relay).
+    let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
+    let mut seen = nc.subscribe(">").await.unwrap();
+    nc.flush().await.unwrap();
+
+    b.signal("STOP");
+    let msgs: Vec<Envelope> = (0..N).map(|i| numbered_sized(1, &[3], i, 1024)).collect();
+    for e in &msgs {
+        publ.publish(e.clone()).await;
+    }
+    let mut forwarded = 0;
+    while forwarded < N {
+        let m = seen.next().await.expect("NATS subscription");
+        forwarded += u32::from(m.payload.len() > 1024);
+    }
+    b.signal("CONT");
+
+    // The end marker, published until it arrives (it may be dropped too).
+    let end = numbered_sized(1, &[3], u32::MAX, 19);
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let marker = end.clone();
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => break,
+                _ = tick.tick() => publ.publish(marker.clone()).await,
+            }
+        }
+    });
+    let mut got = Vec::new();
+    loop {
+        let m = sub.expect_msg().await;
+        if m.envelope == end {
+            break;
+        }
+        let i = msgs
+            .iter()
+            .position(|e| *e == m.envelope)
+            .expect("one of the published envelopes");
+        got.push(i);
+    }
+    let _ = stop_tx.send(());
+    task.await.unwrap();
+    let dropped = metric(b.admin(), "whispeer_relay_cluster_receive_dropped_total").await;
+    eprintln!(
+        "{} of {N} delivered after the thaw, {dropped} dropped at the receive bound",
+        got.len()
+    );
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order, once each");
+    assert!(
+        dropped > 0,
+        "nothing dropped: the receive bound did not hold"
+    );
+    assert_eq!(
+        got.len() as u64 + dropped,
+        u64::from(N),
+        "delivered or counted"
+    );
+}

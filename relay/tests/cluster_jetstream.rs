@@ -537,10 +537,10 @@ async fn a_frozen_holder_ends_its_subscription_when_it_wakes_after_losing_the_ho
     d.durable = Some("frozen".into());
     subscribe(&mut old, d.clone()).await;
 
-    signal(&a, "STOP");
+    a.signal("STOP");
     let (mut new, _) = connect(b.tcp()).await;
     subscribe_when_the_hold_lapses(&mut new, d).await;
-    signal(&a, "CONT");
+    a.signal("CONT");
     let e = loop {
         match old.recv().await {
             Frame::Err(e) => break e,
@@ -552,15 +552,6 @@ async fn a_frozen_holder_ends_its_subscription_when_it_wakes_after_losing_the_ho
     assert!(!e.fatal, "{e:?}");
     assert_eq!(e.sub_id, Some(3));
     assert!(e.message.contains("could not keep its hold"), "{e:?}");
-}
-
-/// kill(1) `-SIG` on a relay process.
-fn signal(r: &BinRelay, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([format!("-{sig}"), r.child.id().to_string()])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -{sig} relay");
 }
 
 /// Slice 4: QoS 2 dedup across relays through `Nats-Msg-Id`: a re-send at another relay
@@ -1649,7 +1640,7 @@ async fn a_relay_behind_the_stream_is_sent_two_bounded_requests_not_the_backlog(
     .await[0];
     read_until(&mut watch, first).await;
 
-    signal(&s.relays[1], "STOP");
+    s.relays[1].signal("STOP");
     let envs: Vec<(u32, Envelope)> = (1..=N)
         .map(|i| (i, numbered_sized(21, &[1], i, BODY)))
         .collect();
@@ -1692,7 +1683,7 @@ async fn a_relay_behind_the_stream_is_sent_two_bounded_requests_not_the_backlog(
     acked.extend(publish_acked(&mut publ, &more, Qos::AtLeastOnce, false).await);
     let last = *acked.last().unwrap();
 
-    signal(&s.relays[1], "CONT");
+    s.relays[1].signal("CONT");
     // Acknowledged as read: the relay holds back a QoS 1 subscriber's deliveries beyond its
     // unacknowledged bytes.
     let mut seen = Vec::new();

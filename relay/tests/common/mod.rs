@@ -592,12 +592,18 @@ impl BinRelay {
 
     /// Sends SIGTERM (via kill(1): the test crate has no unsafe code).
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends `SIG<sig>` via kill(1): `STOP` freezes the relay (a relay falling behind, or
+    /// stalled), `CONT` lets it run again.
+    pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([format!("-{sig}"), self.child.id().to_string()])
             .status()
             .expect("run kill")
             .success();
-        assert!(ok, "kill -TERM failed");
+        assert!(ok, "kill -{sig} failed");
     }
 
     /// Waits for the process to exit (blocking; call from spawn_blocking in async tests).
