@@ -595,7 +595,18 @@ impl JetStreamStore {
             retained_stream,
             acks_rx,
         ));
-        tokio::spawn(live_loop(Arc::downgrade(&inner), main, last, feed_tx));
+        // Named after the relay (`[cluster] name`) so an operator can tell whose it is.
+        let described = match &cluster.name {
+            Some(name) => format!("{LIVE_DESCRIPTION}: {name}"),
+            None => LIVE_DESCRIPTION.to_string(),
+        };
+        tokio::spawn(live_loop(
+            Arc::downgrade(&inner),
+            main,
+            last,
+            feed_tx,
+            described,
+        ));
         tracing::info!(
             stream = %inner.stream,
             last_seq = last,
@@ -1256,11 +1267,17 @@ fn read_config(filter: String, start: u64, idle: Duration) -> consumer::pull::Co
 const LIVE_BATCH: usize = 4096;
 const LIVE_BYTES: usize = 2 << 20;
 /// How long a live pull request waits at the server for messages before it ends.
-const LIVE_EXPIRES: Duration = Duration::from_secs(10);
+const LIVE_EXPIRES: Duration = Duration::from_secs(5);
 /// The server deletes the live read's consumer after this long without a request (a relay
 /// frozen that long re-creates it from where it was).
 const LIVE_IDLE: Duration = Duration::from_secs(60);
-/// The live read's consumer, so an operator (and the tests) can tell it from history reads.
+/// How often the server says a waiting live request is alive (a status message).
+const LIVE_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Silence after which the live read is re-created (its consumer's server died, or does
+/// not answer): an idle read still hears a heartbeat every `LIVE_HEARTBEAT`.
+const LIVE_SILENT: Duration = Duration::from_secs(5);
+/// The live read's consumer's description (then `: <[cluster] name>`), so an operator (and
+/// the tests) can tell it from history reads.
 pub const LIVE_DESCRIPTION: &str = "whispeer-relay live read";
 
 /// Reads the whole stream in order from `last + 1`, forever (re-created after errors),
@@ -1270,12 +1287,13 @@ async fn live_loop(
     stream: stream::Stream,
     last: u64,
     feed: mpsc::Sender<Sequenced>,
+    described: String,
 ) {
     let mut next = last + 1;
     let mut failures = 0u32;
     loop {
         let from = next;
-        match live_read(&inner, &stream, &mut next, &feed).await {
+        match live_read(&inner, &stream, &mut next, &feed, &described).await {
             Ok(()) => return,
             Err(e) if next == from => {
                 tracing::warn!(error = %e, "cluster store: cannot read the stream")
@@ -1299,9 +1317,10 @@ async fn live_read(
     stream: &stream::Stream,
     next: &mut u64,
     feed: &mpsc::Sender<Sequenced>,
+    described: &str,
 ) -> Result<(), String> {
     let cfg = consumer::pull::Config {
-        description: Some(LIVE_DESCRIPTION.into()),
+        description: Some(described.into()),
         ..read_config(String::new(), *next, LIVE_IDLE)
     };
     let consumer = stream
@@ -1355,6 +1374,8 @@ async fn live_requests(
     // is larger than a request's bytes; it is asked for alone.
     let mut refused_in_a_row = 0u32;
     let mut due = 1u64;
+    // When the server last sent this read anything (a message or a status).
+    let mut heard = tokio::time::Instant::now();
     loop {
         while open.len() < 2 {
             ids += 1;
@@ -1369,6 +1390,7 @@ async fn live_requests(
                 batch: req.msgs,
                 max_bytes: req.bytes.unwrap_or(0),
                 expires: Some(LIVE_EXPIRES),
+                idle_heartbeat: LIVE_HEARTBEAT,
                 ..Default::default()
             };
             consumer
@@ -1380,13 +1402,21 @@ async fn live_requests(
         }
         let first_end = open.iter().map(|r| r.ends).min().expect("open requests");
         let m = tokio::select! {
+            // What has arrived first: a read that waited on the router is not silence.
+            biased;
             m = sub.next() => m.ok_or("the live read's subscription ended")?,
-            () = tokio::time::sleep_until(first_end) => {
+            () = tokio::time::sleep_until(first_end.min(heard + LIVE_SILENT)) => {
                 let now = tokio::time::Instant::now();
+                if now >= heard + LIVE_SILENT {
+                    // Not even a request's timeout: the consumer is gone (its server died)
+                    // or the server does not answer.
+                    return Err("the live read's consumer does not answer".into());
+                }
                 open.retain(|r| r.ends > now);
                 continue;
             }
         };
+        heard = tokio::time::Instant::now();
         if let Some(status) = m.status.filter(|s| *s != async_nats::StatusCode::OK) {
             let id = m.subject.as_str().rsplit('.').next();
             let id = id.and_then(|s| s.parse::<u64>().ok());
