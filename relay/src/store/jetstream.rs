@@ -1278,7 +1278,7 @@ const LIVE_HEARTBEAT: Duration = Duration::from_secs(1);
 const LIVE_SILENT: Duration = Duration::from_secs(5);
 /// The live read's consumer's description (then `: <[cluster] name>`), so an operator (and
 /// the tests) can tell it from history reads.
-pub const LIVE_DESCRIPTION: &str = "whispeer-relay live read";
+const LIVE_DESCRIPTION: &str = "whispeer-relay live read";
 
 /// Reads the whole stream in order from `last + 1`, forever (re-created after errors),
 /// applying each message to the usage ledger, then feeding it to the router.
