@@ -371,7 +371,7 @@ pub(crate) async fn run(
         prefix,
         in_tx,
         ByteLimit::new(shared.config.cluster.receive_bytes),
-        shared.metrics.clone(),
+        shared.clone(),
     ));
     tasks.spawn(receive_loop(shared.clone(), in_rx, origin));
     // The publisher ends when drained (or its queue closes); the other loops go with it.
@@ -467,8 +467,9 @@ async fn interest_loop(
     prefix: String,
     inbound: mpsc::Sender<Received>,
     received: Arc<ByteLimit>,
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
 ) {
+    let metrics = shared.metrics.clone();
     let mut held: HashMap<TokenPattern, Vec<tokio::task::AbortHandle>> = HashMap::new();
     let mut readers = JoinSet::new();
     while let Some(change) = rx.recv().await {
@@ -484,11 +485,19 @@ async fn interest_loop(
                             let tx = inbound.clone();
                             let m = metrics.clone();
                             let limit = received.clone();
+                            let shared = shared.clone();
                             handles.push(readers.spawn(async move {
                                 // Dropping `sub` (on abort) unsubscribes on NATS.
                                 let _gauge = Gauge(m.clone());
+                                // A dropped envelope is reported to the connections it
+                                // was for, in a `Gap`.
+                                let lost = |payload: &Bytes| {
+                                    if let Some(d) = decode(payload.clone()) {
+                                        shared.router.lost_remote(&d.envelope.token_path());
+                                    }
+                                };
                                 while let Some(msg) = sub.next().await {
-                                    if !receive(&tx, &limit, &m, msg) {
+                                    if !receive(&tx, &limit, &m, msg, &lost) {
                                         break;
                                     }
                                 }
@@ -517,24 +526,29 @@ pub(crate) struct Received {
 }
 
 /// Queues `msg` for routing without waiting: beyond the receive bound (bytes or count) it
-/// is dropped and counted — the reader never leaves it in the NATS client's buffer, where
-/// 8,192 messages of any size per subscription would wait. `false` once routing has ended.
+/// is dropped, counted and handed to `lost` (which tells its subscribers) — the reader never
+/// leaves it in the NATS client's buffer, where 8,192 messages of any size per subscription
+/// would wait. `false` once routing has ended.
 fn receive(
     tx: &mpsc::Sender<Received>,
     limit: &Arc<ByteLimit>,
     metrics: &Metrics,
     msg: async_nats::Message,
+    lost: &dyn Fn(&Bytes),
 ) -> bool {
-    let Some(held) = limit.take(msg.payload.len() as u64) else {
+    let dropped = |payload: &Bytes| {
         metrics.cluster.receive_dropped.fetch_add(1, Relaxed);
         tracing::debug!("cluster: receive queue full, an envelope from NATS dropped");
+        lost(payload);
+    };
+    let Some(held) = limit.take(msg.payload.len() as u64) else {
+        dropped(&msg.payload);
         return true;
     };
     match tx.try_send(Received { msg, _held: held }) {
         Ok(()) => true,
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            metrics.cluster.receive_dropped.fetch_add(1, Relaxed);
-            tracing::debug!("cluster: receive queue full, an envelope from NATS dropped");
+        Err(mpsc::error::TrySendError::Full(r)) => {
+            dropped(&r.msg.payload);
             true
         }
         Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -764,23 +778,26 @@ mod tests {
         let dropped = || metrics.cluster.receive_dropped.load(Relaxed);
         let limit = ByteLimit::new(100);
         let (tx, mut rx) = mpsc::channel(3);
-        assert!(receive(&tx, &limit, &metrics, nats_msg(60)));
-        assert!(receive(&tx, &limit, &metrics, nats_msg(60)), "goes on");
+        assert!(receive(&tx, &limit, &metrics, nats_msg(60), &|_| {}));
+        assert!(
+            receive(&tx, &limit, &metrics, nats_msg(60), &|_| {}),
+            "goes on"
+        );
         assert_eq!((dropped(), limit.held()), (1, 60), "60 + 60 > 100: dropped");
-        assert!(receive(&tx, &limit, &metrics, nats_msg(40)));
+        assert!(receive(&tx, &limit, &metrics, nats_msg(40), &|_| {}));
         assert_eq!(limit.held(), 100);
         let first = rx.try_recv().expect("queued");
         drop(first);
         assert_eq!(limit.held(), 40, "routed: its bytes are given back");
         // By count: the channel holds 3.
         for _ in 0..3 {
-            assert!(receive(&tx, &limit, &metrics, nats_msg(1)));
+            assert!(receive(&tx, &limit, &metrics, nats_msg(1), &|_| {}));
         }
         assert_eq!(dropped(), 2, "the third small one found the channel full");
         assert_eq!(limit.held(), 42, "a dropped one holds nothing");
         drop(rx);
         assert!(
-            !receive(&tx, &limit, &metrics, nats_msg(1)),
+            !receive(&tx, &limit, &metrics, nats_msg(1), &|_| {}),
             "routing ended"
         );
     }

@@ -436,9 +436,10 @@ pub struct ClusterConfig {
     pub queue_bytes: u64,
     /// Envelope bytes received from NATS and not yet routed (0 = unbounded): when this
     /// relay falls behind what other relays send it, beyond this bound envelopes from NATS
-    /// are dropped and counted in whispeer_relay_cluster_receive_dropped_total (QoS 0 loss
-    /// across relays), instead of waiting in memory (the NATS client buffered 65,536
-    /// messages of any size per subscription).
+    /// are dropped, counted in whispeer_relay_cluster_receive_dropped_total and reported in
+    /// a Gap to each connection with a matching subscription (QoS 0 loss across relays),
+    /// instead of waiting in memory (the NATS client buffered 65,536 messages of any size
+    /// per subscription).
     #[arg(
         id = "cluster.receive_bytes",
         long = "cluster-receive-bytes",

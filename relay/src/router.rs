@@ -541,6 +541,21 @@ impl Router {
         )
     }
 
+    /// An envelope from another relay that this relay dropped before routing it (over
+    /// `cluster.receive_bytes`): each connection with a matching subscription is told in
+    /// its next `Gap`, as when its own queue drops a message — QoS 0 loss is visible to
+    /// whom it happened, not only in a metric.
+    pub(crate) fn lost_remote(&self, path: &TokenPath) {
+        let core = self.lock(self.shard_of(path.key_id()));
+        let mut targets: Targets<'_> = SmallVec::new();
+        core.index.for_each_match(path, |_, t| targets.push(t));
+        targets.sort_unstable_by_key(|t| t.conn);
+        targets.dedup_by_key(|t| t.conn);
+        for t in &targets {
+            t.out.add_dropped(1);
+        }
+    }
+
     /// Routes a message the store numbered elsewhere (the cluster's JetStream stream), in
     /// sequence order: it becomes the last sequence and is fanned out with its sequence.
     pub(crate) fn publish_sequenced(&self, m: &Sequenced) -> Result<Accepted, StoreError> {

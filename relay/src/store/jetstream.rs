@@ -1329,11 +1329,14 @@ async fn live_read(
         .map_err(|e| e.to_string())?;
     let r = live_requests(inner, &consumer, next, feed).await;
     if r.is_err() {
-        // Its successor starts where it stopped; the server would keep it for `LIVE_IDLE`.
-        let name = consumer.cached_info().name.clone();
-        if let Err(e) = stream.delete_consumer(&name).await {
-            tracing::debug!(error = %e, "cluster store: old live read not deleted");
-        }
+        // Its successor starts where it stopped at once; the server would keep the old
+        // one for `LIVE_IDLE` (deleting it can take the API's timeout when its server died).
+        let (stream, name) = (stream.clone(), consumer.cached_info().name.clone());
+        tokio::spawn(async move {
+            if let Err(e) = stream.delete_consumer(&name).await {
+                tracing::debug!(error = %e, "cluster store: old live read not deleted");
+            }
+        });
     }
     r
 }
