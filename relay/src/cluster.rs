@@ -589,7 +589,10 @@ async fn receive_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Received>, ori
                 c.received.fetch_add(1, Relaxed);
             }
             Err(e) => {
+                // Refused by this relay's store (a quota, a full disk): its subscribers
+                // here miss it — told in a `Gap`, as at the receive bound.
                 c.receive_dropped.fetch_add(1, Relaxed);
+                shared.router.lost_remote(&path);
                 tracing::debug!(error = %e, "cluster: an envelope from NATS was not routed");
             }
         }

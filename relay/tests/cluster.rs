@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::nats::{numbered_sized, NatsCluster};
 use common::*;
+use whispeer_protocol::frame::Msg;
 use whispeer_protocol::{Envelope, Frame};
 
 fn numbered(k: u8, levels: &[u8], n: u32) -> Envelope {
@@ -446,6 +447,44 @@ async fn a_relay_keeps_retained_values_that_reached_it_from_the_cluster() {
     expect_next(&mut at_c, &marker, "C").await;
 }
 
+/// NATS, relay A and relay B (memory stores; B with `extra_b` flags), a subscriber of
+/// `1/#` at B and a publisher at A whose publishes reach it. `None` without nats-server.
+async fn pair(extra_b: &[&str]) -> Option<(NatsCluster, BinRelay, BinRelay, Client, Client)> {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
+        return None;
+    };
+    let urls = nats.urls();
+    let relay = |name: &str, extra: &[&str]| {
+        let mut args = vec!["--cluster", &urls, "--cluster-name", name];
+        args.extend_from_slice(&["--store", "memory"]);
+        args.extend_from_slice(extra);
+        BinRelay::start(&args)
+    };
+    let (a, b) = (relay("relay-a", &[]), relay("relay-b", extra_b));
+    let mut sub = subscriber(b.tcp(), &[pattern(1, &[], true)]).await;
+    let publ = connect(a.tcp()).await;
+    let publ = sync_interest(publ, &mut [&mut sub], 1, &[3]).await;
+    Some((nats, a, b, sub, publ))
+}
+
+/// Reads until `n` messages were delivered (each handed to `each`) or reported dropped in
+/// `Gap`s — a silent loss leaves it waiting into the frame timeout; returns the Gap total.
+async fn delivered_or_reported(sub: &mut Client, n: u32, mut each: impl FnMut(Msg)) -> u64 {
+    let (mut got, mut gaps) = (0u64, 0u64);
+    while got + gaps < u64::from(n) {
+        match sub.recv().await {
+            Frame::Msg(m) => {
+                got += 1;
+                each(m);
+            }
+            Frame::Gap(g) => gaps += g.dropped,
+            other => panic!("expected Msg or Gap, got {other:?}"),
+        }
+    }
+    gaps
+}
+
 /// A relay that falls behind what the cluster sends it — frozen here (SIGSTOP) while
 /// another relay publishes 2,000 × 1 KiB live — keeps at most `cluster.receive_bytes`
 /// (16 KiB here) of it waiting for routing when it runs again: each reader moves what the
@@ -458,28 +497,10 @@ async fn a_relay_keeps_retained_values_that_reached_it_from_the_cluster() {
 async fn a_relay_behind_the_cluster_drops_beyond_its_receive_bound_and_counts() {
     use futures_util::StreamExt;
     const N: u32 = 2000;
-    let Some(nats) = NatsCluster::start(3) else {
-        eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
+    let Some((nats, _a, b, mut sub, mut publ)) = pair(&["--cluster-receive-bytes", "16384"]).await
+    else {
         return;
     };
-    let urls = nats.urls();
-    let relay = |name: &str, extra: &[&str]| {
-        let mut args = vec![
-            "--cluster",
-            &urls,
-            "--cluster-name",
-            name,
-            "--store",
-            "memory",
-        ];
-        args.extend_from_slice(extra);
-        BinRelay::start(&args)
-    };
-    let a = relay("relay-a", &[]);
-    let b = relay("relay-b", &["--cluster-receive-bytes", "16384"]);
-    let mut sub = subscriber(b.tcp(), &[pattern(1, &[], true)]).await;
-    let publ = connect(a.tcp()).await;
-    let mut publ = sync_interest(publ, &mut [&mut sub], 1, &[3]).await;
     // Watches NATS until it has all of them (and so has queued them for the frozen relay).
     let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
     let mut seen = nc.subscribe(">").await.unwrap();
@@ -499,18 +520,15 @@ async fn a_relay_behind_the_cluster_drops_beyond_its_receive_bound_and_counts() 
 
     // Every envelope arrives or is reported in a `Gap`: read until they add up (a silent
     // loss would leave this waiting, and the test fails on its timeout).
-    let (mut got, mut gaps) = (Vec::new(), 0u64);
-    while got.len() as u64 + gaps < u64::from(N) {
-        match sub.recv().await {
-            Frame::Msg(m) => got.push(
-                msgs.iter()
-                    .position(|e| *e == m.envelope)
-                    .expect("one of the published envelopes"),
-            ),
-            Frame::Gap(g) => gaps += g.dropped,
-            other => panic!("expected Msg or Gap, got {other:?}"),
-        }
-    }
+    let mut got = Vec::new();
+    let gaps = delivered_or_reported(&mut sub, N, |m| {
+        got.push(
+            msgs.iter()
+                .position(|e| *e == m.envelope)
+                .expect("one of the published envelopes"),
+        )
+    })
+    .await;
     let dropped = metric(b.admin(), "whispeer_relay_cluster_receive_dropped_total").await;
     eprintln!(
         "{} of {N} delivered after the thaw, {dropped} dropped at the receive bound, {gaps} \
@@ -523,4 +541,30 @@ async fn a_relay_behind_the_cluster_drops_beyond_its_receive_bound_and_counts() 
         "nothing dropped: the receive bound did not hold"
     );
     assert_eq!(gaps, dropped, "every drop counted and reported, once");
+}
+
+/// An envelope from another relay that this relay's store refuses (here its quota: 64 KiB
+/// in all) reaches none of its subscribers: each is told in a `Gap`, and the refusal is
+/// counted, so nothing goes missing silently.
+#[tokio::test]
+async fn a_remote_envelope_the_store_refuses_is_reported_in_a_gap() {
+    const N: u32 = 40;
+    let Some((_nats, _a, b, mut sub, mut publ)) = pair(&["--total-max-bytes", "65536"]).await
+    else {
+        return;
+    };
+    // QoS 1, so relay B stores what reaches it (and its quota refuses the rest).
+    for i in 0..N {
+        let mut f = pub_frame(numbered_sized(1, &[3], i, 8 << 10));
+        if let Frame::Pub(p) = &mut f {
+            p.qos = whispeer_protocol::Qos::AtLeastOnce;
+        }
+        publ.send(&f).await;
+    }
+    let mut got = 0;
+    let gaps = delivered_or_reported(&mut sub, N, |_| got += 1).await;
+    let dropped = metric(b.admin(), "whispeer_relay_cluster_receive_dropped_total").await;
+    eprintln!("{got} of {N} delivered at the relay over its quota, {gaps} reported in Gaps");
+    assert!(gaps > 0, "the quota refused nothing");
+    assert_eq!(gaps, dropped, "every refusal counted and reported");
 }
