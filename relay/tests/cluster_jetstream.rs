@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use common::nats::{jetstream_relay_args, numbered_sized, NatsCluster};
+use common::nats::{jetstream_relay_args, numbered_sized, stream_consumers, NatsCluster};
 use common::*;
 use futures_util::StreamExt;
 use whispeer_protocol::frame::{msg_flags, pub_flags, Ack, Msg, Pub, Replay, Sub};
@@ -1647,20 +1647,15 @@ async fn a_relay_behind_the_stream_is_sent_two_bounded_requests_not_the_backlog(
     let mut acked = publish_acked(&mut publ, &envs, Qos::AtLeastOnce, false).await;
     let last = *acked.last().unwrap();
     // What the server has sent each relay's live read (the running relay: everything).
-    let nc = async_nats::connect(s.nats.nodes[0].url())
+    let mut sent: Vec<u64> = stream_consumers(&s.nats.nodes[0].url())
         .await
-        .expect("connect to NATS");
-    let js = async_nats::jetstream::new(nc);
-    let stream = js.get_stream("WSP").await.expect("the relays' stream");
-    let mut consumers = stream.consumers();
-    let mut sent = Vec::new();
-    while let Some(info) = consumers.next().await {
-        let info = info.expect("consumer info");
-        let d = info.config.description.as_deref().unwrap_or_default();
-        if d.starts_with("whispeer-relay live read") {
-            sent.push(info.delivered.stream_sequence);
-        }
-    }
+        .into_iter()
+        .filter(|c| {
+            let d = c.config.description.as_deref().unwrap_or_default();
+            d.starts_with("whispeer-relay live read")
+        })
+        .map(|c| c.delivered.stream_sequence)
+        .collect();
     sent.sort_unstable();
     assert_eq!(sent.len(), 2, "one live read per relay: {sent:?}");
     let bound = first + (2 * (2 << 20) / BODY) as u64 + 2;
@@ -1715,22 +1710,12 @@ async fn live_delivery_goes_on_when_the_server_of_a_live_read_dies() {
     read_until(&mut watch, acked[4]).await;
 
     // The server holding relay-1's live read.
-    let host = {
-        let nc = async_nats::connect(s.nats.nodes[0].url())
-            .await
-            .expect("NATS");
-        let js = async_nats::jetstream::new(nc);
-        let stream = js.get_stream("WSP").await.expect("the relays' stream");
-        let mut consumers = stream.consumers();
-        let mut host = None;
-        while let Some(info) = consumers.next().await {
-            let info = info.expect("consumer info");
-            if info.config.description.as_deref() == Some("whispeer-relay live read: relay-1") {
-                host = info.cluster.and_then(|c| c.leader);
-            }
-        }
-        host.expect("relay-1's live read and its server")
-    };
+    let host = stream_consumers(&s.nats.nodes[0].url())
+        .await
+        .into_iter()
+        .find(|c| c.config.description.as_deref() == Some("whispeer-relay live read: relay-1"))
+        .and_then(|c| c.cluster.and_then(|cl| cl.leader))
+        .expect("relay-1's live read and its server");
     let node = s
         .nats
         .nodes

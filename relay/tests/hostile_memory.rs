@@ -400,14 +400,8 @@ async fn jetstream_replaying_non_readers_hold_one_read_chunk_each() {
 /// brings lands in the relay's memory whether the subscriber reads or not — the ordered
 /// consumer kept one for 500 messages open at all times). `parked` reads are expected.
 async fn nothing_fetched_ahead(url: &str, parked: usize) {
-    use futures_util::StreamExt;
-    let nc = async_nats::connect(url).await.expect("connect to NATS");
-    let js = async_nats::jetstream::new(nc);
-    let stream = js.get_stream("WSP").await.expect("the relay's stream");
-    let mut consumers = stream.consumers();
     let mut history = 0;
-    while let Some(info) = consumers.next().await {
-        let info = info.expect("consumer info");
+    for info in common::nats::stream_consumers(url).await {
         // History reads filter on one key id; the relay's own reads of the whole stream
         // (live routing, usage) do not.
         if info.config.filter_subject.is_empty() {

@@ -252,6 +252,24 @@ struct Cursor {
     at: std::time::Instant,
 }
 
+/// Checks that a delivery of a read without acks (AckNone: never redelivered) is the one
+/// `due` (its consumer sequence) and moves `due` on: a message lost between the server and
+/// this relay shows as a jump, and fails the read instead of leaving a silent gap.
+fn in_order(delivered: u64, due: &mut u64) -> Result<(), String> {
+    if delivered != *due {
+        return Err(format!(
+            "delivery {delivered} arrived where {due} was due (a message was lost on the way)"
+        ));
+    }
+    *due += 1;
+    Ok(())
+}
+
+/// When the stream received a message, in ms since the epoch.
+fn published_ms(info: &jetstream::message::Info<'_>) -> u64 {
+    (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64
+}
+
 /// What one history fetch brought.
 enum Fetched {
     /// In stream order (none: nothing was pending).
@@ -789,19 +807,11 @@ impl JetStreamStore {
                 }
             };
             let info = m.info().map_err(|e| unavailable("history read", e))?;
-            if info.consumer_sequence != cur.next {
-                return Err(unavailable(
-                    "history read",
-                    format!(
-                        "delivery {} arrived where {} was due (a message was lost on the way)",
-                        info.consumer_sequence, cur.next
-                    ),
-                ));
-            }
-            cur.next += 1;
+            in_order(info.consumer_sequence, &mut cur.next)
+                .map_err(|e| unavailable("history read", e))?;
             let seq = info.stream_sequence;
             let pending = info.pending;
-            let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            let ts = published_ms(&info);
             out.push(FetchedMsg {
                 seq,
                 ts,
@@ -1181,7 +1191,7 @@ async fn scan_headers(
         let m = m.map_err(|e| unavailable(what, e))?;
         let info = m.info().map_err(|e| unavailable(what, e))?;
         let (seq, pending) = (info.stream_sequence, info.pending);
-        let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        let ts = published_ms(&info);
         if !each(&m, seq, ts) || pending == 0 {
             break;
         }
@@ -1401,6 +1411,7 @@ async fn live_requests(
                 .await
                 .map_err(|e| e.to_string())?;
             open.push_back(req);
+            // One request alone is enough: the one after it is a normal one again.
             refused_in_a_row = refused_in_a_row.min(1);
         }
         let first_end = open.iter().map(|r| r.ends).min().expect("open requests");
@@ -1447,13 +1458,7 @@ async fn live_requests(
             context: context.clone(),
         };
         let info = m.info().map_err(|e| e.to_string())?;
-        if info.consumer_sequence != due {
-            return Err(format!(
-                "delivery {} arrived where {due} was due (a message was lost on the way)",
-                info.consumer_sequence
-            ));
-        }
-        due += 1;
+        in_order(info.consumer_sequence, &mut due)?;
         let seq = info.stream_sequence;
         if seq < *next {
             continue;
@@ -1461,7 +1466,7 @@ async fn live_requests(
         *next = seq + 1;
         let h = m.headers.as_ref();
         let flags = header_u64(h, FLAGS_HEADER).unwrap_or(0);
-        let ts = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        let ts = published_ms(&info);
         let kept = {
             let Some(i) = inner.upgrade() else {
                 return Ok(());

@@ -16,6 +16,19 @@ use whispeer_protocol::{Envelope, TopicToken};
 
 use super::{key, temp_dir, tok, TIMEOUT};
 
+/// What JetStream says of every consumer of the relays' stream (`WSP`), asked at `url`.
+pub async fn stream_consumers(url: &str) -> Vec<async_nats::jetstream::consumer::Info> {
+    use futures_util::StreamExt;
+    let nc = async_nats::connect(url).await.expect("connect to NATS");
+    let js = async_nats::jetstream::new(nc);
+    let stream = js.get_stream("WSP").await.expect("the relays' stream");
+    stream
+        .consumers()
+        .map(|info| info.expect("consumer info"))
+        .collect()
+        .await
+}
+
 /// `nats-server` on PATH, or Debian's location.
 pub fn nats_server_bin() -> Option<PathBuf> {
     ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
