@@ -1696,12 +1696,30 @@ async fn a_relay_behind_the_stream_is_sent_two_bounded_requests_not_the_backlog(
     assert_eq!(seen, want, "every message, once, in order, after the thaw");
 }
 
+/// How long a frame may take while NATS recovers from a killed server: the relay retries at
+/// once, but creating its new consumer waits for the cluster's metadata leader, and with
+/// this suite's 24 tests each running three nats-servers on two cores an election has
+/// taken over 30 s (the frame timeout the other tests use).
+const RECOVERY: std::time::Duration = std::time::Duration::from_secs(180);
+
 /// The live read's consumer lives on one NATS server (R1, in memory). When that server
 /// dies, the relay hears an error or nothing at all, and reads on from where it was with a
 /// new consumer: its subscriber gets every later message, in order, none twice.
 #[tokio::test]
 async fn live_delivery_goes_on_when_the_server_of_a_live_read_dies() {
-    let Some(mut s) = Setup::start(2) else { return };
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
+        return;
+    };
+    // Waits below may outlast the relay's default idle timeout (see `RECOVERY`).
+    let idle = ["--idle-ms", "600000"];
+    let mut s = Setup {
+        relays: vec![
+            start_relay_with(&nats.urls(), "relay-0", &idle),
+            start_relay_with(&nats.urls(), "relay-1", &idle),
+        ],
+        nats,
+    };
     let (mut watch, _) = connect(s.relays[1].tcp()).await;
     subscribe(&mut watch, sub(1, pattern(22, &[], true), Qos::AtLeastOnce)).await;
     let (mut publ, _) = connect(s.relays[0].tcp()).await;
@@ -1733,7 +1751,7 @@ async fn live_delivery_goes_on_when_the_server_of_a_live_read_dies() {
         let f = pub_frame(numbered(22, &[1], i), Qos::ExactlyOnce, i, false);
         let seq = loop {
             publ.send(&f).await;
-            match publ.recv().await {
+            match publ.recv_within(RECOVERY).await {
                 Frame::PubAck(a) => break a.seq,
                 Frame::Err(e) if e.code == whispeer_protocol::ErrorCode::StoreFailed => {
                     retry.tick().await;
@@ -1743,8 +1761,14 @@ async fn live_delivery_goes_on_when_the_server_of_a_live_read_dies() {
         };
         acked.push(seq);
     }
-    let got = read_until(&mut watch, *acked.last().unwrap()).await;
-    let seen: Vec<(u64, u32)> = got.iter().map(|m| (m.seq, number(&m.envelope))).collect();
+    let last = *acked.last().unwrap();
+    let mut seen = Vec::new();
+    while seen.last().is_none_or(|(seq, _)| *seq < last) {
+        match watch.recv_within(RECOVERY).await {
+            Frame::Msg(m) => seen.push((m.seq, number(&m.envelope))),
+            other => panic!("expected Msg, got {other:?}"),
+        }
+    }
     let want: Vec<(u64, u32)> = acked[5..].iter().copied().zip(5..25).collect();
     assert_eq!(seen, want, "every later message, in order, once");
 }

@@ -307,7 +307,16 @@ impl Client {
 
     /// The next frame; panics on close.
     pub async fn recv(&mut self) -> Frame {
-        match self.read().await {
+        self.recv_within(TIMEOUT).await
+    }
+
+    /// The next frame within `limit` (for waits longer than [`TIMEOUT`] by design, such as
+    /// a NATS cluster electing new leaders); panics on close or after `limit`.
+    pub async fn recv_within(&mut self, limit: Duration) -> Frame {
+        let read = tokio::time::timeout(limit, self.read_inner())
+            .await
+            .expect("timed out waiting for the relay");
+        match read {
             Read::Frame(b) => Frame::decode(&b).expect("relay sent an undecodable frame"),
             other => panic!("expected a frame, got {other:?}"),
         }
