@@ -22,8 +22,18 @@ fn fmt_hex(bytes: &[u8], f: &mut fmt::Formatter<'_>) -> fmt::Result {
 macro_rules! id16 {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
         pub struct $name([u8; TOKEN_LEN]);
+
+        // The 16 bytes in one `write`, without the length prefix a derived `Hash` of an
+        // array adds: the relay hashes a key id and a token per level for every routed
+        // message (SipHash, keyed: the bytes come from strangers), and the prefix was one
+        // more block of it (callgrind, relay 1→1: relay/README.md "Allocator").
+        impl core::hash::Hash for $name {
+            fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+                state.write(&self.0);
+            }
+        }
 
         impl $name {
             /// Wraps 16 raw bytes.

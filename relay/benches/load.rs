@@ -297,7 +297,10 @@ impl RelayProc {
         std::fs::create_dir_all(&dir).unwrap();
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_whispeer-relay"))
+        // `LOAD_RELAY_BIN=path` runs another build of the relay (A/B comparisons).
+        let bin = std::env::var_os("LOAD_RELAY_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_whispeer-relay").into());
+        let mut child = Command::new(bin)
             .args([
                 "serve",
                 "--ws",

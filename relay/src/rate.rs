@@ -138,13 +138,34 @@ impl Buckets {
     }
 }
 
+/// One address's or account's buckets, shared by its connections. Each connection holds
+/// its own handle, so charging a request locks only these buckets: no table-wide lock and
+/// no keyed hash of the address or account name per message (both were on every `Pub`).
+#[derive(Debug, Clone)]
+pub(crate) struct SharedBuckets(Arc<Mutex<Buckets>>);
+
+impl SharedBuckets {
+    fn new(r: Rates, now: Instant) -> Self {
+        Self(Arc::new(Mutex::new(Buckets::new(r, now))))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Buckets> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Charges `n` requests of `kind`; the pause that repays the debt, if any.
+    pub(crate) fn take(&self, kind: Kind, n: f64, now: Instant) -> Option<Duration> {
+        self.lock().take(kind, n, now)
+    }
+}
+
 /// Rate buckets shared by every connection of one relay account (auth on), so an account's
 /// many connections share one budget. Accounts are listed by the operator, so the table is
 /// bounded by the account list.
 #[derive(Debug)]
 pub(crate) struct AccountRates {
     rates: Rates,
-    by_account: Mutex<HashMap<String, Buckets>>,
+    by_account: Mutex<HashMap<String, SharedBuckets>>,
 }
 
 impl AccountRates {
@@ -155,16 +176,13 @@ impl AccountRates {
         }
     }
 
-    /// Charges `n` requests of `kind` to `account`.
-    pub(crate) fn take(&self, account: &str, kind: Kind, n: f64, now: Instant) -> Option<Duration> {
+    /// The buckets of `account` (made on its first connection, kept while the relay
+    /// runs, so reconnecting never resets them), for a connection to charge directly.
+    pub(crate) fn buckets(&self, account: &str) -> SharedBuckets {
         let mut m = self.by_account.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = m.get_mut(account) {
-            return b.take(kind, n, now);
-        }
-        let mut b = Buckets::new(self.rates, now);
-        let wait = b.take(kind, n, now);
-        m.insert(account.to_owned(), b);
-        wait
+        m.entry(account.to_owned())
+            .or_insert_with(|| SharedBuckets::new(self.rates, Instant::now()))
+            .clone()
     }
 }
 
@@ -172,7 +190,7 @@ impl AccountRates {
 struct AddrEntry {
     /// Connections open or in their handshake from this address.
     conns: usize,
-    buckets: Buckets,
+    buckets: SharedBuckets,
     /// New connections (`addr_connect_rate`).
     connects: TokenBucket,
 }
@@ -180,7 +198,7 @@ struct AddrEntry {
 impl AddrEntry {
     /// Nothing to remember: no connection and every bucket full again.
     fn forgettable(&self, now: Instant) -> bool {
-        self.conns == 0 && self.buckets.is_full(now) && self.connects.is_full(now)
+        self.conns == 0 && self.buckets.lock().is_full(now) && self.connects.is_full(now)
     }
 }
 
@@ -292,7 +310,7 @@ impl AddrTable {
         let (rates, (rate, burst)) = (self.rates, self.connect);
         let e = s.by_addr.entry(ip).or_insert_with(|| AddrEntry {
             conns: 0,
-            buckets: Buckets::new(rates, now),
+            buckets: SharedBuckets::new(rates, now),
             connects: TokenBucket::new(rate, burst, now),
         });
         if e.conns >= self.per_addr {
@@ -304,19 +322,15 @@ impl AddrTable {
         }
         e.conns += 1;
         let wait = e.connects.take(1.0, now);
+        let buckets = e.buckets.clone();
         s.total += 1;
         self.count.send_replace(s.total);
         Ok(AddrSlot {
             table: self.clone(),
             ip,
+            buckets,
             wait,
         })
-    }
-
-    /// Charges `n` requests of `kind` to the address's bucket.
-    fn take(&self, ip: IpAddr, kind: Kind, n: f64, now: Instant) -> Option<Duration> {
-        let mut s = self.lock();
-        s.by_addr.get_mut(&ip)?.buckets.take(kind, n, now)
     }
 
     fn release(&self, ip: IpAddr) {
@@ -344,6 +358,8 @@ impl AddrTable {
 pub(crate) struct AddrSlot {
     table: Arc<AddrTable>,
     ip: IpAddr,
+    /// The address's buckets (the table's entry lives at least as long as this slot).
+    buckets: SharedBuckets,
     wait: Option<Duration>,
 }
 
@@ -355,7 +371,7 @@ impl AddrSlot {
 
     /// Charges `n` requests of `kind` to the address.
     pub(crate) fn take(&self, kind: Kind, n: f64, now: Instant) -> Option<Duration> {
-        self.table.take(self.ip, kind, n, now)
+        self.buckets.take(kind, n, now)
     }
 }
 
@@ -412,21 +428,25 @@ mod tests {
             store: (1000, 500),
         });
         // Stored bytes: a burst of 500, then 1,000 a second.
-        assert_eq!(a.take("alice", Kind::Store, 400.0, t0), None);
+        assert_eq!(a.buckets("alice").take(Kind::Store, 400.0, t0), None);
         assert_eq!(
-            a.take("alice", Kind::Store, 200.0, t0),
+            a.buckets("alice").take(Kind::Store, 200.0, t0),
             Some(Duration::from_millis(100))
         );
-        assert_eq!(a.take("alice", Kind::Publish, 2.0, t0), None);
+        assert_eq!(a.buckets("alice").take(Kind::Publish, 2.0, t0), None);
         // Another connection of alice's shares the empty bucket; bob has his own.
         assert_eq!(
-            a.take("alice", Kind::Publish, 1.0, t0),
+            a.buckets("alice").take(Kind::Publish, 1.0, t0),
             Some(Duration::from_millis(100))
         );
-        assert_eq!(a.take("bob", Kind::Publish, 2.0, t0), None);
-        assert_eq!(a.take("alice", Kind::Sub, 1e6, t0), None, "0 = unlimited");
-        assert_eq!(a.take("alice", Kind::Ack, 1.0, t0), None);
-        assert!(a.take("alice", Kind::Ack, 1.0, t0).is_some());
+        assert_eq!(a.buckets("bob").take(Kind::Publish, 2.0, t0), None);
+        assert_eq!(
+            a.buckets("alice").take(Kind::Sub, 1e6, t0),
+            None,
+            "0 = unlimited"
+        );
+        assert_eq!(a.buckets("alice").take(Kind::Ack, 1.0, t0), None);
+        assert!(a.buckets("alice").take(Kind::Ack, 1.0, t0).is_some());
     }
 
     #[test]

@@ -276,7 +276,7 @@ impl Router {
     }
 
     fn shard_of(&self, key_id: &KeyId) -> usize {
-        (self.pick.hash_one(key_id.as_bytes()) % SHARDS as u64) as usize
+        (self.pick.hash_one(key_id) % SHARDS as u64) as usize
     }
 
     /// The routing lock of shard `i`.

@@ -23,7 +23,7 @@ use crate::flow::ConnUnacked;
 use crate::ids::{ConnId, SubId, TransportKind};
 use crate::outbound::{Offer, Outbound};
 use crate::plugin::{ConnectInfo, DisconnectInfo, PublishInfo, SubscribeInfo};
-use crate::rate::{AddrSlot, Kind, TokenBucket};
+use crate::rate::{AddrSlot, Kind, SharedBuckets, TokenBucket};
 use crate::relay::Shared;
 use crate::router::{msg_frame, SubStart, Target, Tracking};
 use crate::store::{Accepted, DurableKey, Tenant};
@@ -131,6 +131,8 @@ pub(crate) struct Session {
     /// The authenticated relay account (by name: its rights are looked up at each use, so
     /// an edit of the account list applies at once).
     account: Option<String>,
+    /// The account's rate buckets, shared by its connections (see `rate::SharedBuckets`).
+    account_rates: Option<SharedBuckets>,
     /// A `Sub` or `Pub` held until the auth-state line it needs is on disk.
     deferred: Option<(u64, Frame)>,
     /// Where the store reports a durable name whose cluster-wide hold was lost, with the
@@ -196,6 +198,7 @@ impl Session {
             hello_seen: false,
             challenge: None,
             account: None,
+            account_rates: None,
             deferred: None,
             hold_lost: None,
             hold_lost_rx: None,
@@ -411,10 +414,16 @@ impl Session {
     fn charge_shared(&mut self, kind: Kind, n: f64, now: Instant) {
         let wait = self.slot.as_ref().and_then(|s| s.take(kind, n, now));
         self.charge(wait, now);
-        if let Some(a) = &self.account {
-            let wait = self.shared.account_rates.take(a, kind, n, now);
+        if let Some(a) = &self.account_rates {
+            let wait = a.take(kind, n, now);
             self.charge(wait, now);
         }
+    }
+
+    /// The connection is `name`'s: its rights and its rate buckets.
+    fn set_account(&mut self, name: &str) {
+        self.account = Some(name.to_owned());
+        self.account_rates = Some(self.shared.account_rates.buckets(name));
     }
 
     fn on_hello(&mut self, h: Hello) -> Flow {
@@ -464,7 +473,7 @@ impl Session {
                 );
             };
             match self.shared.accounts.by_token(token) {
-                Some(a) => self.account = Some(a.name.clone()),
+                Some(a) => self.set_account(&a.name),
                 None => {
                     self.shared.metrics.connection_rejected();
                     return self.fatal(
@@ -485,7 +494,7 @@ impl Session {
         };
         match self.shared.accounts.verify(&p.account, &p.nonce, &a.sig) {
             Some(acct) => {
-                self.account = Some(acct.name.clone());
+                self.set_account(&acct.name);
                 self.welcome(p.version, p.client.as_deref(), true, p.features)
             }
             None => {
