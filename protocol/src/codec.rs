@@ -57,6 +57,13 @@ impl FrameDecoder {
         self.buf.len()
     }
 
+    /// Whether a whole frame is buffered ([`next_frame`](Self::next_frame) returns without
+    /// more input; an invalid length counts as nothing buffered).
+    pub fn has_frame(&self) -> bool {
+        self.pending_len()
+            .is_some_and(|n| self.buf.len() - LEN_PREFIX >= n)
+    }
+
     /// The declared length of the frame being received, once its 4-byte prefix is
     /// buffered (whatever the limit: [`next_frame`](Self::next_frame) judges it).
     pub fn pending_len(&self) -> Option<usize> {
@@ -175,9 +182,11 @@ mod tests {
         let mut got = Vec::new();
         for b in &stream {
             d.push(std::slice::from_ref(b));
-            while let Some(f) = d.next_decoded().unwrap() {
-                got.push(f);
+            // `has_frame` says exactly when the next call returns a frame.
+            while d.has_frame() {
+                got.push(d.next_decoded().unwrap().expect("a whole frame"));
             }
+            assert_eq!(d.next_decoded().unwrap(), None);
         }
         assert_eq!(got.len(), 5);
         // All at once.

@@ -141,7 +141,14 @@ async fn read_loop<Src: FrameSource>(
         // a turn made that round 10–24 ms on two cores (the hostile bench's honest client
         // waited that long for its frames to be read; 16 KiB a turn cut it by half).
         this_turn += 1;
-        if this_turn > FRAMES_PER_TURN || turn_bytes >= BYTES_PER_TURN {
+        let turn_over = this_turn > FRAMES_PER_TURN || turn_bytes >= BYTES_PER_TURN;
+        // Subscribers' writers are woken once per turn, or as soon as the next frame is
+        // not already buffered (the reader may wait for the socket): they then take the
+        // turn's frames in one write (see `router::Wakes`).
+        if turn_over || !source.ready() {
+            session.flush_wakes();
+        }
+        if turn_over {
             this_turn = 0;
             turn_bytes = 0;
             tokio::task::yield_now().await;
@@ -199,6 +206,7 @@ async fn read_loop<Src: FrameSource>(
             hold_lost = session.take_hold_lost();
         }
         while let Some(line) = session.deferred_line() {
+            session.flush_wakes();
             // A claim this request made (or needs) is being synced by the auth-state
             // writer thread: stop reading until it is on disk, then answer the request.
             if let Some(mut durable) = shared.accounts.durable() {
@@ -214,6 +222,7 @@ async fn read_loop<Src: FrameSource>(
         // Over a rate limit: stop reading until the bucket refills (backpressure through
         // the socket), with the idle timer suspended meanwhile.
         if let Some(until) = session.take_pause() {
+            session.flush_wakes();
             shared.metrics.throttled();
             let refilled = sleep_until(Instant::from_std(until));
             if !unless_closed(session, closing.as_mut(), shutdown.as_mut(), refilled).await {

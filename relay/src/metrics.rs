@@ -74,6 +74,7 @@ pub struct Metrics {
     bytes_out: AtomicU64,
     frames_in: AtomicU64,
     frames_out: AtomicU64,
+    writes_out: AtomicU64,
     dropped: AtomicU64,
     slow_consumer_disconnects: AtomicU64,
     rejected_by_plugin: AtomicU64,
@@ -128,6 +129,7 @@ impl Default for Metrics {
             bytes_out: AtomicU64::new(0),
             frames_in: AtomicU64::new(0),
             frames_out: AtomicU64::new(0),
+            writes_out: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             slow_consumer_disconnects: AtomicU64::new(0),
             rejected_by_plugin: AtomicU64::new(0),
@@ -160,6 +162,8 @@ pub struct Snapshot {
     pub bytes_in: u64,
     /// Frame bytes written.
     pub bytes_out: u64,
+    /// Coalesced writes to clients (each one batch of frames).
+    pub writes_out: u64,
     /// Messages dropped by the slow-consumer policy.
     pub dropped: u64,
     /// Connections closed by the slow-consumer policy.
@@ -201,7 +205,9 @@ impl Metrics {
         self.frames_in.fetch_add(1, Relaxed);
         self.bytes_in.fetch_add(bytes as u64, Relaxed);
     }
+    /// One coalesced write of `frames` frames.
     pub(crate) fn frames_out(&self, frames: usize, bytes: usize) {
+        self.writes_out.fetch_add(1, Relaxed);
         self.frames_out.fetch_add(frames as u64, Relaxed);
         self.bytes_out.fetch_add(bytes as u64, Relaxed);
     }
@@ -431,6 +437,7 @@ impl Metrics {
             messages_out: self.messages_out.load(Relaxed),
             bytes_in: self.bytes_in.load(Relaxed),
             bytes_out: self.bytes_out.load(Relaxed),
+            writes_out: self.writes_out.load(Relaxed),
             dropped: self.dropped.load(Relaxed),
             slow_consumer_disconnects: self.slow_consumer_disconnects.load(Relaxed),
             errors: self.errors.iter().map(|e| e.load(Relaxed)).sum(),
@@ -474,7 +481,7 @@ impl Metrics {
                 "whispeer_relay_connections_total{{transport=\"{k}\"}} {v}"
             );
         }
-        let counters: [(&str, &str, u64); 15] = [
+        let counters: [(&str, &str, u64); 16] = [
             (
                 "whispeer_relay_connections_rejected_total",
                 "Connections refused (connection limit, plugins).",
@@ -514,6 +521,11 @@ impl Metrics {
                 "whispeer_relay_frames_out_total",
                 "Frames written to clients.",
                 load(&self.frames_out),
+            ),
+            (
+                "whispeer_relay_writes_total",
+                "Coalesced writes to clients, each a batch of frames (frames_out_total / writes_total is the batching).",
+                load(&self.writes_out),
             ),
             (
                 "whispeer_relay_dropped_messages_total",

@@ -55,6 +55,13 @@ use crate::store::{Accepted, Append, Sequenced, Store, StoreError, Tenant};
 /// heap allocations per routed message (targets, wake-ups).
 type Targets<'a> = SmallVec<[&'a Arc<Target>; 8]>;
 
+/// Outbound queues that routing made non-empty, for the caller to wake once it is done
+/// routing what it has at hand: a publisher's reader wakes each subscriber's writer once
+/// per turn of frames rather than once per message. Woken per message, the writer (on the
+/// other core) took one or two frames per write, and the subscriber read them one or two
+/// at a time (relay/README.md "Writers woken once per turn").
+pub(crate) type Wakes = Vec<Arc<Outbound>>;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -481,7 +488,9 @@ impl Router {
     /// Accepts a publish: assigns its sequence, encodes one `Msg` frame and offers the same
     /// bytes to every matching connection (once per connection, however many of its
     /// subscriptions match). A duplicate publish id (QoS 2) is neither stored nor routed.
-    /// In a cluster the envelope is also offered to the NATS bridge.
+    /// In a cluster the envelope is also offered to the NATS bridge. The writers it queued
+    /// frames for are added to `wakes` for the caller to wake.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn publish(
         &self,
         envelope: &Envelope,
@@ -490,6 +499,7 @@ impl Router {
         qos: Qos,
         publish_id: Option<[u8; 16]>,
         tenant: &Tenant,
+        wakes: &mut Wakes,
     ) -> Result<Accepted, StoreError> {
         self.route(
             envelope,
@@ -499,6 +509,7 @@ impl Router {
             publish_id,
             tenant,
             Numbering::Local,
+            Some(wakes),
         )
     }
 
@@ -522,6 +533,7 @@ impl Router {
                 None,
                 &Tenant::Local,
                 Numbering::Unnumbered,
+                None,
             );
         }
         let qos = if self.store.features() & whispeer_protocol::frame::features::AT_LEAST_ONCE == 0
@@ -538,6 +550,7 @@ impl Router {
             None,
             &Tenant::Local,
             Numbering::Remote,
+            None,
         )
     }
 
@@ -568,6 +581,7 @@ impl Router {
             None,
             &Tenant::Local,
             Numbering::Sequenced(m.seq, m.kept),
+            None,
         )
     }
 
@@ -581,6 +595,7 @@ impl Router {
         publish_id: Option<[u8; 16]>,
         tenant: &Tenant,
         numbering: Numbering,
+        wakes: Option<&mut Wakes>,
     ) -> Result<Accepted, StoreError> {
         let start = Instant::now();
         let core = self.lock(self.shard_of(path.key_id()));
@@ -691,8 +706,9 @@ impl Router {
         if dropped > 0 {
             self.metrics.dropped(dropped);
         }
-        for t in wake {
-            t.out.wake();
+        match wakes {
+            Some(w) => w.extend(wake.into_iter().map(|t| t.out.clone())),
+            None => wake.into_iter().for_each(|t| t.out.wake()),
         }
         drop(targets);
         drop(core);

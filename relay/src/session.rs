@@ -25,7 +25,7 @@ use crate::outbound::{Offer, Outbound};
 use crate::plugin::{ConnectInfo, DisconnectInfo, PublishInfo, SubscribeInfo};
 use crate::rate::{AddrSlot, Kind, SharedBuckets, TokenBucket};
 use crate::relay::Shared;
-use crate::router::{msg_frame, SubStart, Target, Tracking};
+use crate::router::{msg_frame, SubStart, Target, Tracking, Wakes};
 use crate::store::{Accepted, DurableKey, Tenant};
 use crate::transport::Inbound;
 
@@ -133,6 +133,8 @@ pub(crate) struct Session {
     account: Option<String>,
     /// The account's rate buckets, shared by its connections (see `rate::SharedBuckets`).
     account_rates: Option<SharedBuckets>,
+    /// Writers to wake once this turn of frames is handled ([`Wakes`]).
+    wakes: Wakes,
     /// A `Sub` or `Pub` held until the auth-state line it needs is on disk.
     deferred: Option<(u64, Frame)>,
     /// Where the store reports a durable name whose cluster-wide hold was lost, with the
@@ -199,6 +201,7 @@ impl Session {
             challenge: None,
             account: None,
             account_rates: None,
+            wakes: Wakes::new(),
             deferred: None,
             hold_lost: None,
             hold_lost_rx: None,
@@ -990,6 +993,7 @@ impl Session {
             p.qos,
             p.publish_id,
             &self.tenant,
+            &mut self.wakes,
         );
         // What the publish stored counts in the stored-bytes rates (address, account) — when
         // one is set: off (the default) it costs no second look-up of the address's buckets.
@@ -1166,8 +1170,18 @@ impl Session {
         }
     }
 
+    /// Wakes the writers this connection's publishes queued frames for since the last call.
+    /// The reader calls it before it could wait (no whole frame buffered, a turn's end, a
+    /// pause); [`finish`](Self::finish) calls it too, so no queued frame waits unwoken.
+    pub(crate) fn flush_wakes(&mut self) {
+        for out in self.wakes.drain(..) {
+            out.wake();
+        }
+    }
+
     /// Removes the subscriptions and reports the disconnect to plugins. Idempotent.
     pub(crate) fn finish(&mut self) {
+        self.flush_wakes();
         if self.finished {
             return;
         }
@@ -1496,6 +1510,104 @@ mod tests {
             (ErrorCode::Busy, Some(2), false)
         );
         assert_eq!(s.subscription_count(), 0);
+    }
+
+    /// A publisher's session queues its messages for a subscriber without waking the
+    /// subscriber's writer; `flush_wakes` (called by the reader at a turn's end or before it
+    /// may wait) wakes it once for all of them — and `finish` flushes too, so no queued
+    /// message waits unwoken when the publisher goes away.
+    #[test]
+    fn publishes_wake_a_subscribers_writer_once_when_flushed() {
+        use futures_util::FutureExt;
+        let mut config = Config::ephemeral();
+        config.limits.publish_rate = 0;
+        config.limits.addr_publish_rate = 0;
+        let now = Instant::now();
+        let (mut sub, shared, sub_out) = session(config, 64, now);
+        let hello = Frame::Hello(Hello {
+            versions: vec![PROTOCOL_VERSION],
+            features: 0,
+            client: None,
+            auth: None,
+            account: None,
+        });
+        let pattern = TokenPattern::new(
+            KeyId::from_bytes([1; 16]),
+            vec![PatternElem::Token(TopicToken::from_bytes([1; 16]))],
+        )
+        .unwrap();
+        for f in [
+            hello.clone(),
+            Frame::Sub(Sub {
+                sub_id: 1,
+                pattern,
+                qos: Qos::AtMostOnce,
+                durable: None,
+                replay: None,
+                retained: false,
+                credit: None,
+                owner: None,
+            }),
+        ] {
+            assert_eq!(
+                sub.on_inbound(Inbound::Frame(f.to_bytes()), now),
+                Flow::Continue
+            );
+        }
+        let mut frames = Vec::new();
+        sub_out.take(&mut frames); // Welcome, SubOk
+        while sub_out.wait().now_or_never().is_some() {} // their wake-ups
+        let pub_out = Arc::new(Outbound::new(
+            64,
+            usize::MAX,
+            shared.config.queue.slow_consumer,
+            shared.budget.clone(),
+        ));
+        let mut publ = Session::new(
+            shared.clone(),
+            ConnId(2),
+            TransportKind::InProcess,
+            None,
+            pub_out,
+            now,
+            None,
+        );
+        assert_eq!(
+            publ.on_inbound(Inbound::Frame(hello.to_bytes()), now),
+            Flow::Continue
+        );
+        let publish = |publ: &mut Session| {
+            let p = Frame::Pub(Pub {
+                envelope: envelope(1, &[1]),
+                flags: 0,
+                publish_id: None,
+                qos: Qos::AtMostOnce,
+            });
+            assert_eq!(
+                publ.on_inbound(Inbound::Frame(p.to_bytes()), now),
+                Flow::Continue
+            );
+        };
+        for _ in 0..10 {
+            publish(&mut publ);
+        }
+        assert_eq!(sub_out.queued(), 10);
+        assert!(
+            sub_out.wait().now_or_never().is_none(),
+            "woken before the flush"
+        );
+        publ.flush_wakes();
+        assert!(
+            sub_out.wait().now_or_never().is_some(),
+            "the flush wakes the writer"
+        );
+        assert!(sub_out.wait().now_or_never().is_none(), "once");
+        // Queued and not flushed when the publisher's connection ends: finish wakes.
+        sub_out.take(&mut frames);
+        publish(&mut publ);
+        assert!(sub_out.wait().now_or_never().is_none());
+        publ.finish();
+        assert!(sub_out.wait().now_or_never().is_some(), "finish flushes");
     }
 
     /// Refused publishes in a row pause the reader longer each time; an accepted one resets.

@@ -106,6 +106,12 @@ pub trait FrameSource: Send + 'static {
     /// Whether the last `recv` was waiting for relay-side budget rather than for the peer
     /// ([`frame_budget`]): the idle timer does not count that time against the client.
     fn stalled(&self) -> bool;
+    /// Whether the next `recv` returns a frame already buffered, without waiting. The reader
+    /// delays waking subscribers' writers while this holds (within a turn); `false`, the
+    /// default, wakes them after every frame.
+    fn ready(&self) -> bool {
+        false
+    }
 }
 
 /// Where outbound frames are written. Frames are handed over *with* their 4-byte length

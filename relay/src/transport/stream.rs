@@ -126,6 +126,10 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
     fn stalled(&self) -> bool {
         self.waiting
     }
+
+    fn ready(&self) -> bool {
+        !self.closed && !self.broken && self.decoder.has_frame()
+    }
 }
 
 /// Writes length-prefixed frames, coalescing a batch into few large writes.
