@@ -832,6 +832,22 @@ fn check_hello(h: &Hello) -> Result<(), DecodeError> {
     Ok(())
 }
 
+impl Sub {
+    /// A live QoS 0 subscription: no history, retained values, durable name or credit.
+    pub fn live(sub_id: u64, pattern: TokenPattern) -> Self {
+        Sub {
+            sub_id,
+            pattern,
+            qos: Qos::AtMostOnce,
+            durable: None,
+            replay: None,
+            retained: false,
+            credit: None,
+            owner: None,
+        }
+    }
+}
+
 fn check_sub(s: &Sub) -> Result<(), DecodeError> {
     match &s.owner {
         Some(o) if !OWNER_LEN.contains(&o.len()) => Err(DecodeError::InvalidField {

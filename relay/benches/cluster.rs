@@ -183,16 +183,7 @@ async fn run(pub_addr: SocketAddr, sub_addr: SocketAddr, rate: f64, n: u64) -> (
         vec![PatternElem::Token(TopicToken::from_bytes([1; 16]))],
     )
     .unwrap();
-    let s = Frame::Sub(Sub {
-        sub_id: 1,
-        pattern,
-        qos: Qos::AtMostOnce,
-        durable: None,
-        replay: None,
-        retained: false,
-        credit: None,
-        owner: None,
-    });
+    let s = Frame::Sub(Sub::live(1, pattern));
     sub.write_all(&codec::encode_prefixed(&s)).await.unwrap();
     next(&mut sub, &mut sdec).await; // SubOk
     let (mut publ, _pdec) = connect(pub_addr).await;

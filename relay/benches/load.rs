@@ -564,16 +564,7 @@ async fn wsp_subscribe(s: &mut TcpStream, dec: &mut FrameDecoder, levels: &[u8])
             .collect(),
     )
     .unwrap();
-    let sub = Frame::Sub(Sub {
-        sub_id: 1,
-        pattern,
-        qos: Qos::AtMostOnce,
-        durable: None,
-        replay: None,
-        retained: false,
-        credit: None,
-        owner: None,
-    });
+    let sub = Frame::Sub(Sub::live(1, pattern));
     s.write_all(&codec::encode_prefixed(&sub)).await.unwrap();
     wsp_next(s, dec).await; // SubOk
 }
@@ -724,16 +715,7 @@ async fn ws_idle_subscriber(
             .collect(),
     )
     .unwrap();
-    let sub = Frame::Sub(Sub {
-        sub_id: 1,
-        pattern,
-        qos: Qos::AtMostOnce,
-        durable: None,
-        replay: None,
-        retained: false,
-        credit: None,
-        owner: None,
-    });
+    let sub = Frame::Sub(Sub::live(1, pattern));
     for f in [hello, sub] {
         ws.send(Message::Binary(f.to_bytes())).await.unwrap();
     }

@@ -1397,6 +1397,26 @@ mod tests {
         ]
     }
 
+    /// `Hello` with this relay's version.
+    fn hello() -> Frame {
+        Frame::Hello(Hello {
+            versions: vec![PROTOCOL_VERSION],
+            features: 0,
+            client: None,
+            auth: None,
+            account: None,
+        })
+    }
+
+    /// The filter of key id `[k; 16]`, one level `[1; 16]`.
+    fn one_level(k: u8) -> TokenPattern {
+        TokenPattern::new(
+            KeyId::from_bytes([k; 16]),
+            vec![PatternElem::Token(TopicToken::from_bytes([1; 16]))],
+        )
+        .unwrap()
+    }
+
     /// A session of a relay built from `config` (not listening), with an outbound queue
     /// of `capacity` frames.
     fn session(
@@ -1438,21 +1458,8 @@ mod tests {
                 Flow::Continue
             );
         };
-        send(
-            &mut s,
-            Frame::Hello(Hello {
-                versions: vec![PROTOCOL_VERSION],
-                features: 0,
-                client: None,
-                auth: None,
-                account: None,
-            }),
-        );
-        let pattern = TokenPattern::new(
-            KeyId::from_bytes([4; 16]),
-            vec![PatternElem::Token(TopicToken::from_bytes([1; 16]))],
-        )
-        .unwrap();
+        send(&mut s, hello());
+        let pattern = one_level(4);
         let durable = |sub_id| {
             Frame::Sub(Sub {
                 sub_id,
@@ -1524,31 +1531,9 @@ mod tests {
         config.limits.addr_publish_rate = 0;
         let now = Instant::now();
         let (mut sub, shared, sub_out) = session(config, 64, now);
-        let hello = Frame::Hello(Hello {
-            versions: vec![PROTOCOL_VERSION],
-            features: 0,
-            client: None,
-            auth: None,
-            account: None,
-        });
-        let pattern = TokenPattern::new(
-            KeyId::from_bytes([1; 16]),
-            vec![PatternElem::Token(TopicToken::from_bytes([1; 16]))],
-        )
-        .unwrap();
-        for f in [
-            hello.clone(),
-            Frame::Sub(Sub {
-                sub_id: 1,
-                pattern,
-                qos: Qos::AtMostOnce,
-                durable: None,
-                replay: None,
-                retained: false,
-                credit: None,
-                owner: None,
-            }),
-        ] {
+        let hello = hello();
+        let pattern = one_level(1);
+        for f in [hello.clone(), Frame::Sub(Sub::live(1, pattern))] {
             assert_eq!(
                 sub.on_inbound(Inbound::Frame(f.to_bytes()), now),
                 Flow::Continue
@@ -1619,13 +1604,7 @@ mod tests {
         config.limits.addr_publish_rate = 0;
         let now = Instant::now();
         let (mut s, shared, _out) = session(config, 64, now);
-        let hello = Frame::Hello(Hello {
-            versions: vec![PROTOCOL_VERSION],
-            features: 0,
-            client: None,
-            auth: None,
-            account: None,
-        });
+        let hello = hello();
         assert_eq!(
             s.on_inbound(Inbound::Frame(hello.to_bytes()), now),
             Flow::Continue

@@ -724,16 +724,10 @@ async fn attacker(
 }
 
 fn sub_all(key: KeyId, id: u64) -> Frame {
-    Frame::Sub(Sub {
-        sub_id: id,
-        pattern: TokenPattern::new(key, vec![PatternElem::Rest]).expect("valid pattern"),
-        qos: Qos::AtMostOnce,
-        durable: None,
-        replay: None,
-        retained: false,
-        credit: None,
-        owner: None,
-    })
+    Frame::Sub(Sub::live(
+        id,
+        TokenPattern::new(key, vec![PatternElem::Rest]).expect("valid pattern"),
+    ))
 }
 
 struct SinkRss {

@@ -99,16 +99,7 @@ pub fn hello_frame() -> Frame {
 }
 
 pub fn sub_frame(sub_id: u64, pattern: TokenPattern) -> Frame {
-    Frame::Sub(Sub {
-        sub_id,
-        pattern,
-        qos: Qos::AtMostOnce,
-        durable: None,
-        replay: None,
-        retained: false,
-        credit: None,
-        owner: None,
-    })
+    Frame::Sub(Sub::live(sub_id, pattern))
 }
 
 pub fn pub_frame(env: Envelope) -> Frame {
