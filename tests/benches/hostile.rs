@@ -22,7 +22,7 @@
 //! (each kind is a quarter of the 100), and `--only-attack` skips scenarios 2 and 3.
 //! `--rounds N` alternates N alone/beside pairs (each on a fresh relay; default 1 with
 //! `--quick`, else 3) and judges the medians: one run's p99 on a shared machine moves
-//! several-fold between identical runs. `HOSTILE_RELAY_ARGS` adds relay flags.
+//! several-fold between identical runs. `HOSTILE_RELAY_ARGS` adds relay flags; `HOSTILE_RELAY_BIN` runs another relay build.
 //! `HOSTILE_TCP=1` connects the honest client over TCP instead of WebSocket.
 //!
 //! To place a tail in time: `--timeline` prints, every 250 ms of each attack, the relay's
@@ -338,8 +338,12 @@ fn timeline(relay: &RelayProc, stats: &AttackStats, done: impl Fn() -> bool) {
 
 // ---------- processes ----------
 
-/// A release binary built next to this benchmark (`target/release/NAME`).
+/// A release binary built next to this benchmark (`target/release/NAME`);
+/// `HOSTILE_RELAY_BIN=path` runs another build of the relay (A/B comparisons).
 fn bin(name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os("HOSTILE_RELAY_BIN").filter(|_| name == "whispeer-relay") {
+        return p.into();
+    }
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
