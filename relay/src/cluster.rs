@@ -39,14 +39,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use whispeer_protocol::{Envelope, PatternElem, Qos, TokenPath, TokenPattern};
+use whispeer_protocol::{Envelope, KeyId, PatternElem, Qos, TokenPath, TokenPattern, TopicToken};
 
 use crate::config::ClusterConfig;
 use crate::held_bytes::{ByteLimit, Held};
@@ -55,6 +55,14 @@ use crate::relay::Shared;
 
 /// Version byte of the bridge header.
 const VERSION: u8 = 1;
+/// First byte of a loss notice: `LOST`, origin (8), counter (8), count (8), then the path
+/// (key id and tokens, 16 bytes each) of local publishes the forward queue dropped.
+const LOST: u8 = 2;
+/// Loss-notice header before the path.
+const LOST_HEADER_LEN: usize = 25;
+/// Distinct paths whose forward drops are remembered until told; beyond, a drop is only
+/// counted (`whispeer_relay_cluster_forward_dropped_total`).
+const MAX_LOST_PATHS: usize = 4096;
 /// Bridge header: version, origin (8), counter (8), publish flags (8), QoS (1).
 const HEADER_LEN: usize = 26;
 /// Counters remembered per origin for duplicate detection.
@@ -103,10 +111,36 @@ pub(crate) struct Forward {
     held: Option<Held>,
 }
 
+/// Local publishes the forward queue dropped, by path, until the publisher tells the
+/// other relays (loss notices: their subscribers get the count in a `Gap`).
+#[derive(Debug, Default)]
+struct LostPaths {
+    paths: Mutex<HashMap<TokenPath, u64>>,
+    /// Woken at a first drop, so a publisher idle on an empty queue tells it too.
+    added: tokio::sync::Notify,
+}
+
+impl LostPaths {
+    fn add(&self, path: TokenPath) {
+        let mut m = self.paths.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&path) {
+            *n += 1;
+        } else if m.len() < MAX_LOST_PATHS {
+            m.insert(path, 1);
+            self.added.notify_one();
+        }
+    }
+
+    fn take(&self) -> HashMap<TokenPath, u64> {
+        std::mem::take(&mut *self.paths.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 /// The router's side of the bridge: two queues, both fed without blocking.
 #[derive(Debug)]
 pub(crate) struct Link {
     forward: mpsc::Sender<Forward>,
+    lost: Arc<LostPaths>,
     /// Envelope bytes in the forward queue (`cluster.queue_bytes`).
     queued: Arc<ByteLimit>,
     interest: mpsc::UnboundedSender<Interest>,
@@ -116,8 +150,12 @@ pub(crate) struct Link {
 impl Link {
     /// Offers a local publish to NATS; a full queue is counted, never waited on.
     pub(crate) fn forward(&self, envelope: &Envelope, flags: u64, qos: Qos) {
-        let Some(held) = self.queued.take(envelope.as_bytes().len() as u64) else {
+        let dropped = || {
             self.metrics.cluster.forward_dropped.fetch_add(1, Relaxed);
+            self.lost.add(envelope.token_path());
+        };
+        let Some(held) = self.queued.take(envelope.as_bytes().len() as u64) else {
+            dropped();
             return;
         };
         let f = Forward {
@@ -127,7 +165,7 @@ impl Link {
             held: Some(held),
         };
         if self.forward.try_send(f).is_err() {
-            self.metrics.cluster.forward_dropped.fetch_add(1, Relaxed);
+            dropped();
         }
     }
 
@@ -142,6 +180,7 @@ impl Link {
 #[derive(Debug)]
 pub(crate) struct Receivers {
     forward: mpsc::Receiver<Forward>,
+    lost: Arc<LostPaths>,
     interest: mpsc::UnboundedReceiver<Interest>,
 }
 
@@ -149,15 +188,18 @@ pub(crate) struct Receivers {
 pub(crate) fn link(config: &ClusterConfig, metrics: Arc<Metrics>) -> (Link, Receivers) {
     let (ftx, frx) = mpsc::channel(config.queue);
     let (itx, irx) = mpsc::unbounded_channel();
+    let lost = Arc::new(LostPaths::default());
     (
         Link {
             forward: ftx,
+            lost: lost.clone(),
             queued: ByteLimit::new(config.queue_bytes),
             interest: itx,
             metrics,
         },
         Receivers {
             forward: frx,
+            lost,
             interest: irx,
         },
     )
@@ -360,6 +402,7 @@ pub(crate) async fn run(
     let publisher = publish_loop(
         client.clone(),
         rx.forward,
+        rx.lost,
         prefix.clone(),
         origin,
         shared.metrics.clone(),
@@ -395,6 +438,7 @@ fn random_origin() -> u64 {
 async fn publish_loop(
     client: async_nats::Client,
     mut rx: mpsc::Receiver<Forward>,
+    lost: Arc<LostPaths>,
     prefix: String,
     origin: u64,
     metrics: Arc<Metrics>,
@@ -409,9 +453,15 @@ async fn publish_loop(
         let f = tokio::select! {
             biased;
             f = rx.recv() => f,
+            // Drops while the queue is empty (its bytes still held by a flush): told now.
+            _ = lost.added.notified() => {
+                counter = tell_lost(&client, &lost, &prefix, origin, counter).await;
+                continue;
+            }
             _ = &mut drain => None,
         };
         let Some(mut f) = f else {
+            tell_lost(&client, &lost, &prefix, origin, counter).await;
             // Whatever the NATS client still buffers goes out before the process exits —
             // and reaches the server: a flush only hands it to the socket, whose unsent
             // bytes a reset at exit would discard. A request nobody answers comes back
@@ -441,6 +491,7 @@ async fn publish_loop(
             }
             Err(e) => {
                 metrics.cluster.forward_dropped.fetch_add(1, Relaxed);
+                lost.add(f.envelope.token_path());
                 tracing::debug!(error = %e, "cluster: publish to NATS failed");
             }
         }
@@ -457,8 +508,33 @@ async fn publish_loop(
             }
             unflushed.clear();
             unflushed_bytes = 0;
+            // Caught up (or a burst's worth written): what the queue dropped meanwhile is
+            // told after the envelopes that were queued before it.
+            counter = tell_lost(&client, &lost, &prefix, origin, counter).await;
         }
     }
+}
+
+/// Publishes a loss notice per path with forward drops since the last call, on the path's
+/// subject, so the relays with subscribers to it report the count in their `Gap`s: a QoS 0
+/// message this relay could not forward is visible to whom it was lost, as when it is
+/// dropped on the receiving side. Returns the counter after the notices (they share the
+/// envelopes' counter, so the receivers' duplicate window covers them).
+async fn tell_lost(
+    client: &async_nats::Client,
+    lost: &LostPaths,
+    prefix: &str,
+    origin: u64,
+    mut counter: u64,
+) -> u64 {
+    for (path, count) in lost.take() {
+        counter += 1;
+        let payload = encode_lost(origin, counter, count, &path);
+        if let Err(e) = client.publish(path_subject(prefix, &path), payload).await {
+            tracing::debug!(error = %e, "cluster: a loss notice could not be published");
+        }
+    }
+    counter
 }
 
 async fn interest_loop(
@@ -493,7 +569,8 @@ async fn interest_loop(
                                 // was for, in a `Gap`.
                                 let lost = |payload: &Bytes| {
                                     if let Some(d) = decode(payload.clone()) {
-                                        shared.router.lost_remote(&d.envelope.token_path());
+                                        let (path, n) = d.missed();
+                                        shared.router.lost_remote(&path, n);
                                     }
                                 };
                                 while let Some(msg) = sub.next().await {
@@ -580,11 +657,21 @@ async fn receive_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Received>, ori
             tracing::debug!(counter = d.counter, "cluster duplicate dropped");
             continue;
         }
-        let path = d.envelope.token_path();
-        match shared
-            .router
-            .publish_remote(&d.envelope, &path, d.flags, d.qos)
-        {
+        let (flags, qos, envelope) = match d.what {
+            Carried::Envelope {
+                flags,
+                qos,
+                envelope,
+            } => (flags, qos, envelope),
+            Carried::Lost { count, path } => {
+                // Another relay's forward queue dropped `count` publishes to this path.
+                c.lost_notices.fetch_add(1, Relaxed);
+                shared.router.lost_remote(&path, count);
+                continue;
+            }
+        };
+        let path = envelope.token_path();
+        match shared.router.publish_remote(&envelope, &path, flags, qos) {
             Ok(_) => {
                 c.received.fetch_add(1, Relaxed);
             }
@@ -592,7 +679,7 @@ async fn receive_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Received>, ori
                 // Refused by this relay's store (a quota, a full disk): its subscribers
                 // here miss it — told in a `Gap`, as at the receive bound.
                 c.receive_dropped.fetch_add(1, Relaxed);
-                shared.router.lost_remote(&path);
+                shared.router.lost_remote(&path, 1);
                 tracing::debug!(error = %e, "cluster: an envelope from NATS was not routed");
             }
         }
@@ -651,29 +738,82 @@ fn encode(origin: u64, counter: u64, f: &Forward) -> Bytes {
     b.freeze()
 }
 
+fn encode_lost(origin: u64, counter: u64, count: u64, path: &TokenPath) -> Bytes {
+    let mut b = BytesMut::with_capacity(LOST_HEADER_LEN + 16 * (1 + path.tokens().len()));
+    b.put_u8(LOST);
+    b.put_u64(origin);
+    b.put_u64(counter);
+    b.put_u64(count);
+    b.extend_from_slice(path.key_id().as_bytes());
+    for t in path.tokens() {
+        b.extend_from_slice(t.as_bytes());
+    }
+    b.freeze()
+}
+
 struct Decoded {
     origin: u64,
     counter: u64,
-    flags: u64,
-    qos: Qos,
-    envelope: Envelope,
+    what: Carried,
+}
+
+/// What a bridge message carries.
+enum Carried {
+    /// A publish another relay accepted.
+    Envelope {
+        flags: u64,
+        qos: Qos,
+        envelope: Envelope,
+    },
+    /// `count` publishes to `path` that another relay could not forward.
+    Lost { count: u64, path: TokenPath },
+}
+
+impl Decoded {
+    /// The path it concerns and how many messages its subscribers miss if it is dropped
+    /// here (an envelope: itself; a loss notice: its count).
+    fn missed(&self) -> (TokenPath, u64) {
+        match &self.what {
+            Carried::Envelope { envelope, .. } => (envelope.token_path(), 1),
+            Carried::Lost { count, path } => (path.clone(), *count),
+        }
+    }
 }
 
 fn decode(payload: Bytes) -> Option<Decoded> {
-    if payload.len() < HEADER_LEN || payload[0] != VERSION {
-        return None;
-    }
     let u64_at = |i: usize| {
         let mut a = [0u8; 8];
-        a.copy_from_slice(&payload[i..i + 8]);
-        u64::from_be_bytes(a)
+        a.copy_from_slice(payload.get(i..i + 8)?);
+        Some(u64::from_be_bytes(a))
+    };
+    let what = match *payload.first()? {
+        VERSION if payload.len() >= HEADER_LEN => Carried::Envelope {
+            flags: u64_at(17)?,
+            qos: Qos::from_u64(u64::from(payload[25]))?,
+            envelope: Envelope::from_bytes(payload.slice(HEADER_LEN..)).ok()?,
+        },
+        LOST => {
+            let ids = payload.get(LOST_HEADER_LEN..)?;
+            if ids.is_empty() || ids.len() % 16 != 0 {
+                return None;
+            }
+            let mut ids = ids.chunks_exact(16);
+            let key_id = KeyId::from_slice(ids.next()?).ok()?;
+            let tokens = ids
+                .map(TopicToken::from_slice)
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
+            Carried::Lost {
+                count: u64_at(17)?,
+                path: TokenPath::new(key_id, tokens).ok()?,
+            }
+        }
+        _ => return None,
     };
     Some(Decoded {
-        origin: u64_at(1),
-        counter: u64_at(9),
-        flags: u64_at(17),
-        qos: Qos::from_u64(u64::from(payload[25]))?,
-        envelope: Envelope::from_bytes(payload.slice(HEADER_LEN..)).ok()?,
+        origin: u64_at(1)?,
+        counter: u64_at(9)?,
+        what,
     })
 }
 
@@ -854,7 +994,6 @@ mod tests {
     #[test]
     fn header_round_trips() {
         let path = TokenPath::new(k(), vec![t(1)]).unwrap();
-        let _ = path;
         let mut raw = Vec::new();
         whispeer_protocol::envelope_header::HeaderFields {
             flags: 0,
@@ -873,11 +1012,42 @@ mod tests {
             held: None,
         };
         let d = decode(encode(9, 7, &f)).unwrap();
-        assert_eq!(
-            (d.origin, d.counter, d.flags, d.qos),
-            (9, 7, 5, Qos::AtLeastOnce)
-        );
-        assert_eq!(d.envelope.as_bytes(), envelope.as_bytes());
+        assert_eq!((d.origin, d.counter), (9, 7));
+        assert_eq!(d.missed(), (path.clone(), 1));
+        let Carried::Envelope {
+            flags,
+            qos,
+            envelope: got,
+        } = d.what
+        else {
+            panic!("an envelope");
+        };
+        assert_eq!((flags, qos), (5, Qos::AtLeastOnce));
+        assert_eq!(got.as_bytes(), envelope.as_bytes());
         assert!(decode(Bytes::from_static(b"short")).is_none());
+    }
+
+    /// A loss notice carries its origin, counter, count and path; cut or padded it is
+    /// refused (a malformed bridge message is dropped and counted, never routed).
+    #[test]
+    fn loss_notices_round_trip() {
+        let path = TokenPath::new(k(), vec![t(1), t(2), t(3)]).unwrap();
+        let b = encode_lost(9, 8, 41, &path);
+        let d = decode(b.clone()).unwrap();
+        assert_eq!((d.origin, d.counter), (9, 8));
+        assert_eq!(d.missed(), (path, 41));
+        for bad in [
+            b.slice(..b.len() - 1),
+            b.slice(..LOST_HEADER_LEN),
+            b.slice(..20),
+        ] {
+            assert!(decode(bad).is_none());
+        }
+        let mut long = b.to_vec();
+        long.extend_from_slice(&[0; 16 * whispeer_protocol::limits::MAX_LEVELS]);
+        assert!(
+            decode(Bytes::from(long)).is_none(),
+            "more levels than a path has"
+        );
     }
 }

@@ -106,6 +106,9 @@ pub(crate) struct ClusterMetrics {
     /// Envelopes from NATS that could not be routed (malformed, refused by the store, or
     /// dropped by NATS for a slow subscription).
     pub(crate) receive_dropped: AtomicU64,
+    /// Loss notices from other relays (publishes their forward queue dropped), each
+    /// reported to the matching local subscribers in a `Gap`.
+    pub(crate) lost_notices: AtomicU64,
     /// 1 while connected to a NATS server.
     pub(crate) connected: AtomicI64,
     /// NATS subscriptions held (one or two per distinct local filter).
@@ -568,7 +571,7 @@ impl Metrics {
             let _ = writeln!(o, "{name} {v}");
         }
         let c = &self.cluster;
-        let cluster: [(&str, &str, u64); 6] = [
+        let cluster: [(&str, &str, u64); 7] = [
             (
                 "whispeer_relay_cluster_forwarded_total",
                 "Envelopes published to NATS for other relays.",
@@ -593,6 +596,11 @@ impl Metrics {
                 "whispeer_relay_cluster_receive_dropped_total",
                 "Envelopes from NATS not routed (malformed, refused by the store, or dropped by NATS for a slow subscription).",
                 load(&c.receive_dropped),
+            ),
+            (
+                "whispeer_relay_cluster_lost_notices_total",
+                "Loss notices from other relays (publishes their queue to NATS dropped), reported to the matching local subscribers in Gap frames.",
+                load(&c.lost_notices),
             ),
             (
                 "whispeer_relay_cluster_connects_total",

@@ -558,14 +558,14 @@ impl Router {
     /// `cluster.receive_bytes`): each connection with a matching subscription is told in
     /// its next `Gap`, as when its own queue drops a message — QoS 0 loss is visible to
     /// whom it happened, not only in a metric.
-    pub(crate) fn lost_remote(&self, path: &TokenPath) {
+    pub(crate) fn lost_remote(&self, path: &TokenPath, n: u64) {
         let core = self.lock(self.shard_of(path.key_id()));
         let mut targets: Targets<'_> = SmallVec::new();
         core.index.for_each_match(path, |_, t| targets.push(t));
         targets.sort_unstable_by_key(|t| t.conn);
         targets.dedup_by_key(|t| t.conn);
         for t in &targets {
-            t.out.add_dropped(1);
+            t.out.add_dropped(n);
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::nats::{numbered_sized, NatsCluster};
 use common::*;
-use whispeer_protocol::frame::Msg;
+use whispeer_protocol::frame::{Msg, Ping};
 use whispeer_protocol::{Envelope, Frame};
 
 fn numbered(k: u8, levels: &[u8], n: u32) -> Envelope {
@@ -450,6 +450,14 @@ async fn a_relay_keeps_retained_values_that_reached_it_from_the_cluster() {
 /// NATS, relay A and relay B (memory stores; B with `extra_b` flags), a subscriber of
 /// `1/#` at B and a publisher at A whose publishes reach it. `None` without nats-server.
 async fn pair(extra_b: &[&str]) -> Option<(NatsCluster, BinRelay, BinRelay, Client, Client)> {
+    pair_with(&[], extra_b).await
+}
+
+/// [`pair`] with `extra_a` flags for relay A too.
+async fn pair_with(
+    extra_a: &[&str],
+    extra_b: &[&str],
+) -> Option<(NatsCluster, BinRelay, BinRelay, Client, Client)> {
     let Some(nats) = NatsCluster::start(3) else {
         eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
         return None;
@@ -461,7 +469,7 @@ async fn pair(extra_b: &[&str]) -> Option<(NatsCluster, BinRelay, BinRelay, Clie
         args.extend_from_slice(extra);
         BinRelay::start(&args)
     };
-    let (a, b) = (relay("relay-a", &[]), relay("relay-b", extra_b));
+    let (a, b) = (relay("relay-a", extra_a), relay("relay-b", extra_b));
     let mut sub = subscriber(b.tcp(), &[pattern(1, &[], true)]).await;
     let publ = connect(a.tcp()).await;
     let publ = sync_interest(publ, &mut [&mut sub], 1, &[3]).await;
@@ -541,6 +549,56 @@ async fn a_relay_behind_the_cluster_drops_beyond_its_receive_bound_and_counts() 
         "nothing dropped: the receive bound did not hold"
     );
     assert_eq!(gaps, dropped, "every drop counted and reported, once");
+}
+
+/// Publishes the accepting relay could not forward — NATS frozen here (SIGSTOP on every
+/// server) while relay A takes 3,000 × 8 KiB with a 64 KiB forward queue — reach relay B's
+/// subscriber as a count: A remembers the paths of what its queue dropped and, once it has
+/// caught up, publishes a loss notice per path on the path's subject; B reports the count
+/// in a `Gap`. Every envelope is delivered or reported (a silent loss leaves the reader
+/// waiting into its timeout), and the reported total is what A dropped plus what B's own
+/// receive bound dropped.
+#[tokio::test]
+async fn publishes_the_sender_could_not_forward_are_reported_to_remote_subscribers() {
+    const N: u32 = 3000;
+    let Some((nats, a, b, mut sub, mut publ)) =
+        pair_with(&["--cluster-queue-bytes", "65536"], &[]).await
+    else {
+        return;
+    };
+    for node in &nats.nodes {
+        node.signal("STOP");
+    }
+    for i in 0..N {
+        publ.publish(numbered_sized(1, &[3], i, 8 << 10)).await;
+    }
+    // A has taken them all (a marker answered after the publishes on the same connection).
+    publ.send(&Frame::Ping(Ping { nonce: 7 })).await;
+    loop {
+        if let Frame::Pong(_) = publ.recv().await {
+            break;
+        }
+    }
+    let forward_dropped = metric(a.admin(), "whispeer_relay_cluster_forward_dropped_total").await;
+    for node in &nats.nodes {
+        node.signal("CONT");
+    }
+    let mut got = 0u64;
+    let gaps = delivered_or_reported(&mut sub, N, |_| got += 1).await;
+    let receive_dropped = metric(b.admin(), "whispeer_relay_cluster_receive_dropped_total").await;
+    let notices = metric(b.admin(), "whispeer_relay_cluster_lost_notices_total").await;
+    eprintln!(
+        "{got} of {N} delivered; A dropped {forward_dropped} at its forward queue, B \
+         {receive_dropped} at its receive bound; {gaps} reported in Gaps ({notices} loss \
+         notices)"
+    );
+    assert!(forward_dropped > 0, "the forward queue dropped nothing");
+    assert!(notices > 0, "no loss notice arrived");
+    assert_eq!(
+        gaps,
+        forward_dropped + receive_dropped,
+        "every drop reported, once"
+    );
 }
 
 /// An envelope from another relay that this relay's store refuses (here its quota: 64 KiB
