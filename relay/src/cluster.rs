@@ -1027,6 +1027,23 @@ mod tests {
         assert!(decode(Bytes::from_static(b"short")).is_none());
     }
 
+    proptest::proptest! {
+        /// Whatever arrives on a bridge subject, decoding never panics (the payload kinds
+        /// are picked often enough to reach both decoders).
+        #[test]
+        fn bridge_payloads_never_panic_the_decoder(
+            mut b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            kind in 0u8..4,
+        ) {
+            if let Some(first) = b.first_mut() {
+                *first = kind;
+            }
+            if let Some(d) = decode(Bytes::from(b)) {
+                let _ = d.missed();
+            }
+        }
+    }
+
     /// A loss notice carries its origin, counter, count and path; cut or padded it is
     /// refused (a malformed bridge message is dropped and counted, never routed).
     #[test]
