@@ -13,8 +13,6 @@
 //! outranked changes the inputs, and so misses). Bounded: at most [`MEMO_TOPICS`] topics,
 //! then it starts over.
 
-use std::collections::HashMap;
-
 use crate::kdf::Secret32;
 use crate::token::TopicToken;
 use crate::topic::Topic;
@@ -36,7 +34,7 @@ struct Entry {
 /// See the module documentation.
 #[derive(Default)]
 pub(crate) struct KeyMemo {
-    by_name: HashMap<String, Entry>,
+    by_name: crate::keyring::FastMap<String, Entry>,
 }
 
 impl KeyMemo {
