@@ -145,7 +145,10 @@ async fn read_loop<Src: FrameSource>(
         // Subscribers' writers are woken once per turn, or as soon as the next frame is
         // not already buffered (the reader may wait for the socket): they then take the
         // turn's frames in one write (see `router::Wakes`).
-        if turn_over || !source.ready() {
+        // Whether a whole frame is buffered (the next `recv` returns at once); nothing
+        // below changes that before the frame is taken.
+        let ready = source.ready();
+        if turn_over || !ready {
             session.flush_wakes();
         }
         if turn_over {
@@ -158,7 +161,7 @@ async fn read_loop<Src: FrameSource>(
         // Within a turn, a frame already buffered is taken without polling the other
         // events (closing, shutdown, timers: each a watch or timer poll, ~400 instructions
         // a frame — callgrind, relay 1→1); they are polled at least once per turn.
-        if !turn_over && source.ready() {
+        if !turn_over && ready {
             let ev = source.recv().await;
             if let Some(closed) = inbound(ev, source, session, &mut turn_bytes, &mut last_in) {
                 return closed;
