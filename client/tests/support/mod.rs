@@ -247,8 +247,11 @@ pub fn start_relay_binary(extra: &[&str]) -> RelayProcess {
         }
     });
     let mut seen = Vec::new();
+    // One deadline for the whole start: a relay that keeps logging (a cluster store
+    // retrying "JetStream not ready") must not reset it line by line.
+    let deadline = std::time::Instant::now() + TIMEOUT;
     loop {
-        match rx.recv_timeout(TIMEOUT) {
+        match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
             Ok(line) if line.contains("whispeer-relay listening") => break,
             Ok(line) => seen.push(line),
             Err(e) => {

@@ -188,13 +188,17 @@ impl NatsCluster {
             let name = format!("n{}", i + 1);
             let store = dir.join(format!("js-{name}"));
             let conf = dir.join(format!("{name}.conf"));
+            // `max_file_store` set: by default JetStream reserves from the disk's free space
+            // at start, and on a machine whose disk a fresh build has nearly filled it
+            // refused the relays' streams ("insufficient storage"), so a relay retried its
+            // store forever (CI hung there). The tests write a few MiB.
             std::fs::write(
                 &conf,
                 format!(
                     "server_name: {name}\n\
                      listen: 127.0.0.1:{port}\n\
                      max_payload: 8MB\n\
-                     jetstream {{ store_dir: {store:?} }}\n\
+                     jetstream {{ store_dir: {store:?}, max_file_store: 8GB }}\n\
                      cluster {{\n  name: wsp\n  listen: 127.0.0.1:{cluster_port}\n  routes: [{routes}]\n}}\n"
                 ),
             )
