@@ -154,7 +154,13 @@ fn qos1() -> PublishOptions {
 /// Publishes each value on `feed/x` at QoS 1, one after another, each acknowledged.
 async fn publish_acked(p: &Client, values: std::ops::RangeInclusive<u32>) {
     for v in values {
-        p.publish_with("feed/x", &v, qos1()).await.unwrap();
+        // Bounded: a relay whose store refuses (retryable) would be retried forever.
+        within(
+            "a publish acknowledged",
+            p.publish_with("feed/x", &v, qos1()),
+        )
+        .await
+        .unwrap();
     }
 }
 
@@ -181,13 +187,15 @@ async fn durable_pair(
     let t = tree(name);
     let sub_client = client(subscriber_relays, keyring_with(&t)).await.unwrap();
     let publisher = client(&[publisher_relay], keyring_with(&t)).await.unwrap();
-    let sub = sub_client
-        .subscribe_with_options::<u32>(
+    let sub = within(
+        "the durable subscription",
+        sub_client.subscribe_with_options::<u32>(
             "feed/x",
             SubscribeOptions::new().qos(Qos::AtLeastOnce).durable(name),
-        )
-        .await
-        .unwrap();
+        ),
+    )
+    .await
+    .unwrap();
     (sub_client, publisher, sub)
 }
 
@@ -350,10 +358,7 @@ async fn jetstream_cluster_failover_resumes_in_place_and_loses_no_acknowledged_m
             .expect("acknowledged");
     }
     // 31 follows the re-sent copies in the stream: once it arrives, so have they.
-    publisher
-        .publish_with("feed/x", &31u32, qos1())
-        .await
-        .unwrap();
+    publish_acked(&publisher, 31..=31).await;
     take_until("31 after the re-sent copies", &mut sub, &mut seen, [31]).await;
     let dups_before = sub_client.stats().core.duplicates;
 
@@ -364,10 +369,7 @@ async fn jetstream_cluster_failover_resumes_in_place_and_loses_no_acknowledged_m
     sigkill(b);
     on_relay("subscriber on C", &sub_client, &c.tcp_url()).await;
     take_until("32..=41 from history at C", &mut sub, &mut seen, 32..=41).await;
-    publisher
-        .publish_with("feed/x", &42u32, qos1())
-        .await
-        .unwrap();
+    publish_acked(&publisher, 42..=42).await;
     take_until("live at C", &mut sub, &mut seen, [42]).await;
 
     assert_eq!(
@@ -426,10 +428,7 @@ async fn jetstream_durable_subscriber_resumes_at_another_relay_once_the_hold_lap
         6..=10,
     )
     .await;
-    publisher
-        .publish_with("feed/x", &11u32, qos1())
-        .await
-        .unwrap();
+    publish_acked(&publisher, 11..=11).await;
     take_until("live at B", &mut sub, &mut seen, [11]).await;
     assert_eq!(
         seen.keys().copied().collect::<Vec<_>>(),
