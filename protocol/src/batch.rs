@@ -22,6 +22,7 @@ use rand_core::CryptoRngCore;
 
 use crate::error_keys::{BodyError, SealError};
 use crate::identity::{Identity, SenderId};
+use crate::keyring::FastMap;
 use crate::seal::Prepared;
 use crate::tree::TreeId;
 
@@ -71,32 +72,44 @@ fn split(n: u32) -> u32 {
     1 << (31 - (n - 1).leading_zeros())
 }
 
-/// The side taken at each split from the top (`true` = right subtree) for leaf `index` of
-/// `count`, and the depth. `None` when `count` or `index` is out of range.
-fn directions(index: u32, count: u32) -> Option<([bool; MAX_PATH], usize)> {
+/// The subtrees `[lo, hi)` holding leaf `index` of `count`, from the whole tree (depth 0)
+/// down to the leaf itself (depth `d`), and `d`. `None` when `count` or `index` is out of
+/// range. A node is named by its range: two proofs of one batch share a node exactly when
+/// they name the same range.
+fn ranges(index: u32, count: u32) -> Option<([(u32, u32); MAX_PATH + 1], usize)> {
     if count == 0 || count > MAX_BATCH || index >= count {
         return None;
     }
-    let (mut i, mut n, mut d) = (index, count, 0usize);
-    let mut dirs = [false; MAX_PATH];
-    while n > 1 {
-        let k = split(n);
-        if i < k {
-            n = k;
+    let mut r = [(0, 0); MAX_PATH + 1];
+    let (mut lo, mut hi, mut d) = (0u32, count, 0usize);
+    r[0] = (lo, hi);
+    while hi - lo > 1 {
+        let k = split(hi - lo);
+        if index < lo + k {
+            hi = lo + k;
         } else {
-            dirs[d] = true;
-            i -= k;
-            n -= k;
+            lo += k;
         }
         d += 1;
+        r[d] = (lo, hi);
     }
-    Some((dirs, d))
+    Some((r, d))
+}
+
+/// The range of the sibling of the node at depth `k ≥ 1` (the other half of its parent).
+fn sibling_range(r: &[(u32, u32); MAX_PATH + 1], k: usize) -> (u32, u32) {
+    let (parent, me) = (r[k - 1], r[k]);
+    if me.0 == parent.0 {
+        (me.1, parent.1)
+    } else {
+        (parent.0, me.0)
+    }
 }
 
 /// The path length a valid proof for leaf `index` of `count` has, or `None` when `count` is
 /// not in `1..=4096` or `index ≥ count`.
 pub fn path_len(index: u32, count: u32) -> Option<usize> {
-    directions(index, count).map(|(_, d)| d)
+    ranges(index, count).map(|(_, d)| d)
 }
 
 /// The Merkle root over `leaves` and every leaf's inclusion path (siblings from the leaf up).
@@ -243,31 +256,43 @@ impl BatchProof {
         ))
     }
 
-    /// The root this proof implies for a message whose §4.8 bytes are `sig_input`.
-    pub fn root(&self, sig_input: &[u8]) -> Result<[u8; 32], BodyError> {
-        let (dirs, d) = directions(self.index, self.count).ok_or(
-            if self.count == 0 || self.count > MAX_BATCH {
+    /// The subtree ranges of this proof's leaf ([`ranges`]) and its depth, checking the
+    /// count, the index and the path's length.
+    fn shape(&self) -> Result<([(u32, u32); MAX_PATH + 1], usize), BodyError> {
+        let (r, d) =
+            ranges(self.index, self.count).ok_or(if self.count == 0 || self.count > MAX_BATCH {
                 BodyError::BatchCount(self.count)
             } else {
                 BodyError::BatchIndex {
                     index: self.index,
                     count: self.count,
                 }
-            },
-        )?;
+            })?;
         if self.path.len() != d {
             return Err(BodyError::BatchPathLength {
                 len: self.path.len(),
                 expected: d,
             });
         }
+        Ok((r, d))
+    }
+
+    /// The parent of the node `h` at depth `k ≥ 1`, with this proof's sibling there.
+    fn parent(&self, r: &[(u32, u32); MAX_PATH + 1], d: usize, k: usize, h: &[u8; 32]) -> [u8; 32] {
+        let sib = &self.path[d - k];
+        if r[k].0 == r[k - 1].0 {
+            node_hash(h, sib)
+        } else {
+            node_hash(sib, h)
+        }
+    }
+
+    /// The root this proof implies for a message whose §4.8 bytes are `sig_input`.
+    pub fn root(&self, sig_input: &[u8]) -> Result<[u8; 32], BodyError> {
+        let (r, d) = self.shape()?;
         let mut h = leaf_hash(&self.salt, sig_input);
-        for (j, sib) in self.path.iter().enumerate() {
-            h = if dirs[d - 1 - j] {
-                node_hash(sib, &h)
-            } else {
-                node_hash(&h, sib)
-            };
+        for k in (1..=d).rev() {
+            h = self.parent(&r, d, k, &h);
         }
         Ok(h)
     }
@@ -284,8 +309,8 @@ impl BatchProof {
         cache: Option<&mut VerifiedRoots>,
     ) -> Result<SenderId, BodyError> {
         match cache {
-            Some(c) => self.verify_in(tree_id, epoch, sig_input, RootCache::Own(c)),
-            None => self.verify_in(tree_id, epoch, sig_input, RootCache::None),
+            Some(c) => self.verify_in(tree_id, epoch, sig_input, RootCache::Own(c), None),
+            None => self.verify_in(tree_id, epoch, sig_input, RootCache::None, None),
         }
     }
 
@@ -297,45 +322,167 @@ impl BatchProof {
         sig_input: &[u8],
         cache: &SharedRoots,
     ) -> Result<SenderId, BodyError> {
-        self.verify_in(tree_id, epoch, sig_input, RootCache::Shared(cache))
+        self.verify_in(tree_id, epoch, sig_input, RootCache::Shared(cache), None)
     }
 
+    /// With `nodes` (an opener's [`BatchNodes`]): the climb from the leaf stops at the first
+    /// node that an earlier verification of this batch authenticated at the same range —
+    /// the rest of the path would reproduce a root whose signature already verified — so
+    /// after the first message of a batch the others cost a leaf hash and about one node
+    /// hash instead of the path's ⌈log2 count⌉.
     pub(crate) fn verify_in(
         &self,
         tree_id: &TreeId,
         epoch: u64,
         sig_input: &[u8],
         cache: RootCache<'_>,
+        nodes: Option<&mut BatchNodes>,
     ) -> Result<SenderId, BodyError> {
-        let root = self.root(sig_input)?;
-        let key = RootKey {
+        let (r, d) = self.shape()?;
+        let id = BatchId {
             sender: self.sender.to_bytes(),
             tree: tree_id.0,
             epoch,
             count: self.count,
-            root,
             sig: self.sig.to_bytes(),
         };
-        let mut cache = cache;
-        let hit = match &mut cache {
-            RootCache::None => false,
-            RootCache::Own(c) => c.hit(&key),
-            // The lock is held for the lookup only, never across the verification.
-            RootCache::Shared(c) => c.lock().hit(&key),
+        let mut known = nodes.as_deref().and_then(|n| n.find(&id));
+        // hs[k]: the node at depth k on the leaf's way up, for k = top..=d.
+        let mut hs = [[0u8; 32]; MAX_PATH + 1];
+        hs[d] = leaf_hash(&self.salt, sig_input);
+        let mut top = d;
+        let met = loop {
+            if let Some(n) = known {
+                if n.holds(r[top], &hs[top]) {
+                    // The rest of the path must be the tree's own siblings (a recorded node's
+                    // ancestors and their siblings are recorded too), so this accepts exactly
+                    // what a cold climb to the signed root would; otherwise that climb decides.
+                    if (1..=top).all(|k| n.holds(sibling_range(&r, k), &self.path[d - k])) {
+                        break true;
+                    }
+                    known = None;
+                }
+            }
+            if top == 0 {
+                break false;
+            }
+            hs[top - 1] = self.parent(&r, d, top, &hs[top]);
+            top -= 1;
         };
-        if hit {
-            return Ok(SenderId(self.sender));
+        let mut cache = cache;
+        if met {
+            match &mut cache {
+                RootCache::None => {}
+                RootCache::Own(c) => c.hits += 1,
+                RootCache::Shared(c) => c.lock().hits += 1,
+            }
+        } else {
+            let root = hs[0];
+            let key = RootKey {
+                sender: id.sender,
+                tree: id.tree,
+                epoch,
+                count: self.count,
+                root,
+                sig: id.sig,
+            };
+            let hit = match &mut cache {
+                RootCache::None => false,
+                RootCache::Own(c) => c.hit(&key),
+                // The lock is held for the lookup only, never across the verification.
+                RootCache::Shared(c) => c.lock().hit(&key),
+            };
+            if !hit {
+                let m = batch_sig_input(tree_id, epoch, self.count, &root);
+                self.sender
+                    .verify_strict(&m, &self.sig)
+                    .map_err(|_| BodyError::BadSignature)?;
+                match cache {
+                    RootCache::None => {}
+                    RootCache::Own(c) => c.insert(key),
+                    RootCache::Shared(c) => c.lock().insert(key),
+                }
+            }
         }
-        let m = batch_sig_input(tree_id, epoch, self.count, &root);
-        self.sender
-            .verify_strict(&m, &self.sig)
-            .map_err(|_| BodyError::BadSignature)?;
-        match cache {
-            RootCache::None => {}
-            RootCache::Own(c) => c.insert(key),
-            RootCache::Shared(c) => c.lock().insert(key),
+        // Now authenticated: the nodes computed on the way up and the siblings used.
+        if let Some(n) = nodes {
+            let computed = (top..=d).map(|k| (r[k], hs[k]));
+            let siblings = (top + 1..=d).map(|k| (sibling_range(&r, k), self.path[d - k]));
+            n.record(id, computed.chain(siblings));
         }
         Ok(SenderId(self.sender))
+    }
+}
+
+/// What names one signed batch: the signer, tree, epoch, leaf count and signature (one
+/// signature verifies for one root only, so the nodes recorded under it are one tree's).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BatchId {
+    sender: [u8; 32],
+    tree: [u8; 16],
+    epoch: u64,
+    count: u32,
+    sig: [u8; 64],
+}
+
+/// The authenticated nodes of one verified batch, by range.
+struct NodeSet {
+    id: BatchId,
+    nodes: FastMap<(u32, u32), [u8; 32]>,
+}
+
+impl NodeSet {
+    fn holds(&self, range: (u32, u32), h: &[u8; 32]) -> bool {
+        self.nodes.get(&range) == Some(h)
+    }
+}
+
+/// An opener's record of the inner nodes (and leaves) of the last few batches whose root
+/// verified: every node on a verified path, and every sibling that path used, is a node of
+/// the signed tree (finding another value that hashes to the same parent is a BLAKE3
+/// collision). Kept per opener, so no lock; bounded: [`BatchNodes::BATCHES`] batches of at
+/// most `2 · count − 1` nodes each.
+#[derive(Default)]
+pub(crate) struct BatchNodes {
+    batches: VecDeque<NodeSet>,
+}
+
+impl fmt::Debug for BatchNodes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BatchNodes")
+            .field("batches", &self.batches.len())
+            .finish()
+    }
+}
+
+impl BatchNodes {
+    /// Batches remembered (messages of a batch arrive together; a few cover interleaved
+    /// publishers).
+    const BATCHES: usize = 4;
+
+    fn find(&self, id: &BatchId) -> Option<&NodeSet> {
+        self.batches.iter().find(|b| b.id == *id)
+    }
+
+    /// Adds authenticated nodes of batch `id` (made the most recent batch).
+    fn record(&mut self, id: BatchId, nodes: impl Iterator<Item = ((u32, u32), [u8; 32])>) {
+        let set = match self.batches.iter().position(|b| b.id == id) {
+            Some(0) => &mut self.batches[0],
+            Some(i) => {
+                let b = self.batches.remove(i).expect("present");
+                self.batches.push_front(b);
+                &mut self.batches[0]
+            }
+            None => {
+                self.batches.truncate(Self::BATCHES - 1);
+                self.batches.push_front(NodeSet {
+                    id,
+                    nodes: FastMap::default(),
+                });
+                &mut self.batches[0]
+            }
+        };
+        set.nodes.extend(nodes);
     }
 }
 
@@ -598,7 +745,9 @@ impl BatchSigner {
     pub fn sign(self, signer: &Identity) -> Result<Vec<BatchProof>, SealError> {
         let (tree_id, epoch) = self.tree_epoch.ok_or(SealError::BatchEmpty)?;
         let n = self.leaves.len();
-        let mut paths = vec![Vec::new(); n];
+        // Each path is as long as its leaf's depth (at most ⌈log2 n⌉): allocated once.
+        let depth = (u32::BITS - (n as u32 - 1).leading_zeros()) as usize;
+        let mut paths = vec![Vec::with_capacity(depth); n];
         let root = build(&self.leaves, &mut paths);
         let count = n as u32;
         let sig = signer.sign(&batch_sig_input(&tree_id, epoch, count, &root));
@@ -654,17 +803,146 @@ mod tests {
             assert_eq!(root, merkle_root(&l));
             for (i, p) in paths.iter().enumerate() {
                 assert_eq!(Some(p.len()), path_len(i as u32, n as u32));
-                let (dirs, d) = directions(i as u32, n as u32).unwrap();
+                let (r, d) = ranges(i as u32, n as u32).unwrap();
+                assert_eq!((r[0], r[d]), ((0, n as u32), (i as u32, i as u32 + 1)));
                 let mut h = l[i];
                 for (j, s) in p.iter().enumerate() {
-                    h = if dirs[d - 1 - j] {
-                        node_hash(s, &h)
-                    } else {
+                    let k = d - j;
+                    // Each sibling is the tree hash of the range `sibling_range` names,
+                    // and each node the tree hash of its own range.
+                    let (lo, hi) = sibling_range(&r, k);
+                    assert_eq!(
+                        *s,
+                        merkle_root(&l[lo as usize..hi as usize]),
+                        "n {n} i {i} k {k}"
+                    );
+                    h = if r[k].0 == r[k - 1].0 {
                         node_hash(&h, s)
+                    } else {
+                        node_hash(s, &h)
                     };
+                    let (lo, hi) = r[k - 1];
+                    assert_eq!(h, merkle_root(&l[lo as usize..hi as usize]));
                 }
                 assert_eq!(h, root, "n {n} i {i}");
             }
+        }
+    }
+
+    /// Batch `n` of a fresh signer over inputs `"message i"`, epoch 1: (inputs, proofs).
+    fn signed_batch(n: usize) -> (Vec<Vec<u8>>, Vec<BatchProof>) {
+        let id = Identity::generate_with(&mut rand_core::OsRng);
+        let inputs: Vec<Vec<u8>> = (0..n)
+            .map(|i| format!("message {i}").into_bytes())
+            .collect();
+        let salts: Vec<[u8; SALT_LEN]> = (0..n).map(|i| [i as u8 ^ 0x5a; SALT_LEN]).collect();
+        let leaves: Vec<_> = inputs
+            .iter()
+            .zip(&salts)
+            .map(|(m, s)| leaf_hash(s, m))
+            .collect();
+        let mut paths = vec![Vec::new(); n];
+        let root = build(&leaves, &mut paths);
+        let sig = id.sign(&batch_sig_input(&TREE, 1, n as u32, &root));
+        let sender = id.signing_key().verifying_key();
+        let proofs = paths
+            .into_iter()
+            .zip(salts)
+            .enumerate()
+            .map(|(i, (path, salt))| BatchProof {
+                sender,
+                sig,
+                count: n as u32,
+                index: i as u32,
+                salt,
+                path,
+            })
+            .collect();
+        (inputs, proofs)
+    }
+
+    const TREE: TreeId = TreeId([7; 16]);
+
+    fn warm(
+        p: &BatchProof,
+        input: &[u8],
+        roots: &mut VerifiedRoots,
+        nodes: &mut BatchNodes,
+    ) -> bool {
+        p.verify_in(&TREE, 1, input, RootCache::Own(roots), Some(nodes))
+            .is_ok()
+    }
+
+    fn cold(p: &BatchProof, input: &[u8]) -> bool {
+        p.verify_in(&TREE, 1, input, RootCache::None, None).is_ok()
+    }
+
+    #[test]
+    fn a_batch_costs_one_signature_check_and_about_two_hashes_a_message() {
+        for n in [1usize, 2, 3, 5, 8, 13, 64] {
+            let (inputs, proofs) = signed_batch(n);
+            let (mut roots, mut nodes) = (VerifiedRoots::new(16), BatchNodes::default());
+            // Out of order too: the last message first, then the rest.
+            for i in std::iter::once(n - 1).chain(0..n - 1) {
+                assert!(
+                    warm(&proofs[i], &inputs[i], &mut roots, &mut nodes),
+                    "n {n} i {i}"
+                );
+            }
+            assert_eq!((roots.len(), roots.hits()), (1, n as u64 - 1), "n {n}");
+            // Every node of the tree is known after the whole batch: 2n − 1 of them.
+            let set = nodes.find(&BatchId {
+                sender: proofs[0].sender.to_bytes(),
+                tree: TREE.0,
+                epoch: 1,
+                count: n as u32,
+                sig: proofs[0].sig.to_bytes(),
+            });
+            assert_eq!(set.map(|s| s.nodes.len()), Some(2 * n - 1), "n {n}");
+        }
+    }
+
+    proptest::proptest! {
+        /// A warm opener (its batch's nodes recorded) accepts exactly what a cold one does,
+        /// for proofs damaged in any one field: the input, salt, index, count, a path hash,
+        /// the path's length, or another message's path.
+        #[test]
+        fn warm_and_cold_openers_agree_on_damaged_proofs(
+            n in 1usize..40,
+            pick in 0usize..1000,
+            field in 0u8..7,
+            at in 0usize..1000,
+            bit in 0u8..8,
+        ) {
+            let (inputs, proofs) = signed_batch(n);
+            let (mut roots, mut nodes) = (VerifiedRoots::new(16), BatchNodes::default());
+            // Warm up on every message but the one to damage.
+            let i = pick % n;
+            for j in (0..n).filter(|j| *j != i) {
+                proptest::prop_assert!(warm(&proofs[j], &inputs[j], &mut roots, &mut nodes));
+            }
+            let mut p = proofs[i].clone();
+            let mut input = inputs[i].clone();
+            match field {
+                0 => {
+                    let k = at % input.len();
+                    input[k] ^= 1 << bit;
+                }
+                1 => p.salt[at % SALT_LEN] ^= 1 << bit,
+                2 => p.index = (at % n) as u32,
+                3 => p.count = (at % (n + 2)) as u32 + 1,
+                4 if !p.path.is_empty() => {
+                    let k = at % p.path.len();
+                    p.path[k][at % 32] ^= 1 << bit;
+                }
+                5 => { p.path.pop(); }
+                6 => p.path = proofs[at % n].path.clone(),
+                _ => {}
+            }
+            let cold_ok = cold(&p, &input);
+            proptest::prop_assert_eq!(warm(&p, &input, &mut roots, &mut nodes), cold_ok);
+            // Undamaged (or damaged into itself): accepted by both.
+            proptest::prop_assert_eq!(cold_ok, p == proofs[i] && input == inputs[i]);
         }
     }
 }

@@ -25,7 +25,8 @@ use zeroize::Zeroizing;
 
 use crate::aead::{open_detached, seal_detached, suite_parts};
 use crate::batch::{
-    BatchPolicy, BatchProof, BatchSigner, RootCache, SenderKeys, SharedRoots, VerifiedRoots,
+    BatchNodes, BatchPolicy, BatchProof, BatchSigner, RootCache, SenderKeys, SharedRoots,
+    VerifiedRoots,
 };
 use crate::compress::{
     lz4_compress, zstd_dict_compress, zstd_dict_compressor, Decompressors, CODEC_LZ4, CODEC_MAX,
@@ -760,6 +761,8 @@ pub struct Opener {
     zstd: Decompressors,
     max_payload: usize,
     roots: VerifiedRoots,
+    /// Authenticated nodes of the last batches verified here (no lock: per opener).
+    nodes: BatchNodes,
     keys: SenderKeys,
     /// Valid topic names, tokens and message keys of the topics opened
     /// ([`crate::memo`]).
@@ -877,6 +880,7 @@ fn verify_sender(
     epoch: u64,
     topic: &str,
     cache: RootCache<'_>,
+    nodes: Option<&mut BatchNodes>,
 ) -> Result<Option<SenderId>, BodyError> {
     let input = || {
         sig_input(
@@ -898,7 +902,9 @@ fn verify_sender(
                 .map_err(|_| BodyError::BadSignature)?;
             Ok(Some(SenderId(*pk)))
         }
-        SenderProof::Batch(p) => p.verify_in(tree_id, epoch, &input(), cache).map(Some),
+        SenderProof::Batch(p) => p
+            .verify_in(tree_id, epoch, &input(), cache, nodes)
+            .map(Some),
     }
 }
 
@@ -913,7 +919,7 @@ pub fn check_body(
     body: &[u8],
 ) -> Result<Option<SenderId>, BodyError> {
     let b = parse_body(body)?;
-    verify_sender(&b, tree_id, epoch, topic.as_str(), RootCache::None)
+    verify_sender(&b, tree_id, epoch, topic.as_str(), RootCache::None, None)
 }
 
 impl Opener {
@@ -928,6 +934,7 @@ impl Opener {
             zstd: Decompressors::new().expect("zstd context"),
             max_payload: max,
             roots: VerifiedRoots::default(),
+            nodes: BatchNodes::default(),
             keys: SenderKeys::default(),
             memo: KeyMemo::default(),
         }
@@ -1054,6 +1061,7 @@ impl Opener {
                 Some(s) => RootCache::Shared(s),
                 None => RootCache::Own(&mut self.roots),
             },
+            Some(&mut self.nodes),
         )
         .map_err(|_| OpenError::OPAQUE)?;
 
