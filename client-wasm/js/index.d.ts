@@ -587,6 +587,9 @@ export class ClientCore {
   addGrant(grant: Grant): void;
   allowSealing(treeId: string, scope: string): void;
   sealEnvelope(topic: string, contentType: string, payload: Uint8Array): Uint8Array;
+  /** Seals several messages of one topic, signed as publishes are (batch signing: one
+   * signature per run of up to the batch size). */
+  sealEnvelopes(topic: string, contentType: string, payloads: Uint8Array[]): Uint8Array[];
   openEnvelope(envelope: Uint8Array): Message;
   free(): void;
 }

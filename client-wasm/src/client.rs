@@ -546,6 +546,39 @@ impl ClientCore {
         Ok(Uint8Array::from(&env.as_bytes()[..]))
     }
 
+    /// Seals several messages of one topic to envelopes without framing them, signed as
+    /// this core signs publishes: batch signing (the default with an identity) puts each
+    /// run of up to the batch size under one signature (PROTOCOL §4.14), so a receiver
+    /// verifies one signature per run. For storage, and for benchmarks of the default mode.
+    #[wasm_bindgen(js_name = sealEnvelopes)]
+    pub fn seal_envelopes(
+        &mut self,
+        topic: &str,
+        content_type: &str,
+        payloads: Vec<Uint8Array>,
+    ) -> Result<Vec<Uint8Array>, JsValue> {
+        let out = |e: &Envelope| Uint8Array::from(&e.as_bytes()[..]);
+        let (Some(policy), Some(id)) = (self.batches(), self.identity.clone()) else {
+            return payloads
+                .iter()
+                .map(|p| Ok(out(&self.seal(None, topic, content_type, &p.to_vec())?)))
+                .collect();
+        };
+        let mut envs = Vec::with_capacity(payloads.len());
+        for run in payloads.chunks(policy.max_messages.clamp(1, 4096) as usize) {
+            let prepared = run
+                .iter()
+                .map(|p| self.prepare(None, topic, content_type, &p.to_vec()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let sealed = self
+                .sealer
+                .seal_batch(&prepared, &id, &mut Rng)
+                .map_err(|e| publish_error(e.into()))?;
+            envs.extend(sealed.iter().map(out));
+        }
+        Ok(envs)
+    }
+
     fn open_received(&mut self, envelope: Vec<u8>) -> Result<Received, JsValue> {
         // Owned: the bytes JS copied into wasm memory become the envelope, not copied again.
         let env = Envelope::from_bytes(envelope.into())

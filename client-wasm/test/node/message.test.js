@@ -43,3 +43,29 @@ test('openEnvelope equals the Rust-built message object', () => {
     assert.throws(() => core.openEnvelope(new Uint8Array([1, 2, 3])), { code: 'DECODE' });
   }
 });
+
+test('sealEnvelopes signs as publishes are: batch runs verify message by message', () => {
+  const tree = TreeKey.generate('batch-envs');
+  const keys = new Keyring();
+  keys.addTreeKey(tree);
+  const me = Identity.generate();
+  const payloads = Array.from({ length: 150 }, (_, i) => new Uint8Array([i, i >> 8, 7]));
+  for (const [mode, sender] of [['batch', me.senderId], ['message', me.senderId], ['off', null]]) {
+    const core = new ClientCore(keys, 0, true, true);
+    core.setIdentity(me);
+    core.setSigning(mode);
+    const envs = core.sealEnvelopes('s/x', 'application/octet-stream', payloads);
+    assert.equal(envs.length, payloads.length, mode);
+    const reader = new ClientCore(keys, 0, true, false);
+    envs.forEach((env, i) => {
+      const m = reader.openEnvelope(env);
+      assert.deepStrictEqual([...m.payload], [...payloads[i]], `${mode} ${i}`);
+      assert.equal(m.sender, sender, `${mode} ${i}`);
+    });
+    // One damaged envelope of a run fails alone; its neighbours (same signature) still open.
+    const bad = envs[70].slice();
+    bad[bad.length - 20] ^= 1;
+    assert.throws(() => reader.openEnvelope(bad));
+    assert.equal(reader.openEnvelope(envs[71]).sender, sender);
+  }
+});

@@ -59,6 +59,7 @@ const gaps: number = stats.relayGaps;
 const refused: number = stats.refused.unlistedSender + stats.refused.retainedRollback;
 declare const core: ClientCore; // the low-level core seals without a connection
 const env: Uint8Array = core.sealEnvelope('sensor/x', 'application/cbor', new Uint8Array(1));
+const envs: Uint8Array[] = core.sealEnvelopes('sensor/x', 'application/cbor', [new Uint8Array(1)]);
 const coreStats: number = stats.unackedPublishes + stats.sealingPublishes + stats.slowSubscriberDrops + env.length;
 // Invites carry the dictionaries of a keyring (or listed ones); accepting adds them.
 const ring = new Keyring();
