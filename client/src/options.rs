@@ -126,8 +126,9 @@ impl ClientBuilder {
     }
     /// Batch signing: how many seal jobs (one batch each: seal every message, one
     /// signature) may run on the worker threads at once; 0 seals on the connection task
-    /// (one core). By default 2 with more than one core, else 0 (`WHISPEER_SEAL_AHEAD`
-    /// overrides the default). Frames leave in publish order either way.
+    /// (one core). By default 2 with more than two cores, else 0 — on two cores the
+    /// hand-off gained nothing measurable (`WHISPEER_SEAL_AHEAD` overrides the default).
+    /// Frames leave in publish order either way.
     pub fn seal_jobs(mut self, n: usize) -> Self {
         self.seal_jobs = Some(n);
         self
