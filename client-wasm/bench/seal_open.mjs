@@ -1,6 +1,6 @@
 // Seal/open throughput for 1 KiB messages in Node.js and in headless Chromium (the same
 // WebAssembly module) beside the native Rust build on the same machine, plus the .wasm size.
-//   node bench/seal_open.mjs [--size 1024] [--rounds 3] [--no-native] [--no-browser]
+//   node bench/seal_open.mjs [--size 1024] [--rounds 5] [--ms 500] [--no-native] [--no-browser]
 // Native numbers come from `cargo run --release -p whispeer-tests --example seal_open_native`
 // (same payload, same modes, same Padmé padding). Chromium is /usr/bin/chromium
 // (CHROMIUM_PATH) driven by playwright-core, as in the browser tests.
@@ -20,7 +20,7 @@ const size = Number(args[args.indexOf('--size') + 1] || 1024) || 1024;
  * CBOR-like records (as tests/src/lib.rs `bench_payload` and the protocol's criterion
  * bench) for about a second per mode with the module `W`; returns one row per mode.
  */
-function measureAll({ size }) {
+function measureAll({ size, ms }) {
   const W = globalThis.W;
   const enc = new TextEncoder();
   const out = [];
@@ -39,11 +39,11 @@ function measureAll({ size }) {
   const me = W.Identity.generate();
   const topic = 'sensor/kitchen/temp';
   const rate = (fn) => {
-    // Warm up, then run batches for about a second.
+    // Warm up, then run batches for `ms` milliseconds.
     for (let i = 0; i < 200; i++) fn(i);
     let n = 0;
     const t0 = performance.now();
-    while (performance.now() - t0 < 1000) {
+    while (performance.now() - t0 < ms) {
       for (let i = 0; i < 100; i++) fn(n++);
     }
     return n / ((performance.now() - t0) / 1000);
@@ -86,13 +86,16 @@ globalThis.W = W;
 // measured in alternating rounds — native, Node, Chromium, then again — and each ratio is
 // taken within its round; the table shows medians and each ratio's range.
 const roundsAt = args.indexOf('--rounds');
-const rounds = Math.max(1, (roundsAt >= 0 && Number(args[roundsAt + 1])) || 3);
+const rounds = Math.max(1, (roundsAt >= 0 && Number(args[roundsAt + 1])) || 5);
+// Short slices, many rounds: a round's native and wasm figures are seconds apart, not tens.
+const msAt = args.indexOf('--ms');
+const ms = Math.max(50, (msAt >= 0 && Number(args[msAt + 1])) || 500);
 const runs = { native: [], node: [], chromium: [] };
 
 function nativeRows() {
   const out = execFileSync(
     'cargo',
-    ['run', '--quiet', '--release', '-p', 'whispeer-tests', '--example', 'seal_open_native', '--', String(size)],
+    ['run', '--quiet', '--release', '-p', 'whispeer-tests', '--example', 'seal_open_native', '--', String(size), String(ms)],
     { cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] },
   );
   return out.trim().split('\n').map((l) => JSON.parse(l));
@@ -118,8 +121,8 @@ try {
         console.error(`native run failed: ${e.message}`);
       }
     }
-    runs.node.push(measureAll({ size }));
-    if (page) runs.chromium.push(await page.evaluate(measureAll, { size }));
+    runs.node.push(measureAll({ size, ms }));
+    if (page) runs.chromium.push(await page.evaluate(measureAll, { size, ms }));
   }
 } finally {
   if (browser) await browser.close();

@@ -19,6 +19,13 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(1024);
+    // Milliseconds per operation and mode (the wasm bench passes its own, default 1000).
+    let per_op = Duration::from_millis(
+        std::env::args()
+            .nth(2)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1000),
+    );
     let tk = TreeKey::generate_with("bench", &mut OsRng).unwrap();
     let mut kr = Keyring::new();
     kr.add_tree_key_at(&tk, 0).unwrap();
@@ -45,7 +52,7 @@ fn main() {
         let mut n = 0u64;
         let mut envs = Vec::new();
         let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(1) {
+        while start.elapsed() < per_op {
             let out = || Outgoing {
                 payload: &data,
                 content_type: "application/cbor",
@@ -88,7 +95,7 @@ fn main() {
                 let o = opener.open(&kr, env, 1).unwrap();
                 std::hint::black_box(o);
                 m += 1;
-                if m % 100 == 0 && start.elapsed() >= Duration::from_secs(1) {
+                if m % 100 == 0 && start.elapsed() >= per_op {
                     break 'outer;
                 }
             }
