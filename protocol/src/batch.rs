@@ -445,6 +445,9 @@ impl NodeSet {
 #[derive(Default)]
 pub(crate) struct BatchNodes {
     batches: VecDeque<NodeSet>,
+    /// Records nothing: an opener whose root cache is off ([`VerifiedRoots::new`]`(0)`)
+    /// verifies every message's signature.
+    off: bool,
 }
 
 impl fmt::Debug for BatchNodes {
@@ -460,12 +463,29 @@ impl BatchNodes {
     /// publishers).
     const BATCHES: usize = 4;
 
+    /// A record that records nothing.
+    pub(crate) fn off() -> Self {
+        BatchNodes {
+            batches: VecDeque::new(),
+            off: true,
+        }
+    }
+
+    /// Batches recorded.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.batches.len()
+    }
+
     fn find(&self, id: &BatchId) -> Option<&NodeSet> {
         self.batches.iter().find(|b| b.id == *id)
     }
 
     /// Adds authenticated nodes of batch `id` (made the most recent batch).
     fn record(&mut self, id: BatchId, nodes: impl Iterator<Item = ((u32, u32), [u8; 32])>) {
+        if self.off {
+            return;
+        }
         let set = match self.batches.iter().position(|b| b.id == id) {
             Some(0) => &mut self.batches[0],
             Some(i) => {
@@ -581,7 +601,8 @@ impl VerifiedRoots {
     /// The default capacity.
     pub const DEFAULT_CAPACITY: usize = 1024;
 
-    /// A cache of at most `cap` roots (`0` disables caching).
+    /// A cache of at most `cap` roots (`0` disables caching: an [`Opener`](crate::Opener)
+    /// given it also records no batch nodes, so every message's signature is verified).
     pub fn new(cap: usize) -> Self {
         VerifiedRoots {
             cap,
@@ -598,6 +619,10 @@ impl VerifiedRoots {
     /// Whether it holds none.
     pub fn is_empty(&self) -> bool {
         self.set.is_empty()
+    }
+    /// Whether it remembers roots (capacity above 0).
+    pub fn is_enabled(&self) -> bool {
+        self.cap > 0
     }
     /// Verifications saved so far.
     pub fn hits(&self) -> u64 {

@@ -942,6 +942,11 @@ impl Opener {
 
     /// Replaces the cache of verified batch roots (default: [`VerifiedRoots::DEFAULT_CAPACITY`]).
     pub fn with_verified_roots(mut self, roots: VerifiedRoots) -> Self {
+        self.nodes = if roots.is_enabled() {
+            BatchNodes::default()
+        } else {
+            BatchNodes::off()
+        };
         self.roots = roots;
         self
     }
@@ -1646,6 +1651,16 @@ mod tests {
         }
         assert_eq!(opener.verified_roots().len(), 1);
         assert_eq!(opener.verified_roots().hits(), 4);
+        // Caching off: no root and no batch node is remembered, each message verifies.
+        let mut cold = Opener::new().with_verified_roots(VerifiedRoots::new(0));
+        for e in &envs {
+            assert!(cold.open(&kr, e, 0).is_ok());
+        }
+        assert_eq!(
+            (cold.verified_roots().len(), cold.verified_roots().hits()),
+            (0, 0)
+        );
+        assert_eq!((cold.nodes.len(), opener.nodes.len()), (0, 1));
         // A subscriber of one topic only opens its message alone.
         let mut one = Keyring::new();
         one.add_grant_at(tk.grant(&Scope::Topic(Topic::new("c/d/e").unwrap())), 0)
