@@ -69,3 +69,22 @@ test('sealEnvelopes signs as publishes are: batch runs verify message by message
     assert.equal(reader.openEnvelope(envs[71]).sender, sender);
   }
 });
+
+test('each message names its own sender when many senders alternate', () => {
+  const tree = TreeKey.generate('senders');
+  const keys = new Keyring();
+  keys.addTreeKey(tree);
+  // More senders than the opener keeps text forms of (8), in a changing order.
+  const ids = Array.from({ length: 11 }, () => Identity.generate());
+  const cores = ids.map((id) => {
+    const c = new ClientCore(keys, 0, true, true);
+    c.setIdentity(id);
+    return c;
+  });
+  const reader = new ClientCore(keys, 0, true, false);
+  for (let i = 0; i < 200; i++) {
+    const k = (i * 7 + (i >> 3)) % ids.length;
+    const m = reader.openEnvelope(cores[k].sealEnvelope('s/x', 'application/octet-stream', new Uint8Array([i])));
+    assert.equal(m.sender, ids[k].senderId, `message ${i} from sender ${k}`);
+  }
+});
