@@ -378,14 +378,7 @@ impl BatchProof {
             }
         } else {
             let root = hs[0];
-            let key = RootKey {
-                sender: id.sender,
-                tree: id.tree,
-                epoch,
-                count: self.count,
-                root,
-                sig: id.sig,
-            };
+            let key = RootKey { id, root };
             let hit = match &mut cache {
                 RootCache::None => false,
                 RootCache::Own(c) => c.hit(&key),
@@ -416,7 +409,7 @@ impl BatchProof {
 
 /// What names one signed batch: the signer, tree, epoch, leaf count and signature (one
 /// signature verifies for one root only, so the nodes recorded under it are one tree's).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct BatchId {
     sender: [u8; 32],
     tree: [u8; 16],
@@ -506,14 +499,11 @@ impl BatchNodes {
     }
 }
 
+/// A verified root: its batch and the root the signature covers.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct RootKey {
-    sender: [u8; 32],
-    tree: [u8; 16],
-    epoch: u64,
-    count: u32,
+    id: BatchId,
     root: [u8; 32],
-    sig: [u8; 64],
 }
 
 /// Batch roots whose signature verified, so a batch costs one Ed25519 verification per

@@ -50,6 +50,7 @@ test('sealEnvelopes signs as publishes are: batch runs verify message by message
   keys.addTreeKey(tree);
   const me = Identity.generate();
   const payloads = Array.from({ length: 150 }, (_, i) => new Uint8Array([i, i >> 8, 7]));
+  const lengths = {};
   for (const [mode, sender] of [['batch', me.senderId], ['message', me.senderId], ['off', null]]) {
     const core = new ClientCore(keys, 0, true, true);
     core.setIdentity(me);
@@ -62,12 +63,23 @@ test('sealEnvelopes signs as publishes are: batch runs verify message by message
       assert.deepStrictEqual([...m.payload], [...payloads[i]], `${mode} ${i}`);
       assert.equal(m.sender, sender, `${mode} ${i}`);
     });
+    // Without padding the proof shows in the length: a batch proof carries salt (32), count
+    // and index (8), path length (1) and its path beside the key and signature a
+    // per-message signature has; unsigned carries neither.
+    const unpadded = new ClientCore(keys, 0, false, true);
+    unpadded.setIdentity(me);
+    unpadded.setSigning(mode);
+    const len = unpadded.sealEnvelopes('s/x', 'application/octet-stream', [payloads[0]])[0].length;
+    lengths[mode] = len;
     // One damaged envelope of a run fails alone; its neighbours (same signature) still open.
     const bad = envs[70].slice();
     bad[bad.length - 20] ^= 1;
     assert.throws(() => reader.openEnvelope(bad));
     assert.equal(reader.openEnvelope(envs[71]).sender, sender);
   }
+  // A run of one has an empty path: exactly 41 bytes more than a per-message signature.
+  assert.equal(lengths.batch - lengths.message, 41, JSON.stringify(lengths));
+  assert.ok(lengths.message > lengths.off, JSON.stringify(lengths));
 });
 
 test('each message names its own sender when many senders alternate', () => {
