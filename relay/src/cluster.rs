@@ -72,8 +72,13 @@ const MAX_ORIGINS: usize = 1024;
 /// Envelopes received from NATS and not yet routed (also bounded in bytes by
 /// `cluster.receive_bytes`).
 const INBOUND: usize = 65_536;
-/// The NATS client's buffer per subscription, in messages.
-const SUBSCRIPTION_CAPACITY: usize = 8_192;
+/// The NATS client's buffer per subscription, in messages. The client's connection task
+/// reads until its socket is empty or its scheduling budget (128 reads of up to 64 KiB) is
+/// spent before the subscription's reader can run on the same worker: up to 8 MiB at once,
+/// 65,536 envelopes of 128 bytes. What overflows this buffer the client drops with only a
+/// `SlowConsumer` event, whose channel itself drops events — a loss no subscriber would be
+/// told about — so it holds a whole turn (the readers drain it whole, see `interest_loop`).
+const SUBSCRIPTION_CAPACITY: usize = 65_536;
 /// Unflushed bytes after which the publisher flushes the NATS client even while more waits.
 const FLUSH_BYTES: u64 = 1 << 20;
 
@@ -573,11 +578,20 @@ async fn interest_loop(
                                         shared.router.lost_remote(&path, n);
                                     }
                                 };
-                                while let Some(msg) = sub.next().await {
-                                    if !receive(&tx, &limit, &m, msg, &lost) {
-                                        break;
+                                // Unconstrained: a reader takes everything buffered each
+                                // time it runs (a few nanoseconds each: a byte count and a
+                                // `try_send`), rather than 128 per turn against the NATS
+                                // connection task's thousands; on a busy machine the budget
+                                // made the client's buffer overflow, silently (found by
+                                // `graceful_shutdown_drains_the_forward_queue`).
+                                tokio::task::unconstrained(async {
+                                    while let Some(msg) = sub.next().await {
+                                        if !receive(&tx, &limit, &m, msg, &lost) {
+                                            break;
+                                        }
                                     }
-                                }
+                                })
+                                .await;
                             }));
                         }
                         Err(e) => {
