@@ -72,13 +72,6 @@ const MAX_ORIGINS: usize = 1024;
 /// Envelopes received from NATS and not yet routed (also bounded in bytes by
 /// `cluster.receive_bytes`).
 const INBOUND: usize = 65_536;
-/// The NATS client's buffer per subscription, in messages. The client's connection task
-/// reads until its socket is empty or its scheduling budget (128 reads of up to 64 KiB) is
-/// spent before the subscription's reader can run on the same worker: up to 8 MiB at once,
-/// 65,536 envelopes of 128 bytes. What overflows this buffer the client drops with only a
-/// `SlowConsumer` event, whose channel itself drops events — a loss no subscriber would be
-/// told about — so it holds a whole turn (the readers drain it whole, see `interest_loop`).
-const SUBSCRIPTION_CAPACITY: usize = 65_536;
 /// Unflushed bytes after which the publisher flushes the NATS client even while more waits.
 const FLUSH_BYTES: u64 = 1 << 20;
 
@@ -116,30 +109,48 @@ pub(crate) struct Forward {
     held: Option<Held>,
 }
 
-/// Local publishes the forward queue dropped, by path, until the publisher tells the
-/// other relays (loss notices: their subscribers get the count in a `Gap`).
-#[derive(Debug, Default)]
-struct LostPaths {
-    paths: Mutex<HashMap<TokenPath, u64>>,
-    /// Woken at a first drop, so a publisher idle on an empty queue tells it too.
+/// Losses counted by key until someone reports them, with a wake-up at each new key.
+/// `LostPaths`: local publishes the forward queue dropped, by path, until the publisher
+/// tells the other relays (loss notices: their subscribers get the count in a `Gap`).
+/// `SlowSubscriptions`: envelopes the NATS client dropped, by its subscription id, until
+/// the interest keeper tells the subscribers of that filter.
+#[derive(Debug)]
+pub(crate) struct Tally<K> {
+    counts: Mutex<HashMap<K, u64>>,
+    /// Woken at a first loss, so a reporter idle on an empty queue tells it too.
     added: tokio::sync::Notify,
 }
 
-impl LostPaths {
-    fn add(&self, path: TokenPath) {
-        let mut m = self.paths.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&path) {
+impl<K> Default for Tally<K> {
+    fn default() -> Self {
+        Self {
+            counts: Mutex::new(HashMap::new()),
+            added: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Tally<K> {
+    /// Counts one loss under `key`; beyond [`MAX_LOST_PATHS`] distinct keys it is only
+    /// counted in the caller's metric.
+    fn add(&self, key: K) {
+        let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&key) {
             *n += 1;
         } else if m.len() < MAX_LOST_PATHS {
-            m.insert(path, 1);
+            m.insert(key, 1);
             self.added.notify_one();
         }
     }
 
-    fn take(&self) -> HashMap<TokenPath, u64> {
-        std::mem::take(&mut *self.paths.lock().unwrap_or_else(|p| p.into_inner()))
+    fn take(&self) -> HashMap<K, u64> {
+        std::mem::take(&mut *self.counts.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
+
+type LostPaths = Tally<TokenPath>;
+/// Envelopes the NATS client dropped for each of its subscriptions (by sid).
+pub(crate) type SlowSubscriptions = Tally<u64>;
 
 /// The router's side of the bridge: two queues, both fed without blocking.
 #[derive(Debug)]
@@ -187,6 +198,8 @@ pub(crate) struct Receivers {
     forward: mpsc::Receiver<Forward>,
     lost: Arc<LostPaths>,
     interest: mpsc::UnboundedReceiver<Interest>,
+    /// Filled by the NATS client's events ([`connect`]), reported by the interest keeper.
+    pub(crate) slow: Arc<SlowSubscriptions>,
 }
 
 /// The queues between router and bridge.
@@ -206,6 +219,7 @@ pub(crate) fn link(config: &ClusterConfig, metrics: Arc<Metrics>) -> (Link, Rece
             forward: frx,
             lost,
             interest: irx,
+            slow: Arc::default(),
         },
     )
 }
@@ -270,6 +284,7 @@ impl State {
 pub(crate) async fn connect(
     config: &ClusterConfig,
     metrics: Arc<Metrics>,
+    slow: Arc<SlowSubscriptions>,
 ) -> Result<async_nats::Client, ClusterError> {
     let o = async_nats::ConnectOptions::new()
         .no_echo()
@@ -279,9 +294,10 @@ pub(crate) async fn connect(
         // Each subscription's reader moves what arrives at once into the byte-bounded
         // receive queue, so this buffer holds only what came in since the reader last ran
         // (one socket read); beyond it NATS reports a slow consumer (counted).
-        .subscription_capacity(SUBSCRIPTION_CAPACITY)
+        .subscription_capacity(config.subscription_capacity)
         .event_callback(move |event| {
             let metrics = metrics.clone();
+            let slow = slow.clone();
             async move {
                 let c = &metrics.cluster;
                 match &event {
@@ -297,8 +313,12 @@ pub(crate) async fn connect(
                     async_nats::Event::Closed => {
                         c.connected.store(0, Relaxed);
                     }
-                    async_nats::Event::SlowConsumer(_) => {
+                    // One event per envelope the client dropped (its events channel
+                    // drops events too when full, so this undercounts): the interest
+                    // keeper tells that subscription's filter's subscribers in a `Gap`.
+                    async_nats::Event::SlowConsumer(sid) => {
                         c.receive_dropped.fetch_add(1, Relaxed);
+                        slow.add(*sid);
                     }
                     // Repeats on every reconnect attempt while NATS is unreachable.
                     async_nats::Event::ClientError(e) => {
@@ -416,6 +436,7 @@ pub(crate) async fn run(
     tasks.spawn(interest_loop(
         client,
         rx.interest,
+        rx.slow,
         prefix,
         in_tx,
         ByteLimit::new(shared.config.cluster.receive_bytes),
@@ -545,24 +566,52 @@ async fn tell_lost(
 async fn interest_loop(
     client: async_nats::Client,
     mut rx: mpsc::UnboundedReceiver<Interest>,
+    slow: Arc<SlowSubscriptions>,
     prefix: String,
     inbound: mpsc::Sender<Received>,
     received: Arc<ByteLimit>,
     shared: Arc<Shared>,
 ) {
     let metrics = shared.metrics.clone();
-    let mut held: HashMap<TokenPattern, Vec<tokio::task::AbortHandle>> = HashMap::new();
+    // Per filter: its readers, and the NATS client's ids of its subscriptions.
+    let mut held: HashMap<TokenPattern, (Vec<tokio::task::AbortHandle>, Vec<u64>)> = HashMap::new();
+    let mut filter_of: HashMap<u64, TokenPattern> = HashMap::new();
     let mut readers = JoinSet::new();
-    while let Some(change) = rx.recv().await {
+    loop {
+        let change = tokio::select! {
+            change = rx.recv() => change,
+            // Envelopes the NATS client dropped (`SlowConsumer`): their paths are unknown,
+            // so every connection subscribed with that filter hears of them in a `Gap`.
+            _ = slow.added.notified() => {
+                for (sid, n) in slow.take() {
+                    if let Some(pattern) = filter_of.get(&sid) {
+                        shared.router.lost_filter(pattern, n);
+                    }
+                }
+                continue;
+            }
+        };
+        let Some(change) = change else { break };
         // Reap finished readers so the set does not grow.
         while readers.try_join_next().is_some() {}
         match change {
             Interest::Add(pattern) => {
                 let mut handles = Vec::new();
+                let mut sids = Vec::new();
                 for subject in pattern_subjects(&prefix, &pattern) {
                     match client.subscribe(subject).await {
                         Ok(mut sub) => {
                             metrics.cluster.subscriptions.fetch_add(1, Relaxed);
+                            match subscription_id(&sub) {
+                                Some(sid) => {
+                                    filter_of.insert(sid, pattern.clone());
+                                    sids.push(sid);
+                                }
+                                None => tracing::warn!(
+                                    "cluster: a NATS subscription's id is unknown; \
+                                     its slow-consumer drops are counted, not reported"
+                                ),
+                            }
                             let tx = inbound.clone();
                             let m = metrics.clone();
                             let limit = received.clone();
@@ -582,7 +631,7 @@ async fn interest_loop(
                                 // time it runs (a few nanoseconds each: a byte count and a
                                 // `try_send`), rather than 128 per turn against the NATS
                                 // connection task's thousands; on a busy machine the budget
-                                // made the client's buffer overflow, silently (found by
+                                // made the client's buffer overflow (found by
                                 // `graceful_shutdown_drains_the_forward_queue`).
                                 tokio::task::unconstrained(async {
                                     while let Some(msg) = sub.next().await {
@@ -599,15 +648,29 @@ async fn interest_loop(
                         }
                     }
                 }
-                held.insert(pattern, handles);
+                held.insert(pattern, (handles, sids));
             }
             Interest::Remove(pattern) => {
-                for h in held.remove(&pattern).unwrap_or_default() {
+                let (handles, sids) = held.remove(&pattern).unwrap_or_default();
+                for h in handles {
                     h.abort();
+                }
+                for sid in sids {
+                    filter_of.remove(&sid);
                 }
             }
         }
     }
+}
+
+/// The NATS client's id of a subscription (what its `SlowConsumer` events name). async-nats
+/// 0.51 keeps it private and shows it only in `Debug` (`Subscriber { sid: 7, … }`); the test
+/// `cluster::drops_in_the_nats_client_are_reported_in_a_gap` fails if that changes.
+fn subscription_id(sub: &async_nats::Subscriber) -> Option<u64> {
+    let debug = format!("{sub:?}");
+    let rest = debug.strip_prefix("Subscriber { sid: ")?;
+    let end = rest.find(|c: char| !c.is_ascii_digit())?;
+    rest[..end].parse().ok()
 }
 
 /// An envelope from NATS waiting to be routed; its bytes count in `cluster.receive_bytes`.
@@ -618,8 +681,8 @@ pub(crate) struct Received {
 
 /// Queues `msg` for routing without waiting: beyond the receive bound (bytes or count) it
 /// is dropped, counted and handed to `lost` (which tells its subscribers) — the reader never
-/// leaves it in the NATS client's buffer, where 8,192 messages of any size per subscription
-/// would wait. `false` once routing has ended.
+/// leaves it in the NATS client's buffer, where `cluster.subscription_capacity` messages of
+/// any size per subscription would wait. `false` once routing has ended.
 fn receive(
     tx: &mpsc::Sender<Received>,
     limit: &Arc<ByteLimit>,

@@ -438,14 +438,27 @@ pub struct ClusterConfig {
     /// relay falls behind what other relays send it, beyond this bound envelopes from NATS
     /// are dropped, counted in whispeer_relay_cluster_receive_dropped_total and reported in
     /// a Gap to each connection with a matching subscription (QoS 0 loss across relays),
-    /// instead of waiting in memory (the NATS client buffered 65,536 messages of any size
-    /// per subscription).
+    /// instead of waiting in memory.
     #[arg(
         id = "cluster.receive_bytes",
         long = "cluster-receive-bytes",
         env = "WHISPEER_CLUSTER_RECEIVE_BYTES"
     )]
     pub receive_bytes: u64,
+    /// Messages the NATS client buffers per subscription before this relay's reader moves
+    /// them into the receive queue (at least 1). The client's connection task reads until
+    /// its socket is empty or its scheduling budget (128 reads of up to 64 KiB) is spent
+    /// before a reader runs: up to 8 MiB at once, 65,536 envelopes of 128 bytes. What
+    /// overflows this buffer the client drops; each drop is counted in
+    /// whispeer_relay_cluster_receive_dropped_total and reported in a Gap to the
+    /// connections subscribed with that filter (the client reports drops through a
+    /// bounded event channel, so in a burst some go uncounted).
+    #[arg(
+        id = "cluster.subscription_capacity",
+        long = "cluster-subscription-capacity",
+        env = "WHISPEER_CLUSTER_SUBSCRIPTION_CAPACITY"
+    )]
+    pub subscription_capacity: usize,
     /// Where a clustered relay keeps messages: "local" (its own [store]; sequence numbers
     /// per relay, QoS >= 1 does not cross relays) or "jetstream" (one JetStream stream
     /// numbers and keeps every stored message for the whole cluster: the same sequences,
@@ -538,6 +551,7 @@ impl Default for ClusterConfig {
             queue: 65_536,
             queue_bytes: 64 << 20,
             receive_bytes: 64 << 20,
+            subscription_capacity: 65_536,
             store: ClusterStore::Local,
             stream: "WSP".into(),
             replicas: 1,
@@ -1384,6 +1398,9 @@ impl Config {
             }
             if c.queue == 0 {
                 return invalid("cluster.queue", "must be at least 1".into());
+            }
+            if c.subscription_capacity == 0 {
+                return invalid("cluster.subscription_capacity", "must be at least 1".into());
             }
             if c.store == ClusterStore::Jetstream {
                 if c.stream.is_empty()

@@ -121,12 +121,37 @@ impl<V> SubIndex<V> {
         removed
     }
 
+    /// Calls `f` once per subscription whose filter is exactly `pattern` (not the ones it
+    /// matches or that match it).
+    pub fn for_each_with_filter<'a>(
+        &'a self,
+        pattern: &TokenPattern,
+        mut f: impl FnMut(ConnId, &'a V),
+    ) {
+        let found = self
+            .roots
+            .get(pattern.key_id())
+            .and_then(|root| find(root, pattern.elems()));
+        for e in found.unwrap_or_default() {
+            f(e.conn, &e.value);
+        }
+    }
+
     /// Calls `f` once per matching subscription (a connection with several matching
     /// subscriptions is seen several times; the router deduplicates).
     pub fn for_each_match<'a>(&'a self, path: &TokenPath, mut f: impl FnMut(ConnId, &'a V)) {
         if let Some(root) = self.roots.get(path.key_id()) {
             walk(root, path.tokens(), &mut f);
         }
+    }
+}
+
+fn find<'a, V>(node: &'a Node<V>, elems: &[PatternElem]) -> Option<&'a [Entry<V>]> {
+    match elems.split_first() {
+        None => Some(&node.here),
+        Some((PatternElem::Rest, _)) => Some(&node.rest),
+        Some((PatternElem::Token(t), tail)) => find(node.exact.get(t)?, tail),
+        Some((PatternElem::One, tail)) => find(node.one.as_deref()?, tail),
     }
 }
 
@@ -253,6 +278,20 @@ mod tests {
                 let want: Vec<u32> = pats.iter().enumerate()
                     .filter(|(_, p)| p.matches(path)).map(|(i, _)| i as u32).collect();
                 prop_assert_eq!(matches(&ix, path), want);
+            }
+            // Exactly the subscriptions with an equal filter, for filters held or not.
+            for probe in pats.iter().cloned().chain(paths.iter().map(|p| {
+                TokenPattern::new(
+                    *p.key_id(),
+                    p.tokens().iter().map(|t| PatternElem::Token(*t)).collect(),
+                ).unwrap()
+            })) {
+                let want: Vec<u32> = pats.iter().enumerate()
+                    .filter(|(_, p)| **p == probe).map(|(i, _)| i as u32).collect();
+                let mut got = Vec::new();
+                ix.for_each_with_filter(&probe, |_, x| got.push(*x));
+                got.sort();
+                prop_assert_eq!(got, want);
             }
             for (i, p) in pats.iter().enumerate() {
                 prop_assert!(ix.remove(p, ConnId(i as u64), SubId(0)));

@@ -488,8 +488,12 @@ impl Relay {
         if let Some(rx) = cluster_rx {
             // Connects in the background: the relay serves its own clients while NATS is
             // unreachable (forwarded envelopes are counted as dropped meanwhile).
-            let client =
-                crate::cluster::connect(&shared.config.cluster, shared.metrics.clone()).await?;
+            let client = crate::cluster::connect(
+                &shared.config.cluster,
+                shared.metrics.clone(),
+                rx.slow.clone(),
+            )
+            .await?;
             let (drain_tx, drain_rx) = tokio::sync::oneshot::channel();
             let task = tokio::spawn(crate::cluster::run(shared.clone(), client, rx, drain_rx));
             bridge = Some((task, drain_tx));

@@ -55,6 +55,16 @@ use crate::store::{Accepted, Append, Sequenced, Store, StoreError, Tenant};
 /// heap allocations per routed message (targets, wake-ups).
 type Targets<'a> = SmallVec<[&'a Arc<Target>; 8]>;
 
+/// Tells each connection among `targets` (once, however many of its subscriptions are
+/// there) that `n` messages for it were lost, in its next `Gap`.
+fn add_dropped_once(targets: &mut Targets<'_>, n: u64) {
+    targets.sort_unstable_by_key(|t| t.conn);
+    targets.dedup_by_key(|t| t.conn);
+    for t in targets.iter() {
+        t.out.add_dropped(n);
+    }
+}
+
 /// Outbound queues that routing made non-empty, for the caller to wake once it is done
 /// routing what it has at hand: a publisher's reader wakes each subscriber's writer once
 /// per turn of frames rather than once per message. Woken per message, the writer (on the
@@ -562,11 +572,19 @@ impl Router {
         let core = self.lock(self.shard_of(path.key_id()));
         let mut targets: Targets<'_> = SmallVec::new();
         core.index.for_each_match(path, |_, t| targets.push(t));
-        targets.sort_unstable_by_key(|t| t.conn);
-        targets.dedup_by_key(|t| t.conn);
-        for t in &targets {
-            t.out.add_dropped(n);
-        }
+        add_dropped_once(&mut targets, n);
+    }
+
+    /// Envelopes for the filter `pattern` that the NATS client dropped (its buffer for that
+    /// subscription overflowed) before this relay saw them, so their paths are unknown:
+    /// each connection with a subscription of exactly that filter — the ones the NATS
+    /// subscription exists for — is told in its next `Gap`.
+    pub(crate) fn lost_filter(&self, pattern: &TokenPattern, n: u64) {
+        let core = self.lock(self.shard_of(pattern.key_id()));
+        let mut targets: Targets<'_> = SmallVec::new();
+        core.index
+            .for_each_with_filter(pattern, |_, t| targets.push(t));
+        add_dropped_once(&mut targets, n);
     }
 
     /// Routes a message the store numbered elsewhere (the cluster's JetStream stream), in

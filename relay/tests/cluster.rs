@@ -498,7 +498,7 @@ async fn delivered_or_reported(sub: &mut Client, n: u32, mut each: impl FnMut(Ms
 /// (16 KiB here) of it waiting for routing when it runs again: each reader moves what the
 /// NATS client received into that bounded queue at once, and beyond the bound envelopes
 /// are dropped, counted (`whispeer_relay_cluster_receive_dropped_total`) and reported to
-/// the subscriber in `Gap` frames, instead of waiting in the client's buffer (8,192
+/// the subscriber in `Gap` frames, instead of waiting in the client's buffer (65,536
 /// messages of any size per subscription). Every envelope is either delivered, in order,
 /// or counted and reported.
 #[tokio::test]
@@ -625,4 +625,82 @@ async fn a_remote_envelope_the_store_refuses_is_reported_in_a_gap() {
     eprintln!("{got} of {N} delivered at the relay over its quota, {gaps} reported in Gaps");
     assert!(gaps > 0, "the quota refused nothing");
     assert_eq!(gaps, dropped, "every refusal counted and reported");
+}
+
+/// The NATS client's own buffer per subscription (`cluster.subscription_capacity`; 1 here,
+/// so that a burst overflows it) drops what the relay's reader has not taken yet, telling
+/// only through a `SlowConsumer` event that names the subscription. The relay maps it to
+/// the subscription's filter and tells the connections subscribed with that filter in a
+/// `Gap`: 5,000 × 1 KiB published at A as fast as it takes them, then a marker (repeated
+/// until it arrives: it can be dropped too). B's subscriber gets some of them, in order,
+/// and `Gap`s for as many as B counted; never more than it missed. (Not every drop: the
+/// client's event channel itself drops events in a burst, so the count is a lower bound.)
+/// Before, those drops were counted and no subscriber heard of them.
+#[tokio::test]
+async fn drops_in_the_nats_client_are_reported_in_a_gap() {
+    const N: u32 = 5000;
+    let Some((_nats, _a, b, mut sub, mut publ)) =
+        pair(&["--cluster-subscription-capacity", "1"]).await
+    else {
+        return;
+    };
+    let msgs: Vec<Envelope> = (0..N).map(|i| numbered_sized(1, &[3], i, 1024)).collect();
+    for e in &msgs {
+        publ.publish(e.clone()).await;
+    }
+    let marker = numbered_sized(1, &[3], u32::MAX - 2, 19);
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let m = marker.clone();
+    let markers = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => break,
+                _ = tick.tick() => publ.publish(m.clone()).await,
+            }
+        }
+    });
+    let (mut got, mut gaps) = (Vec::new(), 0u64);
+    loop {
+        match sub.recv().await {
+            Frame::Msg(m) if m.envelope == marker => break,
+            Frame::Msg(m) => got.push(
+                msgs.iter()
+                    .position(|e| *e == m.envelope)
+                    .expect("one of the published envelopes"),
+            ),
+            Frame::Gap(g) => gaps += g.dropped,
+            other => panic!("expected Msg or Gap, got {other:?}"),
+        }
+    }
+    let _ = stop_tx.send(());
+    markers.await.unwrap();
+    // The drop events are handled beside the messages: read the Gaps for what B counted.
+    let counted = metric(b.admin(), "whispeer_relay_cluster_receive_dropped_total").await;
+    while gaps < counted {
+        match sub.recv().await {
+            Frame::Gap(g) => gaps += g.dropped,
+            Frame::Msg(m) => assert_eq!(m.envelope, marker, "only markers after the marker"),
+            other => panic!("expected Gap, got {other:?}"),
+        }
+    }
+    let missed = u64::from(N) - got.len() as u64;
+    eprintln!(
+        "{} of {N} delivered through a NATS buffer of one message; B counted {counted} \
+         drops, {gaps} reported in Gaps",
+        got.len()
+    );
+    assert!(
+        missed > 0,
+        "nothing dropped: the burst did not overflow the buffer"
+    );
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order, once each");
+    assert!(
+        gaps > 0,
+        "the NATS client's drops were not reported to the subscriber"
+    );
+    assert!(
+        gaps <= missed,
+        "more reported ({gaps}) than missed ({missed})"
+    );
 }

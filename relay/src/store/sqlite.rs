@@ -1226,7 +1226,6 @@ impl Shared {
                 q.inflight = false;
                 self.committed.fetch_max(mark, Relaxed);
                 drop(q);
-                self.resolve(&mut held);
             } else if count > 0 || sweep || persist {
                 if sweep {
                     last_sweep = now;
@@ -1250,12 +1249,10 @@ impl Shared {
                     }
                     Err(e) => self.fail(&e, &mut held),
                 }
-                self.resolve(&mut held);
             } else {
                 let q = lock(&self.queue);
                 self.committed.fetch_max(mark, Relaxed);
                 drop(q);
-                self.resolve(&mut held);
             }
             // The committed operations are dropped here, off the queue lock; their blocks
             // go back for reuse.
@@ -1263,11 +1260,16 @@ impl Shared {
             ops.iter_mut().for_each(Vec::clear);
             {
                 let mut q = lock(&self.queue);
-                q.resolving = !held.is_empty();
                 q.bytes = q.bytes.saturating_sub(bytes);
                 q.release(done);
                 q.recycle(&mut ops);
             }
+            // Acknowledged only once their bytes have left the queue's bounds: a publisher
+            // that has its PubAcks is never refused `busy` for what they held (test
+            // `store_hostile::the_write_queue_is_bounded_in_bytes_while_the_writer_is_stuck`
+            // saw its big publish after the acks refused for 4 acknowledged envelopes).
+            self.resolve(&mut held);
+            lock(&self.queue).resolving = !held.is_empty();
             self.changes.send_modify(|n| *n += 1);
             if closed {
                 break;
