@@ -1054,7 +1054,11 @@ async fn ack_loop(
             _ => None,
         };
         lock(&inner.ledger).finish(job.write, seq);
-        JetStreamStore::resolve(&inner, job.ticket, out);
+        // Its bytes leave `store.queue_bytes` before the publisher hears: one holding its
+        // PubAck is never refused `busy` for what it held.
+        let ticket = job.ticket;
+        drop(job);
+        JetStreamStore::resolve(&inner, ticket, out);
     }
 }
 
