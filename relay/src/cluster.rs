@@ -664,8 +664,9 @@ async fn interest_loop(
 }
 
 /// The NATS client's id of a subscription (what its `SlowConsumer` events name). async-nats
-/// 0.51 keeps it private and shows it only in `Debug` (`Subscriber { sid: 7, … }`); the test
-/// `cluster::drops_in_the_nats_client_are_reported_in_a_gap` fails if that changes.
+/// 0.51 keeps it private and shows it only in `Debug` (`Subscriber { sid: 7, … }`); the unit
+/// test `a_subscription_id_is_read_from_the_subscriber` and the integration test
+/// `cluster::drops_in_the_nats_client_are_reported_in_a_gap` fail if that changes.
 fn subscription_id(sub: &async_nats::Subscriber) -> Option<u64> {
     let debug = format!("{sub:?}");
     let rest = debug.strip_prefix("Subscriber { sid: ")?;
@@ -976,6 +977,22 @@ mod tests {
     }
     fn t(b: u8) -> TopicToken {
         TopicToken::from_bytes([b; 16])
+    }
+
+    /// The id async-nats gives each subscription (what its `SlowConsumer` events name) is
+    /// read from the subscriber; no server is needed: the client queues the subscribes.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_subscription_id_is_read_from_the_subscriber() {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("nats://127.0.0.1:1")
+            .await
+            .expect("a client that connects in the background");
+        let a = client.subscribe("a").await.expect("queued");
+        let b = client.subscribe("b").await.expect("queued");
+        let ia = subscription_id(&a).expect("the id of a");
+        let ib = subscription_id(&b).expect("the id of b");
+        assert_eq!(ib, ia + 1, "ids are handed out in order: {a:?}");
     }
 
     fn nats_msg(len: usize) -> async_nats::Message {
