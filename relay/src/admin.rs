@@ -186,6 +186,9 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4; charset=utf-8",
             {
                 let store = shared.router.store();
+                if let Some(c) = &shared.cluster {
+                    c.refresh_connected(&shared.metrics);
+                }
                 let mut text = shared.metrics.render_prometheus(shared.router.last_seq().0);
                 text.push_str(
                     &shared

@@ -259,6 +259,16 @@ impl State {
         }
     }
 
+    /// Sets `whispeer_relay_cluster_connected` from the client's own state: the events that
+    /// also set it travel through async-nats's bounded event channel, which drops events
+    /// when full (a burst of `SlowConsumer` events can crowd out a `Disconnected`).
+    pub(crate) fn refresh_connected(&self, metrics: &Metrics) {
+        if let Some(client) = self.client.get() {
+            let up = client.connection_state() == async_nats::connection::State::Connected;
+            metrics.cluster.connected.store(i64::from(up), Relaxed);
+        }
+    }
+
     pub(crate) fn status(&self, metrics: &Metrics) -> ClusterStatus {
         let c = &metrics.cluster;
         let client = self.client.get();
