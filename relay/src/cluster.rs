@@ -617,10 +617,17 @@ async fn interest_loop(
                                     filter_of.insert(sid, pattern.clone());
                                     sids.push(sid);
                                 }
-                                None => tracing::warn!(
-                                    "cluster: a NATS subscription's id is unknown; \
-                                     its slow-consumer drops are counted, not reported"
-                                ),
+                                None => {
+                                    // Once per process: the cause (an async-nats that
+                                    // formats its subscriber differently) holds for all.
+                                    static WARNED: std::sync::Once = std::sync::Once::new();
+                                    WARNED.call_once(|| {
+                                        tracing::warn!(
+                                            "cluster: NATS subscription ids are unknown; \
+                                             slow-consumer drops are counted, not reported"
+                                        )
+                                    });
+                                }
                             }
                             let tx = inbound.clone();
                             let m = metrics.clone();
