@@ -1,7 +1,8 @@
 //! Connecting to a relay: `ws://`, `wss://`, `tcp://`, `tls://` and `quic://` URLs, each turned into a
-//! frame writer plus a channel of incoming frames fed by a reader task (so the connection
-//! driver can `select!` on it without cancellation hazards).
+//! frame writer plus a [`Reader`] of incoming frames that the connection driver reads
+//! itself (cancel-safe, so it can `select!` on it).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,17 +142,130 @@ impl FrameWriter {
     }
 }
 
-/// What the reader task reports.
+/// What a connection's reader yields.
 pub(crate) enum Incoming {
     Frame(Frame),
     /// The connection ended (EOF, error, undecodable frame); the text says why.
     Closed(String),
 }
 
-/// An open connection: a writer and the reader task's channel.
+/// An open connection: a writer and its incoming frames.
 pub(crate) struct Connection {
     pub(crate) writer: FrameWriter,
-    pub(crate) incoming: mpsc::Receiver<Incoming>,
+    pub(crate) incoming: Reader,
+}
+
+/// Frames a socket delivers, read by the connection driver itself: a reader task between
+/// socket and driver cost each received frame one more task wake-up and channel hop.
+/// [`Reader::recv`] is cancel-safe (the driver `select!`s on it): a read that loses the
+/// race has read nothing, and what was read is queued here. The in-process relay keeps a
+/// reader task (its frames arrive on a channel already).
+pub(crate) enum Reader {
+    /// A reader task's channel.
+    Channel(mpsc::Receiver<Incoming>),
+    /// A length-prefixed byte stream (TCP, TLS, QUIC).
+    Stream {
+        r: tokio::io::ReadHalf<Box<dyn Io>>,
+        dec: FrameDecoder,
+        ready: VecDeque<Frame>,
+        end: Option<String>,
+    },
+    /// A WebSocket: one frame per binary message.
+    Ws {
+        stream: futures_util::stream::SplitStream<WebSocketStream<Box<dyn Io>>>,
+        ready: VecDeque<Frame>,
+        end: Option<String>,
+    },
+}
+
+/// Frames taken from a WebSocket at once without waiting (what tungstenite has buffered
+/// or the socket holds), so the driver sees a backlog as it did through a reader task.
+const WS_DRAIN: usize = 64;
+
+impl Reader {
+    /// The next frame, or why the connection ended (then `None` once more is read).
+    pub(crate) async fn recv(&mut self) -> Option<Incoming> {
+        match self {
+            Reader::Channel(rx) => rx.recv().await,
+            Reader::Stream { r, dec, ready, end } => loop {
+                if let Some(i) = take_ready(ready, end) {
+                    return Some(i);
+                }
+                // Cancel-safe: nothing is read unless this completes.
+                match r.read_buf(dec.buffer_mut()).await {
+                    Ok(0) => *end = Some("connection closed".to_owned()),
+                    Ok(_) => loop {
+                        match dec.next_decoded() {
+                            Ok(Some(f)) => ready.push_back(f),
+                            Ok(None) => break,
+                            Err(e) => {
+                                *end = Some(format!("undecodable frame from relay: {e}"));
+                                break;
+                            }
+                        }
+                    },
+                    Err(e) => *end = Some(format!("read error: {e}")),
+                }
+            },
+            Reader::Ws { stream, ready, end } => loop {
+                if let Some(i) = take_ready(ready, end) {
+                    return Some(i);
+                }
+                let first = stream.next().await;
+                ws_item(first, ready, end);
+                // What is there already comes along (polled once each, no waiting).
+                while end.is_none() && ready.len() < WS_DRAIN {
+                    match futures_util::FutureExt::now_or_never(stream.next()) {
+                        Some(item) => ws_item(item, ready, end),
+                        None => break,
+                    }
+                }
+            },
+        }
+    }
+
+    /// A frame already received, without waiting.
+    pub(crate) fn try_recv(&mut self) -> Option<Incoming> {
+        match self {
+            Reader::Channel(rx) => rx.try_recv().ok(),
+            Reader::Stream { ready, end, .. } | Reader::Ws { ready, end, .. } => {
+                take_ready(ready, end)
+            }
+        }
+    }
+
+    /// Frames received and not yet taken.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Reader::Channel(rx) => rx.len(),
+            Reader::Stream { ready, .. } | Reader::Ws { ready, .. } => ready.len(),
+        }
+    }
+}
+
+/// Queued frames first, then the end (once).
+fn take_ready(ready: &mut VecDeque<Frame>, end: &mut Option<String>) -> Option<Incoming> {
+    match ready.pop_front() {
+        Some(f) => Some(Incoming::Frame(f)),
+        None => end.take().map(Incoming::Closed),
+    }
+}
+
+fn ws_item(
+    item: Option<Result<WsMessage, tokio_tungstenite::tungstenite::Error>>,
+    ready: &mut VecDeque<Frame>,
+    end: &mut Option<String>,
+) {
+    match item {
+        Some(Ok(WsMessage::Binary(b))) => match Frame::decode(&b) {
+            Ok(f) => ready.push_back(f),
+            Err(e) => *end = Some(format!("undecodable frame from relay: {e}")),
+        },
+        Some(Ok(WsMessage::Close(c))) => *end = Some(format!("relay closed the WebSocket: {c:?}")),
+        Some(Ok(_)) => {}
+        Some(Err(e)) => *end = Some(format!("WebSocket error: {e}")),
+        None => *end = Some("connection closed".to_owned()),
+    }
 }
 
 /// TLS settings for `wss://` and `tls://` (built by the [`TlsRoot`](crate::TlsRoot) and
@@ -476,11 +590,11 @@ fn in_process(relay: &whispeer_relay::RelayHandle) -> Connection {
     });
     Connection {
         writer: FrameWriter::Channel(Some(to_relay)),
-        incoming: rx,
+        incoming: Reader::Channel(rx),
     }
 }
 
-/// Opens a connection (socket, TLS, WebSocket handshake) and starts its reader task.
+/// Opens a connection (socket, TLS, WebSocket handshake) and frames it.
 pub(crate) async fn connect(
     ep: &Endpoint,
     tls: &TlsSettings,
@@ -535,13 +649,12 @@ async fn dial_tcp(
     })
 }
 
-/// Starts the reader task on an open byte stream (WebSocket handshake first for `ws`).
+/// Frames the connection on an open byte stream (WebSocket handshake first for `ws`).
 async fn connect_io(
     ep: &Endpoint,
     io: Box<dyn Io>,
     max_frame: usize,
 ) -> Result<Connection, ConnectError> {
-    let (tx, rx) = mpsc::channel(1024);
     if ep.websocket {
         let mut cfg = WebSocketConfig::default();
         cfg.max_message_size = Some(max_frame + LEN_PREFIX);
@@ -552,59 +665,25 @@ async fn connect_io(
             .map_err(|e| ConnectError::WebSocket {
                 source: Box::new(e),
             })?;
-        let (sink, mut stream) = ws.split();
-        tokio::spawn(async move {
-            let why = loop {
-                match stream.next().await {
-                    Some(Ok(WsMessage::Binary(b))) => match Frame::decode(&b) {
-                        Ok(f) => {
-                            if tx.send(Incoming::Frame(f)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => break format!("undecodable frame from relay: {e}"),
-                    },
-                    Some(Ok(WsMessage::Close(c))) => {
-                        break format!("relay closed the WebSocket: {c:?}")
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => break format!("WebSocket error: {e}"),
-                    None => break "connection closed".to_owned(),
-                }
-            };
-            let _ = tx.send(Incoming::Closed(why)).await;
-        });
+        let (sink, stream) = ws.split();
         Ok(Connection {
             writer: FrameWriter::Ws(sink),
-            incoming: rx,
+            incoming: Reader::Ws {
+                stream,
+                ready: VecDeque::new(),
+                end: None,
+            },
         })
     } else {
-        let (mut r, w) = tokio::io::split(io);
-        tokio::spawn(async move {
-            let mut dec = FrameDecoder::new(max_frame);
-            let why = 'outer: loop {
-                loop {
-                    match dec.next_decoded() {
-                        Ok(Some(f)) => {
-                            if tx.send(Incoming::Frame(f)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => break 'outer format!("undecodable frame from relay: {e}"),
-                    }
-                }
-                match r.read_buf(dec.buffer_mut()).await {
-                    Ok(0) => break "connection closed".to_owned(),
-                    Ok(_) => {}
-                    Err(e) => break format!("read error: {e}"),
-                }
-            };
-            let _ = tx.send(Incoming::Closed(why)).await;
-        });
+        let (r, w) = tokio::io::split(io);
         Ok(Connection {
             writer: FrameWriter::Stream(BufWriter::with_capacity(64 * 1024, w)),
-            incoming: rx,
+            incoming: Reader::Stream {
+                r,
+                dec: FrameDecoder::new(max_frame),
+                ready: VecDeque::new(),
+                end: None,
+            },
         })
     }
 }

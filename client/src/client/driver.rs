@@ -29,7 +29,7 @@ use crate::core::jobs::OpenDone;
 use crate::core::{LocalSubId, Received};
 use crate::error::{ConnectError, FlushError, PublishError, ReceiveError};
 use crate::plugin::{Plugins, Verdict};
-use crate::transport::{Connection, Dialer, FrameWriter, Incoming};
+use crate::transport::{Connection, Dialer, FrameWriter, Incoming, Reader};
 
 /// Frames handled per wake-up before the driver looks at commands and timers again.
 const READ_BATCH: usize = 256;
@@ -74,7 +74,7 @@ struct Sink {
 struct Live {
     id: ConnId,
     writer: FrameWriter,
-    incoming: mpsc::Receiver<Incoming>,
+    incoming: Reader,
 }
 
 /// Frames waiting behind the current one from which their opens go to the worker pool
@@ -409,9 +409,9 @@ impl Driver {
             if n + 1 == READ_BATCH || !self.p.eng.wants_read() {
                 break; // the rest waits for the next turn, still queued
             }
-            match self.conn.as_mut().map(|c| c.incoming.try_recv()) {
-                Some(Ok(i)) => next = Some(i),
-                _ => break,
+            match self.conn.as_mut().and_then(|c| c.incoming.try_recv()) {
+                Some(i) => next = Some(i),
+                None => break,
             }
         }
         self.persist_changes();
