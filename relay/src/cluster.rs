@@ -259,21 +259,26 @@ impl State {
         }
     }
 
-    /// Sets `whispeer_relay_cluster_connected` from the client's own state: the events that
-    /// also set it travel through async-nats's bounded event channel, which drops events
-    /// when full (a burst of `SlowConsumer` events can crowd out a `Disconnected`).
+    /// Sets `whispeer_relay_cluster_connected` from the client's own state, as `/status`
+    /// reads it: async-nats's `Connected`/`Disconnected` events travel through a bounded
+    /// channel that drops events when full (a burst of `SlowConsumer` events can crowd a
+    /// `Disconnected` out), so a gauge kept by events could stay at 1 with NATS gone.
     pub(crate) fn refresh_connected(&self, metrics: &Metrics) {
-        if let Some(client) = self.client.get() {
-            let up = client.connection_state() == async_nats::connection::State::Connected;
-            metrics.cluster.connected.store(i64::from(up), Relaxed);
-        }
+        let up = self.connected();
+        metrics.cluster.connected.store(i64::from(up), Relaxed);
+    }
+
+    /// Whether the bridge's NATS client is connected now.
+    fn connected(&self) -> bool {
+        self.client
+            .get()
+            .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected)
     }
 
     pub(crate) fn status(&self, metrics: &Metrics) -> ClusterStatus {
         let c = &metrics.cluster;
         let client = self.client.get();
-        let connected = client
-            .is_some_and(|cl| cl.connection_state() == async_nats::connection::State::Connected);
+        let connected = self.connected();
         ClusterStatus {
             connected,
             servers: self.servers,
@@ -311,17 +316,17 @@ pub(crate) async fn connect(
             async move {
                 let c = &metrics.cluster;
                 match &event {
+                    // `whispeer_relay_cluster_connected` is read from the client's state
+                    // at each scrape (`State::refresh_connected`), not set here.
                     async_nats::Event::Connected => {
-                        c.connected.store(1, Relaxed);
                         c.connects.fetch_add(1, Relaxed);
                         tracing::info!("cluster: connected to NATS");
                     }
                     async_nats::Event::Disconnected => {
-                        c.connected.store(0, Relaxed);
                         tracing::warn!("cluster: disconnected from NATS; reconnecting");
                     }
                     async_nats::Event::Closed => {
-                        c.connected.store(0, Relaxed);
+                        tracing::debug!("cluster: NATS connection closed");
                     }
                     // One event per envelope the client dropped (its events channel
                     // drops events too when full, so this undercounts): the interest

@@ -704,3 +704,32 @@ async fn drops_in_the_nats_client_are_reported_in_a_gap() {
         "more reported ({gaps}) than missed ({missed})"
     );
 }
+
+/// `whispeer_relay_cluster_connected` says whether the relay's NATS client is connected at
+/// the time of the scrape (read from the client's state, not kept by its events, which
+/// async-nats drops when its event channel is full): 1 while NATS serves, 0 once every
+/// NATS server is gone.
+#[tokio::test]
+async fn the_connected_gauge_follows_the_nats_connection() {
+    const GAUGE: &str = "whispeer_relay_cluster_connected";
+    let Some((mut nats, _a, b, _sub, _publ)) = pair(&[]).await else {
+        return;
+    };
+    assert_eq!(
+        metric(b.admin(), GAUGE).await,
+        1,
+        "connected: B routes A's probes"
+    );
+    for node in &mut nats.nodes {
+        node.kill();
+    }
+    // The client sees its socket close at once; scrapes until it says so (no fixed wait).
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while metric(b.admin(), GAUGE).await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gauge still says connected with every NATS server killed"
+        );
+        tokio::task::yield_now().await;
+    }
+}
