@@ -68,5 +68,5 @@ pub mod transport;
 pub use config::Config;
 pub use error::RelayError;
 pub use ids::{ConnId, Seq, SubId, TransportKind};
-pub use relay::{run, BoundAddrs, Listeners, Relay, RelayBuilder, RelayHandle};
+pub use relay::{run, BoundAddrs, Listeners, Relay, RelayBuilder, RelayHandle, LISTEN_MSS};
 pub use whispeer_protocol as protocol;

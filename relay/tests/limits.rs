@@ -687,3 +687,28 @@ async fn stored_bytes_from_one_address_are_slowed_not_refused() {
         "pauses: one per stored publish, none for live ones"
     );
 }
+
+/// A client on the loopback interface (MTU 65536) must not be offered 64 KiB segments: a
+/// receive window that shrinks below one segment stalls Linux senders for the 200 ms persist
+/// timer (see `LISTEN_MSS`). Both directions depend on the listener: the segment size it
+/// announces caps the client's, and its own cap is inherited by each accepted socket.
+#[tokio::test]
+async fn listeners_cap_the_segment_size_of_their_connections() {
+    let listeners = whispeer_relay::Listeners::bind(&Config::ephemeral())
+        .await
+        .unwrap();
+    for (name, l) in [("tcp", &listeners.tcp), ("ws", &listeners.ws)] {
+        let l = l.as_ref().expect("bound");
+        let client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = l.accept().await.unwrap();
+        for (side, s) in [("client", &client), ("relay", &accepted)] {
+            let mss = socket2::SockRef::from(s).tcp_mss().unwrap();
+            assert!(
+                mss <= whispeer_relay::LISTEN_MSS,
+                "{name} listener, {side} side: segments of {mss} bytes"
+            );
+        }
+    }
+}
