@@ -161,7 +161,8 @@ pub(crate) struct Connection {
 /// race has read nothing, and what was read is queued here. The in-process relay keeps a
 /// reader task (its frames arrive on a channel already).
 pub(crate) enum Reader {
-    /// A reader task's channel.
+    /// A reader task's channel (the in-process relay).
+    #[cfg_attr(not(feature = "in-process"), allow(dead_code))]
     Channel(mpsc::Receiver<Incoming>),
     /// A length-prefixed byte stream (TCP, TLS, QUIC).
     Stream {

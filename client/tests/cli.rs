@@ -1327,6 +1327,8 @@ fn bench_json_reports_every_message_delivered() {
         assert_eq!(r["pubs"], pubs.parse::<u64>().unwrap());
         assert_eq!(r["subs"], subs);
         assert_eq!(r["size"], 256);
+        // The default window: 1 MiB of payloads.
+        assert_eq!(r["window"], 4096);
         assert_eq!(r["sent"], 2000);
         assert_eq!(r["received"].as_u64().unwrap(), 2000 * subs, "{out}");
         assert_eq!(r["lost"], 0);
