@@ -624,18 +624,48 @@ async fn connect_inner(
     connect_io(ep, io, max_frame).await
 }
 
+/// The largest TCP segment a client announces (`TCP_MAXSEG`, set before connecting), as
+/// the relay's listeners do (`whispeer_relay::LISTEN_MSS`, whose documentation has the
+/// measurement): on the loopback interface (MTU 65536) a receive window that shrank below one
+/// 64 KiB segment stalled the sender for Linux's 200 ms persist timer. The client's own cap
+/// covers a server on the same host that does not cap (a local proxy in front of a relay).
+/// Real links' segments are smaller: there it changes nothing.
+const SEGMENT_CAP: u32 = 16 * 1024;
+
+/// `TcpStream::connect` (each resolved address in turn) with [`SEGMENT_CAP`].
+async fn connect_tcp(addr: &str) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let sock = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // Best effort: a platform without TCP_MAXSEG keeps its default segment size.
+        let _ = socket2::SockRef::from(&sock).set_tcp_mss(SEGMENT_CAP);
+        match sock.connect(a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "could not resolve to any address",
+        )
+    }))
+}
+
 /// A TCP connection, with TLS on top for `wss://` and `tls://`.
 async fn dial_tcp(
     ep: &Endpoint,
     tls: &TlsSettings,
     addr: &str,
 ) -> Result<Box<dyn Io>, ConnectError> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|source| ConnectError::Io {
-            addr: addr.to_owned(),
-            source,
-        })?;
+    let tcp = connect_tcp(addr).await.map_err(|source| ConnectError::Io {
+        addr: addr.to_owned(),
+        source,
+    })?;
     let _ = tcp.set_nodelay(true);
     Ok(if ep.tls {
         let name = rustls_pki_types::ServerName::try_from(ep.host.clone()).map_err(tls_error)?;

@@ -462,3 +462,33 @@ async fn a_cleared_retained_value_reaches_nobody() {
     assert_eq!((m.value.as_str(), m.retained), ("fresh", false));
     assert_eq!(later.stats().core.delivered, 1);
 }
+
+/// The client announces at most 16 KiB segments, whatever the server does: on loopback
+/// (MTU 65536) a receive window below one 64 KiB segment stalls Linux senders for the 200 ms
+/// persist timer. A plain listener (no cap of its own) sees the client's cap in the segment
+/// size it may send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_caps_the_segment_size_it_announces() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    for ws in [false, true] {
+        let url = format!("{}://{addr}", if ws { "ws" } else { "tcp" });
+        let b = whispeer::Client::builder();
+        let b = if ws {
+            b.with(whispeer::WebSocket::new(url.clone()))
+        } else {
+            b.with(Tcp::new(url.clone()))
+        };
+        let dialing = tokio::spawn(
+            b.with(Encryption::with_keyring(keyring_with(&tree("mss"))))
+                .connect(),
+        );
+        let (server_side, _) = listener.accept().await.unwrap();
+        let mss = socket2::SockRef::from(&server_side).tcp_mss().unwrap();
+        assert!(
+            mss <= 16 * 1024,
+            "{url}: the server may send {mss}-byte segments"
+        );
+        dialing.abort();
+    }
+}
