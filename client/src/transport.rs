@@ -187,7 +187,8 @@ const WS_READ_AHEAD: usize = 64 * 1024;
 const WS_DRAIN: usize = 64;
 
 impl Reader {
-    /// The next frame, or why the connection ended (then `None` once more is read).
+    /// The next frame, or why the connection ended (`Closed`, after the frames read before
+    /// it). Not to be called again after `Closed`: the driver drops the connection then.
     pub(crate) async fn recv(&mut self) -> Option<Incoming> {
         match self {
             Reader::Channel(rx) => rx.recv().await,

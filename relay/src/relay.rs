@@ -227,10 +227,7 @@ impl Listeners {
 
     /// Binds every listener the configuration turns on.
     pub async fn bind(config: &Config) -> Result<Self, RelayError> {
-        async fn one(
-            name: &'static str,
-            addr: ListenAddr,
-        ) -> Result<Option<TcpListener>, RelayError> {
+        fn one(name: &'static str, addr: ListenAddr) -> Result<Option<TcpListener>, RelayError> {
             match addr.0 {
                 None => Ok(None),
                 Some(a) => listen_tcp(a).map(Some).map_err(|source| RelayError::Bind {
@@ -242,10 +239,10 @@ impl Listeners {
         }
         let l = &config.listen;
         Ok(Self {
-            ws: one("ws", l.ws).await?,
-            tcp: one("tcp", l.tcp).await?,
-            wss: one("wss", l.wss).await?,
-            tls: one("tls", l.tls).await?,
+            ws: one("ws", l.ws)?,
+            tcp: one("tcp", l.tcp)?,
+            wss: one("wss", l.wss)?,
+            tls: one("tls", l.tls)?,
             quic: match l.quic.0 {
                 None => None,
                 Some(a) => {
@@ -258,7 +255,7 @@ impl Listeners {
                     )
                 }
             },
-            admin: one("admin", l.admin).await?,
+            admin: one("admin", l.admin)?,
         })
     }
 
