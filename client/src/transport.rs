@@ -182,6 +182,18 @@ pub(crate) enum Reader {
 /// Bytes read from a WebSocket's socket at once (a buffer under tungstenite).
 const WS_READ_AHEAD: usize = 64 * 1024;
 
+/// Bytes a stream read may take at once: when less than [`STREAM_READ_MIN`] is free in the
+/// decoder's buffer, room for this much is made first. A subscriber in a process of its
+/// own (`whispeer bench --sub-process`, 1 KiB, TCP) read ~5 frames per 8 KiB read and
+/// parked and woke its workers every few frames; with 64 KiB reads it delivered 73–82k
+/// instead of 59–70k msg/s batch-signed and 106–116k instead of 89–94k unsigned
+/// (alternated runs). Publisher and subscriber in one process sharing a runtime lose by it
+/// (75–80k against 86–98k): a backlog's opens then crowd the publisher's seals in the one
+/// worker pool — two clients of one process on one topic is the rarer deployment.
+const STREAM_READ_AHEAD: usize = 64 * 1024;
+/// See [`STREAM_READ_AHEAD`].
+const STREAM_READ_MIN: usize = 8 * 1024;
+
 /// Frames taken from a WebSocket at once without waiting (what tungstenite has buffered
 /// or the socket holds), so the driver sees a backlog as it did through a reader task.
 const WS_DRAIN: usize = 64;
@@ -197,7 +209,11 @@ impl Reader {
                     return Some(i);
                 }
                 // Cancel-safe: nothing is read unless this completes.
-                match r.read_buf(dec.buffer_mut()).await {
+                let buf = dec.buffer_mut();
+                if buf.capacity() - buf.len() < STREAM_READ_MIN {
+                    buf.reserve(STREAM_READ_AHEAD);
+                }
+                match r.read_buf(buf).await {
                     Ok(0) => *end = Some("connection closed".to_owned()),
                     Ok(_) => loop {
                         match dec.next_decoded() {

@@ -1395,6 +1395,73 @@ fn bench_json_reports_every_message_delivered() {
     );
 }
 
+/// `bench --sub-process`: the subscribers run in a process of their own (issue 11's three
+/// processes), with a key the bench made or one from a file; everything is still counted
+/// and timed on one clock.
+#[test]
+fn bench_sub_process_runs_the_subscribers_in_a_process_of_their_own() {
+    let relay = start_relay_binary(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (tree_file, _) = new_tree(dir.path(), "bench");
+    let tf = tree_file.to_str().unwrap();
+    for (url, keys) in [
+        (relay.tcp_url(), vec![]),
+        (relay.ws_url(), vec!["--key-file", tf]),
+    ] {
+        let mut args = vec![
+            "bench",
+            "--relay",
+            url.as_str(),
+            "--msgs",
+            "2000",
+            "--subs",
+            "2",
+            "--size",
+            "256",
+            "--sub-process",
+            "--json",
+            "--no-progress",
+        ];
+        args.extend(keys);
+        let out = ok(run(&args));
+        assert_eq!(out.lines().count(), 1, "{out}");
+        let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(r["sub_process"], true, "{out}");
+        assert_eq!(r["sent"], 2000);
+        assert_eq!(r["received"], 4000, "{out}");
+        assert_eq!(r["lost"], 0);
+        assert_eq!(r["rejected"], 0);
+        // Measured by the subscriber process from its own /proc entry, and part of the total.
+        let sub_cpu = r["sub_cpu_s"].as_f64().unwrap();
+        assert!(
+            sub_cpu > 0.0 && sub_cpu <= r["cpu_s"].as_f64().unwrap(),
+            "{out}"
+        );
+        // The batch signatures were checked over there (one per batch, the rest cached).
+        assert!(r["batch_root_hits"].as_u64().unwrap() > 0, "{out}");
+        // Latency from two processes' clocks: ordered percentiles, none clamped to the
+        // 1 µs floor a clock running ahead of the sender's would produce.
+        let lat = &r["latency_us"];
+        let p: Vec<u64> = ["p50", "p90", "p99", "max"]
+            .iter()
+            .map(|k| lat[*k].as_u64().unwrap())
+            .collect();
+        assert!(p.windows(2).all(|w| w[0] <= w[1]), "{out}");
+        assert!(p[0] > 1, "{out}");
+    }
+    let out = ok(run(&[
+        "bench",
+        "--relay",
+        &relay.tcp_url(),
+        "--msgs",
+        "100",
+        "--sub-process",
+        "--no-progress",
+    ]));
+    assert!(out.contains("subscriber process"), "{out}");
+    assert!(out.contains("delivered: 100 msgs"), "{out}");
+}
+
 /// A single nats-server on a random loopback port (`-p -1`), ready once its log names the
 /// port it listens on. `None` when nats-server is not installed (`.ci/run` installs it).
 struct NatsServer {
@@ -1474,6 +1541,23 @@ fn bench_runs_the_same_load_through_nats_and_prints_the_ratio() {
     let ratio = r["nats_ratio"]["delivery_rate"].as_f64().unwrap();
     let expect = r["delivery_rate"].as_f64().unwrap() / n["delivery_rate"].as_f64().unwrap();
     assert!((ratio - expect).abs() <= 0.001 + expect * 0.01, "{out}");
+    // With the subscribers in a process of their own, for both.
+    let out = ok(bench(&[
+        "--nats",
+        &nats.url,
+        "--msgs",
+        "500",
+        "--subs",
+        "2",
+        "--sub-process",
+        "--json",
+    ]));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["received"], 1000, "{out}");
+    assert_eq!(r["nats"]["received"], 1000, "{out}");
+    assert_eq!(r["nats"]["sub_process"], true, "{out}");
+    // (Present; a run this short may take less than /proc's 10 ms tick.)
+    assert!(r["nats"]["sub_cpu_s"].as_f64().unwrap() >= 0.0, "{out}");
     // Without --nats there is no NATS part.
     let out = ok(bench(&["--msgs", "10", "--json"]));
     assert!(!out.contains("\"nats\""), "{out}");

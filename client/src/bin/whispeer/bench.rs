@@ -25,13 +25,15 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
 use rand::{RngCore, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 use whispeer::{CipherSuite, Client, Compression, Identity, Padding, Signing, Topic, TreeKey};
 
 use crate::io::{self, AnyKey, KeyArgs};
 use crate::pubsub::{secs, ConnArgs, SealArgs};
 use crate::usage;
+
+mod child;
 
 /// Content type of bench payloads.
 const CONTENT_TYPE: &str = "application/x-whispeer-bench";
@@ -124,6 +126,15 @@ pub struct BenchArgs {
     /// nats-server's process id, for the same figure in the `--nats` run.
     #[arg(long, value_name = "PID", requires = "nats")]
     nats_pid: Option<u32>,
+    /// Run the subscribers in a process of their own (this program, started again), as
+    /// users' publishers and subscribers would be: publisher, relay and subscriber
+    /// processes sharing the cores. Latency stays on one clock (the two processes' clocks
+    /// are aligned through the wall clock to within µs). Also for the `--nats` run.
+    #[arg(long)]
+    sub_process: bool,
+    /// Internal: this process is the subscriber process of a `--sub-process` run.
+    #[arg(long, hide = true, value_name = "MODE")]
+    subscriber_child: Option<String>,
     /// Print one JSON object with the results instead of text.
     #[arg(long)]
     json: bool,
@@ -235,7 +246,14 @@ struct PubResult {
 
 struct SubResult {
     hist: Histogram<u64>,
+    totals: SubTotals,
+}
+
+/// What subscribers counted, summed over them (and sent over by a subscriber process).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SubTotals {
     received: u64,
+    /// Nanoseconds after the run's start of the last delivery.
     last_ns: u64,
     reconnects: u64,
     relay_gaps: u64,
@@ -243,7 +261,18 @@ struct SubResult {
     batch_root_hits: u64,
 }
 
-#[derive(Debug, Serialize)]
+impl SubTotals {
+    fn add(&mut self, o: &SubTotals) {
+        self.received += o.received;
+        self.last_ns = self.last_ns.max(o.last_ns);
+        self.reconnects += o.reconnects;
+        self.relay_gaps += o.relay_gaps;
+        self.rejected += o.rejected;
+        self.batch_root_hits += o.batch_root_hits;
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 struct Latency {
     p50: u64,
     p90: u64,
@@ -283,9 +312,14 @@ struct Report {
     signing: &'static str,
     /// Signatures the subscribers did not have to check (batch signing, PROTOCOL §4.14).
     batch_root_hits: u64,
-    /// CPU seconds this process used during the run (publishers and subscribers together),
-    /// from `/proc/self/stat` (0 where there is none).
+    /// CPU seconds the bench used during the run (publishers and subscribers together,
+    /// with `--sub-process` both processes), from `/proc/…/stat` (0 where there is none).
     cpu_s: f64,
+    /// `--sub-process`: the subscribers ran in a process of their own.
+    sub_process: bool,
+    /// `--sub-process`: CPU seconds of the subscriber process (part of `cpu_s`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sub_cpu_s: Option<f64>,
     /// `--relay-pid` / `--nats-pid`: CPU seconds the server process used during the run.
     #[serde(skip_serializing_if = "Option::is_none")]
     server_cpu_s: Option<f64>,
@@ -517,11 +551,12 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let duration = secs(a.duration)?;
     let topic = Topic::new(a.topic.as_str()).with_context(|| format!("topic '{}'", a.topic))?;
     let mut keys = a.keys.load()?;
+    // A key made here: a subscriber process (`--sub-process`) is handed it.
+    let mut generated = None;
     if keys.is_empty() {
-        keys.push(AnyKey::Tree(TreeKey::generate_with(
-            "bench",
-            &mut rand::rngs::OsRng,
-        )?));
+        let key = TreeKey::generate_with("bench", &mut rand::rngs::OsRng)?;
+        generated = Some(key.to_key_string().to_string());
+        keys.push(AnyKey::Tree(key));
     }
     {
         let kr = io::keyring(&keys)?;
@@ -560,15 +595,32 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     };
 
     // Connect everyone and subscribe before the first publish.
-    let mut subs = Vec::with_capacity(a.subs);
-    for _ in 0..a.subs {
-        let client = connect(None).await?;
-        let sub = client
-            .subscribe_bytes(topic.as_str())
-            .await
-            .context("subscribe failed")?;
-        subs.push(SubConn::Wsp { client, sub });
+    let wsp_subs = || async {
+        let mut subs = Vec::with_capacity(a.subs);
+        for _ in 0..a.subs {
+            let client = connect(None).await?;
+            let sub = client
+                .subscribe_bytes(topic.as_str())
+                .await
+                .context("subscribe failed")?;
+            subs.push(SubConn::Wsp { client, sub });
+        }
+        anyhow::Ok(subs)
+    };
+    if let Some(mode) = &a.subscriber_child {
+        let subs = match (mode.strip_prefix("nats:"), &a.nats) {
+            (Some(subject), Some(url)) => nats_subs(&a, url, subject).await?,
+            (Some(_), None) => anyhow::bail!("a NATS subscriber process needs --nats"),
+            (None, _) => wsp_subs().await?,
+        };
+        child::serve(&a, subs).await?;
+        return Ok(ExitCode::SUCCESS);
     }
+    let subs = if a.sub_process && a.subs > 0 {
+        Subs::Child(child::ChildSubs::spawn("wsp".to_owned(), generated.clone()).await?)
+    } else {
+        Subs::Local(wsp_subs().await?)
+    };
     let opts = match a.tree {
         Some(t) => whispeer::PublishOptions::default().tree(t),
         None => whispeer::PublishOptions::default(),
@@ -638,7 +690,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     }
 
     if let Some(url) = a.nats.clone() {
-        let mut nats = run_nats(&a, duration, &url).await?;
+        let mut nats = run_nats(&a, duration, &url, generated).await?;
         nats.relay = url;
         report.nats_ratio = Some(Ratio::of(&report, &nats));
         report.nats = Some(Box::new(nats));
@@ -653,30 +705,22 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
 
 /// The same load through nats-server (core NATS, plaintext payloads of the same size, one
 /// subject, one async-nats connection per publisher and per subscriber).
-async fn run_nats(a: &BenchArgs, duration: Duration, url: &str) -> Result<Report> {
+async fn run_nats(
+    a: &BenchArgs,
+    duration: Duration,
+    url: &str,
+    key: Option<String>,
+) -> Result<Report> {
     let subject = format!("whispeer.bench.{:016x}", rand::rngs::OsRng.next_u64());
-    let connect = || async {
-        async_nats::ConnectOptions::new()
-            .connection_timeout(secs(a.conn.connect_timeout)?)
-            .connect(url)
-            .await
-            .with_context(|| format!("cannot connect to nats-server at {url}"))
+    let subs = if a.sub_process && a.subs > 0 {
+        Subs::Child(child::ChildSubs::spawn(format!("nats:{subject}"), key).await?)
+    } else {
+        Subs::Local(nats_subs(a, url, &subject).await?)
     };
-    let mut subs = Vec::with_capacity(a.subs);
-    for _ in 0..a.subs {
-        let client = connect().await?;
-        let sub = client
-            .subscribe(subject.clone())
-            .await
-            .context("NATS subscribe failed")?;
-        // The subscription is registered at the server once a flush round trip returns.
-        client.flush().await.context("NATS flush")?;
-        subs.push(SubConn::Nats { client, sub });
-    }
     let mut pubs = Vec::with_capacity(a.pubs);
     for _ in 0..a.pubs {
         pubs.push(PubConn::Nats {
-            client: connect().await?,
+            client: nats_connect(a, url).await?,
             subject: subject.clone(),
         });
     }
@@ -686,23 +730,54 @@ async fn run_nats(a: &BenchArgs, duration: Duration, url: &str) -> Result<Report
     Ok(r)
 }
 
+async fn nats_connect(a: &BenchArgs, url: &str) -> Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .connection_timeout(secs(a.conn.connect_timeout)?)
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to nats-server at {url}"))
+}
+
+/// `--subs` NATS connections subscribed to `subject`.
+async fn nats_subs(a: &BenchArgs, url: &str, subject: &str) -> Result<Vec<SubConn>> {
+    let mut subs = Vec::with_capacity(a.subs);
+    for _ in 0..a.subs {
+        let client = nats_connect(a, url).await?;
+        let sub = client
+            .subscribe(subject.to_owned())
+            .await
+            .context("NATS subscribe failed")?;
+        // The subscription is registered at the server once a flush round trip returns.
+        client.flush().await.context("NATS flush")?;
+        subs.push(SubConn::Nats { client, sub });
+    }
+    Ok(subs)
+}
+
+/// The subscribers of a load: here, or in a subscriber process (`--sub-process`).
+enum Subs {
+    Local(Vec<SubConn>),
+    Child(child::ChildSubs),
+}
+
 /// Runs one load (publishers and subscribers already connected and subscribed) and
 /// reports it; `relay` and `signing` are for the caller to fill in.
 async fn run_load(
     a: &BenchArgs,
     duration: Duration,
     pub_conns: Vec<PubConn>,
-    sub_conns: Vec<SubConn>,
+    subs: Subs,
     server_pid: Option<u32>,
 ) -> Result<Report> {
     let cpu0 = cpu_seconds(None);
     let server0 = server_pid.map(|p| cpu_seconds(Some(p)));
     let window = a.window();
+    let (base, base_unix_ns) = child::base_now();
     let shared = Arc::new(Shared {
-        base: Instant::now(),
+        base,
         run_id: rand::rngs::OsRng.next_u64(),
         sent: AtomicU64::new(0),
-        received: (0..sub_conns.len()).map(|_| AtomicU64::new(0)).collect(),
+        received: (0..a.subs).map(|_| AtomicU64::new(0)).collect(),
         forgiven: AtomicU64::new(0),
         progress: Notify::new(),
         stop_publishing: AtomicBool::new(false),
@@ -712,13 +787,19 @@ async fn run_load(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sub_tasks = Vec::new();
-    for (i, conn) in sub_conns.into_iter().enumerate() {
-        sub_tasks.push(tokio::spawn(subscriber(
-            i,
-            conn,
-            shared.clone(),
-            stop_rx.clone(),
-        )));
+    let mut sub_process = None;
+    match subs {
+        Subs::Local(conns) => {
+            for (i, conn) in conns.into_iter().enumerate() {
+                sub_tasks.push(tokio::spawn(subscriber(
+                    i,
+                    conn,
+                    shared.clone(),
+                    stop_rx.clone(),
+                )));
+            }
+        }
+        Subs::Child(c) => sub_process = Some(c.start(shared.clone(), base_unix_ns)?),
     }
 
     let bar = progress_bar(a, duration);
@@ -800,22 +881,24 @@ async fn run_load(
     bar.finish_and_clear();
 
     let mut hist = new_hist();
-    let mut received = 0;
-    let mut last_ns = 0;
-    let mut relay_gaps = 0;
-    let mut rejected = 0;
-    let mut batch_root_hits = 0;
-    let mut reconnects: u64 = pubs.iter().map(|p| p.reconnects).sum();
-    for t in sub_tasks {
-        let r = t.await.context("subscriber task")?;
+    let mut t = SubTotals {
+        reconnects: pubs.iter().map(|p| p.reconnects).sum(),
+        ..SubTotals::default()
+    };
+    for task in sub_tasks {
+        let r = task.await.context("subscriber task")?;
         hist.add(&r.hist).expect("same bounds");
-        received += r.received;
-        last_ns = last_ns.max(r.last_ns);
-        relay_gaps += r.relay_gaps;
-        rejected += r.rejected;
-        batch_root_hits += r.batch_root_hits;
-        reconnects += r.reconnects;
+        t.add(&r.totals);
     }
+    let mut latency = None;
+    let mut sub_cpu_s = None;
+    if let Some(c) = sub_process {
+        let r = c.finish().await?;
+        t.add(&r.totals);
+        latency = Some(r.latency);
+        sub_cpu_s = Some(r.cpu_s);
+    }
+    let (received, last_ns) = (t.received, t.last_ns);
 
     let pub_s = (pub_end_ns as f64 / 1e9).max(1e-9);
     let del_s = (last_ns as f64 / 1e9).max(1e-9);
@@ -836,7 +919,7 @@ async fn run_load(
         duration_s: round3(pub_s.max(if received > 0 { del_s } else { 0.0 })),
         publish_rate: round1(publish_rate),
         delivery_rate: round1(delivery_rate),
-        latency_us: Latency::of(&hist),
+        latency_us: latency.unwrap_or_else(|| Latency::of(&hist)),
         expected,
         lost: expected.saturating_sub(received),
         publish_mb_per_s: round3(mb(publish_rate)),
@@ -846,15 +929,17 @@ async fn run_load(
         window,
         relay: String::new(),
         topic: a.topic.clone(),
-        reconnects,
-        relay_gaps,
+        reconnects: t.reconnects,
+        relay_gaps: t.relay_gaps,
         signing: "",
-        batch_root_hits,
-        cpu_s: round3(cpu_seconds(None) - cpu0),
+        batch_root_hits: t.batch_root_hits,
+        cpu_s: round3(cpu_seconds(None) - cpu0 + sub_cpu_s.unwrap_or(0.0)),
+        sub_process: sub_cpu_s.is_some(),
+        sub_cpu_s,
         server_cpu_s: server_pid
             .zip(server0)
             .map(|(p, c0)| round3(cpu_seconds(Some(p)) - c0)),
-        rejected,
+        rejected: t.rejected,
         pipeline: None,
         floor_us: None,
         nats: None,
@@ -1176,12 +1261,14 @@ async fn subscriber(
     let [reconnects, relay_gaps, rejected, batch_root_hits] = conn.close(idx, received).await;
     SubResult {
         hist,
-        received,
-        last_ns,
-        reconnects,
-        relay_gaps,
-        rejected,
-        batch_root_hits,
+        totals: SubTotals {
+            received,
+            last_ns,
+            reconnects,
+            relay_gaps,
+            rejected,
+            batch_root_hits,
+        },
     }
 }
 
@@ -1292,12 +1379,23 @@ fn print_human(r: &Report) -> Result<()> {
             fmt_int(r.batch_root_hits as f64),
             fmt_int(r.received as f64)
         ),
-        format!(
-            "duration:  {:.3} s; this process used {:.2} CPU s ({:.2} cores)",
-            r.duration_s,
-            r.cpu_s,
-            r.cpu_s / r.duration_s.max(1e-9)
-        ),
+        match r.sub_cpu_s {
+            None => format!(
+                "duration:  {:.3} s; this process used {:.2} CPU s ({:.2} cores)",
+                r.duration_s,
+                r.cpu_s,
+                r.cpu_s / r.duration_s.max(1e-9)
+            ),
+            Some(sub) => format!(
+                "duration:  {:.3} s; publisher process {:.2} CPU s ({:.2} cores), subscriber \
+                 process {:.2} CPU s ({:.2} cores)",
+                r.duration_s,
+                r.cpu_s - sub,
+                (r.cpu_s - sub) / r.duration_s.max(1e-9),
+                sub,
+                sub / r.duration_s.max(1e-9)
+            ),
+        },
     ];
     for l in lines {
         io::print_or_exit(&l)?;

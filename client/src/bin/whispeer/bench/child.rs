@@ -1,0 +1,269 @@
+//! `whispeer bench --sub-process`: the subscribers of a load in a process of their own.
+//!
+//! Issue 11's setup is three processes sharing the cores — publisher, relay, subscriber —
+//! as a user's would be. The parent (the publishers) starts this binary again with the same
+//! arguments plus the hidden `--subscriber-child MODE` (`wsp`, or `nats:SUBJECT` for the
+//! `--nats` run); a key the parent generated travels in the child's environment
+//! (`WHISPEER_KEY`), never on its command line. They talk in lines over the child's stdin
+//! and stdout:
+//!
+//! | direction | line | meaning |
+//! | --- | --- | --- |
+//! | child → parent | `ready` | connected and subscribed |
+//! | parent → child | `go RUN_ID BASE_UNIX_NS` | the run id to accept, and the run's start on the wall clock |
+//! | child → parent | `p R0 R1 …` | messages each subscriber has received so far (the window's progress) |
+//! | parent → child | `stop` (or end of input) | stop receiving and report |
+//! | child → parent | `result JSON` | a [`ChildResult`] |
+//!
+//! One clock for latency: each process's monotonic `Instant` is aligned to the run's start
+//! through the wall clock (`CLOCK_REALTIME`, the same in every process of one machine), read
+//! right beside it on both sides: within a few µs.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::{oneshot, watch, Notify};
+
+use super::{
+    cpu_seconds, new_hist, round3, subscriber, BenchArgs, Latency, Shared, SubConn, SubTotals,
+};
+
+/// What the subscriber process reports at the end of a run.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct ChildResult {
+    pub latency: Latency,
+    #[serde(flatten)]
+    pub totals: SubTotals,
+    /// CPU seconds the subscriber process used between `go` and `stop`.
+    pub cpu_s: f64,
+}
+
+/// The wall clock now, in ns since the Unix epoch.
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The parent's side: a subscriber process, connected and subscribed.
+pub(super) struct ChildSubs {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl ChildSubs {
+    /// Starts this binary as the subscriber process of the run (`mode`: `wsp` or
+    /// `nats:SUBJECT`) and waits until it has subscribed. `key`: a key string the parent
+    /// generated, handed over in the child's environment.
+    pub async fn spawn(mode: String, key: Option<String>) -> Result<Self> {
+        tokio::task::spawn_blocking(move || Self::spawn_blocking(&mode, key.as_deref()))
+            .await
+            .context("subscriber process start")?
+    }
+
+    fn spawn_blocking(mode: &str, key: Option<&str>) -> Result<Self> {
+        let exe = std::env::current_exe().context("cannot find this program to start again")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(std::env::args_os().skip(1))
+            .args(["--subscriber-child", mode])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(k) = key {
+            cmd.env(crate::io::ENV_KEY, k);
+        }
+        let mut child = cmd.spawn().context("cannot start the subscriber process")?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            bail!("the subscriber process has no pipes");
+        };
+        let mut stdout = BufReader::new(stdout);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        if line.trim_end() != "ready" {
+            let status = child.wait()?;
+            bail!("the subscriber process did not start ({status}; its errors are above)");
+        }
+        Ok(ChildSubs {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    /// Starts the run: the child accepts `shared.run_id` from now on; its progress lands in
+    /// `shared.received` (and wakes `shared.progress`) as it reports it.
+    pub fn start(mut self, shared: Arc<Shared>, base_unix_ns: u64) -> Result<ChildRun> {
+        writeln!(self.stdin, "go {} {}", shared.run_id, base_unix_ns)?;
+        self.stdin.flush()?;
+        let (tx, rx) = oneshot::channel();
+        let mut stdout = self.stdout;
+        let reader = std::thread::Builder::new()
+            .name("bench-sub-process".into())
+            .spawn(move || {
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match stdout.read_line(&mut line) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    let l = line.trim_end();
+                    if let Some(counts) = l.strip_prefix("p ") {
+                        for (r, v) in shared.received.iter().zip(counts.split(' ')) {
+                            r.store(v.parse().unwrap_or(0), Ordering::Release);
+                        }
+                        shared.progress.notify_waiters();
+                    } else if let Some(json) = l.strip_prefix("result ") {
+                        let _ = tx.send(serde_json::from_str::<ChildResult>(json));
+                        return;
+                    }
+                }
+            })
+            .context("cannot start a thread")?;
+        Ok(ChildRun {
+            child: self.child,
+            stdin: self.stdin,
+            result: rx,
+            reader,
+        })
+    }
+}
+
+/// A running subscriber process.
+pub(super) struct ChildRun {
+    child: Child,
+    stdin: ChildStdin,
+    result: oneshot::Receiver<serde_json::Result<ChildResult>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl ChildRun {
+    /// Stops the subscribers and returns what they measured.
+    pub async fn finish(mut self) -> Result<ChildResult> {
+        // A child that already exited cannot read this; its result (or its absence) says why.
+        let _ = writeln!(self.stdin, "stop").and_then(|()| self.stdin.flush());
+        drop(self.stdin);
+        let result = self.result.await;
+        let mut child = self.child;
+        let reader = self.reader;
+        let status = tokio::task::spawn_blocking(move || {
+            let _ = reader.join();
+            child.wait()
+        })
+        .await??;
+        match result {
+            Ok(r) => r.context("the subscriber process reported nonsense"),
+            Err(_) => bail!("the subscriber process ended without a result ({status})"),
+        }
+    }
+}
+
+/// The child's side (`--subscriber-child`): `subs` are connected and subscribed.
+pub(super) async fn serve(a: &BenchArgs, subs: Vec<SubConn>) -> Result<()> {
+    let mut out = tokio::io::stdout();
+    let mut input = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    out.write_all(b"ready\n").await?;
+    out.flush().await?;
+    let go = input
+        .next_line()
+        .await?
+        .context("the bench process went away")?;
+    let mut f = go.split(' ');
+    let (Some("go"), Some(run_id), Some(base_unix_ns)) = (f.next(), f.next(), f.next()) else {
+        bail!("expected 'go RUN_ID BASE_UNIX_NS', got '{go}'");
+    };
+    let (run_id, base_unix_ns): (u64, u64) = (run_id.parse()?, base_unix_ns.parse()?);
+    // This process's Instant at the run's start: now, less the wall time since it.
+    let (now, wall) = (Instant::now(), unix_ns());
+    let since = Duration::from_nanos(wall.saturating_sub(base_unix_ns));
+    let base = now.checked_sub(since).unwrap_or(now);
+    let cpu0 = cpu_seconds(None);
+    let shared = Arc::new(Shared {
+        base,
+        run_id,
+        sent: AtomicU64::new(0),
+        received: (0..subs.len()).map(|_| AtomicU64::new(0)).collect(),
+        forgiven: AtomicU64::new(0),
+        progress: Notify::new(),
+        stop_publishing: AtomicBool::new(false),
+        window: a.window(),
+        notify_every: (a.window() / 8).clamp(1, 64),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tasks: Vec<_> = subs
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| tokio::spawn(subscriber(i, c, shared.clone(), stop_rx.clone())))
+        .collect();
+
+    // Progress to the parent whenever a subscriber signals it (and every 10 ms besides, so
+    // the last few messages of a run are not held back by `notify_every`).
+    let reporter = {
+        let shared = shared.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut out = tokio::io::stdout();
+            let mut last = Vec::new();
+            loop {
+                let notified = shared.progress.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let counts: Vec<u64> = shared
+                    .received
+                    .iter()
+                    .map(|r| r.load(Ordering::Acquire))
+                    .collect();
+                if counts != last {
+                    let line: Vec<String> = counts.iter().map(u64::to_string).collect();
+                    let line = format!("p {}\n", line.join(" "));
+                    if out.write_all(line.as_bytes()).await.is_err() || out.flush().await.is_err() {
+                        return;
+                    }
+                    last = counts;
+                }
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        })
+    };
+
+    // `stop`, or the parent's end: either ends the run.
+    while let Some(l) = input.next_line().await? {
+        if l.trim() == "stop" {
+            break;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = reporter.await;
+    let mut hist = new_hist();
+    let mut totals = SubTotals::default();
+    for t in tasks {
+        let s = t.await.context("subscriber task")?;
+        hist.add(&s.hist).expect("same bounds");
+        totals.add(&s.totals);
+    }
+    let r = ChildResult {
+        latency: Latency::of(&hist),
+        totals,
+        cpu_s: round3(cpu_seconds(None) - cpu0),
+    };
+    out.write_all(format!("result {}\n", serde_json::to_string(&r)?).as_bytes())
+        .await?;
+    out.flush().await?;
+    Ok(())
+}
+
+/// The parent's clock reading that `go` carries: the wall clock beside the run's `Instant`.
+pub(super) fn base_now() -> (Instant, u64) {
+    (Instant::now(), unix_ns())
+}
