@@ -188,8 +188,8 @@ const WS_READ_AHEAD: usize = 64 * 1024;
 /// parked and woke its workers every few frames; with 64 KiB reads it delivered 73–82k
 /// instead of 59–70k msg/s batch-signed and 106–116k instead of 89–94k unsigned
 /// (alternated runs). Publisher and subscriber in one process sharing a runtime lose by it
-/// (75–80k against 86–98k): a backlog's opens then crowd the publisher's seals in the one
-/// worker pool — two clients of one process on one topic is the rarer deployment.
+/// (75–80k against 86–98k; a pool taking seal jobs first did not change that): the
+/// separate processes are what the issue measures and users deploy.
 const STREAM_READ_AHEAD: usize = 64 * 1024;
 /// See [`STREAM_READ_AHEAD`].
 const STREAM_READ_MIN: usize = 8 * 1024;
