@@ -111,8 +111,8 @@ pub(super) struct Driver {
     /// Publishes taken from the inbox (reused).
     taken: Vec<PublishReq>,
     /// Open jobs' results from the worker threads (deferred opening).
-    opened_tx: mpsc::UnboundedSender<OpenDone>,
-    opened_rx: mpsc::UnboundedReceiver<OpenDone>,
+    opened_tx: mpsc::UnboundedSender<Vec<OpenDone>>,
+    opened_rx: mpsc::UnboundedReceiver<Vec<OpenDone>>,
 }
 
 impl Driver {
@@ -294,11 +294,15 @@ impl Driver {
 
     /// Open jobs finished (in any order): the engine releases what is complete in relay
     /// order.
-    fn on_opened(&mut self, first: OpenDone) {
+    fn on_opened(&mut self, first: Vec<OpenDone>) {
         let now = self.now();
-        self.p.eng.handle_opened(first, now);
-        while let Ok(done) = self.opened_rx.try_recv() {
+        for done in first {
             self.p.eng.handle_opened(done, now);
+        }
+        while let Ok(more) = self.opened_rx.try_recv() {
+            for done in more {
+                self.p.eng.handle_opened(done, now);
+            }
         }
         self.persist_changes();
     }

@@ -73,11 +73,14 @@ fn work(rx: &Mutex<Receiver<Task>>) {
 /// one worker rather than one job per thread.
 const MIN_CHUNK: usize = 4;
 
+/// Open results a worker sends to the driver at once (after the first of a run).
+const RESULTS_PER_SEND: usize = 8;
+
 /// Opens `jobs` on the workers and sends each result to `done` (the driver's channel) as
 /// it finishes. The jobs are cut into contiguous runs — one per worker, each at least
 /// [`MIN_CHUNK`] long — so a burst costs one wake-up per worker, not one per message.
 /// Without a worker (none could start) they open here.
-pub(super) fn open_all(mut jobs: Vec<OpenJob>, done: &UnboundedSender<OpenDone>) {
+pub(super) fn open_all(mut jobs: Vec<OpenJob>, done: &UnboundedSender<Vec<OpenDone>>) {
     let workers = cores().clamp(1, MAX_WORKERS);
     let runs = jobs.len().div_ceil(MIN_CHUNK).clamp(1, workers);
     let per = jobs.len().div_ceil(runs);
@@ -88,8 +91,18 @@ pub(super) fn open_all(mut jobs: Vec<OpenJob>, done: &UnboundedSender<OpenDone>)
         let task: Task = Box::new(move || {
             OPENER.with(|o| {
                 let mut o = o.borrow_mut();
-                for job in run {
-                    let _ = tx.send(job.run(&mut o));
+                // The first result at once (it may be the one the driver waits for to
+                // release what is behind it), then the rest in groups: each send may
+                // wake the driver, a futex call and a context switch.
+                let mut out = Vec::new();
+                for (i, job) in run.into_iter().enumerate() {
+                    out.push(job.run(&mut o));
+                    if i == 0 || out.len() >= RESULTS_PER_SEND {
+                        let _ = tx.send(std::mem::take(&mut out));
+                    }
+                }
+                if !out.is_empty() {
+                    let _ = tx.send(out);
                 }
             })
         });
