@@ -1353,6 +1353,15 @@ fn bench_json_reports_every_message_delivered() {
         }
         assert!(pl["cores"].as_u64().unwrap() >= 1, "{out}");
         assert!(pl.get("relay_us").is_none(), "{out}");
+        // Per core used: the bench's CPU over the run (no relay term without its pid).
+        let cores = r["cores_used"].as_f64().unwrap();
+        let cpu = r["cpu_s"].as_f64().unwrap() / r["duration_s"].as_f64().unwrap();
+        assert!((cores - cpu).abs() <= 0.01 + cpu * 0.01, "{out}");
+        if cores > 0.0 {
+            let per = r["delivery_rate"].as_f64().unwrap() / cores;
+            let got = r["delivery_rate_per_core"].as_f64().unwrap();
+            assert!((got - per).abs() <= 1.0 + per * 0.01, "{out}");
+        }
     }
     // Human output without --json; --relay-pid adds the relay's CPU from /proc.
     let pid = relay.child.id().to_string();
@@ -1375,6 +1384,10 @@ fn bench_json_reports_every_message_delivered() {
         out.contains("pipeline:  seal ") && out.contains(" + relay ") && out.contains("limit "),
         "{out}"
     );
+    assert!(
+        out.contains("deliveries/s per core used") && out.contains("the bench and the relay"),
+        "{out}"
+    );
     let out = ok(run(&[
         "bench",
         "--relay",
@@ -1388,6 +1401,14 @@ fn bench_json_reports_every_message_delivered() {
     ]));
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(r["server_cpu_s"].as_f64().unwrap() >= 0.0, "{out}");
+    // With the relay's pid its CPU counts in the cores used.
+    let with_relay = (r["cpu_s"].as_f64().unwrap() + r["server_cpu_s"].as_f64().unwrap())
+        / r["duration_s"].as_f64().unwrap();
+    let cores = r["cores_used"].as_f64().unwrap();
+    assert!(
+        (cores - with_relay).abs() <= 0.01 + with_relay * 0.01,
+        "{out}"
+    );
     assert!(r["pipeline"]["relay_us"].as_f64().unwrap() >= 0.0, "{out}");
     fails(
         run(&["bench", "--relay", &relay.ws_url(), "--size", "8"]),

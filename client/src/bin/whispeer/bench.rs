@@ -325,6 +325,12 @@ struct Report {
     server_cpu_s: Option<f64>,
     /// Messages the subscribers could not open.
     rejected: u64,
+    /// Cores the run kept busy: the bench's CPU seconds (both processes with
+    /// `--sub-process`) plus the server's (`--relay-pid` / `--nats-pid`), over its duration.
+    cores_used: f64,
+    /// `delivery_rate` ÷ `cores_used`: deliveries per second per core the run used — on a
+    /// machine whose cores the processes share, the figure that says what the stack costs.
+    delivery_rate_per_core: f64,
     /// What sealing and opening alone cost here, and the delivery rate that allows
     /// (whispeer runs only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -900,8 +906,14 @@ async fn run_load(
     }
     let (received, last_ns) = (t.received, t.last_ns);
 
+    let cpu_s = round3(cpu_seconds(None) - cpu0 + sub_cpu_s.unwrap_or(0.0));
+    let server_cpu_s = server_pid
+        .zip(server0)
+        .map(|(p, c0)| round3(cpu_seconds(Some(p)) - c0));
     let pub_s = (pub_end_ns as f64 / 1e9).max(1e-9);
     let del_s = (last_ns as f64 / 1e9).max(1e-9);
+    let duration_s = pub_s.max(if received > 0 { del_s } else { 0.0 });
+    let cores_used = (cpu_s + server_cpu_s.unwrap_or(0.0)) / duration_s;
     let expected = sent * a.subs as u64;
     let mb = |rate: f64| rate * a.size as f64 / 1e6;
     let publish_rate = sent as f64 / pub_s;
@@ -916,7 +928,7 @@ async fn run_load(
         size: a.size,
         sent,
         received,
-        duration_s: round3(pub_s.max(if received > 0 { del_s } else { 0.0 })),
+        duration_s: round3(duration_s),
         publish_rate: round1(publish_rate),
         delivery_rate: round1(delivery_rate),
         latency_us: latency.unwrap_or_else(|| Latency::of(&hist)),
@@ -933,13 +945,13 @@ async fn run_load(
         relay_gaps: t.relay_gaps,
         signing: "",
         batch_root_hits: t.batch_root_hits,
-        cpu_s: round3(cpu_seconds(None) - cpu0 + sub_cpu_s.unwrap_or(0.0)),
+        cpu_s,
         sub_process: sub_cpu_s.is_some(),
         sub_cpu_s,
-        server_cpu_s: server_pid
-            .zip(server0)
-            .map(|(p, c0)| round3(cpu_seconds(Some(p)) - c0)),
+        server_cpu_s,
         rejected: t.rejected,
+        cores_used: round3(cores_used),
+        delivery_rate_per_core: round1(delivery_rate / cores_used.max(1e-9)),
         pipeline: None,
         floor_us: None,
         nats: None,
@@ -1420,6 +1432,16 @@ fn print_human(r: &Report) -> Result<()> {
             per(server + r.cpu_s)
         ))?;
     }
+    io::print_or_exit(&format!(
+        "per core:  {} deliveries/s per core used ({:.2} cores{})",
+        fmt_int(r.delivery_rate_per_core),
+        r.cores_used,
+        if r.server_cpu_s.is_some() {
+            ": the bench and the relay"
+        } else {
+            " of the bench; add --relay-pid for the relay's"
+        }
+    ))?;
     if let Some(p) = &r.pipeline {
         let relay = p.relay_us.map_or_else(
             || " (relay not counted: --relay-pid)".to_owned(),
