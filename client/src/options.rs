@@ -570,7 +570,7 @@ impl Engine for Identity {
 #[derive(Debug, Clone, Copy)]
 pub struct Signing(pub(crate) Option<Option<whispeer_protocol::BatchPolicy>>);
 impl Signing {
-    /// Sign every message, in batches with the default window (up to 64 messages, no added
+    /// Sign every message, in batches with the default window (up to 256 messages, no added
     /// wait: whatever is pending when the connection task runs).
     pub fn on() -> Self {
         Signing(Some(Some(crate::core::DEFAULT_BATCH)))

@@ -105,8 +105,8 @@ pub struct BenchArgs {
     /// messages, PROTOCOL §4.14), `message` (one per message), `off` (unsigned).
     #[arg(long, value_enum, default_value_t = SigningArg::Batch)]
     signing: SigningArg,
-    /// Batch signing: most messages per signature (1..=4096).
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    /// Batch signing: most messages per signature (1..=4096; the client's default).
+    #[arg(long, value_name = "N", default_value_t = whispeer::core::DEFAULT_BATCH.max_messages)]
     batch_max: u32,
     /// Batch signing: microseconds a batch waits for more messages after its first (0:
     /// sign whatever is pending at once).
