@@ -575,7 +575,8 @@ impl Signing {
     pub fn on() -> Self {
         Signing(Some(Some(crate::core::DEFAULT_BATCH)))
     }
-    /// Sign in batches of at most `max_messages` (1..=4096), waiting at most `max_wait` after
+    /// Sign in batches of at most `max_messages` (1..=4096, and at most
+    /// [`BATCH_MAX_BYTES`](crate::core::connection::BATCH_MAX_BYTES) of publishes), waiting at most `max_wait` after
     /// a batch's first message for more (zero: never wait; a longer wait makes larger
     /// batches at moderate rates and adds up to that much latency).
     pub fn batched(max_messages: u32, max_wait: Duration) -> Self {

@@ -427,6 +427,64 @@ async fn a_seal_failure_fails_that_publish_and_the_rest_go_on() {
     assert_eq!(receive(&mut sub, 4).await, vec![4, 5, 6, 7]);
 }
 
+/// However many messages a batch may hold, a seal job takes at most `BATCH_MAX_BYTES` of
+/// publishes (a batch is sealed whole before its first frame leaves): 300 KiB messages go
+/// three to a job under a 256-message cap, and all of them arrive, in order.
+#[tokio::test]
+async fn a_seal_job_holds_at_most_batch_max_bytes_of_publishes() {
+    use whispeer::core::connection::BATCH_MAX_BYTES;
+    let relay = start_relay_binary(&[]);
+    let t = tree("seal-bytes");
+    let (_sc, mut sub) = subscriber(&relay, &t).await;
+    let mut c = cfg();
+    c.batch.max_messages = 256;
+    let mut w = Wire::new(relay.tcp, keyring_with(&t), c).await;
+    let kr = w.eng.core().keyring().clone();
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
+    let now = w.now();
+    let unix = now.unix_ms;
+    const SIZE: usize = 300 * 1024;
+    for i in 0..7 {
+        // The number, zero-padded to 300 KiB (it still parses as the number).
+        let n = i.to_string();
+        let payload = "0".repeat(SIZE - n.len()) + &n;
+        let p = core::prepare_publish_in(
+            &kr,
+            None,
+            // Uncompressed: the zeros would shrink to nothing.
+            &SealPolicy::new(
+                whispeer::protocol::SealOptions {
+                    compression: whispeer::Compression::none().into_inner(),
+                    ..Default::default()
+                },
+                true,
+            ),
+            &mut Sealer::new(),
+            &Topic::new("s/big").unwrap(),
+            core::OCTETS,
+            payload.as_bytes(),
+            unix,
+            &mut rng,
+        )
+        .unwrap()
+        .0;
+        w.eng.publish_prepared(p, PubOptions::new(), now).unwrap();
+    }
+    let mut jobs = Vec::new();
+    while let Some(j) = w.eng.poll_seal_job(now) {
+        jobs.push(j);
+    }
+    let sizes: Vec<usize> = jobs.iter().map(|j| j.len()).collect();
+    assert_eq!(sizes, [3, 3, 1], "jobs of at most {BATCH_MAX_BYTES} bytes");
+    let signer = Identity::generate();
+    for j in jobs {
+        let d = j.run(&signer, &mut Sealer::new(), &mut rng);
+        w.eng.handle_sealed(d, now);
+    }
+    w.turn().await;
+    assert_eq!(receive(&mut sub, 7).await, (0..7).collect::<Vec<_>>());
+}
+
 #[tokio::test]
 async fn close_waits_for_the_seal_jobs_before_it() {
     let relay = start_relay_binary(&[]);

@@ -33,6 +33,7 @@ use whispeer_protocol::{
 
 pub use auth::AccountAuth;
 pub use rng::{Backoff, SeededRng};
+pub use sealing::BATCH_MAX_BYTES;
 pub use types::{
     AckToken, ConnId, Disconnect, EngineConfig, EngineStats, Event, FlushId, Now, PubOptions,
     PublishFailure, PublishId, SubscribeFailure, Transmit,

@@ -12,6 +12,13 @@ use whispeer_protocol::{BatchPolicy, Envelope, Prepared, Qos, SealError};
 use super::types::{FlushId, PubOptions, PublishId};
 use crate::core::batching::{prepared_weight, SealDone, SealJob};
 
+/// Most bytes (by [`prepared_weight`]) of publishes in one seal job, whatever the message
+/// cap: a batch is sealed whole before its first frame leaves, so 256 large messages would
+/// hold the first back for all of their sealing. A full batch of 256 × 1 KiB is ~420 KiB;
+/// of 16 KiB messages the cap cuts at ~64 (the message cap before wave 2 session 22); one
+/// publish larger than the cap goes alone.
+pub const BATCH_MAX_BYTES: usize = 1 << 20;
+
 /// What a queued publish carries to its release: its options, its id, its backlog bytes.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Meta {
@@ -49,6 +56,8 @@ pub(super) struct Sealing {
     /// Most jobs handed out and not answered (at least 1).
     ahead: usize,
     queue: Vec<(Prepared, Meta)>,
+    /// Bytes (weights) of the publishes in `queue`.
+    queued: usize,
     /// When the oldest queued publish arrived (monotonic ms).
     since: Option<u64>,
     units: BTreeMap<u64, Unit>,
@@ -68,6 +77,7 @@ impl Sealing {
             policy,
             ahead: ahead.max(1),
             queue: Vec::new(),
+            queued: 0,
             since: None,
             units: BTreeMap::new(),
             jobs: VecDeque::new(),
@@ -80,6 +90,26 @@ impl Sealing {
 
     fn max(&self) -> usize {
         self.policy.max_messages.clamp(1, 4096) as usize
+    }
+
+    /// How many queued publishes the next batch takes: at most [`Sealing::max`], and no
+    /// more than [`BATCH_MAX_BYTES`] of them (at least one).
+    fn take(&self) -> usize {
+        let mut bytes = 0;
+        let mut n = 0;
+        for (_, m) in self.queue.iter().take(self.max()) {
+            if n > 0 && bytes + m.weight > BATCH_MAX_BYTES {
+                break;
+            }
+            bytes += m.weight;
+            n += 1;
+        }
+        n
+    }
+
+    /// Whether the queue holds a whole batch (by count or by bytes).
+    fn full(&self) -> bool {
+        self.queue.len() >= self.max() || self.queued > BATCH_MAX_BYTES
     }
 
     /// Whether anything waits (then a sealed publish, flush or close must queue behind).
@@ -112,8 +142,10 @@ impl Sealing {
         self.bytes += meta.weight;
         self.kept += usize::from(meta.kept());
         self.since.get_or_insert(mono);
+        let was_full = self.full();
+        self.queued += meta.weight;
         self.queue.push((p, meta));
-        self.queue.len() == 1 || self.queue.len() % self.max() == 0
+        self.queue.len() == 1 || self.queue.len() % self.max() == 0 || (self.full() && !was_full)
     }
 
     /// Queues `u` behind everything before it (the queue is cut first, whatever the cap).
@@ -141,12 +173,11 @@ impl Sealing {
     /// queue is full or due (with no window: whatever is queued).
     pub(super) fn poll_job(&mut self, mono: u64) -> Option<SealJob> {
         if self.jobs.is_empty() && self.out < self.ahead && !self.queue.is_empty() {
-            let full = self.queue.len() >= self.max();
             let due = self.since.is_some_and(|s| {
                 mono.saturating_sub(s).saturating_mul(1000) >= self.policy.max_wait_us
             });
-            if full || due {
-                self.cut(self.max());
+            if self.full() || due {
+                self.cut(self.take());
             }
         }
         self.jobs.pop_front()
@@ -154,7 +185,7 @@ impl Sealing {
 
     fn cut_all(&mut self) {
         while !self.queue.is_empty() {
-            self.cut(self.max());
+            self.cut(self.take());
         }
     }
 
@@ -166,6 +197,7 @@ impl Sealing {
         }
         let rest = self.queue.split_off(n);
         let batch = std::mem::replace(&mut self.queue, rest);
+        self.queued -= batch.iter().map(|(_, m)| m.weight).sum::<usize>();
         self.since = if self.queue.is_empty() {
             None
         } else {
