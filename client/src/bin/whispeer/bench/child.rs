@@ -117,7 +117,9 @@ impl ChildSubs {
                     let l = line.trim_end();
                     if let Some(counts) = l.strip_prefix("p ") {
                         for (r, v) in shared.received.iter().zip(counts.split(' ')) {
-                            r.store(v.parse().unwrap_or(0), Ordering::Release);
+                            if let Ok(v) = v.parse() {
+                                r.store(v, Ordering::Release);
+                            }
                         }
                         shared.progress.notify_waiters();
                     } else if let Some(json) = l.strip_prefix("result ") {
