@@ -193,6 +193,34 @@ struct Shared {
 }
 
 impl Shared {
+    /// A run's state: `subs` subscribers, at most `window` messages in flight.
+    fn new(base: Instant, run_id: u64, subs: usize, window: u64) -> Arc<Self> {
+        Arc::new(Shared {
+            base,
+            run_id,
+            sent: AtomicU64::new(0),
+            received: (0..subs).map(|_| AtomicU64::new(0)).collect(),
+            forgiven: AtomicU64::new(0),
+            progress: Notify::new(),
+            stop_publishing: AtomicBool::new(false),
+            window,
+            notify_every: (window / 8).clamp(1, 64),
+        })
+    }
+
+    /// Starts a [`subscriber`] task per connection (subscriber `i` counts in `received[i]`).
+    fn spawn_subscribers(
+        self: &Arc<Self>,
+        conns: Vec<SubConn>,
+        stop: &watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<SubResult>> {
+        conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| tokio::spawn(subscriber(i, c, self.clone(), stop.clone())))
+            .collect()
+    }
+
     fn now_ns(&self) -> u64 {
         self.base.elapsed().as_nanos() as u64
     }
@@ -779,34 +807,13 @@ async fn run_load(
     let server0 = server_pid.map(|p| cpu_seconds(Some(p)));
     let window = a.window();
     let (base, base_unix_ns) = child::base_now();
-    let shared = Arc::new(Shared {
-        base,
-        run_id: rand::rngs::OsRng.next_u64(),
-        sent: AtomicU64::new(0),
-        received: (0..a.subs).map(|_| AtomicU64::new(0)).collect(),
-        forgiven: AtomicU64::new(0),
-        progress: Notify::new(),
-        stop_publishing: AtomicBool::new(false),
-        window,
-        notify_every: (window / 8).clamp(1, 64),
-    });
+    let shared = Shared::new(base, rand::rngs::OsRng.next_u64(), a.subs, window);
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut sub_tasks = Vec::new();
-    let mut sub_process = None;
-    match subs {
-        Subs::Local(conns) => {
-            for (i, conn) in conns.into_iter().enumerate() {
-                sub_tasks.push(tokio::spawn(subscriber(
-                    i,
-                    conn,
-                    shared.clone(),
-                    stop_rx.clone(),
-                )));
-            }
-        }
-        Subs::Child(c) => sub_process = Some(c.start(shared.clone(), base_unix_ns)?),
-    }
+    let (sub_tasks, sub_process) = match subs {
+        Subs::Local(conns) => (shared.spawn_subscribers(conns, &stop_rx), None),
+        Subs::Child(c) => (Vec::new(), Some(c.start(shared.clone(), base_unix_ns)?)),
+    };
 
     let bar = progress_bar(a, duration);
     let ticker = {
@@ -886,16 +893,8 @@ async fn run_load(
     let _ = ticker.await;
     bar.finish_and_clear();
 
-    let mut hist = new_hist();
-    let mut t = SubTotals {
-        reconnects: pubs.iter().map(|p| p.reconnects).sum(),
-        ..SubTotals::default()
-    };
-    for task in sub_tasks {
-        let r = task.await.context("subscriber task")?;
-        hist.add(&r.hist).expect("same bounds");
-        t.add(&r.totals);
-    }
+    let (hist, mut t) = collect_subscribers(sub_tasks).await?;
+    t.reconnects += pubs.iter().map(|p| p.reconnects).sum::<u64>();
     let mut latency = None;
     let mut sub_cpu_s = None;
     if let Some(c) = sub_process {
@@ -1282,6 +1281,20 @@ async fn subscriber(
             batch_root_hits,
         },
     }
+}
+
+/// Waits for the subscriber tasks: their histograms merged, their counts summed.
+async fn collect_subscribers(
+    tasks: Vec<tokio::task::JoinHandle<SubResult>>,
+) -> Result<(Histogram<u64>, SubTotals)> {
+    let mut hist = new_hist();
+    let mut totals = SubTotals::default();
+    for t in tasks {
+        let r = t.await.context("subscriber task")?;
+        hist.add(&r.hist).expect("same bounds");
+        totals.add(&r.totals);
+    }
+    Ok((hist, totals))
 }
 
 fn progress_bar(a: &BenchArgs, duration: Duration) -> indicatif::ProgressBar {

@@ -21,17 +21,17 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch};
 
 use super::{
-    cpu_seconds, new_hist, round3, subscriber, BenchArgs, Latency, Shared, SubConn, SubTotals,
+    collect_subscribers, cpu_seconds, round3, BenchArgs, Latency, Shared, SubConn, SubTotals,
 };
 
 /// What the subscriber process reports at the end of a run.
@@ -182,28 +182,11 @@ pub(super) async fn serve(a: &BenchArgs, subs: Vec<SubConn>) -> Result<()> {
         bail!("expected 'go RUN_ID BASE_UNIX_NS', got '{go}'");
     };
     let (run_id, base_unix_ns): (u64, u64) = (run_id.parse()?, base_unix_ns.parse()?);
-    // This process's Instant at the run's start: now, less the wall time since it.
-    let (now, wall) = (Instant::now(), unix_ns());
-    let since = Duration::from_nanos(wall.saturating_sub(base_unix_ns));
-    let base = now.checked_sub(since).unwrap_or(now);
+    let base = aligned_base(Instant::now(), unix_ns(), base_unix_ns);
     let cpu0 = cpu_seconds(None);
-    let shared = Arc::new(Shared {
-        base,
-        run_id,
-        sent: AtomicU64::new(0),
-        received: (0..subs.len()).map(|_| AtomicU64::new(0)).collect(),
-        forgiven: AtomicU64::new(0),
-        progress: Notify::new(),
-        stop_publishing: AtomicBool::new(false),
-        window: a.window(),
-        notify_every: (a.window() / 8).clamp(1, 64),
-    });
+    let shared = Shared::new(base, run_id, subs.len(), a.window());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let tasks: Vec<_> = subs
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| tokio::spawn(subscriber(i, c, shared.clone(), stop_rx.clone())))
-        .collect();
+    let tasks = shared.spawn_subscribers(subs, &stop_rx);
 
     // Progress to the parent whenever a subscriber signals it (and every 10 ms besides, so
     // the last few messages of a run are not held back by `notify_every`).
@@ -247,13 +230,7 @@ pub(super) async fn serve(a: &BenchArgs, subs: Vec<SubConn>) -> Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = reporter.await;
-    let mut hist = new_hist();
-    let mut totals = SubTotals::default();
-    for t in tasks {
-        let s = t.await.context("subscriber task")?;
-        hist.add(&s.hist).expect("same bounds");
-        totals.add(&s.totals);
-    }
+    let (hist, totals) = collect_subscribers(tasks).await?;
     let r = ChildResult {
         latency: Latency::of(&hist),
         totals,
@@ -265,7 +242,32 @@ pub(super) async fn serve(a: &BenchArgs, subs: Vec<SubConn>) -> Result<()> {
     Ok(())
 }
 
+/// This process's `Instant` at the run's start, from a reading of both clocks here (`now`,
+/// `wall_ns`) and the run's start on the wall clock: now, less the wall time since the
+/// start (now itself if the wall clock says the start is still ahead).
+fn aligned_base(now: Instant, wall_ns: u64, base_unix_ns: u64) -> Instant {
+    let since = Duration::from_nanos(wall_ns.saturating_sub(base_unix_ns));
+    now.checked_sub(since).unwrap_or(now)
+}
+
 /// The parent's clock reading that `go` carries: the wall clock beside the run's `Instant`.
 pub(super) fn base_now() -> (Instant, u64) {
     (Instant::now(), unix_ns())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The subscriber process measures latency from the parent's start: its base lies as
+    /// far back as the wall clock says the start was.
+    #[test]
+    fn the_childs_clock_is_aligned_to_the_parents_start() {
+        let now = Instant::now() + Duration::from_secs(10);
+        let start = 1_700_000_000_000_000_000;
+        let base = aligned_base(now, start + 1_500_000, start);
+        assert_eq!(now - base, Duration::from_micros(1_500));
+        // A start the wall clock puts ahead (stepped back meanwhile): no negative age.
+        assert_eq!(aligned_base(now, start - 5, start), now);
+    }
 }
