@@ -981,6 +981,14 @@ pub struct Limits {
     /// any waits).
     #[arg(long, env = "WHISPEER_ADDR_CONNECT_BURST")]
     pub addr_connect_burst: u32,
+    /// Longest ban, in seconds, of a churning source address (one at max_connections_per_addr
+    /// and over addr_connect_rate that keeps connecting): its new TCP connections are dropped
+    /// by the kernel before accept (a socket filter on the listeners; Linux), for 1 s, then
+    /// twice as long each time it churns again soon after, up to this. Its open connections
+    /// are untouched, and a client's connect made meanwhile completes when the ban ends (as
+    /// after packet loss). 0 = no bans (such connections are accepted and closed).
+    #[arg(long, env = "WHISPEER_ADDR_CHURN_BAN_SECS")]
+    pub addr_churn_ban_secs: u32,
     /// Sub/Unsub requests per second shared by one source address.
     #[arg(long, env = "WHISPEER_ADDR_SUB_RATE")]
     pub addr_sub_rate: u32,
@@ -1055,6 +1063,7 @@ impl Default for Limits {
             addr_ipv6_prefix: 64,
             addr_connect_rate: 50,
             addr_connect_burst: 256,
+            addr_churn_ban_secs: 60,
             addr_sub_rate: 2_000,
             addr_sub_burst: 20_000,
             addr_ack_rate: 100_000,

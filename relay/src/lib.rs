@@ -36,6 +36,7 @@
 //! - [`admin`] — `/metrics`, `/status`, `/healthz`; a GET client for `status`.
 //! - `held_bytes` — byte bounds on queued work (store and NATS queues).
 //! - `rate` — token buckets (rate limits by backpressure) and the per-address connection table.
+//! - `syn_ban` — churning source addresses banned before accept (a BPF filter on the listeners).
 //! - [`logging`] — tracing-subscriber setup for the binary (text or JSON).
 //! - [`error`] — [`RelayError`].
 #![forbid(unsafe_code)]
@@ -62,6 +63,7 @@ mod router;
 mod session;
 pub mod store;
 mod sub_quota;
+mod syn_ban;
 pub mod tls;
 pub mod transport;
 

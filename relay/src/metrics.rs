@@ -84,6 +84,8 @@ pub struct Metrics {
     redelivered: AtomicU64,
     duplicate_publishes: AtomicU64,
     throttled: AtomicU64,
+    addr_bans: AtomicU64,
+    addr_banned: AtomicU64,
     refusal_paused: AtomicU64,
     credit_pauses: AtomicU64,
     credit_lost: AtomicU64,
@@ -142,6 +144,8 @@ impl Default for Metrics {
             redelivered: AtomicU64::new(0),
             duplicate_publishes: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
+            addr_bans: AtomicU64::new(0),
+            addr_banned: AtomicU64::new(0),
             refusal_paused: AtomicU64::new(0),
             credit_pauses: AtomicU64::new(0),
             credit_lost: AtomicU64::new(0),
@@ -227,6 +231,12 @@ impl Metrics {
         self.refusal_paused.fetch_add(1, Relaxed);
     }
 
+    pub(crate) fn addr_banned(&self) {
+        self.addr_bans.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn set_addr_banned(&self, n: usize) {
+        self.addr_banned.store(n as u64, Relaxed);
+    }
     pub(crate) fn throttled(&self) {
         self.throttled.fetch_add(1, Relaxed);
     }
@@ -484,7 +494,7 @@ impl Metrics {
                 "whispeer_relay_connections_total{{transport=\"{k}\"}} {v}"
             );
         }
-        let counters: [(&str, &str, u64); 16] = [
+        let counters: [(&str, &str, u64); 17] = [
             (
                 "whispeer_relay_connections_rejected_total",
                 "Connections refused (connection limit, plugins).",
@@ -544,6 +554,11 @@ impl Metrics {
                 "whispeer_relay_throttled_total",
                 "Times a connection was slowed by a rate limit (backpressure): its reads paused, or its handshake delayed (addr_connect_rate).",
                 load(&self.throttled),
+            ),
+            (
+                "whispeer_relay_addr_bans_total",
+                "Source addresses banned for connection churn: their new TCP connections dropped before accept for a while (addr_churn_ban_secs).",
+                load(&self.addr_bans),
             ),
             (
                 "whispeer_relay_refusal_pauses_total",
@@ -627,6 +642,13 @@ impl Metrics {
             family(&mut o, name, "gauge", help);
             let _ = writeln!(o, "{name} {}", v.load(Relaxed).max(0));
         }
+        family(
+            &mut o,
+            "whispeer_relay_addr_banned",
+            "gauge",
+            "Source addresses banned now for connection churn.",
+        );
+        let _ = writeln!(o, "whispeer_relay_addr_banned {}", load(&self.addr_banned));
         family(
             &mut o,
             "whispeer_relay_subscriptions",

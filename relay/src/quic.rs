@@ -25,7 +25,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) 
                 tokio::spawn(handshake(shared.clone(), incoming, slot));
             }
             Err(why) => {
-                crate::relay::refused(&shared, TransportKind::Quic, &why);
+                crate::relay::refused(&shared, TransportKind::Quic, &why, peer.ip());
                 incoming.refuse();
             }
         }

@@ -221,6 +221,8 @@ pub(crate) struct AddrTable {
     v6_prefix: u8,
     per_addr: usize,
     global: usize,
+    /// Churning addresses banned before accept.
+    bans: crate::syn_ban::Bans,
     /// The global count, published on every change (sent under the state lock, so
     /// watchers see the changes in order).
     count: tokio::sync::watch::Sender<usize>,
@@ -263,6 +265,7 @@ impl AddrTable {
         v6_prefix: u8,
         per_addr: usize,
         global: usize,
+        ban_max: Duration,
     ) -> Self {
         Self {
             state: Mutex::new(AddrState::default()),
@@ -271,8 +274,26 @@ impl AddrTable {
             v6_prefix,
             per_addr,
             global,
+            bans: crate::syn_ban::Bans::new(ban_max),
             count: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// The banned addresses.
+    pub(crate) fn bans(&self) -> &crate::syn_ban::Bans {
+        &self.bans
+    }
+
+    /// `ip` was refused as [`Refusal::Churning`]: bans it before accept unless it already
+    /// is ([`crate::syn_ban`]). Returns the new ban's length.
+    pub(crate) fn strike(&self, ip: IpAddr) -> Option<Duration> {
+        self.bans
+            .strike(source_address(ip, self.v6_prefix), Instant::now())
+    }
+
+    /// Leading bits an IPv6 address is counted (and banned) by.
+    pub(crate) fn v6_prefix(&self) -> u8 {
+        self.v6_prefix
     }
 
     /// Watches the count of connections and handshakes (see [`RelayHandle::connections`](crate::RelayHandle::connections)).
@@ -451,7 +472,7 @@ mod tests {
 
     #[test]
     fn addresses_are_capped_and_counted_until_released() {
-        let t = Arc::new(AddrTable::new(UNLIMITED, (0, 0), 64, 2, 3));
+        let t = Arc::new(AddrTable::new(UNLIMITED, (0, 0), 64, 2, 3, Duration::ZERO));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let s1 = t.admit(a).unwrap();
@@ -466,7 +487,14 @@ mod tests {
 
     #[test]
     fn an_ipv6_host_is_one_source_across_its_slash_64() {
-        let t = Arc::new(AddrTable::new(UNLIMITED, (0, 0), 64, 2, 100));
+        let t = Arc::new(AddrTable::new(
+            UNLIMITED,
+            (0, 0),
+            64,
+            2,
+            100,
+            Duration::ZERO,
+        ));
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let _a = t.admit(ip("2001:db8:0:1::1")).unwrap();
         let _b = t.admit(ip("2001:db8:0:1:dead:beef::2")).unwrap();
@@ -485,7 +513,14 @@ mod tests {
 
     #[test]
     fn connections_over_the_connect_rate_wait_and_reconnecting_does_not_reset_it() {
-        let t = Arc::new(AddrTable::new(UNLIMITED, (10, 2), 64, 100, 1000));
+        let t = Arc::new(AddrTable::new(
+            UNLIMITED,
+            (10, 2),
+            64,
+            100,
+            1000,
+            Duration::ZERO,
+        ));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let t0 = Instant::now();
@@ -503,7 +538,14 @@ mod tests {
         let s4 = t.admit_at(a, t0 + ms(50)).unwrap();
         assert_eq!(s4.wait(), Some(ms(150)));
         // Over the per-address cap while in debt: churning.
-        let capped = Arc::new(AddrTable::new(UNLIMITED, (10, 1), 64, 2, 1000));
+        let capped = Arc::new(AddrTable::new(
+            UNLIMITED,
+            (10, 1),
+            64,
+            2,
+            1000,
+            Duration::ZERO,
+        ));
         let _c1 = capped.admit_at(a, t0).unwrap();
         let _c2 = capped.admit_at(a, t0).unwrap();
         assert_eq!(capped.admit_at(a, t0).unwrap_err(), Refusal::Churning);
@@ -513,7 +555,14 @@ mod tests {
             Refusal::PerAddr(2)
         );
         // At the global cap too: the churning address is closed, another is told why.
-        let full = Arc::new(AddrTable::new(UNLIMITED, (10, 1), 64, 100, 2));
+        let full = Arc::new(AddrTable::new(
+            UNLIMITED,
+            (10, 1),
+            64,
+            100,
+            2,
+            Duration::ZERO,
+        ));
         let _f1 = full.admit_at(a, t0).unwrap();
         let _f2 = full.admit_at(a, t0).unwrap();
         assert_eq!(full.admit_at(a, t0).unwrap_err(), Refusal::Churning);
@@ -521,7 +570,14 @@ mod tests {
         // Another address has its own bucket.
         assert_eq!(t.admit_at(b, t0).unwrap().wait(), None);
         // 0 = unlimited.
-        let free = Arc::new(AddrTable::new(UNLIMITED, (0, 0), 64, 100, 1000));
+        let free = Arc::new(AddrTable::new(
+            UNLIMITED,
+            (0, 0),
+            64,
+            100,
+            1000,
+            Duration::ZERO,
+        ));
         let slots: Vec<_> = (0..50).map(|_| free.admit_at(a, t0).unwrap()).collect();
         assert!(slots.iter().all(|s| s.wait().is_none()));
     }

@@ -359,6 +359,7 @@ impl RelayBuilder {
             l.addr_ipv6_prefix,
             l.max_connections_per_addr,
             l.max_connections,
+            std::time::Duration::from_secs(u64::from(l.addr_churn_ban_secs)),
         ));
 
         // With the cluster's shared account list the file is not read: `run` installs the
@@ -542,6 +543,7 @@ impl Relay {
                 tracing::info!("stopped while waiting for the shared account list");
             }
         }
+        tasks.spawn(lift_bans(shared.clone()));
         let mut spawn = |l: Option<TcpListener>, kind: TransportKind| {
             if let Some(l) = l {
                 tasks.spawn(accept_loop(shared.clone(), l, kind, tls.clone()));
@@ -799,8 +801,21 @@ async fn accept_loop(
     kind: TransportKind,
     tls: Option<TlsAcceptor>,
 ) {
+    let mut bans = shared.addr_table.bans().watch();
+    // Whether this listener has had a ban filter: its accepted sockets may inherit one.
+    let mut filtered = false;
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            changed = bans.changed() => {
+                if changed.is_ok() {
+                    filtered |= refilter(&shared, &listener, kind, &mut bans);
+                }
+                continue;
+            }
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // Typically EMFILE: back off briefly instead of spinning.
@@ -815,7 +830,13 @@ async fn accept_loop(
             Err(why) => {
                 // Only the plain TCP listener can explain without a handshake; the others
                 // (TLS, WebSocket) close, as does every listener for a churning address.
-                if let Some(message) = refused(&shared, kind, &why) {
+                let message = refused(&shared, kind, &why, peer.ip());
+                // A ban this refusal struck is in force on this listener before the
+                // connection closes.
+                if bans.has_changed().unwrap_or(false) {
+                    filtered |= refilter(&shared, &listener, kind, &mut bans);
+                }
+                if let Some(message) = message {
                     if kind == TransportKind::Tcp {
                         tokio::spawn(answer_refusal(stream, message));
                     }
@@ -823,6 +844,9 @@ async fn accept_loop(
                 continue;
             }
         };
+        if filtered {
+            crate::syn_ban::clear_inherited(&stream);
+        }
         let _ = stream.set_nodelay(true);
         tokio::spawn(handshake(
             shared.clone(),
@@ -835,12 +859,71 @@ async fn accept_loop(
     }
 }
 
+/// Rebuilds `listener`'s ban filter from the latest list; true if a filter is now on it.
+fn refilter(
+    shared: &Shared,
+    listener: &TcpListener,
+    kind: TransportKind,
+    bans: &mut watch::Receiver<crate::syn_ban::BanList>,
+) -> bool {
+    let list = bans.borrow_and_update().clone();
+    let applied = crate::syn_ban::apply(listener, &list, shared.addr_table.v6_prefix());
+    if !applied && !list.is_empty() {
+        tracing::debug!(listener = %kind, "no socket filter here: banned addresses are refused at accept");
+    }
+    applied && !list.is_empty()
+}
+
+/// Lifts each address ban when it ends (the accept loops then rebuild their filters) and
+/// keeps the `whispeer_relay_addr_banned` gauge.
+async fn lift_bans(shared: Arc<Shared>) {
+    let bans = shared.addr_table.bans();
+    let mut list = bans.watch();
+    loop {
+        shared
+            .metrics
+            .set_addr_banned(list.borrow_and_update().len());
+        let next = bans.expire(std::time::Instant::now());
+        tokio::select! {
+            _ = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+            changed = list.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Counts a connection refused before its handshake (over the per-address or global cap)
 /// and returns what to tell the client: `None` for a churning address, which is closed
 /// unanswered ([`Refusal::Churning`]).
-pub(crate) fn refused(shared: &Shared, kind: TransportKind, why: &Refusal) -> Option<String> {
+pub(crate) fn refused(
+    shared: &Shared,
+    kind: TransportKind,
+    why: &Refusal,
+    peer: std::net::IpAddr,
+) -> Option<String> {
     shared.metrics.connection_rejected();
     tracing::debug!(listener = %kind, ?why, "connection refused before its handshake");
+    if *why == Refusal::Churning {
+        if let Some(length) = shared.addr_table.strike(peer) {
+            shared.metrics.addr_banned();
+            shared
+                .metrics
+                .set_addr_banned(shared.addr_table.bans().active());
+            tracing::warn!(
+                addr = %crate::store::source_address(peer, shared.addr_table.v6_prefix()),
+                ban_s = length.as_secs(),
+                "connection churn: this source address's new connections are dropped before accept for a while (addr_churn_ban_secs)"
+            );
+        }
+    }
     let message = why.explanation()?;
     shared
         .metrics

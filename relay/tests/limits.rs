@@ -321,6 +321,70 @@ async fn a_churning_address_at_its_cap_is_closed_unanswered() {
     );
 }
 
+/// A churning address is banned before accept (Linux: a socket filter on the listeners):
+/// its next connect is not answered by the kernel while another address connects and its
+/// connection already open keeps working; once the ban ends, the stalled connect completes
+/// (the client's SYN retransmitted, as after packet loss) and is served.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_churning_address_is_banned_before_accept() {
+    let mut config = Config::ephemeral();
+    config.limits.max_connections_per_addr = 2;
+    config.limits.addr_connect_rate = 1;
+    config.limits.addr_connect_burst = 1;
+    config.limits.addr_churn_ban_secs = 1;
+    let relay = TestRelay::start(config).await;
+    let (addr, admin) = (relay.tcp(), relay.addrs.admin.expect("admin"));
+    let churner = "127.0.0.3";
+    // One welcomed connection (the burst), one waiting for its handshake (in debt): the
+    // address is at its cap and over its connect rate.
+    let mut open = Client::tcp_from(addr, churner).await;
+    open.hello().await;
+    let mut count = relay.handle.connections();
+    let waiting = Client::tcp_from(addr, churner).await;
+    tokio::time::timeout(TIMEOUT, count.wait_for(|n| *n == 2))
+        .await
+        .expect("both counted")
+        .expect("relay running");
+    // A third is churn: closed unanswered, and the address banned.
+    let mut refused = Client::tcp_from(addr, churner).await;
+    let (frames, _) = refused.drain_to_end().await;
+    assert!(
+        frames.is_empty(),
+        "a churning address was answered: {frames:?}"
+    );
+    assert_eq!(metric(admin, "whispeer_relay_addr_bans_total").await, 1);
+    assert_eq!(metric(admin, "whispeer_relay_addr_banned").await, 1);
+    let rejected = metric(admin, "whispeer_relay_connections_rejected_total").await;
+    // Its slot frees when the relay next reads it (after its 1 s wait): by the ban's end.
+    drop(waiting);
+    // Banned: a connect from it stalls in the kernel ...
+    let stalled = tokio::spawn(async move {
+        let mut c = Client::tcp_from(addr, churner).await;
+        c.hello().await
+    });
+    // ... while another address connects, and the banned address's open connection is
+    // served, both after the stalled SYN was sent.
+    let mut other = Client::tcp_from(addr, "127.0.0.4").await;
+    other.hello().await;
+    open.subscribe(1, exact(1, &[1])).await;
+    other.subscribe(1, exact(1, &[1])).await;
+    assert!(
+        !stalled.is_finished(),
+        "a banned address's connect completed"
+    );
+    // The ban ends (1 s); the retransmitted SYN gets through and the client is welcomed,
+    // never having been refused at accept.
+    tokio::time::timeout(std::time::Duration::from_secs(30), stalled)
+        .await
+        .expect("the stalled connect completed after the ban")
+        .expect("welcomed");
+    assert_eq!(
+        metric(admin, "whispeer_relay_connections_rejected_total").await,
+        rejected
+    );
+}
+
 /// A connection flood from one address is capped (handshakes included: these connections
 /// never send a byte) while another address still connects.
 #[tokio::test]
