@@ -328,26 +328,62 @@ async fn a_churning_address_at_its_cap_is_closed_unanswered() {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_churning_address_is_banned_before_accept() {
+    churn_ban("127.0.0.1:0", "127.0.0.3", "127.0.0.4").await;
+}
+
+/// The same on a dual-stack IPv6 listener: an IPv6 churner (::1, banned by its /64) is
+/// dropped by the filter's IPv6 branch while an IPv4 client (mapped) still connects.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_churning_ipv6_address_is_banned_before_accept() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here: skipped");
+        return;
+    }
+    churn_ban("[::]:0", "::1", "127.0.0.4").await;
+}
+
+/// A TCP client from `from` to the relay's `port` on the loopback of `from`'s family.
+async fn client_from(port: u16, from: std::net::IpAddr) -> Client {
+    let (sock, to) = match from {
+        std::net::IpAddr::V4(_) => (
+            tokio::net::TcpSocket::new_v4().unwrap(),
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        ),
+        std::net::IpAddr::V6(_) => (
+            tokio::net::TcpSocket::new_v6().unwrap(),
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+        ),
+    };
+    sock.bind(std::net::SocketAddr::new(from, 0))
+        .expect("bind the source address");
+    let s = sock.connect(to).await.expect("connect tcp");
+    s.set_nodelay(true).ok();
+    Client::over_stream(Box::new(s))
+}
+
+async fn churn_ban(listen: &str, churner: &str, other: &str) {
     let mut config = Config::ephemeral();
+    config.listen.tcp = whispeer_relay::config::ListenAddr::on(listen.parse().unwrap());
     config.limits.max_connections_per_addr = 2;
     config.limits.addr_connect_rate = 1;
     config.limits.addr_connect_burst = 1;
     config.limits.addr_churn_ban_secs = 1;
     let relay = TestRelay::start(config).await;
-    let (addr, admin) = (relay.tcp(), relay.addrs.admin.expect("admin"));
-    let churner = "127.0.0.3";
+    let (port, admin) = (relay.tcp().port(), relay.addrs.admin.expect("admin"));
+    let churner: std::net::IpAddr = churner.parse().unwrap();
     // One welcomed connection (the burst), one waiting for its handshake (in debt): the
     // address is at its cap and over its connect rate.
-    let mut open = Client::tcp_from(addr, churner).await;
+    let mut open = client_from(port, churner).await;
     open.hello().await;
     let mut count = relay.handle.connections();
-    let waiting = Client::tcp_from(addr, churner).await;
+    let waiting = client_from(port, churner).await;
     tokio::time::timeout(TIMEOUT, count.wait_for(|n| *n == 2))
         .await
         .expect("both counted")
         .expect("relay running");
     // A third is churn: closed unanswered, and the address banned.
-    let mut refused = Client::tcp_from(addr, churner).await;
+    let mut refused = client_from(port, churner).await;
     let (frames, _) = refused.drain_to_end().await;
     assert!(
         frames.is_empty(),
@@ -360,12 +396,12 @@ async fn a_churning_address_is_banned_before_accept() {
     drop(waiting);
     // Banned: a connect from it stalls in the kernel ...
     let stalled = tokio::spawn(async move {
-        let mut c = Client::tcp_from(addr, churner).await;
+        let mut c = client_from(port, churner).await;
         c.hello().await
     });
     // ... while another address connects, and the banned address's open connection is
     // served, both after the stalled SYN was sent.
-    let mut other = Client::tcp_from(addr, "127.0.0.4").await;
+    let mut other = client_from(port, other.parse().unwrap()).await;
     other.hello().await;
     open.subscribe(1, exact(1, &[1])).await;
     other.subscribe(1, exact(1, &[1])).await;
