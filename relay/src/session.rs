@@ -966,6 +966,7 @@ impl Session {
         };
         if let Err((plugin, why)) = self.shared.plugins.publish(&info) {
             self.shared.metrics.rejected_by_plugin();
+            self.refused_publish(now);
             return self.reply_err(
                 ErrorCode::NotAllowed,
                 format!("refused by {plugin}: {}", why.0),
@@ -975,6 +976,10 @@ impl Session {
         }
         let store = self.shared.router.store().clone();
         if p.qos != Qos::AtMostOnce && store.features() & features::AT_LEAST_ONCE == 0 {
+            // Refused like any other publish: a client firing QoS 1 at a relay without a
+            // store is slowed, not answered frame by frame (a 25-connection flood of them
+            // cost the relay ~120,000 refusals a second).
+            self.refused_publish(now);
             return self.reply_err(
                 ErrorCode::StoreFailed,
                 format!(
@@ -1657,6 +1662,45 @@ mod tests {
             .metrics
             .render_prometheus(0)
             .contains("whispeer_relay_refusal_pauses_total 46"));
+    }
+
+    /// A QoS 1 publish to a relay without a store is refused like any other: the reader
+    /// pauses, longer for each such refusal in a row.
+    #[test]
+    fn qos1_publishes_to_a_relay_without_a_store_pause_the_reader() {
+        let mut config = Config::ephemeral();
+        config.store.kind = Some(crate::config::StoreKind::None);
+        config.limits.publish_rate = 0;
+        config.limits.addr_publish_rate = 0;
+        let now = Instant::now();
+        let (mut s, _shared, out) = session(config, 64, now);
+        assert_eq!(
+            s.on_inbound(Inbound::Frame(hello().to_bytes()), now),
+            Flow::Continue
+        );
+        let pauses: Vec<_> = (1..4)
+            .map(|k| {
+                let p = Frame::Pub(Pub {
+                    envelope: envelope(k, &[1]),
+                    flags: pub_flags::ACK,
+                    publish_id: Some([k; 16]),
+                    qos: Qos::AtLeastOnce,
+                });
+                assert_eq!(
+                    s.on_inbound(Inbound::Frame(p.to_bytes()), now),
+                    Flow::Continue
+                );
+                s.take_pause().map(|until| until - now)
+            })
+            .collect();
+        assert_eq!(pauses, [1, 2, 4].map(|n| Some(REFUSAL_PAUSE * n)).to_vec());
+        let mut frames = Vec::new();
+        out.take(&mut frames);
+        let errs = frames
+            .iter()
+            .filter(|f| matches!(Frame::decode(&f.slice(4..)), Ok(Frame::Err(e)) if e.code == ErrorCode::StoreFailed))
+            .count();
+        assert_eq!(errs, 3, "each refusal answered");
     }
 
     proptest! {
