@@ -38,6 +38,10 @@ pub struct Status {
     pub listeners: BoundAddrs,
     /// Open sockets, including ones still before `Hello`.
     pub sockets: u64,
+    /// Source addresses banned now for connection churn (`limits.addr_churn_ban_secs`): a
+    /// count, never the addresses.
+    #[serde(default)]
+    pub banned_addresses: u64,
     /// Traffic totals.
     pub traffic: Snapshot,
     /// Last relay sequence assigned.
@@ -88,6 +92,7 @@ pub(crate) fn status(shared: &Shared) -> Status {
         shutting_down: *shared.shutdown.borrow(),
         listeners: shared.addrs,
         sockets: shared.registry.len() as u64,
+        banned_addresses: shared.addr_table.bans().active() as u64,
         traffic: shared.metrics.snapshot(),
         last_seq: shared.router.last_seq().0,
         slow_consumer: cfg.queue.slow_consumer,

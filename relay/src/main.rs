@@ -584,6 +584,12 @@ async fn status(args: StatusArgs) -> Result<()> {
         addr(s.listeners.admin)
     );
     println!("connections  {} ({} sockets)", t.connections, s.sockets);
+    if s.banned_addresses > 0 {
+        println!(
+            "banned       {} source address(es) (connection churn)",
+            s.banned_addresses
+        );
+    }
     println!("subscriptions {}", t.subscriptions);
     println!(
         "messages     in {}  out {}  last seq {}",

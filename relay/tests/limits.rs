@@ -391,6 +391,11 @@ async fn churn_ban(listen: &str, churner: &str, other: &str) {
     );
     assert_eq!(metric(admin, "whispeer_relay_addr_bans_total").await, 1);
     assert_eq!(metric(admin, "whispeer_relay_addr_banned").await, 1);
+    assert_eq!(
+        relay.handle.status().banned_addresses,
+        1,
+        "/status counts it"
+    );
     let rejected = metric(admin, "whispeer_relay_connections_rejected_total").await;
     // Its slot frees when the relay next reads it (after its 1 s wait): by the ban's end.
     drop(waiting);
