@@ -86,7 +86,7 @@ impl Bans {
         let level = match m.get(&ip) {
             Some(b) if b.until > now => return None,
             // Churning again soon after the last ban ended: a longer one.
-            Some(b) if now < b.until + 2 * self.length(b.level) => b.level + 1,
+            Some(b) if now < b.until + 2 * self.length(b.level) => b.level.saturating_add(1),
             Some(_) => 0,
             None if m.len() >= MAX_REMEMBERED => {
                 m.retain(|_, b| !self.forgettable(b, now));
