@@ -395,6 +395,20 @@ impl Session {
         }
     }
 
+    /// Refuses a publish with a non-fatal `Err` naming it, and pays the refusal pause
+    /// ([`Session::refused_publish`]): every refused publish goes through here or through
+    /// that pause, so no refusal is free for a client that keeps firing.
+    fn refuse_publish(
+        &mut self,
+        now: Instant,
+        code: ErrorCode,
+        message: String,
+        publish_id: Option<[u8; 16]>,
+    ) -> Flow {
+        self.refused_publish(now);
+        self.reply_err(code, message, None, publish_id)
+    }
+
     /// A publish was refused: pause reading for 0.5 ms doubling per refusal in a row, up to
     /// about 0.5 s; the next accepted publish resets it. A client that waits before it
     /// retries a refused publish hardly notices; one that keeps firing is
@@ -966,11 +980,10 @@ impl Session {
         };
         if let Err((plugin, why)) = self.shared.plugins.publish(&info) {
             self.shared.metrics.rejected_by_plugin();
-            self.refused_publish(now);
-            return self.reply_err(
+            return self.refuse_publish(
+                now,
                 ErrorCode::NotAllowed,
                 format!("refused by {plugin}: {}", why.0),
-                None,
                 p.publish_id,
             );
         }
@@ -979,15 +992,14 @@ impl Session {
             // Refused like any other publish: a client firing QoS 1 at a relay without a
             // store is slowed, not answered frame by frame (a 25-connection flood of them
             // cost the relay ~120,000 refusals a second).
-            self.refused_publish(now);
-            return self.reply_err(
+            return self.refuse_publish(
+                now,
                 ErrorCode::StoreFailed,
                 format!(
                     "this relay has no store (store kind {}): QoS >= 1 publishes cannot be \
                      acknowledged",
                     store.kind()
                 ),
-                None,
                 p.publish_id,
             );
         }
@@ -1019,8 +1031,7 @@ impl Session {
                 seq
             }
             Err(e) => {
-                self.refused_publish(now);
-                return self.reply_err(e.code(), e.to_string(), None, p.publish_id);
+                return self.refuse_publish(now, e.code(), e.to_string(), p.publish_id);
             }
         };
         self.refused_in_a_row = 0;

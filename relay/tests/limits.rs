@@ -605,6 +605,12 @@ async fn plugins_can_reject_subscribe_and_publish() {
         (e.code, e.fatal, e.publish_id),
         (ErrorCode::NotAllowed, false, Some([3; 16]))
     );
+    // A refused publish like any other: the connection's reads paused for it.
+    assert!(relay
+        .handle
+        .metrics()
+        .render_prometheus(0)
+        .contains("whispeer_relay_refusal_pauses_total 1\n"));
     let ok = envelope(1, &[1]);
     c.publish(ok.clone()).await;
     assert_eq!(c.expect_msg().await.envelope, ok);
