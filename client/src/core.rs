@@ -155,7 +155,15 @@ struct LocalSub {
     replaying: Vec<u64>,
     /// The compiled token patterns of its relay subscriptions.
     patterns: Vec<whispeer_protocol::TokenPattern>,
+    /// The retained values (dedup digests) delivered to it flagged `RETAINED`: a value the
+    /// client already delivered is shown again only to a subscription that has not been
+    /// shown it (the relay sets the flag, so it must not buy more than that). At most
+    /// [`MAX_SHOWN`]; beyond it, values already delivered are not shown again.
+    shown: std::collections::HashSet<receive::Digest>,
 }
+
+/// Most retained values remembered as shown per subscription (16 bytes each).
+const MAX_SHOWN: usize = 65_536;
 
 impl LocalSub {
     /// Raises the position of relay subscription `relay_id`'s key id to `seq`.
@@ -682,7 +690,8 @@ impl ClientCore {
 
     /// The relay reported dropped messages.
     pub fn on_gap(&mut self, dropped: u64) {
-        self.stats.relay_gaps += dropped;
+        // The relay's count: never trusted not to overflow.
+        self.stats.relay_gaps = self.stats.relay_gaps.saturating_add(dropped);
     }
 
     /// The highest relay sequence seen (resume point after a reconnect).
@@ -834,6 +843,7 @@ impl ClientCore {
                 got,
                 replaying: Vec::new(),
                 patterns: Vec::new(),
+                shown: Default::default(),
             },
         );
         let frames = self.sub_frames(id, now_ms);
@@ -990,7 +1000,28 @@ impl ClientCore {
             self.advance(msg.seq, msg.envelope.key_id(), &[]);
             return Delivery::Placeholder;
         }
-        let allow_old = matched.iter().any(|id| self.subs[id].opts.older_history);
+        // The relay's flags (outside the seal) lift the live checks (skew, epoch grace) and
+        // the dedup window's hold on retained values: each counts only for a subscription
+        // that asked for what it claims — history for `REPLAYED`, retained values for
+        // `RETAINED`, acknowledgements for `REDELIVERED`. For any other the message is
+        // refused like a live one too old or too late (and takes its place in the acks).
+        let retained = msg.flags & frame::msg_flags::RETAINED != 0 && !replayed;
+        let claims = |s: &LocalSub| {
+            (!replayed || s.wants_history(msg.seq))
+                && (!retained || s.opts.retained)
+                && (msg.flags & frame::msg_flags::REDELIVERED == 0 || s.opts.acking())
+        };
+        let entitled: Vec<LocalSubId> = matched
+            .iter()
+            .copied()
+            .filter(|id| claims(&self.subs[id]))
+            .collect();
+        if entitled.is_empty() {
+            self.stats.rejected += 1;
+            self.advance(msg.seq, msg.envelope.key_id(), &matched);
+            return Delivery::Placeholder;
+        }
+        let allow_old = entitled.iter().any(|id| self.subs[id].opts.older_history);
         let cand = receive::Candidate {
             tree: o.tree_id,
             topic: &o.topic,
@@ -1001,22 +1032,29 @@ impl ClientCore {
             allow_old,
         };
         let key = receive::dedup_key(&cand);
+        let shown = retained.then(|| receive::digest(&key));
         let (accepted, mut eligible) = match self.guard.check(&cand, now_ms) {
-            Ok(a) => (Some(a), matched.clone()),
+            Ok(a) => (Some(a), entitled.clone()),
             Err(why @ (receive::Refusal::Duplicate | receive::Refusal::BeforeWindow)) => {
                 // Already delivered (or dated before what a dedup window shortened by its
                 // capacity still covers, so perhaps delivered): only history a subscription
                 // asked for (replayed, and not yet seen by that subscription) may still go
-                // to it.
-                let asked: Vec<LocalSubId> = matched
+                // to it, and a topic's current value (retained, and not older than anything
+                // accepted for the topic: the guard checked) to a subscription not yet
+                // shown it.
+                let asked: Vec<LocalSubId> = entitled
                     .iter()
                     .copied()
                     .filter(|id| {
-                        replayed
-                            && self.subs[id]
-                                .got
-                                .as_ref()
-                                .is_some_and(|g| !g.contains(&key))
+                        let s = &self.subs[id];
+                        match shown {
+                            Some(d) => {
+                                why == receive::Refusal::Duplicate
+                                    && s.shown.len() < MAX_SHOWN
+                                    && !s.shown.contains(&d)
+                            }
+                            None => replayed && s.got.as_ref().is_some_and(|g| !g.contains(&key)),
+                        }
                     })
                     .collect();
                 if asked.is_empty() {
@@ -1068,8 +1106,15 @@ impl ClientCore {
             self.guard.commit(a);
         }
         for id in &targets {
-            if let Some(g) = self.subs.get_mut(id).and_then(|s| s.got.as_mut()) {
-                g.insert(key);
+            if let Some(s) = self.subs.get_mut(id) {
+                if let Some(g) = s.got.as_mut() {
+                    g.insert(key);
+                }
+                if let Some(d) = shown {
+                    if s.shown.len() < MAX_SHOWN {
+                        s.shown.insert(d);
+                    }
+                }
             }
         }
         self.advance(msg.seq, msg.envelope.key_id(), &matched);
@@ -1125,6 +1170,90 @@ mod tests {
     use super::*;
     use rand_chacha::rand_core::SeedableRng;
     use whispeer_protocol::{Scope, TreeKey};
+
+    /// The relay's flags sit outside the seal: `RETAINED`, `REDELIVERED` and `REPLAYED`
+    /// lift checks only for subscriptions that asked for retained values, acknowledgements
+    /// or history; a delivered message flagged `RETAINED` is shown again once per
+    /// subscription at most (the current value to a new subscription), and never one older
+    /// than what was accepted for its topic.
+    #[test]
+    fn relay_flags_count_only_for_subscriptions_that_asked_for_them() {
+        use frame::msg_flags::{REDELIVERED, REPLAYED, RETAINED};
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
+        let tk = TreeKey::generate_with("t", &mut rng).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_tree_key_at(&tk, 0).unwrap();
+        let kr = Arc::new(RwLock::new(kr));
+        let mut core = ClientCore::new(kr.clone());
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        let o = SubscribeOptions::new;
+        core.subscribe_with_options(1, f("a/#"), o(), 0).unwrap();
+        core.subscribe_with_options(2, f("a/#"), o().retained(false), 0)
+            .unwrap();
+        core.subscribe_with_options(3, f("a/#"), o().qos(Qos::AtLeastOnce), 0)
+            .unwrap();
+        const NOW: u64 = 1_800_000_000_000;
+        let topic = Topic::new("a/x").unwrap();
+        let mut seal = |ts: u64| {
+            seal_publish(
+                &kr,
+                None,
+                &SealPolicy::default(),
+                &mut Sealer::new(),
+                &topic,
+                CBOR,
+                b"\x01",
+                ts,
+                &mut rng,
+            )
+            .unwrap()
+            .0
+        };
+        let (old, m, stale) = (seal(NOW - 2_000), seal(NOW - 1_000), seal(NOW - 3_600_000));
+        let msg = |env: &whispeer_protocol::Envelope, seq, flags, sub_id| Msg {
+            sub_id,
+            seq,
+            envelope: env.clone(),
+            flags,
+        };
+        let to = |core: &mut ClientCore, m: Msg| {
+            core.receive(&m, NOW).map(|(_, mut t)| {
+                t.sort();
+                t
+            })
+        };
+        assert_eq!(to(&mut core, msg(&m, 10, 0, None)), Some(vec![1, 2, 3]));
+        let rid = |core: &ClientCore, id| Some(core.relay_ids(id)[0]);
+        // Flagged retained, named for the subscription that asked for none: refused.
+        let r2 = rid(&core, 2);
+        assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r2)), None);
+        // For one that asks for retained values: shown again once, then never.
+        let r1 = rid(&core, 1);
+        assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r1)), Some(vec![1]));
+        // Unnamed (an older relay): to each subscription that asks for retained values
+        // and was not shown it yet.
+        assert_eq!(to(&mut core, msg(&m, 10, RETAINED, None)), Some(vec![3]));
+        for _ in 0..3 {
+            assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r1)), None);
+            assert_eq!(to(&mut core, msg(&m, 10, RETAINED, None)), None);
+        }
+        // A new subscription gets the topic's current value once; never an older one.
+        core.subscribe_with_options(4, f("a/x"), o(), NOW).unwrap();
+        let r4 = rid(&core, 4);
+        assert_eq!(to(&mut core, msg(&old, 9, RETAINED, r4)), None, "rollback");
+        assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r4)), Some(vec![4]));
+        assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r4)), None);
+        assert_eq!(core.guard().stats().retained_rollback, 1);
+        // An hour old: refused live; flagged redelivered it goes to the acking
+        // subscription only; flagged replayed and named for a live one, nowhere.
+        assert_eq!(to(&mut core, msg(&stale, 11, 0, None)), None);
+        assert_eq!(to(&mut core, msg(&stale, 11, REPLAYED, r1)), None);
+        assert_eq!(to(&mut core, msg(&stale, 11, REDELIVERED, r2)), None);
+        assert_eq!(
+            to(&mut core, msg(&stale, 11, REDELIVERED, None)),
+            Some(vec![3])
+        );
+    }
 
     #[test]
     fn open_once_deliver_to_matching_dedup() {

@@ -255,8 +255,10 @@ impl Store {
     }
 
     /// Writes receiver state changes in one transaction; now and then deletes expired
-    /// dedup entries.
-    pub(crate) fn record(&self, changes: &[Change], now_ms: u64) {
+    /// dedup entries, and high-water marks dated before `marks_before_ms` (the horizon and
+    /// skew before now: the receiver refuses messages that old anyway, see
+    /// `Guard::expire`; every message moves its topic's mark, so they would pile up).
+    pub(crate) fn record(&self, changes: &[Change], now_ms: u64, marks_before_ms: u64) {
         if changes.is_empty() {
             return;
         }
@@ -285,6 +287,10 @@ impl Store {
                 tx.execute(
                     "DELETE FROM seen WHERE expires <= ?1",
                     params![now_ms as i64],
+                )?;
+                tx.execute(
+                    "DELETE FROM retained WHERE ts < ?1",
+                    params![marks_before_ms.min(i64::MAX as u64) as i64],
                 )?;
             }
             tx.commit()
@@ -320,6 +326,7 @@ mod tests {
                     },
                 ],
                 5,
+                0,
             );
         }
         let s = Store::open(&p).unwrap();

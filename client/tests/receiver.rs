@@ -57,6 +57,50 @@ async fn an_old_envelope_reposted_to_a_new_subscription_is_dropped() {
     relay.stop().await;
 }
 
+/// The relay sets `RETAINED` outside the seal, and anyone who saw an envelope can re-post
+/// it with `RETAIN`: a message delivered live and re-posted as the retained value is not
+/// delivered again to the subscription that had it, and an older one does not come back as
+/// a new subscription's "current value" once a newer one was delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_reposted_as_retained_neither_replays_nor_rolls_back() {
+    let relay = TestRelay::start().await;
+    let t = tree("home");
+    let alice = identity();
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let c = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let now = whispeer::now_ms();
+    let v1 = seal(&t, Some(&alice), "cfg/mode", 1, now - 2_000);
+    let v2 = seal(&t, Some(&alice), "cfg/mode", 2, now - 1_000);
+    let mut first = c.subscribe::<u32>("cfg/#").await.unwrap();
+    member.publish(&v1, false).await;
+    member.publish(&v2, false).await;
+    assert_eq!(value(&mut first).await, 1);
+    assert_eq!(value(&mut first).await, 2);
+    // v1, captured, is re-posted as the path's retained value.
+    member.publish(&v1, true).await;
+    let mut second = c.subscribe::<u32>("cfg/#").await.unwrap();
+    member
+        .publish(
+            &seal(&t, Some(&alice), "cfg/mode", 3, whispeer::now_ms()),
+            false,
+        )
+        .await;
+    let r = within("second", second.next()).await.unwrap().unwrap();
+    assert_eq!(
+        (r.value, r.retained),
+        (3, false),
+        "v1 (older than v2) is not shown as the current value"
+    );
+    assert_eq!(
+        value(&mut first).await,
+        3,
+        "nor delivered again to the first"
+    );
+    assert!(c.stats().core.refused.retained_rollback >= 1);
+    c.close().await;
+    relay.stop().await;
+}
+
 #[cfg(feature = "persistence")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_and_retained_rollbacks_are_refused_after_a_restart_with_persistence() {

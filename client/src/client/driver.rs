@@ -747,7 +747,10 @@ impl Driver {
         #[cfg(feature = "persistence")]
         if let Some(st) = &self.p.saved {
             let changes = self.p.eng.core_mut().take_changes();
-            st.record(&changes, now_ms());
+            let cfg = self.p.eng.core().guard().config();
+            let keep = cfg.horizon_ms.saturating_add(cfg.max_skew_ms);
+            let now = now_ms();
+            st.record(&changes, now, now.saturating_sub(keep));
             return;
         }
         self.p.eng.core_mut().clear_changes();

@@ -12,7 +12,11 @@
 //!   a *live* message (not replayed, redelivered or retained) dated more than the skew into
 //!   the past is refused too. Replayed history is accepted within the horizon (and deduped).
 //! - **Retained values never move backwards** per `(tree, topic)`: a retained value older
-//!   than the newest one this client accepted for that topic is refused.
+//!   than the newest message this client accepted for that topic (live, history or
+//!   retained) is refused, and one already delivered is a duplicate like any other (the
+//!   client core shows it again only to a new subscription that asked for retained
+//!   values, once). The relay sets the `RETAINED` flag outside the seal, so it must not
+//!   buy a message more than that. The marks are kept for the horizon, like dedup entries.
 //! - **Publisher policy** per topic or subtree: `require_signed` and an `allow_senders` list.
 //!
 //! The state that must survive a restart (dedup entries, retained high-water marks) is
@@ -195,7 +199,15 @@ pub struct Accepted {
     key: DedupKey,
     digest: Digest,
     expires_ms: u64,
-    retained: Option<(RetainedKey, u64, [u8; 16])>,
+    /// The topic's high-water mark this message sets if it is the newest.
+    mark: (RetainedKey, u64, [u8; 16]),
+}
+
+impl Accepted {
+    /// The digest the dedup window holds for this message.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
 }
 
 /// The receiver's persisted state at one time ([`Guard::snapshot`]).
@@ -213,10 +225,17 @@ pub struct Snapshot {
 pub struct Guard {
     cfg: ReceiveConfig,
     seen: Window,
+    /// Per `(tree, topic)`: the newest message accepted (timestamp, id), kept for the
+    /// horizon (plus skew) after its date.
     retained: HashMap<RetainedKey, (u64, [u8; 16])>,
+    /// When expired marks are next swept (Unix ms).
+    next_mark_sweep: u64,
     stats: RefusedStats,
     journal: Vec<Change>,
 }
+
+/// How often expired high-water marks are swept (a scan of all marks).
+const MARK_SWEEP_MS: u64 = 60_000;
 
 /// What the dedup window holds of a [`DedupKey`]: the first 128 bits of
 /// `BLAKE3-derive_key("whispeer client dedup digest", tree ‖ sender ‖ msg_id)`. 16 bytes
@@ -387,11 +406,25 @@ pub fn dedup_key(c: &Candidate<'_>) -> DedupKey {
     )
 }
 
-fn retained_key(tree: &TreeId, topic: &Topic) -> RetainedKey {
-    let mut h = blake3::Hasher::new_derive_key("whispeer client retained high-water mark");
+/// The key of `(tree, topic)`'s high-water mark:
+/// `BLAKE3-derive_key("whispeer client retained high-water mark", tree ‖ topic)`.
+pub fn retained_key(tree: &TreeId, topic: &Topic) -> RetainedKey {
+    use blake3::hazmat::HasherExt;
+    // Computed for every message (each moves its topic's mark): the context hashed once.
+    static CONTEXT: std::sync::OnceLock<blake3::hazmat::ContextKey> = std::sync::OnceLock::new();
+    let ctx = CONTEXT.get_or_init(|| {
+        blake3::hazmat::hash_derive_key_context("whispeer client retained high-water mark")
+    });
+    let mut h = blake3::Hasher::new_from_context_key(ctx);
     h.update(&tree.0);
     h.update(topic.as_str().as_bytes());
     *h.finalize().as_bytes()
+}
+
+/// Whether message `(ts, id)` is newer than mark `(mts, mid)` (the same total order the
+/// rollback check uses: by time, then by id).
+fn newer(ts: u64, id: &[u8; 16], mts: u64, mid: &[u8; 16]) -> bool {
+    ts > mts || (ts == mts && id > mid)
 }
 
 impl Guard {
@@ -401,6 +434,7 @@ impl Guard {
             cfg,
             seen: Window::new(),
             retained: HashMap::new(),
+            next_mark_sweep: 0,
             stats: RefusedStats::default(),
             journal: Vec::new(),
         }
@@ -437,7 +471,7 @@ impl Guard {
     /// Loads a persisted retained high-water mark.
     pub fn restore_retained(&mut self, key: RetainedKey, ts_ms: u64, msg_id: [u8; 16]) {
         let e = self.retained.entry(key).or_insert((ts_ms, msg_id));
-        if ts_ms > e.0 {
+        if newer(ts_ms, &msg_id, e.0, &e.1) {
             *e = (ts_ms, msg_id);
         }
     }
@@ -509,9 +543,22 @@ impl Guard {
         horizon.max(forgot)
     }
 
-    /// Forgets dedup entries whose time is up.
+    /// Forgets dedup entries whose time is up (and, now and then, high-water marks dated
+    /// before the horizon: a message that old is refused unless a subscription asked for
+    /// older history, which gives up replay protection past the horizon anyway).
     pub fn expire(&mut self, now_ms: u64) {
         self.seen.expire(now_ms);
+        if now_ms >= self.next_mark_sweep {
+            self.next_mark_sweep = now_ms.saturating_add(MARK_SWEEP_MS);
+            let keep = self.cfg.horizon_ms.saturating_add(self.cfg.max_skew_ms);
+            self.retained
+                .retain(|_, (ts, _)| ts.saturating_add(keep) > now_ms);
+        }
+    }
+
+    /// High-water marks held now.
+    pub fn marks_len(&self) -> usize {
+        self.retained.len()
     }
 
     /// Runs every check; on success returns what [`Guard::commit`] records.
@@ -569,36 +616,32 @@ impl Guard {
             .max(now_ms)
             .saturating_add(self.cfg.horizon_ms)
             .saturating_add(skew);
+        let rk = retained_key(&c.tree, c.topic);
         if retained {
-            // A retained value may be shown again on each subscribe (it is the current value),
-            // but never one older than the newest accepted for the topic.
-            let rk = retained_key(&c.tree, c.topic);
-            if let Some(&(ts, id)) = self.retained.get(&rk) {
-                if c.ts_ms < ts || (c.ts_ms == ts && c.msg_id != id && c.msg_id < id) {
+            // A retained value is the topic's current value: never one older than the
+            // newest message accepted for the topic, live or retained (the relay sets the
+            // flag, and anyone may re-post a captured envelope with `RETAIN`).
+            if let Some((ts, id)) = self.retained.get(&rk) {
+                if newer(*ts, id, c.ts_ms, &c.msg_id) {
                     return Err(Refusal::RetainedRollback);
                 }
             }
-            return Ok(Accepted {
-                key,
-                digest: digest(&key),
-                expires_ms,
-                retained: Some((rk, c.ts_ms, c.msg_id)),
-            });
-        }
-        // Retained values are not held to the window's start: the high-water mark above
-        // already keeps them from moving backwards, and the current value may be old.
-        if !c.allow_old && self.forgotten(c.ts_ms) {
+        } else if !c.allow_old && self.forgotten(c.ts_ms) {
+            // Retained values are not held to the window's start: the high-water mark
+            // already keeps them from moving backwards, and the current value may be old.
             return Err(Refusal::BeforeWindow);
         }
         let d = digest(&key);
         if self.seen.contains(d) {
+            // Retained or not: showing the current value again to a new subscription is
+            // the client core's decision (per subscription, once), not the window's.
             return Err(Refusal::Duplicate);
         }
         Ok(Accepted {
             key,
             digest: d,
             expires_ms,
-            retained: None,
+            mark: (rk, c.ts_ms, c.msg_id),
         })
     }
 
@@ -611,15 +654,24 @@ impl Guard {
                 expires_ms: a.expires_ms,
             });
         }
-        if let Some((rk, ts, id)) = a.retained {
-            if self.retained.get(&rk) != Some(&(ts, id)) {
-                self.retained.insert(rk, (ts, id));
-                self.journal.push(Change::Retained {
-                    key: rk,
-                    ts_ms: ts,
-                    msg_id: id,
-                });
+        let (rk, ts, id) = a.mark;
+        let moved = match self.retained.get_mut(&rk) {
+            Some(m) if !newer(ts, &id, m.0, &m.1) => false,
+            Some(m) => {
+                *m = (ts, id);
+                true
             }
+            None => {
+                self.retained.insert(rk, (ts, id));
+                true
+            }
+        };
+        if moved {
+            self.journal.push(Change::Retained {
+                key: rk,
+                ts_ms: ts,
+                msg_id: id,
+            });
         }
     }
 }
@@ -716,8 +768,12 @@ mod tests {
         let r = msg_flags::RETAINED;
         let a = g.check(&cand(&t, 5, NOW - 10_000, r), NOW).unwrap();
         g.commit(a);
-        // Same value again (a new subscription): fine. An older one: refused.
-        assert!(g.check(&cand(&t, 5, NOW - 10_000, r), NOW).is_ok());
+        // Same value again: a duplicate (the core shows it to a new subscription, once).
+        // An older one: refused.
+        assert_eq!(
+            g.check(&cand(&t, 5, NOW - 10_000, r), NOW),
+            Err(Refusal::Duplicate)
+        );
         assert_eq!(
             g.check(&cand(&t, 6, NOW - 20_000, r), NOW),
             Err(Refusal::RetainedRollback)
@@ -878,6 +934,53 @@ mod tests {
         assert_eq!(g.seen_len(), 0, "an expired entry is not restored");
     }
 
+    /// The relay sets `RETAINED` outside the seal, and anyone who saw an envelope may
+    /// re-post it with `RETAIN`: the flag must not make a delivered message new again, nor
+    /// bring back an older one once a newer one was accepted live.
+    #[test]
+    fn the_retained_flag_neither_replays_nor_rolls_back_what_was_delivered_live() {
+        let r = msg_flags::RETAINED;
+        let mut g = Guard::new(ReceiveConfig::default());
+        let door = Topic::new("ctl/door").unwrap();
+        let a = g.check(&cand(&door, 1, NOW, 0), NOW).unwrap();
+        g.commit(a);
+        assert_eq!(
+            g.check(&cand(&door, 1, NOW, r), NOW + 1000),
+            Err(Refusal::Duplicate),
+            "delivered live, then flagged retained"
+        );
+        let mode = Topic::new("cfg/mode").unwrap();
+        for (id, ts) in [(11, NOW - 2000), (12, NOW - 1000)] {
+            let a = g.check(&cand(&mode, id, ts, 0), NOW).unwrap();
+            g.commit(a);
+        }
+        assert_eq!(
+            g.check(&cand(&mode, 11, NOW - 2000, r), NOW),
+            Err(Refusal::RetainedRollback),
+            "v1 after v2 was delivered live"
+        );
+        // Across a restart too: the marks are journaled.
+        let mut h = Guard::new(ReceiveConfig::default());
+        for c in g.take_changes() {
+            match c {
+                Change::Seen { key, expires_ms } => h.restore_seen(key, expires_ms, NOW),
+                Change::Retained { key, ts_ms, msg_id } => h.restore_retained(key, ts_ms, msg_id),
+            }
+        }
+        assert_eq!(
+            h.check(&cand(&mode, 11, NOW - 2000, r), NOW),
+            Err(Refusal::RetainedRollback)
+        );
+        // A newer retained value is new; the marks go once the horizon is past.
+        let a = h.check(&cand(&mode, 13, NOW - 500, r), NOW).expect("newer");
+        h.commit(a);
+        assert_eq!(h.marks_len(), 2);
+        h.expire(NOW);
+        assert_eq!(h.marks_len(), 2);
+        h.expire(NOW + DEFAULT_HORIZON_MS + DEFAULT_MAX_SKEW_MS + 1);
+        assert_eq!(h.marks_len(), 0);
+    }
+
     #[test]
     fn a_full_window_forgets_the_oldest_and_refuses_what_it_might_have_forgotten() {
         let t = Topic::new("busy").unwrap();
@@ -924,9 +1027,16 @@ mod tests {
         let mut old = msg(0, NOW, msg_flags::REPLAYED);
         old.allow_old = true;
         assert!(g.check(&old, now).is_ok());
-        // A retained value is held to its high-water mark, not to the window's start.
-        let r = msg(7, NOW - 60_000, msg_flags::RETAINED);
+        // A retained value is held to its high-water mark, not to the window's start (on a
+        // topic of its own: every message moved "busy"'s mark).
+        let quiet = Topic::new("quiet").unwrap();
+        let r = cand(&quiet, 7, NOW - 60_000, msg_flags::RETAINED);
         assert!(g.check(&r, now).is_ok());
+        assert_eq!(
+            g.check(&msg(7, NOW - 60_000, msg_flags::RETAINED), now),
+            Err(Refusal::RetainedRollback),
+            "older than the newest message accepted on its topic"
+        );
         // Restoring more than the capacity keeps the newest.
         let mut h = Guard::new(ReceiveConfig {
             max_entries: 10,
