@@ -177,6 +177,21 @@ async fn read_loop<Src: FrameSource>(
                     session.shutting_down();
                     return false;
                 }
+                // Before the source: a client whose bytes never stop (WebSocket pings need
+                // no Hello) kept `recv` ready on every poll, and a biased select never got
+                // to the timer, so its Hello deadline never came.
+                _ = &mut deadline => {
+                    if source.stalled() {
+                        // Waiting for the relay's frame budget is not the client's idleness.
+                        last_in = Instant::now();
+                    }
+                    let due = if session.is_open() { last_in + idle } else { started + hello };
+                    if Instant::now() >= due {
+                        session.timed_out();
+                        return false;
+                    }
+                    deadline.as_mut().reset(due);
+                }
                 ev = source.recv() => {
                     if let Some(closed) = inbound(ev, source, session, &mut turn_bytes, &mut last_in) {
                         return closed;
@@ -191,18 +206,6 @@ async fn read_loop<Src: FrameSource>(
                     if session.hold_lost(key, generation) == Flow::Close {
                         return false;
                     }
-                }
-                _ = &mut deadline => {
-                    if source.stalled() {
-                        // Waiting for the relay's frame budget is not the client's idleness.
-                        last_in = Instant::now();
-                    }
-                    let due = if session.is_open() { last_in + idle } else { started + hello };
-                    if Instant::now() >= due {
-                        session.timed_out();
-                        return false;
-                    }
-                    deadline.as_mut().reset(due);
                 }
             }
         }

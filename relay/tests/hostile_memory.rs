@@ -747,3 +747,72 @@ async fn stalled_quic_senders_are_held_to_a_small_window() {
         conn.close(0u32.into(), b"done");
     }
 }
+
+/// tungstenite answers every WebSocket ping with a pong it queues whatever the socket does:
+/// a client that floods pings and never reads must not grow the relay's memory at its
+/// upload rate (it did: the write buffer had no bound), and pings (which need no Hello)
+/// must not hold the connection open past its Hello deadline (they did: a source that was
+/// always ready starved the deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_ping_flood_that_never_reads_is_closed_within_bounded_memory() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = BinRelay::start(&["--hello-ms", "3000"]);
+    let pid = relay.child.id();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    // A small receive window: the relay's pongs cannot drain into it.
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(relay.ws()).await.unwrap();
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "upgrade answered");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // Masked pings with 125-byte payloads (the largest a control frame may carry), 1 MiB
+    // of them per write, never reading again.
+    let ping: Vec<u8> = [0x89u8, 0x80 | 125, 1, 2, 3, 4]
+        .into_iter()
+        .chain(std::iter::repeat_n(0u8, 125))
+        .collect();
+    let chunk: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 8000)
+        .collect();
+    let before = rss_kib(pid);
+    let (mut sent, limit) = (0usize, 512usize << 20);
+    let closed = loop {
+        if sent >= limit {
+            break false;
+        }
+        match s.write_all(&chunk).await {
+            Ok(()) => sent += chunk.len(),
+            Err(_) => break true,
+        }
+    };
+    let grown = rss_kib(pid).saturating_sub(before);
+    eprintln!(
+        "ping flood: {} MiB sent before the relay closed ({closed}); relay RSS grew {grown} KiB",
+        sent >> 20
+    );
+    assert!(
+        closed,
+        "the relay kept reading {} MiB of pings",
+        limit >> 20
+    );
+    assert!(grown < 64 * 1024, "relay RSS grew {grown} KiB");
+    drop(s);
+    drop(relay);
+}

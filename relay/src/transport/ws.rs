@@ -27,12 +27,26 @@ use super::{FrameSink, FrameSource, Inbound};
 /// and cost nothing measurable (relay CPU per 1 KiB or 16 KiB WebSocket message unchanged).
 pub const WS_READ_BUFFER: usize = 512;
 
+/// Bytes tungstenite gathers before writing to the socket (its default).
+const WS_WRITE_BUFFER: usize = 128 * 1024;
+
 /// The tungstenite configuration for a relay with this `max_frame`.
+///
+/// The write buffer is bounded: tungstenite answers every ping with a pong it queues in
+/// that buffer whatever the socket does, and by default the buffer has no limit — a client
+/// that sends pings and never reads grew the relay's memory at its upload rate (on TCP the
+/// protocol's `Ping` goes through the outbound queue, which closes such a client after
+/// `queue.capacity` unread replies). The relay's own writes never hold more than the
+/// buffer plus one frame (the sink waits for the socket before the next), so the bound,
+/// with room for control frames, only ever stops the ping flood: the read then fails and
+/// the connection closes.
 pub fn ws_config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame))
         .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .max_write_buffer_size(WS_WRITE_BUFFER + max_frame + 64 * 1024)
 }
 
 /// Splits an accepted WebSocket into a frame source and sink; `gate` is the one the
