@@ -65,6 +65,18 @@ impl TokenBucket {
         (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
     }
 
+    /// Charges one refused request: refused connects count against an address's connect
+    /// rate too, or one holding its cap could connect-and-be-refused at any speed without
+    /// ever being in debt (churning, and so banned). The debt refusals run up is capped at
+    /// one second's worth, so what an address is owed after it stops stays short.
+    pub(crate) fn charge_refused(&mut self, now: Instant) {
+        if self.rate == 0.0 {
+            return;
+        }
+        self.refill(now);
+        self.tokens = (self.tokens - 1.0).max(-self.rate.max(1.0));
+    }
+
     /// Whether the bucket is in debt: requests are being made faster than its rate.
     fn in_debt(&self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
@@ -317,24 +329,26 @@ impl AddrTable {
     fn admit_at(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<AddrSlot, Refusal> {
         let ip = source_address(ip, self.v6_prefix);
         let mut s = self.lock();
-        if s.total >= self.global {
-            let churning = s.by_addr.get(&ip).is_some_and(|e| e.connects.in_debt(now));
-            return Err(if churning {
-                Refusal::Churning
-            } else {
-                Refusal::Global(self.global)
-            });
-        }
         if s.by_addr.len() >= 4096 && !s.by_addr.contains_key(&ip) {
             s.by_addr.retain(|_, e| !e.forgettable(now));
         }
         let (rates, (rate, burst)) = (self.rates, self.connect);
+        let global = s.total >= self.global;
         let e = s.by_addr.entry(ip).or_insert_with(|| AddrEntry {
             conns: 0,
             buckets: SharedBuckets::new(rates, now),
             connects: TokenBucket::new(rate, burst, now),
         });
+        if global {
+            e.connects.charge_refused(now);
+            return Err(if e.connects.in_debt(now) {
+                Refusal::Churning
+            } else {
+                Refusal::Global(self.global)
+            });
+        }
         if e.conns >= self.per_addr {
+            e.connects.charge_refused(now);
             return Err(if e.connects.in_debt(now) {
                 Refusal::Churning
             } else {
@@ -549,10 +563,15 @@ mod tests {
         let _c1 = capped.admit_at(a, t0).unwrap();
         let _c2 = capped.admit_at(a, t0).unwrap();
         assert_eq!(capped.admit_at(a, t0).unwrap_err(), Refusal::Churning);
-        // Once the debt is repaid, a refusal is the plain cap again.
+        // Once the debt is repaid (the refusal above cost a token too), a refusal is the
+        // plain cap again; refusals faster than the rate are churn again.
         assert_eq!(
-            capped.admit_at(a, t0 + ms(200)).unwrap_err(),
+            capped.admit_at(a, t0 + ms(300)).unwrap_err(),
             Refusal::PerAddr(2)
+        );
+        assert_eq!(
+            capped.admit_at(a, t0 + ms(300)).unwrap_err(),
+            Refusal::Churning
         );
         // At the global cap too: the churning address is closed, another is told why.
         let full = Arc::new(AddrTable::new(

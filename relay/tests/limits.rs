@@ -426,6 +426,36 @@ async fn churn_ban(listen: &str, churner: &str, other: &str) {
     );
 }
 
+/// Refused connects count against the address's connect rate: an address that holds its
+/// cap and keeps connecting is churning (closed unanswered and banned), however full its
+/// bucket was when it reached the cap — refusals used to cost the bucket nothing, so such an
+/// address was answered `too_many_connections` at any speed and never banned.
+#[tokio::test]
+async fn an_address_at_its_cap_that_keeps_connecting_is_banned() {
+    let mut config = Config::ephemeral();
+    config.limits.max_connections_per_addr = 2;
+    config.limits.addr_connect_rate = 1;
+    config.limits.addr_connect_burst = 2;
+    config.limits.addr_churn_ban_secs = 1;
+    let relay = TestRelay::start(config).await;
+    let (port, admin) = (relay.tcp().port(), relay.addrs.admin.expect("admin"));
+    let ip: std::net::IpAddr = "127.0.0.23".parse().unwrap();
+    // Both places, within the burst: no debt.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = client_from(port, ip).await;
+        c.hello().await;
+        held.push(c);
+    }
+    // One more, right away: over the connect rate at the cap.
+    let mut refused = client_from(port, ip).await;
+    let (frames, _) = refused.drain_to_end().await;
+    assert!(frames.is_empty(), "answered instead of closed: {frames:?}");
+    assert_eq!(metric(admin, "whispeer_relay_addr_bans_total").await, 1);
+    // Its held connections are still served.
+    held[0].subscribe(1, exact(1, &[1])).await;
+}
+
 /// A connection flood from one address is capped (handshakes included: these connections
 /// never send a byte) while another address still connects.
 #[tokio::test]
