@@ -426,6 +426,50 @@ async fn churn_ban(listen: &str, churner: &str, other: &str) {
     );
 }
 
+/// A WebSocket client in the middle of a fragmented message holds `max_frame` of the
+/// large-frame budget; pings between its fragments (RFC 6455 allows them) must not keep it
+/// alive, or a few such clients would hold the whole budget for ever and stall every large
+/// frame on the relay. It is closed at its idle timeout like any partial frame's sender.
+#[tokio::test]
+async fn pings_between_fragments_do_not_keep_a_partial_message_alive() {
+    use tokio_tungstenite::tungstenite::protocol::frame::{coding, Frame as WsFrame};
+    let mut config = Config::ephemeral();
+    config.timeouts.idle_ms = 1_500;
+    config.timeouts.heartbeat_ms = 500;
+    // After the close the relay reads on for `drain_ms` (the pinger never stops).
+    config.timeouts.drain_ms = 500;
+    // (The first idle check comes at the Hello deadline.)
+    config.timeouts.hello_ms = 1_000;
+    let relay = TestRelay::start(config).await;
+    let mut count = relay.handle.connections();
+    let mut c = Client::ws(relay.ws()).await;
+    c.hello().await;
+    // The first fragment of a binary message, past the 64 KiB that take no budget.
+    let first = WsFrame::message(
+        vec![0u8; 65_537],
+        coding::OpCode::Data(coding::Data::Binary),
+        false,
+    );
+    c.send_ws_message(Message::Frame(first)).await;
+    // A ping every 200 ms, never the rest of the message.
+    let pinger = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            c.send_ws_message(Message::Ping(Vec::new().into())).await;
+        }
+    });
+    // Closed by its idle timeout (1.5 s), not kept by the pings.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        count.wait_for(|n| *n == 0),
+    )
+    .await
+    .expect("the partial message's sender was closed at its idle timeout")
+    .expect("relay running");
+    pinger.abort();
+}
+
 /// Refused connects count against the address's connect rate: an address that holds its
 /// cap and keeps connecting is churning (closed unanswered and banned), however full its
 /// bucket was when it reached the cap — refusals used to cost the bucket nothing, so such an

@@ -98,6 +98,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameSource for WsSourc
                 Ok(Message::Binary(b)) if b.is_empty() => Inbound::Invalid("empty message".into()),
                 Ok(Message::Binary(b)) => Inbound::Frame(b),
                 Ok(Message::Text(_)) => Inbound::Text,
+                // Between a message's fragments a ping is no sign of life (see
+                // `WsGate::partial`).
+                Ok(Message::Ping(_) | Message::Pong(_)) if self.gate.partial() => continue,
                 Ok(Message::Ping(_) | Message::Pong(_)) => Inbound::Alive,
                 Ok(Message::Frame(_)) => continue,
                 Ok(Message::Close(_)) => {

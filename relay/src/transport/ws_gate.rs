@@ -35,7 +35,10 @@ pub struct WsGate {
     budget: Option<Arc<FrameBudget>>,
     admitted: AtomicBool,
     stalled: AtomicBool,
-    /// Size of a message refused before admission (0: none).
+    /// A message has begun and not ended (its first fragment read, not its last).
+    partial: AtomicBool,
+    /// Size of a message refused (0: none): before admission over the handshake cap, or
+    /// a fragmented one over `max_frame`.
     refused: AtomicUsize,
 }
 
@@ -46,8 +49,17 @@ impl WsGate {
             budget,
             admitted: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            partial: AtomicBool::new(false),
             refused: AtomicUsize::new(0),
         })
+    }
+
+    /// Whether a message is in progress: control frames may come between its fragments
+    /// (RFC 6455), but they do not make a client that is sending a message slowly alive —
+    /// a partial frame never resets the idle timer, or a client holding a fragmented
+    /// message's budget could keep it for ever with a ping now and then.
+    pub fn partial(&self) -> bool {
+        self.partial.load(Relaxed)
     }
 
     /// The client is admitted: messages up to `max_frame` (tungstenite's own limit).
@@ -161,6 +173,18 @@ impl Follower {
         let data = opcode < 8;
         if data {
             self.message = self.message.saturating_add(len);
+            self.gate.partial.store(true, Relaxed);
+            if self.message > self.max_frame as u64 {
+                // tungstenite refuses a message over `max_frame` only once its fragments
+                // add up past it — after buffering the whole last fragment (up to
+                // `max_frame` more, outside the budget). Refused here at its header.
+                let n = usize::try_from(self.message).unwrap_or(usize::MAX);
+                self.gate.refused.store(n, Relaxed);
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a message over max_frame",
+                ));
+            }
             let admitted = self.gate.admitted.load(Relaxed);
             if !admitted && self.message > HANDSHAKE_MAX_FRAME as u64 {
                 let n = usize::try_from(self.message).unwrap_or(usize::MAX);
@@ -209,6 +233,7 @@ impl Follower {
             self.held = None;
             self.taking = None;
             self.gate.stalled.store(false, Relaxed);
+            self.gate.partial.store(false, Relaxed);
         }
         self.at = At::Header { have: 0 };
     }
@@ -455,6 +480,25 @@ mod tests {
         stream.extend(frame(true, 2, 200_000));
         feed(&mut f, &stream, 4096).unwrap();
         assert_eq!(gate.refused(), None);
+
+        // A fragmented message whose fragments add up past max_frame is refused at the
+        // header that takes it over (tungstenite would first buffer that whole fragment,
+        // outside the budget), and a message in progress is visible as partial (pings
+        // between its fragments are no sign of life).
+        let (gate, _) = admitted(0);
+        let mut f = Follower::new(gate.clone(), 1 << 20);
+        let mut stream = UPGRADE.to_vec();
+        stream.extend(frame(false, 2, 10));
+        feed(&mut f, &stream, 4096).unwrap();
+        assert!(gate.partial());
+        feed(&mut f, &frame(true, 9, 4), 4096).unwrap();
+        assert!(gate.partial(), "a ping between fragments");
+        feed(&mut f, &frame(true, 0, 5), 4096).unwrap();
+        assert!(!gate.partial());
+        feed(&mut f, &frame(false, 2, 1), 4096).unwrap();
+        let e = feed(&mut f, &header(false, 0, 1 << 20), 4096).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(gate.refused(), Some((1 << 20) + 1));
     }
 
     /// A message whose header and whole payload pass in one read needs no budget any
