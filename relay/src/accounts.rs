@@ -734,10 +734,34 @@ impl Accounts {
         }
     }
 
+    /// Checks the owner of a durable subscription without recording one: `Err` when it is
+    /// someone else's, `Ok(Some(line))` (as for [`authorize`](Self::authorize)) when it is
+    /// `owner`'s by a line not yet on disk, else `Ok(None)` (`owner`'s, or nobody's yet).
+    /// `owner` as for [`durable_owner`](Self::durable_owner).
+    pub fn check_durable_owner(
+        &self,
+        key_id: &KeyId,
+        name: &str,
+        owner: Option<&str>,
+    ) -> Result<Option<u64>, Refusal> {
+        let k = (*key_id.as_bytes(), name.to_owned());
+        let st = self.state();
+        match st.owners.get(&k) {
+            Some((have, line)) if owner == Some(have.as_str()) => Ok(st.pending(*line)),
+            Some(_) => Err(Self::not_the_owner(name)),
+            None => Ok(None),
+        }
+    }
+
     /// Checks (and on first use records) the owner of a durable subscription. `owner` is
     /// `account:NAME` when authenticated, `sha256:HEX` of the `Sub.owner` secret, or None
     /// for a durable created without an owner (auth off, legacy clients). `Ok(Some(line))`
     /// as for [`authorize`](Self::authorize).
+    ///
+    /// Records are kept forever (in memory and as a state-file line): call it only once the
+    /// durable exists (created or found), after [`check_durable_owner`](Self::check_durable_owner)
+    /// let the `Sub` go on — so a `Sub` refused for the durable quota, a busy name or a
+    /// store error leaves no record (each one used to leave ~1 KB in both).
     pub fn durable_owner(
         &self,
         key_id: &KeyId,
@@ -748,10 +772,7 @@ impl Accounts {
         let mut st = self.state();
         match (st.owners.get(&k), owner) {
             (Some((have, line)), Some(want)) if *have == want => Ok(st.pending(*line)),
-            (Some(_), _) => Err(Refusal::new(
-                ErrorCode::NotAllowed,
-                format!("durable subscription {name:?} belongs to someone else"),
-            )),
+            (Some(_), _) => Err(Self::not_the_owner(name)),
             (None, None) => Ok(None),
             (None, Some(want)) => {
                 let line = st.append(&StateLine::Owner {
@@ -763,6 +784,13 @@ impl Accounts {
                 Ok(st.pending(line))
             }
         }
+    }
+
+    fn not_the_owner(name: &str) -> Refusal {
+        Refusal::new(
+            ErrorCode::NotAllowed,
+            format!("durable subscription {name:?} belongs to someone else"),
+        )
     }
 
     /// Reloads the account file if it changed since the last load; returns how many

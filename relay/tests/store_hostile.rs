@@ -415,6 +415,130 @@ async fn path_retained_and_durable_quotas_per_tenant() {
     relay.stop().await;
 }
 
+/// The answer to a `Sub` (`SubOk` or `Err`), past any messages.
+async fn sub_answer(c: &mut Client) -> Frame {
+    loop {
+        match c.recv().await {
+            Frame::Msg(_) => {}
+            f => return f,
+        }
+    }
+}
+
+/// A durable `Sub` refused for the tenant's durable quota leaves no owner behind: the owner
+/// was recorded (in memory and as an auth-state line) before the quota was checked, so a
+/// stranger sending new names with new owner secrets grew both without bound, ~1 KB per
+/// refused `Sub`. One durable is created and owned; 200 more, each with its own name and
+/// secret, are all refused `quota_exceeded`, and the relay still knows one owner — in
+/// `/status` and in the auth-state file — which still keeps out anyone else.
+#[tokio::test]
+async fn durables_refused_by_the_quota_record_no_owner() {
+    let dir = temp_dir("quota-owners");
+    let state = dir.join("s.auth");
+    let mut config = file_config(&dir.join("s.db"));
+    config.auth.state = Some(state.clone());
+    config.store.tenant_max_durables = 1;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin listener").to_string();
+    let mut a = client_from("127.0.0.2", relay.tcp()).await;
+    let durable = |sub_id: u64, name: String, secret: [u8; 32]| {
+        Frame::Sub(Sub {
+            sub_id,
+            pattern: all_of([5; 16]),
+            qos: Qos::AtLeastOnce,
+            durable: Some(name),
+            replay: None,
+            retained: false,
+            credit: None,
+            owner: Some(bytes::Bytes::copy_from_slice(&secret)),
+        })
+    };
+    // A message stored before the durable exists: the new durable starts after it (its
+    // Sub waits for the owner line and is handled again, still as new, not resumed).
+    let mut p = client_from("127.0.0.4", relay.tcp()).await;
+    let r = publish_one(
+        &mut p,
+        env_on([5; 16], 1, 1, 50),
+        Qos::AtLeastOnce,
+        pid(1, 9),
+        false,
+    )
+    .await;
+    assert!(matches!(r, Answer::Acked(_)), "{r:?}");
+    a.send(&durable(1, "owned".into(), [1; 32])).await;
+    assert!(
+        matches!(sub_answer(&mut a).await, Frame::SubOk(_)),
+        "within the quota"
+    );
+    let r = publish_one(
+        &mut p,
+        env_on([5; 16], 1, 2, 50),
+        Qos::AtLeastOnce,
+        pid(2, 9),
+        false,
+    )
+    .await;
+    assert!(matches!(r, Answer::Acked(_)), "{r:?}");
+    match a.recv().await {
+        Frame::Msg(m) => assert_eq!(index_of(&m.envelope), 2, "a new durable starts live"),
+        f => panic!("unexpected {f:?}"),
+    }
+    for i in 0..200u64 {
+        let mut secret = [2; 32];
+        secret[..8].copy_from_slice(&i.to_le_bytes());
+        a.send(&durable(10 + i, format!("{}{i}", "x".repeat(200)), secret))
+            .await;
+        match sub_answer(&mut a).await {
+            Frame::Err(e) => {
+                assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e:?}");
+                assert_eq!(e.sub_id, Some(10 + i));
+                assert!(!e.fatal);
+            }
+            f => panic!("durable {i}: unexpected {f:?}"),
+        }
+    }
+    let status: whispeer_relay::admin::Status = serde_json::from_slice(
+        &whispeer_relay::admin::http_get(&admin, "/status")
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let lines = std::fs::read_to_string(&state).unwrap();
+    let owner_lines = lines
+        .lines()
+        .filter(|l| l.contains(r#""t":"owner""#))
+        .count();
+    println!(
+        "after 200 refused durable Subs: {} owners in /status, {owner_lines} owner lines in \
+         the auth-state file ({} bytes)",
+        status.accounts.durable_owners,
+        lines.len()
+    );
+    assert_eq!(status.accounts.durable_owners, 1, "owners in memory");
+    assert_eq!(
+        owner_lines, 1,
+        "owner lines in the auth-state file:\n{lines}"
+    );
+    // The one owner still keeps its durable: another secret is refused, its own resumes
+    // (once the first connection's end was handled: the relay frees the name before it
+    // closes its side).
+    a.shutdown_write().await;
+    a.drain_to_end().await;
+    let mut b = client_from("127.0.0.3", relay.tcp()).await;
+    b.send(&durable(1, "owned".into(), [3; 32])).await;
+    match sub_answer(&mut b).await {
+        Frame::Err(e) => assert_eq!(e.code, ErrorCode::NotAllowed, "{e:?}"),
+        f => panic!("a stranger: unexpected {f:?}"),
+    }
+    b.send(&durable(2, "owned".into(), [1; 32])).await;
+    assert!(
+        matches!(sub_answer(&mut b).await, Frame::SubOk(_)),
+        "the owner resumes"
+    );
+    drop((b, p));
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn global_quota_applies_across_tenants_and_live_routing_goes_on() {
     let dir = temp_dir("quota-global");
