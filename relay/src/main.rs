@@ -489,7 +489,42 @@ fn tls_generate(args: TlsGenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Raises this process's open-file limit to its hard limit, as servers do: every
+/// connection (and handshake) is a descriptor, and at the usual soft limit of 1,024 four
+/// addresses at their default cap of 256 pushed `accept` into `EMFILE`, keeping every
+/// other client out long before `limits.max_connections` (10,000). Warns when even the
+/// hard limit is below what that setting needs.
+fn raise_open_file_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let l = getrlimit(Resource::Nofile);
+    // No hard limit: as many as the kernel's default per-process maximum (fs.nr_open).
+    let target = l.maximum.unwrap_or(1 << 20);
+    let mut now = l.current.unwrap_or(u64::MAX);
+    if now < target {
+        let raised = Rlimit {
+            current: Some(target),
+            maximum: l.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => now = target,
+            Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+        }
+    }
+    // Descriptors besides connections: listeners, the store, the admin port, logs.
+    let needed = max_connections as u64 + 64;
+    if now < needed {
+        tracing::warn!(
+            open_files = now,
+            max_connections,
+            "the open-file limit is below limits.max_connections: accept fails (EMFILE) \
+             before the connection cap; raise it (ulimit -n, systemd LimitNOFILE=) or lower \
+             max_connections"
+        );
+    }
+}
+
 async fn serve(config: Config, ready_file: Option<PathBuf>) -> Result<()> {
+    raise_open_file_limit(config.limits.max_connections);
     // Install signal handlers before announcing readiness, so a signal sent right after
     // the ready file appears is never missed.
     let mut shutdown = Box::pin(shutdown_signal()?);

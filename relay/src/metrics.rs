@@ -86,6 +86,7 @@ pub struct Metrics {
     throttled: AtomicU64,
     addr_bans: AtomicU64,
     addr_banned: AtomicU64,
+    quic_retries: AtomicU64,
     refusal_paused: AtomicU64,
     credit_pauses: AtomicU64,
     credit_lost: AtomicU64,
@@ -145,6 +146,7 @@ impl Default for Metrics {
             duplicate_publishes: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             addr_bans: AtomicU64::new(0),
+            quic_retries: AtomicU64::new(0),
             addr_banned: AtomicU64::new(0),
             refusal_paused: AtomicU64::new(0),
             credit_pauses: AtomicU64::new(0),
@@ -239,6 +241,10 @@ impl Metrics {
     }
     pub(crate) fn throttled(&self) {
         self.throttled.fetch_add(1, Relaxed);
+    }
+    /// A QUIC connection attempt was answered with a Retry (its address not yet validated).
+    pub(crate) fn quic_retry(&self) {
+        self.quic_retries.fetch_add(1, Relaxed);
     }
     /// A subscription ran out of credit and its delivery paused.
     pub(crate) fn credit_paused(&self) {
@@ -494,7 +500,7 @@ impl Metrics {
                 "whispeer_relay_connections_total{{transport=\"{k}\"}} {v}"
             );
         }
-        let counters: [(&str, &str, u64); 17] = [
+        let counters: [(&str, &str, u64); 18] = [
             (
                 "whispeer_relay_connections_rejected_total",
                 "Connections refused (connection limit, plugins).",
@@ -554,6 +560,11 @@ impl Metrics {
                 "whispeer_relay_throttled_total",
                 "Times a connection was slowed by a rate limit (backpressure): its reads paused, or its handshake delayed (addr_connect_rate).",
                 load(&self.throttled),
+            ),
+            (
+                "whispeer_relay_quic_retries_total",
+                "QUIC connection attempts answered with a Retry: a source address is counted (and limited, or banned) only once it has proved it receives packets sent to it.",
+                load(&self.quic_retries),
             ),
             (
                 "whispeer_relay_addr_bans_total",

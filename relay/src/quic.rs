@@ -6,7 +6,13 @@
 //!
 //! Admission is the same as for TCP: a connection counts against its source address and
 //! the global cap from its first packet, handshake included; one over a cap is refused
-//! before any cryptography (QUIC `CONNECTION_REFUSED`).
+//! before any cryptography (QUIC `CONNECTION_REFUSED`). Unlike a TCP handshake, a QUIC
+//! Initial proves nothing about its source address (UDP is trivially spoofed), so an
+//! attempt from an address not yet validated is answered with a stateless Retry first
+//! (RFC 9000 §8.1): only a client that receives at that address comes back with the token,
+//! and only then is the address counted — spoofed Initials cannot fill an honest
+//! address's places, the global cap, or get it banned for churn. One round trip more per
+//! connection.
 
 use std::sync::Arc;
 
@@ -19,6 +25,13 @@ use crate::transport::stream::{StreamSink, StreamSource};
 /// Accepts QUIC connections until the task is aborted (relay shutdown).
 pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
+        if !incoming.remote_address_validated() && incoming.may_retry() {
+            shared.metrics.quic_retry();
+            // Stateless: nothing is kept for it. (`retry` fails only when a Retry is not
+            // allowed, which `may_retry` ruled out.)
+            let _ = incoming.retry();
+            continue;
+        }
         let peer = incoming.remote_address();
         match shared.addr_table.admit(peer.ip()) {
             Ok(slot) => {

@@ -206,6 +206,9 @@ pub fn quic_server(
     transport.stream_receive_window(QUIC_RECEIVE_WINDOW.into());
     transport.receive_window(QUIC_RECEIVE_WINDOW.into());
     transport.send_window(2 << 20);
+    // No unreliable datagrams: the relay never reads them, and quinn would keep up to its
+    // default 1.25 MB of them per connection (each pinning its whole packet buffer).
+    transport.datagram_receive_buffer_size(None);
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(idle + std::time::Duration::from_secs(5))
             .map_err(|e| TlsError::Quic(e.to_string()))?,

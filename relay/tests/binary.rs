@@ -667,3 +667,40 @@ async fn deep_filters_are_capped_by_the_memory_they_cost() {
     let e = c.expect_err().await;
     assert!(e.message.contains("memory limit"), "{e:?}");
 }
+
+/// The relay raises its open-file limit to the hard limit: started with a soft limit of
+/// 256 (as a shell or service manager may leave it), 4 addresses at their default cap would
+/// have pushed `accept` into EMFILE long before `max_connections`.
+#[test]
+fn serve_raises_its_open_file_limit_to_the_hard_limit() {
+    use std::io::BufRead;
+    let limit = |pid: u32| -> (String, String) {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("Max open files")
+            .to_string();
+        let mut f = line.split_whitespace().skip(3);
+        (f.next().unwrap().to_string(), f.next().unwrap().to_string())
+    };
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" serve --tcp 127.0.0.1:0 --store none --ready-file -")
+        .arg(env!("CARGO_BIN_EXE_whispeer-relay"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the relay under sh");
+    // The ready line: the limit was set before the relay bound anything.
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("ready line");
+    let (soft, hard) = limit(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("tcp"), "not ready: {line:?}");
+    assert_ne!(soft, "256", "the soft limit was left at 256");
+    assert_eq!(soft, hard, "raised to the hard limit");
+}

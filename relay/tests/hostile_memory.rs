@@ -633,7 +633,6 @@ fn replay_relay(extra: &[&str]) -> BinRelay {
 /// [`QUIC_RECEIVE_WINDOW`](whispeer_relay::tls::QUIC_RECEIVE_WINDOW), 512 KiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_quic_senders_are_held_to_a_small_window() {
-    use std::sync::Arc;
     const CONNS: usize = 40;
     const FRAME: usize = 4 << 20;
     const SENT: usize = 3 << 20;
@@ -659,22 +658,7 @@ async fn stalled_quic_senders_are_held_to_a_small_window() {
     ]));
     let pid = relay.child.id();
     let addr = relay.addrs.quic.expect("a quic address");
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(&cert).unwrap();
-    use rustls::pki_types::pem::PemObject;
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"whispeer".to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let endpoint = quic_endpoint(&cert);
     let frame = codec::encode_prefixed(&pub_frame(envelope_sized(1, &[1], FRAME - 200)));
     let part = frame.slice(..SENT);
     let hello = codec::encode_prefixed(&hello_frame());
@@ -815,4 +799,62 @@ async fn a_websocket_ping_flood_that_never_reads_is_closed_within_bounded_memory
     assert!(grown < 64 * 1024, "relay RSS grew {grown} KiB");
     drop(s);
     drop(relay);
+}
+
+/// A QUIC client endpoint trusting the relay certificate in `cert` (PEM).
+fn quic_endpoint(cert: &std::path::Path) -> quinn::Endpoint {
+    use rustls::pki_types::pem::PemObject;
+    use std::sync::Arc;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(cert).unwrap();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"whispeer".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    endpoint
+}
+
+/// A QUIC Initial proves nothing about its source address: the relay answers one from an
+/// address not yet validated with a Retry, and counts the address only when the client
+/// comes back with the token (spoofed Initials could otherwise fill an honest address's
+/// places or get it banned). The relay accepts no unreliable datagrams (it never reads
+/// them; quinn would have buffered 1.25 MB of them per connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_validates_the_source_address_and_takes_no_datagrams() {
+    let dir = temp_dir("quic-retry");
+    let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    relay_cli(&["tls", "generate", "--cert", cert_s, "--key", key_s]);
+    let relay = BinRelay::start(&[
+        "--quic",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert_s,
+        "--tls-key",
+        key_s,
+    ]);
+    let endpoint = quic_endpoint(&cert);
+    let addr = relay.addrs.quic.expect("a quic address");
+    let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    send.write_all(&codec::encode_prefixed(&hello_frame()))
+        .await
+        .unwrap();
+    let mut c = Client::over_stream(Box::new(tokio::io::join(recv, send)));
+    assert!(matches!(c.recv().await, Frame::Welcome(_)), "welcomed");
+    assert_eq!(
+        metric(relay.admin(), "whispeer_relay_quic_retries_total").await,
+        1,
+        "one Retry before the address counted"
+    );
+    assert_eq!(conn.max_datagram_size(), None, "no datagrams accepted");
 }
