@@ -24,12 +24,13 @@ use bytes::Bytes;
 use rand_core::CryptoRngCore;
 use whispeer_protocol::frame::{self, Hello, Msg, Pub, Sub, Unsub};
 use whispeer_protocol::{
-    BatchPolicy, Frame, Identity, Keyring, MessageId, OpenError, Opened, Opener, Outgoing,
-    Prepared, Provenance, Qos, SealOptions, Sealer, SenderId, SharedRoots, Topic, TopicFilter,
-    TreeId, VerifiedRoots,
+    BatchPolicy, Frame, Identity, Keyring, MessageId, OpenError, Opener, Outgoing, Prepared,
+    Provenance, Qos, SealOptions, Sealer, SenderId, SharedRoots, Topic, TopicFilter, TreeId,
+    VerifiedRoots,
 };
 
 use crate::error::{PublishError, SubscribeError};
+use jobs::Unsealed;
 
 /// Content type of typed (serde → CBOR) messages.
 pub const CBOR: &str = "application/cbor";
@@ -110,9 +111,14 @@ pub struct CoreStats {
     /// Opened messages refused by the receiver checks, by reason (duplicates are counted
     /// in `duplicates`).
     pub refused: receive::RefusedStats,
-    /// At-least-once messages left unacknowledged because a subscription had no room (the
-    /// relay delivers them again).
+    /// Envelopes left unacknowledged because an at-least-once subscription the relay routed
+    /// them to had no room, whatever they held (the relay delivers them again).
     pub held_back: u64,
+    /// Payloads decompressed (or tried: one over the cap counts too), here or by an open
+    /// job. Only messages delivered are decompressed after the receiver checks; an open job
+    /// decompresses at once a payload within a small multiple of its envelope
+    /// ([`jobs::decompresses_early`]), so this may count duplicates of those.
+    pub decompressed: u64,
     /// Batch-signed messages (PROTOCOL §4.14) whose batch signature this client had already
     /// verified: each skipped one Ed25519 verification.
     pub batch_root_hits: u64,
@@ -282,8 +288,10 @@ pub enum Delivery {
     /// Not for the app (did not open, refused, duplicate, no matching subscription): a
     /// placeholder in the ack queue.
     Placeholder,
-    /// An at-least-once subscription had no room: nothing delivered or remembered, left
-    /// unacknowledged for the relay to deliver again.
+    /// An at-least-once subscription the relay routed it to (by its routing tokens) had no
+    /// room: nothing opened further, delivered or remembered, left unacknowledged for the
+    /// relay to deliver again — decided before anything about the envelope is looked at,
+    /// so a relay sending beyond the credit learns nothing about which envelopes open.
     HeldBack,
 }
 
@@ -561,7 +569,7 @@ impl ClientCore {
     pub fn with_config(keyring: Arc<RwLock<Keyring>>, cfg: receive::ReceiveConfig) -> Self {
         ClientCore {
             keyring,
-            opener: Opener::new(),
+            opener: Opener::with_max_payload(cfg.max_payload),
             roots: SharedRoots::new(VerifiedRoots::DEFAULT_CAPACITY),
             subs: BTreeMap::new(),
             relay_to_local: HashMap::new(),
@@ -644,10 +652,22 @@ impl ClientCore {
     /// routing tokens (what the relay sees) against their compiled patterns: known even for
     /// an envelope that does not open.
     pub fn route_acking(&self, msg: &Msg) -> Vec<LocalSubId> {
+        self.routed_where(msg, |_, s| s.opts.acking())
+    }
+
+    /// The subscriptions selected by `which` whose compiled token patterns match `msg`'s
+    /// routing tokens (key id and tokens): where the relay routed it, known without opening
+    /// the envelope. The one matching for acks ([`ClientCore::route_acking`]) and resume
+    /// positions alike.
+    fn routed_where(
+        &self,
+        msg: &Msg,
+        which: impl Fn(LocalSubId, &LocalSub) -> bool,
+    ) -> Vec<LocalSubId> {
         let path = msg.envelope.token_path();
         self.subs
             .iter()
-            .filter(|(_, s)| s.opts.acking() && s.patterns.iter().any(|p| p.matches(&path)))
+            .filter(|(id, s)| which(**id, s) && s.patterns.iter().any(|p| p.matches(&path)))
             .map(|(id, _)| *id)
             .collect()
     }
@@ -934,9 +954,10 @@ impl ClientCore {
 
     /// Opens a delivered message once, runs the receiver checks and decides its fate.
     /// `room(sub)` says whether a subscription can take one more message now: an
-    /// at-least-once one without room holds the whole message back (unacknowledged, not
-    /// remembered, so the relay's redelivery is accepted); an at-most-once one without
-    /// room loses it (reported in `lagged`).
+    /// at-least-once one the relay routed the message to without room holds the whole
+    /// message back (unacknowledged, not remembered, so the relay's redelivery is
+    /// accepted), whatever the envelope holds; an at-most-once one without room loses it
+    /// (reported in `lagged`).
     pub fn receive_with(
         &mut self,
         msg: &Msg,
@@ -947,57 +968,117 @@ impl ClientCore {
         self.receive_opened(msg, opened, now_ms, room)
     }
 
-    /// Opens a delivered message here (the first half of [`ClientCore::receive_with`]);
-    /// a [`jobs::OpenJob`] does the same on another thread.
-    pub fn open(&mut self, msg: &Msg, now_ms: u64) -> Result<Opened, OpenError> {
+    /// Opens a delivered message here (the first half of [`ClientCore::receive_with`]):
+    /// authenticates it and leaves its payload compressed — [`ClientCore::receive_opened`]
+    /// decompresses it once the receiver checks passed, only for a message it delivers. A
+    /// [`jobs::OpenJob`] does the same on another thread.
+    pub fn open(&mut self, msg: &Msg, now_ms: u64) -> Result<Unsealed, OpenError> {
         let kr = self.keyring.read().expect("keyring lock");
         let live = jobs::is_live(msg.flags);
         self.opener
-            .open_shared(&kr, &msg.envelope, now_ms, live, &self.roots)
+            .authenticate_shared(&kr, &msg.envelope, now_ms, live, &self.roots)
+            .map(Unsealed::new)
+    }
+
+    /// The cap on a delivered message's decompressed payload
+    /// ([`receive::ReceiveConfig::max_payload`]).
+    pub fn max_payload(&self) -> usize {
+        self.guard.config().max_payload
     }
 
     /// The second half of [`ClientCore::receive_with`]: the receiver checks and the fate of
-    /// a message opened already (here, or by a [`jobs::OpenJob`]), in relay order.
+    /// a message opened already (here, or by a [`jobs::OpenJob`]), in relay order. The
+    /// payload is decompressed last, and only for a message that is delivered: a
+    /// duplicate or refused one costs no decompression.
+    ///
+    /// Nothing the relay can observe depends on whether the envelope opened (PROTOCOL
+    /// §4.10): the subscriptions concerned are those the relay routed it to, found by its
+    /// routing tokens ([`ClientCore::route_acking`]'s matching); the message is held back
+    /// when an at-least-once one of them has no room, and otherwise their resume positions
+    /// move past it whatever became of it (delivered, duplicate, refused or unopenable), so
+    /// neither the acks nor the `Replay::FromSeq` of a later resubscribe tell the relay
+    /// which envelopes this client could open.
     pub fn receive_opened(
         &mut self,
         msg: &Msg,
-        opened: Result<Opened, OpenError>,
+        opened: Result<Unsealed, OpenError>,
         now_ms: u64,
         room: &dyn Fn(LocalSubId) -> bool,
     ) -> Delivery {
         self.guard.expire(now_ms);
-        let o = match opened {
-            Ok(o) => o,
+        if opened.as_ref().is_ok_and(Unsealed::decompressed) {
+            self.stats.decompressed += 1; // by the open job
+        }
+        let routed = self.routed(msg);
+        if routed
+            .iter()
+            .any(|id| self.subs[id].opts.acking() && !room(*id))
+        {
+            self.stats.held_back += 1;
+            return Delivery::HeldBack;
+        }
+        let delivery = self.deliver(msg, opened, now_ms, room);
+        self.advance(msg.seq, msg.envelope.key_id(), &routed);
+        delivery
+    }
+
+    /// Counts an envelope that did not open (or whose payload did not decompress).
+    fn not_opened(&mut self, e: &OpenError) {
+        if let Some(id) = e.missing_dictionary() {
+            // Authentic (decrypted and verified) but compressed with a dictionary this
+            // client lacks: say which, so the user can import it.
+            tracing::warn!(dictionary = %id, "{e}");
+        }
+        self.stats.rejected += 1;
+    }
+
+    /// Whether `msg` is addressed to subscription `id` at all: a message naming a relay
+    /// subscription (`Msg.sub_id`: history, retained values) only to the one it names
+    /// (nowhere if that one is gone); an unnamed `REPLAYED` one only to subscriptions still
+    /// in their history. Known without opening the envelope.
+    fn addressed_to(&self, msg: &Msg, id: LocalSubId, s: &LocalSub) -> bool {
+        match msg.sub_id {
+            Some(rid) => self.relay_to_local.get(&rid) == Some(&id),
+            None => msg.flags & frame::msg_flags::REPLAYED == 0 || s.wants_history(msg.seq),
+        }
+    }
+
+    /// The subscriptions the relay routed `msg` to (by its routing tokens, see
+    /// [`ClientCore::routed_where`]) that it is addressed to ([`ClientCore::addressed_to`]):
+    /// whose positions it moves and whose room decides whether it is held back.
+    fn routed(&self, msg: &Msg) -> Vec<LocalSubId> {
+        self.routed_where(msg, |id, s| self.addressed_to(msg, id, s))
+    }
+
+    /// The decision of [`ClientCore::receive_opened`] for a message not held back.
+    fn deliver(
+        &mut self,
+        msg: &Msg,
+        opened: Result<Unsealed, OpenError>,
+        now_ms: u64,
+        room: &dyn Fn(LocalSubId) -> bool,
+    ) -> Delivery {
+        let u = match opened {
+            Ok(u) => u,
             Err(e) => {
-                if let Some(id) = e.missing_dictionary() {
-                    // Authentic (decrypted and verified) but compressed with a dictionary
-                    // this client lacks: say which, so the user can import it.
-                    tracing::warn!(dictionary = %id, "{e}");
-                }
-                self.stats.rejected += 1;
-                self.advance(msg.seq, msg.envelope.key_id(), &[]);
+                self.not_opened(&e);
                 return Delivery::Placeholder;
             }
         };
+        let a = u.authentic();
         // History goes only to the subscription it is for: a live subscription, or one
         // whose history ended, never receives another's replay, and one that asked for
         // history from sequence `n` gets nothing before `n`.
         // A relay names the subscription of a history message (`Msg.sub_id`); from one
         // that does not, a replayed message goes to the subscriptions still in history.
         let replayed = msg.flags & frame::msg_flags::REPLAYED != 0;
-        let owner = msg.sub_id.map(|rid| self.relay_to_local.get(&rid).copied());
         let matched: Vec<LocalSubId> = self
             .subs
             .iter()
-            .filter(|(_, s)| s.filter.matches(&o.topic))
-            .filter(|(id, s)| match owner {
-                Some(owner) => owner == Some(**id),
-                None => !replayed || s.wants_history(msg.seq),
-            })
+            .filter(|(id, s)| s.filter.matches(&a.topic) && self.addressed_to(msg, **id, s))
             .map(|(id, _)| *id)
             .collect();
         if matched.is_empty() {
-            self.advance(msg.seq, msg.envelope.key_id(), &[]);
             return Delivery::Placeholder;
         }
         // The relay's flags (outside the seal) lift the live checks (skew, epoch grace) and
@@ -1018,16 +1099,15 @@ impl ClientCore {
             .collect();
         if entitled.is_empty() {
             self.stats.rejected += 1;
-            self.advance(msg.seq, msg.envelope.key_id(), &matched);
             return Delivery::Placeholder;
         }
         let allow_old = entitled.iter().any(|id| self.subs[id].opts.older_history);
         let cand = receive::Candidate {
-            tree: o.tree_id,
-            topic: &o.topic,
-            sender: o.sender,
-            msg_id: o.msg_id.0,
-            ts_ms: o.ts_ms,
+            tree: a.tree_id,
+            topic: &a.topic,
+            sender: a.sender,
+            msg_id: a.msg_id.0,
+            ts_ms: a.ts_ms,
             flags: msg.flags,
             allow_old,
         };
@@ -1061,47 +1141,65 @@ impl ClientCore {
                     if why == receive::Refusal::Duplicate {
                         self.stats.duplicates += 1;
                     }
-                    self.advance(msg.seq, msg.envelope.key_id(), &matched);
                     return Delivery::Placeholder;
                 }
                 (None, asked)
             }
-            Err(_) => {
-                self.advance(msg.seq, msg.envelope.key_id(), &matched);
-                return Delivery::Placeholder;
-            }
+            Err(_) => return Delivery::Placeholder,
         };
-        if o.content_type == CLEAR_RETAINED {
+        if a.content_type == CLEAR_RETAINED {
             // A retained value's clear: accepted (its date moves the retained mark, its id
-            // is remembered), never handed to the application.
+            // is remembered), never handed to the application (nor decompressed).
             if let Some(a) = accepted {
                 self.guard.commit(a);
             }
-            self.advance(msg.seq, msg.envelope.key_id(), &matched);
             return Delivery::Placeholder;
         }
         // Older than what the dedup window covers (the horizon, or a window shortened by
         // its capacity: retained values are held to the horizon only): only for
         // subscriptions that asked for older history.
-        let start = if accepted.is_none() || msg.flags & frame::msg_flags::RETAINED != 0 {
+        let start = if accepted.is_none() || retained {
             // History a subscription asked for is deduplicated by what that subscription
             // got; retained values by their high-water mark.
             now_ms.saturating_sub(self.guard.config().horizon_ms)
         } else {
             self.guard.window_start_ms(now_ms)
         };
-        if o.ts_ms < start {
+        if a.ts_ms < start {
             eligible.retain(|id| self.subs[id].opts.older_history);
-        }
-        if eligible
-            .iter()
-            .any(|id| self.subs[id].opts.acking() && !room(*id))
-        {
-            self.stats.held_back += 1;
-            return Delivery::HeldBack;
         }
         let (targets, lagged): (Vec<LocalSubId>, Vec<LocalSubId>) =
             eligible.into_iter().partition(|id| room(*id));
+        if targets.is_empty() && lagged.is_empty() {
+            if let Some(a) = accepted {
+                self.guard.commit(a);
+            }
+            return Delivery::Placeholder;
+        }
+        // Decompressed only now, for a message delivered (an open job may have done it
+        // already, for a payload within a small multiple of its envelope).
+        if !u.decompressed() {
+            self.stats.decompressed += 1;
+        }
+        let max = self.max_payload();
+        let opened = {
+            let kr = self.keyring.read().expect("keyring lock");
+            u.open(&mut self.opener, &kr, max)
+        };
+        let o = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                // Authentic, but its payload is over the cap or does not decompress: its
+                // id is remembered (not its date), so a replay of it is a duplicate and
+                // costs no decompression again — unless a dictionary was missing, which the
+                // user may still import.
+                if let (Some(a), None) = (accepted, e.missing_dictionary()) {
+                    self.guard.remember(a);
+                }
+                self.not_opened(&e);
+                return Delivery::Placeholder;
+            }
+        };
         if let Some(a) = accepted {
             self.guard.commit(a);
         }
@@ -1117,19 +1215,9 @@ impl ClientCore {
                 }
             }
         }
-        self.advance(msg.seq, msg.envelope.key_id(), &matched);
-        if targets.is_empty() {
-            return if lagged.is_empty() {
-                Delivery::Placeholder
-            } else {
-                Delivery::Deliver {
-                    msg: Arc::new(self.received(o, msg)),
-                    targets,
-                    lagged,
-                }
-            };
+        if !targets.is_empty() {
+            self.stats.delivered += 1;
         }
-        self.stats.delivered += 1;
         Delivery::Deliver {
             msg: Arc::new(self.received(o, msg)),
             targets,
@@ -1142,8 +1230,12 @@ impl ClientCore {
     }
 
     /// Moves the resume points past a handled (delivered or placeholder) sequence of an
-    /// envelope of key id `key`.
+    /// envelope of key id `key`: the connection's, and those of the subscriptions the relay
+    /// routed it to (`subs`), whatever became of it.
     fn advance(&mut self, seq: u64, key: whispeer_protocol::KeyId, subs: &[LocalSubId]) {
+        if seq == 0 {
+            return; // not stored: nothing to resume from
+        }
         self.last_seq = self.last_seq.max(seq);
         for id in subs {
             if let Some(s) = self.subs.get_mut(id) {
@@ -1412,6 +1504,208 @@ mod tests {
             vec![(false, Some(FromSeq(6))), (true, Some(FromSeq(13)))],
             "tree 1 from its SubOk boundary, tree 2 after its message"
         );
+    }
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    /// A keyring holding one fresh tree, and a message sealed in it on `a/x` at `NOW`.
+    fn one_tree(seed: u64) -> (Arc<RwLock<Keyring>>, rand_chacha::ChaCha20Rng) {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+        let tk = TreeKey::generate_with("t", &mut rng).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_tree_key_at(&tk, 0).unwrap();
+        (Arc::new(RwLock::new(kr)), rng)
+    }
+
+    fn sealed(
+        kr: &RwLock<Keyring>,
+        rng: &mut rand_chacha::ChaCha20Rng,
+        topic: &str,
+        payload: &[u8],
+    ) -> whispeer_protocol::Envelope {
+        seal_publish(
+            kr,
+            None,
+            &SealPolicy::default(),
+            &mut Sealer::new(),
+            &Topic::new(topic).unwrap(),
+            OCTETS,
+            payload,
+            NOW,
+            rng,
+        )
+        .unwrap()
+        .0
+    }
+
+    fn at(env: &whispeer_protocol::Envelope, seq: u64) -> Msg {
+        Msg {
+            sub_id: None,
+            seq,
+            envelope: env.clone(),
+            flags: 0,
+        }
+    }
+
+    /// The same envelope with its last byte (the body's tag) flipped: it does not open.
+    fn tampered(env: &whispeer_protocol::Envelope) -> whispeer_protocol::Envelope {
+        let mut b = env.as_bytes().to_vec();
+        *b.last_mut().unwrap() ^= 1;
+        whispeer_protocol::Envelope::from_bytes(b.into()).unwrap()
+    }
+
+    fn resume_points(core: &mut ClientCore) -> Vec<(LocalSubId, Option<frame::Replay>, bool)> {
+        assert!(core.enter_seq_space(SeqSpace::Named([1; 16])));
+        let mut r: Vec<_> = core
+            .resubscribe_all(NOW)
+            .into_iter()
+            .map(|f| match f {
+                Frame::Sub(s) => (core.local_for(s.sub_id).unwrap(), s.replay, s.retained),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        r.sort_by_key(|r| r.0);
+        r
+    }
+
+    /// Review finding: a relay that routes an envelope to a subscription and then drops
+    /// the connection must not learn from the resubscribe whether it opened. The
+    /// subscriptions it was routed to (by its tokens) resume after it whatever became of
+    /// it: delivered, a duplicate, or unopenable alike; one it was not routed to does not
+    /// move.
+    #[test]
+    fn positions_move_alike_whether_an_envelope_opened_or_not() {
+        use frame::Replay::FromSeq;
+        let outcome =
+            |tenth: &dyn Fn(&whispeer_protocol::Envelope) -> whispeer_protocol::Envelope| {
+                let (kr, mut rng) = one_tree(21);
+                let mut core = ClientCore::new(kr.clone());
+                core.enter_seq_space(SeqSpace::Named([1; 16]));
+                let f = |s: &str| TopicFilter::new(s).unwrap();
+                core.subscribe(1, f("a/#"), Qos::AtMostOnce, NOW).unwrap();
+                core.subscribe(2, f("b"), Qos::AtMostOnce, NOW).unwrap();
+                let env = sealed(&kr, &mut rng, "a/x", b"\x01");
+                assert!(core.receive(&at(&env, 9), NOW).is_some());
+                let stats = core.stats();
+                assert!(core.receive(&at(&tenth(&env), 10), NOW).is_none());
+                let after = core.stats();
+                (
+                    resume_points(&mut core),
+                    after.rejected - stats.rejected,
+                    after.duplicates - stats.duplicates,
+                )
+            };
+        let want = vec![(1, Some(FromSeq(11)), false), (2, None, true)];
+        assert_eq!(outcome(&tampered), (want.clone(), 1, 0), "unopenable");
+        assert_eq!(outcome(&|e| e.clone()), (want, 0, 1), "duplicate");
+    }
+
+    /// Review finding (the second channel): an at-least-once subscription without room
+    /// holds back every envelope the relay routed to it, whether it opens, is a duplicate
+    /// or does not open — and its position stays for the relay's redelivery. An envelope
+    /// routed to no such subscription is not held back.
+    #[test]
+    fn held_back_whatever_the_envelope_holds() {
+        use frame::Replay::FromSeq;
+        let (kr, mut rng) = one_tree(22);
+        let mut core = ClientCore::new(kr.clone());
+        core.enter_seq_space(SeqSpace::Named([1; 16]));
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        core.subscribe(1, f("a/#"), Qos::AtLeastOnce, NOW).unwrap();
+        core.subscribe(2, f("b"), Qos::AtMostOnce, NOW).unwrap();
+        let first = sealed(&kr, &mut rng, "a/x", b"\x01");
+        let new = sealed(&kr, &mut rng, "a/y", b"\x02");
+        let elsewhere = sealed(&kr, &mut rng, "b", b"\x03");
+        assert!(core.receive(&at(&first, 9), NOW).is_some());
+        let full = |_: LocalSubId| false;
+        for (env, what) in [
+            (new.clone(), "new"),
+            (first.clone(), "duplicate"),
+            (tampered(&new), "unopenable"),
+        ] {
+            assert!(
+                matches!(
+                    core.receive_with(&at(&env, 10), NOW, &full),
+                    Delivery::HeldBack
+                ),
+                "{what}"
+            );
+        }
+        assert_eq!(core.stats().held_back, 3);
+        assert_eq!(
+            core.stats().decompressed,
+            1,
+            "nothing held back was decompressed"
+        );
+        assert!(matches!(
+            core.receive_with(&at(&elsewhere, 11), NOW, &full),
+            Delivery::Deliver { .. }
+        ));
+        assert_eq!(
+            resume_points(&mut core),
+            vec![(1, Some(FromSeq(10)), false), (2, Some(FromSeq(12)), false)],
+            "what was held back is asked for again"
+        );
+    }
+
+    /// Review finding: a small envelope whose payload is 16 MiB of zeros (zstd keeps them
+    /// in well under 4 KiB) is decompressed once at most: a duplicate — a replay of the
+    /// captured envelope, which needs no key — is dropped before its payload is looked at.
+    /// Under a lower cap it is refused from its declared size and its id remembered, so
+    /// replays of it cost nothing either. An open job decompresses a payload at once only
+    /// within a small multiple of its envelope.
+    #[test]
+    fn a_small_envelope_of_a_large_payload_is_decompressed_once_at_most() {
+        let (kr, mut rng) = one_tree(23);
+        let bomb = sealed(&kr, &mut rng, "a/x", &vec![0u8; 16 << 20]);
+        assert!(bomb.as_bytes().len() < 4096, "{}", bomb.as_bytes().len());
+        let f = || TopicFilter::new("a/#").unwrap();
+        // The default cap (16 MiB, what a default publisher seals): delivered once.
+        let mut core = ClientCore::new(kr.clone());
+        core.subscribe(1, f(), Qos::AtMostOnce, NOW).unwrap();
+        let (m, to) = core.receive(&at(&bomb, 9), NOW).expect("delivered");
+        assert_eq!((m.payload.len(), to), (16 << 20, vec![1]));
+        for seq in [9, 10, 11] {
+            assert!(core.receive(&at(&bomb, seq), NOW).is_none());
+        }
+        let s = core.stats();
+        assert_eq!((s.decompressed, s.duplicates, s.delivered), (1, 3, 1));
+        // A lower cap: refused, and its replays are duplicates, never decompressed again.
+        let cfg = receive::ReceiveConfig {
+            max_payload: 1 << 20,
+            ..Default::default()
+        };
+        let mut core = ClientCore::with_config(kr.clone(), cfg);
+        core.subscribe(1, f(), Qos::AtMostOnce, NOW).unwrap();
+        assert!(core.receive(&at(&bomb, 9), NOW).is_none());
+        assert!(core.receive(&at(&bomb, 10), NOW).is_none());
+        let s = core.stats();
+        assert_eq!((s.decompressed, s.rejected, s.duplicates), (1, 1, 1));
+        let small = sealed(&kr, &mut rng, "a/y", &[7u8; 1000]);
+        assert!(core.receive(&at(&small, 11), NOW).is_some());
+        // On a worker: the bomb's payload is left for after the checks, a small one not.
+        let mut core = ClientCore::new(kr.clone());
+        core.subscribe(1, f(), Qos::AtMostOnce, NOW).unwrap();
+        let mut opener = Opener::new();
+        let mut job = |env: &whispeer_protocol::Envelope, id, seq| {
+            let (kr, roots) = (kr.clone(), core.roots().clone());
+            jobs::OpenJob::new(id, &at(env, seq), NOW, core.max_payload(), kr, roots)
+                .run(&mut opener)
+                .result
+        };
+        let (b1, b2, s1) = (job(&bomb, 1, 9), job(&bomb, 2, 10), job(&small, 3, 11));
+        assert!(!b1.as_ref().unwrap().decompressed() && !b2.as_ref().unwrap().decompressed());
+        assert!(
+            s1.as_ref().unwrap().decompressed(),
+            "within the early bound"
+        );
+        let all = |_: LocalSubId| true;
+        for (seq, u) in [(9, b1), (10, b2), (11, s1)] {
+            let env = if seq == 11 { &small } else { &bomb };
+            core.receive_opened(&at(env, seq), u, NOW, &all);
+        }
+        let s = core.stats();
+        assert_eq!((s.decompressed, s.duplicates, s.delivered), (2, 1, 2));
     }
 
     #[test]

@@ -164,6 +164,17 @@ impl ClientBuilder {
         self.receive.max_entries = messages.max(1);
         self
     }
+    /// Largest payload a received message may decompress to (default 16 MiB, the most a
+    /// default publisher seals, so no honest message is refused). A message over it is
+    /// refused (counted in `rejected`) from its declared size, before anything is
+    /// allocated for it. Only messages that pass every receiver check are decompressed (a
+    /// duplicate or a replay never is), but zstd stores 16 MiB of zeros in about 1 KiB:
+    /// one such message accepted costs every subscriber the full payload in memory. A
+    /// subscriber that expects small messages sets this lower.
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.receive.max_payload = bytes;
+        self
+    }
 }
 
 /// Something the builder can be given with `.with(...)`.

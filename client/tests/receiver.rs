@@ -4,7 +4,9 @@
 //! persistence; a retained value cannot be rolled back or pinned in the future; unsigned and
 //! unlisted senders are refused where a topic requires it; acks leave in relay order with
 //! placeholders whatever opens (no key oracle); an at-most-once subscriber that falls
-//! behind gets a lag event; a relay sequence of `u64::MAX` neither panics nor wraps.
+//! behind gets a lag event; a relay sequence of `u64::MAX` neither panics nor wraps; a
+//! small envelope of a large payload is refused under `max_payload`, and decompressed once at
+//! most when re-posted.
 
 mod support;
 
@@ -553,5 +555,83 @@ async fn a_window_at_capacity_forgets_but_never_delivers_a_replay() {
     assert_eq!(s.core.refused.before_window, 1, "{s:?}");
     assert_eq!(s.core.duplicates, 0, "{s:?}");
     c.close().await;
+    relay.stop().await;
+}
+
+/// `text` (CBOR) sealed unsigned on `topic`, dated `ts_ms`, zstd-compressed (the default).
+fn seal_text(
+    t: &whispeer::TreeKey,
+    topic: &str,
+    text: &str,
+    ts_ms: u64,
+) -> whispeer::protocol::Envelope {
+    let kr = std::sync::RwLock::new(keyring_with(t));
+    whispeer::core::seal_publish(
+        &kr,
+        None,
+        &whispeer::core::SealPolicy::default(),
+        &mut whispeer::protocol::Sealer::new(),
+        &whispeer::Topic::new(topic).unwrap(),
+        whispeer::core::CBOR,
+        &whispeer::to_cbor(&text).unwrap(),
+        ts_ms,
+        &mut rand::rngs::OsRng,
+    )
+    .unwrap()
+    .0
+}
+
+/// Review finding: a small envelope whose payload decompresses to megabytes, re-posted.
+/// `max_payload` on the builder refuses it (from its declared size) where the default
+/// delivers it; either way it is decompressed once at most — the re-post is a duplicate
+/// dropped before its payload is looked at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_receive_cap_is_a_setting_and_a_reposted_large_payload_is_decompressed_once() {
+    let relay = TestRelay::start().await;
+    let t = tree("big");
+    let capped = Client::builder()
+        .with(Tcp::new(relay.tcp_url()))
+        .with(Encryption::with_keyring(keyring_with(&t)))
+        .max_payload(1 << 20)
+        .connect()
+        .await
+        .unwrap();
+    let plain = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let mut capped_sub = capped.subscribe::<String>("big/#").await.unwrap();
+    let mut plain_sub = plain.subscribe::<String>("big/#").await.unwrap();
+    let now = whispeer::now_ms();
+    let large = "a".repeat(2 << 20);
+    let bomb = seal_text(&t, "big/a", &large, now);
+    assert!(bomb.as_bytes().len() < 4096, "{}", bomb.as_bytes().len());
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    member.publish(&bomb, false).await;
+    member.publish(&bomb, false).await;
+    member
+        .publish(&seal_text(&t, "big/b", "small", now), false)
+        .await;
+    let got = within("the large one", plain_sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.value.len(), 2 << 20);
+    let got = within("the small one", plain_sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.value, "small");
+    let got = within("the small one", capped_sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.value, "small", "the large one is refused");
+    for c in [&plain, &capped] {
+        let s = until_stats(c, "the re-post dropped", |s| s.core.duplicates == 1).await;
+        assert_eq!(s.core.decompressed, 2, "once each: {:?}", s.core);
+    }
+    assert_eq!(capped.stats().core.rejected, 1);
+    assert_eq!(plain.stats().core.rejected, 0);
+    for c in [&plain, &capped] {
+        c.close().await;
+    }
     relay.stop().await;
 }

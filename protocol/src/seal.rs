@@ -29,8 +29,8 @@ use crate::batch::{
     VerifiedRoots,
 };
 use crate::compress::{
-    lz4_compress, zstd_dict_compress, zstd_dict_compressor, Decompressors, CODEC_LZ4, CODEC_MAX,
-    CODEC_NONE, CODEC_ZSTD, CODEC_ZSTD_DICT,
+    lz4_compress, zstd_declared_size, zstd_dict_compress, zstd_dict_compressor, zstd_dict_parts,
+    Decompressors, CODEC_LZ4, CODEC_MAX, CODEC_NONE, CODEC_ZSTD, CODEC_ZSTD_DICT, LZ4_SIZE_LEN,
 };
 use crate::dict::DictId;
 use crate::envelope_header::{
@@ -255,6 +255,94 @@ impl fmt::Debug for Opened {
             .field("epoch", &self.epoch)
             .field("provenance", &self.provenance)
             .finish()
+    }
+}
+
+/// An envelope opened up to its payload (§4.10 steps 1–9): decrypted, its topic checked
+/// against the routing tokens, its date accepted by its epoch and its signature verified;
+/// the payload still as stored (compressed). [`Opener::authenticate_shared`] makes one,
+/// [`Opener::decompress`] finishes it: a receiver can run its own checks (dedup above all)
+/// on what is known here and decompress only what it will deliver, so a duplicate of a
+/// small envelope that decompresses to megabytes costs it nothing more.
+pub struct Authentic {
+    /// The topic it was published on (checked against the routing tokens).
+    pub topic: Topic,
+    /// The verified sender, or `None` for an unsigned message.
+    pub sender: Option<SenderId>,
+    /// The sender's message id.
+    pub msg_id: MessageId,
+    /// The sender's timestamp (Unix ms).
+    pub ts_ms: u64,
+    /// The content type.
+    pub content_type: String,
+    /// Tree.
+    pub tree_id: TreeId,
+    /// Epoch.
+    pub epoch: u64,
+    /// Provenance of the grant whose key opened it.
+    pub provenance: Provenance,
+    codec: u8,
+    /// The decrypted body; the payload as stored is `body[payload]`.
+    body: Zeroizing<Vec<u8>>,
+    payload: std::ops::Range<usize>,
+}
+
+impl fmt::Debug for Authentic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authentic")
+            .field("topic", &self.topic)
+            .field("sender", &self.sender)
+            .field("msg_id", &self.msg_id)
+            .field("ts_ms", &self.ts_ms)
+            .field("content_type", &self.content_type)
+            .field("codec", &self.codec)
+            .field("stored_len", &self.payload.len())
+            .field("tree_id", &self.tree_id)
+            .field("epoch", &self.epoch)
+            .field("provenance", &self.provenance)
+            .finish()
+    }
+}
+
+impl Authentic {
+    /// The payload as stored (compressed when its codec is 1, 2 or 3).
+    pub fn stored(&self) -> &[u8] {
+        &self.body[self.payload.clone()]
+    }
+
+    /// The size the payload says it decompresses to, read without decompressing (§4.6:
+    /// the length itself for codec 0, the zstd Frame_Content_Size for 1 and 3, the size
+    /// prefix for 2); `None` when unreadable (decompressing fails then). Decompressing
+    /// yields exactly this many bytes or fails.
+    pub fn declared_len(&self) -> Option<u64> {
+        let p = self.stored();
+        match self.codec {
+            CODEC_NONE => Some(p.len() as u64),
+            CODEC_ZSTD => zstd_declared_size(p, usize::MAX).ok().map(|n| n as u64),
+            CODEC_LZ4 => p
+                .first_chunk::<LZ4_SIZE_LEN>()
+                .map(|n| u64::from(u32::from_be_bytes(*n))),
+            CODEC_ZSTD_DICT => zstd_dict_parts(p)
+                .and_then(|(_, frame)| zstd_declared_size(frame, usize::MAX))
+                .ok()
+                .map(|n| n as u64),
+            _ => None,
+        }
+    }
+
+    /// The opened message, with `payload` (what [`Opener::decompress`] returned for it).
+    pub fn into_opened(self, payload: Vec<u8>) -> Opened {
+        Opened {
+            topic: self.topic,
+            sender: self.sender,
+            msg_id: self.msg_id,
+            ts_ms: self.ts_ms,
+            content_type: self.content_type,
+            payload,
+            tree_id: self.tree_id,
+            epoch: self.epoch,
+            provenance: self.provenance,
+        }
     }
 }
 
@@ -995,6 +1083,41 @@ impl Opener {
         self.open_in(keyring, env, now_ms, live, Some(roots))
     }
 
+    /// The cap [`Opener::open`] and its variants decompress under.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// [`Opener::open_shared`] up to the payload (§4.10 steps 1–9): every check but
+    /// decompression, with the same opaque error. [`Opener::decompress`] finishes it.
+    pub fn authenticate_shared(
+        &mut self,
+        keyring: &Keyring,
+        env: &Envelope,
+        now_ms: u64,
+        live: bool,
+        roots: &SharedRoots,
+    ) -> Result<Authentic, OpenError> {
+        self.authenticate_in(keyring, env, now_ms, live, Some(roots))
+    }
+
+    /// Step 10 of §4.10: decompresses `a`'s payload under the cap `max` (declared size
+    /// checked before allocating, §4.6). Every failure is the opaque [`OpenError`] but a
+    /// dictionary the keyring does not hold (the body is authentic and the cause is local).
+    pub fn decompress(
+        &mut self,
+        keyring: &Keyring,
+        a: &Authentic,
+        max: usize,
+    ) -> Result<Vec<u8>, OpenError> {
+        self.zstd
+            .decompress(a.codec, a.stored(), max, keyring.dictionaries())
+            .map_err(|e| match e {
+                BodyError::MissingDictionary(id) => OpenError::missing(id),
+                _ => OpenError::OPAQUE,
+            })
+    }
+
     fn open_in(
         &mut self,
         keyring: &Keyring,
@@ -1003,6 +1126,20 @@ impl Opener {
         live: bool,
         shared: Option<&SharedRoots>,
     ) -> Result<Opened, OpenError> {
+        let a = self.authenticate_in(keyring, env, now_ms, live, shared)?;
+        // 5. Decompress with a hard cap (declared size checked before allocating).
+        let payload = self.decompress(keyring, &a, self.max_payload)?;
+        Ok(a.into_opened(payload))
+    }
+
+    fn authenticate_in(
+        &mut self,
+        keyring: &Keyring,
+        env: &Envelope,
+        now_ms: u64,
+        live: bool,
+        shared: Option<&SharedRoots>,
+    ) -> Result<Authentic, OpenError> {
         // 1. The key id names a tree and epoch we hold (its dates are checked below).
         if env.flags() != 0 {
             return Err(OpenError::OPAQUE);
@@ -1070,26 +1207,24 @@ impl Opener {
         )
         .map_err(|_| OpenError::OPAQUE)?;
 
-        // 5. Decompress with a hard cap (declared size checked before allocating). A
-        // dictionary the keyring does not hold is the one reported failure: the body is
-        // authentic (it decrypted and its signature verified) and the cause is local.
-        let payload = self
-            .zstd
-            .decompress(b.codec, b.payload, self.max_payload, keyring.dictionaries())
-            .map_err(|e| match e {
-                BodyError::MissingDictionary(id) => OpenError::missing(id),
-                _ => OpenError::OPAQUE,
-            })?;
-        Ok(Opened {
+        // The payload's place in the body (it borrows from it): kept with the body for
+        // step 10, decompression (`Opener::decompress`).
+        let start = b.payload.as_ptr() as usize - body.as_ptr() as usize;
+        let payload = start..start + b.payload.len();
+        let (msg_id, ts_ms, codec) = (b.msg_id, b.ts_ms, b.codec);
+        let content_type = b.content_type.to_owned();
+        Ok(Authentic {
             topic,
             sender,
-            msg_id: b.msg_id,
-            ts_ms: b.ts_ms,
-            content_type: b.content_type.to_owned(),
-            payload,
+            msg_id,
+            ts_ms,
+            content_type,
             tree_id: keys.tree_id(),
             epoch: keys.epoch(),
             provenance: ok.provenance,
+            codec,
+            body,
+            payload,
         })
     }
 }
@@ -1525,6 +1660,36 @@ mod tests {
                 .len(),
             1 << 20
         );
+    }
+
+    /// Authenticating and decompressing apart give what `open` gives; the declared size is
+    /// known before decompressing, for every codec, and the cap is the caller's.
+    #[test]
+    fn authenticate_then_decompress_is_open() {
+        let (mut rng, _tk, kr, id) = setup();
+        let key = kr.topic_key(&Topic::new("a").unwrap()).unwrap();
+        let roots = SharedRoots::new(4);
+        let payload = vec![3u8; 100_000];
+        for compression in [Compression::None, Compression::Zstd(3), Compression::Lz4] {
+            let opts = SealOptions {
+                compression,
+                ..SealOptions::default()
+            };
+            let env = Sealer::new()
+                .seal(&key, &msg(&payload), &opts, Some(&id), &mut rng)
+                .unwrap();
+            let mut o = Opener::new();
+            let a = o.authenticate_shared(&kr, &env, 0, true, &roots).unwrap();
+            assert_eq!(a.declared_len(), Some(100_000), "{compression:?}");
+            assert_eq!(a.sender, Some(id.sender_id()));
+            assert_eq!(o.decompress(&kr, &a, 99_999), Err(OpenError::OPAQUE));
+            let p = o.decompress(&kr, &a, 100_000).unwrap();
+            assert_eq!(
+                Some(a.into_opened(p)),
+                Opener::new().open(&kr, &env, 0).ok(),
+                "{compression:?}"
+            );
+        }
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub(super) const MAX_WORKERS: usize = 8;
 type Task = Box<dyn FnOnce() + Send>;
 
 thread_local! {
+    /// Shared by every client of the process: its own payload cap is not used, each
+    /// [`OpenJob`] decompresses under its client's (`ClientBuilder::max_payload`).
     static OPENER: RefCell<Opener> = RefCell::new(Opener::new());
     static SEALER: RefCell<Sealer> = RefCell::new(Sealer::new());
 }

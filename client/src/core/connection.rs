@@ -28,7 +28,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use whispeer_protocol::frame::{self, Ack, Close, ErrFrame, Msg, Ping, Pong, Unsub};
 use whispeer_protocol::{
-    Envelope, ErrorCode, Frame, Keyring, OpenError, Opened, Prepared, Qos, TopicFilter,
+    Envelope, ErrorCode, Frame, Keyring, OpenError, Prepared, Qos, TopicFilter,
 };
 
 pub use auth::AccountAuth;
@@ -41,7 +41,7 @@ pub use types::{
 
 use super::acks::AckQueue;
 use super::batching::{SealDone, SealJob};
-use super::jobs::{OpenDone, OpenJob};
+use super::jobs::{OpenDone, OpenJob, Unsealed};
 use super::{ClientCore, Delivery, LocalSubId, SeqSpace, SubscribeOptions};
 use crate::error::{PublishError, SubscribeError};
 use outbox::Outbox;
@@ -89,7 +89,7 @@ struct SubState {
 #[derive(Debug)]
 enum Parked {
     /// A `Msg` whose envelope an [`OpenJob`] is opening (`None` until it answers).
-    Msg(Box<Msg>, Option<Box<Result<Opened, OpenError>>>),
+    Msg(Box<Msg>, Option<Box<Result<Unsealed, OpenError>>>),
     /// Any other frame: handled once everything before it is.
     Frame(Frame),
 }
@@ -877,7 +877,8 @@ impl Engine {
             Frame::Msg(m) => {
                 let kr = self.core.keyring().clone();
                 let roots = self.core.roots().clone();
-                let job = OpenJob::new(id, &m, now.unix_ms, kr, roots);
+                let max = self.core.max_payload();
+                let job = OpenJob::new(id, &m, now.unix_ms, max, kr, roots);
                 self.parked.jobs.push_back(job);
                 self.parked
                     .frames
@@ -1236,7 +1237,7 @@ impl Engine {
     }
 
     /// [`Engine::on_msg`] for an envelope opened already (inline or by an [`OpenJob`]).
-    fn on_msg_opened(&mut self, m: &Msg, opened: Result<Opened, OpenError>, now: Now) {
+    fn on_msg_opened(&mut self, m: &Msg, opened: Result<Unsealed, OpenError>, now: Now) {
         let subs = &self.subs;
         let room = |id: LocalSubId| subs.get(&id).is_some_and(|s| s.outstanding < s.capacity);
         let routed = if m.seq > 0 {

@@ -15,10 +15,18 @@
 //! The verified-root cache is shared ([`SharedRoots`]), so a batch signature still costs one
 //! verification per subscriber. Two workers that meet the same new root at once both verify
 //! it; the second is counted in [`CoreStats::batch_root_races`](super::CoreStats).
+//!
+//! Decompression waits for the receiver checks ([`Unsealed`]): a payload is decompressed
+//! only for a message that will be delivered, never for a duplicate or a refused one (a
+//! replayed envelope of 1 KiB that decompresses to 16 MiB would otherwise cost every
+//! subscriber 16 MiB again per replay). A job still decompresses at once what is within a
+//! small multiple of its envelope's size ([`decompresses_early`]), so the common case keeps
+//! its parallelism and a duplicate costs at most that much.
 
 use std::sync::{Arc, RwLock};
 
 use whispeer_protocol::frame::{self, Msg};
+use whispeer_protocol::seal::Authentic;
 use whispeer_protocol::{Envelope, Keyring, OpenError, Opened, Opener, SharedRoots};
 
 /// Whether a `Msg` with these flags was delivered live. History (replayed, redelivered,
@@ -31,6 +39,66 @@ pub fn is_live(flags: u64) -> bool {
         == 0
 }
 
+/// Payloads an open job decompresses whatever their envelope's size, when within the cap.
+pub const EARLY_MIN: u64 = 16 * 1024;
+/// Beyond [`EARLY_MIN`], an open job decompresses a payload of at most this many times its
+/// envelope's size; larger ones wait for the receiver checks.
+pub const EARLY_RATIO: u64 = 16;
+
+/// Whether an open job decompresses `a` (of an envelope of `envelope_len` bytes) at once
+/// rather than after the receiver checks: its declared size is within `max_payload` and
+/// within [`EARLY_MIN`] or [`EARLY_RATIO`] times the envelope. What a duplicate can cost
+/// is then proportional to its size on the wire, never the cap.
+pub fn decompresses_early(a: &Authentic, envelope_len: usize, max_payload: usize) -> bool {
+    let bound = EARLY_MIN.max((envelope_len as u64).saturating_mul(EARLY_RATIO));
+    a.declared_len()
+        .is_some_and(|n| n <= bound && n <= max_payload as u64)
+}
+
+/// An envelope that opened (decrypted, its topic, date and signature verified), its payload
+/// decompressed already (by an [`OpenJob`], within [`decompresses_early`]) or not yet: the
+/// core decompresses it after the receiver checks, and only when it delivers it.
+#[derive(Debug)]
+pub struct Unsealed {
+    pub(crate) auth: Authentic,
+    /// The payload decompressed early (or the failure of that), under the client's cap.
+    pub(crate) payload: Option<Result<Vec<u8>, OpenError>>,
+}
+
+impl Unsealed {
+    /// Authenticated, nothing decompressed yet.
+    pub fn new(auth: Authentic) -> Self {
+        Unsealed {
+            auth,
+            payload: None,
+        }
+    }
+
+    /// What was authenticated (topic, sender, id, date...).
+    pub fn authentic(&self) -> &Authentic {
+        &self.auth
+    }
+
+    /// Whether the payload was decompressed already.
+    pub fn decompressed(&self) -> bool {
+        self.payload.is_some()
+    }
+
+    /// The whole message, decompressing under `max_payload` with `opener` if not done yet.
+    pub fn open(
+        self,
+        opener: &mut Opener,
+        keyring: &Keyring,
+        max_payload: usize,
+    ) -> Result<Opened, OpenError> {
+        let payload = match self.payload {
+            Some(p) => p?,
+            None => opener.decompress(keyring, &self.auth, max_payload)?,
+        };
+        Ok(self.auth.into_opened(payload))
+    }
+}
+
 /// One delivered envelope to open, from [`Engine::poll_open_job`](super::connection::Engine::poll_open_job).
 #[derive(Debug)]
 pub struct OpenJob {
@@ -38,6 +106,8 @@ pub struct OpenJob {
     envelope: Envelope,
     unix_ms: u64,
     live: bool,
+    /// The client's cap on a decompressed payload.
+    max_payload: usize,
     keyring: Arc<RwLock<Keyring>>,
     roots: SharedRoots,
 }
@@ -46,7 +116,7 @@ pub struct OpenJob {
 #[derive(Debug)]
 pub struct OpenDone {
     pub(crate) id: u64,
-    pub(crate) result: Result<Opened, OpenError>,
+    pub(crate) result: Result<Unsealed, OpenError>,
 }
 
 impl OpenDone {
@@ -61,6 +131,7 @@ impl OpenJob {
         id: u64,
         msg: &Msg,
         unix_ms: u64,
+        max_payload: usize,
         keyring: Arc<RwLock<Keyring>>,
         roots: SharedRoots,
     ) -> Self {
@@ -69,6 +140,7 @@ impl OpenJob {
             envelope: msg.envelope.clone(),
             unix_ms,
             live: is_live(msg.flags),
+            max_payload,
             keyring,
             roots,
         }
@@ -80,11 +152,20 @@ impl OpenJob {
     }
 
     /// Opens the envelope with `opener` (keep one per thread: it holds a zstd context and
-    /// the decoded sender keys). Any thread; the keyring is only read.
+    /// the decoded sender keys). Any thread; the keyring is only read. The payload is
+    /// decompressed here only within [`decompresses_early`], under the client's cap (not
+    /// `opener`'s own).
     pub fn run(self, opener: &mut Opener) -> OpenDone {
         let result = {
             let kr = self.keyring.read().unwrap_or_else(|p| p.into_inner());
-            opener.open_shared(&kr, &self.envelope, self.unix_ms, self.live, &self.roots)
+            let env = &self.envelope;
+            opener
+                .authenticate_shared(&kr, env, self.unix_ms, self.live, &self.roots)
+                .map(|auth| {
+                    let early = decompresses_early(&auth, env.as_bytes().len(), self.max_payload);
+                    let payload = early.then(|| opener.decompress(&kr, &auth, self.max_payload));
+                    Unsealed { auth, payload }
+                })
         };
         OpenDone {
             id: self.id,

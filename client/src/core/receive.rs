@@ -25,6 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use whispeer_protocol::limits::DEFAULT_MAX_PAYLOAD;
 use whispeer_protocol::{frame::msg_flags, SenderId, Topic, TopicFilter, TreeId};
 
 /// Default dedup horizon: 7 days (the relay's default retention).
@@ -85,6 +86,15 @@ pub struct ReceiveConfig {
     /// shorter under load. Live messages (dated within the skew) pass unless the window
     /// holds less than the skew's worth of traffic.
     pub max_entries: usize,
+    /// Largest payload a delivered message may decompress to (bytes). Default
+    /// [`DEFAULT_MAX_PAYLOAD`] (16 MiB), what a default publisher may seal, so no honest
+    /// message is refused. A message over it is refused (counted in `rejected`) from its
+    /// declared size, before anything is allocated for it; its id is remembered, so a
+    /// replay of it costs nothing more. Only messages that pass every other check are
+    /// decompressed at all (never a duplicate), but one accepted message whose small
+    /// envelope claims a payload up to this size costs every subscriber that much memory:
+    /// a subscriber that expects small messages lowers it.
+    pub max_payload: usize,
     /// Publisher policies; every rule whose filter matches a topic applies.
     pub policies: Vec<(TopicFilter, SenderPolicy)>,
 }
@@ -95,6 +105,7 @@ impl Default for ReceiveConfig {
             horizon_ms: DEFAULT_HORIZON_MS,
             max_skew_ms: DEFAULT_MAX_SKEW_MS,
             max_entries: DEFAULT_MAX_ENTRIES,
+            max_payload: DEFAULT_MAX_PAYLOAD,
             policies: Vec::new(),
         }
     }
@@ -645,8 +656,11 @@ impl Guard {
         })
     }
 
-    /// Records an accepted message as delivered.
-    pub fn commit(&mut self, a: Accepted) {
+    /// Records an accepted message's id only, not its date (its topic's high-water mark
+    /// stays where it is): for an authentic message that was not delivered after all (its
+    /// payload is over the cap or does not decompress), so a replay of it is a duplicate
+    /// instead of costing its decompression again.
+    pub fn remember(&mut self, a: Accepted) {
         if self.seen.insert_new(a.digest, a.expires_ms) {
             self.seen.make_room(self.cfg.max_entries);
             self.journal.push(Change::Seen {
@@ -654,6 +668,11 @@ impl Guard {
                 expires_ms: a.expires_ms,
             });
         }
+    }
+
+    /// Records an accepted message as delivered.
+    pub fn commit(&mut self, a: Accepted) {
+        self.remember(a);
         let (rk, ts, id) = a.mark;
         let moved = match self.retained.get_mut(&rk) {
             Some(m) if !newer(ts, &id, m.0, &m.1) => false,
