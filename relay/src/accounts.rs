@@ -12,15 +12,19 @@
 //! in a small append-only state file ([`AuthState`]) so they survive restarts.
 //!
 //! The account list is a TOML file (`whispeer-relay account add|list|remove` edits it); the
-//! relay reloads it when it changes or on SIGHUP and closes the connections of accounts
-//! that were removed.
+//! relay reloads it when it changes or on SIGHUP. Each reload walks the authenticated
+//! connections once: one whose credential (the account key or token it proved) no longer
+//! names its account — the account was removed, or its key or token replaced, also by a
+//! remove and an add between two reloads — is closed; one whose account lost a right or
+//! moved to another group is told to end the subscriptions that no longer hold
+//! ([`Accounts::still_allowed`]). Deliveries never look at accounts.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use ed25519_dalek::{Signature, VerifyingKey};
@@ -178,17 +182,7 @@ pub struct AccountFile {
 impl AccountFile {
     /// Reads a file; a missing file is an empty list.
     pub fn load(path: &Path) -> Result<Self, AccountError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(source) => {
-                return Err(AccountError::Io {
-                    path: path.into(),
-                    source,
-                })
-            }
-        };
-        Self::parse(&text, path)
+        Self::parse(&read_list(path)?, path)
     }
 
     /// Parses and checks an account list's TOML text; `origin` names it in errors (a file,
@@ -300,6 +294,25 @@ pub fn token_hash(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
 
+/// What a connection proved when it authenticated: the account key it signed with, or the
+/// SHA-256 of the bearer token it presented. Recorded with the connection, so a reload
+/// that replaces an account's key or token (keeping its name) is told apart from one that
+/// keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Credential {
+    /// An Ed25519 account key (the public key).
+    Key([u8; 32]),
+    /// A bearer token, by its SHA-256.
+    Token([u8; 32]),
+}
+
+impl Credential {
+    /// The credential of a bearer token.
+    pub fn token(token: &[u8]) -> Self {
+        Credential::Token(token_hash(token))
+    }
+}
+
 /// An authenticated account.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {
@@ -316,6 +329,16 @@ struct Table {
     by_name: HashMap<String, Arc<Account>>,
     by_key: HashMap<[u8; 32], (VerifyingKey, Arc<Account>)>,
     by_token: HashMap<[u8; 32], Arc<Account>>,
+}
+
+impl Table {
+    /// The account `credential` proves, if it is still listed.
+    fn account_of(&self, credential: &Credential) -> Option<&Arc<Account>> {
+        match credential {
+            Credential::Key(k) => self.by_key.get(k).map(|(_, a)| a),
+            Credential::Token(h) => self.by_token.get(h),
+        }
+    }
 }
 
 /// Why a request was refused, as the error code and message the client gets.
@@ -516,23 +539,83 @@ pub struct Accounts {
     file: Option<PathBuf>,
     max_claims: usize,
     table: RwLock<Arc<Table>>,
-    stamp: Mutex<Option<(SystemTime, u64)>>,
+    stamp: Mutex<Stamp>,
     state: Mutex<AuthState>,
-    live: Mutex<HashMap<ConnId, (String, Arc<Outbound>)>>,
+    /// Authenticated connections. Locked before `table` wherever both are taken: a
+    /// connection is attached under the table it is checked against, and a reload swaps
+    /// the table and walks the connections under this lock, so none escapes the walk.
+    live: Mutex<HashMap<ConnId, Live>>,
 }
 
-fn stamp_of(path: &Path) -> Option<(SystemTime, u64)> {
+/// An authenticated connection, as the reload walk sees it.
+#[derive(Debug)]
+struct Live {
+    name: String,
+    credential: Credential,
+    out: Arc<Outbound>,
+    /// Tells the connection's session that its account lost a right or changed group
+    /// (capacity 1: one pending notice covers any number of reloads).
+    rights_changed: tokio::sync::mpsc::Sender<()>,
+}
+
+/// The account file's metadata at the last look: modification time, length and (on Unix)
+/// inode.
+type FileMeta = (SystemTime, u64, u64);
+
+/// What the last look at the account file saw.
+#[derive(Debug)]
+struct Stamp {
+    meta: Option<FileMeta>,
+    /// When the file was last read (taken before reading).
+    read_at: SystemTime,
+    /// SHA-256 of the text last read.
+    digest: Option<[u8; 32]>,
+}
+
+/// How long after its modification time a file with unchanged metadata is still read
+/// again: an edit within the same timestamp tick (coarse on some file systems) that keeps
+/// the length (64 hex digits replaced by 64 others) changes no metadata at all, only the
+/// contents.
+const RACY_WINDOW: Duration = Duration::from_secs(3);
+
+fn meta_of(path: &Path) -> Option<FileMeta> {
     let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(&m);
+    #[cfg(not(unix))]
+    let ino = 0;
+    Some((m.modified().ok()?, m.len(), ino))
+}
+
+/// The account file's text; a missing file is an empty list.
+fn read_list(path: &Path) -> Result<String, AccountError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(source) => Err(AccountError::Io {
+            path: path.into(),
+            source,
+        }),
+    }
 }
 
 impl Accounts {
     /// Loads the account list and the state file the configuration names.
     pub fn open(cfg: &AuthConfig) -> Result<Self, AccountError> {
         let file = cfg.accounts.clone().filter(|p| !p.as_os_str().is_empty());
-        let (table, stamp) = match &file {
-            Some(p) => (AccountFile::load(p)?.table()?, stamp_of(p)),
-            None => (Table::default(), None),
+        let mut stamp = Stamp {
+            meta: None,
+            read_at: SystemTime::now(),
+            digest: None,
+        };
+        let table = match &file {
+            Some(p) => {
+                stamp.meta = meta_of(p);
+                let text = read_list(p)?;
+                stamp.digest = Some(Sha256::digest(&text).into());
+                AccountFile::parse(&text, p)?.table()?
+            }
+            None => Table::default(),
         };
         Ok(Self {
             mode: cfg.mode,
@@ -610,12 +693,37 @@ impl Accounts {
         self.table().by_name.get(name).cloned()
     }
 
-    /// Records an authenticated connection (closed if its account is removed).
-    pub(crate) fn attach(&self, conn: ConnId, name: &str, out: &Arc<Outbound>) {
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(conn, (name.to_owned(), out.clone()));
+    /// Records a connection that authenticated as `name` with `credential`: a reload closes
+    /// it once the credential no longer names that account, and sends on `rights_changed`
+    /// when the account loses a right or changes group. `false` (nothing recorded): the
+    /// credential was revoked since it was checked (a reload came in between).
+    pub(crate) fn attach(
+        &self,
+        conn: ConnId,
+        name: &str,
+        credential: Credential,
+        out: &Arc<Outbound>,
+        rights_changed: tokio::sync::mpsc::Sender<()>,
+    ) -> bool {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if self
+            .table()
+            .account_of(&credential)
+            .map(|a| a.name.as_str())
+            != Some(name)
+        {
+            return false;
+        }
+        live.insert(
+            conn,
+            Live {
+                name: name.to_owned(),
+                credential,
+                out: out.clone(),
+                rights_changed,
+            },
+        );
+        true
     }
 
     /// Forgets a connection.
@@ -646,28 +754,9 @@ impl Accounts {
         if !self.required() {
             return Ok(None);
         }
-        let Some(acct) = self.current(name) else {
-            return Err(Refusal {
-                code: ErrorCode::AuthFailed,
-                message: "the account was removed".into(),
-                fatal: true,
-            });
-        };
-        let missing = acct.rights.missing(need);
-        if !missing.is_empty() {
-            let names: Vec<_> = missing.iter().map(|r| r.name()).collect();
-            return Err(Refusal::new(
-                ErrorCode::AuthFailed,
-                format!("the account lacks the right to {}", names.join(", ")),
-            ));
-        }
+        let acct = self.with_rights(name, need)?;
         let k = *key_id.as_bytes();
-        let others = || {
-            Err(Refusal::new(
-                ErrorCode::AuthFailed,
-                "this key id is claimed by another group of accounts".into(),
-            ))
-        };
+        let others = || Err(Self::claimed_by_others());
         let over = |n: usize| {
             Err(Refusal::new(
                 ErrorCode::QuotaExceeded,
@@ -786,6 +875,49 @@ impl Accounts {
         }
     }
 
+    /// The account's current entry, if it holds every right of `need`.
+    fn with_rights(&self, name: &str, need: Rights) -> Result<Arc<Account>, Refusal> {
+        let Some(acct) = self.current(name) else {
+            return Err(Refusal {
+                code: ErrorCode::AuthFailed,
+                message: "the account was removed".into(),
+                fatal: true,
+            });
+        };
+        let missing = acct.rights.missing(need);
+        if !missing.is_empty() {
+            let names: Vec<_> = missing.iter().map(|r| r.name()).collect();
+            return Err(Refusal::new(
+                ErrorCode::AuthFailed,
+                format!("the account lacks the right to {}", names.join(", ")),
+            ));
+        }
+        Ok(acct)
+    }
+
+    fn claimed_by_others() -> Refusal {
+        Refusal::new(
+            ErrorCode::AuthFailed,
+            "this key id is claimed by another group of accounts".into(),
+        )
+    }
+
+    /// Would [`authorize`](Self::authorize) still let `name` do `need` on `key_id`, which
+    /// it allowed before? For a subscription already made, after the account list changed:
+    /// the account must still hold the rights and its group the key id's claim. Claims
+    /// nothing and asks no shared store: a key id in use here was claimed (or its claim
+    /// learned from the store) when that use was authorized, and claims never move.
+    pub fn still_allowed(&self, name: &str, key_id: &KeyId, need: Rights) -> Result<(), Refusal> {
+        if !self.required() {
+            return Ok(());
+        }
+        let acct = self.with_rights(name, need)?;
+        match self.state().claims.get(key_id.as_bytes()) {
+            Some((g, _)) if *g != acct.group => Err(Self::claimed_by_others()),
+            _ => Ok(()),
+        }
+    }
+
     fn not_the_owner(name: &str) -> Refusal {
         Refusal::new(
             ErrorCode::NotAllowed,
@@ -795,27 +927,66 @@ impl Accounts {
 
     /// Reloads the account file if it changed since the last load; returns how many
     /// connections were closed. Errors leave the previous list in force.
+    ///
+    /// Unchanged metadata (modification time, length, inode) is trusted once the file's
+    /// modification time lay [`RACY_WINDOW`] before the last read; until then, and after any
+    /// change of metadata, the file is read and its contents compared, so an edit that
+    /// keeps the length within one timestamp tick is not missed.
     pub fn reload_if_changed(&self) -> Result<usize, AccountError> {
         let Some(path) = &self.file else {
             return Ok(0);
         };
-        let now = stamp_of(path);
+        let now = SystemTime::now();
+        let meta = meta_of(path);
         {
-            let mut s = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
-            if *s == now {
+            let s = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            let settled = meta.is_some_and(|(mtime, ..)| {
+                mtime
+                    .checked_add(RACY_WINDOW)
+                    .is_some_and(|t| t <= s.read_at)
+            });
+            if s.meta == meta && (settled || meta.is_none()) {
                 return Ok(0);
             }
-            *s = now;
         }
-        self.reload()
+        self.load_and_install(path, meta, now, false)
     }
 
-    /// Reloads the account file now; closes connections of removed accounts.
+    /// Reloads the account file now; closes connections of removed accounts and of
+    /// replaced credentials, and tells those whose rights shrank.
     pub fn reload(&self) -> Result<usize, AccountError> {
         let Some(path) = &self.file else {
             return Ok(0);
         };
-        let table = AccountFile::load(path)?.table()?;
+        self.load_and_install(path, meta_of(path), SystemTime::now(), true)
+    }
+
+    /// Reads the file once and installs that text if it differs from the last one read
+    /// (or `always`). The stamp moves on also when the file cannot be read or the list is
+    /// invalid, so a bad file is reported once, not at every poll.
+    fn load_and_install(
+        &self,
+        path: &Path,
+        meta: Option<FileMeta>,
+        read_at: SystemTime,
+        always: bool,
+    ) -> Result<usize, AccountError> {
+        let text = read_list(path);
+        let digest: Option<[u8; 32]> = text.as_ref().ok().map(|t| Sha256::digest(t).into());
+        {
+            let mut s = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            let same = digest.is_some() && s.digest == digest;
+            *s = Stamp {
+                meta,
+                read_at,
+                digest,
+            };
+            if same && !always {
+                return Ok(0);
+            }
+        }
+        let text = text?;
+        let table = AccountFile::parse(&text, path)?.table()?;
         Ok(self.install_table(table))
     }
 
@@ -827,27 +998,55 @@ impl Accounts {
         Ok(self.install_table(table))
     }
 
+    /// Puts `table` in force and walks the authenticated connections once: a connection
+    /// whose credential no longer names its account gets a fatal `Err(auth_failed)` and is
+    /// closed; one whose account lost a right or changed group is told to check its
+    /// subscriptions (its session ends those that no longer hold). The rest cost a map
+    /// look-up each. Returns how many connections were closed.
     fn install_table(&self, table: Table) -> usize {
         let table = Arc::new(table);
         let n = table.by_name.len();
-        *self.table.write().unwrap_or_else(|p| p.into_inner()) = table.clone();
-        let mut closed = 0;
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        for (name, out) in live.values() {
-            if !table.by_name.contains_key(name) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let old = std::mem::replace(
+            &mut *self.table.write().unwrap_or_else(|p| p.into_inner()),
+            table.clone(),
+        );
+        let (mut closed, mut rechecked) = (0, 0);
+        live.retain(|_, c| {
+            let now = table.account_of(&c.credential).filter(|a| a.name == c.name);
+            let Some(now) = now else {
+                let message = if table.by_name.contains_key(&c.name) {
+                    "the account's key or token was replaced: the credential this connection \
+                     authenticated with is no longer valid"
+                } else {
+                    "the account was removed"
+                };
                 let frame = codec::encode_prefixed(&Frame::Err(ErrFrame {
                     code: ErrorCode::AuthFailed,
-                    message: "the account was removed".into(),
+                    message: message.into(),
                     fatal: true,
                     sub_id: None,
                     publish_id: None,
                 }));
-                if out.close_with(Some(frame)) {
+                if c.out.close_with(Some(frame)) {
                     closed += 1;
                 }
+                // Detached here: a later list that names the credential again must not
+                // find it (the session detaches it again when it ends, harmlessly).
+                return false;
+            };
+            let lost = old
+                .by_name
+                .get(&c.name)
+                .is_none_or(|was| was.group != now.group || !now.rights.contains(was.rights));
+            if lost {
+                // Full: a notice is already pending, and it covers this change too.
+                let _ = c.rights_changed.try_send(());
+                rechecked += 1;
             }
-        }
-        tracing::info!(accounts = n, closed, "account list reloaded");
+            true
+        });
+        tracing::info!(accounts = n, closed, rechecked, "account list reloaded");
         closed
     }
 }
@@ -898,5 +1097,177 @@ mod tests {
             f.table().is_err(),
             "an entry without key or token is refused"
         );
+    }
+
+    fn temp_file(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "whispeer-accounts-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("accounts.toml")
+    }
+
+    fn required(path: &Path) -> Accounts {
+        Accounts::open(&AuthConfig {
+            mode: AuthMode::Required,
+            accounts: Some(path.to_owned()),
+            ..AuthConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn entry(name: &str, key: Option<[u8; 32]>, token: Option<&[u8]>) -> AccountEntry {
+        AccountEntry {
+            name: name.into(),
+            group: Some("home".into()),
+            key: key.map(hex::encode),
+            token_sha256: token.map(|t| hex::encode(token_hash(t))),
+            rights: all_rights(),
+        }
+    }
+
+    /// A token replaced in place within one timestamp tick changes neither the file's
+    /// length, nor its inode, nor its modification time: only its contents. The reload
+    /// still sees it (the file is read again while its mtime is recent).
+    #[test]
+    fn an_edit_keeping_length_inode_and_mtime_is_reloaded() {
+        let path = temp_file("stamp");
+        AccountFile {
+            account: vec![entry("bob", None, Some(b"token-one"))],
+        }
+        .save(&path)
+        .unwrap();
+        let accounts = required(&path);
+        assert!(accounts.by_token(b"token-one").is_some());
+        let before = meta_of(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            &hex::encode(token_hash(b"token-one")),
+            &hex::encode(token_hash(b"token-two")),
+        );
+        std::fs::write(&path, text).unwrap();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_modified(before.0).unwrap();
+        drop(f);
+        assert_eq!(meta_of(&path).unwrap(), before, "metadata unchanged");
+        accounts.reload_if_changed().unwrap();
+        assert!(
+            accounts.by_token(b"token-one").is_none(),
+            "old token revoked"
+        );
+        assert!(
+            accounts.by_token(b"token-two").is_some(),
+            "new token listed"
+        );
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// The reload's walk over live connections: a replaced credential closes exactly the
+    /// connections that proved it (another credential of the same account stays); a right
+    /// taken away or a group change notifies the account's connections, and only those.
+    #[test]
+    fn a_reload_closes_replaced_credentials_and_notifies_lost_rights() {
+        use crate::config::SlowConsumerPolicy;
+        use crate::outbound::Budget;
+        let path = temp_file("walk");
+        let (k1, k2) = (
+            ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
+            ed25519_dalek::SigningKey::from_bytes(&[2; 32]).verifying_key(),
+        );
+        let list = |alice_key: [u8; 32], bob: Rights, carol_group: &str| AccountFile {
+            account: vec![
+                entry("alice", Some(alice_key), Some(b"alice-token")),
+                AccountEntry {
+                    rights: Right::ALL
+                        .into_iter()
+                        .filter(|r| bob.contains(Rights::of(&[*r])))
+                        .collect(),
+                    ..entry("bob", None, Some(b"bob-token"))
+                },
+                AccountEntry {
+                    group: Some(carol_group.into()),
+                    ..entry("carol", None, Some(b"carol-token"))
+                },
+                entry("dave", None, Some(b"dave-token")),
+            ],
+        };
+        list(k1.to_bytes(), Rights::all(), "home")
+            .save(&path)
+            .unwrap();
+        let accounts = required(&path);
+        let budget = Arc::new(Budget::new(0));
+        let mut conns = Vec::new();
+        for (i, (name, cred)) in [
+            ("alice", Credential::Key(k1.to_bytes())),
+            ("alice", Credential::token(b"alice-token")),
+            ("bob", Credential::token(b"bob-token")),
+            ("carol", Credential::token(b"carol-token")),
+            ("dave", Credential::token(b"dave-token")),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let out = Arc::new(Outbound::new(
+                16,
+                1 << 20,
+                SlowConsumerPolicy::Drop,
+                budget.clone(),
+            ));
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            assert!(accounts.attach(ConnId(i as u64), name, cred, &out, tx));
+            conns.push((out, rx));
+        }
+        // A credential that does not name the account is not attached.
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let out = conns[0].0.clone();
+        assert!(!accounts.attach(
+            ConnId(9),
+            "bob",
+            Credential::token(b"alice-token"),
+            &out,
+            tx
+        ));
+
+        let closed = accounts.install_table(
+            list(k2.to_bytes(), bob_without_subscribe(), "guests")
+                .table()
+                .unwrap(),
+        );
+        assert_eq!(closed, 1);
+        let state: Vec<(bool, bool)> = conns
+            .iter_mut()
+            .map(|(out, rx)| (out.is_closing(), rx.try_recv().is_ok()))
+            .collect();
+        assert_eq!(
+            state,
+            vec![
+                (true, false),  // alice by K1: replaced
+                (false, false), // alice by token: unchanged
+                (false, true),  // bob: lost subscribe
+                (false, true),  // carol: moved to another group
+                (false, false), // dave: unchanged
+            ]
+        );
+        assert_eq!(accounts.live_count(), 4);
+        let k = KeyId::from_bytes([7; 16]);
+        let sub = Rights::of(&[Right::Subscribe]);
+        accounts
+            .authorize("dave", &k, sub, |_, _| Ok(Claim::NotShared))
+            .unwrap();
+        assert!(accounts.still_allowed("dave", &k, sub).is_ok());
+        let r = accounts.still_allowed("bob", &k, sub).unwrap_err();
+        assert!(!r.fatal && r.message.contains("subscribe"), "{r:?}");
+        let r = accounts.still_allowed("carol", &k, sub).unwrap_err();
+        assert!(!r.fatal && r.message.contains("another group"), "{r:?}");
+        assert!(accounts.still_allowed("gone", &k, sub).unwrap_err().fatal);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    fn bob_without_subscribe() -> Rights {
+        Right::ALL
+            .into_iter()
+            .filter(|r| *r != Right::Subscribe)
+            .fold(Rights::default(), Rights::with)
     }
 }

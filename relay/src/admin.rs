@@ -143,8 +143,10 @@ fn has_token(shared: &Shared, req: &Request<Incoming>) -> bool {
         return false;
     };
     // Compare digests: equal length, no early exit on the secret's bytes.
+    // Both trimmed: a token configured from an env file or `$(cat file)` may keep its
+    // trailing newline, and it would never have matched.
     let (a, b) = (
-        Sha256::digest(want.as_bytes()),
+        Sha256::digest(want.trim().as_bytes()),
         Sha256::digest(got.trim().as_bytes()),
     );
     a.iter()
@@ -236,8 +238,14 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// Serves the admin port until the task is aborted.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Typically EMFILE: back off briefly instead of spinning on a core.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let shared = shared.clone();
         tokio::spawn(async move {

@@ -33,9 +33,20 @@
 //! filter one of its clients held at the time. QoS ≥ 1 guarantees do not cross relays yet
 //! (that is JetStream's job, later: its stream sequence will become the relay sequence).
 //!
+//! **Quotas.** What a relay stores for another relay counts against the tenant that
+//! published it there: each forward carries its tenant's tag in the NATS header
+//! `Wsp-Tenant` (the encoding the JetStream store uses), and the receiving relay charges the
+//! envelope to that tag ([`Tenant::Remote`]), so its per-tenant quotas apply to each remote
+//! publisher on its own. Charged to one shared tenant, one publisher filling it made the
+//! relay refuse every other tenant's stored traffic from the cluster. A forward without
+//! the header (a relay from before it) is charged to this relay's [`Tenant::Local`], as
+//! before. With the JetStream store the bridge carries only live-only envelopes, never
+//! stored, and sends no header.
+//!
 //! **Blind.** The NATS payload is a 26-byte bridge header (version, origin, counter, publish
-//! flags, QoS) and the sealed envelope as the relay received it: NATS sees exactly what a
-//! relay sees — key ids, tokens, sizes, timing — and no key code enters the relay.
+//! flags, QoS) and the sealed envelope as the relay received it, with the tenant tag in a
+//! NATS header: NATS sees exactly what a relay sees — key ids, tokens, sizes, timing — plus
+//! which envelopes share a (hashed) tenant, and no key code enters the relay.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -52,6 +63,8 @@ use crate::config::ClusterConfig;
 use crate::held_bytes::{ByteLimit, Held};
 use crate::metrics::Metrics;
 use crate::relay::Shared;
+use crate::store::jetstream::TENANT_HEADER;
+use crate::store::Tenant;
 
 /// Version byte of the bridge header.
 const VERSION: u8 = 1;
@@ -104,6 +117,8 @@ pub(crate) struct Forward {
     envelope: Envelope,
     flags: u64,
     qos: Qos,
+    /// Whose publish it is: the receiving relays charge it to this tenant's tag.
+    tenant: Tenant,
     /// Its bytes in the queue's bound until the NATS client has written it (or it is
     /// dropped).
     held: Option<Held>,
@@ -164,8 +179,8 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Offers a local publish to NATS; a full queue is counted, never waited on.
-    pub(crate) fn forward(&self, envelope: &Envelope, flags: u64, qos: Qos) {
+    /// Offers a local publish by `tenant` to NATS; a full queue is counted, never waited on.
+    pub(crate) fn forward(&self, envelope: &Envelope, flags: u64, qos: Qos, tenant: &Tenant) {
         let dropped = || {
             self.metrics.cluster.forward_dropped.fetch_add(1, Relaxed);
             self.lost.add(envelope.token_path());
@@ -178,6 +193,7 @@ impl Link {
             envelope: envelope.clone(),
             flags,
             qos,
+            tenant: tenant.clone(),
             held: Some(held),
         };
         if self.forward.try_send(f).is_err() {
@@ -443,8 +459,12 @@ pub(crate) async fn run(
         client.clone(),
         rx.forward,
         rx.lost,
-        prefix.clone(),
-        origin,
+        Publishing {
+            prefix: prefix.clone(),
+            origin,
+            // Live-only envelopes beside the JetStream stream are never stored: no tenant.
+            tenant_header: !shared.config.cluster.jetstream(),
+        },
         shared.metrics.clone(),
         drain,
     );
@@ -476,15 +496,47 @@ fn random_origin() -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// What the publisher puts on the forwards it sends.
+struct Publishing {
+    prefix: String,
+    origin: u64,
+    /// Whether a forward names its tenant (header `Wsp-Tenant`).
+    tenant_header: bool,
+}
+
+/// The NATS headers of a forward by `tenant`: its tag ([`Tenant::tag`]) in hex.
+fn tenant_headers(tenant: &Tenant) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(TENANT_HEADER, hex::encode(tenant.tag()).as_str());
+    h
+}
+
+/// The tenant a forward from another relay is charged to here: the one its `Wsp-Tenant`
+/// header names ([`Tenant::Remote`]), else — a relay from before the header, or a value
+/// that is not 16 bytes of hex — this relay's [`Tenant::Local`], as before.
+fn origin_tenant(headers: Option<&async_nats::HeaderMap>) -> Tenant {
+    let mut tag = [0u8; 16];
+    match headers.and_then(|h| h.get(TENANT_HEADER)) {
+        Some(v) if hex::decode_to_slice(v.as_str(), &mut tag).is_ok() => Tenant::Remote(tag),
+        _ => Tenant::Local,
+    }
+}
+
 async fn publish_loop(
     client: async_nats::Client,
     mut rx: mpsc::Receiver<Forward>,
     lost: Arc<LostPaths>,
-    prefix: String,
-    origin: u64,
+    publishing: Publishing,
     metrics: Arc<Metrics>,
     mut drain: tokio::sync::oneshot::Receiver<()>,
 ) {
+    let Publishing {
+        prefix,
+        origin,
+        tenant_header,
+    } = publishing;
+    // The last tenant's headers: a run of publishes by one tenant hashes its tag once.
+    let mut last: Option<(Tenant, async_nats::HeaderMap)> = None;
     let mut counter = 0u64;
     // What the NATS client may still hold: published, not yet known written to its socket.
     let mut unflushed: Vec<Held> = Vec::new();
@@ -526,7 +578,20 @@ async fn publish_loop(
         let payload = encode(origin, counter, &f);
         // Waits only while the NATS client's own buffer is full (reconnecting); the router
         // never waits: its offers fail and are counted meanwhile.
-        match client.publish(subject, payload).await {
+        let sent = if tenant_header {
+            let headers = match &last {
+                Some((t, h)) if *t == f.tenant => h.clone(),
+                _ => {
+                    let h = tenant_headers(&f.tenant);
+                    last = Some((f.tenant.clone(), h.clone()));
+                    h
+                }
+            };
+            client.publish_with_headers(subject, headers, payload).await
+        } else {
+            client.publish(subject, payload).await
+        };
+        match sent {
             Ok(()) => {
                 metrics.cluster.forwarded.fetch_add(1, Relaxed);
             }
@@ -771,7 +836,12 @@ async fn receive_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Received>, ori
             }
         };
         let path = envelope.token_path();
-        match shared.router.publish_remote(&envelope, &path, flags, qos) {
+        // Charged here to the tenant that published it at its relay.
+        let tenant = origin_tenant(r.msg.headers.as_ref());
+        match shared
+            .router
+            .publish_remote(&envelope, &path, flags, qos, &tenant)
+        {
             Ok(_) => {
                 c.received.fetch_add(1, Relaxed);
             }
@@ -1125,6 +1195,7 @@ mod tests {
             envelope: envelope.clone(),
             flags: 5,
             qos: Qos::AtLeastOnce,
+            tenant: Tenant::Local,
             held: None,
         };
         let d = decode(encode(9, 7, &f)).unwrap();
@@ -1141,6 +1212,43 @@ mod tests {
         assert_eq!((flags, qos), (5, Qos::AtLeastOnce));
         assert_eq!(got.as_bytes(), envelope.as_bytes());
         assert!(decode(Bytes::from_static(b"short")).is_none());
+    }
+
+    /// A forward names its tenant by the tag the JetStream store uses (header `Wsp-Tenant`);
+    /// the receiving relay charges it to that tag, the same for every forward of one
+    /// tenant and a different one for another tenant. Without the header (a relay from
+    /// before it) or with a malformed one it is charged to the local tenant, as before.
+    #[test]
+    fn a_forward_is_charged_to_the_tenant_its_header_names() {
+        let x = Tenant::Address("10.0.0.1".parse().unwrap());
+        let y = Tenant::Address("10.0.0.2".parse().unwrap());
+        let h = tenant_headers(&x);
+        assert_eq!(
+            h.get("Wsp-Tenant").map(|v| v.as_str().to_string()),
+            Some(hex::encode(x.tag())),
+            "the JetStream store's encoding"
+        );
+        let at_b = origin_tenant(Some(&h));
+        assert_eq!(at_b, Tenant::Remote(x.tag()));
+        assert_eq!(origin_tenant(Some(&tenant_headers(&x))), at_b);
+        assert_ne!(origin_tenant(Some(&tenant_headers(&y))), at_b);
+        assert_eq!(
+            at_b.tag(),
+            x.tag(),
+            "a relay that forwards it again names the same tenant"
+        );
+        assert_ne!(at_b.key(), x.key(), "filed apart from local tenants");
+        assert_ne!(at_b.key(), Tenant::Local.key());
+        assert_eq!(
+            origin_tenant(None),
+            Tenant::Local,
+            "an older relay's forward"
+        );
+        for bad in ["", "zz", &"ab".repeat(15), &"ab".repeat(17)] {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Wsp-Tenant", bad);
+            assert_eq!(origin_tenant(Some(&h)), Tenant::Local, "{bad:?}");
+        }
     }
 
     proptest::proptest! {

@@ -1459,7 +1459,8 @@ impl Config {
             );
         }
         if let Some(t) = &a.admin_token {
-            if t.len() < 16 {
+            // Compared trimmed (admin.rs): its length too.
+            if t.trim().len() < 16 {
                 return invalid(
                     "auth.admin_token",
                     "use at least 16 characters (e.g. a whispeer-relay account add --token)".into(),

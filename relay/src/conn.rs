@@ -91,13 +91,16 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
     }
 }
 
-/// Frames one connection handles before it lets other tasks run.
-const FRAMES_PER_TURN: usize = 16;
+/// Frames one connection handles before it lets other tasks run. (Over WebSocket, the
+/// frames that end no message — fragments, pings between them — never reach this loop:
+/// the follower under tungstenite holds them to the same bounds, see
+/// [`ws_gate`](crate::transport::ws_gate).)
+pub(crate) const FRAMES_PER_TURN: usize = 16;
 /// Bytes of frames one connection handles before it lets other tasks run (a frame larger
 /// than this is handled alone in its turn). A turn costs the relay about what its bytes
 /// cost to decode, copy and store, so a connection of 4 KiB frames gets 4 per turn, one of
 /// 1 KiB frames still 16.
-const BYTES_PER_TURN: usize = 16 << 10;
+pub(crate) const BYTES_PER_TURN: usize = 16 << 10;
 
 /// Reads until the session asks to close, the queue closes elsewhere, the relay shuts
 /// down, or a timeout fires. Returns whether the source reached its end.
@@ -130,6 +133,10 @@ async fn read_loop<Src: FrameSource>(
     // those subscriptions. The session makes the channel at its first durable subscription
     // and keeps a sender, so once taken this never ends early.
     let mut hold_lost = None;
+    // The account list's reloads: the account lost a right or changed group, and the
+    // session ends the subscriptions that no longer hold (taken after an authenticated
+    // Welcome; a reload that revokes the credential closes the queue instead).
+    let mut rights_changed = None;
     loop {
         // Fairness: one read can hold dozens of frames, and tokio only charges its
         // cooperative budget per read, so a flooding connection could handle thousands of
@@ -207,10 +214,18 @@ async fn read_loop<Src: FrameSource>(
                         return false;
                     }
                 }
+                Some(()) = notice_or_pending(&mut rights_changed) => {
+                    if session.rights_changed() == Flow::Close {
+                        return false;
+                    }
+                }
             }
         }
         if hold_lost.is_none() {
             hold_lost = session.take_hold_lost();
+        }
+        if rights_changed.is_none() {
+            rights_changed = session.take_rights_changed();
         }
         while let Some(line) = session.deferred_line() {
             session.flush_wakes();
@@ -266,6 +281,14 @@ fn inbound<Src: FrameSource>(
 
 /// The next value of `rx`, or never while there is no receiver yet.
 async fn recv_or_pending<T>(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next notice on `rx`, or never while there is no receiver yet.
+async fn notice_or_pending(rx: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option<()> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

@@ -76,7 +76,7 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
     let max = shared.config.limits.max_frame;
     conn::serve(
         shared.clone(),
-        StreamSource::new(recv, max).with_budget(shared.frame_budget.clone()),
+        StreamSource::new(recv, max).with_budget(shared.frame_budget.clone(), slot.addr()),
         StreamSink::new(send),
         TransportKind::Quic,
         Some(peer),

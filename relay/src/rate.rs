@@ -404,6 +404,13 @@ impl AddrSlot {
         self.wait
     }
 
+    /// The source address this connection counts against (an IPv6 address cut to
+    /// `addr_ipv6_prefix`): the key of every per-address limit, the large-frame budget's
+    /// share included.
+    pub(crate) fn addr(&self) -> IpAddr {
+        self.ip
+    }
+
     /// Charges `n` requests of `kind` to the address.
     pub(crate) fn take(&self, kind: Kind, n: f64, now: Instant) -> Option<Duration> {
         self.buckets.take(kind, n, now)

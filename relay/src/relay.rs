@@ -987,6 +987,8 @@ async fn handshake(
     if !connect_wait(&shared, &slot).await {
         return;
     }
+    // The source address whose share of the large-frame budget the connection draws on.
+    let addr = slot.addr();
     let mut slot = Some(slot);
     let max = shared.config.limits.max_frame;
     let limit = shared.config.timeouts.hello();
@@ -997,7 +999,7 @@ async fn handshake(
                 let (r, w) = stream.into_split();
                 conn::serve(
                     shared.clone(),
-                    StreamSource::new(r, max).with_budget(shared.frame_budget.clone()),
+                    StreamSource::new(r, max).with_budget(shared.frame_budget.clone(), addr),
                     StreamSink::new(w),
                     kind,
                     peer_s,
@@ -1006,7 +1008,7 @@ async fn handshake(
                 .await;
             }
             TransportKind::Ws => {
-                let gate = WsGate::new(shared.frame_budget.clone());
+                let gate = WsGate::new(shared.frame_budget.clone(), addr);
                 let ws = tokio::time::timeout(
                     limit,
                     tokio_tungstenite::accept_async_with_config(
@@ -1033,7 +1035,7 @@ async fn handshake(
                     let (r, w) = tokio::io::split(tls_stream);
                     conn::serve(
                         shared.clone(),
-                        StreamSource::new(r, max).with_budget(shared.frame_budget.clone()),
+                        StreamSource::new(r, max).with_budget(shared.frame_budget.clone(), addr),
                         StreamSink::new(w),
                         kind,
                         peer_s,
@@ -1041,7 +1043,7 @@ async fn handshake(
                     )
                     .await;
                 } else {
-                    let gate = WsGate::new(shared.frame_budget.clone());
+                    let gate = WsGate::new(shared.frame_budget.clone(), addr);
                     let ws = tokio::time::timeout(
                         limit,
                         tokio_tungstenite::accept_async_with_config(

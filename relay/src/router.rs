@@ -525,14 +525,18 @@ impl Router {
 
     /// Routes an envelope another relay accepted (it came through NATS): numbered by this
     /// relay's store, stored per its policy and fanned out like a local publish, but not
-    /// forwarded again. QoS is lowered to 0 when this relay has no store for more. With the
-    /// JetStream store only live-only envelopes come this way: routed unnumbered (seq 0).
+    /// forwarded again. QoS is lowered to 0 when this relay has no store for more. It counts
+    /// against `tenant`, its publisher as the forward names it ([`Tenant::Remote`]; a relay
+    /// that names none: [`Tenant::Local`]), so one tenant at its quota here refuses only its
+    /// own. With the JetStream store only live-only envelopes come this way: routed
+    /// unnumbered (seq 0).
     pub(crate) fn publish_remote(
         &self,
         envelope: &Envelope,
         path: &TokenPath,
         flags: u64,
         qos: Qos,
+        tenant: &Tenant,
     ) -> Result<Accepted, StoreError> {
         if self.sequenced {
             return self.route(
@@ -558,7 +562,7 @@ impl Router {
             flags,
             qos,
             None,
-            &Tenant::Local,
+            tenant,
             Numbering::Remote,
             None,
         )
@@ -647,7 +651,7 @@ impl Router {
             // relay-sequence order; a non-blocking offer (a full queue is counted, never
             // waited on).
             if let Some(link) = &self.cluster {
-                link.forward(envelope, flags, qos);
+                link.forward(envelope, flags, qos, tenant);
             }
         }
         // On the stack for a few subscribers (the common case): two allocations per routed

@@ -18,7 +18,7 @@ use whispeer_protocol::frame::{
 use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
 use whispeer_protocol::{codec, DecodeError, ErrorCode, Frame, Qos, TokenPattern};
 
-use crate::accounts::{owner_of_secret, Refusal, Right, Rights};
+use crate::accounts::{owner_of_secret, Credential, Refusal, Right, Rights};
 use crate::flow::ConnUnacked;
 use crate::ids::{ConnId, SubId, TransportKind};
 use crate::outbound::{Offer, Outbound};
@@ -131,9 +131,22 @@ pub(crate) struct Session {
     /// Waiting for `Auth`: the negotiated version, the client name, the nonce sent in
     /// `Challenge` and the account key it must be signed with.
     challenge: Option<PendingAuth>,
-    /// The authenticated relay account (by name: its rights are looked up at each use, so
-    /// an edit of the account list applies at once).
+    /// The authenticated relay account, by name: its rights are looked up at each `Pub`
+    /// and `Sub`, and when a reload of the account list takes a right away the reload
+    /// tells this session, which ends the subscriptions that no longer hold
+    /// ([`Session::rights_changed`]). A reload that revokes the credential (below) closes
+    /// the connection.
     account: Option<String>,
+    /// What the connection proved: the account key or the token (its hash). Recorded with
+    /// the connection in the live table, so replacing the key or token while keeping the
+    /// name closes it.
+    credential: Option<Credential>,
+    /// The reload's notice that the account lost a right or changed group, until the
+    /// connection's read loop takes it (made when the authenticated connection opens).
+    rights_changed_rx: Option<tokio::sync::mpsc::Receiver<()>>,
+    /// The rights each subscription needed beyond `subscribe` (replay, durable); a
+    /// subscription absent here needed only `subscribe`.
+    sub_rights: HashMap<SubId, Rights>,
     /// The account's rate buckets, shared by its connections (see `rate::SharedBuckets`).
     account_rates: Option<SharedBuckets>,
     /// Writers to wake once this turn of frames is handled ([`Wakes`]).
@@ -210,6 +223,9 @@ impl Session {
             hello_seen: false,
             challenge: None,
             account: None,
+            credential: None,
+            rights_changed_rx: None,
+            sub_rights: HashMap::new(),
             account_rates: None,
             wakes: Wakes::new(),
             deferred: None,
@@ -261,6 +277,51 @@ impl Session {
             Some(sub_id),
             None,
         )
+    }
+
+    /// The receiver of the reload's notices that the account lost a right or changed group
+    /// (see [`Session::rights_changed`]): `Some` once, after an authenticated `Welcome`.
+    pub(crate) fn take_rights_changed(&mut self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        self.rights_changed_rx.take()
+    }
+
+    /// A reload of the account list took a right away from this connection's account or
+    /// moved it to another group: every subscription that a `Sub` could not make now
+    /// (its rights: `subscribe`, plus `replay`/`durable` if it asked for them; its key id
+    /// claimed by the account's group) ends — out of the index, its at-least-once state and
+    /// durable name given back — with the non-fatal `Err(auth_failed)` naming its `sub_id`
+    /// that such a `Sub` would get. Publishes need no pass: each is authorized as it
+    /// arrives. Runs once per such reload, over this connection's subscriptions only; no
+    /// delivery ever looks at the account.
+    pub(crate) fn rights_changed(&mut self) -> Flow {
+        let Some(name) = self.account.clone() else {
+            return Flow::Continue;
+        };
+        let accounts = self.shared.accounts.clone();
+        let subscribe = Rights::of(&[Right::Subscribe]);
+        let mut ended: Vec<(SubId, Refusal)> = self
+            .subs
+            .iter()
+            .filter_map(|(id, p)| {
+                let need = self.sub_rights.get(id).copied().unwrap_or(subscribe);
+                let r = accounts.still_allowed(&name, p.key_id(), need).err()?;
+                Some((*id, r))
+            })
+            .collect();
+        ended.sort_unstable_by_key(|(id, _)| id.0);
+        for (sub_id, r) in ended {
+            if r.fatal {
+                return self.fatal(r.code, r.message, None, None);
+            }
+            tracing::info!(conn = %self.conn, account = %name, sub_id = sub_id.0,
+                reason = %r.message, "subscription ended: the account list changed");
+            self.drop_sub(sub_id);
+            let message = format!("subscription ended: {}", r.message);
+            if self.reply_err(r.code, message, Some(sub_id), None) == Flow::Close {
+                return Flow::Close;
+            }
+        }
+        Flow::Continue
     }
 
     /// Whether `Welcome` was sent.
@@ -455,9 +516,10 @@ impl Session {
         }
     }
 
-    /// The connection is `name`'s: its rights and its rate buckets.
-    fn set_account(&mut self, name: &str) {
+    /// The connection is `name`'s, proved by `credential`: its rights and its rate buckets.
+    fn set_account(&mut self, name: &str, credential: Credential) {
         self.account = Some(name.to_owned());
+        self.credential = Some(credential);
         self.account_rates = Some(self.shared.account_rates.buckets(name));
     }
 
@@ -508,7 +570,7 @@ impl Session {
                 );
             };
             match self.shared.accounts.by_token(token) {
-                Some(a) => self.set_account(&a.name),
+                Some(a) => self.set_account(&a.name, Credential::token(token)),
                 None => {
                     self.shared.metrics.connection_rejected();
                     return self.fatal(
@@ -529,7 +591,7 @@ impl Session {
         };
         match self.shared.accounts.verify(&p.account, &p.nonce, &a.sig) {
             Some(acct) => {
-                self.set_account(&acct.name);
+                self.set_account(&acct.name, Credential::Key(p.account));
                 self.welcome(p.version, p.client.as_deref(), true, p.features)
             }
             None => {
@@ -578,8 +640,23 @@ impl Session {
             );
         }
         self.open = true;
-        if let Some(name) = &self.account {
-            self.shared.accounts.attach(self.conn, name, &self.out);
+        if let (Some(name), Some(credential)) = (&self.account, self.credential) {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            if !self
+                .shared
+                .accounts
+                .attach(self.conn, name, credential, &self.out, tx)
+            {
+                // Revoked by a reload between the check and now.
+                self.shared.metrics.connection_rejected();
+                return self.fatal(
+                    ErrorCode::AuthFailed,
+                    "the account was removed or its key or token replaced".into(),
+                    None,
+                    None,
+                );
+            }
+            self.rights_changed_rx = Some(rx);
         }
         let mut offered = self.shared.router.store().features();
         if offered & features::AT_LEAST_ONCE != 0 {
@@ -846,6 +923,9 @@ impl Session {
             }
         }
         self.subs.insert(sub_id, s.pattern.clone());
+        if need != Rights::of(&[Right::Subscribe]) {
+            self.sub_rights.insert(sub_id, need);
+        }
         self.shared
             .sub_quota
             .add(&self.tenant, s.pattern.elems().len());
@@ -918,6 +998,7 @@ impl Session {
             .sub_quota
             .remove(&self.tenant, [old.elems().len()]);
         self.shared.router.unsubscribe(&old, self.conn, sub_id);
+        self.sub_rights.remove(&sub_id);
         if let Some((t, _)) = self.tracked.remove(&sub_id) {
             self.track_ids.remove(&t.id);
             t.end();
@@ -1318,6 +1399,7 @@ impl Session {
         tracing::debug!(conn = %self.conn, subscriptions = self.subs.len(),
             "connection's subscriptions given back");
         self.subs.clear();
+        self.sub_rights.clear();
         self.tracked.clear();
         self.track_ids.clear();
         self.hold_gens.clear();

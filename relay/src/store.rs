@@ -238,6 +238,10 @@ pub enum Tenant {
     Address(IpAddr),
     /// An in-process caller with no address (embedded use, tests).
     Local,
+    /// A tenant of another relay of the cluster, as that relay's forward names it (its
+    /// [`tag`](Tenant::tag), header `Wsp-Tenant`): an envelope from another relay counts
+    /// against its publisher's own quota here, not one shared by every remote publisher.
+    Remote([u8; 16]),
 }
 
 impl Tenant {
@@ -267,7 +271,27 @@ impl Tenant {
             Tenant::Address(IpAddr::V4(v4)) => [&b"4"[..], &v4.octets()].concat(),
             Tenant::Address(IpAddr::V6(v6)) => [&b"6"[..], &v6.octets()].concat(),
             Tenant::Local => b"l".to_vec(),
+            Tenant::Remote(t) => [&b"r"[..], t].concat(),
         }
+    }
+
+    /// The tenant as other relays and NATS see it: 16 bytes of SHA-256 of its
+    /// [`key`](Tenant::key) under a context string, so a source address never travels in
+    /// clear (an IPv4 address is still guessable from it by brute force; NATS sees the
+    /// relays' connections anyway, never the clients'). A [`Tenant::Remote`] is its tag.
+    /// What the JetStream store's usage ledger and the cluster bridge's forwards carry
+    /// (header `Wsp-Tenant`, in hex).
+    pub fn tag(&self) -> [u8; 16] {
+        use sha2::{Digest, Sha256};
+        if let Tenant::Remote(t) = self {
+            return *t;
+        }
+        let mut h = Sha256::new();
+        h.update(b"whispeer-relay/v2/jetstream-tenant\0");
+        h.update(self.key());
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&h.finalize()[..16]);
+        tag
     }
 }
 
@@ -608,7 +632,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// (`account:NAME`, `sha256:HEX` of the `Sub.owner` secret, or None), recording it for
     /// a durable about to be created or one created without an owner. `Ok(true)`: this
     /// store keeps owners, the relay keeps none of its own; `Ok(false)`: owners are the
-    /// relay's (its auth-state file); `Err(NotAllowed)`: the durable is someone else's.
+    /// relay's (its auth-state file); `Err(NotAllowed)`: the durable is someone else's;
+    /// `Err(Busy)`: another owner's `Sub` is creating it (retryable; the first owner on its
+    /// way to create a name is the one its creation records).
     fn durable_owner(&self, key: &DurableKey, owner: Option<&str>) -> Result<bool, StoreError>;
     /// Claims `key_id` for the accounts group `group` across every relay sharing this
     /// store, or says who holds it (§ relay accounts: the first group to use a key id

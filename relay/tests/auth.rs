@@ -16,6 +16,7 @@ use whispeer_protocol::frame::{
     auth_sig_input, Auth, ErrFrame, Hello, Pub, Sub, Welcome, PROTOCOL_VERSION,
 };
 use whispeer_protocol::{ErrorCode, Frame, Qos};
+use whispeer_relay::accounts::Right;
 use whispeer_relay::admin::{http_get, http_get_auth, Status};
 
 const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
@@ -844,4 +845,259 @@ async fn an_accounts_connections_share_its_rate_buckets() {
             "{name}: the account's bucket was not shared: 60 requests in {elapsed:?}"
         );
     }
+}
+
+/// Rewrites the account file as the `account` commands do (a temporary file renamed over
+/// it), applying `edit` to its entries: the relay sees the old list or the new one, never
+/// a half-written file.
+fn edit_accounts(file: &Path, edit: impl FnOnce(&mut Vec<whispeer_relay::accounts::AccountEntry>)) {
+    let mut list = whispeer_relay::accounts::AccountFile::load(file).unwrap();
+    edit(&mut list.account);
+    list.save(file).unwrap();
+}
+
+/// Publishes an envelope on `[k, 1]` at QoS 1 with `publish_id`; returns its sequence.
+async fn publish_seq(c: &mut Client, k: u8, publish_id: u8) -> u64 {
+    c.send(&Frame::Pub(Pub {
+        envelope: envelope(k, &[1]),
+        flags: whispeer_protocol::frame::pub_flags::ACK,
+        publish_id: Some([publish_id; 16]),
+        qos: Qos::AtLeastOnce,
+    }))
+    .await;
+    loop {
+        match c.recv().await {
+            Frame::PubAck(a) => return a.seq,
+            Frame::Err(e) => panic!("publish refused: {e:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// Sends a Ping and returns every frame the relay sent before its Pong: whatever the relay
+/// had queued for this connection when it read the Ping.
+async fn frames_until_pong(c: &mut Client, nonce: u64) -> Vec<Frame> {
+    c.send(&Frame::Ping(whispeer_protocol::frame::Ping { nonce }))
+        .await;
+    let mut seen = Vec::new();
+    loop {
+        match c.recv().await {
+            Frame::Pong(p) if p.nonce == nonce => return seen,
+            f => seen.push(f),
+        }
+    }
+}
+
+/// The sequences of the `Msg` frames among `frames`.
+fn msg_seqs(frames: &[Frame]) -> Vec<u64> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Msg(m) => Some(m.seq),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The first `Err` the relay sends (skipping deliveries and other frames).
+async fn next_err(c: &mut Client) -> ErrFrame {
+    loop {
+        if let Frame::Err(e) = c.recv().await {
+            return e;
+        }
+    }
+}
+
+/// Review finding 7: an account's key replaced in place (same name, same file length)
+/// closes the connections that authenticated with the old key, at the reload; the new key
+/// logs in as the same account; another account's connection is untouched. Before, the
+/// relay compared only account names, so the old key's connection kept every right.
+#[tokio::test]
+async fn replacing_an_accounts_key_closes_connections_that_used_the_old_key() {
+    let s = Setup::new("rotate-key");
+    let k1 = key_account(&s.dir, &s.accounts, "alice", &["--group", "home"]);
+    let bob = key_account(&s.dir, &s.accounts, "bob", &["--group", "home"]);
+    let relay = s.relay(&[]);
+    let mut old = login(relay.tcp(), &k1).await;
+    try_sub(&mut old, sub(1, 5, None, None))
+        .await
+        .expect("alice subscribes");
+    let mut cb = login(relay.tcp(), &bob).await;
+    try_sub(&mut cb, sub(1, 5, None, None))
+        .await
+        .expect("bob subscribes");
+
+    let k2 = SigningKey::from_bytes(&[42; 32]);
+    let before = std::fs::metadata(&s.accounts).unwrap().len();
+    edit_accounts(&s.accounts, |list| {
+        let alice = list.iter_mut().find(|e| e.name == "alice").unwrap();
+        alice.key = Some(hex::encode(k2.verifying_key().as_bytes()));
+    });
+    assert_eq!(
+        std::fs::metadata(&s.accounts).unwrap().len(),
+        before,
+        "the edit keeps the file's length"
+    );
+    // The connection that proved K1 is closed with a fatal auth_failed.
+    let e = old.expect_fatal(ErrorCode::AuthFailed).await;
+    assert!(e.message.contains("key or token"), "{e:?}");
+    // K2 is alice now (same group: key id 5 is hers), K1 is refused.
+    let mut new = login(relay.tcp(), &k2).await;
+    try_sub(&mut new, sub(1, 5, None, None))
+        .await
+        .expect("alice with the new key subscribes");
+    let mut c = Client::tcp(relay.tcp()).await;
+    let pk1 = k1.verifying_key().to_bytes();
+    let e = key_login(&mut c, pk1, |n| {
+        k1.sign(&auth_sig_input(&n, &pk1)).to_bytes()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(e.code, ErrorCode::AuthFailed);
+    // Bob's connection and subscription are untouched.
+    let seq = publish_seq(&mut new, 5, 1).await;
+    assert_eq!(msg_seqs(&frames_until_pong(&mut cb, 1).await), vec![seq]);
+}
+
+/// Review finding 7, the only rotation the `account` command offers: `remove` then `add`
+/// with a new token, both before the relay looks (here: one SIGHUP after both, the poll an
+/// hour away). The relay sees "bob" before and after, yet the connection that proved the
+/// old token is closed; the new token works; bob's key connection (same account, a
+/// credential that did not change) stays open.
+#[tokio::test]
+async fn rotating_a_token_by_remove_and_add_closes_connections_that_used_the_old_token() {
+    let s = Setup::new("rotate-token");
+    let bob_key = SigningKey::from_bytes(&[43; 32]);
+    let bob_pk = hex::encode(bob_key.verifying_key().as_bytes());
+    let t1 = token_account(&s.accounts, "bob", &["--public-key", &bob_pk]);
+    let relay = BinRelay::start(&[
+        "--auth",
+        "required",
+        "--accounts",
+        s.accounts.to_str().unwrap(),
+        "--auth-state",
+        s.state.to_str().unwrap(),
+        "--accounts-reload-ms",
+        "3600000",
+    ]);
+    let mut by_token = token_login(relay.tcp(), &t1).await.expect("t1 login");
+    try_sub(&mut by_token, sub(1, 6, None, None)).await.unwrap();
+    let mut by_key = login(relay.tcp(), &bob_key).await;
+    try_sub(&mut by_key, sub(1, 6, None, None)).await.unwrap();
+
+    relay_cli(&[
+        "account",
+        "remove",
+        "bob",
+        "--file",
+        s.accounts.to_str().unwrap(),
+    ]);
+    let t2 = token_account(&s.accounts, "bob", &["--public-key", &bob_pk]);
+    relay.signal("HUP");
+
+    let e = by_token.expect_fatal(ErrorCode::AuthFailed).await;
+    assert!(e.message.contains("key or token"), "{e:?}");
+    let e = token_login(relay.tcp(), &t1)
+        .await
+        .err()
+        .expect("t1 refused");
+    assert_eq!(e.code, ErrorCode::AuthFailed);
+    let mut c2 = token_login(relay.tcp(), &t2).await.expect("t2 login");
+    // The key connection still has its subscription and its rights.
+    let seq = publish_seq(&mut c2, 6, 1).await;
+    assert_eq!(
+        msg_seqs(&frames_until_pong(&mut by_key, 1).await),
+        vec![seq]
+    );
+    try_sub(&mut by_key, sub(2, 6, None, None))
+        .await
+        .expect("bob's key connection keeps its rights");
+}
+
+/// Review finding 8: taking a right away (or moving the account to another group) ends the
+/// open subscriptions that needed it, with a non-fatal `Err(auth_failed)` naming each, at
+/// the reload; messages published afterwards do not reach them, and the other
+/// subscriptions and accounts are untouched. Before, rights were checked only at `Sub`
+/// and deliveries went on for as long as the connection lived.
+#[tokio::test]
+async fn taking_a_right_away_ends_the_subscriptions_that_needed_it() {
+    let s = Setup::new("revoke-right");
+    let home = ["--group", "home"];
+    let dave = key_account(&s.dir, &s.accounts, "dave", &home);
+    let carol = key_account(&s.dir, &s.accounts, "carol", &home);
+    let erin = key_account(&s.dir, &s.accounts, "erin", &home);
+    let grace = key_account(&s.dir, &s.accounts, "grace", &home);
+    let frank = key_account(&s.dir, &s.accounts, "frank", &home);
+    let relay = s.relay(&[]);
+    let mut cd = login(relay.tcp(), &dave).await;
+    // Dave claims key id 4 for the group.
+    let seq1 = publish_seq(&mut cd, 4, 1).await;
+    let mut cc = login(relay.tcp(), &carol).await;
+    try_sub(&mut cc, sub(1, 4, None, None)).await.unwrap();
+    let mut ce = login(relay.tcp(), &erin).await;
+    try_sub(&mut ce, sub(1, 4, None, None)).await.unwrap();
+    let mut cg = login(relay.tcp(), &grace).await;
+    try_sub(&mut cg, sub(1, 4, None, None)).await.unwrap();
+    try_sub(&mut cg, sub(2, 4, Some("g"), None)).await.unwrap();
+    let mut cf = login(relay.tcp(), &frank).await;
+    try_sub(&mut cf, sub(1, 4, None, None)).await.unwrap();
+    let seq2 = publish_seq(&mut cd, 4, 2).await;
+    assert!(seq2 > seq1);
+    for c in [&mut cc, &mut ce, &mut cf] {
+        assert_eq!(msg_seqs(&frames_until_pong(c, 1).await), vec![seq2]);
+    }
+
+    edit_accounts(&s.accounts, |list| {
+        for e in list.iter_mut() {
+            match e.name.as_str() {
+                "carol" => e.rights = vec![Right::Publish],
+                "erin" => e.group = Some("guests".into()),
+                "grace" => e.rights.retain(|r| *r != Right::Durable),
+                _ => {}
+            }
+        }
+    });
+    // Each connection gets one non-fatal Err naming the subscription that ended.
+    let e = next_err(&mut cc).await;
+    assert_eq!(
+        (e.code, e.fatal, e.sub_id),
+        (ErrorCode::AuthFailed, false, Some(1)),
+        "{e:?}"
+    );
+    assert!(e.message.contains("subscribe"), "{e:?}");
+    let e = next_err(&mut ce).await;
+    assert_eq!(
+        (e.code, e.fatal, e.sub_id),
+        (ErrorCode::AuthFailed, false, Some(1)),
+        "{e:?}"
+    );
+    assert!(e.message.contains("another group"), "{e:?}");
+    let e = next_err(&mut cg).await;
+    assert_eq!(
+        (e.code, e.fatal, e.sub_id),
+        (ErrorCode::AuthFailed, false, Some(2)),
+        "{e:?}"
+    );
+    assert!(e.message.contains("durable"), "{e:?}");
+
+    // Published after the reload: only the subscriptions that kept their rights get it.
+    let seq3 = publish_seq(&mut cd, 4, 3).await;
+    for (who, c) in [("carol", &mut cc), ("erin", &mut ce)] {
+        let seen = frames_until_pong(c, 2).await;
+        assert!(msg_seqs(&seen).is_empty(), "{who} still receives: {seen:?}");
+    }
+    assert!(msg_seqs(&frames_until_pong(&mut cg, 2).await).contains(&seq3));
+    assert_eq!(msg_seqs(&frames_until_pong(&mut cf, 2).await), vec![seq3]);
+
+    // And later requests are refused as for a new connection.
+    let e = try_sub(&mut cc, sub(3, 4, None, None)).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::AuthFailed, "{e:?}");
+    let e = try_sub(&mut ce, sub(3, 4, None, None)).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::AuthFailed, "{e:?}");
+    let e = try_sub(&mut cg, sub(3, 4, Some("g"), None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::AuthFailed, "{e:?}");
+    let e = try_pub(&mut ce, 4, false).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::AuthFailed, "{e:?}");
 }

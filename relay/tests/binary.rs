@@ -11,7 +11,7 @@ use common::*;
 use tokio_tungstenite::tungstenite::Message;
 use whispeer_protocol::frame::{Close, Hello, Pub};
 use whispeer_protocol::{ErrorCode, Frame, Qos};
-use whispeer_relay::admin::{http_get, Status};
+use whispeer_relay::admin::{http_get, http_get_auth, Status};
 use whispeer_relay::Config;
 
 fn bin() -> Command {
@@ -505,7 +505,8 @@ async fn sigterm_sends_close_to_clients_and_exits_zero() {
 }
 
 /// Partial large frames cannot pile up in the relay's memory: with a budget of two 256 KiB
-/// frames, two connections that announce such frames and never finish them hold all of it;
+/// frames, two connections (from two source addresses: one address alone claims at most
+/// half the budget) that announce such frames and never finish them hold all of it;
 /// a third connection's large frame (TCP) and a large WebSocket message are then not read
 /// (they wait, counted) while small frames from anyone still flow; once the holders go,
 /// the waiting frames are read and delivered whole, and the budget is all given back. Fails if large partial frames are buffered without limit (no wait is
@@ -530,8 +531,8 @@ async fn partial_large_frames_are_bounded_by_the_frame_budget() {
     };
     // Two holders: a frame just under max_frame announced, 1,000 bytes of it sent.
     let mut holders = Vec::new();
-    for _ in 0..2 {
-        let mut c = Client::tcp(relay.tcp()).await;
+    for i in 0..2 {
+        let mut c = Client::tcp_from(relay.tcp(), &format!("127.0.0.{}", i + 2)).await;
         c.hello().await;
         let f = large(BIG - 200);
         assert!(f.len() - 4 <= BIG && f.len() - 4 > BIG / 2);
@@ -703,4 +704,17 @@ fn serve_raises_its_open_file_limit_to_the_hard_limit() {
     assert!(line.contains("tcp"), "not ready: {line:?}");
     assert_ne!(soft, "256", "the soft limit was left at 256");
     assert_eq!(soft, hard, "raised to the hard limit");
+}
+
+/// An admin token configured with a trailing newline (an env file, `$(cat token)` in a unit
+/// file) matches the token without it: it never matched, locking the operator out.
+#[tokio::test]
+async fn an_admin_token_with_a_trailing_newline_still_matches() {
+    let relay = BinRelay::start(&["--admin-token", "admin-token-0123456789abcdef\n"]);
+    let admin = relay.admin().to_string();
+    let full = http_get_auth(&admin, "/status", Some("admin-token-0123456789abcdef"))
+        .await
+        .unwrap();
+    let st: Status = serde_json::from_slice(&full).unwrap();
+    assert!(st.detail, "the token was accepted");
 }

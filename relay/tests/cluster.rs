@@ -733,3 +733,107 @@ async fn the_connected_gauge_follows_the_nats_connection() {
         tokio::task::yield_now().await;
     }
 }
+
+/// A `Pub` of `env` with `qos` (no publish id), retained when `retain`.
+fn pub_with(env: Envelope, qos: whispeer_protocol::Qos, retain: bool) -> Frame {
+    use whispeer_protocol::frame::{pub_flags, Pub};
+    Frame::Pub(Pub {
+        envelope: env,
+        flags: if retain { pub_flags::RETAIN } else { 0 },
+        publish_id: None,
+        qos,
+    })
+}
+
+/// The next frame is a `Msg` carrying `env`, numbered by the relay (stored, not refused).
+async fn expect_stored(c: &mut Client, env: &Envelope, who: &str) {
+    match c.recv().await {
+        Frame::Msg(m) => assert!(
+            m.envelope == *env && m.seq > 0,
+            "{who}: another message ({} bytes, seq {})",
+            m.envelope.as_bytes().len(),
+            m.seq
+        ),
+        other => panic!("{who}: expected the Msg, got {other:?}"),
+    }
+}
+
+/// The next frame is a `Gap` of one (the relay refused a remote envelope).
+async fn expect_gap(c: &mut Client, who: &str) {
+    match c.recv().await {
+        Frame::Gap(g) => assert_eq!(g.dropped, 1, "{who}"),
+        other => panic!("{who}: expected a Gap, got {other:?}"),
+    }
+}
+
+/// Review finding 3: envelopes from other relays are charged, at the receiving relay, to
+/// the tenant that published them (carried in the forward's `Wsp-Tenant` header), not to
+/// one shared local tenant. Tenant X (source address 127.0.0.2, accounts off) fills its
+/// stored-message and retained-value quotas at relay B through relay A, and is refused
+/// beyond them there (a `Gap` to B's subscriber); tenant Y's QoS 1 message and retained
+/// value, published through A right after, are still stored at B and served. Before, both
+/// of Y's were refused: one tenant stopped stored traffic between relays for everyone.
+#[tokio::test]
+async fn a_tenant_at_its_quota_at_a_remote_relay_does_not_block_another_tenants_stored_traffic() {
+    use whispeer_protocol::frame::{msg_flags, Sub};
+    use whispeer_protocol::Qos;
+    let quota = ["--tenant-max-messages", "10", "--tenant-max-retained", "2"];
+    let Some((_nats, a, b, mut sub, mut y)) = pair(&quota).await else {
+        return;
+    };
+    let mut x = Client::tcp_from(a.tcp(), "127.0.0.2").await;
+    x.hello().await;
+    for i in 0..10 {
+        let e = numbered(1, &[3], i);
+        x.send(&pub_with(e.clone(), Qos::AtLeastOnce, false)).await;
+        expect_stored(&mut sub, &e, "X's message within its quota").await;
+    }
+    x.send(&pub_with(numbered(1, &[3], 10), Qos::AtLeastOnce, false))
+        .await;
+    expect_gap(&mut sub, "X's 11th message, over its quota at B").await;
+    for i in 0..2 {
+        let e = numbered(1, &[3, i], 20);
+        x.send(&pub_with(e.clone(), Qos::AtMostOnce, true)).await;
+        expect_stored(&mut sub, &e, "X's retained value within its quota").await;
+    }
+    x.send(&pub_with(numbered(1, &[3, 2], 20), Qos::AtMostOnce, true))
+        .await;
+    expect_gap(&mut sub, "X's third retained value, over its quota at B").await;
+
+    let m = numbered(1, &[3], 30);
+    y.send(&pub_with(m.clone(), Qos::AtLeastOnce, false)).await;
+    expect_stored(&mut sub, &m, "Y's QoS 1 message").await;
+    let r = numbered(1, &[3, 9], 31);
+    y.send(&pub_with(r.clone(), Qos::AtMostOnce, true)).await;
+    expect_stored(&mut sub, &r, "Y's retained value").await;
+    assert_eq!(
+        metric(b.admin(), "whispeer_relay_cluster_receive_dropped_total").await,
+        2,
+        "only X's two over its quota were refused at B"
+    );
+    assert_eq!(
+        metric(
+            b.admin(),
+            "whispeer_relay_store_quota_tenant_rejections_total"
+        )
+        .await,
+        2
+    );
+    // B serves Y's retained value to a new subscriber: it was stored there.
+    let mut late = connect(b.tcp()).await;
+    late.send(&Frame::Sub(Sub {
+        sub_id: 7,
+        pattern: exact(1, &[3, 9]),
+        qos: Qos::AtMostOnce,
+        durable: None,
+        replay: None,
+        retained: true,
+        credit: None,
+        owner: None,
+    }))
+    .await;
+    assert!(matches!(late.recv().await, Frame::SubOk(_)));
+    let got = late.expect_msg().await;
+    assert!(got.envelope == r, "B serves Y's retained value");
+    assert_eq!(got.flags, msg_flags::RETAINED);
+}

@@ -1815,3 +1815,164 @@ async fn live_delivery_goes_on_when_the_server_of_a_live_read_dies() {
     let want: Vec<(u64, u32)> = acked[5..].iter().copied().zip(5..25).collect();
     assert_eq!(seen, want, "every later message, in order, once");
 }
+
+/// A JetStream store opened in this process on `urls` (as a relay opens it), to drive its
+/// durable-owner steps in an exact interleaving.
+async fn open_store(
+    urls: &str,
+    name: &str,
+) -> std::sync::Arc<whispeer_relay::store::JetStreamStore> {
+    use whispeer_relay::config::{ClusterConfig, ClusterStore, StoreConfig};
+    let cluster = ClusterConfig {
+        urls: urls.split(',').map(str::to_string).collect(),
+        name: Some(name.into()),
+        store: ClusterStore::Jetstream,
+        replicas: 3,
+        ..ClusterConfig::default()
+    };
+    let store = StoreConfig {
+        // As `jetstream_relay_args`: the stream's byte limit is reserved up front.
+        total_max_bytes: 256 << 20,
+        ..StoreConfig::default()
+    };
+    let s = whispeer_relay::store::JetStreamStore::open(&cluster, &store)
+        .await
+        .expect("the JetStream store opens");
+    std::sync::Arc::new(s)
+}
+
+/// Runs a store step on a runtime worker, as a relay's connection task does (the store
+/// blocks in place there for its JetStream round trips).
+async fn on_worker<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::spawn(async move { f() }).await.expect("store step")
+}
+
+/// Review finding 6: the owner of a new durable is the one whose `Sub` creates it. A
+/// relay's `Sub` checks the owner (the durable is new), then takes the name and the
+/// cluster hold and reads the durable — JetStream round trips — and only then creates it.
+/// Another owner's `Sub` for the same name in that window is answered `busy` and changes
+/// nothing: the creation records the first owner, which then resumes it, at this relay and
+/// at a relay that did not create it, while the other owner is refused. Before, the
+/// pending creation was keyed by name alone: the second `Sub` overwrote it, the victim's
+/// creation wrote the stranger as owner, and the victim was the one refused.
+///
+/// Driven at the store (the steps a `Sub` takes, in the problematic order), so the
+/// interleaving is exact rather than timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_sub_of_another_owner_does_not_become_the_owner_of_a_new_durable() {
+    use whispeer_relay::store::{DurableKey, Store, StoreError, Tenant};
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let a = open_store(&urls, "relay-a").await;
+    let victim = "sha256:victim".to_string();
+    let thief = "sha256:thief".to_string();
+    let tenant = Tenant::Address("10.0.0.1".parse().unwrap());
+    let d = DurableKey {
+        key_id: key(40),
+        name: "d".into(),
+    };
+
+    let (s, k, v, t) = (a.clone(), d.clone(), victim.clone(), thief.clone());
+    on_worker(move || {
+        // The victim's `Sub`: the durable is new, its owner is noted for the creation.
+        assert!(matches!(s.durable_owner(&k, Some(&v)), Ok(true)));
+        // The stranger's `Sub` for the same name before the victim's creation.
+        let during = s.durable_owner(&k, Some(&t));
+        // The victim's `Sub` goes on and creates it.
+        s.set_durable(&k, 0, &tenant)
+            .expect("the victim creates it");
+        let victim_after = s.durable_owner(&k, Some(&v));
+        assert!(
+            matches!(victim_after, Ok(true)),
+            "the victim after its creation: {victim_after:?}"
+        );
+        match s.durable_owner(&k, Some(&t)) {
+            Err(StoreError::NotAllowed(m)) => assert!(m.contains("someone else"), "{m}"),
+            other => panic!("the other owner after the creation: {other:?}"),
+        }
+        match during {
+            Err(e @ StoreError::Busy(_)) => {
+                assert_eq!(e.code(), whispeer_protocol::ErrorCode::Busy);
+            }
+            other => panic!("the other owner's Sub during the creation: {other:?}"),
+        }
+    })
+    .await;
+
+    // The durable record carries the victim (header `Wsp-Owner`): a relay that did not
+    // create it enforces the same owner.
+    let b = open_store(&urls, "relay-b").await;
+    let (s, k, v, t) = (b.clone(), d.clone(), victim.clone(), thief.clone());
+    on_worker(move || {
+        assert!(matches!(
+            s.durable_owner(&k, Some(&t)),
+            Err(StoreError::NotAllowed(_))
+        ));
+        assert!(matches!(s.durable_owner(&k, Some(&v)), Ok(true)));
+    })
+    .await;
+}
+
+/// Review finding 6, second route: creations the relay remembers between a `Sub`'s owner
+/// check and its creation are bounded (4,096), and `Sub`s that fail in between (a hold
+/// elsewhere, a read) leave theirs behind. Past the bound the map was cleared, dropping
+/// the victim's creation in flight, so its durable was created with no owner, for anyone
+/// to adopt. Now an entry in flight is never dropped: past the bound a `Sub` creating yet
+/// another name is answered `busy`, and the victim's creation keeps its owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_creations_past_their_bound_keep_the_owner_of_one_in_flight() {
+    use whispeer_relay::store::{DurableKey, Store, StoreError, Tenant};
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let a = open_store(&urls, "relay-a").await;
+    let victim = "sha256:victim".to_string();
+    let thief = "sha256:thief".to_string();
+    let d = DurableKey {
+        key_id: key(41),
+        name: "d".into(),
+    };
+    let (s, k, v, t) = (a.clone(), d.clone(), victim.clone(), thief.clone());
+    let (taken, busy) = on_worker(move || {
+        assert!(matches!(s.durable_owner(&k, Some(&v)), Ok(true)));
+        // Creations that never happen (their `Sub`s failed after the owner check).
+        let (mut taken, mut busy) = (0, 0);
+        for i in 0..4200 {
+            let other = DurableKey {
+                key_id: key(41),
+                name: format!("left-{i}"),
+            };
+            match s.durable_owner(&other, Some(&t)) {
+                Ok(true) => taken += 1,
+                Err(StoreError::Busy(_)) => busy += 1,
+                r => panic!("{r:?}"),
+            }
+        }
+        s.set_durable(&k, 0, &Tenant::Address("10.0.0.1".parse().unwrap()))
+            .expect("the victim creates it");
+        (taken, busy)
+    })
+    .await;
+    eprintln!("{taken} other creations noted, {busy} answered busy past the bound");
+    let b = open_store(&urls, "relay-b").await;
+    let (s, k, v, t) = (b, d, victim, thief);
+    on_worker(move || {
+        let stranger = s.durable_owner(&k, Some(&t));
+        assert!(
+            matches!(stranger, Err(StoreError::NotAllowed(_))),
+            "created with its owner, nobody else adopts it: {stranger:?}"
+        );
+        assert!(matches!(s.durable_owner(&k, Some(&v)), Ok(true)));
+    })
+    .await;
+    assert_eq!(
+        (taken, busy),
+        (4095, 105),
+        "the bound, with the victim's in it"
+    );
+}

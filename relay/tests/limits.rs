@@ -897,3 +897,152 @@ async fn listeners_cap_the_segment_size_of_their_connections() {
         }
     }
 }
+
+/// One source address cannot hold the whole large-frame budget (review finding 7): a
+/// length prefix costs 4 bytes and held up to `max_frame` of the relay-wide budget until
+/// the idle timeout, so an address with a few connections announcing large frames it never
+/// sent starved every other client's large frames for `idle_ms`. Now an address claims at
+/// most its share — alone, half the budget — and its further frames wait (not read, not
+/// refused); another address's large frames, over TCP and WebSocket, are read and
+/// delivered meanwhile. Fails without the shares: the four prefixes take the whole budget
+/// and the other address's publish is not delivered until they time out (45 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_parking_partial_large_frames_holds_only_its_share_of_the_budget() {
+    const MAX: usize = 1 << 20;
+    let mut relay = BinRelay::start_logged(&[
+        "--store",
+        "none",
+        "--max-frame",
+        &MAX.to_string(),
+        "--large-frame-budget",
+        &(4 * MAX).to_string(),
+        "--log",
+        "warn,whispeer_relay::transport::frame_budget=debug",
+    ]);
+    let (port, admin) = (relay.tcp().port(), relay.admin());
+    let mut sub = subscriber_tcp(relay.tcp(), exact(1, &[1])).await;
+    // Address A: four connections each announce a max_frame frame and send nothing more.
+    let a: std::net::IpAddr = "127.0.0.50".parse().unwrap();
+    let mut parkers = Vec::new();
+    for _ in 0..4 {
+        let mut c = client_from(port, a).await;
+        c.hello().await;
+        c.send_raw(&(MAX as u32).to_be_bytes()).await.unwrap();
+        // Each either takes budget or waits for it.
+        relay
+            .wait_log(&["large frame", "budget", &format!("bytes={MAX}")])
+            .await;
+        parkers.push(c);
+    }
+    // Address B's 200 KiB publish over TCP, address C's 300 KiB one over WebSocket: read
+    // and delivered while A's partial frames are parked.
+    let mut b = client_from(port, "127.0.0.51".parse().unwrap()).await;
+    b.hello().await;
+    b.publish(envelope_sized(1, &[1], 200 << 10)).await;
+    assert!(sub.expect_msg().await.envelope.len() > 200 << 10);
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.52:0".parse().unwrap()).unwrap();
+    let s = sock.connect(relay.ws()).await.unwrap();
+    let mut c = Client::ws_over(Box::new(s), &format!("ws://{}/", relay.ws())).await;
+    c.hello().await;
+    c.publish(envelope_sized(1, &[1], 300 << 10)).await;
+    assert!(sub.expect_msg().await.envelope.len() > 300 << 10);
+    // A holds its share, half the budget; its other two frames waited (the third for its
+    // share, the fourth behind it), and B's and C's frames did not.
+    for _ in 0..2 {
+        relay.wait_log(&["large frame budget given back"]).await;
+    }
+    assert_eq!(
+        metric(admin, "whispeer_relay_frame_budget_bytes").await,
+        2 * MAX as u64
+    );
+    assert_eq!(
+        metric(admin, "whispeer_relay_frame_budget_waits_total").await,
+        2
+    );
+    drop(parkers);
+}
+
+/// A masked client WebSocket frame (mask key 0: the payload as is).
+fn ws_client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![u8::from(fin) << 7 | opcode];
+    match payload.len() {
+        n @ 0..=125 => f.push(0x80 | n as u8),
+        n @ 126..=0xffff => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A WebSocket message sent as a long run of tiny fragments yields the relay every turn
+/// (review finding 10): tungstenite parses non-final fragments without returning anything,
+/// so the reader loop's per-turn fairness never saw them, and one poll of the connection
+/// parsed everything buffered — megabytes of 6-byte frames while every other connection
+/// on that worker waited. Deterministic on the single-threaded test runtime: the
+/// flooder's message (one byte, 5,000 empty continuations, then the rest) and then another
+/// connection's publish are both in the relay's sockets before it runs, so their
+/// connection tasks run in that order, and a subscriber of both sees the messages in the
+/// order the relay handled them. Fails without the yield: the flooder's whole message is
+/// parsed and routed in its first turn, before the other publish.
+#[tokio::test]
+async fn a_websocket_message_in_tiny_fragments_yields_every_turn() {
+    use futures_util::{FutureExt, SinkExt, StreamExt};
+    use tokio::io::AsyncWriteExt;
+    const FRAGMENTS: usize = 5_000;
+    let relay = TestRelay::start(Config::ephemeral()).await;
+    let mut sub = subscriber_tcp(relay.tcp(), pattern(20, &[], true)).await;
+    sub.subscribe(2, pattern(21, &[], true)).await;
+    // The flooder: a WebSocket client whose socket the test then writes to directly.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_send_buffer_size(1 << 20).unwrap();
+    let s = sock.connect(relay.ws()).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/", relay.ws()), s)
+        .await
+        .unwrap();
+    ws.send(Message::Binary(hello_frame().to_bytes()))
+        .await
+        .unwrap();
+    match ws.next().await {
+        Some(Ok(Message::Binary(b))) => {
+            let w = Frame::decode(&b).unwrap();
+            assert!(matches!(w, Frame::Welcome(_)), "{w:?}");
+        }
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    let mut other = Client::tcp(relay.tcp()).await;
+    other.hello().await;
+    let flood_env = envelope(20, &[1]);
+    let body = pub_frame(flood_env.clone()).to_bytes();
+    let mut flood = ws_client_frame(false, 2, &body[..1]);
+    for _ in 0..FRAGMENTS {
+        flood.extend(ws_client_frame(false, 0, &[]));
+    }
+    flood.extend(ws_client_frame(true, 0, &body[1..]));
+    // Both written before the relay runs again (nothing here waits: checked).
+    tokio::task::unconstrained(ws.get_mut().write_all(&flood))
+        .now_or_never()
+        .expect("the flood written at once")
+        .unwrap();
+    tokio::task::unconstrained(other.publish(envelope(21, &[1])))
+        .now_or_never()
+        .expect("the publish written at once");
+    let first = sub.expect_msg().await;
+    assert_eq!(
+        first.envelope.token_path().key_id(),
+        &key(21),
+        "the flooder's {FRAGMENTS} fragments were all parsed before another connection's \
+         frame was read"
+    );
+    // The flooder's message arrives whole after it.
+    assert_eq!(sub.expect_msg().await.envelope, flood_env);
+    drop(ws);
+}

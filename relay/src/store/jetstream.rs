@@ -69,9 +69,10 @@ use crate::ids::Seq;
 const SEQ_HEADER: &str = "Wsp-Seq";
 /// Header carrying the publish flags (absent = 0).
 const FLAGS_HEADER: &str = "Wsp-Flags";
-/// Header carrying the publishing tenant's tag (hex of [`tenant_tag`]): what every relay's
-/// usage ledger counts a stored message, retained value or durable name against.
-const TENANT_HEADER: &str = "Wsp-Tenant";
+/// Header carrying the publishing tenant's tag (hex of [`Tenant::tag`]): what every relay's
+/// usage ledger counts a stored message, retained value or durable name against (and, on
+/// the cluster bridge, what a relay charges another relay's forward to).
+pub(crate) const TENANT_HEADER: &str = "Wsp-Tenant";
 /// Header of a durable record: a keyed hash of the durable's owner (`account:NAME` or the
 /// `Sub.owner` secret's hash), so every relay enforces it and NATS learns no name.
 const OWNER_HEADER: &str = "Wsp-Owner";
@@ -143,11 +144,9 @@ fn retained_only_prefix(prefix: &str) -> String {
     format!("{prefix}.r")
 }
 
-/// A tenant as the stream and NATS see it: a keyed hash of its store key, so a source
-/// address never travels in clear (an IPv4 address is guessable from its hash by brute
-/// force; NATS sees the relays' connections anyway, never the clients').
+/// A tenant as the stream and NATS see it ([`Tenant::tag`]: a keyed hash of its store key).
 fn tenant_tag(t: &Tenant) -> Tag {
-    keyed_tag(b"whispeer-relay/v2/jetstream-tenant\0", &t.key())
+    t.tag()
 }
 
 /// Whether NATS subject `subject` matches filter `filter` (`*` one token, `>` the rest).
@@ -171,6 +170,19 @@ fn owner_tag(owner: &str) -> String {
         b"whispeer-relay/v2/jetstream-durable-owner\0",
         owner.as_bytes(),
     ))
+}
+
+/// A durable this relay is about to create: whose it will be, for how long that is
+/// reserved, and how many `Sub`s of that owner are on their way to create it.
+#[derive(Debug)]
+struct Creating {
+    /// The owner tag its record will carry.
+    owner: Option<String>,
+    /// Until when another owner's `Sub` for the name is answered `busy`.
+    until: std::time::Instant,
+    /// `Sub`s of this owner between `durable_owner` and `set_durable` (those that failed
+    /// in between, at a hold or a read, are not told to the store: the entry expires).
+    pending: u32,
 }
 
 /// A durable record as read from the durable stream.
@@ -227,8 +239,14 @@ fn now_ms() -> u64 {
 
 /// How long a history read's consumer is kept for its next chunk.
 const CURSOR_IDLE: Duration = Duration::from_secs(30);
-/// Most durable creations remembered between a `Sub`'s owner check and its creation.
+/// Most durable creations remembered between a `Sub`'s owner check and its creation;
+/// beyond, a `Sub` creating another name is answered `busy`.
 const PENDING_CREATIONS: usize = 4096;
+/// How long a creation keeps the name for its owner: far longer than a `Sub` takes from its
+/// owner check to the creation (a hold, a read and a write, each given up after 5 s), so
+/// the creation writes the owner whose `Sub` it is; then an entry a failed `Sub` left
+/// behind stops refusing other owners.
+const CREATION_TTL: Duration = Duration::from_secs(60);
 /// Retained values read at once by one retained lookup.
 const RETAINED_READS: usize = 32;
 /// Most history consumers kept between chunks.
@@ -348,9 +366,9 @@ struct Inner {
     dirty: Mutex<HashMap<String, (u64, Tag)>>,
     /// Durable owners (owner tags) as the durable stream holds them, by durable key.
     owners: Mutex<HashMap<String, String>>,
-    /// The owner of a durable this relay is about to create (from `durable_owner` to the
-    /// creating `set_durable`).
-    creating: Mutex<HashMap<String, Option<String>>>,
+    /// Durables this relay is about to create, by durable key (key id and name hash): the
+    /// owner the first `Sub` named (from its `durable_owner` to its creating `set_durable`).
+    creating: Mutex<HashMap<String, Creating>>,
     /// Durables this relay just created: their next floor (the `Sub`'s boundary, right
     /// after the creation) is written at once too, not behind.
     fresh: Mutex<std::collections::HashSet<String>>,
@@ -878,7 +896,7 @@ impl JetStreamStore {
     /// creating one name at once, one wins and the other's `Sub` fails (retryable).
     fn create_durable(&self, k: &str, floor: u64, tag: &Tag) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let owner = lock(&inner.creating).remove(k).flatten();
+        let owner = lock(&inner.creating).remove(k).and_then(|c| c.owner);
         if let Some(o) = &owner {
             lock(&inner.owners).insert(k.to_string(), o.clone());
         }
@@ -1933,14 +1951,46 @@ impl Store for JetStreamStore {
         let want = owner.map(owner_tag);
         let have = match self.fetch_durable(&k)? {
             None if !lock(&inner.durables).contains_key(&k) => {
-                // New: the owner goes into the record `set_durable` creates. An entry lives
-                // for one `Sub`; those of `Sub`s that failed in between (a quota, a name
-                // held on this relay) are dropped wholesale past a bound.
+                // New: the owner goes into the record `set_durable` creates. The name is
+                // reserved for the first owner on its way to create it: another owner's
+                // `Sub` meanwhile is `busy` (retryable) and changes nothing — keyed by name
+                // alone, the last one's owner was written into the first one's creation.
+                let now = std::time::Instant::now();
                 let mut creating = lock(&inner.creating);
-                if creating.len() >= PENDING_CREATIONS {
-                    creating.clear();
+                match creating.get_mut(&k) {
+                    Some(c) if c.until > now && c.owner != want => {
+                        return Err(StoreError::Busy(format!(
+                            "durable subscription {:?} is being created by another \
+                             subscriber; try again",
+                            key.name
+                        )));
+                    }
+                    Some(c) if c.until > now => {
+                        c.until = now + CREATION_TTL;
+                        c.pending = c.pending.saturating_add(1);
+                        return Ok(true);
+                    }
+                    _ => {}
                 }
-                creating.insert(k, want);
+                if creating.len() >= PENDING_CREATIONS {
+                    // Entries of `Sub`s that failed before creating (a hold, a read) expire;
+                    // one in flight is never dropped (its durable would be created with no
+                    // owner, for anyone to adopt).
+                    creating.retain(|_, c| c.until > now);
+                    if creating.len() >= PENDING_CREATIONS {
+                        return Err(StoreError::Busy(
+                            "too many durable subscriptions are being created; try again".into(),
+                        ));
+                    }
+                }
+                creating.insert(
+                    k,
+                    Creating {
+                        owner: want,
+                        until: now + CREATION_TTL,
+                        pending: 1,
+                    },
+                );
                 return Ok(true);
             }
             rec => rec
@@ -2035,7 +2085,14 @@ impl Store for JetStreamStore {
                     }
                     .fetch_add(1, Relaxed);
                     drop(l);
-                    lock(&self.inner.creating).remove(&k);
+                    // This `Sub` is not creating it any more; another of its owner may.
+                    let mut creating = lock(&self.inner.creating);
+                    if let Some(c) = creating.get_mut(&k) {
+                        c.pending = c.pending.saturating_sub(1);
+                        if c.pending == 0 {
+                            creating.remove(&k);
+                        }
+                    }
                     return Err(e);
                 }
                 drop(l);

@@ -68,13 +68,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         let Some(follower) = this.follower.as_mut() else {
             return this.poll_read_ahead(cx, out);
         };
+        // A message's fragments past a turn's worth without an event: yield first.
+        if follower.poll_turn(cx).is_pending() {
+            return Poll::Pending;
+        }
         if follower.poll_budget(cx).is_pending() {
+            follower.new_turn();
             return Poll::Pending;
         }
         let before = out.filled().len();
         let r = this.poll_read_ahead(cx, out);
-        if let (Poll::Ready(Ok(())), Some(f)) = (&r, this.follower.as_mut()) {
-            f.follow(&out.filled()[before..])?;
+        if let Some(f) = this.follower.as_mut() {
+            match &r {
+                Poll::Ready(Ok(())) => f.follow(&out.filled()[before..])?,
+                // Nothing to read: the task waits, others run.
+                Poll::Pending => f.new_turn(),
+                Poll::Ready(Err(_)) => {}
+            }
         }
         r
     }

@@ -2,7 +2,10 @@
 //! frame. Reading uses the protocol crate's [`FrameDecoder`], which rejects an oversized
 //! prefix as soon as its 4 bytes arrive, before any buffer grows for it.
 
+use std::future::Future;
 use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,7 +21,6 @@ use super::{FrameSink, FrameSource, Inbound, ReadHint};
 const WRITE_CHUNK: usize = 64 * 1024;
 
 /// Reads length-prefixed frames.
-#[derive(Debug)]
 pub struct StreamSource<R> {
     reader: R,
     decoder: FrameDecoder,
@@ -29,12 +31,28 @@ pub struct StreamSource<R> {
     read_hint: ReadHint,
     /// The limit once the client is admitted (the handshake's is smaller).
     max_frame: usize,
-    /// The relay-wide budget of large frames in progress (`None`: unlimited).
-    budget: Option<Arc<FrameBudget>>,
+    /// The relay-wide budget of large frames in progress (`None`: unlimited), and the
+    /// source address whose share this connection's frames draw on.
+    budget: Option<(Arc<FrameBudget>, IpAddr)>,
     /// The budget taken for the frame being received.
     held: Option<Lease>,
+    /// Budget being taken for the frame whose length has arrived: kept when `recv` is
+    /// cancelled (the reader polls timers too), so the frame keeps its place in line.
+    taking: Option<Pin<Box<dyn Future<Output = Option<Lease>> + Send>>>,
     /// Waiting for budget: the relay, not the client, is holding this connection up.
     waiting: bool,
+}
+
+impl<R> std::fmt::Debug for StreamSource<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSource")
+            .field("broken", &self.broken)
+            .field("closed", &self.closed)
+            .field("max_frame", &self.max_frame)
+            .field("held", &self.held)
+            .field("waiting", &self.waiting)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<R: AsyncRead + Unpin + Send + 'static> StreamSource<R> {
@@ -54,13 +72,16 @@ impl<R: AsyncRead + Unpin + Send + 'static> StreamSource<R> {
             max_frame,
             budget: None,
             held: None,
+            taking: None,
             waiting: false,
         }
     }
 
-    /// Frames over [`FREE`](super::frame_budget::FREE) draw on `budget` while they arrive.
-    pub fn with_budget(mut self, budget: Option<Arc<FrameBudget>>) -> Self {
-        self.budget = budget;
+    /// Frames over [`FREE`](super::frame_budget::FREE) draw on `budget` while they arrive,
+    /// within the share of source address `addr` (the connection's, as the per-address
+    /// limits count it).
+    pub fn with_budget(mut self, budget: Option<Arc<FrameBudget>>, addr: IpAddr) -> Self {
+        self.budget = budget.map(|b| (b, addr));
         self
     }
 }
@@ -99,10 +120,15 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
             }
             if self.held.is_none() {
                 let len = self.decoder.pending_len().unwrap_or(0);
-                if let Some(budget) = self.budget.clone().filter(|_| len > FREE) {
+                if let Some((budget, addr)) = self.budget.as_ref().filter(|_| len > FREE) {
                     // Before reading the body of a large frame: cover it, or stop reading.
+                    let taking = self.taking.get_or_insert_with(|| {
+                        let (budget, addr) = (budget.clone(), *addr);
+                        Box::pin(async move { budget.take(addr, len).await })
+                    });
                     self.waiting = true;
-                    self.held = budget.take(len).await;
+                    self.held = taking.await;
+                    self.taking = None;
                     self.waiting = false;
                 }
             }

@@ -17,9 +17,25 @@
 //!
 //! At most one read of tungstenite's (its read-buffer size) of a payload passes before the
 //! payload's header is judged.
+//!
+//! **Turns.** The reader loop (`conn::read_loop`) lets other connections run after
+//! every few frames or KiB it handles, but it only sees whole messages: tungstenite parses
+//! a message's non-final fragments, and control frames between them, without returning
+//! anything, and reads on while bytes are buffered. A client sending a message as a long
+//! run of tiny (even empty) fragments — 6 bytes each, never growing the message, so no
+//! size limit applies — had one poll of its connection parse megabytes of frames while
+//! every other task on that worker waited. So the follower counts the frames (and their
+//! bytes) that end no message since the task last let others run; past the reader
+//! loop's per-turn bounds it makes the next read yield (pending, the task woken at once
+//! and queued behind the others). A message's last frame starts the count again (the
+//! reader loop counts the message itself), as does a read that finds nothing (the task
+//! waits anyway). RFC 6455 lets fragments be any size, so nothing is refused: such a
+//! message only advances a turn at a time: at most about 16 frames (`FRAMES_PER_TURN`,
+//! plus one 512-byte read of tungstenite's) or 16 KiB (`BYTES_PER_TURN`) per turn.
 
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -28,11 +44,14 @@ use std::task::{Context, Poll};
 use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
 
 use super::frame_budget::{FrameBudget, Lease, FREE};
+use crate::conn::{BYTES_PER_TURN, FRAMES_PER_TURN};
 
 /// What the gate under a WebSocket and its frame source share.
 #[derive(Debug)]
 pub struct WsGate {
     budget: Option<Arc<FrameBudget>>,
+    /// The source address whose share of the budget the connection draws on.
+    addr: IpAddr,
     admitted: AtomicBool,
     stalled: AtomicBool,
     /// A message has begun and not ended (its first fragment read, not its last).
@@ -43,10 +62,12 @@ pub struct WsGate {
 }
 
 impl WsGate {
-    /// A gate drawing on `budget` (`None`: unlimited).
-    pub fn new(budget: Option<Arc<FrameBudget>>) -> Arc<Self> {
+    /// A gate drawing on `budget` (`None`: unlimited), within the share of source address
+    /// `addr`.
+    pub fn new(budget: Option<Arc<FrameBudget>>, addr: IpAddr) -> Arc<Self> {
         Arc::new(Self {
             budget,
+            addr,
             admitted: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             partial: AtomicBool::new(false),
@@ -101,8 +122,14 @@ enum At {
     Http(Line),
     /// A frame header: its bytes so far.
     Header { have: usize },
-    /// A payload: bytes left, and whether the message ends with this frame.
-    Payload { left: u64, last: bool },
+    /// A payload: bytes left, whether the message ends with this frame, and whether its
+    /// bytes count toward the turn (a frame that ends no message and is no event: a
+    /// non-final fragment, or a control frame between fragments).
+    Payload {
+        left: u64,
+        last: bool,
+        counted: bool,
+    },
 }
 
 type Taking = Pin<Box<dyn Future<Output = Option<Lease>> + Send>>;
@@ -123,6 +150,12 @@ pub struct Follower {
     max_frame: usize,
     /// Budget being taken for the payload about to pass.
     taking: Option<Taking>,
+    /// Frames that end no message, and their bytes, passed since the task last let others
+    /// run (see the module documentation).
+    turn_frames: usize,
+    turn_bytes: usize,
+    /// Reads made to yield so far.
+    yields: u64,
 }
 
 impl std::fmt::Debug for Follower {
@@ -131,6 +164,8 @@ impl std::fmt::Debug for Follower {
             .field("at", &self.at)
             .field("message", &self.message)
             .field("held", &self.held.is_some())
+            .field("turn_frames", &self.turn_frames)
+            .field("turn_bytes", &self.turn_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -147,7 +182,35 @@ impl Follower {
             message: 0,
             held: None,
             taking: None,
+            turn_frames: 0,
+            turn_bytes: 0,
+            yields: 0,
         }
+    }
+
+    /// Reads made to yield so far (a message's frames passed the per-turn bounds without
+    /// an event).
+    pub fn yields(&self) -> u64 {
+        self.yields
+    }
+
+    /// Others have run (or are about to): the count of the turn starts again.
+    pub fn new_turn(&mut self) {
+        self.turn_frames = 0;
+        self.turn_bytes = 0;
+    }
+
+    /// Pending (the task woken at once: it yields) when the frames passed since the task
+    /// last let others run are past the reader loop's per-turn bounds, and no message
+    /// ended among them; ready otherwise.
+    pub fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.turn_frames > FRAMES_PER_TURN || self.turn_bytes > BYTES_PER_TURN {
+            self.new_turn();
+            self.yields += 1;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(())
     }
 
     /// The header's full length once its first two bytes are known.
@@ -208,14 +271,24 @@ impl Follower {
                     } else {
                         self.max_frame
                     };
-                    self.taking = Some(Box::pin(async move { budget.take(n).await }));
+                    let addr = self.gate.addr;
+                    self.taking = Some(Box::pin(async move { budget.take(addr, n).await }));
                 }
                 self.covered = true;
             }
         }
+        // A frame that ends no message (a non-final fragment, a control frame between
+        // fragments) is never an event for the reader loop: it counts toward the turn
+        // here. (A control frame outside a message is an event: counted there.)
+        let counted = if data { !fin } else { self.gate.partial() };
+        if counted {
+            self.turn_frames += 1;
+            self.turn_bytes = self.turn_bytes.saturating_add(self.header_len());
+        }
         self.at = At::Payload {
             left: len,
             last: data && fin,
+            counted,
         };
         if len == 0 {
             self.payload_done();
@@ -234,6 +307,8 @@ impl Follower {
             self.taking = None;
             self.gate.stalled.store(false, Relaxed);
             self.gate.partial.store(false, Relaxed);
+            // The message becomes an event: the reader loop counts it from here.
+            self.new_turn();
         }
         self.at = At::Header { have: 0 };
     }
@@ -270,12 +345,20 @@ impl Follower {
                         self.on_header()?;
                     }
                 }
-                At::Payload { left, last } => {
+                At::Payload {
+                    left,
+                    last,
+                    counted,
+                } => {
                     let n = (bytes.len() as u64).min(left);
                     bytes = &bytes[n as usize..];
+                    if counted {
+                        self.turn_bytes = self.turn_bytes.saturating_add(n as usize);
+                    }
                     self.at = At::Payload {
                         left: left - n,
                         last,
+                        counted,
                     };
                     if left == n {
                         self.payload_done();
@@ -314,6 +397,8 @@ mod tests {
     use futures_util::task::noop_waker_ref;
 
     const UPGRADE: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n";
+    const ADDR: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+    const OTHER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
 
     /// The request ends where httparse ends it: leading empty lines skipped, `\n` or
     /// `\r\n` line ends, the first empty line. A follower that ended it elsewhere would
@@ -332,7 +417,7 @@ mod tests {
             let parsed = httparse::Request::new(&mut headers).parse(req).unwrap();
             assert_eq!(parsed, httparse::Status::Complete(req.len()), "{req:?}");
             for step in [1, 2, 5, req.len()] {
-                let mut f = Follower::new(WsGate::new(None), 1 << 20);
+                let mut f = Follower::new(WsGate::new(None, ADDR), 1 << 20);
                 let (last, head) = req.split_last().unwrap();
                 for piece in head.chunks(step) {
                     f.follow(piece).unwrap();
@@ -380,7 +465,7 @@ mod tests {
 
     fn admitted(budget: usize) -> (Arc<WsGate>, Option<Arc<FrameBudget>>) {
         let b = FrameBudget::new(budget);
-        let gate = WsGate::new(b.clone());
+        let gate = WsGate::new(b.clone(), ADDR);
         gate.admit();
         (gate, b)
     }
@@ -456,7 +541,7 @@ mod tests {
     /// fragmented one when its fragments add up to more), and the gate records its size.
     #[test]
     fn before_admission_a_message_over_the_handshake_cap_is_refused_at_its_header() {
-        let gate = WsGate::new(None);
+        let gate = WsGate::new(None, ADDR);
         let mut f = Follower::new(gate.clone(), 1 << 20);
         let mut stream = UPGRADE.to_vec();
         stream.extend(frame(true, 2, 3000)); // a Hello-sized message: fine
@@ -465,7 +550,7 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert_eq!(gate.refused(), Some(1 << 20));
 
-        let gate = WsGate::new(None);
+        let gate = WsGate::new(None, ADDR);
         let mut f = Follower::new(gate.clone(), 1 << 20);
         let mut stream = UPGRADE.to_vec();
         stream.extend(frame(false, 2, 3000));
@@ -514,6 +599,70 @@ mod tests {
         assert!(f.held.is_none());
     }
 
+    /// Frames that end no message count toward the turn: past FRAMES_PER_TURN of them (or
+    /// BYTES_PER_TURN of their bytes) the next read yields — pending, with the task woken
+    /// at once — and the count starts again; a message's end, or a read that finds
+    /// nothing, starts it again too. Whole messages, and pings outside a message, are the
+    /// reader loop's to count (they are events): they never make a read yield here.
+    #[test]
+    fn frames_that_end_no_message_yield_every_turn() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl futures_util::task::ArcWake for Count {
+            fn wake_by_ref(me: &Arc<Self>) {
+                me.0.fetch_add(1, Relaxed);
+            }
+        }
+        let woken = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = futures_util::task::waker(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let (gate, _) = admitted(0);
+        let mut f = Follower::new(gate, 1 << 20);
+        f.follow(UPGRADE).unwrap();
+        // Whole messages and pings outside a message, many of them: never a yield.
+        for _ in 0..1000 {
+            f.follow(&frame(true, 2, 10)).unwrap();
+            f.follow(&frame(true, 9, 0)).unwrap();
+        }
+        assert!(f.poll_turn(&mut cx).is_ready());
+        // A message begun, then empty continuations: a yield once past FRAMES_PER_TURN.
+        f.follow(&frame(false, 2, 1)).unwrap();
+        for _ in 0..FRAMES_PER_TURN - 1 {
+            f.follow(&frame(false, 0, 0)).unwrap();
+        }
+        assert!(f.poll_turn(&mut cx).is_ready(), "a turn's worth");
+        f.follow(&frame(false, 0, 0)).unwrap();
+        assert!(f.poll_turn(&mut cx).is_pending(), "past it");
+        assert_eq!((woken.0.load(Relaxed), f.yields()), (1, 1), "woken at once");
+        assert!(f.poll_turn(&mut cx).is_ready(), "the next turn");
+        // 100,000 of them: a yield per turn.
+        let mut yields = 0;
+        for _ in 0..100_000 {
+            f.follow(&frame(false, 0, 0)).unwrap();
+            if f.poll_turn(&mut cx).is_pending() {
+                yields += 1;
+            }
+        }
+        assert_eq!(yields, 100_000 / (FRAMES_PER_TURN + 1));
+        // Pings between the fragments count too.
+        f.new_turn();
+        for _ in 0..=FRAMES_PER_TURN {
+            f.follow(&frame(true, 9, 4)).unwrap();
+        }
+        assert!(f.poll_turn(&mut cx).is_pending());
+        // The message's end starts the count again.
+        f.follow(&frame(false, 0, 0)).unwrap();
+        f.follow(&frame(true, 0, 3)).unwrap();
+        assert!(f.poll_turn(&mut cx).is_ready());
+        // Large non-final fragments count by their bytes: 2 of 10,000 bytes are past
+        // BYTES_PER_TURN; a final fragment of any size is the message's (an event).
+        f.follow(&frame(false, 2, 10_000)).unwrap();
+        assert!(f.poll_turn(&mut cx).is_ready());
+        f.follow(&frame(false, 0, 10_000)).unwrap();
+        assert!(f.poll_turn(&mut cx).is_pending());
+        f.follow(&frame(true, 0, 60_000)).unwrap();
+        assert!(f.poll_turn(&mut cx).is_ready());
+    }
+
     /// While the budget cannot cover a message, the follower is pending and the gate says
     /// stalled; once budget frees it is ready again.
     #[test]
@@ -521,7 +670,7 @@ mod tests {
         let (gate, budget) = admitted(1 << 20);
         let budget = budget.unwrap();
         let mut f = Follower::new(gate.clone(), 1 << 20);
-        let hold = futures_util::FutureExt::now_or_never(budget.take(1 << 20))
+        let hold = futures_util::FutureExt::now_or_never(budget.take(OTHER, 1 << 20))
             .unwrap()
             .unwrap();
         let mut stream = UPGRADE.to_vec();
