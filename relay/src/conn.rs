@@ -22,7 +22,9 @@ use crate::session::{Flow, Session};
 use crate::transport::{FrameSink, FrameSource, Inbound};
 
 /// Serves one connection until it ends. Never panics on client input; returns when both
-/// directions are finished (or the drain deadline passed).
+/// directions are finished (or the drain deadline passed). `since`: when its transport
+/// handshake began (TLS, WebSocket upgrade, QUIC) — `hello_ms` counts from then, once for
+/// the whole handshake, not again per phase; `None`: now.
 pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
     shared: Arc<Shared>,
     mut source: Src,
@@ -30,6 +32,7 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
     transport: TransportKind,
     peer: Option<SocketAddr>,
     slot: Option<AddrSlot>,
+    since: Option<Instant>,
 ) {
     let cfg = &shared.config;
     let out = Arc::new(Outbound::new(
@@ -50,7 +53,7 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
         shared.metrics.clone(),
         keepalive,
     ));
-    let started = Instant::now();
+    let started = since.unwrap_or_else(Instant::now);
     let mut session = Session::new(
         shared.clone(),
         conn,

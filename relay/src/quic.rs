@@ -52,8 +52,9 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
         return;
     }
     let peer = incoming.remote_address();
-    let limit = shared.config.timeouts.hello();
-    let opened = tokio::time::timeout(limit, async {
+    // One deadline for the handshake, the stream and the Hello (see `conn::serve`).
+    let since = tokio::time::Instant::now();
+    let opened = tokio::time::timeout_at(since + shared.config.timeouts.hello(), async {
         let connection = incoming
             .await
             .map_err(|e| format!("QUIC handshake failed: {e}"))?;
@@ -81,6 +82,7 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
         TransportKind::Quic,
         Some(peer),
         Some(slot),
+        Some(since),
     )
     .await;
     // The stream is finished (our last frames are queued in QUIC): give the client the

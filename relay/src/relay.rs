@@ -769,6 +769,7 @@ impl RelayHandle {
             transport,
             peer,
             None,
+            None,
         ));
     }
 
@@ -991,7 +992,11 @@ async fn handshake(
     let addr = slot.addr();
     let mut slot = Some(slot);
     let max = shared.config.limits.max_frame;
-    let limit = shared.config.timeouts.hello();
+    // One deadline for the whole handshake (TLS, the WebSocket upgrade) and the Hello:
+    // each phase used to get `hello_ms` of its own, so a slow stranger held its place
+    // three times as long over wss.
+    let since = tokio::time::Instant::now();
+    let deadline = since + shared.config.timeouts.hello();
     let peer_s = Some(peer);
     let result: Result<(), String> = async {
         match kind {
@@ -1004,13 +1009,14 @@ async fn handshake(
                     kind,
                     peer_s,
                     slot.take(),
+                    Some(since),
                 )
                 .await;
             }
             TransportKind::Ws => {
                 let gate = WsGate::new(shared.frame_budget.clone(), addr);
-                let ws = tokio::time::timeout(
-                    limit,
+                let ws = tokio::time::timeout_at(
+                    deadline,
                     tokio_tungstenite::accept_async_with_config(
                         ReadAhead::new(stream).following(Follower::new(gate.clone(), max)),
                         Some(ws::ws_config(max)),
@@ -1023,11 +1029,20 @@ async fn handshake(
                     return Err(UPGRADE_OUT_OF_STEP.into());
                 }
                 let (src, snk) = ws::split(ws, gate);
-                conn::serve(shared.clone(), src, snk, kind, peer_s, slot.take()).await;
+                conn::serve(
+                    shared.clone(),
+                    src,
+                    snk,
+                    kind,
+                    peer_s,
+                    slot.take(),
+                    Some(since),
+                )
+                .await;
             }
             TransportKind::Tls | TransportKind::Wss => {
                 let acceptor = tls.ok_or("TLS listener without TLS configuration")?;
-                let tls_stream = tokio::time::timeout(limit, acceptor.accept(stream))
+                let tls_stream = tokio::time::timeout_at(deadline, acceptor.accept(stream))
                     .await
                     .map_err(|_| "TLS handshake timed out".to_string())?
                     .map_err(|e| format!("TLS handshake failed: {e}"))?;
@@ -1040,12 +1055,13 @@ async fn handshake(
                         kind,
                         peer_s,
                         slot.take(),
+                        Some(since),
                     )
                     .await;
                 } else {
                     let gate = WsGate::new(shared.frame_budget.clone(), addr);
-                    let ws = tokio::time::timeout(
-                        limit,
+                    let ws = tokio::time::timeout_at(
+                        deadline,
                         tokio_tungstenite::accept_async_with_config(
                             ReadAhead::new(tls_stream).following(Follower::new(gate.clone(), max)),
                             Some(ws::ws_config(max)),
@@ -1058,7 +1074,16 @@ async fn handshake(
                         return Err(UPGRADE_OUT_OF_STEP.into());
                     }
                     let (src, snk) = ws::split(ws, gate);
-                    conn::serve(shared.clone(), src, snk, kind, peer_s, slot.take()).await;
+                    conn::serve(
+                        shared.clone(),
+                        src,
+                        snk,
+                        kind,
+                        peer_s,
+                        slot.take(),
+                        Some(since),
+                    )
+                    .await;
                 }
             }
             // Not accepted here (in-process channels, QUIC's own listener).

@@ -1046,3 +1046,77 @@ async fn a_websocket_message_in_tiny_fragments_yields_every_turn() {
     assert_eq!(sub.expect_msg().await.envelope, flood_env);
     drop(ws);
 }
+
+/// `hello_ms` is the time a connection has for its whole handshake and its Hello, counted
+/// once from its start: each phase (TLS, the WebSocket upgrade, then the Hello) used to get
+/// it afresh, so a slow stranger held its place twice (ws) or three times (wss) as long.
+/// The delays below are the slow client under test, not waits for the relay.
+#[tokio::test]
+async fn the_hello_deadline_counts_from_the_start_of_the_handshake() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = Config::ephemeral();
+    config.timeouts.hello_ms = 1_000;
+    let relay = TestRelay::start(config).await;
+    let mut s = tokio::net::TcpStream::connect(relay.ws()).await.unwrap();
+    // The upgrade request at 0.7 s (within the deadline) ...
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if s.read(&mut b).await.unwrap_or(0) == 0 {
+            // Dropped during its upgrade (a slow machine got past the deadline first):
+            // the deadline held all the same.
+            return;
+        }
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // ... and the Hello at 1.4 s: past it. The relay closes instead of welcoming.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let hello = whispeer_protocol::codec::encode_prefixed(&hello_frame());
+    // One masked binary WebSocket frame carrying the Hello (its length prefix dropped).
+    let body = &hello[whispeer_protocol::codec::LEN_PREFIX..];
+    let mut f = vec![0x82u8];
+    if body.len() < 126 {
+        f.push(0x80 | body.len() as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(body);
+    let _ = s.write_all(&f).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut rest)).await;
+    // A Welcome would be a binary frame (0x82) carrying the Welcome frame; the relay's
+    // answer to a late connection is its idle/hello error and a close.
+    let first = match rest.get(1).map(|b| b & 0x7f) {
+        Some(126) if rest.len() >= 4 => {
+            let len = u16::from_be_bytes([rest[2], rest[3]]) as usize;
+            rest.get(4..4 + len)
+        }
+        Some(n) if n < 126 => rest.get(2..2 + n as usize),
+        _ => None,
+    };
+    let welcomed = rest.first() == Some(&0x82)
+        && first.is_some_and(|b| {
+            matches!(
+                Frame::decode(&bytes::Bytes::copy_from_slice(b)),
+                Ok(Frame::Welcome(_))
+            )
+        });
+    assert!(
+        !welcomed,
+        "welcomed 1.4 s after connecting with hello_ms = 1 s"
+    );
+}
