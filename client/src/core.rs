@@ -154,7 +154,10 @@ struct LocalSub {
     positions: HashMap<whispeer_protocol::KeyId, u64>,
     /// With an explicit `replay`: the messages this subscription received. History it
     /// asked for may hold messages another subscription already delivered; those (flagged
-    /// replayed, and only once per subscription) are still its to see.
+    /// replayed, and only once per subscription) are still its to see. At most
+    /// [`MAX_GOT`]: the relay ends it (`ReplayDone`), and one that never does must not
+    /// make it grow with every live message; once full, no more exceptions (a replayed
+    /// duplicate is refused: history possibly missed, never a message twice).
     got: Option<std::collections::HashSet<receive::DedupKey>>,
     /// Relay ids whose history (`ReplayDone`) has not ended yet; once none is left, `got`
     /// is dropped (live messages need no exception, and it would grow without bound).
@@ -170,6 +173,9 @@ struct LocalSub {
 
 /// Most retained values remembered as shown per subscription (16 bytes each).
 const MAX_SHOWN: usize = 65_536;
+
+/// Most messages a subscription in its history remembers as received (~100 bytes each).
+const MAX_GOT: usize = if cfg!(test) { 64 } else { 100_000 };
 
 impl LocalSub {
     /// Raises the position of relay subscription `relay_id`'s key id to `seq`.
@@ -1133,7 +1139,12 @@ impl ClientCore {
                                     && s.shown.len() < MAX_SHOWN
                                     && !s.shown.contains(&d)
                             }
-                            None => replayed && s.got.as_ref().is_some_and(|g| !g.contains(&key)),
+                            None => {
+                                replayed
+                                    && s.got
+                                        .as_ref()
+                                        .is_some_and(|g| g.len() < MAX_GOT && !g.contains(&key))
+                            }
                         }
                     })
                     .collect();
@@ -1206,7 +1217,9 @@ impl ClientCore {
         for id in &targets {
             if let Some(s) = self.subs.get_mut(id) {
                 if let Some(g) = s.got.as_mut() {
-                    g.insert(key);
+                    if g.len() < MAX_GOT {
+                        g.insert(key);
+                    }
                 }
                 if let Some(d) = shown {
                     if s.shown.len() < MAX_SHOWN {
@@ -1345,6 +1358,58 @@ mod tests {
             to(&mut core, msg(&stale, 11, REDELIVERED, None)),
             Some(vec![3])
         );
+    }
+
+    /// A subscription in its history remembers what it received so that history another
+    /// subscription delivered is still its own to see, once; a relay that never ends the
+    /// history (no `ReplayDone`) must not make that grow with every message: past its bound
+    /// nothing more is remembered, and a replayed duplicate is refused rather than shown
+    /// twice.
+    #[test]
+    fn what_a_subscription_in_history_remembers_is_bounded() {
+        use frame::msg_flags::REPLAYED;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
+        let tk = TreeKey::generate_with("t", &mut rng).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_tree_key_at(&tk, 0).unwrap();
+        let kr = Arc::new(RwLock::new(kr));
+        let mut core = ClientCore::new(kr.clone());
+        const NOW: u64 = 1_800_000_000_000;
+        let opts = SubscribeOptions::new().replay(frame::Replay::FromSeq(1));
+        core.subscribe_with_options(1, TopicFilter::new("h/#").unwrap(), opts, NOW)
+            .unwrap();
+        let topic = Topic::new("h/x").unwrap();
+        let envs: Vec<_> = (0..MAX_GOT as u64 + 8)
+            .map(|i| {
+                seal_publish(
+                    &kr,
+                    None,
+                    &SealPolicy::default(),
+                    &mut Sealer::new(),
+                    &topic,
+                    CBOR,
+                    b"\x01",
+                    NOW - 1_000 - i,
+                    &mut rng,
+                )
+                .unwrap()
+                .0
+            })
+            .collect();
+        let msg = |i: usize| Msg {
+            sub_id: None,
+            seq: i as u64 + 1,
+            envelope: envs[i].clone(),
+            flags: REPLAYED,
+        };
+        for i in 0..envs.len() {
+            assert!(core.receive(&msg(i), NOW).is_some(), "history #{i}");
+        }
+        assert_eq!(core.subs[&1].got.as_ref().map(|g| g.len()), Some(MAX_GOT));
+        // Replayed again: the first (remembered) and the last (past the bound) alike are
+        // refused — never delivered twice.
+        assert!(core.receive(&msg(0), NOW).is_none());
+        assert!(core.receive(&msg(envs.len() - 1), NOW).is_none());
     }
 
     #[test]

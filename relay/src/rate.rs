@@ -218,7 +218,18 @@ impl AddrEntry {
 struct AddrState {
     by_addr: HashMap<IpAddr, AddrEntry>,
     total: usize,
+    /// Entries at or above which a new address sweeps the forgettable ones: twice what the
+    /// last sweep left (at least 4,096), so sweeps cost O(1) per admission amortized. A
+    /// fixed 4,096 made every connect from a new address scan the whole table under this
+    /// lock once 4,096 addresses held connections.
+    sweep_at: usize,
+    /// Sweeps so far (tests).
+    #[cfg(test)]
+    sweeps: usize,
 }
+
+/// The table size below which no sweep happens.
+const SWEEP_MIN: usize = 4096;
 
 /// Connections (handshakes included) and rate buckets per source address, plus the global
 /// count. Entries outlive their connections until their buckets are full again, so
@@ -329,8 +340,13 @@ impl AddrTable {
     fn admit_at(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<AddrSlot, Refusal> {
         let ip = source_address(ip, self.v6_prefix);
         let mut s = self.lock();
-        if s.by_addr.len() >= 4096 && !s.by_addr.contains_key(&ip) {
+        if s.by_addr.len() >= s.sweep_at.max(SWEEP_MIN) && !s.by_addr.contains_key(&ip) {
             s.by_addr.retain(|_, e| !e.forgettable(now));
+            s.sweep_at = (2 * s.by_addr.len()).max(SWEEP_MIN);
+            #[cfg(test)]
+            {
+                s.sweeps += 1;
+            }
         }
         let (rates, (rate, burst)) = (self.rates, self.connect);
         let global = s.total >= self.global;
@@ -606,5 +622,29 @@ mod tests {
         ));
         let slots: Vec<_> = (0..50).map(|_| free.admit_at(a, t0).unwrap()).collect();
         assert!(slots.iter().all(|s| s.wait().is_none()));
+    }
+
+    /// Many addresses holding connections: a new address sweeps the table only when it has
+    /// doubled since the last sweep, not on every connect (each a scan under the lock).
+    #[test]
+    fn sweeps_of_the_address_table_are_amortized() {
+        let t = Arc::new(AddrTable::new(
+            UNLIMITED,
+            (0, 0),
+            64,
+            4,
+            1_000_000,
+            Duration::ZERO,
+        ));
+        let now = Instant::now();
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        let held: Vec<_> = (0..6000).map(|i| t.admit_at(ip(i), now).unwrap()).collect();
+        let sweeps = t.lock().sweeps;
+        assert_eq!(
+            sweeps, 1,
+            "one sweep at 4,096 entries, none after (live ones stay)"
+        );
+        assert_eq!(t.lock().sweep_at, 8192);
+        drop(held);
     }
 }
