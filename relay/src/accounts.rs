@@ -681,8 +681,16 @@ impl Accounts {
         sig: &[u8; 64],
     ) -> Option<Arc<Account>> {
         let t = self.table();
-        let (vk, acct) = t.by_key.get(account)?;
         let sig = Signature::from_bytes(sig);
+        let Some((vk, acct)) = t.by_key.get(account) else {
+            // An unlisted key is verified too, against a decoy, so the time to the answer
+            // does not tell which keys are accounts (every key gets a Challenge for the same
+            // reason); returning at once saved one verification an attacker could time.
+            let _ = decoy_key().verify_strict(&auth_sig_input(nonce, account), &sig);
+            #[cfg(test)]
+            DECOY_VERIFICATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return None;
+        };
         vk.verify_strict(&auth_sig_input(nonce, account), &sig)
             .ok()
             .map(|_| acct.clone())
@@ -1072,6 +1080,17 @@ pub fn owner_of_secret(secret: &Bytes) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(secret)))
 }
 
+/// A fixed key no account holds: what an unlisted key's challenge response is verified
+/// against (see [`Accounts::verify`]).
+fn decoy_key() -> &'static VerifyingKey {
+    static DECOY: std::sync::OnceLock<VerifyingKey> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| ed25519_dalek::SigningKey::from_bytes(&[0x5a; 32]).verifying_key())
+}
+
+/// Decoy verifications so far (tests).
+#[cfg(test)]
+static DECOY_VERIFICATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1126,6 +1145,37 @@ mod tests {
             token_sha256: token.map(|t| hex::encode(token_hash(t))),
             rights: all_rights(),
         }
+    }
+
+    /// The challenge response of a key no account holds is verified too (against a decoy),
+    /// so the time to `Err(auth_failed)` does not tell listed keys from others; a listed
+    /// key still verifies only with its own signature.
+    #[test]
+    fn an_unlisted_key_costs_a_verification_too() {
+        use ed25519_dalek::Signer;
+        let path = temp_file("decoy");
+        let listed = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        AccountFile {
+            account: vec![entry("dan", Some(listed.verifying_key().to_bytes()), None)],
+        }
+        .save(&path)
+        .unwrap();
+        let accounts = required(&path);
+        let nonce = [9u8; 32];
+        let stranger = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+        let sk = stranger.verifying_key().to_bytes();
+        let sig = stranger.sign(&auth_sig_input(&nonce, &sk)).to_bytes();
+        let before = DECOY_VERIFICATIONS.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(accounts.verify(&sk, &nonce, &sig).is_none());
+        assert!(
+            DECOY_VERIFICATIONS.load(std::sync::atomic::Ordering::Relaxed) > before,
+            "the unlisted key's response was verified (against the decoy)"
+        );
+        let lk = listed.verifying_key().to_bytes();
+        let good = listed.sign(&auth_sig_input(&nonce, &lk)).to_bytes();
+        assert!(accounts.verify(&lk, &nonce, &good).is_some());
+        assert!(accounts.verify(&lk, &nonce, &sig).is_none());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     /// A token replaced in place within one timestamp tick changes neither the file's
