@@ -298,6 +298,7 @@ fn main() -> Result<()> {
             }
             logging::init(&config.log.filter, config.log.format).map_err(anyhow::Error::msg)?;
             warn_open_relay(&config);
+            warn_cluster_claims(&config);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -431,6 +432,23 @@ fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
     let mut f = o.open(path)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()
+}
+
+/// Warns when a cluster of relays with their own stores requires accounts: key-id claims
+/// are then kept by each relay, so accounts of different groups can claim one key id at two
+/// relays (docs/DEPLOY.md §2.3); the JetStream store shares them.
+fn warn_cluster_claims(config: &Config) {
+    use whispeer_relay::config::ClusterStore;
+    if config.auth.mode == AuthMode::Required
+        && !config.cluster.urls.is_empty()
+        && config.cluster.store == ClusterStore::Local
+    {
+        tracing::warn!(
+            "auth is required in a cluster with local stores: key-id claims are kept per \
+             relay, so accounts of different groups can claim the same key id at two relays; \
+             use cluster.store = \"jetstream\" to share them (docs/DEPLOY.md §2.3)"
+        );
+    }
 }
 
 /// Warns loudly when clients can reach the relay from other machines without accounts.

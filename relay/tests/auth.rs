@@ -1101,3 +1101,14 @@ async fn taking_a_right_away_ends_the_subscriptions_that_needed_it() {
     let e = try_pub(&mut ce, 4, false).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::AuthFailed, "{e:?}");
 }
+
+/// A cluster with local stores keeps key-id claims per relay: with auth required the relay
+/// says so at start (the JetStream store shares them). An unreachable NATS does not stop it.
+#[tokio::test]
+async fn a_cluster_with_local_stores_and_auth_warns_that_claims_are_per_relay() {
+    let s = Setup::new("cluster-claims");
+    key_account(&s.dir, &s.accounts, "alice", &[]);
+    let mut relay = s.relay_logged(&["--cluster", "nats://127.0.0.1:1"]);
+    let line = relay.wait_log(&["key-id claims are kept per relay"]).await;
+    assert!(line.contains("jetstream"), "{line}");
+}
