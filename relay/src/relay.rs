@@ -975,6 +975,49 @@ pub(crate) async fn connect_wait(shared: &Shared, slot: &AddrSlot) -> bool {
 const UPGRADE_OUT_OF_STEP: &str =
     "WebSocket upgrade request not delimited as the frame follower expects";
 
+/// Upgrades `stream` to a WebSocket by `deadline` (the frame follower under tungstenite
+/// from the first byte), then serves it; `ws` and `wss` alike.
+async fn serve_ws<S>(
+    shared: &Arc<Shared>,
+    stream: S,
+    kind: TransportKind,
+    peer: SocketAddr,
+    slot: AddrSlot,
+    since: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let max = shared.config.limits.max_frame;
+    let gate = WsGate::new(shared.frame_budget.clone(), slot.addr());
+    let ws = tokio::time::timeout_at(
+        deadline,
+        tokio_tungstenite::accept_async_with_config(
+            ReadAhead::new(stream).following(Follower::new(gate.clone(), max)),
+            Some(ws::ws_config(max)),
+        ),
+    )
+    .await
+    .map_err(|_| "WebSocket handshake timed out".to_string())?
+    .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
+    if ws.get_ref().upgrade_unfinished() {
+        return Err(UPGRADE_OUT_OF_STEP.into());
+    }
+    let (src, snk) = ws::split(ws, gate);
+    conn::serve(
+        shared.clone(),
+        src,
+        snk,
+        kind,
+        Some(peer),
+        Some(slot),
+        Some(since),
+    )
+    .await;
+    Ok(())
+}
+
 /// Completes the transport handshake (TLS, WebSocket upgrade) within `hello_ms`, then
 /// serves the connection.
 async fn handshake(
@@ -1014,31 +1057,8 @@ async fn handshake(
                 .await;
             }
             TransportKind::Ws => {
-                let gate = WsGate::new(shared.frame_budget.clone(), addr);
-                let ws = tokio::time::timeout_at(
-                    deadline,
-                    tokio_tungstenite::accept_async_with_config(
-                        ReadAhead::new(stream).following(Follower::new(gate.clone(), max)),
-                        Some(ws::ws_config(max)),
-                    ),
-                )
-                .await
-                .map_err(|_| "WebSocket handshake timed out".to_string())?
-                .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
-                if ws.get_ref().upgrade_unfinished() {
-                    return Err(UPGRADE_OUT_OF_STEP.into());
-                }
-                let (src, snk) = ws::split(ws, gate);
-                conn::serve(
-                    shared.clone(),
-                    src,
-                    snk,
-                    kind,
-                    peer_s,
-                    slot.take(),
-                    Some(since),
-                )
-                .await;
+                let slot = slot.take().expect("one connection, one slot");
+                serve_ws(&shared, stream, kind, peer, slot, since, deadline).await?;
             }
             TransportKind::Tls | TransportKind::Wss => {
                 let acceptor = tls.ok_or("TLS listener without TLS configuration")?;
@@ -1059,31 +1079,8 @@ async fn handshake(
                     )
                     .await;
                 } else {
-                    let gate = WsGate::new(shared.frame_budget.clone(), addr);
-                    let ws = tokio::time::timeout_at(
-                        deadline,
-                        tokio_tungstenite::accept_async_with_config(
-                            ReadAhead::new(tls_stream).following(Follower::new(gate.clone(), max)),
-                            Some(ws::ws_config(max)),
-                        ),
-                    )
-                    .await
-                    .map_err(|_| "WebSocket handshake timed out".to_string())?
-                    .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
-                    if ws.get_ref().upgrade_unfinished() {
-                        return Err(UPGRADE_OUT_OF_STEP.into());
-                    }
-                    let (src, snk) = ws::split(ws, gate);
-                    conn::serve(
-                        shared.clone(),
-                        src,
-                        snk,
-                        kind,
-                        peer_s,
-                        slot.take(),
-                        Some(since),
-                    )
-                    .await;
+                    let slot = slot.take().expect("one connection, one slot");
+                    serve_ws(&shared, tls_stream, kind, peer, slot, since, deadline).await?;
                 }
             }
             // Not accepted here (in-process channels, QUIC's own listener).

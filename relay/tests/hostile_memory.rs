@@ -759,25 +759,14 @@ async fn stalled_quic_senders_are_held_to_a_small_window() {
 /// always ready starved the deadline).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_ping_flood_that_never_reads_is_closed_within_bounded_memory() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let relay = BinRelay::start(&["--hello-ms", "3000"]);
     let pid = relay.child.id();
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     // A small receive window: the relay's pongs cannot drain into it.
     sock.set_recv_buffer_size(4096).unwrap();
     let mut s = sock.connect(relay.ws()).await.unwrap();
-    s.write_all(
-        b"GET / HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        assert_eq!(s.read(&mut b).await.unwrap(), 1, "upgrade answered");
-        head.push(b[0]);
-    }
+    let head = raw_ws_upgrade(&mut s).await.expect("upgrade answered");
     assert!(
         head.starts_with(b"HTTP/1.1 101"),
         "{}",

@@ -1060,22 +1060,11 @@ async fn the_hello_deadline_counts_from_the_start_of_the_handshake() {
     let mut s = tokio::net::TcpStream::connect(relay.ws()).await.unwrap();
     // The upgrade request at 0.7 s (within the deadline) ...
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-    s.write_all(
-        b"GET / HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        if s.read(&mut b).await.unwrap_or(0) == 0 {
-            // Dropped during its upgrade (a slow machine got past the deadline first):
-            // the deadline held all the same.
-            return;
-        }
-        head.push(b[0]);
-    }
+    let Some(head) = raw_ws_upgrade(&mut s).await else {
+        // Dropped during its upgrade (a slow machine got past the deadline first): the
+        // deadline held all the same.
+        return;
+    };
     assert!(
         head.starts_with(b"HTTP/1.1 101"),
         "{}",

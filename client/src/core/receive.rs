@@ -214,13 +214,6 @@ pub struct Accepted {
     mark: (RetainedKey, u64, [u8; 16]),
 }
 
-impl Accepted {
-    /// The digest the dedup window holds for this message.
-    pub fn digest(&self) -> Digest {
-        self.digest
-    }
-}
-
 /// The receiver's persisted state at one time ([`Guard::snapshot`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]

@@ -805,3 +805,25 @@ pub fn replay_sub(sub_id: u64, pattern: TokenPattern, qos: Qos, credit: Option<u
         owner: None,
     })
 }
+
+/// Sends a WebSocket upgrade request on a raw socket and reads the response head (up to the
+/// blank line); `None` when the relay closed the socket first. For tests that speak the
+/// WebSocket framing themselves.
+pub async fn raw_ws_upgrade(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .ok()?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if s.read(&mut b).await.ok()? == 0 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    Some(head)
+}
