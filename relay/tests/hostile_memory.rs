@@ -785,25 +785,31 @@ async fn a_websocket_ping_flood_that_never_reads_is_closed_within_bounded_memory
         .take(ping.len() * 8000)
         .collect();
     let before = rss_kib(pid);
-    let (mut sent, limit) = (0usize, 512usize << 20);
+    // Bounded by time, not bytes: a fast machine uploads far more than any byte limit in
+    // the 3 s Hello deadline (CI once sent 512 MiB within it). The relay closes after the
+    // deadline and its drain (reading and discarding meanwhile, 5 s by default): about
+    // 8 s here; 30 s is ample. A relay that stopped reading without closing fails too.
+    let started = std::time::Instant::now();
+    let limit = std::time::Duration::from_secs(30);
+    let mut sent = 0usize;
     let closed = loop {
-        if sent >= limit {
-            break false;
-        }
-        match s.write_all(&chunk).await {
-            Ok(()) => sent += chunk.len(),
-            Err(_) => break true,
+        let left = limit.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, s.write_all(&chunk)).await {
+            Err(_) => break false,
+            Ok(Ok(())) => sent += chunk.len(),
+            Ok(Err(_)) => break true,
         }
     };
     let grown = rss_kib(pid).saturating_sub(before);
     eprintln!(
-        "ping flood: {} MiB sent before the relay closed ({closed}); relay RSS grew {grown} KiB",
-        sent >> 20
+        "ping flood: {} MiB sent in {:?} before the relay closed ({closed}); relay RSS grew {grown} KiB",
+        sent >> 20,
+        started.elapsed()
     );
     assert!(
         closed,
-        "the relay kept reading {} MiB of pings",
-        limit >> 20
+        "the relay kept reading pings for {limit:?} ({} MiB) past its 3 s Hello deadline",
+        sent >> 20
     );
     assert!(grown < 64 * 1024, "relay RSS grew {grown} KiB");
     drop(s);
