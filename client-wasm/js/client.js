@@ -44,7 +44,7 @@ function checkOptions(what, options, known) {
 const CONNECT_OPTIONS = [
   'identity', 'keys', 'compression', 'suite', 'padding', 'sign', 'topics', 'reconnect', 'connectTimeoutMs',
   'retryFirstConnect', 'reconnectBuffer', 'keptBytes', 'subscriptionCapacity', 'heartbeatMs',
-  'sendHighWaterMark', 'name', 'auth', 'persistence',
+  'sendHighWaterMark', 'name', 'auth', 'persistence', 'maxPayload', 'dedupCapacity',
 ];
 const TOPIC_OPTIONS = ['compression', 'padding', 'suite'];
 

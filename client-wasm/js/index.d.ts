@@ -307,6 +307,19 @@ export interface ConnectOptions {
   subscriptionCapacity?: number;
   /** Heartbeat when the relay asks for none (default 30 s). */
   heartbeatMs?: number;
+  /**
+   * Largest payload a received message may decompress to (default 16 MiB, the most a
+   * default publisher seals). A message over it is refused (counted in `stats().rejected`)
+   * from its declared size, before anything is allocated; zstd stores 16 MiB of zeros in
+   * about 1 KiB, so a subscriber that expects small messages sets this lower.
+   */
+  maxPayload?: number;
+  /**
+   * Messages the receive-dedup window remembers (default 4,000,000). At the limit the
+   * oldest are forgotten and history dated before the oldest one still remembered is
+   * refused (`refused.beforeWindow`): bounded memory, never a message delivered twice.
+   */
+  dedupCapacity?: number;
   /** `publish` waits while the socket has more than this many bytes unsent (default 1 MiB). */
   sendHighWaterMark?: number;
   /** Client name sent to the relay. */
@@ -443,6 +456,11 @@ export interface ClientStats {
    * each skipped one Ed25519 verification.
    */
   batchRootHits: number;
+  /**
+   * Authentic messages compressed with a dictionary this client does not hold (counted in
+   * `rejected` too). Each missing dictionary id is logged once (the first 16 of them).
+   */
+  missingDictionary: number;
   /** Opened messages refused by the receiver checks (PROTOCOL §4.11), by reason. */
   refused: {
     beforeHorizon: number;

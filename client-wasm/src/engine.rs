@@ -150,6 +150,11 @@ impl Engine {
         cfg.offline_bytes = ms("reconnectBuffer", cfg.offline_bytes as u64)? as usize;
         cfg.kept_bytes = ms("keptBytes", cfg.kept_bytes as u64)? as usize;
         cfg.sub_capacity = ms("subscriptionCapacity", cfg.sub_capacity)?.max(1);
+        // Receiver limits, as the Rust builder's `max_payload` and `dedup_capacity`.
+        cfg.receive.max_payload =
+            ms("maxPayload", cfg.receive.max_payload as u64)?.min(usize::MAX as u64) as usize;
+        cfg.receive.max_entries = ms("dedupCapacity", cfg.receive.max_entries as u64)?
+            .clamp(1, usize::MAX as u64) as usize;
         cfg.default_heartbeat_ms = ms("heartbeatMs", cfg.default_heartbeat_ms)?;
         cfg.retry_first_connect = flag(options, "retryFirstConnect")?.unwrap_or(false);
         // How many relay URLs the driver has: the engine goes round them (`dial.relay`).
@@ -207,6 +212,7 @@ impl Engine {
             for (k, ts, id) in s.retained {
                 g.restore_retained(k, ts, id);
             }
+            g.restore_forgot_upto(s.forgot_upto);
             Saving {
                 journal: Vec::new(),
                 kept: s.outbox,
@@ -527,6 +533,7 @@ impl Engine {
         for (key, ts_ms, msg_id) in snap.retained {
             persist::change(&mut out, &Change::Retained { key, ts_ms, msg_id });
         }
+        persist::forgot_upto(&mut out, snap.forgot_upto);
         Some(Uint8Array::from(&out[..]))
     }
 

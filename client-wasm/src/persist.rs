@@ -18,7 +18,10 @@
 //! - `5` pins: `Keyring::export_pins` bytes (rest; replaces earlier pins);
 //! - `6` seen digest: the 16-byte digest the receiver's window holds of a `3` entry
 //!   (`receive::Digest`, little-endian) ‖ expires unix ms (u64 BE) — what a snapshot
-//!   writes, since the window keeps digests, not full keys.
+//!   writes, since the window keeps digests, not full keys;
+//! - `7` forgot: the window's `forgot_upto` (u64 BE, Unix ms; `Guard::forgot_upto`) — the
+//!   latest expiry among dedup entries a full window forgot for room; a snapshot writes it
+//!   so a compacted state still refuses what they covered (the largest one read wins).
 //!
 //! Read in order, later records win. A last record cut short or failing its check is a
 //! write torn by a crash and is ignored (the driver writes a record before it reports
@@ -41,6 +44,7 @@ const SEEN: u8 = 3;
 const RETAINED: u8 = 4;
 const PINS: u8 = 5;
 const SEEN_DIGEST: u8 = 6;
+const FORGOT: u8 = 7;
 
 /// Largest record body accepted (a `Pub` frame is far smaller).
 const MAX_BODY: usize = 64 << 20;
@@ -77,6 +81,8 @@ pub struct Saved {
     pub retained: Vec<(RetainedKey, u64, [u8; 16])>,
     /// The last pins saved.
     pub pins: Option<Vec<u8>>,
+    /// The largest `forgot_upto` saved (0: none).
+    pub forgot_upto: u64,
     /// Bytes of a torn last record that were ignored.
     pub torn: usize,
 }
@@ -122,6 +128,13 @@ pub fn seen_digest(out: &mut Vec<u8>, d: Digest, expires_ms: u64) {
         out,
         &[&[SEEN_DIGEST], &d.to_le_bytes(), &expires_ms.to_be_bytes()],
     );
+}
+
+/// Appends the window's `forgot_upto` (nothing when 0).
+pub fn forgot_upto(out: &mut Vec<u8>, t: u64) {
+    if t > 0 {
+        record(out, &[&[FORGOT], &t.to_be_bytes()]);
+    }
 }
 
 /// Appends a receiver-state change.
@@ -228,7 +241,8 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
                 s.retained.push((arr(f), u64_at(&f[32..]), arr(&f[40..])));
             }
             (PINS, _) => s.pins = Some(f.to_vec()),
-            (KEEP | ACKED | SEEN | SEEN_DIGEST | RETAINED, _) => {
+            (FORGOT, 8) => s.forgot_upto = s.forgot_upto.max(u64_at(f)),
+            (KEEP | ACKED | SEEN | SEEN_DIGEST | RETAINED | FORGOT, _) => {
                 return Err(corrupt("record of the wrong size"))
             }
             _ => return Err(corrupt("unknown record kind (written by a newer version?)")),
@@ -385,6 +399,23 @@ mod tests {
             h.restore_digest(d, exp, 100);
         }
         assert!(h.is_seen(&key));
+        assert_eq!(s.forgot_upto, 0);
+        // A full window's start survives a compaction: 20 entries in a window of 10.
+        let mut cfg = whispeer::core::receive::ReceiveConfig::default();
+        cfg.max_entries = 10;
+        let mut full = Guard::new(cfg);
+        for i in 0..20u8 {
+            full.restore_seen((TreeId([1; 16]), [2; 32], [i; 16]), 1_000 + u64::from(i), 0);
+        }
+        let snap = full.snapshot(0);
+        let mut b = MAGIC.to_vec();
+        for (d, exp) in snap.seen {
+            seen_digest(&mut b, d, exp);
+        }
+        forgot_upto(&mut b, snap.forgot_upto);
+        let s = load(&b, 0).unwrap();
+        assert_eq!(s.forgot_upto, full.forgot_upto());
+        assert!(s.forgot_upto > 0);
         let mut bad = MAGIC.to_vec();
         record(&mut bad, &[&[SEEN_DIGEST], &[0; 20]]);
         record(&mut bad, &[&[PINS], b"x"]);

@@ -125,7 +125,15 @@ pub struct CoreStats {
     /// Batch roots verified twice because two parallel opens met a new batch at once (see
     /// [`jobs`]): the price of opening in parallel, a few per run at most.
     pub batch_root_races: u64,
+    /// Authentic messages compressed with a dictionary this client does not hold (counted
+    /// in `rejected` too). Each missing dictionary is logged once (the first
+    /// [`WARNED_DICTIONARIES`] of them): a member sending bodies naming random dictionary
+    /// ids cannot flood the log.
+    pub missing_dictionary: u64,
 }
+
+/// Distinct missing dictionaries a client logs a warning for (then only counts).
+pub const WARNED_DICTIONARIES: usize = 16;
 
 /// The numbering a relay's sequence numbers belong to (PROTOCOL §3.5.7): resume positions
 /// (`Replay::FromSeq` after the last sequence seen) mean something only on a relay of the
@@ -551,6 +559,8 @@ pub struct ClientCore {
     /// The sequence space the resume positions (`last_seq`) came from (`None`: no
     /// connection yet).
     space: Option<SeqSpace>,
+    /// Missing dictionaries already logged (at most [`WARNED_DICTIONARIES`]).
+    warned_dictionaries: Vec<whispeer_protocol::DictId>,
 }
 
 fn owner_secret(
@@ -586,6 +596,7 @@ impl ClientCore {
             credit: None,
             owner_key: None,
             space: None,
+            warned_dictionaries: Vec::new(),
         }
     }
 
@@ -692,7 +703,8 @@ impl ClientCore {
                 | frame::features::RETAIN
                 | frame::features::REPLAY
                 | frame::features::DURABLE
-                | frame::features::FLOW_CONTROL,
+                | frame::features::FLOW_CONTROL
+                | frame::features::DURABLE_DELETE,
             client: Some(client.to_owned()),
             auth: None,
             account: None,
@@ -1032,8 +1044,16 @@ impl ClientCore {
     fn not_opened(&mut self, e: &OpenError) {
         if let Some(id) = e.missing_dictionary() {
             // Authentic (decrypted and verified) but compressed with a dictionary this
-            // client lacks: say which, so the user can import it.
-            tracing::warn!(dictionary = %id, "{e}");
+            // client lacks: say which, so the user can import it — once per dictionary (a
+            // member could name a new random id in every message).
+            self.stats.missing_dictionary += 1;
+            let new = !self.warned_dictionaries.contains(&id);
+            if new && self.warned_dictionaries.len() < WARNED_DICTIONARIES {
+                self.warned_dictionaries.push(id);
+                tracing::warn!(dictionary = %id, "{e} (logged once per dictionary)");
+            } else {
+                tracing::debug!(dictionary = %id, "{e}");
+            }
         }
         self.stats.rejected += 1;
     }
@@ -1568,6 +1588,60 @@ mod tests {
             resumed,
             vec![(false, Some(FromSeq(6))), (true, Some(FromSeq(13)))],
             "tree 1 from its SubOk boundary, tree 2 after its message"
+        );
+    }
+
+    /// Review finding: a member can name a new random dictionary in every message; each is
+    /// counted, but only the first few missing dictionaries are logged (once each).
+    #[test]
+    fn missing_dictionaries_are_counted_and_logged_once_each_up_to_a_bound() {
+        let (recv_kr, mut rng) = one_tree(11);
+        // The sender holds the same tree and 20 dictionaries the receiver lacks.
+        let (send_kr, _) = one_tree(11);
+        let ids: Vec<_> = (0..20u8)
+            .map(|i| {
+                let d = whispeer_protocol::Dictionary::new(vec![i; 64]).unwrap();
+                let id = d.id();
+                send_kr.write().unwrap().add_dictionary(d);
+                id
+            })
+            .collect();
+        let mut core = ClientCore::new(recv_kr);
+        core.subscribe_with_options(
+            1,
+            TopicFilter::new("a/#").unwrap(),
+            SubscribeOptions::new(),
+            0,
+        )
+        .unwrap();
+        let topic = Topic::new("a/x").unwrap();
+        for (n, id) in ids.iter().chain(ids.iter()).enumerate() {
+            let mut policy = SealPolicy::default();
+            policy.default.compression = whispeer_protocol::Compression::ZstdDict {
+                level: 3,
+                dict: *id,
+            };
+            let env = seal_publish(
+                &send_kr,
+                None,
+                &policy,
+                &mut Sealer::new(),
+                &topic,
+                OCTETS,
+                &[7u8; 200],
+                NOW,
+                &mut rng,
+            )
+            .unwrap()
+            .0;
+            assert!(core.receive(&at(&env, n as u64 + 1), NOW).is_none());
+        }
+        assert_eq!(core.stats().missing_dictionary, 40);
+        assert_eq!(core.stats().rejected, 40);
+        assert_eq!(
+            core.warned_dictionaries,
+            ids[..WARNED_DICTIONARIES],
+            "the first 16 distinct ones logged, once each"
         );
     }
 

@@ -74,6 +74,9 @@ pub(crate) struct Store {
     path: PathBuf,
     /// Dedup entries written since expired ones were last deleted.
     since_prune: std::cell::Cell<u64>,
+    /// Rows of `seen` at most (counted at open, then every insert counted as a new row):
+    /// when it passes the window's capacity by an eighth, the oldest rows are trimmed.
+    seen_rows: std::cell::Cell<u64>,
 }
 
 impl Store {
@@ -125,13 +128,19 @@ impl Store {
         db.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS pins (id INTEGER PRIMARY KEY CHECK (id = 1),
-                                              bytes BLOB NOT NULL);",
+                                              bytes BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS seen_window (id INTEGER PRIMARY KEY CHECK (id = 1),
+                                                forgot_upto INTEGER NOT NULL);",
         )
         .map_err(err)?;
+        let rows: i64 = db
+            .query_row("SELECT count(*) FROM seen", [], |r| r.get(0))
+            .map_err(err)?;
         Ok(Store {
             db,
             path: path.to_owned(),
             since_prune: std::cell::Cell::new(0),
+            seen_rows: std::cell::Cell::new(rows.max(0) as u64),
         })
     }
 
@@ -247,6 +256,16 @@ impl Store {
                     guard.restore_retained(k, ts as u64, i);
                 }
             }
+            use rusqlite::OptionalExtension;
+            let forgot: Option<i64> = self
+                .db
+                .query_row(
+                    "SELECT forgot_upto FROM seen_window WHERE id = 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            guard.restore_forgot_upto(forgot.unwrap_or(0).max(0) as u64);
             Ok(())
         };
         if let Err(e) = load() {
@@ -258,7 +277,20 @@ impl Store {
     /// dedup entries, and high-water marks dated before `marks_before_ms` (the horizon and
     /// skew before now: the receiver refuses messages that old anyway, see
     /// `Guard::expire`; every message moves its topic's mark, so they would pile up).
-    pub(crate) fn record(&self, changes: &[Change], now_ms: u64, marks_before_ms: u64) {
+    ///
+    /// The dedup rows are held to the window's capacity `max_seen` (plus an eighth, so
+    /// the trim is rare): the rows that expire first go, as the window forgets them for
+    /// room (`Guard::make_room`), and the latest expiry among them is kept as the window's
+    /// `forgot_upto`, so a restored window still refuses what they covered. (Before, rows
+    /// stayed until they expired: a member flooding unsigned messages grew the file by
+    /// its rate times the horizon, and every start read them all.)
+    pub(crate) fn record(
+        &self,
+        changes: &[Change],
+        now_ms: u64,
+        marks_before_ms: u64,
+        max_seen: usize,
+    ) {
         if changes.is_empty() {
             return;
         }
@@ -273,6 +305,7 @@ impl Store {
                             params![&key.0 .0[..], &key.1[..], &key.2[..], *expires_ms as i64],
                         )?;
                         self.since_prune.set(self.since_prune.get() + 1);
+                        self.seen_rows.set(self.seen_rows.get() + 1);
                     }
                     Change::Retained { key, ts_ms, msg_id } => {
                         tx.execute(
@@ -284,14 +317,45 @@ impl Store {
             }
             if self.since_prune.get() >= 1024 {
                 self.since_prune.set(0);
-                tx.execute(
+                let gone = tx.execute(
                     "DELETE FROM seen WHERE expires <= ?1",
                     params![now_ms as i64],
                 )?;
+                self.seen_rows
+                    .set(self.seen_rows.get().saturating_sub(gone as u64));
                 tx.execute(
                     "DELETE FROM retained WHERE ts < ?1",
                     params![marks_before_ms.min(i64::MAX as u64) as i64],
                 )?;
+            }
+            let max = max_seen as u64;
+            if self.seen_rows.get() > max.saturating_add((max / 8).max(1024)) {
+                let rows: i64 = tx.query_row("SELECT count(*) FROM seen", [], |r| r.get(0))?;
+                let mut rows = rows.max(0) as u64;
+                if rows > max {
+                    use rusqlite::OptionalExtension;
+                    // The expiry of the last row that must go (oldest first): every row
+                    // expiring by then goes (whole milliseconds, as the window forgets).
+                    let cut: Option<i64> = tx
+                        .query_row(
+                            "SELECT expires FROM seen ORDER BY expires LIMIT 1 OFFSET ?1",
+                            params![(rows - max - 1).min(i64::MAX as u64) as i64],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if let Some(cut) = cut {
+                        let gone =
+                            tx.execute("DELETE FROM seen WHERE expires <= ?1", params![cut])?;
+                        rows = rows.saturating_sub(gone as u64);
+                        tx.execute(
+                            "INSERT INTO seen_window (id, forgot_upto) VALUES (1, ?1)
+                             ON CONFLICT (id) DO UPDATE
+                             SET forgot_upto = max(forgot_upto, excluded.forgot_upto)",
+                            params![cut],
+                        )?;
+                    }
+                }
+                self.seen_rows.set(rows);
             }
             tx.commit()
         };
@@ -327,6 +391,7 @@ mod tests {
                 ],
                 5,
                 0,
+                usize::MAX,
             );
         }
         let s = Store::open(&p).unwrap();
@@ -359,5 +424,47 @@ mod tests {
         std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
         let e = Store::open(&garbage).unwrap_err();
         assert!(e.to_string().contains("garbage.db"), "{e}");
+    }
+
+    /// The file holds the window's capacity of dedup rows (plus slack), not every message
+    /// of the horizon, and a window restored from it refuses what the trimmed rows covered
+    /// exactly as the running window did.
+    #[test]
+    fn the_dedup_rows_are_held_to_the_window_capacity_and_what_they_covered_stays_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let cfg = || crate::core::receive::ReceiveConfig {
+            max_entries: 10,
+            ..Default::default()
+        };
+        let mut live = Guard::new(cfg());
+        {
+            let s = Store::open(&p).unwrap();
+            // One past the trim point (capacity + 1024 rows of slack): the trim leaves
+            // exactly the capacity, so only the saved `forgot_upto` tells a restored window
+            // where the running one started.
+            for i in 0..(10 + 1024 + 1u32) {
+                let mut id = [0u8; 16];
+                id[..4].copy_from_slice(&i.to_be_bytes());
+                let key = (TreeId([1; 16]), [2; 32], id);
+                let expires_ms = 1_000 + u64::from(i);
+                live.restore_seen(key, expires_ms, 0);
+                s.record(&[Change::Seen { key, expires_ms }], 0, 0, 10);
+            }
+            let rows: i64 =
+                s.db.query_row("SELECT count(*) FROM seen", [], |r| r.get(0))
+                    .unwrap();
+            assert_eq!(rows, 10, "rows kept for a window of 10");
+        }
+        assert!(live.forgot_upto() > 0);
+        let s = Store::open(&p).unwrap();
+        let mut g = Guard::new(cfg());
+        s.restore(&mut g, 0);
+        assert_eq!(g.seen_len(), 10);
+        assert_eq!(
+            g.forgot_upto(),
+            live.forgot_upto(),
+            "the restored window starts where the running one did"
+        );
     }
 }

@@ -123,6 +123,23 @@ test('async iterator form, unsubscribe, acked and retained publishes, bytes', as
   await assert.rejects(a.clearRetained('state/door', { retain: false }), (e) => e.code === 'INVALID_OPTION');
 });
 
+test('maxPayload refuses a received message over it from its declared size', async () => {
+  const tree = TreeKey.generate('payload');
+  const pub = await connect({ keys: tree });
+  const small = await connect({ keys: tree, maxPayload: 1024 });
+  await assert.rejects(connect({ keys: tree, maxPayload: -1 }), { code: 'INVALID_OPTION' });
+  const got = collector(1);
+  await small.subscribe('p/#', got.cb);
+  // 64 KiB of zeros compresses to a few bytes: refused by its declared size, not its
+  // wire size; the small one after it is delivered.
+  await pub.publish('p/big', new Uint8Array(64 * 1024));
+  await pub.publish('p/small', new Uint8Array([1, 2, 3]));
+  const [m] = await got.all;
+  assert.equal(m.topic, 'p/small');
+  assert.equal(small.stats().rejected, 1);
+  assert.equal(small.stats().delivered, 1);
+});
+
 test('wrong or missing keys are rejected', async () => {
   const tree = TreeKey.generate('keys');
   const onlyA = tree.grant('a/#');

@@ -50,6 +50,7 @@ test('a dictionary topic round-trips; the id is stable; strings carry it', async
   await plain.publish('sensor/plain', 1, { ack: true });
   await second;
   assert.equal(lackingGot.filter((m) => m.topic === 'sensor/kitchen').length, 0);
+  assert.equal(lacking.stats().missingDictionary, 1, 'counted as a missing dictionary');
   // An unknown dictionary id is refused when publishing.
   const none = await connect({ keys: tree, compression: `zstd-dict:${'0'.repeat(32)}` });
   await assert.rejects(none.publish('sensor/x', 1, { ack: true }), /dictionary/);

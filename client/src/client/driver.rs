@@ -750,7 +750,7 @@ impl Driver {
             let cfg = self.p.eng.core().guard().config();
             let keep = cfg.horizon_ms.saturating_add(cfg.max_skew_ms);
             let now = now_ms();
-            st.record(&changes, now, now.saturating_sub(keep));
+            st.record(&changes, now, now.saturating_sub(keep), cfg.max_entries);
             return;
         }
         self.p.eng.core_mut().clear_changes();

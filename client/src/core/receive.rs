@@ -222,6 +222,10 @@ pub struct Snapshot {
     pub seen: Vec<(Digest, u64)>,
     /// Retained high-water marks: key, timestamp, message id (no particular order).
     pub retained: Vec<(RetainedKey, u64, [u8; 16])>,
+    /// The latest expiry among dedup entries forgotten for room (0: none; see
+    /// [`Guard::forgot_upto`]). Without it a restored window would accept again what the
+    /// full window had forgotten.
+    pub forgot_upto: u64,
 }
 
 /// The receiver-side state: dedup window and retained high-water marks.
@@ -472,6 +476,20 @@ impl Guard {
         }
     }
 
+    /// The latest expiry time among dedup entries forgotten for room (0: none). Every
+    /// message dated at most this minus the horizon and skew may be one of them and is
+    /// refused (unless a subscription asked for older history). A driver that keeps the
+    /// window in a file keeps this too (or keeps every entry until it expires): a window
+    /// restored without it would accept those messages again.
+    pub fn forgot_upto(&self) -> u64 {
+        self.seen.forgot_upto
+    }
+
+    /// Loads a persisted [`Guard::forgot_upto`] (the later time wins).
+    pub fn restore_forgot_upto(&mut self, t: u64) {
+        self.seen.forgot_upto = self.seen.forgot_upto.max(t);
+    }
+
     /// Loads a persisted retained high-water mark.
     pub fn restore_retained(&mut self, key: RetainedKey, ts_ms: u64, msg_id: [u8; 16]) {
         let e = self.retained.entry(key).or_insert((ts_ms, msg_id));
@@ -506,6 +524,7 @@ impl Guard {
                 .iter()
                 .map(|(k, &(ts, id))| (*k, ts, id))
                 .collect(),
+            forgot_upto: self.seen.forgot_upto,
         }
     }
 
@@ -1058,6 +1077,27 @@ mod tests {
             h.restore_seen(dedup_key(&msg(i, NOW, 0)), NOW + u64::from(i), NOW);
         }
         assert_eq!(h.seen_len(), 10);
+        // A window restored from a snapshot keeps what the full one had forgotten: a replay
+        // of message 0 is still refused (it was accepted again when the snapshot carried
+        // only the entries).
+        let snap = g.snapshot(now);
+        assert_eq!(snap.forgot_upto, g.forgot_upto());
+        assert!(snap.forgot_upto > 0);
+        let mut k = Guard::new(ReceiveConfig {
+            max_entries: 100,
+            ..ReceiveConfig::default()
+        });
+        for &(d, exp) in &snap.seen {
+            k.restore_digest(d, exp, now);
+        }
+        k.restore_forgot_upto(snap.forgot_upto);
+        assert_eq!(
+            k.check(&msg(0, NOW, msg_flags::REPLAYED), now),
+            Err(Refusal::BeforeWindow),
+            "a forgotten message stays refused after a restore"
+        );
+        let back = k.snapshot(now);
+        assert_eq!((back.seen, back.forgot_upto), (snap.seen, snap.forgot_upto));
         assert!(h.is_seen(&dedup_key(&msg(49, NOW, 0))));
         assert!(!h.is_seen(&dedup_key(&msg(39, NOW, 0))));
     }
