@@ -177,6 +177,23 @@ struct LocalSub {
     /// shown it (the relay sets the flag, so it must not buy more than that). At most
     /// [`MAX_SHOWN`]; beyond it, values already delivered are not shown again.
     shown: std::collections::HashSet<receive::Digest>,
+    /// Its relay subscriptions still in their retained phase: asked with `retained`, and
+    /// no live message of their key id since their `SubOk`. A relay sends the retained
+    /// values right after `SubOk`, before any live message (PROTOCOL §3.5.5), so a
+    /// `RETAINED` delivery after a live one is not a retained value: the relay could
+    /// otherwise show any message delivered live once more, flagged retained. (Only live
+    /// messages after the `SubOk` count: one before it was routed before the relay had
+    /// the subscription, though its tokens match.)
+    retained_open: Vec<RetainedPhase>,
+}
+
+/// A relay subscription in its retained phase (see `LocalSub::retained_open`).
+#[derive(Debug, Clone, Copy)]
+struct RetainedPhase {
+    key: whispeer_protocol::KeyId,
+    relay_id: u64,
+    /// Its `SubOk` arrived: live messages of its key id from now on were routed to it.
+    confirmed: bool,
 }
 
 /// Most retained values remembered as shown per subscription (16 bytes each).
@@ -786,10 +803,18 @@ impl ClientCore {
             None
         };
         sub.patterns = patterns.clone();
+        sub.retained_open.clear();
         for pattern in patterns {
             let rid = self.next_relay_id;
             self.next_relay_id += 1;
             sub.relay_ids.push(rid);
+            if retained {
+                sub.retained_open.push(RetainedPhase {
+                    key: *pattern.key_id(),
+                    relay_id: rid,
+                    confirmed: false,
+                });
+            }
             if sub.got.is_some() || replay.is_some() {
                 sub.replaying.push(rid);
             }
@@ -832,6 +857,14 @@ impl ClientCore {
             None
         };
         let owner = owner_secret(self.owner_key.as_deref(), pattern.key_id(), &name);
+        sub.retained_open.retain(|p| p.relay_id != relay_id);
+        if sub.opts.retained {
+            sub.retained_open.push(RetainedPhase {
+                key: *pattern.key_id(),
+                relay_id,
+                confirmed: false,
+            });
+        }
         Some(Frame::Sub(Sub {
             sub_id: relay_id,
             pattern,
@@ -882,6 +915,7 @@ impl ClientCore {
                 replaying: Vec::new(),
                 patterns: Vec::new(),
                 shown: Default::default(),
+                retained_open: Vec::new(),
             },
         );
         let frames = self.sub_frames(id, now_ms);
@@ -921,6 +955,9 @@ impl ClientCore {
             if !sub.replaying.contains(&relay_id) {
                 sub.reached(relay_id, seq);
             }
+            for p in &mut sub.retained_open {
+                p.confirmed |= p.relay_id == relay_id;
+            }
         }
     }
 
@@ -946,7 +983,10 @@ impl ClientCore {
             .into_iter()
             .map(|rid| {
                 self.relay_to_local.remove(&rid);
-                Frame::Unsub(Unsub { sub_id: rid })
+                Frame::Unsub(Unsub {
+                    sub_id: rid,
+                    delete: None,
+                })
             })
             .collect()
     }
@@ -1028,6 +1068,18 @@ impl ClientCore {
             self.stats.decompressed += 1; // by the open job
         }
         let routed = self.routed(msg);
+        if msg.flags & (frame::msg_flags::RETAINED | frame::msg_flags::REPLAYED) == 0 {
+            // A live message ends the retained phase of the confirmed relay subscriptions
+            // of its key id that it was routed to (see `LocalSub::retained_open`).
+            let key = msg.envelope.key_id();
+            for id in &routed {
+                if let Some(s) = self.subs.get_mut(id) {
+                    if !s.retained_open.is_empty() {
+                        s.retained_open.retain(|p| !(p.confirmed && p.key == key));
+                    }
+                }
+            }
+        }
         if routed
             .iter()
             .any(|id| self.subs[id].opts.acking() && !room(*id))
@@ -1115,7 +1167,11 @@ impl ClientCore {
         let retained = msg.flags & frame::msg_flags::RETAINED != 0 && !replayed;
         let claims = |s: &LocalSub| {
             (!replayed || s.wants_history(msg.seq))
-                && (!retained || s.opts.retained)
+                && (!retained
+                    || (s.opts.retained
+                        && s.retained_open
+                            .iter()
+                            .any(|p| p.key == msg.envelope.key_id())))
                 && (msg.flags & frame::msg_flags::REDELIVERED == 0 || s.opts.acking())
         };
         let entitled: Vec<LocalSubId> = matched
@@ -1334,7 +1390,7 @@ mod tests {
             .unwrap()
             .0
         };
-        let (old, m, stale) = (seal(NOW - 2_000), seal(NOW - 1_000), seal(NOW - 3_600_000));
+        let (m, stale) = (seal(NOW - 1_000), seal(NOW - 3_600_000));
         let msg = |env: &whispeer_protocol::Envelope, seq, flags, sub_id| Msg {
             sub_id,
             seq,
@@ -1347,12 +1403,17 @@ mod tests {
                 t
             })
         };
-        assert_eq!(to(&mut core, msg(&m, 10, 0, None)), Some(vec![1, 2, 3]));
         let rid = |core: &ClientCore, id| Some(core.relay_ids(id)[0]);
-        // Flagged retained, named for the subscription that asked for none: refused.
+        let confirm = |core: &mut ClientCore, id| {
+            let r = core.relay_ids(id)[0];
+            core.sub_confirmed(r, 0);
+        };
+        (1..=3).for_each(|id| confirm(&mut core, id));
+        // Before any live message (the retained phase): the topic's current value goes to
+        // the subscriptions that asked for retained values; named for the one that asked
+        // for none, it is refused.
         let r2 = rid(&core, 2);
         assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r2)), None);
-        // For one that asks for retained values: shown again once, then never.
         let r1 = rid(&core, 1);
         assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r1)), Some(vec![1]));
         // Unnamed (an older relay): to each subscription that asks for retained values
@@ -1362,13 +1423,35 @@ mod tests {
             assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r1)), None);
             assert_eq!(to(&mut core, msg(&m, 10, RETAINED, None)), None);
         }
+        // A live message ends the retained phase: one delivered live is never shown
+        // again flagged retained (the relay sends retained values before live ones).
+        let live = seal(NOW - 500);
+        assert_eq!(to(&mut core, msg(&live, 12, 0, None)), Some(vec![1, 2, 3]));
+        assert_eq!(to(&mut core, msg(&live, 12, RETAINED, r1)), None);
+        assert_eq!(to(&mut core, msg(&live, 12, RETAINED, None)), None);
         // A new subscription gets the topic's current value once; never an older one.
         core.subscribe_with_options(4, f("a/x"), o(), NOW).unwrap();
+        // A live message before its SubOk was routed before the relay had it: its phase
+        // goes on.
+        let newer = seal(NOW - 400);
+        assert_eq!(
+            to(&mut core, msg(&newer, 13, 0, None)),
+            Some(vec![1, 2, 3, 4])
+        );
+        confirm(&mut core, 4);
         let r4 = rid(&core, 4);
-        assert_eq!(to(&mut core, msg(&old, 9, RETAINED, r4)), None, "rollback");
-        assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r4)), Some(vec![4]));
-        assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r4)), None);
+        assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r4)), None, "rollback");
+        assert_eq!(to(&mut core, msg(&newer, 13, RETAINED, r4)), Some(vec![4]));
+        assert_eq!(to(&mut core, msg(&newer, 13, RETAINED, r4)), None);
         assert_eq!(core.guard().stats().retained_rollback, 1);
+        // Subscribing again (a reconnect that resumes nothing) opens a new retained phase.
+        let _ = core.resubscribe_all(NOW);
+        let r4 = rid(&core, 4);
+        assert_eq!(
+            to(&mut core, msg(&newer, 13, RETAINED, r4)),
+            None,
+            "shown to this subscription already"
+        );
         // An hour old: refused live; flagged redelivered it goes to the acking
         // subscription only; flagged replayed and named for a live one, nowhere.
         assert_eq!(to(&mut core, msg(&stale, 11, 0, None)), None);

@@ -249,6 +249,34 @@ pub enum FlushError {
     Disconnected,
 }
 
+/// Why deleting a durable subscription ([`crate::Subscription::delete_durable`]) failed.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeleteError {
+    /// The client is closed.
+    #[error("client is closed")]
+    Closed,
+    /// Not connected, or the connection dropped before the relay answered: whether the
+    /// durable was deleted is not known (subscribe to it again and delete it again).
+    #[error("not connected to the relay, or the connection dropped before it answered")]
+    Disconnected,
+    /// The relay did not grant `DURABLE_DELETE` (an older relay, or a store that cannot
+    /// delete durables): nothing was sent, the subscription goes on.
+    #[error("the relay does not delete durable subscriptions (no DURABLE_DELETE feature)")]
+    Unsupported,
+    /// The subscription has no durable name: nothing was sent, it goes on.
+    #[error("the subscription is not durable")]
+    NotDurable,
+    /// The relay refused the deletion (the subscription is ended all the same).
+    #[error("relay refused to delete the durable subscription: {message} ({code:?})")]
+    Rejected {
+        /// Its code.
+        code: ErrorCode,
+        /// Its detail.
+        message: String,
+    },
+}
+
 /// A plugin refused a publish or a subscription.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 #[error("plugin {plugin} refused: {reason}")]

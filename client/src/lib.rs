@@ -85,7 +85,9 @@ pub mod persist;
 mod transport;
 
 pub use crate::core::SubscribeOptions;
-pub use error::{ConnectError, FlushError, PublishError, ReceiveError, SubscribeError};
+pub use error::{
+    ConnectError, DeleteError, FlushError, PublishError, ReceiveError, SubscribeError,
+};
 pub use whispeer_protocol as protocol;
 pub use whispeer_protocol::{
     frame::Replay, Grant, Identity, Invite, Keyring, PassphraseParams, PublicId, Scope, SenderId,

@@ -666,7 +666,10 @@ fn main() {
         Frame::Gap(Gap { dropped: 3 }),
         Frame::Ping(Ping { nonce: 7 }),
         Frame::Pong(Pong { nonce: 7 }),
-        Frame::Unsub(Unsub { sub_id: 1 }),
+        Frame::Unsub(Unsub {
+            sub_id: 1,
+            delete: None,
+        }),
         Frame::Err(ErrFrame {
             code: ErrorCode::RateLimited,
             message: "publish rate exceeded".into(),

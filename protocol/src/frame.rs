@@ -54,6 +54,9 @@ pub mod features {
     /// The relay honours `Sub.credit`: at most that many unacknowledged QoS ≥ 1 messages
     /// in flight per subscription; the rest wait in the store.
     pub const FLOW_CONTROL: u64 = 1 << 5;
+    /// The relay deletes a durable subscription on `Unsub.delete` (a relay without it
+    /// ignores the key: the durable would stay).
+    pub const DURABLE_DELETE: u64 = 1 << 6;
 }
 
 /// Picks the version both sides speak: the highest offered version this crate supports.
@@ -673,6 +676,10 @@ frames! {
     UNSUB => pub struct Unsub {
         /// The id given in `Sub`.
         1 => sub_id: u64 as Uint [req],
+        /// `Some(true)`: the subscription is durable and its durable is deleted too (name,
+        /// position, owner; relays granting [`features::DURABLE_DELETE`]). Absent or false:
+        /// the durable is kept.
+        2 => delete: bool as Flag [opt],
     }
 
     /// Relay → client: a subscription is active (live messages after this frame match it).
@@ -1173,5 +1180,26 @@ mod tests {
             assert_ne!(ErrorCode::from_u16(c).name(), "other");
         }
         assert!(ErrorCode::Busy.is_retryable() && !ErrorCode::AuthFailed.is_retryable());
+    }
+
+    /// `Unsub.delete` (key 2) is written only when set, so an `Unsub` without it encodes
+    /// as before; the bytes are PROTOCOL §3.3.4's example.
+    #[test]
+    fn unsub_delete_is_an_optional_key_2() {
+        let del = Frame::Unsub(Unsub {
+            sub_id: 7,
+            delete: Some(true),
+        });
+        assert_eq!(
+            &del.to_bytes()[..],
+            [0xa3, 0x00, 0x04, 0x01, 0x07, 0x02, 0xf5]
+        );
+        assert_eq!(Frame::decode(&del.to_bytes()).unwrap(), del);
+        let plain = Frame::Unsub(Unsub {
+            sub_id: 7,
+            delete: None,
+        });
+        assert_eq!(&plain.to_bytes()[..], [0xa2, 0x00, 0x04, 0x01, 0x07]);
+        assert_eq!(features::DURABLE_DELETE, 0x40);
     }
 }

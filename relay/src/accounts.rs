@@ -374,6 +374,10 @@ enum StateLine {
         name: String,
         owner: String,
     },
+    /// A durable subscription was deleted (by its owner, or idle past
+    /// `store.durable_idle_ms`): its owner is forgotten. A relay older than this line
+    /// skips it (as an unreadable line) and keeps the owner.
+    Disown { key_id: String, name: String },
 }
 
 /// Key-id claims and durable owners, in memory and (optionally) in an append-only file.
@@ -389,6 +393,9 @@ pub struct AuthState {
     owners: HashMap<([u8; 16], String), (String, u64)>,
     writer: Option<StateWriter>,
 }
+
+/// How long the auth-state writer waits before it tries a failed write again.
+const WRITE_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The state file's writer thread: lines in, their count on disk out.
 #[derive(Debug)]
@@ -406,21 +413,47 @@ impl StateWriter {
         std::thread::Builder::new()
             .name("whispeer-auth-state".into())
             .spawn(move || {
+                use std::io::{Seek, SeekFrom};
                 let mut written = 0u64;
+                // The file's length after the last whole write: a failed write is cut
+                // back to it, so the file never holds half a line before whole ones.
+                let mut len = f.metadata().map(|m| m.len()).unwrap_or(0);
                 // Group commit: everything queued meanwhile goes in one write and one sync.
                 while let Ok(first) = rx.recv() {
                     let mut buf = first;
                     let mut n = 1;
-                    while let Ok(more) = rx.try_recv() {
-                        buf.extend_from_slice(&more);
-                        n += 1;
+                    let mut failing = false;
+                    loop {
+                        while let Ok(more) = rx.try_recv() {
+                            buf.extend_from_slice(&more);
+                            n += 1;
+                        }
+                        match f.write_all(&buf).and_then(|_| f.sync_data()) {
+                            Ok(()) => break,
+                            Err(e) => {
+                                // Not answered until written (a full disk, say): a claim
+                                // or owner answered but lost at the next restart could
+                                // be taken by someone else then. The requests waiting for
+                                // these lines wait (their connections' reads paused);
+                                // nothing else does. Retried until the disk takes it.
+                                if !failing {
+                                    tracing::error!(file = %path.display(), error = %e,
+                                        "cannot write the auth state file; requests that \
+                                         claim a key id or a durable wait until it can be \
+                                         written (retrying)");
+                                    failing = true;
+                                }
+                                let _ = f.set_len(len);
+                                let _ = f.seek(SeekFrom::Start(len));
+                                std::thread::sleep(WRITE_RETRY);
+                            }
+                        }
                     }
-                    if let Err(e) = f.write_all(&buf).and_then(|_| f.sync_data()) {
-                        tracing::error!(file = %path.display(), error = %e,
-                            "cannot write the auth state file: a claim may not survive a restart");
+                    if failing {
+                        tracing::warn!(file = %path.display(), "the auth state file is written again");
                     }
+                    len += buf.len() as u64;
                     written += n;
-                    // Also after an error: waiting requests go on (as before: logged).
                     done.send_replace(written);
                 }
             })?;
@@ -491,6 +524,12 @@ impl AuthState {
                 let mut k = [0u8; 16];
                 if hex::decode_to_slice(&key_id, &mut k).is_ok() {
                     self.owners.insert((k, name), (owner, 0));
+                }
+            }
+            StateLine::Disown { key_id, name } => {
+                let mut k = [0u8; 16];
+                if hex::decode_to_slice(&key_id, &mut k).is_ok() {
+                    self.owners.remove(&(k, name));
                 }
             }
         }
@@ -855,7 +894,8 @@ impl Accounts {
     /// for a durable created without an owner (auth off, legacy clients). `Ok(Some(line))`
     /// as for [`authorize`](Self::authorize).
     ///
-    /// Records are kept forever (in memory and as a state-file line): call it only once the
+    /// Records are kept until the durable is deleted ([`forget_durable_owner`](Self::forget_durable_owner);
+    /// in memory and as a state-file line): call it only once the
     /// durable exists (created or found), after [`check_durable_owner`](Self::check_durable_owner)
     /// let the `Sub` go on — so a `Sub` refused for the durable quota, a busy name or a
     /// store error leaves no record (each one used to leave ~1 KB in both).
@@ -881,6 +921,30 @@ impl Accounts {
                 Ok(st.pending(line))
             }
         }
+    }
+
+    /// Forgets the owner of a durable subscription that was deleted (a state-file line when
+    /// one was recorded), if `gone` — asked under the state lock, which
+    /// [`durable_owner`](Self::durable_owner) also takes after a `Sub` created the durable
+    /// again — still says the durable does not exist: an owner recorded for a new durable
+    /// of the same name is never dropped. Returns whether an owner was forgotten.
+    pub fn forget_durable_owner(
+        &self,
+        key_id: &KeyId,
+        name: &str,
+        gone: impl FnOnce() -> bool,
+    ) -> bool {
+        let k = (*key_id.as_bytes(), name.to_owned());
+        let mut st = self.state();
+        if !st.owners.contains_key(&k) || !gone() {
+            return false;
+        }
+        st.owners.remove(&k);
+        st.append(&StateLine::Disown {
+            key_id: hex::encode(k.0),
+            name: k.1,
+        });
+        true
     }
 
     /// The account's current entry, if it holds every right of `need`.

@@ -84,7 +84,15 @@ pub struct AccountsStatus {
     pub durable_owners: usize,
 }
 
+/// The full `/status` (per-path detail included).
 pub(crate) fn status(shared: &Shared) -> Status {
+    status_with(shared, true)
+}
+
+/// `/status` with per-path detail (key ids: the admin token's) or counts only. Without
+/// detail the store answers from its totals: an anonymous caller never makes the relay walk
+/// every stored path under the store's locks (any local user can reach a loopback port).
+fn status_with(shared: &Shared, detail: bool) -> Status {
     let cfg = &shared.config;
     Status {
         relay: concat!("whispeer-relay ", env!("CARGO_PKG_VERSION")).into(),
@@ -104,7 +112,11 @@ pub(crate) fn status(shared: &Shared) -> Status {
             .into_iter()
             .map(String::from)
             .collect(),
-        store: shared.router.store().status(),
+        store: if detail {
+            shared.router.store().status()
+        } else {
+            shared.router.store().status_counts()
+        },
         accounts: {
             let a = &shared.accounts;
             let (claimed_key_ids, durable_owners) = a.state_counts();
@@ -116,16 +128,9 @@ pub(crate) fn status(shared: &Shared) -> Status {
                 durable_owners,
             }
         },
-        detail: true,
+        detail,
         cluster: shared.cluster.as_ref().map(|c| c.status(&shared.metrics)),
     }
-}
-
-/// The `/status` an anonymous caller sees: counts only, no key ids.
-fn redacted(mut s: Status) -> Status {
-    s.store.paths.clear();
-    s.detail = false;
-    s
 }
 
 /// Whether the request carries the configured admin token.
@@ -209,11 +214,7 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 text
             },
         ),
-        "/status" => match serde_json::to_vec_pretty(&if authorized {
-            status(shared)
-        } else {
-            redacted(status(shared))
-        }) {
+        "/status" => match serde_json::to_vec_pretty(&status_with(shared, authorized)) {
             Ok(body) => respond(StatusCode::OK, "application/json", body),
             Err(_) => respond(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -235,9 +236,28 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// Admin connections served at once. Past it the port stops accepting: further
+/// connections wait in the kernel's listen queue (costing the relay no file descriptor, no
+/// task) until one ends. Each connection serves one request (no keep-alive) and lives at
+/// most [`ADMIN_CONNECTION_LIFETIME`], so the places free on their own.
+pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Longest an admin connection is kept, request and answer included.
+const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
 /// Serves the admin port until the task is aborted.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    serve_capped(listener, shared, ADMIN_MAX_CONNECTIONS).await
+}
+
+/// [`serve`] with at most `cap` connections at once.
+async fn serve_capped(listener: TcpListener, shared: Arc<Shared>, cap: usize) {
+    let places = Arc::new(tokio::sync::Semaphore::new(cap));
     loop {
+        // A place first, then accept: at the cap, connections queue in the kernel.
+        let Ok(place) = places.clone().acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -249,15 +269,17 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _place = place;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp = route(&shared, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, connection).await;
         });
     }
 }

@@ -697,7 +697,9 @@ pub struct StoreConfig {
     /// How long a QoS 2 publish id is remembered for exactly-once dedup, in milliseconds.
     #[arg(long, env = "WHISPEER_DEDUP_WINDOW_MS")]
     pub dedup_window_ms: u64,
-    /// Most publish ids remembered for dedup.
+    /// Most publish ids remembered for dedup. Ids are kept per tenant (one tenant's ids
+    /// never answer or push out another's); over this bound the publishing tenant gives
+    /// back its own oldest id, and only past twice the bound the oldest of all goes.
     #[arg(long, env = "WHISPEER_DEDUP_MAX")]
     pub dedup_max: usize,
     /// Keep QoS 0 messages in history too (false: QoS 0 is live-only; retained QoS 0 values
@@ -720,6 +722,11 @@ pub struct StoreConfig {
     /// Per tenant: most durable subscription names (the Sub gets Err(quota_exceeded)).
     #[arg(long, env = "WHISPEER_TENANT_MAX_DURABLES")]
     pub tenant_max_durables: u64,
+    /// A durable subscription no subscription has held for this many milliseconds is
+    /// deleted — its name, position and owner — and no longer counts against the durable
+    /// quotas (0 = kept until its owner deletes it). The idle time survives restarts.
+    #[arg(long, env = "WHISPEER_DURABLE_IDLE_MS")]
+    pub durable_idle_ms: u64,
     /// Per tenant: most distinct token paths with stored data.
     #[arg(long, env = "WHISPEER_TENANT_MAX_PATHS")]
     pub tenant_max_paths: u64,
@@ -772,6 +779,7 @@ impl Default for StoreConfig {
             tenant_max_messages: 1_000_000,
             tenant_max_retained: 10_000,
             tenant_max_durables: 1_000,
+            durable_idle_ms: 7 * 24 * 3600 * 1000,
             tenant_max_paths: 10_000,
             total_max_bytes: 8 << 30,
             total_max_messages: 50_000_000,
@@ -944,6 +952,26 @@ pub struct Limits {
     /// Behind a reverse proxy every client has the proxy's address: raise it there.
     #[arg(long, env = "WHISPEER_MAX_CONNECTIONS_PER_ADDR")]
     pub max_connections_per_addr: usize,
+    /// Most connections from one network, TLS/WebSocket handshakes included: the IPv4 /24
+    /// or IPv6 /48 (network_ipv4_prefix, network_ipv6_prefix) around the source address,
+    /// over all its addresses. Without it one IPv6 customer (a /48 is 65,536 sources of
+    /// max_connections_per_addr each) or 40 addresses of one IPv4 network could hold every
+    /// place; the default (max_connections / 8) takes 8 networks to fill the relay. Over it
+    /// the same refusal as max_connections_per_addr ("… per network …"). Many honest hosts
+    /// can share a network (a carrier-grade NAT pool, a campus): raise it with
+    /// max_connections, or further (0 = no network cap) if one network really brings that
+    /// many clients.
+    #[arg(long, env = "WHISPEER_MAX_CONNECTIONS_PER_NETWORK")]
+    pub max_connections_per_network: usize,
+    /// Leading bits of an IPv4 source address that max_connections_per_network counts by
+    /// (8..=32).
+    #[arg(long, env = "WHISPEER_NETWORK_IPV4_PREFIX")]
+    pub network_ipv4_prefix: u8,
+    /// Leading bits of an IPv6 source address that max_connections_per_network counts by
+    /// (16..=128; a network is never smaller than addr_ipv6_prefix, the shorter applies):
+    /// 48 is one site, what one customer can get (a free tunnel broker hands out /48s).
+    #[arg(long, env = "WHISPEER_NETWORK_IPV6_PREFIX")]
+    pub network_ipv6_prefix: u8,
     /// Sustained Sub/Unsub requests per second per connection (a Sub that replays history
     /// or resumes a durable costs replay_cost).
     #[arg(long, env = "WHISPEER_SUB_RATE")]
@@ -1053,6 +1081,9 @@ impl Default for Limits {
             publish_rate: 10_000,
             publish_burst: 20_000,
             max_connections_per_addr: 256,
+            max_connections_per_network: 1_250,
+            network_ipv4_prefix: 24,
+            network_ipv6_prefix: 48,
             sub_rate: 200,
             sub_burst: 10_000,
             replay_cost: 10,
@@ -1296,6 +1327,18 @@ impl Config {
             return invalid(
                 "limits.max_connections_per_addr",
                 "must be at least 1".into(),
+            );
+        }
+        if !(8..=32).contains(&l.network_ipv4_prefix) {
+            return invalid(
+                "limits.network_ipv4_prefix",
+                format!("must be 8..=32, got {}", l.network_ipv4_prefix),
+            );
+        }
+        if !(16..=128).contains(&l.network_ipv6_prefix) {
+            return invalid(
+                "limits.network_ipv6_prefix",
+                format!("must be 16..=128, got {}", l.network_ipv6_prefix),
             );
         }
         for (field, rate, burst) in [
@@ -1885,6 +1928,20 @@ mod tests {
             let mut c = Config::default();
             c.limits.addr_ipv6_prefix = prefix;
             assert_eq!(c.validate().is_ok(), ok, "addr_ipv6_prefix {prefix}");
+        }
+        for (v4, v6, ok) in [
+            (24, 48, true),
+            (8, 16, true),
+            (32, 128, true),
+            (7, 48, false),
+            (33, 48, false),
+            (24, 15, false),
+            (24, 129, false),
+        ] {
+            let mut c = Config::default();
+            c.limits.network_ipv4_prefix = v4;
+            c.limits.network_ipv6_prefix = v6;
+            assert_eq!(c.validate().is_ok(), ok, "network prefixes /{v4} /{v6}");
         }
         // A frame budget must hold the largest frame (or be 0 = unlimited).
         let max = Limits::default().max_frame;

@@ -39,6 +39,38 @@ const CODES: [ErrorCode; 17] = [
     ErrorCode::UnknownSubscription,
 ];
 
+/// Which cap refused a connection before its handshake (the `cap` label of
+/// `whispeer_relay_connections_refused_total`: a fixed set, never an address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RefusedCap {
+    /// `max_connections`.
+    Global,
+    /// `max_connections_per_addr`.
+    PerAddr,
+    /// `max_connections_per_network`.
+    PerNetwork,
+    /// A cap reached by an address over its connect rate: closed unanswered.
+    Churning,
+}
+
+impl RefusedCap {
+    const ALL: [RefusedCap; 4] = [
+        RefusedCap::Global,
+        RefusedCap::PerAddr,
+        RefusedCap::PerNetwork,
+        RefusedCap::Churning,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            RefusedCap::Global => "global",
+            RefusedCap::PerAddr => "per_addr",
+            RefusedCap::PerNetwork => "per_network",
+            RefusedCap::Churning => "churning",
+        }
+    }
+}
+
 /// Latency histogram with fixed buckets.
 #[derive(Debug, Default)]
 struct Histogram {
@@ -66,6 +98,7 @@ pub struct Metrics {
     connections: [AtomicI64; TransportKind::ALL.len()],
     connections_total: [AtomicU64; TransportKind::ALL.len()],
     connections_rejected: AtomicU64,
+    connections_refused: [AtomicU64; RefusedCap::ALL.len()],
     subscriptions: AtomicI64,
     subscribes_total: AtomicU64,
     messages_in: AtomicU64,
@@ -127,6 +160,7 @@ impl Default for Metrics {
             connections: Default::default(),
             connections_total: Default::default(),
             connections_rejected: AtomicU64::new(0),
+            connections_refused: Default::default(),
             subscriptions: AtomicI64::new(0),
             subscribes_total: AtomicU64::new(0),
             messages_in: AtomicU64::new(0),
@@ -196,6 +230,11 @@ impl Metrics {
     }
     pub(crate) fn connection_rejected(&self) {
         self.connections_rejected.fetch_add(1, Relaxed);
+    }
+    /// A connection refused before its handshake by `cap` (also counted as rejected).
+    pub(crate) fn connection_refused(&self, cap: RefusedCap) {
+        self.connection_rejected();
+        self.connections_refused[cap as usize].fetch_add(1, Relaxed);
     }
     pub(crate) fn subscribed(&self) {
         self.subscriptions.fetch_add(1, Relaxed);
@@ -498,6 +537,20 @@ impl Metrics {
             let _ = writeln!(
                 o,
                 "whispeer_relay_connections_total{{transport=\"{k}\"}} {v}"
+            );
+        }
+        family(
+            &mut o,
+            "whispeer_relay_connections_refused_total",
+            "counter",
+            "Connections refused before their handshake, by the cap that refused them (global = max_connections, per_addr, per_network, churning = closed unanswered).",
+        );
+        for cap in RefusedCap::ALL {
+            let v = load(&self.connections_refused[cap as usize]);
+            let _ = writeln!(
+                o,
+                "whispeer_relay_connections_refused_total{{cap=\"{}\"}} {v}",
+                cap.label()
             );
         }
         let counters: [(&str, &str, u64); 18] = [

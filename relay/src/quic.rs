@@ -25,6 +25,14 @@ use crate::transport::stream::{StreamSink, StreamSource};
 /// Accepts QUIC connections until the task is aborted (relay shutdown).
 pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
+        // A source address banned for churn (`limits.addr_churn_ban_secs`): no socket
+        // filter covers UDP, so its attempts are dropped here, before a Retry or any
+        // state, unanswered like its SYNs on the TCP listeners (its client retries, and
+        // gets in once the ban ends). Its open connections are untouched.
+        if shared.addr_table.banned(incoming.remote_address().ip()) {
+            incoming.ignore();
+            continue;
+        }
         if !incoming.remote_address_validated() && incoming.may_retry() {
             shared.metrics.quic_retry();
             // Stateless: nothing is kept for it. (`retry` fails only when a Retry is not

@@ -217,6 +217,9 @@ impl AddrEntry {
 #[derive(Debug, Default)]
 struct AddrState {
     by_addr: HashMap<IpAddr, AddrEntry>,
+    /// Connections and handshakes per network ([`AddrTable::network`]); an entry lives
+    /// while its count is not zero, so the map is bounded by the connections.
+    by_net: HashMap<IpAddr, usize>,
     total: usize,
     /// Entries at or above which a new address sweeps the forgettable ones: twice what the
     /// last sweep left (at least 4,096), so sweeps cost O(1) per admission amortized. A
@@ -243,6 +246,10 @@ pub(crate) struct AddrTable {
     /// Leading bits an IPv6 address is counted by ([`source_address`]).
     v6_prefix: u8,
     per_addr: usize,
+    /// Most connections per network (`max_connections_per_network`; 0 = no cap) and the
+    /// IPv4 and IPv6 prefix lengths a network is.
+    per_net: usize,
+    net_prefix: (u8, u8),
     global: usize,
     /// Churning addresses banned before accept.
     bans: crate::syn_ban::Bans,
@@ -256,6 +263,9 @@ pub(crate) struct AddrTable {
 pub(crate) enum Refusal {
     /// The address has `max_connections_per_addr` connections or handshakes.
     PerAddr(usize),
+    /// The address's network (IPv4 /24, IPv6 /48 by default) has
+    /// `max_connections_per_network` connections or handshakes.
+    PerNetwork(usize),
     /// Either cap, reached by an address that is also over its connect rate (connection
     /// churn): the connection is closed at once, without the explanation an honest client
     /// over a cap gets, so a churning address costs the relay as little as possible per
@@ -273,10 +283,24 @@ impl Refusal {
             Refusal::PerAddr(n) => Some(format!(
                 "limit of {n} connections per source address reached (max_connections_per_addr)"
             )),
+            Refusal::PerNetwork(n) => Some(format!(
+                "limit of {n} connections per network of source addresses reached (max_connections_per_network)"
+            )),
             Refusal::Global(n) => {
                 Some(format!("connection limit of {n} reached (max_connections)"))
             }
             Refusal::Churning => None,
+        }
+    }
+
+    /// Which cap refused (the `cap` label of `whispeer_relay_connections_refused_total`).
+    pub(crate) fn cap(&self) -> crate::metrics::RefusedCap {
+        use crate::metrics::RefusedCap;
+        match self {
+            Refusal::PerAddr(_) => RefusedCap::PerAddr,
+            Refusal::PerNetwork(_) => RefusedCap::PerNetwork,
+            Refusal::Global(_) => RefusedCap::Global,
+            Refusal::Churning => RefusedCap::Churning,
         }
     }
 }
@@ -296,9 +320,32 @@ impl AddrTable {
             connect,
             v6_prefix,
             per_addr,
+            per_net: 0,
+            net_prefix: (32, 128),
             global,
             bans: crate::syn_ban::Bans::new(ban_max),
             count: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Caps the connections of each network at `cap` (0 = no cap): an IPv4 address's
+    /// first `v4_prefix` bits, an IPv6 one's first `v6_prefix` (at most the table's
+    /// per-address prefix, so a network holds whole sources).
+    pub(crate) fn with_network_cap(mut self, cap: usize, v4_prefix: u8, v6_prefix: u8) -> Self {
+        self.per_net = cap;
+        self.net_prefix = (v4_prefix.min(32), v6_prefix.min(self.v6_prefix));
+        self
+    }
+
+    /// The network a source address (already cut by [`source_address`]) counts in.
+    fn network(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(v4) => {
+                let bits = u32::from(self.net_prefix.0);
+                let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+                IpAddr::V4((u32::from(v4) & mask).into())
+            }
+            IpAddr::V6(_) => source_address(ip, self.net_prefix.1),
         }
     }
 
@@ -312,6 +359,12 @@ impl AddrTable {
     pub(crate) fn strike(&self, ip: IpAddr) -> Option<Duration> {
         self.bans
             .strike(source_address(ip, self.v6_prefix), Instant::now())
+    }
+
+    /// Whether `ip`'s source address is banned now for churn.
+    pub(crate) fn banned(&self, ip: IpAddr) -> bool {
+        self.bans
+            .banned(source_address(ip, self.v6_prefix), Instant::now())
     }
 
     /// Leading bits an IPv6 address is counted (and banned) by.
@@ -350,6 +403,9 @@ impl AddrTable {
         }
         let (rates, (rate, burst)) = (self.rates, self.connect);
         let global = s.total >= self.global;
+        let net = self.network(ip);
+        let net_full = self.per_net > 0 && s.by_net.get(&net).copied().unwrap_or(0) >= self.per_net;
+        let s = &mut *s;
         let e = s.by_addr.entry(ip).or_insert_with(|| AddrEntry {
             conns: 0,
             buckets: SharedBuckets::new(rates, now),
@@ -371,9 +427,23 @@ impl AddrTable {
                 Refusal::PerAddr(self.per_addr)
             });
         }
+        // The network's cap: refusals charge the address's connect rate like the others,
+        // so an address that keeps connecting into a full network is churning (banned by
+        // its own address, never the whole network: other hosts there are not its doing).
+        if net_full {
+            e.connects.charge_refused(now);
+            return Err(if e.connects.in_debt(now) {
+                Refusal::Churning
+            } else {
+                Refusal::PerNetwork(self.per_net)
+            });
+        }
         e.conns += 1;
         let wait = e.connects.take(1.0, now);
         let buckets = e.buckets.clone();
+        if self.per_net > 0 {
+            *s.by_net.entry(net).or_insert(0) += 1;
+        }
         s.total += 1;
         self.count.send_replace(s.total);
         Ok(AddrSlot {
@@ -389,6 +459,15 @@ impl AddrTable {
         let mut s = self.lock();
         s.total = s.total.saturating_sub(1);
         self.count.send_replace(s.total);
+        if self.per_net > 0 {
+            let net = self.network(ip);
+            if let Some(n) = s.by_net.get_mut(&net) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    s.by_net.remove(&net);
+                }
+            }
+        }
         if let Some(e) = s.by_addr.get_mut(&ip) {
             e.conns = e.conns.saturating_sub(1);
             if e.forgettable(now) {
@@ -622,6 +701,73 @@ mod tests {
         ));
         let slots: Vec<_> = (0..50).map(|_| free.admit_at(a, t0).unwrap()).collect();
         assert!(slots.iter().all(|s| s.wait().is_none()));
+    }
+
+    /// Above the per-address cap, a network (IPv4 /24, IPv6 /48 here) is capped over all its
+    /// addresses; a slot released frees the network's place; another network is unaffected;
+    /// an address that keeps connecting into a full network is churning.
+    #[test]
+    fn networks_are_capped_over_all_their_addresses() {
+        let t = Arc::new(
+            AddrTable::new(UNLIMITED, (10, 3), 64, 2, 1000, Duration::ZERO)
+                .with_network_cap(3, 24, 48),
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let t0 = Instant::now();
+        let a1 = t.admit_at(ip("10.0.1.1"), t0).unwrap();
+        let _a2 = t.admit_at(ip("10.0.1.2"), t0).unwrap();
+        let _a3 = t.admit_at(ip("10.0.1.3"), t0).unwrap();
+        // A fourth address of the /24, under its own cap: the network's cap.
+        assert_eq!(
+            t.admit_at(ip("10.0.1.4"), t0).unwrap_err(),
+            Refusal::PerNetwork(3)
+        );
+        // Mapped into IPv6 it is the same network.
+        assert_eq!(
+            t.admit_at(ip("::ffff:10.0.1.5"), t0).unwrap_err(),
+            Refusal::PerNetwork(3)
+        );
+        // The per-address cap is still named first when it is the one reached.
+        let _b1 = t.admit_at(ip("10.0.2.1"), t0).unwrap();
+        let _b2 = t.admit_at(ip("10.0.2.1"), t0).unwrap();
+        assert_eq!(
+            t.admit_at(ip("10.0.2.1"), t0).unwrap_err(),
+            Refusal::PerAddr(2)
+        );
+        // Released: the network has a place again.
+        drop(a1);
+        let _a4 = t.admit_at(ip("10.0.1.4"), t0).unwrap();
+        // IPv6: three /64s of one /48 fill it; a /64 of the next /48 is another network.
+        let _c1 = t.admit_at(ip("2001:db8:1:1::1"), t0).unwrap();
+        let _c2 = t.admit_at(ip("2001:db8:1:2::1"), t0).unwrap();
+        let _c3 = t.admit_at(ip("2001:db8:1:ff00::1"), t0).unwrap();
+        assert_eq!(
+            t.admit_at(ip("2001:db8:1:ffff::1"), t0).unwrap_err(),
+            Refusal::PerNetwork(3)
+        );
+        let _d1 = t.admit_at(ip("2001:db8:2::1"), t0).unwrap();
+        // An address that keeps connecting into the full network runs into debt (its
+        // refusals cost its connect bucket, burst 3): churning, banned by its address.
+        let churner = ip("10.0.1.9");
+        let refusals: Vec<_> = (0..5)
+            .map(|_| t.admit_at(churner, t0).unwrap_err())
+            .collect();
+        assert_eq!(refusals[0], Refusal::PerNetwork(3));
+        assert_eq!(refusals[4], Refusal::Churning);
+        // Every place given back: nothing left counted per network.
+        drop((_a2, _a3, _a4, _c1, _c2, _c3, _d1, _b1, _b2));
+        assert!(t.lock().by_net.is_empty());
+        assert_eq!(t.total(), 0);
+        // 0 = no network cap (the per-address cap still holds).
+        let off = Arc::new(
+            AddrTable::new(UNLIMITED, (0, 0), 64, 2, 1000, Duration::ZERO)
+                .with_network_cap(0, 24, 48),
+        );
+        let held: Vec<_> = (1..=50)
+            .map(|i| off.admit_at(ip(&format!("10.0.1.{i}")), t0).unwrap())
+            .collect();
+        assert!(off.lock().by_net.is_empty());
+        drop(held);
     }
 
     /// Many addresses holding connections: a new address sweeps the table only when it has

@@ -348,19 +348,26 @@ impl RelayBuilder {
         };
         let addrs = self.listeners.addrs();
         let l = &self.config.limits;
-        let addr_table = Arc::new(AddrTable::new(
-            Rates {
-                publish: (l.addr_publish_rate, l.addr_publish_burst),
-                sub: (l.addr_sub_rate, l.addr_sub_burst),
-                ack: (l.addr_ack_rate, l.addr_ack_burst),
-                store: (l.addr_store_rate, l.addr_store_burst),
-            },
-            (l.addr_connect_rate, l.addr_connect_burst),
-            l.addr_ipv6_prefix,
-            l.max_connections_per_addr,
-            l.max_connections,
-            std::time::Duration::from_secs(u64::from(l.addr_churn_ban_secs)),
-        ));
+        let addr_table = Arc::new(
+            AddrTable::new(
+                Rates {
+                    publish: (l.addr_publish_rate, l.addr_publish_burst),
+                    sub: (l.addr_sub_rate, l.addr_sub_burst),
+                    ack: (l.addr_ack_rate, l.addr_ack_burst),
+                    store: (l.addr_store_rate, l.addr_store_burst),
+                },
+                (l.addr_connect_rate, l.addr_connect_burst),
+                l.addr_ipv6_prefix,
+                l.max_connections_per_addr,
+                l.max_connections,
+                std::time::Duration::from_secs(u64::from(l.addr_churn_ban_secs)),
+            )
+            .with_network_cap(
+                l.max_connections_per_network,
+                l.network_ipv4_prefix,
+                l.network_ipv6_prefix,
+            ),
+        );
 
         // With the cluster's shared account list the file is not read: `run` installs the
         // list from JetStream before it accepts a connection.
@@ -527,6 +534,19 @@ impl Relay {
                     if let Err(e) = s.router.publish_sequenced(&m) {
                         tracing::debug!(error = %e, "cluster store: a stream message was not routed");
                     }
+                }
+            });
+        }
+        if let Some(mut rx) = shared.router.store().take_gone() {
+            // Durables the store deleted for idleness: their owners go too (unless a Sub
+            // created the name again meanwhile).
+            let s = shared.clone();
+            tasks.spawn(async move {
+                while let Some(k) = rx.recv().await {
+                    let store = s.router.store();
+                    s.accounts.forget_durable_owner(&k.key_id, &k.name, || {
+                        matches!(store.durable(&k), Ok(None))
+                    });
                 }
             });
         }
@@ -910,7 +930,7 @@ pub(crate) fn refused(
     why: &Refusal,
     peer: std::net::IpAddr,
 ) -> Option<String> {
-    shared.metrics.connection_rejected();
+    shared.metrics.connection_refused(why.cap());
     tracing::debug!(listener = %kind, ?why, "connection refused before its handshake");
     if *why == Refusal::Churning {
         if let Some(length) = shared.addr_table.strike(peer) {

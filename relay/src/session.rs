@@ -710,9 +710,15 @@ impl Session {
             );
         }
         let replaced = self.subs.get(&sub_id).map(|p| p.elems().len());
-        if let Some(why) = self.shared.sub_quota.refusal(&self.tenant, depth, replaced) {
-            return self.reply_err(ErrorCode::TooManySubscriptions, why, Some(sub_id), None);
-        }
+        // Checked and counted at once, given back on every return below that makes no
+        // subscription (see `SubQuota::reserve`).
+        let shared = self.shared.clone();
+        let reservation = match shared.sub_quota.reserve(&self.tenant, depth, replaced) {
+            Ok(r) => r,
+            Err(why) => {
+                return self.reply_err(ErrorCode::TooManySubscriptions, why, Some(sub_id), None)
+            }
+        };
         let mut need = Rights::of(&[Right::Subscribe]);
         if s.replay.is_some() {
             need = need.with(Right::Replay);
@@ -926,9 +932,7 @@ impl Session {
         if need != Rights::of(&[Right::Subscribe]) {
             self.sub_rights.insert(sub_id, need);
         }
-        self.shared
-            .sub_quota
-            .add(&self.tenant, s.pattern.elems().len());
+        reservation.keep();
         if let Some(t) = track {
             if let Some(k) = durable {
                 if new_durable {
@@ -1129,6 +1133,9 @@ impl Session {
 
     fn on_unsub(&mut self, u: Unsub) -> Flow {
         let sub_id = SubId(u.sub_id);
+        if u.delete == Some(true) && self.subs.contains_key(&sub_id) {
+            return self.delete_durable(sub_id);
+        }
         match self.drop_sub(sub_id) {
             true => Flow::Continue,
             false => self.reply_err(
@@ -1137,6 +1144,44 @@ impl Session {
                 Some(sub_id),
                 None,
             ),
+        }
+    }
+
+    /// `Unsub {delete: true}` of a subscription this connection has: ends it and, when it
+    /// is durable, deletes the durable — name, floor, owner — while still holding its name
+    /// (no other `Sub` can take it in between). Not durable: ended, and a non-fatal
+    /// `Err(not_allowed)` says nothing was deleted; a store error is sent the same way
+    /// (the subscription is ended either way: the client asked to end it).
+    fn delete_durable(&mut self, sub_id: SubId) -> Flow {
+        let Some(k) = self.durables.get(&sub_id).cloned() else {
+            self.drop_sub(sub_id);
+            return self.reply_err(
+                ErrorCode::NotAllowed,
+                format!(
+                    "subscription {} is not durable: there is no durable to delete",
+                    sub_id.0
+                ),
+                Some(sub_id),
+                None,
+            );
+        };
+        let store = self.shared.router.store().clone();
+        let deleted = store.delete_durable(&k);
+        if deleted.is_ok() {
+            // The owner goes with the durable (the name is held here: no Sub re-created it).
+            self.shared
+                .accounts
+                .forget_durable_owner(&k.key_id, &k.name, || true);
+        }
+        // Ended after the deletion, so the name is given back with nothing behind it (floors
+        // are written only by this session's acks, for subscriptions it still tracks).
+        self.drop_sub(sub_id);
+        match deleted {
+            Ok(_) => {
+                tracing::debug!(conn = %self.conn, durable = %k.name, "durable subscription deleted");
+                Flow::Continue
+            }
+            Err(e) => self.reply_err(e.code(), e.to_string(), Some(sub_id), None),
         }
     }
 
@@ -1560,7 +1605,10 @@ mod tests {
                 credit: None,
                 owner: None
             })),
-            (0u64..6).prop_map(|sub_id| Frame::Unsub(Unsub { sub_id })),
+            (0u64..6).prop_map(|sub_id| Frame::Unsub(Unsub {
+                sub_id,
+                delete: None
+            })),
             (path.clone(), 0u64..4, any::<bool>()).prop_map(|((k, p), flags, id)| Frame::Pub(
                 Pub {
                     envelope: envelope(k, &p),
@@ -1684,7 +1732,13 @@ mod tests {
         send(&mut s, durable(1));
         let _notices = s.take_hold_lost().expect("made by the first durable");
         assert!(s.take_hold_lost().is_none(), "handed out once");
-        send(&mut s, Frame::Unsub(Unsub { sub_id: 1 }));
+        send(
+            &mut s,
+            Frame::Unsub(Unsub {
+                sub_id: 1,
+                delete: None,
+            }),
+        );
         send(&mut s, durable(2));
         let mut frames = Vec::new();
         out.take(&mut frames);
@@ -1848,7 +1902,13 @@ mod tests {
         );
         assert_eq!(s.unacked_deliveries() as u64, subs);
         for sub_id in 2..=subs {
-            send(&mut s, Frame::Unsub(Unsub { sub_id }));
+            send(
+                &mut s,
+                Frame::Unsub(Unsub {
+                    sub_id,
+                    delete: None,
+                }),
+            );
         }
         assert_eq!(s.unacked_deliveries(), 1);
         let before = s.ack_work;

@@ -628,6 +628,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Records a durable subscription's floor, persisted write-behind. Creating a new
     /// durable counts against `tenant`'s durable-name quota.
     fn set_durable(&self, key: &DurableKey, floor: u64, tenant: &Tenant) -> Result<(), StoreError>;
+    /// Deletes a durable subscription — its name, floor and (in a store that keeps them)
+    /// owner — and gives its count back to the durable quotas. The caller holds the name
+    /// (its subscription, being ended, is the durable's). `Ok(false)`: there was none.
+    /// Stores without durables answer [`StoreError::Unsupported`].
+    fn delete_durable(&self, key: &DurableKey) -> Result<bool, StoreError>;
+    /// Durables this store deleted by itself (not held by any subscription for
+    /// `store.durable_idle_ms`), for the relay to forget their owners (taken once; `None`
+    /// for a store that never deletes durables by itself).
+    fn take_gone(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<DurableKey>>;
     /// Checks, for a store shared by several relays, the owner of a durable subscription
     /// (`account:NAME`, `sha256:HEX` of the `Sub.owner` secret, or None), recording it for
     /// a durable about to be created or one created without an owner. `Ok(true)`: this
@@ -656,6 +665,16 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn release_hold(&self, _key: &DurableKey) {}
     /// `/status` details.
     fn status(&self) -> StoreStatus;
+    /// `/status` counts without the per-path list (`paths` empty): all that a caller
+    /// without the admin token may see, so a store whose [`status`](Store::status) visits
+    /// every path answers it from running totals instead (SQLite: the quota counters, so
+    /// `bytes` includes retained values and `path_count` paths holding only one, as with
+    /// JetStream).
+    fn status_counts(&self) -> StoreStatus {
+        let mut s = self.status();
+        s.paths.clear();
+        s
+    }
     /// `/metrics` counters.
     fn metrics(&self) -> StoreMetrics;
     /// Flushes everything queued and closes (clean shutdown). Idempotent.
@@ -787,6 +806,14 @@ impl Store for LiveStore {
 
     fn durable_owner(&self, _: &DurableKey, _: Option<&str>) -> Result<bool, StoreError> {
         Err(Self::unsupported("durable subscriptions"))
+    }
+
+    fn delete_durable(&self, _: &DurableKey) -> Result<bool, StoreError> {
+        Err(Self::unsupported("durable subscriptions"))
+    }
+
+    fn take_gone(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<DurableKey>> {
+        None
     }
 
     fn claim_key(&self, _: &KeyId, _: &str, _: bool) -> Result<Claim, StoreError> {

@@ -62,13 +62,24 @@ impl SubQuota {
     /// Why one more subscription of `levels` levels for `tenant` is refused — replacing
     /// one of `replacing` levels, whose share it takes over — or `None` when it may go
     /// ahead.
+    #[cfg(test)]
     pub(crate) fn refusal(
         &self,
         tenant: &Tenant,
         levels: usize,
         replacing: Option<usize>,
     ) -> Option<String> {
-        let (tenants, total) = &*self.state();
+        self.refusal_in(&self.state(), tenant, levels, replacing)
+    }
+
+    fn refusal_in(
+        &self,
+        st: &(HashMap<Tenant, Held>, Held),
+        tenant: &Tenant,
+        levels: usize,
+        replacing: Option<usize>,
+    ) -> Option<String> {
+        let (tenants, total) = st;
         let freed = replacing.map_or(Held::default(), |l| Held {
             subs: 1,
             bytes: cost(l),
@@ -109,13 +120,48 @@ impl SubQuota {
     }
 
     /// `tenant` holds one more subscription, of `levels` levels.
+    #[cfg(test)]
     pub(crate) fn add(&self, tenant: &Tenant, levels: usize) {
         let (tenants, total) = &mut *self.state();
+        Self::add_to(tenants, total, tenant, levels);
+    }
+
+    fn add_to(
+        tenants: &mut HashMap<Tenant, Held>,
+        total: &mut Held,
+        tenant: &Tenant,
+        levels: usize,
+    ) {
         let h = tenants.entry(tenant.clone()).or_default();
         for h in [h, total] {
             h.subs += 1;
             h.bytes += cost(levels);
         }
+    }
+
+    /// Checks ([`SubQuota::refusal`]) and takes one more subscription for `tenant` in one
+    /// step, so that concurrent `Sub`s cannot all pass the check before any is counted (a
+    /// durable `Sub` may wait seconds on a JetStream store between the two, and every
+    /// connection of the tenant could pass meanwhile). The reservation is given back when
+    /// dropped, unless [`Reservation::keep`] says the subscription was made.
+    pub(crate) fn reserve<'a>(
+        &'a self,
+        tenant: &Tenant,
+        levels: usize,
+        replacing: Option<usize>,
+    ) -> Result<Reservation<'a>, String> {
+        let mut st = self.state();
+        if let Some(why) = self.refusal_in(&st, tenant, levels, replacing) {
+            return Err(why);
+        }
+        let (tenants, total) = &mut *st;
+        Self::add_to(tenants, total, tenant, levels);
+        Ok(Reservation {
+            quota: self,
+            tenant: tenant.clone(),
+            levels,
+            kept: false,
+        })
     }
 
     /// `tenant` holds fewer: one of `levels` levels each (an unsubscribe, a replaced
@@ -146,9 +192,61 @@ impl SubQuota {
     }
 }
 
+/// One subscription counted by [`SubQuota::reserve`]; given back on drop unless kept.
+#[derive(Debug)]
+#[must_use = "dropping a reservation gives it back"]
+pub(crate) struct Reservation<'a> {
+    quota: &'a SubQuota,
+    tenant: Tenant,
+    levels: usize,
+    kept: bool,
+}
+
+impl Reservation<'_> {
+    /// The subscription was made: it stays counted (until [`SubQuota::remove`]).
+    pub(crate) fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.quota.remove(&self.tenant, [self.levels]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review finding: the check and the count were two steps, and a durable `Sub` could
+    /// wait seconds between them (JetStream calls), so every concurrent `Sub` of a tenant
+    /// passed the check. A reservation counts at once; one given up is given back.
+    #[test]
+    fn a_reservation_counts_at_once_and_is_given_back_unless_kept() {
+        let q = SubQuota::new((1, 0), (0, 0));
+        let a = Tenant::Address("10.0.0.1".parse().unwrap());
+        let first = q.reserve(&a, 3, None).unwrap();
+        assert!(
+            q.reserve(&a, 3, None).is_err(),
+            "a second Sub in flight is refused while the first is pending"
+        );
+        drop(first);
+        assert_eq!(
+            q.of(&a),
+            0,
+            "a Sub that made no subscription gives its place back"
+        );
+        q.reserve(&a, 3, None).unwrap().keep();
+        assert_eq!(q.of(&a), 1);
+        assert!(q.reserve(&a, 3, None).is_err());
+        // Replacing its own subscription takes over its share.
+        q.reserve(&a, 3, Some(3)).unwrap().keep();
+        q.remove(&a, [3]);
+        assert_eq!(q.of(&a), 1);
+    }
 
     #[test]
     fn a_tenant_at_its_cap_is_refused_others_are_not_and_the_total_binds_everyone() {

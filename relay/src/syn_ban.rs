@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 /// The first ban's length; each renewal doubles it, up to the configured maximum.
 const FIRST_BAN: Duration = Duration::from_secs(1);
 
-/// Addresses remembered (banned or recently banned) at most: beyond it a churning address
-/// is still refused at `accept`, only not filtered.
+/// Addresses remembered (banned or recently banned) at most. A full table forgets the
+/// eighth of its bans that end (or ended) first to make room, so a new churner is still
+/// banned and the next strikes find room without another pass over the table.
 const MAX_REMEMBERED: usize = 65_536;
 
 /// Instructions a filter may have (the kernel's `BPF_MAXINSNS` is 4,096); bans beyond what
@@ -50,6 +51,11 @@ pub(crate) type BanList = Arc<Vec<IpAddr>>;
 #[derive(Debug)]
 pub(crate) struct Bans {
     by_addr: Mutex<HashMap<IpAddr, Ban>>,
+    /// Addresses remembered at most ([`MAX_REMEMBERED`]; smaller in tests).
+    capacity: usize,
+    /// Passes over a full table so far (tests).
+    #[cfg(test)]
+    full_passes: std::sync::atomic::AtomicUsize,
     /// The longest ban; zero turns bans off.
     max: Duration,
     /// The addresses banned now, newest first, published on every change.
@@ -58,8 +64,15 @@ pub(crate) struct Bans {
 
 impl Bans {
     pub(crate) fn new(max: Duration) -> Self {
+        Self::with_capacity(max, MAX_REMEMBERED)
+    }
+
+    fn with_capacity(max: Duration, capacity: usize) -> Self {
         Self {
             by_addr: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+            #[cfg(test)]
+            full_passes: Default::default(),
             max,
             list: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
         }
@@ -88,10 +101,24 @@ impl Bans {
             // Churning again soon after the last ban ended: a longer one.
             Some(b) if now < b.until + 2 * self.length(b.level) => b.level.saturating_add(1),
             Some(_) => 0,
-            None if m.len() >= MAX_REMEMBERED => {
+            None if m.len() >= self.capacity => {
+                #[cfg(test)]
+                self.full_passes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 m.retain(|_, b| !self.forgettable(b, now));
-                if m.len() >= MAX_REMEMBERED {
-                    return None;
+                if m.len() >= self.capacity {
+                    // Still full (before, this refused to ban anyone new, after a pass
+                    // over the whole table, on every strike): forget the bans that end
+                    // first, an eighth of the table, so this pass pays for the next
+                    // capacity / 8 strikes. The newest bans are kept: they are the
+                    // ones the filters hold (newest first) anyway.
+                    let mut ends: Vec<(Instant, IpAddr)> =
+                        m.iter().map(|(ip, b)| (b.until, *ip)).collect();
+                    let k = (self.capacity / 8).max(1).min(ends.len());
+                    ends.select_nth_unstable(k - 1);
+                    for (_, ip) in &ends[..k] {
+                        m.remove(ip);
+                    }
                 }
                 0
             }
@@ -121,9 +148,9 @@ impl Bans {
         m.values().map(|b| b.until).filter(|&u| u > now).min()
     }
 
-    /// Whether `ip` is banned at `now`.
-    #[cfg(test)]
-    fn banned(&self, ip: IpAddr, now: Instant) -> bool {
+    /// Whether `ip` (a [`source_address`](crate::store::source_address)) is banned at
+    /// `now` (the QUIC listener, which no socket filter covers, asks).
+    pub(crate) fn banned(&self, ip: IpAddr, now: Instant) -> bool {
         let m = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
         m.get(&ip).is_some_and(|b| b.until > now)
     }
@@ -408,6 +435,38 @@ mod tests {
         assert!(drops(&p, bans[1_500]));
         assert!(!drops(&p, bans[4_999]));
         assert!(!drops(&p, bans[5_100]));
+    }
+
+    /// A full table of bans still bans a new churner: it forgets the bans that end first
+    /// (an eighth of the table) instead of refusing (before, every strike of a new address
+    /// passed over the whole table under the lock and banned no one). One pass makes room
+    /// for the next capacity / 8 strikes.
+    #[test]
+    fn a_full_table_still_bans_forgetting_the_bans_that_end_first() {
+        let t0 = Instant::now();
+        let bans = Bans::with_capacity(Duration::from_secs(60), 64);
+        let ip = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+        // 64 bans, every one in force; the first 8 end first (struck earlier).
+        for i in 0..64 {
+            let at = t0 + Duration::from_millis(u64::from(i));
+            assert!(bans.strike(ip(i), at).is_some());
+        }
+        let full = bans.full_passes.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(full, 0);
+        let now = t0 + Duration::from_millis(100);
+        // 8 new churners: each banned, with one pass over the full table in all.
+        for i in 64..72 {
+            assert_eq!(bans.strike(ip(i), now), Some(Duration::from_secs(1)));
+            assert!(bans.banned(ip(i), now));
+        }
+        assert_eq!(
+            bans.full_passes.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // Forgotten: the 8 whose bans ended first; the others are still banned.
+        assert!((0..8).all(|i| !bans.banned(ip(i), now)));
+        assert!((8..72).all(|i| bans.banned(ip(i), now)));
+        assert_eq!(bans.active(), 64);
     }
 
     #[test]

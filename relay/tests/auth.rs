@@ -617,6 +617,49 @@ async fn durables_belong_to_their_owner_secret_without_auth() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Review finding 18: a durable owner (or key-id claim) the auth-state file could not take
+/// (a full disk) was answered anyway and lost at the next restart, when someone else could
+/// take the name. Now the request waits until the line is written (retried), and the owner
+/// survives the restart.
+#[tokio::test]
+async fn an_owner_is_answered_only_once_the_auth_state_file_holds_it() {
+    let Some(disk) = SmallDisk::mount("authstate-full") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs (not root?)");
+        return;
+    };
+    let state = disk.dir.join("auth-state");
+    let args = ["--auth-state", state.to_str().unwrap()];
+    let mut relay = BinRelay::start_logged(&args);
+    let owner: &[u8] = b"0123456789abcdef-owner-secret";
+    let mut c = Client::tcp(relay.tcp()).await;
+    c.hello().await;
+    let filler = disk.fill("filler");
+    c.send(&sub(1, 1, Some("d"), Some(owner))).await;
+    relay.wait_log(&["cannot write the auth state file"]).await;
+    std::fs::remove_file(&filler).unwrap();
+    match c.recv().await {
+        Frame::SubOk(_) => {}
+        other => panic!("expected SubOk once the disk has room, got {other:?}"),
+    }
+    drop(c);
+    drop(relay);
+    let relay = BinRelay::start(&args);
+    let mut s = Client::tcp(relay.tcp()).await;
+    s.hello().await;
+    let e = try_sub(
+        &mut s,
+        sub(1, 1, Some("d"), Some(&b"another-secret-of-16+"[..])),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotAllowed, "after restart: {e:?}");
+    let mut c = Client::tcp(relay.tcp()).await;
+    c.hello().await;
+    try_sub(&mut c, sub(1, 1, Some("d"), Some(owner)))
+        .await
+        .expect("owner resumes d");
+}
+
 #[tokio::test]
 async fn admin_status_shows_no_key_ids_without_the_token() {
     let relay = BinRelay::start(&["--admin-token", ADMIN_TOKEN]);

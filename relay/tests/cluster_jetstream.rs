@@ -504,8 +504,11 @@ async fn a_durable_held_at_one_relay_is_refused_at_another_until_released() {
     assert!(e.message.contains("active at another relay"), "{e:?}");
 
     // The holder at A unsubscribes: A releases the hold, then B may take it.
-    a.send(&Frame::Unsub(whispeer_protocol::frame::Unsub { sub_id: 1 }))
-        .await;
+    a.send(&Frame::Unsub(whispeer_protocol::frame::Unsub {
+        sub_id: 1,
+        delete: None,
+    }))
+    .await;
     wait_released(&mut leases).await;
     subscribe(&mut b, d.clone()).await;
 
@@ -1023,6 +1026,7 @@ async fn a_routed_retained_value_is_served_at_once() {
         );
         c.send(&Frame::Unsub(whispeer_protocol::frame::Unsub {
             sub_id: 100 + u64::from(i),
+            delete: None,
         }))
         .await;
     }

@@ -343,6 +343,96 @@ async fn a_churning_ipv6_address_is_banned_before_accept() {
     churn_ban("[::]:0", "::1", "127.0.0.4").await;
 }
 
+/// A source banned for churn on TCP is banned on QUIC too (no socket filter covers UDP:
+/// the QUIC listener drops its attempts unanswered): its QUIC connect stalls while another
+/// address's QUIC client is welcomed, and completes once the ban ends (its client resends
+/// its Initial). Before, a banned address kept its QUIC access.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_banned_address_is_banned_on_quic_too() {
+    let dir = temp_dir("quic-ban");
+    let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    relay_cli(&["tls", "generate", "--cert", cert_s, "--key", key_s]);
+    let relay = BinRelay::start(&[
+        "--quic",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert_s,
+        "--tls-key",
+        key_s,
+        "--max-connections-per-addr",
+        "2",
+        "--addr-connect-rate",
+        "1",
+        "--addr-connect-burst",
+        "1",
+        "--addr-churn-ban-secs",
+        "2",
+    ]);
+    let (port, admin, quic) = (
+        relay.tcp().port(),
+        relay.admin(),
+        relay.addrs.quic.expect("quic"),
+    );
+    let churner: std::net::IpAddr = "127.0.0.41".parse().unwrap();
+    // At its cap (one welcomed, one waiting for its handshake) and over its connect rate:
+    // a third TCP connect is churn and bans it.
+    let mut open = client_from(port, churner).await;
+    open.hello().await;
+    let waiting = client_from(port, churner).await;
+    let mut refused = client_from(port, churner).await;
+    let (frames, _) = refused.drain_to_end().await;
+    assert!(frames.is_empty(), "answered: {frames:?}");
+    assert_eq!(metric(admin, "whispeer_relay_addr_bans_total").await, 1);
+    drop(waiting);
+    // Its QUIC connect stalls ...
+    let stalled = tokio::spawn(quic_hello(cert.clone(), "127.0.0.41", quic));
+    // ... while another address's is welcomed (after the stalled one's Initial was sent).
+    quic_hello(cert.clone(), "127.0.0.42", quic).await;
+    open.subscribe(1, exact(1, &[1])).await;
+    assert!(
+        !stalled.is_finished(),
+        "a banned address's QUIC connect was answered (refused or served)"
+    );
+    // The ban ends (2 s): its resent Initial gets through.
+    tokio::time::timeout(TIMEOUT, stalled)
+        .await
+        .expect("the QUIC connect completed after the ban")
+        .expect("welcomed");
+}
+
+/// Connects over QUIC from `from` (a loopback address), sends `Hello` and waits for
+/// `Welcome`.
+async fn quic_hello(cert: std::path::PathBuf, from: &str, to: std::net::SocketAddr) {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(cert).unwrap();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"whispeer".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let bind = std::net::SocketAddr::new(from.parse().unwrap(), 0);
+    let mut endpoint = quinn::Endpoint::client(bind).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = endpoint.connect(to, "localhost").unwrap().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    send.write_all(&whispeer_protocol::codec::encode_prefixed(&hello_frame()))
+        .await
+        .unwrap();
+    let mut c = Client::over_stream(Box::new(tokio::io::join(recv, send)));
+    assert!(matches!(c.recv().await, Frame::Welcome(_)), "welcomed");
+    // Keep the connection (and its endpoint) until the test's end is not needed: closed.
+    drop(c);
+}
+
 /// A TCP client from `from` to the relay's `port` on the loopback of `from`'s family.
 async fn client_from(port: u16, from: std::net::IpAddr) -> Client {
     let (sock, to) = match from {
@@ -498,6 +588,62 @@ async fn an_address_at_its_cap_that_keeps_connecting_is_banned() {
     assert_eq!(metric(admin, "whispeer_relay_addr_bans_total").await, 1);
     // Its held connections are still served.
     held[0].subscribe(1, exact(1, &[1])).await;
+}
+
+/// One network's addresses together are capped (`max_connections_per_network`; an IPv4
+/// /24 by default): sources 127.0.1.1 to 127.0.1.5, each under its own cap, fill their /24,
+/// a sixth address and a second connection of the first are refused with the typed error
+/// naming the network's cap, and a source of another /24 (127.0.2.1) still connects and is
+/// served. Without the cap one IPv6 /48, or 40 addresses of one network, held every place.
+/// The real binary, so the flag is checked too.
+#[tokio::test]
+async fn one_network_cannot_take_more_than_its_cap() {
+    let relay = BinRelay::start(&[
+        "--max-connections-per-addr",
+        "2",
+        "--max-connections-per-network",
+        "5",
+        "--max-connections",
+        "100",
+    ]);
+    let (port, admin) = (relay.tcp().port(), relay.admin());
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let mut held = Vec::new();
+    for i in 1..=5 {
+        let mut c = client_from(port, ip(&format!("127.0.1.{i}"))).await;
+        c.hello().await;
+        held.push(c);
+    }
+    for from in ["127.0.1.6", "127.0.1.1"] {
+        let mut c = client_from(port, ip(from)).await;
+        let e = c.expect_fatal(ErrorCode::TooManyConnections).await;
+        assert!(e.message.contains("per network"), "{from}: {}", e.message);
+    }
+    assert_eq!(
+        metric(
+            admin,
+            "whispeer_relay_connections_refused_total{cap=\"per_network\"}"
+        )
+        .await,
+        2
+    );
+    // Another network is not affected, and the held connections are served.
+    let mut other = client_from(port, ip("127.0.2.1")).await;
+    other.hello().await;
+    other.subscribe(1, exact(1, &[1])).await;
+    held[0].subscribe(1, exact(1, &[1])).await;
+    // A connection of the network closed gives its place back (each attempt is answered
+    // at once: this waits on the relay noticing the close, not on time).
+    drop(held.pop());
+    loop {
+        let mut c = client_from(port, ip("127.0.1.6")).await;
+        c.send(&hello_frame()).await;
+        match c.recv().await {
+            Frame::Welcome(_) => break,
+            Frame::Err(e) => assert!(e.message.contains("per network"), "{}", e.message),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }
 
 /// A connection flood from one address is capped (handshakes included: these connections

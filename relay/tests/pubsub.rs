@@ -108,8 +108,16 @@ async fn unsubscribe_stops_delivery_and_unknown_unsub_is_a_typed_error() {
     s.hello().await;
     s.subscribe(1, exact(5, &[1])).await;
     s.subscribe(2, exact(5, &[2])).await;
-    s.send(&Frame::Unsub(Unsub { sub_id: 1 })).await;
-    s.send(&Frame::Unsub(Unsub { sub_id: 77 })).await;
+    s.send(&Frame::Unsub(Unsub {
+        sub_id: 1,
+        delete: None,
+    }))
+    .await;
+    s.send(&Frame::Unsub(Unsub {
+        sub_id: 77,
+        delete: None,
+    }))
+    .await;
     let e = s.expect_err().await;
     assert_eq!(e.code, ErrorCode::UnknownSubscription);
     assert!(!e.fatal);

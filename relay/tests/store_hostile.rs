@@ -13,7 +13,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,23 +68,9 @@ fn sub(id: u64, pattern: TokenPattern, replay: Option<Replay>, retained: bool) -
     })
 }
 
-fn all_of(key: [u8; 16]) -> TokenPattern {
-    TokenPattern::new(
-        KeyId::from_bytes(key),
-        vec![whispeer_protocol::PatternElem::Rest],
-    )
-    .unwrap()
-}
-
 /// A greeted client whose TCP connection comes from `ip` (a tenant when accounts are off).
 async fn client_from(ip: &str, relay: SocketAddr) -> Client {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
-    let io = sock.connect(relay).await.expect("connect");
-    io.set_nodelay(true).unwrap();
-    let mut c = Client::over_stream(Box::new(io));
-    c.hello_with(ALL_FEATURES).await;
-    c
+    greeted_from(ip, relay, ALL_FEATURES).await.0
 }
 
 /// What the relay answered a publish with an ack request.
@@ -1135,42 +1121,6 @@ async fn replay_flood_under_random_key_ids_reads_no_row_and_the_honest_client_lo
     relay.stop().await;
 }
 
-/// An 8 MiB tmpfs mounted for one test, unmounted on drop (also on panic).
-struct SmallDisk {
-    dir: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(tag: &str) -> Option<Self> {
-        let dir = temp_dir(tag);
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-            .arg(&dir)
-            .status()
-            .ok()?;
-        st.success().then_some(Self { dir })
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.dir)
-            .status();
-    }
-}
-
-/// Fills the filesystem of `dir` with a file until the disk is full.
-fn fill(path: &Path) {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).unwrap();
-    let chunk = vec![0x5au8; 64 * 1024];
-    while f.write_all(&chunk).is_ok() {}
-    let _ = f.flush();
-    let _ = f.sync_all();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_is_refused_retryably_live_routing_goes_on_and_the_store_resumes() {
     let Some(disk) = SmallDisk::mount("diskfull") else {
@@ -1204,8 +1154,7 @@ async fn disk_full_is_refused_retryably_live_routing_goes_on_and_the_store_resum
     live.send(&sub(1, all_of(KB), None, false)).await;
     assert!(matches!(live.recv().await, Frame::SubOk(_)));
 
-    let filler = disk.dir.join("filler");
-    fill(&filler);
+    let filler = disk.fill("filler");
     // Publish until the store notices the full disk.
     let mut i = 20u64;
     let full = loop {
@@ -1452,6 +1401,17 @@ impl Store for GatedStore {
         owner: Option<&str>,
     ) -> Result<bool, whispeer_relay::store::StoreError> {
         self.inner.durable_owner(key, owner)
+    }
+    fn delete_durable(
+        &self,
+        key: &whispeer_relay::store::DurableKey,
+    ) -> Result<bool, whispeer_relay::store::StoreError> {
+        self.inner.delete_durable(key)
+    }
+    fn take_gone(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<whispeer_relay::store::DurableKey>> {
+        self.inner.take_gone()
     }
     fn status(&self) -> whispeer_relay::store::StoreStatus {
         self.inner.status()

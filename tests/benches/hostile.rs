@@ -687,7 +687,10 @@ async fn attacker(
                     credit: None,
                     owner: None,
                 });
-                let unsub = Frame::Unsub(Unsub { sub_id: id });
+                let unsub = Frame::Unsub(Unsub {
+                    sub_id: id,
+                    delete: None,
+                });
                 let mut b = codec::encode_prefixed(&sub).to_vec();
                 b.extend_from_slice(&codec::encode_prefixed(&unsub));
                 if w.write_all(&b).await.is_err() {

@@ -89,6 +89,8 @@ pub(super) struct Driver {
     sinks: BTreeMap<LocalSubId, Sink>,
     acks: HashMap<PublishId, AckReply>,
     flushes: HashMap<FlushId, FlushReply>,
+    /// Durable deletions waiting for the relay's answer, by their flush.
+    deletes: HashMap<FlushId, oneshot::Sender<Result<(), crate::error::DeleteError>>>,
     closing: Vec<oneshot::Sender<()>>,
     plugin_drops: u64,
     /// The last message the plugins saw and what they made of it.
@@ -134,6 +136,7 @@ impl Driver {
             sinks: BTreeMap::new(),
             acks: HashMap::new(),
             flushes: HashMap::new(),
+            deletes: HashMap::new(),
             closing: Vec::new(),
             plugin_drops: 0,
             plugin_memo: None,
@@ -468,6 +471,20 @@ impl Driver {
                 self.p.eng.unsubscribe(id);
                 self.sinks.remove(&id);
             }
+            Command::DeleteDurable { id, done } => {
+                // Publishes queued before go first (as for a flush).
+                self.take_inbox();
+                let now = self.now();
+                match self.p.eng.delete_durable(id, now) {
+                    Ok(fid) => {
+                        self.sinks.remove(&id);
+                        self.deletes.insert(fid, done);
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                    }
+                }
+            }
             Command::Resubscribe => {
                 self.save_pins();
                 self.p.eng.refresh_keys(now);
@@ -608,6 +625,19 @@ impl Driver {
                 Event::FlushFailed { id } => {
                     if let Some(r) = self.flushes.remove(&id) {
                         let _ = r.send(Err(FlushError::Disconnected));
+                    }
+                    if let Some(r) = self.deletes.remove(&id) {
+                        let _ = r.send(Err(crate::error::DeleteError::Disconnected));
+                    }
+                }
+                Event::DurableDeleted { id, error } => {
+                    if let Some(r) = self.deletes.remove(&id) {
+                        let _ = r.send(match error {
+                            None => Ok(()),
+                            Some((code, message)) => {
+                                Err(crate::error::DeleteError::Rejected { code, message })
+                            }
+                        });
                     }
                 }
                 Event::RelayError { code, message, .. } => {

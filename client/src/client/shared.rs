@@ -295,6 +295,11 @@ pub(crate) enum Command {
     Unsubscribe {
         id: LocalSubId,
     },
+    /// End a durable subscription and delete its durable at the relay.
+    DeleteDurable {
+        id: LocalSubId,
+        done: oneshot::Sender<Result<(), crate::error::DeleteError>>,
+    },
     /// Keys changed: re-make every subscription.
     Resubscribe,
     Flush(FlushReply),

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::shared::{Command, Item, Message};
 use crate::core::{self, LocalSubId, Received};
-use crate::error::ReceiveError;
+use crate::error::{DeleteError, ReceiveError};
 use crate::tag::{self, TypeTag};
 
 /// A stream of typed messages; unsubscribes when dropped.
@@ -37,6 +37,24 @@ impl<T> std::fmt::Debug for Subscription<T> {
 }
 
 impl<T> Subscription<T> {
+    /// Ends this durable subscription and deletes its durable at the relay — its name,
+    /// position and owner — so the name no longer counts against the relay's durable quota
+    /// (PROTOCOL §3.3.4, `Unsub.delete`). Resolves once the relay has processed it.
+    ///
+    /// Refused without sending anything (the subscription goes on) when it is not durable
+    /// ([`DeleteError::NotDurable`]), when the client is not connected
+    /// ([`DeleteError::Disconnected`]) or when the relay does not grant `DURABLE_DELETE`
+    /// ([`DeleteError::Unsupported`]: an older relay would keep the durable). A relay
+    /// refusal is [`DeleteError::Rejected`]; once sent, the subscription ends either way
+    /// (its stream then ends: `None`).
+    pub async fn delete_durable(&mut self) -> Result<(), DeleteError> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.cmd
+            .send(Command::DeleteDurable { id: self.id, done })
+            .map_err(|_| DeleteError::Closed)?;
+        rx.await.map_err(|_| DeleteError::Closed)?
+    }
+
     /// The next message, or `None` once the client is closed. At most once, a
     /// `ReceiveError::Lagged(n)` says `n` messages were lost here; the stream goes on.
     pub async fn next_message(&mut self) -> Option<Result<Message<T>, ReceiveError>> {

@@ -43,7 +43,7 @@ use super::acks::AckQueue;
 use super::batching::{SealDone, SealJob};
 use super::jobs::{OpenDone, OpenJob, Unsealed};
 use super::{ClientCore, Delivery, LocalSubId, SeqSpace, SubscribeOptions};
-use crate::error::{PublishError, SubscribeError};
+use crate::error::{DeleteError, PublishError, SubscribeError};
 use outbox::Outbox;
 use sealing::{Meta, Sealing, Unit};
 
@@ -148,7 +148,16 @@ pub struct Engine {
     /// QoS ≥ 1 publishes put in the outbox since the driver last asked
     /// ([`Engine::poll_kept`]): to persist before any of their frames leaves.
     kept_new: VecDeque<(PublishId, u64, Bytes)>,
+    /// The feature bits the current (or last) relay granted in `Welcome`.
+    relay_features: u64,
+    /// Durable deletions sent and not yet answered, by the flush that follows them: the
+    /// relay subscription ids deleted and the first `Err` the relay sent for one of them.
+    deletes: BTreeMap<FlushId, PendingDelete>,
 }
+
+/// A durable deletion waiting for its flush: the relay subscription ids deleted and the
+/// first refusal the relay sent for one of them.
+type PendingDelete = (Vec<u64>, Option<(ErrorCode, String)>);
 
 impl Engine {
     /// An engine over a shared keyring; it asks for its first socket at once.
@@ -194,6 +203,8 @@ impl Engine {
             retries: BTreeMap::new(),
             sub_retries: BTreeMap::new(),
             parked: Parking::default(),
+            relay_features: 0,
+            deletes: BTreeMap::new(),
         };
         e.dial(now.mono_ms);
         e.sync_unacked();
@@ -773,6 +784,39 @@ impl Engine {
         self.queue_acks();
     }
 
+    /// Ends durable subscription `id` and asks the relay to delete its durable (name,
+    /// position, owner: `Unsub` with `delete`, PROTOCOL §3.3.4), then flushes: the answer
+    /// is [`Event::DurableDeleted`] with that flush id (or [`Event::FlushFailed`] if the
+    /// connection drops first). Refused at once — the subscription is kept — when not
+    /// connected, when the relay did not grant `DURABLE_DELETE` (an older relay would
+    /// ignore the request and keep the durable), or when `id` is not durable.
+    pub fn delete_durable(&mut self, id: LocalSubId, now: Now) -> Result<FlushId, DeleteError> {
+        self.clamp(now);
+        if !self.is_live() {
+            return Err(DeleteError::Disconnected);
+        }
+        if self.relay_features & frame::features::DURABLE_DELETE == 0 {
+            return Err(DeleteError::Unsupported);
+        }
+        if !self.core.is_durable(id) {
+            return Err(DeleteError::NotDurable);
+        }
+        let mut rids = Vec::new();
+        for f in self.core.unsubscribe(id) {
+            if let Frame::Unsub(mut u) = f {
+                u.delete = Some(true);
+                rids.push(u.sub_id);
+                self.send(Frame::Unsub(u));
+            }
+        }
+        self.subs.remove(&id);
+        self.acks.drop_sub(id);
+        self.queue_acks();
+        let fid = self.flush(now);
+        self.deletes.insert(fid, (rids, None));
+        Ok(fid)
+    }
+
     /// The app took a delivered message or placeholder.
     pub fn ack(&mut self, token: AckToken, now: Now) {
         self.clamp(now);
@@ -823,7 +867,10 @@ impl Engine {
         for id in ids {
             let old: Vec<u64> = self.core.relay_ids(id).to_vec();
             for sub_id in old {
-                self.send(Frame::Unsub(Unsub { sub_id }));
+                self.send(Frame::Unsub(Unsub {
+                    sub_id,
+                    delete: None,
+                }));
             }
         }
         self.resubscribe(now);
@@ -969,6 +1016,7 @@ impl Engine {
                     None => SeqSpace::Unnamed(self.relay),
                 };
                 self.core.enter_seq_space(space);
+                self.relay_features = w.features;
                 self.phase = Phase::Live {
                     conn,
                     heartbeat_ms,
@@ -1043,7 +1091,10 @@ impl Engine {
                 }
             }
             Frame::Pong(p) if self.flushes.remove(&p.nonce) => {
-                self.emit(Event::Flushed { id: p.nonce });
+                match self.deletes.remove(&p.nonce) {
+                    Some((_, error)) => self.emit(Event::DurableDeleted { id: p.nonce, error }),
+                    None => self.emit(Event::Flushed { id: p.nonce }),
+                }
             }
             Frame::Ping(p) => self.send(Frame::Pong(Pong { nonce: p.nonce })),
             Frame::ReplayDone(d) => {
@@ -1092,6 +1143,15 @@ impl Engine {
             }
         }
         let mut sub = None;
+        if let Some(rid) = e.sub_id {
+            // The answer to a durable deletion: kept for its flush.
+            if let Some((_, err)) = self.deletes.values_mut().find(|(r, _)| r.contains(&rid)) {
+                if err.is_none() {
+                    *err = Some((e.code, e.message.clone()));
+                }
+                named = true;
+            }
+        }
         if let Some(rid) = e.sub_id {
             if let Some(local) = self.core.local_for(rid) {
                 let confirmed = self.subs.get(&local).is_some_and(|s| s.waiting.is_none());
@@ -1352,6 +1412,7 @@ impl Engine {
         for id in std::mem::take(&mut self.flushes) {
             self.emit(Event::FlushFailed { id });
         }
+        self.deletes.clear();
         self.attempt = self.attempt.saturating_add(1);
         // Round robin over the relays: every failure moves on to the next address at once;
         // only a full round of failures (every address tried once, the lost connection
@@ -1431,6 +1492,7 @@ impl Engine {
         for id in std::mem::take(&mut self.flushes) {
             self.emit(Event::FlushFailed { id });
         }
+        self.deletes.clear();
         self.emit(Event::Closed);
     }
 }

@@ -1945,6 +1945,16 @@ impl Store for JetStreamStore {
         })
     }
 
+    fn delete_durable(&self, _: &DurableKey) -> Result<bool, StoreError> {
+        Err(StoreError::Unsupported(
+            "the JetStream store does not delete durable subscriptions".into(),
+        ))
+    }
+
+    fn take_gone(&self) -> Option<mpsc::UnboundedReceiver<DurableKey>> {
+        None
+    }
+
     fn durable_owner(&self, key: &DurableKey, owner: Option<&str>) -> Result<bool, StoreError> {
         let inner = &self.inner;
         let k = Self::durable_key(key);

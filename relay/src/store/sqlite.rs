@@ -120,6 +120,8 @@ enum Op {
         env: Bytes,
     },
     Dedup {
+        /// The publishing tenant: publish ids are remembered per tenant.
+        tid: i64,
         pid: [u8; 16],
         seq: u64,
         ts: u64,
@@ -129,6 +131,18 @@ enum Op {
         name: String,
         floor: u64,
         tid: i64,
+        /// For a new row: unheld since this Unix ms (None: held).
+        idle: Option<u64>,
+    },
+    /// A durable was taken (None) or given back (since when, Unix ms).
+    DurableIdle {
+        key_id: [u8; 16],
+        name: String,
+        idle: Option<u64>,
+    },
+    DurableDelete {
+        key_id: [u8; 16],
+        name: String,
     },
 }
 
@@ -345,14 +359,28 @@ impl Queue {
 struct PathStat {
     pid: i64,
     kid: i64,
-    /// The tenant that created the path (its distinct-path quota holds it).
+    /// The tenant whose distinct-path quota holds the path: its creator, until the
+    /// creator has no data left there while another tenant has (then that tenant).
     owner: i64,
+    /// Messages of `owner` kept on the path.
+    owner_msgs: u64,
     count: u64,
     bytes: u64,
     first_seq: u64,
     last_seq: u64,
     /// The retained value: its tenant, size and sequence.
     retained: Option<(i64, u64, u64)>,
+}
+
+/// A durable subscription as the index knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DurableStat {
+    floor: u64,
+    /// The tenant whose durable-name quota it counts against.
+    tid: i64,
+    /// Held by no subscription since this Unix ms (None: held now). Persisted (column
+    /// `idle`), so the idle time of `store.durable_idle_ms` survives a restart.
+    idle_since: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -374,7 +402,9 @@ struct Index {
     tenants: Sharded<Vec<u8>, i64>,
     usage: Sharded<i64, Usage>,
     total: Usage,
-    durables: HashMap<DurableKey, (u64, i64)>,
+    durables: HashMap<DurableKey, DurableStat>,
+    /// Durable names a subscription holds now (taken before the durable may exist).
+    held: HashSet<DurableKey>,
     next_pid: i64,
     next_kid: i64,
     next_tid: i64,
@@ -383,6 +413,38 @@ struct Index {
 impl Index {
     fn usage(&mut self, tid: i64) -> &mut Usage {
         self.usage.entry(tid).or_default()
+    }
+
+    /// Removes a durable from the index and gives its count back to the quotas.
+    fn forget_durable(&mut self, key: &DurableKey) -> bool {
+        let Some(d) = self.durables.remove(key) else {
+            return false;
+        };
+        let u = self.usage(d.tid);
+        u.durables = u.durables.saturating_sub(1);
+        self.total.durables = self.total.durables.saturating_sub(1);
+        true
+    }
+
+    /// Removes every durable not held by a subscription for `idle_ms` (0: none) at `now`.
+    fn expire_durables(&mut self, now: u64, idle_ms: u64) -> Vec<DurableKey> {
+        if idle_ms == 0 {
+            return Vec::new();
+        }
+        let gone: Vec<DurableKey> = self
+            .durables
+            .iter()
+            .filter(|(k, d)| {
+                !self.held.contains(*k)
+                    && d.idle_since
+                        .is_some_and(|t| now >= t.saturating_add(idle_ms))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &gone {
+            self.forget_durable(k);
+        }
+        gone
     }
 
     /// Removes a path with nothing stored; returns its pid and, when it was the key id's
@@ -407,29 +469,112 @@ impl Index {
     }
 }
 
+/// One tenant's ids in the dedup window: how many are live, and (lazily) which, oldest
+/// first, with their times.
+type TenantIds = (usize, VecDeque<([u8; 16], u64)>);
+
+/// A remembered publish id: the publishing tenant's store id and the id. Keyed by tenant,
+/// so one tenant's ids neither push another's out nor answer another's publish.
+type DedupKey = (i64, [u8; 16]);
+
+/// The QoS 2 dedup window: publish ids per tenant, for `dedup_window_ms`, at most
+/// `dedup_max` in all while several tenants have ids in it. Over that bound the
+/// publishing tenant gives back its own oldest id; only a tenant with no other id in the
+/// window pushes out the oldest of all, and then only past twice the bound. The queues
+/// are lazy (an entry another path removed is skipped when met) and compacted once they
+/// hold mostly such entries.
 #[derive(Default)]
 struct Dedup {
-    map: Sharded<[u8; 16], (u64, u64)>,
-    order: VecDeque<([u8; 16], u64)>,
+    map: Sharded<DedupKey, (u64, u64)>,
+    /// Every id in insertion (= time) order, for the window.
+    order: VecDeque<(DedupKey, u64)>,
+    /// Per tenant: its live count and its ids in insertion order.
+    tenants: HashMap<i64, TenantIds>,
 }
 
 impl Dedup {
-    fn prune(&mut self, now: u64, window: u64, max: usize) {
-        while let Some((pid, ts)) = self.order.front().copied() {
-            if self.order.len() > max || ts.saturating_add(window) < now {
-                self.order.pop_front();
-                if self.map.get(&pid).is_some_and(|(_, t)| *t == ts) {
-                    self.map.remove(&pid);
-                }
-            } else {
+    fn live(&self, k: &DedupKey, ts: u64) -> bool {
+        self.map.get(k).is_some_and(|(_, t)| *t == ts)
+    }
+
+    /// Removes `k` if it is the entry of time `ts`.
+    fn remove(&mut self, k: &DedupKey, ts: u64) -> bool {
+        if !self.live(k, ts) {
+            return false;
+        }
+        self.map.remove(k);
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.tenants.entry(k.0) {
+            e.get_mut().0 = e.get().0.saturating_sub(1);
+            if e.get().0 == 0 {
+                e.remove();
+            }
+        }
+        true
+    }
+
+    fn get(&self, tid: Option<i64>, pid: &[u8; 16]) -> Option<u64> {
+        self.map.get(&(tid?, *pid)).map(|(seq, _)| *seq)
+    }
+
+    fn prune(&mut self, now: u64, window: u64) {
+        while let Some((k, ts)) = self.order.front().copied() {
+            if ts.saturating_add(window) >= now {
                 break;
+            }
+            self.order.pop_front();
+            self.remove(&k, ts);
+        }
+    }
+
+    fn insert(&mut self, tid: i64, pid: [u8; 16], seq: u64, ts: u64, max: usize) {
+        let k = (tid, pid);
+        if let Some((_, old)) = self.map.get(&k).copied() {
+            self.remove(&k, old);
+        }
+        self.map.insert(k, (seq, ts));
+        self.order.push_back((k, ts));
+        let mine = self.tenants.entry(tid).or_default();
+        mine.0 += 1;
+        mine.1.push_back((pid, ts));
+        let max = max.max(1);
+        if self.map.len() > max {
+            let own = self.tenants.get(&tid).map_or(0, |t| t.0);
+            if own > 1 {
+                // The tenant's own oldest id makes room.
+                while let Some((p, t)) = self.tenants.get_mut(&tid).and_then(|m| m.1.pop_front()) {
+                    if self.remove(&(tid, p), t) {
+                        break;
+                    }
+                }
+            } else if self.map.len() > max.saturating_mul(2) {
+                while let Some((k, t)) = self.order.pop_front() {
+                    if self.remove(&k, t) {
+                        break;
+                    }
+                }
+            }
+        }
+        // Compaction of entries removed elsewhere (amortised: each pass at least halves).
+        let live = self.map.len();
+        if self.order.len() > 2 * live + 1024 {
+            let map = &self.map;
+            self.order
+                .retain(|(k, t)| map.get(k).is_some_and(|(_, x)| x == t));
+        }
+        if let Some(m) = self.tenants.get_mut(&tid) {
+            if m.1.len() > 2 * m.0 + 64 {
+                let map = &self.map;
+                m.1.retain(|(p, t)| map.get(&(tid, *p)).is_some_and(|(_, x)| x == t));
             }
         }
     }
-    fn insert(&mut self, pid: [u8; 16], seq: u64, ts: u64) {
-        self.map.insert(pid, (seq, ts));
-        self.order.push_back((pid, ts));
-    }
+}
+
+/// The `dedup` table's key of a remembered id: the tenant's store id (8 bytes, big
+/// endian), then the publish id. Rows of 16 bytes (relays before ids were per tenant) are
+/// not read back.
+fn dedup_row_key(tid: i64, pid: &[u8; 16]) -> Vec<u8> {
+    [&tid.to_be_bytes()[..], &pid[..]].concat()
 }
 
 #[derive(Default)]
@@ -497,6 +642,11 @@ struct Shared {
     /// Bumped after every turn of the writer (a commit, a sweep, a failure, a recovery
     /// probe): see [`SqliteStore::changes`].
     changes: tokio::sync::watch::Sender<u64>,
+    /// Where durables deleted for idleness are announced ([`Store::take_gone`]), once
+    /// taken; until then they wait in `gone_backlog` (only those deleted at start: later
+    /// ones are not kept for a receiver nobody took).
+    gone: Mutex<Option<tokio::sync::mpsc::UnboundedSender<DurableKey>>>,
+    gone_backlog: Mutex<Vec<DurableKey>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -630,10 +780,23 @@ fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
          CREATE INDEX retained_kid ON retained(kid, seq);
          CREATE INDEX retained_ts ON retained(ts);
          CREATE TABLE durables(key_id BLOB NOT NULL, name TEXT NOT NULL, floor INTEGER NOT NULL,
-                               tid INTEGER NOT NULL, PRIMARY KEY (key_id, name));
+                               tid INTEGER NOT NULL, idle INTEGER, PRIMARY KEY (key_id, name));
          CREATE TABLE dedup(pid BLOB PRIMARY KEY, seq INTEGER NOT NULL, ts INTEGER NOT NULL);
          COMMIT;"
     ))
+}
+
+/// Brings a store written by an older relay up to date without changing its schema
+/// version (older relays still read it): the `durables.idle` column (Unix ms since when no
+/// subscription holds the durable; NULL: held, or not known — counted from the start).
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_idle = conn
+        .prepare("SELECT 1 FROM pragma_table_info('durables') WHERE name = 'idle'")?
+        .exists([])?;
+    if !has_idle {
+        conn.execute_batch("ALTER TABLE durables ADD COLUMN idle INTEGER")?;
+    }
+    Ok(())
 }
 
 /// Throughput settings. No automatic checkpoint on the commit path (a background thread
@@ -713,6 +876,7 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
                 pid,
                 kid,
                 owner,
+                owner_msgs: 0,
                 count: 0,
                 bytes: 0,
                 first_seq: 0,
@@ -742,6 +906,9 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
                 return Err(format!("is damaged: messages of unknown path id {pid}"));
             };
             if let Some(st) = idx.paths.get_mut(&path) {
+                if st.owner == tid {
+                    st.owner_msgs += n;
+                }
                 st.first_seq = if st.count == 0 {
                     lo
                 } else {
@@ -801,7 +968,7 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
     }
     {
         let mut st = conn
-            .prepare("SELECT key_id, name, floor, tid FROM durables")
+            .prepare("SELECT key_id, name, floor, tid, idle FROM durables")
             .map_err(err)?;
         let mut rows = st.query([]).map_err(err)?;
         while let Some(r) = rows.next().map_err(err)? {
@@ -811,8 +978,16 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
             let name: String = r.get(1).map_err(err)?;
             let floor = r.get::<_, i64>(2).map_err(err)? as u64;
             let tid: i64 = r.get(3).map_err(err)?;
-            idx.durables
-                .insert(DurableKey { key_id, name }, (floor, tid));
+            // Unknown (held when the relay stopped, or an older relay's row): idle from now.
+            let idle = r.get::<_, Option<i64>>(4).map_err(err)?;
+            idx.durables.insert(
+                DurableKey { key_id, name },
+                DurableStat {
+                    floor,
+                    tid,
+                    idle_since: Some(idle.map_or(now, |t| t.max(0) as u64)),
+                },
+            );
             idx.usage(tid).durables += 1;
             idx.total.durables += 1;
         }
@@ -828,14 +1003,20 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
         let since = now.saturating_sub(cfg.dedup_window_ms) as i64;
         let mut rows = st.query([since]).map_err(err)?;
         while let Some(r) = rows.next().map_err(err)? {
-            let pid: Vec<u8> = r.get(0).map_err(err)?;
-            let Ok(pid) = <[u8; 16]>::try_from(pid.as_slice()) else {
+            let key: Vec<u8> = r.get(0).map_err(err)?;
+            if key.len() != 24 {
+                continue;
+            }
+            let (t, p) = key.split_at(8);
+            let (Ok(tid), Ok(pid)) = (<[u8; 8]>::try_from(t), <[u8; 16]>::try_from(p)) else {
                 continue;
             };
             dedup.insert(
+                i64::from_be_bytes(tid),
                 pid,
                 r.get::<_, i64>(1).map_err(err)? as u64,
                 r.get::<_, i64>(2).map_err(err)? as u64,
+                cfg.dedup_max,
             );
         }
     }
@@ -881,6 +1062,36 @@ fn lock_path(db: &Path) -> PathBuf {
 }
 
 impl SqliteStore {
+    /// What `/status` shows of this store besides its counts (file, retention, sequences,
+    /// state); the counts zero, for [`Store::status`] and [`Store::status_counts`] to fill.
+    fn status_frame(&self) -> StoreStatus {
+        let s = &self.shared;
+        let file_bytes = s.file.as_ref().map_or(0, |f| {
+            let mut wal = f.as_os_str().to_owned();
+            wal.push("-wal");
+            file_size(f) + file_size(Path::new(&wal))
+        });
+        StoreStatus {
+            kind: s.kind.into(),
+            file: s.file.as_ref().map(|f| f.display().to_string()),
+            file_bytes,
+            retention: RetentionStatus {
+                max_messages: s.cfg.max_messages,
+                max_bytes: s.cfg.max_bytes,
+                max_age_ms: s.cfg.max_age_ms,
+            },
+            last_seq: s.last.load(Relaxed),
+            committed_seq: s.committed.load(Relaxed),
+            dedup_entries: lock(&s.dedup).map.len() as u64,
+            state: match s.down() {
+                None => "ok".into(),
+                Some(Down::Full(_)) => "storage_full".into(),
+                Some(Down::Failed(_)) => "unavailable".into(),
+            },
+            ..StoreStatus::default()
+        }
+    }
+
     /// Opens (or creates) the store file `config.path`. An existing file must be a
     /// whispeer relay store that passes `PRAGMA quick_check`.
     pub fn open_file(config: StoreConfig) -> Result<Self, StoreError> {
@@ -1008,7 +1219,18 @@ impl SqliteStore {
         set_meta(&conn, "last_seq", &last.to_string()).map_err(err)?;
         set_meta(&conn, "clean", "0").map_err(err)?;
         let space = seq_space(&conn).map_err(err)?;
-        let Loaded { idx, dedup } = load(&conn, &cfg, now)?;
+        migrate(&conn).map_err(err)?;
+        let Loaded { mut idx, dedup } = load(&conn, &cfg, now)?;
+        // Durables idle past `durable_idle_ms` while the relay was down go before the first
+        // `Sub` can count them against a quota.
+        let expired = idx.expire_durables(now, cfg.durable_idle_ms);
+        for k in &expired {
+            conn.execute(
+                "DELETE FROM durables WHERE key_id = ?1 AND name = ?2",
+                params![&k.key_id.as_bytes()[..], &k.name],
+            )
+            .map_err(err)?;
+        }
 
         let shared = Arc::new(Shared {
             kind,
@@ -1033,6 +1255,8 @@ impl SqliteStore {
             checkpoint_wake: (Mutex::new(false), Condvar::new()),
             m: Counters::default(),
             changes: tokio::sync::watch::Sender::new(0),
+            gone: Mutex::new(None),
+            gone_backlog: Mutex::new(expired),
         });
         let s = shared.clone();
         let writer = std::thread::Builder::new()
@@ -1069,6 +1293,8 @@ struct Deltas {
     tenants: HashMap<i64, (u64, u64)>,
     /// Expired retained values: (pid, tid, bytes, seq).
     retained: Vec<(i64, i64, u64, u64)>,
+    /// (pid, tid) → messages deleted.
+    by_path_tenant: HashMap<(i64, i64), u64>,
 }
 
 impl Deltas {
@@ -1080,12 +1306,22 @@ impl Deltas {
         let t = self.tenants.entry(tid).or_insert((0, 0));
         t.0 += 1;
         t.1 += bytes;
+        *self.by_path_tenant.entry((pid, tid)).or_default() += 1;
     }
 }
 
 impl Shared {
     fn down(&self) -> Option<Down> {
         lock(&self.down).clone()
+    }
+
+    /// Tells the relay (if it took [`Store::take_gone`]) which durables are gone.
+    fn announce_gone(&self, keys: Vec<DurableKey>) {
+        if let Some(tx) = lock(&self.gone).as_ref() {
+            for k in keys {
+                let _ = tx.send(k);
+            }
+        }
     }
 
     /// Numbers a message and queues its operations in one step under the queue lock (the
@@ -1218,7 +1454,9 @@ impl Shared {
                 q.msgs = q.msgs.saturating_sub(n);
             }
             let now = (self.clock)();
-            let ages = self.cfg.max_age_ms > 0 || self.cfg.retained_max_age_ms > 0;
+            let ages = self.cfg.max_age_ms > 0
+                || self.cfg.retained_max_age_ms > 0
+                || self.cfg.durable_idle_ms > 0;
             let sweep = ages && now >= last_sweep + 1000;
             if down {
                 // Refused while down; anything queued anyway is dropped (its waiters fail).
@@ -1358,7 +1596,23 @@ impl Shared {
             }
         };
         drop(conn);
-        *lock(&self.idx) = loaded.idx;
+        {
+            // What the index knew of holds and idle times is newer than the file.
+            let mut idx = lock(&self.idx);
+            let mut new = loaded.idx;
+            for (k, d) in new.durables.iter_mut() {
+                d.idle_since = if idx.held.contains(k) {
+                    None
+                } else {
+                    idx.durables
+                        .get(k)
+                        .and_then(|o| o.idle_since)
+                        .or(d.idle_since)
+                };
+            }
+            new.held = std::mem::take(&mut idx.held);
+            *idx = new;
+        }
         *lock(&self.dedup) = loaded.dedup;
         let mut q = lock(&self.queue);
         let hi = self.last.load(Relaxed);
@@ -1433,6 +1687,8 @@ impl Shared {
         let mut conn = lock(&self.conn);
         let tx = conn.transaction()?;
         let mut touched: HashSet<i64> = HashSet::new();
+        // Paths whose retained value this batch set (perhaps over another tenant's).
+        let mut retained_touched: HashSet<i64> = HashSet::new();
         let mut top = None;
         {
             let mut ins = tx.prepare_cached(
@@ -1489,6 +1745,7 @@ impl Shared {
                         ts,
                         env,
                     } => {
+                        retained_touched.insert(*pid);
                         tx.prepare_cached(
                             "INSERT INTO retained(pid, kid, tid, seq, ts, env)
                              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -1506,12 +1763,12 @@ impl Shared {
                         ])?;
                         top = top.max(Some(*seq));
                     }
-                    Op::Dedup { pid, seq, ts } => {
+                    Op::Dedup { tid, pid, seq, ts } => {
                         tx.prepare_cached(
                             "INSERT OR REPLACE INTO dedup(pid, seq, ts) VALUES (?1, ?2, ?3)",
                         )?
                         .execute(params![
-                            &pid[..],
+                            dedup_row_key(*tid, pid),
                             *seq as i64,
                             *ts as i64
                         ])?;
@@ -1521,17 +1778,34 @@ impl Shared {
                         name,
                         floor,
                         tid,
+                        idle,
                     } => {
                         tx.prepare_cached(
-                            "INSERT INTO durables(key_id, name, floor, tid) VALUES (?1, ?2, ?3, ?4)
+                            "INSERT INTO durables(key_id, name, floor, tid, idle)
+                             VALUES (?1, ?2, ?3, ?4, ?5)
                              ON CONFLICT(key_id, name) DO UPDATE SET floor = excluded.floor",
                         )?
                         .execute(params![
                             &key_id[..],
                             name,
                             *floor as i64,
-                            tid
+                            tid,
+                            idle.map(|t| t as i64)
                         ])?;
+                    }
+                    Op::DurableIdle { key_id, name, idle } => {
+                        tx.prepare_cached(
+                            "UPDATE durables SET idle = ?3 WHERE key_id = ?1 AND name = ?2",
+                        )?
+                        .execute(params![
+                            &key_id[..],
+                            name,
+                            idle.map(|t| t as i64)
+                        ])?;
+                    }
+                    Op::DurableDelete { key_id, name } => {
+                        tx.prepare_cached("DELETE FROM durables WHERE key_id = ?1 AND name = ?2")?
+                            .execute(params![&key_id[..], name])?;
                     }
                 }
             }
@@ -1633,6 +1907,17 @@ impl Shared {
             tx.prepare_cached("DELETE FROM dedup WHERE ts < ?1")?
                 .execute(params![now.saturating_sub(self.cfg.dedup_window_ms) as i64])?;
         }
+        // Durables no subscription held for `durable_idle_ms`: gone from the index now (a
+        // failed commit reloads it from the file), announced once committed.
+        let expired = if sweep {
+            lock(&self.idx).expire_durables(now, self.cfg.durable_idle_ms)
+        } else {
+            Vec::new()
+        };
+        for k in &expired {
+            tx.prepare_cached("DELETE FROM durables WHERE key_id = ?1 AND name = ?2")?
+                .execute(params![&k.key_id.as_bytes()[..], &k.name])?;
+        }
         // Apply the deletions to the counters; forget paths with nothing left.
         let mut gone: Vec<(i64, Option<i64>)> = Vec::new();
         let mut trimmed = 0;
@@ -1648,6 +1933,8 @@ impl Shared {
                     st.count = st.count.saturating_sub(*n);
                     st.bytes = st.bytes.saturating_sub(*b);
                     st.first_seq = st.first_seq.max(*first);
+                    let own = d.by_path_tenant.get(&(*pid, st.owner)).copied();
+                    st.owner_msgs = st.owner_msgs.saturating_sub(own.unwrap_or(0));
                 }
                 candidates.push(path);
             }
@@ -1691,6 +1978,69 @@ impl Shared {
                 }
             }
         }
+        // A path whose owner has no data left there while another tenant has counts
+        // against that tenant from now on: against the tenant of the retained value, else
+        // the tenant of the oldest message (another tenant's retained value kept a path
+        // on the victim's distinct-path quota for good).
+        let check: Vec<i64> = d
+            .paths
+            .keys()
+            .chain(d.retained.iter().map(|r| &r.0))
+            .chain(retained_touched.iter())
+            .copied()
+            .collect::<HashSet<i64>>()
+            .into_iter()
+            .collect();
+        let orphaned: Vec<(i64, i64, Option<i64>)> = if check.is_empty() {
+            Vec::new()
+        } else {
+            let idx = lock(&self.idx);
+            check
+                .into_iter()
+                .filter_map(|pid| {
+                    let st = idx.paths.get(idx.by_pid.get(&pid)?)?;
+                    let held = st.count > 0 || st.retained.is_some();
+                    let owners = st.owner_msgs > 0 || st.retained.is_some_and(|r| r.0 == st.owner);
+                    (held && !owners).then_some((pid, st.owner, st.retained.map(|r| r.0)))
+                })
+                .collect()
+        };
+        for (pid, old, retained_by) in orphaned {
+            let heir = match retained_by {
+                Some(t) => Some(t),
+                None => tx
+                    .prepare_cached("SELECT tid FROM msgs WHERE pid = ?1 ORDER BY seq LIMIT 1")?
+                    .query_row(params![pid], |r| r.get::<_, i64>(0))
+                    .optional()?,
+            };
+            let Some(heir) = heir.filter(|h| *h != old) else {
+                continue;
+            };
+            let msgs: i64 = tx
+                .prepare_cached("SELECT count(*) FROM msgs WHERE pid = ?1 AND tid = ?2")?
+                .query_row(params![pid, heir], |r| r.get(0))?;
+            let moved = {
+                let mut idx = lock(&self.idx);
+                let Some(path) = idx.by_pid.get(&pid).cloned() else {
+                    continue;
+                };
+                match idx.paths.get_mut(&path) {
+                    Some(st) if st.owner == old => {
+                        st.owner = heir;
+                        st.owner_msgs = msgs.max(0) as u64;
+                        let u = idx.usage(old);
+                        u.paths = u.paths.saturating_sub(1);
+                        idx.usage(heir).paths += 1;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if moved {
+                tx.prepare_cached("UPDATE paths SET tid = ?2 WHERE id = ?1")?
+                    .execute(params![pid, heir])?;
+            }
+        }
         for (pid, kid) in gone {
             tx.prepare_cached("DELETE FROM paths WHERE id = ?1")?
                 .execute(params![pid])?;
@@ -1704,6 +2054,13 @@ impl Shared {
         tx.commit()?;
         if trimmed > 0 {
             self.m.trimmed.fetch_add(trimmed, Relaxed);
+        }
+        if !expired.is_empty() {
+            tracing::debug!(
+                durables = expired.len(),
+                "store: durables idle past durable_idle_ms deleted"
+            );
+            self.announce_gone(expired);
         }
         Ok(top)
     }
@@ -1781,7 +2138,7 @@ impl Store for SqliteStore {
     }
 
     fn features(&self) -> u64 {
-        super::KEEPING_FEATURES
+        super::KEEPING_FEATURES | whispeer_protocol::frame::features::DURABLE_DELETE
     }
 
     fn append(&self, m: Append<'_>) -> Result<Accepted, StoreError> {
@@ -1820,11 +2177,13 @@ impl Store for SqliteStore {
         }
         let now = (s.clock)();
         if let Some(pid) = dedup_id {
+            // The publisher's own ids only (a tenant new to the store has none).
+            let tid = lock(&s.idx).tenants.get(&m.tenant.key()).copied();
             let mut d = lock(&s.dedup);
-            d.prune(now, s.cfg.dedup_window_ms, s.cfg.dedup_max);
-            if let Some((seq, _)) = d.map.get(&pid) {
+            d.prune(now, s.cfg.dedup_window_ms);
+            if let Some(seq) = d.get(tid, &pid) {
                 s.m.duplicates.fetch_add(1, Relaxed);
-                return Ok(Accepted::Duplicate(Seq(*seq)));
+                return Ok(Accepted::Duplicate(Seq(seq)));
             }
         }
         {
@@ -1849,6 +2208,22 @@ impl Store for SqliteStore {
             paths: existing.is_none() as u64,
         };
         s.check_quota(&idx, known_tid, &need)?;
+        if retain && old_retained.is_some_and(|(otid, _, _)| Some(otid) != known_tid) {
+            // Taking over another tenant's retained value: the relay's total is unchanged,
+            // but this tenant's count grows by one (free, a tenant at its quota went on
+            // taking over values past it).
+            let mine = known_tid
+                .and_then(|t| idx.usage.get(&t).copied())
+                .unwrap_or_default();
+            let one = Need {
+                retained: 1,
+                ..Need::default()
+            };
+            if let Some((what, max)) = over(&mine, &one, super::quota::tenant_limits(&s.cfg)) {
+                s.m.quota_tenant.fetch_add(1, Relaxed);
+                return Err(super::quota::tenant_error(what, max));
+            }
+        }
         {
             // The write queue's bounds, with a fair share per tenant (`Queue::admits`).
             let q = lock(&s.queue);
@@ -1899,6 +2274,7 @@ impl Store for SqliteStore {
                         pid,
                         kid,
                         owner: tid,
+                        owner_msgs: 0,
                         count: 0,
                         bytes: 0,
                         first_seq: 0,
@@ -1930,6 +2306,7 @@ impl Store for SqliteStore {
         }
         if let Some(pid) = dedup_id {
             ops.push(Op::Dedup {
+                tid,
                 pid,
                 seq: 0,
                 ts: now,
@@ -1984,6 +2361,9 @@ impl Store for SqliteStore {
                 if st.count == 0 {
                     st.first_seq = seq;
                 }
+                if st.owner == tid {
+                    st.owner_msgs += 1;
+                }
                 st.count += 1;
                 st.bytes += size;
                 st.last_seq = seq;
@@ -1991,7 +2371,7 @@ impl Store for SqliteStore {
         }
         drop(idx);
         if let Some(pid) = dedup_id {
-            lock(&s.dedup).insert(pid, seq, now);
+            lock(&s.dedup).insert(tid, pid, seq, now, s.cfg.dedup_max);
         }
         s.m.appends.fetch_add(1, Relaxed);
         Ok(if keep {
@@ -2266,7 +2646,79 @@ impl Store for SqliteStore {
     }
 
     fn durable(&self, key: &DurableKey) -> Result<Option<u64>, StoreError> {
-        Ok(lock(&self.shared.idx).durables.get(key).map(|(f, _)| *f))
+        Ok(lock(&self.shared.idx).durables.get(key).map(|d| d.floor))
+    }
+
+    fn hold_durable(&self, key: &DurableKey, _: &super::HoldLost) -> Result<(), StoreError> {
+        // One relay per file: the hold is the relay's own; here it stops the idle clock.
+        let s = &self.shared;
+        let mut idx = lock(&s.idx);
+        idx.held.insert(key.clone());
+        if let Some(d) = idx.durables.get_mut(key) {
+            if d.idle_since.take().is_some() {
+                drop(idx);
+                s.push(
+                    [Op::DurableIdle {
+                        key_id: *key.key_id.as_bytes(),
+                        name: key.name.clone(),
+                        idle: None,
+                    }],
+                    0,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn release_hold(&self, key: &DurableKey) {
+        let s = &self.shared;
+        let now = (s.clock)();
+        let mut idx = lock(&s.idx);
+        idx.held.remove(key);
+        if let Some(d) = idx.durables.get_mut(key) {
+            d.idle_since = Some(now);
+            drop(idx);
+            s.push(
+                [Op::DurableIdle {
+                    key_id: *key.key_id.as_bytes(),
+                    name: key.name.clone(),
+                    idle: Some(now),
+                }],
+                0,
+            );
+        }
+    }
+
+    fn delete_durable(&self, key: &DurableKey) -> Result<bool, StoreError> {
+        let s = &self.shared;
+        if let Some(d) = s.down() {
+            return Err(d.error());
+        }
+        if !lock(&s.idx).forget_durable(key) {
+            return Ok(false);
+        }
+        s.push(
+            [Op::DurableDelete {
+                key_id: *key.key_id.as_bytes(),
+                name: key.name.clone(),
+            }],
+            0,
+        );
+        Ok(true)
+    }
+
+    fn take_gone(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<DurableKey>> {
+        let s = &self.shared;
+        let mut slot = lock(&s.gone);
+        if slot.is_some() {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for k in std::mem::take(&mut *lock(&s.gone_backlog)) {
+            let _ = tx.send(k);
+        }
+        *slot = Some(tx);
+        Some(rx)
     }
 
     fn durable_owner(&self, _: &DurableKey, _: Option<&str>) -> Result<bool, StoreError> {
@@ -2285,13 +2737,14 @@ impl Store for SqliteStore {
             return Err(d.error());
         }
         let mut ops = Vec::with_capacity(2);
-        let tid = {
+        let now = (s.clock)();
+        let (tid, idle) = {
             let mut idx = lock(&s.idx);
-            match idx.durables.get(key).copied() {
-                Some((f, _)) if f == floor => return Ok(()),
-                Some((_, tid)) => {
-                    idx.durables.insert(key.clone(), (floor, tid));
-                    tid
+            match idx.durables.get_mut(key) {
+                Some(d) if d.floor == floor => return Ok(()),
+                Some(d) => {
+                    d.floor = floor;
+                    (d.tid, d.idle_since)
                 }
                 None => {
                     let known = idx.tenants.get(&tenant.key()).copied();
@@ -2304,10 +2757,18 @@ impl Store for SqliteStore {
                         },
                     )?;
                     let tid = Shared::tenant_id(&mut idx, tenant, &mut ops);
-                    idx.durables.insert(key.clone(), (floor, tid));
+                    let idle_since = (!idx.held.contains(key)).then_some(now);
+                    idx.durables.insert(
+                        key.clone(),
+                        DurableStat {
+                            floor,
+                            tid,
+                            idle_since,
+                        },
+                    );
                     idx.usage(tid).durables += 1;
                     idx.total.durables += 1;
-                    tid
+                    (tid, idle_since)
                 }
             }
         };
@@ -2316,6 +2777,7 @@ impl Store for SqliteStore {
             name: key.name.clone(),
             floor,
             tid,
+            idle,
         });
         s.push(ops, 0);
         Ok(())
@@ -2323,11 +2785,6 @@ impl Store for SqliteStore {
 
     fn status(&self) -> StoreStatus {
         let s = &self.shared;
-        let file_bytes = s.file.as_ref().map_or(0, |f| {
-            let mut wal = f.as_os_str().to_owned();
-            wal.push("-wal");
-            file_size(f) + file_size(Path::new(&wal))
-        });
         // One pass over the paths with a bounded heap, taking the index lock once per shard
         // (publishes wait on this lock: a store of a million paths would otherwise stall
         // routing for the whole pass). Counts are of a moving store, as on any live status.
@@ -2382,29 +2839,43 @@ impl Store for SqliteStore {
             (idx.total.retained, idx.durables.len() as u64)
         };
         StoreStatus {
-            kind: s.kind.into(),
-            file: s.file.as_ref().map(|f| f.display().to_string()),
-            file_bytes,
-            retention: RetentionStatus {
-                max_messages: s.cfg.max_messages,
-                max_bytes: s.cfg.max_bytes,
-                max_age_ms: s.cfg.max_age_ms,
-            },
-            last_seq: s.last.load(Relaxed),
-            committed_seq: s.committed.load(Relaxed),
             messages,
             bytes,
             path_count,
             paths: list,
             retained,
             durables,
-            dedup_entries: lock(&s.dedup).map.len() as u64,
-            state: match s.down() {
-                None => "ok".into(),
-                Some(Down::Full(_)) => "storage_full".into(),
-                Some(Down::Failed(_)) => "unavailable".into(),
-            },
             tenants,
+            ..self.status_frame()
+        }
+    }
+
+    /// The counts from the running totals, without a pass over the paths (a caller
+    /// without the admin token may see counts only): O(tenants), not O(paths).
+    fn status_counts(&self) -> StoreStatus {
+        let s = &self.shared;
+        let mut tenants = 0u64;
+        for i in 0..super::sharded::SHARDS {
+            let idx = lock(&s.idx);
+            tenants += idx
+                .usage
+                .shard_iter(i)
+                .filter(|(_, u)| **u != Usage::default())
+                .count() as u64;
+        }
+        let (total, durables) = {
+            let idx = lock(&s.idx);
+            (idx.total, idx.durables.len() as u64)
+        };
+        StoreStatus {
+            messages: total.msgs,
+            bytes: total.bytes,
+            path_count: total.paths,
+            paths: Vec::new(),
+            retained: total.retained,
+            durables,
+            tenants,
+            ..self.status_frame()
         }
     }
 
@@ -2539,6 +3010,7 @@ mod tests {
 
     fn dedup_op(i: u64) -> Op {
         Op::Dedup {
+            tid: 1,
             pid: [0; 16],
             seq: i,
             ts: 0,

@@ -498,6 +498,66 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// A pattern for everything under key id `key` (`[key, #]`).
+pub fn all_of(key: [u8; 16]) -> TokenPattern {
+    TokenPattern::new(
+        KeyId::from_bytes(key),
+        vec![whispeer_protocol::PatternElem::Rest],
+    )
+    .unwrap()
+}
+
+/// A client whose TCP connection comes from `ip` (a tenant when accounts are off),
+/// greeted with `features`; the relay's `Welcome` with it.
+pub async fn greeted_from(ip: &str, relay: SocketAddr, features: u64) -> (Client, Welcome) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    let io = sock.connect(relay).await.expect("connect");
+    io.set_nodelay(true).unwrap();
+    let mut c = Client::over_stream(Box::new(io));
+    let w = c.hello_with(features).await;
+    (c, w)
+}
+
+/// An 8 MiB tmpfs mounted for one test, unmounted on drop (also on panic). `None` when it
+/// cannot be mounted (not root): the caller says SKIPPED rather than pass quietly.
+pub struct SmallDisk {
+    pub dir: PathBuf,
+}
+
+impl SmallDisk {
+    pub fn mount(tag: &str) -> Option<Self> {
+        let dir = temp_dir(tag);
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(&dir)
+            .status()
+            .ok()?;
+        st.success().then_some(Self { dir })
+    }
+
+    /// Fills the filesystem with the file `name` until the disk is full; its path.
+    pub fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write;
+        let path = self.dir.join(name);
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0x5au8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.flush();
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
 /// Removes `whispeer-relay-test-PID-…` directories whose process has exited.
 fn remove_dead_processes_dirs() {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {

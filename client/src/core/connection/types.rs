@@ -344,6 +344,16 @@ pub enum Event {
         /// The flush.
         id: FlushId,
     },
+    /// The relay processed the deletion of a durable subscription
+    /// ([`crate::core::Engine::delete_durable`], answered through its flush `id`; a lost
+    /// connection answers [`Event::FlushFailed`] instead): `error` is the relay's refusal,
+    /// if it sent one.
+    DurableDeleted {
+        /// The deletion's flush.
+        id: FlushId,
+        /// The relay's `Err` code and message, `None` when it deleted the durable.
+        error: Option<(ErrorCode, String)>,
+    },
     /// A non-fatal `Err` from the relay; `sub` when it names a confirmed subscription.
     RelayError {
         /// Its code.

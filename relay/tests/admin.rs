@@ -1,0 +1,223 @@
+//! The admin port under hostile local use: an anonymous `/status` costs the relay counts
+//! only (never a walk over every stored path), and admin connections are capped while the
+//! relay keeps serving its clients.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use whispeer_protocol::frame::Replay;
+use whispeer_protocol::{KeyId, TokenPattern};
+use whispeer_relay::admin::{http_get, http_get_auth, Status};
+use whispeer_relay::config::StoreKind;
+use whispeer_relay::store::{self, Store, Tenant};
+use whispeer_relay::{Config, Listeners, Relay};
+
+/// A store that counts which `/status` computation the relay asks for.
+#[derive(Debug)]
+struct CountingStore {
+    inner: Arc<dyn Store>,
+    /// `status()`: with the per-path list (every stored path visited).
+    full: AtomicU64,
+    /// `status_counts()`: totals only.
+    counts: AtomicU64,
+}
+
+impl Store for CountingStore {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn features(&self) -> u64 {
+        self.inner.features()
+    }
+    fn append(&self, msg: store::Append<'_>) -> Result<store::Accepted, store::StoreError> {
+        self.inner.append(msg)
+    }
+    fn last_seq(&self) -> whispeer_relay::Seq {
+        self.inner.last_seq()
+    }
+    fn seq_space(&self) -> [u8; 16] {
+        self.inner.seq_space()
+    }
+    fn when_durable(&self, seq: whispeer_relay::Seq, done: store::OnDurable) {
+        self.inner.when_durable(seq, done)
+    }
+    fn when_sequenced(&self, ticket: u64, done: store::OnSequenced) {
+        self.inner.when_sequenced(ticket, done)
+    }
+    fn advance(&self, seq: whispeer_relay::Seq) {
+        self.inner.advance(seq)
+    }
+    fn take_sequenced(&self) -> Option<tokio::sync::mpsc::Receiver<store::Sequenced>> {
+        self.inner.take_sequenced()
+    }
+    fn when_readable(&self, key_id: &KeyId, upto: whispeer_relay::Seq, done: store::OnDurable) {
+        self.inner.when_readable(key_id, upto, done)
+    }
+    fn plan(
+        &self,
+        pattern: &TokenPattern,
+        replay: Replay,
+        upto: whispeer_relay::Seq,
+    ) -> Result<store::ReadPlan, store::StoreError> {
+        self.inner.plan(pattern, replay, upto)
+    }
+    fn read(
+        &self,
+        pattern: &TokenPattern,
+        plan: &store::ReadPlan,
+        from: u64,
+        upto: whispeer_relay::Seq,
+    ) -> Result<store::ReadChunk, store::StoreError> {
+        self.inner.read(pattern, plan, from, upto)
+    }
+    fn retained(
+        &self,
+        pattern: &TokenPattern,
+        from: u64,
+        upto: whispeer_relay::Seq,
+    ) -> Result<store::ReadChunk, store::StoreError> {
+        self.inner.retained(pattern, from, upto)
+    }
+    fn durable(&self, key: &store::DurableKey) -> Result<Option<u64>, store::StoreError> {
+        self.inner.durable(key)
+    }
+    fn set_durable(
+        &self,
+        key: &store::DurableKey,
+        floor: u64,
+        tenant: &Tenant,
+    ) -> Result<(), store::StoreError> {
+        self.inner.set_durable(key, floor, tenant)
+    }
+    fn delete_durable(&self, key: &store::DurableKey) -> Result<bool, store::StoreError> {
+        self.inner.delete_durable(key)
+    }
+    fn take_gone(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<store::DurableKey>> {
+        self.inner.take_gone()
+    }
+    fn claim_key(
+        &self,
+        key_id: &KeyId,
+        group: &str,
+        create: bool,
+    ) -> Result<store::Claim, store::StoreError> {
+        self.inner.claim_key(key_id, group, create)
+    }
+    fn durable_owner(
+        &self,
+        key: &store::DurableKey,
+        owner: Option<&str>,
+    ) -> Result<bool, store::StoreError> {
+        self.inner.durable_owner(key, owner)
+    }
+    fn status(&self) -> store::StoreStatus {
+        self.full.fetch_add(1, Ordering::SeqCst);
+        self.inner.status()
+    }
+    fn status_counts(&self) -> store::StoreStatus {
+        self.counts.fetch_add(1, Ordering::SeqCst);
+        self.inner.status_counts()
+    }
+    fn metrics(&self) -> store::StoreMetrics {
+        self.inner.metrics()
+    }
+    fn close(&self) {
+        self.inner.close()
+    }
+}
+
+const TOKEN: &str = "admin-test-token";
+
+/// On a loopback admin port anyone local may ask `/status`: without the admin token the
+/// relay asks its store for counts only, never the per-path list it would then redact
+/// (which visits every stored path under the store's locks); with the token, the detail.
+/// The counts are there either way. Before, every anonymous `/status` computed the full
+/// per-path status and cleared the list afterwards.
+#[tokio::test]
+async fn an_anonymous_status_never_computes_the_per_path_status() {
+    let mut config = Config::ephemeral();
+    config.auth.admin_token = Some(TOKEN.into());
+    let inner = store::open(&config.store, StoreKind::Memory).expect("memory store");
+    let counting = Arc::new(CountingStore {
+        inner,
+        full: AtomicU64::new(0),
+        counts: AtomicU64::new(0),
+    });
+    let listeners = Listeners::bind(&config).await.expect("bind");
+    let relay = TestRelay::run(
+        Relay::builder(config)
+            .listeners(listeners)
+            .store(counting.clone())
+            .build()
+            .expect("relay builds"),
+    );
+    let admin = format!("http://{}", relay.addrs.admin.expect("admin"));
+    // Something stored, so there is a path to list.
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    let mut sub = subscriber_tcp(relay.tcp(), exact(1, &[1])).await;
+    p.publish(envelope(1, &[1])).await;
+    sub.expect_msg().await;
+
+    let status = |body: bytes::Bytes| -> Status { serde_json::from_slice(&body).expect("json") };
+    let anonymous = status(http_get(&admin, "/status").await.expect("/status"));
+    assert!(!anonymous.detail);
+    assert!(anonymous.store.paths.is_empty(), "key ids shown");
+    assert_eq!(
+        counting.full.load(Ordering::SeqCst),
+        0,
+        "an anonymous /status computed the per-path status"
+    );
+    assert_eq!(counting.counts.load(Ordering::SeqCst), 1);
+    // With the token: the detail, from the full status.
+    let detailed = status(
+        http_get_auth(&admin, "/status", Some(TOKEN))
+            .await
+            .expect("/status with the token"),
+    );
+    assert!(detailed.detail);
+    assert_eq!(counting.full.load(Ordering::SeqCst), 1);
+    assert_eq!(counting.counts.load(Ordering::SeqCst), 1);
+    drop((p, sub));
+    relay.stop().await;
+}
+
+/// At most 64 admin connections are served at once: the 65th waits (in the kernel's
+/// listen queue: no descriptor, no task) while 64 idle ones hold the places, clients of the
+/// relay are served meanwhile, and it is answered once places free. Before, every admin
+/// connection was accepted and kept up to its 10 s header timeout, without bound.
+#[tokio::test]
+async fn admin_connections_past_the_cap_wait_while_clients_are_served() {
+    let relay = TestRelay::start(Config::ephemeral()).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(
+            tokio::net::TcpStream::connect(admin)
+                .await
+                .expect("connect"),
+        );
+    }
+    let url = format!("http://{admin}");
+    let queued = tokio::spawn(async move { http_get(&url, "/healthz").await });
+    // The relay serves a client meanwhile (after the queued request was made).
+    let mut c = Client::tcp(relay.tcp()).await;
+    c.hello().await;
+    c.subscribe(1, exact(1, &[1])).await;
+    assert!(
+        !queued.is_finished(),
+        "a 65th admin connection was served while 64 held the port"
+    );
+    drop(idle);
+    let body = tokio::time::timeout(TIMEOUT, queued)
+        .await
+        .expect("the queued admin request was answered once places freed")
+        .expect("task")
+        .expect("/healthz");
+    assert_eq!(&body[..], b"ok\n");
+    drop(c);
+    relay.stop().await;
+}
