@@ -304,6 +304,21 @@ export class Subscription {
     this._end();
   }
 
+  /**
+   * Ends this durable subscription and deletes its durable on the relay (its name,
+   * position and owner: the name no longer counts against the quota, and a later
+   * subscribe with it starts afresh). Resolves once the relay processed it; rejects with
+   * `REJECTED` (the relay refused; the subscription is ended all the same),
+   * `DISCONNECTED` (not connected, or the connection dropped before the answer: whether
+   * it was deleted is not known), or, sending nothing and keeping the subscription,
+   * `UNSUPPORTED` (the relay cannot delete durables) or `NOT_DURABLE`.
+   */
+  async deleteDurable() {
+    if (this.#ended) throw new WhispeerError('NOT_DURABLE', 'the subscription has ended');
+    await this.#client._deleteDurable(this.id);
+    this._end();
+  }
+
   /** The next message (`{ value, done }`), for the async-iterator protocol. */
   next() {
     while (this.#queue.length) {
@@ -386,6 +401,7 @@ export class Client {
   #pendingSubs = new Map(); // local id -> { resolve, reject }
   #acks = new Map(); // publish id (hex) -> { resolve, reject }
   #flushes = new Map(); // flush id -> { resolve, reject }
+  #deletes = new Map(); // deletion flush id -> { resolve, reject }
   #nextSub = 1;
   #closing = false;
   #closeWaiters = [];
@@ -400,6 +416,7 @@ export class Client {
   #armed; // the deadline the timer is set for
   #timer = null;
   #core; // the ClientCore until the engine takes it
+  #coreTaken = false; // handed to `new Engine` (which frees it, also when it throws)
   #openStore; // persistence: opens the store (null without)
   #store = null;
   #logBytes = 0; // appended since the last compaction
@@ -467,7 +484,10 @@ export class Client {
       this.#core = core;
       if (!this.#openStore) this.#engine(undefined);
     } catch (e) {
-      core?.free();
+      // Freed here unless the engine took it (an engine option it refused: the core went
+      // with the failed construction, and freeing it again threw "null pointer passed to
+      // rust" instead of the option's error).
+      if (!this.#coreTaken) core?.free();
       throw wrap(e);
     }
   }
@@ -478,6 +498,7 @@ export class Client {
     globalThis.crypto.getRandomValues(seed);
     const core = this.#core;
     this.#core = undefined;
+    this.#coreTaken = true;
     const opts = state === undefined ? this.#opts : { ...this.#opts, state };
     this.#eng = new Engine(core, opts, seed, mono(), Date.now());
   }
@@ -830,10 +851,23 @@ export class Client {
       }
       case 'flushed':
       case 'flushFailed': {
+        const d = this.#deletes.get(e.id);
+        if (d) {
+          this.#deletes.delete(e.id);
+          d.reject(new WhispeerError('DISCONNECTED', 'the connection dropped before the relay answered the deletion'));
+          break;
+        }
         const f = this.#flushes.get(e.id);
         this.#flushes.delete(e.id);
         if (e.type === 'flushed') f?.resolve();
         else f?.reject(new WhispeerError('DISCONNECTED', 'not connected, or the connection dropped during flush'));
+        break;
+      }
+      case 'durableDeleted': {
+        const d = this.#deletes.get(e.id);
+        this.#deletes.delete(e.id);
+        if (e.code === undefined) d?.resolve();
+        else d?.reject(new WhispeerError('REJECTED', `relay refused to delete the durable subscription: ${e.message} (${e.code})`));
         break;
       }
       case 'connected':
@@ -877,6 +911,8 @@ export class Client {
     this.#pendingSubs.clear();
     for (const [, a] of this.#acks) a.reject(error);
     this.#acks.clear();
+    for (const [, d] of this.#deletes) d.reject(new WhispeerError('DISCONNECTED', 'the client closed before the relay answered the deletion'));
+    this.#deletes.clear();
     for (const w of this.#waiting.splice(0)) w.reject(error);
     if (this.#store) {
       const st = this.#store;
@@ -1092,6 +1128,22 @@ export class Client {
     this.#pump();
     await ready;
     return sub;
+  }
+
+  /** @internal */
+  async _deleteDurable(id) {
+    if (this.#state === 'closed') throw new WhispeerError('DISCONNECTED', 'the client is closed');
+    let fid;
+    try {
+      fid = this.#eng.deleteDurable(id, mono(), Date.now());
+    } catch (e) {
+      throw wrap(e);
+    }
+    this.#subs.delete(id);
+    this.#pendingSubs.delete(id);
+    const p = new Promise((resolve, reject) => this.#deletes.set(fid, { resolve, reject }));
+    this.#pump();
+    return p;
   }
 
   /** @internal */

@@ -510,6 +510,13 @@ export class Subscription<T = Received> implements AsyncIterableIterator<Message
   /** Typed: messages of another type refused here (`TYPE_MISMATCH`), never delivered. */
   readonly typeMismatches: number;
   unsubscribe(): Promise<void>;
+  /**
+   * Ends this durable subscription and deletes its durable on the relay (name, position,
+   * owner). Rejects with `REJECTED` (refused; ended all the same), `DISCONNECTED` (not
+   * known whether it was deleted), or — nothing sent, the subscription goes on —
+   * `UNSUPPORTED` (the relay cannot delete durables) or `NOT_DURABLE`.
+   */
+  deleteDurable(): Promise<void>;
   next(): Promise<IteratorResult<Message<T>>>;
   return(): Promise<IteratorResult<Message<T>>>;
   [Symbol.asyncIterator](): AsyncIterableIterator<Message<T>>;

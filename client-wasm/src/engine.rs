@@ -363,6 +363,31 @@ impl Engine {
         self.tokens.retain(|_, t| t.sub() != id);
     }
 
+    /// Ends durable subscription `id` and asks the relay to delete its durable (name,
+    /// position, owner; PROTOCOL §3.3.4); a `durableDeleted` event (with `error` when the
+    /// relay refused) or `flushFailed` with the returned id follows. Throws, sending
+    /// nothing and keeping the subscription, with `DISCONNECTED` (not connected),
+    /// `UNSUPPORTED` (the relay did not grant `DURABLE_DELETE`) or `NOT_DURABLE`.
+    #[wasm_bindgen(js_name = deleteDurable)]
+    pub fn delete_durable(&mut self, id: f64, mono_ms: f64, unix_ms: f64) -> Result<f64, JsValue> {
+        use whispeer::DeleteError as D;
+        let sub = id as u64;
+        match self.eng.delete_durable(sub, now(mono_ms, unix_ms)) {
+            Ok(fid) => {
+                self.tokens.retain(|_, t| t.sub() != sub);
+                Ok(fid as f64)
+            }
+            Err(e) => Err(js_error(
+                match e {
+                    D::Unsupported => "UNSUPPORTED",
+                    D::NotDurable => "NOT_DURABLE",
+                    _ => "DISCONNECTED",
+                },
+                &e.to_string(),
+            )),
+        }
+    }
+
     /// The app took the message (or placeholder) handed out with `token`: returns its
     /// subscription's credit and acks it in relay order when the subscription acks.
     pub fn ack(&mut self, token: f64, mono_ms: f64, unix_ms: f64) {
@@ -734,6 +759,14 @@ impl Engine {
             E::FlushFailed { id } => {
                 set(&o, "id", id as f64);
                 "flushFailed"
+            }
+            E::DurableDeleted { id, error } => {
+                set(&o, "id", id as f64);
+                if let Some((code, message)) = error {
+                    set(&o, "code", code.name());
+                    set(&o, "message", message);
+                }
+                "durableDeleted"
             }
             E::RelayError { code, message, sub } => {
                 set(&o, "code", code.name());

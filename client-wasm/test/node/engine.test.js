@@ -211,6 +211,25 @@ test('a durable subscription is resumed by a new client with the same identity',
   );
 });
 
+test('deleteDurable deletes the durable: the name starts afresh, a plain subscription has none', async () => {
+  const tree = TreeKey.generate('gone');
+  const me = Identity.generate();
+  const pub = await connect(relay.url, { keys: tree });
+  const a = await connect(relay.url, { keys: tree, identity: me });
+  const plain = await a.subscribe('d/#');
+  await assert.rejects(plain.deleteDurable(), (e) => e instanceof WhispeerError && e.code === 'NOT_DURABLE');
+  const it = await a.subscribe('d/#', { qos: 1, durable: 'gone' });
+  await pub.publish('d/x', 1, { qos: 1 });
+  assert.equal((await it.next()).value.value, 1);
+  await it.deleteDurable();
+  // Published while no durable exists: kept for nobody.
+  await pub.publish('d/x', 2, { qos: 1 });
+  const b = await connect(relay.url, { keys: tree, identity: me });
+  const again = await b.subscribe('d/#', { qos: 1, durable: 'gone' });
+  await pub.publish('d/x', 3, { qos: 1 });
+  assert.equal((await again.next()).value.value, 3, 'a new durable: nothing of the old one');
+});
+
 test('a slow subscriber loop: at most once reports its loss, at least once gets everything', { timeout: 120_000 }, async (t) => {
   const tree = TreeKey.generate('slow');
   const pub = await connect(relay.url, { keys: tree });
