@@ -1756,6 +1756,40 @@ fn a_killed_durable_subscriber_resumes_and_history_replays() {
         ]),
         1,
     );
+
+    // `--delete`: the durable goes (with what it kept); the name starts afresh after it.
+    publish(12..14);
+    let out = run(&[
+        "sub",
+        "--relay",
+        &url,
+        "jobs/#",
+        "--durable",
+        "builder",
+        "--qos",
+        "1",
+        "--delete",
+        "--key-file",
+        tf,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("deleted: durable subscription 'builder'"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut fresh = durable_sub();
+    publish(14..15);
+    assert_eq!(
+        value(fresh.line()),
+        14,
+        "a new durable: nothing it kept before the deletion"
+    );
+    drop(fresh);
 }
 
 #[test]

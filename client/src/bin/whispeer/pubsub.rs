@@ -352,6 +352,10 @@ pub struct SubArgs {
     /// later `sub --durable NAME` resumes right after the last acknowledged message.
     #[arg(long, value_name = "NAME")]
     durable: Option<String>,
+    /// With --durable: delete that durable subscription at the relay (its name, position
+    /// and owner; what it kept is dropped) and exit without printing messages.
+    #[arg(long, requires = "durable")]
+    delete: bool,
     #[command(flatten)]
     keys: KeyArgs,
 }
@@ -514,6 +518,20 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
         }
         Err(e) => return Err(anyhow::Error::new(e).context("subscribe failed")),
     };
+    if a.delete {
+        let name = a.durable.as_deref().unwrap_or_default();
+        sub.delete_durable()
+            .await
+            .with_context(|| format!("cannot delete durable subscription '{name}'"))?;
+        if !a.quiet {
+            eprintln!(
+                "deleted: durable subscription '{name}' on {}",
+                client.relay_url()
+            );
+        }
+        client.close().await;
+        return Ok(ExitCode::SUCCESS);
+    }
     if !a.quiet {
         eprintln!(
             "ready: subscribed to '{}' on {}",
