@@ -14,6 +14,10 @@ use crate::limits::MAX_FRAME_CEILING;
 /// Size of the length prefix.
 pub const LEN_PREFIX: usize = 4;
 
+/// The most [`FrameDecoder::next_frame`] reserves ahead for a frame whose bytes have not
+/// arrived yet.
+pub const RESERVE_AHEAD: usize = 64 << 10;
+
 /// Incremental decoder of length-prefixed frames.
 #[derive(Debug)]
 pub struct FrameDecoder {
@@ -93,8 +97,13 @@ impl FrameDecoder {
             });
         }
         if self.buf.len() < LEN_PREFIX + len {
-            // Reserve what this frame still needs (bounded by max_frame) to avoid re-growing.
-            self.buf.reserve(LEN_PREFIX + len - self.buf.len());
+            // Reserve what this frame still needs, up to `RESERVE_AHEAD`: a declared length
+            // is only a claim (a relay's 10,000 connections each declaring `max_frame` and
+            // sending nothing more would otherwise hold 10 GiB of address space before any
+            // budget covered them). Larger frames grow as their bytes arrive, or the caller
+            // reserves the rest once it has accounted for them.
+            self.buf
+                .reserve((LEN_PREFIX + len - self.buf.len()).min(RESERVE_AHEAD));
             return Ok(None);
         }
         self.buf.advance(LEN_PREFIX);
@@ -129,6 +138,21 @@ pub fn encode_prefixed(frame: &Frame) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review finding (transport #13): a declared length reserved the whole frame before
+    /// any of it arrived (and before the relay's frame budget covered it).
+    #[test]
+    fn a_declared_length_reserves_at_most_reserve_ahead() {
+        let mut d = FrameDecoder::new(16 << 20);
+        d.buffer_mut()
+            .extend_from_slice(&(8u32 << 20).to_be_bytes());
+        assert!(d.next_frame().unwrap().is_none());
+        assert!(
+            d.buffer_mut().capacity() <= LEN_PREFIX + RESERVE_AHEAD + 64,
+            "{} bytes reserved for a frame that has not arrived",
+            d.buffer_mut().capacity()
+        );
+    }
     use crate::frame::{Frame, Ping};
 
     /// The handshake cap must admit every valid `Hello`: the largest one (every field at
