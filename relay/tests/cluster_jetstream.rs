@@ -1980,3 +1980,378 @@ async fn pending_creations_past_their_bound_keep_the_owner_of_one_in_flight() {
         "the bound, with the victim's in it"
     );
 }
+
+// Deleting durables with the JetStream store: a deletion marker replaces the durable's
+// record in `WSP_DURABLE`, so every relay (and one started later) sees it gone.
+
+/// What a client that deletes durables offers.
+const DELETING: u64 = whispeer_protocol::frame::features::AT_LEAST_ONCE
+    | whispeer_protocol::frame::features::REPLAY
+    | whispeer_protocol::frame::features::DURABLE
+    | whispeer_protocol::frame::features::DURABLE_DELETE;
+
+/// A client greeted offering [`DELETING`]; the JetStream relay must grant `DURABLE_DELETE`.
+async fn connect_deleting(addr: SocketAddr) -> Client {
+    let mut c = Client::tcp(addr).await;
+    let w = c.hello_with(DELETING).await;
+    assert_eq!(
+        w.features & whispeer_protocol::frame::features::DURABLE_DELETE,
+        whispeer_protocol::frame::features::DURABLE_DELETE,
+        "a JetStream relay grants DURABLE_DELETE: {w:?}"
+    );
+    c
+}
+
+/// Durable `name` on everything under key `k`, owned by the secret `[secret; 16]`.
+fn durable_sub(sub_id: u64, k: u8, name: &str, secret: u8) -> Sub {
+    let mut d = sub(sub_id, pattern(k, &[], true), Qos::AtLeastOnce);
+    d.durable = Some(name.into());
+    d.owner = Some(Bytes::from(vec![secret; 16]));
+    d
+}
+
+/// Sends `d`; the relay's answer: `Ok` for its `SubOk`, else its non-fatal `Err`.
+async fn sub_answer(c: &mut Client, d: &Sub) -> Result<(), whispeer_protocol::frame::ErrFrame> {
+    c.send(&Frame::Sub(d.clone())).await;
+    loop {
+        match c.recv().await {
+            Frame::SubOk(ok) if ok.sub_id == d.sub_id => return Ok(()),
+            Frame::Err(e) if e.sub_id == Some(d.sub_id) => {
+                assert!(!e.fatal, "{e:?}");
+                return Err(e);
+            }
+            Frame::Msg(_) | Frame::ReplayDone(_) | Frame::PubAck(_) => {}
+            other => panic!("Sub {}: unexpected {other:?}", d.sub_id),
+        }
+    }
+}
+
+/// Sends `d` until it is answered `SubOk` (bounded by `TIMEOUT`), each refusal meanwhile
+/// being one of `retry` (the codes of a state the cluster has not reached yet).
+async fn sub_until_ok(c: &mut Client, d: &Sub, retry: &[whispeer_protocol::ErrorCode]) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        match sub_answer(c, d).await {
+            Ok(()) => return,
+            Err(e) => {
+                assert!(retry.contains(&e.code), "{e:?}");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "still refused after {TIMEOUT:?}: {e:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// `Unsub {sub_id, delete: true}`, then a `Ping`, read up to its `Pong`: the `Err` naming
+/// `sub_id` sent meanwhile, if any.
+async fn delete_and_pong(
+    c: &mut Client,
+    sub_id: u64,
+) -> Option<whispeer_protocol::frame::ErrFrame> {
+    c.send(&Frame::Unsub(whispeer_protocol::frame::Unsub {
+        sub_id,
+        delete: Some(true),
+    }))
+    .await;
+    c.send(&Frame::Ping(whispeer_protocol::frame::Ping {
+        nonce: 0xde1,
+    }))
+    .await;
+    let mut err = None;
+    loop {
+        match c.recv().await {
+            Frame::Pong(p) if p.nonce == 0xde1 => return err,
+            Frame::Err(e) if e.sub_id == Some(sub_id) => {
+                assert!(!e.fatal, "{e:?}");
+                err = Some(e);
+            }
+            Frame::Msg(_) | Frame::ReplayDone(_) | Frame::PubAck(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// Publishes a probe on `[key(k), 1]` from `publ` (number `n`) and returns the numbers of
+/// what `c` got before it: the replayed backlog of a resumed durable, none for a new one.
+async fn before_probe(c: &mut Client, publ: &mut Client, k: u8, n: u32) -> Vec<u32> {
+    let seq = publish_acked(publ, &[(n, numbered(k, &[1], n))], Qos::AtLeastOnce, false).await;
+    read_until(c, seq[0])
+        .await
+        .iter()
+        .map(|m| number(&m.envelope))
+        .filter(|got| *got != n)
+        .collect()
+}
+
+async fn relay_status(relay: &BinRelay) -> whispeer_relay::admin::Status {
+    serde_json::from_slice(
+        &whispeer_relay::admin::http_get(&relay.admin().to_string(), "/status")
+            .await
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Polls `/status` until its store counts `n` durables (bounded by `TIMEOUT`).
+async fn wait_durables(relay: &BinRelay, n: u64) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let s = relay_status(relay).await;
+        if s.store.durables == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay still counts {} durables, not {n}",
+            s.store.durables
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// `Unsub {delete}` at relay A deletes the durable for the whole cluster: relay B, which
+/// counted it against the tenant's one durable name, gives the count back (learned from
+/// `WSP_DURABLE`), and a `Sub` of the name at B — by another owner even: the owner went
+/// with the durable — starts a new durable, without the old one's unacknowledged backlog.
+#[tokio::test]
+async fn a_durable_deleted_at_one_relay_is_gone_at_every_relay_and_frees_its_quota() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let quota = ["--tenant-max-durables", "1", "--durable-idle-ms", "0"];
+    let a = start_relay_with(&urls, "relay-a", &quota);
+    // Logged: B's "durable record read" line is the event that it counts A's durable.
+    let mut b = {
+        let mut args = jetstream_relay_args(&urls, "relay-b");
+        args.extend(quota.map(String::from));
+        args.extend(["--log", "warn,whispeer_relay::store::jetstream=debug"].map(String::from));
+        BinRelay::start_logged(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (mut publ, _) = connect(b.tcp()).await;
+    let mut ca = connect_deleting(a.tcp()).await;
+    sub_answer(&mut ca, &durable_sub(1, 21, "d", 1))
+        .await
+        .expect("d created at A");
+    b.wait_log(&["durable record read", "durables=1"]).await;
+    let mut cb = connect_deleting(b.tcp()).await;
+    let e = sub_answer(&mut cb, &durable_sub(2, 21, "e", 1))
+        .await
+        .expect_err("B counts A's durable");
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::QuotaExceeded, "{e:?}");
+
+    // Delivered, never acknowledged: a resumed "d" would replay them.
+    let backlog: Vec<(u32, Envelope)> = (0..3).map(|i| (i, numbered(21, &[1], i))).collect();
+    let seqs = publish_acked(&mut publ, &backlog, Qos::AtLeastOnce, false).await;
+    assert_eq!(read_until(&mut ca, seqs[2]).await.len(), 3);
+    assert!(delete_and_pong(&mut ca, 1).await.is_none(), "deleted");
+
+    // B learns of the deletion from the durable stream: "e" fits its quota then.
+    sub_until_ok(
+        &mut cb,
+        &durable_sub(2, 21, "e", 1),
+        &[whispeer_protocol::ErrorCode::QuotaExceeded],
+    )
+    .await;
+    wait_durables(&a, 1).await; // A counts "e" (B's), not "d"
+    assert!(
+        delete_and_pong(&mut cb, 2).await.is_none(),
+        "e deleted at B"
+    );
+    // "d" again, at B and by another owner: a new durable (A's hold may still be released).
+    sub_until_ok(
+        &mut cb,
+        &durable_sub(3, 21, "d", 2),
+        &[whispeer_protocol::ErrorCode::Busy],
+    )
+    .await;
+    assert_eq!(
+        before_probe(&mut cb, &mut publ, 21, 100).await,
+        Vec::<u32>::new(),
+        "a new durable: live only, not the deleted one's backlog"
+    );
+}
+
+/// Only the holder deletes, and only the owner can hold: another owner's `Sub` at relay B
+/// is refused (`not_allowed`), so its `Unsub {delete}` names no subscription; the durable
+/// stays and resumes for its owner at B — who deletes it there, at a relay that did not
+/// create it. Then another owner may create the name anew at A, without its backlog.
+#[tokio::test]
+async fn a_non_owner_cannot_delete_a_durable_but_its_owner_can_at_another_relay() {
+    let Some(s) = Setup::start(2) else { return };
+    let (mut publ, _) = connect(s.relays[1].tcp()).await;
+    let mut leases = lease_watch(&s.nats).await;
+    let mut owner_a = connect_deleting(s.relays[0].tcp()).await;
+    sub_answer(&mut owner_a, &durable_sub(1, 22, "n", 1))
+        .await
+        .expect("n created at A");
+    let backlog: Vec<(u32, Envelope)> = (0..2).map(|i| (i, numbered(22, &[1], i))).collect();
+    let seqs = publish_acked(&mut publ, &backlog, Qos::AtLeastOnce, false).await;
+    read_until(&mut owner_a, seqs[1]).await;
+    drop(owner_a); // released, not deleted, nothing acknowledged
+    wait_released(&mut leases).await;
+
+    let mut other = connect_deleting(s.relays[1].tcp()).await;
+    let e = sub_answer(&mut other, &durable_sub(7, 22, "n", 2))
+        .await
+        .expect_err("another owner's Sub");
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::NotAllowed, "{e:?}");
+    let e = delete_and_pong(&mut other, 7)
+        .await
+        .expect("no subscription to delete");
+    assert_eq!(
+        e.code,
+        whispeer_protocol::ErrorCode::UnknownSubscription,
+        "{e:?}"
+    );
+
+    let mut owner_b = connect_deleting(s.relays[1].tcp()).await;
+    sub_answer(&mut owner_b, &durable_sub(1, 22, "n", 1))
+        .await
+        .expect("the owner resumes n at B");
+    assert_eq!(
+        before_probe(&mut owner_b, &mut publ, 22, 100).await,
+        vec![0, 1],
+        "resumed with its backlog: the non-owner deleted nothing"
+    );
+    assert!(
+        delete_and_pong(&mut owner_b, 1).await.is_none(),
+        "deleted at B"
+    );
+    wait_released(&mut leases).await;
+
+    let mut other_a = connect_deleting(s.relays[0].tcp()).await;
+    sub_answer(&mut other_a, &durable_sub(2, 22, "n", 2))
+        .await
+        .expect("the name is free for anyone");
+    assert_eq!(
+        before_probe(&mut other_a, &mut publ, 22, 101).await,
+        Vec::<u32>::new(),
+        "a new durable"
+    );
+}
+
+/// One record of `WSP_DURABLE` as the test's own ordered read sees it.
+struct DurableEvent {
+    subject: String,
+    deleted: bool,
+    /// NATS timestamp, Unix ms.
+    at: i128,
+}
+
+async fn durable_events(nats: &NatsCluster) -> async_nats::jetstream::consumer::pull::Ordered {
+    let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    js.get_stream("WSP_DURABLE")
+        .await
+        .unwrap()
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap()
+}
+
+async fn next_durable_event(
+    watch: &mut async_nats::jetstream::consumer::pull::Ordered,
+) -> DurableEvent {
+    let m = tokio::time::timeout(TIMEOUT, watch.next())
+        .await
+        .expect("a durable record within TIMEOUT")
+        .expect("durable stream")
+        .unwrap();
+    DurableEvent {
+        subject: m.subject.to_string(),
+        deleted: m
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get("Wsp-Deleted").is_some()),
+        at: m.info().unwrap().published.unix_timestamp_nanos() / 1_000_000,
+    }
+}
+
+/// Idle expiry across relays (`--durable-idle-ms 1500`): a durable released at relay A is
+/// deleted once idle that long (by whichever relay's sweep), for every relay; durables held
+/// all along — one at A, one at B — are not, for a whole further idle time during which
+/// their holders refresh their records. A relay started afterwards (reading the stream
+/// afresh, as after a restart) sees the durable gone: its name is free, with no backlog.
+#[tokio::test]
+async fn an_idle_durable_is_deleted_for_every_relay_and_a_held_one_never() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let idle = ["--durable-idle-ms", "1500"];
+    let a = start_relay_with(&urls, "relay-a", &idle);
+    let b = start_relay_with(&urls, "relay-b", &idle);
+    let mut events = durable_events(&nats).await;
+    let (mut publ, _) = connect(b.tcp()).await;
+    let mut holder_a = connect_deleting(a.tcp()).await;
+    sub_answer(&mut holder_a, &durable_sub(1, 23, "held-a", 1))
+        .await
+        .expect("held at A");
+    let mut holder_b = connect_deleting(b.tcp()).await;
+    sub_answer(&mut holder_b, &durable_sub(1, 23, "held-b", 1))
+        .await
+        .expect("held at B");
+    let mut c = connect_deleting(a.tcp()).await;
+    sub_answer(&mut c, &durable_sub(1, 23, "idle", 1))
+        .await
+        .expect("idle created at A");
+    let backlog: Vec<(u32, Envelope)> = (0..3).map(|i| (i, numbered(23, &[1], i))).collect();
+    let seqs = publish_acked(&mut publ, &backlog, Qos::AtLeastOnce, false).await;
+    read_until(&mut c, seqs[2]).await;
+    drop(c); // released with its backlog unacknowledged
+
+    // The three records, then the deletion marker of one of them.
+    let mut held: HashSet<String> = HashSet::new();
+    let (gone, gone_at) = loop {
+        let e = next_durable_event(&mut events).await;
+        if e.deleted {
+            break (e.subject, e.at);
+        }
+        held.insert(e.subject);
+    };
+    assert_eq!(held.len(), 3, "three durables written before the deletion");
+    held.remove(&gone);
+    // A further idle time and more: both held durables rewritten by their holders after it,
+    // and no marker on them meanwhile.
+    let mut refreshed = HashSet::new();
+    while refreshed.len() < 2 {
+        let e = next_durable_event(&mut events).await;
+        assert!(
+            !(e.deleted && held.contains(&e.subject)),
+            "a held durable was deleted"
+        );
+        if held.contains(&e.subject) && e.at >= gone_at + 1500 {
+            refreshed.insert(e.subject);
+        }
+    }
+    wait_durables(&a, 2).await;
+    wait_durables(&b, 2).await;
+    // Still held where they were: not taken by anyone's sweep.
+    let mut probe = connect_deleting(b.tcp()).await;
+    let e = sub_answer(&mut probe, &durable_sub(9, 23, "held-a", 1))
+        .await
+        .expect_err("held at A");
+    assert_eq!(e.code, whispeer_protocol::ErrorCode::Busy, "{e:?}");
+
+    // A relay started now reads the stream afresh: "idle" is gone there too, owner and all.
+    let c_relay = start_relay_with(&urls, "relay-c", &idle);
+    let mut fresh = connect_deleting(c_relay.tcp()).await;
+    sub_answer(&mut fresh, &durable_sub(2, 23, "idle", 2))
+        .await
+        .expect("the idle durable's name is free");
+    assert_eq!(
+        before_probe(&mut fresh, &mut publ, 23, 100).await,
+        Vec::<u32>::new(),
+        "a new durable, not the deleted one's backlog"
+    );
+    drop((holder_a, holder_b));
+}

@@ -24,7 +24,10 @@
 //!   stream (`<stream>_RETAINED`, subjects `<prefix>_retained.>`, one message per subject)
 //!   carrying the original's sequence in header `Wsp-Seq`; **durable floors** live in a
 //!   third stream (`<stream>_DURABLE`, subjects `<prefix>_durable.<key>`, one message per
-//!   durable), kept in memory from an ordered read of it and written behind; **holds on
+//!   durable), kept in memory from an ordered read of it and written behind — a deleted
+//!   durable's record is replaced by a deletion marker (header `Wsp-Deleted`), and a
+//!   sweep deletes durables idle past `store.durable_idle_ms` that nobody holds (see
+//!   [`sweep`]); **holds on
 //!   durable names** (one holder per durable in the cluster) are leases in a fourth
 //!   stream (`<stream>_LEASES`, see [`lease`]); **key-id claims** of relay accounts are
 //!   records in a fifth (`<stream>_CLAIMS`, one per key id, written once: the first group
@@ -80,6 +83,14 @@ const OWNER_HEADER: &str = "Wsp-Owner";
 /// ordered read of the relay that wrote a message ends its in-flight quota count (see
 /// [`ledger`]).
 const WRITE_HEADER: &str = "Wsp-Write";
+/// Header of a durable's deletion marker (value `1`, empty payload): the durable was deleted
+/// (by its holder, or idle past `store.durable_idle_ms`); it replaces the durable's record.
+const DELETED_HEADER: &str = "Wsp-Deleted";
+/// How long a deletion marker stays in the durable stream (every relay's ordered read of
+/// it learns the deletion from it) before a relay's sweep purges it.
+const MARKER_KEEP_MS: u64 = 24 * 3600 * 1000;
+/// Most idle durables one sweep deletes (the next sweep goes on).
+const SWEEP_BATCH: usize = 256;
 /// Header JetStream puts on a headers-only delivery: the payload's size.
 const SIZE_HEADER: &str = "Nats-Msg-Size";
 /// Most messages one history read returns.
@@ -191,10 +202,16 @@ struct DurableRecord {
     floor: Option<u64>,
     owner: Option<String>,
     tenant: Tag,
+    /// Its stream sequence (0: not read from the stream).
+    seq: u64,
+    /// When the stream received it, ms since the epoch.
+    ts: u64,
+    /// A deletion marker (header `Wsp-Deleted`): the durable is gone.
+    deleted: bool,
 }
 
 impl DurableRecord {
-    fn of(h: Option<&HeaderMap>, payload: &[u8]) -> Self {
+    fn of(h: Option<&HeaderMap>, payload: &[u8], seq: u64, ts: u64) -> Self {
         DurableRecord {
             floor: std::str::from_utf8(payload)
                 .ok()
@@ -203,7 +220,28 @@ impl DurableRecord {
                 .and_then(|h| h.get(OWNER_HEADER))
                 .map(|v| v.as_str().to_string()),
             tenant: header_tag(h),
+            seq,
+            ts,
+            deleted: h.is_some_and(|h| h.get(DELETED_HEADER).is_some()),
         }
+    }
+}
+
+/// What this relay knows of a durable's newest record: its stream sequence (the condition
+/// of a deletion or a refresh), when it was written (ms since the epoch: the idle clock)
+/// and its tenant.
+#[derive(Debug, Clone, Copy)]
+struct RecordMeta {
+    seq: u64,
+    ts: u64,
+    tenant: Tag,
+}
+
+impl DurableRecord {
+    /// A record read directly from the durable stream.
+    fn read(m: &jetstream::message::StreamMessage) -> Self {
+        let ts = (m.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        Self::of(Some(&m.headers), &m.payload, m.sequence, ts)
     }
 }
 
@@ -364,6 +402,21 @@ struct Inner {
     durables: Mutex<HashMap<String, u64>>,
     /// Floors to write to the durable stream (write-behind), with the tenant tag.
     dirty: Mutex<HashMap<String, (u64, Tag)>>,
+    /// Floors the writer took from `dirty` and has not had acknowledged yet.
+    flushing: Mutex<HashMap<String, u64>>,
+    /// Told after each write of the writer (a deletion waits for the durable's).
+    flushed: Notify,
+    /// The newest live record of each durable, as read or written here.
+    records: Mutex<HashMap<String, RecordMeta>>,
+    /// Deletion markers in the durable stream: (stream sequence, ms received), by key.
+    gone: Mutex<HashMap<String, (u64, u64)>>,
+    /// Durable names seen by this relay's `Sub`s, by key (the stream holds only hashes):
+    /// what [`Store::take_gone`] can name.
+    names: Mutex<HashMap<String, DurableKey>>,
+    /// Where deleted durables are told ([`Store::take_gone`]), once taken.
+    gone_tx: Mutex<Option<mpsc::UnboundedSender<DurableKey>>>,
+    /// `store.durable_idle_ms` (0: durables never idle out).
+    idle_ms: u64,
     /// Durable owners (owner tags) as the durable stream holds them, by durable key.
     owners: Mutex<HashMap<String, String>>,
     /// Durables this relay is about to create, by durable key (key id and name hash): the
@@ -586,6 +639,13 @@ impl JetStreamStore {
             durable_stream: durables.clone(),
             durables: Mutex::new(HashMap::new()),
             dirty: Mutex::new(HashMap::new()),
+            flushing: Mutex::new(HashMap::new()),
+            flushed: Notify::new(),
+            records: Mutex::new(HashMap::new()),
+            gone: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
+            gone_tx: Mutex::new(None),
+            idle_ms: config.durable_idle_ms,
             owners: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashMap::new()),
             fresh: Mutex::new(std::collections::HashSet::new()),
@@ -623,6 +683,7 @@ impl JetStreamStore {
             js.clone(),
             durable_prefix(&inner.prefix),
         ));
+        tokio::spawn(durable_sweep(Arc::downgrade(&inner)));
         let (acks_tx, acks_rx) = mpsc::channel(cluster.queue);
         tokio::spawn(publish_loop(js.clone(), jobs_rx, acks_tx));
         tokio::spawn(ack_loop(
@@ -871,7 +932,7 @@ impl JetStreamStore {
         let stream = inner.durable_stream.clone();
         let r = self.on_runtime(Duration::from_secs(5), async move {
             match stream.get_last_raw_message_by_subject(&subject).await {
-                Ok(m) => Ok(Some(DurableRecord::of(Some(&m.headers), &m.payload))),
+                Ok(m) => Ok(Some(DurableRecord::read(&m))),
                 Err(e) => {
                     use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
                     match e.kind() {
@@ -886,8 +947,36 @@ impl JetStreamStore {
             None => Ok(lock(&inner.durables).get(k).map(|f| DurableRecord {
                 floor: Some(*f),
                 owner: lock(&inner.owners).get(k).cloned(),
-                tenant: ledger::NO_TAG,
+                ..DurableRecord::default()
             })),
+        }
+    }
+
+    /// The durable's live record, read directly ([`fetch_durable`](Self::fetch_durable)),
+    /// with what it says applied here: none or a deletion marker — the durable is gone
+    /// (deleted at another relay; this relay's reader may not have the marker yet), so this
+    /// relay forgets it (floor, owner, its count in the ledger) unless a floor of its own
+    /// is still on its way to the stream.
+    fn read_durable(&self, k: &str) -> Result<Option<DurableRecord>, StoreError> {
+        let inner = &self.inner;
+        match self.fetch_durable(k)? {
+            Some(rec) if !rec.deleted => {
+                if rec.seq > 0 {
+                    note_record(inner, k, &rec);
+                }
+                Ok(Some(rec))
+            }
+            Some(marker) => {
+                lock(&inner.dirty).remove(k);
+                gone_here(inner, k, Some((marker.seq, marker.ts)), false);
+                Ok(None)
+            }
+            None => {
+                if pending_floor(inner, k).is_none() {
+                    gone_here(inner, k, None, false);
+                }
+                Ok(None)
+            }
         }
     }
 
@@ -905,17 +994,29 @@ impl JetStreamStore {
         if let Some(o) = &owner {
             h.insert(OWNER_HEADER, o.as_str());
         }
-        h.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        // Over the deletion marker of an earlier durable of the name, if the `Sub`'s read
+        // found one (a marker purged meanwhile fails the write: the `Sub` is retried).
+        let after = lock(&inner.gone).get(k).map_or(0, |g| g.0);
+        h.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            after.to_string().as_str(),
+        );
         let subject = format!("{}.{k}", durable_prefix(&inner.prefix));
         let js = inner.js.clone();
         let payload = Bytes::from(floor.to_string());
+        let written = self.inner.clone();
+        let (key, tenant) = (k.to_string(), *tag);
         let r = self.on_runtime(Duration::from_secs(5), async move {
             let ack = js
                 .publish_with_headers(subject, h, payload)
                 .await
                 .map_err(|e| unavailable("durable create", e))?;
             match ack.await {
-                Ok(_) => Ok(()),
+                Ok(a) => {
+                    lock(&written.gone).remove(&key);
+                    wrote_record(&written, &key, a.sequence, &tenant);
+                    Ok(())
+                }
                 Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
                     Err(StoreError::Unavailable(
                         "the durable subscription was created on another relay meanwhile; \
@@ -948,12 +1049,16 @@ impl JetStreamStore {
         let subject = format!("{}.{k}", durable_prefix(&inner.prefix));
         let js = inner.js.clone();
         let payload = Bytes::from(floor.to_string());
+        let written = self.inner.clone();
+        let (key, tenant) = (k.to_string(), *tag);
         let r = self.on_runtime(Duration::from_secs(5), async move {
-            js.publish_with_headers(subject, h, payload)
+            let a = js
+                .publish_with_headers(subject, h, payload)
                 .await
                 .map_err(|e| unavailable("durable write", e))?
                 .await
                 .map_err(|e| unavailable("durable write", e))?;
+            wrote_record(&written, &key, a.sequence, &tenant);
             Ok(())
         });
         match r {
@@ -1522,6 +1627,302 @@ async fn live_requests(
     }
 }
 
+/// Records what this relay learned of a durable's live record (read from the stream).
+fn note_record(inner: &Inner, k: &str, rec: &DurableRecord) {
+    {
+        let mut r = lock(&inner.records);
+        if r.get(k).is_none_or(|m| rec.seq >= m.seq) {
+            r.insert(
+                k.to_string(),
+                RecordMeta {
+                    seq: rec.seq,
+                    ts: rec.ts,
+                    tenant: rec.tenant,
+                },
+            );
+        }
+    }
+    let mut g = lock(&inner.gone);
+    if g.get(k).is_some_and(|m| m.0 < rec.seq) {
+        g.remove(k);
+    }
+}
+
+/// Records a durable record this relay wrote (stream sequence `seq`, written now).
+fn wrote_record(inner: &Inner, k: &str, seq: u64, tenant: &Tag) {
+    let rec = DurableRecord {
+        seq,
+        ts: now_ms(),
+        tenant: *tenant,
+        ..DurableRecord::default()
+    };
+    note_record(inner, k, &rec);
+}
+
+/// A floor of this relay's on its way to the durable stream (queued or being written).
+fn pending_floor(inner: &Inner, k: &str) -> Option<u64> {
+    let queued = lock(&inner.dirty).get(k).map(|d| d.0);
+    queued.or_else(|| lock(&inner.flushing).get(k).copied())
+}
+
+/// Forgets a deleted durable here — floor, owner, record, queued floor, its count in the
+/// ledger — and keeps its deletion marker (`marker`: stream sequence and time; `None`: the
+/// durable stream holds nothing of it). `report`: tells [`Store::take_gone`]'s receiver
+/// (when this relay knows the name).
+fn gone_here(inner: &Inner, k: &str, marker: Option<(u64, u64)>, report: bool) {
+    lock(&inner.durables).remove(k);
+    lock(&inner.owners).remove(k);
+    lock(&inner.records).remove(k);
+    lock(&inner.fresh).remove(k);
+    lock(&inner.ledger).remove_durable(k);
+    {
+        let mut g = lock(&inner.gone);
+        match marker {
+            Some(m) => {
+                lock(&inner.dirty).remove(k);
+                let e = g.entry(k.to_string()).or_insert(m);
+                if m.0 >= e.0 {
+                    *e = m;
+                }
+            }
+            None => {
+                g.remove(k);
+            }
+        }
+    }
+    let name = lock(&inner.names).remove(k);
+    if let (true, Some(name)) = (report, name) {
+        if let Some(tx) = lock(&inner.gone_tx).as_ref() {
+            let _ = tx.send(name);
+        }
+    }
+}
+
+/// Writes the deletion marker of the durable at `subject` over its record `after` (only if
+/// that is still its last record): its stream sequence, or `None` when another record was
+/// written in between.
+async fn write_marker(
+    js: &jetstream::Context,
+    subject: &str,
+    after: u64,
+) -> Result<Option<u64>, StoreError> {
+    let mut h = HeaderMap::new();
+    h.insert(DELETED_HEADER, "1");
+    h.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        after.to_string().as_str(),
+    );
+    let ack = js
+        .publish_with_headers(subject.to_string(), h, Bytes::new())
+        .await
+        .map_err(|e| unavailable("durable delete", e))?
+        .await;
+    match ack {
+        Ok(a) => Ok(Some(a.sequence)),
+        Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => Ok(None),
+        Err(e) => Err(unavailable("durable delete", e)),
+    }
+}
+
+/// Deletes durable `k`'s record (its holder asked): waits for a floor of it this relay is
+/// writing, then writes the deletion marker over the record it reads (again if a floor
+/// landed in between). Returns whether there was a durable, and the marker now there.
+async fn delete_record(inner: &Inner, k: &str) -> Result<(bool, Option<(u64, u64)>), StoreError> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+    // Written after the marker, a floor taken by the writer would bring the durable back.
+    loop {
+        let flushed = inner.flushed.notified();
+        if !lock(&inner.flushing).contains_key(k) {
+            break;
+        }
+        flushed.await;
+    }
+    let subject = format!("{}.{k}", durable_prefix(&inner.prefix));
+    for _ in 0..8 {
+        let m = match inner
+            .durable_stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == K::NoMessageFound => return Ok((false, None)),
+            Err(e) => return Err(unavailable("durable read", e)),
+        };
+        let rec = DurableRecord::read(&m);
+        if rec.deleted {
+            return Ok((false, Some((rec.seq, rec.ts))));
+        }
+        if let Some(seq) = write_marker(&inner.js, &subject, rec.seq).await? {
+            return Ok((true, Some((seq, now_ms()))));
+        }
+    }
+    Err(StoreError::Busy(
+        "the durable subscription's record keeps changing; try again".into(),
+    ))
+}
+
+/// Rewrites durable `k`'s record as it is (floor, tenant, owner), only over the record this
+/// relay knows last: its time is the durable's idle clock, so a durable held here is
+/// rewritten now and then (and when released), which no sweep could mistake for idle.
+async fn touch_record(inner: &Inner, k: &str) {
+    let Some(meta) = lock(&inner.records).get(k).copied() else {
+        return;
+    };
+    let Some(floor) = lock(&inner.durables).get(k).copied() else {
+        return;
+    };
+    let mut h = HeaderMap::new();
+    h.insert(TENANT_HEADER, hex::encode(meta.tenant).as_str());
+    if let Some(o) = lock(&inner.owners).get(k) {
+        h.insert(OWNER_HEADER, o.as_str());
+    }
+    h.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        meta.seq.to_string().as_str(),
+    );
+    let subject = format!("{}.{k}", durable_prefix(&inner.prefix));
+    let r = match inner
+        .js
+        .publish_with_headers(subject, h, Bytes::from(floor.to_string()))
+        .await
+    {
+        Ok(ack) => ack.await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match r {
+        Ok(a) => wrote_record(inner, k, a.sequence, &meta.tenant),
+        // A floor landed in between (a newer time anyway), or NATS failed: the next
+        // sweep tries again.
+        Err(e) => tracing::debug!(error = %e, "cluster store: durable record not refreshed"),
+    }
+}
+
+/// Runs [`sweep`] while the store lives: every quarter of `store.durable_idle_ms` (at least
+/// 100 ms, at most a minute), every minute when durables never idle out (deletion markers
+/// still go).
+async fn durable_sweep(inner: std::sync::Weak<Inner>) {
+    let Some(idle) = inner.upgrade().map(|i| i.idle_ms) else {
+        return;
+    };
+    let every = match idle {
+        0 => Duration::from_secs(60),
+        idle => Duration::from_millis((idle / 4).clamp(100, 60_000)),
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(i) = inner.upgrade() else { return };
+        if tokio::time::timeout(Duration::from_secs(60), sweep(&i))
+            .await
+            .is_err()
+        {
+            tracing::debug!("cluster store: durable sweep timed out (the next one goes on)");
+        }
+    }
+}
+
+/// One sweep of the durables (see PROTOCOL.md, JetStream layout): refreshes the records of
+/// durables held here; deletes durables whose record is older than `durable_idle_ms` and
+/// that nobody holds (taking their lease for the moment, so no `Sub` anywhere holds one
+/// meanwhile); purges deletion markers older than [`MARKER_KEEP_MS`].
+async fn sweep(i: &Arc<Inner>) {
+    let idle = i.idle_ms;
+    let now = now_ms();
+    if idle > 0 {
+        let refresh = (idle / 4).clamp(1, 3_600_000);
+        for k in i.leases.held_keys() {
+            let stale = lock(&i.records)
+                .get(&k)
+                .is_some_and(|m| m.ts.saturating_add(refresh) <= now);
+            if stale {
+                touch_record(i, &k).await;
+            }
+        }
+        let idle_keys: Vec<String> = lock(&i.records)
+            .iter()
+            .filter(|(_, m)| m.ts.saturating_add(idle) <= now)
+            .map(|(k, _)| k.clone())
+            .take(SWEEP_BATCH)
+            .collect();
+        for k in idle_keys {
+            if !i.leases.holds(&k) && pending_floor(i, &k).is_none() {
+                expire(i, &k).await;
+            }
+        }
+    }
+    let old: Vec<(String, u64)> = lock(&i.gone)
+        .iter()
+        .filter(|(_, g)| g.1.saturating_add(MARKER_KEEP_MS) <= now)
+        .map(|(k, g)| (k.clone(), g.0))
+        .take(SWEEP_BATCH)
+        .collect();
+    for (k, seq) in old {
+        // Only the marker (and anything older): a record written after it stays.
+        let subject = format!("{}.{k}", durable_prefix(&i.prefix));
+        match i
+            .durable_stream
+            .purge()
+            .filter(subject)
+            .sequence(seq + 1)
+            .await
+        {
+            Ok(_) => {
+                let mut g = lock(&i.gone);
+                if g.get(&k).is_some_and(|g| g.0 == seq) {
+                    g.remove(&k);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cluster store: deletion marker not purged"),
+        }
+    }
+}
+
+/// Deletes durable `k` if it is still idle and nobody holds it (see [`sweep`]).
+async fn expire(i: &Arc<Inner>, k: &str) {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+    let lease = match i.leases.take_briefly(k).await {
+        Ok(Some(seq)) => seq,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "cluster store: idle durable not taken (next sweep)");
+            return;
+        }
+    };
+    let subject = format!("{}.{k}", durable_prefix(&i.prefix));
+    let r = async {
+        let m = match i
+            .durable_stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == K::NoMessageFound => {
+                if pending_floor(i, k).is_none() {
+                    gone_here(i, k, None, true);
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(unavailable("durable read", e)),
+        };
+        let rec = DurableRecord::read(&m);
+        if rec.deleted {
+            gone_here(i, k, Some((rec.seq, rec.ts)), true);
+        } else if rec.ts.saturating_add(i.idle_ms) > now_ms() {
+            note_record(i, k, &rec); // used meanwhile
+        } else if let Some(seq) = write_marker(&i.js, &subject, rec.seq).await? {
+            tracing::debug!(idle_ms = i.idle_ms, "cluster store: idle durable deleted");
+            gone_here(i, k, Some((seq, now_ms())), true);
+        }
+        Ok::<_, StoreError>(())
+    }
+    .await;
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "cluster store: idle durable not deleted (next sweep)");
+    }
+    i.leases.release(k, lease).await;
+}
+
 /// Keeps the in-memory durable floors in step with the durable stream (its current
 /// contents, then every change), re-reading it after errors.
 async fn durable_watch(inner: std::sync::Weak<Inner>, stream: stream::Stream, prefix: String) {
@@ -1542,13 +1943,30 @@ async fn durable_watch(inner: std::sync::Weak<Inner>, stream: stream::Stream, pr
                     let Some(key) = m.subject.as_str().strip_prefix(&prefix) else {
                         continue;
                     };
-                    let Some(floor) = std::str::from_utf8(&m.payload)
-                        .ok()
-                        .and_then(|v| v.parse::<u64>().ok())
+                    let Ok((seq, ts)) = m
+                        .info()
+                        .map(|info| (info.stream_sequence, published_ms(&info)))
                     else {
                         continue;
                     };
-                    let rec = DurableRecord::of(m.headers.as_ref(), &m.payload);
+                    let rec = DurableRecord::of(m.headers.as_ref(), &m.payload, seq, ts);
+                    if rec.deleted {
+                        // Deleted (here or at another relay), unless this relay knows a
+                        // newer record of the name (created again after the marker).
+                        let newer = lock(&i.records).get(key).is_some_and(|r| r.seq > seq);
+                        if !newer {
+                            gone_here(&i, key, Some((seq, ts)), true);
+                        }
+                        continue;
+                    }
+                    let Some(floor) = rec.floor else {
+                        continue;
+                    };
+                    // A record older than a deletion this relay knows of is no durable.
+                    if lock(&i.gone).get(key).is_some_and(|g| g.0 > seq) {
+                        continue;
+                    }
+                    note_record(&i, key, &rec);
                     lock(&i.ledger).add_durable(key, &rec.tenant);
                     if let Some(o) = rec.owner {
                         lock(&i.owners).insert(key.to_string(), o);
@@ -1581,6 +1999,7 @@ async fn durable_writer(
         let notified = flush.notified();
         let Some(i) = inner.upgrade() else { return };
         let batch: Vec<(String, (u64, Tag))> = lock(&i.dirty).drain().collect();
+        lock(&i.flushing).extend(batch.iter().map(|(k, (v, _))| (k.clone(), *v)));
         drop(i);
         for (k, (v, tag)) in batch {
             let mut h = HeaderMap::new();
@@ -1595,11 +2014,23 @@ async fn durable_writer(
                 .publish_with_headers(format!("{prefix}.{k}"), h, Bytes::from(v.to_string()))
                 .await
             {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Ok(ack) => ack.await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
-            if let Err(e) = r {
+            if let Err(e) = &r {
                 tracing::warn!(error = %e, "cluster store: durable floor not written");
+            }
+            if let Some(i) = inner.upgrade() {
+                if let Ok(a) = &r {
+                    wrote_record(&i, &k, a.sequence, &tag);
+                }
+                let mut f = lock(&i.flushing);
+                if f.get(&k) == Some(&v) {
+                    f.remove(&k);
+                }
+                drop(f);
+                // A deletion waiting for this durable's write goes on.
+                i.flushed.notify_waiters();
             }
         }
         notified.await;
@@ -1612,7 +2043,7 @@ impl Store for JetStreamStore {
     }
 
     fn features(&self) -> u64 {
-        super::KEEPING_FEATURES
+        super::KEEPING_FEATURES | whispeer_protocol::frame::features::DURABLE_DELETE
     }
 
     fn append(&self, m: Append<'_>) -> Result<Accepted, StoreError> {
@@ -1925,41 +2356,66 @@ impl Store for JetStreamStore {
     fn durable(&self, key: &DurableKey) -> Result<Option<u64>, StoreError> {
         let inner = &self.inner;
         let k = Self::durable_key(key);
-        let cached = lock(&inner.durables).get(&k).copied();
-        let fetched = match self.fetch_durable(&k)? {
+        // The stream's record (read directly), or this relay's floor still on its way
+        // there: not what the reader reported earlier, which may be of a durable of the
+        // name deleted meanwhile.
+        let pending = pending_floor(inner, &k);
+        let fetched = match self.read_durable(&k)? {
             Some(rec) => {
                 // Known from now on (a later floor write is not a creation).
                 lock(&inner.ledger).add_durable(&k, &rec.tenant);
-                if let Some(f) = rec.floor {
-                    let mut d = lock(&inner.durables);
-                    let e = d.entry(k.clone()).or_insert(f);
-                    *e = (*e).max(f);
-                }
                 rec.floor
             }
             None => None,
         };
-        Ok(match (cached, fetched) {
+        let floor = match (pending, fetched) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
-        })
+        };
+        if let Some(f) = floor {
+            lock(&inner.durables).insert(k.clone(), f);
+            lock(&inner.names).insert(k, key.clone());
+        }
+        Ok(floor)
     }
 
-    fn delete_durable(&self, _: &DurableKey) -> Result<bool, StoreError> {
-        Err(StoreError::Unsupported(
-            "the JetStream store does not delete durable subscriptions".into(),
-        ))
+    fn delete_durable(&self, key: &DurableKey) -> Result<bool, StoreError> {
+        let inner = &self.inner;
+        let k = Self::durable_key(key);
+        // The caller holds the name: no floor of it is queued after this one, dropped.
+        lock(&inner.dirty).remove(&k);
+        let (i, kk) = (inner.clone(), k.clone());
+        let r = match self.on_runtime(Duration::from_secs(10), async move {
+            delete_record(&i, &kk).await
+        }) {
+            Some(r) => r,
+            None if tokio::runtime::Handle::try_current().is_err() => {
+                self.block(delete_record(inner, &k))
+            }
+            None => Err(StoreError::Unavailable(
+                "the JetStream store deletes durables on the multi-threaded runtime only".into(),
+            )),
+        };
+        let (existed, marker) = r?;
+        gone_here(inner, &k, marker, false);
+        Ok(existed)
     }
 
     fn take_gone(&self) -> Option<mpsc::UnboundedReceiver<DurableKey>> {
-        None
+        let mut slot = lock(&self.inner.gone_tx);
+        if slot.is_some() {
+            return None;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        *slot = Some(tx);
+        Some(rx)
     }
 
     fn durable_owner(&self, key: &DurableKey, owner: Option<&str>) -> Result<bool, StoreError> {
         let inner = &self.inner;
         let k = Self::durable_key(key);
         let want = owner.map(owner_tag);
-        let have = match self.fetch_durable(&k)? {
+        let have = match self.read_durable(&k)? {
             None if !lock(&inner.durables).contains_key(&k) => {
                 // New: the owner goes into the record `set_durable` creates. The name is
                 // reserved for the first owner on its way to create it: another owner's
@@ -2069,9 +2525,31 @@ impl Store for JetStreamStore {
     fn release_hold(&self, key: &DurableKey) {
         let k = Self::durable_key(key);
         if let Some(seq) = self.inner.leases.forget(&k) {
-            let leases = self.inner.leases.clone();
+            // The record's time is the idle clock: rewritten at the release (before the
+            // hold is given back, so no sweep can take the name in between).
+            let touch = self.inner.idle_ms > 0 && lock(&self.inner.records).contains_key(&k);
+            let inner = self.inner.clone();
             self.inner.rt.spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), leases.release(&k, seq)).await;
+                // The hold goes back once this relay's floors of the durable are in the
+                // stream: a floor landing after another relay's holder deleted the durable
+                // would bring it back.
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    loop {
+                        let flushed = inner.flushed.notified();
+                        if pending_floor(&inner, &k).is_none() {
+                            break;
+                        }
+                        flushed.await;
+                    }
+                })
+                .await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    if touch {
+                        touch_record(&inner, &k).await;
+                    }
+                    inner.leases.release(&k, seq).await;
+                })
+                .await;
             });
         }
     }
@@ -2116,6 +2594,7 @@ impl Store for JetStreamStore {
                 fresh.insert(k.clone());
                 drop(fresh);
                 lock(&self.inner.ledger).add_durable(&k, &tag);
+                lock(&self.inner.names).insert(k.clone(), key.clone());
                 let mut d = lock(&self.inner.durables);
                 let e = d.entry(k).or_insert(floor);
                 *e = (*e).max(floor);

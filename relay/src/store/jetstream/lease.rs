@@ -198,6 +198,63 @@ impl Leases {
         }
     }
 
+    /// The durables this relay holds (their keys).
+    pub(super) fn held_keys(&self) -> Vec<String> {
+        lock(&self.held).keys().cloned().collect()
+    }
+
+    /// Whether this relay holds `k`.
+    pub(super) fn holds(&self, k: &str) -> bool {
+        lock(&self.held).contains_key(k)
+    }
+
+    /// Takes the lease of `k` for a moment, for the idle sweep to delete the durable while
+    /// no subscription can hold it: `Some(seq)` (the record to release over, with
+    /// [`release`](Self::release)) when nobody holds it, `None` when a live record is there
+    /// — of any relay, this one included — or another writer got in first. Its holder is
+    /// `<relay run id>.sweep:<counter>`: a `Sub` at this relay meanwhile does not take it
+    /// as its own earlier run's (it is refused `busy`, as at any other relay). Not renewed:
+    /// released right after, or lapsing after the TTL.
+    pub(super) async fn take_briefly(&self, k: &str) -> Result<Option<u64>, String> {
+        let last = match self
+            .stream
+            .get_last_raw_message_by_subject(&self.subject(k))
+            .await
+        {
+            Ok(m) => {
+                let text = String::from_utf8_lossy(&m.payload).into_owned();
+                let mut parts = text.split_whitespace();
+                if let (Some(_), Some(ttl_ms)) = (
+                    parts.next(),
+                    parts.next().and_then(|v| v.parse::<u64>().ok()),
+                ) {
+                    let stamped = m.time.unix_timestamp_nanos() / 1_000_000;
+                    if stamped + i128::from(ttl_ms) > wall_ms() {
+                        return Ok(None);
+                    }
+                }
+                m.sequence
+            }
+            Err(e) => {
+                use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+                match e.kind() {
+                    K::NoMessageFound => 0,
+                    _ => return Err(e.to_string()),
+                }
+            }
+        };
+        let holder = format!(
+            "{}.sweep:{}",
+            self.relay_id,
+            self.next.fetch_add(1, Relaxed)
+        );
+        match self.write(k, last, self.record(&holder)).await {
+            Ok(seq) => Ok(Some(seq)),
+            Err(WriteError::Moved) => Ok(None),
+            Err(WriteError::Failed(e)) => Err(e),
+        }
+    }
+
     /// Stops holding `k`: the record to write (its condition), if this relay held it.
     pub(super) fn forget(&self, k: &str) -> Option<u64> {
         lock(&self.held).remove(k).map(|h| h.seq)

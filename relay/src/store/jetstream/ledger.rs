@@ -452,6 +452,15 @@ impl Ledger {
         self.total.durables += 1;
     }
 
+    /// Forgets a deleted durable name: its count goes back to its tenant (and the total).
+    pub fn remove_durable(&mut self, key: &str) {
+        if let Some(t) = self.durables.remove(key) {
+            let u = self.usage_mut(t);
+            u.durables = u.durables.saturating_sub(1);
+            self.total.durables = self.total.durables.saturating_sub(1);
+        }
+    }
+
     /// The number of durable names known.
     pub fn durable_count(&self) -> u64 {
         self.durables.len() as u64
@@ -663,5 +672,21 @@ mod tests {
         assert_eq!(l.in_flight_total.msgs, 1);
         l.finish(id, None);
         assert_eq!(l.in_flight_total, Usage::default());
+    }
+
+    #[test]
+    fn a_removed_durable_gives_its_count_back() {
+        let mut l = Ledger::new(limits());
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        l.add_durable("k.d1", &a);
+        l.add_durable("k.d1", &a);
+        l.add_durable("k.d2", &b);
+        assert_eq!((l.usage_of(&a).durables, l.total().durables), (1, 2));
+        l.remove_durable("k.d1");
+        l.remove_durable("k.d1");
+        l.remove_durable("k.unknown");
+        assert_eq!(l.usage_of(&a).durables, 0, "given back once");
+        assert_eq!((l.usage_of(&b).durables, l.total().durables), (1, 1));
+        assert!(!l.has_durable("k.d1") && l.durable_count() == 1);
     }
 }
