@@ -172,31 +172,31 @@ struct LocalSub {
     replaying: Vec<u64>,
     /// The compiled token patterns of its relay subscriptions.
     patterns: Vec<whispeer_protocol::TokenPattern>,
-    /// The retained values (dedup digests) delivered to it flagged `RETAINED`: a value the
-    /// client already delivered is shown again only to a subscription that has not been
-    /// shown it (the relay sets the flag, so it must not buy more than that). At most
-    /// [`MAX_SHOWN`]; beyond it, values already delivered are not shown again.
-    shown: std::collections::HashSet<receive::Digest>,
-    /// Its relay subscriptions still in their retained phase: asked with `retained`, and
-    /// no live message of their key id since their `SubOk`. A relay sends the retained
-    /// values right after `SubOk`, before any live message (PROTOCOL §3.5.5), so a
-    /// `RETAINED` delivery after a live one is not a retained value: the relay could
-    /// otherwise show any message delivered live once more, flagged retained. (Only live
-    /// messages after the `SubOk` count: one before it was routed before the relay had
-    /// the subscription, though its tokens match.)
-    retained_open: Vec<RetainedPhase>,
+    /// With retained values asked for: per topic (the first 8 bytes of its
+    /// [`receive::retained_key`]), the message it was last delivered there (the low 8 bytes
+    /// of its dedup [`receive::Digest`]), live or retained. The relay sets `RETAINED` outside
+    /// the seal: a message already delivered elsewhere in this client is shown to this
+    /// subscription as its topic's current value only if it is not the one this
+    /// subscription last got on that topic — so never twice to one subscription, whether
+    /// it first came live, as history or as a retained value, in this connection or an
+    /// earlier one. (A relay may send a retained value after a live message of the same
+    /// connection: live messages are held back per subscription, and one for another
+    /// subscription of the client carries no `sub_id`.) At most [`MAX_SHOWN`] topics;
+    /// once full, no message already delivered is shown to it again (`latest_full`).
+    latest: HashMap<u64, u64>,
+    /// `latest` could not take a topic: duplicates are no longer re-shown to it.
+    latest_full: bool,
 }
 
-/// A relay subscription in its retained phase (see `LocalSub::retained_open`).
-#[derive(Debug, Clone, Copy)]
-struct RetainedPhase {
-    key: whispeer_protocol::KeyId,
-    relay_id: u64,
-    /// Its `SubOk` arrived: live messages of its key id from now on were routed to it.
-    confirmed: bool,
+/// A (topic, message) pair as [`LocalSub::latest`] holds it: the first 8 bytes of the
+/// topic's retained key, the low 8 bytes of the message's dedup digest.
+fn latest_pair(topic: receive::RetainedKey, digest: receive::Digest) -> (u64, u64) {
+    let mut t = [0u8; 8];
+    t.copy_from_slice(&topic[..8]);
+    (u64::from_le_bytes(t), digest as u64)
 }
 
-/// Most retained values remembered as shown per subscription (16 bytes each).
+/// Most topics a subscription remembers its last delivered message of (16 bytes each).
 const MAX_SHOWN: usize = 65_536;
 
 /// Most messages a subscription in its history remembers as received (~100 bytes each).
@@ -803,18 +803,10 @@ impl ClientCore {
             None
         };
         sub.patterns = patterns.clone();
-        sub.retained_open.clear();
         for pattern in patterns {
             let rid = self.next_relay_id;
             self.next_relay_id += 1;
             sub.relay_ids.push(rid);
-            if retained {
-                sub.retained_open.push(RetainedPhase {
-                    key: *pattern.key_id(),
-                    relay_id: rid,
-                    confirmed: false,
-                });
-            }
             if sub.got.is_some() || replay.is_some() {
                 sub.replaying.push(rid);
             }
@@ -857,14 +849,6 @@ impl ClientCore {
             None
         };
         let owner = owner_secret(self.owner_key.as_deref(), pattern.key_id(), &name);
-        sub.retained_open.retain(|p| p.relay_id != relay_id);
-        if sub.opts.retained {
-            sub.retained_open.push(RetainedPhase {
-                key: *pattern.key_id(),
-                relay_id,
-                confirmed: false,
-            });
-        }
         Some(Frame::Sub(Sub {
             sub_id: relay_id,
             pattern,
@@ -914,8 +898,8 @@ impl ClientCore {
                 got,
                 replaying: Vec::new(),
                 patterns: Vec::new(),
-                shown: Default::default(),
-                retained_open: Vec::new(),
+                latest: HashMap::new(),
+                latest_full: false,
             },
         );
         let frames = self.sub_frames(id, now_ms);
@@ -954,9 +938,6 @@ impl ClientCore {
         if let Some(sub) = self.subs.get_mut(&local) {
             if !sub.replaying.contains(&relay_id) {
                 sub.reached(relay_id, seq);
-            }
-            for p in &mut sub.retained_open {
-                p.confirmed |= p.relay_id == relay_id;
             }
         }
     }
@@ -1068,18 +1049,6 @@ impl ClientCore {
             self.stats.decompressed += 1; // by the open job
         }
         let routed = self.routed(msg);
-        if msg.flags & (frame::msg_flags::RETAINED | frame::msg_flags::REPLAYED) == 0 {
-            // A live message ends the retained phase of the confirmed relay subscriptions
-            // of its key id that it was routed to (see `LocalSub::retained_open`).
-            let key = msg.envelope.key_id();
-            for id in &routed {
-                if let Some(s) = self.subs.get_mut(id) {
-                    if !s.retained_open.is_empty() {
-                        s.retained_open.retain(|p| !(p.confirmed && p.key == key));
-                    }
-                }
-            }
-        }
         if routed
             .iter()
             .any(|id| self.subs[id].opts.acking() && !room(*id))
@@ -1167,11 +1136,7 @@ impl ClientCore {
         let retained = msg.flags & frame::msg_flags::RETAINED != 0 && !replayed;
         let claims = |s: &LocalSub| {
             (!replayed || s.wants_history(msg.seq))
-                && (!retained
-                    || (s.opts.retained
-                        && s.retained_open
-                            .iter()
-                            .any(|p| p.key == msg.envelope.key_id())))
+                && (!retained || s.opts.retained)
                 && (msg.flags & frame::msg_flags::REDELIVERED == 0 || s.opts.acking())
         };
         let entitled: Vec<LocalSubId> = matched
@@ -1194,7 +1159,9 @@ impl ClientCore {
             allow_old,
         };
         let key = receive::dedup_key(&cand);
-        let shown = retained.then(|| receive::digest(&key));
+        // A duplicate's (topic, message) pair as `LocalSub::latest` holds them (a new
+        // message's comes from its `Accepted`).
+        let mut dup_pair = None;
         let (accepted, mut eligible) = match self.guard.check(&cand, now_ms) {
             Ok(a) => (Some(a), entitled.clone()),
             Err(why @ (receive::Refusal::Duplicate | receive::Refusal::BeforeWindow)) => {
@@ -1202,18 +1169,24 @@ impl ClientCore {
                 // capacity still covers, so perhaps delivered): only history a subscription
                 // asked for (replayed, and not yet seen by that subscription) may still go
                 // to it, and a topic's current value (retained, and not older than anything
-                // accepted for the topic: the guard checked) to a subscription not yet
-                // shown it.
+                // accepted for the topic: the guard checked) to a subscription that did not
+                // get it last on that topic (`LocalSub::latest`).
+                let pair = latest_pair(
+                    receive::retained_key(&a.tree_id, &a.topic),
+                    receive::digest(&key),
+                );
+                dup_pair = Some(pair);
+                let pair = retained.then_some(pair);
                 let asked: Vec<LocalSubId> = entitled
                     .iter()
                     .copied()
                     .filter(|id| {
                         let s = &self.subs[id];
-                        match shown {
-                            Some(d) => {
+                        match pair {
+                            Some((t, d)) => {
                                 why == receive::Refusal::Duplicate
-                                    && s.shown.len() < MAX_SHOWN
-                                    && !s.shown.contains(&d)
+                                    && !s.latest_full
+                                    && s.latest.get(&t) != Some(&d)
                             }
                             None => {
                                 replayed
@@ -1297,9 +1270,23 @@ impl ClientCore {
                         g.insert(key);
                     }
                 }
-                if let Some(d) = shown {
-                    if s.shown.len() < MAX_SHOWN {
-                        s.shown.insert(d);
+            }
+        }
+        // What each subscription that asked for retained values got last on this topic.
+        let pair = accepted
+            .map(|acc| latest_pair(acc.retained_key(), acc.digest()))
+            .or(dup_pair);
+        if let Some((t, d)) = pair.filter(|_| targets.iter().any(|id| self.subs[id].opts.retained))
+        {
+            for id in &targets {
+                if let Some(s) = self.subs.get_mut(id) {
+                    if !s.opts.retained || s.latest_full {
+                        continue;
+                    }
+                    if s.latest.len() < MAX_SHOWN || s.latest.contains_key(&t) {
+                        s.latest.insert(t, d);
+                    } else {
+                        s.latest_full = true;
                     }
                 }
             }
@@ -1374,14 +1361,13 @@ mod tests {
         core.subscribe_with_options(3, f("a/#"), o().qos(Qos::AtLeastOnce), 0)
             .unwrap();
         const NOW: u64 = 1_800_000_000_000;
-        let topic = Topic::new("a/x").unwrap();
-        let mut seal = |ts: u64| {
+        let mut seal_on = |topic: &str, ts: u64| {
             seal_publish(
                 &kr,
                 None,
                 &SealPolicy::default(),
                 &mut Sealer::new(),
-                &topic,
+                &Topic::new(topic).unwrap(),
                 CBOR,
                 b"\x01",
                 ts,
@@ -1390,7 +1376,9 @@ mod tests {
             .unwrap()
             .0
         };
-        let (m, stale) = (seal(NOW - 1_000), seal(NOW - 3_600_000));
+        let (m, stale) = (seal_on("a/x", NOW - 1_000), seal_on("a/x", NOW - 3_600_000));
+        let (live, newer) = (seal_on("a/x", NOW - 500), seal_on("a/x", NOW - 400));
+        let (other, newest) = (seal_on("a/y", NOW - 300), seal_on("a/x", NOW - 200));
         let msg = |env: &whispeer_protocol::Envelope, seq, flags, sub_id| Msg {
             sub_id,
             seq,
@@ -1404,54 +1392,59 @@ mod tests {
             })
         };
         let rid = |core: &ClientCore, id| Some(core.relay_ids(id)[0]);
-        let confirm = |core: &mut ClientCore, id| {
-            let r = core.relay_ids(id)[0];
-            core.sub_confirmed(r, 0);
-        };
-        (1..=3).for_each(|id| confirm(&mut core, id));
-        // Before any live message (the retained phase): the topic's current value goes to
-        // the subscriptions that asked for retained values; named for the one that asked
-        // for none, it is refused.
+        // The topic's current value goes to the subscriptions that asked for retained
+        // values; named for the one that asked for none, it is refused.
         let r2 = rid(&core, 2);
         assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r2)), None);
         let r1 = rid(&core, 1);
         assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r1)), Some(vec![1]));
         // Unnamed (an older relay): to each subscription that asks for retained values
-        // and was not shown it yet.
+        // and did not get it.
         assert_eq!(to(&mut core, msg(&m, 10, RETAINED, None)), Some(vec![3]));
         for _ in 0..3 {
             assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r1)), None);
             assert_eq!(to(&mut core, msg(&m, 10, RETAINED, None)), None);
         }
-        // A live message ends the retained phase: one delivered live is never shown
-        // again flagged retained (the relay sends retained values before live ones).
-        let live = seal(NOW - 500);
+        // A message delivered live is never shown again, flagged retained, to a
+        // subscription that got it.
         assert_eq!(to(&mut core, msg(&live, 12, 0, None)), Some(vec![1, 2, 3]));
         assert_eq!(to(&mut core, msg(&live, 12, RETAINED, r1)), None);
         assert_eq!(to(&mut core, msg(&live, 12, RETAINED, None)), None);
-        // A new subscription gets the topic's current value once; never an older one.
+        // Nor to a new subscription that got it live before its retained values came
+        // (a relay delaying its SubOk).
         core.subscribe_with_options(4, f("a/x"), o(), NOW).unwrap();
-        // A live message before its SubOk was routed before the relay had it: its phase
-        // goes on.
-        let newer = seal(NOW - 400);
+        let r4 = rid(&core, 4);
         assert_eq!(
             to(&mut core, msg(&newer, 13, 0, None)),
             Some(vec![1, 2, 3, 4])
         );
-        confirm(&mut core, 4);
-        let r4 = rid(&core, 4);
-        assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r4)), None, "rollback");
-        assert_eq!(to(&mut core, msg(&newer, 13, RETAINED, r4)), Some(vec![4]));
         assert_eq!(to(&mut core, msg(&newer, 13, RETAINED, r4)), None);
+        // A new subscription that did not get it: the topic's current value once, never
+        // an older one.
+        core.subscribe_with_options(5, f("a/#"), o(), NOW).unwrap();
+        let r5 = rid(&core, 5);
+        assert_eq!(to(&mut core, msg(&m, 10, RETAINED, r5)), None, "rollback");
+        assert_eq!(to(&mut core, msg(&newer, 13, RETAINED, r5)), Some(vec![5]));
+        assert_eq!(to(&mut core, msg(&newer, 13, RETAINED, r5)), None);
         assert_eq!(core.guard().stats().retained_rollback, 1);
-        // Subscribing again (a reconnect that resumes nothing) opens a new retained phase.
+        // Nor again after subscribing anew (a reconnect; a durable expired meanwhile).
         let _ = core.resubscribe_all(NOW);
-        let r4 = rid(&core, 4);
+        let r5 = rid(&core, 5);
         assert_eq!(
-            to(&mut core, msg(&newer, 13, RETAINED, r4)),
+            to(&mut core, msg(&newer, 13, RETAINED, r5)),
             None,
             "shown to this subscription already"
         );
+        // Live messages of another subscription before a subscription's retained values
+        // (the relay holds live messages back per subscription) do not cost it the
+        // retained values of other topics.
+        core.subscribe_with_options(6, f("a/#"), o(), NOW).unwrap();
+        let r6 = rid(&core, 6);
+        assert_eq!(
+            to(&mut core, msg(&newest, 15, 0, None)),
+            Some(vec![1, 2, 3, 4, 5, 6])
+        );
+        assert_eq!(to(&mut core, msg(&other, 14, RETAINED, r6)), Some(vec![6]));
         // An hour old: refused live; flagged redelivered it goes to the acking
         // subscription only; flagged replayed and named for a live one, nowhere.
         assert_eq!(to(&mut core, msg(&stale, 11, 0, None)), None);

@@ -214,6 +214,18 @@ pub struct Accepted {
     mark: (RetainedKey, u64, [u8; 16]),
 }
 
+impl Accepted {
+    /// Its dedup digest (what the window keeps).
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    /// Its topic's [`retained_key`].
+    pub fn retained_key(&self) -> RetainedKey {
+        self.mark.0
+    }
+}
+
 /// The receiver's persisted state at one time ([`Guard::snapshot`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
