@@ -236,11 +236,16 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Admin connections served at once. Past it the port stops accepting: further
-/// connections wait in the kernel's listen queue (costing the relay no file descriptor, no
-/// task) until one ends. Each connection serves one request (no keep-alive) and lives at
-/// most [`ADMIN_CONNECTION_LIFETIME`], so the places free on their own.
+/// Admin connections open at once. A new one past it closes the oldest: an idle or
+/// trickling connection cannot hold a place against a health check (whose request takes
+/// milliseconds), and 64 of them cannot starve the port (they did when the port stopped
+/// accepting at the cap: probes timed out and an orchestrator could restart the relay in
+/// a loop). Each connection serves one request (no keep-alive), must send its headers
+/// within [`ADMIN_HEADER_TIMEOUT`] and lives at most [`ADMIN_CONNECTION_LIFETIME`].
 pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Longest an admin connection may take to send its request headers.
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Longest an admin connection is kept, request and answer included.
 const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
@@ -252,12 +257,10 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 
 /// [`serve`] with at most `cap` connections at once.
 async fn serve_capped(listener: TcpListener, shared: Arc<Shared>, cap: usize) {
-    let places = Arc::new(tokio::sync::Semaphore::new(cap));
+    // The connections open, oldest first.
+    let mut open: std::collections::VecDeque<tokio::task::AbortHandle> =
+        std::collections::VecDeque::new();
     loop {
-        // A place first, then accept: at the cap, connections queue in the kernel.
-        let Ok(place) = places.clone().acquire_owned().await else {
-            return;
-        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -267,20 +270,26 @@ async fn serve_capped(listener: TcpListener, shared: Arc<Shared>, cap: usize) {
                 continue;
             }
         };
+        open.retain(|h| !h.is_finished());
+        while open.len() >= cap.max(1) {
+            if let Some(oldest) = open.pop_front() {
+                oldest.abort();
+            }
+        }
         let shared = shared.clone();
-        tokio::spawn(async move {
-            let _place = place;
+        let task = tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp = route(&shared, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
                 .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), svc);
             let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, connection).await;
         });
+        open.push_back(task.abort_handle());
     }
 }
 
