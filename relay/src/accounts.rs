@@ -380,7 +380,9 @@ enum StateLine {
     Disown { key_id: String, name: String },
 }
 
-/// Key-id claims and durable owners, in memory and (optionally) in an append-only file.
+/// Key-id claims and durable owners, in memory and (optionally) in an append-only file,
+/// which its writer thread compacts once most of its lines are dead ([`LiveState`]); a torn
+/// last line (a crash mid-write) is cut off at open.
 ///
 /// Each entry carries the number of its state-file line (0: read at start). The file is
 /// written and `sync_data`ed by a writer thread of its own, a batch of lines at a time,
@@ -397,6 +399,146 @@ pub struct AuthState {
 /// How long the auth-state writer waits before it tries a failed write again.
 const WRITE_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// The auth-state file is compacted once it is at least this long and most of its lines
+/// are dead (owners disowned since): see [`LiveState`].
+const COMPACT_MIN_BYTES: u64 = 32 * 1024;
+
+/// What replaying the state file gives, kept by its writer thread for compaction (review
+/// F3: each durable created and deleted leaves an `Owner` and a `Disown` line, so a
+/// client looping `Sub` with an owner and `Unsub {delete}` grew the file without bound).
+/// Once the file holds more dead lines than live ones (and [`COMPACT_MIN_BYTES`]), the
+/// thread rewrites it as the live claims and owners only: a temporary file, synced,
+/// renamed over the file, the directory synced, then appending goes on in the new file.
+/// Lines are numbered by the writer's count of lines handed to it (never by position in
+/// the file), so the count requests wait on ([`AuthState::durable`]) goes on unchanged:
+/// a line counted on disk was synced in the old file, and the new file holds its effect
+/// before it replaces the old one.
+#[derive(Debug, Default)]
+struct LiveState {
+    /// Key id (hex) -> group.
+    claims: HashMap<String, String>,
+    /// (Key id (hex), durable name) -> owner.
+    owners: HashMap<(String, String), String>,
+    /// Whole lines in the file, readable or not.
+    lines: u64,
+}
+
+impl LiveState {
+    fn apply(&mut self, l: &StateLine) {
+        match l {
+            StateLine::Claim { key_id, group } => {
+                self.claims.insert(key_id.clone(), group.clone());
+            }
+            StateLine::Owner {
+                key_id,
+                name,
+                owner,
+            } => {
+                self.owners
+                    .insert((key_id.clone(), name.clone()), owner.clone());
+            }
+            StateLine::Disown { key_id, name } => {
+                self.owners.remove(&(key_id.clone(), name.clone()));
+            }
+        }
+    }
+
+    fn live(&self) -> u64 {
+        (self.claims.len() + self.owners.len()) as u64
+    }
+
+    /// Whether the file (`len` bytes) should be rewritten: at least `min_len` long, with
+    /// more dead lines than live ones.
+    fn worth_compacting(&self, len: u64, min_len: u64) -> bool {
+        len >= min_len && self.lines > 2 * self.live()
+    }
+
+    /// The live lines, as the compacted file holds them.
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut push = |l: &StateLine| {
+            if let Ok(v) = serde_json::to_vec(l) {
+                out.extend_from_slice(&v);
+                out.push(b'\n');
+            }
+        };
+        for (key_id, group) in &self.claims {
+            push(&StateLine::Claim {
+                key_id: key_id.clone(),
+                group: group.clone(),
+            });
+        }
+        for ((key_id, name), owner) in &self.owners {
+            push(&StateLine::Owner {
+                key_id: key_id.clone(),
+                name: name.clone(),
+                owner: owner.clone(),
+            });
+        }
+        out
+    }
+}
+
+/// Opens the state file for appending (created `0600`).
+fn open_append(path: &Path) -> std::io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.append(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    o.open(path)
+}
+
+/// Rewrites the state file `path` as `bytes` (see [`LiveState`]). `Err` before the rename: the
+/// old file is untouched (and still the one to append to). Once renamed, the directory
+/// sync and the reopen are retried until they work: appending to the old file (now
+/// unlinked), or to a new one whose name a crash could still take back, would lose lines.
+fn compact(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".compact");
+    let tmp = PathBuf::from(tmp);
+    let written = (|| {
+        let mut o = OpenOptions::new();
+        o.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            o.mode(0o600);
+        }
+        let mut t = o.open(&tmp)?;
+        t.write_all(bytes)?;
+        t.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut warned = false;
+    loop {
+        let reopened = File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .and_then(|_| open_append(path));
+        match reopened {
+            Ok(f) => return Ok(f),
+            Err(e) => {
+                if !warned {
+                    tracing::error!(file = %path.display(), error = %e,
+                        "cannot reopen the compacted auth state file (retrying)");
+                    warned = true;
+                }
+                std::thread::sleep(WRITE_RETRY);
+            }
+        }
+    }
+}
+
 /// The state file's writer thread: lines in, their count on disk out.
 #[derive(Debug)]
 struct StateWriter {
@@ -407,7 +549,7 @@ struct StateWriter {
 }
 
 impl StateWriter {
-    fn spawn(path: PathBuf, mut f: File) -> std::io::Result<Self> {
+    fn spawn(path: PathBuf, mut f: File, mut live: LiveState) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let (done, durable) = tokio::sync::watch::channel(0u64);
         std::thread::Builder::new()
@@ -418,6 +560,7 @@ impl StateWriter {
                 // The file's length after the last whole write: a failed write is cut
                 // back to it, so the file never holds half a line before whole ones.
                 let mut len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                let mut min_len = COMPACT_MIN_BYTES;
                 // Group commit: everything queued meanwhile goes in one write and one sync.
                 while let Ok(first) = rx.recv() {
                     let mut buf = first;
@@ -455,6 +598,31 @@ impl StateWriter {
                     len += buf.len() as u64;
                     written += n;
                     done.send_replace(written);
+                    for line in buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                        live.lines += 1;
+                        if let Ok(l) = serde_json::from_slice::<StateLine>(line) {
+                            live.apply(&l);
+                        }
+                    }
+                    if live.worth_compacting(len, min_len) {
+                        let bytes = live.to_bytes();
+                        match compact(&path, &bytes) {
+                            Ok(new) => {
+                                tracing::debug!(file = %path.display(), from = len,
+                                    to = bytes.len(), "auth state file compacted");
+                                f = new;
+                                len = bytes.len() as u64;
+                                live.lines = live.live();
+                                min_len = COMPACT_MIN_BYTES;
+                            }
+                            Err(e) => {
+                                // Tried again once the file has doubled.
+                                tracing::warn!(file = %path.display(), error = %e,
+                                    "cannot compact the auth state file");
+                                min_len = len.saturating_mul(2);
+                            }
+                        }
+                    }
                 }
             })?;
         Ok(Self {
@@ -476,34 +644,53 @@ impl AuthState {
             path: path.into(),
             source,
         };
+        // Lines are read as bytes (a line is skipped if it is not UTF-8 JSON, never the
+        // whole file). What follows the last newline is a torn write (a crash mid-line):
+        // cut off before anything is appended, or the next line would be glued to it and
+        // lost at the following start (review F4).
+        let mut tail: Option<u64> = None;
+        let mut live = LiveState::default();
         match File::open(path) {
             Ok(f) => {
-                for (n, line) in BufReader::new(f).lines().enumerate() {
-                    let line = line.map_err(io)?;
-                    if line.trim().is_empty() {
+                let mut r = BufReader::new(f);
+                let mut line = Vec::new();
+                let (mut n, mut whole) = (0u64, 0u64);
+                loop {
+                    line.clear();
+                    let got = r.read_until(b'\n', &mut line).map_err(io)?;
+                    if got == 0 {
+                        break;
+                    }
+                    n += 1;
+                    if line.last() != Some(&b'\n') {
+                        tracing::warn!(file = %path.display(), line = n, bytes = got,
+                            "cutting off a torn last line of the auth state file (a write \
+                             a crash interrupted; never answered)");
+                        tail = Some(whole);
+                        break;
+                    }
+                    whole += got as u64;
+                    live.lines += 1;
+                    if line.trim_ascii().is_empty() {
                         continue;
                     }
-                    let Ok(parsed) = serde_json::from_str::<StateLine>(&line) else {
-                        // A torn last line after a crash is skipped; anything else is damage.
-                        tracing::warn!(file = %path.display(), line = n + 1,
+                    let Ok(parsed) = serde_json::from_slice::<StateLine>(&line) else {
+                        tracing::warn!(file = %path.display(), line = n,
                             "skipping an unreadable line of the auth state file");
                         continue;
                     };
+                    live.apply(&parsed);
                     s.apply(parsed);
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(e)),
         }
-        let mut o = OpenOptions::new();
-        o.append(true).create(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            o.mode(0o600);
+        let f = open_append(path).map_err(io)?;
+        if let Some(whole) = tail {
+            f.set_len(whole).and_then(|_| f.sync_data()).map_err(io)?;
         }
-        let f = o.open(path).map_err(io)?;
-        s.writer = Some(StateWriter::spawn(path.to_owned(), f).map_err(io)?);
+        s.writer = Some(StateWriter::spawn(path.to_owned(), f, live).map_err(io)?);
         Ok(s)
     }
 

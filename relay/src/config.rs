@@ -285,7 +285,7 @@ pub struct AuthConfig {
     #[arg(long, env = "WHISPEER_ACCOUNTS", value_name = "whispeer-accounts.toml")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accounts: Option<PathBuf>,
-    /// Append-only file of key-id claims and durable owners. serve default: the store path
+    /// Append-only file of key-id claims and durable owners (rewritten compactly when dead lines outnumber live ones). serve default: the store path
     /// with ".auth" appended (kept in memory when the store is not sqlite).
     #[arg(
         long = "auth-state",
@@ -698,8 +698,11 @@ pub struct StoreConfig {
     #[arg(long, env = "WHISPEER_DEDUP_WINDOW_MS")]
     pub dedup_window_ms: u64,
     /// Most publish ids remembered for dedup. Ids are kept per tenant (one tenant's ids
-    /// never answer or push out another's); over this bound the publishing tenant gives
-    /// back its own oldest id, and only past twice the bound the oldest of all goes.
+    /// never answer another's publish). The bound is exact: over it, the tenant holding
+    /// the most ids gives back its own oldest (of equal counts, the tenant the store
+    /// numbered last), whoever published. So a tenant holding at most `dedup_max / T` ids
+    /// (T: tenants with ids in the window) never loses one: a tenant filling the window
+    /// leaves every other its share.
     #[arg(long, env = "WHISPEER_DEDUP_MAX")]
     pub dedup_max: usize,
     /// Keep QoS 0 messages in history too (false: QoS 0 is live-only; retained QoS 0 values

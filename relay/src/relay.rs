@@ -138,14 +138,20 @@ impl Shared {
     }
 
     /// Gives a durable name back (and its cluster-wide hold, if the store took one).
+    ///
+    /// The store's hold is given back before the name (under the same lock): the next
+    /// holder can claim the name only once this release reached the store, so its
+    /// `hold_durable` always comes after, and the store never takes a held durable for
+    /// idle (SQLite) nor drops the new holder's lease (JetStream) for a late release
+    /// (review F1). `release_hold` does not block (no I/O waited on).
     pub(crate) fn release_durable(&self, key: &DurableKey) {
-        let held = self
+        let mut active = self
             .active_durables
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
-        if held {
+            .unwrap_or_else(|p| p.into_inner());
+        if active.contains(key) {
             self.router.store().release_hold(key);
+            active.remove(key);
         }
     }
 }

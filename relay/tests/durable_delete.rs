@@ -8,7 +8,9 @@
 //!   one still held is not, and the idle time survives a restart;
 //! - QoS 2 publish ids are remembered per tenant; taking over another tenant's retained
 //!   value counts against the retained quota; a path stops counting against a tenant whose
-//!   data there is gone.
+//!   data there is gone;
+//! - session-25 review: a tenant filling the dedup window leaves others their share (F2);
+//!   the auth-state file cuts off a torn last line (F4) and is compacted (F3).
 //!
 //! Tenants are source addresses (clients bind 127.0.0.x). Every wait is on a frame, a
 //! `Pong`, `/status` polled with a deadline, or the process exiting, bounded by `TIMEOUT`.
@@ -341,13 +343,9 @@ fn on(level: u8, i: u64) -> Envelope {
     indexed_on(KeyId::from_bytes(K), level, i, 16)
 }
 
-/// Finding 11: QoS 2 publish ids are remembered per tenant. With `dedup_max = 10`, A's id
-/// P survives B's 10 fresh ids, and A's retry of P is answered with the original sequence
-/// and not delivered again; B publishing under A's id P is its own publish.
-#[tokio::test]
-async fn qos2_dedup_ids_are_kept_per_tenant() {
-    let relay = BinRelay::start(&["--dedup-max", "10"]);
-    let mut watcher = client_from("127.0.0.9", relay.tcp()).await;
+/// A client from 127.0.0.9 watching everything under [`K`] (QoS 0).
+async fn watch_all(relay: SocketAddr) -> Client {
+    let mut watcher = client_from("127.0.0.9", relay).await;
     watcher
         .send(&Frame::Sub(Sub {
             sub_id: 1,
@@ -361,6 +359,44 @@ async fn qos2_dedup_ids_are_kept_per_tenant() {
         }))
         .await;
     answer(&mut watcher, 1).await.unwrap();
+    watcher
+}
+
+/// `n` QoS 2 publishes by `c` with fresh ids (indices 100..).
+async fn fill_dedup_window(c: &mut Client, n: u64) {
+    for i in 0..n {
+        let mut id = [0xb0; 16];
+        id[..8].copy_from_slice(&i.to_le_bytes());
+        publish(c, on(1, 100 + i), Qos::ExactlyOnce, id, false)
+            .await
+            .unwrap();
+    }
+}
+
+/// The indices `watcher` saw before a marker that `a` publishes now (which proves nothing
+/// else was on its way).
+async fn seen_until_marker(a: &mut Client, watcher: &mut Client) -> Vec<u64> {
+    publish(a, on(1, 999), Qos::AtLeastOnce, [0x99; 16], false)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let m = watcher.expect_msg().await;
+        let i = index_of(&m.envelope);
+        if i == 999 {
+            return seen;
+        }
+        seen.push(i);
+    }
+}
+
+/// Finding 11: QoS 2 publish ids are remembered per tenant. With `dedup_max = 10`, A's id
+/// P survives B's 10 fresh ids, and A's retry of P is answered with the original sequence
+/// and not delivered again; B publishing under A's id P is its own publish.
+#[tokio::test]
+async fn qos2_dedup_ids_are_kept_per_tenant() {
+    let relay = BinRelay::start(&["--dedup-max", "10"]);
+    let mut watcher = watch_all(relay.tcp()).await;
     let p = [0x77; 16];
     let mut a = client_from("127.0.0.1", relay.tcp()).await;
     let mut b = client_from("127.0.0.2", relay.tcp()).await;
@@ -372,13 +408,7 @@ async fn qos2_dedup_ids_are_kept_per_tenant() {
         .await
         .expect("B's publish under A's id");
     assert_ne!(bs, first, "B's publish is not answered with A's");
-    for i in 0..10u64 {
-        let mut id = [0xb0; 16];
-        id[..8].copy_from_slice(&i.to_le_bytes());
-        publish(&mut b, on(1, 100 + i), Qos::ExactlyOnce, id, false)
-            .await
-            .unwrap();
-    }
+    fill_dedup_window(&mut b, 10).await;
     let again = publish(&mut a, on(1, 1), Qos::ExactlyOnce, p, false)
         .await
         .unwrap();
@@ -387,19 +417,37 @@ async fn qos2_dedup_ids_are_kept_per_tenant() {
         "A's retry is answered with its original sequence"
     );
     // The watcher saw 12 messages: A's once, B's 11; A's retry was not delivered again.
-    // A marker publish after it proves nothing else was on its way.
-    publish(&mut a, on(1, 999), Qos::AtLeastOnce, [0x99; 16], false)
+    let seen = seen_until_marker(&mut a, &mut watcher).await;
+    assert_eq!(seen.iter().filter(|i| **i == 1).count(), 1, "{seen:?}");
+    assert_eq!(seen.len(), 12, "{seen:?}");
+}
+
+/// Review F2: B fills the dedup window (`dedup_max` 10) with its own ids first; A then
+/// publishes P1 and P2. Over the bound the largest holder (B) gives back its oldest id, not
+/// the publisher (A), so A's retry of P1 is still answered with its original sequence and
+/// not delivered again (before, A's P2 pushed out A's own P1: stored and delivered twice).
+#[tokio::test]
+async fn a_tenant_filling_the_dedup_window_leaves_others_their_share() {
+    let relay = BinRelay::start(&["--dedup-max", "10"]);
+    let mut watcher = watch_all(relay.tcp()).await;
+    let mut a = client_from("127.0.0.1", relay.tcp()).await;
+    let mut b = client_from("127.0.0.2", relay.tcp()).await;
+    fill_dedup_window(&mut b, 10).await;
+    let (p1, p2) = ([0x71; 16], [0x72; 16]);
+    let s1 = publish(&mut a, on(1, 1), Qos::ExactlyOnce, p1, false)
         .await
         .unwrap();
-    let mut seen = Vec::new();
-    loop {
-        let m = watcher.expect_msg().await;
-        let i = index_of(&m.envelope);
-        if i == 999 {
-            break;
-        }
-        seen.push(i);
-    }
+    publish(&mut a, on(1, 2), Qos::ExactlyOnce, p2, false)
+        .await
+        .unwrap();
+    let again = publish(&mut a, on(1, 1), Qos::ExactlyOnce, p1, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        again, s1,
+        "A's retry of P1 is answered with its original sequence"
+    );
+    let seen = seen_until_marker(&mut a, &mut watcher).await;
     assert_eq!(seen.iter().filter(|i| **i == 1).count(), 1, "{seen:?}");
     assert_eq!(seen.len(), 12, "{seen:?}");
 }
@@ -459,4 +507,138 @@ async fn a_path_stops_counting_against_a_tenant_whose_data_there_is_gone() {
     publish(&mut a, on(3, 6), Qos::AtLeastOnce, [6; 16], false)
         .await
         .expect("P1 and P2 no longer count against A");
+}
+
+/// Review F4: a crash left a torn last line in the auth-state file (no newline). The relay
+/// cuts it off before appending: the owner line A's durable `Sub` was answered after is a
+/// whole line, and after a restart B (another owner secret) is refused the name. Before,
+/// the new line was glued to the fragment, unreadable at the next start: B took the name.
+#[tokio::test]
+async fn an_owner_written_after_a_torn_auth_state_line_survives_a_restart() {
+    let dir = temp_dir("auth-torn-tail");
+    let state = dir.join("relay.db.auth");
+    std::fs::write(&state, br#"{"t":"owner","key_id":"d1d1"#).unwrap();
+    let args = ["--auth-state", state.to_str().unwrap()];
+    {
+        let relay = BinRelay::start(&args);
+        let mut a = client_from("127.0.0.1", relay.tcp()).await;
+        subscribe_durable(&mut a, 1, "x", 1)
+            .await
+            .expect("A creates x");
+        // Answered once its owner line is on disk: the relay may die now.
+    }
+    let relay = BinRelay::start(&args);
+    let mut b = client_from("127.0.0.2", relay.tcp()).await;
+    match subscribe_durable(&mut b, 1, "x", 2).await {
+        Err((ErrorCode::NotAllowed, _)) => {}
+        other => panic!("B on A's durable after the restart: {other:?}"),
+    }
+    drop(relay);
+    // Whole JSON lines only: the fragment is gone, A's owner line is its own line.
+    let text = std::fs::read_to_string(&state).unwrap();
+    assert!(text.ends_with('\n'), "{text}");
+    for line in text.lines() {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Review F4, second variant: the tear splits a multi-byte UTF-8 character (a durable
+/// named "é"). The relay still starts (before, reading the file failed: it refused to
+/// start), keeps every whole line (A's "é" stays A's), and appends after the cut.
+#[tokio::test]
+async fn a_torn_auth_state_line_inside_a_utf8_character_does_not_stop_the_relay() {
+    let dir = temp_dir("auth-torn-utf8");
+    let state = dir.join("relay.db.auth");
+    let args = ["--auth-state", state.to_str().unwrap()];
+    {
+        let relay = BinRelay::start(&args);
+        let mut a = client_from("127.0.0.1", relay.tcp()).await;
+        subscribe_durable(&mut a, 1, "é", 1)
+            .await
+            .expect("A creates é");
+    }
+    // A crash mid-write of a second copy of that line: up to the first byte of "é".
+    let mut text = std::fs::read(&state).unwrap();
+    let line_end = text.len();
+    let first = text.iter().position(|b| *b == 0xc3).expect("é in the file");
+    text.extend_from_within(..first + 1);
+    assert!(line_end < text.len());
+    std::fs::write(&state, &text).unwrap();
+    {
+        let relay = BinRelay::start(&args);
+        let mut b = client_from("127.0.0.2", relay.tcp()).await;
+        match subscribe_durable(&mut b, 1, "é", 2).await {
+            Err((ErrorCode::NotAllowed, _)) => {}
+            other => panic!("B on A's durable é: {other:?}"),
+        }
+        let mut a = client_from("127.0.0.1", relay.tcp()).await;
+        subscribe_durable(&mut a, 1, "y", 1)
+            .await
+            .expect("A creates y");
+    }
+    let relay = BinRelay::start(&args);
+    let mut b = client_from("127.0.0.2", relay.tcp()).await;
+    match subscribe_durable(&mut b, 1, "y", 2).await {
+        Err((ErrorCode::NotAllowed, _)) => {}
+        other => panic!("B on A's durable y after the restart: {other:?}"),
+    }
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Review F3: a client loops creating a durable with an owner and deleting it (`Unsub
+/// {delete}`): an `Owner` and a `Disown` line each time. The auth-state file is compacted
+/// once most of its lines are dead, so it stays bounded (it grew by ~230 bytes a cycle,
+/// ~700 KB over these 3000), and what it holds replays to the same owners: after a restart
+/// "keep" is still A's, and "d" (deleted) is free.
+#[tokio::test]
+async fn the_auth_state_file_stays_bounded_over_owner_and_disown_cycles() {
+    let dir = temp_dir("auth-compact");
+    let state = dir.join("relay.db.auth");
+    let path = state.to_str().unwrap();
+    let args = [
+        "--auth-state",
+        path,
+        "--sub-rate",
+        "1000000",
+        "--sub-burst",
+        "1000000",
+        "--addr-sub-rate",
+        "1000000",
+        "--addr-sub-burst",
+        "1000000",
+    ];
+    {
+        let relay = BinRelay::start(&args);
+        let mut a = client_from("127.0.0.1", relay.tcp()).await;
+        subscribe_durable(&mut a, 1, "keep", 1)
+            .await
+            .expect("A creates keep");
+        let mut c = client_from("127.0.0.3", relay.tcp()).await;
+        let mut most = 0;
+        for i in 0..3000 {
+            subscribe_durable(&mut c, 2, "d", 3)
+                .await
+                .unwrap_or_else(|e| panic!("cycle {i}: {e:?}"));
+            assert_eq!(
+                then_pong(&mut c, unsub(2, true), 2).await,
+                None,
+                "cycle {i}"
+            );
+            most = most.max(std::fs::metadata(&state).unwrap().len());
+        }
+        assert!(most < 64 * 1024, "the auth state file grew to {most} bytes");
+    }
+    let relay = BinRelay::start(&args);
+    let mut b = client_from("127.0.0.2", relay.tcp()).await;
+    match subscribe_durable(&mut b, 1, "keep", 2).await {
+        Err((ErrorCode::NotAllowed, _)) => {}
+        other => panic!("B on A's durable keep after the restart: {other:?}"),
+    }
+    subscribe_durable(&mut b, 2, "d", 2)
+        .await
+        .expect("d was deleted: B may create it");
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -403,8 +403,11 @@ struct Index {
     usage: Sharded<i64, Usage>,
     total: Usage,
     durables: HashMap<DurableKey, DurableStat>,
-    /// Durable names a subscription holds now (taken before the durable may exist).
-    held: HashSet<DurableKey>,
+    /// Durable names a subscription holds now (taken before the durable may exist), with
+    /// how many holds each has. The relay gives a name to one connection at a time, but a
+    /// release may reach the store after the next holder's hold: a count (not a set) keeps
+    /// such a late release from taking the newer hold with it (review F1).
+    held: HashMap<DurableKey, u32>,
     next_pid: i64,
     next_kid: i64,
     next_tid: i64,
@@ -435,7 +438,7 @@ impl Index {
             .durables
             .iter()
             .filter(|(k, d)| {
-                !self.held.contains(*k)
+                !self.held.contains_key(*k)
                     && d.idle_since
                         .is_some_and(|t| now >= t.saturating_add(idle_ms))
             })
@@ -478,11 +481,14 @@ type TenantIds = (usize, VecDeque<([u8; 16], u64)>);
 type DedupKey = (i64, [u8; 16]);
 
 /// The QoS 2 dedup window: publish ids per tenant, for `dedup_window_ms`, at most
-/// `dedup_max` in all while several tenants have ids in it. Over that bound the
-/// publishing tenant gives back its own oldest id; only a tenant with no other id in the
-/// window pushes out the oldest of all, and then only past twice the bound. The queues
-/// are lazy (an entry another path removed is skipped when met) and compacted once they
-/// hold mostly such entries.
+/// `dedup_max` in all. Over that bound the tenant holding the most ids (of equal counts,
+/// the one with the highest store id) gives back its own oldest id, whoever published:
+/// a tenant holding no more than `dedup_max / T` ids (T: the tenants with ids in the
+/// window) never loses one, so one tenant filling the window leaves every other its
+/// share (review F2: before, the publisher gave back its own oldest, and a tenant that
+/// filled the window left the others one id each). The queues are lazy (an entry
+/// another path removed is skipped when met) and compacted once they hold mostly such
+/// entries.
 #[derive(Default)]
 struct Dedup {
     map: Sharded<DedupKey, (u64, u64)>,
@@ -490,6 +496,8 @@ struct Dedup {
     order: VecDeque<(DedupKey, u64)>,
     /// Per tenant: its live count and its ids in insertion order.
     tenants: HashMap<i64, TenantIds>,
+    /// `(live count, tenant)` of every tenant with ids: the largest holder is the last.
+    by_count: std::collections::BTreeSet<(usize, i64)>,
 }
 
 impl Dedup {
@@ -504,9 +512,13 @@ impl Dedup {
         }
         self.map.remove(k);
         if let std::collections::hash_map::Entry::Occupied(mut e) = self.tenants.entry(k.0) {
-            e.get_mut().0 = e.get().0.saturating_sub(1);
-            if e.get().0 == 0 {
+            let n = e.get().0;
+            self.by_count.remove(&(n, k.0));
+            e.get_mut().0 = n.saturating_sub(1);
+            if n <= 1 {
                 e.remove();
+            } else {
+                self.by_count.insert((n - 1, k.0));
             }
         }
         true
@@ -534,24 +546,25 @@ impl Dedup {
         self.map.insert(k, (seq, ts));
         self.order.push_back((k, ts));
         let mine = self.tenants.entry(tid).or_default();
+        self.by_count.remove(&(mine.0, tid));
         mine.0 += 1;
         mine.1.push_back((pid, ts));
+        self.by_count.insert((mine.0, tid));
         let max = max.max(1);
-        if self.map.len() > max {
-            let own = self.tenants.get(&tid).map_or(0, |t| t.0);
-            if own > 1 {
-                // The tenant's own oldest id makes room.
-                while let Some((p, t)) = self.tenants.get_mut(&tid).and_then(|m| m.1.pop_front()) {
-                    if self.remove(&(tid, p), t) {
-                        break;
-                    }
+        while self.map.len() > max {
+            // The largest holder's oldest id makes room.
+            let Some(&(_, top)) = self.by_count.last() else {
+                break;
+            };
+            let mut removed = false;
+            while let Some((p, t)) = self.tenants.get_mut(&top).and_then(|m| m.1.pop_front()) {
+                if self.remove(&(top, p), t) {
+                    removed = true;
+                    break;
                 }
-            } else if self.map.len() > max.saturating_mul(2) {
-                while let Some((k, t)) = self.order.pop_front() {
-                    if self.remove(&k, t) {
-                        break;
-                    }
-                }
+            }
+            if !removed {
+                break;
             }
         }
         // Compaction of entries removed elsewhere (amortised: each pass at least halves).
@@ -1601,7 +1614,7 @@ impl Shared {
             let mut idx = lock(&self.idx);
             let mut new = loaded.idx;
             for (k, d) in new.durables.iter_mut() {
-                d.idle_since = if idx.held.contains(k) {
+                d.idle_since = if idx.held.contains_key(k) {
                     None
                 } else {
                     idx.durables
@@ -2651,13 +2664,15 @@ impl Store for SqliteStore {
 
     fn hold_durable(&self, key: &DurableKey, _: &super::HoldLost) -> Result<(), StoreError> {
         // One relay per file: the hold is the relay's own; here it stops the idle clock.
+        // The idle op is queued under the index lock (index, then queue: `append`'s
+        // order), so the file sees holds and releases in the order the index did.
         let s = &self.shared;
         let mut idx = lock(&s.idx);
-        idx.held.insert(key.clone());
+        *idx.held.entry(key.clone()).or_insert(0) += 1;
         if let Some(d) = idx.durables.get_mut(key) {
             if d.idle_since.take().is_some() {
-                drop(idx);
-                s.push(
+                s.push_locked(
+                    lock(&s.queue),
                     [Op::DurableIdle {
                         key_id: *key.key_id.as_bytes(),
                         name: key.name.clone(),
@@ -2674,11 +2689,22 @@ impl Store for SqliteStore {
         let s = &self.shared;
         let now = (s.clock)();
         let mut idx = lock(&s.idx);
-        idx.held.remove(key);
+        match idx.held.get_mut(key) {
+            // Another hold is still there (this release came late): still held.
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                return;
+            }
+            Some(_) => {
+                idx.held.remove(key);
+            }
+            // Not held (nothing to give back).
+            None => return,
+        }
         if let Some(d) = idx.durables.get_mut(key) {
             d.idle_since = Some(now);
-            drop(idx);
-            s.push(
+            s.push_locked(
+                lock(&s.queue),
                 [Op::DurableIdle {
                     key_id: *key.key_id.as_bytes(),
                     name: key.name.clone(),
@@ -2757,7 +2783,7 @@ impl Store for SqliteStore {
                         },
                     )?;
                     let tid = Shared::tenant_id(&mut idx, tenant, &mut ops);
-                    let idle_since = (!idx.held.contains(key)).then_some(now);
+                    let idle_since = (!idx.held.contains_key(key)).then_some(now);
                     idx.durables.insert(
                         key.clone(),
                         DurableStat {
@@ -3134,6 +3160,61 @@ mod tests {
             "SELECT seq FROM msgs WHERE pid = 1 AND seq <= 9 ORDER BY seq DESC LIMIT 1 OFFSET 2",
         );
         assert!(last_n.contains("msgs_pid"), "{last_n}");
+    }
+
+    /// Review F1: a release that reaches the store after the next holder's hold (the relay
+    /// gives a name to one connection at a time, but the old holder's release may come
+    /// late) leaves the durable held: idle expiry does not take it, neither while running
+    /// (the writer's sweep) nor at the next open (the file's idle state).
+    #[test]
+    fn a_late_release_does_not_make_a_held_durable_idle() {
+        let dir = std::env::temp_dir().join(format!("wsp-late-release-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = StoreConfig {
+            path: dir.join("s.db"),
+            durable_idle_ms: 10_000,
+            ..StoreConfig::default()
+        };
+        let now = Arc::new(AtomicU64::new(1_000_000));
+        let clock: Clock = {
+            let now = now.clone();
+            Arc::new(move || now.load(Relaxed))
+        };
+        let key = |name: &str| DurableKey {
+            key_id: KeyId::from_bytes([7; 16]),
+            name: name.into(),
+        };
+        let (d, control) = (key("d"), key("control"));
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let lost = crate::store::HoldLost::new(tx, 1);
+        let s = SqliteStore::open_file_with_clock(cfg.clone(), clock.clone()).unwrap();
+        s.set_durable(&d, 0, &Tenant::Local).unwrap();
+        // `control` is never held: its expiry shows that a sweep ran.
+        s.set_durable(&control, 0, &Tenant::Local).unwrap();
+        s.hold_durable(&d, &lost).unwrap(); // A
+        s.hold_durable(&d, &lost).unwrap(); // B, before A's release reached the store
+        s.release_hold(&d); // A's late release
+        now.fetch_add(20_000, Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.durable(&control).unwrap().is_some() {
+            assert!(Instant::now() < deadline, "no idle sweep ran");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(s.durable(&d).unwrap(), Some(0), "B holds it: not idle");
+        s.close();
+        drop(s);
+        // Reopened later (B's connection never released it before the stop): the file
+        // says held, so its idle time starts at the open.
+        now.fetch_add(20_000, Relaxed);
+        let s = SqliteStore::open_file_with_clock(cfg, clock).unwrap();
+        assert_eq!(
+            s.durable(&d).unwrap(),
+            Some(0),
+            "held when the relay stopped"
+        );
+        s.close();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
