@@ -1166,13 +1166,11 @@ impl Session {
             );
         };
         let store = self.shared.router.store().clone();
+        // The owner goes once the deletion is committed: the store announces it
+        // (`Store::take_gone`), and the relay forgets the owner if the name is still free
+        // (review F7: forgotten here at once, a failed commit or a crash before it brought
+        // the durable back with its old floor and no owner, for anyone to adopt).
         let deleted = store.delete_durable(&k);
-        if deleted.is_ok() {
-            // The owner goes with the durable (the name is held here: no Sub re-created it).
-            self.shared
-                .accounts
-                .forget_durable_owner(&k.key_id, &k.name, || true);
-        }
         // Ended after the deletion, so the name is given back with nothing behind it (floors
         // are written only by this session's acks, for subscriptions it still tracks).
         self.drop_sub(sub_id);

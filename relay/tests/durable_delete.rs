@@ -629,7 +629,21 @@ async fn the_auth_state_file_stays_bounded_over_owner_and_disown_cycles() {
             most = most.max(std::fs::metadata(&state).unwrap().len());
         }
         assert!(most < 64 * 1024, "the auth state file grew to {most} bytes");
+        // The last deletion's owner goes once the store committed it (review F7): B may
+        // then create "d" as its own.
+        let mut b = client_from("127.0.0.2", relay.tcp()).await;
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            match subscribe_durable(&mut b, 2, "d", 2).await {
+                Ok(()) => break,
+                Err((ErrorCode::NotAllowed, m)) => {
+                    assert!(std::time::Instant::now() < deadline, "d stays C's: {m}");
+                }
+                Err(e) => panic!("B creating d: {e:?}"),
+            }
+        }
     }
+    // After a restart the compacted file still knows both live owners: keep is A's, d is B's.
     let relay = BinRelay::start(&args);
     let mut b = client_from("127.0.0.2", relay.tcp()).await;
     match subscribe_durable(&mut b, 1, "keep", 2).await {
@@ -638,7 +652,12 @@ async fn the_auth_state_file_stays_bounded_over_owner_and_disown_cycles() {
     }
     subscribe_durable(&mut b, 2, "d", 2)
         .await
-        .expect("d was deleted: B may create it");
+        .expect("B resumes its d");
+    let mut c = client_from("127.0.0.3", relay.tcp()).await;
+    match subscribe_durable(&mut c, 2, "d", 3).await {
+        Err((ErrorCode::NotAllowed, _)) => {}
+        other => panic!("C on B's durable d after the restart: {other:?}"),
+    }
     drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1703,6 +1703,9 @@ impl Shared {
         // Paths whose retained value this batch set (perhaps over another tenant's).
         let mut retained_touched: HashSet<i64> = HashSet::new();
         let mut top = None;
+        // Durables this batch deletes (`Unsub` with delete): announced once committed, so
+        // their owners go only with them (a failed commit reloads them, owners kept).
+        let mut deleted: Vec<DurableKey> = Vec::new();
         {
             let mut ins = tx.prepare_cached(
                 "INSERT INTO msgs(seq, kid, pid, tid, ts, flags, env)
@@ -1819,6 +1822,10 @@ impl Shared {
                     Op::DurableDelete { key_id, name } => {
                         tx.prepare_cached("DELETE FROM durables WHERE key_id = ?1 AND name = ?2")?
                             .execute(params![&key_id[..], name])?;
+                        deleted.push(DurableKey {
+                            key_id: KeyId::from_bytes(*key_id),
+                            name: name.clone(),
+                        });
                     }
                 }
             }
@@ -2073,7 +2080,10 @@ impl Shared {
                 durables = expired.len(),
                 "store: durables idle past durable_idle_ms deleted"
             );
-            self.announce_gone(expired);
+        }
+        deleted.extend(expired);
+        if !deleted.is_empty() {
+            self.announce_gone(deleted);
         }
         Ok(top)
     }
