@@ -120,12 +120,6 @@ impl SubQuota {
     }
 
     /// `tenant` holds one more subscription, of `levels` levels.
-    #[cfg(test)]
-    pub(crate) fn add(&self, tenant: &Tenant, levels: usize) {
-        let (tenants, total) = &mut *self.state();
-        Self::add_to(tenants, total, tenant, levels);
-    }
-
     fn add_to(
         tenants: &mut HashMap<Tenant, Held>,
         total: &mut Held,
@@ -256,15 +250,15 @@ mod tests {
             Tenant::Account([7; 32]),
             Tenant::Address("10.0.0.2".parse().unwrap()),
         );
-        q.add(&a, 3);
-        q.add(&a, 3);
+        q.reserve(&a, 3, None).unwrap().keep();
+        q.reserve(&a, 3, None).unwrap().keep();
         assert!(q
             .refusal(&a, 3, None)
             .unwrap()
             .contains("per source address"));
         assert_eq!(q.refusal(&b, 3, None), None);
-        q.add(&b, 1);
-        q.add(&b, 1);
+        q.reserve(&b, 1, None).unwrap().keep();
+        q.reserve(&b, 1, None).unwrap().keep();
         assert!(q.refusal(&b, 1, None).unwrap().contains("per account"));
         q.remove(&a, [3]);
         assert_eq!(
@@ -272,8 +266,8 @@ mod tests {
             None,
             "room again after an unsubscribe"
         );
-        q.add(&c, 2);
-        q.add(&c, 2);
+        q.reserve(&c, 2, None).unwrap().keep();
+        q.reserve(&c, 2, None).unwrap().keep();
         assert!(
             q.refusal(&a, 3, None).unwrap().contains("relay holds"),
             "the total binds"
@@ -285,7 +279,7 @@ mod tests {
             "a tenant holding none is forgotten"
         );
         let unlimited = SubQuota::new((0, 0), (0, 0));
-        unlimited.add(&a, 32);
+        unlimited.reserve(&a, 32, None).unwrap().keep();
         assert_eq!(unlimited.refusal(&a, 32, None), None);
     }
 
@@ -297,7 +291,7 @@ mod tests {
         let t = Tenant::Local;
         let mut deep = 0;
         while q.refusal(&t, 32, None).is_none() {
-            q.add(&t, 32);
+            q.reserve(&t, 32, None).unwrap().keep();
             deep += 1;
         }
         assert_eq!(deep, 10);
@@ -305,7 +299,7 @@ mod tests {
         q.remove(&t, [32; 10]);
         let mut shallow = 0;
         while q.refusal(&t, 2, None).is_none() {
-            q.add(&t, 2);
+            q.reserve(&t, 2, None).unwrap().keep();
             shallow += 1;
         }
         assert!(shallow > 8 * deep, "{shallow} shallow vs {deep} deep");

@@ -1101,27 +1101,19 @@ async fn taking_a_right_away_ends_the_subscriptions_that_needed_it() {
         }
     });
     // Each connection gets one non-fatal Err naming the subscription that ended.
-    let e = next_err(&mut cc).await;
-    assert_eq!(
-        (e.code, e.fatal, e.sub_id),
-        (ErrorCode::AuthFailed, false, Some(1)),
-        "{e:?}"
-    );
-    assert!(e.message.contains("subscribe"), "{e:?}");
-    let e = next_err(&mut ce).await;
-    assert_eq!(
-        (e.code, e.fatal, e.sub_id),
-        (ErrorCode::AuthFailed, false, Some(1)),
-        "{e:?}"
-    );
-    assert!(e.message.contains("another group"), "{e:?}");
-    let e = next_err(&mut cg).await;
-    assert_eq!(
-        (e.code, e.fatal, e.sub_id),
-        (ErrorCode::AuthFailed, false, Some(2)),
-        "{e:?}"
-    );
-    assert!(e.message.contains("durable"), "{e:?}");
+    for (c, sub_id, why) in [
+        (&mut cc, 1, "subscribe"),
+        (&mut ce, 1, "another group"),
+        (&mut cg, 2, "durable"),
+    ] {
+        let e = next_err(c).await;
+        assert_eq!(
+            (e.code, e.fatal, e.sub_id),
+            (ErrorCode::AuthFailed, false, Some(sub_id)),
+            "{e:?}"
+        );
+        assert!(e.message.contains(why), "{e:?}");
+    }
 
     // Published after the reload: only the subscriptions that kept their rights get it.
     let seq3 = publish_seq(&mut cd, 4, 3).await;

@@ -702,6 +702,15 @@ fn start_relay_with(urls: &str, name: &str, extra: &[&str]) -> BinRelay {
     BinRelay::start(&args)
 }
 
+/// [`start_relay_with`], logging the JetStream store at debug level (its "durable record
+/// read" lines are the events tests wait for) with the log readable by `wait_log`.
+fn start_logged_relay_with(urls: &str, name: &str, extra: &[&str]) -> BinRelay {
+    let mut args = jetstream_relay_args(urls, name);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(["--log", "warn,whispeer_relay::store::jetstream=debug"].map(String::from));
+    BinRelay::start_logged(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 /// Per-tenant quotas with the JetStream store: usage is counted by every relay from the
 /// ordered read of the stream (header `Wsp-Tenant`), so a tenant at its quota through
 /// relay A is refused at relay B — and at a relay started afterwards, which reads the
@@ -1265,12 +1274,7 @@ async fn retained_and_durable_quotas_count_the_whole_cluster() {
     let quota = ["--tenant-max-retained", "1", "--tenant-max-durables", "1"];
     let a = start_relay_with(&urls, "relay-a", &quota);
     // Logged: B's "durable record read" line is the event that it learned of A's durable.
-    let mut b = {
-        let mut args = jetstream_relay_args(&urls, "relay-b");
-        args.extend(quota.map(String::from));
-        args.extend(["--log", "warn,whispeer_relay::store::jetstream=debug"].map(String::from));
-        BinRelay::start_logged(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    };
+    let mut b = start_logged_relay_with(&urls, "relay-b", &quota);
     let (mut watch, _) = connect(b.tcp()).await;
     subscribe(&mut watch, sub(1, pattern(18, &[], true), Qos::AtMostOnce)).await;
     let (mut pa, _) = connect(a.tcp()).await;
@@ -2086,30 +2090,11 @@ async fn before_probe(c: &mut Client, publ: &mut Client, k: u8, n: u32) -> Vec<u
         .collect()
 }
 
-async fn relay_status(relay: &BinRelay) -> whispeer_relay::admin::Status {
-    serde_json::from_slice(
-        &whispeer_relay::admin::http_get(&relay.admin().to_string(), "/status")
-            .await
-            .unwrap(),
-    )
-    .unwrap()
-}
-
 /// Polls `/status` until its store counts `n` durables (bounded by `TIMEOUT`).
 async fn wait_durables(relay: &BinRelay, n: u64) {
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
-        let s = relay_status(relay).await;
-        if s.store.durables == n {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the relay still counts {} durables, not {n}",
-            s.store.durables
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    relay
+        .wait_status(&format!("{n} durables"), |s| s.store.durables == n)
+        .await;
 }
 
 /// `Unsub {delete}` at relay A deletes the durable for the whole cluster: relay B, which
@@ -2126,12 +2111,7 @@ async fn a_durable_deleted_at_one_relay_is_gone_at_every_relay_and_frees_its_quo
     let quota = ["--tenant-max-durables", "1", "--durable-idle-ms", "0"];
     let a = start_relay_with(&urls, "relay-a", &quota);
     // Logged: B's "durable record read" line is the event that it counts A's durable.
-    let mut b = {
-        let mut args = jetstream_relay_args(&urls, "relay-b");
-        args.extend(quota.map(String::from));
-        args.extend(["--log", "warn,whispeer_relay::store::jetstream=debug"].map(String::from));
-        BinRelay::start_logged(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    };
+    let mut b = start_logged_relay_with(&urls, "relay-b", &quota);
     let (mut publ, _) = connect(b.tcp()).await;
     let mut ca = connect_deleting(a.tcp()).await;
     sub_answer(&mut ca, &durable_sub(1, 21, "d", 1))

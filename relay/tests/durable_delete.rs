@@ -118,35 +118,6 @@ fn quota_refused(r: Result<(), (ErrorCode, String)>, what: &str) {
     }
 }
 
-async fn status(relay: &BinRelay) -> whispeer_relay::admin::Status {
-    serde_json::from_slice(
-        &whispeer_relay::admin::http_get(&relay.admin().to_string(), "/status")
-            .await
-            .unwrap(),
-    )
-    .unwrap()
-}
-
-/// Polls `/status` until `f` holds (bounded by `TIMEOUT`).
-async fn wait_status(
-    relay: &BinRelay,
-    what: &str,
-    f: impl Fn(&whispeer_relay::admin::Status) -> bool,
-) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let s = status(relay).await;
-        if f(&s) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn store_arg(path: &Path) -> String {
     path.display().to_string()
 }
@@ -161,12 +132,12 @@ async fn the_owner_deletes_a_durable_and_its_name_no_longer_counts() {
     subscribe_durable(&mut c, 1, "a", 1).await.expect("a");
     subscribe_durable(&mut c, 2, "b", 1).await.expect("b");
     quota_refused(subscribe_durable(&mut c, 3, "c", 1).await, "c at the quota");
-    assert_eq!(status(&relay).await.store.durables, 2);
+    assert_eq!(relay.status().await.store.durables, 2);
 
     assert_eq!(then_pong(&mut c, unsub(1, true), 1).await, None, "deleted");
-    assert_eq!(status(&relay).await.store.durables, 1);
+    assert_eq!(relay.status().await.store.durables, 1);
     assert_eq!(
-        status(&relay).await.accounts.durable_owners,
+        relay.status().await.accounts.durable_owners,
         1,
         "a's owner too"
     );
@@ -219,7 +190,7 @@ async fn a_non_owner_cannot_delete_a_durable() {
         Some((ErrorCode::NotAllowed, m)) => assert!(m.contains("not durable"), "{m}"),
         r => panic!("delete of a subscription that is not durable: {r:?}"),
     }
-    assert_eq!(status(&relay).await.store.durables, 1);
+    assert_eq!(relay.status().await.store.durables, 1);
     subscribe_durable(&mut owner, 2, "a", 1)
         .await
         .expect("the owner's durable is still there (a new one would be over the quota)");
@@ -236,11 +207,12 @@ async fn an_idle_durable_is_deleted_and_a_held_one_is_kept() {
     subscribe_durable(&mut c, 1, "b", 1).await.expect("b");
     assert_eq!(then_pong(&mut c, unsub(1, false), 1).await, None);
     // "b" idles out while "a" stays held (it was taken before "b" was released).
-    wait_status(&relay, "b to idle out", |s| s.store.durables == 1).await;
-    wait_status(&relay, "b's owner to go", |s| {
-        s.accounts.durable_owners == 1
-    })
-    .await;
+    relay
+        .wait_status("b to idle out", |s| s.store.durables == 1)
+        .await;
+    relay
+        .wait_status("b's owner to go", |s| s.accounts.durable_owners == 1)
+        .await;
     subscribe_durable(&mut c, 3, "c", 1)
         .await
         .expect("b's quota is free");
@@ -248,7 +220,7 @@ async fn an_idle_durable_is_deleted_and_a_held_one_is_kept() {
         subscribe_durable(&mut c, 4, "d", 1).await,
         "held past the idle time, a still counts",
     );
-    assert_eq!(status(&relay).await.store.durables, 2, "a and c");
+    assert_eq!(relay.status().await.store.durables, 2, "a and c");
     drop(holder);
 }
 
@@ -301,10 +273,9 @@ async fn the_idle_time_survives_a_restart() {
     subscribe_durable(&mut c, 2, "d", 1)
         .await
         .expect("both of them");
-    wait_status(&relay, "their owners to go", |s| {
-        s.accounts.durable_owners == 2
-    })
-    .await;
+    relay
+        .wait_status("their owners to go", |s| s.accounts.durable_owners == 2)
+        .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -503,7 +474,9 @@ async fn a_path_stops_counting_against_a_tenant_whose_data_there_is_gone() {
         r => panic!("A at its path quota: {r:?}"),
     }
     // Retention removes A's two messages (the retained values stay).
-    wait_status(&relay, "A's messages to age out", |s| s.store.messages == 0).await;
+    relay
+        .wait_status("A's messages to age out", |s| s.store.messages == 0)
+        .await;
     publish(&mut a, on(3, 6), Qos::AtLeastOnce, [6; 16], false)
         .await
         .expect("P1 and P2 no longer count against A");

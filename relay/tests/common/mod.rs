@@ -676,6 +676,37 @@ impl BinRelay {
         self.addrs.admin.expect("admin")
     }
 
+    /// Its admin `/status` (no token: counts only).
+    pub async fn status(&self) -> whispeer_relay::admin::Status {
+        serde_json::from_slice(
+            &whispeer_relay::admin::http_get(&self.admin().to_string(), "/status")
+                .await
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// Polls `/status` until `f` holds (bounded by [`TIMEOUT`]): the store's counts change
+    /// with no event a client sees (a sweep, another relay's record).
+    pub async fn wait_status(
+        &self,
+        what: &str,
+        f: impl Fn(&whispeer_relay::admin::Status) -> bool,
+    ) {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            let s = self.status().await;
+            if f(&s) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
     }
