@@ -310,6 +310,12 @@ impl Authentic {
         &self.body[self.payload.clone()]
     }
 
+    /// Whether the payload is stored compressed (codec 1, 2 or 3): otherwise
+    /// [`Opener::finish`] hands the decrypted body itself over, with nothing to decompress.
+    pub fn compressed(&self) -> bool {
+        self.codec != CODEC_NONE
+    }
+
     /// The size the payload says it decompresses to, read without decompressing (§4.6:
     /// the length itself for codec 0, the zstd Frame_Content_Size for 1 and 3, the size
     /// prefix for 2); `None` when unreadable (decompressing fails then). Decompressing
@@ -328,6 +334,21 @@ impl Authentic {
                 .map(|n| n as u64),
             _ => None,
         }
+    }
+
+    /// The opened message of a payload stored uncompressed (codec 0): the body buffer,
+    /// moved to the payload's start and cut after its end. Over `max` fails as
+    /// [`Opener::decompress`] does.
+    fn into_opened_uncompressed(mut self, max: usize) -> Result<Opened, OpenError> {
+        debug_assert_eq!(self.codec, CODEC_NONE);
+        if self.payload.len() > max {
+            return Err(OpenError::OPAQUE);
+        }
+        // Taken out of the `Zeroizing` wrapper, which then wipes an empty vector.
+        let mut body = std::mem::take(&mut *self.body);
+        body.truncate(self.payload.end);
+        body.drain(..self.payload.start);
+        Ok(self.into_opened(body))
     }
 
     /// The opened message, with `payload` (what [`Opener::decompress`] returned for it).
@@ -1118,6 +1139,23 @@ impl Opener {
             })
     }
 
+    /// The whole message from an authenticated one: the payload decompressed under `max`
+    /// ([`Opener::decompress`]), or, stored uncompressed (codec 0), the decrypted body itself
+    /// cut down to the payload — no copy, and no zeroizing of a buffer whose plaintext the
+    /// caller gets anyway (a copy handed out beside a wiped original protects nothing).
+    pub fn finish(
+        &mut self,
+        keyring: &Keyring,
+        a: Authentic,
+        max: usize,
+    ) -> Result<Opened, OpenError> {
+        if a.codec != CODEC_NONE {
+            let payload = self.decompress(keyring, &a, max)?;
+            return Ok(a.into_opened(payload));
+        }
+        a.into_opened_uncompressed(max)
+    }
+
     fn open_in(
         &mut self,
         keyring: &Keyring,
@@ -1128,8 +1166,7 @@ impl Opener {
     ) -> Result<Opened, OpenError> {
         let a = self.authenticate_in(keyring, env, now_ms, live, shared)?;
         // 5. Decompress with a hard cap (declared size checked before allocating).
-        let payload = self.decompress(keyring, &a, self.max_payload)?;
-        Ok(a.into_opened(payload))
+        self.finish(keyring, a, self.max_payload)
     }
 
     fn authenticate_in(
@@ -1684,11 +1721,30 @@ mod tests {
             assert_eq!(a.sender, Some(id.sender_id()));
             assert_eq!(o.decompress(&kr, &a, 99_999), Err(OpenError::OPAQUE));
             let p = o.decompress(&kr, &a, 100_000).unwrap();
-            assert_eq!(
-                Some(a.into_opened(p)),
-                Opener::new().open(&kr, &env, 0).ok(),
-                "{compression:?}"
-            );
+            let whole = Opener::new().open(&kr, &env, 0).ok();
+            assert_eq!(Some(a.into_opened(p)), whole, "{compression:?}");
+            // `finish` (the body itself when stored uncompressed) gives the same, under
+            // the same cap.
+            let a = o.authenticate_shared(&kr, &env, 0, true, &roots).unwrap();
+            assert_eq!(a.compressed(), compression != Compression::None);
+            assert_eq!(o.finish(&kr, a, 99_999), Err(OpenError::OPAQUE));
+            let a = o.authenticate_shared(&kr, &env, 0, true, &roots).unwrap();
+            assert_eq!(o.finish(&kr, a, 100_000).ok(), whole, "{compression:?}");
+        }
+        // An uncompressed payload of every small length, padded or not, comes out whole.
+        for len in [0usize, 1, 2, 31, 32, 33, 1000, 1024, 1025] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8 ^ 0x5a).collect();
+            let opts = SealOptions {
+                compression: Compression::None,
+                ..SealOptions::default()
+            };
+            let env = Sealer::new()
+                .seal(&key, &msg(&payload), &opts, Some(&id), &mut rng)
+                .unwrap();
+            let mut o = Opener::new();
+            let a = o.authenticate_shared(&kr, &env, 0, true, &roots).unwrap();
+            assert!(!a.compressed());
+            assert_eq!(o.finish(&kr, a, len).unwrap().payload, payload, "{len}");
         }
     }
 

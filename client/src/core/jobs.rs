@@ -48,8 +48,12 @@ pub const EARLY_RATIO: u64 = 16;
 /// Whether an open job decompresses `a` (of an envelope of `envelope_len` bytes) at once
 /// rather than after the receiver checks: its declared size is within `max_payload` and
 /// within [`EARLY_MIN`] or [`EARLY_RATIO`] times the envelope. What a duplicate can cost
-/// is then proportional to its size on the wire, never the cap.
+/// is then proportional to its size on the wire, never the cap. A payload stored
+/// uncompressed never: there is nothing to do but hand the decrypted body over.
 pub fn decompresses_early(a: &Authentic, envelope_len: usize, max_payload: usize) -> bool {
+    if !a.compressed() {
+        return false;
+    }
     let bound = EARLY_MIN.max((envelope_len as u64).saturating_mul(EARLY_RATIO));
     a.declared_len()
         .is_some_and(|n| n <= bound && n <= max_payload as u64)
@@ -91,11 +95,10 @@ impl Unsealed {
         keyring: &Keyring,
         max_payload: usize,
     ) -> Result<Opened, OpenError> {
-        let payload = match self.payload {
-            Some(p) => p?,
-            None => opener.decompress(keyring, &self.auth, max_payload)?,
-        };
-        Ok(self.auth.into_opened(payload))
+        match self.payload {
+            Some(p) => Ok(self.auth.into_opened(p?)),
+            None => opener.finish(keyring, self.auth, max_payload),
+        }
     }
 }
 
