@@ -181,8 +181,53 @@ impl<W: AsyncWrite + Unpin + Send + 'static> StreamSink<W> {
     }
 }
 
+impl<W: AsyncWrite + Unpin + Send + 'static> StreamSink<W> {
+    /// Writes `frames` from their own buffers, up to [`MAX_IOV`] of them per `writev`:
+    /// gathering them into one buffer first was a copy of every byte sent (~3.5 % of the
+    /// relay's CPU fanning 1 KiB messages out to 4 subscribers).
+    async fn send_vectored(&mut self, frames: &[Bytes]) -> io::Result<()> {
+        let mut first = 0; // the first frame not wholly written
+        let mut done = 0; // bytes of frames[first] written
+        while first < frames.len() {
+            let mut iov = [io::IoSlice::new(&[]); MAX_IOV];
+            let mut used = 0;
+            for (slot, f) in iov.iter_mut().zip(&frames[first..]) {
+                let from = if used == 0 { done } else { 0 };
+                *slot = io::IoSlice::new(&f[from..]);
+                used += 1;
+            }
+            let mut n = self.writer.write_vectored(&iov[..used]).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let rest = frames[first].len() - done;
+                if n < rest {
+                    done += n;
+                    break;
+                }
+                n -= rest;
+                first += 1;
+                done = 0;
+            }
+            // Empty frames (none are sent, but a slice of them would loop) are passed over.
+            while first < frames.len() && frames[first].len() == done {
+                first += 1;
+                done = 0;
+            }
+        }
+        self.writer.flush().await
+    }
+}
+
+/// Most frames handed to one `writev` (Linux takes up to 1,024).
+const MAX_IOV: usize = 64;
+
 impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink for StreamSink<W> {
     async fn send(&mut self, frames: &[Bytes]) -> io::Result<()> {
+        if self.writer.is_write_vectored() {
+            return self.send_vectored(frames).await;
+        }
         for f in frames {
             if f.len() >= WRITE_CHUNK {
                 if !self.buf.is_empty() {
@@ -221,6 +266,56 @@ impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink for StreamSink<W> {
 mod tests {
     use super::*;
     use futures_util::FutureExt;
+
+    /// A batch larger than the socket takes at once goes out through several partial
+    /// `writev`s (more frames than one call carries, frames cut mid-way, empty ones among
+    /// them) and arrives byte for byte, in order, over a real TCP connection.
+    #[tokio::test]
+    async fn vectored_writes_resume_after_partial_writes() {
+        // Small socket buffers at both ends: writes end mid-frame.
+        let l = tokio::net::TcpSocket::new_v4().unwrap();
+        l.set_recv_buffer_size(4096).unwrap();
+        l.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = l.listen(8).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let c = tokio::net::TcpSocket::new_v4().unwrap();
+        c.set_send_buffer_size(4096).unwrap();
+        let (sender, accepted) = tokio::join!(c.connect(addr), listener.accept());
+        let mut reader = accepted.unwrap().0;
+        let (_r, w) = sender.unwrap().into_split();
+        let mut sink = StreamSink::new(w);
+        assert!(sink.writer.is_write_vectored(), "TCP writes are vectored");
+        // 300 frames of 0..=9,000 bytes (~1.3 MiB, beyond a loopback socket's buffers, so
+        // the writer waits for the reader mid-batch), each byte naming its frame and place.
+        let frames: Vec<Bytes> = (0..300u32)
+            .map(|i| {
+                let len = if i % 7 == 3 { 0 } else { (i * 7_919) % 9_001 };
+                Bytes::from((0..len).map(|j| (i * 31 + j) as u8).collect::<Vec<u8>>())
+            })
+            .collect();
+        let want: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        assert!(want.len() > 1 << 20);
+        let read = tokio::spawn(async move {
+            let mut got = vec![0u8; want.len()];
+            let mut at = 0;
+            while at < got.len() {
+                // Small reads: the writer sees its socket fill up many times.
+                let end = (at + 3_000).min(got.len());
+                let n = reader.read(&mut got[at..end]).await.unwrap();
+                assert!(n > 0, "connection closed after {at} bytes");
+                at += n;
+            }
+            assert!(got == want, "the bytes arrived changed or out of order");
+        });
+        let both = async {
+            sink.send(&frames).await.unwrap();
+            read.await.unwrap();
+        };
+        // A lost or repeated byte leaves the reader waiting: fail instead of hanging.
+        tokio::time::timeout(std::time::Duration::from_secs(30), both)
+            .await
+            .expect("the reader got all the bytes within 30 s");
+    }
 
     /// Waiting for input holds no read buffer; frames still arrive whole afterwards, and a
     /// partial frame is kept across the wait.
