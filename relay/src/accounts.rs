@@ -11,11 +11,29 @@
 //! may use it (each with its own rights). Claims and durable-subscription owners are kept
 //! in a small append-only state file ([`AuthState`]) so they survive restarts.
 //!
-//! The account list is a TOML file (`whispeer-relay account add|list|remove` edits it); the
-//! relay reloads it when it changes or on SIGHUP. Each reload walks the authenticated
-//! connections once: one whose credential (the account key or token it proved) no longer
-//! names its account — the account was removed, or its key or token replaced, also by a
-//! remove and an add between two reloads — is closed; one whose account lost a right or
+//! **Identity** (review finding 17). The name is only the operator's label. An entry that
+//! `account add` wrote carries `id`, 16 random bytes (32 hex characters, from the OS RNG);
+//! everything the relay keeps for the account derives from it: its store tenant
+//! ([`Tenant::for_account_id`]), the owner of its durables (`account-id:HEX`) and its default
+//! group (`account-id:HEX`, in a namespace an explicit `group` may not enter:
+//! [`ID_GROUP_PREFIX`], [`AccountError::ReservedGroup`]). So a name removed and added again
+//! — perhaps for someone else — is a new identity: it inherits none of the old one's
+//! claims, durables or store usage, and neither does an account whose explicit `group`
+//! happens to equal an old account's name. The old identity's claims stay with its group,
+//! which no later account can be given (`account add` draws a new id), and go stale as
+//! epochs move to new key ids. An entry without `id` (written before ids existed) is a
+//! **legacy** entry and keeps the name-based identity it always had — tenant from the name,
+//! owner `account:NAME`, default group the name — so its claims, durables and store usage
+//! stay its own; the relay never rewrites the file to add ids (`account list` marks such
+//! entries; `account remove` + `account add` migrates one, as a fresh identity).
+//! `account rotate` replaces an account's key or token and keeps its identity.
+//!
+//! The account list is a TOML file (`whispeer-relay account add|list|remove|rotate` edits
+//! it); the relay reloads it when it changes or on SIGHUP. Each reload walks the
+//! authenticated connections once: one whose credential (the account key or token it
+//! proved) no longer names its account — the account was removed (also by a remove and an
+//! add of the same name between two reloads: a new identity, even with the same key), or
+//! its key or token replaced — is closed; one whose account lost a right or
 //! moved to another group is told to end the subscriptions that no longer hold
 //! ([`Accounts::still_allowed`]). Deliveries never look at accounts.
 
@@ -37,12 +55,17 @@ use whispeer_protocol::{codec, ErrorCode, Frame, KeyId};
 use crate::config::{AuthConfig, AuthMode};
 use crate::ids::ConnId;
 use crate::outbound::Outbound;
-use crate::store::{Claim, StoreError};
+use crate::store::{Claim, StoreError, Tenant};
 
 /// Prefix of a bearer token printed by `account add --token`.
 pub const TOKEN_PREFIX: &str = "wsp_tok_";
 /// Prefix of an account secret key file written by `account add --key-out`.
 pub const SECRET_PREFIX: &str = "wsp_acct_sk_";
+/// Prefix of the default group of an account with an `id` (`account-id:` + the id in hex),
+/// and of the owner of its durables. Reserved: no explicit `group` may start with it (nor
+/// the name of a legacy entry without `group`, whose name is its group), so no account
+/// can be put into another account's default group, or inherit its claims, by naming it.
+pub const ID_GROUP_PREFIX: &str = "account-id:";
 
 /// Why the account list or the state file could not be used.
 #[derive(Debug, Error)]
@@ -60,6 +83,15 @@ pub enum AccountError {
     /// An entry is invalid.
     #[error("account {name:?}: {reason}")]
     Invalid { name: String, reason: String },
+    /// An entry's group — its explicit `group`, or the name of a legacy entry (no `id`)
+    /// without one — starts with [`ID_GROUP_PREFIX`], the namespace of the default groups
+    /// of accounts with an `id`.
+    #[error(
+        "account {name:?}: group {group:?} starts with \"{prefix}\", which is reserved for \
+         the default groups of accounts with an id; choose another group name",
+        prefix = ID_GROUP_PREFIX
+    )]
+    ReservedGroup { name: String, group: String },
 }
 
 /// One right an account may hold.
@@ -152,7 +184,14 @@ impl Rights {
 pub struct AccountEntry {
     /// Unique name (operator's label; never sent by clients).
     pub name: String,
-    /// The group whose key ids this account shares; absent: a group of its own (its name).
+    /// The account's identity: 32 hex characters (16 random bytes), written by `account
+    /// add`. Its store tenant, durable owner and default group derive from it, not from
+    /// the name. Absent: a legacy entry, whose identity is its name (as before ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The group whose key ids this account shares; absent: a group of its own
+    /// (`account-id:ID`; a legacy entry's: its name). May not start with
+    /// [`ID_GROUP_PREFIX`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     /// Ed25519 public key, 64 hex characters.
@@ -211,7 +250,7 @@ impl AccountFile {
             source,
         };
         let mut text = String::from(
-            "# whispeer-relay accounts: edit with `whispeer-relay account add|list|remove`.\n\
+            "# whispeer-relay accounts: edit with `whispeer-relay account add|list|remove|rotate`.\n\
              # The relay reloads this file when it changes (and on SIGHUP).\n",
         );
         text.push_str(&self.to_toml()?);
@@ -222,7 +261,8 @@ impl AccountFile {
         std::fs::rename(&tmp, path).map_err(io)
     }
 
-    /// Checks every entry (names, keys and token hashes unique and well formed).
+    /// Checks every entry (names, ids, keys and token hashes unique and well formed; no
+    /// group in the reserved namespace).
     pub fn validate(&self) -> Result<(), AccountError> {
         self.table().map(|_| ())
     }
@@ -241,9 +281,33 @@ impl AccountFile {
             if e.key.is_none() && e.token_sha256.is_none() {
                 return Err(invalid("needs a key or a token_sha256".into()));
             }
+            let id = match &e.id {
+                Some(h) => Some(parse_id(h).map_err(|r| invalid(format!("id: {r}")))?),
+                None => None,
+            };
+            let reserved = |group: &str| AccountError::ReservedGroup {
+                name: e.name.clone(),
+                group: group.to_owned(),
+            };
+            let group = match (&e.group, id) {
+                (Some(g), _) if g.starts_with(ID_GROUP_PREFIX) => return Err(reserved(g)),
+                (Some(g), _) => g.clone(),
+                (None, Some(id)) => id_group(&id),
+                // Legacy: the name is the group.
+                (None, None) if e.name.starts_with(ID_GROUP_PREFIX) => {
+                    return Err(reserved(&e.name))
+                }
+                (None, None) => e.name.clone(),
+            };
+            if let Some(id) = id {
+                if !t.ids.insert(id) {
+                    return Err(invalid("the id belongs to two accounts".into()));
+                }
+            }
             let acct = Arc::new(Account {
                 name: e.name.clone(),
-                group: e.group.clone().unwrap_or_else(|| e.name.clone()),
+                id,
+                group,
                 rights: Rights::of(&e.rights),
             });
             if t.by_name.insert(e.name.clone(), acct.clone()).is_some() {
@@ -289,6 +353,27 @@ pub fn parse_hex32(s: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
+/// Parses an account `id`: 32 hexadecimal characters.
+pub fn parse_id(s: &str) -> Result<[u8; 16], String> {
+    let mut out = [0u8; 16];
+    hex::decode_to_slice(s.trim(), &mut out).map_err(|_| {
+        "expected 32 hexadecimal characters (16 random bytes, as `account add` writes)".to_string()
+    })?;
+    Ok(out)
+}
+
+/// A fresh account id (32 hex characters, 128 random bits from the OS).
+pub fn new_id() -> Result<String, getrandom::Error> {
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b)?;
+    Ok(hex::encode(b))
+}
+
+/// The default group of the account with id `id`.
+fn id_group(id: &[u8; 16]) -> String {
+    format!("{ID_GROUP_PREFIX}{}", hex::encode(id))
+}
+
 /// SHA-256 of a bearer token, as stored in the account file.
 pub fn token_hash(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
@@ -318,15 +403,51 @@ impl Credential {
 pub struct Account {
     /// Its name in the account file.
     pub name: String,
+    /// Its identity (`id` in the account file); `None`: a legacy entry, identified by its
+    /// name.
+    pub id: Option<[u8; 16]>,
     /// Its group (claims are per group).
     pub group: String,
     /// Its rights.
     pub rights: Rights,
 }
 
+impl Account {
+    /// The owner string of the account's durable subscriptions: `account-id:HEX`, or
+    /// `account:NAME` for a legacy entry (what the auth-state file and the JetStream store
+    /// have always held for it). The two forms never meet (`account:` vs `account-id:`),
+    /// nor `sha256:HEX` of a `Sub.owner` secret.
+    pub fn owner(&self) -> String {
+        match &self.id {
+            Some(id) => format!("{ID_GROUP_PREFIX}{}", hex::encode(id)),
+            None => format!("account:{}", self.name),
+        }
+    }
+
+    /// The store tenant its quotas count against: from its id, or (legacy) from its name.
+    pub fn tenant(&self) -> Tenant {
+        match &self.id {
+            Some(id) => Tenant::for_account_id(id),
+            None => Tenant::for_account(&self.name),
+        }
+    }
+
+    /// Whether `other` is the same account: the same name and the same identity (a name
+    /// removed and added again, or given an id, is another account).
+    pub fn same_identity(&self, other: &Account) -> bool {
+        self.name == other.name && self.id == other.id
+    }
+
+    /// Whether the entry has no `id` (identified by its name, as before ids).
+    pub fn is_legacy(&self) -> bool {
+        self.id.is_none()
+    }
+}
+
 #[derive(Debug, Default)]
 struct Table {
     by_name: HashMap<String, Arc<Account>>,
+    ids: std::collections::HashSet<[u8; 16]>,
     by_key: HashMap<[u8; 32], (VerifyingKey, Arc<Account>)>,
     by_token: HashMap<[u8; 32], Arc<Account>>,
 }
@@ -777,6 +898,9 @@ pub struct Accounts {
 #[derive(Debug)]
 struct Live {
     name: String,
+    /// The account's identity when the connection authenticated: a name removed and added
+    /// again (a new `id`) is another account, whose connections these are not.
+    id: Option<[u8; 16]>,
     credential: Credential,
     out: Arc<Outbound>,
     /// Tells the connection's session that its account lost a right or changed group
@@ -927,31 +1051,32 @@ impl Accounts {
         self.table().by_name.get(name).cloned()
     }
 
-    /// Records a connection that authenticated as `name` with `credential`: a reload closes
-    /// it once the credential no longer names that account, and sends on `rights_changed`
-    /// when the account loses a right or changes group. `false` (nothing recorded): the
-    /// credential was revoked since it was checked (a reload came in between).
+    /// Records a connection that authenticated as `who` with `credential`: a reload closes
+    /// it once the credential no longer names that account (same name, same identity), and
+    /// sends on `rights_changed` when the account loses a right or changes group. `false`
+    /// (nothing recorded): the credential was revoked since it was checked (a reload came
+    /// in between).
     pub(crate) fn attach(
         &self,
         conn: ConnId,
-        name: &str,
+        who: &Account,
         credential: Credential,
         out: &Arc<Outbound>,
         rights_changed: tokio::sync::mpsc::Sender<()>,
     ) -> bool {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if self
+        if !self
             .table()
             .account_of(&credential)
-            .map(|a| a.name.as_str())
-            != Some(name)
+            .is_some_and(|a| a.same_identity(who))
         {
             return false;
         }
         live.insert(
             conn,
             Live {
-                name: name.to_owned(),
+                name: who.name.clone(),
+                id: who.id,
                 credential,
                 out: out.clone(),
                 rights_changed,
@@ -968,8 +1093,8 @@ impl Accounts {
             .remove(&conn);
     }
 
-    /// May `name` do `need` on `key_id`? Claims the key id for the account's group when
-    /// nobody holds it yet.
+    /// May `who` (as it authenticated) do `need` on `key_id`? Claims the key id for the
+    /// account's group when nobody holds it yet.
     ///
     /// `Ok(Some(line))`: allowed, but the claim it relies on is state-file line `line`,
     /// not yet on disk: answer the request once [`durable`](Self::durable) reaches it.
@@ -980,7 +1105,7 @@ impl Accounts {
     /// (claims never move) and not written to the state file.
     pub fn authorize(
         &self,
-        name: &str,
+        who: &Account,
         key_id: &KeyId,
         need: Rights,
         shared: impl FnOnce(&str, bool) -> Result<Claim, StoreError>,
@@ -988,7 +1113,7 @@ impl Accounts {
         if !self.required() {
             return Ok(None);
         }
-        let acct = self.with_rights(name, need)?;
+        let acct = self.with_rights(who, need)?;
         let k = *key_id.as_bytes();
         let others = || Err(Self::claimed_by_others());
         let over = |n: usize| {
@@ -1077,7 +1202,8 @@ impl Accounts {
     }
 
     /// Checks (and on first use records) the owner of a durable subscription. `owner` is
-    /// `account:NAME` when authenticated, `sha256:HEX` of the `Sub.owner` secret, or None
+    /// the account's [`Account::owner`] when authenticated (`account-id:HEX`, or
+    /// `account:NAME` for a legacy entry), `sha256:HEX` of the `Sub.owner` secret, or None
     /// for a durable created without an owner (auth off, legacy clients). `Ok(Some(line))`
     /// as for [`authorize`](Self::authorize).
     ///
@@ -1134,9 +1260,10 @@ impl Accounts {
         true
     }
 
-    /// The account's current entry, if it holds every right of `need`.
-    fn with_rights(&self, name: &str, need: Rights) -> Result<Arc<Account>, Refusal> {
-        let Some(acct) = self.current(name) else {
+    /// The current entry of the account `who` authenticated as (same name, same identity),
+    /// if it holds every right of `need`.
+    fn with_rights(&self, who: &Account, need: Rights) -> Result<Arc<Account>, Refusal> {
+        let Some(acct) = self.current(&who.name).filter(|a| a.same_identity(who)) else {
             return Err(Refusal {
                 code: ErrorCode::AuthFailed,
                 message: "the account was removed".into(),
@@ -1161,16 +1288,21 @@ impl Accounts {
         )
     }
 
-    /// Would [`authorize`](Self::authorize) still let `name` do `need` on `key_id`, which
+    /// Would [`authorize`](Self::authorize) still let `who` do `need` on `key_id`, which
     /// it allowed before? For a subscription already made, after the account list changed:
     /// the account must still hold the rights and its group the key id's claim. Claims
     /// nothing and asks no shared store: a key id in use here was claimed (or its claim
     /// learned from the store) when that use was authorized, and claims never move.
-    pub fn still_allowed(&self, name: &str, key_id: &KeyId, need: Rights) -> Result<(), Refusal> {
+    pub fn still_allowed(
+        &self,
+        who: &Account,
+        key_id: &KeyId,
+        need: Rights,
+    ) -> Result<(), Refusal> {
         if !self.required() {
             return Ok(());
         }
-        let acct = self.with_rights(name, need)?;
+        let acct = self.with_rights(who, need)?;
         match self.state().claims.get(key_id.as_bytes()) {
             Some((g, _)) if *g != acct.group => Err(Self::claimed_by_others()),
             _ => Ok(()),
@@ -1272,13 +1404,21 @@ impl Accounts {
         );
         let (mut closed, mut rechecked) = (0, 0);
         live.retain(|_, c| {
-            let now = table.account_of(&c.credential).filter(|a| a.name == c.name);
+            let now = table
+                .account_of(&c.credential)
+                .filter(|a| a.name == c.name && a.id == c.id);
             let Some(now) = now else {
-                let message = if table.by_name.contains_key(&c.name) {
-                    "the account's key or token was replaced: the credential this connection \
-                     authenticated with is no longer valid"
-                } else {
-                    "the account was removed"
+                let message = match table.by_name.get(&c.name) {
+                    Some(a) if a.id == c.id => {
+                        "the account's key or token was replaced: the credential this \
+                         connection authenticated with is no longer valid"
+                    }
+                    // Removed and added again (or given an id): another account now.
+                    Some(_) => {
+                        "the account was removed (its name now belongs to a new account, \
+                         which shares nothing with it)"
+                    }
+                    None => "the account was removed",
                 };
                 let frame = codec::encode_prefixed(&Frame::Err(ErrFrame {
                     code: ErrorCode::AuthFailed,
@@ -1357,6 +1497,7 @@ mod tests {
         let f = AccountFile {
             account: vec![AccountEntry {
                 name: "a".into(),
+                id: None,
                 group: None,
                 key: None,
                 token_sha256: None,
@@ -1391,6 +1532,7 @@ mod tests {
     fn entry(name: &str, key: Option<[u8; 32]>, token: Option<&[u8]>) -> AccountEntry {
         AccountEntry {
             name: name.into(),
+            id: None,
             group: Some("home".into()),
             key: key.map(hex::encode),
             token_sha256: token.map(|t| hex::encode(token_hash(t))),
@@ -1516,7 +1658,8 @@ mod tests {
                 budget.clone(),
             ));
             let (tx, rx) = tokio::sync::mpsc::channel(1);
-            assert!(accounts.attach(ConnId(i as u64), name, cred, &out, tx));
+            let who = accounts.current(name).unwrap();
+            assert!(accounts.attach(ConnId(i as u64), &who, cred, &out, tx));
             conns.push((out, rx));
         }
         // A credential that does not name the account is not attached.
@@ -1524,7 +1667,7 @@ mod tests {
         let out = conns[0].0.clone();
         assert!(!accounts.attach(
             ConnId(9),
-            "bob",
+            &accounts.current("bob").unwrap(),
             Credential::token(b"alice-token"),
             &out,
             tx
@@ -1553,15 +1696,239 @@ mod tests {
         assert_eq!(accounts.live_count(), 4);
         let k = KeyId::from_bytes([7; 16]);
         let sub = Rights::of(&[Right::Subscribe]);
+        let who = |name: &str| {
+            accounts.current(name).unwrap_or_else(|| {
+                Arc::new(Account {
+                    name: name.into(),
+                    id: None,
+                    group: "home".into(),
+                    rights: Rights::all(),
+                })
+            })
+        };
         accounts
-            .authorize("dave", &k, sub, |_, _| Ok(Claim::NotShared))
+            .authorize(&who("dave"), &k, sub, |_, _| Ok(Claim::NotShared))
             .unwrap();
-        assert!(accounts.still_allowed("dave", &k, sub).is_ok());
-        let r = accounts.still_allowed("bob", &k, sub).unwrap_err();
+        assert!(accounts.still_allowed(&who("dave"), &k, sub).is_ok());
+        let r = accounts.still_allowed(&who("bob"), &k, sub).unwrap_err();
         assert!(!r.fatal && r.message.contains("subscribe"), "{r:?}");
-        let r = accounts.still_allowed("carol", &k, sub).unwrap_err();
+        let r = accounts.still_allowed(&who("carol"), &k, sub).unwrap_err();
         assert!(!r.fatal && r.message.contains("another group"), "{r:?}");
-        assert!(accounts.still_allowed("gone", &k, sub).unwrap_err().fatal);
+        assert!(
+            accounts
+                .still_allowed(&who("gone"), &k, sub)
+                .unwrap_err()
+                .fatal
+        );
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    const ID1: &str = "00112233445566778899aabbccddeeff";
+    const ID2: &str = "ffeeddccbbaa99887766554433221100";
+
+    fn parse(text: &str) -> Result<AccountFile, AccountError> {
+        AccountFile::parse(text, Path::new("accounts.toml"))
+    }
+
+    /// Review finding 17: an entry's `id` is its identity — default group, durable owner
+    /// and store tenant derive from it; an entry without one (legacy) keeps the name-based
+    /// identity it had before ids; an explicit group is kept as written.
+    #[test]
+    fn the_id_is_the_identity_and_legacy_entries_keep_the_name() {
+        let tok = hex::encode(token_hash(b"t"));
+        let text = format!(
+            "[[account]]\nname = \"alice\"\nid = \"{ID1}\"\ntoken_sha256 = \"{tok}\"\n\
+             [[account]]\nname = \"bob\"\ntoken_sha256 = \"{}\"\n\
+             [[account]]\nname = \"carol\"\nid = \"{}\"\ngroup = \"alice\"\n\
+             token_sha256 = \"{}\"\n",
+            hex::encode(token_hash(b"u")),
+            ID2.to_ascii_uppercase(),
+            hex::encode(token_hash(b"v")),
+        );
+        let t = parse(&text).unwrap().table().unwrap();
+        let (alice, bob, carol) = (&t.by_name["alice"], &t.by_name["bob"], &t.by_name["carol"]);
+        let id1 = parse_id(ID1).unwrap();
+        assert_eq!(alice.id, Some(id1));
+        assert_eq!(alice.group, format!("account-id:{ID1}"));
+        assert_eq!(alice.owner(), format!("account-id:{ID1}"));
+        assert_eq!(alice.tenant(), Tenant::for_account_id(&id1));
+        assert_ne!(alice.tenant(), Tenant::for_account("alice"));
+        assert!(!alice.is_legacy());
+        // Legacy: exactly what the relay derived before ids.
+        assert!(bob.is_legacy());
+        assert_eq!(bob.group, "bob");
+        assert_eq!(bob.owner(), "account:bob");
+        assert_eq!(bob.tenant(), Tenant::for_account("bob"));
+        // An explicit group naming an account is just a group name: not alice's group.
+        assert_eq!(carol.group, "alice");
+        assert_ne!(carol.group, alice.group);
+        assert_eq!(
+            carol.id,
+            Some(parse_id(ID2).unwrap()),
+            "hex case does not matter"
+        );
+        // Loading and writing back never adds an id to a legacy entry.
+        let again = parse(&text).unwrap().to_toml().unwrap();
+        let bob_part = &again[again.find("name = \"bob\"").unwrap()..];
+        let bob_part = &bob_part[..bob_part.find("[[account]]").unwrap_or(bob_part.len())];
+        assert!(!bob_part.contains("id ="), "{again}");
+        assert!(new_id().unwrap() != new_id().unwrap());
+        assert!(parse_id(&new_id().unwrap()).is_ok());
+    }
+
+    /// A malformed or repeated id is refused with an error naming the account.
+    #[test]
+    fn a_malformed_or_repeated_id_is_refused() {
+        let tok = |n: u8| hex::encode(token_hash(&[n]));
+        for bad in [
+            "",
+            "xyz",
+            &ID1[..31],
+            &format!("{ID1}00"),
+            &ID1.replace('0', "g"),
+        ] {
+            let text = format!(
+                "[[account]]\nname = \"alice\"\nid = \"{bad}\"\ntoken_sha256 = \"{}\"\n",
+                tok(1)
+            );
+            let e = parse(&text).unwrap_err();
+            assert!(
+                matches!(&e, AccountError::Invalid { name, reason }
+                    if name == "alice" && reason.starts_with("id:") && reason.contains("32 hex")),
+                "{bad:?}: {e:?}"
+            );
+            assert!(e.to_string().contains("\"alice\""), "{e}");
+        }
+        let text = format!(
+            "[[account]]\nname = \"a\"\nid = \"{ID1}\"\ntoken_sha256 = \"{}\"\n\
+             [[account]]\nname = \"b\"\nid = \"{}\"\ntoken_sha256 = \"{}\"\n",
+            tok(1),
+            ID1.to_ascii_uppercase(),
+            tok(2)
+        );
+        let e = parse(&text).unwrap_err();
+        assert!(
+            matches!(&e, AccountError::Invalid { name, reason }
+                if name == "b" && reason.contains("id belongs to two")),
+            "{e:?}"
+        );
+    }
+
+    /// Default groups of accounts with an id live in a namespace no explicit group (nor a
+    /// legacy entry's name standing for its group) may enter.
+    #[test]
+    fn groups_in_the_reserved_namespace_are_refused() {
+        let tok = hex::encode(token_hash(b"t"));
+        let taken = format!("account-id:{ID1}");
+        for (entry, name, group) in [
+            // An explicit group naming alice's default group.
+            (
+                format!("name = \"mallory\"\nid = \"{ID2}\"\ngroup = \"{taken}\""),
+                "mallory",
+                taken.as_str(),
+            ),
+            // Any group in the namespace, also of a legacy entry.
+            (
+                "name = \"old\"\ngroup = \"account-id:x\"".to_string(),
+                "old",
+                "account-id:x",
+            ),
+            // A legacy entry without group: its name is its group.
+            (
+                format!("name = \"{taken}\""),
+                taken.as_str(),
+                taken.as_str(),
+            ),
+        ] {
+            let text = format!(
+                "[[account]]\nname = \"alice\"\nid = \"{ID1}\"\ntoken_sha256 = \"{}\"\n\
+                 [[account]]\n{entry}\ntoken_sha256 = \"{tok}\"\n",
+                hex::encode(token_hash(b"a"))
+            );
+            let e = parse(&text).unwrap_err();
+            match &e {
+                AccountError::ReservedGroup { name: n, group: g } => {
+                    assert_eq!((n.as_str(), g.as_str()), (name, group));
+                }
+                other => panic!("{entry}: {other:?}"),
+            }
+            let m = e.to_string();
+            assert!(m.contains(name) && m.contains("reserved"), "{m}");
+        }
+        // An id'd account may be named like that (its name is no group); a legacy one
+        // with an explicit group too.
+        let text = format!(
+            "[[account]]\nname = \"account-id:{ID2}\"\nid = \"{ID1}\"\ntoken_sha256 = \"{tok}\"\n"
+        );
+        assert!(parse(&text).is_ok());
+    }
+
+    /// A name removed and added again (a new id; here even with the same key) is another
+    /// account: the old one's connections are closed, the old identity is refused as
+    /// removed, and the new one may not use the old one's claims.
+    #[test]
+    fn a_name_added_again_is_another_account() {
+        use crate::config::SlowConsumerPolicy;
+        use crate::outbound::Budget;
+        let path = temp_file("readd");
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32])
+            .verifying_key()
+            .to_bytes();
+        let alice = |id: &str| AccountEntry {
+            id: Some(id.into()),
+            group: None,
+            ..entry("alice", Some(key), None)
+        };
+        AccountFile {
+            account: vec![alice(ID1)],
+        }
+        .save(&path)
+        .unwrap();
+        let accounts = required(&path);
+        let old = accounts.current("alice").unwrap();
+        let k = KeyId::from_bytes([8; 16]);
+        let sub = Rights::of(&[Right::Subscribe]);
+        accounts
+            .authorize(&old, &k, sub, |_, _| Ok(Claim::NotShared))
+            .unwrap();
+        let out = Arc::new(Outbound::new(
+            16,
+            1 << 20,
+            SlowConsumerPolicy::Drop,
+            Arc::new(Budget::new(0)),
+        ));
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        assert!(accounts.attach(ConnId(1), &old, Credential::Key(key), &out, tx));
+
+        let closed = accounts.install_table(
+            AccountFile {
+                account: vec![
+                    alice(ID2),
+                    AccountEntry {
+                        group: Some("alice".into()),
+                        ..entry("mallory", None, Some(b"m"))
+                    },
+                ],
+            }
+            .table()
+            .unwrap(),
+        );
+        assert_eq!(closed, 1, "the old identity's connection is closed");
+        assert!(out.is_closing());
+        let r = accounts.still_allowed(&old, &k, sub).unwrap_err();
+        assert!(r.fatal && r.message.contains("removed"), "{r:?}");
+        let new = accounts.current("alice").unwrap();
+        assert_ne!(new.owner(), old.owner());
+        assert_ne!(new.tenant(), old.tenant());
+        for who in [new, accounts.current("mallory").unwrap()] {
+            let r = accounts
+                .authorize(&who, &k, sub, |_, _| Ok(Claim::NotShared))
+                .unwrap_err();
+            assert!(r.message.contains("another group"), "{}: {r:?}", who.name);
+        }
+        // The old connection's credential does not attach as the new account either.
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        assert!(!accounts.attach(ConnId(2), &old, Credential::Key(key), &out, tx));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 

@@ -1,4 +1,4 @@
-//! `whispeer-relay`: `serve`, `generate-config`, `status`, `tls generate`, `account add|list|remove`.
+//! `whispeer-relay`: `serve`, `generate-config`, `status`, `tls generate`, `account add|list|remove|rotate`.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -66,12 +66,20 @@ struct TlsGenerateArgs {
 enum AccountCmd {
     /// Add an account: with --key-out FILE a fresh Ed25519 account key is written there (the
     /// file `whispeer --auth-key` reads); with --public-key HEX an existing key is used;
-    /// otherwise (or with --token) a fresh bearer token is printed once.
+    /// otherwise (or with --token) a fresh bearer token is printed once. The entry gets a
+    /// random id: its identity (claims of its default group, durables, store usage), so a
+    /// name removed and added again is a new account that inherits nothing.
     Add(AccountAddArgs),
-    /// List accounts (name, group, kind, rights); never tokens.
+    /// List accounts (name, group, kind, rights, key, then id=… or "legacy"); never tokens.
     List(AccountFileArg),
-    /// Remove an account; a running relay closes its connections at once.
+    /// Remove an account; a running relay closes its connections at once. Its identity is
+    /// gone for good: adding the name again makes a new one.
     Remove(AccountRemoveArgs),
+    /// Replace an account's key and/or token, keeping its identity (id, group, rights,
+    /// key-id claims, durables, store usage): --key-out FILE writes a fresh key, --public-key
+    /// HEX uses an existing one, --token prints a fresh token. Connections that proved the
+    /// replaced key or token are closed at the relay's next reload.
+    Rotate(AccountRotateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -214,6 +222,27 @@ struct AccountAddArgs {
 }
 
 #[derive(Debug, Args)]
+struct AccountRotateArgs {
+    /// The account's name.
+    name: String,
+    #[command(flatten)]
+    file: AccountFileArg,
+    /// Generate a new Ed25519 account key and write its secret here (mode 0600); it
+    /// replaces the account's key.
+    #[arg(long, value_name = "FILE", conflicts_with = "public_key")]
+    key_out: Option<PathBuf>,
+    /// Replace the account's key with this Ed25519 public key (64 hex characters).
+    #[arg(long, value_name = "HEX")]
+    public_key: Option<String>,
+    /// Replace the account's bearer token (or give it one); printed once.
+    #[arg(long)]
+    token: bool,
+    /// Replace an existing --key-out file.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
 struct AccountRemoveArgs {
     /// The account's name.
     name: String,
@@ -321,27 +350,18 @@ fn account(cmd: AccountCmd) -> Result<()> {
             let at = a.file.at()?;
             let mut entry = AccountEntry {
                 name: a.name.clone(),
+                id: Some(accounts::new_id().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?),
                 group: a.group.clone(),
                 key: None,
                 token_sha256: None,
                 rights: a.rights.clone().unwrap_or_else(|| Right::ALL.to_vec()),
             };
-            let mut secret_out = None;
-            if let Some(hex) = &a.public_key {
-                accounts::parse_hex32(hex).map_err(|e| anyhow::anyhow!("--public-key: {e}"))?;
-                entry.key = Some(hex.trim().to_ascii_lowercase());
-            } else if let Some(out) = &a.key_out {
-                if out.exists() && !a.force {
-                    anyhow::bail!("{} exists (use --force to replace it)", out.display());
-                }
-                let (secret, public) =
-                    accounts::new_key().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-                entry.key = Some(public);
-                secret_out = Some((out.clone(), secret));
-            }
+            let (key, secret_out) =
+                new_key_arg(a.public_key.as_deref(), a.key_out.as_deref(), a.force)?;
+            entry.key = key;
             let token = if a.token || entry.key.is_none() {
-                let t = accounts::new_token().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-                entry.token_sha256 = Some(hex::encode(accounts::token_hash(t.as_bytes())));
+                let (t, hash) = new_token_arg()?;
+                entry.token_sha256 = Some(hash);
                 Some(t)
             } else {
                 None
@@ -376,6 +396,7 @@ fn account(cmd: AccountCmd) -> Result<()> {
         }
         AccountCmd::List(f) => {
             let file = f.at()?.read()?;
+            let mut legacy = Vec::new();
             for e in &file.account {
                 let kind = match (&e.key, &e.token_sha256) {
                     (Some(_), Some(_)) => "key+token",
@@ -383,14 +404,88 @@ fn account(cmd: AccountCmd) -> Result<()> {
                     _ => "token",
                 };
                 let rights: Vec<_> = e.rights.iter().map(|r| r.name()).collect();
+                // The list was checked when read: an id parses.
+                let id = e.id.as_deref().and_then(|i| accounts::parse_id(i).ok());
+                let group = match (&e.group, id) {
+                    (Some(g), _) => g.clone(),
+                    (None, Some(id)) => format!("{}{}", accounts::ID_GROUP_PREFIX, hex::encode(id)),
+                    (None, None) => e.name.clone(),
+                };
+                if id.is_none() {
+                    legacy.push(e.name.as_str());
+                }
+                // New columns go last: scripts reading the first five keep working.
                 println!(
-                    "{}\tgroup={}\t{}\t{}\t{}",
+                    "{}\tgroup={}\t{}\t{}\t{}\t{}",
                     e.name,
-                    e.group.as_deref().unwrap_or(&e.name),
+                    group,
                     kind,
                     rights.join(","),
-                    e.key.as_deref().unwrap_or("-")
+                    e.key.as_deref().unwrap_or("-"),
+                    id.map_or("legacy".to_string(), |id| format!("id={}", hex::encode(id)))
                 );
+            }
+            if !legacy.is_empty() {
+                eprintln!(
+                    "{} legacy account(s) without an id: {}. Their identity is their name \
+                     (store tenant, durable owner account:NAME, default group = the name), \
+                     as before ids: their claims, durables and store usage stay theirs, but \
+                     a name removed and added back by hand without an id, or an explicit \
+                     group equal to the name, shares them. To migrate one: `account remove \
+                     NAME` then `account add NAME …` — a fresh identity, which does NOT keep \
+                     the old one's key-id claims, durables or store usage (that is the \
+                     point; they stay with the old identity, unusable).",
+                    legacy.len(),
+                    legacy.join(", ")
+                );
+            }
+            Ok(())
+        }
+        AccountCmd::Rotate(a) => {
+            if a.public_key.is_none() && a.key_out.is_none() && !a.token {
+                anyhow::bail!(
+                    "say what to replace: --key-out FILE, --public-key HEX and/or --token"
+                );
+            }
+            let at = a.file.at()?;
+            let (key, secret_out) =
+                new_key_arg(a.public_key.as_deref(), a.key_out.as_deref(), a.force)?;
+            let token = if a.token {
+                Some(new_token_arg()?)
+            } else {
+                None
+            };
+            let mut secret_written = false;
+            at.edit(|file| {
+                let Some(e) = file.account.iter_mut().find(|e| e.name == a.name) else {
+                    anyhow::bail!("no account {:?} in {at}", a.name);
+                };
+                if key.is_some() {
+                    e.key = key.clone();
+                }
+                if let Some((_, hash)) = &token {
+                    e.token_sha256 = Some(hash.clone());
+                }
+                file.validate()?;
+                if let (Some((out, secret)), false) = (&secret_out, secret_written) {
+                    write_secret(out, secret)
+                        .with_context(|| format!("writing the account key {}", out.display()))?;
+                    eprintln!("wrote the account key to {}", out.display());
+                    secret_written = true;
+                }
+                Ok(true)
+            })?;
+            eprintln!(
+                "rotated account {:?} in {at} (same identity); connections that proved the \
+                 replaced credential are closed at the relay's next reload",
+                a.name
+            );
+            if let Some(p) = key {
+                println!("public key: {p}");
+            }
+            if let Some((t, _)) = token {
+                eprintln!("bearer token (shown once; the relay keeps only its SHA-256):");
+                println!("{t}");
             }
             Ok(())
         }
@@ -419,6 +514,39 @@ fn account(cmd: AccountCmd) -> Result<()> {
     }
 }
 
+/// A secret key file to write: its path and contents.
+type SecretFile = (PathBuf, String);
+
+/// The account key an `add` or `rotate` asks for: `--public-key HEX` (checked), or a fresh
+/// key for `--key-out FILE` (its secret returned, to be written once the list checks);
+/// neither: none.
+fn new_key_arg(
+    public_key: Option<&str>,
+    key_out: Option<&Path>,
+    force: bool,
+) -> Result<(Option<String>, Option<SecretFile>)> {
+    if let Some(hex) = public_key {
+        accounts::parse_hex32(hex).map_err(|e| anyhow::anyhow!("--public-key: {e}"))?;
+        return Ok((Some(hex.trim().to_ascii_lowercase()), None));
+    }
+    let Some(out) = key_out else {
+        return Ok((None, None));
+    };
+    if out.exists() && !force {
+        anyhow::bail!("{} exists (use --force to replace it)", out.display());
+    }
+    let (secret, public) =
+        accounts::new_key().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok((Some(public), Some((out.to_owned(), secret))))
+}
+
+/// A fresh bearer token and the SHA-256 hex the account file keeps.
+fn new_token_arg() -> Result<(String, String)> {
+    let t = accounts::new_token().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let hash = hex::encode(accounts::token_hash(t.as_bytes()));
+    Ok((t, hash))
+}
+
 /// Writes a secret file with mode 0600 (never world-readable, also not briefly).
 fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
@@ -434,20 +562,28 @@ fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// Warns when a cluster of relays with their own stores requires accounts: key-id claims
-/// are then kept by each relay, so accounts of different groups can claim one key id at two
-/// relays (docs/DEPLOY.md §2.3); the JetStream store shares them.
+/// Warns loudly (a banner on stderr and a `warn` log line) when a cluster of relays with
+/// their own stores requires accounts (review finding 19): key-id claims are then kept by
+/// each relay (`Claim::NotShared`), so a group can claim at relay B a key id another group
+/// holds at relay A, and with it subscribe at B to what is published on it at A (the
+/// bridge forwards it) or publish into it (docs/DEPLOY.md §2.3); the JetStream store
+/// shares claims across the cluster.
 fn warn_cluster_claims(config: &Config) {
     use whispeer_relay::config::ClusterStore;
     if config.auth.mode == AuthMode::Required
         && !config.cluster.urls.is_empty()
         && config.cluster.store == ClusterStore::Local
     {
-        tracing::warn!(
-            "auth is required in a cluster with local stores: key-id claims are kept per \
-             relay, so accounts of different groups can claim the same key id at two relays; \
-             use cluster.store = \"jetstream\" to share them (docs/DEPLOY.md §2.3)"
-        );
+        let msg = "WARNING: auth is required in a cluster with local stores (cluster.store = \
+                   \"local\"): key-id claims are kept per relay, not shared. An accounts \
+                   group can claim at this relay a key id another group already holds at \
+                   another relay of the cluster, then subscribe here and receive that \
+                   group's traffic on it (forwarded between relays), or publish into it; \
+                   claims separate groups only within one relay. Use cluster.store = \
+                   \"jetstream\" (--cluster-store jetstream) to share claims across the \
+                   cluster (docs/DEPLOY.md §2.3).";
+        eprintln!("\n{}\n{msg}\n{}\n", "!".repeat(78), "!".repeat(78));
+        tracing::warn!("{msg}");
     }
 }
 

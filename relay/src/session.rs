@@ -18,7 +18,7 @@ use whispeer_protocol::frame::{
 use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
 use whispeer_protocol::{codec, DecodeError, ErrorCode, Frame, Qos, TokenPattern};
 
-use crate::accounts::{owner_of_secret, Credential, Refusal, Right, Rights};
+use crate::accounts::{owner_of_secret, Account, Credential, Refusal, Right, Rights};
 use crate::flow::ConnUnacked;
 use crate::ids::{ConnId, SubId, TransportKind};
 use crate::outbound::{Offer, Outbound};
@@ -131,12 +131,14 @@ pub(crate) struct Session {
     /// Waiting for `Auth`: the negotiated version, the client name, the nonce sent in
     /// `Challenge` and the account key it must be signed with.
     challenge: Option<PendingAuth>,
-    /// The authenticated relay account, by name: its rights are looked up at each `Pub`
-    /// and `Sub`, and when a reload of the account list takes a right away the reload
-    /// tells this session, which ends the subscriptions that no longer hold
-    /// ([`Session::rights_changed`]). A reload that revokes the credential (below) closes
-    /// the connection.
-    account: Option<String>,
+    /// The authenticated relay account as it was when the connection authenticated (its
+    /// name and identity; its tenant and durable owner derive from the identity): its
+    /// current rights and group are looked up at each `Pub` and `Sub` (an entry of the same
+    /// name with another identity is another account: refused as removed), and when a
+    /// reload of the account list takes a right away the reload tells this session, which
+    /// ends the subscriptions that no longer hold ([`Session::rights_changed`]). A reload
+    /// that revokes the credential (below) closes the connection.
+    account: Option<Arc<Account>>,
     /// What the connection proved: the account key or the token (its hash). Recorded with
     /// the connection in the live table, so replacing the key or token while keeping the
     /// name closes it.
@@ -294,7 +296,7 @@ impl Session {
     /// arrives. Runs once per such reload, over this connection's subscriptions only; no
     /// delivery ever looks at the account.
     pub(crate) fn rights_changed(&mut self) -> Flow {
-        let Some(name) = self.account.clone() else {
+        let Some(who) = self.account.clone() else {
             return Flow::Continue;
         };
         let accounts = self.shared.accounts.clone();
@@ -304,7 +306,7 @@ impl Session {
             .iter()
             .filter_map(|(id, p)| {
                 let need = self.sub_rights.get(id).copied().unwrap_or(subscribe);
-                let r = accounts.still_allowed(&name, p.key_id(), need).err()?;
+                let r = accounts.still_allowed(&who, p.key_id(), need).err()?;
                 Some((*id, r))
             })
             .collect();
@@ -313,7 +315,7 @@ impl Session {
             if r.fatal {
                 return self.fatal(r.code, r.message, None, None);
             }
-            tracing::info!(conn = %self.conn, account = %name, sub_id = sub_id.0,
+            tracing::info!(conn = %self.conn, account = %who.name, sub_id = sub_id.0,
                 reason = %r.message, "subscription ended: the account list changed");
             self.drop_sub(sub_id);
             let message = format!("subscription ended: {}", r.message);
@@ -516,11 +518,11 @@ impl Session {
         }
     }
 
-    /// The connection is `name`'s, proved by `credential`: its rights and its rate buckets.
-    fn set_account(&mut self, name: &str, credential: Credential) {
-        self.account = Some(name.to_owned());
+    /// The connection is `acct`'s, proved by `credential`: its rights and its rate buckets.
+    fn set_account(&mut self, acct: Arc<Account>, credential: Credential) {
+        self.account_rates = Some(self.shared.account_rates.buckets(&acct.name));
+        self.account = Some(acct);
         self.credential = Some(credential);
-        self.account_rates = Some(self.shared.account_rates.buckets(name));
     }
 
     fn on_hello(&mut self, h: Hello) -> Flow {
@@ -570,7 +572,7 @@ impl Session {
                 );
             };
             match self.shared.accounts.by_token(token) {
-                Some(a) => self.set_account(&a.name, Credential::token(token)),
+                Some(a) => self.set_account(a, Credential::token(token)),
                 None => {
                     self.shared.metrics.connection_rejected();
                     return self.fatal(
@@ -591,7 +593,7 @@ impl Session {
         };
         match self.shared.accounts.verify(&p.account, &p.nonce, &a.sig) {
             Some(acct) => {
-                self.set_account(&acct.name, Credential::Key(p.account));
+                self.set_account(acct, Credential::Key(p.account));
                 self.welcome(p.version, p.client.as_deref(), true, p.features)
             }
             None => {
@@ -608,9 +610,10 @@ impl Session {
 
     fn welcome(&mut self, version: u64, client: Option<&str>, has_auth: bool, wanted: u64) -> Flow {
         self.greeted = true;
-        if let Some(name) = &self.account {
-            // Quotas follow the account, not the address it connects from.
-            self.tenant = Tenant::for_account(name);
+        if let Some(acct) = &self.account {
+            // Quotas follow the account's identity, not the address it connects from (nor
+            // its name: a name added again is a new tenant).
+            self.tenant = acct.tenant();
         }
         let info = ConnectInfo {
             conn: self.conn,
@@ -640,12 +643,12 @@ impl Session {
             );
         }
         self.open = true;
-        if let (Some(name), Some(credential)) = (&self.account, self.credential) {
+        if let (Some(acct), Some(credential)) = (&self.account, self.credential) {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             if !self
                 .shared
                 .accounts
-                .attach(self.conn, name, credential, &self.out, tx)
+                .attach(self.conn, acct, credential, &self.out, tx)
             {
                 // Revoked by a reload between the check and now.
                 self.shared.metrics.connection_rejected();
@@ -772,11 +775,12 @@ impl Session {
         let mut new_durable = false;
         let mut hold_gen = 0;
         if let Some(k) = &durable {
-            // The owner: the authenticated account, else the hash of the Sub.owner secret.
+            // The owner: the authenticated account's identity, else the hash of the
+            // Sub.owner secret.
             let owner = self
                 .account
                 .as_ref()
-                .map(|n| format!("account:{n}"))
+                .map(|a| a.owner())
                 .or_else(|| s.owner.as_ref().map(owner_of_secret));
             // A store shared by relays (JetStream) keeps the owner with the durable, so a
             // relay that did not create it enforces it; otherwise the auth-state file does.
@@ -1328,13 +1332,19 @@ impl Session {
         if !accounts.required() {
             return Ok(None);
         }
+        // Required accounts: every greeted connection has one (as before, none is refused
+        // as a removed account would be).
+        let Some(who) = self.account.as_deref() else {
+            return Err(Refusal {
+                code: ErrorCode::AuthFailed,
+                message: "the account was removed".into(),
+                fatal: true,
+            });
+        };
         let store = self.shared.router.store();
-        accounts.authorize(
-            self.account.as_deref().unwrap_or_default(),
-            key_id,
-            need,
-            |group, create| store.claim_key(key_id, group, create),
-        )
+        accounts.authorize(who, key_id, need, |group, create| {
+            store.claim_key(key_id, group, create)
+        })
     }
 
     /// Holds `frame` until auth-state line `line` (a key-id claim or durable owner it made

@@ -254,13 +254,26 @@ impl Tenant {
         }
     }
 
-    /// The tenant of an authenticated relay account: SHA-256 of its name under a context
-    /// string (names are unique in the account list; the store keeps no names).
+    /// The tenant of a legacy relay account (an entry without `id`): SHA-256 of its name
+    /// under a context string (names are unique in the account list; the store keeps no
+    /// names). Unchanged since before ids, so such an account keeps its store usage.
     pub fn for_account(name: &str) -> Self {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         h.update(b"whispeer-relay/v2/tenant\0");
         h.update(name.as_bytes());
+        Tenant::Account(h.finalize().into())
+    }
+
+    /// The tenant of a relay account with an `id` (review finding 17): SHA-256 of the id
+    /// under its own context string, so a name removed and added again (a new id) starts
+    /// with no usage, and no name's tenant ([`for_account`](Self::for_account)) can equal
+    /// it (the context strings differ within their first 17 bytes).
+    pub fn for_account_id(id: &[u8; 16]) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"whispeer-relay/v3/account-id-tenant\0");
+        h.update(id);
         Tenant::Account(h.finalize().into())
     }
 
@@ -638,8 +651,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// for a store that never deletes durables by itself).
     fn take_gone(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<DurableKey>>;
     /// Checks, for a store shared by several relays, the owner of a durable subscription
-    /// (`account:NAME`, `sha256:HEX` of the `Sub.owner` secret, or None), recording it for
-    /// a durable about to be created or one created without an owner. `Ok(true)`: this
+    /// (`account-id:HEX`, `account:NAME` for a legacy account entry, `sha256:HEX` of the
+    /// `Sub.owner` secret, or None), recording it for a durable about to be created or one
+    /// created without an owner. `Ok(true)`: this
     /// store keeps owners, the relay keeps none of its own; `Ok(false)`: owners are the
     /// relay's (its auth-state file); `Err(NotAllowed)`: the durable is someone else's;
     /// `Err(Busy)`: another owner's `Sub` is creating it (retryable; the first owner on its

@@ -428,7 +428,14 @@ async fn key_ids_are_claimed_by_groups_and_claims_survive_a_restart() {
 #[tokio::test]
 async fn rights_are_enforced() {
     let s = Setup::new("rights");
-    let reader = key_account(&s.dir, &s.accounts, "reader", &["--rights", "subscribe"]);
+    // The publisher joins the reader's group by its explicit name (an account's own
+    // default group is `account-id:…`, which no other account can name).
+    let reader = key_account(
+        &s.dir,
+        &s.accounts,
+        "reader",
+        &["--rights", "subscribe", "--group", "reader"],
+    );
     // The relay's "account list reloaded" log line is the event this test waits for.
     let mut relay = s.relay_logged(&["--log", "warn,whispeer_relay::accounts=info"]);
     let mut c = login(relay.tcp(), &reader).await;
@@ -890,6 +897,16 @@ async fn an_accounts_connections_share_its_rate_buckets() {
     }
 }
 
+/// The (name, id) of every entry of the account file.
+fn account_ids(file: &Path) -> Vec<(String, Option<String>)> {
+    whispeer_relay::accounts::AccountFile::load(file)
+        .unwrap()
+        .account
+        .into_iter()
+        .map(|e| (e.name, e.id))
+        .collect()
+}
+
 /// Rewrites the account file as the `account` commands do (a temporary file renamed over
 /// it), applying `edit` to its entries: the relay sees the old list or the new one, never
 /// a half-written file.
@@ -1002,13 +1019,14 @@ async fn replacing_an_accounts_key_closes_connections_that_used_the_old_key() {
     assert_eq!(msg_seqs(&frames_until_pong(&mut cb, 1).await), vec![seq]);
 }
 
-/// Review finding 7, the only rotation the `account` command offers: `remove` then `add`
-/// with a new token, both before the relay looks (here: one SIGHUP after both, the poll an
-/// hour away). The relay sees "bob" before and after, yet the connection that proved the
-/// old token is closed; the new token works; bob's key connection (same account, a
-/// credential that did not change) stays open.
+/// Review finding 7: `account rotate --token` (before finding 17 the only rotation was
+/// `remove` then `add`, which now makes a new identity: see
+/// `a_name_removed_and_added_again_is_a_new_identity`). The relay sees the same account
+/// before and after (one SIGHUP, the poll an hour away), yet the connection that proved the
+/// old token is closed; the new token works as the same account (its group's key id); bob's
+/// key connection (a credential that did not change) stays open.
 #[tokio::test]
-async fn rotating_a_token_by_remove_and_add_closes_connections_that_used_the_old_token() {
+async fn rotating_a_token_closes_connections_that_used_the_old_token() {
     let s = Setup::new("rotate-token");
     let bob_key = SigningKey::from_bytes(&[43; 32]);
     let bob_pk = hex::encode(bob_key.verifying_key().as_bytes());
@@ -1028,14 +1046,21 @@ async fn rotating_a_token_by_remove_and_add_closes_connections_that_used_the_old
     let mut by_key = login(relay.tcp(), &bob_key).await;
     try_sub(&mut by_key, sub(1, 6, None, None)).await.unwrap();
 
-    relay_cli(&[
+    let id_before = account_ids(&s.accounts);
+    let out = relay_cli(&[
         "account",
-        "remove",
+        "rotate",
         "bob",
+        "--token",
         "--file",
         s.accounts.to_str().unwrap(),
     ]);
-    let t2 = token_account(&s.accounts, "bob", &["--public-key", &bob_pk]);
+    let t2 = out.trim().lines().last().unwrap().to_string();
+    assert!(
+        t2.starts_with(whispeer_relay::accounts::TOKEN_PREFIX),
+        "{out}"
+    );
+    assert_eq!(account_ids(&s.accounts), id_before, "rotate keeps the id");
     relay.signal("HUP");
 
     let e = by_token.expect_fatal(ErrorCode::AuthFailed).await;
@@ -1146,4 +1171,214 @@ async fn a_cluster_with_local_stores_and_auth_warns_that_claims_are_per_relay() 
     let mut relay = s.relay_logged(&["--cluster", "nats://127.0.0.1:1"]);
     let line = relay.wait_log(&["key-id claims are kept per relay"]).await;
     assert!(line.contains("jetstream"), "{line}");
+}
+
+/// Publishes an envelope on `[k, 1]` at QoS 1 (stored) with `publish_id`; its sequence, or
+/// the relay's `Err`.
+async fn try_publish_stored(c: &mut Client, k: u8, publish_id: u8) -> Result<u64, ErrFrame> {
+    c.send(&Frame::Pub(Pub {
+        envelope: envelope(k, &[1]),
+        flags: whispeer_protocol::frame::pub_flags::ACK,
+        publish_id: Some([publish_id; 16]),
+        qos: Qos::AtLeastOnce,
+    }))
+    .await;
+    loop {
+        match c.recv().await {
+            Frame::PubAck(a) => return Ok(a.seq),
+            Frame::Err(e) => return Err(e),
+            _ => continue,
+        }
+    }
+}
+
+/// Logs in with `sk` once the relay's reload lists it (the account file just changed).
+async fn login_once_listed(addr: std::net::SocketAddr, sk: &SigningKey) -> Client {
+    let deadline = Instant::now() + TIMEOUT;
+    let pk = sk.verifying_key().to_bytes();
+    loop {
+        let mut c = Client::tcp(addr).await;
+        match key_login(&mut c, pk, |n| sk.sign(&auth_sig_input(&n, &pk)).to_bytes()).await {
+            Ok(_) => return c,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.code, ErrorCode::AuthFailed, "{e:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("not listed within {TIMEOUT:?}: {e:?}"),
+        }
+    }
+}
+
+/// Review finding 17: an account removed and added again under the same name (with a new
+/// key, as `account add` does; possibly for another person) is a new identity: it may not
+/// use the key ids the old one's group claimed (`auth_failed`), an account sharing the old
+/// one's explicit group may not resume the old one's durable (`not_allowed`: another
+/// owner), and its store usage starts at zero (the old one filled its tenant's message
+/// quota; the new one stores as many again). An account whose explicit `group` is the
+/// name "alice" gets neither the old alice's claims nor the new one's. The old identity's
+/// connection is closed as removed. Before, the name was the identity: the new "alice"
+/// inherited all of it, and `group = "alice"` joined alice's group.
+#[tokio::test]
+async fn a_name_removed_and_added_again_is_a_new_identity() {
+    let s = Setup::new("readd");
+    let alice = key_account(&s.dir, &s.accounts, "alice", &[]);
+    let carol = key_account(&s.dir, &s.accounts, "carol", &["--group", "home"]);
+    let relay = s.relay(&["--tenant-max-messages", "2"]);
+    let mut ca = login(relay.tcp(), &alice).await;
+    // Alice claims key id 1 and fills her tenant's message quota (2).
+    for id in [1, 2] {
+        try_publish_stored(&mut ca, 1, id)
+            .await
+            .expect("alice stores");
+    }
+    let e = try_publish_stored(&mut ca, 1, 3).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e:?}");
+    // Carol (group "home") creates durable d on key id 5, then hangs up.
+    let mut cc = login(relay.tcp(), &carol).await;
+    try_sub(&mut cc, sub(1, 5, Some("d"), None))
+        .await
+        .expect("carol creates d");
+    cc.shutdown_write().await;
+    cc.drain_to_end().await;
+
+    for name in ["alice", "carol"] {
+        relay_cli(&[
+            "account",
+            "remove",
+            name,
+            "--file",
+            s.accounts.to_str().unwrap(),
+        ]);
+    }
+    let e = ca.expect_fatal(ErrorCode::AuthFailed).await;
+    assert!(e.message.contains("removed"), "{e:?}");
+    let alice2 = key_account(&s.dir, &s.accounts, "alice", &["--force"]);
+    let carol2 = key_account(
+        &s.dir,
+        &s.accounts,
+        "carol",
+        &["--group", "home", "--force"],
+    );
+    let mallory = key_account(&s.dir, &s.accounts, "mallory", &["--group", "alice"]);
+
+    let mut ca2 = login_once_listed(relay.tcp(), &alice2).await;
+    let e = try_sub(&mut ca2, sub(1, 1, None, None)).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::AuthFailed, "old alice's key id: {e:?}");
+    assert!(e.message.contains("another group"), "{e:?}");
+    // A fresh tenant: two more stored messages fit (on a key id of her own), a third not.
+    for id in [4, 5] {
+        try_publish_stored(&mut ca2, 2, id)
+            .await
+            .expect("the new alice's store usage starts at zero");
+    }
+    let e = try_publish_stored(&mut ca2, 2, 6).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e:?}");
+
+    let mut cc2 = login_once_listed(relay.tcp(), &carol2).await;
+    let e = try_sub(&mut cc2, sub(1, 5, Some("d"), None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotAllowed, "old carol's durable: {e:?}");
+    assert!(e.message.contains("belongs"), "{e:?}");
+    // The key id itself is the group's ("home" is an explicit group name: kept).
+    try_sub(&mut cc2, sub(2, 5, None, None))
+        .await
+        .expect("carol's group still holds key id 5");
+
+    let mut cm = login_once_listed(relay.tcp(), &mallory).await;
+    for k in [1, 2] {
+        let e = try_sub(&mut cm, sub(u64::from(k), k, None, None))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code,
+            ErrorCode::AuthFailed,
+            "group \"alice\", key {k}: {e:?}"
+        );
+    }
+}
+
+/// Review finding 17, backward compatibility: entries without `id` (account files from
+/// before ids) keep the name-based identity — a state file holding the claim of group
+/// "alice" and the durable owner `account:alice`, as the relay wrote them before, still
+/// belongs to the legacy account "alice"; an account with an id gets neither. `account
+/// list` marks the legacy entry and says how to migrate; the relay does not rewrite the
+/// file.
+#[tokio::test]
+async fn a_legacy_entry_without_id_keeps_its_name_based_identity() {
+    let s = Setup::new("legacy");
+    let alice = SigningKey::from_bytes(&[51; 32]);
+    let carol = SigningKey::from_bytes(&[52; 32]);
+    let legacy = format!(
+        "[[account]]\nname = \"alice\"\nkey = \"{}\"\n\n\
+         [[account]]\nname = \"carol\"\ngroup = \"alice\"\nkey = \"{}\"\n",
+        hex::encode(alice.verifying_key().as_bytes()),
+        hex::encode(carol.verifying_key().as_bytes()),
+    );
+    std::fs::write(&s.accounts, &legacy).unwrap();
+    let dave = key_account(&s.dir, &s.accounts, "dave", &[]);
+    let before = std::fs::read(&s.accounts).unwrap();
+    let k9 = hex::encode([9u8; 16]);
+    std::fs::write(
+        &s.state,
+        format!(
+            "{{\"t\":\"claim\",\"key_id\":\"{k9}\",\"group\":\"alice\"}}\n\
+             {{\"t\":\"owner\",\"key_id\":\"{k9}\",\"name\":\"d\",\"owner\":\"account:alice\"}}\n"
+        ),
+    )
+    .unwrap();
+    let relay = s.relay(&[]);
+    let mut ca = login(relay.tcp(), &alice).await;
+    try_sub(&mut ca, sub(1, 9, Some("d"), None))
+        .await
+        .expect("legacy alice holds key id 9 and owns d");
+    // Carol is in alice's (legacy) group: the key id, not alice's durable.
+    let mut cc = login(relay.tcp(), &carol).await;
+    try_sub(&mut cc, sub(1, 9, None, None))
+        .await
+        .expect("carol shares group alice");
+    let e = try_sub(&mut cc, sub(2, 9, Some("d"), None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotAllowed, "{e:?}");
+    let mut cd = login(relay.tcp(), &dave).await;
+    let e = try_pub(&mut cd, 9, false).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::AuthFailed, "{e:?}");
+    drop(relay);
+    assert_eq!(
+        std::fs::read(&s.accounts).unwrap(),
+        before,
+        "file rewritten"
+    );
+
+    let out = relay_bin()
+        .args(["account", "list", "--file"])
+        .arg(&s.accounts)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    );
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}\t")))
+            .unwrap_or_else(|| panic!("{name} not listed: {stdout}"))
+            .to_string()
+    };
+    assert!(line("alice").ends_with("\tlegacy"), "{stdout}");
+    assert!(line("alice").contains("\tgroup=alice\t"), "{stdout}");
+    let d = line("dave");
+    assert!(
+        d.contains("\tgroup=account-id:") && d.contains("\tid="),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("legacy")
+            && stderr.contains("account remove")
+            && stderr.contains("alice, carol"),
+        "{stderr}"
+    );
 }

@@ -76,8 +76,9 @@ const FLAGS_HEADER: &str = "Wsp-Flags";
 /// usage ledger counts a stored message, retained value or durable name against (and, on
 /// the cluster bridge, what a relay charges another relay's forward to).
 pub(crate) const TENANT_HEADER: &str = "Wsp-Tenant";
-/// Header of a durable record: a keyed hash of the durable's owner (`account:NAME` or the
-/// `Sub.owner` secret's hash), so every relay enforces it and NATS learns no name.
+/// Header of a durable record: a keyed hash of the durable's owner (`Account::owner`: the
+/// account's id, or the name of a legacy entry; or the `Sub.owner` secret's hash), so every
+/// relay enforces it and NATS learns no name.
 const OWNER_HEADER: &str = "Wsp-Owner";
 /// Header carrying the writing relay's origin and write id (`<origin hex>.<id>`): the
 /// ordered read of the relay that wrote a message ends its in-flight quota count (see
