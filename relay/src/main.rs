@@ -376,12 +376,7 @@ fn account(cmd: AccountCmd) -> Result<()> {
                 }
                 file.account.push(entry.clone());
                 file.validate()?;
-                if let (Some((out, secret)), false) = (&secret_out, secret_written) {
-                    write_secret(out, secret)
-                        .with_context(|| format!("writing the account key {}", out.display()))?;
-                    eprintln!("wrote the account key to {}", out.display());
-                    secret_written = true;
-                }
+                write_secret_once(secret_out.as_ref(), &mut secret_written)?;
                 Ok(true)
             })?;
             eprintln!("added account {:?} to {at}", a.name);
@@ -467,12 +462,7 @@ fn account(cmd: AccountCmd) -> Result<()> {
                     e.token_sha256 = Some(hash.clone());
                 }
                 file.validate()?;
-                if let (Some((out, secret)), false) = (&secret_out, secret_written) {
-                    write_secret(out, secret)
-                        .with_context(|| format!("writing the account key {}", out.display()))?;
-                    eprintln!("wrote the account key to {}", out.display());
-                    secret_written = true;
-                }
+                write_secret_once(secret_out.as_ref(), &mut secret_written)?;
                 Ok(true)
             })?;
             eprintln!(
@@ -548,6 +538,19 @@ fn new_token_arg() -> Result<(String, String)> {
 }
 
 /// Writes a secret file with mode 0600 (never world-readable, also not briefly).
+/// Writes a new account key's secret file (`--key-out`) the first time the account list's
+/// edit closure runs (it may run again when the list changed meanwhile): before the list
+/// names the public key, so a list never names a key whose secret was not written.
+fn write_secret_once(secret_out: Option<&SecretFile>, written: &mut bool) -> Result<()> {
+    if let (Some((out, secret)), false) = (secret_out, *written) {
+        write_secret(out, secret)
+            .with_context(|| format!("writing the account key {}", out.display()))?;
+        eprintln!("wrote the account key to {}", out.display());
+        *written = true;
+    }
+    Ok(())
+}
+
 fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut o = std::fs::OpenOptions::new();

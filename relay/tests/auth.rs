@@ -918,19 +918,9 @@ fn edit_accounts(file: &Path, edit: impl FnOnce(&mut Vec<whispeer_relay::account
 
 /// Publishes an envelope on `[k, 1]` at QoS 1 with `publish_id`; returns its sequence.
 async fn publish_seq(c: &mut Client, k: u8, publish_id: u8) -> u64 {
-    c.send(&Frame::Pub(Pub {
-        envelope: envelope(k, &[1]),
-        flags: whispeer_protocol::frame::pub_flags::ACK,
-        publish_id: Some([publish_id; 16]),
-        qos: Qos::AtLeastOnce,
-    }))
-    .await;
-    loop {
-        match c.recv().await {
-            Frame::PubAck(a) => return a.seq,
-            Frame::Err(e) => panic!("publish refused: {e:?}"),
-            _ => continue,
-        }
+    match try_publish_stored(c, k, publish_id).await {
+        Ok(seq) => seq,
+        Err(e) => panic!("publish refused: {e:?}"),
     }
 }
 
