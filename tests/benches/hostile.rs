@@ -25,6 +25,12 @@
 //! several-fold between identical runs. `HOSTILE_RELAY_ARGS` adds relay flags; `HOSTILE_RELAY_BIN` runs another relay build.
 //! `HOSTILE_TCP=1` connects the honest client over TCP instead of WebSocket.
 //!
+//! To tell the relay's share of a slowdown from the machine's: `--control` adds, in each
+//! round, a run beside the same attackers sent to *another* relay process on the same cores
+//! (the honest relay gets no attacker frame, the cores are as busy): what that run loses
+//! against the honest client alone is the CPU the attack takes from the box; what the
+//! attacked run loses beyond it is the relay's own (its scheduling, locks and queues).
+//!
 //! To place a tail in time: `--timeline` prints, every 250 ms of each attack, the relay's
 //! RSS and CPU and what the attackers got through; `--attack-after SECS` starts the honest
 //! client first and the attackers SECS later on the same relay (its run lasts SECS longer),
@@ -63,6 +69,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let only_attack = args.iter().any(|a| a == "--only-attack");
+    let control = args.iter().any(|a| a == "--control");
     let kinds: Vec<usize> = match args.iter().position(|a| a == "--kinds") {
         Some(i) => args
             .get(i + 1)
@@ -137,12 +144,18 @@ fn main() {
     let mut alone = Vec::new();
     let mut beside = Vec::new();
     let mut attacks = Vec::new();
+    let mut elsewhere = Vec::new();
     for round in 1..=rounds {
         alone.push({
             let relay = RelayProc::start("alone");
             honest_bench(&relay, &["--rate", "1000"], secs)
         });
-        let (b, attack, rss) = attack_round(&rt, &kinds, secs, &opts);
+        if control {
+            let (b, attack, _) = attack_round(&rt, &kinds, secs, &opts, true);
+            println!("round {round} (control, attackers on another relay): {attack}");
+            elsewhere.push(b);
+        }
+        let (b, attack, rss) = attack_round(&rt, &kinds, secs, &opts, false);
         println!(
             "round {round}: relay RSS during the attack: {:.1} MiB when the honest client started, {:.1} MiB when it ended",
             rss.0, rss.1
@@ -158,10 +171,12 @@ fn main() {
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (i, (a, b)) in alone.iter().zip(&beside).enumerate() {
         let n = i + 1;
-        for (name, r) in [
-            (format!("alone #{n}"), a),
-            (format!("beside 100 hostile #{n}"), b),
-        ] {
+        let mut rows = vec![(format!("alone #{n}"), a)];
+        if let Some(c) = elsewhere.get(i) {
+            rows.push((format!("beside 100 hostile on another relay #{n}"), c));
+        }
+        rows.push((format!("beside 100 hostile #{n}"), b));
+        for (name, r) in rows {
             println!(
                 "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
                 r.delivery_rate, r.p50, r.p99, r.max, r.lost, r.reconnects
@@ -180,6 +195,14 @@ fn main() {
                 .map(|(a, b)| format!("{:.2}×", b.p99 / a.p99))
                 .collect::<Vec<_>>()
                 .join(", ")
+        );
+    }
+    if !elsewhere.is_empty() && a99 > 0.0 {
+        let c99 = p99s(&elsewhere);
+        println!(
+            "control: beside the attackers of another relay {c99:.0} µs = {:.2}× alone (the machine's share); the attacked relay {:.2}× that (the relay's own share)",
+            c99 / a99,
+            b99 / c99.max(1.0)
         );
     }
     for (i, a) in attacks.iter().enumerate() {
@@ -235,18 +258,22 @@ struct AttackOpts {
 }
 
 /// One honest run beside the attackers of `kinds` on a fresh relay: the honest result,
-/// what the attackers did, and the relay's RSS (MiB) when the honest client started and
-/// when it ended.
+/// what the attackers did, and the attacked relay's RSS (MiB) when the honest client
+/// started and when it ended. `elsewhere` (`--control`): the attackers go to a second
+/// relay process, not the honest client's.
 fn attack_round(
     rt: &tokio::runtime::Runtime,
     kinds: &[usize],
     secs: f64,
     opts: &AttackOpts,
+    elsewhere: bool,
 ) -> (BenchResult, String, (f64, f64)) {
     let relay = RelayProc::start("beside");
+    let decoy = elsewhere.then(|| RelayProc::start("decoy"));
+    let attacked = decoy.as_ref().unwrap_or(&relay);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let stats = Arc::new(AttackStats::default());
-    let tcp = relay.tcp;
+    let tcp = attacked.tcp;
     let spawn_attackers = || -> Vec<_> {
         (0..HOSTILE)
             .filter(|i| kinds.contains(&(i % KINDS.len())))
@@ -274,7 +301,7 @@ fn attack_round(
         });
         handles
     });
-    let rss_before = relay.rss_mib();
+    let rss_before = attacked.rss_mib();
     let run = secs + opts.attack_after;
     let (r, handles) = std::thread::scope(|sc| {
         let honest = sc.spawn(|| honest_bench(&relay, &["--rate", "1000"], run));
@@ -284,11 +311,11 @@ fn attack_round(
             spawn_attackers()
         });
         if opts.timeline {
-            timeline(&relay, &stats, || honest.is_finished());
+            timeline(attacked, &stats, || honest.is_finished());
         }
         (honest.join().expect("honest client"), handles)
     });
-    let rss_during = relay.rss_mib();
+    let rss_during = attacked.rss_mib();
     let _ = stop_tx.send(true);
     // A throttled attacker may sit in a blocked write forever: stop them all.
     for h in handles {
@@ -378,7 +405,9 @@ impl RelayProc {
         // `--ready-file -`: the relay prints its bound addresses as one JSON line on stdout
         // once it accepts connections (an event, not a poll of a file).
         let mut child = Command::new(bin("whispeer-relay"))
+            // The admin listener on a free port too: `--control` runs two relays at once.
             .args(["serve", "--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
+            .args(["--admin", "127.0.0.1:0"])
             .arg("--store-path")
             .arg(dir.join("store.db"))
             .args(["--ready-file", "-"])
