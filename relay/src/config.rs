@@ -730,6 +730,14 @@ pub struct StoreConfig {
     /// quotas (0 = kept until its owner deletes it). The idle time survives restarts.
     #[arg(long, env = "WHISPEER_DURABLE_IDLE_MS")]
     pub durable_idle_ms: u64,
+    /// Cluster JetStream store only: how long the deletion marker of a deleted durable
+    /// subscription stays in the durable stream, in milliseconds, before a relay's sweep
+    /// purges it (at least 1). Every relay learns of the deletion from the marker: keep it
+    /// above the longest time a relay may be cut off from NATS, or that relay counts the
+    /// durable against the durable quotas until its idle sweep or a restart. Relays sweep
+    /// every quarter of this or of durable_idle_ms, whichever is shorter (100 ms to 60 s).
+    #[arg(long, env = "WHISPEER_DURABLE_MARKER_KEEP_MS")]
+    pub durable_marker_keep_ms: u64,
     /// Per tenant: most distinct token paths with stored data.
     #[arg(long, env = "WHISPEER_TENANT_MAX_PATHS")]
     pub tenant_max_paths: u64,
@@ -783,6 +791,7 @@ impl Default for StoreConfig {
             tenant_max_retained: 10_000,
             tenant_max_durables: 1_000,
             durable_idle_ms: 7 * 24 * 3600 * 1000,
+            durable_marker_keep_ms: 24 * 3600 * 1000,
             tenant_max_paths: 10_000,
             total_max_bytes: 8 << 30,
             total_max_messages: 50_000_000,
@@ -1418,6 +1427,14 @@ impl Config {
         if st.retry_ms == 0 {
             return invalid("store.retry_ms", "must be at least 1".into());
         }
+        if st.durable_marker_keep_ms == 0 {
+            return invalid(
+                "store.durable_marker_keep_ms",
+                "must be at least 1: a deletion marker purged at once could be missed by \
+                 another relay's read of the durable stream"
+                    .into(),
+            );
+        }
         if st.kind == Some(StoreKind::Sqlite) && st.path.as_os_str().is_empty() {
             return invalid("store.path", "a sqlite store needs a file".into());
         }
@@ -1945,6 +1962,13 @@ mod tests {
             c.limits.network_ipv4_prefix = v4;
             c.limits.network_ipv6_prefix = v6;
             assert_eq!(c.validate().is_ok(), ok, "network prefixes /{v4} /{v6}");
+        }
+        // A deletion marker is kept at least 1 ms (0 would purge it before other relays
+        // may have read it).
+        for (keep, ok) in [(0, false), (1, true), (86_400_000, true)] {
+            let mut c = Config::default();
+            c.store.durable_marker_keep_ms = keep;
+            assert_eq!(c.validate().is_ok(), ok, "durable_marker_keep_ms {keep}");
         }
         // A frame budget must hold the largest frame (or be 0 = unlimited).
         let max = Limits::default().max_frame;

@@ -188,8 +188,10 @@ impl AccountRates {
         }
     }
 
-    /// The buckets of `account` (made on its first connection, kept while the relay
-    /// runs, so reconnecting never resets them), for a connection to charge directly.
+    /// The buckets of `account` — its identity, `Account::owner` (`account-id:HEX`, or
+    /// `account:NAME` for a legacy entry), so a name added again starts full — made on
+    /// its first connection and kept while the relay runs (reconnecting never resets
+    /// them), for a connection to charge directly.
     pub(crate) fn buckets(&self, account: &str) -> SharedBuckets {
         let mut m = self.by_account.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(account.to_owned())

@@ -519,8 +519,10 @@ impl Session {
     }
 
     /// The connection is `acct`'s, proved by `credential`: its rights and its rate buckets.
+    /// The buckets are the account identity's ([`Account::owner`]), not its name's: a name
+    /// removed and added again (a new id) is another account and starts with full buckets.
     fn set_account(&mut self, acct: Arc<Account>, credential: Credential) {
-        self.account_rates = Some(self.shared.account_rates.buckets(&acct.name));
+        self.account_rates = Some(self.shared.account_rates.buckets(&acct.owner()));
         self.account = Some(acct);
         self.credential = Some(credential);
     }
@@ -1781,6 +1783,70 @@ mod tests {
             (ErrorCode::Busy, Some(2), false)
         );
         assert_eq!(s.subscription_count(), 0);
+    }
+
+    /// An account's rate buckets are its identity's ([`Account::owner`]), not its name's:
+    /// the same account connecting again shares its drained buckets, while the name removed
+    /// and added again with a new id — or a legacy entry of the name, without id — is
+    /// another account and starts with full ones.
+    #[test]
+    fn account_rate_buckets_are_keyed_by_the_account_identity_not_its_name() {
+        let mut config = Config::ephemeral();
+        config.limits.account_publish_rate = 1;
+        config.limits.account_publish_burst = 1;
+        let now = Instant::now();
+        let (_s, shared, _out) = session(config, 64, now);
+        let alice = |id: Option<[u8; 16]>| {
+            Arc::new(Account {
+                name: "alice".into(),
+                id,
+                group: "alice".into(),
+                rights: Rights::all(),
+            })
+        };
+        // The account buckets a new connection of `acct` charges.
+        let buckets = |conn: u64, acct: Arc<Account>| {
+            let out = Arc::new(Outbound::new(
+                64,
+                usize::MAX,
+                shared.config.queue.slow_consumer,
+                shared.budget.clone(),
+            ));
+            let mut s = Session::new(
+                shared.clone(),
+                ConnId(conn),
+                TransportKind::InProcess,
+                None,
+                out,
+                now,
+                None,
+            );
+            s.set_account(acct, Credential::token(b"alice's token"));
+            s.account_rates.clone().expect("an account's buckets")
+        };
+        let first = buckets(2, alice(Some([1; 16])));
+        assert_eq!(
+            first.take(Kind::Publish, 1.0, now),
+            None,
+            "within the burst"
+        );
+        assert!(first.take(Kind::Publish, 1.0, now).is_some(), "drained");
+        assert!(
+            buckets(3, alice(Some([1; 16])))
+                .take(Kind::Publish, 1.0, now)
+                .is_some(),
+            "the same account connecting again shares the drained buckets"
+        );
+        assert_eq!(
+            buckets(4, alice(Some([2; 16]))).take(Kind::Publish, 1.0, now),
+            None,
+            "the name added again with a new id: another account, full buckets"
+        );
+        assert_eq!(
+            buckets(5, alice(None)).take(Kind::Publish, 1.0, now),
+            None,
+            "a legacy entry of the name: another account too"
+        );
     }
 
     /// An `Ack` frame costs work in proportion to its distinct sequences and to the

@@ -2335,3 +2335,179 @@ async fn an_idle_durable_is_deleted_for_every_relay_and_a_held_one_never() {
     );
     drop((holder_a, holder_b));
 }
+
+/// The test's own handle on `WSP_DURABLE`.
+async fn durable_stream(nats: &NatsCluster) -> async_nats::jetstream::stream::Stream {
+    let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
+    async_nats::jetstream::new(nc)
+        .get_stream("WSP_DURABLE")
+        .await
+        .unwrap()
+}
+
+/// The last message of `WSP_DURABLE` on `subject`: whether it is a deletion marker, `None`
+/// when the subject holds no message.
+async fn last_durable_record(
+    stream: &async_nats::jetstream::stream::Stream,
+    subject: &str,
+) -> Option<bool> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => Some(m.headers.get("Wsp-Deleted").is_some()),
+        Err(e) if e.kind() == K::NoMessageFound => None,
+        Err(e) => panic!("durable stream read: {e}"),
+    }
+}
+
+/// Reads `events` up to a live record on a subject not in `known` (one durable being
+/// created at a time: its subject), which it adds to `known`.
+async fn next_new_durable(
+    events: &mut async_nats::jetstream::consumer::pull::Ordered,
+    known: &mut HashSet<String>,
+) -> String {
+    loop {
+        let e = next_durable_event(events).await;
+        if !e.deleted && known.insert(e.subject.clone()) {
+            return e.subject;
+        }
+    }
+}
+
+/// Reads `events` up to the deletion markers on all of `subjects`; the markers, in the
+/// order of `subjects`.
+async fn next_markers(
+    events: &mut async_nats::jetstream::consumer::pull::Ordered,
+    subjects: &[&str],
+) -> Vec<DurableEvent> {
+    let mut found: Vec<Option<DurableEvent>> = subjects.iter().map(|_| None).collect();
+    while found.iter().any(Option::is_none) {
+        let e = next_durable_event(events).await;
+        if let Some(i) = subjects.iter().position(|s| e.deleted && *s == e.subject) {
+            found[i] = Some(e);
+        }
+    }
+    found.into_iter().flatten().collect()
+}
+
+/// `store.durable_marker_keep_ms`: a deletion marker stays in `WSP_DURABLE` while younger
+/// than the keep time, then a sweep purges its subject. Relay A keeps markers an hour and
+/// sweeps every 250 ms (`--durable-idle-ms 1000`): the markers of "d" and "f" (deleted with
+/// a backlog) outlive a whole sweep of A's run when they were older than a second — the
+/// sweep that deleted idle "e1", known complete once the later sweep that deleted "e2"
+/// (released after e1's marker) wrote its marker. Relay B, keeping markers a second,
+/// purges all four once that old: the subjects hold nothing, nor does the stream (the
+/// deleted records went when their markers took their place). A relay started afterwards
+/// knows no "d": another owner creates it, without the deleted one's backlog; and A, which
+/// had read f's marker, creates "f" anew over the emptied subject.
+#[tokio::test]
+async fn deletion_markers_stay_for_the_keep_time_then_are_purged() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let a = start_relay_with(
+        &urls,
+        "relay-a",
+        &[
+            "--durable-idle-ms",
+            "1000",
+            "--durable-marker-keep-ms",
+            "3600000",
+        ],
+    );
+    let mut events = durable_events(&nats).await;
+    let stream = durable_stream(&nats).await;
+    let (mut publ, _) = connect(a.tcp()).await;
+    let mut known = HashSet::new();
+
+    // "d" and "f": created, a backlog delivered and never acknowledged, deleted.
+    let mut cd = connect_deleting(a.tcp()).await;
+    sub_answer(&mut cd, &durable_sub(1, 24, "d", 1))
+        .await
+        .expect("d created at A");
+    let d = next_new_durable(&mut events, &mut known).await;
+    let mut cf = connect_deleting(a.tcp()).await;
+    sub_answer(&mut cf, &durable_sub(1, 24, "f", 1))
+        .await
+        .expect("f created at A");
+    let f = next_new_durable(&mut events, &mut known).await;
+    let backlog: Vec<(u32, Envelope)> = (0..3).map(|i| (i, numbered(24, &[1], i))).collect();
+    let seqs = publish_acked(&mut publ, &backlog, Qos::AtLeastOnce, false).await;
+    for c in [&mut cd, &mut cf] {
+        assert_eq!(read_until(c, seqs[2]).await.len(), 3);
+        assert!(delete_and_pong(c, 1).await.is_none(), "deleted");
+    }
+    next_markers(&mut events, &[&d, &f]).await;
+
+    // Two sweeps of A deleting an idle durable each, the second after the first's marker.
+    let mut gone = vec![d.clone(), f.clone()];
+    let mut last_marker = None;
+    for name in ["e1", "e2"] {
+        let mut c = connect_deleting(a.tcp()).await;
+        sub_answer(&mut c, &durable_sub(1, 24, name, 1))
+            .await
+            .expect("created at A");
+        let e = next_new_durable(&mut events, &mut known).await;
+        drop(c); // released: deleted once idle a second
+        last_marker = next_markers(&mut events, &[&e]).await.pop();
+        gone.push(e);
+    }
+    for s in [&d, &f] {
+        assert_eq!(
+            last_durable_record(&stream, s).await,
+            Some(true),
+            "a marker younger than A's keep time stays through A's sweeps"
+        );
+    }
+
+    // B keeps markers a second: its sweeps purge them all, each once that old.
+    let _b = start_relay_with(&urls, "relay-b", &["--durable-marker-keep-ms", "1000"]);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    for s in &gone {
+        while last_durable_record(&stream, s).await.is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the marker on {s} is still there after {TIMEOUT:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let e2 = last_marker.expect("e2's marker");
+    assert!(
+        wall_ms() >= e2.at + 1000,
+        "e2's marker purged before it was a second old"
+    );
+    assert_eq!(
+        stream.get_info().await.unwrap().state.messages,
+        0,
+        "nothing left of the deleted durables: markers and records purged"
+    );
+
+    // A relay started after the purge: "d" is no durable there.
+    let c_relay = start_relay_with(&urls, "relay-c", &[]);
+    let mut fresh = connect_deleting(c_relay.tcp()).await;
+    sub_answer(&mut fresh, &durable_sub(1, 24, "d", 2))
+        .await
+        .expect("d is free for another owner at a relay started after the purge");
+    assert_eq!(
+        before_probe(&mut fresh, &mut publ, 24, 100).await,
+        Vec::<u32>::new(),
+        "a new durable, not the deleted one's backlog"
+    );
+    // A, which had read f's marker, creates "f" anew over the emptied subject.
+    let mut again = connect_deleting(a.tcp()).await;
+    sub_answer(&mut again, &durable_sub(1, 24, "f", 2))
+        .await
+        .expect("f created again at A");
+    assert_eq!(
+        before_probe(&mut again, &mut publ, 24, 101).await,
+        Vec::<u32>::new(),
+        "a new durable, not the deleted one's backlog"
+    );
+    assert_eq!(
+        last_durable_record(&stream, &f).await,
+        Some(false),
+        "f's new record"
+    );
+}

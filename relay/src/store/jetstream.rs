@@ -26,8 +26,8 @@
 //!   third stream (`<stream>_DURABLE`, subjects `<prefix>_durable.<key>`, one message per
 //!   durable), kept in memory from an ordered read of it and written behind — a deleted
 //!   durable's record is replaced by a deletion marker (header `Wsp-Deleted`), and a
-//!   sweep deletes durables idle past `store.durable_idle_ms` that nobody holds (see
-//!   [`sweep`]); **holds on
+//!   sweep deletes durables idle past `store.durable_idle_ms` that nobody holds and purges
+//!   markers older than `store.durable_marker_keep_ms` (see [`sweep`]); **holds on
 //!   durable names** (one holder per durable in the cluster) are leases in a fourth
 //!   stream (`<stream>_LEASES`, see [`lease`]); **key-id claims** of relay accounts are
 //!   records in a fifth (`<stream>_CLAIMS`, one per key id, written once: the first group
@@ -87,9 +87,6 @@ const WRITE_HEADER: &str = "Wsp-Write";
 /// Header of a durable's deletion marker (value `1`, empty payload): the durable was deleted
 /// (by its holder, or idle past `store.durable_idle_ms`); it replaces the durable's record.
 const DELETED_HEADER: &str = "Wsp-Deleted";
-/// How long a deletion marker stays in the durable stream (every relay's ordered read of
-/// it learns the deletion from it) before a relay's sweep purges it.
-const MARKER_KEEP_MS: u64 = 24 * 3600 * 1000;
 /// Most idle durables one sweep deletes (the next sweep goes on).
 const SWEEP_BATCH: usize = 256;
 /// Header JetStream puts on a headers-only delivery: the payload's size.
@@ -418,6 +415,10 @@ struct Inner {
     gone_tx: Mutex<Option<mpsc::UnboundedSender<DurableKey>>>,
     /// `store.durable_idle_ms` (0: durables never idle out).
     idle_ms: u64,
+    /// `store.durable_marker_keep_ms`: how long a deletion marker stays in the durable
+    /// stream (every relay's ordered read of it learns the deletion from it) before a
+    /// relay's sweep purges it.
+    marker_keep_ms: u64,
     /// Durable owners (owner tags) as the durable stream holds them, by durable key.
     owners: Mutex<HashMap<String, String>>,
     /// Durables this relay is about to create, by durable key (key id and name hash): the
@@ -647,6 +648,7 @@ impl JetStreamStore {
             names: Mutex::new(HashMap::new()),
             gone_tx: Mutex::new(None),
             idle_ms: config.durable_idle_ms,
+            marker_keep_ms: config.durable_marker_keep_ms,
             owners: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashMap::new()),
             fresh: Mutex::new(std::collections::HashSet::new()),
@@ -1798,16 +1800,15 @@ async fn touch_record(inner: &Inner, k: &str) {
     }
 }
 
-/// Runs [`sweep`] while the store lives: every quarter of `store.durable_idle_ms` (at least
-/// 100 ms, at most a minute), every minute when durables never idle out (deletion markers
-/// still go).
+/// Runs [`sweep`] while the store lives: every quarter of `store.durable_idle_ms` or of
+/// `store.durable_marker_keep_ms`, whichever is shorter (at least 100 ms, at most a
+/// minute; the keep time alone when durables never idle out: deletion markers still go).
 async fn durable_sweep(inner: std::sync::Weak<Inner>) {
-    let Some(idle) = inner.upgrade().map(|i| i.idle_ms) else {
+    let Some(every) = inner
+        .upgrade()
+        .map(|i| sweep_every(i.idle_ms, i.marker_keep_ms))
+    else {
         return;
-    };
-    let every = match idle {
-        0 => Duration::from_secs(60),
-        idle => Duration::from_millis((idle / 4).clamp(100, 60_000)),
     };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1823,12 +1824,23 @@ async fn durable_sweep(inner: std::sync::Weak<Inner>) {
     }
 }
 
+/// How often [`durable_sweep`] sweeps: a quarter of the shorter of `idle_ms` (0: never
+/// idle, not counted) and `keep_ms` (the marker keep time), 100 ms to 60 s.
+fn sweep_every(idle_ms: u64, keep_ms: u64) -> Duration {
+    let shortest = match idle_ms {
+        0 => keep_ms,
+        idle => idle.min(keep_ms),
+    };
+    Duration::from_millis((shortest / 4).clamp(100, 60_000))
+}
+
 /// One sweep of the durables (see PROTOCOL.md, JetStream layout): refreshes the records of
 /// durables held here; deletes durables whose record is older than `durable_idle_ms` and
 /// that nobody holds (taking their lease for the moment, so no `Sub` anywhere holds one
-/// meanwhile); purges deletion markers older than [`MARKER_KEEP_MS`].
+/// meanwhile); purges deletion markers older than `durable_marker_keep_ms`.
 async fn sweep(i: &Arc<Inner>) {
     let idle = i.idle_ms;
+    let keep = i.marker_keep_ms;
     let now = now_ms();
     if idle > 0 {
         let refresh = (idle / 4).clamp(1, 3_600_000);
@@ -1854,7 +1866,7 @@ async fn sweep(i: &Arc<Inner>) {
     }
     let old: Vec<(String, u64)> = lock(&i.gone)
         .iter()
-        .filter(|(_, g)| g.1.saturating_add(MARKER_KEEP_MS) <= now)
+        .filter(|(_, g)| g.1.saturating_add(keep) <= now)
         .map(|(k, g)| (k.clone(), g.0))
         .take(SWEEP_BATCH)
         .collect();
@@ -2670,5 +2682,23 @@ impl Store for JetStreamStore {
         if flavor.ok() != Some(tokio::runtime::RuntimeFlavor::CurrentThread) {
             let _ = released.recv_timeout(Duration::from_secs(3));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sweep follows the shorter of the idle time and the marker keep time (a short
+    /// keep time is purged in time even when durables never idle out), 100 ms to 60 s.
+    #[test]
+    fn the_sweep_interval_follows_the_shorter_of_idle_and_keep() {
+        let day = 24 * 3600 * 1000;
+        assert_eq!(sweep_every(7 * day, day), Duration::from_secs(60));
+        assert_eq!(sweep_every(0, day), Duration::from_secs(60));
+        assert_eq!(sweep_every(0, 2_000), Duration::from_millis(500));
+        assert_eq!(sweep_every(1_500, day), Duration::from_millis(375));
+        assert_eq!(sweep_every(day, 1_000), Duration::from_millis(250));
+        assert_eq!(sweep_every(0, 1), Duration::from_millis(100));
     }
 }
