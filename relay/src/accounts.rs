@@ -19,9 +19,11 @@
 //! [`ID_GROUP_PREFIX`], [`AccountError::ReservedGroup`]). So a name removed and added again
 //! — perhaps for someone else — is a new identity: it inherits none of the old one's
 //! claims, durables or store usage, and neither does an account whose explicit `group`
-//! happens to equal an old account's name. The old identity's claims stay with its group,
-//! which no later account can be given (`account add` draws a new id), and go stale as
-//! epochs move to new key ids. An entry without `id` (written before ids existed) is a
+//! happens to equal the name of an old account that had an id. The old identity's claims
+//! stay with its group, which no later account can be given (`account add` draws a new
+//! id), and go stale as epochs move to new key ids. (A legacy entry's group is its plain
+//! name: an account later given that explicit group inherits its claims — `account
+//! remove` warns when it removes one.) An entry without `id` (written before ids existed) is a
 //! **legacy** entry and keeps the name-based identity it always had — tenant from the name,
 //! owner `account:NAME`, default group the name — so its claims, durables and store usage
 //! stay its own; the relay never rewrites the file to add ids (`account list` marks such

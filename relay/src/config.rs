@@ -736,6 +736,8 @@ pub struct StoreConfig {
     /// above the longest time a relay may be cut off from NATS, or that relay counts the
     /// durable against the durable quotas until its idle sweep or a restart. Relays sweep
     /// every quarter of this or of durable_idle_ms, whichever is shorter (100 ms to 60 s).
+    /// The shortest keep time among the cluster's relays applies to all (each relay's sweep
+    /// purges every marker older than its own); below a minute the relay warns at start.
     #[arg(long, env = "WHISPEER_DURABLE_MARKER_KEEP_MS")]
     pub durable_marker_keep_ms: u64,
     /// Per tenant: most distinct token paths with stored data.

@@ -177,8 +177,10 @@ async fn read_loop<Src: FrameSource>(
         if !turn_over && ready {
             let ev = source.recv().await;
             // The clock as read for the frame before, in this same run of buffered frames
-            // (microseconds ago): a clock read per frame was ~1 % of the relay's CPU
-            // routing 1 KiB publishes.
+            // within one turn (usually microseconds ago; up to a scheduler round when the
+            // cooperative budget yielded in between — every use of it fails safe: buckets
+            // refill less, pauses keep their debt, the idle timer only runs early): a clock
+            // read per frame was ~1 % of the relay's CPU routing 1 KiB publishes.
             let at = run_clock.take();
             if let Some(closed) = inbound(ev, source, session, &mut turn_bytes, &mut last_in, at) {
                 return closed;

@@ -328,6 +328,7 @@ fn main() -> Result<()> {
             logging::init(&config.log.filter, config.log.format).map_err(anyhow::Error::msg)?;
             warn_open_relay(&config);
             warn_cluster_claims(&config);
+            warn_short_marker_keep(&config);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -369,17 +370,29 @@ fn account(cmd: AccountCmd) -> Result<()> {
             let public = entry.key.clone();
             // Validate the whole list before anything is written; the secret key file is
             // written before the list names its public key.
-            let mut secret_written = false;
-            at.edit(|file| {
+            let mut staged = false;
+            let mut first_id = false;
+            let edited = at.edit(|file| {
                 if file.account.iter().any(|e| e.name == a.name) {
                     anyhow::bail!("account {:?} already exists in {at}", a.name);
                 }
+                // Relays from before ids refuse a list with one (unknown field `id`).
+                first_id = !file.account.is_empty() && file.account.iter().all(|e| e.id.is_none());
                 file.account.push(entry.clone());
                 file.validate()?;
-                write_secret_once(secret_out.as_ref(), &mut secret_written)?;
+                stage_secret_once(secret_out.as_ref(), &mut staged)?;
                 Ok(true)
-            })?;
+            });
+            finish_secret(secret_out.as_ref(), staged, edited)?;
             eprintln!("added account {:?} to {at}", a.name);
+            if first_id {
+                eprintln!(
+                    "note: this list now holds an account id, which relays older than this \
+                     version cannot read: such a relay keeps its previous list in force (and \
+                     so ignores later removals and rotations) until it is restarted on this \
+                     version. Upgrade and restart every relay that reads this list."
+                );
+            }
             if let Some(p) = public {
                 println!("public key: {p}");
             }
@@ -450,8 +463,8 @@ fn account(cmd: AccountCmd) -> Result<()> {
             } else {
                 None
             };
-            let mut secret_written = false;
-            at.edit(|file| {
+            let mut staged = false;
+            let edited = at.edit(|file| {
                 let Some(e) = file.account.iter_mut().find(|e| e.name == a.name) else {
                     anyhow::bail!("no account {:?} in {at}", a.name);
                 };
@@ -462,9 +475,10 @@ fn account(cmd: AccountCmd) -> Result<()> {
                     e.token_sha256 = Some(hash.clone());
                 }
                 file.validate()?;
-                write_secret_once(secret_out.as_ref(), &mut secret_written)?;
+                stage_secret_once(secret_out.as_ref(), &mut staged)?;
                 Ok(true)
-            })?;
+            });
+            finish_secret(secret_out.as_ref(), staged, edited)?;
             eprintln!(
                 "rotated account {:?} in {at} (same identity); connections that proved the \
                  replaced credential are closed at the relay's next reload",
@@ -481,14 +495,28 @@ fn account(cmd: AccountCmd) -> Result<()> {
         }
         AccountCmd::Remove(a) => {
             let at = a.file.at()?;
+            let mut legacy_group = false;
             at.edit(|file| {
                 let before = file.account.len();
+                legacy_group = file
+                    .account
+                    .iter()
+                    .any(|e| e.name == a.name && e.id.is_none() && e.group.is_none());
                 file.account.retain(|e| e.name != a.name);
                 if file.account.len() == before {
                     anyhow::bail!("no account {:?} in {at}", a.name);
                 }
                 Ok(true)
             })?;
+            if legacy_group {
+                // A legacy entry's group is its name: its claims stay with that group.
+                eprintln!(
+                    "note: {:?} was a legacy entry (no id): the key ids it claimed stay with \
+                     the group {:?}; an account later given --group {:?} inherits them, so \
+                     never give that group to anyone else",
+                    a.name, a.name, a.name
+                );
+            }
             match at {
                 ListAt::File(_) => eprintln!(
                     "removed account {:?}; a running relay closes its connections at its next reload",
@@ -537,24 +565,62 @@ fn new_token_arg() -> Result<(String, String)> {
     Ok((t, hash))
 }
 
-/// Writes a secret file with mode 0600 (never world-readable, also not briefly).
-/// Writes a new account key's secret file (`--key-out`) the first time the account list's
-/// edit closure runs (it may run again when the list changed meanwhile): before the list
-/// names the public key, so a list never names a key whose secret was not written.
-fn write_secret_once(secret_out: Option<&SecretFile>, written: &mut bool) -> Result<()> {
-    if let (Some((out, secret)), false) = (secret_out, *written) {
-        write_secret(out, secret)
-            .with_context(|| format!("writing the account key {}", out.display()))?;
-        eprintln!("wrote the account key to {}", out.display());
-        *written = true;
+/// Where a new account key's secret waits (`FILE.new`) until the account list that names
+/// its public key is saved.
+fn staged_path(out: &Path) -> PathBuf {
+    let mut p = out.as_os_str().to_owned();
+    p.push(".new");
+    PathBuf::from(p)
+}
+
+/// Writes a new account key's secret (`--key-out FILE`) to `FILE.new` the first time the
+/// account list's edit closure runs (it may run again when the list changed meanwhile):
+/// before the list names the public key, so a saved list never names a key whose secret
+/// was not written. FILE itself — the key a client may be using — is replaced only by
+/// [`finish_secret`], once the list is saved.
+fn stage_secret_once(secret_out: Option<&SecretFile>, staged: &mut bool) -> Result<()> {
+    if let (Some((out, secret)), false) = (secret_out, *staged) {
+        let tmp = staged_path(out);
+        // A leftover of an interrupted run (removing a symlink removes the link).
+        let _ = std::fs::remove_file(&tmp);
+        write_secret(&tmp, secret)
+            .with_context(|| format!("writing the account key {}", tmp.display()))?;
+        *staged = true;
     }
     Ok(())
 }
 
+/// After the account list's edit: moves a staged secret over FILE when the list was saved
+/// (a rename: FILE becomes the new, mode 0600 file even when it was a symlink or had a
+/// looser mode), or removes it when the edit failed — FILE then still holds the key the
+/// list names.
+fn finish_secret(secret_out: Option<&SecretFile>, staged: bool, edited: Result<()>) -> Result<()> {
+    let Some((out, _)) = secret_out.filter(|_| staged) else {
+        return edited;
+    };
+    let tmp = staged_path(out);
+    if let Err(e) = edited {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out).with_context(|| {
+        format!(
+            "the account list names the new key, but moving its secret {} to {} failed \
+             (the secret is in the first file)",
+            tmp.display(),
+            out.display()
+        )
+    })?;
+    eprintln!("wrote the account key to {}", out.display());
+    Ok(())
+}
+
+/// Writes a new secret file with mode 0600 (never world-readable, also not briefly); fails
+/// if `path` exists (a file, or a symlink that would redirect the write).
 fn write_secret(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
+    o.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -587,6 +653,24 @@ fn warn_cluster_claims(config: &Config) {
                    cluster (docs/DEPLOY.md §2.3).";
         eprintln!("\n{}\n{msg}\n{}\n", "!".repeat(78), "!".repeat(78));
         tracing::warn!("{msg}");
+    }
+}
+
+/// Warns when a JetStream store purges durable deletion markers after less than a minute
+/// (review of session 26, finding 4): a relay whose read of the durable stream lags that
+/// long (a reconnect, a stall) misses a deletion and keeps counting the durable; fine for
+/// tests, not for a cluster.
+fn warn_short_marker_keep(config: &Config) {
+    use whispeer_relay::config::ClusterStore;
+    let keep = config.store.durable_marker_keep_ms;
+    if config.cluster.store == ClusterStore::Jetstream && keep < 60_000 {
+        tracing::warn!(
+            durable_marker_keep_ms = keep,
+            "store.durable_marker_keep_ms is under a minute: a relay of the cluster whose \
+             read of the durable stream lags longer (a NATS reconnect, a stall) misses the \
+             deletion of a durable and keeps counting it against the durable quotas; the \
+             shortest keep time of the cluster's relays applies to all of them"
+        );
     }
 }
 

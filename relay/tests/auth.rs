@@ -1072,6 +1072,123 @@ async fn rotating_a_token_closes_connections_that_used_the_old_token() {
         .expect("bob's key connection keeps its rights");
 }
 
+/// Session 26 review, finding 3: `account rotate --key-out FILE --force` on the key file in
+/// use writes the new secret beside it and moves it over FILE only once the list names the
+/// new key: FILE comes out a fresh mode-0600 file even when it was world-readable or a
+/// symlink (whose target is left alone), and a rotation that fails leaves FILE as it was.
+#[cfg(unix)]
+#[test]
+fn rotating_into_a_key_file_replaces_it_whole_and_only_after_the_list() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new("rotate-key-file");
+    let key_file = s.dir.join("carol.key");
+    let old = key_account(&s.dir, &s.accounts, "carol", &[]);
+    let file = s.accounts.to_str().unwrap();
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&key_file), 0o600);
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let listed_key = || {
+        let text = std::fs::read_to_string(&s.accounts).unwrap();
+        let list: whispeer_relay::accounts::AccountFile = toml::from_str(&text).unwrap();
+        list.account[0].key.clone().unwrap()
+    };
+
+    // A rotation that fails (no such account) leaves the file and stages nothing.
+    let out = relay_bin()
+        .args(["account", "rotate", "nobody", "--force", "--file", file])
+        .arg("--key-out")
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(read_key(&key_file).to_bytes(), old.to_bytes());
+    assert!(!s.dir.join("carol.key.new").exists());
+
+    let rotate_into = |out: &Path| {
+        relay_cli(
+            &[
+                "account",
+                "rotate",
+                "carol",
+                "--force",
+                "--file",
+                file,
+                "--key-out",
+            ][..]
+                .iter()
+                .copied()
+                .chain([out.to_str().unwrap()])
+                .collect::<Vec<_>>(),
+        )
+    };
+    rotate_into(&key_file);
+    let new = read_key(&key_file);
+    assert_ne!(new.to_bytes(), old.to_bytes());
+    assert_eq!(listed_key(), hex::encode(new.verifying_key().as_bytes()));
+    assert_eq!(
+        mode(&key_file),
+        0o600,
+        "a fresh file, not the old one's mode"
+    );
+    assert!(!s.dir.join("carol.key.new").exists());
+
+    // Through a symlink: the link is replaced, its target untouched.
+    let target = s.dir.join("elsewhere");
+    std::fs::write(&target, "keep").unwrap();
+    let link = s.dir.join("link.key");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    rotate_into(&link);
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    assert!(!std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(mode(&link), 0o600);
+    assert_eq!(
+        listed_key(),
+        hex::encode(read_key(&link).verifying_key().as_bytes())
+    );
+}
+
+/// Session 26 review, findings 1 and 2: the CLI says when it writes the first account id
+/// into a list of legacy entries (relays from before ids cannot read it), and when it
+/// removes a legacy entry whose group — its plain name — keeps the key ids it claimed.
+#[test]
+fn the_cli_warns_about_the_first_id_and_about_removing_a_legacy_group() {
+    let s = Setup::new("legacy-notes");
+    let old = SigningKey::from_bytes(&[61; 32]);
+    std::fs::write(
+        &s.accounts,
+        format!(
+            "[[account]]\nname = \"old\"\nkey = \"{}\"\n",
+            hex::encode(old.verifying_key().as_bytes())
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = relay_bin().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let file = s.accounts.to_str().unwrap();
+    let err = run(&["account", "add", "new", "--token", "--file", file]);
+    assert!(
+        err.contains("relays older than this version cannot read"),
+        "{err}"
+    );
+    // The second id is no news.
+    let err = run(&["account", "add", "newer", "--token", "--file", file]);
+    assert!(!err.contains("relays older"), "{err}");
+    let err = run(&["account", "remove", "old", "--file", file]);
+    assert!(
+        err.contains("never give that group to anyone else"),
+        "{err}"
+    );
+    // Removing an account with an id says nothing of the kind.
+    let err = run(&["account", "remove", "new", "--file", file]);
+    assert!(!err.contains("legacy entry"), "{err}");
+}
+
 /// Review finding 8: taking a right away (or moving the account to another group) ends the
 /// open subscriptions that needed it, with a non-fatal `Err(auth_failed)` naming each, at
 /// the reload; messages published afterwards do not reach them, and the other

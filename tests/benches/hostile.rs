@@ -404,20 +404,27 @@ impl RelayProc {
         std::fs::create_dir_all(&dir).expect("temp dir");
         // `--ready-file -`: the relay prints its bound addresses as one JSON line on stdout
         // once it accepts connections (an event, not a poll of a file).
+        // HOSTILE_RELAY_ARGS: more relay flags (e.g. "--store-sync normal"), to tell which
+        // part of the relay an attack reaches.
+        let extra: Vec<String> = std::env::var("HOSTILE_RELAY_ARGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        // The admin listener on a free port too (`--control` runs two relays at once),
+        // unless HOSTILE_RELAY_ARGS names one.
+        let admin: &[&str] = if extra.iter().any(|a| a.starts_with("--admin")) {
+            &[]
+        } else {
+            &["--admin", "127.0.0.1:0"]
+        };
         let mut child = Command::new(bin("whispeer-relay"))
-            // The admin listener on a free port too: `--control` runs two relays at once.
             .args(["serve", "--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
-            .args(["--admin", "127.0.0.1:0"])
+            .args(admin)
             .arg("--store-path")
             .arg(dir.join("store.db"))
             .args(["--ready-file", "-"])
-            // HOSTILE_RELAY_ARGS: more relay flags (e.g. "--store-sync normal"), to tell
-            // which part of the relay an attack reaches.
-            .args(
-                std::env::var("HOSTILE_RELAY_ARGS")
-                    .unwrap_or_default()
-                    .split_whitespace(),
-            )
+            .args(&extra)
             .env("WHISPEER_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -189,6 +189,13 @@ impl<W: AsyncWrite + Unpin + Send + 'static> StreamSink<W> {
         let mut first = 0; // the first frame not wholly written
         let mut done = 0; // bytes of frames[first] written
         while first < frames.len() {
+            if frames[first].len() == done {
+                // Nothing (left) to write of this frame: an empty frame, or a window of
+                // only empty slices, would make `writev` return 0.
+                first += 1;
+                done = 0;
+                continue;
+            }
             let mut iov = [io::IoSlice::new(&[]); MAX_IOV];
             let mut used = 0;
             for (slot, f) in iov.iter_mut().zip(&frames[first..]) {
@@ -207,11 +214,6 @@ impl<W: AsyncWrite + Unpin + Send + 'static> StreamSink<W> {
                     break;
                 }
                 n -= rest;
-                first += 1;
-                done = 0;
-            }
-            // Empty frames (none are sent, but a slice of them would loop) are passed over.
-            while first < frames.len() && frames[first].len() == done {
                 first += 1;
                 done = 0;
             }
@@ -308,6 +310,9 @@ mod tests {
             assert!(got == want, "the bytes arrived changed or out of order");
         });
         let both = async {
+            // Empty frames alone, more than one writev's worth of them, write nothing and
+            // succeed.
+            sink.send(&vec![Bytes::new(); 3 * MAX_IOV]).await.unwrap();
             sink.send(&frames).await.unwrap();
             read.await.unwrap();
         };
