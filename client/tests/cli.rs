@@ -1630,22 +1630,19 @@ fn a_killed_durable_subscriber_resumes_and_history_replays() {
             &[],
         ));
     };
+    // `whispeer sub` of the durable subscription "builder", with `extra` flags.
+    let durable_args = |extra: &[&'static str]| -> Vec<String> {
+        let mut a: Vec<String> = ["sub", "--relay", &url, "jobs/#", "--durable", "builder"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(["--qos", "1", "--key-file", tf].map(String::from));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
     let durable_sub = || {
-        let mut p = Proc::spawn(
-            &[
-                "sub",
-                "--relay",
-                &url,
-                "jobs/#",
-                "--durable",
-                "builder",
-                "--qos",
-                "1",
-                "--key-file",
-                tf,
-            ],
-            &[],
-        );
+        let args = durable_args(&[]);
+        let mut p = Proc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
         p.ready();
         p
     };
@@ -1759,19 +1756,10 @@ fn a_killed_durable_subscriber_resumes_and_history_replays() {
 
     // `--delete`: the durable goes (with what it kept); the name starts afresh after it.
     publish(12..14);
-    let out = run(&[
-        "sub",
-        "--relay",
-        &url,
-        "jobs/#",
-        "--durable",
-        "builder",
-        "--qos",
-        "1",
-        "--delete",
-        "--key-file",
-        tf,
-    ]);
+    let out = run(&durable_args(&["--delete"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
     assert!(
         out.status.success(),
         "{}",

@@ -371,8 +371,9 @@ pub fn new_id() -> Result<String, getrandom::Error> {
     Ok(hex::encode(b))
 }
 
-/// The default group of the account with id `id`.
-fn id_group(id: &[u8; 16]) -> String {
+/// The default group of the account with id `id`, also the owner of its durables
+/// (`account-id:HEX`).
+pub fn id_group(id: &[u8; 16]) -> String {
     format!("{ID_GROUP_PREFIX}{}", hex::encode(id))
 }
 
@@ -421,7 +422,7 @@ impl Account {
     /// nor `sha256:HEX` of a `Sub.owner` secret.
     pub fn owner(&self) -> String {
         match &self.id {
-            Some(id) => format!("{ID_GROUP_PREFIX}{}", hex::encode(id)),
+            Some(id) => id_group(id),
             None => format!("account:{}", self.name),
         }
     }
@@ -438,11 +439,6 @@ impl Account {
     /// removed and added again, or given an id, is another account).
     pub fn same_identity(&self, other: &Account) -> bool {
         self.name == other.name && self.id == other.id
-    }
-
-    /// Whether the entry has no `id` (identified by its name, as before ids).
-    pub fn is_legacy(&self) -> bool {
-        self.id.is_none()
     }
 }
 
@@ -1755,9 +1751,9 @@ mod tests {
         assert_eq!(alice.owner(), format!("account-id:{ID1}"));
         assert_eq!(alice.tenant(), Tenant::for_account_id(&id1));
         assert_ne!(alice.tenant(), Tenant::for_account("alice"));
-        assert!(!alice.is_legacy());
+        assert!(alice.id.is_some());
         // Legacy: exactly what the relay derived before ids.
-        assert!(bob.is_legacy());
+        assert!(bob.id.is_none());
         assert_eq!(bob.group, "bob");
         assert_eq!(bob.owner(), "account:bob");
         assert_eq!(bob.tenant(), Tenant::for_account("bob"));

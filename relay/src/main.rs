@@ -204,21 +204,11 @@ struct AccountAddArgs {
     /// The group whose key ids the account shares (default: a group of its own).
     #[arg(long)]
     group: Option<String>,
-    /// Generate an Ed25519 account key and write its secret here (mode 0600).
-    #[arg(long, value_name = "FILE", conflicts_with = "public_key")]
-    key_out: Option<PathBuf>,
-    /// Use this Ed25519 public key (64 hex characters).
-    #[arg(long, value_name = "HEX")]
-    public_key: Option<String>,
-    /// Also (or only) issue a bearer token; printed once, only its SHA-256 is stored.
-    #[arg(long)]
-    token: bool,
+    #[command(flatten)]
+    cred: CredentialArgs,
     /// Rights, comma separated: publish,subscribe,replay,retain,durable (default: all).
     #[arg(long, value_delimiter = ',')]
     rights: Option<Vec<Right>>,
-    /// Replace an existing --key-out file.
-    #[arg(long)]
-    force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -227,14 +217,23 @@ struct AccountRotateArgs {
     name: String,
     #[command(flatten)]
     file: AccountFileArg,
-    /// Generate a new Ed25519 account key and write its secret here (mode 0600); it
-    /// replaces the account's key.
+    #[command(flatten)]
+    cred: CredentialArgs,
+}
+
+/// The credentials `account add` gives an account and `account rotate` replaces.
+#[derive(Debug, Args)]
+struct CredentialArgs {
+    /// Generate an Ed25519 account key and write its secret here (mode 0600); for
+    /// `rotate`, it replaces the account's key.
     #[arg(long, value_name = "FILE", conflicts_with = "public_key")]
     key_out: Option<PathBuf>,
-    /// Replace the account's key with this Ed25519 public key (64 hex characters).
+    /// Use this Ed25519 public key (64 hex characters); for `rotate`, it replaces the
+    /// account's key.
     #[arg(long, value_name = "HEX")]
     public_key: Option<String>,
-    /// Replace the account's bearer token (or give it one); printed once.
+    /// Issue a bearer token, printed once (only its SHA-256 is stored): for `add`, also
+    /// (or, without a key, only); for `rotate`, it replaces the account's token.
     #[arg(long)]
     token: bool,
     /// Replace an existing --key-out file.
@@ -357,10 +356,9 @@ fn account(cmd: AccountCmd) -> Result<()> {
                 token_sha256: None,
                 rights: a.rights.clone().unwrap_or_else(|| Right::ALL.to_vec()),
             };
-            let (key, secret_out) =
-                new_key_arg(a.public_key.as_deref(), a.key_out.as_deref(), a.force)?;
+            let (key, secret_out) = new_key_arg(&a.cred)?;
             entry.key = key;
-            let token = if a.token || entry.key.is_none() {
+            let token = if a.cred.token || entry.key.is_none() {
                 let (t, hash) = new_token_arg()?;
                 entry.token_sha256 = Some(hash);
                 Some(t)
@@ -416,7 +414,7 @@ fn account(cmd: AccountCmd) -> Result<()> {
                 let id = e.id.as_deref().and_then(|i| accounts::parse_id(i).ok());
                 let group = match (&e.group, id) {
                     (Some(g), _) => g.clone(),
-                    (None, Some(id)) => format!("{}{}", accounts::ID_GROUP_PREFIX, hex::encode(id)),
+                    (None, Some(id)) => accounts::id_group(&id),
                     (None, None) => e.name.clone(),
                 };
                 if id.is_none() {
@@ -450,15 +448,14 @@ fn account(cmd: AccountCmd) -> Result<()> {
             Ok(())
         }
         AccountCmd::Rotate(a) => {
-            if a.public_key.is_none() && a.key_out.is_none() && !a.token {
+            if a.cred.public_key.is_none() && a.cred.key_out.is_none() && !a.cred.token {
                 anyhow::bail!(
                     "say what to replace: --key-out FILE, --public-key HEX and/or --token"
                 );
             }
             let at = a.file.at()?;
-            let (key, secret_out) =
-                new_key_arg(a.public_key.as_deref(), a.key_out.as_deref(), a.force)?;
-            let token = if a.token {
+            let (key, secret_out) = new_key_arg(&a.cred)?;
+            let token = if a.cred.token {
                 Some(new_token_arg()?)
             } else {
                 None
@@ -538,19 +535,15 @@ type SecretFile = (PathBuf, String);
 /// The account key an `add` or `rotate` asks for: `--public-key HEX` (checked), or a fresh
 /// key for `--key-out FILE` (its secret returned, to be written once the list checks);
 /// neither: none.
-fn new_key_arg(
-    public_key: Option<&str>,
-    key_out: Option<&Path>,
-    force: bool,
-) -> Result<(Option<String>, Option<SecretFile>)> {
-    if let Some(hex) = public_key {
+fn new_key_arg(c: &CredentialArgs) -> Result<(Option<String>, Option<SecretFile>)> {
+    if let Some(hex) = &c.public_key {
         accounts::parse_hex32(hex).map_err(|e| anyhow::anyhow!("--public-key: {e}"))?;
         return Ok((Some(hex.trim().to_ascii_lowercase()), None));
     }
-    let Some(out) = key_out else {
+    let Some(out) = &c.key_out else {
         return Ok((None, None));
     };
-    if out.exists() && !force {
+    if out.exists() && !c.force {
         anyhow::bail!("{} exists (use --force to replace it)", out.display());
     }
     let (secret, public) =

@@ -1299,23 +1299,6 @@ async fn try_publish_stored(c: &mut Client, k: u8, publish_id: u8) -> Result<u64
     }
 }
 
-/// Logs in with `sk` once the relay's reload lists it (the account file just changed).
-async fn login_once_listed(addr: std::net::SocketAddr, sk: &SigningKey) -> Client {
-    let deadline = Instant::now() + TIMEOUT;
-    let pk = sk.verifying_key().to_bytes();
-    loop {
-        let mut c = Client::tcp(addr).await;
-        match key_login(&mut c, pk, |n| sk.sign(&auth_sig_input(&n, &pk)).to_bytes()).await {
-            Ok(_) => return c,
-            Err(e) if Instant::now() < deadline => {
-                assert_eq!(e.code, ErrorCode::AuthFailed, "{e:?}");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("not listed within {TIMEOUT:?}: {e:?}"),
-        }
-    }
-}
-
 /// Review finding 17: an account removed and added again under the same name (with a new
 /// key, as `account add` does; possibly for another person) is a new identity: it may not
 /// use the key ids the old one's group claimed (`auth_failed`), an account sharing the old
@@ -1330,7 +1313,13 @@ async fn a_name_removed_and_added_again_is_a_new_identity() {
     let s = Setup::new("readd");
     let alice = key_account(&s.dir, &s.accounts, "alice", &[]);
     let carol = key_account(&s.dir, &s.accounts, "carol", &["--group", "home"]);
-    let relay = s.relay(&["--tenant-max-messages", "2"]);
+    // The relay's "account list reloaded" log line is the event the logins wait for.
+    let mut relay = s.relay_logged(&[
+        "--tenant-max-messages",
+        "2",
+        "--log",
+        "warn,whispeer_relay::accounts=info",
+    ]);
     let mut ca = login(relay.tcp(), &alice).await;
     // Alice claims key id 1 and fills her tenant's message quota (2).
     for id in [1, 2] {
@@ -1367,8 +1356,12 @@ async fn a_name_removed_and_added_again_is_a_new_identity() {
         &["--group", "home", "--force"],
     );
     let mallory = key_account(&s.dir, &s.accounts, "mallory", &["--group", "alice"]);
+    // The file changed: wait for the relay's reload (polled) that sees the three accounts.
+    relay
+        .wait_log(&["account list reloaded", "accounts=3"])
+        .await;
 
-    let mut ca2 = login_once_listed(relay.tcp(), &alice2).await;
+    let mut ca2 = login(relay.tcp(), &alice2).await;
     let e = try_sub(&mut ca2, sub(1, 1, None, None)).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::AuthFailed, "old alice's key id: {e:?}");
     assert!(e.message.contains("another group"), "{e:?}");
@@ -1381,7 +1374,7 @@ async fn a_name_removed_and_added_again_is_a_new_identity() {
     let e = try_publish_stored(&mut ca2, 2, 6).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e:?}");
 
-    let mut cc2 = login_once_listed(relay.tcp(), &carol2).await;
+    let mut cc2 = login(relay.tcp(), &carol2).await;
     let e = try_sub(&mut cc2, sub(1, 5, Some("d"), None))
         .await
         .unwrap_err();
@@ -1392,7 +1385,7 @@ async fn a_name_removed_and_added_again_is_a_new_identity() {
         .await
         .expect("carol's group still holds key id 5");
 
-    let mut cm = login_once_listed(relay.tcp(), &mallory).await;
+    let mut cm = login(relay.tcp(), &mallory).await;
     for k in [1, 2] {
         let e = try_sub(&mut cm, sub(u64::from(k), k, None, None))
             .await

@@ -37,6 +37,13 @@ use bytes::Bytes;
 use super::{lock, unavailable};
 use crate::store::{DurableKey, HoldLost, StoreError};
 
+/// A lease subject's last record ([`Leases::last_record`]).
+struct LastRecord {
+    seq: u64,
+    /// The holder it names and the milliseconds its hold has left (≤ 0: lapsed).
+    hold: Option<(String, i128)>,
+}
+
 /// A lease this relay holds.
 struct Held {
     key: DurableKey,
@@ -142,38 +149,21 @@ impl Leases {
         key: &DurableKey,
         lost: &HoldLost,
     ) -> Result<(), StoreError> {
-        let last = match self
-            .stream
-            .get_last_raw_message_by_subject(&self.subject(k))
+        let last = self
+            .last_record(k)
             .await
-        {
-            Ok(m) => {
-                let text = String::from_utf8_lossy(&m.payload).into_owned();
-                let mut parts = text.split_whitespace();
-                let holder = parts.next();
-                let ttl_ms = parts.next().and_then(|v| v.parse::<u64>().ok());
-                let stamped = m.time.unix_timestamp_nanos() / 1_000_000;
-                if let (Some(holder), Some(ttl_ms)) = (holder, ttl_ms) {
-                    let ours = holder.split(':').next().is_some_and(|r| r == self.relay_id);
-                    let left = stamped + i128::from(ttl_ms) - wall_ms();
-                    if !ours && left > 0 {
-                        return Err(StoreError::Held(format!(
-                            "durable subscription {:?} is active at another relay (its hold \
-                             lapses within {} ms unless renewed)",
-                            key.name, left
-                        )));
-                    }
-                }
-                m.sequence
+            .map_err(|e| unavailable("durable hold read", e))?;
+        if let Some((holder, left)) = &last.hold {
+            let ours = holder.split(':').next().is_some_and(|r| r == self.relay_id);
+            if !ours && *left > 0 {
+                return Err(StoreError::Held(format!(
+                    "durable subscription {:?} is active at another relay (its hold \
+                     lapses within {} ms unless renewed)",
+                    key.name, left
+                )));
             }
-            Err(e) => {
-                use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
-                match e.kind() {
-                    K::NoMessageFound => 0,
-                    _ => return Err(unavailable("durable hold read", e)),
-                }
-            }
-        };
+        }
+        let last = last.seq;
         let holder = format!("{}:{}", self.relay_id, self.next.fetch_add(1, Relaxed));
         let sent = Instant::now();
         match self.write(k, last, self.record(&holder)).await {
@@ -198,6 +188,41 @@ impl Leases {
         }
     }
 
+    /// The last record of `k` as [`hold`](Self::hold) and [`take_briefly`](Self::take_briefly)
+    /// read it: its sequence (0: none) and, when it names a holder, the holder and the
+    /// milliseconds left before that hold lapses (its NATS time plus its TTL; ≤ 0: lapsed).
+    async fn last_record(&self, k: &str) -> Result<LastRecord, stream::LastRawMessageError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&self.subject(k))
+            .await
+        {
+            Ok(m) => {
+                let text = String::from_utf8_lossy(&m.payload);
+                let mut parts = text.split_whitespace();
+                let hold = match (
+                    parts.next(),
+                    parts.next().and_then(|v| v.parse::<u64>().ok()),
+                ) {
+                    (Some(holder), Some(ttl_ms)) => {
+                        let stamped = m.time.unix_timestamp_nanos() / 1_000_000;
+                        Some((holder.to_owned(), stamped + i128::from(ttl_ms) - wall_ms()))
+                    }
+                    _ => None,
+                };
+                Ok(LastRecord {
+                    seq: m.sequence,
+                    hold,
+                })
+            }
+            Err(e) if matches!(e.kind(), K::NoMessageFound) => {
+                Ok(LastRecord { seq: 0, hold: None })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The durables this relay holds (their keys).
     pub(super) fn held_keys(&self) -> Vec<String> {
         lock(&self.held).keys().cloned().collect()
@@ -216,33 +241,11 @@ impl Leases {
     /// as its own earlier run's (it is refused `busy`, as at any other relay). Not renewed:
     /// released right after, or lapsing after the TTL.
     pub(super) async fn take_briefly(&self, k: &str) -> Result<Option<u64>, String> {
-        let last = match self
-            .stream
-            .get_last_raw_message_by_subject(&self.subject(k))
-            .await
-        {
-            Ok(m) => {
-                let text = String::from_utf8_lossy(&m.payload).into_owned();
-                let mut parts = text.split_whitespace();
-                if let (Some(_), Some(ttl_ms)) = (
-                    parts.next(),
-                    parts.next().and_then(|v| v.parse::<u64>().ok()),
-                ) {
-                    let stamped = m.time.unix_timestamp_nanos() / 1_000_000;
-                    if stamped + i128::from(ttl_ms) > wall_ms() {
-                        return Ok(None);
-                    }
-                }
-                m.sequence
-            }
-            Err(e) => {
-                use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
-                match e.kind() {
-                    K::NoMessageFound => 0,
-                    _ => return Err(e.to_string()),
-                }
-            }
-        };
+        let last = self.last_record(k).await.map_err(|e| e.to_string())?;
+        if last.hold.as_ref().is_some_and(|(_, left)| *left > 0) {
+            return Ok(None);
+        }
+        let last = last.seq;
         let holder = format!(
             "{}.sweep:{}",
             self.relay_id,
