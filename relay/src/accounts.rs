@@ -22,8 +22,9 @@
 //! happens to equal the name of an old account that had an id. The old identity's claims
 //! stay with its group, which no later account can be given (`account add` draws a new
 //! id), and go stale as epochs move to new key ids. (A legacy entry's group is its plain
-//! name: an account later given that explicit group inherits its claims — `account
-//! remove` warns when it removes one.) An entry without `id` (written before ids existed) is a
+//! name: `account remove` *retires* it when it removes the group's last member
+//! ([`AccountFile::retired_groups`]), so no account is given it, and its claims, by a
+//! reused name unless `account add --adopt-retired-group` asks for exactly that.) An entry without `id` (written before ids existed) is a
 //! **legacy** entry and keeps the name-based identity it always had — tenant from the name,
 //! owner `account:NAME`, default group the name — so its claims, durables and store usage
 //! stay its own; the relay never rewrites the file to add ids (`account list` marks such
@@ -94,6 +95,14 @@ pub enum AccountError {
         prefix = ID_GROUP_PREFIX
     )]
     ReservedGroup { name: String, group: String },
+    /// An entry's group is one of the list's `retired_groups`: the group of a removed
+    /// legacy entry, whose key-id claims stay with it (review finding 2 of session 26).
+    #[error(
+        "account {name:?}: group {group:?} is retired (the group of a removed account \
+         without an id; the key ids it claimed stay with it). Choose another group, or take \
+         those claims over on purpose with `account add --adopt-retired-group`"
+    )]
+    RetiredGroup { name: String, group: String },
 }
 
 /// One right an account may hold.
@@ -215,6 +224,11 @@ fn all_rights() -> Vec<Right> {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountFile {
+    /// Groups no account may be given: each the group of a removed legacy entry (its plain
+    /// name), which keeps the key ids it claimed. `account remove` adds one when it removes
+    /// the last member of such a group; `account add --adopt-retired-group` takes one back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_groups: Vec<String>,
     /// The accounts.
     #[serde(default)]
     pub account: Vec<AccountEntry>,
@@ -263,8 +277,28 @@ impl AccountFile {
         std::fs::rename(&tmp, path).map_err(io)
     }
 
+    /// Removes the account `name`; `Ok(Some(group))` when that retired its group (see
+    /// [`AccountFile::retired_groups`]): the entry was a legacy one whose group is its own
+    /// name (no `id`) and no remaining entry is in that group. A group of an account with an
+    /// id is never retired (no later account can be given it anyway), nor an explicit group
+    /// (an operator's shared name: giving it again shares its claims on purpose).
+    pub fn remove(&mut self, name: &str) -> Option<Option<String>> {
+        let i = self.account.iter().position(|e| e.name == name)?;
+        let e = self.account.remove(i);
+        let legacy_own = e.id.is_none() && e.group.as_deref().is_none_or(|g| g == e.name);
+        let still_used = self
+            .account
+            .iter()
+            .any(|o| o.group.as_deref() == Some(e.name.as_str()));
+        if !legacy_own || still_used || self.retired_groups.contains(&e.name) {
+            return Some(None);
+        }
+        self.retired_groups.push(e.name.clone());
+        Some(Some(e.name))
+    }
+
     /// Checks every entry (names, ids, keys and token hashes unique and well formed; no
-    /// group in the reserved namespace).
+    /// group in the reserved namespace or retired).
     pub fn validate(&self) -> Result<(), AccountError> {
         self.table().map(|_| ())
     }
@@ -301,6 +335,12 @@ impl AccountFile {
                 }
                 (None, None) => e.name.clone(),
             };
+            if self.retired_groups.contains(&group) {
+                return Err(AccountError::RetiredGroup {
+                    name: e.name.clone(),
+                    group,
+                });
+            }
             if let Some(id) = id {
                 if !t.ids.insert(id) {
                     return Err(invalid("the id belongs to two accounts".into()));
@@ -1493,6 +1533,7 @@ mod tests {
             vec![Right::Durable]
         );
         let f = AccountFile {
+            retired_groups: Vec::new(),
             account: vec![AccountEntry {
                 name: "a".into(),
                 id: None,
@@ -1547,6 +1588,7 @@ mod tests {
         let path = temp_file("decoy");
         let listed = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
         AccountFile {
+            retired_groups: Vec::new(),
             account: vec![entry("dan", Some(listed.verifying_key().to_bytes()), None)],
         }
         .save(&path)
@@ -1576,6 +1618,7 @@ mod tests {
     fn an_edit_keeping_length_inode_and_mtime_is_reloaded() {
         let path = temp_file("stamp");
         AccountFile {
+            retired_groups: Vec::new(),
             account: vec![entry("bob", None, Some(b"token-one"))],
         }
         .save(&path)
@@ -1617,6 +1660,7 @@ mod tests {
             ed25519_dalek::SigningKey::from_bytes(&[2; 32]).verifying_key(),
         );
         let list = |alice_key: [u8; 32], bob: Rights, carol_group: &str| AccountFile {
+            retired_groups: Vec::new(),
             account: vec![
                 entry("alice", Some(alice_key), Some(b"alice-token")),
                 AccountEntry {
@@ -1726,6 +1770,65 @@ mod tests {
 
     fn parse(text: &str) -> Result<AccountFile, AccountError> {
         AccountFile::parse(text, Path::new("accounts.toml"))
+    }
+
+    /// Session 26 review, finding 2: only a legacy entry's own group (its name) is retired,
+    /// and only once no remaining entry is in it; the retired list survives a save and
+    /// load, and a list giving a retired group to anyone does not load.
+    #[test]
+    fn removing_the_last_member_of_a_legacy_group_retires_it() {
+        let tok = |s: &str| hex::encode(token_hash(s.as_bytes()));
+        let text = format!(
+            "[[account]]\nname = \"old\"\ntoken_sha256 = \"{}\"\n\
+             [[account]]\nname = \"pal\"\ngroup = \"old\"\ntoken_sha256 = \"{}\"\n\
+             [[account]]\nname = \"team1\"\ngroup = \"team\"\ntoken_sha256 = \"{}\"\n\
+             [[account]]\nname = \"new\"\nid = \"{ID1}\"\ntoken_sha256 = \"{}\"\n",
+            tok("a"),
+            tok("b"),
+            tok("c"),
+            tok("d"),
+        );
+        let mut f = parse(&text).unwrap();
+        // pal is still in group "old": removing old retires nothing yet.
+        assert_eq!(f.remove("old"), Some(None));
+        // pal's group is explicit ("old"); pal was no legacy owner of it.
+        assert_eq!(f.remove("pal"), Some(None));
+        assert_eq!(f.remove("team1"), Some(None), "explicit groups stay");
+        assert_eq!(
+            f.remove("new"),
+            Some(None),
+            "id groups are never reusable anyway"
+        );
+        assert_eq!(f.remove("new"), None);
+        assert!(f.retired_groups.is_empty());
+
+        let mut f = parse(&text).unwrap();
+        assert_eq!(f.remove("pal"), Some(None));
+        assert_eq!(f.remove("old"), Some(Some("old".into())));
+        let back = parse(&f.to_toml().unwrap()).unwrap();
+        assert_eq!(back.retired_groups, ["old"]);
+        let mut again = back.clone();
+        again.account.push(AccountEntry {
+            name: "x".into(),
+            id: Some(ID2.into()),
+            group: Some("old".into()),
+            key: None,
+            token_sha256: Some(tok("e")),
+            rights: Right::ALL.to_vec(),
+        });
+        assert!(matches!(
+            again.validate(),
+            Err(AccountError::RetiredGroup { group, .. }) if group == "old"
+        ));
+        // A legacy entry named like the retired group would be in it too.
+        let legacy = format!(
+            "retired_groups = [\"old\"]\n[[account]]\nname = \"old\"\ntoken_sha256 = \"{}\"\n",
+            tok("f")
+        );
+        assert!(matches!(
+            parse(&legacy),
+            Err(AccountError::RetiredGroup { .. })
+        ));
     }
 
     /// Review finding 17: an entry's `id` is its identity — default group, durable owner
@@ -1878,6 +1981,7 @@ mod tests {
             ..entry("alice", Some(key), None)
         };
         AccountFile {
+            retired_groups: Vec::new(),
             account: vec![alice(ID1)],
         }
         .save(&path)
@@ -1900,6 +2004,7 @@ mod tests {
 
         let closed = accounts.install_table(
             AccountFile {
+                retired_groups: Vec::new(),
                 account: vec![
                     alice(ID2),
                     AccountEntry {

@@ -209,6 +209,10 @@ struct AccountAddArgs {
     /// Rights, comma separated: publish,subscribe,replay,retain,durable (default: all).
     #[arg(long, value_delimiter = ',')]
     rights: Option<Vec<Right>>,
+    /// With --group G where G is retired (the group of a removed account without an id):
+    /// take it back, and with it the key ids it claimed.
+    #[arg(long, requires = "group")]
+    adopt_retired_group: bool,
 }
 
 #[derive(Debug, Args)]
@@ -376,6 +380,14 @@ fn account(cmd: AccountCmd) -> Result<()> {
                 }
                 // Relays from before ids refuse a list with one (unknown field `id`).
                 first_id = !file.account.is_empty() && file.account.iter().all(|e| e.id.is_none());
+                if a.adopt_retired_group {
+                    let g = a.group.as_deref().unwrap_or_default();
+                    let before = file.retired_groups.len();
+                    file.retired_groups.retain(|r| r != g);
+                    if file.retired_groups.len() == before {
+                        anyhow::bail!("group {g:?} is not retired in {at}");
+                    }
+                }
                 file.account.push(entry.clone());
                 file.validate()?;
                 stage_secret_once(secret_out.as_ref(), &mut staged)?;
@@ -492,26 +504,22 @@ fn account(cmd: AccountCmd) -> Result<()> {
         }
         AccountCmd::Remove(a) => {
             let at = a.file.at()?;
-            let mut legacy_group = false;
+            let mut retired = None;
             at.edit(|file| {
-                let before = file.account.len();
-                legacy_group = file
-                    .account
-                    .iter()
-                    .any(|e| e.name == a.name && e.id.is_none() && e.group.is_none());
-                file.account.retain(|e| e.name != a.name);
-                if file.account.len() == before {
+                let Some(r) = file.remove(&a.name) else {
                     anyhow::bail!("no account {:?} in {at}", a.name);
-                }
+                };
+                retired = r;
                 Ok(true)
             })?;
-            if legacy_group {
+            if let Some(g) = retired {
                 // A legacy entry's group is its name: its claims stay with that group.
                 eprintln!(
                     "note: {:?} was a legacy entry (no id): the key ids it claimed stay with \
-                     the group {:?}; an account later given --group {:?} inherits them, so \
-                     never give that group to anyone else",
-                    a.name, a.name, a.name
+                     its group {g:?}, now retired — no account can be given that group \
+                     (relays of this version refuse a list that does) unless `account add \
+                     --group {g} --adopt-retired-group` takes those claims over on purpose",
+                    a.name
                 );
             }
             match at {

@@ -93,12 +93,15 @@ async fn key_login(
 }
 
 async fn login(addr: std::net::SocketAddr, sk: &SigningKey) -> Client {
+    try_login(addr, sk).await.expect("login")
+}
+
+/// A fresh connection that logs in with the account key `sk`.
+async fn try_login(addr: std::net::SocketAddr, sk: &SigningKey) -> Result<Client, ErrFrame> {
     let mut c = Client::tcp(addr).await;
     let pk = sk.verifying_key().to_bytes();
-    key_login(&mut c, pk, |n| sk.sign(&auth_sig_input(&n, &pk)).to_bytes())
-        .await
-        .expect("login");
-    c
+    key_login(&mut c, pk, |n| sk.sign(&auth_sig_input(&n, &pk)).to_bytes()).await?;
+    Ok(c)
 }
 
 async fn token_login(addr: std::net::SocketAddr, token: &str) -> Result<Client, ErrFrame> {
@@ -200,6 +203,20 @@ impl Setup {
     }
 
     /// [`relay`](Self::relay) with its log lines readable (`BinRelay::wait_log`).
+    /// Writes a list of one legacy entry (no id, as before ids) with a key from `seed`.
+    fn legacy_key_account(&self, name: &str, seed: u8) -> SigningKey {
+        let sk = SigningKey::from_bytes(&[seed; 32]);
+        std::fs::write(
+            &self.accounts,
+            format!(
+                "[[account]]\nname = \"{name}\"\nkey = \"{}\"\n",
+                hex::encode(sk.verifying_key().as_bytes())
+            ),
+        )
+        .unwrap();
+        sk
+    }
+
     fn relay_logged(&self, extra: &[&str]) -> BinRelay {
         BinRelay::start_logged(&self.args(extra))
     }
@@ -493,13 +510,7 @@ async fn removing_an_account_closes_its_connections_at_once() {
     let e = ca.expect_fatal(ErrorCode::AuthFailed).await;
     assert!(e.message.contains("removed"), "{e:?}");
     // She cannot come back.
-    let mut c = Client::tcp(relay.tcp()).await;
-    let pk = alice.verifying_key().to_bytes();
-    let e = key_login(&mut c, pk, |n| {
-        alice.sign(&auth_sig_input(&n, &pk)).to_bytes()
-    })
-    .await
-    .unwrap_err();
+    let e = try_login(relay.tcp(), &alice).await.err().expect("refused");
     assert_eq!(e.code, ErrorCode::AuthFailed);
     // Bob is untouched.
     try_sub(&mut cb, sub(1, 6, None, None))
@@ -1156,15 +1167,7 @@ fn rotating_into_a_key_file_replaces_it_whole_and_only_after_the_list() {
 #[test]
 fn the_cli_warns_about_the_first_id_and_about_removing_a_legacy_group() {
     let s = Setup::new("legacy-notes");
-    let old = SigningKey::from_bytes(&[61; 32]);
-    std::fs::write(
-        &s.accounts,
-        format!(
-            "[[account]]\nname = \"old\"\nkey = \"{}\"\n",
-            hex::encode(old.verifying_key().as_bytes())
-        ),
-    )
-    .unwrap();
+    s.legacy_key_account("old", 61);
     let run = |args: &[&str]| {
         let out = relay_bin().args(args).output().unwrap();
         assert!(out.status.success(), "{args:?}: {out:?}");
@@ -1180,13 +1183,102 @@ fn the_cli_warns_about_the_first_id_and_about_removing_a_legacy_group() {
     let err = run(&["account", "add", "newer", "--token", "--file", file]);
     assert!(!err.contains("relays older"), "{err}");
     let err = run(&["account", "remove", "old", "--file", file]);
-    assert!(
-        err.contains("never give that group to anyone else"),
-        "{err}"
-    );
+    assert!(err.contains("now retired"), "{err}");
     // Removing an account with an id says nothing of the kind.
     let err = run(&["account", "remove", "new", "--file", file]);
     assert!(!err.contains("legacy entry"), "{err}");
+}
+
+/// Session 26 review, finding 2: removing the last member of a legacy entry's group (its
+/// plain name, which keeps the key ids it claimed) retires the group. `account add --group`
+/// with it is refused, and so is a hand-edited list that gives it to someone: a running
+/// relay keeps its previous list, so a stranger named into the group gets nothing.
+/// `--adopt-retired-group` takes the group, and its claims, back on purpose. Before, an
+/// account later given `--group alice` inherited legacy alice's key ids silently.
+#[tokio::test]
+async fn a_removed_legacy_group_is_retired_and_adopted_only_on_purpose() {
+    let s = Setup::new("retired");
+    let alice = s.legacy_key_account("alice", 71);
+    let bob = key_account(&s.dir, &s.accounts, "bob", &[]);
+    let mut relay = s.relay_logged(&["--log", "warn,whispeer_relay::accounts=info"]);
+    let mut ca = login(relay.tcp(), &alice).await;
+    try_sub(&mut ca, sub(1, 9, None, None))
+        .await
+        .expect("legacy alice claims key id 9 for group alice");
+
+    let file = s.accounts.to_str().unwrap();
+    let out = relay_bin()
+        .args(["account", "remove", "alice", "--file", file])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("now retired"),
+        "{out:?}"
+    );
+    relay
+        .wait_log(&["account list reloaded", "accounts=1"])
+        .await;
+
+    // The CLI refuses the retired group, and writes nothing.
+    let before = std::fs::read(&s.accounts).unwrap();
+    let out = relay_bin()
+        .args(["account", "add", "mallory", "--token", "--group", "alice"])
+        .args(["--file", file])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is retired"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read(&s.accounts).unwrap(), before, "file changed");
+
+    // A hand edit that names the retired group is refused by the relay: it keeps the list
+    // it has (bob alone), so mallory cannot even log in.
+    let mallory = SigningKey::from_bytes(&[72; 32]);
+    let mut text = String::from_utf8(before.clone()).unwrap();
+    text.push_str(&format!(
+        "\n[[account]]\nname = \"mallory\"\nid = \"{}\"\ngroup = \"alice\"\nkey = \"{}\"\n",
+        hex::encode([7u8; 16]),
+        hex::encode(mallory.verifying_key().as_bytes())
+    ));
+    std::fs::write(&s.accounts, &text).unwrap();
+    relay.wait_log(&["is retired"]).await;
+    let e = try_login(relay.tcp(), &mallory)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(e.code, ErrorCode::AuthFailed, "{e:?}");
+    std::fs::write(&s.accounts, &before).unwrap();
+
+    // Adopted on purpose: carol gets group alice and the key id it claimed.
+    let carol = key_account(
+        &s.dir,
+        &s.accounts,
+        "carol",
+        &["--group", "alice", "--adopt-retired-group"],
+    );
+    relay
+        .wait_log(&["account list reloaded", "accounts=2"])
+        .await;
+    let mut cc = login(relay.tcp(), &carol).await;
+    try_sub(&mut cc, sub(1, 9, None, None))
+        .await
+        .expect("carol adopted group alice and its key id");
+    let mut cb = login(relay.tcp(), &bob).await;
+    let e = try_sub(&mut cb, sub(1, 9, None, None)).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::AuthFailed, "{e:?}");
+    // Nothing left to adopt.
+    let out = relay_bin()
+        .args(["account", "add", "dan", "--token", "--group", "alice"])
+        .args(["--adopt-retired-group", "--file", file])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not retired"),
+        "{out:?}"
+    );
 }
 
 /// Review finding 8: taking a right away (or moving the account to another group) ends the
