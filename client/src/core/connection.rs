@@ -97,11 +97,32 @@ enum Parked {
 /// Deferred opening: the live socket's frames in arrival order from the first one still
 /// waiting for its open, keyed by arrival number (a `Msg`'s number is its job id), and the
 /// jobs not yet taken by the driver.
+///
+/// Arrival numbers are consecutive, so the frames are a ring (the front is number
+/// `next - frames.len()`): a `BTreeMap` here shifted the rest of a leaf on every removal
+/// from the front (~1.4 % of a bench subscriber's CPU in `memmove`).
 #[derive(Debug, Default)]
 struct Parking {
-    frames: BTreeMap<u64, Parked>,
+    frames: VecDeque<Parked>,
     jobs: VecDeque<OpenJob>,
     next: u64,
+}
+
+impl Parking {
+    /// The frame with arrival number `id`, if still parked.
+    fn get_mut(&mut self, id: u64) -> Option<&mut Parked> {
+        let first = self.next - self.frames.len() as u64;
+        let i = usize::try_from(id.checked_sub(first)?).ok()?;
+        self.frames.get_mut(i)
+    }
+
+    /// Parks `p` as the next arrival; its number.
+    fn push(&mut self, p: Parked) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.frames.push_back(p);
+        id
+    }
 }
 
 /// The connection engine. See the module documentation.
@@ -525,7 +546,7 @@ impl Engine {
     /// inline at a disconnect, or of a socket gone) is ignored.
     pub fn handle_opened(&mut self, done: OpenDone, now: Now) {
         self.clamp(now);
-        if let Some(Parked::Msg(_, slot @ None)) = self.parked.frames.get_mut(&done.id) {
+        if let Some(Parked::Msg(_, slot @ None)) = self.parked.get_mut(done.id) {
             *slot = Some(Box::new(done.result));
             self.release_parked(now);
         }
@@ -918,21 +939,18 @@ impl Engine {
     /// Parks a frame of the live socket: a `Msg` becomes an [`OpenJob`]; anything else
     /// waits behind the opens before it.
     fn park(&mut self, f: Frame, now: Now) {
-        let id = self.parked.next;
-        self.parked.next += 1;
         match f {
             Frame::Msg(m) => {
+                let id = self.parked.next;
                 let kr = self.core.keyring().clone();
                 let roots = self.core.roots().clone();
                 let max = self.core.max_payload();
                 let job = OpenJob::new(id, &m, now.unix_ms, max, kr, roots);
                 self.parked.jobs.push_back(job);
-                self.parked
-                    .frames
-                    .insert(id, Parked::Msg(Box::new(m), None));
+                self.parked.push(Parked::Msg(Box::new(m), None));
             }
             f => {
-                self.parked.frames.insert(id, Parked::Frame(f));
+                self.parked.push(Parked::Frame(f));
                 self.release_parked(now);
             }
         }
@@ -941,11 +959,11 @@ impl Engine {
     /// Handles the parked frames up to the first envelope still being opened.
     fn release_parked(&mut self, now: Now) {
         loop {
-            match self.parked.frames.first_key_value() {
-                None | Some((_, Parked::Msg(_, None))) => return,
+            match self.parked.frames.front() {
+                None | Some(Parked::Msg(_, None)) => return,
                 Some(_) => {}
             }
-            let Some((_, p)) = self.parked.frames.pop_first() else {
+            let Some(p) = self.parked.frames.pop_front() else {
                 return;
             };
             let live = self.is_live();
@@ -970,20 +988,9 @@ impl Engine {
             return;
         }
         self.parked.jobs.clear();
-        let ids: Vec<u64> = self
-            .parked
-            .frames
-            .iter()
-            .filter(|(_, p)| matches!(p, Parked::Msg(_, None)))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            let opened = match self.parked.frames.get(&id) {
-                Some(Parked::Msg(m, None)) => self.core.open(m, now.unix_ms),
-                _ => continue,
-            };
-            if let Some(Parked::Msg(_, slot)) = self.parked.frames.get_mut(&id) {
-                *slot = Some(Box::new(opened));
+        for p in self.parked.frames.iter_mut() {
+            if let Parked::Msg(m, slot @ None) = p {
+                *slot = Some(Box::new(self.core.open(m, now.unix_ms)));
             }
         }
         self.release_parked(now);
