@@ -266,6 +266,25 @@ impl Store {
                 )
                 .optional()?;
             guard.restore_forgot_upto(forgot.unwrap_or(0).max(0) as u64);
+            // The guard holds restored dates to what an honest run can have written by now
+            // (review of session 27, F1); the file is brought down to the same bounds, or a
+            // forged date in it would come back at every start (its writes only raise
+            // `forgot_upto`, and rows are never rewritten otherwise).
+            let (latest_expiry, newest_mark) = guard.restored_bounds(now_ms);
+            let (e, m) = (
+                i64::try_from(latest_expiry).unwrap_or(i64::MAX),
+                i64::try_from(newest_mark).unwrap_or(i64::MAX),
+            );
+            self.db.execute(
+                "UPDATE seen SET expires = ?1 WHERE expires > ?1 OR expires < 0",
+                [e],
+            )?;
+            self.db
+                .execute("UPDATE retained SET ts = ?1 WHERE ts > ?1 OR ts < 0", [m])?;
+            self.db.execute(
+                "UPDATE seen_window SET forgot_upto = ?1 WHERE forgot_upto > ?1 OR forgot_upto < 0",
+                [e],
+            )?;
             Ok(())
         };
         if let Err(e) = load() {

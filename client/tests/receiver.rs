@@ -107,26 +107,31 @@ async fn an_envelope_reposted_as_retained_neither_replays_nor_rolls_back() {
     relay.stop().await;
 }
 
+/// A client of `relay` holding `t`, its receive state in the SQLite file `state`; `tune`
+/// sets anything else on the builder.
+#[cfg(feature = "persistence")]
+async fn persistent_client(
+    relay: &TestRelay,
+    t: &whispeer::TreeKey,
+    state: &std::path::Path,
+    tune: impl FnOnce(whispeer::ClientBuilder) -> whispeer::ClientBuilder,
+) -> Client {
+    let b = Client::builder()
+        .with(Tcp::new(relay.tcp_url()))
+        .with(Encryption::with_keyring(keyring_with(t)))
+        .with(whispeer::Persistence::sqlite(state));
+    tune(b).connect().await.unwrap()
+}
+
 #[cfg(feature = "persistence")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_and_retained_rollbacks_are_refused_after_a_restart_with_persistence() {
-    use whispeer::Persistence;
     let relay = TestRelay::start().await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("client.db");
     let t = tree("home");
     let alice = identity();
-    let me = identity();
-    let connect = || async {
-        Client::builder()
-            .with(Tcp::new(relay.tcp_url()))
-            .with(Encryption::with_keyring(keyring_with(&t)))
-            .with(Persistence::sqlite(&state))
-            .connect()
-            .await
-            .unwrap()
-    };
-    let _ = &me;
+    let connect = || persistent_client(&relay, &t, &state, |b| b);
     let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
     let now = whispeer::now_ms();
     let old_mode = seal(&t, Some(&alice), "cfg/mode", 1, now - 2_000);
@@ -167,6 +172,77 @@ async fn replays_and_retained_rollbacks_are_refused_after_a_restart_with_persist
     .await;
     assert_eq!(s.core.duplicates, 1, "the re-post is a duplicate: {s:?}");
     c.close().await;
+    relay.stop().await;
+}
+
+/// Review of session 27, F1: a state file is not trusted with dates. One row claiming the
+/// dedup window starts in the far future (`seen_window.forgot_upto`, as anyone who can
+/// write the file can set it) made the restarted client refuse — and acknowledge and drop
+/// — every message for good, and compaction kept it. Now the restored start is held to
+/// what an honest run can have written by the load time: messages dated later than the
+/// load time plus the clock skew are delivered (the client is given a 1 s skew so the
+/// test waits about that long; messages published meanwhile may be refused, counted).
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_claiming_a_future_window_cannot_silence_the_client() {
+    let relay = TestRelay::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("client.db");
+    let t = tree("home");
+    let connect =
+        || persistent_client(&relay, &t, &state, |b| b.clock_skew(Duration::from_secs(1)));
+    // A first run creates the state file.
+    connect().await.close().await;
+    {
+        let db = rusqlite::Connection::open(&state).unwrap();
+        db.execute(
+            "INSERT OR REPLACE INTO seen_window (id, forgot_upto) VALUES (1, ?1)",
+            [i64::MAX],
+        )
+        .unwrap();
+    }
+    let c = connect().await;
+    let mut sub = c.subscribe::<u32>("news/#").await.unwrap();
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let alice = identity();
+    // Publish a fresh message every 100 ms until one is delivered (before the fix: never).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut v = 0u32;
+    let got = loop {
+        v += 1;
+        member
+            .publish(
+                &seal(&t, Some(&alice), "news/a", v, whispeer::now_ms()),
+                false,
+            )
+            .await;
+        match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
+            Ok(Some(Ok(m))) => break m.value,
+            Ok(other) => panic!("subscription ended: {other:?}"),
+            Err(_) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "nothing delivered in 20 s: {:?}",
+                c.stats()
+            ),
+        }
+    };
+    assert!(got >= 1);
+    let s = c.stats();
+    assert_eq!(s.core.refused.restored_future, 1, "{s:?}");
+    c.close().await;
+    // Compaction and the next start do not bring the forged start back.
+    let db = rusqlite::Connection::open(&state).unwrap();
+    let saved: i64 = db
+        .query_row(
+            "SELECT forgot_upto FROM seen_window WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        (saved as u64) < whispeer::now_ms() + 8 * 24 * 3600 * 1000,
+        "saved window start {saved}"
+    );
     relay.stop().await;
 }
 

@@ -154,6 +154,11 @@ pub struct RefusedStats {
     pub unsigned: u64,
     /// Sender not on the publisher list.
     pub unlisted_sender: u64,
+    /// Restored state dated later than any run of this client could have written it (a
+    /// dedup expiry or window start past `now + horizon + 2 × skew`, a retained mark past
+    /// `now + skew`), clamped to that bound when loaded (see
+    /// [`Guard::restore_forgot_upto`]). Not a refusal of a message: counted here to be seen.
+    pub restored_future: u64,
 }
 
 /// `(tree, sender or zeros, msg_id)`.
@@ -250,6 +255,9 @@ pub struct Guard {
     retained: HashMap<RetainedKey, (u64, [u8; 16])>,
     /// When expired marks are next swept (Unix ms).
     next_mark_sweep: u64,
+    /// Restored values not yet held to the bounds of the first time seen after them
+    /// ([`Guard::settle_restored`]).
+    unsettled: bool,
     stats: RefusedStats,
     journal: Vec<Change>,
 }
@@ -405,6 +413,24 @@ impl Window {
         Some(at)
     }
 
+    /// Brings every expiry later than `max` down to `max` (restored state, see
+    /// `Guard::settle_restored`); how many moved.
+    fn clamp_expiry(&mut self, max: u64) -> u64 {
+        let Some(after) = max.checked_add(1) else {
+            return 0;
+        };
+        let later = self.expiry.split_off(&after);
+        let mut n = 0;
+        for d in later.into_values().flatten() {
+            if let Some(exp) = self.shard_mut(d).get_mut(&d) {
+                *exp = max;
+            }
+            self.push_expiry(d, max);
+            n += 1;
+        }
+        n
+    }
+
     /// Forgets the entries that expire first until at most `max` remain (whole buckets:
     /// at most a millisecond's worth more), moving the window's start past them.
     fn make_room(&mut self, max: usize) {
@@ -455,6 +481,7 @@ impl Guard {
             seen: Window::new(),
             retained: HashMap::new(),
             next_mark_sweep: 0,
+            unsettled: false,
             stats: RefusedStats::default(),
             journal: Vec::new(),
         }
@@ -480,12 +507,55 @@ impl Guard {
         self.seen.len
     }
 
-    /// Loads a persisted dedup entry (ignored once expired).
+    /// Loads a persisted dedup entry (ignored once expired; an expiry later than this
+    /// client could have set by `now_ms` is clamped, see [`Guard::restore_forgot_upto`]).
     pub fn restore_seen(&mut self, key: DedupKey, expires_ms: u64, now_ms: u64) {
-        if expires_ms > now_ms {
-            self.seen.insert(digest(&key), expires_ms);
-            self.seen.make_room(self.cfg.max_entries);
+        self.restore_digest(digest(&key), expires_ms, now_ms);
+    }
+
+    /// The latest dedup expiry (and window start) an honest run can have written by
+    /// `now_ms`: an entry expires at `max(ts, then) + horizon + skew` with `ts <= then +
+    /// skew` and `then <= now`.
+    fn latest_expiry(&self, now_ms: u64) -> u64 {
+        now_ms
+            .saturating_add(self.cfg.horizon_ms)
+            .saturating_add(self.cfg.max_skew_ms.saturating_mul(2))
+    }
+
+    /// The bounds restored dates are held to at `now_ms`: the latest dedup expiry and
+    /// window start ([`Guard::forgot_upto`]), and the latest retained mark. A driver that
+    /// keeps the state in a file may bring the file down to them too.
+    pub fn restored_bounds(&self, now_ms: u64) -> (u64, u64) {
+        (
+            self.latest_expiry(now_ms),
+            now_ms.saturating_add(self.cfg.max_skew_ms),
+        )
+    }
+
+    /// Holds everything restored since the last call to the bounds of `now_ms` (review of
+    /// session 27, F1): whoever can write the state file (or a browser's storage) must not
+    /// be able to push the window's start, a dedup expiry or a retained mark into the
+    /// future, where it would refuse — and so acknowledge and drop — every message, or
+    /// every retained value of a topic, for good (compaction would keep it). Clamped, a
+    /// forged window start can still refuse messages dated up to the load time plus the
+    /// skew (the state is not authenticated at rest, PROTOCOL §8.1), never later ones.
+    fn settle_restored(&mut self, now_ms: u64) {
+        if !std::mem::take(&mut self.unsettled) {
+            return;
         }
+        let (max, newest) = self.restored_bounds(now_ms);
+        let mut n = self.seen.clamp_expiry(max);
+        if self.seen.forgot_upto > max {
+            self.seen.forgot_upto = max;
+            n += 1;
+        }
+        for m in self.retained.values_mut() {
+            if m.0 > newest {
+                m.0 = newest;
+                n += 1;
+            }
+        }
+        self.stats.restored_future += n;
     }
 
     /// The latest expiry time among dedup entries forgotten for room (0: none). Every
@@ -497,31 +567,47 @@ impl Guard {
         self.seen.forgot_upto
     }
 
-    /// Loads a persisted [`Guard::forgot_upto`] (the later time wins).
+    /// Loads a persisted [`Guard::forgot_upto`] (the later time wins). Restored state is
+    /// not trusted with dates: before the next check, expiry or snapshot, a window start or
+    /// dedup expiry later than `now + horizon + 2 × skew` and a retained mark later than
+    /// `now + skew` are brought down to those bounds (no honest run writes later ones;
+    /// counted in [`RefusedStats::restored_future`]).
     pub fn restore_forgot_upto(&mut self, t: u64) {
         self.seen.forgot_upto = self.seen.forgot_upto.max(t);
+        self.unsettled = true;
     }
 
-    /// Loads a persisted retained high-water mark.
+    /// Loads a persisted retained high-water mark (a date in the future is clamped, see
+    /// [`Guard::restore_forgot_upto`]).
     pub fn restore_retained(&mut self, key: RetainedKey, ts_ms: u64, msg_id: [u8; 16]) {
         let e = self.retained.entry(key).or_insert((ts_ms, msg_id));
         if newer(ts_ms, &msg_id, e.0, &e.1) {
             *e = (ts_ms, msg_id);
         }
+        self.unsettled = true;
     }
 
-    /// Loads a dedup entry saved as its digest (a [`Snapshot`]; ignored once expired).
+    /// Loads a dedup entry saved as its digest (a [`Snapshot`]; ignored once expired; an
+    /// expiry later than this client could have set by `now_ms` is clamped, see
+    /// [`Guard::restore_forgot_upto`]).
     pub fn restore_digest(&mut self, d: Digest, expires_ms: u64, now_ms: u64) {
         if expires_ms > now_ms {
-            self.seen.insert(d, expires_ms);
+            let max = self.latest_expiry(now_ms);
+            if expires_ms > max {
+                self.stats.restored_future += 1;
+            }
+            self.seen.insert(d, expires_ms.min(max));
             self.seen.make_room(self.cfg.max_entries);
         }
     }
 
     /// The whole persisted state at `now_ms` (what a compacted state file holds): the dedup
     /// entries not expired, as digests by expiry — the window keeps no full keys, see
-    /// [`Digest`] — and every retained high-water mark.
+    /// [`Digest`] — and every retained high-water mark. Dates restored from a state file
+    /// are written back within the bounds of [`Guard::restore_forgot_upto`] even before
+    /// the first check has settled them, so compaction never keeps a forged future.
     pub fn snapshot(&self, now_ms: u64) -> Snapshot {
+        let (max, newest) = self.restored_bounds(now_ms);
         let after = now_ms
             .checked_add(1)
             .map_or(self.seen.expiry.range(0..0), |t| {
@@ -529,14 +615,14 @@ impl Guard {
             });
         Snapshot {
             seen: after
-                .flat_map(|(&exp, ds)| ds.iter().map(move |&d| (d, exp)))
+                .flat_map(|(&exp, ds)| ds.iter().map(move |&d| (d, exp.min(max))))
                 .collect(),
             retained: self
                 .retained
                 .iter()
-                .map(|(k, &(ts, id))| (*k, ts, id))
+                .map(|(k, &(ts, id))| (*k, ts.min(newest), id))
                 .collect(),
-            forgot_upto: self.seen.forgot_upto,
+            forgot_upto: self.seen.forgot_upto.min(max),
         }
     }
 
@@ -572,6 +658,7 @@ impl Guard {
         let forgot = self
             .seen
             .forgot_upto
+            .min(self.latest_expiry(now_ms))
             .saturating_sub(self.cfg.horizon_ms)
             .saturating_sub(self.cfg.max_skew_ms)
             .saturating_add(1);
@@ -582,6 +669,7 @@ impl Guard {
     /// before the horizon: a message that old is refused unless a subscription asked for
     /// older history, which gives up replay protection past the horizon anyway).
     pub fn expire(&mut self, now_ms: u64) {
+        self.settle_restored(now_ms);
         self.seen.expire(now_ms);
         if now_ms >= self.next_mark_sweep {
             self.next_mark_sweep = now_ms.saturating_add(MARK_SWEEP_MS);
@@ -598,6 +686,7 @@ impl Guard {
 
     /// Runs every check; on success returns what [`Guard::commit`] records.
     pub fn check(&mut self, c: &Candidate<'_>, now_ms: u64) -> Result<Accepted, Refusal> {
+        self.settle_restored(now_ms);
         let r = self.check_inner(c, now_ms);
         if let Err(why) = r {
             let s = &mut self.stats;
@@ -1142,5 +1231,52 @@ mod tests {
                 proptest::prop_assert!(g.seen_len() <= cap);
             }
         }
+    }
+
+    /// Review of session 27, F1: saved state is not trusted with dates. A window start, a
+    /// dedup expiry or a retained mark far in the future (one 17-byte record in a state
+    /// file) made every later message `BeforeWindow` — acknowledged and dropped — and every
+    /// retained value of the topic a rollback, for good (compaction wrote them back). Now
+    /// they are held to what an honest run can have written by the load time: messages
+    /// dated after the load time plus the skew are accepted, and snapshots carry the bound.
+    #[test]
+    fn a_restored_window_cannot_start_in_the_future() {
+        let t = Topic::new("a/b").unwrap();
+        let cfg = ReceiveConfig::default();
+        let bound = NOW + cfg.horizon_ms + 2 * cfg.max_skew_ms;
+        let mut g = Guard::new(cfg.clone());
+        g.restore_forgot_upto(u64::MAX);
+        g.restore_retained(retained_key(&TreeId([1; 16]), &t), u64::MAX, [9; 16]);
+        g.restore_digest(7, u64::MAX, NOW);
+        // Written back within the bounds, before any check settled them.
+        let snap = g.snapshot(NOW);
+        assert_eq!(snap.forgot_upto, bound);
+        assert_eq!(snap.seen, vec![(7, bound)]);
+        assert_eq!(snap.retained[0].1, NOW + cfg.max_skew_ms);
+        // Dated up to the load time plus the skew: still refused as possibly forgotten (a
+        // state writer keeps that much; the state is not authenticated at rest).
+        assert_eq!(
+            g.check(&cand(&t, 1, NOW, 0), NOW),
+            Err(Refusal::BeforeWindow)
+        );
+        // Later messages pass, live and retained, once the skew has gone by.
+        let later = NOW + cfg.max_skew_ms + 1;
+        let a = g.check(&cand(&t, 2, later, 0), later).unwrap();
+        g.commit(a);
+        let r = cand(&t, 3, later + 1, msg_flags::RETAINED);
+        assert!(
+            g.check(&r, later + 1).is_ok(),
+            "retained value after the bound"
+        );
+        assert_eq!(g.forgot_upto(), bound);
+        assert_eq!(g.stats().restored_future, 3);
+        // An honest state is untouched.
+        let mut h = Guard::new(cfg.clone());
+        h.restore_forgot_upto(NOW - 1);
+        h.restore_digest(8, NOW + 1_000, NOW);
+        assert!(h.check(&cand(&t, 4, NOW, 0), NOW).is_ok());
+        assert_eq!(h.forgot_upto(), NOW - 1);
+        assert_eq!(h.snapshot(NOW).seen, vec![(8, NOW + 1_000)]);
+        assert_eq!(h.stats().restored_future, 0);
     }
 }
