@@ -106,31 +106,41 @@ function addKeys(kr, keys) {
   }
 }
 
-function grantsOf(keys) {
-  const out = [];
+/**
+ * What `Client.addKeys` adds, in order, parsed before anything is added (a bad key string
+ * throws with nothing added): `{ grant, dictionaries, fromKeyring }` per grant — an invite's
+ * dictionaries travel with its grant, since they are added only once it is accepted
+ * (PROTOCOL §7) — and `dictionaries`, the `wsdict1…` strings given alone or held by a
+ * Keyring (not tied to any grant).
+ */
+function keysToAdd(keys) {
+  const grants = [];
+  const dictionaries = [];
+  const grant = (g, more = {}) => grants.push({ grant: g, dictionaries: [], fromKeyring: false, ...more });
   for (const k of Array.isArray(keys) ? keys : [keys]) {
-    if (k instanceof Keyring) for (const s of k.toKeyStrings()) out.push(Grant.fromKeyString(s));
-    else if (k instanceof TreeKey) out.push(k.grant('#'));
-    else if (k instanceof Grant) out.push(k);
-    else if (k instanceof OpenedInvite) out.push(k.grant);
-    else if (isDictString(k)) continue; // a dictionary, not a grant
+    if (k instanceof Keyring) {
+      for (const s of k.toKeyStrings()) grant(Grant.fromKeyString(s), { fromKeyring: true });
+      dictionaries.push(...k.toDictionaryStrings());
+    } else if (k instanceof TreeKey) grant(k.grant('#'));
+    else if (k instanceof Grant) grant(k);
+    else if (k instanceof OpenedInvite) grant(k.grant, { dictionaries: k.dictionaries });
+    else if (isDictString(k)) dictionaries.push(k.trim());
     else if (typeof k === 'string')
-      out.push(k.trim().startsWith('wstree1') ? TreeKey.fromKeyString(k).grant('#') : Grant.fromKeyString(k));
+      // Key strings are all-lowercase or all-uppercase (PROTOCOL §6.1).
+      grant(/^wstree1/i.test(k.trim()) ? TreeKey.fromKeyString(k).grant('#') : Grant.fromKeyString(k));
     else throw new WhispeerError('INVALID_OPTION', KEYS_EXPECTED);
   }
-  return out;
+  return { grants, dictionaries };
 }
 
-/** The zstd dictionaries (`wsdict1…` strings) among keys: strings, a Keyring's, an invite's. */
-function dictionariesOf(keys) {
-  const out = [];
-  for (const k of Array.isArray(keys) ? keys : [keys]) {
-    if (k instanceof Keyring) out.push(...k.toDictionaryStrings());
-    else if (k instanceof OpenedInvite) out.push(...k.dictionaries);
-    else if (isDictString(k)) out.push(k.trim());
-  }
-  return out;
-}
+/**
+ * A grant the engine refuses because it contradicts a grant it holds (`KeyError::
+ * Contradicts`, protocol/src/error_keys.rs): only a delegated grant is refused so, and
+ * when the held one is verified the engine's keyring would have dropped this one had it
+ * come first. Re-adding a Keyring that still holds such a grant (one exported before the
+ * admin-signed grant reached it, or a key file saved by an older version) is not an error.
+ */
+const superseded = (e) => e?.code === 'KEY' && /contradicts the key derived from the held grant/.test(e.message);
 
 /** The core's compression: a zstd level (1–22), 0 for none, 'lz4', or 'zstd-dict:ID[:N]'. */
 function level(c) {
@@ -1158,17 +1168,43 @@ export class Client {
   /**
    * Adds keys at run time (new grants, a rotated epoch, zstd dictionaries, an accepted
    * invite's grant and dictionaries) and refreshes subscriptions.
+   *
+   * Each grant is accepted or refused on its own: a refused one does not stop the others
+   * (a rotation's grant after a stale one of the same Keyring still arrives), and the
+   * first refusal is thrown once the rest is added. An invite's dictionaries are added
+   * only when its grant is accepted (PROTOCOL §7: a refused invite adds nothing). A
+   * Keyring's grant the client already supersedes (a delegated grant contradicted by a
+   * held one) is skipped, as the keyring would have dropped it.
    */
   addKeys(keys) {
     this.#checkOpen();
+    let plan;
     try {
-      const grants = grantsOf(keys);
-      for (const d of dictionariesOf(keys)) this.#eng.addDictionary(d);
-      for (const g of grants) this.#eng.addGrant(g, mono(), Date.now());
+      plan = keysToAdd(keys);
     } catch (e) {
       throw wrap(e);
     }
+    let refused;
+    for (const { grant, dictionaries, fromKeyring } of plan.grants) {
+      try {
+        this.#eng.addGrant(grant, mono(), Date.now());
+      } catch (e) {
+        if (!(fromKeyring && superseded(e))) refused ??= e;
+        continue;
+      }
+      try {
+        for (const d of dictionaries) this.#eng.addDictionary(d);
+      } catch (e) {
+        refused ??= e;
+      }
+    }
+    try {
+      for (const d of plan.dictionaries) this.#eng.addDictionary(d);
+    } catch (e) {
+      refused ??= e;
+    }
     this.#pump();
+    if (refused) throw wrap(refused);
   }
 
   /**

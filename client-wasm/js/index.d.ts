@@ -140,7 +140,9 @@ export class Keyring {
   toDictionaryStrings(): string[];
   /** Adds an opened invite's grant, then its dictionaries (nothing if the grant is refused). */
   acceptInvite(invite: OpenedInvite): void;
+  /** The grants held, as key strings (not those a later grant made the keyring drop). */
   toKeyStrings(): string[];
+  /** Number of grants held. */
   readonly size: number;
   free(): void;
 }
@@ -335,8 +337,9 @@ export interface ConnectOptions {
    * high-water marks and the pinned tree admins across restarts: unacknowledged publishes
    * are re-sent first with their ids, and a message delivered before is not delivered
    * again. Node.js: a file path (or `{ path, fsync }`; `fsync: true` also survives a power
-   * loss). Browsers: `{ indexedDB: name }`. One client per file or database. A foreign or
-   * corrupt store makes `connect` reject with code `STATE`.
+   * loss). Browsers: `{ indexedDB: name }`. One client per file or database (in browsers
+   * across tabs and workers too, with the Web Lock `whispeer:<name>`). A foreign, corrupt
+   * or busy store makes `connect` reject with code `STATE`.
    */
   persistence?: Persistence;
 }
@@ -474,6 +477,12 @@ export interface ClientStats {
     retainedRollback: number;
     unsigned: number;
     unlistedSender: number;
+    /**
+     * Not a refusal of a message: saved state dated later than any run could have written
+     * it (a dedup expiry or window start, a retained mark), brought down to that bound when
+     * loaded — a tampered state file or storage.
+     */
+    restoredFuture: number;
   };
   reconnects: number;
   /** At most once: messages dropped because a subscription had no credit left. */
@@ -487,6 +496,11 @@ export interface ClientStats {
    * event loop), not yet in the outbox; each moves to `unackedPublishes` once sealed.
    */
   sealingPublishes: number;
+  /**
+   * Saved kept publishes skipped at start and never sent (with persistence): not a QoS 1/2
+   * `Pub` frame of the publish id they were saved under — tampered or corrupt state.
+   */
+  restoreRefused: number;
   /** Bytes of frames queued in the engine and not yet handed to the socket. */
   outboxBytes: number;
   /** Messages typed subscriptions refused because they carried another type. */
@@ -572,7 +586,13 @@ export class Client {
    * registered with another tag).
    */
   topic<T = Received>(name: string, options: TypedTopicOptions): TypedTopic<T>;
-  /** Adds grants at run time (e.g. a rotated epoch) and refreshes subscriptions. */
+  /**
+   * Adds grants at run time (e.g. a rotated epoch), dictionaries and opened invites, and
+   * refreshes subscriptions. Each grant is accepted or refused on its own: the first
+   * refusal (`KEY`) is thrown after the rest is added. A refused invite adds none of its
+   * dictionaries. A Keyring's delegated grant contradicted by a grant the client holds
+   * (superseded) is skipped, not an error.
+   */
   addKeys(keys: Keys): void;
   /**
    * Lets this client seal with the delegated grant(s) for `scope` (`#`, `a/#` or `a/b`) in

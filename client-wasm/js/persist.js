@@ -68,9 +68,59 @@ function done(tx) {
   });
 }
 
+/**
+ * Takes the Web Lock `whispeer:<name>` if no one holds it, and holds it until the returned
+ * function is called (the store's `close`); a lock is also released when its page or worker
+ * goes away. Throws STATE when another client holds it. Returns a no-op where Web Locks
+ * are missing (old browsers, insecure contexts): only the per-page guard applies there.
+ *
+ * Why: IndexedDB is shared by every tab and worker of an origin, while the `open` set
+ * guards one page only. Two clients on one database would both load the same state, both
+ * re-send its kept publishes, and each compaction (`replace`: clear, then add) would wipe
+ * the records the other appended — its kept QoS ≥ 1 publishes and dedup entries (review
+ * session 27, F9).
+ */
+async function lockDatabase(name) {
+  const locks = globalThis.navigator?.locks;
+  if (typeof locks?.request !== 'function') return () => {};
+  let release;
+  const held = new Promise((r) => (release = r));
+  let got;
+  try {
+    got = await new Promise((resolve, reject) => {
+      locks
+        .request(`whispeer:${name}`, { ifAvailable: true }, (lock) => {
+          resolve(lock !== null);
+          return lock === null ? undefined : held; // kept until `release()`
+        })
+        .catch(reject);
+    });
+  } catch (e) {
+    throw state(`cannot lock IndexedDB database ${JSON.stringify(name)}: ${e?.message ?? e}`);
+  }
+  if (!got)
+    throw state(
+      `IndexedDB database ${JSON.stringify(name)} is in use by another client (another tab, window or worker of this site)`,
+    );
+  return () => release();
+}
+
 /** The IndexedDB store: one object store `log` of byte chunks, in key order. */
 async function openIndexedDB(name) {
   if (open.has(name)) throw state(`IndexedDB database ${JSON.stringify(name)} is in use by another client of this page`);
+  open.add(name); // taken now: a second connect of this page waits for nothing
+  let unlock;
+  try {
+    unlock = await lockDatabase(name);
+  } catch (e) {
+    open.delete(name);
+    throw e;
+  }
+  const fail = (e) => {
+    open.delete(name);
+    unlock();
+    return e;
+  };
   let db;
   try {
     const r = indexedDB.open(name, 1);
@@ -79,13 +129,12 @@ async function openIndexedDB(name) {
     };
     db = await request(r);
   } catch (e) {
-    throw state(`cannot open IndexedDB database ${JSON.stringify(name)}: ${e?.message ?? e}`);
+    throw fail(state(`cannot open IndexedDB database ${JSON.stringify(name)}: ${e?.message ?? e}`));
   }
   if (db.objectStoreNames.length !== 1 || !db.objectStoreNames.contains(STORE)) {
     db.close();
-    throw state(`IndexedDB database ${JSON.stringify(name)} is not a whispeer client state (other object stores)`);
+    throw fail(state(`IndexedDB database ${JSON.stringify(name)} is not a whispeer client state (other object stores)`));
   }
-  open.add(name);
   const write = (fn) => {
     const tx = db.transaction(STORE, 'readwrite', { durability: 'strict' });
     fn(tx.objectStore(STORE));
@@ -122,6 +171,7 @@ async function openIndexedDB(name) {
     close() {
       open.delete(name);
       db.close();
+      unlock();
     },
   };
 }

@@ -3,9 +3,22 @@
 // survives the process being killed, kill -9 included), compacted by writing the snapshot
 // to a temporary file, fsync, rename. `fsync: true` also fsyncs every append (survives a
 // power loss, at a cost per write).
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, writeSync } from 'node:fs';
+//
+// The directory may be writable by others (a path under a shared /tmp): the temporary file
+// gets a random name and is created exclusively (O_CREAT | O_EXCL, mode 0600), so a file
+// or symlink planted at a name we would use is never opened, written through or renamed
+// into place, and the state file always ends up a fresh 0600 file of ours; the append
+// descriptor does not follow a symlink put at the state path (O_NOFOLLOW where the
+// platform has it). Nothing is removed that this process did not create. (Review session
+// 27, F3: before, `${path}.tmp-${pid}` was opened with 'w', which followed a planted
+// symlink and truncated its target, or kept a planted file's owner and mode.)
+import { closeSync, constants, fsyncSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import { dirname, resolve } from 'node:path';
 import { WhispeerError } from './errors.js';
+
+// O_NOFOLLOW is missing on Windows (undefined there): plain append, as before.
+const APPEND = constants.O_NOFOLLOW === undefined ? 'a' : constants.O_WRONLY | constants.O_APPEND | constants.O_NOFOLLOW;
 
 const open = new Set(); // files in use by a client of this process
 
@@ -54,19 +67,30 @@ export async function openFileStore(path, fsync) {
       });
     },
     replace(bytes) {
-      const tmp = `${full}.tmp-${process.pid}`;
       io('write', () => {
-        const t = openSync(tmp, 'w', 0o600);
+        const tmp = `${full}.tmp-${randomBytes(12).toString('hex')}`;
+        const t = openSync(tmp, 'wx', 0o600); // EEXIST for anything already there, symlinks included
+        let moved = false;
         try {
-          writeAll(t, bytes);
-          fsyncSync(t);
+          try {
+            writeAll(t, bytes);
+            fsyncSync(t);
+          } finally {
+            closeSync(t);
+          }
+          renameSync(tmp, full); // replaces a symlink at `full` itself, never its target
+          moved = true;
         } finally {
-          closeSync(t);
+          if (!moved) {
+            try {
+              unlinkSync(tmp); // ours: created above
+            } catch {}
+          }
         }
-        renameSync(tmp, full);
         syncDir(dirname(full));
         if (fd !== null) closeSync(fd);
-        fd = openSync(full, 'a');
+        fd = null;
+        fd = openSync(full, APPEND);
       });
     },
     close() {

@@ -281,6 +281,7 @@ pub(crate) fn core_stats_object(s: &core::CoreStats) -> Object {
     set(&r, "retainedRollback", s.refused.retained_rollback as f64);
     set(&r, "unsigned", s.refused.unsigned as f64);
     set(&r, "unlistedSender", s.refused.unlisted_sender as f64);
+    set(&r, "restoredFuture", s.refused.restored_future as f64);
     set(&o, "refused", r);
     o
 }

@@ -110,6 +110,8 @@ pub struct Engine {
 struct Saving {
     journal: Vec<u8>,
     kept: BTreeMap<[u8; 16], (u64, Bytes)>,
+    /// Saved kept publishes the loader skipped (`persist::Saved::refused_kept`).
+    refused_kept: usize,
 }
 
 #[wasm_bindgen]
@@ -216,6 +218,7 @@ impl Engine {
             Saving {
                 journal: Vec::new(),
                 kept: s.outbox,
+                refused_kept: s.refused_kept,
             }
         });
         Ok(Engine {
@@ -590,6 +593,12 @@ impl Engine {
         set(&o, "reconnects", s.reconnects as f64);
         set(&o, "unackedPublishes", s.unacked_publishes as f64);
         set(&o, "sealingPublishes", s.sealing_publishes as f64);
+        let skipped = self.saving.as_ref().map_or(0, |s| s.refused_kept);
+        set(
+            &o,
+            "restoreRefused",
+            (s.restore_refused + skipped as u64) as f64,
+        );
         o.into()
     }
 }

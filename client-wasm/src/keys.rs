@@ -210,7 +210,17 @@ impl Grant {
     /// narrower (receivers that cannot re-derive it treat it as delegated by `by`).
     pub fn narrow(&self, scope: &str, by: &Identity) -> Result<Grant, JsValue> {
         let inner = match parse_scope(scope)? {
-            p::Scope::Tree => self.inner.clone(),
+            // `#` is this grant itself only when it covers the whole tree; from a subtree or
+            // topic grant it is out of scope (PROTOCOL §5.6), as the CLI and
+            // `Grant::narrow` say — handing back the narrower grant would give the caller
+            // less than it asked for without telling it.
+            p::Scope::Tree if matches!(self.inner.scope(), p::Scope::Tree) => self.inner.clone(),
+            p::Scope::Tree => {
+                return Err(key_error(p::KeyError::OutOfScope {
+                    scope: self.inner.scope().to_string(),
+                    target: "#".into(),
+                }))
+            }
             p::Scope::Subtree(t) => self.inner.narrow(&t, false, &by.inner).map_err(key_error)?,
             p::Scope::Topic(t) => self.inner.narrow(&t, true, &by.inner).map_err(key_error)?,
         };
@@ -246,6 +256,14 @@ impl Grant {
 #[wasm_bindgen]
 #[derive(Debug, Default)]
 pub struct Keyring {
+    /// The grants `check` holds, in the order they were added (what `toKeyStrings`
+    /// exports and `build` re-adds). Never more than `check` holds: a grant the protocol
+    /// keyring dropped (a delegated grant contradicted by a later admin-signed one, an
+    /// epoch older than the previous one after a rotation) or kept once (a duplicate) is
+    /// left out here too. Otherwise the wrapper would export a forged grant the keyring
+    /// had thrown away, and re-adding its strings (`Client.addKeys(keyring)`, a keyring
+    /// rebuilt from a saved key file) would bring the forgery back or fail on it (review
+    /// session 27, F4).
     grants: Vec<p::Grant>,
     check: p::Keyring,
     /// zstd dictionaries (codec 3), shared like keys (`wsdict1…`).
@@ -265,6 +283,7 @@ impl Keyring {
             .add_grant_at(g.clone(), now_ms())
             .map_err(key_error)?;
         self.grants.push(g);
+        self.keep_held();
         Ok(())
     }
 
@@ -305,13 +324,13 @@ impl Keyring {
     #[wasm_bindgen(js_name = addKeyString)]
     pub fn add_key_string(&mut self, s: &str) -> Result<(), JsValue> {
         let s = s.trim();
-        if s.get(..7)
-            .is_some_and(|p| p.eq_ignore_ascii_case("wsdict1"))
-        {
+        // Key strings are bech32m: all-lowercase or all-uppercase (PROTOCOL §6.1).
+        let hrp = |h: &str| s.get(..h.len()).is_some_and(|p| p.eq_ignore_ascii_case(h));
+        if hrp("wsdict1") {
             let d = p::Dictionary::from_key_string(s).map_err(key_error)?;
             self.push_dictionary(d);
             Ok(())
-        } else if s.starts_with("wstree1") {
+        } else if hrp("wstree1") {
             self.push(
                 p::TreeKey::from_key_string(s)
                     .map_err(key_error)?
@@ -334,7 +353,7 @@ impl Keyring {
         Ok(())
     }
 
-    /// The grants as key strings.
+    /// The grants held, as key strings (not those a later grant made the keyring drop).
     #[wasm_bindgen(js_name = toKeyStrings)]
     pub fn to_key_strings(&self) -> Vec<String> {
         self.grants
@@ -343,7 +362,7 @@ impl Keyring {
             .collect()
     }
 
-    /// Number of grants.
+    /// Number of grants held.
     #[wasm_bindgen(getter)]
     pub fn size(&self) -> usize {
         self.grants.len()
@@ -351,6 +370,23 @@ impl Keyring {
 }
 
 impl Keyring {
+    /// Drops from `grants` what `check` no longer holds, and repeats (see `grants`).
+    /// Compared by key string: the held grant is the very grant added (the protocol
+    /// keyring stores it as given), and key strings are small.
+    fn keep_held(&mut self) {
+        let held: Vec<_> = self.check.grants().map(|g| g.to_key_string()).collect();
+        let mut kept = Vec::with_capacity(held.len());
+        self.grants.retain(|g| {
+            let k = g.to_key_string();
+            if held.contains(&k) && !kept.contains(&k) {
+                kept.push(k);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
     fn push_dictionary(&mut self, d: p::Dictionary) {
         if !self.dictionaries.iter().any(|h| h.id() == d.id()) {
             self.dictionaries.push(d);
@@ -459,4 +495,163 @@ pub fn open_invite(invite: &str, me: &Identity) -> Result<OpenedInvite, JsValue>
         expiry_ms: i.expiry_ms,
         dictionaries: i.dictionaries,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p::kdf::{kh, tag};
+    use p::text::{self, hrp};
+
+    fn t(s: &str) -> p::Topic {
+        p::Topic::new(s).unwrap()
+    }
+
+    /// Puts the scope on the wire as grants sign it: kind ‖ u16be(len) ‖ path.
+    fn put_scope(out: &mut Vec<u8>, s: &p::Scope) {
+        out.push(s.kind_byte());
+        out.extend_from_slice(&(s.path().len() as u16).to_be_bytes());
+        out.extend_from_slice(s.path().as_bytes());
+    }
+
+    /// What a malicious member hands out: `real` (a narrowed grant she made, `wskey1…`)
+    /// with its key replaced by `key` and re-signed with her own key (`narrower`,
+    /// `wssec1…`), from public APIs only. The signature is valid; only the key is a lie.
+    fn forge(real: &p::Grant, narrower: &str, key: [u8; 32]) -> p::Grant {
+        let parent = real.narrowed_from().expect("a narrowed grant").clone();
+        let mut b = text::decode(hrp::GRANT, &real.to_key_string()).unwrap();
+        // … key (32) ‖ AUTH_NARROWED (1) ‖ parent kind (1) ‖ lp(path) ‖ by (32) ‖ sig (64)
+        let tail = 1 + 1 + 2 + parent.path().len() + 32 + 64;
+        let at = b.len() - tail - 32;
+        b[at..at + 32].copy_from_slice(&key);
+        let keys = real.epoch_keys();
+        let mut m = b"whispeer/v2/grant-narrow\0".to_vec();
+        m.extend_from_slice(&keys.tree_id().0);
+        m.extend_from_slice(&keys.epoch().to_be_bytes());
+        put_scope(&mut m, real.scope());
+        m.extend_from_slice(kh(&key, tag::GRANT_COMMIT, &[]).as_bytes());
+        put_scope(&mut m, &parent);
+        let sec = text::decode(hrp::SECRET, narrower).unwrap();
+        let seed: [u8; 32] = sec[1..33].try_into().unwrap();
+        let sig = ed25519_dalek::Signer::sign(&ed25519_dalek::SigningKey::from_bytes(&seed), &m);
+        let n = b.len();
+        b[n - 64..].copy_from_slice(&sig.to_bytes());
+        p::Grant::from_key_string(&text::encode(hrp::GRANT, &b)).expect("well signed")
+    }
+
+    /// `tk`, and a grant for `sensor/kitchen/#` narrowed by a member with a key she chose.
+    fn forged_under(tk: &TreeKey) -> (Grant, Identity) {
+        let mallory = Identity::generate();
+        let real = tk
+            .inner
+            .grant(&p::Scope::Subtree(t("sensor")))
+            .narrow(&t("sensor/kitchen"), false, &mallory.inner)
+            .unwrap();
+        let inner = forge(&real, &mallory.to_secret_string(), [0x66; 32]);
+        (Grant { inner }, mallory)
+    }
+
+    fn strings(kr: &Keyring) -> Vec<String> {
+        kr.to_key_strings()
+    }
+
+    /// Review of session 27, docs item 3: key strings are all-lowercase or all-uppercase
+    /// (PROTOCOL §6.1); an uppercase admin key was sent to the grant parser ("wrong kind").
+    #[test]
+    fn an_uppercase_key_string_is_read_as_its_kind() {
+        let tk = TreeKey::generate("home").unwrap();
+        let mut kr = Keyring::new();
+        kr.add_key_string(&tk.to_key_string().to_uppercase())
+            .expect("an uppercase wstree1 string");
+        let g = tk.grant(Some("a/#".into())).unwrap();
+        kr.add_key_string(&format!(" {} ", g.to_key_string().to_uppercase()))
+            .expect("an uppercase wskey1 string");
+    }
+
+    #[test]
+    fn a_grant_the_protocol_keyring_dropped_is_neither_kept_nor_exported() {
+        let tk = TreeKey::generate("home").unwrap();
+        let (forged, mallory) = forged_under(&tk);
+        assert_eq!(
+            forged.inner.claimed_provenance(),
+            p::Provenance::Delegated {
+                by: mallory.inner.sender_id()
+            }
+        );
+        // The forgery first (accepted as delegated), then the admin-signed sensor/#: the
+        // protocol keyring drops the forgery, and so does the wrapper.
+        let admin_sensor = tk.grant(Some("sensor/#".into())).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_grant(&forged).unwrap();
+        assert_eq!(kr.size(), 1);
+        kr.add_grant(&admin_sensor).unwrap();
+        assert_eq!(kr.size(), 1, "the forgery is gone");
+        assert_eq!(strings(&kr), [admin_sensor.to_key_string()]);
+        // The same with the whole tree's key.
+        let mut kr = Keyring::new();
+        kr.add_grant(&forged).unwrap();
+        kr.add_tree_key(&tk).unwrap();
+        assert_eq!(kr.size(), 1);
+        assert!(!strings(&kr).contains(&forged.to_key_string()));
+        // What it exports re-adds cleanly into a fresh keyring (and builds one for a
+        // client): before, the forgery came first and the tree key then dropped it again,
+        // or, re-added after the tree key, it was refused.
+        let mut again = Keyring::new();
+        for s in strings(&kr) {
+            again.add_key_string(&s).unwrap();
+        }
+        assert_eq!(again.size(), 1);
+        assert_eq!(kr.build().unwrap().grants().count(), 1);
+    }
+
+    #[test]
+    fn repeats_and_epochs_the_keyring_no_longer_holds_are_not_exported() {
+        let e0 = TreeKey::generate("home").unwrap();
+        let mut kr = Keyring::new();
+        kr.add_tree_key(&e0).unwrap();
+        kr.add_tree_key(&e0).unwrap();
+        kr.add_key_string(&e0.to_key_string()).unwrap();
+        assert_eq!(kr.size(), 1, "one grant, added three times");
+        // After two rotations epoch 0 is dropped (only the previous epoch is kept).
+        let e1 = e0.rotate().unwrap();
+        let e2 = e1.rotate().unwrap();
+        kr.add_tree_key(&e1).unwrap();
+        kr.add_tree_key(&e2).unwrap();
+        assert_eq!(kr.size(), 2);
+        assert_eq!(
+            strings(&kr),
+            [e1.grant(None).unwrap(), e2.grant(None).unwrap()].map(|g| g.to_key_string())
+        );
+    }
+
+    /// The Node tests (`test/node/fixtures/forged-grant.json`) use a forgery made by
+    /// [`forge`]: it must still parse, be delegated by its narrower, and be contradicted
+    /// by the tree key.
+    #[test]
+    fn the_node_fixture_is_a_forgery_the_tree_key_contradicts() {
+        let json = include_str!("../test/node/fixtures/forged-grant.json");
+        let field = |k: &str| {
+            let at = json.find(&format!("\"{k}\": \"")).unwrap() + k.len() + 5;
+            json[at..at + json[at..].find('"').unwrap()].to_owned()
+        };
+        let tk = TreeKey::from_key_string(&field("tree")).unwrap();
+        let forged = Grant::from_key_string(&field("forged")).unwrap();
+        assert_eq!(
+            forged.inner.claimed_provenance(),
+            p::Provenance::Delegated {
+                by: field("narrower").parse().unwrap()
+            }
+        );
+        assert_eq!(forged.scope(), "sensor/kitchen/#");
+        let mut check = p::Keyring::new();
+        check.add_tree_key_at(&tk.inner, 0).unwrap();
+        assert!(matches!(
+            check.add_grant_at(forged.inner.clone(), 0),
+            Err(p::KeyError::Contradicts { .. })
+        ));
+        let mut kr = Keyring::new();
+        kr.add_grant(&forged).unwrap();
+        kr.add_tree_key(&tk).unwrap();
+        assert_eq!(strings(&kr), [tk.grant(None).unwrap().to_key_string()]);
+    }
 }

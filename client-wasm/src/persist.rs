@@ -11,7 +11,8 @@
 //! Format: an append-only log. `MAGIC` (8 bytes: `wspjs` + NUL + version 1 + `\n`), then
 //! records `len: u32 BE ‖ body (len bytes) ‖ BLAKE3-derived 4-byte check of the body`.
 //! Body: a kind byte, then
-//! - `1` keep: publish id (16) ‖ order (u64 BE) ‖ `Pub` frame (rest);
+//! - `1` keep: publish id (16) ‖ order (u64 BE) ‖ `Pub` frame (rest; a record whose frame is
+//!   not a QoS ≥ 1 `Pub` of that publish id is skipped and counted, `Saved::refused_kept`);
 //! - `2` acked: publish id (16);
 //! - `3` seen: tree (16) ‖ sender or zeros (32) ‖ msg_id (16) ‖ expires unix ms (u64 BE);
 //! - `4` retained: key (32) ‖ timestamp ms (u64 BE) ‖ msg_id (16);
@@ -85,6 +86,30 @@ pub struct Saved {
     pub forgot_upto: u64,
     /// Bytes of a torn last record that were ignored.
     pub torn: usize,
+    /// `1` keep records skipped because their frame is not a QoS ≥ 1 `Pub` of their own
+    /// publish id (or their order is one no run reaches). The state is not authenticated,
+    /// and a kept frame is sent on the client's relay session after every handshake, so
+    /// such a record must never reach the outbox (review session 27, F2).
+    ///
+    /// Skipped and counted rather than refusing the whole state as
+    /// [`StateError::Corrupt`]: a refused state makes `Client.connect` fail until the user
+    /// deletes it, losing every genuine kept publish and the dedup window with it (so
+    /// duplicates are delivered again). One record that passed its check but is not a kept
+    /// publish is better dropped alone; it is also left out of the next snapshot, since the
+    /// snapshot is written from what was loaded. `Outbox::restore` in the Rust client
+    /// applies the same rule, so the Rust SQLite state is covered too.
+    pub refused_kept: usize,
+}
+
+/// What a `1` keep record must hold: the engine's own rule (`Outbox::restore`), a `Pub`
+/// frame with QoS ≥ 1 whose publish id is the record's, at an order a run can reach.
+fn kept_frame_ok(pid: &[u8; 16], order: u64, frame: &Bytes) -> bool {
+    whispeer::core::connection::kept_frame_check(
+        &whispeer::core::connection::PublishId(*pid),
+        order,
+        frame,
+    )
+    .is_ok()
 }
 
 fn check(body: &[u8]) -> [u8; 4] {
@@ -218,8 +243,15 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
         let (&kind, f) = body.split_first().ok_or_else(|| corrupt("empty record"))?;
         match (kind, f.len()) {
             (KEEP, n) if n >= 24 => {
+                let (pid, order) = (arr(f), u64_at(&f[16..]));
                 let frame = Bytes::copy_from_slice(&f[24..]);
-                s.outbox.insert(arr(f), (u64_at(&f[16..]), frame));
+                if kept_frame_ok(&pid, order, &frame) {
+                    s.outbox.insert(pid, (order, frame));
+                } else {
+                    // Skipped, not Corrupt: see `Saved::refused_kept`. A later ACKED of
+                    // the same id finds nothing to remove, which is fine.
+                    s.refused_kept += 1;
+                }
             }
             (ACKED, 16) => {
                 s.outbox.remove(&arr::<16>(f));
@@ -255,11 +287,37 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand_core::OsRng;
+    use whispeer_protocol::{Frame, Qos};
+    use whispeer_protocol::frame::{Close, ErrorCode, Unsub};
+    use whispeer_protocol::{Keyring, MessageId, Outgoing, SealOptions, Sealer, Topic, TreeKey};
+
+    /// A genuine `Pub` frame for `pid` with `qos`, as the engine keeps it.
+    fn pub_frame(pid: [u8; 16], qos: Qos) -> Bytes {
+        let tk = TreeKey::generate_with("p", &mut OsRng).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_tree_key_at(&tk, 0).unwrap();
+        let key = kr.topic_key(&Topic::new("a/b").unwrap()).unwrap();
+        let out = Outgoing {
+            payload: b"x",
+            content_type: "application/octet-stream",
+            msg_id: MessageId::random(&mut OsRng),
+            ts_ms: 1_000,
+        };
+        let env = Sealer::new()
+            .seal(&key, &out, &SealOptions::default(), None, &mut OsRng)
+            .unwrap();
+        whispeer::core::pub_frame(env, Some(pid), false, qos).to_bytes()
+    }
 
     fn sample() -> Vec<u8> {
+        sample_with(&pub_frame([2; 16], Qos::AtLeastOnce))
+    }
+
+    fn sample_with(frame2: &[u8]) -> Vec<u8> {
         let mut b = MAGIC.to_vec();
-        keep(&mut b, &[1; 16], 1, b"frame-1");
-        keep(&mut b, &[2; 16], 2, b"frame-2");
+        keep(&mut b, &[1; 16], 1, &pub_frame([1; 16], Qos::AtLeastOnce));
+        keep(&mut b, &[2; 16], 2, frame2);
         acked(&mut b, &[1; 16]);
         change(
             &mut b,
@@ -298,9 +356,11 @@ mod tests {
 
     #[test]
     fn a_log_replays_to_the_state_it_recorded() {
-        let s = load(&sample(), 100).unwrap();
+        let frame2 = pub_frame([2; 16], Qos::ExactlyOnce);
+        let s = load(&sample_with(&frame2), 100).unwrap();
         assert_eq!(s.outbox.len(), 1, "the acked publish is gone");
-        assert_eq!(s.outbox[&[2; 16]], (2, Bytes::from_static(b"frame-2")));
+        assert_eq!(s.outbox[&[2; 16]], (2, frame2));
+        assert_eq!(s.refused_kept, 0);
         assert_eq!(
             s.seen,
             [((TreeId([1; 16]), [2; 32], [3; 16]), 1_000)],
@@ -420,5 +480,69 @@ mod tests {
         record(&mut bad, &[&[SEEN_DIGEST], &[0; 20]]);
         record(&mut bad, &[&[PINS], b"x"]);
         assert!(matches!(load(&bad, 0), Err(StateError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_kept_record_must_be_a_pub_frame_with_its_own_publish_id() {
+        let good = pub_frame([1; 16], Qos::AtLeastOnce);
+        let bad: [(&str, [u8; 16], u64, Bytes); 6] = [
+            (
+                "a Close frame",
+                [2; 16],
+                2,
+                Frame::Close(Close {
+                    code: ErrorCode::Malformed,
+                    message: "bye".into(),
+                })
+                .to_bytes(),
+            ),
+            (
+                "an Unsub frame",
+                [3; 16],
+                3,
+                Frame::Unsub(Unsub {
+                    sub_id: 1,
+                    delete: Some(true),
+                })
+                .to_bytes(),
+            ),
+            ("no frame", [4; 16], 4, Bytes::from_static(b"frame-4")),
+            (
+                "a Pub of another publish id",
+                [5; 16],
+                5,
+                pub_frame([6; 16], Qos::AtLeastOnce),
+            ),
+            (
+                "a QoS 0 Pub",
+                [7; 16],
+                7,
+                pub_frame([7; 16], Qos::AtMostOnce),
+            ),
+            (
+                "an order no run reaches",
+                [8; 16],
+                u64::MAX,
+                pub_frame([8; 16], Qos::AtLeastOnce),
+            ),
+        ];
+        for (what, pid, order, frame) in &bad {
+            let mut b = MAGIC.to_vec();
+            keep(&mut b, &[1; 16], 1, &good);
+            keep(&mut b, pid, *order, frame);
+            pins(&mut b, b"\x01p");
+            let s = load(&b, 0).unwrap_or_else(|e| panic!("{what}: the state loads ({e})"));
+            assert_eq!(s.refused_kept, 1, "{what}");
+            assert!(
+                !s.outbox.contains_key(pid),
+                "{what}: skipped, never restored"
+            );
+            assert_eq!(
+                s.outbox[&[1; 16]],
+                (1, good.clone()),
+                "{what}: the rest loads"
+            );
+            assert_eq!(s.pins.as_deref(), Some(&b"\x01p"[..]), "{what}");
+        }
     }
 }

@@ -618,6 +618,120 @@ fn invite_seal_and_open_round_trip() {
     );
 }
 
+/// Raw bytes an attacker-chosen tree name or scope must never reach the terminal with: ESC
+/// (erase the line, conceal), CR and LF (overwrite or add lines), a C1 CSI, DEL, and the bidi
+/// override and isolate characters (reorder what is shown).
+const HOSTILE: &[char] = &[
+    '\u{1b}', '\r', '\n', '\u{9b}', '\u{7f}', '\u{202e}', '\u{2066}', '\u{2069}',
+];
+
+/// No hostile character inside any line (the line breaks themselves are the output's; a
+/// raw LF from a name shows up as an extra line, which the callers count).
+fn assert_no_hostile(what: &str, text: &str) {
+    for line in text.split('\n') {
+        let bad: Vec<char> = line.chars().filter(|c| HOSTILE.contains(c)).collect();
+        assert!(bad.is_empty(), "{what} holds raw {bad:?}: {text:?}");
+    }
+}
+
+/// `invite open` prints one line the receiver bases the trust decision on (PROTOCOL §7):
+/// the tree id and the certificate's admin key, which a tree named like another cannot copy,
+/// and the grant's provenance, before the free-text scope and tree name; those are escaped,
+/// so a name cannot rewrite the line or the terminal. `key show` escapes them too, and
+/// `--json` keeps them exact while writing the dangerous characters as `\u` escapes.
+#[test]
+fn invite_open_names_the_tree_and_escapes_control_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, _, alice_sender) = keygen(dir.path(), "alice.id");
+    let (bob, bob_public, _) = keygen(dir.path(), "bob.id");
+    let name = "home' (epoch 0)\r\u{1b}[2Kinvite from x\nfake\u{202e}kcab\u{9b}31m\u{7f}";
+    let (tree_file, tree) = new_tree(dir.path(), name);
+    let td = show(&tree);
+    assert_eq!(td["tree"], name, "--json keeps the exact name");
+    let (tree_id, admin) = (
+        td["tree_id"].as_str().unwrap(),
+        td["admin"].as_str().unwrap(),
+    );
+    let open = |inv: &str| {
+        let o = run_with(
+            &["invite", "open", "--identity", bob.to_str().unwrap()],
+            inv,
+            &[],
+        );
+        let err = stderr(&o);
+        let key = ok(o);
+        assert_no_hostile("invite open stderr", &err);
+        assert_no_hostile("invite open stdout", &key);
+        assert_eq!(err.lines().count(), 1, "one line for the invite: {err:?}");
+        let line = err.trim_end().to_owned();
+        assert!(
+            line.starts_with(&format!("invite from {alice_sender} ")),
+            "{line}"
+        );
+        assert!(line.contains(&format!("tree {tree_id}")), "{line}");
+        assert!(line.contains(&format!("admin: {admin}")), "{line}");
+        assert!(
+            line.contains(r"\u{1b}[2K") && line.contains(r"\u{202e}"),
+            "{line}"
+        );
+        // The identifying fields come before any attacker-chosen text.
+        assert!(
+            line.find(admin).unwrap() < line.find("[2K").unwrap(),
+            "{line}"
+        );
+        (key, line)
+    };
+
+    // Admin-signed, for a scope whose path holds an escape too.
+    let seal = |key_file: &Path, path: &str| {
+        ok(run(&[
+            "invite",
+            "seal",
+            "--to",
+            &bob_public,
+            "--path",
+            path,
+            "--identity",
+            alice.to_str().unwrap(),
+            "--key-file",
+            key_file.to_str().unwrap(),
+        ]))
+    };
+    let (key, line) = open(&seal(&tree_file, "sensor\u{1b}]0;x"));
+    assert!(line.contains("admin-signed"), "{line}");
+    assert!(line.contains(r"'sensor\u{1b}]0;x/#'"), "{line}");
+
+    // Narrowed from a grant: the narrower is named.
+    let grant_file = write_file(dir.path(), "grant.key", &format!("{key}\n"));
+    let (narrowed, line) = open(&seal(&grant_file, "sensor\u{1b}]0;x/kitchen"));
+    assert!(
+        line.contains(&format!("narrowed by {alice_sender}")),
+        "{line}"
+    );
+
+    // `key show`: every line is one labelled field; the name and scope are escaped.
+    for k in [&tree, &narrowed] {
+        let text = ok(run_with(&["key", "show", "-"], k, &[]));
+        assert_no_hostile("key show", &text);
+        for l in text.lines() {
+            let label = l.split_once(':').map(|(a, _)| a).unwrap_or(l);
+            assert!(
+                !label.is_empty() && label.chars().all(|c| c.is_ascii_lowercase() || c == ' '),
+                "every line is a labelled field: {l:?} in {text:?}"
+            );
+        }
+        let tree_line = text.lines().find(|l| l.starts_with("tree:")).unwrap();
+        assert!(tree_line.contains(r"\r\u{1b}[2K"), "{tree_line}");
+        // --json: parses back to the exact text, with no raw control or bidi character.
+        let o = run_with(&["key", "show", "--json", "-"], k, &[]);
+        let json = ok(o);
+        assert_no_hostile("key show --json", &json);
+        let d: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(d["tree"], name);
+    }
+    assert_eq!(show(&narrowed)["scope"], "sensor\u{1b}]0;x/kitchen/#");
+}
+
 /// `samples.jsonl`: 300 telemetry readings, one JSON object per line (to train on).
 fn telemetry_samples(dir: &Path) -> PathBuf {
     let samples: String = (0..300)

@@ -1510,6 +1510,30 @@ fn trust_vectors(dir: &Path, tk: &TreeKey, env: &Envelope, bv: &Value) {
         json!("error"),
         Some("passphrase flag differs"),
     );
+    // An end on the passphrase tree's own epoch 0, signed by a member with the admin key
+    // she derived: it would cut every other member off (§5.9).
+    let pt_root: [u8; 32] = pt_raw[26..58].try_into().unwrap();
+    let (er, en, es) = RawGrant::epoch_keys(pt.tree_id().0, 0, pt_root);
+    let ended = RawGrant {
+        epoch: 0,
+        r: er,
+        n: en,
+        prev_cutoff_ms: 0,
+        not_after_ms: 1,
+        key: es,
+        ..honest_ref(&flagged)
+    };
+    keyring_vector(
+        dir,
+        "fail_keyring_passphrase_not_after",
+        "a member who knows the passphrase signs epoch 0 of the passphrase tree with an end",
+        vec![
+            step("key", &pt.to_key_string(), 0),
+            step("grant", &ended.key_string(), 1),
+        ],
+        json!("error"),
+        Some("a passphrase tree has no end"),
+    );
     // Rotation cutoff.
     let e = env.as_bytes().to_vec();
     let cut = |cutoff: u64, added: u64, grace: u64, live: bool| {
@@ -1542,7 +1566,7 @@ fn trust_vectors(dir: &Path, tk: &TreeKey, env: &Envelope, bv: &Value) {
         json!("from history long after the grace period: dated before the cutoff, accepted");
     write(dir, "ok_envelope_previous_epoch_history_before_cutoff", v);
     let mut v = bv.clone();
-    v["keys"] = json!([{"key": tree(0, 0x22).with_not_after(Some(NOW - 1)).to_key_string().as_str(), "added_ms": 0}]);
+    v["keys"] = json!([{"key": tree(0, 0x22).with_not_after(Some(NOW - 1)).unwrap().to_key_string().as_str(), "added_ms": 0}]);
     fail_env(
         dir,
         "fail_envelope_after_not_after",

@@ -228,7 +228,8 @@ impl Keyring {
     /// Refused, with the keyring unchanged: a certificate signed by another admin than the
     /// pinned one ([`KeyError::AdminMismatch`]) or with another passphrase flag
     /// ([`KeyError::PinMismatch`]); epoch > 0 of a passphrase tree
-    /// ([`KeyError::PassphraseEpoch`]); a key id held for another tree or epoch
+    /// ([`KeyError::PassphraseEpoch`]); an end (`not_after_ms`) on a passphrase tree
+    /// ([`KeyError::InvalidString`]); a key id held for another tree or epoch
     /// ([`KeyError::KeyIdConflict`]); a second, different certificate for a held epoch
     /// ([`KeyError::EpochConflict`]); a grant whose key contradicts a held grant
     /// ([`KeyError::Contradicts`]) — unless the new grant is admin-signed and the held one
@@ -253,6 +254,11 @@ impl Keyring {
                 tree: tree_id.to_string(),
                 epoch,
             });
+        }
+        // Parsing refuses this already; checked again for grants built in memory, because an
+        // end kept here would apply to every grant of the epoch (the earliest end wins).
+        if new_pin.passphrase && cert.not_after_ms().is_some() {
+            return Err(crate::tree::passphrase_end_refused("epoch certificate"));
         }
         if let Some(&(t, e)) = self.by_key_id.get(&keys.key_id()) {
             if (t, e) != (tree_id, epoch) {
@@ -1222,6 +1228,46 @@ mod tests {
         assert_ne!(realm.admin(), pt.admin());
     }
 
+    /// Every member of a passphrase tree derives its admin key (§5.9), so an end signed into
+    /// the certificate would let any one member cut every other member off: `min` over the
+    /// certificates of an epoch (`add_grant_report_at`) keeps the earliest end seen.
+    #[test]
+    fn a_passphrase_member_cannot_end_the_tree() {
+        let fast = crate::tree::PassphraseParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        let pt = TreeKey::from_passphrase("family", b"pw", fast).unwrap();
+        let key_id = pt.cert().keys().key_id();
+        let mut kr = Keyring::new();
+        kr.add_tree_key_at(&pt, 0).unwrap();
+        assert!(kr.accepts_message(&key_id, 10, 10, true));
+        // The API does not sign such a certificate ...
+        assert!(pt.clone().with_not_after(Some(1)).is_err());
+        // ... and one Mallory signs herself with the admin key she derived is refused as a
+        // key string (how a grant or an invite carries it) and by the keyring.
+        let ended = crate::tree::tests_support::ending_at(&pt, 1);
+        let forged = ended.grant_all();
+        assert!(matches!(
+            Grant::from_key_string(&forged.to_key_string()),
+            Err(KeyError::InvalidString { .. })
+        ));
+        assert!(TreeKey::from_key_string(&ended.to_key_string()).is_err());
+        assert!(matches!(
+            kr.add_grant_at(forged, 0),
+            Err(KeyError::InvalidString { .. })
+        ));
+        assert!(kr.accepts_message(&key_id, 10, 10, true));
+        // An ordinary tree may still end.
+        let mut r = rng(40);
+        let tk = TreeKey::generate_with("home", &mut r).unwrap();
+        assert_eq!(
+            tk.with_not_after(Some(1)).unwrap().cert().not_after_ms(),
+            Some(1)
+        );
+    }
+
     #[test]
     fn rotation_cutoff_bounds_the_previous_epoch() {
         let mut r = rng(38);
@@ -1250,7 +1296,8 @@ mod tests {
         let mut r = rng(39);
         let tk = TreeKey::generate_with("home", &mut r)
             .unwrap()
-            .with_not_after(Some(5_000));
+            .with_not_after(Some(5_000))
+            .unwrap();
         assert_eq!(tk.cert().not_after_ms(), Some(5_000));
         let mut kr = Keyring::new();
         kr.add_tree_key_at(&tk, 0).unwrap();

@@ -19,10 +19,28 @@ const VERSION: u8 = 1;
 const AAD_CONTEXT: &[u8] = b"whispeer locked secret v1";
 /// version 1 + m_kib 4 + t 4 + p 4 + salt 16 + nonce 24.
 const HEADER: usize = 1 + 12 + 16 + 24;
-/// Refused when opening (a crafted string must not make us allocate without bound).
-const MAX_M_KIB: u32 = 4 * 1024 * 1024;
-const MAX_T: u32 = 64;
+/// Ceilings on the Argon2id cost a string may name, refused before deriving when opening and
+/// when locking. A string read from a file chooses its own cost and Argon2 must run before
+/// anything is authenticated, so whoever can write a broker's key directory could otherwise
+/// make every start allocate this much per key file. 1 GiB and 16 passes are 4× and 8× the
+/// default (256 MiB, t = 2) and more than a key file needs; `lock_secret_string` refuses the
+/// same, so no honest writer produces a string its reader refuses.
+const MAX_M_KIB: u32 = 1024 * 1024;
+const MAX_T: u32 = 16;
 const MAX_P: u32 = 16;
+
+/// Refuses parameters beyond the ceilings (a typed error: nothing secret is involved yet).
+fn check_params(params: PassphraseParams) -> Result<(), KeyError> {
+    if params.m_kib > MAX_M_KIB || params.t > MAX_T || params.p > MAX_P {
+        return Err(KeyError::InvalidString {
+            kind: "locked secret",
+            reason: format!(
+                "Argon2id parameters beyond the limits (m ≤ {MAX_M_KIB} KiB, t ≤ {MAX_T}, p ≤ {MAX_P})"
+            ),
+        });
+    }
+    Ok(())
+}
 
 fn derive(
     passphrase: &[u8],
@@ -38,13 +56,15 @@ fn derive(
     Ok(key)
 }
 
-/// Seals `secret` (e.g. a `wstree1…` key string) under `passphrase`.
+/// Seals `secret` (e.g. a `wstree1…` key string) under `passphrase`. Parameters beyond the
+/// ceilings [`unlock_secret_string`] accepts (m ≤ 1 GiB, t ≤ 16, p ≤ 16) are refused.
 pub fn lock_secret_string(
     secret: &str,
     passphrase: &[u8],
     params: PassphraseParams,
     rng: &mut impl CryptoRngCore,
 ) -> Result<String, KeyError> {
+    check_params(params)?;
     let mut header = Vec::with_capacity(HEADER);
     header.push(VERSION);
     header.extend_from_slice(&params.m_kib.to_be_bytes());
@@ -71,7 +91,9 @@ pub fn lock_secret_string(
     Ok(text::encode(hrp::LOCKED, &header))
 }
 
-/// Opens a `wslocked1…` string with `passphrase`.
+/// Opens a `wslocked1…` string with `passphrase`. Argon2id parameters beyond the ceilings
+/// are refused before deriving ([`KeyError::InvalidString`]); every later failure is
+/// [`KeyError::Locked`].
 pub fn unlock_secret_string(
     locked: &str,
     passphrase: &[u8],
@@ -95,14 +117,7 @@ pub fn unlock_secret_string(
         t: u32_at(5),
         p: u32_at(9),
     };
-    if params.m_kib > MAX_M_KIB || params.t > MAX_T || params.p > MAX_P {
-        return Err(KeyError::InvalidString {
-            kind: "locked secret",
-            reason: format!(
-                "Argon2id parameters beyond the limits (m ≤ {MAX_M_KIB} KiB, t ≤ {MAX_T}, p ≤ {MAX_P})"
-            ),
-        });
-    }
+    check_params(params)?;
     let (header, ct) = b.split_at(HEADER);
     let key = derive(passphrase, &header[13..29], params).map_err(|_| KeyError::Locked)?;
     let aad = [AAD_CONTEXT, header].concat();
@@ -164,6 +179,55 @@ mod tests {
             unlock_secret_string(&text::encode(hrp::LOCKED, &b), b"pass"),
             Err(KeyError::InvalidString { .. })
         ));
+    }
+
+    /// A string read from a file names its own Argon2id cost, and Argon2 must run before the
+    /// string is authenticated: whoever can write a broker's key directory must not be able
+    /// to make it allocate 4 GiB or run 64 passes per key file at start (review F8).
+    #[test]
+    fn argon2_costs_beyond_what_lock_writes_are_refused_before_deriving() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(8);
+        let locked = lock_secret_string("wstree1x", b"pass", FAST, &mut rng).unwrap();
+        let with = |m_kib: u32, t: u32, p: u32| {
+            let mut b = text::decode(hrp::LOCKED, &locked).unwrap();
+            b[1..5].copy_from_slice(&m_kib.to_be_bytes());
+            b[5..9].copy_from_slice(&t.to_be_bytes());
+            b[9..13].copy_from_slice(&p.to_be_bytes());
+            text::encode(hrp::LOCKED, &b)
+        };
+        // Refused as parameters (not the opaque `Locked`, which only comes after deriving).
+        let beyond = |m_kib, t, p| {
+            matches!(
+                unlock_secret_string(&with(m_kib, t, p), b"pass"),
+                Err(KeyError::InvalidString { .. })
+            )
+        };
+        assert!(beyond(1024 * 1024 + 1, 1, 1), "m = 1 GiB + 1 KiB");
+        assert!(beyond(64, 17, 1), "t = 17");
+        assert!(beyond(64, 1, 17), "p = 17");
+        // At the ceilings the key is derived, and the altered header then fails opaquely.
+        assert_eq!(
+            unlock_secret_string(&with(256, 16, 16), b"pass").unwrap_err(),
+            KeyError::Locked
+        );
+        // The writer refuses what the reader would, so no broker writes a file it cannot read.
+        let big = PassphraseParams {
+            m_kib: 1024 * 1024 + 1,
+            t: 1,
+            p: 1,
+        };
+        assert!(matches!(
+            lock_secret_string("wstree1x", b"pass", big, &mut rng),
+            Err(KeyError::InvalidString { .. })
+        ));
+        // The default (256 MiB, t = 2) stays well inside.
+        assert!(check_params(PassphraseParams::default()).is_ok());
+        assert!(check_params(PassphraseParams {
+            m_kib: 1024 * 1024,
+            t: 16,
+            p: 16
+        })
+        .is_ok());
     }
 
     /// Prints the cost of the default parameters (no threshold):

@@ -90,6 +90,19 @@ impl fmt::Debug for TreeId {
     }
 }
 
+/// The refusal of an end (`not_after_ms`) on a passphrase tree. Every member derives the
+/// admin key (§5.9), so an end one member signs would cut every other member off for whoever
+/// accepts her grant (keyrings keep the earliest end of an epoch); the honest API never sets
+/// one, so the certificate, the tree key string and the keyring all refuse it.
+pub(crate) fn passphrase_end_refused(kind: &'static str) -> KeyError {
+    KeyError::InvalidString {
+        kind,
+        reason: "a passphrase tree has no end (not_after must be none): every member \
+                 knows its admin key"
+            .into(),
+    }
+}
+
 fn check_tree_name(name: &str) -> Result<(), KeyError> {
     if name.len() > MAX_TREE_NAME {
         return Err(KeyError::InvalidTreeName("longer than 128 bytes"));
@@ -277,6 +290,9 @@ impl CertFields<'_> {
                 kind: "epoch certificate",
                 reason: "epoch 0 has no previous epoch to cut off".into(),
             });
+        }
+        if self.flags & CERT_FLAG_PASSPHRASE != 0 && self.not_after_ms != NO_LIMIT {
+            return Err(passphrase_end_refused("epoch certificate"));
         }
         Ok(())
     }
@@ -1005,9 +1021,17 @@ impl TreeKey {
     /// The same key whose certificate refuses messages of this epoch dated after
     /// `not_after_ms` (`None`: no end). Receivers that never get the next epoch stop
     /// accepting this one for new messages after it.
-    pub fn with_not_after(mut self, not_after_ms: Option<u64>) -> Self {
-        self.not_after_ms = not_after_ms.unwrap_or(NO_LIMIT);
-        self
+    ///
+    /// A passphrase tree cannot end (an error unless `None`): every member knows its admin
+    /// key, so an end would be one member's decision imposed on the others, and receivers
+    /// refuse such a certificate (§5.9).
+    pub fn with_not_after(mut self, not_after_ms: Option<u64>) -> Result<Self, KeyError> {
+        let not_after_ms = not_after_ms.unwrap_or(NO_LIMIT);
+        if self.passphrase && not_after_ms != NO_LIMIT {
+            return Err(passphrase_end_refused("tree key"));
+        }
+        self.not_after_ms = not_after_ms;
+        Ok(self)
     }
 
     /// The tree id.
@@ -1167,6 +1191,10 @@ impl TreeKey {
                 tree: tree_id.to_string(),
                 epoch,
             });
+        }
+        // Its certificate would be refused by every receiver.
+        if passphrase && not_after_ms != NO_LIMIT {
+            return Err(passphrase_end_refused("tree key"));
         }
         Ok(TreeKey {
             tree_id,
@@ -1359,6 +1387,14 @@ pub(crate) mod tests_support {
             ..tk.clone()
         }
     }
+    /// The same key whose certificate ends at `not_after_ms`, whatever the key is: what a
+    /// passphrase-tree member could sign, since she knows the admin key.
+    pub(crate) fn ending_at(tk: &TreeKey, not_after_ms: u64) -> TreeKey {
+        TreeKey {
+            not_after_ms,
+            ..tk.clone()
+        }
+    }
     /// The same key material under another tree id (to forge a grant in tests).
     pub(crate) fn with_tree_id(tk: &TreeKey, id: TreeId) -> TreeKey {
         TreeKey {
@@ -1378,6 +1414,31 @@ mod tests {
     }
     fn t(s: &str) -> Topic {
         Topic::new(s).unwrap()
+    }
+
+    /// PROTOCOL §5.7: an ordinary tree's name may be empty (the tree id identifies it) and
+    /// survives its key strings; a passphrase tree's may not (its id and salt come from it).
+    #[test]
+    fn only_a_passphrase_tree_needs_a_name() {
+        let tk = TreeKey::generate_with("", &mut rng()).unwrap();
+        assert_eq!(
+            TreeKey::from_key_string(&tk.to_key_string())
+                .unwrap()
+                .name(),
+            ""
+        );
+        let g = Grant::from_key_string(&tk.grant_all().to_key_string()).unwrap();
+        assert_eq!(g.cert().tree_name(), "");
+        let fast = PassphraseParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        assert!(matches!(
+            TreeKey::from_passphrase("", b"pw", fast),
+            Err(KeyError::InvalidTreeName(_))
+        ));
+        assert!(TreeKey::generate_with(&"x".repeat(129), &mut rng()).is_err());
     }
 
     #[test]

@@ -192,3 +192,39 @@ test('Chromium: a foreign IndexedDB database or a file path fails with a typed e
     await page.close();
   }
 });
+
+test('Chromium: a second tab on the same IndexedDB database fails with STATE until the first client closes (Web Lock)', async () => {
+  const [one, two] = [await browser.testPage(), await browser.testPage()];
+  const tree = TreeKey.generate('idb-lock').toKeyString();
+  const persistence = { indexedDB: 'persist-lock' };
+  const tryConnect = (page) =>
+    page.evaluate(
+      ({ url, keys, persistence }) =>
+        W.Client.connect(url, { keys, persistence }).then(
+          (c) => {
+            window.c = c;
+            return 'connected';
+          },
+          (e) => [e instanceof W.WhispeerError, e.code, e.message],
+        ),
+      { url: relay.url, keys: tree, persistence },
+    );
+  try {
+    assert.equal(await tryConnect(one), 'connected');
+    const refused = await tryConnect(two);
+    assert.deepEqual(refused.slice(0, 2), [true, 'STATE'], JSON.stringify(refused));
+    assert.match(refused[2], /in use by another client/);
+    // The first client closes: its lock is released, and the second tab may take the state.
+    await one.evaluate(() => window.c.close());
+    await two.waitForFunction(async () => !(await navigator.locks.query()).held.some((l) => l.name === 'whispeer:persist-lock'));
+    assert.equal(await tryConnect(two), 'connected');
+    // A tab that goes away releases the lock too.
+    await two.close();
+    await one.waitForFunction(async () => !(await navigator.locks.query()).held.some((l) => l.name === 'whispeer:persist-lock'));
+    assert.equal(await tryConnect(one), 'connected');
+  } finally {
+    await one.evaluate(() => window.c?.close()).catch(() => {});
+    await one.close();
+    if (!two.isClosed()) await two.close();
+  }
+});

@@ -2,6 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { relayPerFile } from '../shared/fixture.js';
 import { startRelay } from '../shared/relay.js';
 import { startProxy } from '../shared/proxy.js';
@@ -257,6 +258,9 @@ test('keys: generate, strings, passphrase, invites', () => {
   assert.equal(Grant.fromKeyString(g.toKeyString()).scope, 'rooms/#');
   assert.equal(g.narrow('rooms/kitchen', me).scope, 'rooms/kitchen');
   assert.throws(() => g.narrow('garden/#', me), { code: 'KEY' });
+  // '#' is the whole tree: out of a subtree grant's scope (PROTOCOL §5.6), as in the CLI.
+  assert.throws(() => g.narrow('#', me), { code: 'KEY' });
+  assert.equal(tree.grant('#').narrow('#', me).scope, '#');
   assert.throws(() => Grant.fromKeyString('wskey1garbage'), { code: 'KEY' });
 
   const p1 = TreeKey.fromPassphrase('demo', 'correct horse battery staple', { memoryKiB: 1024, iterations: 1 });
@@ -439,4 +443,46 @@ test('messages carry the provenance; a delegated grant seals only after allowSea
   assert.deepEqual(first.provenance, { kind: 'admin-signed' });
   await atAdmin.count(2);
   assert.equal(atAdmin.got[1].value, 2);
+});
+
+// A member's forged grant (test/node/fixtures/forged-grant.json: sensor/kitchen/# with a
+// key she chose, narrowed and signed by her; checked by client-wasm/src/keys.rs tests).
+const FORGED = JSON.parse(readFileSync(new URL('./fixtures/forged-grant.json', import.meta.url), 'utf8'));
+
+test('a Keyring drops a forged grant once the admin-signed one arrives, and addKeys of a rotation is not stopped by a superseded grant', async () => {
+  const tree = TreeKey.fromKeyString(FORGED.tree);
+  const forged = Grant.fromKeyString(FORGED.forged);
+  // The keyring path: the forgery arrives first, the admin's grant later drops it.
+  const kr = new Keyring();
+  kr.addGrant(forged);
+  kr.addGrant(tree.grant('sensor/#'));
+  assert.equal(kr.size, 1);
+  assert.ok(!kr.toKeyStrings().includes(forged.toKeyString()), 'the forgery is not exported');
+
+  const client = await connect({ keys: kr });
+  client.addKeys(tree); // the whole tree, admin-signed
+  const rotated = tree.rotate();
+  const got = collector(1);
+  await client.subscribe('sensor/#', got.cb);
+  // The app's usual pattern after a rotation: add to its keyring, hand the keyring over.
+  kr.addTreeKey(rotated);
+  client.addKeys(kr);
+  // A keyring that still holds the forgery (rebuilt from strings an older version
+  // exported, without the admin's grant) and the rotation: the forgery is superseded
+  // by what the client holds, and the rotation is still added.
+  const old = new Keyring();
+  old.addGrant(forged);
+  old.addTreeKey(rotated);
+  assert.equal(old.size, 2);
+  const other = await connect({ keys: tree });
+  other.addKeys(old);
+  const got2 = collector(1);
+  await other.subscribe('sensor/#', got2.cb);
+  // Both read the new epoch: a publisher holding only it reaches them.
+  const pub = await connect({ keys: rotated });
+  await pub.publish('sensor/kitchen', 'epoch 1', { ack: true });
+  assert.equal((await got.all)[0].value, 'epoch 1');
+  assert.equal((await got2.all)[0].value, 'epoch 1');
+  // A forged grant handed over on its own is still refused.
+  assert.throws(() => other.addKeys(forged), (e) => e.code === 'KEY' && /contradicts/.test(e.message));
 });

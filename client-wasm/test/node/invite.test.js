@@ -124,3 +124,28 @@ test('an invite sealed in JS carries the dictionary to a Rust SDK invitee', asyn
     peer.kill();
   }
 });
+
+test('a refused invite adds none of its dictionaries (PROTOCOL §7); an accepted one adds them', async () => {
+  const fast = { memoryKiB: 1024, iterations: 1 };
+  // Same tree id (same name), another admin: the client's pin refuses b's grant.
+  const a = TreeKey.fromPassphrase('family-f5', 'one', fast);
+  const b = TreeKey.fromPassphrase('family-f5', 'two', fast);
+  assert.equal(a.treeId, b.treeId);
+  const dict = new Keyring();
+  const id = dict.addDictionary(dictBytes);
+  const [me, inviter] = [Identity.generate(), Identity.generate()];
+  // The client names the dictionary for its topics, and holds a but not the dictionary.
+  const client = await connect({ identity: me, keys: a, compression: `zstd-dict:${id}` });
+  const lacksDict = (e) => e.code !== undefined && /dictionary/.test(e.message);
+  await assert.rejects(client.publish('sensor/x', 1, { ack: true }), lacksDict, 'no dictionary yet');
+
+  const refused = openInvite(sealInvite(b.grant('#'), inviter, me.publicId, { dictionaries: dict }), me);
+  assert.deepEqual(refused.dictionaryIds, [id]);
+  assert.throws(() => client.addKeys(refused), (e) => e.code === 'KEY' && /admin/i.test(e.message));
+  await assert.rejects(client.publish('sensor/x', 2, { ack: true }), lacksDict, 'the refused invite added its dictionary');
+
+  // Control: the same dictionaries with a grant the client accepts are added.
+  const accepted = openInvite(sealInvite(a.grant('sensor/#'), inviter, me.publicId, { dictionaries: dict }), me);
+  client.addKeys(accepted);
+  await client.publish('sensor/x', 3, { ack: true });
+});

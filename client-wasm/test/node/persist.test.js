@@ -5,7 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync, symlinkSync, lstatSync, readdirSync, chmodSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -352,4 +352,48 @@ test('the log is compacted once it has grown (atomic rename), and the compacted 
   assert.deepEqual(sub.got, [...Array(n + 1).keys()], 'no acknowledged publish re-sent');
   assert.equal(again.stats().unackedPublishes, 0);
   await again.close();
+});
+
+test('compaction never writes through a planted temp-file symlink or uses a planted file: the state is a fresh 0600 file', async () => {
+  // A state directory others can write to (a shared /tmp), with what they can plant: a
+  // symlink at the temporary name the store used to take (`${path}.tmp-${pid}`) pointing
+  // at a file of the victim's outside the directory, and a world-writable file of theirs
+  // at the other obvious name.
+  const shared = mkdtempSync(join(tmpdir(), 'whispeer-shared-'));
+  const outside = mkdtempSync(join(tmpdir(), 'whispeer-outside-'));
+  try {
+    const victim = join(outside, 'victim.txt');
+    writeFileSync(victim, 'the victim\'s file\n');
+    const victimStat = statSync(victim);
+    const file = join(shared, 'state.wsp');
+    symlinkSync(victim, `${file}.tmp-${process.pid}`);
+    const planted = `${file}.tmp`;
+    writeFileSync(planted, 'attacker\n');
+    chmodSync(planted, 0o666);
+    const tree = TreeKey.generate('planted');
+    const sub = await subscriber(tree.toKeyString(), 'planted/#');
+    const c = await Client.connect(relay.url, { keys: tree, persistence: file }); // compacts at start
+    await c.publish('planted/a', { i: 1 }, { qos: 1 }); // appended through the descriptor
+    await sub.when(() => sub.got.includes(1));
+    await c.persisted();
+    await c.close();
+
+    assert.equal(readFileSync(victim, 'utf8'), 'the victim\'s file\n', 'the symlink target is untouched');
+    assert.equal(statSync(victim).mtimeMs, victimStat.mtimeMs);
+    assert.deepEqual(readdirSync(outside), ['victim.txt'], 'nothing written outside the state directory');
+    assert.equal(readFileSync(planted, 'utf8'), 'attacker\n', 'a planted file is not used');
+    const st = lstatSync(file);
+    assert.ok(st.isFile() && !st.isSymbolicLink(), 'the state file is a regular file');
+    assert.equal(st.mode & 0o777, 0o600);
+    assert.ok(lstatSync(`${file}.tmp-${process.pid}`).isSymbolicLink(), 'the planted symlink is left as it was');
+    // No temporary file of ours is left behind: the directory holds the state and the plants.
+    assert.deepEqual(readdirSync(shared).sort(), ['state.wsp', 'state.wsp.tmp', `state.wsp.tmp-${process.pid}`]);
+    // And the state written is a good one.
+    const again = await Client.connect(relay.url, { keys: tree, persistence: file });
+    assert.equal(again.stats().unackedPublishes, 0);
+    await again.close();
+  } finally {
+    rmSync(shared, { recursive: true, force: true });
+    rmSync(outside, { recursive: true, force: true });
+  }
 });

@@ -738,6 +738,7 @@ impl Driver {
             publish_retries: e.publish_retries,
             type_mismatches: 0, // counted by the subscriptions; `Client::stats` adds it
             seal_failures: e.seal_failures,
+            restore_refused: e.restore_refused,
         };
         self.p.stats.send_if_modified(|s| {
             if *s == next {

@@ -170,6 +170,10 @@ pub struct ClientStats {
     /// Publishes their batch-signing seal job could not seal (never sent; a publish that
     /// waits for its `PubAck` fails with `PublishError::Seal`).
     pub seal_failures: u64,
+    /// Saved kept publishes skipped at start and never sent (with
+    /// [`Persistence`](crate::Persistence)): not a QoS ≥ 1 `Pub` frame of the publish id
+    /// they were saved under — a tampered or corrupt state file.
+    pub restore_refused: u64,
 }
 
 /// What a subscription's channel holds.

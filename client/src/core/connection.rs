@@ -44,6 +44,7 @@ use super::batching::{SealDone, SealJob};
 use super::jobs::{OpenDone, OpenJob, Unsealed};
 use super::{ClientCore, Delivery, LocalSubId, SeqSpace, SubscribeOptions};
 use crate::error::{DeleteError, PublishError, SubscribeError};
+pub use outbox::kept_frame_check;
 use outbox::Outbox;
 use sealing::{Meta, Sealing, Unit};
 
@@ -247,6 +248,7 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         let mut s = self.stats.clone();
         s.core = self.core.stats();
+        s.restore_refused = self.out.restore_refused();
         s
     }
 

@@ -413,3 +413,84 @@ pub fn parse_tree_id(s: &str) -> Result<whispeer::protocol::TreeId, String> {
     hex::decode_to_slice(s, &mut id).map_err(|e| e.to_string())?;
     Ok(whispeer::protocol::TreeId(id))
 }
+
+/// Would this character, printed raw, let text someone else chose act on the terminal? C0
+/// and C1 controls and DEL (escape sequences, carriage return, new lines), the line and
+/// paragraph separators, and the bidi embeddings, overrides and isolates (U+202A–202E,
+/// U+2066–2069), which reorder what is shown around them.
+fn is_terminal_hostile(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` made safe to print for a person: every character [`is_terminal_hostile`] names is
+/// written as a Rust-style escape (`\n`, `\r`, `\t`, else `\u{1b}`), and `\` as `\\` so an
+/// escape in the output always stands for one character of the input. Tree names, scopes
+/// and topic paths are chosen by whoever made the tree or sealed the invite (any UTF-8 but
+/// NUL, `/`, `+` and `#` in a topic level), and a user decides whether to trust an invite
+/// from the line showing them (review session 27, F7).
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| c == '\\' || is_terminal_hostile(c)) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if is_terminal_hostile(c) => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// `'s'` with [`printable`] and `'` escaped as `\'`, so the quoted text cannot appear to end
+/// early and be followed by fields it made up.
+pub fn quoted(s: &str) -> String {
+    format!("'{}'", printable(s).replace('\'', "\\'"))
+}
+
+/// A JSON document with every [`is_terminal_hostile`] character written as a `\uXXXX` JSON
+/// escape. `serde_json` escapes only C0 controls; DEL, C1 and the bidi characters would reach
+/// the terminal raw. Outside strings JSON is ASCII, so this rewrites only string contents,
+/// and a parser reads back exactly the original text.
+pub fn json_printable(json: &str) -> std::borrow::Cow<'_, str> {
+    if !json.chars().any(is_terminal_hostile) {
+        return std::borrow::Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 8);
+    for c in json.chars() {
+        if is_terminal_hostile(c) {
+            // Every such character is in the Basic Multilingual Plane: one \u escape.
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_what_acts_on_a_terminal_and_nothing_else() {
+        assert_eq!(printable("home/kitchen ünï"), "home/kitchen ünï");
+        assert_eq!(
+            printable("a\u{1b}[2Kb\r\nc\u{7f}\u{9b}\u{202e}\u{2066}\u{2069}\u{2028}\t\\"),
+            "a\\u{1b}[2Kb\\r\\nc\\u{7f}\\u{9b}\\u{202e}\\u{2066}\\u{2069}\\u{2028}\\t\\\\"
+        );
+        // Zero-width joiners and other format characters that reorder nothing stay.
+        assert_eq!(printable("a\u{200d}b"), "a\u{200d}b");
+        assert_eq!(quoted("it's"), "'it\\'s'");
+        let json = serde_json::json!({ "t": "a\u{1b}\u{7f}\u{9b}\u{202e}" }).to_string();
+        let safe = json_printable(&json);
+        assert!(!safe.chars().any(is_terminal_hostile), "{safe}");
+        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back["t"], "a\u{1b}\u{7f}\u{9b}\u{202e}");
+    }
+}

@@ -314,9 +314,9 @@ pub fn key(c: KeyCommand) -> Result<ExitCode> {
                 match upgrade_key_string(t).with_context(|| format!("key #{}", i + 1))? {
                     Upgraded::Tree(tk) => {
                         eprintln!(
-                            "key #{}: tree '{}' (epoch {}) converted to format 2",
+                            "key #{}: tree {} (epoch {}) converted to format 2",
                             i + 1,
-                            tk.name(),
+                            io::quoted(tk.name()),
                             tk.epoch()
                         );
                         lines.push(tk.to_key_string().to_string());
@@ -349,11 +349,11 @@ pub fn key(c: KeyCommand) -> Result<ExitCode> {
             }
             let next = tk
                 .rotate(cutoff, &mut rand::rngs::OsRng)?
-                .with_not_after(not_after);
+                .with_not_after(not_after)?;
             eprintln!(
-                "tree '{}': epoch {} → {} (earlier epochs refused from {cutoff}); share grants \
+                "tree {}: epoch {} → {} (earlier epochs refused from {cutoff}); share grants \
                  of the new epoch with those who remain",
-                next.name(),
+                io::quoted(next.name()),
                 tk.epoch(),
                 next.epoch()
             );
@@ -381,7 +381,7 @@ pub fn key(c: KeyCommand) -> Result<ExitCode> {
             for (i, t) in texts.iter().enumerate() {
                 let d = describe(t).with_context(|| format!("key #{}", i + 1))?;
                 if json {
-                    io::print_or_exit(&d.to_string())?;
+                    io::print_or_exit(&io::json_printable(&d.to_string()))?;
                 } else {
                     if i > 0 {
                         io::print_or_exit("")?;
@@ -412,7 +412,10 @@ fn narrow(
         if *g.scope() == Scope::Tree {
             return Ok(g.clone());
         }
-        anyhow::bail!("'#' is outside the grant's scope '{}'", g.scope());
+        anyhow::bail!(
+            "'#' is outside the grant's scope {}",
+            io::quoted(&g.scope().to_string())
+        );
     }
     let t = Topic::new(p).with_context(|| format!("invalid path '{p}'"))?;
     let scope = if exact {
@@ -558,10 +561,11 @@ fn provenance_text(p: &Provenance) -> String {
 }
 
 fn print_human(d: &serde_json::Value) -> Result<()> {
+    // Names and scopes come from whoever made the key: escaped, one field per line.
     let get = |k: &str| {
         d.get(k).map(|v| match v {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
+            serde_json::Value::String(s) => io::printable(s).into_owned(),
+            other => io::json_printable(&other.to_string()).into_owned(),
         })
     };
     let kind = get("kind").unwrap_or_default();
@@ -663,13 +667,7 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
             }
             let me = identity.require()?;
             let inv = Invite::open(text, &me, whispeer::now_ms())?;
-            eprintln!(
-                "invite from {} for '{}' in tree '{}' (epoch {})",
-                inv.inviter,
-                inv.grant.scope(),
-                inv.grant.cert().tree_name(),
-                inv.grant.epoch_keys().epoch()
-            );
+            eprintln!("{}", invite_line(&inv));
             let mut lines = vec![inv.grant.to_key_string().to_string()];
             if !inv.dictionaries.is_empty() {
                 eprintln!("with {}", dictionary_list(&inv.dictionaries));
@@ -683,6 +681,35 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The one line the receiver of an invite decides on (PROTOCOL §7: "the receiver decides
+/// whether it trusts the inviter; the grant's epoch certificate proves the tree"). The tree id
+/// and the certificate's admin key identify the tree — its name is free text anyone can copy
+/// — and the provenance says who vouches for the key. They come first; the scope and tree
+/// name, chosen by whoever made the tree or sealed the invite, come last, quoted and escaped,
+/// so they can neither rewrite the line nor pose as the fields before them.
+fn invite_line(inv: &Invite) -> String {
+    let g = &inv.grant;
+    let cert = g.cert();
+    let provenance = match (g.claimed_provenance(), g.narrowed_from()) {
+        (Provenance::Delegated { by }, Some(from)) => {
+            format!(
+                "narrowed by {by} from {} (delegated)",
+                io::quoted(&from.to_string())
+            )
+        }
+        (p, _) => provenance_text(&p),
+    };
+    format!(
+        "invite from {} for tree {} (admin: {}, epoch {}): {} in {}, {provenance}",
+        inv.inviter,
+        g.epoch_keys().tree_id(),
+        cert.admin(),
+        g.epoch_keys().epoch(),
+        io::quoted(&g.scope().to_string()),
+        io::quoted(cert.tree_name()),
+    )
 }
 
 /// "2 zstd dictionaries: <id>, <id>" (what an invite carries).

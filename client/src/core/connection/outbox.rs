@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
+use whispeer_protocol::{Frame, Qos};
 
 use super::{ConnId, PublishId, Transmit};
 
@@ -34,6 +35,32 @@ pub(super) struct Outbox {
     ack0: BTreeSet<PublishId>,
     /// Those of `ack0` already handed to the driver on the current connection.
     written0: BTreeSet<PublishId>,
+    /// Saved kept publishes refused by [`Outbox::restore`] (not a QoS ≥ 1 `Pub` of their
+    /// own publish id, or an impossible order).
+    restore_refused: u64,
+}
+
+/// The largest saved order [`Outbox::restore`] takes. Orders count the publishes ever kept
+/// (from 0), so no run gets near it; a larger one (u64::MAX from a tampered file) would
+/// leave later publishes no distinct order to take.
+const MAX_ORDER: u64 = u64::MAX / 2;
+
+/// Whether `frame` (saved with `order`) is what [`Outbox::keep`] keeps for `pid`: a `Pub`
+/// frame with QoS ≥ 1 and publish id `pid`, at an order up to [`MAX_ORDER`]; else why not.
+/// A loader of saved state may check its records with it before the engine does.
+pub fn kept_frame_check(pid: &PublishId, order: u64, frame: &Bytes) -> Result<(), &'static str> {
+    if order > MAX_ORDER {
+        return Err("an order no run reaches");
+    }
+    match Frame::decode(frame) {
+        Ok(Frame::Pub(p)) if p.qos == Qos::AtMostOnce => Err("a QoS 0 Pub frame"),
+        Ok(Frame::Pub(p)) if p.publish_id != Some(pid.0) => {
+            Err("a Pub frame with another publish id")
+        }
+        Ok(Frame::Pub(_)) => Ok(()),
+        Ok(_) => Err("not a Pub frame"),
+        Err(_) => Err("not a frame"),
+    }
 }
 
 impl Outbox {
@@ -76,19 +103,53 @@ impl Outbox {
     /// Keeps a QoS ≥ 1 publish; queues it at once when `live`.
     pub(super) fn keep(&mut self, pid: PublishId, frame: Bytes, live: bool) -> u64 {
         let order = self.next_order;
-        self.restore(pid, order, frame.clone());
+        self.insert_kept(pid, order, frame.clone());
         if live {
             self.push(Transmit::Frame(frame), Kind::Kept);
         }
         order
     }
 
-    /// A publish a previous run kept (same id, same order).
-    pub(super) fn restore(&mut self, pid: PublishId, order: u64, frame: Bytes) {
+    /// A publish a previous run kept (same id, same order), as saved state gives it back
+    /// (the Rust client's SQLite file, the npm client's log). Returns whether it was taken.
+    ///
+    /// Saved state is not authenticated (whoever can write the file or the IndexedDB
+    /// database can add a record with a valid check), and every kept frame goes out on the
+    /// client's authenticated relay session after each handshake (`go_live`). So the bytes
+    /// must be what [`Outbox::keep`] would have kept for `pid`: a `Pub` frame with QoS ≥ 1
+    /// whose publish id is `pid`, at an order a run can reach. Anything else is skipped,
+    /// logged and counted ([`Outbox::restore_refused`]), never sent: a `Sub`, `Unsub` or
+    /// `Close` (sent under credentials the writer never saw), a `Pub` of another id (the
+    /// `PubAck` of `pid` never settles it: re-sent after every reconnect), a QoS 0 `Pub`.
+    /// One bad record costs only itself: the rest of the state still loads. (Review
+    /// session 27, F2.)
+    pub(super) fn restore(&mut self, pid: PublishId, order: u64, frame: Bytes) -> bool {
+        if let Err(why) = kept_frame_check(&pid, order, &frame) {
+            self.restore_refused += 1;
+            tracing::warn!(
+                publish_id = ?pid,
+                order,
+                len = frame.len(),
+                why,
+                "a saved kept publish is not one: skipped, not sent"
+            );
+            return false;
+        }
+        self.insert_kept(pid, order, frame);
+        true
+    }
+
+    /// Saved kept publishes [`Outbox::restore`] skipped.
+    pub(super) fn restore_refused(&self) -> u64 {
+        self.restore_refused
+    }
+
+    fn insert_kept(&mut self, pid: PublishId, order: u64, frame: Bytes) {
         if self.kept_index.contains_key(&pid) {
             return;
         }
-        self.next_order = self.next_order.max(order + 1);
+        // A saved order of u64::MAX (no honest run gets there) must not overflow.
+        self.next_order = self.next_order.max(order.saturating_add(1));
         self.kept_bytes += frame.len();
         self.kept.insert(order, (pid, frame));
         self.kept_index.insert(pid, order);
@@ -233,5 +294,107 @@ impl Outbox {
         self.ack0.clear();
         self.written0.clear();
         (pids, unsent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::OsRng;
+    use whispeer_protocol::frame::{Close, ErrorCode, Unsub};
+    use whispeer_protocol::{Keyring, MessageId, Outgoing, SealOptions, Sealer, Topic, TreeKey};
+
+    /// A genuine `Pub` frame for `pid` with `qos`, as the engine builds it.
+    fn pub_frame(pid: [u8; 16], qos: Qos) -> Bytes {
+        let tk = TreeKey::generate_with("o", &mut OsRng).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_tree_key_at(&tk, 0).unwrap();
+        let key = kr.topic_key(&Topic::new("a/b").unwrap()).unwrap();
+        let out = Outgoing {
+            payload: b"x",
+            content_type: "application/octet-stream",
+            msg_id: MessageId::random(&mut OsRng),
+            ts_ms: 1_000,
+        };
+        let env = Sealer::new()
+            .seal(&key, &out, &SealOptions::default(), None, &mut OsRng)
+            .unwrap();
+        crate::core::pub_frame(env, Some(pid), false, qos).to_bytes()
+    }
+
+    /// Every frame `go_live` queues.
+    fn sent(o: &mut Outbox) -> Vec<Bytes> {
+        o.go_live(usize::MAX);
+        std::iter::from_fn(|| o.pop())
+            .filter_map(|t| match t {
+                Transmit::Frame(f) => Some(f),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_restored_record_that_is_not_its_own_kept_pub_is_never_sent() {
+        let pid = PublishId([1; 16]);
+        let good = pub_frame(pid.0, Qos::AtLeastOnce);
+        let not_pub = [
+            Frame::Close(Close {
+                code: ErrorCode::Malformed,
+                message: "bye".into(),
+            })
+            .to_bytes(),
+            Frame::Unsub(Unsub {
+                sub_id: 1,
+                delete: Some(true),
+            })
+            .to_bytes(),
+            Bytes::from_static(b"not a frame at all"),
+        ];
+        let mut o = Outbox::default();
+        for (i, f) in not_pub.iter().enumerate() {
+            assert!(!o.restore(PublishId([10 + i as u8; 16]), i as u64, f.clone()));
+        }
+        // A genuine Pub of another publish id: its PubAck would never settle this record,
+        // so it would be re-sent after every reconnect.
+        let other = pub_frame([2; 16], Qos::AtLeastOnce);
+        assert!(!o.restore(pid, 10, other));
+        // A QoS 0 Pub is never kept.
+        let qos0 = pub_frame([3; 16], Qos::AtMostOnce);
+        assert!(!o.restore(PublishId([3; 16]), 11, qos0));
+        assert_eq!(o.restore_refused(), 5);
+        assert_eq!((o.kept_len(), o.kept_bytes()), (0, 0));
+        assert!(sent(&mut o).is_empty(), "nothing refused goes out");
+        // The genuine record still loads next to them, and is the only one sent.
+        let mut o = Outbox::default();
+        for (i, f) in not_pub.iter().enumerate() {
+            o.restore(PublishId([10 + i as u8; 16]), i as u64, f.clone());
+        }
+        assert!(o.restore(pid, 12, good.clone()));
+        assert!(o.is_kept(&pid));
+        assert_eq!(sent(&mut o), [good]);
+    }
+
+    #[test]
+    fn a_restored_order_of_u64_max_does_not_overflow() {
+        let mut o = Outbox::default();
+        let a = PublishId([1; 16]);
+        // Refused (no honest run gets there), without a panic.
+        assert!(!o.restore(a, u64::MAX, pub_frame(a.0, Qos::ExactlyOnce)));
+        assert!(!o.is_kept(&a));
+        // The largest order taken still leaves room: later publishes keep distinct orders.
+        let b = PublishId([2; 16]);
+        assert!(o.restore(b, MAX_ORDER, pub_frame(b.0, Qos::AtLeastOnce)));
+        let c = o.keep(
+            PublishId([3; 16]),
+            pub_frame([3; 16], Qos::AtLeastOnce),
+            false,
+        );
+        let d = o.keep(
+            PublishId([4; 16]),
+            pub_frame([4; 16], Qos::AtLeastOnce),
+            false,
+        );
+        assert_eq!((c, d), (MAX_ORDER + 1, MAX_ORDER + 2));
+        assert_eq!(o.kept_len(), 3);
     }
 }

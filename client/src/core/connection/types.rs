@@ -475,4 +475,8 @@ pub struct EngineStats {
     pub publish_retries: u64,
     /// Publishes their seal job could not seal (never sent).
     pub seal_failures: u64,
+    /// Saved kept publishes skipped at start, never sent: not a QoS ≥ 1 `Pub` frame of the
+    /// publish id they were saved under (tampered or corrupt state; review of session 27,
+    /// F2).
+    pub restore_refused: u64,
 }
