@@ -28,7 +28,7 @@ export { WhispeerError };
 /** Errors thrown by the wasm layer (`name` WhispeerError) as real `WhispeerError`s. */
 function wrap(e) {
   if (e instanceof WhispeerError || !e || e.name !== 'WhispeerError') return e;
-  return new WhispeerError(e.code, e.message);
+  return new WhispeerError(e.code, e.message, e.reason ? { reason: e.reason } : undefined);
 }
 
 /** Refuses option names `known` does not list (typos are errors, not silently ignored). */
@@ -140,7 +140,7 @@ function keysToAdd(keys) {
  * come first. Re-adding a Keyring that still holds such a grant (one exported before the
  * admin-signed grant reached it, or a key file saved by an older version) is not an error.
  */
-const superseded = (e) => e?.code === 'KEY' && /contradicts the key derived from the held grant/.test(e.message);
+const superseded = (e) => e?.code === 'KEY' && e.reason === 'contradicts';
 
 /** The core's compression: a zstd level (1–22), 0 for none, 'lz4', or 'zstd-dict:ID[:N]'. */
 function level(c) {

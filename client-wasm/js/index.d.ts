@@ -56,6 +56,11 @@ export class WhispeerError extends Error {
    * relay error code name.
    */
   readonly code: string;
+  /**
+   * `KEY`: `'contradicts'` when a grant is refused because it contradicts a grant the
+   * keyring holds (a forged or stale delegated grant); absent for other key errors.
+   */
+  readonly reason?: string;
   /** `TYPE_MISMATCH`: the typed topic (a received message's topic). */
   readonly topic?: string;
   /** `TYPE_MISMATCH`: the topic's type tag. */

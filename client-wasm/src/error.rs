@@ -24,7 +24,12 @@ fn key_code(e: &KeyError) -> &'static str {
 }
 
 pub fn key_error(e: KeyError) -> JsValue {
-    js_error(key_code(&e), &e.to_string())
+    let err = js_error(key_code(&e), &e.to_string());
+    // A stable name for the refusals callers act on (the message is for people).
+    if matches!(e, KeyError::Contradicts { .. }) {
+        let _ = js_sys::Reflect::set(&err, &"reason".into(), &"contradicts".into());
+    }
+    err
 }
 
 pub fn topic_error(e: TopicError) -> JsValue {
