@@ -491,11 +491,6 @@ struct Table {
 }
 
 impl Table {
-    /// The store tenants of the listed accounts (one per account).
-    fn tenants(&self) -> Vec<Tenant> {
-        self.by_name.values().map(|a| a.tenant()).collect()
-    }
-
     /// The account `credential` proves, if it is still listed.
     fn account_of(&self, credential: &Credential) -> Option<&Arc<Account>> {
         match credential {
@@ -935,21 +930,6 @@ pub struct Accounts {
     /// connection is attached under the table it is checked against, and a reload swaps
     /// the table and walks the connections under this lock, so none escapes the walk.
     live: Mutex<HashMap<ConnId, Live>>,
-    /// Told the listed accounts' store tenants whenever a list is put in force
-    /// ([`Accounts::on_list`]).
-    on_list: Mutex<Option<ListObserver>>,
-}
-
-/// What [`Accounts::on_list`] calls.
-struct ListObserver(Box<TenantsFn>);
-
-/// A callback given the listed accounts' store tenants.
-type TenantsFn = dyn Fn(&[Tenant]) + Send + Sync;
-
-impl std::fmt::Debug for ListObserver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ListObserver")
-    }
 }
 
 /// An authenticated connection, as the reload walk sees it.
@@ -1033,21 +1013,7 @@ impl Accounts {
             stamp: Mutex::new(stamp),
             state: Mutex::new(AuthState::open(cfg.state.as_deref())?),
             live: Mutex::new(HashMap::new()),
-            on_list: Mutex::new(None),
         })
-    }
-
-    /// Calls `f` with the store tenants of the accounts listed now, and again whenever a
-    /// new list is put in force — only when accounts are required (with auth off the
-    /// store's tenants are source addresses; no account is anyone's tenant). The relay
-    /// hands them to the store, which guarantees each its share of the totals.
-    pub fn on_list(&self, f: impl Fn(&[Tenant]) + Send + Sync + 'static) {
-        if self.mode != AuthMode::Required {
-            return;
-        }
-        let table = self.table.read().unwrap_or_else(|p| p.into_inner()).clone();
-        f(&table.tenants());
-        *self.on_list.lock().unwrap_or_else(|p| p.into_inner()) = Some(ListObserver(Box::new(f)));
     }
 
     /// Whether clients must authenticate.
@@ -1517,10 +1483,6 @@ impl Accounts {
             }
             true
         });
-        drop(live);
-        if let Some(f) = &*self.on_list.lock().unwrap_or_else(|p| p.into_inner()) {
-            (f.0)(&table.tenants());
-        }
         tracing::info!(accounts = n, closed, rechecked, "account list reloaded");
         closed
     }

@@ -743,9 +743,7 @@ pub struct StoreConfig {
     /// Per tenant: most distinct token paths with stored data.
     #[arg(long, env = "WHISPEER_TENANT_MAX_PATHS")]
     pub tenant_max_paths: u64,
-    /// All tenants: most stored envelope bytes. With accounts required, every listed
-    /// account is guaranteed min(its tenant quota, this / accounts) of this and of every
-    /// other total_max_* (writes past an account's share leave the others' unused shares).
+    /// All tenants: most stored envelope bytes.
     #[arg(long, env = "WHISPEER_TOTAL_MAX_BYTES")]
     pub total_max_bytes: u64,
     /// All tenants: most stored messages.

@@ -383,12 +383,6 @@ impl RelayBuilder {
         }
         let accounts =
             Arc::new(crate::accounts::Accounts::open(&auth).map_err(RelayError::Accounts)?);
-        {
-            // Accounts required: every listed account is guaranteed its share of the
-            // store's totals, whatever the others store (`store::quota::Shares`).
-            let store = store.clone();
-            accounts.on_list(move |tenants| store.set_listed_tenants(tenants));
-        }
         let account_rates = AccountRates::new(Rates {
             publish: (l.account_publish_rate, l.account_publish_burst),
             sub: (l.account_sub_rate, l.account_sub_burst),

@@ -142,186 +142,6 @@ pub(crate) mod quota {
     pub(crate) fn global_error(what: &str, max: u64) -> StoreError {
         StoreError::QuotaExceeded(format!("the relay's total {what} quota ({max}) is reached"))
     }
-
-    /// The error of a write past a tenant's guaranteed share when what is left under the
-    /// total is kept for the shares other accounts have not used yet.
-    pub(crate) fn reserved_error(what: &str, max: u64, share: u64) -> StoreError {
-        StoreError::QuotaExceeded(format!(
-            "the relay's total {what} quota ({max}) is reached for this account: what is left \
-             is kept for the other accounts' guaranteed shares ({share} each)"
-        ))
-    }
-
-    /// The tenants of the listed accounts when accounts are required (review of relay
-    /// accounts, finding 5): each may always store its **guaranteed share** of every kind,
-    /// `min(tenant limit, total limit / listed tenants)`, whatever the others store. A write
-    /// that takes a tenant past its share must leave, under the total, the part of their
-    /// shares the other listed tenants have not used; within its share a tenant is held
-    /// only to the total itself (which stays a hard limit: at most every share is used).
-    /// Before, 32 accounts at the default quotas (8 GiB total, 256 MiB each) filled the
-    /// relay and every other account's stored publishes were refused until retention
-    /// freed space. With accounts off the tenants are source addresses, which anyone can
-    /// multiply: no share is guaranteed ([`Shares::default`]).
-    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-    pub(crate) struct Shares {
-        /// Listed tenants.
-        pub(crate) listed: u64,
-        /// Each one's guaranteed share, in [`over`]'s order (0: none).
-        pub(crate) share: [u64; 5],
-    }
-
-    impl Shares {
-        /// The shares of `listed` tenants under a store's limits.
-        pub(crate) fn new(listed: usize, tenant: [u64; 5], total: [u64; 5]) -> Self {
-            let listed = listed as u64;
-            let mut share = [0; 5];
-            for k in 0..5 {
-                let Some(fair) = total[k].checked_div(listed) else {
-                    break; // nobody listed: no shares
-                };
-                share[k] = match (tenant[k], total[k]) {
-                    (_, 0) => 0,
-                    (0, _) => fair,
-                    (t, _) => t.min(fair),
-                };
-            }
-            Shares { listed, share }
-        }
-
-        /// What `u` (a listed tenant's usage) leaves unused of its share.
-        pub(crate) fn unused(&self, u: &Usage) -> Usage {
-            let [b, m, r, d, p] = self.share;
-            Usage {
-                bytes: b.saturating_sub(u.bytes),
-                msgs: m.saturating_sub(u.msgs),
-                retained: r.saturating_sub(u.retained),
-                durables: d.saturating_sub(u.durables),
-                paths: p.saturating_sub(u.paths),
-            }
-        }
-    }
-
-    /// Which limit refused a write.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub(crate) enum Limit {
-        /// The tenant's own quota.
-        Tenant,
-        /// The relay-wide total.
-        Total,
-        /// The total less the other listed tenants' unused shares ([`Shares`]).
-        Reserved,
-    }
-
-    /// Checks a write of `n` by a tenant using `u` (`listed`: one of the [`Shares`]) with
-    /// `total` in use: its own quota, then the totals as [`Shares`] says. `unused_of_others`
-    /// (the unused shares of the other listed tenants, summed) is called only when the write
-    /// goes past the tenant's share and near a total. Returns the refusing limit and error.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn check(
-        u: &Usage,
-        total: &Usage,
-        n: &Need,
-        tenant_lim: [u64; 5],
-        total_lim: [u64; 5],
-        listed: bool,
-        shares: &Shares,
-        unused_of_others: impl FnOnce() -> Usage,
-    ) -> Result<(), (Limit, StoreError)> {
-        if let Some((what, max)) = over(u, n, tenant_lim) {
-            return Err((Limit::Tenant, tenant_error(what, max)));
-        }
-        if let Some((what, max)) = over(total, n, total_lim) {
-            return Err((Limit::Total, global_error(what, max)));
-        }
-        let fields = |x: &Usage| [x.bytes, x.msgs, x.retained, x.durables, x.paths];
-        let names = [
-            "stored bytes",
-            "stored messages",
-            "retained values",
-            "durable names",
-            "distinct paths",
-        ];
-        let (uu, tt, nn) = (fields(u), fields(total), fields(n));
-        let mut others = None;
-        let mut unused_of_others = Some(unused_of_others);
-        for k in 0..5 {
-            let (max, add, share) = (total_lim[k], nn[k], shares.share[k]);
-            if max == 0 || add == 0 || share == 0 {
-                continue;
-            }
-            let after = tt[k].saturating_add(add);
-            if listed && uu[k].saturating_add(add) <= share {
-                continue;
-            }
-            if after.saturating_add(shares.listed.saturating_mul(share)) <= max {
-                continue; // room for every share whatever they hold
-            }
-            let o = *others.get_or_insert_with(|| {
-                fields(&unused_of_others.take().map(|f| f()).unwrap_or_default())
-            });
-            if after.saturating_add(o[k]) > max {
-                return Err((Limit::Reserved, reserved_error(names[k], max, share)));
-            }
-        }
-        Ok(())
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        fn msgs(n: u64) -> Usage {
-            Usage {
-                msgs: n,
-                ..Usage::default()
-            }
-        }
-
-        /// The share arithmetic of [`Shares`]: a tenant within its share is held to the
-        /// total only; past it, to the total less the others' unused shares; unlisted
-        /// tenants (and every tenant with no shares) as before.
-        #[test]
-        fn shares_keep_room_for_every_listed_tenant() {
-            let tl = [0, 5, 0, 0, 0];
-            let gl = [0, 6, 0, 0, 0];
-            let sh = Shares::new(3, tl, gl);
-            assert_eq!(sh.share, [0, 2, 0, 0, 0]);
-            assert_eq!(
-                Shares::new(2, [0, 2, 0, 0, 0], gl).share[1],
-                2,
-                "capped by the tenant's"
-            );
-            assert_eq!(
-                Shares::new(3, [0; 5], gl).share[1],
-                2,
-                "no tenant quota: total / n"
-            );
-            let one = msgs(1);
-            let run = |u: u64, total: u64, listed: bool, others: u64| {
-                check(&msgs(u), &msgs(total), &one, tl, gl, listed, &sh, || {
-                    msgs(others)
-                })
-                .map_err(|(by, _)| by)
-            };
-            // Within its share: only the total holds it back.
-            assert_eq!(run(1, 5, true, 4), Ok(()));
-            assert_eq!(run(1, 6, true, 0), Err(Limit::Total));
-            // Past its share: the others' unused shares stay free.
-            assert_eq!(run(2, 2, true, 4), Err(Limit::Reserved));
-            assert_eq!(run(2, 4, true, 1), Ok(()));
-            assert_eq!(run(2, 4, true, 2), Err(Limit::Reserved));
-            // Unlisted (a removed account's data): always past its (zero) share.
-            assert_eq!(run(0, 2, false, 4), Err(Limit::Reserved));
-            // Its own quota first.
-            assert_eq!(run(5, 0, true, 0), Err(Limit::Tenant));
-            // No shares (accounts off): the totals as before.
-            let none = Shares::default();
-            let r = check(&msgs(4), &msgs(5), &one, tl, gl, false, &none, || {
-                panic!("no shares to keep")
-            });
-            assert!(r.is_ok());
-        }
-    }
 }
 
 pub use jetstream::JetStreamStore;
@@ -830,10 +650,6 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// `store.durable_idle_ms`), for the relay to forget their owners (taken once; `None`
     /// for a store that never deletes durables by itself).
     fn take_gone(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<DurableKey>>;
-    /// The tenants of the accounts listed now (accounts required; empty otherwise), called
-    /// at start and at every reload of the list: each is guaranteed its share of the
-    /// totals (`quota::Shares`). A store that counts no usage ignores it.
-    fn set_listed_tenants(&self, tenants: &[Tenant]);
     /// Checks, for a store shared by several relays, the owner of a durable subscription
     /// (`account-id:HEX`, `account:NAME` for a legacy account entry, `sha256:HEX` of the
     /// `Sub.owner` secret, or None), recording it for a durable about to be created or one
@@ -1012,10 +828,6 @@ impl Store for LiveStore {
 
     fn take_gone(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<DurableKey>> {
         None
-    }
-
-    fn set_listed_tenants(&self, _: &[Tenant]) {
-        // Nothing stored, no usage to share out.
     }
 
     fn claim_key(&self, _: &KeyId, _: &str, _: bool) -> Result<Claim, StoreError> {

@@ -98,9 +98,6 @@ impl Store for CountingStore {
     fn take_gone(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<store::DurableKey>> {
         self.inner.take_gone()
     }
-    fn set_listed_tenants(&self, tenants: &[Tenant]) {
-        self.inner.set_listed_tenants(tenants)
-    }
     fn claim_key(
         &self,
         key_id: &KeyId,

@@ -202,6 +202,7 @@ impl Setup {
         BinRelay::start(&self.args(extra))
     }
 
+    /// [`relay`](Self::relay) with its log lines readable (`BinRelay::wait_log`).
     /// Writes a list of one legacy entry (no id, as before ids) with a key from `seed`.
     fn legacy_key_account(&self, name: &str, seed: u8) -> SigningKey {
         let sk = SigningKey::from_bytes(&[seed; 32]);
@@ -216,7 +217,6 @@ impl Setup {
         sk
     }
 
-    /// [`relay`](Self::relay) with its log lines readable (`BinRelay::wait_log`).
     fn relay_logged(&self, extra: &[&str]) -> BinRelay {
         BinRelay::start_logged(&self.args(extra))
     }
@@ -1389,59 +1389,6 @@ async fn try_publish_stored(c: &mut Client, k: u8, publish_id: u8) -> Result<u64
             _ => continue,
         }
     }
-}
-
-/// Relay-accounts review, finding 5: with accounts required, every listed account may
-/// always store its share of the totals — `min(tenant quota, total / accounts)` — whatever
-/// the others store. Three accounts, 6 messages in all, 5 per account: a share is 2.
-/// Alice stores 2; her third is refused (the 4 left are the others' unused shares) with a
-/// message that says so; Bob and Carol then store theirs, and the total stays a hard limit.
-/// A fourth account added to the list shrinks the shares (6 / 4 = 1) at the reload. Before,
-/// Alice stored 5 and Carol got nothing (`the relay's total … quota is reached`).
-#[tokio::test]
-async fn each_listed_account_keeps_its_share_of_the_store() {
-    let s = Setup::new("shares");
-    let [alice, bob, carol] =
-        ["alice", "bob", "carol"].map(|n| key_account(&s.dir, &s.accounts, n, &[]));
-    let mut relay = s.relay_logged(&[
-        "--tenant-max-messages",
-        "5",
-        "--total-max-messages",
-        "6",
-        "--log",
-        "warn,whispeer_relay::accounts=info",
-    ]);
-    let mut ca = login(relay.tcp(), &alice).await;
-    for id in [1, 2] {
-        try_publish_stored(&mut ca, 1, id)
-            .await
-            .expect("alice's share");
-    }
-    let e = try_publish_stored(&mut ca, 1, 3).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e:?}");
-    assert!(e.message.contains("guaranteed shares (2 each)"), "{e:?}");
-    for (who, k) in [(&bob, 2), (&carol, 3)] {
-        let mut c = login(relay.tcp(), who).await;
-        for id in [1, 2] {
-            try_publish_stored(&mut c, k, id).await.expect("its share");
-        }
-        // Past its share, and the total is used up: refused as the total.
-        let e = try_publish_stored(&mut c, k, 3).await.unwrap_err();
-        assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e:?}");
-    }
-    // A fourth account: shares of 1 at the reload; dave, at 0 of his, is within it, but the
-    // total (6 of 6) is a hard limit.
-    let dave = key_account(&s.dir, &s.accounts, "dave", &[]);
-    relay
-        .wait_log(&["account list reloaded", "accounts=4"])
-        .await;
-    let mut cd = login(relay.tcp(), &dave).await;
-    let e = try_publish_stored(&mut cd, 4, 1).await.unwrap_err();
-    assert!(
-        e.message
-            .contains("total stored messages quota (6) is reached"),
-        "{e:?}"
-    );
 }
 
 /// Review finding 17: an account removed and added again under the same name (with a new

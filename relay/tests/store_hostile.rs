@@ -1413,9 +1413,6 @@ impl Store for GatedStore {
     ) -> Option<tokio::sync::mpsc::UnboundedReceiver<whispeer_relay::store::DurableKey>> {
         self.inner.take_gone()
     }
-    fn set_listed_tenants(&self, tenants: &[Tenant]) {
-        self.inner.set_listed_tenants(tenants)
-    }
     fn status(&self) -> whispeer_relay::store::StoreStatus {
         self.inner.status()
     }

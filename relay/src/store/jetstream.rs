@@ -2414,12 +2414,6 @@ impl Store for JetStreamStore {
         Ok(existed)
     }
 
-    fn set_listed_tenants(&self, tenants: &[Tenant]) {
-        // Every relay of the cluster reads the same list (shared, or the same file), so
-        // each ledger keeps the same shares.
-        lock(&self.inner.ledger).set_listed(tenants.iter().map(Tenant::tag));
-    }
-
     fn take_gone(&self) -> Option<mpsc::UnboundedReceiver<DurableKey>> {
         let mut slot = lock(&self.inner.gone_tx);
         if slot.is_some() {

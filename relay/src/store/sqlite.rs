@@ -660,16 +660,6 @@ struct Shared {
     /// ones are not kept for a receiver nobody took).
     gone: Mutex<Option<tokio::sync::mpsc::UnboundedSender<DurableKey>>>,
     gone_backlog: Mutex<Vec<DurableKey>>,
-    /// The listed accounts' tenants ([`Tenant::key`]) and their guaranteed shares
-    /// ([`Store::set_listed_tenants`]).
-    listed: std::sync::RwLock<Listed>,
-}
-
-/// The listed tenants and their shares (see `quota::Shares`).
-#[derive(Debug, Default)]
-struct Listed {
-    keys: std::collections::HashSet<Vec<u8>>,
-    shares: super::quota::Shares,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1280,7 +1270,6 @@ impl SqliteStore {
             changes: tokio::sync::watch::Sender::new(0),
             gone: Mutex::new(None),
             gone_backlog: Mutex::new(expired),
-            listed: std::sync::RwLock::new(Listed::default()),
         });
         let s = shared.clone();
         let writer = std::thread::Builder::new()
@@ -2102,46 +2091,40 @@ impl Shared {
 
 impl Shared {
     /// Refuses a write that would pass a tenant or global limit.
-    /// Checks a write of `n` by the tenant `key` (its id `tid`, if it has one) against
-    /// its quotas and the totals (`quota::check`, with the listed tenants' shares).
-    fn check_quota(
-        &self,
-        idx: &Index,
-        key: &[u8],
-        tid: Option<i64>,
-        n: &Need,
-    ) -> Result<(), StoreError> {
-        use super::quota::{check, tenant_limits, total_limits, Limit};
-        let usage_of = |tid: Option<i64>| {
-            tid.and_then(|t| idx.usage.get(&t).copied())
-                .unwrap_or_default()
-        };
-        let listed = self.listed.read().unwrap_or_else(|p| p.into_inner());
-        check(
-            &usage_of(tid),
+    fn check_quota(&self, idx: &Index, tid: Option<i64>, n: &Need) -> Result<(), StoreError> {
+        let c = &self.cfg;
+        let tenant = tid
+            .and_then(|t| idx.usage.get(&t).copied())
+            .unwrap_or_default();
+        if let Some((what, max)) = over(
+            &tenant,
+            n,
+            [
+                c.tenant_max_bytes,
+                c.tenant_max_messages,
+                c.tenant_max_retained,
+                c.tenant_max_durables,
+                c.tenant_max_paths,
+            ],
+        ) {
+            self.m.quota_tenant.fetch_add(1, Relaxed);
+            return Err(super::quota::tenant_error(what, max));
+        }
+        if let Some((what, max)) = over(
             &idx.total,
             n,
-            tenant_limits(&self.cfg),
-            total_limits(&self.cfg),
-            listed.keys.contains(key),
-            &listed.shares,
-            || {
-                let mut sum = super::quota::Usage::default();
-                for k in listed.keys.iter().filter(|k| k.as_slice() != key) {
-                    let u = usage_of(idx.tenants.get(k).copied());
-                    sum.add(&listed.shares.unused(&u));
-                }
-                sum
-            },
-        )
-        .map_err(|(by, e)| {
-            match by {
-                Limit::Tenant => &self.m.quota_tenant,
-                Limit::Total | Limit::Reserved => &self.m.quota_global,
-            }
-            .fetch_add(1, Relaxed);
-            e
-        })
+            [
+                c.total_max_bytes,
+                c.total_max_messages,
+                c.total_max_retained,
+                c.total_max_durables,
+                c.total_max_paths,
+            ],
+        ) {
+            self.m.quota_global.fetch_add(1, Relaxed);
+            return Err(super::quota::global_error(what, max));
+        }
+        Ok(())
     }
 
     /// The tenant's id, allocating one (and queuing its row) when new.
@@ -2237,8 +2220,7 @@ impl Store for SqliteStore {
         let size = env.len() as u64;
         let mut ops = Vec::with_capacity(2);
         let mut idx = lock(&s.idx);
-        let tenant_key = m.tenant.key();
-        let known_tid = idx.tenants.get(&tenant_key).copied();
+        let known_tid = idx.tenants.get(&m.tenant.key()).copied();
         let existing = idx.paths.get(&path).copied();
         let old_retained = existing.and_then(|p| p.retained);
         let need = Need {
@@ -2248,7 +2230,7 @@ impl Store for SqliteStore {
             durables: 0,
             paths: existing.is_none() as u64,
         };
-        s.check_quota(&idx, &tenant_key, known_tid, &need)?;
+        s.check_quota(&idx, known_tid, &need)?;
         if retain && old_retained.is_some_and(|(otid, _, _)| Some(otid) != known_tid) {
             // Taking over another tenant's retained value: the relay's total is unchanged,
             // but this tenant's count grows by one (free, a tenant at its quota went on
@@ -2761,17 +2743,6 @@ impl Store for SqliteStore {
         Ok(true)
     }
 
-    fn set_listed_tenants(&self, tenants: &[Tenant]) {
-        let s = &self.shared;
-        let keys: std::collections::HashSet<Vec<u8>> = tenants.iter().map(Tenant::key).collect();
-        let shares = super::quota::Shares::new(
-            keys.len(),
-            super::quota::tenant_limits(&s.cfg),
-            super::quota::total_limits(&s.cfg),
-        );
-        *s.listed.write().unwrap_or_else(|p| p.into_inner()) = Listed { keys, shares };
-    }
-
     fn take_gone(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<DurableKey>> {
         let s = &self.shared;
         let mut slot = lock(&s.gone);
@@ -2812,11 +2783,9 @@ impl Store for SqliteStore {
                     (d.tid, d.idle_since)
                 }
                 None => {
-                    let tkey = tenant.key();
-                    let known = idx.tenants.get(&tkey).copied();
+                    let known = idx.tenants.get(&tenant.key()).copied();
                     s.check_quota(
                         &idx,
-                        &tkey,
                         known,
                         &Need {
                             durables: 1,

@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::store::quota::{tenant_limits, total_limits, Limit, Need, Shares, Usage};
+use crate::store::quota::{over, tenant_limits, total_limits, Need, Usage};
 use crate::store::StoreError;
 
 /// A tenant as the stream sees it: 16 bytes of a keyed hash of [`crate::store::Tenant::key`]
@@ -115,10 +115,6 @@ pub struct Ledger {
     awaiting: BTreeMap<u64, (u32, Need)>,
     /// Durable names, by durable key: their tenant.
     durables: HashMap<String, u32>,
-    /// The listed accounts' tenants and their guaranteed shares
-    /// ([`Ledger::set_listed`]).
-    listed: std::collections::HashSet<Tag>,
-    shares: Shares,
 }
 
 impl Ledger {
@@ -139,8 +135,6 @@ impl Ledger {
             next_write: 1,
             awaiting: BTreeMap::new(),
             durables: HashMap::new(),
-            listed: std::collections::HashSet::new(),
-            shares: Shares::default(),
         };
         l.tenant(&NO_TAG);
         l
@@ -380,15 +374,8 @@ impl Ledger {
         }
     }
 
-    /// The tenants of the listed accounts (their tags), each guaranteed its share of the
-    /// totals (`quota::Shares`).
-    pub fn set_listed(&mut self, tags: impl IntoIterator<Item = Tag>) {
-        self.listed = tags.into_iter().collect();
-        self.shares = Shares::new(self.listed.len(), self.limits.tenant, self.limits.total);
-    }
-
-    /// A tenant's usage, counting this relay's writes in flight.
-    fn usage_with_in_flight(&self, tag: &Tag) -> Usage {
+    /// Checks `need` for `tag` against the quotas, counting this relay's writes in flight.
+    pub fn check(&self, tag: &Tag, need: &Need) -> Result<(), (Refused, StoreError)> {
         let t = self.tags.get(tag).copied();
         let mut u = t
             .and_then(|t| self.usage.get(t as usize).copied())
@@ -396,36 +383,20 @@ impl Ledger {
         if let Some(f) = t.and_then(|t| self.in_flight.get(&t)) {
             u.add(f);
         }
-        u
-    }
-
-    /// Checks `need` for `tag` against the quotas and the totals (with the listed
-    /// tenants' shares), counting this relay's writes in flight.
-    pub fn check(&self, tag: &Tag, need: &Need) -> Result<(), (Refused, StoreError)> {
+        if let Some((what, max)) = over(&u, need, self.limits.tenant) {
+            return Err((
+                Refused::Tenant,
+                crate::store::quota::tenant_error(what, max),
+            ));
+        }
         let total = self.total.plus(&self.in_flight_total);
-        crate::store::quota::check(
-            &self.usage_with_in_flight(tag),
-            &total,
-            need,
-            self.limits.tenant,
-            self.limits.total,
-            self.listed.contains(tag),
-            &self.shares,
-            || {
-                let mut sum = Usage::default();
-                for t in self.listed.iter().filter(|t| *t != tag) {
-                    sum.add(&self.shares.unused(&self.usage_with_in_flight(t)));
-                }
-                sum
-            },
-        )
-        .map_err(|(by, e)| {
-            let by = match by {
-                Limit::Tenant => Refused::Tenant,
-                Limit::Total | Limit::Reserved => Refused::Global,
-            };
-            (by, e)
-        })
+        if let Some((what, max)) = over(&total, need, self.limits.total) {
+            return Err((
+                Refused::Global,
+                crate::store::quota::global_error(what, max),
+            ));
+        }
+        Ok(())
     }
 
     /// Counts a write handed to the stream as in flight; returns its write id (to send
@@ -575,29 +546,6 @@ mod tests {
             tenant: [0, 3, 1, 0, 0],
             total: [0; 5],
         }
-    }
-
-    /// Relay-accounts review, finding 5, in the JetStream store: a listed tenant's writes
-    /// past its share leave the other listed tenants' unused shares free.
-    #[test]
-    fn listed_tenants_keep_their_shares() {
-        let mut l = Ledger::new(Limits {
-            tenant: [0, 5, 0, 0, 0],
-            total: [0, 6, 0, 0, 0],
-            ..limits()
-        });
-        let (a, b, c) = ([1u8; 16], [2u8; 16], [3u8; 16]);
-        l.set_listed([a, b, c]);
-        for seq in 1..=2 {
-            l.apply(seq, 10, &format!("k.p{seq}"), &a, 1, true, false, None);
-        }
-        let one = l.need("k.q", 1, true, false);
-        let (by, e) = l.check(&a, &one).unwrap_err();
-        assert_eq!(by, Refused::Global);
-        assert!(e.to_string().contains("guaranteed shares (2 each)"), "{e}");
-        assert!(l.check(&b, &one).is_ok(), "bob's share is free");
-        l.set_listed([]);
-        assert!(l.check(&a, &one).is_ok(), "no shares: the totals as before");
     }
 
     #[test]
