@@ -288,8 +288,8 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
 mod tests {
     use super::*;
     use rand_core::OsRng;
-    use whispeer_protocol::{Frame, Qos};
     use whispeer_protocol::frame::{Close, ErrorCode, Unsub};
+    use whispeer_protocol::{Frame, Qos};
     use whispeer_protocol::{Keyring, MessageId, Outgoing, SealOptions, Sealer, Topic, TreeKey};
 
     /// A genuine `Pub` frame for `pid` with `qos`, as the engine keeps it.

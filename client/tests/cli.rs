@@ -1116,12 +1116,13 @@ fn pub_sub_round_trip_over_tcp() {
     pub_sub_round_trip(&relay, &url);
 }
 
-#[test]
-fn pub_count_and_qos_with_acknowledgements() {
+/// A relay, a fresh tree "home" (its key file's path) and a `sub a/#` of it ready for
+/// `count` messages.
+fn relay_tree_and_sub(count: &str) -> (RelayProcess, tempfile::TempDir, String, String, Proc) {
     let relay = start_relay_binary(&[]);
     let dir = tempfile::tempdir().unwrap();
     let (tree_file, _) = new_tree(dir.path(), "home");
-    let tf = tree_file.to_str().unwrap();
+    let tf = tree_file.to_str().unwrap().to_owned();
     let url = relay.tcp_url();
     let mut sub = Proc::spawn(
         &[
@@ -1130,13 +1131,50 @@ fn pub_count_and_qos_with_acknowledgements() {
             &url,
             "a/#",
             "--count",
-            "5",
+            count,
             "--key-file",
-            tf,
+            &tf,
         ],
         &[],
     );
     sub.ready();
+    (relay, dir, tf, url, sub)
+}
+
+/// Review 27b, C3: `sub` lines carry no raw C1 controls, DEL or bidi overrides from a
+/// member's topic or payload (serde_json escapes only C0); the JSON reads back the same.
+#[test]
+fn sub_lines_escape_terminal_controls_and_read_back_the_same() {
+    let (_relay, _dir, tree_file, url, mut sub) = relay_tree_and_sub("1");
+    let tf = tree_file.as_str();
+    // The payload as JSON text (escapes the CLI parses), the topic as the raw characters.
+    let payload = r#""x\u009b2J\u007f\u202ey""#;
+    let topic = "a/t\u{9b}\u{202e}";
+    ok(run(&[
+        "pub",
+        "--relay",
+        &url,
+        topic,
+        payload,
+        "--key-file",
+        tf,
+    ]));
+    let line = sub.line();
+    assert!(
+        !line
+            .chars()
+            .any(|c| matches!(c, '\u{7f}'..='\u{9f}' | '\u{202a}'..='\u{202e}')),
+        "{line:?}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["data"], "x\u{9b}2J\u{7f}\u{202e}y");
+    assert_eq!(v["topic"], topic);
+}
+
+#[test]
+fn pub_count_and_qos_with_acknowledgements() {
+    let (_relay, _dir, tree_file, url, mut sub) = relay_tree_and_sub("5");
+    let tf = tree_file.as_str();
     ok(run(&[
         "pub",
         "--relay",

@@ -521,6 +521,14 @@ fn account(cmd: AccountCmd) -> Result<()> {
                      --group {g} --adopt-retired-group` takes those claims over on purpose",
                     a.name
                 );
+                // Review 27b, R6: like the first id, a new top-level field.
+                eprintln!(
+                    "note: relays older than this version cannot read a list with \
+                     retired_groups: such a relay keeps its previous list in force (still \
+                     admitting {:?}) until it is restarted on this version. Upgrade and \
+                     restart every relay that reads this list.",
+                    a.name
+                );
             }
             match at {
                 ListAt::File(_) => eprintln!(

@@ -1184,6 +1184,10 @@ fn the_cli_warns_about_the_first_id_and_about_removing_a_legacy_group() {
     assert!(!err.contains("relays older"), "{err}");
     let err = run(&["account", "remove", "old", "--file", file]);
     assert!(err.contains("now retired"), "{err}");
+    assert!(
+        err.contains("cannot read a list with retired_groups"),
+        "{err}"
+    );
     // Removing an account with an id says nothing of the kind.
     let err = run(&["account", "remove", "new", "--file", file]);
     assert!(!err.contains("legacy entry"), "{err}");

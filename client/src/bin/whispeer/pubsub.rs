@@ -603,7 +603,9 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
             provenance: provenance_json(&m.provenance),
         };
         let text = serde_json::to_string(&line)?;
-        match io::println_flush(&text) {
+        // Topics and payloads are any member's choice: no raw C1, DEL or bidi controls on
+        // the terminal (the JSON reads back the same).
+        match io::println_flush(&io::json_printable(&text)) {
             Ok(()) => got += 1,
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break Ok(()),
             Err(e) => break Err(e.into()),

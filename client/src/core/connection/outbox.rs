@@ -124,7 +124,15 @@ impl Outbox {
     /// One bad record costs only itself: the rest of the state still loads. (Review
     /// session 27, F2.)
     pub(super) fn restore(&mut self, pid: PublishId, order: u64, frame: Bytes) -> bool {
-        if let Err(why) = kept_frame_check(&pid, order, &frame) {
+        // Two records of one order (review 27b, C1): the second would replace the first in
+        // `kept` while both stayed counted in `kept_index`/`kept_bytes` for good.
+        let taken = self.kept.contains_key(&order) && !self.kept_index.contains_key(&pid);
+        let check = if taken {
+            Err("an order another saved publish has")
+        } else {
+            kept_frame_check(&pid, order, &frame)
+        };
+        if let Err(why) = check {
             self.restore_refused += 1;
             tracing::warn!(
                 publish_id = ?pid,
@@ -396,5 +404,23 @@ mod tests {
         );
         assert_eq!((c, d), (MAX_ORDER + 1, MAX_ORDER + 2));
         assert_eq!(o.kept_len(), 3);
+    }
+
+    /// Review 27b, C1: a second saved record with an order another one has is refused;
+    /// before, it replaced the first in the order map while both stayed counted (the first
+    /// never sent nor settled, its bytes held against the outbox's bound for good).
+    #[test]
+    fn two_saved_publishes_of_one_order_keep_only_the_first() {
+        let mut o = Outbox::default();
+        let (a, b) = (PublishId([1; 16]), PublishId([2; 16]));
+        let fa = pub_frame(a.0, Qos::AtLeastOnce);
+        assert!(o.restore(a, 5, fa.clone()));
+        assert!(!o.restore(b, 5, pub_frame(b.0, Qos::AtLeastOnce)));
+        assert!(!o.is_kept(&b));
+        assert_eq!(o.kept_bytes(), fa.len());
+        assert_eq!(sent(&mut o), vec![fa]);
+        // The same record twice is no conflict (loaded once).
+        assert!(o.restore(a, 5, pub_frame(a.0, Qos::AtLeastOnce)));
+        assert_eq!(o.restore_refused(), 1);
     }
 }
