@@ -229,6 +229,11 @@ pub struct AccountFile {
     /// the last member of such a group; `account add --adopt-retired-group` takes one back.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired_groups: Vec<String>,
+    /// Groups that were a legacy entry's own group (its plain name, holding its claims)
+    /// and still have members: each is retired when its last member is removed, whoever
+    /// that is, and an adopted retired group is tracked here again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub legacy_groups: Vec<String>,
     /// The accounts.
     #[serde(default)]
     pub account: Vec<AccountEntry>,
@@ -277,24 +282,56 @@ impl AccountFile {
         std::fs::rename(&tmp, path).map_err(io)
     }
 
-    /// Removes the account `name`; `Ok(Some(group))` when that retired its group (see
-    /// [`AccountFile::retired_groups`]): the entry was a legacy one whose group is its own
-    /// name (no `id`) and no remaining entry is in that group. A group of an account with an
-    /// id is never retired (no later account can be given it anyway), nor an explicit group
-    /// (an operator's shared name: giving it again shares its claims on purpose).
+    /// Removes the account `name`; `Some(Some(group))` when that retired its group (see
+    /// [`AccountFile::retired_groups`]): a legacy entry's own group (its plain name, which
+    /// keeps its claims) is retired when its last member goes, whoever that is — while
+    /// members remain it is tracked in [`AccountFile::legacy_groups`] — and so is an
+    /// adopted retired group. Groups of accounts with an id are never retired (no later
+    /// account can be given them), nor other explicit groups (an operator's shared name:
+    /// giving it again shares its claims on purpose). `None`: no such account.
     pub fn remove(&mut self, name: &str) -> Option<Option<String>> {
         let i = self.account.iter().position(|e| e.name == name)?;
         let e = self.account.remove(i);
-        let legacy_own = e.id.is_none() && e.group.as_deref().is_none_or(|g| g == e.name);
-        let still_used = self
-            .account
-            .iter()
-            .any(|o| o.group.as_deref() == Some(e.name.as_str()));
-        if !legacy_own || still_used || self.retired_groups.contains(&e.name) {
+        let group = match (&e.group, &e.id) {
+            (Some(g), _) => g.clone(),
+            (None, None) => e.name.clone(),
+            (None, Some(_)) => return Some(None), // an id group: no later account gets it
+        };
+        let legacy_own = e.id.is_none() && group == e.name;
+        if !(legacy_own || self.legacy_groups.contains(&group))
+            || self.retired_groups.contains(&group)
+        {
             return Some(None);
         }
-        self.retired_groups.push(e.name.clone());
-        Some(Some(e.name))
+        let still_used = self.account.iter().any(|o| {
+            o.group.as_deref() == Some(group.as_str())
+                || (o.id.is_none() && o.group.is_none() && o.name == group)
+        });
+        if still_used {
+            // Retired once its last member goes, whoever that is (review 27b, R5).
+            if !self.legacy_groups.contains(&group) {
+                self.legacy_groups.push(group);
+            }
+            return Some(None);
+        }
+        self.legacy_groups.retain(|g| *g != group);
+        self.retired_groups.push(group.clone());
+        Some(Some(group))
+    }
+
+    /// Takes the retired group `g` back (`account add --adopt-retired-group`): it is
+    /// tracked as a legacy group again, so it is retired again when its last member goes.
+    /// `false`: `g` was not retired.
+    pub fn adopt_retired(&mut self, g: &str) -> bool {
+        let before = self.retired_groups.len();
+        self.retired_groups.retain(|r| r != g);
+        if self.retired_groups.len() == before {
+            return false;
+        }
+        if !self.legacy_groups.iter().any(|l| l == g) {
+            self.legacy_groups.push(g.to_owned());
+        }
+        true
     }
 
     /// Checks every entry (names, ids, keys and token hashes unique and well formed; no
@@ -1534,6 +1571,7 @@ mod tests {
         );
         let f = AccountFile {
             retired_groups: Vec::new(),
+            legacy_groups: Vec::new(),
             account: vec![AccountEntry {
                 name: "a".into(),
                 id: None,
@@ -1589,6 +1627,7 @@ mod tests {
         let listed = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
         AccountFile {
             retired_groups: Vec::new(),
+            legacy_groups: Vec::new(),
             account: vec![entry("dan", Some(listed.verifying_key().to_bytes()), None)],
         }
         .save(&path)
@@ -1619,6 +1658,7 @@ mod tests {
         let path = temp_file("stamp");
         AccountFile {
             retired_groups: Vec::new(),
+            legacy_groups: Vec::new(),
             account: vec![entry("bob", None, Some(b"token-one"))],
         }
         .save(&path)
@@ -1661,6 +1701,7 @@ mod tests {
         );
         let list = |alice_key: [u8; 32], bob: Rights, carol_group: &str| AccountFile {
             retired_groups: Vec::new(),
+            legacy_groups: Vec::new(),
             account: vec![
                 entry("alice", Some(alice_key), Some(b"alice-token")),
                 AccountEntry {
@@ -1789,10 +1830,13 @@ mod tests {
             tok("d"),
         );
         let mut f = parse(&text).unwrap();
-        // pal is still in group "old": removing old retires nothing yet.
+        // pal is still in group "old": removing old retires nothing yet, but the group is
+        // tracked and retired when pal, its last member, goes (review 27b, R5: before,
+        // this order never retired it).
         assert_eq!(f.remove("old"), Some(None));
-        // pal's group is explicit ("old"); pal was no legacy owner of it.
-        assert_eq!(f.remove("pal"), Some(None));
+        assert_eq!(f.legacy_groups, ["old"]);
+        assert_eq!(f.remove("pal"), Some(Some("old".into())));
+        assert!(f.legacy_groups.is_empty());
         assert_eq!(f.remove("team1"), Some(None), "explicit groups stay");
         assert_eq!(
             f.remove("new"),
@@ -1800,7 +1844,21 @@ mod tests {
             "id groups are never reusable anyway"
         );
         assert_eq!(f.remove("new"), None);
-        assert!(f.retired_groups.is_empty());
+        assert_eq!(f.retired_groups, ["old"]);
+        // Adopted, it is retired again when the adopter (an account with an id) leaves.
+        assert!(f.adopt_retired("old"));
+        assert!(!f.adopt_retired("old"), "no longer retired");
+        f.account.push(AccountEntry {
+            name: "x".into(),
+            id: Some(ID2.into()),
+            group: Some("old".into()),
+            key: None,
+            token_sha256: Some(tok("x")),
+            rights: Right::ALL.to_vec(),
+        });
+        f.validate().unwrap();
+        assert_eq!(f.remove("x"), Some(Some("old".into())));
+        assert_eq!(f.retired_groups, ["old"]);
 
         let mut f = parse(&text).unwrap();
         assert_eq!(f.remove("pal"), Some(None));
@@ -1982,6 +2040,7 @@ mod tests {
         };
         AccountFile {
             retired_groups: Vec::new(),
+            legacy_groups: Vec::new(),
             account: vec![alice(ID1)],
         }
         .save(&path)
@@ -2005,6 +2064,7 @@ mod tests {
         let closed = accounts.install_table(
             AccountFile {
                 retired_groups: Vec::new(),
+                legacy_groups: Vec::new(),
                 account: vec![
                     alice(ID2),
                     AccountEntry {

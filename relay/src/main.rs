@@ -382,9 +382,7 @@ fn account(cmd: AccountCmd) -> Result<()> {
                 first_id = !file.account.is_empty() && file.account.iter().all(|e| e.id.is_none());
                 if a.adopt_retired_group {
                     let g = a.group.as_deref().unwrap_or_default();
-                    let before = file.retired_groups.len();
-                    file.retired_groups.retain(|r| r != g);
-                    if file.retired_groups.len() == before {
+                    if !file.adopt_retired(g) {
                         anyhow::bail!("group {g:?} is not retired in {at}");
                     }
                 }
