@@ -245,7 +245,11 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
             (KEEP, n) if n >= 24 => {
                 let (pid, order) = (arr(f), u64_at(&f[16..]));
                 let frame = Bytes::copy_from_slice(&f[24..]);
-                if kept_frame_ok(&pid, order, &frame) {
+                // An order another kept publish has (review 27b, C1): the engine would refuse
+                // it at every start, and snapshots would keep it.
+                let taken =
+                    !s.outbox.contains_key(&pid) && s.outbox.values().any(|(o, _)| *o == order);
+                if !taken && kept_frame_ok(&pid, order, &frame) {
                     s.outbox.insert(pid, (order, frame));
                 } else {
                     // Skipped, not Corrupt: see `Saved::refused_kept`. A later ACKED of
@@ -485,7 +489,7 @@ mod tests {
     #[test]
     fn a_kept_record_must_be_a_pub_frame_with_its_own_publish_id() {
         let good = pub_frame([1; 16], Qos::AtLeastOnce);
-        let bad: [(&str, [u8; 16], u64, Bytes); 6] = [
+        let bad: [(&str, [u8; 16], u64, Bytes); 7] = [
             (
                 "a Close frame",
                 [2; 16],
@@ -524,6 +528,12 @@ mod tests {
                 [8; 16],
                 u64::MAX,
                 pub_frame([8; 16], Qos::AtLeastOnce),
+            ),
+            (
+                "the order of another kept publish",
+                [9; 16],
+                1,
+                pub_frame([9; 16], Qos::AtLeastOnce),
             ),
         ];
         for (what, pid, order, frame) in &bad {
