@@ -30,7 +30,7 @@
 //! is a [`StateError`]. The driver compacts (rewrites the log as a snapshot) at start and
 //! when the log has grown.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 use whispeer::core::receive::{Change, DedupKey, Digest, RetainedKey};
@@ -214,6 +214,9 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
             .collect();
         return Err(StateError::Foreign(shown));
     }
+    // The order of each kept publish (to refuse a second record of one order without a
+    // scan of the outbox per record: a log may hold hundreds of thousands).
+    let mut orders: HashMap<u64, [u8; 16]> = HashMap::new();
     let mut at = MAGIC.len();
     while at < bytes.len() {
         let rest = &bytes[at..];
@@ -247,10 +250,12 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
                 let frame = Bytes::copy_from_slice(&f[24..]);
                 // An order another kept publish has (review 27b, C1): the engine would refuse
                 // it at every start, and snapshots would keep it.
-                let taken =
-                    !s.outbox.contains_key(&pid) && s.outbox.values().any(|(o, _)| *o == order);
+                let taken = orders.get(&order).is_some_and(|p| *p != pid);
                 if !taken && kept_frame_ok(&pid, order, &frame) {
-                    s.outbox.insert(pid, (order, frame));
+                    if let Some((old, _)) = s.outbox.insert(pid, (order, frame)) {
+                        orders.remove(&old);
+                    }
+                    orders.insert(order, pid);
                 } else {
                     // Skipped, not Corrupt: see `Saved::refused_kept`. A later ACKED of
                     // the same id finds nothing to remove, which is fine.
@@ -258,7 +263,9 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
                 }
             }
             (ACKED, 16) => {
-                s.outbox.remove(&arr::<16>(f));
+                if let Some((order, _)) = s.outbox.remove(&arr::<16>(f)) {
+                    orders.remove(&order);
+                }
             }
             (SEEN, 72) => {
                 let key = (TreeId(arr(f)), arr(&f[16..]), arr(&f[48..]));
@@ -484,6 +491,25 @@ mod tests {
         record(&mut bad, &[&[SEEN_DIGEST], &[0; 20]]);
         record(&mut bad, &[&[PINS], b"x"]);
         assert!(matches!(load(&bad, 0), Err(StateError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn an_acknowledged_publish_frees_its_order_and_a_repeated_one_keeps_its_place() {
+        let (a, b) = (
+            pub_frame([1; 16], Qos::AtLeastOnce),
+            pub_frame([2; 16], Qos::AtLeastOnce),
+        );
+        let mut log = MAGIC.to_vec();
+        keep(&mut log, &[1; 16], 1, &a);
+        acked(&mut log, &[1; 16]);
+        keep(&mut log, &[2; 16], 1, &b);
+        // The same publish saved again (at another order) gives its old order up.
+        keep(&mut log, &[2; 16], 3, &b);
+        keep(&mut log, &[1; 16], 1, &a);
+        let s = load(&log, 0).unwrap();
+        assert_eq!(s.refused_kept, 0);
+        assert_eq!(s.outbox[&[2; 16]].0, 3);
+        assert_eq!(s.outbox[&[1; 16]].0, 1);
     }
 
     #[test]

@@ -1395,6 +1395,16 @@ async fn try_publish_stored(c: &mut Client, k: u8, publish_id: u8) -> Result<u64
     }
 }
 
+/// Stores two messages on key id `k` (publish ids `ids`), then a third is refused as over
+/// the message quota (2).
+async fn fill_message_quota(c: &mut Client, k: u8, ids: [u8; 2], why: &str) {
+    for id in ids {
+        try_publish_stored(c, k, id).await.expect(why);
+    }
+    let e = try_publish_stored(c, k, ids[1] + 1).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e:?}");
+}
+
 /// Review finding 17: an account removed and added again under the same name (with a new
 /// key, as `account add` does; possibly for another person) is a new identity: it may not
 /// use the key ids the old one's group claimed (`auth_failed`), an account sharing the old
@@ -1418,13 +1428,7 @@ async fn a_name_removed_and_added_again_is_a_new_identity() {
     ]);
     let mut ca = login(relay.tcp(), &alice).await;
     // Alice claims key id 1 and fills her tenant's message quota (2).
-    for id in [1, 2] {
-        try_publish_stored(&mut ca, 1, id)
-            .await
-            .expect("alice stores");
-    }
-    let e = try_publish_stored(&mut ca, 1, 3).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e:?}");
+    fill_message_quota(&mut ca, 1, [1, 2], "alice stores").await;
     // Carol (group "home") creates durable d on key id 5, then hangs up.
     let mut cc = login(relay.tcp(), &carol).await;
     try_sub(&mut cc, sub(1, 5, Some("d"), None))
@@ -1462,13 +1466,13 @@ async fn a_name_removed_and_added_again_is_a_new_identity() {
     assert_eq!(e.code, ErrorCode::AuthFailed, "old alice's key id: {e:?}");
     assert!(e.message.contains("another group"), "{e:?}");
     // A fresh tenant: two more stored messages fit (on a key id of her own), a third not.
-    for id in [4, 5] {
-        try_publish_stored(&mut ca2, 2, id)
-            .await
-            .expect("the new alice's store usage starts at zero");
-    }
-    let e = try_publish_stored(&mut ca2, 2, 6).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e:?}");
+    fill_message_quota(
+        &mut ca2,
+        2,
+        [4, 5],
+        "the new alice's store usage starts at zero",
+    )
+    .await;
 
     let mut cc2 = login(relay.tcp(), &carol2).await;
     let e = try_sub(&mut cc2, sub(1, 5, Some("d"), None))
