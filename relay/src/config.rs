@@ -758,6 +758,22 @@ pub struct StoreConfig {
     /// All tenants: most distinct token paths with stored data.
     #[arg(long, env = "WHISPEER_TOTAL_MAX_PATHS")]
     pub total_max_paths: u64,
+    /// The reserve: the last this-many percent of each all-tenant limit above (0..=90) is
+    /// kept for tenants holding little. Past the rest, a write is accepted only from a
+    /// tenant that holds at most its share of the reserve (reserve / reserve_tenants)
+    /// after it; a tenant holding more gets Err(quota_exceeded) naming the reserve
+    /// (counted in whispeer_relay_store_quota_reserve_rejections_total). So a few tenants
+    /// that filled the store (a flood from a few addresses or accounts) never leave the
+    /// others nothing, and below the reserve nothing is set aside for idle tenants. 0 = no
+    /// reserve (the totals are first-come).
+    #[arg(long, env = "WHISPEER_RESERVE_PERCENT", value_parser = clap::value_parser!(u8).range(0..=90))]
+    pub reserve_percent: u8,
+    /// How many tenants the reserve is divided among: each may hold up to reserve /
+    /// reserve_tenants and still write into it (at least 1). With auth required, the
+    /// number of relay accounts guarantees every account its share; without auth a
+    /// tenant is a source address, and this many addresses can use the reserve up.
+    #[arg(long, env = "WHISPEER_RESERVE_TENANTS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub reserve_tenants: u64,
     /// While the disk is full (or a commit failed), publishes needing the store get
     /// Err(storage_full) (retryable) and the store retries every this many milliseconds,
     /// resuming by itself when space frees.
@@ -800,6 +816,8 @@ impl Default for StoreConfig {
             total_max_retained: 1_000_000,
             total_max_durables: 100_000,
             total_max_paths: 1_000_000,
+            reserve_percent: 10,
+            reserve_tenants: 100,
             retry_ms: 500,
             thread_nice: 0,
         }
@@ -1327,6 +1345,15 @@ impl Config {
                 "limits.publish_burst",
                 "must be at least 1 when publish_rate is set".into(),
             );
+        }
+        if self.store.reserve_percent > 90 {
+            return invalid(
+                "store.reserve_percent",
+                format!("must be 0..=90, got {}", self.store.reserve_percent),
+            );
+        }
+        if self.store.reserve_tenants == 0 {
+            return invalid("store.reserve_tenants", "must be at least 1".into());
         }
         if self.queue.capacity == 0 || self.queue.max_bytes == 0 {
             return invalid("queue", "capacity and max_bytes must be at least 1".into());
@@ -1937,6 +1964,12 @@ mod tests {
 
     #[test]
     fn validation_rules() {
+        let mut c = Config::default();
+        c.store.reserve_percent = 91;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.store.reserve_tenants = 0;
+        assert!(c.validate().is_err());
         let mut c = Config::default();
         c.limits.max_filter_depth = 33;
         assert!(c.validate().is_err());

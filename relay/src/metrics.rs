@@ -352,7 +352,7 @@ impl Metrics {
             "whispeer_relay_store_read_tenants_queued {}",
             reads.tenants
         );
-        let counters: [(&str, &str, u64); 17] = [
+        let counters: [(&str, &str, u64); 18] = [
             (
                 "whispeer_relay_store_reads_total",
                 "Store reads run by the reader thread.",
@@ -377,6 +377,11 @@ impl Metrics {
                 "whispeer_relay_store_quota_global_rejections_total",
                 "Publishes refused by a global storage quota (Err quota_exceeded).",
                 s.quota_global_rejections,
+            ),
+            (
+                "whispeer_relay_store_quota_reserve_rejections_total",
+                "Publishes refused by the reserve: the relay's totals nearly used up and the tenant holding more than its share of the rest (Err quota_exceeded).",
+                s.quota_reserve_rejections,
             ),
             (
                 "whispeer_relay_store_full_rejections_total",

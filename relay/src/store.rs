@@ -93,14 +93,28 @@ pub(crate) mod quota {
     /// What a new write adds to a tenant's (and the total) usage.
     pub(crate) type Need = Usage;
 
+    /// What each of the five limits counts, in [`over`]'s order.
+    const NAMES: [&str; 5] = [
+        "stored bytes",
+        "stored messages",
+        "retained values",
+        "durable names",
+        "distinct paths",
+    ];
+
+    /// A usage's five counters, in [`over`]'s order.
+    fn fields(u: &Usage) -> [u64; 5] {
+        [u.bytes, u.msgs, u.retained, u.durables, u.paths]
+    }
+
     /// Checks one usage against its limits (0 = unlimited); the first limit hit, if any.
     pub(crate) fn over(u: &Usage, n: &Need, lim: [u64; 5]) -> Option<(&'static str, u64)> {
         let checks = [
-            ("stored bytes", u.bytes, n.bytes, lim[0]),
-            ("stored messages", u.msgs, n.msgs, lim[1]),
-            ("retained values", u.retained, n.retained, lim[2]),
-            ("durable names", u.durables, n.durables, lim[3]),
-            ("distinct paths", u.paths, n.paths, lim[4]),
+            (NAMES[0], u.bytes, n.bytes, lim[0]),
+            (NAMES[1], u.msgs, n.msgs, lim[1]),
+            (NAMES[2], u.retained, n.retained, lim[2]),
+            (NAMES[3], u.durables, n.durables, lim[3]),
+            (NAMES[4], u.paths, n.paths, lim[4]),
         ];
         checks
             .into_iter()
@@ -130,6 +144,104 @@ pub(crate) mod quota {
         ]
     }
 
+    /// Which limit refused a write.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Scope {
+        /// A per-tenant limit.
+        Tenant,
+        /// An all-tenant limit.
+        Global,
+        /// The reserve: the last `reserve_percent` of an all-tenant limit, kept for
+        /// tenants holding little (see [`check`]).
+        Reserve,
+    }
+
+    /// The quota limits of a store configuration, with the reserve worked out once.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) struct Limits {
+        /// Per tenant, in [`over`]'s order (0 = unlimited).
+        pub(crate) tenant: [u64; 5],
+        /// All tenants (0 = unlimited).
+        pub(crate) total: [u64; 5],
+        /// What all tenants may hold before the reserve: `total` less `reserve_percent`
+        /// of it (equal to `total` without a reserve).
+        pub(crate) common: [u64; 5],
+        /// Most a tenant may hold and still write into the reserve: the reserve divided
+        /// by `reserve_tenants`.
+        pub(crate) share: [u64; 5],
+    }
+
+    impl Limits {
+        /// The limits of a store configuration.
+        pub(crate) fn of(c: &StoreConfig) -> Self {
+            let total = total_limits(c);
+            let pct = u128::from(c.reserve_percent.min(100));
+            let tenants = u128::from(c.reserve_tenants.max(1));
+            let reserve = total.map(|t| (u128::from(t) * pct / 100) as u64);
+            let mut common = total;
+            let mut share = [0; 5];
+            for i in 0..5 {
+                common[i] = total[i] - reserve[i];
+                // At least 1 where there is a reserve: 0 would read as "unlimited".
+                if reserve[i] > 0 {
+                    share[i] = ((u128::from(reserve[i]) / tenants) as u64).max(1);
+                }
+            }
+            Limits {
+                tenant: tenant_limits(c),
+                total,
+                common,
+                share,
+            }
+        }
+    }
+
+    /// Checks a write of `need` by a tenant holding `tenant` while all tenants hold
+    /// `total`: the tenant's own limits, the all-tenant limits, and the reserve.
+    ///
+    /// The all-tenant limits are first-come up to `common`; the rest of each (the
+    /// reserve) takes only writes of tenants that hold at most `share` after the write.
+    /// So tenants that filled the store — a flood from a few addresses or accounts — are
+    /// refused before it is full, and every other tenant can still store up to its share
+    /// of the reserve: one tenant's flood never leaves the others nothing. The check is a
+    /// handful of comparisons on running sums (no scan over tenants), and nothing is set
+    /// aside for idle tenants below `common`, so the reserve is never a cap on anyone.
+    pub(crate) fn check(
+        tenant: &Usage,
+        total: &Usage,
+        need: &Need,
+        l: &Limits,
+    ) -> Result<(), (Scope, StoreError)> {
+        if let Some((what, max)) = over(tenant, need, l.tenant) {
+            return Err((Scope::Tenant, tenant_error(what, max)));
+        }
+        if let Some((what, max)) = over(total, need, l.total) {
+            return Err((Scope::Global, global_error(what, max)));
+        }
+        // Per dimension: only a limit whose reserve this write reaches into asks for the
+        // tenant's share.
+        let (t, u, n) = (fields(total), fields(tenant), fields(need));
+        for i in 0..5 {
+            let into_reserve =
+                n[i] > 0 && l.common[i] < l.total[i] && t[i].saturating_add(n[i]) > l.common[i];
+            if into_reserve && u[i].saturating_add(n[i]) > l.share[i] {
+                return Err((
+                    Scope::Reserve,
+                    StoreError::QuotaExceeded(format!(
+                        "the relay's total {} quota ({}) is nearly used up: its last {} are \
+                         kept for tenants holding at most {}, and this tenant holds more; \
+                         wait for retention to free space or ask the operator",
+                        NAMES[i],
+                        l.total[i],
+                        l.total[i] - l.common[i],
+                        l.share[i],
+                    )),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The error of a publish over a per-tenant quota.
     pub(crate) fn tenant_error(what: &str, max: u64) -> StoreError {
         StoreError::QuotaExceeded(format!(
@@ -141,6 +253,147 @@ pub(crate) mod quota {
     /// The error of a publish over an all-tenant quota.
     pub(crate) fn global_error(what: &str, max: u64) -> StoreError {
         StoreError::QuotaExceeded(format!("the relay's total {what} quota ({max}) is reached"))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn msgs(n: u64) -> Usage {
+            Usage {
+                msgs: n,
+                ..Usage::default()
+            }
+        }
+
+        /// 100 messages in all, 10 % reserve among 5 tenants: common 90, share 2.
+        fn limits() -> Limits {
+            let c = StoreConfig {
+                total_max_messages: 100,
+                reserve_percent: 10,
+                reserve_tenants: 5,
+                ..StoreConfig::default()
+            };
+            Limits::of(&c)
+        }
+
+        #[test]
+        fn the_reserve_is_the_last_percent_divided_among_tenants() {
+            let l = limits();
+            assert_eq!((l.total[1], l.common[1], l.share[1]), (100, 90, 2));
+            // Unlimited totals have no reserve.
+            assert_eq!(
+                (l.total[0], l.common[0], l.share[0]),
+                (8 << 30, 7730941133, 171798691)
+            );
+            let none = Limits::of(&StoreConfig {
+                total_max_messages: 0,
+                reserve_percent: 0,
+                ..StoreConfig::default()
+            });
+            assert_eq!((none.total[1], none.common[1], none.share[1]), (0, 0, 0));
+            assert_eq!(
+                none.common, none.total,
+                "no reserve: the totals are first-come"
+            );
+            // A reserve smaller than its tenants: each may still hold one.
+            let tiny = Limits::of(&StoreConfig {
+                total_max_messages: 20,
+                reserve_percent: 10,
+                reserve_tenants: 100,
+                ..StoreConfig::default()
+            });
+            assert_eq!((tiny.common[1], tiny.share[1]), (18, 1));
+            // No overflow on the largest totals.
+            let huge = Limits::of(&StoreConfig {
+                total_max_messages: u64::MAX,
+                reserve_percent: 90,
+                ..StoreConfig::default()
+            });
+            assert!(huge.common[1] < huge.total[1] && huge.share[1] > 0);
+        }
+
+        #[test]
+        fn a_tenant_that_filled_the_store_leaves_the_reserve_to_the_others() {
+            let l = limits();
+            let one = msgs(1);
+            // The flooder fills the common part, first come.
+            assert!(check(&msgs(89), &msgs(89), &one, &l).is_ok());
+            let (scope, e) = check(&msgs(90), &msgs(90), &one, &l).unwrap_err();
+            assert_eq!(scope, Scope::Reserve);
+            assert!(
+                e.to_string().contains("kept for tenants holding at most 2"),
+                "{e}"
+            );
+            // Another tenant still stores its share, and no more.
+            assert!(check(&msgs(0), &msgs(90), &one, &l).is_ok());
+            assert!(check(&msgs(1), &msgs(91), &one, &l).is_ok());
+            assert_eq!(
+                check(&msgs(2), &msgs(92), &one, &l).unwrap_err().0,
+                Scope::Reserve
+            );
+            // The total is still the total, whoever writes.
+            assert_eq!(
+                check(&msgs(0), &msgs(100), &one, &l).unwrap_err().0,
+                Scope::Global
+            );
+            // A write that would straddle the line counts whole.
+            assert_eq!(
+                check(&msgs(0), &msgs(88), &msgs(3), &l).unwrap_err().0,
+                Scope::Reserve
+            );
+            assert!(check(&msgs(0), &msgs(88), &msgs(2), &l).is_ok());
+        }
+
+        #[test]
+        fn only_a_limit_whose_reserve_is_reached_asks_for_the_share() {
+            let l = limits();
+            // Many stored bytes and paths of its own, few messages in all: the messages'
+            // reserve is not reached, so the other counters' shares do not matter.
+            let mine = Usage {
+                bytes: 200 << 20, // past its share of the bytes' reserve (171,798,691)
+                msgs: 5,
+                paths: 5_000,
+                ..Usage::default()
+            };
+            let need = Usage {
+                bytes: 1024,
+                msgs: 1,
+                paths: 1,
+                ..Usage::default()
+            };
+            assert!(check(&mine, &mine, &need, &l).is_ok());
+        }
+
+        proptest! {
+            /// Whatever the usage: nothing passes a total; a tenant within its share of the
+            /// reserve is refused only by a total or its own limits; past the common part,
+            /// a tenant holding more than its share is refused.
+            #[test]
+            fn the_reserve_rules_hold(
+                mine in 0u64..120, others in 0u64..120, n in 1u64..10,
+                pct in 0u8..=90, tenants in 1u64..20,
+            ) {
+                let c = StoreConfig {
+                    total_max_messages: 100,
+                    tenant_max_messages: 0,
+                    reserve_percent: pct,
+                    reserve_tenants: tenants,
+                    ..StoreConfig::default()
+                };
+                let l = Limits::of(&c);
+                let total = mine + others;
+                let r = check(&msgs(mine), &msgs(total), &msgs(n), &l);
+                if total + n > 100 {
+                    prop_assert_eq!(r.unwrap_err().0, Scope::Global);
+                } else if total + n <= l.common[1] || mine + n <= l.share[1] {
+                    prop_assert!(r.is_ok());
+                } else {
+                    prop_assert_eq!(r.unwrap_err().0, Scope::Reserve);
+                }
+            }
+        }
     }
 }
 
@@ -541,6 +794,9 @@ pub struct StoreMetrics {
     pub quota_tenant_rejections: u64,
     /// Publishes refused by a global quota.
     pub quota_global_rejections: u64,
+    /// Publishes refused by the reserve (`store.reserve_percent`): the totals were nearly
+    /// used up and the tenant held more than its share of the rest.
+    pub quota_reserve_rejections: u64,
     /// Publishes refused because the disk was full.
     pub storage_full_rejections: u64,
     /// Publishes refused because the write queue was full.

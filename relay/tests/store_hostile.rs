@@ -531,6 +531,8 @@ async fn global_quota_applies_across_tenants_and_live_routing_goes_on() {
     let mut config = file_config(&dir.join("s.db"));
     config.store.tenant_max_messages = 20;
     config.store.total_max_messages = 50;
+    // No reserve: the total is first-come (the reserve has its own test below).
+    config.store.reserve_percent = 0;
     let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
     let relay = relay_with(config, store.clone()).await;
     let mut acked = 0;
@@ -581,6 +583,95 @@ async fn global_quota_applies_across_tenants_and_live_routing_goes_on() {
         Frame::Msg(m) => assert_eq!(index_of(&m.envelope), 4242),
         other => panic!("unexpected {other:?}"),
     }
+    relay.stop().await;
+}
+
+/// The reserve (`store.reserve_percent`): tenants that filled the store's common part are
+/// refused before the store is full, and every other tenant can still store its share of
+/// the rest — the relay's totals are not first-come to the last byte, so a flood from a
+/// few addresses cannot leave everyone else nothing (review finding 5). Real relay, real
+/// SQLite file, one source address per tenant.
+#[tokio::test]
+async fn tenants_that_filled_the_store_leave_the_reserve_to_the_others() {
+    let dir = temp_dir("quota-reserve");
+    let mut config = file_config(&dir.join("s.db"));
+    config.store.tenant_max_messages = 30;
+    config.store.total_max_messages = 50;
+    // 20 % of 50 = 10 kept back, shared by 5 tenants: 2 each.
+    config.store.reserve_percent = 20;
+    config.store.reserve_tenants = 5;
+    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
+    let relay = relay_with(config, store.clone()).await;
+    // Publishes until the first refusal (at most `max`): (acked, the refusal).
+    async fn fill(
+        c: &mut Client,
+        t: u8,
+        from: u64,
+        max: u64,
+    ) -> (u64, Option<(ErrorCode, String)>) {
+        for i in from..from + max {
+            match publish_one(
+                c,
+                env_on([t; 16], 1, i, 64),
+                Qos::AtLeastOnce,
+                pid(i, t),
+                false,
+            )
+            .await
+            {
+                Answer::Acked(_) => {}
+                Answer::Refused(code, m) => return (i - from, Some((code, m))),
+            }
+        }
+        (max, None)
+    }
+    // Two flooding tenants take the common 40, first come.
+    let mut flood_a = client_from("127.0.0.2", relay.tcp()).await;
+    let mut flood_b = client_from("127.0.0.3", relay.tcp()).await;
+    assert_eq!(fill(&mut flood_a, 2, 0, 20).await, (20, None));
+    assert_eq!(fill(&mut flood_b, 3, 0, 20).await, (20, None));
+    // Neither may go on into the reserve, far below its own quota of 30.
+    let (n, refused) = fill(&mut flood_a, 2, 20, 1).await;
+    let (code, m) = refused.expect("a tenant past its share is refused the reserve");
+    assert_eq!((n, code), (0, ErrorCode::QuotaExceeded));
+    assert!(m.contains("kept for tenants holding at most 2"), "{m}");
+    assert_eq!(store.metrics().quota_reserve_rejections, 1);
+    // Every other tenant still stores its share, then is refused like the floods.
+    for t in 4..=7u8 {
+        let mut c = client_from(&format!("127.0.0.{t}"), relay.tcp()).await;
+        let (n, refused) = fill(&mut c, t, 0, 5).await;
+        assert_eq!(n, 2, "tenant {t} stores its share of the reserve");
+        assert!(
+            refused.unwrap().1.contains("kept for tenants"),
+            "tenant {t}"
+        );
+    }
+    // 48 stored: the fifth newcomer takes the last 2, and the total is then the total.
+    let mut c = client_from("127.0.0.8", relay.tcp()).await;
+    let (n, refused) = fill(&mut c, 8, 0, 5).await;
+    assert_eq!(n, 2);
+    assert!(refused
+        .unwrap()
+        .1
+        .contains("total stored messages quota (50) is reached"));
+    let m = store.metrics();
+    assert_eq!(
+        (
+            m.quota_reserve_rejections,
+            m.quota_global_rejections,
+            m.quota_tenant_rejections
+        ),
+        (5, 1, 0)
+    );
+    // The counter reaches the operator.
+    let text = relay
+        .handle
+        .metrics()
+        .render_store_prometheus("sqlite", &store.metrics());
+    assert!(
+        text.contains("whispeer_relay_store_quota_reserve_rejections_total 5"),
+        "{text}"
+    );
     relay.stop().await;
 }
 

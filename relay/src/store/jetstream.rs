@@ -374,6 +374,7 @@ struct Counters {
     rows_read: AtomicU64,
     quota_tenant: AtomicU64,
     quota_global: AtomicU64,
+    quota_reserve: AtomicU64,
 }
 
 struct Inner {
@@ -2099,6 +2100,7 @@ impl Store for JetStreamStore {
                 match by {
                     Refused::Tenant => &inner.counters.quota_tenant,
                     Refused::Global => &inner.counters.quota_global,
+                    Refused::Reserve => &inner.counters.quota_reserve,
                 }
                 .fetch_add(1, Relaxed);
                 return Err(e);
@@ -2583,6 +2585,7 @@ impl Store for JetStreamStore {
                     match by {
                         Refused::Tenant => &self.inner.counters.quota_tenant,
                         Refused::Global => &self.inner.counters.quota_global,
+                        Refused::Reserve => &self.inner.counters.quota_reserve,
                     }
                     .fetch_add(1, Relaxed);
                     drop(l);
@@ -2663,6 +2666,7 @@ impl Store for JetStreamStore {
             rows_read: c.rows_read.load(Relaxed),
             quota_tenant_rejections: c.quota_tenant.load(Relaxed),
             quota_global_rejections: c.quota_global.load(Relaxed),
+            quota_reserve_rejections: c.quota_reserve.load(Relaxed),
             ..StoreMetrics::default()
         }
     }

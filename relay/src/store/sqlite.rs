@@ -52,7 +52,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use whispeer_protocol::frame::{pub_flags, Replay};
 use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
-use super::quota::{over, Need, Usage};
+use super::quota::{over, Need, Scope, Usage};
 use super::sharded::Sharded;
 use super::{
     path_bytes, Accepted, Append, Claim, DurableKey, OnDurable, OnSequenced, PathStatus, ReadChunk,
@@ -602,6 +602,7 @@ struct Counters {
     commit_nanos: AtomicU64,
     quota_tenant: AtomicU64,
     quota_global: AtomicU64,
+    quota_reserve: AtomicU64,
     full: AtomicU64,
     busy: AtomicU64,
     commit_failures: AtomicU64,
@@ -632,6 +633,8 @@ struct Shared {
     kind: &'static str,
     file: Option<PathBuf>,
     cfg: StoreConfig,
+    /// The quota limits of `cfg`, with its reserve worked out.
+    limits: super::quota::Limits,
     clock: Clock,
     /// The writer's connection (also the reader of a memory store).
     conn: Mutex<Connection>,
@@ -1248,6 +1251,7 @@ impl SqliteStore {
         let shared = Arc::new(Shared {
             kind,
             file,
+            limits: super::quota::Limits::of(&cfg),
             cfg,
             clock,
             conn: Mutex::new(conn),
@@ -2090,41 +2094,21 @@ impl Shared {
 }
 
 impl Shared {
-    /// Refuses a write that would pass a tenant or global limit.
+    /// Refuses a write that would pass a tenant or global limit, or reach into the
+    /// reserve for a tenant holding more than its share ([`check`](super::quota::check)).
     fn check_quota(&self, idx: &Index, tid: Option<i64>, n: &Need) -> Result<(), StoreError> {
-        let c = &self.cfg;
         let tenant = tid
             .and_then(|t| idx.usage.get(&t).copied())
             .unwrap_or_default();
-        if let Some((what, max)) = over(
-            &tenant,
-            n,
-            [
-                c.tenant_max_bytes,
-                c.tenant_max_messages,
-                c.tenant_max_retained,
-                c.tenant_max_durables,
-                c.tenant_max_paths,
-            ],
-        ) {
-            self.m.quota_tenant.fetch_add(1, Relaxed);
-            return Err(super::quota::tenant_error(what, max));
-        }
-        if let Some((what, max)) = over(
-            &idx.total,
-            n,
-            [
-                c.total_max_bytes,
-                c.total_max_messages,
-                c.total_max_retained,
-                c.total_max_durables,
-                c.total_max_paths,
-            ],
-        ) {
-            self.m.quota_global.fetch_add(1, Relaxed);
-            return Err(super::quota::global_error(what, max));
-        }
-        Ok(())
+        super::quota::check(&tenant, &idx.total, n, &self.limits).map_err(|(scope, e)| {
+            match scope {
+                Scope::Tenant => &self.m.quota_tenant,
+                Scope::Global => &self.m.quota_global,
+                Scope::Reserve => &self.m.quota_reserve,
+            }
+            .fetch_add(1, Relaxed);
+            e
+        })
     }
 
     /// The tenant's id, allocating one (and queuing its row) when new.
@@ -2937,6 +2921,7 @@ impl Store for SqliteStore {
             commit_seconds_sum: m.commit_nanos.load(Relaxed) as f64 / 1e9,
             quota_tenant_rejections: m.quota_tenant.load(Relaxed),
             quota_global_rejections: m.quota_global.load(Relaxed),
+            quota_reserve_rejections: m.quota_reserve.load(Relaxed),
             storage_full_rejections: m.full.load(Relaxed),
             busy_rejections: m.busy.load(Relaxed),
             commit_failures: m.commit_failures.load(Relaxed),

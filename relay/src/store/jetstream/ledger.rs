@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::store::quota::{over, tenant_limits, total_limits, Need, Usage};
+use crate::store::quota::{Need, Usage};
 use crate::store::StoreError;
 
 /// A tenant as the stream sees it: 16 bytes of a keyed hash of [`crate::store::Tenant::key`]
@@ -53,13 +53,7 @@ struct PathUse {
 }
 
 /// What a refused write was refused by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
-    /// A per-tenant limit.
-    Tenant,
-    /// An all-tenant limit.
-    Global,
-}
+pub(crate) use crate::store::quota::Scope as Refused;
 
 /// Retention and quota limits the ledger applies (from `[store]`).
 #[derive(Debug, Clone, Copy)]
@@ -70,10 +64,8 @@ pub struct Limits {
     pub max_age_ms: u64,
     /// Oldest retained value kept (ms).
     pub retained_max_age_ms: u64,
-    /// Per-tenant limits, in `quota::over` order.
-    pub tenant: [u64; 5],
-    /// All-tenant limits, in `quota::over` order.
-    pub total: [u64; 5],
+    /// The quota limits (per tenant, all tenants, the reserve).
+    pub quota: crate::store::quota::Limits,
 }
 
 impl Limits {
@@ -83,8 +75,7 @@ impl Limits {
             max_messages: c.max_messages,
             max_age_ms: c.max_age_ms,
             retained_max_age_ms: c.retained_max_age_ms,
-            tenant: tenant_limits(c),
-            total: total_limits(c),
+            quota: crate::store::quota::Limits::of(c),
         }
     }
 }
@@ -383,20 +374,8 @@ impl Ledger {
         if let Some(f) = t.and_then(|t| self.in_flight.get(&t)) {
             u.add(f);
         }
-        if let Some((what, max)) = over(&u, need, self.limits.tenant) {
-            return Err((
-                Refused::Tenant,
-                crate::store::quota::tenant_error(what, max),
-            ));
-        }
         let total = self.total.plus(&self.in_flight_total);
-        if let Some((what, max)) = over(&total, need, self.limits.total) {
-            return Err((
-                Refused::Global,
-                crate::store::quota::global_error(what, max),
-            ));
-        }
-        Ok(())
+        crate::store::quota::check(&u, &total, need, &self.limits.quota)
     }
 
     /// Counts a write handed to the stream as in flight; returns its write id (to send
@@ -543,8 +522,12 @@ mod tests {
             max_messages: 2,
             max_age_ms: 1000,
             retained_max_age_ms: 0,
-            tenant: [0, 3, 1, 0, 0],
-            total: [0; 5],
+            quota: crate::store::quota::Limits {
+                tenant: [0, 3, 1, 0, 0],
+                total: [0; 5],
+                common: [0; 5],
+                share: [0; 5],
+            },
         }
     }
 
