@@ -531,6 +531,41 @@ mod tests {
         }
     }
 
+    /// The reserve counts writes in flight like stored ones: a tenant whose writes have
+    /// not come back from the stream yet cannot slip past the line with them.
+    #[test]
+    fn the_reserve_counts_writes_in_flight() {
+        let c = crate::config::StoreConfig {
+            tenant_max_messages: 0,
+            total_max_messages: 10,
+            reserve_percent: 20,
+            reserve_tenants: 2,
+            ..Default::default()
+        };
+        let mut l = Ledger::new(Limits::of(&c));
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        let mut ids = Vec::new();
+        for i in 0..8 {
+            let n = l.need(&format!("k.a{i}"), 10, true, false);
+            l.check(&a, &n).unwrap();
+            ids.push(l.begin(&a, &n));
+        }
+        let n = l.need("k.a9", 10, true, false);
+        assert_eq!(l.check(&a, &n).unwrap_err().0, Refused::Reserve);
+        // Back from the stream: the same.
+        for (seq, id) in ids.into_iter().enumerate() {
+            l.finish(id, Some(seq as u64 + 1));
+            l.apply(seq as u64 + 1, 0, &format!("k.a{seq}"), &a, 10, true, false, None);
+        }
+        assert_eq!(l.check(&a, &n).unwrap_err().0, Refused::Reserve);
+        // Another tenant has its share (1), in flight too.
+        let n = l.need("k.b1", 10, true, false);
+        l.check(&b, &n).unwrap();
+        l.begin(&b, &n);
+        let n = l.need("k.b2", 10, true, false);
+        assert_eq!(l.check(&b, &n).unwrap_err().0, Refused::Reserve);
+    }
+
     #[test]
     fn counts_follow_the_stream_and_its_retention() {
         let mut l = Ledger::new(limits());
