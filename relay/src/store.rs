@@ -205,7 +205,8 @@ pub(crate) mod quota {
     /// refused before it is full, and every other tenant can still store up to its share
     /// of the reserve: one tenant's flood never leaves the others nothing. The check is a
     /// handful of comparisons on running sums (no scan over tenants), and nothing is set
-    /// aside for idle tenants below `common`, so the reserve is never a cap on anyone.
+    /// aside for idle tenants below `common`. The price: a tenant above its share is capped
+    /// at `common` even while the reserve is free (a one-tenant relay wants no reserve).
     pub(crate) fn check(
         tenant: &Usage,
         total: &Usage,
@@ -218,19 +219,46 @@ pub(crate) mod quota {
         if let Some((what, max)) = over(total, need, l.total) {
             return Err((Scope::Global, global_error(what, max)));
         }
-        // Per dimension: only a limit whose reserve this write reaches into asks for the
-        // tenant's share.
-        let (t, u, n) = (fields(total), fields(tenant), fields(need));
+        reserve(tenant, &total.plus(need), need, l)
+    }
+
+    /// Checks a transfer of `moved` to a tenant holding `tenant` from another tenant (a
+    /// retained value taken over, with its path): the total does not grow, so only the
+    /// tenant's own limits and the reserve apply. Past the line, a tenant holding more than
+    /// its share may not take values over either — else a small tenant could write into
+    /// the reserve and a big one take each value over, and a few tenants fill it after all.
+    pub(crate) fn check_transfer(
+        tenant: &Usage,
+        total: &Usage,
+        moved: &Need,
+        l: &Limits,
+    ) -> Result<(), (Scope, StoreError)> {
+        if let Some((what, max)) = over(tenant, moved, l.tenant) {
+            return Err((Scope::Tenant, tenant_error(what, max)));
+        }
+        reserve(tenant, total, moved, l)
+    }
+
+    /// The reserve's part of a check: `after` is what all tenants hold after the write.
+    /// Per limit, only one this write adds to and whose line `after` passes asks for the
+    /// tenant's share.
+    fn reserve(
+        tenant: &Usage,
+        after: &Usage,
+        need: &Need,
+        l: &Limits,
+    ) -> Result<(), (Scope, StoreError)> {
+        let (t, u, n) = (fields(after), fields(tenant), fields(need));
         for i in 0..5 {
-            let into_reserve =
-                n[i] > 0 && l.common[i] < l.total[i] && t[i].saturating_add(n[i]) > l.common[i];
+            let into_reserve = n[i] > 0 && l.common[i] < l.total[i] && t[i] > l.common[i];
             if into_reserve && u[i].saturating_add(n[i]) > l.share[i] {
                 return Err((
                     Scope::Reserve,
                     StoreError::QuotaExceeded(format!(
                         "the relay's total {} quota ({}) is nearly used up: its last {} are \
-                         kept for tenants holding at most {}, and this tenant holds more; \
-                         wait for retention to free space or ask the operator",
+                         kept for tenants holding at most {}, and this write would leave this \
+                         tenant holding more; retry once usage falls (retention, deletions) \
+                         or ask the operator",
                         NAMES[i],
                         l.total[i],
                         l.total[i] - l.common[i],
@@ -349,21 +377,77 @@ pub(crate) mod quota {
         #[test]
         fn only_a_limit_whose_reserve_is_reached_asks_for_the_share() {
             let l = limits();
-            // Many stored bytes and paths of its own, few messages in all: the messages'
-            // reserve is not reached, so the other counters' shares do not matter.
+            // All tenants past the messages' line; this one holds 1 message (within its
+            // share of 2) and many bytes (past its share of the bytes' reserve,
+            // 171,798,691), but the bytes' total is far from its line: Ok.
             let mine = Usage {
-                bytes: 200 << 20, // past its share of the bytes' reserve (171,798,691)
-                msgs: 5,
-                paths: 5_000,
+                bytes: 200 << 20,
+                msgs: 1,
+                ..Usage::default()
+            };
+            let total = Usage {
+                bytes: 200 << 20,
+                msgs: 95,
                 ..Usage::default()
             };
             let need = Usage {
                 bytes: 1024,
                 msgs: 1,
-                paths: 1,
                 ..Usage::default()
             };
-            assert!(check(&mine, &mine, &need, &l).is_ok());
+            assert!(check(&mine, &total, &need, &l).is_ok());
+            // A write that adds nothing to a limit past its line is not asked for that
+            // share: a tenant over its messages' share creates a durable name.
+            let big = Usage {
+                msgs: 50,
+                ..Usage::default()
+            };
+            let durable = Usage {
+                durables: 1,
+                ..Usage::default()
+            };
+            assert!(check(&big, &total, &durable, &l).is_ok());
+            assert_eq!(
+                check(&big, &total, &msgs(1), &l).unwrap_err().0,
+                Scope::Reserve
+            );
+        }
+
+        #[test]
+        fn an_unlimited_total_has_no_reserve() {
+            let l = Limits::of(&StoreConfig {
+                total_max_messages: 0,
+                tenant_max_messages: 0,
+                reserve_percent: 10,
+                ..StoreConfig::default()
+            });
+            let huge = msgs(u64::MAX / 2);
+            assert!(check(&huge, &huge, &msgs(1), &l).is_ok());
+        }
+
+        #[test]
+        fn a_transfer_past_the_line_needs_the_share() {
+            let l = limits();
+            let one = msgs(1);
+            // Below the line a value may change hands freely.
+            assert!(check_transfer(&msgs(50), &msgs(80), &one, &l).is_ok());
+            // Past it, only to a tenant within its share after the transfer.
+            assert!(check_transfer(&msgs(1), &msgs(95), &one, &l).is_ok());
+            assert_eq!(
+                check_transfer(&msgs(2), &msgs(95), &one, &l).unwrap_err().0,
+                Scope::Reserve
+            );
+            // The tenant's own limits apply either way.
+            let capped = Limits {
+                tenant: [0, 10, 0, 0, 0],
+                ..l
+            };
+            assert_eq!(
+                check_transfer(&msgs(10), &msgs(20), &one, &capped)
+                    .unwrap_err()
+                    .0,
+                Scope::Tenant
+            );
         }
 
         proptest! {

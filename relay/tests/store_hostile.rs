@@ -675,6 +675,48 @@ async fn tenants_that_filled_the_store_leave_the_reserve_to_the_others() {
     relay.stop().await;
 }
 
+/// Review 28 finding 1: a retained value taken over past the reserve's line is a transfer
+/// into the reserve. Without the check, a small tenant wrote values into the reserve and a
+/// big one took each over (its count grew, the small one's fell, the total stayed), so a
+/// few addresses filled the reserve after all.
+#[tokio::test]
+async fn a_big_tenant_cannot_take_over_values_stored_in_the_reserve() {
+    let dir = temp_dir("quota-reserve-takeover");
+    let mut config = file_config(&dir.join("s.db"));
+    config.store.total_max_retained = 10;
+    // 20 % of 10 = 2 kept back, 2 tenants: 1 each; the common part is 8.
+    config.store.reserve_percent = 20;
+    config.store.reserve_tenants = 2;
+    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
+    let relay = relay_with(config, store.clone()).await;
+    async fn retain(c: &mut Client, t: u8, level: u8) -> Answer {
+        let env = env_on([0xAB; 16], level, u64::from(level), 64);
+        publish_one(c, env, Qos::AtLeastOnce, pid(u64::from(level), t), true).await
+    }
+    let mut big = client_from("127.0.0.2", relay.tcp()).await;
+    for level in 0..8 {
+        assert!(matches!(retain(&mut big, 2, level).await, Answer::Acked(_)));
+    }
+    let mut small = client_from("127.0.0.3", relay.tcp()).await;
+    assert!(matches!(retain(&mut small, 3, 8).await, Answer::Acked(_)));
+    // The big tenant's takeover of the small one's value: refused by the reserve.
+    match retain(&mut big, 2, 8).await {
+        Answer::Refused(code, m) => {
+            assert_eq!(code, ErrorCode::QuotaExceeded);
+            assert!(m.contains("kept for tenants holding at most 1"), "{m}");
+        }
+        other => panic!("the takeover went through: {other:?}"),
+    }
+    assert_eq!(store.metrics().quota_reserve_rejections, 1);
+    // Past the line (9 of 10 held) no tenant may take a value over beyond its share: the
+    // small one holds 1 already.
+    match retain(&mut small, 3, 0).await {
+        Answer::Refused(_, m) => assert!(m.contains("kept for tenants"), "{m}"),
+        other => panic!("a transfer past the line to a tenant over its share: {other:?}"),
+    }
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn a_full_store_queue_answers_busy_and_never_stalls_others() {
     let dir = temp_dir("busy");

@@ -2096,7 +2096,7 @@ impl Store for JetStreamStore {
             let mut l = lock(&inner.ledger);
             l.expire(now_ms());
             let need = l.need(key, size, kept, retain);
-            if let Err((by, e)) = l.check(&tag, &need) {
+            if let Err((by, e)) = l.check_publish(&tag, key, retain, &need) {
                 match by {
                     Refused::Tenant => &inner.counters.quota_tenant,
                     Refused::Global => &inner.counters.quota_global,

@@ -52,7 +52,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use whispeer_protocol::frame::{pub_flags, Replay};
 use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
-use super::quota::{over, Need, Scope, Usage};
+use super::quota::{Need, Scope, Usage};
 use super::sharded::Sharded;
 use super::{
     path_bytes, Accepted, Append, Claim, DurableKey, OnDurable, OnSequenced, PathStatus, ReadChunk,
@@ -2218,17 +2218,29 @@ impl Store for SqliteStore {
         if retain && old_retained.is_some_and(|(otid, _, _)| Some(otid) != known_tid) {
             // Taking over another tenant's retained value: the relay's total is unchanged,
             // but this tenant's count grows by one (free, a tenant at its quota went on
-            // taking over values past it).
+            // taking over values past it), and the path with it when its owner has nothing
+            // else there. Past the reserve's line that is a transfer into the reserve
+            // ([`check_transfer`](super::quota::check_transfer)): a small tenant writing
+            // values there for a big one to take over would fill it for a few tenants.
             let mine = known_tid
                 .and_then(|t| idx.usage.get(&t).copied())
                 .unwrap_or_default();
-            let one = Need {
+            let moved = Need {
                 retained: 1,
+                paths: existing.is_some_and(|p| Some(p.owner) != known_tid && p.owner_msgs == 0)
+                    as u64,
                 ..Need::default()
             };
-            if let Some((what, max)) = over(&mine, &one, super::quota::tenant_limits(&s.cfg)) {
-                s.m.quota_tenant.fetch_add(1, Relaxed);
-                return Err(super::quota::tenant_error(what, max));
+            let after = (mine.plus(&need), idx.total.plus(&need));
+            if let Err((scope, e)) =
+                super::quota::check_transfer(&after.0, &after.1, &moved, &s.limits)
+            {
+                match scope {
+                    Scope::Reserve => &s.m.quota_reserve,
+                    _ => &s.m.quota_tenant,
+                }
+                .fetch_add(1, Relaxed);
+                return Err(e);
             }
         }
         {
@@ -3259,6 +3271,7 @@ mod tests {
 
     #[test]
     fn quota_checks_name_the_first_limit_hit() {
+        use crate::store::quota::over;
         let u = Usage {
             bytes: 90,
             msgs: 9,

@@ -367,6 +367,47 @@ impl Ledger {
 
     /// Checks `need` for `tag` against the quotas, counting this relay's writes in flight.
     pub fn check(&self, tag: &Tag, need: &Need) -> Result<(), (Refused, StoreError)> {
+        let (u, total) = self.held(tag);
+        crate::store::quota::check(&u, &total, need, &self.limits.quota)
+    }
+
+    /// [`check`](Self::check), then the transfer a retained publish on `path` makes when it
+    /// replaces another tenant's value: that tenant's count falls and `tag`'s grows by one
+    /// (the total stays), so it is held to `tag`'s retained quota and, past the reserve's
+    /// line, to its share ([`check_transfer`](crate::store::quota::check_transfer)).
+    pub fn check_publish(
+        &self,
+        tag: &Tag,
+        path: &str,
+        retain: bool,
+        need: &Need,
+    ) -> Result<(), (Refused, StoreError)> {
+        self.check(tag, need)?;
+        let mine = self.tags.get(tag).copied();
+        let takeover = retain
+            && self
+                .paths
+                .get(path)
+                .and_then(|p| p.retained)
+                .is_some_and(|e| Some(e.tenant) != mine);
+        if !takeover {
+            return Ok(());
+        }
+        let moved = Need {
+            retained: 1,
+            ..Need::default()
+        };
+        let (u, total) = self.held(tag);
+        crate::store::quota::check_transfer(
+            &u.plus(need),
+            &total.plus(need),
+            &moved,
+            &self.limits.quota,
+        )
+    }
+
+    /// What `tag` holds and what all tenants hold, with this relay's writes in flight.
+    fn held(&self, tag: &Tag) -> (Usage, Usage) {
         let t = self.tags.get(tag).copied();
         let mut u = t
             .and_then(|t| self.usage.get(t as usize).copied())
@@ -374,8 +415,7 @@ impl Ledger {
         if let Some(f) = t.and_then(|t| self.in_flight.get(&t)) {
             u.add(f);
         }
-        let total = self.total.plus(&self.in_flight_total);
-        crate::store::quota::check(&u, &total, need, &self.limits.quota)
+        (u, self.total.plus(&self.in_flight_total))
     }
 
     /// Counts a write handed to the stream as in flight; returns its write id (to send
@@ -555,7 +595,16 @@ mod tests {
         // Back from the stream: the same.
         for (seq, id) in ids.into_iter().enumerate() {
             l.finish(id, Some(seq as u64 + 1));
-            l.apply(seq as u64 + 1, 0, &format!("k.a{seq}"), &a, 10, true, false, None);
+            l.apply(
+                seq as u64 + 1,
+                0,
+                &format!("k.a{seq}"),
+                &a,
+                10,
+                true,
+                false,
+                None,
+            );
         }
         assert_eq!(l.check(&a, &n).unwrap_err().0, Refused::Reserve);
         // Another tenant has its share (1), in flight too.
@@ -564,6 +613,47 @@ mod tests {
         l.begin(&b, &n);
         let n = l.need("k.b2", 10, true, false);
         assert_eq!(l.check(&b, &n).unwrap_err().0, Refused::Reserve);
+    }
+
+    /// Review 28 finding 1: taking over another tenant's retained value is held to the
+    /// taker's retained quota and, past the reserve's line, to its share.
+    #[test]
+    fn a_retained_takeover_is_checked_as_a_transfer() {
+        let c = crate::config::StoreConfig {
+            tenant_max_retained: 0,
+            total_max_retained: 10,
+            reserve_percent: 20,
+            reserve_tenants: 2,
+            ..Default::default()
+        };
+        let mut l = Ledger::new(Limits::of(&c));
+        let (big, small) = ([1u8; 16], [2u8; 16]);
+        for i in 0..8u64 {
+            l.apply(i + 1, 0, &format!("k.b{i}"), &big, 10, false, true, None);
+        }
+        l.apply(9, 0, "k.s", &small, 10, false, true, None);
+        let n = l.need("k.s", 10, false, true);
+        assert_eq!(n.retained, 0, "replacing a value adds none to the total");
+        assert_eq!(
+            l.check_publish(&big, "k.s", true, &n).unwrap_err().0,
+            Refused::Reserve
+        );
+        // Replacing its own value is free, for either tenant.
+        assert!(l.check_publish(&small, "k.s", true, &n).is_ok());
+        let own = l.need("k.b0", 10, false, true);
+        assert!(l.check_publish(&big, "k.b0", true, &own).is_ok());
+        // And the taker's own retained quota holds (it did not before).
+        let mut capped = Ledger::new(Limits::of(&crate::config::StoreConfig {
+            tenant_max_retained: 1,
+            ..Default::default()
+        }));
+        capped.apply(1, 0, "k.x", &big, 10, false, true, None);
+        capped.apply(2, 0, "k.y", &small, 10, false, true, None);
+        let n = capped.need("k.y", 10, false, true);
+        assert_eq!(
+            capped.check_publish(&big, "k.y", true, &n).unwrap_err().0,
+            Refused::Tenant
+        );
     }
 
     #[test]
