@@ -1330,6 +1330,44 @@ async fn retained_and_durable_quotas_count_the_whole_cluster() {
     );
 }
 
+/// Review 28 finding 4: a new durable name is counted as in flight while the relay creates
+/// it in NATS, so `Sub`s of one tenant creating distinct names at once cannot all pass the
+/// durable quota (they did: the check ran before the NATS round trip, the count after it).
+/// Eight connections from one address ask for eight new names at once under a quota of one.
+#[tokio::test]
+async fn concurrent_creations_of_distinct_durables_respect_the_quota() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let a = start_relay_with(&nats.urls(), "relay-a", &["--tenant-max-durables", "1"]);
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        conns.push(connect(a.tcp()).await.0);
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut d = sub(i as u64 + 1, pattern(19, &[], true), Qos::AtLeastOnce);
+        d.durable = Some(format!("racer-{i}"));
+        c.send(&Frame::Sub(d)).await;
+    }
+    let (mut created, mut refused) = (0, 0);
+    for c in &mut conns {
+        loop {
+            match c.recv().await {
+                Frame::SubOk(_) => created += 1,
+                Frame::Err(e) => {
+                    assert_eq!(e.code, whispeer_protocol::ErrorCode::QuotaExceeded, "{e:?}");
+                    refused += 1;
+                }
+                Frame::Msg(_) => continue,
+                other => panic!("expected SubOk or Err, got {other:?}"),
+            }
+            break;
+        }
+    }
+    assert_eq!((created, refused), (1, 7), "one name within a quota of one");
+}
+
 /// True on the next `PubAck`, false on an `Err(auth_failed)`.
 async fn acked_or_refused(c: &mut Client) -> bool {
     loop {

@@ -2575,7 +2575,7 @@ impl Store for JetStreamStore {
         {
             // A new name counts against the tenant's durable quota, as with SQLite; the
             // ledger learns every relay's names from the durable stream.
-            let l = lock(&self.inner.ledger);
+            let mut l = lock(&self.inner.ledger);
             if !l.has_durable(&k) && !lock(&self.inner.durables).contains_key(&k) {
                 let need = Need {
                     durables: 1,
@@ -2599,17 +2599,29 @@ impl Store for JetStreamStore {
                     }
                     return Err(e);
                 }
+                // Counted as in flight until it is created (or not): the creation waits
+                // for NATS with the ledger unlocked, and concurrent `Sub`s creating other
+                // names for this tenant must see it meanwhile (review 28 finding 4: they
+                // all passed the check together, past every durable quota).
+                let pending = l.begin(&tag, &need);
                 drop(l);
                 // Created before the `SubOk`, not written behind: a client that moves to
                 // another relay at once finds it there (with its owner).
-                self.create_durable(&k, floor, &tag)?;
+                let created = self.create_durable(&k, floor, &tag);
+                {
+                    let mut l = lock(&self.inner.ledger);
+                    l.finish(pending, None);
+                    if created.is_ok() {
+                        l.add_durable(&k, &tag);
+                    }
+                }
+                created?;
                 let mut fresh = lock(&self.inner.fresh);
                 if fresh.len() >= PENDING_CREATIONS {
                     fresh.clear();
                 }
                 fresh.insert(k.clone());
                 drop(fresh);
-                lock(&self.inner.ledger).add_durable(&k, &tag);
                 lock(&self.inner.names).insert(k.clone(), key.clone());
                 let mut d = lock(&self.inner.durables);
                 let e = d.entry(k).or_insert(floor);
