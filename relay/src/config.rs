@@ -1312,6 +1312,55 @@ impl Config {
     }
 
     /// Checks ranges and cross-field rules.
+    /// What the store reserve's settings cannot keep of their promise (logged at start):
+    /// a total too small to have a reserve, a reserve smaller than `reserve_tenants`
+    /// (shares round up to 1, so fewer tenants are sure of theirs), a byte share too small
+    /// for a retained publish of the largest frame (it counts twice). Empty when sound.
+    pub fn reserve_warnings(&self) -> Vec<String> {
+        let c = &self.store;
+        if c.reserve_percent == 0 {
+            return Vec::new();
+        }
+        let names = [
+            "total_max_bytes",
+            "total_max_messages",
+            "total_max_retained",
+            "total_max_durables",
+            "total_max_paths",
+        ];
+        let l = crate::store::quota::Limits::of(c);
+        let mut out = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let (total, reserve) = (l.total[i], l.total[i] - l.common[i]);
+            if total == 0 {
+                continue;
+            }
+            if reserve == 0 {
+                out.push(format!(
+                    "store.{name} ({total}) is too small for a reserve of {} %: it is first-come",
+                    c.reserve_percent
+                ));
+            } else if reserve < c.reserve_tenants {
+                out.push(format!(
+                    "the reserve of store.{name} ({reserve}) is smaller than \
+                     store.reserve_tenants ({}): each share rounds up to 1, so only {reserve} \
+                     tenants are sure of theirs",
+                    c.reserve_tenants
+                ));
+            }
+        }
+        let frame = self.limits.max_frame as u64;
+        if l.share[0] > 0 && l.share[0] < 2 * frame {
+            out.push(format!(
+                "a tenant's share of the store.total_max_bytes reserve ({} bytes) is below \
+                 twice limits.max_frame ({frame}): a retained publish of the largest envelope \
+                 counts twice and cannot use the reserve",
+                l.share[0]
+            ));
+        }
+        out
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
         let l = &self.limits;
@@ -1960,6 +2009,26 @@ mod tests {
         assert_eq!(c.listen.tcp, ListenConfig::default().tcp);
         assert!(Config::from_toml("[limits]\nmax_frames = 1\n").is_err());
         assert!(Config::from_toml("[listen]\nws = \"nowhere\"\n").is_err());
+    }
+
+    #[test]
+    fn the_reserve_settings_warn_where_they_cannot_keep_their_promise() {
+        assert_eq!(Config::default().reserve_warnings(), Vec::<String>::new());
+        let mut c = Config::default();
+        c.store.total_max_durables = 500; // reserve 50 < 100 tenants
+        c.store.total_max_retained = 9; // reserve 0
+        c.store.total_max_bytes = 1 << 30; // share 1 MiB < 2 × max_frame
+        let w = c.reserve_warnings();
+        assert_eq!(w.len(), 3, "{w:#?}");
+        assert!(
+            w[0].contains("total_max_retained (9) is too small"),
+            "{}",
+            w[0]
+        );
+        assert!(w[1].contains("only 50 tenants"), "{}", w[1]);
+        assert!(w[2].contains("twice limits.max_frame"), "{}", w[2]);
+        c.store.reserve_percent = 0;
+        assert!(c.reserve_warnings().is_empty());
     }
 
     #[test]

@@ -332,6 +332,9 @@ fn main() -> Result<()> {
             warn_open_relay(&config);
             warn_cluster_claims(&config);
             warn_short_marker_keep(&config);
+            for w in config.reserve_warnings() {
+                tracing::warn!("{w}");
+            }
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
