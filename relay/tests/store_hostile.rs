@@ -717,6 +717,42 @@ async fn a_big_tenant_cannot_take_over_values_stored_in_the_reserve() {
     relay.stop().await;
 }
 
+/// Review 28 finding 2: replacing one's own retained value is charged what it adds, not
+/// its whole size, so a tenant above its share of the reserve can still update its state
+/// topics once the store passed the reserve's line — and still cannot add new ones.
+#[tokio::test]
+async fn a_tenant_past_the_line_still_replaces_its_own_retained_values() {
+    let dir = temp_dir("quota-reserve-replace");
+    let mut config = file_config(&dir.join("s.db"));
+    let size = env_on([0xCD; 16], 0, 0, 400).as_bytes().len() as u64;
+    // Room for 10 values: 8 first-come, 2 in the reserve, one per tenant.
+    config.store.total_max_bytes = 10 * size;
+    config.store.reserve_percent = 20;
+    config.store.reserve_tenants = 2;
+    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
+    let relay = relay_with(config, store.clone()).await;
+    async fn retain(c: &mut Client, level: u8, i: u64) -> Answer {
+        let env = env_on([0xCD; 16], level, i, 400);
+        publish_one(c, env, Qos::AtMostOnce, pid(i, level), true).await
+    }
+    let mut a = client_from("127.0.0.2", relay.tcp()).await;
+    for level in 0..8 {
+        assert!(matches!(retain(&mut a, level, 0).await, Answer::Acked(_)));
+    }
+    // At the line: its own values, again and again.
+    for i in 1..=3 {
+        let r = retain(&mut a, (i % 8) as u8, i).await;
+        assert!(matches!(r, Answer::Acked(_)), "replace {i}: {r:?}");
+    }
+    // A new value would take from the reserve: refused.
+    match retain(&mut a, 9, 0).await {
+        Answer::Refused(_, m) => assert!(m.contains("kept for tenants"), "{m}"),
+        other => panic!("a new value past the line: {other:?}"),
+    }
+    assert_eq!(store.metrics().quota_reserve_rejections, 1);
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn a_full_store_queue_answers_busy_and_never_stalls_others() {
     let dir = temp_dir("busy");

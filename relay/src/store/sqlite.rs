@@ -2207,8 +2207,16 @@ impl Store for SqliteStore {
         let known_tid = idx.tenants.get(&m.tenant.key()).copied();
         let existing = idx.paths.get(&path).copied();
         let old_retained = existing.and_then(|p| p.retained);
+        // Replacing one's own retained value adds only what the new value is larger (the
+        // old one's bytes go back at once, below): charged gross, a tenant above its share
+        // of the reserve could not update its own state topics once the store passed the
+        // reserve's line (review 28 finding 2).
+        let retained_bytes = match old_retained {
+            Some((otid, ob, _)) if Some(otid) == known_tid => size.saturating_sub(ob),
+            _ => size,
+        };
         let need = Need {
-            bytes: if keep { size } else { 0 } + if retain { size } else { 0 },
+            bytes: if keep { size } else { 0 } + if retain { retained_bytes } else { 0 },
             msgs: keep as u64,
             retained: (retain && old_retained.is_none()) as u64,
             durables: 0,
