@@ -2095,7 +2095,7 @@ impl Store for JetStreamStore {
             let key = key.strip_prefix('.').unwrap_or(&key);
             let mut l = lock(&inner.ledger);
             l.expire(now_ms());
-            let need = l.need(key, size, kept, retain);
+            let need = l.need_for(&tag, key, size, kept, retain);
             if let Err((by, e)) = l.check_publish(&tag, key, retain, &need) {
                 match by {
                     Refused::Tenant => &inner.counters.quota_tenant,

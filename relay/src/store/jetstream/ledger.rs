@@ -365,6 +365,24 @@ impl Ledger {
         }
     }
 
+    /// [`need`](Self::need) for a publish by `tag`: replacing its own retained value adds
+    /// only what the new value is larger (the stream drops the old one), so a tenant above
+    /// its share of the reserve still updates its state topics past the line (review 28
+    /// finding 2, as in the SQLite store).
+    pub fn need_for(&self, tag: &Tag, path: &str, size: u64, kept: bool, retain: bool) -> Need {
+        let mut n = self.need(path, size, kept, retain);
+        let mine = self.tags.get(tag).copied();
+        let own_old = self
+            .paths
+            .get(path)
+            .and_then(|p| p.retained)
+            .filter(|e| retain && Some(e.tenant) == mine);
+        if let Some(old) = own_old {
+            n.bytes = n.bytes.saturating_sub(size) + size.saturating_sub(old.size);
+        }
+        n
+    }
+
     /// Checks `need` for `tag` against the quotas, counting this relay's writes in flight.
     pub fn check(&self, tag: &Tag, need: &Need) -> Result<(), (Refused, StoreError)> {
         let (u, total) = self.held(tag);
@@ -615,6 +633,48 @@ mod tests {
         assert_eq!(l.check(&b, &n).unwrap_err().0, Refused::Reserve);
     }
 
+    /// A ledger under `c` where one tenant holds 8 retained values of 10 bytes
+    /// (`k.b0`…`k.b7`): with the tests' totals, the reserve's line. Returns it, that
+    /// tenant's tag and another's.
+    fn big_at_the_line(c: &crate::config::StoreConfig) -> (Ledger, Tag, Tag) {
+        let mut l = Ledger::new(Limits::of(c));
+        let (big, small) = ([1u8; 16], [2u8; 16]);
+        for i in 0..8u64 {
+            l.apply(i + 1, 0, &format!("k.b{i}"), &big, 10, false, true, None);
+        }
+        (l, big, small)
+    }
+
+    /// Replacing one's own retained value past the line is charged what it adds; another
+    /// tenant's value, or a new one, is charged whole.
+    #[test]
+    fn replacing_ones_own_retained_value_is_charged_what_it_adds() {
+        let c = crate::config::StoreConfig {
+            tenant_max_bytes: 0,
+            total_max_bytes: 100,
+            reserve_percent: 20,
+            reserve_tenants: 2,
+            ..Default::default()
+        };
+        let (l, big, small) = big_at_the_line(&c);
+        let n = l.need_for(&big, "k.b0", 10, false, true);
+        assert_eq!(n.bytes, 0);
+        assert!(l.check_publish(&big, "k.b0", true, &n).is_ok());
+        let n = l.need_for(&big, "k.b0", 12, false, true);
+        assert_eq!(n.bytes, 2, "a larger value adds the difference");
+        assert_eq!(
+            l.check_publish(&big, "k.b0", true, &n).unwrap_err().0,
+            Refused::Reserve
+        );
+        assert_eq!(l.need_for(&small, "k.b0", 10, false, true).bytes, 10);
+        assert_eq!(l.need_for(&big, "k.new", 10, false, true).bytes, 10);
+        assert_eq!(
+            l.need_for(&big, "k.b1", 10, true, true).bytes,
+            10,
+            "kept: whole"
+        );
+    }
+
     /// Review 28 finding 1: taking over another tenant's retained value is held to the
     /// taker's retained quota and, past the reserve's line, to its share.
     #[test]
@@ -626,11 +686,7 @@ mod tests {
             reserve_tenants: 2,
             ..Default::default()
         };
-        let mut l = Ledger::new(Limits::of(&c));
-        let (big, small) = ([1u8; 16], [2u8; 16]);
-        for i in 0..8u64 {
-            l.apply(i + 1, 0, &format!("k.b{i}"), &big, 10, false, true, None);
-        }
+        let (mut l, big, small) = big_at_the_line(&c);
         l.apply(9, 0, "k.s", &small, 10, false, true, None);
         let n = l.need("k.s", 10, false, true);
         assert_eq!(n.retained, 0, "replacing a value adds none to the total");
