@@ -711,8 +711,29 @@ async fn follow_accounts(shared: Arc<Shared>) -> impl Future<Output = ()> + Send
 }
 
 /// Reloads the account file when it changes (polled every `auth.reload_ms`) or on SIGHUP.
+/// Warns when more relay accounts are listed than the store reserve is divided among
+/// (`store.reserve_tenants`, read at start): past the reserve's line some accounts are not
+/// sure of a share (review 28 finding 6).
+fn warn_reserve_accounts(config: &Config, accounts: usize) {
+    let s = &config.store;
+    if config.auth.mode == crate::config::AuthMode::Required
+        && s.reserve_percent > 0
+        && accounts as u64 > s.reserve_tenants
+    {
+        tracing::warn!(
+            accounts,
+            reserve_tenants = s.reserve_tenants,
+            "more relay accounts than store.reserve_tenants: once the store passes its \
+             reserve's line, only reserve_tenants of them are sure of a share of the rest \
+             (raise reserve_tenants and restart)"
+        );
+    }
+}
+
 async fn reload_accounts(shared: Arc<Shared>) {
     let every = std::time::Duration::from_millis(shared.config.auth.reload_ms);
+    let mut listed = shared.accounts.count();
+    warn_reserve_accounts(&shared.config, listed);
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -740,6 +761,11 @@ async fn reload_accounts(shared: Arc<Shared>) {
         };
         if let Err(e) = r {
             tracing::error!(error = %e, "account list not reloaded; the previous one stays in force");
+        }
+        let now = shared.accounts.count();
+        if now != listed {
+            listed = now;
+            warn_reserve_accounts(&shared.config, listed);
         }
     }
 }

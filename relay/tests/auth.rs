@@ -1582,3 +1582,22 @@ async fn a_legacy_entry_without_id_keeps_its_name_based_identity() {
         "{stderr}"
     );
 }
+
+/// Review 28 finding 6: more relay accounts than the store reserve is divided among
+/// (`store.reserve_tenants`, read at start) is warned, at start and when a reload grows the
+/// list past it: once the store passes the reserve's line, some accounts would not be sure
+/// of a share.
+#[tokio::test]
+async fn more_accounts_than_reserve_shares_is_warned_when_the_list_grows() {
+    let s = Setup::new("reserve-accounts");
+    key_account(&s.dir, &s.accounts, "alice", &[]);
+    key_account(&s.dir, &s.accounts, "bob", &[]);
+    let mut relay = s.relay_logged(&["--reserve-tenants", "2"]);
+    // Two accounts, two shares: nothing to say. A third account, then the reload.
+    key_account(&s.dir, &s.accounts, "carol", &[]);
+    let line = relay
+        .wait_log(&["more relay accounts than store.reserve_tenants"])
+        .await;
+    assert!(line.contains("accounts=3"), "warned only once over: {line}");
+    assert!(line.contains("reserve_tenants=2"), "{line}");
+}
