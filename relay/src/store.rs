@@ -156,6 +156,36 @@ pub(crate) mod quota {
         Reserve,
     }
 
+    /// Writes each limit refused, for `/metrics` (one per store, shared by its paths).
+    #[derive(Debug, Default)]
+    pub(crate) struct Refusals {
+        tenant: std::sync::atomic::AtomicU64,
+        global: std::sync::atomic::AtomicU64,
+        reserve: std::sync::atomic::AtomicU64,
+    }
+
+    impl Refusals {
+        /// Counts a write `scope` refused.
+        pub(crate) fn count(&self, scope: Scope) {
+            match scope {
+                Scope::Tenant => &self.tenant,
+                Scope::Global => &self.global,
+                Scope::Reserve => &self.reserve,
+            }
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+
+        /// The counts so far: (tenant, global, reserve).
+        pub(crate) fn get(&self) -> (u64, u64, u64) {
+            use std::sync::atomic::Ordering::Relaxed;
+            (
+                self.tenant.load(Relaxed),
+                self.global.load(Relaxed),
+                self.reserve.load(Relaxed),
+            )
+        }
+    }
+
     /// The quota limits of a store configuration, with the reserve worked out once.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub(crate) struct Limits {

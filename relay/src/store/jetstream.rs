@@ -56,7 +56,7 @@ pub mod accounts;
 mod lease;
 mod ledger;
 
-use ledger::{Ledger, Limits, Refused, Tag};
+use ledger::{Ledger, Limits, Tag};
 
 use super::quota::Need;
 use super::{
@@ -372,9 +372,7 @@ struct Counters {
     live_only: AtomicU64,
     busy: AtomicU64,
     rows_read: AtomicU64,
-    quota_tenant: AtomicU64,
-    quota_global: AtomicU64,
-    quota_reserve: AtomicU64,
+    quota: crate::store::quota::Refusals,
 }
 
 struct Inner {
@@ -2097,12 +2095,7 @@ impl Store for JetStreamStore {
             l.expire(now_ms());
             let need = l.need_for(&tag, key, size, kept, retain);
             if let Err((by, e)) = l.check_publish(&tag, key, retain, &need) {
-                match by {
-                    Refused::Tenant => &inner.counters.quota_tenant,
-                    Refused::Global => &inner.counters.quota_global,
-                    Refused::Reserve => &inner.counters.quota_reserve,
-                }
-                .fetch_add(1, Relaxed);
+                inner.counters.quota.count(by);
                 return Err(e);
             }
             l.begin(&tag, &need)
@@ -2582,12 +2575,7 @@ impl Store for JetStreamStore {
                     ..Need::default()
                 };
                 if let Err((by, e)) = l.check(&tag, &need) {
-                    match by {
-                        Refused::Tenant => &self.inner.counters.quota_tenant,
-                        Refused::Global => &self.inner.counters.quota_global,
-                        Refused::Reserve => &self.inner.counters.quota_reserve,
-                    }
-                    .fetch_add(1, Relaxed);
+                    self.inner.counters.quota.count(by);
                     drop(l);
                     // This `Sub` is not creating it any more; another of its owner may.
                     let mut creating = lock(&self.inner.creating);
@@ -2676,9 +2664,9 @@ impl Store for JetStreamStore {
             live_only: c.live_only.load(Relaxed),
             busy_rejections: c.busy.load(Relaxed),
             rows_read: c.rows_read.load(Relaxed),
-            quota_tenant_rejections: c.quota_tenant.load(Relaxed),
-            quota_global_rejections: c.quota_global.load(Relaxed),
-            quota_reserve_rejections: c.quota_reserve.load(Relaxed),
+            quota_tenant_rejections: c.quota.get().0,
+            quota_global_rejections: c.quota.get().1,
+            quota_reserve_rejections: c.quota.get().2,
             ..StoreMetrics::default()
         }
     }

@@ -52,7 +52,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use whispeer_protocol::frame::{pub_flags, Replay};
 use whispeer_protocol::{Envelope, KeyId, Qos, TokenPattern};
 
-use super::quota::{Need, Scope, Usage};
+use super::quota::{Need, Usage};
 use super::sharded::Sharded;
 use super::{
     path_bytes, Accepted, Append, Claim, DurableKey, OnDurable, OnSequenced, PathStatus, ReadChunk,
@@ -600,9 +600,7 @@ struct Counters {
     batch_sum: AtomicU64,
     commit: [AtomicU64; COMMIT_BUCKETS.len()],
     commit_nanos: AtomicU64,
-    quota_tenant: AtomicU64,
-    quota_global: AtomicU64,
-    quota_reserve: AtomicU64,
+    quota: super::quota::Refusals,
     full: AtomicU64,
     busy: AtomicU64,
     commit_failures: AtomicU64,
@@ -2101,12 +2099,7 @@ impl Shared {
             .and_then(|t| idx.usage.get(&t).copied())
             .unwrap_or_default();
         super::quota::check(&tenant, &idx.total, n, &self.limits).map_err(|(scope, e)| {
-            match scope {
-                Scope::Tenant => &self.m.quota_tenant,
-                Scope::Global => &self.m.quota_global,
-                Scope::Reserve => &self.m.quota_reserve,
-            }
-            .fetch_add(1, Relaxed);
+            self.m.quota.count(scope);
             e
         })
     }
@@ -2243,11 +2236,7 @@ impl Store for SqliteStore {
             if let Err((scope, e)) =
                 super::quota::check_transfer(&after.0, &after.1, &moved, &s.limits)
             {
-                match scope {
-                    Scope::Reserve => &s.m.quota_reserve,
-                    _ => &s.m.quota_tenant,
-                }
-                .fetch_add(1, Relaxed);
+                s.m.quota.count(scope);
                 return Err(e);
             }
         }
@@ -2939,9 +2928,9 @@ impl Store for SqliteStore {
             batch_sum: m.batch_sum.load(Relaxed),
             commit_buckets: cumulative(&m.commit),
             commit_seconds_sum: m.commit_nanos.load(Relaxed) as f64 / 1e9,
-            quota_tenant_rejections: m.quota_tenant.load(Relaxed),
-            quota_global_rejections: m.quota_global.load(Relaxed),
-            quota_reserve_rejections: m.quota_reserve.load(Relaxed),
+            quota_tenant_rejections: m.quota.get().0,
+            quota_global_rejections: m.quota.get().1,
+            quota_reserve_rejections: m.quota.get().2,
             storage_full_rejections: m.full.load(Relaxed),
             busy_rejections: m.busy.load(Relaxed),
             commit_failures: m.commit_failures.load(Relaxed),
