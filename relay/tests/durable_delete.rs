@@ -11,6 +11,8 @@
 //!   data there is gone;
 //! - session-25 review: a tenant filling the dedup window leaves others their share (F2);
 //!   the auth-state file cuts off a torn last line (F4) and is compacted (F3).
+//! - review F7: an explicit deletion disowns the durable's owner only once the
+//!   store committed it (the test holds SQLite's write lock meanwhile).
 //!
 //! Tenants are source addresses (clients bind 127.0.0.x). Every wait is on a frame, a
 //! `Pong`, `/status` polled with a deadline, or the process exiting, bounded by `TIMEOUT`.
@@ -629,6 +631,82 @@ async fn the_auth_state_file_stays_bounded_over_owner_and_disown_cycles() {
     match subscribe_durable(&mut c, 2, "d", 3).await {
         Err((ErrorCode::NotAllowed, _)) => {}
         other => panic!("C on B's durable d after the restart: {other:?}"),
+    }
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Review F7: an explicit deletion (`Unsub {delete}`) disowns the durable's owner only once
+/// the store has committed it (the SQLite store announces it through `Store::take_gone`).
+/// The test holds SQLite's write lock (another connection's `BEGIN IMMEDIATE`, as a slow
+/// disk would) while A deletes its durable "d", which has three unacknowledged messages
+/// behind its floor: until the deletion commits, B (another owner secret) is refused the
+/// name and A's owner record stays. Once the lock goes, the owner goes with the committed
+/// deletion and B creates "d" empty: its first message is one published after its `SubOk`,
+/// none of A's. Before the fix the owner was forgotten at once: B took the name while the
+/// deletion was not committed (had the commit failed, the durable would have come back,
+/// floor and backlog, with no owner for anyone to adopt).
+#[tokio::test]
+async fn a_deleted_durable_stays_its_owners_until_the_deletion_is_committed() {
+    let dir = temp_dir("delete-uncommitted");
+    let db = dir.join("relay.db");
+    let relay = BinRelay::start(&["--store-path", &store_arg(&db)]);
+    let mut a = client_from("127.0.0.1", relay.tcp()).await;
+    subscribe_durable(&mut a, 1, "d", 1)
+        .await
+        .expect("A creates d");
+    // Acknowledged once committed (with d before them), never acked by A: d's backlog.
+    for i in 1..=3u8 {
+        publish(&mut a, on(1, i.into()), Qos::AtLeastOnce, [i; 16], false)
+            .await
+            .unwrap();
+    }
+    // The writer gets stuck: nothing queued from now on commits until the lock goes.
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let stuck = Instant::now();
+    assert_eq!(then_pong(&mut a, unsub(1, true), 1).await, None, "deleted");
+    // The deletion is queued, not committed: the name is still A's.
+    let mut b = client_from("127.0.0.2", relay.tcp()).await;
+    match subscribe_durable(&mut b, 1, "d", 2).await {
+        Err((ErrorCode::NotAllowed, _)) => {}
+        other => panic!("B on A's durable whose deletion is not committed: {other:?}"),
+    }
+    let s = relay.status().await;
+    assert_eq!(
+        (s.store.durables, s.accounts.durable_owners),
+        (0, 1),
+        "d is gone from the store's index, its owner is kept: {s:?}"
+    );
+    // Under the writer's 5 s busy timeout, past which its commit would fail (and the
+    // durable come back, still A's: B would wait for it in vain below).
+    assert!(
+        stuck.elapsed() < Duration::from_secs(4),
+        "the lock was held {:?}: the writer's commit may have failed",
+        stuck.elapsed()
+    );
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    relay
+        .wait_status("d's owner to go with the committed deletion", |s| {
+            s.accounts.durable_owners == 0
+        })
+        .await;
+    subscribe_durable(&mut b, 2, "d", 2)
+        .await
+        .expect("the deletion is committed: B creates d");
+    publish(&mut a, on(1, 9), Qos::AtLeastOnce, [9; 16], false)
+        .await
+        .unwrap();
+    loop {
+        match b.recv().await {
+            Frame::Msg(m) => {
+                assert_eq!(index_of(&m.envelope), 9, "B's d holds none of A's backlog");
+                break;
+            }
+            Frame::ReplayDone(_) => {}
+            other => panic!("B: unexpected {other:?}"),
+        }
     }
     drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
