@@ -12,7 +12,8 @@
 //! - session-25 review: a tenant filling the dedup window leaves others their share (F2);
 //!   the auth-state file cuts off a torn last line (F4) and is compacted (F3).
 //! - review F7: an explicit deletion disowns the durable's owner only once the
-//!   store committed it (the test holds SQLite's write lock meanwhile).
+//!   store committed it (the test holds SQLite's write lock meanwhile); when that commit
+//!   fails, the durable comes back with its backlog, still its owner's.
 //!
 //! Tenants are source addresses (clients bind 127.0.0.x). Every wait is on a frame, a
 //! `Pong`, `/status` polled with a deadline, or the process exiting, bounded by `TIMEOUT`.
@@ -708,6 +709,83 @@ async fn a_deleted_durable_stays_its_owners_until_the_deletion_is_committed() {
             other => panic!("B: unexpected {other:?}"),
         }
     }
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Review F7, the failure path: the deletion's commit fails. A's durable "d" has three
+/// unacknowledged QoS 1 messages behind its floor (committed and `PubAck`ed) when the test
+/// takes SQLite's write lock (another connection's `BEGIN IMMEDIATE`) and A deletes "d"
+/// (`Unsub {delete}`). The lock is held past the writer's busy timeout (5 s), so the commit
+/// fails: the store goes down (`/status` `store.state` "unavailable") and drops what was
+/// queued, the deletion with it. Once the lock goes, the store's probe commits and it
+/// reloads from the file: "d" is back, floor and backlog, and must still be A's — B
+/// (another owner secret) is refused it, A resumes it and gets its three messages. Before
+/// the fix the owner was forgotten when the deletion was queued: the durable came back
+/// with no owner, and B would have adopted it, A's backlog included.
+#[tokio::test]
+async fn a_durable_whose_deletion_fails_to_commit_comes_back_still_its_owners() {
+    let dir = temp_dir("delete-failed");
+    let db = dir.join("relay.db");
+    let relay = BinRelay::start(&["--store-path", &store_arg(&db), "--store-retry-ms", "50"]);
+    let mut a = client_from("127.0.0.1", relay.tcp()).await;
+    subscribe_durable(&mut a, 1, "d", 1)
+        .await
+        .expect("A creates d");
+    // Acknowledged once committed (with d before them), never acked by A: d's backlog.
+    for i in 1..=3u8 {
+        publish(&mut a, on(1, i.into()), Qos::AtLeastOnce, [i; 16], false)
+            .await
+            .unwrap();
+    }
+    // The writer gets stuck, and its commit fails once its busy timeout has passed.
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    assert_eq!(then_pong(&mut a, unsub(1, true), 1).await, None, "deleted");
+    relay
+        .wait_status("the deletion's commit to fail", |s| {
+            s.store.state == "unavailable"
+        })
+        .await;
+    let failures = metric(relay.admin(), "whispeer_relay_store_commit_failures_total").await;
+    assert!(failures >= 1, "{failures} commit failures");
+    let s = relay.status().await;
+    assert_eq!(
+        (s.store.durables, s.accounts.durable_owners),
+        (0, 1),
+        "the store is down, d's deletion dropped, its owner kept: {s:?}"
+    );
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    // The probe commits; the store reloads from the file, where d was never deleted.
+    relay
+        .wait_status("the store to resume", |s| s.store.state == "ok")
+        .await;
+    let s = relay.status().await;
+    assert_eq!(
+        (s.store.durables, s.accounts.durable_owners),
+        (1, 1),
+        "d is back in the store, still owned: {s:?}"
+    );
+    let mut b = client_from("127.0.0.2", relay.tcp()).await;
+    match subscribe_durable(&mut b, 1, "d", 2).await {
+        Err((ErrorCode::NotAllowed, _)) => {}
+        other => panic!("B on A's durable whose deletion failed: {other:?}"),
+    }
+    // A resumes d (a new connection, A's owner secret): its floor and backlog are back.
+    let mut a2 = client_from("127.0.0.1", relay.tcp()).await;
+    subscribe_durable(&mut a2, 1, "d", 1)
+        .await
+        .expect("A resumes d");
+    let mut backlog = Vec::new();
+    loop {
+        match a2.recv().await {
+            Frame::Msg(m) => backlog.push(index_of(&m.envelope)),
+            Frame::ReplayDone(_) => break,
+            other => panic!("A resuming d: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(backlog, [1, 2, 3], "A's unacknowledged backlog");
     drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
 }
