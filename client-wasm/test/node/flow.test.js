@@ -44,45 +44,54 @@ test('a subscriber that falls behind gets a lag event and a counter, never silen
 test('publish waits while the socket send buffer is over the high-water mark, in order', { timeout: 120_000 }, async () => {
   // A proxy whose client-to-relay direction can be paused: the client's socket then fills.
   const proxy = await startProxy(relay.port);
-  const tree = TreeKey.generate('hwm');
-  const hwm = 64 * 1024;
-  const p = await connect(proxy.url, { keys: tree, sendHighWaterMark: hwm, compression: 'none', padding: false });
-  const s = await connect(relay.url, { keys: tree });
-  const got = [];
-  await s.subscribe('big', (m) => got.push(m.value[0] | (m.value[1] << 8)));
-  await p.flush();
+  // Closed however the test ends: a failed wait must not leave sockets that keep the
+  // test process (and the runner waiting for it) alive.
+  const open = [];
+  try {
+    const tree = TreeKey.generate('hwm');
+    const hwm = 64 * 1024;
+    const p = await connect(proxy.url, { keys: tree, sendHighWaterMark: hwm, compression: 'none', padding: false });
+    open.push(p);
+    const s = await connect(relay.url, { keys: tree });
+    open.push(s);
+    const got = [];
+    await s.subscribe('big', (m) => got.push(m.value[0] | (m.value[1] << 8)));
+    await p.flush();
 
-  proxy.pause('up');
-  const payload = (i) => {
-    const b = new Uint8Array(64 * 1024);
-    b[0] = i & 255;
-    b[1] = i >> 8;
-    return b;
-  };
-  const N = 300; // well past what the kernel buffers take
-  let done = 0;
-  let maxBuffered = 0;
-  const all = [];
-  for (let i = 0; i < N; i++)
-    all.push(
-      p.publish('big', payload(i)).then(() => {
-        done++;
-        maxBuffered = Math.max(maxBuffered, p.bufferedAmount);
-      }),
-    );
-  // The kernel takes what it can; then the socket buffers and publishes wait.
-  await until(() => p.bufferedAmount > hwm);
-  await new Promise((r) => setImmediate(r)); // every publish that can settle has settled
-  const settledWhilePaused = done;
-  assert.ok(settledWhilePaused < N, `publishes waited (${settledWhilePaused} of ${N} handed over)`);
-  assert.ok(maxBuffered <= hwm + 2 * 66 * 1024, `buffer stayed near the mark: ${maxBuffered}`);
+    proxy.pause('up');
+    const payload = (i) => {
+      const b = new Uint8Array(64 * 1024);
+      b[0] = i & 255;
+      b[1] = i >> 8;
+      return b;
+    };
+    const N = 300; // well past what the kernel buffers take
+    let done = 0;
+    let maxBuffered = 0;
+    const all = [];
+    for (let i = 0; i < N; i++)
+      all.push(
+        p.publish('big', payload(i)).then(() => {
+          done++;
+          maxBuffered = Math.max(maxBuffered, p.bufferedAmount);
+        }),
+      );
+    // The kernel takes what it can; then the socket buffers and publishes wait.
+    await until(() => p.bufferedAmount > hwm);
+    await new Promise((r) => setImmediate(r)); // every publish that can settle has settled
+    const settledWhilePaused = done;
+    assert.ok(settledWhilePaused < N, `publishes waited (${settledWhilePaused} of ${N} handed over)`);
+    assert.ok(maxBuffered <= hwm + 2 * 66 * 1024, `buffer stayed near the mark: ${maxBuffered}`);
 
-  proxy.resume('up');
-  await Promise.all(all);
-  await p.flush();
-  await until(() => got.length === N);
-  assert.deepEqual(got, Array.from({ length: N }, (_, i) => i), 'every publish, in order');
-  await proxy.close();
+    proxy.resume('up');
+    await Promise.all(all);
+    await p.flush();
+    await until(() => got.length === N);
+    assert.deepEqual(got, Array.from({ length: N }, (_, i) => i), 'every publish, in order');
+  } finally {
+    await Promise.allSettled(open.map(async (c) => c.close()));
+    await proxy.close();
+  }
 });
 
 test('a relay Gap (slow-consumer drop) reaches the app as the lag event and relayGaps', { timeout: 120_000 }, async (t) => {
