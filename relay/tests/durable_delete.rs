@@ -649,24 +649,14 @@ async fn the_auth_state_file_stays_bounded_over_owner_and_disown_cycles() {
 /// floor and backlog, with no owner for anyone to adopt).
 #[tokio::test]
 async fn a_deleted_durable_stays_its_owners_until_the_deletion_is_committed() {
-    let dir = temp_dir("delete-uncommitted");
-    let db = dir.join("relay.db");
-    let relay = BinRelay::start(&["--store-path", &store_arg(&db)]);
-    let mut a = client_from("127.0.0.1", relay.tcp()).await;
-    subscribe_durable(&mut a, 1, "d", 1)
-        .await
-        .expect("A creates d");
-    // Acknowledged once committed (with d before them), never acked by A: d's backlog.
-    for i in 1..=3u8 {
-        publish(&mut a, on(1, i.into()), Qos::AtLeastOnce, [i; 16], false)
-            .await
-            .unwrap();
-    }
     // The writer gets stuck: nothing queued from now on commits until the lock goes.
-    let lock = rusqlite::Connection::open(&db).unwrap();
-    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let stuck = Instant::now();
-    assert_eq!(then_pong(&mut a, unsub(1, true), 1).await, None, "deleted");
+    let DeletionBehindLock {
+        dir,
+        relay,
+        mut a,
+        lock,
+        since: stuck,
+    } = a_deletes_d_behind_a_write_lock("delete-uncommitted", &[]).await;
     // The deletion is queued, not committed: the name is still A's.
     let mut b = client_from("127.0.0.2", relay.tcp()).await;
     match subscribe_durable(&mut b, 1, "d", 2).await {
@@ -725,23 +715,14 @@ async fn a_deleted_durable_stays_its_owners_until_the_deletion_is_committed() {
 /// with no owner, and B would have adopted it, A's backlog included.
 #[tokio::test]
 async fn a_durable_whose_deletion_fails_to_commit_comes_back_still_its_owners() {
-    let dir = temp_dir("delete-failed");
-    let db = dir.join("relay.db");
-    let relay = BinRelay::start(&["--store-path", &store_arg(&db), "--store-retry-ms", "50"]);
-    let mut a = client_from("127.0.0.1", relay.tcp()).await;
-    subscribe_durable(&mut a, 1, "d", 1)
-        .await
-        .expect("A creates d");
-    // Acknowledged once committed (with d before them), never acked by A: d's backlog.
-    for i in 1..=3u8 {
-        publish(&mut a, on(1, i.into()), Qos::AtLeastOnce, [i; 16], false)
-            .await
-            .unwrap();
-    }
     // The writer gets stuck, and its commit fails once its busy timeout has passed.
-    let lock = rusqlite::Connection::open(&db).unwrap();
-    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
-    assert_eq!(then_pong(&mut a, unsub(1, true), 1).await, None, "deleted");
+    let DeletionBehindLock {
+        dir,
+        relay,
+        a: _a,
+        lock,
+        ..
+    } = a_deletes_d_behind_a_write_lock("delete-failed", &["--store-retry-ms", "50"]).await;
     relay
         .wait_status("the deletion's commit to fail", |s| {
             s.store.state == "unavailable"
@@ -788,4 +769,47 @@ async fn a_durable_whose_deletion_fails_to_commit_comes_back_still_its_owners() 
     assert_eq!(backlog, [1, 2, 3], "A's unacknowledged backlog");
     drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The F7 tests' start: A's durable "d" on a relay with a SQLite file, three QoS 1
+/// messages behind its floor (`PubAck`ed, so committed; never acked by A), then SQLite's
+/// write lock taken by another connection (`BEGIN IMMEDIATE`, as a stuck disk would) and
+/// A's `Unsub {delete}` of "d" answered: the deletion waits behind the lock.
+struct DeletionBehindLock {
+    dir: std::path::PathBuf,
+    relay: BinRelay,
+    a: Client,
+    lock: rusqlite::Connection,
+    /// When the lock was taken.
+    since: Instant,
+}
+
+async fn a_deletes_d_behind_a_write_lock(tag: &str, extra: &[&str]) -> DeletionBehindLock {
+    let dir = temp_dir(tag);
+    let db = dir.join("relay.db");
+    let store = store_arg(&db);
+    let mut args = vec!["--store-path", &store];
+    args.extend_from_slice(extra);
+    let relay = BinRelay::start(&args);
+    let mut a = client_from("127.0.0.1", relay.tcp()).await;
+    subscribe_durable(&mut a, 1, "d", 1)
+        .await
+        .expect("A creates d");
+    // Acknowledged once committed (with d before them), never acked by A: d's backlog.
+    for i in 1..=3u8 {
+        publish(&mut a, on(1, i.into()), Qos::AtLeastOnce, [i; 16], false)
+            .await
+            .unwrap();
+    }
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let since = Instant::now();
+    assert_eq!(then_pong(&mut a, unsub(1, true), 1).await, None, "deleted");
+    DeletionBehindLock {
+        dir,
+        relay,
+        a,
+        lock,
+        since,
+    }
 }
