@@ -4,7 +4,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startRelay } from '../shared/relay.js';
 import { until } from '../shared/until.js';
-import { startProxy, forceRelayGap } from '../shared/proxy.js';
+import { startProxy, forceRelayGap, relayMetric } from '../shared/proxy.js';
 import { Client, Identity, TreeKey } from '../../js/index.node.js';
 
 let relay;
@@ -42,8 +42,15 @@ test('a subscriber that falls behind gets a lag event and a counter, never silen
 });
 
 test('publish waits while the socket send buffer is over the high-water mark, in order', { timeout: 120_000 }, async () => {
+  // Its own relay, with a per-connection outbound queue (64 MiB) larger than everything
+  // this test publishes (300 × 64 KiB ≈ 19 MiB): the relay can never drop one of these QoS 0
+  // messages for the subscriber, however slowly it reads. With the default queue (8 MiB)
+  // a subscriber starved of CPU (a loaded CI machine) fell behind, and the relay dropped
+  // the oldest queued messages — allowed at QoS 0, and reported (Gap, `lag`), which the
+  // third test checks — so every missing message here would be the publisher's fault.
+  const local = await startRelay({ args: ['--queue-max-bytes', String(64 << 20)] });
   // A proxy whose client-to-relay direction can be paused: the client's socket then fills.
-  const proxy = await startProxy(relay.port);
+  const proxy = await startProxy(local.port);
   // Closed however the test ends: a failed wait must not leave sockets that keep the
   // test process (and the runner waiting for it) alive.
   const open = [];
@@ -52,10 +59,12 @@ test('publish waits while the socket send buffer is over the high-water mark, in
     const hwm = 64 * 1024;
     const p = await connect(proxy.url, { keys: tree, sendHighWaterMark: hwm, compression: 'none', padding: false });
     open.push(p);
-    const s = await connect(relay.url, { keys: tree });
+    const s = await connect(local.url, { keys: tree });
     open.push(s);
     const got = [];
-    await s.subscribe('big', (m) => got.push(m.value[0] | (m.value[1] << 8)));
+    const lags = [];
+    s.on('lag', (e) => lags.push(e.lost));
+    const sub = await s.subscribe('big', (m) => got.push(m.value[0] | (m.value[1] << 8)));
     await p.flush();
 
     proxy.pause('up');
@@ -86,11 +95,15 @@ test('publish waits while the socket send buffer is over the high-water mark, in
     proxy.resume('up');
     await Promise.all(all);
     await p.flush();
-    await until(() => got.length === N);
+    // Every message arrives, or is reported lost (then this fails at once, saying so).
+    await until(() => got.length + sub.lost >= N);
+    const relayDropped = await relayMetric(local, 'whispeer_relay_dropped_messages_total');
+    assert.equal(sub.lost, 0, `lost ${sub.lost} (lag events ${JSON.stringify(lags)}, relay dropped ${relayDropped})`);
     assert.deepEqual(got, Array.from({ length: N }, (_, i) => i), 'every publish, in order');
   } finally {
     await Promise.allSettled(open.map(async (c) => c.close()));
     await proxy.close();
+    await local.stop();
   }
 });
 
