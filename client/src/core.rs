@@ -1446,9 +1446,15 @@ mod tests {
         );
         assert_eq!(to(&mut core, msg(&other, 14, RETAINED, r6)), Some(vec![6]));
         // An hour old: refused live; flagged redelivered it goes to the acking
-        // subscription only; flagged replayed and named for a live one, nowhere.
+        // subscription only; flagged replayed and named for a live one, nowhere. Named by
+        // relay ids they hold now: an id from before the resubscribe above names nothing
+        // (the message would go nowhere whatever its flags), and the resubscribed ones
+        // resume in history, so the live one is 6.
+        let r2 = rid(&core, 2);
+        assert_eq!(core.local_for(r2.unwrap()), Some(2));
+        assert_eq!(core.local_for(r6.unwrap()), Some(6));
         assert_eq!(to(&mut core, msg(&stale, 11, 0, None)), None);
-        assert_eq!(to(&mut core, msg(&stale, 11, REPLAYED, r1)), None);
+        assert_eq!(to(&mut core, msg(&stale, 11, REPLAYED, r6)), None);
         assert_eq!(to(&mut core, msg(&stale, 11, REDELIVERED, r2)), None);
         assert_eq!(
             to(&mut core, msg(&stale, 11, REDELIVERED, None)),

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use support::raw::RecordingProxy;
+use support::raw::{seal, FakeConn, FakeRelay, RecordingProxy};
 use support::*;
 use whispeer::protocol::frame::Sub;
 use whispeer::protocol::{Frame, Qos};
@@ -131,4 +131,125 @@ async fn a_qos1_subscriber_that_stops_reading_loses_nothing_and_stalls_nothing_e
     c.close().await;
     p.close().await;
     relay.stop().await;
+}
+
+/// The client's half alone, against a relay that ignores `Sub.credit` (malicious or
+/// broken): it sends all 20 messages of the slow subscription at once and redelivers what
+/// is not acknowledged (as a relay does after its ack timeout). The client holds back what
+/// does not fit — not delivered, not acked, not remembered — so nothing the app did not
+/// take is acked or lost, every message reaches the app once, and the connection's other
+/// subscription is not held up meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_ignoring_the_credit_makes_a_qos1_subscriber_lose_nothing_and_stalls_nothing_else()
+{
+    use whispeer::protocol::frame::msg_flags::REDELIVERED;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let t = tree("flow");
+    let connect = tokio::spawn(
+        Client::builder()
+            .with(Tcp::new(format!(
+                "tcp://{}",
+                listener.local_addr().unwrap()
+            )))
+            .with(Encryption::with_keyring(keyring_with(&t)))
+            .subscription_capacity(4)
+            .connect(),
+    );
+    let relay = FakeRelay::run(within("hello", FakeConn::accept(&listener)).await);
+    let c = within("connect", connect).await.unwrap().unwrap();
+    let qos1 = || SubscribeOptions::new().qos(Qos::AtLeastOnce);
+    let mut slow = c
+        .subscribe_with_options::<u32>("slow/#", qos1())
+        .await
+        .unwrap();
+    let mut other = c
+        .subscribe_with_options::<u32>("other/#", qos1())
+        .await
+        .unwrap();
+    let credits: Vec<Option<u64>> = within("Subs", relay.wait_subs(2))
+        .await
+        .iter()
+        .map(|s| s.credit)
+        .collect();
+    assert_eq!(credits, vec![Some(4), Some(4)], "asked for, and ignored");
+
+    let alice = identity();
+    let now = whispeer::now_ms();
+    // Slow messages at seqs 1..=20 (value = seq - 1), all at once; then one for the other.
+    let envs: Vec<_> = (0..20u32)
+        .map(|i| seal(&t, Some(&alice), "slow/x", i, now))
+        .collect();
+    for (i, env) in envs.iter().enumerate() {
+        relay.msg(i as u64 + 1, env, 0, None).await;
+    }
+    relay
+        .msg(21, &seal(&t, Some(&alice), "other/y", 100, now), 0, None)
+        .await;
+    let m = within("the other subscription", other.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.value, 100, "not held up by the full one");
+    within("the other's ack", relay.wait_acks(|a| a.contains(&21))).await;
+    let s = until_stats(&c, "all 21 handled", |s| {
+        s.core.delivered + s.core.held_back + s.slow_subscriber_drops >= 21
+    })
+    .await;
+    assert_eq!(
+        (s.core.delivered, s.core.held_back, s.slow_subscriber_drops),
+        (5, 16, 0),
+        "what does not fit is held back, not dropped"
+    );
+
+    // The app takes what the client holds; the relay redelivers what is unacked; again.
+    let slow_seqs: BTreeSet<u64> = (1..=20).collect();
+    let mut taken = BTreeSet::new();
+    let mut values = Vec::new();
+    let mut unacked: Vec<u64> = (1..=20).collect();
+    let mut handled = s.core.delivered + s.core.held_back;
+    loop {
+        for _ in 0..unacked.len().min(4) {
+            let m = within("a slow message", slow.next())
+                .await
+                .unwrap()
+                .unwrap();
+            values.push(m.value);
+            taken.insert(m.seq);
+        }
+        let acked: BTreeSet<u64> = within(
+            "acks of what the app took",
+            relay.wait_acks(|a| taken.iter().all(|s| a.contains(s))),
+        )
+        .await
+        .into_iter()
+        .collect();
+        let early: Vec<_> = acked
+            .intersection(&slow_seqs)
+            .filter(|s| !taken.contains(s))
+            .collect();
+        assert!(early.is_empty(), "acked, never taken: {early:?}");
+        unacked.retain(|s| !acked.contains(s));
+        if unacked.is_empty() {
+            break;
+        }
+        for &seq in &unacked {
+            relay
+                .msg(seq, &envs[seq as usize - 1], REDELIVERED, None)
+                .await;
+        }
+        handled += unacked.len() as u64;
+        until_stats(&c, "the redeliveries handled", |s| {
+            s.core.delivered + s.core.held_back >= handled
+        })
+        .await;
+    }
+    let mut sorted = values.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        (0..20).collect::<Vec<_>>(),
+        "nothing lost, nothing twice: {values:?}"
+    );
+    assert_eq!(c.stats().slow_subscriber_drops, 0);
+    c.close().await;
 }

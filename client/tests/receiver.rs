@@ -107,6 +107,79 @@ async fn an_envelope_reposted_as_retained_neither_replays_nor_rolls_back() {
     relay.stop().await;
 }
 
+/// A client of a fake relay on real sockets (the relay answers Subs and Pings; the test
+/// sends what it likes), built with `tune`.
+async fn fake_relay_client(
+    t: &whispeer::TreeKey,
+    tune: impl FnOnce(whispeer::ClientBuilder) -> whispeer::ClientBuilder,
+) -> (FakeRelay, Client) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = Client::builder()
+        .with(Tcp::new(format!(
+            "tcp://{}",
+            listener.local_addr().unwrap()
+        )))
+        .with(Encryption::with_keyring(keyring_with(t)));
+    let connect = tokio::spawn(tune(b).connect());
+    let relay = FakeRelay::run(within("hello", FakeConn::accept(&listener)).await);
+    let c = within("connect", connect).await.unwrap().unwrap();
+    (relay, c)
+}
+
+/// The relay sets `RETAINED` outside the seal: a message a subscription got live, sent
+/// to it again flagged as the topic's retained value (named for it, as a relay sends a
+/// subscription its retained values), is not shown to it a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cannot_show_a_subscription_a_message_again_by_flagging_it_retained() {
+    use whispeer::protocol::frame::msg_flags::RETAINED;
+    let t = tree("home");
+    let alice = identity();
+    let (relay, c) = fake_relay_client(&t, |b| b).await;
+    let mut sub = c.subscribe::<u32>("cfg/#").await.unwrap();
+    let sub_id = within("Sub", relay.wait_subs(1)).await[0].sub_id;
+    let now = whispeer::now_ms();
+    let v1 = seal(&t, Some(&alice), "cfg/mode", 1, now - 1_000);
+    relay.msg(1, &v1, 0, None).await;
+    relay.msg(1, &v1, RETAINED, Some(sub_id)).await;
+    let v2 = seal(&t, Some(&alice), "cfg/mode", 2, now);
+    relay.msg(2, &v2, 0, None).await;
+    assert_eq!(value(&mut sub).await, 1);
+    let r = within("v2", sub.next()).await.unwrap().unwrap();
+    assert_eq!((r.value, r.retained), (2, false), "v1 is not shown again");
+    let s = until_stats(&c, "the copy dropped", |s| s.core.duplicates == 1).await;
+    assert_eq!(s.core.delivered, 2, "{s:?}");
+    c.close().await;
+}
+
+/// The relay's flags sit outside the seal and lift the live checks only for a
+/// subscription that asked for what they claim: history (`REPLAYED`), retained values
+/// (`RETAINED`), acknowledgements (`REDELIVERED`). Sent by a relay to a live, at most
+/// once subscription that asked for no retained values (named for it), an hour-old
+/// message is refused whichever of them it carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_flags_lift_no_check_for_a_subscription_that_did_not_ask_for_them() {
+    use whispeer::protocol::frame::msg_flags::{REDELIVERED, REPLAYED, RETAINED};
+    let t = tree("clock");
+    let alice = identity();
+    let (relay, c) = fake_relay_client(&t, |b| b).await;
+    let mut sub = c
+        .subscribe_with_options::<u32>("h/#", SubscribeOptions::new().retained(false))
+        .await
+        .unwrap();
+    let sub_id = within("Sub", relay.wait_subs(1)).await[0].sub_id;
+    let hour_ago = whispeer::now_ms() - 3_600_000;
+    for (i, flags) in [REPLAYED, RETAINED, REDELIVERED].into_iter().enumerate() {
+        let env = seal(&t, Some(&alice), "h/x", i as u32, hour_ago);
+        relay.msg(i as u64 + 1, &env, flags, Some(sub_id)).await;
+    }
+    let fresh = seal(&t, Some(&alice), "h/x", 9, whispeer::now_ms());
+    relay.msg(4, &fresh, 0, None).await;
+    assert_eq!(value(&mut sub).await, 9, "none of the three is delivered");
+    let s = until_stats(&c, "three refused", |s| s.core.rejected == 3).await;
+    assert_eq!(s.core.delivered, 1, "{s:?}");
+    c.close().await;
+}
+
 /// A client of `relay` holding `t`, its receive state in the SQLite file `state`; `tune`
 /// sets anything else on the builder.
 #[cfg(feature = "persistence")]

@@ -231,3 +231,85 @@ impl FakeConn {
         }
     }
 }
+
+/// A fake relay on a [`FakeConn`]: a task answers the client's Pings and Subs (`SubOk` at
+/// seq 0) and records its Subs and Acks, while the test sends whatever frames it chooses —
+/// a relay ignoring credit, flags and history as it likes.
+pub struct FakeRelay {
+    w: Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+    acks: tokio::sync::watch::Receiver<Vec<u64>>,
+    subs: tokio::sync::watch::Receiver<Vec<frame::Sub>>,
+}
+
+impl FakeRelay {
+    /// Takes over an accepted connection.
+    pub fn run(conn: FakeConn) -> Self {
+        let (mut r, w) = conn.s.into_split();
+        let w = Arc::new(tokio::sync::Mutex::new(w));
+        let (acks_tx, acks) = tokio::sync::watch::channel(Vec::new());
+        let (subs_tx, subs) = tokio::sync::watch::channel(Vec::new());
+        let out = w.clone();
+        tokio::spawn(async move {
+            while let Some(f) = read_frame(&mut r).await {
+                match f {
+                    Frame::Ping(p) => {
+                        let pong = Frame::Pong(frame::Pong { nonce: p.nonce });
+                        write_frame(&mut *out.lock().await, &pong).await;
+                    }
+                    Frame::Sub(s) => {
+                        let ok = Frame::SubOk(frame::SubOk {
+                            sub_id: s.sub_id,
+                            seq: 0,
+                        });
+                        // Confirmed before the test sees it: what it sends next follows.
+                        write_frame(&mut *out.lock().await, &ok).await;
+                        subs_tx.send_modify(|v| v.push(s));
+                    }
+                    Frame::Ack(a) => acks_tx.send_modify(|v| v.extend(a.seqs)),
+                    _ => {}
+                }
+            }
+        });
+        FakeRelay { w, acks, subs }
+    }
+
+    /// Sends `f` to the client.
+    pub async fn send(&self, f: &Frame) {
+        write_frame(&mut *self.w.lock().await, f).await;
+    }
+
+    /// Sends a `Msg` of `envelope` at relay sequence `seq` with `flags`, naming relay
+    /// subscription `sub_id` (history and retained values) or none (live).
+    pub async fn msg(&self, seq: u64, envelope: &Envelope, flags: u64, sub_id: Option<u64>) {
+        let m = frame::Msg {
+            sub_id,
+            seq,
+            envelope: envelope.clone(),
+            flags,
+        };
+        self.send(&Frame::Msg(m)).await;
+    }
+
+    /// Every sequence the client acked so far, in order.
+    pub fn acks(&self) -> Vec<u64> {
+        self.acks.borrow().clone()
+    }
+
+    /// Waits (on the client's frames) until `cond` holds for the acked sequences; returns
+    /// them. Bounded by the caller's `within`.
+    pub async fn wait_acks(&self, cond: impl Fn(&[u64]) -> bool) -> Vec<u64> {
+        let mut rx = self.acks.clone();
+        let a = rx.wait_for(|a| cond(a)).await.expect("the reader lives");
+        a.clone()
+    }
+
+    /// Waits until the client sent `n` Subs; returns them.
+    pub async fn wait_subs(&self, n: usize) -> Vec<frame::Sub> {
+        let mut rx = self.subs.clone();
+        let s = rx
+            .wait_for(|s| s.len() >= n)
+            .await
+            .expect("the reader lives");
+        s.clone()
+    }
+}
