@@ -14,16 +14,19 @@
 //! small: a long-running subscriber's (hundreds of thousands of entries) costs it cache
 //! misses this does not show. Prints the difference per message after the runs.
 
-use std::sync::{Arc, RwLock};
+#[path = "../tests/support/live_engine.rs"]
+mod live_engine;
+
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use rand_chacha::rand_core::SeedableRng;
-use whispeer::core::connection::{Engine, EngineConfig, Now, Transmit};
+use whispeer::core::connection::{ConnId, Engine, EngineConfig, Now};
 use whispeer::core::{self, SealPolicy, SubscribeOptions};
-use whispeer::protocol::frame::{self, Msg, SubOk};
+use whispeer::protocol::frame::Msg;
 use whispeer::protocol::seal::{Outgoing, SealOptions};
-use whispeer::protocol::{Envelope, Frame, MessageId, Opener, Sealer, TopicFilter};
+use whispeer::protocol::{Envelope, Frame, MessageId, Opener, Sealer};
 use whispeer::{Identity, Keyring, Topic, TreeKey};
 
 /// Messages per iteration.
@@ -45,45 +48,10 @@ fn keyring() -> Keyring {
 }
 
 /// A live engine subscribed to `t/#` (at most once), and its connection.
-fn live() -> (Engine, whispeer::core::connection::ConnId) {
+fn live() -> (Engine, ConnId) {
     let mut cfg = EngineConfig::default();
     cfg.open_ahead = 0;
-    let mut eng = Engine::new(cfg, Arc::new(RwLock::new(keyring())), [3; 32], NOW);
-    let Some(Transmit::Dial(c)) = eng.poll_transmit() else {
-        panic!("the engine dials first")
-    };
-    eng.handle_connected(c, NOW);
-    eng.handle_decoded(
-        c,
-        Frame::Welcome(frame::Welcome {
-            version: frame::PROTOCOL_VERSION,
-            features: 0,
-            max_frame: 1 << 20,
-            session: [1; 16],
-            relay: None,
-            heartbeat_ms: 60_000,
-            seq_space: None,
-        }),
-        NOW,
-    );
-    eng.subscribe(
-        1,
-        TopicFilter::new("t/#").expect("filter"),
-        SubscribeOptions::new(),
-        NOW,
-    )
-    .expect("subscribe");
-    let rid = eng.core().relay_ids(1)[0];
-    eng.handle_decoded(
-        c,
-        Frame::SubOk(SubOk {
-            sub_id: rid,
-            seq: 0,
-        }),
-        NOW,
-    );
-    while eng.poll_transmit().is_some() {}
-    while eng.poll_event().is_some() {}
+    let (eng, c, _) = live_engine::live_engine(cfg, keyring(), "t/#", SubscribeOptions::new(), NOW);
     (eng, c)
 }
 
@@ -160,12 +128,7 @@ fn receive(c: &mut Criterion) {
         let msgs: Vec<Msg> = envs
             .iter()
             .enumerate()
-            .map(|(i, e)| Msg {
-                sub_id: None,
-                seq: i as u64 + 1,
-                envelope: e.clone(),
-                flags: 0,
-            })
+            .map(|(i, e)| live_engine::live_msg(i as u64 + 1, e.clone()))
             .collect();
         let mut g = c.benchmark_group(format!("receive/{mode}"));
         g.throughput(Throughput::Elements(N as u64));

@@ -2,13 +2,16 @@
 //! results come back in any order, and messages, acks and control frames still come out in
 //! relay order; an engine with `open_ahead = 0` (the wasm client's mode) opens inline.
 
-use std::sync::{Arc, RwLock};
+#[path = "support/live_engine.rs"]
+mod live_engine;
+
+use std::sync::RwLock;
 
 use rand_chacha::rand_core::SeedableRng;
 use whispeer::core::connection::{Engine, EngineConfig, Event, Now, Transmit};
 use whispeer::core::{self, SealPolicy, SubscribeOptions};
-use whispeer::protocol::frame::{self, Msg, Pong, SubOk};
-use whispeer::protocol::{Frame, Opener, Qos, Sealer, TopicFilter};
+use whispeer::protocol::frame::{Msg, Pong};
+use whispeer::protocol::{Frame, Opener, Qos, Sealer};
 use whispeer::{Identity, Keyring, Topic, TreeKey};
 
 const NOW: Now = Now {
@@ -29,39 +32,8 @@ fn keyring() -> Keyring {
 fn live(open_ahead: usize) -> (Engine, u64, u64) {
     let mut cfg = EngineConfig::default();
     cfg.open_ahead = open_ahead;
-    let mut eng = Engine::new(cfg, Arc::new(RwLock::new(keyring())), [3; 32], NOW);
-    let Some(Transmit::Dial(c)) = eng.poll_transmit() else {
-        panic!("dial first")
-    };
-    eng.handle_connected(c, NOW);
-    eng.handle_decoded(
-        c,
-        Frame::Welcome(frame::Welcome {
-            version: frame::PROTOCOL_VERSION,
-            features: 0,
-            max_frame: 1 << 20,
-            session: [1; 16],
-            relay: None,
-            heartbeat_ms: 60_000,
-            seq_space: None,
-        }),
-        NOW,
-    );
     let opts = SubscribeOptions::new().qos(Qos::AtLeastOnce);
-    eng.subscribe(1, TopicFilter::new("t/#").unwrap(), opts, NOW)
-        .unwrap();
-    let rid = eng.core().relay_ids(1)[0];
-    eng.handle_decoded(
-        c,
-        Frame::SubOk(SubOk {
-            sub_id: rid,
-            seq: 0,
-        }),
-        NOW,
-    );
-    while eng.poll_transmit().is_some() {}
-    while eng.poll_event().is_some() {}
-    (eng, c, rid)
+    live_engine::live_engine(cfg, keyring(), "t/#", opts, NOW)
 }
 
 /// `n` batch-signed messages on `t/x`, payloads "0".."n-1", relay seqs 1..=n.
@@ -89,12 +61,7 @@ fn msgs(n: usize) -> Vec<Msg> {
     batch
         .seal_all(&mut sealer, &id, &mut rng)
         .into_iter()
-        .map(|(env, i)| Msg {
-            sub_id: None,
-            seq: i as u64 + 1,
-            envelope: env.unwrap(),
-            flags: 0,
-        })
+        .map(|(env, i)| live_engine::live_msg(i as u64 + 1, env.unwrap()))
         .collect()
 }
 
