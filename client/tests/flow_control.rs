@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use support::raw::{seal, FakeConn, FakeRelay, RecordingProxy};
+use support::raw::{fake_relay_client, seal, RecordingProxy};
 use support::*;
 use whispeer::protocol::frame::Sub;
 use whispeer::protocol::{Frame, Qos};
@@ -21,6 +21,21 @@ use whispeer::{Client, Encryption, PublishOptions, SubscribeOptions, Tcp};
 
 /// Bound for waits that may include one relay ack timeout (only fires when broken).
 const RESUME: Duration = Duration::from_secs(120);
+
+/// The two at-least-once subscriptions both tests use: `slow/#`, which the app stops
+/// reading, and `other/#` on the same connection, which must not be held up by it.
+async fn slow_and_other(c: &Client) -> (whispeer::Subscription<u32>, whispeer::Subscription<u32>) {
+    let qos1 = || SubscribeOptions::new().qos(Qos::AtLeastOnce);
+    let slow = c
+        .subscribe_with_options::<u32>("slow/#", qos1())
+        .await
+        .unwrap();
+    let other = c
+        .subscribe_with_options::<u32>("other/#", qos1())
+        .await
+        .unwrap();
+    (slow, other)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qos1_subscriber_that_stops_reading_loses_nothing_and_stalls_nothing_else() {
@@ -35,15 +50,7 @@ async fn a_qos1_subscriber_that_stops_reading_loses_nothing_and_stalls_nothing_e
         .connect()
         .await
         .unwrap();
-    let qos1 = || SubscribeOptions::new().qos(Qos::AtLeastOnce);
-    let mut slow = c
-        .subscribe_with_options::<u32>("slow/#", qos1())
-        .await
-        .unwrap();
-    let mut other = c
-        .subscribe_with_options::<u32>("other/#", qos1())
-        .await
-        .unwrap();
+    let (mut slow, mut other) = slow_and_other(&c).await;
     let credits: Vec<Option<u64>> = proxy
         .sent
         .lock()
@@ -143,29 +150,9 @@ async fn a_qos1_subscriber_that_stops_reading_loses_nothing_and_stalls_nothing_e
 async fn a_relay_ignoring_the_credit_makes_a_qos1_subscriber_lose_nothing_and_stalls_nothing_else()
 {
     use whispeer::protocol::frame::msg_flags::REDELIVERED;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let t = tree("flow");
-    let connect = tokio::spawn(
-        Client::builder()
-            .with(Tcp::new(format!(
-                "tcp://{}",
-                listener.local_addr().unwrap()
-            )))
-            .with(Encryption::with_keyring(keyring_with(&t)))
-            .subscription_capacity(4)
-            .connect(),
-    );
-    let relay = FakeRelay::run(within("hello", FakeConn::accept(&listener)).await);
-    let c = within("connect", connect).await.unwrap().unwrap();
-    let qos1 = || SubscribeOptions::new().qos(Qos::AtLeastOnce);
-    let mut slow = c
-        .subscribe_with_options::<u32>("slow/#", qos1())
-        .await
-        .unwrap();
-    let mut other = c
-        .subscribe_with_options::<u32>("other/#", qos1())
-        .await
-        .unwrap();
+    let (relay, c) = fake_relay_client(&t, |b| b.subscription_capacity(4)).await;
+    let (mut slow, mut other) = slow_and_other(&c).await;
     let credits: Vec<Option<u64>> = within("Subs", relay.wait_subs(2))
         .await
         .iter()

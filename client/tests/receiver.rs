@@ -107,25 +107,6 @@ async fn an_envelope_reposted_as_retained_neither_replays_nor_rolls_back() {
     relay.stop().await;
 }
 
-/// A client of a fake relay on real sockets (the relay answers Subs and Pings; the test
-/// sends what it likes), built with `tune`.
-async fn fake_relay_client(
-    t: &whispeer::TreeKey,
-    tune: impl FnOnce(whispeer::ClientBuilder) -> whispeer::ClientBuilder,
-) -> (FakeRelay, Client) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let b = Client::builder()
-        .with(Tcp::new(format!(
-            "tcp://{}",
-            listener.local_addr().unwrap()
-        )))
-        .with(Encryption::with_keyring(keyring_with(t)));
-    let connect = tokio::spawn(tune(b).connect());
-    let relay = FakeRelay::run(within("hello", FakeConn::accept(&listener)).await);
-    let c = within("connect", connect).await.unwrap().unwrap();
-    (relay, c)
-}
-
 /// The relay sets `RETAINED` outside the seal: a message a subscription got live, sent
 /// to it again flagged as the topic's retained value (named for it, as a relay sends a
 /// subscription its retained values), is not shown to it a second time.

@@ -290,11 +290,6 @@ impl FakeRelay {
         self.send(&Frame::Msg(m)).await;
     }
 
-    /// Every sequence the client acked so far, in order.
-    pub fn acks(&self) -> Vec<u64> {
-        self.acks.borrow().clone()
-    }
-
     /// Waits (on the client's frames) until `cond` holds for the acked sequences; returns
     /// them. Bounded by the caller's `within`.
     pub async fn wait_acks(&self, cond: impl Fn(&[u64]) -> bool) -> Vec<u64> {
@@ -312,4 +307,23 @@ impl FakeRelay {
             .expect("the reader lives");
         s.clone()
     }
+}
+
+/// A client of a fake relay on real sockets (the relay answers Subs and Pings; the test
+/// sends what it likes), built with `tune`.
+pub async fn fake_relay_client(
+    t: &whispeer::TreeKey,
+    tune: impl FnOnce(whispeer::ClientBuilder) -> whispeer::ClientBuilder,
+) -> (FakeRelay, whispeer::Client) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = whispeer::Client::builder()
+        .with(whispeer::Tcp::new(format!(
+            "tcp://{}",
+            listener.local_addr().unwrap()
+        )))
+        .with(whispeer::Encryption::with_keyring(super::keyring_with(t)));
+    let connect = tokio::spawn(tune(b).connect());
+    let relay = FakeRelay::run(super::within("hello", FakeConn::accept(&listener)).await);
+    let c = super::within("connect", connect).await.unwrap().unwrap();
+    (relay, c)
 }
