@@ -31,6 +31,13 @@
 //! against the honest client alone is the CPU the attack takes from the box; what the
 //! attacked run loses beyond it is the relay's own (its scheduling, locks and queues).
 //!
+//! `--control-idle` runs that other relay under SCHED_IDLE: the attack handled entirely at
+//! the lowest CPU priority, the best a relay that deprioritised attackers could do.
+//! `--floor` adds, per round, the honest client alone while one SCHED_IDLE thread per core
+//! spins (no network, no disk): what idle-priority load alone costs on this machine. On the
+//! 2-core VM of wave 2 session 32 that floor was 4–5× alone, above the 2× target: there,
+//! the target cannot be met while the attack generator shares the relay's cores.
+//!
 //! To place a tail in time: `--timeline` prints, every 250 ms of each attack, the relay's
 //! RSS and CPU and what the attackers got through; `--attack-after SECS` starts the honest
 //! client first and the attackers SECS later on the same relay (its run lasts SECS longer),
@@ -115,7 +122,18 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let only_attack = args.iter().any(|a| a == "--only-attack");
-    let control = args.iter().any(|a| a == "--control");
+    // `--control-idle`: the control's relay runs under SCHED_IDLE, as a relay that gave
+    // attackers only idle CPU would (the best any prioritising relay could do).
+    let control = if args.iter().any(|a| a == "--control-idle") {
+        Target::IdleDecoy
+    } else if args.iter().any(|a| a == "--control") {
+        Target::Decoy
+    } else {
+        Target::Honest
+    };
+    // `--floor`: per round, also the honest client alone while one SCHED_IDLE thread per
+    // core spins (no network, no disk, no relay work): the machine's floor.
+    let floor = args.iter().any(|a| a == "--floor");
     let kinds: Vec<usize> = match args.iter().position(|a| a == "--kinds") {
         Some(i) => args
             .get(i + 1)
@@ -192,17 +210,24 @@ fn main() {
     let mut beside = Vec::new();
     let mut attacks = Vec::new();
     let mut elsewhere = Vec::new();
+    let mut floors = Vec::new();
     for round in 1..=rounds {
         alone.push({
             let relay = RelayProc::start("alone");
             honest_bench(&relay, &["--rate", "1000"], secs)
         });
-        if control {
-            let (b, attack, _) = attack_round(&rt, &kinds, secs, &opts, true);
+        if floor {
+            floors.push(beside_idle_spinners(|| {
+                let relay = RelayProc::start("floor");
+                honest_bench(&relay, &["--rate", "1000"], secs)
+            }));
+        }
+        if control != Target::Honest {
+            let (b, attack, _) = attack_round(&rt, &kinds, secs, &opts, control);
             println!("round {round} (control, attackers on another relay): {attack}");
             elsewhere.push(b);
         }
-        let (b, attack, rss) = attack_round(&rt, &kinds, secs, &opts, false);
+        let (b, attack, rss) = attack_round(&rt, &kinds, secs, &opts, Target::Honest);
         println!(
             "round {round}: relay RSS during the attack: {:.1} MiB when the honest client started, {:.1} MiB when it ended",
             rss.0, rss.1
@@ -219,8 +244,19 @@ fn main() {
     for (i, (a, b)) in alone.iter().zip(&beside).enumerate() {
         let n = i + 1;
         let mut rows = vec![(format!("alone #{n}"), a)];
+        if let Some(f) = floors.get(i) {
+            rows.push((
+                format!("alone, every core spinning under SCHED_IDLE #{n}"),
+                f,
+            ));
+        }
         if let Some(c) = elsewhere.get(i) {
-            rows.push((format!("beside 100 hostile on another relay #{n}"), c));
+            let idle = if control == Target::IdleDecoy {
+                " (under SCHED_IDLE)"
+            } else {
+                ""
+            };
+            rows.push((format!("beside 100 hostile on another relay{idle} #{n}"), c));
         }
         rows.push((format!("beside 100 hostile #{n}"), b));
         for (name, r) in rows {
@@ -242,6 +278,14 @@ fn main() {
                 .map(|(a, b)| format!("{:.2}×", b.p99 / a.p99))
                 .collect::<Vec<_>>()
                 .join(", ")
+        );
+    }
+    if !floors.is_empty() && a99 > 0.0 {
+        let f99 = p99s(&floors);
+        println!(
+            "floor: alone while every core spins under SCHED_IDLE {f99:.0} µs = {:.2}× alone (load at the lowest CPU priority, no network, no disk: no relay beats this beside attackers that share its cores); beside the attackers {:.2}× that",
+            f99 / a99,
+            b99 / f99.max(1.0)
         );
     }
     if !elsewhere.is_empty() && a99 > 0.0 {
@@ -298,6 +342,36 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Where a round's attackers go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// The honest client's relay (the measurement itself).
+    Honest,
+    /// Another relay process on the same cores (`--control`).
+    Decoy,
+    /// Another relay process running under SCHED_IDLE (`--control-idle`).
+    IdleDecoy,
+}
+
+/// Runs `f` while one thread per core spins under SCHED_IDLE (`--floor`).
+fn beside_idle_spinners<T>(f: impl FnOnce() -> T) -> T {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|sc| {
+        for _ in 0..cores {
+            sc.spawn(|| {
+                AttackerSched::Idle.apply();
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            });
+        }
+        let r = f();
+        stop.store(true, Ordering::Relaxed);
+        r
+    })
+}
+
 /// How an attack round runs (`--timeline`, `--attack-after SECS`).
 struct AttackOpts {
     timeline: bool,
@@ -306,17 +380,21 @@ struct AttackOpts {
 
 /// One honest run beside the attackers of `kinds` on a fresh relay: the honest result,
 /// what the attackers did, and the attacked relay's RSS (MiB) when the honest client
-/// started and when it ended. `elsewhere` (`--control`): the attackers go to a second
-/// relay process, not the honest client's.
+/// started and when it ended. `target` (`--control`, `--control-idle`): the attackers may
+/// go to a second relay process, not the honest client's.
 fn attack_round(
     rt: &tokio::runtime::Runtime,
     kinds: &[usize],
     secs: f64,
     opts: &AttackOpts,
-    elsewhere: bool,
+    target: Target,
 ) -> (BenchResult, String, (f64, f64)) {
     let relay = RelayProc::start("beside");
-    let decoy = elsewhere.then(|| RelayProc::start("decoy"));
+    let decoy = match target {
+        Target::Honest => None,
+        Target::Decoy => Some(RelayProc::start("decoy")),
+        Target::IdleDecoy => Some(RelayProc::start_as("decoy", true)),
+    };
     let attacked = decoy.as_ref().unwrap_or(&relay);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let stats = Arc::new(AttackStats::default());
@@ -445,6 +523,12 @@ struct RelayProc {
 impl RelayProc {
     /// The release relay with default settings, its store in a fresh temporary directory.
     fn start(tag: &str) -> Self {
+        Self::start_as(tag, false)
+    }
+
+    /// [`start`](Self::start); `idle`: the whole relay (every thread it will ever start)
+    /// under SCHED_IDLE, through `chrt --idle 0` (`--control-idle`).
+    fn start_as(tag: &str, idle: bool) -> Self {
         let dir =
             std::env::temp_dir().join(format!("whispeer-hostile-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -465,7 +549,14 @@ impl RelayProc {
         } else {
             &["--admin", "127.0.0.1:0"]
         };
-        let mut child = Command::new(bin("whispeer-relay"))
+        let mut cmd = if idle {
+            let mut c = Command::new("chrt");
+            c.args(["--idle", "0"]).arg(bin("whispeer-relay"));
+            c
+        } else {
+            Command::new(bin("whispeer-relay"))
+        };
+        let mut child = cmd
             .args(["serve", "--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
             .args(admin)
             .arg("--store-path")
