@@ -635,6 +635,49 @@ async fn durables_belong_to_their_owner_secret_without_auth() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Ownership is checked before anything else about the durable: while its owner holds it,
+/// a stranger's `Sub` (without the secret, or with another one) is refused `not_allowed`
+/// as when it is idle — never the retryable `busy` ("active on another connection"),
+/// which would tell a stranger the owner is connected and invite it to retry. The owner's
+/// subscription is untouched.
+#[tokio::test]
+async fn a_stranger_is_refused_as_not_the_owner_while_the_owner_holds_the_durable() {
+    let dir = temp_dir("dur-held");
+    let state = dir.join("auth-state");
+    let relay = BinRelay::start(&["--auth-state", state.to_str().unwrap()]);
+    let owner: &[u8] = b"0123456789abcdef-owner-secret";
+    let mut c = Client::tcp(relay.tcp()).await;
+    c.hello().await;
+    try_sub(&mut c, sub(1, 1, Some("d"), Some(owner)))
+        .await
+        .expect("owner creates d");
+    for attempt in [None, Some(&b"another-secret-of-16+"[..])] {
+        let mut s = Client::tcp(relay.tcp()).await;
+        s.hello().await;
+        let e = try_sub(&mut s, sub(1, 1, Some("d"), attempt))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotAllowed, "{attempt:?}: {e:?}");
+        assert!(e.message.contains("belongs"), "{e:?}");
+    }
+    // The owner still holds d: a publish to it arrives.
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    try_pub(&mut p, 1, false).await.expect("stored");
+    loop {
+        match c.recv().await {
+            Frame::Msg(m) => {
+                assert_eq!(m.envelope.token_path().key_id(), &key(1));
+                break;
+            }
+            Frame::Err(e) => panic!("the owner's subscription: {e:?}"),
+            _ => continue,
+        }
+    }
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Review finding 18: a durable owner (or key-id claim) the auth-state file could not take
 /// (a full disk) was answered anyway and lost at the next restart, when someone else could
 /// take the name. Now the request waits until the line is written (retried), and the owner
@@ -704,24 +747,50 @@ async fn admin_status_shows_no_key_ids_without_the_token() {
     assert!(!String::from_utf8_lossy(&wrong).contains("abababab"));
 }
 
+/// `whispeer-relay serve` with its admin port on every address (WebSocket on loopback, no
+/// store), printing its ready line on stdout.
+fn public_admin_relay() -> Command {
+    let mut c = relay_bin();
+    c.args([
+        "serve",
+        "--ws",
+        "127.0.0.1:0",
+        "--tcp",
+        "off",
+        "--admin",
+        "0.0.0.0:0",
+        "--store",
+        "none",
+        "--ready-file",
+        "-",
+    ]);
+    c
+}
+
 #[test]
 fn admin_port_off_loopback_needs_a_token() {
-    let out = relay_bin()
-        .args([
-            "serve",
-            "--ws",
-            "127.0.0.1:0",
-            "--tcp",
-            "off",
-            "--admin",
-            "0.0.0.0:0",
-            "--store",
-            "none",
-        ])
+    let mut child = public_admin_relay()
         .env_remove("WHISPEER_ADMIN_TOKEN")
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success(), "started without an admin token");
+    // Either the relay refuses to start (its stdout closes with nothing on it) or it starts
+    // and prints its ready line: then it is stopped and the test fails — it never hangs on
+    // a relay that wrongly serves.
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    if !ready.is_empty() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("started without an admin token: {ready}");
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "exited 0 without serving");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("admin_token"), "{err}");
 }
@@ -729,25 +798,13 @@ fn admin_port_off_loopback_needs_a_token() {
 #[tokio::test]
 async fn admin_port_off_loopback_refuses_requests_without_the_token() {
     let dir = temp_dir("admin-public");
-    let mut child = relay_bin()
-        .args([
-            "serve",
-            "--ws",
-            "127.0.0.1:0",
-            "--tcp",
-            "off",
-            "--admin",
-            "0.0.0.0:0",
-            "--store",
-            "none",
-            "--admin-token",
-            ADMIN_TOKEN,
-            "--ready-file",
-            "-",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        public_admin_relay()
+            .args(["--admin-token", ADMIN_TOKEN])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let addrs = wait_ready(&mut child);
     let admin = format!("127.0.0.1:{}", addrs.admin.unwrap().port());
     let e = http_get(&admin, "/status").await.unwrap_err();
@@ -758,8 +815,7 @@ async fn admin_port_off_loopback_refuses_requests_without_the_token() {
     assert!(http_get_auth(&admin, "/metrics", Some(ADMIN_TOKEN))
         .await
         .is_ok());
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -768,25 +824,27 @@ async fn admin_port_off_loopback_refuses_requests_without_the_token() {
 fn auth_off_beyond_loopback_warns_loudly() {
     use std::io::BufRead;
     let dir = temp_dir("warn");
-    let mut child = relay_bin()
-        .args([
-            "serve",
-            "--ws",
-            "0.0.0.0:0",
-            "--tcp",
-            "off",
-            "--admin",
-            "off",
-            "--store",
-            "none",
-            "--ready-file",
-        ])
-        .arg(dir.join("ready.json"))
-        .env("WHISPEER_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        relay_bin()
+            .args([
+                "serve",
+                "--ws",
+                "0.0.0.0:0",
+                "--tcp",
+                "off",
+                "--admin",
+                "off",
+                "--store",
+                "none",
+                "--ready-file",
+            ])
+            .arg(dir.join("ready.json"))
+            .env("WHISPEER_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -809,9 +867,32 @@ fn auth_off_beyond_loopback_warns_loudly() {
         serde_json::from_slice(&std::fs::read(dir.join("ready.json")).unwrap()).unwrap();
     assert!(addrs.ws.is_some() && addrs.tcp.is_none(), "{addrs:?}");
     assert!(log.contains("WARNING: auth is off"), "{log}");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A relay process started by hand, stopped when the test ends — also when it fails
+/// before its own cleanup, so no relay outlives a failed test.
+struct KillOnDrop(std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Logs in as `sk` over TCP from the loopback address `ip` (a different source address per

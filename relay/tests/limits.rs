@@ -9,7 +9,7 @@ use std::sync::Arc;
 use common::*;
 use tokio_tungstenite::tungstenite::Message;
 use whispeer_protocol::frame::{Ack, Close, Hello, Msg, Ping, Pub};
-use whispeer_protocol::{ErrorCode, Frame, Qos};
+use whispeer_protocol::{Envelope, ErrorCode, Frame, Qos};
 use whispeer_relay::plugin::{Plugin, PublishInfo, Rejection, SubscribeInfo, Verdict};
 use whispeer_relay::{Config, Relay};
 
@@ -250,6 +250,66 @@ async fn per_address_ack_rate_is_shared_across_connections() {
     assert!(
         elapsed >= std::time::Duration::from_millis(2_000),
         "per-address ack rate not shared: 60 acks from one address in {elapsed:?}"
+    );
+}
+
+/// Publishes from one address share its bucket too (`addr_publish_rate`; per-connection
+/// rate off): opening more connections does not multiply an address's publishes, and
+/// reaching the rate slows them down, never refuses them.
+#[tokio::test]
+async fn per_address_publish_rate_is_shared_across_connections() {
+    let mut config = Config::ephemeral();
+    config.limits.publish_rate = 0;
+    config.limits.addr_publish_rate = 20;
+    config.limits.addr_publish_burst = 5;
+    let relay = TestRelay::start(config).await;
+    let elapsed =
+        sixty_requests_from_one_address(relay.tcp(), |c, i| pub_frame(envelope(1, &[c, i]))).await;
+    // As for Subs: the last publish of each of the 6 connections can land together.
+    assert!(
+        elapsed >= std::time::Duration::from_millis(2_000),
+        "per-address publish rate not shared: 60 publishes from one address in {elapsed:?}"
+    );
+}
+
+/// A `Sub` that asks for history costs `replay_cost` tokens of the sub rate, not one: a
+/// replay reads the store, so a client cannot ask for history as often as for live
+/// subscriptions. 10 replaying Subs at 100/s (burst 10) and a cost of 10 take 100 tokens:
+/// each answered (`SubOk`, then `ReplayDone`), none refused, and slowed to the bucket's
+/// (100 - 10) / 100 s; at a cost of one token they would all fit in the burst.
+#[tokio::test]
+async fn a_replaying_sub_costs_replay_cost_tokens_of_the_sub_rate() {
+    use whispeer_protocol::frame::{features, Replay, Sub};
+    let mut config = Config::ephemeral();
+    config.limits.sub_rate = 100;
+    config.limits.sub_burst = 10;
+    config.limits.replay_cost = 10;
+    config.limits.max_subscriptions = 100;
+    let relay = TestRelay::start(config).await;
+    let mut c = Client::tcp(relay.tcp()).await;
+    c.hello_with(features::REPLAY).await;
+    let started = std::time::Instant::now();
+    for i in 0..10u64 {
+        let mut sub = Sub::live(i, exact(1, &[i as u8]));
+        sub.replay = Some(Replay::FromSeq(0));
+        c.send(&Frame::Sub(sub)).await;
+    }
+    let (mut ok, mut done) = (0, 0);
+    while done < 10 {
+        match c.recv().await {
+            Frame::SubOk(s) => {
+                assert_eq!(s.sub_id, ok);
+                ok += 1;
+            }
+            Frame::ReplayDone(_) => done += 1,
+            other => panic!("expected SubOk or ReplayDone, got {other:?}"),
+        }
+    }
+    assert_eq!(ok, 10);
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(800),
+        "replaying Subs not charged replay_cost: 10 of them in {elapsed:?}"
     );
 }
 
@@ -909,7 +969,44 @@ fn logs_to_a_pipe_have_no_ansi_colour_codes() {
 /// publishes, everyone else waited 10–24 ms for their next turn (hostile bench).
 #[tokio::test]
 async fn a_connection_of_large_frames_yields_after_each_one() {
-    let relay = Relay::builder(Config::ephemeral()).build().unwrap();
+    // The flooder's 20 frames of 60 KiB.
+    let flood = (0..20u8).map(|i| envelope_sized(20, &[i], 60 << 10));
+    let before = flood_handled_before_another_frame(Config::ephemeral(), flood.collect()).await;
+    assert!(
+        before <= 1,
+        "{before} frames of 60 KiB from one connection were handled before another \
+         connection's frame"
+    );
+}
+
+/// Fairness is counted in frames as well as bytes: a connection flooding small frames —
+/// far from 16 KiB a turn — yields the relay after `FRAMES_PER_TURN` (16) of them, so
+/// another connection's frame waits behind one turn of the flood, not behind the ~100
+/// small frames that 16 KiB holds. Deterministic like the large-frame test above.
+#[tokio::test]
+async fn a_connection_of_small_frames_yields_after_sixteen_of_them() {
+    let mut config = Config::ephemeral();
+    // No rate pauses the flooder: only the turn may let the other connection in.
+    config.limits.publish_rate = 0;
+    config.limits.addr_publish_rate = 0;
+    // The flooder's 200 small frames (~200 bytes each).
+    let flood = (0..200usize).map(|i| envelope(20, &[i as u8]));
+    let before = flood_handled_before_another_frame(config, flood.collect()).await;
+    assert!(
+        before <= 16,
+        "{before} small frames from one connection were handled before another \
+         connection's frame"
+    );
+}
+
+/// The fairness tests' setup: a subscriber of key ids 20 and 21 on an in-process relay; a
+/// flooder's publishes of `flood` (all on key id 20) and then another connection's one
+/// publish on 21 are queued without yielding to the relay's tasks, so its connection tasks
+/// run in that order. Returns how many flood messages the subscriber saw before the other
+/// one (the relay numbers and routes in the order it handles them). Neither publisher
+/// gets an error.
+async fn flood_handled_before_another_frame(config: Config, flood: Vec<Envelope>) -> usize {
+    let relay = Relay::builder(config).build().unwrap();
     let h = relay.handle();
     let (s_tx, mut s_rx) = h.connect_in_process();
     let (f_tx, mut f_rx) = h.connect_in_process();
@@ -926,37 +1023,60 @@ async fn a_connection_of_large_frames_yields_after_each_one() {
         let ok = Frame::decode(&s_rx.recv().await.unwrap()).unwrap();
         assert!(matches!(ok, Frame::SubOk(_)), "{ok:?}");
     }
-    // The flooder's 20 frames of 60 KiB, then the other connection's one frame, queued
-    // without yielding to the relay's tasks.
-    const FLOOD: usize = 20;
-    for i in 0..FLOOD {
-        let env = envelope_sized(20, &[i as u8], 60 << 10);
+    let total = flood.len();
+    for env in flood {
         f_tx.try_send(pub_frame(env).to_bytes()).unwrap();
     }
     o_tx.try_send(pub_frame(envelope(21, &[1])).to_bytes())
         .unwrap();
-    // The subscriber's view: how many flood messages were routed before the other one.
     let mut flood_before = None;
-    let mut flood = 0;
-    while flood < FLOOD || flood_before.is_none() {
+    let mut seen = 0;
+    while seen < total || flood_before.is_none() {
         let m = match Frame::decode(&s_rx.recv().await.unwrap()).unwrap() {
             Frame::Msg(m) => m,
             other => panic!("unexpected {other:?}"),
         };
         if m.envelope.token_path().key_id() == &key(21) {
-            flood_before = Some(flood);
+            flood_before = Some(seen);
         } else {
-            flood += 1;
+            seen += 1;
         }
     }
-    let flood_before = flood_before.unwrap();
-    assert!(
-        flood_before <= 1,
-        "{flood_before} frames of 60 KiB from one connection were handled before another \
-         connection's frame"
-    );
     // Nothing refused either publisher.
     assert!(f_rx.try_recv().is_err() && o_rx.try_recv().is_err());
+    flood_before.unwrap()
+}
+
+/// `max_connections` counts connections from accept, handshakes included: WebSocket
+/// connections that never send their upgrade request hold their places, so stalling before
+/// the session starts does not get round the cap. A TCP client over it (from another
+/// address: no per-address cap involved) gets `Err(too_many_connections)` naming the limit;
+/// once the stalled ones close, a client is welcomed again.
+#[tokio::test]
+async fn the_connection_limit_counts_connections_still_in_their_handshake() {
+    let mut config = Config::ephemeral();
+    config.limits.max_connections = 3;
+    let relay = TestRelay::start(config).await;
+    let mut count = relay.handle.connections();
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(tokio::net::TcpStream::connect(relay.ws()).await.unwrap());
+    }
+    tokio::time::timeout(TIMEOUT, count.wait_for(|n| *n == 3))
+        .await
+        .expect("the stalled handshakes counted")
+        .expect("relay running");
+    let mut c = Client::tcp_from(relay.tcp(), "127.0.0.2").await;
+    let e = c.expect_fatal(ErrorCode::TooManyConnections).await;
+    assert!(e.message.contains("max_connections"), "{}", e.message);
+    drop(c);
+    drop(stalled);
+    tokio::time::timeout(TIMEOUT, count.wait_for(|n| *n == 0))
+        .await
+        .expect("places never freed")
+        .expect("relay running");
+    let mut c = Client::tcp_from(relay.tcp(), "127.0.0.2").await;
+    c.hello().await;
 }
 
 /// Stored bytes from one address are slowed, not refused: over `addr_store_rate` the
