@@ -335,8 +335,11 @@ fn main() -> Result<()> {
             for w in config.reserve_warnings() {
                 tracing::warn!("{w}");
             }
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if config.runtime.workers > 0 {
+                rt.worker_threads(usize::from(config.runtime.workers));
+            }
+            rt.enable_all()
                 .build()
                 .context("starting the tokio runtime")?
                 .block_on(serve(config, ready_file))

@@ -718,3 +718,38 @@ async fn an_admin_token_with_a_trailing_newline_still_matches() {
     let st: Status = serde_json::from_slice(&full).unwrap();
     assert!(st.detail, "the token was accepted");
 }
+
+/// `--workers N` is the number of runtime threads that run connections (the default, one
+/// per core, is tokio's); the relay serves with one as with many.
+#[tokio::test]
+async fn workers_sets_the_runtime_threads_and_one_still_serves() {
+    let runtime_threads = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .filter(|comm| comm.trim() == "tokio-rt-worker")
+            .count()
+    };
+    for n in [1usize, 3] {
+        let relay = BinRelay::start(&["--workers", &n.to_string()]);
+        assert_eq!(runtime_threads(relay.child.id()), n, "--workers {n}");
+        // Serves: a publish reaches a subscriber through it.
+        let mut s = Client::tcp(relay.tcp()).await;
+        s.hello().await;
+        s.send(&sub_frame(1, pattern(7, &[], true))).await;
+        assert!(matches!(s.recv().await, Frame::SubOk(_)));
+        let mut p = Client::tcp(relay.tcp()).await;
+        p.hello().await;
+        p.send(&pub_frame(envelope(7, &[1]))).await;
+        loop {
+            match s.recv().await {
+                Frame::Msg(m) => {
+                    assert_eq!(m.envelope.token_path().key_id(), &key(7));
+                    break;
+                }
+                Frame::Err(e) => panic!("{e:?}"),
+                _ => continue,
+            }
+        }
+    }
+}
