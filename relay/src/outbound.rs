@@ -135,6 +135,10 @@ struct State {
     dropped: u64,
     /// No more frames are accepted; the writer drains what is queued and closes.
     closing: bool,
+    /// The session finished (its subscriptions and durable names given back): only then
+    /// may the writer end the connection, so a client that sees it end and resumes at once
+    /// finds its durable free ([`Outbound::seal`]).
+    sealed: bool,
 }
 
 /// Result of offering a message to a connection.
@@ -506,7 +510,7 @@ impl Outbound {
         s.inflight += msg_bytes;
         s.controls = 0;
         let dropped = std::mem::take(&mut s.dropped);
-        let last = s.closing;
+        let last = s.closing && s.sealed;
         drop(s);
         self.drained.notify_waiters();
         Batch {
@@ -526,7 +530,16 @@ impl Outbound {
         self.drained.notify_waiters();
     }
 
-    /// Waits until something may have been queued (or closing began).
+    /// The session is done with the connection: once closing too, the writer's batch that
+    /// empties the queue is its last ([`Batch::last`]). Before, the writer sends what is
+    /// queued and waits.
+    pub(crate) fn seal(&self) {
+        self.lock().sealed = true;
+        self.notify.notify_one();
+    }
+
+    /// Waits until something may have been queued (or closing began, or the session
+    /// sealed the queue).
     pub(crate) async fn wait(&self) {
         self.notify.notified().await;
     }
@@ -628,6 +641,8 @@ mod tests {
         assert!(q.is_closing());
         assert_eq!(q.offer_msg(&b(3), true), Offer::Closed);
         let mut out = Vec::new();
+        assert!(!q.take(&mut out).last, "the session has not sealed it yet");
+        q.seal();
         assert!(q.take(&mut out).last);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0], b(0));

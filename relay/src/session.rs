@@ -1461,6 +1461,12 @@ impl Session {
         for (_, k) in self.durables.drain() {
             self.shared.release_durable(&k);
         }
+        // Only now may the writer end the connection: a client that sees it end and
+        // resumes its durable at once finds the name free. (Before the seal, the writer —
+        // on another thread, or another runtime after a hop — could end the stream as soon
+        // as the queue closed, while this thread had not yet given the name back, and the
+        // resume got `busy`.)
+        self.out.seal();
         self.shared.plugins.disconnect(&DisconnectInfo {
             conn: self.conn,
             transport: self.transport,
