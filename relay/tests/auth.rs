@@ -602,16 +602,7 @@ async fn durables_belong_to_their_owner_secret_without_auth() {
         .await
         .expect("owner creates d");
     drop(c);
-    // A stranger who knows the key id and the name: without the secret, with another one.
-    for attempt in [None, Some(&b"another-secret-of-16+"[..])] {
-        let mut s = Client::tcp(relay.tcp()).await;
-        s.hello().await;
-        let e = try_sub(&mut s, sub(1, 1, Some("d"), attempt))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, ErrorCode::NotAllowed, "{attempt:?}: {e:?}");
-        assert!(e.message.contains("belongs"), "{e:?}");
-    }
+    strangers_are_refused_d(&relay).await;
     drop(relay);
     // After a restart the owner is still known (only the hash was kept).
     let text = std::fs::read_to_string(&state).unwrap();
@@ -635,6 +626,20 @@ async fn durables_belong_to_their_owner_secret_without_auth() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A stranger who knows the key id and the name "d" (key 1) — without the owner's secret,
+/// and with another one — is refused as not its owner.
+async fn strangers_are_refused_d(relay: &BinRelay) {
+    for attempt in [None, Some(&b"another-secret-of-16+"[..])] {
+        let mut s = Client::tcp(relay.tcp()).await;
+        s.hello().await;
+        let e = try_sub(&mut s, sub(1, 1, Some("d"), attempt))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotAllowed, "{attempt:?}: {e:?}");
+        assert!(e.message.contains("belongs"), "{e:?}");
+    }
+}
+
 /// Ownership is checked before anything else about the durable: while its owner holds it,
 /// a stranger's `Sub` (without the secret, or with another one) is refused `not_allowed`
 /// as when it is idle — never the retryable `busy` ("active on another connection"),
@@ -651,29 +656,13 @@ async fn a_stranger_is_refused_as_not_the_owner_while_the_owner_holds_the_durabl
     try_sub(&mut c, sub(1, 1, Some("d"), Some(owner)))
         .await
         .expect("owner creates d");
-    for attempt in [None, Some(&b"another-secret-of-16+"[..])] {
-        let mut s = Client::tcp(relay.tcp()).await;
-        s.hello().await;
-        let e = try_sub(&mut s, sub(1, 1, Some("d"), attempt))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, ErrorCode::NotAllowed, "{attempt:?}: {e:?}");
-        assert!(e.message.contains("belongs"), "{e:?}");
-    }
+    strangers_are_refused_d(&relay).await;
     // The owner still holds d: a publish to it arrives.
     let mut p = Client::tcp(relay.tcp()).await;
     p.hello().await;
     try_pub(&mut p, 1, false).await.expect("stored");
-    loop {
-        match c.recv().await {
-            Frame::Msg(m) => {
-                assert_eq!(m.envelope.token_path().key_id(), &key(1));
-                break;
-            }
-            Frame::Err(e) => panic!("the owner's subscription: {e:?}"),
-            _ => continue,
-        }
-    }
+    let m = c.expect_msg().await;
+    assert_eq!(m.envelope.token_path().key_id(), &key(1));
     drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
 }

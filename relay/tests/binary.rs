@@ -741,15 +741,7 @@ async fn workers_sets_the_runtime_threads_and_one_still_serves() {
         let mut p = Client::tcp(relay.tcp()).await;
         p.hello().await;
         p.send(&pub_frame(envelope(7, &[1]))).await;
-        loop {
-            match s.recv().await {
-                Frame::Msg(m) => {
-                    assert_eq!(m.envelope.token_path().key_id(), &key(7));
-                    break;
-                }
-                Frame::Err(e) => panic!("{e:?}"),
-                _ => continue,
-            }
-        }
+        let m = s.expect_msg().await;
+        assert_eq!(m.envelope.token_path().key_id(), &key(7));
     }
 }
