@@ -1710,6 +1710,51 @@ mod tests {
         (s, shared, out)
     }
 
+    /// The writer may end a connection only once the session gave its durable names back:
+    /// after the peer's end of stream closes the queue, the writer's batch is not the last
+    /// while "d" is still held, and it is once `finish` released it — so a client that sees
+    /// the end and resumes at once never finds its own name busy.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_writer_ends_a_connection_only_after_its_durables_are_released() {
+        let now = Instant::now();
+        let (mut s, shared, out) = session(Config::ephemeral(), 64, now);
+        assert_eq!(
+            s.on_inbound(Inbound::Frame(hello().to_bytes()), now),
+            Flow::Continue
+        );
+        let sub = Frame::Sub(Sub {
+            sub_id: 1,
+            pattern: one_level(4),
+            qos: Qos::AtLeastOnce,
+            durable: Some("d".into()),
+            replay: None,
+            retained: false,
+            credit: None,
+            owner: Some(Bytes::from_static(&[7; 32])),
+        });
+        assert_eq!(
+            s.on_inbound(Inbound::Frame(sub.to_bytes()), now),
+            Flow::Continue
+        );
+        let key = DurableKey {
+            key_id: KeyId::from_bytes([4; 16]),
+            name: "d".into(),
+        };
+        let held = || shared.active_durables.lock().unwrap().contains(&key);
+        assert!(held());
+        // The peer hangs up: the queue closes at once.
+        assert_eq!(s.on_inbound(Inbound::Closed, now), Flow::Close);
+        assert!(out.is_closing());
+        let mut frames = Vec::new();
+        assert!(
+            !out.take(&mut frames).last,
+            "the writer could end the connection while \"d\" is still held"
+        );
+        s.finish();
+        assert!(!held(), "finish gives the name back");
+        assert!(out.take(&mut frames).last, "and then lets the writer end");
+    }
+
     /// A lost-hold notice ends only the subscription that took that very hold: after the
     /// name is unsubscribed and subscribed again, a late notice about the first hold leaves
     /// the new subscription alone; a notice about the new hold ends it with a non-fatal
