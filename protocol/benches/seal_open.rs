@@ -183,6 +183,13 @@ fn batch(c: &mut Criterion) {
     let mut g = c.benchmark_group("batch64/1KiB");
     g.throughput(Throughput::Elements(N as u64));
     let mut sealer = Sealer::new();
+    g.bench_function("seal_unsigned", |b| {
+        b.iter(|| {
+            for i in 0..N {
+                black_box(sealer.seal(&key, &out(i), &opts, None, &mut rng).unwrap());
+            }
+        })
+    });
     g.bench_function("seal_per_message_signed", |b| {
         b.iter(|| {
             for i in 0..N {
@@ -213,6 +220,17 @@ fn batch(c: &mut Criterion) {
         .map(|i| sealer.prepare(&key, &out(i), &opts).unwrap())
         .collect();
     let batched = sealer.seal_batch(&prepared, &id, &mut rng).unwrap();
+    let unsigned: Vec<_> = (0..N)
+        .map(|i| sealer.seal(&key, &out(i), &opts, None, &mut rng).unwrap())
+        .collect();
+    g.bench_function("open_unsigned", |b| {
+        let mut opener = Opener::new();
+        b.iter(|| {
+            for e in &unsigned {
+                black_box(opener.open(&kr, e, 0).unwrap());
+            }
+        })
+    });
     g.bench_function("open_per_message_signed", |b| {
         let mut opener = Opener::new();
         b.iter(|| {

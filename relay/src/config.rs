@@ -167,7 +167,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Logging (used by the binary).
     pub log: LogConfig,
-    /// The binary's async runtime: worker threads.
+    /// Runtime threads: the main runtime's workers and the light runtime's.
     pub runtime: RuntimeConfig,
     /// The message store: kind, file, retention, dedup window.
     pub store: StoreConfig,
@@ -1267,8 +1267,9 @@ impl Default for LogConfig {
     }
 }
 
-/// The binary's async runtime (the library runs on whatever runtime its caller has).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, Args)]
+/// Runtime threads: the binary's main runtime (the library runs on its caller's) and the
+/// relay's light runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Worker threads that run connections (0 = one per core; tokio's TOKIO_WORKER_THREADS
@@ -1278,6 +1279,22 @@ pub struct RuntimeConfig {
     /// (relay README, "Workers"). Store, reader and checkpoint threads are not counted.
     #[arg(long = "workers", env = "WHISPEER_WORKERS", value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub workers: u16,
+    /// Threads of the relay's light runtime, where TCP, TLS and WebSocket connections
+    /// from addresses with few connections start, and run while they stay light; one that
+    /// floods (8 full turns of reading or writing in a row) or hits a rate limit moves to
+    /// the main runtime, so quiet clients do not wait behind floods (relay README, "The
+    /// light runtime"). 0 = off: every connection on the main runtime.
+    #[arg(long = "light-workers", env = "WHISPEER_LIGHT_WORKERS", value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub light_workers: u16,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            light_workers: 1,
+        }
+    }
 }
 
 impl Config {

@@ -47,7 +47,8 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
         TransportKind::Ws | TransportKind::Wss => cfg.timeouts.heartbeat(),
         _ => None,
     };
-    let mut writer = tokio::spawn(write_loop(
+    // Beside the reader: on the light runtime it moves when the reader does (`hop`).
+    let mut writer = crate::hop::spawn(write_loop(
         sink,
         out.clone(),
         shared.metrics.clone(),
@@ -132,6 +133,11 @@ async fn read_loop<Src: FrameSource>(
     let mut redeliver = tokio::time::interval(period);
     redeliver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut this_turn, mut turn_bytes) = (0usize, 0usize);
+    // Full turns since the reader last waited for its socket: a connection on the light
+    // runtime that floods moves to the main one after `hop::HOP_AFTER` of them (`hop`).
+    // Only a wait ends the run, not a turn cut short at a partial frame: a flood's reads
+    // end mid-frame as often as not.
+    let (mut full_turns, mut waited) = (0u32, false);
     // The time read for the last frame of an unbroken run of buffered frames (fast path).
     let mut run_clock: Option<Instant> = None;
     // Durable names whose cluster-wide hold the store lost (JetStream): the session ends
@@ -167,6 +173,11 @@ async fn read_loop<Src: FrameSource>(
             run_clock = None;
             this_turn = 0;
             turn_bytes = 0;
+            full_turns = full_turns.saturating_add(1);
+            if full_turns == crate::hop::HOP_AFTER {
+                // The yield below is where the task moves.
+                crate::hop::request(crate::hop::Cause::Reading);
+            }
             tokio::task::yield_now().await;
         } else {
             tokio::task::consume_budget().await;
@@ -213,7 +224,10 @@ async fn read_loop<Src: FrameSource>(
                     }
                     deadline.as_mut().reset(due);
                 }
-                ev = source.recv() => {
+                ev = noting_wait(source.recv(), &mut waited) => {
+                    if std::mem::take(&mut waited) {
+                        full_turns = 0;
+                    }
                     if let Some(closed) = inbound(ev, source, session, &mut turn_bytes, &mut last_in, None) {
                         return closed;
                     }
@@ -259,6 +273,9 @@ async fn read_loop<Src: FrameSource>(
         // Over a rate limit: stop reading until the bucket refills (backpressure through
         // the socket), with the idle timer suspended meanwhile.
         if let Some(until) = session.take_pause() {
+            // A connection over a limit is no light one: it waits (below) on the main
+            // runtime, where it goes on once refilled (`hop`).
+            crate::hop::request(crate::hop::Cause::Limited);
             run_clock = None;
             session.flush_wakes();
             shared.metrics.throttled();
@@ -269,6 +286,17 @@ async fn read_loop<Src: FrameSource>(
             last_in = Instant::now();
         }
     }
+}
+
+/// `fut`, noting in `waited` whether it had to wait (returned `Pending` at least once).
+async fn noting_wait<F: Future>(fut: F, waited: &mut bool) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        let r = fut.as_mut().poll(cx);
+        *waited |= r.is_pending();
+        r
+    })
+    .await
 }
 
 /// Hands one event from the source to the session: `Some(closed)` when the session asks
@@ -345,6 +373,10 @@ async fn write_loop<Snk: FrameSink>(
 ) {
     let mut batch: Vec<Bytes> = Vec::new();
     let mut ticker = keepalive.map(|d| tokio::time::interval_at(Instant::now() + d, d));
+    // Frames and bytes written since the queue last ran empty: a writer that stays behind
+    // for `hop::HOP_AFTER` turns' worth of them (a heavy subscriber) moves its connection
+    // off the light runtime, as a reader that fills its turns does (`hop`).
+    let (mut behind_frames, mut behind_bytes) = (0usize, 0usize);
     loop {
         let taken = out.take(&mut batch);
         if taken.dropped > 0 {
@@ -355,6 +387,16 @@ async fn write_loop<Snk: FrameSink>(
         }
         if !batch.is_empty() {
             let bytes = batch.iter().map(Bytes::len).sum();
+            let hop = crate::hop::HOP_AFTER as usize;
+            let was_behind =
+                behind_frames >= hop * FRAMES_PER_TURN || behind_bytes >= hop * BYTES_PER_TURN;
+            behind_frames += batch.len();
+            behind_bytes += bytes;
+            if !was_behind
+                && (behind_frames >= hop * FRAMES_PER_TURN || behind_bytes >= hop * BYTES_PER_TURN)
+            {
+                crate::hop::request(crate::hop::Cause::Writing);
+            }
             let sent = sink.send(&batch).await;
             // Until here the batch counted against the relay-wide outbound budget.
             out.written(taken.msg_bytes);
@@ -374,6 +416,8 @@ async fn write_loop<Snk: FrameSink>(
             sink.close().await;
             return;
         }
+        // Caught up: the queue ran empty.
+        (behind_frames, behind_bytes) = (0, 0);
         match ticker.as_mut() {
             Some(t) => {
                 tokio::select! {

@@ -34,4 +34,7 @@ pub enum RelayError {
     /// The NATS connection of a cluster could not be set up.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// The light runtime's threads could not start (`runtime.light_workers`).
+    #[error("cannot start the light runtime (runtime.light_workers): {0}")]
+    Runtime(std::io::Error),
 }

@@ -25,6 +25,8 @@
 //! - `session` — the per-connection protocol state machine (sans I/O).
 //! - `sub_quota` — subscriptions held per tenant (account or source address) and in all.
 //! - `conn` — drives a session over a transport: reader, coalescing writer, timeouts, drain.
+//! - `hop` — the light runtime: quiet connections run apart from floods; a connection that
+//!   floods, falls behind or hits a limit moves to the main runtime.
 //! - [`transport`] — frame sources/sinks: length-prefixed streams, WebSocket, channels.
 //! - [`tls`] — rustls (ring) acceptor from PEM files; the QUIC server configuration.
 //! - `quic` — the QUIC listener: one stream of length-prefixed frames per connection.
@@ -49,6 +51,7 @@ mod conn;
 pub mod error;
 mod flow;
 mod held_bytes;
+mod hop;
 pub mod ids;
 pub mod index;
 pub mod logging;

@@ -117,6 +117,8 @@ pub struct Metrics {
     redelivered: AtomicU64,
     duplicate_publishes: AtomicU64,
     throttled: AtomicU64,
+    light_started: AtomicU64,
+    light_moved: [AtomicU64; 3],
     addr_bans: AtomicU64,
     addr_banned: AtomicU64,
     quic_retries: AtomicU64,
@@ -179,6 +181,8 @@ impl Default for Metrics {
             redelivered: AtomicU64::new(0),
             duplicate_publishes: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
+            light_started: AtomicU64::new(0),
+            light_moved: Default::default(),
             addr_bans: AtomicU64::new(0),
             quic_retries: AtomicU64::new(0),
             addr_banned: AtomicU64::new(0),
@@ -280,6 +284,14 @@ impl Metrics {
     }
     pub(crate) fn throttled(&self) {
         self.throttled.fetch_add(1, Relaxed);
+    }
+    /// A connection was accepted onto the light runtime (`hop`).
+    pub(crate) fn light_started(&self) {
+        self.light_started.fetch_add(1, Relaxed);
+    }
+    /// A connection moves from the light runtime to the main one (`hop`), for `cause`.
+    pub(crate) fn light_moved(&self, cause: crate::hop::Cause) {
+        self.light_moved[cause as usize].fetch_add(1, Relaxed);
     }
     /// A QUIC connection attempt was answered with a Retry (its address not yet validated).
     pub(crate) fn quic_retry(&self) {
@@ -558,7 +570,7 @@ impl Metrics {
                 cap.label()
             );
         }
-        let counters: [(&str, &str, u64); 18] = [
+        let counters: [(&str, &str, u64); 19] = [
             (
                 "whispeer_relay_connections_rejected_total",
                 "Connections refused (connection limit, plugins).",
@@ -618,6 +630,11 @@ impl Metrics {
                 "whispeer_relay_throttled_total",
                 "Times a connection was slowed by a rate limit (backpressure): its reads paused, or its handshake delayed (addr_connect_rate).",
                 load(&self.throttled),
+            ),
+            (
+                "whispeer_relay_light_started_total",
+                "Connections started on the light runtime (runtime.light_workers): accepted from an address with few connections, they run there while they stay light.",
+                load(&self.light_started),
             ),
             (
                 "whispeer_relay_quic_retries_total",
@@ -767,6 +784,21 @@ impl Metrics {
             "whispeer_relay_errors_total{{kind=\"other\"}} {}",
             load(&self.errors[0])
         );
+
+        family(
+            &mut o,
+            "whispeer_relay_light_moves_total",
+            "counter",
+            "Connections moved from the light runtime to the main one, by cause: reading (8 full turns without waiting for the socket), writing (8 turns' worth written without the queue running empty), limited (a rate limit or refusal pause).",
+        );
+        for cause in crate::hop::Cause::ALL {
+            let _ = writeln!(
+                o,
+                "whispeer_relay_light_moves_total{{cause=\"{}\"}} {}",
+                cause.name(),
+                load(&self.light_moved[cause as usize])
+            );
+        }
 
         family(
             &mut o,

@@ -83,6 +83,15 @@ impl TokenBucket {
         self.rate != 0.0 && self.tokens + elapsed * self.rate < 0.0
     }
 
+    /// Tokens taken and not yet refilled (as of the last take).
+    fn spent(&self) -> f64 {
+        if self.rate == 0.0 {
+            0.0
+        } else {
+            self.burst - self.tokens
+        }
+    }
+
     /// Whether the bucket is full again (an idle address entry can be forgotten).
     fn is_full(&self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
@@ -442,6 +451,7 @@ impl AddrTable {
         }
         e.conns += 1;
         let wait = e.connects.take(1.0, now);
+        let busy = e.connects.spent() > LIGHT_CONNECTS || e.conns as f64 > LIGHT_CONNECTS;
         let buckets = e.buckets.clone();
         if self.per_net > 0 {
             *s.by_net.entry(net).or_insert(0) += 1;
@@ -453,6 +463,7 @@ impl AddrTable {
             ip,
             buckets,
             wait,
+            busy,
         })
     }
 
@@ -493,12 +504,25 @@ pub(crate) struct AddrSlot {
     /// The address's buckets (the table's entry lives at least as long as this slot).
     buckets: SharedBuckets,
     wait: Option<Duration>,
+    busy: bool,
 }
+
+/// Connections an address may have opened recently (within its connect bucket's memory:
+/// `addr_connect_burst ÷ addr_connect_rate` seconds) or hold at once and still have a new
+/// one start on the relay's light runtime (`hop`): a client's few connections do; an
+/// address that churns or opens many starts them on the main runtime.
+const LIGHT_CONNECTS: f64 = 8.0;
 
 impl AddrSlot {
     /// How long this connection's handshake waits: the address is over its connect rate.
     pub(crate) fn wait(&self) -> Option<Duration> {
         self.wait
+    }
+
+    /// Whether the address opened or holds more than a client's few connections: this
+    /// one then starts on the main runtime, not the light one (`hop`).
+    pub(crate) fn busy(&self) -> bool {
+        self.busy
     }
 
     /// The source address this connection counts against (an IPv6 address cut to

@@ -570,9 +570,19 @@ impl Relay {
             }
         }
         tasks.spawn(lift_bans(shared.clone()));
+        // The light runtime (see `hop`): shut down in the background when `run` ends.
+        let light = crate::hop::Light::start(shared.config.runtime.light_workers)
+            .map_err(RelayError::Runtime)?;
+        let light_handle = light.as_ref().map(crate::hop::Light::handle);
         let mut spawn = |l: Option<TcpListener>, kind: TransportKind| {
             if let Some(l) = l {
-                tasks.spawn(accept_loop(shared.clone(), l, kind, tls.clone()));
+                tasks.spawn(accept_loop(
+                    shared.clone(),
+                    l,
+                    kind,
+                    tls.clone(),
+                    light_handle.clone(),
+                ));
             }
         };
         spawn(listeners.ws, TransportKind::Ws);
@@ -653,6 +663,7 @@ impl Relay {
         // Flush and close the store off the runtime (the writer thread commits what is queued).
         let store = shared.router.store().clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        drop(light);
         tracing::info!("relay stopped");
         Ok(())
     }
@@ -848,11 +859,13 @@ impl RelayHandle {
     }
 }
 
+/// `light`: the light runtime, where accepted connections run until they flood (`hop`).
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
     kind: TransportKind,
     tls: Option<TlsAcceptor>,
+    light: Option<tokio::runtime::Handle>,
 ) {
     let mut bans = shared.addr_table.bans().watch();
     // Whether this listener has had a ban filter: its accepted sockets may inherit one.
@@ -901,13 +914,40 @@ async fn accept_loop(
             crate::syn_ban::clear_inherited(&stream);
         }
         let _ = stream.set_nodelay(true);
-        tokio::spawn(handshake(
-            shared.clone(),
-            stream,
-            peer,
-            kind,
-            tls.clone(),
-            slot,
+        // An address that opened or holds many connections (churning, a connection flood)
+        // handshakes on the main runtime: only a client's few connections start light.
+        let light = light.as_ref().filter(|_| !slot.busy());
+        let Some(light) = light else {
+            tokio::spawn(handshake(
+                shared.clone(),
+                stream,
+                peer,
+                kind,
+                tls.clone(),
+                slot,
+            ));
+            continue;
+        };
+        // On the light runtime's reactor too: its readiness must not wait for the main
+        // runtime's busy workers to poll their driver.
+        let std_stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot hand an accepted socket over");
+                continue;
+            }
+        };
+        let (metrics, shared, tls) = (shared.metrics.clone(), shared.clone(), tls.clone());
+        let main = tokio::runtime::Handle::current();
+        light.spawn(crate::hop::Hop::new(
+            async move {
+                match TcpStream::from_std(std_stream) {
+                    Ok(stream) => handshake(shared, stream, peer, kind, tls, slot).await,
+                    Err(e) => tracing::debug!(error = %e, "cannot register an accepted socket"),
+                }
+            },
+            main,
+            metrics,
         ));
     }
 }

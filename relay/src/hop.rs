@@ -1,0 +1,333 @@
+//! Light connections on their own runtime; a connection that floods moves to the main one.
+//!
+//! Why: while floods saturate the relay, a quiet connection's tasks wait in the run queues
+//! of the same worker threads behind every flooder's turn, its socket's readiness waits for
+//! a busy worker to poll the reactor, and those threads are the busy ones the kernel
+//! schedules last. The relay therefore runs the connections of addresses with few
+//! connections on a small *light* runtime ([`Light`]: `runtime.light_workers` threads, its
+//! own reactor, asleep most of the time) and moves a connection to the main runtime once
+//! it shows it is heavy:
+//! - its reader fills [`HOP_AFTER`] turns in a row (16 frames or 16 KiB each, see
+//!   `conn::read_loop`), or its writer [`HOP_AFTER`] batches of that size in a row (a
+//!   subscriber that is always behind);
+//! - it hits a rate limit or a refusal pause (its reads pause: `conn::read_loop`).
+//!
+//! An address that opened or holds more than a client's few connections (churn, a
+//! connection flood) starts its new connections on the main runtime
+//! ([`AddrSlot::busy`](crate::rate::AddrSlot::busy)). So a saturated light runtime sheds
+//! load by itself: its connections' input piles up, their turns fill, and they move.
+//! Measured with the hostile bench (relay README, *The light runtime*).
+//!
+//! How a task moves: tokio sockets and timers stay usable from any runtime once created
+//! (the socket stays registered with the light runtime's reactor, which then only relays
+//! its readiness), and a boxed `Send` future may be polled by another task between two
+//! polls. [`Hop`] owns a connection task's future and polls it inside a task-local
+//! [`Scope`]; [`request`] marks the scope moved, and each `Hop` of the scope (the reader's
+//! and the writer's), seeing the mark after a poll that returned `Pending`, spawns a task
+//! on the main runtime that goes on polling the same future (its wakers are taken anew at
+//! that poll). A moved task is a plain task: it never moves back.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::{AbortHandle, Abortable};
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+
+/// Full turns (or full writer batches) in a row after which a connection on the light
+/// runtime moves to the main one. A client at a steady 1,000 msg/s of 1 KiB never fills
+/// one turn; a flood fills every turn.
+pub(crate) const HOP_AFTER: u32 = 8;
+
+/// The light runtime: started by `Relay::run` when `runtime.light_workers > 0`, shut down
+/// in the background when dropped (its connections have drained by then, or are cut like
+/// the main runtime's at the drain deadline).
+pub(crate) struct Light {
+    rt: Option<Runtime>,
+}
+
+impl Light {
+    /// Starts `workers` threads named `whispeer-light`; `None` for 0.
+    pub(crate) fn start(workers: u16) -> std::io::Result<Option<Self>> {
+        if workers == 0 {
+            return Ok(None);
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(workers))
+            .thread_name("whispeer-light")
+            .enable_all()
+            .build()?;
+        Ok(Some(Light { rt: Some(rt) }))
+    }
+
+    /// Where to spawn connections.
+    pub(crate) fn handle(&self) -> Handle {
+        self.rt
+            .as_ref()
+            .expect("running until dropped")
+            .handle()
+            .clone()
+    }
+}
+
+impl Drop for Light {
+    fn drop(&mut self) {
+        // Never blocks: `run` may end inside the caller's runtime.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// One connection's tasks on the light runtime: whether they move (once set, for good),
+/// where to, and where a move is counted (once, when asked).
+#[derive(Clone)]
+struct Scope {
+    moved: Arc<AtomicBool>,
+    main: Handle,
+    metrics: Arc<Metrics>,
+}
+
+tokio::task_local! {
+    /// Set while a [`Hop`] on the light runtime polls a connection's task.
+    static SCOPE: Scope;
+}
+
+/// Why a connection moves to the main runtime (`whispeer_relay_light_moves_total`'s
+/// `cause`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// Its reader handled [`HOP_AFTER`] full turns without waiting for the socket.
+    Reading = 0,
+    /// Its writer wrote [`HOP_AFTER`] turns' worth without its queue running empty.
+    Writing = 1,
+    /// Its reads paused at a rate limit or after a refused publish.
+    Limited = 2,
+}
+
+impl Cause {
+    /// Every cause, in metric order.
+    pub(crate) const ALL: [Cause; 3] = [Cause::Reading, Cause::Writing, Cause::Limited];
+
+    /// The metric label.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Cause::Reading => "reading",
+            Cause::Writing => "writing",
+            Cause::Limited => "limited",
+        }
+    }
+}
+
+/// Asks to move the calling connection (its reader and its writer) to the main runtime,
+/// for `cause` (counted at the first ask); true if it runs on the light runtime. The calling task moves when its poll next
+/// returns `Pending` (the caller yields or waits), the connection's other task at the end
+/// of its next poll.
+pub(crate) fn request(cause: Cause) -> bool {
+    SCOPE
+        .try_with(|s| {
+            if !s.moved.swap(true, Ordering::AcqRel) {
+                s.metrics.light_moved(cause);
+            }
+        })
+        .is_ok()
+}
+
+type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A connection's task on the light runtime, ready to move to the main one.
+pub(crate) struct Hop {
+    fut: Option<Task>,
+    scope: Scope,
+}
+
+impl Hop {
+    /// `fut` (a new connection) to spawn on the light runtime: it moves to `main` once it
+    /// asks ([`request`]). Counted as started light.
+    pub(crate) fn new(
+        fut: impl Future<Output = ()> + Send + 'static,
+        main: Handle,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        metrics.light_started();
+        Hop {
+            fut: Some(Box::pin(fut)),
+            scope: Scope {
+                moved: Arc::new(AtomicBool::new(false)),
+                main,
+                metrics,
+            },
+        }
+    }
+}
+
+impl Future for Hop {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let Some(fut) = this.fut.as_mut() else {
+            return Poll::Ready(());
+        };
+        let polled = SCOPE.sync_scope(this.scope.clone(), || fut.as_mut().poll(cx));
+        if polled.is_ready() {
+            this.fut = None;
+            return Poll::Ready(());
+        }
+        if this.scope.moved.load(Ordering::Acquire) {
+            if let Some(fut) = this.fut.take() {
+                // Outside the scope: once moved, the task stays on main.
+                this.scope.main.spawn(fut);
+            }
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+/// A connection's task started with [`spawn`]: resolves when the task ends, on whichever
+/// runtime it ended.
+pub(crate) struct Spawned {
+    done: oneshot::Receiver<()>,
+    abort: AbortHandle,
+}
+
+impl Spawned {
+    /// Stops the task (at its next poll, wherever it runs).
+    pub(crate) fn abort(&self) {
+        self.abort.abort();
+    }
+}
+
+impl Future for Spawned {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // Sent at the end, or dropped with the task (aborted, or its runtime shut down).
+        Pin::new(&mut self.done).poll(cx).map(|_| ())
+    }
+}
+
+/// Spawns a connection's companion task (its writer) beside the caller: on the light
+/// runtime in the caller's scope, so it moves when the connection does; elsewhere a
+/// plain task.
+pub(crate) fn spawn(fut: impl Future<Output = ()> + Send + 'static) -> Spawned {
+    let (tx, done) = oneshot::channel();
+    let (abort, reg) = AbortHandle::new_pair();
+    let task = async move {
+        let _ = Abortable::new(fut, reg).await;
+        let _ = tx.send(());
+    };
+    match SCOPE.try_with(Scope::clone) {
+        Ok(scope) => {
+            tokio::spawn(Hop {
+                fut: Some(Box::pin(task)),
+                scope,
+            });
+        }
+        Err(_) => {
+            tokio::spawn(task);
+        }
+    }
+    Spawned { done, abort }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime(name: &str) -> Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn thread() -> String {
+        std::thread::current().name().unwrap_or("").to_owned()
+    }
+
+    /// A connection that asks moves to the main runtime with its companion task, and a
+    /// timer made before the move still fires after it; one that never asks stays, and
+    /// so does its companion. Each move of a connection is counted once.
+    #[test]
+    fn a_task_that_asks_moves_to_the_main_runtime_with_its_companion() {
+        let light = runtime("light");
+        let main = runtime("main");
+        let metrics = Arc::new(Metrics::new());
+        for ask in [true, false] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let fut = async move {
+                let (to_companion, mut companion_go) = tokio::sync::mpsc::unbounded_channel();
+                let companion_tx = tx.clone();
+                let companion = spawn(async move {
+                    companion_go.recv().await;
+                    companion_tx.send(("companion", thread())).unwrap();
+                });
+                tx.send(("before", thread())).unwrap();
+                let timer = tokio::time::sleep(std::time::Duration::from_millis(5));
+                if ask {
+                    assert!(request(Cause::Reading), "on the light runtime");
+                    tokio::task::yield_now().await;
+                    assert!(!request(Cause::Reading), "moved: no second move");
+                }
+                timer.await;
+                tx.send(("after", thread())).unwrap();
+                to_companion.send(()).unwrap();
+                companion.await;
+            };
+            light.spawn(Hop::new(fut, main.handle().clone(), metrics.clone()));
+            let mut seen: Vec<(&str, String)> = (0..3).map(|_| rx.recv().unwrap()).collect();
+            seen.sort();
+            let moved = if ask { "main" } else { "light" };
+            assert_eq!(
+                seen,
+                [
+                    ("after", moved.to_owned()),
+                    ("before", "light".to_owned()),
+                    ("companion", moved.to_owned()),
+                ]
+            );
+        }
+        assert!(!request(Cause::Reading), "no move outside a Hop");
+        let text = metrics.render_prometheus(0);
+        assert!(
+            text.contains("whispeer_relay_light_started_total 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("whispeer_relay_light_moves_total{cause=\"reading\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    /// Aborting a companion that moved stops it on the main runtime, and its handle
+    /// resolves.
+    #[test]
+    fn an_aborted_companion_ends_wherever_it_runs() {
+        let light = runtime("light");
+        let main = runtime("main");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let fut = async move {
+            let companion = spawn(std::future::pending::<()>());
+            assert!(request(Cause::Writing));
+            tokio::task::yield_now().await;
+            companion.abort();
+            companion.await;
+            tx.send(thread()).unwrap();
+        };
+        light.spawn(Hop::new(
+            fut,
+            main.handle().clone(),
+            Arc::new(Metrics::new()),
+        ));
+        assert_eq!(rx.recv().unwrap(), "main");
+    }
+}
