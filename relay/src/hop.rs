@@ -49,7 +49,35 @@ pub(crate) const HOP_AFTER: u32 = 8;
 /// the main runtime's at the drain deadline).
 pub(crate) struct Light {
     rt: Option<Runtime>,
+    full: Arc<AtomicBool>,
 }
+
+/// Where to start connections on the light runtime, and whether it is full.
+#[derive(Clone)]
+pub(crate) struct LightHandle {
+    handle: Handle,
+    full: Arc<AtomicBool>,
+}
+
+impl LightHandle {
+    /// The runtime to spawn a new connection on.
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Whether its threads were busy [`FULL_AT`] of the last [`WATCH_EVERY`]: new
+    /// connections then start on the main runtime, so many connections that each stay light
+    /// (thousands of devices at a few messages a second) cannot make one thread the relay's
+    /// limit while the main runtime's are idle.
+    pub(crate) fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
+}
+
+/// How often [`Light::watch`] samples the light runtime's busy time.
+pub(crate) const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// The share of [`WATCH_EVERY`] its threads may be busy before it counts as full.
+pub(crate) const FULL_AT: f64 = 0.75;
 
 impl Light {
     /// Starts `workers` threads named `whispeer-light`; `None` for 0.
@@ -62,16 +90,52 @@ impl Light {
             .thread_name("whispeer-light")
             .enable_all()
             .build()?;
-        Ok(Some(Light { rt: Some(rt) }))
+        Ok(Some(Light {
+            rt: Some(rt),
+            full: Arc::new(AtomicBool::new(false)),
+        }))
     }
 
     /// Where to spawn connections.
-    pub(crate) fn handle(&self) -> Handle {
-        self.rt
-            .as_ref()
-            .expect("running until dropped")
-            .handle()
-            .clone()
+    pub(crate) fn handle(&self) -> LightHandle {
+        LightHandle {
+            handle: self
+                .rt
+                .as_ref()
+                .expect("running until dropped")
+                .handle()
+                .clone(),
+            full: self.full.clone(),
+        }
+    }
+
+    /// Keeps [`LightHandle::is_full`] current: every [`WATCH_EVERY`], the share of the time
+    /// its worker threads were busy (tokio's per-worker busy time). Run on the main runtime
+    /// (a full light runtime would run its own watcher late); ends with the runtime.
+    pub(crate) fn watch(&self) -> impl Future<Output = ()> + Send + 'static {
+        let handle = self.handle();
+        let metrics = handle.handle.metrics();
+        async move {
+            let busy = || -> std::time::Duration {
+                (0..metrics.num_workers())
+                    .map(|w| metrics.worker_total_busy_duration(w))
+                    .sum()
+            };
+            let (mut at, mut was) = (tokio::time::Instant::now(), busy());
+            let mut tick = tokio::time::interval(WATCH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let (now, is) = (tokio::time::Instant::now(), busy());
+                let span = now.duration_since(at).as_secs_f64() * metrics.num_workers() as f64;
+                let share = is.saturating_sub(was).as_secs_f64() / span.max(1e-9);
+                let full = share >= FULL_AT;
+                if handle.full.swap(full, Ordering::Relaxed) != full {
+                    tracing::debug!(share, full, "light runtime load");
+                }
+                (at, was) = (now, is);
+            }
+        }
     }
 }
 
@@ -306,6 +370,40 @@ mod tests {
             text.contains("whispeer_relay_light_moves_total{cause=\"reading\"} 1\n"),
             "{text}"
         );
+    }
+
+    /// The watcher calls the light runtime full while its thread is kept busy, and not
+    /// full again once it idles.
+    #[test]
+    fn the_light_runtime_counts_as_full_while_its_thread_is_busy() {
+        let light = Light::start(1).unwrap().unwrap();
+        let handle = light.handle();
+        let main = runtime("main");
+        main.spawn(light.watch());
+        let wait_for = |want: bool| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while handle.is_full() != want {
+                assert!(std::time::Instant::now() < deadline, "never full = {want}");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let spin = stop.clone();
+        // A task that computes in 200 µs slices and yields between them (as connections
+        // do: tokio counts busy time between scheduler maintenances): the light thread is
+        // busy until told to stop.
+        handle.handle().spawn(async move {
+            while !spin.load(Ordering::Relaxed) {
+                let slice = std::time::Instant::now();
+                while slice.elapsed() < std::time::Duration::from_micros(200) {
+                    std::hint::spin_loop();
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        wait_for(true);
+        stop.store(true, Ordering::Relaxed);
+        wait_for(false);
     }
 
     /// Aborting a companion that moved stops it on the main runtime, and its handle

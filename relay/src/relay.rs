@@ -574,6 +574,9 @@ impl Relay {
         let light = crate::hop::Light::start(shared.config.runtime.light_workers)
             .map_err(RelayError::Runtime)?;
         let light_handle = light.as_ref().map(crate::hop::Light::handle);
+        if let Some(light) = &light {
+            tasks.spawn(light.watch());
+        }
         let mut spawn = |l: Option<TcpListener>, kind: TransportKind| {
             if let Some(l) = l {
                 tasks.spawn(accept_loop(
@@ -865,7 +868,7 @@ async fn accept_loop(
     listener: TcpListener,
     kind: TransportKind,
     tls: Option<TlsAcceptor>,
-    light: Option<tokio::runtime::Handle>,
+    light: Option<crate::hop::LightHandle>,
 ) {
     let mut bans = shared.addr_table.bans().watch();
     // Whether this listener has had a ban filter: its accepted sockets may inherit one.
@@ -916,7 +919,8 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         // An address that opened or holds many connections (churning, a connection flood)
         // handshakes on the main runtime: only a client's few connections start light.
-        let light = light.as_ref().filter(|_| !slot.busy());
+        // So do all while the light runtime is full (`hop::LightHandle::is_full`).
+        let light = light.as_ref().filter(|l| !slot.busy() && !l.is_full());
         let Some(light) = light else {
             tokio::spawn(handshake(
                 shared.clone(),
@@ -939,7 +943,7 @@ async fn accept_loop(
         };
         let (metrics, shared, tls) = (shared.metrics.clone(), shared.clone(), tls.clone());
         let main = tokio::runtime::Handle::current();
-        light.spawn(crate::hop::Hop::new(
+        light.handle().spawn(crate::hop::Hop::new(
             async move {
                 match TcpStream::from_std(std_stream) {
                     Ok(stream) => handshake(shared, stream, peer, kind, tls, slot).await,

@@ -1257,13 +1257,17 @@ fn ws_client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 /// connection's publish are both in the relay's sockets before it runs, so their
 /// connection tasks run in that order, and a subscriber of both sees the messages in the
 /// order the relay handled them. Fails without the yield: the flooder's whole message is
-/// parsed and routed in its first turn, before the other publish.
+/// parsed and routed in its first turn, before the other publish. The connections run on
+/// the test's runtime (`light_workers = 0`): on the light runtime's own thread the flood's
+/// parsing may start, and end, before the test has written the other publish.
 #[tokio::test]
 async fn a_websocket_message_in_tiny_fragments_yields_every_turn() {
     use futures_util::{FutureExt, SinkExt, StreamExt};
     use tokio::io::AsyncWriteExt;
     const FRAGMENTS: usize = 5_000;
-    let relay = TestRelay::start(Config::ephemeral()).await;
+    let mut config = Config::ephemeral();
+    config.runtime.light_workers = 0;
+    let relay = TestRelay::start(config).await;
     let mut sub = subscriber_tcp(relay.tcp(), pattern(20, &[], true)).await;
     sub.subscribe(2, pattern(21, &[], true)).await;
     // The flooder: a WebSocket client whose socket the test then writes to directly.
