@@ -111,8 +111,9 @@ impl Light {
 
     /// Keeps [`LightHandle::is_full`] current: every [`WATCH_EVERY`], the share of the time
     /// its worker threads were busy (tokio's per-worker busy time). Run on the main runtime
-    /// (a full light runtime would run its own watcher late); ends with the runtime.
-    pub(crate) fn watch(&self) -> impl Future<Output = ()> + Send + 'static {
+    /// (a full light runtime would run its own watcher late) and sets the
+    /// `whispeer_relay_light_busy_percent` gauge; ends with the runtime.
+    pub(crate) fn watch(&self, gauge: Arc<Metrics>) -> impl Future<Output = ()> + Send + 'static {
         let handle = self.handle();
         let metrics = handle.handle.metrics();
         async move {
@@ -129,6 +130,7 @@ impl Light {
                 let (now, is) = (tokio::time::Instant::now(), busy());
                 let span = now.duration_since(at).as_secs_f64() * metrics.num_workers() as f64;
                 let share = is.saturating_sub(was).as_secs_f64() / span.max(1e-9);
+                gauge.set_light_busy(share);
                 let full = share >= FULL_AT;
                 if handle.full.swap(full, Ordering::Relaxed) != full {
                     tracing::debug!(share, full, "light runtime load");
@@ -379,7 +381,15 @@ mod tests {
         let light = Light::start(1).unwrap().unwrap();
         let handle = light.handle();
         let main = runtime("main");
-        main.spawn(light.watch());
+        let metrics = Arc::new(Metrics::new());
+        main.spawn(light.watch(metrics.clone()));
+        let busy = || {
+            let text = metrics.render_prometheus(0);
+            text.lines()
+                .find_map(|l| l.strip_prefix("whispeer_relay_light_busy_percent "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .expect("the gauge")
+        };
         let wait_for = |want: bool| {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             while handle.is_full() != want {
@@ -402,8 +412,10 @@ mod tests {
             }
         });
         wait_for(true);
+        assert!(busy() >= 75, "{}", busy());
         stop.store(true, Ordering::Relaxed);
         wait_for(false);
+        assert!(busy() < 75, "{}", busy());
     }
 
     /// Aborting a companion that moved stops it on the main runtime, and its handle

@@ -121,6 +121,7 @@ pub struct Metrics {
     light_moved: [AtomicU64; 3],
     addr_bans: AtomicU64,
     addr_banned: AtomicU64,
+    light_busy_percent: AtomicU64,
     quic_retries: AtomicU64,
     refusal_paused: AtomicU64,
     credit_pauses: AtomicU64,
@@ -186,6 +187,7 @@ impl Default for Metrics {
             addr_bans: AtomicU64::new(0),
             quic_retries: AtomicU64::new(0),
             addr_banned: AtomicU64::new(0),
+            light_busy_percent: AtomicU64::new(0),
             refusal_paused: AtomicU64::new(0),
             credit_pauses: AtomicU64::new(0),
             credit_lost: AtomicU64::new(0),
@@ -278,6 +280,11 @@ impl Metrics {
 
     pub(crate) fn addr_banned(&self) {
         self.addr_bans.fetch_add(1, Relaxed);
+    }
+    /// The light runtime's threads' busy share over the last sample, in percent (`hop`).
+    pub(crate) fn set_light_busy(&self, share: f64) {
+        let pct = (share * 100.0).round().clamp(0.0, 100.0) as u64;
+        self.light_busy_percent.store(pct, Relaxed);
     }
     pub(crate) fn set_addr_banned(&self, n: usize) {
         self.addr_banned.store(n as u64, Relaxed);
@@ -735,6 +742,17 @@ impl Metrics {
             "Source addresses banned now for connection churn.",
         );
         let _ = writeln!(o, "whispeer_relay_addr_banned {}", load(&self.addr_banned));
+        family(
+            &mut o,
+            "whispeer_relay_light_busy_percent",
+            "gauge",
+            "How busy the light runtime's threads were over the last 100 ms (percent); at 75 or more new connections start on the main runtime.",
+        );
+        let _ = writeln!(
+            o,
+            "whispeer_relay_light_busy_percent {}",
+            load(&self.light_busy_percent)
+        );
         family(
             &mut o,
             "whispeer_relay_subscriptions",

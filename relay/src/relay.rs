@@ -575,7 +575,7 @@ impl Relay {
             .map_err(RelayError::Runtime)?;
         let light_handle = light.as_ref().map(crate::hop::Light::handle);
         if let Some(light) = &light {
-            tasks.spawn(light.watch());
+            tasks.spawn(light.watch(shared.metrics.clone()));
         }
         let mut spawn = |l: Option<TcpListener>, kind: TransportKind| {
             if let Some(l) = l {

@@ -138,11 +138,17 @@ async fn a_connection_over_its_rate_moves_to_the_main_runtime_at_the_pause() {
 
 /// A subscriber whose writer stays behind (it writes 8 turns' worth of frames without its
 /// queue running empty: here a client with a small receive buffer reads only after a
-/// publisher on the main runtime queued 1,500 messages for it) moves to the main runtime,
-/// and receives everything, in order.
+/// publisher on the main runtime queued 10 MB for it — more than the socket's buffers
+/// hold, up to 4 MiB on Linux, so the writer blocks while its queue grows) moves to the
+/// main runtime, and receives everything, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_stays_behind_moves_to_the_main_runtime() {
-    let (relay, h) = relay_with_publish_rate(0, 0).await;
+    let mut config = Config::ephemeral();
+    (config.limits.publish_rate, config.limits.addr_publish_rate) = (0, 0);
+    // Room for the whole backlog: nothing is dropped.
+    (config.queue.capacity, config.queue.max_bytes) = (20_000, 64 << 20);
+    let relay = TestRelay::start(config).await;
+    let h = relay.handle.clone();
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let mut sink = Client::over_stream(Box::new(sock.connect(relay.tcp()).await.unwrap()));
@@ -152,8 +158,7 @@ async fn a_subscriber_that_stays_behind_moves_to_the_main_runtime() {
     let (tx, mut rx) = h.connect_in_process();
     tx.send(hello_frame().to_bytes()).await.unwrap();
     rx.recv().await.unwrap();
-    // Within the queue's 4,096 messages and 8 MiB: nothing is dropped.
-    let sent = 1_500usize;
+    let sent = 10_000usize;
     for i in 0..sent {
         let env = envelope_sized(20, &[(i % 251) as u8], 1024);
         tx.send(pub_frame(env).to_bytes()).await.unwrap();
