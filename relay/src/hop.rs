@@ -75,9 +75,9 @@ impl LightHandle {
 }
 
 /// How often [`Light::watch`] samples the light runtime's busy time.
-pub(crate) const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// The share of [`WATCH_EVERY`] its threads may be busy before it counts as full.
-pub(crate) const FULL_AT: f64 = 0.75;
+const FULL_AT: f64 = 0.75;
 
 impl Light {
     /// Starts `workers` threads named `whispeer-light`; `None` for 0.

@@ -1683,6 +1683,29 @@ mod tests {
         .unwrap()
     }
 
+    /// A QoS 1 `Sub` of `pattern` as the durable "d" with owner secret `[7; 32]` (key id 4's
+    /// `DurableKey` is `durable_d_key`).
+    fn durable_d(sub_id: u64, pattern: TokenPattern) -> Frame {
+        Frame::Sub(Sub {
+            sub_id,
+            pattern,
+            qos: Qos::AtLeastOnce,
+            durable: Some("d".into()),
+            replay: None,
+            retained: false,
+            credit: None,
+            owner: Some(Bytes::from_static(&[7; 32])),
+        })
+    }
+
+    /// The durable name "d" under key id `[4; 16]`.
+    fn durable_d_key() -> DurableKey {
+        DurableKey {
+            key_id: KeyId::from_bytes([4; 16]),
+            name: "d".into(),
+        }
+    }
+
     /// A session of a relay built from `config` (not listening), with an outbound queue
     /// of `capacity` frames.
     fn session(
@@ -1722,24 +1745,11 @@ mod tests {
             s.on_inbound(Inbound::Frame(hello().to_bytes()), now),
             Flow::Continue
         );
-        let sub = Frame::Sub(Sub {
-            sub_id: 1,
-            pattern: one_level(4),
-            qos: Qos::AtLeastOnce,
-            durable: Some("d".into()),
-            replay: None,
-            retained: false,
-            credit: None,
-            owner: Some(Bytes::from_static(&[7; 32])),
-        });
         assert_eq!(
-            s.on_inbound(Inbound::Frame(sub.to_bytes()), now),
+            s.on_inbound(Inbound::Frame(durable_d(1, one_level(4)).to_bytes()), now),
             Flow::Continue
         );
-        let key = DurableKey {
-            key_id: KeyId::from_bytes([4; 16]),
-            name: "d".into(),
-        };
+        let key = durable_d_key();
         let held = || shared.active_durables.lock().unwrap().contains(&key);
         assert!(held());
         // The peer hangs up: the queue closes at once.
@@ -1771,22 +1781,8 @@ mod tests {
         };
         send(&mut s, hello());
         let pattern = one_level(4);
-        let durable = |sub_id| {
-            Frame::Sub(Sub {
-                sub_id,
-                pattern: pattern.clone(),
-                qos: Qos::AtLeastOnce,
-                durable: Some("d".into()),
-                replay: None,
-                retained: false,
-                credit: None,
-                owner: Some(Bytes::from_static(&[7; 32])),
-            })
-        };
-        let key = DurableKey {
-            key_id: KeyId::from_bytes([4; 16]),
-            name: "d".into(),
-        };
+        let durable = |sub_id| durable_d(sub_id, pattern.clone());
+        let key = durable_d_key();
         // No channel for hold notices until a durable subscription needs one (~2 KiB that
         // every idle connection held), then exactly one receiver for the read loop.
         assert!(s.take_hold_lost().is_none(), "made before any durable");

@@ -9,19 +9,16 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use whispeer_protocol::Frame;
 use whispeer_relay::{Config, RelayHandle};
 
 const READING: &str = "whispeer_relay_light_moves_total{cause=\"reading\"}";
 const WRITING: &str = "whispeer_relay_light_moves_total{cause=\"writing\"}";
 const LIMITED: &str = "whispeer_relay_light_moves_total{cause=\"limited\"}";
 
-/// A metric's value (0 when absent).
+/// A metric's value from the relay's handle (0 when absent).
 fn metric(h: &RelayHandle, name: &str) -> u64 {
-    let text = h.metrics().render_prometheus(0);
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    metric_value(&h.metrics().render_prometheus(0), name)
 }
 
 /// Waits (on the relay's own counters, up to `TIMEOUT`) until `name` reaches `at_least`.
@@ -222,7 +219,16 @@ async fn a_graceful_stop_drains_light_connections() {
     let h = relay.handle.clone();
     let mut sink = subscriber(&relay, 20).await;
     assert_eq!(metric(&h, "whispeer_relay_light_started_total"), 1);
-    relay.stop().await;
-    let (_, ended) = sink.drain_to_end().await;
+    let stopped = tokio::spawn(relay.stop());
+    let (frames, ended) = sink.drain_to_end().await;
+    drop(sink);
+    stopped.await.unwrap();
+    assert!(
+        frames.iter().any(|f| matches!(
+            f,
+            Frame::Close(c) if c.code == whispeer_protocol::ErrorCode::ShuttingDown
+        )),
+        "no Close(shutting_down) before the end: {frames:?}"
+    );
     assert!(ended, "the light connection's stream ended");
 }

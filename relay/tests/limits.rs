@@ -213,6 +213,19 @@ async fn sixty_requests_from_one_address(
     started.elapsed()
 }
 
+/// Runs [`sixty_requests_from_one_address`] against a relay of `config` (whose per-address
+/// rate for this request kind is 20/s, burst 5, per-connection rate off) and asserts it took
+/// at least 2 s: the last request of each of the 6 connections can land together, so
+/// (60 - 5 - 6) / 20 s — had each connection its own bucket, all 60 would fit at once.
+async fn assert_an_address_shares_its_rate(config: Config, what: &str, make: fn(u8, u8) -> Frame) {
+    let relay = TestRelay::start(config).await;
+    let elapsed = sixty_requests_from_one_address(relay.tcp(), make).await;
+    assert!(
+        elapsed >= std::time::Duration::from_millis(2_000),
+        "per-address {what} rate not shared: 60 from one address in {elapsed:?}"
+    );
+}
+
 /// The per-address bucket is shared by every connection of the address, so opening more
 /// connections (or reconnecting) does not multiply the rate.
 #[tokio::test]
@@ -221,16 +234,10 @@ async fn per_address_sub_rate_is_shared_across_connections() {
     config.limits.sub_rate = 0;
     config.limits.addr_sub_rate = 20;
     config.limits.addr_sub_burst = 5;
-    let relay = TestRelay::start(config).await;
-    let elapsed = sixty_requests_from_one_address(relay.tcp(), |c, i| {
+    assert_an_address_shares_its_rate(config, "sub", |c, i| {
         sub_frame(u64::from(i), exact(1, &[c, i]))
     })
     .await;
-    // The last request of each of the 6 connections can land together: (60-5-6)/20 s.
-    assert!(
-        elapsed >= std::time::Duration::from_millis(2_000),
-        "per-address rate not shared: 60 subs from one address in {elapsed:?}"
-    );
 }
 
 /// `Ack` frames from one address share a bucket too (per-connection ack rate off).
@@ -240,17 +247,12 @@ async fn per_address_ack_rate_is_shared_across_connections() {
     config.limits.ack_rate = 0;
     config.limits.addr_ack_rate = 20;
     config.limits.addr_ack_burst = 5;
-    let relay = TestRelay::start(config).await;
-    let elapsed = sixty_requests_from_one_address(relay.tcp(), |_, i| {
+    assert_an_address_shares_its_rate(config, "ack", |_, i| {
         Frame::Ack(Ack {
             seqs: vec![u64::from(i) + 1],
         })
     })
     .await;
-    assert!(
-        elapsed >= std::time::Duration::from_millis(2_000),
-        "per-address ack rate not shared: 60 acks from one address in {elapsed:?}"
-    );
 }
 
 /// Publishes from one address share its bucket too (`addr_publish_rate`; per-connection
@@ -262,14 +264,8 @@ async fn per_address_publish_rate_is_shared_across_connections() {
     config.limits.publish_rate = 0;
     config.limits.addr_publish_rate = 20;
     config.limits.addr_publish_burst = 5;
-    let relay = TestRelay::start(config).await;
-    let elapsed =
-        sixty_requests_from_one_address(relay.tcp(), |c, i| pub_frame(envelope(1, &[c, i]))).await;
-    // As for Subs: the last publish of each of the 6 connections can land together.
-    assert!(
-        elapsed >= std::time::Duration::from_millis(2_000),
-        "per-address publish rate not shared: 60 publishes from one address in {elapsed:?}"
-    );
+    assert_an_address_shares_its_rate(config, "publish", |c, i| pub_frame(envelope(1, &[c, i])))
+        .await;
 }
 
 /// A `Sub` that asks for history costs `replay_cost` tokens of the sub rate, not one: a

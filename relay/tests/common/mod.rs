@@ -826,7 +826,11 @@ pub async fn metric(admin: SocketAddr, name: &str) -> u64 {
     let body = whispeer_relay::admin::http_get(&format!("http://{admin}"), "/metrics")
         .await
         .unwrap();
-    let text = String::from_utf8(body.to_vec()).unwrap();
+    metric_value(std::str::from_utf8(&body).unwrap(), name)
+}
+
+/// A metric's value in Prometheus text (0 when absent); `name` includes any labels.
+pub fn metric_value(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
