@@ -1287,6 +1287,12 @@ pub struct RuntimeConfig {
     /// every connection on the main runtime.
     #[arg(long = "light-workers", env = "WHISPEER_LIGHT_WORKERS", value_parser = clap::value_parser!(u16).range(0..=64))]
     pub light_workers: u16,
+    /// The busy share (percent of the light threads' time over each 100 ms) at which the
+    /// light runtime counts as full: new connections then start on the main runtime, so
+    /// many steady light clients cannot make the light threads the relay's limit while the
+    /// main workers idle. 0 = never full (every eligible connection starts light).
+    #[arg(long = "light-busy-percent", env = "WHISPEER_LIGHT_BUSY_PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub light_busy_percent: u8,
 }
 
 impl Default for RuntimeConfig {
@@ -1294,6 +1300,7 @@ impl Default for RuntimeConfig {
         Self {
             workers: 0,
             light_workers: 1,
+            light_busy_percent: 75,
         }
     }
 }

@@ -65,7 +65,7 @@ impl LightHandle {
         &self.handle
     }
 
-    /// Whether its threads were busy [`FULL_AT`] of the last [`WATCH_EVERY`]: new
+    /// Whether its threads were busy `runtime.light_busy_percent` of the last [`WATCH_EVERY`]: new
     /// connections then start on the main runtime, so many connections that each stay light
     /// (thousands of devices at a few messages a second) cannot make one thread the relay's
     /// limit while the main runtime's are idle.
@@ -76,8 +76,6 @@ impl LightHandle {
 
 /// How often [`Light::watch`] samples the light runtime's busy time.
 const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
-/// The share of [`WATCH_EVERY`] its threads may be busy before it counts as full.
-const FULL_AT: f64 = 0.75;
 
 impl Light {
     /// Starts `workers` threads named `whispeer-light`; `None` for 0.
@@ -113,7 +111,12 @@ impl Light {
     /// its worker threads were busy (tokio's per-worker busy time). Run on the main runtime
     /// (a full light runtime would run its own watcher late) and sets the
     /// `whispeer_relay_light_busy_percent` gauge; ends with the runtime.
-    pub(crate) fn watch(&self, gauge: Arc<Metrics>) -> impl Future<Output = ()> + Send + 'static {
+    /// `full_at_percent` is `runtime.light_busy_percent`; 0 never counts as full.
+    pub(crate) fn watch(
+        &self,
+        gauge: Arc<Metrics>,
+        full_at_percent: u8,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let handle = self.handle();
         let metrics = handle.handle.metrics();
         async move {
@@ -131,7 +134,7 @@ impl Light {
                 let span = now.duration_since(at).as_secs_f64() * metrics.num_workers() as f64;
                 let share = is.saturating_sub(was).as_secs_f64() / span.max(1e-9);
                 gauge.set_light_busy(share);
-                let full = share >= FULL_AT;
+                let full = full_at_percent > 0 && share * 100.0 >= f64::from(full_at_percent);
                 if handle.full.swap(full, Ordering::Relaxed) != full {
                     tracing::debug!(share, full, "light runtime load");
                 }
@@ -382,7 +385,7 @@ mod tests {
         let handle = light.handle();
         let main = runtime("main");
         let metrics = Arc::new(Metrics::new());
-        main.spawn(light.watch(metrics.clone()));
+        main.spawn(light.watch(metrics.clone(), 75));
         let busy = || {
             let text = metrics.render_prometheus(0);
             text.lines()

@@ -575,7 +575,10 @@ impl Relay {
             .map_err(RelayError::Runtime)?;
         let light_handle = light.as_ref().map(crate::hop::Light::handle);
         if let Some(light) = &light {
-            tasks.spawn(light.watch(shared.metrics.clone()));
+            tasks.spawn(light.watch(
+                shared.metrics.clone(),
+                shared.config.runtime.light_busy_percent,
+            ));
         }
         let mut spawn = |l: Option<TcpListener>, kind: TransportKind| {
             if let Some(l) = l {
