@@ -97,7 +97,8 @@ impl<'de> Deserialize<'de> for ListenAddr {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SlowConsumerPolicy {
-    /// Drop the oldest queued message, count it, and tell the client with a `Gap` frame.
+    /// Drop the oldest queued QoS 0 message, count it, and tell the client with a `Gap`
+    /// frame (QoS >= 1 subscriptions pause at a full queue instead).
     #[default]
     Drop,
     /// Send `Err(SlowConsumer)` and close the connection.
@@ -1158,7 +1159,9 @@ pub struct QueueConfig {
     /// Messages a connection may have queued before the slow-consumer policy applies.
     #[arg(long = "queue-capacity", env = "WHISPEER_QUEUE_CAPACITY")]
     pub capacity: usize,
-    /// "drop": drop the oldest queued message and send a Gap frame with the count;
+    /// "drop": drop the oldest queued QoS 0 message (the new one when only QoS >= 1 ones
+    /// are queued) and send a Gap frame with the count; QoS >= 1 subscriptions pause at a
+    /// full queue instead (their messages wait in the store and follow in order);
     /// "disconnect": send fatal Err(slow_consumer) and close.
     #[arg(long, env = "WHISPEER_SLOW_CONSUMER")]
     pub slow_consumer: SlowConsumerPolicy,

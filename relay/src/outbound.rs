@@ -7,7 +7,9 @@
 //! whole queue at once, which is what lets it coalesce many frames into one write.
 //!
 //! Only `Msg` frames count against the capacity (in messages and in bytes, whichever is
-//! reached first) and are subject to the slow-consumer policy; control frames (`SubOk`,
+//! reached first) and are subject to the slow-consumer policy — policy `drop` drops only
+//! QoS 0 messages; a QoS ≥ 1 subscription pauses at a full queue ([`Outbound::room_for`])
+//! and its messages wait in the store; control frames (`SubOk`,
 //! `Pong`, `Err`, …) are never dropped, but a client that provokes more than `capacity` of
 //! them without reading is disconnected.
 //!
@@ -45,6 +47,8 @@ pub(crate) struct Budget {
     /// QoS >= 1 subscriptions paused because of the budget (their messages wait in the
     /// store).
     paused: AtomicU64,
+    /// QoS >= 1 subscriptions paused because their connection's queue was full.
+    full_paused: AtomicU64,
 }
 
 impl Budget {
@@ -56,6 +60,7 @@ impl Budget {
             busy: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
             paused: AtomicU64::new(0),
+            full_paused: AtomicU64::new(0),
         }
     }
 
@@ -104,10 +109,14 @@ impl Budget {
              whispeer_relay_outbound_budget_dropped_total {}\n\
              # HELP whispeer_relay_outbound_budget_pauses_total QoS >= 1 subscriptions paused because the relay-wide outbound budget was exhausted (their messages wait in the store).\n\
              # TYPE whispeer_relay_outbound_budget_pauses_total counter\n\
-             whispeer_relay_outbound_budget_pauses_total {}",
+             whispeer_relay_outbound_budget_pauses_total {}\n\
+             # HELP whispeer_relay_outbound_full_pauses_total QoS >= 1 subscriptions paused because their connection's outbound queue was full (their messages wait in the store and follow in order).\n\
+             # TYPE whispeer_relay_outbound_full_pauses_total counter\n\
+             whispeer_relay_outbound_full_pauses_total {}",
             self.used(),
             self.dropped.load(Relaxed),
-            self.paused.load(Relaxed)
+            self.paused.load(Relaxed),
+            self.full_paused.load(Relaxed)
         );
         o
     }
@@ -117,12 +126,19 @@ impl Budget {
 struct Item {
     frame: Bytes,
     is_msg: bool,
+    /// A QoS 0 delivery: the slow-consumer policy `drop` may drop it. A QoS >= 1 message
+    /// (live, history or redelivered) is never dropped from the queue: the subscriber
+    /// would see a `Gap` for a message it must get.
+    droppable: bool,
 }
 
 #[derive(Debug, Default)]
 struct State {
     items: VecDeque<Item>,
     msgs: usize,
+    /// Queued QoS 0 messages (the ones policy `drop` may drop): 0 spares a scan of a queue
+    /// full of QoS >= 1 messages for each QoS 0 one offered.
+    droppables: usize,
     /// Bytes of the queued `Msg` frames.
     msg_bytes: usize,
     /// Bytes of `Msg` frames the writer took and has not finished writing.
@@ -146,14 +162,27 @@ struct State {
 pub(crate) enum Offer {
     /// Queued.
     Queued,
-    /// Queued after dropping the oldest queued message (policy `drop`).
+    /// Queued after dropping the oldest queued QoS 0 messages (policy `drop`).
     DroppedOldest,
+    /// Not queued (policy `drop`): the queue is full of QoS >= 1 messages, which are never
+    /// dropped, and this QoS 0 one is (counted; the client gets a `Gap`).
+    Dropped,
     /// The queue was full and the connection is now being closed (policy `disconnect`).
     Disconnected,
     /// The connection is already closing; the message was not queued.
     Closed,
     /// Not queued: the relay-wide budget is exhausted and this connection holds more than
     /// its share (counted; the client gets a `Gap`).
+    OverBudget,
+}
+
+/// Whether a QoS >= 1 delivery may be queued ([`Outbound::room_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Room {
+    Yes,
+    /// The connection's queue is at its limit.
+    Full,
+    /// The relay-wide budget is exhausted and the connection holds more than its share.
     OverBudget,
 }
 
@@ -260,25 +289,30 @@ impl Outbound {
             return (Offer::OverBudget, false);
         }
         let mut outcome = Offer::Queued;
-        let full = |s: &State| {
-            s.msgs >= self.capacity || (s.msgs > 0 && s.msg_bytes + frame.len() > self.max_bytes)
-        };
-        if full(&s) {
+        if self.is_full(&s, frame.len()) {
             match self.policy {
                 SlowConsumerPolicy::Drop => {
-                    // Drop the oldest messages until this one fits (it always fits alone).
-                    while full(&s) {
-                        let Some(i) = s.items.iter().position(|it| it.is_msg) else {
+                    // Drop the oldest QoS 0 messages until this one fits (it always fits
+                    // alone). QoS >= 1 messages stay: the router pauses those subscriptions
+                    // at a full queue (`room_for`), so only redeliveries and a connection's
+                    // QoS 0 traffic meet them here, and their unacked limits bound them.
+                    while s.droppables > 0 && self.is_full(&s, frame.len()) {
+                        let Some(i) = s.items.iter().position(|it| it.droppable) else {
                             break;
                         };
                         if let Some(it) = s.items.remove(i) {
                             s.msgs -= 1;
+                            s.droppables -= 1;
                             s.msg_bytes -= it.frame.len();
                             self.budget.sub(s.held(), it.frame.len());
                         }
                         s.dropped += 1;
+                        outcome = Offer::DroppedOldest;
                     }
-                    outcome = Offer::DroppedOldest;
+                    if droppable && self.is_full(&s, frame.len()) {
+                        s.dropped += 1;
+                        return (Offer::Dropped, false);
+                    }
                 }
                 SlowConsumerPolicy::Disconnect => {
                     self.begin_close_locked(
@@ -297,11 +331,34 @@ impl Outbound {
         s.items.push_back(Item {
             frame: frame.clone(),
             is_msg: true,
+            droppable,
         });
         s.msgs += 1;
+        s.droppables += usize::from(droppable);
         self.budget.add(s.held(), frame.len());
         s.msg_bytes += frame.len();
         (outcome, was_empty)
+    }
+
+    /// Whether a message of `len` bytes meets the slow-consumer policy: `capacity` messages
+    /// queued, or `max_bytes` with it (a message always fits an empty queue).
+    fn is_full(&self, s: &State, len: usize) -> bool {
+        s.msgs >= self.capacity || (s.msgs > 0 && s.msg_bytes + len > self.max_bytes)
+    }
+
+    /// Whether a QoS >= 1 delivery of `len` bytes may be queued now. `Full`: the queue is at
+    /// its limit (the subscriber does not keep up); `OverBudget`: the relay-wide budget
+    /// refuses it ([`over_budget`](Self::over_budget)). Either way the router pauses the
+    /// subscription as if out of credit and its messages wait in the store; the catch-up
+    /// sends them in order once the queue has room ([`wait_room`](Self::wait_room)).
+    pub(crate) fn room_for(&self, len: usize) -> Room {
+        if self.over_budget(len) {
+            return Room::OverBudget;
+        }
+        if self.is_full(&self.lock(), len) {
+            return Room::Full;
+        }
+        Room::Yes
     }
 
     /// Wakes the writer (after [`offer_msg_unwoken`](Self::offer_msg_unwoken) said so).
@@ -347,6 +404,11 @@ impl Outbound {
         self.budget.sub(s.held(), n);
     }
 
+    /// Counts a QoS >= 1 subscription paused by a full queue.
+    pub(crate) fn count_full_pause(&self) {
+        self.budget.full_paused.fetch_add(1, Relaxed);
+    }
+
     /// Counts a QoS >= 1 subscription paused by the budget.
     pub(crate) fn count_budget_pause(&self) {
         self.budget.paused.fetch_add(1, Relaxed);
@@ -365,6 +427,7 @@ impl Outbound {
         s.items.push_back(Item {
             frame,
             is_msg: true,
+            droppable: false,
         });
         s.msgs += 1;
         drop(s);
@@ -451,6 +514,7 @@ impl Outbound {
         s.items.push_back(Item {
             frame,
             is_msg: false,
+            droppable: false,
         });
         s.controls += 1;
         drop(s);
@@ -475,6 +539,7 @@ impl Outbound {
         if discard_msgs {
             s.items.retain(|it| !it.is_msg);
             s.msgs = 0;
+            s.droppables = 0;
             let freed = std::mem::take(&mut s.msg_bytes);
             self.budget.sub(s.held(), freed);
             s.dropped = 0;
@@ -483,6 +548,7 @@ impl Outbound {
             s.items.push_back(Item {
                 frame,
                 is_msg: false,
+                droppable: false,
             });
         }
         s.closing = true;
@@ -505,7 +571,7 @@ impl Outbound {
     pub(crate) fn take(&self, into: &mut Vec<Bytes>) -> Batch {
         let mut s = self.lock();
         into.extend(s.items.drain(..).map(|it| it.frame));
-        s.msgs = 0;
+        (s.msgs, s.droppables) = (0, 0);
         let msg_bytes = std::mem::take(&mut s.msg_bytes);
         s.inflight += msg_bytes;
         s.controls = 0;
@@ -630,6 +696,39 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(q.take(&mut out).dropped, 3);
         assert_eq!(out, vec![m(4, 20)]);
+    }
+
+    /// Policy `drop` never drops a QoS >= 1 message: it drops the oldest QoS 0 ones (past
+    /// the QoS 1 messages before them), and a QoS 0 message offered to a queue full of
+    /// QoS >= 1 ones is the one dropped; a QoS >= 1 message (a redelivery) is queued past
+    /// the bound, which its subscription's unacked limits bound instead.
+    #[test]
+    fn drop_policy_drops_only_qos0_messages() {
+        let q = queue(3, usize::MAX, SlowConsumerPolicy::Drop);
+        assert_eq!(q.offer_msg(&b(1), false), Offer::Queued);
+        assert_eq!(q.offer_msg(&b(2), true), Offer::Queued);
+        assert_eq!(q.offer_msg(&b(3), false), Offer::Queued);
+        assert_eq!(q.offer_msg(&b(4), true), Offer::DroppedOldest);
+        assert_eq!(q.offer_msg(&b(5), true), Offer::DroppedOldest);
+        assert_eq!(q.room_for(1), Room::Full);
+        assert_eq!(q.offer_msg(&b(6), false), Offer::DroppedOldest);
+        assert_eq!(
+            q.offer_msg(&b(7), false),
+            Offer::Queued,
+            "QoS 1 over the bound"
+        );
+        assert_eq!(q.offer_msg(&b(8), true), Offer::Dropped);
+        let mut out = Vec::new();
+        assert_eq!(q.take(&mut out).dropped, 4);
+        assert_eq!(out, vec![b(1), b(3), b(6), b(7)]);
+        assert_eq!(q.room_for(1), Room::Yes);
+        // The byte bound the same way.
+        let q = queue(100, 10, SlowConsumerPolicy::Drop);
+        let m = |n: u8, len: usize| Bytes::from(vec![n; len]);
+        assert_eq!(q.offer_msg(&m(1, 8), false), Offer::Queued);
+        assert_eq!(q.room_for(4), Room::Full);
+        assert_eq!(q.offer_msg(&m(2, 4), true), Offer::Dropped);
+        assert_eq!(q.take(&mut out).dropped, 1);
     }
 
     #[test]

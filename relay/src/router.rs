@@ -48,7 +48,7 @@ use crate::flow::{Delivery, Paused};
 use crate::ids::{ConnId, Seq, SubId};
 use crate::index::SubIndex;
 use crate::metrics::Metrics;
-use crate::outbound::{Offer, Outbound};
+use crate::outbound::{Offer, Outbound, Room};
 use crate::store::{Accepted, Append, Sequenced, Store, StoreError, Tenant};
 
 /// The subscriptions one routed message goes to, inline for up to eight: a `Vec` cost two
@@ -686,15 +686,17 @@ impl Router {
             } else if let Some(tr) = &t.track {
                 // Without credit, or over the relay-wide outbound budget, the message
                 // waits in the store (see `flow`).
+                // A full queue pauses it too: a QoS >= 1 message is never dropped from a
+                // queue (the subscriber would see a Gap for a message it must get).
                 let len = encoded.get_or_insert_with(encode).len();
-                let room = !t.out.over_budget(len);
-                match tr.deliver_live(seq.0, envelope, stored, room, start) {
+                let room = t.out.room_for(len);
+                match tr.deliver_live(seq.0, envelope, stored, room == Room::Yes, start) {
                     Delivery::Send => {}
                     Delivery::Paused => {
-                        if room {
-                            self.metrics.credit_paused();
-                        } else {
-                            t.out.count_budget_pause();
+                        match room {
+                            Room::Yes => self.metrics.credit_paused(),
+                            Room::Full => t.out.count_full_pause(),
+                            Room::OverBudget => t.out.count_budget_pause(),
                         }
                         continue;
                     }
@@ -718,6 +720,7 @@ impl Router {
                     delivered += 1;
                     dropped += 1;
                 }
+                Offer::Dropped => dropped += 1,
                 Offer::Disconnected => self.metrics.slow_consumer_disconnect(),
                 Offer::Closed | Offer::OverBudget => {}
             }

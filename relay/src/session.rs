@@ -1114,8 +1114,8 @@ impl Session {
             if t.pending() > 0 {
                 resend.extend(t.due(now, 4096));
             }
-            // Paused by the relay-wide budget with credit to spare: no ack will start the
-            // catch-up, so the tick does (it waits for room before sending).
+            // Paused by the relay-wide budget or a full queue with credit to spare: no ack
+            // will start the catch-up, so the tick does (it waits for room before sending).
             if t.claim_catch_up() {
                 self.start_catch_up(*sub_id, t, target);
             }

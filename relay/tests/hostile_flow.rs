@@ -397,16 +397,10 @@ async fn unstored_messages_skipped_while_paused_are_reported_in_a_gap() {
     assert_eq!(m.iter().map(|m| m.seq).collect::<Vec<_>>(), next);
 }
 
-/// Over the relay-wide outbound budget (`queue.total_max_bytes`), a QoS 1 subscriber that
-/// does not read is paused instead of queued: its messages wait in the store (the relay's
-/// queued bytes stay near the budget; credit alone would let 8 MiB in) and every one
-/// follows, in order and once, when it reads again.
-#[tokio::test]
-async fn over_the_relay_budget_qos1_waits_in_the_store_and_loses_nothing() {
-    const N: usize = 2_000;
-    const BUDGET: usize = 64 << 10;
-    let mut config = Config::ephemeral();
-    config.queue.total_max_bytes = BUDGET;
+/// A relay with `config` (no publish rate, 64 MiB of unacked bytes per subscription), a
+/// QoS 1 subscriber of `[1]` with a 4 KiB receive buffer that reads nothing yet, and a
+/// publisher.
+async fn stalled_qos1_subscriber(mut config: Config) -> (TestRelay, Client, Client) {
     config.limits.publish_rate = 0;
     config.delivery.max_unacked_bytes = 64 << 20;
     let relay = TestRelay::start(config).await;
@@ -418,24 +412,44 @@ async fn over_the_relay_budget_qos1_waits_in_the_store_and_loses_nothing() {
     assert!(matches!(s.recv().await, Frame::SubOk(_)));
     let mut p = Client::tcp(relay.tcp()).await;
     p.hello().await;
-    for i in 0..N as u32 {
-        let mut id = [0u8; 16];
-        id[..4].copy_from_slice(&i.to_be_bytes());
-        p.send(&Frame::Pub(Pub {
-            envelope: envelope_sized(1, &[1], 4096),
-            flags: pub_flags::ACK,
-            publish_id: Some(id),
-            qos: Qos::AtLeastOnce,
-        }))
-        .await;
-    }
-    let mut seqs = Vec::new();
-    while seqs.len() < N {
-        match p.recv().await {
-            Frame::PubAck(a) => seqs.push(a.seq),
-            other => panic!("publisher expected PubAck, got {other:?}"),
+    (relay, s, p)
+}
+
+/// Reads and acks one by one: exactly `seqs`, in order, once, and no other frame (a `Gap`
+/// fails).
+async fn read_acking(s: &mut Client, seqs: &[u64]) {
+    let n = seqs.len();
+    let mut got = Vec::new();
+    while got.len() < n {
+        match s.recv().await {
+            Frame::Msg(m) => {
+                s.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+                got.push(m.seq);
+            }
+            other => panic!("after {} messages: unexpected {other:?}", got.len()),
         }
     }
+    if let Some(i) = (0..n).find(|&i| got[i] != seqs[i]) {
+        let w = |v: &[u64]| v[i.saturating_sub(3)..(i + 6).min(n)].to_vec();
+        panic!(
+            "delivery differs at {i}: got {:?}, published {:?}",
+            w(&got),
+            w(seqs)
+        );
+    }
+}
+
+/// Over the relay-wide outbound budget (`queue.total_max_bytes`), a QoS 1 subscriber that
+/// does not read is paused instead of queued: its messages wait in the store (the relay's
+/// queued bytes stay near the budget; credit alone would let 8 MiB in) and every one
+/// follows, in order and once, when it reads again.
+#[tokio::test]
+async fn over_the_relay_budget_qos1_waits_in_the_store_and_loses_nothing() {
+    const BUDGET: usize = 64 << 10;
+    let mut config = Config::ephemeral();
+    config.queue.total_max_bytes = BUDGET;
+    let (relay, mut s, mut p) = stalled_qos1_subscriber(config).await;
+    let seqs = publish_acked_sized(&mut p, &[1], 0, 2_000, |_| 4096).await;
     // Everything is stored and routed; the subscriber has read nothing.
     let admin = relay.addrs.admin.expect("admin");
     let queued = metric(admin, "whispeer_relay_outbound_bytes").await;
@@ -445,24 +459,25 @@ async fn over_the_relay_budget_qos1_waits_in_the_store_and_loses_nothing() {
     );
     assert!(metric(admin, "whispeer_relay_outbound_budget_pauses_total").await > 0);
     // It reads (and acks) again: every message, in order, once.
-    let mut got = Vec::new();
-    while got.len() < N {
-        match s.recv().await {
-            Frame::Msg(m) => {
-                s.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
-                got.push(m.seq);
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    if let Some(i) = (0..N).find(|&i| got[i] != seqs[i]) {
-        let w = |v: &[u64]| v[i.saturating_sub(3)..(i + 6).min(N)].to_vec();
-        panic!(
-            "delivery differs at {i}: got {:?}, published {:?}",
-            w(&got),
-            w(&seqs)
-        );
-    }
+    read_acking(&mut s, &seqs).await;
+}
+
+/// A QoS 1 subscriber that falls behind its connection's outbound queue (`queue.max_bytes`
+/// far below its unacked bytes) is paused instead of having messages dropped from the
+/// queue (policy `drop` drops only QoS 0): its messages wait in the store and every one
+/// follows, in order and once, without a `Gap`, when it reads again. The relay dropped
+/// the oldest queued messages, QoS 1 too, before wave 2 session 34 (the subscriber saw a
+/// `Gap` for messages it must get).
+#[tokio::test]
+async fn a_full_outbound_queue_pauses_qos1_instead_of_dropping_it() {
+    let mut config = Config::ephemeral();
+    config.queue.max_bytes = 64 << 10;
+    let (relay, mut s, mut p) = stalled_qos1_subscriber(config).await;
+    let seqs = publish_acked_sized(&mut p, &[1], 0, 2_000, |_| 4096).await;
+    let admin = relay.addrs.admin.expect("admin");
+    assert!(metric(admin, "whispeer_relay_outbound_full_pauses_total").await > 0);
+    // It reads (and acks) again: every message, in order, once, and no Gap.
+    read_acking(&mut s, &seqs).await;
 }
 
 /// The same while a replaying subscription hands over from history to live: live QoS 0
