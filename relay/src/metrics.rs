@@ -746,7 +746,7 @@ impl Metrics {
             &mut o,
             "whispeer_relay_light_busy_percent",
             "gauge",
-            "How busy the light runtime's threads were over the last 100 ms (percent); at 75 or more new connections start on the main runtime.",
+            "How busy the light runtime's threads were over the last 100 ms (percent); at runtime.light_busy_percent (default 75) or more new connections start on the main runtime.",
         );
         let _ = writeln!(
             o,

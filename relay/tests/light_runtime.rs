@@ -204,6 +204,56 @@ async fn an_address_with_many_connections_starts_the_rest_on_the_main_runtime() 
     relay.stop().await;
 }
 
+/// While the light runtime is busy (`light_busy_percent`: here 1 %, passed by a light client
+/// pinging without pause) new connections start on the main runtime, and are served the
+/// same; once it is idle again they start light.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_light_runtime_starts_new_connections_on_the_main_runtime() {
+    const BUSY: &str = "whispeer_relay_light_busy_percent";
+    let mut config = Config::ephemeral();
+    config.runtime.light_busy_percent = 1;
+    let relay = TestRelay::start(config).await;
+    let h = relay.handle.clone();
+    let mut pinger = Client::tcp(relay.tcp()).await;
+    pinger.hello().await;
+    assert_eq!(metric(&h, "whispeer_relay_light_started_total"), 1);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinging = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut nonce = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                nonce += 1;
+                pinger
+                    .send(&Frame::Ping(whispeer_protocol::frame::Ping { nonce }))
+                    .await;
+                while !matches!(pinger.recv().await, Frame::Pong(p) if p.nonce == nonce) {}
+            }
+            pinger
+        }
+    });
+    wait_metric(&h, BUSY, 5).await;
+    let mut sink = subscriber(&relay, 20).await;
+    assert_eq!(metric(&h, "whispeer_relay_light_started_total"), 1);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let pinger = pinging.await.unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while metric(&h, BUSY) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the light runtime stayed busy"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut publisher = Client::tcp(relay.tcp()).await;
+    publisher.hello().await;
+    publisher.publish(envelope(20, &[1])).await;
+    sink.expect_msg().await;
+    assert_eq!(metric(&h, "whispeer_relay_light_started_total"), 2);
+    drop((sink, publisher, pinger));
+    relay.stop().await;
+}
+
 /// `light_workers = 0`: no light runtime; every connection on the caller's runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn light_workers_zero_runs_every_connection_on_the_main_runtime() {
