@@ -707,10 +707,13 @@ impl Router {
                 continue;
             }
             last_conn = Some(t.conn);
-            // QoS 0 may be refused by the relay-wide budget; QoS >= 1 is bounded by credit.
+            // QoS 0 may be refused by the relay-wide budget and dropped at a full queue;
+            // QoS >= 1 is bounded by credit. An unnumbered message (live-only, sequence 0)
+            // to a QoS >= 1 subscription is tracked by nothing: droppable like QoS 0.
+            let droppable = t.track.is_none() || seq.0 == 0;
             let (offer, needs_wake) = t
                 .out
-                .offer_msg_unwoken(encoded.get_or_insert_with(encode), t.track.is_none());
+                .offer_msg_unwoken(encoded.get_or_insert_with(encode), droppable);
             if needs_wake {
                 wake.push(t);
             }

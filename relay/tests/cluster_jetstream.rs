@@ -624,6 +624,67 @@ async fn without_jetstream_stored_publishes_fail_and_live_routing_goes_on() {
     );
 }
 
+/// Live-only QoS 0 messages (unnumbered: the JetStream store does not keep them) to a QoS 1
+/// subscriber that does not read are bounded by its outbound queue like any QoS 0 delivery
+/// (policy `drop`, counted in a `Gap`): nothing tracks them, so nothing else would bound
+/// them. A QoS 1 message after them still arrives.
+#[tokio::test]
+async fn unnumbered_messages_to_a_stalled_qos1_subscriber_are_bounded_by_its_queue() {
+    // 10 MB: more than the socket buffers take (up to 4 MiB send buffer on Linux).
+    const N: u32 = 2_500;
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let a = start_relay_with(&nats.urls(), "relay-a", &["--queue-max-bytes", "262144"]);
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = Client::over_stream(Box::new(sock.connect(a.tcp()).await.unwrap()));
+    s.hello().await;
+    subscribe(&mut s, sub(1, pattern(10, &[], true), Qos::AtLeastOnce)).await;
+    let (mut p, _) = connect(a.tcp()).await;
+    for n in 1..=N {
+        p.send(&Frame::Pub(Pub {
+            envelope: numbered_sized(10, &[1], n, 4096),
+            flags: 0,
+            publish_id: None,
+            qos: Qos::AtMostOnce,
+        }))
+        .await;
+    }
+    // Acknowledged after the QoS 0 publishes before it were routed.
+    let last = publish_acked(
+        &mut p,
+        &[(0, numbered(10, &[1], 0))],
+        Qos::AtLeastOnce,
+        false,
+    )
+    .await;
+    let queued = metric(a.admin(), "whispeer_relay_outbound_bytes").await;
+    assert!(
+        queued <= 2 * 262_144,
+        "{queued} bytes queued for a stalled subscriber with a 256 KiB queue"
+    );
+    let (mut live, mut dropped) = (0, 0);
+    loop {
+        match s.recv().await {
+            Frame::Msg(m) if m.seq == last[0] => break,
+            Frame::Msg(m) => {
+                assert_eq!(m.seq, 0, "live-only");
+                live += 1;
+            }
+            Frame::Gap(g) => dropped += g.dropped,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(dropped > 0, "{live} of {N} delivered and none dropped");
+    assert_eq!(
+        live + dropped,
+        u64::from(N),
+        "each one delivered or counted"
+    );
+}
+
 /// While JetStream does not answer, what waits for it is held in the relay's memory: the
 /// publish queue is bounded in envelope bytes (`--store-queue-bytes`), not only by its
 /// 65,536 jobs. With every NATS node frozen, 8 KiB QoS 1 publishes fill a 64 KiB bound
