@@ -1160,8 +1160,9 @@ pub struct QueueConfig {
     #[arg(long = "queue-capacity", env = "WHISPEER_QUEUE_CAPACITY")]
     pub capacity: usize,
     /// "drop": drop the oldest queued QoS 0 message (the new one when only QoS >= 1 ones
-    /// are queued) and send a Gap frame with the count; QoS >= 1 subscriptions pause at a
-    /// full queue instead (their messages wait in the store and follow in order);
+    /// are queued) and send a Gap frame with the count; queued QoS 0 messages give way to
+    /// QoS >= 1 ones, and QoS >= 1 subscriptions pause at a queue full of QoS >= 1
+    /// messages (theirs wait in the store and follow in order);
     /// "disconnect": send fatal Err(slow_consumer) and close.
     #[arg(long, env = "WHISPEER_SLOW_CONSUMER")]
     pub slow_consumer: SlowConsumerPolicy,

@@ -110,7 +110,7 @@ impl Budget {
              # HELP whispeer_relay_outbound_budget_pauses_total QoS >= 1 subscriptions paused because the relay-wide outbound budget was exhausted (their messages wait in the store).\n\
              # TYPE whispeer_relay_outbound_budget_pauses_total counter\n\
              whispeer_relay_outbound_budget_pauses_total {}\n\
-             # HELP whispeer_relay_outbound_full_pauses_total QoS >= 1 subscriptions paused because their connection's outbound queue was full (their messages wait in the store and follow in order).\n\
+             # HELP whispeer_relay_outbound_full_pauses_total QoS >= 1 subscriptions paused because their connection's outbound queue was full of QoS >= 1 messages (their messages wait in the store and follow in order).\n\
              # TYPE whispeer_relay_outbound_full_pauses_total counter\n\
              whispeer_relay_outbound_full_pauses_total {}",
             self.used(),
@@ -139,6 +139,8 @@ struct State {
     /// Queued QoS 0 messages (the ones policy `drop` may drop): 0 spares a scan of a queue
     /// full of QoS >= 1 messages for each QoS 0 one offered.
     droppables: usize,
+    /// Bytes of the queued QoS 0 messages.
+    droppable_bytes: usize,
     /// Bytes of the queued `Msg` frames.
     msg_bytes: usize,
     /// Bytes of `Msg` frames the writer took and has not finished writing.
@@ -303,6 +305,7 @@ impl Outbound {
                         if let Some(it) = s.items.remove(i) {
                             s.msgs -= 1;
                             s.droppables -= 1;
+                            s.droppable_bytes -= it.frame.len();
                             s.msg_bytes -= it.frame.len();
                             self.budget.sub(s.held(), it.frame.len());
                         }
@@ -334,7 +337,10 @@ impl Outbound {
             droppable,
         });
         s.msgs += 1;
-        s.droppables += usize::from(droppable);
+        if droppable {
+            s.droppables += 1;
+            s.droppable_bytes += frame.len();
+        }
         self.budget.add(s.held(), frame.len());
         s.msg_bytes += frame.len();
         (outcome, was_empty)
@@ -346,16 +352,29 @@ impl Outbound {
         s.msgs >= self.capacity || (s.msgs > 0 && s.msg_bytes + len > self.max_bytes)
     }
 
+    /// The queued messages (count, bytes) that count against the queue for a QoS >= 1
+    /// message: with policy `drop` only the ones it may not drop — queued QoS 0 messages
+    /// give way to it (they are dropped to make room), so a QoS 0 flood the client cannot
+    /// keep up with does not hold its QoS >= 1 subscriptions back; with `disconnect`, all.
+    fn kept(&self, s: &State) -> (usize, usize) {
+        match self.policy {
+            SlowConsumerPolicy::Drop => (s.msgs - s.droppables, s.msg_bytes - s.droppable_bytes),
+            SlowConsumerPolicy::Disconnect => (s.msgs, s.msg_bytes),
+        }
+    }
+
     /// Whether a QoS >= 1 delivery of `len` bytes may be queued now. `Full`: the queue is at
-    /// its limit (the subscriber does not keep up); `OverBudget`: the relay-wide budget
-    /// refuses it ([`over_budget`](Self::over_budget)). Either way the router pauses the
-    /// subscription as if out of credit and its messages wait in the store; the catch-up
-    /// sends them in order once the queue has room ([`wait_room`](Self::wait_room)).
+    /// its limit with messages it may not drop (the subscriber does not keep up);
+    /// `OverBudget`: the relay-wide budget refuses it ([`over_budget`](Self::over_budget)).
+    /// Either way the router pauses the subscription as if out of credit and its messages
+    /// wait in the store; the catch-up sends them in order once the queue has room
+    /// ([`wait_room`](Self::wait_room)).
     pub(crate) fn room_for(&self, len: usize) -> Room {
         if self.over_budget(len) {
             return Room::OverBudget;
         }
-        if self.is_full(&self.lock(), len) {
+        let (msgs, bytes) = self.kept(&self.lock());
+        if msgs >= self.capacity || (msgs > 0 && bytes + len > self.max_bytes) {
             return Room::Full;
         }
         Room::Yes
@@ -437,8 +456,9 @@ impl Outbound {
         Offer::Queued
     }
 
-    /// Waits until at most half the capacity (messages and bytes) is queued and the
-    /// connection is not over its share of the relay-wide budget (or the queue is closing).
+    /// Waits until at most half the capacity (messages and bytes) is queued — with policy
+    /// `drop`, of the messages it may not drop ([`kept`](Self::kept)) — and the connection
+    /// is not over its share of the relay-wide budget (or the queue is closing).
     pub(crate) async fn wait_room(&self) {
         self.wait_until(|s| self.has_room(s)).await
     }
@@ -449,8 +469,9 @@ impl Outbound {
     }
 
     fn has_room(&self, s: &State) -> bool {
-        s.msgs <= self.capacity / 2
-            && s.msg_bytes <= self.max_bytes / 2
+        let (msgs, bytes) = self.kept(s);
+        msgs <= self.capacity / 2
+            && bytes <= self.max_bytes / 2
             && !self.budget.refuses(s.queued_held(), 0)
     }
 
@@ -539,7 +560,7 @@ impl Outbound {
         if discard_msgs {
             s.items.retain(|it| !it.is_msg);
             s.msgs = 0;
-            s.droppables = 0;
+            (s.droppables, s.droppable_bytes) = (0, 0);
             let freed = std::mem::take(&mut s.msg_bytes);
             self.budget.sub(s.held(), freed);
             s.dropped = 0;
@@ -571,7 +592,7 @@ impl Outbound {
     pub(crate) fn take(&self, into: &mut Vec<Bytes>) -> Batch {
         let mut s = self.lock();
         into.extend(s.items.drain(..).map(|it| it.frame));
-        (s.msgs, s.droppables) = (0, 0);
+        (s.msgs, s.droppables, s.droppable_bytes) = (0, 0, 0);
         let msg_bytes = std::mem::take(&mut s.msg_bytes);
         s.inflight += msg_bytes;
         s.controls = 0;
@@ -710,8 +731,10 @@ mod tests {
         assert_eq!(q.offer_msg(&b(3), false), Offer::Queued);
         assert_eq!(q.offer_msg(&b(4), true), Offer::DroppedOldest);
         assert_eq!(q.offer_msg(&b(5), true), Offer::DroppedOldest);
-        assert_eq!(q.room_for(1), Room::Full);
+        // Full, but with one QoS 0 message: it gives way to a QoS 1 one.
+        assert_eq!(q.room_for(1), Room::Yes);
         assert_eq!(q.offer_msg(&b(6), false), Offer::DroppedOldest);
+        assert_eq!(q.room_for(1), Room::Full);
         assert_eq!(
             q.offer_msg(&b(7), false),
             Offer::Queued,
@@ -729,6 +752,22 @@ mod tests {
         assert_eq!(q.room_for(4), Room::Full);
         assert_eq!(q.offer_msg(&m(2, 4), true), Offer::Dropped);
         assert_eq!(q.take(&mut out).dropped, 1);
+    }
+
+    /// Queued QoS 0 messages do not hold QoS >= 1 deliveries back under policy `drop` (they
+    /// are dropped for them), and do under `disconnect` (where nothing is dropped).
+    #[test]
+    fn qos0_messages_give_way_to_qos1_only_under_the_drop_policy() {
+        for (policy, room) in [
+            (SlowConsumerPolicy::Drop, Room::Yes),
+            (SlowConsumerPolicy::Disconnect, Room::Full),
+        ] {
+            let q = queue(2, usize::MAX, policy);
+            q.offer_msg(&b(1), true);
+            q.offer_msg(&b(2), true);
+            assert_eq!(q.room_for(1), room, "{policy}");
+            assert_eq!(q.room(), policy == SlowConsumerPolicy::Drop, "{policy}");
+        }
     }
 
     #[test]

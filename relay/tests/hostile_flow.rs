@@ -480,6 +480,56 @@ async fn a_full_outbound_queue_pauses_qos1_instead_of_dropping_it() {
     read_acking(&mut s, &seqs).await;
 }
 
+/// On a connection whose queue is full of QoS 0 messages it cannot keep up with (a 10 MB
+/// flood on its QoS 0 subscription, nothing read), QoS 1 deliveries of its other
+/// subscription are not held back: policy `drop` drops queued QoS 0 messages to make room
+/// for them (no pause), and they all arrive, in order, among the QoS 0 messages and `Gap`s.
+#[tokio::test]
+async fn queued_qos0_messages_give_way_to_qos1_deliveries() {
+    const N: u32 = 20;
+    let mut config = Config::ephemeral();
+    config.queue.max_bytes = 64 << 10;
+    config.limits.addr_publish_rate = 0;
+    let (relay, mut s, mut p) = stalled_qos1_subscriber(config).await;
+    s.subscribe(2, exact(1, &[2])).await;
+    // 10 MB: more than the queue and the socket buffers hold.
+    for i in 0..2_500usize {
+        p.send(&Frame::Pub(Pub {
+            envelope: envelope_sized(1, &[2], 4000 + i % 7),
+            flags: 0,
+            publish_id: None,
+            qos: Qos::AtMostOnce,
+        }))
+        .await;
+    }
+    // Acknowledged after the flood before it was routed (nobody subscribes to [3]).
+    publish_acked(&mut p, &[3], 1_000, 1).await;
+    let seqs = publish_acked_sized(&mut p, &[1], 0, N, |_| 100).await;
+    let admin = relay.addrs.admin.expect("admin");
+    assert_eq!(
+        metric(admin, "whispeer_relay_outbound_full_pauses_total").await,
+        0,
+        "a QoS 1 delivery waited behind QoS 0 messages"
+    );
+    let (mut got, mut qos0, mut dropped) = (Vec::new(), 0u64, 0u64);
+    while got.len() < N as usize {
+        match s.recv().await {
+            Frame::Msg(m) if m.envelope.as_bytes().len() < 1000 => {
+                s.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+                got.push(m.seq);
+            }
+            Frame::Msg(_) => qos0 += 1,
+            Frame::Gap(g) => dropped += g.dropped,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, seqs);
+    assert!(
+        dropped > 0,
+        "the flood overflowed the queue ({qos0} QoS 0 read)"
+    );
+}
+
 /// The same while a replaying subscription hands over from history to live: live QoS 0
 /// messages held back during the replay that find no credit at the hand-over cannot wait
 /// in the store either; they are counted in a `Gap` when delivery resumes.
