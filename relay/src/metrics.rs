@@ -115,6 +115,7 @@ pub struct Metrics {
     routing: Histogram,
     replayed: AtomicU64,
     redelivered: AtomicU64,
+    redeliveries_deferred: AtomicU64,
     duplicate_publishes: AtomicU64,
     throttled: AtomicU64,
     light_started: AtomicU64,
@@ -180,6 +181,7 @@ impl Default for Metrics {
             routing: Histogram::default(),
             replayed: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
+            redeliveries_deferred: AtomicU64::new(0),
             duplicate_publishes: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             light_started: AtomicU64::new(0),
@@ -331,6 +333,11 @@ impl Metrics {
     pub(crate) fn redelivered(&self, n: u64) {
         self.redelivered.fetch_add(n, Relaxed);
     }
+    pub(crate) fn redeliveries_deferred(&self, n: u64) {
+        if n > 0 {
+            self.redeliveries_deferred.fetch_add(n, Relaxed);
+        }
+    }
     pub(crate) fn duplicate_publish(&self) {
         self.duplicate_publishes.fetch_add(1, Relaxed);
     }
@@ -371,7 +378,7 @@ impl Metrics {
             "whispeer_relay_store_read_tenants_queued {}",
             reads.tenants
         );
-        let counters: [(&str, &str, u64); 18] = [
+        let counters: [(&str, &str, u64); 19] = [
             (
                 "whispeer_relay_store_reads_total",
                 "Store reads run by the reader thread.",
@@ -456,6 +463,11 @@ impl Metrics {
                 "whispeer_relay_redelivered_messages_total",
                 "Unacknowledged messages sent again after the ack timeout.",
                 self.redelivered.load(Relaxed),
+            ),
+            (
+                "whispeer_relay_redeliveries_deferred_total",
+                "Redeliveries not queued because the connection's queue had no room for QoS >= 1 messages (the client is not reading); each is tried again after another ack timeout.",
+                self.redeliveries_deferred.load(Relaxed),
             ),
             (
                 "whispeer_relay_duplicate_publishes_total",

@@ -457,8 +457,9 @@ impl Outbound {
     }
 
     /// Waits until at most half the capacity (messages and bytes) is queued — with policy
-    /// `drop`, of the messages it may not drop ([`kept`](Self::kept)) — and the connection
-    /// is not over its share of the relay-wide budget (or the queue is closing).
+    /// `drop`, of the messages it may not drop ([`kept`](Self::kept)) — at most `max_bytes`
+    /// with the batch the writer holds, and the connection is not over its share of the
+    /// relay-wide budget (or the queue is closing).
     pub(crate) async fn wait_room(&self) {
         self.wait_until(|s| self.has_room(s)).await
     }
@@ -470,8 +471,12 @@ impl Outbound {
 
     fn has_room(&self, s: &State) -> bool {
         let (msgs, bytes) = self.kept(s);
+        // The batch its writer holds counts too: a writer blocked on a client that reads
+        // nothing holds the last chunk taken (up to 1 MiB of history), and the queue behind
+        // it is empty — without it, every chunk pushed there is taken and the next pushed.
         msgs <= self.capacity / 2
             && bytes <= self.max_bytes / 2
+            && bytes + s.inflight <= self.max_bytes
             && !self.budget.refuses(s.queued_held(), 0)
     }
 
@@ -768,6 +773,21 @@ mod tests {
             assert_eq!(q.room_for(1), room, "{policy}");
             assert_eq!(q.room(), policy == SlowConsumerPolicy::Drop, "{policy}");
         }
+    }
+
+    /// History senders wait for room counting the batch the writer holds: a writer blocked
+    /// on a client that reads nothing keeps them from pushing chunk after chunk.
+    #[test]
+    fn room_for_history_counts_the_batch_being_written() {
+        let q = queue(100, 100, SlowConsumerPolicy::Drop);
+        q.push_history(Bytes::from(vec![0; 60]));
+        let mut out = Vec::new();
+        let batch = q.take(&mut out);
+        assert!(q.room(), "60 bytes being written, none queued");
+        q.push_history(Bytes::from(vec![0; 50]));
+        assert!(!q.room(), "50 queued (half the queue) and 60 being written");
+        q.written(batch.msg_bytes);
+        assert!(q.room());
     }
 
     #[test]

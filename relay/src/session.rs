@@ -21,7 +21,7 @@ use whispeer_protocol::{codec, DecodeError, ErrorCode, Frame, Qos, TokenPattern}
 use crate::accounts::{owner_of_secret, Account, Credential, Refusal, Right, Rights};
 use crate::flow::ConnUnacked;
 use crate::ids::{ConnId, SubId, TransportKind};
-use crate::outbound::{Offer, Outbound};
+use crate::outbound::{Offer, Outbound, Room};
 use crate::plugin::{ConnectInfo, DisconnectInfo, PublishInfo, SubscribeInfo};
 use crate::rate::{AddrSlot, Kind, SharedBuckets, TokenBucket};
 use crate::relay::Shared;
@@ -1125,11 +1125,23 @@ impl Session {
         }
         resend.sort_unstable_by_key(|(seq, _)| *seq);
         resend.dedup_by_key(|(seq, _)| *seq);
-        self.shared.metrics.redelivered(resend.len() as u64);
+        let (mut sent, mut deferred) = (0, 0);
         for (seq, env) in resend {
-            self.out
-                .offer_msg(&msg_frame(seq, &env, msg_flags::REDELIVERED), false);
+            let frame = msg_frame(seq, &env, msg_flags::REDELIVERED);
+            // No copy into a queue without room for QoS >= 1 messages (the client does not
+            // read what is queued, perhaps the first copies of these): it is tried again
+            // after another ack timeout. A redelivery is never dropped once queued, so
+            // without this a non-reading client's queue grew by all of its unacknowledged
+            // bytes at every timeout.
+            if self.out.room_for(frame.len()) != Room::Yes {
+                deferred += 1;
+                continue;
+            }
+            self.out.offer_msg(&frame, false);
+            sent += 1;
         }
+        self.shared.metrics.redelivered(sent);
+        self.shared.metrics.redeliveries_deferred(deferred);
         if self.out.is_closing() {
             Flow::Close
         } else {

@@ -530,6 +530,47 @@ async fn queued_qos0_messages_give_way_to_qos1_deliveries() {
     );
 }
 
+/// A QoS 1 subscriber that reads nothing gets no more copies of its unacknowledged messages
+/// while its queue has no room for QoS 1 messages: each redelivery is deferred (counted)
+/// and tried again after another ack timeout. A queued redelivery is never dropped, so
+/// before, the queue grew by all of the subscriber's unacknowledged bytes (up to
+/// `delivery.connection_unacked_bytes`) at every ack timeout.
+#[tokio::test]
+async fn redeliveries_to_a_subscriber_that_reads_nothing_do_not_pile_up() {
+    const MAX: u64 = 64 << 10;
+    let mut config = Config::ephemeral();
+    config.queue.max_bytes = MAX as usize;
+    config.delivery.ack_timeout_ms = 50;
+    let (relay, s, mut p) = stalled_qos1_subscriber(config).await;
+    // 10 MB: more than the queue and the socket buffers hold.
+    publish_acked_sized(&mut p, &[1], 0, 2_500, |_| 4096).await;
+    let admin = relay.addrs.admin.expect("admin");
+    // Many ack timeouts later: every unacknowledged message came due again and again.
+    let tried = || async {
+        metric(admin, "whispeer_relay_redelivered_messages_total").await
+            + metric(admin, "whispeer_relay_redeliveries_deferred_total").await
+    };
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while tried().await < 5_000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no redelivery came due"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The queue (up to MAX) and the batch its writer holds: at most half a queue and one
+    // chunk of the paused subscription's catch-up (1 MiB of envelopes read from the store
+    // and one more), pushed once the queue is half empty.
+    let bound = 2 * MAX + (1 << 20) + (16 << 10);
+    let queued = metric(admin, "whispeer_relay_outbound_bytes").await;
+    assert!(
+        queued <= bound,
+        "{queued} bytes queued for a subscriber that reads nothing (bound {bound})"
+    );
+    assert!(metric(admin, "whispeer_relay_redeliveries_deferred_total").await > 0);
+    drop(s);
+}
+
 /// The same while a replaying subscription hands over from history to live: live QoS 0
 /// messages held back during the replay that find no credit at the hand-over cannot wait
 /// in the store either; they are counted in a `Gap` when delivery resumes.
