@@ -1284,7 +1284,7 @@ pub struct RuntimeConfig {
     #[arg(long = "workers", env = "WHISPEER_WORKERS", value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub workers: u16,
     /// Threads of the relay's light runtime, where TCP, TLS and WebSocket connections
-    /// from addresses with few connections start (while it is under 75 % busy), and run
+    /// from addresses with few connections start (while it is under light_busy_percent busy), and run
     /// while they stay light; one that floods (8 full turns read without waiting), falls
     /// behind as a subscriber or hits a rate limit moves to the main runtime, so quiet
     /// clients do not wait behind floods (relay README, "The light runtime"). 0 = off:
