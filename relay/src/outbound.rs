@@ -8,8 +8,9 @@
 //!
 //! Only `Msg` frames count against the capacity (in messages and in bytes, whichever is
 //! reached first) and are subject to the slow-consumer policy — policy `drop` drops only
-//! QoS 0 messages; a QoS ≥ 1 subscription pauses at a full queue ([`Outbound::room_for`])
-//! and its messages wait in the store; control frames (`SubOk`,
+//! QoS 0 messages, which give way to QoS ≥ 1 ones; a QoS ≥ 1 subscription pauses at a
+//! queue full of QoS ≥ 1 messages ([`Outbound::room_for`]) and its messages wait in the
+//! store; control frames (`SubOk`,
 //! `Pong`, `Err`, …) are never dropped, but a client that provokes more than `capacity` of
 //! them without reading is disconnected.
 //!
@@ -295,9 +296,10 @@ impl Outbound {
             match self.policy {
                 SlowConsumerPolicy::Drop => {
                     // Drop the oldest QoS 0 messages until this one fits (it always fits
-                    // alone). QoS >= 1 messages stay: the router pauses those subscriptions
-                    // at a full queue (`room_for`), so only redeliveries and a connection's
-                    // QoS 0 traffic meet them here, and their unacked limits bound them.
+                    // alone). QoS >= 1 messages stay: the router and redeliveries ask
+                    // `room_for` first, so a QoS >= 1 one meets a queue full of them only
+                    // in a race with another producer, and is queued past the bound (its
+                    // subscription's unacked limits bound it).
                     while s.droppables > 0 && self.is_full(&s, frame.len()) {
                         let Some(i) = s.items.iter().position(|it| it.droppable) else {
                             break;
