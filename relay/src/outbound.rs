@@ -792,6 +792,111 @@ mod tests {
         assert!(q.room());
     }
 
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A live delivery (QoS 0 when droppable) of this many bytes.
+        Offer(bool, usize),
+        /// A history message of this many bytes.
+        History(usize),
+        /// The writer takes the queue (and, when true, finishes writing it at once).
+        Take(bool),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (any::<bool>(), 4usize..40).prop_map(|(d, n)| Op::Offer(d, n)),
+            1 => (4usize..40).prop_map(Op::History),
+            1 => any::<bool>().prop_map(Op::Take),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Random offers, history pushes and takes under policy `drop`: the queue's counters
+        /// (messages, QoS 0 messages and their bytes, bytes being written) and the budget
+        /// always match what it holds; every QoS >= 1 message reaches the writer, in order;
+        /// every QoS 0 message reaches it or is counted once in a `Gap`; and after an offer
+        /// that leaves QoS 0 messages queued, the queue is within its bounds (they are what
+        /// gives way).
+        #[test]
+        fn the_drop_policy_keeps_its_counts_and_every_qos1_message(
+            capacity in 1usize..8,
+            max_bytes in 16usize..120,
+            ops in proptest::collection::vec(op(), 0..200),
+        ) {
+            let budget = Arc::new(Budget::new(0));
+            let q = Outbound::new(capacity, max_bytes, SlowConsumerPolicy::Drop, budget.clone());
+            let (mut kept, mut qos0, mut taken, mut gaps) = (Vec::new(), 0u64, Vec::new(), 0u64);
+            let mut next = 0u32;
+            let mut frame = |len: usize| {
+                next += 1;
+                let mut v = vec![0u8; len];
+                v[..4].copy_from_slice(&next.to_be_bytes());
+                Bytes::from(v)
+            };
+            let mut inflight = 0;
+            for op in ops {
+                let offered = matches!(op, Op::Offer(..));
+                match op {
+                    Op::Offer(droppable, len) => {
+                        let f = frame(len);
+                        let offer = q.offer_msg(&f, droppable);
+                        if droppable {
+                            qos0 += 1;
+                        } else {
+                            proptest::prop_assert!(matches!(offer, Offer::Queued | Offer::DroppedOldest));
+                            kept.push(f);
+                        }
+                    }
+                    Op::History(len) => {
+                        let f = frame(len);
+                        q.push_history(f.clone());
+                        kept.push(f);
+                    }
+                    Op::Take(written) => {
+                        let mut out = Vec::new();
+                        let b = q.take(&mut out);
+                        gaps += b.dropped;
+                        inflight += b.msg_bytes;
+                        taken.extend(out);
+                        if written {
+                            q.written(inflight);
+                            inflight = 0;
+                        }
+                    }
+                }
+                let s = q.lock();
+                let msgs: Vec<_> = s.items.iter().filter(|it| it.is_msg).collect();
+                let droppable: Vec<_> = msgs.iter().filter(|it| it.droppable).collect();
+                proptest::prop_assert_eq!(s.msgs, msgs.len());
+                proptest::prop_assert_eq!(s.droppables, droppable.len());
+                proptest::prop_assert_eq!(
+                    s.droppable_bytes,
+                    droppable.iter().map(|it| it.frame.len()).sum::<usize>()
+                );
+                proptest::prop_assert_eq!(
+                    s.msg_bytes,
+                    msgs.iter().map(|it| it.frame.len()).sum::<usize>()
+                );
+                proptest::prop_assert_eq!(s.inflight, inflight);
+                proptest::prop_assert_eq!(budget.used(), s.msg_bytes + s.inflight);
+                // After an offer (history is paced by its sender instead).
+                if offered && s.droppables > 0 {
+                    proptest::prop_assert!(s.msgs <= capacity);
+                    proptest::prop_assert!(s.msgs == 1 || s.msg_bytes <= max_bytes);
+                }
+            }
+            let mut out = Vec::new();
+            gaps += q.take(&mut out).dropped;
+            taken.extend(out);
+            let ids = |v: &[Bytes]| v.iter().map(|f| f[..4].to_vec()).collect::<Vec<_>>();
+            let kept_ids = ids(&kept);
+            let taken_kept: Vec<_> = ids(&taken).into_iter().filter(|id| kept_ids.contains(id)).collect();
+            proptest::prop_assert_eq!(taken_kept, kept_ids, "every QoS >= 1 message, in order");
+            proptest::prop_assert_eq!(taken.len() as u64 - kept.len() as u64 + gaps, qos0);
+        }
+    }
+
     #[test]
     fn disconnect_policy_discards_messages_and_closes() {
         let q = queue(1, usize::MAX, SlowConsumerPolicy::Disconnect);
