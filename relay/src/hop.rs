@@ -133,11 +133,12 @@ impl Light {
                 let (now, is) = (tokio::time::Instant::now(), busy());
                 let span = now.duration_since(at).as_secs_f64() * metrics.num_workers() as f64;
                 let share = is.saturating_sub(was).as_secs_f64() / span.max(1e-9);
-                gauge.set_light_busy(share);
                 let full = full_at_percent > 0 && share * 100.0 >= f64::from(full_at_percent);
                 if handle.full.swap(full, Ordering::Relaxed) != full {
                     tracing::debug!(share, full, "light runtime load");
                 }
+                // After the flag: a gauge read shows a sample the accept loop already uses.
+                gauge.set_light_busy(share);
                 (at, was) = (now, is);
             }
         }
