@@ -624,6 +624,24 @@ async fn without_jetstream_stored_publishes_fail_and_live_routing_goes_on() {
     );
 }
 
+/// NATS, a JetStream relay with a 256 KiB outbound queue, a QoS 1 subscriber of key id `k`
+/// with a 4 KiB receive buffer that reads nothing yet, and a publisher. `None` (test
+/// skipped) without nats-server.
+async fn stalled_qos1_subscriber(k: u8) -> Option<(NatsCluster, BinRelay, Client, Client)> {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return None;
+    };
+    let a = start_relay_with(&nats.urls(), "relay-a", &["--queue-max-bytes", "262144"]);
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = Client::over_stream(Box::new(sock.connect(a.tcp()).await.unwrap()));
+    s.hello().await;
+    subscribe(&mut s, sub(1, pattern(k, &[], true), Qos::AtLeastOnce)).await;
+    let (p, _) = connect(a.tcp()).await;
+    Some((nats, a, s, p))
+}
+
 /// Live-only QoS 0 messages (unnumbered: the JetStream store does not keep them) to a QoS 1
 /// subscriber that does not read are bounded by its outbound queue like any QoS 0 delivery
 /// (policy `drop`, counted in a `Gap`): nothing tracks them, so nothing else would bound
@@ -632,17 +650,9 @@ async fn without_jetstream_stored_publishes_fail_and_live_routing_goes_on() {
 async fn unnumbered_messages_to_a_stalled_qos1_subscriber_are_bounded_by_its_queue() {
     // 10 MB: more than the socket buffers take (up to 4 MiB send buffer on Linux).
     const N: u32 = 2_500;
-    let Some(nats) = NatsCluster::start(3) else {
-        eprintln!("nats-server not installed: skipped");
+    let Some((_nats, a, mut s, mut p)) = stalled_qos1_subscriber(10).await else {
         return;
     };
-    let a = start_relay_with(&nats.urls(), "relay-a", &["--queue-max-bytes", "262144"]);
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut s = Client::over_stream(Box::new(sock.connect(a.tcp()).await.unwrap()));
-    s.hello().await;
-    subscribe(&mut s, sub(1, pattern(10, &[], true), Qos::AtLeastOnce)).await;
-    let (mut p, _) = connect(a.tcp()).await;
     for n in 1..=N {
         p.send(&Frame::Pub(Pub {
             envelope: numbered_sized(10, &[1], n, 4096),
@@ -683,6 +693,34 @@ async fn unnumbered_messages_to_a_stalled_qos1_subscriber_are_bounded_by_its_que
         u64::from(N),
         "each one delivered or counted"
     );
+}
+
+/// A QoS 1 subscriber that falls behind its outbound queue on a JetStream relay pauses
+/// (nothing is dropped from the queue) and catches up from the stream: 10 MB published to
+/// it while it reads nothing, then every message arrives in order, once, without a `Gap`.
+#[tokio::test]
+async fn a_stalled_qos1_subscriber_catches_up_from_the_stream_without_a_gap() {
+    const N: u32 = 2_500;
+    let Some((_nats, a, mut s, mut p)) = stalled_qos1_subscriber(11).await else {
+        return;
+    };
+    let envs: Vec<_> = (1..=N)
+        .map(|n| (n, numbered_sized(11, &[1], n, 4096)))
+        .collect();
+    let seqs = publish_acked(&mut p, &envs, Qos::AtLeastOnce, false).await;
+    assert!(metric(a.admin(), "whispeer_relay_outbound_full_pauses_total").await > 0);
+    let mut got = Vec::new();
+    while got.len() < N as usize {
+        match s.recv().await {
+            Frame::Msg(m) => {
+                s.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+                got.push((m.seq, number(&m.envelope)));
+            }
+            other => panic!("after {} messages: unexpected {other:?}", got.len()),
+        }
+    }
+    let want: Vec<_> = seqs.iter().copied().zip(1..=N).collect();
+    assert_eq!(got, want, "every message in order, once");
 }
 
 /// While JetStream does not answer, what waits for it is held in the relay's memory: the
