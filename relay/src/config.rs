@@ -1163,7 +1163,7 @@ pub struct QueueConfig {
     /// are queued) and send a Gap frame with the count; queued QoS 0 messages give way to
     /// QoS >= 1 ones, and QoS >= 1 subscriptions pause at a queue full of QoS >= 1
     /// messages (theirs wait in the store and follow in order);
-    /// "disconnect": send fatal Err(slow_consumer) and close.
+    /// "disconnect": send fatal Err(slow_consumer) and close (whatever the message's QoS).
     #[arg(long, env = "WHISPEER_SLOW_CONSUMER")]
     pub slow_consumer: SlowConsumerPolicy,
     /// Bytes of messages a connection may have queued before the slow-consumer policy

@@ -365,8 +365,10 @@ impl Outbound {
         }
     }
 
-    /// Whether a QoS >= 1 delivery of `len` bytes may be queued now. `Full`: the queue is at
-    /// its limit with messages it may not drop (the subscriber does not keep up);
+    /// Whether a QoS >= 1 delivery of `len` bytes may be queued now. `Full` (policy `drop`):
+    /// the queue is at its limit with messages it may not drop (the subscriber does not keep
+    /// up; under `disconnect` such a delivery is offered and closes the connection, as any
+    /// message at a full queue does);
     /// `OverBudget`: the relay-wide budget refuses it ([`over_budget`](Self::over_budget)).
     /// Either way the router pauses the subscription as if out of credit and its messages
     /// wait in the store; the catch-up sends them in order once the queue has room
@@ -375,9 +377,11 @@ impl Outbound {
         if self.over_budget(len) {
             return Room::OverBudget;
         }
-        let (msgs, bytes) = self.kept(&self.lock());
-        if msgs >= self.capacity || (msgs > 0 && bytes + len > self.max_bytes) {
-            return Room::Full;
+        if self.policy == SlowConsumerPolicy::Drop {
+            let (msgs, bytes) = self.kept(&self.lock());
+            if msgs >= self.capacity || (msgs > 0 && bytes + len > self.max_bytes) {
+                return Room::Full;
+            }
         }
         Room::Yes
     }
@@ -762,19 +766,22 @@ mod tests {
     }
 
     /// Queued QoS 0 messages do not hold QoS >= 1 deliveries back under policy `drop` (they
-    /// are dropped for them), and do under `disconnect` (where nothing is dropped).
+    /// are dropped for them); under `disconnect` a QoS >= 1 delivery at a full queue closes
+    /// the connection like any other (nothing pauses, nothing is dropped).
     #[test]
     fn qos0_messages_give_way_to_qos1_only_under_the_drop_policy() {
-        for (policy, room) in [
-            (SlowConsumerPolicy::Drop, Room::Yes),
-            (SlowConsumerPolicy::Disconnect, Room::Full),
-        ] {
-            let q = queue(2, usize::MAX, policy);
-            q.offer_msg(&b(1), true);
-            q.offer_msg(&b(2), true);
-            assert_eq!(q.room_for(1), room, "{policy}");
-            assert_eq!(q.room(), policy == SlowConsumerPolicy::Drop, "{policy}");
-        }
+        let q = queue(2, usize::MAX, SlowConsumerPolicy::Drop);
+        q.offer_msg(&b(1), true);
+        q.offer_msg(&b(2), true);
+        assert_eq!(q.room_for(1), Room::Yes);
+        assert!(q.room());
+        assert_eq!(q.offer_msg(&b(3), false), Offer::DroppedOldest);
+        let q = queue(2, usize::MAX, SlowConsumerPolicy::Disconnect);
+        q.offer_msg(&b(1), true);
+        q.offer_msg(&b(2), true);
+        assert_eq!(q.room_for(1), Room::Yes, "offered, and the offer closes");
+        assert!(!q.room());
+        assert_eq!(q.offer_msg(&b(3), false), Offer::Disconnected);
     }
 
     /// History senders wait for room counting the batch the writer holds: a writer blocked

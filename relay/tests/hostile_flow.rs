@@ -480,6 +480,35 @@ async fn a_full_outbound_queue_pauses_qos1_instead_of_dropping_it() {
     read_acking(&mut s, &seqs).await;
 }
 
+/// Under slow-consumer policy `disconnect` a QoS 1 subscriber that falls behind its queue is
+/// closed with a fatal `Err(slow_consumer)`, as any slow consumer is (the operator chose
+/// shedding over pausing): nothing pauses it into a connection that lingers.
+#[tokio::test]
+async fn under_the_disconnect_policy_a_stalled_qos1_subscriber_is_closed() {
+    let mut config = Config::ephemeral();
+    config.queue.max_bytes = 64 << 10;
+    config.queue.slow_consumer = whispeer_relay::config::SlowConsumerPolicy::Disconnect;
+    let (relay, mut s, mut p) = stalled_qos1_subscriber(config).await;
+    publish_acked_sized(&mut p, &[1], 0, 2_500, |_| 4096).await;
+    loop {
+        match s.recv().await {
+            Frame::Msg(_) => {}
+            Frame::Err(e) => {
+                assert_eq!(e.code, whispeer_protocol::ErrorCode::SlowConsumer, "{e:?}");
+                assert!(e.fatal);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let admin = relay.addrs.admin.expect("admin");
+    assert!(metric(admin, "whispeer_relay_slow_consumer_disconnects_total").await > 0);
+    assert_eq!(
+        metric(admin, "whispeer_relay_outbound_full_pauses_total").await,
+        0
+    );
+}
+
 /// On a connection whose queue is full of QoS 0 messages it cannot keep up with (a 10 MB
 /// flood on its QoS 0 subscription, nothing read), QoS 1 deliveries of its other
 /// subscription are not held back: policy `drop` drops queued QoS 0 messages to make room
