@@ -351,7 +351,12 @@ impl Outbound {
     /// Whether a message of `len` bytes meets the slow-consumer policy: `capacity` messages
     /// queued, or `max_bytes` with it (a message always fits an empty queue).
     fn is_full(&self, s: &State, len: usize) -> bool {
-        s.msgs >= self.capacity || (s.msgs > 0 && s.msg_bytes + len > self.max_bytes)
+        self.full_with(s.msgs, s.msg_bytes, len)
+    }
+
+    /// Whether `msgs` messages of `bytes` leave no room for one of `len` bytes.
+    fn full_with(&self, msgs: usize, bytes: usize, len: usize) -> bool {
+        msgs >= self.capacity || (msgs > 0 && bytes + len > self.max_bytes)
     }
 
     /// The queued messages (count, bytes) that count against the queue for a QoS >= 1
@@ -379,7 +384,7 @@ impl Outbound {
         }
         if self.policy == SlowConsumerPolicy::Drop {
             let (msgs, bytes) = self.kept(&self.lock());
-            if msgs >= self.capacity || (msgs > 0 && bytes + len > self.max_bytes) {
+            if self.full_with(msgs, bytes, len) {
                 return Room::Full;
             }
         }

@@ -1125,23 +1125,24 @@ impl Session {
         }
         resend.sort_unstable_by_key(|(seq, _)| *seq);
         resend.dedup_by_key(|(seq, _)| *seq);
-        let (mut sent, mut deferred) = (0, 0);
+        let total = resend.len() as u64;
+        let mut sent = 0;
         for (seq, env) in resend {
             let frame = msg_frame(seq, &env, msg_flags::REDELIVERED);
             // No copy into a queue without room for QoS >= 1 messages (the client does not
-            // read what is queued, perhaps the first copies of these): it is tried again
-            // after another ack timeout. A redelivery is never dropped once queued, so
-            // without this a non-reading client's queue grew by all of its unacknowledged
-            // bytes at every timeout.
+            // read what is queued, perhaps the first copies of these): this one and the
+            // later ones (in sequence order, not encoded) are tried again after another ack
+            // timeout. A redelivery is never dropped once queued, so without this a
+            // non-reading client's queue grew by all of its unacknowledged bytes at every
+            // timeout.
             if self.out.room_for(frame.len()) != Room::Yes {
-                deferred += 1;
-                continue;
+                break;
             }
             self.out.offer_msg(&frame, false);
             sent += 1;
         }
         self.shared.metrics.redelivered(sent);
-        self.shared.metrics.redeliveries_deferred(deferred);
+        self.shared.metrics.redeliveries_deferred(total - sent);
         if self.out.is_closing() {
             Flow::Close
         } else {
