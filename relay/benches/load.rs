@@ -99,6 +99,16 @@ fn main() {
             })
             .unwrap_or_default()
     };
+    // `--rounds N`: run each scenario's brokers N times in turn and print the median ratio.
+    let rounds: usize = {
+        let args: Vec<String> = std::env::args().collect();
+        args.iter()
+            .position(|a| a == "--rounds")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(1)
+    };
     let scale = if quick { 10 } else { 1 };
     rlimit::increase_nofile_limit(2 * IDLE as u64 + 4096).ok();
     let scenarios = [
@@ -197,66 +207,124 @@ fn main() {
         if only.as_deref().is_some_and(|o| !s.name.contains(o)) {
             continue;
         }
-        let w = rt.block_on(run_whispeer(&relay, s));
-        let mut rows = vec![("whispeer".to_owned(), w.clone())];
-        if let Some(n) = cluster_nats.as_ref().filter(|_| s.idle == 0) {
-            let url = format!("nats://{}", n.addr);
-            for &k in &cluster {
-                let relays: Vec<RelayProc> = (0..k)
-                    .map(|i| {
-                        let name = format!("bench-{k}-{i}");
-                        RelayProc::start_with(&name, &["--cluster", &url, "--cluster-name", &name])
-                    })
-                    .collect();
-                let o = rt.block_on(run_whispeer_on(&relays, &[n.child.id()], s));
-                rows.push((format!("cluster x{k}"), o));
+        // One round per broker, back to back; over several rounds the brokers alternate, so
+        // a machine that changes speed between runs (this VM moves between two speeds for
+        // tens of seconds, both brokers alike) shifts both sides of a round's ratio.
+        let mut ratios: Vec<Vec<(String, f64)>> = Vec::new();
+        for round in 1..=rounds {
+            let w = rt.block_on(run_whispeer(&relay, s));
+            let mut rows = vec![("whispeer".to_owned(), w.clone())];
+            if let Some(n) = cluster_nats.as_ref().filter(|_| s.idle == 0) {
+                let url = format!("nats://{}", n.addr);
+                for &k in &cluster {
+                    let relays: Vec<RelayProc> = (0..k)
+                        .map(|i| {
+                            let name = format!("bench-{k}-{i}");
+                            RelayProc::start_with(
+                                &name,
+                                &["--cluster", &url, "--cluster-name", &name],
+                            )
+                        })
+                        .collect();
+                    let o = rt.block_on(run_whispeer_on(&relays, &[n.child.id()], s));
+                    rows.push((format!("cluster x{k}"), o));
+                }
             }
-        }
-        if let Some(n) = nats.as_ref() {
-            // The same raw-socket generator as whispeer's, then the official async client.
-            rows.push((
-                "nats raw".to_owned(),
-                rt.block_on(run_nats(n, s, NatsClient::Raw)),
-            ));
-            rows.push((
-                "nats async".to_owned(),
-                rt.block_on(run_nats(n, s, NatsClient::Async)),
-            ));
-        }
-        for (i, (broker, o)) in rows.iter().enumerate() {
-            let (name, msgs) = if i == 0 {
-                (s.name.to_owned(), s.messages.to_string())
+            if let Some(n) = nats.as_ref() {
+                // The same raw-socket generator as whispeer's, then the official async client.
+                rows.push((
+                    "nats raw".to_owned(),
+                    rt.block_on(run_nats(n, s, NatsClient::Raw)),
+                ));
+                rows.push((
+                    "nats async".to_owned(),
+                    rt.block_on(run_nats(n, s, NatsClient::Async)),
+                ));
+            }
+            let label = if rounds > 1 {
+                format!("{} #{round}", s.name)
             } else {
-                (String::new(), String::new())
+                s.name.to_owned()
             };
-            let ratio = if i == 0 || o.deliveries_per_s <= 0.0 {
-                String::new()
-            } else {
-                format!("{:.2}", w.deliveries_per_s / o.deliveries_per_s)
-            };
-            let cpu_per = if o.deliveries_per_s > 0.0 {
-                o.cpu_cores / o.deliveries_per_s * 1e6
+            ratios.push(print_rows(&label, s.messages, &rows));
+        }
+        if rounds > 1 {
+            print_round_summary(s.name, &ratios);
+        }
+    }
+}
+
+/// Prints one round's rows; returns whispeer's deliveries/s over each other row's.
+fn print_rows(label: &str, messages: u64, rows: &[(String, Outcome)]) -> Vec<(String, f64)> {
+    let w = &rows[0].1;
+    let mut ratios = Vec::new();
+    for (i, (broker, o)) in rows.iter().enumerate() {
+        let (name, msgs) = if i == 0 {
+            (label.to_owned(), messages.to_string())
+        } else {
+            (String::new(), String::new())
+        };
+        let ratio = if i == 0 {
+            String::new()
+        } else {
+            let r = if o.deliveries_per_s > 0.0 {
+                w.deliveries_per_s / o.deliveries_per_s
             } else {
                 f64::NAN
             };
-            println!(
-                "{:<18} {:>8} | {:<10} {:>12.0} {:>6.2} {:>5.2} {:>8.1} {:>8.0} {:>8.0} {:>9.2} | {:>9}",
-                name,
-                msgs,
-                broker,
-                o.deliveries_per_s,
-                o.cpu_cores,
-                o.gen_cores,
-                o.rss_mib,
-                o.p50_us,
-                o.p99_us,
-                cpu_per,
-                ratio
-            );
-            if o.lost > 0 {
-                println!("  ({broker} lost {})", o.lost);
-            }
+            ratios.push((broker.clone(), r));
+            format!("{r:.2}")
+        };
+        let cpu_per = if o.deliveries_per_s > 0.0 {
+            o.cpu_cores / o.deliveries_per_s * 1e6
+        } else {
+            f64::NAN
+        };
+        println!(
+            "{:<18} {:>8} | {:<10} {:>12.0} {:>6.2} {:>5.2} {:>8.1} {:>8.0} {:>8.0} {:>9.2} | {:>9}",
+            name,
+            msgs,
+            broker,
+            o.deliveries_per_s,
+            o.cpu_cores,
+            o.gen_cores,
+            o.rss_mib,
+            o.p50_us,
+            o.p99_us,
+            cpu_per,
+            ratio
+        );
+        if o.lost > 0 {
+            println!("  ({broker} lost {})", o.lost);
         }
+    }
+    ratios
+}
+
+/// After `--rounds N`: whispeer over each other broker, the median over the rounds with its
+/// range and every round's ratio.
+fn print_round_summary(name: &str, ratios: &[Vec<(String, f64)>]) {
+    let Some(first) = ratios.first() else { return };
+    for (c, (broker, _)) in first.iter().enumerate() {
+        let each: Vec<f64> = ratios
+            .iter()
+            .filter_map(|r| r.get(c).map(|x| x.1))
+            .collect();
+        let mut v = each.clone();
+        v.sort_by(f64::total_cmp);
+        let median = if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        };
+        let list: Vec<String> = each.iter().map(|x| format!("{x:.2}")).collect();
+        println!(
+            "{name}: whispeer / {broker} median {median:.2} over {} rounds (range {:.2}-{:.2}: {})",
+            v.len(),
+            v[0],
+            v[v.len() - 1],
+            list.join(" ")
+        );
     }
 }
 
@@ -316,6 +384,8 @@ impl RelayProc {
             .args([
                 "--max-connections-per-addr",
                 "100000",
+                "--max-connections-per-network",
+                "0",
                 "--addr-connect-rate",
                 "0",
             ])

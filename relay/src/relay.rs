@@ -1144,7 +1144,10 @@ async fn handshake(
         match kind {
             TransportKind::Tcp => {
                 let (r, w) = stream.into_split();
-                conn::serve(
+                // Each transport's serve loop boxed at its own size: inline, the task held
+                // the largest (TLS's) for every connection, 13 KiB per idle connection
+                // (test hostile_memory::idle_connections_cost_at_most_15_kib_each).
+                Box::pin(conn::serve(
                     shared.clone(),
                     StreamSource::new(r, max).with_budget(shared.frame_budget.clone(), addr),
                     StreamSink::new(w),
@@ -1152,22 +1155,22 @@ async fn handshake(
                     peer_s,
                     slot.take(),
                     Some(since),
-                )
+                ))
                 .await;
             }
             TransportKind::Ws => {
                 let slot = slot.take().expect("one connection, one slot");
-                serve_ws(&shared, stream, kind, peer, slot, since, deadline).await?;
+                Box::pin(serve_ws(&shared, stream, kind, peer, slot, since, deadline)).await?;
             }
             TransportKind::Tls | TransportKind::Wss => {
                 let acceptor = tls.ok_or("TLS listener without TLS configuration")?;
-                let tls_stream = tokio::time::timeout_at(deadline, acceptor.accept(stream))
+                let tls_stream = tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(stream)))
                     .await
                     .map_err(|_| "TLS handshake timed out".to_string())?
                     .map_err(|e| format!("TLS handshake failed: {e}"))?;
                 if kind == TransportKind::Tls {
                     let (r, w) = tokio::io::split(tls_stream);
-                    conn::serve(
+                    Box::pin(conn::serve(
                         shared.clone(),
                         StreamSource::new(r, max).with_budget(shared.frame_budget.clone(), addr),
                         StreamSink::new(w),
@@ -1175,11 +1178,14 @@ async fn handshake(
                         peer_s,
                         slot.take(),
                         Some(since),
-                    )
+                    ))
                     .await;
                 } else {
                     let slot = slot.take().expect("one connection, one slot");
-                    serve_ws(&shared, tls_stream, kind, peer, slot, since, deadline).await?;
+                    Box::pin(serve_ws(
+                        &shared, tls_stream, kind, peer, slot, since, deadline,
+                    ))
+                    .await?;
                 }
             }
             // Not accepted here (in-process channels, QUIC's own listener).
