@@ -295,23 +295,28 @@ impl Outbound {
         if self.is_full(&s, frame.len()) {
             match self.policy {
                 SlowConsumerPolicy::Drop => {
+                    // A QoS 0 message that would not fit even with every queued QoS 0 one
+                    // gone is the one dropped: evicting them for it lost them too. Only
+                    // while the queue is over its bounds without it (history is queued
+                    // past them) do the oldest QoS 0 messages go.
+                    let (kept_msgs, kept_bytes) = self.kept(&s);
+                    if droppable && self.full_with(kept_msgs, kept_bytes, frame.len()) {
+                        while s.droppables > 0
+                            && self.over_bounds(&s)
+                            && self.evict_oldest_droppable(&mut s)
+                        {}
+                        s.dropped += 1;
+                        return (Offer::Dropped, false);
+                    }
                     // Drop the oldest QoS 0 messages until this one fits (it always fits
                     // alone). QoS >= 1 messages stay: the router and redeliveries ask
                     // `room_for` first, so a QoS >= 1 one meets a queue full of them only
                     // in a race with another producer, and is queued past the bound (its
                     // subscription's unacked limits bound it).
-                    while s.droppables > 0 && self.is_full(&s, frame.len()) {
-                        let Some(i) = s.items.iter().position(|it| it.droppable) else {
-                            break;
-                        };
-                        if let Some(it) = s.items.remove(i) {
-                            s.msgs -= 1;
-                            s.droppables -= 1;
-                            s.droppable_bytes -= it.frame.len();
-                            s.msg_bytes -= it.frame.len();
-                            self.budget.sub(s.held(), it.frame.len());
-                        }
-                        s.dropped += 1;
+                    while s.droppables > 0
+                        && self.is_full(&s, frame.len())
+                        && self.evict_oldest_droppable(&mut s)
+                    {
                         outcome = Offer::DroppedOldest;
                     }
                     if droppable && self.is_full(&s, frame.len()) {
@@ -350,6 +355,32 @@ impl Outbound {
 
     /// Whether a message of `len` bytes meets the slow-consumer policy: `capacity` messages
     /// queued, or `max_bytes` with it (a message always fits an empty queue).
+    /// Drops the oldest queued QoS 0 message (counted for the next `Gap`); false if there
+    /// was none.
+    fn evict_oldest_droppable(&self, s: &mut State) -> bool {
+        let Some(it) = s
+            .items
+            .iter()
+            .position(|it| it.droppable)
+            .and_then(|i| s.items.remove(i))
+        else {
+            return false;
+        };
+        s.msgs -= 1;
+        s.droppables -= 1;
+        s.droppable_bytes -= it.frame.len();
+        s.msg_bytes -= it.frame.len();
+        self.budget.sub(s.held(), it.frame.len());
+        s.dropped += 1;
+        true
+    }
+
+    /// Whether the queue holds more than its bounds allow (a single message of any size
+    /// is within them).
+    fn over_bounds(&self, s: &State) -> bool {
+        s.msgs > self.capacity || (s.msgs > 1 && s.msg_bytes > self.max_bytes)
+    }
+
     fn is_full(&self, s: &State, len: usize) -> bool {
         self.full_with(s.msgs, s.msg_bytes, len)
     }
@@ -768,6 +799,15 @@ mod tests {
         assert_eq!(q.room_for(4), Room::Full);
         assert_eq!(q.offer_msg(&m(2, 4), true), Offer::Dropped);
         assert_eq!(q.take(&mut out).dropped, 1);
+        // A QoS 0 message that would not fit even without the queued QoS 0 ones is dropped
+        // alone: they stay (evicting them first dropped two where one had to go).
+        let q = queue(100, 10, SlowConsumerPolicy::Drop);
+        assert_eq!(q.offer_msg(&m(1, 8), false), Offer::Queued);
+        assert_eq!(q.offer_msg(&m(2, 1), true), Offer::Queued);
+        assert_eq!(q.offer_msg(&m(3, 4), true), Offer::Dropped);
+        out.clear();
+        assert_eq!(q.take(&mut out).dropped, 1);
+        assert_eq!(out, vec![m(1, 8), m(2, 1)]);
     }
 
     /// Queued QoS 0 messages do not hold QoS >= 1 deliveries back under policy `drop` (they

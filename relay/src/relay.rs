@@ -1164,10 +1164,11 @@ async fn handshake(
             }
             TransportKind::Tls | TransportKind::Wss => {
                 let acceptor = tls.ok_or("TLS listener without TLS configuration")?;
-                let tls_stream = tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(stream)))
-                    .await
-                    .map_err(|_| "TLS handshake timed out".to_string())?
-                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                let tls_stream =
+                    tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(stream)))
+                        .await
+                        .map_err(|_| "TLS handshake timed out".to_string())?
+                        .map_err(|e| format!("TLS handshake failed: {e}"))?;
                 if kind == TransportKind::Tls {
                     let (r, w) = tokio::io::split(tls_stream);
                     Box::pin(conn::serve(

@@ -55,6 +55,40 @@ use crate::store::{Accepted, Append, Sequenced, Store, StoreError, Tenant};
 /// heap allocations per routed message (targets, wake-ups).
 type Targets<'a> = SmallVec<[&'a Arc<Target>; 8]>;
 
+/// What one routed message's offers to its connections came to.
+#[derive(Default)]
+struct OfferCounts {
+    delivered: usize,
+    dropped: u64,
+}
+
+impl OfferCounts {
+    /// Offers `frame` to `t`'s connection (its writer woken later, from `wake`).
+    fn offer<'a>(
+        &mut self,
+        t: &'a Arc<Target>,
+        frame: &Bytes,
+        droppable: bool,
+        wake: &mut Targets<'a>,
+        metrics: &Metrics,
+    ) {
+        let (offer, needs_wake) = t.out.offer_msg_unwoken(frame, droppable);
+        if needs_wake {
+            wake.push(t);
+        }
+        match offer {
+            Offer::Queued => self.delivered += 1,
+            Offer::DroppedOldest => {
+                self.delivered += 1;
+                self.dropped += 1;
+            }
+            Offer::Dropped => self.dropped += 1,
+            Offer::Disconnected => metrics.slow_consumer_disconnect(),
+            Offer::Closed | Offer::OverBudget => {}
+        }
+    }
+}
+
 /// Tells each connection among `targets` (once, however many of its subscriptions are
 /// there) that `n` messages for it were lost, in its next `Gap`.
 fn add_dropped_once(targets: &mut Targets<'_>, n: u64) {
@@ -665,8 +699,13 @@ impl Router {
         // subscribed to (a flood on invented key ids) costs no copy of its envelope here.
         let mut encoded: Option<Bytes> = None;
         let encode = || msg_frame(seq.0, envelope, 0);
-        let (mut delivered, mut dropped) = (0, 0);
-        let mut last_conn = None;
+        let mut counts = OfferCounts::default();
+        // One frame per connection, offered once all of its matching subscriptions were
+        // seen (they are sorted by connection): droppable only if none of them tracks it.
+        // Decided by the first one alone, a QoS 0 subscription matched before a QoS >= 1
+        // one on the same connection made the QoS >= 1 one's message droppable — dropped
+        // at a full queue, a Gap for a message it must get.
+        let mut pending: Option<(&Arc<Target>, bool)> = None;
         let mut wake: Targets<'_> = SmallVec::new();
         for t in &targets {
             if t.gated.load(Ordering::Relaxed) {
@@ -703,31 +742,25 @@ impl Router {
                     Delivery::Skipped => continue,
                 }
             }
-            if last_conn == Some(t.conn) {
-                continue;
-            }
-            last_conn = Some(t.conn);
             // QoS 0 may be refused by the relay-wide budget and dropped at a full queue;
             // QoS >= 1 is bounded by credit. An unnumbered message (live-only, sequence 0)
             // to a QoS >= 1 subscription is tracked by nothing: droppable like QoS 0.
             let droppable = t.track.is_none() || seq.0 == 0;
-            let (offer, needs_wake) = t
-                .out
-                .offer_msg_unwoken(encoded.get_or_insert_with(encode), droppable);
-            if needs_wake {
-                wake.push(t);
-            }
-            match offer {
-                Offer::Queued => delivered += 1,
-                Offer::DroppedOldest => {
-                    delivered += 1;
-                    dropped += 1;
+            match &mut pending {
+                Some((p, d)) if p.conn == t.conn => *d &= droppable,
+                _ => {
+                    if let Some((p, d)) = pending.replace((t, droppable)) {
+                        let frame = encoded.get_or_insert_with(encode);
+                        counts.offer(p, frame, d, &mut wake, &self.metrics);
+                    }
                 }
-                Offer::Dropped => dropped += 1,
-                Offer::Disconnected => self.metrics.slow_consumer_disconnect(),
-                Offer::Closed | Offer::OverBudget => {}
             }
         }
+        if let Some((p, d)) = pending {
+            let frame = encoded.get_or_insert_with(encode);
+            counts.offer(p, frame, d, &mut wake, &self.metrics);
+        }
+        let OfferCounts { delivered, dropped } = counts;
         // Counted before any writer can send them.
         self.metrics.published();
         self.metrics.delivered(delivered);

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use whispeer_protocol::frame::{
-    features, pub_flags, Ack, Hello, Msg, Ping, Pub, Sub, PROTOCOL_VERSION,
+    features, msg_flags, pub_flags, Ack, Hello, Msg, Ping, Pub, Sub, PROTOCOL_VERSION,
 };
 use whispeer_protocol::{Frame, Qos, TokenPattern};
 use whispeer_relay::Config;
@@ -478,6 +478,66 @@ async fn a_full_outbound_queue_pauses_qos1_instead_of_dropping_it() {
     assert!(metric(admin, "whispeer_relay_outbound_full_pauses_total").await > 0);
     // It reads (and acks) again: every message, in order, once, and no Gap.
     read_acking(&mut s, &seqs).await;
+}
+
+/// One frame goes to a connection however many of its subscriptions match, and it is
+/// droppable only if none of them must get it: a QoS 0 subscription made before a QoS 1
+/// one on the same filter must not make the QoS 1 one's messages droppable. (It did: the
+/// first matching subscription decided, the full queue dropped the QoS 1 messages as
+/// QoS 0 ones, and the QoS 1 subscription saw a `Gap` and got them back only at the ack
+/// timeout, out of order.) With it, the QoS 0 subscription loses what its queue cannot
+/// hold (counted in `Gap`s) and the QoS 1 one pauses and catches up: every message, in
+/// order, none redelivered.
+#[tokio::test]
+async fn a_qos0_subscription_beside_a_qos1_one_does_not_make_its_messages_droppable() {
+    let mut config = Config::ephemeral();
+    config.limits.publish_rate = 0;
+    config.queue.max_bytes = 32 << 10;
+    // No redelivery to hide a lost message within the test.
+    config.delivery.ack_timeout_ms = 600_000;
+    let relay = TestRelay::start(config).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = Client::over_stream(Box::new(sock.connect(relay.tcp()).await.unwrap()));
+    hello_flow(&mut s).await;
+    // QoS 0 first, so it is the first target of every message on this connection.
+    s.send(&Frame::Sub(Sub::live(2, exact(1, &[1])))).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    s.send(&qos1_sub(1, exact(1, &[1]), Some(100))).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    // 40 × 4 KiB while the subscriber reads nothing: far more than its 32 KiB queue and
+    // its socket buffers hold.
+    let seqs = publish_acked_sized(&mut p, &[1], 0, 40, |_| 4096).await;
+    // The frames of both subscriptions share the stream (a message the QoS 0 one got live
+    // and the QoS 1 one gets in its catch-up comes twice): the QoS 1 subscription's own
+    // delivery is every message in order within it, none redelivered. A message dropped
+    // for it would come back only at the ack timeout (the read below times out first).
+    let (mut next, mut frames, mut gaps) = (0, 0, 0);
+    while next < seqs.len() {
+        match s.recv().await {
+            Frame::Msg(m) => {
+                assert_eq!(
+                    m.flags & msg_flags::REDELIVERED,
+                    0,
+                    "seq {} redelivered",
+                    m.seq
+                );
+                s.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+                frames += 1;
+                if m.seq == seqs[next] {
+                    next += 1;
+                }
+            }
+            Frame::Gap(g) => gaps += g.dropped,
+            other => panic!("after {frames} messages: unexpected {other:?}"),
+        }
+    }
+    assert!(
+        gaps > 0,
+        "the QoS 0 subscription's queue was never full: nothing tested"
+    );
 }
 
 /// Under slow-consumer policy `disconnect` a QoS 1 subscriber that falls behind its queue is
