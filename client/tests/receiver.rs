@@ -229,6 +229,61 @@ async fn replays_and_retained_rollbacks_are_refused_after_a_restart_with_persist
     relay.stop().await;
 }
 
+/// The receiver state is in the state file before the app sees a message, whichever path
+/// handled it: here frames handled in the same turn as the end of their connection. Over
+/// TCP the end of a stream is only seen by a later read than its last frames, so the fake
+/// relay ends the connection the way that arrives with them, deterministically: an
+/// undecodable frame (a zero length prefix) right behind them in the same write, and
+/// then it hangs up. Restarted on the same state file, the client drops the same
+/// envelopes sent again.
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_handled_as_the_connection_ends_are_saved_before_the_app_sees_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("client.db");
+    let t = tree("home");
+    let alice = identity();
+    let persistent = |b: whispeer::ClientBuilder| b.with(whispeer::Persistence::sqlite(&state));
+    let (relay, c) = fake_relay_client(&t, persistent).await;
+    let mut sub = c.subscribe::<u32>("news/#").await.unwrap();
+    let envs: Vec<_> = (1..=3u32)
+        .map(|v| seal(&t, Some(&alice), "news/a", v, whispeer::now_ms()))
+        .collect();
+    let frames: Vec<Frame> = (1..)
+        .zip(&envs)
+        .map(|(seq, e)| {
+            Frame::Msg(Msg {
+                sub_id: None,
+                seq,
+                envelope: e.clone(),
+                flags: 0,
+            })
+        })
+        .collect();
+    relay.send_all_and_hang_up(&frames, &[0; 4]).await;
+    for v in 1..=3 {
+        assert_eq!(value(&mut sub).await, v);
+    }
+    drop(sub);
+    c.close().await;
+
+    let (relay, c) = fake_relay_client(&t, persistent).await;
+    let mut sub = c.subscribe::<u32>("news/#").await.unwrap();
+    for (seq, e) in (1..).zip(&envs) {
+        relay.msg(seq, e, 0, None).await;
+    }
+    let marker = seal(&t, Some(&alice), "news/a", 9, whispeer::now_ms());
+    relay.msg(4, &marker, 0, None).await;
+    assert_eq!(
+        value(&mut sub).await,
+        9,
+        "none of the three reaches the app again"
+    );
+    let s = until_stats(&c, "the copies dropped", |s| s.core.duplicates == 3).await;
+    assert_eq!(s.core.delivered, 1, "{s:?}");
+    c.close().await;
+}
+
 /// Review of session 27, F1: a state file is not trusted with dates. One row claiming the
 /// dedup window starts in the far future (`seen_window.forgot_upto`, as anyone who can
 /// write the file can set it) made the restarted client refuse — and acknowledge and drop
@@ -690,6 +745,55 @@ async fn a_window_at_capacity_forgets_but_never_delivers_a_replay() {
     assert_eq!(s.core.duplicates, 0, "{s:?}");
     c.close().await;
     relay.stop().await;
+}
+
+/// A retained value is not held to the window's start (its topic's high-water mark keeps
+/// it from moving backwards): once a window at its capacity has forgotten a message
+/// delivered live, the relay sending that same message again flagged `RETAINED` to the
+/// subscription that had it does not show it a second time — it set the mark, so it is a
+/// duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_message_flagged_retained_is_not_delivered_again() {
+    use whispeer::protocol::frame::msg_flags::RETAINED;
+    let t = tree("busy");
+    let alice = identity();
+    let (relay, c) = fake_relay_client(&t, |b| {
+        b.clock_skew(Duration::from_secs(60)).dedup_capacity(3)
+    })
+    .await;
+    let mut sub = c
+        .subscribe_with_options::<u32>("w/#", SubscribeOptions::new().retained(true))
+        .await
+        .unwrap();
+    let sub_id = within("Sub", relay.wait_subs(1)).await[0].sub_id;
+    // Dated 30 s ago: a later message never shares its place in the window.
+    let v1 = seal(&t, Some(&alice), "w/mode", 1, whispeer::now_ms() - 30_000);
+    relay.msg(1, &v1, 0, None).await;
+    assert_eq!(value(&mut sub).await, 1);
+    // Messages on another topic push v1's entry out of the window (3 entries).
+    for v in 2..=7u32 {
+        let env = seal(&t, Some(&alice), "w/other", v, whispeer::now_ms());
+        relay.msg(u64::from(v), &env, 0, None).await;
+        assert_eq!(value(&mut sub).await, v);
+    }
+    let before = c.stats().core;
+    assert!(
+        before.refused.before_window == 0 && before.duplicates == 0,
+        "{before:?}"
+    );
+    // The relay sends v1 again as the topic's retained value, named for the subscription.
+    relay.msg(8, &v1, RETAINED, Some(sub_id)).await;
+    let marker = seal(&t, Some(&alice), "w/other", 9, whispeer::now_ms());
+    relay.msg(9, &marker, 0, None).await;
+    let r = within("the marker", sub.next()).await.unwrap().unwrap();
+    assert_eq!(
+        (r.value, r.retained),
+        (9, false),
+        "v1 is not delivered a second time"
+    );
+    let s = until_stats(&c, "the copy counted", |s| s.core.duplicates == 1).await;
+    assert_eq!(s.core.delivered, 8, "{s:?}");
+    c.close().await;
 }
 
 /// `text` (CBOR) sealed unsigned on `topic`, dated `ts_ms`, zstd-compressed (the default).

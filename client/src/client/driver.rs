@@ -212,8 +212,8 @@ impl Driver {
             self.dispatch_jobs();
             // 1. Transmit (acks released by the events below come back round here).
             self.transmit().await;
-            // 2. Events (counters current before the app sees a message); then anything
-            //    they queued.
+            // 2. Events (receiver state saved and counters current before the app sees a
+            //    message); then anything they queued.
             self.sync_stats();
             if self.deliver_events() {
                 return;
@@ -307,7 +307,6 @@ impl Driver {
                 self.p.eng.handle_opened(done, now);
             }
         }
-        self.persist_changes();
     }
 
     /// Writes, dials and hangs up as the engine says.
@@ -421,7 +420,6 @@ impl Driver {
                 None => break,
             }
         }
-        self.persist_changes();
     }
 
     fn on_dialed(&mut self, (id, r): (ConnId, Result<Connection, ConnectError>)) {
@@ -507,6 +505,11 @@ impl Driver {
 
     /// Hands the engine's events on; true once the engine closed for good.
     fn deliver_events(&mut self) -> bool {
+        // The receiver state changes of every path that handled messages since the last
+        // turn — frames, finished opens, and what a disconnect, a timeout or a close
+        // handled inline — are written before the app sees any of them (and so before any
+        // ack of them: acks leave only once the app took what they are for).
+        self.persist_changes();
         while let Some(e) = self.p.eng.poll_event() {
             match e {
                 Event::Connected { relay, .. } => {
@@ -773,7 +776,8 @@ impl Driver {
     }
 
     /// Writes the receiver state changes (dedup entries, retained marks) to the state file,
-    /// before the app sees the messages.
+    /// before the app sees the messages: called once per turn, at the start of
+    /// [`Driver::deliver_events`], whatever produced them.
     fn persist_changes(&mut self) {
         #[cfg(feature = "persistence")]
         if let Some(st) = &self.p.saved {

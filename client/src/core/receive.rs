@@ -749,6 +749,12 @@ impl Guard {
                 if newer(*ts, id, c.ts_ms, &c.msg_id) {
                     return Err(Refusal::RetainedRollback);
                 }
+                // The very message that set the mark (only `commit` sets it): delivered,
+                // even once its dedup entry is gone to make room (the window's start does
+                // not hold retained values back, so nothing else would refuse it).
+                if (*ts, id) == (c.ts_ms, &c.msg_id) {
+                    return Err(Refusal::Duplicate);
+                }
             }
         } else if !c.allow_old && self.forgotten(c.ts_ms) {
             // Retained values are not held to the window's start: the high-water mark
@@ -1203,25 +1209,59 @@ mod tests {
         assert!(!h.is_seen(&dedup_key(&msg(39, NOW, 0))));
     }
 
+    /// A retained value is not held to the window's start: once a full window dropped the
+    /// entry of the message that set its topic's high-water mark, that message flagged
+    /// `RETAINED` is still a duplicate (the mark equals it), not a new value.
+    #[test]
+    fn the_message_that_set_the_mark_is_a_duplicate_after_the_window_forgot_it() {
+        let (p, q) = (Topic::new("p").unwrap(), Topic::new("q").unwrap());
+        let mut g = Guard::new(ReceiveConfig {
+            max_entries: 2,
+            ..ReceiveConfig::default()
+        });
+        let a = g.check(&cand(&q, 1, NOW, 0), NOW).unwrap();
+        g.commit(a);
+        for (i, id) in [2u8, 3, 4].into_iter().enumerate() {
+            let now = NOW + 1 + i as u64;
+            let a = g.check(&cand(&p, id, now, 0), now).unwrap();
+            g.commit(a);
+        }
+        let now = NOW + 10;
+        assert!(
+            !g.is_seen(&dedup_key(&cand(&q, 1, NOW, 0))),
+            "entry dropped"
+        );
+        assert_eq!(
+            g.check(&cand(&q, 1, NOW, msg_flags::RETAINED), now),
+            Err(Refusal::Duplicate)
+        );
+        // A newer retained value of the topic is still accepted.
+        assert!(g
+            .check(&cand(&q, 5, NOW + 1, msg_flags::RETAINED), now)
+            .is_ok());
+    }
+
     proptest::proptest! {
         /// Whatever the capacity and the order of arrivals, a message accepted once is never
         /// accepted again (the window forgets only what its moved start then refuses), and
-        /// the window never holds more than its capacity.
+        /// the window never holds more than its capacity. Re-posts come live, replayed or
+        /// retained: a retained value is not held to the window's start, so the topic's
+        /// high-water mark must refuse the very message that set it once its entry is gone.
         #[test]
         fn no_message_is_accepted_twice_whatever_the_capacity(
             cap in 1usize..40,
-            events in proptest::collection::vec((0u32..60, 0u64..4_000, 0u64..3, proptest::bool::ANY), 1..400),
+            events in proptest::collection::vec((0u32..60, 0u64..4_000, 0u64..3, 0usize..3), 1..400),
         ) {
             let t = Topic::new("p").unwrap();
             let mut g = Guard::new(ReceiveConfig { max_entries: cap, ..ReceiveConfig::default() });
             let mut now = NOW;
             let mut sent_at = std::collections::HashMap::new();
             let mut delivered = std::collections::HashSet::new();
-            for (id, age, step, replayed) in events {
+            for (id, age, step, kind) in events {
                 now += step;
                 // A message keeps the date it was first sent with; re-posts reuse it.
                 let ts = *sent_at.entry(id).or_insert(now.saturating_sub(age));
-                let flags = if replayed { msg_flags::REPLAYED } else { 0 };
+                let flags = [0, msg_flags::REPLAYED, msg_flags::RETAINED][kind];
                 let mut c = cand(&t, 0, ts, flags);
                 c.msg_id[..4].copy_from_slice(&id.to_be_bytes());
                 if let Ok(a) = g.check(&c, now) {

@@ -278,6 +278,22 @@ impl FakeRelay {
         write_frame(&mut *self.w.lock().await, f).await;
     }
 
+    /// Writes `frames` (length-prefixed) and then `trailer` in one write, then shuts the
+    /// socket's sending side (the relay hangs up).
+    pub async fn send_all_and_hang_up(&self, frames: &[Frame], trailer: &[u8]) {
+        let mut b = Vec::new();
+        for f in frames {
+            let f = f.to_bytes();
+            b.extend_from_slice(&(f.len() as u32).to_be_bytes());
+            b.extend_from_slice(&f);
+        }
+        b.extend_from_slice(trailer);
+        let mut w = self.w.lock().await;
+        w.write_all(&b).await.unwrap();
+        w.flush().await.unwrap();
+        let _ = w.shutdown().await;
+    }
+
     /// Sends a `Msg` of `envelope` at relay sequence `seq` with `flags`, naming relay
     /// subscription `sub_id` (history and retained values) or none (live).
     pub async fn msg(&self, seq: u64, envelope: &Envelope, flags: u64, sub_id: Option<u64>) {
