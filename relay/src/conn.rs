@@ -224,14 +224,6 @@ async fn read_loop<Src: FrameSource>(
                     }
                     deadline.as_mut().reset(due);
                 }
-                ev = noting_wait(source.recv(), &mut waited) => {
-                    if std::mem::take(&mut waited) {
-                        full_turns = 0;
-                    }
-                    if let Some(closed) = inbound(ev, source, session, &mut turn_bytes, &mut last_in, None) {
-                        return closed;
-                    }
-                }
                 _ = redeliver.tick(), if session.tracks() => {
                     if session.tick(Instant::now().into_std()) == Flow::Close {
                         return false;
@@ -245,6 +237,19 @@ async fn read_loop<Src: FrameSource>(
                 Some(()) = notice_or_pending(&mut rights_changed) => {
                     if session.rights_changed() == Flow::Close {
                         return false;
+                    }
+                }
+                // Last: a connection whose next frame is always there (a pipelining
+                // client) would otherwise never reach the branches after it — its
+                // redeliveries, the resumption of its paused subscriptions, the end of
+                // subscriptions a reload took the rights of (test
+                // hostile_flow::a_connection_that_never_stops_sending_still_gets_its_redeliveries).
+                ev = noting_wait(source.recv(), &mut waited) => {
+                    if std::mem::take(&mut waited) {
+                        full_turns = 0;
+                    }
+                    if let Some(closed) = inbound(ev, source, session, &mut turn_bytes, &mut last_in, None) {
+                        return closed;
                     }
                 }
             }

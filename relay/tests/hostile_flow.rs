@@ -811,3 +811,86 @@ async fn a_connection_that_never_acks_holds_at_most_its_unacked_bytes() {
         assert_eq!(have, want, "subscription {k}");
     }
 }
+
+/// A connection whose next frame is always already there (here: QoS 0 publishes to a topic
+/// nobody reads, pipelined without pause: no reply to fall behind on) still gets its
+/// redeliveries: the redelivery timer is polled before the socket.
+/// (It came after it in a biased `select!`, so such a connection never reached the timer:
+/// its unacknowledged messages were never sent again and a subscription paused for a full
+/// queue or the relay's budget never resumed while it kept sending.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_stops_sending_still_gets_its_redeliveries() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use whispeer_protocol::{codec, FrameDecoder};
+    let mut config = Config::ephemeral();
+    config.limits.publish_rate = 0;
+    config.delivery.ack_timeout_ms = 200;
+    let relay = TestRelay::start(config).await;
+    let mut s = Client::tcp(relay.tcp()).await;
+    hello_flow(&mut s).await;
+    s.send(&qos1_sub(1, exact(1, &[1]), None)).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    drop(s);
+    // The same again on a raw socket, to write and read at once.
+    let stream = tokio::net::TcpStream::connect(relay.tcp()).await.unwrap();
+    let (mut r, mut w) = stream.into_split();
+    let hello = Frame::Hello(Hello {
+        versions: vec![PROTOCOL_VERSION],
+        features: features::AT_LEAST_ONCE | features::FLOW_CONTROL,
+        client: Some("pinger".into()),
+        auth: None,
+        account: None,
+    });
+    w.write_all(&codec::encode_prefixed(&hello)).await.unwrap();
+    w.write_all(&codec::encode_prefixed(&qos1_sub(1, exact(1, &[1]), None)))
+        .await
+        .unwrap();
+    let mut dec = FrameDecoder::new(1 << 20);
+    let mut next = async |r: &mut tokio::net::tcp::OwnedReadHalf| loop {
+        if let Some(f) = dec.next_frame().unwrap() {
+            return Frame::decode(&f).unwrap();
+        }
+        dec.buffer_mut().reserve(64 << 10);
+        assert!(r.read_buf(dec.buffer_mut()).await.unwrap() > 0, "closed");
+    };
+    while !matches!(next(&mut r).await, Frame::SubOk(_)) {}
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    let seqs = publish_acked(&mut p, &[1], 0, 1).await;
+    let first = loop {
+        if let Frame::Msg(m) = next(&mut r).await {
+            break m;
+        }
+    };
+    assert_eq!((first.seq, first.flags), (seqs[0], 0));
+    // Never acked; publishes pipelined without pause from now on.
+    let stop = Arc::new(AtomicBool::new(false));
+    let pinger = {
+        let stop = stop.clone();
+        let one = codec::encode_prefixed(&pub_frame(envelope_sized(1, &[2], 16)));
+        let pings: Vec<u8> = one.iter().copied().cycle().take(one.len() * 4096).collect();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if w.write_all(&pings).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let again = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match next(&mut r).await {
+                Frame::Msg(m) => break m,
+                Frame::Err(e) => panic!("{e:?}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("no redelivery within 20 s (100 ack timeouts) while the client kept sending");
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!((again.seq, again.flags), (seqs[0], msg_flags::REDELIVERED));
+    pinger.abort();
+}
