@@ -165,11 +165,13 @@ struct State {
 pub(crate) enum Offer {
     /// Queued.
     Queued,
-    /// Queued after dropping the oldest queued QoS 0 messages (policy `drop`).
-    DroppedOldest,
+    /// Queued after dropping this many of the oldest queued QoS 0 messages (policy `drop`).
+    DroppedOldest(u64),
     /// Not queued (policy `drop`): the queue is full of QoS >= 1 messages, which are never
-    /// dropped, and this QoS 0 one is (counted; the client gets a `Gap`).
-    Dropped,
+    /// dropped, and this QoS 0 one is (counted; the client gets a `Gap`); this many
+    /// messages dropped in all (it, and older QoS 0 ones while the queue was over its
+    /// bounds).
+    Dropped(u64),
     /// The queue was full and the connection is now being closed (policy `disconnect`).
     Disconnected,
     /// The connection is already closing; the message was not queued.
@@ -300,13 +302,16 @@ impl Outbound {
                     // while the queue is over its bounds without it (history is queued
                     // past them) do the oldest QoS 0 messages go.
                     let (kept_msgs, kept_bytes) = self.kept(&s);
+                    let mut evicted = 0;
                     if droppable && self.full_with(kept_msgs, kept_bytes, frame.len()) {
                         while s.droppables > 0
                             && self.over_bounds(&s)
                             && self.evict_oldest_droppable(&mut s)
-                        {}
+                        {
+                            evicted += 1;
+                        }
                         s.dropped += 1;
-                        return (Offer::Dropped, false);
+                        return (Offer::Dropped(evicted + 1), false);
                     }
                     // Drop the oldest QoS 0 messages until this one fits (it always fits
                     // alone). QoS >= 1 messages stay: the router and redeliveries ask
@@ -317,11 +322,12 @@ impl Outbound {
                         && self.is_full(&s, frame.len())
                         && self.evict_oldest_droppable(&mut s)
                     {
-                        outcome = Offer::DroppedOldest;
+                        evicted += 1;
+                        outcome = Offer::DroppedOldest(evicted);
                     }
                     if droppable && self.is_full(&s, frame.len()) {
                         s.dropped += 1;
-                        return (Offer::Dropped, false);
+                        return (Offer::Dropped(evicted + 1), false);
                     }
                 }
                 SlowConsumerPolicy::Disconnect => {
@@ -744,7 +750,7 @@ mod tests {
         assert_eq!(q.push_control(b(0)), Offer::Queued);
         assert_eq!(q.offer_msg(&b(1), true), Offer::Queued);
         assert_eq!(q.offer_msg(&b(2), true), Offer::Queued);
-        assert_eq!(q.offer_msg(&b(3), true), Offer::DroppedOldest);
+        assert_eq!(q.offer_msg(&b(3), true), Offer::DroppedOldest(1));
         let mut out = Vec::new();
         let batch = q.take(&mut out);
         assert_eq!(batch.dropped, 1);
@@ -758,9 +764,10 @@ mod tests {
         let m = |n: u8, len: usize| Bytes::from(vec![n; len]);
         assert_eq!(q.offer_msg(&m(1, 4), true), Offer::Queued);
         assert_eq!(q.offer_msg(&m(2, 4), true), Offer::Queued);
-        assert_eq!(q.offer_msg(&m(3, 6), true), Offer::DroppedOldest);
-        // A message larger than the bound alone is still queued (never starved).
-        assert_eq!(q.offer_msg(&m(4, 20), true), Offer::DroppedOldest);
+        assert_eq!(q.offer_msg(&m(3, 6), true), Offer::DroppedOldest(1));
+        // A message larger than the bound alone is still queued (never starved); the
+        // offer says how many went for it.
+        assert_eq!(q.offer_msg(&m(4, 20), true), Offer::DroppedOldest(2));
         let mut out = Vec::new();
         assert_eq!(q.take(&mut out).dropped, 3);
         assert_eq!(out, vec![m(4, 20)]);
@@ -776,18 +783,18 @@ mod tests {
         assert_eq!(q.offer_msg(&b(1), false), Offer::Queued);
         assert_eq!(q.offer_msg(&b(2), true), Offer::Queued);
         assert_eq!(q.offer_msg(&b(3), false), Offer::Queued);
-        assert_eq!(q.offer_msg(&b(4), true), Offer::DroppedOldest);
-        assert_eq!(q.offer_msg(&b(5), true), Offer::DroppedOldest);
+        assert_eq!(q.offer_msg(&b(4), true), Offer::DroppedOldest(1));
+        assert_eq!(q.offer_msg(&b(5), true), Offer::DroppedOldest(1));
         // Full, but with one QoS 0 message: it gives way to a QoS 1 one.
         assert_eq!(q.room_for(1), Room::Yes);
-        assert_eq!(q.offer_msg(&b(6), false), Offer::DroppedOldest);
+        assert_eq!(q.offer_msg(&b(6), false), Offer::DroppedOldest(1));
         assert_eq!(q.room_for(1), Room::Full);
         assert_eq!(
             q.offer_msg(&b(7), false),
             Offer::Queued,
             "QoS 1 over the bound"
         );
-        assert_eq!(q.offer_msg(&b(8), true), Offer::Dropped);
+        assert_eq!(q.offer_msg(&b(8), true), Offer::Dropped(1));
         let mut out = Vec::new();
         assert_eq!(q.take(&mut out).dropped, 4);
         assert_eq!(out, vec![b(1), b(3), b(6), b(7)]);
@@ -797,14 +804,14 @@ mod tests {
         let m = |n: u8, len: usize| Bytes::from(vec![n; len]);
         assert_eq!(q.offer_msg(&m(1, 8), false), Offer::Queued);
         assert_eq!(q.room_for(4), Room::Full);
-        assert_eq!(q.offer_msg(&m(2, 4), true), Offer::Dropped);
+        assert_eq!(q.offer_msg(&m(2, 4), true), Offer::Dropped(1));
         assert_eq!(q.take(&mut out).dropped, 1);
         // A QoS 0 message that would not fit even without the queued QoS 0 ones is dropped
         // alone: they stay (evicting them first dropped two where one had to go).
         let q = queue(100, 10, SlowConsumerPolicy::Drop);
         assert_eq!(q.offer_msg(&m(1, 8), false), Offer::Queued);
         assert_eq!(q.offer_msg(&m(2, 1), true), Offer::Queued);
-        assert_eq!(q.offer_msg(&m(3, 4), true), Offer::Dropped);
+        assert_eq!(q.offer_msg(&m(3, 4), true), Offer::Dropped(1));
         out.clear();
         assert_eq!(q.take(&mut out).dropped, 1);
         assert_eq!(out, vec![m(1, 8), m(2, 1)]);
@@ -820,7 +827,7 @@ mod tests {
         q.offer_msg(&b(2), true);
         assert_eq!(q.room_for(1), Room::Yes);
         assert!(q.room());
-        assert_eq!(q.offer_msg(&b(3), false), Offer::DroppedOldest);
+        assert_eq!(q.offer_msg(&b(3), false), Offer::DroppedOldest(1));
         let q = queue(2, usize::MAX, SlowConsumerPolicy::Disconnect);
         q.offer_msg(&b(1), true);
         q.offer_msg(&b(2), true);
@@ -887,16 +894,21 @@ mod tests {
                 Bytes::from(v)
             };
             let mut inflight = 0;
+            // What the offers said they dropped (the router counts it in the metric).
+            let mut reported = 0u64;
             for op in ops {
                 let offered = matches!(op, Op::Offer(..));
                 match op {
                     Op::Offer(droppable, len) => {
                         let f = frame(len);
                         let offer = q.offer_msg(&f, droppable);
+                        if let Offer::Dropped(n) | Offer::DroppedOldest(n) = offer {
+                            reported += n;
+                        }
                         if droppable {
                             qos0 += 1;
                         } else {
-                            proptest::prop_assert!(matches!(offer, Offer::Queued | Offer::DroppedOldest));
+                            proptest::prop_assert!(matches!(offer, Offer::Queued | Offer::DroppedOldest(_)));
                             kept.push(f);
                         }
                     }
@@ -946,6 +958,7 @@ mod tests {
             let taken_kept: Vec<_> = ids(&taken).into_iter().filter(|id| kept_ids.contains(id)).collect();
             proptest::prop_assert_eq!(taken_kept, kept_ids, "every QoS >= 1 message, in order");
             proptest::prop_assert_eq!(taken.len() as u64 - kept.len() as u64 + gaps, qos0);
+            proptest::prop_assert_eq!(reported, gaps, "the offers report every drop");
         }
     }
 

@@ -78,11 +78,11 @@ impl OfferCounts {
         }
         match offer {
             Offer::Queued => self.delivered += 1,
-            Offer::DroppedOldest => {
+            Offer::DroppedOldest(n) => {
                 self.delivered += 1;
-                self.dropped += 1;
+                self.dropped += n;
             }
-            Offer::Dropped => self.dropped += 1,
+            Offer::Dropped(n) => self.dropped += n,
             Offer::Disconnected => metrics.slow_consumer_disconnect(),
             Offer::Closed | Offer::OverBudget => {}
         }

@@ -926,7 +926,7 @@ impl Session {
                     }))
                 });
         match offer {
-            Offer::Queued | Offer::DroppedOldest => {}
+            Offer::Queued | Offer::DroppedOldest(_) => {}
             other => {
                 if let Some(k) = &durable {
                     self.shared.release_durable(k);
@@ -1498,7 +1498,7 @@ impl Session {
     fn send(&mut self, frame: &Frame) -> Flow {
         let offer = self.out.push_control(codec::encode_prefixed(frame));
         match offer {
-            Offer::Queued | Offer::DroppedOldest => Flow::Continue,
+            Offer::Queued | Offer::DroppedOldest(_) => Flow::Continue,
             other => self.on_offer_failed(other),
         }
     }
@@ -1540,7 +1540,7 @@ impl Session {
             .out
             .push_control(Self::err_frame(code, message, false, sub_id, publish_id));
         match offer {
-            Offer::Queued | Offer::DroppedOldest => Flow::Continue,
+            Offer::Queued | Offer::DroppedOldest(_) => Flow::Continue,
             other => self.on_offer_failed(other),
         }
     }
