@@ -515,7 +515,9 @@ export class Client {
 
   /**
    * With `persistence`: opens and loads the saved state, imports it into the engine and
-   * compacts it (the snapshot replaces the log, a torn last write included).
+   * compacts it (the snapshot replaces the log, a torn last write included). A store that
+   * cannot be written fails here with STATE, before anything is dialed (README
+   * "Persistence"); unlike later writes, whose failures `#write1` reports as `error` events.
    */
   async #restore() {
     let store;
@@ -529,13 +531,23 @@ export class Client {
         if (w instanceof WhispeerError && w.code === 'STATE') w.message = `${store.where}: ${w.message}`;
         throw w;
       }
+      const snap = this.#eng.snapshot(Date.now());
+      try {
+        await store.replace(snap); // a file: written (or thrown) now; IndexedDB: committed
+      } catch (e) {
+        const w = wrap(e);
+        if (w instanceof WhispeerError && w.code === 'STATE') throw w;
+        throw new WhispeerError('STATE', `cannot write ${store.where}: ${e?.message ?? e}`);
+      }
+      this.#logBytes = 0;
+      this.#snapBytes = snap.length;
       this.#store = store;
-      this.#compact();
-      await this.#gate;
     } catch (e) {
       store?.close();
       this.#store = null;
       this.#core?.free();
+      this.#eng?.free();
+      this.#eng = undefined;
       throw wrap(e);
     }
   }

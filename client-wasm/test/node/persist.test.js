@@ -11,7 +11,10 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { startRelay } from '../shared/relay.js';
 import { startProxy } from '../shared/proxy.js';
+import { createServer } from 'node:net';
 import { Client, Identity, TreeKey, WhispeerError } from '../../js/index.node.js';
+import { setFileStore } from '../../js/persist.js';
+import { openFileStore } from '../../js/persist.node.js';
 
 const CHILD = new URL('../shared/persist-child.js', import.meta.url).pathname;
 
@@ -255,6 +258,58 @@ test('the persistence option is validated, and a foreign, corrupt or busy state 
   const t = await Client.connect(relay.url, { keys: key, persistence: torn });
   await t.close();
   assert.ok(existsSync(torn));
+});
+
+test('a state that cannot be written at connect (the first compaction fails) rejects connect with STATE, before any network activity, and releases the store', async () => {
+  // A TCP listener that is no relay: it counts connections and drops them at once, so a
+  // client that dialed would fail with CONNECT (as with nothing listening) and be counted.
+  let dials = 0;
+  const server = createServer((s) => {
+    dials++;
+    s.destroy();
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  const url = `ws://127.0.0.1:${server.address().port}`;
+  const file = join(dir, 'unwritable.wsp');
+  const opened = [];
+  // The Node file store, with a `replace` (compaction) that fails as an unwritable directory
+  // does (e.g. a path under /sys; this test runs as root too, where chmod does not help).
+  setFileStore(async (path, fsync) => {
+    const store = await openFileStore(path, fsync);
+    const s = { ...store, closed: 0 };
+    s.replace = () => {
+      throw new WhispeerError('STATE', `cannot write ${store.where}: EACCES: permission denied (injected)`);
+    };
+    s.close = () => {
+      s.closed++;
+      store.close();
+    };
+    opened.push(s);
+    return s;
+  });
+  const key = TreeKey.generate('unwritable');
+  const logged = [];
+  const consoleError = console.error;
+  console.error = (...a) => logged.push(a);
+  try {
+    await assert.rejects(
+      Client.connect(url, { keys: key, persistence: file, connectTimeoutMs: 2000 }),
+      (e) => e instanceof WhispeerError && e.code === 'STATE' && e.message.includes('cannot write') && e.message.includes(file),
+    );
+  } finally {
+    console.error = consoleError;
+    setFileStore(openFileStore);
+    await new Promise((r) => server.close(r));
+  }
+  assert.equal(dials, 0, 'no connection was attempted');
+  assert.deepEqual(logged, [], 'the failure is the rejection, not a log line');
+  assert.equal(opened.length, 1);
+  assert.equal(opened[0].closed, 1, 'the store was closed');
+  assert.ok(!existsSync(file), 'nothing was written');
+  // Released: the same file opens again (it is no longer "in use by another client").
+  const c = await Client.connect(relay.url, { keys: key, persistence: file });
+  await c.close();
+  assert.ok(existsSync(file));
 });
 
 // Bech32m (BIP 350), to forge a tree key string in the test below.
