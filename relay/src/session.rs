@@ -154,9 +154,9 @@ pub(crate) struct Session {
     /// Writers to wake once this turn of frames is handled ([`Wakes`]).
     wakes: Wakes,
     /// A `Sub` or `Pub` held until the auth-state line it needs is on disk; for a durable
-    /// `Sub` that created its durable before recording the owner, that durable (see
-    /// [`Session::subscribe`]).
-    deferred: Option<(u64, Frame, Option<DurableKey>)>,
+    /// `Sub` that created its durable before recording the owner, that durable and the
+    /// floor it was created at (see [`Session::subscribe`]).
+    deferred: Option<(u64, Frame, Option<(DurableKey, u64)>)>,
     /// Where the store reports a durable name whose cluster-wide hold was lost, with the
     /// hold's generation ([`crate::store::HoldLost`]). Made at the first durable
     /// subscription: a channel costs ~2 KiB (its first block of slots), which every idle
@@ -686,8 +686,9 @@ impl Session {
     }
 
     /// Handles a `Sub`. `created`: the durable this `Sub` created before it waited for its
-    /// owner's auth-state line (it is handled as new again, not resumed from its floor).
-    fn subscribe(&mut self, s: Sub, created: Option<DurableKey>) -> Flow {
+    /// owner's auth-state line, and the floor it was created at (still there, it is handled
+    /// as new again, not resumed from its floor).
+    fn subscribe(&mut self, s: Sub, created: Option<(DurableKey, u64)>) -> Flow {
         let sub_id = SubId(s.sub_id);
         let limits = &self.shared.config.limits;
         let depth = s.pattern.elems().len();
@@ -837,14 +838,21 @@ impl Session {
                     return self.reply_err(e.code(), e.to_string(), Some(sub_id), None);
                 }
             };
+            // A new durable is recorded where it starts before its Sub is answered: without
+            // a replay, at the relay's last sequence. (It was recorded at 0 and moved to the
+            // subscription's boundary only once the Sub succeeded: a Sub whose `SubOk` could
+            // not be queued, or a race with a second connection, left it at 0, and resuming
+            // it replayed the key id's whole history — to an account without the replay
+            // right too.)
             let new_floor = match replay {
                 Some(Replay::FromSeq(from)) => from.saturating_sub(1),
-                _ => 0,
+                Some(_) => 0,
+                None => self.shared.router.last_seq().0,
             };
             match found {
                 // Created by this very Sub, which then waited for its owner line: still new
                 // (unless it moved meanwhile).
-                Some(f) if created.as_ref() == Some(k) && f == new_floor => {
+                Some(f) if created.as_ref().is_some_and(|(ck, cf)| ck == k && *cf == f) => {
                     new_durable = true;
                     floor = f;
                 }
@@ -877,7 +885,7 @@ impl Session {
                     }
                     Ok(Some(line)) => {
                         self.shared.release_durable(k);
-                        let created = new_durable.then(|| k.clone());
+                        let created = new_durable.then(|| (k.clone(), floor));
                         return self.defer(line, Frame::Sub(s), created);
                     }
                     Ok(None) => {}
@@ -1367,7 +1375,7 @@ impl Session {
     /// tokio worker, and the request is answered only once its claim would survive a crash.
     /// The reader stops meanwhile (`deferred_line`, `resume_deferred`), so frames stay in
     /// order. `created`: see [`Session::subscribe`].
-    fn defer(&mut self, line: u64, frame: Frame, created: Option<DurableKey>) -> Flow {
+    fn defer(&mut self, line: u64, frame: Frame, created: Option<(DurableKey, u64)>) -> Flow {
         self.deferred = Some((line, frame, created));
         Flow::Continue
     }
@@ -1776,6 +1784,49 @@ mod tests {
         s.finish();
         assert!(!held(), "finish gives the name back");
         assert!(out.take(&mut frames).last, "and then lets the writer end");
+    }
+
+    /// A new durable is recorded at the relay's last sequence before its `Sub` is answered:
+    /// a `Sub` whose `SubOk` cannot be queued (here: a queue holding only the `Welcome`)
+    /// leaves it there, not at 0 — resumed from 0 it replayed the key id's whole history,
+    /// to an account without the replay right too.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_durable_whose_sub_ok_was_lost_does_not_start_at_the_beginning() {
+        let now = Instant::now();
+        let (mut publ, shared, _out) = session(Config::ephemeral(), 64, now);
+        let send = |s: &mut Session, f: Frame| s.on_inbound(Inbound::Frame(f.to_bytes()), now);
+        assert_eq!(send(&mut publ, hello()), Flow::Continue);
+        for i in 0..3u8 {
+            let p = Frame::Pub(Pub {
+                envelope: envelope(4, &[1]),
+                flags: 0,
+                publish_id: Some([i; 16]),
+                qos: Qos::AtLeastOnce,
+            });
+            assert_eq!(send(&mut publ, p), Flow::Continue);
+        }
+        let last = shared.router.last_seq().0;
+        assert!(last >= 3, "published: {last}");
+        let mut s = Session::new(
+            shared.clone(),
+            ConnId(2),
+            TransportKind::InProcess,
+            None,
+            Arc::new(Outbound::new(
+                1,
+                usize::MAX,
+                shared.config.queue.slow_consumer,
+                shared.budget.clone(),
+            )),
+            now,
+            None,
+        );
+        assert_eq!(send(&mut s, hello()), Flow::Continue);
+        // The SubOk finds the queue full: the connection closes.
+        assert_eq!(send(&mut s, durable_d(1, one_level(4))), Flow::Close);
+        s.finish();
+        let floor = shared.router.store().durable(&durable_d_key()).unwrap();
+        assert_eq!(floor, Some(last), "recorded where it started");
     }
 
     /// A lost-hold notice ends only the subscription that took that very hold: after the
