@@ -86,6 +86,10 @@ pub(crate) fn classify(e: &DecodeError) -> ErrorCode {
     }
 }
 
+/// A durable a deferred `Sub` created, and the floor it created it at (see
+/// [`Session::subscribe`]).
+type Created = Option<(DurableKey, u64)>;
+
 /// One connection's protocol state.
 #[derive(Debug)]
 pub(crate) struct Session {
@@ -156,7 +160,7 @@ pub(crate) struct Session {
     /// A `Sub` or `Pub` held until the auth-state line it needs is on disk; for a durable
     /// `Sub` that created its durable before recording the owner, that durable and the
     /// floor it was created at (see [`Session::subscribe`]).
-    deferred: Option<(u64, Frame, Option<(DurableKey, u64)>)>,
+    deferred: Option<(u64, Frame, Created)>,
     /// Where the store reports a durable name whose cluster-wide hold was lost, with the
     /// hold's generation ([`crate::store::HoldLost`]). Made at the first durable
     /// subscription: a channel costs ~2 KiB (its first block of slots), which every idle
@@ -688,7 +692,7 @@ impl Session {
     /// Handles a `Sub`. `created`: the durable this `Sub` created before it waited for its
     /// owner's auth-state line, and the floor it was created at (still there, it is handled
     /// as new again, not resumed from its floor).
-    fn subscribe(&mut self, s: Sub, created: Option<(DurableKey, u64)>) -> Flow {
+    fn subscribe(&mut self, s: Sub, created: Created) -> Flow {
         let sub_id = SubId(s.sub_id);
         let limits = &self.shared.config.limits;
         let depth = s.pattern.elems().len();
@@ -1375,7 +1379,7 @@ impl Session {
     /// tokio worker, and the request is answered only once its claim would survive a crash.
     /// The reader stops meanwhile (`deferred_line`, `resume_deferred`), so frames stay in
     /// order. `created`: see [`Session::subscribe`].
-    fn defer(&mut self, line: u64, frame: Frame, created: Option<(DurableKey, u64)>) -> Flow {
+    fn defer(&mut self, line: u64, frame: Frame, created: Created) -> Flow {
         self.deferred = Some((line, frame, created));
         Flow::Continue
     }
