@@ -1773,3 +1773,62 @@ async fn one_tenants_replay_flood_delays_anothers_replay_by_a_bounded_count_of_r
     drop((a, b, g, p));
     relay.stop().await;
 }
+
+/// A path (or key id) row left in the file without any message or retained value — the
+/// batch that created it committed, the one with its message did not (a full disk splits a
+/// publish across two batches), or the relay stopped between them — does not break the
+/// store: before, the next publish to that path inserted the row again, the UNIQUE
+/// constraint failed the whole batch (every tenant's writes in it) and reloading brought
+/// the same state back, for every publish to it, across restarts.
+#[tokio::test]
+async fn a_path_row_left_without_messages_does_not_break_later_commits() {
+    let dir = temp_dir("orphan-path");
+    let path = dir.join("s.db");
+    let config = file_config(&path);
+    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
+    let relay = relay_with(config.clone(), store.clone()).await;
+    let mut a = client_from("127.0.0.2", relay.tcp()).await;
+    let r = publish_one(
+        &mut a,
+        env_on(KA, 1, 0, 100),
+        Qos::AtLeastOnce,
+        pid(0, 1),
+        false,
+    )
+    .await;
+    assert!(matches!(r, Answer::Acked(_)), "{r:?}");
+    drop(a);
+    relay.stop().await;
+    store.close();
+    drop(store);
+    // The message goes; its path and key id rows stay.
+    {
+        let db = rusqlite::Connection::open(&path).unwrap();
+        db.execute("DELETE FROM msgs", []).unwrap();
+        let rows: i64 = db
+            .query_row("SELECT count(*) FROM paths", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 1);
+    }
+    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
+    let relay = relay_with(config, store.clone()).await;
+    let mut a = client_from("127.0.0.2", relay.tcp()).await;
+    for i in 1..4 {
+        let r = publish_one(
+            &mut a,
+            env_on(KA, 1, i, 100),
+            Qos::AtLeastOnce,
+            pid(i, 1),
+            false,
+        )
+        .await;
+        assert!(
+            matches!(r, Answer::Acked(_)),
+            "publish {i} to the same path: {r:?}"
+        );
+    }
+    let mut b = client_from("127.0.0.3", relay.tcp()).await;
+    assert_eq!(replay_all(&mut b, 9, all_of(KA)).await, vec![1, 2, 3]);
+    relay.stop().await;
+    store.close();
+}

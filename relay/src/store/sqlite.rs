@@ -837,6 +837,19 @@ struct Loaded {
 
 fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String> {
     let err = |e: rusqlite::Error| describe(&e);
+    // Path and key id rows a publish left without its message: the batch that created them
+    // committed and the one with the message did not (a full disk, with a backlog, splits a
+    // publish across two batches), or the relay stopped between them. Nothing refers to
+    // them, and they were not loaded: the next publish to that path inserted them again and
+    // its whole batch (every tenant's writes in it) failed on the UNIQUE constraint, reload
+    // after reload, across restarts. Best effort: left for the next load if this fails.
+    if let Err(e) = conn.execute_batch(
+        "DELETE FROM paths WHERE NOT EXISTS (SELECT 1 FROM msgs WHERE msgs.pid = paths.id)
+                           AND NOT EXISTS (SELECT 1 FROM retained WHERE retained.pid = paths.id);
+         DELETE FROM keys WHERE NOT EXISTS (SELECT 1 FROM paths WHERE paths.kid = keys.id);",
+    ) {
+        tracing::warn!(error = %describe(&e), "store: rows without messages not removed");
+    }
     let mut idx = Index::default();
     {
         let mut st = conn.prepare("SELECT id, key FROM tenants").map_err(err)?;
