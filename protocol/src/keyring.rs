@@ -792,7 +792,7 @@ impl Keyring {
             });
         }
         let n = u32::from_be_bytes(c.arr()?) as usize;
-        let mut parsed = Vec::with_capacity(n.min(bytes.len() / 49));
+        let mut parsed: FastMap<TreeId, Pin> = FastMap::default();
         for _ in 0..n {
             let id = TreeId(c.arr()?);
             let admin = SenderId::from_bytes(&c.arr()?)?;
@@ -807,10 +807,15 @@ impl Keyring {
                 admin,
                 passphrase: flags & PIN_FLAG_PASSPHRASE != 0,
             };
+            // Against the pins held, and the file's own earlier entries: two contradicting
+            // entries for one tree in one file were both taken, the last one winning.
             if let Some(old) = self.pins.get(&id) {
                 check_pin(&id, old, &pin)?;
             }
-            parsed.push((id, pin));
+            if let Some(old) = parsed.get(&id) {
+                check_pin(&id, old, &pin)?;
+            }
+            parsed.insert(id, pin);
         }
         c.finish()?;
         let mut added = 0;
@@ -1188,6 +1193,23 @@ mod tests {
         ));
         assert!(kr2.import_pins(&pins[..pins.len() - 1]).is_err());
         assert!(kr2.import_pins(&[9]).is_err());
+        // One file naming one tree twice with two admins is refused, changing nothing; the
+        // same pin twice is not a contradiction.
+        let mut twice = vec![PINS_FORMAT];
+        twice.extend_from_slice(&2u32.to_be_bytes());
+        for admin in [tk.admin(), other.admin()] {
+            twice.extend_from_slice(&tk.tree_id().0);
+            twice.extend_from_slice(&admin.to_bytes());
+            twice.push(0);
+        }
+        let mut kr3 = Keyring::new();
+        assert!(matches!(
+            kr3.import_pins(&twice),
+            Err(KeyError::AdminMismatch { .. })
+        ));
+        assert!(kr3.pin(tk.tree_id()).is_none(), "nothing imported");
+        let same: Vec<u8> = [&twice[..5], &twice[5..54], &twice[5..54]].concat();
+        assert_eq!(kr3.import_pins(&same).unwrap(), 1);
     }
 
     #[test]
