@@ -358,7 +358,9 @@ Uints for Vec<u64>,
 write |v, w| { w.array(v.len()); v.iter().for_each(|x| w.uint(*x)) },
 read |r, f, n| {
     let len = r.array_len(f, n, MAX_ACKS_PER_FRAME)?;
-    let mut v = Vec::with_capacity(len);
+    // Each item takes at least a byte: a few bytes claiming 4,096 items reserve no more
+    // than the input could hold (32 KiB before, for a 7-byte Hello before the handshake).
+    let mut v = Vec::with_capacity(len.min(r.remaining()));
     for _ in 0..len {
         v.push(r.uint(f, n)?);
     }
