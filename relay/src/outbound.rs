@@ -553,7 +553,8 @@ impl Outbound {
     /// Counts messages dropped elsewhere for this connection (reported with the next `Gap`).
     pub(crate) fn add_dropped(&self, n: u64) {
         let mut s = self.lock();
-        s.dropped += n;
+        // Saturating: `n` may come from another relay (a loss notice over NATS).
+        s.dropped = s.dropped.saturating_add(n);
         drop(s);
         self.notify.notify_one();
     }
@@ -960,6 +961,17 @@ mod tests {
             proptest::prop_assert_eq!(taken.len() as u64 - kept.len() as u64 + gaps, qos0);
             proptest::prop_assert_eq!(reported, gaps, "the offers report every drop");
         }
+    }
+
+    /// A loss count from elsewhere (another relay's notice over NATS) cannot overflow the
+    /// `Gap` count (it panicked in debug builds, under the queue's lock).
+    #[test]
+    fn loss_counts_saturate() {
+        let q = queue(4, usize::MAX, SlowConsumerPolicy::Drop);
+        q.add_dropped(u64::MAX);
+        q.add_dropped(u64::MAX);
+        let mut out = Vec::new();
+        assert_eq!(q.take(&mut out).dropped, u64::MAX);
     }
 
     #[test]
