@@ -359,8 +359,6 @@ impl Outbound {
         (outcome, was_empty)
     }
 
-    /// Whether a message of `len` bytes meets the slow-consumer policy: `capacity` messages
-    /// queued, or `max_bytes` with it (a message always fits an empty queue).
     /// Drops the oldest queued QoS 0 message (counted for the next `Gap`); false if there
     /// was none.
     fn evict_oldest_droppable(&self, s: &mut State) -> bool {
@@ -387,6 +385,8 @@ impl Outbound {
         s.msgs > self.capacity || (s.msgs > 1 && s.msg_bytes > self.max_bytes)
     }
 
+    /// Whether a message of `len` bytes meets the slow-consumer policy: `capacity` messages
+    /// queued, or `max_bytes` with it (a message always fits an empty queue).
     fn is_full(&self, s: &State, len: usize) -> bool {
         self.full_with(s.msgs, s.msg_bytes, len)
     }

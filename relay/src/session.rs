@@ -1740,6 +1740,18 @@ mod tests {
     ) -> (Session, Arc<Shared>, Arc<Outbound>) {
         let relay = Relay::builder(config).build().unwrap();
         let shared = relay.shared();
+        let (s, out) = session_on(&shared, 1, capacity, now);
+        (s, shared, out)
+    }
+
+    /// Another connection `conn` of the same relay, with an outbound queue of `capacity`
+    /// frames.
+    fn session_on(
+        shared: &Arc<Shared>,
+        conn: u64,
+        capacity: usize,
+        now: Instant,
+    ) -> (Session, Arc<Outbound>) {
         let out = Arc::new(Outbound::new(
             capacity,
             usize::MAX,
@@ -1748,14 +1760,14 @@ mod tests {
         ));
         let s = Session::new(
             shared.clone(),
-            ConnId(1),
+            ConnId(conn),
             TransportKind::InProcess,
             None,
             out.clone(),
             now,
             None,
         );
-        (s, shared, out)
+        (s, out)
     }
 
     /// The writer may end a connection only once the session gave its durable names back:
@@ -1811,20 +1823,7 @@ mod tests {
         }
         let last = shared.router.last_seq().0;
         assert!(last >= 3, "published: {last}");
-        let mut s = Session::new(
-            shared.clone(),
-            ConnId(2),
-            TransportKind::InProcess,
-            None,
-            Arc::new(Outbound::new(
-                1,
-                usize::MAX,
-                shared.config.queue.slow_consumer,
-                shared.budget.clone(),
-            )),
-            now,
-            None,
-        );
+        let (mut s, _) = session_on(&shared, 2, 1, now);
         assert_eq!(send(&mut s, hello()), Flow::Continue);
         // The SubOk finds the queue full: the connection closes.
         assert_eq!(send(&mut s, durable_d(1, one_level(4))), Flow::Close);
@@ -1921,21 +1920,7 @@ mod tests {
         };
         // The account buckets a new connection of `acct` charges.
         let buckets = |conn: u64, acct: Arc<Account>| {
-            let out = Arc::new(Outbound::new(
-                64,
-                usize::MAX,
-                shared.config.queue.slow_consumer,
-                shared.budget.clone(),
-            ));
-            let mut s = Session::new(
-                shared.clone(),
-                ConnId(conn),
-                TransportKind::InProcess,
-                None,
-                out,
-                now,
-                None,
-            );
+            let (mut s, _) = session_on(&shared, conn, 64, now);
             s.set_account(acct, Credential::token(b"alice's token"));
             s.account_rates.clone().expect("an account's buckets")
         };
@@ -1993,20 +1978,7 @@ mod tests {
                 }),
             );
         }
-        let mut publ = Session::new(
-            shared.clone(),
-            ConnId(2),
-            TransportKind::InProcess,
-            None,
-            Arc::new(Outbound::new(
-                64,
-                usize::MAX,
-                shared.config.queue.slow_consumer,
-                shared.budget.clone(),
-            )),
-            now,
-            None,
-        );
+        let (mut publ, _) = session_on(&shared, 2, 64, now);
         send(&mut publ, hello());
         send(
             &mut publ,
@@ -2134,21 +2106,7 @@ mod tests {
         let mut frames = Vec::new();
         sub_out.take(&mut frames); // Welcome, SubOk
         while sub_out.wait().now_or_never().is_some() {} // their wake-ups
-        let pub_out = Arc::new(Outbound::new(
-            64,
-            usize::MAX,
-            shared.config.queue.slow_consumer,
-            shared.budget.clone(),
-        ));
-        let mut publ = Session::new(
-            shared.clone(),
-            ConnId(2),
-            TransportKind::InProcess,
-            None,
-            pub_out,
-            now,
-            None,
-        );
+        let (mut publ, _) = session_on(&shared, 2, 64, now);
         assert_eq!(
             publ.on_inbound(Inbound::Frame(hello.to_bytes()), now),
             Flow::Continue

@@ -26,15 +26,19 @@ fn qos1_sub(sub_id: u64, pattern: TokenPattern, credit: Option<u64>) -> Frame {
     })
 }
 
-async fn hello_flow(c: &mut Client) -> u64 {
-    c.send(&Frame::Hello(Hello {
+/// A `Hello` asking for at-least-once delivery and flow control.
+fn flow_hello() -> Frame {
+    Frame::Hello(Hello {
         versions: vec![PROTOCOL_VERSION],
         features: features::AT_LEAST_ONCE | features::FLOW_CONTROL,
         client: Some("hostile-flow".into()),
         auth: None,
         account: None,
-    }))
-    .await;
+    })
+}
+
+async fn hello_flow(c: &mut Client) -> u64 {
+    c.send(&flow_hello()).await;
     match c.recv().await {
         Frame::Welcome(w) => w.features,
         other => panic!("expected Welcome, got {other:?}"),
@@ -824,30 +828,18 @@ async fn a_connection_that_never_acks_holds_at_most_its_unacked_bytes() {
 /// queue or the relay's budget never resumed while it kept sending.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_never_stops_sending_still_gets_its_redeliveries() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use whispeer_protocol::{codec, FrameDecoder};
     let mut config = Config::ephemeral();
     config.limits.publish_rate = 0;
     config.delivery.ack_timeout_ms = 200;
     let relay = TestRelay::start(config).await;
-    let mut s = Client::tcp(relay.tcp()).await;
-    hello_flow(&mut s).await;
-    s.send(&qos1_sub(1, exact(1, &[1]), None)).await;
-    assert!(matches!(s.recv().await, Frame::SubOk(_)));
-    drop(s);
-    // The same again on a raw socket, to write and read at once.
+    // A raw socket, to write and read at once.
     let stream = tokio::net::TcpStream::connect(relay.tcp()).await.unwrap();
     let (mut r, mut w) = stream.into_split();
-    let hello = Frame::Hello(Hello {
-        versions: vec![PROTOCOL_VERSION],
-        features: features::AT_LEAST_ONCE | features::FLOW_CONTROL,
-        client: Some("pinger".into()),
-        auth: None,
-        account: None,
-    });
-    w.write_all(&codec::encode_prefixed(&hello)).await.unwrap();
+    w.write_all(&codec::encode_prefixed(&flow_hello()))
+        .await
+        .unwrap();
     w.write_all(&codec::encode_prefixed(&qos1_sub(1, exact(1, &[1]), None)))
         .await
         .unwrap();
@@ -870,18 +862,10 @@ async fn a_connection_that_never_stops_sending_still_gets_its_redeliveries() {
     };
     assert_eq!((first.seq, first.flags), (seqs[0], 0));
     // Never acked; publishes pipelined without pause from now on.
-    let stop = Arc::new(AtomicBool::new(false));
-    let pinger = {
-        let stop = stop.clone();
+    let publisher = {
         let one = codec::encode_prefixed(&pub_frame(envelope_sized(1, &[2], 16)));
-        let pings: Vec<u8> = one.iter().copied().cycle().take(one.len() * 4096).collect();
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                if w.write_all(&pings).await.is_err() {
-                    break;
-                }
-            }
-        })
+        let many: Vec<u8> = one.iter().copied().cycle().take(one.len() * 4096).collect();
+        tokio::spawn(async move { while w.write_all(&many).await.is_ok() {} })
     };
     let again = tokio::time::timeout(std::time::Duration::from_secs(20), async {
         loop {
@@ -894,7 +878,6 @@ async fn a_connection_that_never_stops_sending_still_gets_its_redeliveries() {
     })
     .await
     .expect("no redelivery within 20 s (100 ack timeouts) while the client kept sending");
-    stop.store(true, Ordering::Relaxed);
+    publisher.abort();
     assert_eq!((again.seq, again.flags), (seqs[0], msg_flags::REDELIVERED));
-    pinger.abort();
 }

@@ -139,6 +139,13 @@ async fn relay_with(config: Config, store: Arc<SqliteStore>) -> TestRelay {
     )
 }
 
+/// A relay over a file store opened from `config` (the store, for the test to inspect).
+async fn file_relay(config: Config) -> (Arc<SqliteStore>, TestRelay) {
+    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
+    let relay = relay_with(config, store.clone()).await;
+    (store, relay)
+}
+
 /// Waits (bounded) until `f` holds, re-checking after each turn of the store's writer.
 async fn wait_until(store: &SqliteStore, what: &str, mut f: impl FnMut() -> bool) {
     let mut changes = store.changes();
@@ -165,8 +172,7 @@ async fn tenant_quota_refuses_one_source_address_and_not_another() {
     let mut config = file_config(&dir.join("s.db"));
     config.store.tenant_max_messages = 20;
     config.store.tenant_max_bytes = 64 * 1024;
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config, store.clone()).await;
+    let (store, relay) = file_relay(config).await;
 
     let mut a = client_from("127.0.0.2", relay.tcp()).await;
     let mut b = client_from("127.0.0.3", relay.tcp()).await;
@@ -280,8 +286,7 @@ async fn path_retained_and_durable_quotas_per_tenant() {
     config.store.tenant_max_paths = 5;
     config.store.tenant_max_retained = 2;
     config.store.tenant_max_durables = 2;
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config, store.clone()).await;
+    let (store, relay) = file_relay(config).await;
     let mut a = client_from("127.0.0.2", relay.tcp()).await;
 
     // Distinct paths: five, then refused (random key ids do not help).
@@ -533,8 +538,7 @@ async fn global_quota_applies_across_tenants_and_live_routing_goes_on() {
     config.store.total_max_messages = 50;
     // No reserve: the total is first-come (the reserve has its own test below).
     config.store.reserve_percent = 0;
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config, store.clone()).await;
+    let (store, relay) = file_relay(config).await;
     let mut acked = 0;
     let mut refused = None;
     'tenants: for t in 2..6u8 {
@@ -600,8 +604,7 @@ async fn tenants_that_filled_the_store_leave_the_reserve_to_the_others() {
     // 20 % of 50 = 10 kept back, shared by 5 tenants: 2 each.
     config.store.reserve_percent = 20;
     config.store.reserve_tenants = 5;
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config, store.clone()).await;
+    let (store, relay) = file_relay(config).await;
     // Publishes until the first refusal (at most `max`): (acked, the refusal).
     async fn fill(
         c: &mut Client,
@@ -687,8 +690,7 @@ async fn a_big_tenant_cannot_take_over_values_stored_in_the_reserve() {
     // 20 % of 10 = 2 kept back, 2 tenants: 1 each; the common part is 8.
     config.store.reserve_percent = 20;
     config.store.reserve_tenants = 2;
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config, store.clone()).await;
+    let (store, relay) = file_relay(config).await;
     async fn retain(c: &mut Client, t: u8, level: u8) -> Answer {
         let env = env_on([0xAB; 16], level, u64::from(level), 64);
         publish_one(c, env, Qos::AtLeastOnce, pid(u64::from(level), t), true).await
@@ -729,8 +731,7 @@ async fn a_tenant_past_the_line_still_replaces_its_own_retained_values() {
     config.store.total_max_bytes = 10 * size;
     config.store.reserve_percent = 20;
     config.store.reserve_tenants = 2;
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config, store.clone()).await;
+    let (store, relay) = file_relay(config).await;
     async fn retain(c: &mut Client, level: u8, i: u64) -> Answer {
         let env = env_on([0xCD; 16], level, i, 400);
         publish_one(c, env, Qos::AtMostOnce, pid(i, level), true).await
@@ -759,8 +760,7 @@ async fn a_full_store_queue_answers_busy_and_never_stalls_others() {
     let mut config = file_config(&dir.join("s.db"));
     config.store.queue = 2;
     config.store.max_batch = 1;
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config, store.clone()).await;
+    let (store, relay) = file_relay(config).await;
     let mut p = client_from("127.0.0.2", relay.tcp()).await;
     const N: u64 = 2_000;
     for i in 0..N {
@@ -809,8 +809,7 @@ async fn another_tenants_store_backlog_never_holds_back_a_new_subscription() {
     let dir = temp_dir("barrier");
     let db = dir.join("s.db");
     let config = file_config(&db);
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config, store.clone()).await;
+    let (_store, relay) = file_relay(config).await;
     // Key A holds a retained value and a stored message, committed.
     let mut a = client_from("127.0.0.4", relay.tcp()).await;
     let r = publish_one(
@@ -889,8 +888,7 @@ async fn live_routing_goes_on_while_the_writer_is_stuck_and_its_queue_is_full() 
     let mut config = file_config(&db);
     config.store.queue = 64;
     config.store.max_batch = 16;
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config, store.clone()).await;
+    let (store, relay) = file_relay(config).await;
     let mut c = client_from("127.0.0.4", relay.tcp()).await;
     c.send(&sub(1, all_of(KB), None, false)).await;
     assert!(matches!(c.recv().await, Frame::SubOk(_)));
@@ -988,8 +986,7 @@ async fn the_write_queue_is_bounded_in_bytes_while_the_writer_is_stuck() {
     let mut config = file_config(&db);
     config.store.queue = 65_536;
     config.store.queue_bytes = 64 << 10;
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config, store.clone()).await;
+    let (store, relay) = file_relay(config).await;
     let lock = rusqlite::Connection::open(&db).unwrap();
     lock.execute_batch("BEGIN IMMEDIATE").unwrap();
     let busy = store.metrics().busy_rejections;
@@ -1173,8 +1170,7 @@ async fn replay_flood_under_random_key_ids_reads_no_row_and_the_honest_client_lo
     config.limits.max_subscriptions = 100_000;
     // The preload pipelines its publishes; the per-connection publish rate is not tested here.
     config.limits.publish_rate = 0;
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config, store.clone()).await;
+    let (store, relay) = file_relay(config).await;
     let addr = relay.tcp();
     // Another tenant's stored history: what a scan would have to read.
     {
@@ -1299,8 +1295,7 @@ async fn disk_full_is_refused_retryably_live_routing_goes_on_and_the_store_resum
     };
     let mut config = file_config(&disk.dir.join("s.db"));
     config.store.retry_ms = 50;
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config, store.clone()).await;
+    let (store, relay) = file_relay(config).await;
     let addr = relay.tcp();
     let mut p = client_from("127.0.0.2", addr).await;
     let mut acked: Vec<u64> = Vec::new();
@@ -1785,8 +1780,7 @@ async fn a_path_row_left_without_messages_does_not_break_later_commits() {
     let dir = temp_dir("orphan-path");
     let path = dir.join("s.db");
     let config = file_config(&path);
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config.clone(), store.clone()).await;
+    let (store, relay) = file_relay(config.clone()).await;
     let mut a = client_from("127.0.0.2", relay.tcp()).await;
     let r = publish_one(
         &mut a,
@@ -1810,8 +1804,7 @@ async fn a_path_row_left_without_messages_does_not_break_later_commits() {
             .unwrap();
         assert_eq!(rows, 1);
     }
-    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
-    let relay = relay_with(config, store.clone()).await;
+    let (store, relay) = file_relay(config).await;
     let mut a = client_from("127.0.0.2", relay.tcp()).await;
     for i in 1..4 {
         let r = publish_one(
