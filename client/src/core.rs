@@ -186,6 +186,18 @@ struct LocalSub {
     latest: HashMap<u64, u64>,
     /// `latest` could not take a topic: duplicates are no longer re-shown to it.
     latest_full: bool,
+    /// Relay ids whose history the relay said (`SubOk.history`) ends with `ReplayDone`, not
+    /// ended yet. Until then the relay holds back their live messages and sends them after
+    /// `ReplayDone`; a live `Msg` names no subscription, so one that reaches the client
+    /// meanwhile for another subscription of the connection is not this one's yet: taken
+    /// now it would come before this subscription's history (or retained values) and
+    /// before the live messages held back earlier.
+    held: Vec<u64>,
+    /// Relay sequences of live messages this subscription did not take while held (see
+    /// `held`): the relay's own copy, which follows, is still this subscription's although
+    /// the dedup window has seen it. At most [`MAX_GOT`]: once full, live messages are
+    /// taken as they come again (in order or not, never lost).
+    skipped: std::collections::HashSet<u64>,
 }
 
 /// A (topic, message) pair as [`LocalSub::latest`] holds it: the first 8 bytes of the
@@ -219,6 +231,27 @@ impl LocalSub {
     fn wants_history(&self, seq: u64) -> bool {
         (self.opts.durable.is_some() || !self.replaying.is_empty())
             && !matches!(self.opts.replay, Some(frame::Replay::FromSeq(from)) if seq < from)
+    }
+
+    /// Whether live message `msg` (naming no subscription, not replayed) is one the relay
+    /// holds back for this subscription: it matches a relay subscription whose history has
+    /// not ended (see `held`). Unnumbered messages are not (their copy could not be told
+    /// from them), nor any once `skipped` is full.
+    fn holds_back(&self, msg: &Msg) -> bool {
+        let history = frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED;
+        if self.held.is_empty()
+            || msg.seq == 0
+            || msg.sub_id.is_some()
+            || msg.flags & history != 0
+            || self.skipped.len() >= MAX_GOT
+        {
+            return false;
+        }
+        let path = msg.envelope.token_path();
+        self.relay_ids
+            .iter()
+            .zip(&self.patterns)
+            .any(|(rid, p)| self.held.contains(rid) && p.matches(&path))
     }
 }
 
@@ -631,6 +664,7 @@ impl ClientCore {
             for s in self.subs.values_mut() {
                 s.last_seq = 0;
                 s.positions.clear();
+                s.skipped.clear();
             }
         }
         self.space = Some(space);
@@ -721,7 +755,8 @@ impl ClientCore {
                 | frame::features::REPLAY
                 | frame::features::DURABLE
                 | frame::features::FLOW_CONTROL
-                | frame::features::DURABLE_DELETE,
+                | frame::features::DURABLE_DELETE
+                | frame::features::HISTORY_END,
             client: Some(client.to_owned()),
             auth: None,
             account: None,
@@ -783,6 +818,7 @@ impl ClientCore {
             other => other,
         };
         sub.replaying.clear();
+        sub.held.clear();
         for old in sub.relay_ids.drain(..) {
             self.relay_to_local.remove(&old);
         }
@@ -900,6 +936,8 @@ impl ClientCore {
                 patterns: Vec::new(),
                 latest: HashMap::new(),
                 latest_full: false,
+                held: Vec::new(),
+                skipped: Default::default(),
             },
         );
         let frames = self.sub_frames(id, now_ms);
@@ -913,29 +951,39 @@ impl ClientCore {
     }
 
     /// The relay ended the history of relay subscription `relay_id` (`ReplayDone` with its
-    /// boundary `seq`): live messages follow from there.
-    pub fn replay_done(&mut self, relay_id: u64, seq: u64) {
+    /// boundary `seq`): live messages follow from there. Returns whether that was a replay
+    /// (asked for, or a durable's) rather than only retained values.
+    pub fn replay_done(&mut self, relay_id: u64, seq: u64) -> bool {
         let Some(local) = self.relay_to_local.get(&relay_id).copied() else {
-            return;
+            return false;
         };
-        if let Some(sub) = self.subs.get_mut(&local) {
-            sub.replaying.retain(|r| *r != relay_id);
-            if sub.replaying.is_empty() {
-                sub.got = None;
-            }
-            sub.reached(relay_id, seq);
+        let Some(sub) = self.subs.get_mut(&local) else {
+            return false;
+        };
+        let held = sub.held.contains(&relay_id);
+        let replay = sub.replaying.contains(&relay_id) || sub.opts.durable.is_some();
+        sub.held.retain(|r| *r != relay_id);
+        sub.replaying.retain(|r| *r != relay_id);
+        if sub.replaying.is_empty() {
+            sub.got = None;
         }
+        sub.reached(relay_id, seq);
+        replay || !held
     }
 
     /// The relay confirmed relay subscription `relay_id` (`SubOk` with boundary `seq`).
     /// Without history to come, its live messages follow from `seq`: a resume of it starts
     /// there even if none arrived (messages of its key id numbered below another key id's
-    /// latest may still have been on their way).
-    pub fn sub_confirmed(&mut self, relay_id: u64, seq: u64) {
+    /// latest may still have been on their way). `history` (`SubOk.history`): the relay
+    /// holds back its live messages until `ReplayDone` (see `LocalSub::held`).
+    pub fn sub_confirmed(&mut self, relay_id: u64, seq: u64, history: bool) {
         let Some(local) = self.relay_to_local.get(&relay_id).copied() else {
             return;
         };
         if let Some(sub) = self.subs.get_mut(&local) {
+            if history && !sub.held.contains(&relay_id) {
+                sub.held.push(relay_id);
+            }
             if !sub.replaying.contains(&relay_id) {
                 sub.reached(relay_id, seq);
             }
@@ -1049,6 +1097,20 @@ impl ClientCore {
             self.stats.decompressed += 1; // by the open job
         }
         let routed = self.routed(msg);
+        {
+            // Not theirs yet: the relay's copy follows their history (`LocalSub::held`).
+            let held: Vec<LocalSubId> = self
+                .subs
+                .iter()
+                .filter(|(_, s)| s.holds_back(msg))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in held {
+                if let Some(s) = self.subs.get_mut(&id) {
+                    s.skipped.insert(msg.seq);
+                }
+            }
+        }
         if routed
             .iter()
             .any(|id| self.subs[id].opts.acking() && !room(*id))
@@ -1082,11 +1144,13 @@ impl ClientCore {
     /// Whether `msg` is addressed to subscription `id` at all: a message naming a relay
     /// subscription (`Msg.sub_id`: history, retained values) only to the one it names
     /// (nowhere if that one is gone); an unnamed `REPLAYED` one only to subscriptions still
-    /// in their history. Known without opening the envelope.
+    /// in their history; an unnamed live one not to a subscription whose live messages the
+    /// relay holds back ([`LocalSub::holds_back`]). Known without opening the envelope.
     fn addressed_to(&self, msg: &Msg, id: LocalSubId, s: &LocalSub) -> bool {
         match msg.sub_id {
             Some(rid) => self.relay_to_local.get(&rid) == Some(&id),
-            None => msg.flags & frame::msg_flags::REPLAYED == 0 || s.wants_history(msg.seq),
+            None if msg.flags & frame::msg_flags::REPLAYED != 0 => s.wants_history(msg.seq),
+            None => !s.holds_back(msg),
         }
     }
 
@@ -1189,10 +1253,11 @@ impl ClientCore {
                                     && s.latest.get(&t) != Some(&d)
                             }
                             None => {
-                                replayed
+                                (replayed
                                     && s.got
                                         .as_ref()
-                                        .is_some_and(|g| g.len() < MAX_GOT && !g.contains(&key))
+                                        .is_some_and(|g| g.len() < MAX_GOT && !g.contains(&key)))
+                                    || (msg.seq > 0 && s.skipped.contains(&msg.seq))
                             }
                         }
                     })
@@ -1262,6 +1327,11 @@ impl ClientCore {
         };
         if let Some(a) = accepted {
             self.guard.commit(a);
+        }
+        for id in targets.iter().chain(&lagged) {
+            if let Some(s) = self.subs.get_mut(id) {
+                s.skipped.remove(&msg.seq);
+            }
         }
         for id in &targets {
             if let Some(s) = self.subs.get_mut(id) {
@@ -1626,7 +1696,7 @@ mod tests {
         assert_eq!(frames.len(), 2, "one pattern per tree");
         for f in &frames {
             let Frame::Sub(s) = f else { panic!("{f:?}") };
-            core.sub_confirmed(s.sub_id, 5);
+            core.sub_confirmed(s.sub_id, 5, false);
         }
         // Tree 2's message 12 arrives; tree 1's 11 does not (the connection drops).
         let seal = |tree: &TreeKey, rng: &mut rand_chacha::ChaCha20Rng| {

@@ -189,6 +189,72 @@ async fn wildcards_deliver_exactly_the_matching_topics() {
     relay.stop().await;
 }
 
+/// A subscription's retained values come before its live messages, in order, although
+/// another subscription of the same client gets those live messages meanwhile: live `Msg`s
+/// name no subscription, and the relay holds the new subscription's back until its
+/// retained values are sent (`SubOk.history`, then `ReplayDone`). Taken as they came, the
+/// live messages published right after `subscribe` returned reached `sensor/#` through
+/// `sensor/+/temp` before its retained values and before the ones only it matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_values_come_before_live_messages_another_subscription_shares() {
+    let relay = TestRelay::start().await;
+    let t = tree("order");
+    let c = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    let p = ws_client(&relay.ws_url(), keyring_with(&t), identity()).await;
+    const RETAINED: usize = 400;
+    let filler = "x".repeat(2048);
+    for i in 0..RETAINED {
+        let o = PublishOptions::default().retain();
+        let o = if i + 1 == RETAINED { o.ack() } else { o };
+        p.publish_with(&format!("sensor/r{i}"), &format!("r{i} {filler}"), o)
+            .await
+            .unwrap();
+    }
+    let mut plus = c.subscribe::<String>("sensor/+/temp").await.unwrap();
+    let mut hash = c.subscribe::<String>("sensor/#").await.unwrap();
+    // Live at once, while `sensor/#`'s retained values are on their way: every other one
+    // matches `sensor/+/temp` too.
+    let topics = |i: usize| {
+        if i % 2 == 0 {
+            "sensor/a/temp"
+        } else {
+            "sensor/b"
+        }
+    };
+    for i in 0..40 {
+        p.publish(topics(i), &format!("l{i}")).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    for _ in 0..RETAINED + 40 {
+        let m = within("sensor/#", hash.next()).await.unwrap().unwrap();
+        seen.push((m.retained, m.value.split(' ').next().unwrap().to_owned()));
+    }
+    let (retained, live) = seen.split_at(RETAINED);
+    assert!(
+        retained.iter().all(|(r, _)| *r),
+        "a live message before the retained values ended: {:?}",
+        live.iter().filter(|(r, _)| *r).take(3).collect::<Vec<_>>()
+    );
+    let live: Vec<&str> = live.iter().map(|(_, v)| v.as_str()).collect();
+    let want: Vec<String> = (0..40).map(|i| format!("l{i}")).collect();
+    assert_eq!(live, want, "live messages in publish order");
+    for i in (0..40).step_by(2) {
+        let m = within("sensor/+/temp", plus.next()).await.unwrap().unwrap();
+        assert_eq!(m.value, format!("l{i}"));
+    }
+    // Nothing twice: the next on each is a sentinel.
+    p.publish("sensor/a/temp", "end").await.unwrap();
+    assert_eq!(
+        within("end", plus.next()).await.unwrap().unwrap().value,
+        "end"
+    );
+    assert_eq!(
+        within("end", hash.next()).await.unwrap().unwrap().value,
+        "end"
+    );
+    relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_key_nothing_is_seen_and_rejections_are_counted() {
     let relay = TestRelay::start().await;

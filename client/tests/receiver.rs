@@ -573,7 +573,15 @@ async fn a_relay_sequence_of_u64_max_neither_panics_nor_wraps_the_resume_point()
             }
             other => panic!("expected Sub, got {}", other.name()),
         };
-        write_frame(&mut conn.s, &Frame::SubOk(SubOk { sub_id, seq: 0 })).await;
+        write_frame(
+            &mut conn.s,
+            &Frame::SubOk(SubOk {
+                sub_id,
+                seq: 0,
+                history: None,
+            }),
+        )
+        .await;
         write_frame(
             &mut conn.s,
             &Frame::Msg(Msg {

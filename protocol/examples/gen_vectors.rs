@@ -645,7 +645,11 @@ fn main() {
             credit: None,
             owner: None,
         }),
-        Frame::SubOk(SubOk { sub_id: 1, seq: 41 }),
+        Frame::SubOk(SubOk {
+            sub_id: 1,
+            seq: 41,
+            history: None,
+        }),
         Frame::Pub(Pub {
             envelope: env.clone(),
             flags: pub_flags::ACK | pub_flags::RETAIN,

@@ -57,6 +57,12 @@ pub mod features {
     /// The relay deletes a durable subscription on `Unsub.delete` (a relay without it
     /// ignores the key: the durable would stay).
     pub const DURABLE_DELETE: u64 = 1 << 6;
+    /// The relay ends a subscription's retained values with `ReplayDone` as it ends a
+    /// replay, and says in `SubOk.history` when one follows: until then it holds back the
+    /// subscription's live messages, so a client holds back those it gets for another
+    /// subscription of the connection (live `Msg`s name none) and takes the relay's copy
+    /// after `ReplayDone`, in order.
+    pub const HISTORY_END: u64 = 1 << 7;
 }
 
 /// Picks the version both sides speak: the highest offered version this crate supports.
@@ -691,6 +697,10 @@ frames! {
         1 => sub_id: u64 as Uint [req],
         /// The relay's last assigned sequence when the subscription became live (0 if none).
         2 => seq: u64 as Uint [always(0)],
+        /// `Some(true)` (relays granting [`features::HISTORY_END`]): history (replayed or
+        /// retained messages) follows, ended by `ReplayDone`; the relay holds back this
+        /// subscription's live messages until then and sends them after it.
+        3 => history: bool as Flag [opt],
     }
 
     /// Client → relay: publish an envelope. The relay reads the route from the envelope header.

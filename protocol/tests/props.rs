@@ -152,7 +152,16 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             ),
         (any::<u64>(), proptest::option::of(any::<bool>()))
             .prop_map(|(sub_id, delete)| Frame::Unsub(Unsub { sub_id, delete })),
-        (any::<u64>(), any::<u64>()).prop_map(|(sub_id, seq)| Frame::SubOk(SubOk { sub_id, seq })),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::of(any::<bool>())
+        )
+            .prop_map(|(sub_id, seq, history)| Frame::SubOk(SubOk {
+                sub_id,
+                seq,
+                history
+            })),
         (
             arb_envelope(),
             0u64..2,

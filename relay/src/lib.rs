@@ -75,3 +75,30 @@ pub use error::RelayError;
 pub use ids::{ConnId, Seq, SubId, TransportKind};
 pub use relay::{run, BoundAddrs, Listeners, Relay, RelayBuilder, RelayHandle, LISTEN_MSS};
 pub use whispeer_protocol as protocol;
+
+/// Envelopes for unit tests: a well-formed header over fixed ciphertext.
+#[cfg(test)]
+pub(crate) mod test_envelope {
+    use bytes::Bytes;
+    use whispeer_protocol::envelope_header::HeaderFields;
+    use whispeer_protocol::{Envelope, KeyId, TopicToken};
+
+    /// An envelope of key id `[k; 16]` whose tokens are `[t; 16]` for each `t` of `levels`.
+    pub(crate) fn envelope(k: u8, levels: &[u8]) -> Envelope {
+        let tokens: Vec<TopicToken> = levels
+            .iter()
+            .map(|t| TopicToken::from_bytes([*t; 16]))
+            .collect();
+        let mut out = Vec::new();
+        HeaderFields {
+            flags: 0,
+            key_id: KeyId::from_bytes([k; 16]),
+            nonce: [0; 24],
+            commit: [0; 32],
+            tokens: &tokens,
+        }
+        .write_prefix(48, &mut out);
+        out.extend_from_slice(&[1; 64]);
+        Envelope::from_bytes(Bytes::from(out)).unwrap()
+    }
+}

@@ -44,13 +44,7 @@ pub(crate) async fn history(
             0
         }
     };
-    let done = done_frame.then(|| {
-        codec::encode_prefixed(&Frame::ReplayDone(ReplayDone {
-            sub_id,
-            seq: boundary.0,
-            count,
-        }))
-    });
+    let done = done_frame.then(|| done(sub_id, boundary, count));
     open_gate(&shared, &tenant, &target, &pattern, done).await;
 }
 
@@ -77,14 +71,17 @@ async fn open_gate(
 
 /// Sends the retained values of the paths `target` matches (sequence up to the boundary)
 /// and opens its gate; newer values arrive live from the gate buffer. The read runs in
-/// `tenant`'s turn on the store-reader thread.
+/// `tenant`'s turn on the store-reader thread. `done_frame` (`HISTORY_END` granted): end
+/// them with `ReplayDone`, as a replay.
 pub(crate) async fn retained(
     shared: Arc<Shared>,
     tenant: Tenant,
     target: Arc<Target>,
     pattern: TokenPattern,
     boundary: Seq,
+    done_frame: bool,
 ) {
+    let mut count = 0u64;
     let store = shared.router.store().clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
     // Only this key id's queued writes must reach the file first: other tenants' backlog
@@ -120,6 +117,7 @@ pub(crate) async fn retained(
                     msg_flags::RETAINED,
                     target.sub.0,
                 ));
+                count += 1;
             }
             from = chunk.next;
             wait_room(&target).await;
@@ -142,7 +140,23 @@ pub(crate) async fn retained(
                 })));
         }
     }
-    open_gate(&shared, &tenant, &target, &pattern, None).await;
+    open_gate(
+        &shared,
+        &tenant,
+        &target,
+        &pattern,
+        done_frame.then(|| done(target.sub.0, boundary, count)),
+    )
+    .await;
+}
+
+/// The `ReplayDone` frame that ends subscription `sub_id`'s history.
+fn done(sub_id: u64, boundary: Seq, count: u64) -> bytes::Bytes {
+    codec::encode_prefixed(&Frame::ReplayDone(ReplayDone {
+        sub_id,
+        seq: boundary.0,
+        count,
+    }))
 }
 
 async fn send(

@@ -671,6 +671,7 @@ impl Session {
         if offered & features::AT_LEAST_ONCE != 0 {
             offered |= features::FLOW_CONTROL;
         }
+        offered |= features::HISTORY_END;
         self.granted = wanted & offered;
         let cfg = &self.shared.config;
         let welcome = Frame::Welcome(Welcome {
@@ -928,6 +929,12 @@ impl Session {
                 .saturating_mul(16)
                 .max(1024),
         };
+        // A client granted `HISTORY_END` learns from `SubOk` that `ReplayDone` ends this
+        // subscription's history (replay or retained values): it holds back the live
+        // messages it gets for it meanwhile (for another subscription of the connection),
+        // since the relay holds back its own copies and sends them after `ReplayDone`.
+        let history_end = self.granted & features::HISTORY_END != 0;
+        let history = (history_end && (replay.is_some() || want_retained)).then_some(true);
         let (offer, target, boundary) =
             self.shared
                 .router
@@ -935,6 +942,7 @@ impl Session {
                     codec::encode_prefixed(&Frame::SubOk(SubOk {
                         sub_id: sub_id.0,
                         seq: seq.0,
+                        history,
                     }))
                 });
         match offer {
@@ -965,7 +973,7 @@ impl Session {
             self.tracked.insert(sub_id, (t, target.clone()));
         }
         if let Some(replay) = replay {
-            let done = self.granted & features::REPLAY != 0;
+            let done = self.granted & (features::REPLAY | features::HISTORY_END) != 0;
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
                     rt.spawn(crate::replay::history(
@@ -996,6 +1004,7 @@ impl Session {
                         target,
                         s.pattern,
                         boundary,
+                        history_end,
                     ));
                 }
                 Err(_) => {
@@ -1587,27 +1596,10 @@ mod tests {
     use crate::config::Config;
     use crate::relay::Relay;
     use proptest::prelude::*;
-    use whispeer_protocol::envelope_header::HeaderFields;
     use whispeer_protocol::frame::{Ack, Msg, Ping, Sub};
-    use whispeer_protocol::{Envelope, KeyId, PatternElem, Qos, TopicToken};
+    use whispeer_protocol::{KeyId, PatternElem, Qos, TopicToken};
 
-    fn envelope(k: u8, levels: &[u8]) -> Envelope {
-        let tokens: Vec<TopicToken> = levels
-            .iter()
-            .map(|t| TopicToken::from_bytes([*t; 16]))
-            .collect();
-        let mut out = Vec::new();
-        HeaderFields {
-            flags: 0,
-            key_id: KeyId::from_bytes([k; 16]),
-            nonce: [0; 24],
-            commit: [0; 32],
-            tokens: &tokens,
-        }
-        .write_prefix(48, &mut out);
-        out.extend_from_slice(&[1; 64]);
-        Envelope::from_bytes(Bytes::from(out)).unwrap()
-    }
+    use crate::test_envelope::envelope;
 
     fn frame() -> impl Strategy<Value = Frame> {
         let pattern = (

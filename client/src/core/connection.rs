@@ -1088,7 +1088,8 @@ impl Engine {
         match f {
             Frame::Msg(m) => self.on_msg(&m, now),
             Frame::SubOk(ok) => {
-                self.core.sub_confirmed(ok.sub_id, ok.seq);
+                self.core
+                    .sub_confirmed(ok.sub_id, ok.seq, ok.history == Some(true));
                 self.sub_ok(ok.sub_id)
             }
             Frame::PubAck(a) => {
@@ -1108,8 +1109,10 @@ impl Engine {
             Frame::Ping(p) => self.send(Frame::Pong(Pong { nonce: p.nonce })),
             Frame::ReplayDone(d) => {
                 if let Some(sub) = self.core.local_for(d.sub_id) {
-                    self.core.replay_done(d.sub_id, d.seq);
-                    self.emit(Event::ReplayDone { sub, seq: d.seq });
+                    // Only a replay's end is the application's (retained values end too).
+                    if self.core.replay_done(d.sub_id, d.seq) {
+                        self.emit(Event::ReplayDone { sub, seq: d.seq });
+                    }
                 }
             }
             Frame::Gap(g) => {

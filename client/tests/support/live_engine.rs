@@ -47,6 +47,7 @@ pub fn live_engine(
         Frame::SubOk(SubOk {
             sub_id: rid,
             seq: 0,
+            history: None,
         }),
         now,
     );

@@ -260,6 +260,7 @@ impl FakeRelay {
                         let ok = Frame::SubOk(frame::SubOk {
                             sub_id: s.sub_id,
                             seq: 0,
+                            history: None,
                         });
                         // Confirmed before the test sees it: what it sends next follows.
                         write_frame(&mut *out.lock().await, &ok).await;
