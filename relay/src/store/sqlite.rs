@@ -1394,6 +1394,26 @@ impl Shared {
         }
     }
 
+    /// Records sequences `lo..=hi` as dropped (an empty range records nothing): never
+    /// acknowledged as durable. A range that meets the last one extends it, so a store
+    /// that stays down (the writer drops what is queued turn after turn) does not push
+    /// older ranges out of the bounded list.
+    fn lose(&self, lo: u64, hi: u64) {
+        if lo > hi {
+            return;
+        }
+        let mut lost = lock(&self.lost);
+        match lost.back_mut() {
+            Some(last) if last.0 <= lo && lo <= last.1.saturating_add(1) => {
+                last.1 = last.1.max(hi);
+            }
+            _ => lost.push_back((lo, hi)),
+        }
+        while lost.len() > 64 {
+            lost.pop_front();
+        }
+    }
+
     /// Whether `seq` was dropped by a failed commit.
     fn is_lost(&self, seq: u64) -> bool {
         lock(&self.lost)
@@ -1487,9 +1507,22 @@ impl Shared {
                 || self.cfg.durable_idle_ms > 0;
             let sweep = ages && now >= last_sweep + 1000;
             if down {
-                // Refused while down; anything queued anyway is dropped (its waiters fail).
+                // Refused while down; anything queued anyway is dropped, and lost exactly
+                // as what `fail` dropped (its waiters fail). `append` checks `down` before
+                // it queues, so a write can be queued after `fail` emptied the queue; left
+                // out of `lost`, its sequence would fall under `committed` (raised to
+                // `mark` here, or by the next live-only append) and `when_durable` would
+                // answer Ok — a `PubAck` for a message never stored. (Re-checking `down`
+                // in `enqueue` would not do: `append` has counted the write in the index
+                // by then.) Nothing commits while down, so every sequence assigned so far
+                // and not committed is lost; `try_recover` starts after them.
                 let mut q = lock(&self.queue);
                 q.inflight = false;
+                if count > 0 {
+                    let hi = self.last.load(Relaxed);
+                    self.lose(self.committed.load(Relaxed) + 1, hi);
+                    self.committed.fetch_max(hi, Relaxed);
+                }
                 self.committed.fetch_max(mark, Relaxed);
                 drop(q);
             } else if count > 0 || sweep || persist {
@@ -1580,15 +1613,7 @@ impl Shared {
         q.mark = 0;
         q.inflight = false;
         held.append(&mut q.waiters);
-        {
-            let mut lost = lock(&self.lost);
-            if lo <= hi {
-                lost.push_back((lo, hi));
-            }
-            while lost.len() > 64 {
-                lost.pop_front();
-            }
-        }
+        self.lose(lo, hi);
         self.committed.fetch_max(hi, Relaxed);
         drop(q);
         drop(dropped);
@@ -1645,13 +1670,7 @@ impl Shared {
         let mut q = lock(&self.queue);
         let hi = self.last.load(Relaxed);
         let lo = self.committed.load(Relaxed) + 1;
-        if !q.is_empty() || lo <= hi {
-            let mut lost = lock(&self.lost);
-            lost.push_back((lo, hi));
-            while lost.len() > 64 {
-                lost.pop_front();
-            }
-        }
+        self.lose(lo, hi);
         let dropped = q.clear();
         q.msgs = 0;
         q.mark = 0;
@@ -3230,6 +3249,104 @@ mod tests {
             Some(0),
             "held when the relay stopped"
         );
+        s.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Waits (bounded) until `f` holds, re-checking after each turn of the store's writer.
+    async fn wait_until(s: &SqliteStore, what: &str, mut f: impl FnMut() -> bool) {
+        let mut changes = s.changes();
+        tokio::time::timeout(Duration::from_secs(30), changes.wait_for(|_| f()))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("store open");
+    }
+
+    /// What `when_durable(seq)` answers (bounded).
+    async fn durable_answer(s: &SqliteStore, seq: u64) -> Result<(), StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        s.when_durable(
+            Seq(seq),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .expect("when_durable never answered")
+            .expect("the callback was dropped")
+    }
+
+    /// `append` checks `down`, then queues: a failed commit can empty the queue between
+    /// the two steps, and the write is queued behind it. The writer drops it (the recovery
+    /// probe fails too, the store is still down), and it is lost like everything `fail`
+    /// dropped: `when_durable` never answers Ok for it — a `PubAck` for a message never
+    /// stored — neither while the store is down (after a live-only message raised
+    /// `committed` past it) nor once the store has recovered.
+    #[tokio::test]
+    async fn a_write_queued_as_the_store_goes_down_is_never_acknowledged() {
+        let dir = std::env::temp_dir().join(format!("wsp-race-down-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("s.db");
+        let cfg = StoreConfig {
+            path: db.clone(),
+            retry_ms: 10,
+            ..StoreConfig::default()
+        };
+        let s = SqliteStore::open_file(cfg).unwrap();
+        // Commits and probes fail at once on the held lock (not after the busy timeout).
+        lock(&s.shared.conn).busy_timeout(Duration::ZERO).unwrap();
+        let env = crate::test_envelope::envelope(1, &[2]);
+        let path = env.token_path();
+        let publish = |qos| {
+            s.append(Append {
+                path: &path,
+                envelope: &env,
+                flags: 0,
+                qos,
+                publish_id: None,
+                tenant: &Tenant::Local,
+            })
+            .unwrap()
+        };
+        // SQLite's write lock is held by another connection: the next commit fails.
+        let holder = Connection::open(&db).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let Accepted::New(Seq(first)) = publish(Qos::AtLeastOnce) else {
+            panic!("not kept")
+        };
+        wait_until(&s, "the failed commit", || s.shared.down().is_some()).await;
+        assert!(durable_answer(&s, first).await.is_err());
+        // An append that found the store up queues its write only now (its two steps,
+        // with `fail` between them), then a live-only message is numbered.
+        let raced = s.shared.enqueue(vec![msg_op(1, 64)], 1);
+        let Accepted::Live(Seq(live)) = publish(Qos::AtMostOnce) else {
+            panic!("QoS 0 is live only")
+        };
+        assert!(raced < live);
+        wait_until(&s, "the writer's turn while down", || {
+            let q = lock(&s.shared.queue);
+            q.is_empty() && !q.inflight && s.shared.committed.load(Relaxed) >= live
+        })
+        .await;
+        assert!(
+            s.shared.down().is_some(),
+            "the probe commits despite the lock"
+        );
+        let r = durable_answer(&s, raced).await;
+        assert!(r.is_err(), "a dropped write answered durable: {r:?}");
+        // The lock goes: the store recovers, and the dropped write stays lost.
+        holder.execute_batch("COMMIT").unwrap();
+        drop(holder);
+        wait_until(&s, "the recovery", || s.shared.down().is_none()).await;
+        let r = durable_answer(&s, raced).await;
+        assert!(r.is_err(), "after the recovery: {r:?}");
+        let Accepted::New(Seq(next)) = publish(Qos::AtLeastOnce) else {
+            panic!("not kept")
+        };
+        let r = durable_answer(&s, next).await;
+        assert!(r.is_ok(), "a write after the recovery: {r:?}");
         s.close();
         let _ = std::fs::remove_dir_all(&dir);
     }
