@@ -415,6 +415,10 @@ export class Client {
   #nextSub = 1;
   #closing = false;
   #closeWaiters = [];
+  /** A write failed: the next save is a whole snapshot (see `#writeFailed`). */
+  #repair = false;
+  /** The one `close()` in progress (or done). */
+  #closed;
   #first = null; // the pending Client.connect
   #identity;
   #waiting = []; // publishes held while the socket's send buffer is over the high-water mark
@@ -618,14 +622,23 @@ export class Client {
     }
   }
 
-  /** Resolves once the state is `state` (immediately if it already is). */
+  /**
+   * Resolves once the state is `state` (immediately if it already is); rejects with
+   * `DISCONNECTED` once the client is closed (it never leaves `closed`, so the wait would
+   * never end).
+   */
   waitForState(state) {
     if (this.#state === state) return Promise.resolve();
-    return new Promise((resolve) => {
+    const closed = () => new WhispeerError('DISCONNECTED', `the client closed before it was ${state}`);
+    if (this.#state === 'closed') return Promise.reject(closed());
+    return new Promise((resolve, reject) => {
       const off = this.on('state', (s) => {
         if (s === state) {
           off();
           resolve();
+        } else if (s === 'closed') {
+          off();
+          reject(closed());
         }
       });
     });
@@ -647,8 +660,14 @@ export class Client {
 
   // ---- persistence: every change written before what it covers is reported ------------
 
-  /** A write that failed: reported, the client goes on (as the Rust client does). */
+  /**
+   * A write that failed: reported, the client goes on (as the Rust client does), and the
+   * next save rewrites the whole state: the changes that write carried (a kept publish,
+   * dedup entries) are gone from the engine's journal, and appends after it alone would
+   * leave them out of the saved state for good.
+   */
   #writeFailed(e) {
+    this.#repair = true;
     this._emit('error', wrap(e));
   }
 
@@ -669,6 +688,7 @@ export class Client {
   }
 
   #compact() {
+    this.#repair = false;
     const snap = this.#eng.snapshot(Date.now());
     this.#logBytes = 0;
     this.#snapBytes = snap.length;
@@ -679,6 +699,7 @@ export class Client {
   #persist() {
     if (!this.#store) return undefined;
     const b = this.#eng.takeChanges();
+    if (this.#repair) return this.#compact();
     if (b === undefined) return this.#inflight ? this.#gate : undefined;
     this.#logBytes += b.length;
     if (this.#logBytes > Math.max(1 << 20, 2 * this.#snapBytes)) return this.#compact();
@@ -1161,11 +1182,18 @@ export class Client {
     } catch (e) {
       throw wrap(e);
     }
+    const sub = this.#subs.get(id);
     this.#subs.delete(id);
     this.#pendingSubs.delete(id);
     const p = new Promise((resolve, reject) => this.#deletes.set(fid, { resolve, reject }));
     this.#pump();
-    return p;
+    try {
+      return await p;
+    } finally {
+      // Gone from the client (nothing else would end it): ended whatever the answer, or
+      // an iterator over it would wait forever.
+      sub?._end();
+    }
   }
 
   /** @internal */
@@ -1244,8 +1272,16 @@ export class Client {
     return p;
   }
 
-  /** Flushes, says goodbye to the relay and closes. Subscriptions end. */
-  async close() {
+  /**
+   * Flushes, says goodbye to the relay and closes. Subscriptions end. Every call resolves
+   * when the client has closed (a second one does not return before the first is done).
+   */
+  close() {
+    this.#closed ??= this.#close();
+    return this.#closed;
+  }
+
+  async #close() {
     if (this.#closing || this.#state === 'closed') return;
     try {
       await this.flush();

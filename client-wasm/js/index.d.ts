@@ -566,6 +566,7 @@ export class Client {
   on(event: 'lag', fn: (e: { subscription: Subscription<unknown>; lost: number }) => void): () => void;
   /** Bytes the socket has not sent yet. */
   readonly bufferedAmount: number;
+  /** Resolves once the state is `state`; rejects with `DISCONNECTED` once the client is closed. */
   waitForState(state: ConnectionState): Promise<void>;
   /** On a typed topic (`topic`) refused with `TYPE_MISMATCH`: publish through its handle. */
   publish(topic: string, value: Value, options?: PublishOptions): Promise<number | undefined>;

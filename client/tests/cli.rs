@@ -295,6 +295,29 @@ fn keygen_writes_a_0600_file_and_refuses_to_overwrite() {
     // …and as a path in the same variable.
     let o = run_with(&["id"], "", &[("WHISPEER_IDENTITY", fs)]);
     assert!(ok(o).contains(&format!("public id: {again}")));
+    // The whole identity file pasted into the variable (comment line first) works too.
+    let pasted = std::fs::read_to_string(fs).unwrap();
+    let o = run_with(&["id"], "", &[("WHISPEER_IDENTITY", &pasted)]);
+    assert!(ok(o).contains(&format!("public id: {again}")));
+    // A value that is neither a secret of the kind asked for nor a file — a secret with
+    // the quotes an env file kept, a tree key where an identity goes — is never repeated
+    // in the error (it would land in logs).
+    let tree = ok(run(&["key", "new", "--tree", "home"]));
+    for (var, value, what) in [
+        ("WHISPEER_IDENTITY", format!("\"{secret}\""), "wssec1"),
+        ("WHISPEER_IDENTITY", tree.clone(), "wstree1"),
+        ("WHISPEER_KEY", format!("'{tree}'"), "wstree1"),
+        ("WHISPEER_KEY", secret.clone(), "wssec1"),
+    ] {
+        let args: &[&str] = if var == "WHISPEER_KEY" {
+            &["key", "show"]
+        } else {
+            &["id"]
+        };
+        let e = fails(run_with(args, "", &[(var, &value)]), 1);
+        assert!(e.contains(var), "{e}");
+        assert!(!e.to_ascii_lowercase().contains(what), "secret echoed: {e}");
+    }
 }
 
 #[test]
@@ -939,6 +962,19 @@ fn invite_carries_dictionaries_to_the_invitee() {
     ]));
     let (again, _) = open(&with_flag, &path("bob2.key"));
     assert_eq!(again, bob_keys);
+    // A key file named as the dictionary by mistake is refused, not shipped to the
+    // invitee (any file of the right size would do as a raw dictionary).
+    let e = fails(
+        seal(&[
+            "--key-file",
+            tree_file.to_str().unwrap(),
+            "--dict",
+            tree_file.to_str().unwrap(),
+        ]),
+        1,
+    );
+    assert!(e.contains("not a dictionary"), "{e}");
+    assert!(!e.contains(&tree), "{e}");
     // --no-dicts: the format-2 invite, the grant alone.
     let plain = ok(seal(&["--key-file", &path("admin.key"), "--no-dicts"]));
     assert_eq!(show(&plain)["format"], 2);
@@ -1396,6 +1432,33 @@ fn bad_input_gets_one_line_errors_and_nonzero_exit() {
     );
     assert!(e.contains("wildcard"), "{e}");
     fails(run(&["sub", "--relay", &url, "a/#/b", "--key-file", tf]), 1);
+    // Times too long for a deadline: a usage error, not a panic (exit 101).
+    for args in [
+        &[
+            "sub",
+            "--relay",
+            &url,
+            "a/#",
+            "--key-file",
+            tf,
+            "--timeout",
+            "1e19",
+        ][..],
+        &[
+            "pub",
+            "--relay",
+            &url,
+            "a",
+            "1",
+            "--key-file",
+            tf,
+            "--connect-timeout",
+            "1e20",
+        ][..],
+    ] {
+        let e = fails(run(args), 2);
+        assert!(e.contains("too long"), "{e}");
+    }
 
     // Relays that are not there, or not URLs.
     let e = fails(

@@ -24,7 +24,9 @@ use crate::transport::{FrameSink, FrameSource, Inbound};
 /// Serves one connection until it ends. Never panics on client input; returns when both
 /// directions are finished (or the drain deadline passed). `since`: when its transport
 /// handshake began (TLS, WebSocket upgrade, QUIC) — `hello_ms` counts from then, once for
-/// the whole handshake, not again per phase; `None`: now.
+/// the whole handshake, not again per phase; `None`: now. Returns the connection's address
+/// slot: a transport whose connection outlives its frames (QUIC's drain) keeps it counted
+/// against its source address's caps until the connection is gone.
 pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
     shared: Arc<Shared>,
     mut source: Src,
@@ -33,7 +35,7 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
     peer: Option<SocketAddr>,
     slot: Option<AddrSlot>,
     since: Option<Instant>,
-) {
+) -> Option<AddrSlot> {
     let cfg = &shared.config;
     let out = Arc::new(Outbound::new(
         cfg.queue.capacity,
@@ -93,6 +95,7 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
     if !writer_done {
         writer.abort();
     }
+    session.take_slot()
 }
 
 /// Frames one connection handles before it lets other tasks run. (Over WebSocket, the

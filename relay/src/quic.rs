@@ -70,6 +70,9 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
             .accept_bi()
             .await
             .map_err(|e| format!("no stream opened: {e}"))?;
+        // One stream per connection: none more, where a client could park unread bytes
+        // (the first one's end would otherwise grant another).
+        connection.set_max_concurrent_bi_streams(0u32.into());
         Ok::<_, String>((connection, send, recv))
     })
     .await
@@ -83,7 +86,7 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
         }
     };
     let max = shared.config.limits.max_frame;
-    conn::serve(
+    let slot = conn::serve(
         shared.clone(),
         StreamSource::new(recv, max).with_budget(shared.frame_budget.clone(), slot.addr()),
         StreamSink::new(send),
@@ -95,6 +98,9 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
     .await;
     // The stream is finished (our last frames are queued in QUIC): give the client the
     // drain time to read them and close, rather than cutting them off by closing now.
+    // Still counted against its address (`slot`) meanwhile: a client that keeps the
+    // connection open past its session must not open more beside it than its caps allow.
     let _ = tokio::time::timeout(shared.config.timeouts.drain(), connection.closed()).await;
     connection.close(0u32.into(), b"done");
+    drop(slot);
 }

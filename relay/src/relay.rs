@@ -896,6 +896,14 @@ async fn accept_loop(
                 continue;
             }
         };
+        // A banned source address the listener's socket filter does not hold (it keeps
+        // the newest bans only; none where it cannot be attached) or whose connection was
+        // queued before its ban: closed before anything is spent on it, as QUIC drops
+        // its attempts (`quic::accept_loop`).
+        if shared.addr_table.banned(peer.ip()) {
+            tracing::debug!(listener = %kind, "connection from a banned address closed at accept");
+            continue;
+        }
         // Counted from here, through the handshake, until the connection ends.
         let slot = match shared.addr_table.admit(peer.ip()) {
             Ok(slot) => slot,

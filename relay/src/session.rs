@@ -1469,6 +1469,12 @@ impl Session {
     }
 
     /// Removes the subscriptions and reports the disconnect to plugins. Idempotent.
+    /// The connection's address slot, for a transport that keeps the connection after the
+    /// session (see `conn::serve`).
+    pub(crate) fn take_slot(&mut self) -> Option<AddrSlot> {
+        self.slot.take()
+    }
+
     pub(crate) fn finish(&mut self) {
         self.flush_wakes();
         if self.finished {

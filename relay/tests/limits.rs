@@ -458,9 +458,63 @@ async fn a_banned_address_is_banned_on_quic_too() {
         .expect("welcomed");
 }
 
-/// Connects over QUIC from `from` (a loopback address), sends `Hello` and waits for
-/// `Welcome`.
-async fn quic_hello(cert: std::path::PathBuf, from: &str, to: std::net::SocketAddr) {
+/// A QUIC connection stays open for the drain time after its session ended (so its last
+/// frames reach the client) and counts against its source address's cap meanwhile. Its
+/// slot was given back as the session ended: a client that kept ended sessions open held
+/// connections no cap counted (and, its stream ended, room to open another).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_connection_draining_after_its_session_still_counts_against_its_address() {
+    use tokio::io::AsyncWriteExt;
+    let dir = temp_dir("quic-linger");
+    let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    relay_cli(&["tls", "generate", "--cert", cert_s, "--key", key_s]);
+    let relay = BinRelay::start(&[
+        "--quic",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert_s,
+        "--tls-key",
+        key_s,
+        "--max-connections-per-addr",
+        "1",
+        "--drain-ms",
+        "60000",
+    ]);
+    let (port, admin, quic) = (
+        relay.tcp().port(),
+        relay.admin(),
+        relay.addrs.quic.expect("quic"),
+    );
+    let from = "127.0.0.43";
+    let endpoint = quic_endpoint(cert, from);
+    let conn = endpoint.connect(quic, "localhost").unwrap().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    send.write_all(&whispeer_protocol::codec::encode_prefixed(&hello_frame()))
+        .await
+        .unwrap();
+    let mut c = Client::over_stream(Box::new(tokio::io::join(recv, tokio::io::sink())));
+    assert!(matches!(c.recv().await, Frame::Welcome(_)), "welcomed");
+    // The client ends its stream (the session ends) and keeps the connection open.
+    send.finish().unwrap();
+    c.drain_to_end().await;
+    let gauge = "whispeer_relay_connections{transport=\"quic\"}";
+    tokio::time::timeout(TIMEOUT, async {
+        while metric(admin, gauge).await > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the QUIC session ended");
+    // Its address is still at its cap: another connection from it is refused.
+    let mut tcp = client_from(port, from.parse().unwrap()).await;
+    tcp.expect_fatal(ErrorCode::TooManyConnections).await;
+    drop(conn);
+}
+
+/// A QUIC client endpoint on `from` (a loopback address) trusting `cert`.
+fn quic_endpoint(cert: std::path::PathBuf, from: &str) -> quinn::Endpoint {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(cert).unwrap();
@@ -478,6 +532,13 @@ async fn quic_hello(cert: std::path::PathBuf, from: &str, to: std::net::SocketAd
     let bind = std::net::SocketAddr::new(from.parse().unwrap(), 0);
     let mut endpoint = quinn::Endpoint::client(bind).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    endpoint
+}
+
+/// Connects over QUIC from `from` (a loopback address), sends `Hello` and waits for
+/// `Welcome`.
+async fn quic_hello(cert: std::path::PathBuf, from: &str, to: std::net::SocketAddr) {
+    let endpoint = quic_endpoint(cert, from);
     let conn = endpoint.connect(to, "localhost").unwrap().await.unwrap();
     let (mut send, recv) = conn.open_bi().await.unwrap();
     send.write_all(&whispeer_protocol::codec::encode_prefixed(&hello_frame()))

@@ -20,6 +20,7 @@ import {
   decodeValue,
   float,
   ClientCore,
+  WhispeerError,
 } from '../../js/index.node.js';
 import { PKG_ROOT } from '../shared/bins.js';
 
@@ -210,6 +211,27 @@ test('reconnects after a relay restart and resubscribes', async () => {
     await pub.close();
     assert.equal(sub.state, 'closed');
   } finally {
+    await local.stop();
+  }
+});
+
+test('a second close() resolves only once the client has closed; waitForState rejects once closed', { timeout: 60_000 }, async () => {
+  const local = await startRelay();
+  const proxy = await startProxy(local.port);
+  try {
+    const c = await Client.connect(proxy.url, { keys: TreeKey.generate('twice') });
+    const disconnected = (e) => e instanceof WhispeerError && e.code === 'DISCONNECTED';
+    const never = assert.rejects(c.waitForState('reconnecting'), disconnected, 'a wait pending at close');
+    const first = c.close();
+    await c.close();
+    assert.equal(c.state, 'closed', 'the second close() returned before the client closed');
+    await first;
+    await never;
+    await assert.rejects(c.waitForState('connected'), disconnected, 'a wait after close');
+    await proxy.idle();
+    assert.equal(proxy.connections, 0);
+  } finally {
+    await proxy.close();
     await local.stop();
   }
 });

@@ -230,6 +230,29 @@ test('deleteDurable deletes the durable: the name starts afresh, a plain subscri
   assert.equal((await again.next()).value.value, 3, 'a new durable: nothing of the old one');
 });
 
+test('a deleteDurable that fails on a dropped connection still ends the subscription', { timeout: 60_000 }, async () => {
+  const tree = TreeKey.generate('cut');
+  const proxy = await startProxy(relay.port);
+  let a;
+  try {
+    a = await connect(proxy.url, { keys: tree });
+    const it = await a.subscribe('d/#', { qos: 1, durable: 'cut' });
+    const ended = (async () => {
+      for await (const _ of it);
+    })();
+    // The relay's answer never arrives: the connection drops first.
+    proxy.pause('down');
+    const deleting = it.deleteDurable();
+    proxy.drop();
+    await assert.rejects(deleting, (e) => e instanceof WhispeerError && e.code === 'DISCONNECTED');
+    await ended; // the iterator ended (it waited forever before)
+  } finally {
+    proxy.resume('down');
+    await a?.close();
+    await proxy.close();
+  }
+});
+
 test('a slow subscriber loop: at most once reports its loss, at least once gets everything', { timeout: 120_000 }, async (t) => {
   const tree = TreeKey.generate('slow');
   const pub = await connect(relay.url, { keys: tree });

@@ -312,6 +312,56 @@ test('a state that cannot be written at connect (the first compaction fails) rej
   assert.ok(existsSync(file));
 });
 
+test('a failed state write is repaired by the next save: the QoS 1 publish whose outbox record was lost is still re-sent after a crash', async () => {
+  const key = TreeKey.generate('repair');
+  const topic = 'repair';
+  const sub = await subscriber(key.toKeyString(), topic);
+  const proxy = await startProxy(relay.port);
+  const file = join(dir, 'repair.wsp');
+  const crashed = join(dir, 'repair-crashed.wsp');
+  // The Node file store, whose next append fails once when asked to (a full disk for a
+  // moment, an IndexedDB quota error).
+  let failNext = false;
+  setFileStore(async (path, fsync) => {
+    const store = await openFileStore(path, fsync);
+    return {
+      ...store,
+      append(bytes) {
+        if (failNext) {
+          failNext = false;
+          throw new WhispeerError('STATE', `cannot write ${store.where}: ENOSPC (injected)`);
+        }
+        return store.append(bytes);
+      },
+    };
+  });
+  let a;
+  try {
+    a = await Client.connect(proxy.url, { keys: key, persistence: file });
+    const errors = [];
+    a.on('error', (e) => errors.push(e));
+    proxy.pause('up'); // nothing reaches the relay: both publishes stay in the outbox
+    failNext = true;
+    const pending = [0, 1].map((i) => a.publish(topic, { i }, { qos: 1 }));
+    for (const p of pending) p.catch(() => {});
+    await a.persisted();
+    assert.equal(errors.length, 1, 'the failed write is reported');
+    // The process dies here: its state file is what it wrote.
+    writeFileSync(crashed, readFileSync(file));
+  } finally {
+    setFileStore(openFileStore);
+  }
+  const b = await Client.connect(relay.url, { keys: key, persistence: crashed });
+  clients.push(b);
+  await b.publish(topic, { i: 2 }, { qos: 1 });
+  // The restored publishes are re-sent before anything new.
+  await sub.when(() => sub.got.includes(2));
+  assert.deepEqual([...sub.got].sort(), [0, 1, 2], 'nothing of the outbox lost to the failed write');
+  proxy.resume('up');
+  await a.close();
+  await proxy.close();
+});
+
 // Bech32m (BIP 350), to forge a tree key string in the test below.
 const CHARSET = 'qpzry9x8gf2tvdw0s3jn54khce6mua7l';
 function polymod(values) {

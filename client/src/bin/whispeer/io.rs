@@ -135,17 +135,8 @@ impl KeyArgs {
             out.extend(keys);
         }
         if out.is_empty() {
-            if let Some(v) = std::env::var_os(ENV_KEY) {
-                let v = v.to_string_lossy().into_owned();
-                if v.trim().is_empty() {
-                } else if looks_like_key(&v) {
-                    out.extend(split_keys(&v));
-                } else {
-                    let path = PathBuf::from(v.trim());
-                    let text = read_secret_file(&path)
-                        .with_context(|| format!("{ENV_KEY} names no readable key file"))?;
-                    out.extend(split_keys(&text));
-                }
+            if let Some(text) = env_secret(ENV_KEY, looks_like_key)? {
+                out.extend(split_keys(&text));
             }
         }
         Ok(out)
@@ -212,11 +203,32 @@ pub fn read_dictionary(path: &Path) -> Result<Dictionary> {
         std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
     );
     let text = std::str::from_utf8(&bytes).ok().map(str::trim);
+    if let Some(t) = text.filter(|t| !is_dict_string(t)) {
+        // Any file of the right size is a raw dictionary, and dictionaries travel in
+        // invites: a key file named by mistake would hand its keys to the invitee.
+        if holds_secret_string(t) {
+            anyhow::bail!(
+                "{} holds a key, identity or invite string, not a dictionary: refusing to use \
+                 it as one (dictionaries are shared with invitees)",
+                path.display()
+            );
+        }
+    }
     match text {
         Some(t) if is_dict_string(t) => Dictionary::from_key_string(t),
         _ => Dictionary::new(bytes.to_vec()),
     }
     .with_context(|| format!("invalid dictionary in {}", path.display()))
+}
+
+/// Whether `text` holds a secret key string anywhere (a tree key, grant, identity secret,
+/// passphrase-locked key or invite), case-insensitively.
+fn holds_secret_string(text: &str) -> bool {
+    use whispeer_protocol::text::hrp;
+    let lower = text.to_ascii_lowercase();
+    [hrp::TREE, hrp::GRANT, hrp::SECRET, hrp::LOCKED, hrp::INVITE]
+        .iter()
+        .any(|h| lower.contains(&format!("{h}1")))
 }
 
 /// Key strings from a positional argument (`-` = stdin), else from the key flags and
@@ -298,16 +310,10 @@ impl IdentityArgs {
     pub fn load(&self) -> Result<Option<Identity>> {
         let text = if let Some(p) = &self.identity {
             read_secret_file(p)?
-        } else if let Some(v) = std::env::var_os(ENV_IDENTITY) {
-            let v = v.to_string_lossy().into_owned();
-            if v.trim().is_empty() {
-                return Ok(None);
-            } else if v.trim_start().to_ascii_lowercase().starts_with("wssec1") {
-                v
-            } else {
-                read_secret_file(Path::new(v.trim()))
-                    .with_context(|| format!("{ENV_IDENTITY} names no readable identity file"))?
-            }
+        } else if let Some(text) = env_secret(ENV_IDENTITY, |s| {
+            s.trim_start().to_ascii_lowercase().starts_with("wssec1")
+        })? {
+            text
         } else {
             return Ok(None);
         };
@@ -329,6 +335,34 @@ impl IdentityArgs {
             }
         }
     }
+}
+
+/// The secret text environment variable `var` gives: its value when a line of it holds a
+/// secret string (`is_secret`, `#` comment lines allowed: a key file's whole text pasted
+/// in), else the text of the file it names; `None` when unset or blank. An error never
+/// repeats the value: one that names no file may be a mangled secret (quotes kept by an env
+/// file, a key string of another kind), and errors land in logs.
+fn env_secret(var: &str, is_secret: impl Fn(&str) -> bool) -> Result<Option<String>> {
+    let Some(v) = std::env::var_os(var) else {
+        return Ok(None);
+    };
+    let v = v.to_string_lossy().into_owned();
+    if v.trim().is_empty() {
+        return Ok(None);
+    }
+    if split_keys(&v).iter().any(|s| is_secret(s)) {
+        return Ok(Some(v));
+    }
+    let path = Path::new(v.trim());
+    if !path.is_file() {
+        anyhow::bail!(
+            "{var} holds no key string of the kind expected here and names no file (its value \
+             is not shown: it may be a secret)"
+        );
+    }
+    read_secret_file(path)
+        .with_context(|| format!("{var} names no readable file"))
+        .map(Some)
 }
 
 /// Reads a file holding secrets, warning when others may read it.

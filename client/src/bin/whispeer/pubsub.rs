@@ -152,10 +152,17 @@ impl ConnArgs {
     }
 }
 
-/// A non-negative number of seconds.
+/// Most seconds a timeout or duration may be (about 31 years): beyond, `Duration` or a
+/// deadline (`Instant` + it) would overflow — a panic, where the user gets a usage error.
+const MAX_SECS: f64 = 1e9;
+
+/// A non-negative number of seconds, at most [`MAX_SECS`].
 pub fn secs(s: f64) -> Result<Duration> {
     if !s.is_finite() || s < 0.0 {
         usage!("{s} is not a number of seconds");
+    }
+    if s > MAX_SECS {
+        usage!("{s} seconds is too long (at most {MAX_SECS})");
     }
     Ok(Duration::from_secs_f64(s))
 }
