@@ -465,7 +465,6 @@ async fn a_banned_address_is_banned_on_quic_too() {
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_connection_draining_after_its_session_still_counts_against_its_address() {
-    use tokio::io::AsyncWriteExt;
     let dir = temp_dir("quic-linger");
     let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
     let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
