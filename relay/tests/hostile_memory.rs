@@ -657,28 +657,21 @@ async fn stalled_quic_senders_are_held_to_a_small_window() {
     const FRAME: usize = 4 << 20;
     const SENT: usize = 3 << 20;
     rlimit::increase_nofile_limit(4 * CONNS as u64 + 256).expect("raise the fd limit");
-    let dir = temp_dir("quic-window");
-    let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
-    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
-    relay_cli(&["tls", "generate", "--cert", cert_s, "--key", key_s]);
+    let (cert, quic) = quic_relay_args(&temp_dir("quic-window"));
     let budget = (2 * FRAME).to_string();
-    let mut relay = BinRelay::start_logged(&crowded_args(&[
-        "--quic",
-        "127.0.0.1:0",
-        "--tls-cert",
-        cert_s,
-        "--tls-key",
-        key_s,
+    let mut args: Vec<&str> = quic.iter().map(String::as_str).collect();
+    args.extend([
         "--max-frame",
         "8388608",
         "--large-frame-budget",
         &budget,
         "--log",
         "warn,whispeer_relay::transport::frame_budget=debug",
-    ]));
+    ]);
+    let mut relay = BinRelay::start_logged(&crowded_args(&args));
     let pid = relay.child.id();
     let addr = relay.addrs.quic.expect("a quic address");
-    let endpoint = quic_endpoint(&cert);
+    let endpoint = quic_endpoint(&cert, "127.0.0.1");
     let frame = codec::encode_prefixed(&pub_frame(envelope_sized(1, &[1], FRAME - 200)));
     let part = frame.slice(..SENT);
     let hello = codec::encode_prefixed(&hello_frame());
@@ -816,28 +809,6 @@ async fn a_websocket_ping_flood_that_never_reads_is_closed_within_bounded_memory
     drop(relay);
 }
 
-/// A QUIC client endpoint trusting the relay certificate in `cert` (PEM).
-fn quic_endpoint(cert: &std::path::Path) -> quinn::Endpoint {
-    use rustls::pki_types::pem::PemObject;
-    use std::sync::Arc;
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(cert).unwrap();
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"whispeer".to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    endpoint
-}
-
 /// A QUIC Initial proves nothing about its source address: the relay answers one from an
 /// address not yet validated with a Retry, and counts the address only when the client
 /// comes back with the token (spoofed Initials could otherwise fill an honest address's
@@ -845,19 +816,10 @@ fn quic_endpoint(cert: &std::path::Path) -> quinn::Endpoint {
 /// them; quinn would have buffered 1.25 MB of them per connection).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_validates_the_source_address_and_takes_no_datagrams() {
-    let dir = temp_dir("quic-retry");
-    let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
-    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
-    relay_cli(&["tls", "generate", "--cert", cert_s, "--key", key_s]);
-    let relay = BinRelay::start(&[
-        "--quic",
-        "127.0.0.1:0",
-        "--tls-cert",
-        cert_s,
-        "--tls-key",
-        key_s,
-    ]);
-    let endpoint = quic_endpoint(&cert);
+    let (cert, args) = quic_relay_args(&temp_dir("quic-retry"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let relay = BinRelay::start(&args);
+    let endpoint = quic_endpoint(&cert, "127.0.0.1");
     let addr = relay.addrs.quic.expect("a quic address");
     let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
     let (mut send, recv) = conn.open_bi().await.unwrap();

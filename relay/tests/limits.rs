@@ -406,17 +406,9 @@ async fn a_churning_ipv6_address_is_banned_before_accept() {
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_banned_address_is_banned_on_quic_too() {
-    let dir = temp_dir("quic-ban");
-    let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
-    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
-    relay_cli(&["tls", "generate", "--cert", cert_s, "--key", key_s]);
-    let relay = BinRelay::start(&[
-        "--quic",
-        "127.0.0.1:0",
-        "--tls-cert",
-        cert_s,
-        "--tls-key",
-        key_s,
+    let (cert, quic) = quic_relay_args(&temp_dir("quic-ban"));
+    let mut args: Vec<&str> = quic.iter().map(String::as_str).collect();
+    args.extend([
         "--max-connections-per-addr",
         "2",
         "--addr-connect-rate",
@@ -426,6 +418,7 @@ async fn a_banned_address_is_banned_on_quic_too() {
         "--addr-churn-ban-secs",
         "2",
     ]);
+    let relay = BinRelay::start(&args);
     let (port, admin, quic) = (
         relay.tcp().port(),
         relay.admin(),
@@ -465,29 +458,17 @@ async fn a_banned_address_is_banned_on_quic_too() {
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_connection_draining_after_its_session_still_counts_against_its_address() {
-    let dir = temp_dir("quic-linger");
-    let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
-    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
-    relay_cli(&["tls", "generate", "--cert", cert_s, "--key", key_s]);
-    let relay = BinRelay::start(&[
-        "--quic",
-        "127.0.0.1:0",
-        "--tls-cert",
-        cert_s,
-        "--tls-key",
-        key_s,
-        "--max-connections-per-addr",
-        "1",
-        "--drain-ms",
-        "60000",
-    ]);
+    let (cert, quic) = quic_relay_args(&temp_dir("quic-linger"));
+    let mut args: Vec<&str> = quic.iter().map(String::as_str).collect();
+    args.extend(["--max-connections-per-addr", "1", "--drain-ms", "60000"]);
+    let relay = BinRelay::start(&args);
     let (port, admin, quic) = (
         relay.tcp().port(),
         relay.admin(),
         relay.addrs.quic.expect("quic"),
     );
     let from = "127.0.0.43";
-    let endpoint = quic_endpoint(cert, from);
+    let endpoint = quic_endpoint(&cert, from);
     let conn = endpoint.connect(quic, "localhost").unwrap().await.unwrap();
     let (mut send, recv) = conn.open_bi().await.unwrap();
     send.write_all(&whispeer_protocol::codec::encode_prefixed(&hello_frame()))
@@ -512,32 +493,10 @@ async fn a_quic_connection_draining_after_its_session_still_counts_against_its_a
     drop(conn);
 }
 
-/// A QUIC client endpoint on `from` (a loopback address) trusting `cert`.
-fn quic_endpoint(cert: std::path::PathBuf, from: &str) -> quinn::Endpoint {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(cert).unwrap();
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"whispeer".to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let bind = std::net::SocketAddr::new(from.parse().unwrap(), 0);
-    let mut endpoint = quinn::Endpoint::client(bind).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    endpoint
-}
-
 /// Connects over QUIC from `from` (a loopback address), sends `Hello` and waits for
 /// `Welcome`.
 async fn quic_hello(cert: std::path::PathBuf, from: &str, to: std::net::SocketAddr) {
-    let endpoint = quic_endpoint(cert, from);
+    let endpoint = quic_endpoint(&cert, from);
     let conn = endpoint.connect(to, "localhost").unwrap().await.unwrap();
     let (mut send, recv) = conn.open_bi().await.unwrap();
     send.write_all(&whispeer_protocol::codec::encode_prefixed(&hello_frame()))

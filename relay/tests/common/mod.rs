@@ -922,3 +922,48 @@ pub async fn raw_ws_upgrade(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
     }
     Some(head)
 }
+
+/// A self-signed certificate and key for the relay in `dir` (`whispeer-relay tls
+/// generate`); returns the certificate's path and the relay flags serving QUIC with them on
+/// a free loopback port.
+#[allow(dead_code)]
+pub fn quic_relay_args(dir: &std::path::Path) -> (PathBuf, Vec<String>) {
+    let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    relay_cli(&["tls", "generate", "--cert", cert_s, "--key", key_s]);
+    let args = [
+        "--quic",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert_s,
+        "--tls-key",
+        key_s,
+    ]
+    .map(String::from)
+    .to_vec();
+    (cert, args)
+}
+
+/// A QUIC client endpoint on `from` (a loopback address) trusting the relay certificate in
+/// `cert` (PEM).
+#[allow(dead_code)]
+pub fn quic_endpoint(cert: &std::path::Path, from: &str) -> quinn::Endpoint {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(cert).unwrap();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"whispeer".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let bind = std::net::SocketAddr::new(from.parse().unwrap(), 0);
+    let mut endpoint = quinn::Endpoint::client(bind).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    endpoint
+}
