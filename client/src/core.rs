@@ -348,6 +348,11 @@ pub enum Delivery {
         targets: Vec<LocalSubId>,
         /// At-most-once subscriptions that had no room.
         lagged: Vec<LocalSubId>,
+        /// Its dedup digest when it is held ([`receive::Guard::hold`]) for the
+        /// at-least-once subscriptions among `targets`: the caller says how many hold it
+        /// ([`ClientCore::dedup_hold`]), then per holder [`ClientCore::dedup_taken`] or
+        /// [`ClientCore::dedup_untaken`].
+        held: Option<receive::Digest>,
     },
     /// Not for the app (did not open, refused, duplicate, no matching subscription): a
     /// placeholder in the ack queue.
@@ -1034,7 +1039,14 @@ impl ClientCore {
     /// yields nothing (and is counted). Every subscription is assumed to have room.
     pub fn receive(&mut self, msg: &Msg, now_ms: u64) -> Option<(Arc<Received>, Vec<LocalSubId>)> {
         match self.receive_with(msg, now_ms, &|_| true) {
-            Delivery::Deliver { msg, targets, .. } => Some((msg, targets)),
+            Delivery::Deliver {
+                msg, targets, held, ..
+            } => {
+                if let Some(d) = held {
+                    self.dedup_hold(d, 0); // nothing tracks takes here: delivered
+                }
+                Some((msg, targets))
+            }
             _ => None,
         }
     }
@@ -1325,9 +1337,23 @@ impl ClientCore {
                 return Delivery::Placeholder;
             }
         };
-        if let Some(a) = accepted {
-            self.guard.commit(a);
-        }
+        // Handed to an at-least-once subscription: held until one of them takes it
+        // (`Guard::hold`), so one that goes away untaken leaves the relay's redelivery to be
+        // accepted again — at least once across an unsubscribe, a close or a crash.
+        let acking = msg.seq > 0 && targets.iter().any(|id| self.subs[id].opts.acking());
+        let held = match accepted {
+            Some(a) if acking => {
+                let d = a.digest();
+                self.guard.hold(a);
+                Some(d)
+            }
+            Some(a) => {
+                self.guard.commit(a);
+                None
+            }
+            // A held message's copy (history a subscription asked for) held by more.
+            None => Some(receive::digest(&key)).filter(|d| acking && self.guard.is_held(*d)),
+        };
         for id in targets.iter().chain(&lagged) {
             if let Some(s) = self.subs.get_mut(id) {
                 s.skipped.remove(&msg.seq);
@@ -1368,6 +1394,7 @@ impl ClientCore {
             msg: Arc::new(self.received(o, msg)),
             targets,
             lagged,
+            held,
         }
     }
 
@@ -1390,6 +1417,23 @@ impl ClientCore {
                 *pos = (*pos).max(seq);
             }
         }
+    }
+
+    /// `n` at-least-once subscriptions hold the delivered message `d` untaken
+    /// ([`Delivery::Deliver`]`::held`); with none, it counts as delivered at once.
+    pub fn dedup_hold(&mut self, d: receive::Digest, n: usize) {
+        self.guard.hold_by(d, n);
+    }
+
+    /// A subscription took held message `d`: delivered for good (persisted).
+    pub fn dedup_taken(&mut self, d: receive::Digest) {
+        self.guard.settle(d);
+    }
+
+    /// A subscription that held message `d` went away without taking it; once none holds
+    /// it, its dedup entry is forgotten and the relay's redelivery is accepted again.
+    pub fn dedup_untaken(&mut self, d: receive::Digest) {
+        self.guard.release(d);
     }
 
     /// Changes to the receiver state to persist (dedup entries, retained high-water marks).

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use support::proxy::KillerProxy;
 use support::*;
 use whispeer::protocol::Qos;
-use whispeer::{Encryption, PublishOptions, Reconnect, Replay, SubscribeOptions, Tcp};
+use whispeer::{Client, Encryption, PublishOptions, Reconnect, Replay, SubscribeOptions, Tcp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_under_induced_reconnects_in_order() {
@@ -467,4 +467,88 @@ async fn a_publish_over_the_relays_max_frame_is_refused_not_resent_forever() {
     assert_eq!(m.value, b"fits", "the refused ones never reached the relay");
     let s = publisher.stats();
     assert_eq!((s.reconnects, s.unacked_publishes), (0, 0), "{s:?}");
+}
+
+/// The durable QoS 1 subscription `name` on `job/#` for the two tests below.
+fn held_opts(name: &'static str) -> SubscribeOptions {
+    SubscribeOptions::new().qos(Qos::AtLeastOnce).durable(name)
+}
+
+/// A publisher and a subscriber client on `relay`, `n` messages published to a durable
+/// subscription of the subscriber, the first one taken; the others are on their way to it.
+async fn publish_and_take_one(
+    relay: &TestRelay,
+    name: &'static str,
+    n: u32,
+) -> (Client, Client, whispeer::Subscription<u32>) {
+    let t = tree(name);
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let c = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let mut sub = c
+        .subscribe_with_options::<u32>("job/#", held_opts(name))
+        .await
+        .unwrap();
+    for i in 0..n {
+        p.publish_with("job/x", &i, PublishOptions::at_least_once())
+            .await
+            .unwrap();
+    }
+    assert_eq!(within("taken", sub.next()).await.unwrap().unwrap().value, 0);
+    (p, c, sub)
+}
+
+/// Drops `sub` untaken, resubscribes its durable on the same client and expects the
+/// messages after the first.
+async fn drop_and_resume(c: &Client, sub: whispeer::Subscription<u32>, name: &'static str, n: u32) {
+    drop(sub);
+    c.flush().await.unwrap();
+    let mut sub = c
+        .subscribe_with_options::<u32>("job/#", held_opts(name))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 1..n {
+        got.push(within("resumed", sub.next()).await.unwrap().unwrap().value);
+    }
+    assert_eq!(
+        got,
+        (1..n).collect::<Vec<_>>(),
+        "the untaken messages come back"
+    );
+}
+
+/// At least once across an unsubscribe: messages handed to a subscription that the app
+/// never took come back when the same client resumes the durable (the dedup window must not
+/// hold them as delivered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_dropped_subscription_never_took_come_back_to_the_same_client() {
+    let relay = TestRelay::start().await;
+    let (p, c, sub) = publish_and_take_one(&relay, "untaken", 5).await;
+    // The rest reached the client (the relay answers the flush after them): handed to
+    // the subscription, never taken.
+    c.flush().await.unwrap();
+    drop_and_resume(&c, sub, "untaken", 5).await;
+    p.close().await;
+    c.close().await;
+    relay.stop().await;
+}
+
+/// A copy the relay redelivers while the app still holds the message untaken is a
+/// duplicate, but acknowledged only once the app passed it (in order behind the one it
+/// holds): acking its sequence would acknowledge the message the app then drops
+/// (unsubscribes without taking) — lost. After the drop the durable resumes with it, and
+/// the dedup window let go of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_copy_of_an_untaken_message_is_not_acknowledged() {
+    let relay = TestRelay::start_with(|c| c.delivery.ack_timeout_ms = 100).await;
+    let (p, c, sub) = publish_and_take_one(&relay, "slow", 3).await;
+    // The app holds 1 and 2 untaken past the ack timeout: the relay sends them again.
+    let mut stats = c.stats_changes();
+    within("redeliveries", stats.wait_for(|s| s.core.duplicates >= 2))
+        .await
+        .unwrap();
+    drop_and_resume(&c, sub, "slow", 3).await;
+    p.close().await;
+    c.close().await;
+    relay.stop().await;
 }

@@ -22,7 +22,7 @@ mod rng;
 mod sealing;
 mod types;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -39,9 +39,10 @@ pub use types::{
     PublishFailure, PublishId, SubscribeFailure, Transmit,
 };
 
-use super::acks::AckQueue;
+use super::acks::{AckQueue, SlotId};
 use super::batching::{SealDone, SealJob};
 use super::jobs::{OpenDone, OpenJob, Unsealed};
+use super::receive;
 use super::{ClientCore, Delivery, LocalSubId, SeqSpace, SubscribeOptions};
 use crate::error::{DeleteError, PublishError, SubscribeError};
 pub use outbox::kept_frame_check;
@@ -84,6 +85,9 @@ struct SubState {
     outstanding: u64,
     /// Relay subscriptions still waiting for `SubOk` (`None`: confirmed).
     waiting: Option<BTreeSet<u64>>,
+    /// Held messages handed to it and not taken yet, by slot (`Delivery::Deliver::held`):
+    /// released untaken when it goes away.
+    untaken: HashMap<SlotId, receive::Digest>,
 }
 
 /// A frame of the live socket waiting for the opens before it (deferred opening).
@@ -782,6 +786,7 @@ impl Engine {
                 capacity,
                 outstanding: 0,
                 waiting: Some(waiting),
+                untaken: HashMap::new(),
             },
         );
         // Offline, the frames are dropped: `Welcome` re-sends every subscription.
@@ -802,9 +807,7 @@ impl Engine {
                 self.send(f);
             }
         }
-        self.subs.remove(&id);
-        self.acks.drop_sub(id);
-        self.queue_acks();
+        self.drop_sub(id);
     }
 
     /// Ends durable subscription `id` and asks the relay to delete its durable (name,
@@ -832,12 +835,22 @@ impl Engine {
                 self.send(Frame::Unsub(u));
             }
         }
-        self.subs.remove(&id);
-        self.acks.drop_sub(id);
-        self.queue_acks();
+        self.drop_sub(id);
         let fid = self.flush(now);
         self.deletes.insert(fid, (rids, None));
         Ok(fid)
+    }
+
+    /// Forgets local subscription `id`: what it never took is not acked, and its held
+    /// messages are released (the relay's redelivery of them is accepted again).
+    fn drop_sub(&mut self, id: LocalSubId) {
+        if let Some(s) = self.subs.remove(&id) {
+            for d in s.untaken.into_values() {
+                self.core.dedup_untaken(d);
+            }
+        }
+        self.acks.drop_sub(id);
+        self.queue_acks();
     }
 
     /// The app took a delivered message or placeholder.
@@ -845,6 +858,9 @@ impl Engine {
         self.clamp(now);
         if let Some(s) = self.subs.get_mut(&token.sub) {
             s.outstanding = s.outstanding.saturating_sub(1);
+            if let Some(d) = token.slot.and_then(|slot| s.untaken.remove(&slot)) {
+                self.core.dedup_taken(d);
+            }
         }
         if let Some(slot) = token.slot {
             self.acks.taken(slot, token.sub);
@@ -1181,8 +1197,7 @@ impl Engine {
                             self.send(f);
                         }
                     }
-                    self.subs.remove(&local);
-                    self.acks.drop_sub(local);
+                    self.drop_sub(local);
                     let error = SubscribeFailure::Rejected {
                         code: e.code,
                         message: e.message.clone(),
@@ -1318,17 +1333,18 @@ impl Engine {
             Vec::new()
         };
         let delivery = self.core.receive_opened(m, opened, now.unix_ms, &room);
-        let (msg, targets) = match delivery {
+        let (msg, targets, held) = match delivery {
             Delivery::Deliver {
                 msg,
                 targets,
                 lagged,
+                held,
             } => {
                 for sub in lagged {
                     self.stats.slow_subscriber_drops += 1;
                     self.emit(Event::Dropped { sub, n: 1 });
                 }
-                (Some(msg), targets)
+                (Some(msg), targets, held)
             }
             Delivery::HeldBack => {
                 // No credit on an at-least-once subscription: never acked, redelivered.
@@ -1338,7 +1354,7 @@ impl Engine {
                 }
                 return;
             }
-            _ => (None, Vec::new()),
+            _ => (None, Vec::new(), None),
         };
         // Every at-least-once subscription routed here (or handed it) must take its slot.
         let mut slot_subs: Vec<LocalSubId> = Vec::new();
@@ -1352,10 +1368,15 @@ impl Engine {
         }
         let slot =
             (!slot_subs.is_empty()).then(|| self.acks.deliver(m.seq, &routed, slot_subs.clone()));
+        let mut holders = 0;
         for &sub in &targets {
             let slot = if slot_subs.contains(&sub) { slot } else { None };
             if let Some(s) = self.subs.get_mut(&sub) {
                 s.outstanding += 1;
+                if let (Some(d), Some(slot)) = (held, slot) {
+                    s.untaken.insert(slot, d);
+                    holders += 1;
+                }
             }
             let msg = msg.clone().expect("targets come with a message");
             let token = AckToken { sub, slot };
@@ -1367,6 +1388,9 @@ impl Engine {
             }
             let token = AckToken { sub, slot };
             self.emit(Event::Placeholder { sub, token });
+        }
+        if let Some(d) = held {
+            self.core.dedup_hold(d, holders);
         }
         self.queue_acks();
     }
@@ -1497,7 +1521,7 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for sub in pending {
-            self.subs.remove(&sub);
+            self.drop_sub(sub);
             let error = SubscribeFailure::Closed;
             self.emit(Event::SubscribeErr { sub, error });
         }

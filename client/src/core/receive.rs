@@ -260,6 +260,12 @@ pub struct Guard {
     unsettled: bool,
     stats: RefusedStats,
     journal: Vec<Change>,
+    /// Accepted messages handed to at-least-once subscriptions that none of them took yet
+    /// ([`Guard::hold`]), with how many still may: in the window (a copy meanwhile is a
+    /// duplicate) but not in the journal or a snapshot, so a crash forgets them, and
+    /// [`Guard::release`] forgets them once no holder is left — the relay delivers what
+    /// was never acknowledged again, and that copy must be accepted (at least once).
+    held: HashMap<Digest, (Accepted, usize)>,
 }
 
 /// How often expired high-water marks are swept (a scan of all marks).
@@ -403,6 +409,20 @@ impl Window {
     }
 
     /// Forgets the bucket that expires first; its time.
+    /// Forgets `d` (a held message no subscription took: [`Guard::release`]).
+    fn forget(&mut self, d: Digest) {
+        let Some(exp) = self.shard_mut(d).remove(&d) else {
+            return;
+        };
+        self.len -= 1;
+        if let Some(bucket) = self.expiry.get_mut(&exp) {
+            bucket.retain(|k| *k != d);
+            if bucket.is_empty() {
+                self.expiry.remove(&exp);
+            }
+        }
+    }
+
     fn forget_first(&mut self) -> Option<u64> {
         let (at, ds) = self.expiry.pop_first()?;
         for d in ds {
@@ -484,6 +504,7 @@ impl Guard {
             unsettled: false,
             stats: RefusedStats::default(),
             journal: Vec::new(),
+            held: HashMap::new(),
         }
     }
 
@@ -614,8 +635,11 @@ impl Guard {
                 self.seen.expiry.range(t..)
             });
         Snapshot {
+            // Held messages no subscription took yet are left out: after a restart the
+            // relay's redelivery of them must be accepted.
             seen: after
                 .flat_map(|(&exp, ds)| ds.iter().map(move |&d| (d, exp.min(max))))
+                .filter(|(d, _)| !self.held.contains_key(d))
                 .collect(),
             retained: self
                 .retained
@@ -791,20 +815,79 @@ impl Guard {
 
     /// Records an accepted message as delivered.
     pub fn commit(&mut self, a: Accepted) {
-        self.remember(a);
+        self.apply(&a);
+        self.journal_of(&a);
+    }
+
+    /// Records an accepted message as delivered in memory only, for subscriptions that
+    /// must take it (at least once): a copy of it is a duplicate from now on, but the
+    /// journal learns of it only at [`Guard::settle`] (one took it), and [`Guard::release`]
+    /// by each of the `holders` [`Guard::hold_by`] counts forgets it again.
+    pub fn hold(&mut self, a: Accepted) {
+        self.apply(&a);
+        self.held.insert(a.digest, (a, 0));
+    }
+
+    /// `n` more subscriptions hold the message `d` untaken (a held message's history
+    /// copy handed to another subscription counts too). Settled at once when nothing
+    /// holds it.
+    pub fn hold_by(&mut self, d: Digest, n: usize) {
+        match self.held.get_mut(&d) {
+            Some((_, holders)) if *holders + n > 0 => *holders += n,
+            Some(_) => self.settle(d),
+            None => {}
+        }
+    }
+
+    /// Whether message `d` is held: handed to subscriptions, taken by none yet.
+    pub fn is_held(&self, d: Digest) -> bool {
+        self.held.contains_key(&d)
+    }
+
+    /// A subscription took held message `d`: it is delivered for good (journalled).
+    pub fn settle(&mut self, d: Digest) {
+        if let Some((a, _)) = self.held.remove(&d) {
+            self.journal_of(&a);
+        }
+    }
+
+    /// A subscription that held message `d` went away without taking it: once none is
+    /// left, the window forgets it (its topic's high-water mark stays: a retained copy is
+    /// shown again per subscription, see the client core).
+    pub fn release(&mut self, d: Digest) {
+        let Some((_, holders)) = self.held.get_mut(&d) else {
+            return;
+        };
+        *holders = holders.saturating_sub(1);
+        if *holders == 0 {
+            self.held.remove(&d);
+            self.seen.forget(d);
+        }
+    }
+
+    fn apply(&mut self, a: &Accepted) {
+        if self.seen.insert_new(a.digest, a.expires_ms) {
+            self.seen.make_room(self.cfg.max_entries);
+        }
         let (rk, ts, id) = a.mark;
-        let moved = match self.retained.get_mut(&rk) {
-            Some(m) if !newer(ts, &id, m.0, &m.1) => false,
-            Some(m) => {
-                *m = (ts, id);
-                true
-            }
+        match self.retained.get_mut(&rk) {
+            Some(m) if !newer(ts, &id, m.0, &m.1) => {}
+            Some(m) => *m = (ts, id),
             None => {
                 self.retained.insert(rk, (ts, id));
-                true
             }
-        };
-        if moved {
+        }
+    }
+
+    /// The journal entries of a delivered message: its dedup entry, and its topic's mark
+    /// if it is still the one this message set.
+    fn journal_of(&mut self, a: &Accepted) {
+        self.journal.push(Change::Seen {
+            key: a.key,
+            expires_ms: a.expires_ms,
+        });
+        let (rk, ts, id) = a.mark;
+        if self.retained.get(&rk) == Some(&(ts, id)) {
             self.journal.push(Change::Retained {
                 key: rk,
                 ts_ms: ts,
@@ -845,6 +928,59 @@ mod tests {
             flags,
             allow_old: false,
         }
+    }
+
+    /// A held message (handed to at-least-once subscriptions, taken by none yet) is a
+    /// duplicate while held, but neither journalled nor in a snapshot (a crash forgets it);
+    /// settled by a take it is journalled; released by its last holder it is forgotten, so
+    /// the relay's redelivery is accepted again.
+    #[test]
+    fn held_messages_are_persisted_only_once_taken_and_forgotten_when_dropped() {
+        let t = Topic::new("a/b").unwrap();
+        let mut g = Guard::new(ReceiveConfig::default());
+        let a = g.check(&cand(&t, 1, NOW, 0), NOW).unwrap();
+        let d = a.digest();
+        g.hold(a);
+        g.hold_by(d, 2);
+        assert_eq!(
+            g.check(&cand(&t, 1, NOW, msg_flags::REDELIVERED), NOW)
+                .unwrap_err(),
+            Refusal::Duplicate
+        );
+        assert!(g.take_changes().is_empty(), "nothing journalled while held");
+        assert!(g.snapshot(NOW).seen.is_empty(), "nor in a snapshot");
+        g.release(d);
+        assert!(g.is_held(d), "one holder is left");
+        g.release(d);
+        assert!(!g.is_held(d));
+        let again = g.check(&cand(&t, 1, NOW, msg_flags::REDELIVERED), NOW);
+        assert!(again.is_ok(), "dropped untaken: accepted again: {again:?}");
+
+        // Taken by one holder: journalled (entry and mark) and kept after the other drops.
+        let a = again.unwrap();
+        let d = a.digest();
+        g.hold(a);
+        g.hold_by(d, 2);
+        g.settle(d);
+        let changes = g.take_changes();
+        assert!(matches!(changes[0], Change::Seen { .. }), "{changes:?}");
+        assert!(matches!(changes[1], Change::Retained { .. }), "{changes:?}");
+        g.release(d);
+        assert_eq!(
+            g.check(&cand(&t, 1, NOW, msg_flags::REDELIVERED), NOW)
+                .unwrap_err(),
+            Refusal::Duplicate
+        );
+        assert_eq!(g.snapshot(NOW).seen.len(), 1);
+
+        // Held by nobody at all: delivered at once.
+        let b = g.check(&cand(&t, 2, NOW, 0), NOW).unwrap();
+        let db = b.digest();
+        g.hold(b);
+        g.hold_by(db, 0);
+        assert!(!g.is_held(db));
+        assert_eq!(g.take_changes().len(), 2);
+        assert_eq!(g.seen_len(), 2);
     }
 
     #[test]

@@ -24,6 +24,16 @@ pub struct TestRelay {
 impl TestRelay {
     /// A relay with WebSocket and TCP listeners on the given addresses (port 0 = any).
     pub async fn start_on(ws: SocketAddr, tcp: SocketAddr) -> Self {
+        Self::start_config(ws, tcp, |_| {}).await
+    }
+
+    /// A relay on any ports with `tune` applied to its configuration.
+    pub async fn start_with(tune: impl FnOnce(&mut Config)) -> Self {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Self::start_config(any, any, tune).await
+    }
+
+    async fn start_config(ws: SocketAddr, tcp: SocketAddr, tune: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::default();
         config.listen.ws = ListenAddr::on(ws);
         config.listen.tcp = ListenAddr::on(tcp);
@@ -31,6 +41,7 @@ impl TestRelay {
         // Raw test peers never answer the relay's Close: without this every stop would wait
         // out the default 5 s drain deadline.
         config.timeouts.drain_ms = 500;
+        tune(&mut config);
         let relay = Relay::bind(config).await.expect("relay binds");
         let addrs = relay.addrs();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
