@@ -236,11 +236,13 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Admin connections open at once. A new one past it closes the oldest: an idle or
-/// trickling connection cannot hold a place against a health check (whose request takes
-/// milliseconds), and 64 of them cannot starve the port (they did when the port stopped
-/// accepting at the cap: probes timed out and an orchestrator could restart the relay in
-/// a loop). Each connection serves one request (no keep-alive), must send its headers
+/// Admin connections open at once. A new one past it closes the oldest connection of the
+/// source address holding the most: an idle or trickling connection cannot hold a place
+/// against a health check (whose request takes milliseconds), and 64 of them cannot starve
+/// the port (they did when the port stopped accepting at the cap: probes timed out and an
+/// orchestrator could restart the relay in a loop). Nor can a connect flood from one
+/// address close a probe from another: evicting the oldest of all, a flood of 64 new
+/// connections within a probe's round trip closed the probe. Each connection serves one request (no keep-alive), must send its headers
 /// within [`ADMIN_HEADER_TIMEOUT`] and lives at most [`ADMIN_CONNECTION_LIFETIME`].
 pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 64;
 
@@ -257,12 +259,12 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 
 /// [`serve`] with at most `cap` connections at once.
 async fn serve_capped(listener: TcpListener, shared: Arc<Shared>, cap: usize) {
-    // The connections open, oldest first.
-    let mut open: std::collections::VecDeque<tokio::task::AbortHandle> =
+    // The connections open, oldest first, with their source addresses.
+    let mut open: std::collections::VecDeque<(std::net::IpAddr, tokio::task::AbortHandle)> =
         std::collections::VecDeque::new();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Typically EMFILE: back off briefly instead of spinning on a core.
                 tracing::warn!(error = %e, "admin accept failed");
@@ -270,9 +272,19 @@ async fn serve_capped(listener: TcpListener, shared: Arc<Shared>, cap: usize) {
                 continue;
             }
         };
-        open.retain(|h| !h.is_finished());
+        open.retain(|(_, h)| !h.is_finished());
         while open.len() >= cap.max(1) {
-            if let Some(oldest) = open.pop_front() {
+            // The address holding the most (the first to reach that count on a tie).
+            let mut counts: std::collections::HashMap<std::net::IpAddr, usize> =
+                std::collections::HashMap::new();
+            for (ip, _) in &open {
+                *counts.entry(*ip).or_default() += 1;
+            }
+            let most = counts.values().copied().max().unwrap_or(0);
+            let Some(i) = open.iter().position(|(ip, _)| counts[ip] == most) else {
+                break;
+            };
+            if let Some((_, oldest)) = open.remove(i) {
                 oldest.abort();
             }
         }
@@ -289,7 +301,7 @@ async fn serve_capped(listener: TcpListener, shared: Arc<Shared>, cap: usize) {
                 .serve_connection(TokioIo::new(stream), svc);
             let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, connection).await;
         });
-        open.push_back(task.abort_handle());
+        open.push_back((peer.ip(), task.abort_handle()));
     }
 }
 

@@ -329,9 +329,12 @@ impl RelayBuilder {
             &self.listeners.quic,
         ) {
             (_, _, None) => None,
-            (Some(c), Some(k), Some(_)) => {
-                Some(tls::quic_server(c, k, self.config.timeouts.idle())?)
-            }
+            (Some(c), Some(k), Some(_)) => Some(tls::quic_server(
+                c,
+                k,
+                self.config.timeouts.idle(),
+                self.config.limits.max_connections,
+            )?),
             _ => {
                 return Err(RelayError::Config(crate::config::ConfigError::Invalid {
                     field: "tls",

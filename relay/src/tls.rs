@@ -174,6 +174,13 @@ pub const QUIC_ALPN: &[u8] = b"whispeer";
 /// window; see [`quic_server`]).
 pub const QUIC_RECEIVE_WINDOW: u32 = 512 << 10;
 
+/// Bytes a QUIC connection attempt may buffer before the relay accepts it (see
+/// [`quic_server`]).
+pub const QUIC_INCOMING_BUFFER: u64 = 64 << 10;
+
+/// Bytes all QUIC connection attempts together may buffer before the relay accepts them.
+pub const QUIC_INCOMING_BUFFER_TOTAL: u64 = 8 << 20;
+
 /// The QUIC listener's configuration: TLS 1.3 only (QUIC has no other), ALPN
 /// [`QUIC_ALPN`], connection migration on (a client whose address changes — Wi-Fi to
 /// mobile, a NAT rebinding — keeps its connection), and an idle timeout of `idle`: the
@@ -182,6 +189,7 @@ pub fn quic_server(
     cert: &Path,
     key: &Path,
     idle: std::time::Duration,
+    max_incoming: usize,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let (certs, key_der) = load(cert, key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -215,5 +223,14 @@ pub fn quic_server(
     ));
     server.transport_config(Arc::new(transport));
     server.migration(true);
+    // A connection attempt (`Incoming`) buffers the packets that arrive before the relay
+    // accepts it — while its address waits for a connect slot (`connect_wait`) — up to
+    // quinn's defaults of 10 MiB each and 100 MiB together, and up to 65,536 attempts: a
+    // client that validated its address could park that much in the relay without ever
+    // completing a handshake. The relay takes no 0-RTT data, so a handshake's few packets
+    // fit in 64 KiB; attempts beyond the connection cap would be refused anyway.
+    server.incoming_buffer_size(QUIC_INCOMING_BUFFER);
+    server.incoming_buffer_size_total(QUIC_INCOMING_BUFFER_TOTAL);
+    server.max_incoming(max_incoming.max(1));
     Ok(server)
 }

@@ -229,3 +229,50 @@ async fn idle_admin_connections_cannot_starve_a_health_check() {
     drop(c);
     relay.stop().await;
 }
+
+/// A connect flood from one address cannot close a health check from another: past the
+/// cap the relay closes the oldest connection of the address holding the most. Before,
+/// it closed the oldest of all — the probe, once 64 flood connections came in during its
+/// round trip.
+#[tokio::test]
+async fn a_connect_flood_from_one_address_does_not_close_a_probe_from_another() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = TestRelay::start(Config::ephemeral()).await;
+    let admin = relay.addrs.admin.expect("admin");
+    // The probe connects first (from 127.0.0.2: all of 127/8 is loopback on Linux).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut probe = socket.connect(admin).await.expect("probe connects");
+    // Then a flood of 100 from 127.0.0.1: the flood's own oldest are closed.
+    let mut flood = Vec::new();
+    for _ in 0..100 {
+        flood.push(
+            tokio::net::TcpStream::connect(admin)
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut b = [0u8; 1];
+    for (i, c) in flood.iter_mut().take(100 - 63).enumerate() {
+        let n = tokio::time::timeout(TIMEOUT, c.read(&mut b))
+            .await
+            .unwrap_or_else(|_| panic!("flood connection {i} is closed to make room"))
+            .unwrap_or(0);
+        assert_eq!(n, 0, "flood connection {i}");
+    }
+    // Every later flood connection was accepted (the relay made room 36 times after the
+    // probe's): the probe is still served.
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("the probe's request is sent");
+    let mut answer = Vec::new();
+    tokio::time::timeout(TIMEOUT, probe.read_to_end(&mut answer))
+        .await
+        .expect("the probe is answered")
+        .expect("the probe's connection was not closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "probe: {answer:?}");
+    assert!(answer.ends_with("ok\n"), "probe: {answer:?}");
+    relay.stop().await;
+}

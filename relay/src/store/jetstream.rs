@@ -966,6 +966,13 @@ impl JetStreamStore {
                 if rec.seq > 0 {
                     note_record(inner, k, &rec);
                 }
+                // The owner goes with every floor this relay writes (`Wsp-Owner`): taken
+                // from the record read now, not only from the background reader — a floor
+                // written before that reader reaches the record would otherwise go out
+                // owner-less, and an owner-less durable is adopted by the next `Sub`.
+                if let Some(o) = &rec.owner {
+                    lock(&inner.owners).insert(k.to_string(), o.clone());
+                }
                 Ok(Some(rec))
             }
             Some(marker) => {
