@@ -102,7 +102,7 @@ pub enum ClusterError {
     Connect(String),
 }
 
-/// A subscription set change, sent by the router in the order it happened.
+/// A subscription set change, recorded by the router ([`InterestSet`]) and applied by the keeper.
 #[derive(Debug)]
 pub(crate) enum Interest {
     /// The first local subscription with this filter.
@@ -174,8 +174,68 @@ pub(crate) struct Link {
     lost: Arc<LostPaths>,
     /// Envelope bytes in the forward queue (`cluster.queue_bytes`).
     queued: Arc<ByteLimit>,
-    interest: mpsc::UnboundedSender<Interest>,
+    interest: Arc<InterestSet>,
     metrics: Arc<Metrics>,
+}
+
+/// The filters the bridge should hold NATS subscriptions for, coalesced per filter: the
+/// router records each change without waiting, the interest keeper applies what changed.
+/// A queue of changes grew without bound while the keeper waited on NATS (a subscribe
+/// blocks while the client's command buffer is full, NATS down): a client subscribing and
+/// unsubscribing new filters in a loop added two entries per round. Here a filter is an
+/// entry only while it is wanted or held: at most the local subscriptions' filters plus
+/// those the keeper holds.
+#[derive(Debug, Default)]
+pub(crate) struct InterestSet {
+    /// Per filter: (wanted by a local subscription now, taken on by the keeper).
+    filters: Mutex<HashMap<TokenPattern, (bool, bool)>>,
+    changed: tokio::sync::Notify,
+}
+
+impl InterestSet {
+    fn record(&self, change: Interest) {
+        let mut f = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        match change {
+            Interest::Add(p) => f.entry(p).or_insert((false, false)).0 = true,
+            Interest::Remove(p) => {
+                if let Some(e) = f.get_mut(&p) {
+                    e.0 = false;
+                    if !e.1 {
+                        // Never taken on: nothing to undo.
+                        f.remove(&p);
+                    }
+                }
+            }
+        }
+        drop(f);
+        self.changed.notify_one();
+    }
+
+    /// What the keeper must do now: each filter whose wish differs from what the keeper
+    /// holds, as an `Add` or a `Remove` (taken on at once: a change after this call is the
+    /// next call's).
+    fn take(&self) -> Vec<Interest> {
+        let mut f = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        f.retain(|p, (want, held)| {
+            if *want != *held {
+                out.push(if *want {
+                    Interest::Add(p.clone())
+                } else {
+                    Interest::Remove(p.clone())
+                });
+                *held = *want;
+            }
+            *want || *held
+        });
+        out
+    }
+
+    /// Filters recorded (wanted or held).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.filters.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
 }
 
 impl Link {
@@ -201,10 +261,9 @@ impl Link {
         }
     }
 
-    /// Reports a subscription set change (unbounded: one message per distinct filter
-    /// transition, bounded by the subscription limits).
+    /// Reports a subscription set change (coalesced per filter, see [`InterestSet`]).
     pub(crate) fn interest(&self, change: Interest) {
-        let _ = self.interest.send(change);
+        self.interest.record(change);
     }
 }
 
@@ -213,7 +272,7 @@ impl Link {
 pub(crate) struct Receivers {
     forward: mpsc::Receiver<Forward>,
     lost: Arc<LostPaths>,
-    interest: mpsc::UnboundedReceiver<Interest>,
+    interest: Arc<InterestSet>,
     /// Filled by the NATS client's events ([`connect`]), reported by the interest keeper.
     pub(crate) slow: Arc<SlowSubscriptions>,
 }
@@ -221,20 +280,20 @@ pub(crate) struct Receivers {
 /// The queues between router and bridge.
 pub(crate) fn link(config: &ClusterConfig, metrics: Arc<Metrics>) -> (Link, Receivers) {
     let (ftx, frx) = mpsc::channel(config.queue);
-    let (itx, irx) = mpsc::unbounded_channel();
+    let interest = Arc::new(InterestSet::default());
     let lost = Arc::new(LostPaths::default());
     (
         Link {
             forward: ftx,
             lost: lost.clone(),
             queued: ByteLimit::new(config.queue_bytes),
-            interest: itx,
+            interest: interest.clone(),
             metrics,
         },
         Receivers {
             forward: frx,
             lost,
-            interest: irx,
+            interest,
             slow: Arc::default(),
         },
     )
@@ -645,7 +704,7 @@ async fn tell_lost(
 
 async fn interest_loop(
     client: async_nats::Client,
-    mut rx: mpsc::UnboundedReceiver<Interest>,
+    interest: Arc<InterestSet>,
     slow: Arc<SlowSubscriptions>,
     prefix: String,
     inbound: mpsc::Sender<Received>,
@@ -657,21 +716,25 @@ async fn interest_loop(
     let mut held: HashMap<TokenPattern, (Vec<tokio::task::AbortHandle>, Vec<u64>)> = HashMap::new();
     let mut filter_of: HashMap<u64, TokenPattern> = HashMap::new();
     let mut readers = JoinSet::new();
+    let mut changes = Vec::new().into_iter();
     loop {
-        let change = tokio::select! {
-            change = rx.recv() => change,
-            // Envelopes the NATS client dropped (`SlowConsumer`): their paths are unknown,
-            // so every connection subscribed with that filter hears of them in a `Gap`.
-            _ = slow.added.notified() => {
-                for (sid, n) in slow.take() {
-                    if let Some(pattern) = filter_of.get(&sid) {
-                        shared.router.lost_filter(pattern, n);
+        let Some(change) = changes.next() else {
+            tokio::select! {
+                // (`notify_one` keeps a permit: a change recorded since `take` wakes this.)
+                _ = interest.changed.notified() => changes = interest.take().into_iter(),
+                // Envelopes the NATS client dropped (`SlowConsumer`): their paths are
+                // unknown, so every connection subscribed with that filter hears of them in
+                // a `Gap`.
+                _ = slow.added.notified() => {
+                    for (sid, n) in slow.take() {
+                        if let Some(pattern) = filter_of.get(&sid) {
+                            shared.router.lost_filter(pattern, n);
+                        }
                     }
                 }
-                continue;
             }
+            continue;
         };
-        let Some(change) = change else { break };
         // Reap finished readers so the set does not grow.
         while readers.try_join_next().is_some() {}
         match change {
@@ -1069,6 +1132,49 @@ mod tests {
     }
     fn t(b: u8) -> TopicToken {
         TopicToken::from_bytes([b; 16])
+    }
+
+    /// Subscription changes are coalesced per filter: while the interest keeper is stuck
+    /// (NATS down, its subscribe waiting), a client subscribing and unsubscribing new
+    /// filters in a loop leaves nothing behind — a queue of changes grew by two per round —
+    /// and the keeper then sees exactly what differs from what it holds.
+    #[test]
+    fn interest_changes_are_coalesced_and_bounded_by_what_is_wanted_or_held() {
+        let set = InterestSet::default();
+        let f = |i: u32| {
+            let b = i.to_be_bytes();
+            let mut tok = [0u8; 16];
+            tok[..4].copy_from_slice(&b);
+            TokenPattern::new(k(), vec![PatternElem::Token(TopicToken::from_bytes(tok))]).unwrap()
+        };
+        // Churn of 100,000 distinct filters the keeper never took on.
+        for i in 0..100_000 {
+            set.record(Interest::Add(f(i)));
+            set.record(Interest::Remove(f(i)));
+        }
+        assert_eq!(set.len(), 0, "churned filters are not kept");
+        assert!(set.take().is_empty());
+
+        // A wanted filter is taken on once; churn of it while held ends as one Remove.
+        set.record(Interest::Add(f(1)));
+        set.record(Interest::Add(f(2)));
+        let mut first: Vec<_> = set.take().into_iter().map(|c| format!("{c:?}")).collect();
+        first.sort();
+        assert_eq!(first.len(), 2, "{first:?}");
+        assert!(first.iter().all(|c| c.starts_with("Add")), "{first:?}");
+        assert!(set.take().is_empty(), "nothing changed since");
+        for _ in 0..1000 {
+            set.record(Interest::Remove(f(1)));
+            set.record(Interest::Add(f(1)));
+        }
+        assert!(set.take().is_empty(), "wanted and held: nothing to do");
+        set.record(Interest::Remove(f(1)));
+        let second = set.take();
+        assert!(
+            matches!(&second[..], [Interest::Remove(p)] if *p == f(1)),
+            "{second:?}"
+        );
+        assert_eq!(set.len(), 1, "only the filter still held");
     }
 
     /// The id async-nats gives each subscription (what its `SlowConsumer` events name) is
