@@ -47,10 +47,28 @@ struct Ban {
 /// from).
 pub(crate) type BanList = Arc<Vec<IpAddr>>;
 
+/// The bans, by address and in the order they began.
+#[derive(Debug, Default)]
+struct Table {
+    by_addr: HashMap<IpAddr, Ban>,
+    /// The bans of `by_addr` (start, end, address), newest first: kept in order as bans
+    /// come, so publishing the newest needs no sort (nor lookup) of them all.
+    newest: std::collections::VecDeque<(Instant, Instant, IpAddr)>,
+}
+
+impl Table {
+    fn forget_where(&mut self, mut gone: impl FnMut(&IpAddr, &Ban) -> bool) {
+        self.by_addr.retain(|ip, b| !gone(ip, b));
+        let by_addr = &self.by_addr;
+        self.newest
+            .retain(|(since, _, ip)| by_addr.get(ip).is_some_and(|b| b.since == *since));
+    }
+}
+
 /// Which source addresses are banned, and until when.
 #[derive(Debug)]
 pub(crate) struct Bans {
-    by_addr: Mutex<HashMap<IpAddr, Ban>>,
+    by_addr: Mutex<Table>,
     /// Addresses remembered at most ([`MAX_REMEMBERED`]; smaller in tests).
     capacity: usize,
     /// Passes over a full table so far (tests).
@@ -58,9 +76,19 @@ pub(crate) struct Bans {
     full_passes: std::sync::atomic::AtomicUsize,
     /// The longest ban; zero turns bans off.
     max: Duration,
-    /// The addresses banned now, newest first, published on every change.
+    /// The newest [`PUBLISHED`] addresses banned now, newest first, published on every
+    /// change.
     list: tokio::sync::watch::Sender<BanList>,
+    /// How many addresses are banned now (the list holds the newest of them only).
+    active: std::sync::atomic::AtomicUsize,
 }
+
+/// Bans published to the socket filters at most: more than any filter holds (each ban takes
+/// at least one of its [`MAX_INSNS`] instructions), so a filter built from the list is the
+/// one it would be from all bans. Sorting and copying every active ban — up to
+/// [`MAX_REMEMBERED`] — on every strike, under the lock `banned` takes, cost milliseconds
+/// per new churning address once tens of thousands were banned.
+const PUBLISHED: usize = MAX_INSNS;
 
 impl Bans {
     pub(crate) fn new(max: Duration) -> Self {
@@ -69,12 +97,13 @@ impl Bans {
 
     fn with_capacity(max: Duration, capacity: usize) -> Self {
         Self {
-            by_addr: Mutex::new(HashMap::new()),
+            by_addr: Mutex::new(Table::default()),
             capacity: capacity.max(1),
             #[cfg(test)]
             full_passes: Default::default(),
             max,
             list: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
+            active: Default::default(),
         }
     }
 
@@ -86,7 +115,7 @@ impl Bans {
 
     /// How many addresses are banned now.
     pub(crate) fn active(&self) -> usize {
-        self.list.borrow().len()
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `ip` (a [`source_address`](crate::store::source_address)) churned at `now`: bans it
@@ -95,64 +124,74 @@ impl Bans {
         if self.max.is_zero() {
             return None;
         }
-        let mut m = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
-        let level = match m.get(&ip) {
+        let mut t = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+        let level = match t.by_addr.get(&ip) {
             Some(b) if b.until > now => return None,
             // Churning again soon after the last ban ended: a longer one.
             Some(b) if now < b.until + 2 * self.length(b.level) => b.level.saturating_add(1),
             Some(_) => 0,
-            None if m.len() >= self.capacity => {
+            None if t.by_addr.len() >= self.capacity => {
                 #[cfg(test)]
                 self.full_passes
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                m.retain(|_, b| !self.forgettable(b, now));
-                if m.len() >= self.capacity {
+                t.forget_where(|_, b| self.forgettable(b, now));
+                if t.by_addr.len() >= self.capacity {
                     // Still full (before, this refused to ban anyone new, after a pass
                     // over the whole table, on every strike): forget the bans that end
                     // first, an eighth of the table, so this pass pays for the next
                     // capacity / 8 strikes. The newest bans are kept: they are the
                     // ones the filters hold (newest first) anyway.
                     let mut ends: Vec<(Instant, IpAddr)> =
-                        m.iter().map(|(ip, b)| (b.until, *ip)).collect();
+                        t.by_addr.iter().map(|(ip, b)| (b.until, *ip)).collect();
                     let k = (self.capacity / 8).max(1).min(ends.len());
                     ends.select_nth_unstable(k - 1);
-                    for (_, ip) in &ends[..k] {
-                        m.remove(ip);
-                    }
+                    let forget: std::collections::HashSet<IpAddr> =
+                        ends[..k].iter().map(|(_, ip)| *ip).collect();
+                    t.forget_where(|ip, _| forget.contains(ip));
                 }
                 0
             }
             None => 0,
         };
         let length = self.length(level);
-        m.insert(
-            ip,
-            Ban {
-                since: now,
-                until: now + length,
-                level,
-            },
-        );
-        self.publish(&m, now);
+        let ban = Ban {
+            since: now,
+            until: now + length,
+            level,
+        };
+        if let Some(old) = t.by_addr.insert(ip, ban) {
+            // Renewed: its earlier place goes (a scan, once per renewal).
+            if let Some(i) = t.newest.iter().position(|e| (e.0, e.2) == (old.since, ip)) {
+                t.newest.remove(i);
+            }
+        }
+        // In order of start: nearly always the front (callers pass the time now).
+        let at = t.newest.iter().take_while(|e| e.0 > now).count();
+        t.newest.insert(at, (now, ban.until, ip));
+        self.publish(&t, now);
         Some(length)
     }
 
     /// Lifts the bans that ended by `now` and returns when the next one ends.
     pub(crate) fn expire(&self, now: Instant) -> Option<Instant> {
-        let mut m = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
-        let active = self.list.borrow().len();
-        if m.values().filter(|b| b.until > now).count() != active {
-            self.publish(&m, now);
+        let mut t = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+        let active = self.active();
+        if t.by_addr.values().filter(|b| b.until > now).count() != active {
+            self.publish(&t, now);
         }
-        m.retain(|_, b| !self.forgettable(b, now));
-        m.values().map(|b| b.until).filter(|&u| u > now).min()
+        t.forget_where(|_, b| self.forgettable(b, now));
+        t.by_addr
+            .values()
+            .map(|b| b.until)
+            .filter(|&u| u > now)
+            .min()
     }
 
     /// Whether `ip` (a [`source_address`](crate::store::source_address)) is banned at
     /// `now` (the QUIC listener, which no socket filter covers, asks).
     pub(crate) fn banned(&self, ip: IpAddr, now: Instant) -> bool {
-        let m = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(&ip).is_some_and(|b| b.until > now)
+        let t = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+        t.by_addr.get(&ip).is_some_and(|b| b.until > now)
     }
 
     fn length(&self, level: u32) -> Duration {
@@ -167,15 +206,19 @@ impl Bans {
         now >= b.until + 2 * self.length(b.level)
     }
 
-    fn publish(&self, m: &HashMap<IpAddr, Ban>, now: Instant) {
-        let mut active: Vec<(Instant, IpAddr)> = m
+    /// Publishes the newest [`PUBLISHED`] active bans (newest first) and the count.
+    fn publish(&self, t: &Table, now: Instant) {
+        let active = t.by_addr.values().filter(|b| b.until > now).count();
+        self.active
+            .store(active, std::sync::atomic::Ordering::Relaxed);
+        let list: Vec<IpAddr> = t
+            .newest
             .iter()
-            .filter(|(_, b)| b.until > now)
-            .map(|(ip, b)| (b.since, *ip))
+            .filter(|(_, until, _)| *until > now)
+            .take(PUBLISHED)
+            .map(|(_, _, ip)| *ip)
             .collect();
-        active.sort_unstable_by_key(|a| std::cmp::Reverse(a.0));
-        self.list
-            .send_replace(Arc::new(active.into_iter().map(|(_, ip)| ip).collect()));
+        self.list.send_replace(Arc::new(list));
     }
 }
 
@@ -513,6 +556,27 @@ mod tests {
         assert_eq!(*bans.watch().borrow().clone(), vec![b, a]);
         bans.expire(t0 + Duration::from_millis(1_100));
         assert_eq!(*bans.watch().borrow().clone(), vec![b]);
+    }
+
+    /// With more bans than any filter holds, the list carries only the newest (what the
+    /// filters take anyway), in order, and the count says how many are banned.
+    #[test]
+    fn the_list_holds_the_newest_bans_a_filter_can_take() {
+        let t0 = Instant::now();
+        let bans = Bans::new(Duration::from_secs(60));
+        let n = PUBLISHED + 500;
+        let ip = |i: usize| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i as u32));
+        for i in 0..n {
+            bans.strike(ip(i), t0 + Duration::from_micros(i as u64));
+        }
+        assert_eq!(bans.active(), n);
+        let list = bans.watch().borrow().clone();
+        let want: Vec<IpAddr> = (n - PUBLISHED..n).rev().map(ip).collect();
+        assert_eq!(*list, want, "the newest {PUBLISHED}, newest first");
+        assert!(bans.banned(ip(0), t0), "an older ban still holds at accept");
+        // The filter built from the list is the one built from every ban.
+        let every: Vec<IpAddr> = (0..n).rev().map(ip).collect();
+        assert_eq!(program(&list, 64), program(&every, 64));
     }
 
     proptest! {
