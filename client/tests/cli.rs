@@ -2441,3 +2441,561 @@ fn dict_train_share_and_publish_with_a_dictionary() {
         "nothing delivered without the dictionary"
     );
 }
+
+/// `--auth-token TOKEN` on the command line (visible in `ps` and shell history) works as
+/// before but prints a one-line warning naming `WHISPEER_AUTH_TOKEN`; the token itself is
+/// never repeated. From the variable: no warning.
+#[test]
+fn auth_token_on_the_command_line_is_warned_about() {
+    let token = "wsp_tok_secret-token-on-argv";
+    let warned = |o: &Output| -> Vec<String> {
+        let err = stderr(o);
+        assert!(!err.contains(token), "token echoed: {err}");
+        err.lines()
+            .filter(|l| l.starts_with("warning:") && l.contains("--auth-token"))
+            .map(str::to_owned)
+            .collect()
+    };
+    // No key: a usage error before any connection, the warning first.
+    for cmd in ["pub", "sub"] {
+        let args = [
+            cmd,
+            "--relay",
+            "ws://127.0.0.1:1",
+            "a/b",
+            "--auth-token",
+            token,
+        ];
+        let o = run(&args);
+        let w = warned(&o);
+        assert_eq!(w.len(), 1, "{}", stderr(&o));
+        assert!(w[0].contains("WHISPEER_AUTH_TOKEN"), "{}", w[0]);
+        fails(o, 2);
+        let o = run_with(&args[..4], "", &[("WHISPEER_AUTH_TOKEN", token)]);
+        assert!(warned(&o).is_empty(), "{}", stderr(&o));
+        fails(o, 2);
+    }
+    let o = run(&[
+        "bench",
+        "--relay",
+        "ws://127.0.0.1:1",
+        "--pubs",
+        "0",
+        "--auth-token",
+        token,
+    ]);
+    assert_eq!(warned(&o).len(), 1, "{}", stderr(&o));
+    fails(o, 2);
+}
+
+/// A relay with `auth = required` and a bearer-token account (group `home`): the relay and
+/// the token.
+fn relay_with_token_account() -> (RelayProcess, tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let accounts = dir.path().join("accounts.toml");
+    let out = Command::new(support::relay_binary())
+        .args([
+            "account", "add", "svc", "--token", "--group", "home", "--file",
+        ])
+        .arg(&accounts)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .lines()
+        .last()
+        .unwrap()
+        .to_owned();
+    let relay = start_relay_binary(&[
+        "--auth",
+        "required",
+        "--accounts",
+        accounts.to_str().unwrap(),
+    ]);
+    (relay, dir, token)
+}
+
+/// The processes whose parent is `ppid`: (pid, command line arguments).
+#[cfg(target_os = "linux")]
+fn children_of(ppid: u32) -> Vec<(u32, Vec<String>)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        // /proc/PID/stat: "PID (COMM) STATE PPID …"; COMM may hold spaces and ')'.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent != Some(ppid) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        out.push((pid, args));
+    }
+    out
+}
+
+/// `bench --sub-process` against a relay that requires an account: the subscriber process
+/// authenticates with the parent's token and holds its keys, but neither the token nor a
+/// key string (nor the flags that carried them) is on its command line, which every user
+/// can read in `/proc` (`ps`): both travel in its environment.
+#[cfg(target_os = "linux")]
+#[test]
+fn bench_sub_process_gets_secrets_in_its_environment_never_its_argv() {
+    let (relay, _accounts, token) = relay_with_token_account();
+    let key = ok(run(&["key", "new", "--tree", "bench"]));
+    let url = relay.tcp_url();
+    let mut p = Proc::spawn(
+        &[
+            "bench",
+            "--relay",
+            &url,
+            "--msgs",
+            "3000",
+            "--rate",
+            "1000",
+            "--size",
+            "64",
+            "--sub-process",
+            "--json",
+            "--no-progress",
+            "--auth-token",
+            &token,
+            "--key",
+            &key,
+        ],
+        &[],
+    );
+    let parent = p.child.id();
+    let start = Instant::now();
+    let (child, args) = loop {
+        let found = children_of(parent)
+            .into_iter()
+            .find(|(_, a)| a.iter().any(|x| x == "--subscriber-child"));
+        if let Some(c) = found {
+            break c;
+        }
+        if let Ok(Some(status)) = p.child.try_wait() {
+            panic!("bench exited ({status}) before its subscriber process was seen");
+        }
+        assert!(start.elapsed() < TIMEOUT, "no subscriber process");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let line = args.join(" ");
+    assert!(!line.contains(&token), "token on the child's argv: {line}");
+    assert!(!line.contains(&key), "key on the child's argv: {line}");
+    for flag in ["--auth-token", "--key", "--key-file", "--auth-key"] {
+        assert!(
+            !args
+                .iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}="))),
+            "{line}"
+        );
+    }
+    // The other arguments are passed on.
+    assert!(args.iter().any(|a| a == "--msgs"), "{line}");
+    // What it got instead: its environment (readable only by this user).
+    if let Ok(env) = std::fs::read(format!("/proc/{child}/environ")) {
+        let env: Vec<String> = env
+            .split(|b| *b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        assert!(env.contains(&format!("WHISPEER_AUTH_TOKEN={token}")));
+        assert!(env.contains(&format!("WHISPEER_KEY={key}")));
+    }
+    let (status, out, err) = p.finish();
+    assert!(status.success(), "{err:?}");
+    // The parent warned once about each secret on its own command line.
+    assert_eq!(
+        err.iter()
+            .filter(|l| l.contains("--auth-token puts"))
+            .count(),
+        1,
+        "{err:?}"
+    );
+    assert!(!err.iter().any(|l| l.contains(&token)), "{err:?}");
+    let r: serde_json::Value = serde_json::from_str(&out.join("\n")).unwrap();
+    assert_eq!(r["sub_process"], true, "{r}");
+    assert_eq!(r["sent"], 3000);
+    assert_eq!(r["received"], 3000, "{r}");
+}
+
+/// PROTOCOL §5.9 fixes a passphrase tree's Argon2id parameters (256 MiB, t = 2, p = 1; or the
+/// version-1 64 MiB, t = 3, p = 1): anything else is a usage error, named in one line, before
+/// any passphrase is read or Argon2 runs.
+#[test]
+fn from_passphrase_refuses_argon2_parameters_outside_the_spec() {
+    let pass = [("WHISPEER_PASSPHRASE", "correct horse battery staple")];
+    for extra in [
+        &["--argon2-memory-kib", "8"][..],
+        &["--argon2-memory-kib", "8", "--argon2-iterations", "1"],
+        &["--argon2-iterations", "1"],
+        &["--argon2-iterations", "100"],
+        &["--argon2-lanes", "4"],
+        &["--argon2-lanes", "0"],
+        &["--argon2-memory-kib", "4194304"],
+        &["--argon2-memory-kib", "65536"],
+        &[
+            "--argon2-memory-kib",
+            "65536",
+            "--argon2-iterations",
+            "3",
+            "--argon2-lanes",
+            "2",
+        ],
+    ] {
+        let mut args = vec!["key", "from-passphrase", "--tree", "family"];
+        args.extend_from_slice(extra);
+        let e = fails(run_with(&args, "", &pass), 2);
+        assert!(
+            e.contains("Argon2id") && e.contains("§5.9"),
+            "{extra:?}: {e}"
+        );
+        assert!(!e.contains("correct horse"), "{e}");
+    }
+    // The version-1 parameters reproduce a version-1 tree: accepted.
+    let v1 = ok(run_with(
+        &[
+            "key",
+            "from-passphrase",
+            "--tree",
+            "family",
+            "--argon2-memory-kib",
+            "65536",
+            "--argon2-iterations",
+            "3",
+        ],
+        "",
+        &pass,
+    ));
+    assert!(v1.starts_with("wstree1"), "{v1}");
+}
+
+#[cfg(unix)]
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A key, identity or relay account key file that group or others may write is refused
+/// (like ssh refuses such a private key), with one line naming the file and the fix; one
+/// they may only read gets a warning, as before.
+#[cfg(unix)]
+#[test]
+fn secret_files_writable_by_others_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tree_file, _) = new_tree(dir.path(), "home");
+    let tf = tree_file.to_str().unwrap();
+    let (id_file, _, _) = keygen(dir.path(), "me.id");
+    let idf = id_file.to_str().unwrap();
+    let auth_file = dir.path().join("acct.key");
+    ok(run(&["auth-keygen", "--out", auth_file.to_str().unwrap()]));
+    let af = auth_file.to_str().unwrap();
+    let refused = |o: Output, file: &str| {
+        let e = fails(o, 1);
+        assert!(e.contains(file), "{e}");
+        assert!(e.contains("writable by group or others"), "{e}");
+        assert!(e.contains(&format!("chmod 600 {file}")), "{e}");
+        assert!(!e.contains("wstree1") && !e.contains("wssec1"), "{e}");
+    };
+    for mode in [0o666, 0o620, 0o602] {
+        chmod(&tree_file, mode);
+        refused(run(&["key", "show", "--key-file", tf]), tf);
+        refused(run_with(&["key", "show"], "", &[("WHISPEER_KEY", tf)]), tf);
+        chmod(&tree_file, 0o600);
+
+        chmod(&id_file, mode);
+        refused(run(&["id", "--identity", idf]), idf);
+        refused(run_with(&["id"], "", &[("WHISPEER_IDENTITY", idf)]), idf);
+        chmod(&id_file, 0o600);
+
+        // Refused before any connection is tried.
+        chmod(&auth_file, mode);
+        let pub_args = [
+            "pub",
+            "--relay",
+            "tcp://127.0.0.1:1",
+            "a/b",
+            "1",
+            "--key-file",
+            tf,
+        ];
+        let mut args = pub_args.to_vec();
+        args.extend(["--auth-key", af]);
+        refused(run(&args), af);
+        refused(run_with(&pub_args, "", &[("WHISPEER_AUTH_KEY", af)]), af);
+        chmod(&auth_file, 0o600);
+    }
+    // Readable by others: a warning, and it works. Private: silent.
+    chmod(&tree_file, 0o644);
+    let o = run(&["key", "show", "--key-file", tf]);
+    assert!(
+        stderr(&o).contains("accessible by others"),
+        "{}",
+        stderr(&o)
+    );
+    ok(o);
+    chmod(&tree_file, 0o600);
+    let o = run(&["key", "show", "--key-file", tf]);
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+    ok(o);
+    // A path that needs quoting is quoted in the fix.
+    let odd = dir.path().join("my key's file");
+    std::fs::copy(&tree_file, &odd).unwrap();
+    chmod(&odd, 0o664);
+    let e = fails(
+        run(&["key", "show", "--key-file", odd.to_str().unwrap()]),
+        1,
+    );
+    assert!(e.contains("chmod 600 '"), "{e}");
+    assert!(e.contains("my key'\\''s file'"), "{e}");
+}
+
+/// A FIFO at `path` (mode 0600) that a thread fills with `text` once, when it is opened
+/// for reading — like `<(cat FILE)`. A second open for reading would wait forever.
+#[cfg(unix)]
+fn fifo_with(path: &Path, text: String) {
+    let st = Command::new("mkfifo")
+        .args(["-m", "600"])
+        .arg(path)
+        .status()
+        .expect("mkfifo");
+    assert!(st.success());
+    let p = path.to_owned();
+    std::thread::spawn(move || {
+        if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(&p) {
+            let _ = f.write_all(text.as_bytes());
+        }
+    });
+}
+
+/// Each secret file is read exactly once, so a FIFO (process substitution, `/dev/fd/N`)
+/// works as a key or identity file: `sub` asks for its keys three times (keys,
+/// dictionaries, durable owner) and `pub` twice, yet each FIFO is opened once; a path in
+/// `WHISPEER_KEY` may name one too.
+#[cfg(unix)]
+#[test]
+fn secret_files_are_read_once_so_a_fifo_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ok(run(&["key", "new", "--tree", "home"]));
+    let id = ok(run(&["keygen"]));
+    let fifo = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        fifo_with(&p, format!("# a comment\n{text}\n"));
+        p.to_str().unwrap().to_owned()
+    };
+    let d = show(&key);
+    let k1 = fifo("k1", &key);
+    let o = run(&["key", "show", "--json", "--key-file", &k1]);
+    let shown: serde_json::Value = serde_json::from_str(&ok(o)).unwrap();
+    assert_eq!(shown["key_id"], d["key_id"]);
+    let k2 = fifo("k2", &key);
+    let o = run_with(&["key", "show", "--json"], "", &[("WHISPEER_KEY", &k2)]);
+    let shown: serde_json::Value = serde_json::from_str(&ok(o)).unwrap();
+    assert_eq!(shown["key_id"], d["key_id"]);
+    let i1 = fifo("i1", &id);
+    assert!(ok(run(&["id", "--identity", &i1])).contains("public id: wsid1"));
+
+    let relay = start_relay_binary(&[]);
+    let url = relay.ws_url();
+    let (ks, kp, ip) = (fifo("ks", &key), fifo("kp", &key), fifo("ip", &id));
+    let mut sub = Proc::spawn(
+        &[
+            "sub",
+            "--relay",
+            &url,
+            "a/#",
+            "--count",
+            "1",
+            "--key-file",
+            &ks,
+        ],
+        &[],
+    );
+    sub.ready();
+    ok(run(&[
+        "pub",
+        "--relay",
+        &url,
+        "a/b",
+        "42",
+        "--key-file",
+        &kp,
+        "--identity",
+        &ip,
+        "--qos",
+        "1",
+    ]));
+    let l: serde_json::Value = serde_json::from_str(&sub.line()).unwrap();
+    assert_eq!(l["data"], 42);
+    assert!(l["sender"].as_str().unwrap().starts_with("wspk1"), "{l}");
+    let (status, _, _) = sub.finish();
+    assert!(status.success());
+}
+
+/// Whether `strace` runs here (ptrace may be denied in a container).
+#[cfg(target_os = "linux")]
+fn strace_works() -> bool {
+    Command::new("strace")
+        .args(["-f", "-o", "/dev/null", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Secret files are written safely: `dict train -o` never follows a symbolic link at its
+/// output or overwrites a file without `--force` (O_EXCL), `--force` replaces the file with a
+/// new one of mode 0600 (before, the old file's mode stayed), no temporary file is left
+/// behind, and (where strace runs) the file and then its directory are fsynced.
+#[cfg(unix)]
+#[test]
+fn secret_files_are_written_exclusively_and_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = telemetry_samples(dir.path());
+    let sp = samples.to_str().unwrap().to_owned();
+    let train = |out: &Path, force: bool| {
+        let mut args = vec![
+            "dict",
+            "train",
+            "--samples",
+            &sp,
+            "--lines",
+            "--size",
+            "4096",
+            "-o",
+        ];
+        let out = out.to_str().unwrap().to_owned();
+        args.push(&out);
+        if force {
+            args.push("--force");
+        }
+        run(&args)
+    };
+    // A dangling symbolic link at the output: refused, its target never created.
+    let target = dir.path().join("elsewhere.bin");
+    let link = dir.path().join("link.bin");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let e = fails(train(&link, false), 1);
+    assert!(e.contains("refusing to overwrite"), "{e}");
+    assert!(!target.exists(), "the link was followed");
+    // The same for the other secret files.
+    let e = fails(run(&["keygen", "--out", link.to_str().unwrap()]), 1);
+    assert!(e.contains("refusing to overwrite"), "{e}");
+    assert!(!target.exists(), "the link was followed");
+
+    // --force replaces an existing file (here one others may read) by a private one.
+    let out = dir.path().join("dict.bin");
+    std::fs::write(&out, b"old").unwrap();
+    chmod(&out, 0o644);
+    let e = fails(train(&out, false), 1);
+    assert!(e.contains("refusing to overwrite"), "{e}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"old");
+    ok(train(&out, true));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    assert_ne!(std::fs::read(&out).unwrap(), b"old");
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["dict.bin", "link.bin", "samples.jsonl"],
+        "temporary files left"
+    );
+
+    #[cfg(target_os = "linux")]
+    {
+        if !strace_works() {
+            eprintln!("strace is not available here: the fsync checks are skipped");
+            return;
+        }
+        let sdir = tempfile::tempdir().unwrap();
+        let sd = std::fs::canonicalize(sdir.path()).unwrap();
+        let log = sd.join("strace.log");
+        for (name, args) in [
+            ("me.id", vec!["keygen", "--out"]),
+            (
+                "t.dict",
+                vec![
+                    "dict",
+                    "train",
+                    "--samples",
+                    &sp,
+                    "--lines",
+                    "--size",
+                    "4096",
+                    "-o",
+                ],
+            ),
+            ("acct.key", vec!["auth-keygen", "--out"]),
+            ("t.key", vec!["key", "new", "--tree", "t", "--out"]),
+        ] {
+            let file = sd.join(name);
+            let o = Command::new("strace")
+                .args([
+                    "-f",
+                    "-y",
+                    "-e",
+                    "trace=fsync,fdatasync,rename,renameat,renameat2,link,linkat",
+                    "-o",
+                ])
+                .arg(&log)
+                .arg(env!("CARGO_BIN_EXE_whispeer"))
+                .args(&args)
+                .arg(&file)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", stderr(&o));
+            let trace = std::fs::read_to_string(&log).unwrap();
+            let calls: Vec<&str> = trace
+                .lines()
+                .filter(|l| l.contains("sync(") || l.contains("link") || l.contains("rename"))
+                .collect();
+            let dir_text = format!("<{}>", sd.display());
+            let file_sync = calls
+                .iter()
+                .position(|l| l.contains("sync(") && l.contains(&format!(".{name}.")))
+                .unwrap_or_else(|| panic!("{name}: the file was not fsynced: {calls:#?}"));
+            let placed = calls
+                .iter()
+                .position(|l| (l.contains("link") || l.contains("rename")) && l.contains(name))
+                .unwrap_or_else(|| panic!("{name}: not linked into place: {calls:#?}"));
+            let dir_sync = calls
+                .iter()
+                .rposition(|l| l.contains("sync(") && l.contains(&dir_text))
+                .unwrap_or_else(|| panic!("{name}: the directory was not fsynced: {calls:#?}"));
+            assert!(
+                file_sync < placed && placed < dir_sync,
+                "{name}: order: {calls:#?}"
+            );
+            std::fs::remove_file(&log).unwrap();
+        }
+    }
+}

@@ -585,13 +585,30 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let duration = secs(a.duration)?;
     let topic = Topic::new(a.topic.as_str()).with_context(|| format!("topic '{}'", a.topic))?;
     let mut keys = a.keys.load()?;
-    // A key made here: a subscriber process (`--sub-process`) is handed it.
-    let mut generated = None;
+    // The key strings a subscriber process (`--sub-process`) is handed in its environment,
+    // never on its command line: those given (each key file read once, here) or a key made
+    // here.
+    let mut key_texts = zeroize::Zeroizing::new(a.keys.texts()?.join("\n"));
     if keys.is_empty() {
         let key = TreeKey::generate_with("bench", &mut rand::rngs::OsRng)?;
-        generated = Some(key.to_key_string().to_string());
+        key_texts = zeroize::Zeroizing::new(key.to_key_string().to_string());
         keys.push(AnyKey::Tree(key));
     }
+    // The relay account (`--auth-key FILE` read once, or `--auth-token`): every connection
+    // uses it, and a subscriber process gets it in its environment too.
+    let auth_secret = if a.subscriber_child.is_some() {
+        child::parent_auth(&a.conn)?
+    } else {
+        a.conn.auth_secret()?
+    };
+    let auth = auth_secret
+        .as_ref()
+        .map(crate::pubsub::AuthSecret::relay_auth)
+        .transpose()?;
+    let child_secrets = child::Secrets {
+        keys: key_texts,
+        auth: auth_secret,
+    };
     {
         let kr = io::keyring(&keys)?;
         match a.tree {
@@ -620,6 +637,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let connect = |identity: Option<Identity>| {
         connect_bench(
             &a.conn,
+            auth.as_ref(),
             &keys,
             identity,
             signing,
@@ -651,7 +669,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let subs = if a.sub_process && a.subs > 0 {
-        Subs::Child(child::ChildSubs::spawn("wsp".to_owned(), generated.clone()).await?)
+        Subs::Child(child::ChildSubs::spawn("wsp".to_owned(), child_secrets.clone()).await?)
     } else {
         Subs::Local(wsp_subs().await?)
     };
@@ -724,7 +742,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     }
 
     if let Some(url) = a.nats.clone() {
-        let mut nats = run_nats(&a, duration, &url, generated).await?;
+        let mut nats = run_nats(&a, duration, &url, child_secrets).await?;
         nats.relay = url;
         report.nats_ratio = Some(Ratio::of(&report, &nats));
         report.nats = Some(Box::new(nats));
@@ -743,11 +761,11 @@ async fn run_nats(
     a: &BenchArgs,
     duration: Duration,
     url: &str,
-    key: Option<String>,
+    secrets: child::Secrets,
 ) -> Result<Report> {
     let subject = format!("whispeer.bench.{:016x}", rand::rngs::OsRng.next_u64());
     let subs = if a.sub_process && a.subs > 0 {
-        Subs::Child(child::ChildSubs::spawn(format!("nats:{subject}"), key).await?)
+        Subs::Child(child::ChildSubs::spawn(format!("nats:{subject}"), secrets).await?)
     } else {
         Subs::Local(nats_subs(a, url, &subject).await?)
     };
@@ -988,6 +1006,7 @@ async fn run_load(
 
 async fn connect_bench(
     conn: &ConnArgs,
+    auth: Option<&whispeer::RelayAuth>,
     keys: &[AnyKey],
     identity: Option<Identity>,
     signing: Signing,
@@ -1009,6 +1028,9 @@ async fn connect_bench(
         .connect_timeout(secs(conn.connect_timeout)?);
     if let Some(id) = identity {
         b = b.with(id);
+    }
+    if let Some(auth) = auth {
+        b = b.with(auth.clone());
     }
     if let Some(ca) = &conn.ca {
         b = b.with(

@@ -194,8 +194,9 @@ fn train(a: TrainArgs) -> Result<ExitCode> {
     })?;
     debug_assert!(bytes.len() >= MIN_DICT_LEN);
     let d = Dictionary::new(bytes).context("the trained dictionary")?;
-    // Raw bytes, mode 0600: the dictionary is content.
-    write_secret_bytes(&a.out, d.as_bytes(), a.force)?;
+    // Raw bytes, mode 0600: the dictionary is content. Created exclusively (never over an
+    // existing file or through a symbolic link unless --force replaces it), synced.
+    io::write_secret_bytes(&a.out, d.as_bytes(), a.force)?;
     eprintln!(
         "trained on {} samples ({total} bytes); wrote {} ({} bytes)",
         samples.len(),
@@ -204,27 +205,4 @@ fn train(a: TrainArgs) -> Result<ExitCode> {
     );
     io::print_or_exit(&describe(&d).to_string())?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn write_secret_bytes(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
-    use std::io::Write;
-    if path.exists() && !force {
-        anyhow::bail!(
-            "refusing to overwrite {} (use --force to replace it)",
-            path.display()
-        );
-    }
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.mode(0o600);
-    }
-    let mut f = o
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
 }

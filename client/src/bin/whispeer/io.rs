@@ -111,11 +111,39 @@ pub struct KeyArgs {
     /// A file of key strings, one per line ('#' comments); repeatable.
     #[arg(long = "key-file", value_name = "FILE")]
     pub key_files: Vec<PathBuf>,
+    /// The key strings once read: each key file is read exactly once (a FIFO such as
+    /// `<(cat key)` can be read only once), however often the keys are asked for.
+    #[arg(skip)]
+    read: ReadOnce,
+}
+
+/// Key strings read from their sources, kept for later calls (never printed by `Debug`).
+#[derive(Clone, Default)]
+struct ReadOnce(std::sync::OnceLock<zeroize::Zeroizing<Vec<String>>>);
+
+impl std::fmt::Debug for ReadOnce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "ReadOnce(…)"
+        } else {
+            "ReadOnce(unread)"
+        })
+    }
 }
 
 impl KeyArgs {
     /// The key strings given by flags, else by `WHISPEER_KEY` (key strings, or a file path).
+    /// The sources are read on the first call only; later calls return the same strings.
     pub fn texts(&self) -> Result<Vec<String>> {
+        if let Some(t) = self.read.0.get() {
+            return Ok(t.to_vec());
+        }
+        let out = self.read_texts()?;
+        let _ = self.read.0.set(zeroize::Zeroizing::new(out.clone()));
+        Ok(out)
+    }
+
+    fn read_texts(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         if !self.keys.is_empty() {
             warn(
@@ -354,7 +382,8 @@ fn env_secret(var: &str, is_secret: impl Fn(&str) -> bool) -> Result<Option<Stri
         return Ok(Some(v));
     }
     let path = Path::new(v.trim());
-    if !path.is_file() {
+    // Not only regular files: a FIFO (`<(cat key)`, `/dev/fd/N`) is read like one.
+    if !path.exists() || path.is_dir() {
         anyhow::bail!(
             "{var} holds no key string of the kind expected here and names no file (its value \
              is not shown: it may be a secret)"
@@ -365,54 +394,97 @@ fn env_secret(var: &str, is_secret: impl Fn(&str) -> bool) -> Result<Option<Stri
         .map(Some)
 }
 
-/// Reads a file holding secrets, warning when others may read it.
+/// Reads a file holding secrets (key, identity, relay account key): opened and read exactly
+/// once (a FIFO such as `<(cat key)` works), its mode checked on the open file. A file that
+/// group or others may write is refused, like ssh refuses such a private key: whoever can
+/// rewrite it chooses the keys this program trusts. One others may read gets a warning.
 pub fn read_secret_file(path: &Path) -> Result<String> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = read_secret_bytes(path)?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| {
+        anyhow::anyhow!(
+            "{} is not a text file (UTF-8): it holds no key string",
+            path.display()
+        )
+    })
+}
+
+/// [`read_secret_file`] as bytes.
+pub fn read_secret_bytes(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(m) = std::fs::metadata(path) {
-            let mode = m.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                warn(format!(
-                    "{} holds secrets but is accessible by others (mode {mode:03o}); chmod 600 it",
-                    path.display()
-                ));
-            }
-        }
+    check_secret_mode(
+        path,
+        &f.metadata()
+            .with_context(|| format!("cannot read {}", path.display()))?,
+    )?;
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    f.read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(bytes)
+}
+
+/// Refuses a secret file group or others may write; warns when they may read it. Only
+/// regular files and FIFOs are checked: a terminal (`/dev/stdin`) is no file anyone rewrites.
+#[cfg(unix)]
+fn check_secret_mode(path: &Path, m: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let kind = m.file_type();
+    if !(kind.is_file() || kind.is_fifo()) {
+        return Ok(());
     }
-    Ok(text)
+    let mode = m.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        anyhow::bail!(
+            "{} holds secrets but is writable by group or others (mode {mode:03o}): refusing \
+             to read it; fix it with `chmod 600 {}`",
+            path.display(),
+            shell_quoted(path)
+        );
+    }
+    if mode & 0o077 != 0 {
+        warn(format!(
+            "{} holds secrets but is accessible by others (mode {mode:03o}); chmod 600 it",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// A path as a shell word: as it is when only safe characters make it up, else quoted.
+#[cfg(unix)]
+fn shell_quoted(path: &Path) -> String {
+    let s = path.to_string_lossy();
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@%=".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// Writes a secret file with mode 0600. Without `force` an existing file is never touched;
-/// with it the file is replaced atomically.
+/// with it the file is replaced atomically. See [`write_secret_bytes`].
 pub fn write_secret_file(path: &Path, contents: &str, force: bool) -> Result<()> {
-    use std::fs::OpenOptions;
-    fn open_new(p: &Path) -> std::io::Result<std::fs::File> {
-        let mut o = OpenOptions::new();
-        o.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            o.mode(0o600);
-        }
-        o.open(p)
-    }
-    if !force {
-        let mut f = match open_new(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                anyhow::bail!(
-                    "refusing to overwrite {} (use --force to replace it)",
-                    path.display()
-                )
-            }
-            Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
-        };
-        f.write_all(contents.as_bytes())?;
-        f.sync_all()?;
-        return Ok(());
+    write_secret_bytes(path, contents.as_bytes(), force)
+}
+
+/// Writes a secret file with mode 0600 so that a crash never leaves a half-written or a
+/// missing file: the bytes go to a new temporary file beside it (created exclusively,
+/// `O_EXCL`, with mode 0600), which is written and fsynced, then put in place — without
+/// `force` by a hard link, which like `O_EXCL` fails when `path` exists (a file, a
+/// directory or a symbolic link, even a dangling one: never followed), with `force` by a
+/// rename over it — and the directory is fsynced. On a file system without hard links the
+/// file is created at `path` exclusively and written there.
+pub fn write_secret_bytes(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
+    let refuse = || {
+        anyhow::anyhow!(
+            "refusing to overwrite {} (use --force to replace it)",
+            path.display()
+        )
+    };
+    if !force && path.symlink_metadata().is_ok() {
+        return Err(refuse());
     }
     let dir = path
         .parent()
@@ -422,17 +494,68 @@ pub fn write_secret_file(path: &Path, contents: &str, force: bool) -> Result<()>
         .file_name()
         .ok_or_else(|| anyhow::anyhow!("{} is not a file path", path.display()))?;
     let tmp = dir.join(format!(
-        ".{}.{}.tmp",
+        ".{}.{}.{:08x}.tmp",
         name.to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        rand::RngCore::next_u32(&mut rand::rngs::OsRng)
     ));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = open_new(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    write_new(&tmp, bytes).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    if force {
+        if let Err(e) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("cannot replace {}", path.display()));
+        }
+    } else {
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(refuse()),
+            // No hard links here (some network or FAT file systems): O_EXCL at `path`.
+            Err(_) => {
+                write_new(path, bytes).map_err(|e| match e.downcast_ref::<std::io::Error>() {
+                    Some(io) if io.kind() == std::io::ErrorKind::AlreadyExists => refuse(),
+                    _ => e,
+                })?
+            }
+        }
+    }
+    sync_dir(dir);
     Ok(())
+}
+
+/// Creates `path` exclusively (`O_EXCL`) with mode 0600, writes `bytes` and fsyncs it.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    let mut f = o.open(path).map_err(|e| {
+        let what = format!("cannot create {}", path.display());
+        anyhow::Error::new(e).context(what)
+    })?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Fsyncs a directory, so a file just created or renamed in it survives a crash. Only
+/// warns: the file itself is written and synced by then.
+fn sync_dir(dir: &Path) {
+    #[cfg(unix)]
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        warn(format!(
+            "could not flush directory {} to disk: {e}",
+            dir.display()
+        ));
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
 }
 
 /// Parses a tree id as `whispeer key show` prints it (32 hex digits), for `--tree`.

@@ -156,7 +156,8 @@ pub enum KeyCommand {
         /// name and passphrase in another realm give another tree.
         #[arg(long, value_name = "REALM", default_value = "")]
         realm: String,
-        /// Argon2id memory in KiB (every holder must use the same parameters).
+        /// Argon2id memory in KiB (every holder must use the same parameters; PROTOCOL §5.9
+        /// allows 262144 with 2 iterations, or 65536 with 3 for a version-1 tree).
         #[arg(long, default_value_t = PassphraseParams::default().m_kib, hide_short_help = true)]
         argon2_memory_kib: u32,
         /// Argon2id iterations.
@@ -367,12 +368,14 @@ pub fn key(c: KeyCommand) -> Result<ExitCode> {
             argon2_lanes,
             out,
         } => {
-            let pass = read_passphrase()?;
             let params = PassphraseParams {
                 m_kib: argon2_memory_kib,
                 t: argon2_iterations,
                 p: argon2_lanes,
             };
+            // Before the passphrase is read: nothing waits on stdin for a refused command.
+            check_passphrase_params(params)?;
+            let pass = read_passphrase()?;
             let tk = TreeKey::from_passphrase_in_realm(&tree, &realm, pass.as_bytes(), params)?;
             out.emit(&tk.to_key_string())?;
         }
@@ -431,6 +434,42 @@ fn narrow(
             anyhow::bail!("narrowing a grant records who narrowed it: an identity is needed")
         }
     }
+}
+
+/// The Argon2id parameters of a version-1 passphrase tree (PROTOCOL §5.9), still accepted to
+/// reproduce one: 64 MiB, 3 iterations, 1 lane.
+const PASSPHRASE_PARAMS_V1: PassphraseParams = PassphraseParams {
+    m_kib: 64 * 1024,
+    t: 3,
+    p: 1,
+};
+
+/// PROTOCOL §5.9 fixes a passphrase tree's Argon2id parameters — every member MUST use
+/// them: m = 262144 KiB, t = 2, p = 1 (the default), or m = 65536 KiB, t = 3, p = 1 to
+/// reproduce a version-1 tree. Anything else (a cheaper cost makes offline guessing cheaper,
+/// and no other client derives that tree) is a usage error.
+fn check_passphrase_params(p: PassphraseParams) -> Result<()> {
+    let d = PassphraseParams::default();
+    if p == d || p == PASSPHRASE_PARAMS_V1 {
+        return Ok(());
+    }
+    let v1 = PASSPHRASE_PARAMS_V1;
+    usage!(
+        "Argon2id parameters m = {} KiB, t = {}, p = {} are not allowed for a passphrase tree: \
+         PROTOCOL §5.9 fixes m = {} KiB, t = {}, p = {} (the default), or m = {} KiB, t = {}, \
+         p = {} to reproduce a version-1 tree (--argon2-memory-kib {} --argon2-iterations {})",
+        p.m_kib,
+        p.t,
+        p.p,
+        d.m_kib,
+        d.t,
+        d.p,
+        v1.m_kib,
+        v1.t,
+        v1.p,
+        v1.m_kib,
+        v1.t
+    )
 }
 
 fn read_passphrase() -> Result<String> {

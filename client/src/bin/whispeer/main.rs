@@ -15,7 +15,7 @@ mod pubsub;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// End-to-end encrypted publish/subscribe: keys, invites, pub, sub and bench.
 #[derive(Debug, Parser)]
@@ -128,7 +128,12 @@ fn init_logging(verbose: u8) {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = Cli::command().try_get_matches().and_then(|m| {
+        Cli::from_arg_matches(&m)
+            .map(|cli| (cli, m))
+            .map_err(|e| e.format(&mut Cli::command()))
+    });
+    let (cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => {
             // Help and version go to stdout with exit 0; real usage errors exit 2.
@@ -141,6 +146,12 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
+    if auth_token_on_command_line(&matches) {
+        io::warn(
+            "--auth-token puts the relay token on the command line, where other users can see \
+             it (ps, shell history); prefer WHISPEER_AUTH_TOKEN",
+        );
+    }
     let result = match cli.command {
         Command::Keygen(a) => keys::keygen(a),
         Command::Id(a) => keys::id(a),
@@ -165,6 +176,18 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Whether the command's `--auth-token` came from the command line rather than from
+/// `WHISPEER_AUTH_TOKEN`.
+fn auth_token_on_command_line(m: &clap::ArgMatches) -> bool {
+    const ID: &str = "auth_token";
+    let Some((_, sub)) = m.subcommand() else {
+        return false;
+    };
+    // Commands without the flag answer Err (unknown id) here.
+    matches!(sub.try_get_raw(ID), Ok(Some(_)))
+        && sub.value_source(ID) == Some(clap::parser::ValueSource::CommandLine)
 }
 
 /// The error and its causes on one line. A cause whose text the message already shows (an

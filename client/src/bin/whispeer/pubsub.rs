@@ -90,6 +90,22 @@ impl ConnArgs {
         Ok(())
     }
 
+    /// The relay account secret of `--auth-key FILE` (the file read once, and refused when
+    /// group or others may write it) or `--auth-token`, if any.
+    pub fn auth_secret(&self) -> Result<Option<AuthSecret>> {
+        if let Some(path) = &self.auth_key {
+            let text = zeroize::Zeroizing::new(io::read_secret_file(path)?);
+            // Checked here, so an error names the file.
+            whispeer::RelayAuth::parse_key(&text)
+                .with_context(|| format!("invalid relay account key in {}", path.display()))?;
+            return Ok(Some(AuthSecret::Key(text)));
+        }
+        Ok(self
+            .auth_token
+            .as_deref()
+            .map(|t| AuthSecret::Token(zeroize::Zeroizing::new(t.trim().to_owned()))))
+    }
+
     /// The `--tls-pin` fingerprints.
     pub fn pins(&self) -> Result<Vec<whispeer::TlsPin>> {
         self.tls_pin
@@ -133,10 +149,8 @@ impl ConnArgs {
         if let Some(o) = owner {
             b = b.with(o);
         }
-        if let Some(path) = &self.auth_key {
-            b = b.with(whispeer::RelayAuth::key_file(path)?);
-        } else if let Some(t) = &self.auth_token {
-            b = b.with(whispeer::RelayAuth::token(t.trim()));
+        if let Some(auth) = self.auth_secret()? {
+            b = b.with(auth.relay_auth()?);
         }
         if let Some(ca) = &self.ca {
             b = b.with(
@@ -149,6 +163,25 @@ impl ConnArgs {
         b.connect()
             .await
             .with_context(|| format!("cannot connect to {}", self.relay))
+    }
+}
+
+/// A relay account secret as given: an account key file's text, or a bearer token.
+#[derive(Clone)]
+pub enum AuthSecret {
+    /// The text of an account key file (`wsp_acct_sk_…`).
+    Key(zeroize::Zeroizing<String>),
+    /// A bearer token.
+    Token(zeroize::Zeroizing<String>),
+}
+
+impl AuthSecret {
+    /// The client's relay authentication.
+    pub fn relay_auth(&self) -> Result<whispeer::RelayAuth> {
+        Ok(match self {
+            AuthSecret::Key(text) => whispeer::RelayAuth::parse_key(text)?,
+            AuthSecret::Token(t) => whispeer::RelayAuth::token(t.as_str()),
+        })
     }
 }
 

@@ -3,9 +3,13 @@
 //! Issue 11's setup is three processes sharing the cores — publisher, relay, subscriber —
 //! as a user's would be. The parent (the publishers) starts this binary again with the same
 //! arguments plus the hidden `--subscriber-child MODE` (`wsp`, or `nats:SUBJECT` for the
-//! `--nats` run); a key the parent generated travels in the child's environment
-//! (`WHISPEER_KEY`), never on its command line. They talk in lines over the child's stdin
-//! and stdout:
+//! `--nats` run). Secrets never travel on the child's command line, which every user of the
+//! machine can read (`ps`): the parent drops `--key`, `--key-file`, `--auth-token` and
+//! `--auth-key` from the arguments it passes on, and hands the child the key strings it read
+//! (or generated) in `WHISPEER_KEY`, a bearer token in `WHISPEER_AUTH_TOKEN` and the text of
+//! an account key file in `WHISPEER_BENCH_AUTH_KEY` (read only by a subscriber process) —
+//! so each secret file is read once, by the parent. They talk in lines over the child's
+//! stdin and stdout:
 //!
 //! | direction | line | meaning |
 //! | --- | --- | --- |
@@ -19,6 +23,7 @@
 //! through the wall clock (`CLOCK_REALTIME`, the same in every process of one machine), read
 //! right beside it on both sides: within a few µs.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -33,6 +38,64 @@ use tokio::sync::{oneshot, watch};
 use super::{
     collect_subscribers, cpu_seconds, round3, BenchArgs, Latency, Shared, SubConn, SubTotals,
 };
+use crate::pubsub::{AuthSecret, ConnArgs};
+
+/// The account key file's text, handed from the parent to its subscriber process.
+const ENV_CHILD_AUTH_KEY: &str = "WHISPEER_BENCH_AUTH_KEY";
+/// The bearer token variable `--auth-token` also reads.
+const ENV_AUTH_TOKEN: &str = "WHISPEER_AUTH_TOKEN";
+/// The account key file variable `--auth-key` also reads.
+const ENV_AUTH_KEY: &str = "WHISPEER_AUTH_KEY";
+/// Flags whose value is a secret or names a secret file: never passed on to the child.
+const SECRET_FLAGS: [&str; 4] = ["--key", "--key-file", "--auth-token", "--auth-key"];
+
+/// The secrets a subscriber process needs, handed over in its environment.
+#[derive(Clone)]
+pub(super) struct Secrets {
+    /// Key strings, one per line.
+    pub keys: zeroize::Zeroizing<String>,
+    /// The relay account, if any.
+    pub auth: Option<AuthSecret>,
+}
+
+/// The subscriber process's relay account: the account key its parent read
+/// (`WHISPEER_BENCH_AUTH_KEY`), else the bearer token (`WHISPEER_AUTH_TOKEN`).
+pub(super) fn parent_auth(conn: &ConnArgs) -> Result<Option<AuthSecret>> {
+    match std::env::var(ENV_CHILD_AUTH_KEY) {
+        Ok(text) if !text.trim().is_empty() => {
+            Ok(Some(AuthSecret::Key(zeroize::Zeroizing::new(text))))
+        }
+        _ => conn.auth_secret(),
+    }
+}
+
+/// The parent's arguments for the child: all but [`SECRET_FLAGS`] and their values (as
+/// `--flag VALUE` or `--flag=VALUE`). A value equal to one of those flags cannot be another
+/// option's separate argument: clap would read it as the flag.
+fn child_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            out.push(arg);
+            out.extend(args);
+            break;
+        }
+        let text = arg.to_string_lossy();
+        if SECRET_FLAGS.contains(&text.as_ref()) {
+            let _value = args.next();
+            continue;
+        }
+        if SECRET_FLAGS
+            .iter()
+            .any(|f| text.strip_prefix(f).is_some_and(|r| r.starts_with('=')))
+        {
+            continue;
+        }
+        out.push(arg);
+    }
+    out
+}
 
 /// What the subscriber process reports at the end of a run.
 #[derive(Debug, Serialize, Deserialize)]
@@ -60,24 +123,34 @@ pub(super) struct ChildSubs {
 
 impl ChildSubs {
     /// Starts this binary as the subscriber process of the run (`mode`: `wsp` or
-    /// `nats:SUBJECT`) and waits until it has subscribed. `key`: a key string the parent
-    /// generated, handed over in the child's environment.
-    pub async fn spawn(mode: String, key: Option<String>) -> Result<Self> {
-        tokio::task::spawn_blocking(move || Self::spawn_blocking(&mode, key.as_deref()))
+    /// `nats:SUBJECT`) and waits until it has subscribed. `secrets`: the keys and relay
+    /// account, handed over in the child's environment (never its command line).
+    pub async fn spawn(mode: String, secrets: Secrets) -> Result<Self> {
+        tokio::task::spawn_blocking(move || Self::spawn_blocking(&mode, &secrets))
             .await
             .context("subscriber process start")?
     }
 
-    fn spawn_blocking(mode: &str, key: Option<&str>) -> Result<Self> {
+    fn spawn_blocking(mode: &str, secrets: &Secrets) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find this program to start again")?;
         let mut cmd = Command::new(exe);
-        cmd.args(std::env::args_os().skip(1))
+        cmd.args(child_args(std::env::args_os().skip(1)))
             .args(["--subscriber-child", mode])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if let Some(k) = key {
-            cmd.env(crate::io::ENV_KEY, k);
+            .stderr(Stdio::inherit())
+            .env(crate::io::ENV_KEY, secrets.keys.as_str())
+            .env_remove(ENV_AUTH_TOKEN)
+            .env_remove(ENV_AUTH_KEY)
+            .env_remove(ENV_CHILD_AUTH_KEY);
+        match &secrets.auth {
+            Some(AuthSecret::Key(text)) => {
+                cmd.env(ENV_CHILD_AUTH_KEY, text.as_str());
+            }
+            Some(AuthSecret::Token(t)) => {
+                cmd.env(ENV_AUTH_TOKEN, t.as_str());
+            }
+            None => {}
         }
         let mut child = cmd.spawn().context("cannot start the subscriber process")?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
