@@ -1210,3 +1210,65 @@ async fn handshake(
         tracing::debug!(%peer, listener = %kind, %why, "connection dropped during handshake");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A banned address the listener's socket filter does not hold (the filter keeps the
+    /// newest bans only: here 127.0.0.1's ban is older than 4,500 others) is closed at
+    /// accept, before a `Hello` is read (fails without the check: served, a `Welcome`). Before, the accept loop never asked: such an address
+    /// churned at full cost although the log said it was refused at accept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_banned_address_the_filter_does_not_hold_is_closed_at_accept() {
+        let relay = Relay::bind(Config::ephemeral()).await.unwrap();
+        let shared = relay.shared();
+        let tcp = relay.addrs().tcp.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(relay.run(async {
+            let _ = stopped.await;
+        }));
+        // 4,500 bans newer than 127.0.0.1's (dated ahead: a first ban lasts 1 s, less
+        // than these strikes take in a debug build), then 127.0.0.1's.
+        let ahead = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        for i in 0..4_500u32 {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+            let at = ahead + std::time::Duration::from_micros(u64::from(i));
+            assert!(shared.addr_table.bans().strike(ip.into(), at).is_some());
+        }
+        assert!(shared
+            .addr_table
+            .strike("127.0.0.1".parse().unwrap())
+            .is_some());
+        let list = shared.addr_table.bans().watch().borrow().clone();
+        assert!(
+            !list.contains(&"127.0.0.1".parse().unwrap()),
+            "the filters' list holds the newest bans only"
+        );
+        // The connection completes (the filter lets it through) and is closed unanswered.
+        let mut c = tokio::net::TcpStream::connect(tcp).await.unwrap();
+        let mut hello = Vec::new();
+        whispeer_protocol::frame::Frame::Hello(whispeer_protocol::frame::Hello {
+            versions: vec![whispeer_protocol::frame::PROTOCOL_VERSION],
+            features: 0,
+            client: None,
+            auth: None,
+            account: None,
+        })
+        .encode(&mut hello);
+        let _ = c.write_u32(hello.len() as u32).await;
+        let _ = c.write_all(&hello).await;
+        // Served, it would get a `Welcome` and stay open; closed, the read ends at once.
+        let mut answer = [0u8; 256];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(30), c.read(&mut answer))
+            .await
+            .expect("closed at accept");
+        assert!(
+            !matches!(read, Ok(n) if n > 0),
+            "a banned address was served: {read:?}"
+        );
+        let _ = stop.send(());
+        run.await.unwrap().unwrap();
+    }
+}
