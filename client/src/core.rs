@@ -1056,7 +1056,10 @@ impl ClientCore {
     /// at-least-once one the relay routed the message to without room holds the whole
     /// message back (unacknowledged, not remembered, so the relay's redelivery is
     /// accepted), whatever the envelope holds; an at-most-once one without room loses it
-    /// (reported in `lagged`).
+    /// (reported in `lagged`). A `Delivery::Deliver` with `held` set MUST be followed by
+    /// [`ClientCore::dedup_hold`] (then per holder [`ClientCore::dedup_taken`] or
+    /// [`ClientCore::dedup_untaken`]): until then the message is neither persisted as seen
+    /// nor forgotten ([`ClientCore::receive`] settles it at once).
     pub fn receive_with(
         &mut self,
         msg: &Msg,
@@ -1340,7 +1343,11 @@ impl ClientCore {
         // Handed to an at-least-once subscription: held until one of them takes it
         // (`Guard::hold`), so one that goes away untaken leaves the relay's redelivery to be
         // accepted again — at least once across an unsubscribe, a close or a crash.
-        let acking = msg.seq > 0 && targets.iter().any(|id| self.subs[id].opts.acking());
+        // An at-most-once subscription among them counts as delivery at once: it took the
+        // message (its queue), and a copy re-posted later must stay a duplicate for it.
+        let acking = msg.seq > 0
+            && targets.iter().any(|id| self.subs[id].opts.acking())
+            && targets.iter().all(|id| self.subs[id].opts.acking());
         let held = match accepted {
             Some(a) if acking => {
                 let d = a.digest();
@@ -1981,6 +1988,42 @@ mod tests {
             vec![(1, Some(FromSeq(10)), false), (2, Some(FromSeq(12)), false)],
             "what was held back is asked for again"
         );
+    }
+
+    /// Review finding: a message handed to an at-least-once subscription only is held
+    /// (persisted as seen once one takes it); one an at-most-once subscription gets too
+    /// counts as delivered at once — its queue took it, and a copy re-posted later must
+    /// stay a duplicate for it.
+    #[test]
+    fn a_message_is_held_only_when_every_target_acks() {
+        let (kr, mut rng) = one_tree(23);
+        let mut core = ClientCore::new(kr.clone());
+        core.enter_seq_space(SeqSpace::Named([1; 16]));
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        core.subscribe(1, f("a/#"), Qos::AtLeastOnce, NOW).unwrap();
+        core.subscribe(2, f("a/both"), Qos::AtMostOnce, NOW)
+            .unwrap();
+        let room = |_: LocalSubId| true;
+        let only = sealed(&kr, &mut rng, "a/only", b"\x01");
+        match core.receive_with(&at(&only, 9), NOW, &room) {
+            Delivery::Deliver { held, targets, .. } => {
+                assert_eq!(targets, vec![1]);
+                assert!(held.is_some(), "at least once only: held");
+                core.dedup_hold(held.unwrap(), 1);
+            }
+            _ => panic!("not delivered"),
+        }
+        let both = sealed(&kr, &mut rng, "a/both", b"\x02");
+        match core.receive_with(&at(&both, 10), NOW, &room) {
+            Delivery::Deliver {
+                held, mut targets, ..
+            } => {
+                targets.sort();
+                assert_eq!(targets, vec![1, 2]);
+                assert!(held.is_none(), "an at-most-once target took it: delivered");
+            }
+            _ => panic!("not delivered"),
+        }
     }
 
     /// Review finding: a small envelope whose payload is 16 MiB of zeros (zstd keeps them

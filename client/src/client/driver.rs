@@ -210,7 +210,10 @@ impl Driver {
             //    the workers (or, sealing inline, run here).
             self.take_inbox();
             self.dispatch_jobs();
-            // 1. Transmit (acks released by the events below come back round here).
+            // 1. Transmit (acks released by the events below come back round here) —
+            //    after the receiver state the app's takes settled is saved: an ack leaves
+            //    only once the message it is for is persisted as seen.
+            self.persist_changes();
             self.transmit().await;
             // 2. Events (receiver state saved and counters current before the app sees a
             //    message); then anything they queued.
@@ -776,8 +779,9 @@ impl Driver {
     }
 
     /// Writes the receiver state changes (dedup entries, retained marks) to the state file,
-    /// before the app sees the messages: called once per turn, at the start of
-    /// [`Driver::deliver_events`], whatever produced them.
+    /// before the app sees the messages and before acks leave: called at the start of
+    /// [`Driver::deliver_events`] and before the turn's first transmit, whatever produced
+    /// them (an at-least-once message is recorded once the app took it).
     fn persist_changes(&mut self) {
         #[cfg(feature = "persistence")]
         if let Some(st) = &self.p.saved {

@@ -107,12 +107,22 @@ impl AckQueue {
         }
     }
 
-    /// Subscription `sub` went away: what it never took is released unlisted unless
-    /// another subscription took it.
+    /// Subscription `sub` went away: what it never took is released unlisted — and so is
+    /// every other slot of the same relay sequence in its queue (another subscription's
+    /// copy or placeholder of it), even one another subscription took: an `Ack` is per
+    /// connection (the relay frees the sequence for every subscription of the connection,
+    /// PROTOCOL §3.5), so acking it would acknowledge what this one never took — a durable
+    /// that resumes later would never get it. Unacked, the relay delivers it again.
     pub fn drop_sub(&mut self, sub: LocalSubId) {
         let Some(q) = self.queues.remove(&sub) else {
             return;
         };
+        let untaken: std::collections::HashSet<u64> = q
+            .iter()
+            .filter_map(|id| self.slots.get(id))
+            .filter(|s| s.seq > 0 && s.waiting.contains(&sub))
+            .map(|s| s.seq)
+            .collect();
         let mut check = Vec::new();
         for id in q {
             if let Some(s) = self.slots.get_mut(&id) {
@@ -122,6 +132,9 @@ impl AckQueue {
                     if s.waiting.is_empty() && !s.taken {
                         s.listed = false;
                     }
+                }
+                if untaken.contains(&s.seq) {
+                    s.listed = false;
                 }
                 check.push(id);
             }
@@ -227,6 +240,30 @@ mod tests {
         assert_eq!(q.pending(), 2, "1 and the placeholder behind it wait");
     }
 
+    /// A sequence one subscription never took is not acked through another slot of it —
+    /// another subscription's placeholder (a replayed copy it passed) or its taking of the
+    /// same message: the ack would free it for the first one too.
+    #[test]
+    fn a_sequence_a_dropped_subscription_never_took_is_not_acked_through_another_slot() {
+        let mut q = AckQueue::new();
+        // Sub 1 is handed seq 7 (slot a); sub 2 later passes a placeholder of seq 7 (b).
+        let a = q.deliver(7, &[1], vec![1]);
+        let b = q.deliver(7, &[1, 2], vec![1, 2]);
+        q.taken(b, 2);
+        q.drop_sub(1);
+        assert!(q.take_ready().is_empty(), "seq 7 was never taken by sub 1");
+        let _ = a;
+        // Both handed one slot: one takes it, the other goes away untaken.
+        let c = q.deliver(8, &[2, 3], vec![2, 3]);
+        q.taken(c, 2);
+        q.drop_sub(3);
+        assert!(q.take_ready().is_empty(), "seq 8 was never taken by sub 3");
+        // Taken by everyone it was handed to: acked as before.
+        let d = q.deliver(9, &[2], vec![2]);
+        q.taken(d, 2);
+        assert_eq!(q.take_ready(), vec![9]);
+    }
+
     #[test]
     fn held_back_and_untaken_slots_are_never_acked() {
         let mut q = AckQueue::new();
@@ -236,7 +273,11 @@ mod tests {
         q.placeholder(4, &[1, 2]);
         q.taken(b, 2);
         q.drop_sub(1);
-        assert_eq!(q.take_ready(), vec![2, 4], "3 was never taken: not acked");
+        assert_eq!(
+            q.take_ready(),
+            vec![4],
+            "2 and 3 were never taken by sub 1 (2 only by sub 2): not acked"
+        );
         q.taken(c, 1); // stale: ignored
         assert_eq!(q.pending(), 0);
     }

@@ -408,7 +408,6 @@ impl Window {
         }
     }
 
-    /// Forgets the bucket that expires first; its time.
     /// Forgets `d` (a held message no subscription took: [`Guard::release`]).
     fn forget(&mut self, d: Digest) {
         let Some(exp) = self.shard_mut(d).remove(&d) else {
@@ -423,6 +422,7 @@ impl Window {
         }
     }
 
+    /// Forgets the bucket that expires first; its time.
     fn forget_first(&mut self) -> Option<u64> {
         let (at, ds) = self.expiry.pop_first()?;
         for d in ds {
@@ -823,9 +823,16 @@ impl Guard {
     /// must take it (at least once): a copy of it is a duplicate from now on, but the
     /// journal learns of it only at [`Guard::settle`] (one took it), and [`Guard::release`]
     /// by each of the `holders` [`Guard::hold_by`] counts forgets it again.
+    ///
+    /// A limit: a window at its capacity (`max_entries`) forgets its oldest entries, held
+    /// ones too, and moves its start past them; a message forgotten so while held and then
+    /// released untaken is refused when it comes again (`BeforeWindow`), as any message that
+    /// old is — a window that full (millions of messages within the horizon) shortens the
+    /// horizon for every message alike.
     pub fn hold(&mut self, a: Accepted) {
         self.apply(&a);
-        self.held.insert(a.digest, (a, 0));
+        // Held already (forgotten for room meanwhile, and accepted again): its holders stay.
+        self.held.entry(a.digest).or_insert((a, 0));
     }
 
     /// `n` more subscriptions hold the message `d` untaken (a held message's history
@@ -880,14 +887,17 @@ impl Guard {
     }
 
     /// The journal entries of a delivered message: its dedup entry, and its topic's mark
-    /// if it is still the one this message set.
+    /// as it is now — this message's, or a newer one's (a later message held meanwhile
+    /// moved it): persisting this message's own mark would leave the saved mark behind a
+    /// message already delivered once the later one is released, and a mark never moves
+    /// backwards.
     fn journal_of(&mut self, a: &Accepted) {
         self.journal.push(Change::Seen {
             key: a.key,
             expires_ms: a.expires_ms,
         });
-        let (rk, ts, id) = a.mark;
-        if self.retained.get(&rk) == Some(&(ts, id)) {
+        let rk = a.mark.0;
+        if let Some(&(ts, id)) = self.retained.get(&rk) {
             self.journal.push(Change::Retained {
                 key: rk,
                 ts_ms: ts,
@@ -981,6 +991,43 @@ mod tests {
         assert!(!g.is_held(db));
         assert_eq!(g.take_changes().len(), 2);
         assert_eq!(g.seen_len(), 2);
+    }
+
+    /// Two messages of a topic held, the older taken first: the journal records the
+    /// topic's mark as it is (the newer message's), never the older one's — the saved mark
+    /// must not be behind what memory refuses, whichever of the two is released later.
+    #[test]
+    fn a_taken_message_journals_its_topics_current_mark() {
+        let t = Topic::new("a/b").unwrap();
+        let mut g = Guard::new(ReceiveConfig::default());
+        let m1 = g.check(&cand(&t, 1, NOW, 0), NOW).unwrap();
+        let d1 = m1.digest();
+        g.hold(m1);
+        g.hold_by(d1, 1);
+        let m2 = g.check(&cand(&t, 2, NOW + 5, 0), NOW).unwrap();
+        let d2 = m2.digest();
+        let again = m2;
+        g.hold(m2);
+        g.hold_by(d2, 1);
+        g.settle(d1);
+        let changes = g.take_changes();
+        assert!(
+            changes.iter().any(|c| matches!(
+                c,
+                Change::Retained { ts_ms, msg_id, .. } if *ts_ms == NOW + 5 && *msg_id == [2; 16]
+            )),
+            "{changes:?}"
+        );
+        assert!(
+            !changes
+                .iter()
+                .any(|c| matches!(c, Change::Retained { msg_id, .. } if *msg_id == [1; 16])),
+            "{changes:?}"
+        );
+        // A second hold of a held message keeps its holders (it is not reset to none).
+        g.hold(again);
+        g.release(d2);
+        assert!(!g.is_held(d2), "one holder, released once");
     }
 
     #[test]
