@@ -401,6 +401,12 @@ struct Index {
     keys: Sharded<[u8; 16], KeyStat>,
     tenants: Sharded<Vec<u8>, i64>,
     usage: Sharded<i64, Usage>,
+    /// Messages kept per (path id, tenant id), entries at zero removed: when a path's
+    /// owner has none left, its heir's count comes from here. Counting the heir's rows in
+    /// SQL scanned the whole path on every owner change, in the writer — a member with
+    /// many accounts, one message each at the front of a long path, made every trim scan
+    /// it (review finding).
+    path_tenant_msgs: Sharded<(i64, i64), u64>,
     total: Usage,
     durables: HashMap<DurableKey, DurableStat>,
     /// Durable names a subscription holds now (taken before the durable may exist), with
@@ -416,6 +422,26 @@ struct Index {
 impl Index {
     fn usage(&mut self, tid: i64) -> &mut Usage {
         self.usage.entry(tid).or_default()
+    }
+
+    /// Messages of tenant `tid` kept on path `pid`.
+    fn path_tenant_msgs(&self, pid: i64, tid: i64) -> u64 {
+        self.path_tenant_msgs.get(&(pid, tid)).copied().unwrap_or(0)
+    }
+
+    /// `n` more messages of tenant `tid` kept on path `pid`.
+    fn add_path_tenant_msgs(&mut self, pid: i64, tid: i64, n: u64) {
+        *self.path_tenant_msgs.entry((pid, tid)).or_default() += n;
+    }
+
+    /// `n` messages of tenant `tid` on path `pid` deleted.
+    fn sub_path_tenant_msgs(&mut self, pid: i64, tid: i64, n: u64) {
+        if let Some(c) = self.path_tenant_msgs.get_mut(&(pid, tid)) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                self.path_tenant_msgs.remove(&(pid, tid));
+            }
+        }
     }
 
     /// Removes a durable from the index and gives its count back to the quotas.
@@ -932,6 +958,7 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
             let Some(path) = path_stat(&mut idx, pid) else {
                 return Err(format!("is damaged: messages of unknown path id {pid}"));
             };
+            idx.add_path_tenant_msgs(pid, tid, n);
             if let Some(st) = idx.paths.get_mut(&path) {
                 if st.owner == tid {
                     st.owner_msgs += n;
@@ -1992,6 +2019,9 @@ impl Shared {
                 }
                 candidates.push(path);
             }
+            for (&(pid, tid), &n) in &d.by_path_tenant {
+                idx.sub_path_tenant_msgs(pid, tid, n);
+            }
             for (tid, (n, b)) in &d.tenants {
                 let u = idx.usage(*tid);
                 u.msgs = u.msgs.saturating_sub(*n);
@@ -2070,18 +2100,16 @@ impl Shared {
             let Some(heir) = heir.filter(|h| *h != old) else {
                 continue;
             };
-            let msgs: i64 = tx
-                .prepare_cached("SELECT count(*) FROM msgs WHERE pid = ?1 AND tid = ?2")?
-                .query_row(params![pid, heir], |r| r.get(0))?;
             let moved = {
                 let mut idx = lock(&self.idx);
+                let msgs = idx.path_tenant_msgs(pid, heir);
                 let Some(path) = idx.by_pid.get(&pid).cloned() else {
                     continue;
                 };
                 match idx.paths.get_mut(&path) {
                     Some(st) if st.owner == old => {
                         st.owner = heir;
-                        st.owner_msgs = msgs.max(0) as u64;
+                        st.owner_msgs = msgs;
                         let u = idx.usage(old);
                         u.paths = u.paths.saturating_sub(1);
                         idx.usage(heir).paths += 1;
@@ -2405,6 +2433,9 @@ impl Store for SqliteStore {
             u.bytes += size;
             idx.total.msgs += 1;
             idx.total.bytes += size;
+            if let Some(pid) = idx.paths.get(&path).map(|st| st.pid) {
+                idx.add_path_tenant_msgs(pid, tid, 1);
+            }
             if let Some(st) = idx.paths.get_mut(&path) {
                 if st.count == 0 {
                     st.first_seq = seq;
@@ -3347,6 +3378,95 @@ mod tests {
         };
         let r = durable_answer(&s, next).await;
         assert!(r.is_ok(), "a write after the recovery: {r:?}");
+        s.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Review finding: a path whose owner's messages are all trimmed moves to the tenant
+    /// of its oldest message, whose count there used to come from a `count(*)` over the
+    /// path's rows in the writer (every trim scanned a long path when tenants with one
+    /// message each took turns at its front). The counts now come from the index: after
+    /// many owner changes (twenty tenants, a path keeping three messages, the owner's last
+    /// one trimmed on almost every commit) the index equals one loaded from the file.
+    #[tokio::test]
+    async fn owner_changes_keep_the_index_equal_to_the_file() {
+        let dir = std::env::temp_dir().join(format!("wsp-heirs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = StoreConfig {
+            path: dir.join("s.db"),
+            max_messages: 3,
+            ..StoreConfig::default()
+        };
+        let s = SqliteStore::open_file(cfg.clone()).unwrap();
+        let env = crate::test_envelope::envelope(1, &[2]);
+        let path = env.token_path();
+        let other = crate::test_envelope::envelope(1, &[3]);
+        let other_path = other.token_path();
+        let mut last = 0;
+        for round in 0..3u8 {
+            for t in 1..=20u8 {
+                // Mostly one message per tenant at a time; every fifth tenant two, and
+                // every seventh one on a second path as well.
+                let tenant = Tenant::Account([t; 32]);
+                let n = if t % 5 == 0 { 2 } else { 1 };
+                let mut targets = vec![(&env, &path); n];
+                if (t + round) % 7 == 0 {
+                    targets.push((&other, &other_path));
+                }
+                for (e, p) in targets {
+                    let Accepted::New(Seq(seq)) = s
+                        .append(Append {
+                            path: p,
+                            envelope: e,
+                            flags: 0,
+                            qos: Qos::AtLeastOnce,
+                            publish_id: None,
+                            tenant: &tenant,
+                        })
+                        .unwrap()
+                    else {
+                        panic!("not kept")
+                    };
+                    last = seq;
+                }
+            }
+            durable_answer(&s, last).await.unwrap();
+        }
+        let loaded = load(&lock(&s.shared.conn), &cfg, 0).unwrap().idx;
+        let idx = lock(&s.shared.idx);
+        let paths = |i: &Index| {
+            let mut v: Vec<(Vec<u8>, i64, u64, u64, u64)> = i
+                .paths
+                .iter()
+                .map(|(k, st)| (k.clone(), st.owner, st.owner_msgs, st.count, st.bytes))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(paths(&idx), paths(&loaded));
+        assert_eq!(paths(&idx).len(), 2);
+        let counts = |i: &Index| {
+            let mut v: Vec<((i64, i64), u64)> =
+                i.path_tenant_msgs.iter().map(|(k, n)| (*k, *n)).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(counts(&idx), counts(&loaded));
+        assert_eq!(counts(&idx).iter().map(|(_, n)| n).sum::<u64>(), 6);
+        let usage = |i: &Index| {
+            let mut v: Vec<(i64, Usage)> = i
+                .usage
+                .iter()
+                .filter(|(_, u)| **u != Usage::default())
+                .map(|(k, u)| (*k, *u))
+                .collect();
+            v.sort_by_key(|(k, _)| *k);
+            v
+        };
+        assert_eq!(usage(&idx), usage(&loaded));
+        assert_eq!(idx.total, loaded.total);
+        drop(idx);
         s.close();
         let _ = std::fs::remove_dir_all(&dir);
     }
