@@ -476,6 +476,41 @@ async fn a_durable_refused_for_good_on_a_resume_ends_its_stream_with_the_reason(
     publisher.close().await;
 }
 
+/// Review finding: messages a durable subscription had buffered and the app had not taken
+/// when the relay ended it are released (never acked, not remembered as seen) — the relay
+/// delivers them again when the durable is resumed. So its stream does not yield them
+/// after the end either (taken then, they would come twice): `Ended` comes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_buffered_when_the_relay_ends_a_durable_are_not_yielded() {
+    let a = start_relay_binary(&[]);
+    let b = start_relay_binary(&["--store", "none"]);
+    let (sub_client, publisher, mut sub) =
+        durable_pair(&[a.tcp_url(), b.tcp_url()], a.tcp_url(), "fo-buffered").await;
+    let mut seen = BTreeMap::new();
+    publish_acked(&publisher, 1..=4).await;
+    take_until("1..=2 at A", &mut sub, &mut seen, 1..=2).await;
+    // 3 and 4 reached the client (its stream buffers them) but the app has not taken them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sub_client.stats().core.delivered < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "3 and 4 never arrived"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    sigkill(a);
+    match within("the stream ends at B", sub.next_message()).await {
+        Some(Err(whispeer::ReceiveError::Ended { code, .. })) => {
+            assert_eq!(code, whispeer::protocol::ErrorCode::NotAllowed)
+        }
+        Some(Ok(m)) => panic!("a released message was yielded after the end: {}", m.value),
+        other => panic!("expected Ended, got {other:?}"),
+    }
+    assert!(within("then None", sub.next_message()).await.is_none());
+    sub_client.close().await;
+    publisher.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_connect_skips_a_dead_relay_and_fails_only_when_all_are_dead() {
     let (_held, dead) = dead_port();

@@ -67,6 +67,8 @@ struct Sink {
     tx: mpsc::UnboundedSender<Item>,
     /// At most once: messages lost for want of credit, reported before the next message.
     lag: Arc<AtomicU64>,
+    /// Set when the relay ended the subscription: the stream skips what it still buffers.
+    ended: Arc<std::sync::atomic::AtomicBool>,
     ready: Option<SubReady>,
 }
 
@@ -458,11 +460,18 @@ impl Driver {
                 opts,
                 tx,
                 lag,
+                ended,
                 ready,
             } => match self.p.eng.subscribe(id, filter, opts, now) {
                 Ok(()) => {
                     let ready = Some(ready);
-                    self.sinks.insert(id, Sink { tx, lag, ready });
+                    let sink = Sink {
+                        tx,
+                        lag,
+                        ended,
+                        ready,
+                    };
+                    self.sinks.insert(id, sink);
                 }
                 Err(e) => {
                     let _ = ready.send(Err(e));
@@ -601,6 +610,9 @@ impl Driver {
                                 if let SubscribeFailure::Rejected { code, message } = error {
                                     let why = ReceiveError::Ended { code, message };
                                     tracing::warn!(%why, "subscription ended by the relay");
+                                    // What the stream still buffers was released (not
+                                    // taken): skipped, so it is not delivered twice.
+                                    s.ended.store(true, Ordering::Release);
                                     let _ = s.tx.send(Item::Ended(why));
                                 }
                             }

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -419,6 +419,7 @@ impl Client {
         // Unbounded: the engine bounds what is delivered and not taken (the credit).
         let (tx, rx) = mpsc::unbounded_channel();
         let lag = Arc::new(AtomicU64::new(0));
+        let ended = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = oneshot::channel();
         self.inner
             .cmd
@@ -428,12 +429,14 @@ impl Client {
                 opts,
                 tx,
                 lag: lag.clone(),
+                ended: ended.clone(),
                 ready: ready_tx,
             })
             .map_err(|_| SubscribeError::Closed)?;
         let sub = Subscription {
             rx,
             lag,
+            ended,
             id,
             cmd: self.inner.cmd.clone(),
             decode,

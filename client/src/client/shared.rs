@@ -189,7 +189,10 @@ pub(crate) enum Item {
     /// message's would.
     Hidden(AckToken),
     /// The relay ended this subscription (a durable refused for good on a resume): the
-    /// stream yields this error, then ends.
+    /// stream yields this error, then ends. Messages still buffered before it are not
+    /// yielded: the engine released them when the relay ended the subscription (never
+    /// acked, not remembered as seen), so the relay delivers them again when the durable
+    /// is resumed — taken now, they would come twice.
     Ended(ReceiveError),
 }
 
@@ -294,6 +297,8 @@ pub(crate) enum Command {
         opts: SubscribeOptions,
         tx: mpsc::UnboundedSender<Item>,
         lag: Arc<AtomicU64>,
+        /// Set by the driver when the relay ends the subscription (see [`Item::Ended`]).
+        ended: Arc<std::sync::atomic::AtomicBool>,
         ready: SubReady,
     },
     Unsubscribe {

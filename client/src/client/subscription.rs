@@ -2,7 +2,7 @@
 
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -20,6 +20,8 @@ pub struct Subscription<T> {
     pub(super) rx: mpsc::UnboundedReceiver<Item>,
     /// Messages lost while the subscription had no credit (reported before the next message).
     pub(super) lag: Arc<AtomicU64>,
+    /// The relay ended it: what is still buffered is skipped up to [`Item::Ended`].
+    pub(super) ended: Arc<AtomicBool>,
     pub(super) id: LocalSubId,
     pub(super) cmd: mpsc::UnboundedSender<Command>,
     pub(super) decode: fn(&Received) -> Result<T, ReceiveError>,
@@ -79,6 +81,11 @@ impl<T> Subscription<T> {
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Ready(Some(item)) => item,
             };
+            if self.ended.load(Ordering::Acquire) && !matches!(item, Item::Ended(_)) {
+                // Released by the engine when the relay ended the subscription: the
+                // relay delivers it again on the durable's next resume.
+                continue;
+            }
             return Poll::Ready(Some(match item {
                 Item::Msg(r, token) => {
                     // Taken: the credit goes back (and, at least once, the ack may leave).
