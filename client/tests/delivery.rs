@@ -506,15 +506,20 @@ async fn drop_and_resume(c: &Client, sub: whispeer::Subscription<u32>, name: &'s
         .subscribe_with_options::<u32>("job/#", held_opts(name))
         .await
         .unwrap();
-    let mut got = Vec::new();
-    for _ in 1..n {
-        got.push(within("resumed", sub.next()).await.unwrap().unwrap().value);
-    }
     assert_eq!(
-        got,
+        values(&mut sub, n as usize - 1, "resumed").await,
         (1..n).collect::<Vec<_>>(),
         "the untaken messages come back"
     );
+}
+
+/// The values of the next `n` messages of `sub`.
+async fn values(sub: &mut whispeer::Subscription<u32>, n: usize, what: &str) -> Vec<u32> {
+    let mut got = Vec::with_capacity(n);
+    for _ in 0..n {
+        got.push(within(what, sub.next()).await.unwrap().unwrap().value);
+    }
+    got
 }
 
 /// At least once across an unsubscribe: messages handed to a subscription that the app
@@ -528,6 +533,69 @@ async fn messages_a_dropped_subscription_never_took_come_back_to_the_same_client
     // the subscription, never taken.
     c.flush().await.unwrap();
     drop_and_resume(&c, sub, "untaken", 5).await;
+    p.close().await;
+    c.close().await;
+    relay.stop().await;
+}
+
+/// One sequence can reach a client twice on one connection — a live copy a durable
+/// subscription holds untaken, and a replayed copy another subscription asked for and
+/// takes. An `Ack` frees the sequence for every subscription of the connection, so taking
+/// the replayed copy must not ack it while the durable holds its own: acked, the relay
+/// would move the durable's floor past it, and a process that went away before the durable
+/// took it (its dedup window in memory only) would resume after it — lost. (The replayed
+/// copy's ack slot also waits behind the durable's in its queue, the relay having routed
+/// both to it; acks are moreover per sequence: `acks::a_copy_one_subscription_passed_does_not_ack_what_another_holds`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_copy_another_subscription_takes_does_not_ack_a_held_message() {
+    let relay = TestRelay::start().await;
+    let t = tree("copies");
+    let id = identity();
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let c = tcp_client(&relay.tcp_url(), keyring_with(&t), id.clone()).await;
+    let mut durable = c
+        .subscribe_with_options::<u32>("job/#", held_opts("copies"))
+        .await
+        .unwrap();
+    for i in 0..3u32 {
+        p.publish_with("job/x", &i, PublishOptions::at_least_once())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        within("taken", durable.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+        0
+    );
+    // 1 and 2 reach the durable (the relay answers the flush after them), untaken. A
+    // second subscription asks for the history and takes its own copies of them.
+    c.flush().await.unwrap();
+    let opts = SubscribeOptions::new()
+        .qos(Qos::AtLeastOnce)
+        .replay(Replay::FromSeq(1));
+    let mut history = c
+        .subscribe_with_options::<u32>("job/x", opts)
+        .await
+        .unwrap();
+    assert_eq!(values(&mut history, 3, "history").await, vec![0, 1, 2]);
+    c.flush().await.unwrap();
+    // The process goes away before the durable took 1 and 2; the next one (same owner,
+    // a fresh dedup window) resumes the durable and gets them.
+    drop((durable, history));
+    c.close().await;
+    let c = tcp_client(&relay.tcp_url(), keyring_with(&t), id).await;
+    let mut durable = c
+        .subscribe_with_options::<u32>("job/#", held_opts("copies"))
+        .await
+        .unwrap();
+    assert_eq!(
+        values(&mut durable, 2, "resumed").await,
+        vec![1, 2],
+        "the durable's untaken messages come back"
+    );
     p.close().await;
     c.close().await;
     relay.stop().await;

@@ -12,6 +12,13 @@
 //! A slot no subscription took (held back for want of credit, or its subscriptions went
 //! away before taking it) is released **unlisted**: never acked, so the relay delivers it
 //! again — nothing is acked that the app did not take.
+//!
+//! An `Ack` names a sequence, and the relay frees it for **every** at-least-once
+//! subscription of the connection (PROTOCOL §3.5). One relay sequence can take several
+//! slots (a live copy handed to one subscription, a replayed copy of it another passed as
+//! a duplicate), so acks are per sequence: a sequence is acked once every slot of it is
+//! released, and only if none was released unlisted — a copy one subscription passed
+//! never acknowledges what another has not taken yet.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -40,6 +47,9 @@ pub struct AckQueue {
     queues: HashMap<LocalSubId, VecDeque<SlotId>>,
     next: SlotId,
     ready: Vec<u64>,
+    /// Per relay sequence (> 0): its slots not yet released, and whether one was released
+    /// unlisted (then it is never acked).
+    seqs: HashMap<u64, (usize, bool)>,
 }
 
 impl AckQueue {
@@ -82,6 +92,9 @@ impl AckQueue {
         for r in &all {
             self.queues.entry(*r).or_default().push_back(id);
         }
+        if seq > 0 {
+            self.seqs.entry(seq).or_insert((0, false)).0 += 1;
+        }
         self.slots.insert(
             id,
             Slot {
@@ -107,33 +120,20 @@ impl AckQueue {
         }
     }
 
-    /// Subscription `sub` went away: what it never took is released unlisted — and so is
-    /// every other slot of the same relay sequence in its queue (another subscription's
-    /// copy or placeholder of it), even one another subscription took: an `Ack` is per
-    /// connection (the relay frees the sequence for every subscription of the connection,
-    /// PROTOCOL §3.5), so acking it would acknowledge what this one never took — a durable
-    /// that resumes later would never get it. Unacked, the relay delivers it again.
+    /// Subscription `sub` went away: a slot it was handed and never took is released
+    /// unlisted, even one another subscription took — and with it its sequence (see the
+    /// module docs): acked, the relay would free it for this one too, and a durable that
+    /// resumes later would never get it. Unacked, the relay delivers it again.
     pub fn drop_sub(&mut self, sub: LocalSubId) {
         let Some(q) = self.queues.remove(&sub) else {
             return;
         };
-        let untaken: std::collections::HashSet<u64> = q
-            .iter()
-            .filter_map(|id| self.slots.get(id))
-            .filter(|s| s.seq > 0 && s.waiting.contains(&sub))
-            .map(|s| s.seq)
-            .collect();
         let mut check = Vec::new();
         for id in q {
             if let Some(s) = self.slots.get_mut(&id) {
                 s.routed.retain(|r| *r != sub);
                 if let Some(p) = s.waiting.iter().position(|w| *w == sub) {
                     s.waiting.swap_remove(p);
-                    if s.waiting.is_empty() && !s.taken {
-                        s.listed = false;
-                    }
-                }
-                if untaken.contains(&s.seq) {
                     s.listed = false;
                 }
                 check.push(id);
@@ -156,8 +156,16 @@ impl AckQueue {
                 continue;
             }
             let s = self.slots.remove(&id).expect("present");
-            if s.listed && s.seq > 0 {
-                self.ready.push(s.seq);
+            if let Some(e) = self.seqs.get_mut(&s.seq) {
+                e.0 -= 1;
+                e.1 |= !s.listed;
+                if e.0 == 0 {
+                    let unlisted = e.1;
+                    self.seqs.remove(&s.seq);
+                    if !unlisted {
+                        self.ready.push(s.seq);
+                    }
+                }
             }
             for r in &s.routed {
                 if let Some(q) = self.queues.get_mut(r) {
@@ -202,6 +210,7 @@ impl AckQueue {
         self.slots.clear();
         self.queues.clear();
         self.ready.clear();
+        self.seqs.clear();
     }
 }
 
@@ -262,6 +271,27 @@ mod tests {
         let d = q.deliver(9, &[2], vec![2]);
         q.taken(d, 2);
         assert_eq!(q.take_ready(), vec![9]);
+    }
+
+    /// Review finding: one subscription holds a live copy of sequence 5 untaken while
+    /// another passes a replayed copy of it (a duplicate for that one): the placeholder
+    /// does not ack 5 — the relay would free it for the first subscription too. Acked once
+    /// the first one takes it; never if it goes away untaken.
+    #[test]
+    fn a_copy_one_subscription_passed_does_not_ack_what_another_holds() {
+        let mut q = AckQueue::new();
+        let live = q.deliver(5, &[1], vec![1]);
+        q.placeholder(5, &[2]);
+        assert!(q.take_ready().is_empty(), "sub 1 has not taken 5");
+        q.taken(live, 1);
+        assert_eq!(q.take_ready(), vec![5]);
+        let live = q.deliver(6, &[1], vec![1]);
+        q.placeholder(6, &[2]);
+        q.drop_sub(1);
+        assert!(q.take_ready().is_empty(), "6 went away untaken");
+        let _ = live;
+        assert_eq!(q.pending(), 0);
+        assert!(q.seqs.is_empty());
     }
 
     #[test]
