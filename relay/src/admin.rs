@@ -211,6 +211,7 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 text.push_str(&FrameBudget::render_prometheus(
                     shared.frame_budget.as_deref(),
                 ));
+                text.push_str(&shared.quic_windows.render_prometheus());
                 text
             },
         ),

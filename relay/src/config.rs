@@ -948,6 +948,13 @@ pub struct Limits {
     /// max_frame; 0 = unlimited.
     #[arg(long, env = "WHISPEER_LARGE_FRAME_BUDGET")]
     pub large_frame_budget: usize,
+    /// Bytes of send windows all QUIC connections together may reserve: what quinn may hold
+    /// in the relay's memory, written and not yet acknowledged by the client (TCP keeps it
+    /// in kernel buffers). Each connection reserves 2 MiB while there is room, then what is
+    /// left, at least 64 KiB (slower, never refused), and gives it back when it closes
+    /// (whispeer_relay_quic_send_window_bytes). 0 = unlimited (2 MiB each).
+    #[arg(long, env = "WHISPEER_QUIC_SEND_WINDOW_TOTAL")]
+    pub quic_send_window_total: u64,
     /// Most concurrent client connections, handshakes included (fatal
     /// Err(too_many_connections) on TCP; other listeners close the socket).
     #[arg(long, env = "WHISPEER_MAX_CONNECTIONS")]
@@ -1111,6 +1118,7 @@ impl Default for Limits {
             max_total_subscriptions: 500_000,
             total_subscription_bytes: 1 << 30,
             large_frame_budget: 256 << 20,
+            quic_send_window_total: 512 << 20,
             max_connections: 10_000,
             max_subscriptions: 1_000,
             max_filter_depth: MAX_LEVELS,

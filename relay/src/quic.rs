@@ -14,6 +14,8 @@
 //! address's places, the global cap, or get it banned for churn. One round trip more per
 //! connection.
 
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::conn;
@@ -21,6 +23,93 @@ use crate::ids::TransportKind;
 use crate::rate::AddrSlot;
 use crate::relay::Shared;
 use crate::transport::stream::{StreamSink, StreamSource};
+
+/// The largest send window a QUIC connection gets (quinn's default is 10 MB): at 50 ms RTT
+/// one connection still moves ~40 MB/s.
+pub(crate) const SEND_WINDOW_MAX: u64 = 2 << 20;
+/// The smallest: granted even when `limits.quic_send_window_total` is spent (~1.3 MB/s at
+/// 50 ms RTT), so a connection is slowed, never refused.
+pub(crate) const SEND_WINDOW_MIN: u64 = 64 << 10;
+
+/// The QUIC send windows of all connections, reserved from `limits.quic_send_window_total`.
+///
+/// quinn keeps in the relay's own memory what the relay wrote to a connection's stream
+/// and the client has not acknowledged, up to the connection's send window — outside the
+/// outbound budget (`queue.total_max_bytes`, which counts what waits in the relay's
+/// queues), and, unlike TCP's kernel buffers, under no system-wide limit. A client that
+/// subscribes and never reads pins its whole window: 10,000 such connections at quinn's
+/// default held 100 GB, at a fixed 2 MiB 20 GiB. Each connection reserves its window when
+/// its handshake completes — [`SEND_WINDOW_MAX`] while the total has room, then what is
+/// left, at least [`SEND_WINDOW_MIN`] — and gives it back when it closes: all windows
+/// together stay within the total plus the floor per connection.
+#[derive(Debug)]
+pub(crate) struct SendWindows {
+    /// 0 = unlimited: every connection gets [`SEND_WINDOW_MAX`].
+    total: u64,
+    reserved: AtomicU64,
+}
+
+/// A connection's reserved send window, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct WindowHold {
+    windows: Arc<SendWindows>,
+    /// The window, in bytes.
+    pub(crate) bytes: u64,
+}
+
+impl Drop for WindowHold {
+    fn drop(&mut self) {
+        self.windows.reserved.fetch_sub(self.bytes, Relaxed);
+    }
+}
+
+impl SendWindows {
+    pub(crate) fn new(total: u64) -> Arc<Self> {
+        Arc::new(SendWindows {
+            total,
+            reserved: AtomicU64::new(0),
+        })
+    }
+
+    /// Reserves one connection's window.
+    pub(crate) fn reserve(self: &Arc<Self>) -> WindowHold {
+        let mut cur = self.reserved.load(Relaxed);
+        loop {
+            let bytes = if self.total == 0 {
+                SEND_WINDOW_MAX
+            } else {
+                self.total
+                    .saturating_sub(cur)
+                    .clamp(SEND_WINDOW_MIN, SEND_WINDOW_MAX)
+            };
+            match self
+                .reserved
+                .compare_exchange_weak(cur, cur + bytes, Relaxed, Relaxed)
+            {
+                Ok(_) => {
+                    return WindowHold {
+                        windows: self.clone(),
+                        bytes,
+                    }
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// The windows' Prometheus lines.
+    pub(crate) fn render_prometheus(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "# HELP whispeer_relay_quic_send_window_bytes Send windows reserved by open QUIC connections (what quinn may hold unacknowledged for them; limits.quic_send_window_total).\n\
+             # TYPE whispeer_relay_quic_send_window_bytes gauge\n\
+             whispeer_relay_quic_send_window_bytes {}",
+            self.reserved.load(Relaxed)
+        );
+        o
+    }
+}
 
 /// Accepts QUIC connections until the task is aborted (relay shutdown).
 pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
@@ -73,12 +162,15 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
         // One stream per connection: none more, where a client could park unread bytes
         // (the first one's end would otherwise grant another).
         connection.set_max_concurrent_bi_streams(0u32.into());
-        Ok::<_, String>((connection, send, recv))
+        // Its send window, from the relay-wide total (before anything is sent on it).
+        let window = shared.quic_windows.reserve();
+        connection.set_send_window(window.bytes);
+        Ok::<_, String>((connection, send, recv, window))
     })
     .await
     .map_err(|_| "QUIC handshake timed out".to_string())
     .and_then(|r| r);
-    let (connection, send, recv) = match opened {
+    let (connection, send, recv, window) = match opened {
         Ok(x) => x,
         Err(why) => {
             tracing::debug!(%peer, listener = "quic", %why, "connection dropped during handshake");
@@ -103,4 +195,5 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
     let _ = tokio::time::timeout(shared.config.timeouts.drain(), connection.closed()).await;
     connection.close(0u32.into(), b"done");
     drop(slot);
+    drop(window);
 }

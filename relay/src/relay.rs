@@ -126,6 +126,8 @@ pub(crate) struct Shared {
     pub(crate) frame_budget: Option<Arc<FrameBudget>>,
     /// The NATS bridge's status, in a cluster.
     pub(crate) cluster: Option<crate::cluster::State>,
+    /// QUIC connections' send windows (`limits.quic_send_window_total`).
+    pub(crate) quic_windows: Arc<crate::quic::SendWindows>,
 }
 
 impl Shared {
@@ -413,6 +415,7 @@ impl RelayBuilder {
                 ),
             ),
             frame_budget: FrameBudget::new(self.config.limits.large_frame_budget),
+            quic_windows: crate::quic::SendWindows::new(self.config.limits.quic_send_window_total),
             budget: Arc::new(crate::outbound::Budget::new(
                 self.config.queue.total_max_bytes,
             )),

@@ -213,7 +213,9 @@ pub fn quic_server(
     // ~10 MB/s for one connection) and 2 MiB out.
     transport.stream_receive_window(QUIC_RECEIVE_WINDOW.into());
     transport.receive_window(QUIC_RECEIVE_WINDOW.into());
-    transport.send_window(2 << 20);
+    // The send window each connection gets is set after its handshake, from
+    // `limits.quic_send_window_total` (`quic::SendWindows`); this is the most.
+    transport.send_window(crate::quic::SEND_WINDOW_MAX);
     // No unreliable datagrams: the relay never reads them, and quinn would keep up to its
     // default 1.25 MB of them per connection (each pinning its whole packet buffer).
     transport.datagram_receive_buffer_size(None);
