@@ -616,7 +616,14 @@ pub struct ClientCore {
     space: Option<SeqSpace>,
     /// Missing dictionaries already logged (at most [`WARNED_DICTIONARIES`]).
     warned_dictionaries: Vec<whispeer_protocol::DictId>,
+    /// Per durable name: messages a subscription of that durable was handed and went away
+    /// without taking (their dedup digests) — see [`ClientCore::dedup_untaken_by`].
+    owed: HashMap<String, std::collections::HashSet<receive::Digest>>,
 }
+
+/// Most durable names [`ClientCore`] keeps owed messages for, and most messages per name.
+const MAX_OWED_NAMES: usize = 1024;
+const MAX_OWED: usize = MAX_GOT;
 
 fn owner_secret(
     key: Option<&[u8; 32]>,
@@ -652,6 +659,7 @@ impl ClientCore {
             owner_key: None,
             space: None,
             warned_dictionaries: Vec::new(),
+            owed: HashMap::new(),
         }
     }
 
@@ -1241,6 +1249,8 @@ impl ClientCore {
         // A duplicate's (topic, message) pair as `LocalSub::latest` holds them (a new
         // message's comes from its `Accepted`).
         let mut dup_pair = None;
+        // A duplicate's digest (delivered to a durable it is owed to: no longer owed).
+        let mut dup_digest = None;
         let (accepted, mut eligible) = match self.guard.check(&cand, now_ms) {
             Ok(a) => (Some(a), entitled.clone()),
             Err(why @ (receive::Refusal::Duplicate | receive::Refusal::BeforeWindow)) => {
@@ -1250,11 +1260,10 @@ impl ClientCore {
                 // to it, and a topic's current value (retained, and not older than anything
                 // accepted for the topic: the guard checked) to a subscription that did not
                 // get it last on that topic (`LocalSub::latest`).
-                let pair = latest_pair(
-                    receive::retained_key(&a.tree_id, &a.topic),
-                    receive::digest(&key),
-                );
+                let dig = receive::digest(&key);
+                let pair = latest_pair(receive::retained_key(&a.tree_id, &a.topic), dig);
                 dup_pair = Some(pair);
+                dup_digest = Some(dig);
                 let pair = retained.then_some(pair);
                 let asked: Vec<LocalSubId> = entitled
                     .iter()
@@ -1273,6 +1282,10 @@ impl ClientCore {
                                         .as_ref()
                                         .is_some_and(|g| g.len() < MAX_GOT && !g.contains(&key)))
                                     || (msg.seq > 0 && s.skipped.contains(&msg.seq))
+                                    || (replayed
+                                        && s.opts.durable.as_ref().is_some_and(|n| {
+                                            self.owed.get(n).is_some_and(|o| o.contains(&dig))
+                                        }))
                             }
                         }
                     })
@@ -1310,6 +1323,18 @@ impl ClientCore {
         }
         let (targets, lagged): (Vec<LocalSubId>, Vec<LocalSubId>) =
             eligible.into_iter().partition(|id| room(*id));
+        if let Some(d) = dup_digest {
+            for id in &targets {
+                if let Some(o) = self.subs[id]
+                    .opts
+                    .durable
+                    .as_ref()
+                    .and_then(|n| self.owed.get_mut(n))
+                {
+                    o.remove(&d);
+                }
+            }
+        }
         if targets.is_empty() && lagged.is_empty() {
             if let Some(a) = accepted {
                 self.guard.commit(a);
@@ -1441,6 +1466,29 @@ impl ClientCore {
     /// it, its dedup entry is forgotten and the relay's redelivery is accepted again.
     pub fn dedup_untaken(&mut self, d: receive::Digest) {
         self.guard.release(d);
+    }
+
+    /// [`ClientCore::dedup_untaken`] for a subscription of durable `durable`: the message
+    /// is also owed to that durable. Another subscription of this client may take it (it
+    /// is then a duplicate for good): the relay still holds it for the durable (never
+    /// acked), and the durable's next resume in this process gets it although the dedup
+    /// window has seen it — once. Kept in memory only (a later process with a persisted
+    /// window does not know what it owes), at most [`MAX_OWED`] per name.
+    pub fn dedup_untaken_by(&mut self, d: receive::Digest, durable: Option<&str>) {
+        self.guard.release(d);
+        let Some(name) = durable else { return };
+        if !self.owed.contains_key(name) && self.owed.len() >= MAX_OWED_NAMES {
+            return;
+        }
+        let owed = self.owed.entry(name.to_owned()).or_default();
+        if owed.len() < MAX_OWED {
+            owed.insert(d);
+        }
+    }
+
+    /// Durable `name` is deleted: it is owed nothing any more.
+    pub fn forget_owed(&mut self, name: &str) {
+        self.owed.remove(name);
     }
 
     /// Changes to the receiver state to persist (dedup entries, retained high-water marks).

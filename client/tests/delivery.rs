@@ -513,6 +513,20 @@ async fn drop_and_resume(c: &Client, sub: whispeer::Subscription<u32>, name: &'s
     );
 }
 
+/// A subscription on `c` asking for the history from sequence 1, which takes its own
+/// copies of the three messages published to "job/x".
+async fn take_history(c: &Client) -> whispeer::Subscription<u32> {
+    let opts = SubscribeOptions::new()
+        .qos(Qos::AtLeastOnce)
+        .replay(Replay::FromSeq(1));
+    let mut history = c
+        .subscribe_with_options::<u32>("job/x", opts)
+        .await
+        .unwrap();
+    assert_eq!(values(&mut history, 3, "history").await, vec![0, 1, 2]);
+    history
+}
+
 /// The values of the next `n` messages of `sub`.
 async fn values(sub: &mut whispeer::Subscription<u32>, n: usize, what: &str) -> Vec<u32> {
     let mut got = Vec::with_capacity(n);
@@ -573,14 +587,7 @@ async fn a_replayed_copy_another_subscription_takes_does_not_ack_a_held_message(
     // 1 and 2 reach the durable (the relay answers the flush after them), untaken. A
     // second subscription asks for the history and takes its own copies of them.
     c.flush().await.unwrap();
-    let opts = SubscribeOptions::new()
-        .qos(Qos::AtLeastOnce)
-        .replay(Replay::FromSeq(1));
-    let mut history = c
-        .subscribe_with_options::<u32>("job/x", opts)
-        .await
-        .unwrap();
-    assert_eq!(values(&mut history, 3, "history").await, vec![0, 1, 2]);
+    let history = take_history(&c).await;
     c.flush().await.unwrap();
     // The process goes away before the durable took 1 and 2; the next one (same owner,
     // a fresh dedup window) resumes the durable and gets them.
@@ -596,6 +603,24 @@ async fn a_replayed_copy_another_subscription_takes_does_not_ack_a_held_message(
         vec![1, 2],
         "the durable's untaken messages come back"
     );
+    p.close().await;
+    c.close().await;
+    relay.stop().await;
+}
+
+/// A durable subscription holds 1 and 2 untaken while another subscription of the same
+/// client takes its own (history) copies of them: the dedup window now holds them as
+/// delivered. The durable goes away untaken — the relay still holds them for it (never
+/// acked) — and its resume in the same process gets them although the window has seen
+/// them: they are owed to the durable. Before, they were duplicates for it, acked as
+/// placeholders, never delivered to the durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_resumed_gets_what_it_dropped_even_if_another_subscription_took_it() {
+    let relay = TestRelay::start().await;
+    let (p, c, sub) = publish_and_take_one(&relay, "owed", 3).await;
+    c.flush().await.unwrap();
+    let _history = take_history(&c).await;
+    drop_and_resume(&c, sub, "owed", 3).await;
     p.close().await;
     c.close().await;
     relay.stop().await;

@@ -86,8 +86,10 @@ struct SubState {
     /// Relay subscriptions still waiting for `SubOk` (`None`: confirmed).
     waiting: Option<BTreeSet<u64>>,
     /// Held messages handed to it and not taken yet, by slot (`Delivery::Deliver::held`):
-    /// released untaken when it goes away.
+    /// released untaken when it goes away (and owed to its durable, if it has one).
     untaken: HashMap<SlotId, receive::Digest>,
+    /// Its durable name.
+    durable: Option<String>,
 }
 
 /// A frame of the live socket waiting for the opens before it (deferred opening).
@@ -775,6 +777,7 @@ impl Engine {
         }
         let acking = opts.acking();
         let capacity = opts.capacity.unwrap_or(self.cfg.sub_capacity);
+        let durable = opts.durable.clone();
         let frames = self
             .core
             .subscribe_with_options(id, filter, opts, now.unix_ms)?;
@@ -787,6 +790,7 @@ impl Engine {
                 outstanding: 0,
                 waiting: Some(waiting),
                 untaken: HashMap::new(),
+                durable,
             },
         );
         // Offline, the frames are dropped: `Welcome` re-sends every subscription.
@@ -835,7 +839,11 @@ impl Engine {
                 self.send(Frame::Unsub(u));
             }
         }
+        let name = self.subs.get(&id).and_then(|s| s.durable.clone());
         self.drop_sub(id);
+        if let Some(n) = name {
+            self.core.forget_owed(&n);
+        }
         let fid = self.flush(now);
         self.deletes.insert(fid, (rids, None));
         Ok(fid)
@@ -846,7 +854,7 @@ impl Engine {
     fn drop_sub(&mut self, id: LocalSubId) {
         if let Some(s) = self.subs.remove(&id) {
             for d in s.untaken.into_values() {
-                self.core.dedup_untaken(d);
+                self.core.dedup_untaken_by(d, s.durable.as_deref());
             }
         }
         self.acks.drop_sub(id);
