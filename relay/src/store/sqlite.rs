@@ -1676,24 +1676,17 @@ impl Shared {
             }
         };
         drop(conn);
-        {
-            // What the index knew of holds and idle times is newer than the file.
-            let mut idx = lock(&self.idx);
-            let mut new = loaded.idx;
-            for (k, d) in new.durables.iter_mut() {
-                d.idle_since = if idx.held.contains_key(k) {
-                    None
-                } else {
-                    idx.durables
-                        .get(k)
-                        .and_then(|o| o.idle_since)
-                        .or(d.idle_since)
-                };
-            }
-            new.held = std::mem::take(&mut idx.held);
-            *idx = new;
-        }
-        *lock(&self.dedup) = loaded.dedup;
+        // One section under the index lock (then the queue's, then the dedup map's:
+        // `append`'s order): the writes queued while down are dropped, and the index and
+        // the dedup ids are swapped for the file's, all at once. An `append` that passed
+        // its `down` check before the failure does all of its part — queue its write,
+        // count it in the index, remember its publish id — under the index lock, so it
+        // falls wholly before the section (its write dropped, its counts and id gone with
+        // the old index) or wholly after (kept and counted). Swapped at different moments,
+        // an append between them was counted in the new index, or its publish id kept,
+        // for a write then dropped — a retry with that id answered as a duplicate of a
+        // message never stored, until the dedup window passed (review finding).
+        let mut idx = lock(&self.idx);
         let mut q = lock(&self.queue);
         let hi = self.last.load(Relaxed);
         let lo = self.committed.load(Relaxed) + 1;
@@ -1702,8 +1695,24 @@ impl Shared {
         q.msgs = 0;
         q.mark = 0;
         self.committed.fetch_max(hi, Relaxed);
+        // What the index knew of holds and idle times is newer than the file.
+        let mut new = loaded.idx;
+        for (k, d) in new.durables.iter_mut() {
+            d.idle_since = if idx.held.contains_key(k) {
+                None
+            } else {
+                idx.durables
+                    .get(k)
+                    .and_then(|o| o.idle_since)
+                    .or(d.idle_since)
+            };
+        }
+        new.held = std::mem::take(&mut idx.held);
+        *idx = new;
+        *lock(&self.dedup) = loaded.dedup;
         *lock(&self.down) = None;
         drop(q);
+        drop(idx);
         drop(dropped);
         tracing::info!("store resumed: commits succeed again");
     }
@@ -2448,10 +2457,12 @@ impl Store for SqliteStore {
                 st.last_seq = seq;
             }
         }
-        drop(idx);
+        // Remembered under the index lock, as the write was queued and counted: a recovery
+        // (`try_recover`) swaps all three at once.
         if let Some(pid) = dedup_id {
             lock(&s.dedup).insert(tid, pid, seq, now, s.cfg.dedup_max);
         }
+        drop(idx);
         s.m.appends.fetch_add(1, Relaxed);
         Ok(if keep {
             Accepted::New(Seq(seq))
