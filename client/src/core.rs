@@ -1323,7 +1323,10 @@ impl ClientCore {
         }
         let (targets, lagged): (Vec<LocalSubId>, Vec<LocalSubId>) =
             eligible.into_iter().partition(|id| room(*id));
-        if let Some(d) = dup_digest {
+        // Delivered to a durable it was owed to (as a duplicate, or accepted again after
+        // every holder let it go): no longer owed. Nothing to look up while nothing is owed.
+        let delivered = dup_digest.or(accepted.map(|a| a.digest()));
+        if let Some(d) = delivered.filter(|_| !self.owed.is_empty()) {
             for id in &targets {
                 if let Some(o) = self.subs[id]
                     .opts
