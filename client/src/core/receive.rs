@@ -23,7 +23,7 @@
 //! reported as [`Change`]s for the driver to persist and handed back with
 //! [`Guard::restore_seen`] / [`Guard::restore_retained`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use whispeer_protocol::limits::DEFAULT_MAX_PAYLOAD;
 use whispeer_protocol::{frame::msg_flags, SenderId, Topic, TopicFilter, TreeId};
@@ -266,7 +266,17 @@ pub struct Guard {
     /// [`Guard::release`] forgets them once no holder is left — the relay delivers what
     /// was never acknowledged again, and that copy must be accepted (at least once).
     held: HashMap<Digest, (Accepted, usize)>,
+    /// Held messages every holder let go ([`Guard::release`]), oldest first, at most
+    /// [`MAX_RELEASED`]: the relay's redelivery of one is accepted even when the window's
+    /// start ([`Guard::forgot_upto`]) has passed its date meanwhile — a full window moves
+    /// its start past messages that sat untaken in a slow subscription's queue, and
+    /// refusing their redelivery as `BeforeWindow` would lose them. Forgotten once
+    /// accepted again. In memory only (a restarted client's window starts from its file).
+    released: (VecDeque<Digest>, std::collections::HashSet<Digest>),
 }
+
+/// Most released held messages [`Guard`] remembers (16 bytes each, twice).
+const MAX_RELEASED: usize = 65_536;
 
 /// How often expired high-water marks are swept (a scan of all marks).
 const MARK_SWEEP_MS: u64 = 60_000;
@@ -505,6 +515,7 @@ impl Guard {
             stats: RefusedStats::default(),
             journal: Vec::new(),
             held: HashMap::new(),
+            released: Default::default(),
         }
     }
 
@@ -780,7 +791,7 @@ impl Guard {
                     return Err(Refusal::Duplicate);
                 }
             }
-        } else if !c.allow_old && self.forgotten(c.ts_ms) {
+        } else if !c.allow_old && self.forgotten(c.ts_ms) && !self.was_released(&key) {
             // Retained values are not held to the window's start: the high-water mark
             // already keeps them from moving backwards, and the current value may be old.
             return Err(Refusal::BeforeWindow);
@@ -824,11 +835,12 @@ impl Guard {
     /// journal learns of it only at [`Guard::settle`] (one took it), and [`Guard::release`]
     /// by each of the `holders` [`Guard::hold_by`] counts forgets it again.
     ///
-    /// A limit: a window at its capacity (`max_entries`) forgets its oldest entries, held
-    /// ones too, and moves its start past them; a message forgotten so while held and then
-    /// released untaken is refused when it comes again (`BeforeWindow`), as any message that
-    /// old is — a window that full (millions of messages within the horizon) shortens the
-    /// horizon for every message alike.
+    /// A window at its capacity (`max_entries`) forgets its oldest entries, held ones too,
+    /// and moves its start past them; a message forgotten so while held and then released
+    /// untaken is still accepted when it comes again (`released`), where any other message
+    /// that old is refused (`BeforeWindow`). After a restart that exception is gone: a
+    /// window full enough to forget a message while it waits in a queue (millions within
+    /// the horizon) is a limit of the persisted state too.
     pub fn hold(&mut self, a: Accepted) {
         self.apply(&a);
         // Held already (forgotten for room meanwhile, and accepted again): its holders stay.
@@ -869,10 +881,30 @@ impl Guard {
         if *holders == 0 {
             self.held.remove(&d);
             self.seen.forget(d);
+            let (order, set) = &mut self.released;
+            if set.insert(d) {
+                order.push_back(d);
+                if order.len() > MAX_RELEASED {
+                    if let Some(old) = order.pop_front() {
+                        set.remove(&old);
+                    }
+                }
+            }
         }
     }
 
+    /// Whether the message of `key` was held and let go by every holder, not accepted
+    /// since (see `released`).
+    fn was_released(&self, key: &DedupKey) -> bool {
+        !self.released.1.is_empty() && self.released.1.contains(&digest(key))
+    }
+
     fn apply(&mut self, a: &Accepted) {
+        // Accepted again: no longer an exception (its place in the order goes with the
+        // order's bound).
+        if !self.released.1.is_empty() {
+            self.released.1.remove(&a.digest);
+        }
         if self.seen.insert_new(a.digest, a.expires_ms) {
             self.seen.make_room(self.cfg.max_entries);
         }
@@ -991,6 +1023,43 @@ mod tests {
         assert!(!g.is_held(db));
         assert_eq!(g.take_changes().len(), 2);
         assert_eq!(g.seen_len(), 2);
+    }
+
+    /// Review finding: a held message that sat untaken while a full window forgot it for
+    /// room (its start moving past the message's date) and was then let go by every
+    /// holder is accepted when the relay delivers it again — not refused `BeforeWindow`
+    /// (lost). Once accepted again it is a duplicate like any other.
+    #[test]
+    fn a_released_message_the_full_window_forgot_is_accepted_again() {
+        let t = Topic::new("a/b").unwrap();
+        let mut g = Guard::new(ReceiveConfig {
+            max_entries: 4,
+            ..ReceiveConfig::default()
+        });
+        let held = g.check(&cand(&t, 1, NOW, 0), NOW).unwrap();
+        let d = held.digest();
+        g.hold(held);
+        g.hold_by(d, 1);
+        for id in 2..12 {
+            let a = g.check(&cand(&t, id, NOW + u64::from(id), 0), NOW).unwrap();
+            g.commit(a);
+        }
+        let again = cand(&t, 1, NOW, msg_flags::REDELIVERED);
+        assert_eq!(
+            g.check(&again, NOW).unwrap_err(),
+            Refusal::BeforeWindow,
+            "forgotten for room while held"
+        );
+        g.release(d);
+        let a = g.check(&again, NOW).expect("released: accepted again");
+        g.commit(a);
+        assert!(g.check(&again, NOW).is_err(), "then a duplicate");
+        // Another message that old, never held, is still refused.
+        assert_eq!(
+            g.check(&cand(&t, 99, NOW, msg_flags::REDELIVERED), NOW)
+                .unwrap_err(),
+            Refusal::BeforeWindow
+        );
     }
 
     /// Two messages of a topic held, the older taken first: the journal records the
