@@ -618,12 +618,61 @@ pub struct ClientCore {
     warned_dictionaries: Vec<whispeer_protocol::DictId>,
     /// Per durable name: messages a subscription of that durable was handed and went away
     /// without taking (their dedup digests) — see [`ClientCore::dedup_untaken_by`].
-    owed: HashMap<String, std::collections::HashSet<receive::Digest>>,
+    owed: Owed,
 }
 
-/// Most durable names [`ClientCore`] keeps owed messages for, and most messages per name.
-const MAX_OWED_NAMES: usize = 1024;
-const MAX_OWED: usize = MAX_GOT;
+/// Most messages [`ClientCore`] keeps owed to durables, all names together (~100 bytes
+/// each): past it, a durable is owed nothing more (its resume then treats such a message
+/// as a duplicate, as before owed messages existed).
+const MAX_OWED: usize = if cfg!(test) { 64 } else { 65_536 };
+
+/// Messages owed to durables (see [`ClientCore::dedup_untaken_by`]): a name's set goes
+/// when it empties, so a client that owes nothing looks nothing up per message.
+#[derive(Debug, Default)]
+struct Owed {
+    by_name: HashMap<String, std::collections::HashSet<receive::Digest>>,
+    total: usize,
+}
+
+impl Owed {
+    fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    fn owe(&mut self, name: &str, d: receive::Digest) {
+        if self.total >= MAX_OWED {
+            return;
+        }
+        if self.by_name.entry(name.to_owned()).or_default().insert(d) {
+            self.total += 1;
+        }
+    }
+
+    fn contains(&self, name: &str, d: &receive::Digest) -> bool {
+        self.by_name.get(name).is_some_and(|o| o.contains(d))
+    }
+
+    /// Takes `d` out of what `name` is owed; whether it was.
+    fn take(&mut self, name: &str, d: &receive::Digest) -> bool {
+        let Some(o) = self.by_name.get_mut(name) else {
+            return false;
+        };
+        let had = o.remove(d);
+        if had {
+            self.total -= 1;
+        }
+        if o.is_empty() {
+            self.by_name.remove(name);
+        }
+        had
+    }
+
+    fn forget(&mut self, name: &str) {
+        if let Some(o) = self.by_name.remove(name) {
+            self.total -= o.len();
+        }
+    }
+}
 
 fn owner_secret(
     key: Option<&[u8; 32]>,
@@ -659,7 +708,7 @@ impl ClientCore {
             owner_key: None,
             space: None,
             warned_dictionaries: Vec::new(),
-            owed: HashMap::new(),
+            owed: Owed::default(),
         }
     }
 
@@ -1283,9 +1332,10 @@ impl ClientCore {
                                         .is_some_and(|g| g.len() < MAX_GOT && !g.contains(&key)))
                                     || (msg.seq > 0 && s.skipped.contains(&msg.seq))
                                     || (replayed
-                                        && s.opts.durable.as_ref().is_some_and(|n| {
-                                            self.owed.get(n).is_some_and(|o| o.contains(&dig))
-                                        }))
+                                        && s.opts
+                                            .durable
+                                            .as_ref()
+                                            .is_some_and(|n| self.owed.contains(n, &dig)))
                             }
                         }
                     })
@@ -1311,9 +1361,10 @@ impl ClientCore {
         // Older than what the dedup window covers (the horizon, or a window shortened by
         // its capacity: retained values are held to the horizon only): only for
         // subscriptions that asked for older history.
-        let start = if accepted.is_none() || retained {
+        let start = if accepted.is_none_or(|a| a.released()) || retained {
             // History a subscription asked for is deduplicated by what that subscription
-            // got; retained values by their high-water mark.
+            // got; retained values by their high-water mark; a released held message (the
+            // window's start passed it while it waited untaken) by the guard's exception.
             now_ms.saturating_sub(self.guard.config().horizon_ms)
         } else {
             self.guard.window_start_ms(now_ms)
@@ -1323,18 +1374,16 @@ impl ClientCore {
         }
         let (targets, lagged): (Vec<LocalSubId>, Vec<LocalSubId>) =
             eligible.into_iter().partition(|id| room(*id));
-        // Delivered to a durable it was owed to (as a duplicate, or accepted again after
-        // every holder let it go): no longer owed. Nothing to look up while nothing is owed.
+        // Handed to a durable it was owed to (as a duplicate, or accepted again after every
+        // holder let it go): no longer owed — a duplicate one is tracked as untaken instead
+        // (`held` below), so the durable going away without taking it owes it again.
+        // Nothing to look up while nothing is owed.
         let delivered = dup_digest.or(accepted.map(|a| a.digest()));
+        let mut owed_handed = false;
         if let Some(d) = delivered.filter(|_| !self.owed.is_empty()) {
             for id in &targets {
-                if let Some(o) = self.subs[id]
-                    .opts
-                    .durable
-                    .as_ref()
-                    .and_then(|n| self.owed.get_mut(n))
-                {
-                    o.remove(&d);
+                if let Some(n) = &self.subs[id].opts.durable {
+                    owed_handed |= self.owed.take(n, &d);
                 }
             }
         }
@@ -1386,8 +1435,11 @@ impl ClientCore {
                 self.guard.commit(a);
                 None
             }
-            // A held message's copy (history a subscription asked for) held by more.
-            None => Some(receive::digest(&key)).filter(|d| acking && self.guard.is_held(*d)),
+            // A held message's copy (history a subscription asked for) held by more; or one
+            // owed to a durable, tracked until that durable takes it (the guard holds
+            // nothing for it: taking or releasing it there changes nothing).
+            None => Some(receive::digest(&key))
+                .filter(|d| acking && (owed_handed || self.guard.is_held(*d))),
         };
         for id in targets.iter().chain(&lagged) {
             if let Some(s) = self.subs.get_mut(id) {
@@ -1476,22 +1528,17 @@ impl ClientCore {
     /// is then a duplicate for good): the relay still holds it for the durable (never
     /// acked), and the durable's next resume in this process gets it although the dedup
     /// window has seen it — once. Kept in memory only (a later process with a persisted
-    /// window does not know what it owes), at most [`MAX_OWED`] per name.
+    /// window does not know what it owes), at most [`MAX_OWED`] messages in all.
     pub fn dedup_untaken_by(&mut self, d: receive::Digest, durable: Option<&str>) {
         self.guard.release(d);
-        let Some(name) = durable else { return };
-        if !self.owed.contains_key(name) && self.owed.len() >= MAX_OWED_NAMES {
-            return;
-        }
-        let owed = self.owed.entry(name.to_owned()).or_default();
-        if owed.len() < MAX_OWED {
-            owed.insert(d);
+        if let Some(name) = durable {
+            self.owed.owe(name, d);
         }
     }
 
     /// Durable `name` is deleted: it is owed nothing any more.
     pub fn forget_owed(&mut self, name: &str) {
-        self.owed.remove(name);
+        self.owed.forget(name);
     }
 
     /// Changes to the receiver state to persist (dedup entries, retained high-water marks).
@@ -2074,6 +2121,43 @@ mod tests {
                 assert!(held.is_none(), "an at-most-once target took it: delivered");
             }
             _ => panic!("not delivered"),
+        }
+    }
+
+    /// Review finding: a message held for an at-least-once subscription, forgotten by a
+    /// full window while it waited untaken (the window's start passed its date) and then
+    /// let go, is delivered when the relay sends it again: the guard accepts it as
+    /// released, and the delivery holds it to the horizon, not to the window's start
+    /// (which would leave it no subscription: a placeholder, acked, lost).
+    #[test]
+    fn a_released_message_the_full_window_forgot_is_delivered_again() {
+        let (kr, mut rng) = one_tree(24);
+        let cfg = receive::ReceiveConfig {
+            max_entries: 4,
+            ..receive::ReceiveConfig::default()
+        };
+        let mut core = ClientCore::with_config(kr.clone(), cfg);
+        core.enter_seq_space(SeqSpace::Named([1; 16]));
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        core.subscribe(1, f("a/#"), Qos::AtLeastOnce, NOW).unwrap();
+        let room = |_: LocalSubId| true;
+        let m = sealed(&kr, &mut rng, "a/x", b"\x01");
+        let d = match core.receive_with(&at(&m, 9), NOW, &room) {
+            Delivery::Deliver { held: Some(d), .. } => d,
+            _ => panic!("not delivered held"),
+        };
+        core.dedup_hold(d, 1);
+        for seq in 10..20u64 {
+            let e = sealed(&kr, &mut rng, "a/y", &[seq as u8]);
+            core.receive(&at(&e, seq), NOW);
+        }
+        assert!(core.guard.forgot_upto() > 0, "the window forgot for room");
+        core.dedup_untaken(d);
+        let mut again = at(&m, 9);
+        again.flags = frame::msg_flags::REDELIVERED;
+        match core.receive_with(&again, NOW, &room) {
+            Delivery::Deliver { targets, .. } => assert_eq!(targets, vec![1]),
+            _ => panic!("the released message was not delivered again"),
         }
     }
 

@@ -626,6 +626,35 @@ async fn a_durable_resumed_gets_what_it_dropped_even_if_another_subscription_too
     relay.stop().await;
 }
 
+/// Review finding: an owed message handed to the resumed durable and dropped again
+/// before the app took it is owed again — the resume after that still gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owed_message_dropped_again_untaken_is_owed_again() {
+    let relay = TestRelay::start().await;
+    let (p, c, sub) = publish_and_take_one(&relay, "owed-twice", 3).await;
+    c.flush().await.unwrap();
+    let _history = take_history(&c).await;
+    drop(sub);
+    c.flush().await.unwrap();
+    // Resumed: 1 and 2 are handed to it (owed), and it goes away without taking them.
+    let before = c.stats().core.delivered;
+    let again = c
+        .subscribe_with_options::<u32>("job/#", held_opts("owed-twice"))
+        .await
+        .unwrap();
+    let mut stats = c.stats_changes();
+    within(
+        "handed to the resumed durable",
+        stats.wait_for(|s| s.core.delivered >= before + 2),
+    )
+    .await
+    .unwrap();
+    drop_and_resume(&c, again, "owed-twice", 3).await;
+    p.close().await;
+    c.close().await;
+    relay.stop().await;
+}
+
 /// A copy the relay redelivers while the app still holds the message untaken is a
 /// duplicate, but acknowledged only once the app passed it (in order behind the one it
 /// holds): acking its sequence would acknowledge the message the app then drops

@@ -217,6 +217,9 @@ pub struct Accepted {
     expires_ms: u64,
     /// The topic's high-water mark this message sets if it is the newest.
     mark: (RetainedKey, u64, [u8; 16]),
+    /// Accepted although the window's start passed its date: a held message every holder
+    /// let go (`Guard::released`).
+    released: bool,
 }
 
 impl Accepted {
@@ -228,6 +231,13 @@ impl Accepted {
     /// Its topic's [`retained_key`].
     pub fn retained_key(&self) -> RetainedKey {
         self.mark.0
+    }
+
+    /// Whether it was accepted only as a released held message the window's start had
+    /// passed: it is held to the horizon, not to the window's start (see
+    /// [`Guard::window_start_ms`]).
+    pub fn released(&self) -> bool {
+        self.released
     }
 }
 
@@ -272,10 +282,35 @@ pub struct Guard {
     /// its start past messages that sat untaken in a slow subscription's queue, and
     /// refusing their redelivery as `BeforeWindow` would lose them. Forgotten once
     /// accepted again. In memory only (a restarted client's window starts from its file).
-    released: (VecDeque<Digest>, std::collections::HashSet<Digest>),
+    released: Released,
 }
 
-/// Most released held messages [`Guard`] remembers (16 bytes each, twice).
+/// Released held messages (see `Guard::released`): each digest with the number of its
+/// release, and the releases oldest first — an entry of the order whose number is not the
+/// digest's current one is stale (accepted since, or released again later).
+#[derive(Debug, Default)]
+struct Released {
+    order: VecDeque<(Digest, u64)>,
+    current: HashMap<Digest, u64>,
+    next: u64,
+}
+
+impl Released {
+    fn insert(&mut self, d: Digest) {
+        self.next += 1;
+        self.current.insert(d, self.next);
+        self.order.push_back((d, self.next));
+        while self.order.len() > MAX_RELEASED {
+            if let Some((old, n)) = self.order.pop_front() {
+                if self.current.get(&old) == Some(&n) {
+                    self.current.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// Most released held messages [`Guard`] remembers (about 50 bytes each).
 const MAX_RELEASED: usize = 65_536;
 
 /// How often expired high-water marks are swept (a scan of all marks).
@@ -791,10 +826,15 @@ impl Guard {
                     return Err(Refusal::Duplicate);
                 }
             }
-        } else if !c.allow_old && self.forgotten(c.ts_ms) && !self.was_released(&key) {
+        }
+        let mut released = false;
+        if !retained && !c.allow_old && self.forgotten(c.ts_ms) {
             // Retained values are not held to the window's start: the high-water mark
             // already keeps them from moving backwards, and the current value may be old.
-            return Err(Refusal::BeforeWindow);
+            if !self.was_released(&key) {
+                return Err(Refusal::BeforeWindow);
+            }
+            released = true;
         }
         let d = digest(&key);
         if self.seen.contains(d) {
@@ -807,6 +847,7 @@ impl Guard {
             digest: d,
             expires_ms,
             mark: (rk, c.ts_ms, c.msg_id),
+            released,
         })
     }
 
@@ -881,29 +922,21 @@ impl Guard {
         if *holders == 0 {
             self.held.remove(&d);
             self.seen.forget(d);
-            let (order, set) = &mut self.released;
-            if set.insert(d) {
-                order.push_back(d);
-                if order.len() > MAX_RELEASED {
-                    if let Some(old) = order.pop_front() {
-                        set.remove(&old);
-                    }
-                }
-            }
+            self.released.insert(d);
         }
     }
 
     /// Whether the message of `key` was held and let go by every holder, not accepted
     /// since (see `released`).
     fn was_released(&self, key: &DedupKey) -> bool {
-        !self.released.1.is_empty() && self.released.1.contains(&digest(key))
+        !self.released.current.is_empty() && self.released.current.contains_key(&digest(key))
     }
 
     fn apply(&mut self, a: &Accepted) {
         // Accepted again: no longer an exception (its place in the order goes with the
         // order's bound).
-        if !self.released.1.is_empty() {
-            self.released.1.remove(&a.digest);
+        if !self.released.current.is_empty() {
+            self.released.current.remove(&a.digest);
         }
         if self.seen.insert_new(a.digest, a.expires_ms) {
             self.seen.make_room(self.cfg.max_entries);
