@@ -1401,10 +1401,6 @@ impl Shared {
         seq
     }
 
-    fn push(&self, ops: impl IntoIterator<Item = Op>, msgs: usize) {
-        self.push_locked(lock(&self.queue), ops, msgs);
-    }
-
     /// Queues `ops` (`msgs` of them messages) and wakes the writer if it was idle.
     fn push_locked(
         &self,
@@ -2797,16 +2793,22 @@ impl Store for SqliteStore {
         if let Some(d) = s.down() {
             return Err(d.error());
         }
-        if !lock(&s.idx).forget_durable(key) {
+        // Queued under the index lock (index, then queue), like `append`: a recovery
+        // (`try_recover`) falls wholly before (the deletion dropped with the old index) or
+        // wholly after it.
+        let mut idx = lock(&s.idx);
+        if !idx.forget_durable(key) {
             return Ok(false);
         }
-        s.push(
+        s.push_locked(
+            lock(&s.queue),
             [Op::DurableDelete {
                 key_id: *key.key_id.as_bytes(),
                 name: key.name.clone(),
             }],
             0,
         );
+        drop(idx);
         Ok(true)
     }
 
@@ -2841,8 +2843,10 @@ impl Store for SqliteStore {
         }
         let mut ops = Vec::with_capacity(2);
         let now = (s.clock)();
+        // The op is queued under the index lock (index, then queue), like `append`: a
+        // recovery (`try_recover`) falls wholly before or wholly after it.
+        let mut idx = lock(&s.idx);
         let (tid, idle) = {
-            let mut idx = lock(&s.idx);
             match idx.durables.get_mut(key) {
                 Some(d) if d.floor == floor => return Ok(()),
                 Some(d) => {
@@ -2882,7 +2886,8 @@ impl Store for SqliteStore {
             tid,
             idle,
         });
-        s.push(ops, 0);
+        s.push_locked(lock(&s.queue), ops, 0);
+        drop(idx);
         Ok(())
     }
 
