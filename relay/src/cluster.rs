@@ -880,7 +880,19 @@ async fn receive_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Received>, ori
             continue;
         };
         // `no_echo` keeps our own publishes away; this is the second line of defence.
-        if d.origin == origin || !seen.first(d.origin, d.counter) {
+        let seen_as = if d.origin == origin {
+            Seen::Again
+        } else {
+            seen.first(d.origin, d.counter)
+        };
+        // Too old to tell: a plain envelope goes on (never lost; clients deduplicate),
+        // a retained value or a loss notice does not (see `Dedup`).
+        let late_ok = matches!(
+            d.what,
+            Carried::Envelope { flags, .. }
+                if flags & whispeer_protocol::frame::pub_flags::RETAIN == 0
+        );
+        if seen_as == Seen::Again || (seen_as == Seen::Late && !late_ok) {
             c.duplicates.fetch_add(1, Relaxed);
             tracing::debug!(counter = d.counter, "cluster duplicate dropped");
             continue;
@@ -1054,13 +1066,24 @@ fn decode(payload: Bytes) -> Option<Decoded> {
 /// counters below the highest seen. Copies of one envelope arrive close together (NATS
 /// writes them back to back on one connection), but each NATS subscription has its own
 /// reader task, so one reader descheduled while another runs far ahead can bring a
-/// *first* copy older than the window: it is let through. A second copy that late would
-/// reach clients twice, and their dedup drops it (message ids); dropping the first copy
-/// would lose the envelope for good (review finding).
+/// *first* copy older than the window ([`Seen::Late`]). A plain envelope that late is let
+/// through: a second copy would reach clients twice, and their dedup drops it (message
+/// ids), while dropping a first copy would lose it for good. A late retained value or
+/// loss notice is dropped: a stale retained copy would replace a newer value at this
+/// relay, a repeated notice would count a loss twice.
 #[derive(Default)]
 struct Dedup {
     origins: HashMap<u64, Window>,
     tick: u64,
+}
+
+/// What the window says of a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    First,
+    Again,
+    /// Older than the window: not known either way.
+    Late,
 }
 
 struct Window {
@@ -1070,8 +1093,8 @@ struct Window {
 }
 
 impl Dedup {
-    /// True the first time `(origin, counter)` is seen.
-    fn first(&mut self, origin: u64, counter: u64) -> bool {
+    /// Whether `(origin, counter)` is seen for the first time.
+    fn first(&mut self, origin: u64, counter: u64) -> Seen {
         self.tick += 1;
         if !self.origins.contains_key(&origin) && self.origins.len() >= MAX_ORIGINS {
             // Forget the origin unused longest (a relay that restarted or left).
@@ -1100,7 +1123,7 @@ impl Window {
         ((i / 64) as usize, 1 << (i % 64))
     }
 
-    fn first(&mut self, n: u64) -> bool {
+    fn first(&mut self, n: u64) -> Seen {
         if n > self.max {
             if n - self.max >= WINDOW {
                 self.bits.iter_mut().for_each(|b| *b = 0);
@@ -1113,16 +1136,19 @@ impl Window {
             self.max = n;
             let (i, m) = Self::bit(n);
             self.bits[i] |= m;
-            return true;
+            return Seen::First;
         }
         if self.max - n >= WINDOW {
-            // Unknown: delivered (the clients deduplicate), never lost.
-            return true;
+            return Seen::Late;
         }
         let (i, m) = Self::bit(n);
         let fresh = self.bits[i] & m == 0;
         self.bits[i] |= m;
-        fresh
+        if fresh {
+            Seen::First
+        } else {
+            Seen::Again
+        }
     }
 }
 
@@ -1272,22 +1298,24 @@ mod tests {
     #[test]
     fn dedup_lets_each_counter_through_once() {
         let mut d = Dedup::default();
-        assert!(d.first(1, 1));
-        assert!(!d.first(1, 1));
-        assert!(d.first(1, 3));
-        assert!(
+        assert_eq!(d.first(1, 1), Seen::First);
+        assert_eq!(d.first(1, 1), Seen::Again);
+        assert_eq!(d.first(1, 3), Seen::First);
+        assert_eq!(
             d.first(1, 2),
+            Seen::First,
             "a later counter does not hide an earlier first copy"
         );
-        assert!(!d.first(1, 2));
-        assert!(d.first(2, 1), "origins are separate");
-        assert!(d.first(1, 3 + WINDOW));
-        assert!(
+        assert_eq!(d.first(1, 2), Seen::Again);
+        assert_eq!(d.first(2, 1), Seen::First, "origins are separate");
+        assert_eq!(d.first(1, 3 + WINDOW), Seen::First);
+        assert_eq!(
             d.first(1, 2),
-            "older than the window is let through (clients deduplicate), not lost"
+            Seen::Late,
+            "older than the window: unknown (a plain envelope goes on, see receive_loop)"
         );
-        assert!(d.first(1, 4 + WINDOW));
-        assert!(!d.first(1, 4 + WINDOW));
+        assert_eq!(d.first(1, 4 + WINDOW), Seen::First);
+        assert_eq!(d.first(1, 4 + WINDOW), Seen::Again);
     }
 
     #[test]
