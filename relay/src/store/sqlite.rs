@@ -2438,9 +2438,7 @@ impl Store for SqliteStore {
             u.bytes += size;
             idx.total.msgs += 1;
             idx.total.bytes += size;
-            if let Some(pid) = idx.paths.get(&path).map(|st| st.pid) {
-                idx.add_path_tenant_msgs(pid, tid, 1);
-            }
+            idx.add_path_tenant_msgs(pid, tid, 1);
             if let Some(st) = idx.paths.get_mut(&path) {
                 if st.count == 0 {
                     st.first_seq = seq;
