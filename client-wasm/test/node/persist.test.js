@@ -168,7 +168,9 @@ test('control: without persistence the same kill loses the unacknowledged publis
 /**
  * A child (QoS 1, durable subscription, through a proxy) gets `n` messages and its callback
  * has them all; its acks never reach the relay (the proxy swallows what it sends), and it
- * is killed with SIGKILL. The relay still owes the `n` and redelivers them when a new child
+ * is killed with SIGKILL once what its app took is in its state file (a message is written
+ * as seen when the app takes it — at least once: killed before that write, the last one
+ * would rightly come again). The relay still owes the `n` and redelivers them when a new child
  * with the same identity and `file` resumes the durable subscription. Returns what each
  * child's callback got (the second one up to the new message n).
  */
@@ -187,6 +189,8 @@ async function dedupAcrossKill(topic, file, n) {
     proxy.pause('up'); // its acks stay here
     for (let i = 0; i < n; i++) await pub.publish(topic, { i }, { qos: 1 });
     await a.when((l) => l.ev === 'got' && l.i === n - 1);
+    a.send({ op: 'persisted' });
+    await a.when((l) => l.ev === 'persisted');
     await a.kill();
     firstRun = a.lines.filter((l) => l.ev === 'got').map((l) => l.i);
   } finally {

@@ -7,6 +7,8 @@
 //   {op:'sub', topic, durable, replay} → {ev:'subscribed'}, then {ev:'got', i} per message,
 //                               printed by the callback (the app has it), QoS 1
 //   {op:'stats'}              → {ev:'stats', stats}
+//   {op:'persisted'}          → {ev:'persisted'} once `client.persisted()` resolved (what the
+//                               app took so far is in the state file)
 //   {op:'pubdie', topic, is, qos} → publishes each of `is` in one turn of the event loop,
 //                               then SIGKILLs itself before any other task or microtask
 //                               can run (nothing is printed)
@@ -46,5 +48,8 @@ for await (const line of createInterface({ input: process.stdin })) {
     say({ ev: 'subscribed' });
   } else if (c.op === 'stats') {
     say({ ev: 'stats', stats: client.stats() });
+  } else if (c.op === 'persisted') {
+    await client.persisted();
+    say({ ev: 'persisted' });
   }
 }
