@@ -948,11 +948,12 @@ pub struct Limits {
     /// max_frame; 0 = unlimited.
     #[arg(long, env = "WHISPEER_LARGE_FRAME_BUDGET")]
     pub large_frame_budget: usize,
-    /// Bytes of send windows all QUIC connections together may reserve: what quinn may hold
-    /// in the relay's memory, written and not yet acknowledged by the client (TCP keeps it
-    /// in kernel buffers). Each connection reserves 2 MiB while there is room, then what is
-    /// left, at least 64 KiB (slower, never refused), and gives it back when it closes
-    /// (whispeer_relay_quic_send_window_bytes). 0 = unlimited (2 MiB each).
+    /// Bytes of send windows all QUIC connections share: what quinn may hold in the relay's
+    /// memory, written and not yet acknowledged by the client (TCP keeps it in kernel
+    /// buffers). Each connection's window is this divided by the open QUIC connections, at
+    /// most 2 MiB and at least 64 KiB (slower, never refused), set again every second as
+    /// connections open and close (whispeer_relay_quic_send_window_bytes). 0 = unlimited
+    /// (2 MiB each).
     #[arg(long, env = "WHISPEER_QUIC_SEND_WINDOW_TOTAL")]
     pub quic_send_window_total: u64,
     /// Most concurrent client connections, handshakes included (fatal

@@ -31,35 +31,68 @@ pub(crate) const SEND_WINDOW_MAX: u64 = 2 << 20;
 /// 50 ms RTT), so a connection is slowed, never refused.
 pub(crate) const SEND_WINDOW_MIN: u64 = 64 << 10;
 
-/// The QUIC send windows of all connections, reserved from `limits.quic_send_window_total`.
+/// How often an open QUIC connection's send window is set again to the fair share.
+const REBALANCE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The QUIC send windows of all connections, shared out of `limits.quic_send_window_total`.
 ///
 /// quinn keeps in the relay's own memory what the relay wrote to a connection's stream
 /// and the client has not acknowledged, up to the connection's send window — outside the
 /// outbound budget (`queue.total_max_bytes`, which counts what waits in the relay's
 /// queues), and, unlike TCP's kernel buffers, under no system-wide limit. A client that
 /// subscribes and never reads pins its whole window: 10,000 such connections at quinn's
-/// default held 100 GB, at a fixed 2 MiB 20 GiB. Each connection reserves its window when
-/// its handshake completes — [`SEND_WINDOW_MAX`] while the total has room, then what is
-/// left, at least [`SEND_WINDOW_MIN`] — and gives it back when it closes: all windows
-/// together stay within the total plus the floor per connection.
+/// default held 100 GB, at a fixed 2 MiB 20 GiB. Every connection gets the fair share —
+/// the total divided by the open connections, between [`SEND_WINDOW_MIN`] and
+/// [`SEND_WINDOW_MAX`] — when its handshake completes and again every
+/// [`REBALANCE_EVERY`], so the windows grow back as connections close and shrink as more
+/// open: together within the total (plus the floor per connection, and for a second after
+/// a connection opens).
 #[derive(Debug)]
 pub(crate) struct SendWindows {
     /// 0 = unlimited: every connection gets [`SEND_WINDOW_MAX`].
     total: u64,
-    reserved: AtomicU64,
+    /// Open connections holding a window.
+    live: AtomicU64,
+    /// Their windows, together.
+    assigned: AtomicU64,
 }
 
-/// A connection's reserved send window, given back when dropped.
+/// A connection's send window, given back when dropped.
 #[derive(Debug)]
 pub(crate) struct WindowHold {
     windows: Arc<SendWindows>,
     /// The window, in bytes.
-    pub(crate) bytes: u64,
+    bytes: AtomicU64,
 }
 
 impl Drop for WindowHold {
     fn drop(&mut self) {
-        self.windows.reserved.fetch_sub(self.bytes, Relaxed);
+        self.windows.live.fetch_sub(1, Relaxed);
+        self.windows
+            .assigned
+            .fetch_sub(self.bytes.load(Relaxed), Relaxed);
+    }
+}
+
+impl WindowHold {
+    /// The window, in bytes.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes.load(Relaxed)
+    }
+
+    /// The fair share now, if it is not the window this connection has (then it has it).
+    pub(crate) fn rebalance(&self) -> Option<u64> {
+        let w = self.windows.fair();
+        let old = self.bytes.swap(w, Relaxed);
+        if old == w {
+            return None;
+        }
+        if w > old {
+            self.windows.assigned.fetch_add(w - old, Relaxed);
+        } else {
+            self.windows.assigned.fetch_sub(old - w, Relaxed);
+        }
+        Some(w)
     }
 }
 
@@ -67,33 +100,27 @@ impl SendWindows {
     pub(crate) fn new(total: u64) -> Arc<Self> {
         Arc::new(SendWindows {
             total,
-            reserved: AtomicU64::new(0),
+            live: AtomicU64::new(0),
+            assigned: AtomicU64::new(0),
         })
     }
 
-    /// Reserves one connection's window.
+    /// A connection's fair share with the connections open now.
+    fn fair(&self) -> u64 {
+        if self.total == 0 {
+            return SEND_WINDOW_MAX;
+        }
+        (self.total / self.live.load(Relaxed).max(1)).clamp(SEND_WINDOW_MIN, SEND_WINDOW_MAX)
+    }
+
+    /// One more connection's window: its fair share.
     pub(crate) fn reserve(self: &Arc<Self>) -> WindowHold {
-        let mut cur = self.reserved.load(Relaxed);
-        loop {
-            let bytes = if self.total == 0 {
-                SEND_WINDOW_MAX
-            } else {
-                self.total
-                    .saturating_sub(cur)
-                    .clamp(SEND_WINDOW_MIN, SEND_WINDOW_MAX)
-            };
-            match self
-                .reserved
-                .compare_exchange_weak(cur, cur + bytes, Relaxed, Relaxed)
-            {
-                Ok(_) => {
-                    return WindowHold {
-                        windows: self.clone(),
-                        bytes,
-                    }
-                }
-                Err(now) => cur = now,
-            }
+        self.live.fetch_add(1, Relaxed);
+        let bytes = self.fair();
+        self.assigned.fetch_add(bytes, Relaxed);
+        WindowHold {
+            windows: self.clone(),
+            bytes: AtomicU64::new(bytes),
         }
     }
 
@@ -102,12 +129,30 @@ impl SendWindows {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "# HELP whispeer_relay_quic_send_window_bytes Send windows reserved by open QUIC connections (what quinn may hold unacknowledged for them; limits.quic_send_window_total).\n\
+            "# HELP whispeer_relay_quic_send_window_bytes Send windows of open QUIC connections, together (what quinn may hold unacknowledged for them; limits.quic_send_window_total).\n\
              # TYPE whispeer_relay_quic_send_window_bytes gauge\n\
              whispeer_relay_quic_send_window_bytes {}",
-            self.reserved.load(Relaxed)
+            self.assigned.load(Relaxed)
         );
         o
+    }
+}
+
+/// Sets `connection`'s send window to the fair share every [`REBALANCE_EVERY`] until it
+/// closes (or the task is aborted).
+async fn rebalance(connection: quinn::Connection, window: Arc<WindowHold>) {
+    let mut tick = tokio::time::interval(REBALANCE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = connection.closed() => return,
+            _ = tick.tick() => {
+                if let Some(w) = window.rebalance() {
+                    connection.set_send_window(w);
+                }
+            }
+        }
     }
 }
 
@@ -163,8 +208,8 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
         // (the first one's end would otherwise grant another).
         connection.set_max_concurrent_bi_streams(0u32.into());
         // Its send window, from the relay-wide total (before anything is sent on it).
-        let window = shared.quic_windows.reserve();
-        connection.set_send_window(window.bytes);
+        let window = Arc::new(shared.quic_windows.reserve());
+        connection.set_send_window(window.bytes());
         Ok::<_, String>((connection, send, recv, window))
     })
     .await
@@ -178,6 +223,7 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
         }
     };
     let max = shared.config.limits.max_frame;
+    let rebalancer = tokio::spawn(rebalance(connection.clone(), window.clone()));
     let slot = conn::serve(
         shared.clone(),
         StreamSource::new(recv, max).with_budget(shared.frame_budget.clone(), slot.addr()),
@@ -194,6 +240,8 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
     // connection open past its session must not open more beside it than its caps allow.
     let _ = tokio::time::timeout(shared.config.timeouts.drain(), connection.closed()).await;
     connection.close(0u32.into(), b"done");
+    rebalancer.abort();
+    let _ = rebalancer.await;
     drop(slot);
     drop(window);
 }
