@@ -600,6 +600,8 @@ async fn churn_ban(listen: &str, churner: &str, other: &str) {
     // A third is churn: closed unanswered, and the address banned.
     let mut refused = client_from(port, churner).await;
     let (frames, _) = refused.drain_to_end().await;
+    // The ban (its first: 1 s) is in place by now.
+    let banned_at = std::time::Instant::now();
     assert!(
         frames.is_empty(),
         "a churning address was answered: {frames:?}"
@@ -625,10 +627,15 @@ async fn churn_ban(listen: &str, churner: &str, other: &str) {
     other.hello().await;
     open.subscribe(1, exact(1, &[1])).await;
     other.subscribe(1, exact(1, &[1])).await;
-    assert!(
-        !stalled.is_finished(),
-        "a banned address's connect completed"
-    );
+    // Only while the 1 s ban surely lasts: on a loaded machine the steps above can take
+    // longer, and the stalled connect then rightly completes (a flaky failure seen in the
+    // full suite). The ban itself is shown by the metrics above either way.
+    if banned_at.elapsed() < std::time::Duration::from_millis(700) {
+        assert!(
+            !stalled.is_finished(),
+            "a banned address's connect completed"
+        );
+    }
     // The ban ends (1 s); the retransmitted SYN gets through and the client is welcomed,
     // never having been refused at accept.
     tokio::time::timeout(std::time::Duration::from_secs(30), stalled)
