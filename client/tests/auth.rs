@@ -6,28 +6,14 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use futures_util::StreamExt;
-use support::{keyring_with, relay_binary, start_relay_binary, tree, within, RelayProcess};
+use support::{
+    account_add, keyring_with, relay_binary, start_relay_binary, tree, within, RelayProcess,
+};
 use whispeer::protocol::ErrorCode;
 use whispeer::{Client, ConnectError, Encryption, RelayAuth, Tcp, WebSocket};
-
-fn account_add(file: &Path, name: &str, args: &[&str]) -> String {
-    let out = Command::new(relay_binary())
-        .args(["account", "add", name, "--file"])
-        .arg(file)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 struct Accounts {
     _dir: tempfile::TempDir,

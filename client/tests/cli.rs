@@ -2493,20 +2493,7 @@ fn auth_token_on_the_command_line_is_warned_about() {
 fn relay_with_token_account() -> (RelayProcess, tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let accounts = dir.path().join("accounts.toml");
-    let out = Command::new(support::relay_binary())
-        .args([
-            "account", "add", "svc", "--token", "--group", "home", "--file",
-        ])
-        .arg(&accounts)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout)
-        .unwrap()
+    let token = support::account_add(&accounts, "svc", &["--token", "--group", "home"])
         .trim()
         .lines()
         .last()
@@ -2875,17 +2862,19 @@ fn secret_files_are_written_exclusively_and_synced() {
     let dir = tempfile::tempdir().unwrap();
     let samples = telemetry_samples(dir.path());
     let sp = samples.to_str().unwrap().to_owned();
+    // `dict train` up to its `-o` (the output path follows).
+    let train_args = [
+        "dict",
+        "train",
+        "--samples",
+        &sp,
+        "--lines",
+        "--size",
+        "4096",
+        "-o",
+    ];
     let train = |out: &Path, force: bool| {
-        let mut args = vec![
-            "dict",
-            "train",
-            "--samples",
-            &sp,
-            "--lines",
-            "--size",
-            "4096",
-            "-o",
-        ];
+        let mut args = train_args.to_vec();
         let out = out.to_str().unwrap().to_owned();
         args.push(&out);
         if force {
@@ -2941,19 +2930,7 @@ fn secret_files_are_written_exclusively_and_synced() {
         let log = sd.join("strace.log");
         for (name, args) in [
             ("me.id", vec!["keygen", "--out"]),
-            (
-                "t.dict",
-                vec![
-                    "dict",
-                    "train",
-                    "--samples",
-                    &sp,
-                    "--lines",
-                    "--size",
-                    "4096",
-                    "-o",
-                ],
-            ),
+            ("t.dict", train_args.to_vec()),
             ("acct.key", vec!["auth-keygen", "--out"]),
             ("t.key", vec!["key", "new", "--tree", "t", "--out"]),
         ] {

@@ -154,6 +154,24 @@ pub fn tls_generate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::Pa
     (cert, key, hex)
 }
 
+/// `whispeer-relay account add NAME --file FILE ARGS…`: its standard output (a token, with
+/// `--token`, on its last line).
+#[allow(dead_code)]
+pub fn account_add(file: &std::path::Path, name: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(relay_binary())
+        .args(["account", "add", name, "--file"])
+        .arg(file)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 pub fn relay_binary() -> std::path::PathBuf {
     use std::path::PathBuf;
     let exe = std::env::current_exe().expect("current_exe");
