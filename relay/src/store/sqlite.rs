@@ -362,8 +362,6 @@ struct PathStat {
     /// The tenant whose distinct-path quota holds the path: its creator, until the
     /// creator has no data left there while another tenant has (then that tenant).
     owner: i64,
-    /// Messages of `owner` kept on the path.
-    owner_msgs: u64,
     count: u64,
     bytes: u64,
     first_seq: u64,
@@ -401,11 +399,11 @@ struct Index {
     keys: Sharded<[u8; 16], KeyStat>,
     tenants: Sharded<Vec<u8>, i64>,
     usage: Sharded<i64, Usage>,
-    /// Messages kept per (path id, tenant id), entries at zero removed: when a path's
-    /// owner has none left, its heir's count comes from here. Counting the heir's rows in
-    /// SQL scanned the whole path on every owner change, in the writer — a member with
-    /// many accounts, one message each at the front of a long path, made every trim scan
-    /// it (review finding).
+    /// Messages kept per (path id, tenant id), entries at zero removed: whether a path's
+    /// owner still has data there, and so when the path moves to an heir. (Counting the
+    /// heir's rows in SQL scanned the whole path on every owner change, in the writer — a
+    /// member with many accounts, one message each at the front of a long path, made every
+    /// trim scan it: review finding.)
     path_tenant_msgs: Sharded<(i64, i64), u64>,
     total: Usage,
     durables: HashMap<DurableKey, DurableStat>,
@@ -929,7 +927,6 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
                 pid,
                 kid,
                 owner,
-                owner_msgs: 0,
                 count: 0,
                 bytes: 0,
                 first_seq: 0,
@@ -960,9 +957,6 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
             };
             idx.add_path_tenant_msgs(pid, tid, n);
             if let Some(st) = idx.paths.get_mut(&path) {
-                if st.owner == tid {
-                    st.owner_msgs += n;
-                }
                 st.first_seq = if st.count == 0 {
                     lo
                 } else {
@@ -2019,8 +2013,6 @@ impl Shared {
                     st.count = st.count.saturating_sub(*n);
                     st.bytes = st.bytes.saturating_sub(*b);
                     st.first_seq = st.first_seq.max(*first);
-                    let own = d.by_path_tenant.get(&(*pid, st.owner)).copied();
-                    st.owner_msgs = st.owner_msgs.saturating_sub(own.unwrap_or(0));
                 }
                 candidates.push(path);
             }
@@ -2089,7 +2081,8 @@ impl Shared {
                 .filter_map(|pid| {
                     let st = idx.paths.get(idx.by_pid.get(&pid)?)?;
                     let held = st.count > 0 || st.retained.is_some();
-                    let owners = st.owner_msgs > 0 || st.retained.is_some_and(|r| r.0 == st.owner);
+                    let owners = idx.path_tenant_msgs(pid, st.owner) > 0
+                        || st.retained.is_some_and(|r| r.0 == st.owner);
                     (held && !owners).then_some((pid, st.owner, st.retained.map(|r| r.0)))
                 })
                 .collect()
@@ -2107,14 +2100,12 @@ impl Shared {
             };
             let moved = {
                 let mut idx = lock(&self.idx);
-                let msgs = idx.path_tenant_msgs(pid, heir);
                 let Some(path) = idx.by_pid.get(&pid).cloned() else {
                     continue;
                 };
                 match idx.paths.get_mut(&path) {
                     Some(st) if st.owner == old => {
                         st.owner = heir;
-                        st.owner_msgs = msgs;
                         let u = idx.usage(old);
                         u.paths = u.paths.saturating_sub(1);
                         idx.usage(heir).paths += 1;
@@ -2293,8 +2284,9 @@ impl Store for SqliteStore {
                 .unwrap_or_default();
             let moved = Need {
                 retained: 1,
-                paths: existing.is_some_and(|p| Some(p.owner) != known_tid && p.owner_msgs == 0)
-                    as u64,
+                paths: existing.is_some_and(|p| {
+                    Some(p.owner) != known_tid && idx.path_tenant_msgs(p.pid, p.owner) == 0
+                }) as u64,
                 ..Need::default()
             };
             let after = (mine.plus(&need), idx.total.plus(&need));
@@ -2355,7 +2347,6 @@ impl Store for SqliteStore {
                         pid,
                         kid,
                         owner: tid,
-                        owner_msgs: 0,
                         count: 0,
                         bytes: 0,
                         first_seq: 0,
@@ -2442,9 +2433,6 @@ impl Store for SqliteStore {
             if let Some(st) = idx.paths.get_mut(&path) {
                 if st.count == 0 {
                     st.first_seq = seq;
-                }
-                if st.owner == tid {
-                    st.owner_msgs += 1;
                 }
                 st.count += 1;
                 st.bytes += size;
@@ -3453,13 +3441,25 @@ mod tests {
             let mut v: Vec<(Vec<u8>, i64, u64, u64, u64)> = i
                 .paths
                 .iter()
-                .map(|(k, st)| (k.clone(), st.owner, st.owner_msgs, st.count, st.bytes))
+                .map(|(k, st)| {
+                    let own = i.path_tenant_msgs(st.pid, st.owner);
+                    (k.clone(), st.owner, own, st.count, st.bytes)
+                })
                 .collect();
             v.sort();
             v
         };
         assert_eq!(paths(&idx), paths(&loaded));
         assert_eq!(paths(&idx).len(), 2);
+        // Not only consistent: each path counts against a tenant that still has data there
+        // (the creators' messages were trimmed long ago).
+        for (_, st) in idx.paths.iter() {
+            assert!(
+                idx.path_tenant_msgs(st.pid, st.owner) > 0,
+                "owner {}",
+                st.owner
+            );
+        }
         let counts = |i: &Index| {
             let mut v: Vec<((i64, i64), u64)> =
                 i.path_tenant_msgs.iter().map(|(k, n)| (*k, *n)).collect();
