@@ -617,7 +617,7 @@ pub struct ClientCore {
     /// Missing dictionaries already logged (at most [`WARNED_DICTIONARIES`]).
     warned_dictionaries: Vec<whispeer_protocol::DictId>,
     /// Per durable name: messages a subscription of that durable was handed and went away
-    /// without taking (their dedup digests) — see [`ClientCore::dedup_untaken_by`].
+    /// without taking (their dedup digests) — see [`ClientCore::dedup_untaken`].
     owed: Owed,
 }
 
@@ -626,7 +626,7 @@ pub struct ClientCore {
 /// as a duplicate, as before owed messages existed).
 const MAX_OWED: usize = if cfg!(test) { 64 } else { 65_536 };
 
-/// Messages owed to durables (see [`ClientCore::dedup_untaken_by`]): a name's set goes
+/// Messages owed to durables (see [`ClientCore::dedup_untaken`]): a name's set goes
 /// when it empties, so a client that owes nothing looks nothing up per message.
 #[derive(Debug, Default)]
 struct Owed {
@@ -1517,19 +1517,7 @@ impl ClientCore {
         self.guard.settle(d);
     }
 
-    /// A subscription that held message `d` went away without taking it; once none holds
-    /// it, its dedup entry is forgotten and the relay's redelivery is accepted again.
-    pub fn dedup_untaken(&mut self, d: receive::Digest) {
-        self.guard.release(d);
-    }
-
-    /// [`ClientCore::dedup_untaken`] for a subscription of durable `durable`: the message
-    /// is also owed to that durable. Another subscription of this client may take it (it
-    /// is then a duplicate for good): the relay still holds it for the durable (never
-    /// acked), and the durable's next resume in this process gets it although the dedup
-    /// window has seen it — once. Kept in memory only (a later process with a persisted
-    /// window does not know what it owes), at most [`MAX_OWED`] messages in all.
-    pub fn dedup_untaken_by(&mut self, d: receive::Digest, durable: Option<&str>) {
+    pub fn dedup_untaken(&mut self, d: receive::Digest, durable: Option<&str>) {
         self.guard.release(d);
         if let Some(name) = durable {
             self.owed.owe(name, d);
@@ -2152,7 +2140,7 @@ mod tests {
             core.receive(&at(&e, seq), NOW);
         }
         assert!(core.guard.forgot_upto() > 0, "the window forgot for room");
-        core.dedup_untaken(d);
+        core.dedup_untaken(d, None);
         let mut again = at(&m, 9);
         again.flags = frame::msg_flags::REDELIVERED;
         match core.receive_with(&again, NOW, &room) {

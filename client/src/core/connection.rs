@@ -854,7 +854,7 @@ impl Engine {
     fn drop_sub(&mut self, id: LocalSubId) {
         if let Some(s) = self.subs.remove(&id) {
             for d in s.untaken.into_values() {
-                self.core.dedup_untaken_by(d, s.durable.as_deref());
+                self.core.dedup_untaken(d, s.durable.as_deref());
             }
         }
         self.acks.drop_sub(id);

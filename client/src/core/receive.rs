@@ -827,16 +827,16 @@ impl Guard {
                 }
             }
         }
+        let d = digest(&key);
         let mut released = false;
         if !retained && !c.allow_old && self.forgotten(c.ts_ms) {
             // Retained values are not held to the window's start: the high-water mark
             // already keeps them from moving backwards, and the current value may be old.
-            if !self.was_released(&key) {
+            if !self.released.current.contains_key(&d) {
                 return Err(Refusal::BeforeWindow);
             }
             released = true;
         }
-        let d = digest(&key);
         if self.seen.contains(d) {
             // Retained or not: showing the current value again to a new subscription is
             // the client core's decision (per subscription, once), not the window's.
@@ -924,12 +924,6 @@ impl Guard {
             self.seen.forget(d);
             self.released.insert(d);
         }
-    }
-
-    /// Whether the message of `key` was held and let go by every holder, not accepted
-    /// since (see `released`).
-    fn was_released(&self, key: &DedupKey) -> bool {
-        !self.released.current.is_empty() && self.released.current.contains_key(&digest(key))
     }
 
     fn apply(&mut self, a: &Accepted) {
