@@ -215,6 +215,14 @@ impl Engine {
                 g.restore_retained(k, ts, id);
             }
             g.restore_forgot_upto(s.forgot_upto);
+            // After the window: an owed message is kept only while it remembers it (the
+            // next snapshot leaves out the ones that were not kept).
+            let c = eng.core_mut();
+            for (name, ds) in &s.owed {
+                for d in ds {
+                    c.restore_owed(name, *d);
+                }
+            }
             Saving {
                 journal: Vec::new(),
                 kept: s.outbox,
@@ -562,6 +570,9 @@ impl Engine {
             persist::change(&mut out, &Change::Retained { key, ts_ms, msg_id });
         }
         persist::forgot_upto(&mut out, snap.forgot_upto);
+        for (name, d) in self.eng.core().owed_snapshot() {
+            persist::owed(&mut out, &name, d);
+        }
         Some(Uint8Array::from(&out[..]))
     }
 

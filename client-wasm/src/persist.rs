@@ -22,7 +22,12 @@
 //!   writes, since the window keeps digests, not full keys;
 //! - `7` forgot: the window's `forgot_upto` (u64 BE, Unix ms; `Guard::forgot_upto`) — the
 //!   latest expiry among dedup entries a full window forgot for room; a snapshot writes it
-//!   so a compacted state still refuses what they covered (the largest one read wins).
+//!   so a compacted state still refuses what they covered (the largest one read wins);
+//! - `8` owed: dedup digest (16, little-endian) ‖ durable name (rest, UTF-8) — a message a
+//!   subscription of that durable went away without taking while the window holds it as
+//!   delivered (`ClientCore::dedup_untaken`): its next resume still gets it;
+//! - `9` paid: digest (16) ‖ durable name — that durable took it;
+//! - `10` owed forgotten: durable name — the durable was deleted.
 //!
 //! Read in order, later records win. A last record cut short or failing its check is a
 //! write torn by a crash and is ignored (the driver writes a record before it reports
@@ -46,6 +51,9 @@ const RETAINED: u8 = 4;
 const PINS: u8 = 5;
 const SEEN_DIGEST: u8 = 6;
 const FORGOT: u8 = 7;
+const OWED: u8 = 8;
+const PAID: u8 = 9;
+const OWED_FORGOTTEN: u8 = 10;
 
 /// Largest record body accepted (a `Pub` frame is far smaller).
 const MAX_BODY: usize = 64 << 20;
@@ -84,6 +92,8 @@ pub struct Saved {
     pub pins: Option<Vec<u8>>,
     /// The largest `forgot_upto` saved (0: none).
     pub forgot_upto: u64,
+    /// Messages owed to durables (`8` records not paid or forgotten since), by name.
+    pub owed: BTreeMap<String, std::collections::BTreeSet<Digest>>,
     /// Bytes of a torn last record that were ignored.
     pub torn: usize,
     /// `1` keep records skipped because their frame is not a QoS ≥ 1 `Pub` of their own
@@ -155,6 +165,11 @@ pub fn seen_digest(out: &mut Vec<u8>, d: Digest, expires_ms: u64) {
     );
 }
 
+/// Appends a message owed to durable `durable`.
+pub fn owed(out: &mut Vec<u8>, durable: &str, d: Digest) {
+    record(out, &[&[OWED], &d.to_le_bytes(), durable.as_bytes()]);
+}
+
 /// Appends the window's `forgot_upto` (nothing when 0).
 pub fn forgot_upto(out: &mut Vec<u8>, t: u64) {
     if t > 0 {
@@ -178,6 +193,11 @@ pub fn change(out: &mut Vec<u8>, c: &Change) {
         Change::Retained { key, ts_ms, msg_id } => {
             record(out, &[&[RETAINED], key, &ts_ms.to_be_bytes(), msg_id])
         }
+        Change::Owed { durable, digest } => owed(out, durable, *digest),
+        Change::Paid { durable, digest } => {
+            record(out, &[&[PAID], &digest.to_le_bytes(), durable.as_bytes()])
+        }
+        Change::OwedForgotten { durable } => record(out, &[&[OWED_FORGOTTEN], durable.as_bytes()]),
         // A change kind this format does not know yet: not persisted (the Rust state
         // file would not hold it either).
         _ => {}
@@ -285,7 +305,25 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
             }
             (PINS, _) => s.pins = Some(f.to_vec()),
             (FORGOT, 8) => s.forgot_upto = s.forgot_upto.max(u64_at(f)),
-            (KEEP | ACKED | SEEN | SEEN_DIGEST | RETAINED | FORGOT, _) => {
+            (OWED | PAID, n) if n >= 16 => {
+                let d = Digest::from_le_bytes(arr(f));
+                let name = std::str::from_utf8(&f[16..])
+                    .map_err(|_| corrupt("durable name is not UTF-8"))?;
+                if kind == OWED {
+                    s.owed.entry(name.to_owned()).or_default().insert(d);
+                } else if let Some(o) = s.owed.get_mut(name) {
+                    o.remove(&d);
+                    if o.is_empty() {
+                        s.owed.remove(name);
+                    }
+                }
+            }
+            (OWED_FORGOTTEN, _) => {
+                let name =
+                    std::str::from_utf8(f).map_err(|_| corrupt("durable name is not UTF-8"))?;
+                s.owed.remove(name);
+            }
+            (KEEP | ACKED | SEEN | SEEN_DIGEST | RETAINED | FORGOT | OWED | PAID, _) => {
                 return Err(corrupt("record of the wrong size"))
             }
             _ => return Err(corrupt("unknown record kind (written by a newer version?)")),
@@ -580,5 +618,62 @@ mod tests {
             );
             assert_eq!(s.pins.as_deref(), Some(&b"\x01p"[..]), "{what}");
         }
+    }
+
+    /// Owed, paid and forgotten records replay to what is still owed, by durable name; a
+    /// name that is not UTF-8 is corruption, not a torn write.
+    #[test]
+    fn owed_records_replay_to_what_is_still_owed() {
+        let mut b = MAGIC.to_vec();
+        let owe = |b: &mut Vec<u8>, n: &str, d: Digest| {
+            change(
+                b,
+                &Change::Owed {
+                    durable: n.into(),
+                    digest: d,
+                },
+            )
+        };
+        owe(&mut b, "a", 1);
+        owe(&mut b, "a", 2);
+        owe(&mut b, "b", 3);
+        owe(&mut b, "c", 4);
+        change(
+            &mut b,
+            &Change::Paid {
+                durable: "a".into(),
+                digest: 1,
+            },
+        );
+        change(
+            &mut b,
+            &Change::Paid {
+                durable: "c".into(),
+                digest: 4,
+            },
+        );
+        change(
+            &mut b,
+            &Change::OwedForgotten {
+                durable: "b".into(),
+            },
+        );
+        owed(&mut b, "é", 5);
+        let s = load(&b, 0).unwrap();
+        let got: Vec<(String, Vec<Digest>)> = s
+            .owed
+            .into_iter()
+            .map(|(n, ds)| (n, ds.into_iter().collect()))
+            .collect();
+        assert_eq!(got, vec![("a".into(), vec![2]), ("é".into(), vec![5])]);
+
+        let mut bad = MAGIC.to_vec();
+        record(&mut bad, &[&[OWED], &7u128.to_le_bytes(), &[0xff, 0xfe]]);
+        owe(&mut bad, "a", 1);
+        assert!(matches!(load(&bad, 0), Err(StateError::Corrupt { .. })));
+        let mut short = MAGIC.to_vec();
+        record(&mut short, &[&[PAID], &[1, 2, 3]]);
+        owe(&mut short, "a", 1);
+        assert!(matches!(load(&short, 0), Err(StateError::Corrupt { .. })));
     }
 }

@@ -628,10 +628,34 @@ const MAX_OWED: usize = if cfg!(test) { 64 } else { 65_536 };
 
 /// Messages owed to durables (see [`ClientCore::dedup_untaken`]): a name's set goes
 /// when it empties, so a client that owes nothing looks nothing up per message.
+///
+/// An owed message handed to a resumed subscription of its durable moves to `handed`
+/// until that subscription takes it: it stays owed in the state file meanwhile (a crash
+/// before the take must not lose it), and is journalled as paid only once taken.
 #[derive(Debug, Default)]
 struct Owed {
     by_name: HashMap<String, std::collections::HashSet<receive::Digest>>,
+    handed: HashMap<String, std::collections::HashSet<receive::Digest>>,
+    /// Entries of both maps.
     total: usize,
+    /// Changes to persist ([`receive::Change::Owed`], `Paid`, `OwedForgotten`).
+    journal: Vec<receive::Change>,
+}
+
+/// Takes `d` out of `map[name]`, dropping the name's set once empty; whether it was there.
+fn take_from(
+    map: &mut HashMap<String, std::collections::HashSet<receive::Digest>>,
+    name: &str,
+    d: &receive::Digest,
+) -> bool {
+    let Some(o) = map.get_mut(name) else {
+        return false;
+    };
+    let had = o.remove(d);
+    if o.is_empty() {
+        map.remove(name);
+    }
+    had
 }
 
 impl Owed {
@@ -640,37 +664,78 @@ impl Owed {
     }
 
     fn owe(&mut self, name: &str, d: receive::Digest) {
+        if take_from(&mut self.handed, name, &d) {
+            // Handed and dropped again untaken: owed as before (its record never went).
+            self.by_name.entry(name.to_owned()).or_default().insert(d);
+            return;
+        }
         if self.total >= MAX_OWED {
             return;
         }
         if self.by_name.entry(name.to_owned()).or_default().insert(d) {
             self.total += 1;
+            self.journal.push(receive::Change::Owed {
+                durable: name.to_owned(),
+                digest: d,
+            });
         }
+    }
+
+    /// A saved owed message (not journalled again); whether it is kept.
+    fn restore(&mut self, name: &str, d: receive::Digest) -> bool {
+        if self.total >= MAX_OWED {
+            return false;
+        }
+        let new = self.by_name.entry(name.to_owned()).or_default().insert(d);
+        self.total += usize::from(new);
+        true
     }
 
     fn contains(&self, name: &str, d: &receive::Digest) -> bool {
         self.by_name.get(name).is_some_and(|o| o.contains(d))
     }
 
-    /// Takes `d` out of what `name` is owed; whether it was.
+    /// `d` is handed to a subscription of `name`: taken out of what is looked up, tracked
+    /// until [`Owed::paid`]; whether `name` was owed it.
     fn take(&mut self, name: &str, d: &receive::Digest) -> bool {
-        let Some(o) = self.by_name.get_mut(name) else {
-            return false;
-        };
-        let had = o.remove(d);
+        let had = take_from(&mut self.by_name, name, d);
         if had {
-            self.total -= 1;
-        }
-        if o.is_empty() {
-            self.by_name.remove(name);
+            self.handed.entry(name.to_owned()).or_default().insert(*d);
         }
         had
     }
 
-    fn forget(&mut self, name: &str) {
-        if let Some(o) = self.by_name.remove(name) {
-            self.total -= o.len();
+    /// A subscription of `name` took `d`: if it was an owed message handed to it, it is
+    /// paid (journalled).
+    fn paid(&mut self, name: &str, d: &receive::Digest) {
+        if !self.handed.is_empty() && take_from(&mut self.handed, name, d) {
+            self.total -= 1;
+            self.journal.push(receive::Change::Paid {
+                durable: name.to_owned(),
+                digest: *d,
+            });
         }
+    }
+
+    fn forget(&mut self, name: &str) {
+        let owed = self.by_name.remove(name).map_or(0, |o| o.len());
+        let handed = self.handed.remove(name).map_or(0, |o| o.len());
+        self.total -= owed + handed;
+        self.journal.push(receive::Change::OwedForgotten {
+            durable: name.to_owned(),
+        });
+    }
+
+    /// Everything owed, handed or not, by name.
+    fn snapshot(&self) -> Vec<(String, receive::Digest)> {
+        let mut out: Vec<(String, receive::Digest)> = self
+            .by_name
+            .iter()
+            .chain(&self.handed)
+            .flat_map(|(n, ds)| ds.iter().map(move |d| (n.clone(), *d)))
+            .collect();
+        out.sort_unstable();
+        out
     }
 }
 
@@ -1512,9 +1577,13 @@ impl ClientCore {
         self.guard.hold_by(d, n);
     }
 
-    /// A subscription took held message `d`: delivered for good (persisted).
-    pub fn dedup_taken(&mut self, d: receive::Digest) {
+    /// A subscription (of durable `durable`, if it has one) took held message `d`:
+    /// delivered for good (persisted), and no longer owed to that durable.
+    pub fn dedup_taken(&mut self, d: receive::Digest, durable: Option<&str>) {
         self.guard.settle(d);
+        if let Some(name) = durable {
+            self.owed.paid(name, &d);
+        }
     }
 
     pub fn dedup_untaken(&mut self, d: receive::Digest, durable: Option<&str>) {
@@ -1529,14 +1598,31 @@ impl ClientCore {
         self.owed.forget(name);
     }
 
-    /// Changes to the receiver state to persist (dedup entries, retained high-water marks).
+    /// Loads a saved owed message (call after the dedup window is restored): kept only
+    /// while the window remembers `d` (once it forgot it, the relay's redelivery is taken
+    /// or refused by its date like any other message) and within the bound on owed
+    /// messages. Whether it was kept: a state file drops the ones that were not.
+    pub fn restore_owed(&mut self, durable: &str, d: receive::Digest) -> bool {
+        self.guard.remembers(d) && self.owed.restore(durable, d)
+    }
+
+    /// Every message owed to a durable now, by durable name (for a state snapshot).
+    pub fn owed_snapshot(&self) -> Vec<(String, receive::Digest)> {
+        self.owed.snapshot()
+    }
+
+    /// Changes to the receiver state to persist (dedup entries, retained high-water marks,
+    /// messages owed to durables).
     pub fn take_changes(&mut self) -> Vec<receive::Change> {
-        self.guard.take_changes()
+        let mut c = self.guard.take_changes();
+        c.append(&mut self.owed.journal);
+        c
     }
 
     /// Forgets the receiver state changes since the last call (nothing is persisted).
     pub fn clear_changes(&mut self) {
         self.guard.clear_changes();
+        self.owed.journal.clear();
     }
 }
 
@@ -2251,5 +2337,60 @@ mod tests {
             )
             .is_none());
         assert_eq!(core.stats().rejected, 1);
+    }
+
+    /// What a durable is owed is journalled when owed, stays saved while handed to a
+    /// resumed subscription (a crash before the take must not lose it), and is journalled
+    /// as paid only once taken; a restored owed message counts only while the window
+    /// remembers it.
+    #[test]
+    fn owed_messages_are_saved_until_taken_and_restored_only_while_remembered() {
+        use receive::Change;
+        let mut core = ClientCore::new(Arc::new(RwLock::new(Keyring::new())));
+        let owed = |d| Change::Owed {
+            durable: "d".into(),
+            digest: d,
+        };
+        core.dedup_untaken(7, Some("d"));
+        assert_eq!(core.take_changes(), vec![owed(7)]);
+        // Handed to the resumed durable: still owed in the file.
+        assert!(core.owed.take("d", &7));
+        assert!(core.take_changes().is_empty(), "handed, not yet paid");
+        assert_eq!(core.owed_snapshot(), vec![("d".to_owned(), 7)]);
+        // Dropped again untaken: owed as before, nothing new to write.
+        core.dedup_untaken(7, Some("d"));
+        assert!(core.take_changes().is_empty());
+        assert!(core.owed.contains("d", &7));
+        // Handed again and taken: paid.
+        assert!(core.owed.take("d", &7));
+        core.dedup_taken(7, Some("d"));
+        let paid = Change::Paid {
+            durable: "d".into(),
+            digest: 7,
+        };
+        assert_eq!(core.take_changes(), vec![paid]);
+        assert!(core.owed_snapshot().is_empty());
+        assert_eq!(core.owed.total, 0);
+        // Taken again (another copy): nothing more.
+        core.dedup_taken(7, Some("d"));
+        assert!(core.take_changes().is_empty());
+        // A deletion forgets the name.
+        core.dedup_untaken(8, Some("d"));
+        core.forget_owed("d");
+        let forgotten = Change::OwedForgotten {
+            durable: "d".into(),
+        };
+        assert_eq!(core.take_changes(), vec![owed(8), forgotten]);
+        assert_eq!(core.owed.total, 0);
+        // Restored: only what the window remembers.
+        let now = 1_000_000;
+        core.guard_mut().restore_digest(9, now + 60_000, now);
+        assert!(core.restore_owed("d", 9));
+        assert!(!core.restore_owed("d", 10), "not in the window: not owed");
+        assert_eq!(core.owed_snapshot(), vec![("d".to_owned(), 9)]);
+        assert!(
+            core.take_changes().is_empty(),
+            "restored entries are not written again"
+        );
     }
 }

@@ -130,7 +130,9 @@ impl Store {
              CREATE TABLE IF NOT EXISTS pins (id INTEGER PRIMARY KEY CHECK (id = 1),
                                               bytes BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS seen_window (id INTEGER PRIMARY KEY CHECK (id = 1),
-                                                forgot_upto INTEGER NOT NULL);",
+                                                forgot_upto INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS owed (durable TEXT NOT NULL, digest BLOB NOT NULL,
+                                              PRIMARY KEY (durable, digest));",
         )
         .map_err(err)?;
         let rows: i64 = db
@@ -292,6 +294,34 @@ impl Store {
         }
     }
 
+    /// Loads the messages owed to durables into `core` (after [`Store::restore`]) and
+    /// deletes the rows it did not keep (the window forgot the message, or past the bound
+    /// on owed messages), so they do not come back at every start.
+    pub(crate) fn restore_owed(&self, core: &mut crate::core::ClientCore) {
+        let mut run = || -> rusqlite::Result<()> {
+            let rows: Vec<(String, Vec<u8>)> = {
+                let mut st = self.db.prepare("SELECT durable, digest FROM owed")?;
+                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let tx = self.db.unchecked_transaction()?;
+            for (name, digest) in rows {
+                let kept = <[u8; 16]>::try_from(digest.as_slice())
+                    .is_ok_and(|d| core.restore_owed(&name, u128::from_le_bytes(d)));
+                if !kept {
+                    tx.execute(
+                        "DELETE FROM owed WHERE durable = ?1 AND digest = ?2",
+                        params![name, digest],
+                    )?;
+                }
+            }
+            tx.commit()
+        };
+        if let Err(e) = run() {
+            self.warn("reading the messages owed to durables", e);
+        }
+    }
+
     /// Writes receiver state changes in one transaction; now and then deletes expired
     /// dedup entries, and high-water marks dated before `marks_before_ms` (the horizon and
     /// skew before now: the receiver refuses messages that old anyway, see
@@ -331,6 +361,21 @@ impl Store {
                             "INSERT OR REPLACE INTO retained (key, ts, msg_id) VALUES (?1, ?2, ?3)",
                             params![&key[..], *ts_ms as i64, &msg_id[..]],
                         )?;
+                    }
+                    Change::Owed { durable, digest } => {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO owed (durable, digest) VALUES (?1, ?2)",
+                            params![durable, &digest.to_le_bytes()[..]],
+                        )?;
+                    }
+                    Change::Paid { durable, digest } => {
+                        tx.execute(
+                            "DELETE FROM owed WHERE durable = ?1 AND digest = ?2",
+                            params![durable, &digest.to_le_bytes()[..]],
+                        )?;
+                    }
+                    Change::OwedForgotten { durable } => {
+                        tx.execute("DELETE FROM owed WHERE durable = ?1", params![durable])?;
                     }
                 }
             }

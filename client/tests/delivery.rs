@@ -484,6 +484,17 @@ async fn publish_and_take_one(
     let t = tree(name);
     let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
     let c = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let sub = durable_take_one(&p, &c, name, n).await;
+    (p, c, sub)
+}
+
+/// Subscribes durable `name` on `c`, publishes `n` messages from `p` and takes the first.
+async fn durable_take_one(
+    p: &Client,
+    c: &Client,
+    name: &'static str,
+    n: u32,
+) -> whispeer::Subscription<u32> {
     let mut sub = c
         .subscribe_with_options::<u32>("job/#", held_opts(name))
         .await
@@ -494,7 +505,7 @@ async fn publish_and_take_one(
             .unwrap();
     }
     assert_eq!(within("taken", sub.next()).await.unwrap().unwrap().value, 0);
-    (p, c, sub)
+    sub
 }
 
 /// Drops `sub` untaken, resubscribes its durable on the same client and expects the
@@ -511,6 +522,28 @@ async fn drop_and_resume(c: &Client, sub: whispeer::Subscription<u32>, name: &'s
         (1..n).collect::<Vec<_>>(),
         "the untaken messages come back"
     );
+}
+
+/// Resumes durable `name` on `c` and waits until `n` messages were handed to it (none
+/// taken).
+async fn resume_until_handed(
+    c: &Client,
+    name: &'static str,
+    n: u64,
+) -> whispeer::Subscription<u32> {
+    let before = c.stats().core.delivered;
+    let sub = c
+        .subscribe_with_options::<u32>("job/#", held_opts(name))
+        .await
+        .unwrap();
+    let mut stats = c.stats_changes();
+    within(
+        "handed to the resumed durable",
+        stats.wait_for(|s| s.core.delivered >= before + n),
+    )
+    .await
+    .unwrap();
+    sub
 }
 
 /// A subscription on `c` asking for the history from sequence 1, which takes its own
@@ -626,6 +659,67 @@ async fn a_durable_resumed_gets_what_it_dropped_even_if_another_subscription_too
     relay.stop().await;
 }
 
+/// What a durable is owed survives a restart with persistence: a durable subscription
+/// goes away without taking messages another subscription of the same client took (the
+/// saved dedup window holds them as delivered), the process ends, and the next run with
+/// the same state file resumes the durable — it gets them, instead of duplicates acked as
+/// placeholders (the relay kept them for the durable: they were never acked).
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_durable_is_owed_survives_a_restart_with_persistence() {
+    let relay = TestRelay::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("client-state.db");
+    let t = tree("owed-restart");
+    let id = identity();
+    let connect = || {
+        Client::builder()
+            .with(Tcp::new(relay.tcp_url()))
+            .with(Encryption::with_keyring(keyring_with(&t)))
+            .with(id.clone())
+            .with(whispeer::Persistence::sqlite(&state))
+            .connect()
+    };
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let c = connect().await.unwrap();
+    let sub = durable_take_one(&p, &c, "owed-restart", 3).await;
+    c.flush().await.unwrap();
+    let history = take_history(&c).await;
+    drop(sub);
+    c.flush().await.unwrap();
+    drop(history);
+    c.close().await;
+
+    // Second run: handed to the resumed durable but not taken before the process ends —
+    // still owed (paid only once taken).
+    let c = connect().await.unwrap();
+    let sub = resume_until_handed(&c, "owed-restart", 2).await;
+    c.close().await;
+    drop(sub);
+
+    let c = connect().await.unwrap();
+    let mut sub = c
+        .subscribe_with_options::<u32>("job/#", held_opts("owed-restart"))
+        .await
+        .unwrap();
+    assert_eq!(
+        values(&mut sub, 2, "resumed after the restarts").await,
+        vec![1, 2],
+        "what the durable was owed comes back after the restart"
+    );
+    // Taken: paid, so a later run owes nothing (and the file says so).
+    drop(sub);
+    c.flush().await.unwrap();
+    c.close().await;
+    let db = rusqlite::Connection::open(&state).unwrap();
+    let rows: i64 = db
+        .query_row("SELECT count(*) FROM owed", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0, "taken owed messages are no longer saved as owed");
+    p.close().await;
+    relay.stop().await;
+}
+
 /// Review finding: an owed message handed to the resumed durable and dropped again
 /// before the app took it is owed again — the resume after that still gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -637,18 +731,7 @@ async fn an_owed_message_dropped_again_untaken_is_owed_again() {
     drop(sub);
     c.flush().await.unwrap();
     // Resumed: 1 and 2 are handed to it (owed), and it goes away without taking them.
-    let before = c.stats().core.delivered;
-    let again = c
-        .subscribe_with_options::<u32>("job/#", held_opts("owed-twice"))
-        .await
-        .unwrap();
-    let mut stats = c.stats_changes();
-    within(
-        "handed to the resumed durable",
-        stats.wait_for(|s| s.core.delivered >= before + 2),
-    )
-    .await
-    .unwrap();
+    let again = resume_until_handed(&c, "owed-twice", 2).await;
     drop_and_resume(&c, again, "owed-twice", 3).await;
     p.close().await;
     c.close().await;

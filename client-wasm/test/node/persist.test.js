@@ -441,6 +441,39 @@ test('the pinned tree admin survives a restart: a key for the same tree from ano
   await fresh.close();
 });
 
+test('what a durable is owed survives a restart: messages another subscription took while it went away untaken come to its resume in the next run', { timeout: 30_000 }, async () => {
+  const file = join(dir, 'owed.wsp');
+  const tree = TreeKey.generate('owed');
+  const me = Identity.generate();
+  const pub = await Client.connect(relay.url, { keys: tree });
+  clients.push(pub);
+  const run = () => Client.connect(relay.url, { keys: tree, identity: me, persistence: file });
+  let a = await run();
+  const durable = (await a.subscribe('d/#', { qos: 1, durable: 'owed' }))[Symbol.asyncIterator]();
+  for (let i = 0; i < 3; i++) await pub.publish('d/x', i, { qos: 1 });
+  assert.equal((await durable.next()).value.value, 0);
+  await a.flush(); // 1 and 2 are queued in the durable's iterator, untaken
+  const history = await a.subscribe('d/x', { qos: 1, replay: { fromSeq: 1 } });
+  const seen = [];
+  for await (const m of history) {
+    seen.push(m.value);
+    if (seen.length === 3) break;
+  }
+  assert.deepEqual(seen, [0, 1, 2], 'another subscription took them: the saved window holds them');
+  await durable.return(); // the durable goes away without taking 1 and 2: owed to it
+  await a.flush();
+  await a.close();
+
+  a = await run();
+  const got = [];
+  for await (const m of await a.subscribe('d/#', { qos: 1, durable: 'owed' })) {
+    got.push(m.value);
+    if (got.length === 2) break;
+  }
+  assert.deepEqual(got, [1, 2], 'what the durable was owed is delivered after the restart, not dropped as duplicates');
+  await a.close();
+});
+
 test('the log is compacted once it has grown (atomic rename), and the compacted state is still right', async () => {
   const file = join(dir, 'compact.wsp');
   const tree = TreeKey.generate('compact');

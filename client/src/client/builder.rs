@@ -119,6 +119,7 @@ impl ClientBuilder {
         #[cfg(feature = "persistence")]
         if let Some(st) = &saved {
             st.restore(eng.core_mut().guard_mut(), now_ms());
+            st.restore_owed(eng.core_mut());
         }
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (state_tx, state_rx) = watch::channel(ConnectionState::Reconnecting(0));

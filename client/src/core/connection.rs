@@ -867,7 +867,7 @@ impl Engine {
         if let Some(s) = self.subs.get_mut(&token.sub) {
             s.outstanding = s.outstanding.saturating_sub(1);
             if let Some(d) = token.slot.and_then(|slot| s.untaken.remove(&slot)) {
-                self.core.dedup_taken(d);
+                self.core.dedup_taken(d, s.durable.as_deref());
             }
         }
         if let Some(slot) = token.slot {

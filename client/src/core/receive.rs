@@ -188,6 +188,26 @@ pub enum Change {
         /// Its message id.
         msg_id: [u8; 16],
     },
+    /// Durable `durable` is owed message `digest` (a subscription of it went away without
+    /// taking it while the window holds it as delivered; see `ClientCore::dedup_untaken`).
+    Owed {
+        /// The durable's name.
+        durable: String,
+        /// The message's dedup digest.
+        digest: Digest,
+    },
+    /// Durable `durable` took owed message `digest`: no longer owed.
+    Paid {
+        /// The durable's name.
+        durable: String,
+        /// The message's dedup digest.
+        digest: Digest,
+    },
+    /// Durable `durable` was deleted: it is owed nothing.
+    OwedForgotten {
+        /// The durable's name.
+        durable: String,
+    },
 }
 
 /// What the checks need to know about one opened message.
@@ -904,6 +924,13 @@ impl Guard {
         self.held.contains_key(&d)
     }
 
+    /// Whether the window holds message `d` as delivered or held (a restored owed message
+    /// counts only while it does: once forgotten, its redelivery is accepted or refused by
+    /// its date like any other).
+    pub fn remembers(&self, d: Digest) -> bool {
+        self.seen.contains(d)
+    }
+
     /// A subscription took held message `d`: it is delivered for good (journalled).
     pub fn settle(&mut self, d: Digest) {
         if let Some((a, _)) = self.held.remove(&d) {
@@ -1206,6 +1233,7 @@ mod tests {
             match c {
                 Change::Seen { key, expires_ms } => h.restore_seen(key, expires_ms, NOW),
                 Change::Retained { key, ts_ms, msg_id } => h.restore_retained(key, ts_ms, msg_id),
+                other => panic!("the guard journals no {other:?}"),
             }
         }
         assert_eq!(
@@ -1382,6 +1410,7 @@ mod tests {
             match c {
                 Change::Seen { key, expires_ms } => h.restore_seen(key, expires_ms, NOW),
                 Change::Retained { key, ts_ms, msg_id } => h.restore_retained(key, ts_ms, msg_id),
+                other => panic!("the guard journals no {other:?}"),
             }
         }
         assert_eq!(
