@@ -705,6 +705,33 @@ impl Owed {
         had
     }
 
+    /// `d` is owed to `name` and handed to a subscription of it already (it holds `d`
+    /// untaken while another subscription took it): saved as owed, tracked as handed.
+    fn owe_handed(&mut self, name: &str, d: receive::Digest) {
+        if self.total >= MAX_OWED || self.contains(name, &d) {
+            return;
+        }
+        if self.handed.entry(name.to_owned()).or_default().insert(d) {
+            self.total += 1;
+            self.journal.push(receive::Change::Owed {
+                durable: name.to_owned(),
+                digest: d,
+            });
+        }
+    }
+
+    /// `name` got `d` in a way nothing tracks (with an at-most-once subscription, or as a
+    /// placeholder): no longer owed (journalled if it was).
+    fn pay(&mut self, name: &str, d: &receive::Digest) {
+        if take_from(&mut self.by_name, name, d) || take_from(&mut self.handed, name, d) {
+            self.total -= 1;
+            self.journal.push(receive::Change::Paid {
+                durable: name.to_owned(),
+                digest: *d,
+            });
+        }
+    }
+
     /// A subscription of `name` took `d`: if it was an owed message handed to it, it is
     /// paid (journalled).
     fn paid(&mut self, name: &str, d: &receive::Digest) {
@@ -1439,19 +1466,8 @@ impl ClientCore {
         }
         let (targets, lagged): (Vec<LocalSubId>, Vec<LocalSubId>) =
             eligible.into_iter().partition(|id| room(*id));
-        // Handed to a durable it was owed to (as a duplicate, or accepted again after every
-        // holder let it go): no longer owed — a duplicate one is tracked as untaken instead
-        // (`held` below), so the durable going away without taking it owes it again.
-        // Nothing to look up while nothing is owed.
+        // Its digest, for what durables are owed.
         let delivered = dup_digest.or(accepted.map(|a| a.digest()));
-        let mut owed_handed = false;
-        if let Some(d) = delivered.filter(|_| !self.owed.is_empty()) {
-            for id in &targets {
-                if let Some(n) = &self.subs[id].opts.durable {
-                    owed_handed |= self.owed.take(n, &d);
-                }
-            }
-        }
         if targets.is_empty() && lagged.is_empty() {
             if let Some(a) = accepted {
                 self.guard.commit(a);
@@ -1478,6 +1494,8 @@ impl ClientCore {
                 if let (Some(a), None) = (accepted, e.missing_dictionary()) {
                     self.guard.remember(a);
                 }
+                // A durable it was owed to gets the placeholder in its place: paid.
+                self.hand_owed(delivered, &targets, false);
                 self.not_opened(&e);
                 return Delivery::Placeholder;
             }
@@ -1490,6 +1508,11 @@ impl ClientCore {
         let acking = msg.seq > 0
             && targets.iter().any(|id| self.subs[id].opts.acking())
             && targets.iter().all(|id| self.subs[id].opts.acking());
+        // Handed to a durable it was owed to (as a duplicate, or accepted again after every
+        // holder let it go): tracked until that durable takes it (`held` below), so the
+        // durable going away without taking it owes it again — or paid at once when it
+        // counts as delivered at once (an at-most-once target).
+        let owed_handed = self.hand_owed(delivered, &targets, acking);
         let held = match accepted {
             Some(a) if acking => {
                 let d = a.digest();
@@ -1591,6 +1614,38 @@ impl ClientCore {
         if let Some(name) = durable {
             self.owed.owe(name, d);
         }
+    }
+
+    /// Message `d` (if any) is handed to `targets`: for each durable among them it was
+    /// owed to, tracked as handed until that durable's subscription takes it (`tracked`),
+    /// or else paid now. Whether any was. Nothing is looked up while nothing is owed.
+    fn hand_owed(
+        &mut self,
+        d: Option<receive::Digest>,
+        targets: &[LocalSubId],
+        tracked: bool,
+    ) -> bool {
+        let mut handed = false;
+        if let Some(d) = d.filter(|_| !self.owed.is_empty()) {
+            for id in targets {
+                if let Some(n) = &self.subs[id].opts.durable {
+                    if tracked {
+                        handed |= self.owed.take(n, &d);
+                    } else {
+                        self.owed.pay(n, &d);
+                    }
+                }
+            }
+        }
+        handed
+    }
+
+    /// A subscription took held message `d` while a subscription of durable `durable`
+    /// still holds it untaken: the window now holds it as delivered (saved), so it is owed
+    /// to that durable — saved too, so a crash before the durable takes it does not lose
+    /// it (its redelivery would be a duplicate) — and tracked as handed to it.
+    pub fn dedup_co_held(&mut self, d: receive::Digest, durable: &str) {
+        self.owed.owe_handed(durable, d);
     }
 
     /// Durable `name` is deleted: it is owed nothing any more.
@@ -2196,6 +2251,46 @@ mod tests {
             }
             _ => panic!("not delivered"),
         }
+    }
+
+    /// Review finding: an owed message the durable is handed only as a placeholder (its
+    /// payload is over the cap) is paid then — not left handed for good, counted against
+    /// the bound and saved at every start.
+    #[test]
+    fn an_owed_message_handed_as_a_placeholder_is_paid() {
+        let (kr, mut rng) = one_tree(25);
+        let cfg = receive::ReceiveConfig {
+            max_payload: 8,
+            ..receive::ReceiveConfig::default()
+        };
+        let mut core = ClientCore::with_config(kr.clone(), cfg);
+        core.enter_seq_space(SeqSpace::Named([1; 16]));
+        let opts = SubscribeOptions::new().qos(Qos::AtLeastOnce).durable("d");
+        core.subscribe_with_options(1, TopicFilter::new("a/#").unwrap(), opts, NOW)
+            .unwrap();
+        let room = |_: LocalSubId| true;
+        let m = sealed(&kr, &mut rng, "a/x", &[7; 64]);
+        assert!(matches!(
+            core.receive_with(&at(&m, 9), NOW, &room),
+            Delivery::Placeholder
+        ));
+        let d = core.guard.snapshot(NOW).seen[0].0;
+        core.owed.owe("d", d);
+        core.take_changes();
+        let mut again = at(&m, 9);
+        again.flags = frame::msg_flags::REPLAYED;
+        assert!(matches!(
+            core.receive_with(&again, NOW, &room),
+            Delivery::Placeholder
+        ));
+        assert!(core.owed_snapshot().is_empty(), "paid, not handed for good");
+        assert_eq!(
+            core.take_changes(),
+            vec![receive::Change::Paid {
+                durable: "d".into(),
+                digest: d
+            }]
+        );
     }
 
     /// Review finding: a message held for an at-least-once subscription, forgotten by a

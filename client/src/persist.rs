@@ -217,8 +217,9 @@ impl Store {
         }
     }
 
-    /// Loads the dedup window and the retained high-water marks into the receiver state.
-    pub(crate) fn restore(&self, guard: &mut Guard, now_ms: u64) {
+    /// Loads the dedup window and the retained high-water marks into the receiver state;
+    /// whether they loaded.
+    pub(crate) fn restore(&self, guard: &mut Guard, now_ms: u64) -> bool {
         let mut load = || -> rusqlite::Result<()> {
             let mut st = self
                 .db
@@ -289,31 +290,52 @@ impl Store {
             )?;
             Ok(())
         };
-        if let Err(e) = load() {
-            self.warn("reading the dedup window", e);
+        match load() {
+            Ok(()) => true,
+            Err(e) => {
+                self.warn("reading the dedup window", e);
+                false
+            }
         }
     }
 
-    /// Loads the messages owed to durables into `core` (after [`Store::restore`]) and
-    /// deletes the rows it did not keep (the window forgot the message, or past the bound
-    /// on owed messages), so they do not come back at every start.
+    /// Loads the messages owed to durables into `core` (after [`Store::restore`], and only
+    /// if the window loaded: an owed message is kept only while the window remembers it).
+    /// Rows it did not keep — the window forgot the message, past the bound on owed
+    /// messages, or not a (text, 16-byte blob) row at all — are deleted, so they do not
+    /// come back at every start; one bad row costs only itself.
     pub(crate) fn restore_owed(&self, core: &mut crate::core::ClientCore) {
         let mut run = || -> rusqlite::Result<()> {
-            let rows: Vec<(String, Vec<u8>)> = {
+            let mut kept: Vec<(String, [u8; 16])> = Vec::new();
+            let mut rows = 0u64;
+            {
                 let mut st = self.db.prepare("SELECT durable, digest FROM owed")?;
-                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
-            let tx = self.db.unchecked_transaction()?;
-            for (name, digest) in rows {
-                let kept = <[u8; 16]>::try_from(digest.as_slice())
-                    .is_ok_and(|d| core.restore_owed(&name, u128::from_le_bytes(d)));
-                if !kept {
-                    tx.execute(
-                        "DELETE FROM owed WHERE durable = ?1 AND digest = ?2",
-                        params![name, digest],
-                    )?;
+                let mut q = st.query([])?;
+                while let Some(r) = q.next()? {
+                    rows += 1;
+                    let name = r.get_ref(0)?.as_str().ok().map(str::to_owned);
+                    let digest = r
+                        .get_ref(1)?
+                        .as_blob()
+                        .ok()
+                        .and_then(|b| <[u8; 16]>::try_from(b).ok());
+                    if let (Some(name), Some(d)) = (name, digest) {
+                        if core.restore_owed(&name, u128::from_le_bytes(d)) {
+                            kept.push((name, d));
+                        }
+                    }
                 }
+            }
+            if kept.len() as u64 == rows {
+                return Ok(());
+            }
+            let tx = self.db.unchecked_transaction()?;
+            tx.execute("DELETE FROM owed", [])?;
+            for (name, d) in &kept {
+                tx.execute(
+                    "INSERT OR IGNORE INTO owed (durable, digest) VALUES (?1, ?2)",
+                    params![name, &d[..]],
+                )?;
             }
             tx.commit()
         };
@@ -530,5 +552,64 @@ mod tests {
             live.forgot_upto(),
             "the restored window starts where the running one did"
         );
+    }
+
+    /// Owed rows come back only for messages the restored window remembers; rows that are
+    /// not (text, 16-byte blob) are dropped alone, never taking the good ones with them,
+    /// and everything not kept is deleted from the file.
+    #[test]
+    fn owed_rows_restore_only_what_the_window_remembers_and_bad_rows_go_alone() {
+        use crate::core::receive::digest;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.db");
+        let kept_key = (TreeId([1; 16]), [2; 32], [3; 16]);
+        let kept = digest(&kept_key);
+        let forgotten = digest(&(TreeId([1; 16]), [2; 32], [4; 16]));
+        {
+            let s = Store::open(&p).unwrap();
+            s.record(
+                &[
+                    Change::Seen {
+                        key: kept_key,
+                        expires_ms: 1_000_000,
+                    },
+                    Change::Owed {
+                        durable: "d".into(),
+                        digest: kept,
+                    },
+                    Change::Owed {
+                        durable: "d".into(),
+                        digest: forgotten,
+                    },
+                    Change::Owed {
+                        durable: "gone".into(),
+                        digest: kept,
+                    },
+                    Change::OwedForgotten {
+                        durable: "gone".into(),
+                    },
+                ],
+                5,
+                0,
+                usize::MAX,
+            );
+            s.db.execute_batch(
+                "INSERT INTO owed VALUES (x'ff', x'00112233445566778899aabbccddeeff');
+                 INSERT INTO owed VALUES ('d', 'not a blob');
+                 INSERT INTO owed VALUES ('d', x'0011');",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&p).unwrap();
+        let mut core = crate::core::ClientCore::new(std::sync::Arc::new(std::sync::RwLock::new(
+            whispeer_protocol::Keyring::new(),
+        )));
+        assert!(s.restore(core.guard_mut(), 100));
+        s.restore_owed(&mut core);
+        assert_eq!(core.owed_snapshot(), vec![("d".to_owned(), kept)]);
+        let rows: i64 =
+            s.db.query_row("SELECT count(*) FROM owed", [], |r| r.get(0))
+                .unwrap();
+        assert_eq!(rows, 1, "what was not kept is deleted from the file");
     }
 }

@@ -659,6 +659,41 @@ async fn a_durable_resumed_gets_what_it_dropped_even_if_another_subscription_too
     relay.stop().await;
 }
 
+/// One client identity and state file, connected again for each run of a "process".
+#[cfg(feature = "persistence")]
+struct PersistedRun {
+    url: String,
+    tree: whispeer::TreeKey,
+    id: whispeer::Identity,
+    state: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+#[cfg(feature = "persistence")]
+impl PersistedRun {
+    fn new(relay: &TestRelay, name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        PersistedRun {
+            url: relay.tcp_url(),
+            tree: tree(name),
+            id: identity(),
+            state: dir.path().join("client-state.db"),
+            _dir: dir,
+        }
+    }
+
+    async fn connect(&self) -> Client {
+        Client::builder()
+            .with(Tcp::new(&self.url))
+            .with(Encryption::with_keyring(keyring_with(&self.tree)))
+            .with(self.id.clone())
+            .with(whispeer::Persistence::sqlite(&self.state))
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
 /// What a durable is owed survives a restart with persistence: a durable subscription
 /// goes away without taking messages another subscription of the same client took (the
 /// saved dedup window holds them as delivered), the process ends, and the next run with
@@ -668,20 +703,9 @@ async fn a_durable_resumed_gets_what_it_dropped_even_if_another_subscription_too
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_durable_is_owed_survives_a_restart_with_persistence() {
     let relay = TestRelay::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("client-state.db");
-    let t = tree("owed-restart");
-    let id = identity();
-    let connect = || {
-        Client::builder()
-            .with(Tcp::new(relay.tcp_url()))
-            .with(Encryption::with_keyring(keyring_with(&t)))
-            .with(id.clone())
-            .with(whispeer::Persistence::sqlite(&state))
-            .connect()
-    };
-    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
-    let c = connect().await.unwrap();
+    let run = PersistedRun::new(&relay, "owed-restart");
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&run.tree), identity()).await;
+    let c = run.connect().await;
     let sub = durable_take_one(&p, &c, "owed-restart", 3).await;
     c.flush().await.unwrap();
     let history = take_history(&c).await;
@@ -692,12 +716,12 @@ async fn what_a_durable_is_owed_survives_a_restart_with_persistence() {
 
     // Second run: handed to the resumed durable but not taken before the process ends —
     // still owed (paid only once taken).
-    let c = connect().await.unwrap();
+    let c = run.connect().await;
     let sub = resume_until_handed(&c, "owed-restart", 2).await;
     c.close().await;
     drop(sub);
 
-    let c = connect().await.unwrap();
+    let c = run.connect().await;
     let mut sub = c
         .subscribe_with_options::<u32>("job/#", held_opts("owed-restart"))
         .await
@@ -711,11 +735,62 @@ async fn what_a_durable_is_owed_survives_a_restart_with_persistence() {
     drop(sub);
     c.flush().await.unwrap();
     c.close().await;
-    let db = rusqlite::Connection::open(&state).unwrap();
+    let db = rusqlite::Connection::open(&run.state).unwrap();
     let rows: i64 = db
         .query_row("SELECT count(*) FROM owed", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rows, 0, "taken owed messages are no longer saved as owed");
+    p.close().await;
+    relay.stop().await;
+}
+
+/// A message handed to a durable subscription and to a plain one of the same client: the
+/// plain one takes it (the saved window holds it as delivered) while the durable still
+/// holds it untaken when the process ends (`close()` with the durable open, as a crash
+/// would). It is owed to the durable from the moment the other took it, saved, so the
+/// next run's resume gets it instead of a duplicate acked as a placeholder.
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_a_durable_held_untaken_at_a_restart_comes_back_though_another_subscription_took_it(
+) {
+    let relay = TestRelay::start().await;
+    let run = PersistedRun::new(&relay, "co-held");
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&run.tree), identity()).await;
+    let c = run.connect().await;
+    let durable = durable_take_one(&p, &c, "co-held", 1).await;
+    drop(durable);
+    c.flush().await.unwrap();
+    // Resumed empty, and a plain at-least-once subscription beside it: one `Msg` for both.
+    let durable = c
+        .subscribe_with_options::<u32>("job/#", held_opts("co-held"))
+        .await
+        .unwrap();
+    let mut plain = c
+        .subscribe_with_options::<u32>("job/x", SubscribeOptions::new().qos(Qos::AtLeastOnce))
+        .await
+        .unwrap();
+    p.publish_with("job/x", &7u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    assert_eq!(
+        within("plain", plain.next()).await.unwrap().unwrap().value,
+        7
+    );
+    c.flush().await.unwrap();
+    c.close().await;
+    drop((durable, plain));
+
+    let c = run.connect().await;
+    let mut durable = c
+        .subscribe_with_options::<u32>("job/#", held_opts("co-held"))
+        .await
+        .unwrap();
+    assert_eq!(
+        values(&mut durable, 1, "resumed after the restart").await,
+        vec![7],
+        "what the durable held untaken comes back after the restart"
+    );
+    c.close().await;
     p.close().await;
     relay.stop().await;
 }

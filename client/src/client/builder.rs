@@ -118,8 +118,9 @@ impl ClientBuilder {
         let mut eng = ConnEngine::new(cfg, keyring.clone(), seed, Now::new(0, now_ms()));
         #[cfg(feature = "persistence")]
         if let Some(st) = &saved {
-            st.restore(eng.core_mut().guard_mut(), now_ms());
-            st.restore_owed(eng.core_mut());
+            if st.restore(eng.core_mut().guard_mut(), now_ms()) {
+                st.restore_owed(eng.core_mut());
+            }
         }
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (state_tx, state_rx) = watch::channel(ConnectionState::Reconnecting(0));

@@ -181,11 +181,18 @@ pub struct Engine {
     /// Durable deletions sent and not yet answered, by the flush that follows them: the
     /// relay subscription ids deleted and the first `Err` the relay sent for one of them.
     deletes: BTreeMap<FlushId, PendingDelete>,
+    /// Held messages handed to more than one subscription, at least one durable: by slot,
+    /// the durable subscriptions among them. When one holder takes it, the window holds it
+    /// as delivered, and each durable one still holding it is owed it
+    /// ([`ClientCore::dedup_co_held`]): saved, so a crash before that durable takes it
+    /// does not lose it. Gone at the first take, or once no durable holds it.
+    co_held: HashMap<SlotId, Vec<LocalSubId>>,
 }
 
-/// A durable deletion waiting for its flush: the relay subscription ids deleted and the
-/// first refusal the relay sent for one of them.
-type PendingDelete = (Vec<u64>, Option<(ErrorCode, String)>);
+/// A durable deletion waiting for its flush: the relay subscription ids deleted, the
+/// first refusal the relay sent for one of them, and the durable's name (what it is owed
+/// is forgotten only once the relay confirmed the deletion).
+type PendingDelete = (Vec<u64>, Option<(ErrorCode, String)>, Option<String>);
 
 impl Engine {
     /// An engine over a shared keyring; it asks for its first socket at once.
@@ -233,6 +240,7 @@ impl Engine {
             parked: Parking::default(),
             relay_features: 0,
             deletes: BTreeMap::new(),
+            co_held: HashMap::new(),
         };
         e.dial(now.mono_ms);
         e.sync_unacked();
@@ -841,11 +849,8 @@ impl Engine {
         }
         let name = self.subs.get(&id).and_then(|s| s.durable.clone());
         self.drop_sub(id);
-        if let Some(n) = name {
-            self.core.forget_owed(&n);
-        }
         let fid = self.flush(now);
-        self.deletes.insert(fid, (rids, None));
+        self.deletes.insert(fid, (rids, None, name));
         Ok(fid)
     }
 
@@ -853,8 +858,15 @@ impl Engine {
     /// messages are released (the relay's redelivery of them is accepted again).
     fn drop_sub(&mut self, id: LocalSubId) {
         if let Some(s) = self.subs.remove(&id) {
-            for d in s.untaken.into_values() {
+            for (slot, d) in s.untaken {
                 self.core.dedup_untaken(d, s.durable.as_deref());
+                if let Some(holders) = self.co_held.get_mut(&slot) {
+                    let subs = &self.subs;
+                    holders.retain(|h| subs.get(h).is_some_and(|t| t.untaken.contains_key(&slot)));
+                    if holders.is_empty() {
+                        self.co_held.remove(&slot);
+                    }
+                }
             }
         }
         self.acks.drop_sub(id);
@@ -864,10 +876,24 @@ impl Engine {
     /// The app took a delivered message or placeholder.
     pub fn ack(&mut self, token: AckToken, now: Now) {
         self.clamp(now);
+        let mut taken = None;
         if let Some(s) = self.subs.get_mut(&token.sub) {
             s.outstanding = s.outstanding.saturating_sub(1);
-            if let Some(d) = token.slot.and_then(|slot| s.untaken.remove(&slot)) {
-                self.core.dedup_taken(d, s.durable.as_deref());
+            if let Some(slot) = token.slot {
+                if let Some(d) = s.untaken.remove(&slot) {
+                    self.core.dedup_taken(d, s.durable.as_deref());
+                    taken = Some((slot, d));
+                }
+            }
+        }
+        // Taken here while durable subscriptions still hold it: owed to them.
+        if let Some((slot, d)) = taken.filter(|_| !self.co_held.is_empty()) {
+            for h in self.co_held.remove(&slot).unwrap_or_default() {
+                if let Some(t) = self.subs.get(&h).filter(|t| t.untaken.contains_key(&slot)) {
+                    if let Some(n) = &t.durable {
+                        self.core.dedup_co_held(d, n);
+                    }
+                }
             }
         }
         if let Some(slot) = token.slot {
@@ -1126,7 +1152,14 @@ impl Engine {
             }
             Frame::Pong(p) if self.flushes.remove(&p.nonce) => {
                 match self.deletes.remove(&p.nonce) {
-                    Some((_, error)) => self.emit(Event::DurableDeleted { id: p.nonce, error }),
+                    Some((_, error, name)) => {
+                        // Deleted: it is owed nothing any more (refused, or never answered,
+                        // it still exists and its next resume gets what it is owed).
+                        if let (None, Some(n)) = (&error, name) {
+                            self.core.forget_owed(&n);
+                        }
+                        self.emit(Event::DurableDeleted { id: p.nonce, error })
+                    }
                     None => self.emit(Event::Flushed { id: p.nonce }),
                 }
             }
@@ -1181,7 +1214,7 @@ impl Engine {
         let mut sub = None;
         if let Some(rid) = e.sub_id {
             // The answer to a durable deletion: kept for its flush.
-            if let Some((_, err)) = self.deletes.values_mut().find(|(r, _)| r.contains(&rid)) {
+            if let Some((_, err, _)) = self.deletes.values_mut().find(|(r, ..)| r.contains(&rid)) {
                 if err.is_none() {
                     *err = Some((e.code, e.message.clone()));
                 }
@@ -1377,6 +1410,7 @@ impl Engine {
         let slot =
             (!slot_subs.is_empty()).then(|| self.acks.deliver(m.seq, &routed, slot_subs.clone()));
         let mut holders = 0;
+        let mut durable_holders = Vec::new();
         for &sub in &targets {
             let slot = if slot_subs.contains(&sub) { slot } else { None };
             if let Some(s) = self.subs.get_mut(&sub) {
@@ -1384,6 +1418,9 @@ impl Engine {
                 if let (Some(d), Some(slot)) = (held, slot) {
                     s.untaken.insert(slot, d);
                     holders += 1;
+                    if s.durable.is_some() {
+                        durable_holders.push(sub);
+                    }
                 }
             }
             let msg = msg.clone().expect("targets come with a message");
@@ -1399,6 +1436,11 @@ impl Engine {
         }
         if let Some(d) = held {
             self.core.dedup_hold(d, holders);
+            if holders > 1 && !durable_holders.is_empty() {
+                if let Some(slot) = slot {
+                    self.co_held.insert(slot, durable_holders);
+                }
+            }
         }
         self.queue_acks();
     }
