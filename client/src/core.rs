@@ -353,6 +353,10 @@ pub enum Delivery {
         /// ([`ClientCore::dedup_hold`]), then per holder [`ClientCore::dedup_taken`] or
         /// [`ClientCore::dedup_untaken`].
         held: Option<receive::Digest>,
+        /// Its dedup digest, held or not: a durable subscription's copy of a message that
+        /// counts as delivered at once (`held` is `None`) is owed to it until it takes it
+        /// ([`ClientCore::dedup_co_held`], [`ClientCore::dedup_owe`]).
+        digest: Option<receive::Digest>,
     },
     /// Not for the app (did not open, refused, duplicate, no matching subscription): a
     /// placeholder in the ack queue.
@@ -621,33 +625,33 @@ pub struct ClientCore {
     owed: Owed,
 }
 
-/// Most messages [`ClientCore`] keeps owed to durables, all names together (~100 bytes
-/// each): past it, a durable is owed nothing more (its resume then treats such a message
-/// as a duplicate, as before owed messages existed).
+/// Most messages [`ClientCore`] keeps owed to durables and not handed to them, all names
+/// together (~100 bytes each): past it, a durable is owed nothing more (its resume then
+/// treats such a message as a duplicate, as before owed messages existed). Messages owed
+/// while a subscription of the durable holds them untaken (`Owed::handed`) are not
+/// counted: each is one of that subscription's queued messages, bounded by its capacity.
 const MAX_OWED: usize = if cfg!(test) { 64 } else { 65_536 };
+
+type Digests = std::collections::HashSet<receive::Digest>;
 
 /// Messages owed to durables (see [`ClientCore::dedup_untaken`]): a name's set goes
 /// when it empties, so a client that owes nothing looks nothing up per message.
 ///
-/// An owed message handed to a resumed subscription of its durable moves to `handed`
-/// until that subscription takes it: it stays owed in the state file meanwhile (a crash
-/// before the take must not lose it), and is journalled as paid only once taken.
+/// An owed message handed to a subscription of its durable is in `handed` until that
+/// subscription takes it: it stays owed in the state file meanwhile (a crash before the
+/// take must not lose it), and is journalled as paid only once taken.
 #[derive(Debug, Default)]
 struct Owed {
-    by_name: HashMap<String, std::collections::HashSet<receive::Digest>>,
-    handed: HashMap<String, std::collections::HashSet<receive::Digest>>,
-    /// Entries of both maps.
-    total: usize,
+    by_name: HashMap<String, Digests>,
+    handed: HashMap<String, Digests>,
+    /// Entries of `by_name` (held to [`MAX_OWED`]).
+    owed_len: usize,
     /// Changes to persist ([`receive::Change::Owed`], `Paid`, `OwedForgotten`).
     journal: Vec<receive::Change>,
 }
 
 /// Takes `d` out of `map[name]`, dropping the name's set once empty; whether it was there.
-fn take_from(
-    map: &mut HashMap<String, std::collections::HashSet<receive::Digest>>,
-    name: &str,
-    d: &receive::Digest,
-) -> bool {
+fn take_from(map: &mut HashMap<String, Digests>, name: &str, d: &receive::Digest) -> bool {
     let Some(o) = map.get_mut(name) else {
         return false;
     };
@@ -663,31 +667,41 @@ impl Owed {
         self.by_name.is_empty()
     }
 
+    fn journal(&mut self, owed: bool, name: &str, d: receive::Digest) {
+        let durable = name.to_owned();
+        self.journal.push(if owed {
+            receive::Change::Owed { durable, digest: d }
+        } else {
+            receive::Change::Paid { durable, digest: d }
+        });
+    }
+
+    /// A subscription of `name` went away without taking `d`.
     fn owe(&mut self, name: &str, d: receive::Digest) {
         if take_from(&mut self.handed, name, &d) {
             // Handed and dropped again untaken: owed as before (its record never went).
-            self.by_name.entry(name.to_owned()).or_default().insert(d);
+            if self.by_name.entry(name.to_owned()).or_default().insert(d) {
+                self.owed_len += 1;
+            }
             return;
         }
-        if self.total >= MAX_OWED {
+        if self.owed_len >= MAX_OWED {
             return;
         }
         if self.by_name.entry(name.to_owned()).or_default().insert(d) {
-            self.total += 1;
-            self.journal.push(receive::Change::Owed {
-                durable: name.to_owned(),
-                digest: d,
-            });
+            self.owed_len += 1;
+            self.journal(true, name, d);
         }
     }
 
     /// A saved owed message (not journalled again); whether it is kept.
     fn restore(&mut self, name: &str, d: receive::Digest) -> bool {
-        if self.total >= MAX_OWED {
+        if self.owed_len >= MAX_OWED {
             return false;
         }
-        let new = self.by_name.entry(name.to_owned()).or_default().insert(d);
-        self.total += usize::from(new);
+        if self.by_name.entry(name.to_owned()).or_default().insert(d) {
+            self.owed_len += 1;
+        }
         true
     }
 
@@ -695,59 +709,50 @@ impl Owed {
         self.by_name.get(name).is_some_and(|o| o.contains(d))
     }
 
-    /// `d` is handed to a subscription of `name`: taken out of what is looked up, tracked
-    /// until [`Owed::paid`]; whether `name` was owed it.
+    /// `d` is handed to a subscription of `name` that will take or drop it: taken out of
+    /// what is looked up, tracked until [`Owed::paid`]; whether `name` was owed it.
     fn take(&mut self, name: &str, d: &receive::Digest) -> bool {
         let had = take_from(&mut self.by_name, name, d);
         if had {
+            self.owed_len -= 1;
             self.handed.entry(name.to_owned()).or_default().insert(*d);
         }
         had
     }
 
-    /// `d` is owed to `name` and handed to a subscription of it already (it holds `d`
-    /// untaken while another subscription took it): saved as owed, tracked as handed.
+    /// A subscription of `name` holds `d` untaken while the window holds it as delivered
+    /// (another subscription took it, or it counted as delivered at once): owed, saved,
+    /// and tracked as handed.
     fn owe_handed(&mut self, name: &str, d: receive::Digest) {
-        if self.total >= MAX_OWED || self.contains(name, &d) {
+        if self.contains(name, &d) {
             return;
         }
         if self.handed.entry(name.to_owned()).or_default().insert(d) {
-            self.total += 1;
-            self.journal.push(receive::Change::Owed {
-                durable: name.to_owned(),
-                digest: d,
-            });
+            self.journal(true, name, d);
         }
     }
 
-    /// `name` got `d` in a way nothing tracks (with an at-most-once subscription, or as a
-    /// placeholder): no longer owed (journalled if it was).
+    /// `name` got `d` as a placeholder (it did not open): no longer owed (journalled if
+    /// it was).
     fn pay(&mut self, name: &str, d: &receive::Digest) {
-        if take_from(&mut self.by_name, name, d) || take_from(&mut self.handed, name, d) {
-            self.total -= 1;
-            self.journal.push(receive::Change::Paid {
-                durable: name.to_owned(),
-                digest: *d,
-            });
+        if take_from(&mut self.by_name, name, d) {
+            self.owed_len -= 1;
+            self.journal(false, name, *d);
+        } else if take_from(&mut self.handed, name, d) {
+            self.journal(false, name, *d);
         }
     }
 
-    /// A subscription of `name` took `d`: if it was an owed message handed to it, it is
-    /// paid (journalled).
+    /// A subscription of `name` took `d`: if it was owed to it, it is paid (journalled).
     fn paid(&mut self, name: &str, d: &receive::Digest) {
         if !self.handed.is_empty() && take_from(&mut self.handed, name, d) {
-            self.total -= 1;
-            self.journal.push(receive::Change::Paid {
-                durable: name.to_owned(),
-                digest: *d,
-            });
+            self.journal(false, name, *d);
         }
     }
 
     fn forget(&mut self, name: &str) {
-        let owed = self.by_name.remove(name).map_or(0, |o| o.len());
-        let handed = self.handed.remove(name).map_or(0, |o| o.len());
-        self.total -= owed + handed;
+        self.owed_len -= self.by_name.remove(name).map_or(0, |o| o.len());
+        self.handed.remove(name);
         self.journal.push(receive::Change::OwedForgotten {
             durable: name.to_owned(),
         });
@@ -1509,10 +1514,10 @@ impl ClientCore {
             && targets.iter().any(|id| self.subs[id].opts.acking())
             && targets.iter().all(|id| self.subs[id].opts.acking());
         // Handed to a durable it was owed to (as a duplicate, or accepted again after every
-        // holder let it go): tracked until that durable takes it (`held` below), so the
-        // durable going away without taking it owes it again — or paid at once when it
-        // counts as delivered at once (an at-most-once target).
-        let owed_handed = self.hand_owed(delivered, &targets, acking);
+        // holder let it go): tracked until that durable takes it (`held` below, or the
+        // engine's own tracking of a copy delivered at once), so the durable going away
+        // without taking it owes it again.
+        let owed_handed = self.hand_owed(delivered, &targets, true);
         let held = match accepted {
             Some(a) if acking => {
                 let d = a.digest();
@@ -1570,6 +1575,7 @@ impl ClientCore {
             targets,
             lagged,
             held,
+            digest: delivered,
         }
     }
 
@@ -1628,8 +1634,9 @@ impl ClientCore {
         let mut handed = false;
         if let Some(d) = d.filter(|_| !self.owed.is_empty()) {
             for id in targets {
-                if let Some(n) = &self.subs[id].opts.durable {
-                    if tracked {
+                let o = &self.subs[id].opts;
+                if let Some(n) = &o.durable {
+                    if tracked && o.acking() {
                         handed |= self.owed.take(n, &d);
                     } else {
                         self.owed.pay(n, &d);
@@ -1640,10 +1647,17 @@ impl ClientCore {
         handed
     }
 
-    /// A subscription took held message `d` while a subscription of durable `durable`
-    /// still holds it untaken: the window now holds it as delivered (saved), so it is owed
-    /// to that durable — saved too, so a crash before the durable takes it does not lose
-    /// it (its redelivery would be a duplicate) — and tracked as handed to it.
+    /// A subscription of durable `durable` went away without taking its copy of message
+    /// `d`, a copy that was not held (it counted as delivered at once): owed to it.
+    pub fn dedup_owe(&mut self, d: receive::Digest, durable: &str) {
+        self.owed.owe(durable, d);
+    }
+
+    /// A subscription of durable `durable` holds message `d` untaken while the window
+    /// holds it as delivered (saved) — another subscription took a copy, or it counted as
+    /// delivered at once — so it is owed to that durable: saved too, so a crash before
+    /// the durable takes it does not lose it (its redelivery would be a duplicate), and
+    /// tracked as handed to it.
     pub fn dedup_co_held(&mut self, d: receive::Digest, durable: &str) {
         self.owed.owe_handed(durable, d);
     }
@@ -2253,6 +2267,25 @@ mod tests {
         }
     }
 
+    /// Review finding: messages owed while a durable's subscription holds them (bounded by
+    /// that subscription's capacity) do not use up the bound on owed messages, so a slow
+    /// durable beside a fast subscription does not stop another durable from being owed
+    /// what it dropped.
+    #[test]
+    fn messages_owed_while_held_do_not_use_up_the_bound() {
+        let mut core = ClientCore::new(Arc::new(RwLock::new(Keyring::new())));
+        for d in 0..(MAX_OWED as u128 * 2) {
+            core.dedup_co_held(d, "slow");
+        }
+        core.dedup_untaken(u128::MAX, Some("other"));
+        assert!(core.owed.contains("other", &u128::MAX));
+        assert_eq!(core.owed.owed_len, 1);
+        // Dropped untaken, the held ones become owed like any other (beyond the bound:
+        // each was one of the subscription's queued messages).
+        core.dedup_owe(0, "slow");
+        assert!(core.owed.contains("slow", &0));
+    }
+
     /// Review finding: an owed message the durable is handed only as a placeholder (its
     /// payload is over the cap) is paid then — not left handed for good, counted against
     /// the bound and saved at every start.
@@ -2465,7 +2498,7 @@ mod tests {
         };
         assert_eq!(core.take_changes(), vec![paid]);
         assert!(core.owed_snapshot().is_empty());
-        assert_eq!(core.owed.total, 0);
+        assert_eq!((core.owed.owed_len, core.owed.handed.len()), (0, 0));
         // Taken again (another copy): nothing more.
         core.dedup_taken(7, Some("d"));
         assert!(core.take_changes().is_empty());
@@ -2476,7 +2509,7 @@ mod tests {
             durable: "d".into(),
         };
         assert_eq!(core.take_changes(), vec![owed(8), forgotten]);
-        assert_eq!(core.owed.total, 0);
+        assert_eq!((core.owed.owed_len, core.owed.handed.len()), (0, 0));
         // Restored: only what the window remembers.
         let now = 1_000_000;
         core.guard_mut().restore_digest(9, now + 60_000, now);

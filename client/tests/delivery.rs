@@ -549,6 +549,12 @@ async fn resume_until_handed(
 /// A subscription on `c` asking for the history from sequence 1, which takes its own
 /// copies of the three messages published to "job/x".
 async fn take_history(c: &Client) -> whispeer::Subscription<u32> {
+    take_history_of(c, vec![0, 1, 2]).await
+}
+
+/// A subscription on `c` asking for the history of "job/x" from sequence 1, which takes
+/// its own copies of the messages `want`.
+async fn take_history_of(c: &Client, want: Vec<u32>) -> whispeer::Subscription<u32> {
     let opts = SubscribeOptions::new()
         .qos(Qos::AtLeastOnce)
         .replay(Replay::FromSeq(1));
@@ -556,7 +562,7 @@ async fn take_history(c: &Client) -> whispeer::Subscription<u32> {
         .subscribe_with_options::<u32>("job/x", opts)
         .await
         .unwrap();
-    assert_eq!(values(&mut history, 3, "history").await, vec![0, 1, 2]);
+    assert_eq!(values(&mut history, want.len(), "history").await, want);
     history
 }
 
@@ -694,6 +700,22 @@ impl PersistedRun {
     }
 }
 
+/// A new run of `run` resumes durable `name` and gets `want` first.
+#[cfg(feature = "persistence")]
+async fn resumes_with(run: &PersistedRun, name: &'static str, want: Vec<u32>) {
+    let c = run.connect().await;
+    let mut durable = c
+        .subscribe_with_options::<u32>("job/#", held_opts(name))
+        .await
+        .unwrap();
+    assert_eq!(
+        values(&mut durable, want.len(), "resumed after the restart").await,
+        want,
+        "what the durable held untaken comes back after the restart"
+    );
+    c.close().await;
+}
+
 /// What a durable is owed survives a restart with persistence: a durable subscription
 /// goes away without taking messages another subscription of the same client took (the
 /// saved dedup window holds them as delivered), the process ends, and the next run with
@@ -780,17 +802,37 @@ async fn a_message_a_durable_held_untaken_at_a_restart_comes_back_though_another
     c.close().await;
     drop((durable, plain));
 
+    resumes_with(&run, "co-held", vec![7]).await;
+    p.close().await;
+    relay.stop().await;
+}
+
+/// The same across separate copies of one message: the durable holds its live copy
+/// untaken while a history subscription takes its own replayed copy (another `Msg`, another
+/// slot). The window holds the message as delivered from that take, so the durable is owed
+/// it from then on — saved, so the restarted durable gets it.
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_a_durable_held_untaken_at_a_restart_comes_back_though_a_history_copy_was_taken()
+{
+    let relay = TestRelay::start().await;
+    let run = PersistedRun::new(&relay, "co-history");
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&run.tree), identity()).await;
     let c = run.connect().await;
-    let mut durable = c
-        .subscribe_with_options::<u32>("job/#", held_opts("co-held"))
+    let durable = c
+        .subscribe_with_options::<u32>("job/#", held_opts("co-history"))
         .await
         .unwrap();
-    assert_eq!(
-        values(&mut durable, 1, "resumed after the restart").await,
-        vec![7],
-        "what the durable held untaken comes back after the restart"
-    );
+    p.publish_with("job/x", &7u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    c.flush().await.unwrap(); // the live copy reached the durable: held, untaken
+    let history = take_history_of(&c, vec![7]).await;
+    c.flush().await.unwrap();
     c.close().await;
+    drop((durable, history));
+
+    resumes_with(&run, "co-history", vec![7]).await;
     p.close().await;
     relay.stop().await;
 }

@@ -148,7 +148,9 @@ test('demo chat in two tabs', async () => {
     await page.fill('#room', 'lobby');
     await page.fill('#passphrase', 'correct horse battery staple');
     await page.click('#join');
-    await page.waitForSelector('#state[data-state="connected"]');
+    // Joining derives the room key with Argon2id in the page: ~3 s on an idle 2-core
+    // machine, many times that while other work shares the cores.
+    await page.waitForSelector('#state[data-state="connected"]', { timeout: 120_000 });
     return page;
   };
   const alice = await enter('alice');

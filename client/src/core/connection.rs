@@ -85,9 +85,11 @@ struct SubState {
     outstanding: u64,
     /// Relay subscriptions still waiting for `SubOk` (`None`: confirmed).
     waiting: Option<BTreeSet<u64>>,
-    /// Held messages handed to it and not taken yet, by slot (`Delivery::Deliver::held`):
-    /// released untaken when it goes away (and owed to its durable, if it has one).
-    untaken: HashMap<SlotId, receive::Digest>,
+    /// Messages handed to it and not taken yet, by slot: held ones
+    /// (`Delivery::Deliver::held`, `true`), released untaken when it goes away (and owed
+    /// to its durable, if it has one); and, for a durable one, copies of messages that
+    /// counted as delivered at once (`false`), owed to its durable until it takes them.
+    untaken: HashMap<SlotId, (receive::Digest, bool)>,
     /// Its durable name.
     durable: Option<String>,
 }
@@ -181,12 +183,15 @@ pub struct Engine {
     /// Durable deletions sent and not yet answered, by the flush that follows them: the
     /// relay subscription ids deleted and the first `Err` the relay sent for one of them.
     deletes: BTreeMap<FlushId, PendingDelete>,
-    /// Held messages handed to more than one subscription, at least one durable: by slot,
-    /// the durable subscriptions among them. When one holder takes it, the window holds it
-    /// as delivered, and each durable one still holding it is owed it
-    /// ([`ClientCore::dedup_co_held`]): saved, so a crash before that durable takes it
-    /// does not lose it. Gone at the first take, or once no durable holds it.
-    co_held: HashMap<SlotId, Vec<LocalSubId>>,
+    /// By message digest, the durable subscriptions holding a copy of it untaken, with
+    /// the copy's slot (one message can come as several copies: a live one, a replayed
+    /// one another subscription asked for). When any subscription takes a copy, the
+    /// window holds the message as delivered, and each durable subscription of another
+    /// name still holding a copy is owed it ([`ClientCore::dedup_co_held`]): saved, so a
+    /// crash before that durable takes it does not lose it. An entry goes with its copy
+    /// (taken, or its subscription gone).
+    durable_copies:
+        HashMap<receive::Digest, Vec<(LocalSubId, SlotId)>, foldhash::fast::RandomState>,
 }
 
 /// A durable deletion waiting for its flush: the relay subscription ids deleted, the
@@ -240,7 +245,7 @@ impl Engine {
             parked: Parking::default(),
             relay_features: 0,
             deletes: BTreeMap::new(),
-            co_held: HashMap::new(),
+            durable_copies: HashMap::default(),
         };
         e.dial(now.mono_ms);
         e.sync_unacked();
@@ -858,19 +863,29 @@ impl Engine {
     /// messages are released (the relay's redelivery of them is accepted again).
     fn drop_sub(&mut self, id: LocalSubId) {
         if let Some(s) = self.subs.remove(&id) {
-            for (slot, d) in s.untaken {
-                self.core.dedup_untaken(d, s.durable.as_deref());
-                if let Some(holders) = self.co_held.get_mut(&slot) {
-                    let subs = &self.subs;
-                    holders.retain(|h| subs.get(h).is_some_and(|t| t.untaken.contains_key(&slot)));
-                    if holders.is_empty() {
-                        self.co_held.remove(&slot);
-                    }
+            for (slot, (d, held)) in s.untaken {
+                match (held, &s.durable) {
+                    (true, durable) => self.core.dedup_untaken(d, durable.as_deref()),
+                    (false, Some(n)) => self.core.dedup_owe(d, n),
+                    (false, None) => {}
+                }
+                if s.durable.is_some() {
+                    self.forget_copy(d, id, slot);
                 }
             }
         }
         self.acks.drop_sub(id);
         self.queue_acks();
+    }
+
+    /// Forgets durable subscription `sub`'s copy of message `d` in `slot`.
+    fn forget_copy(&mut self, d: receive::Digest, sub: LocalSubId, slot: SlotId) {
+        if let Some(copies) = self.durable_copies.get_mut(&d) {
+            copies.retain(|c| *c != (sub, slot));
+            if copies.is_empty() {
+                self.durable_copies.remove(&d);
+            }
+        }
     }
 
     /// The app took a delivered message or placeholder.
@@ -880,17 +895,20 @@ impl Engine {
         if let Some(s) = self.subs.get_mut(&token.sub) {
             s.outstanding = s.outstanding.saturating_sub(1);
             if let Some(slot) = token.slot {
-                if let Some(d) = s.untaken.remove(&slot) {
+                if let Some((d, _)) = s.untaken.remove(&slot) {
                     self.core.dedup_taken(d, s.durable.as_deref());
                     taken = Some((slot, d));
                 }
             }
         }
-        // Taken here while durable subscriptions still hold it: owed to them.
-        if let Some((slot, d)) = taken.filter(|_| !self.co_held.is_empty()) {
-            for h in self.co_held.remove(&slot).unwrap_or_default() {
-                if let Some(t) = self.subs.get(&h).filter(|t| t.untaken.contains_key(&slot)) {
-                    if let Some(n) = &t.durable {
+        // Taken here while durable subscriptions of other names still hold a copy: owed
+        // to them (the window holds it as delivered now).
+        if let Some((slot, d)) = taken.filter(|_| !self.durable_copies.is_empty()) {
+            self.forget_copy(d, token.sub, slot);
+            let taker = self.subs.get(&token.sub).and_then(|s| s.durable.as_deref());
+            for (h, _) in self.durable_copies.get(&d).into_iter().flatten() {
+                if let Some(n) = self.subs.get(h).and_then(|t| t.durable.as_deref()) {
+                    if Some(n) != taker {
                         self.core.dedup_co_held(d, n);
                     }
                 }
@@ -1374,18 +1392,19 @@ impl Engine {
             Vec::new()
         };
         let delivery = self.core.receive_opened(m, opened, now.unix_ms, &room);
-        let (msg, targets, held) = match delivery {
+        let (msg, targets, held, digest) = match delivery {
             Delivery::Deliver {
                 msg,
                 targets,
                 lagged,
                 held,
+                digest,
             } => {
                 for sub in lagged {
                     self.stats.slow_subscriber_drops += 1;
                     self.emit(Event::Dropped { sub, n: 1 });
                 }
-                (Some(msg), targets, held)
+                (Some(msg), targets, held, digest)
             }
             Delivery::HeldBack => {
                 // No credit on an at-least-once subscription: never acked, redelivered.
@@ -1395,7 +1414,7 @@ impl Engine {
                 }
                 return;
             }
-            _ => (None, Vec::new(), None),
+            _ => (None, Vec::new(), None, None),
         };
         // Every at-least-once subscription routed here (or handed it) must take its slot.
         let mut slot_subs: Vec<LocalSubId> = Vec::new();
@@ -1410,18 +1429,26 @@ impl Engine {
         let slot =
             (!slot_subs.is_empty()).then(|| self.acks.deliver(m.seq, &routed, slot_subs.clone()));
         let mut holders = 0;
-        let mut durable_holders = Vec::new();
+        // Durable copies of a message that counts as delivered at once: owed until taken.
+        let mut owed_now = Vec::new();
         for &sub in &targets {
             let slot = if slot_subs.contains(&sub) { slot } else { None };
-            if let Some(s) = self.subs.get_mut(&sub) {
-                s.outstanding += 1;
-                if let (Some(d), Some(slot)) = (held, slot) {
-                    s.untaken.insert(slot, d);
+            if let (Some(s), Some(slot)) = (self.subs.get_mut(&sub), slot) {
+                if let Some(d) = held {
+                    s.untaken.insert(slot, (d, true));
                     holders += 1;
-                    if s.durable.is_some() {
-                        durable_holders.push(sub);
+                } else if let (Some(d), Some(n)) = (digest, &s.durable) {
+                    s.untaken.insert(slot, (d, false));
+                    owed_now.push(n.clone());
+                }
+                if let (Some(d), true) = (held.or(digest), s.durable.is_some()) {
+                    if s.untaken.contains_key(&slot) {
+                        self.durable_copies.entry(d).or_default().push((sub, slot));
                     }
                 }
+            }
+            if let Some(s) = self.subs.get_mut(&sub) {
+                s.outstanding += 1;
             }
             let msg = msg.clone().expect("targets come with a message");
             let token = AckToken { sub, slot };
@@ -1436,10 +1463,10 @@ impl Engine {
         }
         if let Some(d) = held {
             self.core.dedup_hold(d, holders);
-            if holders > 1 && !durable_holders.is_empty() {
-                if let Some(slot) = slot {
-                    self.co_held.insert(slot, durable_holders);
-                }
+        }
+        if let Some(d) = digest {
+            for n in owed_now {
+                self.core.dedup_co_held(d, &n);
             }
         }
         self.queue_acks();
