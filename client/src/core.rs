@@ -679,8 +679,12 @@ impl Owed {
     /// A subscription of `name` went away without taking `d`.
     fn owe(&mut self, name: &str, d: receive::Digest) {
         if take_from(&mut self.handed, name, &d) {
-            // Handed and dropped again untaken: owed as before (its record never went).
-            if self.by_name.entry(name.to_owned()).or_default().insert(d) {
+            // Handed and dropped again untaken: owed as before (its record never went),
+            // within the bound (past it, the saved record still brings it back to a
+            // later process).
+            if self.owed_len < MAX_OWED
+                && self.by_name.entry(name.to_owned()).or_default().insert(d)
+            {
                 self.owed_len += 1;
             }
             return;
@@ -694,15 +698,11 @@ impl Owed {
         }
     }
 
-    /// A saved owed message (not journalled again); whether it is kept.
-    fn restore(&mut self, name: &str, d: receive::Digest) -> bool {
-        if self.owed_len >= MAX_OWED {
-            return false;
-        }
-        if self.by_name.entry(name.to_owned()).or_default().insert(d) {
+    /// A saved owed message (not journalled again), loaded within the bound.
+    fn restore(&mut self, name: &str, d: receive::Digest) {
+        if self.owed_len < MAX_OWED && self.by_name.entry(name.to_owned()).or_default().insert(d) {
             self.owed_len += 1;
         }
-        true
     }
 
     fn contains(&self, name: &str, d: &receive::Digest) -> bool {
@@ -1517,7 +1517,8 @@ impl ClientCore {
         // holder let it go): tracked until that durable takes it (`held` below, or the
         // engine's own tracking of a copy delivered at once), so the durable going away
         // without taking it owes it again.
-        let owed_handed = self.hand_owed(delivered, &targets, true);
+        // (A relay's unstored copy, sequence 0, gets no slot to take: paid.)
+        let owed_handed = self.hand_owed(delivered, &targets, msg.seq > 0);
         let held = match accepted {
             Some(a) if acking => {
                 let d = a.digest();
@@ -1667,12 +1668,17 @@ impl ClientCore {
         self.owed.forget(name);
     }
 
-    /// Loads a saved owed message (call after the dedup window is restored): kept only
-    /// while the window remembers `d` (once it forgot it, the relay's redelivery is taken
-    /// or refused by its date like any other message) and within the bound on owed
-    /// messages. Whether it was kept: a state file drops the ones that were not.
+    /// Loads a saved owed message (call after the dedup window is restored) while the
+    /// window remembers `d` (once it forgot it, the relay's redelivery is taken or
+    /// refused by its date like any other message), within the bound on owed messages in
+    /// memory. Whether its saved record stays: `false` once the window forgot it (a state
+    /// file deletes it); one past the bound stays saved (a later process may load it).
     pub fn restore_owed(&mut self, durable: &str, d: receive::Digest) -> bool {
-        self.guard.remembers(d) && self.owed.restore(durable, d)
+        if !self.guard.remembers(d) {
+            return false;
+        }
+        self.owed.restore(durable, d);
+        true
     }
 
     /// Every message owed to a durable now, by durable name (for a state snapshot).
@@ -2130,6 +2136,50 @@ mod tests {
         }
     }
 
+    /// A core with durable subscription 1 (`a/#`, at least once, durable "d").
+    fn durable_core(kr: &Arc<RwLock<Keyring>>, cfg: receive::ReceiveConfig) -> ClientCore {
+        let mut core = ClientCore::with_config(kr.clone(), cfg);
+        core.enter_seq_space(SeqSpace::Named([1; 16]));
+        let opts = SubscribeOptions::new().qos(Qos::AtLeastOnce).durable("d");
+        core.subscribe_with_options(1, TopicFilter::new("a/#").unwrap(), opts, NOW)
+            .unwrap();
+        core
+    }
+
+    /// Delivers `m` at `seq` to subscriptions with room; its digest, held.
+    fn held_delivery(
+        core: &mut ClientCore,
+        m: &whispeer_protocol::Envelope,
+        seq: u64,
+    ) -> receive::Digest {
+        match core.receive_with(&at(m, seq), NOW, &|_| true) {
+            Delivery::Deliver { held: Some(d), .. } => d,
+            _ => panic!("not delivered held"),
+        }
+    }
+
+    /// `m` (digest `d`) is owed to durable "d"; the relay sends it again, replayed, at
+    /// `seq`: what became of it. Afterwards nothing is owed, and the journal says paid.
+    fn replay_owed(
+        core: &mut ClientCore,
+        m: &whispeer_protocol::Envelope,
+        d: receive::Digest,
+        seq: u64,
+    ) -> Delivery {
+        core.owed.owe("d", d);
+        core.take_changes();
+        let mut again = at(m, seq);
+        again.flags = frame::msg_flags::REPLAYED;
+        let delivery = core.receive_with(&again, NOW, &|_| true);
+        assert!(core.owed_snapshot().is_empty(), "paid, not handed for good");
+        let paid = receive::Change::Paid {
+            durable: "d".into(),
+            digest: d,
+        };
+        assert_eq!(core.take_changes(), vec![paid]);
+        delivery
+    }
+
     /// The same envelope with its last byte (the body's tag) flipped: it does not open.
     fn tampered(env: &whispeer_protocol::Envelope) -> whispeer_protocol::Envelope {
         let mut b = env.as_bytes().to_vec();
@@ -2284,6 +2334,26 @@ mod tests {
         // each was one of the subscription's queued messages).
         core.dedup_owe(0, "slow");
         assert!(core.owed.contains("slow", &0));
+        // All dropped: owed in memory up to the bound only (their saved records stay).
+        for d in 1..(MAX_OWED as u128 * 2) {
+            core.dedup_owe(d, "slow");
+        }
+        assert_eq!(core.owed.owed_len, MAX_OWED);
+        assert!(core.owed.handed.is_empty());
+    }
+
+    /// Review finding: an owed message a relay sends again with sequence 0 (unstored: no
+    /// slot, nothing to take) is paid, not left handed for good.
+    #[test]
+    fn an_owed_message_sent_again_unstored_is_paid() {
+        let (kr, mut rng) = one_tree(26);
+        let mut core = durable_core(&kr, receive::ReceiveConfig::default());
+        let m = sealed(&kr, &mut rng, "a/x", b"\x01");
+        let d = held_delivery(&mut core, &m, 9);
+        core.dedup_hold(d, 1);
+        core.dedup_taken(d, None);
+        let delivery = replay_owed(&mut core, &m, d, 0);
+        assert!(matches!(delivery, Delivery::Deliver { .. }));
     }
 
     /// Review finding: an owed message the durable is handed only as a placeholder (its
@@ -2296,11 +2366,7 @@ mod tests {
             max_payload: 8,
             ..receive::ReceiveConfig::default()
         };
-        let mut core = ClientCore::with_config(kr.clone(), cfg);
-        core.enter_seq_space(SeqSpace::Named([1; 16]));
-        let opts = SubscribeOptions::new().qos(Qos::AtLeastOnce).durable("d");
-        core.subscribe_with_options(1, TopicFilter::new("a/#").unwrap(), opts, NOW)
-            .unwrap();
+        let mut core = durable_core(&kr, cfg);
         let room = |_: LocalSubId| true;
         let m = sealed(&kr, &mut rng, "a/x", &[7; 64]);
         assert!(matches!(
@@ -2308,22 +2374,8 @@ mod tests {
             Delivery::Placeholder
         ));
         let d = core.guard.snapshot(NOW).seen[0].0;
-        core.owed.owe("d", d);
-        core.take_changes();
-        let mut again = at(&m, 9);
-        again.flags = frame::msg_flags::REPLAYED;
-        assert!(matches!(
-            core.receive_with(&again, NOW, &room),
-            Delivery::Placeholder
-        ));
-        assert!(core.owed_snapshot().is_empty(), "paid, not handed for good");
-        assert_eq!(
-            core.take_changes(),
-            vec![receive::Change::Paid {
-                durable: "d".into(),
-                digest: d
-            }]
-        );
+        let delivery = replay_owed(&mut core, &m, d, 9);
+        assert!(matches!(delivery, Delivery::Placeholder));
     }
 
     /// Review finding: a message held for an at-least-once subscription, forgotten by a
@@ -2344,10 +2396,7 @@ mod tests {
         core.subscribe(1, f("a/#"), Qos::AtLeastOnce, NOW).unwrap();
         let room = |_: LocalSubId| true;
         let m = sealed(&kr, &mut rng, "a/x", b"\x01");
-        let d = match core.receive_with(&at(&m, 9), NOW, &room) {
-            Delivery::Deliver { held: Some(d), .. } => d,
-            _ => panic!("not delivered held"),
-        };
+        let d = held_delivery(&mut core, &m, 9);
         core.dedup_hold(d, 1);
         for seq in 10..20u64 {
             let e = sealed(&kr, &mut rng, "a/y", &[seq as u8]);
