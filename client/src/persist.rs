@@ -301,9 +301,9 @@ impl Store {
 
     /// Loads the messages owed to durables into `core` (after [`Store::restore`], and only
     /// if the window loaded: an owed message is kept only while the window remembers it).
-    /// Rows it did not keep — the window forgot the message, past the bound on owed
-    /// messages, or not a (text, 16-byte blob) row at all — are deleted, so they do not
-    /// come back at every start; one bad row costs only itself.
+    /// Rows of messages the window forgot, and rows that are not (text, 16-byte blob) at
+    /// all, are deleted, so they do not come back at every start (one bad row costs only
+    /// itself); rows past the in-memory bound stay saved for a later process.
     pub(crate) fn restore_owed(&self, core: &mut crate::core::ClientCore) {
         let mut run = || -> rusqlite::Result<()> {
             let mut kept: Vec<(String, [u8; 16])> = Vec::new();
