@@ -115,6 +115,12 @@ enum Ev {
         reason: Fail,
     },
     Flushed(&'static str),
+    /// The answer to the durable deletion whose flush is named: `refused` when the relay
+    /// refused it.
+    DurableDeleted {
+        flush: &'static str,
+        refused: bool,
+    },
     FlushFailed(&'static str),
     RelayError(ErrorCode),
 }
@@ -230,6 +236,11 @@ enum Step {
     Take(u64),
     /// The app asks for a flush named `name`.
     Flush(&'static str),
+    /// The app deletes durable subscription `id`; `flush` names the flush that follows.
+    DeleteDurable {
+        id: u64,
+        flush: &'static str,
+    },
     /// The app closes.
     Close,
     /// Keys changed.
@@ -617,6 +628,11 @@ impl Sim {
                 self.flushes.insert(name, id);
                 self.drain();
             }
+            Step::DeleteDurable { id, flush } => {
+                let f = self.eng.delete_durable(id, self.now).expect("delete");
+                self.flushes.insert(flush, f);
+                self.drain();
+            }
             Step::Close => {
                 self.eng.close(self.now);
                 self.drain();
@@ -789,6 +805,9 @@ impl Sim {
                 pid(self, publish) == Some(*p) && kind == *reason
             }
             (Ev::Flushed(name), Event::Flushed { id }) => self.flushes[name] == *id,
+            (Ev::DurableDeleted { flush, refused }, Event::DurableDeleted { id, error }) => {
+                self.flushes[flush] == *id && error.is_some() == *refused
+            }
             (Ev::FlushFailed(name), Event::FlushFailed { id }) => self.flushes[name] == *id,
             (Ev::RelayError(code), Event::RelayError { code: c, .. }) => c == code,
             _ => false,
@@ -2589,4 +2608,64 @@ fn a_retry_waiting_at_a_drop_is_resent_on_the_next_connection() {
         }),
     ];
     play("retry across a drop", || Sim::new(|_| {}), &steps);
+}
+
+/// A durable's deletion forgets what it is owed only once the relay confirmed it: the
+/// durable held a message untaken while a plain subscription took it (owed to the durable),
+/// the app deletes the durable, the relay refuses — the durable still exists, and its next
+/// resume gets the message (not a duplicate placeholder, acked and lost).
+#[test]
+fn a_refused_durable_deletion_keeps_what_the_durable_is_owed() {
+    let mut steps = vec![
+        Dialed,
+        ExpectTx(Tx::Hello { account: false }),
+        Relay(Frame::Welcome(frame::Welcome {
+            version: frame::PROTOCOL_VERSION,
+            features: frame::features::DURABLE_DELETE,
+            max_frame: 1 << 20,
+            session: SESSION,
+            relay: None,
+            heartbeat_ms: 10_000,
+            seq_space: None,
+        })),
+        ExpectEvent(Ev::Connected),
+    ];
+    steps.extend(live_sub(1, "b/#", qos1().durable("d")));
+    steps.extend(live_sub(2, "b/x", qos1()));
+    steps.extend([
+        Seal {
+            name: "m",
+            topic: "b/x",
+        },
+        Deliver {
+            msg: "m",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m" }),
+        Take(2),
+        DeleteDurable {
+            id: 1,
+            flush: "del",
+        },
+        ExpectTx(Tx::Unsub),
+        ExpectTx(Tx::Ping(1)),
+        SubRefused { id: 1 },
+        Pong("del"),
+        ExpectEvent(Ev::DurableDeleted {
+            flush: "del",
+            refused: true,
+        }),
+    ]);
+    steps.extend(live_sub(3, "b/#", qos1().durable("d")));
+    steps.extend([
+        Deliver {
+            msg: "m",
+            seq: 5,
+            flags: msg_flags::REPLAYED,
+        },
+        ExpectEvent(Ev::Message { sub: 3, msg: "m" }),
+    ]);
+    play("refused durable deletion", || Sim::new(|_| {}), &steps);
 }
