@@ -472,15 +472,7 @@ impl Sim {
                 }
                 other => panic!("expected Dial, got {other:?}"),
             },
-            Step::Welcome { heartbeat_ms } => self.feed(Frame::Welcome(frame::Welcome {
-                version: frame::PROTOCOL_VERSION,
-                features: 0,
-                max_frame: 1 << 20,
-                session: SESSION,
-                relay: None,
-                heartbeat_ms,
-                seq_space: None,
-            })),
+            Step::Welcome { heartbeat_ms } => self.feed(welcome(heartbeat_ms, 0, None)),
             Step::Challenge(nonce) => self.feed(Frame::Challenge(frame::Challenge { nonce })),
             Step::Subscribe { id, filter, opts } => {
                 let f = TopicFilter::new(filter).unwrap();
@@ -848,6 +840,19 @@ fn fresh_sub(sub: u64) -> Step {
         replay: None,
         retained: true,
         durable: None,
+    })
+}
+
+/// The relay's `Welcome` (1 MiB frames, the fixture session).
+fn welcome(heartbeat_ms: u64, features: u64, seq_space: Option<[u8; 16]>) -> Frame {
+    Frame::Welcome(frame::Welcome {
+        version: frame::PROTOCOL_VERSION,
+        features,
+        max_frame: 1 << 20,
+        session: SESSION,
+        relay: None,
+        heartbeat_ms,
+        seq_space,
     })
 }
 
@@ -2044,15 +2049,7 @@ fn relays_round_robin_with_the_backoff_per_full_round() {
     let _hello = e.poll_transmit();
     e.handle_decoded(
         c,
-        Frame::Welcome(frame::Welcome {
-            version: frame::PROTOCOL_VERSION,
-            features: 0,
-            max_frame: 1 << 20,
-            session: SESSION,
-            relay: None,
-            heartbeat_ms: 10_000,
-            seq_space: Some([9; 16]),
-        }),
+        welcome(10_000, 0, Some([9; 16])),
         Now::new(retry, T0_UNIX),
     );
     assert!(e.is_live());
@@ -2619,15 +2616,7 @@ fn a_refused_durable_deletion_keeps_what_the_durable_is_owed() {
     let mut steps = vec![
         Dialed,
         ExpectTx(Tx::Hello { account: false }),
-        Relay(Frame::Welcome(frame::Welcome {
-            version: frame::PROTOCOL_VERSION,
-            features: frame::features::DURABLE_DELETE,
-            max_frame: 1 << 20,
-            session: SESSION,
-            relay: None,
-            heartbeat_ms: 10_000,
-            seq_space: None,
-        })),
+        Relay(welcome(10_000, frame::features::DURABLE_DELETE, None)),
         ExpectEvent(Ev::Connected),
     ];
     steps.extend(live_sub(1, "b/#", qos1().durable("d")));
