@@ -1382,6 +1382,10 @@ impl ClientCore {
             return Delivery::Placeholder;
         }
         let allow_old = entitled.iter().any(|id| self.subs[id].opts.older_history);
+        // Digest and retained key: from the open job, or hashed here (inline opening).
+        let keys = u.keys.unwrap_or_else(|| {
+            receive::keys_of(&a.tree_id, a.sender.as_ref(), &a.msg_id.0, &a.topic)
+        });
         let cand = receive::Candidate {
             tree: a.tree_id,
             topic: &a.topic,
@@ -1390,6 +1394,7 @@ impl ClientCore {
             ts_ms: a.ts_ms,
             flags: msg.flags,
             allow_old,
+            keys: Some(keys),
         };
         let key = receive::dedup_key(&cand);
         // A duplicate's (topic, message) pair as `LocalSub::latest` holds them (a new
@@ -1406,8 +1411,8 @@ impl ClientCore {
                 // to it, and a topic's current value (retained, and not older than anything
                 // accepted for the topic: the guard checked) to a subscription that did not
                 // get it last on that topic (`LocalSub::latest`).
-                let dig = receive::digest(&key);
-                let pair = latest_pair(receive::retained_key(&a.tree_id, &a.topic), dig);
+                let (dig, rk) = keys;
+                let pair = latest_pair(rk, dig);
                 dup_pair = Some(pair);
                 dup_digest = Some(dig);
                 let pair = retained.then_some(pair);
@@ -1532,8 +1537,7 @@ impl ClientCore {
             // A held message's copy (history a subscription asked for) held by more; or one
             // owed to a durable, tracked until that durable takes it (the guard holds
             // nothing for it: taking or releasing it there changes nothing).
-            None => Some(receive::digest(&key))
-                .filter(|d| acking && (owed_handed || self.guard.is_held(*d))),
+            None => Some(keys.0).filter(|d| acking && (owed_handed || self.guard.is_held(*d))),
         };
         for id in targets.iter().chain(&lagged) {
             if let Some(s) = self.subs.get_mut(id) {

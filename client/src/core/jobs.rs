@@ -67,6 +67,8 @@ pub struct Unsealed {
     pub(crate) auth: Authentic,
     /// The payload decompressed early (or the failure of that), under the client's cap.
     pub(crate) payload: Option<Result<Vec<u8>, OpenError>>,
+    /// Its dedup digest and retained key, computed by the open job (`receive::keys_of`).
+    pub(crate) keys: Option<(super::receive::Digest, super::receive::RetainedKey)>,
 }
 
 impl Unsealed {
@@ -75,6 +77,7 @@ impl Unsealed {
         Unsealed {
             auth,
             payload: None,
+            keys: None,
         }
     }
 
@@ -167,7 +170,18 @@ impl OpenJob {
                 .map(|auth| {
                     let early = decompresses_early(&auth, env.as_bytes().len(), self.max_payload);
                     let payload = early.then(|| opener.decompress(&kr, &auth, self.max_payload));
-                    Unsealed { auth, payload }
+                    // Hashed here, on the worker, not on the connection's thread.
+                    let keys = Some(super::receive::keys_of(
+                        &auth.tree_id,
+                        auth.sender.as_ref(),
+                        &auth.msg_id.0,
+                        &auth.topic,
+                    ));
+                    Unsealed {
+                        auth,
+                        payload,
+                        keys,
+                    }
                 })
         };
         OpenDone {

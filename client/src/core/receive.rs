@@ -227,6 +227,9 @@ pub struct Candidate<'a> {
     pub flags: u64,
     /// Whether a matching subscription asked for history older than the horizon.
     pub allow_old: bool,
+    /// Its [`digest`] and [`retained_key`] if computed already ([`keys_of`]: an open job
+    /// computes them on its worker thread, off the connection's); else the checks do.
+    pub keys: Option<(Digest, RetainedKey)>,
 }
 
 /// An accepted message, to [`Guard::commit`] once it is actually delivered.
@@ -543,6 +546,22 @@ pub fn dedup_key(c: &Candidate<'_>) -> DedupKey {
     )
 }
 
+/// A message's dedup [`digest`] and its topic's [`retained_key`], both BLAKE3: computed
+/// once per message, by an open job on its worker thread where there is one.
+pub fn keys_of(
+    tree: &TreeId,
+    sender: Option<&SenderId>,
+    msg_id: &[u8; 16],
+    topic: &Topic,
+) -> (Digest, RetainedKey) {
+    let key = (
+        *tree,
+        sender.map(|s| s.to_bytes()).unwrap_or([0; 32]),
+        *msg_id,
+    );
+    (digest(&key), retained_key(tree, topic))
+}
+
 /// The key of `(tree, topic)`'s high-water mark:
 /// `BLAKE3-derive_key("whispeer client retained high-water mark", tree ‖ topic)`.
 pub fn retained_key(tree: &TreeId, topic: &Topic) -> RetainedKey {
@@ -836,7 +855,9 @@ impl Guard {
             .max(now_ms)
             .saturating_add(self.cfg.horizon_ms)
             .saturating_add(skew);
-        let rk = retained_key(&c.tree, c.topic);
+        let (d, rk) = c
+            .keys
+            .unwrap_or_else(|| (digest(&key), retained_key(&c.tree, c.topic)));
         if retained {
             // A retained value is the topic's current value: never one older than the
             // newest message accepted for the topic, live or retained (the relay sets the
@@ -853,7 +874,6 @@ impl Guard {
                 }
             }
         }
-        let d = digest(&key);
         let mut released = false;
         if !retained && !c.allow_old && self.forgotten(c.ts_ms) {
             // Retained values are not held to the window's start: the high-water mark
@@ -1020,6 +1040,17 @@ mod tests {
 
     const NOW: u64 = 1_800_000_000_000;
 
+    /// What an open job computes on its worker is what the checks would compute.
+    #[test]
+    fn precomputed_keys_are_the_digest_and_the_retained_key() {
+        let t = Topic::new("a/b").unwrap();
+        let c = cand(&t, 5, NOW, 0);
+        assert_eq!(
+            keys_of(&c.tree, c.sender.as_ref(), &c.msg_id, c.topic),
+            (digest(&dedup_key(&c)), retained_key(&c.tree, &t))
+        );
+    }
+
     fn cand<'a>(topic: &'a Topic, id: u8, ts: u64, flags: u64) -> Candidate<'a> {
         Candidate {
             tree: TreeId([1; 16]),
@@ -1029,6 +1060,7 @@ mod tests {
             ts_ms: ts,
             flags,
             allow_old: false,
+            keys: None,
         }
     }
 
