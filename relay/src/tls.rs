@@ -236,3 +236,38 @@ pub fn quic_server(
     server.max_incoming(max_incoming.max(1));
     Ok(server)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The QUIC listener's memory bounds are set (90ea234): a connection attempt buffers
+    /// at most 64 KiB before it is accepted, all attempts together 8 MiB, and no more
+    /// attempts wait than the connection cap — quinn's defaults (10 MiB each, 100 MiB
+    /// together, 65,536 attempts) let clients park that much without finishing a
+    /// handshake; and datagrams are off (quinn would buffer 1.25 MB of them per
+    /// connection). quinn exposes the values only through `Debug`.
+    #[test]
+    fn the_quic_listener_bounds_what_connection_attempts_and_peers_can_buffer() {
+        let g = generate(&["localhost".into()]).unwrap();
+        let dir = std::env::temp_dir().join(format!("wsp-quic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&cert, &g.cert_pem).unwrap();
+        std::fs::write(&key, &g.key_pem).unwrap();
+        let sc = quic_server(&cert, &key, std::time::Duration::from_secs(60), 1234);
+        std::fs::remove_dir_all(&dir).ok();
+        let sc = sc.unwrap();
+        let shown = format!("{sc:?}");
+        for want in [
+            format!("max_incoming: {}", 1234),
+            format!("incoming_buffer_size: {QUIC_INCOMING_BUFFER}"),
+            format!("incoming_buffer_size_total: {QUIC_INCOMING_BUFFER_TOTAL}"),
+            format!("stream_receive_window: {QUIC_RECEIVE_WINDOW}"),
+            "datagram_receive_buffer_size: None".to_owned(),
+            "migration: true".to_owned(),
+        ] {
+            assert!(shown.contains(&want), "{want} not in {shown}");
+        }
+    }
+}
