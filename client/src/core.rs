@@ -1639,9 +1639,9 @@ impl ClientCore {
         let mut handed = false;
         if let Some(d) = d.filter(|_| !self.owed.is_empty()) {
             for id in targets {
-                let o = &self.subs[id].opts;
-                if let Some(n) = &o.durable {
-                    if tracked && o.acking() {
+                // (A durable subscription always acks: its copy has a slot to take.)
+                if let Some(n) = &self.subs[id].opts.durable {
+                    if tracked {
                         handed |= self.owed.take(n, &d);
                     } else {
                         self.owed.pay(n, &d);

@@ -441,13 +441,18 @@ test('the pinned tree admin survives a restart: a key for the same tree from ano
   await fresh.close();
 });
 
-test('what a durable is owed survives a restart: messages another subscription took while it went away untaken come to its resume in the next run', { timeout: 30_000 }, async () => {
-  const file = join(dir, 'owed.wsp');
-  const tree = TreeKey.generate('owed');
+/** A publisher, and `run()`: a new client "process" with one identity and state file. */
+async function persistedRuns(name) {
+  const file = join(dir, `${name}.wsp`);
+  const tree = TreeKey.generate(name);
   const me = Identity.generate();
   const pub = await Client.connect(relay.url, { keys: tree });
   clients.push(pub);
-  const run = () => Client.connect(relay.url, { keys: tree, identity: me, persistence: file });
+  return { pub, run: () => Client.connect(relay.url, { keys: tree, identity: me, persistence: file }) };
+}
+
+test('what a durable is owed survives a restart: messages another subscription took while it went away untaken come to its resume in the next run', { timeout: 30_000 }, async () => {
+  const { pub, run } = await persistedRuns('owed');
   let a = await run();
   const durable = (await a.subscribe('d/#', { qos: 1, durable: 'owed' }))[Symbol.asyncIterator]();
   for (let i = 0; i < 3; i++) await pub.publish('d/x', i, { qos: 1 });
@@ -475,12 +480,7 @@ test('what a durable is owed survives a restart: messages another subscription t
 });
 
 test('a message a durable iterator held untaken when another subscription took it comes back to the durable after a restart', { timeout: 30_000 }, async () => {
-  const file = join(dir, 'co-held.wsp');
-  const tree = TreeKey.generate('co-held');
-  const me = Identity.generate();
-  const pub = await Client.connect(relay.url, { keys: tree });
-  clients.push(pub);
-  const run = () => Client.connect(relay.url, { keys: tree, identity: me, persistence: file });
+  const { pub, run } = await persistedRuns('co-held');
   let a = await run();
   // The durable and a plain QoS 1 subscription beside it: one delivery for both.
   const durable = await a.subscribe('d/#', { qos: 1, durable: 'co-held' });

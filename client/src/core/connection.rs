@@ -1434,15 +1434,21 @@ impl Engine {
         for &sub in &targets {
             let slot = if slot_subs.contains(&sub) { slot } else { None };
             if let (Some(s), Some(slot)) = (self.subs.get_mut(&sub), slot) {
-                if let Some(d) = held {
-                    s.untaken.insert(slot, (d, true));
-                    holders += 1;
-                } else if let (Some(d), Some(n)) = (digest, &s.durable) {
-                    s.untaken.insert(slot, (d, false));
-                    owed_now.push(n.clone());
-                }
-                if let (Some(d), true) = (held.or(digest), s.durable.is_some()) {
-                    if s.untaken.contains_key(&slot) {
+                // A held copy; or a durable's copy of a message delivered at once.
+                let copy = match (held, digest, &s.durable) {
+                    (Some(d), ..) => {
+                        holders += 1;
+                        Some((d, true))
+                    }
+                    (None, Some(d), Some(n)) => {
+                        owed_now.push(n.clone());
+                        Some((d, false))
+                    }
+                    _ => None,
+                };
+                if let Some((d, is_held)) = copy {
+                    s.untaken.insert(slot, (d, is_held));
+                    if s.durable.is_some() {
                         self.durable_copies.entry(d).or_default().push((sub, slot));
                     }
                 }
