@@ -2126,6 +2126,103 @@ async fn pending_creations_past_their_bound_keep_the_owner_of_one_in_flight() {
     );
 }
 
+/// Review of 90ea234: a relay whose background read of the durable stream is behind (the
+/// durable was created at another relay an instant ago) serves a `Sub` from the record it
+/// reads directly — and the floor it then writes must carry that record's owner
+/// (`Wsp-Owner`). Before, the owner came only from the background read: the floor went out
+/// owner-less, and an owner-less durable is adopted by the next `Sub` naming any owner, at
+/// every relay. Driven at the store with relay B's reader held, so B is behind for sure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_floor_written_before_the_reader_caught_up_keeps_the_owner() {
+    use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+    use whispeer_relay::store::{DurableKey, Store, StoreError, Tenant};
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let a = open_store(&urls, "relay-a").await;
+    let b = open_store(&urls, "relay-b").await;
+    // Every record of the durable stream, as written (creation first).
+    let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
+    let mut records = async_nats::jetstream::new(nc)
+        .get_stream("WSP_DURABLE")
+        .await
+        .unwrap()
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap();
+    b.hold_durable_reader(true);
+    let victim = "sha256:victim".to_string();
+    let thief = "sha256:thief".to_string();
+    let tenant = Tenant::Address("10.0.0.1".parse().unwrap());
+    let d = DurableKey {
+        key_id: key(42),
+        name: "d".into(),
+    };
+    // The victim's `Sub` at A creates it.
+    let (s, k, v, t) = (a.clone(), d.clone(), victim.clone(), tenant.clone());
+    on_worker(move || {
+        assert!(matches!(s.durable_owner(&k, Some(&v)), Ok(true)));
+        assert_eq!(s.durable(&k).expect("read"), None, "new");
+        s.set_durable(&k, 0, &t).expect("the victim creates it");
+    })
+    .await;
+    let created = records.next().await.unwrap().unwrap();
+    let owner = created
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Wsp-Owner"))
+        .map(|o| o.to_string())
+        .expect("the creation names its owner");
+    // The victim's next `Sub` (or its acks) at B, whose reader has not seen the creation.
+    let (s, k, v, t) = (b.clone(), d.clone(), victim.clone(), thief.clone());
+    let tenant_b = tenant.clone();
+    on_worker(move || {
+        assert!(matches!(s.durable_owner(&k, Some(&v)), Ok(true)));
+        assert_eq!(s.durable(&k).expect("read"), Some(0), "read directly");
+        s.set_durable(&k, 5, &tenant_b).expect("a floor");
+        match s.durable_owner(&k, Some(&t)) {
+            Err(StoreError::NotAllowed(m)) => assert!(m.contains("someone else"), "{m}"),
+            other => panic!("the other owner at B: {other:?}"),
+        }
+    })
+    .await;
+    let floor = tokio::time::timeout(std::time::Duration::from_secs(10), records.next())
+        .await
+        .expect("B writes the floor")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&floor.payload[..], b"5", "B's floor");
+    assert_eq!(
+        floor
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Wsp-Owner"))
+            .map(|o| o.to_string()),
+        Some(owner),
+        "B's floor carries the owner"
+    );
+    // A relay started now reads the floor B wrote last: the thief is refused there too.
+    b.hold_durable_reader(false);
+    let c = open_store(&urls, "relay-c").await;
+    on_worker(move || {
+        let stranger = c.durable_owner(&d, Some(&thief));
+        assert!(
+            matches!(stranger, Err(StoreError::NotAllowed(_))),
+            "nobody else adopts it: {stranger:?}"
+        );
+        assert!(matches!(c.durable_owner(&d, Some(&victim)), Ok(true)));
+    })
+    .await;
+}
+
 // Deleting durables with the JetStream store: a deletion marker replaces the durable's
 // record in `WSP_DURABLE`, so every relay (and one started later) sees it gone.
 

@@ -420,6 +420,9 @@ struct Inner {
     marker_keep_ms: u64,
     /// Durable owners (owner tags) as the durable stream holds them, by durable key.
     owners: Mutex<HashMap<String, String>>,
+    /// `true` holds the background read of the durable stream before its next record
+    /// ([`JetStreamStore::hold_durable_reader`]).
+    reader_held: tokio::sync::watch::Sender<bool>,
     /// Durables this relay is about to create, by durable key (key id and name hash): the
     /// owner the first `Sub` named (from its `durable_owner` to its creating `set_durable`).
     creating: Mutex<HashMap<String, Creating>>,
@@ -649,6 +652,7 @@ impl JetStreamStore {
             idle_ms: config.durable_idle_ms,
             marker_keep_ms: config.durable_marker_keep_ms,
             owners: Mutex::new(HashMap::new()),
+            reader_held: tokio::sync::watch::Sender::new(false),
             creating: Mutex::new(HashMap::new()),
             fresh: Mutex::new(std::collections::HashSet::new()),
             flush: Arc::new(Notify::new()),
@@ -678,6 +682,7 @@ impl JetStreamStore {
             Arc::downgrade(&inner),
             durables,
             format!("{}.", durable_prefix(&inner.prefix)),
+            inner.reader_held.subscribe(),
         ));
         tokio::spawn(durable_writer(
             Arc::downgrade(&inner),
@@ -924,6 +929,15 @@ impl JetStreamStore {
                     .unwrap_or_else(|_| Err(StoreError::Unavailable("JetStream timed out".into())))
             })
         }))
+    }
+
+    /// Holds (`true`) or lets go on (`false`) this store's background read of the durable
+    /// stream: while held it applies no record — a relay whose reader is behind the stream,
+    /// which a `Sub` must not depend on (it reads the durable's record directly). For tests
+    /// that drive a `Sub`'s store steps in an exact interleaving; a relay never holds it.
+    #[doc(hidden)]
+    pub fn hold_durable_reader(&self, held: bool) {
+        self.inner.reader_held.send_replace(held);
     }
 
     /// The durable's record in the durable stream, read directly: another relay may have
@@ -1944,7 +1958,12 @@ async fn expire(i: &Arc<Inner>, k: &str) {
 
 /// Keeps the in-memory durable floors in step with the durable stream (its current
 /// contents, then every change), re-reading it after errors.
-async fn durable_watch(inner: std::sync::Weak<Inner>, stream: stream::Stream, prefix: String) {
+async fn durable_watch(
+    inner: std::sync::Weak<Inner>,
+    stream: stream::Stream,
+    prefix: String,
+    mut held: tokio::sync::watch::Receiver<bool>,
+) {
     let mut failures = 0u32;
     loop {
         let cfg = consumer::pull::OrderedConfig {
@@ -1957,6 +1976,9 @@ async fn durable_watch(inner: std::sync::Weak<Inner>, stream: stream::Stream, pr
         if let Ok(c) = stream.create_consumer(cfg).await {
             if let Ok(mut msgs) = c.messages().await {
                 while let Some(Ok(m)) = msgs.next().await {
+                    if *held.borrow() && held.wait_for(|h| !*h).await.is_err() {
+                        return; // the store is gone
+                    }
                     let Some(i) = inner.upgrade() else { return };
                     failures = 0;
                     let Some(key) = m.subject.as_str().strip_prefix(&prefix) else {
