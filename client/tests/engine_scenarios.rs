@@ -1620,9 +1620,10 @@ fn subscribe_pending_across_a_drop_resolves_once() {
         SubRefused { id: 2 },
         ExpectEvent(Ev::SubscribeErrRejected(2)),
         ExpectNoEvent,
-        // A second drop: the confirmed one is simply re-made (no second SubscribeOk).
+        // A second drop: the confirmed one is simply re-made (no second SubscribeOk). The
+        // connection did not stay up for the backoff's max_ms: the second attempt.
         Drop,
-        lost(Why::Transport, Some(1)),
+        lost(Why::Transport, Some(2)),
         Timeout,
         Connect {
             heartbeat_ms: 10_000,
@@ -1859,9 +1860,43 @@ fn bad_frames_and_fatal_errors_are_disconnects_not_panics() {
             publish_id: None,
         })),
         ExpectTx(Tx::Hangup),
-        lost(Why::Fatal, Some(1)),
+        // Lost right after the first (the connection never stayed up): attempt 2.
+        lost(Why::Fatal, Some(2)),
     ];
     play("bad frames", || Sim::new(|_| {}), &steps);
+}
+
+/// A relay that greets and then drops every connection (a hostile or broken one) is
+/// redialled with a growing delay — each time the client resubscribes and re-sends every
+/// kept publish, so a `Welcome` alone must not start the backoff again from its first
+/// step (with several relays it was no delay at all). Only a connection that stayed up
+/// for the backoff's `max_ms` counts as a success.
+#[test]
+fn a_relay_that_greets_and_drops_is_redialled_with_a_growing_delay() {
+    let up = || Connect {
+        heartbeat_ms: 60_000,
+    };
+    let steps = [
+        up(),
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Timeout,
+        up(),
+        Drop,
+        lost(Why::Transport, Some(2)),
+        Timeout,
+        up(),
+        Advance(1_999),
+        Drop,
+        lost(Why::Transport, Some(3)),
+        Timeout,
+        up(),
+        // Up for max_ms (2 s in these scenarios): a success, the next loss starts again.
+        Advance(2_000),
+        Drop,
+        lost(Why::Transport, Some(1)),
+    ];
+    play("greets and drops", || Sim::new(|_| {}), &steps);
 }
 
 #[test]

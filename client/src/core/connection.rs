@@ -141,9 +141,15 @@ pub struct Engine {
     core: ClientCore,
     rng: SeededRng,
     phase: Phase,
-    /// Failed attempts in a row since the last live connection (each dial and each lost
-    /// connection counts one, whichever relay it was).
+    /// Failed attempts in a row since the last connection that stayed live for
+    /// `backoff.max_ms` (each dial and each lost connection counts one, whichever relay it
+    /// was). Not reset by a `Welcome` alone: a relay that greets and then drops every
+    /// connection would otherwise be redialled at the first backoff step (or, with several
+    /// relays, at once) forever, each time resubscribing and re-sending every kept publish.
     attempt: u32,
+    /// When the live connection counts as stable (its `Welcome` plus `backoff.max_ms`): lost
+    /// after that, the attempts start again from 0.
+    stable_at: Option<u64>,
     /// The relay address (index into the driver's list) the current or next dial goes to.
     relay: usize,
     /// The last dial asked for and its relay (what [`Engine::dial_relay`] answers).
@@ -226,6 +232,7 @@ impl Engine {
             rng: SeededRng::new(&seed),
             phase: Phase::Closed,
             attempt: 0,
+            stable_at: None,
             relay: 0,
             dialed: (0, 0),
             ever_live: false,
@@ -1104,7 +1111,7 @@ impl Engine {
                     self.stats.reconnects += 1;
                 }
                 self.ever_live = true;
-                self.attempt = 0;
+                self.stable_at = Some(mono.saturating_add(self.cfg.backoff.max_ms));
                 // Subscriptions first, then the kept publishes in order, then the offline
                 // buffer.
                 self.resubscribe(now);
@@ -1532,6 +1539,9 @@ impl Engine {
             self.emit(Event::FlushFailed { id });
         }
         self.deletes.clear();
+        if self.stable_at.take().is_some_and(|at| mono >= at) {
+            self.attempt = 0;
+        }
         self.attempt = self.attempt.saturating_add(1);
         // Round robin over the relays: every failure moves on to the next address at once;
         // only a full round of failures (every address tried once, the lost connection

@@ -253,7 +253,9 @@ pub enum Event {
     Disconnected {
         /// Why.
         reason: Disconnect,
-        /// Failed attempts in a row (1 after a live connection dropped), over every relay.
+        /// Failed attempts in a row, over every relay: 1 after a connection that stayed
+        /// live for the backoff's `max_ms` dropped; a connection lost sooner (a relay that
+        /// greets and then drops it) counts one more, so the backoff keeps growing.
         attempt: u32,
         /// When the next dial is due (now, when it moves on to the next relay of a round).
         retry_at: Option<u64>,
