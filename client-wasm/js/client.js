@@ -9,11 +9,22 @@ import { ClientCore, Engine, Keyring, TreeKey, Grant, Identity, OpenedInvite, en
 import { readMessage } from './message.js';
 
 let WebSocketImpl = globalThis.WebSocket;
+// Whether WebSocketImpl takes the `ws` package's options (`maxPayload`): then a message over
+// the frame cap is refused before it is buffered.
+let wsOptions = false;
 
-/** Used by the Node entry point to supply the `ws` package. */
-export function setWebSocket(impl) {
+/** Used by the Node entry point to supply the `ws` package (`options`: it takes `ws`'s). */
+export function setWebSocket(impl, options = false) {
   WebSocketImpl = impl;
+  wsOptions = options;
 }
+
+/** The protocol's default `max_frame` (PROTOCOL §11), the Rust client's default cap too. */
+const DEFAULT_MAX_FRAME = 1024 * 1024;
+/** The protocol's ceiling on any `max_frame`. */
+const MAX_FRAME_CEILING = 64 * 1024 * 1024;
+/** The engine's default `keptBytes`. */
+const DEFAULT_KEPT_BYTES = 64 * 1024 * 1024;
 
 /** Wraps a number so it is always encoded as a CBOR float (for Rust `f32`/`f64` fields). */
 export function float(x) {
@@ -44,7 +55,7 @@ function checkOptions(what, options, known) {
 const CONNECT_OPTIONS = [
   'identity', 'keys', 'compression', 'suite', 'padding', 'sign', 'topics', 'reconnect', 'connectTimeoutMs',
   'retryFirstConnect', 'reconnectBuffer', 'keptBytes', 'subscriptionCapacity', 'heartbeatMs',
-  'sendHighWaterMark', 'name', 'auth', 'persistence', 'maxPayload', 'dedupCapacity',
+  'sendHighWaterMark', 'name', 'auth', 'persistence', 'maxPayload', 'dedupCapacity', 'maxFrame',
 ];
 const TOPIC_OPTIONS = ['compression', 'padding', 'suite'];
 
@@ -402,6 +413,8 @@ export class Client {
   #urls; // the relay URLs, in the order tried
   #url; // the one in use (or last tried)
   #opts;
+  #maxFrame; // the largest frame taken from a relay (a WebSocket message)
+  #sendLimit; // unsent bytes past which a relay that does not read is hung up on
   #eng;
   #ws = null; // the current socket
   #sockets = new Map(); // engine connection id -> WebSocket
@@ -468,6 +481,23 @@ export class Client {
       relays: urls.length,
     };
     delete this.#opts.persistence;
+    delete this.#opts.maxFrame;
+    const maxFrame = options.maxFrame ?? DEFAULT_MAX_FRAME;
+    if (!Number.isInteger(maxFrame) || maxFrame < 4096 || maxFrame > MAX_FRAME_CEILING)
+      throw new WhispeerError(
+        'INVALID_OPTION',
+        `Client.connect: maxFrame must be an integer from 4096 to ${MAX_FRAME_CEILING}, got ${maxFrame}`,
+      );
+    this.#maxFrame = maxFrame;
+    // What the client may legitimately have unsent at once: every kept publish and the
+    // offline buffer re-sent on a new connection, on top of the high-water mark publishes
+    // wait at. More means the relay stopped reading while the client kept answering it
+    // (Pongs, acks): the socket is hung up on and the engine reconnects with its backoff.
+    this.#sendLimit =
+      (options.keptBytes ?? DEFAULT_KEPT_BYTES) +
+      this.#opts.reconnectBuffer +
+      this.#opts.sendHighWaterMark +
+      4 * maxFrame;
     this.#openStore = persistenceOption(options.persistence);
     const kr = options.keys instanceof Keyring ? options.keys : toKeyring(options.keys);
     let core;
@@ -785,9 +815,28 @@ export class Client {
   }
 
   #write(frame) {
+    const ws = this.#ws;
+    if (!ws) return;
     try {
-      this.#ws?.send(frame);
+      ws.send(frame);
     } catch {} // the socket is going away: its close event reports it
+    if (ws.bufferedAmount > this.#sendLimit)
+      this.#drop(ws, `the relay is not reading: ${ws.bufferedAmount} bytes unsent (limit ${this.#sendLimit})`);
+  }
+
+  /** Hangs up on socket `ws` for `why` (the engine hears it now, and dials again). */
+  #drop(ws, why) {
+    for (const [id, s] of this.#sockets) {
+      if (s !== ws) continue;
+      this.#eng.handleDisconnected(id, why, mono(), Date.now());
+      this.#again = true;
+    }
+    try {
+      // `ws`'s terminate() drops the unsent bytes now; close() would first wait (up to
+      // 30 s) for a relay that does not read to take them.
+      if (typeof ws.terminate === 'function') ws.terminate();
+      else ws.close();
+    } catch {}
   }
 
   #dial(id, relay) {
@@ -795,7 +844,9 @@ export class Client {
     this.#url = url;
     let ws;
     try {
-      ws = new WebSocketImpl(url);
+      // The `ws` package refuses a message over the cap before buffering it (closing with
+      // 1009); elsewhere the size is checked before the frame is copied into wasm memory.
+      ws = wsOptions ? new WebSocketImpl(url, { maxPayload: this.#maxFrame }) : new WebSocketImpl(url);
     } catch (e) {
       this.#eng.handleDisconnected(id, `cannot open ${url}: ${e.message}`, mono(), Date.now());
       this.#again = true;
@@ -811,6 +862,12 @@ export class Client {
     };
     ws.onmessage = (ev) => {
       if (!(ev.data instanceof ArrayBuffer)) return; // the protocol is binary only
+      if (ev.data.byteLength > this.#maxFrame) {
+        // Copied into wasm memory it would grow it for good (wasm memory never shrinks).
+        this.#drop(ws, `the relay sent a ${ev.data.byteLength}-byte frame, over maxFrame (${this.#maxFrame})`);
+        this.#pump();
+        return;
+      }
       this.#eng.handleFrame(id, new Uint8Array(ev.data), mono(), Date.now());
       this.#pump();
     };
@@ -1283,9 +1340,20 @@ export class Client {
 
   async #close() {
     if (this.#closing || this.#state === 'closed') return;
+    // The flush waits at most connectTimeoutMs: a relay that keeps sending (any frame is a
+    // heartbeat) but never answers its Ping must not keep close() from ending.
+    let bound;
+    const flushed = this.flush();
+    flushed.catch(() => {}); // settled after the race too: no unhandled rejection
     try {
-      await this.flush();
+      await Promise.race([
+        flushed,
+        new Promise((r) => {
+          bound = setTimeout(r, this.#opts.connectTimeoutMs);
+        }),
+      ]);
     } catch {}
+    clearTimeout(bound);
     if (this.#closing || this.#state === 'closed') return;
     this.#closing = true;
     const closed = this.#sockets.size ? new Promise((r) => this.#closeWaiters.push(r)) : undefined;

@@ -329,6 +329,12 @@ export interface ConnectOptions {
   dedupCapacity?: number;
   /** `publish` waits while the socket has more than this many bytes unsent (default 1 MiB). */
   sendHighWaterMark?: number;
+  /**
+   * Largest frame (one WebSocket message) taken from a relay, 4 KiB to 64 MiB (default
+   * 1 MiB, the protocol's default `max_frame`): a larger one hangs the connection up before
+   * it is copied into wasm memory, and the client reconnects.
+   */
+  maxFrame?: number;
   /** Client name sent to the relay. */
   name?: string;
   /**

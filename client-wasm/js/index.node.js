@@ -9,6 +9,6 @@ import { openFileStore } from './persist.node.js';
 
 initSync({ module: readFileSync(new URL('../pkg/whispeer_wasm_bg.wasm', import.meta.url)) });
 setFileStore(openFileStore);
-if (typeof globalThis.WebSocket !== 'function') setWebSocket(createRequire(import.meta.url)('ws'));
+if (typeof globalThis.WebSocket !== 'function') setWebSocket(createRequire(import.meta.url)('ws'), true);
 
 export * from './api.js';

@@ -881,3 +881,43 @@ async fn the_receive_cap_is_a_setting_and_a_reposted_large_payload_is_decompress
     }
     relay.stop().await;
 }
+
+/// A relay that keeps sending (its `Ping`s keep the connection alive: any frame counts as
+/// a heartbeat) but never answers the client's `Ping`s cannot keep `close()` from ending:
+/// its flush waits at most the connect timeout (before: forever, the socket open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_ends_though_the_relay_never_answers_its_flush() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("tcp://{}", listener.local_addr().unwrap());
+    let connect = tokio::spawn(
+        Client::builder()
+            .with(Tcp::new(url))
+            .with(Encryption::with_keyring(keyring_with(&tree("quiet"))))
+            .connect_timeout(Duration::from_millis(300))
+            .connect(),
+    );
+    let conn = within("hello", FakeConn::accept(&listener)).await;
+    let c = within("connect", connect).await.unwrap().unwrap();
+    let (mut r, mut w) = conn.s.into_split();
+    // Reads everything (answers nothing); a relay Ping every 50 ms.
+    let (pinged_tx, mut pinged) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(f) = read_frame(&mut r).await {
+            if let Frame::Ping(p) = f {
+                let _ = pinged_tx.send(p.nonce);
+            }
+        }
+    });
+    let chatter = tokio::spawn(async move {
+        for n in 1u64.. {
+            write_frame(&mut w, &Frame::Ping(frame::Ping { nonce: n })).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    within("close", c.close()).await;
+    assert!(
+        pinged.try_recv().is_ok(),
+        "the client sent its flush Ping, which went unanswered"
+    );
+    chatter.abort();
+}

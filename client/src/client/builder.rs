@@ -170,6 +170,7 @@ impl ClientBuilder {
                 backlog,
                 types: Default::default(),
                 type_mismatches: Default::default(),
+                close_flush: self.connect_timeout,
             }),
         })
     }

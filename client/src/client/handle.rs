@@ -542,8 +542,10 @@ impl Client {
     }
 
     /// Flushes, says goodbye to the relay and stops the connection task. Subscriptions end.
+    /// The flush waits at most the connect timeout: a relay that never answers it does not
+    /// keep `close` from ending.
     pub async fn close(&self) {
-        let _ = self.flush().await;
+        let _ = tokio::time::timeout(self.inner.close_flush, self.flush()).await;
         let (tx, rx) = oneshot::channel();
         if self.inner.cmd.send(Command::Close(tx)).is_ok() {
             let _ = rx.await;

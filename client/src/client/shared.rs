@@ -353,6 +353,10 @@ pub(crate) struct Inner {
         std::sync::Mutex<std::collections::HashMap<String, (&'static str, &'static str)>>,
     /// Messages typed subscriptions refused as another type.
     pub(crate) type_mismatches: Arc<std::sync::atomic::AtomicU64>,
+    /// How long `close` waits for its flush (the connect timeout): a relay that keeps
+    /// sending but never answers the flush's `Ping` stays alive (any frame counts as a
+    /// heartbeat), and `close` must end anyway.
+    pub(crate) close_flush: std::time::Duration,
 }
 
 /// Publish backpressure: the bytes of publishes handed to the driver and not yet written

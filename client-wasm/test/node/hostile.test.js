@@ -1,0 +1,151 @@
+// A relay that misbehaves after its Welcome cannot make the npm client hold memory without
+// bound or keep close() from ending. The relay is real up to its Welcome (a WebSocket
+// proxy passes the handshake to the relay binary), then the proxy plays the hostile relay.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { WebSocketServer, WebSocket } from 'ws';
+import { startRelay } from '../shared/relay.js';
+import { Client, Identity, TreeKey } from '../../js/index.node.js';
+import { setWebSocket } from '../../js/client.js';
+
+let relay;
+before(async () => {
+  relay = await startRelay();
+});
+after(async () => {
+  await relay?.stop();
+});
+
+/** A relay `Ping` frame (PROTOCOL §3: map {0: type 11, 1: nonce}), nonce < 24. */
+const ping = (n) => Uint8Array.of(0xa2, 0x00, 0x0b, 0x01, n % 24);
+
+/**
+ * A WebSocket server in front of the relay: the client's first frame (Hello) goes to the
+ * relay and the relay's first frame (Welcome) back; the relay is then out of the loop, and
+ * `hostile(client)` runs at the client's next frame (the test's `flush()`: its listeners
+ * are in place by then).
+ */
+async function hostileRelay(hostile) {
+  const wss = new WebSocketServer({ port: 0 });
+  await new Promise((r) => wss.once('listening', r));
+  const sockets = [];
+  wss.on('connection', (client) => {
+    sockets.push(client);
+    const up = new WebSocket(relay.url);
+    sockets.push(up);
+    let greeted = false;
+    client.on('message', (d) => {
+      if (!greeted) up.readyState === WebSocket.OPEN ? up.send(d) : up.once('open', () => up.send(d));
+    });
+    up.on('message', (d) => {
+      if (greeted) return;
+      greeted = true;
+      client.send(d);
+      up.close();
+      client.once('message', () => hostile(client));
+    });
+    client.on('error', () => {});
+    up.on('error', () => {});
+  });
+  return {
+    url: `ws://127.0.0.1:${wss.address().port}`,
+    close: () => {
+      for (const s of sockets) s.terminate();
+      return new Promise((r) => wss.close(r));
+    },
+  };
+}
+
+/** Resolves with the reason of the client's first `reconnecting` state. */
+const dropped = (c) =>
+  new Promise((resolve) => {
+    const off = c.on('state', (s, d) => {
+      if (s === 'reconnecting') {
+        off?.();
+        resolve(d?.reason ?? '');
+      }
+    });
+  });
+
+test('a relay that stops reading while it makes the client answer is hung up on', { timeout: 120_000 }, async () => {
+  let stop = false;
+  const fake = await hostileRelay((client) => {
+    client.pause(); // reads nothing more: the client's Pongs pile up
+    const flood = () => {
+      if (stop || client.readyState !== WebSocket.OPEN) return;
+      for (let i = 0; i < 2000; i++) client.send(ping(i));
+      setImmediate(flood);
+    };
+    flood();
+  });
+  const small = 64 * 1024;
+  const c = await Client.connect(fake.url, {
+    identity: Identity.generate(),
+    keys: TreeKey.generate('hostile'),
+    keptBytes: small,
+    reconnectBuffer: small,
+    sendHighWaterMark: small,
+    maxFrame: 4096,
+    reconnect: { initialDelayMs: 60_000, maxDelayMs: 60_000 },
+  });
+  try {
+    const gone = dropped(c);
+    c.flush().catch(() => {});
+    const reason = await gone;
+    assert.match(reason, /the relay is not reading: \d+ bytes unsent \(limit 212992\)/);
+  } finally {
+    stop = true;
+    await c.close();
+    await fake.close();
+  }
+});
+
+for (const [how, options] of [
+  ['refused by the ws package before it is buffered', true],
+  ['refused before it is copied into wasm memory', false],
+]) {
+  test(`a frame over maxFrame is ${how}`, { timeout: 60_000 }, async () => {
+    setWebSocket(WebSocket, options);
+    const fake = await hostileRelay((client) => client.send(new Uint8Array(4097)));
+    const c = await Client.connect(fake.url, {
+      identity: Identity.generate(),
+      keys: TreeKey.generate('big'),
+      maxFrame: 4096,
+      reconnect: { initialDelayMs: 60_000, maxDelayMs: 60_000 },
+    });
+    try {
+      const gone = dropped(c);
+      c.flush().catch(() => {});
+      const reason = await gone;
+      if (options) assert.match(reason, /1009|Max payload size exceeded/, reason);
+      else assert.match(reason, /the relay sent a 4097-byte frame, over maxFrame \(4096\)/);
+    } finally {
+      setWebSocket(WebSocket, true);
+      await c.close();
+      await fake.close();
+    }
+  });
+}
+
+test('close() ends though the relay never answers its flush', { timeout: 60_000 }, async () => {
+  let timer;
+  let pinged = false;
+  const fake = await hostileRelay((client) => {
+    // Reads (and answers nothing); a relay Ping every 50 ms keeps the connection alive.
+    pinged = true; // close()'s flush Ping started this
+    let n = 0;
+    timer = setInterval(() => client.readyState === WebSocket.OPEN && client.send(ping(n++)), 50);
+  });
+  const c = await Client.connect(fake.url, {
+    identity: Identity.generate(),
+    keys: TreeKey.generate('quiet'),
+    connectTimeoutMs: 300,
+  });
+  try {
+    await c.close();
+    assert.ok(pinged, 'the client sent its flush Ping, which went unanswered');
+  } finally {
+    clearInterval(timer);
+    await fake.close();
+  }
+});
