@@ -1068,7 +1068,13 @@ export class Client {
     // With `persistence`, a publish that waits for its PubAck is sealed and saved before
     // `publish` returns (the outbox promise, README "Persistence"): it is pumped at once, so
     // such publishes are not batched under one signature.
-    if (
+    if (ack !== undefined && this.#store && this.#pumping) {
+      // Published from inside a callback of the drain running now: sealed and saved here
+      // (the drain goes on after the callback and sends it).
+      this.#eng.sealPending();
+      this.#persist();
+      this.#again = true;
+    } else if (
       (ack !== undefined && this.#store) ||
       ++this.#handed >= BATCH_PUMP ||
       this.#eng.batchBytes() >= BATCH_PUMP_BYTES

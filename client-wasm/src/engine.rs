@@ -486,6 +486,16 @@ impl Engine {
         }
     }
 
+    /// Seals the publishes handed over so far and journals the kept ones, sending nothing:
+    /// with persistence, a QoS ≥ 1 publish made while the driver is already draining (from
+    /// inside a subscription callback) is sealed and saved before `publish` returns, as
+    /// every other is; its frame leaves with the drain's next `pollTransmit`.
+    #[wasm_bindgen(js_name = sealPending)]
+    pub fn seal_pending(&mut self) {
+        self.run_seal_jobs(self.seal_now);
+        self.save_kept();
+    }
+
     /// The next deadline (`monoMs`), if any.
     #[wasm_bindgen(js_name = pollTimeout)]
     pub fn poll_timeout(&self) -> Option<f64> {

@@ -569,3 +569,26 @@ test('compaction never writes through a planted temp-file symlink or uses a plan
     rmSync(outside, { recursive: true, force: true });
   }
 });
+
+test('a QoS 1 publish made inside a subscription callback is sealed and saved before publish returns', { timeout: 60_000 }, async () => {
+  const file = join(dir, 'callback.wsp');
+  const tree = TreeKey.generate('callback');
+  const c = await Client.connect(relay.url, { identity: Identity.generate(), keys: tree, persistence: file });
+  clients.push(c);
+  let inside;
+  const acked = new Promise((resolve) => {
+    c.subscribe('in', (msg) => {
+      // Called inside the client's drain of the relay's frames (its file store writes
+      // synchronously): the publish's kept record must be in the file when publish returns.
+      const before = statSync(file).size;
+      const ack = c.publish('out', msg.value, { qos: 1 });
+      inside = { sealing: c.stats().sealingPublishes, grew: statSync(file).size > before };
+      resolve(ack);
+    });
+  });
+  await c.flush(); // the subscription is in place at the relay
+  await c.publish('in', 7);
+  const seq = await acked;
+  assert.deepEqual(inside, { sealing: 0, grew: true }, 'sealed and saved before publish returned');
+  assert.equal(typeof seq, 'number', 'and acknowledged');
+});
