@@ -42,6 +42,12 @@ function wrap(e) {
   return new WhispeerError(e.code, e.message, e.reason ? { reason: e.reason } : undefined);
 }
 
+/** The error `Client.connect` rejects with when its `signal` aborts it. */
+function aborted(signal) {
+  const why = signal.reason instanceof Error ? signal.reason.message : signal.reason;
+  return new WhispeerError('ABORTED', `connect aborted${why === undefined ? '' : `: ${why}`}`);
+}
+
 /** Refuses option names `known` does not list (typos are errors, not silently ignored). */
 function checkOptions(what, options, known) {
   if (options == null) return {};
@@ -56,6 +62,7 @@ const CONNECT_OPTIONS = [
   'identity', 'keys', 'compression', 'suite', 'padding', 'sign', 'topics', 'reconnect', 'connectTimeoutMs',
   'retryFirstConnect', 'reconnectBuffer', 'keptBytes', 'subscriptionCapacity', 'heartbeatMs',
   'sendHighWaterMark', 'name', 'auth', 'persistence', 'maxPayload', 'dedupCapacity', 'maxFrame',
+  'signal',
 ];
 const TOPIC_OPTIONS = ['compression', 'padding', 'suite'];
 
@@ -459,8 +466,24 @@ export class Client {
    * `retryFirstConnect` is set (then it retries with the reconnect backoff).
    */
   static async connect(url, options = {}) {
+    const signal = options?.signal;
+    if (signal !== undefined && !(typeof signal?.addEventListener === 'function' && 'aborted' in signal))
+      throw new WhispeerError('INVALID_OPTION', 'Client.connect: signal must be an AbortSignal');
+    if (signal?.aborted) throw aborted(signal);
     const c = new Client(url, options);
-    await c.#start();
+    if (!signal) {
+      await c.#start();
+      return c;
+    }
+    // Aborting gives up the connection attempt (and its retries with `retryFirstConnect`):
+    // the client closes, its sockets and timers go, and connect rejects with ABORTED.
+    const onAbort = () => c.#abort(aborted(signal));
+    signal.addEventListener('abort', onAbort, { once: true });
+    try {
+      await c.#start();
+    } finally {
+      signal.removeEventListener('abort', onAbort);
+    }
     return c;
   }
 
@@ -482,6 +505,7 @@ export class Client {
     };
     delete this.#opts.persistence;
     delete this.#opts.maxFrame;
+    delete this.#opts.signal;
     const maxFrame = options.maxFrame ?? DEFAULT_MAX_FRAME;
     if (!Number.isInteger(maxFrame) || maxFrame < 4096 || maxFrame > MAX_FRAME_CEILING)
       throw new WhispeerError(
@@ -682,10 +706,29 @@ export class Client {
 
   async #start() {
     if (this.#openStore) await this.#restore();
+    if (this.#aborted) {
+      await this.close();
+      throw this.#aborted;
+    }
     return new Promise((resolve, reject) => {
       this.#first = { resolve, reject };
       this.#pump();
     });
+  }
+
+  #aborted = null;
+
+  /** `Client.connect`'s signal fired before the client was connected. */
+  #abort(error) {
+    if (this.#aborted || this.#state === 'closed' || this.#state === 'connected') return;
+    this.#aborted = error;
+    const first = this.#first;
+    if (!first) return; // restoring the saved state: #start sees it next
+    this.#first = null;
+    this.close().then(
+      () => first.reject(error),
+      () => first.reject(error),
+    );
   }
 
   // ---- persistence: every change written before what it covers is reported ------------

@@ -51,7 +51,8 @@ export class WhispeerError extends Error {
   /**
    * `INVALID_TOPIC`, `INVALID_TREE`, `NO_KEY`, `KEY`, `ENCODE`, `DECODE`, `SEAL`, `OPEN`, `INVITE`,
    * `PROTOCOL`, `INVALID_URL`, `CONNECT`, `TIMEOUT`, `REJECTED`, `CLOSED`, `DISCONNECTED`,
-   * `NOT_ACKNOWLEDGED`, `BUFFER_FULL`, `INVALID_OPTION`, `STATE` (the `persistence` store
+   * `NOT_ACKNOWLEDGED`, `BUFFER_FULL`, `INVALID_OPTION`, `ABORTED` (`connect`'s `signal`),
+   * `STATE` (the `persistence` store
    * is foreign, corrupt, in use or cannot be written), `TYPE_MISMATCH` (typed topics), or a
    * relay error code name.
    */
@@ -297,6 +298,11 @@ export interface ConnectOptions {
   reconnect?: ReconnectOptions;
   /** How long a dial, then the handshake, may take (default 10 s). */
   connectTimeoutMs?: number;
+  /**
+   * Gives up connecting when it aborts (also the retries of `retryFirstConnect`): the
+   * client closes and `connect` rejects with code `ABORTED`. Not used once connected.
+   */
+  signal?: AbortSignal;
   /**
    * Retry a failed first connection with the reconnect backoff (default false: `connect`
    * rejects with code `CONNECT`, `TIMEOUT` or `REJECTED`).

@@ -508,3 +508,41 @@ test('a Keyring drops a forged grant once the admin-signed one arrives, and addK
   // A forged grant handed over on its own is still refused.
   assert.throws(() => other.addKeys(forged), (e) => e.code === 'KEY' && e.reason === 'contradicts');
 });
+
+test('connect gives up when its signal aborts: retries stop, nothing keeps the process alive', { timeout: 60_000 }, async () => {
+  // A port nobody listens on: with retryFirstConnect the client would retry forever.
+  const { createServer } = await import('node:net');
+  const srv = createServer();
+  await new Promise((r) => srv.listen(0, '127.0.0.1', r));
+  const port = srv.address().port;
+  await new Promise((r) => srv.close(r));
+  // In a process of its own, which must end by itself once connect rejected: a timer or a
+  // socket of the aborted client left behind would keep it alive (execFileSync times out).
+  const entry = new URL('../../js/index.node.js', import.meta.url).href;
+  const script = `
+    import { Client, TreeKey } from ${JSON.stringify(entry)};
+    try {
+      await Client.connect('ws://127.0.0.1:${port}', {
+        keys: TreeKey.generate('abort'),
+        retryFirstConnect: true,
+        reconnect: { initialDelayMs: 10, maxDelayMs: 20 },
+        signal: AbortSignal.timeout(300),
+      });
+      console.log('connected?');
+    } catch (e) {
+      console.log(e.code + ' ' + e.message);
+    }`;
+  const out = execFileSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 20_000 });
+  assert.match(out.trim(), /^ABORTED connect aborted: The operation was aborted due to timeout$/);
+  // Already aborted: refused at once; a signal that is not one: INVALID_OPTION.
+  const ctl = new AbortController();
+  ctl.abort();
+  await assert.rejects(
+    Client.connect(`ws://127.0.0.1:${port}`, { keys: TreeKey.generate('abort'), signal: ctl.signal }),
+    (e) => e.code === 'ABORTED',
+  );
+  await assert.rejects(
+    Client.connect(`ws://127.0.0.1:${port}`, { keys: TreeKey.generate('abort'), signal: 5 }),
+    (e) => e.code === 'INVALID_OPTION',
+  );
+});
