@@ -42,6 +42,14 @@ function wrap(e) {
   return new WhispeerError(e.code, e.message, e.reason ? { reason: e.reason } : undefined);
 }
 
+/** Errors nobody listens for that are logged a minute (see `Client#logUnheard`). */
+const ERRORS_LOGGED_PER_MINUTE = 10;
+
+/** Relay-chosen text with its control characters (terminal escapes, newlines) shown as `?`. */
+function printable(text) {
+  return String(text).replace(/[\u0000-\u001f\u007f-\u009f]/g, '?');
+}
+
 /** The error `Client.connect` rejects with when its `signal` aborts it. */
 function aborted(signal) {
   const why = signal.reason instanceof Error ? signal.reason.message : signal.reason;
@@ -661,10 +669,28 @@ export class Client {
   }
 
   /** @internal */
+  #logWindow = { start: 0, n: 0, suppressed: 0 };
+
+  /**
+   * An error nobody listens for goes to the console — at most ERRORS_LOGGED_PER_MINUTE a
+   * minute (a relay can send error frames without end; console.error writes synchronously
+   * and would stall the event loop), then one line saying how many were left out.
+   */
+  #logUnheard(error) {
+    const w = this.#logWindow;
+    const now = mono();
+    if (now - w.start >= 60_000) {
+      if (w.suppressed) console.error(`whispeer: ${w.suppressed} more errors in the last minute not logged (listen to 'error')`);
+      this.#logWindow = { start: now, n: 0, suppressed: 0 };
+    }
+    if (this.#logWindow.n++ < ERRORS_LOGGED_PER_MINUTE) console.error('whispeer:', error);
+    else this.#logWindow.suppressed++;
+  }
+
   _emit(event, ...args) {
     const ls = this.#listeners.get(event);
     if (!ls || ls.size === 0) {
-      if (event === 'error') console.error('whispeer:', args[0]);
+      if (event === 'error') this.#logUnheard(args[0]);
       return;
     }
     for (const fn of [...ls]) {
@@ -1033,7 +1059,7 @@ export class Client {
         this.#finish();
         break;
       case 'error':
-        this._emit('error', new WhispeerError(e.code, `relay error: ${e.message}`));
+        this._emit('error', new WhispeerError(e.code, `relay error: ${printable(e.message)}`));
         break;
       default:
         break;

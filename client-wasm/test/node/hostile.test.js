@@ -42,7 +42,7 @@ async function hostileRelay(hostile) {
       greeted = true;
       client.send(d);
       up.close();
-      client.once('message', () => hostile(client));
+      client.once('message', (first) => hostile(client, new Uint8Array(first)));
     });
     client.on('error', () => {});
     up.on('error', () => {});
@@ -147,5 +147,35 @@ test('close() ends though the relay never answers its flush', { timeout: 60_000 
   } finally {
     clearInterval(timer);
     await fake.close();
+  }
+});
+
+test('error frames a relay sends without end are logged a few a minute, escapes shown as ?', { timeout: 60_000 }, async () => {
+  const text = new TextEncoder().encode('\x1b[2J\x1b[31mpwned\nfake log line');
+  // Err {0: 10, 1: code 17 (unknown_subscription), 2: text}, not fatal.
+  const err = Uint8Array.of(0xa3, 0x00, 0x0a, 0x01, 0x11, 0x02, 0x78, text.length, ...text);
+  const fake = await hostileRelay((client, ping) => {
+    for (let i = 0; i < 50; i++) client.send(err);
+    // Then the answer to the flush that started this (a Pong with the Ping's nonce):
+    // the client has handled every Err when its flush resolves.
+    const pong = ping.slice();
+    pong[2] = 0x0c;
+    client.send(pong);
+  });
+  const c = await Client.connect(fake.url, { identity: Identity.generate(), keys: TreeKey.generate('noisy') });
+  const logged = [];
+  const original = console.error;
+  console.error = (...args) => logged.push(args.map(String).join(' '));
+  try {
+    await c.flush();
+  } finally {
+    console.error = original;
+    await c.close();
+    await fake.close();
+  }
+  assert.equal(logged.length, 10, 'ten a minute, the rest counted');
+  for (const l of logged) {
+    assert.ok(!/[\u0000-\u001f]/.test(l), JSON.stringify(l));
+    assert.match(l, /relay error: \?\[2J\?\[31mpwned\?fake log line/);
   }
 });
