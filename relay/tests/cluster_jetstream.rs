@@ -1971,23 +1971,27 @@ async fn open_store(
     urls: &str,
     name: &str,
 ) -> std::sync::Arc<whispeer_relay::store::JetStreamStore> {
-    use whispeer_relay::config::{ClusterConfig, ClusterStore, StoreConfig};
-    let cluster = ClusterConfig {
-        urls: urls.split(',').map(str::to_string).collect(),
-        name: Some(name.into()),
-        store: ClusterStore::Jetstream,
-        replicas: 3,
-        ..ClusterConfig::default()
+    open_store_limited(urls, name, 0).await
+}
+
+/// A three-node NATS cluster, its URLs and two stores on it ("relay-a", "relay-b") with
+/// `tenant_max_durables` (0: the default); `None` (the test is skipped) without nats-server.
+async fn two_stores(
+    tenant_max_durables: u64,
+) -> Option<(
+    NatsCluster,
+    String,
+    std::sync::Arc<whispeer_relay::store::JetStreamStore>,
+    std::sync::Arc<whispeer_relay::store::JetStreamStore>,
+)> {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return None;
     };
-    let store = StoreConfig {
-        // As `jetstream_relay_args`: the stream's byte limit is reserved up front.
-        total_max_bytes: 256 << 20,
-        ..StoreConfig::default()
-    };
-    let s = whispeer_relay::store::JetStreamStore::open(&cluster, &store)
-        .await
-        .expect("the JetStream store opens");
-    std::sync::Arc::new(s)
+    let urls = nats.urls();
+    let a = open_store_limited(&urls, "relay-a", tenant_max_durables).await;
+    let b = open_store_limited(&urls, "relay-b", tenant_max_durables).await;
+    Some((nats, urls, a, b))
 }
 
 /// Runs a store step on a runtime worker, as a relay's connection task does (the store
@@ -2136,13 +2140,9 @@ async fn pending_creations_past_their_bound_keep_the_owner_of_one_in_flight() {
 async fn a_floor_written_before_the_reader_caught_up_keeps_the_owner() {
     use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
     use whispeer_relay::store::{DurableKey, Store, StoreError, Tenant};
-    let Some(nats) = NatsCluster::start(3) else {
-        eprintln!("nats-server not installed: skipped");
+    let Some((nats, urls, a, b)) = two_stores(0).await else {
         return;
     };
-    let urls = nats.urls();
-    let a = open_store(&urls, "relay-a").await;
-    let b = open_store(&urls, "relay-b").await;
     // Every record of the durable stream, as written (creation first).
     let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
     let mut records = async_nats::jetstream::new(nc)
@@ -2748,4 +2748,408 @@ async fn deletion_markers_stay_for_the_keep_time_then_are_purged() {
         Some(false),
         "f's new record"
     );
+}
+
+// Adversarial review of the durable stream's background reader (the
+// `hold_durable_reader` hook): a relay whose reader is behind, or whose direct reads are
+// ahead of it.
+
+/// [`open_store`] with `tenant_max_durables` set (0: the default).
+async fn open_store_limited(
+    urls: &str,
+    name: &str,
+    tenant_max_durables: u64,
+) -> std::sync::Arc<whispeer_relay::store::JetStreamStore> {
+    use whispeer_relay::config::{ClusterConfig, ClusterStore, StoreConfig};
+    let cluster = ClusterConfig {
+        urls: urls.split(',').map(str::to_string).collect(),
+        name: Some(name.into()),
+        store: ClusterStore::Jetstream,
+        replicas: 3,
+        ..ClusterConfig::default()
+    };
+    let mut store = StoreConfig {
+        // As `jetstream_relay_args`: the stream's byte limit is reserved up front.
+        total_max_bytes: 256 << 20,
+        ..StoreConfig::default()
+    };
+    if tenant_max_durables > 0 {
+        store.tenant_max_durables = tenant_max_durables;
+    }
+    let s = whispeer_relay::store::JetStreamStore::open(&cluster, &store)
+        .await
+        .expect("the JetStream store opens");
+    std::sync::Arc::new(s)
+}
+
+/// Lets relay `b`'s held durable reader go on and waits until it has applied every record
+/// written so far: a sentinel durable (named `sentinel`, key id 99) is created at `b` and
+/// deleted at `a`; `b` reports it gone (`take_gone`, whose receiver is `gone`) once its
+/// reader applies the marker, the stream's last record.
+async fn catch_up(
+    a: &std::sync::Arc<whispeer_relay::store::JetStreamStore>,
+    b: &std::sync::Arc<whispeer_relay::store::JetStreamStore>,
+    gone: &mut tokio::sync::mpsc::UnboundedReceiver<whispeer_relay::store::DurableKey>,
+    sentinel: &str,
+) {
+    use whispeer_relay::store::{DurableKey, Store, Tenant};
+    let s = DurableKey {
+        key_id: key(99),
+        name: sentinel.into(),
+    };
+    let (sa, sb, k) = (a.clone(), b.clone(), s.clone());
+    on_worker(move || {
+        assert!(matches!(sb.durable_owner(&k, None), Ok(true)));
+        assert_eq!(sb.durable(&k).expect("read"), None);
+        sb.set_durable(&k, 0, &Tenant::Address("10.9.9.9".parse().unwrap()))
+            .expect("the sentinel is created");
+        assert!(sa.delete_durable(&k).expect("the sentinel is deleted"));
+    })
+    .await;
+    b.hold_durable_reader(false);
+    loop {
+        let k = tokio::time::timeout(TIMEOUT, gone.recv())
+            .await
+            .expect("relay B's reader reaches the sentinel's marker")
+            .expect("gone channel");
+        if k == s {
+            return;
+        }
+    }
+}
+
+/// A durable deleted at relay A and created again (same name) at relay B before B's
+/// reader has read the deleted one's records. When the reader catches up it applies the
+/// deleted durable's floor as a floor of the new one (the in-memory floor is a maximum),
+/// and it skips the deletion marker (B knows a newer record). B's release of the hold
+/// rewrites the record (the idle clock) with that in-memory floor: the new durable's floor
+/// jumps to the deleted one's, and every message in between is skipped on its next resume.
+/// (How it was; the newest record known now decides, and a refresh rewrites its floor.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_durables_floor_read_late_is_not_written_into_its_successor() {
+    use whispeer_relay::store::{DurableKey, HoldLost, Store, Tenant};
+    let Some((nats, urls, a, b)) = two_stores(0).await else {
+        return;
+    };
+    let mut gone_b = b.take_gone().expect("gone receiver");
+    let mut leases = lease_watch(&nats).await;
+    b.hold_durable_reader(true);
+    let tenant = Tenant::Address("10.0.0.1".parse().unwrap());
+    let d = DurableKey {
+        key_id: key(43),
+        name: "d".into(),
+    };
+    // The first owner's durable at A: acknowledged up to 100, then deleted.
+    let (s, k, t) = (a.clone(), d.clone(), tenant.clone());
+    on_worker(move || {
+        assert!(matches!(
+            s.durable_owner(&k, Some("sha256:first")),
+            Ok(true)
+        ));
+        assert_eq!(s.durable(&k).expect("read"), None, "new");
+        s.set_durable(&k, 90, &t).expect("created");
+        s.set_durable(&k, 100, &t).expect("a floor");
+        assert!(
+            s.delete_durable(&k).expect("deleted"),
+            "there was a durable"
+        );
+    })
+    .await;
+    // Another owner creates the name at B, replaying from the start (floor 0), acks up to 3.
+    let (s, k, t) = (b.clone(), d.clone(), tenant.clone());
+    let (tx, _lost) = tokio::sync::mpsc::unbounded_channel();
+    on_worker(move || {
+        assert!(matches!(
+            s.durable_owner(&k, Some("sha256:second")),
+            Ok(true)
+        ));
+        s.hold_durable(&k, &HoldLost::new(tx, 1))
+            .expect("held at B");
+        assert_eq!(
+            s.durable(&k).expect("read"),
+            None,
+            "the deleted one is gone"
+        );
+        s.set_durable(&k, 0, &t).expect("created again");
+        s.set_durable(&k, 3, &t).expect("a floor");
+    })
+    .await;
+    catch_up(&a, &b, &mut gone_b, "sentinel-43").await;
+    // The subscription ends at B: the hold goes back (its record rewritten first).
+    b.release_hold(&d);
+    wait_released(&mut leases).await;
+    let c = open_store(&urls, "relay-c").await;
+    let floor = on_worker(move || c.durable(&d).expect("read")).await;
+    assert_eq!(
+        floor,
+        Some(3),
+        "the new durable's floor, not the deleted one's (messages 4..=100 would be skipped)"
+    );
+}
+
+/// A durable deleted by its owner at relay A and created again there without an owner
+/// (a `Sub` naming none), while relay B's reader is behind. B had checked the first owner
+/// (a `Sub` of theirs at B: the owner is noted from the record read directly). B then
+/// reads the new, owner-less record directly, but keeps the deleted durable's owner: the
+/// new durable's own subscriber is refused at B as "someone else" — and still is once B's
+/// reader caught up (it skips the marker: B knows a newer record). (How it was; an owner
+/// learned from an older record goes when a newer owner-less one is read.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_created_again_without_an_owner_does_not_keep_the_deleted_ones_at_a_relay_behind()
+{
+    use whispeer_relay::store::{DurableKey, Store, Tenant};
+    let Some((_nats, _urls, a, b)) = two_stores(0).await else {
+        return;
+    };
+    let mut gone_b = b.take_gone().expect("gone receiver");
+    b.hold_durable_reader(true);
+    let tenant = Tenant::Address("10.0.0.1".parse().unwrap());
+    let d = DurableKey {
+        key_id: key(44),
+        name: "d".into(),
+    };
+    let first = "sha256:first";
+    let (s, k, t) = (a.clone(), d.clone(), tenant.clone());
+    on_worker(move || {
+        assert!(matches!(s.durable_owner(&k, Some(first)), Ok(true)));
+        assert_eq!(s.durable(&k).expect("read"), None, "new");
+        s.set_durable(&k, 0, &t).expect("created");
+    })
+    .await;
+    // The first owner's `Sub` at B (refused later, say, held at A): its owner check.
+    let (s, k) = (b.clone(), d.clone());
+    on_worker(move || assert!(matches!(s.durable_owner(&k, Some(first)), Ok(true)))).await;
+    // Deleted at A; a `Sub` naming no owner creates the name again there.
+    let (s, k, t) = (a.clone(), d.clone(), tenant.clone());
+    on_worker(move || {
+        assert!(s.delete_durable(&k).expect("deleted"));
+        assert!(matches!(s.durable_owner(&k, None), Ok(true)));
+        assert_eq!(s.durable(&k).expect("read"), None, "gone");
+        s.set_durable(&k, 0, &t).expect("created again");
+        assert!(matches!(s.durable_owner(&k, None), Ok(true)), "at A");
+    })
+    .await;
+    // Its subscriber at B.
+    let (s, k) = (b.clone(), d.clone());
+    let behind = on_worker(move || s.durable_owner(&k, None)).await;
+    catch_up(&a, &b, &mut gone_b, "sentinel-44").await;
+    let (s, k) = (b.clone(), d.clone());
+    let caught_up = on_worker(move || s.durable_owner(&k, None)).await;
+    assert!(
+        matches!((&behind, &caught_up), (Ok(true), Ok(true))),
+        "the new durable's subscriber at B, reader behind: {behind:?}; caught up: {caught_up:?}"
+    );
+}
+
+/// Durable quota per tenant (1 here) at a relay whose reader is behind: tenant T1's
+/// durable "d" is known at relay B (read directly), deleted at A and created again there
+/// by tenant T2; B reads the new record directly (T2's subscriber at B) before its reader
+/// reaches the deletion marker, which it then skips (B knows a newer record). B's ledger
+/// keeps "d" on T1's account: T2 creates a second durable at B past its quota (A refuses
+/// it), and T1, with no durable in the cluster, is refused one at B. (How it was; the
+/// count follows the newest record's tenant.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_created_again_by_another_tenant_counts_for_that_tenant_at_a_relay_behind() {
+    use whispeer_relay::store::{DurableKey, Store, StoreError, Tenant};
+    let Some((_nats, _urls, a, b)) = two_stores(1).await else {
+        return;
+    };
+    let mut gone_b = b.take_gone().expect("gone receiver");
+    let t1 = Tenant::Address("10.0.0.1".parse().unwrap());
+    let t2 = Tenant::Address("10.0.0.2".parse().unwrap());
+    let named = |n: &str| DurableKey {
+        key_id: key(45),
+        name: n.into(),
+    };
+    let d = named("d");
+    let (s, k, t) = (a.clone(), d.clone(), t1.clone());
+    on_worker(move || {
+        assert!(matches!(s.durable_owner(&k, Some("sha256:one")), Ok(true)));
+        assert_eq!(s.durable(&k).expect("read"), None, "new");
+        s.set_durable(&k, 0, &t).expect("T1 creates d");
+    })
+    .await;
+    let (s, k) = (b.clone(), d.clone());
+    on_worker(move || assert_eq!(s.durable(&k).expect("read"), Some(0), "B knows d")).await;
+    b.hold_durable_reader(true);
+    let (s, k, t) = (a.clone(), d.clone(), t2.clone());
+    on_worker(move || {
+        assert!(s.delete_durable(&k).expect("T1 deletes d"));
+        assert!(matches!(s.durable_owner(&k, Some("sha256:two")), Ok(true)));
+        assert_eq!(s.durable(&k).expect("read"), None, "gone");
+        s.set_durable(&k, 0, &t).expect("T2 creates d");
+    })
+    .await;
+    // T2's subscriber of d at B reads the new record.
+    let (s, k) = (b.clone(), d.clone());
+    on_worker(move || {
+        assert!(matches!(s.durable_owner(&k, Some("sha256:two")), Ok(true)));
+        assert_eq!(s.durable(&k).expect("read"), Some(0));
+    })
+    .await;
+    // At A (caught up), T2 is at its quota.
+    let (s, f, t) = (a.clone(), named("f"), t2.clone());
+    let at_a = on_worker(move || {
+        assert!(matches!(s.durable_owner(&f, Some("sha256:two")), Ok(true)));
+        assert_eq!(s.durable(&f).expect("read"), None);
+        s.set_durable(&f, 0, &t)
+    })
+    .await;
+    assert!(
+        matches!(at_a, Err(StoreError::QuotaExceeded(_))),
+        "T2 at A: {at_a:?}"
+    );
+    catch_up(&a, &b, &mut gone_b, "sentinel-45").await;
+    let (s, f, e, tt1, tt2) = (b.clone(), named("f"), named("e"), t1.clone(), t2.clone());
+    let (t2_second, t1_first) = on_worker(move || {
+        assert!(matches!(s.durable_owner(&f, Some("sha256:two")), Ok(true)));
+        assert_eq!(s.durable(&f).expect("read"), None);
+        let t2_second = s.set_durable(&f, 0, &tt2);
+        assert!(matches!(s.durable_owner(&e, Some("sha256:one")), Ok(true)));
+        assert_eq!(s.durable(&e).expect("read"), None);
+        let t1_first = s.set_durable(&e, 0, &tt1);
+        (t2_second, t1_first)
+    })
+    .await;
+    assert!(
+        matches!(
+            (&t2_second, &t1_first),
+            (Err(StoreError::QuotaExceeded(_)), Ok(()))
+        ),
+        "at B: T2's second durable {t2_second:?} (quota 1), T1's only one {t1_first:?}"
+    );
+}
+
+/// Review finding 6 across relays: a `Sub` at relay B finds the name new (its owner check
+/// passes: nothing to check), then — before it takes the cluster hold — another owner's
+/// `Sub` at relay A creates the durable, acks and ends. B's `Sub` takes the hold and reads
+/// the durable: it resumes the other owner's durable (its backlog, and its acks move that
+/// durable's floor), never having been checked against its owner. (How it was; now
+/// that read refuses it: `NotAllowed`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_that_found_the_name_new_does_not_resume_a_durable_another_owner_created_meanwhile() {
+    use whispeer_relay::store::{DurableKey, HoldLost, Store, Tenant};
+    let Some((nats, _urls, a, b)) = two_stores(0).await else {
+        return;
+    };
+    let mut leases = lease_watch(&nats).await;
+    let tenant = Tenant::Address("10.0.0.1".parse().unwrap());
+    let d = DurableKey {
+        key_id: key(46),
+        name: "d".into(),
+    };
+    // The stranger's `Sub` at B: the name is new.
+    let (s, k) = (b.clone(), d.clone());
+    on_worker(move || {
+        assert!(matches!(
+            s.durable_owner(&k, Some("sha256:thief")),
+            Ok(true)
+        ))
+    })
+    .await;
+    // The victim's `Sub` at A creates it, acks up to 7, ends.
+    let (s, k, t) = (a.clone(), d.clone(), tenant.clone());
+    let (tx, _lost_a) = tokio::sync::mpsc::unbounded_channel();
+    on_worker(move || {
+        assert!(matches!(
+            s.durable_owner(&k, Some("sha256:victim")),
+            Ok(true)
+        ));
+        s.hold_durable(&k, &HoldLost::new(tx, 1))
+            .expect("held at A");
+        assert_eq!(s.durable(&k).expect("read"), None, "new");
+        s.set_durable(&k, 0, &t).expect("created");
+        s.set_durable(&k, 7, &t).expect("a floor");
+        s.release_hold(&k);
+    })
+    .await;
+    wait_released(&mut leases).await;
+    // The stranger's `Sub` goes on at B: the hold, then the durable's floor.
+    let (s, k) = (b.clone(), d.clone());
+    let (tx, _lost_b) = tokio::sync::mpsc::unbounded_channel();
+    let found = on_worker(move || {
+        s.hold_durable(&k, &HoldLost::new(tx, 1))
+            .expect("held at B");
+        s.durable(&k)
+    })
+    .await;
+    assert!(
+        !matches!(found, Ok(Some(_))),
+        "the stranger's Sub (checked as the creator of a new name) resumes the victim's \
+         durable: {found:?}"
+    );
+}
+
+/// A durable deleted at relay A while relay B's reader is behind (B had resumed it, so it
+/// knows its floor and owner): at B the name is new — neither resumed with the deleted
+/// floor nor refused as the deleted owner's — and its new owner's creation there stands
+/// (owner and floor), at B once its reader caught up and at a relay started afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_deleted_while_a_relay_is_behind_is_new_there_for_any_owner() {
+    use whispeer_relay::store::{DurableKey, Store, StoreError, Tenant};
+    let Some((_nats, urls, a, b)) = two_stores(0).await else {
+        return;
+    };
+    let mut gone_b = b.take_gone().expect("gone receiver");
+    b.hold_durable_reader(true);
+    let tenant = Tenant::Address("10.0.0.1".parse().unwrap());
+    let d = DurableKey {
+        key_id: key(47),
+        name: "d".into(),
+    };
+    let (first, second) = ("sha256:first", "sha256:second");
+    let (s, k, t) = (a.clone(), d.clone(), tenant.clone());
+    on_worker(move || {
+        assert!(matches!(s.durable_owner(&k, Some(first)), Ok(true)));
+        assert_eq!(s.durable(&k).expect("read"), None, "new");
+        s.set_durable(&k, 0, &t).expect("created");
+        s.set_durable(&k, 5, &t).expect("a floor");
+    })
+    .await;
+    // Resumed at B (read directly), then deleted at A.
+    let (s, k) = (b.clone(), d.clone());
+    on_worker(move || {
+        assert!(matches!(s.durable_owner(&k, Some(first)), Ok(true)));
+        assert_eq!(s.durable(&k).expect("read"), Some(5), "resumed at B");
+    })
+    .await;
+    let (s, k) = (a.clone(), d.clone());
+    on_worker(move || assert!(s.delete_durable(&k).expect("deleted"))).await;
+    // At B: new for another owner, with no backlog; created there at 40.
+    let (s, k, t) = (b.clone(), d.clone(), tenant.clone());
+    on_worker(move || {
+        assert!(matches!(s.durable_owner(&k, Some(second)), Ok(true)));
+        assert_eq!(
+            s.durable(&k).expect("read"),
+            None,
+            "not the deleted one's floor"
+        );
+        s.set_durable(&k, 40, &t).expect("created again at B");
+        match s.durable_owner(&k, Some(first)) {
+            Err(StoreError::NotAllowed(_)) => {}
+            other => panic!("the deleted durable's owner at B: {other:?}"),
+        }
+    })
+    .await;
+    catch_up(&a, &b, &mut gone_b, "sentinel-47").await;
+    let (s, k) = (b.clone(), d.clone());
+    on_worker(move || {
+        assert!(matches!(
+            s.durable_owner(&k, Some(first)),
+            Err(StoreError::NotAllowed(_))
+        ));
+        assert!(matches!(s.durable_owner(&k, Some(second)), Ok(true)));
+        assert_eq!(s.durable(&k).expect("read"), Some(40), "caught up");
+    })
+    .await;
+    let c = open_store(&urls, "relay-c").await;
+    on_worker(move || {
+        assert!(matches!(
+            c.durable_owner(&d, Some(first)),
+            Err(StoreError::NotAllowed(_))
+        ));
+        assert!(matches!(c.durable_owner(&d, Some(second)), Ok(true)));
+        assert_eq!(c.durable(&d).expect("read"), Some(40), "at a new relay");
+    })
+    .await;
 }

@@ -226,13 +226,29 @@ impl DurableRecord {
 }
 
 /// What this relay knows of a durable's newest record: its stream sequence (the condition
-/// of a deletion or a refresh), when it was written (ms since the epoch: the idle clock)
-/// and its tenant.
+/// of a deletion or a refresh), when it was written (ms since the epoch: the idle clock),
+/// its floor (what a refresh rewrites) and its tenant.
 #[derive(Debug, Clone, Copy)]
 struct RecordMeta {
     seq: u64,
     ts: u64,
+    floor: Option<u64>,
     tenant: Tag,
+}
+
+/// A durable's owner as this relay knows it.
+#[derive(Debug, Clone)]
+struct Owner {
+    /// Its owner tag (header `Wsp-Owner`).
+    tag: String,
+    /// The stream sequence of the record it was read from or written with — or, noted here
+    /// and not written yet (`local`), of the newest record known then: a newer record with
+    /// no owner, or a deletion marker, says it is not the durable's any more.
+    seq: u64,
+    /// Noted here (an adoption: `durable_owner`'s first owner of an owner-less durable) and
+    /// not written yet: a newer owner-less record (a floor of another relay's) keeps it,
+    /// since its next floor here writes it.
+    local: bool,
 }
 
 impl DurableRecord {
@@ -418,8 +434,8 @@ struct Inner {
     /// stream (every relay's ordered read of it learns the deletion from it) before a
     /// relay's sweep purges it.
     marker_keep_ms: u64,
-    /// Durable owners (owner tags) as the durable stream holds them, by durable key.
-    owners: Mutex<HashMap<String, String>>,
+    /// Durable owners as the durable stream holds them (or as adopted here), by durable key.
+    owners: Mutex<HashMap<String, Owner>>,
     /// `true` holds the background read of the durable stream before its next record
     /// ([`JetStreamStore::hold_durable_reader`]).
     reader_held: tokio::sync::watch::Sender<bool>,
@@ -962,7 +978,7 @@ impl JetStreamStore {
             Some(r) => r,
             None => Ok(lock(&inner.durables).get(k).map(|f| DurableRecord {
                 floor: Some(*f),
-                owner: lock(&inner.owners).get(k).cloned(),
+                owner: lock(&inner.owners).get(k).map(|o| o.tag.clone()),
                 ..DurableRecord::default()
             })),
         }
@@ -977,15 +993,10 @@ impl JetStreamStore {
         let inner = &self.inner;
         match self.fetch_durable(k)? {
             Some(rec) if !rec.deleted => {
+                // Its owner (and tenant) taken from the record read now, not only from the
+                // background reader (see `note_record`).
                 if rec.seq > 0 {
                     note_record(inner, k, &rec);
-                }
-                // The owner goes with every floor this relay writes (`Wsp-Owner`): taken
-                // from the record read now, not only from the background reader — a floor
-                // written before that reader reaches the record would otherwise go out
-                // owner-less, and an owner-less durable is adopted by the next `Sub`.
-                if let Some(o) = &rec.owner {
-                    lock(&inner.owners).insert(k.to_string(), o.clone());
                 }
                 Ok(Some(rec))
             }
@@ -1008,10 +1019,10 @@ impl JetStreamStore {
     /// creating one name at once, one wins and the other's `Sub` fails (retryable).
     fn create_durable(&self, k: &str, floor: u64, tag: &Tag) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let owner = lock(&inner.creating).remove(k).and_then(|c| c.owner);
-        if let Some(o) = &owner {
-            lock(&inner.owners).insert(k.to_string(), o.clone());
-        }
+        // The entry goes once the durable is created: if another relay's creation wins,
+        // the other `Sub`s of this owner noted in it still find that durable checked
+        // against it (see `creator_finds`).
+        let owner = lock(&inner.creating).get(k).and_then(|c| c.owner.clone());
         let mut h = HeaderMap::new();
         h.insert(TENANT_HEADER, hex::encode(tag).as_str());
         if let Some(o) = &owner {
@@ -1028,7 +1039,7 @@ impl JetStreamStore {
         let js = inner.js.clone();
         let payload = Bytes::from(floor.to_string());
         let written = self.inner.clone();
-        let (key, tenant) = (k.to_string(), *tag);
+        let (key, tenant, wrote_owner) = (k.to_string(), *tag, owner.clone());
         let r = self.on_runtime(Duration::from_secs(5), async move {
             let ack = js
                 .publish_with_headers(subject, h, payload)
@@ -1036,24 +1047,35 @@ impl JetStreamStore {
                 .map_err(|e| unavailable("durable create", e))?;
             match ack.await {
                 Ok(a) => {
-                    lock(&written.gone).remove(&key);
-                    wrote_record(&written, &key, a.sequence, &tenant);
+                    lock(&written.creating).remove(&key);
+                    // Its owner noted once it is the durable's (a creation that lost to
+                    // another relay's leaves none behind); the marker it went over goes.
+                    wrote_record(&written, &key, a.sequence, floor, &tenant, wrote_owner);
                     Ok(())
                 }
                 Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    creation_done(&written, &key);
                     Err(StoreError::Unavailable(
                         "the durable subscription was created on another relay meanwhile; \
                          subscribe again"
                             .into(),
                     ))
                 }
-                Err(e) => Err(unavailable("durable create", e)),
+                Err(e) => {
+                    creation_done(&written, &key);
+                    Err(unavailable("durable create", e))
+                }
             }
         });
         match r {
             Some(r) => r,
             None => {
-                // Off the multi-threaded runtime: written behind, as every later floor.
+                lock(&inner.creating).remove(k);
+                // Off the multi-threaded runtime: written behind, as every later floor (with
+                // the owner, noted here until then).
+                if let Some(o) = owner {
+                    adopt_here(inner, k, o);
+                }
                 lock(&inner.dirty).insert(k.to_string(), (floor, *tag));
                 inner.flush.notify_one();
                 Ok(())
@@ -1066,7 +1088,8 @@ impl JetStreamStore {
         let inner = &self.inner;
         let mut h = HeaderMap::new();
         h.insert(TENANT_HEADER, hex::encode(tag).as_str());
-        if let Some(o) = lock(&inner.owners).get(k) {
+        let owner = lock(&inner.owners).get(k).map(|o| o.tag.clone());
+        if let Some(o) = &owner {
             h.insert(OWNER_HEADER, o.as_str());
         }
         let subject = format!("{}.{k}", durable_prefix(&inner.prefix));
@@ -1081,7 +1104,7 @@ impl JetStreamStore {
                 .map_err(|e| unavailable("durable write", e))?
                 .await
                 .map_err(|e| unavailable("durable write", e))?;
-            wrote_record(&written, &key, a.sequence, &tenant);
+            wrote_record(&written, &key, a.sequence, floor, &tenant, owner);
             Ok(())
         });
         match r {
@@ -1089,6 +1112,45 @@ impl JetStreamStore {
             None => {
                 lock(&inner.dirty).insert(k.to_string(), (floor, *tag));
                 inner.flush.notify_one();
+                Ok(())
+            }
+        }
+    }
+
+    /// A `Sub` let through here as the creator of a new name ([`Creating`]: its owner
+    /// check found none) reads the durable under the cluster hold and finds it: created
+    /// meanwhile, at another relay, before this `Sub` took the hold. It is resumed only if
+    /// the creator's owner may have it (its owner's, or owner-less: adopted, as
+    /// `durable_owner` would) — else `NotAllowed`, as `durable_owner` answers now: checked
+    /// against no owner at all, the `Sub` would take another owner's backlog and move its
+    /// floor. Only that creator's `Sub`s get here while the entry lasts (another owner's
+    /// `Sub` for the name is `busy` at `durable_owner`); this one creates nothing now.
+    fn creator_finds(
+        &self,
+        key: &DurableKey,
+        k: &str,
+        rec: &DurableRecord,
+    ) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let now = std::time::Instant::now();
+        let Some(want) = lock(&inner.creating)
+            .get(k)
+            .filter(|c| c.until > now)
+            .map(|c| c.owner.clone())
+        else {
+            return Ok(());
+        };
+        creation_done(inner, k);
+        let have = rec
+            .owner
+            .clone()
+            .or_else(|| lock(&inner.owners).get(k).map(|o| o.tag.clone()));
+        match (have, want) {
+            (Some(h), Some(w)) if h == w => Ok(()),
+            (Some(_), _) => Err(not_yours(key)),
+            (None, None) => Ok(()),
+            (None, Some(w)) => {
+                adopt_here(inner, k, w);
                 Ok(())
             }
         }
@@ -1650,42 +1712,129 @@ async fn live_requests(
     }
 }
 
-/// Records what this relay learned of a durable's live record (read from the stream).
-fn note_record(inner: &Inner, k: &str, rec: &DurableRecord) {
+/// Records what this relay learned of a durable's live record (read from the stream,
+/// directly or by the background reader, or written here), if it is the newest it knows —
+/// `false` for an older one, which says nothing any more: it may be of a durable of the
+/// name deleted since (a relay whose reader is behind reads the deleted durable's records
+/// after the new one's), and its floor, owner or tenant taken then went into the new
+/// durable (its floor rewritten by `touch_record`, the deleted one's owner enforced).
+///
+/// The newest record decides the owner — every floor carries its owner (`Wsp-Owner`), so
+/// one without is of a durable that has none, unless this relay adopted it and has not
+/// written that yet ([`Owner::local`]) — and which tenant the durable counts for in the
+/// ledger (moved when another tenant created the name again, or wrote its floor).
+fn note_record(inner: &Inner, k: &str, rec: &DurableRecord) -> bool {
     {
         let mut r = lock(&inner.records);
-        if r.get(k).is_none_or(|m| rec.seq >= m.seq) {
-            r.insert(
-                k.to_string(),
-                RecordMeta {
-                    seq: rec.seq,
-                    ts: rec.ts,
-                    tenant: rec.tenant,
-                },
-            );
+        if r.get(k).is_some_and(|m| rec.seq < m.seq) {
+            return false;
         }
+        r.insert(
+            k.to_string(),
+            RecordMeta {
+                seq: rec.seq,
+                ts: rec.ts,
+                floor: rec.floor,
+                tenant: rec.tenant,
+            },
+        );
+        // Under the records lock: a newer record applied at once (a direct read, the
+        // reader) cannot have its owner or tenant overwritten by this one's.
+        let mut o = lock(&inner.owners);
+        match &rec.owner {
+            Some(tag) => {
+                let read = Owner {
+                    tag: tag.clone(),
+                    seq: rec.seq,
+                    local: false,
+                };
+                o.insert(k.to_string(), read);
+            }
+            None => {
+                if o.get(k).is_some_and(|o| !o.local && o.seq < rec.seq) {
+                    o.remove(k);
+                }
+            }
+        }
+        drop(o);
+        lock(&inner.ledger).count_durable(k, &rec.tenant);
     }
     let mut g = lock(&inner.gone);
     if g.get(k).is_some_and(|m| m.0 < rec.seq) {
         g.remove(k);
     }
+    true
 }
 
-/// Records a durable record this relay wrote (stream sequence `seq`, written now).
-fn wrote_record(inner: &Inner, k: &str, seq: u64, tenant: &Tag) {
+/// Records a durable record this relay wrote (stream sequence `seq`, written now, with
+/// `floor`, `tenant` and `owner`).
+fn wrote_record(inner: &Inner, k: &str, seq: u64, floor: u64, tenant: &Tag, owner: Option<String>) {
     let rec = DurableRecord {
+        floor: Some(floor),
+        owner,
+        tenant: *tenant,
         seq,
         ts: now_ms(),
-        tenant: *tenant,
-        ..DurableRecord::default()
+        deleted: false,
     };
     note_record(inner, k, &rec);
+}
+
+/// A deletion marker (stream sequence `marker`) of a durable this relay knows a newer
+/// record of (created again after it): the owner it learned before the marker — read from
+/// a record of the deleted durable, or adopted on one — was the deleted durable's.
+fn forget_before(inner: &Inner, k: &str, marker: u64) {
+    let mut o = lock(&inner.owners);
+    if o.get(k).is_some_and(|o| o.seq < marker) {
+        o.remove(k);
+    }
 }
 
 /// A floor of this relay's on its way to the durable stream (queued or being written).
 fn pending_floor(inner: &Inner, k: &str) -> Option<u64> {
     let queued = lock(&inner.dirty).get(k).map(|d| d.0);
     queued.or_else(|| lock(&inner.flushing).get(k).copied())
+}
+
+/// One `Sub` noted in [`Inner::creating`] as on its way to create durable `k` is not any
+/// more (refused for the quota, its creation failed, or it found the durable): the entry
+/// goes with the last of them.
+fn creation_done(inner: &Inner, k: &str) {
+    let mut creating = lock(&inner.creating);
+    if let Some(c) = creating.get_mut(k) {
+        c.pending = c.pending.saturating_sub(1);
+        if c.pending == 0 {
+            creating.remove(k);
+        }
+    }
+}
+
+/// Notes `owner` as the owner of owner-less durable `k` (adopted by its first `Sub` naming
+/// one): written with the durable's next floor here.
+fn adopt_here(inner: &Inner, k: &str, owner: String) {
+    let seq = lock(&inner.records).get(k).map_or(0, |m| m.seq);
+    let adopted = Owner {
+        tag: owner,
+        seq,
+        local: true,
+    };
+    lock(&inner.owners).insert(k.to_string(), adopted);
+}
+
+/// A durable's owner check refused: another owner's.
+fn not_yours(key: &DurableKey) -> StoreError {
+    StoreError::NotAllowed(format!(
+        "durable subscription {:?} belongs to someone else",
+        key.name
+    ))
+}
+
+/// Another owner's `Sub` is on its way to create the durable here (retryable).
+fn being_created(key: &DurableKey) -> StoreError {
+    StoreError::Busy(format!(
+        "durable subscription {:?} is being created by another subscriber; try again",
+        key.name
+    ))
 }
 
 /// Forgets a deleted durable here — floor, owner, record, queued floor, its count in the
@@ -1788,15 +1937,19 @@ async fn delete_record(inner: &Inner, k: &str) -> Result<(bool, Option<(u64, u64
 /// relay knows last: its time is the durable's idle clock, so a durable held here is
 /// rewritten now and then (and when released), which no sweep could mistake for idle.
 async fn touch_record(inner: &Inner, k: &str) {
+    // The floor of the record it is written over, not the in-memory one: a floor this
+    // relay has on its way goes by itself, and the in-memory one may be higher for no
+    // good reason (a floor read earlier of a durable of the name deleted since).
     let Some(meta) = lock(&inner.records).get(k).copied() else {
         return;
     };
-    let Some(floor) = lock(&inner.durables).get(k).copied() else {
+    let Some(floor) = meta.floor else {
         return;
     };
     let mut h = HeaderMap::new();
     h.insert(TENANT_HEADER, hex::encode(meta.tenant).as_str());
-    if let Some(o) = lock(&inner.owners).get(k) {
+    let owner = lock(&inner.owners).get(k).map(|o| o.tag.clone());
+    if let Some(o) = &owner {
         h.insert(OWNER_HEADER, o.as_str());
     }
     h.insert(
@@ -1813,7 +1966,7 @@ async fn touch_record(inner: &Inner, k: &str) {
         Err(e) => Err(e.to_string()),
     };
     match r {
-        Ok(a) => wrote_record(inner, k, a.sequence, &meta.tenant),
+        Ok(a) => wrote_record(inner, k, a.sequence, floor, &meta.tenant, owner),
         // A floor landed in between (a newer time anyway), or NATS failed: the next
         // sweep tries again.
         Err(e) => tracing::debug!(error = %e, "cluster store: durable record not refreshed"),
@@ -1993,9 +2146,12 @@ async fn durable_watch(
                     let rec = DurableRecord::of(m.headers.as_ref(), &m.payload, seq, ts);
                     if rec.deleted {
                         // Deleted (here or at another relay), unless this relay knows a
-                        // newer record of the name (created again after the marker).
+                        // newer record of the name (created again after the marker): then
+                        // only what it learned of the deleted durable goes.
                         let newer = lock(&i.records).get(key).is_some_and(|r| r.seq > seq);
-                        if !newer {
+                        if newer {
+                            forget_before(&i, key, seq);
+                        } else {
                             gone_here(&i, key, Some((seq, ts)), true);
                         }
                         continue;
@@ -2003,14 +2159,15 @@ async fn durable_watch(
                     let Some(floor) = rec.floor else {
                         continue;
                     };
-                    // A record older than a deletion this relay knows of is no durable.
+                    // A record older than a deletion this relay knows of is no durable, nor
+                    // is one older than a record it knows (read directly, or written here):
+                    // the first check before the second, as a creation notes its record
+                    // before it drops the marker it went over.
                     if lock(&i.gone).get(key).is_some_and(|g| g.0 > seq) {
                         continue;
                     }
-                    note_record(&i, key, &rec);
-                    lock(&i.ledger).add_durable(key, &rec.tenant);
-                    if let Some(o) = rec.owner {
-                        lock(&i.owners).insert(key.to_string(), o);
+                    if !note_record(&i, key, &rec) {
+                        continue;
                     }
                     let mut d = lock(&i.durables);
                     let known = d.len();
@@ -2047,8 +2204,8 @@ async fn durable_writer(
             h.insert(TENANT_HEADER, hex::encode(tag).as_str());
             let owner = inner
                 .upgrade()
-                .and_then(|i| lock(&i.owners).get(&k).cloned());
-            if let Some(o) = owner {
+                .and_then(|i| lock(&i.owners).get(&k).map(|o| o.tag.clone()));
+            if let Some(o) = &owner {
                 h.insert(OWNER_HEADER, o.as_str());
             }
             let r = match js
@@ -2063,7 +2220,7 @@ async fn durable_writer(
             }
             if let Some(i) = inner.upgrade() {
                 if let Ok(a) = &r {
-                    wrote_record(&i, &k, a.sequence, &tag);
+                    wrote_record(&i, &k, a.sequence, v, &tag, owner);
                 }
                 let mut f = lock(&i.flushing);
                 if f.get(&k) == Some(&v) {
@@ -2399,6 +2556,7 @@ impl Store for JetStreamStore {
         let pending = pending_floor(inner, &k);
         let fetched = match self.read_durable(&k)? {
             Some(rec) => {
+                self.creator_finds(key, &k, &rec)?;
                 // Known from now on (a later floor write is not a creation).
                 lock(&inner.ledger).add_durable(&k, &rec.tenant);
                 rec.floor
@@ -2462,11 +2620,7 @@ impl Store for JetStreamStore {
                 let mut creating = lock(&inner.creating);
                 match creating.get_mut(&k) {
                     Some(c) if c.until > now && c.owner != want => {
-                        return Err(StoreError::Busy(format!(
-                            "durable subscription {:?} is being created by another \
-                             subscriber; try again",
-                            key.name
-                        )));
+                        return Err(being_created(key));
                     }
                     Some(c) if c.until > now => {
                         c.until = now + CREATION_TTL;
@@ -2498,22 +2652,32 @@ impl Store for JetStreamStore {
             }
             rec => rec
                 .and_then(|r| r.owner)
-                .or_else(|| lock(&inner.owners).get(&k).cloned()),
+                .or_else(|| lock(&inner.owners).get(&k).map(|o| o.tag.clone())),
         };
-        match (have, want) {
-            (Some(h), Some(w)) if h == w => Ok(true),
-            (Some(_), _) => Err(StoreError::NotAllowed(format!(
-                "durable subscription {:?} belongs to someone else",
-                key.name
-            ))),
-            (None, None) => Ok(true),
-            (None, Some(w)) => {
-                // A durable created without an owner is adopted by the first one to name
-                // one (as the auth-state file does); written with its next floor.
-                lock(&inner.owners).insert(k, w);
-                Ok(true)
-            }
+        let adopt = match (have, &want) {
+            (Some(h), Some(w)) if h == *w => false,
+            (Some(_), _) => return Err(not_yours(key)),
+            (None, None) => false,
+            (None, Some(_)) => true,
+        };
+        // The durable exists, and this `Sub` may have it — but a `Sub` of another owner
+        // that found the name new here is still on its way to create it: its read under the
+        // hold refuses it, as it finds the durable someone else's (see `creator_finds`),
+        // which it could not tell from this one. Meanwhile this one is `busy` (retryable),
+        // as another owner's `Sub` is while the name is new.
+        let now = std::time::Instant::now();
+        if lock(&inner.creating)
+            .get(&k)
+            .is_some_and(|c| c.until > now && c.owner != want)
+        {
+            return Err(being_created(key));
         }
+        if let (true, Some(w)) = (adopt, want) {
+            // A durable created without an owner is adopted by the first one to name
+            // one (as the auth-state file does); written with its next floor.
+            adopt_here(inner, &k, w);
+        }
+        Ok(true)
     }
 
     fn claim_key(&self, key_id: &KeyId, group: &str, create: bool) -> Result<Claim, StoreError> {
@@ -2607,13 +2771,7 @@ impl Store for JetStreamStore {
                     self.inner.counters.quota.count(by);
                     drop(l);
                     // This `Sub` is not creating it any more; another of its owner may.
-                    let mut creating = lock(&self.inner.creating);
-                    if let Some(c) = creating.get_mut(&k) {
-                        c.pending = c.pending.saturating_sub(1);
-                        if c.pending == 0 {
-                            creating.remove(&k);
-                        }
-                    }
+                    creation_done(&self.inner, &k);
                     return Err(e);
                 }
                 // Counted as in flight until it is created (or not): the creation waits

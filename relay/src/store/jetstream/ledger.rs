@@ -489,6 +489,19 @@ impl Ledger {
         self.total.durables += 1;
     }
 
+    /// Counts a durable name for `tag`, the tenant of its newest record: known for another
+    /// tenant (the name deleted and created again by another, which a relay behind learns
+    /// from the new record before the old one's deletion marker, or a floor written by
+    /// another tenant's `Sub`), its count moves to `tag`; every relay counts it for the
+    /// tenant its newest record names, as one started afterwards does.
+    pub fn count_durable(&mut self, key: &str, tag: &Tag) {
+        let t = self.tenant(tag);
+        if self.durables.get(key) != Some(&t) {
+            self.remove_durable(key);
+            self.add_durable(key, tag);
+        }
+    }
+
     /// Forgets a deleted durable name: its count goes back to its tenant (and the total).
     pub fn remove_durable(&mut self, key: &str) {
         if let Some(t) = self.durables.remove(key) {
@@ -852,5 +865,21 @@ mod tests {
         assert_eq!(l.usage_of(&a).durables, 0, "given back once");
         assert_eq!((l.usage_of(&b).durables, l.total().durables), (1, 1));
         assert!(!l.has_durable("k.d1") && l.durable_count() == 1);
+    }
+
+    #[test]
+    fn a_durable_counts_for_the_tenant_of_its_newest_record() {
+        let mut l = Ledger::new(limits());
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        l.count_durable("k.d", &a);
+        l.count_durable("k.d", &a);
+        assert_eq!((l.usage_of(&a).durables, l.total().durables), (1, 1));
+        l.count_durable("k.d", &b);
+        assert_eq!(
+            (l.usage_of(&a).durables, l.usage_of(&b).durables),
+            (0, 1),
+            "moved"
+        );
+        assert_eq!((l.total().durables, l.durable_count()), (1, 1));
     }
 }
