@@ -710,6 +710,11 @@ async fn connect_io(
         let mut cfg = WebSocketConfig::default();
         cfg.max_message_size = Some(max_frame + LEN_PREFIX);
         cfg.max_frame_size = Some(max_frame + LEN_PREFIX);
+        // Bounded (tungstenite's default is unbounded): a relay sending WebSocket pings
+        // without reading queued a pong per ping for good; past the bound they coalesce
+        // into one. A frame of ours always fits: the buffer is flushed beyond
+        // `write_buffer_size` before the next frame goes in.
+        cfg.max_write_buffer_size = cfg.write_buffer_size + max_frame + LEN_PREFIX + 64 * 1024;
         let ws_url = ep.url.replacen("wss://", "ws://", 1);
         // tungstenite reads into what is left of its buffer after the frames it split off,
         // often little more than the next frame: without a buffer under it a stream of

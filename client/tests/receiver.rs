@@ -921,3 +921,118 @@ async fn close_ends_though_the_relay_never_answers_its_flush() {
     );
     chatter.abort();
 }
+
+/// A relay that stops reading while it keeps the client answering (a flood of `Ping`s, each
+/// queuing a `Pong`) cannot freeze the client: while a write waits the connection task
+/// does nothing else — no heartbeat, no commands — so a write the socket has not taken
+/// within the connect timeout ends the connection (before: stuck for good, `close()`
+/// never returned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_stops_reading_is_dropped_and_close_still_ends() {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(8).unwrap();
+    let url = format!("tcp://{}", listener.local_addr().unwrap());
+    let connect = tokio::spawn(
+        Client::builder()
+            .with(Tcp::new(url))
+            .with(Encryption::with_keyring(keyring_with(&tree("deaf"))))
+            .connect_timeout(Duration::from_millis(500))
+            .with(Reconnect::new(
+                Duration::from_secs(60),
+                Duration::from_secs(60),
+            ))
+            .connect(),
+    );
+    let conn = within("hello", FakeConn::accept(&listener)).await;
+    let c = within("connect", connect).await.unwrap().unwrap();
+    let mut states = c.state_changes();
+    // Never reads again; Pings until the client's answers fill both socket buffers.
+    let (_r, mut w) = conn.s.into_split();
+    let flood = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let ping =
+            whispeer::protocol::codec::encode_prefixed(&Frame::Ping(frame::Ping { nonce: 1 }));
+        let burst: Vec<u8> = ping
+            .iter()
+            .copied()
+            .cycle()
+            .take(ping.len() * 4096)
+            .collect();
+        while w.write_all(&burst).await.is_ok() {}
+    });
+    within(
+        "the stalled connection is dropped",
+        states.wait_for(|s| matches!(s, whispeer::ConnectionState::Reconnecting(_))),
+    )
+    .await
+    .unwrap();
+    within("close", c.close()).await;
+    flood.abort();
+}
+
+/// The client's resident memory (bytes), from `/proc/self/statm`.
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// A relay that floods WebSocket pings and reads nothing cannot grow the client's memory
+/// without bound: tungstenite answers each ping with a pong, and with its default
+/// (unbounded) write buffer every unsent pong stayed queued — 6 bytes of client memory per
+/// 2-byte ping. Bounded, the pongs coalesce into one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_pings_from_a_relay_that_reads_nothing_use_bounded_memory() {
+    use futures_util::SinkExt;
+    use tokio::io::AsyncWriteExt;
+    use whispeer::protocol::frame::Welcome;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let connect = tokio::spawn(
+        Client::builder()
+            .with(whispeer::WebSocket::new(url))
+            .with(Encryption::with_keyring(keyring_with(&tree("pings"))))
+            .connect(),
+    );
+    let (tcp, _) = within("dial", listener.accept()).await.unwrap();
+    let mut ws = within("handshake", tokio_tungstenite::accept_async(tcp))
+        .await
+        .unwrap();
+    within("hello", ws.next()).await.unwrap().unwrap();
+    let welcome = Frame::Welcome(Welcome {
+        version: frame::PROTOCOL_VERSION,
+        features: 0,
+        max_frame: 1 << 20,
+        session: [7; 16],
+        relay: Some("pinger".into()),
+        // No heartbeat of the client's: it has nothing of its own to write.
+        heartbeat_ms: 3_600_000,
+        seq_space: None,
+    });
+    ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+        welcome.to_bytes(),
+    ))
+    .await
+    .unwrap();
+    let c = within("connect", connect).await.unwrap().unwrap();
+    let before = rss_bytes();
+    // 16 M empty pings (32 MiB) straight onto the socket; the write completes only as the
+    // client reads them (all but what the socket buffers hold).
+    let tcp = ws.get_mut();
+    let burst = [0x89u8, 0x00].repeat(1 << 20);
+    for _ in 0..16 {
+        within("the client reads the pings", tcp.write_all(&burst))
+            .await
+            .unwrap();
+    }
+    let grew = rss_bytes().saturating_sub(before);
+    assert!(
+        grew < 24 << 20,
+        "client memory grew by {} MiB for 32 MiB of pings (a queued pong each: ~96 MiB)",
+        grew >> 20
+    );
+    drop(ws);
+    within("close", c.close()).await;
+}

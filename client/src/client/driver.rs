@@ -329,11 +329,17 @@ impl Driver {
             match t {
                 Transmit::Frame(b) => {
                     let Some(c) = &mut self.conn else { continue };
-                    if let Err(e) = c.writer.write(b).await {
-                        self.lost(e.to_string());
-                        wrote = false;
-                    } else {
-                        wrote = true;
+                    let stall = self.p.connect_timeout;
+                    match tokio::time::timeout(stall, c.writer.write(b)).await {
+                        Ok(Ok(())) => wrote = true,
+                        Ok(Err(e)) => {
+                            self.lost(e.to_string());
+                            wrote = false;
+                        }
+                        Err(_) => {
+                            self.lost(stalled(stall));
+                            wrote = false;
+                        }
                     }
                 }
                 Transmit::Dial(id) => {
@@ -347,8 +353,13 @@ impl Driver {
                 Transmit::Hangup(id) => {
                     if self.conn.as_ref().is_some_and(|c| c.id == id) {
                         let mut c = self.conn.take().expect("checked");
-                        let _ = c.writer.flush().await;
-                        c.writer.close().await;
+                        // What was sent goes first — within the stall limit: a relay that
+                        // reads nothing does not hold the hangup (nor `close`).
+                        let _ = tokio::time::timeout(self.p.connect_timeout, async {
+                            let _ = c.writer.flush().await;
+                            c.writer.close().await;
+                        })
+                        .await;
                         wrote = false;
                     } else if self.dialing.as_ref().is_some_and(|(d, _)| *d == id) {
                         if let Some((_, task)) = self.dialing.take() {
@@ -360,8 +371,11 @@ impl Driver {
         }
         if wrote {
             if let Some(c) = &mut self.conn {
-                if let Err(e) = c.writer.flush().await {
-                    self.lost(e.to_string());
+                let stall = self.p.connect_timeout;
+                match tokio::time::timeout(stall, c.writer.flush()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => self.lost(e.to_string()),
+                    Err(_) => self.lost(stalled(stall)),
                 }
             }
         }
@@ -383,7 +397,7 @@ impl Driver {
         self.p.dialers[self.p.eng.relay() % self.p.dialers.len()].describe()
     }
 
-    /// The socket failed under us.
+    /// The socket failed under us (or stopped taking what we write).
     fn lost(&mut self, why: String) {
         if let Some(c) = self.conn.take() {
             let now = self.now();
@@ -842,4 +856,16 @@ async fn dialed(
     };
     *dialing = None;
     (id, r)
+}
+
+/// Why a connection whose writes stalled is given up. While a write waits, the connection
+/// task does nothing else — no reads, no heartbeat, no commands — so a relay that stops
+/// reading (while it makes the client answer its `Ping`s, say) would hold the connection,
+/// and `close`, forever: a frame (or a flush) that the socket has not taken within the
+/// connect timeout ends the connection, and the engine reconnects with its backoff.
+fn stalled(limit: Duration) -> String {
+    format!(
+        "the relay took nothing written for {} ms (write stalled)",
+        limit.as_millis()
+    )
 }
