@@ -1036,3 +1036,42 @@ async fn websocket_pings_from_a_relay_that_reads_nothing_use_bounded_memory() {
     drop(ws);
     within("close", c.close()).await;
 }
+
+/// The relay chooses how many `Gap`s it sends and what they count: they fold into one
+/// report per read (a relay sending them without end queued an item per `Gap` per
+/// subscription), and a count of `u64::MAX` saturates instead of overflowing the sum
+/// with the client's own drops (a panic in debug builds, a lost report in release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_gaps_fold_into_one_report_and_saturate() {
+    let t = tree("gaps");
+    let (relay, c) = fake_relay_client(&t, |b| b.subscription_capacity(1)).await;
+    let mut sub = c.subscribe::<u32>("g/#").await.unwrap();
+    within("Sub", relay.wait_subs(1)).await;
+    for _ in 0..1000 {
+        relay.send(&Frame::Gap(frame::Gap { dropped: 1 })).await;
+    }
+    // Handled once the relay's answer to the flush (after them) is.
+    within("flush", c.flush()).await.unwrap();
+    match within("the report", sub.next()).await.unwrap() {
+        Err(ReceiveError::Lagged(n)) => assert_eq!(n, 1000, "one report of every Gap"),
+        other => panic!("expected Lagged, got {other:?}"),
+    }
+    // Then a Gap of u64::MAX beside the client's own drop: message 1 fills the
+    // subscription (capacity 1), the Gap, then message 2 is dropped by the client.
+    let now = whispeer::now_ms();
+    relay.msg(1, &seal(&t, None, "g/x", 1, now), 0, None).await;
+    relay
+        .send(&Frame::Gap(frame::Gap { dropped: u64::MAX }))
+        .await;
+    relay.msg(2, &seal(&t, None, "g/x", 2, now), 0, None).await;
+    until_stats(&c, "the second message dropped", |s| {
+        s.slow_subscriber_drops == 1
+    })
+    .await;
+    assert_eq!(value(&mut sub).await, 1);
+    match within("the report", sub.next()).await.unwrap() {
+        Err(ReceiveError::Lagged(n)) => assert_eq!(n, u64::MAX, "saturated"),
+        other => panic!("expected Lagged, got {other:?}"),
+    }
+    c.close().await;
+}

@@ -594,9 +594,14 @@ impl Driver {
                 }
                 Event::Placeholder { sub, token } => self.hide(sub, token),
                 Event::Gap { dropped, subs } => {
+                    // The relay's loss notices fold into the same count as the client's own
+                    // drops: one wake-up per report, whatever number of `Gap`s (a relay
+                    // sending them without end queued an item per Gap per subscription).
                     for sub in subs {
                         if let Some(s) = self.sinks.get(&sub) {
-                            let _ = s.tx.send(Item::Lagged(dropped));
+                            if add_lag(&s.lag, dropped) {
+                                let _ = s.tx.send(Item::Lagged(0));
+                            }
                         }
                     }
                 }
@@ -605,11 +610,11 @@ impl Driver {
                         // The first loss since the last report also queues a wake-up, so a
                         // reader waiting on an empty stream learns of it now, not only when
                         // (if ever) another message arrives. One marker per report: bounded.
-                        if s.lag.fetch_add(n, Ordering::AcqRel) == 0 {
+                        if add_lag(&s.lag, n) {
                             let _ = s.tx.send(Item::Lagged(0));
                         }
                     }
-                    self.slow_drops += n;
+                    self.slow_drops = self.slow_drops.saturating_add(n);
                 }
                 Event::SubscribeOk { sub } => {
                     if let Some(r) = self.sinks.get_mut(&sub).and_then(|s| s.ready.take()) {
@@ -868,4 +873,16 @@ fn stalled(limit: Duration) -> String {
         "the relay took nothing written for {} ms (write stalled)",
         limit.as_millis()
     )
+}
+
+/// Adds `n` lost messages to a subscription's unreported count (saturating: the relay
+/// chooses a `Gap`'s count); whether this starts a report (the count was 0, `n` is not),
+/// so the caller queues its one wake-up.
+fn add_lag(lag: &AtomicU64, n: u64) -> bool {
+    let before = lag
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+            Some(l.saturating_add(n))
+        })
+        .unwrap_or_else(|l| l);
+    before == 0 && n > 0
 }

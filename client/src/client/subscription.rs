@@ -96,7 +96,7 @@ impl<T> Subscription<T> {
                     }
                     m
                 }
-                Item::Lagged(n) => match n + self.lag.swap(0, Ordering::AcqRel) {
+                Item::Lagged(n) => match n.saturating_add(self.lag.swap(0, Ordering::AcqRel)) {
                     // A wake-up whose loss was already reported.
                     0 => continue,
                     lost => Err(ReceiveError::Lagged(lost)),
