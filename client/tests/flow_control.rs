@@ -240,3 +240,49 @@ async fn a_relay_ignoring_the_credit_makes_a_qos1_subscriber_lose_nothing_and_st
     assert_eq!(c.stats().slow_subscriber_drops, 0);
     c.close().await;
 }
+
+/// A relay that ignores the credit without end — message after message for an
+/// at-least-once subscription whose app takes nothing — cannot grow the client's ack queue
+/// without bound (each held-back message waited there behind the untaken one, ~150 bytes
+/// apiece): past twice the subscriptions' credit (+ 65,536) the client hangs up; the
+/// relay redelivers what is unacknowledged on the next connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_ignoring_the_credit_without_end_is_hung_up_on() {
+    let t = tree("flood");
+    let (relay, c) = fake_relay_client(&t, |b| b.subscription_capacity(1)).await;
+    let _slow = c
+        .subscribe_with_options::<u32>("slow/#", SubscribeOptions::new().qos(Qos::AtLeastOnce))
+        .await
+        .unwrap();
+    within("Sub", relay.wait_subs(1)).await;
+    let mut states = c.state_changes();
+    let env = seal(&t, None, "slow/x", 1, whispeer::now_ms());
+    let msg = |seq| {
+        Frame::Msg(whispeer::protocol::frame::Msg {
+            sub_id: None,
+            seq,
+            envelope: env.clone(),
+            flags: 0,
+        })
+    };
+    // Message 1 is delivered (and never taken); 2.. are held back, in bursts of 4,096.
+    let mut seq = 1;
+    let mut hung_up = false;
+    while !hung_up && seq < 200_000 {
+        let burst: Vec<Frame> = (seq..seq + 4096).map(msg).collect();
+        seq += 4096;
+        hung_up = !relay.try_send_all(&burst).await
+            || !matches!(*states.borrow(), whispeer::ConnectionState::Connected);
+    }
+    within(
+        "the client hangs up",
+        states.wait_for(|s| matches!(s, whispeer::ConnectionState::Reconnecting(_))),
+    )
+    .await
+    .unwrap();
+    assert!(
+        seq <= 65_538 + 4096 * 3,
+        "hung up soon after the bound: {seq} sent"
+    );
+    c.close().await;
+}

@@ -134,6 +134,10 @@ impl Parking {
     }
 }
 
+/// Ack-queue entries allowed beyond twice the at-least-once subscriptions' credit
+/// ([`Engine::ack_slot_bound`]).
+const ACK_SLOT_SLACK: usize = 65_536;
+
 /// The connection engine. See the module documentation.
 #[derive(Debug)]
 pub struct Engine {
@@ -1384,6 +1388,22 @@ impl Engine {
     /// One delivered `Msg`: the core opens it and runs the receiver checks; every outcome
     /// for an at-least-once subscription takes a slot of the ack queue, so acks leave in
     /// relay order whatever became of the envelope.
+    /// The most messages waiting in the ack queue (held back, or delivered and not taken)
+    /// before the relay is known to ignore the credit: twice the credit of every
+    /// at-least-once subscription, plus [`ACK_SLOT_SLACK`] for at-most-once neighbours'
+    /// placeholders and redeliveries in flight.
+    fn ack_slot_bound(&self) -> usize {
+        let credit: u64 = self
+            .subs
+            .values()
+            .filter(|s| s.acking)
+            .map(|s| s.capacity)
+            .fold(0, u64::saturating_add);
+        usize::try_from(credit.saturating_mul(2))
+            .unwrap_or(usize::MAX)
+            .saturating_add(ACK_SLOT_SLACK)
+    }
+
     fn on_msg(&mut self, m: &Msg, now: Now) {
         let opened = self.core.open(m, now.unix_ms);
         self.on_msg_opened(m, opened, now);
@@ -1417,6 +1437,19 @@ impl Engine {
                 // No credit on an at-least-once subscription: never acked, redelivered.
                 if !routed.is_empty() {
                     self.acks.held_back(m.seq, &routed);
+                    if self.acks.pending() > self.ack_slot_bound() {
+                        // Only a relay ignoring the credit gets here (an honest one has at
+                        // most each subscription's credit unacknowledged): every message it
+                        // sends past it waits in the ack queue behind the untaken one.
+                        // Hung up, the queue goes; the relay redelivers what is unacked.
+                        let why = format!(
+                            "the relay sent past the subscriptions' credit ({} messages \
+                             waiting for an ack)",
+                            self.acks.pending()
+                        );
+                        self.lose(Disconnect::BadFrame(why), true, self.last_mono);
+                        return;
+                    }
                     self.queue_acks();
                 }
                 return;

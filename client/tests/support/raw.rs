@@ -279,6 +279,18 @@ impl FakeRelay {
         write_frame(&mut *self.w.lock().await, f).await;
     }
 
+    /// Writes `frames` (length-prefixed) in one write; `false` once the client hung up.
+    pub async fn try_send_all(&self, frames: &[Frame]) -> bool {
+        let mut b = Vec::new();
+        for f in frames {
+            let f = f.to_bytes();
+            b.extend_from_slice(&(f.len() as u32).to_be_bytes());
+            b.extend_from_slice(&f);
+        }
+        let mut w = self.w.lock().await;
+        w.write_all(&b).await.is_ok() && w.flush().await.is_ok()
+    }
+
     /// Writes `frames` (length-prefixed) and then `trailer` in one write, then shuts the
     /// socket's sending side (the relay hangs up).
     pub async fn send_all_and_hang_up(&self, frames: &[Frame], trailer: &[u8]) {
