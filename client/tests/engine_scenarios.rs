@@ -922,6 +922,30 @@ fn handshake_with_account_challenge() {
         .expect("valid signature");
 }
 
+/// The account key answers one `Challenge` per connection: a relay asking again (to have
+/// it sign another relay's challenges, relayed) is hung up on, before anything is signed.
+#[test]
+fn a_second_challenge_on_one_connection_is_not_answered() {
+    let make = || {
+        Sim::new(|c| {
+            c.auth = Some(AccountAuth::Key(Arc::new(account_key())));
+        })
+    };
+    let steps = [
+        Dialed,
+        ExpectTx(Tx::Hello { account: true }),
+        Challenge([3; 32]),
+        ExpectTx(Tx::Auth),
+        Challenge([4; 32]),
+        ExpectTx(Tx::Hangup),
+        ExpectEvent(Ev::Disconnected {
+            why: Why::Handshake,
+            retry: None,
+        }),
+    ];
+    play("second challenge", make, &steps);
+}
+
 #[test]
 fn handshake_failures() {
     // A challenge without an account key, a refusal, a timeout: each ends the first

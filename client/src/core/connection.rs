@@ -62,6 +62,8 @@ enum Phase {
     Handshaking {
         conn: ConnId,
         deadline: u64,
+        /// A `Challenge` was answered: one per connection (see `handshake_frame`).
+        answered: bool,
     },
     Live {
         conn: ConnId,
@@ -394,6 +396,7 @@ impl Engine {
                 self.phase = Phase::Handshaking {
                     conn,
                     deadline: mono.saturating_add(self.cfg.connect_timeout_ms),
+                    answered: false,
                 };
             }
             // A socket the engine no longer wants.
@@ -1144,8 +1147,22 @@ impl Engine {
                     relay: self.relay,
                 });
             }
+            // One answer per connection: a relay asking again would have the account key
+            // sign whatever nonces it likes (another relay's challenges, relayed — an
+            // Ed25519 signature each, until the connect timeout).
+            Frame::Challenge(_)
+                if matches!(self.phase, Phase::Handshaking { answered: true, .. }) =>
+            {
+                let why = "the relay sent a second Challenge";
+                self.lose(Disconnect::Handshake(why.into()), true, mono);
+            }
             Frame::Challenge(c) => match self.cfg.auth.as_ref().and_then(|a| a.answer(&c.nonce)) {
-                Some(auth) => self.send(Frame::Auth(auth)),
+                Some(auth) => {
+                    if let Phase::Handshaking { answered, .. } = &mut self.phase {
+                        *answered = true;
+                    }
+                    self.send(Frame::Auth(auth));
+                }
                 None => {
                     let why = "the relay sent a Challenge but no account key is configured";
                     self.lose(Disconnect::Handshake(why.into()), true, mono);
