@@ -117,6 +117,42 @@ pub(super) struct Driver {
     /// Open jobs' results from the worker threads (deferred opening).
     opened_tx: mpsc::UnboundedSender<Vec<OpenDone>>,
     opened_rx: mpsc::UnboundedReceiver<Vec<OpenDone>>,
+    /// How many relay errors are logged at warn ([`LogBudget`]).
+    relay_errors: LogBudget,
+}
+
+/// At most [`LogBudget::PER_MINUTE`] relay errors a minute are logged at warn — a relay
+/// can send `Err` frames without end, and a log written synchronously would hold the
+/// connection task — the rest at debug, counted in one warn line when the minute is over.
+#[derive(Debug, Default)]
+struct LogBudget {
+    start: Option<std::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    const PER_MINUTE: u32 = 10;
+
+    /// At `now`: whether this one is logged at warn, and how many the minute that just
+    /// ended left out (to say once).
+    fn take(&mut self, now: std::time::Instant) -> (bool, u64) {
+        let mut ended = 0;
+        if self
+            .start
+            .is_none_or(|s| now.duration_since(s) >= Duration::from_secs(60))
+        {
+            ended = std::mem::take(&mut self.suppressed);
+            (self.start, self.logged) = (Some(now), 0);
+        }
+        if self.logged < Self::PER_MINUTE {
+            self.logged += 1;
+            (true, ended)
+        } else {
+            self.suppressed += 1;
+            (false, ended)
+        }
+    }
 }
 
 impl Driver {
@@ -146,6 +182,7 @@ impl Driver {
             conn: None,
             dialing: None,
             dial_error: None,
+            relay_errors: LogBudget::default(),
         }
     }
 
@@ -681,7 +718,15 @@ impl Driver {
                     }
                 }
                 Event::RelayError { code, message, .. } => {
-                    tracing::warn!(code = code.name(), %message, "relay error");
+                    let (warn, left_out) = self.relay_errors.take(std::time::Instant::now());
+                    if left_out > 0 {
+                        tracing::warn!(left_out, "relay errors in the last minute not logged");
+                    }
+                    if warn {
+                        tracing::warn!(code = code.name(), %message, "relay error");
+                    } else {
+                        tracing::debug!(code = code.name(), %message, "relay error");
+                    }
                 }
                 Event::ReplayDone { .. } => {}
             }
@@ -885,4 +930,21 @@ fn add_lag(lag: &AtomicU64, n: u64) -> bool {
         })
         .unwrap_or_else(|l| l);
     before == 0 && n > 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_errors_are_logged_ten_a_minute_and_the_rest_counted() {
+        let t0 = std::time::Instant::now();
+        let mut b = LogBudget::default();
+        let warned: Vec<bool> = (0..25).map(|_| b.take(t0).0).collect();
+        assert_eq!(warned.iter().filter(|w| **w).count(), 10);
+        assert!(warned[..10].iter().all(|w| *w), "the first ten");
+        // A minute on: logged again, and the 15 left out are said once.
+        assert_eq!(b.take(t0 + Duration::from_secs(60)), (true, 15));
+        assert_eq!(b.take(t0 + Duration::from_secs(61)), (true, 0));
+    }
 }
