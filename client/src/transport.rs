@@ -475,6 +475,13 @@ async fn dial_quic(
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(10)).map_err(tls_error)?,
     ));
+    // Everything travels on the one stream the client opens: the relay may open none (by
+    // quinn's defaults it could open 100 of each kind, nobody reading them, each buffering
+    // up to its 1.25 MB window — some 250 MB per connection of the relay's choosing), and
+    // no datagrams are taken.
+    transport.max_concurrent_bidi_streams(0u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.datagram_receive_buffer_size(None);
     config.transport_config(Arc::new(transport));
     let local: std::net::SocketAddr = if remote.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()

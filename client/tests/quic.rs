@@ -353,3 +353,72 @@ async fn the_cli_publishes_and_subscribes_over_quic() {
     let out = String::from_utf8(out.stdout).unwrap();
     assert!(out.contains("over quic"), "{out}");
 }
+
+/// Everything travels on the one stream the client opens, so a relay may open none of its
+/// own and send no datagrams: by quinn's defaults it could open 100 streams of each kind
+/// that nobody reads, each buffering up to its 1.25 MB window (some 250 MB per connection,
+/// of the relay's choosing). Checked from a QUIC server of the test's own, which sees the
+/// limits the client announced in its handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_may_open_no_streams_of_its_own_nor_send_datagrams() {
+    use futures_util::FutureExt;
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, hex) = tls_generate(dir.path());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![rustls_pki_types::CertificateDer::from_pem_file(&cert).unwrap()],
+            rustls_pki_types::PrivateKeyDer::from_pem_file(&key).unwrap(),
+        )
+        .unwrap();
+    tls.alpn_protocols = vec![b"whispeer".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let server = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let client =
+        tokio::spawn(async move { quic_client(addr, &hex, keyring_with(&tree("q"))).await });
+    let conn = within("the client's connection", server.accept())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // The handshake over the client's stream: its Hello read, a Welcome written.
+    let (mut send, mut recv) = within("its stream", conn.accept_bi()).await.unwrap();
+    let len = recv.read_u32().await.unwrap() as usize;
+    let mut hello = vec![0; len];
+    recv.read_exact(&mut hello).await.unwrap();
+    let welcome = Frame::Welcome(whispeer_protocol::frame::Welcome {
+        version: PROTOCOL_VERSION,
+        features: 0,
+        max_frame: 1 << 20,
+        session: [7; 16],
+        relay: Some("quic-test".into()),
+        heartbeat_ms: 0,
+        seq_space: None,
+    });
+    send.write_all(&codec::encode_prefixed(&welcome))
+        .await
+        .unwrap();
+    let c = within("connect", client).await.unwrap();
+    // Stream credit is the peer's to give: opening one completes at once when it does.
+    assert!(
+        conn.open_uni().now_or_never().is_none(),
+        "the client gives the relay no unidirectional stream"
+    );
+    assert!(
+        conn.open_bi().now_or_never().is_none(),
+        "nor a second bidirectional one"
+    );
+    assert_eq!(conn.max_datagram_size(), None, "nor datagrams");
+    conn.close(0u32.into(), b"done");
+    within("close", c.close()).await;
+}
