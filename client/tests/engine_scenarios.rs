@@ -922,6 +922,21 @@ fn handshake_with_account_challenge() {
         .expect("valid signature");
 }
 
+/// The relay's heartbeat interval is taken within 1 s and 5 min: 1 ms would have the
+/// client send a thousand Pings a second, u64::MAX would turn its dead-relay detection off.
+#[test]
+fn the_relays_heartbeat_interval_is_bounded() {
+    for (asked, used) in [(1, 1_000), (u64::MAX, 300_000), (15_000, 15_000)] {
+        let steps = [
+            Connect {
+                heartbeat_ms: asked,
+            },
+            ExpectTimeoutIn(Some(used)),
+        ];
+        play("heartbeat bounds", || Sim::new(|_| {}), &steps);
+    }
+}
+
 /// The account key answers one `Challenge` per connection: a relay asking again (to have
 /// it sign another relay's challenges, relayed) is hung up on, before anything is signed.
 #[test]

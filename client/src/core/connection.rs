@@ -136,6 +136,11 @@ impl Parking {
     }
 }
 
+/// The shortest heartbeat interval the engine takes from a relay's `Welcome`.
+pub const MIN_HEARTBEAT_MS: u64 = 1_000;
+/// The longest heartbeat interval the engine takes from a relay's `Welcome`.
+pub const MAX_HEARTBEAT_MS: u64 = 300_000;
+
 /// Ack-queue entries allowed beyond twice the at-least-once subscriptions' credit
 /// ([`Engine::ack_slot_bound`]).
 const ACK_SLOT_SLACK: usize = 65_536;
@@ -1094,10 +1099,12 @@ impl Engine {
                     self.lose(Disconnect::Handshake(why), true, mono);
                     return;
                 }
+                // The relay's interval, within bounds: 1 ms had the client send a thousand
+                // Pings a second, u64::MAX turned its dead-relay detection off.
                 let heartbeat_ms = if w.heartbeat_ms == 0 {
                     self.cfg.default_heartbeat_ms
                 } else {
-                    w.heartbeat_ms
+                    w.heartbeat_ms.clamp(MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS)
                 };
                 let Some(conn) = self.conn() else { return };
                 // Resume positions are relay sequence numbers: they hold only in the space
