@@ -443,6 +443,10 @@ export class Client {
   #nextSub = 1;
   #closing = false;
   #closeWaiters = [];
+  // Resolved once the client has finished closing (#finish) and its state store is closed:
+  // what close() waits for last, so a store reopened right after is not "in use".
+  #endedResolve;
+  #ended = new Promise((r) => (this.#endedResolve = r));
   /** A write failed: the next save is a whole snapshot (see `#writeFailed`). */
   #repair = false;
   /** The one `close()` in progress (or done). */
@@ -1083,12 +1087,16 @@ export class Client {
     for (const [, d] of this.#deletes) d.reject(new WhispeerError('DISCONNECTED', 'the client closed before the relay answered the deletion'));
     this.#deletes.clear();
     for (const w of this.#waiting.splice(0)) w.reject(error);
+    let storeClosed;
     if (this.#store) {
       const st = this.#store;
       this.#persist();
       this.#store = null;
-      this.#gate.then(() => st.close());
+      storeClosed = this.#gate.then(() => st.close());
     }
+    Promise.resolve(storeClosed)
+      .catch(() => {})
+      .then(() => this.#endedResolve());
     if (this.#sockets.size === 0) for (const r of this.#closeWaiters.splice(0)) r();
   }
 
@@ -1435,5 +1443,8 @@ export class Client {
     this.#eng.close(mono(), Date.now());
     this.#pump();
     await closed;
+    // The sockets are gone; the client's end (and its store's close) may still wait for a
+    // state write in flight (an IndexedDB transaction).
+    await this.#ended;
   }
 }

@@ -592,3 +592,60 @@ test('a QoS 1 publish made inside a subscription callback is sealed and saved be
   assert.deepEqual(inside, { sealing: 0, grew: true }, 'sealed and saved before publish returned');
   assert.equal(typeof seq, 'number', 'and acknowledged');
 });
+
+test('close() resolves once the client is closed and its state store too, a state write still in flight included', { timeout: 60_000 }, async () => {
+  const { WebSocket: WS } = await import('ws');
+  const { setWebSocket } = await import('../../js/client.js');
+  const file = join(dir, 'inflight.wsp');
+  // A store whose appends stay in flight (as an IndexedDB transaction) until `release`.
+  let release;
+  const held = new Promise((r) => (release = r));
+  let storeClosed = false;
+  setFileStore(async (path, fsync) => {
+    const store = await openFileStore(path, fsync);
+    return {
+      ...store,
+      append: (b) => {
+        store.append(b);
+        return held;
+      },
+      close: () => {
+        storeClosed = true;
+        store.close();
+      },
+    };
+  });
+  // The write is let go only once the client's socket has closed and close()'s own
+  // continuation had its turn: resolved then, close() would beat the store's close.
+  class Sock extends WS {
+    constructor(url, opts) {
+      super(url, opts);
+    }
+    set onclose(fn) {
+      super.onclose = (ev) => {
+        fn(ev);
+        setImmediate(release);
+      };
+    }
+    get onclose() {
+      return super.onclose;
+    }
+  }
+  setWebSocket(Sock, true);
+  try {
+    const c = await Client.connect(relay.url, {
+      identity: Identity.generate(),
+      keys: TreeKey.generate('inflight'),
+      persistence: file,
+      connectTimeoutMs: 300,
+    });
+    c.publish('t', 1, { qos: 1 }).catch(() => {}); // its outbox record: an append in flight
+    await c.close();
+    assert.equal(c.state, 'closed', 'closed when close() resolves');
+    assert.ok(storeClosed, 'and its state store closed');
+  } finally {
+    release();
+    setWebSocket(WS, true);
+    setFileStore(openFileStore);
+  }
+});
