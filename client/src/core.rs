@@ -877,9 +877,13 @@ impl ClientCore {
 
     /// The at-least-once subscriptions the relay routed `msg` to, found by matching its
     /// routing tokens (what the relay sees) against their compiled patterns: known even for
-    /// an envelope that does not open.
+    /// an envelope that does not open. Not one whose live messages the relay holds back
+    /// while it sends its history (`LocalSub::holds_back`): the message is not its yet,
+    /// so it takes no slot there and is not acked for it (PROTOCOL §3.5.5) — an `Ack` frees
+    /// a sequence for every subscription of the connection, and one that reached the relay
+    /// after the hand-over would free that subscription's own copy before it was taken.
     pub fn route_acking(&self, msg: &Msg) -> Vec<LocalSubId> {
-        self.routed_where(msg, |_, s| s.opts.acking())
+        self.routed_where(msg, |_, s| s.opts.acking() && !s.holds_back(msg))
     }
 
     /// The subscriptions selected by `which` whose compiled token patterns match `msg`'s

@@ -2732,3 +2732,147 @@ fn a_refused_durable_deletion_keeps_what_the_durable_is_owed() {
     ]);
     play("refused durable deletion", || Sim::new(|_| {}), &steps);
 }
+
+/// A live message the relay holds back for a durable still in its history (§3.5.5
+/// "Hand-over beside other subscriptions") is not that durable's: taken by another
+/// (at-most-once) subscription of the connection meanwhile, it must not be acked on the
+/// durable's behalf. An `Ack` frees a sequence for every subscription of the connection, so
+/// one that reached the relay after its hand-over would free the durable's own copy (and
+/// move its floor past it) before the app took it: lost for the durable on a crash. Its
+/// sequence is acked only once the durable took the relay's copy, after `ReplayDone`.
+#[test]
+fn a_live_message_held_back_for_a_durable_in_history_is_not_acked_for_it() {
+    let mut steps = connected_with(live_sub(1, "b/x", SubscribeOptions::new()));
+    let opts = qos1().durable("d");
+    let retained = opts.retained;
+    steps.extend([
+        sub(2, "b/#", opts),
+        ExpectTx(Tx::Sub {
+            sub: 2,
+            replay: None,
+            retained,
+            durable: Some("d"),
+        }),
+        SubOkHistory { id: 2, seq: 4 },
+        ExpectEvent(Ev::SubscribeOk(2)),
+        Seal {
+            name: "h",
+            topic: "b/y",
+        },
+        Seal {
+            name: "m",
+            topic: "b/x",
+        },
+        // The durable's history...
+        DeliverHistory {
+            msg: "h",
+            seq: 3,
+            flags: msg_flags::REPLAYED,
+            id: 2,
+        },
+        // ... and, meanwhile, a live message the relay sends for sub 1 and holds back for
+        // the durable.
+        Deliver {
+            msg: "m",
+            seq: 5,
+            flags: 0,
+        },
+        Take(2),
+        Take(1),
+        Timeout,
+        // Only the durable's history: sequence 5 is not the durable's yet.
+        ExpectTx(Tx::Ack(vec![3])),
+        ExpectNoTx,
+        ExpectEvent(Ev::Message { sub: 2, msg: "h" }),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
+        ExpectNoEvent,
+        // The hand-over: the relay's copy of m for the durable.
+        ReplayDone { id: 2, seq: 4 },
+        Deliver {
+            msg: "m",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::ReplayDone { sub: 2, seq: 4 }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m" }),
+        ExpectNoEvent,
+        ExpectNoTx,
+        Take(2),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![5])),
+    ]);
+    play(
+        "held back for a durable, not acked for it",
+        || Sim::new(|_| {}),
+        &steps,
+    );
+}
+
+/// The same hand-over beside an at-least-once neighbour: the live message is the
+/// neighbour's alone while the durable is in its history, so the durable gets no
+/// placeholder for it and the neighbour's ack does not wait for the durable's untaken
+/// history. The durable's own copy, after `ReplayDone`, is acked again once it takes it.
+#[test]
+fn a_live_message_held_back_for_a_durable_in_history_is_acked_for_its_neighbour_alone() {
+    let mut steps = connected_with(live_sub(1, "b/x", qos1()));
+    let opts = qos1().durable("d");
+    let retained = opts.retained;
+    steps.extend([
+        sub(2, "b/#", opts),
+        ExpectTx(Tx::Sub {
+            sub: 2,
+            replay: None,
+            retained,
+            durable: Some("d"),
+        }),
+        SubOkHistory { id: 2, seq: 4 },
+        ExpectEvent(Ev::SubscribeOk(2)),
+        Seal {
+            name: "h",
+            topic: "b/y",
+        },
+        Seal {
+            name: "m",
+            topic: "b/x",
+        },
+        DeliverHistory {
+            msg: "h",
+            seq: 3,
+            flags: msg_flags::REPLAYED,
+            id: 2,
+        },
+        Deliver {
+            msg: "m",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "h" }),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
+        ExpectNoEvent,
+        // The durable has not taken its history: the neighbour's ack leaves anyway.
+        Take(1),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![5])),
+        ExpectNoTx,
+        ReplayDone { id: 2, seq: 4 },
+        Deliver {
+            msg: "m",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::ReplayDone { sub: 2, seq: 4 }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m" }),
+        // A live copy routes to the neighbour too: a duplicate there (acked at once).
+        ExpectEvent(Ev::Placeholder { sub: 1 }),
+        ExpectNoEvent,
+        Take(2),
+        Take(2),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![3, 5])),
+    ]);
+    play(
+        "held back for a durable, acked for its neighbour",
+        || Sim::new(|_| {}),
+        &steps,
+    );
+}
