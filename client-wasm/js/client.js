@@ -1019,7 +1019,15 @@ export class Client {
       case 'publishFailed': {
         const a = this.#acks.get(e.id);
         this.#acks.delete(e.id);
-        a?.reject(wrap(e.error));
+        const err = wrap(e.error);
+        if (a) a.reject(err);
+        else if (err.code !== 'CLOSED')
+          // Nobody waits for it: a kept publish restored from the saved state (an earlier
+          // run's). Said once, or its loss would go unnoticed.
+          this._emit(
+            'error',
+            new WhispeerError(err.code, `a publish restored from the saved state failed, not sent again (id ${e.id}): ${err.message}`),
+          );
         break;
       }
       case 'flushed':

@@ -649,3 +649,30 @@ test('close() resolves once the client is closed and its state store too, a stat
     setFileStore(openFileStore);
   }
 });
+
+test('a kept publish restored from the saved state that the relay refuses is reported, not dropped silently', { timeout: 60_000 }, async () => {
+  const file = join(dir, 'refused.wsp');
+  const key = TreeKey.generate('refused');
+  const identity = Identity.generate();
+  // Run 1: a QoS 1 publish the relay never gets (the proxy holds it back): kept, saved.
+  const proxy = await startProxy(relay.port);
+  const a = await Client.connect(proxy.url, { identity, keys: key, persistence: file, connectTimeoutMs: 300 });
+  proxy.pause('up');
+  a.publish('t', 'x'.repeat(300), { qos: 1 }).catch(() => {});
+  await a.close();
+  await proxy.close();
+  // Run 2, at a relay whose max_frame the kept publish is over: refused at its Welcome.
+  const small = await startRelay({ args: ['--max-frame', '256'] });
+  const logged = [];
+  const consoleError = console.error;
+  console.error = (...args) => logged.push(args.map(String).join(' '));
+  try {
+    const b = await Client.connect(small.url, { identity, keys: key, persistence: file });
+    clients.push(b);
+    assert.equal(logged.length, 1, JSON.stringify(logged));
+    assert.match(logged[0], /a publish restored from the saved state failed, not sent again \(id [0-9a-f]{32}\): .*max_frame/);
+  } finally {
+    console.error = consoleError;
+    await small.stop();
+  }
+});

@@ -692,6 +692,14 @@ impl Driver {
                     }
                     if let Some(r) = self.acks.remove(&pid) {
                         let _ = r.send(Err(PublishError::from(reason)));
+                    } else if reason != PublishFailure::Closed {
+                        // Nobody waits for it: a kept publish restored from the state file
+                        // (an earlier run's). Said once, or its loss would go unnoticed.
+                        tracing::warn!(
+                            publish_id = %hex::encode(pid.0),
+                            error = %PublishError::from(reason),
+                            "a publish restored from the state file failed; it is not sent again"
+                        );
                     }
                 }
                 Event::Flushed { id } => {
