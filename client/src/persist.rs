@@ -99,16 +99,22 @@ impl Store {
             path: path.to_owned(),
             reason,
         };
-        if app == 0 && tables == 0 {
+        // A new file — or one whose creation a crash cut short before this was one
+        // transaction (its application id set, no table yet): created in one transaction,
+        // so a kill or a full disk midway leaves a file the next start creates again, not
+        // one refused at every start.
+        if (app == 0 || app == APPLICATION_ID) && tables == 0 {
             db.execute_batch(&format!(
                 "PRAGMA journal_mode = WAL;
+                 BEGIN IMMEDIATE;
                  PRAGMA application_id = {APPLICATION_ID};
                  PRAGMA user_version = {SCHEMA_VERSION};
                  CREATE TABLE outbox (pid BLOB PRIMARY KEY, ord INTEGER NOT NULL, frame BLOB NOT NULL);
                  CREATE TABLE dedup (name TEXT NOT NULL, key BLOB NOT NULL, ord INTEGER NOT NULL,
                                      PRIMARY KEY (name, key));
                  CREATE INDEX dedup_ord ON dedup (name, ord);
-                 {V2_TABLES}"
+                 {V2_TABLES}
+                 COMMIT;"
             ))
             .map_err(err)?;
         } else if app == APPLICATION_ID && version == 1 {
@@ -146,6 +152,20 @@ impl Store {
         })
     }
 
+    /// Deletes the rows of `table` matching `bad` (a value of the wrong type or size: SQLite
+    /// stores whatever it is given, and one such row failed the whole table's read — every
+    /// kept publish left unsent, or the dedup window and what durables are owed not loaded
+    /// — at every start). One bad row costs only itself; each is counted in the log.
+    fn drop_malformed(&self, table: &str, bad: &str) -> rusqlite::Result<()> {
+        let n = self
+            .db
+            .execute(&format!("DELETE FROM {table} WHERE {bad}"), [])?;
+        if n > 0 {
+            tracing::warn!(file = %self.path.display(), table, rows = n, "client state: malformed rows dropped");
+        }
+        Ok(())
+    }
+
     fn warn(&self, what: &str, e: rusqlite::Error) {
         tracing::error!(file = %self.path.display(), error = %e, "client state: {what} failed");
     }
@@ -153,6 +173,11 @@ impl Store {
     /// The unacknowledged publishes, oldest first.
     pub(crate) fn outbox(&self) -> Vec<([u8; 16], u64, Bytes)> {
         let load = || -> rusqlite::Result<Vec<([u8; 16], u64, Bytes)>> {
+            self.drop_malformed(
+                "outbox",
+                "typeof(pid) != 'blob' OR length(pid) != 16 OR typeof(ord) != 'integer' \
+                 OR typeof(frame) != 'blob'",
+            )?;
             let mut st = self
                 .db
                 .prepare("SELECT pid, ord, frame FROM outbox ORDER BY ord")?;
@@ -221,6 +246,18 @@ impl Store {
     /// whether they loaded.
     pub(crate) fn restore(&self, guard: &mut Guard, now_ms: u64) -> bool {
         let mut load = || -> rusqlite::Result<()> {
+            self.drop_malformed(
+                "seen",
+                "typeof(tree) != 'blob' OR length(tree) != 16 OR typeof(sender) != 'blob' \
+                 OR length(sender) != 32 OR typeof(msg_id) != 'blob' OR length(msg_id) != 16 \
+                 OR typeof(expires) != 'integer'",
+            )?;
+            self.drop_malformed(
+                "retained",
+                "typeof(key) != 'blob' OR length(key) != 32 OR typeof(ts) != 'integer' \
+                 OR typeof(msg_id) != 'blob' OR length(msg_id) != 16",
+            )?;
+            self.drop_malformed("seen_window", "typeof(forgot_upto) != 'integer'")?;
             let mut st = self
                 .db
                 .prepare("SELECT tree, sender, msg_id, expires FROM seen WHERE expires > ?1")?;
@@ -373,7 +410,12 @@ impl Store {
                         tx.execute(
                             "INSERT OR REPLACE INTO seen (tree, sender, msg_id, expires)
                              VALUES (?1, ?2, ?3, ?4)",
-                            params![&key.0 .0[..], &key.1[..], &key.2[..], *expires_ms as i64],
+                            params![
+                                &key.0 .0[..],
+                                &key.1[..],
+                                &key.2[..],
+                                i64::try_from(*expires_ms).unwrap_or(i64::MAX)
+                            ],
                         )?;
                         self.since_prune.set(self.since_prune.get() + 1);
                         self.seen_rows.set(self.seen_rows.get() + 1);
@@ -381,7 +423,11 @@ impl Store {
                     Change::Retained { key, ts_ms, msg_id } => {
                         tx.execute(
                             "INSERT OR REPLACE INTO retained (key, ts, msg_id) VALUES (?1, ?2, ?3)",
-                            params![&key[..], *ts_ms as i64, &msg_id[..]],
+                            params![
+                                &key[..],
+                                i64::try_from(*ts_ms).unwrap_or(i64::MAX),
+                                &msg_id[..]
+                            ],
                         )?;
                     }
                     Change::Owed { durable, digest } => {
@@ -611,5 +657,104 @@ mod tests {
             s.db.query_row("SELECT count(*) FROM owed", [], |r| r.get(0))
                 .unwrap();
         assert_eq!(rows, 1, "what was not kept is deleted from the file");
+    }
+
+    /// A value of the wrong type or size in one row (SQLite stores whatever it is given)
+    /// failed the whole table's read: every kept publish left unsent, or the dedup window
+    /// — and so what durables are owed — not loaded, at every start. Now such rows go alone.
+    #[test]
+    fn rows_of_the_wrong_type_cost_only_themselves() {
+        use crate::core::receive::digest;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.db");
+        let key = (TreeId([1; 16]), [2; 32], [3; 16]);
+        {
+            let s = Store::open(&p).unwrap();
+            s.keep(&[1; 16], 1, b"frame-1");
+            s.record(
+                &[
+                    Change::Seen {
+                        key,
+                        expires_ms: 1_000_000,
+                    },
+                    Change::Owed {
+                        durable: "d".into(),
+                        digest: digest(&key),
+                    },
+                ],
+                5,
+                0,
+                usize::MAX,
+            );
+            s.db.execute_batch(
+                "INSERT INTO outbox VALUES ('p', 3, x'00');
+                 INSERT INTO outbox VALUES (x'00112233445566778899aabbccddeeff', 'x', x'00');
+                 INSERT INTO retained VALUES ('k', 1, x'00112233445566778899aabbccddeeff');
+                 INSERT INTO seen VALUES (x'0011', x'00', x'00', 'later');
+                 INSERT OR REPLACE INTO seen_window VALUES (1, 'soon');",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&p).unwrap();
+        let out = s.outbox();
+        assert_eq!(out.len(), 1, "the good kept publish: {out:?}");
+        let mut core = crate::core::ClientCore::new(std::sync::Arc::new(std::sync::RwLock::new(
+            whispeer_protocol::Keyring::new(),
+        )));
+        assert!(s.restore(core.guard_mut(), 100), "the window loads");
+        s.restore_owed(&mut core);
+        assert_eq!(core.owed_snapshot(), vec![("d".to_owned(), digest(&key))]);
+        let count = |t: &str| -> i64 {
+            s.db.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(
+            [
+                count("outbox"),
+                count("retained"),
+                count("seen"),
+                count("seen_window")
+            ],
+            [1, 0, 1, 0],
+            "the bad rows are gone from the file"
+        );
+    }
+
+    /// A new file is created in one transaction: a file whose creation a crash cut short
+    /// (its application id written, no table) is created again, not refused at every start.
+    #[test]
+    fn a_state_file_whose_creation_was_cut_short_is_created_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.db");
+        {
+            let db = rusqlite::Connection::open(&p).unwrap();
+            db.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID};"))
+                .unwrap();
+        }
+        let s = Store::open(&p).expect("created again");
+        s.keep(&[1; 16], 1, b"frame-1");
+        assert_eq!(s.outbox().len(), 1);
+    }
+
+    /// Dates past `i64::MAX` (a replay horizon of `Duration::MAX`) are saved as `i64::MAX`,
+    /// not wrapped negative (such rows were skipped at the next start, then raised).
+    #[test]
+    fn dates_past_i64_max_are_saved_saturated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.db");
+        let s = Store::open(&p).unwrap();
+        s.record(
+            &[Change::Seen {
+                key: (TreeId([1; 16]), [2; 32], [3; 16]),
+                expires_ms: u64::MAX,
+            }],
+            5,
+            0,
+            usize::MAX,
+        );
+        let e: i64 =
+            s.db.query_row("SELECT expires FROM seen", [], |r| r.get(0))
+                .unwrap();
+        assert_eq!(e, i64::MAX);
     }
 }
