@@ -12,13 +12,16 @@
 // platform has it). Nothing is removed that this process did not create. (Review session
 // 27, F3: before, `${path}.tmp-${pid}` was opened with 'w', which followed a planted
 // symlink and truncated its target, or kept a planted file's owner and mode.)
-import { closeSync, constants, fsyncSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, constants, fstatSync, fsyncSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { dirname, resolve } from 'node:path';
 import { WhispeerError } from './errors.js';
 
 // O_NOFOLLOW is missing on Windows (undefined there): plain append, as before.
 const APPEND = constants.O_NOFOLLOW === undefined ? 'a' : constants.O_WRONLY | constants.O_APPEND | constants.O_NOFOLLOW;
+// Loading: no symlink followed, and no blocking open (a FIFO planted at the path blocked the
+// whole event loop until a writer came; a symlink to /dev/zero was read until memory ran out).
+const LOAD = constants.O_NOFOLLOW === undefined ? 'r' : constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK;
 
 const open = new Set(); // files in use by a client of this process
 
@@ -52,12 +55,18 @@ export async function openFileStore(path, fsync) {
   return {
     where: full,
     async load() {
+      let rfd;
       try {
-        return readFileSync(full); // a Buffer is a Uint8Array
+        rfd = openSync(full, LOAD);
+        if (!fstatSync(rfd).isFile()) throw new Error('not a regular file');
+        return readFileSync(rfd); // a Buffer is a Uint8Array
       } catch (e) {
         if (e.code === 'ENOENT') return undefined;
         open.delete(full);
-        throw new WhispeerError('STATE', `cannot read ${full}: ${e.message}`);
+        const why = e.code === 'ELOOP' ? 'a symbolic link (not followed)' : e.message;
+        throw new WhispeerError('STATE', `cannot read ${full}: ${why}`);
+      } finally {
+        if (rfd !== undefined) closeSync(rfd);
       }
     },
     append(bytes) {

@@ -4,7 +4,7 @@
 // fail). Waits are on events (child output lines, delivered messages), never sleeps.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync, symlinkSync, lstatSync, readdirSync, chmodSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -675,4 +675,22 @@ test('a kept publish restored from the saved state that the relay refuses is rep
     console.error = consoleError;
     await small.stop();
   }
+});
+
+test('a FIFO or a symlink planted at the state path is refused with STATE, never opened blocking or followed', { timeout: 60_000 }, async () => {
+  const key = TreeKey.generate('planted');
+  const fifo = join(dir, 'planted-fifo.wsp');
+  execFileSync('mkfifo', [fifo]);
+  // Before, opening the FIFO blocked the whole event loop until a writer came.
+  await assert.rejects(
+    Client.connect(relay.url, { keys: key, persistence: fifo }),
+    (e) => e instanceof WhispeerError && e.code === 'STATE' && e.message.includes('not a regular file'),
+  );
+  const link = join(dir, 'planted-link.wsp');
+  symlinkSync('/dev/zero', link);
+  // Before, the link was followed and /dev/zero read until memory ran out.
+  await assert.rejects(
+    Client.connect(relay.url, { keys: key, persistence: link }),
+    (e) => e instanceof WhispeerError && e.code === 'STATE' && e.message.includes('symbolic link'),
+  );
 });
