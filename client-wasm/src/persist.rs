@@ -237,6 +237,11 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
     // The order of each kept publish (to refuse a second record of one order without a
     // scan of the outbox per record: a log may hold hundreds of thousands).
     let mut orders: HashMap<u64, [u8; 16]> = HashMap::new();
+    // Where each dedup entry already is in `s.seen` / `s.seen_digests`: a log repeats one
+    // (its date moved on), and restoring every copy re-dated an entry in the window once
+    // per copy — a scan of its old date's bucket each, quadratic in a crafted log.
+    let mut seen_at: HashMap<DedupKey, usize> = HashMap::new();
+    let mut digest_at: HashMap<Digest, usize> = HashMap::new();
     let mut at = MAGIC.len();
     while at < bytes.len() {
         let rest = &bytes[at..];
@@ -291,13 +296,26 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
                 let key = (TreeId(arr(f)), arr(&f[16..]), arr(&f[48..]));
                 let exp = u64_at(&f[64..]);
                 if exp > now_ms {
-                    s.seen.push((key, exp));
+                    match seen_at.get(&key) {
+                        Some(&i) => s.seen[i].1 = s.seen[i].1.max(exp),
+                        None => {
+                            seen_at.insert(key, s.seen.len());
+                            s.seen.push((key, exp));
+                        }
+                    }
                 }
             }
             (SEEN_DIGEST, 24) => {
                 let exp = u64_at(&f[16..]);
                 if exp > now_ms {
-                    s.seen_digests.push((Digest::from_le_bytes(arr(f)), exp));
+                    let d = Digest::from_le_bytes(arr(f));
+                    match digest_at.get(&d) {
+                        Some(&i) => s.seen_digests[i].1 = s.seen_digests[i].1.max(exp),
+                        None => {
+                            digest_at.insert(d, s.seen_digests.len());
+                            s.seen_digests.push((d, exp));
+                        }
+                    }
                 }
             }
             (RETAINED, 56) => {
@@ -675,5 +693,21 @@ mod tests {
         record(&mut short, &[&[PAID], &[1, 2, 3]]);
         owe(&mut short, "a", 1);
         assert!(matches!(load(&short, 0), Err(StateError::Corrupt { .. })));
+    }
+
+    /// A log that repeats its dedup entries (dates moving on, or crafted: each digest
+    /// twice) loads each once, at its latest date: restoring every copy re-dated the entry
+    /// in the window per copy, quadratic in such a log.
+    #[test]
+    fn repeated_dedup_entries_load_once_at_their_latest_date() {
+        let mut b = MAGIC.to_vec();
+        for round in 0..2u64 {
+            for i in 0..1000u128 {
+                seen_digest(&mut b, i, 10_000 + round);
+            }
+        }
+        let s = load(&b, 5).unwrap();
+        assert_eq!(s.seen_digests.len(), 1000);
+        assert!(s.seen_digests.iter().all(|(_, e)| *e == 10_001));
     }
 }
