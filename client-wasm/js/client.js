@@ -601,6 +601,14 @@ export class Client {
         if (w instanceof WhispeerError && w.code === 'STATE') w.message = `${store.where}: ${w.message}`;
         throw w;
       }
+      const torn = this.#eng.restoreTornBytes();
+      if (torn > 0)
+        // Said, not silent: usually a write a crash cut short (its record was never
+        // reported), but damage in the middle of the log drops everything after it too.
+        console.warn(
+          `whispeer: ${store.where}: the saved state ended in ${torn} bytes that were no whole record; ` +
+            'dropped (a write cut short, or damage)',
+        );
       const snap = this.#eng.snapshot(Date.now());
       try {
         await store.replace(snap); // a file: written (or thrown) now; IndexedDB: committed

@@ -112,6 +112,8 @@ struct Saving {
     kept: BTreeMap<[u8; 16], (u64, Bytes)>,
     /// Saved kept publishes the loader skipped (`persist::Saved::refused_kept`).
     refused_kept: usize,
+    /// Bytes at the end of the loaded log that were no whole record (`persist::Saved::torn`).
+    torn: usize,
 }
 
 #[wasm_bindgen]
@@ -227,6 +229,7 @@ impl Engine {
                 journal: Vec::new(),
                 kept: s.outbox,
                 refused_kept: s.refused_kept,
+                torn: s.torn,
             }
         });
         Ok(Engine {
@@ -597,6 +600,14 @@ impl Engine {
     #[wasm_bindgen(js_name = batchBytes)]
     pub fn batch_bytes(&self) -> f64 {
         self.eng.sealing_bytes() as f64
+    }
+
+    /// Bytes at the end of the loaded state that were no whole record and were dropped (a
+    /// write cut short — or damage: a record length changed in the middle of the log drops
+    /// everything after it), 0 without persistence.
+    #[wasm_bindgen(js_name = restoreTornBytes)]
+    pub fn restore_torn_bytes(&self) -> f64 {
+        self.saving.as_ref().map_or(0, |s| s.torn) as f64
     }
 
     /// Counters: `{delivered, rejected, duplicates, relayGaps, heldBack, refused: {...},

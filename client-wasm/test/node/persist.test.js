@@ -694,3 +694,24 @@ test('a FIFO or a symlink planted at the state path is refused with STATE, never
     (e) => e instanceof WhispeerError && e.code === 'STATE' && e.message.includes('symbolic link'),
   );
 });
+
+test('a saved state ending in bytes that are no whole record is said, not dropped silently', { timeout: 60_000 }, async () => {
+  const file = join(dir, 'torn.wsp');
+  const key = TreeKey.generate('torn');
+  const identity = Identity.generate();
+  const a = await Client.connect(relay.url, { identity, keys: key, persistence: file });
+  await a.close();
+  // A record whose length claims more than follows (a write cut short, or damage).
+  writeFileSync(file, Buffer.concat([readFileSync(file), Buffer.from([0, 0, 1, 0, 7, 7, 7])]));
+  const warned = [];
+  const consoleWarn = console.warn;
+  console.warn = (...a) => warned.push(a.map(String).join(' '));
+  try {
+    const b = await Client.connect(relay.url, { identity, keys: key, persistence: file });
+    clients.push(b);
+  } finally {
+    console.warn = consoleWarn;
+  }
+  assert.equal(warned.length, 1, JSON.stringify(warned));
+  assert.match(warned[0], /torn\.wsp: the saved state ended in 7 bytes that were no whole record; dropped/);
+});
