@@ -497,7 +497,16 @@ async fn messages_buffered_when_the_relay_ends_a_durable_are_not_yielded() {
     )
     .await
     .unwrap();
+    let mut relay = sub_client.relay_changes();
     sigkill(a);
+    // Taken before the client learns of the end, 3 is still the app's (the end is what
+    // releases it): wait until it is live at B and B answered its resubscription (its
+    // refusal comes before the answer to a flush sent after it).
+    let b_url = b.tcp_url();
+    within("live at B", relay.wait_for(|u| *u == b_url))
+        .await
+        .unwrap();
+    within("B answered", sub_client.flush()).await.unwrap();
     match within("the stream ends at B", sub.next_message()).await {
         Some(Err(whispeer::ReceiveError::Ended { code, .. })) => {
             assert_eq!(code, whispeer::protocol::ErrorCode::NotAllowed)
