@@ -1082,6 +1082,27 @@ pub(crate) async fn connect_wait(shared: &Shared, slot: &AddrSlot) -> bool {
     }
 }
 
+/// [`connect_wait`] for a TCP connection, which also ends — its place given back at once —
+/// when the client hangs up meanwhile: a churning client's abandoned connects held their
+/// address's places (and counted against its cap) for the whole wait.
+async fn connect_wait_tcp(shared: &Shared, slot: &AddrSlot, stream: &TcpStream) -> bool {
+    if slot.wait().is_none() {
+        return true;
+    }
+    let gone = async {
+        let mut one = [0u8; 1];
+        match stream.peek(&mut one).await {
+            // Bytes came (its Hello): it is still there; the wait decides.
+            Ok(n) if n > 0 => std::future::pending::<()>().await,
+            _ => {} // end of stream or an error: the client is gone
+        }
+    };
+    tokio::select! {
+        ok = connect_wait(shared, slot) => ok,
+        () = gone => false,
+    }
+}
+
 /// The WebSocket follower (`transport::ws_gate`) and tungstenite disagree on where the
 /// upgrade request ended: the client's frame sizes could not be followed, so it is not
 /// served (no client of this crate, a browser or a conforming library gets here).
@@ -1141,7 +1162,7 @@ async fn handshake(
     tls: Option<TlsAcceptor>,
     slot: AddrSlot,
 ) {
-    if !connect_wait(&shared, &slot).await {
+    if !connect_wait_tcp(&shared, &slot, &stream).await {
         return;
     }
     // The source address whose share of the large-frame budget the connection draws on.

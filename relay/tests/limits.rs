@@ -614,7 +614,9 @@ async fn churn_ban(listen: &str, churner: &str, other: &str) {
         "/status counts it"
     );
     let rejected = metric(admin, "whispeer_relay_connections_rejected_total").await;
-    // Its slot frees when the relay next reads it (after its 1 s wait): by the ban's end.
+    // Its slot frees as the relay sees it close, though it still waits for its connect
+    // rate (before, only after that 1 s wait: a race with the ban's end on a loaded machine,
+    // where the stalled connect was then refused at the address's cap).
     drop(waiting);
     // Banned: a connect from it stalls in the kernel ...
     let stalled = tokio::spawn(async move {
