@@ -367,13 +367,13 @@ impl Driver {
                 Transmit::Frame(b) => {
                     let Some(c) = &mut self.conn else { continue };
                     let stall = self.p.connect_timeout;
-                    match tokio::time::timeout(stall, c.writer.write(b)).await {
-                        Ok(Ok(())) => wrote = true,
-                        Ok(Err(e)) => {
+                    match within_stall(stall, c.writer.write(b)).await {
+                        Some(Ok(())) => wrote = true,
+                        Some(Err(e)) => {
                             self.lost(e.to_string());
                             wrote = false;
                         }
-                        Err(_) => {
+                        None => {
                             self.lost(stalled(stall));
                             wrote = false;
                         }
@@ -409,10 +409,10 @@ impl Driver {
         if wrote {
             if let Some(c) = &mut self.conn {
                 let stall = self.p.connect_timeout;
-                match tokio::time::timeout(stall, c.writer.flush()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => self.lost(e.to_string()),
-                    Err(_) => self.lost(stalled(stall)),
+                match within_stall(stall, c.writer.flush()).await {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => self.lost(e.to_string()),
+                    None => self.lost(stalled(stall)),
                 }
             }
         }
@@ -914,6 +914,18 @@ async fn dialed(
     };
     *dialing = None;
     (id, r)
+}
+
+/// `f`'s output, or `None` if it is not done within `limit`. The timer (a clock read and a
+/// timer entry) is set up only for a write that does not complete at once: nearly every
+/// frame goes into the writer's buffer on the first poll, on the publish path.
+async fn within_stall<F: std::future::Future>(limit: Duration, f: F) -> Option<F::Output> {
+    use futures_util::FutureExt;
+    let mut f = std::pin::pin!(f);
+    if let Some(out) = f.as_mut().now_or_never() {
+        return Some(out);
+    }
+    tokio::time::timeout(limit, f).await.ok()
 }
 
 /// Why a connection whose writes stalled is given up. While a write waits, the connection
