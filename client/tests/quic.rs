@@ -396,16 +396,7 @@ async fn a_relay_may_open_no_streams_of_its_own_nor_send_datagrams() {
     let len = recv.read_u32().await.unwrap() as usize;
     let mut hello = vec![0; len];
     recv.read_exact(&mut hello).await.unwrap();
-    let welcome = Frame::Welcome(whispeer_protocol::frame::Welcome {
-        version: PROTOCOL_VERSION,
-        features: 0,
-        max_frame: 1 << 20,
-        session: [7; 16],
-        relay: Some("quic-test".into()),
-        heartbeat_ms: 0,
-        seq_space: None,
-    });
-    send.write_all(&codec::encode_prefixed(&welcome))
+    send.write_all(&codec::encode_prefixed(&support::raw::welcome(0)))
         .await
         .unwrap();
     let c = within("connect", client).await.unwrap();

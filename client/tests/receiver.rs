@@ -898,20 +898,20 @@ async fn close_ends_though_the_relay_never_answers_its_flush() {
     );
     let conn = within("hello", FakeConn::accept(&listener)).await;
     let c = within("connect", connect).await.unwrap().unwrap();
-    let (mut r, mut w) = conn.s.into_split();
-    // Reads everything (answers nothing); a relay Ping every 50 ms.
+    // Answers every frame of the client's with a Ping of its own — the client's Pong to it
+    // comes back, so the relay never goes quiet — and never a Pong.
     let (pinged_tx, mut pinged) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(f) = read_frame(&mut r).await {
-            if let Frame::Ping(p) = f {
-                let _ = pinged_tx.send(p.nonce);
-            }
-        }
-    });
+    let mut s = conn.s;
     let chatter = tokio::spawn(async move {
         for n in 1u64.. {
-            write_frame(&mut w, &Frame::Ping(frame::Ping { nonce: n })).await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            match read_frame(&mut s).await {
+                Some(Frame::Ping(p)) => {
+                    let _ = pinged_tx.send(p.nonce);
+                }
+                Some(_) => {}
+                None => return,
+            }
+            write_frame(&mut s, &Frame::Ping(frame::Ping { nonce: n })).await;
         }
     });
     within("close", c.close()).await;
@@ -987,7 +987,6 @@ fn rss_bytes() -> u64 {
 async fn websocket_pings_from_a_relay_that_reads_nothing_use_bounded_memory() {
     use futures_util::SinkExt;
     use tokio::io::AsyncWriteExt;
-    use whispeer::protocol::frame::Welcome;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}", listener.local_addr().unwrap());
     let connect = tokio::spawn(
@@ -1001,18 +1000,9 @@ async fn websocket_pings_from_a_relay_that_reads_nothing_use_bounded_memory() {
         .await
         .unwrap();
     within("hello", ws.next()).await.unwrap().unwrap();
-    let welcome = Frame::Welcome(Welcome {
-        version: frame::PROTOCOL_VERSION,
-        features: 0,
-        max_frame: 1 << 20,
-        session: [7; 16],
-        relay: Some("pinger".into()),
-        // No heartbeat of the client's: it has nothing of its own to write.
-        heartbeat_ms: 3_600_000,
-        seq_space: None,
-    });
+    // No heartbeat of the client's (the longest it takes): nothing of its own to write.
     ws.send(tokio_tungstenite::tungstenite::Message::Binary(
-        welcome.to_bytes(),
+        welcome(300_000).to_bytes(),
     ))
     .await
     .unwrap();

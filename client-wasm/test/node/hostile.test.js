@@ -56,6 +56,15 @@ async function hostileRelay(hostile) {
   };
 }
 
+/** A client of `fake` with `options`; it never redials within a test (60 s backoff). */
+const connectTo = (fake, name, options = {}) =>
+  Client.connect(fake.url, {
+    identity: Identity.generate(),
+    keys: TreeKey.generate(name),
+    reconnect: { initialDelayMs: 60_000, maxDelayMs: 60_000 },
+    ...options,
+  });
+
 /** Resolves with the reason of the client's first `reconnecting` state. */
 const dropped = (c) =>
   new Promise((resolve) => {
@@ -79,14 +88,11 @@ test('a relay that stops reading while it makes the client answer is hung up on'
     flood();
   });
   const small = 64 * 1024;
-  const c = await Client.connect(fake.url, {
-    identity: Identity.generate(),
-    keys: TreeKey.generate('hostile'),
+  const c = await connectTo(fake, 'hostile', {
     keptBytes: small,
     reconnectBuffer: small,
     sendHighWaterMark: small,
     maxFrame: 4096,
-    reconnect: { initialDelayMs: 60_000, maxDelayMs: 60_000 },
   });
   try {
     const gone = dropped(c);
@@ -107,12 +113,7 @@ for (const [how, options] of [
   test(`a frame over maxFrame is ${how}`, { timeout: 60_000 }, async () => {
     setWebSocket(WebSocket, options);
     const fake = await hostileRelay((client) => client.send(new Uint8Array(4097)));
-    const c = await Client.connect(fake.url, {
-      identity: Identity.generate(),
-      keys: TreeKey.generate('big'),
-      maxFrame: 4096,
-      reconnect: { initialDelayMs: 60_000, maxDelayMs: 60_000 },
-    });
+    const c = await connectTo(fake, 'big', { maxFrame: 4096 });
     try {
       const gone = dropped(c);
       c.flush().catch(() => {});
@@ -128,24 +129,20 @@ for (const [how, options] of [
 }
 
 test('close() ends though the relay never answers its flush', { timeout: 60_000 }, async () => {
-  let timer;
   let pinged = false;
   const fake = await hostileRelay((client) => {
-    // Reads (and answers nothing); a relay Ping every 50 ms keeps the connection alive.
     pinged = true; // close()'s flush Ping started this
+    // Answers every frame of the client's with a Ping of its own — the client's Pong to it
+    // comes back, so the relay never goes quiet — and never a Pong.
     let n = 0;
-    timer = setInterval(() => client.readyState === WebSocket.OPEN && client.send(ping(n++)), 50);
+    client.send(ping(n++));
+    client.on('message', () => client.readyState === WebSocket.OPEN && client.send(ping(n++)));
   });
-  const c = await Client.connect(fake.url, {
-    identity: Identity.generate(),
-    keys: TreeKey.generate('quiet'),
-    connectTimeoutMs: 300,
-  });
+  const c = await connectTo(fake, 'quiet', { connectTimeoutMs: 300 });
   try {
     await c.close();
     assert.ok(pinged, 'the client sent its flush Ping, which went unanswered');
   } finally {
-    clearInterval(timer);
     await fake.close();
   }
 });
@@ -162,7 +159,7 @@ test('error frames a relay sends without end are logged a few a minute, escapes 
     pong[2] = 0x0c;
     client.send(pong);
   });
-  const c = await Client.connect(fake.url, { identity: Identity.generate(), keys: TreeKey.generate('noisy') });
+  const c = await connectTo(fake, 'noisy', { connectTimeoutMs: 300 }); // close()'s flush goes unanswered
   const logged = [];
   const original = console.error;
   console.error = (...args) => logged.push(args.map(String).join(' '));

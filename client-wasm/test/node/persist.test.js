@@ -663,19 +663,29 @@ test('a kept publish restored from the saved state that the relay refuses is rep
   await proxy.close();
   // Run 2, at a relay whose max_frame the kept publish is over: refused at its Welcome.
   const small = await startRelay({ args: ['--max-frame', '256'] });
-  const logged = [];
-  const consoleError = console.error;
-  console.error = (...args) => logged.push(args.map(String).join(' '));
   try {
-    const b = await Client.connect(small.url, { identity, keys: key, persistence: file });
-    clients.push(b);
+    const logged = await consoleLines('error', async () => {
+      clients.push(await Client.connect(small.url, { identity, keys: key, persistence: file }));
+    });
     assert.equal(logged.length, 1, JSON.stringify(logged));
     assert.match(logged[0], /a publish restored from the saved state failed, not sent again \(id [0-9a-f]{32}\): .*max_frame/);
   } finally {
-    console.error = consoleError;
     await small.stop();
   }
 });
+
+/** The lines `run` writes with `console[method]` (captured, not printed). */
+async function consoleLines(method, run) {
+  const lines = [];
+  const original = console[method];
+  console[method] = (...a) => lines.push(a.map(String).join(' '));
+  try {
+    await run();
+  } finally {
+    console[method] = original;
+  }
+  return lines;
+}
 
 test('a FIFO or a symlink planted at the state path is refused with STATE, never opened blocking or followed', { timeout: 60_000 }, async () => {
   const key = TreeKey.generate('planted');
@@ -703,15 +713,9 @@ test('a saved state ending in bytes that are no whole record is said, not droppe
   await a.close();
   // A record whose length claims more than follows (a write cut short, or damage).
   writeFileSync(file, Buffer.concat([readFileSync(file), Buffer.from([0, 0, 1, 0, 7, 7, 7])]));
-  const warned = [];
-  const consoleWarn = console.warn;
-  console.warn = (...a) => warned.push(a.map(String).join(' '));
-  try {
-    const b = await Client.connect(relay.url, { identity, keys: key, persistence: file });
-    clients.push(b);
-  } finally {
-    console.warn = consoleWarn;
-  }
+  const warned = await consoleLines('warn', async () => {
+    clients.push(await Client.connect(relay.url, { identity, keys: key, persistence: file }));
+  });
   assert.equal(warned.length, 1, JSON.stringify(warned));
   assert.match(warned[0], /torn\.wsp: the saved state ended in 7 bytes that were no whole record; dropped/);
 });

@@ -188,6 +188,33 @@ impl RecordingProxy {
     }
 }
 
+/// A fake relay's `Welcome`: at-least-once, retained values and replay offered, 1 MiB
+/// frames, the heartbeat asked for `heartbeat_ms` (0: the client's default).
+pub fn welcome(heartbeat_ms: u64) -> Frame {
+    Frame::Welcome(Welcome {
+        version: frame::PROTOCOL_VERSION,
+        features: frame::features::AT_LEAST_ONCE
+            | frame::features::RETAIN
+            | frame::features::REPLAY,
+        max_frame: 1 << 20,
+        session: [7; 16],
+        relay: Some("fake".into()),
+        heartbeat_ms,
+        seq_space: None,
+    })
+}
+
+/// `frames`, each behind its 4-byte length prefix, in one buffer.
+fn prefixed(frames: &[Frame]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for f in frames {
+        let f = f.to_bytes();
+        b.extend_from_slice(&(f.len() as u32).to_be_bytes());
+        b.extend_from_slice(&f);
+    }
+    b
+}
+
 /// A fake relay's accepted connection, after the handshake.
 pub struct FakeConn {
     pub s: TcpStream,
@@ -201,21 +228,7 @@ impl FakeConn {
             Frame::Hello(_) => {}
             other => panic!("expected Hello, got {}", other.name()),
         }
-        write_frame(
-            &mut s,
-            &Frame::Welcome(Welcome {
-                version: frame::PROTOCOL_VERSION,
-                features: frame::features::AT_LEAST_ONCE
-                    | frame::features::RETAIN
-                    | frame::features::REPLAY,
-                max_frame: 1 << 20,
-                session: [7; 16],
-                relay: Some("fake".into()),
-                heartbeat_ms: 0,
-                seq_space: None,
-            }),
-        )
-        .await;
+        write_frame(&mut s, &welcome(0)).await;
         FakeConn { s }
     }
 
@@ -281,12 +294,7 @@ impl FakeRelay {
 
     /// Writes `frames` (length-prefixed) in one write; `false` once the client hung up.
     pub async fn try_send_all(&self, frames: &[Frame]) -> bool {
-        let mut b = Vec::new();
-        for f in frames {
-            let f = f.to_bytes();
-            b.extend_from_slice(&(f.len() as u32).to_be_bytes());
-            b.extend_from_slice(&f);
-        }
+        let b = prefixed(frames);
         let mut w = self.w.lock().await;
         w.write_all(&b).await.is_ok() && w.flush().await.is_ok()
     }
@@ -294,12 +302,7 @@ impl FakeRelay {
     /// Writes `frames` (length-prefixed) and then `trailer` in one write, then shuts the
     /// socket's sending side (the relay hangs up).
     pub async fn send_all_and_hang_up(&self, frames: &[Frame], trailer: &[u8]) {
-        let mut b = Vec::new();
-        for f in frames {
-            let f = f.to_bytes();
-            b.extend_from_slice(&(f.len() as u32).to_be_bytes());
-            b.extend_from_slice(&f);
-        }
+        let mut b = prefixed(frames);
         b.extend_from_slice(trailer);
         let mut w = self.w.lock().await;
         w.write_all(&b).await.unwrap();
