@@ -886,6 +886,18 @@ impl ClientCore {
         self.routed_where(msg, |_, s| s.opts.acking() && !s.holds_back(msg))
     }
 
+    /// The at-least-once subscriptions the relay holds `msg` back for while it sends their
+    /// history (`LocalSub::holds_back`): the complement of [`ClientCore::route_acking`]
+    /// among the at-least-once ones. Each is owed the relay's own copy of its sequence,
+    /// which follows its `ReplayDone`; until it took that copy, the sequence must not be
+    /// acked for a neighbour either (PROTOCOL §3.5.5): the relay frees a sequence for
+    /// every subscription of the connection, so a neighbour's `Ack` that reached it after
+    /// it sent that copy would free the copy before it was taken. Call it before
+    /// [`ClientCore::receive_opened`] (which remembers the sequence as skipped).
+    pub fn held_back_acking(&self, msg: &Msg) -> Vec<LocalSubId> {
+        self.routed_where(msg, |_, s| s.opts.acking() && s.holds_back(msg))
+    }
+
     /// The subscriptions selected by `which` whose compiled token patterns match `msg`'s
     /// routing tokens (key id and tokens): where the relay routed it, known without opening
     /// the envelope. The one matching for acks ([`ClientCore::route_acking`]) and resume

@@ -2810,8 +2810,9 @@ fn a_live_message_held_back_for_a_durable_in_history_is_not_acked_for_it() {
 
 /// The same hand-over beside an at-least-once neighbour: the live message is the
 /// neighbour's alone while the durable is in its history, so the durable gets no
-/// placeholder for it and the neighbour's ack does not wait for the durable's untaken
-/// history. The durable's own copy, after `ReplayDone`, is acked again once it takes it.
+/// placeholder for it. Its sequence is still owed to the durable (the relay's copy
+/// follows `ReplayDone`): the neighbour's ack waits until the durable took that copy, then
+/// leaves with the durable's history.
 #[test]
 fn a_live_message_held_back_for_a_durable_in_history_is_acked_for_its_neighbour_alone() {
     let mut steps = connected_with(live_sub(1, "b/x", qos1()));
@@ -2849,10 +2850,11 @@ fn a_live_message_held_back_for_a_durable_in_history_is_acked_for_its_neighbour_
         ExpectEvent(Ev::Message { sub: 2, msg: "h" }),
         ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
         ExpectNoEvent,
-        // The durable has not taken its history: the neighbour's ack leaves anyway.
+        // The neighbour took it; the durable has not taken its own copy (nor been sent
+        // it yet): 5 is not acked.
         Take(1),
-        Timeout,
-        ExpectTx(Tx::Ack(vec![5])),
+        Flush("f"),
+        ExpectTx(Tx::Ping(1)),
         ExpectNoTx,
         ReplayDone { id: 2, seq: 4 },
         Deliver {
@@ -2872,6 +2874,239 @@ fn a_live_message_held_back_for_a_durable_in_history_is_acked_for_its_neighbour_
     ]);
     play(
         "held back for a durable, acked for its neighbour",
+        || Sim::new(|_| {}),
+        &steps,
+    );
+}
+
+/// The durable and the neighbour of the two tests above, at-least-once both: the
+/// neighbour's ack of a live message the relay held back for the durable is held back too
+/// until the durable took its own copy of that sequence. An `Ack` frees a sequence for
+/// every subscription of the connection: sent as soon as the neighbour took the message,
+/// it could reach the relay after the relay handed the durable its copy (after
+/// `ReplayDone`) and free that copy untaken — lost on a crash (the relay does not deliver
+/// it again, and the durable's floor moved past it). PROTOCOL §3.5.5 "Hand-over beside
+/// other subscriptions".
+#[test]
+fn a_neighbours_ack_of_a_message_held_back_for_a_durable_waits_for_the_durables_copy() {
+    let mut steps = connected_with(live_sub(1, "b/x", qos1()));
+    let opts = qos1().durable("d");
+    let retained = opts.retained;
+    steps.extend([
+        sub(2, "b/#", opts),
+        ExpectTx(Tx::Sub {
+            sub: 2,
+            replay: None,
+            retained,
+            durable: Some("d"),
+        }),
+        SubOkHistory { id: 2, seq: 4 },
+        ExpectEvent(Ev::SubscribeOk(2)),
+        Seal {
+            name: "h",
+            topic: "b/y",
+        },
+        Seal {
+            name: "m",
+            topic: "b/x",
+        },
+        DeliverHistory {
+            msg: "h",
+            seq: 3,
+            flags: msg_flags::REPLAYED,
+            id: 2,
+        },
+        Deliver {
+            msg: "m",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "h" }),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
+        ExpectNoEvent,
+        // The neighbour takes m: its ack of 5 waits (a flush sends every ack ready first).
+        Take(1),
+        Flush("f1"),
+        ExpectTx(Tx::Ping(1)),
+        ExpectNoTx,
+        // The durable takes its history: 3 leaves, 5 does not.
+        Take(2),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![3])),
+        ExpectNoTx,
+        // The hand-over: the relay's copy of 5 for the durable, handed and not taken yet.
+        ReplayDone { id: 2, seq: 4 },
+        Deliver {
+            msg: "m",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::ReplayDone { sub: 2, seq: 4 }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "m" }),
+        ExpectEvent(Ev::Placeholder { sub: 1 }),
+        ExpectNoEvent,
+        Flush("f2"),
+        ExpectTx(Tx::Ping(2)),
+        ExpectNoTx,
+        // Taken: 5 is acked, once.
+        Take(2),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![5])),
+        ExpectNoTx,
+        Flush("f3"),
+        ExpectTx(Tx::Ping(3)),
+        ExpectNoTx,
+    ]);
+    play(
+        "a neighbour's ack waits for the durable's copy",
+        || Sim::new(|_| {}),
+        &steps,
+    );
+}
+
+/// The same, but the durable goes away before its copy came: nothing is owed to it any
+/// more, and the neighbour's ack of 5 leaves (after the `Unsub`). What the durable was
+/// handed and never took (its history, 3) is not acked: its next resume gets it again.
+#[test]
+fn a_neighbours_held_ack_leaves_when_the_durable_goes_away() {
+    let mut steps = connected_with(live_sub(1, "b/x", qos1()));
+    let opts = qos1().durable("d");
+    let retained = opts.retained;
+    steps.extend([
+        sub(2, "b/#", opts),
+        ExpectTx(Tx::Sub {
+            sub: 2,
+            replay: None,
+            retained,
+            durable: Some("d"),
+        }),
+        SubOkHistory { id: 2, seq: 4 },
+        ExpectEvent(Ev::SubscribeOk(2)),
+        Seal {
+            name: "h",
+            topic: "b/y",
+        },
+        Seal {
+            name: "m",
+            topic: "b/x",
+        },
+        DeliverHistory {
+            msg: "h",
+            seq: 3,
+            flags: msg_flags::REPLAYED,
+            id: 2,
+        },
+        Deliver {
+            msg: "m",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "h" }),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
+        ExpectNoEvent,
+        Take(1),
+        Flush("f1"),
+        ExpectTx(Tx::Ping(1)),
+        ExpectNoTx,
+        Unsubscribe(2),
+        ExpectTx(Tx::Unsub),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![5])),
+        ExpectNoTx,
+    ]);
+    play(
+        "a held ack leaves when the durable goes away",
+        || Sim::new(|_| {}),
+        &steps,
+    );
+}
+
+/// The same, cut before the durable's copy came: the held ack of 5 belonged to the old
+/// connection (acks name that connection's deliveries) and is never sent on the next one.
+/// There the durable resumes, gets 5 from its history (still its own although the
+/// neighbour took it) and acks it once taken.
+#[test]
+fn a_neighbours_held_ack_is_not_sent_on_the_next_connection() {
+    let mut steps = connected_with(live_sub(1, "b/x", qos1()));
+    let opts = qos1().durable("d");
+    let retained = opts.retained;
+    steps.extend([
+        sub(2, "b/#", opts),
+        ExpectTx(Tx::Sub {
+            sub: 2,
+            replay: None,
+            retained,
+            durable: Some("d"),
+        }),
+        SubOkHistory { id: 2, seq: 4 },
+        ExpectEvent(Ev::SubscribeOk(2)),
+        Seal {
+            name: "h",
+            topic: "b/y",
+        },
+        Seal {
+            name: "m",
+            topic: "b/x",
+        },
+        DeliverHistory {
+            msg: "h",
+            seq: 3,
+            flags: msg_flags::REPLAYED,
+            id: 2,
+        },
+        Deliver {
+            msg: "m",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "h" }),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
+        ExpectNoEvent,
+        Take(2),
+        Take(1),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![3])),
+        ExpectNoTx,
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Redial,
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: Some(Replay::FromSeq(6)),
+            retained: false,
+            durable: None,
+        }),
+        ExpectTx(Tx::Sub {
+            sub: 2,
+            replay: None,
+            retained,
+            durable: Some("d"),
+        }),
+        ExpectEvent(Ev::Connected),
+        Flush("f1"),
+        ExpectTx(Tx::Ping(1)),
+        ExpectNoTx,
+        SubOk { id: 1, seq: 5 },
+        SubOkHistory { id: 2, seq: 5 },
+        DeliverHistory {
+            msg: "m",
+            seq: 5,
+            flags: msg_flags::REPLAYED,
+            id: 2,
+        },
+        ReplayDone { id: 2, seq: 5 },
+        ExpectEvent(Ev::Message { sub: 2, msg: "m" }),
+        ExpectEvent(Ev::Placeholder { sub: 1 }),
+        ExpectEvent(Ev::ReplayDone { sub: 2, seq: 5 }),
+        ExpectNoEvent,
+        ExpectNoTx,
+        Take(2),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![5])),
+        ExpectNoTx,
+    ]);
+    play(
+        "a held ack is not sent on the next connection",
         || Sim::new(|_| {}),
         &steps,
     );

@@ -19,8 +19,19 @@
 //! a duplicate), so acks are per sequence: a sequence is acked once every slot of it is
 //! released, and only if none was released unlisted — a copy one subscription passed
 //! never acknowledges what another has not taken yet.
+//!
+//! A subscription can also be **owed** a sequence before it has a slot of it: a live
+//! message the relay holds back for a subscription still in its history (PROTOCOL §3.5.5
+//! "Hand-over beside other subscriptions") reaches the client for a neighbour at once,
+//! and the relay's own copy for the first one follows after its `ReplayDone`. An `Ack` of
+//! the neighbour's copy that reached the relay after that copy was sent would free it
+//! too, before it was taken: so the sequence is not acked while it is owed
+//! ([`AckQueue::owe`]). The debt passes to the owed subscription's own slot of the
+//! sequence when it comes (acked once that one is released, like any slot), and is
+//! cancelled when the subscription goes away ([`AckQueue::drop_sub`]) or the connection
+//! drops ([`AckQueue::clear`]: its acks never go out on another connection).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use super::LocalSubId;
 
@@ -47,9 +58,12 @@ pub struct AckQueue {
     queues: HashMap<LocalSubId, VecDeque<SlotId>>,
     next: SlotId,
     ready: Vec<u64>,
-    /// Per relay sequence (> 0): its slots not yet released, and whether one was released
-    /// unlisted (then it is never acked).
+    /// Per relay sequence (> 0): its slots not yet released plus the subscriptions it is
+    /// owed to (`owed`), and whether one was released unlisted (then it is never acked).
     seqs: HashMap<u64, (usize, bool)>,
+    /// Per subscription: the sequences it is owed its own copy of and has no slot of yet
+    /// ([`AckQueue::owe`]); each counts in `seqs` like a slot not yet released.
+    owed: HashMap<LocalSubId, HashSet<u64>>,
 }
 
 impl AckQueue {
@@ -74,6 +88,43 @@ impl AckQueue {
         self.push(seq, routed, Vec::new(), false)
     }
 
+    /// Subscription `sub` is owed its own copy of sequence `seq` (the relay held back a
+    /// live message for it, PROTOCOL §3.5.5): `seq` is not acked — whatever other slots of
+    /// it are released — until `sub` has a slot of it that is released too, or goes away.
+    /// Owing it again is nothing new. The caller bounds how many a subscription is owed
+    /// (the core's `skipped` set).
+    pub fn owe(&mut self, seq: u64, sub: LocalSubId) {
+        if seq > 0 && self.owed.entry(sub).or_default().insert(seq) {
+            self.seqs.entry(seq).or_insert((0, false)).0 += 1;
+        }
+    }
+
+    /// Sequences owed to subscriptions, all told.
+    pub fn owed_len(&self) -> usize {
+        self.owed.values().map(HashSet::len).sum()
+    }
+
+    /// Cancels one debt of `seq` (its subscription went away): acked now if that was the
+    /// last thing holding it and no slot of it was released unlisted.
+    fn forgive(&mut self, seq: u64) {
+        self.settle(seq, true);
+    }
+
+    /// One slot of `seq` (or a debt of it) is released, `listed` or not.
+    fn settle(&mut self, seq: u64, listed: bool) {
+        if let Some(e) = self.seqs.get_mut(&seq) {
+            e.0 -= 1;
+            e.1 |= !listed;
+            if e.0 == 0 {
+                let unlisted = e.1;
+                self.seqs.remove(&seq);
+                if !unlisted {
+                    self.ready.push(seq);
+                }
+            }
+        }
+    }
+
     fn push(
         &mut self,
         seq: u64,
@@ -89,10 +140,24 @@ impl AckQueue {
                 all.push(*w);
             }
         }
+        // A subscription owed `seq` that this slot is its own copy for: the debt becomes
+        // this slot (counted in `seqs` already).
+        let mut paid = false;
         for r in &all {
             self.queues.entry(*r).or_default().push_back(id);
+            if let Some(o) = self.owed.get_mut(r) {
+                if o.remove(&seq) {
+                    if o.is_empty() {
+                        self.owed.remove(r);
+                    }
+                    if paid {
+                        self.forgive(seq); // two owed ones share this slot: one count
+                    }
+                    paid = true;
+                }
+            }
         }
-        if seq > 0 {
+        if seq > 0 && !paid {
             self.seqs.entry(seq).or_insert((0, false)).0 += 1;
         }
         self.slots.insert(
@@ -124,7 +189,14 @@ impl AckQueue {
     /// unlisted, even one another subscription took — and with it its sequence (see the
     /// module docs): acked, the relay would free it for this one too, and a durable that
     /// resumes later would never get it. Unacked, the relay delivers it again.
+    /// What it was owed and never got a slot of is no longer owed: acked once nothing
+    /// else holds it.
     pub fn drop_sub(&mut self, sub: LocalSubId) {
+        let mut owed: Vec<u64> = self.owed.remove(&sub).into_iter().flatten().collect();
+        owed.sort_unstable();
+        for seq in owed {
+            self.forgive(seq);
+        }
         let Some(q) = self.queues.remove(&sub) else {
             return;
         };
@@ -156,17 +228,7 @@ impl AckQueue {
                 continue;
             }
             let s = self.slots.remove(&id).expect("present");
-            if let Some(e) = self.seqs.get_mut(&s.seq) {
-                e.0 -= 1;
-                e.1 |= !s.listed;
-                if e.0 == 0 {
-                    let unlisted = e.1;
-                    self.seqs.remove(&s.seq);
-                    if !unlisted {
-                        self.ready.push(s.seq);
-                    }
-                }
-            }
+            self.settle(s.seq, s.listed);
             for r in &s.routed {
                 if let Some(q) = self.queues.get_mut(r) {
                     q.pop_front();
@@ -205,12 +267,15 @@ impl AckQueue {
         self.slots.len()
     }
 
-    /// The connection dropped: the relay redelivers everything unacknowledged.
+    /// The connection dropped: the relay redelivers everything unacknowledged. Debts go
+    /// too: an ack held for one is never sent on another connection (sequences are acked
+    /// per connection).
     pub fn clear(&mut self) {
         self.slots.clear();
         self.queues.clear();
         self.ready.clear();
         self.seqs.clear();
+        self.owed.clear();
     }
 }
 
@@ -290,6 +355,67 @@ mod tests {
         q.drop_sub(1);
         assert!(q.take_ready().is_empty(), "6 went away untaken");
         let _ = live;
+        assert_eq!(q.pending(), 0);
+        assert!(q.seqs.is_empty());
+    }
+
+    /// Review finding: sequence 5 is owed to sub 2 (the relay held the live message back
+    /// for it during its history) while sub 1 takes it: not acked until sub 2's own copy
+    /// is released too — once. Owed to two subscriptions sharing one slot of the copy, it
+    /// counts once. Forgiven when the owed subscription goes away; gone with the
+    /// connection, never acked on the next.
+    #[test]
+    fn a_sequence_owed_to_a_subscription_waits_for_its_own_copy() {
+        let mut q = AckQueue::new();
+        q.owe(5, 2);
+        q.owe(5, 2); // again (a redelivery held back too): nothing new
+        let a = q.deliver(5, &[1], vec![1]);
+        q.taken(a, 1);
+        assert!(q.take_ready().is_empty(), "5 is owed to sub 2");
+        assert_eq!(q.owed_len(), 1);
+        let b = q.deliver(5, &[1, 2], vec![1, 2]);
+        assert_eq!(q.owed_len(), 0, "the debt is that slot now");
+        q.taken(b, 1);
+        assert!(q.take_ready().is_empty(), "sub 2 has not taken its copy");
+        q.taken(b, 2);
+        assert_eq!(q.take_ready(), vec![5]);
+        assert!(q.seqs.is_empty());
+
+        // Two owed subscriptions, one slot for both.
+        q.owe(6, 2);
+        q.owe(6, 3);
+        q.placeholder(6, &[1]);
+        let c = q.deliver(6, &[2, 3], vec![2, 3]);
+        q.taken(c, 2);
+        assert!(q.take_ready().is_empty());
+        q.taken(c, 3);
+        assert_eq!(q.take_ready(), vec![6]);
+
+        // Forgiven: the owed subscription went away before its copy came.
+        q.owe(7, 2);
+        q.placeholder(7, &[1]);
+        assert!(q.take_ready().is_empty());
+        q.drop_sub(2);
+        assert_eq!(q.take_ready(), vec![7]);
+
+        // Held back (no credit) when its copy came: never acked on this connection.
+        q.owe(8, 3);
+        q.placeholder(8, &[1]);
+        q.held_back(8, &[3]);
+        assert!(q.take_ready().is_empty());
+
+        // The connection dropped: nothing owed is acked on the next one.
+        q.owe(9, 3);
+        q.placeholder(9, &[1]);
+        q.clear();
+        assert_eq!(q.owed_len(), 0);
+        let d = q.deliver(9, &[3], vec![3]);
+        q.taken(d, 3);
+        assert_eq!(
+            q.take_ready(),
+            vec![9],
+            "the new connection's own copy, once"
+        );
         assert_eq!(q.pending(), 0);
         assert!(q.seqs.is_empty());
     }
