@@ -1445,8 +1445,10 @@ impl Engine {
         // A live message held back for subscriptions still in their history: owed to each
         // of them, so a neighbour's slot of it does not ack it before they took their own
         // copy (PROTOCOL §3.5.5). Owed first: a neighbour's slot may be released at once.
-        for sub in self.core.held_back_acking(m) {
-            self.acks.owe(m.seq, sub);
+        if m.seq > 0 {
+            for sub in self.core.held_back_acking(m) {
+                self.acks.owe(m.seq, sub);
+            }
         }
         let delivery = self.core.receive_opened(m, opened, now.unix_ms, &room);
         let (msg, targets, held, digest) = match delivery {
