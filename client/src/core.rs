@@ -1850,6 +1850,94 @@ mod tests {
         );
     }
 
+    /// Review of session 28, F3: a topic's retained high-water mark was compared by date
+    /// and id only. Mallory (who can write `a/x`) signs her own message with the date and
+    /// id of Alice's, the topic's newest; flagged retained for a new subscription it passed
+    /// as a duplicate of the mark and was shown as the topic's value (delivered without
+    /// entering the dedup window, so its replayed copy was delivered again). Now the mark
+    /// is the message's dedup identity (tree, sender, id): her copy is refused as no newer
+    /// than the mark; her message replayed is history like any other of hers — her sender
+    /// and content, once.
+    #[test]
+    fn another_members_copy_of_the_marks_date_and_id_is_not_the_retained_value() {
+        use frame::msg_flags::{REPLAYED, RETAINED};
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(28);
+        let tk = TreeKey::generate_with("t", &mut rng).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_tree_key_at(&tk, 0).unwrap();
+        let kr = Arc::new(RwLock::new(kr));
+        let (alice, mallory) = (
+            Identity::generate_with(&mut rng),
+            Identity::generate_with(&mut rng),
+        );
+        let mut core = ClientCore::new(kr.clone());
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        core.subscribe_with_options(1, f("a/#"), SubscribeOptions::new(), 0)
+            .unwrap();
+        const NOW: u64 = 1_800_000_000_000;
+        let topic = Topic::new("a/x").unwrap();
+        let ts = NOW - 1_000;
+        let (alices, id) = seal_publish(
+            &kr,
+            Some(&alice),
+            &SealPolicy::default(),
+            &mut Sealer::new(),
+            &topic,
+            CBOR,
+            b"\x01",
+            ts,
+            &mut rng,
+        )
+        .unwrap();
+        let mut sealer = Sealer::new();
+        let key = sealer.topic_key(&kr.read().unwrap(), None, &topic).unwrap();
+        let forged = sealer
+            .seal(
+                &key,
+                &outgoing(b"\x02", CBOR, id, ts),
+                &SealOptions::default(),
+                Some(&mallory),
+                &mut rng,
+            )
+            .unwrap();
+        let msg = |env: &whispeer_protocol::Envelope, seq, flags, sub_id| Msg {
+            sub_id,
+            seq,
+            envelope: env.clone(),
+            flags,
+        };
+        let got = core.receive(&msg(&alices, 10, 0, None), NOW).unwrap();
+        assert_eq!((got.1, got.0.sender), (vec![1], Some(alice.sender_id())));
+        // A new subscription asking for retained values and history.
+        let opts = SubscribeOptions::new()
+            .retained(true)
+            .replay(frame::Replay::FromSeq(1));
+        core.subscribe_with_options(2, f("a/#"), opts, NOW).unwrap();
+        let r2 = Some(core.relay_ids(2)[0]);
+        let before = core.stats().duplicates;
+        assert!(
+            core.receive(&msg(&forged, 11, RETAINED, r2), NOW).is_none(),
+            "Mallory's copy of the mark's date and id is not the topic's value"
+        );
+        assert_eq!(core.guard().stats().retained_rollback, 1);
+        assert_eq!(core.stats().duplicates, before, "refused, not a duplicate");
+        assert!(core.receive(&msg(&forged, 11, RETAINED, r2), NOW).is_none());
+        assert!(core
+            .receive(&msg(&forged, 11, RETAINED, None), NOW)
+            .is_none());
+        // Replayed: her own message (not Alice's, not a retained value), once.
+        let (m, to) = core.receive(&msg(&forged, 11, REPLAYED, r2), NOW).unwrap();
+        assert_eq!(to, vec![2]);
+        assert_eq!(m.sender, Some(mallory.sender_id()));
+        assert_eq!((&m.payload[..], m.retained), (&b"\x02"[..], false));
+        assert!(core.receive(&msg(&forged, 11, REPLAYED, r2), NOW).is_none());
+        assert!(core.receive(&msg(&forged, 11, RETAINED, r2), NOW).is_none());
+        // Alice's message is still the topic's value: shown to the new subscription once.
+        let (m, to) = core.receive(&msg(&alices, 10, RETAINED, r2), NOW).unwrap();
+        assert_eq!((to, m.sender), (vec![2], Some(alice.sender_id())));
+        assert!(core.receive(&msg(&alices, 10, RETAINED, r2), NOW).is_none());
+    }
+
     /// A subscription in its history remembers what it received so that history another
     /// subscription delivered is still its own to see, once; a relay that never ends the
     /// history (no `ReplayDone`) must not make that grow with every message: past its bound

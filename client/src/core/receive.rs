@@ -16,7 +16,9 @@
 //!   retained) is refused, and one already delivered is a duplicate like any other (the
 //!   client core shows it again only to a new subscription that asked for retained
 //!   values, once). The relay sets the `RETAINED` flag outside the seal, so it must not
-//!   buy a message more than that. The marks are kept for the horizon, like dedup entries.
+//!   buy a message more than that. A mark is the message that set it — its dedup identity
+//!   (tree, sender, id), not its date and id alone: another sender's message copying both
+//!   is refused as no newer. The marks are kept for the horizon, like dedup entries.
 //! - **Publisher policy** per topic or subtree: `require_signed` and an `allow_senders` list.
 //!
 //! The state that must survive a restart (dedup entries, retained high-water marks) is
@@ -283,9 +285,9 @@ pub struct Snapshot {
 pub struct Guard {
     cfg: ReceiveConfig,
     seen: Window,
-    /// Per `(tree, topic)`: the newest message accepted (timestamp, id), kept for the
-    /// horizon (plus skew) after its date.
-    retained: HashMap<RetainedKey, (u64, [u8; 16]), Seeded>,
+    /// Per `(tree, topic)`: the newest message accepted, kept for the horizon (plus skew)
+    /// after its date.
+    retained: HashMap<RetainedKey, Mark, Seeded>,
     /// When expired marks are next swept (Unix ms).
     next_mark_sweep: u64,
     /// Restored values not yet held to the bounds of the first time seen after them
@@ -306,6 +308,27 @@ pub struct Guard {
     /// refusing their redelivery as `BeforeWindow` would lose them. Forgotten once
     /// accepted again. In memory only (a restarted client's window starts from its file).
     released: Released,
+}
+
+/// A topic's retained high-water mark: the newest message accepted for it — its date and
+/// id (the order of [`newer`]) and which message it is (review of session 28, F3: a mark
+/// compared by date and id alone let another member's message copying both pass as the one
+/// that set it, a duplicate shown to a new retained subscription).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    ts_ms: u64,
+    msg_id: [u8; 16],
+    /// The message's dedup [`digest`] (little-endian bytes): only that message is the
+    /// mark's own duplicate. Zeros: unknown — a mark restored from a state file, which
+    /// keeps date and id only (its format is unchanged); see `Guard::check_inner`.
+    digest: [u8; 16],
+}
+
+impl Mark {
+    /// Whether the mark is known to be message `d`'s.
+    fn is(&self, d: Digest) -> bool {
+        self.digest != [0; 16] && self.digest == d.to_le_bytes()
+    }
 }
 
 /// Released held messages (see `Guard::released`): each digest with the number of its
@@ -662,8 +685,8 @@ impl Guard {
             n += 1;
         }
         for m in self.retained.values_mut() {
-            if m.0 > newest {
-                m.0 = newest;
+            if m.ts_ms > newest {
+                m.ts_ms = newest;
                 n += 1;
             }
         }
@@ -690,11 +713,19 @@ impl Guard {
     }
 
     /// Loads a persisted retained high-water mark (a date in the future is clamped, see
-    /// [`Guard::restore_forgot_upto`]).
+    /// [`Guard::restore_forgot_upto`]). The state file keeps a mark's date and id, not
+    /// which message set it: a restored mark refuses every retained value not newer than
+    /// it, and counts as a duplicate only the message the dedup window still holds (see
+    /// [`Guard::check`]).
     pub fn restore_retained(&mut self, key: RetainedKey, ts_ms: u64, msg_id: [u8; 16]) {
-        let e = self.retained.entry(key).or_insert((ts_ms, msg_id));
-        if newer(ts_ms, &msg_id, e.0, &e.1) {
-            *e = (ts_ms, msg_id);
+        let m = Mark {
+            ts_ms,
+            msg_id,
+            digest: [0; 16],
+        };
+        let e = self.retained.entry(key).or_insert(m);
+        if newer(ts_ms, &msg_id, e.ts_ms, &e.msg_id) {
+            *e = m;
         }
         self.unsettled = true;
     }
@@ -735,7 +766,7 @@ impl Guard {
             retained: self
                 .retained
                 .iter()
-                .map(|(k, &(ts, id))| (*k, ts.min(newest), id))
+                .map(|(k, m)| (*k, m.ts_ms.min(newest), m.msg_id))
                 .collect(),
             forgot_upto: self.seen.forgot_upto.min(max),
         }
@@ -790,7 +821,7 @@ impl Guard {
             self.next_mark_sweep = now_ms.saturating_add(MARK_SWEEP_MS);
             let keep = self.cfg.horizon_ms.saturating_add(self.cfg.max_skew_ms);
             self.retained
-                .retain(|_, (ts, _)| ts.saturating_add(keep) > now_ms);
+                .retain(|_, m| m.ts_ms.saturating_add(keep) > now_ms);
         }
     }
 
@@ -862,15 +893,26 @@ impl Guard {
             // A retained value is the topic's current value: never one older than the
             // newest message accepted for the topic, live or retained (the relay sets the
             // flag, and anyone may re-post a captured envelope with `RETAIN`).
-            if let Some((ts, id)) = self.retained.get(&rk) {
-                if newer(*ts, id, c.ts_ms, &c.msg_id) {
+            if let Some(m) = self.retained.get(&rk) {
+                if newer(m.ts_ms, &m.msg_id, c.ts_ms, &c.msg_id) {
                     return Err(Refusal::RetainedRollback);
                 }
-                // The very message that set the mark (only `commit` sets it): delivered,
-                // even once its dedup entry is gone to make room (the window's start does
-                // not hold retained values back, so nothing else would refuse it).
-                if (*ts, id) == (c.ts_ms, &c.msg_id) {
-                    return Err(Refusal::Duplicate);
+                if (m.ts_ms, m.msg_id) == (c.ts_ms, c.msg_id) {
+                    // The very message that set the mark (only `commit` sets it):
+                    // delivered, even once its dedup entry is gone to make room (the
+                    // window's start does not hold retained values back, so nothing else
+                    // would refuse it).
+                    if m.is(d) {
+                        return Err(Refusal::Duplicate);
+                    }
+                    // The mark's date and id but not known to be its message: another
+                    // sender's message copying both (anyone who can write the topic can
+                    // sign one), or a mark restored without its digest. A message the
+                    // window holds is a duplicate (below); any other is no newer than the
+                    // mark, and never passes as the message that set it.
+                    if !self.seen.contains(d) {
+                        return Err(Refusal::RetainedRollback);
+                    }
                 }
             }
         }
@@ -989,11 +1031,16 @@ impl Guard {
             self.seen.make_room(self.cfg.max_entries);
         }
         let (rk, ts, id) = a.mark;
+        let mark = Mark {
+            ts_ms: ts,
+            msg_id: id,
+            digest: a.digest.to_le_bytes(),
+        };
         match self.retained.get_mut(&rk) {
-            Some(m) if !newer(ts, &id, m.0, &m.1) => {}
-            Some(m) => *m = (ts, id),
+            Some(m) if !newer(ts, &id, m.ts_ms, &m.msg_id) => {}
+            Some(m) => *m = mark,
             None => {
-                self.retained.insert(rk, (ts, id));
+                self.retained.insert(rk, mark);
             }
         }
     }
@@ -1009,11 +1056,11 @@ impl Guard {
             expires_ms: a.expires_ms,
         });
         let rk = a.mark.0;
-        if let Some(&(ts, id)) = self.retained.get(&rk) {
+        if let Some(m) = self.retained.get(&rk) {
             self.journal.push(Change::Retained {
                 key: rk,
-                ts_ms: ts,
-                msg_id: id,
+                ts_ms: m.ts_ms,
+                msg_id: m.msg_id,
             });
         }
     }
@@ -1585,6 +1632,53 @@ mod tests {
         assert!(g
             .check(&cand(&q, 5, NOW + 1, msg_flags::RETAINED), now)
             .is_ok());
+    }
+
+    /// Review of session 28, F3: the mark is the message that set it — tree, sender and id
+    /// — not its date and id alone. Another sender's message copying both, flagged
+    /// retained, is no newer than the mark (refused), never its duplicate; a mark restored
+    /// from a state file (date and id only) counts as a duplicate only the message the
+    /// window still holds.
+    #[test]
+    fn a_copy_of_the_marks_date_and_id_from_another_sender_is_not_its_duplicate() {
+        let t = Topic::new("a/x").unwrap();
+        let r = msg_flags::RETAINED;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(28);
+        let (alice, mallory) = (
+            Identity::generate_with(&mut rng),
+            Identity::generate_with(&mut rng),
+        );
+        let from = |who: &Identity, flags| {
+            let mut c = cand(&t, 1, NOW, flags);
+            c.sender = Some(who.sender_id());
+            c
+        };
+        let mut g = Guard::new(ReceiveConfig::default());
+        let a = g.check(&from(&alice, 0), NOW).unwrap();
+        g.commit(a);
+        assert_eq!(g.check(&from(&alice, r), NOW), Err(Refusal::Duplicate));
+        assert_eq!(
+            g.check(&from(&mallory, r), NOW),
+            Err(Refusal::RetainedRollback)
+        );
+        assert_eq!(g.stats().retained_rollback, 1);
+        // Restored: the mark alone (its entry gone) cannot tell Alice's from a copy.
+        let mut h = Guard::new(ReceiveConfig::default());
+        h.restore_retained(retained_key(&TreeId([1; 16]), &t), NOW, [1; 16]);
+        assert_eq!(
+            h.check(&from(&mallory, r), NOW),
+            Err(Refusal::RetainedRollback)
+        );
+        assert_eq!(
+            h.check(&from(&alice, r), NOW),
+            Err(Refusal::RetainedRollback)
+        );
+        h.restore_seen(dedup_key(&from(&alice, 0)), NOW + DEFAULT_HORIZON_MS, NOW);
+        assert_eq!(h.check(&from(&alice, r), NOW), Err(Refusal::Duplicate));
+        assert_eq!(
+            h.check(&from(&mallory, r), NOW),
+            Err(Refusal::RetainedRollback)
+        );
     }
 
     proptest::proptest! {
