@@ -18,7 +18,11 @@
 //!   values, once). The relay sets the `RETAINED` flag outside the seal, so it must not
 //!   buy a message more than that. A mark is the message that set it — its dedup identity
 //!   (tree, sender, id), not its date and id alone: another sender's message copying both
-//!   is refused as no newer. The marks are kept for the horizon, like dedup entries.
+//!   is refused as no newer. The marks are kept for the horizon, like dedup entries, and
+//!   bounded like them ([`ReceiveConfig::max_entries`] marks): past the bound the oldest
+//!   go (counted), and retained values dated before the newest evicted one are held to the
+//!   window's start — an evicted mark's topic can be rolled back within the window's
+//!   reach, but no message is accepted twice.
 //! - **Publisher policy** per topic or subtree: `require_signed` and an `allow_senders` list.
 //!
 //! The state that must survive a restart (dedup entries, retained high-water marks) is
@@ -87,6 +91,14 @@ pub struct ReceiveConfig {
     /// — so a forgotten message can never be delivered twice; the horizon just becomes
     /// shorter under load. Live messages (dated within the skew) pass unless the window
     /// holds less than the skew's worth of traffic.
+    ///
+    /// It bounds the retained high-water marks too (one per topic a message was accepted
+    /// on; 83–165 bytes each with the table's slack, so up to ~610 MB at the default for a
+    /// member flooding millions of topics): past it the oldest marks (by date) are evicted,
+    /// counted in [`RefusedStats::marks_evicted`]. An evicted mark's topic loses its
+    /// rollback check — an older retained value the window does not refuse may be
+    /// accepted — and retained values dated before the newest evicted mark are held to the
+    /// window's start like other messages, so none is accepted twice.
     pub max_entries: usize,
     /// Largest payload a delivered message may decompress to (bytes). Default
     /// [`DEFAULT_MAX_PAYLOAD`] (16 MiB), what a default publisher may seal, so no honest
@@ -161,6 +173,10 @@ pub struct RefusedStats {
     /// `now + skew`), clamped to that bound when loaded (see
     /// [`Guard::restore_forgot_upto`]). Not a refusal of a message: counted here to be seen.
     pub restored_future: u64,
+    /// Retained high-water marks evicted, oldest first, when the table was at its bound
+    /// ([`ReceiveConfig::max_entries`] marks). Not a refusal of a message: counted here to
+    /// be seen, like `before_window` for the dedup window's forgotten entries.
+    pub marks_evicted: u64,
 }
 
 /// `(tree, sender or zeros, msg_id)`.
@@ -181,7 +197,9 @@ pub enum Change {
         /// Unix ms after which it may be forgotten.
         expires_ms: u64,
     },
-    /// The newest retained value of a topic.
+    /// The newest retained value of a topic. Dated 0: the mark was evicted (a tombstone: a
+    /// driver keeping a table by key may drop it). Under [`MARKS_FLOOR_KEY`]: the marks
+    /// floor (see [`Guard::restore_retained`]); both load back as what they are.
     Retained {
         /// Which topic.
         key: RetainedKey,
@@ -272,7 +290,9 @@ impl Accepted {
 pub struct Snapshot {
     /// Dedup entries: digest and expiry (Unix ms), by expiry.
     pub seen: Vec<(Digest, u64)>,
-    /// Retained high-water marks: key, timestamp, message id (no particular order).
+    /// Retained high-water marks: key, timestamp, message id (no particular order), at
+    /// most [`ReceiveConfig::max_entries`], and the marks floor under [`MARKS_FLOOR_KEY`]
+    /// if marks were evicted.
     pub retained: Vec<(RetainedKey, u64, [u8; 16])>,
     /// The latest expiry among dedup entries forgotten for room (0: none; see
     /// [`Guard::forgot_upto`]). Without it a restored window would accept again what the
@@ -290,6 +310,11 @@ pub struct Guard {
     retained: HashMap<RetainedKey, Mark, Seeded>,
     /// When expired marks are next swept (Unix ms).
     next_mark_sweep: u64,
+    /// The newest date among marks evicted for room (0: none; see `Guard::evict_marks`):
+    /// a retained value dated at most this may be one whose mark is gone, so it is held to
+    /// the window's start like any other message. Persisted as the mark of
+    /// [`MARKS_FLOOR_KEY`].
+    marks_floor: u64,
     /// Restored values not yet held to the bounds of the first time seen after them
     /// ([`Guard::settle_restored`]).
     unsettled: bool,
@@ -358,6 +383,13 @@ impl Released {
 
 /// Most released held messages [`Guard`] remembers (about 50 bytes each).
 const MAX_RELEASED: usize = 65_536;
+
+/// The key under which the state holds [`Guard`]'s marks floor (the newest date among
+/// retained marks evicted for room) as if it were a mark: no topic's [`retained_key`] is
+/// all `0xff` (that would be a BLAKE3 preimage), and a client that predates the floor
+/// loads it as the mark of a topic that does not exist. A saved mark dated 0 is an
+/// evicted mark's tombstone (no honest mark is dated 0): loading skips it.
+pub const MARKS_FLOOR_KEY: RetainedKey = [0xff; 32];
 
 /// How often expired high-water marks are swept (a scan of all marks).
 const MARK_SWEEP_MS: u64 = 60_000;
@@ -614,6 +646,7 @@ impl Guard {
             seen: Window::new(),
             retained: HashMap::default(),
             next_mark_sweep: 0,
+            marks_floor: 0,
             unsettled: false,
             stats: RefusedStats::default(),
             journal: Vec::new(),
@@ -690,6 +723,10 @@ impl Guard {
                 n += 1;
             }
         }
+        if self.marks_floor > newest {
+            self.marks_floor = newest;
+            n += 1;
+        }
         self.stats.restored_future += n;
     }
 
@@ -717,7 +754,20 @@ impl Guard {
     /// which message set it: a restored mark refuses every retained value not newer than
     /// it, and counts as a duplicate only the message the dedup window still holds (see
     /// [`Guard::check`]).
+    ///
+    /// The marks are bounded like the window ([`ReceiveConfig::max_entries`]): restoring
+    /// more evicts the oldest (see [`RefusedStats::marks_evicted`]). The floor saved under
+    /// [`MARKS_FLOOR_KEY`] is loaded as the floor, and a mark dated 0 (an evicted mark's
+    /// tombstone) is skipped.
     pub fn restore_retained(&mut self, key: RetainedKey, ts_ms: u64, msg_id: [u8; 16]) {
+        if ts_ms == 0 {
+            return;
+        }
+        self.unsettled = true;
+        if key == MARKS_FLOOR_KEY {
+            self.marks_floor = self.marks_floor.max(ts_ms);
+            return;
+        }
         let m = Mark {
             ts_ms,
             msg_id,
@@ -727,7 +777,65 @@ impl Guard {
         if newer(ts_ms, &msg_id, e.ts_ms, &e.msg_id) {
             *e = m;
         }
-        self.unsettled = true;
+        self.evict_marks(false);
+    }
+
+    /// The most retained high-water marks held: [`ReceiveConfig::max_entries`], as many
+    /// as the dedup window holds messages.
+    fn max_marks(&self) -> usize {
+        self.cfg.max_entries.max(1)
+    }
+
+    /// Review of session 28, F2: the marks were unbounded — a member with a grant for
+    /// `p/#` publishing one message on each of millions of topics `p/<random>` grew every
+    /// subscriber's memory and state by one mark each, for the horizon. Past
+    /// [`Guard::max_marks`] the oldest marks (by date) go — a few more than needed
+    /// (1/64 of the bound), so that the scan that finds them (every mark) is rare — and
+    /// the newest date among them becomes the marks floor: a retained value dated at most
+    /// that is held to the window's start (it may be one whose mark is gone: the mark no
+    /// longer refuses it as a duplicate), and the window refuses it while it holds it. What
+    /// an evicted mark gives up is the rollback check of its topic: a retained value older
+    /// than its last one but within the window's reach is accepted (or, delivered before,
+    /// shown again to a new subscription) — never delivered twice. Counted in
+    /// [`RefusedStats::marks_evicted`]; `journal`: tombstones (the mark dated 0) and the
+    /// floor go to the journal, so a saved table follows the bound.
+    fn evict_marks(&mut self, journal: bool) {
+        let cap = self.max_marks();
+        let len = self.retained.len();
+        if len <= cap {
+            return;
+        }
+        let n = len - cap + cap / 64;
+        let mut dates: Vec<u64> = self.retained.values().map(|m| m.ts_ms).collect();
+        let (below, &mut cut, _) = dates.select_nth_unstable(n - 1);
+        let mut at_cut = n - below.iter().filter(|&&t| t < cut).count();
+        drop(dates);
+        let mut gone = Vec::new();
+        self.retained.retain(|k, m| {
+            let evict = m.ts_ms < cut || (m.ts_ms == cut && at_cut > 0);
+            if m.ts_ms == cut && evict {
+                at_cut -= 1;
+            }
+            if evict && journal {
+                gone.push(*k);
+            }
+            !evict
+        });
+        self.marks_floor = self.marks_floor.max(cut);
+        self.stats.marks_evicted += n as u64;
+        if journal {
+            self.journal
+                .extend(gone.into_iter().map(|key| Change::Retained {
+                    key,
+                    ts_ms: 0,
+                    msg_id: [0; 16],
+                }));
+            self.journal.push(Change::Retained {
+                key: MARKS_FLOOR_KEY,
+                ts_ms: self.marks_floor,
+                msg_id: [0; 16],
+            });
+        }
     }
 
     /// Loads a dedup entry saved as its digest (a [`Snapshot`]; ignored once expired; an
@@ -767,6 +875,10 @@ impl Guard {
                 .retained
                 .iter()
                 .map(|(k, m)| (*k, m.ts_ms.min(newest), m.msg_id))
+                .chain(
+                    (self.marks_floor > 0)
+                        .then(|| (MARKS_FLOOR_KEY, self.marks_floor.min(newest), [0; 16])),
+                )
                 .collect(),
             forgot_upto: self.seen.forgot_upto.min(max),
         }
@@ -822,6 +934,10 @@ impl Guard {
             let keep = self.cfg.horizon_ms.saturating_add(self.cfg.max_skew_ms);
             self.retained
                 .retain(|_, m| m.ts_ms.saturating_add(keep) > now_ms);
+            if self.marks_floor.saturating_add(keep) <= now_ms {
+                // Every value it covers is before the horizon now.
+                self.marks_floor = 0;
+            }
         }
     }
 
@@ -917,9 +1033,11 @@ impl Guard {
             }
         }
         let mut released = false;
-        if !retained && !c.allow_old && self.forgotten(c.ts_ms) {
+        if (!retained || c.ts_ms <= self.marks_floor) && !c.allow_old && self.forgotten(c.ts_ms) {
             // Retained values are not held to the window's start: the high-water mark
-            // already keeps them from moving backwards, and the current value may be old.
+            // already keeps them from moving backwards, and the current value may be old —
+            // unless dated at most the marks floor (its topic's mark may be evicted, see
+            // `Guard::evict_marks`).
             if !self.released.current.contains_key(&d) {
                 return Err(Refusal::BeforeWindow);
             }
@@ -1041,6 +1159,7 @@ impl Guard {
             Some(m) => *m = mark,
             None => {
                 self.retained.insert(rk, mark);
+                self.evict_marks(true);
             }
         }
     }
@@ -1681,6 +1800,139 @@ mod tests {
         );
     }
 
+    /// Review of session 28, F2: one high-water mark per topic, kept for the horizon, with
+    /// no bound — a member with a grant for `p/#` publishing once on each of millions of
+    /// topics grew every subscriber's memory and state file. The marks are bounded like the
+    /// window (`max_entries`), the oldest evicted (counted); what the journal and a
+    /// snapshot restore stays within the bound, and a state table keyed by topic (SQLite)
+    /// is brought back to it by the tombstones. An evicted mark's message is still never
+    /// accepted twice: retained values dated before the marks floor are held to the
+    /// window's start.
+    #[test]
+    fn the_retained_marks_are_bounded_in_memory_and_in_saved_state() {
+        let cap = 100;
+        let cfg = ReceiveConfig {
+            max_entries: cap,
+            ..ReceiveConfig::default()
+        };
+        let mut g = Guard::new(cfg.clone());
+        let topics: Vec<Topic> = (0..10_000)
+            .map(|i| Topic::new(format!("p/{i}")).unwrap())
+            .collect();
+        let msg = |i: usize, flags: u64| {
+            let mut c = cand(&topics[i], 0, NOW + i as u64, flags);
+            c.msg_id[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            c
+        };
+        let mut journal = Vec::new();
+        for i in 0..topics.len() {
+            let a = g.check(&msg(i, 0), NOW + i as u64).expect("a new topic");
+            g.commit(a);
+            assert!(g.marks_len() <= cap, "never more marks than the bound");
+            journal.extend(g.take_changes());
+        }
+        let now = NOW + topics.len() as u64;
+        assert!(g.marks_len() >= cap - cap / 64 - 1);
+        assert_eq!(
+            g.stats().marks_evicted,
+            (topics.len() - g.marks_len()) as u64
+        );
+        // The newest marks stay: the last topic's value cannot be rolled back.
+        let last = topics.len() - 1;
+        let mut older = msg(last, msg_flags::RETAINED);
+        older.ts_ms -= 1;
+        older.msg_id[15] = 1;
+        assert_eq!(g.check(&older, now), Err(Refusal::RetainedRollback));
+        assert_eq!(
+            g.check(&msg(last, msg_flags::RETAINED), now),
+            Err(Refusal::Duplicate)
+        );
+        // An evicted mark's message, its entry forgotten too, is not accepted again.
+        assert_eq!(
+            g.check(&msg(0, msg_flags::RETAINED), now),
+            Err(Refusal::BeforeWindow)
+        );
+        // A retained value newer than the floor, on a topic never seen, still passes.
+        let fresh = Topic::new("q/new").unwrap();
+        assert!(g
+            .check(&cand(&fresh, 9, now, msg_flags::RETAINED), now)
+            .is_ok());
+
+        let restore = |changes: &[Change]| {
+            let mut h = Guard::new(cfg.clone());
+            for c in changes {
+                match *c {
+                    Change::Seen { key, expires_ms } => h.restore_seen(key, expires_ms, now),
+                    Change::Retained { key, ts_ms, msg_id } => {
+                        h.restore_retained(key, ts_ms, msg_id)
+                    }
+                    ref other => panic!("the guard journals no {other:?}"),
+                }
+            }
+            h
+        };
+        // Restored from the whole journal: within the bound, and as refusing.
+        let h = restore(&journal);
+        assert!(h.marks_len() <= cap);
+        let mut h = h;
+        assert_eq!(
+            h.check(&msg(0, msg_flags::RETAINED), now),
+            Err(Refusal::BeforeWindow)
+        );
+        assert_eq!(h.check(&older, now), Err(Refusal::RetainedRollback));
+        // A table keyed by topic (what SQLite keeps): the tombstones (dated 0) and the
+        // marks dated before the horizon are pruned; what is left is the bound and the floor.
+        let mut table = HashMap::<RetainedKey, (u64, [u8; 16])>::new();
+        for c in &journal {
+            if let Change::Retained { key, ts_ms, msg_id } = *c {
+                table.insert(key, (ts_ms, msg_id));
+            }
+        }
+        table.retain(|_, (ts, _)| *ts > 0);
+        assert!(table.len() <= cap + 1, "{} rows", table.len());
+        assert!(table.contains_key(&MARKS_FLOOR_KEY));
+        // A snapshot holds the marks and the floor, and restores to itself.
+        let snap = g.snapshot(now);
+        assert!(snap.retained.len() <= cap + 1);
+        let mut k = Guard::new(cfg.clone());
+        for &(rk, ts, id) in &snap.retained {
+            k.restore_retained(rk, ts, id);
+        }
+        for &(d, exp) in &snap.seen {
+            k.restore_digest(d, exp, now);
+        }
+        k.restore_forgot_upto(snap.forgot_upto);
+        let sorted = |mut v: Vec<(RetainedKey, u64, [u8; 16])>| {
+            v.sort();
+            v
+        };
+        assert_eq!(
+            sorted(k.snapshot(now).retained),
+            sorted(snap.retained.clone())
+        );
+        assert_eq!(
+            k.check(&msg(0, msg_flags::RETAINED), now),
+            Err(Refusal::BeforeWindow)
+        );
+        // Restoring more marks than the bound keeps the newest.
+        let mut many = Guard::new(cfg.clone());
+        for i in 0..1_000u32 {
+            let t = Topic::new(format!("r/{i}")).unwrap();
+            many.restore_retained(
+                retained_key(&TreeId([1; 16]), &t),
+                NOW + u64::from(i),
+                [1; 16],
+            );
+        }
+        assert!(many.marks_len() <= cap);
+        let newest = Topic::new("r/999").unwrap();
+        assert_eq!(
+            many.check(&cand(&newest, 0, NOW, msg_flags::RETAINED), NOW + 1_000),
+            Err(Refusal::RetainedRollback),
+            "the newest restored mark is kept"
+        );
+    }
+
     proptest::proptest! {
         /// Whatever the capacity and the order of arrivals, a message accepted once is never
         /// accepted again (the window forgets only what its moved start then refuses), and
@@ -1709,6 +1961,36 @@ mod tests {
                     g.commit(a);
                 }
                 proptest::prop_assert!(g.seen_len() <= cap);
+            }
+        }
+
+        /// The same over several topics, so that the marks table (bounded like the window)
+        /// evicts marks too: an evicted mark's message is never accepted again, and the
+        /// marks never exceed the bound.
+        #[test]
+        fn no_message_is_accepted_twice_when_marks_are_evicted(
+            cap in 1usize..12,
+            events in proptest::collection::vec(
+                (0u32..60, 0usize..8, 0u64..4_000, 0u64..3, 0usize..3), 1..400),
+        ) {
+            let topics: Vec<Topic> =
+                (0..8).map(|i| Topic::new(format!("p/{i}")).unwrap()).collect();
+            let mut g = Guard::new(ReceiveConfig { max_entries: cap, ..ReceiveConfig::default() });
+            let mut now = NOW;
+            let mut first = std::collections::HashMap::new();
+            let mut delivered = std::collections::HashSet::new();
+            for (id, topic, age, step, kind) in events {
+                now += step;
+                // A message keeps its topic and date; re-posts reuse them.
+                let (t, ts) = *first.entry(id).or_insert((topic, now.saturating_sub(age)));
+                let flags = [0, msg_flags::REPLAYED, msg_flags::RETAINED][kind];
+                let mut c = cand(&topics[t], 0, ts, flags);
+                c.msg_id[..4].copy_from_slice(&id.to_be_bytes());
+                if let Ok(a) = g.check(&c, now) {
+                    proptest::prop_assert!(delivered.insert(id), "message {} accepted twice", id);
+                    g.commit(a);
+                }
+                proptest::prop_assert!(g.marks_len() <= cap);
             }
         }
     }
