@@ -812,7 +812,9 @@ impl Session {
                 }
             }
             if !self.shared.claim_durable(k) {
-                // Retryable: the name is given back when that connection ends.
+                // Retryable: the name is given back when that connection ends. (A shared
+                // store that noted this `Sub` as on its way to create the name lets it go.)
+                store.durable_abandoned(k, owner.as_deref());
                 return self.reply_err(
                     ErrorCode::Busy,
                     format!(
@@ -834,9 +836,14 @@ impl Session {
             let lost = crate::store::HoldLost::new(tx.clone(), hold_gen);
             if let Err(e) = store.hold_durable(k, &lost) {
                 self.shared.release_durable(k);
+                store.durable_abandoned(k, owner.as_deref());
                 return self.reply_err(e.code(), e.to_string(), Some(sub_id), None);
             }
-            let found = match store.durable(k) {
+            // Read under the hold and checked against this `Sub`'s owner again: the durable
+            // its owner check found (or found new) may have been deleted and created again
+            // by another owner since, at any relay (refused: `not_allowed`). A new one is
+            // created (`set_durable`, below) with this `Sub`'s owner.
+            let found = match store.durable_for(k, owner.as_deref()) {
                 Ok(f) => f,
                 Err(e) => {
                     self.shared.release_durable(k);

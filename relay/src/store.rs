@@ -1026,9 +1026,27 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// created without an owner. `Ok(true)`: this
     /// store keeps owners, the relay keeps none of its own; `Ok(false)`: owners are the
     /// relay's (its auth-state file); `Err(NotAllowed)`: the durable is someone else's;
-    /// `Err(Busy)`: another owner's `Sub` is creating it (retryable; the first owner on its
-    /// way to create a name is the one its creation records).
+    /// `Err(Busy)`: another owner's `Sub` is creating it (retryable).
     fn durable_owner(&self, key: &DurableKey, owner: Option<&str>) -> Result<bool, StoreError>;
+    /// A durable `Sub`'s read of its durable once it holds the name (here and, for a
+    /// shared store, [`hold_durable`](Store::hold_durable)): its floor as
+    /// [`durable`](Store::durable), and, for a store that keeps owners, checked again
+    /// against the `Sub`'s `owner` (as [`durable_owner`](Store::durable_owner) takes it) —
+    /// the durable checked before the hold may have been deleted and created again by
+    /// another owner since (`Err(NotAllowed)`) — and, when it is new, that owner is the
+    /// one the creation ([`set_durable`](Store::set_durable), next) records.
+    fn durable_for(
+        &self,
+        key: &DurableKey,
+        _owner: Option<&str>,
+    ) -> Result<Option<u64>, StoreError> {
+        self.durable(key)
+    }
+    /// A durable `Sub` that passed [`durable_owner`](Store::durable_owner) failed before
+    /// [`durable_for`](Store::durable_for) (the name or the hold refused): a store that
+    /// reserved a new name for its owner's creation gives it up, so other owners' `Sub`s
+    /// are not refused `busy` for it meanwhile.
+    fn durable_abandoned(&self, _key: &DurableKey, _owner: Option<&str>) {}
     /// Claims `key_id` for the accounts group `group` across every relay sharing this
     /// store, or says who holds it (§ relay accounts: the first group to use a key id
     /// claims it). With `create` false nothing is written: an unclaimed key id is

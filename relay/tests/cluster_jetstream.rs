@@ -3070,11 +3070,11 @@ async fn a_sub_that_found_the_name_new_does_not_resume_a_durable_another_owner_c
     let found = on_worker(move || {
         s.hold_durable(&k, &HoldLost::new(tx, 1))
             .expect("held at B");
-        s.durable(&k)
+        s.durable_for(&k, Some("sha256:thief"))
     })
     .await;
     assert!(
-        !matches!(found, Ok(Some(_))),
+        matches!(found, Err(whispeer_relay::store::StoreError::NotAllowed(_))),
         "the stranger's Sub (checked as the creator of a new name) resumes the victim's \
          durable: {found:?}"
     );
@@ -3152,4 +3152,327 @@ async fn a_durable_deleted_while_a_relay_is_behind_is_new_there_for_any_owner() 
         assert_eq!(c.durable(&d).expect("read"), Some(40), "at a new relay");
     })
     .await;
+}
+
+/// A `Sub`'s store steps under its hold (the hold, then the read checked against its
+/// owner), as a relay's session takes them after the owner check; `lost` keeps the hold
+/// notices' receiver alive.
+fn hold_and_read(
+    s: &whispeer_relay::store::JetStreamStore,
+    k: &whispeer_relay::store::DurableKey,
+    owner: &str,
+    lost: &tokio::sync::mpsc::UnboundedSender<(whispeer_relay::store::DurableKey, u64)>,
+) -> Result<Option<u64>, whispeer_relay::store::StoreError> {
+    use whispeer_relay::store::{HoldLost, Store};
+    s.hold_durable(k, &HoldLost::new(lost.clone(), 1))?;
+    s.durable_for(k, Some(owner))
+}
+
+/// A durable `Sub` of `owner` at `s` from its owner check to its end: resumed or created
+/// (at `floor`), its floor moved to `acked`, the hold given back. Returns what it read.
+fn whole_sub(
+    s: &whispeer_relay::store::JetStreamStore,
+    k: &whispeer_relay::store::DurableKey,
+    owner: &str,
+    floor: u64,
+    acked: u64,
+) -> Option<u64> {
+    use whispeer_relay::store::{Store, Tenant};
+    let tenant = Tenant::Address("10.0.0.1".parse().unwrap());
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    assert!(matches!(s.durable_owner(k, Some(owner)), Ok(true)));
+    let found = hold_and_read(s, k, owner, &tx).expect("held and read");
+    if found.is_none() {
+        s.set_durable(k, floor, &tenant).expect("created");
+    }
+    s.set_durable(k, acked, &tenant).expect("a floor");
+    s.release_hold(k);
+    found
+}
+
+/// Review finding (durable ownership, 1): a `Sub` at relay B is checked against the
+/// durable that exists (its own owner's: allowed); before it takes the cluster hold, that
+/// durable is deleted at relay A and another owner creates the name again there, acks up
+/// to 8 and ends. B's `Sub` takes the hold and reads the durable: it resumed the other
+/// owner's durable (its backlog; its acks move that durable's floor), checked only against
+/// the deleted one. (How it was; the read under the hold checks the `Sub`'s owner again:
+/// `NotAllowed`, as every other wrong-owner case.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_checked_against_a_deleted_durable_does_not_resume_another_owners_new_one() {
+    use whispeer_relay::store::{DurableKey, Store, StoreError};
+    let Some((nats, _urls, a, b)) = two_stores(0).await else {
+        return;
+    };
+    let mut leases = lease_watch(&nats).await;
+    let d = DurableKey {
+        key_id: key(48),
+        name: "d".into(),
+    };
+    let (first, second) = ("sha256:first", "sha256:second");
+    let (s, k) = (a.clone(), d.clone());
+    on_worker(move || assert_eq!(whole_sub(&s, &k, first, 0, 3), None, "new")).await;
+    wait_released(&mut leases).await;
+    // The first owner's `Sub` at B: its owner check.
+    let (s, k) = (b.clone(), d.clone());
+    on_worker(move || assert!(matches!(s.durable_owner(&k, Some(first)), Ok(true)))).await;
+    // Meanwhile at A: the first owner deletes it; the second creates the name again.
+    let (s, k) = (a.clone(), d.clone());
+    on_worker(move || {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        assert_eq!(hold_and_read(&s, &k, first, &tx).expect("read"), Some(3));
+        assert!(s.delete_durable(&k).expect("deleted"));
+        s.release_hold(&k);
+    })
+    .await;
+    wait_released(&mut leases).await;
+    let (s, k) = (a.clone(), d.clone());
+    on_worker(move || assert_eq!(whole_sub(&s, &k, second, 0, 8), None, "new again")).await;
+    wait_released(&mut leases).await;
+    // The first owner's `Sub` goes on at B: the hold, then the read.
+    let (s, k) = (b.clone(), d.clone());
+    let found = on_worker(move || {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        hold_and_read(&s, &k, first, &tx)
+    })
+    .await;
+    assert!(
+        matches!(found, Err(StoreError::NotAllowed(_))),
+        "the first owner's Sub resumes the second owner's durable: {found:?}"
+    );
+}
+
+/// Review finding (durable ownership, 2): a `Sub` at relay B is checked against the
+/// durable that exists (its owner's), which is then deleted at relay A; the `Sub` takes the
+/// hold, finds the name new and creates it. Its creation took the owner from the names
+/// being created at B — none for "e" (the `Sub` was checked against an existing durable):
+/// created owner-less, for anyone to adopt; for "d", a stranger's `Sub` at B found the
+/// name new in between: created as the stranger's, and its real owner refused. (How it
+/// was; the creation records the owner of the `Sub` that creates it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_created_by_a_sub_checked_against_a_deleted_one_is_that_subs_owners() {
+    use whispeer_relay::store::{DurableKey, Store, StoreError};
+    let Some((nats, urls, a, b)) = two_stores(0).await else {
+        return;
+    };
+    let mut leases = lease_watch(&nats).await;
+    let (owner, stranger) = ("sha256:owner", "sha256:stranger");
+    for (name, with_stranger) in [("d", true), ("e", false)] {
+        let d = DurableKey {
+            key_id: key(49),
+            name: name.into(),
+        };
+        let (s, k) = (a.clone(), d.clone());
+        on_worker(move || assert_eq!(whole_sub(&s, &k, owner, 0, 3), None, "new")).await;
+        wait_released(&mut leases).await;
+        // The owner's `Sub` at B: its owner check, against the durable.
+        let (s, k) = (b.clone(), d.clone());
+        on_worker(move || assert!(matches!(s.durable_owner(&k, Some(owner)), Ok(true)))).await;
+        // Deleted at A (the owner's subscription there).
+        let (s, k) = (a.clone(), d.clone());
+        on_worker(move || {
+            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+            assert_eq!(hold_and_read(&s, &k, owner, &tx).expect("read"), Some(3));
+            assert!(s.delete_durable(&k).expect("deleted"));
+            s.release_hold(&k);
+        })
+        .await;
+        wait_released(&mut leases).await;
+        // A stranger's `Sub` at B finds the name new.
+        if with_stranger {
+            let (s, k) = (b.clone(), d.clone());
+            on_worker(move || assert!(matches!(s.durable_owner(&k, Some(stranger)), Ok(true))))
+                .await;
+        }
+        // The owner's `Sub` goes on at B: the name is new; it creates it.
+        let (s, k) = (b.clone(), d.clone());
+        on_worker(move || {
+            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+            assert_eq!(hold_and_read(&s, &k, owner, &tx).expect("read"), None);
+            let tenant = whispeer_relay::store::Tenant::Address("10.0.0.1".parse().unwrap());
+            s.set_durable(&k, 0, &tenant).expect("created again");
+            s.release_hold(&k);
+        })
+        .await;
+        wait_released(&mut leases).await;
+        // The stranger's `Sub` goes on at B once the owner's ended.
+        if with_stranger {
+            let (s, k) = (b.clone(), d.clone());
+            let r = on_worker(move || {
+                let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+                let r = hold_and_read(&s, &k, stranger, &tx);
+                s.release_hold(&k);
+                r
+            })
+            .await;
+            assert!(
+                matches!(r, Err(StoreError::NotAllowed(_))),
+                "{name}: the stranger's Sub at B: {r:?}"
+            );
+            wait_released(&mut leases).await;
+        }
+        // A relay that did not create it reads the owner from its record.
+        let c = open_store(&urls, &format!("relay-c-{name}")).await;
+        let (theirs, owners) = on_worker(move || {
+            (
+                c.durable_owner(&d, Some(stranger)),
+                c.durable_owner(&d, Some(owner)),
+            )
+        })
+        .await;
+        assert!(
+            matches!(
+                (&theirs, &owners),
+                (Err(StoreError::NotAllowed(_)), Ok(true))
+            ),
+            "{name}: the stranger {theirs:?}, the owner {owners:?}"
+        );
+    }
+}
+
+/// Review finding (durable ownership, 3): a stranger's `Sub` at relay A found "d" new and
+/// was noted as on its way to create it (another owner's `Sub` there meanwhile is `busy`).
+/// Then the durable's owner created "d" at relay B: its `Sub`s at A were `busy` too while
+/// the note lasted — until the stranger's `Sub` read the durable, or for 60 s when that
+/// `Sub` had failed before (its hold refused, say), since nothing told the store. Now the
+/// durable's owner is let through (each `Sub`'s read under its hold checks its own owner,
+/// so the stranger's is refused there), and a `Sub` that fails before its read gives its
+/// note up (`Store::durable_abandoned`): for "e", whose stranger's `Sub` at A was refused
+/// the hold (held at B), the owner's `Sub` at A is not `busy` either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_sub_on_its_way_to_create_a_name_does_not_keep_others_busy() {
+    use whispeer_relay::store::{DurableKey, Store, StoreError};
+    let Some((nats, _urls, a, b)) = two_stores(0).await else {
+        return;
+    };
+    let mut leases = lease_watch(&nats).await;
+    let (owner, stranger) = ("sha256:owner", "sha256:stranger");
+    let named = |n: &str| DurableKey {
+        key_id: key(50),
+        name: n.into(),
+    };
+    let (d, e) = (named("d"), named("e"));
+    // The stranger's `Sub` for "d" at A: new.
+    let (s, k) = (a.clone(), d.clone());
+    on_worker(move || assert!(matches!(s.durable_owner(&k, Some(stranger)), Ok(true)))).await;
+    // The owner creates "d" at B, acks up to 4, ends.
+    let (s, k) = (b.clone(), d.clone());
+    on_worker(move || assert_eq!(whole_sub(&s, &k, owner, 0, 4), None, "new")).await;
+    wait_released(&mut leases).await;
+    // The owner's `Sub` at A.
+    let (s, k) = (a.clone(), d.clone());
+    let (checked, read) = on_worker(move || {
+        let checked = s.durable_owner(&k, Some(owner));
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let read = checked.is_ok().then(|| hold_and_read(&s, &k, owner, &tx));
+        s.release_hold(&k);
+        (checked, read)
+    })
+    .await;
+    assert!(
+        matches!((&checked, &read), (Ok(true), Some(Ok(Some(4))))),
+        "the owner of d at A: {checked:?}, then {read:?}"
+    );
+    wait_released(&mut leases).await;
+    // The stranger's `Sub` goes on: refused under the hold.
+    let (s, k) = (a.clone(), d.clone());
+    let theirs = on_worker(move || {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let r = hold_and_read(&s, &k, stranger, &tx);
+        s.release_hold(&k);
+        r
+    })
+    .await;
+    assert!(
+        matches!(theirs, Err(StoreError::NotAllowed(_))),
+        "the stranger's Sub for d: {theirs:?}"
+    );
+    wait_released(&mut leases).await;
+
+    // "e": held at B by a `Sub` on its way (the hold taken, nothing read yet).
+    let (tx_b, _rx_b) = tokio::sync::mpsc::unbounded_channel();
+    let (s, k) = (b.clone(), e.clone());
+    on_worker(move || {
+        s.hold_durable(&k, &whispeer_relay::store::HoldLost::new(tx_b, 1))
+            .expect("held at B")
+    })
+    .await;
+    // The stranger's `Sub` at A finds "e" new, is refused the hold, and gives up, as a
+    // relay's session does.
+    let (s, k) = (a.clone(), e.clone());
+    on_worker(move || {
+        assert!(matches!(s.durable_owner(&k, Some(stranger)), Ok(true)));
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let held = s.hold_durable(&k, &whispeer_relay::store::HoldLost::new(tx, 1));
+        assert!(held.is_err(), "held at B: {held:?}");
+        s.durable_abandoned(&k, Some(stranger));
+    })
+    .await;
+    b.release_hold(&e);
+    wait_released(&mut leases).await;
+    // The owner's `Sub` for "e" at A: new, and its own.
+    let (s, k) = (a.clone(), e.clone());
+    let checked = on_worker(move || s.durable_owner(&k, Some(owner))).await;
+    assert!(
+        matches!(checked, Ok(true)),
+        "the owner of e at A after the stranger's Sub failed: {checked:?}"
+    );
+}
+
+/// Review finding (durable ownership, 4): floors were written unconditionally. Relay A
+/// holds a durable and its writer took a floor (9) that is slow to reach NATS; A's
+/// subscription ends, and A gives the hold back after waiting 5 s for that floor in vain.
+/// The owner resumes the durable at relay B and deletes it. A's floor then lands after
+/// the deletion marker: the durable was back — floor 9 and its owner — for every relay
+/// reading the stream. (How it was; a floor is written only over the record its relay
+/// knows last, and dropped when it finds a marker there instead.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_floor_in_flight_across_a_deletion_does_not_bring_the_durable_back() {
+    use whispeer_relay::store::{DurableKey, Store, Tenant};
+    let Some((nats, urls, a, b)) = two_stores(0).await else {
+        return;
+    };
+    let mut leases = lease_watch(&nats).await;
+    let owner = "sha256:owner";
+    let d = DurableKey {
+        key_id: key(51),
+        name: "d".into(),
+    };
+    a.hold_durable_writer(true);
+    let (s, k) = (a.clone(), d.clone());
+    on_worker(move || {
+        let tenant = Tenant::Address("10.0.0.1".parse().unwrap());
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        assert!(matches!(s.durable_owner(&k, Some(owner)), Ok(true)));
+        assert_eq!(hold_and_read(&s, &k, owner, &tx).expect("read"), None);
+        s.set_durable(&k, 0, &tenant).expect("created");
+        s.set_durable(&k, 5, &tenant)
+            .expect("written at once (its first floor)");
+        s.set_durable(&k, 9, &tenant).expect("written behind");
+    })
+    .await;
+    // Floor 9 is in flight (taken by A's writer).
+    a.durable_writer_parked().await;
+    a.release_hold(&d);
+    wait_released(&mut leases).await;
+    let (s, k) = (b.clone(), d.clone());
+    on_worker(move || {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        assert!(matches!(s.durable_owner(&k, Some(owner)), Ok(true)));
+        assert_eq!(hold_and_read(&s, &k, owner, &tx).expect("read"), Some(5));
+        assert!(s.delete_durable(&k).expect("deleted at B"));
+        s.release_hold(&k);
+    })
+    .await;
+    // A's floor reaches NATS now. A deletion at A waits for it (its floors in flight),
+    // then reads the durable's record: still the marker, nothing to delete.
+    a.hold_durable_writer(false);
+    let (s, k) = (a.clone(), d.clone());
+    let again = on_worker(move || s.delete_durable(&k)).await;
+    assert!(
+        matches!(again, Ok(false)),
+        "A's floor written after B's deletion brought the durable back: {again:?}"
+    );
+    let c = open_store(&urls, "relay-c").await;
+    let floor = on_worker(move || c.durable(&d)).await;
+    assert!(matches!(floor, Ok(None)), "at a new relay: {floor:?}");
 }

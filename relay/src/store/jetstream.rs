@@ -189,8 +189,9 @@ struct Creating {
     owner: Option<String>,
     /// Until when another owner's `Sub` for the name is answered `busy`.
     until: std::time::Instant,
-    /// `Sub`s of this owner between `durable_owner` and `set_durable` (those that failed
-    /// in between, at a hold or a read, are not told to the store: the entry expires).
+    /// `Sub`s of this owner between `durable_owner` and `set_durable` (one that fails in
+    /// between, refused the name or the hold, or at its read, is told to the store:
+    /// `durable_abandoned`, `durable_for`; otherwise the entry expires).
     pending: u32,
 }
 
@@ -289,6 +290,11 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The durable writer's test hold ([`JetStreamStore::hold_durable_writer`]): it runs, it is
+/// to stop before its next floor, it waits there.
+const WRITER_RUNS: u8 = 0;
+const WRITER_HELD: u8 = 1;
+const WRITER_PARKED: u8 = 2;
 /// How long a history read's consumer is kept for its next chunk.
 const CURSOR_IDLE: Duration = Duration::from_secs(30);
 /// Most durable creations remembered between a `Sub`'s owner check and its creation;
@@ -296,8 +302,8 @@ const CURSOR_IDLE: Duration = Duration::from_secs(30);
 const PENDING_CREATIONS: usize = 4096;
 /// How long a creation keeps the name for its owner: far longer than a `Sub` takes from its
 /// owner check to the creation (a hold, a read and a write, each given up after 5 s), so
-/// the creation writes the owner whose `Sub` it is; then an entry a failed `Sub` left
-/// behind stops refusing other owners.
+/// no `Sub` of its owner on its way loses it; then an entry left behind (by a caller that
+/// never said it gave up) stops refusing other owners.
 const CREATION_TTL: Duration = Duration::from_secs(60);
 /// Retained values read at once by one retained lookup.
 const RETAINED_READS: usize = 32;
@@ -439,6 +445,14 @@ struct Inner {
     /// `true` holds the background read of the durable stream before its next record
     /// ([`JetStreamStore::hold_durable_reader`]).
     reader_held: tokio::sync::watch::Sender<bool>,
+    /// [`WRITER_HELD`] holds the durable writer before it publishes a floor it took
+    /// ([`JetStreamStore::hold_durable_writer`]); [`WRITER_PARKED`] once it waits there.
+    writer_held: tokio::sync::watch::Sender<u8>,
+    /// The owner tag of the `Sub` that read a durable as new under its hold
+    /// ([`Store::durable_for`]), by durable key: what its creation (`set_durable`, right
+    /// after) writes — that `Sub`'s owner, not whichever owner's `Sub` noted the name in
+    /// [`Inner::creating`] (or none, when it was checked against a durable deleted since).
+    creators: Mutex<HashMap<String, Option<String>>>,
     /// Durables this relay is about to create, by durable key (key id and name hash): the
     /// owner the first `Sub` named (from its `durable_owner` to its creating `set_durable`).
     creating: Mutex<HashMap<String, Creating>>,
@@ -669,6 +683,8 @@ impl JetStreamStore {
             marker_keep_ms: config.durable_marker_keep_ms,
             owners: Mutex::new(HashMap::new()),
             reader_held: tokio::sync::watch::Sender::new(false),
+            writer_held: tokio::sync::watch::Sender::new(WRITER_RUNS),
+            creators: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashMap::new()),
             fresh: Mutex::new(std::collections::HashSet::new()),
             flush: Arc::new(Notify::new()),
@@ -700,12 +716,7 @@ impl JetStreamStore {
             format!("{}.", durable_prefix(&inner.prefix)),
             inner.reader_held.subscribe(),
         ));
-        tokio::spawn(durable_writer(
-            Arc::downgrade(&inner),
-            inner.flush.clone(),
-            js.clone(),
-            durable_prefix(&inner.prefix),
-        ));
+        tokio::spawn(durable_writer(Arc::downgrade(&inner), inner.flush.clone()));
         tokio::spawn(durable_sweep(Arc::downgrade(&inner)));
         let (acks_tx, acks_rx) = mpsc::channel(cluster.queue);
         tokio::spawn(publish_loop(js.clone(), jobs_rx, acks_tx));
@@ -956,6 +967,24 @@ impl JetStreamStore {
         self.inner.reader_held.send_replace(held);
     }
 
+    /// Holds (`true`) or lets go on (`false`) this store's durable writer right before it
+    /// publishes each floor it took (the floor is in flight meanwhile: a release or a
+    /// deletion here waits for it) — a floor write slow to reach NATS. For tests, as
+    /// [`hold_durable_reader`](Self::hold_durable_reader); a relay never holds it.
+    #[doc(hidden)]
+    pub fn hold_durable_writer(&self, held: bool) {
+        let state = if held { WRITER_HELD } else { WRITER_RUNS };
+        self.inner.writer_held.send_replace(state);
+    }
+
+    /// Waits until the durable writer, held ([`hold_durable_writer`](Self::hold_durable_writer)),
+    /// waits with a floor it took (in flight). For tests.
+    #[doc(hidden)]
+    pub async fn durable_writer_parked(&self) {
+        let mut rx = self.inner.writer_held.subscribe();
+        let _ = rx.wait_for(|s| *s == WRITER_PARKED).await;
+    }
+
     /// The durable's record in the durable stream, read directly: another relay may have
     /// written it an instant ago (its reader here may not have it yet).
     fn fetch_durable(&self, k: &str) -> Result<Option<DurableRecord>, StoreError> {
@@ -1019,10 +1048,14 @@ impl JetStreamStore {
     /// creating one name at once, one wins and the other's `Sub` fails (retryable).
     fn create_durable(&self, k: &str, floor: u64, tag: &Tag) -> Result<(), StoreError> {
         let inner = &self.inner;
-        // The entry goes once the durable is created: if another relay's creation wins,
-        // the other `Sub`s of this owner noted in it still find that durable checked
-        // against it (see `creator_finds`).
-        let owner = lock(&inner.creating).get(k).and_then(|c| c.owner.clone());
+        // The owner of the `Sub` that read the name as new under its hold (`durable_for`);
+        // else (a caller that did not say) the owner noted when the name was found new.
+        // The entry goes once the durable is created.
+        let noted = lock(&inner.creators).remove(k);
+        let owner = match noted {
+            Some(o) => o,
+            None => lock(&inner.creating).get(k).and_then(|c| c.owner.clone()),
+        };
         let mut h = HeaderMap::new();
         h.insert(TENANT_HEADER, hex::encode(tag).as_str());
         if let Some(o) = &owner {
@@ -1076,6 +1109,15 @@ impl JetStreamStore {
                 if let Some(o) = owner {
                     adopt_here(inner, k, o);
                 }
+                // Its first floor is written over the marker it goes over (or into the
+                // empty subject): floors are written over the record known here.
+                let meta = RecordMeta {
+                    seq: after,
+                    ts: now_ms(),
+                    floor: Some(floor),
+                    tenant: *tag,
+                };
+                lock(&inner.records).insert(k.to_string(), meta);
                 lock(&inner.dirty).insert(k.to_string(), (floor, *tag));
                 inner.flush.notify_one();
                 Ok(())
@@ -1083,29 +1125,20 @@ impl JetStreamStore {
         }
     }
 
-    /// Writes a durable's floor now (waiting for JetStream), with its tenant and owner.
+    /// Writes a durable's floor now (waiting for JetStream), with its tenant and owner,
+    /// conditionally as every floor ([`write_floor`]).
     fn write_durable_now(&self, k: &str, floor: u64, tag: &Tag) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let mut h = HeaderMap::new();
-        h.insert(TENANT_HEADER, hex::encode(tag).as_str());
-        let owner = lock(&inner.owners).get(k).map(|o| o.tag.clone());
-        if let Some(o) = &owner {
-            h.insert(OWNER_HEADER, o.as_str());
-        }
-        let subject = format!("{}.{k}", durable_prefix(&inner.prefix));
-        let js = inner.js.clone();
-        let payload = Bytes::from(floor.to_string());
-        let written = self.inner.clone();
-        let (key, tenant) = (k.to_string(), *tag);
+        let (written, key, tenant) = (self.inner.clone(), k.to_string(), *tag);
         let r = self.on_runtime(Duration::from_secs(5), async move {
-            let a = js
-                .publish_with_headers(subject, h, payload)
-                .await
-                .map_err(|e| unavailable("durable write", e))?
-                .await
-                .map_err(|e| unavailable("durable write", e))?;
-            wrote_record(&written, &key, a.sequence, floor, &tenant, owner);
-            Ok(())
+            match write_floor(&written, &key, floor, &tenant).await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => {
+                    tracing::debug!("cluster store: durable floor dropped (deleted meanwhile)");
+                    Ok(())
+                }
+                Err(e) => Err(unavailable("durable write", e)),
+            }
         });
         match r {
             Some(r) => r,
@@ -1117,41 +1150,104 @@ impl JetStreamStore {
         }
     }
 
-    /// A `Sub` let through here as the creator of a new name ([`Creating`]: its owner
-    /// check found none) reads the durable under the cluster hold and finds it: created
-    /// meanwhile, at another relay, before this `Sub` took the hold. It is resumed only if
-    /// the creator's owner may have it (its owner's, or owner-less: adopted, as
-    /// `durable_owner` would) — else `NotAllowed`, as `durable_owner` answers now: checked
-    /// against no owner at all, the `Sub` would take another owner's backlog and move its
-    /// floor. Only that creator's `Sub`s get here while the entry lasts (another owner's
-    /// `Sub` for the name is `busy` at `durable_owner`); this one creates nothing now.
-    fn creator_finds(
+    /// A durable's floor, read directly (see [`Store::durable`]); with `check` (the owner
+    /// tag of the `Sub` reading it under its hold, [`Store::durable_for`]) checked against
+    /// the durable's owner ([`owner_finds`](Self::owner_finds)).
+    fn floor_of(
+        &self,
+        key: &DurableKey,
+        check: Option<Option<String>>,
+    ) -> Result<Option<u64>, StoreError> {
+        let inner = &self.inner;
+        let k = Self::durable_key(key);
+        // The stream's record (read directly), or this relay's floor still on its way
+        // there: not what the reader reported earlier, which may be of a durable of the
+        // name deleted meanwhile.
+        let pending = pending_floor(inner, &k);
+        let read = self.read_durable(&k);
+        if let (Err(_), Some(want)) = (&read, &check) {
+            // This `Sub` fails here: not on its way to create the name any more.
+            self.creator_gives_up(&k, want);
+        }
+        let fetched = match read? {
+            Some(rec) => {
+                if let Some(want) = &check {
+                    self.owner_finds(key, &k, &rec, want)?;
+                }
+                // Known from now on (a later floor write is not a creation).
+                lock(&inner.ledger).add_durable(&k, &rec.tenant);
+                rec.floor
+            }
+            None => None,
+        };
+        let floor = match (pending, fetched) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        match floor {
+            Some(f) => {
+                lock(&inner.durables).insert(k.clone(), f);
+                lock(&inner.names).insert(k, key.clone());
+            }
+            // New: its creation, right after (`set_durable`), carries this `Sub`'s owner.
+            None => {
+                if let Some(want) = check {
+                    let mut c = lock(&inner.creators);
+                    if c.len() >= PENDING_CREATIONS {
+                        c.clear();
+                    }
+                    c.insert(k, want);
+                }
+            }
+        }
+        Ok(floor)
+    }
+
+    /// A `Sub` of owner `want` (its tag) reads the durable under the cluster hold
+    /// ([`Store::durable_for`]) and finds `rec`: it resumes it only if it may — the
+    /// durable's owner, or owner-less (adopted, as `durable_owner` would) — else
+    /// `NotAllowed`. Its owner check (`durable_owner`) came before the hold: the durable
+    /// it found then (or found new) may have been deleted and created again by another
+    /// owner since, at any relay; under the hold it cannot change any more.
+    fn owner_finds(
         &self,
         key: &DurableKey,
         k: &str,
         rec: &DurableRecord,
+        want: &Option<String>,
     ) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let now = std::time::Instant::now();
-        let Some(want) = lock(&inner.creating)
-            .get(k)
-            .filter(|c| c.until > now)
-            .map(|c| c.owner.clone())
-        else {
-            return Ok(());
-        };
-        creation_done(inner, k);
+        // It creates nothing now (if it was noted as on its way to).
+        self.creator_gives_up(k, want);
         let have = rec
             .owner
             .clone()
             .or_else(|| lock(&inner.owners).get(k).map(|o| o.tag.clone()));
         match (have, want) {
-            (Some(h), Some(w)) if h == w => Ok(()),
+            (Some(h), Some(w)) if h == *w => Ok(()),
             (Some(_), _) => Err(not_yours(key)),
             (None, None) => Ok(()),
             (None, Some(w)) => {
-                adopt_here(inner, k, w);
+                adopt_here(inner, k, w.clone());
                 Ok(())
+            }
+        }
+    }
+
+    /// A `Sub` of owner `want` (its tag) that passed `durable_owner` is not on its way to
+    /// create durable `k` (any more): if the name is noted here as being created for that
+    /// owner ([`Creating`]), one `Sub` fewer is — the entry goes with the last one, so a
+    /// `Sub` that failed (the name or the hold refused, a read) does not keep other
+    /// owners' `Sub`s `busy` until the entry expires.
+    fn creator_gives_up(&self, k: &str, want: &Option<String>) {
+        let now = std::time::Instant::now();
+        let mut creating = lock(&self.inner.creating);
+        if let Some(c) = creating.get_mut(k) {
+            if c.until > now && c.owner == *want {
+                c.pending = c.pending.saturating_sub(1);
+                if c.pending == 0 {
+                    creating.remove(k);
+                }
             }
         }
     }
@@ -2187,12 +2283,68 @@ async fn durable_watch(
     }
 }
 
-async fn durable_writer(
-    inner: std::sync::Weak<Inner>,
-    flush: Arc<Notify>,
-    js: jetstream::Context,
-    prefix: String,
-) {
+/// Writes floor `floor` of durable `k` (tenant `tag`, with the owner known here) over the
+/// newest record this relay knows of it (`Nats-Expected-Last-Subject-Sequence`), as
+/// deletions, refreshes and lease writes are: a floor that reaches NATS after another
+/// relay's deletion marker (issued before it — its write slow, its relay's hold lapsed or
+/// given back after the 5 s wait for it) fails instead of bringing the deleted durable
+/// back, floor and owner, for every relay reading the stream. When the record moved, it is
+/// read again and the floor written over it only while this relay holds the durable and
+/// the record is live and not another owner's (its own refresh in between); otherwise —
+/// a marker, nothing, the name held elsewhere — the floor is dropped: `Ok(None)`.
+async fn write_floor(inner: &Inner, k: &str, floor: u64, tag: &Tag) -> Result<Option<u64>, String> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
+    let subject = format!("{}.{k}", durable_prefix(&inner.prefix));
+    let owner = lock(&inner.owners).get(k).map(|o| o.tag.clone());
+    // No record known: the durable was forgotten here (deleted): only into an empty subject.
+    let mut after = lock(&inner.records).get(k).map_or(0, |m| m.seq);
+    for _ in 0..4 {
+        let mut h = HeaderMap::new();
+        h.insert(TENANT_HEADER, hex::encode(tag).as_str());
+        if let Some(o) = &owner {
+            h.insert(OWNER_HEADER, o.as_str());
+        }
+        h.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            after.to_string().as_str(),
+        );
+        let ack = inner
+            .js
+            .publish_with_headers(subject.clone(), h, Bytes::from(floor.to_string()))
+            .await
+            .map_err(|e| e.to_string())?
+            .await;
+        match ack {
+            Ok(a) => {
+                wrote_record(inner, k, a.sequence, floor, tag, owner);
+                return Ok(Some(a.sequence));
+            }
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let rec = match inner
+            .durable_stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => DurableRecord::read(&m),
+            Err(e) if e.kind() == K::NoMessageFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        let ours = rec.owner.is_none() || rec.owner == owner;
+        if rec.deleted || !ours || !inner.leases.holds(k) {
+            return Ok(None);
+        }
+        note_record(inner, k, &rec);
+        after = rec.seq;
+    }
+    Ok(None)
+}
+
+async fn durable_writer(inner: std::sync::Weak<Inner>, flush: Arc<Notify>) {
+    let Some(mut held) = inner.upgrade().map(|i| i.writer_held.subscribe()) else {
+        return;
+    };
     loop {
         let notified = flush.notified();
         let Some(i) = inner.upgrade() else { return };
@@ -2200,36 +2352,35 @@ async fn durable_writer(
         lock(&i.flushing).extend(batch.iter().map(|(k, (v, _))| (k.clone(), *v)));
         drop(i);
         for (k, (v, tag)) in batch {
-            let mut h = HeaderMap::new();
-            h.insert(TENANT_HEADER, hex::encode(tag).as_str());
-            let owner = inner
-                .upgrade()
-                .and_then(|i| lock(&i.owners).get(&k).map(|o| o.tag.clone()));
-            if let Some(o) = &owner {
-                h.insert(OWNER_HEADER, o.as_str());
-            }
-            let r = match js
-                .publish_with_headers(format!("{prefix}.{k}"), h, Bytes::from(v.to_string()))
-                .await
-            {
-                Ok(ack) => ack.await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = &r {
-                tracing::warn!(error = %e, "cluster store: durable floor not written");
-            }
-            if let Some(i) = inner.upgrade() {
-                if let Ok(a) = &r {
-                    wrote_record(&i, &k, a.sequence, v, &tag, owner);
+            if *held.borrow() != WRITER_RUNS {
+                if let Some(i) = inner.upgrade() {
+                    i.writer_held.send_if_modified(|s| {
+                        let park = *s == WRITER_HELD;
+                        if park {
+                            *s = WRITER_PARKED;
+                        }
+                        park
+                    });
                 }
-                let mut f = lock(&i.flushing);
-                if f.get(&k) == Some(&v) {
-                    f.remove(&k);
+                if held.wait_for(|h| *h == WRITER_RUNS).await.is_err() {
+                    return; // the store is gone
                 }
-                drop(f);
-                // A deletion waiting for this durable's write goes on.
-                i.flushed.notify_waiters();
             }
+            let Some(i) = inner.upgrade() else { return };
+            match write_floor(&i, &k, v, &tag).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    tracing::debug!("cluster store: durable floor dropped (deleted meanwhile)")
+                }
+                Err(e) => tracing::warn!(error = %e, "cluster store: durable floor not written"),
+            }
+            let mut f = lock(&i.flushing);
+            if f.get(&k) == Some(&v) {
+                f.remove(&k);
+            }
+            drop(f);
+            // A deletion waiting for this durable's write goes on.
+            i.flushed.notify_waiters();
         }
         notified.await;
     }
@@ -2548,30 +2699,20 @@ impl Store for JetStreamStore {
     }
 
     fn durable(&self, key: &DurableKey) -> Result<Option<u64>, StoreError> {
-        let inner = &self.inner;
+        self.floor_of(key, None)
+    }
+
+    fn durable_for(
+        &self,
+        key: &DurableKey,
+        owner: Option<&str>,
+    ) -> Result<Option<u64>, StoreError> {
+        self.floor_of(key, Some(owner.map(owner_tag)))
+    }
+
+    fn durable_abandoned(&self, key: &DurableKey, owner: Option<&str>) {
         let k = Self::durable_key(key);
-        // The stream's record (read directly), or this relay's floor still on its way
-        // there: not what the reader reported earlier, which may be of a durable of the
-        // name deleted meanwhile.
-        let pending = pending_floor(inner, &k);
-        let fetched = match self.read_durable(&k)? {
-            Some(rec) => {
-                self.creator_finds(key, &k, &rec)?;
-                // Known from now on (a later floor write is not a creation).
-                lock(&inner.ledger).add_durable(&k, &rec.tenant);
-                rec.floor
-            }
-            None => None,
-        };
-        let floor = match (pending, fetched) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        if let Some(f) = floor {
-            lock(&inner.durables).insert(k.clone(), f);
-            lock(&inner.names).insert(k, key.clone());
-        }
-        Ok(floor)
+        self.creator_gives_up(&k, &owner.map(owner_tag));
     }
 
     fn delete_durable(&self, key: &DurableKey) -> Result<bool, StoreError> {
@@ -2660,18 +2801,10 @@ impl Store for JetStreamStore {
             (None, None) => false,
             (None, Some(_)) => true,
         };
-        // The durable exists, and this `Sub` may have it — but a `Sub` of another owner
-        // that found the name new here is still on its way to create it: its read under the
-        // hold refuses it, as it finds the durable someone else's (see `creator_finds`),
-        // which it could not tell from this one. Meanwhile this one is `busy` (retryable),
-        // as another owner's `Sub` is while the name is new.
-        let now = std::time::Instant::now();
-        if lock(&inner.creating)
-            .get(&k)
-            .is_some_and(|c| c.until > now && c.owner != want)
-        {
-            return Err(being_created(key));
-        }
+        // The durable exists, and this `Sub` may have it — also while a `Sub` of another
+        // owner that found the name new here is on its way to create it (or failed on its
+        // way, its entry left until it expires): each `Sub`'s read under its hold checks
+        // its own owner (`durable_for`), so the durable's owner is not kept `busy` here.
         if let (true, Some(w)) = (adopt, want) {
             // A durable created without an owner is adopted by the first one to name
             // one (as the auth-state file does); written with its next floor.
@@ -2732,8 +2865,8 @@ impl Store for JetStreamStore {
             let inner = self.inner.clone();
             self.inner.rt.spawn(async move {
                 // The hold goes back once this relay's floors of the durable are in the
-                // stream: a floor landing after another relay's holder deleted the durable
-                // would bring it back.
+                // stream (or after 5 s: a floor landing after another relay's holder
+                // deleted the durable then fails, conditional on the record it replaces).
                 let _ = tokio::time::timeout(Duration::from_secs(5), async {
                     loop {
                         let flushed = inner.flushed.notified();
@@ -2771,6 +2904,7 @@ impl Store for JetStreamStore {
                     self.inner.counters.quota.count(by);
                     drop(l);
                     // This `Sub` is not creating it any more; another of its owner may.
+                    lock(&self.inner.creators).remove(&k);
                     creation_done(&self.inner, &k);
                     return Err(e);
                 }
