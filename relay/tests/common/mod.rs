@@ -829,6 +829,24 @@ pub async fn metric(admin: SocketAddr, name: &str) -> u64 {
     metric_value(std::str::from_utf8(&body).unwrap(), name)
 }
 
+/// Waits until a relay's metric `name` (from its admin port) reaches `at_least`, for at
+/// most 30 s: for counters that move on the relay's own schedule, after what a test can
+/// wait on (an acknowledged publish is stored before it is routed to subscribers).
+pub async fn wait_metric(admin: SocketAddr, name: &str, at_least: u64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let v = metric(admin, name).await;
+        if v >= at_least {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} stayed at {v} (< {at_least})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// A metric's value in Prometheus text (0 when absent); `name` includes any labels.
 pub fn metric_value(text: &str, name: &str) -> u64 {
     text.lines()
