@@ -213,7 +213,14 @@ pub struct BrokerSetup {
 }
 
 /// Several relays to fail over between, tried in order: `ws://`, `wss://`, `tcp://`,
-/// `tls://` and `quic://` URLs may be mixed (a bare `host:port` means `ws://`).
+/// `tls://` and `quic://` URLs may be mixed. A bare `host:port` means `ws://` only on a
+/// loopback host; elsewhere `connect` refuses it — write `wss://` (TLS) or `ws://` /
+/// `tcp://` for plaintext ([`Relays::urls`]).
+///
+/// Plaintext (`ws://`, `tcp://`) to a host other than loopback with a relay account
+/// ([`RelayAuth`]) logs a warning (`tracing`) once per URL at `connect`:
+/// the bearer token, or the account key's sign-in, crosses the network in the clear, and so
+/// does all metadata.
 ///
 /// Every transport engine ([`WebSocket`], [`Tcp`], [`Quic`]) *appends* its URL, so
 /// `.with(WebSocket::new(a)).with(Tcp::new(b))` is the same list as
@@ -248,7 +255,8 @@ impl Relays {
         Relays(urls.into_iter().map(Into::into).collect())
     }
     /// A comma-separated list (`"ws://a:7070,tcp://b:7481"`), as the CLI's `--relay`
-    /// takes; blanks around entries and empty entries are ignored.
+    /// takes; blanks around entries and empty entries are ignored. Each entry needs its
+    /// scheme unless its host is loopback (see [`Relays::urls`]).
     pub fn parse_list(list: &str) -> Self {
         Relays(
             list.split(',')
@@ -259,11 +267,19 @@ impl Relays {
         )
     }
     /// The URLs, as they will be dialed.
+    ///
+    /// An address without a scheme is `ws://` only on a loopback host (`localhost`,
+    /// 127.0.0.0/8, `::1`): `127.0.0.1:7070` dials `ws://127.0.0.1:7070`. Anywhere else it
+    /// is kept as given and `connect` refuses it
+    /// ([`ConnectError::InvalidUrl`](crate::ConnectError::InvalidUrl), saying to write
+    /// `wss://` for TLS or `ws://` / `tcp://` for plaintext): `relay.example:443` read as
+    /// `ws://` sent the relay account's token and all metadata in cleartext to anyone on the
+    /// path.
     pub fn urls(&self) -> Vec<String> {
         self.0
             .iter()
             .map(|u| {
-                if u.contains("://") {
+                if u.contains("://") || !crate::transport::scheme_less_is_loopback(u) {
                     u.clone()
                 } else {
                     format!("ws://{u}")

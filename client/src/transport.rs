@@ -43,12 +43,18 @@ impl Endpoint {
     /// (with the `url` crate: IPv6 as `[::1]`, international names, percent-encoding).
     /// Without a port, `ws` and `wss` use 80 and 443 as browsers do, and `tcp` the relay's
     /// default TCP port 7481; `tls` and `quic` have no default and need one.
+    ///
+    /// A URL needs its scheme: `relay.example:443` is refused, with the fix in the error
+    /// (only [`Relays`](crate::Relays) reads a scheme-less loopback address as `ws://`).
     pub fn parse(url: &str) -> Result<Self, ConnectError> {
         let bad = |reason: &str| ConnectError::InvalidUrl {
             url: url.to_owned(),
             reason: reason.to_owned(),
             source: None,
         };
+        if !url.contains("://") {
+            return Err(bad(&no_scheme(url)));
+        }
         let u = url::Url::parse(url).map_err(|e| ConnectError::InvalidUrl {
             url: url.to_owned(),
             reason: e.to_string(),
@@ -80,6 +86,42 @@ impl Endpoint {
             host,
             port,
         })
+    }
+}
+
+/// Why a scheme-less relay address is refused, and what to write instead.
+pub(crate) fn no_scheme(addr: &str) -> String {
+    format!("has no scheme: write wss://{addr} (TLS) or ws://{addr} / tcp://{addr} for plaintext")
+}
+
+/// A host name or address (as [`Endpoint::host`] holds it, IPv6 with or without brackets)
+/// that never leaves the machine: `localhost`, 127.0.0.0/8, `::1` and IPv4-mapped
+/// 127.0.0.0/8. Nothing a resolver might send elsewhere (`a.localhost`, `localhost.`).
+pub(crate) fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    if h.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match h.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => a.is_loopback(),
+        Ok(std::net::IpAddr::V6(a)) => {
+            a.is_loopback() || a.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+/// Whether a relay address without a scheme (`host:port`, `[::1]:port`, `host`) names a
+/// loopback host — the only case where [`Relays`](crate::Relays) still reads it as `ws://`.
+pub(crate) fn scheme_less_is_loopback(addr: &str) -> bool {
+    match url::Url::parse(&format!("ws://{addr}")) {
+        Ok(u) => match u.host() {
+            Some(url::Host::Domain(d)) => is_loopback_host(d),
+            Some(url::Host::Ipv4(a)) => a.is_loopback(),
+            Some(url::Host::Ipv6(a)) => is_loopback_host(&a.to_string()),
+            None => false,
+        },
+        Err(_) => false,
     }
 }
 
@@ -780,6 +822,56 @@ mod tests {
         assert_eq!(Endpoint::parse("wss://relay.example/ws").unwrap().port, 443);
         assert_eq!(Endpoint::parse("tcp://relay.example").unwrap().port, 7481);
         assert_eq!(Endpoint::parse("ws://[::1]").unwrap().host, "::1");
+        // No scheme: refused, with what to write instead.
+        let e = Endpoint::parse("relay.example:443")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no scheme") && e.contains("wss://relay.example:443"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for h in ["localhost", "LocalHost", "127.0.0.1"] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in ["127.9.8.7", "::1", "[::1]", "::ffff:127.0.0.1"] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "relay.example",
+            "localhost.example",
+            "a.localhost",
+            "localhost.",
+            "10.0.0.1",
+            "::",
+            "0.0.0.0",
+            "::2",
+        ] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
+        for a in [
+            "127.0.0.1:7070",
+            "localhost:1",
+            "[::1]:9",
+            "localhost",
+            "127.1.2.3",
+        ] {
+            assert!(scheme_less_is_loopback(a), "{a}");
+        }
+        for a in [
+            "relay.example:443",
+            "c:3",
+            "192.0.2.1:80",
+            "[2001:db8::1]:1",
+            "",
+        ] {
+            assert!(!scheme_less_is_loopback(a), "{a}");
+        }
+        // Userinfo does not make a host loopback.
+        assert!(!scheme_less_is_loopback("localhost@relay.example:443"));
     }
 
     #[test]

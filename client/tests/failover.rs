@@ -645,14 +645,20 @@ async fn welcome_names_the_store_and_a_file_store_keeps_it_across_restarts() {
     assert_ne!(others[0], others[1]);
 }
 
-/// `Relays` from a comma-separated list (what `--relay` and `WHISPEER_RELAY` take): blanks
-/// and empty entries dropped, a bare `host:port` is WebSocket; a bad URL fails `connect`
-/// at once, before any relay is dialed.
+/// `Relays` from a comma-separated list (the form of the CLI's `--relay` and
+/// `WHISPEER_RELAY`): blanks and empty entries dropped, a bare `host:port` is WebSocket only
+/// on a loopback host; a bad URL fails `connect` at once, before any relay is dialed.
 #[tokio::test]
 async fn relay_lists_parse_and_a_bad_url_fails_connect() {
     assert_eq!(
-        Relays::parse_list(" ws://a:1, ,tcp://b:2,c:3 ").urls(),
-        ["ws://a:1", "tcp://b:2", "ws://c:3"]
+        Relays::parse_list(" ws://a:1, ,tcp://b:2,127.0.0.1:3,localhost:4,[::1]:5 ").urls(),
+        [
+            "ws://a:1",
+            "tcp://b:2",
+            "ws://127.0.0.1:3",
+            "ws://localhost:4",
+            "ws://[::1]:5"
+        ]
     );
     let err = client(
         &["ws://127.0.0.1:1".into(), "http://x:2".into()],
@@ -661,4 +667,34 @@ async fn relay_lists_parse_and_a_bad_url_fails_connect() {
     .await
     .expect_err("http:// is no relay URL");
     assert!(matches!(err, ConnectError::InvalidUrl { .. }), "{err:?}");
+}
+
+/// Review finding: a scheme-less relay address on a host other than loopback was read as
+/// `ws://` — `relay.example:443` sent the account's bearer token (`Hello`) and all metadata
+/// in cleartext. It is now refused at `connect`, before anything is dialed, with the fix in
+/// the error.
+#[tokio::test]
+async fn a_scheme_less_relay_address_off_loopback_is_refused_not_plaintext() {
+    for addr in [
+        "relay.invalid:443",
+        "192.0.2.7:7070",
+        "[2001:db8::1]:443",
+        "c:3",
+    ] {
+        assert_eq!(Relays::parse_list(addr).urls(), [addr], "kept as given");
+        let err = client(
+            &["ws://127.0.0.1:1".into(), addr.to_owned()],
+            Keyring::new(),
+        )
+        .await
+        .expect_err("no scheme");
+        let ConnectError::InvalidUrl { url, reason, .. } = &err else {
+            panic!("{addr}: {err:?}");
+        };
+        assert_eq!(url, addr);
+        assert!(
+            reason.contains("no scheme") && reason.contains(&format!("wss://{addr}")),
+            "{err}"
+        );
+    }
 }

@@ -19,6 +19,20 @@ use crate::error::ConnectError;
 use crate::options::ClientBuilder;
 use crate::transport::{Dialer, Endpoint};
 
+/// What a relay account gives away over `ep` when it is plaintext (`ws://`, `tcp://`) to a
+/// host other than loopback — the warning [`ClientBuilder::connect`] logs once per URL — or
+/// `None` (TLS, QUIC, loopback, or no account).
+fn plaintext_auth(ep: &Endpoint, auth: Option<&crate::RelayAuth>) -> Option<&'static str> {
+    use crate::core::connection::AccountAuth;
+    if ep.tls || ep.quic || crate::transport::is_loopback_host(&ep.host) {
+        return None;
+    }
+    match &auth?.0 {
+        AccountAuth::Token(_) => Some("the relay account's bearer token"),
+        AccountAuth::Key(_) => Some("the relay account's sign-in"),
+    }
+}
+
 impl ClientBuilder {
     /// One dialer per relay, in the order tried (every URL is checked now: a bad one fails
     /// `connect` rather than a failover hours later).
@@ -33,8 +47,15 @@ impl ClientBuilder {
         self.urls
             .iter()
             .map(|url| {
+                let ep = Endpoint::parse(url)?;
+                if let Some(what) = plaintext_auth(&ep, self.relay_auth.as_ref()) {
+                    tracing::warn!(
+                        "relay {url} is plaintext to a host other than loopback: {what} and \
+                         all metadata cross the network in the clear (use wss:// or tls://)"
+                    );
+                }
                 Ok(Dialer::Net {
-                    ep: Endpoint::parse(url)?,
+                    ep,
                     tls: self.tls.clone(),
                 })
             })
@@ -231,4 +252,40 @@ fn seal_ahead() -> usize {
         "WHISPEER_SEAL_AHEAD",
         if super::pool::cores() > 2 { 2 } else { 0 },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RelayAuth;
+
+    /// Plaintext to a host other than loopback with a relay account warns (once per URL, at
+    /// `connect`); TLS, QUIC, loopback or no account does not.
+    #[test]
+    fn plaintext_with_a_relay_account_off_loopback_is_flagged() {
+        let token = RelayAuth::token("t0ken");
+        let key = RelayAuth::key(ed25519_dalek::SigningKey::from_bytes(&[7; 32]));
+        let ep = |u: &str| Endpoint::parse(u).unwrap();
+        for u in [
+            "ws://relay.example:80",
+            "tcp://192.0.2.1:7481",
+            "ws://[2001:db8::1]",
+        ] {
+            assert!(plaintext_auth(&ep(u), Some(&token))
+                .unwrap()
+                .contains("token"));
+            assert!(plaintext_auth(&ep(u), Some(&key)).is_some(), "{u}");
+            assert!(plaintext_auth(&ep(u), None).is_none(), "{u}");
+        }
+        for u in [
+            "wss://relay.example",
+            "tls://relay.example:443",
+            "quic://relay.example:443",
+            "ws://127.0.0.1:7070",
+            "tcp://localhost:7481",
+            "ws://[::1]:7070",
+        ] {
+            assert!(plaintext_auth(&ep(u), Some(&token)).is_none(), "{u}");
+        }
+    }
 }
