@@ -102,30 +102,27 @@ impl TreeKey {
     }
 
     /// The tree everyone who knows `name` and `passphrase` derives (Argon2id). `options`
-    /// may set `memoryKiB`, `iterations` and `lanes`; the defaults (256 MiB, 2, 1) are the
-    /// Rust client's, and both sides must use the same.
+    /// may set `memoryKiB`, `iterations` and `lanes`; PROTOCOL §5.9 fixes them: the
+    /// defaults (262144 KiB = 256 MiB, 2, 1, the Rust client's), or 65536 KiB, 3, 1 to
+    /// reproduce a version-1 tree. Anything else — and a value that is not an integer
+    /// (NaN, negative, fractional, above 2^32 − 1) — is refused (`KEY`) before Argon2 runs.
     #[wasm_bindgen(js_name = fromPassphrase)]
     pub fn from_passphrase(
         name: &str,
         passphrase: &str,
         options: JsValue,
     ) -> Result<TreeKey, JsValue> {
-        let d = p::PassphraseParams::default();
-        let get = |k: &str, dflt: u32| -> u32 {
+        let params = passphrase_params(|k| {
             if !options.is_object() {
-                return dflt;
+                return None;
             }
-            js_sys::Reflect::get(&options, &JsValue::from_str(k))
-                .ok()
-                .and_then(|v| v.as_f64())
-                .map(|v| v as u32)
-                .unwrap_or(dflt)
-        };
-        let params = p::PassphraseParams {
-            m_kib: get("memoryKiB", d.m_kib),
-            t: get("iterations", d.t),
-            p: get("lanes", d.p),
-        };
+            let v = js_sys::Reflect::get(&options, &JsValue::from_str(k)).ok()?;
+            if v.is_undefined() || v.is_null() {
+                return None;
+            }
+            Some(v.as_f64().unwrap_or(f64::NAN))
+        })
+        .map_err(key_error)?;
         Ok(TreeKey {
             inner: p::TreeKey::from_passphrase(name, passphrase.as_bytes(), params)
                 .map_err(key_error)?,
@@ -497,6 +494,32 @@ pub fn open_invite(invite: &str, me: &Identity) -> Result<OpenedInvite, JsValue>
     })
 }
 
+/// [`TreeKey::from_passphrase`]'s parameters from its options (`get`: an option's number, NaN
+/// for a value that is not one, `None` when absent): each an integer from 0 to 2^32 − 1
+/// (before, `as u32` turned NaN and negatives into 0 and 1e12 into 2^32 − 1), absent ones
+/// the defaults, and the whole checked against PROTOCOL §5.9 ([`p::PassphraseParams::check`]).
+fn passphrase_params(
+    get: impl Fn(&str) -> Option<f64>,
+) -> Result<p::PassphraseParams, p::KeyError> {
+    let d = p::PassphraseParams::default();
+    let one = |k: &str, dflt: u32| -> Result<u32, p::KeyError> {
+        match get(k) {
+            None => Ok(dflt),
+            Some(v) if v.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&v) => Ok(v as u32),
+            Some(v) => Err(p::KeyError::Passphrase(format!(
+                "option {k} must be an integer from 0 to 4294967295, got {v}"
+            ))),
+        }
+    };
+    let params = p::PassphraseParams {
+        m_kib: one("memoryKiB", d.m_kib)?,
+        t: one("iterations", d.t)?,
+        p: one("lanes", d.p)?,
+    };
+    params.check()?;
+    Ok(params)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,6 +576,53 @@ mod tests {
 
     fn strings(kr: &Keyring) -> Vec<String> {
         kr.to_key_strings()
+    }
+
+    /// Review finding: `TreeKey.fromPassphrase` passed any `memoryKiB`/`iterations`/`lanes`
+    /// to Argon2id (8 KiB and 1 pass succeeded: cheap offline guessing for anyone with a key
+    /// id; NaN or negative became 0; 1e12 aborted the wasm instance). PROTOCOL §5.9 fixes
+    /// them.
+    #[test]
+    fn from_passphrase_options_are_the_spec_parameters_only() {
+        let opts = |m: Option<f64>, t: Option<f64>, l: Option<f64>| {
+            passphrase_params(move |k| match k {
+                "memoryKiB" => m,
+                "iterations" => t,
+                "lanes" => l,
+                _ => None,
+            })
+        };
+        assert_eq!(opts(None, None, None), Ok(p::PassphraseParams::SPEC));
+        assert_eq!(
+            opts(Some(262144.0), Some(2.0), Some(1.0)),
+            Ok(p::PassphraseParams::SPEC)
+        );
+        assert_eq!(
+            opts(Some(65536.0), Some(3.0), None),
+            Ok(p::PassphraseParams::V1)
+        );
+        for (m, t, l) in [
+            (Some(8.0), Some(1.0), None),
+            (Some(1024.0), Some(1.0), None),
+            (Some(65536.0), None, None),
+            (None, Some(1.0), None),
+            (None, None, Some(4.0)),
+            (Some(4194304.0), None, None),
+            (Some(4294967295.0), None, None),
+        ] {
+            assert!(
+                matches!(opts(m, t, l), Err(p::KeyError::PassphraseParams { .. })),
+                "{m:?} {t:?} {l:?}"
+            );
+        }
+        for bad in [f64::NAN, -1.0, -0.5, 0.5, 262144.5, 1e12, f64::INFINITY] {
+            assert!(
+                matches!(opts(Some(bad), None, None), Err(p::KeyError::Passphrase(_))),
+                "{bad}"
+            );
+            assert!(opts(None, Some(bad), None).is_err(), "{bad}");
+            assert!(opts(None, None, Some(bad)).is_err(), "{bad}");
+        }
     }
 
     /// Review of session 27, docs item 3: key strings are all-lowercase or all-uppercase

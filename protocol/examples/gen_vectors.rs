@@ -335,9 +335,13 @@ fn main() {
         t: 1,
         p: 1,
     };
-    let rt =
-        TreeKey::from_passphrase_in_realm("family", "acme", b"correct horse battery staple", rp)
-            .unwrap();
+    let rt = TreeKey::from_passphrase_in_realm_any_params(
+        "family",
+        "acme",
+        b"correct horse battery staple",
+        rp,
+    )
+    .unwrap();
     write(
         &dir,
         "ok_passphrase_realm",
@@ -1468,7 +1472,13 @@ fn trust_vectors(dir: &Path, tk: &TreeKey, env: &Envelope, bv: &Value) {
         t: 1,
         p: 1,
     };
-    let pt = TreeKey::from_passphrase("family", b"correct horse battery staple", fast).unwrap();
+    let pt = TreeKey::from_passphrase_in_realm_any_params(
+        "family",
+        "",
+        b"correct horse battery staple",
+        fast,
+    )
+    .unwrap();
     let pt_raw =
         whispeer_protocol::text::decode(whispeer_protocol::text::hrp::TREE, &pt.to_key_string())
             .unwrap();

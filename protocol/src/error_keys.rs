@@ -46,6 +46,21 @@ pub enum KeyError {
     /// Argon2id failed (bad parameters).
     #[error("passphrase derivation failed: {0}")]
     Passphrase(String),
+    /// Argon2id parameters a passphrase tree may not use: PROTOCOL §5.9 fixes them
+    /// ([`PassphraseParams::check`](crate::PassphraseParams::check)).
+    #[error(
+        "Argon2id parameters m = {m_kib} KiB, t = {t}, p = {p} are not allowed for a passphrase \
+         tree: PROTOCOL §5.9 fixes m = 262144 KiB, t = 2, p = 1 (the default), or m = 65536 \
+         KiB, t = 3, p = 1 to reproduce a version-1 tree"
+    )]
+    PassphraseParams {
+        /// Memory in KiB, as given.
+        m_kib: u32,
+        /// Iterations, as given.
+        t: u32,
+        /// Lanes, as given.
+        p: u32,
+    },
     /// A tree name that is empty or too long.
     #[error("invalid tree name: {0}")]
     InvalidTreeName(&'static str),

@@ -1220,7 +1220,7 @@ mod tests {
             p: 1,
         };
         let mut r = rng(37);
-        let pt = TreeKey::from_passphrase("family", b"pw", fast).unwrap();
+        let pt = TreeKey::from_passphrase_in_realm_any_params("family", "", b"pw", fast).unwrap();
         assert!(pt.cert().is_passphrase());
         assert!(matches!(
             pt.rotate(0, &mut r),
@@ -1245,7 +1245,8 @@ mod tests {
             Err(KeyError::PinMismatch { .. })
         ));
         // A realm changes the tree and its keys.
-        let realm = TreeKey::from_passphrase_in_realm("family", "acme", b"pw", fast).unwrap();
+        let realm =
+            TreeKey::from_passphrase_in_realm_any_params("family", "acme", b"pw", fast).unwrap();
         assert_ne!(realm.tree_id(), pt.tree_id());
         assert_ne!(realm.admin(), pt.admin());
     }
@@ -1260,7 +1261,7 @@ mod tests {
             t: 1,
             p: 1,
         };
-        let pt = TreeKey::from_passphrase("family", b"pw", fast).unwrap();
+        let pt = TreeKey::from_passphrase_in_realm_any_params("family", "", b"pw", fast).unwrap();
         let key_id = pt.cert().keys().key_id();
         let mut kr = Keyring::new();
         kr.add_tree_key_at(&pt, 0).unwrap();

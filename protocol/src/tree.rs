@@ -819,7 +819,10 @@ impl FromStr for Grant {
     }
 }
 
-/// Argon2id parameters for passphrase trees (written in the spec; both sides must agree).
+/// Argon2id parameters for passphrase trees (fixed by the spec, §5.9: a passphrase tree takes
+/// only [`PassphraseParams::SPEC`], the default, or [`PassphraseParams::V1`] — see
+/// [`PassphraseParams::check`]; locked secret strings, [`crate::locked`], take others within
+/// their own ceilings).
 ///
 /// The default, 256 MiB and 2 passes, is as far as a browser tolerates: measured with
 /// `client-wasm/bench/argon2.mjs` on a 2-core machine it takes about 1.1 s in Node.js and
@@ -837,12 +840,58 @@ pub struct PassphraseParams {
 
 impl Default for PassphraseParams {
     fn default() -> Self {
-        PassphraseParams {
-            m_kib: 256 * 1024,
-            t: 2,
-            p: 1,
-        }
+        PassphraseParams::SPEC
     }
+}
+
+impl PassphraseParams {
+    /// The parameters PROTOCOL §5.9 fixes for a passphrase tree (the default): m = 262144 KiB
+    /// (256 MiB), t = 2, p = 1.
+    pub const SPEC: PassphraseParams = PassphraseParams {
+        m_kib: 256 * 1024,
+        t: 2,
+        p: 1,
+    };
+
+    /// The version-1 parameters, still allowed by §5.9 to reproduce a passphrase tree made by
+    /// a version-1 client: m = 65536 KiB (64 MiB), t = 3, p = 1.
+    pub const V1: PassphraseParams = PassphraseParams {
+        m_kib: 64 * 1024,
+        t: 3,
+        p: 1,
+    };
+
+    /// Checks these are parameters PROTOCOL §5.9 allows a passphrase tree:
+    /// [`PassphraseParams::SPEC`] or [`PassphraseParams::V1`], nothing else.
+    ///
+    /// The spec fixes the values (every member MUST use them), so there is no range: a
+    /// cheaper cost makes offline guessing from a key id cheaper, a costlier one (or one
+    /// from untrusted input) could exhaust memory or time, and either way no other client
+    /// derives that tree. [`TreeKey::from_passphrase`] and
+    /// [`TreeKey::from_passphrase_in_realm`] refuse anything else with
+    /// [`KeyError::PassphraseParams`] before Argon2 runs.
+    pub fn check(self) -> Result<(), KeyError> {
+        if self == Self::SPEC || self == Self::V1 {
+            return Ok(());
+        }
+        Err(KeyError::PassphraseParams {
+            m_kib: self.m_kib,
+            t: self.t,
+            p: self.p,
+        })
+    }
+}
+
+/// A passphrase tree's name (1 to 128 bytes) and realm (at most 128 bytes), §5.9.
+fn check_passphrase_tree_names(name: &str, realm: &str) -> Result<(), KeyError> {
+    check_tree_name(name)?;
+    if name.is_empty() {
+        return Err(KeyError::InvalidTreeName("a passphrase tree needs a name"));
+    }
+    if realm.len() > MAX_REALM {
+        return Err(KeyError::InvalidTreeName("realm longer than 128 bytes"));
+    }
+    Ok(())
 }
 
 /// A tree admin's key: the root of the current epoch and the admin signing key. It can
@@ -918,19 +967,44 @@ impl TreeKey {
     /// passphrase). Anyone who sees a key id of the tree (the relay, any holder of
     /// ciphertext) can run an offline dictionary attack at the Argon2id cost per guess: use
     /// ~80 bits (six diceware words).
+    ///
+    /// `params` must be what §5.9 fixes — [`PassphraseParams::SPEC`] (the default) or, to
+    /// reproduce a version-1 tree, [`PassphraseParams::V1`] — or the call fails with
+    /// [`KeyError::PassphraseParams`] before Argon2 runs ([`PassphraseParams::check`]).
     pub fn from_passphrase_in_realm(
         name: &str,
         realm: &str,
         passphrase: &[u8],
         params: PassphraseParams,
     ) -> Result<Self, KeyError> {
-        check_tree_name(name)?;
-        if name.is_empty() {
-            return Err(KeyError::InvalidTreeName("a passphrase tree needs a name"));
-        }
-        if realm.len() > MAX_REALM {
-            return Err(KeyError::InvalidTreeName("realm longer than 128 bytes"));
-        }
+        check_passphrase_tree_names(name, realm)?;
+        params.check()?;
+        Self::derive_from_passphrase(name, realm, passphrase, params)
+    }
+
+    /// [`TreeKey::from_passphrase_in_realm`] at **any** Argon2id parameters, for tests and
+    /// known-answer vectors that cannot afford 256 MiB per derivation. Not part of the API:
+    /// only built with the `test-passphrase-params` feature (never enable it in a build that
+    /// derives real trees), because §5.9 fixes the parameters.
+    #[cfg(any(test, feature = "test-passphrase-params"))]
+    #[doc(hidden)]
+    pub fn from_passphrase_in_realm_any_params(
+        name: &str,
+        realm: &str,
+        passphrase: &[u8],
+        params: PassphraseParams,
+    ) -> Result<Self, KeyError> {
+        check_passphrase_tree_names(name, realm)?;
+        Self::derive_from_passphrase(name, realm, passphrase, params)
+    }
+
+    /// The §5.9 derivation, once the names and parameters are checked.
+    fn derive_from_passphrase(
+        name: &str,
+        realm: &str,
+        passphrase: &[u8],
+        params: PassphraseParams,
+    ) -> Result<Self, KeyError> {
         let tree_id = TreeId::from_name_in_realm(realm, name);
         let mut salt_in = tree_id.0.to_vec();
         put_lp(&mut salt_in, name.as_bytes());
@@ -1499,6 +1573,76 @@ mod tests {
         assert_ne!(next.cert().keys().key_id(), tk.cert().keys().key_id());
     }
 
+    /// Review finding: `from_passphrase` ran Argon2id at whatever parameters it was given
+    /// (m = 8 KiB, t = 1: cheap offline guessing for anyone with a key id; huge ones: a
+    /// crafted-parameter DoS). PROTOCOL §5.9 fixes them: the spec's and version 1's only.
+    #[test]
+    fn passphrase_trees_take_only_the_spec_parameters() {
+        let pp = |m_kib, t, p| PassphraseParams { m_kib, t, p };
+        assert_eq!(PassphraseParams::default(), pp(262144, 2, 1));
+        assert_eq!(PassphraseParams::SPEC, pp(262144, 2, 1));
+        assert_eq!(PassphraseParams::V1, pp(65536, 3, 1));
+        assert!(PassphraseParams::SPEC.check().is_ok());
+        assert!(PassphraseParams::V1.check().is_ok());
+        let refused = [
+            pp(8, 1, 1),
+            pp(64, 1, 1),
+            pp(1024, 1, 1),
+            pp(0, 0, 0),
+            pp(262144, 1, 1),
+            pp(262144, 2, 2),
+            pp(262144, 2, 0),
+            pp(262144, 3, 1),
+            pp(65536, 2, 1),
+            pp(65536, 3, 2),
+            pp(524288, 2, 1),
+            pp(4 * 1024 * 1024, 2, 1),
+            pp(u32::MAX, 2, 1),
+            pp(262144, u32::MAX, 1),
+            pp(u32::MAX, u32::MAX, u32::MAX),
+        ];
+        for bad in refused {
+            let want = KeyError::PassphraseParams {
+                m_kib: bad.m_kib,
+                t: bad.t,
+                p: bad.p,
+            };
+            assert_eq!(bad.check(), Err(want.clone()), "{bad:?}");
+            // Refused before Argon2 runs (u32::MAX KiB would abort on allocation).
+            assert_eq!(
+                TreeKey::from_passphrase("family", b"pw", bad).unwrap_err(),
+                want
+            );
+            assert_eq!(
+                TreeKey::from_passphrase_in_realm("family", "acme", b"pw", bad).unwrap_err(),
+                want
+            );
+            let e = want.to_string();
+            assert!(e.contains("§5.9") && e.contains("262144"), "{e}");
+        }
+        // The names are checked first, as before.
+        assert!(matches!(
+            TreeKey::from_passphrase("", b"pw", pp(8, 1, 1)),
+            Err(KeyError::InvalidTreeName(_))
+        ));
+    }
+
+    /// The spec's parameters derive the §5.9 example (256 MiB: one derivation).
+    #[test]
+    fn the_spec_parameters_derive_the_spec_example() {
+        let tk = TreeKey::from_passphrase(
+            "family",
+            b"correct horse battery staple",
+            PassphraseParams::default(),
+        )
+        .unwrap();
+        assert_eq!(tk.tree_id().to_string(), "8385eb53bfc26f3483c996783d3bdb45");
+        assert_eq!(
+            hex::encode(tk.cert().keys().key_id().as_bytes()),
+            "0857208cafba5520218467e1730de083"
+        );
+    }
+
     #[test]
     fn passphrase_trees_agree() {
         let fast = PassphraseParams {
@@ -1506,9 +1650,21 @@ mod tests {
             t: 1,
             p: 1,
         };
-        let a = TreeKey::from_passphrase("family", b"correct horse battery staple", fast).unwrap();
-        let b = TreeKey::from_passphrase("family", b"correct horse battery staple", fast).unwrap();
-        let c = TreeKey::from_passphrase("family", b"wrong", fast).unwrap();
+        let a = TreeKey::from_passphrase_in_realm_any_params(
+            "family",
+            "",
+            b"correct horse battery staple",
+            fast,
+        )
+        .unwrap();
+        let b = TreeKey::from_passphrase_in_realm_any_params(
+            "family",
+            "",
+            b"correct horse battery staple",
+            fast,
+        )
+        .unwrap();
+        let c = TreeKey::from_passphrase_in_realm_any_params("family", "", b"wrong", fast).unwrap();
         assert_eq!(a.cert().keys().key_id(), b.cert().keys().key_id());
         assert_ne!(a.cert().keys().key_id(), c.cert().keys().key_id());
         assert_eq!(a.tree_id(), TreeId::from_name("family"));
@@ -1617,7 +1773,7 @@ mod tests {
             t: 1,
             p: 1,
         };
-        let pt = TreeKey::from_passphrase("family", b"pw", fast).unwrap();
+        let pt = TreeKey::from_passphrase_in_realm_any_params("family", "", b"pw", fast).unwrap();
         let mut v1 = vec![1u8];
         v1.extend_from_slice(&pt.tree_id.0);
         v1.extend_from_slice(&0u64.to_be_bytes());

@@ -436,40 +436,21 @@ fn narrow(
     }
 }
 
-/// The Argon2id parameters of a version-1 passphrase tree (PROTOCOL §5.9), still accepted to
-/// reproduce one: 64 MiB, 3 iterations, 1 lane.
-const PASSPHRASE_PARAMS_V1: PassphraseParams = PassphraseParams {
-    m_kib: 64 * 1024,
-    t: 3,
-    p: 1,
-};
-
 /// PROTOCOL §5.9 fixes a passphrase tree's Argon2id parameters — every member MUST use
 /// them: m = 262144 KiB, t = 2, p = 1 (the default), or m = 65536 KiB, t = 3, p = 1 to
-/// reproduce a version-1 tree. Anything else (a cheaper cost makes offline guessing cheaper,
-/// and no other client derives that tree) is a usage error.
+/// reproduce a version-1 tree. The library's check ([`PassphraseParams::check`], which
+/// `TreeKey::from_passphrase_in_realm` applies too), run here before the passphrase is read:
+/// anything else is a usage error naming the flags of the version-1 parameters.
 fn check_passphrase_params(p: PassphraseParams) -> Result<()> {
-    let d = PassphraseParams::default();
-    if p == d || p == PASSPHRASE_PARAMS_V1 {
-        return Ok(());
+    if let Err(e) = p.check() {
+        let v1 = PassphraseParams::V1;
+        usage!(
+            "{e} (--argon2-memory-kib {} --argon2-iterations {})",
+            v1.m_kib,
+            v1.t
+        )
     }
-    let v1 = PASSPHRASE_PARAMS_V1;
-    usage!(
-        "Argon2id parameters m = {} KiB, t = {}, p = {} are not allowed for a passphrase tree: \
-         PROTOCOL §5.9 fixes m = {} KiB, t = {}, p = {} (the default), or m = {} KiB, t = {}, \
-         p = {} to reproduce a version-1 tree (--argon2-memory-kib {} --argon2-iterations {})",
-        p.m_kib,
-        p.t,
-        p.p,
-        d.m_kib,
-        d.t,
-        d.p,
-        v1.m_kib,
-        v1.t,
-        v1.p,
-        v1.m_kib,
-        v1.t
-    )
+    Ok(())
 }
 
 fn read_passphrase() -> Result<String> {
