@@ -114,6 +114,12 @@ struct Saving {
     refused_kept: usize,
     /// Bytes at the end of the loaded log that were no whole record (`persist::Saved::torn`).
     torn: usize,
+    /// Every message saved as owed to a durable, kept up to date with the engine's owed
+    /// changes: what a snapshot writes. The engine holds at most its bound of them (65,536)
+    /// in memory; the rest stay saved for a later process, as rows of the Rust client's
+    /// file do — a snapshot of only the engine's dropped them at the next compaction, and
+    /// their redelivery to the durable was refused as a duplicate in every later run.
+    owed: persist::OwedRows,
 }
 
 #[wasm_bindgen]
@@ -218,18 +224,20 @@ impl Engine {
             }
             g.restore_forgot_upto(s.forgot_upto);
             // After the window: an owed message is kept only while it remembers it (the
-            // next snapshot leaves out the ones that were not kept).
+            // next snapshot leaves out the ones that were not kept); one past the engine's
+            // bound stays saved (`Saving::owed`), as in the Rust client's file.
             let c = eng.core_mut();
-            for (name, ds) in &s.owed {
-                for d in ds {
-                    c.restore_owed(name, *d);
-                }
-            }
+            let mut owed = s.owed;
+            owed.0.retain(|name, ds| {
+                ds.retain(|d| c.restore_owed(name, *d));
+                !ds.is_empty()
+            });
             Saving {
                 journal: Vec::new(),
                 kept: s.outbox,
                 refused_kept: s.refused_kept,
                 torn: s.torn,
+                owed,
             }
         });
         Ok(Engine {
@@ -544,6 +552,7 @@ impl Engine {
         let changes = self.eng.core_mut().take_changes();
         let sv = self.saving.as_mut()?;
         for c in &changes {
+            sv.owed.apply(c);
             persist::change(&mut sv.journal, c);
         }
         if sv.journal.is_empty() {
@@ -562,7 +571,10 @@ impl Engine {
         self.save_kept();
         let changes = self.eng.core_mut().take_changes();
         let sv = self.saving.as_mut()?;
-        drop(changes);
+        // (The snapshot covers the pending changes; the owed ones update the saved rows.)
+        for c in &changes {
+            sv.owed.apply(c);
+        }
         sv.journal.clear();
         let mut out = persist::MAGIC.to_vec();
         let p = self
@@ -583,9 +595,7 @@ impl Engine {
             persist::change(&mut out, &Change::Retained { key, ts_ms, msg_id });
         }
         persist::forgot_upto(&mut out, snap.forgot_upto);
-        for (name, d) in self.eng.core().owed_snapshot() {
-            persist::owed(&mut out, &name, d);
-        }
+        sv.owed.write(&mut out);
         Some(Uint8Array::from(&out[..]))
     }
 

@@ -35,7 +35,7 @@
 //! is a [`StateError`]. The driver compacts (rewrites the log as a snapshot) at start and
 //! when the log has grown.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
 use whispeer::core::receive::{Change, DedupKey, Digest, RetainedKey};
@@ -93,7 +93,7 @@ pub struct Saved {
     /// The largest `forgot_upto` saved (0: none).
     pub forgot_upto: u64,
     /// Messages owed to durables (`8` records not paid or forgotten since), by name.
-    pub owed: BTreeMap<String, std::collections::BTreeSet<Digest>>,
+    pub owed: OwedRows,
     /// Bytes of a torn last record that were ignored.
     pub torn: usize,
     /// `1` keep records skipped because their frame is not a QoS ≥ 1 `Pub` of their own
@@ -201,6 +201,57 @@ pub fn change(out: &mut Vec<u8>, c: &Change) {
         // A change kind this format does not know yet: not persisted (the Rust state
         // file would not hold it either).
         _ => {}
+    }
+}
+
+/// What the state holds as owed to durables (`8` records not paid or forgotten since), by
+/// durable name: the rows of the Rust client's `owed` table. The engine keeps in memory at
+/// most its bound of owed messages (`ClientCore::restore_owed`); the rest stay saved for a
+/// later process, as the Rust file keeps them, so a snapshot writes these rows, not only
+/// the engine's.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OwedRows(pub BTreeMap<String, BTreeSet<Digest>>);
+
+impl OwedRows {
+    /// Applies a receiver-state change as the Rust file does (`Owed` inserts, `Paid`
+    /// deletes, `OwedForgotten` deletes the durable's rows; others do nothing).
+    pub fn apply(&mut self, c: &Change) {
+        match c {
+            Change::Owed { durable, digest } => {
+                self.0.entry(durable.clone()).or_default().insert(*digest);
+            }
+            Change::Paid { durable, digest } => {
+                if let Some(o) = self.0.get_mut(durable) {
+                    o.remove(digest);
+                    if o.is_empty() {
+                        self.0.remove(durable);
+                    }
+                }
+            }
+            Change::OwedForgotten { durable } => {
+                self.0.remove(durable);
+            }
+            _ => {}
+        }
+    }
+
+    /// Appends a `8` owed record per row.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for (name, ds) in &self.0 {
+            for d in ds {
+                owed(out, name, *d);
+            }
+        }
+    }
+
+    /// How many rows.
+    pub fn len(&self) -> usize {
+        self.0.values().map(BTreeSet::len).sum()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -327,19 +378,17 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
                 let d = Digest::from_le_bytes(arr(f));
                 let name = std::str::from_utf8(&f[16..])
                     .map_err(|_| corrupt("durable name is not UTF-8"))?;
-                if kind == OWED {
-                    s.owed.entry(name.to_owned()).or_default().insert(d);
-                } else if let Some(o) = s.owed.get_mut(name) {
-                    o.remove(&d);
-                    if o.is_empty() {
-                        s.owed.remove(name);
-                    }
-                }
+                let durable = name.to_owned();
+                s.owed.apply(&if kind == OWED {
+                    Change::Owed { durable, digest: d }
+                } else {
+                    Change::Paid { durable, digest: d }
+                });
             }
             (OWED_FORGOTTEN, _) => {
                 let name =
                     std::str::from_utf8(f).map_err(|_| corrupt("durable name is not UTF-8"))?;
-                s.owed.remove(name);
+                s.owed.0.remove(name);
             }
             (KEEP | ACKED | SEEN | SEEN_DIGEST | RETAINED | FORGOT | OWED | PAID, _) => {
                 return Err(corrupt("record of the wrong size"))
@@ -680,6 +729,7 @@ mod tests {
         let s = load(&b, 0).unwrap();
         let got: Vec<(String, Vec<Digest>)> = s
             .owed
+            .0
             .into_iter()
             .map(|(n, ds)| (n, ds.into_iter().collect()))
             .collect();

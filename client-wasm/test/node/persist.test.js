@@ -12,9 +12,11 @@ import { createInterface } from 'node:readline';
 import { startRelay } from '../shared/relay.js';
 import { startProxy } from '../shared/proxy.js';
 import { createServer } from 'node:net';
+import { randomBytes } from 'node:crypto';
 import { Client, Identity, TreeKey, WhispeerError } from '../../js/index.node.js';
 import { setFileStore } from '../../js/persist.js';
 import { openFileStore } from '../../js/persist.node.js';
+import { owed, owedCounts, owedForgotten, seenDigest } from '../shared/state-log.js';
 
 const CHILD = new URL('../shared/persist-child.js', import.meta.url).pathname;
 
@@ -501,6 +503,57 @@ test('a message a durable iterator held untaken when another subscription took i
     break;
   }
   assert.deepEqual(got, [7], 'owed to the durable from the moment the other subscription took it');
+  await a.close();
+});
+
+test('messages owed past the in-memory bound (65,536) stay saved through compactions and come to their durable once there is room, as rows of the Rust state file do', { timeout: 60_000 }, async () => {
+  const { pub, run: connect } = await persistedRuns('owed-past-bound');
+  const run = async () => {
+    const c = await connect();
+    clients.push(c); // closed after the tests if an assertion fails first
+    return c;
+  };
+  const file = join(dir, 'owed-past-bound.wsp');
+  let a = await run();
+  // Messages 1 and 2 owed to durable 'zz' (taken by another subscription, dropped untaken).
+  const durable = (await a.subscribe('d/#', { qos: 1, durable: 'zz' }))[Symbol.asyncIterator]();
+  for (let i = 0; i < 3; i++) await pub.publish('d/x', i, { qos: 1 });
+  assert.equal((await durable.next()).value.value, 0);
+  await a.flush();
+  const history = await a.subscribe('d/x', { qos: 1, replay: { fromSeq: 1 } });
+  let n = 0;
+  for await (const m of history) if (++n === 3) break;
+  await durable.return();
+  await a.flush();
+  await a.close();
+  assert.deepEqual(owedCounts(readFileSync(file)), { zz: 2 });
+
+  // 65,536 more owed to durable 'a' (loaded first: names in order), each a message the
+  // window remembers: the engine's bound is full, 'zz's two are past it.
+  const bound = 65_536;
+  const expires = Date.now() + 10 * 60_000;
+  const digests = randomBytes(16 * bound);
+  const extra = [];
+  for (let i = 0; i < bound; i++) extra.push(seenDigest(digests.subarray(16 * i, 16 * i + 16), expires));
+  for (let i = 0; i < bound; i++) extra.push(owed(digests.subarray(16 * i, 16 * i + 16), 'a'));
+  writeFileSync(file, Buffer.concat([readFileSync(file), ...extra]));
+
+  // A run that loads it compacts it (at connect, and at close): 'zz's rows stay saved.
+  a = await run();
+  await a.close();
+  assert.deepEqual(owedCounts(readFileSync(file)), { a: bound, zz: 2 }, 'the compacted state still owes both durables everything');
+
+  // Durable 'a' deleted: room for 'zz' in the next run, whose resume gets 1 and 2.
+  writeFileSync(file, Buffer.concat([readFileSync(file), owedForgotten('a')]));
+  a = await run();
+  const resumed = await a.subscribe('d/#', { qos: 1, durable: 'zz' });
+  await pub.publish('d/x', 3, { qos: 1 }); // a marker: live, so after the resumed history
+  const got = [];
+  for await (const m of resumed) {
+    got.push(m.value);
+    if (m.value === 3) break;
+  }
+  assert.deepEqual(got, [1, 2, 3], 'what durable zz was owed is delivered, not refused as duplicates');
   await a.close();
 });
 
