@@ -105,6 +105,30 @@ async function lockDatabase(name) {
   return () => release();
 }
 
+/**
+ * The error for a database of a later version than this release opens (`VersionError`):
+ * with our one object store, a newer release's (not upgraded, not written: opened at its
+ * own version only to read its version and stores); else someone else's.
+ */
+async function versionError(name) {
+  let db;
+  try {
+    db = await request(indexedDB.open(name));
+  } catch (e) {
+    return state(`cannot open IndexedDB database ${JSON.stringify(name)}: ${e?.message ?? e}`);
+  }
+  const { version } = db;
+  const ours = db.objectStoreNames.length === 1 && db.objectStoreNames.contains(STORE);
+  db.close();
+  if (!ours) return state(`IndexedDB database ${JSON.stringify(name)} is not a whispeer client state (other object stores)`);
+  return state(
+    `IndexedDB database ${JSON.stringify(name)}: client state written by a newer release of whispeer ` +
+      `(format version ${version}, this release reads up to ${DB_VERSION}); not modified`,
+  );
+}
+
+const DB_VERSION = 1;
+
 /** The IndexedDB store: one object store `log` of byte chunks, in key order. */
 async function openIndexedDB(name) {
   if (open.has(name)) throw state(`IndexedDB database ${JSON.stringify(name)} is in use by another client of this page`);
@@ -123,12 +147,13 @@ async function openIndexedDB(name) {
   };
   let db;
   try {
-    const r = indexedDB.open(name, 1);
+    const r = indexedDB.open(name, DB_VERSION);
     r.onupgradeneeded = () => {
       if (r.result.objectStoreNames.length === 0) r.result.createObjectStore(STORE, { autoIncrement: true });
     };
     db = await request(r);
   } catch (e) {
+    if (e?.name === 'VersionError') throw fail(await versionError(name));
     throw fail(state(`cannot open IndexedDB database ${JSON.stringify(name)}: ${e?.message ?? e}`));
   }
   if (db.objectStoreNames.length !== 1 || !db.objectStoreNames.contains(STORE)) {

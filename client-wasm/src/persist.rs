@@ -65,6 +65,15 @@ pub enum StateError {
     /// Not a whispeer state log (another file, or another program's data).
     #[error("not a whispeer client state (wrong header: {0})")]
     Foreign(String),
+    /// A state log written by a newer release (a higher format version than this one
+    /// reads). Nothing is written to it: the driver compacts a state only once it loaded.
+    #[error("client state written by a newer release of whispeer (format version {version}, this release reads up to {supported}); not modified")]
+    Newer {
+        /// The log's format version (its header's seventh byte).
+        version: u8,
+        /// The highest this release reads.
+        supported: u8,
+    },
     /// A record in the middle does not parse or fails its check.
     #[error("corrupt client state at byte {offset}: {reason}")]
     Corrupt {
@@ -270,6 +279,14 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
     let mut s = Saved::default();
     if bytes.is_empty() {
         return Ok(s);
+    }
+    // `wspjs` NUL, then the format version: a later one is a newer release's log (said as
+    // such — it was "not a whispeer client state").
+    if bytes.len() > 6 && bytes[..6] == MAGIC[..6] && bytes[6] > MAGIC[6] {
+        return Err(StateError::Newer {
+            version: bytes[6],
+            supported: MAGIC[6],
+        });
     }
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
         let n = bytes.len().min(MAGIC.len());
@@ -551,6 +568,37 @@ mod tests {
             assert!(matches!(e, StateError::Foreign(_)), "{bad:?}: {e}");
             assert!(e.to_string().contains("not a whispeer client state"), "{e}");
         }
+    }
+
+    /// A log of a later format version is a newer release's, said as such (it was "not
+    /// a whispeer client state").
+    #[test]
+    fn a_log_of_a_newer_format_version_is_said_to_be_a_newer_releases() {
+        let mut b = sample();
+        b[6] = 2;
+        let e = load(&b, 0).unwrap_err();
+        assert_eq!(
+            e,
+            StateError::Newer {
+                version: 2,
+                supported: 1
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "client state written by a newer release of whispeer (format version 2, this \
+             release reads up to 1); not modified"
+        );
+        // Only the header counts: a bare header of version 200 too.
+        assert!(matches!(
+            load(b"wspjs\x00\xc8\n", 0),
+            Err(StateError::Newer { version: 200, .. })
+        ));
+        // An older or unknown version byte is no newer release's: foreign.
+        assert!(matches!(
+            load(b"wspjs\x00\x00\n", 0),
+            Err(StateError::Foreign(_))
+        ));
     }
 
     #[test]

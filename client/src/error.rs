@@ -312,12 +312,23 @@ pub enum PersistError {
         #[source]
         source: rusqlite::Error,
     },
-    /// The file is a SQLite database of something else, or a newer schema.
+    /// The file is a SQLite database of something else.
     #[error("client state file {path} is not a whispeer client state file ({reason}); refusing to touch it")]
     Foreign {
         /// The file.
         path: std::path::PathBuf,
         /// What did not match.
         reason: String,
+    },
+    /// The file is a whispeer client state written by a newer release (a higher schema
+    /// version than this release reads). It is left as it is.
+    #[error("client state file {path} was written by a newer release of whispeer (format version {version}, this release reads up to {supported}); not modified")]
+    Newer {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Its format (schema) version.
+        version: i64,
+        /// The highest this release reads.
+        supported: i64,
     },
 }

@@ -85,6 +85,31 @@ impl Store {
             path: path.to_owned(),
             source,
         };
+        // A file written by a newer release is recognised through a read-only connection
+        // first: a read-write one, even refusing it, checkpoints a write-ahead log the newer
+        // release left into the file as it closes (and deletes the log).
+        if path.exists() {
+            if let Ok(ro) = Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            ) {
+                let ids = ro.query_row(
+                    "SELECT application_id, user_version FROM pragma_application_id, pragma_user_version",
+                    [],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                );
+                if let Ok((APPLICATION_ID, version)) = ids {
+                    if version > SCHEMA_VERSION {
+                        return Err(PersistError::Newer {
+                            path: path.to_owned(),
+                            version,
+                            supported: SCHEMA_VERSION,
+                        });
+                    }
+                }
+            }
+        }
         let db = Connection::open(path).map_err(err)?;
         let app: i64 = db
             .query_row("PRAGMA application_id", [], |r| r.get(0))
@@ -99,6 +124,16 @@ impl Store {
             path: path.to_owned(),
             reason,
         };
+        // Written by a newer release: refused before anything is written, whatever it
+        // holds (even no table yet: a creation of its own cut short is not ours to redo).
+        // Before, it was called "not a whispeer client state file".
+        if app == APPLICATION_ID && version > SCHEMA_VERSION {
+            return Err(PersistError::Newer {
+                path: path.to_owned(),
+                version,
+                supported: SCHEMA_VERSION,
+            });
+        }
         // A new file — or one whose creation a crash cut short before this was one
         // transaction (its application id set, no table yet): created in one transaction,
         // so a kill or a full disk midway leaves a file the next start creates again, not
@@ -734,6 +769,73 @@ mod tests {
         let s = Store::open(&p).expect("created again");
         s.keep(&[1; 16], 1, b"frame-1");
         assert_eq!(s.outbox().len(), 1);
+    }
+
+    /// A state file of a newer release (a higher schema version) is refused as one — it
+    /// was called "not a whispeer client state file" — and left exactly as it was, its
+    /// write-ahead log included (a read-write connection checkpointed it as it closed).
+    #[test]
+    fn a_state_file_of_a_newer_release_is_refused_as_such_and_not_modified() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live.db");
+        let w = Connection::open(&live).unwrap();
+        w.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;
+             PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {};
+             CREATE TABLE future (x BLOB); INSERT INTO future VALUES (x'0102');",
+            SCHEMA_VERSION + 1
+        ))
+        .unwrap();
+        // A copy as a crash of the newer release leaves it: the file and its log.
+        let p = dir.path().join("s.db");
+        let wal = dir.path().join("s.db-wal");
+        std::fs::copy(&live, &p).unwrap();
+        std::fs::copy(dir.path().join("live.db-wal"), &wal).unwrap();
+        drop(w);
+        let before = (std::fs::read(&p).unwrap(), std::fs::read(&wal).unwrap());
+        assert!(
+            !before.1.is_empty(),
+            "the newer release's writes are in its log"
+        );
+        for _ in 0..2 {
+            let e = Store::open(&p).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    PersistError::Newer {
+                        version: 3,
+                        supported: 2,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            let msg = e.to_string();
+            assert!(
+                msg.contains("written by a newer release")
+                    && msg.contains("format version 3, this release reads up to 2")
+                    && msg.contains("not modified")
+                    && msg.contains("s.db"),
+                "{msg}"
+            );
+            assert!(!msg.contains("not a whispeer client state"), "{msg}");
+            let after = (
+                std::fs::read(&p).unwrap(),
+                std::fs::read(&wal).unwrap_or_default(),
+            );
+            assert!(
+                after == before,
+                "the file and its log are untouched (log: {} bytes, was {})",
+                after.1.len(),
+                before.1.len()
+            );
+        }
+        // Without its log too (a clean shutdown of the newer release).
+        let q = dir.path().join("clean.db");
+        std::fs::copy(&live, &q).unwrap();
+        let bytes = std::fs::read(&q).unwrap();
+        assert!(matches!(Store::open(&q), Err(PersistError::Newer { .. })));
+        assert_eq!(std::fs::read(&q).unwrap(), bytes);
     }
 
     /// Dates past `i64::MAX` (a replay horizon of `Duration::MAX`) are saved as `i64::MAX`,

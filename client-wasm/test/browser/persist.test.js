@@ -193,6 +193,49 @@ test('Chromium: a foreign IndexedDB database or a file path fails with a typed e
   }
 });
 
+test('Chromium: a state written by a newer release (a later log format or database version) is refused as such with STATE, and not modified', async () => {
+  const page = await browser.testPage();
+  try {
+    const out = await page.evaluate(async (url) => {
+      const req = (r) =>
+        new Promise((resolve, reject) => {
+          r.onsuccess = () => resolve(r.result);
+          r.onerror = () => reject(r.error);
+        });
+      const bytes = [119, 115, 112, 106, 115, 0, 2, 10, 0, 0, 0, 1, 42, 9, 9, 9, 9]; // 'wspjs' NUL, version 2
+      // A database of this release's version holding a log of format version 2; and a
+      // database a newer release moved to version 2.
+      for (const [name, version] of [['newer-log', 1], ['newer-db', 2]]) {
+        const r = indexedDB.open(name, version);
+        r.onupgradeneeded = () => r.result.createObjectStore('log', { autoIncrement: true }).add(new Uint8Array(bytes));
+        (await req(r)).close();
+      }
+      const result = [];
+      for (const name of ['newer-log', 'newer-db']) {
+        const e = await W.Client.connect(url, { keys: W.TreeKey.generate('x'), persistence: { indexedDB: name } }).then(
+          () => null,
+          (e) => e,
+        );
+        const db = await req(indexedDB.open(name));
+        const chunks = await req(db.transaction('log', 'readonly').objectStore('log').getAll());
+        result.push({ name, error: e && [e instanceof W.WhispeerError, e.code, e.message], version: db.version, chunks: chunks.map((c) => [...c]) });
+        db.close();
+      }
+      return { bytes, result };
+    }, relay.url);
+    const [log, db] = out.result;
+    assert.deepEqual(log.error?.slice(0, 2), [true, 'STATE'], JSON.stringify(log));
+    assert.match(log.error[2], /newer-log.*client state written by a newer release of whispeer \(format version 2, this release reads up to 1\); not modified/);
+    assert.deepEqual(db.error?.slice(0, 2), [true, 'STATE'], JSON.stringify(db));
+    assert.match(db.error[2], /"newer-db": client state written by a newer release of whispeer \(format version 2, this release reads up to 1\); not modified/);
+    for (const r of out.result) assert.doesNotMatch(r.error[2], /not a whispeer client state/);
+    assert.deepEqual([log.version, db.version], [1, 2], 'no database upgraded');
+    assert.deepEqual([log.chunks, db.chunks], [[out.bytes], [out.bytes]], 'the saved bytes are as they were');
+  } finally {
+    await page.close();
+  }
+});
+
 test('Chromium: a second tab on the same IndexedDB database fails with STATE until the first client closes (Web Lock)', async () => {
   const [one, two] = [await browser.testPage(), await browser.testPage()];
   const tree = TreeKey.generate('idb-lock').toKeyString();

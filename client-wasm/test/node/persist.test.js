@@ -772,3 +772,25 @@ test('a saved state ending in bytes that are no whole record is said, not droppe
   assert.equal(warned.length, 1, JSON.stringify(warned));
   assert.match(warned[0], /torn\.wsp: the saved state ended in 7 bytes that were no whole record; dropped/);
 });
+
+test('a state written by a newer release (a later format version) is refused as such with STATE, and left exactly as it was', { timeout: 60_000 }, async () => {
+  const file = join(dir, 'newer.wsp');
+  // Format version 2 (this release writes and reads 1): whatever follows is not ours to read.
+  const bytes = Buffer.concat([Buffer.from('wspjs\x00\x02\n', 'latin1'), Buffer.from([0, 0, 0, 3, 42, 1, 2, 9, 9, 9, 9])]);
+  writeFileSync(file, bytes);
+  const before = statSync(file);
+  const listing = readdirSync(dir).sort();
+  for (let i = 0; i < 2; i++)
+    await assert.rejects(
+      Client.connect(relay.url, { keys: TreeKey.generate('newer'), persistence: file }),
+      (e) =>
+        e instanceof WhispeerError &&
+        e.code === 'STATE' &&
+        e.message.includes('newer.wsp: client state written by a newer release of whispeer (format version 2, this release reads up to 1); not modified') &&
+        !e.message.includes('not a whispeer client state'),
+    );
+  assert.deepEqual(readFileSync(file), bytes, 'not modified');
+  assert.equal(statSync(file).mtimeMs, before.mtimeMs);
+  assert.equal(statSync(file).ino, before.ino, 'not replaced');
+  assert.deepEqual(readdirSync(dir).sort(), listing, 'no temporary file left behind');
+});
