@@ -88,12 +88,18 @@ export class Identity {
   free(): void;
 }
 
+/**
+ * Argon2id settings of a passphrase tree. PROTOCOL §5.9 fixes them: the default (256 MiB,
+ * 2 passes, 1 lane) or version 1's (`{ memoryKiB: 65536, iterations: 3 }`); any other set
+ * is refused (cheaper ones make offline guessing cheaper, and neither derives the tree the
+ * other members do).
+ */
 export interface PassphraseOptions {
-  /** Argon2id memory in KiB (default 262144 = 256 MiB). */
+  /** Argon2id memory in KiB (default 262144 = 256 MiB; 65536 for version 1). */
   memoryKiB?: number;
-  /** Argon2id passes (default 2). */
+  /** Argon2id passes (default 2; 3 for version 1). */
   iterations?: number;
-  /** Argon2id lanes (default 1). */
+  /** Argon2id lanes (1, the default). */
   lanes?: number;
 }
 

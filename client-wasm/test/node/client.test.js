@@ -167,9 +167,14 @@ test('wrong or missing keys are rejected', async () => {
   assert.equal(partial.stats().delivered, 1);
 
   // A different passphrase derives a different key: its messages never open here.
-  const right = TreeKey.fromPassphrase('room', 'right horse battery', { memoryKiB: 1024, iterations: 1 });
-  const wrong = TreeKey.fromPassphrase('room', 'wrong horse battery', { memoryKiB: 1024, iterations: 1 });
+  const right = TreeKey.fromPassphrase('room', 'right horse battery', { memoryKiB: 65536, iterations: 3 });
+  const wrong = TreeKey.fromPassphrase('room', 'wrong horse battery', { memoryKiB: 65536, iterations: 3 });
   assert.equal(right.treeId, wrong.treeId);
+  // Only the spec's Argon2id settings (PROTOCOL §5.9): cheaper ones make guessing cheaper,
+  // costlier ones from input exhaust memory; neither derives the tree anyone else does.
+  for (const weak of [{ memoryKiB: 1024, iterations: 1 }, { memoryKiB: 1e12 }, { iterations: -1 }, { memoryKiB: NaN }]) {
+    assert.throws(() => TreeKey.fromPassphrase('room', 'right horse battery', weak), /argon2|parameter|integer|PROTOCOL/i, JSON.stringify(weak));
+  }
   const r = await connect({ keys: right });
   const w = await connect({ keys: wrong });
   const rx = collector(1);
@@ -285,8 +290,8 @@ test('keys: generate, strings, passphrase, invites', () => {
   assert.equal(tree.grant('#').narrow('#', me).scope, '#');
   assert.throws(() => Grant.fromKeyString('wskey1garbage'), { code: 'KEY' });
 
-  const p1 = TreeKey.fromPassphrase('demo', 'correct horse battery staple', { memoryKiB: 1024, iterations: 1 });
-  const p2 = TreeKey.fromPassphrase('demo', 'correct horse battery staple', { memoryKiB: 1024, iterations: 1 });
+  const p1 = TreeKey.fromPassphrase('demo', 'correct horse battery staple', { memoryKiB: 65536, iterations: 3 });
+  const p2 = TreeKey.fromPassphrase('demo', 'correct horse battery staple', { memoryKiB: 65536, iterations: 3 });
   assert.equal(p1.toKeyString(), p2.toKeyString());
 
   const friend = Identity.generate();
@@ -302,7 +307,7 @@ test('keys: generate, strings, passphrase, invites', () => {
   kr.addKeyString(tree.toKeyString());
   assert.equal(kr.size, 2);
   // A grant for the same tree id signed by another admin is refused.
-  const impostor = TreeKey.fromPassphrase('demo', 'other', { memoryKiB: 1024, iterations: 1 });
+  const impostor = TreeKey.fromPassphrase('demo', 'other', { memoryKiB: 65536, iterations: 3 });
   const k2 = new Keyring();
   k2.addTreeKey(p1);
   assert.throws(() => k2.addTreeKey(impostor), { code: 'KEY' });

@@ -126,7 +126,7 @@ test('an invite sealed in JS carries the dictionary to a Rust SDK invitee', asyn
 });
 
 test('a refused invite adds none of its dictionaries (PROTOCOL §7); an accepted one adds them', async () => {
-  const fast = { memoryKiB: 1024, iterations: 1 };
+  const fast = { memoryKiB: 65536, iterations: 3 };
   // Same tree id (same name), another admin: the client's pin refuses b's grant.
   const a = TreeKey.fromPassphrase('family-f5', 'one', fast);
   const b = TreeKey.fromPassphrase('family-f5', 'two', fast);
