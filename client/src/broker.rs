@@ -247,6 +247,10 @@ impl BrokerBuilder {
             params: key_passphrase_params,
         };
         let mut setup = self.setup;
+        // Before anything is written into it (the QUIC certificate too).
+        if let Some(dir) = &setup.store_dir {
+            create_store_dir(dir)?;
+        }
         if let Some(url) = &setup.serve_ws {
             config.listen.ws = ListenAddr::on(listen_addr(url, &["http", "ws"]).await?);
         }
@@ -268,10 +272,6 @@ impl BrokerBuilder {
         let encryption = setup.encryption.take().unwrap_or_else(Encryption::new);
         let keys = match &setup.store_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|source| BrokerError::Io {
-                    path: dir.clone(),
-                    source,
-                })?;
                 config.store.kind = Some(StoreKind::Sqlite);
                 config.store.path = dir.join(RELAY_STORE_FILE);
                 if setup.client.state_file.is_none() {
@@ -535,6 +535,24 @@ fn load_or_make_identity(dir: &Path, lock: &Lock) -> Result<Identity, BrokerErro
         }
         Err(source) => Err(BrokerError::Io { path, source }),
     }
+}
+
+/// Creates the broker's directory (and missing parents) owner-only: 0700 on Unix, so the
+/// relay's history, the client state and the key file beside them are nobody else's to read
+/// or to plant files among (it was `create_dir_all`'s 0755). An existing directory is used
+/// as it is.
+fn create_store_dir(dir: &Path) -> Result<(), BrokerError> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir).map_err(|source| BrokerError::Io {
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 /// Writes a new file readable by its owner only (created with mode 0600 on Unix).
@@ -834,4 +852,23 @@ impl Broker {
 fn assert_clone_send_sync() {
     fn is<T: Clone + Send + Sync>() {}
     is::<Broker>();
+}
+
+#[cfg(test)]
+mod tests {
+    /// The broker's directory, and the parents it creates, are 0700 (they were 0755).
+    #[cfg(unix)]
+    #[test]
+    fn the_store_directory_is_created_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("parent").join("broker");
+        super::create_store_dir(&dir).unwrap();
+        for d in [&dir, &t.path().join("parent")] {
+            let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}: mode {mode:03o}", d.display());
+        }
+        // Again: an existing directory is fine.
+        super::create_store_dir(&dir).unwrap();
+    }
 }

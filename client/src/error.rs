@@ -331,4 +331,69 @@ pub enum PersistError {
         /// The highest this release reads.
         supported: i64,
     },
+    /// The file at the state path, or one SQLite keeps beside it (`-wal`, `-shm`,
+    /// `-journal`), is not one this client may trust: a symbolic link, not a regular file,
+    /// another user's, or writable by others (Unix). It is left as it is.
+    #[error("client state file {path}: {reason}; refusing to use it")]
+    Unsafe {
+        /// The file (the state file or its `-wal`/`-shm`/`-journal`).
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: UnsafeFile,
+    },
+    /// The state file could not be created, or its directory or itself looked at.
+    #[error("client state file {path}: {source}")]
+    Io {
+        /// The file (or its directory).
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a file at a persistence path is refused ([`PersistError::Unsafe`]; Unix only).
+#[cfg(feature = "persistence")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnsafeFile {
+    /// A symbolic link: never followed (another user could point it at any file, or at a
+    /// database of their own).
+    Symlink,
+    /// Not a regular file (a directory, FIFO, socket or device).
+    NotRegular {
+        /// What it is.
+        kind: &'static str,
+    },
+    /// Owned by another user (a database they made, holding what they chose).
+    OtherOwner {
+        /// Its owner's uid.
+        owner: u32,
+        /// This process's effective uid.
+        uid: u32,
+    },
+    /// Writable by its group or by others.
+    WritableByOthers {
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+#[cfg(feature = "persistence")]
+impl std::fmt::Display for UnsafeFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UnsafeFile::Symlink => f.write_str("is a symbolic link (not followed)"),
+            UnsafeFile::NotRegular { kind } => write!(f, "is not a regular file (a {kind})"),
+            UnsafeFile::OtherOwner { owner, uid } => write!(
+                f,
+                "belongs to another user (uid {owner}; this process runs as uid {uid})"
+            ),
+            UnsafeFile::WritableByOthers { mode } => write!(
+                f,
+                "is writable by group or others (mode {:03o}; `chmod 600` it if it is yours)",
+                mode & 0o7777
+            ),
+        }
+    }
 }

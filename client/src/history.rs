@@ -119,24 +119,29 @@ impl LocalHistory {
             path: path.clone(),
             reason: e.to_string(),
         };
-        if !path.exists() {
-            // Created owner-only: the file holds plaintext.
-            let mut o = std::fs::OpenOptions::new();
-            o.write(true).create_new(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                o.mode(0o600);
-            }
-            if let Err(e) = o.open(&path) {
-                if e.kind() != std::io::ErrorKind::AlreadyExists {
-                    return Err(HistoryError::Store {
-                        path,
-                        reason: e.to_string(),
-                    });
-                }
-            }
-        }
+        // Unix: created owner-only (0600, whatever the umask; the file holds plaintext), and
+        // a symbolic link, a file not regular, another user's or one writable by others is
+        // refused, as the client state file is (`persist::guard`).
+        #[cfg(unix)]
+        let conn = {
+            let file = crate::persist::guard::prepare(&path).map_err(|r| {
+                let (p, reason) = match r {
+                    crate::persist::guard::Refused::Unsafe(p, why) => {
+                        (p, format!("{why}; refusing to use it"))
+                    }
+                    crate::persist::guard::Refused::Io(p, e) => (p, e.to_string()),
+                };
+                HistoryError::Store { path: p, reason }
+            })?;
+            Connection::open_with_flags(
+                &file,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
+            )
+            .map_err(err)?
+        };
+        #[cfg(not(unix))]
         let conn = Connection::open(&path).map_err(err)?;
         let app: i64 = conn
             .query_row("PRAGMA application_id", [], |r| r.get(0))
@@ -264,5 +269,33 @@ impl Plugin for LocalHistory {
             }
         }
         Verdict::Deliver
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The history file (plaintext) is created 0600 and, like the client state file, is
+    /// not opened through a symbolic link nor used when writable by others (security
+    /// review: it was created 0600 but then opened following links, anyone's file as is).
+    #[cfg(unix)]
+    #[test]
+    fn the_history_file_is_owner_only_and_no_symbolic_link_is_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.db");
+        drop(LocalHistory::open(&p, ["#"]).unwrap());
+        let mode = |f: &Path| std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&p), 0o600);
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let before = std::fs::read(&p).unwrap();
+        let e = LocalHistory::open(&link, ["#"]).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), before);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o660)).unwrap();
+        let e = LocalHistory::open(&p, ["#"]).unwrap_err().to_string();
+        assert!(e.contains("writable by group or others"), "{e}");
     }
 }

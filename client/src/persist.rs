@@ -41,7 +41,175 @@ const V2_TABLES: &str = "CREATE TABLE IF NOT EXISTS seen (tree BLOB NOT NULL, se
     CREATE TABLE IF NOT EXISTS retained (key BLOB PRIMARY KEY, ts INTEGER NOT NULL,
                                          msg_id BLOB NOT NULL);";
 
-pub use crate::error::PersistError;
+pub use crate::error::{PersistError, UnsafeFile};
+
+/// Unix: the state file is the owner's alone, and only a file of this user is used.
+///
+/// It holds who messaged this client and when (sender keys, tree and message ids with their
+/// expiry), durable names, the pinned admins and kept publishes (sealed frames sent under
+/// this client's relay account), so in a directory others can write (a shared `/tmp`) a
+/// planted symbolic link or database — pins blocking the real admin, a dedup window
+/// refusing history, an outbox of frames to send — must not be used (security review:
+/// it was opened with a plain `Connection::open`, 0644 under the usual umask, symlinks
+/// followed, anyone's file used as is). Parity with the npm Node store
+/// (`client-wasm/js/persist.node.js`: `O_NOFOLLOW`, regular-file check, 0600 writes).
+///
+/// - A missing file is created here, `O_CREAT | O_EXCL`, mode 0600 set explicitly (whatever
+///   the umask), before SQLite opens it; SQLite gives the `-wal` and `-shm` it creates the
+///   main file's mode.
+/// - At the path (and at its `-wal`, `-shm`, `-journal` if present) a symbolic link, a
+///   file that is not regular, another user's file or one writable by group or others is
+///   refused ([`PersistError::Unsafe`]); one of ours only readable by others is made 0600,
+///   with a warning. The directory part of the path is resolved (symbolic links there are
+///   the user's own choice), then SQLite opens the file with `SQLITE_OPEN_NOFOLLOW`.
+/// - What stays: another user who can write the directory can still race a `-wal` in
+///   between the check and SQLite creating it; keep the state in a directory of your own
+///   (a broker creates its directory 0700).
+#[cfg(unix)]
+pub(crate) mod guard {
+    use std::fs::{File, OpenOptions, Permissions};
+    use std::io;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+    use std::path::{Path, PathBuf};
+
+    use super::UnsafeFile;
+
+    /// Why a path was not handed to SQLite.
+    #[derive(Debug)]
+    pub(crate) enum Refused {
+        Unsafe(PathBuf, UnsafeFile),
+        Io(PathBuf, io::Error),
+    }
+
+    impl From<Refused> for super::PersistError {
+        fn from(r: Refused) -> Self {
+            match r {
+                Refused::Unsafe(path, reason) => super::PersistError::Unsafe { path, reason },
+                Refused::Io(path, source) => super::PersistError::Io { path, source },
+            }
+        }
+    }
+
+    /// The files SQLite may keep beside a database.
+    const BESIDE: [&str; 3] = ["-wal", "-shm", "-journal"];
+
+    /// Checks (or creates, 0600) the database at `path` and what SQLite keeps beside it;
+    /// returns the path SQLite is to open (directory resolved, last component as given).
+    pub(crate) fn prepare(path: &Path) -> Result<PathBuf, Refused> {
+        let full = match (path.parent(), path.file_name()) {
+            (Some(dir), Some(name)) => {
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                std::fs::canonicalize(dir)
+                    .map_err(|e| Refused::Io(dir.to_owned(), e))?
+                    .join(name)
+            }
+            _ => path.to_owned(),
+        };
+        let unsafe_ = |reason| Refused::Unsafe(path.to_owned(), reason);
+        match std::fs::symlink_metadata(&full) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match create(&full) {
+                Ok(()) => {}
+                // Created by someone else in between: checked as any existing file.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    check(&full, path)?;
+                }
+                Err(e) => return Err(Refused::Io(path.to_owned(), e)),
+            },
+            Err(e) => return Err(Refused::Io(path.to_owned(), e)),
+            Ok(m) if m.file_type().is_symlink() => return Err(unsafe_(UnsafeFile::Symlink)),
+            Ok(_) => check(&full, path)?,
+        }
+        for suffix in BESIDE {
+            let mut side = full.clone().into_os_string();
+            side.push(suffix);
+            let mut shown = path.as_os_str().to_owned();
+            shown.push(suffix);
+            match std::fs::symlink_metadata(&side) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Refused::Io(shown.into(), e)),
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(Refused::Unsafe(shown.into(), UnsafeFile::Symlink))
+                }
+                Ok(_) => check(Path::new(&side), Path::new(&shown))?,
+            }
+        }
+        Ok(full)
+    }
+
+    /// A new file of ours, 0600 whatever the umask (`O_EXCL`: nothing already there, a
+    /// symbolic link included, is opened).
+    fn create(full: &Path) -> io::Result<()> {
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(full)?;
+        f.set_permissions(Permissions::from_mode(0o600))
+    }
+
+    /// An existing file: regular, ours, writable by us alone; readable by others → 0600.
+    fn check(full: &Path, shown: &Path) -> Result<(), Refused> {
+        let unsafe_ = |reason| Refused::Unsafe(shown.to_owned(), reason);
+        // No symbolic link followed (one swapped in since the lstat), no blocking on a FIFO.
+        let f: File = OpenOptions::new()
+            .read(true)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+            )
+            .open(full)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                    unsafe_(UnsafeFile::Symlink)
+                } else {
+                    Refused::Io(shown.to_owned(), e)
+                }
+            })?;
+        let m = f.metadata().map_err(|e| Refused::Io(shown.to_owned(), e))?;
+        let t = m.file_type();
+        if !t.is_file() {
+            let kind = if t.is_dir() {
+                "directory"
+            } else if t.is_fifo() {
+                "FIFO"
+            } else if t.is_socket() {
+                "socket"
+            } else if t.is_block_device() {
+                "block device"
+            } else if t.is_char_device() {
+                "character device"
+            } else {
+                "special file"
+            };
+            return Err(unsafe_(UnsafeFile::NotRegular { kind }));
+        }
+        let uid = rustix::process::geteuid().as_raw();
+        if m.uid() != uid {
+            return Err(unsafe_(UnsafeFile::OtherOwner {
+                owner: m.uid(),
+                uid,
+            }));
+        }
+        let mode = m.mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(unsafe_(UnsafeFile::WritableByOthers { mode }));
+        }
+        if mode & 0o044 != 0 {
+            tracing::warn!(
+                file = %shown.display(),
+                mode = format_args!("{mode:03o}"),
+                "file readable by others (it holds who messaged this client and when), made owner-only (0600)"
+            );
+            f.set_permissions(Permissions::from_mode(mode & 0o700))
+                .map_err(|e| Refused::Io(shown.to_owned(), e))?;
+        }
+        Ok(())
+    }
+}
 
 /// Where a client keeps its outbox and dedup window; give it to the builder with `.with(...)`.
 #[derive(Debug, Clone)]
@@ -50,7 +218,9 @@ pub struct Persistence {
 }
 
 impl Persistence {
-    /// A SQLite file (created if missing).
+    /// A SQLite file (created if missing). On Unix it is created 0600, and a symbolic link,
+    /// a file that is not regular, another user's or one writable by others at the path is
+    /// refused ([`PersistError::Unsafe`]); one readable by others is made 0600.
     pub fn sqlite(path: impl Into<PathBuf>) -> Self {
         Persistence { path: path.into() }
     }
@@ -85,14 +255,37 @@ impl Store {
             path: path.to_owned(),
             source,
         };
+        // Unix: created 0600 here if missing; a symbolic link, a file not regular, another
+        // user's or one writable by others is refused (see [`guard`]). SQLite then opens
+        // it without following a symbolic link and without URI names (the path is a path).
+        #[cfg(unix)]
+        let (file, nofollow) = (
+            guard::prepare(path)?,
+            rusqlite::OpenFlags::SQLITE_OPEN_NOFOLLOW,
+        );
+        #[cfg(not(unix))]
+        let (file, nofollow) = (path.to_owned(), rusqlite::OpenFlags::empty());
+        // A symbolic link put at the path since the check.
+        let symlink = |e: rusqlite::Error| match e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.extended_code == rusqlite::ffi::SQLITE_CANTOPEN_SYMLINK =>
+            {
+                PersistError::Unsafe {
+                    path: path.to_owned(),
+                    reason: UnsafeFile::Symlink,
+                }
+            }
+            e => err(e),
+        };
         // A file written by a newer release is recognised through a read-only connection
         // first: a read-write one, even refusing it, checkpoints a write-ahead log the newer
         // release left into the file as it closes (and deletes the log).
-        if path.exists() {
+        if file.exists() {
             if let Ok(ro) = Connection::open_with_flags(
-                path,
+                &file,
                 rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
-                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+                    | nofollow,
             ) {
                 let ids = ro.query_row(
                     "SELECT application_id, user_version FROM pragma_application_id, pragma_user_version",
@@ -110,7 +303,16 @@ impl Store {
                 }
             }
         }
-        let db = Connection::open(path).map_err(err)?;
+        #[cfg(unix)]
+        let db = Connection::open_with_flags(
+            &file,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | nofollow,
+        )
+        .map_err(symlink)?;
+        #[cfg(not(unix))]
+        let db = Connection::open(&file).map_err(symlink)?;
         let app: i64 = db
             .query_row("PRAGMA application_id", [], |r| r.get(0))
             .map_err(err)?;
@@ -836,6 +1038,169 @@ mod tests {
         let bytes = std::fs::read(&q).unwrap();
         assert!(matches!(Store::open(&q), Err(PersistError::Newer { .. })));
         assert_eq!(std::fs::read(&q).unwrap(), bytes);
+    }
+
+    #[cfg(unix)]
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// Security review: SQLite created the state file with the umask's mode (0644 under
+    /// the usual 022), its `-wal` and `-shm` alike: who messaged this client and when, its
+    /// pins and kept publishes, readable by every local user. Now 0600, all three.
+    #[cfg(unix)]
+    #[test]
+    fn a_new_state_file_and_its_wal_and_shm_are_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.db");
+        let s = Store::open(&p).unwrap();
+        s.keep(&[1; 16], 1, b"frame-1");
+        s.record(
+            &[Change::Seen {
+                key: (TreeId([1; 16]), [2; 32], [3; 16]),
+                expires_ms: 1_000_000,
+            }],
+            5,
+            0,
+            usize::MAX,
+        );
+        let wal = dir.path().join("s.db-wal");
+        let shm = dir.path().join("s.db-shm");
+        assert!(
+            std::fs::metadata(&wal).unwrap().len() > 0,
+            "written to the log"
+        );
+        for f in [&p, &wal, &shm] {
+            assert_eq!(mode(f), 0o600, "{}: mode {:03o}", f.display(), mode(f));
+        }
+        drop(s);
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.outbox().len(), 1);
+        assert_eq!(mode(&p), 0o600);
+    }
+
+    /// A symbolic link at the state path (planted in a shared directory: pointing at a
+    /// database of another user's making, or at a file of ours to overwrite) is refused,
+    /// and what it points at is left as it is — dangling, it is not created either.
+    /// Before, SQLite followed it.
+    #[cfg(unix)]
+    #[test]
+    fn a_symbolic_link_at_the_state_path_is_refused_and_its_target_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("real.db");
+        Store::open(&target).unwrap().keep(&[1; 16], 1, b"frame-1");
+        let before = std::fs::read(&target).unwrap();
+        let link = dir.path().join("s.db");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = Store::open(&link).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                PersistError::Unsafe {
+                    reason: UnsafeFile::Symlink,
+                    path,
+                } if path == &link
+            ),
+            "{e}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("s.db") && msg.contains("symbolic link") && msg.contains("refusing"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), before, "target untouched");
+        assert!(!dir.path().join("real.db-wal").exists());
+
+        let nowhere = dir.path().join("nowhere.db");
+        let dangling = dir.path().join("d.db");
+        std::os::unix::fs::symlink(&nowhere, &dangling).unwrap();
+        assert!(matches!(
+            Store::open(&dangling),
+            Err(PersistError::Unsafe {
+                reason: UnsafeFile::Symlink,
+                ..
+            })
+        ));
+        assert!(!nowhere.exists(), "not created through the link");
+
+        // Nor at its write-ahead log (SQLite would refuse it too, as an I/O error).
+        let p = dir.path().join("w.db");
+        drop(Store::open(&p).unwrap());
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"mine").unwrap();
+        std::os::unix::fs::symlink(&other, dir.path().join("w.db-wal")).unwrap();
+        let e = Store::open(&p).unwrap_err();
+        assert!(
+            matches!(&e, PersistError::Unsafe { reason: UnsafeFile::Symlink, path }
+                if path.ends_with("w.db-wal")),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&other).unwrap(), b"mine");
+    }
+
+    /// A state file (or its `-wal`) writable by group or others is refused and left as it
+    /// is; one only readable by others is made 0600 and used; a path that is not a regular
+    /// file is refused as such.
+    #[cfg(unix)]
+    #[test]
+    fn a_state_file_writable_by_others_is_refused_and_one_readable_by_others_made_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.db");
+        Store::open(&p).unwrap().keep(&[1; 16], 1, b"frame-1");
+        let chmod = |f: &Path, m: u32| {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        for m in [0o660, 0o602, 0o666] {
+            chmod(&p, m);
+            let e = Store::open(&p).unwrap_err();
+            assert!(
+                matches!(&e, PersistError::Unsafe { reason: UnsafeFile::WritableByOthers { mode }, .. }
+                    if *mode == m),
+                "{m:03o}: {e}"
+            );
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("writable by group or others (mode {m:03o}"))
+                    && msg.contains("refusing to use it"),
+                "{msg}"
+            );
+            assert_eq!(mode(&p), m, "left as it is");
+        }
+        chmod(&p, 0o644);
+        let s = Store::open(&p).expect("readable by others: tightened, used");
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(s.outbox().len(), 1);
+        drop(s);
+
+        // A group-writable `-wal` beside it (one a crash left, or another user's).
+        let q = dir.path().join("q.db");
+        drop(Store::open(&q).unwrap());
+        let wal = dir.path().join("q.db-wal");
+        std::fs::write(&wal, b"").unwrap();
+        chmod(&wal, 0o620);
+        assert!(matches!(
+            Store::open(&q),
+            Err(PersistError::Unsafe {
+                reason: UnsafeFile::WritableByOthers { .. },
+                ..
+            })
+        ));
+
+        let d = dir.path().join("a-directory");
+        std::fs::create_dir(&d).unwrap();
+        let e = Store::open(&d).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PersistError::Unsafe {
+                    reason: UnsafeFile::NotRegular { kind: "directory" },
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     /// Dates past `i64::MAX` (a replay horizon of `Duration::MAX`) are saved as `i64::MAX`,
