@@ -150,6 +150,10 @@ pub enum SeqSpace {
 #[derive(Debug)]
 struct LocalSub {
     filter: TopicFilter,
+    /// The one tree this subscription is bound to (PROTOCOL §4.11, receiving): its patterns
+    /// are compiled for this tree only — on every resubscribe, whatever grants of other
+    /// trees arrive later — and only messages this tree's key opened are delivered to it.
+    tree: TreeId,
     opts: SubscribeOptions,
     relay_ids: Vec<u64>,
     /// The highest relay sequence delivered to this subscription (0: none yet).
@@ -275,6 +279,11 @@ pub struct SubscribeOptions {
     /// client's subscription capacity). Beyond it at most once loses new messages
     /// (counted), at least once asks the relay to hold them back (`Sub.credit`).
     pub capacity: Option<u64>,
+    /// The tree the subscription is bound to (`None`: the one tree whose held grants
+    /// overlap the filter; grants of several trees make the subscribe fail with
+    /// [`KeyError::AmbiguousTree`](whispeer_protocol::KeyError::AmbiguousTree) naming
+    /// them). Only messages of this tree are delivered to it (PROTOCOL §4.11).
+    pub tree: Option<TreeId>,
 }
 
 impl Default for SubscribeOptions {
@@ -286,6 +295,7 @@ impl Default for SubscribeOptions {
             retained: true,
             older_history: false,
             capacity: None,
+            tree: None,
         }
     }
 }
@@ -327,6 +337,13 @@ impl SubscribeOptions {
     /// This subscription's capacity (at least 1), instead of the client's.
     pub fn capacity(mut self, n: u64) -> Self {
         self.capacity = Some(n.max(1));
+        self
+    }
+    /// Binds the subscription to tree `tree_id` (as [`crate::PublishOptions::tree`] names
+    /// the tree to seal with): needed when grants of several trees overlap the filter.
+    /// Another tree's messages are never delivered to it, whatever grants arrive later.
+    pub fn tree(mut self, tree_id: TreeId) -> Self {
+        self.tree = Some(tree_id);
         self
     }
     /// Whether the relay expects acks for this subscription (at least once, or durable).
@@ -1000,11 +1017,12 @@ impl ClientCore {
         let patterns = {
             let kr = self.keyring.read().expect("keyring lock");
             // Starting in history: the previous epoch too, past its live grace (its messages
-            // dated before the rotation cutoff are still accepted from history).
+            // dated before the rotation cutoff are still accepted from history). Only the
+            // subscription's own tree: a grant of another tree never widens it.
             if replay.is_some() {
-                kr.compile_history(&sub.filter)
+                kr.compile_history_in(sub.tree, &sub.filter)
             } else {
-                kr.compile(&sub.filter, now_ms)
+                kr.compile_in(sub.tree, &sub.filter, now_ms)
             }
         };
         let mut frames = Vec::with_capacity(patterns.len());
@@ -1089,7 +1107,11 @@ impl ClientCore {
         self.subscribe_with_options(id, filter, SubscribeOptions::new().qos(qos), now_ms)
     }
 
-    /// Like [`ClientCore::subscribe`] with replay, durable name and retained options.
+    /// Like [`ClientCore::subscribe`] with replay, durable name, retained and tree options.
+    /// The subscription is bound to one tree: the one named (`SubscribeOptions::tree`),
+    /// else the one tree whose held grants overlap the filter; grants of several trees are
+    /// an error naming them ([`KeyError::AmbiguousTree`](whispeer_protocol::KeyError)),
+    /// none is [`SubscribeError::NoKey`].
     pub fn subscribe_with_options(
         &mut self,
         id: LocalSubId,
@@ -1097,11 +1119,38 @@ impl ClientCore {
         opts: SubscribeOptions,
         now_ms: u64,
     ) -> Result<Vec<Frame>, SubscribeError> {
+        let no_key = || SubscribeError::NoKey {
+            filter: filter.to_string(),
+        };
+        let tree = match opts.tree {
+            Some(t) => t,
+            None => {
+                let kr = self.keyring.read().expect("keyring lock");
+                let history = opts.replay.is_some();
+                let trees = kr.subscription_trees(&filter, (!history).then_some(now_ms));
+                match trees.as_slice() {
+                    [] => return Err(no_key()),
+                    [one] => *one,
+                    // As for sealing (§4.11): another tree never wins silently, however
+                    // its grants came (an invite, a passphrase tree someone else knows).
+                    _ => {
+                        let names: Vec<String> = trees.iter().map(|t| t.to_string()).collect();
+                        return Err(SubscribeError::Key(
+                            whispeer_protocol::KeyError::AmbiguousTree {
+                                topic: filter.to_string(),
+                                trees: names.join(", "),
+                            },
+                        ));
+                    }
+                }
+            }
+        };
         let got = opts.replay.is_some().then(Default::default);
         self.subs.insert(
             id,
             LocalSub {
                 filter: filter.clone(),
+                tree,
                 opts,
                 relay_ids: Vec::new(),
                 last_seq: 0,
@@ -1118,9 +1167,7 @@ impl ClientCore {
         let frames = self.sub_frames(id, now_ms);
         if frames.is_empty() {
             self.subs.remove(&id);
-            return Err(SubscribeError::NoKey {
-                filter: filter.to_string(),
-            });
+            return Err(no_key());
         }
         Ok(frames)
     }
@@ -1165,6 +1212,11 @@ impl ClientCore {
         }
     }
 
+    /// The tree local subscription `id` is bound to.
+    pub fn tree_of(&self, id: LocalSubId) -> Option<TreeId> {
+        self.subs.get(&id).map(|s| s.tree)
+    }
+
     /// The relay subscription ids of a local subscription.
     pub fn relay_ids(&self, id: LocalSubId) -> &[u64] {
         self.subs
@@ -1204,8 +1256,8 @@ impl ClientCore {
             .collect()
     }
 
-    /// Opens a delivered message once and returns it with every local subscription whose
-    /// filter matches its topic. A message that does not open, is refused or is a duplicate
+    /// Opens a delivered message once and returns it with every local subscription of its
+    /// tree whose filter matches its topic. A message that does not open, is refused or is a duplicate
     /// yields nothing (and is counted). Every subscription is assumed to have room.
     pub fn receive(&mut self, msg: &Msg, now_ms: u64) -> Option<(Arc<Received>, Vec<LocalSubId>)> {
         match self.receive_with(msg, now_ms, &|_| true) {
@@ -1371,7 +1423,12 @@ impl ClientCore {
         let matched: Vec<LocalSubId> = self
             .subs
             .iter()
-            .filter(|(id, s)| s.filter.matches(&a.topic) && self.addressed_to(msg, **id, s))
+            // Its own tree only (§4.11): a message another tree's key opened is never one of
+            // this subscription's, whatever its topic — another tree's admin could
+            // otherwise write into it.
+            .filter(|(id, s)| {
+                s.tree == a.tree_id && s.filter.matches(&a.topic) && self.addressed_to(msg, **id, s)
+            })
             .map(|(id, _)| *id)
             .collect();
         if matched.is_empty() {
@@ -2078,18 +2135,17 @@ mod tests {
         assert_eq!(core.unsubscribe(1).len(), 1);
     }
 
-    /// A subscription spanning two key ids (here two trees; an epoch rotation does the
-    /// same) resumes each pattern after its own key id's position: the relay orders
-    /// messages per key id only, so a message of tree 1 numbered 11 may still be on its way
-    /// when tree 2's 12 arrived — resuming both from 13 would lose it.
+    /// A subscription spanning two key ids (here two epochs of its tree, after a rotation)
+    /// resumes each pattern after its own key id's position: the relay orders messages per
+    /// key id only, so a message of epoch 0 numbered 11 may still be on its way when epoch
+    /// 1's 12 arrived — resuming both from 13 would lose it.
     #[test]
     fn each_key_id_resumes_from_its_own_position() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
         let mut kr = Keyring::new();
-        let trees = [
-            TreeKey::generate_with("t", &mut rng).unwrap(),
-            TreeKey::generate_with("u", &mut rng).unwrap(),
-        ];
+        let first = TreeKey::generate_with("t", &mut rng).unwrap();
+        let next = first.rotate(1_000, &mut rng).unwrap();
+        let trees = [first, next];
         for tk in &trees {
             kr.add_tree_key_at(tk, 0).unwrap();
         }
@@ -2099,12 +2155,12 @@ mod tests {
         let frames = core
             .subscribe(1, TopicFilter::new("a/#").unwrap(), Qos::AtLeastOnce, 0)
             .unwrap();
-        assert_eq!(frames.len(), 2, "one pattern per tree");
+        assert_eq!(frames.len(), 2, "one pattern per epoch");
         for f in &frames {
             let Frame::Sub(s) = f else { panic!("{f:?}") };
             core.sub_confirmed(s.sub_id, 5, false);
         }
-        // Tree 2's message 12 arrives; tree 1's 11 does not (the connection drops).
+        // Epoch 1's message 12 arrives; epoch 0's 11 does not (the connection drops).
         let seal = |tree: &TreeKey, rng: &mut rand_chacha::ChaCha20Rng| {
             let mut one = Keyring::new();
             one.add_tree_key_at(tree, 0).unwrap();
@@ -2145,7 +2201,7 @@ mod tests {
         assert_eq!(
             resumed,
             vec![(false, Some(FromSeq(6))), (true, Some(FromSeq(13)))],
-            "tree 1 from its SubOk boundary, tree 2 after its message"
+            "epoch 0 from its SubOk boundary, epoch 1 after its message"
         );
     }
 
@@ -2622,6 +2678,113 @@ mod tests {
             )
             .is_none());
         assert_eq!(core.stats().rejected, 1);
+    }
+
+    /// A subscription is bound to one tree (PROTOCOL §4.11, receiving): with grants of two
+    /// trees overlapping its filter, a subscribe naming no tree fails naming both; one
+    /// bound to tree A is never handed a message tree B's key opened on a matching topic
+    /// (B's admin could otherwise write into it with admin-signed provenance), and a
+    /// grant of another tree added later does not widen it on resubscribe.
+    #[test]
+    fn a_subscription_gets_only_its_own_trees_messages() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
+        let a = TreeKey::generate_with("work", &mut rng).unwrap();
+        let b = TreeKey::generate_with("mallory", &mut rng).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_grant_at(a.grant(&Scope::Subtree(Topic::new("alerts").unwrap())), 0)
+            .unwrap();
+        kr.add_grant_at(b.grant_all(), 0).unwrap();
+        let kr = Arc::new(RwLock::new(kr));
+        let mut core = ClientCore::new(kr.clone());
+        let filter = TopicFilter::new("alerts/#").unwrap();
+
+        match core.subscribe(1, filter.clone(), Qos::AtMostOnce, NOW) {
+            Err(SubscribeError::Key(whispeer_protocol::KeyError::AmbiguousTree {
+                topic,
+                trees,
+            })) => {
+                assert_eq!(topic, "alerts/#");
+                for id in [a.tree_id(), b.tree_id()] {
+                    assert!(trees.contains(&id.to_string()), "{trees} names {id}");
+                }
+            }
+            other => panic!("expected AmbiguousTree, got {other:?}"),
+        }
+        assert!(core.tree_of(1).is_none(), "nothing registered");
+
+        let frames = core
+            .subscribe_with_options(
+                1,
+                filter.clone(),
+                SubscribeOptions::new().tree(a.tree_id()),
+                NOW,
+            )
+            .unwrap();
+        let key_ids = |frames: &[Frame]| -> Vec<whispeer_protocol::KeyId> {
+            frames
+                .iter()
+                .filter_map(|f| match f {
+                    Frame::Sub(s) => Some(*s.pattern.key_id()),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(key_ids(&frames), vec![a.cert().keys().key_id()]);
+        assert_eq!(core.tree_of(1), Some(a.tree_id()));
+        // A filter only one tree's grants overlap binds to that tree without naming it.
+        core.subscribe(2, TopicFilter::new("news/#").unwrap(), Qos::AtMostOnce, NOW)
+            .unwrap();
+        assert_eq!(core.tree_of(2), Some(b.tree_id()));
+
+        let seal_in = |tk: &TreeKey, payload: &[u8], rng: &mut rand_chacha::ChaCha20Rng| {
+            let mut k = Keyring::new();
+            k.add_tree_key_at(tk, 0).unwrap();
+            seal_publish(
+                &RwLock::new(k),
+                None,
+                &SealPolicy::default(),
+                &mut Sealer::new(),
+                &Topic::new("alerts/x").unwrap(),
+                OCTETS,
+                payload,
+                NOW,
+                rng,
+            )
+            .unwrap()
+            .0
+        };
+        // Mallory, B's admin, on alerts/x: opens (the victim holds B's `#`), reaches no one.
+        let injected = seal_in(&b, b"fire", &mut rng);
+        assert!(core.receive(&at(&injected, 1), NOW).is_none());
+        let genuine = seal_in(&a, b"drill", &mut rng);
+        let (m, targets) = core.receive(&at(&genuine, 2), NOW).unwrap();
+        assert_eq!((m.tree_id, &m.payload[..]), (a.tree_id(), &b"drill"[..]));
+        assert_eq!(targets, vec![1]);
+
+        // A later grant of a third tree covering the filter does not widen subscription 1
+        // (nor 2): on resubscribe each compiles for its own tree only.
+        let c = TreeKey::generate_with("later", &mut rng).unwrap();
+        kr.write().unwrap().add_tree_key_at(&c, 0).unwrap();
+        let again = core.resubscribe_all(NOW);
+        assert_eq!(
+            key_ids(core_frames(&again, &core, 1).as_slice()),
+            vec![a.cert().keys().key_id()]
+        );
+        assert_eq!(
+            key_ids(core_frames(&again, &core, 2).as_slice()),
+            vec![b.cert().keys().key_id()]
+        );
+        let from_c = seal_in(&c, b"fire", &mut rng);
+        assert!(core.receive(&at(&from_c, 3), NOW).is_none());
+    }
+
+    /// The `Sub` frames of `frames` that belong to local subscription `id`.
+    fn core_frames(frames: &[Frame], core: &ClientCore, id: LocalSubId) -> Vec<Frame> {
+        frames
+            .iter()
+            .filter(|f| matches!(f, Frame::Sub(s) if core.local_for(s.sub_id) == Some(id)))
+            .cloned()
+            .collect()
     }
 
     /// What a durable is owed is journalled when owed, stays saved while handed to a

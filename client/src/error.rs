@@ -131,6 +131,11 @@ pub enum SubscribeError {
     /// No held grant could cover any topic matching the filter.
     #[error("no key covers any topic matching '{filter}' (add a grant for it)")]
     NoKey { filter: String },
+    /// A key error: [`KeyError::AmbiguousTree`] when grants of several trees overlap the
+    /// filter and the subscription names none (`SubscribeOptions::tree`): a subscription
+    /// is bound to one tree, as a publish is (PROTOCOL §4.11).
+    #[error(transparent)]
+    Key(#[from] KeyError),
     /// The relay refused the subscription.
     #[error("relay refused the subscription: {message} ({code:?})")]
     Rejected { code: ErrorCode, message: String },

@@ -515,6 +515,67 @@ fn derived_grant_reads_its_subtree_and_cannot_publish_outside() {
     );
 }
 
+/// `sub` is bound to one tree (PROTOCOL §4.11, receiving): with keys of two trees covering
+/// the filter it refuses naming both, `--tree TREE_ID` picks one, and then a message the
+/// other tree's admin publishes on a matching topic is never printed.
+#[test]
+fn sub_with_keys_of_two_trees_names_the_tree() {
+    let relay = start_relay_binary(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (work_file, work) = new_tree(dir.path(), "work");
+    let (mallory_file, mallory) = new_tree(dir.path(), "mallory");
+    let alerts = ok(run_with(
+        &["key", "derive", "-", "--path", "alerts"],
+        &work,
+        &[],
+    ));
+    let alerts_file = write_file(dir.path(), "alerts.key", &alerts);
+    let work_id = show(&work)["tree_id"].as_str().unwrap().to_owned();
+    let mallory_id = show(&mallory)["tree_id"].as_str().unwrap().to_owned();
+    let url = relay.ws_url();
+    let keys = [
+        "--key-file",
+        alerts_file.to_str().unwrap(),
+        "--key-file",
+        mallory_file.to_str().unwrap(),
+    ];
+
+    let mut args = vec!["sub", "--relay", &url, "alerts/#", "--count", "1"];
+    args.extend(keys);
+    // (The bound only ends a run that, unbound, would wait for a message.)
+    let mut refused = args.clone();
+    refused.extend(["--timeout", "10"]);
+    let e = fails(run(&refused), 1);
+    assert!(
+        e.contains(&work_id) && e.contains(&mallory_id),
+        "names both trees: {e}"
+    );
+
+    args.extend(["--tree", &work_id]);
+    let mut sub = Proc::spawn(&args, &[]);
+    sub.ready();
+    for (file, v) in [(&mallory_file, "1"), (&work_file, "2")] {
+        ok(run(&[
+            "pub",
+            "--relay",
+            &url,
+            "alerts/fire",
+            v,
+            "--key-file",
+            file.to_str().unwrap(),
+        ]));
+    }
+    let line: serde_json::Value = serde_json::from_str(&sub.line()).unwrap();
+    assert_eq!(line["data"], 2, "the other tree's message is not printed");
+    assert_eq!(line["tree"], work_id.as_str());
+    let (status, rest, _) = sub.finish();
+    assert!(status.success());
+    assert!(rest.is_empty());
+
+    let bad = fails(run(&["sub", "alerts/#", "--tree", "xyz"]), 2);
+    assert!(bad.contains("--tree"), "{bad}");
+}
+
 #[test]
 fn from_passphrase_is_deterministic_and_never_from_argv() {
     let a = ok(run_with(
@@ -2190,7 +2251,34 @@ fn sub_lines_show_tree_epoch_and_provenance() {
 
     let relay = start_relay_binary(&[]);
     let url = relay.ws_url();
-    let mut both = sub_ready(&url, "#", 3, &[rf, bf]);
+    // A subscription gets one tree's messages: with keys of both, each names its tree.
+    let tree_sub = |count: &str, tree: &str| {
+        let mut p = Proc::spawn(
+            &[
+                "sub",
+                "--relay",
+                &url,
+                "#",
+                "--count",
+                count,
+                "--tree",
+                tree,
+                "--key-file",
+                rf,
+                "--key-file",
+                bf,
+            ],
+            &[],
+        );
+        p.ready();
+        p
+    };
+    let (alpha_id, beta_id) = (
+        a["tree_id"].as_str().unwrap(),
+        b["tree_id"].as_str().unwrap(),
+    );
+    let mut in_beta = tree_sub("1", beta_id);
+    let mut in_alpha = tree_sub("2", alpha_id);
     let mut delegated = sub_ready(&url, "team/news", 1, &[news_file.to_str().unwrap()]);
     let publish = |topic: &str, value: &str, tree: &str| {
         ok(run(&[
@@ -2209,17 +2297,14 @@ fn sub_lines_show_tree_epoch_and_provenance() {
             bf,
         ]));
     };
-    let (alpha_id, beta_id) = (
-        a["tree_id"].as_str().unwrap(),
-        b["tree_id"].as_str().unwrap(),
-    );
     publish("shared/x", "1", beta_id);
     publish("shared/x", "2", alpha_id);
     publish("team/news", "3", alpha_id);
 
     let admin_signed = serde_json::json!({"kind": "admin-signed"});
-    let lines: Vec<serde_json::Value> = (0..3)
-        .map(|_| serde_json::from_str(&both.line()).unwrap())
+    let lines: Vec<serde_json::Value> = [in_beta.line(), in_alpha.line(), in_alpha.line()]
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let seen: Vec<_> = lines
         .iter()
@@ -2258,7 +2343,7 @@ fn sub_lines_show_tree_epoch_and_provenance() {
         l["provenance"],
         serde_json::json!({"kind": "delegated", "by": me_sender})
     );
-    for p in [both, delegated] {
+    for p in [in_beta, in_alpha, delegated] {
         let (status, rest, _) = p.finish();
         assert!(status.success());
         assert!(rest.is_empty());

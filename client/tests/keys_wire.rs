@@ -2,16 +2,18 @@
 //! that means it), against a real relay on real sockets: history of a superseded epoch opens
 //! only if dated before the rotation cutoff (and live only within the grace), messages
 //! expose the provenance of the grant that opened them, a delegated grant seals only after
-//! an opt-in, the pinned admins survive a restart in the client state file, and a publish
-//! names the tree when two trees cover a topic.
+//! an opt-in, the pinned admins survive a restart in the client state file, a publish
+//! names the tree when two trees cover a topic, and a subscription is bound to one tree:
+//! another tree's admin cannot write into it, live, from history or after a reconnect.
 
 mod support;
 
 use futures_util::StreamExt;
+use support::proxy::KillerProxy;
 use support::raw::*;
 use support::*;
 use whispeer::protocol::{KeyError, Provenance, Scope};
-use whispeer::{Client, Encryption, PublishError, PublishOptions, Replay, Tcp};
+use whispeer::{Client, Encryption, PublishError, PublishOptions, Replay, SubscribeError, Tcp};
 use whispeer::{Keyring, SubscribeOptions, Topic, TreeKey};
 
 async fn next(sub: &mut whispeer::Subscription<u32>) -> whispeer::Message<u32> {
@@ -177,7 +179,16 @@ async fn with_two_trees_covering_a_topic_the_publish_names_the_tree() {
     keys2.add_tree_key(&b).unwrap();
     let publisher = client_with(&relay.tcp_url(), keys).await;
     let subscriber = client_with(&relay.tcp_url(), keys2).await;
-    let mut sub = subscriber.subscribe::<u32>("shared/#").await.unwrap();
+    // A subscription names its tree too (one per tree here).
+    let in_tree = |t: &TreeKey| SubscribeOptions::new().tree(t.tree_id());
+    let mut sub_a = subscriber
+        .subscribe_with_options::<u32>("shared/#", in_tree(&a))
+        .await
+        .unwrap();
+    let mut sub_b = subscriber
+        .subscribe_with_options::<u32>("shared/#", in_tree(&b))
+        .await
+        .unwrap();
 
     let e = publisher
         .publish_with("shared/x", &1u32, PublishOptions::at_least_once())
@@ -191,7 +202,7 @@ async fn with_two_trees_covering_a_topic_the_publish_names_the_tree() {
     for id in [a.tree_id(), b.tree_id()] {
         assert!(text.contains(&id.to_string()), "{text} names {id}");
     }
-    for (t, v) in [(&b, 2u32), (&a, 3u32)] {
+    for (t, v, sub) in [(&b, 2u32, &mut sub_b), (&a, 3u32, &mut sub_a)] {
         publisher
             .publish_with(
                 "shared/x",
@@ -200,7 +211,7 @@ async fn with_two_trees_covering_a_topic_the_publish_names_the_tree() {
             )
             .await
             .unwrap();
-        let m = next(&mut sub).await;
+        let m = next(sub).await;
         assert_eq!((m.value, m.tree_id), (v, t.tree_id()));
     }
     // A tree that does not cover the topic is an error, not a fallback to another tree.
@@ -215,6 +226,151 @@ async fn with_two_trees_covering_a_topic_the_publish_names_the_tree() {
         .is_err());
     publisher.close().await;
     subscriber.close().await;
+    relay.stop().await;
+}
+
+/// Receives until `last` and returns every (value, tree) seen on the way.
+async fn until_value(
+    sub: &mut whispeer::Subscription<u32>,
+    last: u32,
+) -> Vec<(u32, whispeer::protocol::TreeId)> {
+    let mut seen = Vec::new();
+    loop {
+        let m = next(sub).await;
+        seen.push((m.value, m.tree_id));
+        if m.value == last {
+            return seen;
+        }
+    }
+}
+
+/// PROTOCOL §4.11, receiving (threat model: "write into another tree's subscription"): the
+/// victim holds tree A (`alerts/#`) and accepted tree B from Mallory (`#`). A subscription
+/// to `alerts/#` naming no tree is refused naming both; bound to A, Mallory's admin-signed
+/// messages on `alerts/fire` never reach it, live or replayed from the relay's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_trees_admin_cannot_write_into_a_subscription_of_a_tree() {
+    let relay = TestRelay::start().await;
+    let work = tree("work");
+    let mallory_tree = tree("mallory");
+    let mut keys = Keyring::new();
+    keys.add_grant(work.grant(&Scope::Subtree(Topic::new("alerts").unwrap())))
+        .unwrap();
+    keys.add_tree_key(&mallory_tree).unwrap();
+    let victim = client_with(&relay.tcp_url(), keys).await;
+    let mallory = client_with(&relay.tcp_url(), keyring_with(&mallory_tree)).await;
+    let colleague = client_with(&relay.tcp_url(), keyring_with(&work)).await;
+
+    let e = victim.subscribe::<u32>("alerts/#").await.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        matches!(e, SubscribeError::Key(KeyError::AmbiguousTree { .. })),
+        "{e}"
+    );
+    for id in [work.tree_id(), mallory_tree.tree_id()] {
+        assert!(text.contains(&id.to_string()), "{text} names {id}");
+    }
+    let in_work = || SubscribeOptions::new().tree(work.tree_id());
+    let mut sub = victim
+        .subscribe_with_options::<u32>("alerts/#", in_work())
+        .await
+        .unwrap();
+    for (c, v) in [
+        (&mallory, 1u32),
+        (&colleague, 2),
+        (&mallory, 3),
+        (&colleague, 4),
+    ] {
+        c.publish_with("alerts/fire", &v, PublishOptions::at_least_once())
+            .await
+            .unwrap();
+    }
+    let seen = until_value(&mut sub, 4).await;
+    assert_eq!(seen, [(2, work.tree_id()), (4, work.tree_id())], "live");
+
+    // From the relay's history too: the replay compiles for tree A only.
+    let mut replayed = victim
+        .subscribe_with_options::<u32>("alerts/#", in_work().replay(Replay::FromSeq(0)))
+        .await
+        .unwrap();
+    let seen = until_value(&mut replayed, 4).await;
+    assert_eq!(seen, [(2, work.tree_id()), (4, work.tree_id())], "replayed");
+    for c in [victim, mallory, colleague] {
+        c.close().await;
+    }
+    relay.stop().await;
+}
+
+/// A subscription made while only tree A covered its filter stays A's: a grant of another
+/// tree added later (an invite accepted at run time) does not widen it, neither on the
+/// resubscribe the new grant causes nor after a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_grant_of_another_tree_does_not_widen_a_subscription() {
+    let relay = TestRelay::start().await;
+    let proxy = KillerProxy::start(relay.addrs.tcp.unwrap()).await;
+    let work = tree("work");
+    let mallory_tree = tree("mallory");
+    let mut keys = Keyring::new();
+    keys.add_grant(work.grant(&Scope::Subtree(Topic::new("alerts").unwrap())))
+        .unwrap();
+    let victim = client_with(&format!("tcp://{}", proxy.addr), keys).await;
+    let mallory = client_with(&relay.tcp_url(), keyring_with(&mallory_tree)).await;
+    let colleague = client_with(&relay.tcp_url(), keyring_with(&work)).await;
+    // One tree covers the filter: bound to it without naming it.
+    let mut sub = victim.subscribe::<u32>("alerts/#").await.unwrap();
+
+    victim.add_grant(mallory_tree.grant_all()).unwrap();
+    proxy.kill.notify_waiters();
+    until_stats(&victim, "a reconnect", |s| s.reconnects >= 1).await;
+    // Until the resubscribed subscription sees one of A's messages, publish Mallory's then
+    // A's: had the new grant widened it, Mallory's would come too.
+    let mut seen = Vec::new();
+    for round in 0u32.. {
+        let v = 10 * round;
+        for (c, v) in [(&mallory, v + 1), (&colleague, v + 2)] {
+            c.publish_with("alerts/fire", &v, PublishOptions::at_least_once())
+                .await
+                .unwrap();
+        }
+        match tokio::time::timeout(std::time::Duration::from_millis(500), sub.next()).await {
+            Ok(m) => {
+                let m = m.expect("stream open").expect("a message");
+                seen.push((m.value, m.tree_id));
+                break;
+            }
+            Err(_) => assert!(round < 40, "the subscription came back"),
+        }
+    }
+    // A last one of A's after all of them: everything before it is in `seen` then.
+    colleague
+        .publish_with("alerts/fire", &9999u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    seen.extend(until_value(&mut sub, 9999).await);
+    assert!(
+        seen.iter()
+            .all(|(v, t)| v % 10 != 1 && *t == work.tree_id()),
+        "only tree A's messages: {seen:?}"
+    );
+    // The new grant itself works: a subscription naming tree B gets Mallory's.
+    let mut in_b = victim
+        .subscribe_with_options::<u32>(
+            "alerts/#",
+            SubscribeOptions::new().tree(mallory_tree.tree_id()),
+        )
+        .await
+        .unwrap();
+    mallory
+        .publish_with("alerts/fire", &7u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    assert_eq!(
+        until_value(&mut in_b, 7).await,
+        [(7, mallory_tree.tree_id())]
+    );
+    for c in [victim, mallory, colleague] {
+        c.close().await;
+    }
     relay.stop().await;
 }
 

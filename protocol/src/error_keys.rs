@@ -33,9 +33,12 @@ pub enum KeyError {
     /// No held grant covers the topic.
     #[error("no key covers topic '{topic}' (add a grant for it or a parent subtree)")]
     NoKeyForTopic { topic: String },
-    /// Two trees' grants cover the topic equally well; name the tree
-    /// (`Keyring::topic_key_in`).
-    #[error("topic '{topic}' is covered equally by trees {trees}; name the tree to publish in")]
+    /// Grants of two or more trees cover the topic (publishing: `Keyring::topic_key_in`
+    /// names the tree) or overlap the filter (subscribing, `topic` holds the filter: the
+    /// subscription names its tree). Another tree never wins silently.
+    #[error(
+        "'{topic}' is covered by grants of trees {trees}; name the tree to publish or subscribe in"
+    )]
     AmbiguousTree { topic: String, trees: String },
     /// A derivation outside the grant's scope (a sibling, a parent, or below a topic grant).
     #[error("'{target}' is outside the grant's scope '{scope}'")]

@@ -680,20 +680,14 @@ impl Keyring {
     }
 
     /// The token patterns to subscribe with for `filter`: one per accepted epoch of every
-    /// tree holding a grant that some matching topic could fall under.
+    /// tree holding a grant that some matching topic could fall under. A subscription binds
+    /// to one tree (PROTOCOL §4.11, receiving): [`Keyring::subscription_trees`] says which
+    /// trees it could bind to, [`Keyring::compile_in`] compiles for one of them.
     pub fn compile(&self, filter: &TopicFilter, now_ms: u64) -> Vec<TokenPattern> {
-        let mut out = Vec::new();
-        for tree in self.trees.values() {
-            for e in tree.epochs.values() {
-                if self.entry(&e.keys.key_id(), now_ms).is_none() {
-                    continue;
-                }
-                if e.grants.iter().any(|h| h.grant.scope().intersects(filter)) {
-                    out.push(e.keys.compile(filter));
-                }
-            }
-        }
-        out
+        self.trees
+            .values()
+            .flat_map(|t| self.compile_tree(t, filter, Some(now_ms)))
+            .collect()
     }
 
     /// Like [`Keyring::compile`], for a subscription that starts in history: one pattern
@@ -701,15 +695,65 @@ impl Keyring {
     /// its messages dated before the rotation cutoff ([`Keyring::accepts_message`] with
     /// `live = false`). Live messages of an epoch past its grace still fail to open.
     pub fn compile_history(&self, filter: &TopicFilter) -> Vec<TokenPattern> {
-        let mut out = Vec::new();
-        for tree in self.trees.values() {
-            for e in tree.epochs.values() {
-                if e.grants.iter().any(|h| h.grant.scope().intersects(filter)) {
-                    out.push(e.keys.compile(filter));
-                }
-            }
-        }
-        out
+        self.trees
+            .values()
+            .flat_map(|t| self.compile_tree(t, filter, None))
+            .collect()
+    }
+
+    /// [`Keyring::compile`] for the one tree `tree_id` (nothing when it is not held): a
+    /// subscription bound to a tree subscribes only to that tree's messages, whatever
+    /// grants of other trees cover its filter — now or later.
+    pub fn compile_in(
+        &self,
+        tree_id: TreeId,
+        filter: &TopicFilter,
+        now_ms: u64,
+    ) -> Vec<TokenPattern> {
+        self.trees
+            .get(&tree_id)
+            .map(|t| self.compile_tree(t, filter, Some(now_ms)))
+            .unwrap_or_default()
+    }
+
+    /// [`Keyring::compile_history`] for the one tree `tree_id`.
+    pub fn compile_history_in(&self, tree_id: TreeId, filter: &TopicFilter) -> Vec<TokenPattern> {
+        self.trees
+            .get(&tree_id)
+            .map(|t| self.compile_tree(t, filter, None))
+            .unwrap_or_default()
+    }
+
+    /// The trees a subscription to `filter` could bind to, sorted: those holding a grant
+    /// some matching topic could fall under, in an epoch accepted at `now_ms` (`Some`) or
+    /// in any held epoch (`None`, a subscription that starts in history). More than one is
+    /// ambiguous: the subscriber names the tree, as a publisher does
+    /// ([`KeyError::AmbiguousTree`], PROTOCOL §4.11).
+    pub fn subscription_trees(&self, filter: &TopicFilter, now_ms: Option<u64>) -> Vec<TreeId> {
+        let mut ids: Vec<TreeId> = self
+            .trees
+            .iter()
+            .filter(|(_, t)| !self.compile_tree(t, filter, now_ms).is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The subscription's patterns in one tree: one per epoch holding a grant that
+    /// intersects `filter` — accepted at `now_ms` when given, else every held epoch.
+    fn compile_tree(
+        &self,
+        tree: &TreeEntry,
+        filter: &TopicFilter,
+        now_ms: Option<u64>,
+    ) -> Vec<TokenPattern> {
+        tree.epochs
+            .values()
+            .filter(|e| now_ms.is_none_or(|now| self.entry(&e.keys.key_id(), now).is_some()))
+            .filter(|e| e.grants.iter().any(|h| h.grant.scope().intersects(filter)))
+            .map(|e| e.keys.compile(filter))
+            .collect()
     }
 
     /// The trees held: (id, name, newest epoch, admin).
@@ -1152,6 +1196,41 @@ mod tests {
             kr.grant_for(&t("other")).unwrap().epoch_keys().tree_id(),
             a.tree_id()
         );
+    }
+
+    #[test]
+    fn a_subscription_compiles_for_its_own_tree_only() {
+        let mut r = rng(37);
+        let a = TreeKey::generate_with("a", &mut r).unwrap();
+        let b = TreeKey::generate_with("b", &mut r).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_grant_at(a.grant(&Scope::Subtree(t("alerts"))), 0)
+            .unwrap();
+        let f = TopicFilter::new("alerts/#").unwrap();
+        assert_eq!(kr.subscription_trees(&f, Some(0)), vec![a.tree_id()]);
+        // Another tree's grant arriving later overlaps the filter: ambiguous, and it never
+        // widens the patterns compiled for tree A.
+        kr.add_grant_at(b.grant_all(), 0).unwrap();
+        let mut both = vec![a.tree_id(), b.tree_id()];
+        both.sort();
+        assert_eq!(kr.subscription_trees(&f, Some(0)), both);
+        assert_eq!(kr.subscription_trees(&f, None), both);
+        assert_eq!(
+            kr.compile(&f, 0).len(),
+            2,
+            "the unbound compile covers both"
+        );
+        let path = a.cert().keys().token_path(&t("alerts/fire"));
+        let in_a = kr.compile_in(a.tree_id(), &f, 0);
+        assert_eq!(in_a.len(), 1);
+        assert!(in_a[0].matches(&path));
+        let b_path = b.cert().keys().token_path(&t("alerts/fire"));
+        assert!(!in_a[0].matches(&b_path), "tree B's messages are not A's");
+        assert_eq!(kr.compile_history_in(a.tree_id(), &f), in_a);
+        // A filter only B covers binds to B alone.
+        let other = TopicFilter::new("news/#").unwrap();
+        assert_eq!(kr.subscription_trees(&other, Some(0)), vec![b.tree_id()]);
+        assert!(kr.compile_in(a.tree_id(), &other, 0).is_empty());
     }
 
     #[test]

@@ -141,8 +141,8 @@ pub struct BenchArgs {
     /// No progress bar (it is also hidden when stderr is not a terminal).
     #[arg(long)]
     no_progress: bool,
-    /// Seal with the key of this tree (32 hex digits): needed when keys of two trees cover
-    /// the topic.
+    /// Seal with the key of this tree, and subscribe in it (32 hex digits): needed when keys
+    /// of two trees cover the topic.
     #[arg(long, value_name = "TREE_ID", value_parser = io::parse_tree_id)]
     tree: Option<whispeer::protocol::TreeId>,
     #[command(flatten)]
@@ -651,8 +651,13 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         let mut subs = Vec::with_capacity(a.subs);
         for _ in 0..a.subs {
             let client = connect(None).await?;
+            // The subscribers get the messages of the tree the publishers seal with.
+            let mut o = whispeer::SubscribeOptions::new();
+            if let Some(t) = a.tree {
+                o = o.tree(t);
+            }
             let sub = client
-                .subscribe_bytes(topic.as_str())
+                .subscribe_bytes_with_options(topic.as_str(), o)
                 .await
                 .context("subscribe failed")?;
             subs.push(SubConn::Wsp { client, sub });

@@ -396,6 +396,11 @@ pub struct SubArgs {
     /// and owner; what it kept is dropped) and exit without printing messages.
     #[arg(long, requires = "durable")]
     delete: bool,
+    /// Receive only messages of this tree (32 hex digits, as `whispeer key show` prints
+    /// it): needed when keys of two trees cover the filter. Without it the subscription
+    /// binds to the one tree whose keys overlap the filter.
+    #[arg(long, value_name = "TREE_ID", value_parser = io::parse_tree_id)]
+    tree: Option<whispeer::protocol::TreeId>,
     #[command(flatten)]
     keys: KeyArgs,
 }
@@ -435,6 +440,9 @@ impl SubArgs {
         }
         if let Some(name) = &self.durable {
             o = o.durable(name.clone());
+        }
+        if let Some(t) = self.tree {
+            o = o.tree(t);
         }
         Ok(o)
     }
@@ -553,7 +561,7 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
         .await
     {
         Ok(s) => s,
-        Err(e @ SubscribeError::NoKey { .. }) => {
+        Err(e @ (SubscribeError::NoKey { .. } | SubscribeError::Key(_))) => {
             return Err(anyhow::Error::new(e).context("cannot subscribe with the given keys"))
         }
         Err(e) => return Err(anyhow::Error::new(e).context("subscribe failed")),
