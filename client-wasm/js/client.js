@@ -550,8 +550,19 @@ export class Client {
       }
       for (const [filter, o] of Object.entries(options.topics ?? {})) {
         checkOptions(`topics[${JSON.stringify(filter)}]`, o, TOPIC_OPTIONS);
+        // A rule naming no sealing option adds no sealing rule (it would shadow later ones),
+        // as the Rust client's TopicOptions.
+        if (o.compression === undefined && o.padding === undefined && o.suite === undefined) continue;
+        // What a rule leaves unset is the client's setting (the Rust client's rules start
+        // from its defaults): a rule naming only the suite does not turn compression back on
+        // for a client that set `compression: 'none'` (PROTOCOL §11, length leaks).
         const suite = o.suite === undefined ? undefined : suiteName(o.suite, `topics[${JSON.stringify(filter)}].suite`);
-        core.setTopicOptions(filter, level(o.compression), o.padding !== false, suite);
+        core.setTopicOptions(
+          filter,
+          level(o.compression === undefined ? options.compression : o.compression),
+          (o.padding === undefined ? options.padding : o.padding) !== false,
+          suite,
+        );
       }
       // Relay account (auth = required relays): an account key answers the relay's
       // challenge; a bearer token rides in Hello. Never the identity that signs messages.

@@ -299,7 +299,11 @@ export interface ConnectOptions {
    * message; `false` / `'off'` — unsigned.
    */
   sign?: boolean | 'batch' | 'message' | 'off';
-  /** Per-topic sealing rules, first matching filter wins. */
+  /**
+   * Per-topic sealing rules, first matching filter wins; what a rule leaves unset is the
+   * client's setting (a rule naming only `suite` keeps `compression: 'none'`), as the Rust
+   * client's `TopicOptions`.
+   */
   topics?: Record<string, { compression?: Compression; padding?: boolean; suite?: Suite }>;
   reconnect?: ReconnectOptions;
   /** How long a dial, then the handshake, may take (default 10 s). */
