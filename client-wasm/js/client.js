@@ -72,7 +72,23 @@ const CONNECT_OPTIONS = [
   'sendHighWaterMark', 'name', 'auth', 'persistence', 'maxPayload', 'dedupCapacity', 'maxFrame',
   'signal',
 ];
-const TOPIC_OPTIONS = ['compression', 'padding', 'suite'];
+const TOPIC_OPTIONS = ['compression', 'padding', 'suite', 'requireSigned', 'allowSenders'];
+
+/**
+ * `topics` as the engine reads its publisher policies (`requireSigned`, `allowSenders`): an
+ * Identity in `allowSenders` stands for its sender id. The engine checks the rest.
+ */
+function policyTopics(topics) {
+  if (topics == null || typeof topics !== 'object') return topics;
+  const out = {};
+  for (const [filter, o] of Object.entries(topics)) {
+    const senders = o?.allowSenders;
+    out[filter] = Array.isArray(senders)
+      ? { ...o, allowSenders: senders.map((s) => (s instanceof Identity ? s.senderId : s)) }
+      : o;
+  }
+  return out;
+}
 
 /**
  * The relay URLs of `Client.connect`: one `ws://`/`wss://` URL, an array of them, or a
@@ -513,6 +529,7 @@ export class Client {
       sendHighWaterMark: 1024 * 1024,
       name: 'whispeer-js/0.1.0',
       ...options,
+      topics: policyTopics(options.topics),
       relays: urls.length,
     };
     delete this.#opts.persistence;

@@ -281,6 +281,28 @@ export interface ReconnectOptions {
   maxAttempts?: number;
 }
 
+/** One rule of `ConnectOptions.topics`. */
+export interface TopicRule {
+  /** Compression for these topics (unset: the client's `compression`). */
+  compression?: Compression;
+  /** Padmé padding for these topics (unset: the client's `padding`). */
+  padding?: boolean;
+  /** AEAD suite for these topics (unset: the client's `suite`). */
+  suite?: Suite;
+  /**
+   * Refuse unsigned messages on these topics: counted in `stats().refused.unsigned`, never
+   * delivered (Rust `TopicOptions::require_signed`).
+   */
+  requireSigned?: boolean;
+  /**
+   * Accept messages on these topics only from these senders (sender ids, `wspk1…`, or
+   * Identities), signed by one of them: others are counted in
+   * `stats().refused.unlistedSender` (unsigned ones in `refused.unsigned`), never delivered.
+   * An empty list accepts no one (Rust `TopicOptions::allow_senders`).
+   */
+  allowSenders?: Array<string | Identity>;
+}
+
 export interface ConnectOptions {
   /** Signs messages; without one messages are unsigned (sender null). */
   identity?: Identity;
@@ -300,11 +322,13 @@ export interface ConnectOptions {
    */
   sign?: boolean | 'batch' | 'message' | 'off';
   /**
-   * Per-topic sealing rules, first matching filter wins; what a rule leaves unset is the
-   * client's setting (a rule naming only `suite` keeps `compression: 'none'`), as the Rust
-   * client's `TopicOptions`.
+   * Per-topic rules by filter. Sealing (`compression`, `padding`, `suite`): the first
+   * matching rule that names any of them wins, and what it leaves unset is the client's
+   * setting (a rule naming only `suite` keeps `compression: 'none'`). Publisher policy
+   * (`requireSigned`, `allowSenders`): every matching rule applies. As the Rust client's
+   * `TopicOptions`.
    */
-  topics?: Record<string, { compression?: Compression; padding?: boolean; suite?: Suite }>;
+  topics?: Record<string, TopicRule>;
   reconnect?: ReconnectOptions;
   /** How long a dial, then the handshake, may take (default 10 s). */
   connectTimeoutMs?: number;

@@ -17,10 +17,10 @@ use whispeer::core::connection::{
     AckToken, Backoff, Engine as Inner, EngineConfig, Event as E, Now, PubOptions, PublishFailure,
     PublishId, Transmit,
 };
-use whispeer::core::receive::Change;
+use whispeer::core::receive::{Change, SenderPolicy};
 use whispeer::core::{self, SubscribeOptions};
 use whispeer_protocol::frame::Replay;
-use whispeer_protocol::{Qos, TopicFilter};
+use whispeer_protocol::{Qos, SenderId, TopicFilter};
 
 use crate::client::{set, ClientCore};
 use crate::error::{js_error, key_error, publish_error, subscribe_error, topic_error};
@@ -70,6 +70,74 @@ fn flag(o: &JsValue, k: &str) -> Result<Option<bool>, JsValue> {
             .map(Some)
             .ok_or_else(|| bad_option(&format!("{k}: expected true or false"), &v)),
     }
+}
+
+/// The publisher policies of `options.topics`: for each filter whose rule has
+/// `requireSigned: true` or an `allowSenders` list (sender ids, `wspk1…`), a
+/// [`SenderPolicy`]. Every rule whose filter matches a topic applies (unlike sealing rules).
+fn publisher_policies(o: &JsValue) -> Result<Vec<(TopicFilter, SenderPolicy)>, JsValue> {
+    let Some(topics) = get(o, "topics") else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for entry in Object::entries(&Object::from(topics)).iter() {
+        let entry = Array::from(&entry);
+        let filter = entry.get(0).as_string().unwrap_or_default();
+        let rule = entry.get(1);
+        let what = |k: &str| format!("topics[{filter:?}].{k}");
+        let mut p = SenderPolicy::new();
+        let mut any = false;
+        if let Some(v) = get(&rule, "requireSigned") {
+            match v.as_bool() {
+                Some(true) => {
+                    p = p.require_signed();
+                    any = true;
+                }
+                Some(false) => {}
+                None => {
+                    return Err(bad_option(
+                        &format!("{}: expected true or false", what("requireSigned")),
+                        &v,
+                    ))
+                }
+            }
+        }
+        if let Some(v) = get(&rule, "allowSenders") {
+            let expected = || {
+                bad_option(
+                    &format!(
+                        "{}: expected an array of sender ids (wspk1…)",
+                        what("allowSenders")
+                    ),
+                    &v,
+                )
+            };
+            if !Array::is_array(&v) {
+                return Err(expected());
+            }
+            let mut senders = Vec::new();
+            for s in Array::from(&v).iter() {
+                let text = s.as_string().ok_or_else(expected)?;
+                let id: SenderId = text.trim().parse().map_err(|e| {
+                    js_error(
+                        "INVALID_OPTION",
+                        &format!(
+                            "{}: not a sender id (wspk1…): {text:?}: {e}",
+                            what("allowSenders")
+                        ),
+                    )
+                })?;
+                senders.push(id);
+            }
+            // An empty list accepts no one (signed or not): as the Rust builder's.
+            p = p.allow_senders(senders);
+            any = true;
+        }
+        if any {
+            out.push((TopicFilter::new(&filter).map_err(topic_error)?, p));
+        }
+    }
+    Ok(out)
 }
 
 fn qos(o: &JsValue) -> Result<Qos, JsValue> {
@@ -166,6 +234,9 @@ impl Engine {
         cfg.receive.max_entries = ms("dedupCapacity", cfg.receive.max_entries as u64)?
             .clamp(1, usize::MAX as u64) as usize;
         cfg.default_heartbeat_ms = ms("heartbeatMs", cfg.default_heartbeat_ms)?;
+        // Publisher policies (`topics[filter].requireSigned` / `.allowSenders`), as the Rust
+        // builder's `TopicOptions::require_signed` / `allow_senders`.
+        cfg.receive.policies = publisher_policies(options)?;
         cfg.retry_first_connect = flag(options, "retryFirstConnect")?.unwrap_or(false);
         // How many relay URLs the driver has: the engine goes round them (`dial.relay`).
         cfg.relays = count(options, "relays")?.map_or(1, |n| n.clamp(1.0, 1024.0) as usize);

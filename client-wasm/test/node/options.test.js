@@ -51,3 +51,78 @@ test("a topic rule that does not name compression keeps the client's compression
   const z = await size('z/x');
   assert.ok(z < 500, `the rule naming zstd compresses: a ${z}-byte frame`);
 });
+
+test('a rule naming only a publisher policy adds no sealing rule: a later rule still applies', async () => {
+  const tree = TreeKey.generate('sh');
+  const { Recording, sent } = recording();
+  setWebSocket(Recording, true);
+  let c;
+  try {
+    c = await connect({
+      keys: tree,
+      topics: { 'a/#': { requireSigned: true }, 'a/b/#': { compression: 'none' } },
+    });
+  } finally {
+    setWebSocket(WebSocket, true);
+  }
+  const before = sent.length;
+  await c.publishBytes('a/b/c', new Uint8Array(1000), { ack: true });
+  const n = Math.max(...sent.slice(before));
+  assert.ok(n >= 1000, `the second rule turned compression off: a ${n}-byte frame`);
+});
+
+/** Resolves once `cond()` holds (polled; fails after 5 s, saying `why()`). */
+const until = async (cond, why = () => '') => {
+  for (let i = 0; i < 500 && !cond(); i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(cond(), why());
+};
+
+test('publisher policy: allowSenders delivers only the listed senders, requireSigned refuses unsigned', async () => {
+  const tree = TreeKey.generate('pp');
+  const alice = Identity.generate();
+  const mallory = Identity.generate();
+  const sub = await connect({
+    keys: tree,
+    topics: {
+      'news/#': { allowSenders: [Identity.generate().senderId, alice] }, // sender ids or Identities
+      'chat/#': { requireSigned: true },
+    },
+  });
+  const got = [];
+  await sub.subscribe('#', (m) => got.push([m.topic, m.value, m.sender]));
+  const a = await connect({ keys: tree, identity: alice });
+  const m = await connect({ keys: tree, identity: mallory });
+  const anon = await connect({ keys: tree, sign: false });
+  // Each publisher acked before the next publishes: the relay delivers in that order.
+  await m.publish('news/x', 'from mallory', { ack: true });
+  await anon.publish('news/x', 'unsigned', { ack: true });
+  await anon.publish('chat/x', 'unsigned', { ack: true });
+  await m.publish('chat/x', 'signed by mallory', { ack: true });
+  await anon.publish('other/x', 'no rule here', { ack: true });
+  await a.publish('news/x', 'from alice', { ack: true });
+  await until(() => got.length >= 3);
+  assert.deepEqual(got, [
+    ['chat/x', 'signed by mallory', mallory.senderId],
+    ['other/x', 'no rule here', null],
+    ['news/x', 'from alice', alice.senderId],
+  ]);
+  const { refused } = sub.stats();
+  assert.equal(refused.unlistedSender, 1, 'mallory on news/');
+  assert.equal(refused.unsigned, 2, 'unsigned on news/ (a list implies signed) and chat/');
+});
+
+test('publisher policy options are checked', () => {
+  const tree = TreeKey.generate('pc');
+  for (const [rule, re] of [
+    [{ requireSigned: 'yes' }, /requireSigned: expected true or false/],
+    [{ allowSenders: 'wspk1' }, /allowSenders: expected an array of sender ids/],
+    [{ allowSenders: ['wspk1notanid'] }, /allowSenders: not a sender id/],
+    [{ allowSenders: [7] }, /allowSenders: expected an array of sender ids/],
+    [{ requiresigned: true }, /unknown option "requiresigned"/],
+  ])
+    assert.throws(
+      () => new Client('ws://127.0.0.1:1', { keys: tree, topics: { 'news/#': rule } }),
+      (e) => e.code === 'INVALID_OPTION' && re.test(e.message),
+      JSON.stringify(rule),
+    );
+});
