@@ -534,6 +534,12 @@ export interface ClientStats {
      * loaded — a tampered state file or storage.
      */
     restoredFuture: number;
+    /**
+     * Not a refusal of a message: retained high-water marks (one per topic a message was
+     * accepted on) evicted, oldest first, at their bound (`dedupCapacity` marks). An
+     * evicted mark's topic loses its rollback check (Rust `RefusedStats::marks_evicted`).
+     */
+    marksEvicted: number;
   };
   reconnects: number;
   /** At most once: messages dropped because a subscription had no credit left. */

@@ -282,6 +282,7 @@ pub(crate) fn core_stats_object(s: &core::CoreStats) -> Object {
     set(&r, "unsigned", s.refused.unsigned as f64);
     set(&r, "unlistedSender", s.refused.unlisted_sender as f64);
     set(&r, "restoredFuture", s.refused.restored_future as f64);
+    set(&r, "marksEvicted", s.refused.marks_evicted as f64);
     set(&o, "refused", r);
     o
 }

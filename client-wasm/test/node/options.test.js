@@ -126,3 +126,20 @@ test('publisher policy options are checked', () => {
       JSON.stringify(rule),
     );
 });
+
+test('stats().refused.marksEvicted counts retained high-water marks evicted at dedupCapacity', async () => {
+  const tree = TreeKey.generate('me');
+  const sub = await connect({ keys: tree, dedupCapacity: 2 });
+  assert.equal(sub.stats().refused.marksEvicted, 0);
+  const got = [];
+  await sub.subscribe('r/#', (m) => got.push(m.topic));
+  const pub = await connect({ keys: tree });
+  for (let i = 0; i < 8; i++) await pub.publish(`r/${i}`, i, { retain: true, ack: true });
+  // A window of 2 may refuse a message dated before the oldest it still holds (counted).
+  const seen = () => sub.stats().delivered + sub.stats().refused.beforeWindow;
+  await until(() => seen() >= 8, () => JSON.stringify([got, sub.stats()]));
+  // One mark per topic a message was accepted on, at most 2 kept: the rest went.
+  const { delivered, refused } = sub.stats();
+  assert.ok(delivered >= 3, JSON.stringify(sub.stats()));
+  assert.equal(refused.marksEvicted, delivered - 2, JSON.stringify(refused));
+});
