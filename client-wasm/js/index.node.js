@@ -1,5 +1,7 @@
-// Node.js entry point: loads the wasm module synchronously and supplies the `ws` package
-// where there is no global WebSocket (Node 20).
+// Node.js entry point: loads the wasm module synchronously and supplies the `ws` package,
+// also where Node has a global WebSocket (22 and later): `ws` refuses a message over the
+// client's `maxFrame` before buffering it (its `maxPayload`), the global one only once the
+// whole message is in memory.
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { initSync } from '../pkg/whispeer_wasm.js';
@@ -9,6 +11,12 @@ import { openFileStore } from './persist.node.js';
 
 initSync({ module: readFileSync(new URL('../pkg/whispeer_wasm_bg.wasm', import.meta.url)) });
 setFileStore(openFileStore);
-if (typeof globalThis.WebSocket !== 'function') setWebSocket(createRequire(import.meta.url)('ws'), true);
+let ws;
+try {
+  ws = createRequire(import.meta.url)('ws');
+} catch {
+  // Bundled without its dependency: the global WebSocket (Node 22+), checked after buffering.
+}
+if (ws) setWebSocket(ws, true);
 
 export * from './api.js';

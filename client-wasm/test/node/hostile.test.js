@@ -3,6 +3,7 @@
 // proxy passes the handshake to the relay binary), then the proxy plays the hostile relay.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { WebSocketServer, WebSocket } from 'ws';
 import { startRelay } from '../shared/relay.js';
 import { Client, Identity, TreeKey } from '../../js/index.node.js';
@@ -175,4 +176,21 @@ test('error frames a relay sends without end are logged a few a minute, escapes 
     assert.ok(!/[\u0000-\u001f]/.test(l), JSON.stringify(l));
     assert.match(l, /relay error: \?\[2J\?\[31mpwned\?fake log line/);
   }
+});
+
+test('in Node the ws package is used even where there is a global WebSocket (Node 22+)', { timeout: 60_000 }, () => {
+  // A global WebSocket that says so when used, defined before the package loads.
+  const preload = `data:text/javascript,globalThis.WebSocket = class { constructor() { throw new Error('the global WebSocket'); } };`;
+  const script = `
+    import { Client, TreeKey } from ${JSON.stringify(new URL('../../js/index.node.js', import.meta.url).href)};
+    try {
+      await Client.connect('ws://127.0.0.1:1', { keys: TreeKey.generate('g'), connectTimeoutMs: 2000 });
+    } catch (e) {
+      console.log(e.message);
+    }`;
+  const out = execFileSync(process.execPath, ['--import', preload, '--input-type=module', '-e', script], {
+    encoding: 'utf8',
+  });
+  assert.doesNotMatch(out, /the global WebSocket/, out);
+  assert.match(out, /ECONNREFUSED|cannot reach relay/, out);
 });
