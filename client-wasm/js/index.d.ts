@@ -352,7 +352,10 @@ export interface ConnectOptions {
    * the relay and redelivered.
    */
   subscriptionCapacity?: number;
-  /** Heartbeat when the relay asks for none (default 30 s). */
+  /**
+   * Heartbeat when the relay asks for none (default 30 s): whole milliseconds from 1,000 to
+   * 300,000 (the range the client takes from a relay), else `INVALID_OPTION`.
+   */
   heartbeatMs?: number;
   /**
    * Largest payload a received message may decompress to (default 16 MiB, the most a

@@ -17,6 +17,7 @@ use whispeer::core::connection::{
     AckToken, Backoff, Engine as Inner, EngineConfig, Event as E, Now, PubOptions, PublishFailure,
     PublishId, Transmit,
 };
+use whispeer::core::connection::{MAX_HEARTBEAT_MS, MIN_HEARTBEAT_MS};
 use whispeer::core::receive::{Change, SenderPolicy};
 use whispeer::core::{self, SubscribeOptions};
 use whispeer_protocol::frame::Replay;
@@ -69,6 +70,29 @@ fn flag(o: &JsValue, k: &str) -> Result<Option<bool>, JsValue> {
             .as_bool()
             .map(Some)
             .ok_or_else(|| bad_option(&format!("{k}: expected true or false"), &v)),
+    }
+}
+
+/// `heartbeatMs`: a whole number of milliseconds within the range the engine takes from a
+/// relay's `Welcome` (1 s to 5 min, `MIN_HEARTBEAT_MS..=MAX_HEARTBEAT_MS`). 0 would ping
+/// without pause, `Infinity` never: a dead connection would go unnoticed.
+fn heartbeat_ms(o: &JsValue) -> Result<Option<u64>, JsValue> {
+    let Some(v) = get(o, "heartbeatMs") else {
+        return Ok(None);
+    };
+    match v.as_f64() {
+        Some(n)
+            if n.fract() == 0.0 && n >= MIN_HEARTBEAT_MS as f64 && n <= MAX_HEARTBEAT_MS as f64 =>
+        {
+            Ok(Some(n as u64))
+        }
+        _ => Err(bad_option(
+            &format!(
+                "heartbeatMs: expected a whole number of milliseconds from {MIN_HEARTBEAT_MS} \
+                 to {MAX_HEARTBEAT_MS}"
+            ),
+            &v,
+        )),
     }
 }
 
@@ -233,7 +257,7 @@ impl Engine {
             ms("maxPayload", cfg.receive.max_payload as u64)?.min(usize::MAX as u64) as usize;
         cfg.receive.max_entries = ms("dedupCapacity", cfg.receive.max_entries as u64)?
             .clamp(1, usize::MAX as u64) as usize;
-        cfg.default_heartbeat_ms = ms("heartbeatMs", cfg.default_heartbeat_ms)?;
+        cfg.default_heartbeat_ms = heartbeat_ms(options)?.unwrap_or(cfg.default_heartbeat_ms);
         // Publisher policies (`topics[filter].requireSigned` / `.allowSenders`), as the Rust
         // builder's `TopicOptions::require_signed` / `allow_senders`.
         cfg.receive.policies = publisher_policies(options)?;

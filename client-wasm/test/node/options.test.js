@@ -127,6 +127,17 @@ test('publisher policy options are checked', () => {
     );
 });
 
+test('heartbeatMs is refused outside 1,000 to 300,000 ms', async () => {
+  const tree = TreeKey.generate('hb');
+  for (const bad of [0, 999, 300_001, Infinity, 1500.5, -1, '30000'])
+    await assert.rejects(
+      Client.connect('ws://127.0.0.1:1', { keys: tree, heartbeatMs: bad }),
+      (e) => e.code === 'INVALID_OPTION' && /heartbeatMs: expected a whole number of milliseconds from 1000 to 300000/.test(e.message),
+      String(bad),
+    );
+  for (const ok of [1000, 300_000]) (await connect({ keys: tree, heartbeatMs: ok })).close();
+});
+
 test('stats().refused.marksEvicted counts retained high-water marks evicted at dedupCapacity', async () => {
   const tree = TreeKey.generate('me');
   const sub = await connect({ keys: tree, dedupCapacity: 2 });
