@@ -50,6 +50,19 @@ function printable(text) {
   return String(text).replace(/[\u0000-\u001f\u007f-\u009f]/g, '?');
 }
 
+/**
+ * `wrap(e)` for an error whose message may carry relay-chosen text (a refused subscribe or
+ * publish): built anew with its control characters shown as `?`, so neither its message
+ * nor its stack (written when an error is made) puts terminal escapes or fake lines on a
+ * console (`#logUnheard`, or an app that logs it).
+ */
+function wrapRelay(e) {
+  const w = wrap(e);
+  if (!(w instanceof WhispeerError) || printable(w.message) === w.message) return w;
+  const { code, message, name: _n, ...details } = w;
+  return new WhispeerError(code, printable(message), Object.keys(details).length ? details : undefined);
+}
+
 /** The error `Client.connect` rejects with when its `signal` aborts it. */
 function aborted(signal) {
   const why = signal.reason instanceof Error ? signal.reason.message : signal.reason;
@@ -1036,7 +1049,7 @@ export class Client {
         break;
       }
       case 'subscribeFailed': {
-        const err = wrap(e.error);
+        const err = wrapRelay(e.error);
         const p = this.#pendingSubs.get(e.sub);
         this.#pendingSubs.delete(e.sub);
         const s = this.#subs.get(e.sub);
@@ -1055,7 +1068,7 @@ export class Client {
       case 'publishFailed': {
         const a = this.#acks.get(e.id);
         this.#acks.delete(e.id);
-        const err = wrap(e.error);
+        const err = wrapRelay(e.error);
         if (a) a.reject(err);
         else if (err.code !== 'CLOSED')
           // Nobody waits for it: a kept publish restored from the saved state (an earlier

@@ -178,6 +178,39 @@ test('error frames a relay sends without end are logged a few a minute, escapes 
   }
 });
 
+test("a relay's refusal of a confirmed subscription is logged with its escapes shown as ?", { timeout: 60_000 }, async () => {
+  const text = new TextEncoder().encode('\x1b]0;x\x07\nFAKE');
+  const fake = await hostileRelay((client, sub) => {
+    // The client's Sub {0: 3, 1: sub_id, …} (canonical CBOR: keys in order).
+    assert.deepEqual([...sub.slice(1, 4)], [0x00, 0x03, 0x01]);
+    const id = sub[4];
+    assert.ok(id < 24, 'a one-byte sub_id');
+    // SubOk {0: 5, 1: sub_id, 2: seq 0}: the subscription is confirmed …
+    client.send(Uint8Array.of(0xa3, 0x00, 0x05, 0x01, id, 0x02, 0x00));
+    // … then Err {0: 10, 1: 9 (not_allowed), 2: text, 3: false, 4: sub_id}: a confirmed
+    // durable refused so ends, and nobody waits for it: the client's `error` event.
+    client.send(Uint8Array.of(0xa5, 0x00, 0x0a, 0x01, 0x09, 0x02, 0x60 + text.length, ...text, 0x03, 0xf4, 0x04, id));
+  });
+  const c = await connectTo(fake, 'subrefused', { connectTimeoutMs: 300 });
+  const logged = [];
+  const original = console.error;
+  console.error = (...args) => logged.push(args.map((a) => (a instanceof Error ? a.stack : String(a))).join(' '));
+  try {
+    const s = await c.subscribe('x/#', () => {}, { qos: 1, durable: 'd' });
+    await new Promise((resolve) => {
+      const t = setInterval(() => logged.length && (clearInterval(t), resolve()), 10);
+    });
+    assert.equal(s.qos, 1);
+  } finally {
+    console.error = original;
+    await c.close();
+    await fake.close();
+  }
+  assert.equal(logged.length, 1, JSON.stringify(logged));
+  assert.ok(!/[\u0000-\u001f]/.test(logged[0].split('\n    at ')[0]), JSON.stringify(logged[0]));
+  assert.match(logged[0], /\?\]0;x\?\?FAKE/);
+});
+
 test('in Node the ws package is used even where there is a global WebSocket (Node 22+)', { timeout: 60_000 }, () => {
   // A global WebSocket that says so when used, defined before the package loads.
   const preload = `data:text/javascript,globalThis.WebSocket = class { constructor() { throw new Error('the global WebSocket'); } };`;
