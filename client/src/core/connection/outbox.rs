@@ -45,8 +45,8 @@ pub(super) struct Outbox {
 /// leave later publishes no distinct order to take.
 const MAX_ORDER: u64 = u64::MAX / 2;
 
-/// Whether `frame` (saved with `order`) is what [`Outbox::keep`] keeps for `pid`: a `Pub`
-/// frame with QoS ≥ 1 and publish id `pid`, at an order up to [`MAX_ORDER`]; else why not.
+/// Whether `frame` (saved with `order`) is what `Outbox::keep` keeps for `pid`: a `Pub`
+/// frame with QoS ≥ 1 and publish id `pid`, at an order up to `MAX_ORDER` (`u64::MAX / 2`); else why not.
 /// A loader of saved state may check its records with it before the engine does.
 pub fn kept_frame_check(pid: &PublishId, order: u64, frame: &Bytes) -> Result<(), &'static str> {
     if order > MAX_ORDER {

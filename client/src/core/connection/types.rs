@@ -347,7 +347,7 @@ pub enum Event {
         id: FlushId,
     },
     /// The relay processed the deletion of a durable subscription
-    /// ([`crate::core::Engine::delete_durable`], answered through its flush `id`; a lost
+    /// ([`crate::core::connection::Engine::delete_durable`], answered through its flush `id`; a lost
     /// connection answers [`Event::FlushFailed`] instead): `error` is the relay's refusal,
     /// if it sent one.
     DurableDeleted {
