@@ -85,6 +85,11 @@ const CONNECT_OPTIONS = [
   'sendHighWaterMark', 'name', 'auth', 'persistence', 'maxPayload', 'dedupCapacity', 'maxFrame',
   'signal',
 ];
+/** The connect options kept past the constructor (none of them secret; see `#opts`). */
+const KEPT_OPTIONS = [
+  'reconnect', 'connectTimeoutMs', 'retryFirstConnect', 'reconnectBuffer', 'keptBytes', 'subscriptionCapacity',
+  'heartbeatMs', 'sendHighWaterMark', 'name', 'maxPayload', 'dedupCapacity',
+];
 const TOPIC_OPTIONS = ['compression', 'padding', 'suite', 'requireSigned', 'allowSenders'];
 
 /**
@@ -143,7 +148,12 @@ const mono = () => performance.now();
 /** Builds a Keyring from a Keyring, TreeKey, Grant, key string, or an array of those. */
 export function toKeyring(keys) {
   const kr = new Keyring();
-  addKeys(kr, keys);
+  try {
+    addKeys(kr, keys);
+  } catch (e) {
+    kr.free();
+    throw e;
+  }
   return kr;
 }
 
@@ -481,7 +491,7 @@ export class Client {
   /** The one `close()` in progress (or done). */
   #closed;
   #first = null; // the pending Client.connect
-  #identity;
+  #senderId = null; // the identity's (the identity itself is the core's)
   #waiting = []; // publishes held while the socket's send buffer is over the high-water mark
   #waitingTimer = null;
   #pumping = false;
@@ -535,19 +545,19 @@ export class Client {
     checkOptions('Client.connect', options, CONNECT_OPTIONS);
     this.#urls = urls;
     this.#url = urls[0];
+    // The options kept for the client's life: what the engine is made with (possibly later,
+    // once the saved state is loaded) and what this driver reads. Never the secrets (keys,
+    // identity, relay account): those go to the Rust core below and are not kept here.
     this.#opts = {
       connectTimeoutMs: 10_000,
       reconnectBuffer: 8 * 1024 * 1024,
       subscriptionCapacity: 65_536,
       sendHighWaterMark: 1024 * 1024,
       name: 'whispeer-js/0.1.0',
-      ...options,
-      topics: policyTopics(options.topics),
-      relays: urls.length,
     };
-    delete this.#opts.persistence;
-    delete this.#opts.maxFrame;
-    delete this.#opts.signal;
+    for (const k of KEPT_OPTIONS) if (options[k] !== undefined) this.#opts[k] = options[k];
+    this.#opts.topics = policyTopics(options.topics);
+    this.#opts.relays = urls.length;
     const maxFrame = options.maxFrame ?? DEFAULT_MAX_FRAME;
     if (!Number.isInteger(maxFrame) || maxFrame < 4096 || maxFrame > MAX_FRAME_CEILING)
       throw new WhispeerError(
@@ -565,9 +575,12 @@ export class Client {
       this.#opts.sendHighWaterMark +
       4 * maxFrame;
     this.#openStore = persistenceOption(options.persistence);
-    const kr = options.keys instanceof Keyring ? options.keys : toKeyring(options.keys);
+    let kr;
     let core;
     try {
+      // A Keyring made here is a temporary (the core copies it): freed below, not left to
+      // the garbage collector with its keys.
+      kr = options.keys instanceof Keyring ? options.keys : toKeyring(options.keys);
       const sign = options.sign ?? true;
       core = new ClientCore(kr, level(options.compression), options.padding !== false, sign !== false && sign !== 'off');
       core.setSigning(sign === true ? 'batch' : sign === false ? 'off' : String(sign));
@@ -576,7 +589,7 @@ export class Client {
         if (!(options.identity instanceof Identity))
           throw new WhispeerError('INVALID_OPTION', 'identity: expected an Identity (Identity.generate() or Identity.fromSecretString())');
         core.setIdentity(options.identity);
-        this.#identity = options.identity;
+        this.#senderId = options.identity.senderId;
       }
       for (const [filter, o] of Object.entries(options.topics ?? {})) {
         checkOptions(`topics[${JSON.stringify(filter)}]`, o, TOPIC_OPTIONS);
@@ -610,6 +623,8 @@ export class Client {
       // rust" instead of the option's error).
       if (!this.#coreTaken) core?.free();
       throw wrap(e);
+    } finally {
+      if (kr !== options.keys) kr?.free();
     }
   }
 
@@ -688,7 +703,7 @@ export class Client {
 
   /** This client's sender id (`wspk1…`), or null without an identity. */
   get senderId() {
-    return this.#identity ? this.#identity.senderId : null;
+    return this.#senderId;
   }
 
   /** Bytes the socket has not sent yet (what `publish` waits on above `sendHighWaterMark`). */

@@ -359,13 +359,13 @@ fn parse_account_key(text: &str) -> Option<ed25519_dalek::SigningKey> {
     if h.len() != 64 || !h.is_ascii() {
         return None;
     }
-    let mut seed = [0u8; 32];
+    // Wiped when dropped, also on an early return (zeroize's writes are not optimized away,
+    // as a plain loop's zeroing of a buffer never read again may be).
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
     for (i, b) in seed.iter_mut().enumerate() {
         *b = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok()?;
     }
-    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
-    seed.iter_mut().for_each(|b| *b = 0);
-    Some(key)
+    Some(ed25519_dalek::SigningKey::from_bytes(&seed))
 }
 
 #[wasm_bindgen]

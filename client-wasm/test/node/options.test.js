@@ -4,7 +4,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { WebSocket } from 'ws';
 import { relayPerFile } from '../shared/fixture.js';
-import { Client, Identity, TreeKey } from '../../js/index.node.js';
+import v8 from 'node:v8';
+import { runInNewContext } from 'node:vm';
+import { Client, Identity, Keyring, TreeKey } from '../../js/index.node.js';
 import { setWebSocket } from '../../js/client.js';
 
 const fx = relayPerFile();
@@ -153,4 +155,42 @@ test('stats().refused.marksEvicted counts retained high-water marks evicted at d
   const { delivered, refused } = sub.stats();
   assert.ok(delivered >= 3, JSON.stringify(sub.stats()));
   assert.equal(refused.marksEvicted, delivered - 2, JSON.stringify(refused));
+});
+
+test('the client keeps none of the secrets given to connect in JS, and frees the Keyring it makes', async () => {
+  v8.setFlagsFromString('--expose-gc');
+  const gc = runInNewContext('gc');
+  const tree = TreeKey.generate('sk');
+  const free = Keyring.prototype.free;
+  let freed = 0;
+  Keyring.prototype.free = function () {
+    freed++;
+    return free.call(this);
+  };
+  let c;
+  let collected = false;
+  const registry = new FinalizationRegistry(() => (collected = true));
+  try {
+    // The keys as a key string in an array: a Keyring the client makes and must free.
+    await (async () => {
+      const keys = [tree.toKeyString()];
+      registry.register(keys, 'keys');
+      c = await connect({ keys, identity: Identity.generate() });
+    })();
+  } finally {
+    Keyring.prototype.free = free;
+  }
+  assert.equal(freed, 1, 'the temporary Keyring was freed');
+  for (let i = 0; i < 20 && !collected; i++) {
+    gc();
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  assert.ok(collected, 'the keys option was not kept by the client');
+  assert.equal(c.state, 'connected');
+  assert.match(c.senderId, /^wspk1/);
+  // The client still works without them: the core holds its own copies.
+  const got = [];
+  await c.subscribe('k/#', (m) => got.push(m.value));
+  await c.publish('k/x', 1, { ack: true });
+  await until(() => got.length === 1);
 });
