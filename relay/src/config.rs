@@ -1004,7 +1004,11 @@ pub struct Limits {
     /// the same refusal as max_connections_per_addr ("… per network …"). Many honest hosts
     /// can share a network (a carrier-grade NAT pool, a campus): raise it with
     /// max_connections, or further (0 = no network cap) if one network really brings that
-    /// many clients.
+    /// many clients. Refused connects (at any cap) also count against their network's
+    /// connect bucket, 8 × addr_connect_rate and addr_connect_burst (400/s, burst 2,048 by
+    /// default; whatever the cap): a network whose refusals run faster (one /48 rotating
+    /// its /64s, each with a fresh bucket) is churning as a whole — its connects closed
+    /// unanswered and the network banned at accept (addr_churn_ban_secs).
     #[arg(long, env = "WHISPEER_MAX_CONNECTIONS_PER_NETWORK")]
     pub max_connections_per_network: usize,
     /// Leading bits of an IPv4 source address that max_connections_per_network counts by
@@ -1050,7 +1054,9 @@ pub struct Limits {
     #[arg(long, env = "WHISPEER_ADDR_CONNECT_RATE")]
     pub addr_connect_rate: u32,
     /// Burst of new connections per source address (connections arriving at once before
-    /// any waits).
+    /// any waits). A network (network_ipv4_prefix, network_ipv6_prefix) has 8 times this
+    /// burst and addr_connect_rate for its refused connects: beyond, it is churning as a
+    /// whole (see max_connections_per_network).
     #[arg(long, env = "WHISPEER_ADDR_CONNECT_BURST")]
     pub addr_connect_burst: u32,
     /// Longest ban, in seconds, of a churning source address (one at max_connections_per_addr
@@ -1058,7 +1064,10 @@ pub struct Limits {
     /// by the kernel before accept (a socket filter on the listeners; Linux), for 1 s, then
     /// twice as long each time it churns again soon after, up to this. Its open connections
     /// are untouched, and a client's connect made meanwhile completes when the ban ends (as
-    /// after packet loss). 0 = no bans (such connections are accepted and closed).
+    /// after packet loss). A network whose many addresses are refused faster than 8 ×
+    /// addr_connect_rate together (see max_connections_per_network) is banned the same way,
+    /// at accept (the socket filter holds addresses, not networks). 0 = no bans (such
+    /// connections are accepted and closed).
     #[arg(long, env = "WHISPEER_ADDR_CHURN_BAN_SECS")]
     pub addr_churn_ban_secs: u32,
     /// Sub/Unsub requests per second shared by one source address.

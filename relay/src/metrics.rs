@@ -662,7 +662,7 @@ impl Metrics {
             ),
             (
                 "whispeer_relay_addr_bans_total",
-                "Source addresses banned for connection churn: their new TCP connections dropped before accept for a while (addr_churn_ban_secs).",
+                "Source addresses (or whole networks, when many of their addresses churn together) banned for connection churn: their new TCP connections dropped before accept for a while (addr_churn_ban_secs).",
                 load(&self.addr_bans),
             ),
             (

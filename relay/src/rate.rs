@@ -240,10 +240,27 @@ struct AddrState {
     /// Sweeps so far (tests).
     #[cfg(test)]
     sweeps: usize,
+    /// Refused connects per network ([`AddrTable::network`]): every refusal charges its
+    /// network's bucket as well as its address's, so a network whose many addresses each
+    /// stay under their own connect rate (a /48's 65,536 /64s, each a fresh bucket) is
+    /// still churning as a whole. An entry is made by a refusal and forgotten once full.
+    net_refusals: HashMap<IpAddr, TokenBucket>,
+    /// [`AddrState::sweep_at`] for `net_refusals`.
+    net_sweep_at: usize,
 }
 
 /// The table size below which no sweep happens.
 const SWEEP_MIN: usize = 4096;
+
+/// A network's refused connects may run at this many times an address's connect rate and
+/// burst (`addr_connect_rate`, `addr_connect_burst`; defaults 400/s, burst 2,048) before the
+/// network counts as churning ([`Refusal::NetworkChurning`]). Only refusals count: an honest
+/// network's connects are never refused while it is under its caps, and one that reaches a
+/// cap (a campus or a NAT64 behind one /48, at `max_connections_per_network`) still gets 8
+/// addresses' worth of explained refusals — more than the 5 full addresses' worth of places
+/// the default network cap is — before its new connects are dropped. A single churning
+/// address is banned by its own bucket long before it could put its network in debt.
+pub(crate) const NETWORK_CONNECT_FACTOR: u32 = 8;
 
 /// Connections (handshakes included) and rate buckets per source address, plus the global
 /// count. Entries outlive their connections until their buckets are full again, so
@@ -264,6 +281,9 @@ pub(crate) struct AddrTable {
     global: usize,
     /// Churning addresses banned before accept.
     bans: crate::syn_ban::Bans,
+    /// Churning networks ([`Refusal::NetworkChurning`]), banned at accept: the socket
+    /// filter matches single addresses (IPv6: by `v6_prefix`), not networks.
+    net_bans: crate::syn_ban::Bans,
     /// The global count, published on every change (sent under the state lock, so
     /// watchers see the changes in order).
     count: tokio::sync::watch::Sender<usize>,
@@ -282,6 +302,11 @@ pub(crate) enum Refusal {
     /// over a cap gets, so a churning address costs the relay as little as possible per
     /// attempt.
     Churning,
+    /// Any cap, reached by an address whose network's refused connects are over
+    /// [`NETWORK_CONNECT_FACTOR`] times the connect rate (many addresses of one network
+    /// each refused a few times: a /48 rotating its /64s): closed unanswered like
+    /// [`Refusal::Churning`], and the network, not only the address, is banned.
+    NetworkChurning,
     /// The relay has `max_connections` connections or handshakes.
     Global(usize),
 }
@@ -300,7 +325,7 @@ impl Refusal {
             Refusal::Global(n) => {
                 Some(format!("connection limit of {n} reached (max_connections)"))
             }
-            Refusal::Churning => None,
+            Refusal::Churning | Refusal::NetworkChurning => None,
         }
     }
 
@@ -311,7 +336,7 @@ impl Refusal {
             Refusal::PerAddr(_) => RefusedCap::PerAddr,
             Refusal::PerNetwork(_) => RefusedCap::PerNetwork,
             Refusal::Global(_) => RefusedCap::Global,
-            Refusal::Churning => RefusedCap::Churning,
+            Refusal::Churning | Refusal::NetworkChurning => RefusedCap::Churning,
         }
     }
 }
@@ -335,6 +360,7 @@ impl AddrTable {
             net_prefix: (32, 128),
             global,
             bans: crate::syn_ban::Bans::new(ban_max),
+            net_bans: crate::syn_ban::Bans::new(ban_max),
             count: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -372,10 +398,21 @@ impl AddrTable {
             .strike(source_address(ip, self.v6_prefix), Instant::now())
     }
 
-    /// Whether `ip`'s source address is banned now for churn.
+    /// `ip` was refused as [`Refusal::NetworkChurning`]: bans its network at accept unless
+    /// it already is. Returns the network and the new ban's length.
+    pub(crate) fn strike_network(&self, ip: IpAddr) -> Option<(IpAddr, Duration)> {
+        let net = self.network(source_address(ip, self.v6_prefix));
+        self.net_bans.strike(net, Instant::now()).map(|d| (net, d))
+    }
+
+    /// Whether `ip`'s source address, or its network, is banned now for churn.
     pub(crate) fn banned(&self, ip: IpAddr) -> bool {
-        self.bans
-            .banned(source_address(ip, self.v6_prefix), Instant::now())
+        self.banned_at(ip, Instant::now())
+    }
+
+    fn banned_at(&self, ip: IpAddr, now: Instant) -> bool {
+        let ip = source_address(ip, self.v6_prefix);
+        self.bans.banned(ip, now) || self.net_bans.banned(self.network(ip), now)
     }
 
     /// Leading bits an IPv6 address is counted (and banned) by.
@@ -417,6 +454,13 @@ impl AddrTable {
         let net = self.network(ip);
         let net_full = self.per_net > 0 && s.by_net.get(&net).copied().unwrap_or(0) >= self.per_net;
         let s = &mut *s;
+        // Every refusal charges the network too, before the address gets an entry: once
+        // the network's refusals are in debt its addresses are closed unanswered (no task
+        // spawned to explain) and remembered nowhere but in the network's bucket and ban.
+        let at_addr_cap = s.by_addr.get(&ip).is_some_and(|e| e.conns >= self.per_addr);
+        if (global || net_full || at_addr_cap) && self.charge_network(s, net, now) {
+            return Err(Refusal::NetworkChurning);
+        }
         let e = s.by_addr.entry(ip).or_insert_with(|| AddrEntry {
             conns: 0,
             buckets: SharedBuckets::new(rates, now),
@@ -440,7 +484,8 @@ impl AddrTable {
         }
         // The network's cap: refusals charge the address's connect rate like the others,
         // so an address that keeps connecting into a full network is churning (banned by
-        // its own address, never the whole network: other hosts there are not its doing).
+        // its own address). The whole network is banned only when its refusals together
+        // are in debt (above): many addresses churning, not one.
         if net_full {
             e.connects.charge_refused(now);
             return Err(if e.connects.in_debt(now) {
@@ -465,6 +510,26 @@ impl AddrTable {
             wait,
             busy,
         })
+    }
+
+    /// Charges a refused connect to `net`'s bucket; whether the network is now in debt.
+    fn charge_network(&self, s: &mut AddrState, net: IpAddr, now: Instant) -> bool {
+        if s.net_refusals.len() >= s.net_sweep_at.max(SWEEP_MIN)
+            && !s.net_refusals.contains_key(&net)
+        {
+            s.net_refusals.retain(|_, b| !b.is_full(now));
+            s.net_sweep_at = (2 * s.net_refusals.len()).max(SWEEP_MIN);
+        }
+        let (rate, burst) = self.connect;
+        let b = s.net_refusals.entry(net).or_insert_with(|| {
+            TokenBucket::new(
+                rate.saturating_mul(NETWORK_CONNECT_FACTOR),
+                burst.saturating_mul(NETWORK_CONNECT_FACTOR),
+                now,
+            )
+        });
+        b.charge_refused(now);
+        b.in_debt(now)
     }
 
     fn release(&self, ip: IpAddr) {
@@ -794,6 +859,134 @@ mod tests {
             .collect();
         assert!(off.lock().by_net.is_empty());
         drop(held);
+    }
+
+    /// A /48 rotating its /64s into its full network: each /64 is a fresh address with a
+    /// full connect bucket, so its refusals were explained (a task spawned per connect by
+    /// the `tcp` listener) ~256 times per /64 — 65,536 /64s — and never churning, nor
+    /// banned. Now the refusals also charge the network's bucket (8 × an address's): once
+    /// it is in debt the network is churning, its addresses closed unanswered and banned
+    /// as a network, while another /48 is unaffected.
+    #[test]
+    fn a_network_rotating_its_addresses_into_its_cap_is_churning() {
+        let (rate, burst) = (50, 256);
+        let t = Arc::new(
+            AddrTable::new(
+                UNLIMITED,
+                (rate, burst),
+                64,
+                256,
+                100_000,
+                Duration::from_secs(60),
+            )
+            .with_network_cap(4, 24, 48),
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let t0 = Instant::now();
+        // The network's cap filled by one host.
+        let held: Vec<_> = (0..4)
+            .map(|_| t.admit_at(ip("2001:db8:7:1::1"), t0).unwrap())
+            .collect();
+        // 10,000 distinct /64s of that /48, one connect each, over one second.
+        let mut explained = 0;
+        let mut churning = None;
+        for i in 0..10_000u32 {
+            let at = t0 + Duration::from_micros(100 * u64::from(i));
+            let a = IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                7,
+                (i + 2) as u16,
+                0,
+                0,
+                0,
+                1,
+            ));
+            match t.admit_at(a, at).unwrap_err() {
+                Refusal::PerNetwork(4) => explained += 1,
+                Refusal::NetworkChurning => {
+                    churning.get_or_insert((i, a, at));
+                }
+                other => panic!("{a}: {other:?}"),
+            }
+        }
+        let (first, churner, at) = churning.expect("never churning: one /48 rotating /64s");
+        // The network's burst (2,048) and what its rate refilled meanwhile, no more.
+        let most = f64::from(burst * NETWORK_CONNECT_FACTOR)
+            + f64::from(rate * NETWORK_CONNECT_FACTOR) * 1e-4 * f64::from(first)
+            + 1.0;
+        assert!(
+            f64::from(explained) <= most,
+            "{explained} refusals explained (at most {most})"
+        );
+        assert_eq!(
+            explained, first,
+            "every refusal after the first is unanswered"
+        );
+        // Nothing remembered per address once the network is in debt.
+        assert!(t.lock().by_addr.len() <= first as usize + 1);
+        // Struck: the whole /48 is banned at accept, any /64 of it; its /64 alone is not
+        // an address ban.
+        let (net, length) = t.strike_network(churner).unwrap();
+        assert_eq!(net, ip("2001:db8:7::"));
+        assert_eq!(length, Duration::from_secs(1));
+        assert!(t.banned_at(ip("2001:db8:7:ffff::9"), at));
+        assert!(!t.bans().banned(ip("2001:db8:7:ffff::"), at));
+        // Another /48 — and an IPv4 address — are unaffected: admitted at once, not
+        // banned, the network cap's explanation still theirs.
+        assert!(!t.banned_at(ip("2001:db8:8:1::1"), at));
+        assert!(!t.banned_at(ip("192.0.2.1"), at));
+        let honest = t.admit_at(ip("2001:db8:8:1::1"), at).unwrap();
+        assert_eq!(honest.wait(), None);
+        let other: Vec<_> = (0..3)
+            .map(|_| t.admit_at(ip("2001:db8:8:2::1"), at).unwrap())
+            .collect();
+        assert_eq!(
+            t.admit_at(ip("2001:db8:8:3::1"), at).unwrap_err(),
+            Refusal::PerNetwork(4)
+        );
+        drop((held, honest, other));
+    }
+
+    /// An honest network at its cap — clients of many hosts behind one /48 retrying — at
+    /// several addresses' connect rate is told why each time, never churning.
+    #[test]
+    fn an_honest_network_at_its_cap_is_not_churning() {
+        let t = Arc::new(
+            AddrTable::new(
+                UNLIMITED,
+                (50, 256),
+                64,
+                256,
+                100_000,
+                Duration::from_secs(60),
+            )
+            .with_network_cap(2, 24, 48),
+        );
+        let t0 = Instant::now();
+        let _held: Vec<_> = (0..2)
+            .map(|_| t.admit_at("2001:db8:9:1::1".parse().unwrap(), t0).unwrap())
+            .collect();
+        // 1,000 hosts retrying every 5 s (200 refused connects a second, four addresses'
+        // connect rate) for a minute, after a burst of 1,000 at once.
+        for i in 0..13_000u32 {
+            let at = t0 + Duration::from_millis(5 * u64::from(i.saturating_sub(1_000)));
+            let a = IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                9,
+                (i % 1_000 + 2) as u16,
+                0,
+                0,
+                0,
+                1,
+            ));
+            assert_eq!(
+                t.admit_at(a, at).unwrap_err(),
+                Refusal::PerNetwork(2),
+                "{i}"
+            );
+        }
     }
 
     /// Many addresses holding connections: a new address sweeps the table only when it has

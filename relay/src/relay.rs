@@ -1015,8 +1015,9 @@ async fn lift_bans(shared: Arc<Shared>) {
 }
 
 /// Counts a connection refused before its handshake (over the per-address or global cap)
-/// and returns what to tell the client: `None` for a churning address, which is closed
-/// unanswered ([`Refusal::Churning`]).
+/// and returns what to tell the client: `None` for a churning address or network, which
+/// is closed unanswered ([`Refusal::Churning`], [`Refusal::NetworkChurning`]) — no task
+/// spawned to answer it.
 pub(crate) fn refused(
     shared: &Shared,
     kind: TransportKind,
@@ -1035,6 +1036,16 @@ pub(crate) fn refused(
                 addr = %crate::store::source_address(peer, shared.addr_table.v6_prefix()),
                 ban_s = length.as_secs(),
                 "connection churn: this source address's new connections are dropped before accept for a while (addr_churn_ban_secs)"
+            );
+        }
+    }
+    if *why == Refusal::NetworkChurning {
+        if let Some((net, length)) = shared.addr_table.strike_network(peer) {
+            shared.metrics.addr_banned();
+            tracing::warn!(
+                network = %net,
+                ban_s = length.as_secs(),
+                "connection churn from many addresses of one network: its new connections are closed at accept for a while (addr_churn_ban_secs)"
             );
         }
     }

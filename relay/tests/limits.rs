@@ -780,6 +780,65 @@ async fn one_network_cannot_take_more_than_its_cap() {
     }
 }
 
+/// Many addresses of one network, each refused once at the network's full cap (a /48
+/// rotating its /64s; here the /24 127.0.3.0, an IPv4 network being a /24): the refusals
+/// charge the network's bucket too (8 × `addr_connect_burst` / `addr_connect_rate`), so
+/// once it is in debt the network's connects are closed unanswered (no task spawned to
+/// explain) and the network banned at accept, while another /24 connects and the
+/// network's held connection is served. Before, each fresh address had its own full
+/// bucket: every connect was answered `too_many_connections` and nothing was ever banned.
+#[tokio::test]
+async fn a_network_rotating_its_addresses_into_its_cap_is_banned() {
+    let mut config = Config::ephemeral();
+    config.limits.max_connections_per_addr = 2;
+    config.limits.max_connections_per_network = 2;
+    config.limits.addr_connect_rate = 1;
+    config.limits.addr_connect_burst = 2;
+    config.limits.addr_churn_ban_secs = 60;
+    let relay = TestRelay::start(config).await;
+    let (port, admin) = (relay.tcp().port(), relay.addrs.admin.expect("admin"));
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = client_from(port, ip("127.0.3.1")).await;
+        c.hello().await;
+        held.push(c);
+    }
+    let start = std::time::Instant::now();
+    let (mut explained, mut unanswered) = (0u32, Vec::new());
+    for i in 2..=121 {
+        let from = format!("127.0.3.{i}");
+        let mut c = client_from(port, ip(&from)).await;
+        let (frames, _) = c.drain_to_end().await;
+        match frames.as_slice() {
+            [] => unanswered.push((i, start.elapsed())),
+            [Frame::Err(e)] if e.message.contains("per network") => {
+                assert!(
+                    unanswered.is_empty(),
+                    "{from} answered after the ban: {e:?}"
+                );
+                explained += 1;
+            }
+            other => panic!("{from}: {other:?}"),
+        }
+    }
+    let &(_, at) = unanswered
+        .first()
+        .expect("every connect was explained: the network was never churning");
+    // The network's burst (16) and what its rate (8/s) refilled meanwhile, no more.
+    let most = 16.0 + 8.0 * at.as_secs_f64() + 1.0;
+    assert!(
+        f64::from(explained) <= most,
+        "{explained} refusals explained (at most {most})"
+    );
+    assert_eq!(metric(admin, "whispeer_relay_addr_bans_total").await, 1);
+    // Another network is unaffected, and the banned network's open connection is served.
+    let mut other = client_from(port, ip("127.0.4.1")).await;
+    other.hello().await;
+    other.subscribe(1, exact(1, &[1])).await;
+    held[0].subscribe(1, exact(1, &[1])).await;
+}
+
 /// A connection flood from one address is capped (handshakes included: these connections
 /// never send a byte) while another address still connects.
 #[tokio::test]
