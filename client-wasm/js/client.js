@@ -130,7 +130,7 @@ const BATCH_PUMP = 64;
 const BATCH_PUMP_BYTES = 64 * 1024;
 const PUBLISH_OPTIONS = ['qos', 'retain', 'ack', 'tree'];
 const PUBLISH_BYTES_OPTIONS = [...PUBLISH_OPTIONS, 'contentType'];
-const SUBSCRIBE_OPTIONS = ['qos', 'replay', 'durable', 'retained', 'olderHistory', 'capacity', 'onLag', 'onReplayDone'];
+const SUBSCRIBE_OPTIONS = ['qos', 'replay', 'durable', 'retained', 'olderHistory', 'capacity', 'tree', 'onLag', 'onReplayDone'];
 const TYPED_TOPIC_OPTIONS = ['type'];
 const TYPED_SUBSCRIBE_OPTIONS = [...SUBSCRIBE_OPTIONS, 'onError'];
 
@@ -1353,7 +1353,9 @@ export class Client {
    * every message; without, the returned Subscription is an async iterator. Options:
    * `qos` (1: at least once — what the app has not taken is redelivered), `replay`
    * (`{ fromSeq }`, `{ sinceMs }` or `{ last }`), `durable` (a name the relay remembers
-   * the position under), `retained` (default true), `capacity`, `onLag`, `onReplayDone`.
+   * the position under), `retained` (default true), `capacity`, `tree` (32 hex digits:
+   * the one tree whose messages it gets — needed when grants of several trees overlap the
+   * filter, else it fails with code `KEY` naming them), `onLag`, `onReplayDone`.
    * Resolves once the relay confirmed the subscription; while reconnecting, once it is
    * confirmed on the next connection (as in the Rust client), so a message published after
    * it resolves is delivered.
@@ -1371,7 +1373,7 @@ export class Client {
     options = checkOptions('subscribe', options, known);
     const id = this.#nextSub++;
     try {
-      this.#eng.subscribe(id, filter, options, mono(), Date.now()); // NO_KEY / INVALID_TOPIC
+      this.#eng.subscribe(id, filter, options, mono(), Date.now()); // NO_KEY / INVALID_TOPIC / KEY
     } catch (e) {
       throw wrap(e);
     }

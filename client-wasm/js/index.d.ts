@@ -447,6 +447,14 @@ export interface SubscribeOptions {
    * is held back by the relay (`Sub.credit`) and follows once the app takes what it has.
    */
   capacity?: number;
+  /**
+   * The one tree whose messages this subscription gets (32 hex digits, a message's
+   * `treeId`). Without it the subscription binds to the one tree whose grants overlap the
+   * filter; when grants of several trees do, subscribing fails with code `KEY` naming them
+   * (another tree's admin could otherwise write into it). Messages of any other tree are
+   * never delivered to it, whatever grants are added later.
+   */
+  tree?: string;
   /** Called with the number of messages lost (buffer full, or a relay gap). */
   onLag?: (lost: number) => void;
   /** Called with the relay sequence where the replayed history ended. */

@@ -91,7 +91,7 @@ fn provenance_object(p: &Provenance) -> JsValue {
 }
 
 /// A tree id as `treeId` prints it (32 hex digits).
-fn parse_tree_id(s: &str) -> Result<TreeId, JsValue> {
+pub(crate) fn parse_tree_id(s: &str) -> Result<TreeId, JsValue> {
     let bad = || {
         js_error(
             "INVALID_TREE",

@@ -409,8 +409,10 @@ impl Engine {
     /// Subscribes local subscription `id` to `filter`. `options`: `qos` (0, 1, 2), `replay`
     /// (`{ fromSeq }`, `{ sinceMs }` or `{ last }`), `durable` (a name), `retained`
     /// (default true), `olderHistory`, `capacity` (messages delivered and not yet taken;
-    /// default the client's). Throws `NO_KEY`/`INVALID_TOPIC` at once; a
-    /// `subscribed` or `subscribeFailed` event follows.
+    /// default the client's), `tree` (32 hex digits: the one tree whose messages it gets;
+    /// without it, the one tree whose grants overlap the filter). Throws `NO_KEY`,
+    /// `INVALID_TOPIC`, `INVALID_TREE` or `KEY` (grants of several trees overlap the filter
+    /// and no `tree` is named) at once; a `subscribed` or `subscribeFailed` event follows.
     pub fn subscribe(
         &mut self,
         id: f64,
@@ -466,6 +468,9 @@ impl Engine {
                 ));
             }
             o = o.capacity(if c.is_finite() { c as u64 } else { u64::MAX });
+        }
+        if let Some(t) = tree_option(options)? {
+            o = o.tree(crate::client::parse_tree_id(&t)?);
         }
         self.eng
             .subscribe(id as u64, f, o, now(mono_ms, unix_ms))
@@ -740,6 +745,20 @@ impl Engine {
     }
 }
 
+/// The `tree` option of a publish or subscribe, when given (a string; its digits are
+/// checked where it is used).
+fn tree_option(options: &JsValue) -> Result<Option<String>, JsValue> {
+    match get(options, "tree") {
+        None => Ok(None),
+        Some(t) => Ok(Some(t.as_string().ok_or_else(|| {
+            js_error(
+                "INVALID_TREE",
+                "tree: expected 32 hex digits (a message's treeId)",
+            )
+        })?)),
+    }
+}
+
 impl Engine {
     fn publish_payload(
         &mut self,
@@ -749,15 +768,7 @@ impl Engine {
         options: &JsValue,
         n: Now,
     ) -> Result<Option<String>, JsValue> {
-        let tree = match get(options, "tree") {
-            None => None,
-            Some(t) => Some(t.as_string().ok_or_else(|| {
-                js_error(
-                    "INVALID_TREE",
-                    "tree: expected 32 hex digits (a message's treeId)",
-                )
-            })?),
-        };
+        let tree = tree_option(options)?;
         let o = PubOptions::new()
             .qos(qos(options)?)
             .retain(flag(options, "retain")?.unwrap_or(false))

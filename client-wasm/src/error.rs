@@ -62,6 +62,8 @@ pub fn subscribe_error(e: SubscribeError) -> JsValue {
     let code = match &e {
         SubscribeError::Topic(_) => "INVALID_TOPIC",
         SubscribeError::NoKey { .. } => "NO_KEY",
+        // `AmbiguousTree`: grants of several trees overlap the filter (as for a publish).
+        SubscribeError::Key(k) => key_code(k),
         SubscribeError::Closed => "CLOSED",
         SubscribeError::Rejected { code, .. } => code.name(),
         _ => "SUBSCRIBE",

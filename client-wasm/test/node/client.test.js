@@ -418,32 +418,55 @@ test('the package loads by name with import and require', () => {
   assert.equal(cjs.trim(), 'wspk1');
 });
 
-test('two trees covering a topic: a plain publish names both, `tree` picks one', async () => {
+test('two trees covering a topic: a plain publish or subscribe names both, `tree` picks one', async () => {
   const alpha = TreeKey.generate('alpha');
   const beta = TreeKey.generate('beta');
   const pub = await connect({ keys: [alpha, beta] });
   const sub = await connect({ keys: [alpha, beta] });
-  const c = collector(2);
-  await sub.subscribe('shared/#', c.cb);
-  await assert.rejects(pub.publish('shared/x', 1, { ack: true }), (e) => {
+  const namesBoth = (e) => {
     assert.equal(e.code, 'KEY');
     assert.ok(e.message.includes(alpha.treeId) && e.message.includes(beta.treeId), e.message);
     return true;
-  });
+  };
+  // A subscription is bound to one tree, as a publish is (PROTOCOL §4.11).
+  await assert.rejects(sub.subscribe('shared/#', () => {}), namesBoth);
+  const inAlpha = collector(1);
+  const inBeta = collector(1);
+  await sub.subscribe('shared/#', inAlpha.cb, { tree: alpha.treeId });
+  await sub.subscribe('shared/#', inBeta.cb, { tree: beta.treeId });
+  await assert.rejects(pub.publish('shared/x', 1, { ack: true }), namesBoth);
   await pub.publish('shared/x', 2, { ack: true, tree: beta.treeId });
   await pub.publish('shared/x', 3, { ack: true, tree: alpha.treeId });
-  // Two trees are two relay subscriptions (two key ids, routed on their own shards): the
-  // relay orders each one's messages, not the two against each other, so compare by value.
-  const got = (await c.all).sort((a, b) => a.value - b.value);
+  const [b] = await inBeta.all;
+  const [a] = await inAlpha.all;
+  assert.deepEqual([b.value, b.treeId], [2, beta.treeId]);
+  assert.deepEqual([a.value, a.treeId], [3, alpha.treeId]);
+  assert.deepEqual(b.provenance, { kind: 'admin-signed' });
+  await assert.rejects(pub.publish('shared/x', 4, { tree: 'zz' }), (e) => e.code === 'INVALID_TREE');
+  await assert.rejects(sub.subscribe('shared/#', () => {}, { tree: 'zz' }), (e) => e.code === 'INVALID_TREE');
+});
+
+test("a subscription bound to a tree never gets another tree's messages", async () => {
+  // The victim holds tree "work" (alerts/#) and accepted Mallory's tree (#).
+  const work = TreeKey.generate('work');
+  const mallory = TreeKey.generate('mallory');
+  const victim = await connect({ keys: [work.grant('alerts/#'), mallory] });
+  const attacker = await connect({ keys: mallory, identity: Identity.generate() });
+  const colleague = await connect({ keys: work });
+  const got = collector(3);
+  await victim.subscribe('alerts/#', got.cb, { tree: work.treeId });
+  for (const [c, v] of [[attacker, 1], [colleague, 2], [attacker, 3], [colleague, 4], [colleague, 6]]) {
+    await c.publish('alerts/fire', v, { ack: true });
+  }
+  const seen = await got.all;
   assert.deepEqual(
-    got.map((m) => [m.value, m.treeId]),
+    seen.map((m) => [m.value, m.treeId]).sort((x, y) => x[0] - y[0]),
     [
-      [2, beta.treeId],
-      [3, alpha.treeId],
+      [2, work.treeId],
+      [4, work.treeId],
+      [6, work.treeId],
     ],
   );
-  assert.deepEqual(got[0].provenance, { kind: 'admin-signed' });
-  await assert.rejects(pub.publish('shared/x', 4, { tree: 'zz' }), (e) => e.code === 'INVALID_TREE');
 });
 
 test('messages carry the provenance; a delegated grant seals only after allowSealing', async () => {
