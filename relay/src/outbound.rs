@@ -22,6 +22,11 @@
 //! subscriptions are never dropped from: the router pauses them as if out of credit
 //! ([`Outbound::over_budget`]), their messages wait in the store, and the catch-up sends
 //! them once the connection is back within its share ([`Outbound::wait_room`]).
+//!
+//! History and retained-value senders reserve room for a chunk before they read it
+//! ([`Outbound::reserve_read`]): the reservation counts like queued bytes until the chunk
+//! is queued, so a connection's history holds at most `max_bytes` and one chunk however
+//! many subscriptions ask for it at once.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -149,6 +154,9 @@ struct State {
     /// Bytes of live messages the connection's gated subscriptions hold back
     /// ([`Outbound::hold_gated`]).
     gated: usize,
+    /// Bytes history and retained-value senders reserved for a read, or read and not yet
+    /// queued ([`Outbound::reserve_read`]).
+    reading: usize,
     controls: usize,
     /// Messages dropped since the writer last took a batch (becomes a `Gap` frame).
     dropped: u64,
@@ -228,7 +236,7 @@ fn fatal_err(code: ErrorCode, message: &str) -> Bytes {
 
 impl State {
     fn held(&self) -> usize {
-        self.queued_held() + self.gated
+        self.queued_held() + self.reading + self.gated
     }
 
     /// Message bytes queued or being written, without the gates' held-back bytes: what
@@ -504,6 +512,70 @@ impl Outbound {
         Offer::Queued
     }
 
+    /// Waits until a history or retained-value sender may read its next chunk and reserves
+    /// `len` bytes for it (the chunk's size at most, but for the message that crosses it):
+    /// the reservation counts like queued bytes — in this connection's room and in the
+    /// relay-wide budget — from before the read until its messages are queued
+    /// ([`push_history_held`](Self::push_history_held)) or the [`ReadHold`] is dropped.
+    /// There is room when, with what the other senders of the connection reserved, at
+    /// most half the queue is used and at most `max_bytes` with the batch the writer holds,
+    /// and the relay-wide budget takes `len` more (or the connection holds nothing). So a
+    /// connection's history — however many subscriptions ask for it at once — holds at
+    /// most `max_bytes` and one chunk. `None` once closing.
+    ///
+    /// Reserved before the read, not after the chunk is queued: each sender read a chunk
+    /// and queued it before it waited, so a `Sub` flood on a connection that reads nothing
+    /// held a chunk (up to 2 MiB) per `Sub`.
+    pub(crate) async fn reserve_read(self: &Arc<Self>, len: usize) -> Option<ReadHold> {
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            {
+                let mut s = self.lock();
+                if s.closing {
+                    return None;
+                }
+                if self.has_read_room(&s, len) {
+                    self.budget.add(s.held(), len);
+                    s.reading += len;
+                    return Some(ReadHold {
+                        out: self.clone(),
+                        len,
+                    });
+                }
+            }
+            drained.await;
+        }
+    }
+
+    /// Whether [`reserve_read`](Self::reserve_read) would return at once.
+    pub(crate) fn read_room(&self, len: usize) -> bool {
+        let s = self.lock();
+        s.closing || self.has_read_room(&s, len)
+    }
+
+    fn has_read_room(&self, s: &State, len: usize) -> bool {
+        let (msgs, bytes) = self.kept(s);
+        msgs <= self.capacity / 2
+            && bytes + s.reading <= self.max_bytes / 2
+            && bytes + s.inflight + s.reading <= self.max_bytes
+            && !self.budget.refuses(s.queued_held() + s.reading, len)
+    }
+
+    /// Gives back what is left of a reservation.
+    fn free_read(&self, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let mut s = self.lock();
+        let n = len.min(s.reading);
+        s.reading -= n;
+        self.budget.sub(s.held(), n);
+        drop(s);
+        self.drained.notify_waiters();
+    }
+
     /// Waits until at most half the capacity (messages and bytes) is queued — with policy
     /// `drop`, of the messages it may not drop ([`kept`](Self::kept)) — at most `max_bytes`
     /// with the batch the writer holds, and the connection is not over its share of the
@@ -513,6 +585,7 @@ impl Outbound {
     }
 
     /// Whether [`wait_room`](Self::wait_room) would return at once.
+    #[cfg(test)]
     pub(crate) fn room(&self) -> bool {
         self.has_room(&self.lock())
     }
@@ -692,6 +765,72 @@ impl Outbound {
     }
 }
 
+/// Bytes a history or retained-value sender reserved in its connection's queue for a read
+/// ([`Outbound::reserve_read`]); what is not queued is given back when it is dropped.
+#[derive(Debug)]
+pub(crate) struct ReadHold {
+    out: Arc<Outbound>,
+    len: usize,
+}
+
+impl ReadHold {
+    /// The read returned `len` bytes: the reservation becomes that.
+    pub(crate) fn resize(&mut self, len: usize) {
+        let out = &self.out;
+        let mut s = out.lock();
+        if len > self.len {
+            let more = len - self.len;
+            out.budget.add(s.held(), more);
+            s.reading += more;
+        } else {
+            let less = (self.len - len).min(s.reading);
+            s.reading -= less;
+            out.budget.sub(s.held(), less);
+        }
+        self.len = len;
+        drop(s);
+        out.drained.notify_waiters();
+    }
+
+    /// Queues a message of the chunk read: `held` bytes of the reservation (its envelope)
+    /// become `frame`'s queued bytes. Nothing is queued once closing (the bytes are given
+    /// back all the same).
+    pub(crate) fn push(&mut self, frame: Bytes, held: usize) {
+        let out = &self.out;
+        let mut s = out.lock();
+        let held = held.min(self.len).min(s.reading);
+        self.len -= held;
+        if s.closing {
+            s.reading -= held;
+            out.budget.sub(s.held(), held);
+            return;
+        }
+        let was_empty = s.items.is_empty();
+        // Added before the reservation's bytes leave, so the connection stays busy in the
+        // budget throughout.
+        out.budget.add(s.held(), frame.len());
+        s.msg_bytes += frame.len();
+        s.reading -= held;
+        out.budget.sub(s.held(), held);
+        s.items.push_back(Item {
+            frame,
+            is_msg: true,
+            droppable: false,
+        });
+        s.msgs += 1;
+        drop(s);
+        if was_empty {
+            out.notify.notify_one();
+        }
+    }
+}
+
+impl Drop for ReadHold {
+    fn drop(&mut self) {
+        self.out.free_read(std::mem::take(&mut self.len));
+    }
+}
+
 impl Drop for Outbound {
     fn drop(&mut self) {
         let s = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -850,6 +989,47 @@ mod tests {
         assert!(!q.room(), "50 queued (half the queue) and 60 being written");
         q.written(batch.msg_bytes);
         assert!(q.room());
+    }
+
+    /// A history read reserves room before it reads: a second sender of the connection
+    /// waits while the first one's chunk is reserved, queued or being written; the
+    /// reservation counts in the relay-wide budget, becomes queued bytes as its messages
+    /// are queued, and what is left is given back when it is dropped.
+    #[tokio::test]
+    async fn history_reads_reserve_room_before_they_read() {
+        let budget = Arc::new(Budget::new(0));
+        let q = Arc::new(Outbound::new(
+            100,
+            100,
+            SlowConsumerPolicy::Drop,
+            budget.clone(),
+        ));
+        let mut first = q.reserve_read(1000).await.expect("room: nothing held");
+        assert_eq!(budget.used(), 1000);
+        assert!(!q.read_room(1000), "a chunk is reserved");
+        first.resize(300);
+        assert_eq!(budget.used(), 300);
+        first.push(Bytes::from(vec![0; 110]), 100);
+        assert_eq!(budget.used(), 310);
+        assert_eq!(q.queued(), 1);
+        assert!(!q.read_room(1000), "queued and reserved");
+        drop(first);
+        assert_eq!(budget.used(), 110, "the rest given back");
+        assert!(!q.read_room(1000), "110 bytes queued, over half the queue");
+        let mut out = Vec::new();
+        let batch = q.take(&mut out);
+        assert!(!q.read_room(1000), "110 bytes being written");
+        let second = {
+            let q = q.clone();
+            tokio::spawn(async move { q.reserve_read(1000).await.map(|h| h.len) })
+        };
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished());
+        q.written(batch.msg_bytes);
+        assert_eq!(second.await.unwrap(), Some(1000));
+        assert_eq!(budget.used(), 0, "a dropped reservation is given back");
+        q.close_with(None);
+        assert!(q.reserve_read(1000).await.is_none(), "closing");
     }
 
     #[derive(Debug, Clone)]

@@ -2,6 +2,15 @@
 //! up to the boundary, reads matching stored messages in chunks off the runtime, queues
 //! them (`Msg` with `REPLAYED`) paced by the connection's queue, then releases the
 //! subscription's gate (see `router`).
+//!
+//! Before each read — the first one too — a sender reserves room for the chunk in the
+//! connection's queue ([`Outbound::reserve_read`](crate::outbound::Outbound::reserve_read)):
+//! the reservation counts like queued bytes until the chunk is queued, so all the senders
+//! of a connection together hold at most `queue.max_bytes` and one chunk, within the
+//! relay-wide budget. A sender whose subscription is replaced or unsubscribed stops at
+//! once, and drops a chunk that was being read meanwhile. (Each sender used to queue a
+//! chunk, up to ~2 MiB, before it waited for room: a stranger's `Sub` flood on a
+//! connection that reads nothing held a chunk per `Sub`.)
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,9 +19,10 @@ use whispeer_protocol::frame::{msg_flags, ErrFrame, Replay, ReplayDone};
 use whispeer_protocol::{codec, Frame, TokenPattern};
 
 use crate::ids::Seq;
+use crate::outbound::ReadHold;
 use crate::relay::Shared;
 use crate::router::{history_frame, Target};
-use crate::store::{Admission, StoreError, Tenant};
+use crate::store::{Admission, Store, StoreError, Tenant, READ_CHUNK_BYTES};
 
 /// Sends history for `target` and opens its gate. `done_frame`: send `ReplayDone`. The
 /// reads run in `tenant`'s turn on the store-reader thread (a full tenant queue fails the
@@ -46,6 +56,7 @@ pub(crate) async fn history(
     };
     let done = done_frame.then(|| done(sub_id, boundary, count));
     open_gate(&shared, &tenant, &target, &pattern, done).await;
+    tracing::debug!(conn = %target.conn, sub_id, "history sender ended");
 }
 
 /// Opens the subscription's gate (`Router::release`). A QoS ≥ 1 subscription whose gate
@@ -83,26 +94,17 @@ pub(crate) async fn retained(
 ) {
     let mut count = 0u64;
     let store = shared.router.store().clone();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    // Only this key id's queued writes must reach the file first: other tenants' backlog
-    // never holds back this subscription (its live messages wait behind the gate).
-    store.when_readable(
-        pattern.key_id(),
-        boundary,
-        Box::new(move |r| {
-            let _ = tx.send(r);
-        }),
-    );
     // In chunks, each queued whole and paced like history: a pattern may match many large
     // retained values, and a subscriber that does not read holds what was queued.
     let read = async {
-        rx.await
-            .map_err(|_| StoreError::Unavailable("store closed".into()))??;
+        if !readable(&store, &target, &pattern, boundary).await? {
+            return Ok(());
+        }
         let mut from = 0;
         while from <= boundary.0 {
-            if target.is_cancelled() || target.out.is_closing() {
+            let Some(mut hold) = read_turn(&target).await else {
                 break;
-            }
+            };
             let chunk = {
                 let (store, pattern) = (store.clone(), pattern.clone());
                 crate::store::read_off_runtime(&tenant, Admission::Capped, move || {
@@ -110,17 +112,17 @@ pub(crate) async fn retained(
                 })
                 .await?
             };
+            // Replaced, unsubscribed or closing during the read: the chunk goes.
+            if gone(&target) {
+                break;
+            }
+            hold.resize(chunk.msgs.iter().map(|m| m.envelope.len()).sum());
             for m in chunk.msgs {
-                target.out.push_history(history_frame(
-                    m.seq.0,
-                    &m.envelope,
-                    msg_flags::RETAINED,
-                    target.sub.0,
-                ));
+                let frame = history_frame(m.seq.0, &m.envelope, msg_flags::RETAINED, target.sub.0);
+                hold.push(frame, m.envelope.len());
                 count += 1;
             }
             from = chunk.next;
-            wait_room(&target).await;
         }
         Ok::<_, StoreError>(())
     };
@@ -148,6 +150,7 @@ pub(crate) async fn retained(
         done_frame.then(|| done(target.sub.0, boundary, count)),
     )
     .await;
+    tracing::debug!(conn = %target.conn, sub_id = target.sub.0, "history sender ended");
 }
 
 /// The `ReplayDone` frame that ends subscription `sub_id`'s history.
@@ -168,18 +171,9 @@ async fn send(
     boundary: Seq,
 ) -> Result<u64, StoreError> {
     let store = shared.router.store().clone();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    // Only this key id's queued writes must reach the file first: other tenants' backlog
-    // never holds back this subscription (its live messages wait behind the gate).
-    store.when_readable(
-        pattern.key_id(),
-        boundary,
-        Box::new(move |r| {
-            let _ = tx.send(r);
-        }),
-    );
-    rx.await
-        .map_err(|_| StoreError::Unavailable("store closed".into()))??;
+    if !readable(&store, target, &pattern, boundary).await? {
+        return Ok(0);
+    }
     let pattern = Arc::new(pattern);
     let plan = {
         let (store, pattern) = (store.clone(), pattern.clone());
@@ -192,9 +186,9 @@ async fn send(
     let mut from = plan.start;
     let mut count = 0u64;
     while from <= boundary.0 {
-        if target.is_cancelled() || target.out.is_closing() {
+        let Some(mut hold) = read_turn(target).await else {
             return Ok(count);
-        }
+        };
         let chunk = {
             let (store, pattern, plan) = (store.clone(), pattern.clone(), plan.clone());
             // One chunk per read job: a long replay takes many turns of the reader thread.
@@ -203,24 +197,28 @@ async fn send(
             })
             .await?
         };
+        // Replaced, unsubscribed or closing during the read: the chunk goes.
+        if gone(target) {
+            return Ok(count);
+        }
+        hold.resize(chunk.msgs.iter().map(|m| m.envelope.len()).sum());
         let n = chunk.msgs.len() as u64;
         for m in chunk.msgs {
             if let Some(t) = &target.track {
                 // Flow control: wait for credit (acks) instead of overrunning the client.
+                // The rest of the chunk stays reserved in the queue meanwhile.
                 while !t.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
-                    if target.is_cancelled() || target.out.is_closing() {
+                    if gone(target) {
                         return Ok(count);
                     }
-                    t.wait_credit(m.envelope.len(), std::time::Duration::from_millis(500))
-                        .await;
+                    tokio::select! {
+                        () = t.wait_credit(m.envelope.len(), std::time::Duration::from_millis(500)) => {}
+                        () = target.cancelled() => {}
+                    }
                 }
             }
-            target.out.push_history(history_frame(
-                m.seq.0,
-                &m.envelope,
-                msg_flags::REPLAYED,
-                target.sub.0,
-            ));
+            let frame = history_frame(m.seq.0, &m.envelope, msg_flags::REPLAYED, target.sub.0);
+            hold.push(frame, m.envelope.len());
         }
         count += n;
         if let Some(t) = &target.track {
@@ -228,16 +226,55 @@ async fn send(
         }
         shared.metrics.replayed(n);
         from = chunk.next;
-        wait_room(target).await;
     }
     Ok(count)
 }
 
-/// Paces a history or retained-value sender after a chunk: waits until the subscriber's
-/// queue has room (half empty, and within its share of the relay-wide budget).
-async fn wait_room(target: &Target) {
-    if !target.out.room() {
+/// The subscription was replaced or unsubscribed, or its connection is closing.
+fn gone(target: &Target) -> bool {
+    target.is_cancelled() || target.out.is_closing()
+}
+
+/// Waits until the store holds every write of `pattern`'s key id up to `boundary`; false
+/// when the subscription was cancelled first.
+async fn readable(
+    store: &Arc<dyn Store>,
+    target: &Target,
+    pattern: &TokenPattern,
+    boundary: Seq,
+) -> Result<bool, StoreError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // Only this key id's queued writes must reach the file first: other tenants' backlog
+    // never holds back this subscription (its live messages wait behind the gate).
+    store.when_readable(
+        pattern.key_id(),
+        boundary,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    tokio::select! {
+        r = rx => {
+            r.map_err(|_| StoreError::Unavailable("store closed".into()))??;
+            Ok(!target.is_cancelled())
+        }
+        () = target.cancelled() => Ok(false),
+    }
+}
+
+/// Paces a history or retained-value sender before each read: waits until the
+/// subscriber's queue has room for a chunk (see
+/// [`Outbound::reserve_read`](crate::outbound::Outbound::reserve_read)) and reserves it.
+/// `None` when the subscription is cancelled or the connection closes first.
+async fn read_turn(target: &Target) -> Option<ReadHold> {
+    if gone(target) {
+        return None;
+    }
+    if !target.out.read_room(READ_CHUNK_BYTES) {
         tracing::debug!(conn = %target.conn, sub_id = target.sub.0, "history waits for room in the queue");
     }
-    target.out.wait_room().await;
+    tokio::select! {
+        hold = target.out.reserve_read(READ_CHUNK_BYTES) => hold.filter(|_| !target.is_cancelled()),
+        () = target.cancelled() => None,
+    }
 }

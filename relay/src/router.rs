@@ -163,6 +163,8 @@ pub(crate) struct Target {
     gated: AtomicBool,
     gate: Mutex<Option<Gate>>,
     cancelled: AtomicBool,
+    /// Woken when the subscription is cancelled (its history sender stops at once).
+    stop: tokio::sync::Notify,
     gate_limit: usize,
 }
 
@@ -236,6 +238,27 @@ impl Target {
 
     pub(crate) fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// The subscription was replaced or unsubscribed: its history sender stops.
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+        self.stop.notify_waiters();
+    }
+
+    /// Resolves once the subscription is cancelled (a history sender waiting for room or
+    /// for the store must not wait on after it: a `Sub` replacing one whose sender waits
+    /// would add another).
+    pub(crate) async fn cancelled(&self) {
+        loop {
+            let stop = self.stop.notified();
+            tokio::pin!(stop);
+            stop.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            stop.await;
+        }
     }
 }
 
@@ -372,6 +395,7 @@ impl Router {
             gated: AtomicBool::new(gated),
             gate: Mutex::new(gated.then(Gate::default)),
             cancelled: AtomicBool::new(false),
+            stop: tokio::sync::Notify::new(),
             gate_limit: start.gate_limit,
         });
         let offer = out.push_control(reply(seq));
@@ -505,7 +529,7 @@ impl Router {
         drop(core);
         let existed = removed.is_some();
         if let Some(t) = removed {
-            t.cancelled.store(true, Ordering::Relaxed);
+            t.cancel();
             self.metrics.unsubscribed(1);
         }
         existed
@@ -522,7 +546,7 @@ impl Router {
             let mut core = self.lock(self.shard_of(pattern.key_id()));
             if let Some(t) = core.index.remove_value(pattern, conn, sub) {
                 core.interest_remove(self.cluster.as_ref(), pattern);
-                t.cancelled.store(true, Ordering::Relaxed);
+                t.cancel();
                 n += 1;
             }
         }

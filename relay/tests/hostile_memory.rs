@@ -532,6 +532,107 @@ async fn non_readers_of_stored_values(retained: bool, mut relay: BinRelay, nats:
     drop(readers);
 }
 
+/// A stranger floods `Sub`s asking for stored values on one connection that never reads:
+/// two retained values of 1,000 KiB on an invented key id, then 300 `Sub`s with
+/// `retained` re-sending sub id 1 (each a replacement: no subscription cap), 300 with
+/// distinct sub ids, and 300 QoS 0 `replay` `Sub`s. Each sender read a chunk (both values,
+/// ~2 MiB) and queued it before it waited for room in the queue, and a replaced
+/// subscription's sender still queued the chunk it was reading: ~600 MiB here (the only
+/// stop was the slow-consumer close after `queue.capacity` unread `SubOk`s, ~8 GiB). Now a
+/// sender reserves room before each read, so the connection holds its queue bound
+/// (`--queue-max-bytes` 256 KiB) and one chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sub_flood_on_stored_values_holds_one_chunk_per_connection() {
+    use whispeer_protocol::frame::{features, pub_flags, Sub};
+    use whispeer_protocol::Qos;
+    const VALUE: usize = 1000 * 1024;
+    const SUBS: u64 = 300;
+    let mut relay = replay_relay(&[]);
+    let (pid, addr) = (relay.child.id(), relay.tcp());
+    let mut p = Client::tcp(addr).await;
+    p.hello().await;
+    // Retained (and in history), on K/1 and K/2 of an invented key id K.
+    for i in 0..2u32 {
+        let mut f = acked_pub(9, i, VALUE);
+        if let Frame::Pub(p) = &mut f {
+            p.envelope = envelope_sized(9, &[1 + i as u8], VALUE);
+            p.flags |= pub_flags::RETAIN;
+        }
+        p.send(&f).await;
+    }
+    acks(&mut p, 2).await;
+    let before = rss_kib(pid);
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut c = Client::over_stream(Box::new(sock.connect(addr).await.unwrap()));
+    // RETAIN and REPLAY, not HISTORY_END.
+    c.hello_with(features::RETAIN | features::REPLAY).await;
+    let all = pattern(9, &[], true);
+    let retained = |sub_id| {
+        Frame::Sub(Sub {
+            sub_id,
+            pattern: all.clone(),
+            qos: Qos::AtMostOnce,
+            durable: None,
+            replay: None,
+            retained: true,
+            credit: None,
+            owner: None,
+        })
+    };
+    for _ in 0..SUBS {
+        c.send(&retained(1)).await;
+    }
+    let distinct = 2..2 + 2 * SUBS;
+    for sub_id in distinct.clone() {
+        if sub_id < 2 + SUBS {
+            c.send(&retained(sub_id)).await;
+        } else {
+            c.send(&replay_sub(sub_id, all.clone(), Qos::AtMostOnce, None))
+                .await;
+        }
+    }
+    // Every sender of a distinct sub id has queued what it read and waits for room, or
+    // sent everything and ended.
+    let mut pending: std::collections::HashSet<u64> = distinct.collect();
+    while !pending.is_empty() {
+        let line = relay.wait_log(&["whispeer_relay::replay", "sub_id="]).await;
+        if !line.contains("history waits for room") && !line.contains("history sender ended") {
+            continue;
+        }
+        let sub_id = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("sub_id="))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("a sub_id= field");
+        pending.remove(&sub_id);
+    }
+    let after = rss_kib(pid);
+    let grown = after.saturating_sub(before);
+    // What the relay counts against the queue and the relay-wide budget: queued, being
+    // written, and reserved for reads.
+    let held = metric(relay.admin(), "whispeer_relay_outbound_bytes").await;
+    eprintln!(
+        "relay RSS with {} Subs on 2 MiB of stored values from one connection that does not \
+         read: {before} KiB before, {after} KiB after (growth {grown} KiB); {} KiB held in \
+         the outbound account",
+        3 * SUBS,
+        held >> 10
+    );
+    assert!(
+        held as usize <= QUEUE_MAX_BYTES + 2 * (VALUE + 1024),
+        "{held} bytes held for the connection"
+    );
+    // The queue bound and a chunk (both values), with allocator slack and SQLite's reader
+    // cache (16 MiB).
+    let bound_kib = (QUEUE_MAX_BYTES >> 10) as u64 + 32 * 1024;
+    assert!(
+        grown <= bound_kib,
+        "relay RSS grew by {grown} KiB (bound {bound_kib} KiB)"
+    );
+    drop(c);
+}
+
 /// A QoS 1 `Pub` of a `body`-byte envelope on `[k, 1]` asking for a `PubAck`, told apart
 /// by `i`.
 fn acked_pub(k: u8, i: u32, body: usize) -> Frame {
