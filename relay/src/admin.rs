@@ -243,8 +243,13 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// the port (they did when the port stopped accepting at the cap: probes timed out and an
 /// orchestrator could restart the relay in a loop). Nor can a connect flood from one
 /// address close a probe from another: evicting the oldest of all, a flood of 64 new
-/// connections within a probe's round trip closed the probe. Each connection serves one request (no keep-alive), must send its headers
-/// within [`ADMIN_HEADER_TIMEOUT`] and lives at most [`ADMIN_CONNECTION_LIFETIME`].
+/// connections within a probe's round trip closed the probe. A source address is the
+/// connection's IP address with IPv6 cut to `limits.addr_ipv6_prefix`, as every
+/// per-address limit counts it ([`source_address`](crate::store::source_address)): keyed
+/// by the full /128, a flood from one /64 held one connection per address, as many as the
+/// probe's, and the tie closed the oldest of all. Each connection serves one request (no
+/// keep-alive), must send its headers within [`ADMIN_HEADER_TIMEOUT`] and lives at most
+/// [`ADMIN_CONNECTION_LIFETIME`].
 pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Longest an admin connection may take to send its request headers.
@@ -260,9 +265,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 
 /// [`serve`] with at most `cap` connections at once.
 async fn serve_capped(listener: TcpListener, shared: Arc<Shared>, cap: usize) {
-    // The connections open, oldest first, with their source addresses.
-    let mut open: std::collections::VecDeque<(std::net::IpAddr, tokio::task::AbortHandle)> =
-        std::collections::VecDeque::new();
+    let mut open = OpenConns::new(shared.addr_table.v6_prefix());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -273,22 +276,8 @@ async fn serve_capped(listener: TcpListener, shared: Arc<Shared>, cap: usize) {
                 continue;
             }
         };
-        open.retain(|(_, h)| !h.is_finished());
-        while open.len() >= cap.max(1) {
-            // The address holding the most (the first to reach that count on a tie).
-            let mut counts: std::collections::HashMap<std::net::IpAddr, usize> =
-                std::collections::HashMap::new();
-            for (ip, _) in &open {
-                *counts.entry(*ip).or_default() += 1;
-            }
-            let most = counts.values().copied().max().unwrap_or(0);
-            let Some(i) = open.iter().position(|(ip, _)| counts[ip] == most) else {
-                break;
-            };
-            if let Some((_, oldest)) = open.remove(i) {
-                oldest.abort();
-            }
-        }
+        open.retain(|h: &tokio::task::AbortHandle| !h.is_finished());
+        open.make_room(cap, |oldest| oldest.abort());
         let shared = shared.clone();
         let task = tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -302,7 +291,54 @@ async fn serve_capped(listener: TcpListener, shared: Arc<Shared>, cap: usize) {
                 .serve_connection(TokioIo::new(stream), svc);
             let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, connection).await;
         });
-        open.push_back((peer.ip(), task.abort_handle()));
+        open.push(peer.ip(), task.abort_handle());
+    }
+}
+
+/// The admin connections open, oldest first, each with its source address (see
+/// [`ADMIN_MAX_CONNECTIONS`]); `H` closes one.
+struct OpenConns<H> {
+    conns: std::collections::VecDeque<(std::net::IpAddr, H)>,
+    /// Leading bits an IPv6 address is counted by (`limits.addr_ipv6_prefix`).
+    v6_prefix: u8,
+}
+
+impl<H> OpenConns<H> {
+    fn new(v6_prefix: u8) -> Self {
+        Self {
+            conns: std::collections::VecDeque::new(),
+            v6_prefix,
+        }
+    }
+
+    /// Forgets the connections `keep` says are done.
+    fn retain(&mut self, keep: impl Fn(&H) -> bool) {
+        self.conns.retain(|(_, h)| keep(h));
+    }
+
+    /// Records a new connection from `ip`, by its source address.
+    fn push(&mut self, ip: std::net::IpAddr, h: H) {
+        let source = crate::store::source_address(ip, self.v6_prefix);
+        self.conns.push_back((source, h));
+    }
+
+    /// Below `cap` connections, closing (`close`) the oldest of the source address holding
+    /// the most (the first to reach that count on a tie) until there is room for one more.
+    fn make_room(&mut self, cap: usize, mut close: impl FnMut(H)) {
+        while self.conns.len() >= cap.max(1) {
+            let mut counts: std::collections::HashMap<std::net::IpAddr, usize> =
+                std::collections::HashMap::new();
+            for (ip, _) in &self.conns {
+                *counts.entry(*ip).or_default() += 1;
+            }
+            let most = counts.values().copied().max().unwrap_or(0);
+            let Some(i) = self.conns.iter().position(|(ip, _)| counts[ip] == most) else {
+                break;
+            };
+            if let Some((_, oldest)) = self.conns.remove(i) {
+                close(oldest);
+            }
+        }
     }
 }
 
@@ -373,4 +409,45 @@ pub async fn http_get_auth(
         .await
         .map_err(|e| http(e.to_string()))?;
     Ok(body.to_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connect flood from many IPv6 addresses of one /64 counts as one source address
+    /// (`limits.addr_ipv6_prefix` 64): its own oldest connections are closed, never a probe
+    /// from another network that connected first. Keyed by the full address, each flood
+    /// address held one connection like the probe, and the tie closed the oldest of all:
+    /// the probe. (Loopback offers one IPv6 address, so the admin port's integration test
+    /// floods from 127.0.0.1 and probes from 127.0.0.2; this is the IPv6 keying alone.)
+    #[test]
+    fn a_flood_from_one_ipv6_prefix_counts_as_one_source_address() {
+        const CAP: usize = 64;
+        let mut open = OpenConns::new(64);
+        let mut closed = Vec::new();
+        let probe: std::net::IpAddr = "2001:db8:1::1".parse().unwrap();
+        open.push(probe, 0u32);
+        for i in 1..=200u32 {
+            open.make_room(CAP, |h| closed.push(h));
+            let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, (i >> 16) as u16, i as u16);
+            open.push(ip.into(), i);
+        }
+        assert!(!closed.contains(&0), "the probe was closed");
+        assert_eq!(
+            closed,
+            (1..=200 - 63).collect::<Vec<_>>(),
+            "the flood's oldest"
+        );
+        // The prefix is the relay's setting: at 128 each address counts alone.
+        let mut open = OpenConns::new(128);
+        let mut closed = Vec::new();
+        open.push(probe, 0u32);
+        for i in 1..=CAP as u32 {
+            open.make_room(CAP, |h| closed.push(h));
+            let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, i as u16);
+            open.push(ip.into(), i);
+        }
+        assert_eq!(closed, vec![0], "all tied at one: the oldest of all");
+    }
 }
