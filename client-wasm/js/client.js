@@ -19,6 +19,71 @@ export function setWebSocket(impl, options = false) {
   wsOptions = options;
 }
 
+// Node.js with the `ws` package only (set by the Node entry, js/tls.node.js): turns a checked
+// `tls` option into `ws` options for `wss://` dials. Browsers have none: their WebSocket
+// takes no TLS settings, so `tls` is refused there (UNSUPPORTED) instead of being ignored.
+let tlsDialer = null;
+
+/** Used by the Node entry point alongside `setWebSocket(ws, true)`. */
+export function setTlsDialer(fn) {
+  tlsDialer = fn;
+}
+
+const TLS_OPTIONS = ['ca', 'pin'];
+// What Rust's `str::trim` removes (Unicode White_Space), so a pin parses here exactly when
+// `TlsPin::sha256_hex` parses it (JS `trim` also removes U+FEFF, which Rust keeps).
+const RUST_TRIM = /^[\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+|[\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+$/g;
+
+/**
+ * A certificate pin as the Rust client's `TlsPin::sha256_hex` reads it: the SHA-256 of the
+ * relay certificate's DER bytes, 64 hex digits (either case) with an optional `sha256:` /
+ * `SHA256:` prefix; colons (`openssl x509 -fingerprint -sha256`) and ASCII whitespace are
+ * ignored. Returns the 64 lowercase digits; INVALID_OPTION otherwise.
+ */
+export function parseTlsPin(s, what = 'tls.pin') {
+  if (typeof s !== 'string')
+    throw new WhispeerError('INVALID_OPTION', `${what}: expected a 'sha256:…' string, got ${typeof s}`);
+  let t = s.replace(RUST_TRIM, '');
+  if (t.startsWith('sha256:') || t.startsWith('SHA256:')) t = t.slice(7);
+  const digits = t.replace(/[:\t\n\f\r ]/g, '');
+  if (digits.length !== 64)
+    throw new WhispeerError(
+      'INVALID_OPTION',
+      `${what}: a SHA-256 fingerprint has 64 hex digits, ${JSON.stringify(s)} has ${digits.length}`,
+    );
+  if (!/^[0-9a-fA-F]{64}$/.test(digits))
+    throw new WhispeerError('INVALID_OPTION', `${what}: ${JSON.stringify(s)} is not hexadecimal`);
+  return digits.toLowerCase();
+}
+
+/**
+ * Checks the `tls` connect option: `{ pin }` (one or several fingerprints, as the Rust
+ * client's `TlsPin`) and/or `{ ca }` (extra trusted roots, PEM, as `TlsRoot`). Returns
+ * `{ pins, ca }` (`pins`: lowercase hex; `ca`: the PEM entries, checked by the dialer).
+ */
+export function tlsOption(tls) {
+  if (tls === null || typeof tls !== 'object' || Array.isArray(tls))
+    throw new WhispeerError('INVALID_OPTION', "tls: expected { pin: 'sha256:…' } and/or { ca: PEM }");
+  checkOptions('tls', tls, TLS_OPTIONS);
+  const out = {};
+  if (tls.pin !== undefined) {
+    const list = Array.isArray(tls.pin) ? tls.pin : [tls.pin];
+    // An empty list would silently mean "no pinning": refused, never a weaker connection.
+    if (list.length === 0) throw new WhispeerError('INVALID_OPTION', 'tls.pin: expected at least one fingerprint');
+    out.pins = list.map((p, i) => parseTlsPin(p, Array.isArray(tls.pin) ? `tls.pin[${i}]` : 'tls.pin'));
+  }
+  if (tls.ca !== undefined) {
+    const list = Array.isArray(tls.ca) ? tls.ca : [tls.ca];
+    if (list.length === 0) throw new WhispeerError('INVALID_OPTION', 'tls.ca: expected at least one PEM certificate');
+    for (const c of list)
+      if (typeof c !== 'string' && !(c instanceof Uint8Array))
+        throw new WhispeerError('INVALID_OPTION', 'tls.ca: expected PEM text (a string or Buffer) or an array of them');
+    out.ca = list;
+  }
+  if (!out.pins && !out.ca) throw new WhispeerError('INVALID_OPTION', "tls: expected { pin: 'sha256:…' } and/or { ca: PEM }");
+  return out;
+}
+
 /** The protocol's default `max_frame` (PROTOCOL §11), the Rust client's default cap too. */
 const DEFAULT_MAX_FRAME = 1024 * 1024;
 /** The protocol's ceiling on any `max_frame`. */
@@ -83,7 +148,7 @@ const CONNECT_OPTIONS = [
   'identity', 'keys', 'compression', 'suite', 'padding', 'sign', 'topics', 'reconnect', 'connectTimeoutMs',
   'retryFirstConnect', 'reconnectBuffer', 'keptBytes', 'subscriptionCapacity', 'heartbeatMs',
   'sendHighWaterMark', 'name', 'auth', 'persistence', 'maxPayload', 'dedupCapacity', 'maxFrame',
-  'signal',
+  'signal', 'tls',
 ];
 /** The connect options kept past the constructor (none of them secret; see `#opts`). */
 const KEPT_OPTIONS = [
@@ -468,6 +533,7 @@ export class Client {
   #url; // the one in use (or last tried)
   #opts;
   #maxFrame; // the largest frame taken from a relay (a WebSocket message)
+  #tls = null; // `ws` options for wss:// dials (the `tls` option, Node.js only)
   #sendLimit; // unsent bytes past which a relay that does not read is hung up on
   #eng;
   #ws = null; // the current socket
@@ -543,6 +609,16 @@ export class Client {
     const urls = relayUrls(url);
     if (!WebSocketImpl) throw new WhispeerError('NO_WEBSOCKET', 'no WebSocket implementation available');
     checkOptions('Client.connect', options, CONNECT_OPTIONS);
+    if (options.tls != null) {
+      if (!tlsDialer)
+        throw new WhispeerError(
+          'UNSUPPORTED',
+          'tls: certificate pins and extra roots work only in Node.js with the `ws` package; a browser ' +
+            "checks a wss:// relay's certificate itself and takes no TLS settings from a page (give the " +
+            'relay a certificate the browser trusts, e.g. from a public CA)',
+        );
+      this.#tls = tlsDialer(tlsOption(options.tls));
+    }
     this.#urls = urls;
     this.#url = urls[0];
     // The options kept for the client's life: what the engine is made with (possibly later,
@@ -983,7 +1059,9 @@ export class Client {
     try {
       // The `ws` package refuses a message over the cap before buffering it (closing with
       // 1009); elsewhere the size is checked before the frame is copied into wasm memory.
-      ws = wsOptions ? new WebSocketImpl(url, { maxPayload: this.#maxFrame }) : new WebSocketImpl(url);
+      // `tls` (pins, extra roots) applies to wss:// only, as the Rust client's TlsPin/TlsRoot.
+      const tls = this.#tls && /^wss:/i.test(url) ? this.#tls : undefined;
+      ws = wsOptions ? new WebSocketImpl(url, { maxPayload: this.#maxFrame, ...tls }) : new WebSocketImpl(url);
     } catch (e) {
       this.#eng.handleDisconnected(id, `cannot open ${url}: ${e.message}`, mono(), Date.now());
       this.#again = true;

@@ -52,6 +52,7 @@ export class WhispeerError extends Error {
    * `INVALID_TOPIC`, `INVALID_TREE`, `NO_KEY`, `KEY`, `ENCODE`, `DECODE`, `SEAL`, `OPEN`, `INVITE`,
    * `PROTOCOL`, `INVALID_URL`, `CONNECT`, `TIMEOUT`, `REJECTED`, `CLOSED`, `DISCONNECTED`,
    * `NOT_ACKNOWLEDGED`, `BUFFER_FULL`, `INVALID_OPTION`, `ABORTED` (`connect`'s `signal`),
+   * `UNSUPPORTED` (an option this platform cannot honour: `tls` outside Node.js),
    * `STATE` (the `persistence` store
    * is foreign, corrupt, in use or cannot be written), `TYPE_MISMATCH` (typed topics), or a
    * relay error code name.
@@ -396,6 +397,38 @@ export interface ConnectOptions {
    * or busy store makes `connect` reject with code `STATE`.
    */
   persistence?: Persistence;
+  /**
+   * **Node.js only** (with the `ws` package, a dependency): certificate pins or extra roots
+   * for `wss://` relays (ignored for `ws://`), as the Rust client's `TlsPin` / `TlsRoot` —
+   * for a relay with a self-signed certificate (`whispeer-relay tls generate`), instead of
+   * `NODE_TLS_REJECT_UNAUTHORIZED=0`, which turns certificate checks off for the whole
+   * process. Browsers cannot pin or add roots: there `connect` rejects with `UNSUPPORTED`.
+   * A malformed pin or certificate rejects with `INVALID_OPTION`.
+   */
+  tls?: TlsOptions;
+}
+
+/** The `tls` connect option (Node.js only). */
+export interface TlsOptions {
+  /**
+   * The relay certificate's SHA-256 fingerprint (of its DER bytes), as
+   * `whispeer-relay tls generate` prints it: `'sha256:<64 hex digits>'` (the prefix may be
+   * left out or written `SHA256:`; colons and spaces, as in
+   * `openssl x509 -noout -fingerprint -sha256`, are ignored). Several pins accept any of
+   * them (a rotation: the current and the next certificate). The relay must present exactly
+   * such a certificate; certificate authorities and the host name are not consulted (the
+   * pin names the certificate), and `ca` is not used. A mismatch fails the connection
+   * (`CONNECT`, naming the fingerprint presented) before anything is sent to the relay.
+   */
+  pin?: string | string[];
+  /**
+   * Extra trusted roots, PEM text (a string or Buffer, possibly several certificates; or an
+   * array of them), *added to* Node's default roots — e.g. the relay's self-signed
+   * certificate (`relay.crt` from `tls generate`). The chain and the host name are checked
+   * as usual (the certificate must name the host in the URL). Two self-signed certificates
+   * with the same subject (two from `tls generate`) are refused: pin both instead.
+   */
+  ca?: string | Uint8Array | Array<string | Uint8Array>;
 }
 
 /** Where `persistence` keeps the client state. */

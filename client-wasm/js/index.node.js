@@ -5,7 +5,8 @@
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { initSync } from '../pkg/whispeer_wasm.js';
-import { setWebSocket } from './client.js';
+import { setWebSocket, setTlsDialer } from './client.js';
+import { tlsDialOptions } from './tls.node.js';
 import { setFileStore } from './persist.js';
 import { openFileStore } from './persist.node.js';
 
@@ -17,6 +18,11 @@ try {
 } catch {
   // Bundled without its dependency: the global WebSocket (Node 22+), checked after buffering.
 }
-if (ws) setWebSocket(ws, true);
+if (ws) {
+  setWebSocket(ws, true);
+  // The `tls` option (pins, extra roots) rides on `ws`'s TLS options; the global WebSocket
+  // takes none, so without `ws` it is refused (UNSUPPORTED) as in browsers.
+  setTlsDialer(tlsDialOptions);
+}
 
 export * from './api.js';
