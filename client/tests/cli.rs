@@ -718,6 +718,33 @@ fn assert_no_hostile(what: &str, text: &str) {
     }
 }
 
+/// Errors carry text others chose (a grant's scope, a relay's message): the `error:` line is
+/// one line with every control and bidi character escaped (review F4).
+#[test]
+fn error_lines_escape_control_characters_others_chose() {
+    let tree = ok(run(&["key", "new", "--tree", "home"]));
+    let hostile = ok(run_with(
+        &["key", "derive", "-", "--path", "sensor\u{1b}]0;x"],
+        &tree,
+        &[],
+    ));
+    let me = ok(run(&["keygen"]));
+    let o = run_with(
+        &["key", "derive", "--path", "other", "-"],
+        &hostile,
+        &[("WHISPEER_IDENTITY", &me)],
+    );
+    let err = stderr(&o);
+    let e = fails(o, 1);
+    assert!(e.contains("outside the grant's scope"), "{e}");
+    assert!(!err.contains('\u{1b}'), "raw ESC on stderr: {err:?}");
+    assert_no_hostile("key derive stderr", &err);
+    assert!(
+        e.contains(r"sensor\u{1b}]0;x"),
+        "the scope is shown escaped: {e}"
+    );
+}
+
 /// `invite open` prints one line the receiver bases the trust decision on (PROTOCOL §7):
 /// the tree id and the certificate's admin key, which a tree named like another cannot copy,
 /// and the grant's provenance, before the free-text scope and tree name; those are escaped,

@@ -16,9 +16,11 @@ pub const ENV_KEY: &str = "WHISPEER_KEY";
 /// Environment variable with an identity secret string, or the path of an identity file.
 pub const ENV_IDENTITY: &str = "WHISPEER_IDENTITY";
 
-/// Prints a warning on stderr.
+/// Prints a warning on stderr, as one line with every control and bidi character escaped
+/// ([`diagnostic`]): warnings name topics and carry errors with text others chose (review
+/// F4). Callers pass the raw text; escaping it first would escape it twice.
 pub fn warn(msg: impl std::fmt::Display) {
-    eprintln!("warning: {msg}");
+    eprintln!("warning: {}", diagnostic(&msg.to_string()));
 }
 
 /// Prints a line on stdout and flushes it (so pipes see each line at once).
@@ -587,13 +589,27 @@ fn is_terminal_hostile(c: char) -> bool {
 /// NUL, `/`, `+` and `#` in a topic level), and a user decides whether to trust an invite
 /// from the line showing them (review session 27, F7).
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(|c| c == '\\' || is_terminal_hostile(c)) {
+    escape_hostile(s, true)
+}
+
+/// A diagnostic (an `error:` or `warning:` line) made safe for the terminal: one line, every
+/// character [`is_terminal_hostile`] names escaped as [`printable`] does, but `\` left as it
+/// is, so a shell command or Windows path the message quotes can still be copied. An
+/// escape in it can thus also be literal text; nothing anyone bases trust on is read from
+/// these lines (review F4).
+pub fn diagnostic(s: &str) -> std::borrow::Cow<'_, str> {
+    escape_hostile(s, false)
+}
+
+fn escape_hostile(s: &str, backslash: bool) -> std::borrow::Cow<'_, str> {
+    let special = |c: char| (backslash && c == '\\') || is_terminal_hostile(c);
+    if !s.chars().any(special) {
         return std::borrow::Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
         match c {
-            '\\' => out.push_str("\\\\"),
+            '\\' if backslash => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
@@ -644,6 +660,11 @@ mod tests {
         // Zero-width joiners and other format characters that reorder nothing stay.
         assert_eq!(printable("a\u{200d}b"), "a\u{200d}b");
         assert_eq!(quoted("it's"), "'it\\'s'");
+        // Diagnostics: the same escapes, but a quoted shell word stays copyable.
+        assert_eq!(
+            diagnostic("chmod 600 'a'\\''b' \u{1b}]0;x\n"),
+            "chmod 600 'a'\\''b' \\u{1b}]0;x\\n"
+        );
         let json = serde_json::json!({ "t": "a\u{1b}\u{7f}\u{9b}\u{202e}" }).to_string();
         let safe = json_printable(&json);
         assert!(!safe.chars().any(is_terminal_hostile), "{safe}");

@@ -166,9 +166,11 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            // One line: the whole cause chain, newlines folded.
+            // One line: the whole cause chain, newlines folded and every other control or
+            // bidi character escaped. Errors carry text others chose (a grant's scope, a
+            // relay's close message), which must not act on the terminal (review F4).
             let msg = one_line(&e);
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", io::diagnostic(&msg));
             if e.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(2)
             } else {

@@ -633,8 +633,8 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
         let data = match payload_json(&m) {
             Ok(d) => d,
             Err(e) => {
-                // The topic is any member's choice: no raw control characters on stderr.
-                let topic = io::printable(m.topic.as_str());
+                // The topic is any member's choice: `warn` escapes control characters.
+                let topic = m.topic.as_str();
                 io::warn(format!("skipping a message on {topic}: {e:#}"));
                 continue;
             }
