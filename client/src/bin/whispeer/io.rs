@@ -575,11 +575,23 @@ pub fn parse_tree_id(s: &str) -> Result<whispeer::protocol::TreeId, String> {
 
 /// Would this character, printed raw, let text someone else chose act on the terminal? C0
 /// and C1 controls and DEL (escape sequences, carriage return, new lines), the line and
-/// paragraph separators, and the bidi embeddings, overrides and isolates (U+202A–202E,
-/// U+2066–2069), which reorder what is shown around them.
+/// paragraph separators, the bidi marks (U+200E, U+200F, U+061C), embeddings, overrides and
+/// isolates (U+202A–202E, U+2066–2069), which reorder what is shown around them, and the
+/// interlinear annotation controls (U+FFF9–FFFB), which hide or reorder text in some
+/// renderers (review F8).
 fn is_terminal_hostile(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{fff9}'..='\u{fffb}'
+        )
 }
 
 /// `s` made safe to print for a person: every character [`is_terminal_hostile`] names is
@@ -660,6 +672,21 @@ mod tests {
         // Zero-width joiners and other format characters that reorder nothing stay.
         assert_eq!(printable("a\u{200d}b"), "a\u{200d}b");
         assert_eq!(quoted("it's"), "'it\\'s'");
+        // Bidi marks and interlinear annotation controls (review F8).
+        assert_eq!(
+            printable("a\u{200e}b\u{200f}c\u{61c}d\u{fff9}e\u{fffa}f\u{fffb}g"),
+            "a\\u{200e}b\\u{200f}c\\u{61c}d\\u{fff9}e\\u{fffa}f\\u{fffb}g"
+        );
+        let json =
+            serde_json::json!({ "t": "\u{200e}\u{200f}\u{61c}\u{fff9}\u{fffb}" }).to_string();
+        let safe = json_printable(&json);
+        assert!(!safe.chars().any(is_terminal_hostile), "{safe}");
+        assert!(
+            safe.contains("\\u061c") && safe.contains("\\ufffb"),
+            "{safe}"
+        );
+        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back["t"], "\u{200e}\u{200f}\u{61c}\u{fff9}\u{fffb}");
         // Diagnostics: the same escapes, but a quoted shell word stays copyable.
         assert_eq!(
             diagnostic("chmod 600 'a'\\''b' \u{1b}]0;x\n"),
