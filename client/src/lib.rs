@@ -69,6 +69,7 @@ pub struct ClientReadmeDoctests;
 pub mod core;
 pub mod error;
 pub mod plugin;
+mod printable;
 pub mod tag;
 
 #[cfg(feature = "in-process")]

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use whispeer_protocol::{Topic, TopicFilter};
 
 use crate::core::Received;
+use crate::printable::Printable;
 
 pub use crate::error::PluginError;
 
@@ -301,7 +302,12 @@ impl Plugin for TypeEnforcement {
         match self.expected(&msg.topic) {
             Some(tag) if crate::tag::tag_of(&msg.content_type) != Some(tag) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(topic = %msg.topic, expected = tag, found = %msg.content_type, "type mismatch; dropping message");
+                tracing::warn!(
+                    topic = %Printable(&msg.topic),
+                    expected = tag,
+                    found = %Printable(&msg.content_type),
+                    "type mismatch; dropping message"
+                );
                 Verdict::Drop
             }
             _ => Verdict::Deliver,
@@ -442,7 +448,12 @@ impl Plugin for Transform {
                 Verdict::Deliver
             }
             Err(e) => {
-                tracing::warn!(plugin = %self.name, topic = %msg.topic, error = %e, "transform failed; dropping message");
+                tracing::warn!(
+                    plugin = %self.name,
+                    topic = %Printable(&msg.topic),
+                    error = %Printable(&e),
+                    "transform failed; dropping message"
+                );
                 Verdict::Drop
             }
         }

@@ -535,3 +535,69 @@ async fn a_broker_without_persistence_serves_quic_from_a_temporary_certificate()
     client.close().await;
     broker.shutdown().await.unwrap();
 }
+
+/// A shared buffer for a `tracing_subscriber::fmt` writer.
+#[derive(Clone, Default)]
+struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Security review F2: a topic (any UTF-8 but NUL) chosen by a member is logged at WARN
+/// when its message does not decode; fmt writes named fields raw, so the topic is escaped
+/// (no ESC reaches the terminal, no forged line).
+#[tokio::test]
+async fn a_hostile_topic_in_a_skipped_message_warning_is_escaped() {
+    let buf = LogBuf::default();
+    let w = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .with_writer(move || w.clone())
+        .finish();
+    // A current-thread runtime: the callback task runs on this thread, under this default.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let broker = Broker::build_default().build().await.unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _h = broker
+        .subscribe("a/#", move |m: Message<u32>| {
+            let _ = tx.send(m.value);
+        })
+        .await
+        .unwrap();
+    let hostile = "a/\u{1b}[2J\nX";
+    broker
+        .client_handle()
+        .publish_bytes(hostile, "application/cbor", b"\x60")
+        .await
+        .unwrap();
+    broker.publish("a/ok", 7u32).await.unwrap();
+    let got = tokio::time::timeout(WAIT, rx.recv()).await.unwrap();
+    assert_eq!(got, Some(7), "the next message still delivered");
+    let log = buf.text();
+    assert_eq!(log.matches("skipping message").count(), 1, "{log:?}");
+    assert!(!log.contains('\u{1b}'), "no ESC in the log: {log:?}");
+    for line in log.lines() {
+        assert!(
+            line.trim_start().starts_with("WARN"),
+            "a forged line: {log:?}"
+        );
+    }
+    assert!(log.contains("a/\\u{1b}[2J\\nX"), "{log:?}");
+    broker.shutdown().await.unwrap();
+}

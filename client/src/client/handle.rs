@@ -503,7 +503,10 @@ impl Client {
             while let Some(m) = sub.next_message().await {
                 match m {
                     Ok(m) => f(m),
-                    Err(e) => tracing::warn!(error = %e, "skipping message"),
+                    Err(e) => tracing::warn!(
+                        error = %crate::printable::Printable(&e),
+                        "skipping message"
+                    ),
                 }
             }
         }))
@@ -525,7 +528,10 @@ impl Client {
             while let Some(m) = sub.next_message().await {
                 match m {
                     Ok(m) => f(m).await,
-                    Err(e) => tracing::warn!(error = %e, "skipping message"),
+                    Err(e) => tracing::warn!(
+                        error = %crate::printable::Printable(&e),
+                        "skipping message"
+                    ),
                 }
             }
         }))

@@ -80,7 +80,8 @@ impl Drop for SubscriptionHandle {
 }
 
 fn skip(e: &ReceiveError) {
-    tracing::warn!(error = %e, "skipping message");
+    // The error quotes the message's topic and content type, chosen by its publisher.
+    tracing::warn!(error = %crate::printable::Printable(e), "skipping message");
 }
 
 /// A topic that carries one type, `T` (tag `T::TAG`): [`TypedTopic::publish`] takes only
