@@ -133,7 +133,10 @@ impl Plugins {
 /// `INFO`) installs a `tracing` fmt subscriber on stderr showing that level and above when
 /// the program has none (with feature `tokio-runtime`), and otherwise emits `tracing`
 /// events to the program's subscriber; [`Logging::to_writer`] writes lines to a writer of
-/// your choice instead, without `tracing`.
+/// your choice instead, without `tracing`. Topics and filters are written with control
+/// and bidi characters escaped (`\u{1b}`, `\n`, …) and content types quoted and escaped:
+/// whoever publishes chooses them, and a line must neither act on a terminal nor forge
+/// another line.
 #[derive(Clone)]
 pub struct Logging {
     level: tracing::Level,
@@ -215,7 +218,7 @@ impl Plugin for Logging {
     fn on_publish(&self, msg: &mut Outgoing) -> Result<(), PluginError> {
         self.emit(format_args!(
             "publish topic={} bytes={} content_type={:?}",
-            msg.topic,
+            Printable(&msg.topic),
             msg.payload.len(),
             msg.content_type
         ));
@@ -224,7 +227,7 @@ impl Plugin for Logging {
     fn on_message(&self, msg: &mut Received) -> Verdict {
         self.emit(format_args!(
             "message topic={} bytes={} seq={} signed={} content_type={:?}",
-            msg.topic,
+            Printable(&msg.topic),
             msg.payload.len(),
             msg.seq,
             msg.sender.is_some(),
@@ -233,7 +236,7 @@ impl Plugin for Logging {
         Verdict::Deliver
     }
     fn on_subscribe(&self, filter: &TopicFilter) -> Result<(), PluginError> {
-        self.emit(format_args!("subscribe filter={filter}"));
+        self.emit(format_args!("subscribe filter={}", Printable(filter)));
         Ok(())
     }
 }

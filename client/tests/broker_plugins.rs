@@ -191,3 +191,26 @@ async fn logging_writes_events_without_payloads_and_user_plugins_plug_in() {
 fn tracing_level_info() -> whispeer::LogLevel {
     whispeer::LogLevel::INFO
 }
+
+/// Security review F3: `Logging` writes topics chosen by whoever publishes; a topic with
+/// ESC and a newline is escaped, so it neither acts on a terminal nor forges a line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logging_escapes_a_hostile_topic_on_one_line() {
+    let buf = Buf::default();
+    let broker = Broker::build_default()
+        .with(Logging::to_writer(tracing_level_info(), buf.clone()))
+        .build()
+        .await
+        .unwrap();
+    let hostile = "a/\u{1b}[31m\nWARN fake";
+    // Logged in `on_publish`, before the message is sealed: one event, one line.
+    broker.publish(hostile, "hi").await.unwrap();
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert!(!log.contains('\u{1b}'), "no ESC: {log:?}");
+    assert_eq!(log.lines().count(), 1, "exactly one line: {log:?}");
+    assert!(
+        log.starts_with("INFO whispeer: publish topic=a/\\u{1b}[31m\\nWARN fake"),
+        "{log:?}"
+    );
+    broker.shutdown().await.unwrap();
+}
