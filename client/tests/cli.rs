@@ -1719,6 +1719,40 @@ fn bench_json_reports_every_message_delivered() {
     );
 }
 
+/// `WHISPEER_BENCH_TRACE`: the trace is written with mode 0600, and a symbolic link planted
+/// at its path is replaced, never followed (review F10).
+#[cfg(unix)]
+#[test]
+fn bench_trace_is_private_and_never_follows_a_symlink() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let relay = start_relay_binary(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let victim = write_file(dir.path(), "victim", "precious\n");
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let trace = dir.path().join("trace");
+    let file = dir.path().join("trace.0");
+    std::os::unix::fs::symlink(&victim, &file).unwrap();
+    ok(run_with(
+        &[
+            "bench",
+            "--relay",
+            &relay.ws_url(),
+            "--msgs",
+            "50",
+            "--json",
+            "--no-progress",
+        ],
+        "",
+        &[("WHISPEER_BENCH_TRACE", trace.to_str().unwrap())],
+    ));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    let meta = std::fs::symlink_metadata(&file).unwrap();
+    assert!(meta.file_type().is_file(), "the link was replaced");
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.lines().count(), 50, "{text}");
+}
+
 /// `bench --sub-process`: the subscribers run in a process of their own (issue 11's three
 /// processes), with a key the bench made or one from a file; everything is still counted
 /// and timed on one clock.

@@ -1327,7 +1327,10 @@ async fn subscriber(
         let mut path = path;
         path.push(format!(".{idx}"));
         let lines: String = t.iter().map(|(s, us)| format!("{s} {us}\n")).collect();
-        if let Err(e) = std::fs::write(&path, lines) {
+        // Created exclusively with mode 0600 and renamed into place: a symbolic link planted
+        // at the path is replaced, never followed (review F10).
+        if let Err(e) = io::write_secret_bytes(std::path::Path::new(&path), lines.as_bytes(), true)
+        {
             tracing::warn!(?path, %e, "could not write the latency trace");
         }
     }
