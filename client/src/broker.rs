@@ -127,6 +127,48 @@ pub enum BrokerError {
     /// The QUIC listener's certificate could not be made, read or written.
     #[error("QUIC certificate: {0}")]
     Tls(#[from] whispeer_relay::tls::TlsError),
+    /// Unix: the persistence directory exists and is not this user's alone — owned by
+    /// another user, or writable by group or others — so whoever can write it could have
+    /// planted the key file, identity or QUIC certificate and key the broker would use.
+    #[error(
+        "broker directory {} {}: another user could plant the broker's keys, identity or \
+         certificate in it; use a directory of your own, not writable by group or others \
+         (chmod 700)",
+        .path.display(),
+        dir_problem(*.owner, *.uid, *.mode)
+    )]
+    UnsafeDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner's uid.
+        owner: u32,
+        /// This process's effective uid.
+        uid: u32,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Unix: a file in the persistence directory (key file, identity, QUIC certificate or
+    /// key) is a symbolic link, not a regular file, another user's or writable by group or
+    /// others: refused, never read nor written into.
+    #[error("broker file {} {reason}", .path.display())]
+    UnsafeFile {
+        /// The file.
+        path: PathBuf,
+        /// Why it is refused.
+        reason: crate::error::UnsafeFile,
+    },
+}
+
+/// What is wrong with a store directory ([`BrokerError::UnsafeDirectory`]).
+fn dir_problem(owner: u32, uid: u32, mode: u32) -> String {
+    if owner != uid {
+        format!("belongs to another user (uid {owner}; this process runs as uid {uid})")
+    } else {
+        format!(
+            "is writable by group or others (mode {:03o})",
+            mode & 0o7777
+        )
+    }
 }
 
 /// Where a broker keeps its messages: see [`Broker::build_default_with_persistence`].
@@ -392,10 +434,17 @@ impl QuicCert {
         };
         let cert = dir.join(QUIC_CERT_FILE);
         let key = dir.join(QUIC_KEY_FILE);
-        if cert.exists() && key.exists() {
-            let pem = std::fs::read(&cert).map_err(|source| BrokerError::Io {
-                path: cert.clone(),
-                source,
+        // Each through the persistence guard: a symbolic link, a file not regular, another
+        // user's or one writable by others is refused, never used nor written into.
+        let cert_file = open_guarded(&cert, None)?;
+        let key_file = open_guarded(&key, Some("it holds the QUIC listener's private key"))?;
+        if let (Some(mut cert_file), Some(_)) = (cert_file, key_file) {
+            let mut pem = Vec::new();
+            std::io::Read::read_to_end(&mut cert_file, &mut pem).map_err(|source| {
+                BrokerError::Io {
+                    path: cert.clone(),
+                    source,
+                }
             })?;
             use rustls_pki_types::pem::PemObject;
             let der = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
@@ -419,6 +468,8 @@ impl QuicCert {
             names.push(ip.to_string());
         }
         let g = tls::generate(&names)?;
+        // `force`: one of the pair may be there (checked above); each is written to a new
+        // file renamed over it, never through what is at the path.
         tls::write_pem(&cert, &g.cert_pem, false, true)?;
         tls::write_pem(&key, &g.key_pem, true, true)?;
         Ok(QuicCert {
@@ -451,8 +502,8 @@ fn load_or_make_keys(
         return resolve_keys(enc, tree_name);
     }
     let path = dir.join(KEY_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
+    match read_guarded(&path, "it holds the broker's tree keys")? {
+        Some(text) => {
             let keys = text
                 .lines()
                 .map(str::trim)
@@ -470,7 +521,7 @@ fn load_or_make_keys(
             }
             Ok(keys)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        None => {
             let keys = resolve_keys(enc, tree_name)?;
             let mut text = zeroize::Zeroizing::new(String::from(
                 "# whispeer broker key: whoever holds it reads and writes every topic\n",
@@ -484,7 +535,6 @@ fn load_or_make_keys(
             write_secret(&path, text.as_bytes())?;
             Ok(keys)
         }
-        Err(source) => Err(BrokerError::Io { path, source }),
     }
 }
 
@@ -524,24 +574,77 @@ impl Lock {
 
 fn load_or_make_identity(dir: &Path, lock: &Lock) -> Result<Identity, BrokerError> {
     let path = dir.join(IDENTITY_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Ok(Identity::from_secret_string(
+    match read_guarded(&path, "it holds the broker's signing identity")? {
+        Some(text) => Ok(Identity::from_secret_string(
             &lock.open(text.trim(), &path)?,
         )?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        None => {
             let id = Identity::generate();
             write_secret(&path, lock.seal(&id.to_secret_string())?.as_bytes())?;
             Ok(id)
         }
-        Err(source) => Err(BrokerError::Io { path, source }),
     }
+}
+
+/// A file of the store directory opened through the persistence guard (Unix: no symbolic
+/// link followed, a regular file of this user not writable by group or others; `private`:
+/// one readable by others is made 0600 with a warning saying what it holds), or `None` if
+/// there is none.
+fn open_guarded(path: &Path, private: Option<&str>) -> Result<Option<std::fs::File>, BrokerError> {
+    #[cfg(unix)]
+    {
+        use crate::persist::guard::{open_checked, Refused};
+        match open_checked(path, path, private) {
+            Ok(f) => Ok(Some(f)),
+            Err(Refused::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(Refused::Io(path, source)) => Err(BrokerError::Io { path, source }),
+            Err(Refused::Unsafe(path, reason)) => Err(BrokerError::UnsafeFile { path, reason }),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = private;
+        match std::fs::File::open(path) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(BrokerError::Io {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+}
+
+/// A secret file of the store directory read through [`open_guarded`], or `None`.
+fn read_guarded(
+    path: &Path,
+    holds: &str,
+) -> Result<Option<zeroize::Zeroizing<String>>, BrokerError> {
+    let Some(mut f) = open_guarded(path, Some(holds))? else {
+        return Ok(None);
+    };
+    let mut text = zeroize::Zeroizing::new(String::new());
+    std::io::Read::read_to_string(&mut f, &mut text).map_err(|source| BrokerError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(Some(text))
 }
 
 /// Creates the broker's directory (and missing parents) owner-only: 0700 on Unix, so the
 /// relay's history, the client state and the key file beside them are nobody else's to read
-/// or to plant files among (it was `create_dir_all`'s 0755). An existing directory is used
-/// as it is.
+/// or to plant files among (it was `create_dir_all`'s 0755). On Unix an existing directory
+/// (or one made by someone else in between) must be this user's and not writable by group
+/// or others ([`BrokerError::UnsafeDirectory`]): another user who can write it — one who
+/// made it first under `/tmp`, or a group member — could plant the key file (a tree key
+/// they know), the identity or the QUIC certificate and key (security review: it was used
+/// as it is). A symbolic link naming the directory is followed (the path is the user's
+/// choice); the directory it leads to is checked.
 fn create_store_dir(dir: &Path) -> Result<(), BrokerError> {
+    let io = |source| BrokerError::Io {
+        path: dir.to_owned(),
+        source,
+    };
     let mut b = std::fs::DirBuilder::new();
     b.recursive(true);
     #[cfg(unix)]
@@ -549,10 +652,29 @@ fn create_store_dir(dir: &Path) -> Result<(), BrokerError> {
         use std::os::unix::fs::DirBuilderExt;
         b.mode(0o700);
     }
-    b.create(dir).map_err(|source| BrokerError::Io {
-        path: dir.to_owned(),
-        source,
-    })
+    b.create(dir).map_err(io)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(dir).map_err(io)?;
+        if !m.is_dir() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a directory",
+            )));
+        }
+        let uid = rustix::process::geteuid().as_raw();
+        let mode = m.mode() & 0o7777;
+        if m.uid() != uid || mode & 0o022 != 0 {
+            return Err(BrokerError::UnsafeDirectory {
+                path: dir.to_owned(),
+                owner: m.uid(),
+                uid,
+                mode,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Writes a new file readable by its owner only (created with mode 0600 on Unix).
@@ -563,6 +685,8 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), BrokerError> {
         source,
     };
     let mut o = std::fs::OpenOptions::new();
+    // `create_new` (`O_EXCL`): nothing already at the path is opened, a symbolic link
+    // included.
     o.write(true).create_new(true);
     #[cfg(unix)]
     {
@@ -570,6 +694,12 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), BrokerError> {
         o.mode(0o600);
     }
     let mut f = o.open(path).map_err(io)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
+    }
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)
 }
@@ -870,5 +1000,11 @@ mod tests {
         }
         // Again: an existing directory is fine.
         super::create_store_dir(&dir).unwrap();
+        // One its group may write is not (security review F1).
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770)).unwrap();
+        match super::create_store_dir(&dir) {
+            Err(super::BrokerError::UnsafeDirectory { mode, .. }) => assert_eq!(mode, 0o770),
+            other => panic!("{other:?}"),
+        }
     }
 }

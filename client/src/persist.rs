@@ -154,6 +154,23 @@ pub(crate) mod guard {
 
     /// An existing file: regular, ours, writable by us alone; readable by others → 0600.
     fn check(full: &Path, shown: &Path) -> Result<(), Refused> {
+        open_checked(
+            full,
+            shown,
+            Some("it holds who messaged this client and when"),
+        )
+        .map(drop)
+    }
+
+    /// An existing file, opened for reading without following a symbolic link (refused
+    /// as [`UnsafeFile::Symlink`]): regular, ours, writable by us alone. With `private`
+    /// (what it holds, for the warning) one only readable by others is made 0600, with a
+    /// warning. A missing file is `Refused::Io` of kind `NotFound`.
+    pub(crate) fn open_checked(
+        full: &Path,
+        shown: &Path,
+        private: Option<&str>,
+    ) -> Result<File, Refused> {
         let unsafe_ = |reason| Refused::Unsafe(shown.to_owned(), reason);
         // No symbolic link followed (one swapped in since the lstat), no blocking on a FIFO.
         let f: File = OpenOptions::new()
@@ -198,16 +215,16 @@ pub(crate) mod guard {
         if mode & 0o022 != 0 {
             return Err(unsafe_(UnsafeFile::WritableByOthers { mode }));
         }
-        if mode & 0o044 != 0 {
+        if let (Some(holds), true) = (private, mode & 0o044 != 0) {
             tracing::warn!(
                 file = %shown.display(),
                 mode = format_args!("{mode:03o}"),
-                "file readable by others (it holds who messaged this client and when), made owner-only (0600)"
+                "file readable by others ({holds}), made owner-only (0600)"
             );
             f.set_permissions(Permissions::from_mode(mode & 0o700))
                 .map_err(|e| Refused::Io(shown.to_owned(), e))?;
         }
-        Ok(())
+        Ok(f)
     }
 }
 

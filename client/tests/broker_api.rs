@@ -601,3 +601,84 @@ async fn a_hostile_topic_in_a_skipped_message_warning_is_escaped() {
     assert!(log.contains("a/\\u{1b}[2J\\nX"), "{log:?}");
     broker.shutdown().await.unwrap();
 }
+
+/// Security review F1: a store directory another user can write is refused before any
+/// file in it is used (a planted `broker.keys` would be the broker's tree key, known to
+/// whoever planted it).
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_directory_others_can_write_is_refused_with_its_planted_keys() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("broker");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let planted = whispeer::TreeKey::generate("planted").unwrap();
+    std::fs::write(
+        dir.join(whispeer::broker::KEY_FILE),
+        format!("{}\n", planted.to_key_string().as_str()),
+    )
+    .unwrap();
+    let e = Broker::builder(BrokerOptions::default())
+        .with(Encryption::new())
+        .with(Persistence::sqlite(&dir))
+        .build()
+        .await
+        .map(|b| b.tree_key().map(|k| k.to_key_string().to_string()))
+        .unwrap_err();
+    assert!(
+        matches!(e, whispeer::BrokerError::UnsafeDirectory { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("writable by group or others"), "{e}");
+    // Nothing was written into it.
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, [whispeer::broker::KEY_FILE], "{names:?}");
+}
+
+/// Security review F1: a symbolic link planted as `broker.crt` is never written through
+/// (it was: `write_pem` opened it with create + truncate, overwriting the link's target).
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_quic_certificate_is_refused_and_its_target_left_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let victim = t.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    let dir = t.path().join("broker");
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join(whispeer::broker::QUIC_CERT_FILE)).unwrap();
+    let r = Broker::build_default_with_persistence(whispeer::PersistenceType::Sqlite(&dir))
+        .with(whispeer::Quic::new("quic://127.0.0.1:0"))
+        .build()
+        .await;
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let e = r.map(|b| b.tls_pin()).unwrap_err();
+    assert!(matches!(e, whispeer::BrokerError::UnsafeFile { .. }), "{e}");
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+}
+
+/// Security review F1: a `broker.key` planted by another user (mode 0666) is refused,
+/// never used nor written into (the broker wrote its new private key into it, keeping the
+/// file's mode: the planter could read the QUIC key).
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_world_writable_quic_key_is_refused_and_not_written_into() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("broker");
+    std::fs::create_dir(&dir).unwrap();
+    let key = dir.join(whispeer::broker::QUIC_KEY_FILE);
+    std::fs::write(&key, "planted").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let r = Broker::build_default_with_persistence(whispeer::PersistenceType::Sqlite(&dir))
+        .with(whispeer::Quic::new("quic://127.0.0.1:0"))
+        .build()
+        .await;
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), "planted");
+    let e = r.map(|b| b.tls_pin()).unwrap_err();
+    assert!(matches!(e, whispeer::BrokerError::UnsafeFile { .. }), "{e}");
+    assert!(e.to_string().contains("writable by group or others"), "{e}");
+}

@@ -94,40 +94,91 @@ pub fn generate(names: &[String]) -> Result<Generated, TlsError> {
     })
 }
 
-/// Writes `text` to `path` (mode 0600 on Unix when `secret`); refuses to overwrite unless
-/// `force`.
+/// Writes `text` to `path`, a new file: mode 0600 on Unix when `secret` (set explicitly,
+/// whatever the umask). Without `force` anything already at `path`, a symbolic link
+/// included, is refused ([`TlsError::Exists`]; `O_EXCL`). With `force` the text is written
+/// to a new file beside `path` (`O_EXCL`, so never through a symbolic link) that is then
+/// renamed over it: a symbolic link at `path` is replaced, never written through, and an
+/// existing file's owner and mode are not kept (security review: it opened `path` with
+/// create + truncate, so a planted link's target was overwritten and a planted 0666 key
+/// file kept its mode, readable by whoever planted it).
 pub fn write_pem(path: &Path, text: &str, secret: bool, force: bool) -> Result<(), TlsError> {
+    if !force {
+        return write_new(path, text, secret).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                TlsError::Exists(path.to_owned())
+            } else {
+                TlsError::Write {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        });
+    }
+    let write_err = |source| TlsError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let name = path.file_name().ok_or_else(|| {
+        write_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file name",
+        ))
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut attempt = 0u32;
+    let tmp = loop {
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{}-{stamp:08x}-{attempt}.tmp", std::process::id()));
+        let tmp = dir.join(tmp_name);
+        match write_new(&tmp, text, secret) {
+            Ok(()) => break tmp,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 64 => {
+                attempt += 1;
+            }
+            Err(e) => return Err(write_err(e)),
+        }
+    };
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        write_err(e)
+    })
+}
+
+/// `text` in a new file at `path` (`O_EXCL`: nothing already there is opened, a symbolic
+/// link included), 0600 when `secret`; removed again if it cannot be written in full.
+fn write_new(path: &Path, text: &str, secret: bool) -> std::io::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true);
-    if force {
-        opts.create(true).truncate(true);
-    } else {
-        opts.create_new(true);
-    }
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     if secret {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    #[cfg(not(unix))]
-    let _ = secret;
-    let mut f = opts.open(path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::AlreadyExists {
-            TlsError::Exists(path.to_owned())
-        } else {
-            TlsError::Write {
-                path: path.to_owned(),
-                source,
-            }
+    let mut f = opts.open(path)?;
+    let mut written = || -> std::io::Result<()> {
+        #[cfg(unix)]
+        if secret {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         }
-    })?;
-    f.write_all(text.as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(|source| TlsError::Write {
-            path: path.to_owned(),
-            source,
-        })
+        #[cfg(not(unix))]
+        let _ = secret;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    };
+    written().inspect_err(|_| {
+        let _ = std::fs::remove_file(path);
+    })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -240,6 +291,74 @@ pub fn quic_server(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh directory of this test's own under the system temporary directory.
+    #[cfg(unix)]
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("whispeer-tls-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir(&d).unwrap();
+        d
+    }
+
+    /// Security review (broker F1): `write_pem(force)` replaces what is at the path — a
+    /// symbolic link is not written through, a planted 0666 file does not keep its mode —
+    /// and without `force` nothing existing is opened, a dangling link included.
+    #[cfg(unix)]
+    #[test]
+    fn write_pem_never_writes_through_a_link_nor_keeps_a_planted_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = scratch("write-pem");
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+
+        let victim = d.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let link = d.join("cert.pem");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        write_pem(&link, "CERT", false, true).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_file());
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "CERT");
+
+        let key = d.join("key.pem");
+        std::fs::write(&key, "planted").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o666)).unwrap();
+        write_pem(&key, "KEY", true, true).unwrap();
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "KEY");
+        assert_eq!(mode(&key), 0o600);
+
+        // Without force: refused, untouched (a dangling link too).
+        assert!(matches!(
+            write_pem(&key, "X", true, false),
+            Err(TlsError::Exists(_))
+        ));
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "KEY");
+        let dangling = d.join("dangling.pem");
+        std::os::unix::fs::symlink(d.join("nowhere"), &dangling).unwrap();
+        assert!(matches!(
+            write_pem(&dangling, "X", true, false),
+            Err(TlsError::Exists(_))
+        ));
+        assert!(!d.join("nowhere").exists());
+        // A new file: 0600 when secret.
+        let fresh = d.join("fresh.pem");
+        write_pem(&fresh, "NEW", true, false).unwrap();
+        assert_eq!(mode(&fresh), 0o600);
+        // No temporary file is left behind.
+        let mut names: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["cert.pem", "dangling.pem", "fresh.pem", "key.pem", "victim"]
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     /// The QUIC listener's memory bounds are set (90ea234): a connection attempt buffers
     /// at most 64 KiB before it is accepted, all attempts together 8 MiB, and no more
