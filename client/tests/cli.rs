@@ -1220,6 +1220,66 @@ fn pub_sub_round_trip(relay: &RelayProcess, url: &str) {
     });
 }
 
+/// Peak resident memory of a running process (`VmHWM`), in KiB.
+#[cfg(target_os = "linux")]
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A member's zstd-compressed CBOR `[[], [], …]` (some 1 KB on the wire, 16 MB delivered)
+/// would cost `sub` about 1 GiB as decoded trees. It is skipped with a warning naming the
+/// (escaped) topic before anything is decoded, and the next message prints (review F5).
+#[cfg(target_os = "linux")]
+#[test]
+fn sub_skips_a_cbor_payload_too_large_to_print_in_bounded_memory() {
+    let relay = start_relay_binary(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (tree_file, tree) = new_tree(dir.path(), "home");
+    let mut sub = Proc::spawn(
+        &["sub", "--relay", &relay.ws_url(), "t/#", "--count", "2"],
+        &[("WHISPEER_KEY", tree_file.to_str().unwrap())],
+    );
+    sub.ready();
+    let mut bomb = vec![0x80u8; 16_000_002];
+    bomb[0] = 0x9f;
+    *bomb.last_mut().unwrap() = 0xff;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut keys = whispeer::Keyring::new();
+    keys.add_grant(show_grant(&tree)).unwrap();
+    rt.block_on(async {
+        // Compression::zstd(3), as every support client.
+        let c = support::ws_client(&relay.ws_url(), keys, support::identity()).await;
+        c.publish_bytes("t/bomb\u{1b}[2K", "application/cbor", &bomb)
+            .await
+            .unwrap();
+        c.publish("t/ok", &[1u8, 2]).await.unwrap();
+        c.flush().await.unwrap();
+        c.close().await;
+    });
+    drop(bomb);
+    // In order: once a line is printed the first message was handled.
+    let line = sub.line();
+    let peak_mib = peak_rss_kib(sub.child.id()) / 1024;
+    eprintln!("sub peak RSS with the 16 MB CBOR payload: {peak_mib} MiB");
+    assert!(peak_mib < 300, "sub peaked at {peak_mib} MiB");
+    let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["topic"], "t/ok");
+    assert_eq!(line["data"], serde_json::json!([1, 2]));
+    let warning = loop {
+        let l = sub.err.recv_timeout(TIMEOUT).expect("a warning line");
+        if l.starts_with("warning:") {
+            break l;
+        }
+    };
+    assert!(
+        warning.contains(r"skipping a message on t/bomb\u{1b}[2K")
+            && warning.contains("too large to print as JSON"),
+        "{warning}"
+    );
+}
+
 fn show_grant(tree: &str) -> whispeer::Grant {
     whispeer::TreeKey::from_key_string(tree)
         .unwrap()

@@ -517,16 +517,242 @@ pub fn cbor_to_json(v: ciborium::Value) -> serde_json::Value {
     }
 }
 
+/// The most data items (array elements, map keys and values, tags, string chunks) a CBOR or
+/// JSON payload may hold to be printed as JSON: a delivered payload is up to `max_payload`
+/// (16 MiB) whatever it was compressed from, and each one-byte item costs some 64 bytes as
+/// a decoded tree (review F5). Over it the message is skipped with a warning.
+pub const MAX_JSON_ITEMS: u64 = 1 << 20;
+/// The most JSON text a CBOR payload may turn into (estimated from above before decoding):
+/// non-text map keys are written as escaped JSON text, which doubles at each level.
+pub const MAX_JSON_BYTES: u64 = 64 << 20;
+/// How deep CBOR may nest (ciborium's own limit).
+const MAX_CBOR_DEPTH: u32 = 256;
+
+/// Why a payload is not turned into JSON.
+#[derive(Debug, PartialEq)]
+pub enum Unprintable {
+    /// Not well-formed CBOR.
+    Malformed(&'static str),
+    /// Well-formed, but past [`MAX_JSON_ITEMS`], [`MAX_JSON_BYTES`] or the nesting limit.
+    TooLarge(String),
+}
+
+impl std::fmt::Display for Unprintable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unprintable::Malformed(why) => write!(f, "undecodable CBOR: {why}"),
+            Unprintable::TooLarge(why) => write!(f, "too large to print as JSON: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for Unprintable {}
+
+/// A walk over CBOR that allocates nothing: counts the data items and bounds from above the
+/// JSON text [`cbor_to_json`] would make of them, stopping at the first item past
+/// [`MAX_JSON_ITEMS`].
+struct CborScan<'a> {
+    b: &'a [u8],
+    pos: usize,
+    items: u64,
+}
+
+impl CborScan<'_> {
+    fn byte(&mut self) -> Result<u8, Unprintable> {
+        let b = *self
+            .b
+            .get(self.pos)
+            .ok_or(Unprintable::Malformed("truncated"))?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn left(&self) -> u64 {
+        (self.b.len() - self.pos) as u64
+    }
+
+    /// Major type and argument of the next item (`None`: indefinite length).
+    fn head(&mut self) -> Result<(u8, u8, Option<u64>), Unprintable> {
+        let b = self.byte()?;
+        let (major, info) = (b >> 5, b & 0x1f);
+        let arg = match info {
+            0..=23 => Some(u64::from(info)),
+            24..=27 => {
+                let n = 1usize << (info - 24);
+                let mut v = 0u64;
+                for _ in 0..n {
+                    v = v << 8 | u64::from(self.byte()?);
+                }
+                Some(v)
+            }
+            31 => None,
+            _ => return Err(Unprintable::Malformed("reserved additional information")),
+        };
+        Ok((major, info, arg))
+    }
+
+    fn count(&mut self) -> Result<(), Unprintable> {
+        self.items += 1;
+        if self.items > MAX_JSON_ITEMS {
+            return Err(Unprintable::TooLarge(format!(
+                "more than {MAX_JSON_ITEMS} CBOR data items"
+            )));
+        }
+        Ok(())
+    }
+
+    /// JSON bytes a string's `len` bytes starting here become, at most (hex for bytes; for
+    /// text, escapes by serde_json and then by `io::json_printable`).
+    fn string(&mut self, major: u8, len: u64) -> Result<u64, Unprintable> {
+        if len > self.left() {
+            return Err(Unprintable::Malformed("truncated string"));
+        }
+        let s = &self.b[self.pos..self.pos + len as usize];
+        self.pos += len as usize;
+        Ok(if major == 2 {
+            2 * len
+        } else {
+            s.iter()
+                .map(|&c| match c {
+                    b'"' | b'\\' | 0..=0x1f | 0x7f => 6,
+                    0x80.. => 3,
+                    _ => 1,
+                })
+                .sum()
+        })
+    }
+
+    /// Walks one item; returns the bound on its JSON text.
+    fn item(&mut self, depth: u32) -> Result<u64, Unprintable> {
+        self.count()?;
+        if depth > MAX_CBOR_DEPTH {
+            return Err(Unprintable::TooLarge(format!(
+                "nested deeper than {MAX_CBOR_DEPTH}"
+            )));
+        }
+        let (major, info, arg) = self.head()?;
+        Ok(match (major, arg) {
+            // "-18446744073709551616", as a JSON string.
+            (0 | 1, Some(_)) => 23,
+            (0 | 1, None) => return Err(Unprintable::Malformed("indefinite integer")),
+            (2 | 3, Some(len)) => self.string(major, len)?.saturating_add(2),
+            (2 | 3, None) => {
+                let mut est = 2u64;
+                loop {
+                    if self.b.get(self.pos) == Some(&0xff) {
+                        self.pos += 1;
+                        break est;
+                    }
+                    self.count()?;
+                    match self.head()? {
+                        (m, _, Some(len)) if m == major => {
+                            est = est.saturating_add(self.string(major, len)?)
+                        }
+                        _ => return Err(Unprintable::Malformed("bad string chunk")),
+                    }
+                }
+            }
+            (4 | 5, n) => {
+                let per = if major == 4 { 1 } else { 2 };
+                if n.is_some_and(|n| n.saturating_mul(per) > self.left()) {
+                    return Err(Unprintable::Malformed("truncated array or map"));
+                }
+                let mut est = 2u64;
+                let mut i = 0u64;
+                loop {
+                    match n {
+                        Some(n) if i == n => break est,
+                        None if self.b.get(self.pos) == Some(&0xff) => {
+                            self.pos += 1;
+                            break est;
+                        }
+                        _ => {}
+                    }
+                    if major == 5 {
+                        // A key that is not text is written as its JSON text, escaped.
+                        let text = self.b.get(self.pos).is_some_and(|b| b >> 5 == 3);
+                        let k = self.item(depth + 1)?;
+                        let k = if text {
+                            k
+                        } else {
+                            k.saturating_mul(2).saturating_add(2)
+                        };
+                        est = est.saturating_add(k).saturating_add(1);
+                    }
+                    est = est.saturating_add(self.item(depth + 1)?).saturating_add(1);
+                    i += 1;
+                }
+            }
+            (6, Some(_)) => self.item(depth + 1)?,
+            (6, None) => return Err(Unprintable::Malformed("indefinite tag")),
+            (7, _) if info == 31 => return Err(Unprintable::Malformed("unexpected break")),
+            // Simple values and floats ("-1.7976931348623157e308").
+            (7, _) => 24,
+            _ => unreachable!("three-bit major type"),
+        })
+    }
+}
+
+/// Checks that `cbor` may be turned into JSON within [`MAX_JSON_ITEMS`] and
+/// [`MAX_JSON_BYTES`], before anything is decoded.
+pub fn cbor_printable(cbor: &[u8]) -> Result<(), Unprintable> {
+    let mut scan = CborScan {
+        b: cbor,
+        pos: 0,
+        items: 0,
+    };
+    let est = scan.item(0)?;
+    if est > MAX_JSON_BYTES {
+        return Err(Unprintable::TooLarge(format!(
+            "about {est} bytes of JSON, over {MAX_JSON_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that a JSON document holds at most [`MAX_JSON_ITEMS`] values (counted from above
+/// by its brackets, commas and colons outside strings), before it is parsed.
+pub fn json_printable_size(json: &[u8]) -> Result<(), Unprintable> {
+    let (mut items, mut in_str, mut esc) = (1u64, false, false);
+    for &c in json {
+        if in_str {
+            match c {
+                _ if esc => esc = false,
+                b'\\' => esc = true,
+                b'"' => in_str = false,
+                _ => {}
+            }
+        } else {
+            match c {
+                b'"' => in_str = true,
+                b'[' | b'{' | b',' | b':' => items += 1,
+                _ => {}
+            }
+        }
+    }
+    if items > MAX_JSON_ITEMS {
+        return Err(Unprintable::TooLarge(format!(
+            "more than {MAX_JSON_ITEMS} JSON values"
+        )));
+    }
+    Ok(())
+}
+
 fn payload_json(m: &Message<Vec<u8>>) -> Result<serde_json::Value> {
     let ct = m.content_type.as_str();
     let base = ct.split(';').next().unwrap_or("").trim();
     match base {
         "application/cbor" => {
+            // Bounded first: the decoded trees cost far more than the bytes (review F5).
+            cbor_printable(&m.value)?;
             let v: ciborium::Value = ciborium::from_reader(&m.value[..])
                 .map_err(|e| anyhow::anyhow!("undecodable CBOR: {e}"))?;
             Ok(cbor_to_json(v))
         }
-        "application/json" => Ok(serde_json::from_slice(&m.value)?),
+        "application/json" => {
+            json_printable_size(&m.value)?;
+            Ok(serde_json::from_slice(&m.value)?)
+        }
         _ => Ok(match std::str::from_utf8(&m.value) {
             Ok(s) => serde_json::Value::String(s.to_owned()),
             Err(_) => serde_json::Value::String(hex::encode(&m.value)),
@@ -677,6 +903,82 @@ mod tests {
         assert_eq!(super::since_ms("2h", 1).unwrap(), 0);
         assert!(super::since_ms("5 weeks", 1).is_err());
         assert!(super::since_ms("m", 1).is_err());
+    }
+
+    #[test]
+    fn cbor_is_bounded_before_it_is_decoded() {
+        use super::{cbor_printable, json_printable_size, Unprintable, MAX_JSON_ITEMS};
+        let cbor = |v: &ciborium::Value| {
+            let mut b = Vec::new();
+            ciborium::into_writer(v, &mut b).unwrap();
+            b
+        };
+        // What clients publish passes, and converts as before.
+        use ciborium::Value as C;
+        let v = C::Map(vec![
+            (C::Text("temp".into()), C::Float(21.5)),
+            (
+                C::Text("tags".into()),
+                C::Array(vec![C::Text("a".into()), C::Text("b".into())]),
+            ),
+            (C::Integer(7.into()), C::Bytes(vec![0, 0xff])),
+            (C::Text("n".into()), C::Integer((-3).into())),
+            (C::Text("x".into()), C::Null),
+        ]);
+        assert_eq!(cbor_printable(&cbor(&v)), Ok(()));
+        assert_eq!(
+            super::cbor_to_json(v),
+            serde_json::json!({"temp": 21.5, "tags": ["a", "b"], "7": "00ff", "n": -3, "x": null})
+        );
+        // Indefinite lengths: text in chunks, an array up to its break.
+        assert_eq!(
+            cbor_printable(&[0x9f, 0x7f, 0x61, b'a', 0x61, b'b', 0xff, 0x01, 0xff]),
+            Ok(())
+        );
+        // One item per byte, past the cap: refused before anything is built.
+        let n = MAX_JSON_ITEMS as usize;
+        let mut bomb = vec![0x80u8; n + 2];
+        bomb[0] = 0x9f;
+        bomb[n + 1] = 0xff;
+        assert!(matches!(
+            cbor_printable(&bomb),
+            Err(Unprintable::TooLarge(_))
+        ));
+        let mut fits = vec![0x80u8; n + 1];
+        fits[0] = 0x9f;
+        fits[n] = 0xff;
+        assert_eq!(cbor_printable(&fits), Ok(()));
+        // Non-text keys are written as escaped JSON text, which doubles at each level: 40
+        // maps nested as keys are a few hundred bytes of CBOR and terabytes of JSON.
+        let mut v = ciborium::Value::Text("\"".into());
+        for _ in 0..40 {
+            v = ciborium::Value::Map(vec![(v, ciborium::Value::Null)]);
+        }
+        let b = cbor(&v);
+        assert!(b.len() < 200, "{}", b.len());
+        assert!(matches!(cbor_printable(&b), Err(Unprintable::TooLarge(_))));
+        // Malformed: truncated, a length past the end, a lone break, reserved info.
+        for bad in [
+            &[0x82, 0x01][..],
+            &[0x5a, 0xff, 0xff, 0xff, 0xff],
+            &[0xff],
+            &[0x1c],
+        ] {
+            assert!(
+                matches!(cbor_printable(bad), Err(Unprintable::Malformed(_))),
+                "{bad:02x?}"
+            );
+        }
+        // JSON: counted by its structure, strings aside.
+        assert_eq!(
+            json_printable_size(br#"{"a": [1, 2, "x,y[{:"], "b\"[": {}}"#),
+            Ok(())
+        );
+        let many = format!("[{}0]", "0,".repeat(n));
+        assert!(matches!(
+            json_printable_size(many.as_bytes()),
+            Err(Unprintable::TooLarge(_))
+        ));
     }
 
     #[test]
