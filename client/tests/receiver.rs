@@ -1065,3 +1065,78 @@ async fn relay_gaps_fold_into_one_report_and_saturate() {
     }
     c.close().await;
 }
+
+/// Log output of a test's own tracing subscriber.
+#[derive(Clone, Default)]
+struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A relay's `Err` frames reach the log at most 10 a minute at warn (a relay could send
+/// them without end, and a synchronous log would hold the connection task), each with the
+/// relay's text escaped: no ESC reaches a terminal and no line break forges another log
+/// line. The budget was unit-tested only; this is its wiring in the driver.
+#[tokio::test]
+async fn relay_errors_are_logged_escaped_and_at_most_ten_a_minute_at_warn() {
+    let buf = LogBuf::default();
+    let w = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .with_writer(move || w.clone())
+        .finish();
+    // A current-thread runtime: the client's connection task runs on this thread, under it.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("tcp://{}", listener.local_addr().unwrap());
+    let connect = tokio::spawn(
+        Client::builder()
+            .with(Tcp::new(url))
+            .with(Encryption::with_keyring(keyring_with(&tree("errors"))))
+            .connect(),
+    );
+    let mut conn = within("hello", FakeConn::accept(&listener)).await;
+    let c = within("connect", connect).await.unwrap().unwrap();
+    let err = Frame::Err(frame::ErrFrame {
+        code: frame::ErrorCode::RateLimited,
+        message: "\u{1b}]0;owned\u{7}\r\nWARN forged line \u{202e}".into(),
+        fatal: false,
+        sub_id: None,
+        publish_id: None,
+    });
+    for _ in 0..50 {
+        write_frame(&mut conn.s, &err).await;
+    }
+    // The client handles frames in order: its flush's Ping comes after all 50 (the flush
+    // waits for its Pong, which this relay sends once it has seen the Ping).
+    let flush = tokio::spawn(async move { c.flush().await.map(|_| c) });
+    let ping = loop {
+        match within("flush ping", read_frame(&mut conn.s)).await {
+            Some(Frame::Ping(p)) => break p,
+            Some(_) => {}
+            None => panic!("client hung up"),
+        }
+    };
+    write_frame(&mut conn.s, &Frame::Pong(frame::Pong { nonce: ping.nonce })).await;
+    let c = within("flush", flush).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("relay error")).collect();
+    assert_eq!(lines.len(), 10, "ten at warn, the rest at debug:\n{text}");
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+        "{text:?}"
+    );
+    assert!(!text.contains("\nWARN forged"), "{text:?}");
+    assert!(lines.iter().all(|l| l.contains("rate_limited")), "{text}");
+    drop(c);
+}

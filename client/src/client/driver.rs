@@ -29,6 +29,7 @@ use crate::core::jobs::OpenDone;
 use crate::core::{LocalSubId, Received};
 use crate::error::{ConnectError, FlushError, PublishError, ReceiveError};
 use crate::plugin::{Plugins, Verdict};
+use crate::printable::Printable;
 use crate::transport::{Connection, Dialer, FrameWriter, Incoming, Reader};
 
 /// Frames handled per wake-up before the driver looks at commands and timers again.
@@ -599,7 +600,7 @@ impl Driver {
                     attempt,
                     retry_at,
                 } => {
-                    tracing::info!(next_relay = %self.describe(), %reason, attempt,
+                    tracing::info!(next_relay = %self.describe(), reason = %Printable(&reason), attempt,
                         retrying = retry_at.is_some(), "connection lost");
                     if retry_at.is_some() {
                         let _ = self.p.state.send(ConnectionState::Reconnecting(attempt));
@@ -697,7 +698,7 @@ impl Driver {
                         // (an earlier run's). Said once, or its loss would go unnoticed.
                         tracing::warn!(
                             publish_id = %hex::encode(pid.0),
-                            error = %PublishError::from(reason),
+                            error = %Printable(PublishError::from(reason)),
                             "a publish restored from the state file failed; it is not sent again"
                         );
                     }
@@ -731,9 +732,9 @@ impl Driver {
                         tracing::warn!(left_out, "relay errors in the last minute not logged");
                     }
                     if warn {
-                        tracing::warn!(code = code.name(), %message, "relay error");
+                        tracing::warn!(code = code.name(), message = %Printable(&message), "relay error");
                     } else {
-                        tracing::debug!(code = code.name(), %message, "relay error");
+                        tracing::debug!(code = code.name(), message = %Printable(&message), "relay error");
                     }
                 }
                 Event::ReplayDone { .. } => {}
