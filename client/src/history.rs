@@ -9,6 +9,11 @@
 //! subscription is bound to one tree, PROTOCOL §4.11): [`LocalHistory::query_in`] reads
 //! one tree's messages only, as a subscription bound to it would have received them.
 //!
+//! What is kept is bounded ([`Retention`]): by default the last 100,000 messages and 256 MiB
+//! of payloads, the oldest received evicted first — any member may publish on a kept topic,
+//! up to 16 MiB a message. [`LocalHistory::query`] returns every match, so at most that
+//! much; [`LocalHistory::query_limited`] returns at most a given number.
+//!
 //! ```no_run
 //! # async fn demo(broker: whispeer::Broker) -> Result<(), Box<dyn std::error::Error>> {
 //! use whispeer::history::LocalHistory;
@@ -96,13 +101,84 @@ impl HistoryEntry {
     }
 }
 
+/// How much a [`LocalHistory`] keeps: at most `max_messages` messages and `max_bytes` bytes
+/// of payloads. Past either, the messages received first are deleted (the order they were
+/// kept in, not their timestamps, which their senders chose); a message whose payload alone
+/// is over `max_bytes` is not kept. [`Retention::default`] is what [`LocalHistory::open`]
+/// uses: [`Retention::DEFAULT_MAX_MESSAGES`] and [`Retention::DEFAULT_MAX_BYTES`].
+///
+/// The bound is kept by the handles of one [`LocalHistory::open`] (and their clones):
+/// messages another process writes to the same file are counted from the next open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    max_messages: u64,
+    max_bytes: u64,
+}
+
+impl Retention {
+    /// Messages kept by default: 100,000.
+    pub const DEFAULT_MAX_MESSAGES: u64 = 100_000;
+    /// Bytes of payloads kept by default: 256 MiB.
+    pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
+
+    /// No bound at all: every message is kept until you delete the file (the behaviour
+    /// before retention existed; any member of a kept topic can then fill the disk).
+    pub fn unlimited() -> Self {
+        Retention {
+            max_messages: u64::MAX,
+            max_bytes: u64::MAX,
+        }
+    }
+
+    /// At most `n` messages.
+    pub fn max_messages(mut self, n: u64) -> Self {
+        self.max_messages = n;
+        self
+    }
+
+    /// At most `bytes` bytes of payloads.
+    pub fn max_bytes(mut self, bytes: u64) -> Self {
+        self.max_bytes = bytes;
+        self
+    }
+
+    /// The bound on messages.
+    pub fn messages(&self) -> u64 {
+        self.max_messages
+    }
+
+    /// The bound on bytes of payloads.
+    pub fn bytes(&self) -> u64 {
+        self.max_bytes
+    }
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_messages: Self::DEFAULT_MAX_MESSAGES,
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// The connection and what it holds (kept to [`Retention`]).
+struct Store {
+    conn: Connection,
+    /// Messages in the file.
+    count: u64,
+    /// Bytes of payloads in the file.
+    bytes: u64,
+}
+
 /// Keeps the decrypted messages of chosen topics in a local SQLite file; add it to a client
 /// or broker with `.with(history.clone())` and query the clone you kept.
 #[derive(Clone)]
 pub struct LocalHistory {
-    conn: Arc<Mutex<Connection>>,
+    store: Arc<Mutex<Store>>,
     filters: Arc<Vec<TopicFilter>>,
     path: PathBuf,
+    retention: Retention,
 }
 
 impl std::fmt::Debug for LocalHistory {
@@ -110,16 +186,28 @@ impl std::fmt::Debug for LocalHistory {
         f.debug_struct("LocalHistory")
             .field("path", &self.path)
             .field("filters", &self.filters)
+            .field("retention", &self.retention)
             .finish()
     }
 }
 
 impl LocalHistory {
     /// Opens (or creates) the file at `path`, keeping messages on topics matching any of
-    /// `filters` (e.g. `["sensor/#", "chat/lobby"]`).
+    /// `filters` (e.g. `["sensor/#", "chat/lobby"]`), within [`Retention::default`].
     pub fn open<S: AsRef<str>>(
         path: impl AsRef<Path>,
         filters: impl IntoIterator<Item = S>,
+    ) -> Result<Self, HistoryError> {
+        Self::open_with(path, filters, Retention::default())
+    }
+
+    /// [`LocalHistory::open`] keeping at most what `retention` allows. A file holding more
+    /// (kept before, or with a larger bound) is cut down to it when the next message is
+    /// kept.
+    pub fn open_with<S: AsRef<str>>(
+        path: impl AsRef<Path>,
+        filters: impl IntoIterator<Item = S>,
+        retention: Retention,
     ) -> Result<Self, HistoryError> {
         let path = path.as_ref().to_owned();
         let filters = filters
@@ -194,23 +282,55 @@ impl LocalHistory {
                     .map_err(err)?;
             }
         }
+        // `length` of a blob reads its size, not its content.
+        let (count, bytes): (i64, i64) = conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(length(payload)), 0) FROM messages",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(err)?;
         Ok(LocalHistory {
-            conn: Arc::new(Mutex::new(conn)),
+            store: Arc::new(Mutex::new(Store {
+                conn,
+                count: u64::try_from(count).unwrap_or(0),
+                bytes: u64::try_from(bytes).unwrap_or(0),
+            })),
             filters: Arc::new(filters),
             path,
+            retention,
         })
+    }
+
+    /// What this history keeps at most.
+    pub fn retention(&self) -> Retention {
+        self.retention
     }
 
     /// The messages on topics matching `filter` whose sender timestamp is in `range`
     /// (Unix milliseconds; `..` for all), oldest first — of every tree: with grants of
     /// several trees overlapping `filter`, use [`LocalHistory::query_in`] (or check each
     /// entry's `tree_id`), as another tree's admin can write on the same topic names.
+    ///
+    /// Every match, read into memory: at most what the [`Retention`] keeps (by default
+    /// 100,000 messages, 256 MiB of payloads). [`LocalHistory::query_limited`] reads at
+    /// most a given number.
     pub fn query(
         &self,
         filter: &str,
         range: impl RangeBounds<u64>,
     ) -> Result<Vec<HistoryEntry>, HistoryError> {
-        self.query_where(None, filter, range)
+        self.query_where(None, filter, range, usize::MAX)
+    }
+
+    /// [`LocalHistory::query`] returning at most the first `limit` matches (oldest first).
+    pub fn query_limited(
+        &self,
+        filter: &str,
+        range: impl RangeBounds<u64>,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, HistoryError> {
+        self.query_where(None, filter, range, limit)
     }
 
     /// [`LocalHistory::query`] restricted to the messages tree `tree_id`'s key opened.
@@ -220,7 +340,18 @@ impl LocalHistory {
         filter: &str,
         range: impl RangeBounds<u64>,
     ) -> Result<Vec<HistoryEntry>, HistoryError> {
-        self.query_where(Some(tree_id), filter, range)
+        self.query_where(Some(tree_id), filter, range, usize::MAX)
+    }
+
+    /// [`LocalHistory::query_in`] returning at most the first `limit` matches.
+    pub fn query_in_limited(
+        &self,
+        tree_id: TreeId,
+        filter: &str,
+        range: impl RangeBounds<u64>,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, HistoryError> {
+        self.query_where(Some(tree_id), filter, range, limit)
     }
 
     fn query_where(
@@ -228,7 +359,11 @@ impl LocalHistory {
         tree_id: Option<TreeId>,
         filter: &str,
         range: impl RangeBounds<u64>,
+        limit: usize,
     ) -> Result<Vec<HistoryEntry>, HistoryError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let filter = TopicFilter::new(filter)?;
         let lo = match range.start_bound() {
             Bound::Included(v) => *v,
@@ -245,8 +380,9 @@ impl LocalHistory {
             path: self.path.clone(),
             reason: e.to_string(),
         };
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut st = conn
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = store
+            .conn
             .prepare_cached(
                 "SELECT topic, ts, sender, content_type, payload, tree, epoch, prov, prov_detail
                  FROM messages
@@ -299,32 +435,83 @@ impl LocalHistory {
                 epoch: epoch.and_then(|e| u64::try_from(e).ok()),
                 provenance: prov.and_then(|k| provenance_from(&k, detail.as_deref())),
             });
+            if out.len() >= limit {
+                break;
+            }
         }
         Ok(out)
     }
 
     fn keep(&self, msg: &Received) -> Result<(), rusqlite::Error> {
+        let size = msg.payload.len() as u64;
+        if size > self.retention.max_bytes || self.retention.max_messages == 0 {
+            tracing::warn!(
+                path = %self.path.display(),
+                size,
+                "local history: a message larger than the retention bound is not kept"
+            );
+            return Ok(());
+        }
         let (prov_kind, prov_detail) = provenance_columns(&msg.provenance);
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.prepare_cached(
-            "INSERT OR IGNORE INTO messages
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let added = store
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO messages
                  (tree, sender, msg_id, topic, ts, content_type, payload, epoch, prov, prov_detail)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )?
-        .execute(params![
-            &msg.tree_id.0[..],
-            msg.sender
-                .map(|s| s.to_bytes().to_vec())
-                .unwrap_or_default(),
-            &msg.msg_id.0[..],
-            msg.topic.as_str(),
-            to_i64(msg.ts_ms),
-            &msg.content_type,
-            &msg.payload[..],
-            to_i64(msg.epoch),
-            prov_kind,
-            prov_detail,
-        ])?;
+            )?
+            .execute(params![
+                &msg.tree_id.0[..],
+                msg.sender
+                    .map(|s| s.to_bytes().to_vec())
+                    .unwrap_or_default(),
+                &msg.msg_id.0[..],
+                msg.topic.as_str(),
+                to_i64(msg.ts_ms),
+                &msg.content_type,
+                &msg.payload[..],
+                to_i64(msg.epoch),
+                prov_kind,
+                prov_detail,
+            ])?;
+        if added > 0 {
+            store.count += 1;
+            store.bytes += size;
+        }
+        self.evict(&mut store)
+    }
+
+    /// Deletes the messages kept first until the file is within the retention bound.
+    fn evict(&self, store: &mut Store) -> Result<(), rusqlite::Error> {
+        let Retention {
+            max_messages,
+            max_bytes,
+        } = self.retention;
+        if store.count <= max_messages && store.bytes <= max_bytes {
+            return Ok(());
+        }
+        let (mut count, mut bytes) = (store.count, store.bytes);
+        let mut last = None;
+        {
+            let mut st = store
+                .conn
+                .prepare_cached("SELECT rowid, length(payload) FROM messages ORDER BY rowid")?;
+            let mut rows = st.query([])?;
+            while count > max_messages || bytes > max_bytes {
+                let Some(r) = rows.next()? else { break };
+                last = Some(r.get::<_, i64>(0)?);
+                count = count.saturating_sub(1);
+                bytes = bytes.saturating_sub(u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0));
+            }
+        }
+        if let Some(last) = last {
+            store
+                .conn
+                .prepare_cached("DELETE FROM messages WHERE rowid <= ?1")?
+                .execute([last])?;
+        }
+        (store.count, store.bytes) = (count, bytes);
         Ok(())
     }
 }
@@ -468,6 +655,110 @@ mod tests {
             ]
         );
         assert!(h.query_in(TreeId([9; 16]), "#", ..).unwrap().is_empty());
+    }
+
+    /// A message numbered `n` (its id and timestamp), with `len` payload bytes.
+    fn numbered(n: u32, ts_ms: u64, len: usize) -> Received {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        let mut m = received(1, 0, "flood/x", 0, Provenance::AdminSigned);
+        m.msg_id = MessageId(id);
+        m.ts_ms = ts_ms;
+        m.payload = bytes::Bytes::from(vec![n as u8; len]);
+        m
+    }
+
+    fn ids(entries: &[HistoryEntry]) -> Vec<u64> {
+        entries.iter().map(|e| e.timestamp_ms).collect()
+    }
+
+    /// `open` keeps at most 100,000 messages by default, deleting the oldest received:
+    /// a member flooding a kept topic cannot fill the disk (review F6; before, every
+    /// message was kept).
+    #[test]
+    fn the_default_retention_bounds_what_open_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = LocalHistory::open(dir.path().join("h.sqlite"), ["#"]).unwrap();
+        let n = 100_000u32;
+        for i in 0..n + 5 {
+            h.on_message(&mut numbered(i, u64::from(i), 1));
+        }
+        let all = h.query("#", ..).unwrap();
+        assert_eq!(all.len(), n as usize);
+        assert_eq!(all[0].timestamp_ms, 5, "the five received first are gone");
+        assert_eq!(all.last().unwrap().timestamp_ms, u64::from(n + 4));
+    }
+
+    /// Retention by messages and by bytes, oldest received first whatever the timestamps
+    /// say; a message over the byte bound alone is not kept; a reopened file keeps its
+    /// count.
+    #[test]
+    fn retention_evicts_the_oldest_received_by_count_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let r = Retention::default().max_messages(3);
+        assert_eq!((r.messages(), r.bytes()), (3, Retention::DEFAULT_MAX_BYTES));
+        let h = LocalHistory::open_with(&path, ["#"], r).unwrap();
+        assert_eq!(h.retention(), r);
+        // The first claims a timestamp far in the future: still the first to go.
+        h.on_message(&mut numbered(0, u64::MAX / 2, 1));
+        for i in 1..5 {
+            h.on_message(&mut numbered(i, u64::from(i), 1));
+        }
+        // A message delivered again is kept once and counted once.
+        h.on_message(&mut numbered(4, 4, 1));
+        assert_eq!(ids(&h.query("#", ..).unwrap()), [2, 3, 4]);
+        drop(h);
+        let h = LocalHistory::open_with(&path, ["#"], r).unwrap();
+        h.on_message(&mut numbered(5, 5, 1));
+        assert_eq!(ids(&h.query("#", ..).unwrap()), [3, 4, 5]);
+        drop(h);
+
+        // By bytes: 10 bytes hold two messages of 4.
+        let r = Retention::unlimited().max_bytes(10);
+        let h = LocalHistory::open_with(dir.path().join("b.sqlite"), ["#"], r).unwrap();
+        for i in 0..4 {
+            h.on_message(&mut numbered(i, u64::from(i), 4));
+        }
+        assert_eq!(ids(&h.query("#", ..).unwrap()), [2, 3]);
+        h.on_message(&mut numbered(9, 9, 11));
+        assert_eq!(
+            ids(&h.query("#", ..).unwrap()),
+            [2, 3],
+            "11 bytes: not kept"
+        );
+        h.on_message(&mut numbered(10, 10, 10));
+        assert_eq!(ids(&h.query("#", ..).unwrap()), [10]);
+        // A smaller bound cuts an existing file down at the next message.
+        drop(h);
+        let r = Retention::unlimited().max_messages(1);
+        let h = LocalHistory::open_with(&path, ["#"], r).unwrap();
+        assert_eq!(h.query("#", ..).unwrap().len(), 3);
+        h.on_message(&mut numbered(6, 6, 1));
+        assert_eq!(ids(&h.query("#", ..).unwrap()), [6]);
+    }
+
+    /// `query_limited` reads at most `limit` matches, oldest first, skipping the rows the
+    /// filter does not match.
+    #[test]
+    fn query_limited_returns_at_most_limit_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = LocalHistory::open(dir.path().join("h.sqlite"), ["#"]).unwrap();
+        for (i, topic) in ["a/x", "b/x", "a/y", "a/z", "b/y"].iter().enumerate() {
+            let mut m = numbered(i as u32, i as u64, 1);
+            m.topic = Topic::new(*topic).unwrap();
+            h.on_message(&mut m);
+        }
+        assert_eq!(ids(&h.query_limited("a/#", .., 2).unwrap()), [0, 2]);
+        assert_eq!(ids(&h.query_limited("a/#", 1.., 10).unwrap()), [2, 3]);
+        assert!(h.query_limited("#", .., 0).unwrap().is_empty());
+        let t = TreeId([1; 16]);
+        assert_eq!(ids(&h.query_in_limited(t, "b/#", .., 1).unwrap()), [1]);
+        assert!(h
+            .query_in_limited(TreeId([2; 16]), "#", .., 5)
+            .unwrap()
+            .is_empty());
+        assert_eq!(h.query("#", ..).unwrap().len(), 5, "query: every match");
     }
 
     /// A file written before epochs and provenance were kept gains the columns; its old
