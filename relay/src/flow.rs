@@ -11,6 +11,18 @@
 //!
 //! The credit check and the pause happen under one lock with the ack that frees credit, so
 //! a pause is always followed by a catch-up once credit frees.
+//!
+//! A catch-up reserves room for each chunk before it reads it, as history senders do
+//! (`Outbound::reserve_read`): the reservation counts like queued bytes (the connection's
+//! queue room and the relay-wide budget) until the chunk's messages are queued, and the
+//! unsent rest stays counted while the catch-up waits for credit. So a connection's
+//! catch-ups together hold at most `queue.max_bytes` and one chunk, however many of its
+//! subscriptions pause. (Each used to read its chunk — up to 1 MiB and the envelope
+//! crossing it — after checking for room only, and keep the unsent rest, uncounted, while
+//! the client did not ack: 1,000 paused subscriptions of one connection held 1–2 GiB.) A
+//! catch-up that gets no credit within [`CREDIT_WAIT`] gives the rest back — it stays in
+//! the store — and reads it again once there is credit, so a subscription whose client
+//! does not ack holds nothing and does not hold up the connection's other catch-ups.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -22,9 +34,10 @@ use whispeer_protocol::frame::ErrFrame;
 use whispeer_protocol::{codec, Envelope, ErrorCode, Frame, TokenPattern};
 
 use crate::ids::Seq;
+use crate::outbound::ReadHold;
 use crate::relay::Shared;
 use crate::router::{msg_frame, Target};
-use crate::store::{Admission, DurableKey, ReadPlan, StoreError, Tenant};
+use crate::store::{Admission, DurableKey, ReadPlan, StoreError, Tenant, READ_CHUNK_BYTES};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -374,6 +387,12 @@ impl Tracking {
         false
     }
 
+    /// Whether there is credit for a message of `len` bytes now (a catch-up that gave back
+    /// its chunk reads it again only then).
+    pub(crate) fn has_credit(&self, len: usize) -> bool {
+        lock(&self.inner).has_credit(self.credit, self.max_bytes, len, &self.conn)
+    }
+
     /// Waits until an ack (of this subscription, or of another one of the connection) may
     /// have freed credit for a message of `len` bytes, or `limit` passed.
     pub(crate) async fn wait_credit(&self, len: usize, limit: Duration) {
@@ -639,11 +658,11 @@ async fn run(
         });
         let mut from = paused.next;
         while from <= upto.0 {
-            // Room in this connection's queue and its share of the relay-wide budget.
-            target.out.wait_room().await;
-            if gone() {
+            // Room for the chunk, reserved before the read (in this connection's queue and
+            // in the relay-wide budget).
+            let Some(mut hold) = read_turn(target).await else {
                 return Ok(false);
-            }
+            };
             let chunk = {
                 let (store, pattern, plan) = (store.clone(), pattern.clone(), plan.clone());
                 crate::store::read_off_runtime(tenant, Admission::Always, move || {
@@ -651,30 +670,90 @@ async fn run(
                 })
                 .await?
             };
+            if gone() {
+                return Ok(false);
+            }
+            hold.resize(chunk.msgs.iter().map(|m| m.envelope.len()).sum());
             let mut sent = 0u64;
+            // The message no credit came for within a wait: the rest of the chunk is
+            // given back and read again once there is credit.
+            let mut stalled = None;
             for m in chunk.msgs {
-                while !track.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
+                if !track.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
+                    // The rest of the chunk stays reserved meanwhile.
+                    tracing::debug!(conn = %target.conn, sub_id = target.sub.0,
+                        "catch-up waits for credit");
+                    tokio::select! {
+                        () = track.wait_credit(m.envelope.len(), CREDIT_WAIT) => {}
+                        () = target.cancelled() => {}
+                    }
                     if gone() {
                         return Ok(false);
                     }
-                    track
-                        .wait_credit(m.envelope.len(), Duration::from_millis(500))
-                        .await;
+                    if !track.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
+                        stalled = Some((m.seq.0, m.envelope.len()));
+                        break;
+                    }
                 }
                 let frame = msg_frame(m.seq.0, &m.envelope, 0);
-                // Paused for the relay-wide budget: one message at a time within it.
-                target.out.wait_budget(frame.len()).await;
-                target.out.push_history(frame);
+                hold.push(frame, m.envelope.len());
                 sent += 1;
                 if target.out.is_closing() {
                     return Ok(false);
                 }
             }
             shared.metrics.delivered(sent as usize);
-            from = chunk.next;
+            let Some((seq, len)) = stalled else {
+                from = chunk.next;
+                continue;
+            };
+            // No credit within a wait: hold nothing while the client does not ack (the
+            // connection's other catch-ups and histories get the room), and read from
+            // this message on once there is credit for it.
+            drop(hold);
+            while !track.has_credit(len) {
+                if gone() {
+                    return Ok(false);
+                }
+                tokio::select! {
+                    () = track.wait_credit(len, CREDIT_WAIT) => {}
+                    () = target.cancelled() => {}
+                }
+            }
+            from = seq;
         }
         if shared.router.resume_live(target, upto.0) {
             return Ok(true);
         }
     }
+}
+
+/// How long a catch-up waits for credit with the rest of its chunk reserved before it
+/// gives the rest back; also the period at which a wait for credit re-checks.
+const CREDIT_WAIT: Duration = Duration::from_millis(500);
+
+/// Waits until the subscriber's queue has room for a chunk and reserves it
+/// ([`Outbound::reserve_read`](crate::outbound::Outbound::reserve_read), as history
+/// senders do): however many of a connection's subscriptions catch up at once, their reads
+/// hold at most `queue.max_bytes` and one chunk. `None` when the subscription is cancelled
+/// or the connection closes first.
+async fn read_turn(target: &Target) -> Option<ReadHold> {
+    if target.is_cancelled() || target.out.is_closing() {
+        return None;
+    }
+    let reserve = target.out.reserve_read(READ_CHUNK_BYTES);
+    tokio::pin!(reserve);
+    let hold = tokio::select! {
+        biased;
+        hold = &mut reserve => hold,
+        () = std::future::ready(()) => {
+            tracing::debug!(conn = %target.conn, sub_id = target.sub.0,
+                "catch-up waits for room in the queue");
+            tokio::select! {
+                hold = reserve => hold,
+                () = target.cancelled() => None,
+            }
+        }
+    };
+    hold.filter(|_| !target.is_cancelled())
 }

@@ -21,12 +21,12 @@
 //! messages: each one not queued is counted and reported to it in a `Gap`. Its QoS ≥ 1
 //! subscriptions are never dropped from: the router pauses them as if out of credit
 //! ([`Outbound::over_budget`]), their messages wait in the store, and the catch-up sends
-//! them once the connection is back within its share ([`Outbound::wait_room`]).
+//! them once the connection is back within its share ([`Outbound::reserve_read`]).
 //!
-//! History and retained-value senders reserve room for a chunk before they read it
-//! ([`Outbound::reserve_read`]): the reservation counts like queued bytes until the chunk
-//! is queued, so a connection's history holds at most `max_bytes` and one chunk however
-//! many subscriptions ask for it at once.
+//! History, retained-value and catch-up senders reserve room for a chunk before they read
+//! it ([`Outbound::reserve_read`]): the reservation counts like queued bytes until the
+//! chunk is queued, so a connection's history and catch-ups hold at most `max_bytes` and
+//! one chunk however many subscriptions ask for it at once.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -512,16 +512,16 @@ impl Outbound {
         Offer::Queued
     }
 
-    /// Waits until a history or retained-value sender may read its next chunk and reserves
-    /// `len` bytes for it (the chunk's size at most, but for the message that crosses it):
-    /// the reservation counts like queued bytes — in this connection's room and in the
-    /// relay-wide budget — from before the read until its messages are queued
-    /// ([`push_history_held`](Self::push_history_held)) or the [`ReadHold`] is dropped.
-    /// There is room when, with what the other senders of the connection reserved, at
-    /// most half the queue is used and at most `max_bytes` with the batch the writer holds,
-    /// and the relay-wide budget takes `len` more (or the connection holds nothing). So a
-    /// connection's history — however many subscriptions ask for it at once — holds at
-    /// most `max_bytes` and one chunk. `None` once closing.
+    /// Waits until a history, retained-value or catch-up sender may read its next chunk and
+    /// reserves `len` bytes for it (the chunk's size at most, but for the message that
+    /// crosses it): the reservation counts like queued bytes — in this connection's room and
+    /// in the relay-wide budget — from before the read until its messages are queued
+    /// ([`ReadHold::push`]) or the [`ReadHold`] is dropped. There is room when, with what
+    /// the other senders of the connection reserved, at most half the queue is used and at
+    /// most `max_bytes` with the batch the writer holds, and the relay-wide budget takes
+    /// `len` more (or the connection holds nothing). So a connection's history and
+    /// catch-ups — however many subscriptions ask for them at once — hold at most
+    /// `max_bytes` and one chunk. `None` once closing.
     ///
     /// Reserved before the read, not after the chunk is queued: each sender read a chunk
     /// and queued it before it waited, so a `Sub` flood on a connection that reads nothing
@@ -599,13 +599,6 @@ impl Outbound {
             && bytes <= self.max_bytes / 2
             && bytes + s.inflight <= self.max_bytes
             && !self.budget.refuses(s.queued_held(), 0)
-    }
-
-    /// Waits until `len` more bytes fit the connection's share of the relay-wide budget
-    /// (always once nothing is queued or being written), or the queue is closing.
-    pub(crate) async fn wait_budget(&self, len: usize) {
-        self.wait_until(|s| !self.budget.refuses(s.queued_held(), len))
-            .await
     }
 
     async fn wait_until(&self, ready: impl Fn(&State) -> bool) {

@@ -633,6 +633,142 @@ async fn a_sub_flood_on_stored_values_holds_one_chunk_per_connection() {
     drop(c);
 }
 
+/// Subscriptions that pause for credit while their client reads but does not ack: 200
+/// QoS 1 `Sub`s with credit 1 on one key id, one small message (each subscription has no
+/// credit left), then ~2 MiB more (a tiny envelope and two of 1,000 KiB), so every
+/// subscription pauses; one `Ack` of the first message starts the catch-up of all 200 at
+/// once. Each catch-up read a chunk (the three messages) after checking for room only,
+/// delivered the tiny one and kept the other two, uncounted, while it waited for credit that
+/// never came: 200 × 2 MiB. Now a catch-up reserves room for its chunk before the read and
+/// the rest stays counted while it waits for credit (and is given back after a while), so
+/// the connection's catch-ups hold at most its queue bound (`--queue-max-bytes` 256 KiB)
+/// and one chunk. Then the client acks: every subscription gets the three messages, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_ups_of_non_acking_subscriptions_hold_one_reserved_chunk_per_connection() {
+    use whispeer_protocol::frame::{features, Ack, Sub};
+    use whispeer_protocol::Qos;
+    const VALUE: usize = 1000 * 1024;
+    const SUBS: u64 = 200;
+    let max_bytes = QUEUE_MAX_BYTES.to_string();
+    let mut relay = BinRelay::start_logged(&[
+        "--queue-max-bytes",
+        &max_bytes,
+        "--publish-rate",
+        "0",
+        "--store-sync",
+        "normal",
+        "--log",
+        "warn,whispeer_relay::flow=debug",
+    ]);
+    let (pid, addr, admin) = (relay.child.id(), relay.tcp(), relay.admin());
+    let mut c = Client::tcp(addr).await;
+    c.hello_with(features::AT_LEAST_ONCE | features::FLOW_CONTROL)
+        .await;
+    for sub_id in 1..=SUBS {
+        c.send(&Frame::Sub(Sub {
+            sub_id,
+            pattern: exact(9, &[1]),
+            qos: Qos::AtLeastOnce,
+            durable: None,
+            replay: None,
+            retained: false,
+            credit: Some(1),
+            owner: None,
+        }))
+        .await;
+    }
+    for _ in 0..SUBS {
+        assert!(matches!(c.recv().await, Frame::SubOk(_)));
+    }
+    let mut p = Client::tcp(addr).await;
+    p.hello().await;
+    p.send(&acked_pub(9, 0, 64)).await;
+    acks(&mut p, 1).await;
+    // Live: one frame for the connection's 200 subscriptions.
+    let first = match c.recv().await {
+        Frame::Msg(m) => m.seq,
+        other => panic!("expected the first message, got {other:?}"),
+    };
+    for (i, body) in [(1, 16), (2, VALUE), (3, VALUE)] {
+        p.send(&acked_pub(9, i, body)).await;
+    }
+    acks(&mut p, 3).await;
+    // Every subscription paused at the tiny message (no credit).
+    wait_metric(admin, "whispeer_relay_credit_pauses_total", SUBS).await;
+    let before = rss_kib(pid);
+    // One ack frees every subscription's credit: all 200 catch up at once. The client
+    // reads everything from now on but acks nothing.
+    c.send(&Frame::Ack(Ack { seqs: vec![first] })).await;
+    let acking = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let reader = {
+        let acking = acking.clone();
+        tokio::spawn(async move {
+            loop {
+                match c.recv().await {
+                    Frame::Msg(m) => {
+                        if acking.load(std::sync::atomic::Ordering::Relaxed) {
+                            c.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+                        }
+                        let _ = seen_tx.send(m.seq);
+                    }
+                    other => panic!("subscriber got {other:?}"),
+                }
+            }
+        })
+    };
+    // Every catch-up waits for room to read, or has read and waits for credit.
+    let mut pending: std::collections::HashSet<u64> = (1..=SUBS).collect();
+    while !pending.is_empty() {
+        let line = relay.wait_log(&["whispeer_relay::flow", "sub_id="]).await;
+        if !line.contains("catch-up waits for room") && !line.contains("catch-up waits for credit")
+        {
+            continue;
+        }
+        let sub_id = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("sub_id="))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("a sub_id= field");
+        pending.remove(&sub_id);
+    }
+    let after = rss_kib(pid);
+    let grown = after.saturating_sub(before);
+    let held = metric(admin, "whispeer_relay_outbound_bytes").await;
+    eprintln!(
+        "relay RSS with {SUBS} paused QoS 1 subscriptions catching up ~2 MiB each on one \
+         connection that does not ack: {before} KiB before, {after} KiB after (growth \
+         {grown} KiB); {} KiB held in the outbound account",
+        held >> 10
+    );
+    assert!(
+        held as usize <= QUEUE_MAX_BYTES + 2 * (VALUE + 1024),
+        "{held} bytes held for the connection"
+    );
+    // The queue bound and a chunk (two values and the tiny one), with allocator slack and
+    // SQLite's reader cache (16 MiB).
+    let bound_kib = (QUEUE_MAX_BYTES >> 10) as u64 + 32 * 1024;
+    assert!(
+        grown <= bound_kib,
+        "relay RSS grew by {grown} KiB (bound {bound_kib} KiB)"
+    );
+    // The client acks what it gets from now on: every subscription gets the rest, once (a
+    // catch-up that gave its chunk back reads it again).
+    acking.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut counts = std::collections::BTreeMap::<u64, u64>::new();
+    while counts.values().sum::<u64>() < 3 * SUBS {
+        let seq = tokio::time::timeout(TIMEOUT, seen_rx.recv())
+            .await
+            .expect("the rest within the timeout")
+            .expect("reader running");
+        assert!(seq > first);
+        *counts.entry(seq).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "three messages: {counts:?}");
+    assert!(counts.values().all(|&n| n == SUBS), "{counts:?}");
+    reader.abort();
+}
+
 /// A QoS 1 `Pub` of a `body`-byte envelope on `[k, 1]` asking for a `PubAck`, told apart
 /// by `i`.
 fn acked_pub(k: u8, i: u32, body: usize) -> Frame {
