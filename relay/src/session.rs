@@ -161,6 +161,9 @@ pub(crate) struct Session {
     /// `Sub` that created its durable before recording the owner, that durable and the
     /// floor it was created at (see [`Session::subscribe`]).
     deferred: Option<(u64, Frame, Created)>,
+    /// The request being handled is a deferred one resumed ([`Session::resume_deferred`]):
+    /// the plugins accepted it before it was deferred, so they do not see it twice.
+    resumed: bool,
     /// Where the store reports a durable name whose cluster-wide hold was lost, with the
     /// hold's generation ([`crate::store::HoldLost`]). Made at the first durable
     /// subscription: a channel costs ~2 KiB (its first block of slots), which every idle
@@ -235,6 +238,7 @@ impl Session {
             account_rates: None,
             wakes: Wakes::new(),
             deferred: None,
+            resumed: false,
             hold_lost: None,
             hold_lost_rx: None,
             hold_gens: HashMap::new(),
@@ -694,6 +698,7 @@ impl Session {
     /// owner's auth-state line, and the floor it was created at (still there, it is handled
     /// as new again, not resumed from its floor).
     fn subscribe(&mut self, s: Sub, created: Created) -> Flow {
+        let resumed = std::mem::take(&mut self.resumed);
         let sub_id = SubId(s.sub_id);
         let limits = &self.shared.config.limits;
         let depth = s.pattern.elems().len();
@@ -737,10 +742,11 @@ impl Session {
         if s.durable.is_some() {
             need = need.with(Right::Durable);
         }
-        match self.authorize(s.pattern.key_id(), need) {
-            Err(r) => return self.refuse(r, Some(sub_id), None),
-            Ok(Some(line)) => return self.defer(line, Frame::Sub(s), created),
-            Ok(None) => {}
+        // Rights first, without claiming the key id; the claim (`authorize`) only once the
+        // plugins and the store accepted the request: claimed first, a `Sub` they refused
+        // kept the key id for the account's group for good.
+        if let Err(r) = self.may(s.pattern.key_id(), need) {
+            return self.refuse(r, Some(sub_id), None);
         }
         let info = SubscribeInfo {
             conn: self.conn,
@@ -748,14 +754,16 @@ impl Session {
             pattern: &s.pattern,
             qos: s.qos,
         };
-        if let Err((plugin, why)) = self.shared.plugins.subscribe(&info) {
-            self.shared.metrics.rejected_by_plugin();
-            return self.reply_err(
-                ErrorCode::NotAllowed,
-                format!("refused by {plugin}: {}", why.0),
-                Some(sub_id),
-                None,
-            );
+        if !resumed {
+            if let Err((plugin, why)) = self.shared.plugins.subscribe(&info) {
+                self.shared.metrics.rejected_by_plugin();
+                return self.reply_err(
+                    ErrorCode::NotAllowed,
+                    format!("refused by {plugin}: {}", why.0),
+                    Some(sub_id),
+                    None,
+                );
+            }
         }
         let store = self.shared.router.store().clone();
         let supported = store.features();
@@ -772,6 +780,11 @@ impl Session {
                 Some(sub_id),
                 None,
             );
+        }
+        match self.authorize(s.pattern.key_id(), need) {
+            Err(r) => return self.refuse(r, Some(sub_id), None),
+            Ok(Some(line)) => return self.defer(line, Frame::Sub(s), created),
+            Ok(None) => {}
         }
         self.drop_sub(sub_id);
         let durable = s.durable.clone().map(|name| DurableKey {
@@ -1231,19 +1244,19 @@ impl Session {
     }
 
     fn on_pub(&mut self, p: Pub, now: Instant) -> Flow {
+        let resumed = std::mem::take(&mut self.resumed);
         let path = p.envelope.token_path();
         let need = if p.flags & pub_flags::RETAIN != 0 {
             Rights::of(&[Right::Publish, Right::Retain])
         } else {
             Rights::of(&[Right::Publish])
         };
-        match self.authorize(path.key_id(), need) {
-            Err(r) => {
-                self.refused_publish(now);
-                return self.refuse(r, None, p.publish_id);
-            }
-            Ok(Some(line)) => return self.defer(line, Frame::Pub(p), None),
-            Ok(None) => {}
+        // Rights first, without claiming the key id; the claim (`authorize`) only once the
+        // plugins and the store accepted the publish: claimed first, a `Pub` they refused
+        // kept the key id for the account's group for good.
+        if let Err(r) = self.may(path.key_id(), need) {
+            self.refused_publish(now);
+            return self.refuse(r, None, p.publish_id);
         }
         let info = PublishInfo {
             conn: self.conn,
@@ -1252,14 +1265,16 @@ impl Session {
             flags: p.flags,
             qos: p.qos,
         };
-        if let Err((plugin, why)) = self.shared.plugins.publish(&info) {
-            self.shared.metrics.rejected_by_plugin();
-            return self.refuse_publish(
-                now,
-                ErrorCode::NotAllowed,
-                format!("refused by {plugin}: {}", why.0),
-                p.publish_id,
-            );
+        if !resumed {
+            if let Err((plugin, why)) = self.shared.plugins.publish(&info) {
+                self.shared.metrics.rejected_by_plugin();
+                return self.refuse_publish(
+                    now,
+                    ErrorCode::NotAllowed,
+                    format!("refused by {plugin}: {}", why.0),
+                    p.publish_id,
+                );
+            }
         }
         let store = self.shared.router.store().clone();
         if p.qos != Qos::AtMostOnce && store.features() & features::AT_LEAST_ONCE == 0 {
@@ -1276,6 +1291,14 @@ impl Session {
                 ),
                 p.publish_id,
             );
+        }
+        match self.authorize(path.key_id(), need) {
+            Err(r) => {
+                self.refused_publish(now);
+                return self.refuse(r, None, p.publish_id);
+            }
+            Ok(Some(line)) => return self.defer(line, Frame::Pub(p), None),
+            Ok(None) => {}
         }
         let accepted = self.shared.router.publish(
             &p.envelope,
@@ -1364,8 +1387,28 @@ impl Session {
         );
     }
 
+    /// Whether the account may do `need` on `key_id`, without claiming the key id: its
+    /// rights, and no other group holding the key id as far as this relay knows. Checked
+    /// before the plugins see a request; [`authorize`](Self::authorize) claims the key id
+    /// once the request is accepted.
+    fn may(&self, key_id: &whispeer_protocol::KeyId, need: Rights) -> Result<(), Refusal> {
+        let accounts = &self.shared.accounts;
+        if !accounts.required() {
+            return Ok(());
+        }
+        let Some(who) = self.account.as_deref() else {
+            return Err(Refusal {
+                code: ErrorCode::AuthFailed,
+                message: "the account was removed".into(),
+                fatal: true,
+            });
+        };
+        accounts.still_allowed(who, key_id, need)
+    }
+
     /// Checks the account's rights on a key id (and claims it for the account's group).
-    /// `Ok(Some(line))`: allowed once auth-state line `line` is on disk (see `defer`).
+    /// `Ok(Some(line))`: allowed once auth-state line `line` is on disk (see `defer`). Call
+    /// it once the request is otherwise accepted (plugins, store), after [`may`](Self::may).
     fn authorize(
         &self,
         key_id: &whispeer_protocol::KeyId,
@@ -1407,6 +1450,8 @@ impl Session {
 
     /// Handles the held request (its line is on disk now; rates were charged already).
     pub(crate) fn resume_deferred(&mut self) -> Flow {
+        // Taken at once by `subscribe` / `on_pub`; nothing else is handled in between.
+        self.resumed = matches!(self.deferred, Some((_, Frame::Sub(_) | Frame::Pub(_), _)));
         match self.deferred.take() {
             Some((_, Frame::Sub(s), created)) => self.subscribe(s, created),
             Some((_, Frame::Pub(p), _)) => self.on_pub(p, Instant::now()),

@@ -1029,6 +1029,105 @@ async fn plugins_can_reject_subscribe_and_publish() {
     assert_eq!(c.expect_msg().await.envelope, ok);
 }
 
+/// Refuses publishes on key id 66 and subscriptions on key id 67, whoever asks.
+#[derive(Debug)]
+struct KeyGate;
+
+impl Plugin for KeyGate {
+    fn name(&self) -> &'static str {
+        "keygate"
+    }
+    fn on_subscribe(&self, i: &SubscribeInfo<'_>) -> Verdict {
+        if i.pattern.key_id() == &key(67) {
+            return Err(Rejection("no subscriptions on 67".into()));
+        }
+        Ok(())
+    }
+    fn on_publish(&self, i: &PublishInfo<'_>) -> Verdict {
+        if i.path.key_id() == &key(66) {
+            return Err(Rejection("no publishes on 66".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A token account of `group` in the account file `file`; returns its token.
+fn token_of_group(file: &std::path::Path, name: &str, group: &str) -> String {
+    let out = account_add(file, name, &["--token", "--group", group]);
+    out.trim().lines().last().unwrap().to_string()
+}
+
+/// A request a plugin refuses claims no key id for the account's group: the claim was
+/// made before the plugin ran, so a refused `Pub` (or `Sub`) on a key id nobody held
+/// claimed it for good, and another group's later use of it was refused.
+#[tokio::test]
+async fn a_request_a_plugin_refuses_claims_no_key_id() {
+    let dir = temp_dir("plugin-claims");
+    let file = dir.join("accounts.toml");
+    let a = token_of_group(&file, "a", "group-a");
+    let b = token_of_group(&file, "b", "group-b");
+    let mut config = Config::ephemeral();
+    config.auth.mode = whispeer_relay::config::AuthMode::Required;
+    config.auth.accounts = Some(file);
+    let relay = Relay::builder(config.clone())
+        .listeners(whispeer_relay::Listeners::bind(&config).await.unwrap())
+        .plugin(Arc::new(KeyGate))
+        .build()
+        .unwrap();
+    let relay = TestRelay::run(relay);
+    let login = |token: String| {
+        let addr = relay.tcp();
+        async move {
+            let mut c = Client::tcp(addr).await;
+            c.send(&Frame::Hello(Hello {
+                versions: vec![whispeer_protocol::frame::PROTOCOL_VERSION],
+                features: 0,
+                client: None,
+                auth: Some(bytes::Bytes::from(token)),
+                account: None,
+            }))
+            .await;
+            assert!(matches!(c.recv().await, Frame::Welcome(_)));
+            c
+        }
+    };
+    let (mut ca, mut cb) = (login(a).await, login(b).await);
+    // Group A: a publish on 66 and a Sub on 67, both refused by the plugin.
+    ca.send(&Frame::Pub(Pub {
+        envelope: envelope(66, &[1]),
+        flags: 0,
+        publish_id: Some([6; 16]),
+        qos: Qos::AtMostOnce,
+    }))
+    .await;
+    let e = ca.expect_err().await;
+    assert_eq!(
+        (e.code, e.publish_id),
+        (ErrorCode::NotAllowed, Some([6; 16]))
+    );
+    assert!(e.message.contains("keygate"), "{}", e.message);
+    ca.send(&sub_frame(1, exact(67, &[1]))).await;
+    let e = ca.expect_err().await;
+    assert_eq!((e.code, e.sub_id), (ErrorCode::NotAllowed, Some(1)));
+    assert!(e.message.contains("keygate"), "{}", e.message);
+    // Group B may use both key ids: A's refused requests claimed neither.
+    cb.subscribe(1, exact(66, &[1])).await;
+    cb.publish(envelope(67, &[1])).await;
+    cb.send(&Frame::Ping(Ping { nonce: 1 })).await;
+    assert!(
+        matches!(cb.recv().await, Frame::Pong(_)),
+        "B's publish on 67 accepted"
+    );
+    // Now group B holds them: A is refused as before.
+    ca.send(&sub_frame(3, exact(66, &[1]))).await;
+    let e = ca.expect_err().await;
+    assert_eq!(
+        (e.code, e.sub_id),
+        (ErrorCode::AuthFailed, Some(3)),
+        "{e:?}"
+    );
+}
+
 /// The WebSocket read buffer is small (idle connections stay cheap), yet a frame near
 /// `max_frame` still arrives whole and intact.
 #[tokio::test]
