@@ -212,6 +212,7 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     shared.frame_budget.as_deref(),
                 ));
                 text.push_str(&shared.quic_windows.render_prometheus());
+                text.push_str(&shared.quic_receive_windows.render_prometheus());
                 text
             },
         ),

@@ -956,6 +956,16 @@ pub struct Limits {
     /// (2 MiB each).
     #[arg(long, env = "WHISPEER_QUIC_SEND_WINDOW_TOTAL")]
     pub quic_send_window_total: u64,
+    /// Bytes of receive windows all QUIC connections share: what clients may send that
+    /// quinn holds in the relay's memory until the relay reads it (TCP keeps it in kernel
+    /// buffers) — the relay stops reading a connection over its publish rate, so each can
+    /// fill its window. Each connection's window is this divided by the open QUIC
+    /// connections, at most 512 KiB and at least 32 KiB (slower, never refused), given only
+    /// out of what the others leave and set again every second; a window shrinks as the
+    /// relay reads what it granted (whispeer_relay_quic_receive_window_bytes). 0 = unlimited
+    /// (512 KiB each).
+    #[arg(long, env = "WHISPEER_QUIC_RECEIVE_WINDOW_TOTAL")]
+    pub quic_receive_window_total: u64,
     /// Most concurrent client connections, handshakes included (fatal
     /// Err(too_many_connections) on TCP; other listeners close the socket).
     #[arg(long, env = "WHISPEER_MAX_CONNECTIONS")]
@@ -1129,6 +1139,7 @@ impl Default for Limits {
             total_subscription_bytes: 1 << 30,
             large_frame_budget: 256 << 20,
             quic_send_window_total: 512 << 20,
+            quic_receive_window_total: 256 << 20,
             max_connections: 10_000,
             max_subscriptions: 1_000,
             max_filter_depth: MAX_LEVELS,

@@ -128,6 +128,8 @@ pub(crate) struct Shared {
     pub(crate) cluster: Option<crate::cluster::State>,
     /// QUIC connections' send windows (`limits.quic_send_window_total`).
     pub(crate) quic_windows: Arc<crate::quic::SendWindows>,
+    /// QUIC connections' receive windows (`limits.quic_receive_window_total`).
+    pub(crate) quic_receive_windows: Arc<crate::quic::ReceiveWindows>,
 }
 
 impl Shared {
@@ -416,6 +418,9 @@ impl RelayBuilder {
             ),
             frame_budget: FrameBudget::new(self.config.limits.large_frame_budget),
             quic_windows: crate::quic::SendWindows::new(self.config.limits.quic_send_window_total),
+            quic_receive_windows: crate::quic::ReceiveWindows::new(
+                self.config.limits.quic_receive_window_total,
+            ),
             budget: Arc::new(crate::outbound::Budget::new(
                 self.config.queue.total_max_bytes,
             )),

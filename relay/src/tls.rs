@@ -221,9 +221,15 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
 /// The ALPN protocol id of whispeer over QUIC (`quic://`).
 pub const QUIC_ALPN: &[u8] = b"whispeer";
 
-/// Bytes a QUIC peer may send before the relay reads them (stream and connection receive
-/// window; see [`quic_server`]).
+/// The most bytes a QUIC peer may send before the relay reads them: the stream receive
+/// window, and the largest connection receive window (see [`quic_server`]; each
+/// connection's is shared out of `limits.quic_receive_window_total`).
 pub const QUIC_RECEIVE_WINDOW: u32 = 512 << 10;
+
+/// The smallest connection receive window: what every connection's handshake grants, and
+/// what a connection keeps when `limits.quic_receive_window_total` is spent (~650 KB/s at
+/// 50 ms RTT: slowed, never refused).
+pub const QUIC_RECEIVE_WINDOW_MIN: u32 = 32 << 10;
 
 /// Bytes a QUIC connection attempt may buffer before the relay accepts it (see
 /// [`quic_server`]).
@@ -261,9 +267,12 @@ pub fn quic_server(
     // send window) — TCP's equivalents are kernel buffers under `tcp_mem`. quinn's defaults
     // (1.25 MB and 10 MB) let every stalled connection (a frame waiting for the large-frame
     // budget, a publisher paused by its rate) hold that much; 512 KiB in (at 50 ms RTT still
-    // ~10 MB/s for one connection) and 2 MiB out.
+    // ~10 MB/s for one connection) and 2 MiB out, at most. The connection receive window
+    // (which bounds the one stream's) starts at the floor: what the handshake grants cannot
+    // be taken back, so each connection grows to its share of
+    // `limits.quic_receive_window_total` after its handshake (`quic::ReceiveWindows`).
     transport.stream_receive_window(QUIC_RECEIVE_WINDOW.into());
-    transport.receive_window(QUIC_RECEIVE_WINDOW.into());
+    transport.receive_window(QUIC_RECEIVE_WINDOW_MIN.into());
     // The send window each connection gets is set after its handshake, from
     // `limits.quic_send_window_total` (`quic::SendWindows`); this is the most.
     transport.send_window(crate::quic::SEND_WINDOW_MAX);
@@ -383,6 +392,7 @@ mod tests {
             format!("incoming_buffer_size: {QUIC_INCOMING_BUFFER}"),
             format!("incoming_buffer_size_total: {QUIC_INCOMING_BUFFER_TOTAL}"),
             format!("stream_receive_window: {QUIC_RECEIVE_WINDOW}"),
+            format!(" receive_window: {QUIC_RECEIVE_WINDOW_MIN}"),
             "datagram_receive_buffer_size: None".to_owned(),
             "migration: true".to_owned(),
         ] {

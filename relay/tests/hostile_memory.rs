@@ -982,6 +982,120 @@ async fn stalled_quic_senders_are_held_to_a_small_window() {
     }
 }
 
+/// Review finding: the receive windows of QUIC connections had no relay-wide total. The
+/// relay stops reading a connection over its publish rate, so quinn keeps whatever the
+/// client sent unread, up to the window — 512 KiB for every connection, unlike TCP's kernel
+/// buffers under no system-wide bound (10,000 connections: 5 GiB). The windows now share
+/// `limits.quic_receive_window_total`: 64 connections publishing far over their rate (1/s)
+/// with a 1 MiB total can get the total plus the 32 KiB floor each into the relay unread
+/// (plus what the relay read), not 64 × 512 KiB. Checked from the clients' side: a
+/// sender's write blocks exactly when the relay's flow-control credit is used up, so what
+/// the senders got written is what the relay granted (and the relay's accounting gauge
+/// stays within the same bound). RSS is printed, not asserted (noisy at this scale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_receive_windows_share_a_relay_wide_total() {
+    const CONNS: usize = 64;
+    const TOTAL: usize = 1 << 20;
+    const FLOOR: usize = whispeer_relay::tls::QUIC_RECEIVE_WINDOW_MIN as usize;
+    const MAX: usize = whispeer_relay::tls::QUIC_RECEIVE_WINDOW as usize;
+    // What the relay may have read of a connection meanwhile (the Hello, the frames its
+    // publish rate let through, its read-ahead) and given back as credit.
+    const READ: usize = 16 << 10;
+    rlimit::increase_nofile_limit(4 * CONNS as u64 + 256).expect("raise the fd limit");
+    let (cert, quic) = quic_relay_args(&temp_dir("quic-receive-total"));
+    let total = TOTAL.to_string();
+    let mut args: Vec<&str> = quic.iter().map(String::as_str).collect();
+    args.extend([
+        "--quic-receive-window-total",
+        &total,
+        "--publish-rate",
+        "1",
+        "--publish-burst",
+        "1",
+    ]);
+    let relay = BinRelay::start(&crowded_args(&args));
+    let (pid, admin) = (relay.child.id(), relay.admin());
+    let addr = relay.addrs.quic.expect("a quic address");
+    let endpoint = quic_endpoint(&cert, "127.0.0.1");
+    let hello = codec::encode_prefixed(&hello_frame());
+    // 1 MiB of 1 KiB publishes: twice the most any window allows.
+    let one = codec::encode_prefixed(&pub_frame(envelope_sized(1, &[1], 1000)));
+    let flood: bytes::Bytes = one.iter().copied().cycle().take(2 * MAX).collect();
+    let before = rss_kib(pid);
+    let mut senders = Vec::new();
+    for _ in 0..CONNS {
+        let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&hello).await.unwrap();
+        // (bytes written, blocked once): see `stalled_quic_senders_are_held_to_a_small_window`.
+        let (progress, watch) = tokio::sync::watch::channel((0usize, false));
+        let flood = flood.clone();
+        let task = tokio::spawn(async move {
+            let mut off = 0;
+            while off < flood.len() {
+                let mut write = std::pin::pin!(send.write(&flood[off..]));
+                let r = std::future::poll_fn(|cx| {
+                    let p = std::future::Future::poll(write.as_mut(), cx);
+                    if p.is_pending() {
+                        progress.send_modify(|p| p.1 = true);
+                    }
+                    p
+                })
+                .await;
+                match r {
+                    Ok(n) => {
+                        off += n;
+                        progress.send_modify(|p| p.0 = off);
+                    }
+                    Err(_) => return,
+                }
+            }
+            std::future::pending::<()>().await;
+            drop(send);
+        });
+        senders.push((conn, recv, watch, task));
+    }
+    for (_, _, watch, _) in &mut senders {
+        tokio::time::timeout(TIMEOUT, watch.wait_for(|(_, blocked)| *blocked))
+            .await
+            .expect("every sender is blocked by the relay's flow control")
+            .unwrap();
+    }
+    // Two rebalances (every second): windows do not grow past the total meanwhile.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let got: Vec<usize> = senders.iter().map(|(_, _, w, _)| w.borrow().0).collect();
+    let sum: usize = got.iter().sum();
+    let gauge = metric(admin, "whispeer_relay_quic_receive_window_bytes").await as usize;
+    let after = rss_kib(pid);
+    let at_floor = got.iter().filter(|&&g| g <= FLOOR + READ).count();
+    eprintln!(
+        "{CONNS} QUIC senders over their publish rate got {sum} bytes into the relay \
+         ({} KiB; most {} KiB, {at_floor} at the {} KiB floor); receive window gauge {gauge}; \
+         relay RSS {before} KiB before, {after} KiB after (growth {} KiB)",
+        sum >> 10,
+        got.iter().max().unwrap() >> 10,
+        FLOOR >> 10,
+        after.saturating_sub(before)
+    );
+    let bound = TOTAL + CONNS * FLOOR;
+    assert!(
+        sum <= bound + CONNS * READ,
+        "{CONNS} stalled QUIC senders got {sum} bytes into the relay (total {TOTAL}, floor {FLOOR})"
+    );
+    assert!(
+        gauge <= bound,
+        "receive windows {gauge} over the total {TOTAL} + the floor per connection"
+    );
+    assert!(
+        at_floor >= CONNS - TOTAL / MAX - 2,
+        "only {at_floor} of {CONNS} connections past the total were held to the floor: {got:?}"
+    );
+    for (conn, _, _, task) in senders {
+        task.abort();
+        conn.close(0u32.into(), b"done");
+    }
+}
+
 /// tungstenite answers every WebSocket ping with a pong it queues whatever the socket does:
 /// a client that floods pings and never reads must not grow the relay's memory at its
 /// upload rate (it did: the write buffer had no bound), and pings (which need no Hello)
