@@ -992,6 +992,23 @@ pub struct Limits {
     /// tenant_subscription_bytes; 0 = unlimited.
     #[arg(long, env = "WHISPEER_TOTAL_SUBSCRIPTION_BYTES")]
     pub total_subscription_bytes: usize,
+    /// The subscription reserve: the last this-many percent of max_total_subscriptions and
+    /// of total_subscription_bytes (0..=90) is kept for tenants holding few. Past the
+    /// rest, a Sub is taken only from a tenant that holds at most its share of the reserve
+    /// (reserve / subscription_reserve_tenants) after it; a tenant holding more gets a
+    /// non-fatal Err(too_many_subscriptions) naming the reserve. So a few tenants that
+    /// filled the totals (32 at the default caps: accounts, or /64s of one IPv6 /48 with
+    /// auth off) never lock the others out, and below the reserve nothing is set aside for
+    /// idle tenants. 0 = no reserve (the totals are first-come).
+    #[arg(long, env = "WHISPEER_SUBSCRIPTION_RESERVE_PERCENT", value_parser = clap::value_parser!(u8).range(0..=90))]
+    pub subscription_reserve_percent: u8,
+    /// How many tenants the subscription reserve is divided among: each may hold up to
+    /// reserve / subscription_reserve_tenants (of the count and of the bytes) and still
+    /// subscribe into it (at least 1). With auth required, the number of relay accounts
+    /// guarantees every account its share; without auth a tenant is a source address, and
+    /// this many addresses can use the reserve up.
+    #[arg(long, env = "WHISPEER_SUBSCRIPTION_RESERVE_TENANTS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub subscription_reserve_tenants: u64,
     /// Most levels in a subscription filter, 1..=32 (fatal Err(invalid_filter)).
     #[arg(long, env = "WHISPEER_MAX_FILTER_DEPTH")]
     pub max_filter_depth: usize,
@@ -1137,6 +1154,8 @@ impl Default for Limits {
             tenant_subscription_bytes: 32 << 20,
             max_total_subscriptions: 500_000,
             total_subscription_bytes: 1 << 30,
+            subscription_reserve_percent: 10,
+            subscription_reserve_tenants: 100,
             large_frame_budget: 256 << 20,
             quic_send_window_total: 512 << 20,
             quic_receive_window_total: 256 << 20,
@@ -1477,6 +1496,18 @@ impl Config {
         }
         if self.store.reserve_tenants == 0 {
             return invalid("store.reserve_tenants", "must be at least 1".into());
+        }
+        if l.subscription_reserve_percent > 90 {
+            return invalid(
+                "limits.subscription_reserve_percent",
+                format!("must be 0..=90, got {}", l.subscription_reserve_percent),
+            );
+        }
+        if l.subscription_reserve_tenants == 0 {
+            return invalid(
+                "limits.subscription_reserve_tenants",
+                "must be at least 1".into(),
+            );
         }
         if self.queue.capacity == 0 || self.queue.max_bytes == 0 {
             return invalid("queue", "capacity and max_bytes must be at least 1".into());
@@ -2109,6 +2140,12 @@ mod tests {
     fn validation_rules() {
         let mut c = Config::default();
         c.store.reserve_percent = 91;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.limits.subscription_reserve_percent = 91;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.limits.subscription_reserve_tenants = 0;
         assert!(c.validate().is_err());
         let mut c = Config::default();
         c.store.reserve_tenants = 0;

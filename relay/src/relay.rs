@@ -415,6 +415,10 @@ impl RelayBuilder {
                     self.config.limits.max_total_subscriptions,
                     self.config.limits.total_subscription_bytes,
                 ),
+                (
+                    self.config.limits.subscription_reserve_percent,
+                    self.config.limits.subscription_reserve_tenants,
+                ),
             ),
             frame_budget: FrameBudget::new(self.config.limits.large_frame_budget),
             quic_windows: crate::quic::SendWindows::new(self.config.limits.quic_send_window_total),

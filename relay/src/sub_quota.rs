@@ -13,6 +13,13 @@
 //! were shared), and the relay has totals. Over any, a `Sub` is answered with a non-fatal
 //! `Err(too_many_subscriptions)` naming it; the connection and its other subscriptions
 //! carry on.
+//!
+//! The totals are not first-come to the end: like the store's, they keep a reserve
+//! (`limits.subscription_reserve_percent` of each, divided among
+//! `limits.subscription_reserve_tenants`). Past the rest, a `Sub` is taken only from a
+//! tenant that holds at most its share of the reserve after it — so a few tenants that
+//! filled the totals (32 accounts, or 32 IPv6 /64s of one /48 with auth off, at the
+//! default caps) cannot lock every other tenant out.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -37,20 +44,55 @@ struct Held {
 pub(crate) struct SubQuota {
     tenant_max: Held,
     total_max: Held,
+    /// What all tenants may hold before the reserve: `total_max` less the reserve (equal
+    /// to it without one).
+    common: Held,
+    /// Most a tenant may hold and still subscribe into the reserve.
+    share: Held,
     state: Mutex<(HashMap<Tenant, Held>, Held)>,
 }
 
 impl SubQuota {
-    /// Caps per tenant and in all, as (count, bytes); 0 = unlimited.
-    pub(crate) fn new(tenant_max: (usize, usize), total_max: (usize, usize)) -> Self {
+    /// Caps per tenant and in all, as (count, bytes), 0 = unlimited; and the reserve, as
+    /// (percent of each total, tenants it is divided among).
+    pub(crate) fn new(
+        tenant_max: (usize, usize),
+        total_max: (usize, usize),
+        reserve: (u8, u64),
+    ) -> Self {
         let unlimited = |n: usize| if n == 0 { usize::MAX } else { n };
         let cap = |(subs, bytes): (usize, usize)| Held {
             subs: unlimited(subs),
             bytes: unlimited(bytes),
         };
+        let total_max = cap(total_max);
+        let (pct, tenants) = (u128::from(reserve.0.min(100)), u128::from(reserve.1.max(1)));
+        // (common, share) of one total; an unlimited total has no reserve.
+        let split = |total: usize| {
+            if total == usize::MAX {
+                return (total, 0);
+            }
+            let r = (total as u128 * pct / 100) as usize;
+            // At least 1 where there is a reserve.
+            let share = if r > 0 {
+                ((r as u128 / tenants) as usize).max(1)
+            } else {
+                0
+            };
+            (total - r, share)
+        };
+        let (subs, bytes) = (split(total_max.subs), split(total_max.bytes));
         Self {
             tenant_max: cap(tenant_max),
-            total_max: cap(total_max),
+            total_max,
+            common: Held {
+                subs: subs.0,
+                bytes: bytes.0,
+            },
+            share: Held {
+                subs: subs.1,
+                bytes: bytes.1,
+            },
             state: Mutex::new((HashMap::new(), Held::default())),
         }
     }
@@ -109,14 +151,48 @@ impl SubQuota {
                 self.tenant_max.subs
             ));
         }
-        (held.bytes > self.tenant_max.bytes).then(|| {
-            format!(
+        if held.bytes > self.tenant_max.bytes {
+            return Some(format!(
                 "subscription memory limit of {} KiB per {whose} reached (a filter of \
                  {levels} levels counts {} bytes)",
                 self.tenant_max.bytes >> 10,
                 c
+            ));
+        }
+        // The reserve: past `common`, only a tenant holding at most its share after this
+        // Sub gets in (per total this Sub adds to; a replacement by one no deeper adds
+        // nothing).
+        let into_reserve = |after: usize, before: usize, common: usize, total: usize| {
+            after > before && common < total && after > common
+        };
+        let subs_in = into_reserve(t.subs, total.subs, self.common.subs, self.total_max.subs)
+            && held.subs > self.share.subs;
+        let bytes_in = into_reserve(
+            t.bytes,
+            total.bytes,
+            self.common.bytes,
+            self.total_max.bytes,
+        ) && held.bytes > self.share.bytes;
+        let (total_max, kept, share) = if subs_in {
+            (
+                format!("{} subscriptions", self.total_max.subs),
+                format!("{}", self.total_max.subs - self.common.subs),
+                format!("{} subscriptions", self.share.subs),
             )
-        })
+        } else if bytes_in {
+            (
+                format!("{} MiB of filters", self.total_max.bytes >> 20),
+                format!("{} KiB", (self.total_max.bytes - self.common.bytes) >> 10),
+                format!("{} KiB of filters", self.share.bytes >> 10),
+            )
+        } else {
+            return None;
+        };
+        Some(format!(
+            "the relay's subscriptions are near its limit ({total_max}): the last {kept} are \
+             kept for tenants holding at most {share}, and this {whose} holds more; try again \
+             later"
+        ))
     }
 
     /// `tenant` holds one more subscription, of `levels` levels.
@@ -220,7 +296,7 @@ mod tests {
     /// passed the check. A reservation counts at once; one given up is given back.
     #[test]
     fn a_reservation_counts_at_once_and_is_given_back_unless_kept() {
-        let q = SubQuota::new((1, 0), (0, 0));
+        let q = SubQuota::new((1, 0), (0, 0), (0, 1));
         let a = Tenant::Address("10.0.0.1".parse().unwrap());
         let first = q.reserve(&a, 3, None).unwrap();
         assert!(
@@ -244,7 +320,7 @@ mod tests {
 
     #[test]
     fn a_tenant_at_its_cap_is_refused_others_are_not_and_the_total_binds_everyone() {
-        let q = SubQuota::new((2, 0), (5, 0));
+        let q = SubQuota::new((2, 0), (5, 0), (0, 1));
         let (a, b, c) = (
             Tenant::Address("10.0.0.1".parse().unwrap()),
             Tenant::Account([7; 32]),
@@ -278,7 +354,7 @@ mod tests {
             !q.state().0.contains_key(&b),
             "a tenant holding none is forgotten"
         );
-        let unlimited = SubQuota::new((0, 0), (0, 0));
+        let unlimited = SubQuota::new((0, 0), (0, 0), (0, 1));
         unlimited.reserve(&a, 32, None).unwrap().keep();
         assert_eq!(unlimited.refusal(&a, 32, None), None);
     }
@@ -287,7 +363,7 @@ mod tests {
     /// ones (the index holds a node per unshared level).
     #[test]
     fn the_memory_cap_counts_a_filter_by_its_depth() {
-        let q = SubQuota::new((0, 10 * cost(32)), (0, 0));
+        let q = SubQuota::new((0, 10 * cost(32)), (0, 0), (0, 1));
         let t = Tenant::Local;
         let mut deep = 0;
         while q.refusal(&t, 32, None).is_none() {
@@ -307,5 +383,66 @@ mod tests {
         // cap, a deep replacement is refused, a same-depth one is not.
         assert!(q.refusal(&t, 32, Some(2)).unwrap().contains("memory limit"));
         assert_eq!(q.refusal(&t, 2, Some(2)), None);
+    }
+
+    /// Review finding: the totals were first-come to the end — with the total four times
+    /// a tenant's cap, four tenants filled it and every other tenant's Sub was refused.
+    /// The last part of each total is a reserve for tenants holding at most their share:
+    /// the four fill only the rest, and a fifth still subscribes (up to its share), for
+    /// the count and for the bytes alike.
+    #[test]
+    fn a_few_tenants_filling_the_totals_leave_the_reserve_to_the_others() {
+        const Q: usize = 100;
+        let tenants: Vec<Tenant> = (1..=6)
+            .map(|i| Tenant::Address(format!("10.0.0.{i}").parse().unwrap()))
+            .collect();
+        // (count caps, byte caps) of each case: the total is 4 × the tenant's cap;
+        // reserve 10 % among 10 tenants (a share of 4 subscriptions).
+        for (tenant_max, total_max) in [
+            ((Q, 0), (4 * Q, 0)),
+            ((0, Q * cost(4)), (0, 4 * Q * cost(4))),
+        ] {
+            let q = SubQuota::new(tenant_max, total_max, (10, 10));
+            let fill = |t: &Tenant| {
+                let mut n = 0;
+                while let Ok(r) = q.reserve(t, 4, None) {
+                    r.keep();
+                    n += 1;
+                }
+                n
+            };
+            // Four tenants take all they can: the first three their cap, the fourth what
+            // is left before the reserve.
+            let held: Vec<usize> = tenants[..4].iter().map(fill).collect();
+            // A fifth tenant still subscribes, up to its share; so does a sixth.
+            q.reserve(&tenants[4], 4, None)
+                .expect("a tenant below its share gets in past the line")
+                .keep();
+            assert_eq!(held, [Q, Q, Q, 4 * Q * 9 / 10 - 3 * Q], "{tenant_max:?}");
+            assert!(
+                q.refusal(&tenants[3], 4, None)
+                    .unwrap()
+                    .contains("kept for tenants holding at most"),
+                "the fourth is refused by the reserve"
+            );
+            assert_eq!(1 + fill(&tenants[4]), 4, "its share");
+            assert_eq!(fill(&tenants[5]), 4);
+            // A replacement no deeper adds nothing: a big tenant may still make it.
+            assert_eq!(q.refusal(&tenants[0], 4, Some(4)), None);
+            // What the big tenants give back below the line is first-come again.
+            q.remove(&tenants[0], [4; Q]);
+            assert_eq!(fill(&tenants[3]), Q - (4 * Q * 9 / 10 - 3 * Q));
+        }
+        // 0 % = no reserve: first-come to the end (four tenants fill the total).
+        let q = SubQuota::new((Q, 0), (4 * Q, 0), (0, 10));
+        for t in &tenants[..4] {
+            for _ in 0..Q {
+                q.reserve(t, 4, None).unwrap().keep();
+            }
+        }
+        assert!(q
+            .refusal(&tenants[4], 4, None)
+            .unwrap()
+            .contains("relay holds its limit"));
     }
 }

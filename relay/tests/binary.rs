@@ -645,6 +645,64 @@ async fn subscriptions_are_capped_per_source_address_and_in_all() {
     a1.subscribe(3, exact(1, &[4])).await;
 }
 
+/// Review finding: the relay-wide subscription cap was first-come to the end — with the
+/// total four times a tenant's cap, four addresses filled it and every other tenant's
+/// `Sub` got `Err(too_many_subscriptions)`. The last part of the total is now a reserve
+/// (`--subscription-reserve-percent`) for tenants holding at most their share of it
+/// (`--subscription-reserve-tenants`): the four fill only the rest, the fourth is refused
+/// naming the reserve, and a fifth address still subscribes. Fails without the reserve
+/// (the fifth is refused: "the relay holds its limit").
+#[tokio::test]
+async fn a_few_tenants_cannot_take_the_whole_subscription_total() {
+    let relay = BinRelay::start(&[
+        "--store",
+        "none",
+        "--tenant-max-subscriptions",
+        "10",
+        "--max-total-subscriptions",
+        "40",
+        "--subscription-reserve-percent",
+        "10",
+        "--subscription-reserve-tenants",
+        "2",
+    ]);
+    // Common part 36, reserve 4 (a share of 2 for each tenant below it). Four addresses
+    // try 10 subscriptions each (their cap).
+    let mut clients = Vec::new();
+    let mut held = Vec::new();
+    for i in 11..=14u8 {
+        let mut c = Client::tcp_from(relay.tcp(), &format!("127.0.0.{i}")).await;
+        c.hello().await;
+        let mut n = 0;
+        for id in 0..10u8 {
+            c.send(&sub_frame(u64::from(id) + 1, exact(i, &[id]))).await;
+            match c.recv().await {
+                Frame::SubOk(_) => n += 1,
+                Frame::Err(e) => {
+                    assert_eq!(e.code, ErrorCode::TooManySubscriptions, "{e:?}");
+                    assert!(!e.fatal, "{e:?}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        held.push(n);
+        clients.push(c);
+    }
+    // A fifth address gets in (up to its share of the reserve).
+    let mut fifth = Client::tcp_from(relay.tcp(), "127.0.0.15").await;
+    fifth.hello().await;
+    fifth.subscribe(1, exact(15, &[1])).await;
+    assert_eq!(held, [10, 10, 10, 6], "the four fill only the common part");
+    let last = clients.last_mut().unwrap();
+    last.send(&sub_frame(11, exact(14, &[11]))).await;
+    let e = last.expect_err().await;
+    assert!(e.message.contains("kept for tenants"), "{e:?}");
+    fifth.subscribe(2, exact(15, &[2])).await;
+    fifth.send(&sub_frame(3, exact(15, &[3]))).await;
+    let e = fifth.expect_err().await;
+    assert!(e.message.contains("kept for tenants"), "{e:?}");
+}
+
 /// Deep filters cost the relay a routing-index node per level, so a tenant's subscriptions
 /// are also capped by what they may cost (`--tenant-subscription-bytes`, each filter
 /// counted 512 + 544 bytes per level): three 32-level filters fit in 60,000 bytes, a fourth
