@@ -684,4 +684,288 @@ mod tests {
         assert!(!gate.stalled());
         assert_eq!(budget.available(), (1 << 20) - 200_000);
     }
+
+    /// What the follower makes of a stream, frame by frame: a data message ended (its
+    /// size), or a control frame ended (its opcode and size).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Event {
+        Message(u64),
+        Control(u8, u64),
+    }
+
+    /// The follower's view of frame ends, read from its own state (its parsed header, where
+    /// it is in the stream, its message size) while it is fed so that it stops at every
+    /// frame's end: byte by byte through headers, a payload up to its last byte at once.
+    /// Checks on the way that it refuses a data frame's header exactly when the message's
+    /// data frames, summed independently, pass the cap (`max_frame`, and before admission
+    /// the handshake cap), and that its message size and `partial` agree with that sum.
+    #[derive(Debug, Default)]
+    struct Watch {
+        events: Vec<Event>,
+        /// Data bytes of the message in progress (declared lengths, summed here).
+        total: u64,
+        /// The frame whose payload is passing: opcode, fin, length.
+        frame: Option<(u8, bool, u64)>,
+    }
+
+    impl Watch {
+        fn feed(&mut self, f: &mut Follower, mut bytes: &[u8]) -> io::Result<()> {
+            let cap = if f.gate.admitted.load(Relaxed) {
+                f.max_frame as u64
+            } else {
+                (f.max_frame as u64).min(HANDSHAKE_MAX_FRAME as u64)
+            };
+            while !bytes.is_empty() {
+                let n = match f.at {
+                    At::Payload { left, .. } if left > 1 => (left - 1).min(bytes.len() as u64),
+                    _ => 1,
+                } as usize;
+                let before = f.at;
+                let r = f.follow(&bytes[..n]);
+                bytes = &bytes[n..];
+                let header_done = matches!(before, At::Header { .. })
+                    && (r.is_err() || matches!(f.at, At::Payload { .. } | At::Header { have: 0 }));
+                let mut frame_done = matches!(before, At::Payload { left: 1, .. });
+                if header_done {
+                    let h = f.header;
+                    let len = match h[1] & 0x7f {
+                        126 => u64::from(u16::from_be_bytes([h[2], h[3]])),
+                        127 => u64::from_be_bytes(h[2..10].try_into().unwrap()),
+                        n => u64::from(n),
+                    };
+                    let (opcode, fin) = (h[0] & 0x0f, h[0] & 0x80 != 0);
+                    if opcode < 8 {
+                        self.total = self.total.saturating_add(len);
+                        assert_eq!(
+                            r.is_err(),
+                            self.total > cap,
+                            "refused iff the message passes the cap ({} of {cap})",
+                            self.total
+                        );
+                    } else {
+                        assert!(r.is_ok(), "control frames are never refused");
+                    }
+                    r?;
+                    if opcode < 8 && len > 0 {
+                        assert_eq!(f.message, self.total, "its message size");
+                    }
+                    self.frame = Some((opcode, fin, len));
+                    frame_done = len == 0;
+                } else {
+                    r?;
+                }
+                if frame_done {
+                    assert_eq!(f.at, At::Header { have: 0 });
+                    let (opcode, fin, len) = self.frame.take().expect("a frame ended");
+                    if opcode >= 8 {
+                        self.events.push(Event::Control(opcode, len));
+                    } else if fin {
+                        self.events.push(Event::Message(self.total));
+                        self.total = 0;
+                        assert_eq!(f.message, 0);
+                        assert!(!f.gate.partial(), "a message ended");
+                    } else {
+                        assert!(f.gate.partial(), "a message in progress");
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Feeds `bytes` to two followers: one in the pieces `splits` cuts (cycled), the other
+    /// through a [`Watch`] — in step, piece by piece, their states the same after each.
+    /// Returns the watch and whether the stream was refused.
+    fn follow_both(
+        gate: impl Fn() -> Arc<WsGate>,
+        max_frame: usize,
+        bytes: &[u8],
+        splits: &[usize],
+    ) -> (Watch, bool) {
+        let (mut a, mut b) = (
+            Follower::new(gate(), max_frame),
+            Follower::new(gate(), max_frame),
+        );
+        let mut w = Watch::default();
+        let (mut at, mut i) = (0, 0);
+        while at < bytes.len() {
+            let n = splits[i % splits.len()].min(bytes.len() - at);
+            i += 1;
+            let piece = &bytes[at..at + n];
+            at += n;
+            let (ra, rb) = (a.follow(piece), w.feed(&mut b, piece));
+            assert_eq!(ra.is_err(), rb.is_err(), "refused in either split alike");
+            if ra.is_err() {
+                assert_eq!(a.gate.refused(), b.gate.refused());
+                assert!(a.gate.refused().unwrap() > 0);
+                return (w, true);
+            }
+            assert_eq!(
+                (a.at, a.message, a.covered, a.turn_frames, a.turn_bytes),
+                (b.at, b.message, b.covered, b.turn_frames, b.turn_bytes),
+                "the same state after {at} bytes whatever the split"
+            );
+            assert_eq!(a.gate.partial(), b.gate.partial());
+        }
+        (w, false)
+    }
+
+    /// A client frame: header (length in its shortest form, or `wide`r: 1 at least 16
+    /// bits, 2 at 64 bits), mask, masked payload of `len` bytes of `fill`.
+    fn masked(fin: bool, opcode: u8, len: usize, wide: u8, mask: [u8; 4], fill: u8) -> Vec<u8> {
+        let mut h = vec![u8::from(fin) << 7 | opcode];
+        if len <= 125 && wide == 0 {
+            h.push(0x80 | len as u8);
+        } else if len <= 0xffff && wide < 2 {
+            h.push(0x80 | 126);
+            h.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            h.push(0x80 | 127);
+            h.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        h.extend_from_slice(&mask);
+        h.extend((0..len).map(|i| fill ^ mask[i % 4]));
+        h
+    }
+
+    /// What tungstenite (the relay's configuration of it, `ws_config`) reads from the same
+    /// frames as a server: its messages and control frames, and whether it stopped on a
+    /// message over its limits.
+    fn tungstenite_reads(frames: &[u8], max_frame: usize) -> (Vec<Event>, bool) {
+        use tokio_tungstenite::tungstenite::{error::Error, protocol::Role, Message, WebSocket};
+        struct Src<'a>(&'a [u8]);
+        impl io::Read for Src<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                self.0.read(buf)
+            }
+        }
+        impl io::Write for Src<'_> {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let config = super::super::ws::ws_config(max_frame);
+        let mut ws = WebSocket::from_raw_socket(Src(frames), Role::Server, Some(config));
+        let mut events = Vec::new();
+        loop {
+            match ws.read() {
+                Ok(Message::Binary(b)) => events.push(Event::Message(b.len() as u64)),
+                Ok(Message::Text(t)) => events.push(Event::Message(t.len() as u64)),
+                Ok(Message::Ping(p)) => events.push(Event::Control(9, p.len() as u64)),
+                Ok(Message::Pong(p)) => events.push(Event::Control(10, p.len() as u64)),
+                Ok(other) => panic!("not sent: {other:?}"),
+                Err(Error::Capacity(_)) => return (events, true),
+                Err(Error::Io(_) | Error::Protocol(_) | Error::ConnectionClosed) => {
+                    return (events, false)
+                }
+                Err(e) => panic!("tungstenite: {e}"),
+            }
+        }
+    }
+
+    /// A fragment: its length, header form, mask, and the pings (true) or pongs after it.
+    type Fragment = (usize, u8, [u8; 4], Vec<(bool, usize)>);
+
+    fn fragment() -> impl proptest::strategy::Strategy<Value = Fragment> {
+        use proptest::prelude::*;
+        (
+            prop_oneof![6 => 0usize..200, 1 => 100usize..70_000],
+            0u8..3,
+            any::<[u8; 4]>(),
+            proptest::collection::vec((any::<bool>(), 0usize..=125), 0..3),
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(1000))]
+
+        /// Valid client frame sequences — messages of random sizes, masked, fragmented,
+        /// with pings and pongs between fragments and messages, lengths in every header
+        /// form — split anywhere: the follower's view of where messages and control frames
+        /// end, and of their sizes, is tungstenite's own, and it refuses a stream exactly
+        /// when tungstenite stops on a message over `max_frame` (at the header that takes
+        /// the message over, so before tungstenite's next event).
+        #[test]
+        fn the_follower_sees_the_messages_tungstenite_reads(
+            messages in proptest::collection::vec(
+                (proptest::bool::ANY, proptest::collection::vec(fragment(), 1..4)),
+                0..8,
+            ),
+            cap in (proptest::bool::ANY, proptest::prelude::any::<proptest::sample::Index>(), -1i64..=1),
+            splits in proptest::prop_oneof![
+                proptest::collection::vec(1usize..8, 1..20),
+                proptest::collection::vec(1usize..5000, 1..20),
+            ],
+        ) {
+            // max_frame: 1 MiB (all pass), or one of the messages' sizes, one less or more
+            // — at least 125 (tungstenite holds control frames to max_frame too, and the
+            // relay's is far larger).
+            let sizes: Vec<u64> = messages
+                .iter()
+                .map(|(_, frags)| frags.iter().map(|f| f.0 as u64).sum())
+                .collect();
+            let max_frame = match cap {
+                (false, i, d) if !sizes.is_empty() => (*i.get(&sizes) as i64 + d).max(125) as usize,
+                _ => 1 << 20,
+            };
+            let mut frames = Vec::new();
+            for (text, frags) in &messages {
+                for (i, (len, wide, mask, controls)) in frags.iter().enumerate() {
+                    let opcode = match (i, text) {
+                        (0, true) => 1,
+                        (0, false) => 2,
+                        _ => 0,
+                    };
+                    frames.extend(masked(i + 1 == frags.len(), opcode, *len, *wide, *mask, b'a'));
+                    for &(ping, n) in controls {
+                        frames.extend(masked(true, if ping { 9 } else { 10 }, n, 0, *mask, 0));
+                    }
+                }
+            }
+            let (theirs, too_large) = tungstenite_reads(&frames, max_frame);
+            let mut stream = UPGRADE.to_vec();
+            stream.extend_from_slice(&frames);
+            let admitted = || {
+                let g = WsGate::new(None, ADDR);
+                g.admit();
+                g
+            };
+            let (ours, refused) = follow_both(admitted, max_frame, &stream, &splits);
+            proptest::prop_assert_eq!(&ours.events, &theirs);
+            proptest::prop_assert_eq!(refused, too_large);
+        }
+
+        /// Arbitrary bytes (after an upgrade request, or from the first byte), split
+        /// anywhere, admitted or not, with any `max_frame`: the follower never panics,
+        /// its state does not depend on the split, and it never lets a data frame's header
+        /// pass when the message's frames declare more than the cap (checked by `Watch`).
+        #[test]
+        fn arbitrary_bytes_never_pass_a_frame_over_the_cap(
+            upgrade in proptest::bool::ANY,
+            bytes in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::prelude::any::<u8>(),
+                    proptest::sample::select(vec![0x00, 0x01, 0x02, 0x09, 0x80, 0x81, 0x82, 0x89, 0x7e, 0x7f, 0xfe, 0xff]),
+                ],
+                0..2000,
+            ),
+            admit in proptest::bool::ANY,
+            max_frame in proptest::prop_oneof![0usize..300, 0usize..70_000, proptest::strategy::Just(1usize << 20)],
+            splits in proptest::collection::vec(1usize..64, 1..20),
+        ) {
+            let mut stream = if upgrade { UPGRADE.to_vec() } else { Vec::new() };
+            stream.extend_from_slice(&bytes);
+            let gate = || {
+                let g = WsGate::new(None, ADDR);
+                if admit {
+                    g.admit();
+                }
+                g
+            };
+            follow_both(gate, max_frame, &stream, &splits);
+        }
+    }
 }
