@@ -1001,4 +1001,249 @@ mod tests {
             json!({ "kind": "delegated", "by": by.to_string() })
         );
     }
+
+    /// Properties of the CBOR pre-scan (review F5) over arbitrary and generated CBOR.
+    mod cbor_scan {
+        use super::super::{
+            cbor_printable, cbor_to_json, CborScan, MAX_CBOR_DEPTH, MAX_JSON_BYTES, MAX_JSON_ITEMS,
+        };
+        use ciborium::Value as C;
+        use proptest::prelude::*;
+        use proptest::test_runner::TestCaseError;
+
+        /// Nodes and nesting (containers and tags around the deepest leaf) of a decoded tree.
+        fn shape(v: &C) -> (u64, u32) {
+            let kids: Vec<&C> = match v {
+                C::Array(a) => a.iter().collect(),
+                C::Map(m) => m.iter().flat_map(|(k, v)| [k, v]).collect(),
+                C::Tag(_, v) => vec![&**v],
+                _ => return (1, 0),
+            };
+            kids.into_iter()
+                .map(shape)
+                .fold((1, 1), |(n, d), (kn, kd)| (n + kn, d.max(kd + 1)))
+        }
+
+        /// Whatever the scan accepts decodes (if it decodes) within its budgets: no more
+        /// items than it counted (so at most MAX_JSON_ITEMS), no deeper than the limit,
+        /// and printed JSON text no longer than its estimate (so at most MAX_JSON_BYTES).
+        fn scan_bounds(bytes: &[u8]) -> Result<(), TestCaseError> {
+            let mut scan = CborScan {
+                b: bytes,
+                pos: 0,
+                items: 0,
+            };
+            let est = match scan.item(0) {
+                Ok(est) => est,
+                Err(_) => {
+                    prop_assert!(cbor_printable(bytes).is_err());
+                    return Ok(());
+                }
+            };
+            prop_assert_eq!(cbor_printable(bytes).is_ok(), est <= MAX_JSON_BYTES);
+            if est > MAX_JSON_BYTES {
+                return Ok(());
+            }
+            prop_assert!(scan.items <= MAX_JSON_ITEMS);
+            let Ok(v) = ciborium::from_reader::<C, _>(bytes) else {
+                return Ok(());
+            };
+            let (nodes, depth) = shape(&v);
+            prop_assert!(
+                nodes <= scan.items,
+                "{} nodes, {} counted",
+                nodes,
+                scan.items
+            );
+            prop_assert!(depth <= MAX_CBOR_DEPTH, "nested {}", depth);
+            let text = serde_json::to_string(&cbor_to_json(v)).unwrap();
+            let printed = crate::io::json_printable(&text);
+            prop_assert!(
+                printed.len() as u64 <= est,
+                "{} bytes of JSON, estimated {}: {}",
+                printed.len(),
+                est,
+                printed
+            );
+            Ok(())
+        }
+
+        fn head(out: &mut Vec<u8>, major: u8, n: u64) {
+            let m = major << 5;
+            match n {
+                0..=23 => out.push(m | n as u8),
+                24..=0xff => out.extend([m | 24, n as u8]),
+                0x100..=0xffff => {
+                    out.push(m | 25);
+                    out.extend((n as u16).to_be_bytes());
+                }
+                0x1_0000..=0xffff_ffff => {
+                    out.push(m | 26);
+                    out.extend((n as u32).to_be_bytes());
+                }
+                _ => {
+                    out.push(m | 27);
+                    out.extend(n.to_be_bytes());
+                }
+            }
+        }
+
+        /// An encoder independent of ciborium's: strings, arrays and maps of definite or
+        /// indefinite length (strings in chunks) as `indef` says, floats in 64 bits.
+        fn encode(v: &C, out: &mut Vec<u8>, indef: &mut impl FnMut() -> bool) {
+            match v {
+                C::Null => out.push(0xf6),
+                C::Bool(b) => out.push(if *b { 0xf5 } else { 0xf4 }),
+                C::Integer(i) => match i128::from(*i) {
+                    i if i >= 0 => head(out, 0, i as u64),
+                    i => head(out, 1, (-1 - i) as u64),
+                },
+                C::Float(f) => {
+                    out.push(0xfb);
+                    out.extend(f.to_bits().to_be_bytes());
+                }
+                C::Bytes(b) if indef() => {
+                    out.push(0x5f);
+                    for c in b.chunks(3) {
+                        head(out, 2, c.len() as u64);
+                        out.extend(c);
+                    }
+                    out.push(0xff);
+                }
+                C::Bytes(b) => {
+                    head(out, 2, b.len() as u64);
+                    out.extend(b);
+                }
+                C::Text(s) if indef() => {
+                    out.push(0x7f);
+                    let chars: Vec<char> = s.chars().collect();
+                    for c in chars.chunks(2) {
+                        let c: String = c.iter().collect();
+                        head(out, 3, c.len() as u64);
+                        out.extend(c.as_bytes());
+                    }
+                    out.push(0xff);
+                }
+                C::Text(s) => {
+                    head(out, 3, s.len() as u64);
+                    out.extend(s.as_bytes());
+                }
+                C::Array(a) => {
+                    let open = indef();
+                    if open {
+                        out.push(0x9f);
+                    } else {
+                        head(out, 4, a.len() as u64);
+                    }
+                    for x in a {
+                        encode(x, out, indef);
+                    }
+                    if open {
+                        out.push(0xff);
+                    }
+                }
+                C::Map(m) => {
+                    let open = indef();
+                    if open {
+                        out.push(0xbf);
+                    } else {
+                        head(out, 5, m.len() as u64);
+                    }
+                    for (k, x) in m {
+                        encode(k, out, indef);
+                        encode(x, out, indef);
+                    }
+                    if open {
+                        out.push(0xff);
+                    }
+                }
+                C::Tag(t, x) => {
+                    head(out, 6, *t);
+                    encode(x, out, indef);
+                }
+                other => unreachable!("not generated: {other:?}"),
+            }
+        }
+
+        /// Nested arrays, maps (keys of any kind) and tags of integers of the whole CBOR
+        /// range, floats, byte strings and text (escapes, controls, bidi, astral).
+        fn value() -> impl Strategy<Value = C> {
+            let leaf = prop_oneof![
+                Just(C::Null),
+                any::<bool>().prop_map(C::Bool),
+                any::<i64>().prop_map(|i| C::Integer(i.into())),
+                any::<u64>().prop_map(|i| C::Integer(i.into())),
+                any::<u64>().prop_map(|n| C::Integer((-1 - i128::from(n)).try_into().unwrap())),
+                any::<f64>().prop_map(C::Float),
+                prop::collection::vec(any::<u8>(), 0..24).prop_map(C::Bytes),
+                any::<String>().prop_map(C::Text),
+                "[\"\\\\\u{0}-\u{1f}\u{7f}-\u{9f}\u{202e}\u{1f600}a]{0,12}".prop_map(C::Text),
+            ];
+            leaf.prop_recursive(8, 256, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(C::Array),
+                    prop::collection::vec((inner.clone(), inner.clone()), 0..5).prop_map(C::Map),
+                    // (Not 2 or 3: ciborium reads a bignum tag's bytes as an integer.)
+                    (4u64..=u64::MAX, inner).prop_map(|(t, v)| C::Tag(t, Box::new(v))),
+                ]
+            })
+        }
+
+        /// Bytes that look like CBOR often: heads of every kind and breaks among any bytes.
+        fn cborish() -> impl Strategy<Value = Vec<u8>> {
+            let b = prop_oneof![
+                any::<u8>(),
+                prop::sample::select(vec![
+                    0x5f, 0x7f, 0x9f, 0xbf, 0xff, 0x80, 0x81, 0x82, 0xa0, 0xa1, 0xa2, 0x40, 0x41,
+                    0x60, 0x61, 0x62, 0x18, 0x19, 0x1b, 0x38, 0x3b, 0xc0, 0xc2, 0xd8, 0xf4, 0xf6,
+                    0xf7, 0xf8, 0xf9, 0xfa, 0xfb, b'"', b'\\', 0x7f, 0xc2, 0x85,
+                ]),
+            ];
+            prop::collection::vec(b, 0..300)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Arbitrary bytes: the scan never panics, and what it accepts decodes within
+            /// its budgets.
+            #[test]
+            fn arbitrary_bytes_are_scanned_within_budget(
+                bytes in prop_oneof![prop::collection::vec(any::<u8>(), 0..300), cborish()],
+            ) {
+                scan_bounds(&bytes)?;
+            }
+
+            /// Valid CBOR within the budget (ciborium's encoding and an independent one with
+            /// indefinite lengths) is accepted, and decodes within the estimate; cut short
+            /// or with a byte changed, it is still scanned within budget.
+            #[test]
+            fn valid_cbor_within_budget_is_accepted(
+                v in value(),
+                mask in any::<u64>(),
+                at in any::<prop::sample::Index>(),
+                byte in any::<u8>(),
+            ) {
+                let mut theirs = Vec::new();
+                ciborium::into_writer(&v, &mut theirs).unwrap();
+                let mut bit = 0;
+                let mut ours = Vec::new();
+                encode(&v, &mut ours, &mut || {
+                    bit += 1;
+                    mask >> (bit % 64) & 1 == 1
+                });
+                for bytes in [&theirs, &ours] {
+                    prop_assert_eq!(cbor_printable(bytes), Ok(()), "{:02x?}", bytes);
+                    let back: Result<C, _> = ciborium::from_reader(&bytes[..]);
+                    prop_assert!(back.is_ok(), "ciborium reads it back: {:?}", back);
+                    scan_bounds(bytes)?;
+                    let i = at.index(bytes.len());
+                    scan_bounds(&bytes[..i])?;
+                    let mut changed = bytes.clone();
+                    changed[i] = byte;
+                    scan_bounds(&changed)?;
+                }
+            }
+        }
+    }
 }
