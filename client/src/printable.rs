@@ -10,8 +10,10 @@
 use std::fmt;
 
 /// Whether `c` acts on a terminal or reorders what is shown around it: C0, DEL and C1
-/// controls (CR, LF and ESC among them), the line and paragraph separators and the bidi
-/// controls (embeddings, overrides, isolates, LRM/RLM, the Arabic letter mark).
+/// controls (CR, LF and ESC among them), the line and paragraph separators, the bidi
+/// controls (embeddings, overrides, isolates, LRM/RLM, the Arabic letter mark) and the
+/// interlinear annotation controls (U+FFF9–FFFB), which hide or reorder text in some
+/// renderers — the same set as the CLI's `io::is_terminal_hostile`.
 pub(crate) fn is_terminal_hostile(c: char) -> bool {
     c.is_control()
         || matches!(
@@ -23,6 +25,7 @@ pub(crate) fn is_terminal_hostile(c: char) -> bool {
                 | '\u{2029}'
                 | '\u{202a}'..='\u{202e}'
                 | '\u{2066}'..='\u{2069}'
+                | '\u{fff9}'..='\u{fffb}'
         )
 }
 
@@ -88,8 +91,18 @@ mod tests {
             Printable("\u{200e}\u{200f}\u{61c}\u{7}").to_string(),
             "\\u{200e}\\u{200f}\\u{61c}\\u{7}"
         );
-        // Zero-width joiners and other format characters that reorder nothing stay.
+        // The interlinear annotation controls (anchor, separator, terminator), as the CLI.
+        assert_eq!(
+            Printable("a\u{fff9}b\u{fffa}c\u{fffb}d").to_string(),
+            "a\\u{fff9}b\\u{fffa}c\\u{fffb}d"
+        );
+        // Zero-width joiners and other format characters that reorder nothing stay, and so
+        // do the specials beside the annotation controls (object replacement, U+FFFD).
         assert_eq!(Printable("a\u{200d}b").to_string(), "a\u{200d}b");
+        assert_eq!(
+            Printable("\u{fff8}\u{fffc}\u{fffd}").to_string(),
+            "\u{fff8}\u{fffc}\u{fffd}"
+        );
         // Any Display: an error quoting a topic.
         let e = crate::ReceiveError::Decode {
             topic: "t/\u{1b}]0;x\u{7}\nWARN".into(),
