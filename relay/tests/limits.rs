@@ -811,7 +811,15 @@ async fn a_network_rotating_its_addresses_into_its_cap_is_banned() {
         let mut c = client_from(port, ip(&from)).await;
         let (frames, _) = c.drain_to_end().await;
         match frames.as_slice() {
-            [] => unanswered.push((i, start.elapsed())),
+            [] => {
+                unanswered.push((i, start.elapsed()));
+                // A few more than the first: the network's first ban lasts 1 s, and on a
+                // loaded machine the rest of the loop could outlast it (then explained
+                // again, and banned a second time).
+                if unanswered.len() >= 3 {
+                    break;
+                }
+            }
             [Frame::Err(e)] if e.message.contains("per network") => {
                 assert!(
                     unanswered.is_empty(),
