@@ -134,7 +134,19 @@ pub(crate) mod guard {
                 Ok(m) if m.file_type().is_symlink() => {
                     return Err(Refused::Unsafe(shown.into(), UnsafeFile::Symlink))
                 }
-                Ok(_) => check(Path::new(&side), Path::new(&shown))?,
+                Ok(_) => {
+                    #[cfg(test)]
+                    hook::between_lstat_and_open(Path::new(&side));
+                    match check(Path::new(&side), Path::new(&shown)) {
+                        // Gone since the lstat: another connection to the file (a process
+                        // of ours shutting down, another writer of a local history) closed
+                        // the last one, and SQLite checkpointed the log and removed it and
+                        // the index. Absent, as if the lstat had not found it (it was a
+                        // spurious "No such file" refusing the start).
+                        Err(Refused::Io(_, e)) if e.kind() == io::ErrorKind::NotFound => {}
+                        r => r?,
+                    }
+                }
             }
         }
         Ok(full)
@@ -225,6 +237,33 @@ pub(crate) mod guard {
                 .map_err(|e| Refused::Io(shown.to_owned(), e))?;
         }
         Ok(f)
+    }
+
+    /// Test hooks: something done at a point of the check another process could act at.
+    #[cfg(test)]
+    pub(crate) mod hook {
+        use std::cell::RefCell;
+        use std::path::Path;
+
+        type Hook = Box<dyn FnMut(&Path)>;
+
+        thread_local! {
+            static BETWEEN: RefCell<Option<Hook>> = const { RefCell::new(None) };
+        }
+
+        /// Runs `f` (on this thread) with a path beside the database once it was found by
+        /// `lstat` and before it is opened.
+        pub(crate) fn set_between_lstat_and_open(f: impl FnMut(&Path) + 'static) {
+            BETWEEN.with(|b| *b.borrow_mut() = Some(Box::new(f)));
+        }
+
+        pub(super) fn between_lstat_and_open(side: &Path) {
+            BETWEEN.with(|b| {
+                if let Some(f) = b.borrow_mut().as_mut() {
+                    f(side)
+                }
+            });
+        }
     }
 }
 
@@ -1218,6 +1257,42 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// Review B3: a `-wal`/`-shm` found by the `lstat` and gone when opened (another
+    /// connection closed the last one in between; SQLite checkpointed and removed them) is
+    /// absent, not an I/O error failing the start ("No such file or directory").
+    #[cfg(unix)]
+    #[test]
+    fn a_wal_removed_between_its_check_steps_counts_as_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.db");
+        Store::open(&p).unwrap().keep(&[1; 16], 1, b"frame-1");
+        // As a crash or a still-open connection leaves them.
+        for side in ["s.db-wal", "s.db-shm"] {
+            std::fs::write(dir.path().join(side), b"").unwrap();
+        }
+        let removed = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let r = removed.clone();
+        guard::hook::set_between_lstat_and_open(move |side| {
+            std::fs::remove_file(side).unwrap();
+            r.borrow_mut().push(side.file_name().unwrap().to_owned());
+        });
+        let opened = Store::open(&p);
+        guard::hook::set_between_lstat_and_open(|_| {});
+        let s = opened.expect("the log and index gone in between: absent");
+        assert_eq!(*removed.borrow(), ["s.db-wal", "s.db-shm"], "both raced");
+        assert_eq!(s.outbox().len(), 1);
+        drop(s);
+
+        // LocalHistory goes through the same check.
+        let h = dir.path().join("h.db");
+        drop(crate::history::LocalHistory::open(&h, ["#"]).unwrap());
+        std::fs::write(dir.path().join("h.db-wal"), b"").unwrap();
+        guard::hook::set_between_lstat_and_open(|side| std::fs::remove_file(side).unwrap());
+        let opened = crate::history::LocalHistory::open(&h, ["#"]);
+        guard::hook::set_between_lstat_and_open(|_| {});
+        opened.expect("local history: the log gone in between is absent");
     }
 
     /// Dates past `i64::MAX` (a replay horizon of `Duration::MAX`) are saved as `i64::MAX`,
