@@ -3021,6 +3021,56 @@ fn a_neighbours_held_ack_leaves_when_the_durable_goes_away() {
     );
 }
 
+/// The same, but a key refresh replaces the held-back subscription's relay subscription
+/// before its copy came: the new one starts live again (no replay: it never received a
+/// stored message), so the relay's copy of 5 never comes — nothing is owed to it any more
+/// and the neighbour's ack of 5 leaves at once (PROTOCOL §3.5.5: a replaced subscription's
+/// held ack is sent without waiting), before the new `Sub`s, without any redelivery.
+#[test]
+fn a_neighbours_held_ack_leaves_when_a_key_refresh_replaces_the_subscription() {
+    let mut steps = connected_with(live_sub(1, "b/x", qos1()));
+    steps.extend([
+        sub(2, "b/#", qos1()),
+        fresh_sub(2),
+        SubOkHistory { id: 2, seq: 4 },
+        ExpectEvent(Ev::SubscribeOk(2)),
+        Seal {
+            name: "m",
+            topic: "b/x",
+        },
+        // Live, while the relay holds back subscription 2's live messages (its retained
+        // values are pending): the neighbour's copy.
+        Deliver {
+            msg: "m",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "m" }),
+        ExpectNoEvent,
+        Take(1),
+        Flush("f1"),
+        ExpectTx(Tx::Ping(1)), // no Ack [5] first: owed to subscription 2
+        ExpectNoTx,
+        RefreshKeys,
+        ExpectTx(Tx::Unsub),
+        ExpectTx(Tx::Unsub),
+        ExpectTx(Tx::Ack(vec![5])),
+        ExpectTx(Tx::Sub {
+            sub: 1,
+            replay: Some(Replay::FromSeq(6)),
+            retained: false,
+            durable: None,
+        }),
+        fresh_sub(2),
+        ExpectNoTx,
+    ]);
+    play(
+        "a held ack leaves when a key refresh replaces the subscription",
+        || Sim::new(|_| {}),
+        &steps,
+    );
+}
+
 /// The same, cut before the durable's copy came: the held ack of 5 belonged to the old
 /// connection (acks name that connection's deliveries) and is never sent on the next one.
 /// There the durable resumes, gets 5 from its history (still its own although the

@@ -28,8 +28,9 @@
 //! too, before it was taken: so the sequence is not acked while it is owed
 //! ([`AckQueue::owe`]). The debt passes to the owed subscription's own slot of the
 //! sequence when it comes (acked once that one is released, like any slot), and is
-//! cancelled when the subscription goes away ([`AckQueue::drop_sub`]) or the connection
-//! drops ([`AckQueue::clear`]: its acks never go out on another connection).
+//! cancelled when the subscription goes away ([`AckQueue::drop_sub`]) or its relay
+//! subscriptions are replaced ([`AckQueue::forgive_owed`], a key refresh), or the
+//! connection drops ([`AckQueue::clear`]: its acks never go out on another connection).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -192,11 +193,7 @@ impl AckQueue {
     /// What it was owed and never got a slot of is no longer owed: acked once nothing
     /// else holds it.
     pub fn drop_sub(&mut self, sub: LocalSubId) {
-        let mut owed: Vec<u64> = self.owed.remove(&sub).into_iter().flatten().collect();
-        owed.sort_unstable();
-        for seq in owed {
-            self.forgive(seq);
-        }
+        self.forgive_owed(sub);
         let Some(q) = self.queues.remove(&sub) else {
             return;
         };
@@ -212,6 +209,17 @@ impl AckQueue {
             }
         }
         self.release_from(check);
+    }
+
+    /// Subscription `sub` is owed nothing any more (its relay subscriptions were replaced:
+    /// the relay's copies held back for them never come): each sequence it was owed is
+    /// acked once nothing else holds it. Its slots stay (the app may still take them).
+    pub fn forgive_owed(&mut self, sub: LocalSubId) {
+        let mut owed: Vec<u64> = self.owed.remove(&sub).into_iter().flatten().collect();
+        owed.sort_unstable();
+        for seq in owed {
+            self.forgive(seq);
+        }
     }
 
     /// Releases every slot that can go, starting from `check`.
@@ -417,6 +425,25 @@ mod tests {
             "the new connection's own copy, once"
         );
         assert_eq!(q.pending(), 0);
+        assert!(q.seqs.is_empty());
+    }
+
+    /// B4: the owed subscription's relay subscriptions are replaced (a key refresh): its
+    /// debts are forgiven (the neighbour's ack leaves), its slots stay — what it was handed
+    /// and takes later is still acked.
+    #[test]
+    fn forgiving_a_subscriptions_debts_keeps_its_slots() {
+        let mut q = AckQueue::new();
+        let h = q.deliver(3, &[2], vec![2]);
+        q.owe(5, 2);
+        let a = q.deliver(5, &[1], vec![1]);
+        q.taken(a, 1);
+        assert!(q.take_ready().is_empty(), "5 is owed to sub 2");
+        q.forgive_owed(2);
+        assert_eq!(q.owed_len(), 0);
+        assert_eq!(q.take_ready(), vec![5]);
+        q.taken(h, 2);
+        assert_eq!(q.take_ready(), vec![3], "its slot stayed");
         assert!(q.seqs.is_empty());
     }
 

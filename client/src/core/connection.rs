@@ -982,7 +982,14 @@ impl Engine {
                     delete: None,
                 }));
             }
+            // Its relay subscriptions are replaced: the copies the relay held back for
+            // them (PROTOCOL §3.5.5 "Hand-over") never come, so what it was owed is no
+            // longer (a neighbour's ack of it leaves now, as on unsubscribe).
+            self.acks.forgive_owed(id);
         }
+        // Acks that can leave go before the new `Sub`s: after them, one could free a copy
+        // a resumed subscription (a durable's history) is sent again, before it is taken.
+        self.send_acks(true);
         self.resubscribe(now);
     }
 
