@@ -161,7 +161,136 @@ pub(crate) mod guard {
             .mode(0o600)
             .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(full)?;
-        f.set_permissions(Permissions::from_mode(0o600))
+        f.set_permissions(Permissions::from_mode(0o600))?;
+        // On a filesystem that keeps no modes the fchmod is silently ignored: said now (the
+        // next start sees it again, through a probe, when the file looks unsafe).
+        let m = f.metadata()?;
+        let k = Kept::shown(m.mode(), m.uid(), rustix::process::geteuid().as_raw());
+        if let Some(dir) = full.parent() {
+            warn_unkept(dir, k);
+        }
+        Ok(())
+    }
+
+    /// What the filesystem of a directory keeps of the permissions files are given.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) struct Kept {
+        /// chmod sticks: a mode shown is one given (so a group/other-writable one is real).
+        pub(crate) modes: bool,
+        /// A file we create is shown as ours (so another owner shown is real).
+        pub(crate) owners: bool,
+    }
+
+    impl Kept {
+        /// A filesystem with Unix permissions (also what is assumed when it cannot be
+        /// probed: the checks stay).
+        pub(crate) const ALL: Kept = Kept {
+            modes: true,
+            owners: true,
+        };
+
+        /// What a file we have just created and `fchmod`ed 0600 shows (`mode` and `owner`
+        /// from its `fstat`, `uid` the effective uid): modes are kept if it is 0600, owners
+        /// if it is ours. A filesystem without Unix modes (vfat/exFAT, WSL's drvfs, SMB,
+        /// some FUSE) shows every file with the mount's mode (0777, 0755…) and owner.
+        pub(crate) fn shown(mode: u32, owner: u32, uid: u32) -> Kept {
+            Kept {
+                modes: mode & 0o777 == 0o600,
+                owners: owner == uid,
+            }
+        }
+
+        /// The verdict on an existing regular file showing `mode` and `owner`: another
+        /// user's (where owners are kept) or one writable by group or others (where modes
+        /// are kept) is refused.
+        pub(crate) fn check(self, mode: u32, owner: u32, uid: u32) -> Result<(), UnsafeFile> {
+            if self.owners && owner != uid {
+                return Err(UnsafeFile::OtherOwner { owner, uid });
+            }
+            let mode = mode & 0o7777;
+            if self.modes && mode & 0o022 != 0 {
+                return Err(UnsafeFile::WritableByOthers { mode });
+            }
+            Ok(())
+        }
+    }
+
+    /// Probes the filesystem of `dir`: a new file created there (`O_EXCL`, no link
+    /// followed, 0600), `fchmod` 0600, `fstat`, removed. [`Kept::ALL`] if no file can be
+    /// made there (the checks stay). On a filesystem with Unix permissions the probe always
+    /// shows them kept — no one else can change a mode or an owner on a file we just made
+    /// and hold open — so a file really writable by others there is still refused.
+    pub(crate) fn kept_in(dir: &Path) -> Kept {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        for _ in 0..8 {
+            let probe = dir.join(format!(
+                ".whispeer-permission-probe-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let f = match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(&probe)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(_) => return Kept::ALL,
+            };
+            let chmod = f.set_permissions(Permissions::from_mode(0o600));
+            let shown = f.metadata();
+            drop(f);
+            let _ = std::fs::remove_file(&probe);
+            let uid = rustix::process::geteuid().as_raw();
+            return match (chmod, shown) {
+                (Ok(()), Ok(m)) => Kept::shown(m.mode(), m.uid(), uid),
+                // vfat without `quiet` refuses a chmod it cannot keep.
+                (Err(e), Ok(m))
+                    if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) =>
+                {
+                    Kept {
+                        modes: false,
+                        owners: m.uid() == uid,
+                    }
+                }
+                _ => Kept::ALL,
+            };
+        }
+        Kept::ALL
+    }
+
+    /// Whether `dir` is one not warned about yet (once per directory and process).
+    pub(crate) fn first_warning(dir: &Path) -> bool {
+        static WARNED: std::sync::Mutex<Option<std::collections::HashSet<PathBuf>>> =
+            std::sync::Mutex::new(None);
+        WARNED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(Default::default)
+            .insert(dir.to_owned())
+    }
+
+    /// Says once per directory that its filesystem keeps no modes or owners, so they are
+    /// not checked there (nor can they protect the files).
+    pub(crate) fn warn_unkept(dir: &Path, kept: Kept) {
+        if kept == Kept::ALL || !first_warning(dir) {
+            return;
+        }
+        let what = match (kept.modes, kept.owners) {
+            (false, false) => "no file modes nor owners",
+            (false, true) => "no file modes",
+            _ => "no file owners",
+        };
+        tracing::warn!(
+            directory = %dir.display(),
+            "the filesystem of this directory keeps {what} (vfat/exFAT, WSL drvfs, SMB or a \
+             FUSE filesystem?): files there are not checked for them and cannot be made \
+             owner-only — keep whispeer's files on a filesystem with Unix permissions if \
+             other users can reach this one (symbolic links are still refused)"
+        );
     }
 
     /// An existing file: regular, ours, writable by us alone; readable by others → 0600.
@@ -217,17 +346,23 @@ pub(crate) mod guard {
             return Err(unsafe_(UnsafeFile::NotRegular { kind }));
         }
         let uid = rustix::process::geteuid().as_raw();
-        if m.uid() != uid {
-            return Err(unsafe_(UnsafeFile::OtherOwner {
-                owner: m.uid(),
-                uid,
-            }));
-        }
         let mode = m.mode() & 0o7777;
-        if mode & 0o022 != 0 {
-            return Err(unsafe_(UnsafeFile::WritableByOthers { mode }));
+        let mut kept = Kept::ALL;
+        if kept.check(mode, m.uid(), uid).is_err() {
+            // Before refusing: on a filesystem that keeps no modes or owners (review B2: WSL
+            // /mnt/c, vfat/exFAT, SMB, some FUSE) the file we created 0600 shows 0777 or the
+            // mount's owner from the second start on; what it shows says nothing there.
+            if let Some(dir) = full.parent() {
+                kept = kept_in(if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                });
+                warn_unkept(dir, kept);
+            }
         }
-        if let (Some(holds), true) = (private, mode & 0o044 != 0) {
+        kept.check(mode, m.uid(), uid).map_err(unsafe_)?;
+        if let (Some(holds), true) = (private, kept.modes && mode & 0o044 != 0) {
             tracing::warn!(
                 file = %shown.display(),
                 mode = format_args!("{mode:03o}"),
@@ -263,6 +398,66 @@ pub(crate) mod guard {
                     f(side)
                 }
             });
+        }
+
+        /// A filesystem without Unix permissions mounted for a test: an exFAT image on a
+        /// loop device through FUSE (`mkfs.exfat`, `mount.exfat-fuse`; vfat is not in this
+        /// kernel). Every file shows 0777 and root's, whatever it was given. `None` (said
+        /// on stderr) where it cannot be made: not root, the tools missing (Debian:
+        /// `exfatprogs`, `exfat-fuse`), no loop device or FUSE.
+        pub(crate) struct ModelessMount {
+            pub(crate) path: std::path::PathBuf,
+            device: String,
+            _dir: tempfile::TempDir,
+        }
+
+        impl ModelessMount {
+            pub(crate) fn new() -> Option<ModelessMount> {
+                use std::process::Command;
+                let skip = |why: &str| {
+                    eprintln!("no filesystem without modes mounted ({why}): part skipped");
+                    None
+                };
+                if !rustix::process::geteuid().is_root() {
+                    return skip("not root");
+                }
+                let dir = tempfile::tempdir().ok()?;
+                let image = dir.path().join("exfat.img");
+                std::fs::File::create(&image).ok()?.set_len(16 << 20).ok()?;
+                let run = |cmd: &mut Command| {
+                    cmd.output()
+                        .ok()
+                        .filter(|o| o.status.success())
+                        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                };
+                if run(Command::new("mkfs.exfat").arg(&image)).is_none() {
+                    return skip("mkfs.exfat");
+                }
+                let Some(device) = run(Command::new("losetup").args(["-f", "--show"]).arg(&image))
+                else {
+                    return skip("losetup");
+                };
+                let path = dir.path().join("mnt");
+                std::fs::create_dir(&path).ok()?;
+                let m = ModelessMount {
+                    path,
+                    device,
+                    _dir: dir,
+                };
+                if run(Command::new("mount.exfat-fuse").arg(&m.device).arg(&m.path)).is_none() {
+                    // Dropped: the loop device detached (the umount fails, nothing mounted).
+                    return skip("mount.exfat-fuse");
+                }
+                Some(m)
+            }
+        }
+
+        impl Drop for ModelessMount {
+            fn drop(&mut self) {
+                use std::process::Command;
+                let _ = Command::new("umount").arg(&self.path).output();
+                let _ = Command::new("losetup").args(["-d", &self.device]).output();
+            }
         }
     }
 }
@@ -1257,6 +1452,125 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// Review B2: what the guard makes of a filesystem's permissions. A probe file we made
+    /// and `fchmod`ed 0600 showing another mode means modes are not kept, another owner
+    /// that owners are not; only what is kept is checked. On this (Unix-permission)
+    /// filesystem the probe shows both kept, leaves nothing behind, and a file writable
+    /// by others is still refused; a directory where no probe can be made keeps the checks.
+    #[cfg(unix)]
+    #[test]
+    fn the_guard_checks_only_the_permissions_a_filesystem_keeps() {
+        use guard::Kept;
+        let all = Kept::ALL;
+        let no_modes = Kept {
+            modes: false,
+            owners: true,
+        };
+        let nothing = Kept {
+            modes: false,
+            owners: false,
+        };
+        assert_eq!(Kept::shown(0o100600, 1000, 1000), all);
+        assert_eq!(Kept::shown(0o100777, 1000, 1000), no_modes, "drvfs, exFAT");
+        assert_eq!(Kept::shown(0o100755, 0, 1000), nothing, "vfat of root's");
+        assert_eq!(
+            Kept::shown(0o100600, 0, 1000),
+            Kept {
+                modes: true,
+                owners: false
+            }
+        );
+        assert_eq!(
+            all.check(0o100666, 1000, 1000),
+            Err(UnsafeFile::WritableByOthers { mode: 0o666 })
+        );
+        assert_eq!(
+            all.check(0o100620, 1000, 1000),
+            Err(UnsafeFile::WritableByOthers { mode: 0o620 })
+        );
+        assert_eq!(
+            all.check(0o100600, 0, 1000),
+            Err(UnsafeFile::OtherOwner {
+                owner: 0,
+                uid: 1000
+            })
+        );
+        assert_eq!(all.check(0o100644, 1000, 1000), Ok(()));
+        assert_eq!(no_modes.check(0o100777, 1000, 1000), Ok(()));
+        assert_eq!(
+            no_modes.check(0o100777, 0, 1000),
+            Err(UnsafeFile::OtherOwner {
+                owner: 0,
+                uid: 1000
+            })
+        );
+        assert_eq!(nothing.check(0o100777, 0, 1000), Ok(()));
+
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(guard::kept_in(dir.path()), all);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "removed");
+        assert_eq!(guard::kept_in(&dir.path().join("missing")), all);
+        // A real world-writable state file here: the probe shows modes kept, refused.
+        let p = dir.path().join("s.db");
+        drop(Store::open(&p).unwrap());
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        }
+        assert!(matches!(
+            Store::open(&p),
+            Err(PersistError::Unsafe {
+                reason: UnsafeFile::WritableByOthers { mode: 0o666 },
+                ..
+            })
+        ));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["s.db"], "no probe file left");
+        // One warning per directory.
+        let d = dir.path().join("warned");
+        assert!(guard::first_warning(&d));
+        assert!(!guard::first_warning(&d));
+    }
+
+    /// Review B2, on a real filesystem without Unix permissions (exFAT through FUSE on a
+    /// loop device; skipped, said on stderr, where it cannot be mounted): the state file
+    /// and a local history are created there (their 0600 ignored: they show 0777) and
+    /// opened again at the next start — before, refused from then on (WritableByOthers,
+    /// mode 777), for good. A directory is still refused as not a regular file.
+    #[cfg(unix)]
+    #[test]
+    fn a_state_file_on_a_filesystem_without_modes_opens_again() {
+        let Some(m) = guard::hook::ModelessMount::new() else {
+            return;
+        };
+        let p = m.path.join("s.db");
+        Store::open(&p).unwrap().keep(&[1; 16], 1, b"frame-1");
+        assert_eq!(mode(&p), 0o777, "the filesystem keeps no modes");
+        let s = Store::open(&p).expect("second start");
+        assert_eq!(s.outbox().len(), 1);
+        drop(s);
+        // Its log left beside it (as a crash leaves it) is shown 0777 too.
+        std::fs::write(m.path.join("s.db-wal"), b"").unwrap();
+        assert_eq!(Store::open(&p).expect("third start").outbox().len(), 1);
+
+        let h = m.path.join("h.db");
+        drop(crate::history::LocalHistory::open(&h, ["#"]).unwrap());
+        drop(crate::history::LocalHistory::open(&h, ["#"]).expect("history: second start"));
+
+        let d = m.path.join("a-directory");
+        std::fs::create_dir(&d).unwrap();
+        assert!(matches!(
+            Store::open(&d),
+            Err(PersistError::Unsafe {
+                reason: UnsafeFile::NotRegular { .. },
+                ..
+            })
+        ));
     }
 
     /// Review B3: a `-wal`/`-shm` found by the `lstat` and gone when opened (another
