@@ -38,6 +38,10 @@ pub struct ClientBuilder {
     pub(crate) keyring: Keyring,
     pub(crate) identity: Option<Identity>,
     pub(crate) policy: SealPolicy,
+    /// The [`TopicOptions`] sealing rules as given (what each sets), behind
+    /// `policy.per_topic`: what a rule leaves unset is the client-wide setting as finally
+    /// configured ([`ClientBuilder::resolve_topic_rules`]), whatever the order of `with`.
+    pub(crate) topic_rules: Vec<TopicSealRule>,
     pub(crate) reconnect: Reconnect,
     pub(crate) connect_timeout: Duration,
     pub(crate) max_frame: usize,
@@ -71,6 +75,7 @@ impl Default for ClientBuilder {
             keyring: Keyring::new(),
             identity: None,
             policy: SealPolicy::default(),
+            topic_rules: Vec::new(),
             reconnect: Reconnect::default(),
             connect_timeout: Duration::from_secs(10),
             max_frame: whispeer_protocol::limits::DEFAULT_MAX_FRAME,
@@ -97,6 +102,28 @@ impl ClientBuilder {
     pub fn with(mut self, engine: impl Engine) -> Self {
         engine.apply(&mut self);
         self
+    }
+
+    /// Re-derives every [`TopicOptions`] sealing rule in `policy.per_topic` from what it
+    /// sets and the client-wide settings as they are now: called whenever either changes,
+    /// so a rule inherits the client's compression, padding and suite whether it was added
+    /// before or after them (a rule naming only a suite never turns compression back on for
+    /// a client that turned it off, PROTOCOL §11).
+    pub(crate) fn resolve_topic_rules(&mut self) {
+        let default = self.policy.default;
+        for r in &self.topic_rules {
+            if let Some((f, o)) = self.policy.per_topic.get_mut(r.index) {
+                if *f == r.filter {
+                    *o = r.resolve(default);
+                }
+            }
+        }
+    }
+
+    /// Sets a client-wide sealing default and re-derives the per-topic rules from it.
+    fn set_seal_default(&mut self, set: impl FnOnce(&mut SealOptions)) {
+        set(&mut self.policy.default);
+        self.resolve_topic_rules();
     }
     /// How long the first connection may take.
     pub fn connect_timeout(mut self, d: Duration) -> Self {
@@ -407,7 +434,7 @@ impl Compression {
 }
 impl Engine for Compression {
     fn apply(self, b: &mut ClientBuilder) {
-        b.policy.default.compression = self.0;
+        b.set_seal_default(|d| d.compression = self.0);
     }
 }
 
@@ -436,7 +463,7 @@ impl CipherSuite {
 }
 impl Engine for CipherSuite {
     fn apply(self, b: &mut ClientBuilder) {
-        b.policy.default.suite = self.0;
+        b.set_seal_default(|d| d.suite = self.0);
     }
 }
 
@@ -459,7 +486,7 @@ impl Padding {
 }
 impl Engine for Padding {
     fn apply(self, b: &mut ClientBuilder) {
-        b.policy.default.padding = self.0;
+        b.set_seal_default(|d| d.padding = self.0);
     }
 }
 
@@ -630,7 +657,10 @@ impl Engine for Signing {
     }
 }
 
-/// Options for topics matching a filter (first matching rule wins).
+/// Options for topics matching a filter (first matching rule wins). What a rule does not
+/// set — compression, padding, suite — is the client-wide setting ([`Compression`],
+/// [`Padding`], [`CipherSuite`]) as finally configured, whether those come before or after
+/// the rule in the builder; [`TopicOptions::seal_options`] sets all three.
 #[derive(Debug, Clone)]
 pub struct TopicOptions {
     filter: TopicFilter,
@@ -707,7 +737,36 @@ impl Engine for TopicOptions {
         {
             return; // receive rules only: no sealing rule shadows later ones
         }
-        let mut o = self.opts.unwrap_or(b.policy.default);
+        let rule = TopicSealRule {
+            index: b.policy.per_topic.len(),
+            filter: self.filter,
+            opts: self.opts,
+            compression: self.compression,
+            padding: self.padding,
+            suite: self.suite,
+        };
+        b.policy
+            .per_topic
+            .push((rule.filter.clone(), rule.resolve(b.policy.default)));
+        b.topic_rules.push(rule);
+    }
+}
+
+/// One [`TopicOptions`] sealing rule as given: at `index` of `policy.per_topic`.
+#[derive(Debug, Clone)]
+pub(crate) struct TopicSealRule {
+    index: usize,
+    filter: TopicFilter,
+    opts: Option<SealOptions>,
+    compression: Option<whispeer_protocol::Compression>,
+    padding: Option<PadMode>,
+    suite: Option<whispeer_protocol::Suite>,
+}
+
+impl TopicSealRule {
+    /// The rule's options over the client-wide `default`.
+    fn resolve(&self, default: SealOptions) -> SealOptions {
+        let mut o = self.opts.unwrap_or(default);
         if let Some(c) = self.compression {
             o.compression = c;
         }
@@ -717,7 +776,7 @@ impl Engine for TopicOptions {
         if let Some(s) = self.suite {
             o.suite = s;
         }
-        b.policy.per_topic.push((self.filter, o));
+        o
     }
 }
 
@@ -988,6 +1047,56 @@ impl Engine for RelayAuth {
 mod seal_choice_tests {
     use super::*;
     use whispeer_protocol::{Suite, Topic};
+
+    /// B5 (as the npm client's 38e951a): a rule inherits what it does not set from the
+    /// client-wide settings as finally configured, whatever the order of `with` — a rule
+    /// naming only a suite (or padding) never turns compression back on for a client that
+    /// turned it off; a rule naming compression keeps it; `seal_options` sets everything.
+    #[test]
+    fn a_topic_rule_inherits_the_final_client_settings_in_either_order() {
+        use whispeer_protocol::Compression as C;
+        let rules = || {
+            [
+                TopicOptions::new("a/#").suite(CipherSuite::aes_gcm()),
+                TopicOptions::new("b/#").padding(Padding::padme()),
+                TopicOptions::new("z/#").compression(Compression::lz4()),
+                TopicOptions::new("s/#").seal_options(SealOptions::default()),
+                TopicOptions::new("r/#").require_signed(),
+            ]
+        };
+        let settings = |b: ClientBuilder| {
+            b.with(Compression::none())
+                .with(Padding::none())
+                .with(CipherSuite::aes_gcm())
+        };
+        let before = rules()
+            .into_iter()
+            .fold(settings(ClientBuilder::default()), ClientBuilder::with);
+        let after = settings(
+            rules()
+                .into_iter()
+                .fold(ClientBuilder::default(), ClientBuilder::with),
+        );
+        for b in [&before, &after] {
+            let t = |s: &str| b.policy.for_topic(&Topic::new(s).unwrap());
+            assert_eq!(t("a/x").compression, C::None, "a suite-only rule");
+            assert_eq!(t("a/x").padding, PadMode::None);
+            assert_eq!(t("a/x").suite, Suite::Aes256Gcm);
+            assert_eq!(t("b/x").compression, C::None, "a padding-only rule");
+            assert_eq!(t("b/x").padding, PadMode::Padme);
+            assert_eq!(t("b/x").suite, Suite::Aes256Gcm);
+            assert_eq!(t("z/x").compression, C::Lz4, "named: kept");
+            assert_eq!(t("z/x").padding, PadMode::None);
+            assert_eq!(
+                t("s/x"),
+                SealOptions::default(),
+                "explicit options: all set"
+            );
+            assert_eq!(t("r/x").compression, C::None, "no sealing rule");
+            assert_eq!(t("q"), b.policy.default);
+        }
+        assert_eq!(before.policy.per_topic, after.policy.per_topic);
+    }
 
     /// The sealer chooses codec and suite per topic: a default, then the first matching
     /// [`TopicOptions`] rule (which keeps the default's other fields).

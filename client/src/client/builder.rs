@@ -63,7 +63,10 @@ impl ClientBuilder {
     }
 
     /// Connects (the first attempt must succeed) and starts the background task.
-    pub async fn connect(self) -> Result<Client, ConnectError> {
+    pub async fn connect(mut self) -> Result<Client, ConnectError> {
+        // Per-topic rules over the client-wide settings as finally configured (kept so by
+        // every `with`; again here whatever set them).
+        self.resolve_topic_rules();
         if let Some(e) = self.key_error {
             return Err(e.into());
         }
