@@ -127,13 +127,13 @@ pub enum BrokerError {
     /// The QUIC listener's certificate could not be made, read or written.
     #[error("QUIC certificate: {0}")]
     Tls(#[from] whispeer_relay::tls::TlsError),
-    /// Unix: the persistence directory exists and is not this user's alone — owned by
-    /// another user, or writable by group or others — so whoever can write it could have
-    /// planted the key file, identity or QUIC certificate and key the broker would use.
+    /// Unix: the persistence directory exists and is owned by another user, or writable
+    /// by others without the sticky bit, so whoever can write it could have planted (or
+    /// replace) the key file, identity or QUIC certificate and key the broker would use.
+    /// (A group-writable one of this user's is used, with a warning.)
     #[error(
         "broker directory {} {}: another user could plant the broker's keys, identity or \
-         certificate in it; use a directory of your own, not writable by group or others \
-         (chmod 700)",
+         certificate in it; use a directory of your own, not writable by others (chmod 700)",
         .path.display(),
         dir_problem(*.owner, *.uid, *.mode)
     )]
@@ -165,7 +165,7 @@ fn dir_problem(owner: u32, uid: u32, mode: u32) -> String {
         format!("belongs to another user (uid {owner}; this process runs as uid {uid})")
     } else {
         format!(
-            "is writable by group or others (mode {:03o})",
+            "is writable by others without the sticky bit (mode {:03o})",
             mode & 0o7777
         )
     }
@@ -634,12 +634,20 @@ fn read_guarded(
 /// Creates the broker's directory (and missing parents) owner-only: 0700 on Unix, so the
 /// relay's history, the client state and the key file beside them are nobody else's to read
 /// or to plant files among (it was `create_dir_all`'s 0755). On Unix an existing directory
-/// (or one made by someone else in between) must be this user's and not writable by group
-/// or others ([`BrokerError::UnsafeDirectory`]): another user who can write it — one who
-/// made it first under `/tmp`, or a group member — could plant the key file (a tree key
-/// they know), the identity or the QUIC certificate and key (security review: it was used
-/// as it is). A symbolic link naming the directory is followed (the path is the user's
-/// choice); the directory it leads to is checked.
+/// (or one made by someone else in between) owned by another user, or writable by others
+/// without the sticky bit, is refused ([`BrokerError::UnsafeDirectory`]): such a user — one
+/// who made it first under `/tmp` — could plant the key file (a tree key they know), the
+/// identity or the QUIC certificate and key (security review: it was used as it is).
+///
+/// A group-writable one (made by the old `create_dir_all` under umask 002, or a Kubernetes
+/// `fsGroup` volume, 2775) or an other-writable one with the sticky bit is used, with a
+/// warning: every file in it is opened through the guard (no symbolic link, this user's,
+/// writable by it alone), so a group member can only delete or rename the broker's files,
+/// not plant one it would use (a planted file is the planter's: refused). On a filesystem
+/// that keeps no modes or owners (vfat/exFAT, WSL drvfs, SMB: probed, see
+/// `persist::guard::kept_in`) what the directory shows is not checked, with a warning.
+/// A symbolic link naming the directory is followed (the path is the user's choice); the
+/// directory it leads to is checked.
 fn create_store_dir(dir: &Path) -> Result<(), BrokerError> {
     let io = |source| BrokerError::Io {
         path: dir.to_owned(),
@@ -665,13 +673,29 @@ fn create_store_dir(dir: &Path) -> Result<(), BrokerError> {
         }
         let uid = rustix::process::geteuid().as_raw();
         let mode = m.mode() & 0o7777;
-        if m.uid() != uid || mode & 0o022 != 0 {
-            return Err(BrokerError::UnsafeDirectory {
-                path: dir.to_owned(),
-                owner: m.uid(),
-                uid,
-                mode,
-            });
+        let other_owner = m.uid() != uid;
+        let open_to_all = mode & 0o002 != 0 && mode & 0o1000 == 0;
+        if other_owner || open_to_all {
+            let kept = crate::persist::guard::kept_in(dir);
+            if (other_owner && kept.owners) || (open_to_all && kept.modes) {
+                return Err(BrokerError::UnsafeDirectory {
+                    path: dir.to_owned(),
+                    owner: m.uid(),
+                    uid,
+                    mode,
+                });
+            }
+            crate::persist::guard::warn_unkept(dir, kept);
+        } else if mode & 0o022 != 0 {
+            tracing::warn!(
+                directory = %dir.display(),
+                mode = format_args!("{mode:03o}"),
+                "broker directory writable by group{}: its members can delete or rename the \
+                 broker's files (keys, identity, certificate, history), not plant ones it \
+                 uses (each must be this user's, writable by it alone); chmod 700 to keep \
+                 them out",
+                if mode & 0o002 != 0 { " or others (sticky)" } else { "" }
+            );
         }
     }
     Ok(())
@@ -1000,11 +1024,65 @@ mod tests {
         }
         // Again: an existing directory is fine.
         super::create_store_dir(&dir).unwrap();
-        // One its group may write is not (security review F1).
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770)).unwrap();
-        match super::create_store_dir(&dir) {
-            Err(super::BrokerError::UnsafeDirectory { mode, .. }) => assert_eq!(mode, 0o770),
-            other => panic!("{other:?}"),
+        // One its group may write is used, with a warning (an old create_dir_all under
+        // umask 002, a Kubernetes fsGroup volume): each file in it is checked.
+        let chmod =
+            |m: u32| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(m)).unwrap();
+        for m in [0o770, 0o775, 0o2775, 0o1777] {
+            chmod(m);
+            super::create_store_dir(&dir).unwrap_or_else(|e| panic!("{m:o}: {e}"));
         }
+        // One others may write without the sticky bit is not (security review F1).
+        for m in [0o777, 0o703, 0o2777] {
+            chmod(m);
+            match super::create_store_dir(&dir) {
+                Err(e @ super::BrokerError::UnsafeDirectory { mode, .. }) => {
+                    assert_eq!(mode, m);
+                    assert!(
+                        e.to_string().contains(&format!(
+                            "is writable by others without the sticky bit (mode {m:03o})"
+                        )),
+                        "{e}"
+                    );
+                }
+                other => panic!("{m:o}: {other:?}"),
+            }
+        }
+        // Nor another user's, even 0700 (root can make one here).
+        chmod(0o700);
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&dir, Some(12345), None).unwrap();
+            match super::create_store_dir(&dir) {
+                Err(e @ super::BrokerError::UnsafeDirectory { owner: 12345, .. }) => {
+                    assert!(e.to_string().contains("belongs to another user"), "{e}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// Review B2: on a filesystem that keeps no modes (exFAT through FUSE; skipped where
+    /// it cannot be mounted) the store directory shows 0777 and every file in it 0777:
+    /// used (a probe shows the modes are not kept), the identity written on the first
+    /// start read at the second (before: UnsafeDirectory, mode 777, at every start).
+    #[cfg(unix)]
+    #[test]
+    fn a_store_directory_on_a_filesystem_without_modes_is_used() {
+        let Some(m) = crate::persist::guard::hook::ModelessMount::new() else {
+            return;
+        };
+        let dir = m.path.join("broker");
+        let lock = super::Lock {
+            passphrase: None,
+            params: Default::default(),
+        };
+        super::create_store_dir(&dir).unwrap();
+        let first = super::load_or_make_identity(&dir, &lock).unwrap();
+        super::create_store_dir(&dir).expect("second start");
+        let again = super::load_or_make_identity(&dir, &lock).expect("identity read back");
+        assert_eq!(
+            first.to_secret_string().as_str(),
+            again.to_secret_string().as_str()
+        );
     }
 }

@@ -630,13 +630,126 @@ async fn a_store_directory_others_can_write_is_refused_with_its_planted_keys() {
         matches!(e, whispeer::BrokerError::UnsafeDirectory { .. }),
         "{e}"
     );
-    assert!(e.to_string().contains("writable by group or others"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("writable by others without the sticky bit (mode 777)"),
+        "{e}"
+    );
     // Nothing was written into it.
     let names: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, [whispeer::broker::KEY_FILE], "{names:?}");
+}
+
+/// A store directory its group may write (made by the old `create_dir_all` under umask
+/// 002, or a Kubernetes `fsGroup` volume) keeps working after the upgrade, with a warning:
+/// group members could only delete or rename the broker's files, not plant ones it uses.
+/// Before: `UnsafeDirectory` (mode 775) at every start.
+#[cfg(unix)]
+#[test]
+fn a_group_writable_store_directory_is_used_with_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let buf = LogBuf::default();
+    let w = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .with_writer(move || w.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("broker");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let key = rt.block_on(async {
+        let broker = Broker::builder(BrokerOptions::default())
+            .with(Encryption::new())
+            .with(Persistence::sqlite(&dir))
+            .build()
+            .await
+            .expect("a group-writable directory of ours is used");
+        let key = broker.tree_key().unwrap().to_key_string().to_string();
+        broker.shutdown().await.unwrap();
+        key
+    });
+    let log = buf.text();
+    assert!(
+        log.contains("broker directory writable by group") && log.contains("can delete or rename"),
+        "{log:?}"
+    );
+    // The next start reads the same key from it.
+    let again = rt.block_on(async {
+        let broker = Broker::builder(BrokerOptions::default())
+            .with(Encryption::new())
+            .with(Persistence::sqlite(&dir))
+            .build()
+            .await
+            .expect("second start");
+        let key = broker.tree_key().unwrap().to_key_string().to_string();
+        broker.shutdown().await.unwrap();
+        key
+    });
+    assert_eq!(key, again);
+}
+
+/// A world-writable store directory with the sticky bit (1777) is used, with a warning, but
+/// a key file planted in it by another user is not: every file is checked (another user's
+/// → refused; as non-root, where no file of another user can be made, one writable by
+/// others stands for it).
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_shared_store_directory_is_used_but_a_key_file_planted_in_it_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("broker");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let build = || {
+        Broker::builder(BrokerOptions::default())
+            .with(Encryption::new())
+            .with(Persistence::sqlite(&dir))
+            .build()
+    };
+    build().await.expect("1777: used").shutdown().await.unwrap();
+    let keys = dir.join(whispeer::broker::KEY_FILE);
+    std::fs::remove_file(&keys).unwrap();
+    let planted = whispeer::TreeKey::generate("planted").unwrap();
+    std::fs::write(&keys, format!("{}\n", planted.to_key_string().as_str())).unwrap();
+    // The tempdir is this process's: uid 0 means root, who can give a file to another.
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(t.path()).unwrap()) == 0;
+    if root {
+        std::os::unix::fs::chown(&keys, Some(12345), Some(12345)).unwrap();
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    } else {
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    let e = build()
+        .await
+        .map(|b| b.tree_key().map(|k| k.to_key_string().to_string()))
+        .unwrap_err();
+    match &e {
+        whispeer::BrokerError::UnsafeFile { path, reason } => {
+            assert_eq!(path, &keys);
+            if root {
+                assert!(
+                    matches!(
+                        reason,
+                        whispeer::error::UnsafeFile::OtherOwner { owner: 12345, .. }
+                    ),
+                    "{e}"
+                );
+            }
+        }
+        _ => panic!("{e}"),
+    }
 }
 
 /// Security review F1: a symbolic link planted as `broker.crt` is never written through
