@@ -187,6 +187,16 @@ impl ClientBuilder {
     /// the limit the oldest are forgotten and history dated before the oldest one still
     /// remembered is refused (counted as `refused.before_window`) unless a subscription
     /// asks for `older_history`: a bounded memory, never a message delivered twice.
+    ///
+    /// It bounds the retained high-water marks too (one per topic a message was accepted
+    /// on, 83–165 bytes each): past it the oldest are evicted (`refused.marks_evicted`;
+    /// such a topic loses its rollback check) and remembered in a fixed table of
+    /// `messages / 2` evicted topics (8.5 bytes per message of the capacity, allocated at
+    /// the first eviction), so an evicted topic's old value is never delivered twice. A
+    /// topic never evicted gets its current value however old, unless more than
+    /// `messages / 4` topics were evicted within the horizon: then the table's buckets
+    /// overflow, and old retained values on other topics start to be held to the
+    /// window's start (see `ReceiveConfig::max_entries` for the rates).
     pub fn dedup_capacity(mut self, messages: usize) -> Self {
         self.receive.max_entries = messages.max(1);
         self

@@ -20,9 +20,10 @@
 //!   (tree, sender, id), not its date and id alone: another sender's message copying both
 //!   is refused as no newer. The marks are kept for the horizon, like dedup entries, and
 //!   bounded like them ([`ReceiveConfig::max_entries`] marks): past the bound the oldest
-//!   go (counted), and retained values dated before the newest evicted one are held to the
-//!   window's start — an evicted mark's topic can be rolled back within the window's
-//!   reach, but no message is accepted twice.
+//!   go (counted) into a fixed table of evicted topics, and a retained value on such a
+//!   topic dated at or before its evicted mark is held to the window's start — an evicted
+//!   mark's topic can be rolled back within the window's reach, but no message is
+//!   accepted twice, and a topic never evicted keeps getting its current value.
 //! - **Publisher policy** per topic or subtree: `require_signed` and an `allow_senders` list.
 //!
 //! The state that must survive a restart (dedup entries, retained high-water marks) is
@@ -97,8 +98,16 @@ pub struct ReceiveConfig {
     /// member flooding millions of topics): past it the oldest marks (by date) are evicted,
     /// counted in [`RefusedStats::marks_evicted`]. An evicted mark's topic loses its
     /// rollback check — an older retained value the window does not refuse may be
-    /// accepted — and retained values dated before the newest evicted mark are held to the
-    /// window's start like other messages, so none is accepted twice.
+    /// accepted — and its retained values dated at or before the evicted mark are held to
+    /// the window's start like other messages, so none is accepted twice. Evicted topics
+    /// are remembered in a fixed table of `max_entries / 2` entries (at least 512), 8.5
+    /// bytes per `max_entries` (34 MB at the default), allocated at the first eviction. A
+    /// topic never evicted is judged as if nothing were (its current value passes however
+    /// old) unless its buckets in the table overflowed: measured, that never happens with
+    /// up to `max_entries / 4` topics evicted within the horizon, for 0.06 % of topics at
+    /// `3 × max_entries / 8`, about half at `max_entries / 2` (only for values older than
+    /// the median eviction date) and all past `max_entries` — a flood of topics degrades
+    /// to holding every old retained value to the window's start, in the same memory.
     pub max_entries: usize,
     /// Largest payload a delivered message may decompress to (bytes). Default
     /// [`DEFAULT_MAX_PAYLOAD`] (16 MiB), what a default publisher may seal, so no honest
@@ -199,7 +208,8 @@ pub enum Change {
     },
     /// The newest retained value of a topic. Dated 0: the mark was evicted (a tombstone: a
     /// driver keeping a table by key may drop it). Under [`MARKS_FLOOR_KEY`]: the marks
-    /// floor (see [`Guard::restore_retained`]); both load back as what they are.
+    /// floor; under a key starting with 19 `0xff` bytes, a row of the evicted-topic table
+    /// (see [`Guard::restore_retained`]); all load back as what they are.
     Retained {
         /// Which topic.
         key: RetainedKey,
@@ -291,8 +301,10 @@ pub struct Snapshot {
     /// Dedup entries: digest and expiry (Unix ms), by expiry.
     pub seen: Vec<(Digest, u64)>,
     /// Retained high-water marks: key, timestamp, message id (no particular order), at
-    /// most [`ReceiveConfig::max_entries`], and the marks floor under [`MARKS_FLOOR_KEY`]
-    /// if marks were evicted.
+    /// most [`ReceiveConfig::max_entries`], and if marks were evicted the evicted-topic
+    /// table's rows (at most `max_entries / 2 + max_entries / 16`, at least 576) and the
+    /// floors under [`MARKS_FLOOR_KEY`] (and the legacy row, see
+    /// [`Guard::restore_retained`]).
     pub retained: Vec<(RetainedKey, u64, [u8; 16])>,
     /// The latest expiry among dedup entries forgotten for room (0: none; see
     /// [`Guard::forgot_upto`]). Without it a restored window would accept again what the
@@ -310,11 +322,24 @@ pub struct Guard {
     retained: HashMap<RetainedKey, Mark, Seeded>,
     /// When expired marks are next swept (Unix ms).
     next_mark_sweep: u64,
-    /// The newest date among marks evicted for room (0: none; see `Guard::evict_marks`):
-    /// a retained value dated at most this may be one whose mark is gone, so it is held to
-    /// the window's start like any other message. Persisted as the mark of
-    /// [`MARKS_FLOOR_KEY`].
+    /// The newest date among marks evicted for room (0: none; see `Guard::evict_marks`).
+    /// Which topics it covers is in `evicted`, so here it applies to none: it is saved
+    /// as the mark of [`MARKS_FLOOR_KEY`] (with [`MARKS_FLOOR_TABLE`]) for a client
+    /// without the table, which applies it to every topic.
     marks_floor: u64,
+    /// A floor for every topic: restored from a state whose evicted-key table had another
+    /// size (`max_entries` changed) or from this row of a previous run (see
+    /// [`EVICTED_LEGACY`]); which topics it covers is unknown, so a retained value on any
+    /// topic dated at most this (or `foreign_floor`) is held to the window's start, until
+    /// it passes the horizon.
+    legacy_floor: u64,
+    /// The [`MARKS_FLOOR_KEY`] row restored last if a client without the evicted-key
+    /// table wrote it (9727dd3: message id zeros), else 0: a floor for every topic like
+    /// `legacy_floor`. Saved as part of that.
+    foreign_floor: u64,
+    /// Which topics' marks were evicted, with their dates (see [`Evicted`]): a retained
+    /// value on such a topic dated at most its date is held to the window's start.
+    evicted: Evicted,
     /// Restored values not yet held to the bounds of the first time seen after them
     /// ([`Guard::settle_restored`]).
     unsettled: bool,
@@ -356,6 +381,249 @@ impl Mark {
     }
 }
 
+/// Entries per bucket of [`Evicted`]: 8 entries of 16 bytes, two cache lines.
+const EVICTED_PER_BUCKET: usize = 8;
+
+/// Fewest buckets of [`Evicted`] (512 entries, ~8.7 KB), for small bounds.
+const EVICTED_MIN_BUCKETS: usize = 64;
+
+/// Most buckets of [`Evicted`] (2²⁴ entries, 285 MB: the table for `max_entries` 33.5
+/// million; a larger bound, which a window of that size costs gigabytes for anyway, gets
+/// no larger table). Also what a forged state file's row can make a client allocate.
+const EVICTED_MAX_BUCKETS: usize = 1 << 21;
+
+/// Which topics' retained high-water marks were evicted for room, and the newest date of
+/// each (review of 9727dd3, B1: one floor for every topic held a never-seen topic's old
+/// current value to the window's start, so a new retained subscription to more topics
+/// than the bound missed some of their values). A fixed table, allocated at the first
+/// eviction: `max_entries / 2` entries (at least 512) in buckets of
+/// [`EVICTED_PER_BUCKET`], each key with two candidate buckets (the one with more room
+/// takes it). An entry is a key's 64-bit id (the first 8 bytes of its
+/// [`retained_key`], 0: free) and the newest date among its evicted marks. When both of a
+/// key's buckets are full, the oldest entry of the two (or the new one) is folded into
+/// its bucket's floor, which then covers every key with that bucket among its two.
+///
+/// It never misses an evicted key: a key's entry only ever moves up in date or is folded
+/// into a floor that is at least its date, and goes only once its date is past the
+/// horizon (every value it covers is refused as older). It may cover a key never evicted
+/// — one whose two buckets include a floor (a full table), or whose 64-bit id equals an
+/// entry's (2⁻⁶⁴ per entry compared, 16 at most) — and then only holds that topic's
+/// retained values dated at or before the floor to the window's start, as before the
+/// table. Memory: 16 bytes per entry and 8 per bucket, 8.5 bytes per `max_entries`
+/// (34 MB at the default 4 million), once a mark was evicted.
+#[derive(Debug, Default)]
+struct Evicted {
+    /// `(id, date)` per entry, bucket after bucket; `(0, 0)`: free.
+    entries: Vec<(u64, u64)>,
+    /// Per bucket: the newest date among entries folded out of it (0: none).
+    floors: Vec<u64>,
+}
+
+/// Rows of [`Evicted`] in the saved state, as marks of keys no topic has: the first 19
+/// bytes 0xff, then [`EVICTED_ENTRY`] or [`EVICTED_FLOOR`], the table's bucket count
+/// (u32 big-endian: a table of another size re-inserts entries and takes floors as
+/// [`Guard`]'s legacy floor) and the entry's or bucket's index (u64 big-endian). An entry
+/// row is dated its date, its message id the key's id (8 bytes little-endian, then
+/// zeros); a floor row is dated the floor. Every change is journaled as the row's new
+/// value (before the tombstone of the mark whose eviction made it), and a row's date is
+/// its content's newest: a driver pruning rows dated before the horizon prunes only what
+/// has expired.
+const EVICTED_ROW_PREFIX: [u8; 19] = [0xff; 19];
+const EVICTED_ENTRY: u8 = 1;
+const EVICTED_FLOOR: u8 = 2;
+/// The row (bucket count and index 0) of [`Guard`]'s floor for every topic (see
+/// `Guard::legacy_floor`), dated that floor.
+const EVICTED_LEGACY: u8 = 3;
+
+/// The message id of [`MARKS_FLOOR_KEY`]'s row when written by a client with the
+/// evicted-key table, which holds which topics it covers (so it applies to no topic
+/// there; a client without the table, 9727dd3, applies it to all). Zeros: written by a
+/// client without the table, so it applies to every topic (see
+/// [`Guard::restore_retained`]).
+pub const MARKS_FLOOR_TABLE: [u8; 16] = *b"whispeer evicted";
+
+/// The key of row `index` of `kind` in a table of `buckets` buckets.
+fn evicted_row(kind: u8, buckets: usize, index: usize) -> RetainedKey {
+    let mut k = [0u8; 32];
+    k[..19].copy_from_slice(&EVICTED_ROW_PREFIX);
+    k[19] = kind;
+    k[20..24].copy_from_slice(&(buckets as u32).to_be_bytes());
+    k[24..].copy_from_slice(&(index as u64).to_be_bytes());
+    k
+}
+
+/// A topic's 64-bit id in [`Evicted`] (never 0, which marks a free entry).
+fn evicted_id(rk: &RetainedKey) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&rk[..8]);
+    u64::from_le_bytes(b).max(1)
+}
+
+impl Evicted {
+    /// Buckets of a table for `max_entries`.
+    fn buckets_for(max_entries: usize) -> usize {
+        (max_entries / 2)
+            .div_ceil(EVICTED_PER_BUCKET)
+            .clamp(EVICTED_MIN_BUCKETS, EVICTED_MAX_BUCKETS)
+    }
+
+    fn buckets(&self) -> usize {
+        self.floors.len()
+    }
+
+    /// The most rows a table for `max_entries` saves (entries and bucket floors).
+    #[cfg(test)]
+    fn max_rows(max_entries: usize) -> usize {
+        Self::buckets_for(max_entries) * (EVICTED_PER_BUCKET + 1)
+    }
+
+    fn allocate(&mut self, buckets: usize) {
+        if self.floors.is_empty() {
+            self.entries = vec![(0, 0); buckets * EVICTED_PER_BUCKET];
+            self.floors = vec![0; buckets];
+        }
+    }
+
+    /// Key `id`'s two buckets.
+    fn pair(&self, id: u64) -> [usize; 2] {
+        let n = self.buckets() as u64;
+        let at = |x: u64| (((x & 0xffff_ffff) * n) >> 32) as usize;
+        [at(id), at(id >> 32)]
+    }
+
+    fn slots(b: usize) -> std::ops::Range<usize> {
+        b * EVICTED_PER_BUCKET..(b + 1) * EVICTED_PER_BUCKET
+    }
+
+    /// The newest date the table holds for key `id`: retained values dated at most this
+    /// may be ones whose mark was evicted (0: none).
+    fn floor_of(&self, id: u64) -> u64 {
+        if self.floors.is_empty() {
+            return 0;
+        }
+        let mut f = 0;
+        for b in self.pair(id) {
+            f = f.max(self.floors[b]);
+            for &(e, date) in &self.entries[Self::slots(b)] {
+                if e == id {
+                    f = f.max(date);
+                }
+            }
+        }
+        f
+    }
+
+    /// Records key `id` evicted with its mark dated `date`; the rows it changed (entry
+    /// indices, and a bucket whose floor rose) go to `changed`.
+    fn insert(&mut self, id: u64, date: u64, changed: &mut Vec<(u8, usize)>) {
+        let pair = self.pair(id);
+        // Its entry already: the newer date.
+        for b in pair {
+            for i in Self::slots(b) {
+                if self.entries[i].0 == id {
+                    if self.entries[i].1 < date {
+                        self.entries[i].1 = date;
+                        changed.push((EVICTED_ENTRY, i));
+                    }
+                    return;
+                }
+            }
+        }
+        // A free entry in the bucket with more room.
+        let free = |b: usize| Self::slots(b).filter(|&i| self.entries[i].0 == 0).count();
+        let (f0, f1) = (free(pair[0]), free(pair[1]));
+        let b = if f1 > f0 { pair[1] } else { pair[0] };
+        if f0.max(f1) > 0 {
+            let i = Self::slots(b)
+                .find(|&i| self.entries[i].0 == 0)
+                .expect("a free entry");
+            self.entries[i] = (id, date);
+            changed.push((EVICTED_ENTRY, i));
+            return;
+        }
+        // Both full: the oldest of their entries and the new one is folded into its
+        // bucket's floor (the one with the lower floor for the new one), the new one
+        // taking the folded one's place.
+        let oldest = pair
+            .iter()
+            .flat_map(|&b| Self::slots(b))
+            .min_by_key(|&i| self.entries[i].1)
+            .expect("full buckets");
+        if self.entries[oldest].1 < date {
+            let b = oldest / EVICTED_PER_BUCKET;
+            self.floors[b] = self.floors[b].max(self.entries[oldest].1);
+            self.entries[oldest] = (id, date);
+            changed.push((EVICTED_FLOOR, b));
+            changed.push((EVICTED_ENTRY, oldest));
+        } else {
+            let b = *pair
+                .iter()
+                .min_by_key(|&&b| self.floors[b])
+                .expect("two buckets");
+            if self.floors[b] < date {
+                self.floors[b] = date;
+                changed.push((EVICTED_FLOOR, b));
+            }
+        }
+    }
+
+    /// Forgets entries and floors dated before `before` (past the horizon).
+    fn expire(&mut self, before: u64) {
+        for e in &mut self.entries {
+            if e.0 != 0 && e.1 < before {
+                *e = (0, 0);
+            }
+        }
+        for f in &mut self.floors {
+            if *f < before {
+                *f = 0;
+            }
+        }
+    }
+
+    /// Brings every date later than `max` down to `max`; how many moved.
+    fn clamp(&mut self, max: u64) -> u64 {
+        let mut n = 0;
+        for d in self
+            .entries
+            .iter_mut()
+            .filter(|e| e.0 != 0)
+            .map(|e| &mut e.1)
+            .chain(self.floors.iter_mut())
+        {
+            if *d > max {
+                *d = max;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The saved row of `(kind, index)`.
+    fn row(&self, (kind, index): (u8, usize)) -> (RetainedKey, u64, [u8; 16]) {
+        let key = evicted_row(kind, self.buckets(), index);
+        if kind == EVICTED_ENTRY {
+            let (id, date) = self.entries[index];
+            let mut msg_id = [0u8; 16];
+            msg_id[..8].copy_from_slice(&id.to_le_bytes());
+            (key, date, msg_id)
+        } else {
+            (key, self.floors[index], [0; 16])
+        }
+    }
+
+    /// Every row in use.
+    fn rows(&self) -> impl Iterator<Item = (RetainedKey, u64, [u8; 16])> + '_ {
+        let entries = (0..self.entries.len())
+            .filter(|&i| self.entries[i].0 != 0)
+            .map(|i| (EVICTED_ENTRY, i));
+        let floors = (0..self.floors.len())
+            .filter(|&b| self.floors[b] != 0)
+            .map(|b| (EVICTED_FLOOR, b));
+        entries.chain(floors).map(|r| self.row(r))
+    }
+}
+
 /// Released held messages (see `Guard::released`): each digest with the number of its
 /// release, and the releases oldest first — an entry of the order whose number is not the
 /// digest's current one is stale (accepted since, or released again later).
@@ -385,9 +653,10 @@ impl Released {
 const MAX_RELEASED: usize = 65_536;
 
 /// The key under which the state holds [`Guard`]'s marks floor (the newest date among
-/// retained marks evicted for room) as if it were a mark: no topic's [`retained_key`] is
-/// all `0xff` (that would be a BLAKE3 preimage), and a client that predates the floor
-/// loads it as the mark of a topic that does not exist. A saved mark dated 0 is an
+/// retained marks evicted for room) as if it were a mark, for a client without the
+/// evicted-topic table (9727dd3) which applies it to every topic: no topic's
+/// [`retained_key`] is all `0xff` (that would be a BLAKE3 preimage), and a client that
+/// predates the floor loads it as the mark of a topic that does not exist. A saved mark dated 0 is an
 /// evicted mark's tombstone (no honest mark is dated 0): loading skips it.
 pub const MARKS_FLOOR_KEY: RetainedKey = [0xff; 32];
 
@@ -647,6 +916,9 @@ impl Guard {
             retained: HashMap::default(),
             next_mark_sweep: 0,
             marks_floor: 0,
+            legacy_floor: 0,
+            foreign_floor: 0,
+            evicted: Evicted::default(),
             unsettled: false,
             stats: RefusedStats::default(),
             journal: Vec::new(),
@@ -723,10 +995,17 @@ impl Guard {
                 n += 1;
             }
         }
-        if self.marks_floor > newest {
-            self.marks_floor = newest;
-            n += 1;
+        for f in [
+            &mut self.marks_floor,
+            &mut self.legacy_floor,
+            &mut self.foreign_floor,
+        ] {
+            if *f > newest {
+                *f = newest;
+                n += 1;
+            }
         }
+        n += self.evicted.clamp(newest);
         self.stats.restored_future += n;
     }
 
@@ -756,9 +1035,15 @@ impl Guard {
     /// [`Guard::check`]).
     ///
     /// The marks are bounded like the window ([`ReceiveConfig::max_entries`]): restoring
-    /// more evicts the oldest (see [`RefusedStats::marks_evicted`]). The floor saved under
-    /// [`MARKS_FLOOR_KEY`] is loaded as the floor, and a mark dated 0 (an evicted mark's
-    /// tombstone) is skipped.
+    /// more evicts the oldest (see [`RefusedStats::marks_evicted`]). A mark dated 0 (an
+    /// evicted mark's tombstone) is skipped. The rows of the evicted-key table (keys
+    /// starting with 19 bytes 0xff, see `Evicted`) load back into it; a table saved with
+    /// another size (`max_entries` changed) has its entries inserted again and its bucket
+    /// floors taken as a floor for every topic. The floor saved under [`MARKS_FLOOR_KEY`]
+    /// applies to no topic if the row says the table holds its topics
+    /// ([`MARKS_FLOOR_TABLE`]); written by a client without the table (message id zeros),
+    /// it applies to every topic until it passes the horizon — which topics it covers was
+    /// not saved. Rows of one key load in the order they were saved (the last one wins).
     pub fn restore_retained(&mut self, key: RetainedKey, ts_ms: u64, msg_id: [u8; 16]) {
         if ts_ms == 0 {
             return;
@@ -766,6 +1051,19 @@ impl Guard {
         self.unsettled = true;
         if key == MARKS_FLOOR_KEY {
             self.marks_floor = self.marks_floor.max(ts_ms);
+            // Written by this client (after its legacy row) or by one without the table
+            // (since): the last one saved says which.
+            self.foreign_floor = if msg_id == MARKS_FLOOR_TABLE {
+                0
+            } else {
+                self.foreign_floor.max(ts_ms)
+            };
+            return;
+        }
+        if key[..19] == EVICTED_ROW_PREFIX
+            && matches!(key[19], EVICTED_ENTRY | EVICTED_FLOOR | EVICTED_LEGACY)
+        {
+            self.restore_evicted(&key, ts_ms, msg_id);
             return;
         }
         let m = Mark {
@@ -780,6 +1078,61 @@ impl Guard {
         self.evict_marks(false);
     }
 
+    /// Loads a row of the evicted-key table (see [`Guard::restore_retained`]).
+    fn restore_evicted(&mut self, key: &RetainedKey, ts_ms: u64, msg_id: [u8; 16]) {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&key[20..24]);
+        let saved = u32::from_be_bytes(b) as usize;
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&key[24..]);
+        let index = u64::from_be_bytes(b);
+        b.copy_from_slice(&msg_id[..8]);
+        let id = u64::from_le_bytes(b);
+        let buckets = Evicted::buckets_for(self.cfg.max_entries);
+        self.evicted.allocate(buckets);
+        let same = saved == buckets;
+        match key[19] {
+            EVICTED_ENTRY if id == 0 => {}
+            EVICTED_ENTRY if same && index < self.evicted.entries.len() as u64 => {
+                // The row's last saved value (an entry taken over by another key is
+                // saved again under the same row).
+                self.evicted.entries[index as usize] = (id, ts_ms);
+            }
+            EVICTED_ENTRY => self.evicted.insert(id, ts_ms, &mut Vec::new()),
+            EVICTED_FLOOR if same && index < buckets as u64 => {
+                let f = &mut self.evicted.floors[index as usize];
+                *f = (*f).max(ts_ms);
+            }
+            // A floor of a table of another size (which topics it covers is not known
+            // here), or the floor for every topic.
+            _ => self.legacy_floor = self.legacy_floor.max(ts_ms),
+        }
+    }
+
+    /// The newest date at or before which a retained value on topic `rk` may be one
+    /// whose mark was evicted (0: none): held to the window's start.
+    fn evicted_floor(&self, rk: &RetainedKey) -> u64 {
+        self.legacy().max(self.evicted.floor_of(evicted_id(rk)))
+    }
+
+    /// The floor for every topic (see `Guard::legacy_floor`).
+    fn legacy(&self) -> u64 {
+        self.legacy_floor.max(self.foreign_floor)
+    }
+
+    /// The saved rows of the floors (dates at most `newest`): the floor for every topic
+    /// under [`EVICTED_LEGACY`] if there is one, then [`MARKS_FLOOR_KEY`]'s (the newest
+    /// evicted date or that floor, for a client without the table; marked
+    /// [`MARKS_FLOOR_TABLE`]: this client reads its legacy row instead).
+    fn floor_rows(&self, newest: u64) -> impl Iterator<Item = (RetainedKey, u64, [u8; 16])> {
+        let legacy = self.legacy().min(newest);
+        let floor = self.marks_floor.max(legacy).min(newest);
+        let legacy = (legacy > 0).then_some((evicted_row(EVICTED_LEGACY, 0, 0), legacy, [0; 16]));
+        legacy
+            .into_iter()
+            .chain((floor > 0).then_some((MARKS_FLOOR_KEY, floor, MARKS_FLOOR_TABLE)))
+    }
+
     /// The most retained high-water marks held: [`ReceiveConfig::max_entries`], as many
     /// as the dedup window holds messages.
     fn max_marks(&self) -> usize {
@@ -791,14 +1144,19 @@ impl Guard {
     /// subscriber's memory and state by one mark each, for the horizon. Past
     /// [`Guard::max_marks`] the oldest marks (by date) go — a few more than needed
     /// (1/64 of the bound), so that the scan that finds them (every mark) is rare — and
-    /// the newest date among them becomes the marks floor: a retained value dated at most
-    /// that is held to the window's start (it may be one whose mark is gone: the mark no
-    /// longer refuses it as a duplicate), and the window refuses it while it holds it. What
-    /// an evicted mark gives up is the rollback check of its topic: a retained value older
+    /// each goes into the evicted-key table (`Evicted`) with its date: a retained value on
+    /// its topic dated at most that is held to the window's start (it may be the evicted
+    /// mark's message: the mark no longer refuses it as a duplicate), and the window
+    /// refuses it while it holds it. Review of 9727dd3 (B1): that rule held every topic,
+    /// one floor for all — a new retained subscription to more topics than the bound, sent
+    /// their values in topic order, missed the old values of topics never evicted. What an
+    /// evicted mark gives up is the rollback check of its topic: a retained value older
     /// than its last one but within the window's reach is accepted (or, delivered before,
     /// shown again to a new subscription) — never delivered twice. Counted in
-    /// [`RefusedStats::marks_evicted`]; `journal`: tombstones (the mark dated 0) and the
-    /// floor go to the journal, so a saved table follows the bound.
+    /// [`RefusedStats::marks_evicted`]; `journal`: the table's changed rows, then the
+    /// tombstones (the mark dated 0; after the rows, so a saved state cut short never has
+    /// a tombstone without its row) and the floor row go to the journal, so a saved table
+    /// follows the bound.
     fn evict_marks(&mut self, journal: bool) {
         let cap = self.max_marks();
         let len = self.retained.len();
@@ -810,31 +1168,41 @@ impl Guard {
         let (below, &mut cut, _) = dates.select_nth_unstable(n - 1);
         let mut at_cut = n - below.iter().filter(|&&t| t < cut).count();
         drop(dates);
-        let mut gone = Vec::new();
+        let mut gone = Vec::with_capacity(n);
         self.retained.retain(|k, m| {
             let evict = m.ts_ms < cut || (m.ts_ms == cut && at_cut > 0);
             if m.ts_ms == cut && evict {
                 at_cut -= 1;
             }
-            if evict && journal {
-                gone.push(*k);
+            if evict {
+                gone.push((*k, m.ts_ms));
             }
             !evict
         });
         self.marks_floor = self.marks_floor.max(cut);
         self.stats.marks_evicted += n as u64;
+        self.evicted
+            .allocate(Evicted::buckets_for(self.cfg.max_entries));
+        let mut changed = Vec::new();
+        for &(k, ts) in &gone {
+            self.evicted.insert(evicted_id(&k), ts, &mut changed);
+        }
         if journal {
+            changed.sort_unstable();
+            changed.dedup();
+            for r in changed {
+                let (key, ts_ms, msg_id) = self.evicted.row(r);
+                self.journal.push(Change::Retained { key, ts_ms, msg_id });
+            }
             self.journal
-                .extend(gone.into_iter().map(|key| Change::Retained {
+                .extend(gone.into_iter().map(|(key, _)| Change::Retained {
                     key,
                     ts_ms: 0,
                     msg_id: [0; 16],
                 }));
-            self.journal.push(Change::Retained {
-                key: MARKS_FLOOR_KEY,
-                ts_ms: self.marks_floor,
-                msg_id: [0; 16],
-            });
+            for (key, ts_ms, msg_id) in self.floor_rows(u64::MAX) {
+                self.journal.push(Change::Retained { key, ts_ms, msg_id });
+            }
         }
     }
 
@@ -876,9 +1244,11 @@ impl Guard {
                 .iter()
                 .map(|(k, m)| (*k, m.ts_ms.min(newest), m.msg_id))
                 .chain(
-                    (self.marks_floor > 0)
-                        .then(|| (MARKS_FLOOR_KEY, self.marks_floor.min(newest), [0; 16])),
+                    self.evicted
+                        .rows()
+                        .map(|(k, ts, id)| (k, ts.min(newest), id)),
                 )
+                .chain(self.floor_rows(newest))
                 .collect(),
             forgot_upto: self.seen.forgot_upto.min(max),
         }
@@ -934,9 +1304,17 @@ impl Guard {
             let keep = self.cfg.horizon_ms.saturating_add(self.cfg.max_skew_ms);
             self.retained
                 .retain(|_, m| m.ts_ms.saturating_add(keep) > now_ms);
-            if self.marks_floor.saturating_add(keep) <= now_ms {
-                // Every value it covers is before the horizon now.
-                self.marks_floor = 0;
+            // Every value they cover is before the horizon now.
+            let before = now_ms.saturating_sub(keep).saturating_add(1);
+            self.evicted.expire(before);
+            for f in [
+                &mut self.marks_floor,
+                &mut self.legacy_floor,
+                &mut self.foreign_floor,
+            ] {
+                if *f < before {
+                    *f = 0;
+                }
             }
         }
     }
@@ -1033,11 +1411,14 @@ impl Guard {
             }
         }
         let mut released = false;
-        if (!retained || c.ts_ms <= self.marks_floor) && !c.allow_old && self.forgotten(c.ts_ms) {
+        if !c.allow_old
+            && self.forgotten(c.ts_ms)
+            && (!retained || c.ts_ms <= self.evicted_floor(&rk))
+        {
             // Retained values are not held to the window's start: the high-water mark
             // already keeps them from moving backwards, and the current value may be old —
-            // unless dated at most the marks floor (its topic's mark may be evicted, see
-            // `Guard::evict_marks`).
+            // unless dated at most the date its topic's evicted mark had (the evicted-key
+            // table's, see `Guard::evict_marks`): it may be that mark's message.
             if !self.released.current.contains_key(&d) {
                 return Err(Refusal::BeforeWindow);
             }
@@ -1881,7 +2262,9 @@ mod tests {
         );
         assert_eq!(h.check(&older, now), Err(Refusal::RetainedRollback));
         // A table keyed by topic (what SQLite keeps): the tombstones (dated 0) and the
-        // marks dated before the horizon are pruned; what is left is the bound and the floor.
+        // marks dated before the horizon are pruned; what is left is the bound, the
+        // evicted-key table's rows (fixed) and the floor.
+        let rows = cap + Evicted::max_rows(cap) + 1;
         let mut table = HashMap::<RetainedKey, (u64, [u8; 16])>::new();
         for c in &journal {
             if let Change::Retained { key, ts_ms, msg_id } = *c {
@@ -1889,11 +2272,11 @@ mod tests {
             }
         }
         table.retain(|_, (ts, _)| *ts > 0);
-        assert!(table.len() <= cap + 1, "{} rows", table.len());
+        assert!(table.len() <= rows, "{} rows", table.len());
         assert!(table.contains_key(&MARKS_FLOOR_KEY));
         // A snapshot holds the marks and the floor, and restores to itself.
         let snap = g.snapshot(now);
-        assert!(snap.retained.len() <= cap + 1);
+        assert!(snap.retained.len() <= rows);
         let mut k = Guard::new(cfg.clone());
         for &(rk, ts, id) in &snap.retained {
             k.restore_retained(rk, ts, id);
@@ -1933,6 +2316,91 @@ mod tests {
         );
     }
 
+    /// Review of 9727dd3 (B1): the marks floor applied to every topic. With a bound of 2 the
+    /// relay sends a new retained subscription its topics' values in topic order: A (100),
+    /// B (300), C (200) — C makes the window forget A and evicts A's mark — then D (50) on a
+    /// fourth topic, never seen: D is the topic's current value and must be delivered. It
+    /// was refused `BeforeWindow` (50 is at or before the floor, 100). A's own message
+    /// coming back is still refused.
+    #[test]
+    fn a_retained_value_on_a_topic_whose_mark_was_never_evicted_is_not_held_to_the_window() {
+        let mut g = Guard::new(ReceiveConfig {
+            max_entries: 2,
+            ..ReceiveConfig::default()
+        });
+        let topics: Vec<Topic> = ["a/a", "a/b", "a/c", "a/d"]
+            .iter()
+            .map(|t| Topic::new(*t).unwrap())
+            .collect();
+        let base = NOW - 1_000_000;
+        let value =
+            |i: usize, at: u64| cand(&topics[i], i as u8 + 1, base + at, msg_flags::RETAINED);
+        for (i, at) in [(0, 100), (1, 300), (2, 200)] {
+            let a = g
+                .check(&value(i, at), NOW)
+                .expect("a topic's current value");
+            g.commit(a);
+        }
+        assert!(g.stats().marks_evicted >= 1, "A's mark is evicted");
+        assert!(g.forgotten(base + 100), "the window forgot A");
+        assert!(
+            g.check(&value(3, 50), NOW).is_ok(),
+            "D: a never-evicted topic's retained value"
+        );
+        assert_eq!(
+            g.check(&value(0, 100), NOW),
+            Err(Refusal::BeforeWindow),
+            "A's message, its mark and entry gone, is not accepted twice"
+        );
+    }
+
+    /// The evicted-key table never misses an evicted key (its date or later covers it,
+    /// whatever the load), and covers a key never evicted only once buckets overflow:
+    /// the false-positive rates of the documentation, measured (`--nocapture` prints
+    /// them). `max_entries` 64,000: 4,000 buckets, 32,000 entries.
+    #[test]
+    fn the_evicted_key_table_covers_every_evicted_key_and_few_others() {
+        let cap = 64_000;
+        let id = |p: &str, i: usize| {
+            evicted_id(&retained_key(
+                &TreeId([1; 16]),
+                &Topic::new(format!("{p}/{i}")).unwrap(),
+            ))
+        };
+        let probes: Vec<u64> = (0..100_000).map(|i| id("never", i)).collect();
+        for (load, most) in [(0.5, 0.0), (0.75, 0.001), (1.0, 0.5), (2.0, 1.0)] {
+            let mut t = Evicted::default();
+            t.allocate(Evicted::buckets_for(cap));
+            let n = (t.entries.len() as f64 * load) as usize;
+            let mut changed = Vec::new();
+            // Dated in eviction order (oldest marks first), as `Guard::evict_marks` does.
+            for i in 0..n {
+                t.insert(id("evicted", i), NOW + i as u64, &mut changed);
+            }
+            for i in 0..n {
+                assert!(
+                    t.floor_of(id("evicted", i)) >= NOW + i as u64,
+                    "evicted key {i} missed"
+                );
+            }
+            let covered = probes.iter().filter(|&&p| t.floor_of(p) > 0).count();
+            // Covered at or after the middle of the evicted dates: the share of a retained
+            // value dated in the middle of the evictions that is held to the window.
+            let mid = probes
+                .iter()
+                .filter(|&&p| t.floor_of(p) >= NOW + n as u64 / 2)
+                .count();
+            let rate = covered as f64 / probes.len() as f64;
+            println!(
+                "load {load}: {n} evicted keys, never-evicted keys covered: {:.4} % \
+                 (at or after the middle date: {:.4} %)",
+                rate * 100.0,
+                mid as f64 * 100.0 / probes.len() as f64
+            );
+            assert!(rate <= most, "load {load}: {rate}");
+        }
+    }
+
     proptest::proptest! {
         /// Whatever the capacity and the order of arrivals, a message accepted once is never
         /// accepted again (the window forgets only what its moved start then refuses), and
@@ -1966,29 +2434,80 @@ mod tests {
 
         /// The same over several topics, so that the marks table (bounded like the window)
         /// evicts marks too: an evicted mark's message is never accepted again, and the
-        /// marks never exceed the bound.
+        /// marks never exceed the bound. Review of 9727dd3 (B1): a retained value on a
+        /// topic never seen before, however old (within the horizon), is accepted — the
+        /// rule that refuses an evicted mark's message must not hold it to the window's
+        /// start. Both across restarts too, from a snapshot or from the journal replayed
+        /// (the Rust file's rows, the npm log's records).
         #[test]
         fn no_message_is_accepted_twice_when_marks_are_evicted(
             cap in 1usize..12,
             events in proptest::collection::vec(
-                (0u32..60, 0usize..8, 0u64..4_000, 0u64..3, 0usize..3), 1..400),
+                (0u32..60, 0usize..8, 0u64..4_000, 0u64..3, 0usize..6), 1..400),
         ) {
             let topics: Vec<Topic> =
                 (0..8).map(|i| Topic::new(format!("p/{i}")).unwrap()).collect();
-            let mut g = Guard::new(ReceiveConfig { max_entries: cap, ..ReceiveConfig::default() });
+            let cfg = ReceiveConfig { max_entries: cap, ..ReceiveConfig::default() };
+            let mut g = Guard::new(cfg.clone());
             let mut now = NOW;
             let mut first = std::collections::HashMap::new();
             let mut delivered = std::collections::HashSet::new();
+            let mut journal = Vec::new();
+            let mut fresh = 0u32;
             for (id, topic, age, step, kind) in events {
                 now += step;
-                // A message keeps its topic and date; re-posts reuse them.
-                let (t, ts) = *first.entry(id).or_insert((topic, now.saturating_sub(age)));
-                let flags = [0, msg_flags::REPLAYED, msg_flags::RETAINED][kind];
-                let mut c = cand(&topics[t], 0, ts, flags);
-                c.msg_id[..4].copy_from_slice(&id.to_be_bytes());
-                if let Ok(a) = g.check(&c, now) {
-                    proptest::prop_assert!(delivered.insert(id), "message {} accepted twice", id);
-                    g.commit(a);
+                journal.extend(g.take_changes());
+                match kind {
+                    3 => {
+                        // A topic never seen: its current value, dated up to 4 s ago.
+                        fresh += 1;
+                        let t = Topic::new(format!("q/{fresh}")).unwrap();
+                        let mut c = cand(&t, 0, now.saturating_sub(age), msg_flags::RETAINED);
+                        c.msg_id[..4].copy_from_slice(&(1_000 + fresh).to_be_bytes());
+                        let a = g.check(&c, now);
+                        proptest::prop_assert!(a.is_ok(), "a never-seen topic's value: {:?}", a);
+                        g.commit(a.unwrap());
+                    }
+                    4 => {
+                        // Restarted from a snapshot.
+                        let snap = g.snapshot(now);
+                        g = Guard::new(cfg.clone());
+                        for (d, exp) in snap.seen {
+                            g.restore_digest(d, exp, now);
+                        }
+                        for (k, ts, id) in snap.retained {
+                            g.restore_retained(k, ts, id);
+                        }
+                        g.restore_forgot_upto(snap.forgot_upto);
+                    }
+                    5 => {
+                        // Restarted from the journal, replayed in order.
+                        let forgot = g.forgot_upto();
+                        g = Guard::new(cfg.clone());
+                        for c in &journal {
+                            match *c {
+                                Change::Seen { key, expires_ms } => {
+                                    g.restore_seen(key, expires_ms, now)
+                                }
+                                Change::Retained { key, ts_ms, msg_id } => {
+                                    g.restore_retained(key, ts_ms, msg_id)
+                                }
+                                _ => {}
+                            }
+                        }
+                        g.restore_forgot_upto(forgot);
+                    }
+                    _ => {
+                        // A message keeps its topic and date; re-posts reuse them.
+                        let (t, ts) = *first.entry(id).or_insert((topic, now.saturating_sub(age)));
+                        let flags = [0, msg_flags::REPLAYED, msg_flags::RETAINED][kind];
+                        let mut c = cand(&topics[t], 0, ts, flags);
+                        c.msg_id[..4].copy_from_slice(&id.to_be_bytes());
+                        if let Ok(a) = g.check(&c, now) {
+                            proptest::prop_assert!(delivered.insert(id), "message {} accepted twice", id);
+                            g.commit(a);
+                        }
+                    }
                 }
                 proptest::prop_assert!(g.marks_len() <= cap);
             }
