@@ -14,15 +14,22 @@
 //!
 //! A catch-up reserves room for each chunk before it reads it, as history senders do
 //! (`Outbound::reserve_read`): the reservation counts like queued bytes (the connection's
-//! queue room and the relay-wide budget) until the chunk's messages are queued, and the
-//! unsent rest stays counted while the catch-up waits for credit. So a connection's
-//! catch-ups together hold at most `queue.max_bytes` and one chunk, however many of its
-//! subscriptions pause. (Each used to read its chunk — up to 1 MiB and the envelope
-//! crossing it — after checking for room only, and keep the unsent rest, uncounted, while
-//! the client did not ack: 1,000 paused subscriptions of one connection held 1–2 GiB.) A
-//! catch-up that gets no credit within [`CREDIT_WAIT`] gives the rest back — it stays in
-//! the store — and reads it again once there is credit, so a subscription whose client
-//! does not ack holds nothing and does not hold up the connection's other catch-ups.
+//! queue room and the relay-wide budget) until the chunk's messages are queued. So a
+//! connection's catch-ups together hold at most `queue.max_bytes` and one chunk, however
+//! many of its subscriptions pause. (Each used to read its chunk — up to 1 MiB and the
+//! envelope crossing it — after checking for room only, and keep the unsent rest,
+//! uncounted, while the client did not ack: 1,000 paused subscriptions of one connection
+//! held 1–2 GiB.)
+//!
+//! A catch-up (and a QoS ≥ 1 history, `replay`) reads no more than its credit allows at
+//! the time ([`Tracking::allowance`]: messages and bytes, within a chunk), queues it, and
+//! waits for credit before it reserves and reads again, holding nothing meanwhile: a
+//! subscription whose client does not ack holds no reservation and no message read, so it
+//! never holds up the connection's other senders (retained values, histories, catch-ups)
+//! beyond the bytes it queued, and each read goes on where the previous one ended (no
+//! chunk is read again: a JetStream read keeps its consumer). Only a message larger than
+//! the byte allowance is read alone and dropped, then read again once there is credit
+//! for it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -37,7 +44,9 @@ use crate::ids::Seq;
 use crate::outbound::ReadHold;
 use crate::relay::Shared;
 use crate::router::{msg_frame, Target};
-use crate::store::{Admission, DurableKey, ReadPlan, StoreError, Tenant, READ_CHUNK_BYTES};
+use crate::store::{
+    Admission, DurableKey, ReadLimit, ReadPlan, StoreError, Tenant, READ_CHUNK_BYTES,
+};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -387,10 +396,59 @@ impl Tracking {
         false
     }
 
-    /// Whether there is credit for a message of `len` bytes now (a catch-up that gave back
-    /// its chunk reads it again only then).
+    /// Whether there is credit for a message of `len` bytes now.
     pub(crate) fn has_credit(&self, len: usize) -> bool {
         lock(&self.inner).has_credit(self.credit, self.max_bytes, len, &self.conn)
+    }
+
+    /// What the credit allows now, as a read limit (capped by a chunk): a QoS ≥ 1 history
+    /// or catch-up reads no more than it may send at once, so it holds nothing while it
+    /// waits for credit. `None` without credit for another message. A message larger than
+    /// the byte allowance is still read alone (its size is unknown before the read): the
+    /// sender drops it when there is no credit for it, and reads it again once there is.
+    pub(crate) fn allowance(&self) -> Option<ReadLimit> {
+        let t = lock(&self.inner);
+        let msgs = self.credit.saturating_sub(t.unacked.len());
+        let conn_used = self.conn.used.load(Relaxed);
+        let bytes = (self.conn.max.saturating_sub(conn_used))
+            .min(self.max_bytes.saturating_sub(t.unacked_bytes));
+        // With nothing unacknowledged one message is allowed whatever its size (the read
+        // returns the first message whatever its size).
+        let free = t.unacked.is_empty() && conn_used == 0;
+        (msgs > 0 && (bytes > 0 || free)).then_some(ReadLimit { msgs, bytes })
+    }
+
+    /// Waits until there is credit for another message ([`allowance`](Self::allowance)) —
+    /// or, given its size, for that message — or `target` is cancelled; false when the
+    /// subscription or its connection is gone. Holds nothing meanwhile.
+    pub(crate) async fn wait_allowance(
+        &self,
+        target: &Target,
+        len: Option<usize>,
+        sender: &str,
+    ) -> bool {
+        let ready = |t: &Self| match len {
+            Some(len) => t.has_credit(len),
+            None => t.allowance().is_some(),
+        };
+        let mut logged = false;
+        loop {
+            if target.is_cancelled() || target.out.is_closing() {
+                return false;
+            }
+            if ready(self) {
+                return true;
+            }
+            if !logged {
+                logged = true;
+                tracing::debug!(conn = %target.conn, sub_id = target.sub.0,
+                    "{sender} waits for credit");
+            }
+            tokio::select! {
+                () = self.wait_credit(len.unwrap_or(1), CREDIT_WAIT) => {}
+                () = target.cancelled() => {}
+            }
+        }
     }
 
     /// Waits until an ack (of this subscription, or of another one of the connection) may
@@ -658,15 +716,26 @@ async fn run(
         });
         let mut from = paused.next;
         while from <= upto.0 {
+            // Credit first, holding nothing: a subscription whose client does not ack
+            // holds no reservation and no messages read, so it never holds up the
+            // connection's other senders.
+            if !track.wait_allowance(target, None, "catch-up").await {
+                return Ok(false);
+            }
             // Room for the chunk, reserved before the read (in this connection's queue and
             // in the relay-wide budget).
             let Some(mut hold) = read_turn(target).await else {
                 return Ok(false);
             };
+            // What the credit allows now (it only grows while this catch-up waits: no
+            // other sender delivers to this subscription meanwhile).
+            let Some(limit) = track.allowance() else {
+                continue;
+            };
             let chunk = {
                 let (store, pattern, plan) = (store.clone(), pattern.clone(), plan.clone());
                 crate::store::read_off_runtime(tenant, Admission::Always, move || {
-                    store.read(&pattern, &plan, from, upto)
+                    store.read_limited(&pattern, &plan, from, upto, limit)
                 })
                 .await?
             };
@@ -675,25 +744,14 @@ async fn run(
             }
             hold.resize(chunk.msgs.iter().map(|m| m.envelope.len()).sum());
             let mut sent = 0u64;
-            // The message no credit came for within a wait: the rest of the chunk is
-            // given back and read again once there is credit.
-            let mut stalled = None;
+            // A message the credit does not take after all (larger than the byte allowance,
+            // or the connection's other subscriptions took its unacknowledged bytes): the
+            // rest is dropped and read again from it once there is credit for it.
+            let mut refused = None;
             for m in chunk.msgs {
                 if !track.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
-                    // The rest of the chunk stays reserved meanwhile.
-                    tracing::debug!(conn = %target.conn, sub_id = target.sub.0,
-                        "catch-up waits for credit");
-                    tokio::select! {
-                        () = track.wait_credit(m.envelope.len(), CREDIT_WAIT) => {}
-                        () = target.cancelled() => {}
-                    }
-                    if gone() {
-                        return Ok(false);
-                    }
-                    if !track.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
-                        stalled = Some((m.seq.0, m.envelope.len()));
-                        break;
-                    }
+                    refused = Some((m.seq.0, m.envelope.len()));
+                    break;
                 }
                 let frame = msg_frame(m.seq.0, &m.envelope, 0);
                 hold.push(frame, m.envelope.len());
@@ -703,24 +761,16 @@ async fn run(
                 }
             }
             shared.metrics.delivered(sent as usize);
-            let Some((seq, len)) = stalled else {
-                from = chunk.next;
-                continue;
-            };
-            // No credit within a wait: hold nothing while the client does not ack (the
-            // connection's other catch-ups and histories get the room), and read from
-            // this message on once there is credit for it.
             drop(hold);
-            while !track.has_credit(len) {
-                if gone() {
-                    return Ok(false);
-                }
-                tokio::select! {
-                    () = track.wait_credit(len, CREDIT_WAIT) => {}
-                    () = target.cancelled() => {}
+            match refused {
+                None => from = chunk.next,
+                Some((seq, len)) => {
+                    if !track.wait_allowance(target, Some(len), "catch-up").await {
+                        return Ok(false);
+                    }
+                    from = seq;
                 }
             }
-            from = seq;
         }
         if shared.router.resume_live(target, upto.0) {
             return Ok(true);
@@ -728,8 +778,8 @@ async fn run(
     }
 }
 
-/// How long a catch-up waits for credit with the rest of its chunk reserved before it
-/// gives the rest back; also the period at which a wait for credit re-checks.
+/// The period at which a wait for credit re-checks (an ack of another subscription of the
+/// connection may free the connection's unacknowledged bytes without waking it).
 const CREDIT_WAIT: Duration = Duration::from_millis(500);
 
 /// Waits until the subscriber's queue has room for a chunk and reserves it

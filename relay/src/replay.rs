@@ -7,10 +7,12 @@
 //! connection's queue ([`Outbound::reserve_read`](crate::outbound::Outbound::reserve_read)):
 //! the reservation counts like queued bytes until the chunk is queued, so all the senders
 //! of a connection together hold at most `queue.max_bytes` and one chunk, within the
-//! relay-wide budget. A sender whose subscription is replaced or unsubscribed stops at
-//! once, and drops a chunk that was being read meanwhile. (Each sender used to queue a
-//! chunk, up to ~2 MiB, before it waited for room: a stranger's `Sub` flood on a
-//! connection that reads nothing held a chunk per `Sub`.)
+//! relay-wide budget. A QoS ≥ 1 sender reads no more than its credit allows and waits for
+//! credit before it reserves and reads again, holding nothing (see `flow`). A sender whose
+//! subscription is replaced or unsubscribed stops at once, and drops a chunk that was
+//! being read meanwhile. (Each sender used to queue a chunk, up to ~2 MiB, before it
+//! waited for room: a stranger's `Sub` flood on a connection that reads nothing held a
+//! chunk per `Sub`.)
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +24,7 @@ use crate::ids::Seq;
 use crate::outbound::ReadHold;
 use crate::relay::Shared;
 use crate::router::{history_frame, Target};
-use crate::store::{Admission, Store, StoreError, Tenant, READ_CHUNK_BYTES};
+use crate::store::{Admission, ReadLimit, Store, StoreError, Tenant, READ_CHUNK_BYTES};
 
 /// Sends history for `target` and opens its gate. `done_frame`: send `ReplayDone`. The
 /// reads run in `tenant`'s turn on the store-reader thread (a full tenant queue fails the
@@ -186,14 +188,29 @@ async fn send(
     let mut from = plan.start;
     let mut count = 0u64;
     while from <= boundary.0 {
+        // A QoS ≥ 1 history waits for credit before it reserves and reads, holding
+        // nothing, then reads no more than the credit allows (see `flow`): a client that
+        // does not ack holds up none of the connection's other senders.
+        if let Some(t) = &target.track {
+            if !t.wait_allowance(target, None, "history").await {
+                return Ok(count);
+            }
+        }
         let Some(mut hold) = read_turn(target).await else {
             return Ok(count);
+        };
+        let limit = match &target.track {
+            Some(t) => match t.allowance() {
+                Some(limit) => limit,
+                None => continue,
+            },
+            None => ReadLimit::CHUNK,
         };
         let chunk = {
             let (store, pattern, plan) = (store.clone(), pattern.clone(), plan.clone());
             // One chunk per read job: a long replay takes many turns of the reader thread.
             crate::store::read_off_runtime(tenant, Admission::Capped, move || {
-                store.read(&pattern, &plan, from, boundary)
+                store.read_limited(&pattern, &plan, from, boundary, limit)
             })
             .await?
         };
@@ -202,30 +219,35 @@ async fn send(
             return Ok(count);
         }
         hold.resize(chunk.msgs.iter().map(|m| m.envelope.len()).sum());
-        let n = chunk.msgs.len() as u64;
+        let mut n = 0u64;
+        // A message the credit does not take after all (larger than the byte allowance, or
+        // the connection's other subscriptions took its unacknowledged bytes): the rest is
+        // dropped and read again from it once there is credit for it.
+        let mut refused = None;
         for m in chunk.msgs {
             if let Some(t) = &target.track {
-                // Flow control: wait for credit (acks) instead of overrunning the client.
-                // The rest of the chunk stays reserved in the queue meanwhile.
-                while !t.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
-                    if gone(target) {
-                        return Ok(count);
-                    }
-                    tokio::select! {
-                        () = t.wait_credit(m.envelope.len(), std::time::Duration::from_millis(500)) => {}
-                        () = target.cancelled() => {}
-                    }
+                if !t.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
+                    refused = Some((m.seq.0, m.envelope.len()));
+                    break;
                 }
             }
             let frame = history_frame(m.seq.0, &m.envelope, msg_flags::REPLAYED, target.sub.0);
             hold.push(frame, m.envelope.len());
+            n += 1;
         }
+        drop(hold);
         count += n;
+        let next = refused.map_or(chunk.next, |(seq, _)| seq);
         if let Some(t) = &target.track {
-            t.history_at(chunk.next.saturating_sub(1).min(boundary.0));
+            t.history_at(next.saturating_sub(1).min(boundary.0));
         }
         shared.metrics.replayed(n);
-        from = chunk.next;
+        if let (Some((_, len)), Some(t)) = (refused, &target.track) {
+            if !t.wait_allowance(target, Some(len), "history").await {
+                return Ok(count);
+            }
+        }
+        from = next;
     }
     Ok(count)
 }

@@ -780,6 +780,49 @@ impl ReadPlan {
     }
 }
 
+/// The most one history read returns ([`Store::read_limited`]): at most `msgs` messages
+/// and, past the first message, at most `bytes` of envelopes (the first message is
+/// returned whatever its size: the caller checks it against its credit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimit {
+    /// Most messages (at least one is asked for).
+    pub msgs: usize,
+    /// Most envelope bytes, the first message apart.
+    pub bytes: usize,
+}
+
+impl ReadLimit {
+    /// No limit beyond the store's chunk.
+    pub const CHUNK: ReadLimit = ReadLimit {
+        msgs: usize::MAX,
+        bytes: usize::MAX,
+    };
+
+    /// Whether a chunk holding `n` messages of `bytes` envelope bytes takes one more of
+    /// `len` bytes.
+    pub fn takes(&self, n: usize, bytes: usize, len: usize) -> bool {
+        n == 0 || (n < self.msgs && bytes.saturating_add(len) <= self.bytes)
+    }
+
+    /// Cuts `chunk` to the limit: it then ends before the first message past it.
+    pub fn cut(&self, chunk: &mut ReadChunk) {
+        let mut bytes = 0;
+        let keep = chunk.msgs.iter().enumerate().find_map(|(i, m)| {
+            let len = m.envelope.len();
+            if self.takes(i, bytes, len) {
+                bytes += len;
+                None
+            } else {
+                Some(i)
+            }
+        });
+        if let Some(i) = keep {
+            chunk.next = chunk.msgs[i].seq.0;
+            chunk.msgs.truncate(i);
+        }
+    }
+}
+
 /// One chunk of a history read.
 #[derive(Debug, Clone, Default)]
 pub struct ReadChunk {
@@ -995,6 +1038,23 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         from: u64,
         upto: Seq,
     ) -> Result<ReadChunk, StoreError>;
+    /// [`read`](Self::read) returning at most `limit`'s messages and envelope bytes: what a
+    /// QoS ≥ 1 sender has credit for now, so it never holds messages across a wait for
+    /// credit. The chunk ends before the message past either cap (`next` is that message's
+    /// sequence), or where `read` ends it. The default reads a whole chunk and cuts it;
+    /// stores override it to read no further than the cut.
+    fn read_limited(
+        &self,
+        pattern: &TokenPattern,
+        plan: &ReadPlan,
+        from: u64,
+        upto: Seq,
+        limit: ReadLimit,
+    ) -> Result<ReadChunk, StoreError> {
+        let mut chunk = self.read(pattern, plan, from, upto)?;
+        limit.cut(&mut chunk);
+        Ok(chunk)
+    }
     /// Retained values with sequence in `from..=upto` of every path the pattern matches, in
     /// sequence order — a chunk that ends after [`READ_CHUNK_BYTES`] of envelopes (at least
     /// one value); call again from `next` until `next > upto`. Blocking: call off the async

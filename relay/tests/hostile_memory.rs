@@ -769,6 +769,141 @@ async fn catch_ups_of_non_acking_subscriptions_hold_one_reserved_chunk_per_conne
     reader.abort();
 }
 
+/// A QoS 1 replay whose client never acks must not hold up the connection's other
+/// senders: with `--queue-max-bytes` 256 KiB, ~2 MiB stored on K1 and a retained value on
+/// K2, Sub A (replay of K1, QoS 1, credit 1) is never acked, then Sub B asks for K2's
+/// retained value. A history used to read a 1 MiB chunk, send one message and keep the
+/// rest reserved while it waited for credit, for good: B's sender waited for room that
+/// never came (a client that waits for B's value before it acks A deadlocked). Now A reads
+/// what its credit allows and waits for credit holding nothing, so B's value arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_acking_replay_does_not_hold_up_the_connections_retained_values() {
+    use whispeer_protocol::frame::{features, msg_flags, pub_flags, Sub};
+    use whispeer_protocol::Qos;
+    const BODY: usize = 256 * 1024;
+    let relay = replay_relay(&[]);
+    let addr = relay.tcp();
+    let mut p = Client::tcp(addr).await;
+    p.hello().await;
+    for i in 0..8u32 {
+        p.send(&acked_pub(9, i, BODY)).await;
+    }
+    let mut f = acked_pub(10, 100, 64);
+    if let Frame::Pub(p) = &mut f {
+        p.flags |= pub_flags::RETAIN;
+    }
+    p.send(&f).await;
+    acks(&mut p, 9).await;
+    let mut c = Client::tcp(addr).await;
+    c.hello_with(
+        features::AT_LEAST_ONCE | features::FLOW_CONTROL | features::REPLAY | features::RETAIN,
+    )
+    .await;
+    c.send(&replay_sub(1, exact(9, &[1]), Qos::AtLeastOnce, Some(1)))
+        .await;
+    assert!(matches!(c.recv().await, Frame::SubOk(_)));
+    // A's history has read and sent its first message: it waits for credit.
+    match c.recv().await {
+        Frame::Msg(m) => assert_eq!(m.sub_id, Some(1), "{m:?}"),
+        other => panic!("expected A's first message, got {other:?}"),
+    }
+    let mut replayed = 1;
+    c.send(&Frame::Sub(Sub {
+        sub_id: 2,
+        pattern: exact(10, &[1]),
+        qos: Qos::AtMostOnce,
+        durable: None,
+        replay: None,
+        retained: true,
+        credit: None,
+        owner: None,
+    }))
+    .await;
+    // The client reads everything and acks nothing.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let frame = tokio::time::timeout_at(deadline, c.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("B's retained value did not arrive ({replayed} of A's replayed)")
+            });
+        match frame {
+            Frame::Msg(m) if m.sub_id == Some(2) => {
+                assert_ne!(m.flags & msg_flags::RETAINED, 0);
+                break;
+            }
+            Frame::Msg(m) => {
+                assert_eq!(m.sub_id, Some(1), "{m:?}");
+                replayed += 1;
+            }
+            Frame::SubOk(_) => {}
+            other => panic!("subscriber got {other:?}"),
+        }
+    }
+    assert!(replayed <= 1, "credit 1, no ack: {replayed} replayed");
+}
+
+/// A QoS 1 catch-up reads no more than its credit allows: a subscriber with credit 1 and
+/// 300 messages backlogged acks one at a time, the first three after 0.7 s each. A
+/// catch-up used to read a chunk (all 299 here), send one message, give the rest back
+/// after 0.5 s without credit and read it again: ~300 rows read per slow ack (on
+/// JetStream a new consumer each time). Now each read returns what the credit takes, and
+/// the next one goes on where it ended: rows read stay within twice the messages sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_reads_no_more_than_its_credit_allows() {
+    use whispeer_protocol::frame::{features, Ack, Sub};
+    use whispeer_protocol::Qos;
+    const MSGS: u32 = 300;
+    let relay = BinRelay::start(&["--publish-rate", "0", "--store-sync", "normal"]);
+    let (addr, admin) = (relay.tcp(), relay.admin());
+    let mut c = Client::tcp(addr).await;
+    c.hello_with(features::AT_LEAST_ONCE | features::FLOW_CONTROL)
+        .await;
+    c.send(&Frame::Sub(Sub {
+        sub_id: 1,
+        pattern: exact(9, &[1]),
+        qos: Qos::AtLeastOnce,
+        durable: None,
+        replay: None,
+        retained: false,
+        credit: Some(1),
+        owner: None,
+    }))
+    .await;
+    assert!(matches!(c.recv().await, Frame::SubOk(_)));
+    let mut p = Client::tcp(addr).await;
+    p.hello().await;
+    for i in 0..MSGS {
+        p.send(&acked_pub(9, i, 64)).await;
+    }
+    acks(&mut p, MSGS as usize).await;
+    wait_metric(admin, "whispeer_relay_credit_pauses_total", 1).await;
+    let rows_before = metric(admin, "whispeer_relay_store_rows_read_total").await;
+    let mut last = 0;
+    for i in 0..MSGS {
+        let m = match tokio::time::timeout(TIMEOUT, c.recv()).await {
+            Ok(Frame::Msg(m)) => m,
+            Ok(other) => panic!("subscriber got {other:?}"),
+            Err(_) => panic!("message {i} did not arrive"),
+        };
+        assert!(m.seq > last, "in order, once: {} after {last}", m.seq);
+        last = m.seq;
+        if (1..=3).contains(&i) {
+            tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        }
+        c.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+    }
+    let rows = metric(admin, "whispeer_relay_store_rows_read_total").await - rows_before;
+    eprintln!(
+        "{rows} rows read to deliver {} messages from the store",
+        MSGS - 1
+    );
+    assert!(
+        rows <= 2 * u64::from(MSGS),
+        "{rows} rows read for {MSGS} messages"
+    );
+}
+
 /// A QoS 1 `Pub` of a `body`-byte envelope on `[k, 1]` asking for a `PubAck`, told apart
 /// by `i`.
 fn acked_pub(k: u8, i: u32, body: usize) -> Frame {

@@ -794,13 +794,18 @@ impl JetStreamStore {
     /// `each(seq, received ms, envelope)`; returns the last sequence looked at. A read of
     /// several chunks goes on with the consumer its previous chunk left (kept under the
     /// next sequence it will deliver), not a new consumer per chunk.
+    ///
+    /// `limit`: most messages `each` keeps (it answers whether it kept one; fetches ask for
+    /// no more than it may still keep, so nothing is consumed past the chunk's end) and most
+    /// bytes fetched (the first message apart).
     async fn scan(
         &self,
         key_id: &KeyId,
         from: u64,
         upto: u64,
         max: usize,
-        mut each: impl FnMut(u64, u64, Envelope),
+        limit: super::ReadLimit,
+        mut each: impl FnMut(u64, u64, Envelope) -> bool,
     ) -> Result<u64, StoreError> {
         let inner = &self.inner;
         if from > upto {
@@ -835,11 +840,15 @@ impl JetStreamStore {
         };
         let (mut n, mut bytes) = (0, 0);
         let mut last = from.saturating_sub(1);
+        let max_bytes = limit.bytes.min(super::READ_CHUNK_BYTES);
+        let mut keep = limit.msgs.max(1);
         loop {
             // Asks for what the chunk has room for, so nothing is fetched ahead; a chunk
             // holds at least one message, asked for alone when it exceeds the room.
-            let room = super::READ_CHUNK_BYTES.saturating_sub(bytes);
-            let fetched = self.fetch(&mut cur, max - n, Some(room)).await?;
+            let room = max_bytes.saturating_sub(bytes);
+            let fetched = self
+                .fetch(&mut cur, (max - n).min(keep), Some(room))
+                .await?;
             let got = match fetched {
                 Fetched::Messages(msgs) => msgs,
                 Fetched::TooLarge if n == 0 => match self.fetch(&mut cur, 1, None).await? {
@@ -864,14 +873,16 @@ impl JetStreamStore {
                 bytes += m.bytes;
                 last = m.seq;
                 if let Ok(env) = m.envelope {
-                    each(m.seq, m.ts, env);
+                    if each(m.seq, m.ts, env) {
+                        keep -= 1;
+                    }
                 }
                 n += 1;
             }
             if done || last == upto {
                 return Ok(upto);
             }
-            if n >= max || bytes >= super::READ_CHUNK_BYTES {
+            if n >= max || bytes >= max_bytes || keep == 0 {
                 break;
             }
         }
@@ -2573,20 +2584,38 @@ impl Store for JetStreamStore {
         from: u64,
         upto: Seq,
     ) -> Result<ReadChunk, StoreError> {
+        self.read_limited(pattern, plan, from, upto, super::ReadLimit::CHUNK)
+    }
+
+    fn read_limited(
+        &self,
+        pattern: &TokenPattern,
+        plan: &ReadPlan,
+        from: u64,
+        upto: Seq,
+        limit: super::ReadLimit,
+    ) -> Result<ReadChunk, StoreError> {
         let from = from.max(plan.start);
         let mut msgs = Vec::new();
-        let last =
-            self.block(
-                self.scan(pattern.key_id(), from, upto.0, CHUNK, |seq, ts, env| {
-                    let path = env.token_path();
-                    if pattern.matches(&path) && plan.admits(seq, &path_bytes(&path), ts) {
-                        msgs.push(Stored {
-                            seq: Seq(seq),
-                            envelope: env,
-                        });
-                    }
-                }),
-            )?;
+        let scan = self.scan(
+            pattern.key_id(),
+            from,
+            upto.0,
+            CHUNK,
+            limit,
+            |seq, ts, env| {
+                let path = env.token_path();
+                let kept = pattern.matches(&path) && plan.admits(seq, &path_bytes(&path), ts);
+                if kept {
+                    msgs.push(Stored {
+                        seq: Seq(seq),
+                        envelope: env,
+                    });
+                }
+                kept
+            },
+        );
+        let last = self.block(scan)?;
         Ok(ReadChunk {
             msgs,
             next: last.saturating_add(1),

@@ -2595,6 +2595,17 @@ impl Store for SqliteStore {
         from: u64,
         upto: Seq,
     ) -> Result<ReadChunk, StoreError> {
+        self.read_limited(pattern, plan, from, upto, super::ReadLimit::CHUNK)
+    }
+
+    fn read_limited(
+        &self,
+        pattern: &TokenPattern,
+        plan: &ReadPlan,
+        from: u64,
+        upto: Seq,
+        limit: super::ReadLimit,
+    ) -> Result<ReadChunk, StoreError> {
         let err = |e: rusqlite::Error| StoreError::Unavailable(format!("history read: {e}"));
         let from = from.max(plan.start);
         let done = ReadChunk {
@@ -2618,25 +2629,38 @@ impl Store for SqliteStore {
             .query(params![kid, from as i64, upto.0 as i64, READ_CHUNK as i64])
             .map_err(err)?;
         let (mut n, mut last, mut bytes) = (0usize, from, 0usize);
+        // Envelope bytes of the messages returned, for `limit`.
+        let mut taken = 0usize;
         let mut msgs = Vec::new();
+        // The chunk ends at `limit`: where the next one starts, and whether a row past the
+        // byte limit was read for it.
+        let (mut cut, mut over) = (None, 0usize);
         while let Some(r) = rows.next().map_err(err)? {
             if bytes >= super::READ_CHUNK_BYTES {
                 break; // the next chunk starts at this row
             }
-            n += 1;
             let seq = r.get::<_, i64>(0).map_err(err)? as u64;
-            last = seq;
             let path = r.get_ref(1).map_err(err)?.as_blob().map_err(|e| {
                 StoreError::Unavailable(format!("history read: bad path column: {e}"))
             })?;
             let ts = r.get::<_, i64>(2).map_err(err)? as u64;
             if !plan.admits(seq, path, ts) || !path_matches(pattern, path) {
+                n += 1;
+                last = seq;
                 continue;
             }
             let env = r.get_ref(3).map_err(err)?.as_blob().map_err(|e| {
                 StoreError::Unavailable(format!("history read: bad envelope column: {e}"))
             })?;
+            if !limit.takes(msgs.len(), taken, env.len()) {
+                cut = Some(seq);
+                over = 1;
+                break;
+            }
+            n += 1;
+            last = seq;
             bytes += env.len();
+            taken += env.len();
             match Envelope::from_bytes(Bytes::copy_from_slice(env)) {
                 Ok(envelope) => msgs.push(Stored {
                     seq: Seq(seq),
@@ -2646,8 +2670,19 @@ impl Store for SqliteStore {
                     tracing::warn!(seq, error = %e, "skipping a stored envelope that does not parse")
                 }
             }
+            if msgs.len() >= limit.msgs {
+                cut = Some(seq + 1);
+                break;
+            }
         }
-        self.shared.m.rows_read.fetch_add(n as u64, Relaxed);
+        // A row past the byte limit was read too (and is read again by the next chunk).
+        self.shared
+            .m
+            .rows_read
+            .fetch_add((n + over) as u64, Relaxed);
+        if let Some(seq) = cut {
+            return Ok(ReadChunk { msgs, next: seq });
+        }
         Ok(ReadChunk {
             msgs,
             next: if n < READ_CHUNK && bytes < super::READ_CHUNK_BYTES {
