@@ -1031,11 +1031,14 @@ pub struct Limits {
     /// the same refusal as max_connections_per_addr ("… per network …"). Many honest hosts
     /// can share a network (a carrier-grade NAT pool, a campus): raise it with
     /// max_connections, or further (0 = no network cap) if one network really brings that
-    /// many clients. Refused connects (at any cap) also count against their network's
-    /// connect bucket, 8 × addr_connect_rate and addr_connect_burst (400/s, burst 2,048 by
-    /// default; whatever the cap): a network whose refusals run faster (one /48 rotating
-    /// its /64s, each with a fresh bucket) is churning as a whole — its connects closed
-    /// unanswered and the network banned at accept (addr_churn_ban_secs).
+    /// many clients. Connects refused at this cap or max_connections_per_addr also count
+    /// against their network's connect bucket, 8 × addr_connect_rate and
+    /// addr_connect_burst (400/s, burst 2,048 by default): a network whose refusals run
+    /// faster (one /48 rotating its /64s, each with a fresh bucket) is churning as a whole
+    /// — its connects closed unanswered and the network banned at accept
+    /// (addr_churn_ban_secs). Refusals at max_connections (the relay full: no network's
+    /// doing) never count against a network, and with 0 no network is ever charged or
+    /// banned (single churning addresses still are).
     #[arg(long, env = "WHISPEER_MAX_CONNECTIONS_PER_NETWORK")]
     pub max_connections_per_network: usize,
     /// Leading bits of an IPv4 source address that max_connections_per_network counts by
@@ -1091,8 +1094,9 @@ pub struct Limits {
     /// by the kernel before accept (a socket filter on the listeners; Linux), for 1 s, then
     /// twice as long each time it churns again soon after, up to this. Its open connections
     /// are untouched, and a client's connect made meanwhile completes when the ban ends (as
-    /// after packet loss). A network whose many addresses are refused faster than 8 ×
-    /// addr_connect_rate together (see max_connections_per_network) is banned the same way,
+    /// after packet loss). A network whose many addresses are refused at their caps faster
+    /// than 8 × addr_connect_rate together (see max_connections_per_network; never when
+    /// that is 0, nor for the relay being full) is banned the same way,
     /// at accept (the socket filter holds addresses, not networks). 0 = no bans (such
     /// connections are accepted and closed).
     #[arg(long, env = "WHISPEER_ADDR_CHURN_BAN_SECS")]

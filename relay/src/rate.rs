@@ -254,8 +254,10 @@ const SWEEP_MIN: usize = 4096;
 
 /// A network's refused connects may run at this many times an address's connect rate and
 /// burst (`addr_connect_rate`, `addr_connect_burst`; defaults 400/s, burst 2,048) before the
-/// network counts as churning ([`Refusal::NetworkChurning`]). Only refusals count: an honest
-/// network's connects are never refused while it is under its caps, and one that reaches a
+/// network counts as churning ([`Refusal::NetworkChurning`]). Only refusals at the
+/// network's or an address's cap count (not the relay being full, and none without a network
+/// cap): an honest network's connects are never refused while it is under its caps, and one
+/// that reaches a
 /// cap (a campus or a NAT64 behind one /48, at `max_connections_per_network`) still gets 8
 /// addresses' worth of explained refusals — more than the 5 full addresses' worth of places
 /// the default network cap is — before its new connects are dropped. A single churning
@@ -302,7 +304,8 @@ pub(crate) enum Refusal {
     /// over a cap gets, so a churning address costs the relay as little as possible per
     /// attempt.
     Churning,
-    /// Any cap, reached by an address whose network's refused connects are over
+    /// The network's or the address's cap (not the global one; and only with a network
+    /// cap), reached by an address whose network's refused connects are over
     /// [`NETWORK_CONNECT_FACTOR`] times the connect rate (many addresses of one network
     /// each refused a few times: a /48 rotating its /64s): closed unanswered like
     /// [`Refusal::Churning`], and the network, not only the address, is banned.
@@ -454,11 +457,20 @@ impl AddrTable {
         let net = self.network(ip);
         let net_full = self.per_net > 0 && s.by_net.get(&net).copied().unwrap_or(0) >= self.per_net;
         let s = &mut *s;
-        // Every refusal charges the network too, before the address gets an entry: once
-        // the network's refusals are in debt its addresses are closed unanswered (no task
-        // spawned to explain) and remembered nowhere but in the network's bucket and ban.
+        // A refusal at the network's or the address's cap charges the network too, before
+        // the address gets an entry: once the network's refusals are in debt its addresses
+        // are closed unanswered (no task spawned to explain) and remembered nowhere but in
+        // the network's bucket and ban. Not a refusal because the relay is full (`global`):
+        // that is no doing of the network, whose many honest hosts (a /48 enterprise pool,
+        // a carrier-grade NAT) all reconnecting while the relay is full must not get it
+        // banned. Nor with no network cap (`per_net` 0): the operator said one network
+        // really brings that many clients.
         let at_addr_cap = s.by_addr.get(&ip).is_some_and(|e| e.conns >= self.per_addr);
-        if (global || net_full || at_addr_cap) && self.charge_network(s, net, now) {
+        if self.per_net > 0
+            && !global
+            && (net_full || at_addr_cap)
+            && self.charge_network(s, net, now)
+        {
             return Err(Refusal::NetworkChurning);
         }
         let e = s.by_addr.entry(ip).or_insert_with(|| AddrEntry {
@@ -987,6 +999,77 @@ mod tests {
                 "{i}"
             );
         }
+    }
+
+    /// The relay full (`max_connections`): 1,000 honest hosts of one /48 (each its own
+    /// /64) reconnecting once a second, 1,000 refused connects a second from the network
+    /// — over its 400/s — are told the relay is full every time, never churning: the
+    /// relay being full is not the network's doing (it was banned as a whole). And with no
+    /// network cap (0: one network really brings that many clients) a network is never
+    /// charged, however many of its addresses are refused at their own cap.
+    #[test]
+    fn a_network_is_not_banned_for_a_full_relay_nor_without_a_network_cap() {
+        let (rate, burst) = (50, 256);
+        let t = Arc::new(
+            AddrTable::new(
+                UNLIMITED,
+                (rate, burst),
+                64,
+                256,
+                1,
+                Duration::from_secs(60),
+            )
+            .with_network_cap(1_250, 24, 48),
+        );
+        let t0 = Instant::now();
+        let host = |i: u32| {
+            IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, 7, i as u16, 0, 0, 0, 1,
+            ))
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // The relay's one place, held by another network.
+        let _held = t.admit_at(ip("192.0.2.1"), t0).unwrap();
+        for round in 0..3u64 {
+            for i in 0..1_000u32 {
+                let at =
+                    t0 + Duration::from_secs(round) + Duration::from_micros(100 * u64::from(i));
+                let a = host(i + 1);
+                assert_eq!(
+                    t.admit_at(a, at).unwrap_err(),
+                    Refusal::Global(1),
+                    "round {round}, {a}"
+                );
+                assert!(!t.banned_at(a, at), "round {round}, {a} banned");
+            }
+        }
+        // No network cap: 3,000 /64s of one /48 each at its own cap (1), each connecting
+        // again at once, are refused per address, the network never charged nor banned.
+        let t = Arc::new(
+            AddrTable::new(
+                UNLIMITED,
+                (rate, burst),
+                64,
+                1,
+                100_000,
+                Duration::from_secs(60),
+            )
+            .with_network_cap(0, 24, 48),
+        );
+        let held: Vec<_> = (0..3_000)
+            .map(|i| t.admit_at(host(i + 1), t0).unwrap())
+            .collect();
+        for i in 0..3_000u32 {
+            let at = t0 + Duration::from_micros(u64::from(i));
+            assert_eq!(
+                t.admit_at(host(i + 1), at).unwrap_err(),
+                Refusal::PerAddr(1),
+                "{i}"
+            );
+            assert!(!t.banned_at(host(i + 1), at), "{i} banned");
+        }
+        assert!(t.lock().net_refusals.is_empty());
+        drop(held);
     }
 
     /// Many addresses holding connections: a new address sweeps the table only when it has
