@@ -974,6 +974,18 @@ impl Engine {
             return; // the next `Welcome` subscribes with the keys of then
         }
         let ids: Vec<LocalSubId> = self.subs.keys().copied().collect();
+        // Every relay subscription is replaced: the copies the relay held back for them
+        // (PROTOCOL §3.5.5 "Hand-over") never come, so what they were owed is no longer (a
+        // neighbour's ack of it leaves now, as on unsubscribe).
+        for &id in &ids {
+            self.acks.forgive_owed(id);
+        }
+        // Acks that can leave go before the `Unsub`s: the relay settles an ack through the
+        // subscriptions holding the sequence, and once they are gone it ignores the ack
+        // (a durable neighbour's position would not advance; redelivered on resume). So
+        // also before the new `Sub`s: after them, one could free a copy a resumed
+        // subscription (a durable's history) is sent again, before it is taken.
+        self.send_acks(true);
         for id in ids {
             let old: Vec<u64> = self.core.relay_ids(id).to_vec();
             for sub_id in old {
@@ -982,14 +994,7 @@ impl Engine {
                     delete: None,
                 }));
             }
-            // Its relay subscriptions are replaced: the copies the relay held back for
-            // them (PROTOCOL §3.5.5 "Hand-over") never come, so what it was owed is no
-            // longer (a neighbour's ack of it leaves now, as on unsubscribe).
-            self.acks.forgive_owed(id);
         }
-        // Acks that can leave go before the new `Sub`s: after them, one could free a copy
-        // a resumed subscription (a durable's history) is sent again, before it is taken.
-        self.send_acks(true);
         self.resubscribe(now);
     }
 
