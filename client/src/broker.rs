@@ -326,6 +326,11 @@ impl BrokerBuilder {
             }
             None => resolve_keys(encryption, &tree_name)?,
         };
+        // The relay opens its store with a plain SQLite open: checked here first (review
+        // of b07abc2: the store directory may be group-writable or sticky 1777).
+        if setup.store_dir.is_some() {
+            guard_relay_store(&config.store.path)?;
+        }
         let listeners = Listeners::bind(&config).await?;
         let relay = Relay::builder(config).listeners(listeners).build()?;
         let tls_pin = quic_cert.map(|c| c.sha256);
@@ -613,6 +618,46 @@ fn open_guarded(path: &Path, private: Option<&str>) -> Result<Option<std::fs::Fi
             }),
         }
     }
+}
+
+/// The files of the embedded relay's store, whose own open (`SqliteStore::open_file`) is a
+/// plain SQLite open — no owner or mode check, symbolic links followed: a `-wal` another
+/// user planted is replayed into the history, retained values and durable positions at the
+/// start, a `-lock` they hold stops the broker. Unix: `relay.sqlite`, what SQLite keeps
+/// beside it (`-wal`, `-shm`, `-journal`), its `-lock` (a SQLite file of its own) and what
+/// SQLite keeps beside that go through the guard ([`open_guarded`]: another user's file, one
+/// writable by group or others, a symbolic link or a file not regular is refused with
+/// [`BrokerError::UnsafeFile`] and left as it is; one of ours readable by others is made
+/// 0600); a missing `relay.sqlite` or `-lock` is created 0600 (`persist::guard::prepare`),
+/// so the `-wal` and `-shm` SQLite makes beside them take that mode. What stays: another
+/// user who can write the directory could still race a file in between the check and the
+/// relay's open (as for the client's state file); keep the store in a directory of your own.
+fn guard_relay_store(path: &Path) -> Result<(), BrokerError> {
+    #[cfg(unix)]
+    {
+        use crate::persist::guard::{prepare, Refused};
+        const HOLDS: &str = "it holds the relay's history, retained values and durable positions";
+        let beside = |base: &Path, suffix: &str| {
+            let mut p = base.as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p)
+        };
+        let lock = beside(path, "-lock");
+        for base in [path, lock.as_path()] {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                open_guarded(&beside(base, suffix), Some(HOLDS))?;
+            }
+        }
+        for base in [path, lock.as_path()] {
+            prepare(base).map_err(|r| match r {
+                Refused::Io(path, source) => BrokerError::Io { path, source },
+                Refused::Unsafe(path, reason) => BrokerError::UnsafeFile { path, reason },
+            })?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// A secret file of the store directory read through [`open_guarded`], or `None`.

@@ -752,6 +752,117 @@ async fn a_sticky_shared_store_directory_is_used_but_a_key_file_planted_in_it_is
     }
 }
 
+/// Review of b07abc2: in a store directory others may write (1777 here; a group-writable
+/// one alike), the embedded relay's store is checked as the broker's other files are
+/// (it was opened with a plain SQLite open: no owner or mode check, links followed). A
+/// `relay.sqlite-wal` planted by another user after a clean shutdown removed ours would be
+/// replayed into the relay's history at the next start (history, retained values, durable
+/// positions tampered with); a `-shm`, `-journal` or `-lock` alike (a `-lock` held stops
+/// the broker); a `relay.sqlite` replaced by a symbolic link. Each is refused
+/// (`UnsafeFile`) and left as it is; `relay.sqlite` and its `-lock` are made 0600 (so are
+/// the `-wal` and `-shm` SQLite makes beside them, taking its mode).
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_store_file_planted_in_a_shared_store_directory_is_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::{Path, PathBuf};
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("broker");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let build = || {
+        Broker::builder(BrokerOptions::default())
+            .with(Encryption::new())
+            .with(Persistence::sqlite(&dir))
+            .build()
+    };
+    let broker = build().await.expect("1777: used");
+    broker.publish("t/x", &1u32).await.unwrap();
+    broker.shutdown().await.unwrap();
+    let store = dir.join(whispeer::broker::RELAY_STORE_FILE);
+    let beside = |suffix: &str| {
+        let mut p = store.clone().into_os_string();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+    for p in [store.clone(), beside("-lock")] {
+        assert_eq!(mode(&p), 0o600, "{}", p.display());
+    }
+    // The tempdir is this process's: uid 0 means root, who can give a file to another
+    // (otherwise one writable by others stands for another user's).
+    let root = std::fs::metadata(t.path()).unwrap().uid() == 0;
+    if !root {
+        eprintln!("not root: planted files are ours, mode 0666, not another user's");
+    }
+    for suffix in ["-wal", "-shm", "-journal", "-lock"] {
+        let planted = beside(suffix);
+        // A clean shutdown removed the -wal and -shm; ours, where left, are replaced.
+        let _ = std::fs::remove_file(&planted);
+        std::fs::write(&planted, b"planted").unwrap();
+        if root {
+            std::os::unix::fs::chown(&planted, Some(12345), Some(12345)).unwrap();
+            std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o644)).unwrap();
+        } else {
+            std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).unwrap();
+        }
+        let before = std::fs::metadata(&planted).unwrap();
+        let e = build().await.map(|b| b.tls_pin()).unwrap_err();
+        match &e {
+            whispeer::BrokerError::UnsafeFile { path, reason } => {
+                assert_eq!(path, &planted, "{e}");
+                if root {
+                    assert!(
+                        matches!(
+                            reason,
+                            whispeer::error::UnsafeFile::OtherOwner { owner: 12345, .. }
+                        ),
+                        "{e}"
+                    );
+                }
+            }
+            other => panic!("{suffix}: {other}"),
+        }
+        // Untouched: neither replayed into the store nor truncated nor made ours.
+        let after = std::fs::metadata(&planted).unwrap();
+        assert_eq!(std::fs::read(&planted).unwrap(), b"planted", "{suffix}");
+        assert_eq!(
+            (after.uid(), after.mode(), after.len()),
+            (before.uid(), before.mode(), before.len()),
+            "{suffix}"
+        );
+        std::fs::remove_file(&planted).unwrap();
+    }
+    // A relay.sqlite replaced by a symbolic link (to the real one, moved aside) is refused,
+    // its target left alone.
+    let moved = t.path().join("moved.sqlite");
+    std::fs::rename(&store, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &store).unwrap();
+    let target = std::fs::read(&moved).unwrap();
+    let e = build().await.map(|b| b.tls_pin()).unwrap_err();
+    match &e {
+        whispeer::BrokerError::UnsafeFile { path, reason } => {
+            assert_eq!(path, &store, "{e}");
+            assert!(
+                matches!(reason, whispeer::error::UnsafeFile::Symlink),
+                "{e}"
+            );
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(std::fs::read(&moved).unwrap(), target);
+    assert!(std::fs::symlink_metadata(&store)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // Put back, the store is used again (its -lock made anew, 0600).
+    std::fs::remove_file(&store).unwrap();
+    std::fs::rename(&moved, &store).unwrap();
+    let broker = build().await.expect("the store put back");
+    broker.shutdown().await.unwrap();
+    assert_eq!(mode(&beside("-lock")), 0o600);
+}
+
 /// Security review F1: a symbolic link planted as `broker.crt` is never written through
 /// (it was: `write_pem` opened it with create + truncate, overwriting the link's target).
 #[cfg(unix)]
