@@ -340,7 +340,9 @@ impl BrokerBuilder {
         let task = tokio::spawn(relay.run(async {
             let _ = stop_rx.await;
         }));
+        // The rules behind the policy too, for client_builder().
         let policy = setup.client.policy.clone();
+        let topic_rules = setup.client.topic_rules.clone();
         let plugins = setup.client.plugins.clone();
         let mut b = setup.client;
         b.keyring = keyring_of(&keys)?;
@@ -363,6 +365,7 @@ impl BrokerBuilder {
                 tls_pin,
                 keys,
                 policy,
+                topic_rules,
                 plugins,
                 client,
                 stop: Mutex::new(Some(stop_tx)),
@@ -797,6 +800,9 @@ struct Inner {
     tls_pin: Option<[u8; 32]>,
     keys: Vec<AnyKey>,
     policy: crate::core::SealPolicy,
+    /// The [`crate::TopicOptions`] rules behind `policy.per_topic` as given, so a
+    /// [`Broker::client_builder`]'s own settings reach what a rule leaves unset.
+    topic_rules: Vec<crate::options::TopicSealRule>,
     plugins: crate::plugin::Plugins,
     client: Client,
     stop: Mutex<Option<oneshot::Sender<()>>>,
@@ -901,7 +907,11 @@ impl Broker {
             Ok(k) => b.keyring = k,
             Err(e) => b.key_error = Some(e),
         }
+        // The rules with the policy resolved from them: a setting added to this builder
+        // (`Compression::none()`) reaches what a broker's rule leaves unset, as on any
+        // ClientBuilder (a9017dd); with the policy alone such a rule kept the broker's.
         b.policy = self.inner.policy.clone();
+        b.topic_rules = self.inner.topic_rules.clone();
         b.plugins = self.inner.plugins.clone();
         b
     }
@@ -1129,5 +1139,40 @@ mod tests {
             first.to_secret_string().as_str(),
             again.to_secret_string().as_str()
         );
+    }
+
+    /// Review of a9017dd: a broker's per-topic rules go to [`Broker::client_builder`] as
+    /// given, not only resolved, so a setting added there reaches what a rule leaves unset:
+    /// `client_builder().with(Compression::none())` leaves the broker's suite-only `a/#`
+    /// rule uncompressed (it stayed on zstd: the length leak a9017dd fixed for
+    /// `ClientBuilder`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_builders_settings_reach_the_brokers_topic_rules() {
+        use crate::options::{CipherSuite, TopicOptions};
+        use whispeer_protocol::{Compression as C, Suite, Topic};
+        let broker = super::Broker::builder(super::BrokerOptions::default())
+            .with(TopicOptions::new("a/#").suite(CipherSuite::aes_gcm()))
+            .build()
+            .await
+            .unwrap();
+        let b = broker.client_builder();
+        let a = |b: &super::ClientBuilder| b.policy.for_topic(&Topic::new("a/x").unwrap());
+        assert_eq!(a(&b).suite, Suite::Aes256Gcm, "the broker's rule");
+        assert_eq!(a(&b).compression, C::Zstd(3), "the broker's default");
+        let b = b.with(super::Compression::none());
+        assert_eq!(a(&b).compression, C::None, "a suite-only rule");
+        assert_eq!(a(&b).suite, Suite::Aes256Gcm);
+        let q = b.policy.for_topic(&Topic::new("q").unwrap());
+        assert_eq!(q.compression, C::None);
+        // Added after the broker's rules, a rule of the client's own is resolved alike.
+        let b = b
+            .with(TopicOptions::new("z/#").padding(crate::options::Padding::none()))
+            .with(super::Compression::lz4());
+        assert_eq!(a(&b).compression, C::Lz4);
+        assert_eq!(
+            b.policy.for_topic(&Topic::new("z/x").unwrap()).compression,
+            C::Lz4
+        );
+        broker.shutdown().await.unwrap();
     }
 }
