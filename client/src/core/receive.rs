@@ -301,9 +301,10 @@ pub struct Snapshot {
     /// Dedup entries: digest and expiry (Unix ms), by expiry.
     pub seen: Vec<(Digest, u64)>,
     /// Retained high-water marks: key, timestamp, message id (no particular order), at
-    /// most [`ReceiveConfig::max_entries`], and if marks were evicted the evicted-topic
-    /// table's rows (at most `max_entries / 2 + max_entries / 16`, at least 576) and the
-    /// floors under [`MARKS_FLOOR_KEY`] (and the legacy row, see
+    /// most [`ReceiveConfig::max_entries`] (twice that if taken after a restore before
+    /// any check or expiry, see [`Guard::restore_retained`]), and if marks were evicted
+    /// the evicted-topic table's rows (at most `max_entries / 2 + max_entries / 16`, at
+    /// least 576) and the floors under [`MARKS_FLOOR_KEY`] (and the legacy row, see
     /// [`Guard::restore_retained`]).
     pub retained: Vec<(RetainedKey, u64, [u8; 16])>,
     /// The latest expiry among dedup entries forgotten for room (0: none; see
@@ -1007,6 +1008,9 @@ impl Guard {
         }
         n += self.evicted.clamp(newest);
         self.stats.restored_future += n;
+        // Restored marks past the bound go now that the table is whole (journaled, so
+        // the saved state follows the bound).
+        self.evict_marks(true);
     }
 
     /// The latest expiry time among dedup entries forgotten for room (0: none). Every
@@ -1035,17 +1039,24 @@ impl Guard {
     /// [`Guard::check`]).
     ///
     /// The marks are bounded like the window ([`ReceiveConfig::max_entries`]): restoring
-    /// more evicts the oldest (see [`RefusedStats::marks_evicted`]). A mark dated 0 (an
-    /// evicted mark's tombstone) is skipped. The rows of the evicted-key table (keys
-    /// starting with 19 bytes 0xff, see `Evicted`) load back into it; a table saved with
-    /// another size (`max_entries` changed) has its entries inserted again and its bucket
-    /// floors taken as a floor for every topic. The floor saved under [`MARKS_FLOOR_KEY`]
+    /// more evicts the oldest (see [`RefusedStats::marks_evicted`]) once the state is
+    /// loaded — at the next check or expiry, journaled — and while loading only past
+    /// twice the bound. A mark dated 0 (an evicted mark's tombstone) removes the key's
+    /// mark: a log replayed in order holds the marks its run held. The rows of the
+    /// evicted-key table (keys starting with 19 bytes 0xff, see `Evicted`) load back into
+    /// it (an entry row that replaces another key's entry inserts that key again unless a
+    /// floor covers it); a table saved with another size (`max_entries` changed) has its
+    /// entries inserted again and its bucket floors taken as a floor for every topic. The floor saved under [`MARKS_FLOOR_KEY`]
     /// applies to no topic if the row says the table holds its topics
     /// ([`MARKS_FLOOR_TABLE`]); written by a client without the table (message id zeros),
     /// it applies to every topic until it passes the horizon — which topics it covers was
     /// not saved. Rows of one key load in the order they were saved (the last one wins).
     pub fn restore_retained(&mut self, key: RetainedKey, ts_ms: u64, msg_id: [u8; 16]) {
         if ts_ms == 0 {
+            // A tombstone: the mark was evicted (its table row came before it) — so that a
+            // log replayed in order holds what the run that wrote it held, and evicts no
+            // mark that run kept (review of af8162f).
+            self.retained.remove(&key);
             return;
         }
         self.unsettled = true;
@@ -1075,7 +1086,13 @@ impl Guard {
         if newer(ts_ms, &msg_id, e.ts_ms, &e.msg_id) {
             *e = m;
         }
-        self.evict_marks(false);
+        // Evicted once the whole state is loaded (`Guard::settle_restored`), into the
+        // table as restored; before that only past twice the bound, which holds the memory
+        // a state file can take (review of af8162f: evicted as each mark loaded, the
+        // oldest of a replayed log went to table entries that its later rows overwrote).
+        if self.retained.len() > self.max_marks().saturating_mul(2) {
+            self.evict_marks(false);
+        }
     }
 
     /// Loads a row of the evicted-key table (see [`Guard::restore_retained`]).
@@ -1095,8 +1112,21 @@ impl Guard {
             EVICTED_ENTRY if id == 0 => {}
             EVICTED_ENTRY if same && index < self.evicted.entries.len() as u64 => {
                 // The row's last saved value (an entry taken over by another key is
-                // saved again under the same row).
-                self.evicted.entries[index as usize] = (id, ts_ms);
+                // saved again under the same row). The key it displaces is inserted
+                // again unless a floor covers it already: the run that saved the row
+                // folded it into a floor (whose row may come later), or forgot it past
+                // the horizon, but a key this load put there itself — a mark evicted
+                // while loading — was never in that run's table (review of af8162f).
+                let e = &mut self.evicted.entries[index as usize];
+                let old = *e;
+                *e = if old.0 == id {
+                    (id, old.1.max(ts_ms))
+                } else {
+                    (id, ts_ms)
+                };
+                if old.0 != 0 && old.0 != id && self.evicted.floor_of(old.0) < old.1 {
+                    self.evicted.insert(old.0, old.1, &mut Vec::new());
+                }
             }
             EVICTED_ENTRY => self.evicted.insert(id, ts_ms, &mut Vec::new()),
             EVICTED_FLOOR if same && index < buckets as u64 => {
@@ -2307,6 +2337,11 @@ mod tests {
                 [1; 16],
             );
         }
+        assert!(
+            many.marks_len() <= 2 * cap,
+            "loading: at most twice the bound"
+        );
+        many.expire(NOW + 1_000);
         assert!(many.marks_len() <= cap);
         let newest = Topic::new("r/999").unwrap();
         assert_eq!(
@@ -2354,6 +2389,106 @@ mod tests {
         );
     }
 
+    /// Replays `journal` in order into a new guard with `cfg` (as the npm state log and a
+    /// keyed SQLite table are loaded).
+    fn replayed(cfg: &ReceiveConfig, journal: &[Change], now: u64) -> Guard {
+        let mut h = Guard::new(cfg.clone());
+        for c in journal {
+            match *c {
+                Change::Seen { key, expires_ms } => h.restore_seen(key, expires_ms, now),
+                Change::Retained { key, ts_ms, msg_id } => h.restore_retained(key, ts_ms, msg_id),
+                ref other => panic!("the guard journals no {other:?}"),
+            }
+        }
+        h
+    }
+
+    /// Whether `g` holds topic `rk`'s mark at `ts` or later, or covers its evicted mark.
+    fn covers(g: &Guard, rk: &RetainedKey, ts: u64) -> bool {
+        g.retained.get(rk).is_some_and(|m| m.ts_ms >= ts) || g.evicted_floor(rk) >= ts
+    }
+
+    /// Review of af8162f: loading skipped the tombstones of evicted marks and evicted as
+    /// each mark loaded, so a log replayed in order held marks its run had evicted, went
+    /// over the bound earlier and evicted marks its run still held (a tie at the cut broken
+    /// in another order, a smaller bound) into table entries that the log's later rows
+    /// overwrote: neither mark nor entry left, the relay's re-sent retained value of such a
+    /// topic, forgotten by the window, was delivered a second time. 200 topics in batches
+    /// of 16 dated alike through a bound of 64, the window then flushed: replayed at the
+    /// same bound (ties broken in each map's own order) and at half the bound, every topic
+    /// is covered and no message accepted again.
+    #[test]
+    fn a_replayed_log_covers_every_key_its_run_evicted_and_every_mark_it_held() {
+        let cap = 64;
+        let cfg = |max_entries| ReceiveConfig {
+            max_entries,
+            ..ReceiveConfig::default()
+        };
+        let topics: Vec<Topic> = (0..200)
+            .map(|i| Topic::new(format!("e/{i}")).unwrap())
+            .collect();
+        let base = NOW - 1_000_000;
+        let msg = |i: usize| {
+            let mut c = cand(
+                &topics[i],
+                0,
+                base + (i / 16) as u64 * 1_000,
+                msg_flags::RETAINED,
+            );
+            c.msg_id[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            c
+        };
+        let filler = Topic::new("f").unwrap();
+        let mut g = Guard::new(cfg(cap));
+        let mut journal = Vec::new();
+        let mut accepted = Vec::new();
+        for i in 0..topics.len() {
+            if let Ok(a) = g.check(&msg(i), NOW + i as u64) {
+                g.commit(a);
+                accepted.push(i);
+            }
+            journal.extend(g.take_changes());
+        }
+        assert!(accepted.len() > 190, "{} accepted", accepted.len());
+        // The window forgets every topic's message (one topic: one mark).
+        for j in 0..100u64 {
+            let now = NOW + 200 + j;
+            let mut c = cand(&filler, 1, now, 0);
+            c.msg_id[..8].copy_from_slice(&j.to_be_bytes());
+            let a = g.check(&c, now).expect("a live message");
+            g.commit(a);
+            journal.extend(g.take_changes());
+        }
+        let now = NOW + 400;
+        let tree = TreeId([1; 16]);
+        let key = |i: usize| retained_key(&tree, &topics[i]);
+        for &i in &accepted {
+            assert!(
+                covers(&g, &key(i), msg(i).ts_ms),
+                "the run covers topic {i}"
+            );
+            assert!(!g.seen.contains(digest(&dedup_key(&msg(i)))));
+        }
+        let mut runs: Vec<_> = (0..8).map(|_| ("the same bound", cfg(cap))).collect();
+        runs.push(("half the bound", cfg(cap / 2)));
+        for (what, c) in runs {
+            let mut h = replayed(&c, &journal, now);
+            h.restore_forgot_upto(g.forgot_upto());
+            h.expire(now);
+            assert!(h.marks_len() <= c.max_entries);
+            for &i in &accepted {
+                assert!(
+                    covers(&h, &key(i), msg(i).ts_ms),
+                    "replayed at {what}: topic {i} neither held nor covered"
+                );
+                assert!(
+                    h.check(&msg(i), now).is_err(),
+                    "replayed at {what}: message {i} accepted twice"
+                );
+            }
+        }
+    }
+
     /// The evicted-key table never misses an evicted key (its date or later covers it,
     /// whatever the load), and covers a key never evicted only once buckets overflow:
     /// the false-positive rates of the documentation, measured (`--nocapture` prints
@@ -2368,7 +2503,14 @@ mod tests {
             ))
         };
         let probes: Vec<u64> = (0..100_000).map(|i| id("never", i)).collect();
-        for (load, most) in [(0.5, 0.0), (0.75, 0.001), (1.0, 0.5), (2.0, 1.0)] {
+        // (load, most never-evicted keys covered, most covered at or after the middle
+        // date): measured 0 / 0, 0.055 % / 0, 49.7 % / 0, 100 % / 54.9 %.
+        for (load, most, most_mid) in [
+            (0.5, 0.0, 0.0),
+            (0.75, 0.002, 0.0),
+            (1.0, 0.6, 0.001),
+            (2.0, 1.0, 0.65),
+        ] {
             let mut t = Evicted::default();
             t.allocate(Evicted::buckets_for(cap));
             let n = (t.entries.len() as f64 * load) as usize;
@@ -2391,13 +2533,15 @@ mod tests {
                 .filter(|&&p| t.floor_of(p) >= NOW + n as u64 / 2)
                 .count();
             let rate = covered as f64 / probes.len() as f64;
+            let mid = mid as f64 / probes.len() as f64;
             println!(
                 "load {load}: {n} evicted keys, never-evicted keys covered: {:.4} % \
                  (at or after the middle date: {:.4} %)",
                 rate * 100.0,
-                mid as f64 * 100.0 / probes.len() as f64
+                mid * 100.0
             );
             assert!(rate <= most, "load {load}: {rate}");
+            assert!(mid <= most_mid, "load {load}: at or after the middle {mid}");
         }
     }
 
@@ -2509,8 +2653,128 @@ mod tests {
                         }
                     }
                 }
-                proptest::prop_assert!(g.marks_len() <= cap);
+                // Restored marks past the bound go at the next check.
+                let bound = if kind >= 4 { 2 * cap } else { cap };
+                proptest::prop_assert!(g.marks_len() <= bound);
             }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Review of af8162f: the same with an evicted-key table of more than 64 buckets
+        /// that overflows (entries folded into bucket floors), dates out of order and tied
+        /// at the eviction cut, the table and marks swept past the horizon (a pause) and
+        /// restarts interleaved with the flood — from the journal replayed in order (at
+        /// the same bound, or a smaller one: a table of another size), with a sweep, or from
+        /// a snapshot. Messages already delivered are re-sent throughout (retained, live,
+        /// replayed) and all of them once more at the end: none is accepted twice.
+        #[test]
+        fn no_message_is_accepted_twice_when_a_full_evicted_key_table_is_replayed(
+            cap in 1_025usize..1_100,
+            tie in proptest::sample::select(vec![1u64, 20, 300, 2_000]),
+            seed in proptest::prelude::any::<u64>(),
+            pause in proptest::option::of(0usize..500),
+            restarts in proptest::collection::vec((0usize..2_300, 0usize..4), 0..4),
+        ) {
+            let mut cfg = ReceiveConfig {
+                max_entries: cap,
+                horizon_ms: 20_000,
+                max_skew_ms: 1_000,
+                ..ReceiveConfig::default()
+            };
+            let n = cap + 1_200;
+            let topics: Vec<Topic> =
+                (0..n).map(|i| Topic::new(format!("p/{i}")).unwrap()).collect();
+            let mix = |i: u64| {
+                let mut x = (i ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                x ^= x >> 29;
+                x.wrapping_mul(0xbf58_476d_1ce4_e5b9) >> 16
+            };
+            let mut g = Guard::new(cfg.clone());
+            let mut now = NOW;
+            let mut sent: Vec<(usize, u64)> = Vec::new();
+            let mut delivered = std::collections::HashSet::new();
+            let mut journal = Vec::new();
+            let mut folded = false;
+            let fail = |e: String| proptest::test_runner::TestCaseError::fail(e);
+            let send = |g: &mut Guard, i: usize, ts: u64, flags: u64, now: u64,
+                        delivered: &mut std::collections::HashSet<usize>|
+             -> Result<(), String> {
+                let mut c = cand(&topics[i], 0, ts, flags);
+                c.msg_id[..4].copy_from_slice(&(i as u32).to_be_bytes());
+                if let Ok(a) = g.check(&c, now) {
+                    if !delivered.insert(i) {
+                        return Err(format!("message {i} accepted twice"));
+                    }
+                    g.commit(a);
+                }
+                Ok(())
+            };
+            for i in 0..n {
+                now += 10;
+                if pause == Some(i) {
+                    now += cfg.horizon_ms + cfg.max_skew_ms;
+                }
+                g.expire(now);
+                // Dated up to 4 s ago, rounded down to `tie`: ties at the cut.
+                let ts = now.saturating_sub(mix(i as u64) % 4_000) / tie * tie;
+                let flags = [0, msg_flags::RETAINED][(mix(i as u64 + 1) % 2) as usize];
+                let flags = if flags == 0 && ts + cfg.max_skew_ms < now {
+                    msg_flags::REPLAYED
+                } else {
+                    flags
+                };
+                send(&mut g, i, ts, flags, now, &mut delivered).map_err(fail)?;
+                sent.push((i, ts));
+                // An earlier message again.
+                let (j, tj) = sent[(mix(i as u64 + 2) as usize) % sent.len()];
+                let again =
+                    [0, msg_flags::REPLAYED, msg_flags::RETAINED][(mix(i as u64 + 3) % 3) as usize];
+                send(&mut g, j, tj, again, now, &mut delivered).map_err(fail)?;
+                journal.extend(g.take_changes());
+                if i % 64 == 0 {
+                    folded |= g.evicted.floors.iter().any(|&f| f > 0);
+                }
+                for &(_, kind) in restarts.iter().filter(|&&(at, _)| at == i) {
+                    folded |= g.evicted.floors.iter().any(|&f| f > 0);
+                    let forgot = g.forgot_upto();
+                    g = match kind {
+                        0..=2 => {
+                            if kind == 2 {
+                                // Loaded with a smaller bound: a table of another size.
+                                cfg.max_entries = cap * 3 / 4;
+                            }
+                            let mut h = replayed(&cfg, &journal, now);
+                            if kind == 1 {
+                                h.expire(now);
+                            }
+                            h
+                        }
+                        _ => {
+                            let snap = g.snapshot(now);
+                            let mut h = Guard::new(cfg.clone());
+                            for (d, exp) in snap.seen {
+                                h.restore_digest(d, exp, now);
+                            }
+                            for (k, ts, id) in snap.retained {
+                                h.restore_retained(k, ts, id);
+                            }
+                            h
+                        }
+                    };
+                    g.restore_forgot_upto(forgot);
+                }
+                proptest::prop_assert!(g.marks_len() <= 2 * g.cfg.max_entries);
+            }
+            folded |= g.evicted.floors.iter().any(|&f| f > 0);
+            proptest::prop_assert!(folded, "the table overflowed");
+            now += 10;
+            for &(i, ts) in &sent {
+                send(&mut g, i, ts, msg_flags::RETAINED, now, &mut delivered).map_err(fail)?;
+            }
+            proptest::prop_assert!(g.marks_len() <= g.cfg.max_entries);
         }
     }
 
