@@ -125,13 +125,38 @@ test('Chromium: messages carry treeId, epoch and provenance (an invite, a subtre
   }
 });
 
-test('Chromium: two trees on one topic — a plain publish names both, `tree` picks one', async () => {
+test('Chromium: two trees on one topic — a plain publish or subscribe names both, `tree` picks one', async () => {
   const page = await browser.testPage();
   const alpha = TreeKey.generate('alpha');
   const beta = TreeKey.generate('beta');
   const keys = [alpha.toKeyString(), beta.toKeyString()];
   try {
-    await pageClient(page, 'sub', { keys, filter: 'shared/#' });
+    await pageClient(page, 'sub', { keys });
+    // A subscription is bound to one tree, as a publish is (PROTOCOL §4.11): without
+    // `tree` the filter is ambiguous; one subscription per tree receives both.
+    const ambiguous = await page.evaluate(() =>
+      window.clients.sub.subscribe('shared/#', () => {}).then(
+        () => null,
+        (e) => ({ code: e.code, message: e.message }),
+      ),
+    );
+    assert.equal(ambiguous?.code, 'KEY', JSON.stringify(ambiguous));
+    assert.ok(ambiguous.message.includes(alpha.treeId) && ambiguous.message.includes(beta.treeId), ambiguous.message);
+    await page.evaluate(
+      async ({ a, b }) => {
+        for (const tree of [a, b]) {
+          await window.clients.sub.subscribe(
+            'shared/#',
+            (m) => {
+              const { topic, value, treeId, epoch, provenance } = m;
+              window.inbox.sub.push({ topic, value, treeId, epoch, provenance });
+            },
+            { tree },
+          );
+        }
+      },
+      { a: alpha.treeId, b: beta.treeId },
+    );
     await pageClient(page, 'pub', { keys });
     const plain = await page.evaluate(() =>
       window.clients.pub.publish('shared/x', 1, { ack: true }).then(
