@@ -985,6 +985,25 @@ impl Broker {
         self.inner.client.subscribe_callback(filter, f).await
     }
 
+    /// [`Broker::subscribe`] with options (replay, durable name, QoS, retained values, and
+    /// the tree: `SubscribeOptions::new().tree(id)` when keys of two trees cover `filter`,
+    /// where the plain call fails with `KeyError::AmbiguousTree`).
+    pub async fn subscribe_with_options<T, F>(
+        &self,
+        filter: &str,
+        opts: SubscribeOptions,
+        f: F,
+    ) -> Result<SubscriptionHandle, SubscribeError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnMut(Message<T>) + Send + 'static,
+    {
+        self.inner
+            .client
+            .subscribe_callback_with_options(filter, opts, f)
+            .await
+    }
+
     /// Like [`Broker::subscribe`] with an async callback (awaited before the next message).
     pub async fn subscribe_async<T, F, Fut>(
         &self,
@@ -997,6 +1016,24 @@ impl Broker {
         Fut: Future<Output = ()> + Send,
     {
         self.inner.client.subscribe_async(filter, f).await
+    }
+
+    /// [`Broker::subscribe_async`] with options (see [`Broker::subscribe_with_options`]).
+    pub async fn subscribe_async_with_options<T, F, Fut>(
+        &self,
+        filter: &str,
+        opts: SubscribeOptions,
+        f: F,
+    ) -> Result<SubscriptionHandle, SubscribeError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnMut(Message<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        self.inner
+            .client
+            .subscribe_async_with_options(filter, opts, f)
+            .await
     }
 
     /// A stream of the messages on `filter` decoded as `T` (a [`Subscription`]; drop it to

@@ -906,3 +906,174 @@ async fn a_planted_world_writable_quic_key_is_refused_and_not_written_into() {
     assert!(matches!(e, whispeer::BrokerError::UnsafeFile { .. }), "{e}");
     assert!(e.to_string().contains("writable by group or others"), "{e}");
 }
+
+/// Since 66e8b79 a subscription is bound to one tree: with keys of two trees covering
+/// `shared/#`, every callback API naming no tree is refused (`AmbiguousTree`), and its
+/// `*_with_options` variant bound to tree A gets A's messages only (B's, published first
+/// on the same topic, never reach it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callback_subscribes_take_options_naming_the_tree() {
+    use whispeer::protocol::KeyError;
+    use whispeer::{SubscribeError, SubscribeOptions, TreeKey};
+
+    let a = TreeKey::generate("alpha").unwrap();
+    let b = TreeKey::generate("beta").unwrap();
+    let keys = [&a, &b].map(|t| t.to_key_string().to_string());
+    let broker = Broker::build_default()
+        .with(Encryption::with_keys(keys).unwrap())
+        .build()
+        .await
+        .unwrap();
+    let client = broker.client_handle().clone();
+    let typed = broker.topic::<Celsius>("shared/t").unwrap();
+    fn ambiguous<H>(r: Result<H, SubscribeError>, what: &str) {
+        match r {
+            Err(SubscribeError::Key(KeyError::AmbiguousTree { .. })) => {}
+            Err(e) => panic!("{what}: {e}"),
+            Ok(_) => panic!("{what}: subscribed across two trees"),
+        }
+    }
+    ambiguous(
+        broker.subscribe("shared/#", |_: Message<u32>| {}).await,
+        "Broker::subscribe",
+    );
+    ambiguous(
+        broker
+            .subscribe_async("shared/#", |_: Message<u32>| async {})
+            .await,
+        "Broker::subscribe_async",
+    );
+    ambiguous(
+        client
+            .subscribe_callback("shared/#", |_: Message<u32>| {})
+            .await,
+        "Client::subscribe_callback",
+    );
+    ambiguous(
+        client
+            .subscribe_async("shared/#", |_: Message<u32>| async {})
+            .await,
+        "Client::subscribe_async",
+    );
+    ambiguous(
+        client.on("shared/#", |_: Message<u32>| {}).await,
+        "Client::on",
+    );
+    ambiguous(
+        client
+            .on_async("shared/#", |_: Message<u32>| async {})
+            .await,
+        "Client::on_async",
+    );
+    ambiguous(typed.subscribe(|_| {}).await, "TypedTopic::subscribe");
+    ambiguous(
+        typed.subscribe_async(|_| async {}).await,
+        "TypedTopic::subscribe_async",
+    );
+
+    let in_a = || SubscribeOptions::new().tree(a.tree_id());
+    let (tx, mut rx) = mpsc::unbounded_channel::<(&'static str, f64, whispeer::protocol::TreeId)>();
+    let cb = |name: &'static str| {
+        let tx = tx.clone();
+        move |m: Message<u32>| {
+            let _ = tx.send((name, f64::from(m.value), m.tree_id));
+        }
+    };
+    let acb = |name: &'static str| {
+        let tx = tx.clone();
+        move |m: Message<u32>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((name, f64::from(m.value), m.tree_id));
+            }
+        }
+    };
+    let tcb = |name: &'static str| {
+        let tx = tx.clone();
+        move |m: Message<Celsius>| {
+            let _ = tx.send((name, m.value.value, m.tree_id));
+        }
+    };
+    let tacb = |name: &'static str| {
+        let tx = tx.clone();
+        move |m: Message<Celsius>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((name, m.value.value, m.tree_id));
+            }
+        }
+    };
+    let _h1 = broker
+        .subscribe_with_options("shared/#", in_a(), cb("broker"))
+        .await
+        .unwrap();
+    let _h2 = broker
+        .subscribe_async_with_options("shared/#", in_a(), acb("broker async"))
+        .await
+        .unwrap();
+    let _h3 = client
+        .subscribe_callback_with_options("shared/#", in_a(), cb("client"))
+        .await
+        .unwrap();
+    let _h4 = client
+        .subscribe_async_with_options("shared/#", in_a(), acb("client async"))
+        .await
+        .unwrap();
+    let h5 = client
+        .on_with_options("shared/#", in_a(), cb("on"))
+        .await
+        .unwrap();
+    let h6 = client
+        .on_async_with_options("shared/#", in_a(), acb("on async"))
+        .await
+        .unwrap();
+    let _h7 = typed
+        .subscribe_with_options(in_a(), tcb("typed"))
+        .await
+        .unwrap();
+    let _h8 = typed
+        .subscribe_async_with_options(in_a(), tacb("typed async"))
+        .await
+        .unwrap();
+    drop(tx);
+
+    // B's first, then A's: a callback bound to A sees A's value first, and only it.
+    for (t, v) in [(&b, 1u32), (&a, 2)] {
+        let o = || PublishOptions::at_least_once().tree(t.tree_id());
+        broker.publish_with("shared/x", v, o()).await.unwrap();
+        typed
+            .publish_with(
+                Celsius {
+                    value: f64::from(v),
+                },
+                o(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 8 {
+        let m = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("every callback gets A's message")
+            .unwrap();
+        assert_eq!(
+            (m.1, m.2),
+            (2.0, a.tree_id()),
+            "{}: only tree A's message",
+            m.0
+        );
+        got.push(m.0);
+    }
+    got.sort_unstable();
+    got.dedup();
+    assert_eq!(got.len(), 8, "one message per callback: {got:?}");
+    // The untyped subscriptions on shared/# see the typed topic's message too (skipped
+    // or not, it is A's); nothing of B's arrives within a short wait.
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+        assert_eq!(m.2, a.tree_id(), "{}: only tree A's messages", m.0);
+    }
+    h5.abort();
+    h6.abort();
+    broker.shutdown().await.unwrap();
+}

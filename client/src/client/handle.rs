@@ -492,13 +492,29 @@ impl Client {
     pub async fn on<T, F>(
         &self,
         filter: &str,
+        f: F,
+    ) -> Result<tokio::task::JoinHandle<()>, SubscribeError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnMut(Message<T>) + Send + 'static,
+    {
+        self.on_with_options(filter, SubscribeOptions::default(), f)
+            .await
+    }
+
+    /// [`Client::on`] with options (replay, durable name, QoS, retained values, and the
+    /// tree: `SubscribeOptions::new().tree(id)` when keys of two trees cover `filter`).
+    pub async fn on_with_options<T, F>(
+        &self,
+        filter: &str,
+        opts: SubscribeOptions,
         mut f: F,
     ) -> Result<tokio::task::JoinHandle<()>, SubscribeError>
     where
         T: DeserializeOwned + Send + 'static,
         F: FnMut(Message<T>) + Send + 'static,
     {
-        let mut sub = self.subscribe::<T>(filter).await?;
+        let mut sub = self.subscribe_with_options::<T>(filter, opts).await?;
         Ok(tokio::spawn(async move {
             while let Some(m) = sub.next_message().await {
                 match m {
@@ -516,6 +532,22 @@ impl Client {
     pub async fn on_async<T, F, Fut>(
         &self,
         filter: &str,
+        f: F,
+    ) -> Result<tokio::task::JoinHandle<()>, SubscribeError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnMut(Message<T>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        self.on_async_with_options(filter, SubscribeOptions::default(), f)
+            .await
+    }
+
+    /// [`Client::on_async`] with options (see [`Client::on_with_options`]).
+    pub async fn on_async_with_options<T, F, Fut>(
+        &self,
+        filter: &str,
+        opts: SubscribeOptions,
         mut f: F,
     ) -> Result<tokio::task::JoinHandle<()>, SubscribeError>
     where
@@ -523,7 +555,7 @@ impl Client {
         F: FnMut(Message<T>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send,
     {
-        let mut sub = self.subscribe::<T>(filter).await?;
+        let mut sub = self.subscribe_with_options::<T>(filter, opts).await?;
         Ok(tokio::spawn(async move {
             while let Some(m) = sub.next_message().await {
                 match m {

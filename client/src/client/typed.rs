@@ -165,7 +165,24 @@ where
     where
         F: FnMut(Message<T>) + Send + 'static,
     {
-        Ok(SubscriptionHandle::spawn(self.stream().await?, f))
+        self.subscribe_with_options(SubscribeOptions::default(), f)
+            .await
+    }
+
+    /// [`TypedTopic::subscribe`] with options (replay, durable name, QoS, retained values,
+    /// and the tree: `SubscribeOptions::new().tree(id)` when two trees cover the topic).
+    pub async fn subscribe_with_options<F>(
+        &self,
+        opts: SubscribeOptions,
+        f: F,
+    ) -> Result<SubscriptionHandle, SubscribeError>
+    where
+        F: FnMut(Message<T>) + Send + 'static,
+    {
+        Ok(SubscriptionHandle::spawn(
+            self.stream_with_options(opts).await?,
+            f,
+        ))
     }
 
     /// Like [`TypedTopic::subscribe`] with an async callback.
@@ -174,7 +191,25 @@ where
         F: FnMut(Message<T>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send,
     {
-        Ok(SubscriptionHandle::spawn_async(self.stream().await?, f))
+        self.subscribe_async_with_options(SubscribeOptions::default(), f)
+            .await
+    }
+
+    /// [`TypedTopic::subscribe_async`] with options (see
+    /// [`TypedTopic::subscribe_with_options`]).
+    pub async fn subscribe_async_with_options<F, Fut>(
+        &self,
+        opts: SubscribeOptions,
+        f: F,
+    ) -> Result<SubscriptionHandle, SubscribeError>
+    where
+        F: FnMut(Message<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        Ok(SubscriptionHandle::spawn_async(
+            self.stream_with_options(opts).await?,
+            f,
+        ))
     }
 }
 
@@ -208,8 +243,25 @@ impl Client {
         T: DeserializeOwned + Send + 'static,
         F: FnMut(Message<T>) + Send + 'static,
     {
+        self.subscribe_callback_with_options(filter, SubscribeOptions::default(), f)
+            .await
+    }
+
+    /// [`Client::subscribe_callback`] with options (replay, durable name, QoS, retained
+    /// values, and the tree: `SubscribeOptions::new().tree(id)` when keys of two trees
+    /// cover `filter`, where the plain call fails with `KeyError::AmbiguousTree`).
+    pub async fn subscribe_callback_with_options<T, F>(
+        &self,
+        filter: &str,
+        opts: SubscribeOptions,
+        f: F,
+    ) -> Result<SubscriptionHandle, SubscribeError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnMut(Message<T>) + Send + 'static,
+    {
         Ok(SubscriptionHandle::spawn(
-            self.subscribe::<T>(filter).await?,
+            self.subscribe_with_options::<T>(filter, opts).await?,
             f,
         ))
     }
@@ -225,8 +277,25 @@ impl Client {
         F: FnMut(Message<T>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send,
     {
+        self.subscribe_async_with_options(filter, SubscribeOptions::default(), f)
+            .await
+    }
+
+    /// [`Client::subscribe_async`] with options (see
+    /// [`Client::subscribe_callback_with_options`]).
+    pub async fn subscribe_async_with_options<T, F, Fut>(
+        &self,
+        filter: &str,
+        opts: SubscribeOptions,
+        f: F,
+    ) -> Result<SubscriptionHandle, SubscribeError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnMut(Message<T>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
         Ok(SubscriptionHandle::spawn_async(
-            self.subscribe::<T>(filter).await?,
+            self.subscribe_with_options::<T>(filter, opts).await?,
             f,
         ))
     }
