@@ -295,6 +295,9 @@ pub struct ClientCore {
     pub(crate) keyring: Arc<RwLock<PKeyring>>,
     pub(crate) identity: Option<whispeer_protocol::Identity>,
     policy: SealPolicy,
+    /// The suite each `policy.per_topic` rule named (same index); `None`: the default
+    /// suite as finally configured, which `setSuite` writes into the rule.
+    rule_suites: Vec<Option<Suite>>,
     sealer: Sealer,
     opener: Opener,
     /// Relay account: an Ed25519 key (answers `Challenge`) or a bearer token (never the
@@ -386,6 +389,7 @@ impl ClientCore {
             keyring,
             identity: None,
             policy: SealPolicy::new(opts, sign),
+            rule_suites: Vec::new(),
             sealer: Sealer::new(),
             opener: Opener::new(),
             relay_auth: None,
@@ -426,15 +430,21 @@ impl ClientCore {
     }
 
     /// The default AEAD suite of sealed envelopes: `'xchacha'` or `'aes-gcm'` (every
-    /// receiver opens both).
+    /// receiver opens both). Also the suite of every `setTopicOptions` rule naming none,
+    /// added before or after.
     #[wasm_bindgen(js_name = setSuite)]
     pub fn set_suite(&mut self, name: &str) -> Result<(), JsValue> {
-        self.policy.default.suite = suite(name)?;
+        let s = suite(name)?;
+        self.policy.default.suite = s;
+        for ((_, opts), named) in self.policy.per_topic.iter_mut().zip(&self.rule_suites) {
+            opts.suite = named.unwrap_or(s);
+        }
         Ok(())
     }
 
     /// Sealing options for topics matching `filter` (first rule added wins); `suite`
-    /// absent = the default suite.
+    /// absent = the default suite as finally configured (a later `setSuite` reaches this
+    /// rule too, as the Rust builder's `TopicOptions`).
     #[wasm_bindgen(js_name = setTopicOptions)]
     pub fn set_topic_options(
         &mut self,
@@ -444,12 +454,11 @@ impl ClientCore {
         suite: Option<String>,
     ) -> Result<(), JsValue> {
         let f = TopicFilter::new(filter).map_err(topic_error)?;
-        let s = match suite {
-            Some(s) => self::suite(&s)?,
-            None => self.policy.default.suite,
-        };
+        let named = suite.map(|s| self::suite(&s)).transpose()?;
+        let s = named.unwrap_or(self.policy.default.suite);
         let opts = seal_options(self::compression(&compression)?, padding, s);
         self.policy.per_topic.push((f, opts));
+        self.rule_suites.push(named);
         Ok(())
     }
 

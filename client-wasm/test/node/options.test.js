@@ -6,7 +6,7 @@ import { WebSocket } from 'ws';
 import { relayPerFile } from '../shared/fixture.js';
 import v8 from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { Client, Identity, Keyring, TreeKey } from '../../js/index.node.js';
+import { Client, ClientCore, Identity, Keyring, TreeKey } from '../../js/index.node.js';
 import { setWebSocket } from '../../js/client.js';
 
 const fx = relayPerFile();
@@ -52,6 +52,28 @@ test("a topic rule that does not name compression keeps the client's compression
   assert.ok(b >= 1000, `compression stayed off under a rule naming only padding: a ${b}-byte frame`);
   const z = await size('z/x');
   assert.ok(z < 500, `the rule naming zstd compresses: a ${z}-byte frame`);
+});
+
+test('a ClientCore topic rule naming no suite follows setSuite, called before or after it', () => {
+  const tree = TreeKey.generate('su');
+  const kr = new Keyring();
+  kr.addTreeKey(tree);
+  // Envelope header byte 1 is the suite: 1 XChaCha20-Poly1305, 3 AES-256-GCM.
+  const suiteOf = (core, topic) => core.sealEnvelope(topic, 'application/octet-stream', new Uint8Array(8))[1];
+  for (const order of ['rules first', 'suite first']) {
+    const core = new ClientCore(kr, 'none', false, false);
+    if (order === 'suite first') core.setSuite('aes-gcm');
+    core.setTopicOptions('a/#', 'none', false); // names no suite: the client's, as finally set
+    core.setTopicOptions('x/#', 'none', false, 'xchacha'); // names one: kept
+    if (order === 'rules first') core.setSuite('aes-gcm');
+    assert.equal(suiteOf(core, 'a/b'), 3, `${order}: a/b (rule naming no suite) seals with aes-gcm`);
+    assert.equal(suiteOf(core, 'x/y'), 1, `${order}: x/y (rule naming xchacha) keeps it`);
+    assert.equal(suiteOf(core, 'q'), 3, `${order}: q (no rule) has the client's suite`);
+    core.setSuite('xchacha');
+    assert.equal(suiteOf(core, 'a/b'), 1, `${order}: a later setSuite reaches the rule again`);
+    core.free();
+  }
+  kr.free();
 });
 
 test('a rule naming only a publisher policy adds no sealing rule: a later rule still applies', async () => {
