@@ -3478,3 +3478,95 @@ async fn a_floor_in_flight_across_a_deletion_does_not_bring_the_durable_back() {
     let floor = on_worker(move || c.durable(&d)).await;
     assert!(matches!(floor, Ok(None)), "at a new relay: {floor:?}");
 }
+
+/// Review finding (floors at release, Low): relay A's subscription ends with its last floor
+/// (9) on its way to NATS, and the durable's record changes meanwhile in a way A has not
+/// read yet (here: rewritten as it was, floor `changed`, conditionally on its sequence).
+/// A's conditional write of 9 fails, reads the record again and — the hold forgotten at
+/// the release, not after the 5 s flush it waits for — dropped floor 9 as if the durable
+/// were held elsewhere: the next resume replayed what was acked. Returns the floor the
+/// durable has once the hold is back (read at relay B); `None`: skipped (no nats-server).
+async fn floor_after_a_release_meeting_a_record_change(changed: u64) -> Option<Option<u64>> {
+    use whispeer_relay::store::{DurableKey, Store, Tenant};
+    let (nats, _urls, a, b) = two_stores(0).await?;
+    let mut leases = lease_watch(&nats).await;
+    let mut events = durable_events(&nats).await;
+    let owner = "sha256:owner";
+    let d = DurableKey {
+        key_id: key(52),
+        name: "d".into(),
+    };
+    a.hold_durable_writer(true);
+    let (s, k) = (a.clone(), d.clone());
+    on_worker(move || {
+        let tenant = Tenant::Address("10.0.0.1".parse().unwrap());
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        assert!(matches!(s.durable_owner(&k, Some(owner)), Ok(true)));
+        assert_eq!(hold_and_read(&s, &k, owner, &tx).expect("read"), None);
+        s.set_durable(&k, 0, &tenant).expect("created");
+        s.set_durable(&k, 5, &tenant)
+            .expect("written at once (its first floor)");
+        s.set_durable(&k, 9, &tenant).expect("written behind");
+    })
+    .await;
+    let subject = next_new_durable(&mut events, &mut HashSet::new()).await;
+    // Floor 9 is in flight (taken by A's writer); A's subscription ends.
+    a.durable_writer_parked().await;
+    a.release_hold(&d);
+    // The record changes without A reading it (its reader held).
+    a.hold_durable_reader(true);
+    let stream = durable_stream(&nats).await;
+    let last = stream
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .expect("the durable's record");
+    assert_eq!(&last.payload[..], b"5", "the record A wrote at once");
+    let mut h = async_nats::HeaderMap::new();
+    for name in ["Wsp-Tenant", "Wsp-Owner"] {
+        let v = last.headers.get(name).expect("record header").clone();
+        h.insert(name, v);
+    }
+    h.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        last.sequence.to_string().as_str(),
+    );
+    let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
+    async_nats::jetstream::new(nc)
+        .publish_with_headers(subject.clone(), h, Bytes::from(changed.to_string()))
+        .await
+        .unwrap()
+        .await
+        .expect("the record rewritten");
+    // A's last floor goes on; the hold goes back once it is written (or dropped).
+    a.hold_durable_writer(false);
+    wait_released(&mut leases).await;
+    let read = on_worker(move || b.durable(&d)).await;
+    drop(a);
+    Some(read.expect("read at B"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_last_floor_meets_a_record_change_still_writes_it() {
+    let Some(floor) = floor_after_a_release_meeting_a_record_change(5).await else {
+        return;
+    };
+    assert_eq!(
+        floor,
+        Some(9),
+        "A's last floor was dropped at its release: the acked messages come again"
+    );
+}
+
+/// The same with a record changed to a higher floor (12: written meanwhile): A's last
+/// floor, lower, is not written over it when written again (floors only go up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_floor_written_again_never_goes_below_the_records() {
+    let Some(floor) = floor_after_a_release_meeting_a_record_change(12).await else {
+        return;
+    };
+    assert_eq!(
+        floor,
+        Some(12),
+        "A's lower floor was written over a higher one"
+    );
+}

@@ -2302,14 +2302,24 @@ async fn durable_watch(
 /// back, floor and owner, for every relay reading the stream. When the record moved, it is
 /// read again and the floor written over it only while this relay holds the durable and
 /// the record is live and not another owner's (its own refresh in between); otherwise —
-/// a marker, nothing, the name held elsewhere — the floor is dropped: `Ok(None)`.
+/// a marker, nothing, the name held elsewhere — the floor is dropped: `Ok(None)`. "Holds"
+/// includes a hold being given back ([`lease::Leases::begin_release`]): the subscription's
+/// last floors are what its release waits for. A floor is never written over a record
+/// with a higher one (a floor written meanwhile, e.g. by [`JetStreamStore::write_durable_now`]):
+/// that record stands, `Ok(Some(its sequence))`.
 async fn write_floor(inner: &Inner, k: &str, floor: u64, tag: &Tag) -> Result<Option<u64>, String> {
     use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
     let subject = format!("{}.{k}", durable_prefix(&inner.prefix));
     let owner = lock(&inner.owners).get(k).map(|o| o.tag.clone());
     // No record known: the durable was forgotten here (deleted): only into an empty subject.
-    let mut after = lock(&inner.records).get(k).map_or(0, |m| m.seq);
+    let known = lock(&inner.records).get(k).copied();
+    let mut after = known.map_or(0, |m| m.seq);
+    let mut newer = known.and_then(|m| m.floor);
     for _ in 0..4 {
+        // Monotonic: never below the floor of the record it would replace.
+        if newer.is_some_and(|n| n > floor) {
+            return Ok(Some(after));
+        }
         let mut h = HeaderMap::new();
         h.insert(TENANT_HEADER, hex::encode(tag).as_str());
         if let Some(o) = &owner {
@@ -2348,8 +2358,9 @@ async fn write_floor(inner: &Inner, k: &str, floor: u64, tag: &Tag) -> Result<Op
         }
         note_record(inner, k, &rec);
         after = rec.seq;
+        newer = rec.floor;
     }
-    Ok(None)
+    Err("the durable's record kept changing (4 attempts)".into())
 }
 
 async fn durable_writer(inner: std::sync::Weak<Inner>, flush: Arc<Notify>) {
@@ -2887,7 +2898,10 @@ impl Store for JetStreamStore {
 
     fn release_hold(&self, key: &DurableKey) {
         let k = Self::durable_key(key);
-        if let Some(seq) = self.inner.leases.forget(&k) {
+        // Held until its floors are in the stream: a floor whose conditional write meets a
+        // record changed meanwhile is written again over it as the holder's (while the
+        // hold was forgotten at once, it was dropped: duplicates on resume).
+        if let Some(holder) = self.inner.leases.begin_release(&k) {
             // The record's time is the idle clock: rewritten at the release (before the
             // hold is given back, so no sweep can take the name in between).
             let touch = self.inner.idle_ms > 0 && lock(&self.inner.records).contains_key(&k);
@@ -2906,13 +2920,16 @@ impl Store for JetStreamStore {
                     }
                 })
                 .await;
-                let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                    if touch {
-                        touch_record(&inner, &k).await;
-                    }
-                    inner.leases.release(&k, seq).await;
-                })
-                .await;
+                if touch && inner.leases.holds(&k) {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), touch_record(&inner, &k))
+                        .await;
+                }
+                // Not when lost, or taken again here, meanwhile.
+                if let Some(seq) = inner.leases.finish_release(&k, &holder) {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), inner.leases.release(&k, seq))
+                            .await;
+                }
             });
         }
     }

@@ -54,6 +54,10 @@ struct Held {
     /// The record's holder field.
     holder: String,
     lost: HoldLost,
+    /// Given back ([`begin_release`](Leases::begin_release)): still renewed and still held
+    /// for this relay's floors of the durable on their way to NATS, until
+    /// [`finish_release`](Leases::finish_release); its loss ends no subscription.
+    releasing: bool,
 }
 
 /// The leases of one relay.
@@ -176,6 +180,7 @@ impl Leases {
                         renewed: sent,
                         holder,
                         lost: lost.clone(),
+                        releasing: false,
                     },
                 );
                 Ok(())
@@ -228,7 +233,7 @@ impl Leases {
         lock(&self.held).keys().cloned().collect()
     }
 
-    /// Whether this relay holds `k`.
+    /// Whether this relay holds `k` (also while it gives it back: its last floors go on).
     pub(super) fn holds(&self, k: &str) -> bool {
         lock(&self.held).contains_key(k)
     }
@@ -258,9 +263,28 @@ impl Leases {
         }
     }
 
-    /// Stops holding `k`: the record to write (its condition), if this relay held it.
-    pub(super) fn forget(&self, k: &str) -> Option<u64> {
-        lock(&self.held).remove(k).map(|h| h.seq)
+    /// Starts giving `k` back: its holder (for [`finish_release`](Self::finish_release)),
+    /// if this relay held it. Until then it still holds `k` ([`holds`](Self::holds)) and
+    /// renews it: the subscription's last floors, on their way to NATS, are written as
+    /// the holder's (conditionally on the record), not dropped as another relay's.
+    pub(super) fn begin_release(&self, k: &str) -> Option<String> {
+        let mut held = lock(&self.held);
+        let h = held.get_mut(k).filter(|h| !h.releasing)?;
+        h.releasing = true;
+        Some(h.holder.clone())
+    }
+
+    /// Stops holding `k` given back as `holder`: the record to write the release over (its
+    /// condition), unless it was lost or taken again here meanwhile.
+    pub(super) fn finish_release(&self, k: &str, holder: &str) -> Option<u64> {
+        let mut held = lock(&self.held);
+        if !held
+            .get(k)
+            .is_some_and(|h| h.releasing && h.holder == holder)
+        {
+            return None;
+        }
+        held.remove(k).map(|h| h.seq)
     }
 
     /// Writes the released (empty) record of `k` over this relay's record `seq`.
@@ -283,6 +307,11 @@ impl Leases {
 
     fn end(&self, k: &str, why: &str) {
         if let Some(h) = lock(&self.held).remove(k) {
+            if h.releasing {
+                // Its subscription is over: only its last floors are dropped now.
+                tracing::debug!(why, "cluster store: durable hold lost while given back");
+                return;
+            }
             tracing::warn!(durable = %h.key.name, why, "cluster store: durable hold lost");
             h.lost.notify(h.key);
         }
