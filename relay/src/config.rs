@@ -1413,7 +1413,59 @@ impl Config {
     /// a total too small to have a reserve, a reserve smaller than `reserve_tenants`
     /// (shares round up to 1, so fewer tenants are sure of theirs), a byte share too small
     /// for a retained publish of the largest frame (it counts twice). Empty when sound.
+    ///
+    /// Likewise for the subscription reserve (`limits.subscription_reserve_percent`): a
+    /// total too small for one, a count reserve smaller than
+    /// `limits.subscription_reserve_tenants`, a byte share below one 1-level filter
+    /// (raised to one by the quota, so fewer tenants are sure of theirs; before, no tenant
+    /// could ever use the reserve).
     pub fn reserve_warnings(&self) -> Vec<String> {
+        let mut out = self.store_reserve_warnings();
+        out.extend(self.subscription_reserve_warnings());
+        out
+    }
+
+    fn subscription_reserve_warnings(&self) -> Vec<String> {
+        let l = &self.limits;
+        let pct = l.subscription_reserve_percent as u128;
+        let tenants = l.subscription_reserve_tenants.max(1) as u128;
+        let mut out = Vec::new();
+        if pct == 0 {
+            return out;
+        }
+        let one = crate::sub_quota::cost(1) as u128;
+        for (name, total, least) in [
+            ("max_total_subscriptions", l.max_total_subscriptions, 1),
+            ("total_subscription_bytes", l.total_subscription_bytes, one),
+        ] {
+            let (total, what) = (
+                total as u128,
+                if least == 1 { "subscriptions" } else { "bytes" },
+            );
+            if total == 0 {
+                continue;
+            }
+            let reserve = total * pct / 100;
+            if reserve < least {
+                out.push(format!(
+                    "limits.{name} ({total}) is too small for a subscription reserve of \
+                     {pct} % (limits.subscription_reserve_percent): it is first-come"
+                ));
+            } else if reserve / tenants < least {
+                out.push(format!(
+                    "a tenant's share of the limits.{name} reserve ({} {what}: {reserve} / \
+                     limits.subscription_reserve_tenants {tenants}) is below one 1-level \
+                     subscription ({least} {what}): each share is raised to it, so only {} \
+                     tenants are sure of theirs",
+                    reserve / tenants,
+                    reserve / least
+                ));
+            }
+        }
+        out
+    }
+
+    fn store_reserve_warnings(&self) -> Vec<String> {
         let c = &self.store;
         if c.reserve_percent == 0 {
             return Vec::new();
@@ -2137,6 +2189,35 @@ mod tests {
         assert!(w[1].contains("only 50 tenants"), "{}", w[1]);
         assert!(w[2].contains("twice limits.max_frame"), "{}", w[2]);
         c.store.reserve_percent = 0;
+        assert!(c.reserve_warnings().is_empty());
+    }
+
+    /// Review finding (Low): a subscription reserve whose byte share is below one 1-level
+    /// filter could never be used, silently; now warned (the quota raises the share).
+    #[test]
+    fn the_subscription_reserve_settings_warn_where_a_share_is_unusable() {
+        let mut c = Config::default();
+        c.store.reserve_percent = 0;
+        assert!(c.reserve_warnings().is_empty(), "the defaults are sound");
+        // 1 MiB total: a reserve of 104,857 bytes among 100 tenants, 1,048 bytes each.
+        c.limits.total_subscription_bytes = 1 << 20;
+        let w = c.reserve_warnings();
+        assert_eq!(w.len(), 1, "{w:#?}");
+        assert!(
+            w[0].contains("limits.total_subscription_bytes reserve (1048 bytes")
+                && w[0].contains("limits.subscription_reserve_tenants 100")
+                && w[0].contains("only 99 tenants"),
+            "{}",
+            w[0]
+        );
+        // Too small for a reserve at all; a count reserve below the tenants.
+        c.limits.total_subscription_bytes = 10_000;
+        c.limits.max_total_subscriptions = 500;
+        let w = c.reserve_warnings();
+        assert_eq!(w.len(), 2, "{w:#?}");
+        assert!(w[0].contains("only 50 tenants"), "{}", w[0]);
+        assert!(w[1].contains("(10000) is too small"), "{}", w[1]);
+        c.limits.subscription_reserve_percent = 0;
         assert!(c.reserve_warnings().is_empty());
     }
 

@@ -67,21 +67,24 @@ impl SubQuota {
         };
         let total_max = cap(total_max);
         let (pct, tenants) = (u128::from(reserve.0.min(100)), u128::from(reserve.1.max(1)));
-        // (common, share) of one total; an unlimited total has no reserve.
-        let split = |total: usize| {
+        // (common, share) of one total; an unlimited total has no reserve. A share is at
+        // least one subscription's worth (`least`: 1, or the bytes of a 1-level filter)
+        // where there is a reserve: below, no tenant could ever subscribe into it and the
+        // total would silently be its common part (fewer tenants are then sure of their
+        // share: warned at start, `Config::reserve_warnings`).
+        let split = |total: usize, least: usize| {
             if total == usize::MAX {
                 return (total, 0);
             }
             let r = (total as u128 * pct / 100) as usize;
-            // At least 1 where there is a reserve.
             let share = if r > 0 {
-                ((r as u128 / tenants) as usize).max(1)
+                ((r as u128 / tenants) as usize).max(least)
             } else {
                 0
             };
             (total - r, share)
         };
-        let (subs, bytes) = (split(total_max.subs), split(total_max.bytes));
+        let (subs, bytes) = (split(total_max.subs, 1), split(total_max.bytes, cost(1)));
         Self {
             tenant_max: cap(tenant_max),
             total_max,
@@ -383,6 +386,30 @@ mod tests {
         // cap, a deep replacement is refused, a same-depth one is not.
         assert!(q.refusal(&t, 32, Some(2)).unwrap().contains("memory limit"));
         assert_eq!(q.refusal(&t, 2, Some(2)), None);
+    }
+
+    /// Review finding (Low): a byte share of the reserve below one 1-level filter (a small
+    /// total_subscription_bytes, or many subscription_reserve_tenants) let no tenant ever
+    /// subscribe into the reserve: the total was silently its common part. A share is
+    /// at least one such filter (as a count share is at least 1).
+    #[test]
+    fn a_byte_share_below_one_filter_still_admits_a_tenant_into_the_reserve() {
+        let (a, b) = (
+            Tenant::Address("10.0.0.1".parse().unwrap()),
+            Tenant::Address("10.0.0.2".parse().unwrap()),
+        );
+        // 20 filters' worth in all, 10 % kept (2 filters) among 100 tenants: 21 bytes each.
+        let q = SubQuota::new((0, 0), (0, 20 * cost(1)), (10, 100));
+        let mut n = 0;
+        while let Ok(r) = q.reserve(&a, 1, None) {
+            r.keep();
+            n += 1;
+        }
+        assert_eq!(n, 18, "a fills the common part");
+        q.reserve(&b, 1, None)
+            .expect("a tenant holding nothing subscribes into the reserve")
+            .keep();
+        assert!(q.reserve(&b, 1, None).is_err(), "its share: one filter");
     }
 
     /// Review finding: the totals were first-come to the end — with the total four times
