@@ -725,6 +725,8 @@ export class ClientCore {
   setAccountKey(key: string): void;
   /** Relay account bearer token, sent in `Hello`. */
   setAuthToken(token: string): void;
+  /** A sealing rule for topics matching `filter`. A rule naming no `suite` follows the
+   * client-wide one (`setSuite`), whether that is set before or after the rule. */
   setTopicOptions(
     filter: string,
     compression: number | 'none' | 'zstd' | 'lz4' | string,

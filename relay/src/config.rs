@@ -1003,8 +1003,9 @@ pub struct Limits {
     #[arg(long, env = "WHISPEER_SUBSCRIPTION_RESERVE_PERCENT", value_parser = clap::value_parser!(u8).range(0..=90))]
     pub subscription_reserve_percent: u8,
     /// How many tenants the subscription reserve is divided among: each may hold up to
-    /// reserve / subscription_reserve_tenants (of the count and of the bytes) and still
-    /// subscribe into it (at least 1). With auth required, the number of relay accounts
+    /// reserve / subscription_reserve_tenants (of the count and of the bytes; a byte share
+    /// is raised to one 1-level filter, and a share too small to use is warned about at
+    /// start) and still subscribe into it (at least 1). With auth required, the number of relay accounts
     /// guarantees every account its share; without auth a tenant is a source address, and
     /// this many addresses can use the reserve up.
     #[arg(long, env = "WHISPEER_SUBSCRIPTION_RESERVE_TENANTS", value_parser = clap::value_parser!(u64).range(1..))]
