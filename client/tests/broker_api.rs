@@ -5,6 +5,8 @@
 #[allow(dead_code)]
 #[path = "../examples/broker_api.rs"]
 mod example;
+#[path = "support/logs.rs"]
+mod logs;
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -537,41 +539,14 @@ async fn a_broker_without_persistence_serves_quic_from_a_temporary_certificate()
 }
 
 /// A shared buffer for a `tracing_subscriber::fmt` writer.
-#[derive(Clone, Default)]
-struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuf {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 /// Security review F2: a topic (any UTF-8 but NUL) chosen by a member is logged at WARN
 /// when its message does not decode; fmt writes named fields raw, so the topic is escaped
 /// (no ESC reaches the terminal, no forged line).
 #[tokio::test]
 async fn a_hostile_topic_in_a_skipped_message_warning_is_escaped() {
-    let buf = LogBuf::default();
-    let w = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .without_time()
-        .with_target(false)
-        .with_writer(move || w.clone())
-        .finish();
     // A current-thread runtime: the callback task runs on this thread, under this default.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (buf, _guard) = logs::capture_warnings();
     let broker = Broker::build_default().build().await.unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let _h = broker
@@ -651,16 +626,7 @@ async fn a_store_directory_others_can_write_is_refused_with_its_planted_keys() {
 #[test]
 fn a_group_writable_store_directory_is_used_with_a_warning() {
     use std::os::unix::fs::PermissionsExt;
-    let buf = LogBuf::default();
-    let w = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .without_time()
-        .with_target(false)
-        .with_writer(move || w.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (buf, _guard) = logs::capture_warnings();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

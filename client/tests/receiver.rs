@@ -1066,37 +1066,14 @@ async fn relay_gaps_fold_into_one_report_and_saturate() {
     c.close().await;
 }
 
-/// Log output of a test's own tracing subscriber.
-#[derive(Clone, Default)]
-struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A relay's `Err` frames reach the log at most 10 a minute at warn (a relay could send
 /// them without end, and a synchronous log would hold the connection task), each with the
 /// relay's text escaped: no ESC reaches a terminal and no line break forges another log
 /// line. The budget was unit-tested only; this is its wiring in the driver.
 #[tokio::test]
 async fn relay_errors_are_logged_escaped_and_at_most_ten_a_minute_at_warn() {
-    let buf = LogBuf::default();
-    let w = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .without_time()
-        .with_target(false)
-        .with_writer(move || w.clone())
-        .finish();
     // A current-thread runtime: the client's connection task runs on this thread, under it.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (buf, _guard) = support::logs::capture_warnings();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("tcp://{}", listener.local_addr().unwrap());
     let connect = tokio::spawn(
@@ -1129,7 +1106,7 @@ async fn relay_errors_are_logged_escaped_and_at_most_ten_a_minute_at_warn() {
     };
     write_frame(&mut conn.s, &Frame::Pong(frame::Pong { nonce: ping.nonce })).await;
     let c = within("flush", flush).await.unwrap().unwrap();
-    let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+    let text = buf.text();
     let lines: Vec<&str> = text.lines().filter(|l| l.contains("relay error")).collect();
     assert_eq!(lines.len(), 10, "ten at warn, the rest at debug:\n{text}");
     assert!(

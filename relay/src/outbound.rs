@@ -489,16 +489,16 @@ impl Outbound {
         self.budget.paused.fetch_add(1, Relaxed);
     }
 
-    /// Queues a history message (prefixed) regardless of the capacity: the history sender
-    /// paces itself with [`wait_room`](Self::wait_room) instead of being dropped.
-    pub(crate) fn push_history(&self, frame: Bytes) -> Offer {
-        let mut s = self.lock();
-        if s.closing {
-            return Offer::Closed;
-        }
+    /// Appends a message frame that is never dropped (history, retained values, catch-up)
+    /// and wakes the writer if the queue was empty. `released` bytes of a read reservation
+    /// become the frame's: added before they leave, so the connection stays busy in the
+    /// budget throughout.
+    fn enqueue_msg(&self, mut s: std::sync::MutexGuard<'_, State>, frame: Bytes, released: usize) {
         let was_empty = s.items.is_empty();
         self.budget.add(s.held(), frame.len());
         s.msg_bytes += frame.len();
+        s.reading -= released;
+        self.budget.sub(s.held(), released);
         s.items.push_back(Item {
             frame,
             is_msg: true,
@@ -509,6 +509,16 @@ impl Outbound {
         if was_empty {
             self.notify.notify_one();
         }
+    }
+
+    /// Queues a history message (prefixed) regardless of the capacity: the history sender
+    /// paces itself with [`wait_room`](Self::wait_room) instead of being dropped.
+    pub(crate) fn push_history(&self, frame: Bytes) -> Offer {
+        let mut s = self.lock();
+        if s.closing {
+            return Offer::Closed;
+        }
+        self.enqueue_msg(s, frame, 0);
         Offer::Queued
     }
 
@@ -798,23 +808,7 @@ impl ReadHold {
             out.budget.sub(s.held(), held);
             return;
         }
-        let was_empty = s.items.is_empty();
-        // Added before the reservation's bytes leave, so the connection stays busy in the
-        // budget throughout.
-        out.budget.add(s.held(), frame.len());
-        s.msg_bytes += frame.len();
-        s.reading -= held;
-        out.budget.sub(s.held(), held);
-        s.items.push_back(Item {
-            frame,
-            is_msg: true,
-            droppable: false,
-        });
-        s.msgs += 1;
-        drop(s);
-        if was_empty {
-            out.notify.notify_one();
-        }
+        out.enqueue_msg(s, frame, held);
     }
 }
 

@@ -3,6 +3,7 @@
 //! fires when something is broken.
 #![allow(dead_code)]
 
+pub mod logs;
 pub mod proxy;
 pub mod raw;
 
