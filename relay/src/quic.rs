@@ -366,6 +366,7 @@ async fn rebalance(
                 if let Some(w) = receive.rebalance() {
                     connection.set_receive_window(receive_varint(w));
                 }
+                tracing::debug!(listener = "quic", "connection windows rebalanced");
             }
         }
     }

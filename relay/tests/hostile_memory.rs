@@ -1147,8 +1147,10 @@ async fn quic_receive_windows_share_a_relay_wide_total() {
         "1",
         "--publish-burst",
         "1",
+        "--log",
+        "warn,whispeer_relay::quic=debug",
     ]);
-    let relay = BinRelay::start(&crowded_args(&args));
+    let mut relay = BinRelay::start_logged(&crowded_args(&args));
     let (pid, admin) = (relay.child.id(), relay.admin());
     let addr = relay.addrs.quic.expect("a quic address");
     let endpoint = quic_endpoint(&cert, "127.0.0.1");
@@ -1196,8 +1198,13 @@ async fn quic_receive_windows_share_a_relay_wide_total() {
             .expect("every sender is blocked by the relay's flow control")
             .unwrap();
     }
-    // Two rebalances (every second): windows do not grow past the total meanwhile.
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    // Every connection's windows rebalanced twice more (every second) after all were
+    // blocked: they did not grow past the total meanwhile. (A rebalance line already on
+    // its way may count: three per connection's worth is waited for.)
+    relay.skip_log();
+    for _ in 0..3 * CONNS {
+        relay.wait_log(&["connection windows rebalanced"]).await;
+    }
     let got: Vec<usize> = senders.iter().map(|(_, _, w, _)| w.borrow().0).collect();
     let sum: usize = got.iter().sum();
     let gauge = metric(admin, "whispeer_relay_quic_receive_window_bytes").await as usize;

@@ -603,6 +603,13 @@ impl BinRelay {
     }
 
     /// Waits for a log line containing every one of `needles` (needs `start_logged`).
+    /// Forgets the log lines read so far, so the next [`wait_log`](Self::wait_log) waits
+    /// for a line written from now on (or still on its way from the relay's stderr).
+    pub fn skip_log(&mut self) {
+        let log = self.log.as_mut().expect("started with start_logged");
+        while log.try_recv().is_ok() {}
+    }
+
     pub async fn wait_log(&mut self, needles: &[&str]) -> String {
         let log = self.log.as_mut().expect("started with start_logged");
         let found = tokio::time::timeout(TIMEOUT, async {
