@@ -190,24 +190,27 @@ test('the client keeps none of the secrets given to connect in JS, and frees the
     return free.call(this);
   };
   let c;
-  let collected = false;
-  const registry = new FinalizationRegistry(() => (collected = true));
+  const collected = new Set();
+  const registry = new FinalizationRegistry((name) => collected.add(name));
   try {
     // The keys as a key string in an array: a Keyring the client makes and must free.
     await (async () => {
       const keys = [tree.toKeyString()];
+      const identity = Identity.generate();
       registry.register(keys, 'keys');
-      c = await connect({ keys, identity: Identity.generate() });
+      registry.register(identity, 'identity');
+      c = await connect({ keys, identity });
     })();
   } finally {
     Keyring.prototype.free = free;
   }
   assert.equal(freed, 1, 'the temporary Keyring was freed');
-  for (let i = 0; i < 20 && !collected; i++) {
+  for (let i = 0; i < 20 && collected.size < 2; i++) {
     gc();
     await new Promise((r) => setTimeout(r, 10));
   }
-  assert.ok(collected, 'the keys option was not kept by the client');
+  assert.ok(collected.has('keys'), 'the keys option was not kept by the client');
+  assert.ok(collected.has('identity'), 'the identity object was not kept by the client');
   assert.equal(c.state, 'connected');
   assert.match(c.senderId, /^wspk1/);
   // The client still works without them: the core holds its own copies.
