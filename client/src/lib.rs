@@ -39,6 +39,8 @@
 //! - [`plugin`] — the [`Plugin`] trait (run on plaintext, where the keys are) and the
 //!   built-ins [`Logging`], [`Metrics`], [`TypeEnforcement`], [`Transform`]; any plugin is an
 //!   engine (`.with(plugin)`).
+//! - [`printable`] — text others chose (topics, content types, relay messages) made safe for
+//!   a log line or a terminal; the library's logs and the CLI use the one rule.
 //! - [`tag`] — [`TypeTag`] (derive it with `#[derive(TypeTag)] #[whispeer(type = "…")]`,
 //!   from `whispeer-derive` under `client/derive`) and how a tag rides in the content type;
 //!   `client::typed` has [`TypedTopic`] (`client.topic::<T>(name)`, one type per topic) and
@@ -69,7 +71,7 @@ pub struct ClientReadmeDoctests;
 pub mod core;
 pub mod error;
 pub mod plugin;
-mod printable;
+pub mod printable;
 pub mod tag;
 
 #[cfg(feature = "in-process")]

@@ -4,17 +4,18 @@
 //! them come from whoever published a message. `tracing-subscriber`'s fmt layer escapes
 //! only the `message` field: a named `%` field is written raw, so a topic holding
 //! `ESC ] 0 ; … BEL` or `\r\n WARN …` would retitle the terminal or forge log lines
-//! (security review F2/F3). Every such string the library logs goes through [`Printable`].
-//! The CLI's `io::printable` is the same rule for what it prints.
+//! (security review F2/F3). Every such string the library logs goes through [`Printable`];
+//! the CLI prints through [`escape_hostile`] — one rule for both.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Whether `c` acts on a terminal or reorders what is shown around it: C0, DEL and C1
 /// controls (CR, LF and ESC among them), the line and paragraph separators, the bidi
 /// controls (embeddings, overrides, isolates, LRM/RLM, the Arabic letter mark) and the
 /// interlinear annotation controls (U+FFF9–FFFB), which hide or reorder text in some
-/// renderers — the same set as the CLI's `io::is_terminal_hostile`.
-pub(crate) fn is_terminal_hostile(c: char) -> bool {
+/// renderers.
+pub fn is_terminal_hostile(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
@@ -53,23 +54,30 @@ struct Escaping<'a, 'b>(&'a mut fmt::Formatter<'b>);
 
 impl fmt::Write for Escaping<'_, '_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        let mut rest = s;
-        while let Some((i, c)) = rest
-            .char_indices()
-            .find(|&(_, c)| c == '\\' || is_terminal_hostile(c))
-        {
-            self.0.write_str(&rest[..i])?;
-            match c {
-                '\\' => self.0.write_str("\\\\")?,
-                '\n' => self.0.write_str("\\n")?,
-                '\r' => self.0.write_str("\\r")?,
-                '\t' => self.0.write_str("\\t")?,
-                c => write!(self.0, "{}", c.escape_unicode())?,
-            }
-            rest = &rest[i + c.len_utf8()..];
-        }
-        self.0.write_str(rest)
+        self.0.write_str(&escape_hostile(s, true))
     }
+}
+
+/// `s` with every [`is_terminal_hostile`] character written as a Rust-style escape (`\n`,
+/// `\r`, `\t`, else `\u{1b}`) and, if `backslash`, `\` as `\\` (then an escape in the
+/// output always stands for one character of the input). Borrowed when nothing needs it.
+pub fn escape_hostile(s: &str, backslash: bool) -> Cow<'_, str> {
+    let special = |c: char| (backslash && c == '\\') || is_terminal_hostile(c);
+    if !s.chars().any(special) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' if backslash => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if is_terminal_hostile(c) => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 #[cfg(test)]

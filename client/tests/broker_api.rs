@@ -538,8 +538,6 @@ async fn a_broker_without_persistence_serves_quic_from_a_temporary_certificate()
     broker.shutdown().await.unwrap();
 }
 
-/// A shared buffer for a `tracing_subscriber::fmt` writer.
-
 /// Security review F2: a topic (any UTF-8 but NUL) chosen by a member is logged at WARN
 /// when its message does not decode; fmt writes named fields raw, so the topic is escaped
 /// (no ESC reaches the terminal, no forged line).

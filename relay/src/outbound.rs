@@ -514,7 +514,7 @@ impl Outbound {
     /// Queues a history message (prefixed) regardless of the capacity: the history sender
     /// paces itself with [`wait_room`](Self::wait_room) instead of being dropped.
     pub(crate) fn push_history(&self, frame: Bytes) -> Offer {
-        let mut s = self.lock();
+        let s = self.lock();
         if s.closing {
             return Offer::Closed;
         }

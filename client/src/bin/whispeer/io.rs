@@ -3,6 +3,7 @@
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use whispeer::printable::{escape_hostile, is_terminal_hostile};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -573,27 +574,6 @@ pub fn parse_tree_id(s: &str) -> Result<whispeer::protocol::TreeId, String> {
     Ok(whispeer::protocol::TreeId(id))
 }
 
-/// Would this character, printed raw, let text someone else chose act on the terminal? C0
-/// and C1 controls and DEL (escape sequences, carriage return, new lines), the line and
-/// paragraph separators, the bidi marks (U+200E, U+200F, U+061C), embeddings, overrides and
-/// isolates (U+202A–202E, U+2066–2069), which reorder what is shown around them, and the
-/// interlinear annotation controls (U+FFF9–FFFB), which hide or reorder text in some
-/// renderers (review F8).
-fn is_terminal_hostile(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{061c}'
-                | '\u{200e}'
-                | '\u{200f}'
-                | '\u{2028}'
-                | '\u{2029}'
-                | '\u{202a}'..='\u{202e}'
-                | '\u{2066}'..='\u{2069}'
-                | '\u{fff9}'..='\u{fffb}'
-        )
-}
-
 /// `s` made safe to print for a person: every character [`is_terminal_hostile`] names is
 /// written as a Rust-style escape (`\n`, `\r`, `\t`, else `\u{1b}`), and `\` as `\\` so an
 /// escape in the output always stands for one character of the input. Tree names, scopes
@@ -611,25 +591,6 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
 /// these lines (review F4).
 pub fn diagnostic(s: &str) -> std::borrow::Cow<'_, str> {
     escape_hostile(s, false)
-}
-
-fn escape_hostile(s: &str, backslash: bool) -> std::borrow::Cow<'_, str> {
-    let special = |c: char| (backslash && c == '\\') || is_terminal_hostile(c);
-    if !s.chars().any(special) {
-        return std::borrow::Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        match c {
-            '\\' if backslash => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if is_terminal_hostile(c) => out.extend(c.escape_unicode()),
-            c => out.push(c),
-        }
-    }
-    std::borrow::Cow::Owned(out)
 }
 
 /// `'s'` with [`printable`] and `'` escaped as `\'`, so the quoted text cannot appear to end
