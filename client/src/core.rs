@@ -197,11 +197,15 @@ struct LocalSub {
     /// now it would come before this subscription's history (or retained values) and
     /// before the live messages held back earlier.
     held: Vec<u64>,
-    /// Relay sequences of live messages this subscription did not take while held (see
-    /// `held`): the relay's own copy, which follows, is still this subscription's although
-    /// the dedup window has seen it. At most [`MAX_GOT`]: once full, live messages are
+    /// Live messages this subscription did not take while held (see `held`), by relay
+    /// sequence, with their dedup digest: the relay's own copy, which follows, is still this
+    /// subscription's although the dedup window has seen it. Only messages new to this
+    /// client when they were held back, and only a copy with the same digest: the sequence
+    /// is the relay's to choose, so an exception keyed by it alone let a relay replay any
+    /// delivered message once per sequence it had sent while the subscription was held
+    /// (review of wave 2 session 42). At most [`MAX_GOT`]: once full, live messages are
     /// taken as they come again (in order or not, never lost).
-    skipped: std::collections::HashSet<u64>,
+    skipped: HashMap<u64, receive::Digest>,
 }
 
 /// A (topic, message) pair as [`LocalSub::latest`] holds it: the first 8 bytes of the
@@ -1334,20 +1338,6 @@ impl ClientCore {
             self.stats.decompressed += 1; // by the open job
         }
         let routed = self.routed(msg);
-        {
-            // Not theirs yet: the relay's copy follows their history (`LocalSub::held`).
-            let held: Vec<LocalSubId> = self
-                .subs
-                .iter()
-                .filter(|(_, s)| s.holds_back(msg))
-                .map(|(id, _)| *id)
-                .collect();
-            for id in held {
-                if let Some(s) = self.subs.get_mut(&id) {
-                    s.skipped.insert(msg.seq);
-                }
-            }
-        }
         if routed
             .iter()
             .any(|id| self.subs[id].opts.acking() && !room(*id))
@@ -1476,7 +1466,23 @@ impl ClientCore {
         // A duplicate's digest (delivered to a durable it is owed to: no longer owed).
         let mut dup_digest = None;
         let (accepted, mut eligible) = match self.guard.check(&cand, now_ms) {
-            Ok(a) => (Some(a), entitled.clone()),
+            Ok(a) => {
+                // New to this client, and not theirs yet: the relay's copy follows their
+                // history (`LocalSub::held`), and only that message's copy is let past
+                // the dedup window (`LocalSub::skipped`).
+                let held: Vec<LocalSubId> = self
+                    .subs
+                    .iter()
+                    .filter(|(_, s)| s.holds_back(msg))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in held {
+                    if let Some(s) = self.subs.get_mut(&id) {
+                        s.skipped.insert(msg.seq, keys.0);
+                    }
+                }
+                (Some(a), entitled.clone())
+            }
             Err(why @ (receive::Refusal::Duplicate | receive::Refusal::BeforeWindow)) => {
                 // Already delivered (or dated before what a dedup window shortened by its
                 // capacity still covers, so perhaps delivered): only history a subscription
@@ -1505,7 +1511,7 @@ impl ClientCore {
                                     && s.got
                                         .as_ref()
                                         .is_some_and(|g| g.len() < MAX_GOT && !g.contains(&key)))
-                                    || (msg.seq > 0 && s.skipped.contains(&msg.seq))
+                                    || (msg.seq > 0 && s.skipped.get(&msg.seq) == Some(&dig))
                                     || (replayed
                                         && s.opts
                                             .durable

@@ -1406,6 +1406,91 @@ fn live_messages_the_relay_holds_back_for_a_subscription_wait_for_its_history_to
     play("held-back live messages", || Sim::new(|_| {}), &steps);
 }
 
+/// The hand-over exception (the relay's copy of a live message held back for a
+/// subscription in its history passes the dedup window) is tied to that message, not to a
+/// sequence number the relay chose: a relay that numbers copies of messages the client
+/// already delivered with sequences it sent while the subscription was held — an old copy
+/// sent then, or a held-back message's sequence — replays nothing (review of wave 2
+/// session 42: "r", its retained value, reached subscription 2 again under m3's sequence).
+#[test]
+fn a_relay_cannot_replay_delivered_messages_under_held_back_sequences() {
+    let mut steps = connected_with(live_sub(1, "a/+/t", SubscribeOptions::new()));
+    steps.extend([
+        sub(2, "a/#", SubscribeOptions::new()),
+        fresh_sub(2),
+        SubOkHistory { id: 2, seq: 0 },
+        ExpectEvent(Ev::SubscribeOk(2)),
+        Seal {
+            name: "r",
+            topic: "a/r",
+        },
+        Seal {
+            name: "m3",
+            topic: "a/g/t",
+        },
+        Seal {
+            name: "old",
+            topic: "a/k/t",
+        },
+        DeliverHistory {
+            msg: "r",
+            seq: 1,
+            flags: msg_flags::RETAINED,
+            id: 2,
+        },
+        // "old": delivered to subscription 1 before; its copy comes again while
+        // subscription 2 is held, under a new sequence.
+        Deliver {
+            msg: "old",
+            seq: 2,
+            flags: 0,
+        },
+        Deliver {
+            msg: "m3",
+            seq: 4,
+            flags: 0,
+        },
+        Deliver {
+            msg: "old",
+            seq: 9,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "r" }),
+        ExpectEvent(Ev::Message { sub: 1, msg: "old" }),
+        ExpectEvent(Ev::Message { sub: 1, msg: "m3" }),
+        ExpectNoEvent,
+        ReplayDone { id: 2, seq: 0 },
+        // Its retained value under m3's held-back sequence; "old" under the sequence its
+        // copy came with while held.
+        Deliver {
+            msg: "r",
+            seq: 4,
+            flags: 0,
+        },
+        Deliver {
+            msg: "old",
+            seq: 9,
+            flags: 0,
+        },
+        ExpectNoEvent,
+        // m3's own copy is still subscription 2's, once.
+        Deliver {
+            msg: "m3",
+            seq: 4,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "m3" }),
+        ExpectNoEvent,
+        Deliver {
+            msg: "m3",
+            seq: 4,
+            flags: 0,
+        },
+        ExpectNoEvent,
+    ]);
+    play("held-back sequences replayed", || Sim::new(|_| {}), &steps);
+}
+
 #[test]
 fn qos2_resend_is_acked_once_and_a_restored_outbox_keeps_its_ids() {
     let steps = [
