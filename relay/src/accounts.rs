@@ -11,6 +11,20 @@
 //! may use it (each with its own rights). Claims and durable-subscription owners are kept
 //! in a small append-only state file ([`AuthState`]) so they survive restarts.
 //!
+//! **Claims lapse lazily** (`auth.claim_idle_ms`, 7 days by default; 0 = never). A group
+//! holds at most `auth.max_claims_per_group` claims, so one member could fill the quota
+//! with junk key ids (a `Sub` each) and stop its group's next epochs. Each claim of this
+//! relay's own therefore knows its holds — the subscriptions using its key id here
+//! ([`ClaimHold`], kept with the subscription) — and its last use (any authorize relying
+//! on it; refreshed coarsely, written to the file as `used` lines at most every quarter
+//! of the idle time). When a group at its limit asks for a new key id, its longest-unused
+//! claim is released in its place (`AuthState::release_one`) if it is unheld, unused
+//! for `claim_idle_ms`, owns no durable and the store holds nothing under it
+//! ([`crate::store::Store::holds_key_id`]); a `release` line makes a restart agree.
+//! Nothing lapses by a timer, nothing lapses for another group's request, and in a
+//! cluster nothing lapses at all. With the relay stopped an operator can release claims
+//! ([`release_claims`], `whispeer-relay claims release`).
+//!
 //! **Identity** (review finding 17). The name is only the operator's label. An entry that
 //! `account add` wrote carries `id`, 16 random bytes (32 hex characters, from the OS RNG);
 //! everything the relay keeps for the account derives from it: its store tenant
@@ -103,6 +117,12 @@ pub enum AccountError {
          those claims over on purpose with `account add --adopt-retired-group`"
     )]
     RetiredGroup { name: String, group: String },
+    /// Another process holds the auth-state file's lock: a relay running on it.
+    #[error(
+        "{path}: a running relay holds this auth state file; stop the relay first (it \
+         releases claims unused for auth.claim_idle_ms by itself when a group needs room)"
+    )]
+    InUse { path: PathBuf },
 }
 
 /// One right an account may hold.
@@ -562,8 +582,14 @@ impl Refusal {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "lowercase")]
 enum StateLine {
-    /// A key id claimed by a group.
-    Claim { key_id: String, group: String },
+    /// A key id claimed by a group; `used`: its last use then (Unix ms; absent in files
+    /// from before claims could lapse, and while `auth.claim_idle_ms` is 0).
+    Claim {
+        key_id: String,
+        group: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        used: Option<u64>,
+    },
     /// A durable subscription's owner.
     Owner {
         key_id: String,
@@ -574,6 +600,61 @@ enum StateLine {
     /// `store.durable_idle_ms`): its owner is forgotten. A relay older than this line
     /// skips it (as an unreadable line) and keeps the owner.
     Disown { key_id: String, name: String },
+    /// A claim was used at `at` (Unix ms): written at most every quarter of
+    /// `auth.claim_idle_ms` per claim, so its idle time survives a restart. A relay older
+    /// than this line skips it.
+    Used { key_id: String, at: u64 },
+    /// `group`'s claim of the key id lapsed (unused for `auth.claim_idle_ms`, released for a
+    /// new key id of the group) or an operator released it (`whispeer-relay claims
+    /// release`, relay stopped). A relay older than this line skips it and keeps the claim.
+    Release { key_id: String, group: String },
+}
+
+/// The clock claims' last uses are measured with: Unix milliseconds (injectable for tests).
+#[derive(Clone)]
+struct Clock(Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock(Arc::new(|| {
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        }))
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
+/// After a start, no claim lapses for this long (or `auth.claim_idle_ms`, if shorter): the
+/// subscriptions that held claims before come back meanwhile, and a claim held when the
+/// relay stopped was last written as used when its subscription began.
+const START_GRACE_MS: u64 = 3_600_000;
+
+/// At most this many of a group's idle claims are looked at (owners, store) per request
+/// that needs one released; each one found still holding something counts as used now, so
+/// it is looked at again only after another `auth.claim_idle_ms`.
+const RELEASE_CHECKS: usize = 16;
+
+/// A key id's claim, as the relay keeps it in memory.
+#[derive(Debug)]
+struct ClaimEntry {
+    group: String,
+    /// Its state-file line (0: read at start, or learned from a shared store).
+    line: u64,
+    /// Learned from a store shared by relays (JetStream): the cluster's, never released here.
+    shared: bool,
+    /// Subscriptions on this relay that use the key id ([`ClaimHold`]).
+    holds: u32,
+    /// Its last use (Unix ms), refreshed at most every eighth of `claim_idle_ms` (a minute
+    /// at most), so a publish rarely writes anything.
+    used: u64,
+    /// The last use the state file holds.
+    saved: u64,
 }
 
 /// Key-id claims and durable owners, in memory and (optionally) in an append-only file,
@@ -584,12 +665,27 @@ enum StateLine {
 /// written and `sync_data`ed by a writer thread of its own, a batch of lines at a time,
 /// never on a tokio worker; [`AuthState::durable`] tells how many lines are on disk, so a
 /// request that made (or depends on) a newer line can wait for it before it is answered.
+///
+/// **Lapsing claims** (`auth.claim_idle_ms` > 0, no cluster): each claim of this relay's
+/// own knows its holds (subscriptions using the key id here) and its last use; a group at
+/// its limit that asks for a new key id gets its longest-unused claim released instead,
+/// if that one is unheld, unused for `claim_idle_ms`, owns no durable and the store holds
+/// nothing under it (`AuthState::release_one`). Nothing lapses by a timer.
 #[derive(Debug, Default)]
 pub struct AuthState {
-    claims: HashMap<[u8; 16], (String, u64)>,
+    claims: HashMap<[u8; 16], ClaimEntry>,
     claims_per_group: HashMap<String, usize>,
-    owners: HashMap<([u8; 16], String), (String, u64)>,
+    /// Per group, its releasable claims that no subscription holds, by last use (kept only
+    /// while claims may lapse).
+    idle: HashMap<String, std::collections::BTreeSet<(u64, [u8; 16])>>,
+    /// Ordered, so the owners under one key id are a range.
+    owners: std::collections::BTreeMap<([u8; 16], String), (String, u64)>,
     writer: Option<StateWriter>,
+    /// `auth.claim_idle_ms` (0: claims never lapse).
+    idle_ms: u64,
+    clock: Clock,
+    /// Claims released since the start.
+    released: u64,
 }
 
 /// How long the auth-state writer waits before it tries a failed write again.
@@ -603,16 +699,17 @@ const COMPACT_MIN_BYTES: u64 = 32 * 1024;
 /// F3: each durable created and deleted leaves an `Owner` and a `Disown` line, so a
 /// client looping `Sub` with an owner and `Unsub {delete}` grew the file without bound).
 /// Once the file holds more dead lines than live ones (and [`COMPACT_MIN_BYTES`]), the
-/// thread rewrites it as the live claims and owners only: a temporary file, synced,
-/// renamed over the file, the directory synced, then appending goes on in the new file.
+/// thread rewrites it as the live claims (with their last use) and owners only: a
+/// temporary file, synced, renamed over the file, the directory synced, then appending
+/// goes on in the new file. Released claims and `Used` lines are dead lines.
 /// Lines are numbered by the writer's count of lines handed to it (never by position in
 /// the file), so the count requests wait on ([`AuthState::durable`]) goes on unchanged:
 /// a line counted on disk was synced in the old file, and the new file holds its effect
 /// before it replaces the old one.
 #[derive(Debug, Default)]
 struct LiveState {
-    /// Key id (hex) -> group.
-    claims: HashMap<String, String>,
+    /// Key id (hex) -> (group, last use written).
+    claims: HashMap<String, (String, Option<u64>)>,
     /// (Key id (hex), durable name) -> owner.
     owners: HashMap<(String, String), String>,
     /// Whole lines in the file, readable or not.
@@ -622,8 +719,12 @@ struct LiveState {
 impl LiveState {
     fn apply(&mut self, l: &StateLine) {
         match l {
-            StateLine::Claim { key_id, group } => {
-                self.claims.insert(key_id.clone(), group.clone());
+            StateLine::Claim {
+                key_id,
+                group,
+                used,
+            } => {
+                self.claims.insert(key_id.clone(), (group.clone(), *used));
             }
             StateLine::Owner {
                 key_id,
@@ -635,6 +736,16 @@ impl LiveState {
             }
             StateLine::Disown { key_id, name } => {
                 self.owners.remove(&(key_id.clone(), name.clone()));
+            }
+            StateLine::Used { key_id, at } => {
+                if let Some((_, used)) = self.claims.get_mut(key_id) {
+                    *used = Some(used.map_or(*at, |u| u.max(*at)));
+                }
+            }
+            StateLine::Release { key_id, group } => {
+                if self.claims.get(key_id).is_some_and(|(g, _)| g == group) {
+                    self.claims.remove(key_id);
+                }
             }
         }
     }
@@ -658,10 +769,11 @@ impl LiveState {
                 out.push(b'\n');
             }
         };
-        for (key_id, group) in &self.claims {
+        for (key_id, (group, used)) in &self.claims {
             push(&StateLine::Claim {
                 key_id: key_id.clone(),
                 group: group.clone(),
+                used: *used,
             });
         }
         for ((key_id, name), owner) in &self.owners {
@@ -672,6 +784,55 @@ impl LiveState {
             });
         }
         out
+    }
+
+    /// Replays the state file at `path` (`None`: there is none). The second value is the
+    /// length of its whole lines when a torn last line (a crash mid-write) follows them:
+    /// the file must be cut back to it before anything is appended, or the next line
+    /// would be glued to it and lost at the following start (review F4). Lines are read as
+    /// bytes: a line that is not UTF-8 JSON is skipped (logged), never the whole file.
+    fn replay(path: &Path) -> Result<Option<(LiveState, Option<u64>)>, AccountError> {
+        let io = |source| AccountError::Io {
+            path: path.into(),
+            source,
+        };
+        let f = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        let mut live = LiveState::default();
+        let mut tail = None;
+        let mut r = BufReader::new(f);
+        let mut line = Vec::new();
+        let (mut n, mut whole) = (0u64, 0u64);
+        loop {
+            line.clear();
+            let got = r.read_until(b'\n', &mut line).map_err(io)?;
+            if got == 0 {
+                break;
+            }
+            n += 1;
+            if line.last() != Some(&b'\n') {
+                tracing::warn!(file = %path.display(), line = n, bytes = got,
+                    "cutting off a torn last line of the auth state file (a write \
+                     a crash interrupted; never answered)");
+                tail = Some(whole);
+                break;
+            }
+            whole += got as u64;
+            live.lines += 1;
+            if line.trim_ascii().is_empty() {
+                continue;
+            }
+            let Ok(parsed) = serde_json::from_slice::<StateLine>(&line) else {
+                tracing::warn!(file = %path.display(), line = n,
+                    "skipping an unreadable line of the auth state file");
+                continue;
+            };
+            live.apply(&parsed);
+        }
+        Ok(Some((live, tail)))
     }
 }
 
@@ -687,10 +848,32 @@ fn open_append(path: &Path) -> std::io::Result<File> {
     o.open(path)
 }
 
+/// Takes the advisory lock (`flock`, exclusive) a relay holds on its state file while it
+/// runs, without waiting: `Ok(false)` when another process holds it. `whispeer-relay
+/// claims release` appends to the file only under it, so it refuses while a relay runs.
+/// Advisory only, and only on Unix (elsewhere always `Ok(true)`).
+fn try_lock(f: &File) -> std::io::Result<bool> {
+    #[cfg(unix)]
+    {
+        use rustix::fs::{flock, FlockOperation};
+        match flock(f, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(true),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = f;
+        Ok(true)
+    }
+}
+
 /// Rewrites the state file `path` as `bytes` (see [`LiveState`]). `Err` before the rename: the
 /// old file is untouched (and still the one to append to). Once renamed, the directory
 /// sync and the reopen are retried until they work: appending to the old file (now
 /// unlinked), or to a new one whose name a crash could still take back, would lose lines.
+/// The new file is locked like the old one ([`try_lock`]).
 fn compact(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".compact");
@@ -704,6 +887,8 @@ fn compact(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
             o.mode(0o600);
         }
         let mut t = o.open(&tmp)?;
+        // Locked before it takes the file's name: no moment without the relay's lock.
+        let _ = try_lock(&t);
         t.write_all(bytes)?;
         t.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -722,7 +907,10 @@ fn compact(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
             .and_then(|d| d.sync_all())
             .and_then(|_| open_append(path));
         match reopened {
-            Ok(f) => return Ok(f),
+            Ok(f) => {
+                let _ = try_lock(&f);
+                return Ok(f);
+            }
             Err(e) => {
                 if !warned {
                     tracing::error!(file = %path.display(), error = %e,
@@ -830,9 +1018,19 @@ impl StateWriter {
 }
 
 impl AuthState {
-    /// Opens (or creates) the state file and replays it.
+    /// Opens (or creates) the state file and replays it; claims never lapse.
     pub fn open(path: Option<&Path>) -> Result<Self, AccountError> {
-        let mut s = AuthState::default();
+        Self::open_with(path, 0, Clock::default())
+    }
+
+    /// [`open`](Self::open), with claims lapsing after `idle_ms` unused (0: never) as
+    /// measured by `clock`.
+    fn open_with(path: Option<&Path>, idle_ms: u64, clock: Clock) -> Result<Self, AccountError> {
+        let mut s = AuthState {
+            idle_ms,
+            clock,
+            ..AuthState::default()
+        };
         let Some(path) = path else {
             return Ok(s);
         };
@@ -840,82 +1038,231 @@ impl AuthState {
             path: path.into(),
             source,
         };
-        // Lines are read as bytes (a line is skipped if it is not UTF-8 JSON, never the
-        // whole file). What follows the last newline is a torn write (a crash mid-line):
-        // cut off before anything is appended, or the next line would be glued to it and
-        // lost at the following start (review F4).
-        let mut tail: Option<u64> = None;
-        let mut live = LiveState::default();
-        match File::open(path) {
-            Ok(f) => {
-                let mut r = BufReader::new(f);
-                let mut line = Vec::new();
-                let (mut n, mut whole) = (0u64, 0u64);
-                loop {
-                    line.clear();
-                    let got = r.read_until(b'\n', &mut line).map_err(io)?;
-                    if got == 0 {
-                        break;
-                    }
-                    n += 1;
-                    if line.last() != Some(&b'\n') {
-                        tracing::warn!(file = %path.display(), line = n, bytes = got,
-                            "cutting off a torn last line of the auth state file (a write \
-                             a crash interrupted; never answered)");
-                        tail = Some(whole);
-                        break;
-                    }
-                    whole += got as u64;
-                    live.lines += 1;
-                    if line.trim_ascii().is_empty() {
-                        continue;
-                    }
-                    let Ok(parsed) = serde_json::from_slice::<StateLine>(&line) else {
-                        tracing::warn!(file = %path.display(), line = n,
-                            "skipping an unreadable line of the auth state file");
-                        continue;
-                    };
-                    live.apply(&parsed);
-                    s.apply(parsed);
-                }
+        let (live, tail) = LiveState::replay(path)?.unwrap_or_default();
+        let start = s.now();
+        // Unused since the file says, but never lapsing within the grace after a start.
+        let floor = start
+            .saturating_sub(idle_ms)
+            .saturating_add(idle_ms.min(START_GRACE_MS));
+        for (key_id, (group, used)) in &live.claims {
+            let mut k = [0u8; 16];
+            if hex::decode_to_slice(key_id, &mut k).is_ok() {
+                let at = used.map_or(start, |u| u.max(floor));
+                s.insert_claim(k, group.clone(), 0, false, at, used.unwrap_or(0), false);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
+        }
+        for ((key_id, name), owner) in &live.owners {
+            let mut k = [0u8; 16];
+            if hex::decode_to_slice(key_id, &mut k).is_ok() {
+                s.owners.insert((k, name.clone()), (owner.clone(), 0));
+            }
         }
         let f = open_append(path).map_err(io)?;
         if let Some(whole) = tail {
             f.set_len(whole).and_then(|_| f.sync_data()).map_err(io)?;
         }
+        match try_lock(&f) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(file = %path.display(),
+                "another process holds the auth state file's lock (a second relay on the \
+                 same file, or `whispeer-relay claims release`): its lines and this relay's \
+                 may not agree"),
+            Err(e) => tracing::debug!(file = %path.display(), error = %e,
+                "cannot lock the auth state file"),
+        }
         s.writer = Some(StateWriter::spawn(path.to_owned(), f, live).map_err(io)?);
         Ok(s)
     }
 
-    fn apply(&mut self, l: StateLine) {
-        match l {
-            StateLine::Claim { key_id, group } => {
-                let mut k = [0u8; 16];
-                if hex::decode_to_slice(&key_id, &mut k).is_ok() {
-                    *self.claims_per_group.entry(group.clone()).or_default() += 1;
-                    self.claims.insert(k, (group, 0));
-                }
-            }
-            StateLine::Owner {
-                key_id,
-                name,
-                owner,
-            } => {
-                let mut k = [0u8; 16];
-                if hex::decode_to_slice(&key_id, &mut k).is_ok() {
-                    self.owners.insert((k, name), (owner, 0));
-                }
-            }
-            StateLine::Disown { key_id, name } => {
-                let mut k = [0u8; 16];
-                if hex::decode_to_slice(&key_id, &mut k).is_ok() {
-                    self.owners.remove(&(k, name));
-                }
+    /// Whether claims may lapse.
+    fn lapsing(&self) -> bool {
+        self.idle_ms > 0
+    }
+
+    fn now(&self) -> u64 {
+        (self.clock.0)()
+    }
+
+    /// Records a claim (and counts it for its group). An unheld claim of this relay's own
+    /// joins its group's idle claims while claims may lapse.
+    #[allow(clippy::too_many_arguments)]
+    fn insert_claim(
+        &mut self,
+        k: [u8; 16],
+        group: String,
+        line: u64,
+        shared: bool,
+        used: u64,
+        saved: u64,
+        held: bool,
+    ) {
+        *self.claims_per_group.entry(group.clone()).or_default() += 1;
+        if self.lapsing() && !shared && !held {
+            self.idle
+                .entry(group.clone())
+                .or_default()
+                .insert((used, k));
+        }
+        self.claims.insert(
+            k,
+            ClaimEntry {
+                group,
+                line,
+                shared,
+                holds: u32::from(held),
+                used,
+                saved,
+            },
+        );
+    }
+
+    /// A request relied on the claim of `k` (which exists): refreshes its last use (at most
+    /// every eighth of `claim_idle_ms`, a minute at most; written to the file at most
+    /// every quarter) and, with `hold`, counts a subscription holding it. Returns whether
+    /// a hold was taken (never while claims cannot lapse, nor for a shared claim).
+    fn touch(&mut self, k: &[u8; 16], hold: bool) -> bool {
+        if !self.lapsing() {
+            return false;
+        }
+        let now = self.now();
+        let step = (self.idle_ms / 8).clamp(1, 60_000);
+        let save_every = (self.idle_ms / 4).max(1);
+        let Some(e) = self.claims.get_mut(k) else {
+            return false;
+        };
+        if e.shared {
+            return false;
+        }
+        let stale = now.saturating_sub(e.used) >= step;
+        if !stale && !hold {
+            return false;
+        }
+        let unheld = e.holds == 0;
+        if unheld {
+            if let Some(set) = self.idle.get_mut(&e.group) {
+                set.remove(&(e.used, *k));
             }
         }
+        if stale {
+            e.used = e.used.max(now);
+        }
+        if hold {
+            e.holds += 1;
+        } else if unheld {
+            // Still unheld: back among the idle ones, as used now.
+            self.idle
+                .entry(e.group.clone())
+                .or_default()
+                .insert((e.used, *k));
+        }
+        if stale && now.saturating_sub(e.saved) >= save_every {
+            e.saved = now;
+            self.append(&StateLine::Used {
+                key_id: hex::encode(k),
+                at: now,
+            });
+        }
+        hold
+    }
+
+    /// A subscription holding the claim of `k` ended ([`ClaimHold`]): the claim counts as
+    /// used now, and lapses once unused for `claim_idle_ms` from here.
+    fn unhold(&mut self, k: &[u8; 16]) {
+        let now = self.now();
+        let save_every = (self.idle_ms / 4).max(1);
+        let Some(e) = self.claims.get_mut(k) else {
+            return;
+        };
+        if e.holds == 0 {
+            return;
+        }
+        e.holds -= 1;
+        if e.holds > 0 {
+            return;
+        }
+        e.used = e.used.max(now);
+        self.idle
+            .entry(e.group.clone())
+            .or_default()
+            .insert((e.used, *k));
+        if now.saturating_sub(e.saved) >= save_every {
+            e.saved = now;
+            self.append(&StateLine::Used {
+                key_id: hex::encode(k),
+                at: now,
+            });
+        }
+    }
+
+    /// Whether a durable owner is recorded under `k`.
+    fn owns_durable(&self, k: &[u8; 16]) -> bool {
+        self.owners
+            .range((*k, String::new())..)
+            .next()
+            .is_some_and(|((o, _), _)| o == k)
+    }
+
+    /// Releases `group`'s longest-unused claim if it may lapse: unheld, unused for
+    /// `claim_idle_ms`, no durable owner under its key id and nothing in the store
+    /// (`stored`: whether the store holds anything under a key id; an error counts as
+    /// yes). Looks at [`RELEASE_CHECKS`] such claims at most; one that still holds
+    /// something counts as used now. Returns the released key id.
+    fn release_one(
+        &mut self,
+        group: &str,
+        stored: &mut dyn FnMut(&[u8; 16]) -> bool,
+    ) -> Option<[u8; 16]> {
+        if !self.lapsing() {
+            return None;
+        }
+        let now = self.now();
+        let due: Vec<(u64, [u8; 16])> = self
+            .idle
+            .get(group)?
+            .iter()
+            .take_while(|(used, _)| now.saturating_sub(*used) >= self.idle_ms)
+            .take(RELEASE_CHECKS)
+            .copied()
+            .collect();
+        for (used, k) in due {
+            if self.owns_durable(&k) || stored(&k) {
+                // In use after all: looked at again only after another idle period.
+                if let (Some(set), Some(e)) = (self.idle.get_mut(group), self.claims.get_mut(&k)) {
+                    set.remove(&(used, k));
+                    e.used = now;
+                    set.insert((now, k));
+                }
+                continue;
+            }
+            if let Some(set) = self.idle.get_mut(group) {
+                set.remove(&(used, k));
+                if set.is_empty() {
+                    self.idle.remove(group);
+                }
+            }
+            self.claims.remove(&k);
+            if let Some(n) = self.claims_per_group.get_mut(group) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.claims_per_group.remove(group);
+                }
+            }
+            self.append(&StateLine::Release {
+                key_id: hex::encode(k),
+                group: group.to_owned(),
+            });
+            self.released += 1;
+            // Key ids only at debug (relay/README.md: info logs never show them).
+            tracing::info!(
+                group,
+                idle_ms = now.saturating_sub(used),
+                "key-id claim released: unused for auth.claim_idle_ms, nothing stored, no \
+                 subscription or durable; the group needed room for a new key id"
+            );
+            tracing::debug!(group, key_id = %hex::encode(k), "released claim");
+            return Some(k);
+        }
+        None
     }
 
     /// Hands a line to the writer thread; its number (0 without a file).
@@ -954,6 +1301,150 @@ impl AuthState {
     }
 }
 
+/// A subscription's hold on its key id's claim: while one exists the claim does not lapse
+/// (`auth.claim_idle_ms`). Given by [`Accounts::authorize_use`] and kept with the
+/// subscription; dropped when it ends (`Unsub`, replaced, ended by a reload, or the
+/// connection closed), which counts as the claim's last use.
+pub struct ClaimHold {
+    state: Arc<Mutex<AuthState>>,
+    key: [u8; 16],
+}
+
+impl std::fmt::Debug for ClaimHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimHold")
+            .field("key", &hex::encode(&self.key[..4]))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ClaimHold {
+    fn drop(&mut self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unhold(&self.key);
+    }
+}
+
+/// What [`Accounts::authorize_use`] grants.
+#[derive(Debug, Default)]
+pub struct Granted {
+    /// The claim relied on is state-file line `line`, not yet on disk: answer the request
+    /// once [`Accounts::durable`] reaches it.
+    pub pending: Option<u64>,
+    /// The hold a subscription keeps on its key id's claim (asked for, and claims may
+    /// lapse here).
+    pub hold: Option<ClaimHold>,
+}
+
+/// A claim as the state file holds it ([`list_claims`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimInfo {
+    /// The key id, hex.
+    pub key_id: String,
+    /// The group holding it.
+    pub group: String,
+    /// Its last use the file holds (Unix ms); `None`: not known (a line from before claims
+    /// could lapse, or written while `auth.claim_idle_ms` was 0).
+    pub used: Option<u64>,
+    /// Durable owners recorded under the key id.
+    pub durables: usize,
+}
+
+/// The claims the state file at `path` holds (none when there is no file), by group and
+/// key id. Reads only: a running relay may hold newer ones in memory, not yet written.
+pub fn list_claims(path: &Path) -> Result<Vec<ClaimInfo>, AccountError> {
+    let Some((live, _)) = LiveState::replay(path)? else {
+        return Ok(Vec::new());
+    };
+    Ok(claim_infos(&live))
+}
+
+fn claim_infos(live: &LiveState) -> Vec<ClaimInfo> {
+    let mut durables: HashMap<&str, usize> = HashMap::new();
+    for (key_id, _) in live.owners.keys() {
+        *durables.entry(key_id.as_str()).or_default() += 1;
+    }
+    let mut v: Vec<ClaimInfo> = live
+        .claims
+        .iter()
+        .map(|(key_id, (group, used))| ClaimInfo {
+            key_id: key_id.clone(),
+            group: group.clone(),
+            used: *used,
+            durables: durables.get(key_id.as_str()).copied().unwrap_or(0),
+        })
+        .collect();
+    v.sort_by(|a, b| (&a.group, &a.key_id).cmp(&(&b.group, &b.key_id)));
+    v
+}
+
+/// What [`release_claims`] did.
+#[derive(Debug, Default)]
+pub struct Released {
+    /// Claims released.
+    pub released: Vec<ClaimInfo>,
+    /// Claims picked but kept: a durable owner is recorded under the key id (delete the
+    /// durable first).
+    pub kept: Vec<ClaimInfo>,
+}
+
+/// Releases the claims of `group` that `pick` chooses from the state file at `path`, by
+/// appending `release` lines (synced) — with the relay **stopped**: a running relay holds
+/// the file's lock (`try_lock`; `Err(AccountError::InUse)`), and would neither see the
+/// lines nor keep them when it compacts the file. A claim under which a durable owner is
+/// recorded is kept (reported). What the store holds under a released key id stays (the
+/// next group to claim it can read it: sealed envelopes).
+pub fn release_claims(
+    path: &Path,
+    group: &str,
+    pick: impl Fn(&ClaimInfo) -> bool,
+) -> Result<Released, AccountError> {
+    let io = |source| AccountError::Io {
+        path: path.into(),
+        source,
+    };
+    if !path.exists() {
+        return Ok(Released::default());
+    }
+    let mut f = open_append(path).map_err(io)?;
+    if !try_lock(&f).map_err(io)? {
+        return Err(AccountError::InUse { path: path.into() });
+    }
+    let Some((live, tail)) = LiveState::replay(path)? else {
+        return Ok(Released::default());
+    };
+    if let Some(whole) = tail {
+        f.set_len(whole).and_then(|_| f.sync_data()).map_err(io)?;
+    }
+    let mut out = Released::default();
+    let mut lines = Vec::new();
+    for c in claim_infos(&live)
+        .into_iter()
+        .filter(|c| c.group == group && pick(c))
+    {
+        if c.durables > 0 {
+            out.kept.push(c);
+            continue;
+        }
+        let mut line = serde_json::to_vec(&StateLine::Release {
+            key_id: c.key_id.clone(),
+            group: c.group.clone(),
+        })
+        .unwrap_or_default();
+        line.push(b'\n');
+        lines.extend_from_slice(&line);
+        out.released.push(c);
+    }
+    if !lines.is_empty() {
+        f.write_all(&lines)
+            .and_then(|_| f.sync_data())
+            .map_err(io)?;
+    }
+    Ok(out)
+}
+
 /// The accounts, claims and live authenticated connections of a relay.
 #[derive(Debug)]
 pub struct Accounts {
@@ -962,7 +1453,8 @@ pub struct Accounts {
     max_claims: usize,
     table: RwLock<Arc<Table>>,
     stamp: Mutex<Stamp>,
-    state: Mutex<AuthState>,
+    /// Shared with the [`ClaimHold`]s of subscriptions.
+    state: Arc<Mutex<AuthState>>,
     /// Authenticated connections. Locked before `table` wherever both are taken: a
     /// connection is attached under the table it is checked against, and a reload swaps
     /// the table and walks the connections under this lock, so none escapes the walk.
@@ -1027,6 +1519,11 @@ fn read_list(path: &Path) -> Result<String, AccountError> {
 impl Accounts {
     /// Loads the account list and the state file the configuration names.
     pub fn open(cfg: &AuthConfig) -> Result<Self, AccountError> {
+        Self::open_clocked(cfg, Clock::default())
+    }
+
+    /// [`open`](Self::open), claims' last uses measured by `clock`.
+    fn open_clocked(cfg: &AuthConfig, clock: Clock) -> Result<Self, AccountError> {
         let file = cfg.accounts.clone().filter(|p| !p.as_os_str().is_empty());
         let mut stamp = Stamp {
             meta: None,
@@ -1048,7 +1545,11 @@ impl Accounts {
             max_claims: cfg.max_claims_per_group,
             table: RwLock::new(Arc::new(table)),
             stamp: Mutex::new(stamp),
-            state: Mutex::new(AuthState::open(cfg.state.as_deref())?),
+            state: Arc::new(Mutex::new(AuthState::open_with(
+                cfg.state.as_deref(),
+                cfg.claim_idle_ms,
+                clock,
+            )?)),
             live: Mutex::new(HashMap::new()),
         })
     }
@@ -1169,15 +1670,12 @@ impl Accounts {
     }
 
     /// May `who` (as it authenticated) do `need` on `key_id`? Claims the key id for the
-    /// account's group when nobody holds it yet.
+    /// account's group when nobody holds it yet. As [`authorize_use`](Self::authorize_use)
+    /// without a hold, and with a store that holds something under every key id (so no
+    /// claim lapses for it).
     ///
     /// `Ok(Some(line))`: allowed, but the claim it relies on is state-file line `line`,
     /// not yet on disk: answer the request once [`durable`](Self::durable) reaches it.
-    ///
-    /// `shared` asks a store shared by several relays (JetStream) for the claim, so one
-    /// group holds a key id in the whole cluster ([`crate::store::Store::claim_key`]); it
-    /// is called without this relay's state locked. A claim it reports is remembered here
-    /// (claims never move) and not written to the state file.
     pub fn authorize(
         &self,
         who: &Account,
@@ -1185,27 +1683,58 @@ impl Accounts {
         need: Rights,
         shared: impl FnOnce(&str, bool) -> Result<Claim, StoreError>,
     ) -> Result<Option<u64>, Refusal> {
+        self.authorize_use(who, key_id, need, false, shared, |_| Ok(true))
+            .map(|g| g.pending)
+    }
+
+    /// May `who` (as it authenticated) do `need` on `key_id`? Claims the key id for the
+    /// account's group when nobody holds it yet, and refreshes the claim's last use.
+    ///
+    /// `shared` asks a store shared by several relays (JetStream) for the claim, so one
+    /// group holds a key id in the whole cluster ([`crate::store::Store::claim_key`]); it
+    /// is called without this relay's state locked. A claim it reports is remembered here
+    /// (such claims never move) and not written to the state file.
+    ///
+    /// A group at `auth.max_claims_per_group` asking for a new key id gets one of its own
+    /// claims of this relay released instead, when one may lapse (see [`AuthState`]);
+    /// `stored` tells whether the store holds anything under a key id
+    /// ([`crate::store::Store::holds_key_id`]; asked under the state lock, for a few key
+    /// ids at most). `hold`: a subscription asks, and keeps the [`Granted::hold`] while it
+    /// lasts.
+    pub fn authorize_use(
+        &self,
+        who: &Account,
+        key_id: &KeyId,
+        need: Rights,
+        hold: bool,
+        shared: impl FnOnce(&str, bool) -> Result<Claim, StoreError>,
+        mut stored: impl FnMut(&KeyId) -> Result<bool, StoreError>,
+    ) -> Result<Granted, Refusal> {
         if !self.required() {
-            return Ok(None);
+            return Ok(Granted::default());
         }
         let acct = self.with_rights(who, need)?;
         let k = *key_id.as_bytes();
         let others = || Err(Self::claimed_by_others());
-        let over = |n: usize| {
-            Err(Refusal::new(
-                ErrorCode::QuotaExceeded,
-                format!(
-                    "the account's group holds {n} key ids, the limit \
-                     (auth.max_claims_per_group)"
-                ),
-            ))
+        let granted = |st: &mut AuthState, line: u64| {
+            let held = st.touch(&k, hold);
+            Granted {
+                pending: st.pending(line),
+                hold: held.then(|| ClaimHold {
+                    state: self.state.clone(),
+                    key: k,
+                }),
+            }
         };
         // At its limit a group may still use key ids it holds (at another relay of the
         // cluster, too): the shared store is then only asked, never written.
         let at_limit = {
-            let st = self.state();
+            let mut st = self.state();
             match st.claims.get(&k) {
-                Some((g, line)) if *g == acct.group => return Ok(st.pending(*line)),
+                Some(e) if e.group == acct.group => {
+                    let line = e.line;
+                    return Ok(granted(&mut st, line));
+                }
                 Some(_) => return others(),
                 None => {
                     let n = st.claims_per_group.get(&acct.group).copied().unwrap_or(0);
@@ -1218,43 +1747,111 @@ impl Accounts {
         let mut st = self.state();
         match claim {
             // Only answered to a question without creating, i.e. at the limit: the key id
-            // would be a new claim.
-            Claim::Unclaimed => return over(at_limit.unwrap_or(self.max_claims)),
-            // Claims are this relay's own: decided below from its state.
-            Claim::NotShared => {
-                if let Some(n) = at_limit {
-                    return over(n);
-                }
+            // would be a new claim. The cluster's claims never lapse.
+            Claim::Unclaimed => {
+                return Err(Self::over(
+                    at_limit.unwrap_or(self.max_claims),
+                    "claims shared by a cluster never lapse; raise auth.max_claims_per_group",
+                ))
             }
+            // Claims are this relay's own: decided below from its state.
+            Claim::NotShared => {}
             Claim::Ours { new } => {
-                // Counted per relay: a group can claim up to the limit at each relay.
-                if new {
-                    *st.claims_per_group.entry(acct.group.clone()).or_default() += 1;
+                // Counted per relay, when this call made it: a group can claim up to the
+                // limit at each relay.
+                let now = st.now();
+                st.insert_claim(k, acct.group.clone(), 0, true, now, now, false);
+                if !new {
+                    if let Some(n) = st.claims_per_group.get_mut(&acct.group) {
+                        *n = n.saturating_sub(1);
+                    }
                 }
-                st.claims.insert(k, (acct.group.clone(), 0));
-                return Ok(None);
+                return Ok(Granted::default());
             }
             // Not remembered here (the holding group's name is not known here, only its
             // tag): the store remembers it.
             Claim::Others => return others(),
         }
         match st.claims.get(&k) {
-            Some((g, line)) if *g == acct.group => Ok(st.pending(*line)),
+            Some(e) if e.group == acct.group => {
+                let line = e.line;
+                Ok(granted(&mut st, line))
+            }
             Some(_) => others(),
             None => {
                 let n = st.claims_per_group.get(&acct.group).copied().unwrap_or(0);
                 if n >= self.max_claims {
-                    return over(n);
+                    let mut stored = |k: &[u8; 16]| {
+                        stored(&KeyId::from_bytes(*k)).unwrap_or_else(|e| {
+                            tracing::debug!(error = %e, "store: is anything stored under a \
+                                key id? (counted as yes)");
+                            true
+                        })
+                    };
+                    if st.release_one(&acct.group, &mut stored).is_none() {
+                        let why = if st.lapsing() {
+                            format!(
+                                "none of them has been unused for auth.claim_idle_ms ({}) \
+                                 with nothing stored under it and no subscription or durable \
+                                 on it; an operator can raise the limit or release claims \
+                                 with `whispeer-relay claims release` (relay stopped)",
+                                human_ms(st.idle_ms)
+                            )
+                        } else {
+                            "claims never lapse here (auth.claim_idle_ms = 0, or a cluster); \
+                             an operator can raise the limit or release claims with \
+                             `whispeer-relay claims release` (relay stopped)"
+                                .to_string()
+                        };
+                        return Err(Self::over(n, &why));
+                    }
                 }
-                *st.claims_per_group.entry(acct.group.clone()).or_default() += 1;
+                let used = st.lapsing().then(|| st.now());
                 let line = st.append(&StateLine::Claim {
                     key_id: hex::encode(k),
                     group: acct.group.clone(),
+                    used,
                 });
-                st.claims.insert(k, (acct.group.clone(), line));
-                Ok(st.pending(line))
+                let now = used.unwrap_or(0);
+                let held = hold && st.lapsing();
+                st.insert_claim(k, acct.group.clone(), line, false, now, now, held);
+                Ok(Granted {
+                    pending: st.pending(line),
+                    hold: held.then(|| ClaimHold {
+                        state: self.state.clone(),
+                        key: k,
+                    }),
+                })
             }
         }
+    }
+
+    /// The refusal of a new claim for a group holding `n`, the limit.
+    fn over(n: usize, why: &str) -> Refusal {
+        Refusal::new(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "the account's group holds {n} key ids, the limit (auth.max_claims_per_group); \
+                 {why}"
+            ),
+        )
+    }
+
+    /// Claims released since the start (lapsed for a group's new key id).
+    pub fn claims_released(&self) -> u64 {
+        self.state().released
+    }
+
+    /// The accounts' Prometheus lines.
+    pub fn render_prometheus(&self) -> String {
+        format!(
+            "# HELP whispeer_relay_claims_released_total Key-id claims released because their \
+             group needed room for a new key id and they were unused for auth.claim_idle_ms \
+             (nothing stored, no subscription or durable).\n\
+             # TYPE whispeer_relay_claims_released_total counter\n\
+             whispeer_relay_claims_released_total {}\n",
+            self.claims_released()
+        )
     }
 
     /// Checks the owner of a durable subscription without recording one: `Err` when it is
@@ -1379,7 +1976,7 @@ impl Accounts {
         }
         let acct = self.with_rights(who, need)?;
         match self.state().claims.get(key_id.as_bytes()) {
-            Some((g, _)) if *g != acct.group => Err(Self::claimed_by_others()),
+            Some(e) if e.group != acct.group => Err(Self::claimed_by_others()),
             _ => Ok(()),
         }
     }
@@ -1523,6 +2120,28 @@ impl Accounts {
         tracing::info!(accounts = n, closed, rechecked, "account list reloaded");
         closed
     }
+}
+
+/// `ms` milliseconds for a message: "7 days", "1 day", "36 h", "90 min", "20 s", "200 ms"
+/// (the largest unit that divides it).
+fn human_ms(ms: u64) -> String {
+    for (unit, name) in [
+        (86_400_000, " days"),
+        (3_600_000, " h"),
+        (60_000, " min"),
+        (1_000, " s"),
+    ] {
+        if ms >= unit && ms % unit == 0 {
+            let n = ms / unit;
+            let name = if n == 1 {
+                name.trim_end_matches('s')
+            } else {
+                name
+            };
+            return format!("{n}{name}");
+        }
+    }
+    format!("{ms} ms")
 }
 
 /// A fresh bearer token (`wsp_tok_` + 64 hex characters, 256 random bits).
@@ -2100,5 +2719,286 @@ mod tests {
             .into_iter()
             .filter(|r| *r != Right::Subscribe)
             .fold(Rights::default(), Rights::with)
+    }
+
+    /// Accounts "alice" (group "home") and "eve" (group "other") with claims lapsing after
+    /// `idle_ms`, at most `max` per group, measured by the clock `now` (Unix ms); the
+    /// state file `state` if any.
+    fn lapsing(
+        dir: &Path,
+        state: Option<&Path>,
+        idle_ms: u64,
+        max: usize,
+        now: &Arc<std::sync::atomic::AtomicU64>,
+    ) -> Accounts {
+        let path = dir.join("accounts.toml");
+        AccountFile {
+            retired_groups: Vec::new(),
+            legacy_groups: Vec::new(),
+            account: vec![
+                entry("alice", None, Some(b"a")),
+                AccountEntry {
+                    group: Some("other".into()),
+                    ..entry("eve", None, Some(b"e"))
+                },
+            ],
+        }
+        .save(&path)
+        .unwrap();
+        let now = now.clone();
+        Accounts::open_clocked(
+            &AuthConfig {
+                mode: AuthMode::Required,
+                accounts: Some(path),
+                state: state.map(Path::to_owned),
+                max_claims_per_group: max,
+                claim_idle_ms: idle_ms,
+                ..AuthConfig::default()
+            },
+            Clock(Arc::new(move || {
+                now.load(std::sync::atomic::Ordering::Relaxed)
+            })),
+        )
+        .unwrap()
+    }
+
+    /// `name` publishes on key id `[k; 16]` (claiming it) with the store answering
+    /// `stored` for every key id.
+    fn use_key(a: &Accounts, name: &str, k: u8, stored: bool) -> Result<Granted, Refusal> {
+        a.authorize_use(
+            &a.current(name).unwrap(),
+            &KeyId::from_bytes([k; 16]),
+            Rights::of(&[Right::Publish]),
+            false,
+            |_, _| Ok(Claim::NotShared),
+            |_| Ok(stored),
+        )
+    }
+
+    /// Waits until every line handed to the state file's writer is on disk.
+    fn flushed(a: &Accounts) {
+        let (sent, mut rx) = {
+            let st = a.state();
+            let w = st.writer.as_ref().unwrap();
+            (w.sent, w.durable.clone())
+        };
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(rx.wait_for(|n| *n >= sent))
+            .unwrap();
+    }
+
+    const HOUR: u64 = 3_600_000;
+
+    /// A claim lapses once unused for `claim_idle_ms` (here 2 h), only when its group at
+    /// the limit needs a new key id, oldest first; its last use is written to the state
+    /// file (a `used` line), so a restart keeps it, and released claims stay released. For
+    /// an hour after a start nothing lapses.
+    #[test]
+    fn claims_lapse_by_their_last_use_which_survives_a_restart() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = temp_file("lapse").parent().unwrap().to_owned();
+        let state = dir.join("auth-state");
+        let _ = std::fs::remove_file(&state);
+        let t0 = 1_700_000_000_000u64;
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(t0));
+        let a = lapsing(&dir, Some(&state), 2 * HOUR, 2, &now);
+        use_key(&a, "alice", 1, false).unwrap();
+        use_key(&a, "alice", 2, false).unwrap();
+        // Key 2 is used again later; key 1 is not.
+        now.store(t0 + 5 * HOUR / 2, Relaxed);
+        use_key(&a, "alice", 2, false).unwrap();
+        flushed(&a);
+        drop(a);
+
+        // Restarted 3 h after t0: key 1 counts as used at start - 2 h + the 1 h grace.
+        now.store(t0 + 3 * HOUR, Relaxed);
+        let a = lapsing(&dir, Some(&state), 2 * HOUR, 2, &now);
+        now.store(t0 + 4 * HOUR, Relaxed);
+        use_key(&a, "alice", 3, false).expect("key 1 lapsed for key 3");
+        let r = use_key(&a, "alice", 4, false).unwrap_err();
+        assert_eq!(r.code, ErrorCode::QuotaExceeded, "{r:?}");
+        assert!(
+            r.message.contains("auth.claim_idle_ms (2 h)")
+                && r.message.contains("whispeer-relay claims release"),
+            "the refusal names the way out: {}",
+            r.message
+        );
+        // Key 2's use at 2.5 h was written: it lapses only 2 h after that.
+        now.store(t0 + 9 * HOUR / 2, Relaxed);
+        use_key(&a, "alice", 4, false).expect("key 2 lapsed for key 4");
+        assert_eq!(a.claims_released(), 2);
+        // Released claims are anyone's again; the new ones are the group's.
+        use_key(&a, "eve", 1, false).expect("key 1 is free");
+        assert!(use_key(&a, "eve", 3, false).is_err(), "key 3 is home's");
+        flushed(&a);
+        let listed: Vec<(String, String)> = list_claims(&state)
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.key_id, c.group))
+            .collect();
+        let hexk = |k: u8| hex::encode([k; 16]);
+        assert_eq!(
+            listed,
+            [
+                (hexk(3), "home".to_string()),
+                (hexk(4), "home".to_string()),
+                (hexk(1), "other".to_string()),
+            ]
+        );
+        drop(a);
+
+        // Long after: still nothing lapses within the grace after a start.
+        now.store(t0 + 10 * HOUR, Relaxed);
+        let a = lapsing(&dir, Some(&state), 2 * HOUR, 2, &now);
+        assert!(use_key(&a, "alice", 5, false).is_err(), "within the grace");
+        now.store(t0 + 11 * HOUR, Relaxed);
+        use_key(&a, "alice", 5, false).expect("after the grace");
+        drop(a);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A claim a subscription holds is never looked at; one the store holds data under
+    /// (or a durable owner) stays and counts as used, so each request looks at a bounded
+    /// number of claims and the same ones are not looked at again before another idle
+    /// period.
+    #[test]
+    fn holds_stored_data_and_durables_keep_claims_and_the_work_is_bounded() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = temp_file("holds").parent().unwrap().to_owned();
+        let t0 = 1_700_000_000_000u64;
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(t0));
+        let a = lapsing(&dir, None, 1000, 20, &now);
+        let alice = a.current("alice").unwrap();
+        let sub = |k: u8| {
+            a.authorize_use(
+                &alice,
+                &KeyId::from_bytes([k; 16]),
+                Rights::of(&[Right::Subscribe]),
+                true,
+                |_, _| Ok(Claim::NotShared),
+                |_| Ok(false),
+            )
+            .unwrap()
+            .hold
+            .expect("a hold while claims may lapse")
+        };
+        // Held from its claim on, and held once claimed (two ways to a hold).
+        let held0 = sub(0);
+        use_key(&a, "alice", 1, false).unwrap();
+        let held1 = sub(1);
+        for k in 2..20 {
+            use_key(&a, "alice", k, false).unwrap();
+        }
+        now.store(t0 + 2000, Relaxed);
+        let asked = std::cell::RefCell::new(Vec::new());
+        let ask = |k: u8, stored: &dyn Fn(&KeyId) -> bool| {
+            a.authorize_use(
+                &alice,
+                &KeyId::from_bytes([k; 16]),
+                Rights::of(&[Right::Publish]),
+                false,
+                |_, _| Ok(Claim::NotShared),
+                |key| {
+                    asked.borrow_mut().push(key.as_bytes()[0]);
+                    Ok(stored(key))
+                },
+            )
+        };
+        let all = |_: &KeyId| true;
+        assert!(ask(100, &all).is_err());
+        assert_eq!(
+            asked.take(),
+            (2..=17).collect::<Vec<u8>>(),
+            "oldest unheld first, 16 at most"
+        );
+        assert!(ask(100, &all).is_err());
+        assert_eq!(asked.take(), [18, 19]);
+        assert!(ask(100, &all).is_err());
+        assert!(asked.take().is_empty(), "none is due again yet");
+
+        // Held claims lapse only once unheld and idle; a durable owner keeps key 2.
+        a.durable_owner(
+            &KeyId::from_bytes([2; 16]),
+            "d",
+            Some("account:alice".into()),
+        )
+        .unwrap();
+        drop((held0, held1));
+        now.store(t0 + 3000, Relaxed);
+        let none = |_: &KeyId| false;
+        for k in [100, 101, 102] {
+            ask(k, &none).expect("a claim lapsed");
+        }
+        assert!(
+            !asked.take().contains(&2),
+            "key 2 has a durable owner: the store is not even asked"
+        );
+        for k in [0, 1, 3] {
+            use_key(&a, "eve", k, false).expect("lapsed: anyone's again");
+        }
+        assert!(use_key(&a, "eve", 2, false).is_err(), "key 2 is home's");
+        assert_eq!(a.claims_released(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `auth.claim_idle_ms = 0`: nothing lapses, however long unused, and the refusal says
+    /// so.
+    #[test]
+    fn claims_never_lapse_with_claim_idle_ms_0() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = temp_file("never").parent().unwrap().to_owned();
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_000));
+        let a = lapsing(&dir, None, 0, 1, &now);
+        use_key(&a, "alice", 1, false).unwrap();
+        now.store(u64::MAX / 2, Relaxed);
+        let r = use_key(&a, "alice", 2, false).unwrap_err();
+        assert!(r.message.contains("auth.claim_idle_ms = 0"), "{r:?}");
+        assert!(a.state().idle.is_empty());
+        assert_eq!(a.claims_released(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Compaction keeps a released claim out, and its last use in.
+    #[test]
+    fn compaction_drops_released_claims_and_keeps_last_uses() {
+        let mut live = LiveState::default();
+        let k = |b: u8| hex::encode([b; 16]);
+        for line in [
+            StateLine::Claim {
+                key_id: k(1),
+                group: "g".into(),
+                used: None,
+            },
+            StateLine::Claim {
+                key_id: k(2),
+                group: "g".into(),
+                used: Some(5),
+            },
+            StateLine::Used {
+                key_id: k(2),
+                at: 9,
+            },
+            StateLine::Release {
+                key_id: k(1),
+                group: "g".into(),
+            },
+            // Another group's release of key 2 does not touch g's claim.
+            StateLine::Release {
+                key_id: k(2),
+                group: "h".into(),
+            },
+        ] {
+            live.apply(&line);
+        }
+        let text = String::from_utf8(live.to_bytes()).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "{{\"t\":\"claim\",\"key_id\":\"{}\",\"group\":\"g\",\"used\":9}}\n",
+                k(2)
+            )
+        );
     }
 }

@@ -213,6 +213,7 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 ));
                 text.push_str(&shared.quic_windows.render_prometheus());
                 text.push_str(&shared.quic_receive_windows.render_prometheus());
+                text.push_str(&shared.accounts.render_prometheus());
                 text
             },
         ),

@@ -302,6 +302,18 @@ pub struct AuthConfig {
     /// gets Err(quota_exceeded).
     #[arg(long = "max-claims", env = "WHISPEER_MAX_CLAIMS")]
     pub max_claims_per_group: usize,
+    /// A group at max_claims_per_group that asks for a new key id gets its longest-unused
+    /// claim released instead, once that claim has been unused here for this many
+    /// milliseconds: no subscription or durable on it, nothing stored under it, no publish
+    /// or subscribe on it (0 = never release; a cluster never releases). 7 days, like
+    /// store.durable_idle_ms: an idle durable keeps its key id claimed until the store
+    /// deletes it anyway, and members offline for a week do not come back to a key id
+    /// taken by another group; a group whose quota a member filled with junk key ids waits
+    /// that long, or an operator runs `whispeer-relay claims release`. Idle times survive
+    /// restarts; no claim lapses within an hour of a start (or claim_idle_ms, if shorter),
+    /// while subscribers come back.
+    #[arg(long = "claim-idle-ms", env = "WHISPEER_CLAIM_IDLE_MS")]
+    pub claim_idle_ms: u64,
     /// How often the account file is checked for changes, in milliseconds.
     #[arg(long = "accounts-reload-ms", env = "WHISPEER_ACCOUNTS_RELOAD_MS")]
     pub reload_ms: u64,
@@ -325,6 +337,7 @@ impl Default for AuthConfig {
             accounts: None,
             state: None,
             max_claims_per_group: 10_000,
+            claim_idle_ms: 7 * 24 * 3600 * 1000,
             reload_ms: 1_000,
             admin_token: None,
         }

@@ -1,4 +1,4 @@
-//! `whispeer-relay`: `serve`, `generate-config`, `status`, `tls generate`, `account add|list|remove|rotate`.
+//! `whispeer-relay`: `serve`, `generate-config`, `status`, `tls generate`, `account add|list|remove|rotate`, `claims list|release`.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -30,6 +30,67 @@ enum Command {
     /// Manage relay accounts (the account file; a running relay reloads it).
     #[command(subcommand)]
     Account(AccountCmd),
+    /// Key-id claims in the auth-state file (auth.state): list them, or release some with
+    /// the relay stopped.
+    #[command(subcommand)]
+    Claims(ClaimsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClaimsCmd {
+    /// List the claims the auth-state file holds: key id, group, last use written (or
+    /// "unknown"), durables recorded under the key id. With a running relay: as far as it
+    /// wrote them (its newest uses may be in memory only).
+    List(ClaimsListArgs),
+    /// Release claims of a group, so any group may claim those key ids again. The relay
+    /// must be STOPPED (it holds the file's lock while it runs; this refuses then): it
+    /// would neither see the release nor keep it. A running relay releases claims by
+    /// itself when a group at auth.max_claims_per_group needs a new key id and one has
+    /// been unused for auth.claim_idle_ms. Claims with a durable recorded under the key
+    /// id are kept (delete the durable first). Messages stored under a released key id
+    /// stay: the next group to claim it could read them (sealed envelopes).
+    Release(ClaimsReleaseArgs),
+}
+
+#[derive(Debug, Args)]
+struct ClaimsStateArg {
+    /// The relay's auth-state file (auth.state; serve's default: the store path with
+    /// ".auth" appended).
+    #[arg(
+        long,
+        env = "WHISPEER_AUTH_STATE",
+        value_name = "whispeer-relay.db.auth"
+    )]
+    state: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ClaimsListArgs {
+    #[command(flatten)]
+    state: ClaimsStateArg,
+    /// Only this group's claims (as `account list` prints it: group=…).
+    #[arg(long)]
+    group: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["key_id", "idle_ms", "all"])))]
+struct ClaimsReleaseArgs {
+    #[command(flatten)]
+    state: ClaimsStateArg,
+    /// The group whose claims to release (as `account list` prints it: group=…).
+    #[arg(long)]
+    group: String,
+    /// This key id (32 hex characters); repeatable.
+    #[arg(long = "key-id", value_name = "HEX")]
+    key_id: Vec<String>,
+    /// Every claim of the group whose last use the file holds is at least this many
+    /// milliseconds ago (claims with no last use written are kept).
+    #[arg(long, value_name = "MS")]
+    idle_ms: Option<u64>,
+    /// Every claim of the group.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -351,6 +412,80 @@ fn main() -> Result<()> {
             .context("starting the tokio runtime")?
             .block_on(status(args)),
         Command::Account(cmd) => account(cmd),
+        Command::Claims(cmd) => claims(cmd),
+    }
+}
+
+fn claims(cmd: ClaimsCmd) -> Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let used = |c: &accounts::ClaimInfo| match c.used {
+        Some(t) => format!("used={}s-ago", now.saturating_sub(t) / 1000),
+        None => "used=unknown".to_string(),
+    };
+    match cmd {
+        ClaimsCmd::List(a) => {
+            let all = accounts::list_claims(&a.state.state)?;
+            for c in all
+                .iter()
+                .filter(|c| a.group.as_ref().is_none_or(|g| *g == c.group))
+            {
+                println!(
+                    "{}\tgroup={}\t{}\tdurables={}",
+                    c.key_id,
+                    c.group,
+                    used(c),
+                    c.durables
+                );
+            }
+            Ok(())
+        }
+        ClaimsCmd::Release(a) => {
+            let mut keys = Vec::new();
+            for k in &a.key_id {
+                let mut b = [0u8; 16];
+                hex::decode_to_slice(k.trim(), &mut b)
+                    .map_err(|_| anyhow::anyhow!("--key-id {k:?}: expected 32 hex characters"))?;
+                keys.push(hex::encode(b));
+            }
+            let r = accounts::release_claims(&a.state.state, &a.group, |c| {
+                a.all
+                    || keys.contains(&c.key_id)
+                    || a.idle_ms
+                        .is_some_and(|ms| c.used.is_some_and(|t| now.saturating_sub(t) >= ms))
+            })?;
+            for c in &r.released {
+                println!("released\t{}\tgroup={}\t{}", c.key_id, c.group, used(c));
+            }
+            for c in &r.kept {
+                eprintln!(
+                    "kept {} (group {}): {} durable(s) recorded under it; delete them first",
+                    c.key_id, c.group, c.durables
+                );
+            }
+            let missing: Vec<&String> = keys
+                .iter()
+                .filter(|k| !r.released.iter().chain(&r.kept).any(|c| c.key_id == **k))
+                .collect();
+            for k in &missing {
+                eprintln!(
+                    "no claim of {k} by group {:?} in {}",
+                    a.group,
+                    a.state.state.display()
+                );
+            }
+            eprintln!(
+                "released {} claim(s) of group {:?} in {}",
+                r.released.len(),
+                a.group,
+                a.state.state.display()
+            );
+            if !missing.is_empty() {
+                anyhow::bail!("{} key id(s) not claimed by that group", missing.len());
+            }
+            Ok(())
+        }
     }
 }
 

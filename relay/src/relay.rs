@@ -388,6 +388,11 @@ impl RelayBuilder {
         if self.config.cluster.shared_accounts {
             auth.accounts = None;
         }
+        // In a cluster claims never lapse: the JetStream store's are the cluster's, and a
+        // relay with a local store cannot tell whether other relays use a key id.
+        if self.config.cluster.enabled() {
+            auth.claim_idle_ms = 0;
+        }
         let accounts =
             Arc::new(crate::accounts::Accounts::open(&auth).map_err(RelayError::Accounts)?);
         let account_rates = AccountRates::new(Rates {

@@ -18,7 +18,7 @@ use whispeer_protocol::frame::{
 use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
 use whispeer_protocol::{codec, DecodeError, ErrorCode, Frame, Qos, TokenPattern};
 
-use crate::accounts::{owner_of_secret, Account, Credential, Refusal, Right, Rights};
+use crate::accounts::{owner_of_secret, Account, ClaimHold, Credential, Refusal, Right, Rights};
 use crate::flow::ConnUnacked;
 use crate::ids::{ConnId, SubId, TransportKind};
 use crate::outbound::{Offer, Outbound, Room};
@@ -153,6 +153,9 @@ pub(crate) struct Session {
     /// The rights each subscription needed beyond `subscribe` (replay, durable); a
     /// subscription absent here needed only `subscribe`.
     sub_rights: HashMap<SubId, Rights>,
+    /// Each subscription's hold on its key id's claim (while claims may lapse: see
+    /// `auth.claim_idle_ms`); given back with the subscription.
+    claim_holds: HashMap<SubId, ClaimHold>,
     /// The account's rate buckets, shared by its connections (see `rate::SharedBuckets`).
     account_rates: Option<SharedBuckets>,
     /// Writers to wake once this turn of frames is handled ([`Wakes`]).
@@ -235,6 +238,7 @@ impl Session {
             credential: None,
             rights_changed_rx: None,
             sub_rights: HashMap::new(),
+            claim_holds: HashMap::new(),
             account_rates: None,
             wakes: Wakes::new(),
             deferred: None,
@@ -781,11 +785,15 @@ impl Session {
                 None,
             );
         }
-        match self.authorize(s.pattern.key_id(), need) {
+        // The hold keeps the claim from lapsing while the subscription lasts (dropped on
+        // any return below that makes none).
+        let hold = match self.authorize(s.pattern.key_id(), need, true) {
             Err(r) => return self.refuse(r, Some(sub_id), None),
-            Ok(Some(line)) => return self.defer(line, Frame::Sub(s), created),
-            Ok(None) => {}
-        }
+            Ok(g) => match g.pending {
+                Some(line) => return self.defer(line, Frame::Sub(s), created),
+                None => g.hold,
+            },
+        };
         self.drop_sub(sub_id);
         let durable = s.durable.clone().map(|name| DurableKey {
             key_id: *s.pattern.key_id(),
@@ -978,6 +986,9 @@ impl Session {
         if need != Rights::of(&[Right::Subscribe]) {
             self.sub_rights.insert(sub_id, need);
         }
+        if let Some(h) = hold {
+            self.claim_holds.insert(sub_id, h);
+        }
         reservation.keep();
         if let Some(t) = track {
             if let Some(k) = durable {
@@ -1050,6 +1061,7 @@ impl Session {
             .remove(&self.tenant, [old.elems().len()]);
         self.shared.router.unsubscribe(&old, self.conn, sub_id);
         self.sub_rights.remove(&sub_id);
+        self.claim_holds.remove(&sub_id);
         if let Some((t, _)) = self.tracked.remove(&sub_id) {
             self.track_ids.remove(&t.id);
             t.end();
@@ -1292,13 +1304,16 @@ impl Session {
                 p.publish_id,
             );
         }
-        match self.authorize(path.key_id(), need) {
+        match self.authorize(path.key_id(), need, false) {
             Err(r) => {
                 self.refused_publish(now);
                 return self.refuse(r, None, p.publish_id);
             }
-            Ok(Some(line)) => return self.defer(line, Frame::Pub(p), None),
-            Ok(None) => {}
+            Ok(g) => {
+                if let Some(line) = g.pending {
+                    return self.defer(line, Frame::Pub(p), None);
+                }
+            }
         }
         let accepted = self.shared.router.publish(
             &p.envelope,
@@ -1406,17 +1421,20 @@ impl Session {
         accounts.still_allowed(who, key_id, need)
     }
 
-    /// Checks the account's rights on a key id (and claims it for the account's group).
-    /// `Ok(Some(line))`: allowed once auth-state line `line` is on disk (see `defer`). Call
-    /// it once the request is otherwise accepted (plugins, store), after [`may`](Self::may).
+    /// Checks the account's rights on a key id (and claims it for the account's group, or
+    /// refreshes its claim's last use). `pending: Some(line)`: allowed once auth-state line
+    /// `line` is on disk (see `defer`); `hold` (asked for by a subscription): keep it while
+    /// the subscription lasts. Call it once the request is otherwise accepted (plugins,
+    /// store), after [`may`](Self::may).
     fn authorize(
         &self,
         key_id: &whispeer_protocol::KeyId,
         need: Rights,
-    ) -> Result<Option<u64>, Refusal> {
+        hold: bool,
+    ) -> Result<crate::accounts::Granted, Refusal> {
         let accounts = &self.shared.accounts;
         if !accounts.required() {
-            return Ok(None);
+            return Ok(Default::default());
         }
         // Required accounts: every greeted connection has one (as before, none is refused
         // as a removed account would be).
@@ -1428,9 +1446,14 @@ impl Session {
             });
         };
         let store = self.shared.router.store();
-        accounts.authorize(who, key_id, need, |group, create| {
-            store.claim_key(key_id, group, create)
-        })
+        accounts.authorize_use(
+            who,
+            key_id,
+            need,
+            hold,
+            |group, create| store.claim_key(key_id, group, create),
+            |k| store.holds_key_id(k),
+        )
     }
 
     /// Holds `frame` until auth-state line `line` (a key-id claim or durable owner it made
@@ -1547,6 +1570,7 @@ impl Session {
             "connection's subscriptions given back");
         self.subs.clear();
         self.sub_rights.clear();
+        self.claim_holds.clear();
         self.tracked.clear();
         self.track_ids.clear();
         self.hold_gens.clear();

@@ -1113,6 +1113,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// [`Claim::Unclaimed`] (a group at its claim limit may still use what it holds).
     /// [`Claim::NotShared`]: claims are the relay's own (its auth-state file).
     fn claim_key(&self, key_id: &KeyId, group: &str, create: bool) -> Result<Claim, StoreError>;
+    /// Whether anything is kept under `key_id` — a message of its history, a retained
+    /// value, a durable subscription (also one only queued for the disk) — so its claim
+    /// must not lapse (`auth.claim_idle_ms`): the next group to claim the key id would read
+    /// it. Asked under the relay's claim lock, for a few key ids per request at most: answer
+    /// from memory. The default, `Ok(true)`, never lets a claim lapse.
+    fn holds_key_id(&self, _key_id: &KeyId) -> Result<bool, StoreError> {
+        Ok(true)
+    }
     /// Takes the hold on a durable name across every relay sharing this store, for one
     /// connection of this relay (which already holds it locally: one holder per relay is
     /// the relay's own rule). `Err(Held)`: a connection at another relay holds it.
@@ -1281,6 +1289,11 @@ impl Store for LiveStore {
     fn claim_key(&self, _: &KeyId, _: &str, _: bool) -> Result<Claim, StoreError> {
         // One relay, nothing stored: the relay's auth-state file keeps claims.
         Ok(Claim::NotShared)
+    }
+
+    fn holds_key_id(&self, _: &KeyId) -> Result<bool, StoreError> {
+        // Keeps nothing.
+        Ok(false)
     }
 
     fn status(&self) -> StoreStatus {

@@ -1667,3 +1667,310 @@ async fn more_accounts_than_reserve_shares_is_warned_when_the_list_grows() {
     assert!(line.contains("accounts=3"), "warned only once over: {line}");
     assert!(line.contains("reserve_tenants=2"), "{line}");
 }
+
+// Lapsing claims (`auth.claim_idle_ms`): a group at `auth.max_claims_per_group` that asks
+// for a new key id gets one of its claims released once it is unused — no subscription,
+// no durable, nothing stored, no publish or subscribe for `claim_idle_ms` — so a member
+// filling the group's quota with junk key ids stops the group's new epochs only for a
+// while. Each test runs the real relay with `--claim-idle-ms 200` and waits on the event
+// (the new claim accepted), never on a fixed sleep.
+
+/// Publishes at QoS 0 with `PubAck` asked for: claims (or uses) key id `k`, stores nothing.
+async fn try_pub_live(c: &mut Client, k: u8) -> Result<(), ErrFrame> {
+    c.send(&Frame::Pub(Pub {
+        envelope: envelope(k, &[1]),
+        flags: whispeer_protocol::frame::pub_flags::ACK,
+        publish_id: Some([k; 16]),
+        qos: Qos::AtMostOnce,
+    }))
+    .await;
+    loop {
+        match c.recv().await {
+            Frame::PubAck(_) => return Ok(()),
+            Frame::Err(e) => return Err(e),
+            _ => continue,
+        }
+    }
+}
+
+/// Subscribes `c` on key `k` again and again until the relay accepts — once one of the
+/// group's claims has lapsed; every refusal meanwhile must be `quota_exceeded`. Bounded by
+/// [`TIMEOUT`].
+async fn sub_once_a_claim_lapses(c: &mut Client, sub_id: u64, k: u8) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match try_sub(c, sub(sub_id, k, None, None)).await {
+            Ok(()) => return,
+            Err(e) => {
+                assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "no claim lapsed within {TIMEOUT:?}: {e:?}"
+                );
+            }
+        }
+        // The poll's pace (each try is answered at once), not a wait for the lapse.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Accounts of a lapsing-claims test: `a` and `b` in group "home", `e` in group "other".
+struct Lapse {
+    s: Setup,
+    a: SigningKey,
+    b: SigningKey,
+    e: SigningKey,
+}
+
+impl Lapse {
+    fn new(tag: &str) -> Self {
+        let s = Setup::new(tag);
+        let a = key_account(&s.dir, &s.accounts, "a", &["--group", "home"]);
+        let b = key_account(&s.dir, &s.accounts, "b", &["--group", "home"]);
+        let e = key_account(&s.dir, &s.accounts, "e", &["--group", "other"]);
+        Self { s, a, b, e }
+    }
+
+    /// The relay with at most `max` claims per group, lapsing after `idle_ms`.
+    fn relay(&self, max: &str, idle_ms: &str) -> BinRelay {
+        self.s
+            .relay(&["--max-claims", max, "--claim-idle-ms", idle_ms])
+    }
+}
+
+/// Review finding (claims never released): a member with only the `subscribe` right fills
+/// its group's claim quota with junk key ids; while it holds them the group's new key id
+/// is refused (naming the way out), and once it left and they went unused for
+/// `claim_idle_ms` one lapses and another member claims the new epoch's key id. Exactly
+/// one is released (the longest unused), counted in the metric.
+#[tokio::test]
+async fn a_members_junk_claims_lapse_and_the_group_claims_a_new_key_id() {
+    let l = Lapse::new("lapse-junk");
+    let filler = key_account(
+        &l.s.dir,
+        &l.s.accounts,
+        "filler",
+        &["--group", "home", "--rights", "subscribe"],
+    );
+    let relay = l.relay("3", "200");
+    let mut f = login(relay.tcp(), &filler).await;
+    for (i, k) in [11u8, 12, 13].into_iter().enumerate() {
+        try_sub(&mut f, sub(i as u64, k, None, None))
+            .await
+            .expect("the filler claims a junk key id");
+    }
+    let mut b = login(relay.tcp(), &l.b).await;
+    let e = try_sub(&mut b, sub(1, 20, None, None)).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e:?}");
+    assert!(
+        e.message.contains("auth.claim_idle_ms") && e.message.contains("claims release"),
+        "the refusal names the way out: {e:?}"
+    );
+    drop(f);
+    sub_once_a_claim_lapses(&mut b, 1, 20).await;
+    assert_eq!(
+        metric(relay.admin(), "whispeer_relay_claims_released_total").await,
+        1
+    );
+    // The longest unused (all three left at once: the lowest key id) is anyone's again;
+    // the other two are still the group's.
+    let mut e = login(relay.tcp(), &l.e).await;
+    try_sub(&mut e, sub(1, 11, None, None))
+        .await
+        .expect("key 11 lapsed");
+    for k in [12u8, 13] {
+        let err = try_sub(&mut e, sub(2, k, None, None)).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::AuthFailed, "key {k}: {err:?}");
+    }
+}
+
+/// A claim a live subscription holds never lapses, however long ago it was claimed: the
+/// unheld one lapses instead, and the subscription still gets what is published.
+#[tokio::test]
+async fn a_claim_with_a_live_subscription_does_not_lapse() {
+    let l = Lapse::new("lapse-held");
+    let relay = l.relay("2", "200");
+    let mut a = login(relay.tcp(), &l.a).await;
+    try_sub(&mut a, sub(1, 11, None, None)).await.unwrap();
+    try_sub(&mut a, sub(2, 12, None, None)).await.unwrap();
+    a.send(&Frame::Unsub(whispeer_protocol::frame::Unsub {
+        sub_id: 2,
+        delete: None,
+    }))
+    .await;
+    frames_until_pong(&mut a, 1).await;
+    let mut b = login(relay.tcp(), &l.b).await;
+    sub_once_a_claim_lapses(&mut b, 1, 20).await;
+    let mut e = login(relay.tcp(), &l.e).await;
+    let err = try_sub(&mut e, sub(1, 11, None, None)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::AuthFailed, "key 11 is held: {err:?}");
+    try_sub(&mut e, sub(2, 12, None, None))
+        .await
+        .expect("key 12 lapsed");
+    try_pub_live(&mut b, 11).await.unwrap();
+    assert!(matches!(a.recv().await, Frame::Msg(_)));
+}
+
+/// A claim with a retained value or history in the (SQLite) store never lapses: the
+/// next group to claim the key id would read them.
+#[tokio::test]
+async fn a_claim_with_stored_messages_does_not_lapse() {
+    let l = Lapse::new("lapse-stored");
+    let relay = l.relay("3", "200");
+    let mut a = login(relay.tcp(), &l.a).await;
+    try_pub(&mut a, 11, true).await.expect("a retained value");
+    try_publish_stored(&mut a, 12, 1)
+        .await
+        .expect("a stored message");
+    try_pub_live(&mut a, 13).await.expect("nothing stored");
+    drop(a);
+    let mut b = login(relay.tcp(), &l.b).await;
+    sub_once_a_claim_lapses(&mut b, 1, 20).await;
+    let mut e = login(relay.tcp(), &l.e).await;
+    for k in [11u8, 12] {
+        let err = try_sub(&mut e, sub(1, k, None, None)).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::AuthFailed, "key {k}: {err:?}");
+    }
+    try_sub(&mut e, sub(2, 13, None, None))
+        .await
+        .expect("key 13 lapsed");
+}
+
+/// A durable subscription keeps its key id claimed while the durable exists, also with
+/// nobody subscribed to it.
+#[tokio::test]
+async fn a_durables_key_id_does_not_lapse() {
+    let l = Lapse::new("lapse-durable");
+    let relay = l.relay("2", "200");
+    let mut a = login(relay.tcp(), &l.a).await;
+    try_sub(&mut a, sub(1, 11, Some("d"), None))
+        .await
+        .expect("a durable");
+    // Ended (the durable stays): key 11 is the longest unused from here.
+    a.send(&Frame::Unsub(whispeer_protocol::frame::Unsub {
+        sub_id: 1,
+        delete: None,
+    }))
+    .await;
+    frames_until_pong(&mut a, 1).await;
+    try_pub_live(&mut a, 12).await.unwrap();
+    drop(a);
+    let mut b = login(relay.tcp(), &l.b).await;
+    sub_once_a_claim_lapses(&mut b, 1, 20).await;
+    let mut e = login(relay.tcp(), &l.e).await;
+    let err = try_sub(&mut e, sub(1, 11, None, None)).await.unwrap_err();
+    assert_eq!(
+        err.code,
+        ErrorCode::AuthFailed,
+        "key 11 has a durable: {err:?}"
+    );
+    try_sub(&mut e, sub(2, 12, None, None))
+        .await
+        .expect("key 12 lapsed");
+}
+
+/// A released claim stays released after a restart (the state file's `release` line), and
+/// the claim made in its place stays.
+#[tokio::test]
+async fn a_released_claim_stays_released_after_a_restart() {
+    let l = Lapse::new("lapse-restart");
+    let relay = l.relay("2", "200");
+    let mut a = login(relay.tcp(), &l.a).await;
+    try_pub_live(&mut a, 11).await.unwrap();
+    try_pub_live(&mut a, 12).await.unwrap();
+    let mut b = login(relay.tcp(), &l.b).await;
+    sub_once_a_claim_lapses(&mut b, 1, 20).await;
+    drop((a, b, relay));
+
+    let relay = l.relay("2", "200");
+    let mut e = login(relay.tcp(), &l.e).await;
+    try_sub(&mut e, sub(1, 11, None, None))
+        .await
+        .expect("key 11 was released before the restart");
+    for k in [12u8, 20] {
+        let err = try_sub(&mut e, sub(2, k, None, None)).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::AuthFailed, "key {k}: {err:?}");
+    }
+}
+
+/// `--claim-idle-ms 0` keeps claims for good (as before claims could lapse), and so does a
+/// cluster (here with local stores and an unreachable NATS) whatever `claim_idle_ms` says:
+/// beside a relay where the same claims lapse (started last, so no older), the group stays
+/// at its limit, and the refusal says why.
+#[tokio::test]
+async fn claims_never_lapse_with_claim_idle_ms_0_or_in_a_cluster() {
+    let never = Lapse::new("lapse-never");
+    let cluster = Lapse::new("lapse-cluster");
+    let lapsing = Lapse::new("lapse-control");
+    let mut relays = Vec::new();
+    let mut members = Vec::new();
+    for (l, extra) in [
+        (&never, &["--claim-idle-ms", "0"][..]),
+        (
+            &cluster,
+            &["--claim-idle-ms", "200", "--cluster", "nats://127.0.0.1:1"][..],
+        ),
+        (&lapsing, &["--claim-idle-ms", "200"][..]),
+    ] {
+        let mut args = vec!["--max-claims", "2"];
+        args.extend_from_slice(extra);
+        let relay = l.s.relay(&args);
+        let mut a = login(relay.tcp(), &l.a).await;
+        try_pub_live(&mut a, 11).await.unwrap();
+        try_pub_live(&mut a, 12).await.unwrap();
+        members.push(login(relay.tcp(), &l.b).await);
+        relays.push(relay);
+    }
+    sub_once_a_claim_lapses(&mut members[2], 1, 20).await;
+    for (i, b) in members[..2].iter_mut().enumerate() {
+        let err = try_sub(b, sub(1, 20, None, None)).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::QuotaExceeded, "relay {i}: {err:?}");
+        assert!(
+            err.message.contains("auth.claim_idle_ms = 0, or a cluster"),
+            "relay {i}: {err:?}"
+        );
+    }
+}
+
+/// `whispeer-relay claims list` reads the state file; `claims release` refuses while the
+/// relay runs (it holds the file's lock) and, with the relay stopped, releases the claims
+/// asked for — which a restarted relay no longer holds.
+#[tokio::test]
+async fn the_claims_cli_lists_and_releases_claims_with_the_relay_stopped() {
+    let l = Lapse::new("lapse-cli");
+    let state = l.s.state.to_str().unwrap();
+    let relay = l.relay("10", "0");
+    let mut a = login(relay.tcp(), &l.a).await;
+    try_pub_live(&mut a, 11).await.unwrap();
+    try_pub_live(&mut a, 12).await.unwrap();
+    let listed = relay_cli(&["claims", "list", "--state", state, "--group", "home"]);
+    let k = |b: u8| hex::encode([b; 16]);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert!(
+        lines[0].starts_with(&format!("{}\tgroup=home\t", k(11))),
+        "{listed}"
+    );
+    let k11 = k(11);
+    let release = [
+        "claims", "release", "--state", state, "--group", "home", "--key-id", &k11,
+    ];
+    let out = relay_bin().args(release).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stop the relay first"), "{err}");
+    drop((a, relay));
+
+    let out = relay_cli(&release);
+    assert!(
+        out.starts_with(&format!("released\t{}\tgroup=home", k(11))),
+        "{out}"
+    );
+    let relay = l.relay("10", "0");
+    let mut e = login(relay.tcp(), &l.e).await;
+    try_sub(&mut e, sub(1, 11, None, None))
+        .await
+        .expect("key 11 was released");
+    let err = try_sub(&mut e, sub(2, 12, None, None)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::AuthFailed, "{err:?}");
+}

@@ -407,6 +407,8 @@ struct Index {
     path_tenant_msgs: Sharded<(i64, i64), u64>,
     total: Usage,
     durables: HashMap<DurableKey, DurableStat>,
+    /// Durables per key id ([`Store::holds_key_id`]).
+    durable_keys: HashMap<[u8; 16], u32>,
     /// Durable names a subscription holds now (taken before the durable may exist), with
     /// how many holds each has. The relay gives a name to one connection at a time, but a
     /// release may reach the store after the next holder's hold: a count (not a set) keeps
@@ -442,11 +444,26 @@ impl Index {
         }
     }
 
+    /// Adds a durable to the index (not to the quotas).
+    fn add_durable(&mut self, key: DurableKey, d: DurableStat) {
+        let k = *key.key_id.as_bytes();
+        if self.durables.insert(key, d).is_none() {
+            *self.durable_keys.entry(k).or_default() += 1;
+        }
+    }
+
     /// Removes a durable from the index and gives its count back to the quotas.
     fn forget_durable(&mut self, key: &DurableKey) -> bool {
         let Some(d) = self.durables.remove(key) else {
             return false;
         };
+        let k = key.key_id.as_bytes();
+        if let Some(n) = self.durable_keys.get_mut(k) {
+            *n -= 1;
+            if *n == 0 {
+                self.durable_keys.remove(k);
+            }
+        }
         let u = self.usage(d.tid);
         u.durables = u.durables.saturating_sub(1);
         self.total.durables = self.total.durables.saturating_sub(1);
@@ -1028,7 +1045,7 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
             let tid: i64 = r.get(3).map_err(err)?;
             // Unknown (held when the relay stopped, or an older relay's row): idle from now.
             let idle = r.get::<_, Option<i64>>(4).map_err(err)?;
-            idx.durables.insert(
+            idx.add_durable(
                 DurableKey { key_id, name },
                 DurableStat {
                     floor,
@@ -2857,6 +2874,15 @@ impl Store for SqliteStore {
         Ok(Claim::NotShared)
     }
 
+    fn holds_key_id(&self, key_id: &KeyId) -> Result<bool, StoreError> {
+        // The index knows without a query: a key id has an entry in `keys` while a path
+        // under it holds a message or a retained value (also one still queued for the
+        // disk; dropped by the sweep that deletes its last), and durables are counted.
+        let idx = lock(&self.shared.idx);
+        let k = key_id.as_bytes();
+        Ok(idx.keys.get(k).is_some() || idx.durable_keys.contains_key(k))
+    }
+
     fn set_durable(&self, key: &DurableKey, floor: u64, tenant: &Tenant) -> Result<(), StoreError> {
         let s = &self.shared;
         if let Some(d) = s.down() {
@@ -2886,7 +2912,7 @@ impl Store for SqliteStore {
                     )?;
                     let tid = Shared::tenant_id(&mut idx, tenant, &mut ops);
                     let idle_since = (!idx.held.contains_key(key)).then_some(now);
-                    idx.durables.insert(
+                    idx.add_durable(
                         key.clone(),
                         DurableStat {
                             floor,
