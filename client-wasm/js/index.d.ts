@@ -211,7 +211,8 @@ export function openInvite(invite: string, me: Identity): OpenedInvite;
 
 /** CBOR encoding of a value, exactly as the client publishes it. */
 export function encodeValue(value: Value): Uint8Array;
-/** CBOR decoding, exactly as the client delivers values. */
+/** CBOR decoding, exactly as the client delivers values (throws `DECODE`, also over the
+ *  budget of 262,144 data items and 128 levels that `Message.error` describes). */
 export function decodeValue(bytes: Uint8Array): Received;
 /** The package's Rust crate version. */
 export function version(): string;
@@ -240,7 +241,12 @@ export interface Message<T = Received> {
   contentType: string;
   /** The decompressed payload bytes. */
   payload: Uint8Array;
-  /** Set when the payload claimed CBOR but did not decode. */
+  /**
+   * Set (code `DECODE`, and `value` undefined) when the payload claimed CBOR but did not
+   * decode: not CBOR, or over the decoding budget — more than 262,144 (2^18) CBOR data items
+   * or 128 levels of nesting, refused before any value is built. The bytes are still in
+   * `payload`.
+   */
   error?: WhispeerError;
 }
 

@@ -650,6 +650,10 @@ impl ClientCore {
 
     /// Writes `r` to the scratch buffer for `readMessage` (js/message.js) and decodes its
     /// CBOR value for `takeValue`; returns the buffer's address in wasm memory.
+    ///
+    /// Decoded now, for every delivery, not when `value` is first read: `value` and `error`
+    /// stay plain data properties (apps test `error`, spread and post messages), and
+    /// `value::decode` scans first, so a delivery costs at most `value::MAX_ITEMS` items.
     pub(crate) fn stage_message(&mut self, r: &Received) -> u32 {
         write_message(r, &mut self.sender_names, &mut self.scratch);
         self.value = whispeer::tag::is_cbor(&r.content_type).then(|| value::decode(&r.payload));

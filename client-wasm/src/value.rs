@@ -21,16 +21,36 @@
 //! Decoding: integers in ±(2^53−1) become `number`, larger ones `bigint`; bignums become
 //! `bigint`; a map whose keys are all text becomes a plain object, any other map a `Map`;
 //! tag 1 (epoch time) becomes a `Date`; other tags are unwrapped.
+//!
+//! A value of more than [`MAX_ITEMS`] data items, or of more than `MAX_DEPTH` levels, is
+//! refused (`DECODE`) before anything is built: see [`MAX_ITEMS`].
 
 use ciborium::value::{Integer, Value};
 use js_sys::{Array, ArrayBuffer, BigInt, DataView, Date, Map, Object, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
+use whispeer::cbor_scan;
 
 use crate::error::js_error;
 
 /// Nesting limit for both directions (the protocol's CBOR decoder bounds depth too).
 const MAX_DEPTH: usize = 128;
+/// The most CBOR data items (array elements, map keys and values, tags, string chunks, the
+/// value itself) a value may hold to be decoded; past it `decode` fails with `DECODE`
+/// before building anything ([`whispeer::cbor_scan`]).
+///
+/// A received payload is up to `maxPayload` (16 MiB) whatever it was compressed from (16 MiB
+/// of `80` seals to an 878-byte envelope), one item a byte at worst, and an item costs far
+/// more than its byte. Measured in Node 20 for 2^20 one-byte items: 65 MiB more wasm memory
+/// (the `ciborium::Value` tree, some 64 bytes an item, which wasm never gives back), 8 MiB
+/// (integers) to 192 MiB (empty `Uint8Array`s) of JS heap, 0.25 to 1.1 s on the event loop;
+/// the whole 16 MiB bomb ran Node out of its 4 GB heap after three minutes. At 2^18: 17 MiB
+/// of wasm memory (about the largest payload itself), at most 48 MiB of JS heap, 0.1 to
+/// 0.2 s — and a quarter of a million values, far beyond the records apps publish. Refusing
+/// the bomb costs 25 ms (the scan). A larger value is still delivered: its bytes are in
+/// `payload`, for a streaming CBOR decoder in JS. No option: whoever needs more needs a
+/// decoder that does not build the whole tree in wasm, not a larger budget.
+pub const MAX_ITEMS: u64 = 1 << 18;
 const MAX_SAFE: i128 = 9_007_199_254_740_991;
 
 /// The marker property of `float(x)` wrappers (created by the JS layer).
@@ -48,8 +68,18 @@ pub fn encode(v: &JsValue) -> Result<Vec<u8>, JsValue> {
     Ok(out)
 }
 
-/// Decodes CBOR bytes to a JS value.
+/// Decodes CBOR bytes to a JS value, after checking it is within [`MAX_ITEMS`] and
+/// `MAX_DEPTH`.
 pub fn decode(bytes: &[u8]) -> Result<JsValue, JsValue> {
+    let budget = cbor_scan::Budget {
+        max_items: MAX_ITEMS,
+        // 128 levels, depths 0 to 127: ciborium's recursion limit refuses the 129th.
+        max_depth: MAX_DEPTH as u32 - 1,
+    };
+    cbor_scan::scan(bytes, budget).map_err(|e| match e {
+        cbor_scan::ScanError::Malformed(_) => js_error("DECODE", &format!("invalid CBOR: {e}")),
+        _ => js_error("DECODE", &format!("CBOR value too large to decode: {e}")),
+    })?;
     let value: Value = ciborium::de::from_reader_with_recursion_limit(bytes, MAX_DEPTH)
         .map_err(|e| js_error("DECODE", &format!("invalid CBOR: {e}")))?;
     from_value(&value)

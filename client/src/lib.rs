@@ -39,6 +39,9 @@
 //! - [`plugin`] — the [`Plugin`] trait (run on plaintext, where the keys are) and the
 //!   built-ins [`Logging`], [`Metrics`], [`TypeEnforcement`], [`Transform`]; any plugin is an
 //!   engine (`.with(plugin)`).
+//! - [`cbor_scan`] — a CBOR value's data items and nesting counted before it is decoded (a
+//!   16 MiB payload of one-byte items decodes to gigabytes); the CLI and the npm package
+//!   scan with their own budgets.
 //! - [`printable`] — text others chose (topics, content types, relay messages) made safe for
 //!   a log line or a terminal; the library's logs and the CLI use the one rule.
 //! - [`tag`] — [`TypeTag`] (derive it with `#[derive(TypeTag)] #[whispeer(type = "…")]`,
@@ -68,6 +71,7 @@ pub struct ReadmeDoctests;
 #[doc = include_str!("../README.md")]
 pub struct ClientReadmeDoctests;
 
+pub mod cbor_scan;
 pub mod core;
 pub mod error;
 pub mod plugin;

@@ -3,11 +3,12 @@
 // proxy passes the handshake to the relay binary), then the proxy plays the hostile relay.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { WebSocketServer, WebSocket } from 'ws';
 import { startRelay } from '../shared/relay.js';
-import { Client, Identity, TreeKey } from '../../js/index.node.js';
+import { Client, Identity, TreeKey, decodeValue } from '../../js/index.node.js';
 import { setWebSocket } from '../../js/client.js';
+import { wasmMemory } from '../../pkg/whispeer_wasm.js';
 
 let relay;
 before(async () => {
@@ -226,4 +227,78 @@ test('in Node the ws package is used even where there is a global WebSocket (Nod
   });
   assert.doesNotMatch(out, /the global WebSocket/, out);
   assert.match(out, /ECONNREFUSED|cannot reach relay/, out);
+});
+
+/** `9f` + `80` × (n − 2) + `ff`: an array of n − 2 empty arrays, one CBOR data item a byte. */
+function arrayOfEmptyArrays(n) {
+  const b = new Uint8Array(n).fill(0x80);
+  b[0] = 0x9f;
+  b[n - 1] = 0xff;
+  return b;
+}
+
+test('a CBOR bomb from a member arrives with a DECODE error, its value never built', { timeout: 120_000 }, async () => {
+  const tree = TreeKey.generate('bomb');
+  const c = await Client.connect(relay.url, { identity: Identity.generate(), keys: tree });
+  const got = [];
+  let arrived;
+  const both = new Promise((r) => (arrived = r));
+  try {
+    await c.subscribe('bomb/x', (m) => {
+      got.push(m);
+      if (got.length === 2) arrived();
+    });
+    const before = wasmMemory().buffer.byteLength;
+    // The member publishes from its own process, so this one's wasm memory is the
+    // receiver's alone: 16 MiB of `80` (zstd: a few hundred bytes on the wire, within the
+    // default maxPayload), then an ordinary value on the same topic.
+    const script = `
+      import { Client, Identity, TreeKey } from ${JSON.stringify(new URL('../../js/index.node.js', import.meta.url).href)};
+      const n = 16 * 1024 * 1024;
+      const bomb = new Uint8Array(n).fill(0x80);
+      bomb[0] = 0x9f;
+      bomb[n - 1] = 0xff;
+      const c = await Client.connect(process.env.RELAY, { identity: Identity.generate(), keys: TreeKey.fromKeyString(process.env.KEY) });
+      await c.publishBytes('bomb/x', bomb, { contentType: 'application/cbor', qos: 1 });
+      await c.publish('bomb/x', { after: [1, 'two', 3.5] }, { qos: 1 });
+      await c.close();`;
+    const member = spawn(process.execPath, ['--input-type=module', '-e', script], {
+      env: { ...process.env, RELAY: relay.url, KEY: tree.toKeyString() },
+      stdio: ['ignore', 'inherit', 'inherit'],
+    });
+    const [code] = await new Promise((r) => member.once('exit', (...a) => r(a)));
+    assert.equal(code, 0, 'the member published both');
+    await both;
+    const grown = (wasmMemory().buffer.byteLength - before) / 2 ** 20;
+    const [bomb, after] = got;
+    assert.equal(bomb.contentType, 'application/cbor');
+    assert.equal(bomb.payload.length, 16 * 1024 * 1024, 'the bytes are delivered');
+    assert.equal(bomb.value, undefined);
+    assert.equal(bomb.error?.code, 'DECODE');
+    assert.match(bomb.error.message, /CBOR value too large to decode: more than 262144 CBOR data items/);
+    // The ordinary value after it decodes as always.
+    assert.deepEqual(after.value, { after: [1, 'two', 3.5] });
+    assert.equal(after.error, undefined);
+    // The 16 MiB payload itself is decompressed in wasm memory and copied out for JS (some
+    // 32 MiB); decoding the bomb would have added some 64 bytes an item: over 1 GiB.
+    assert.ok(grown < 64, `wasm memory grew by ${grown} MiB`);
+  } finally {
+    await c.close();
+  }
+});
+
+test('decodeValue takes 2^18 CBOR data items and refuses one more', () => {
+  const max = 2 ** 18;
+  // An array and its max − 1 elements: max items.
+  assert.equal(decodeValue(arrayOfEmptyArrays(max + 1)).length, max - 1);
+  assert.throws(() => decodeValue(arrayOfEmptyArrays(max + 2)), {
+    code: 'DECODE',
+    message: `CBOR value too large to decode: more than ${max} CBOR data items`,
+  });
+  // 128 levels of nesting decode, 129 are refused before decoding.
+  const nested = (levels) => Uint8Array.from({ length: levels }, (_, i) => (i === levels - 1 ? 0x80 : 0x81));
+  assert.equal(decodeValue(nested(128)).flat(Infinity).length, 0);
+  assert.throws(() => decodeValue(nested(129)), { code: 'DECODE', message: 'CBOR value too large to decode: nested deeper than 127' });
+  // Malformed input is refused as before (truncated: no break, the end never reached).
+  assert.throws(() => decodeValue(arrayOfEmptyArrays(max + 2).subarray(0, 100)), { code: 'DECODE', message: /^invalid CBOR/ });
 });
