@@ -52,7 +52,10 @@
 //! add of the same name between two reloads: a new identity, even with the same key), or
 //! its key or token replaced — is closed; one whose account lost a right or
 //! moved to another group is told to end the subscriptions that no longer hold
-//! ([`Accounts::still_allowed`]). Deliveries never look at accounts.
+//! ([`Accounts::still_allowed`]). Deliveries never look at accounts. An invalid list leaves
+//! the previous one in force — visibly (a gauge, a counter, an error log per changed
+//! text) — less the accounts, keys and tokens the invalid text no longer names, when it
+//! is still TOML (`Accounts::list_failed`): a removal with a typo elsewhere still holds.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -1459,6 +1462,12 @@ pub struct Accounts {
     /// connection is attached under the table it is checked against, and a reload swaps
     /// the table and walks the connections under this lock, so none escapes the walk.
     live: Mutex<HashMap<ConnId, Live>>,
+    /// Whether the last account list read (the file, or the cluster's) was valid and is in
+    /// force; `false` while an invalid one was read since (`whispeer_relay_account_list_valid`).
+    list_valid: std::sync::atomic::AtomicBool,
+    /// Account lists read that were invalid or unreadable, each changed text counted once
+    /// (`whispeer_relay_account_reload_errors_total`).
+    reload_errors: std::sync::atomic::AtomicU64,
 }
 
 /// An authenticated connection, as the reload walk sees it.
@@ -1551,6 +1560,8 @@ impl Accounts {
                 clock,
             )?)),
             live: Mutex::new(HashMap::new()),
+            list_valid: std::sync::atomic::AtomicBool::new(true),
+            reload_errors: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -1849,8 +1860,9 @@ impl Accounts {
              group needed room for a new key id and they were unused for auth.claim_idle_ms \
              (nothing stored, no subscription or durable).\n\
              # TYPE whispeer_relay_claims_released_total counter\n\
-             whispeer_relay_claims_released_total {}\n",
-            self.claims_released()
+             whispeer_relay_claims_released_total {}\n{}",
+            self.claims_released(),
+            self.render_list_prometheus()
         )
     }
 
@@ -2048,17 +2060,85 @@ impl Accounts {
                 return Ok(0);
             }
         }
-        let text = text?;
-        let table = AccountFile::parse(&text, path)?.table()?;
-        Ok(self.install_table(table))
+        let text = text.inspect_err(|_| self.list_failed(None))?;
+        self.install_text(&text, path)
     }
 
     /// Installs an account list given as TOML text (the cluster's list, from JetStream);
     /// closes the connections of accounts it no longer has. A list that does not parse or
-    /// check leaves the previous one in force.
+    /// check leaves the previous one in force, less the accounts and credentials it no
+    /// longer names ([`Accounts::list_failed`]).
     pub fn install(&self, text: &str) -> Result<usize, AccountError> {
-        let table = AccountFile::parse(text, Path::new("<the cluster's account list>"))?.table()?;
-        Ok(self.install_table(table))
+        self.install_text(text, Path::new("<the cluster's account list>"))
+    }
+
+    fn install_text(&self, text: &str, origin: &Path) -> Result<usize, AccountError> {
+        match AccountFile::parse(text, origin).and_then(|f| f.table()) {
+            Ok(table) => {
+                self.list_valid
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(self.install_table(table))
+            }
+            Err(e) => {
+                self.list_failed(Some(text));
+                Err(e)
+            }
+        }
+    }
+
+    /// An account list read is invalid (`text`) or unreadable (`None`): the previous list
+    /// stays in force — but not the accounts and credentials the invalid text no longer
+    /// names. An operator who removes an account (or rotates a key or token) and makes a
+    /// typo elsewhere in the same edit expects the removal to hold, and the text says
+    /// exactly what it removed as long as it is TOML whose `[[account]]` tables each have
+    /// a string `name`: an account stays only while an entry of its name gives its
+    /// identity (the same `id`, or none for a legacy entry; an unreadable `id` is not
+    /// the same), and keeps only the key and token hash that entry still lists readably.
+    /// Those are revocations only — nothing is added, no right or group changes — so
+    /// nothing is guessed; text that is not TOML, or an entry without a name, revokes
+    /// nothing. Two entries of one name leave that account as it was.
+    fn list_failed(&self, text: Option<&str>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.list_valid.store(false, Relaxed);
+        self.reload_errors.fetch_add(1, Relaxed);
+        let Some(named) = text.and_then(named_in) else {
+            return;
+        };
+        let mut gone = Vec::new();
+        let mut creds = 0;
+        let (n, closed, _) = self.swap_table(|old| {
+            let (t, g, c) = prune(old, &named);
+            (gone, creds) = (g, c);
+            t
+        });
+        if !gone.is_empty() || creds > 0 {
+            gone.sort();
+            tracing::warn!(accounts = n, closed, removed = ?gone, credentials_revoked = creds,
+                "the account list is invalid: revoked the accounts and credentials it no \
+                 longer names; the rest of the previous list stays in force until a valid \
+                 list is written");
+        }
+    }
+
+    /// Whether the account list in force is the last one read (the gauge), and how many
+    /// invalid or unreadable lists were read (the counter): the accounts' Prometheus
+    /// lines besides claims.
+    fn render_list_prometheus(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        format!(
+            "# HELP whispeer_relay_account_list_valid 1 while the last account list read (the \
+             file, or the cluster's) is valid and in force; 0 while an invalid or unreadable \
+             one was read since: the previous list stays in force, less the accounts and \
+             credentials the invalid one no longer names.\n\
+             # TYPE whispeer_relay_account_list_valid gauge\n\
+             whispeer_relay_account_list_valid {}\n\
+             # HELP whispeer_relay_account_reload_errors_total Account lists read that were \
+             invalid or unreadable (each changed text once).\n\
+             # TYPE whispeer_relay_account_reload_errors_total counter\n\
+             whispeer_relay_account_reload_errors_total {}\n",
+            u8::from(self.list_valid.load(Relaxed)),
+            self.reload_errors.load(Relaxed)
+        )
     }
 
     /// Puts `table` in force and walks the authenticated connections once: a connection
@@ -2067,13 +2147,23 @@ impl Accounts {
     /// subscriptions (its session ends those that no longer hold). The rest cost a map
     /// look-up each. Returns how many connections were closed.
     fn install_table(&self, table: Table) -> usize {
-        let table = Arc::new(table);
-        let n = table.by_name.len();
+        let (n, closed, rechecked) = self.swap_table(|_| table);
+        tracing::info!(accounts = n, closed, rechecked, "account list reloaded");
+        closed
+    }
+
+    /// [`install_table`](Self::install_table) of the table `make` builds from the one in
+    /// force (atomically: no other list is installed in between); (accounts, connections
+    /// closed, connections told to recheck).
+    fn swap_table(&self, make: impl FnOnce(&Table) -> Table) -> (usize, usize, usize) {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let old = std::mem::replace(
-            &mut *self.table.write().unwrap_or_else(|p| p.into_inner()),
-            table.clone(),
-        );
+        let (table, old) = {
+            let mut slot = self.table.write().unwrap_or_else(|p| p.into_inner());
+            let table = Arc::new(make(&slot));
+            let old = std::mem::replace(&mut *slot, table.clone());
+            (table, old)
+        };
+        let n = table.by_name.len();
         let (mut closed, mut rechecked) = (0, 0);
         live.retain(|_, c| {
             let now = table
@@ -2117,9 +2207,93 @@ impl Accounts {
             }
             true
         });
-        tracing::info!(accounts = n, closed, rechecked, "account list reloaded");
-        closed
+        (n, closed, rechecked)
     }
+}
+
+/// What an account list's text says of one `[[account]]` entry for sure, read without
+/// checking the rest: its identity (`Some(None)`: no `id`, a legacy entry; `None`: an `id`
+/// that does not parse) and the key and token hash it lists readably.
+#[derive(Debug)]
+struct Named {
+    id: Option<Option<[u8; 16]>>,
+    key: Option<[u8; 32]>,
+    token: Option<[u8; 32]>,
+}
+
+/// The entries an account list's text names, by name, read even when the list is invalid
+/// (see [`Accounts::list_failed`]); `None` unless the text is TOML whose `account` (if any)
+/// is an array of tables each with a string `name`.
+fn named_in(text: &str) -> Option<HashMap<String, Vec<Named>>> {
+    let v: toml::Table = toml::from_str(text).ok()?;
+    let mut out: HashMap<String, Vec<Named>> = HashMap::new();
+    let entries = match v.get("account") {
+        None => return Some(out),
+        Some(toml::Value::Array(a)) => a,
+        Some(_) => return None,
+    };
+    for e in entries {
+        let e = e.as_table()?;
+        let name = e.get("name")?.as_str()?;
+        let hex32 = |k: &str| e.get(k)?.as_str().and_then(|h| parse_hex32(h).ok());
+        out.entry(name.to_owned()).or_default().push(Named {
+            id: match e.get("id") {
+                None => Some(None),
+                Some(v) => v.as_str().and_then(|h| parse_id(h).ok()).map(Some),
+            },
+            key: hex32("key"),
+            token: hex32("token_sha256"),
+        });
+    }
+    Some(out)
+}
+
+/// `old` less the accounts and credentials `named` no longer names (see
+/// [`Accounts::list_failed`]): the table, the names of the accounts dropped, and how many
+/// credentials of kept accounts were dropped.
+fn prune(old: &Table, named: &HashMap<String, Vec<Named>>) -> (Table, Vec<String>, usize) {
+    let mut t = Table::default();
+    let mut gone = Vec::new();
+    for (name, a) in &old.by_name {
+        let kept = match named.get(name).map(Vec::as_slice) {
+            Some([e]) => e.id == Some(a.id),
+            // Two entries of the name: which one is it? Left as it was.
+            Some(_) => true,
+            None => false,
+        };
+        if kept {
+            t.by_name.insert(name.clone(), a.clone());
+            if let Some(id) = a.id {
+                t.ids.insert(id);
+            }
+        } else {
+            gone.push(name.clone());
+        }
+    }
+    // A kept account keeps a credential its (one) entry still lists.
+    let lists = |a: &Account, has: &dyn Fn(&Named) -> bool| {
+        t.by_name.contains_key(&a.name)
+            && match named.get(&a.name).map(Vec::as_slice) {
+                Some([e]) => has(e),
+                _ => true,
+            }
+    };
+    let mut creds = 0;
+    for (k, (vk, a)) in &old.by_key {
+        if lists(a, &|e| e.key == Some(*k)) {
+            t.by_key.insert(*k, (*vk, a.clone()));
+        } else if t.by_name.contains_key(&a.name) {
+            creds += 1;
+        }
+    }
+    for (h, a) in &old.by_token {
+        if lists(a, &|e| e.token == Some(*h)) {
+            t.by_token.insert(*h, a.clone());
+        } else if t.by_name.contains_key(&a.name) {
+            creds += 1;
+        }
+    }
+    (t, gone, creds)
 }
 
 /// `ms` milliseconds for a message: "7 days", "1 day", "36 h", "90 min", "20 s", "200 ms"
@@ -3000,5 +3174,101 @@ mod tests {
                 k(2)
             )
         );
+    }
+
+    /// An invalid account list leaves the previous one in force, visibly (the gauge, the
+    /// counter: once per changed text) — but an edit that removes an account or replaces
+    /// a token and breaks another entry still revokes them: the invalid text names exactly
+    /// who is left. Text that is not TOML revokes nothing.
+    #[test]
+    fn an_invalid_list_is_visible_and_still_revokes_what_it_no_longer_names() {
+        use crate::config::SlowConsumerPolicy;
+        use crate::outbound::Budget;
+        use std::sync::atomic::Ordering::Relaxed;
+        let path = temp_file("invalid");
+        let tok = |t: &[u8]| hex::encode(token_hash(t));
+        let list = |entries: &[(&str, &[u8], &str)]| {
+            entries
+                .iter()
+                .map(|(name, token, rights)| {
+                    format!(
+                        "[[account]]\nname = \"{name}\"\ngroup = \"home\"\n\
+                         token_sha256 = \"{}\"\nrights = [{rights}]\n",
+                        tok(token)
+                    )
+                })
+                .collect::<String>()
+        };
+        let all = "\"publish\", \"subscribe\"";
+        std::fs::write(
+            &path,
+            list(&[
+                ("alice", b"a1", all),
+                ("bob", b"b", all),
+                ("carol", b"c", all),
+            ]),
+        )
+        .unwrap();
+        let accounts = required(&path);
+        let conns: Vec<Arc<Outbound>> = [("alice", &b"a1"[..]), ("bob", b"b"), ("carol", b"c")]
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, t))| {
+                let out = Arc::new(Outbound::new(
+                    16,
+                    1 << 20,
+                    SlowConsumerPolicy::Drop,
+                    Arc::new(Budget::new(0)),
+                ));
+                let (tx, _rx) = tokio::sync::mpsc::channel(1);
+                let who = accounts.current(name).unwrap();
+                assert!(accounts.attach(ConnId(i as u64), &who, Credential::token(t), &out, tx));
+                out
+            })
+            .collect();
+        let valid = |a: &Accounts| (a.list_valid.load(Relaxed), a.reload_errors.load(Relaxed));
+        assert_eq!(valid(&accounts), (true, 0));
+
+        // bob removed, alice's token replaced, and a typo in carol's rights.
+        std::fs::write(
+            &path,
+            list(&[
+                ("alice", b"a2", all),
+                ("carol", b"c", "\"pubish\", \"subscribe\""),
+            ]),
+        )
+        .unwrap();
+        assert!(accounts.reload().is_err());
+        assert_eq!(valid(&accounts), (false, 1));
+        assert!(accounts.current("bob").is_none(), "bob was removed");
+        assert!(
+            accounts.by_token(b"a1").is_none(),
+            "alice's old token revoked"
+        );
+        assert!(accounts.by_token(b"a2").is_none(), "nothing is added");
+        assert!(accounts.by_token(b"c").is_some(), "carol stays as she was");
+        let closing: Vec<bool> = conns.iter().map(|o| o.is_closing()).collect();
+        assert_eq!(closing, [true, true, false]);
+        let metrics = accounts.render_prometheus();
+        assert!(
+            metrics.contains("whispeer_relay_account_list_valid 0\n")
+                && metrics.contains("whispeer_relay_account_reload_errors_total 1\n"),
+            "{metrics}"
+        );
+        // The same text again is not counted again.
+        accounts.reload_if_changed().unwrap();
+        assert_eq!(valid(&accounts), (false, 1));
+
+        // Not TOML: nobody is known to be removed, so nothing is revoked.
+        std::fs::write(&path, "[[account]\nname = \"alice\"\n").unwrap();
+        assert!(accounts.reload().is_err());
+        assert_eq!(valid(&accounts), (false, 2));
+        assert!(accounts.by_token(b"c").is_some());
+
+        std::fs::write(&path, list(&[("alice", b"a2", all), ("carol", b"c", all)])).unwrap();
+        accounts.reload().unwrap();
+        assert_eq!(valid(&accounts), (true, 2));
+        assert!(accounts.by_token(b"a2").is_some());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

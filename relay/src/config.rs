@@ -285,7 +285,9 @@ pub struct AuthConfig {
     pub mode: AuthMode,
     /// The account list (TOML), edited by `whispeer-relay account add|list|remove` and
     /// reloaded when it changes or on SIGHUP. Unreadable or invalid at start: the relay
-    /// refuses to start; on a reload the previous list stays in force.
+    /// refuses to start; on a reload the previous list stays in force (logged at error,
+    /// gauge whispeer_relay_account_list_valid 0), less the accounts, keys and tokens the
+    /// invalid text no longer names when it is still TOML.
     #[arg(long, env = "WHISPEER_ACCOUNTS", value_name = "whispeer-accounts.toml")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accounts: Option<PathBuf>,

@@ -742,7 +742,7 @@ async fn follow_accounts(shared: Arc<Shared>) -> impl Future<Output = ()> + Send
     let s = shared.clone();
     accounts::follow(stream, cluster, after, move |text| {
         if let Err(e) = s.accounts.install(text) {
-            tracing::error!(error = %e, "cluster accounts: a new list in JetStream is invalid; the previous one stays in force");
+            tracing::error!(error = %e, "cluster accounts: a new list in JetStream is invalid; the previous one stays in force, less the accounts and credentials it no longer names");
         }
     })
 }
@@ -797,7 +797,9 @@ async fn reload_accounts(shared: Arc<Shared>) {
             shared.accounts.reload_if_changed()
         };
         if let Err(e) = r {
-            tracing::error!(error = %e, "account list not reloaded; the previous one stays in force");
+            tracing::error!(error = %e, "account list invalid, not reloaded: the previous one \
+                stays in force (less the accounts and credentials it no longer names) until a \
+                valid one is written; whispeer_relay_account_list_valid is 0 meanwhile");
         }
         let now = shared.accounts.count();
         if now != listed {

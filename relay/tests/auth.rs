@@ -1974,3 +1974,45 @@ async fn the_claims_cli_lists_and_releases_claims_with_the_relay_stopped() {
     let err = try_sub(&mut e, sub(2, 12, None, None)).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::AuthFailed, "{err:?}");
 }
+
+/// Writes the account file as TOML text `text`, atomically (a temporary file renamed over
+/// it), as an editor that saves whole files would.
+fn write_accounts_text(file: &Path, text: &str) {
+    let tmp = file.with_extension("edit");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
+/// An operator removes bob from the account list by hand and makes a typo in alice's
+/// rights in the same edit: the list is invalid and the previous one stays in force —
+/// visibly (`whispeer_relay_account_list_valid` 0, the error counter) — but bob, whom the
+/// text no longer names, is revoked anyway (before, he stayed admitted, with only a log
+/// line to tell). Alice keeps working; a valid list brings the gauge back.
+#[tokio::test]
+async fn an_invalid_account_list_is_visible_and_still_revokes_a_removed_account() {
+    let s = Setup::new("invalid-list");
+    let alice = key_account(&s.dir, &s.accounts, "alice", &["--group", "home"]);
+    let bob = key_account(&s.dir, &s.accounts, "bob", &["--group", "home"]);
+    let relay = s.relay(&[]);
+    let mut ca = login(relay.tcp(), &alice).await;
+    let mut cb = login(relay.tcp(), &bob).await;
+    let admin = relay.admin();
+    assert_eq!(metric(admin, "whispeer_relay_account_list_valid").await, 1);
+    let mut list = whispeer_relay::accounts::AccountFile::load(&s.accounts).unwrap();
+    list.account.retain(|e| e.name != "bob");
+    let valid = list.to_toml().unwrap();
+    write_accounts_text(&s.accounts, &valid.replacen("\"publish\"", "\"pubish\"", 1));
+    let e = cb.expect_fatal(ErrorCode::AuthFailed).await;
+    assert!(e.message.contains("removed"), "{e:?}");
+    assert_eq!(
+        metric(admin, "whispeer_relay_account_reload_errors_total").await,
+        1
+    );
+    assert_eq!(metric(admin, "whispeer_relay_account_list_valid").await, 0);
+    try_pub_live(&mut ca, 3)
+        .await
+        .expect("alice's entry stays in force");
+    assert!(try_login(relay.tcp(), &bob).await.is_err(), "bob is out");
+    write_accounts_text(&s.accounts, &valid);
+    wait_metric(admin, "whispeer_relay_account_list_valid", 1).await;
+}
