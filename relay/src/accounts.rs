@@ -126,6 +126,25 @@ pub enum AccountError {
          releases claims unused for auth.claim_idle_ms by itself when a group needs room)"
     )]
     InUse { path: PathBuf },
+    /// A relay starting: another process holds the auth-state file's lock.
+    #[error(
+        "{path}: another process holds this auth state file's lock (flock): most likely \
+         another relay running on the same file (auth.state; each relay needs its own) or a \
+         `whispeer-relay claims release` still running. Stop it, or give this relay its own \
+         auth.state, then start again"
+    )]
+    Locked { path: PathBuf },
+    /// The auth-state file could not be locked at all (the file system may not support
+    /// `flock`).
+    #[error(
+        "{path}: cannot lock this auth state file ({source}); the relay needs an exclusive \
+         flock on it while it runs (some network file systems, e.g. NFS depending on the \
+         mount, do not support it: see docs/DEPLOY.md)"
+    )]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// One right an account may hold.
@@ -883,18 +902,70 @@ fn try_lock(f: &File) -> std::io::Result<bool> {
     }
 }
 
-/// Rewrites the state file `path` as `bytes` (see [`LiveState`]). `Err` before the rename: the
-/// old file is untouched (and still the one to append to). Once renamed, the directory
-/// sync and the reopen are retried until they work: appending to the old file (now
-/// unlinked), or to a new one whose name a crash could still take back, would lose lines.
-/// The new file is locked like the old one ([`try_lock`]).
+/// Whether `f` is the file `path` names now (same device and inode).
+fn names(path: &Path, f: &File) -> std::io::Result<bool> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = match (f.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (_, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            (Err(e), _) | (_, Err(e)) => return Err(e),
+        };
+        Ok((a.dev(), a.ino()) == (b.dev(), b.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, f);
+        Ok(true)
+    }
+}
+
+/// Opens the state file at `path` for appending (created `0600`) and takes its lock
+/// ([`try_lock`]) before anything reads or cuts it: `Ok(None)` while another process holds
+/// the lock. The file locked is checked to be the one `path` still names: a relay that
+/// compacts renames a new file (locked before) over the old one, whose lock then guards
+/// nothing; it is opened again then.
+fn open_locked(path: &Path) -> std::io::Result<Option<File>> {
+    for _ in 0..16 {
+        let f = open_append(path)?;
+        if !try_lock(&f)? {
+            return Ok(None);
+        }
+        if names(path, &f)? {
+            return Ok(Some(f));
+        }
+    }
+    Err(std::io::Error::other(
+        "the file keeps being replaced while it is locked",
+    ))
+}
+
+/// Rewrites the state file `path` as `bytes` (see [`LiveState`]) and returns the new file,
+/// open for appending and **locked** ([`try_lock`]) from before it takes the file's name
+/// until the relay ends: the handle written and renamed is the one kept, so there is no
+/// moment without the relay's lock (a `claims release` taking it in a gap would append
+/// lines the next compaction erases). `Err` before the rename: the old file is untouched
+/// (and still the one to append to). Once renamed, the directory sync is retried until it
+/// works (a crash could otherwise take the new name back).
 fn compact(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
+    compact_then(path, bytes, || {})
+}
+
+/// [`compact`], calling `renamed` right after the rename (tests look at the lock there).
+fn compact_then(path: &Path, bytes: &[u8], renamed: impl FnOnce()) -> std::io::Result<File> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".compact");
     let tmp = PathBuf::from(tmp);
     let written = (|| {
+        // A temporary file left by a crash mid-compaction goes first: the new one is a
+        // fresh file no other process has open (or locked).
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut o = OpenOptions::new();
-        o.write(true).create(true).truncate(true);
+        o.read(true).append(true).create_new(true);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt;
@@ -902,33 +973,37 @@ fn compact(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
         }
         let mut t = o.open(&tmp)?;
         // Locked before it takes the file's name: no moment without the relay's lock.
-        let _ = try_lock(&t);
+        if !try_lock(&t)? {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "another process locked the new auth state file",
+            ));
+        }
         t.write_all(bytes)?;
         t.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        Ok(t)
     })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    let t = match written {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    renamed();
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let mut warned = false;
     loop {
-        let reopened = File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .and_then(|_| open_append(path));
-        match reopened {
-            Ok(f) => {
-                let _ = try_lock(&f);
-                return Ok(f);
-            }
+        match File::open(&dir).and_then(|d| d.sync_all()) {
+            Ok(()) => return Ok(t),
             Err(e) => {
                 if !warned {
                     tracing::error!(file = %path.display(), error = %e,
-                        "cannot reopen the compacted auth state file (retrying)");
+                        "cannot sync the directory of the compacted auth state file (retrying)");
                     warned = true;
                 }
                 std::thread::sleep(WRITE_RETRY);
@@ -1052,6 +1127,19 @@ impl AuthState {
             path: path.into(),
             source,
         };
+        // Locked before the file is read or cut: a second relay on the same file, or a
+        // `claims release` at work, would otherwise write lines this relay never sees (or
+        // it would cut off theirs as a torn tail).
+        let f = match open_locked(path) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(AccountError::Locked { path: path.into() }),
+            Err(source) => {
+                return Err(AccountError::Lock {
+                    path: path.into(),
+                    source,
+                })
+            }
+        };
         let (live, tail) = LiveState::replay(path)?.unwrap_or_default();
         let start = s.now();
         // Unused since the file says, but never lapsing within the grace after a start.
@@ -1071,18 +1159,8 @@ impl AuthState {
                 s.owners.insert((k, name.clone()), (owner.clone(), 0));
             }
         }
-        let f = open_append(path).map_err(io)?;
         if let Some(whole) = tail {
             f.set_len(whole).and_then(|_| f.sync_data()).map_err(io)?;
-        }
-        match try_lock(&f) {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!(file = %path.display(),
-                "another process holds the auth state file's lock (a second relay on the \
-                 same file, or `whispeer-relay claims release`): its lines and this relay's \
-                 may not agree"),
-            Err(e) => tracing::debug!(file = %path.display(), error = %e,
-                "cannot lock the auth state file"),
         }
         s.writer = Some(StateWriter::spawn(path.to_owned(), f, live).map_err(io)?);
         Ok(s)
@@ -1434,10 +1512,9 @@ pub fn release_claims(
     if !path.exists() {
         return Ok(Released::default());
     }
-    let mut f = open_append(path).map_err(io)?;
-    if !try_lock(&f).map_err(io)? {
+    let Some(mut f) = open_locked(path).map_err(io)? else {
         return Err(AccountError::InUse { path: path.into() });
-    }
+    };
     let Some((live, tail)) = LiveState::replay(path)? else {
         return Ok(Released::default());
     };
@@ -3301,5 +3378,85 @@ mod tests {
         assert_eq!(valid(&accounts), (true, 2));
         assert!(accounts.by_token(b"a2").is_some());
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// Whether a process other than the lock's holder could take the auth-state file's
+    /// lock now (a fresh open file description, as `claims release` makes).
+    fn lockable(path: &Path) -> bool {
+        try_lock(&File::open(path).unwrap()).unwrap()
+    }
+
+    /// Review (L1): the relay's lock on its state file holds through a compaction — the
+    /// temporary file is locked before it takes the file's name and that very handle is
+    /// kept — so no other process can take it in between, right after the rename or
+    /// after. (Before, the temporary file's handle closed with its lock after the rename
+    /// and the file was opened and locked again, the lock's failure ignored: a `claims
+    /// release` could take the lock in that gap and append lines the relay's next
+    /// compaction erased.) The writer thread's own compaction keeps it too.
+    #[cfg(unix)]
+    #[test]
+    fn the_state_files_lock_is_held_through_a_compaction() {
+        let dir = temp_file("lock").parent().unwrap().to_owned();
+        let path = dir.join("auth-state");
+        let _ = std::fs::remove_file(&path);
+        let mut old = open_locked(&path).unwrap().expect("not locked yet");
+        old.write_all(b"{}\n{}\n").unwrap();
+        assert!(!lockable(&path), "locked by the relay");
+        assert!(
+            open_locked(&path).unwrap().is_none(),
+            "a second locker is refused"
+        );
+        let mut during = None;
+        let new = compact_then(&path, b"{}\n", || during = Some(lockable(&path))).unwrap();
+        // The writer thread drops the old file's handle once compacted.
+        drop(old);
+        assert_eq!(during, Some(false), "lockable right after the rename");
+        assert!(!lockable(&path), "lockable after the compaction");
+        assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
+        drop(new);
+        assert!(lockable(&path), "released with the relay's handle");
+
+        // The writer thread: owners made and deleted until the file is compacted.
+        let _ = std::fs::remove_file(&path);
+        let st = AuthState::open(Some(&path)).unwrap();
+        let ino = |p: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p).unwrap().ino()
+        };
+        let first = ino(&path);
+        let st = Mutex::new(st);
+        let mut i = 0u64;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while ino(&path) == first {
+            assert!(std::time::Instant::now() < deadline, "never compacted");
+            let mut s = st.lock().unwrap();
+            for _ in 0..64 {
+                i += 1;
+                let key_id = hex::encode([7u8; 16]);
+                let name = format!("durable-{i}-{}", "x".repeat(100));
+                s.append(&StateLine::Owner {
+                    key_id: key_id.clone(),
+                    name: name.clone(),
+                    owner: "o".into(),
+                });
+                s.append(&StateLine::Disown { key_id, name });
+            }
+            let (sent, mut rx) = {
+                let w = s.writer.as_ref().unwrap();
+                (w.sent, w.durable.clone())
+            };
+            drop(s);
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(rx.wait_for(|n| *n >= sent))
+                .unwrap();
+        }
+        assert!(
+            !lockable(&path),
+            "still locked after the writer's compaction"
+        );
+        drop(st);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -2016,3 +2016,60 @@ async fn an_invalid_account_list_is_visible_and_still_revokes_a_removed_account(
     write_accounts_text(&s.accounts, &valid);
     wait_metric(admin, "whispeer_relay_account_list_valid", 1).await;
 }
+
+/// Review (L1): a relay takes its auth-state file's lock before it reads (or cuts) the
+/// file and refuses to start while another process holds it — here the test itself, by
+/// `flock` as the relay and `claims release` take it — naming the file and the likely
+/// holder. (Before, it replayed and truncated the file first and then only warned, and
+/// ran beside the other writer.) Once the lock is free it starts.
+#[test]
+fn a_relay_refuses_to_start_while_its_auth_state_file_is_locked() {
+    let s = Setup::new("state-locked");
+    key_account(&s.dir, &s.accounts, "alice", &[]);
+    std::fs::write(&s.state, "").unwrap();
+    let held = std::fs::File::open(&s.state).unwrap();
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    let mut args = vec![
+        "serve",
+        "--ws",
+        "127.0.0.1:0",
+        "--tcp",
+        "off",
+        "--admin",
+        "off",
+    ];
+    args.extend(["--store", "none", "--ready-file", "-"]);
+    args.extend(s.args(&[]));
+    let mut child = KillOnDrop(
+        relay_bin()
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Either the relay refuses (stdout closes with nothing on it) or it prints its ready
+    // line and the test fails — it never waits on a relay that wrongly serves.
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert!(
+        ready.is_empty(),
+        "started beside the lock's holder: {ready}"
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!child.wait().unwrap().success());
+    assert!(
+        stderr.contains(s.state.to_str().unwrap())
+            && stderr.contains("another relay")
+            && stderr.contains("claims release"),
+        "{stderr}"
+    );
+    drop(held);
+    let relay = s.relay(&[]);
+    drop(relay);
+}
