@@ -736,7 +736,9 @@ export class Client {
       const torn = this.#eng.restoreTornBytes();
       if (torn > 0)
         // Said, not silent: usually a write a crash cut short (its record was never
-        // reported), but damage in the middle of the log drops everything after it too.
+        // reported), or damage to the last record. A length damaged earlier in the log is
+        // refused as corrupt (STATE, above); only in a log of format version 1 did it drop
+        // everything after it as torn bytes.
         console.warn(
           `whispeer: ${store.where}: the saved state ended in ${torn} bytes that were no whole record; ` +
             'dropped (a write cut short, or damage)',

@@ -297,6 +297,13 @@ impl Engine {
             if let Some(p) = &s.pins {
                 core.keys_mut().import_pins(p).map_err(key_error)?;
             }
+            // When epochs were superseded in earlier runs (the keys were added now: without
+            // this the previous epoch's grace restarted at every start); a time later than
+            // now — the clock went back — counts as the grace over.
+            for (&(tree, epoch), &at) in &s.superseded {
+                core.keys_mut()
+                    .restore_superseded(tree, epoch, at, n.unix_ms);
+            }
             // (The engine's outbox orders them by their saved order.)
             cfg.restored = s
                 .outbox
@@ -544,13 +551,10 @@ impl Engine {
             .map_err(key_error)?;
         self.eng.refresh_keys(n);
         if let Some(sv) = &mut self.saving {
-            let p = self
-                .core
-                .keyring
-                .read()
-                .expect("keyring lock")
-                .export_pins();
-            persist::pins(&mut sv.journal, &p);
+            let kr = self.core.keyring.read().expect("keyring lock");
+            persist::pins(&mut sv.journal, &kr.export_pins());
+            // A new epoch starts the previous one's grace: its time is saved at once.
+            persist::superseded_all(&mut sv.journal, &kr.superseded_epochs());
         }
         Ok(())
     }
@@ -677,13 +681,11 @@ impl Engine {
         }
         sv.journal.clear();
         let mut out = persist::MAGIC.to_vec();
-        let p = self
-            .core
-            .keyring
-            .read()
-            .expect("keyring lock")
-            .export_pins();
-        persist::pins(&mut out, &p);
+        {
+            let kr = self.core.keyring.read().expect("keyring lock");
+            persist::pins(&mut out, &kr.export_pins());
+            persist::superseded_all(&mut out, &kr.superseded_epochs());
+        }
         for (pid, (order, frame)) in &sv.kept {
             persist::keep(&mut out, pid, *order, frame);
         }
@@ -713,8 +715,8 @@ impl Engine {
     }
 
     /// Bytes at the end of the loaded state that were no whole record and were dropped (a
-    /// write cut short — or damage: a record length changed in the middle of the log drops
-    /// everything after it), 0 without persistence.
+    /// write cut short; a damaged record length is refused as corrupt, except in a log of
+    /// format version 1), 0 without persistence.
     #[wasm_bindgen(js_name = restoreTornBytes)]
     pub fn restore_torn_bytes(&self) -> f64 {
         self.saving.as_ref().map_or(0, |s| s.torn) as f64

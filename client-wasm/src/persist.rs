@@ -4,13 +4,14 @@
 //! The state is what the Rust client keeps in its SQLite file (`client/src/persist.rs`):
 //! the QoS ≥ 1 outbox (sealed `Pub` frames with their publish ids, until `PubAck`), the
 //! receive-dedup window (`(tree, sender, msg_id)` and expiry), the retained high-water
-//! marks (`BLAKE3(tree id ‖ topic)`, timestamp, msg_id) and the pinned tree admins
-//! (`Keyring::export_pins`). Only ciphertext frames, ids and hashes: no plaintext, no
-//! topic names.
+//! marks (`BLAKE3(tree id ‖ topic)`, timestamp, msg_id), the pinned tree admins
+//! (`Keyring::export_pins`) and when epochs were superseded (`Keyring::superseded_epochs`).
+//! Only ciphertext frames, ids and hashes: no plaintext, no topic names.
 //!
-//! Format: an append-only log. `MAGIC` (8 bytes: `wspjs` + NUL + version 1 + `\n`), then
-//! records `len: u32 BE ‖ body (len bytes) ‖ BLAKE3-derived 4-byte check of the body`.
-//! Body: a kind byte, then
+//! Format: an append-only log. `MAGIC` (8 bytes: `wspjs` + NUL + version 2 + `\n`), then
+//! records `len: u32 BE ‖ !len: u32 BE (its bitwise complement) ‖ body (len bytes) ‖
+//! BLAKE3-derived 4-byte check of the body`. Version 1 (still read; a log is rewritten as
+//! version 2 at the first start) had no `!len`. Body: a kind byte, then
 //! - `1` keep: publish id (16) ‖ order (u64 BE) ‖ `Pub` frame (rest; a record whose frame is
 //!   not a QoS ≥ 1 `Pub` of that publish id is skipped and counted, `Saved::refused_kept`);
 //! - `2` acked: publish id (16);
@@ -27,13 +28,22 @@
 //!   subscription of that durable went away without taking while the window holds it as
 //!   delivered (`ClientCore::dedup_untaken`): its next resume still gets it;
 //! - `9` paid: digest (16) ‖ durable name — that durable took it;
-//! - `10` owed forgotten: durable name — the durable was deleted.
+//! - `10` owed forgotten: durable name — the durable was deleted;
+//! - `11` superseded: tree (16) ‖ epoch (u64 BE) ‖ Unix ms (u64 BE) — when that epoch was
+//!   superseded (`Keyring::superseded_epochs`; the earliest read wins), restored into the
+//!   keyring at start so a restart does not restart the previous epoch's grace.
 //!
 //! Read in order, later records win. A last record cut short or failing its check is a
 //! write torn by a crash and is ignored (the driver writes a record before it reports
 //! what it covers, so nothing reported depends on it); anything else that does not parse
-//! is a [`StateError`]. The driver compacts (rewrites the log as a snapshot) at start and
-//! when the log has grown.
+//! is a [`StateError`] — and the client does not start (`STATE`): never with an empty
+//! dedup window in place of one it could not read. The length's complement is what tells
+//! the two apart when a length is damaged: in version 1 a length changed in the middle of
+//! the log to point past its end read as a torn last record, and everything after it was
+//! dropped — dedup entries included (adversarial review, clients). Now a record header
+//! whose two halves disagree is corruption wherever it is; a whole header is never what
+//! a torn write leaves (it writes a prefix of the bytes). The driver compacts (rewrites
+//! the log as a snapshot) at start and when the log has grown.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -41,8 +51,10 @@ use bytes::Bytes;
 use whispeer::core::receive::{Change, DedupKey, Digest, RetainedKey};
 use whispeer_protocol::TreeId;
 
-/// The first bytes of a state log (format version 1).
-pub const MAGIC: &[u8; 8] = b"wspjs\x00\x01\n";
+/// The first bytes of a state log (format version 2).
+pub const MAGIC: &[u8; 8] = b"wspjs\x00\x02\n";
+/// The oldest format version read (records without the length's complement).
+const FIRST_VERSION: u8 = 1;
 
 const KEEP: u8 = 1;
 const ACKED: u8 = 2;
@@ -54,6 +66,7 @@ const FORGOT: u8 = 7;
 const OWED: u8 = 8;
 const PAID: u8 = 9;
 const OWED_FORGOTTEN: u8 = 10;
+const SUPERSEDED: u8 = 11;
 
 /// Largest record body accepted (a `Pub` frame is far smaller).
 const MAX_BODY: usize = 64 << 20;
@@ -103,6 +116,8 @@ pub struct Saved {
     pub forgot_upto: u64,
     /// Messages owed to durables (`8` records not paid or forgotten since), by name.
     pub owed: OwedRows,
+    /// When epochs were superseded, by (tree, epoch): the earliest time read.
+    pub superseded: BTreeMap<(TreeId, u64), u64>,
     /// Bytes of a torn last record that were ignored.
     pub torn: usize,
     /// `1` keep records skipped because their frame is not a QoS ≥ 1 `Pub` of their own
@@ -141,8 +156,9 @@ fn check(body: &[u8]) -> [u8; 4] {
 }
 
 fn record(out: &mut Vec<u8>, parts: &[&[u8]]) {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    out.extend_from_slice(&(len as u32).to_be_bytes());
+    let len = parts.iter().map(|p| p.len()).sum::<usize>() as u32;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&(!len).to_be_bytes());
     let start = out.len();
     for p in parts {
         out.extend_from_slice(p);
@@ -172,6 +188,26 @@ pub fn seen_digest(out: &mut Vec<u8>, d: Digest, expires_ms: u64) {
         out,
         &[&[SEEN_DIGEST], &d.to_le_bytes(), &expires_ms.to_be_bytes()],
     );
+}
+
+/// Appends when epoch `epoch` of `tree` was superseded (Unix ms).
+pub fn superseded(out: &mut Vec<u8>, tree: &TreeId, epoch: u64, at_ms: u64) {
+    record(
+        out,
+        &[
+            &[SUPERSEDED],
+            &tree.0,
+            &epoch.to_be_bytes(),
+            &at_ms.to_be_bytes(),
+        ],
+    );
+}
+
+/// Appends every supersede time of a keyring (`Keyring::superseded_epochs`).
+pub fn superseded_all(out: &mut Vec<u8>, rows: &[(TreeId, u64, u64)]) {
+    for (tree, epoch, at) in rows {
+        superseded(out, tree, *epoch, *at);
+    }
 }
 
 /// Appends a message owed to durable `durable`.
@@ -288,7 +324,12 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
             supported: MAGIC[6],
         });
     }
-    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+    let known = |v: u8| (FIRST_VERSION..=MAGIC[6]).contains(&v);
+    if bytes.len() < MAGIC.len()
+        || bytes[..6] != MAGIC[..6]
+        || !known(bytes[6])
+        || bytes[7] != MAGIC[7]
+    {
         let n = bytes.len().min(MAGIC.len());
         let shown: String = bytes[..n]
             .iter()
@@ -310,26 +351,31 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
     // per copy — a scan of its old date's bucket each, quadratic in a crafted log.
     let mut seen_at: HashMap<DedupKey, usize> = HashMap::new();
     let mut digest_at: HashMap<Digest, usize> = HashMap::new();
+    // The record header: the length, and from version 2 its complement.
+    let head = if bytes[6] == FIRST_VERSION { 4 } else { 8 };
     let mut at = MAGIC.len();
     while at < bytes.len() {
         let rest = &bytes[at..];
         let corrupt = |reason| StateError::Corrupt { offset: at, reason };
-        let len = if rest.len() >= 4 {
-            u32::from_be_bytes(arr(rest)) as usize
-        } else {
+        if rest.len() < head {
             s.torn = rest.len();
             break;
-        };
+        }
+        let n = u32::from_be_bytes(arr(rest));
+        if head == 8 && u32::from_be_bytes(arr(&rest[4..])) != !n {
+            return Err(corrupt("record length damaged"));
+        }
+        let len = n as usize;
         if len > MAX_BODY {
             return Err(corrupt("record length out of range"));
         }
-        let end = 4 + len + 4;
+        let end = head + len + 4;
         if rest.len() < end {
             s.torn = rest.len();
             break;
         }
-        let body = &rest[4..4 + len];
-        if check(body) != rest[4 + len..end] {
+        let body = &rest[head..head + len];
+        if check(body) != rest[head + len..end] {
             if rest.len() == end {
                 s.torn = rest.len();
                 break;
@@ -407,9 +453,16 @@ pub fn load(bytes: &[u8], now_ms: u64) -> Result<Saved, StateError> {
                     std::str::from_utf8(f).map_err(|_| corrupt("durable name is not UTF-8"))?;
                 s.owed.0.remove(name);
             }
-            (KEEP | ACKED | SEEN | SEEN_DIGEST | RETAINED | FORGOT | OWED | PAID, _) => {
-                return Err(corrupt("record of the wrong size"))
+            (SUPERSEDED, 32) => {
+                let key = (TreeId(arr(f)), u64_at(&f[16..]));
+                let t = u64_at(&f[24..]);
+                let v = s.superseded.entry(key).or_insert(t);
+                *v = (*v).min(t);
             }
+            (
+                KEEP | ACKED | SEEN | SEEN_DIGEST | RETAINED | FORGOT | OWED | PAID | SUPERSEDED,
+                _,
+            ) => return Err(corrupt("record of the wrong size")),
             _ => return Err(corrupt("unknown record kind (written by a newer version?)")),
         }
         at += end;
@@ -538,7 +591,7 @@ mod tests {
         b[n - 6] ^= 1;
         assert_eq!(load(&b, 100).unwrap().torn, last_len);
         let mut b = full.clone();
-        b[MAGIC.len() + 6] ^= 1;
+        b[MAGIC.len() + 8 + 6] ^= 1;
         let e = load(&b, 100).unwrap_err();
         assert_eq!(
             e,
@@ -561,6 +614,127 @@ mod tests {
         ));
     }
 
+    /// Adversarial review (clients), finding 1 for the npm log: a record length changed in
+    /// the middle of the log so that it runs past the end read as a torn last record, and
+    /// everything after it — dedup entries too — was dropped without an error (only the
+    /// count of "torn" bytes said anything). The length's complement in the record header
+    /// (format version 2) makes that corruption; a torn tail still loads as before.
+    #[test]
+    fn a_record_length_damaged_in_the_middle_is_corruption_not_a_torn_tail() {
+        let mut b = MAGIC.to_vec();
+        let entry = |i: u8| Change::Seen {
+            key: (TreeId([1; 16]), [2; 32], [i; 16]),
+            expires_ms: 1_000,
+        };
+        change(&mut b, &entry(1));
+        let second = b.len();
+        for i in 2..10 {
+            change(&mut b, &entry(i));
+        }
+        assert_eq!(load(&b, 0).unwrap().seen.len(), 9);
+        // The second record's length now claims more than the log holds (its high byte hit).
+        for (byte, x) in [(0, 0x01), (1, 0x10), (2, 0x04)] {
+            let mut d = b.clone();
+            d[second + byte] ^= x;
+            assert!(
+                u32::from_be_bytes(arr(&d[second..])) as usize > d.len() - second,
+                "runs past the end"
+            );
+            assert_eq!(
+                load(&d, 0).unwrap_err(),
+                StateError::Corrupt {
+                    offset: second,
+                    reason: "record length damaged"
+                },
+                "byte {byte}"
+            );
+        }
+        // Its complement damaged instead: the same.
+        let mut d = b.clone();
+        d[second + 5] ^= 0x40;
+        assert!(matches!(
+            load(&d, 0),
+            Err(StateError::Corrupt {
+                reason: "record length damaged",
+                ..
+            })
+        ));
+        // A torn tail is what it was: every cut inside the last record loads the rest.
+        let last = b.len() - (8 + 73 + 4);
+        for cut in last + 1..b.len() {
+            let s = load(&b[..cut], 0).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+            assert_eq!((s.seen.len(), s.torn), (8, cut - last));
+        }
+    }
+
+    /// A log of format version 1 (no length complement; what the previous release wrote)
+    /// still loads, a torn last record included; the driver then rewrites it as version 2.
+    #[test]
+    fn a_log_of_format_version_1_still_loads() {
+        let v1 = |b: &[u8]| -> Vec<u8> {
+            // Drop each record's complement.
+            let mut out = b"wspjs\x00\x01\n".to_vec();
+            let mut at = MAGIC.len();
+            while at < b.len() {
+                let len = u32::from_be_bytes(arr(&b[at..])) as usize;
+                out.extend_from_slice(&b[at..at + 4]);
+                out.extend_from_slice(&b[at + 8..at + 8 + len + 4]);
+                at += 8 + len + 4;
+            }
+            out
+        };
+        let frame2 = pub_frame([2; 16], Qos::ExactlyOnce);
+        let now = load(&sample_with(&frame2), 100).unwrap();
+        let old = v1(&sample_with(&frame2));
+        let then = load(&old, 100).unwrap();
+        assert_eq!(
+            (
+                &then.outbox,
+                &then.seen,
+                &then.retained,
+                &then.pins,
+                then.torn
+            ),
+            (&now.outbox, &now.seen, &now.retained, &now.pins, 0)
+        );
+        let torn = load(&old[..old.len() - 3], 100).unwrap();
+        assert_eq!(torn.pins.as_deref(), Some(&b"\x01old"[..]));
+        assert!(torn.torn > 0);
+    }
+
+    /// Supersede times load as the earliest of each (tree, epoch); a record of the wrong
+    /// size is corruption.
+    #[test]
+    fn supersede_times_load_as_the_earliest_of_each_epoch() {
+        let mut b = MAGIC.to_vec();
+        superseded(&mut b, &TreeId([1; 16]), 0, 5_000);
+        superseded(&mut b, &TreeId([1; 16]), 0, 7_000);
+        superseded_all(
+            &mut b,
+            &[(TreeId([1; 16]), 1, 9_000), (TreeId([2; 16]), 0, 3)],
+        );
+        superseded(&mut b, &TreeId([1; 16]), 1, 8_000);
+        let s = load(&b, 0).unwrap();
+        assert_eq!(
+            s.superseded.into_iter().collect::<Vec<_>>(),
+            [
+                ((TreeId([1; 16]), 0), 5_000),
+                ((TreeId([1; 16]), 1), 8_000),
+                ((TreeId([2; 16]), 0), 3)
+            ]
+        );
+        let mut bad = MAGIC.to_vec();
+        record(&mut bad, &[&[SUPERSEDED], &[0; 31]]);
+        pins(&mut bad, b"\x01");
+        assert!(matches!(
+            load(&bad, 0),
+            Err(StateError::Corrupt {
+                reason: "record of the wrong size",
+                ..
+            })
+        ));
+    }
+
     #[test]
     fn foreign_bytes_are_refused() {
         for bad in [&b"SQLite format 3\x00"[..], b"{\"a\":1}", b"wsp"] {
@@ -575,19 +749,19 @@ mod tests {
     #[test]
     fn a_log_of_a_newer_format_version_is_said_to_be_a_newer_releases() {
         let mut b = sample();
-        b[6] = 2;
+        b[6] = 3;
         let e = load(&b, 0).unwrap_err();
         assert_eq!(
             e,
             StateError::Newer {
-                version: 2,
-                supported: 1
+                version: 3,
+                supported: 2
             }
         );
         assert_eq!(
             e.to_string(),
-            "client state written by a newer release of whispeer (format version 2, this \
-             release reads up to 1); not modified"
+            "client state written by a newer release of whispeer (format version 3, this \
+             release reads up to 2); not modified"
         );
         // Only the header counts: a bare header of version 200 too.
         assert!(matches!(
@@ -857,9 +1031,14 @@ mod tests {
                 seen_digest(&mut b, d, exp);
                 b
             }),
-            t.prop_map(|x| {
+            t.clone().prop_map(|x| {
                 let mut b = Vec::new();
                 forgot_upto(&mut b, x);
+                b
+            }),
+            (0u8..2, 0u64..3, t).prop_map(|(tree, epoch, at)| {
+                let mut b = Vec::new();
+                superseded(&mut b, &TreeId([tree; 16]), epoch, at);
                 b
             }),
             (0u8..3, "[a-cé]{0,3}", 0u128..4).prop_map(|(k, durable, digest)| {
@@ -887,6 +1066,7 @@ mod tests {
         prop_assert_eq!(&a.pins, &b.pins);
         prop_assert_eq!(a.forgot_upto, b.forgot_upto);
         prop_assert_eq!(&a.owed, &b.owed);
+        prop_assert_eq!(&a.superseded, &b.superseded);
         prop_assert_eq!(a.refused_kept, b.refused_kept);
         Ok(())
     }
@@ -941,10 +1121,16 @@ mod tests {
                 let mut bad = log.clone();
                 let i = at.index(bad.len());
                 bad[i] ^= x.max(1);
-                if let Ok(s) = load(&bad, now) {
+                let got = load(&bad, now);
+                if let Ok(s) = &got {
                     // A change past the header is either the torn last record or a record
                     // whose check still holds (never: the body changed, the check did not).
                     prop_assert!(i < MAGIC.len() || s.torn > 0 || records.is_empty(), "{}", i);
+                }
+                // A change in any record but the last — its length included — is refused,
+                // never taken for a torn tail (everything after it dropped).
+                if i >= MAGIC.len() && records.len() >= 2 && i < ends[records.len() - 1] {
+                    prop_assert!(got.is_err(), "byte {} changed: {:?}", i, got.map(|s| s.torn));
                 }
             }
         }

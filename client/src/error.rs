@@ -346,6 +346,27 @@ pub enum PersistError {
         /// What is wrong with it.
         reason: UnsafeFile,
     },
+    /// The file opened, but a part of it the client loads at start — the dedup window with
+    /// the retained high-water marks, the kept publishes, what durables are owed, when
+    /// epochs were superseded — cannot be read (an I/O error, or damage SQLite detects in
+    /// the middle of the file) or brought to its bounds (the file cannot be written). The
+    /// client is not started with that part empty (adversarial review, clients: it was,
+    /// with an error in the log only): an empty dedup window accepts again messages this
+    /// client already accepted, an empty outbox loses publishes never acknowledged, an
+    /// epoch's grace restarts. Nothing is deleted to get past it. A torn last write is no such
+    /// failure: SQLite's write-ahead log drops a transaction a crash cut short, and the
+    /// file opens with what was committed before it. A missing file is a fresh start.
+    #[error("client state file {path}: cannot load its {part}: {source}; not starting with it empty (that would accept again messages this client already accepted, or lose publishes it kept). Restore the file from a backup, or move it aside to start afresh with a new one (accepting that risk)")]
+    Unreadable {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Which part: `dedup window`, `outbox`, `messages owed to durables`, `epoch
+        /// supersede times`.
+        part: &'static str,
+        /// SQLite's error (`SQLITE_IOERR…`, `SQLITE_CORRUPT`, `SQLITE_READONLY`, …).
+        #[source]
+        source: rusqlite::Error,
+    },
     /// The state file could not be created, or its directory or itself looked at.
     #[error("client state file {path}: {source}")]
     Io {

@@ -12,7 +12,14 @@
 //!   so a retained value can never be rolled back across a restart;
 //! - the **pinned admin** of every tree the keyring has seen (`Keyring::export_pins`, one
 //!   row, table `pins`), imported on start before anything else, so after a restart an epoch
-//!   certificate signed by anyone but the pinned admin is refused.
+//!   certificate signed by anyone but the pinned admin is refused;
+//! - **when each epoch was superseded** (`Keyring::superseded_epochs`, table `superseded`,
+//!   one row per tree and epoch), restored on start before the grants' grace is judged, so
+//!   a restart does not restart the previous epoch's grace.
+//!
+//! Whatever of it cannot be loaded at start fails the connect ([`PersistError::Unreadable`]):
+//! the client never starts with an empty dedup window (replays) or outbox (lost publishes)
+//! in place of one it could not read.
 //!
 //! Durable *positions* live on the relay (the durable floor, persisted there); the client
 //! resumes them by name. Only ciphertext frames, ids and hashes are written, never
@@ -617,8 +624,9 @@ impl Store {
                 "schema version {version}, expected {SCHEMA_VERSION}"
             )));
         }
-        // `pins` came after schema 2 was released: created in any schema-2 file that lacks
-        // it (older clients ignore the table).
+        // `pins` came after schema 2 was released, `superseded` later: created in any
+        // schema-2 file that lacks them (older clients ignore the tables; one that ignores
+        // `superseded` restarts the previous epoch's grace at its start, as it did).
         db.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS pins (id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -626,7 +634,10 @@ impl Store {
              CREATE TABLE IF NOT EXISTS seen_window (id INTEGER PRIMARY KEY CHECK (id = 1),
                                                 forgot_upto INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS owed (durable TEXT NOT NULL, digest BLOB NOT NULL,
-                                              PRIMARY KEY (durable, digest));",
+                                              PRIMARY KEY (durable, digest));
+             CREATE TABLE IF NOT EXISTS superseded (tree BLOB NOT NULL, epoch INTEGER NOT NULL,
+                                                    at INTEGER NOT NULL,
+                                                    PRIMARY KEY (tree, epoch));",
         )
         .map_err(err)?;
         let rows: i64 = db
@@ -654,12 +665,22 @@ impl Store {
         Ok(())
     }
 
+    /// The error for a part that cannot be loaded at start.
+    fn unreadable(&self, part: &'static str) -> impl FnOnce(rusqlite::Error) -> PersistError + '_ {
+        move |source| PersistError::Unreadable {
+            path: self.path.clone(),
+            part,
+            source,
+        }
+    }
+
     fn warn(&self, what: &str, e: rusqlite::Error) {
         tracing::error!(file = %self.path.display(), error = %e, "client state: {what} failed");
     }
 
-    /// The unacknowledged publishes, oldest first.
-    pub(crate) fn outbox(&self) -> Vec<([u8; 16], u64, Bytes)> {
+    /// The unacknowledged publishes, oldest first ([`PersistError::Unreadable`] when they
+    /// cannot be read: before, that was logged and the client started without them).
+    pub(crate) fn outbox(&self) -> Result<Vec<([u8; 16], u64, Bytes)>, PersistError> {
         let load = || -> rusqlite::Result<Vec<([u8; 16], u64, Bytes)>> {
             self.drop_malformed(
                 "outbox",
@@ -684,10 +705,7 @@ impl Store {
             }
             Ok(out)
         };
-        load().unwrap_or_else(|e| {
-            self.warn("reading the outbox", e);
-            Vec::new()
-        })
+        load().map_err(self.unreadable("outbox"))
     }
 
     pub(crate) fn keep(&self, pid: &[u8; 16], ord: u64, frame: &[u8]) {
@@ -720,6 +738,28 @@ impl Store {
             })
     }
 
+    /// What the keyring takes from the file at start, at `now_ms`: the pinned admins (a grant
+    /// of a pinned tree signed by another admin fails, `ConnectError::Keys`), then when
+    /// epochs were superseded (`Keyring::restore_superseded`: the grace of an epoch the
+    /// keyring holds superseded runs from the earliest time any run saw it superseded, so a
+    /// restart does not restart it; a saved time later than `now_ms` — the clock went
+    /// back — counts as the grace over). Both are saved again, merged.
+    pub(crate) fn restore_keys(
+        &self,
+        keyring: &mut whispeer_protocol::Keyring,
+        now_ms: u64,
+    ) -> Result<(), crate::error::ConnectError> {
+        if let Some(bytes) = self.pins()? {
+            keyring.import_pins(&bytes)?;
+        }
+        self.save_pins(&keyring.export_pins());
+        for (tree, epoch, at) in self.superseded()? {
+            keyring.restore_superseded(tree, epoch, at, now_ms);
+        }
+        self.save_superseded(&keyring.superseded_epochs());
+        Ok(())
+    }
+
     /// Saves the keyring's pins (`Keyring::export_pins` bytes), replacing the old ones.
     pub(crate) fn save_pins(&self, bytes: &[u8]) {
         if let Err(e) = self.db.execute(
@@ -730,9 +770,16 @@ impl Store {
         }
     }
 
-    /// Loads the dedup window and the retained high-water marks into the receiver state;
-    /// whether they loaded.
-    pub(crate) fn restore(&self, guard: &mut Guard, now_ms: u64) -> bool {
+    /// Loads the dedup window and the retained high-water marks into the receiver state.
+    ///
+    /// A window that cannot be read (an I/O error, damage SQLite finds in the file) or whose
+    /// dates cannot be brought down to their bound is [`PersistError::Unreadable`], and the
+    /// connect fails: before, the error was logged and the client ran with an empty window,
+    /// so messages it had accepted before the restart were accepted again (adversarial
+    /// review, clients). Rows of the wrong type or size are still dropped alone (each
+    /// costs only itself, see `drop_malformed`): SQLite reads them fine, they can only have
+    /// been written by someone who could as well have deleted them.
+    pub(crate) fn restore(&self, guard: &mut Guard, now_ms: u64) -> Result<(), PersistError> {
         let mut load = || -> rusqlite::Result<()> {
             self.drop_malformed(
                 "seen",
@@ -815,13 +862,7 @@ impl Store {
             )?;
             Ok(())
         };
-        match load() {
-            Ok(()) => true,
-            Err(e) => {
-                self.warn("reading the dedup window", e);
-                false
-            }
-        }
+        load().map_err(self.unreadable("dedup window"))
     }
 
     /// Loads the messages owed to durables into `core` (after [`Store::restore`], and only
@@ -829,7 +870,13 @@ impl Store {
     /// Rows of messages the window forgot, and rows that are not (text, 16-byte blob) at
     /// all, are deleted, so they do not come back at every start (one bad row costs only
     /// itself); rows past the in-memory bound stay saved for a later process.
-    pub(crate) fn restore_owed(&self, core: &mut crate::core::ClientCore) {
+    ///
+    /// Rows that cannot be read fail the connect ([`PersistError::Unreadable`]; before,
+    /// logged, and the durables were not given what they were owed).
+    pub(crate) fn restore_owed(
+        &self,
+        core: &mut crate::core::ClientCore,
+    ) -> Result<(), PersistError> {
         let mut run = || -> rusqlite::Result<()> {
             let mut kept: Vec<(String, [u8; 16])> = Vec::new();
             let mut rows = 0u64;
@@ -864,8 +911,60 @@ impl Store {
             }
             tx.commit()
         };
+        run().map_err(self.unreadable("messages owed to durables"))
+    }
+
+    /// When epochs were superseded, as saved by [`Store::save_superseded`] (`(tree, epoch,
+    /// superseded_at_ms)`); rows of the wrong type or size are dropped alone. A negative
+    /// time (no honest run writes one) reads as 0: the grace is over.
+    pub(crate) fn superseded(&self) -> Result<Vec<(TreeId, u64, u64)>, PersistError> {
+        let load = || -> rusqlite::Result<Vec<(TreeId, u64, u64)>> {
+            self.drop_malformed(
+                "superseded",
+                "typeof(tree) != 'blob' OR length(tree) != 16 OR typeof(epoch) != 'integer' \
+                 OR typeof(at) != 'integer'",
+            )?;
+            let mut st = self.db.prepare("SELECT tree, epoch, at FROM superseded")?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (tree, epoch, at) = row?;
+                if let Ok(t) = <[u8; 16]>::try_from(tree.as_slice()) {
+                    // Epochs are saved as their 64 bits (an epoch past i64::MAX reads back).
+                    out.push((TreeId(t), epoch as u64, at.max(0) as u64));
+                }
+            }
+            Ok(out)
+        };
+        load().map_err(self.unreadable("epoch supersede times"))
+    }
+
+    /// Saves when epochs were superseded (`Keyring::superseded_epochs`), replacing the
+    /// saved rows, in one transaction.
+    pub(crate) fn save_superseded(&self, rows: &[(TreeId, u64, u64)]) {
+        let run = || -> rusqlite::Result<()> {
+            let tx = self.db.unchecked_transaction()?;
+            tx.execute("DELETE FROM superseded", [])?;
+            for (tree, epoch, at) in rows {
+                tx.execute(
+                    "INSERT OR REPLACE INTO superseded (tree, epoch, at) VALUES (?1, ?2, ?3)",
+                    params![
+                        &tree.0[..],
+                        *epoch as i64,
+                        i64::try_from(*at).unwrap_or(i64::MAX)
+                    ],
+                )?;
+            }
+            tx.commit()
+        };
         if let Err(e) = run() {
-            self.warn("reading the messages owed to durables", e);
+            self.warn("saving when epochs were superseded", e);
         }
     }
 
@@ -1015,14 +1114,14 @@ mod tests {
             );
         }
         let s = Store::open(&p).unwrap();
-        let out = s.outbox();
+        let out = s.outbox().unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(
             (out[0].0, out[0].1, &out[0].2[..]),
             ([2; 16], 2, &b"frame-2"[..])
         );
         let mut g = Guard::new(Default::default());
-        s.restore(&mut g, 100);
+        s.restore(&mut g, 100).unwrap();
         assert_eq!(g.seen_len(), 1, "the expired entry is not restored");
 
         let foreign = dir.path().join("foreign.db");
@@ -1079,7 +1178,7 @@ mod tests {
         assert!(live.forgot_upto() > 0);
         let s = Store::open(&p).unwrap();
         let mut g = Guard::new(cfg());
-        s.restore(&mut g, 0);
+        s.restore(&mut g, 0).unwrap();
         assert_eq!(g.seen_len(), 10);
         assert_eq!(
             g.forgot_upto(),
@@ -1138,8 +1237,8 @@ mod tests {
         let mut core = crate::core::ClientCore::new(std::sync::Arc::new(std::sync::RwLock::new(
             whispeer_protocol::Keyring::new(),
         )));
-        assert!(s.restore(core.guard_mut(), 100));
-        s.restore_owed(&mut core);
+        s.restore(core.guard_mut(), 100).unwrap();
+        s.restore_owed(&mut core).unwrap();
         assert_eq!(core.owed_snapshot(), vec![("d".to_owned(), kept)]);
         let rows: i64 =
             s.db.query_row("SELECT count(*) FROM owed", [], |r| r.get(0))
@@ -1184,13 +1283,13 @@ mod tests {
             .unwrap();
         }
         let s = Store::open(&p).unwrap();
-        let out = s.outbox();
+        let out = s.outbox().unwrap();
         assert_eq!(out.len(), 1, "the good kept publish: {out:?}");
         let mut core = crate::core::ClientCore::new(std::sync::Arc::new(std::sync::RwLock::new(
             whispeer_protocol::Keyring::new(),
         )));
-        assert!(s.restore(core.guard_mut(), 100), "the window loads");
-        s.restore_owed(&mut core);
+        s.restore(core.guard_mut(), 100).expect("the window loads");
+        s.restore_owed(&mut core).unwrap();
         assert_eq!(core.owed_snapshot(), vec![("d".to_owned(), digest(&key))]);
         let count = |t: &str| -> i64 {
             s.db.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0))
@@ -1221,7 +1320,7 @@ mod tests {
         }
         let s = Store::open(&p).expect("created again");
         s.keep(&[1; 16], 1, b"frame-1");
-        assert_eq!(s.outbox().len(), 1);
+        assert_eq!(s.outbox().unwrap().len(), 1);
     }
 
     /// A state file of a newer release (a higher schema version) is refused as one — it
@@ -1327,7 +1426,7 @@ mod tests {
         }
         drop(s);
         let s = Store::open(&p).unwrap();
-        assert_eq!(s.outbox().len(), 1);
+        assert_eq!(s.outbox().unwrap().len(), 1);
         assert_eq!(mode(&p), 0o600);
     }
 
@@ -1422,7 +1521,7 @@ mod tests {
         chmod(&p, 0o644);
         let s = Store::open(&p).expect("readable by others: tightened, used");
         assert_eq!(mode(&p), 0o600);
-        assert_eq!(s.outbox().len(), 1);
+        assert_eq!(s.outbox().unwrap().len(), 1);
         drop(s);
 
         // A group-writable `-wal` beside it (one a crash left, or another user's).
@@ -1552,11 +1651,18 @@ mod tests {
         Store::open(&p).unwrap().keep(&[1; 16], 1, b"frame-1");
         assert_eq!(mode(&p), 0o777, "the filesystem keeps no modes");
         let s = Store::open(&p).expect("second start");
-        assert_eq!(s.outbox().len(), 1);
+        assert_eq!(s.outbox().unwrap().len(), 1);
         drop(s);
         // Its log left beside it (as a crash leaves it) is shown 0777 too.
         std::fs::write(m.path.join("s.db-wal"), b"").unwrap();
-        assert_eq!(Store::open(&p).expect("third start").outbox().len(), 1);
+        assert_eq!(
+            Store::open(&p)
+                .expect("third start")
+                .outbox()
+                .unwrap()
+                .len(),
+            1
+        );
 
         let h = m.path.join("h.db");
         drop(crate::history::LocalHistory::open(&h, ["#"]).unwrap());
@@ -1596,7 +1702,7 @@ mod tests {
         guard::hook::set_between_lstat_and_open(|_| {});
         let s = opened.expect("the log and index gone in between: absent");
         assert_eq!(*removed.borrow(), ["s.db-wal", "s.db-shm"], "both raced");
-        assert_eq!(s.outbox().len(), 1);
+        assert_eq!(s.outbox().unwrap().len(), 1);
         drop(s);
 
         // LocalHistory goes through the same check.
@@ -1629,5 +1735,296 @@ mod tests {
             s.db.query_row("SELECT expires FROM seen", [], |r| r.get(0))
                 .unwrap();
         assert_eq!(e, i64::MAX);
+    }
+
+    // ---- Adversarial review (clients), finding 1: a state that cannot be loaded is refused ----
+
+    /// A state file with a row in every table the client loads at start (the `seen` table
+    /// spread over several pages).
+    fn populated(p: &Path) -> crate::core::receive::DedupKey {
+        use crate::core::receive::digest;
+        let s = Store::open(p).unwrap();
+        s.keep(&[1; 16], 1, b"frame-1");
+        let first = (TreeId([1; 16]), [2; 32], [0; 16]);
+        let mut changes: Vec<Change> = (0..2000u32)
+            .map(|i| {
+                let mut id = [0u8; 16];
+                id[..4].copy_from_slice(&i.to_be_bytes());
+                Change::Seen {
+                    key: (TreeId([1; 16]), [2; 32], id),
+                    expires_ms: 10_000_000,
+                }
+            })
+            .collect();
+        changes.push(Change::Retained {
+            key: [7; 32],
+            ts_ms: 50,
+            msg_id: [8; 16],
+        });
+        changes.push(Change::Owed {
+            durable: "d".into(),
+            digest: digest(&first),
+        });
+        s.record(&changes, 0, 0, usize::MAX);
+        s.save_pins(&whispeer_protocol::Keyring::new().export_pins());
+        s.save_superseded(&[(TreeId([1; 16]), 0, 5_000)]);
+        first
+    }
+
+    /// Overwrites the root page of `table` in the database at `p` (closed: its write-ahead
+    /// log checkpointed into it) with `0xff` bytes — damage in the middle of the file, as
+    /// a bad sector or a stray write leaves it. Returns the page number.
+    fn damage(p: &Path, table: &str) -> i64 {
+        use std::io::{Seek, SeekFrom, Write};
+        let db = Connection::open(p).unwrap();
+        let root: i64 = db
+            .query_row(
+                "SELECT rootpage FROM sqlite_master WHERE name = ?1",
+                [table],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let (size, pages): (i64, i64) = db
+            .query_row(
+                "SELECT page_size, page_count FROM pragma_page_size, pragma_page_count",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        drop(db);
+        assert!(
+            root > 1 && root < pages,
+            "{table}: page {root} of {pages}, in the middle"
+        );
+        assert!(!p.with_extension("db-wal").exists(), "checkpointed");
+        let mut f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.seek(SeekFrom::Start(((root - 1) * size) as u64)).unwrap();
+        f.write_all(&vec![0xff; size as usize]).unwrap();
+        root
+    }
+
+    /// Each part the client loads at start, by its name in [`PersistError::Unreadable`].
+    fn load_part(s: &Store, part: &str) -> Result<(), PersistError> {
+        let mut core = crate::core::ClientCore::new(std::sync::Arc::new(std::sync::RwLock::new(
+            whispeer_protocol::Keyring::new(),
+        )));
+        match part {
+            "dedup window" => s.restore(core.guard_mut(), 100),
+            "outbox" => s.outbox().map(drop),
+            "messages owed to durables" => {
+                s.restore(core.guard_mut(), 100)?;
+                s.restore_owed(&mut core)
+            }
+            "epoch supersede times" => s.superseded().map(drop),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Damage SQLite finds in the middle of the file — in the dedup window, the retained
+    /// marks, the outbox, what durables are owed, the supersede times — is a typed error
+    /// naming the file, the part and what to do; never an empty part in its place (before:
+    /// an error in the log, and the client ran with an empty dedup window, so messages it
+    /// had accepted were accepted again after the restart). The undamaged file loads.
+    #[test]
+    fn a_state_file_damaged_in_the_middle_is_refused_naming_the_part_it_cannot_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.db");
+        let first = populated(&good);
+        {
+            let s = Store::open(&good).unwrap();
+            let mut g = Guard::new(Default::default());
+            s.restore(&mut g, 100).unwrap();
+            assert!(g.is_seen(&first) && g.seen_len() == 2000);
+            for part in [
+                "dedup window",
+                "outbox",
+                "messages owed to durables",
+                "epoch supersede times",
+            ] {
+                load_part(&s, part).unwrap();
+            }
+        }
+        for (table, part) in [
+            ("seen", "dedup window"),
+            ("retained", "dedup window"),
+            ("outbox", "outbox"),
+            ("owed", "messages owed to durables"),
+            ("superseded", "epoch supersede times"),
+        ] {
+            let p = dir.path().join(format!("{table}.db"));
+            std::fs::copy(&good, &p).unwrap();
+            damage(&p, table);
+            let s = Store::open(&p).unwrap_or_else(|e| panic!("{table}: opens ({e})"));
+            let e = load_part(&s, part).expect_err(table);
+            let PersistError::Unreadable {
+                path,
+                part: named,
+                source,
+            } = &e
+            else {
+                panic!("{table}: {e:?}")
+            };
+            assert_eq!((path, *named), (&p, part), "{table}");
+            assert_eq!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseCorrupt),
+                "{table}: {source}"
+            );
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!(
+                    "client state file {}: cannot load its {part}",
+                    p.display()
+                )) && msg.contains("not starting with it empty")
+                    && msg.contains("move it aside"),
+                "{msg}"
+            );
+        }
+    }
+
+    /// The same through `connect`: a state file whose dedup window cannot be read fails the
+    /// connect with `ConnectError::State(PersistError::Unreadable)`, before anything is
+    /// dialed (the URL has no relay behind it).
+    #[tokio::test]
+    async fn connect_fails_with_a_state_file_whose_dedup_window_cannot_be_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        populated(&p);
+        damage(&p, "seen");
+        let e = crate::Client::builder()
+            .with(crate::Tcp::new("127.0.0.1:9"))
+            .with(crate::Encryption::new())
+            .with(Persistence::sqlite(&p))
+            .connect()
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(
+                &e,
+                crate::ConnectError::State(PersistError::Unreadable {
+                    part: "dedup window",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+    }
+
+    /// A torn last write is no such error (the recovery is SQLite's, unchanged): a crash in
+    /// the middle of a transaction leaves its frames in the write-ahead log cut short, and
+    /// the file opens with every transaction committed before it — the dedup entries of the
+    /// earlier writes are there, the torn one's are not, and nothing fails.
+    #[test]
+    fn a_torn_last_write_in_the_write_ahead_log_is_dropped_and_the_rest_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, crash) = (dir.path().join("s.db"), dir.path().join("crash"));
+        std::fs::create_dir(&crash).unwrap();
+        let (a, b) = (
+            (TreeId([1; 16]), [2; 32], [3; 16]),
+            (TreeId([1; 16]), [2; 32], [4; 16]),
+        );
+        let s = Store::open(&p).unwrap();
+        for key in [a, b] {
+            s.record(
+                &[Change::Seen {
+                    key,
+                    expires_ms: 1_000_000,
+                }],
+                0,
+                0,
+                usize::MAX,
+            );
+        }
+        // What a crash leaves: the file and its log as they are (the log not checkpointed
+        // while the store is open), the log's last frame — the commit of `b` — cut short.
+        let wal = dir.path().join("s.db-wal");
+        let wal_len = std::fs::metadata(&wal).unwrap().len();
+        assert!(wal_len > 0);
+        std::fs::copy(&p, crash.join("s.db")).unwrap();
+        std::fs::copy(&wal, crash.join("s.db-wal")).unwrap();
+        std::fs::copy(&wal, crash.join("whole-wal")).unwrap();
+        drop(s);
+        let torn = std::fs::OpenOptions::new()
+            .write(true)
+            .open(crash.join("s.db-wal"))
+            .unwrap();
+        torn.set_len(wal_len - 100).unwrap();
+        drop(torn);
+        let s = Store::open(&crash.join("s.db")).expect("a torn tail opens");
+        let mut g = Guard::new(Default::default());
+        s.restore(&mut g, 100).expect("and loads");
+        assert!(g.is_seen(&a), "committed before the torn write: kept");
+        assert!(!g.is_seen(&b), "the torn write: dropped");
+        drop(s);
+        // Control: the same log whole holds both.
+        for f in ["s.db", "s.db-wal", "s.db-shm"] {
+            let _ = std::fs::remove_file(crash.join(f));
+        }
+        std::fs::copy(&p, crash.join("s.db")).unwrap();
+        std::fs::rename(crash.join("whole-wal"), crash.join("s.db-wal")).unwrap();
+        let s = Store::open(&crash.join("s.db")).unwrap();
+        let mut g = Guard::new(Default::default());
+        s.restore(&mut g, 100).unwrap();
+        assert!(g.is_seen(&a) && g.is_seen(&b));
+    }
+
+    // ---- Finding 2: the previous epoch's grace survives a restart ----
+
+    /// A client restarted part-way through the previous epoch's grace (its application adds
+    /// both epochs' grants again, so its keyring sees the rotation "now") refuses the old
+    /// epoch's live messages once the grace that started at the first sight of the rotation
+    /// is over — not a grace from every start. The time is kept in the state file and
+    /// restored by `connect` (`Store::restore_keys`); time is passed in.
+    #[test]
+    fn a_restart_does_not_restart_the_previous_epochs_grace() {
+        use rand::SeedableRng;
+        use whispeer_protocol::{Keyring, TreeKey};
+        const GRACE: u64 = 3_600_000;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.db");
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(41);
+        let e0 = TreeKey::generate_with("team", &mut rng).unwrap();
+        let e1 = e0.rotate(u64::MAX, &mut rng).unwrap();
+        let (old, tree) = (e0.cert().keys().key_id(), e0.tree_id());
+        // One process start at `now`: the grants added, then the state file opened, as
+        // `connect` does.
+        let start = |now: u64| {
+            let mut kr = Keyring::with_grace(GRACE);
+            kr.add_tree_key_at(&e0, now).unwrap();
+            kr.add_tree_key_at(&e1, now).unwrap();
+            Store::open(&p).unwrap().restore_keys(&mut kr, now).unwrap();
+            kr
+        };
+        let live = |kr: &Keyring, now: u64| kr.accepts_message(&old, 0, now, true);
+        let t0 = 1_700_000_000_000;
+        let first = start(t0);
+        assert!(live(&first, t0 + GRACE) && !live(&first, t0 + GRACE + 1));
+        // Restarted half-way, then again just before the end: the first grace holds.
+        for restart in [t0 + GRACE / 2, t0 + GRACE - 1] {
+            let kr = start(restart);
+            assert!(live(&kr, t0 + GRACE), "within the grace");
+            assert!(
+                !live(&kr, t0 + GRACE + 1),
+                "restarted at t0 + {}: the old epoch is refused once the first grace is over",
+                restart - t0
+            );
+            assert!(
+                kr.accepts_message(&old, 0, t0 + GRACE + 1, false),
+                "history still opens"
+            );
+        }
+        assert_eq!(
+            Store::open(&p).unwrap().superseded().unwrap(),
+            [(tree, 0, t0)],
+            "saved once, the earliest time"
+        );
+        // A start whose clock reads before the saved time (it went back): the grace is
+        // taken as over — the safe choice — and saved so.
+        let back = start(t0 - 60_000);
+        assert!(!live(&back, t0 - 60_000));
+        assert_eq!(
+            Store::open(&p).unwrap().superseded().unwrap(),
+            [(tree, 0, 0)]
+        );
     }
 }

@@ -432,3 +432,95 @@ async fn the_pinned_admin_survives_a_restart_and_another_admin_is_refused() {
     fresh.close().await;
     relay.stop().await;
 }
+
+/// Adversarial review (clients), finding 2: the previous epoch's grace started again at
+/// every process start (the application adds its grants again, so the keyring saw the
+/// rotation "now"), and a receiver restarted now and then accepted live messages of the old
+/// epoch — from a removed member still holding its key — for as long as it kept restarting.
+/// With the state file the grace runs from the first time a run saw the rotation. Time is
+/// set through the grants' add time: the rotation reached this client 70 minutes ago (a
+/// one-hour grace, over 10 minutes ago), the process restarted 30 minutes ago. A client
+/// with the same keys and no state file is the control: for it the grace restarted, and the
+/// old epoch's message arrives.
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_client_refuses_the_old_epoch_once_the_first_grace_is_over() {
+    use whispeer::Persistence;
+    const MIN: u64 = 60_000;
+    let relay = TestRelay::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("client.db");
+    let now = whispeer::now_ms();
+    let e0 = tree("grace");
+    let e1 = e0.rotate(u64::MAX, &mut rand::rngs::OsRng).unwrap();
+    let keys = |at: u64| {
+        let mut k = Keyring::with_grace(HOUR);
+        k.add_grant_at(e0.grant_all(), at).unwrap();
+        k.add_grant_at(e1.grant_all(), at).unwrap();
+        k
+    };
+    let connect = |keys: Keyring, state: Option<&std::path::Path>| {
+        let b = Client::builder()
+            .with(Tcp::new(relay.tcp_url()))
+            .with(Encryption::with_keyring(keys))
+            .with(identity());
+        match state {
+            Some(s) => b.with(Persistence::sqlite(s)),
+            None => b,
+        }
+        .connect()
+    };
+
+    // The first run saw the rotation 70 minutes ago.
+    connect(keys(now - 70 * MIN), Some(&state))
+        .await
+        .unwrap()
+        .close()
+        .await;
+    // Restarted 30 minutes ago: its grants added again then.
+    let c = connect(keys(now - 30 * MIN), Some(&state)).await.unwrap();
+    let control = connect(keys(now - 30 * MIN), None).await.unwrap();
+    let mut sub = c.subscribe::<u32>("grace/#").await.unwrap();
+    let mut ctl = control.subscribe::<u32>("grace/#").await.unwrap();
+    let alice = identity();
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let t = whispeer::now_ms();
+    member
+        .publish(&seal(&e0, Some(&alice), "grace/a", 1, t), false)
+        .await;
+    member
+        .publish(&seal(&e1, Some(&alice), "grace/a", 2, t), false)
+        .await;
+    assert_eq!(next(&mut ctl).await.value, 1, "control: a new grace");
+    assert_eq!(next(&mut ctl).await.value, 2);
+    assert_eq!(
+        next(&mut sub).await.value,
+        2,
+        "restarted with the state file: the old epoch is refused"
+    );
+    c.close().await;
+    control.close().await;
+
+    // A rotation at run time (`Client::add_grant`) is saved at once, with its time.
+    let state2 = dir.path().join("runtime.db");
+    let mut k = Keyring::with_grace(HOUR);
+    k.add_grant(e0.grant_all()).unwrap();
+    let c = connect(k, Some(&state2)).await.unwrap();
+    let before = whispeer::now_ms();
+    c.add_grant(e1.grant_all()).unwrap();
+    let after = whispeer::now_ms();
+    c.close().await;
+    let db = rusqlite::Connection::open(&state2).unwrap();
+    let (tree, epoch, at): (Vec<u8>, i64, i64) = db
+        .query_row("SELECT tree, epoch, at FROM superseded", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!((&tree[..], epoch), (&e0.tree_id().0[..], 0));
+    assert!(
+        (before..=after).contains(&(at as u64)),
+        "{before} ≤ {at} ≤ {after}"
+    );
+    drop(member);
+    relay.stop().await;
+}

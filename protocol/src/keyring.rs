@@ -39,6 +39,11 @@ use crate::tree::{EpochKeys, Grant, Provenance, Scope, TreeId, TreeKey};
 /// Default grace period for the previous epoch after a rotation: 24 hours.
 pub const DEFAULT_EPOCH_GRACE_MS: u64 = 24 * 60 * 60 * 1000;
 const PINS_FORMAT: u8 = 1;
+/// Supersede times a keyring keeps per tree for epochs it does not hold superseded (saved
+/// by an earlier run, [`Keyring::restore_superseded`]): those of the newest epochs only.
+/// A keyring holds at most the previous epoch(s) of a rotation superseded, so a few
+/// suffice for any order in which a later run adds its grants.
+const SUPERSEDED_KEPT_PER_TREE: usize = 8;
 const PIN_FLAG_PASSPHRASE: u8 = 0x01;
 
 #[derive(Debug)]
@@ -175,6 +180,23 @@ pub struct Keyring {
     by_key_id: FastMap<KeyId, (TreeId, u64)>,
     grace_ms: u64,
     dictionaries: Dictionaries,
+    /// When epochs were superseded according to an earlier run (restored from the client's
+    /// state, [`Keyring::restore_superseded`]), by tree and epoch: an epoch superseded in
+    /// this run takes the earlier of the two, so a restart never restarts its grace.
+    restored_superseded: FastMap<TreeId, BTreeMap<u64, u64>>,
+}
+
+/// The earlier of `t` and the supersede time an earlier run saved for (`tree`, `epoch`).
+fn earliest(
+    restored: &FastMap<TreeId, BTreeMap<u64, u64>>,
+    tree: &TreeId,
+    epoch: u64,
+    t: u64,
+) -> u64 {
+    restored
+        .get(tree)
+        .and_then(|m| m.get(&epoch))
+        .map_or(t, |r| t.min(*r))
 }
 
 impl Default for Keyring {
@@ -207,6 +229,7 @@ impl Keyring {
             by_key_id: FastMap::default(),
             grace_ms,
             dictionaries: Dictionaries::new(),
+            restored_superseded: FastMap::default(),
         }
     }
 
@@ -342,7 +365,8 @@ impl Keyring {
             tree.rotated_at_ms = now_ms;
             for (e, old) in tree.epochs.iter_mut() {
                 if *e <= cur && old.superseded_at_ms.is_none() {
-                    old.superseded_at_ms = Some(now_ms);
+                    old.superseded_at_ms =
+                        Some(earliest(&self.restored_superseded, &tree_id, *e, now_ms));
                 }
             }
             let drop: Vec<u64> = tree.epochs.keys().copied().filter(|e| *e < cur).collect();
@@ -352,8 +376,16 @@ impl Keyring {
                 }
             }
         }
-        // A late grant for an older epoch keeps the grace that started at the rotation.
-        let superseded = current.filter(|c| *c > epoch).map(|_| tree.rotated_at_ms);
+        // A late grant for an older epoch keeps the grace that started at the rotation (or
+        // before, in an earlier run).
+        let superseded = current.filter(|c| *c > epoch).map(|_| {
+            earliest(
+                &self.restored_superseded,
+                &tree_id,
+                epoch,
+                tree.rotated_at_ms,
+            )
+        });
         let entry = tree.epochs.entry(epoch).or_insert_with(|| EpochEntry {
             keys: keys.clone(),
             prev_cutoff_ms: cert.prev_cutoff_ms(),
@@ -806,6 +838,85 @@ impl Keyring {
         Ok(())
     }
 
+    /// When each superseded epoch was superseded, for the client's persistence: `(tree,
+    /// epoch, superseded_at_ms)`, sorted. The epochs held superseded, and the times an
+    /// earlier run saved ([`Keyring::restore_superseded`]) for epochs not held so now (the
+    /// newest few per tree), the earlier time where both say.
+    ///
+    /// Why it is saved (adversarial review, clients): the grace of the previous epoch starts
+    /// when the keyring first sees the newer one, and a client adds its grants again at
+    /// every start — so without it the grace restarted at every process start, and a
+    /// receiver restarted now and then accepted live messages of the old epoch (from a
+    /// removed member still holding its key) for as long as it kept restarting, bounded
+    /// only by the cutoff.
+    pub fn superseded_epochs(&self) -> Vec<(TreeId, u64, u64)> {
+        let mut all: BTreeMap<(TreeId, u64), u64> = BTreeMap::new();
+        for (tree, m) in &self.restored_superseded {
+            for (e, t) in m {
+                all.insert((*tree, *e), *t);
+            }
+        }
+        for (tree, t) in &self.trees {
+            for (e, entry) in &t.epochs {
+                if let Some(at) = entry.superseded_at_ms {
+                    let v = all.entry((*tree, *e)).or_insert(at);
+                    *v = (*v).min(at);
+                }
+            }
+        }
+        let mut out: Vec<(TreeId, u64, u64)> = Vec::with_capacity(all.len());
+        for ((tree, e), at) in all.into_iter().rev() {
+            // Newest epochs first, per tree: the first few of each tree are kept.
+            let kept = out.iter().rev().take_while(|(t, _, _)| *t == tree).count();
+            if kept < SUPERSEDED_KEPT_PER_TREE {
+                out.push((tree, e, at));
+            }
+        }
+        out.reverse();
+        out
+    }
+
+    /// Restores a supersede time saved by an earlier run ([`Keyring::superseded_epochs`]),
+    /// at `now_ms`: epoch `epoch` of `tree_id` was superseded at `superseded_at_ms`. If the
+    /// keyring holds that epoch superseded, its grace now runs from the earlier of the two
+    /// times; if it becomes superseded later (grants added after this, in any order), from
+    /// this time at the latest. Call it before or after adding grants.
+    ///
+    /// A saved time later than `now_ms` (the clock went backwards since, or the state was
+    /// edited) is taken as the grace being over: how much time passed since the rotation
+    /// is then unknown, and the safe choice is the one that never accepts the old epoch
+    /// live for longer than its grace — not a new grace from now, which is what a restart
+    /// gave before. (History of that epoch dated before the cutoff still opens; only live
+    /// messages of it are refused.) It is kept as 0 and saved so.
+    pub fn restore_superseded(
+        &mut self,
+        tree_id: TreeId,
+        epoch: u64,
+        superseded_at_ms: u64,
+        now_ms: u64,
+    ) {
+        let at = if superseded_at_ms > now_ms {
+            0
+        } else {
+            superseded_at_ms
+        };
+        let m = self.restored_superseded.entry(tree_id).or_default();
+        let v = m.entry(epoch).or_insert(at);
+        *v = (*v).min(at);
+        while m.len() > SUPERSEDED_KEPT_PER_TREE {
+            m.pop_first();
+        }
+        if let Some(e) = self
+            .trees
+            .get_mut(&tree_id)
+            .and_then(|t| t.epochs.get_mut(&epoch))
+        {
+            if let Some(s) = e.superseded_at_ms.as_mut() {
+                *s = (*s).min(at);
+            }
+        }
+    }
+
     /// Every pin as bytes, for the client's persistence:
     /// `0x01 ‖ u32be(n) ‖ n × (tree_id[16] ‖ admin[32] ‖ flags u8)`, sorted by tree id
     /// (flags bit 0: passphrase tree).
@@ -968,6 +1079,83 @@ mod tests {
         kr.add_grant_at(tk2.grant(&Scope::Subtree(t("late"))), 9900)
             .unwrap();
         assert!(kr.epoch(&e2, 10_001).is_none());
+    }
+
+    /// The grace of a superseded epoch runs from when any run of the client first saw it
+    /// superseded: a keyring that adds its grants again at a restart (so sees the rotation
+    /// "now") takes the saved time, whether it is restored before or after the grants,
+    /// through a late grant too; a saved time in the future counts as the grace over.
+    #[test]
+    fn a_restored_supersede_time_keeps_the_grace_from_restarting() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(40);
+        let tk = TreeKey::generate_with("home", &mut rng).unwrap();
+        let tk1 = tk.rotate(u64::MAX, &mut rng).unwrap();
+        let (old, id) = (tk.cert().keys().key_id(), tk.tree_id());
+        let live = |kr: &Keyring, now| kr.accepts_message(&old, 0, now, true);
+        // The first run sees the rotation at 5000.
+        let mut first = Keyring::with_grace(1000);
+        first.add_tree_key_at(&tk, 0).unwrap();
+        first.add_tree_key_at(&tk1, 5000).unwrap();
+        let saved = first.superseded_epochs();
+        assert_eq!(saved, [(id, 0, 5000)]);
+        // A restart at 5600 adds both epochs again; the saved time is restored after them...
+        let mut after = Keyring::with_grace(1000);
+        after.add_tree_key_at(&tk, 5600).unwrap();
+        after.add_tree_key_at(&tk1, 5600).unwrap();
+        assert!(live(&after, 6001), "unrestored: a new grace from 5600");
+        after.restore_superseded(id, 0, 5000, 5600);
+        assert!(live(&after, 6000) && !live(&after, 6001), "the first grace");
+        assert_eq!(after.superseded_epochs(), saved);
+        // ...or before them.
+        let mut before = Keyring::with_grace(1000);
+        before.restore_superseded(id, 0, 5000, 5600);
+        before.add_tree_key_at(&tk, 5600).unwrap();
+        before.add_tree_key_at(&tk1, 5600).unwrap();
+        assert!(live(&before, 6000) && !live(&before, 6001));
+        // A late grant (epoch 1 after epoch 2, both superseding 0) keeps the saved time too.
+        let tk2 = tk1.rotate(u64::MAX, &mut rng).unwrap();
+        let e1 = tk1.cert().keys().key_id();
+        let mut skip = Keyring::with_grace(1000);
+        skip.add_tree_key_at(&tk, 0).unwrap();
+        skip.add_tree_key_at(&tk2, 5000).unwrap();
+        skip.add_tree_key_at(&tk1, 5100).unwrap();
+        let saved_skip = skip.superseded_epochs();
+        assert_eq!(saved_skip, [(id, 0, 5000), (id, 1, 5000)]);
+        let mut late = Keyring::with_grace(1000);
+        for (t, e, at) in saved_skip {
+            late.restore_superseded(t, e, at, 5600);
+        }
+        late.add_tree_key_at(&tk, 5600).unwrap();
+        late.add_tree_key_at(&tk2, 5600).unwrap();
+        late.add_tree_key_at(&tk1, 5600).unwrap();
+        assert!(late.accepts_message(&e1, 0, 6000, true));
+        assert!(!late.accepts_message(&e1, 0, 6001, true));
+        let mut rotated = Keyring::with_grace(1000);
+        rotated.restore_superseded(id, 0, 5000, 5600);
+        rotated.add_tree_key_at(&tk, 5600).unwrap();
+        assert!(live(&rotated, 9999), "epoch 0 is current: no grace runs");
+        rotated.add_tree_key_at(&tk1, 5700).unwrap();
+        assert!(!live(&rotated, 6001), "superseded later: the saved time");
+        // History is judged by the cutoff alone, as before.
+        assert!(after.accepts_message(&old, 0, 99_999, false));
+        // The clock went back before the saved time: the grace is taken as over.
+        let mut back = Keyring::with_grace(1000);
+        back.add_tree_key_at(&tk, 4000).unwrap();
+        back.add_tree_key_at(&tk1, 4000).unwrap();
+        back.restore_superseded(id, 0, 5000, 4000);
+        assert!(!live(&back, 4001));
+        assert!(back.accepts_message(&old, 0, 4001, false));
+        assert_eq!(back.superseded_epochs(), [(id, 0, 0)]);
+        // Times of epochs not held are kept (a later run may hold them), the newest few
+        // per tree.
+        let mut many = Keyring::new();
+        for e in 0..20 {
+            many.restore_superseded(id, e, 100 + e, 1000);
+        }
+        let kept = many.superseded_epochs();
+        assert_eq!(kept.len(), SUPERSEDED_KEPT_PER_TREE);
+        assert_eq!(kept[0], (id, 12, 112));
+        assert_eq!(kept[7], (id, 19, 119));
     }
 
     #[test]

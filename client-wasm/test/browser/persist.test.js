@@ -202,8 +202,8 @@ test('Chromium: a state written by a newer release (a later log format or databa
           r.onsuccess = () => resolve(r.result);
           r.onerror = () => reject(r.error);
         });
-      const bytes = [119, 115, 112, 106, 115, 0, 2, 10, 0, 0, 0, 1, 42, 9, 9, 9, 9]; // 'wspjs' NUL, version 2
-      // A database of this release's version holding a log of format version 2; and a
+      const bytes = [119, 115, 112, 106, 115, 0, 3, 10, 0, 0, 0, 1, 42, 9, 9, 9, 9]; // 'wspjs' NUL, version 3
+      // A database of this release's version holding a log of format version 3; and a
       // database a newer release moved to version 2.
       for (const [name, version] of [['newer-log', 1], ['newer-db', 2]]) {
         const r = indexedDB.open(name, version);
@@ -225,7 +225,7 @@ test('Chromium: a state written by a newer release (a later log format or databa
     }, relay.url);
     const [log, db] = out.result;
     assert.deepEqual(log.error?.slice(0, 2), [true, 'STATE'], JSON.stringify(log));
-    assert.match(log.error[2], /newer-log.*client state written by a newer release of whispeer \(format version 2, this release reads up to 1\); not modified/);
+    assert.match(log.error[2], /newer-log.*client state written by a newer release of whispeer \(format version 3, this release reads up to 2\); not modified/);
     assert.deepEqual(db.error?.slice(0, 2), [true, 'STATE'], JSON.stringify(db));
     assert.match(db.error[2], /"newer-db": client state written by a newer release of whispeer \(format version 2, this release reads up to 1\); not modified/);
     for (const r of out.result) assert.doesNotMatch(r.error[2], /not a whispeer client state/);

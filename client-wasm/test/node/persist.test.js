@@ -16,7 +16,7 @@ import { randomBytes } from 'node:crypto';
 import { Client, Identity, TreeKey, WhispeerError } from '../../js/index.node.js';
 import { setFileStore } from '../../js/persist.js';
 import { openFileStore } from '../../js/persist.node.js';
-import { owed, owedCounts, owedForgotten, seenDigest } from '../shared/state-log.js';
+import { owed, owedCounts, owedForgotten, records, seenDigest } from '../shared/state-log.js';
 
 const CHILD = new URL('../shared/persist-child.js', import.meta.url).pathname;
 
@@ -257,6 +257,8 @@ test('the persistence option is validated, and a foreign, corrupt or busy state 
   writeFileSync(corrupt, bytes);
   await assert.rejects(Client.connect(relay.url, { keys: key, persistence: corrupt }), state('corrupt client state at byte 8'));
   await assert.rejects(Client.connect(relay.url, { keys: key, persistence: dir }), state('cannot read'));
+  // A path through a regular file (ENOTDIR): a read error too, not a fresh start.
+  await assert.rejects(Client.connect(relay.url, { keys: key, persistence: join(good, 'state.wsp') }), state('cannot read'));
 
   // A torn last write (a crash in the middle of an append) is not an error.
   const torn = join(dir, 'torn.wsp');
@@ -775,8 +777,8 @@ test('a saved state ending in bytes that are no whole record is said, not droppe
 
 test('a state written by a newer release (a later format version) is refused as such with STATE, and left exactly as it was', { timeout: 60_000 }, async () => {
   const file = join(dir, 'newer.wsp');
-  // Format version 2 (this release writes and reads 1): whatever follows is not ours to read.
-  const bytes = Buffer.concat([Buffer.from('wspjs\x00\x02\n', 'latin1'), Buffer.from([0, 0, 0, 3, 42, 1, 2, 9, 9, 9, 9])]);
+  // Format version 3 (this release writes 2, reads 1 and 2): whatever follows is not ours to read.
+  const bytes = Buffer.concat([Buffer.from('wspjs\x00\x03\n', 'latin1'), Buffer.from([0, 0, 0, 3, 42, 1, 2, 9, 9, 9, 9])]);
   writeFileSync(file, bytes);
   const before = statSync(file);
   const listing = readdirSync(dir).sort();
@@ -786,11 +788,99 @@ test('a state written by a newer release (a later format version) is refused as 
       (e) =>
         e instanceof WhispeerError &&
         e.code === 'STATE' &&
-        e.message.includes('newer.wsp: client state written by a newer release of whispeer (format version 2, this release reads up to 1); not modified') &&
+        e.message.includes('newer.wsp: client state written by a newer release of whispeer (format version 3, this release reads up to 2); not modified') &&
         !e.message.includes('not a whispeer client state'),
     );
   assert.deepEqual(readFileSync(file), bytes, 'not modified');
   assert.equal(statSync(file).mtimeMs, before.mtimeMs);
   assert.equal(statSync(file).ino, before.ino, 'not replaced');
   assert.deepEqual(readdirSync(dir).sort(), listing, 'no temporary file left behind');
+});
+
+/** Values a callback subscription on `filter` got, and `until(cond)` resolving once it holds. */
+async function collect(client, filter) {
+  const got = [];
+  const waits = [];
+  await client.subscribe(filter, (m) => {
+    got.push(m.value);
+    for (const w of waits.filter((w) => w.cond())) waits.splice(waits.indexOf(w), 1) && w.resolve();
+  });
+  return { got, until: (cond) => (cond() ? Promise.resolve() : new Promise((resolve) => waits.push({ cond, resolve }))) };
+}
+
+// Adversarial review (clients), finding 1, npm parity: a state whose dedup window cannot be
+// read never starts empty. A record length damaged in the middle so that it runs past the
+// end read as a torn last record (format version 1): everything after it — dedup entries
+// included — was dropped with a warning, and messages the client had accepted were
+// accepted again. Now the record header carries the length's complement: STATE.
+test('a saved state with a record length damaged in the middle is refused with STATE (not taken for a torn tail, its dedup entries dropped)', { timeout: 60_000 }, async () => {
+  const file = join(dir, 'length.wsp');
+  const key = TreeKey.generate('length');
+  const identity = Identity.generate();
+  const a = await Client.connect(relay.url, { identity, keys: key, persistence: file });
+  const sub = await collect(a, 'length/#');
+  const pub = await Client.connect(relay.url, { keys: key });
+  clients.push(pub);
+  for (let i = 1; i <= 3; i++) await pub.publish('length/x', i, { qos: 1 });
+  await sub.until(() => sub.got.length === 3);
+  await a.close();
+  const bytes = readFileSync(file);
+  const recs = records(bytes);
+  assert.ok(recs.length >= 3, `${recs.length} records`);
+  const second = recs[1].at;
+  const damaged = Buffer.from(bytes);
+  damaged[second] ^= 0x01; // its length now claims ~16 MiB more than the log holds
+  assert.ok(damaged.readUInt32BE(second) > damaged.length);
+  writeFileSync(file, damaged);
+  await assert.rejects(
+    Client.connect(relay.url, { identity, keys: key, persistence: file }),
+    (e) => e instanceof WhispeerError && e.code === 'STATE' && e.message.includes(`length.wsp: corrupt client state at byte ${second}: record length damaged`),
+  );
+  assert.deepEqual(readFileSync(file), damaged, 'left as it is');
+});
+
+// Finding 2: the previous epoch's grace began again at every start (the keys are added at
+// connect, so the keyring saw the rotation "now"); a receiver restarted now and then kept
+// accepting live messages of the old epoch from a removed member. The time is kept in the
+// state. The clock is the process's `Date.now` (what the client reads), set by the test:
+// the rotation is first seen at t0, the client restarts at t0 + 12 h, and at t0 + 24 h 10 min
+// (the default 24 h grace over) a member holding only the old epoch publishes. A client
+// with the same keys and no state is the control: its grace began at the restart.
+test('a restart does not restart the previous epoch grace: once the grace that began when the rotation was first seen is over, a restarted client refuses the old epoch live', { timeout: 60_000 }, async () => {
+  const H = 3_600_000;
+  const real = Date.now;
+  let clock = real();
+  Date.now = () => clock;
+  try {
+    const file = join(dir, 'grace.wsp');
+    const e0 = TreeKey.generate('grace');
+    const t0 = clock;
+    clock = t0 + 30 * H; // the rotation's cutoff (rotate() dates it now): after the test's messages
+    const e1 = e0.rotate();
+    clock = t0;
+    const keys = [e0, e1];
+    await (await Client.connect(relay.url, { keys, persistence: file })).close();
+
+    clock = t0 + 12 * H; // restarted
+    const b = await Client.connect(relay.url, { keys, persistence: file });
+    const control = await Client.connect(relay.url, { keys });
+    clients.push(b, control);
+    const atB = await collect(b, 'grace/#');
+    const atControl = await collect(control, 'grace/#');
+
+    clock = t0 + 24 * H + 10 * 60_000;
+    const member = await Client.connect(relay.url, { keys: e0 }); // removed at the rotation
+    const admin = await Client.connect(relay.url, { keys: e1 });
+    clients.push(member, admin);
+    await member.publish('grace/a', 'old epoch', { qos: 1 });
+    await admin.publish('grace/a', 'new epoch', { qos: 1 });
+    // The new epoch's message comes last (one relay, in publish order): wait for it.
+    await atControl.until(() => atControl.got.includes('new epoch'));
+    assert.deepEqual(atControl.got, ['old epoch', 'new epoch'], 'control: a new grace from the restart');
+    await atB.until(() => atB.got.includes('new epoch'));
+    assert.deepEqual(atB.got, ['new epoch'], 'restarted with the state: the old epoch refused');
+    assert.equal(b.stats().rejected, 1);
+  } finally {
+    Date.now = real;
+  }
 });

@@ -1,11 +1,12 @@
 // Writes and reads records of the npm package's saved state log (client-wasm/src/persist.rs)
 // for tests that need a state no short run can produce (tens of thousands of owed messages)
-// or one written by another release. A record is `len: u32 BE ‖ body ‖ the first 4 bytes of
-// BLAKE3 derive_key("whispeer js client state record", body)`; BLAKE3 is written out here
+// or one written by another release. A record (format version 2) is `len: u32 BE ‖ !len: u32
+// BE ‖ body ‖ the first 4 bytes of BLAKE3 derive_key("whispeer js client state record",
+// body)` (version 1 had no `!len`); BLAKE3 is written out here
 // for bodies of one chunk (≤ 1024 bytes), which is all the tests write. The tests check it
 // against the records a real client saved (`records` verifies every check it reads).
 
-export const MAGIC = Buffer.from('wspjs\x00\x01\n', 'latin1');
+export const MAGIC = Buffer.from('wspjs\x00\x02\n', 'latin1');
 export const KIND = { seenDigest: 6, owed: 8, paid: 9, owedForgotten: 10 };
 
 const IV = Uint32Array.of(0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19);
@@ -81,10 +82,11 @@ const CONTEXT_KEY = hashChunk(Buffer.from('whispeer js client state record'), IV
 /** The 4-byte check of a record body. */
 export const check = (body) => words(hashChunk(body, CONTEXT_KEY, DERIVE_KEY_MATERIAL)).subarray(0, 4);
 
-/** One record: length, body, check. */
+/** One record: length, its complement, body, check. */
 export function record(body) {
-  const len = Buffer.alloc(4);
+  const len = Buffer.alloc(8);
   len.writeUInt32BE(body.length);
+  len.writeUInt32BE(~body.length >>> 0, 4);
   return Buffer.concat([len, body, check(body)]);
 }
 
@@ -104,14 +106,15 @@ export const owedForgotten = (name) => record(Buffer.concat([Buffer.of(KIND.owed
 /** The records of a log after its header (`{ kind, body }`), each check verified. */
 export function records(bytes) {
   const b = Buffer.from(bytes);
-  if (!b.subarray(0, 8).equals(MAGIC)) throw new Error('not a state log of format version 1');
+  if (!b.subarray(0, 8).equals(MAGIC)) throw new Error('not a state log of format version 2');
   const out = [];
   for (let at = 8; at < b.length; ) {
     const len = b.readUInt32BE(at);
-    const body = b.subarray(at + 4, at + 4 + len);
-    if (!check(body).equals(b.subarray(at + 4 + len, at + 8 + len))) throw new Error(`record check failed at byte ${at}`);
-    out.push({ kind: body[0], body: body.subarray(1) });
-    at += 8 + len;
+    if (b.readUInt32BE(at + 4) !== ~len >>> 0) throw new Error(`record length damaged at byte ${at}`);
+    const body = b.subarray(at + 8, at + 8 + len);
+    if (!check(body).equals(b.subarray(at + 8 + len, at + 12 + len))) throw new Error(`record check failed at byte ${at}`);
+    out.push({ kind: body[0], body: body.subarray(1), at });
+    at += 12 + len;
   }
   return out;
 }

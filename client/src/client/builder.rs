@@ -83,10 +83,9 @@ impl ClientBuilder {
         // one. The merged pins are saved at once.
         #[cfg(feature = "persistence")]
         if let Some(st) = &saved {
-            if let Some(bytes) = st.pins()? {
-                keyring.import_pins(&bytes)?;
-            }
-            st.save_pins(&keyring.export_pins());
+            // And when epochs were superseded in earlier runs (the builder's grants were
+            // added now: without them the previous epoch's grace restarted at every start).
+            st.restore_keys(&mut keyring, now_ms())?;
         }
         let keyring = Arc::new(RwLock::new(keyring));
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -130,7 +129,7 @@ impl ClientBuilder {
         #[cfg(feature = "persistence")]
         if let Some(st) = &saved {
             cfg.restored = st
-                .outbox()
+                .outbox()?
                 .into_iter()
                 .map(|(pid, ord, frame)| (crate::core::connection::PublishId(pid), ord, frame))
                 .collect();
@@ -142,9 +141,10 @@ impl ClientBuilder {
         let mut eng = ConnEngine::new(cfg, keyring.clone(), seed, Now::new(0, now_ms()));
         #[cfg(feature = "persistence")]
         if let Some(st) = &saved {
-            if st.restore(eng.core_mut().guard_mut(), now_ms()) {
-                st.restore_owed(eng.core_mut());
-            }
+            // A window (or what durables are owed) that cannot be read fails the connect:
+            // never an empty one in its place (`PersistError::Unreadable`).
+            st.restore(eng.core_mut().guard_mut(), now_ms())?;
+            st.restore_owed(eng.core_mut())?;
         }
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (state_tx, state_rx) = watch::channel(ConnectionState::Reconnecting(0));

@@ -551,7 +551,7 @@ impl Driver {
                 }
             }
             Command::Resubscribe => {
-                self.save_pins();
+                self.save_keys();
                 self.p.eng.refresh_keys(now);
             }
             Command::Flush(tx) => {
@@ -883,12 +883,14 @@ impl Driver {
         self.p.eng.core_mut().clear_changes();
     }
 
-    /// A grant was added at run time: saves the keyring's pins (a new tree pins its admin).
-    fn save_pins(&self) {
+    /// A grant was added at run time: saves the keyring's pins (a new tree pins its admin)
+    /// and when its epochs were superseded (a new epoch starts the previous one's grace).
+    fn save_keys(&self) {
         #[cfg(feature = "persistence")]
         if let Some(st) = &self.p.saved {
             let kr = self.p.eng.core().keyring().read().expect("keyring lock");
             st.save_pins(&kr.export_pins());
+            st.save_superseded(&kr.superseded_epochs());
         }
     }
 }
