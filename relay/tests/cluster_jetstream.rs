@@ -3570,3 +3570,95 @@ async fn a_floor_written_again_never_goes_below_the_records() {
         "A's lower floor was written over a higher one"
     );
 }
+
+/// Review finding F1: QoS 0 + `RETAIN` values are retained-only, yet each one is a message
+/// of the stream `WSP` (`wsp.r.<path>`) until it ages out. They were charged to nobody, so
+/// one client replacing one path's value over and over filled the stream's total limit
+/// (discard new) and every stored publish of every tenant at every relay got
+/// `Err(store_failed)`. Now each copy in the stream is charged to its tenant (one message
+/// and its size) until the stream drops it (the older copies of a path are purged soon
+/// after a newer one), so the tenant meets its quota (here the reserve) first, and another
+/// tenant at another relay still stores.
+#[tokio::test]
+async fn retained_only_values_are_charged_and_do_not_fill_the_stream_for_others() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let urls = nats.urls();
+    let limits = ["--total-max-messages", "200"];
+    let a = start_relay_with(&urls, "relay-a", &limits);
+    let b = start_relay_with(&urls, "relay-b", &limits);
+    let mut hog = Client::tcp_from(a.tcp(), "127.0.0.1").await;
+    hog.hello().await;
+    for n in 0..300 {
+        hog.send(&Frame::Pub(Pub {
+            envelope: numbered(31, &[1], n),
+            flags: pub_flags::RETAIN,
+            publish_id: None,
+            qos: Qos::AtMostOnce,
+        }))
+        .await;
+    }
+    // A QoS 1 marker behind them: its answer (acknowledged or refused) is the event that
+    // A has handled the 300 before it.
+    hog.send(&pub_frame(
+        numbered(31, &[2], 999),
+        Qos::AtLeastOnce,
+        999,
+        false,
+    ))
+    .await;
+    let mut refused = 0;
+    loop {
+        match hog.recv().await {
+            Frame::PubAck(a) if id_of(&a.publish_id) == 999 => break,
+            Frame::Err(e) if e.publish_id.map(|p| id_of(&p)) == Some(999) => break,
+            Frame::Err(e) => {
+                assert_eq!(e.code, whispeer_protocol::ErrorCode::QuotaExceeded, "{e:?}");
+                refused += 1;
+            }
+            _ => {}
+        }
+    }
+    eprintln!("retained-only values refused: {refused} of 300");
+
+    let mut honest = Client::tcp_from(b.tcp(), "127.0.0.2").await;
+    honest.hello().await;
+    honest
+        .send(&pub_frame(
+            numbered(32, &[1], 1),
+            Qos::AtLeastOnce,
+            1,
+            false,
+        ))
+        .await;
+    match honest.recv().await {
+        Frame::PubAck(a) => assert_eq!(id_of(&a.publish_id), 1),
+        other => panic!("another tenant's stored publish at relay B: {other:?}"),
+    }
+    let refused = metric(
+        a.admin(),
+        "whispeer_relay_store_quota_reserve_rejections_total",
+    )
+    .await;
+    assert!(refused > 0, "the hog's values were never refused");
+    // The older values of the path are purged (`RETAINED_ONLY_KEEP` after each newer one):
+    // the stream comes down to the newest value and the two QoS 1 messages.
+    let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let mut stream = js.get_stream("WSP").await.unwrap();
+    let deadline = std::time::Instant::now() + 2 * TIMEOUT;
+    loop {
+        let held = stream.info().await.unwrap().state.messages;
+        if held <= 3 {
+            eprintln!("{refused} retained-only values refused at the reserve; WSP holds {held}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replaced values stay in the stream: {held} messages"
+        );
+        tokio::task::yield_now().await;
+    }
+}

@@ -147,8 +147,8 @@ fn keyed_tag(context: &[u8], data: &[u8]) -> [u8; 16] {
 /// The subject prefix, inside the stream, of retained-only values (QoS 0 + `RETAIN` when
 /// `store_qos0` is off): numbered by the stream like every stored publish, but outside
 /// every history read's filter (`<prefix>.<key id>.>`: a key id is 32 hex digits, never
-/// `r`) and outside the per-path message limit, so history holds exactly what SQLite's
-/// does.
+/// `r`), so history holds exactly what SQLite's does. Each is a message of the stream,
+/// charged to its tenant (see [`ledger::RETAINED_ONLY_KEEP`]).
 fn retained_only_prefix(prefix: &str) -> String {
     format!("{prefix}.r")
 }
@@ -463,6 +463,10 @@ struct Inner {
     counters: Counters,
     /// Usage per tenant, from the ordered read of the stream (see [`ledger`]).
     ledger: Mutex<Ledger>,
+    /// This relay's retained-only values acknowledged by the stream: (when, subject,
+    /// sequence). The older values of each subject are purged [`ledger::RETAINED_ONLY_KEEP`]
+    /// after ([`retained_only_purge`]).
+    superseding: Mutex<VecDeque<(std::time::Instant, String, u64)>>,
     /// History reads between chunks, by (filter, next sequence).
     cursors: Mutex<HashMap<(String, u64), Cursor>>,
     /// This relay's holds on durable names (one holder per durable in the cluster).
@@ -690,6 +694,7 @@ impl JetStreamStore {
             flush: Arc::new(Notify::new()),
             counters: Counters::default(),
             ledger: Mutex::new(ledger),
+            superseding: Mutex::new(VecDeque::new()),
             cursors: Mutex::new(HashMap::new()),
             claim_stream,
             claims: Mutex::new(HashMap::new()),
@@ -731,6 +736,7 @@ impl JetStreamStore {
             Some(name) => format!("{LIVE_DESCRIPTION}: {name}"),
             None => LIVE_DESCRIPTION.to_string(),
         };
+        tokio::spawn(retained_only_purge(Arc::downgrade(&inner), main.clone()));
         tokio::spawn(live_loop(
             Arc::downgrade(&inner),
             main,
@@ -1341,6 +1347,40 @@ async fn write_retained(
     ))
 }
 
+/// Purges, [`ledger::RETAINED_ONLY_KEEP`] after each retained-only value this relay
+/// wrote, the older values of its subject from the stream: only the newest of a path stays
+/// (the ledger counts the older ones until then). Not `Nats-Rollup: sub` at the write: that
+/// purges them at once, before a relay whose ordered read is a little behind has routed
+/// them live. One purge per subject per round, up to the newest value due.
+async fn retained_only_purge(inner: std::sync::Weak<Inner>, main: stream::Stream) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let due: HashMap<String, u64> = {
+            let Some(i) = inner.upgrade() else { return };
+            let mut q = lock(&i.superseding);
+            let mut due = HashMap::new();
+            while q
+                .front()
+                .is_some_and(|(at, _, _)| at.elapsed() >= ledger::RETAINED_ONLY_KEEP)
+            {
+                if let Some((_, subject, seq)) = q.pop_front() {
+                    let s = due.entry(subject).or_insert(seq);
+                    *s = (*s).max(seq);
+                }
+            }
+            due
+        };
+        for (subject, seq) in due {
+            // Everything of the subject below `seq`: the newest value stays.
+            if let Err(e) = main.purge().filter(subject).sequence(seq).await {
+                tracing::debug!(error = %e, "cluster store: older retained-only values not purged");
+            }
+        }
+    }
+}
+
 async fn ack_loop(
     inner: std::sync::Weak<Inner>,
     js: jetstream::Context,
@@ -1369,6 +1409,15 @@ async fn ack_loop(
             _ => None,
         };
         lock(&inner.ledger).finish(job.write, seq);
+        let retained_only = job.retain.is_some()
+            && job
+                .subject
+                .strip_prefix(&inner.prefix)
+                .is_some_and(|r| r.starts_with(".r."));
+        if let Some(seq) = seq.filter(|_| retained_only) {
+            let now = std::time::Instant::now();
+            lock(&inner.superseding).push_back((now, job.subject.clone(), seq));
+        }
         // Its bytes leave `store.queue_bytes` before the publisher hears: one holding its
         // PubAck is never refused `busy` for what it held.
         let ticket = job.ticket;

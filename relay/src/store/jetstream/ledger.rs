@@ -50,7 +50,22 @@ struct PathUse {
     owner: u32,
     kept: VecDeque<Entry>,
     retained: Option<Entry>,
+    /// Retained-only values (QoS 0 + `RETAIN`) still in the stream under `r.<path>`, oldest
+    /// first: each is a stream message until a newer one's purge, the per-subject limit or
+    /// the age limit removes it, charged to its tenant like a kept message meanwhile.
+    retained_only: VecDeque<Entry>,
 }
+
+/// How long a retained-only value stays in the stream once a newer one of its path is
+/// there: the relay that wrote the newer one purges the older ones this long after its
+/// acknowledgement (`Nats-Rollup` would purge them at once, before a relay whose ordered
+/// read is a little behind has routed them live).
+pub const RETAINED_ONLY_KEEP: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long the ledger counts the older values, from the stream time of the newer one:
+/// past their purge (which waits [`RETAINED_ONLY_KEEP`] from the acknowledgement, then for
+/// the purger's next round and a round trip), so it never counts less than the stream
+/// holds while the purges keep up.
+pub const RETAINED_ONLY_COUNTED: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// What a refused write was refused by.
 pub(crate) use crate::store::quota::Scope as Refused;
@@ -93,6 +108,11 @@ pub struct Ledger {
     aged: VecDeque<(u64, u64, Arc<str>)>,
     /// Retained values in stream order, for age-based expiry.
     retained_aged: VecDeque<(u64, u64, Arc<str>)>,
+    /// Retained-only values in stream order, for age-based expiry.
+    retained_only_aged: VecDeque<(u64, u64, Arc<str>)>,
+    /// Paths with older retained-only values than a newer one: (when they are purged, ms;
+    /// the newer one's sequence, below which they go; path), in stream order.
+    superseded: VecDeque<(u64, u64, Arc<str>)>,
     /// The highest stream sequence applied.
     applied: u64,
     /// This relay's writes handed to the stream and not yet read back, per tenant.
@@ -119,6 +139,8 @@ impl Ledger {
             paths: BTreeMap::new(),
             aged: VecDeque::new(),
             retained_aged: VecDeque::new(),
+            retained_only_aged: VecDeque::new(),
+            superseded: VecDeque::new(),
             applied: 0,
             in_flight: HashMap::new(),
             in_flight_total: Usage::default(),
@@ -209,6 +231,30 @@ impl Ledger {
             }
             if self.limits.max_age_ms > 0 {
                 self.aged.push_back((ts_ms, seq, key.clone()));
+            }
+        } else {
+            // A retained-only value: a message of the stream (`r.<path>`) like a kept one,
+            // under the same per-subject and age limits; the older ones of its path are
+            // purged `RETAINED_ONLY_KEEP` after it (counted `RETAINED_ONLY_COUNTED`).
+            self.add_entry(tenant, size, 1, 0);
+            let max = self.limits.max_messages;
+            let (mut trimmed, mut older) = (None, false);
+            if let Some(p) = self.paths.get_mut(&key) {
+                older = !p.retained_only.is_empty();
+                p.retained_only.push_back(e);
+                if max > 0 && p.retained_only.len() as u64 > max {
+                    trimmed = p.retained_only.pop_front();
+                }
+            }
+            if let Some(old) = trimmed {
+                self.remove_entry(old.tenant, old.size, 1, 0);
+            }
+            if older {
+                let due = ts_ms.saturating_add(RETAINED_ONLY_COUNTED.as_millis() as u64);
+                self.superseded.push_back((due, seq, key.clone()));
+            }
+            if self.limits.max_age_ms > 0 {
+                self.retained_only_aged.push_back((ts_ms, seq, key.clone()));
             }
         }
         if retain {
@@ -304,10 +350,9 @@ impl Ledger {
     }
 
     fn drop_if_empty(&mut self, key: &Arc<str>) {
-        let empty = self
-            .paths
-            .get(key)
-            .is_some_and(|p| p.kept.is_empty() && p.retained.is_none());
+        let empty = self.paths.get(key).is_some_and(|p| {
+            p.kept.is_empty() && p.retained.is_none() && p.retained_only.is_empty()
+        });
         if empty {
             if let Some(p) = self.paths.remove(key) {
                 let u = self.usage_mut(p.owner);
@@ -335,6 +380,41 @@ impl Ledger {
                 self.drop_if_empty(&key);
             }
         }
+        while let Some((ts, seq, key)) =
+            self.retained_only_aged.front().cloned().filter(|_| max > 0)
+        {
+            if ts.saturating_add(max) > now_ms {
+                break;
+            }
+            self.retained_only_aged.pop_front();
+            let front = self
+                .paths
+                .get_mut(&key)
+                .filter(|p| p.retained_only.front().is_some_and(|e| e.seq == seq))
+                .and_then(|p| p.retained_only.pop_front());
+            if let Some(e) = front {
+                self.remove_entry(e.tenant, e.size, 1, 0);
+                self.drop_if_empty(&key);
+            }
+        }
+        while let Some((due, below, key)) = self.superseded.front().cloned() {
+            if due > now_ms {
+                break;
+            }
+            self.superseded.pop_front();
+            let mut gone = Vec::new();
+            if let Some(p) = self.paths.get_mut(&key) {
+                while p.retained_only.front().is_some_and(|e| e.seq < below) {
+                    gone.extend(p.retained_only.pop_front());
+                }
+            }
+            for e in &gone {
+                self.remove_entry(e.tenant, e.size, 1, 0);
+            }
+            if !gone.is_empty() {
+                self.drop_if_empty(&key);
+            }
+        }
         let max = self.limits.retained_max_age_ms;
         while let Some((ts, seq, key)) = self.retained_aged.front().cloned().filter(|_| max > 0) {
             if ts.saturating_add(max) > now_ms {
@@ -353,12 +433,14 @@ impl Ledger {
         }
     }
 
-    /// What a publish on `path` of `size` bytes would add.
+    /// What a publish on `path` of `size` bytes would add: one stream message (kept in
+    /// history, or a retained-only value), and the retained value when `retain`.
     pub fn need(&self, path: &str, size: u64, kept: bool, retain: bool) -> Need {
         let p = self.paths.get(path);
+        let stored = kept || retain;
         Need {
-            bytes: if kept { size } else { 0 } + if retain { size } else { 0 },
-            msgs: kept as u64,
+            bytes: if stored { size } else { 0 } + if retain { size } else { 0 },
+            msgs: stored as u64,
             retained: (retain && p.is_none_or(|p| p.retained.is_none())) as u64,
             durables: 0,
             paths: p.is_none() as u64,
@@ -366,9 +448,11 @@ impl Ledger {
     }
 
     /// [`need`](Self::need) for a publish by `tag`: replacing its own retained value adds
-    /// only what the new value is larger (the stream drops the old one), so a tenant above
-    /// its share of the reserve still updates its state topics past the line (review 28
-    /// finding 2, as in the SQLite store).
+    /// only what the new value is larger (the stream drops the old one), as in the SQLite
+    /// store (review 28 finding 2). The new value's message in the stream is charged
+    /// whole, a retained-only one too (review finding F1: the stream holds it, and the
+    /// replaced one's for [`RETAINED_ONLY_COUNTED`]), so past the reserve's line a tenant
+    /// above its share no longer updates its state topics: with SQLite it does.
     pub fn need_for(&self, tag: &Tag, path: &str, size: u64, kept: bool, retain: bool) -> Need {
         let mut n = self.need(path, size, kept, retain);
         let mine = self.tags.get(tag).copied();
@@ -658,29 +742,37 @@ mod tests {
         (l, big, small)
     }
 
-    /// Replacing one's own retained value past the line is charged what it adds; another
-    /// tenant's value, or a new one, is charged whole.
+    /// Replacing one's own retained value is charged what the value adds, besides the new
+    /// value's message in the stream (kept, or a retained-only value: review finding F1,
+    /// the stream holds it); another tenant's value, or a new one, is charged whole.
     #[test]
     fn replacing_ones_own_retained_value_is_charged_what_it_adds() {
         let c = crate::config::StoreConfig {
             tenant_max_bytes: 0,
-            total_max_bytes: 100,
+            total_max_bytes: 200,
             reserve_percent: 20,
             reserve_tenants: 2,
             ..Default::default()
         };
+        // 8 values and their 8 messages in the stream: 160 bytes, the line.
         let (l, big, small) = big_at_the_line(&c);
         let n = l.need_for(&big, "k.b0", 10, false, true);
-        assert_eq!(n.bytes, 0);
-        assert!(l.check_publish(&big, "k.b0", true, &n).is_ok());
+        assert_eq!(
+            (n.msgs, n.bytes),
+            (1, 10),
+            "its message; the value adds nothing"
+        );
         let n = l.need_for(&big, "k.b0", 12, false, true);
-        assert_eq!(n.bytes, 2, "a larger value adds the difference");
+        assert_eq!(n.bytes, 14, "a larger value adds the difference");
         assert_eq!(
             l.check_publish(&big, "k.b0", true, &n).unwrap_err().0,
-            Refused::Reserve
+            Refused::Reserve,
+            "past the line, its message is refused to a tenant above its share"
         );
-        assert_eq!(l.need_for(&small, "k.b0", 10, false, true).bytes, 10);
-        assert_eq!(l.need_for(&big, "k.new", 10, false, true).bytes, 10);
+        let n = l.need_for(&small, "k.b0", 10, false, true);
+        assert_eq!(n.bytes, 20);
+        assert!(l.check_publish(&small, "k.b0", true, &n).is_ok());
+        assert_eq!(l.need_for(&big, "k.new", 10, false, true).bytes, 20);
         assert_eq!(
             l.need_for(&big, "k.b1", 10, true, true).bytes,
             10,
@@ -765,10 +857,11 @@ mod tests {
         assert!(l.check(&a, &r).is_ok());
         l.apply(8, 0, "k.r", &a, 10, false, true, None);
         let r = l.need("k.r", 10, false, true);
-        assert_eq!(r.retained, 0);
-        assert!(
-            l.check(&a, &r).is_ok(),
-            "replacing a retained value is free"
+        assert_eq!(r.retained, 0, "replacing a retained value adds no value");
+        assert_eq!(
+            l.check(&a, &r).unwrap_err().0,
+            Refused::Tenant,
+            "but its message in the stream counts: 3 held (k.q, k.r, one in flight)"
         );
         let s = l.need("k.s", 10, false, true);
         assert_eq!(
@@ -881,5 +974,45 @@ mod tests {
             "moved"
         );
         assert_eq!((l.total().durables, l.durable_count()), (1, 1));
+    }
+
+    /// Review finding F1: a retained-only value is a message of the stream until it is
+    /// purged (older ones of its path, counted `RETAINED_ONLY_COUNTED` after a newer one), trimmed by
+    /// the per-subject limit or aged out: its tenant is charged one message and its size
+    /// for it meanwhile, besides the retained value itself.
+    #[test]
+    fn retained_only_values_count_as_stream_messages_until_purged() {
+        let mut l = Ledger::new(Limits {
+            max_messages: 0,
+            max_age_ms: 0,
+            ..limits()
+        });
+        let a = [1u8; 16];
+        let n = l.need("k.r", 100, false, true);
+        assert_eq!((n.msgs, n.bytes, n.retained), (1, 200, 1));
+        for seq in 1..=5 {
+            l.apply(seq, 1000 + seq, "k.r", &a, 100, false, true, None);
+        }
+        let u = l.usage_of(&a);
+        assert_eq!(
+            (u.msgs, u.bytes, u.retained),
+            (5, 600, 1),
+            "five copies in the stream"
+        );
+        let keep = RETAINED_ONLY_COUNTED.as_millis() as u64;
+        l.expire(1002 + keep);
+        assert_eq!(l.usage_of(&a).msgs, 4, "the first purged with the second's");
+        l.expire(1005 + keep);
+        let u = l.usage_of(&a);
+        assert_eq!(
+            (u.msgs, u.bytes, u.retained, u.paths),
+            (1, 200, 1, 1),
+            "the newest stays"
+        );
+        let mut capped = Ledger::new(limits());
+        for seq in 1..=3 {
+            capped.apply(seq, 0, "k.r", &a, 10, false, true, None);
+        }
+        assert_eq!(capped.usage_of(&a).msgs, 2, "per-subject limit 2");
     }
 }
