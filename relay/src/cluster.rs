@@ -275,6 +275,9 @@ pub(crate) struct Receivers {
     interest: Arc<InterestSet>,
     /// Filled by the NATS client's events ([`connect`]), reported by the interest keeper.
     pub(crate) slow: Arc<SlowSubscriptions>,
+    /// Told by the NATS client's `Connected` events ([`connect`]): the interest keeper
+    /// tells every connection with a remote interest of a reconnection.
+    pub(crate) connected: Arc<tokio::sync::Notify>,
 }
 
 /// The queues between router and bridge.
@@ -295,6 +298,7 @@ pub(crate) fn link(config: &ClusterConfig, metrics: Arc<Metrics>) -> (Link, Rece
             lost,
             interest,
             slow: Arc::default(),
+            connected: Arc::default(),
         },
     )
 }
@@ -375,6 +379,7 @@ pub(crate) async fn connect(
     config: &ClusterConfig,
     metrics: Arc<Metrics>,
     slow: Arc<SlowSubscriptions>,
+    connected: Arc<tokio::sync::Notify>,
 ) -> Result<async_nats::Client, ClusterError> {
     let o = async_nats::ConnectOptions::new()
         .no_echo()
@@ -388,6 +393,7 @@ pub(crate) async fn connect(
         .event_callback(move |event| {
             let metrics = metrics.clone();
             let slow = slow.clone();
+            let connected = connected.clone();
             async move {
                 let c = &metrics.cluster;
                 match &event {
@@ -395,6 +401,7 @@ pub(crate) async fn connect(
                     // at each scrape (`State::refresh_connected`), not set here.
                     async_nats::Event::Connected => {
                         c.connects.fetch_add(1, Relaxed);
+                        connected.notify_one();
                         tracing::info!("cluster: connected to NATS");
                     }
                     async_nats::Event::Disconnected => {
@@ -531,6 +538,7 @@ pub(crate) async fn run(
         client,
         rx.interest,
         rx.slow,
+        rx.connected,
         prefix,
         in_tx,
         ByteLimit::new(shared.config.cluster.receive_bytes),
@@ -702,10 +710,12 @@ async fn tell_lost(
     counter
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn interest_loop(
     client: async_nats::Client,
     interest: Arc<InterestSet>,
     slow: Arc<SlowSubscriptions>,
+    connected: Arc<tokio::sync::Notify>,
     prefix: String,
     inbound: mpsc::Sender<Received>,
     received: Arc<ByteLimit>,
@@ -717,9 +727,24 @@ async fn interest_loop(
     let mut filter_of: HashMap<u64, TokenPattern> = HashMap::new();
     let mut readers = JoinSet::new();
     let mut changes = Vec::new().into_iter();
+    // Connections made so far (the client's own count: its `Connected` events can be
+    // dropped when its event channel is full, so they only wake this, with a slow check
+    // beside them).
+    let stats = client.statistics();
+    let mut connects = stats.connects.load(Relaxed);
+    let mut recheck = tokio::time::interval(RECONNECT_CHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let Some(change) = changes.next() else {
             tokio::select! {
+                // A reconnection: while disconnected this relay had no NATS subscriptions,
+                // so what other relays published for its subscribers meanwhile is lost
+                // (the client subscribes again on its own). How much is unknown: every
+                // connection with a filter held here hears of at least one in a `Gap`.
+                _ = connected.notified() => {
+                    tell_reconnected(&stats, &mut connects, held.keys(), &shared)
+                }
+                _ = recheck.tick() => tell_reconnected(&stats, &mut connects, held.keys(), &shared),
                 // (`notify_one` keeps a permit: a change recorded since `take` wakes this.)
                 _ = interest.changed.notified() => changes = interest.take().into_iter(),
                 // Envelopes the NATS client dropped (`SlowConsumer`): their paths are
@@ -809,6 +834,32 @@ async fn interest_loop(
                     filter_of.remove(&sid);
                 }
             }
+        }
+    }
+}
+
+/// How often the interest keeper checks the NATS client's connection count besides its
+/// `Connected` events (which the client drops when its event channel is full).
+const RECONNECT_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Tells every connection subscribed with one of `filters` of a loss (count unknown: one)
+/// when the NATS client connected again since `connects` (not at its first connection).
+fn tell_reconnected<'a>(
+    stats: &async_nats::Statistics,
+    connects: &mut u64,
+    filters: impl Iterator<Item = &'a TokenPattern>,
+    shared: &Shared,
+) {
+    let now = stats.connects.load(Relaxed);
+    if now <= *connects {
+        return;
+    }
+    let again = *connects > 0;
+    *connects = now;
+    if again {
+        tracing::info!("cluster: reconnected to NATS; remote traffic meanwhile reported lost");
+        for pattern in filters {
+            shared.router.lost_filter(pattern, 1);
         }
     }
 }

@@ -546,6 +546,7 @@ impl Relay {
                 &shared.config.cluster,
                 shared.metrics.clone(),
                 rx.slow.clone(),
+                rx.connected.clone(),
             )
             .await?;
             let (drain_tx, drain_rx) = tokio::sync::oneshot::channel();
