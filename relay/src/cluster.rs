@@ -710,6 +710,301 @@ async fn tell_lost(
     counter
 }
 
+/// Distinct filters of one key id above which the interest keeper holds one NATS
+/// subscription for the whole key id (`<prefix>.<key id>.>`) instead of one per filter:
+/// NATS delivers an envelope once per matching subscription, and filters of one key id can
+/// overlap without covering each other (`a/+/c` and `+/b/c`: 2^levels of them match one
+/// path), so per-filter subscriptions let one client make every envelope on a path cross
+/// to this relay thousands of times. The router matches exactly either way.
+const KEY_WIDE_ABOVE: usize = 4;
+/// A key id held key-wide goes back to per-filter subscriptions at or below this many
+/// filters (apart from [`KEY_WIDE_ABOVE`], so a client moving around the line does not
+/// make the keeper swap subscriptions at each change).
+const PER_FILTER_AT: usize = 2;
+
+/// Longest the interest keeper waits for NATS to confirm new subscriptions before it
+/// releases those they replace ([`Keeper::settle`]; without `_INBOX.>` rights the answer
+/// never comes).
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What a NATS subscription is held for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Holder {
+    /// One filter (its one or two subjects).
+    Filter(TokenPattern),
+    /// Every filter of a key id ([`KEY_WIDE_ABOVE`]).
+    Key(KeyId),
+}
+
+/// The NATS side of a [`Holder`]: its readers and the client's ids of its subscriptions.
+#[derive(Default)]
+struct HeldSubs {
+    /// Dropped to release: each reader then unsubscribes and routes what its subscription
+    /// already holds (see [`Keeper::hold`]).
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// Closed when each reader has ended (the subscriptions replacing these wait for it).
+    done: Vec<tokio::sync::watch::Receiver<()>>,
+    sids: Vec<u64>,
+}
+
+/// The interest keeper: the local filters by key id, and the NATS subscriptions held for
+/// them (per filter, or per key id past [`KEY_WIDE_ABOVE`]).
+struct Keeper {
+    client: async_nats::Client,
+    prefix: String,
+    inbound: mpsc::Sender<Received>,
+    received: Arc<ByteLimit>,
+    shared: Arc<Shared>,
+    /// Filters local subscriptions hold, by key id.
+    wanted: HashMap<KeyId, std::collections::HashSet<TokenPattern>>,
+    /// Per-filter subscriptions held, by key id.
+    per_filter: HashMap<KeyId, std::collections::HashSet<TokenPattern>>,
+    subs: HashMap<Holder, HeldSubs>,
+    holder_of: HashMap<u64, Holder>,
+    readers: JoinSet<()>,
+}
+
+impl Keeper {
+    /// Applies a batch of filter changes, then brings each key id it touched to the
+    /// subscriptions it needs. A new subscription is always made before the one it
+    /// replaces is dropped (both go to NATS in order on one connection, and on to the
+    /// other servers in that order), so a swap loses nothing; the copies both deliver
+    /// meanwhile are dropped as duplicates.
+    async fn apply(&mut self, changes: Vec<Interest>) {
+        while self.readers.try_join_next().is_some() {}
+        let mut touched = Vec::new();
+        for change in changes {
+            let (p, add) = match change {
+                Interest::Add(p) => (p, true),
+                Interest::Remove(p) => (p, false),
+            };
+            let k = *p.key_id();
+            let w = self.wanted.entry(k).or_default();
+            if add {
+                w.insert(p);
+            } else {
+                w.remove(&p);
+            }
+            if !touched.contains(&k) {
+                touched.push(k);
+            }
+        }
+        for k in touched {
+            self.reconcile(k).await;
+        }
+    }
+
+    async fn reconcile(&mut self, k: KeyId) {
+        let n = self.wanted.get(&k).map_or(0, |w| w.len());
+        let key_wide = self.subs.contains_key(&Holder::Key(k));
+        if n > KEY_WIDE_ABOVE || (key_wide && n > PER_FILTER_AT) {
+            if !key_wide {
+                let replaced: Vec<Holder> = self
+                    .per_filter
+                    .get(&k)
+                    .map(|h| h.iter().cloned().map(Holder::Filter).collect())
+                    .unwrap_or_default();
+                let after = self.done_of(&replaced);
+                let subject = format!("{}.{k}.>", self.prefix);
+                self.hold(Holder::Key(k), vec![subject], after).await;
+                if !replaced.is_empty() {
+                    self.settle().await;
+                }
+            }
+            for p in self.per_filter.remove(&k).unwrap_or_default() {
+                self.release(&Holder::Filter(p));
+            }
+            return;
+        }
+        let wanted = self.wanted.get(&k).cloned().unwrap_or_default();
+        let after = self.done_of(&[Holder::Key(k)]);
+        for p in &wanted {
+            if !self.per_filter.get(&k).is_some_and(|h| h.contains(p)) {
+                let subjects = pattern_subjects(&self.prefix, p);
+                self.hold(Holder::Filter(p.clone()), subjects, after.clone())
+                    .await;
+                self.per_filter.entry(k).or_default().insert(p.clone());
+            }
+        }
+        if key_wide {
+            self.settle().await;
+            self.release(&Holder::Key(k));
+        }
+        let gone: Vec<TokenPattern> = self
+            .per_filter
+            .get(&k)
+            .map(|h| h.difference(&wanted).cloned().collect())
+            .unwrap_or_default();
+        for p in gone {
+            self.release(&Holder::Filter(p.clone()));
+            if let Some(h) = self.per_filter.get_mut(&k) {
+                h.remove(&p);
+            }
+        }
+        if self.per_filter.get(&k).is_some_and(|h| h.is_empty()) {
+            self.per_filter.remove(&k);
+        }
+        if wanted.is_empty() {
+            self.wanted.remove(&k);
+        }
+    }
+
+    /// The end signals of the readers of `holders` (those a new subscription replaces).
+    fn done_of(&self, holders: &[Holder]) -> Vec<tokio::sync::watch::Receiver<()>> {
+        holders
+            .iter()
+            .filter_map(|h| self.subs.get(h))
+            .flat_map(|h| h.done.iter().cloned())
+            .collect()
+    }
+
+    /// Waits until the NATS server has handled the subscriptions just made, before those
+    /// they replace are released: a request on a subject nobody subscribes comes back ("no
+    /// responders") after everything the server sent this client before it — so what it
+    /// sent before it handled the new subscriptions, which reached only the old ones, is in
+    /// their buffers by then, and everything after reaches the new ones too. (A flush only
+    /// hands the subscribe to the socket; async-nats's `drain` ends a subscription at the
+    /// first pong, which may answer an earlier ping.)
+    async fn settle(&self) {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return; // nothing flows meanwhile; the reconnection is told (`tell_reconnected`)
+        }
+        // Inside the relays' subjects (NATS permissions), never a path (not 32 hex).
+        let probe = format!("{}.settled", self.prefix);
+        let asked = self.client.request(probe, Bytes::new());
+        match tokio::time::timeout(SETTLE_TIMEOUT, asked).await {
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cluster: new NATS subscriptions not confirmed");
+            }
+            Err(_) => tracing::debug!("cluster: new NATS subscriptions not confirmed in time"),
+        }
+    }
+
+    /// Subscribes `subjects` on NATS for `holder`, each with a reader moving what arrives
+    /// into the receive queue — once the readers of `after` (the subscriptions this one
+    /// replaces) have ended, so envelopes keep their order across the swap.
+    async fn hold(
+        &mut self,
+        holder: Holder,
+        subjects: Vec<String>,
+        after: Vec<tokio::sync::watch::Receiver<()>>,
+    ) {
+        let metrics = self.shared.metrics.clone();
+        let mut held = HeldSubs::default();
+        for subject in subjects {
+            let mut sub = match self.client.subscribe(subject).await {
+                Ok(sub) => sub,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: NATS subscribe failed");
+                    continue;
+                }
+            };
+            metrics.cluster.subscriptions.fetch_add(1, Relaxed);
+            match subscription_id(&sub) {
+                Some(sid) => {
+                    self.holder_of.insert(sid, holder.clone());
+                    held.sids.push(sid);
+                }
+                None => {
+                    // Once per process: the cause (an async-nats that formats its
+                    // subscriber differently) holds for all.
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| {
+                        tracing::warn!(
+                            "cluster: NATS subscription ids are unknown; \
+                             slow-consumer drops are counted, not reported"
+                        )
+                    });
+                }
+            }
+            let tx = self.inbound.clone();
+            let m = metrics.clone();
+            let limit = self.received.clone();
+            let shared = self.shared.clone();
+            let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
+            held.stops.push(stop_tx);
+            let (done_tx, done_rx) = tokio::sync::watch::channel(());
+            held.done.push(done_rx);
+            let mut after = after.clone();
+            self.readers.spawn(async move {
+                // Dropping `sub` (on abort, at shutdown) unsubscribes on NATS.
+                let _gauge = Gauge(m.clone());
+                // Told (closed) when this reader ends, however.
+                let _done = done_tx;
+                // The replaced subscriptions' readers first: what they hold is older.
+                for a in &mut after {
+                    while a.changed().await.is_ok() {}
+                }
+                // A dropped envelope is reported to the connections it was for, in a `Gap`.
+                let lost = |payload: &Bytes| {
+                    if let Some(d) = decode(payload.clone()) {
+                        let (path, n) = d.missed();
+                        shared.router.lost_remote(&path, n);
+                    }
+                };
+                // Unconstrained: a reader takes everything buffered each time it runs (a
+                // few nanoseconds each: a byte count and a `try_send`), rather than 128 per
+                // turn against the NATS connection task's thousands; on a busy machine the
+                // budget made the client's buffer overflow (found by
+                // `graceful_shutdown_drains_the_forward_queue`).
+                tokio::task::unconstrained(async {
+                    loop {
+                        tokio::select! {
+                            biased;
+                            msg = sub.next() => {
+                                let Some(msg) = msg else { return };
+                                if !receive(&tx, &limit, &m, msg, &lost) {
+                                    return;
+                                }
+                            }
+                            _ = &mut stop => break,
+                        }
+                    }
+                    // Released (after `Keeper::settle` when replaced): what the client holds
+                    // for it is routed still; the channel ends there.
+                    let _ = sub.unsubscribe().await;
+                    while let Some(msg) = sub.next().await {
+                        if !receive(&tx, &limit, &m, msg, &lost) {
+                            return;
+                        }
+                    }
+                })
+                .await;
+            });
+        }
+        self.subs.insert(holder, held);
+    }
+
+    /// Drops `holder`'s NATS subscriptions (each reader routes what it already holds).
+    fn release(&mut self, holder: &Holder) {
+        let held = self.subs.remove(holder).unwrap_or_default();
+        for sid in held.sids {
+            self.holder_of.remove(&sid);
+        }
+    }
+
+    /// The filters a NATS subscription's drops concern: its own, or every filter of its
+    /// key id.
+    fn filters_of_sid(&self, sid: u64) -> Vec<TokenPattern> {
+        match self.holder_of.get(&sid) {
+            Some(Holder::Filter(p)) => vec![p.clone()],
+            Some(Holder::Key(k)) => self
+                .wanted
+                .get(k)
+                .map(|w| w.iter().cloned().collect())
+                .unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Every filter held for local subscriptions.
+    fn all_filters(&self) -> impl Iterator<Item = &TokenPattern> {
+        self.wanted.values().flatten()
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn interest_loop(
     client: async_nats::Client,
@@ -721,12 +1016,6 @@ async fn interest_loop(
     received: Arc<ByteLimit>,
     shared: Arc<Shared>,
 ) {
-    let metrics = shared.metrics.clone();
-    // Per filter: its readers, and the NATS client's ids of its subscriptions.
-    let mut held: HashMap<TokenPattern, (Vec<tokio::task::AbortHandle>, Vec<u64>)> = HashMap::new();
-    let mut filter_of: HashMap<u64, TokenPattern> = HashMap::new();
-    let mut readers = JoinSet::new();
-    let mut changes = Vec::new().into_iter();
     // Connections made so far (the client's own count: its `Connected` events can be
     // dropped when its event channel is full, so they only wake this, with a slow check
     // beside them).
@@ -734,105 +1023,41 @@ async fn interest_loop(
     let mut connects = stats.connects.load(Relaxed);
     let mut recheck = tokio::time::interval(RECONNECT_CHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut keeper = Keeper {
+        client,
+        prefix,
+        inbound,
+        received,
+        shared: shared.clone(),
+        wanted: HashMap::new(),
+        per_filter: HashMap::new(),
+        subs: HashMap::new(),
+        holder_of: HashMap::new(),
+        readers: JoinSet::new(),
+    };
     loop {
-        let Some(change) = changes.next() else {
-            tokio::select! {
-                // A reconnection: while disconnected this relay had no NATS subscriptions,
-                // so what other relays published for its subscribers meanwhile is lost
-                // (the client subscribes again on its own). How much is unknown: every
-                // connection with a filter held here hears of at least one in a `Gap`.
-                _ = connected.notified() => {
-                    tell_reconnected(&stats, &mut connects, held.keys(), &shared)
-                }
-                _ = recheck.tick() => tell_reconnected(&stats, &mut connects, held.keys(), &shared),
-                // (`notify_one` keeps a permit: a change recorded since `take` wakes this.)
-                _ = interest.changed.notified() => changes = interest.take().into_iter(),
-                // Envelopes the NATS client dropped (`SlowConsumer`): their paths are
-                // unknown, so every connection subscribed with that filter hears of them in
-                // a `Gap`.
-                _ = slow.added.notified() => {
-                    for (sid, n) in slow.take() {
-                        if let Some(pattern) = filter_of.get(&sid) {
-                            shared.router.lost_filter(pattern, n);
-                        }
+        tokio::select! {
+            // (`notify_one` keeps a permit: a change recorded since `take` wakes this.)
+            _ = interest.changed.notified() => keeper.apply(interest.take()).await,
+            // Envelopes the NATS client dropped (`SlowConsumer`): their paths are
+            // unknown, so every connection subscribed with a filter that subscription
+            // served hears of them in a `Gap`.
+            _ = slow.added.notified() => {
+                for (sid, n) in slow.take() {
+                    for pattern in keeper.filters_of_sid(sid) {
+                        shared.router.lost_filter(&pattern, n);
                     }
                 }
             }
-            continue;
-        };
-        // Reap finished readers so the set does not grow.
-        while readers.try_join_next().is_some() {}
-        match change {
-            Interest::Add(pattern) => {
-                let mut handles = Vec::new();
-                let mut sids = Vec::new();
-                for subject in pattern_subjects(&prefix, &pattern) {
-                    match client.subscribe(subject).await {
-                        Ok(mut sub) => {
-                            metrics.cluster.subscriptions.fetch_add(1, Relaxed);
-                            match subscription_id(&sub) {
-                                Some(sid) => {
-                                    filter_of.insert(sid, pattern.clone());
-                                    sids.push(sid);
-                                }
-                                None => {
-                                    // Once per process: the cause (an async-nats that
-                                    // formats its subscriber differently) holds for all.
-                                    static WARNED: std::sync::Once = std::sync::Once::new();
-                                    WARNED.call_once(|| {
-                                        tracing::warn!(
-                                            "cluster: NATS subscription ids are unknown; \
-                                             slow-consumer drops are counted, not reported"
-                                        )
-                                    });
-                                }
-                            }
-                            let tx = inbound.clone();
-                            let m = metrics.clone();
-                            let limit = received.clone();
-                            let shared = shared.clone();
-                            handles.push(readers.spawn(async move {
-                                // Dropping `sub` (on abort) unsubscribes on NATS.
-                                let _gauge = Gauge(m.clone());
-                                // A dropped envelope is reported to the connections it
-                                // was for, in a `Gap`.
-                                let lost = |payload: &Bytes| {
-                                    if let Some(d) = decode(payload.clone()) {
-                                        let (path, n) = d.missed();
-                                        shared.router.lost_remote(&path, n);
-                                    }
-                                };
-                                // Unconstrained: a reader takes everything buffered each
-                                // time it runs (a few nanoseconds each: a byte count and a
-                                // `try_send`), rather than 128 per turn against the NATS
-                                // connection task's thousands; on a busy machine the budget
-                                // made the client's buffer overflow (found by
-                                // `graceful_shutdown_drains_the_forward_queue`).
-                                tokio::task::unconstrained(async {
-                                    while let Some(msg) = sub.next().await {
-                                        if !receive(&tx, &limit, &m, msg, &lost) {
-                                            break;
-                                        }
-                                    }
-                                })
-                                .await;
-                            }));
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cluster: NATS subscribe failed");
-                        }
-                    }
-                }
-                held.insert(pattern, (handles, sids));
+            // A reconnection: while disconnected this relay had no NATS subscriptions,
+            // so what other relays published for its subscribers meanwhile is lost (the
+            // client subscribes again on its own). How much is unknown: every connection
+            // with a filter held here hears of at least one in a `Gap`.
+            _ = connected.notified() => {
+                tell_reconnected(&stats, &mut connects, keeper.all_filters(), &shared)
             }
-            Interest::Remove(pattern) => {
-                let (handles, sids) = held.remove(&pattern).unwrap_or_default();
-                for h in handles {
-                    h.abort();
-                }
-                for sid in sids {
-                    filter_of.remove(&sid);
-                }
+            _ = recheck.tick() => {
+                tell_reconnected(&stats, &mut connects, keeper.all_filters(), &shared)
             }
         }
     }

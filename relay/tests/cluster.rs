@@ -257,9 +257,11 @@ async fn delivery_goes_on_when_a_nats_node_dies() {
 }
 
 /// Overlapping filters at one relay (one client with `1/#`, `1/+` and `1/2`; another with
-/// `+/2` and `#`): NATS delivers a copy per matching NATS subscription, the relay routes
-/// one, so each connection gets each message once (one `Msg` per connection; the client's
-/// own filter matching hands it to each of its subscriptions once).
+/// `+/2`): NATS delivers a copy per matching NATS subscription, the relay routes one, so
+/// each connection gets each message once (one `Msg` per connection; the client's own
+/// filter matching hands it to each of its subscriptions once). Four filters of one key id
+/// are held per filter; past `KEY_WIDE_ABOVE` (4) the key id is held with one NATS
+/// subscription (`overlapping_filters_do_not_multiply_cross_relay_traffic`).
 #[tokio::test]
 async fn overlapping_filters_at_one_relay_deliver_each_message_once() {
     let Some(mut s) = Setup::start() else { return };
@@ -274,11 +276,7 @@ async fn overlapping_filters_at_one_relay_deliver_each_message_once() {
         ],
     )
     .await;
-    let mut y = subscriber(
-        b.tcp(),
-        &[pattern(1, &[None, Some(2)], false), pattern(1, &[], true)],
-    )
-    .await;
+    let mut y = subscriber(b.tcp(), &[pattern(1, &[None, Some(2)], false)]).await;
     let publ = connect(a.tcp()).await;
     let mut publ = sync_interest(publ, &mut [&mut x, &mut y], 1, &[1, 2]).await;
     let dups_before = metric(b.admin(), "whispeer_relay_cluster_duplicates_total").await;
@@ -290,13 +288,13 @@ async fn overlapping_filters_at_one_relay_deliver_each_message_once() {
     publ.publish(marker.clone()).await;
     expect_exactly(&mut x, &msgs, "X (three overlapping filters)").await;
     expect_next(&mut x, &marker, "X").await;
-    expect_exactly(&mut y, &msgs, "Y (two overlapping filters)").await;
+    expect_exactly(&mut y, &msgs, "Y (a filter overlapping X's)").await;
     expect_next(&mut y, &marker, "Y").await;
-    // NATS did deliver the extra copies (five filters match [1, 2]); they were dropped. The
+    // NATS did deliver the extra copies (four filters match [1, 2]); they were dropped. The
     // copies of other NATS subscriptions may still be in flight after the first marker
     // copy: wait for the relay's event for each (every one since it started), then the
     // counter agrees.
-    let want = dups_before + 4 * msgs.len() as u64;
+    let want = dups_before + 3 * msgs.len() as u64;
     for _ in 0..want {
         b.wait_log(&["cluster duplicate dropped"]).await;
     }
@@ -974,4 +972,197 @@ async fn a_relay_that_lost_its_nats_connection_reports_a_gap_to_its_subscribers(
     assert!(got.windows(2).all(|w| w[0] < w[1]), "in order, once each");
     // (Told on every reconnection, whether or not something was lost: B cannot know.)
     assert!(gaps > 0);
+}
+
+/// Review finding F2: a client holding many distinct filters that all match one path made
+/// every envelope on it cross NATS once per filter (one NATS subscription each, duplicates
+/// dropped only after receipt), filling the receiving relay's `cluster.receive_bytes`, so
+/// other tenants' envelopes from the cluster were dropped. Here a client at B holds the
+/// 64 filters matching `1/3/1/2/3/4` (each level `+` or literal) and A publishes 1,000 ×
+/// 4 KiB on that path interleaved with 100 envelopes on `2/1` for an honest subscriber at
+/// B: each envelope crosses NATS to B once (B's routed, dropped and duplicate counts add up
+/// to at most the 1,100 published; before, about 65 copies of each), the honest
+/// subscriber gets all 100 with nothing lost, and B keeps its NATS connection. B's receive
+/// bound (8 MiB) holds the whole burst once (4.6 MB) and not 65 times: with 256 KiB even
+/// one copy of each overflowed it at times on the 2-core test machine (149 of 1,100
+/// dropped once), which is the bound's job, not this test's subject.
+#[tokio::test]
+async fn overlapping_filters_do_not_multiply_cross_relay_traffic() {
+    let Some((_nats, _a, b, sub, publ)) =
+        pair_with(&[], &["--cluster-receive-bytes", "8388608"]).await
+    else {
+        return;
+    };
+    let path = [3u8, 1, 2, 3, 4, 9];
+    let mut hog = connect(b.tcp()).await;
+    for mask in 0u32..64 {
+        // Bit i set: level i is `+`.
+        let elems: Vec<Option<u8>> = path
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (mask & (1 << i) == 0).then_some(*t))
+            .collect();
+        hog.subscribe(u64::from(mask) + 1, pattern(1, &elems, false))
+            .await;
+    }
+    let publ = sync_interest(publ, &mut [&mut hog], 1, &path).await;
+    let mut honest = subscriber(b.tcp(), &[exact(2, &[1])]).await;
+    let mut publ = sync_interest(publ, &mut [&mut honest], 2, &[1]).await;
+    // The hog's and the first subscriber's connections are read (what they get is not
+    // what this test is about).
+    let drain = |mut c: Client| {
+        tokio::spawn(async move {
+            loop {
+                c.recv().await;
+            }
+        })
+    };
+    let (d1, d2) = (drain(hog), drain(sub));
+    let connects = metric(b.admin(), "whispeer_relay_cluster_connects_total").await;
+    // Every copy NATS delivers to B is routed, dropped at the receive bound or dropped as
+    // a duplicate.
+    let copies = || async {
+        let mut n = 0;
+        for m in ["received", "receive_dropped", "duplicates"] {
+            n += metric(b.admin(), &format!("whispeer_relay_cluster_{m}_total")).await;
+        }
+        n
+    };
+    let copies_before = copies().await;
+    for i in 0..1000u32 {
+        publ.publish(numbered_sized(1, &path, i, 4096)).await;
+        if i % 10 == 9 {
+            publ.publish(numbered(2, &[1], i / 10)).await;
+        }
+    }
+    let mut got = Vec::new();
+    let gaps = delivered_or_reported(&mut honest, 100, |m| got.push(number(&m.envelope))).await;
+    // The copies still on their way when the honest subscriber has its last are not
+    // counted: a bound from below, enough to tell one copy per envelope from 65.
+    let copies = copies().await - copies_before;
+    let dropped = metric(b.admin(), "whispeer_relay_cluster_receive_dropped_total").await;
+    eprintln!(
+        "honest subscriber: {} of 100 delivered, {gaps} reported lost; 1,100 envelopes \
+         published reached B as {copies} copies; {dropped} dropped at B's receive bound",
+        got.len()
+    );
+    d1.abort();
+    d2.abort();
+    assert!(
+        copies <= 1100,
+        "{copies} copies of 1,100 envelopes crossed NATS to B"
+    );
+    assert_eq!(gaps, 0, "the honest subscriber's envelopes were dropped");
+    assert_eq!(got, (0..100).collect::<Vec<_>>());
+    assert_eq!(
+        metric(b.admin(), "whispeer_relay_cluster_connects_total").await,
+        connects,
+        "B was disconnected"
+    );
+}
+
+/// Waits until B's `/status` shows `n` NATS subscriptions (the interest keeper has applied
+/// the filter changes so far).
+async fn wait_subscriptions(admin: SocketAddr, n: u64) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let st = status(admin).await;
+        if st["cluster"]["subscriptions"].as_u64() == Some(n) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "NATS subscriptions: {st} (want {n})"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// F2's key-wide subscription replaces a key id's per-filter ones past a few filters, and
+/// is replaced by them again when filters go: each swap subscribes the new before it drops
+/// the old, so nothing is lost meanwhile. Relay A publishes without pause to `1/3` while a
+/// client at B adds and removes filters of key id 1 (`1/7/#`, then four more and back,
+/// ten times; each state waited for on B's NATS subscription count: 3 per-filter, 1
+/// key-wide); B's subscriber of `1/#` gets every envelope, once, in order, with no `Gap`.
+/// (Without the settle request before a release, envelopes the server had sent only on
+/// the old subscription were lost; without the new readers waiting for the old ones,
+/// envelopes were reordered.)
+#[tokio::test]
+async fn swapping_key_wide_and_per_filter_subscriptions_loses_nothing() {
+    let Some((_nats, _a, b, mut sub, publ)) = pair(&[]).await else {
+        return;
+    };
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    let marker = numbered(1, &[3], u32::MAX - 4);
+    let m = marker.clone();
+    let publisher = tokio::spawn(async move {
+        let mut publ = publ;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        let mut sent = 0u32;
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => break,
+                _ = tick.tick() => {
+                    for _ in 0..4 {
+                        publ.publish(numbered(1, &[3], sent)).await;
+                        sent += 1;
+                    }
+                }
+            }
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tokio::select! {
+                _ = &mut done_rx => break,
+                _ = tick.tick() => publ.publish(m.clone()).await,
+            }
+        }
+        sent
+    });
+    let reader = async {
+        let mut got = Vec::new();
+        loop {
+            match sub.recv().await {
+                Frame::Msg(m) if m.envelope == marker => return got,
+                Frame::Msg(m) => got.push(number(&m.envelope)),
+                other => panic!("expected Msg, got {other:?}"),
+            }
+        }
+    };
+    let flipper = async {
+        let mut flip = connect(b.tcp()).await;
+        // `1/#` (one subject) and `1/7/#` (two): per filter, 3.
+        flip.subscribe(1, pattern(1, &[Some(7)], true)).await;
+        wait_subscriptions(b.admin(), 3).await;
+        for _ in 0..10 {
+            for t in 8..12u8 {
+                flip.subscribe(u64::from(t), pattern(1, &[Some(t)], true))
+                    .await;
+            }
+            wait_subscriptions(b.admin(), 1).await; // six filters: key-wide
+            for t in 8..12u8 {
+                flip.send(&Frame::Unsub(whispeer_protocol::frame::Unsub {
+                    sub_id: u64::from(t),
+                    delete: None,
+                }))
+                .await;
+            }
+            wait_subscriptions(b.admin(), 3).await; // two again: per filter
+        }
+        let _ = stop_tx.send(());
+        flip
+    };
+    let (got, _flip) = tokio::join!(reader, flipper);
+    let _ = done_tx.send(());
+    let sent = publisher.await.unwrap();
+    eprintln!(
+        "{} of {sent} delivered across 20 swaps of B's NATS subscriptions",
+        got.len()
+    );
+    assert_eq!(
+        got,
+        (0..sent).collect::<Vec<_>>(),
+        "every envelope, once, in order"
+    );
 }
