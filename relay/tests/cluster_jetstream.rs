@@ -3666,3 +3666,62 @@ async fn retained_only_values_are_charged_and_do_not_fill_the_stream_for_others(
         tokio::task::yield_now().await;
     }
 }
+
+/// History consumers of the relays' stream: those filtering on one key id (the relays' own
+/// reads of the whole stream have no filter).
+async fn history_consumers(url: &str) -> usize {
+    stream_consumers(url)
+        .await
+        .iter()
+        .filter(|c| !c.config.filter_subject.is_empty())
+        .count()
+}
+
+/// Review finding F6: each history read created a JetStream consumer and left it behind
+/// (deleted by the server only after a minute idle), so a client replaying in a loop made
+/// the relay hold one consumer per read on the NATS servers (each with replicas = 1, in
+/// memory, but state on the server all the same). A read's consumer is now deleted when
+/// the read ends (or its cursor is dropped between chunks): after 100 × (replay `Sub`, the
+/// message, `Unsub`) the stream's history consumers go back to none.
+#[tokio::test]
+async fn history_reads_do_not_leave_consumers_behind() {
+    let Some(s) = Setup::start(1) else { return };
+    let (mut publ, _) = connect(s.relays[0].tcp()).await;
+    let seq = publish_acked(
+        &mut publ,
+        &[(1, numbered(33, &[1], 1))],
+        Qos::AtLeastOnce,
+        false,
+    )
+    .await[0];
+    let (mut c, _) = connect(s.relays[0].tcp()).await;
+    for i in 0..100u64 {
+        let mut r = sub(i + 1, pattern(33, &[], true), Qos::AtMostOnce);
+        r.replay = Some(Replay::FromSeq(1));
+        subscribe(&mut c, r).await;
+        let got = read_until(&mut c, seq).await;
+        assert_eq!(number(&got.last().unwrap().envelope), 1);
+        c.send(&Frame::Unsub(whispeer_protocol::frame::Unsub {
+            sub_id: i + 1,
+            delete: None,
+        }))
+        .await;
+    }
+    let url = s.nats.nodes[0].url();
+    let left = history_consumers(&url).await;
+    // Deletions are sent behind the reads: wait for them (the server itself would delete
+    // the consumers only after a minute without a request, past this deadline).
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let n = history_consumers(&url).await;
+        if n == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} history consumers left behind by 100 reads"
+        );
+        tokio::task::yield_now().await;
+    }
+    eprintln!("history consumers right after 100 reads: {left}; then none");
+}

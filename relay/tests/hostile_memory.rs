@@ -400,7 +400,7 @@ async fn jetstream_replaying_non_readers_hold_one_read_chunk_each() {
 /// What the relay's history reads have asked the JetStream stream for and not yet taken:
 /// every read parked between chunks must have no pull request outstanding (what a request
 /// brings lands in the relay's memory whether the subscriber reads or not — the ordered
-/// consumer kept one for 500 messages open at all times). `parked` reads are expected.
+/// consumer kept one for 500 messages open at all times). `parked` reads are parked.
 ///
 /// A connection that logged a wait may still be given room once more (its kernel buffers
 /// take a little more) and fetch one more chunk before it parks again, with nothing to say
@@ -423,10 +423,10 @@ async fn nothing_fetched_ahead(url: &str, parked: usize) {
                 pulling = Some(info);
             }
         }
-        assert!(
-            history >= parked,
-            "{history} history reads, {parked} parked"
-        );
+        // Reads parked at the same position share one cursor slot: the others' consumers
+        // are deleted (review finding F6) and made again at their next chunk. At least one
+        // is there to look at.
+        assert!(history >= 1, "no history read's consumer, {parked} parked");
         let Some(info) = pulling else {
             return;
         };

@@ -326,6 +326,27 @@ struct Cursor {
     /// server and this relay (AckNone: never redelivered) shows as a jump.
     next: u64,
     at: std::time::Instant,
+    /// Where its consumer is deleted when the cursor goes (see `Drop`).
+    js: jetstream::Context,
+    rt: tokio::runtime::Handle,
+}
+
+/// A history read's consumer is deleted once its read is over: at its end, on an error,
+/// or when its cursor is dropped between chunks (idle, or beyond [`MAX_CURSORS`]). The
+/// server would delete it only after `CURSOR_IDLE * 2` without a request, so a client
+/// replaying in a loop left one consumer per read on the NATS servers (review finding F6).
+/// The deletion goes behind (the read does not wait for it).
+impl Drop for Cursor {
+    fn drop(&mut self) {
+        let info = self.consumer.cached_info();
+        let (name, stream) = (info.name.clone(), info.stream_name.clone());
+        let js = self.js.clone();
+        self.rt.spawn(async move {
+            if let Err(e) = js.delete_consumer_from_stream(&name, &stream).await {
+                tracing::debug!(error = %e, "cluster store: a history consumer was not deleted");
+            }
+        });
+    }
 }
 
 /// Checks that a delivery of a read without acks (AckNone: never redelivered) is the one
@@ -834,14 +855,17 @@ impl JetStreamStore {
                     .create_consumer(cfg)
                     .await
                     .map_err(|e| unavailable("history consumer", e))?;
-                if consumer.cached_info().num_pending == 0 {
-                    return Ok(upto);
-                }
-                Cursor {
+                let cur = Cursor {
                     consumer,
                     next: 1,
                     at: std::time::Instant::now(),
+                    js: inner.js.clone(),
+                    rt: inner.rt.clone(),
+                };
+                if cur.consumer.cached_info().num_pending == 0 {
+                    return Ok(upto);
                 }
+                cur
             }
         };
         let (mut n, mut bytes) = (0, 0);
@@ -894,6 +918,8 @@ impl JetStreamStore {
         }
         // The next chunk starts after `last`: keep the consumer for it.
         cur.at = std::time::Instant::now();
+        // (Cursors dropped here — idle ones, or this one beyond the bound — delete their
+        // consumers.)
         let mut cursors = lock(&inner.cursors);
         cursors.retain(|_, c| c.at.elapsed() < CURSOR_IDLE);
         if cursors.len() < MAX_CURSORS {
