@@ -1693,6 +1693,23 @@ impl Accounts {
         self.state().durable()
     }
 
+    /// Waits until every auth-state line handed to the file's writer so far is on disk (at
+    /// once without a file, or if the writer thread is gone). The relay's stop awaits it
+    /// after the connections drained: the `used` lines of the claims their subscriptions
+    /// held are written as the holds are given back, and the process must not end before
+    /// they are on disk — a claim held for days has no other record of its last use.
+    pub async fn flush(&self) {
+        let Some((sent, mut durable)) = self
+            .state()
+            .writer
+            .as_ref()
+            .map(|w| (w.sent, w.durable.clone()))
+        else {
+            return;
+        };
+        let _ = durable.wait_for(|n| *n >= sent).await;
+    }
+
     /// Key ids claimed and durable owners recorded.
     pub fn state_counts(&self) -> (usize, usize) {
         let s = self.state();

@@ -690,6 +690,18 @@ impl Relay {
         // Flush and close the store off the runtime (the writer thread commits what is queued).
         let store = shared.router.store().clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        // The auth-state lines the ended connections' claim holds wrote (their `used` lines)
+        // reach the disk before the process may end: the writer thread is not waited for
+        // otherwise. Bounded like the drain (a full disk keeps the writer retrying).
+        if tokio::time::timeout(shared.config.timeouts.drain(), shared.accounts.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "drain deadline passed; auth-state lines not yet on disk (claims' last \
+                 uses) are lost"
+            );
+        }
         drop(light);
         tracing::info!("relay stopped");
         Ok(())

@@ -2073,3 +2073,79 @@ fn a_relay_refuses_to_start_while_its_auth_state_file_is_locked() {
     let relay = s.relay(&[]);
     drop(relay);
 }
+
+/// Review (L2): a held claim's last use reaches the state file at a stop. A claim that a
+/// subscription held until the relay stopped has its only `used` line written as the
+/// hold is given back at shutdown; the relay waits for the auth-state writer before it
+/// exits (before, `run` returned without waiting and the line could be lost: after a
+/// restart the claim counted as unused since it was claimed, weeks ago, and could lapse
+/// within the hour). The claim comes from an older state file (no last use written); with
+/// `--claim-idle-ms 600000` the refresh step is a minute, so the `Sub` right after the
+/// start writes no `used` line of its own: only the stop's can. `disk`: the state file on a
+/// small tmpfs, full when the relay stops and freed once the writer reports it cannot
+/// write — the relay must wait for it.
+async fn a_held_claims_last_use_is_written_at_the_stop(tag: &str, disk: Option<&SmallDisk>) {
+    let s = Setup::new(tag);
+    let a = key_account(&s.dir, &s.accounts, "a", &["--group", "home"]);
+    let state_path = match disk {
+        Some(d) => d.dir.join("auth-state"),
+        None => s.state.clone(),
+    };
+    let k11 = hex::encode([11u8; 16]);
+    let mut text = format!("{{\"t\":\"claim\",\"key_id\":\"{k11}\",\"group\":\"home\"}}\n");
+    // Blank lines up to a whole page: on the full tmpfs the next line needs a new one.
+    text.push_str(&"\n".repeat(4096 - text.len()));
+    std::fs::write(&state_path, text).unwrap();
+    let state = state_path.to_str().unwrap();
+    let listed = || relay_cli(&["claims", "list", "--state", state, "--group", "home"]);
+    assert!(listed().contains("used=unknown"), "{}", listed());
+    let mut args = s.args(&["--claim-idle-ms", "600000"]);
+    let at = args.iter().position(|a| *a == "--auth-state").unwrap();
+    args[at + 1] = state;
+    let mut relay = BinRelay::start_logged(&args);
+    let mut c = login(relay.tcp(), &a).await;
+    try_sub(&mut c, sub(1, 11, None, None))
+        .await
+        .expect("the group's claim");
+    let filler = disk.map(|d| d.fill("filler"));
+    relay.sigterm();
+    // Read to the end (the relay's Close) and close: the stop's drain ends at once.
+    c.drain_to_end().await;
+    drop(c);
+    if let Some(filler) = filler {
+        relay.wait_log(&["cannot write the auth state file"]).await;
+        std::fs::remove_file(&filler).unwrap();
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let st = relay.wait_exit();
+        drop(relay);
+        st
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status}");
+    let out = listed();
+    let ago: u64 = out
+        .split("used=")
+        .nth(1)
+        .and_then(|r| r.split("s-ago").next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no last use written at the stop: {out}"));
+    assert!(ago < 3600, "the last use is the stop's: {out}");
+}
+
+#[tokio::test]
+async fn a_held_claims_last_use_is_on_disk_when_the_relay_has_stopped() {
+    a_held_claims_last_use_is_written_at_the_stop("flush-used", None).await;
+}
+
+/// The same with the disk full at the stop until the writer has reported it: the relay
+/// exits only once the line is written (without waiting, it exits while the writer
+/// waits to retry: deterministic, where the plain stop is a race the writer usually wins).
+#[tokio::test]
+async fn a_held_claims_last_use_is_on_disk_even_after_a_full_disk_at_the_stop() {
+    let Some(disk) = SmallDisk::mount("flush-used-full") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs (not root?)");
+        return;
+    };
+    a_held_claims_last_use_is_written_at_the_stop("flush-used-disk", Some(&disk)).await;
+}
