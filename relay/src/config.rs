@@ -732,7 +732,8 @@ pub struct StoreConfig {
     /// replaced).
     #[arg(long, env = "WHISPEER_RETAINED_MAX_AGE_MS")]
     pub retained_max_age_ms: u64,
-    /// Per tenant: most stored envelope bytes (history plus retained values).
+    /// Per tenant: most stored bytes (history plus retained values). The SQLite store
+    /// counts each envelope with its share of the file's pages: 1.0-2x its size.
     #[arg(long, env = "WHISPEER_TENANT_MAX_BYTES")]
     pub tenant_max_bytes: u64,
     /// Per tenant: most stored messages.
@@ -762,7 +763,8 @@ pub struct StoreConfig {
     /// Per tenant: most distinct token paths with stored data.
     #[arg(long, env = "WHISPEER_TENANT_MAX_PATHS")]
     pub tenant_max_paths: u64,
-    /// All tenants: most stored envelope bytes.
+    /// All tenants: most stored bytes, counted as for tenant_max_bytes (with SQLite: the
+    /// pages the messages and retained values take in the store file; not its WAL).
     #[arg(long, env = "WHISPEER_TOTAL_MAX_BYTES")]
     pub total_max_bytes: u64,
     /// All tenants: most stored messages.

@@ -1052,8 +1052,8 @@ async fn status(args: StatusArgs) -> Result<()> {
         lim(st.retention.max_age_ms)
     );
     println!(
-        "stored       {} messages  {} bytes  {} paths  {} retained  {} durables  {} dedup ids",
-        st.messages, st.bytes, st.path_count, st.retained, st.durables, st.dedup_entries
+        "stored       {} messages  {} bytes ({} as the quotas count them)  {} paths  {} retained  {} durables  {} dedup ids",
+        st.messages, st.bytes, st.quota_bytes, st.path_count, st.retained, st.durables, st.dedup_entries
     );
     if !st.paths.is_empty() {
         println!(

@@ -910,6 +910,11 @@ pub struct StoreStatus {
     pub messages: u64,
     /// Envelope bytes kept, all paths.
     pub bytes: u64,
+    /// Bytes as the byte quotas count them (`store.total_max_bytes`): the SQLite store
+    /// counts each kept envelope with its row's share of the file's pages and its index
+    /// entries (history and retained values); 0 for a store that does not count.
+    #[serde(default)]
+    pub quota_bytes: u64,
     /// Paths with messages.
     pub path_count: u64,
     /// The largest paths (by bytes), at most 100.

@@ -22,7 +22,7 @@ use common::*;
 use whispeer_protocol::frame::{features, msg_flags, pub_flags, Pub, Replay, Sub};
 use whispeer_protocol::{Envelope, ErrorCode, Frame, KeyId, Qos, TokenPattern};
 use whispeer_relay::config::StoreKind;
-use whispeer_relay::store::{SqliteStore, Store, Tenant};
+use whispeer_relay::store::{Accepted, Append, SqliteStore, Store, Tenant};
 use whispeer_relay::{Config, Relay};
 
 const ALL_FEATURES: u64 = features::AT_LEAST_ONCE
@@ -728,7 +728,7 @@ async fn a_tenant_past_the_line_still_replaces_its_own_retained_values() {
     let mut config = file_config(&dir.join("s.db"));
     let size = env_on([0xCD; 16], 0, 0, 400).as_bytes().len() as u64;
     // Room for 10 values: 8 first-come, 2 in the reserve, one per tenant.
-    config.store.total_max_bytes = 10 * size;
+    config.store.total_max_bytes = 10 * SqliteStore::quota_bytes_of(size);
     config.store.reserve_percent = 20;
     config.store.reserve_tenants = 2;
     let (store, relay) = file_relay(config).await;
@@ -1420,6 +1420,145 @@ async fn disk_full_is_refused_retryably_live_routing_goes_on_and_the_store_resum
     relay.stop().await;
     drop(store);
     drop(disk);
+}
+
+/// An envelope of exactly `len` bytes on `[key, tok(0)]`, its body starting with `i`.
+fn env_of_len(key: KeyId, i: u64, len: usize) -> Envelope {
+    let small = indexed_on(key, 0, i, 16).as_bytes().len();
+    let env = indexed_on(
+        key,
+        0,
+        i,
+        16 + len.checked_sub(small).expect("not below the smallest"),
+    );
+    assert_eq!(env.as_bytes().len(), len);
+    env
+}
+
+/// Appends `n` QoS 1 messages of `len` bytes, `per_path` on each path (one path per key
+/// id, taking turns), every tenth also its path's retained value, and waits until the last
+/// is durable.
+fn store_messages(store: &SqliteStore, n: u64, len: usize, per_path: u64) {
+    let tenant = Tenant::Local;
+    for i in 0..n {
+        let mut k = [1u8; 16];
+        let paths = n.div_ceil(per_path);
+        k[..8].copy_from_slice(
+            &(i % paths)
+                .wrapping_mul(0x2545_f491_4f6c_dd1d)
+                .to_le_bytes(),
+        );
+        let env = env_of_len(KeyId::from_bytes(k), i, len);
+        let path = env.token_path();
+        let flags = if i % 10 == 0 { pub_flags::RETAIN } else { 0 };
+        loop {
+            match store.append(Append {
+                path: &path,
+                envelope: &env,
+                flags,
+                qos: Qos::AtLeastOnce,
+                publish_id: None,
+                tenant: &tenant,
+            }) {
+                Ok(Accepted::New(_)) => break,
+                Ok(other) => panic!("unexpected {other:?}"),
+                // The writer is behind: publish again (what a client does).
+                Err(e) if e.code().is_retryable() => std::thread::yield_now(),
+                Err(e) => panic!("append failed: {e}"),
+            }
+        }
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    store.when_durable(store.last_seq(), Box::new(move |r| tx.send(r).unwrap()));
+    rx.recv_timeout(TIMEOUT)
+        .expect("durable in time")
+        .expect("committed");
+}
+
+/// Bytes of the pages in use in a closed store file (its size less its free pages).
+fn used_bytes(db: &Path) -> u64 {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let q = |p: &str| {
+        c.query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, i64>(0))
+            .unwrap() as u64
+    };
+    (q("page_count") - q("freelist_count")) * q("page_size")
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Finding (adversarial review): the byte quotas counted envelope bytes, but a stored
+/// message costs more on disk — its row, two index entries, and the part of its page no
+/// further row fits in — so a `total_max_bytes` sized to the disk still filled it. A real
+/// file for each of five envelope sizes (the smallest envelope, 1 KiB, just over half a
+/// page — the worst packing —, a page, 64 KiB): the pages the messages and retained values
+/// take must stay within what the quotas count (`quota_bytes`), and not far below it.
+#[test]
+fn the_bytes_the_quotas_count_cover_the_store_files_size() {
+    // (envelope bytes, messages); 100 messages per path, every tenth retained.
+    let cases: [(usize, u64); 5] = [
+        (160, 60_000),
+        (1024, 12_000),
+        (8_300, 1_500),
+        (16 * 1024, 1_000),
+        (64 * 1024, 200),
+    ];
+    let mut report = Vec::new();
+    for (len, n) in cases {
+        let dir = temp_dir(&format!("disk-cost-{len}"));
+        let db = dir.join("s.db");
+        let open = || {
+            SqliteStore::open_file(whispeer_relay::config::StoreConfig {
+                path: db.clone(),
+                tenant_max_bytes: 0,
+                tenant_max_messages: 0,
+                total_max_bytes: 0,
+                total_max_messages: 0,
+                ..Config::ephemeral().store
+            })
+            .expect("open store")
+        };
+        let store = open();
+        store.close();
+        drop(store);
+        let empty = used_bytes(&db);
+        let store = open();
+        store_messages(&store, n, len, 100);
+        let (st, wal) = (store.status_counts(), {
+            let mut w = db.as_os_str().to_owned();
+            w.push("-wal");
+            std::path::PathBuf::from(w)
+        });
+        let running = file_len(&db) + file_len(&wal);
+        store.close();
+        drop(store);
+        let used = used_bytes(&db) - empty;
+        report.push(format!(
+            "{len:>6} B x {n:>6} + {:>3} retained: envelopes {:>9}, pages used {used:>9} \
+             ({:.2}x), counted {:>9} ({:.2}x the pages); file + WAL while running {running} \
+             ({:.2}x)",
+            st.retained,
+            st.bytes,
+            used as f64 / st.bytes as f64,
+            st.quota_bytes,
+            st.quota_bytes as f64 / used as f64,
+            running as f64 / st.bytes as f64,
+        ));
+        assert!(
+            used <= st.quota_bytes,
+            "{len}-byte envelopes: {used} bytes of pages, {} counted",
+            st.quota_bytes
+        );
+        assert!(
+            st.quota_bytes <= used + used / 5,
+            "{len}-byte envelopes: {} counted, over 1.2x the {used} bytes of pages",
+            st.quota_bytes
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!("{}", report.join("\n"));
 }
 
 /// A [`SqliteStore`] that logs which key id each history read is for, in the order the

@@ -75,6 +75,48 @@ pub const PERSIST_EVERY: u64 = 65_536;
 /// Rows per step of the age sweep.
 const SWEEP_CHUNK: i64 = 4096;
 
+/// Page size of every store (set when a file or memory store is created).
+const PAGE_SIZE: u64 = 16_384;
+/// A stored row's record besides its envelope: the record header (column types, the
+/// envelope's length) and the key, path and tenant ids, time, flags (and sequence).
+const RECORD_BYTES: u64 = 32;
+/// A row's cell besides its record: the record's length and the rowid (varints), the
+/// 2-byte cell pointer.
+const CELL_BYTES: u64 = 12;
+/// A row's two index entries (`msgs_kid`, `msgs_pid`; a retained value's `retained_kid`,
+/// `retained_ts`): about 16 bytes each, in index pages filled about two thirds (entries
+/// arrive in key id order, not the index's).
+const INDEX_BYTES: u64 = 48;
+
+/// What a stored envelope of `len` bytes takes in the store file, as the byte quotas count
+/// it (`tenant_max_bytes`, `total_max_bytes`): its row's share of the table page it is in,
+/// its overflow pages, and its index entries. Rows are appended in sequence order, so a
+/// table page holds as many whole rows as fit and the rest of it stays empty: envelopes a
+/// little over half a page take a page each (2× their size), a 160-byte envelope about
+/// 250 bytes. The page arithmetic is SQLite's (`btreeParseCellAdjustSizeForOverflow`: a
+/// payload over `usable − 35` keeps `min_local` bytes, or up to `usable − 35`, in the
+/// table page and the rest in overflow pages of `usable − 4`). Measured against real files
+/// in `store_hostile::the_bytes_the_quotas_count_cover_the_store_files_size`.
+pub(crate) fn disk_bytes(len: u64) -> u64 {
+    let max_local = PAGE_SIZE - 35;
+    let min_local = (PAGE_SIZE - 12) * 32 / 255 - 23;
+    let overflow_room = PAGE_SIZE - 4;
+    let payload = len.saturating_add(RECORD_BYTES);
+    let (local, overflow) = if payload <= max_local {
+        (payload, 0)
+    } else {
+        let keep = min_local + (payload - min_local) % overflow_room;
+        let local = if keep <= max_local { keep } else { min_local };
+        // (The cell then also holds the first overflow page's number.)
+        (local + 4, (payload - local).div_ceil(overflow_room))
+    };
+    let per_page = ((PAGE_SIZE - 8) / (local + CELL_BYTES)).max(1);
+    PAGE_SIZE
+        .div_ceil(per_page)
+        .saturating_add(overflow.saturating_mul(PAGE_SIZE))
+        .saturating_add(INDEX_BYTES)
+}
+
 /// Wall-clock source in Unix milliseconds (injectable for tests of age retention).
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
@@ -405,7 +447,10 @@ struct Index {
     /// member with many accounts, one message each at the front of a long path, made every
     /// trim scan it: review finding.)
     path_tenant_msgs: Sharded<(i64, i64), u64>,
+    /// All tenants' usage; its bytes are [`disk_bytes`], what the byte quotas count.
     total: Usage,
+    /// The envelope bytes kept (history and retained values), for `/status`.
+    envelope_bytes: u64,
     durables: HashMap<DurableKey, DurableStat>,
     /// Durables per key id ([`Store::holds_key_id`]).
     durable_keys: HashMap<[u8; 16], u32>,
@@ -735,6 +780,12 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// What a kept envelope of `len` bytes counts against the byte quotas
+    /// (`tenant_max_bytes`, `total_max_bytes`): its share of the file's pages ([`disk_bytes`]).
+    pub fn quota_bytes_of(len: u64) -> u64 {
+        disk_bytes(len)
+    }
+
     /// A counter bumped after every turn of the store's writer — a group commit, a
     /// retention sweep, a failed commit, a recovery probe — so a caller can wait for the
     /// store's [`status`](Store::status) to change (`wait_for`) instead of polling it.
@@ -957,16 +1008,17 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
     {
         let mut st = conn
             .prepare(
-                "SELECT pid, tid, count(*), sum(length(env)), min(seq), max(seq)
-                 FROM msgs GROUP BY pid, tid",
+                "SELECT pid, tid, length(env), count(*), min(seq), max(seq)
+                 FROM msgs GROUP BY pid, tid, length(env)",
             )
             .map_err(err)?;
         let mut rows = st.query([]).map_err(err)?;
         while let Some(r) = rows.next().map_err(err)? {
             let pid: i64 = r.get(0).map_err(err)?;
             let tid: i64 = r.get(1).map_err(err)?;
-            let n = r.get::<_, i64>(2).map_err(err)? as u64;
-            let b = r.get::<_, i64>(3).map_err(err)? as u64;
+            let len = r.get::<_, i64>(2).map_err(err)? as u64;
+            let n = r.get::<_, i64>(3).map_err(err)? as u64;
+            let (b, cost) = (len * n, disk_bytes(len) * n);
             let lo = r.get::<_, i64>(4).map_err(err)? as u64;
             let hi = r.get::<_, i64>(5).map_err(err)? as u64;
             let Some(path) = path_stat(&mut idx, pid) else {
@@ -985,9 +1037,10 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
             }
             let u = idx.usage(tid);
             u.msgs += n;
-            u.bytes += b;
+            u.bytes += cost;
             idx.total.msgs += n;
-            idx.total.bytes += b;
+            idx.total.bytes += cost;
+            idx.envelope_bytes += b;
         }
     }
     {
@@ -1010,9 +1063,10 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
             }
             let u = idx.usage(tid);
             u.retained += 1;
-            u.bytes += b;
+            u.bytes += disk_bytes(b);
             idx.total.retained += 1;
-            idx.total.bytes += b;
+            idx.total.bytes += disk_bytes(b);
+            idx.envelope_bytes += b;
         }
     }
     // Distinct paths and key ids in use.
@@ -1355,8 +1409,10 @@ impl SqliteStore {
 struct Deltas {
     /// pid → (messages, bytes, new first sequence).
     paths: HashMap<i64, (u64, u64, u64)>,
-    /// tid → (messages, bytes).
+    /// tid → (messages, bytes as the quotas count them: [`disk_bytes`]).
     tenants: HashMap<i64, (u64, u64)>,
+    /// Envelope bytes of the messages deleted.
+    envelope_bytes: u64,
     /// Expired retained values: (pid, tid, bytes, seq).
     retained: Vec<(i64, i64, u64, u64)>,
     /// (pid, tid) → messages deleted.
@@ -1371,7 +1427,8 @@ impl Deltas {
         p.2 = p.2.max(seq + 1);
         let t = self.tenants.entry(tid).or_insert((0, 0));
         t.0 += 1;
-        t.1 += bytes;
+        t.1 += disk_bytes(bytes);
+        self.envelope_bytes += bytes;
         *self.by_path_tenant.entry((pid, tid)).or_default() += 1;
     }
 }
@@ -2043,6 +2100,7 @@ impl Shared {
                 idx.total.msgs = idx.total.msgs.saturating_sub(*n);
                 idx.total.bytes = idx.total.bytes.saturating_sub(*b);
             }
+            idx.envelope_bytes = idx.envelope_bytes.saturating_sub(d.envelope_bytes);
             for (pid, tid, b, seq) in &d.retained {
                 let Some(path) = idx.by_pid.get(pid).cloned() else {
                     continue;
@@ -2058,9 +2116,10 @@ impl Shared {
                     }
                     let u = idx.usage(*tid);
                     u.retained = u.retained.saturating_sub(1);
-                    u.bytes = u.bytes.saturating_sub(*b);
+                    u.bytes = u.bytes.saturating_sub(disk_bytes(*b));
                     idx.total.retained = idx.total.retained.saturating_sub(1);
-                    idx.total.bytes = idx.total.bytes.saturating_sub(*b);
+                    idx.total.bytes = idx.total.bytes.saturating_sub(disk_bytes(*b));
+                    idx.envelope_bytes = idx.envelope_bytes.saturating_sub(*b);
                     candidates.push(path);
                 }
             }
@@ -2277,12 +2336,13 @@ impl Store for SqliteStore {
         // old one's bytes go back at once, below): charged gross, a tenant above its share
         // of the reserve could not update its own state topics once the store passed the
         // reserve's line (review 28 finding 2).
+        let cost = disk_bytes(size);
         let retained_bytes = match old_retained {
-            Some((otid, ob, _)) if Some(otid) == known_tid => size.saturating_sub(ob),
-            _ => size,
+            Some((otid, ob, _)) if Some(otid) == known_tid => cost.saturating_sub(disk_bytes(ob)),
+            _ => cost,
         };
         let need = Need {
-            bytes: if keep { size } else { 0 } + if retain { retained_bytes } else { 0 },
+            bytes: if keep { cost } else { 0 } + if retain { retained_bytes } else { 0 },
             msgs: keep as u64,
             retained: (retain && old_retained.is_none()) as u64,
             durables: 0,
@@ -2319,7 +2379,7 @@ impl Store for SqliteStore {
             let q = lock(&s.queue);
             let add = Queued {
                 msgs: keep as usize,
-                bytes: need.bytes,
+                bytes: (u64::from(keep) + u64::from(retain)) * size,
             };
             if !q.admits(known_tid, add, s.cfg.queue, s.cfg.queue_bytes) {
                 s.m.busy.fetch_add(1, Relaxed);
@@ -2427,15 +2487,17 @@ impl Store for SqliteStore {
             if let Some((otid, ob, _)) = old_retained {
                 let u = idx.usage(otid);
                 u.retained = u.retained.saturating_sub(1);
-                u.bytes = u.bytes.saturating_sub(ob);
+                u.bytes = u.bytes.saturating_sub(disk_bytes(ob));
                 idx.total.retained = idx.total.retained.saturating_sub(1);
-                idx.total.bytes = idx.total.bytes.saturating_sub(ob);
+                idx.total.bytes = idx.total.bytes.saturating_sub(disk_bytes(ob));
+                idx.envelope_bytes = idx.envelope_bytes.saturating_sub(ob);
             }
             let u = idx.usage(tid);
             u.retained += 1;
-            u.bytes += size;
+            u.bytes += cost;
             idx.total.retained += 1;
-            idx.total.bytes += size;
+            idx.total.bytes += cost;
+            idx.envelope_bytes += size;
             if let Some(st) = idx.paths.get_mut(&path) {
                 st.retained = Some((tid, size, seq));
             }
@@ -2443,9 +2505,10 @@ impl Store for SqliteStore {
         if keep {
             let u = idx.usage(tid);
             u.msgs += 1;
-            u.bytes += size;
+            u.bytes += cost;
             idx.total.msgs += 1;
-            idx.total.bytes += size;
+            idx.total.bytes += cost;
+            idx.envelope_bytes += size;
             idx.add_path_tenant_msgs(pid, tid, 1);
             if let Some(st) = idx.paths.get_mut(&path) {
                 if st.count == 0 {
@@ -2989,13 +3052,18 @@ impl Store for SqliteStore {
                 last_seq,
             })
             .collect();
-        let (retained, durables) = {
+        let (retained, durables, quota_bytes) = {
             let idx = lock(&s.idx);
-            (idx.total.retained, idx.durables.len() as u64)
+            (
+                idx.total.retained,
+                idx.durables.len() as u64,
+                idx.total.bytes,
+            )
         };
         StoreStatus {
             messages,
             bytes,
+            quota_bytes,
             path_count,
             paths: list,
             retained,
@@ -3018,13 +3086,14 @@ impl Store for SqliteStore {
                 .filter(|(_, u)| **u != Usage::default())
                 .count() as u64;
         }
-        let (total, durables) = {
+        let (total, durables, envelope_bytes) = {
             let idx = lock(&s.idx);
-            (idx.total, idx.durables.len() as u64)
+            (idx.total, idx.durables.len() as u64, idx.envelope_bytes)
         };
         StoreStatus {
             messages: total.msgs,
-            bytes: total.bytes,
+            bytes: envelope_bytes,
+            quota_bytes: total.bytes,
             path_count: total.paths,
             paths: Vec::new(),
             retained: total.retained,
@@ -3541,6 +3610,7 @@ mod tests {
         };
         assert_eq!(usage(&idx), usage(&loaded));
         assert_eq!(idx.total, loaded.total);
+        assert_eq!(idx.envelope_bytes, loaded.envelope_bytes);
         drop(idx);
         s.close();
         let _ = std::fs::remove_dir_all(&dir);
