@@ -378,7 +378,16 @@ impl Metrics {
             "whispeer_relay_store_read_tenants_queued {}",
             reads.tenants
         );
-        let counters: [(&str, &str, u64); 19] = [
+        if let Some(free) = s.disk_free_bytes {
+            family(
+                &mut o,
+                "whispeer_relay_store_disk_free_bytes",
+                "gauge",
+                "Free bytes of the file system holding the store file, as last measured (below store.min_free_bytes publishes that need the store are refused).",
+            );
+            let _ = writeln!(o, "whispeer_relay_store_disk_free_bytes {free}");
+        }
+        let counters: [(&str, &str, u64); 20] = [
             (
                 "whispeer_relay_store_reads_total",
                 "Store reads run by the reader thread.",
@@ -413,6 +422,11 @@ impl Metrics {
                 "whispeer_relay_store_full_rejections_total",
                 "Publishes refused while the disk was full (Err storage_full).",
                 s.storage_full_rejections,
+            ),
+            (
+                "whispeer_relay_store_low_disk_rejections_total",
+                "Publishes refused because the store's file system would keep less than store.min_free_bytes free (Err storage_full).",
+                s.low_disk_rejections,
             ),
             (
                 "whispeer_relay_store_busy_rejections_total",

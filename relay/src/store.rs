@@ -925,9 +925,18 @@ pub struct StoreStatus {
     pub durables: u64,
     /// Publish ids in the dedup window.
     pub dedup_entries: u64,
-    /// `ok`, `storage_full` (the disk is full; retried until space frees) or `unavailable`.
+    /// `ok`, `storage_full` (the disk is full; retried until space frees), `low_disk`
+    /// (less than `store.min_free_bytes` free: publishes that need the store are refused
+    /// until space frees) or `unavailable`.
     #[serde(default)]
     pub state: String,
+    /// Free bytes of the file system holding the store file, as last measured (file
+    /// stores on Unix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_free_bytes: Option<u64>,
+    /// `store.min_free_bytes`: below it, publishes that need the store are refused.
+    #[serde(default)]
+    pub min_free_bytes: u64,
     /// Tenants (accounts or source addresses) with stored data.
     #[serde(default)]
     pub tenants: u64,
@@ -961,6 +970,11 @@ pub struct StoreMetrics {
     pub quota_reserve_rejections: u64,
     /// Publishes refused because the disk was full.
     pub storage_full_rejections: u64,
+    /// Publishes refused because the store's file system had less than
+    /// `store.min_free_bytes` free (after what is queued for the disk).
+    pub low_disk_rejections: u64,
+    /// Free bytes of the store's file system, as last measured (file stores on Unix).
+    pub disk_free_bytes: Option<u64>,
     /// Publishes refused because the write queue was full.
     pub busy_rejections: u64,
     /// Commits that failed (the batch's publishers got an error, nothing was acknowledged).

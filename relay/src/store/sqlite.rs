@@ -688,6 +688,7 @@ struct Counters {
     commit_nanos: AtomicU64,
     quota: super::quota::Refusals,
     full: AtomicU64,
+    low_disk: AtomicU64,
     busy: AtomicU64,
     commit_failures: AtomicU64,
     live_only: AtomicU64,
@@ -734,6 +735,11 @@ struct Shared {
     idx: Mutex<Index>,
     dedup: Mutex<Dedup>,
     down: Mutex<Option<Down>>,
+    /// Free bytes of the store file's file system, as the writer last measured them
+    /// (`u64::MAX`: not known — a memory store, or no `statvfs`).
+    free: AtomicU64,
+    /// Whether the last measurement was below `min_free_bytes` (logged on each change).
+    low: AtomicBool,
     /// Sequence ranges dropped by a failed commit: never acknowledged as durable.
     lost: Mutex<VecDeque<(u64, u64)>>,
     stop_checkpointer: AtomicBool,
@@ -1170,6 +1176,22 @@ fn set_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
     .map(drop)
 }
 
+/// Free bytes of the file system holding `p` for this process (`f_bavail`: what an
+/// unprivileged writer may still use).
+fn free_space(p: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        rustix::fs::statvfs(p)
+            .ok()
+            .map(|v| v.f_bavail.saturating_mul(v.f_frsize))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = p;
+        None
+    }
+}
+
 fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
@@ -1203,9 +1225,16 @@ impl SqliteStore {
             committed_seq: s.committed.load(Relaxed),
             dedup_entries: lock(&s.dedup).map.len() as u64,
             state: match s.down() {
+                None if s.low.load(Relaxed) => "low_disk".into(),
                 None => "ok".into(),
                 Some(Down::Full(_)) => "storage_full".into(),
                 Some(Down::Failed(_)) => "unavailable".into(),
+            },
+            disk_free_bytes: Some(s.free.load(Relaxed)).filter(|f| *f != u64::MAX),
+            min_free_bytes: if s.file.is_some() {
+                s.cfg.min_free_bytes
+            } else {
+                0
             },
             ..StoreStatus::default()
         }
@@ -1370,6 +1399,8 @@ impl SqliteStore {
             idx: Mutex::new(idx),
             dedup: Mutex::new(dedup),
             down: Mutex::new(None),
+            free: AtomicU64::new(u64::MAX),
+            low: AtomicBool::new(false),
             lost: Mutex::new(VecDeque::new()),
             stop_checkpointer: AtomicBool::new(false),
             checkpoint_wake: (Mutex::new(false), Condvar::new()),
@@ -1378,6 +1409,7 @@ impl SqliteStore {
             gone: Mutex::new(None),
             gone_backlog: Mutex::new(expired),
         });
+        shared.measure_disk();
         let s = shared.clone();
         let writer = std::thread::Builder::new()
             .name("whispeer-store".into())
@@ -1436,6 +1468,60 @@ impl Deltas {
 impl Shared {
     fn down(&self) -> Option<Down> {
         lock(&self.down).clone()
+    }
+
+    /// Measures the free space of the store file's file system (file stores), keeps it for
+    /// `append`'s reserve check and `/status`, and logs when it falls below
+    /// `min_free_bytes` or comes back. Called by the writer after every turn (a commit, or
+    /// an idle second) and before each recovery attempt. Returns it (`None`: not known).
+    fn measure_disk(&self) -> Option<u64> {
+        let free = self.file.as_deref().and_then(free_space);
+        self.free.store(free.unwrap_or(u64::MAX), Relaxed);
+        let min = self.cfg.min_free_bytes;
+        let low = free.is_some_and(|f| f < min);
+        if self.low.swap(low, Relaxed) != low {
+            let file = self.file.as_deref().unwrap_or(Path::new("")).display();
+            let free = free.unwrap_or(0);
+            if low {
+                tracing::warn!(
+                    free,
+                    min_free_bytes = min,
+                    "store: the file system holding {file} has {free} bytes free, below \
+                     store.min_free_bytes ({min}): publishes that need the store are refused \
+                     (storage_full, retryable) until space frees"
+                );
+            } else {
+                tracing::info!(
+                    free,
+                    min_free_bytes = min,
+                    "store: the file system holding {file} has {free} bytes free again: \
+                     publishes are stored"
+                );
+            }
+        }
+        free
+    }
+
+    /// Refuses a write of `add` envelope bytes when the file system would keep less than
+    /// `min_free_bytes` once everything queued is written: free space as last measured,
+    /// less twice the queued and new envelope bytes (each is written to the WAL, then
+    /// copied into the file). Called under the queue lock.
+    fn check_free(&self, q: &Queue, add: u64) -> Result<(), StoreError> {
+        let min = self.cfg.min_free_bytes;
+        let free = self.free.load(Relaxed);
+        if min == 0 || free == u64::MAX {
+            return Ok(());
+        }
+        let need = q.bytes.saturating_add(add).saturating_mul(2);
+        if free.saturating_sub(need) >= min {
+            return Ok(());
+        }
+        self.m.low_disk.fetch_add(1, Relaxed);
+        Err(StoreError::StorageFull(format!(
+            "the relay's disk has {free} bytes free ({need} more are on their way to it) and \
+             keeps {min} free (store.min_free_bytes); the relay retries by itself, publish \
+             again later"
+        )))
     }
 
     /// Tells the relay (if it took [`Store::take_gone`]) which durables are gone.
@@ -1660,6 +1746,7 @@ impl Shared {
             // saw its big publish after the acks refused for 4 acknowledged envelopes).
             self.resolve(&mut held);
             lock(&self.queue).resolving = !held.is_empty();
+            self.measure_disk();
             self.changes.send_modify(|n| *n += 1);
             if closed {
                 break;
@@ -1712,7 +1799,17 @@ impl Shared {
 
     /// While down: commits a tiny probe; on success reloads the counters from the file
     /// (whatever was queued when the commit failed is gone) and resumes.
+    ///
+    /// With `min_free_bytes`, not before that much is free: a one-row probe fits in room a
+    /// batch does not (WAL frames and free pages the file system already gave SQLite), so
+    /// on a disk that stayed full the store resumed, reloaded its counters with a full
+    /// scan, failed its next commit and went down again, over and over (test
+    /// `store_hostile::a_full_disk_does_not_flap_and_recovers_with_every_acknowledged_message`).
     fn try_recover(&self) {
+        let min = self.cfg.min_free_bytes;
+        if min > 0 && self.measure_disk().is_some_and(|free| free < min) {
+            return;
+        }
         let now = (self.clock)();
         let conn = lock(&self.conn);
         let probe = (|| -> rusqlite::Result<()> {
@@ -2388,6 +2485,7 @@ impl Store for SqliteStore {
                     q.msgs, q.bytes
                 )));
             }
+            s.check_free(&q, add.bytes)?;
         }
         let tid = Shared::tenant_id(&mut idx, m.tenant, &mut ops);
         let key: [u8; 16] = *m.path.key_id().as_bytes();
@@ -3127,6 +3225,8 @@ impl Store for SqliteStore {
             quota_global_rejections: m.quota.get().1,
             quota_reserve_rejections: m.quota.get().2,
             storage_full_rejections: m.full.load(Relaxed),
+            low_disk_rejections: m.low_disk.load(Relaxed),
+            disk_free_bytes: Some(self.shared.free.load(Relaxed)).filter(|f| *f != u64::MAX),
             busy_rejections: m.busy.load(Relaxed),
             commit_failures: m.commit_failures.load(Relaxed),
             live_only: m.live_only.load(Relaxed),
