@@ -387,7 +387,7 @@ impl Metrics {
             );
             let _ = writeln!(o, "whispeer_relay_store_disk_free_bytes {free}");
         }
-        let counters: [(&str, &str, u64); 20] = [
+        let counters: [(&str, &str, u64); 21] = [
             (
                 "whispeer_relay_store_reads_total",
                 "Store reads run by the reader thread.",
@@ -447,6 +447,11 @@ impl Metrics {
                 "whispeer_relay_store_checkpoints_total",
                 "Background WAL checkpoints run.",
                 s.checkpoints,
+            ),
+            (
+                "whispeer_relay_store_wal_truncations_total",
+                "Times the store's writer checkpointed the WAL and truncated it (grown past 64 MiB while commits ran back to back, or free space below store.min_free_bytes).",
+                s.wal_truncations,
             ),
             (
                 "whispeer_relay_store_appends_total",

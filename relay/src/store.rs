@@ -983,6 +983,9 @@ pub struct StoreMetrics {
     pub live_only: u64,
     /// Background WAL checkpoints run.
     pub checkpoints: u64,
+    /// Times the writer checkpointed the WAL and truncated it (it had grown past 64 MiB,
+    /// or free space was low).
+    pub wal_truncations: u64,
     /// Stored rows history, replay and retained reads examined (a read under a key id the
     /// store never saw examines none).
     pub rows_read: u64,

@@ -12,22 +12,27 @@
 //! the `when_durable` callbacks whose sequence is committed — that is where `PubAck` for
 //! QoS ≥ 1 is sent from. The WAL is never checkpointed on the commit path
 //! (`wal_autocheckpoint = 0`): a background thread runs PASSIVE checkpoints on its own
-//! connection. History, replay and retained reads run on a reader connection, by integer
+//! connection; only a WAL past [`WAL_LIMIT`] (commits back to back) is checkpointed and
+//! truncated by the writer between two commits. History, replay and retained reads run on a reader connection, by integer
 //! key id (`msgs(kid, seq)`, `retained(kid)`): a key id the store never saw is a map miss
 //! that touches no row.
 //!
 //! QoS 0 messages are routed live and not stored unless `store_qos0` is set (a retained
 //! QoS 0 value is still kept as the path's retained value).
 //!
-//! Usage is counted per tenant (account or source address) and in total: stored bytes and
-//! messages, retained values, durable names and distinct paths; at a limit `append` answers
-//! `QuotaExceeded` and nothing is queued.
+//! Usage is counted per tenant (account or source address) and in total: stored bytes (a
+//! message's share of the file's pages, [`disk_bytes`]) and messages, retained values,
+//! durable names and distinct paths; at a limit `append` answers `QuotaExceeded` and
+//! nothing is queued.
 //!
-//! A failed commit (disk full, I/O error) is not permanent: the batch and everything
-//! queued behind it are refused to their publishers (`StorageFull` for a full disk), the
-//! store refuses new writes while it retries a tiny probe transaction every `retry_ms`, and
-//! when the probe commits it reloads its counters from the file and resumes by itself. Live
-//! QoS 0 routing is untouched throughout.
+//! Below `min_free_bytes` of free space on the file's file system (measured after each
+//! writer turn), publishes that need the store are refused (`StorageFull`) before SQLite
+//! meets a full disk. A failed commit (disk full, I/O error) is not permanent: the batch
+//! and everything queued behind it are refused to their publishers (`StorageFull` for a
+//! full disk), the store refuses new writes while it retries a tiny probe transaction
+//! every `retry_ms` (with `min_free_bytes`, only once that much is free), and when the
+//! probe commits it reloads its counters from the file and resumes by itself. Live QoS 0
+//! routing is untouched throughout.
 //!
 //! Messages are fanned out live before they are committed, so a sequence a subscriber saw
 //! must never be handed out again after a crash: the high-water mark of assigned sequences
@@ -116,6 +121,11 @@ pub(crate) fn disk_bytes(len: u64) -> u64 {
         .saturating_add(overflow.saturating_mul(PAGE_SIZE))
         .saturating_add(INDEX_BYTES)
 }
+
+/// The WAL's size past which the writer checkpoints it into the file and truncates it
+/// between two commits (`Shared::bound_wal`); also where SQLite cuts it back to when
+/// it restarts (`journal_size_limit`).
+const WAL_LIMIT: u64 = 64 << 20;
 
 /// Wall-clock source in Unix milliseconds (injectable for tests of age retention).
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -693,6 +703,7 @@ struct Counters {
     commit_failures: AtomicU64,
     live_only: AtomicU64,
     checkpoints: AtomicU64,
+    wal_truncations: AtomicU64,
     rows_read: AtomicU64,
 }
 
@@ -787,7 +798,7 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// What a kept envelope of `len` bytes counts against the byte quotas
-    /// (`tenant_max_bytes`, `total_max_bytes`): its share of the file's pages ([`disk_bytes`]).
+    /// (`tenant_max_bytes`, `total_max_bytes`): its share of the file's pages (`disk_bytes`).
     pub fn quota_bytes_of(len: u64) -> u64 {
         disk_bytes(len)
     }
@@ -916,7 +927,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 /// hot part of the tables and indexes.
 fn tune(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_LIMIT)?;
     conn.pragma_update(None, "cache_size", -65536)?;
     Ok(())
 }
@@ -1196,6 +1207,13 @@ fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
 
+/// The WAL file of the store file `db`.
+fn wal_path(db: &Path) -> PathBuf {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
 fn lock_path(db: &Path) -> PathBuf {
     let mut p = db.as_os_str().to_owned();
     p.push("-lock");
@@ -1207,11 +1225,10 @@ impl SqliteStore {
     /// state); the counts zero, for [`Store::status`] and [`Store::status_counts`] to fill.
     fn status_frame(&self) -> StoreStatus {
         let s = &self.shared;
-        let file_bytes = s.file.as_ref().map_or(0, |f| {
-            let mut wal = f.as_os_str().to_owned();
-            wal.push("-wal");
-            file_size(f) + file_size(Path::new(&wal))
-        });
+        let file_bytes = s
+            .file
+            .as_ref()
+            .map_or(0, |f| file_size(f) + file_size(&wal_path(f)));
         StoreStatus {
             kind: s.kind.into(),
             file: s.file.as_ref().map(|f| f.display().to_string()),
@@ -1502,6 +1519,39 @@ impl Shared {
         free
     }
 
+    /// Checkpoints the WAL into the file and truncates it (`wal_checkpoint(TRUNCATE)`, on
+    /// the writer's connection, between two commits: publishes wait in the queue meanwhile)
+    /// when it has grown past [`WAL_LIMIT`], and on an idle turn (`idle`: nothing
+    /// committed) while free space is below `min_free_bytes` or the disk is full, so the room
+    /// it holds comes back. With commits back to back the background PASSIVE checkpoint
+    /// copies pages but never catches up with the WAL's end, so the WAL never restarted: it
+    /// grew with a flood (8× its envelopes for 160-byte ones; test
+    /// `store_hostile::the_wal_stays_bounded_during_a_flood`). If a reader holds an old
+    /// snapshot beyond the busy timeout the checkpoint gives up, and the next turn tries
+    /// again.
+    fn bound_wal(&self, idle: bool) {
+        let Some(file) = self.file.as_deref() else {
+            return;
+        };
+        let wal = file_size(&wal_path(file));
+        let short = self.low.load(Relaxed) || self.down().is_some();
+        if wal <= WAL_LIMIT && !(idle && short && wal > 0) {
+            return;
+        }
+        let r = lock(&self.conn).query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        });
+        match r {
+            Ok(0) => {
+                self.m.wal_truncations.fetch_add(1, Relaxed);
+                tracing::debug!(wal, "store: WAL checkpointed and truncated");
+                self.measure_disk();
+            }
+            Ok(_) => tracing::debug!(wal, "store: WAL truncation waits for a reader"),
+            Err(e) => tracing::debug!(error = %e, wal, "store: WAL truncation failed"),
+        }
+    }
+
     /// Refuses a write of `add` envelope bytes when the file system would keep less than
     /// `min_free_bytes` once everything queued is written: free space as last measured,
     /// less twice the queued and new envelope bytes (each is written to the WAL, then
@@ -1747,6 +1797,7 @@ impl Shared {
             self.resolve(&mut held);
             lock(&self.queue).resolving = !held.is_empty();
             self.measure_disk();
+            self.bound_wal(count == 0);
             self.changes.send_modify(|n| *n += 1);
             if closed {
                 break;
@@ -3231,6 +3282,7 @@ impl Store for SqliteStore {
             commit_failures: m.commit_failures.load(Relaxed),
             live_only: m.live_only.load(Relaxed),
             checkpoints: m.checkpoints.load(Relaxed),
+            wal_truncations: m.wal_truncations.load(Relaxed),
             rows_read: m.rows_read.load(Relaxed),
         }
     }
