@@ -55,7 +55,10 @@
 //! ([`Accounts::still_allowed`]). Deliveries never look at accounts. An invalid list leaves
 //! the previous one in force — visibly (a gauge, a counter, an error log per changed
 //! text) — less the accounts, keys and tokens the invalid text no longer names, when it
-//! is still TOML (`Accounts::list_failed`): a removal with a typo elsewhere still holds.
+//! is still TOML, each entry read on its own (`Accounts::revoke_unnamed`): a removal with
+//! a typo elsewhere still holds. A file's such revocations wait until the same text is
+//! read twice, `auth.reload_ms` apart (`Accounts::list_failed`): a file written in place
+//! can be read mid-write.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -1568,6 +1571,11 @@ pub struct Accounts {
     /// Account lists read that were invalid or unreadable, each changed text counted once
     /// (`whispeer_relay_account_reload_errors_total`).
     reload_errors: std::sync::atomic::AtomicU64,
+    /// `auth.reload_ms`: an invalid file's revocations wait for a second read at least
+    /// this long after the first.
+    reload_ms: u64,
+    /// The claims' clock, also timing those reads.
+    clock: Clock,
 }
 
 /// An authenticated connection, as the reload walk sees it.
@@ -1596,6 +1604,20 @@ struct Stamp {
     read_at: SystemTime,
     /// SHA-256 of the text last read.
     digest: Option<[u8; 32]>,
+    /// The last invalid text read, while no valid one was read since: its revocations are
+    /// applied only once the same text is read again a reload period later
+    /// ([`Accounts::list_failed`]).
+    invalid: Option<InvalidRead>,
+}
+
+/// An invalid account file's text, as first read.
+#[derive(Debug)]
+struct InvalidRead {
+    digest: [u8; 32],
+    /// When it was first read (the claims clock, Unix ms).
+    first: u64,
+    /// Its revocations were applied.
+    applied: bool,
 }
 
 /// How long after its modification time a file with unchanged metadata is still read
@@ -1638,6 +1660,7 @@ impl Accounts {
             meta: None,
             read_at: SystemTime::now(),
             digest: None,
+            invalid: None,
         };
         let table = match &file {
             Some(p) => {
@@ -1657,11 +1680,13 @@ impl Accounts {
             state: Arc::new(Mutex::new(AuthState::open_with(
                 cfg.state.as_deref(),
                 cfg.claim_idle_ms,
-                clock,
+                clock.clone(),
             )?)),
             live: Mutex::new(HashMap::new()),
             list_valid: std::sync::atomic::AtomicBool::new(true),
             reload_errors: std::sync::atomic::AtomicU64::new(0),
+            reload_ms: cfg.reload_ms,
+            clock,
         })
     }
 
@@ -2145,7 +2170,9 @@ impl Accounts {
                     .checked_add(RACY_WINDOW)
                     .is_some_and(|t| t <= s.read_at)
             });
-            if s.meta == meta && (settled || meta.is_none()) {
+            // An invalid text awaiting its second read is read again at each look.
+            let awaiting = s.invalid.as_ref().is_some_and(|i| !i.applied);
+            if s.meta == meta && (settled || meta.is_none()) && !awaiting {
                 return Ok(0);
             }
         }
@@ -2176,17 +2203,31 @@ impl Accounts {
         {
             let mut s = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
             let same = digest.is_some() && s.digest == digest;
-            *s = Stamp {
-                meta,
-                read_at,
-                digest,
-            };
+            (s.meta, s.read_at, s.digest) = (meta, read_at, digest);
             if same && !always {
-                return Ok(0);
+                // The same text again: only an invalid one whose revocations wait for
+                // this second read has anything to do (reported once already).
+                let due = match (&mut s.invalid, digest) {
+                    (Some(i), Some(d)) if i.digest == d && !i.applied => {
+                        i.applied = self.clock_ms().saturating_sub(i.first) >= self.reload_ms;
+                        i.applied
+                    }
+                    _ => false,
+                };
+                drop(s);
+                return Ok(match (due, &text) {
+                    (true, Ok(t)) => self.revoke_unnamed(t),
+                    _ => 0,
+                });
             }
         }
-        let text = text.inspect_err(|_| self.list_failed(None))?;
-        self.install_text(&text, path)
+        let text = text.inspect_err(|_| self.list_failed(None, None))?;
+        self.install_text(&text, path, digest)
+    }
+
+    /// The clock's Unix milliseconds.
+    fn clock_ms(&self) -> u64 {
+        (self.clock.0)()
     }
 
     /// Installs an account list given as TOML text (the cluster's list, from JetStream);
@@ -2194,18 +2235,27 @@ impl Accounts {
     /// check leaves the previous one in force, less the accounts and credentials it no
     /// longer names ([`Accounts::list_failed`]).
     pub fn install(&self, text: &str) -> Result<usize, AccountError> {
-        self.install_text(text, Path::new("<the cluster's account list>"))
+        self.install_text(text, Path::new("<the cluster's account list>"), None)
     }
 
-    fn install_text(&self, text: &str, origin: &Path) -> Result<usize, AccountError> {
+    /// Installs `text`, read from `origin`; `file`: the digest of a file's text (an
+    /// invalid one's revocations wait for a second read), `None` for the cluster's list
+    /// (a whole message: never read half-written).
+    fn install_text(
+        &self,
+        text: &str,
+        origin: &Path,
+        file: Option<[u8; 32]>,
+    ) -> Result<usize, AccountError> {
         match AccountFile::parse(text, origin).and_then(|f| f.table()) {
             Ok(table) => {
                 self.list_valid
                     .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.stamp.lock().unwrap_or_else(|p| p.into_inner()).invalid = None;
                 Ok(self.install_table(table))
             }
             Err(e) => {
-                self.list_failed(Some(text));
+                self.list_failed(Some(text), file);
                 Err(e)
             }
         }
@@ -2213,26 +2263,76 @@ impl Accounts {
 
     /// An account list read is invalid (`text`) or unreadable (`None`): the previous list
     /// stays in force — but not the accounts and credentials the invalid text no longer
-    /// names. An operator who removes an account (or rotates a key or token) and makes a
-    /// typo elsewhere in the same edit expects the removal to hold, and the text says
-    /// exactly what it removed as long as it is TOML whose `[[account]]` tables each have
-    /// a string `name`: an account stays only while an entry of its name gives its
-    /// identity (the same `id`, or none for a legacy entry; an unreadable `id` is not
-    /// the same), and keeps only the key and token hash that entry still lists readably.
-    /// Those are revocations only — nothing is added, no right or group changes — so
-    /// nothing is guessed; text that is not TOML, or an entry without a name, revokes
-    /// nothing. Two entries of one name leave that account as it was.
-    fn list_failed(&self, text: Option<&str>) {
+    /// names ([`Accounts::revoke_unnamed`]): an operator who removes an account (or rotates
+    /// a key or token) and makes a typo elsewhere in the same edit expects the removal to
+    /// hold.
+    ///
+    /// A file (`file`: its text's digest) can be read while it is being written in place,
+    /// and a text cut after any entry would revoke every account after the cut. So a file's
+    /// revocations are applied only once the same text is read a second time, at least
+    /// `auth.reload_ms` after the first (the reload task reads a file awaiting that at each
+    /// look, and the second read applies them: [`Accounts::reload_if_changed`]); a write
+    /// that goes on changes the text, and its next read starts over. The cluster's list
+    /// (`file` = `None`, a whole message) is acted on at once.
+    fn list_failed(&self, text: Option<&str>, file: Option<[u8; 32]>) {
         use std::sync::atomic::Ordering::Relaxed;
         self.list_valid.store(false, Relaxed);
         self.reload_errors.fetch_add(1, Relaxed);
-        let Some(named) = text.and_then(named_in) else {
+        let Some(text) = text else {
             return;
+        };
+        if let Some(d) = file {
+            let now = self.clock_ms();
+            let mut s = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            let act = match &mut s.invalid {
+                Some(i) if i.digest == d => {
+                    i.applied = i.applied || now.saturating_sub(i.first) >= self.reload_ms;
+                    i.applied
+                }
+                _ => {
+                    s.invalid = Some(InvalidRead {
+                        digest: d,
+                        first: now,
+                        applied: false,
+                    });
+                    false
+                }
+            };
+            if !act {
+                tracing::debug!(
+                    "the account list is invalid: the revocations it implies \
+                    wait until the same text is read again (a file may be read mid-write)"
+                );
+                return;
+            }
+        }
+        self.revoke_unnamed(text);
+    }
+
+    /// Revokes the accounts and credentials in force that the invalid list `text` no
+    /// longer names, as far as it says so exactly; the rest of the list in force stays as
+    /// it is (nothing is added, no right or group changes). Returns how many connections
+    /// were closed.
+    ///
+    /// Text that is not TOML, or whose `account` is not an array, revokes nothing. Each
+    /// `[[account]]` entry is read on its own ([`EntriesRead`]):
+    /// - an entry that parses and checks by itself names exactly one account: an account
+    ///   in force of its name stays only with the same identity (the same `id`, or none
+    ///   for a legacy entry), and keeps only the key and token hash the entry lists;
+    /// - an entry that does not parse (a misspelled field, a stray character in its `id`
+    ///   or `key`, no `name`) keeps **exactly as it was** every account in force whose
+    ///   name, id, key or token hash it carries as any of its values, and is otherwise
+    ///   ignored (a header left behind when an entry's lines were deleted);
+    /// - an account two parsing entries name stays as it was;
+    /// - an account no entry names or carries is revoked.
+    fn revoke_unnamed(&self, text: &str) -> usize {
+        let Some(read) = EntriesRead::of(text) else {
+            return 0;
         };
         let mut gone = Vec::new();
         let mut creds = 0;
         let (n, closed, _) = self.swap_table(|old| {
-            let (t, g, c) = prune(old, &named);
+            let (t, g, c) = prune(old, &read);
             (gone, creds) = (g, c);
             t
         });
@@ -2243,6 +2343,7 @@ impl Accounts {
                  longer names; the rest of the previous list stays in force until a valid \
                  list is written");
         }
+        closed
     }
 
     /// Whether the account list in force is the last one read (the gauge), and how many
@@ -2336,56 +2437,120 @@ impl Accounts {
     }
 }
 
-/// What an account list's text says of one `[[account]]` entry for sure, read without
-/// checking the rest: its identity (`Some(None)`: no `id`, a legacy entry; `None`: an `id`
-/// that does not parse) and the key and token hash it lists readably.
-#[derive(Debug)]
-struct Named {
-    id: Option<Option<[u8; 16]>>,
-    key: Option<[u8; 32]>,
-    token: Option<[u8; 32]>,
+/// An entry of an invalid list that parses and checks by itself: its identity, key and
+/// token hash.
+type ParsedEntry = (Option<[u8; 16]>, Option<[u8; 32]>, Option<[u8; 32]>);
+
+/// What an invalid account list's text says for sure, each `[[account]]` entry read on
+/// its own (see [`Accounts::revoke_unnamed`]).
+#[derive(Debug, Default)]
+struct EntriesRead {
+    /// Entries that parse and check by themselves, by name.
+    parsed: HashMap<String, Vec<ParsedEntry>>,
+    /// The values carried by entries that do not parse: as names, ids, and keys or token
+    /// hashes.
+    broken_names: std::collections::HashSet<String>,
+    broken_ids: std::collections::HashSet<[u8; 16]>,
+    broken_hex: std::collections::HashSet<[u8; 32]>,
 }
 
-/// The entries an account list's text names, by name, read even when the list is invalid
-/// (see [`Accounts::list_failed`]); `None` unless the text is TOML whose `account` (if any)
-/// is an array of tables each with a string `name`.
-fn named_in(text: &str) -> Option<HashMap<String, Vec<Named>>> {
-    let v: toml::Table = toml::from_str(text).ok()?;
-    let mut out: HashMap<String, Vec<Named>> = HashMap::new();
-    let entries = match v.get("account") {
-        None => return Some(out),
-        Some(toml::Value::Array(a)) => a,
-        Some(_) => return None,
-    };
-    for e in entries {
-        let e = e.as_table()?;
-        let name = e.get("name")?.as_str()?;
-        let hex32 = |k: &str| e.get(k)?.as_str().and_then(|h| parse_hex32(h).ok());
-        out.entry(name.to_owned()).or_default().push(Named {
-            id: match e.get("id") {
-                None => Some(None),
-                Some(v) => v.as_str().and_then(|h| parse_id(h).ok()).map(Some),
-            },
-            key: hex32("key"),
-            token: hex32("token_sha256"),
-        });
+impl EntriesRead {
+    /// `None` unless `text` is TOML whose `account` (if any) is an array.
+    fn of(text: &str) -> Option<Self> {
+        let v: toml::Table = toml::from_str(text).ok()?;
+        let mut out = EntriesRead::default();
+        let entries = match v.get("account") {
+            None => return Some(out),
+            Some(toml::Value::Array(a)) => a,
+            Some(_) => return None,
+        };
+        for e in entries {
+            let one = e.clone().try_into::<AccountEntry>().ok().and_then(|entry| {
+                let t = AccountFile {
+                    account: vec![entry],
+                    ..AccountFile::default()
+                }
+                .table()
+                .ok()?;
+                let (name, a) = t.by_name.into_iter().next()?;
+                let key = t.by_key.into_keys().next();
+                let token = t.by_token.into_keys().next();
+                Some((name, (a.id, key, token)))
+            });
+            match one {
+                Some((name, read)) => out.parsed.entry(name).or_default().push(read),
+                None => {
+                    let mut strings = Vec::new();
+                    strings_in(e, &mut strings, 0);
+                    for s in strings {
+                        if let Ok(id) = parse_id(s) {
+                            out.broken_ids.insert(id);
+                        }
+                        if let Ok(h) = parse_hex32(s) {
+                            out.broken_hex.insert(h);
+                        }
+                        out.broken_names.insert(s.to_owned());
+                    }
+                }
+            }
+        }
+        Some(out)
     }
-    Some(out)
 }
 
-/// `old` less the accounts and credentials `named` no longer names (see
-/// [`Accounts::list_failed`]): the table, the names of the accounts dropped, and how many
-/// credentials of kept accounts were dropped.
-fn prune(old: &Table, named: &HashMap<String, Vec<Named>>) -> (Table, Vec<String>, usize) {
+/// The strings in `v` (in arrays and tables too, a few levels deep).
+fn strings_in<'a>(v: &'a toml::Value, out: &mut Vec<&'a str>, depth: usize) {
+    match v {
+        toml::Value::String(s) => out.push(s),
+        toml::Value::Array(a) if depth < 4 => {
+            a.iter().for_each(|v| strings_in(v, out, depth + 1));
+        }
+        toml::Value::Table(t) if depth < 4 => {
+            t.values().for_each(|v| strings_in(v, out, depth + 1));
+        }
+        _ => {}
+    }
+}
+
+/// `old` less the accounts and credentials `read` no longer names (see
+/// [`Accounts::revoke_unnamed`]): the table, the names of the accounts dropped, and how
+/// many credentials of kept accounts were dropped.
+fn prune(old: &Table, read: &EntriesRead) -> (Table, Vec<String>, usize) {
+    // Accounts an unparsable entry carries a value of: kept exactly as they were.
+    let mut as_was: std::collections::HashSet<&str> = old
+        .by_name
+        .iter()
+        .filter(|(name, a)| {
+            read.broken_names.contains(*name)
+                || a.id.is_some_and(|id| read.broken_ids.contains(&id))
+        })
+        .map(|(name, _)| name.as_str())
+        .collect();
+    for (k, (_, a)) in &old.by_key {
+        if read.broken_hex.contains(k) {
+            as_was.insert(&a.name);
+        }
+    }
+    for (h, a) in &old.by_token {
+        if read.broken_hex.contains(h) {
+            as_was.insert(&a.name);
+        }
+    }
+    // The one parsing entry of an account's name, if exactly one.
+    let only = |name: &str| match read.parsed.get(name).map(Vec::as_slice) {
+        Some([e]) => Some(e),
+        _ => None,
+    };
     let mut t = Table::default();
     let mut gone = Vec::new();
     for (name, a) in &old.by_name {
-        let kept = match named.get(name).map(Vec::as_slice) {
-            Some([e]) => e.id == Some(a.id),
-            // Two entries of the name: which one is it? Left as it was.
-            Some(_) => true,
-            None => false,
-        };
+        let kept = as_was.contains(name.as_str())
+            || match read.parsed.get(name).map(Vec::as_slice) {
+                Some([(id, ..)]) => *id == a.id,
+                // Two entries of the name: which one is it? Left as it was.
+                Some(_) => true,
+                None => false,
+            };
         if kept {
             t.by_name.insert(name.clone(), a.clone());
             if let Some(id) = a.id {
@@ -2395,24 +2560,28 @@ fn prune(old: &Table, named: &HashMap<String, Vec<Named>>) -> (Table, Vec<String
             gone.push(name.clone());
         }
     }
-    // A kept account keeps a credential its (one) entry still lists.
-    let lists = |a: &Account, has: &dyn Fn(&Named) -> bool| {
+    // A kept account keeps a credential its one parsing entry lists, or all of them.
+    let lists = |a: &Account, cred: &[u8; 32], key: bool| {
         t.by_name.contains_key(&a.name)
-            && match named.get(&a.name).map(Vec::as_slice) {
-                Some([e]) => has(e),
-                _ => true,
-            }
+            && (as_was.contains(a.name.as_str())
+                || only(&a.name).is_none_or(|(_, k, tok)| {
+                    if key {
+                        *k == Some(*cred)
+                    } else {
+                        *tok == Some(*cred)
+                    }
+                }))
     };
     let mut creds = 0;
     for (k, (vk, a)) in &old.by_key {
-        if lists(a, &|e| e.key == Some(*k)) {
+        if lists(a, k, true) {
             t.by_key.insert(*k, (*vk, a.clone()));
         } else if t.by_name.contains_key(&a.name) {
             creds += 1;
         }
     }
     for (h, a) in &old.by_token {
-        if lists(a, &|e| e.token == Some(*h)) {
+        if lists(a, h, false) {
             t.by_token.insert(*h, a.clone());
         } else if t.by_name.contains_key(&a.name) {
             creds += 1;
@@ -3301,14 +3470,56 @@ mod tests {
         );
     }
 
+    /// [`required`] with a fake clock (`auth.reload_ms` 1000).
+    fn required_clocked(path: &Path, now: &Arc<std::sync::atomic::AtomicU64>) -> Accounts {
+        let now = now.clone();
+        Accounts::open_clocked(
+            &AuthConfig {
+                mode: AuthMode::Required,
+                accounts: Some(path.to_owned()),
+                reload_ms: 1000,
+                ..AuthConfig::default()
+            },
+            Clock(Arc::new(move || {
+                now.load(std::sync::atomic::Ordering::Relaxed)
+            })),
+        )
+        .unwrap()
+    }
+
+    /// Attaches a connection per (name, token) and returns their queues (closing once
+    /// revoked).
+    fn attach_tokens(accounts: &Accounts, who: &[(&str, &[u8])]) -> Vec<Arc<Outbound>> {
+        use crate::config::SlowConsumerPolicy;
+        use crate::outbound::Budget;
+        who.iter()
+            .enumerate()
+            .map(|(i, (name, t))| {
+                let out = Arc::new(Outbound::new(
+                    16,
+                    1 << 20,
+                    SlowConsumerPolicy::Drop,
+                    Arc::new(Budget::new(0)),
+                ));
+                let (tx, _rx) = tokio::sync::mpsc::channel(1);
+                let who = accounts.current(name).unwrap();
+                assert!(accounts.attach(ConnId(i as u64), &who, Credential::token(t), &out, tx));
+                out
+            })
+            .collect()
+    }
+
+    fn closing(conns: &[Arc<Outbound>]) -> Vec<bool> {
+        conns.iter().map(|o| o.is_closing()).collect()
+    }
+
     /// An invalid account list leaves the previous one in force, visibly (the gauge, the
     /// counter: once per changed text) — but an edit that removes an account or replaces
     /// a token and breaks another entry still revokes them: the invalid text names exactly
-    /// who is left. Text that is not TOML revokes nothing.
+    /// who is left. Revocations from an invalid file wait for a second read of the same
+    /// text a reload period later. Text that is not TOML revokes nothing.
     #[test]
     fn an_invalid_list_is_visible_and_still_revokes_what_it_no_longer_names() {
-        use crate::config::SlowConsumerPolicy;
-        use crate::outbound::Budget;
         use std::sync::atomic::Ordering::Relaxed;
         let path = temp_file("invalid");
         let tok = |t: &[u8]| hex::encode(token_hash(t));
@@ -3334,23 +3545,12 @@ mod tests {
             ]),
         )
         .unwrap();
-        let accounts = required(&path);
-        let conns: Vec<Arc<Outbound>> = [("alice", &b"a1"[..]), ("bob", b"b"), ("carol", b"c")]
-            .into_iter()
-            .enumerate()
-            .map(|(i, (name, t))| {
-                let out = Arc::new(Outbound::new(
-                    16,
-                    1 << 20,
-                    SlowConsumerPolicy::Drop,
-                    Arc::new(Budget::new(0)),
-                ));
-                let (tx, _rx) = tokio::sync::mpsc::channel(1);
-                let who = accounts.current(name).unwrap();
-                assert!(accounts.attach(ConnId(i as u64), &who, Credential::token(t), &out, tx));
-                out
-            })
-            .collect();
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
+        let accounts = required_clocked(&path, &now);
+        let conns = attach_tokens(
+            &accounts,
+            &[("alice", b"a1"), ("bob", b"b"), ("carol", b"c")],
+        );
         let valid = |a: &Accounts| (a.list_valid.load(Relaxed), a.reload_errors.load(Relaxed));
         assert_eq!(valid(&accounts), (true, 0));
 
@@ -3365,6 +3565,15 @@ mod tests {
         .unwrap();
         assert!(accounts.reload().is_err());
         assert_eq!(valid(&accounts), (false, 1));
+        assert!(accounts.current("bob").is_some(), "read once: nothing yet");
+        // Read again a reload period later: now it holds.
+        now.fetch_add(1000, Relaxed);
+        assert_eq!(accounts.reload_if_changed().unwrap(), 2);
+        assert_eq!(
+            valid(&accounts),
+            (false, 1),
+            "the same text is counted once"
+        );
         assert!(accounts.current("bob").is_none(), "bob was removed");
         assert!(
             accounts.by_token(b"a1").is_none(),
@@ -3372,8 +3581,7 @@ mod tests {
         );
         assert!(accounts.by_token(b"a2").is_none(), "nothing is added");
         assert!(accounts.by_token(b"c").is_some(), "carol stays as she was");
-        let closing: Vec<bool> = conns.iter().map(|o| o.is_closing()).collect();
-        assert_eq!(closing, [true, true, false]);
+        assert_eq!(closing(&conns), [true, true, false]);
         let metrics = accounts.render_prometheus();
         assert!(
             metrics.contains("whispeer_relay_account_list_valid 0\n")
@@ -3387,13 +3595,201 @@ mod tests {
         // Not TOML: nobody is known to be removed, so nothing is revoked.
         std::fs::write(&path, "[[account]\nname = \"alice\"\n").unwrap();
         assert!(accounts.reload().is_err());
-        assert_eq!(valid(&accounts), (false, 2));
+        now.fetch_add(1000, Relaxed);
+        assert!(accounts.reload().is_err());
+        assert_eq!(valid(&accounts), (false, 3));
         assert!(accounts.by_token(b"c").is_some());
 
         std::fs::write(&path, list(&[("alice", b"a2", all), ("carol", b"c", all)])).unwrap();
         accounts.reload().unwrap();
-        assert_eq!(valid(&accounts), (true, 2));
+        assert_eq!(valid(&accounts), (true, 3));
         assert!(accounts.by_token(b"a2").is_some());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// Accounts alice, bob and carol (ids ID1, ID2, ID3; alice with a key and a token, the
+    /// others with tokens), as `account add` writes them: the entries' text.
+    fn three_with_ids() -> [String; 3] {
+        let tok = |t: &[u8]| hex::encode(token_hash(t));
+        let alice_key = hex::encode(
+            ed25519_dalek::SigningKey::from_bytes(&[1; 32])
+                .verifying_key()
+                .as_bytes(),
+        );
+        [
+            format!(
+                "[[account]]\nname = \"alice\"\nid = \"{ID1}\"\ngroup = \"home\"\n\
+                 key = \"{alice_key}\"\ntoken_sha256 = \"{}\"\n",
+                tok(b"a")
+            ),
+            format!(
+                "[[account]]\nname = \"bob\"\nid = \"{ID2}\"\ngroup = \"home\"\n\
+                 token_sha256 = \"{}\"\n",
+                tok(b"b")
+            ),
+            format!(
+                "[[account]]\nname = \"carol\"\nid = \"{ID3}\"\ngroup = \"home\"\n\
+                 token_sha256 = \"{}\"\n",
+                tok(b"c")
+            ),
+        ]
+    }
+
+    const ID3: &str = "0123456789abcdef0123456789abcdef";
+
+    /// Writes `text`, reads it twice a reload period apart (so its revocations apply),
+    /// and returns the accounts left.
+    fn read_twice(
+        accounts: &Accounts,
+        path: &Path,
+        now: &Arc<std::sync::atomic::AtomicU64>,
+        text: &str,
+    ) -> Vec<String> {
+        std::fs::write(path, text).unwrap();
+        assert!(accounts.reload().is_err(), "invalid: {text}");
+        now.fetch_add(1000, std::sync::atomic::Ordering::Relaxed);
+        accounts.reload_if_changed().unwrap();
+        let mut left: Vec<String> = accounts.table().by_name.keys().cloned().collect();
+        left.sort();
+        left
+    }
+
+    /// Review (M2): each entry of an invalid list is read on its own. bob's lines deleted
+    /// but his `[[account]]` header left behind (or an entry with its `name` misspelled):
+    /// before, one entry without a `name` made the whole text unreadable and nothing was
+    /// revoked — bob stayed. Now a nameless entry that carries nothing of an account in
+    /// force is ignored, and bob is revoked; carol's entry with `nmae` still carries her
+    /// name, so she stays.
+    #[test]
+    fn a_nameless_entry_does_not_keep_a_removed_account() {
+        let path = temp_file("nameless");
+        let [alice, bob, carol] = three_with_ids();
+        std::fs::write(&path, format!("{alice}{bob}{carol}")).unwrap();
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
+        let accounts = required_clocked(&path, &now);
+        let conns = attach_tokens(
+            &accounts,
+            &[("alice", b"a"), ("bob", b"b"), ("carol", b"c")],
+        );
+        let left = read_twice(
+            &accounts,
+            &path,
+            &now,
+            &format!("{alice}[[account]]\n{carol}"),
+        );
+        assert_eq!(left, ["alice", "carol"], "bob's header alone keeps nobody");
+        assert_eq!(closing(&conns), [false, true, false]);
+
+        let accounts = required_clocked(&path_reset(&path, &format!("{alice}{bob}{carol}")), &now);
+        let misspelled = carol.replace("name = ", "nmae = ");
+        let left = read_twice(&accounts, &path, &now, &format!("{alice}{misspelled}"));
+        assert_eq!(
+            left,
+            ["alice", "carol"],
+            "carol's entry still carries her name"
+        );
+        assert!(accounts.by_token(b"c").is_some());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// Writes `text` to `path` and returns it.
+    fn path_reset(path: &Path, text: &str) -> PathBuf {
+        std::fs::write(path, text).unwrap();
+        path.to_owned()
+    }
+
+    /// Review (M2): a slip inside an account's own entry keeps that account exactly as it
+    /// was. Before, alice's entry with `idd` (or a stray character in her `id`) read as
+    /// another identity and she was revoked, her connections closed; a stray character in
+    /// her `key` line revoked that key. Now an entry that does not parse keeps every
+    /// account whose name, id, key or token hash it carries, with all its credentials —
+    /// while bob, removed in the same edit, is still revoked.
+    #[test]
+    fn a_typo_in_an_accounts_own_entry_keeps_it_as_it_was() {
+        let path = temp_file("own-typo");
+        let [alice, bob, carol] = three_with_ids();
+        let all = format!("{alice}{bob}{carol}");
+        std::fs::write(&path, &all).unwrap();
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
+        let alice_key = ed25519_dalek::SigningKey::from_bytes(&[1; 32])
+            .verifying_key()
+            .to_bytes();
+        let key_hex = hex::encode(alice_key);
+        for (what, typo) in [
+            ("idd", alice.replace("id = ", "idd = ")),
+            (
+                "a stray character in id",
+                alice.replace(ID1, &format!("{ID1}x")),
+            ),
+            (
+                "a stray character in key",
+                alice.replace(&key_hex, &format!("{key_hex}x")),
+            ),
+        ] {
+            let accounts = required_clocked(&path_reset(&path, &all), &now);
+            let conns = attach_tokens(&accounts, &[("alice", b"a"), ("bob", b"b")]);
+            let left = read_twice(&accounts, &path, &now, &format!("{typo}{carol}"));
+            assert_eq!(left, ["alice", "carol"], "{what}");
+            assert_eq!(closing(&conns), [false, true], "{what}");
+            assert!(accounts.by_token(b"a").is_some(), "{what}: alice's token");
+            assert!(
+                accounts.table().by_key.contains_key(&alice_key),
+                "{what}: alice's key"
+            );
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// Review (M2, Low): a file written in place can be read mid-write, and a text cut
+    /// after any entry would revoke every account after the cut. An invalid text read once
+    /// revokes nothing — the write goes on and the next read sees the whole list — and the
+    /// same text read again within a reload period neither; the same text stable across
+    /// two reads a reload period apart does.
+    #[test]
+    fn an_invalid_text_read_mid_write_revokes_nothing_until_read_again() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let path = temp_file("mid-write");
+        let [alice, bob, carol] = three_with_ids();
+        let all = format!("{alice}{bob}{carol}");
+        std::fs::write(&path, &all).unwrap();
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
+        let accounts = required_clocked(&path, &now);
+        let conns = attach_tokens(
+            &accounts,
+            &[("alice", b"a"), ("bob", b"b"), ("carol", b"c")],
+        );
+        // Cut right after bob's name: bob's entry has no credential (invalid), carol is
+        // not written yet.
+        let cut = &all[..all.find("name = \"bob\"\n").unwrap() + "name = \"bob\"\n".len()];
+        std::fs::write(&path, cut).unwrap();
+        assert!(accounts.reload_if_changed().is_err());
+        assert_eq!(closing(&conns), [false, false, false], "read once");
+        now.fetch_add(999, Relaxed);
+        accounts.reload_if_changed().unwrap();
+        assert!(accounts.reload().is_err(), "a SIGHUP reads it too");
+        assert_eq!(
+            closing(&conns),
+            [false, false, false],
+            "within a reload period"
+        );
+        // The write ends: the whole list, and nobody was revoked.
+        std::fs::write(&path, &all).unwrap();
+        now.fetch_add(1000, Relaxed);
+        accounts.reload_if_changed().unwrap();
+        assert_eq!(closing(&conns), [false, false, false], "the write ended");
+        assert!(accounts.current("carol").is_some());
+
+        // The same cut, stable across two reads a reload period apart: carol is revoked.
+        std::fs::write(&path, cut).unwrap();
+        assert!(accounts.reload_if_changed().is_err());
+        assert_eq!(closing(&conns), [false, false, false]);
+        now.fetch_add(1000, Relaxed);
+        assert_eq!(accounts.reload_if_changed().unwrap(), 1);
+        assert_eq!(closing(&conns), [false, false, true]);
+        assert!(
+            accounts.current("bob").is_some(),
+            "bob's entry carries his name"
+        );
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 

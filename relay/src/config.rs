@@ -287,7 +287,8 @@ pub struct AuthConfig {
     /// reloaded when it changes or on SIGHUP. Unreadable or invalid at start: the relay
     /// refuses to start; on a reload the previous list stays in force (logged at error,
     /// gauge whispeer_relay_account_list_valid 0), less the accounts, keys and tokens the
-    /// invalid text no longer names when it is still TOML.
+    /// invalid text no longer names when it is still TOML (once the same text is read
+    /// twice, reload_ms apart: a file may be read mid-write).
     #[arg(long, env = "WHISPEER_ACCOUNTS", value_name = "whispeer-accounts.toml")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accounts: Option<PathBuf>,

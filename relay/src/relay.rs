@@ -811,7 +811,8 @@ async fn reload_accounts(shared: Arc<Shared>) {
         };
         if let Err(e) = r {
             tracing::error!(error = %e, "account list invalid, not reloaded: the previous one \
-                stays in force (less the accounts and credentials it no longer names) until a \
+                stays in force (less the accounts and credentials it no longer names, once the \
+                same text is read again a reload period later) until a \
                 valid one is written; whispeer_relay_account_list_valid is 0 meanwhile");
         }
         let now = shared.accounts.count();

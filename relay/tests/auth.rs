@@ -2149,3 +2149,40 @@ async fn a_held_claims_last_use_is_on_disk_even_after_a_full_disk_at_the_stop() 
     };
     a_held_claims_last_use_is_written_at_the_stop("flush-used-disk", Some(&disk)).await;
 }
+
+/// Review (M2), on the real relay: in one hand edit the operator deletes bob's lines but
+/// leaves his `[[account]]` header, and misspells `id` as `idd` in alice's entry. Before,
+/// the nameless header made the list unreadable for pruning (bob stayed admitted) and
+/// `idd` read as another identity (alice was revoked, her connection closed). Now each
+/// entry is read on its own: bob is revoked (once the same text has been read twice, a
+/// reload period apart), alice is kept as she was.
+#[tokio::test]
+async fn a_left_over_header_and_a_typo_in_the_kept_entry_revoke_exactly_the_removed_account() {
+    let s = Setup::new("invalid-typos");
+    let alice = key_account(&s.dir, &s.accounts, "alice", &["--group", "home"]);
+    let bob = key_account(&s.dir, &s.accounts, "bob", &["--group", "home"]);
+    let relay = s.relay(&[]);
+    let mut ca = login(relay.tcp(), &alice).await;
+    let mut cb = login(relay.tcp(), &bob).await;
+    let text = std::fs::read_to_string(&s.accounts).unwrap();
+    let bob_at = text
+        .find("[[account]]\nname = \"bob\"")
+        .expect("bob's entry");
+    let bob_end = text[bob_at + 1..]
+        .find("[[account]]")
+        .map_or(text.len(), |e| bob_at + 1 + e);
+    let edited = format!("{}[[account]]\n{}", &text[..bob_at], &text[bob_end..])
+        .replacen("\nid = ", "\nidd = ", 1);
+    assert!(edited.contains("name = \"alice\"\nidd = "), "{edited}");
+    write_accounts_text(&s.accounts, &edited);
+    let e = cb.expect_fatal(ErrorCode::AuthFailed).await;
+    assert!(e.message.contains("removed"), "{e:?}");
+    assert_eq!(
+        metric(relay.admin(), "whispeer_relay_account_list_valid").await,
+        0
+    );
+    try_pub_live(&mut ca, 3)
+        .await
+        .expect("alice's entry stays in force");
+    login(relay.tcp(), &alice).await;
+}
