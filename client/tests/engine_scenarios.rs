@@ -473,7 +473,9 @@ impl Sim {
                 other => panic!("expected Dial, got {other:?}"),
             },
             Step::Welcome { heartbeat_ms } => self.feed(welcome(heartbeat_ms, 0, None)),
-            Step::Challenge(nonce) => self.feed(Frame::Challenge(frame::Challenge { nonce })),
+            Step::Challenge(nonce) => {
+                self.feed(Frame::Challenge(frame::Challenge { nonce, bound: None }))
+            }
             Step::Subscribe { id, filter, opts } => {
                 let f = TopicFilter::new(filter).unwrap();
                 self.eng
@@ -967,7 +969,10 @@ fn handshake_failures() {
     // connection (no retry by default), hanging up the socket.
     for (relay, why) in [
         (
-            Some(Frame::Challenge(frame::Challenge { nonce: [1; 32] })),
+            Some(Frame::Challenge(frame::Challenge {
+                nonce: [1; 32],
+                bound: None,
+            })),
             Why::Handshake,
         ),
         (

@@ -934,6 +934,9 @@ fn main() {
     dict_vectors(&dir);
     invite_dict_vectors(&dir);
 
+    // --- Relay accounts: relay-bound sign-ins and relay names (no RNG) ---
+    relay_auth_vectors(&dir);
+
     let count = std::fs::read_dir(&dir).unwrap().count();
     println!("wrote {count} vectors to {}", dir.display());
 }
@@ -2322,4 +2325,243 @@ fn invite_dict_vectors(dir: &Path) {
     );
     v["reason"] = json!("expired");
     write(dir, "fail_invite_dictionaries_expired", v);
+}
+
+/// Relay-account sign-ins (PROTOCOL §3.3.14, §3.3.15, §3.5.6): the `Challenge` and `Auth`
+/// frames, the relay's own names (`auth.names`), and what the signature covers; and the
+/// relay names of URLs, list entries and their matching.
+fn relay_auth_vectors(dir: &Path) {
+    use ed25519_dalek::{Signer, SigningKey};
+    let sk = SigningKey::from_bytes(&[0x61; 32]);
+    let account = sk.verifying_key().to_bytes();
+    let nonce = [0x4e; 32];
+    let home = "relay.example.com:443";
+    let evil = "evil.example:443";
+    let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let case = |name: &str,
+                what: &str,
+                relay_names: &[&str],
+                relay: Option<&str>,
+                signed: Vec<u8>,
+                fail: Option<&str>| {
+        let challenge = Frame::Challenge(Challenge {
+            nonce,
+            bound: (!relay_names.is_empty()).then_some(true),
+        });
+        let auth = Auth {
+            sig: sk.sign(&signed).to_bytes(),
+            relay: relay.map(str::to_owned),
+        };
+        let mut v = json!({
+            "kind": "relay_auth",
+            "description": what,
+            "account_seed": hx(&[0x61; 32]),
+            "account": hx(&account),
+            "nonce": hx(&nonce),
+            "relay_names": names(relay_names),
+            "challenge": hx(&challenge.to_bytes()),
+            "auth": hx(&Frame::Auth(auth.clone()).to_bytes()),
+        });
+        match fail {
+            None => {
+                assert_eq!(auth.sig_input(&nonce, &account), signed);
+                v["expect"] = json!({"sig_input": hx(&signed), "relay": relay});
+            }
+            Some(reason) => {
+                v["expect"] = json!("error");
+                v["reason"] = json!(reason);
+            }
+        }
+        write(dir, name, v);
+    };
+    let bound = |name: &str| auth_bound_sig_input(&nonce, &account, name).unwrap();
+    let legacy = auth_sig_input(&nonce, &account);
+    case(
+        "ok_relay_auth_bound",
+        "a relay with auth.names = [\"relay.example.com\"] asks for a bound sign-in; the \
+         client dialed wss://relay.example.com and signs that name (any port matches a \
+         host-only entry)",
+        &["relay.example.com"],
+        Some(home),
+        bound(home),
+        None,
+    );
+    let v6 = "[2001:db8::1]:8443";
+    case(
+        "ok_relay_auth_bound_ipv6_port",
+        "an entry with a port matches that port only; an IPv6 host in brackets",
+        &["[2001:db8::1]:8443"],
+        Some(v6),
+        bound(v6),
+        None,
+    );
+    case(
+        "ok_relay_auth_legacy",
+        "a relay without names: a Challenge without bound, the legacy signature",
+        &[],
+        None,
+        legacy.clone(),
+        None,
+    );
+    case(
+        "ok_relay_auth_bound_without_names",
+        "a relay without names verifies a bound sign-in over the name it carries (it has \
+         nothing to compare it to)",
+        &[],
+        Some(home),
+        bound(home),
+        None,
+    );
+    case(
+        "fail_relay_auth_wrong_name",
+        "the forwarding attack: the client dialed evil.example, which passed \
+         relay.example.com's challenge on; the signature is good but names evil.example",
+        &["relay.example.com"],
+        Some(evil),
+        bound(evil),
+        Some("not this relay's"),
+    );
+    let other_port = "relay.example.com:8443";
+    case(
+        "fail_relay_auth_wrong_port",
+        "an entry with a port matches no other port",
+        &["relay.example.com:443"],
+        Some(other_port),
+        bound(other_port),
+        Some("not this relay's"),
+    );
+    case(
+        "fail_relay_auth_legacy_under_bound",
+        "a relay with names refuses the legacy form (a good legacy signature, no relay name)",
+        &["relay.example.com"],
+        None,
+        legacy.clone(),
+        Some("names no relay"),
+    );
+    case(
+        "fail_relay_auth_name_rewritten",
+        "signed for evil.example, with Auth.relay rewritten to this relay's name",
+        &["relay.example.com"],
+        Some(home),
+        bound(evil),
+        Some("bad signature"),
+    );
+    let mut wrong_context = bound(home);
+    wrong_context.splice(..AUTH_BOUND_CONTEXT.len(), AUTH_CONTEXT.iter().copied());
+    case(
+        "fail_relay_auth_wrong_context",
+        "the bound fields signed under the legacy context string",
+        &["relay.example.com"],
+        Some(home),
+        wrong_context,
+        Some("bad signature"),
+    );
+    case(
+        "fail_relay_auth_legacy_input_with_name",
+        "Auth.relay present over a signature of the legacy input",
+        &["relay.example.com"],
+        Some(home),
+        legacy,
+        Some("bad signature"),
+    );
+
+    // Relay names: of URLs (what a client signs), of list entries (what a relay keeps),
+    // and which names an entry matches.
+    let urls = [
+        (
+            "wss://Relay.Example.COM/ws",
+            "relay.example.com:443",
+            Some(("Relay.Example.COM", 443)),
+        ),
+        (
+            "ws://relay.example.com",
+            "relay.example.com:80",
+            Some(("relay.example.com", 80)),
+        ),
+        (
+            "ws://127.0.0.1:7070",
+            "127.0.0.1:7070",
+            Some(("127.0.0.1", 7070)),
+        ),
+        ("ws://127.1:7070", "127.0.0.1:7070", None),
+        (
+            "wss://[2001:DB8:0:0:0:0:0:1]:8443/",
+            "[2001:db8::1]:8443",
+            Some(("[2001:DB8:0:0:0:0:0:1]", 8443)),
+        ),
+        (
+            "ws://[::ffff:192.0.2.1]",
+            "[::ffff:c000:201]:80",
+            Some(("[::ffff:192.0.2.1]", 80)),
+        ),
+        ("wss://bücher.example", "xn--bcher-kva.example:443", None),
+        (
+            "wss://relay.example.com.:443",
+            "relay.example.com.:443",
+            Some(("relay.example.com.", 443)),
+        ),
+        (
+            "tcp://Relay.Example.com",
+            "relay.example.com:7481",
+            Some(("Relay.Example.com", 7481)),
+        ),
+        (
+            "tls://relay.example.com:7443",
+            "relay.example.com:7443",
+            Some(("relay.example.com", 7443)),
+        ),
+        ("quic://[::1]:7444", "[::1]:7444", Some(("[::1]", 7444))),
+    ];
+    let entries = [
+        ("Relay.Example.COM", "relay.example.com"),
+        ("relay.example.com:443", "relay.example.com:443"),
+        ("[2001:DB8::1]", "[2001:db8::1]"),
+        ("[2001:db8::1]:8443", "[2001:db8::1]:8443"),
+    ];
+    let matching = [
+        (vec!["relay.example.com"], "relay.example.com:443", true),
+        (vec!["relay.example.com"], "relay.example.com:7481", true),
+        (
+            vec!["relay.example.com:443"],
+            "relay.example.com:8443",
+            false,
+        ),
+        (
+            vec!["relay.example.com"],
+            "sub.relay.example.com:443",
+            false,
+        ),
+        (vec!["relay.example.com"], "relay.example.com.:443", false),
+        (vec!["[2001:db8::1]"], "[2001:db8::1]:443", true),
+        (vec!["relay.example.com", "[::1]:7070"], "[::1]:7070", true),
+    ];
+    for (e, c) in entries {
+        assert_eq!(relay_name::entry(e).as_deref(), Ok(c));
+    }
+    for (n, name, m) in &matching {
+        assert_eq!(relay_name::matches(&names(n), name), *m, "{name}");
+    }
+    write(
+        dir,
+        "ok_relay_names",
+        json!({
+            "kind": "relay_names",
+            "description": "relay names (PROTOCOL §3.5.6): of URLs as a client dials them \
+                (`host`/`port`, where present: the host as the URL writes it and the port \
+                dialed, from which the name follows without a URL parser — no international \
+                name, no IPv4 shorthand), of auth.names entries, and which names an entry \
+                matches",
+            "urls": urls.iter().map(|(u, n, hp)| {
+                let mut v = json!({"url": u, "name": n});
+                if let Some((h, p)) = hp {
+                    assert_eq!(relay_name::name(h, *p).as_deref(), Ok(*n));
+                    v["host"] = json!(h);
+                    v["port"] = json!(p);
+                }
+                v
+            }).collect::<Vec<_>>(),
+            "entries": entries.iter().map(|(e, c)| json!({"entry": e, "canonical": c})).collect::<Vec<_>>(),
+            "matching": matching.iter().map(|(n, name, m)| json!({"names": n, "name": name, "matches": m})).collect::<Vec<_>>(),
+        }),
+    );
 }

@@ -28,15 +28,53 @@ pub const OWNER_LEN: std::ops::RangeInclusive<usize> = 16..=64;
 /// Context string of the relay-account signature (`Auth`), never used for messages.
 pub const AUTH_CONTEXT: &[u8] = b"whispeer/v2/relay-auth\0";
 
-/// The bytes a relay account signs in `Auth`: `AUTH_CONTEXT ‖ nonce ‖ account`. Binding the
-/// account key keeps a signature from being replayed under another account; the relay's
-/// fresh random nonce keeps it from being replayed at all.
+/// Context string of a relay-bound `Auth` signature (one naming the relay, `Auth.relay`).
+pub const AUTH_BOUND_CONTEXT: &[u8] = b"whispeer/v2/relay-auth-bound\0";
+
+/// The bytes a relay account signs in an `Auth` without `relay` (the legacy form):
+/// `AUTH_CONTEXT ‖ nonce ‖ account`. Binding the account key keeps a signature from being
+/// replayed under another account; the relay's fresh random nonce keeps it from being
+/// replayed at all. Nothing in it names the relay: a relay the client signs in to can pass
+/// another relay's nonce off as its own and sign in there as the client (PROTOCOL §10) —
+/// [`auth_bound_sig_input`] closes that.
 pub fn auth_sig_input(nonce: &[u8; 32], account: &[u8; 32]) -> Vec<u8> {
     let mut m = Vec::with_capacity(AUTH_CONTEXT.len() + 64);
     m.extend_from_slice(AUTH_CONTEXT);
     m.extend_from_slice(nonce);
     m.extend_from_slice(account);
     m
+}
+
+/// The bytes a relay account signs in a relay-bound `Auth` (one carrying `relay`):
+/// `AUTH_BOUND_CONTEXT ‖ nonce ‖ account ‖ u8 len ‖ relay`, `relay` being the relay's name
+/// as the client dialed it ([`crate::relay_name`]). A relay that checks the name against its
+/// own (`auth.names`) refuses a signature made for another relay, so a relay passing
+/// another's challenge on gets nothing it can use there. `None` when `relay` is empty or
+/// longer than [`relay_name::MAX_LEN`](crate::relay_name::MAX_LEN) bytes.
+pub fn auth_bound_sig_input(nonce: &[u8; 32], account: &[u8; 32], relay: &str) -> Option<Vec<u8>> {
+    let len = u8::try_from(relay.len()).ok().filter(|n| *n > 0)?;
+    let mut m = Vec::with_capacity(AUTH_BOUND_CONTEXT.len() + 65 + relay.len());
+    m.extend_from_slice(AUTH_BOUND_CONTEXT);
+    m.extend_from_slice(nonce);
+    m.extend_from_slice(account);
+    m.push(len);
+    m.extend_from_slice(relay.as_bytes());
+    Some(m)
+}
+
+impl Auth {
+    /// What the signature of this `Auth` covers, for the account `account` and the nonce
+    /// of the relay's `Challenge`: [`auth_bound_sig_input`] over `relay` when present, else
+    /// [`auth_sig_input`].
+    pub fn sig_input(&self, nonce: &[u8; 32], account: &[u8; 32]) -> Vec<u8> {
+        match &self.relay {
+            // The decoder refuses an empty or over-long name; one built by hand that is
+            // signs nothing anyone can verify (an empty input never matches a signature
+            // made over a real one).
+            Some(r) => auth_bound_sig_input(nonce, account, r).unwrap_or_default(),
+            None => auth_sig_input(nonce, account),
+        }
+    }
 }
 
 /// Feature bits exchanged in `Hello`/`Welcome`.
@@ -346,6 +384,11 @@ single_codec!(
 single_codec!(
     /// Human-readable text, cut at `MAX_TEXT_LEN` bytes (on a character boundary) when written.
     Message for String, write |v, w| w.text(truncate_text(v)), read |r, f, n| r.text(f, n, MAX_TEXT_LEN)?);
+single_codec!(
+    /// A relay name: text of at most `relay_name::MAX_LEN` bytes (refused above it before
+    /// anything is allocated).
+    RelayName for String, write |v, w| w.text(v),
+    read |r, f, n| r.text(f, n, crate::relay_name::MAX_LEN)?);
 single_codec!(
     /// A byte string, shared with the input (per-field limits are checked by the frame).
     Blob for Bytes, write |v, w| w.bytes(v), read |r, f, n| r.bytes(f, n, MAX_FRAME_CEILING)?);
@@ -811,14 +854,22 @@ frames! {
     CHALLENGE => pub struct Challenge {
         /// 32 fresh random bytes.
         1 => nonce: [u8; 32] as B32 [req],
+        /// `Some(true)`: the relay checks relay-bound signatures against its names
+        /// (`auth.names`) and refuses an `Auth` without `relay`. Absent (or false): it
+        /// takes either form.
+        2 => bound: bool as Flag [opt],
     }
 
     /// Client → relay, answer to `Challenge`: Ed25519 signature by the account key over
-    /// [`auth_sig_input`]. The relay then sends `Welcome` or a fatal `Err(AuthFailed)`.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    AUTH => pub struct Auth {
+    /// [`Auth::sig_input`]. The relay then sends `Welcome` or a fatal `Err(AuthFailed)`.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    AUTH => pub struct Auth check check_auth {
         /// The signature (64 bytes).
         1 => sig: [u8; 64] as B64 [req],
+        /// The relay's name as the client dialed it (`host:port`, [`crate::relay_name`]),
+        /// 1 to 255 bytes: present, the signature is relay-bound
+        /// ([`auth_bound_sig_input`]); absent, it is the legacy form ([`auth_sig_input`]).
+        2 => relay: String as RelayName [opt],
     }
 }
 
@@ -847,6 +898,17 @@ fn check_hello(h: &Hello) -> Result<(), DecodeError> {
                 max: MAX_AUTH_LEN,
             });
         }
+    }
+    Ok(())
+}
+
+fn check_auth(a: &Auth) -> Result<(), DecodeError> {
+    if a.relay.as_deref() == Some("") {
+        return Err(DecodeError::InvalidField {
+            frame: "Auth",
+            field: "relay",
+            reason: "must be 1 to 255 bytes",
+        });
     }
     Ok(())
 }
@@ -1177,8 +1239,14 @@ mod tests {
         });
         assert_eq!(Frame::decode(&hello.to_bytes()).unwrap(), hello);
         for f in [
-            Frame::Challenge(Challenge { nonce: [1; 32] }),
-            Frame::Auth(Auth { sig: [2; 64] }),
+            Frame::Challenge(Challenge {
+                nonce: [1; 32],
+                bound: None,
+            }),
+            Frame::Auth(Auth {
+                sig: [2; 64],
+                relay: None,
+            }),
         ] {
             assert_eq!(Frame::decode(&f.to_bytes()).unwrap(), f);
         }
@@ -1192,6 +1260,77 @@ mod tests {
             assert_ne!(ErrorCode::from_u16(c).name(), "other");
         }
         assert!(ErrorCode::Busy.is_retryable() && !ErrorCode::AuthFailed.is_retryable());
+    }
+
+    /// `Challenge.bound` and `Auth.relay` (key 2 each) are written only when set, so the
+    /// legacy frames encode as before; an old client skips `bound` (an unknown key), and
+    /// the relay name is 1 to 255 bytes, refused above that before it is read.
+    #[test]
+    fn relay_binding_keys() {
+        let legacy = Frame::Challenge(Challenge {
+            nonce: [1; 32],
+            bound: None,
+        });
+        let mut want = vec![0xa2, 0x00, 0x10, 0x01, 0x58, 0x20];
+        want.extend([1; 32]);
+        assert_eq!(&legacy.to_bytes()[..], &want[..]);
+        let bound = Frame::Challenge(Challenge {
+            nonce: [1; 32],
+            bound: Some(true),
+        });
+        want[0] = 0xa3;
+        want.extend([0x02, 0xf5]);
+        assert_eq!(&bound.to_bytes()[..], &want[..]);
+        assert_eq!(Frame::decode(&bound.to_bytes()).unwrap(), bound);
+
+        let auth = |relay: Option<&str>| {
+            Frame::Auth(Auth {
+                sig: [2; 64],
+                relay: relay.map(str::to_owned),
+            })
+        };
+        let legacy = auth(None).to_bytes();
+        assert_eq!(legacy.len(), 70);
+        assert_eq!(&legacy[..6], [0xa2, 0x00, 0x11, 0x01, 0x58, 0x40]);
+        let named = auth(Some("relay.example.com:443")).to_bytes();
+        assert_eq!(&named[..1], [0xa3]);
+        assert_eq!(&named[70..72], [0x02, 0x75]);
+        assert_eq!(&named[72..], b"relay.example.com:443");
+        assert_eq!(
+            Frame::decode(&named).unwrap(),
+            auth(Some("relay.example.com:443"))
+        );
+        let longest = "a".repeat(255);
+        let f = auth(Some(&longest)).to_bytes();
+        assert_eq!(f.len(), 328, "the largest Auth");
+        assert_eq!(Frame::decode(&f).unwrap(), auth(Some(&longest)));
+        for bad in ["a".repeat(256), String::new()] {
+            let b = auth(Some(&bad)).to_bytes();
+            assert!(Frame::decode(&b).is_err(), "{} bytes", bad.len());
+        }
+
+        // The signature inputs: distinct contexts, the name's length before it.
+        let (n, a) = ([7; 32], [8; 32]);
+        let l = auth_sig_input(&n, &a);
+        let b = auth_bound_sig_input(&n, &a, "h:1").unwrap();
+        assert_eq!(&l[..23], b"whispeer/v2/relay-auth\0");
+        assert_eq!(&b[..29], b"whispeer/v2/relay-auth-bound\0");
+        assert_eq!(&b[29..93], &l[23..87]);
+        assert_eq!(&b[93..], b"\x03h:1");
+        assert_eq!(auth_bound_sig_input(&n, &a, ""), None);
+        assert_eq!(auth_bound_sig_input(&n, &a, &"a".repeat(256)), None);
+        assert_eq!(
+            auth_bound_sig_input(&n, &a, &longest).map(|m| m.len()),
+            Some(29 + 64 + 1 + 255)
+        );
+        let Frame::Auth(x) = auth(Some("h:1")) else {
+            unreachable!()
+        };
+        assert_eq!(x.sig_input(&n, &a), b);
+        let Frame::Auth(x) = auth(None) else {
+            unreachable!()
+        };
+        assert_eq!(x.sig_input(&n, &a), l);
     }
 
     /// `Unsub.delete` (key 2) is written only when set, so an `Unsub` without it encodes

@@ -14,6 +14,7 @@
 //! - [`envelope_header`] — [`Envelope`]: the opaque sealed message and its routing header.
 //! - [`frame`] — relay frames (`Hello`, `Sub`, `Pub`, `Msg`, …) as CBOR maps.
 //! - [`codec`] — the incremental length-prefix framing for TCP.
+//! - [`relay_name`] — relay names (`host:port`) a relay-bound `Auth` signs.
 //!
 //! With the `keys` feature (default; the relay builds without it):
 //! - [`topic`] — topic names and filters: validation, wildcards.
@@ -37,6 +38,7 @@ pub mod envelope_header;
 pub mod error;
 pub mod frame;
 pub mod limits;
+pub mod relay_name;
 pub mod token;
 
 mod cbor;

@@ -100,10 +100,16 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     account
                 })
             ),
-        any::<[u8; 32]>().prop_map(|nonce| Frame::Challenge(Challenge { nonce })),
-        prop::collection::vec(any::<u8>(), 64).prop_map(|s| Frame::Auth(Auth {
-            sig: s.try_into().unwrap()
-        })),
+        (any::<[u8; 32]>(), prop::option::of(any::<bool>()))
+            .prop_map(|(nonce, bound)| Frame::Challenge(Challenge { nonce, bound })),
+        (
+            prop::collection::vec(any::<u8>(), 64),
+            prop::option::of("[a-z0-9.:\\[\\]✓-]{1,80}")
+        )
+            .prop_map(|(s, relay)| Frame::Auth(Auth {
+                sig: s.try_into().unwrap(),
+                relay
+            })),
         (
             any::<u64>(),
             any::<u64>(),
@@ -252,6 +258,41 @@ proptest! {
     fn frames_roundtrip(f in arb_frame()) {
         let b = f.to_bytes();
         prop_assert_eq!(Frame::decode(&b).unwrap(), f);
+    }
+
+    /// A relay name is canonical once made: normalizing it again changes nothing, it splits
+    /// back into its host and port, and an IPv6 host still names the same address.
+    #[test]
+    fn relay_names_are_canonical(
+        host in prop_oneof![
+            "[a-zA-Z0-9_-]{1,20}(\\.[a-zA-Z][a-zA-Z0-9-]{0,10}){0,3}\\.?",
+            any::<[u8; 4]>().prop_map(|a| std::net::Ipv4Addr::from(a).to_string()),
+            any::<[u16; 8]>().prop_map(|a| std::net::Ipv6Addr::from(a).to_string()),
+            (0u8..3, any::<u16>()).prop_map(|(i, x)| {
+                let mut s = [0u16; 8];
+                s[i as usize * 3] = x;
+                format!("[{}]", std::net::Ipv6Addr::from(s))
+            }),
+        ],
+        port in any::<u16>(),
+    ) {
+        let Ok(n) = relay_name::name(&host, port) else {
+            // Only a name that ends in a number (`a.1`) is refused by these strategies.
+            let last = host.trim_end_matches('.').rsplit('.').next().unwrap();
+            prop_assert!(last.bytes().all(|b| b.is_ascii_digit())
+                || last.to_ascii_lowercase().starts_with("0x"), "{host}");
+            return Ok(());
+        };
+        prop_assert!(relay_name::is_canonical(&n), "{n}");
+        let (h, p) = relay_name::split(&n).unwrap();
+        prop_assert_eq!(p, port);
+        prop_assert_eq!(relay_name::host(h).unwrap(), h);
+        if let Some(inner) = h.strip_prefix('[') {
+            let a: std::net::Ipv6Addr = inner.trim_end_matches(']').parse().unwrap();
+            let given: std::net::Ipv6Addr =
+                host.trim_start_matches('[').trim_end_matches(']').parse().unwrap();
+            prop_assert_eq!(a, given);
+        }
     }
 
     #[test]

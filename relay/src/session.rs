@@ -572,7 +572,7 @@ impl Session {
                     account,
                     features: h.features,
                 });
-                return self.send(&Frame::Challenge(Challenge { nonce }));
+                return self.send(&Frame::Challenge(Challenge { nonce, bound: None }));
             }
             let Some(token) = &h.auth else {
                 self.shared.metrics.connection_rejected();

@@ -84,7 +84,11 @@ async fn key_login(
         Frame::Challenge(ch) => ch.nonce,
         other => panic!("expected Challenge, got {other:?}"),
     };
-    c.send(&Frame::Auth(Auth { sig: sign(nonce) })).await;
+    c.send(&Frame::Auth(Auth {
+        sig: sign(nonce),
+        relay: None,
+    }))
+    .await;
     match c.recv().await {
         Frame::Welcome(w) => Ok(w),
         Frame::Err(e) => Err(e),

@@ -41,6 +41,7 @@ impl AccountAuth {
                 let msg = frame::auth_sig_input(nonce, &pk);
                 Some(Auth {
                     sig: k.sign(&msg).to_bytes(),
+                    relay: None,
                 })
             }
             AccountAuth::Token(_) => None,
