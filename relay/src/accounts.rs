@@ -72,7 +72,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
-use whispeer_protocol::frame::{auth_sig_input, ErrFrame};
+use whispeer_protocol::frame::ErrFrame;
 use whispeer_protocol::{codec, ErrorCode, Frame, KeyId};
 
 use crate::config::{AuthConfig, AuthMode};
@@ -1752,11 +1752,13 @@ impl Accounts {
     }
 
     /// Checks a challenge response: the account's key must be listed and the signature
-    /// (strict Ed25519) must cover this connection's nonce and the account key.
+    /// (strict Ed25519) must cover `signed` — what the `Auth` says it signed
+    /// (`Auth::sig_input`: this connection's nonce, the account key and, bound, the relay's
+    /// name).
     pub fn verify(
         &self,
         account: &[u8; 32],
-        nonce: &[u8; 32],
+        signed: &[u8],
         sig: &[u8; 64],
     ) -> Option<Arc<Account>> {
         let t = self.table();
@@ -1765,14 +1767,17 @@ impl Accounts {
             // An unlisted key is verified too, against a decoy, so the time to the answer
             // does not tell which keys are accounts (every key gets a Challenge for the same
             // reason); returning at once saved one verification an attacker could time.
-            let _ = decoy_key().verify_strict(&auth_sig_input(nonce, account), &sig);
+            let _ = decoy_key().verify_strict(signed, &sig);
             #[cfg(test)]
             DECOY_VERIFICATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return None;
         };
-        vk.verify_strict(&auth_sig_input(nonce, account), &sig)
-            .ok()
-            .map(|_| acct.clone())
+        vk.verify_strict(signed, &sig).ok().map(|_| acct.clone())
+    }
+
+    /// Accounts listed with an account key (the ones that sign in by `Challenge`).
+    pub fn key_count(&self) -> usize {
+        self.table().by_key.len()
     }
 
     /// The current entry of an account (None once it was removed).
@@ -2647,6 +2652,7 @@ static DECOY_VERIFICATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::At
 #[cfg(test)]
 mod tests {
     use super::*;
+    use whispeer_protocol::frame::auth_sig_input;
 
     #[test]
     fn rights_and_table_checks() {
@@ -2725,15 +2731,19 @@ mod tests {
         let sk = stranger.verifying_key().to_bytes();
         let sig = stranger.sign(&auth_sig_input(&nonce, &sk)).to_bytes();
         let before = DECOY_VERIFICATIONS.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(accounts.verify(&sk, &nonce, &sig).is_none());
+        assert!(accounts
+            .verify(&sk, &auth_sig_input(&nonce, &sk), &sig)
+            .is_none());
         assert!(
             DECOY_VERIFICATIONS.load(std::sync::atomic::Ordering::Relaxed) > before,
             "the unlisted key's response was verified (against the decoy)"
         );
         let lk = listed.verifying_key().to_bytes();
-        let good = listed.sign(&auth_sig_input(&nonce, &lk)).to_bytes();
-        assert!(accounts.verify(&lk, &nonce, &good).is_some());
-        assert!(accounts.verify(&lk, &nonce, &sig).is_none());
+        let signed = auth_sig_input(&nonce, &lk);
+        let good = listed.sign(&signed).to_bytes();
+        assert_eq!(accounts.key_count(), 1);
+        assert!(accounts.verify(&lk, &signed, &good).is_some());
+        assert!(accounts.verify(&lk, &signed, &sig).is_none());
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 

@@ -292,6 +292,22 @@ pub struct AuthConfig {
     #[arg(long, env = "WHISPEER_ACCOUNTS", value_name = "whispeer-accounts.toml")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accounts: Option<PathBuf>,
+    /// This relay's names as clients dial it: `host` (any port) or `host:port`, an IPv6
+    /// address in brackets (--auth-name repeatable, or comma separated). Set, every
+    /// account-key sign-in must be bound to one of them (PROTOCOL §3.5.6): the Challenge
+    /// asks for it, and an Auth naming no relay or another relay gets Err(auth_failed), so
+    /// a relay passing this relay's challenge on to a client that uses the same account key
+    /// with both cannot sign in here as that client. List every name clients dial (each DNS
+    /// name, an address, a proxy's name in front); clients must know relay binding. Empty:
+    /// sign-ins are not bound and that forwarding is possible (the relay warns at start
+    /// when the account list has account keys).
+    #[arg(
+        long = "auth-name",
+        env = "WHISPEER_AUTH_NAMES",
+        value_delimiter = ',',
+        value_name = "relay.example.com[:443]"
+    )]
+    pub names: Vec<String>,
     /// Append-only file of key-id claims and durable owners (rewritten compactly when dead lines outnumber live ones). serve default: the store path
     /// with ".auth" appended (kept in memory when the store is not sqlite).
     #[arg(
@@ -333,11 +349,30 @@ pub struct AuthConfig {
     pub admin_token: Option<String>,
 }
 
+impl AuthConfig {
+    /// `names` in canonical form (`whispeer_protocol::relay_name::entry`), what a bound
+    /// `Auth`'s relay name is compared with; the first entry that is none is the error.
+    pub fn relay_names(&self) -> Result<Vec<String>, String> {
+        self.names
+            .iter()
+            .map(|n| {
+                whispeer_protocol::relay_name::entry(n).map_err(|why| {
+                    format!(
+                        "{n:?} is not a relay name ({why}): write host or host:port, \
+                         e.g. relay.example.com or [2001:db8::1]:443"
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             mode: AuthMode::Off,
             accounts: None,
+            names: Vec::new(),
             state: None,
             max_claims_per_group: 10_000,
             claim_idle_ms: 7 * 24 * 3600 * 1000,
@@ -1808,6 +1843,9 @@ impl Config {
                     ),
                 );
             }
+        }
+        if let Err(e) = a.relay_names() {
+            return invalid("auth.names", e);
         }
         let wants_tls = self.listen.wss.0.is_some() || self.listen.tls.0.is_some();
         if wants_tls && (self.tls.cert.is_none() || self.tls.key.is_none()) {

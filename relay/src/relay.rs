@@ -112,6 +112,9 @@ pub(crate) struct Shared {
     pub(crate) addrs: BoundAddrs,
     /// Relay accounts, key-id claims and durable owners.
     pub(crate) accounts: Arc<crate::accounts::Accounts>,
+    /// `auth.names` in canonical form: the names a relay-bound `Auth` may carry (empty:
+    /// sign-ins are not bound).
+    pub(crate) auth_names: Vec<String>,
     /// Durable subscription names currently held by a connection.
     pub(crate) active_durables: Mutex<std::collections::HashSet<DurableKey>>,
     /// Connections and handshakes per source address, and per-address rate buckets.
@@ -435,6 +438,8 @@ impl RelayBuilder {
             )),
             account_rates,
             accounts,
+            // Checked by `validate` above.
+            auth_names: self.config.auth.relay_names().unwrap_or_default(),
             router: Router::new(store, metrics.clone(), link),
             config: self.config,
             metrics,
@@ -638,8 +643,10 @@ impl Relay {
         if let Some(l) = listeners.admin {
             tasks.spawn(admin::serve(l, shared.clone()));
         }
+        // The account list is in place (read at start, or installed from JetStream above).
+        let warned = warn_unbound_auth(&shared);
         if shared.accounts.file().is_some() {
-            tasks.spawn(reload_accounts(shared.clone()));
+            tasks.spawn(reload_accounts(shared.clone(), warned));
         }
         if !stopped {
             tokio::select! {
@@ -753,9 +760,15 @@ async fn follow_accounts(shared: Arc<Shared>) -> impl Future<Output = ()> + Send
         }
     };
     let s = shared.clone();
+    // Warned by `run` if keys were listed at start; a list with keys arriving later warns
+    // here (once).
+    let mut warned = shared.accounts.key_count() > 0;
     accounts::follow(stream, cluster, after, move |text| {
         if let Err(e) = s.accounts.install(text) {
             tracing::error!(error = %e, "cluster accounts: a new list in JetStream is invalid; the previous one stays in force, less the accounts and credentials it no longer names");
+        }
+        if !warned {
+            warned = warn_unbound_auth(&s);
         }
     })
 }
@@ -780,7 +793,30 @@ fn warn_reserve_accounts(config: &Config, accounts: usize) {
     }
 }
 
-async fn reload_accounts(shared: Arc<Shared>) {
+/// Warns when account keys sign in without relay binding (`auth = required`, account keys
+/// listed, `auth.names` empty): a relay that clients also sign in to with the same account
+/// key can pass this relay's challenge on and sign in here as them (PROTOCOL §3.5.6, §10).
+/// Whether it warned.
+fn warn_unbound_auth(shared: &Shared) -> bool {
+    let keys = shared.accounts.key_count();
+    if shared.config.auth.mode != crate::config::AuthMode::Required
+        || !shared.auth_names.is_empty()
+        || keys == 0
+    {
+        return false;
+    }
+    tracing::warn!(
+        account_keys = keys,
+        "auth.names is empty: account-key sign-ins are not bound to this relay, so another \
+         relay a client signs in to with the same account key can pass this relay's \
+         challenge on and sign in here as that client (PROTOCOL §3.5.6). Set auth.names \
+         (--auth-name HOST[:PORT], repeatable; WHISPEER_AUTH_NAMES) to every name clients \
+         dial this relay by (clients must know relay-bound sign-ins)"
+    );
+    true
+}
+
+async fn reload_accounts(shared: Arc<Shared>, mut warned: bool) {
     let every = std::time::Duration::from_millis(shared.config.auth.reload_ms);
     let mut listed = shared.accounts.count();
     warn_reserve_accounts(&shared.config, listed);
@@ -819,6 +855,9 @@ async fn reload_accounts(shared: Arc<Shared>) {
         if now != listed {
             listed = now;
             warn_reserve_accounts(&shared.config, listed);
+            if !warned {
+                warned = warn_unbound_auth(&shared);
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ use whispeer_protocol::frame::{
     Hello, Pong, Pub, PubAck, Replay, Sub, SubOk, Unsub, Welcome, PROTOCOL_VERSION,
 };
 use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
+use whispeer_protocol::relay_name;
 use whispeer_protocol::{codec, DecodeError, ErrorCode, Frame, Qos, TokenPattern};
 
 use crate::accounts::{owner_of_secret, Account, ClaimHold, Credential, Refusal, Right, Rights};
@@ -182,6 +183,28 @@ pub(crate) struct Session {
     /// unacknowledged deliveries, plus subscriptions checked for a catch-up.
     #[cfg(test)]
     ack_work: u64,
+}
+
+/// Logs, at most once a minute, that a sign-in bound to a name this relay does not list
+/// was refused: an operator whose clients dial the relay by a name missing from
+/// `auth.names` learns it here (the name escaped; anyone can send one, hence the limit).
+fn log_other_name(name: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if (last == 0 || now.saturating_sub(last) >= 60)
+        && LAST
+            .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::info!(name = ?name,
+            "a sign-in bound to a relay name not in auth.names was refused: if clients dial \
+             this relay by that name, add it (another relay passing this relay's challenge \
+             on gets the same refusal)");
+    }
 }
 
 #[derive(Debug)]
@@ -572,7 +595,10 @@ impl Session {
                     account,
                     features: h.features,
                 });
-                return self.send(&Frame::Challenge(Challenge { nonce, bound: None }));
+                // With names of its own the relay takes only sign-ins bound to one of them
+                // (PROTOCOL §3.5.6), and says so.
+                let bound = (!self.shared.auth_names.is_empty()).then_some(true);
+                return self.send(&Frame::Challenge(Challenge { nonce, bound }));
             }
             let Some(token) = &h.auth else {
                 self.shared.metrics.connection_rejected();
@@ -605,7 +631,29 @@ impl Session {
         let Some(p) = self.challenge.take() else {
             return Flow::Close;
         };
-        match self.shared.accounts.verify(&p.account, &p.nonce, &a.sig) {
+        // Bound to this relay, before the signature is looked at: the same for every key,
+        // so the answer tells nothing about which keys are accounts.
+        if let Err(refused) = relay_name::check(&self.shared.auth_names, a.relay.as_deref()) {
+            self.shared.metrics.connection_rejected();
+            let message = match &a.relay {
+                // Client-chosen text: escaped ({:?}) wherever it is shown or logged.
+                Some(name) => {
+                    log_other_name(name);
+                    format!(
+                        "authentication failed: {refused}: {name:?} (the client dialed this \
+                         relay by a name missing from its auth.names, or another relay \
+                         passed this relay's challenge on)"
+                    )
+                }
+                None => format!(
+                    "authentication failed: {refused} (a client from before relay binding — \
+                     update it — or another relay passing this relay's challenge on)"
+                ),
+            };
+            return self.fatal(ErrorCode::AuthFailed, message, None, None);
+        }
+        let signed = a.sig_input(&p.nonce, &p.account);
+        match self.shared.accounts.verify(&p.account, &signed, &a.sig) {
             Some(acct) => {
                 self.set_account(acct, Credential::Key(p.account));
                 self.welcome(p.version, p.client.as_deref(), true, p.features)
