@@ -22,7 +22,11 @@
 //! for `claim_idle_ms`, owns no durable and the store holds nothing under it
 //! ([`crate::store::Store::holds_key_id`]); a `release` line makes a restart agree.
 //! Nothing lapses by a timer, nothing lapses for another group's request, and in a
-//! cluster nothing lapses at all. With the relay stopped an operator can release claims
+//! cluster nothing lapses at all. A held claim never lapses, so a member subscribed to
+//! junk key ids and staying connected would keep them for good: each claim records the
+//! account that made it (`by`), and a member of a group shared with other accounts makes
+//! at most `auth.max_claims_per_account` of its claims (its own longest-unused one lapses
+//! in its place, as above); a refusal names the account holding the most. With the relay stopped an operator can release claims
 //! ([`release_claims`], `whispeer-relay claims release`).
 //!
 //! **Identity** (review finding 17). The name is only the operator's label. An entry that
@@ -452,7 +456,7 @@ impl AccountFile {
                 }
             }
         }
-        Ok(t)
+        Ok(t.index())
     }
 }
 
@@ -570,9 +574,25 @@ struct Table {
     ids: std::collections::HashSet<[u8; 16]>,
     by_key: HashMap<[u8; 32], (VerifyingKey, Arc<Account>)>,
     by_token: HashMap<[u8; 32], Arc<Account>>,
+    /// Accounts per group ([`Table::index`]).
+    members: HashMap<String, usize>,
+    /// Account names by [`Account::owner`], which key-id claims record as their creator
+    /// ([`Table::index`]).
+    owners: HashMap<String, String>,
 }
 
 impl Table {
+    /// Fills [`Table::members`] and [`Table::owners`] from the accounts.
+    fn index(mut self) -> Self {
+        self.members.clear();
+        self.owners.clear();
+        for (name, a) in &self.by_name {
+            *self.members.entry(a.group.clone()).or_default() += 1;
+            self.owners.insert(a.owner(), name.clone());
+        }
+        self
+    }
+
     /// The account `credential` proves, if it is still listed.
     fn account_of(&self, credential: &Credential) -> Option<&Arc<Account>> {
         match credential {
@@ -608,12 +628,17 @@ impl Refusal {
 #[serde(tag = "t", rename_all = "lowercase")]
 enum StateLine {
     /// A key id claimed by a group; `used`: its last use then (Unix ms; absent in files
-    /// from before claims could lapse, and while `auth.claim_idle_ms` is 0).
+    /// from before claims could lapse, and while `auth.claim_idle_ms` is 0); `by`: the
+    /// account whose request made it ([`Account::owner`]; absent in files from before
+    /// creators were recorded: such a claim counts as the group's, no member's). A relay
+    /// older than `by` ignores it.
     Claim {
         key_id: String,
         group: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         used: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     /// A durable subscription's owner.
     Owner {
@@ -680,6 +705,9 @@ const RELEASE_CHECKS: usize = 16;
 #[derive(Debug)]
 struct ClaimEntry {
     group: String,
+    /// The account whose request made it ([`Account::owner`]); `None`: not recorded (a
+    /// line from before creators were, or learned from a shared store).
+    by: Option<String>,
     /// Its state-file line (0: read at start, or learned from a shared store).
     line: u64,
     /// Learned from a store shared by relays (JetStream): the cluster's, never released here.
@@ -710,10 +738,11 @@ struct ClaimEntry {
 #[derive(Debug, Default)]
 pub struct AuthState {
     claims: HashMap<[u8; 16], ClaimEntry>,
-    claims_per_group: HashMap<String, usize>,
-    /// Per group, its releasable claims that no subscription holds, by last use (kept only
-    /// while claims may lapse).
-    idle: HashMap<String, std::collections::BTreeSet<(u64, [u8; 16])>>,
+    /// Per group: its claims counted, its idle ones, and the same per creating account.
+    groups: HashMap<String, GroupClaims>,
+    /// When a refusal for a full group (or member) was last logged, per group (at most one
+    /// info line a minute each).
+    refusals_logged: HashMap<String, u64>,
     /// Ordered, so the owners under one key id are a range.
     owners: std::collections::BTreeMap<([u8; 16], String), (String, u64)>,
     writer: Option<StateWriter>,
@@ -722,6 +751,69 @@ pub struct AuthState {
     clock: Clock,
     /// Claims released since the start.
     released: u64,
+}
+
+/// Claims by last use: the releasable ones no subscription holds (kept only while claims
+/// may lapse).
+type IdleSet = std::collections::BTreeSet<(u64, [u8; 16])>;
+
+/// A group's claims, as counted against `auth.max_claims_per_group`, and per member
+/// against `auth.max_claims_per_account`.
+#[derive(Debug, Default)]
+struct GroupClaims {
+    /// Claims counted (this relay's own, and the cluster's made through this relay).
+    n: usize,
+    /// Its idle claims.
+    idle: IdleSet,
+    /// Per creating account ([`Account::owner`]): its claims counted and its idle ones. A
+    /// claim without a recorded creator is in none.
+    by: HashMap<String, MemberClaims>,
+}
+
+/// One account's claims in a group.
+#[derive(Debug, Default)]
+struct MemberClaims {
+    n: usize,
+    idle: IdleSet,
+}
+
+impl GroupClaims {
+    fn idle_insert(&mut self, by: Option<&str>, at: (u64, [u8; 16])) {
+        self.idle.insert(at);
+        if let Some(m) = by.and_then(|b| self.by.get_mut(b)) {
+            m.idle.insert(at);
+        }
+    }
+
+    fn idle_remove(&mut self, by: Option<&str>, at: &(u64, [u8; 16])) {
+        self.idle.remove(at);
+        if let Some(m) = by.and_then(|b| self.by.get_mut(b)) {
+            m.idle.remove(at);
+        }
+    }
+}
+
+/// Which limit a new claim would pass: (the claims held, the limit).
+#[derive(Debug, Clone, Copy)]
+enum Full {
+    /// The account's own claims in its group, `auth.max_claims_per_account`.
+    Member(usize, usize),
+    /// The group's, `auth.max_claims_per_group`.
+    Group(usize, usize),
+}
+
+/// A claim [`AuthState::insert_claim`] records.
+#[derive(Debug)]
+struct NewClaim {
+    group: String,
+    by: Option<String>,
+    /// Its state-file line (0: read at start, or learned from a shared store).
+    line: u64,
+    /// Learned from (or made in) a store shared by relays: never released here.
+    shared: bool,
+    /// Counted against the group's limit (and its creator's): made here, or read from the
+    /// state file.
+    counted: bool,
 }
 
 /// How long the auth-state writer waits before it tries a failed write again.
@@ -744,12 +836,20 @@ const COMPACT_MIN_BYTES: u64 = 32 * 1024;
 /// before it replaces the old one.
 #[derive(Debug, Default)]
 struct LiveState {
-    /// Key id (hex) -> (group, last use written).
-    claims: HashMap<String, (String, Option<u64>)>,
+    /// Key id (hex) -> its claim.
+    claims: HashMap<String, LiveClaim>,
     /// (Key id (hex), durable name) -> owner.
     owners: HashMap<(String, String), String>,
     /// Whole lines in the file, readable or not.
     lines: u64,
+}
+
+/// A claim in the state file: its group, the last use written, its creator.
+#[derive(Debug, Clone)]
+struct LiveClaim {
+    group: String,
+    used: Option<u64>,
+    by: Option<String>,
 }
 
 impl LiveState {
@@ -759,8 +859,16 @@ impl LiveState {
                 key_id,
                 group,
                 used,
+                by,
             } => {
-                self.claims.insert(key_id.clone(), (group.clone(), *used));
+                self.claims.insert(
+                    key_id.clone(),
+                    LiveClaim {
+                        group: group.clone(),
+                        used: *used,
+                        by: by.clone(),
+                    },
+                );
             }
             StateLine::Owner {
                 key_id,
@@ -774,12 +882,12 @@ impl LiveState {
                 self.owners.remove(&(key_id.clone(), name.clone()));
             }
             StateLine::Used { key_id, at } => {
-                if let Some((_, used)) = self.claims.get_mut(key_id) {
-                    *used = Some(used.map_or(*at, |u| u.max(*at)));
+                if let Some(c) = self.claims.get_mut(key_id) {
+                    c.used = Some(c.used.map_or(*at, |u| u.max(*at)));
                 }
             }
             StateLine::Release { key_id, group } => {
-                if self.claims.get(key_id).is_some_and(|(g, _)| g == group) {
+                if self.claims.get(key_id).is_some_and(|c| c.group == *group) {
                     self.claims.remove(key_id);
                 }
             }
@@ -805,11 +913,12 @@ impl LiveState {
                 out.push(b'\n');
             }
         };
-        for (key_id, (group, used)) in &self.claims {
+        for (key_id, c) in &self.claims {
             push(&StateLine::Claim {
                 key_id: key_id.clone(),
-                group: group.clone(),
-                used: *used,
+                group: c.group.clone(),
+                used: c.used,
+                by: c.by.clone(),
             });
         }
         for ((key_id, name), owner) in &self.owners {
@@ -1149,11 +1258,23 @@ impl AuthState {
         let floor = start
             .saturating_sub(idle_ms)
             .saturating_add(idle_ms.min(START_GRACE_MS));
-        for (key_id, (group, used)) in &live.claims {
+        for (key_id, c) in &live.claims {
             let mut k = [0u8; 16];
             if hex::decode_to_slice(key_id, &mut k).is_ok() {
-                let at = used.map_or(start, |u| u.max(floor));
-                s.insert_claim(k, group.clone(), 0, false, at, used.unwrap_or(0), false);
+                let at = c.used.map_or(start, |u| u.max(floor));
+                s.insert_claim(
+                    k,
+                    NewClaim {
+                        group: c.group.clone(),
+                        by: c.by.clone(),
+                        line: 0,
+                        shared: false,
+                        counted: true,
+                    },
+                    at,
+                    c.used.unwrap_or(0),
+                    false,
+                );
             }
         }
         for ((key_id, name), owner) in &live.owners {
@@ -1178,37 +1299,80 @@ impl AuthState {
         (self.clock.0)()
     }
 
-    /// Records a claim (and counts it for its group). An unheld claim of this relay's own
-    /// joins its group's idle claims while claims may lapse.
-    #[allow(clippy::too_many_arguments)]
-    fn insert_claim(
-        &mut self,
-        k: [u8; 16],
-        group: String,
-        line: u64,
-        shared: bool,
-        used: u64,
-        saved: u64,
-        held: bool,
-    ) {
-        *self.claims_per_group.entry(group.clone()).or_default() += 1;
-        if self.lapsing() && !shared && !held {
-            self.idle
-                .entry(group.clone())
-                .or_default()
-                .insert((used, k));
+    /// Records a claim (counted for its group and its creator when `new.counted`). An
+    /// unheld claim of this relay's own joins its group's idle claims while claims may
+    /// lapse.
+    fn insert_claim(&mut self, k: [u8; 16], new: NewClaim, used: u64, saved: u64, held: bool) {
+        let g = self.groups.entry(new.group.clone()).or_default();
+        if new.counted {
+            g.n += 1;
+            if let Some(by) = &new.by {
+                g.by.entry(by.clone()).or_default().n += 1;
+            }
+        }
+        if self.idle_ms > 0 && !new.shared && !held {
+            g.idle_insert(new.by.as_deref(), (used, k));
         }
         self.claims.insert(
             k,
             ClaimEntry {
-                group,
-                line,
-                shared,
+                group: new.group,
+                by: new.by,
+                line: new.line,
+                shared: new.shared,
                 holds: u32::from(held),
                 used,
                 saved,
             },
         );
+    }
+
+    /// Forgets the claim of `k` (released): its entry, its place among the idle ones, and
+    /// its counts.
+    fn remove_claim(&mut self, k: &[u8; 16]) -> Option<ClaimEntry> {
+        let e = self.claims.remove(k)?;
+        if let Some(g) = self.groups.get_mut(&e.group) {
+            g.idle_remove(e.by.as_deref(), &(e.used, *k));
+            g.n = g.n.saturating_sub(1);
+            if let Some(by) = &e.by {
+                if let Some(m) = g.by.get_mut(by) {
+                    m.n = m.n.saturating_sub(1);
+                    if m.n == 0 && m.idle.is_empty() {
+                        g.by.remove(by);
+                    }
+                }
+            }
+            if g.n == 0 && g.idle.is_empty() {
+                self.groups.remove(&e.group);
+            }
+        }
+        Some(e)
+    }
+
+    /// Which limit a new claim of `by` in `group` would pass, if any: the member's own
+    /// (`member_cap`) first, then the group's (`group_cap`).
+    fn full(&self, group: &str, by: &str, member_cap: usize, group_cap: usize) -> Option<Full> {
+        let g = self.groups.get(group)?;
+        let mine = g.by.get(by).map_or(0, |m| m.n);
+        if mine >= member_cap {
+            Some(Full::Member(mine, member_cap))
+        } else if g.n >= group_cap {
+            Some(Full::Group(g.n, group_cap))
+        } else {
+            None
+        }
+    }
+
+    /// The account holding the most of `group`'s claims (ties: the least creator string)
+    /// and how many, if any claim has a recorded creator.
+    fn top_holder(&self, group: &str) -> Option<(&str, usize)> {
+        self.groups
+            .get(group)?
+            .by
+            .iter()
+            .filter(|(_, m)| m.n > 0)
+            .max_by(|a, b| a.1.n.cmp(&b.1.n).then_with(|| b.0.cmp(a.0)))
+            .map(|(by, m)| (by.as_str(), m.n))
     }
 
     /// The refresh step of a claim's last use: an eighth of `claim_idle_ms`, a minute at
@@ -1245,10 +1409,9 @@ impl AuthState {
             return false;
         }
         let unheld = e.holds == 0;
+        let g = self.groups.entry(e.group.clone()).or_default();
         if unheld {
-            if let Some(set) = self.idle.get_mut(&e.group) {
-                set.remove(&(e.used, *k));
-            }
+            g.idle_remove(e.by.as_deref(), &(e.used, *k));
         }
         if stale {
             e.used = e.used.max(now);
@@ -1257,10 +1420,7 @@ impl AuthState {
             e.holds += 1;
         } else if unheld {
             // Still unheld: back among the idle ones, as used now.
-            self.idle
-                .entry(e.group.clone())
-                .or_default()
-                .insert((e.used, *k));
+            g.idle_insert(e.by.as_deref(), (e.used, *k));
         }
         if stale && now.saturating_sub(e.saved) >= save_every {
             e.saved = now;
@@ -1288,10 +1448,10 @@ impl AuthState {
             return;
         }
         e.used = e.used.max(now);
-        self.idle
+        self.groups
             .entry(e.group.clone())
             .or_default()
-            .insert((e.used, *k));
+            .idle_insert(e.by.as_deref(), (e.used, *k));
         if now.saturating_sub(e.saved) >= save_every {
             e.saved = now;
             self.append(&StateLine::Used {
@@ -1309,23 +1469,28 @@ impl AuthState {
             .is_some_and(|((o, _), _)| o == k)
     }
 
-    /// Releases `group`'s longest-unused claim if it may lapse: unheld, unused for
-    /// `claim_idle_ms`, no durable owner under its key id and nothing in the store
-    /// (`stored`: whether the store holds anything under a key id; an error counts as
-    /// yes). Looks at [`RELEASE_CHECKS`] such claims at most; one that still holds
-    /// something counts as used now. Returns the released key id.
+    /// Releases `group`'s longest-unused claim if it may lapse — with `by`, the longest
+    /// unused of those that account made: unheld, unused for `claim_idle_ms`, no durable
+    /// owner under its key id and nothing in the store (`stored`: whether the store holds
+    /// anything under a key id; an error counts as yes). Looks at [`RELEASE_CHECKS`] such
+    /// claims at most; one that still holds something counts as used now. Returns the
+    /// released key id.
     fn release_one(
         &mut self,
         group: &str,
+        by: Option<&str>,
         stored: &mut dyn FnMut(&[u8; 16]) -> bool,
     ) -> Option<[u8; 16]> {
         if !self.lapsing() {
             return None;
         }
         let now = self.now();
-        let due: Vec<(u64, [u8; 16])> = self
-            .idle
-            .get(group)?
+        let g = self.groups.get(group)?;
+        let idle = match by {
+            Some(b) => &g.by.get(b)?.idle,
+            None => &g.idle,
+        };
+        let due: Vec<(u64, [u8; 16])> = idle
             .iter()
             .take_while(|(used, _)| now.saturating_sub(*used) >= self.idle_ms)
             .take(RELEASE_CHECKS)
@@ -1334,26 +1499,14 @@ impl AuthState {
         for (used, k) in due {
             if self.owns_durable(&k) || stored(&k) {
                 // In use after all: looked at again only after another idle period.
-                if let (Some(set), Some(e)) = (self.idle.get_mut(group), self.claims.get_mut(&k)) {
-                    set.remove(&(used, k));
+                if let (Some(g), Some(e)) = (self.groups.get_mut(group), self.claims.get_mut(&k)) {
+                    g.idle_remove(e.by.as_deref(), &(used, k));
                     e.used = now;
-                    set.insert((now, k));
+                    g.idle_insert(e.by.as_deref(), (now, k));
                 }
                 continue;
             }
-            if let Some(set) = self.idle.get_mut(group) {
-                set.remove(&(used, k));
-                if set.is_empty() {
-                    self.idle.remove(group);
-                }
-            }
-            self.claims.remove(&k);
-            if let Some(n) = self.claims_per_group.get_mut(group) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.claims_per_group.remove(group);
-                }
-            }
+            self.remove_claim(&k);
             self.append(&StateLine::Release {
                 key_id: hex::encode(k),
                 group: group.to_owned(),
@@ -1362,9 +1515,11 @@ impl AuthState {
             // Key ids only at debug (relay/README.md: info logs never show them).
             tracing::info!(
                 group,
+                member = by.is_some(),
                 idle_ms = now.saturating_sub(used),
                 "key-id claim released: unused for auth.claim_idle_ms, nothing stored, no \
-                 subscription or durable; the group needed room for a new key id"
+                 subscription or durable; the group (or, member = true, the account that \
+                 made it, at auth.max_claims_per_account) needed room for a new key id"
             );
             tracing::debug!(group, key_id = %hex::encode(k), "released claim");
             return Some(k);
@@ -1452,6 +1607,10 @@ pub struct ClaimInfo {
     pub key_id: String,
     /// The group holding it.
     pub group: String,
+    /// The account whose request made it (`account-id:HEX`, or `account:NAME` for a legacy
+    /// entry: [`Account::owner`]); `None`: not recorded (a line from before creators were),
+    /// counted as the group's.
+    pub by: Option<String>,
     /// Its last use the file holds (Unix ms); `None`: not known (a line from before claims
     /// could lapse, or written while `auth.claim_idle_ms` was 0).
     pub used: Option<u64>,
@@ -1476,10 +1635,11 @@ fn claim_infos(live: &LiveState) -> Vec<ClaimInfo> {
     let mut v: Vec<ClaimInfo> = live
         .claims
         .iter()
-        .map(|(key_id, (group, used))| ClaimInfo {
+        .map(|(key_id, c)| ClaimInfo {
             key_id: key_id.clone(),
-            group: group.clone(),
-            used: *used,
+            group: c.group.clone(),
+            by: c.by.clone(),
+            used: c.used,
             durables: durables.get(key_id.as_str()).copied().unwrap_or(0),
         })
         .collect();
@@ -1557,6 +1717,9 @@ pub struct Accounts {
     mode: AuthMode,
     file: Option<PathBuf>,
     max_claims: usize,
+    /// `auth.max_claims_per_account`: a member's share of a group shared with other
+    /// accounts.
+    max_claims_per_account: usize,
     table: RwLock<Arc<Table>>,
     stamp: Mutex<Stamp>,
     /// Shared with the [`ClaimHold`]s of subscriptions.
@@ -1675,6 +1838,7 @@ impl Accounts {
             mode: cfg.mode,
             file,
             max_claims: cfg.max_claims_per_group,
+            max_claims_per_account: cfg.max_claims_per_account,
             table: RwLock::new(Arc::new(table)),
             stamp: Mutex::new(stamp),
             state: Arc::new(Mutex::new(AuthState::open_with(
@@ -1884,9 +2048,17 @@ impl Accounts {
                 }),
             }
         };
-        // At its limit a group may still use key ids it holds (at another relay of the
-        // cluster, too): the shared store is then only asked, never written.
-        let at_limit = {
+        // A member of a group shared with other accounts holds at most its share of the
+        // group's claims (an account alone in its group: the group's limit).
+        let by = acct.owner();
+        let member_cap = if self.table().members.get(&acct.group).copied().unwrap_or(0) > 1 {
+            self.max_claims_per_account
+        } else {
+            usize::MAX
+        };
+        // At its limit a group (or member) may still use key ids it holds (at another
+        // relay of the cluster, too): the shared store is then only asked, never written.
+        let full = {
             let mut st = self.state();
             match st.claims.get(&k) {
                 // The publish hot path: a claim used within the refresh step needs no
@@ -1902,23 +2074,23 @@ impl Accounts {
                     return Ok(granted(&mut st, line));
                 }
                 Some(_) => return others(),
-                None => {
-                    let n = st.claims_per_group.get(&acct.group).copied().unwrap_or(0);
-                    (n >= self.max_claims).then_some(n)
-                }
+                None => st.full(&acct.group, &by, member_cap, self.max_claims),
             }
         };
-        let claim = shared(&acct.group, at_limit.is_none())
+        let claim = shared(&acct.group, full.is_none())
             .map_err(|e| Refusal::new(e.code(), e.to_string()))?;
         let mut st = self.state();
         match claim {
             // Only answered to a question without creating, i.e. at the limit: the key id
             // would be a new claim. The cluster's claims never lapse.
             Claim::Unclaimed => {
-                return Err(Self::over(
-                    at_limit.unwrap_or(self.max_claims),
-                    "claims shared by a cluster never lapse; raise auth.max_claims_per_group",
-                ))
+                let full = full.unwrap_or(Full::Group(self.max_claims, self.max_claims));
+                return Err(self.over(
+                    &mut st,
+                    &acct,
+                    full,
+                    "claims shared by a cluster never lapse; an operator can raise the limit",
+                ));
             }
             // Claims are this relay's own: decided below from its state.
             Claim::NotShared => {}
@@ -1926,12 +2098,14 @@ impl Accounts {
                 // Counted per relay, when this call made it: a group can claim up to the
                 // limit at each relay.
                 let now = st.now();
-                st.insert_claim(k, acct.group.clone(), 0, true, now, now, false);
-                if !new {
-                    if let Some(n) = st.claims_per_group.get_mut(&acct.group) {
-                        *n = n.saturating_sub(1);
-                    }
-                }
+                let claim = NewClaim {
+                    group: acct.group.clone(),
+                    by: new.then(|| by.clone()),
+                    line: 0,
+                    shared: true,
+                    counted: new,
+                };
+                st.insert_claim(k, claim, now, now, false);
                 return Ok(Granted::default());
             }
             // Not remembered here (the holding group's name is not known here, only its
@@ -1945,16 +2119,22 @@ impl Accounts {
             }
             Some(_) => others(),
             None => {
-                let n = st.claims_per_group.get(&acct.group).copied().unwrap_or(0);
-                if n >= self.max_claims {
-                    let mut stored = |k: &[u8; 16]| {
-                        stored(&KeyId::from_bytes(*k)).unwrap_or_else(|e| {
-                            tracing::debug!(error = %e, "store: is anything stored under a \
-                                key id? (counted as yes)");
-                            true
-                        })
+                let mut stored = |k: &[u8; 16]| {
+                    stored(&KeyId::from_bytes(*k)).unwrap_or_else(|e| {
+                        tracing::debug!(error = %e, "store: is anything stored under a \
+                            key id? (counted as yes)");
+                        true
+                    })
+                };
+                // Room is made from the member's own idle claims at its cap, then from the
+                // group's at the group's limit: one release each at most (a group above its
+                // limit, lowered since, gives back one claim per new one).
+                for _ in 0..2 {
+                    let Some(full) = st.full(&acct.group, &by, member_cap, self.max_claims) else {
+                        break;
                     };
-                    if st.release_one(&acct.group, &mut stored).is_none() {
+                    let mine = matches!(full, Full::Member(..)).then_some(by.as_str());
+                    if st.release_one(&acct.group, mine, &mut stored).is_none() {
                         let why = if st.lapsing() {
                             format!(
                                 "none of them has been unused for auth.claim_idle_ms ({}) \
@@ -1969,7 +2149,7 @@ impl Accounts {
                              `whispeer-relay claims release` (relay stopped)"
                                 .to_string()
                         };
-                        return Err(Self::over(n, &why));
+                        return Err(self.over(&mut st, &acct, full, &why));
                     }
                 }
                 let used = st.lapsing().then(|| st.now());
@@ -1977,10 +2157,18 @@ impl Accounts {
                     key_id: hex::encode(k),
                     group: acct.group.clone(),
                     used,
+                    by: Some(by.clone()),
                 });
                 let now = used.unwrap_or(0);
                 let held = hold && st.lapsing();
-                st.insert_claim(k, acct.group.clone(), line, false, now, now, held);
+                let claim = NewClaim {
+                    group: acct.group.clone(),
+                    by: Some(by),
+                    line,
+                    shared: false,
+                    counted: true,
+                };
+                st.insert_claim(k, claim, now, now, held);
                 Ok(Granted {
                     pending: st.pending(line),
                     hold: held.then(|| ClaimHold {
@@ -1992,14 +2180,52 @@ impl Accounts {
         }
     }
 
-    /// The refusal of a new claim for a group holding `n`, the limit.
-    fn over(n: usize, why: &str) -> Refusal {
+    /// The refusal of a new claim for `acct`, whose group (or itself, as a member) is at
+    /// its limit (`full`); `why` none can go. It names the account holding the most of the
+    /// group's claims, so an operator can act (remove it, or release its claims), and is
+    /// logged at info — at most once a minute per group, never with a key id
+    /// (relay/README.md: info logs never show them).
+    fn over(&self, st: &mut AuthState, acct: &Account, full: Full, why: &str) -> Refusal {
+        let top = match st.top_holder(&acct.group) {
+            Some((owner, n)) => {
+                let name = self
+                    .table()
+                    .owners
+                    .get(owner)
+                    .map_or_else(|| "a removed account".to_string(), |n| format!("{n:?}"));
+                format!("{name} ({owner}) with {n}")
+            }
+            None => "none recorded (claims from before creators were recorded)".to_string(),
+        };
+        let (what, limit) = match full {
+            Full::Member(n, cap) => (
+                format!(
+                    "this account holds {n} of its group's key ids, the most one member of a \
+                     group shared with other accounts may claim \
+                     (auth.max_claims_per_account = {cap})"
+                ),
+                "auth.max_claims_per_account",
+            ),
+            Full::Group(n, limit) => (
+                format!(
+                    "the account's group holds {n} key ids, the limit \
+                     (auth.max_claims_per_group = {limit})"
+                ),
+                "auth.max_claims_per_group",
+            ),
+        };
+        let now = st.now();
+        let last = st.refusals_logged.entry(acct.group.clone()).or_insert(0);
+        if *last == 0 || now.saturating_sub(*last) >= 60_000 {
+            *last = now.max(1);
+            tracing::info!(group = %acct.group, account = %acct.name, limit,
+                most_claims = %top,
+                "a new key-id claim refused: the limit is reached and no claim may lapse; the \
+                 account holding the most of the group's claims is named");
+        }
         Refusal::new(
             ErrorCode::QuotaExceeded,
-            format!(
-                "the account's group holds {n} key ids, the limit (auth.max_claims_per_group); \
-                 {why}"
-            ),
+            format!("{what}; {why}; the member holding the most of the group's claims: {top}"),
         )
     }
 
@@ -2592,7 +2818,7 @@ fn prune(old: &Table, read: &EntriesRead) -> (Table, Vec<String>, usize) {
             creds += 1;
         }
     }
-    (t, gone, creds)
+    (t.index(), gone, creds)
 }
 
 /// `ms` milliseconds for a message: "7 days", "1 day", "36 h", "90 min", "20 s", "200 ms"
@@ -3230,6 +3456,7 @@ mod tests {
                 accounts: Some(path),
                 state: state.map(Path::to_owned),
                 max_claims_per_group: max,
+                max_claims_per_account: max,
                 claim_idle_ms: idle_ms,
                 ..AuthConfig::default()
             },
@@ -3433,12 +3660,12 @@ mod tests {
         now.store(u64::MAX / 2, Relaxed);
         let r = use_key(&a, "alice", 2, false).unwrap_err();
         assert!(r.message.contains("auth.claim_idle_ms = 0"), "{r:?}");
-        assert!(a.state().idle.is_empty());
+        assert!(a.state().groups.values().all(|g| g.idle.is_empty()));
         assert_eq!(a.claims_released(), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Compaction keeps a released claim out, and its last use in.
+    /// Compaction keeps a released claim out, and its last use and creator in.
     #[test]
     fn compaction_drops_released_claims_and_keeps_last_uses() {
         let mut live = LiveState::default();
@@ -3448,11 +3675,13 @@ mod tests {
                 key_id: k(1),
                 group: "g".into(),
                 used: None,
+                by: None,
             },
             StateLine::Claim {
                 key_id: k(2),
                 group: "g".into(),
                 used: Some(5),
+                by: Some("account:a".into()),
             },
             StateLine::Used {
                 key_id: k(2),
@@ -3474,7 +3703,8 @@ mod tests {
         assert_eq!(
             text,
             format!(
-                "{{\"t\":\"claim\",\"key_id\":\"{}\",\"group\":\"g\",\"used\":9}}\n",
+                "{{\"t\":\"claim\",\"key_id\":\"{}\",\"group\":\"g\",\"used\":9,\
+                 \"by\":\"account:a\"}}\n",
                 k(2)
             )
         );
@@ -3880,6 +4110,186 @@ mod tests {
             "still locked after the writer's compaction"
         );
         drop(st);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Accounts alice, bob and carol (legacy entries) sharing group "home", and dan alone
+    /// in "solo": at most `max` claims per group and `per` per member, lapsing after
+    /// `idle_ms`, measured by `now`; the state file `state` if any.
+    fn members(
+        dir: &Path,
+        state: Option<&Path>,
+        idle_ms: u64,
+        (max, per): (usize, usize),
+        now: &Arc<std::sync::atomic::AtomicU64>,
+    ) -> Accounts {
+        let path = dir.join("accounts.toml");
+        AccountFile {
+            retired_groups: Vec::new(),
+            legacy_groups: Vec::new(),
+            account: vec![
+                entry("alice", None, Some(b"a")),
+                entry("bob", None, Some(b"b")),
+                entry("carol", None, Some(b"c")),
+                AccountEntry {
+                    group: Some("solo".into()),
+                    ..entry("dan", None, Some(b"d"))
+                },
+            ],
+        }
+        .save(&path)
+        .unwrap();
+        let now = now.clone();
+        Accounts::open_clocked(
+            &AuthConfig {
+                mode: AuthMode::Required,
+                accounts: Some(path),
+                state: state.map(Path::to_owned),
+                max_claims_per_group: max,
+                max_claims_per_account: per,
+                claim_idle_ms: idle_ms,
+                ..AuthConfig::default()
+            },
+            Clock(Arc::new(move || {
+                now.load(std::sync::atomic::Ordering::Relaxed)
+            })),
+        )
+        .unwrap()
+    }
+
+    /// `name` subscribes on key id `[k; 16]`: the hold its subscription keeps.
+    fn sub_key(a: &Accounts, name: &str, k: u8) -> Result<Granted, Refusal> {
+        a.authorize_use(
+            &a.current(name).unwrap(),
+            &KeyId::from_bytes([k; 16]),
+            Rights::of(&[Right::Subscribe]),
+            true,
+            |_, _| Ok(Claim::NotShared),
+            |_| Ok(false),
+        )
+    }
+
+    /// Review (M1): holds never lapse, so one member subscribed on junk key ids and staying
+    /// connected kept its group at `max_claims_per_group` for good. Now a member of a
+    /// shared group makes at most `max_claims_per_account` of its claims (default: a
+    /// quarter of the group's limit) and another member still claims new key ids; the
+    /// refusals name the account holding the most of the group's claims. An account alone
+    /// in its group is bounded by the group's limit only.
+    #[test]
+    fn one_member_cannot_fill_a_shared_groups_claims() {
+        let dir = temp_file("member-cap").parent().unwrap().to_owned();
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_700_000_000_000));
+        let a = members(&dir, None, 1000, (8, 2), &now);
+        let held: Vec<Granted> = [1, 2].map(|k| sub_key(&a, "alice", k).unwrap()).into();
+        let r = sub_key(&a, "alice", 3).unwrap_err();
+        assert_eq!(r.code, ErrorCode::QuotaExceeded, "{r:?}");
+        assert!(
+            r.message.contains("auth.max_claims_per_account = 2")
+                && r.message.contains("\"alice\" (account:alice) with 2"),
+            "{}",
+            r.message
+        );
+        // However long: the held ones never lapse, and another member still claims.
+        now.fetch_add(10 * HOUR, std::sync::atomic::Ordering::Relaxed);
+        assert!(sub_key(&a, "alice", 3).is_err());
+        use_key(&a, "bob", 10, false).expect("another member claims a new key id");
+        // Alone in its group: up to the group's limit.
+        for k in 20..28 {
+            use_key(&a, "dan", k, false).expect("dan is alone in his group");
+        }
+        drop(held);
+
+        // The group's limit: the refusal names the member holding the most.
+        let dir2 = dir.join("group");
+        std::fs::create_dir_all(&dir2).unwrap();
+        let a = members(&dir2, None, 0, (5, 3), &now);
+        for (name, k) in [
+            ("alice", 1),
+            ("alice", 2),
+            ("alice", 3),
+            ("bob", 10),
+            ("carol", 20),
+        ] {
+            use_key(&a, name, k, false).unwrap();
+        }
+        let r = use_key(&a, "carol", 21, false).unwrap_err();
+        assert!(
+            r.message.contains("auth.max_claims_per_group = 5")
+                && r.message.contains("\"alice\" (account:alice) with 3"),
+            "{}",
+            r.message
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// At its own limit a member's new key id takes the place of its own longest-unused
+    /// claim (as claim_idle_ms allows), never another member's, older as that may be.
+    #[test]
+    fn at_its_limit_a_members_own_idle_claim_lapses() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = temp_file("member-lapse").parent().unwrap().to_owned();
+        let t0 = 1_700_000_000_000u64;
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(t0));
+        let a = members(&dir, None, 1000, (10, 2), &now);
+        use_key(&a, "bob", 5, false).unwrap();
+        now.store(t0 + 10, Relaxed);
+        use_key(&a, "alice", 1, false).unwrap();
+        use_key(&a, "alice", 2, false).unwrap();
+        now.store(t0 + 2000, Relaxed);
+        use_key(&a, "alice", 3, false).expect("alice's key 1 lapsed");
+        assert_eq!(a.claims_released(), 1);
+        use_key(&a, "dan", 1, false).expect("key 1 is anyone's again");
+        assert!(
+            use_key(&a, "dan", 5, false).is_err(),
+            "bob's key 5 stays home's"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Each claim's creator is in the state file (`by`), so a restart counts a member's
+    /// claims again; a line without one (an older file) counts for the group only. `claims
+    /// list` shows creators.
+    #[test]
+    fn creators_survive_a_restart_and_older_lines_count_for_the_group() {
+        let dir = temp_file("member-restart").parent().unwrap().to_owned();
+        let state = dir.join("auth-state");
+        std::fs::write(
+            &state,
+            format!(
+                "{{\"t\":\"claim\",\"key_id\":\"{}\",\"group\":\"home\"}}\n",
+                hex::encode([9u8; 16])
+            ),
+        )
+        .unwrap();
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_700_000_000_000));
+        let a = members(&dir, Some(&state), 0, (4, 2), &now);
+        use_key(&a, "alice", 1, false).unwrap();
+        use_key(&a, "alice", 2, false).unwrap();
+        flushed(&a);
+        drop(a);
+        let a = members(&dir, Some(&state), 0, (4, 2), &now);
+        let r = use_key(&a, "alice", 3, false).unwrap_err();
+        assert!(r.message.contains("max_claims_per_account"), "{r:?}");
+        use_key(&a, "bob", 10, false).expect("the group holds 3 of 4");
+        let r = use_key(&a, "carol", 20, false).unwrap_err();
+        assert!(r.message.contains("max_claims_per_group"), "{r:?}");
+        flushed(&a);
+        let by: Vec<(String, Option<String>)> = list_claims(&state)
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.key_id, c.by))
+            .collect();
+        let hexk = |k: u8| hex::encode([k; 16]);
+        let alice = Some("account:alice".to_string());
+        assert_eq!(
+            by,
+            [
+                (hexk(1), alice.clone()),
+                (hexk(2), alice),
+                (hexk(9), None),
+                (hexk(10), Some("account:bob".to_string())),
+            ]
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

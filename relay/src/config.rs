@@ -321,14 +321,30 @@ pub struct AuthConfig {
     /// gets Err(quota_exceeded).
     #[arg(long = "max-claims", env = "WHISPEER_MAX_CLAIMS")]
     pub max_claims_per_group: usize,
+    /// Most of its group's key-id claims one account may make, when other accounts share
+    /// its group (an account alone in its group is bounded by max_claims_per_group only).
+    /// At it, the account's own longest-unused claim lapses for its new key id as
+    /// claim_idle_ms allows, or its request gets Err(quota_exceeded). A quarter of
+    /// max_claims_per_group: one member — even one with only `subscribe`, holding junk key
+    /// ids with live subscriptions, which never lapse — cannot fill its group's quota
+    /// alone (four would have to), and a member still has thousands of key ids in use at
+    /// once (one per conversation and epoch; its unused ones are recycled). Lower it with
+    /// max_claims_per_group (at or above it, the relay warns at start: no protection). The
+    /// refusal (and an info line) names the account holding the most of the group's claims.
+    #[arg(
+        long = "max-claims-per-account",
+        env = "WHISPEER_MAX_CLAIMS_PER_ACCOUNT"
+    )]
+    pub max_claims_per_account: usize,
     /// A group at max_claims_per_group that asks for a new key id gets its longest-unused
     /// claim released instead, once that claim has been unused here for this many
     /// milliseconds: no subscription or durable on it, nothing stored under it, no publish
     /// or subscribe on it (0 = never release; a cluster never releases). 7 days, like
     /// store.durable_idle_ms: an idle durable keeps its key id claimed until the store
     /// deletes it anyway, and members offline for a week do not come back to a key id
-    /// taken by another group; a group whose quota a member filled with junk key ids waits
-    /// that long, or an operator runs `whispeer-relay claims release`. Idle times survive
+    /// taken by another group; junk key ids no longer subscribed to wait that long, or an
+    /// operator runs `whispeer-relay claims release` (held ones never lapse: see
+    /// max_claims_per_account). Idle times survive
     /// restarts; no claim lapses within an hour of a start (or claim_idle_ms, if shorter),
     /// while subscribers come back.
     #[arg(long = "claim-idle-ms", env = "WHISPEER_CLAIM_IDLE_MS")]
@@ -347,6 +363,27 @@ pub struct AuthConfig {
     )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+}
+
+impl AuthConfig {
+    /// What the claim limits cannot keep of their promise (logged at start): a
+    /// `max_claims_per_account` at or above `max_claims_per_group` lets one member fill
+    /// its group's claims.
+    pub fn claim_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.mode == AuthMode::Required
+            && self.max_claims_per_account >= self.max_claims_per_group
+        {
+            out.push(format!(
+                "auth.max_claims_per_account ({}) is not below auth.max_claims_per_group \
+                 ({}): one member of a shared group can claim all of its key ids and keep \
+                 them with live subscriptions; a quarter of max_claims_per_group is the default \
+                 ratio",
+                self.max_claims_per_account, self.max_claims_per_group
+            ));
+        }
+        out
+    }
 }
 
 impl AuthConfig {
@@ -375,6 +412,7 @@ impl Default for AuthConfig {
             names: Vec::new(),
             state: None,
             max_claims_per_group: 10_000,
+            max_claims_per_account: 2_500,
             claim_idle_ms: 7 * 24 * 3600 * 1000,
             reload_ms: 1_000,
             admin_token: None,
@@ -1818,10 +1856,11 @@ impl Config {
                     .into(),
             );
         }
-        if a.reload_ms == 0 || a.max_claims_per_group == 0 {
+        if a.reload_ms == 0 || a.max_claims_per_group == 0 || a.max_claims_per_account == 0 {
             return invalid(
                 "auth",
-                "reload_ms and max_claims_per_group must be positive".into(),
+                "reload_ms, max_claims_per_group and max_claims_per_account must be positive"
+                    .into(),
             );
         }
         if let Some(t) = &a.admin_token {

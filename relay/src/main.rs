@@ -38,9 +38,11 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ClaimsCmd {
-    /// List the claims the auth-state file holds: key id, group, last use written (or
-    /// "unknown"), durables recorded under the key id. With a running relay: as far as it
-    /// wrote them (its newest uses may be in memory only).
+    /// List the claims the auth-state file holds: key id, group, the account that made it
+    /// (by=account-id:ID as `account list` prints ids, by=account:NAME for a legacy entry,
+    /// by=- when not recorded: a claim from before creators were, counted as the group's),
+    /// last use written (or "unknown"), durables recorded under the key id. With a running
+    /// relay: as far as it wrote them (its newest uses may be in memory only).
     List(ClaimsListArgs),
     /// Release claims of a group, so any group may claim those key ids again. The relay
     /// must be STOPPED (it holds the file's lock while it runs; this refuses then): it
@@ -74,7 +76,7 @@ struct ClaimsListArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("which").required(true).args(["key_id", "idle_ms", "all"])))]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["key_id", "idle_ms", "by", "all"])))]
 struct ClaimsReleaseArgs {
     #[command(flatten)]
     state: ClaimsStateArg,
@@ -88,6 +90,10 @@ struct ClaimsReleaseArgs {
     /// milliseconds ago (claims with no last use written are kept).
     #[arg(long, value_name = "MS")]
     idle_ms: Option<u64>,
+    /// Every claim of the group this account made (as `claims list` prints it: by=…, e.g.
+    /// the account a relay's refusal names as holding the most of the group's claims).
+    #[arg(long, value_name = "ACCOUNT")]
+    by: Option<String>,
     /// Every claim of the group.
     #[arg(long)]
     all: bool,
@@ -393,7 +399,11 @@ fn main() -> Result<()> {
             warn_open_relay(&config);
             warn_cluster_claims(&config);
             warn_short_marker_keep(&config);
-            for w in config.reserve_warnings() {
+            for w in config
+                .reserve_warnings()
+                .into_iter()
+                .chain(config.auth.claim_warnings())
+            {
                 tracing::warn!("{w}");
             }
             let mut rt = tokio::runtime::Builder::new_multi_thread();
@@ -432,9 +442,10 @@ fn claims(cmd: ClaimsCmd) -> Result<()> {
                 .filter(|c| a.group.as_ref().is_none_or(|g| *g == c.group))
             {
                 println!(
-                    "{}\tgroup={}\t{}\tdurables={}",
+                    "{}\tgroup={}\tby={}\t{}\tdurables={}",
                     c.key_id,
                     c.group,
+                    c.by.as_deref().unwrap_or("-"),
                     used(c),
                     c.durables
                 );
@@ -452,6 +463,7 @@ fn claims(cmd: ClaimsCmd) -> Result<()> {
             let r = accounts::release_claims(&a.state.state, &a.group, |c| {
                 a.all
                     || keys.contains(&c.key_id)
+                    || a.by.as_ref().is_some_and(|b| c.by.as_ref() == Some(b))
                     || a.idle_ms
                         .is_some_and(|ms| c.used.is_some_and(|t| now.saturating_sub(t) >= ms))
             })?;

@@ -1735,10 +1735,17 @@ impl Lapse {
         Self { s, a, b, e }
     }
 
-    /// The relay with at most `max` claims per group, lapsing after `idle_ms`.
+    /// The relay with at most `max` claims per group (and per member), lapsing after
+    /// `idle_ms`.
     fn relay(&self, max: &str, idle_ms: &str) -> BinRelay {
-        self.s
-            .relay(&["--max-claims", max, "--claim-idle-ms", idle_ms])
+        self.s.relay(&[
+            "--max-claims",
+            max,
+            "--max-claims-per-account",
+            max,
+            "--claim-idle-ms",
+            idle_ms,
+        ])
     }
 }
 
@@ -1786,6 +1793,99 @@ async fn a_members_junk_claims_lapse_and_the_group_claims_a_new_key_id() {
         let err = try_sub(&mut e, sub(2, k, None, None)).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::AuthFailed, "key {k}: {err:?}");
     }
+}
+
+/// Review (M1): claims held by live subscriptions never lapse, and the group's limit
+/// (10,000) was no more than one member could fill with QoS 0 `Sub`s on junk key ids over
+/// its connections, kept alive with Pings — the group stayed at its limit for good. Now
+/// one member of a shared group claims at most `auth.max_claims_per_account` (a quarter of
+/// `max_claims_per_group` by default: here 2 of 8) while it stays connected, and the other
+/// members still claim new key ids. The refusal and an info line (no key id) name the
+/// account holding the most; with the relay stopped `claims release --by` releases that
+/// account's claims.
+#[tokio::test]
+async fn a_member_staying_connected_cannot_exhaust_its_groups_claims() {
+    let l = Lapse::new("member-cap");
+    let filler = key_account(
+        &l.s.dir,
+        &l.s.accounts,
+        "filler",
+        &["--group", "home", "--rights", "subscribe"],
+    );
+    let filler_id = account_ids(&l.s.accounts)
+        .into_iter()
+        .find(|(n, _)| n == "filler")
+        .and_then(|(_, id)| id)
+        .unwrap();
+    let args = l.s.args(&[
+        "--max-claims",
+        "8",
+        "--max-claims-per-account",
+        "2",
+        "--log",
+        "info",
+    ]);
+    let mut relay = BinRelay::start_logged(&args);
+    let mut f = login(relay.tcp(), &filler).await;
+    let mut f2 = login(relay.tcp(), &filler).await;
+    try_sub(&mut f, sub(1, 11, None, None)).await.unwrap();
+    try_sub(&mut f2, sub(1, 12, None, None)).await.unwrap();
+    for (i, k) in [13u8, 14, 15].into_iter().enumerate() {
+        let c = if i % 2 == 0 { &mut f } else { &mut f2 };
+        let e = try_sub(c, sub(2 + i as u64, k, None, None))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e:?}");
+        assert!(
+            e.message.contains("auth.max_claims_per_account = 2")
+                && e.message
+                    .contains(&format!("\"filler\" (account-id:{filler_id}) with 2")),
+            "{e:?}"
+        );
+    }
+    let line = relay
+        .wait_log(&[
+            "new key-id claim refused",
+            "filler",
+            "max_claims_per_account",
+        ])
+        .await;
+    for k in [11u8, 12, 13] {
+        assert!(
+            !line.contains(&hex::encode([k; 16])),
+            "no key id at info: {line}"
+        );
+    }
+    // The filler stays connected (its holds stay); the other members still claim.
+    frames_until_pong(&mut f, 1).await;
+    frames_until_pong(&mut f2, 2).await;
+    let mut a = login(relay.tcp(), &l.a).await;
+    try_pub_live(&mut a, 21)
+        .await
+        .expect("a claims a new key id");
+    let mut b = login(relay.tcp(), &l.b).await;
+    try_sub(&mut b, sub(1, 22, None, None))
+        .await
+        .expect("b claims a new key id");
+    frames_until_pong(&mut f, 3).await;
+    drop((f, f2, a, b, relay));
+
+    // The operator releases the named account's claims, with the relay stopped.
+    let state = l.s.state.to_str().unwrap();
+    let by = format!("account-id:{filler_id}");
+    let listed = relay_cli(&["claims", "list", "--state", state, "--group", "home"]);
+    assert_eq!(listed.matches(&format!("by={by}\t")).count(), 2, "{listed}");
+    let out = relay_cli(&[
+        "claims", "release", "--state", state, "--group", "home", "--by", &by,
+    ]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let relay = l.s.relay(&[]);
+    let mut e = login(relay.tcp(), &l.e).await;
+    try_sub(&mut e, sub(1, 11, None, None))
+        .await
+        .expect("the filler's claims were released");
+    let err = try_sub(&mut e, sub(2, 21, None, None)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::AuthFailed, "a's claim stays: {err:?}");
 }
 
 /// A claim a live subscription holds never lapses, however long ago it was claimed: the
@@ -1916,7 +2016,7 @@ async fn claims_never_lapse_with_claim_idle_ms_0_or_in_a_cluster() {
         ),
         (&lapsing, &["--claim-idle-ms", "200"][..]),
     ] {
-        let mut args = vec!["--max-claims", "2"];
+        let mut args = vec!["--max-claims", "2", "--max-claims-per-account", "2"];
         args.extend_from_slice(extra);
         let relay = l.s.relay(&args);
         let mut a = login(relay.tcp(), &l.a).await;
