@@ -148,12 +148,12 @@ const CONNECT_OPTIONS = [
   'identity', 'keys', 'compression', 'suite', 'padding', 'sign', 'topics', 'reconnect', 'connectTimeoutMs',
   'retryFirstConnect', 'reconnectBuffer', 'keptBytes', 'subscriptionCapacity', 'heartbeatMs',
   'sendHighWaterMark', 'name', 'auth', 'persistence', 'maxPayload', 'dedupCapacity', 'maxFrame',
-  'signal', 'tls',
+  'signal', 'tls', 'requireBoundAuth',
 ];
 /** The connect options kept past the constructor (none of them secret; see `#opts`). */
 const KEPT_OPTIONS = [
   'reconnect', 'connectTimeoutMs', 'retryFirstConnect', 'reconnectBuffer', 'keptBytes', 'subscriptionCapacity',
-  'heartbeatMs', 'sendHighWaterMark', 'name', 'maxPayload', 'dedupCapacity',
+  'heartbeatMs', 'sendHighWaterMark', 'name', 'maxPayload', 'dedupCapacity', 'requireBoundAuth',
 ];
 const TOPIC_OPTIONS = ['compression', 'padding', 'suite', 'requireSigned', 'allowSenders'];
 
@@ -186,6 +186,20 @@ function relayUrls(url) {
     if (typeof u !== 'string' || !/^wss?:\/\//.test(u))
       throw new WhispeerError('INVALID_URL', `relay URL must be ws:// or wss://, got ${u}`);
   return urls;
+}
+/**
+ * The relay name a relay-bound sign-in signs for `url` (PROTOCOL §3.5.6): the host as the
+ * WHATWG URL parser gives it (lowercase, international names in their `xn--` form, IPv6 in
+ * brackets), `:`, and the port dialed (the scheme's default when the URL has none). The
+ * engine signs it when the relay's challenge asks for a bound sign-in.
+ */
+export function relayName(url) {
+  try {
+    const u = new URL(url);
+    return `${u.hostname}:${u.port || (u.protocol === 'wss:' ? '443' : '80')}`;
+  } catch {
+    return null;
+  }
 }
 /** The content type of a retained value's clear (PROTOCOL §4.11; Rust `core::CLEAR_RETAINED`). */
 const CLEAR_RETAINED = 'application/vnd.whispeer.clear-retained';
@@ -634,6 +648,7 @@ export class Client {
     for (const k of KEPT_OPTIONS) if (options[k] !== undefined) this.#opts[k] = options[k];
     this.#opts.topics = policyTopics(options.topics);
     this.#opts.relays = urls.length;
+    this.#opts.relayNames = urls.map(relayName);
     const maxFrame = options.maxFrame ?? DEFAULT_MAX_FRAME;
     if (!Number.isInteger(maxFrame) || maxFrame < 4096 || maxFrame > MAX_FRAME_CEILING)
       throw new WhispeerError(

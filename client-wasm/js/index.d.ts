@@ -50,7 +50,8 @@ export class WhispeerError extends Error {
   readonly name: 'WhispeerError';
   /**
    * `INVALID_TOPIC`, `INVALID_TREE`, `NO_KEY`, `KEY`, `ENCODE`, `DECODE`, `SEAL`, `OPEN`, `INVITE`,
-   * `PROTOCOL`, `INVALID_URL`, `CONNECT`, `TIMEOUT`, `REJECTED`, `CLOSED`, `DISCONNECTED`,
+   * `PROTOCOL`, `INVALID_URL`, `CONNECT`, `TIMEOUT`, `REJECTED`, `AUTH_NOT_BOUND` (the relay
+   * account's sign-in could not be bound to the relay: `requireBoundAuth`), `CLOSED`, `DISCONNECTED`,
    * `NOT_ACKNOWLEDGED`, `BUFFER_FULL`, `INVALID_OPTION`, `ABORTED` (`connect`'s `signal`),
    * `UNSUPPORTED` (an option this platform cannot honour: `tls` outside Node.js),
    * `STATE` (the `persistence` store
@@ -393,6 +394,15 @@ export interface ConnectOptions {
    * (`whispeer-relay account add NAME --token`). Not the identity that signs messages.
    */
   auth?: { key: string } | { token: string };
+  /**
+   * With an account key: sign in only to relays that ask for a sign-in bound to their name
+   * (relays with `auth.names`; PROTOCOL §3.5.6). A relay that does not fails the connection
+   * with code `AUTH_NOT_BOUND` instead of getting the unbound signature, which any relay
+   * this key is used with could forward to it. Default false (relays without names keep
+   * working). Whatever this says, the client signs the name of the URL it dialed whenever a
+   * relay asks, and a relay with names refuses a signature made for another.
+   */
+  requireBoundAuth?: boolean;
   /**
    * Keeps the QoS ≥ 1 outbox (until each `PubAck`), the receive-dedup window, the retained
    * high-water marks and the pinned tree admins across restarts: unacknowledged publishes

@@ -73,6 +73,28 @@ fn flag(o: &JsValue, k: &str) -> Result<Option<bool>, JsValue> {
     }
 }
 
+/// `relayNames`: an array of the relay name (a string, or `null` for none) of each URL, in
+/// the order of the URLs. A name that is not canonical counts as none (the engine checks).
+fn relay_names(o: &JsValue) -> Result<Vec<Option<String>>, JsValue> {
+    let Some(v) = get(o, "relayNames") else {
+        return Ok(Vec::new());
+    };
+    let a = v
+        .dyn_into::<Array>()
+        .map_err(|v| bad_option("relayNames: expected an array", &v))?;
+    a.iter()
+        .map(|n| {
+            if n.is_null() || n.is_undefined() {
+                Ok(None)
+            } else {
+                n.as_string()
+                    .map(Some)
+                    .ok_or_else(|| bad_option("relayNames: expected strings or null", &n))
+            }
+        })
+        .collect()
+}
+
 /// `heartbeatMs`: a whole number of milliseconds within the range the engine takes from a
 /// relay's `Welcome` (1 s to 5 min, `MIN_HEARTBEAT_MS..=MAX_HEARTBEAT_MS`). 0 would ping
 /// without pause, `Infinity` never: a dead connection would go unnoticed.
@@ -218,6 +240,7 @@ struct Saving {
 impl Engine {
     /// An engine sealing with `core` (moved in: its keys, identity, topic options and
     /// relay account) and configured by `options` (`name`, `relays` (how many URLs),
+    /// `relayNames` (each URL's relay name, `host:port`), `requireBoundAuth`,
     /// `connectTimeoutMs`, `reconnect:
     /// { initialDelayMs, maxDelayMs, maxAttempts }`, `retryFirstConnect`,
     /// `reconnectBuffer`, `keptBytes`, `subscriptionCapacity`, `heartbeatMs`, `state`).
@@ -264,6 +287,11 @@ impl Engine {
         cfg.retry_first_connect = flag(options, "retryFirstConnect")?.unwrap_or(false);
         // How many relay URLs the driver has: the engine goes round them (`dial.relay`).
         cfg.relays = count(options, "relays")?.map_or(1, |n| n.clamp(1.0, 1024.0) as usize);
+        // Their relay names (`host:port`, from the URL parser: PROTOCOL §3.5.6), what a
+        // relay-bound sign-in signs on a connection to each; `requireBoundAuth`: sign only
+        // those.
+        cfg.relay_names = relay_names(options)?;
+        cfg.require_bound_auth = flag(options, "requireBoundAuth")?.unwrap_or(false);
         if let Some(r) = get(options, "reconnect") {
             let d = Backoff::default();
             let max_attempts = match count(&r, "maxAttempts")? {
@@ -948,6 +976,7 @@ fn disconnect_code(d: &whispeer::core::connection::Disconnect) -> &'static str {
     match d {
         D::Timeout => "TIMEOUT",
         D::Rejected { .. } => "REJECTED",
+        D::AuthNotBound(_) => "AUTH_NOT_BOUND",
         D::Transport(_) => "CONNECT",
         _ => "PROTOCOL",
     }

@@ -50,6 +50,12 @@ pub enum ConnectError {
     /// The relay closed or sent something unexpected during the handshake.
     #[error("handshake failed: {0}")]
     Handshake(String),
+    /// The client would not sign the relay's `Challenge` with its account key: the sign-in
+    /// could not be bound to the relay's name (PROTOCOL §3.5.6) — binding is required
+    /// ([`ClientBuilder::require_bound_auth`](crate::ClientBuilder::require_bound_auth))
+    /// and the relay does not ask for it, or it asks and the address has no relay name.
+    #[error("relay account sign-in refused: {0}")]
+    AuthNotBound(crate::core::connection::AuthNotBound),
     /// No answer within the connect timeout.
     #[error("relay did not answer within {0:?}")]
     Timeout(std::time::Duration),

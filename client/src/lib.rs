@@ -91,6 +91,7 @@ pub mod persist;
 #[cfg(feature = "tokio-runtime")]
 mod transport;
 
+pub use crate::core::connection::AuthNotBound;
 pub use crate::core::SubscribeOptions;
 pub use error::{
     ConnectError, DeleteError, FlushError, PublishError, ReceiveError, SubscribeError,

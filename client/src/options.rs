@@ -60,6 +60,8 @@ pub struct ClientBuilder {
     pub(crate) state_file: Option<std::path::PathBuf>,
     /// The relay account sent in `Hello` (key or bearer token).
     pub(crate) relay_auth: Option<RelayAuth>,
+    /// Sign in with the account key only when the relay asks for a relay-bound signature.
+    pub(crate) require_bound_auth: bool,
     pub(crate) durable_owner: Option<zeroize::Zeroizing<[u8; 32]>>,
     /// Key strings given to `Encryption` that did not parse (`connect` fails with it).
     pub(crate) key_error: Option<KeyError>,
@@ -90,6 +92,7 @@ impl Default for ClientBuilder {
             #[cfg(feature = "persistence")]
             state_file: None,
             relay_auth: None,
+            require_bound_auth: false,
             durable_owner: None,
             key_error: None,
         }
@@ -210,6 +213,21 @@ impl ClientBuilder {
     /// subscriber that expects small messages sets this lower.
     pub fn max_payload(mut self, bytes: usize) -> Self {
         self.receive.max_payload = bytes;
+        self
+    }
+    /// With a relay account key ([`RelayAuth::key`]): sign in only to relays that ask for
+    /// a sign-in bound to their name (PROTOCOL §3.5.6) — a relay that does not (it sets no
+    /// `auth.names`, or predates relay binding) fails the connection with
+    /// [`ConnectError::AuthNotBound`](crate::ConnectError::AuthNotBound) instead of getting
+    /// the legacy signature. Default off.
+    ///
+    /// Whatever this says, the client signs the name of the relay it dialed whenever a
+    /// relay asks, and a relay with `auth.names` refuses a signature made for another name:
+    /// a relay passing that relay's challenge on gets nothing it can use there. A relay
+    /// *without* names takes any sign-in, forwarded ones too; this option keeps the account
+    /// key away from such relays, at the price of not connecting to them at all.
+    pub fn require_bound_auth(mut self, yes: bool) -> Self {
+        self.require_bound_auth = yes;
         self
     }
 }

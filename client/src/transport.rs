@@ -35,6 +35,9 @@ pub struct Endpoint {
     pub host: String,
     /// Port.
     pub port: u16,
+    /// The relay's name as dialed (`host:port`, PROTOCOL §3.5.6): what a relay-bound
+    /// sign-in signs. `None` when the host makes no relay name.
+    pub relay_name: Option<String>,
 }
 
 impl Endpoint {
@@ -85,8 +88,23 @@ impl Endpoint {
             quic,
             host,
             port,
+            relay_name: relay_name(&u, port),
         })
     }
+}
+
+/// The relay name of URL `u` dialed at `port` (PROTOCOL §3.5.6): its host as the WHATWG URL
+/// parser gives it for a `ws://` URL — `tcp://`, `tls://` and `quic://` are not special
+/// schemes, so their host is parsed again that way (lowercase, IDNA, IPv4 forms) — then
+/// `:port`. `None` when that host makes no relay name.
+fn relay_name(u: &url::Url, port: u16) -> Option<String> {
+    let host = match u.host()? {
+        url::Host::Domain(d) => url::Host::parse(d).ok()?.to_string(),
+        // The URL's own serialization: brackets, and IPv6 as WHATWG writes it (never
+        // with an embedded IPv4 part, unlike `Ipv6Addr`'s `Display`).
+        _ => u.host_str()?.to_owned(),
+    };
+    whispeer_protocol::relay_name::name(&host, port).ok()
 }
 
 /// Why a scheme-less relay address is refused, and what to write instead.
@@ -614,6 +632,16 @@ pub(crate) enum Dialer {
 }
 
 impl Dialer {
+    /// The relay name a relay-bound sign-in signs on a connection it opens (`None`: an
+    /// in-process relay, or a host that makes no relay name).
+    pub(crate) fn relay_name(&self) -> Option<String> {
+        match self {
+            Dialer::Net { ep, .. } => ep.relay_name.clone(),
+            #[cfg(feature = "in-process")]
+            Dialer::InProcess(_) => None,
+        }
+    }
+
     /// What to call the relay in logs and errors.
     pub(crate) fn describe(&self) -> &str {
         match self {
@@ -830,6 +858,26 @@ mod tests {
             e.contains("no scheme") && e.contains("wss://relay.example:443"),
             "{e}"
         );
+    }
+
+    /// The relay name each URL signs (PROTOCOL §3.5.6), as the vector `ok_relay_names`
+    /// lists them: host as the WHATWG URL parser gives it for `ws://` whatever the scheme
+    /// (lowercase, IDNA, IPv4 forms, IPv6 compressed in brackets), and the port dialed.
+    #[test]
+    fn relay_names_of_urls_are_the_vectors() {
+        let v: serde_json::Value = serde_json::from_str(include_str!(
+            "../../protocol/tests/vectors/ok_relay_names.json"
+        ))
+        .unwrap();
+        let urls = v["urls"].as_array().unwrap();
+        assert!(urls.len() >= 10);
+        for u in urls {
+            let (url, name) = (u["url"].as_str().unwrap(), u["name"].as_str().unwrap());
+            let e = Endpoint::parse(url).unwrap();
+            assert_eq!(e.relay_name.as_deref(), Some(name), "{url}");
+        }
+        // No relay name: a host the normalizer refuses (a URL parser takes more).
+        assert_eq!(Endpoint::parse("tcp://a*b:1").unwrap().relay_name, None);
     }
 
     #[test]

@@ -924,6 +924,165 @@ fn handshake_with_account_challenge() {
         .expect("valid signature");
 }
 
+/// The connection's `Dial` (after any hang-up), opened.
+fn redial_now(s: &mut Sim) -> ConnId {
+    loop {
+        match s.next_tx() {
+            Transmit::Dial(c) => {
+                s.conn = Some(c);
+                s.eng.handle_connected(c, s.now);
+                s.drain();
+                return c;
+            }
+            Transmit::Hangup(_) => {}
+            other => panic!("expected Dial, got {other:?}"),
+        }
+    }
+}
+
+/// Verifies `a`'s signature by [`account_key`] over `input`.
+fn signed_over(a: &frame::Auth, input: &[u8]) -> bool {
+    account_key()
+        .verifying_key()
+        .verify_strict(input, &ed25519_dalek::Signature::from_bytes(&a.sig))
+        .is_ok()
+}
+
+/// Relay-bound sign-ins (PROTOCOL §3.5.6): on a `Challenge` that asks for one, the account
+/// key signs the relay name of the address *this* connection dialed — with two relays,
+/// each its own — and the signature verifies over that name only (not the legacy input,
+/// not the other relay's name); a `Challenge` that does not ask gets the legacy form.
+#[test]
+fn a_bound_challenge_is_signed_over_the_dialed_relays_name() {
+    let (a, b) = ("relay-a.example:443", "[2001:db8::1]:7481");
+    let mut s = Sim::new(|c| {
+        c.auth = Some(AccountAuth::Key(Arc::new(account_key())));
+        c.relays = 2;
+        c.relay_names = vec![Some(a.into()), Some(b.into())];
+        c.retry_first_connect = true;
+    });
+    let pk = account_key().verifying_key().to_bytes();
+    let bound = |nonce| frame::Challenge {
+        nonce,
+        bound: Some(true),
+    };
+    let c0 = redial_now(&mut s);
+    assert_eq!(s.eng.dial_relay(c0), 0);
+    assert!(matches!(s.next_frame(), Frame::Hello(_)));
+    s.feed(Frame::Challenge(bound([3; 32])));
+    let Frame::Auth(auth) = s.next_frame() else {
+        panic!("Auth expected")
+    };
+    assert_eq!(auth.relay.as_deref(), Some(a));
+    assert!(signed_over(
+        &auth,
+        &frame::auth_bound_sig_input(&[3; 32], &pk, a).unwrap()
+    ));
+    assert!(!signed_over(&auth, &frame::auth_sig_input(&[3; 32], &pk)));
+    assert!(!signed_over(
+        &auth,
+        &frame::auth_bound_sig_input(&[3; 32], &pk, b).unwrap()
+    ));
+
+    // Refused there: the next connection goes to relay b and signs b's name.
+    s.feed(Frame::Err(ErrFrame {
+        code: ErrorCode::AuthFailed,
+        message: "no".into(),
+        fatal: true,
+        sub_id: None,
+        publish_id: None,
+    }));
+    // (A lost connection moves to the next relay at once.)
+    let c1 = redial_now(&mut s);
+    assert_eq!(s.eng.dial_relay(c1), 1);
+    assert!(matches!(s.next_frame(), Frame::Hello(_)));
+    s.feed(Frame::Challenge(bound([4; 32])));
+    let Frame::Auth(auth) = s.next_frame() else {
+        panic!("Auth expected")
+    };
+    assert_eq!(auth.relay.as_deref(), Some(b));
+    assert!(signed_over(
+        &auth,
+        &frame::auth_bound_sig_input(&[4; 32], &pk, b).unwrap()
+    ));
+
+    // A relay that does not ask gets the legacy form.
+    let mut s = Sim::new(|c| {
+        c.auth = Some(AccountAuth::Key(Arc::new(account_key())));
+        c.relay_names = vec![Some(a.into())];
+    });
+    redial_now(&mut s);
+    s.next_frame();
+    s.feed(Frame::Challenge(frame::Challenge {
+        nonce: [5; 32],
+        bound: None,
+    }));
+    let Frame::Auth(auth) = s.next_frame() else {
+        panic!("Auth expected")
+    };
+    assert_eq!(auth.relay, None);
+    assert!(signed_over(&auth, &frame::auth_sig_input(&[5; 32], &pk)));
+}
+
+/// With `require_bound_auth` a `Challenge` that does not ask for a bound sign-in is not
+/// answered: the socket is hung up on and the connection fails with the typed reason
+/// (naming the relay dialed). A `Challenge` asking for one over an address without a relay
+/// name fails the same way, whatever the option says. Nothing is signed in either case.
+#[test]
+fn an_unbound_challenge_fails_with_the_reason_when_binding_is_required() {
+    use whispeer::core::connection::AuthNotBound;
+    for (require, names, bound, why) in [
+        (
+            true,
+            vec![Some("relay.example.com:443".to_string())],
+            None,
+            AuthNotBound::NotOffered {
+                relay: Some("relay.example.com:443".into()),
+            },
+        ),
+        (
+            true,
+            vec![],
+            Some(false),
+            AuthNotBound::NotOffered { relay: None },
+        ),
+        (false, vec![], Some(true), AuthNotBound::NoName),
+        // A name that is not canonical is no name.
+        (
+            false,
+            vec![Some("Relay.Example.com:443".to_string())],
+            Some(true),
+            AuthNotBound::NoName,
+        ),
+    ] {
+        let mut s = Sim::new(|c| {
+            c.auth = Some(AccountAuth::Key(Arc::new(account_key())));
+            c.relay_names = names;
+            c.require_bound_auth = require;
+        });
+        redial_now(&mut s);
+        assert!(matches!(s.next_frame(), Frame::Hello(_)));
+        s.feed(Frame::Challenge(frame::Challenge {
+            nonce: [3; 32],
+            bound,
+        }));
+        assert!(
+            matches!(s.next_tx(), Transmit::Hangup(_)),
+            "hung up on, no Auth"
+        );
+        let reason = s
+            .events
+            .iter()
+            .find_map(|e| match e {
+                Event::Disconnected { reason, .. } => Some(reason.clone()),
+                _ => None,
+            })
+            .expect("Disconnected");
+        assert_eq!(reason, Disconnect::AuthNotBound(why.clone()));
+        assert!(reason.to_string().contains("bound to its name"), "{reason}");
+    }
+}
+
 /// The relay's heartbeat interval is taken within 1 s and 5 min: 1 ms would have the
 /// client send a thousand Pings a second, u64::MAX would turn its dead-relay detection off.
 #[test]

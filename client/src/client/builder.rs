@@ -96,6 +96,9 @@ impl ClientBuilder {
             auth: self.relay_auth.map(|a| a.0),
             connect_timeout_ms: ms(self.connect_timeout),
             relays: dialers.len(),
+            // What a relay-bound sign-in signs on a connection to each (PROTOCOL §3.5.6).
+            relay_names: dialers.iter().map(Dialer::relay_name).collect(),
+            require_bound_auth: self.require_bound_auth,
             backoff: Backoff::new(
                 ms(self.reconnect.initial),
                 ms(self.reconnect.max),

@@ -784,6 +784,7 @@ impl Driver {
             Disconnect::Timeout => ConnectError::Timeout(self.p.connect_timeout),
             Disconnect::Rejected { code, message } => ConnectError::Rejected { code, message },
             Disconnect::Handshake(why) | Disconnect::Transport(why) => ConnectError::Handshake(why),
+            Disconnect::AuthNotBound(why) => ConnectError::AuthNotBound(why),
             other => ConnectError::Handshake(other.to_string()),
         }
     }

@@ -35,8 +35,8 @@ pub use auth::AccountAuth;
 pub use rng::{Backoff, SeededRng};
 pub use sealing::BATCH_MAX_BYTES;
 pub use types::{
-    AckToken, ConnId, Disconnect, EngineConfig, EngineStats, Event, FlushId, Now, PubOptions,
-    PublishFailure, PublishId, SubscribeFailure, Transmit,
+    AckToken, AuthNotBound, ConnId, Disconnect, EngineConfig, EngineStats, Event, FlushId, Now,
+    PubOptions, PublishFailure, PublishId, SubscribeFailure, Transmit,
 };
 
 use super::acks::{AckQueue, SlotId};
@@ -1175,18 +1175,45 @@ impl Engine {
                 let why = "the relay sent a second Challenge";
                 self.lose(Disconnect::Handshake(why.into()), true, mono);
             }
-            Frame::Challenge(c) => match self.cfg.auth.as_ref().and_then(|a| a.answer(&c.nonce)) {
-                Some(auth) => {
-                    if let Phase::Handshaking { answered, .. } = &mut self.phase {
-                        *answered = true;
+            Frame::Challenge(c) => {
+                // The name of the address this connection dialed (PROTOCOL §3.5.6): what a
+                // bound sign-in signs, so a relay passing another's challenge on gets a
+                // signature for its own name only.
+                let conn = self.conn().unwrap_or(0);
+                let name = self
+                    .cfg
+                    .relay_names
+                    .get(self.dial_relay(conn))
+                    .cloned()
+                    .flatten()
+                    .filter(|n| whispeer_protocol::relay_name::is_canonical(n));
+                let bound = c.bound == Some(true);
+                let refuse = match (bound, &name) {
+                    (false, _) if self.cfg.require_bound_auth => Some(AuthNotBound::NotOffered {
+                        relay: name.clone(),
+                    }),
+                    (true, None) => Some(AuthNotBound::NoName),
+                    _ => None,
+                };
+                let relay = name.as_deref().filter(|_| bound);
+                let key = self.cfg.auth.as_ref().filter(|a| a.public_key().is_some());
+                match (key, refuse) {
+                    (None, _) => {
+                        let why = "the relay sent a Challenge but no account key is configured";
+                        self.lose(Disconnect::Handshake(why.into()), true, mono);
                     }
-                    self.send(Frame::Auth(auth));
+                    (Some(_), Some(why)) => self.lose(Disconnect::AuthNotBound(why), true, mono),
+                    (Some(key), None) => {
+                        // A key always answers; a canonical name is 1 to 255 bytes.
+                        if let Some(auth) = key.answer(&c.nonce, relay) {
+                            if let Phase::Handshaking { answered, .. } = &mut self.phase {
+                                *answered = true;
+                            }
+                            self.send(Frame::Auth(auth));
+                        }
+                    }
                 }
-                None => {
-                    let why = "the relay sent a Challenge but no account key is configured";
-                    self.lose(Disconnect::Handshake(why.into()), true, mono);
-                }
-            },
+            }
             Frame::Err(e) => {
                 let (code, message) = (e.code, e.message);
                 self.lose(Disconnect::Rejected { code, message }, true, mono);

@@ -1030,7 +1030,8 @@ async fn connect_bench(
         } else {
             Padding::padme()
         })
-        .connect_timeout(secs(conn.connect_timeout)?);
+        .connect_timeout(secs(conn.connect_timeout)?)
+        .require_bound_auth(conn.require_bound_auth);
     if let Some(id) = identity {
         b = b.with(id);
     }

@@ -61,6 +61,12 @@ pub struct ConnArgs {
         hide_env_values = true
     )]
     pub auth_token: Option<String>,
+    /// With --auth-key: sign in only to relays that ask for a sign-in bound to their name
+    /// (relays with auth.names); any other relay fails the connection. Without it the key
+    /// also signs the legacy form for relays that do not ask, which a relay passing their
+    /// challenge on could use to sign in there as this account (PROTOCOL §3.5.6).
+    #[arg(long)]
+    pub require_bound_auth: bool,
 }
 
 impl ConnArgs {
@@ -137,7 +143,8 @@ impl ConnArgs {
         let mut b = Client::builder()
             .with(whispeer::Relays::new(self.urls())) // any scheme, in failover order
             .with(whispeer::Encryption::with_keyring(keyring))
-            .connect_timeout(secs(self.connect_timeout)?);
+            .connect_timeout(secs(self.connect_timeout)?)
+            .require_bound_auth(self.require_bound_auth);
         if let Some(c) = seal.and_then(|s| s.compress) {
             b = b.with(c);
         }

@@ -32,16 +32,21 @@ impl AccountAuth {
         }
     }
 
-    /// The `Auth` frame answering a `Challenge` (`None` for a token).
-    pub fn answer(&self, nonce: &[u8; 32]) -> Option<Auth> {
+    /// The `Auth` frame answering a `Challenge` (`None` for a token, or a `relay` name that
+    /// is empty or over 255 bytes): bound to `relay` — the name of the relay as dialed
+    /// (PROTOCOL §3.5.6) — when given, else the legacy form.
+    pub fn answer(&self, nonce: &[u8; 32], relay: Option<&str>) -> Option<Auth> {
         use ed25519_dalek::Signer;
         match self {
             AccountAuth::Key(k) => {
                 let pk = k.verifying_key().to_bytes();
-                let msg = frame::auth_sig_input(nonce, &pk);
+                let msg = match relay {
+                    Some(name) => frame::auth_bound_sig_input(nonce, &pk, name)?,
+                    None => frame::auth_sig_input(nonce, &pk),
+                };
                 Some(Auth {
                     sig: k.sign(&msg).to_bytes(),
-                    relay: None,
+                    relay: relay.map(str::to_owned),
                 })
             }
             AccountAuth::Token(_) => None,

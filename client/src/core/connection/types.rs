@@ -125,6 +125,9 @@ pub enum Disconnect {
     },
     /// The handshake went wrong (unexpected frame, version, no account key for a challenge).
     Handshake(String),
+    /// The client would not sign the relay's `Challenge`: its sign-in could not be bound
+    /// to the relay's name (PROTOCOL §3.5.6).
+    AuthNotBound(AuthNotBound),
     /// A fatal `Err` from the relay.
     Fatal {
         /// Its code.
@@ -158,6 +161,7 @@ impl std::fmt::Display for Disconnect {
                 )
             }
             Disconnect::Handshake(why) => write!(f, "handshake failed: {why}"),
+            Disconnect::AuthNotBound(why) => write!(f, "handshake failed: {why}"),
             Disconnect::Fatal { code, message } => {
                 write!(f, "relay error: {message} ({})", code.name())
             }
@@ -170,6 +174,46 @@ impl std::fmt::Display for Disconnect {
             }
             Disconnect::HeartbeatTimeout => f.write_str("relay stopped answering pings"),
             Disconnect::BadFrame(why) => write!(f, "relay sent an invalid frame: {why}"),
+        }
+    }
+}
+
+/// Why the client would not sign a relay's `Challenge` with its account key: the sign-in
+/// could not be bound to the relay it dialed (PROTOCOL §3.5.6 "Relay-bound sign-ins").
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuthNotBound {
+    /// Binding is required (`require_bound_auth`) and the relay's `Challenge` does not ask
+    /// for a bound signature: the relay sets no `auth.names`, so it would take a sign-in
+    /// forwarded by any relay the account is used with (or the relay is older, or one in
+    /// between dropped the request).
+    NotOffered {
+        /// The relay name the client dialed (`host:port`), if it has one.
+        relay: Option<String>,
+    },
+    /// The relay asks for a bound signature but the address dialed has no relay name (an
+    /// in-process relay, or a host that is not a relay name).
+    NoName,
+}
+
+impl std::fmt::Display for AuthNotBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthNotBound::NotOffered { relay } => {
+                f.write_str("the relay does not ask for a sign-in bound to its name")?;
+                if let Some(r) = relay {
+                    write!(f, " ({r})")?;
+                }
+                f.write_str(
+                    " and require_bound_auth is set: it sets no auth.names, so any relay this \
+                     account key is used with could sign in there as this client (PROTOCOL \
+                     §3.5.6); ask its operator to set auth.names, or turn require_bound_auth off",
+                )
+            }
+            AuthNotBound::NoName => f.write_str(
+                "the relay asks for a sign-in bound to its name, but the address dialed has no \
+                 relay name (host:port) to sign",
+            ),
         }
     }
 }
@@ -384,6 +428,16 @@ pub struct EngineConfig {
     /// them in order, moving to the next after every failure (the first connection too),
     /// and tells the driver which to dial ([`Engine::dial_relay`](super::Engine::dial_relay)).
     pub relays: usize,
+    /// The relay name (`host:port`, [`whispeer_protocol::relay_name`]) of each address, in
+    /// the same order: what a relay-bound `Auth` signs on a connection to it (PROTOCOL
+    /// §3.5.6). `None` (or an index past the end): that address has none — a relay asking
+    /// for a bound sign-in there fails the handshake ([`AuthNotBound::NoName`]). A name
+    /// that is not canonical counts as none.
+    pub relay_names: Vec<Option<String>>,
+    /// Sign only bound: a `Challenge` that does not ask for a relay-bound signature fails
+    /// the handshake ([`AuthNotBound::NotOffered`]) instead of being answered with the
+    /// legacy form. Off by default (relays without `auth.names` keep working).
+    pub require_bound_auth: bool,
     /// Whether a failed first connection is retried (true) or ends the engine (false: the
     /// first `Disconnected` has `retry_at: None`).
     pub retry_first_connect: bool,
@@ -436,6 +490,8 @@ impl Default for EngineConfig {
             connect_timeout_ms: 10_000,
             backoff: Backoff::default(),
             relays: 1,
+            relay_names: Vec::new(),
+            require_bound_auth: false,
             retry_first_connect: false,
             offline_bytes: 8 * 1024 * 1024,
             kept_bytes: 64 * 1024 * 1024,
