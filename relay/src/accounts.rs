@@ -1655,6 +1655,10 @@ pub struct Released {
     /// Claims picked but kept: a durable owner is recorded under the key id (delete the
     /// durable first).
     pub kept: Vec<ClaimInfo>,
+    /// Claims the group holds in the file (0: the file names no such group — a typo?).
+    pub group_claims: usize,
+    /// The groups holding claims in the file, sorted.
+    pub groups: Vec<String>,
 }
 
 /// Releases the claims of `group` that `pick` chooses from the state file at `path`, by
@@ -1686,10 +1690,11 @@ pub fn release_claims(
     }
     let mut out = Released::default();
     let mut lines = Vec::new();
-    for c in claim_infos(&live)
-        .into_iter()
-        .filter(|c| c.group == group && pick(c))
-    {
+    let all = claim_infos(&live);
+    out.groups = all.iter().map(|c| c.group.clone()).collect();
+    out.groups.dedup();
+    out.group_claims = all.iter().filter(|c| c.group == group).count();
+    for c in all.into_iter().filter(|c| c.group == group && pick(c)) {
         if c.durables > 0 {
             out.kept.push(c);
             continue;

@@ -94,9 +94,15 @@ struct ClaimsReleaseArgs {
     /// the account a relay's refusal names as holding the most of the group's claims).
     #[arg(long, value_name = "ACCOUNT")]
     by: Option<String>,
-    /// Every claim of the group.
+    /// Every claim of the group — also those with messages stored under their key id
+    /// (history, retained values), which the next group to claim it can then read
+    /// (sealed envelopes): this looks at the auth-state file only, never the store. Needs
+    /// --force.
     #[arg(long)]
     all: bool,
+    /// With --all: release every claim of the group although the store is not looked at.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -460,6 +466,18 @@ fn claims(cmd: ClaimsCmd) -> Result<()> {
                     .map_err(|_| anyhow::anyhow!("--key-id {k:?}: expected 32 hex characters"))?;
                 keys.push(hex::encode(b));
             }
+            if a.all && !a.force {
+                anyhow::bail!(
+                    "--all releases every claim of group {:?} without looking at the store: \
+                     messages stored under those key ids (history, retained values) stay, \
+                     readable by the next group to claim one. Add --force to do that, or \
+                     pick claims with --key-id, --idle-ms or --by",
+                    a.group
+                );
+            }
+            if a.force && !a.all {
+                anyhow::bail!("--force goes with --all only");
+            }
             let r = accounts::release_claims(&a.state.state, &a.group, |c| {
                 a.all
                     || keys.contains(&c.key_id)
@@ -467,6 +485,19 @@ fn claims(cmd: ClaimsCmd) -> Result<()> {
                     || a.idle_ms
                         .is_some_and(|ms| c.used.is_some_and(|t| now.saturating_sub(t) >= ms))
             })?;
+            if r.group_claims == 0 {
+                anyhow::bail!(
+                    "no claim of group {:?} in {}: nothing released. Groups holding claims \
+                     there: {} (as `account list` and `claims list` print them: group=…)",
+                    a.group,
+                    a.state.state.display(),
+                    if r.groups.is_empty() {
+                        "none".to_string()
+                    } else {
+                        r.groups.join(", ")
+                    }
+                );
+            }
             for c in &r.released {
                 println!("released\t{}\tgroup={}\t{}", c.key_id, c.group, used(c));
             }
