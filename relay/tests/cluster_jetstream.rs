@@ -796,6 +796,229 @@ async fn the_jetstream_publish_queue_is_bounded_in_bytes_while_nats_is_frozen() 
     assert_eq!(acked, queued.into_iter().collect());
 }
 
+/// The JetStream publish queue is shared fairly among tenants (review finding F3), as the
+/// SQLite store's write queue is: with every nats-server frozen (SIGSTOP) one tenant
+/// (127.0.0.1) fills `store.queue_bytes` (1 MiB) with QoS 1 publishes until it gets
+/// `busy`; another tenant's (127.0.0.2) QoS 1 publish is still queued — it holds nothing,
+/// under its share — and acknowledged once NATS runs again, while the first tenant, over
+/// its share, is still refused. Before, the one shared bound answered it `busy` too.
+#[tokio::test]
+async fn a_tenant_filling_the_jetstream_publish_queue_leaves_room_for_another_tenant() {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let a = start_relay_with(&nats.urls(), "relay-a", &["--store-queue-bytes", "1048576"]);
+    let mut hog = Client::tcp_from(a.tcp(), "127.0.0.1").await;
+    hog.hello().await;
+    let mut honest = Client::tcp_from(a.tcp(), "127.0.0.2").await;
+    honest.hello().await;
+    // One stored publish each first: the stream is up and the relay's publisher is warm.
+    publish_acked(
+        &mut hog,
+        &[(0, numbered(9, &[1], 0))],
+        Qos::AtLeastOnce,
+        false,
+    )
+    .await;
+    publish_acked(
+        &mut honest,
+        &[(0, numbered(8, &[1], 0))],
+        Qos::AtLeastOnce,
+        false,
+    )
+    .await;
+    for n in &nats.nodes {
+        n.signal("STOP");
+    }
+    // Answers `busy` (Some(n)) or nothing before the pong of a ping sent right after it.
+    async fn busy_or_queued(c: &mut Client, n: u32) -> bool {
+        c.send(&Frame::Ping(whispeer_protocol::frame::Ping {
+            nonce: n.into(),
+        }))
+        .await;
+        let mut busy = false;
+        loop {
+            match c.recv().await {
+                Frame::Pong(g) if g.nonce == u64::from(n) => return busy,
+                Frame::Err(e) => {
+                    assert_eq!(e.code, whispeer_protocol::ErrorCode::Busy, "{e:?}");
+                    assert_eq!(e.publish_id.map(|p| id_of(&p)), Some(n));
+                    busy = true;
+                }
+                other => panic!("nothing is acknowledged while NATS is frozen: {other:?}"),
+            }
+        }
+    }
+    let mut queued = Vec::new();
+    for n in 1u32.. {
+        hog.send(&pub_frame(
+            numbered_sized(9, &[1], n, 8 << 10),
+            Qos::AtLeastOnce,
+            n,
+            false,
+        ))
+        .await;
+        if busy_or_queued(&mut hog, n).await {
+            break;
+        }
+        queued.push(n);
+    }
+    eprintln!("the first tenant queued {} x 8 KiB", queued.len());
+    honest
+        .send(&pub_frame(
+            numbered_sized(8, &[1], 1, 8 << 10),
+            Qos::AtLeastOnce,
+            1,
+            false,
+        ))
+        .await;
+    assert!(
+        !busy_or_queued(&mut honest, 1).await,
+        "the other tenant's publish is queued, not refused"
+    );
+    // The first tenant is still over its share.
+    let over = queued.len() as u32 + 1_000;
+    hog.send(&pub_frame(
+        numbered_sized(9, &[1], over, 8 << 10),
+        Qos::AtLeastOnce,
+        over,
+        false,
+    ))
+    .await;
+    assert!(
+        busy_or_queued(&mut hog, over).await,
+        "the first tenant is refused"
+    );
+    for n in &nats.nodes {
+        n.signal("CONT");
+    }
+    match honest.recv().await {
+        Frame::PubAck(a) => assert_eq!(id_of(&a.publish_id), 1),
+        other => panic!("expected the other tenant's PubAck, got {other:?}"),
+    }
+    let mut acked = HashSet::new();
+    while acked.len() < queued.len() {
+        match hog.recv().await {
+            Frame::PubAck(a) => assert!(acked.insert(id_of(&a.publish_id))),
+            Frame::Ping(_) => {}
+            other => panic!("expected PubAck, got {other:?}"),
+        }
+    }
+    assert_eq!(acked, queued.into_iter().collect());
+}
+
+/// Retained writes (two JetStream round trips each) no longer hold up other tenants'
+/// acknowledgements (review finding F3): driven at the store with its retained writes held
+/// (`hold_retained_writes`, a write slow to reach NATS), a tenant's 200 QoS 1 + `RETAIN`
+/// publishes wait, while another tenant's plain publish made after them is acknowledged.
+/// A tenant's own answers keep their order: its plain publish after its own retained one
+/// waits for it (a third tenant's answer, made after both, is the event that the stream
+/// acknowledged them), and follows it once the writes go on. Three values of one path
+/// written while held leave the newest in the retained stream. Before, the writes ran one
+/// by one in the ordered acknowledgement path: the other tenant's answer waited behind
+/// all 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_writes_do_not_hold_up_other_tenants_acknowledgements() {
+    use whispeer_relay::store::{Accepted, Append, Store, StoreError, Tenant};
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let store = open_store(&nats.urls(), "relay-a").await;
+    store.hold_retained_writes(true);
+    type Answered = (&'static str, u32, Result<Accepted, StoreError>);
+    async fn next(answers: &mut tokio::sync::mpsc::UnboundedReceiver<Answered>) -> Answered {
+        tokio::time::timeout(TIMEOUT, answers.recv())
+            .await
+            .expect("an answer in time")
+            .expect("answers")
+    }
+    let (tx, mut answers) = tokio::sync::mpsc::unbounded_channel::<Answered>();
+    let publish = |who: &'static str, env: Envelope, n: u32, retain: bool| {
+        let tenant = Tenant::Address(
+            match who {
+                "flood" => "10.0.0.1",
+                "honest" => "10.0.0.2",
+                _ => "10.0.0.3",
+            }
+            .parse()
+            .unwrap(),
+        );
+        let path = env.token_path();
+        let accepted = store
+            .append(Append {
+                path: &path,
+                envelope: &env,
+                flags: if retain { pub_flags::RETAIN } else { 0 },
+                qos: Qos::AtLeastOnce,
+                publish_id: None,
+                tenant: &tenant,
+            })
+            .expect("queued");
+        let Accepted::Pending(ticket) = accepted else {
+            panic!("a stored publish waits for the stream: {accepted:?}");
+        };
+        let tx = tx.clone();
+        store.when_sequenced(ticket, Box::new(move |r| drop(tx.send((who, n, r)))));
+    };
+    for n in 0..200 {
+        publish("flood", numbered(51, &[n as u8], n), n, true);
+    }
+    // Three values of one path, written as one once the writes go on.
+    for n in 200..203 {
+        publish("flood", numbered(51, &[250], n), n, true);
+    }
+    publish("honest", numbered(52, &[1], 1), 1, false);
+    let (who, n, r) = next(&mut answers).await;
+    assert_eq!(
+        (who, n),
+        ("honest", 1),
+        "the other tenant is answered first"
+    );
+    assert!(matches!(r, Ok(Accepted::New(_))), "{r:?}");
+    // The honest tenant's own retained publish, then a plain one: in order.
+    publish("honest", numbered(52, &[2], 2), 2, true);
+    publish("honest", numbered(52, &[3], 3), 3, false);
+    publish("third", numbered(53, &[1], 1), 1, false);
+    let (who, n, r) = next(&mut answers).await;
+    assert_eq!(
+        (who, n),
+        ("third", 1),
+        "the plain publish waits behind its tenant's retained one"
+    );
+    assert!(matches!(r, Ok(Accepted::New(_))), "{r:?}");
+    assert!(answers.is_empty(), "nothing else answered while held");
+    store.hold_retained_writes(false);
+    let mut flood = HashSet::new();
+    let mut honest = Vec::new();
+    let mut newest = 0;
+    while flood.len() < 203 || honest.len() < 2 {
+        let (who, n, r) = next(&mut answers).await;
+        let Ok(Accepted::New(seq)) = r else {
+            panic!("{who} {n}: {r:?}");
+        };
+        match who {
+            "flood" => assert!(flood.insert(n)),
+            "honest" => honest.push(n),
+            other => panic!("unexpected {other} {n}"),
+        }
+        if (who, n) == ("flood", 202) {
+            newest = seq.0;
+        }
+    }
+    assert_eq!(honest, [2, 3], "the tenant's answers in order");
+    let js = async_nats::jetstream::new(async_nats::connect(nats.nodes[0].url()).await.unwrap());
+    let rs = js.get_stream("WSP_RETAINED").await.unwrap();
+    let subject = format!("wsp_retained.{}.{}", key(51), tok(250));
+    let m = rs.get_last_raw_message_by_subject(&subject).await.unwrap();
+    assert_eq!(
+        m.headers.get("Wsp-Seq").map(|v| v.as_str().to_string()),
+        Some(newest.to_string()),
+        "the newest of the path's three values"
+    );
+}
+
 fn start_relay_with(urls: &str, name: &str, extra: &[&str]) -> BinRelay {
     let mut args = jetstream_relay_args(urls, name);
     args.extend(extra.iter().map(|s| s.to_string()));

@@ -65,7 +65,7 @@ use super::{
     Tenant,
 };
 use crate::config::{ClusterConfig, StoreConfig};
-use crate::held_bytes::{ByteLimit, Held};
+use crate::held_bytes::{FairLimit, Share};
 use crate::ids::Seq;
 
 /// Header carrying a retained value's original sequence.
@@ -396,10 +396,12 @@ struct Job {
     retain: Option<String>,
     /// The ledger's write id of this publish (its quota usage in flight).
     write: u64,
-    /// Its bytes in [`Inner::queued`] until the job is dropped (answered or failed): while
-    /// NATS lags, the publish and ack queues (65,536 jobs each) would otherwise hold that
-    /// many envelopes of any size.
-    _held: Held,
+    /// Its tenant: publishes are answered in order per tenant ([`ack_loop`]).
+    tag: Tag,
+    /// Its place and bytes in [`Inner::queued`] until the job is dropped (answered or
+    /// failed): while NATS lags, the publish and ack queues would otherwise hold any
+    /// number of envelopes of any size.
+    _held: Share<Tag>,
 }
 
 enum Slot {
@@ -428,8 +430,11 @@ struct Inner {
     space: [u8; 16],
     last: AtomicU64,
     jobs: mpsc::Sender<Job>,
-    /// Envelope bytes of queued jobs, bounded by `store.queue_bytes`.
-    queued: Arc<ByteLimit>,
+    /// Queued jobs and their envelope bytes, bounded by `store.queue` and
+    /// `store.queue_bytes` and shared fairly among tenants ([`FairLimit`]).
+    queued: Arc<FairLimit<Tag>>,
+    /// `true` holds retained writes before they start ([`JetStreamStore::hold_retained_writes`]).
+    retained_held: tokio::sync::watch::Sender<bool>,
     next_ticket: AtomicU64,
     slots: Mutex<HashMap<u64, Slot>>,
     feed: Mutex<Option<mpsc::Receiver<Sequenced>>>,
@@ -673,7 +678,8 @@ impl JetStreamStore {
             }
         };
         let prefix_for_leases = prefix.clone();
-        let (jobs_tx, jobs_rx) = mpsc::channel(cluster.queue);
+        // Bounded by `queued` (never past twice `store.queue`): the channels never fill.
+        let (jobs_tx, jobs_rx) = mpsc::channel(config.queue.max(1).saturating_mul(2));
         let (feed_tx, feed_rx) = mpsc::channel(FEED);
         let inner = Arc::new(Inner {
             rt: tokio::runtime::Handle::current(),
@@ -685,7 +691,8 @@ impl JetStreamStore {
             space,
             last: AtomicU64::new(last),
             jobs: jobs_tx,
-            queued: ByteLimit::new(config.queue_bytes),
+            queued: FairLimit::new(config.queue.max(1), config.queue_bytes),
+            retained_held: tokio::sync::watch::Sender::new(false),
             next_ticket: AtomicU64::new(1),
             slots: Mutex::new(HashMap::new()),
             feed: Mutex::new(Some(feed_rx)),
@@ -744,7 +751,7 @@ impl JetStreamStore {
         ));
         tokio::spawn(durable_writer(Arc::downgrade(&inner), inner.flush.clone()));
         tokio::spawn(durable_sweep(Arc::downgrade(&inner)));
-        let (acks_tx, acks_rx) = mpsc::channel(cluster.queue);
+        let (acks_tx, acks_rx) = mpsc::channel(config.queue.max(1).saturating_mul(2));
         tokio::spawn(publish_loop(js.clone(), jobs_rx, acks_tx));
         tokio::spawn(ack_loop(
             Arc::downgrade(&inner),
@@ -1018,6 +1025,15 @@ impl JetStreamStore {
     pub fn hold_durable_writer(&self, held: bool) {
         let state = if held { WRITER_HELD } else { WRITER_RUNS };
         self.inner.writer_held.send_replace(state);
+    }
+
+    /// Holds (`true`) or lets go on (`false`) this store's retained writes before they
+    /// start (a retained write slow to reach NATS), while the stream's acknowledgements go
+    /// on. For tests, as [`hold_durable_reader`](Self::hold_durable_reader); a relay never
+    /// holds it.
+    #[doc(hidden)]
+    pub fn hold_retained_writes(&self, held: bool) {
+        self.inner.retained_held.send_replace(held);
     }
 
     /// Waits until the durable writer, held ([`hold_durable_writer`](Self::hold_durable_writer)),
@@ -1325,15 +1341,17 @@ async fn publish_loop(
     }
 }
 
-/// Writes a retained value to the retained stream unless a value with a higher stream
-/// sequence is there already: the stream's order decides, not the order in which relays
-/// write (`Nats-Expected-Last-Subject-Sequence` makes the check and the write one step;
-/// a lost race re-reads and tries again).
+/// Writes a retained value (`payload`, of stream sequence `seq`, by tenant header value
+/// `tenant`) to the retained stream unless a value with a higher stream sequence is there
+/// already: the stream's order decides, not the order in which relays write
+/// (`Nats-Expected-Last-Subject-Sequence` makes the check and the write one step; a lost
+/// race re-reads and tries again).
 async fn write_retained(
     js: &jetstream::Context,
     retained: &stream::Stream,
     subject: &str,
-    job: &Job,
+    payload: &Bytes,
+    tenant: Option<&str>,
     seq: u64,
 ) -> Result<(), StoreError> {
     use async_nats::jetstream::stream::LastRawMessageErrorKind as K;
@@ -1350,15 +1368,15 @@ async fn write_retained(
         };
         let mut h = HeaderMap::new();
         h.insert(SEQ_HEADER, seq.to_string().as_str());
-        if let Some(t) = job.headers.get(TENANT_HEADER) {
-            h.insert(TENANT_HEADER, t.as_str());
+        if let Some(t) = tenant {
+            h.insert(TENANT_HEADER, t);
         }
         h.insert(
             async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
             expect.to_string().as_str(),
         );
         let r = js
-            .publish_with_headers(subject.to_string(), h, job.payload.clone())
+            .publish_with_headers(subject.to_string(), h, payload.clone())
             .await
             .map_err(|e| unavailable("retained publish", e))?
             .await;
@@ -1407,6 +1425,230 @@ async fn retained_only_purge(inner: std::sync::Weak<Inner>, main: stream::Stream
     }
 }
 
+/// Retained writes in flight at once (each two JetStream round trips or more), taken in
+/// turn by the tenants with writes waiting.
+const RETAINED_WRITES: usize = 32;
+
+/// A publish the stream has acknowledged (or failed), waiting to be answered: each
+/// tenant's are answered in stream order, so a connection's `PubAck`s keep sequence order.
+struct Answer {
+    job: Job,
+    /// Its place in the order the stream acknowledged publishes (tickets are drawn before
+    /// the publish queue, so two connections of one tenant may queue theirs out of ticket
+    /// order).
+    order: u64,
+    /// Its stream sequence (0 when it failed).
+    seq: u64,
+    /// `None` while its retained value is being written.
+    out: Option<Result<Accepted, StoreError>>,
+}
+
+/// The newest value of one retained subject waiting to be written, and the publishes
+/// (tenant, [`Answer::order`]) answered once it is — older values of the subject waiting with it
+/// included: the newer value replaces them, as it would once written.
+struct Want {
+    seq: u64,
+    payload: Bytes,
+    /// The `Wsp-Tenant` header of the publish whose value it is.
+    tenant: Option<String>,
+    waiters: Vec<(Tag, u64)>,
+}
+
+/// One retained subject with a write in flight or waiting.
+#[derive(Default)]
+struct PathWrite {
+    running: bool,
+    next: Option<Want>,
+}
+
+type RetainedWrite = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (String, Want, Result<(), StoreError>)> + Send>,
+>;
+
+/// What the acknowledging task keeps: publishes waiting for their answer per tenant, and
+/// the retained writes. A retained write is two JetStream round trips or more; made in the
+/// ordered acknowledgement path, every `PubAck` behind it waited for it, so a `RETAIN`
+/// flood made every other tenant's publishes wait behind up to 65,536 of them (review
+/// finding F3). Now the writes run beside the acknowledgements, at most
+/// [`RETAINED_WRITES`] at once, the tenants with writes waiting taking turns; one subject
+/// has one write in flight, and the values of a subject that come meanwhile are written
+/// as one (the newest), so the retained stream still only moves to higher sequences. A
+/// tenant's answers still wait for its own earlier retained writes (in order per tenant),
+/// never for another tenant's.
+#[derive(Default)]
+struct Answering {
+    pending: HashMap<Tag, VecDeque<Answer>>,
+    paths: HashMap<String, PathWrite>,
+    /// Subjects with a value waiting and no write in flight, by the tenant of the value's
+    /// first publish; `turns` holds those tenants in turn.
+    ready: HashMap<Tag, VecDeque<String>>,
+    turns: VecDeque<Tag>,
+    writes: futures_util::stream::FuturesUnordered<RetainedWrite>,
+}
+
+impl Answering {
+    /// A retained value to write (a newer one for the subject may come before it starts).
+    fn want(&mut self, subject: String, want: Want) {
+        let p = self.paths.entry(subject.clone()).or_default();
+        match &mut p.next {
+            Some(n) => {
+                if want.seq > n.seq {
+                    n.seq = want.seq;
+                    n.payload = want.payload;
+                    n.tenant = want.tenant;
+                }
+                n.waiters.extend(want.waiters);
+            }
+            None => {
+                let by = want.waiters[0].0;
+                p.next = Some(want);
+                if !p.running {
+                    self.ready_for(by, subject);
+                }
+            }
+        }
+    }
+
+    fn ready_for(&mut self, by: Tag, subject: String) {
+        let q = self.ready.entry(by).or_default();
+        if q.is_empty() {
+            self.turns.push_back(by);
+        }
+        q.push_back(subject);
+    }
+
+    /// Starts waiting writes while fewer than [`RETAINED_WRITES`] are in flight, one per
+    /// tenant in turn.
+    fn start(
+        &mut self,
+        js: &jetstream::Context,
+        retained: &stream::Stream,
+        held: &tokio::sync::watch::Sender<bool>,
+    ) {
+        while self.writes.len() < RETAINED_WRITES {
+            let Some(by) = self.turns.pop_front() else {
+                return;
+            };
+            let Some(q) = self.ready.get_mut(&by) else {
+                continue;
+            };
+            let subject = q.pop_front();
+            if q.is_empty() {
+                self.ready.remove(&by);
+            } else {
+                self.turns.push_back(by);
+            }
+            let Some(subject) = subject else { continue };
+            let Some(p) = self.paths.get_mut(&subject) else {
+                continue;
+            };
+            let Some(want) = p.next.take() else { continue };
+            p.running = true;
+            let (js, retained, mut held) = (js.clone(), retained.clone(), held.subscribe());
+            self.writes.push(Box::pin(async move {
+                // Held by a test ([`JetStreamStore::hold_retained_writes`]).
+                let _ = held.wait_for(|h| !*h).await;
+                let r = write_retained(
+                    &js,
+                    &retained,
+                    &subject,
+                    &want.payload,
+                    want.tenant.as_deref(),
+                    want.seq,
+                )
+                .await;
+                (subject, want, r)
+            }));
+        }
+    }
+
+    /// A retained write ended: its publishes get `r` — unless it failed and a newer value
+    /// of the subject waits, which answers them once written (it replaces theirs). Returns
+    /// the tenants whose answers may go on.
+    fn written(&mut self, subject: String, want: Want, r: Result<(), StoreError>) -> Vec<Tag> {
+        let mut touched = Vec::new();
+        let Some(p) = self.paths.get_mut(&subject) else {
+            return touched;
+        };
+        p.running = false;
+        match (&r, &mut p.next) {
+            (Err(_), Some(n)) => {
+                let mut w = want.waiters;
+                w.append(&mut n.waiters);
+                n.waiters = w;
+            }
+            _ => {
+                for (tag, order) in want.waiters {
+                    let Some(q) = self.pending.get_mut(&tag) else {
+                        continue;
+                    };
+                    if let Ok(i) = q.binary_search_by_key(&order, |a| a.order) {
+                        let seq = q[i].seq;
+                        q[i].out = Some(r.clone().map(|()| Accepted::New(Seq(seq))));
+                        if !touched.contains(&tag) {
+                            touched.push(tag);
+                        }
+                    }
+                }
+            }
+        }
+        match p.next.as_ref().map(|n| n.waiters[0].0) {
+            Some(by) => self.ready_for(by, subject),
+            None => {
+                self.paths.remove(&subject);
+            }
+        }
+        touched
+    }
+
+    /// The answers of `tag` that are ready, in order (up to the first still waiting).
+    fn take_ready(&mut self, tag: &Tag) -> Vec<Answer> {
+        let Some(q) = self.pending.get_mut(tag) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        while q.front().is_some_and(|a| a.out.is_some()) {
+            out.extend(q.pop_front());
+        }
+        if q.is_empty() {
+            self.pending.remove(tag);
+        }
+        out
+    }
+}
+
+/// Answers one publish: its quota usage in flight ends, a retained-only value is noted for
+/// the purge of its subject's older values, and its publisher hears.
+fn answer(inner: &Inner, a: Answer) {
+    let Answer { job, out, .. } = a;
+    let Some(out) = out else { return };
+    let seq = match &out {
+        Ok(Accepted::New(s)) => Some(s.0),
+        _ => None,
+    };
+    lock(&inner.ledger).finish(job.write, seq);
+    let retained_only = job.retain.is_some()
+        && job
+            .subject
+            .strip_prefix(&inner.prefix)
+            .is_some_and(|r| r.starts_with(".r."));
+    if let Some(seq) = seq.filter(|_| retained_only) {
+        let now = std::time::Instant::now();
+        lock(&inner.superseding).push_back((now, job.subject.clone(), seq));
+    }
+    // Its bytes leave `store.queue_bytes` before the publisher hears: one holding its
+    // PubAck is never refused `busy` for what it held.
+    let ticket = job.ticket;
+    drop(job);
+    JetStreamStore::resolve(inner, ticket, out);
+}
+
+type AckFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<jetstream::publish::PublishAck, StoreError>> + Send,
+    >,
+>;
+
 async fn ack_loop(
     inner: std::sync::Weak<Inner>,
     js: jetstream::Context,
@@ -1416,39 +1658,79 @@ async fn ack_loop(
         Result<jetstream::context::PublishAckFuture, StoreError>,
     )>,
 ) {
-    while let Some((job, r)) = rx.recv().await {
-        let out = async {
-            let ack = r?.await.map_err(|e| unavailable("publish ack", e))?;
-            let seq = Seq(ack.sequence);
-            if ack.duplicate {
-                return Ok(Accepted::Duplicate(seq));
+    let Some(held) = inner.upgrade().map(|i| i.retained_held.clone()) else {
+        return;
+    };
+    let mut a = Answering::default();
+    // The publish whose stream ack is awaited now (acks come in publish order).
+    let mut head: Option<(Job, AckFuture)> = None;
+    let mut order = 0u64;
+    loop {
+        a.start(&js, &retained, &held);
+        let touched = tokio::select! {
+            biased;
+            Some((subject, want, r)) = a.writes.next(), if !a.writes.is_empty() => {
+                a.written(subject, want, r)
             }
-            if let Some(subject) = &job.retain {
-                write_retained(&js, &retained, subject, &job, ack.sequence).await?;
+            acked = async { head.as_mut().expect("awaited only when set").1.as_mut().await },
+                if head.is_some() =>
+            {
+                let Some((job, _)) = head.take() else { continue };
+                let tag = job.tag;
+                order += 1;
+                let (seq, out) = match acked {
+                    Err(e) => (0, Some(Err(e))),
+                    Ok(ack) if ack.duplicate => {
+                        (0, Some(Ok(Accepted::Duplicate(Seq(ack.sequence)))))
+                    }
+                    Ok(ack) => match &job.retain {
+                        None => (ack.sequence, Some(Ok(Accepted::New(Seq(ack.sequence))))),
+                        Some(subject) => {
+                            a.want(
+                                subject.clone(),
+                                Want {
+                                    seq: ack.sequence,
+                                    payload: job.payload.clone(),
+                                    tenant: job
+                                        .headers
+                                        .get(TENANT_HEADER)
+                                        .map(|t| t.as_str().to_string()),
+                                    waiters: vec![(tag, order)],
+                                },
+                            );
+                            (ack.sequence, None)
+                        }
+                    },
+                };
+                a.pending
+                    .entry(tag)
+                    .or_default()
+                    .push_back(Answer {
+                        job,
+                        order,
+                        seq,
+                        out,
+                    });
+                vec![tag]
             }
-            Ok(Accepted::New(seq))
-        }
-        .await;
-        let Some(inner) = inner.upgrade() else { return };
-        let seq = match &out {
-            Ok(Accepted::New(s)) => Some(s.0),
-            _ => None,
+            item = rx.recv(), if head.is_none() => {
+                let Some((job, r)) = item else { return };
+                let ack: AckFuture = Box::pin(async move {
+                    r?.await.map_err(|e| unavailable("publish ack", e))
+                });
+                head = Some((job, ack));
+                Vec::new()
+            }
         };
-        lock(&inner.ledger).finish(job.write, seq);
-        let retained_only = job.retain.is_some()
-            && job
-                .subject
-                .strip_prefix(&inner.prefix)
-                .is_some_and(|r| r.starts_with(".r."));
-        if let Some(seq) = seq.filter(|_| retained_only) {
-            let now = std::time::Instant::now();
-            lock(&inner.superseding).push_back((now, job.subject.clone(), seq));
+        if touched.is_empty() {
+            continue;
         }
-        // Its bytes leave `store.queue_bytes` before the publisher hears: one holding its
-        // PubAck is never refused `busy` for what it held.
-        let ticket = job.ticket;
-        drop(job);
-        JetStreamStore::resolve(&inner, ticket, out);
+        let Some(inner) = inner.upgrade() else { return };
+        for tag in touched {
+            for ready in a.take_ready(&tag) {
+                answer(&inner, ready);
+            }
+        }
     }
 }
 
@@ -2515,11 +2797,14 @@ impl Store for JetStreamStore {
         };
         let tag = tenant_tag(m.tenant);
         let size = m.envelope.as_bytes().len() as u64;
-        let Some(held) = inner.queued.take(size) else {
+        // Beyond the bounds only a tenant under its fair share is queued: one tenant's
+        // flood gets `busy`, not every other tenant's stored publish with it.
+        let Some(held) = inner.queued.take(&tag, size) else {
             inner.counters.busy.fetch_add(1, Relaxed);
+            let q = inner.queued.held();
             return Err(StoreError::Busy(format!(
-                "{} bytes wait for JetStream; publish again shortly",
-                inner.queued.held()
+                "{} publishes ({} bytes) wait for JetStream; publish again shortly",
+                q.msgs, q.bytes
             )));
         };
         let write = {
@@ -2556,6 +2841,7 @@ impl Store for JetStreamStore {
             retain: retain
                 .then(|| crate::cluster::path_subject(&retained_prefix(&inner.prefix), path)),
             write,
+            tag,
             _held: held,
         };
         match inner.jobs.try_send(job) {

@@ -240,13 +240,9 @@ fn per_tenant<'a>(ops: impl Iterator<Item = &'a Op>) -> HashMap<i64, Queued> {
     m
 }
 
-/// Messages and envelope bytes one tenant has waiting for the writer (queued, or in the
-/// batch being committed).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Queued {
-    msgs: usize,
-    bytes: u64,
-}
+// `Queued`: messages and envelope bytes one tenant has waiting for the writer (queued, or
+// in the batch being committed).
+use crate::held_bytes::Queued;
 
 /// Operations per block of the write queue.
 const BLOCK: usize = 1024;
@@ -369,30 +365,15 @@ impl Queue {
     /// waiting — so a flooding tenant fills the queue and gets `busy`, while another tenant's
     /// publish is still taken. What waits stays below twice the bounds.
     fn admits(&self, tid: Option<i64>, add: Queued, queue: usize, queue_bytes: u64) -> bool {
-        let fits = |msgs: usize, bytes: u64, held: Queued| {
-            held.msgs + add.msgs <= msgs
-                && (bytes == 0 || held.bytes == 0 || held.bytes + add.bytes <= bytes)
-        };
         let all = Queued {
             msgs: self.msgs,
             bytes: self.bytes,
         };
-        if fits(queue, queue_bytes, all) {
-            return true;
-        }
         let mine = tid
             .and_then(|t| self.by_tenant.get(&t).copied())
             .unwrap_or_default();
         let tenants = self.by_tenant.len() + usize::from(mine == Queued::default());
-        let n = tenants.max(1);
-        // A byte share never rounds down to 0, which `fits` reads as "no bound".
-        let share_bytes = if queue_bytes == 0 {
-            0
-        } else {
-            (queue_bytes / n as u64).max(1)
-        };
-        fits(queue / n, share_bytes, mine)
-            && fits(queue.saturating_mul(2), queue_bytes.saturating_mul(2), all)
+        crate::held_bytes::fair_admits(all, mine, tenants, add, queue, queue_bytes)
     }
 
     /// Gives emptied blocks back for reuse (at most [`SPARE_BLOCKS`] are kept).
