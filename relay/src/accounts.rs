@@ -26,7 +26,9 @@
 //! junk key ids and staying connected would keep them for good: each claim records the
 //! account that made it (`by`), and a member of a group shared with other accounts makes
 //! at most `auth.max_claims_per_account` of its claims (its own longest-unused one lapses
-//! in its place, as above); a refusal names the account holding the most. With the relay stopped an operator can release claims
+//! in its place, as above); a refusal says whether the requester holds the most, and an
+//! info line names the account that does. With the relay stopped an operator can release
+//! claims
 //! ([`release_claims`], `whispeer-relay claims release`).
 //!
 //! **Identity** (review finding 17). The name is only the operator's label. An entry that
@@ -2191,7 +2193,17 @@ impl Accounts {
     /// logged at info — at most once a minute per group, never with a key id
     /// (relay/README.md: info logs never show them).
     fn over(&self, st: &mut AuthState, acct: &Account, full: Full, why: &str) -> Refusal {
-        let top = match st.top_holder(&acct.group) {
+        let holder = st
+            .top_holder(&acct.group)
+            .map(|(owner, n)| (owner.to_string(), n));
+        // The client is told whether it is itself the top holder, never another member's
+        // name or id (members of a group need not know each other); the log names it.
+        let top_for_client = match &holder {
+            Some((owner, n)) if *owner == acct.owner() => format!("this account, with {n}"),
+            Some((_, n)) => format!("another member, with {n} (named in the relay's log)"),
+            None => "none recorded (claims from before creators were recorded)".to_string(),
+        };
+        let top = match holder.as_ref().map(|(o, n)| (o.as_str(), *n)) {
             Some((owner, n)) => {
                 let name = self
                     .table()
@@ -2230,7 +2242,10 @@ impl Accounts {
         }
         Refusal::new(
             ErrorCode::QuotaExceeded,
-            format!("{what}; {why}; the member holding the most of the group's claims: {top}"),
+            format!(
+                "{what}; {why}; the member holding the most of the group's claims: \
+                 {top_for_client}"
+            ),
         )
     }
 
@@ -4177,8 +4192,8 @@ mod tests {
     /// Review (M1): holds never lapse, so one member subscribed on junk key ids and staying
     /// connected kept its group at `max_claims_per_group` for good. Now a member of a
     /// shared group makes at most `max_claims_per_account` of its claims (default: a
-    /// quarter of the group's limit) and another member still claims new key ids; the
-    /// refusals name the account holding the most of the group's claims. An account alone
+    /// quarter of the group's limit) and another member still claims new key ids; a refusal
+    /// tells the client whether it holds the most itself (the log names the account). An account alone
     /// in its group is bounded by the group's limit only.
     #[test]
     fn one_member_cannot_fill_a_shared_groups_claims() {
@@ -4190,7 +4205,7 @@ mod tests {
         assert_eq!(r.code, ErrorCode::QuotaExceeded, "{r:?}");
         assert!(
             r.message.contains("auth.max_claims_per_account = 2")
-                && r.message.contains("\"alice\" (account:alice) with 2"),
+                && r.message.contains("this account, with 2"),
             "{}",
             r.message
         );
@@ -4218,12 +4233,16 @@ mod tests {
             use_key(&a, name, k, false).unwrap();
         }
         let r = use_key(&a, "carol", 21, false).unwrap_err();
+        // Carol is told another member holds the most, not who (the log names alice).
         assert!(
             r.message.contains("auth.max_claims_per_group = 5")
-                && r.message.contains("\"alice\" (account:alice) with 3"),
+                && r.message.contains("another member, with 3")
+                && !r.message.contains("alice"),
             "{}",
             r.message
         );
+        let r = use_key(&a, "alice", 4, false).unwrap_err();
+        assert!(r.message.contains("this account, with 3"), "{}", r.message);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

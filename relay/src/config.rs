@@ -330,7 +330,8 @@ pub struct AuthConfig {
     /// alone (four would have to), and a member still has thousands of key ids in use at
     /// once (one per conversation and epoch; its unused ones are recycled). Lower it with
     /// max_claims_per_group (at or above it, the relay warns at start: no protection). The
-    /// refusal (and an info line) names the account holding the most of the group's claims.
+    /// refusal tells the account whether it holds the most of the group's claims itself;
+    /// an info line names the account that does.
     #[arg(
         long = "max-claims-per-account",
         env = "WHISPEER_MAX_CLAIMS_PER_ACCOUNT"
