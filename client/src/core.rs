@@ -203,9 +203,13 @@ struct LocalSub {
     /// client when they were held back, and only a copy with the same digest: the sequence
     /// is the relay's to choose, so an exception keyed by it alone let a relay replay any
     /// delivered message once per sequence it had sent while the subscription was held
-    /// (review of wave 2 session 42). At most [`MAX_GOT`]: once full, live messages are
-    /// taken as they come again (in order or not, never lost).
-    skipped: HashMap<u64, receive::Digest>,
+    /// (review of wave 2 session 42). Every held-back sequence takes an entry at first
+    /// sight (`None`), whatever became of the message (a duplicate, unopenable, held back
+    /// for lack of room): each is owed an ack (`AckQueue::owe`), and this set is what bounds
+    /// those debts; a message new to the client fills in its digest (`Some`), and only
+    /// those let a copy past the dedup window. At most [`MAX_GOT`]: once full, live
+    /// messages are taken as they come again (in order or not, never lost).
+    skipped: HashMap<u64, Option<receive::Digest>>,
 }
 
 /// A (topic, message) pair as [`LocalSub::latest`] holds it: the first 8 bytes of the
@@ -244,14 +248,14 @@ impl LocalSub {
     /// Whether live message `msg` (naming no subscription, not replayed) is one the relay
     /// holds back for this subscription: it matches a relay subscription whose history has
     /// not ended (see `held`). Unnumbered messages are not (their copy could not be told
-    /// from them), nor any once `skipped` is full.
+    /// from them), nor any once `skipped` is full (but those it remembers already).
     fn holds_back(&self, msg: &Msg) -> bool {
         let history = frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED;
         if self.held.is_empty()
             || msg.seq == 0
             || msg.sub_id.is_some()
             || msg.flags & history != 0
-            || self.skipped.len() >= MAX_GOT
+            || (self.skipped.len() >= MAX_GOT && !self.skipped.contains_key(&msg.seq))
         {
             return false;
         }
@@ -1338,6 +1342,22 @@ impl ClientCore {
             self.stats.decompressed += 1; // by the open job
         }
         let routed = self.routed(msg);
+        {
+            // Not theirs yet: the relay's copy follows their history (`LocalSub::held`).
+            // Remembered at first sight, whatever becomes of it: what bounds the acks owed
+            // to them (`LocalSub::skipped`); its digest only once it proves new.
+            let held: Vec<LocalSubId> = self
+                .subs
+                .iter()
+                .filter(|(_, s)| s.holds_back(msg))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in held {
+                if let Some(s) = self.subs.get_mut(&id) {
+                    s.skipped.entry(msg.seq).or_insert(None);
+                }
+            }
+        }
         if routed
             .iter()
             .any(|id| self.subs[id].opts.acking() && !room(*id))
@@ -1477,8 +1497,12 @@ impl ClientCore {
                     .map(|(id, _)| *id)
                     .collect();
                 for id in held {
-                    if let Some(s) = self.subs.get_mut(&id) {
-                        s.skipped.insert(msg.seq, keys.0);
+                    if let Some(slot) = self
+                        .subs
+                        .get_mut(&id)
+                        .and_then(|s| s.skipped.get_mut(&msg.seq))
+                    {
+                        slot.get_or_insert(keys.0);
                     }
                 }
                 (Some(a), entitled.clone())
@@ -1511,7 +1535,7 @@ impl ClientCore {
                                     && s.got
                                         .as_ref()
                                         .is_some_and(|g| g.len() < MAX_GOT && !g.contains(&key)))
-                                    || (msg.seq > 0 && s.skipped.get(&msg.seq) == Some(&dig))
+                                    || (msg.seq > 0 && s.skipped.get(&msg.seq) == Some(&Some(dig)))
                                     || (replayed
                                         && s.opts
                                             .durable
@@ -2449,6 +2473,72 @@ mod tests {
             vec![(1, Some(FromSeq(10)), false), (2, Some(FromSeq(12)), false)],
             "what was held back is asked for again"
         );
+    }
+
+    /// Review of 01c8fde (F1): the acks owed to a subscription whose live messages the
+    /// relay holds back are bounded by what `skipped` remembers — also when what comes
+    /// meanwhile is a duplicate, unopenable, or held back for lack of room (01c8fde
+    /// remembered only messages new to the client, so those grew the debts without
+    /// bound). The connection's calls, as `Engine::on_msg_opened` makes them.
+    #[test]
+    fn acks_owed_to_a_held_subscription_are_bounded_whatever_the_messages_are() {
+        let (kr, mut rng) = one_tree(24);
+        let mut core = ClientCore::new(kr.clone());
+        core.enter_seq_space(SeqSpace::Named([1; 16]));
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        // A: live, at least once, on the same key id; B: at least once, in its history.
+        core.subscribe(1, f("a/#"), Qos::AtLeastOnce, NOW).unwrap();
+        let opts = SubscribeOptions::new()
+            .qos(Qos::AtLeastOnce)
+            .replay(frame::Replay::FromSeq(1));
+        core.subscribe_with_options(2, f("a/#"), opts, NOW).unwrap();
+        let rid = core.relay_ids(2)[0];
+        core.sub_confirmed(rid, 0, true);
+        let m = sealed(&kr, &mut rng, "a/x", b"\x01");
+        let bad = tampered(&m);
+        let mut acks = acks::AckQueue::new();
+        let mut to = |core: &mut ClientCore, env: &whispeer_protocol::Envelope, seq, room| {
+            let msg = at(env, seq);
+            for sub in core.held_back_acking(&msg) {
+                acks.owe(seq, sub);
+            }
+            let room = move |_: LocalSubId| room;
+            let d = core.receive_with(&msg, NOW, &room);
+            (d, acks.owed_len())
+        };
+        let mut delivered = 0;
+        for seq in 1..=200 {
+            // Copies of one message (the first new, the others duplicates), some not
+            // opening, some held back for lack of room.
+            let (d, owed) = match seq % 10 {
+                3 => to(&mut core, &bad, seq, true),
+                7 => to(&mut core, &m, seq, false),
+                _ => to(&mut core, &m, seq, true),
+            };
+            if let Delivery::Deliver { targets, .. } = d {
+                assert!(!targets.contains(&2), "held for 2: #{seq}");
+                delivered += 1;
+            }
+            assert!(owed <= MAX_GOT, "{owed} sequences owed after #{seq}");
+        }
+        assert_eq!(delivered, 1, "one copy delivered (to 1)");
+        assert_eq!(core.subs[&2].skipped.len(), MAX_GOT);
+        // The relay's copy of the message new to the client is still 2's, once, past the
+        // dedup window; a duplicate's sequence lets nothing past it.
+        core.replay_done(rid, 200);
+        let room = |_: LocalSubId| true;
+        assert!(matches!(
+            core.receive_with(&at(&m, 2), NOW, &room),
+            Delivery::Placeholder
+        ));
+        match core.receive_with(&at(&m, 1), NOW, &room) {
+            Delivery::Deliver { targets, .. } => assert_eq!(targets, vec![2]),
+            _ => panic!("the held-back message's copy is not 2's"),
+        }
+        assert!(matches!(
+            core.receive_with(&at(&m, 1), NOW, &room),
+            Delivery::Placeholder
+        ));
     }
 
     /// Review finding: a message handed to an at-least-once subscription only is held

@@ -92,8 +92,10 @@ impl AckQueue {
     /// Subscription `sub` is owed its own copy of sequence `seq` (the relay held back a
     /// live message for it, PROTOCOL §3.5.5): `seq` is not acked — whatever other slots of
     /// it are released — until `sub` has a slot of it that is released too, or goes away.
-    /// Owing it again is nothing new. The caller bounds how many a subscription is owed
-    /// (the core's `skipped` set).
+    /// Owing it again is nothing new. The caller bounds how many a subscription is owed:
+    /// the core owes only sequences its `skipped` map remembers, which takes every
+    /// held-back sequence at first sight (new, duplicate, unopenable or held back for
+    /// room alike) and holds at most its bound (`MAX_GOT`).
     pub fn owe(&mut self, seq: u64, sub: LocalSubId) {
         if seq > 0 && self.owed.entry(sub).or_default().insert(seq) {
             self.seqs.entry(seq).or_insert((0, false)).0 += 1;
