@@ -16,8 +16,11 @@
 //! **Forwarding.** Every local publish is offered (non-blocking) to a bounded queue; one
 //! task publishes the queue to NATS in order, so a publisher's envelopes keep their order on
 //! every path. A full queue (NATS slow or down) is counted in
-//! `whispeer_relay_cluster_forward_dropped_total`: QoS 0 loss across relays, visible.
-//! Local routing never waits for NATS.
+//! `whispeer_relay_cluster_forward_dropped_total` and told to the other relays in loss
+//! notices: QoS 0 loss across relays, visible. Local routing never waits for NATS. The
+//! queue's bounds, the loss records and the receiving relay's queue are shared fairly
+//! among tenants ([`FairLimit`]): one tenant's flood fills its share, and another tenant's
+//! envelope is still taken (review finding F4).
 //!
 //! **Once per client.** The connection uses NATS `no_echo`, so a relay never receives its own
 //! publishes. When local filters overlap, NATS delivers one copy per matching subscription:
@@ -41,7 +44,8 @@
 //! relay refuse every other tenant's stored traffic from the cluster. A forward without
 //! the header (a relay from before it) is charged to this relay's [`Tenant::Local`], as
 //! before. With the JetStream store the bridge carries only live-only envelopes, never
-//! stored, and sends no header.
+//! stored; they carry the header too, for the receiving relay's fair share of its receive
+//! queue by tenant.
 //!
 //! **Blind.** The NATS payload is a 26-byte bridge header (version, origin, counter, publish
 //! flags, QoS) and the sealed envelope as the relay received it, with the tenant tag in a
@@ -60,7 +64,7 @@ use tokio::task::JoinSet;
 use whispeer_protocol::{Envelope, KeyId, PatternElem, Qos, TokenPath, TokenPattern, TopicToken};
 
 use crate::config::ClusterConfig;
-use crate::held_bytes::{ByteLimit, Held};
+use crate::held_bytes::{fair_admits, FairLimit, Queued, Share};
 use crate::metrics::Metrics;
 use crate::relay::Shared;
 use crate::store::jetstream::TENANT_HEADER;
@@ -73,9 +77,18 @@ const VERSION: u8 = 1;
 const LOST: u8 = 2;
 /// Loss-notice header before the path.
 const LOST_HEADER_LEN: usize = 25;
-/// Distinct paths whose forward drops are remembered until told; beyond, a drop is only
-/// counted (`whispeer_relay_cluster_forward_dropped_total`).
+/// First byte of a key-wide loss notice: `LOST_KEY`, origin (8), counter (8), count (8),
+/// key id (16) — publishes to paths of that key id the forward queue dropped, beyond the
+/// path records of their tenant's share. Published on `<prefix>.lost`, which every relay
+/// subscribes (a key id's filters have no one subject in common).
+const LOST_KEY: u8 = 3;
+/// Distinct paths whose forward drops are remembered until told, shared fairly among the
+/// tenants with drops; a tenant past its share is remembered by key id instead.
 const MAX_LOST_PATHS: usize = 4096;
+/// Distinct key ids whose forward drops are remembered until told (key-wide notices),
+/// shared the same way; beyond, a drop is only counted
+/// (`whispeer_relay_cluster_forward_dropped_total`).
+const MAX_LOST_KEYS: usize = 4096;
 /// Bridge header: version, origin (8), counter (8), publish flags (8), QoS (1).
 const HEADER_LEN: usize = 26;
 /// Counters remembered per origin for duplicate detection.
@@ -119,15 +132,13 @@ pub(crate) struct Forward {
     qos: Qos,
     /// Whose publish it is: the receiving relays charge it to this tenant's tag.
     tenant: Tenant,
-    /// Its bytes in the queue's bound until the NATS client has written it (or it is
-    /// dropped).
-    held: Option<Held>,
+    /// Its place and bytes in the queue's bounds until the NATS client has written it (or
+    /// it is dropped).
+    held: Option<Share<Tenant>>,
 }
 
-/// Losses counted by key until someone reports them, with a wake-up at each new key.
-/// `LostPaths`: local publishes the forward queue dropped, by path, until the publisher
-/// tells the other relays (loss notices: their subscribers get the count in a `Gap`).
-/// `SlowSubscriptions`: envelopes the NATS client dropped, by its subscription id, until
+/// Losses counted by key until someone reports them, with a wake-up at each new key:
+/// `SlowSubscriptions`, envelopes the NATS client dropped, by its subscription id, until
 /// the interest keeper tells the subscribers of that filter.
 #[derive(Debug)]
 pub(crate) struct Tally<K> {
@@ -147,7 +158,7 @@ impl<K> Default for Tally<K> {
 
 impl<K: std::hash::Hash + Eq> Tally<K> {
     /// Counts one loss under `key`; beyond [`MAX_LOST_PATHS`] distinct keys it is only
-    /// counted in the caller's metric.
+    /// counted in the caller's metric (subscription ids: at most the subscriptions held).
     fn add(&self, key: K) {
         let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = m.get_mut(&key) {
@@ -163,17 +174,106 @@ impl<K: std::hash::Hash + Eq> Tally<K> {
     }
 }
 
-type LostPaths = Tally<TokenPath>;
 /// Envelopes the NATS client dropped for each of its subscriptions (by sid).
 pub(crate) type SlowSubscriptions = Tally<u64>;
+
+/// Loss records of one kind (by path, or by key id), each counted to the tenant whose drop
+/// made it, and shared fairly among those tenants ([`fair_admits`]).
+#[derive(Debug)]
+struct Records<K> {
+    counts: HashMap<K, u64>,
+    by_tenant: HashMap<Tenant, usize>,
+}
+
+impl<K> Default for Records<K> {
+    fn default() -> Self {
+        Self {
+            counts: HashMap::new(),
+            by_tenant: HashMap::new(),
+        }
+    }
+}
+
+/// What [`Records::add`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recorded {
+    /// Added to a record there was.
+    Counted,
+    /// A new record.
+    New,
+    /// Not recorded: the tenant is past its share of `cap` records.
+    Refused,
+}
+
+impl<K: std::hash::Hash + Eq> Records<K> {
+    /// Counts one loss under `key`: on its record, else on a new one for `tenant` if
+    /// [`fair_admits`] lets it have one more of `cap` records.
+    fn add(&mut self, key: K, tenant: &Tenant, cap: usize) -> Recorded {
+        if let Some(n) = self.counts.get_mut(&key) {
+            *n += 1;
+            return Recorded::Counted;
+        }
+        let mine = self.by_tenant.get(tenant).copied().unwrap_or(0);
+        let tenants = self.by_tenant.len() + usize::from(mine == 0);
+        let n = |msgs| Queued { msgs, bytes: 0 };
+        if !fair_admits(n(self.counts.len()), n(mine), tenants, n(1), cap, 0) {
+            return Recorded::Refused;
+        }
+        self.counts.insert(key, 1);
+        *self.by_tenant.entry(tenant.clone()).or_default() += 1;
+        Recorded::New
+    }
+
+    fn take(&mut self) -> HashMap<K, u64> {
+        self.by_tenant.clear();
+        std::mem::take(&mut self.counts)
+    }
+}
+
+/// Local publishes the forward queue dropped, until the publisher tells the other relays
+/// in loss notices (their subscribers get the count in a `Gap`): by path, and for a tenant
+/// past its share of [`MAX_LOST_PATHS`] path records, by key id (a key-wide notice, told
+/// to every subscriber of the key id). One cap for everyone let a tenant's flood over
+/// 4,096 invented paths take every record, and other tenants' losses went untold: their
+/// remote subscribers missed messages with no `Gap` (review finding F4).
+#[derive(Debug, Default)]
+pub(crate) struct LostPaths {
+    records: Mutex<(Records<TokenPath>, Records<KeyId>)>,
+    /// Woken at a new record, so a publisher idle on an empty queue tells it too.
+    added: tokio::sync::Notify,
+}
+
+impl LostPaths {
+    /// Counts one dropped publish of `tenant` to `path`; beyond its share of both kinds
+    /// of records it is only counted in the caller's metric.
+    fn add(&self, path: TokenPath, tenant: &Tenant) {
+        let mut r = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let key = *path.key_id();
+        let mut done = r.0.add(path, tenant, MAX_LOST_PATHS);
+        if done == Recorded::Refused {
+            done = r.1.add(key, tenant, MAX_LOST_KEYS);
+        }
+        drop(r);
+        if done == Recorded::New {
+            self.added.notify_one();
+        }
+    }
+
+    /// The records (by path, by key id), emptied.
+    fn take(&self) -> (HashMap<TokenPath, u64>, HashMap<KeyId, u64>) {
+        let mut r = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        (r.0.take(), r.1.take())
+    }
+}
 
 /// The router's side of the bridge: two queues, both fed without blocking.
 #[derive(Debug)]
 pub(crate) struct Link {
     forward: mpsc::Sender<Forward>,
     lost: Arc<LostPaths>,
-    /// Envelope bytes in the forward queue (`cluster.queue_bytes`).
-    queued: Arc<ByteLimit>,
+    /// Envelopes and their bytes in the forward queue (`cluster.queue`,
+    /// `cluster.queue_bytes`), shared fairly among tenants.
+    queued: Arc<FairLimit<Tenant>>,
     interest: Arc<InterestSet>,
     metrics: Arc<Metrics>,
 }
@@ -239,13 +339,15 @@ impl InterestSet {
 }
 
 impl Link {
-    /// Offers a local publish by `tenant` to NATS; a full queue is counted, never waited on.
+    /// Offers a local publish by `tenant` to NATS; a full queue is counted (and told in a
+    /// loss notice), never waited on. Beyond the queue's bounds only a tenant under its
+    /// fair share is queued: one tenant's flood is dropped, not every tenant's forwards.
     pub(crate) fn forward(&self, envelope: &Envelope, flags: u64, qos: Qos, tenant: &Tenant) {
         let dropped = || {
             self.metrics.cluster.forward_dropped.fetch_add(1, Relaxed);
-            self.lost.add(envelope.token_path());
+            self.lost.add(envelope.token_path(), tenant);
         };
-        let Some(held) = self.queued.take(envelope.as_bytes().len() as u64) else {
+        let Some(held) = self.queued.take(tenant, envelope.as_bytes().len() as u64) else {
             dropped();
             return;
         };
@@ -282,14 +384,15 @@ pub(crate) struct Receivers {
 
 /// The queues between router and bridge.
 pub(crate) fn link(config: &ClusterConfig, metrics: Arc<Metrics>) -> (Link, Receivers) {
-    let (ftx, frx) = mpsc::channel(config.queue);
+    // Bounded by `queued` (never past twice `cluster.queue`): the channel never fills.
+    let (ftx, frx) = mpsc::channel(config.queue.max(1).saturating_mul(2));
     let interest = Arc::new(InterestSet::default());
     let lost = Arc::new(LostPaths::default());
     (
         Link {
             forward: ftx,
             lost: lost.clone(),
-            queued: ByteLimit::new(config.queue_bytes),
+            queued: FairLimit::new(config.queue.max(1), config.queue_bytes),
             interest: interest.clone(),
             metrics,
         },
@@ -519,7 +622,8 @@ pub(crate) async fn run(
         shared.config.cluster.subject_prefix.clone()
     };
     let origin = random_origin();
-    let (in_tx, in_rx) = mpsc::channel(INBOUND);
+    // Bounded by the receive limit (never past twice `INBOUND`): the channel never fills.
+    let (in_tx, in_rx) = mpsc::channel(INBOUND * 2);
     let mut tasks = JoinSet::new();
     let publisher = publish_loop(
         client.clone(),
@@ -528,8 +632,6 @@ pub(crate) async fn run(
         Publishing {
             prefix: prefix.clone(),
             origin,
-            // Live-only envelopes beside the JetStream stream are never stored: no tenant.
-            tenant_header: !shared.config.cluster.jetstream(),
         },
         shared.metrics.clone(),
         drain,
@@ -541,7 +643,7 @@ pub(crate) async fn run(
         rx.connected,
         prefix,
         in_tx,
-        ByteLimit::new(shared.config.cluster.receive_bytes),
+        FairLimit::new(INBOUND, shared.config.cluster.receive_bytes),
         shared.clone(),
     ));
     tasks.spawn(receive_loop(shared.clone(), in_rx, origin));
@@ -563,12 +665,12 @@ fn random_origin() -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// What the publisher puts on the forwards it sends.
+/// What the publisher puts on the forwards it sends (each names its tenant in header
+/// `Wsp-Tenant`: what the receiving relays charge it to, and share their receive queue by —
+/// live-only envelopes beside the JetStream stream too, which are never stored).
 struct Publishing {
     prefix: String,
     origin: u64,
-    /// Whether a forward names its tenant (header `Wsp-Tenant`).
-    tenant_header: bool,
 }
 
 /// The NATS headers of a forward by `tenant`: its tag ([`Tenant::tag`]) in hex.
@@ -597,16 +699,12 @@ async fn publish_loop(
     metrics: Arc<Metrics>,
     mut drain: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let Publishing {
-        prefix,
-        origin,
-        tenant_header,
-    } = publishing;
+    let Publishing { prefix, origin } = publishing;
     // The last tenant's headers: a run of publishes by one tenant hashes its tag once.
     let mut last: Option<(Tenant, async_nats::HeaderMap)> = None;
     let mut counter = 0u64;
     // What the NATS client may still hold: published, not yet known written to its socket.
-    let mut unflushed: Vec<Held> = Vec::new();
+    let mut unflushed: Vec<Share<Tenant>> = Vec::new();
     let mut unflushed_bytes = 0u64;
     loop {
         // Queued envelopes first: `drain` is taken only once the queue is empty.
@@ -645,26 +743,22 @@ async fn publish_loop(
         let payload = encode(origin, counter, &f);
         // Waits only while the NATS client's own buffer is full (reconnecting); the router
         // never waits: its offers fail and are counted meanwhile.
-        let sent = if tenant_header {
-            let headers = match &last {
-                Some((t, h)) if *t == f.tenant => h.clone(),
-                _ => {
-                    let h = tenant_headers(&f.tenant);
-                    last = Some((f.tenant.clone(), h.clone()));
-                    h
-                }
-            };
-            client.publish_with_headers(subject, headers, payload).await
-        } else {
-            client.publish(subject, payload).await
+        let headers = match &last {
+            Some((t, h)) if *t == f.tenant => h.clone(),
+            _ => {
+                let h = tenant_headers(&f.tenant);
+                last = Some((f.tenant.clone(), h.clone()));
+                h
+            }
         };
+        let sent = client.publish_with_headers(subject, headers, payload).await;
         match sent {
             Ok(()) => {
                 metrics.cluster.forwarded.fetch_add(1, Relaxed);
             }
             Err(e) => {
                 metrics.cluster.forward_dropped.fetch_add(1, Relaxed);
-                lost.add(f.envelope.token_path());
+                lost.add(f.envelope.token_path(), &f.tenant);
                 tracing::debug!(error = %e, "cluster: publish to NATS failed");
             }
         }
@@ -691,8 +785,10 @@ async fn publish_loop(
 /// Publishes a loss notice per path with forward drops since the last call, on the path's
 /// subject, so the relays with subscribers to it report the count in their `Gap`s: a QoS 0
 /// message this relay could not forward is visible to whom it was lost, as when it is
-/// dropped on the receiving side. Returns the counter after the notices (they share the
-/// envelopes' counter, so the receivers' duplicate window covers them).
+/// dropped on the receiving side; and one per key id recorded instead (a tenant past its
+/// share of path records), on `<prefix>.lost`, told to every subscriber of the key id.
+/// Returns the counter after the notices (they share the envelopes' counter, so the
+/// receivers' duplicate window covers them).
 async fn tell_lost(
     client: &async_nats::Client,
     lost: &LostPaths,
@@ -700,14 +796,28 @@ async fn tell_lost(
     origin: u64,
     mut counter: u64,
 ) -> u64 {
-    for (path, count) in lost.take() {
+    let (paths, keys) = lost.take();
+    for (path, count) in paths {
         counter += 1;
         let payload = encode_lost(origin, counter, count, &path);
         if let Err(e) = client.publish(path_subject(prefix, &path), payload).await {
             tracing::debug!(error = %e, "cluster: a loss notice could not be published");
         }
     }
+    for (key, count) in keys {
+        counter += 1;
+        let payload = encode_lost_key(origin, counter, count, &key);
+        if let Err(e) = client.publish(lost_subject(prefix), payload).await {
+            tracing::debug!(error = %e, "cluster: a loss notice could not be published");
+        }
+    }
     counter
+}
+
+/// The subject of key-wide loss notices, which every relay subscribes: inside the relays'
+/// subjects (NATS permissions), never a path (not 32 hex).
+fn lost_subject(prefix: &str) -> String {
+    format!("{prefix}.lost")
 }
 
 /// Distinct filters of one key id above which the interest keeper holds one NATS
@@ -734,6 +844,8 @@ enum Holder {
     Filter(TokenPattern),
     /// Every filter of a key id ([`KEY_WIDE_ABOVE`]).
     Key(KeyId),
+    /// Key-wide loss notices (`<prefix>.lost`), held from the start.
+    Notices,
 }
 
 /// The NATS side of a [`Holder`]: its readers and the client's ids of its subscriptions.
@@ -753,7 +865,7 @@ struct Keeper {
     client: async_nats::Client,
     prefix: String,
     inbound: mpsc::Sender<Received>,
-    received: Arc<ByteLimit>,
+    received: Arc<FairLimit<Tenant>>,
     shared: Arc<Shared>,
     /// Filters local subscriptions hold, by key id.
     wanted: HashMap<KeyId, std::collections::HashSet<TokenPattern>>,
@@ -893,6 +1005,8 @@ impl Keeper {
     ) {
         let metrics = self.shared.metrics.clone();
         let mut held = HeldSubs::default();
+        // The gauge counts subscriptions held for local filters (not the loss notices').
+        let gauged = holder != Holder::Notices;
         for subject in subjects {
             let mut sub = match self.client.subscribe(subject).await {
                 Ok(sub) => sub,
@@ -901,7 +1015,9 @@ impl Keeper {
                     continue;
                 }
             };
-            metrics.cluster.subscriptions.fetch_add(1, Relaxed);
+            if gauged {
+                metrics.cluster.subscriptions.fetch_add(1, Relaxed);
+            }
             match subscription_id(&sub) {
                 Some(sid) => {
                     self.holder_of.insert(sid, holder.clone());
@@ -930,7 +1046,7 @@ impl Keeper {
             let mut after = after.clone();
             self.readers.spawn(async move {
                 // Dropping `sub` (on abort, at shutdown) unsubscribes on NATS.
-                let _gauge = Gauge(m.clone());
+                let _gauge = gauged.then(|| Gauge(m.clone()));
                 // Told (closed) when this reader ends, however.
                 let _done = done_tx;
                 // The replaced subscriptions' readers first: what they hold is older.
@@ -940,8 +1056,10 @@ impl Keeper {
                 // A dropped envelope is reported to the connections it was for, in a `Gap`.
                 let lost = |payload: &Bytes| {
                     if let Some(d) = decode(payload.clone()) {
-                        let (path, n) = d.missed();
-                        shared.router.lost_remote(&path, n);
+                        match d.missed() {
+                            Missed::Path(path, n) => shared.router.lost_remote(&path, n),
+                            Missed::Key(key, n) => shared.router.lost_key(&key, n),
+                        }
                     }
                 };
                 // Unconstrained: a reader takes everything buffered each time it runs (a
@@ -995,7 +1113,8 @@ impl Keeper {
                 .get(k)
                 .map(|w| w.iter().cloned().collect())
                 .unwrap_or_default(),
-            None => Vec::new(),
+            // Dropped loss notices: whose they were is unknown (counted only).
+            Some(Holder::Notices) | None => Vec::new(),
         }
     }
 
@@ -1013,7 +1132,7 @@ async fn interest_loop(
     connected: Arc<tokio::sync::Notify>,
     prefix: String,
     inbound: mpsc::Sender<Received>,
-    received: Arc<ByteLimit>,
+    received: Arc<FairLimit<Tenant>>,
     shared: Arc<Shared>,
 ) {
     // Connections made so far (the client's own count: its `Connected` events can be
@@ -1035,6 +1154,10 @@ async fn interest_loop(
         holder_of: HashMap::new(),
         readers: JoinSet::new(),
     };
+    let notices = lost_subject(&keeper.prefix);
+    keeper
+        .hold(Holder::Notices, vec![notices], Vec::new())
+        .await;
     loop {
         tokio::select! {
             // (`notify_one` keeps a permit: a change recorded since `take` wakes this.)
@@ -1100,19 +1223,24 @@ fn subscription_id(sub: &async_nats::Subscriber) -> Option<u64> {
     rest[..end].parse().ok()
 }
 
-/// An envelope from NATS waiting to be routed; its bytes count in `cluster.receive_bytes`.
+/// An envelope from NATS waiting to be routed; it counts in `cluster.receive_bytes` (and
+/// the count bound), in the share of the tenant its header names.
 pub(crate) struct Received {
     msg: async_nats::Message,
-    _held: Held,
+    tenant: Tenant,
+    _held: Share<Tenant>,
 }
 
-/// Queues `msg` for routing without waiting: beyond the receive bound (bytes or count) it
+/// Queues `msg` for routing without waiting: beyond the receive bounds (bytes or count) it
 /// is dropped, counted and handed to `lost` (which tells its subscribers) — the reader never
 /// leaves it in the NATS client's buffer, where `cluster.subscription_capacity` messages of
-/// any size per subscription would wait. `false` once routing has ended.
+/// any size per subscription would wait. The bounds are shared fairly among the tenants
+/// the envelopes' `Wsp-Tenant` headers name (forwards without one share one part): one
+/// tenant's burst from another relay is dropped beyond its share, not every other
+/// tenant's envelopes with it. `false` once routing has ended.
 fn receive(
     tx: &mpsc::Sender<Received>,
-    limit: &Arc<ByteLimit>,
+    limit: &Arc<FairLimit<Tenant>>,
     metrics: &Metrics,
     msg: async_nats::Message,
     lost: &dyn Fn(&Bytes),
@@ -1122,11 +1250,17 @@ fn receive(
         tracing::debug!("cluster: receive queue full, an envelope from NATS dropped");
         lost(payload);
     };
-    let Some(held) = limit.take(msg.payload.len() as u64) else {
+    let tenant = origin_tenant(msg.headers.as_ref());
+    let Some(held) = limit.take(&tenant, msg.payload.len() as u64) else {
         dropped(&msg.payload);
         return true;
     };
-    match tx.try_send(Received { msg, _held: held }) {
+    let r = Received {
+        msg,
+        tenant,
+        _held: held,
+    };
+    match tx.try_send(r) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(r)) => {
             dropped(&r.msg.payload);
@@ -1185,13 +1319,18 @@ async fn receive_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Received>, ori
                 shared.router.lost_remote(&path, count);
                 continue;
             }
+            Carried::LostKey { count, key } => {
+                // … to paths of this key id (its tenant was past its share of records).
+                c.lost_notices.fetch_add(1, Relaxed);
+                shared.router.lost_key(&key, count);
+                continue;
+            }
         };
         let path = envelope.token_path();
         // Charged here to the tenant that published it at its relay.
-        let tenant = origin_tenant(r.msg.headers.as_ref());
         match shared
             .router
-            .publish_remote(&envelope, &path, flags, qos, &tenant)
+            .publish_remote(&envelope, &path, flags, qos, &r.tenant)
         {
             Ok(_) => {
                 c.received.fetch_add(1, Relaxed);
@@ -1272,10 +1411,29 @@ fn encode_lost(origin: u64, counter: u64, count: u64, path: &TokenPath) -> Bytes
     b.freeze()
 }
 
+fn encode_lost_key(origin: u64, counter: u64, count: u64, key: &KeyId) -> Bytes {
+    let mut b = BytesMut::with_capacity(LOST_HEADER_LEN + 16);
+    b.put_u8(LOST_KEY);
+    b.put_u64(origin);
+    b.put_u64(counter);
+    b.put_u64(count);
+    b.extend_from_slice(key.as_bytes());
+    b.freeze()
+}
+
 struct Decoded {
     origin: u64,
     counter: u64,
     what: Carried,
+}
+
+/// Whom a dropped bridge message concerned, and how many messages they miss.
+#[derive(Debug, PartialEq, Eq)]
+enum Missed {
+    /// The subscribers of this path.
+    Path(TokenPath, u64),
+    /// Every subscriber of this key id.
+    Key(KeyId, u64),
 }
 
 /// What a bridge message carries.
@@ -1288,15 +1446,18 @@ enum Carried {
     },
     /// `count` publishes to `path` that another relay could not forward.
     Lost { count: u64, path: TokenPath },
+    /// `count` publishes to paths of `key` that another relay could not forward.
+    LostKey { count: u64, key: KeyId },
 }
 
 impl Decoded {
-    /// The path it concerns and how many messages its subscribers miss if it is dropped
-    /// here (an envelope: itself; a loss notice: its count).
-    fn missed(&self) -> (TokenPath, u64) {
+    /// Whom it concerns and how many messages they miss if it is dropped here (an
+    /// envelope: itself; a loss notice: its count).
+    fn missed(&self) -> Missed {
         match &self.what {
-            Carried::Envelope { envelope, .. } => (envelope.token_path(), 1),
-            Carried::Lost { count, path } => (path.clone(), *count),
+            Carried::Envelope { envelope, .. } => Missed::Path(envelope.token_path(), 1),
+            Carried::Lost { count, path } => Missed::Path(path.clone(), *count),
+            Carried::LostKey { count, key } => Missed::Key(*key, *count),
         }
     }
 }
@@ -1329,6 +1490,10 @@ fn decode(payload: Bytes) -> Option<Decoded> {
                 path: TokenPath::new(key_id, tokens).ok()?,
             }
         }
+        LOST_KEY if payload.len() == LOST_HEADER_LEN + 16 => Carried::LostKey {
+            count: u64_at(17)?,
+            key: KeyId::from_slice(&payload[LOST_HEADER_LEN..]).ok()?,
+        },
         _ => return None,
     };
     Some(Decoded {
@@ -1517,30 +1682,147 @@ mod tests {
     fn received_envelopes_are_bounded_in_bytes_and_count() {
         let metrics = Metrics::default();
         let dropped = || metrics.cluster.receive_dropped.load(Relaxed);
-        let limit = ByteLimit::new(100);
-        let (tx, mut rx) = mpsc::channel(3);
+        let limit = FairLimit::new(3, 100);
+        let (tx, mut rx) = mpsc::channel(6);
         assert!(receive(&tx, &limit, &metrics, nats_msg(60), &|_| {}));
         assert!(
             receive(&tx, &limit, &metrics, nats_msg(60), &|_| {}),
             "goes on"
         );
-        assert_eq!((dropped(), limit.held()), (1, 60), "60 + 60 > 100: dropped");
+        let bytes = || limit.held().bytes;
+        assert_eq!((dropped(), bytes()), (1, 60), "60 + 60 > 100: dropped");
         assert!(receive(&tx, &limit, &metrics, nats_msg(40), &|_| {}));
-        assert_eq!(limit.held(), 100);
+        assert_eq!(bytes(), 100);
         let first = rx.try_recv().expect("queued");
         drop(first);
-        assert_eq!(limit.held(), 40, "routed: its bytes are given back");
-        // By count: the channel holds 3.
+        assert_eq!(bytes(), 40, "routed: its bytes are given back");
+        // By count: 3 wait at most.
         for _ in 0..3 {
             assert!(receive(&tx, &limit, &metrics, nats_msg(1), &|_| {}));
         }
-        assert_eq!(dropped(), 2, "the third small one found the channel full");
-        assert_eq!(limit.held(), 42, "a dropped one holds nothing");
+        assert_eq!(dropped(), 2, "the third small one found the count bound");
+        assert_eq!(bytes(), 42, "a dropped one holds nothing");
         drop(rx);
         assert!(
             !receive(&tx, &limit, &metrics, nats_msg(1), &|_| {}),
             "routing ended"
         );
+    }
+
+    fn nats_msg_of(len: usize, tenant: u8) -> async_nats::Message {
+        let mut m = nats_msg(len);
+        m.headers = Some(tenant_headers(&Tenant::Remote([tenant; 16])));
+        m
+    }
+
+    /// The receive bounds are shared among the tenants the envelopes' headers name: one
+    /// tenant's burst fills them and is dropped beyond, another tenant's envelope is still
+    /// queued (its share), and never past twice the bounds.
+    #[test]
+    fn the_receive_queue_is_shared_fairly_among_tenants() {
+        let metrics = Metrics::default();
+        let dropped = || metrics.cluster.receive_dropped.load(Relaxed);
+        let limit = FairLimit::new(100, 1000);
+        let (tx, mut rx) = mpsc::channel(200);
+        for _ in 0..20 {
+            receive(&tx, &limit, &metrics, nats_msg_of(100, 1), &|_| {});
+        }
+        assert_eq!(dropped(), 10, "a lone tenant gets the whole bound");
+        for _ in 0..6 {
+            receive(&tx, &limit, &metrics, nats_msg_of(100, 2), &|_| {});
+        }
+        assert_eq!(dropped(), 11, "another tenant gets its half");
+        assert_eq!(limit.held().bytes, 1500);
+        let mut by = HashMap::new();
+        while let Ok(r) = rx.try_recv() {
+            *by.entry(r.tenant.clone()).or_insert(0) += 1;
+        }
+        assert_eq!(by[&Tenant::Remote([1; 16])], 10);
+        assert_eq!(by[&Tenant::Remote([2; 16])], 5);
+        assert_eq!(limit.held().bytes, 0, "routed: given back");
+    }
+
+    /// Loss records are shared among the tenants with drops: a tenant past its share of
+    /// path records is recorded by key id; another tenant's paths are still recorded.
+    #[test]
+    fn loss_records_keep_each_tenants_share() {
+        let lost = LostPaths::default();
+        let (flood, honest) = (Tenant::Remote([1; 16]), Tenant::Remote([2; 16]));
+        let path_of = |k: u8, i: u32| {
+            let mut key = [k; 16];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            TokenPath::new(KeyId::from_bytes(key), vec![t(1)]).unwrap()
+        };
+        // The flood: every path of one key id, then as many key ids.
+        let flood_path = |i: u32| {
+            TokenPath::new(
+                k(),
+                vec![
+                    t(1),
+                    TopicToken::from_bytes({
+                        let mut b = [0u8; 16];
+                        b[..4].copy_from_slice(&i.to_be_bytes());
+                        b
+                    }),
+                ],
+            )
+            .unwrap()
+        };
+        for i in 0..(MAX_LOST_PATHS as u32 + 100) {
+            lost.add(flood_path(i), &flood);
+        }
+        for i in 0..(MAX_LOST_KEYS as u32 + 100) {
+            lost.add(path_of(9, i), &flood);
+        }
+        lost.add(path_of(7, 0), &honest);
+        lost.add(path_of(7, 0), &honest);
+        let (paths, keys) = lost.take();
+        assert_eq!(
+            paths.len(),
+            MAX_LOST_PATHS + 1,
+            "the flood's share, and the honest path"
+        );
+        assert_eq!(paths[&path_of(7, 0)], 2);
+        assert_eq!(keys[&k()], 100, "the flood past its path share, by key id");
+        assert_eq!(
+            keys.len(),
+            MAX_LOST_KEYS,
+            "the flood's key records: all it may have"
+        );
+        assert_eq!(lost.take(), (HashMap::new(), HashMap::new()), "taken");
+        // Past the paths, the honest tenant's drops are recorded by key id too.
+        for i in 0..(MAX_LOST_PATHS as u32) {
+            lost.add(flood_path(i), &flood);
+        }
+        for i in 0..(MAX_LOST_PATHS as u32 / 2 + 1) {
+            lost.add(path_of(7, i), &honest);
+        }
+        let (paths, keys) = lost.take();
+        assert_eq!(
+            paths.len(),
+            MAX_LOST_PATHS + MAX_LOST_PATHS / 2,
+            "half each past the cap"
+        );
+        let honest_key = *path_of(7, MAX_LOST_PATHS as u32 / 2).key_id();
+        assert_eq!(
+            keys.get(&honest_key),
+            Some(&1),
+            "its one past its share, by key id"
+        );
+    }
+
+    /// A key-wide loss notice carries its origin, counter, count and key id; cut or
+    /// padded it is refused.
+    #[test]
+    fn key_wide_loss_notices_round_trip() {
+        let b = encode_lost_key(9, 8, 41, &k());
+        let d = decode(b.clone()).unwrap();
+        assert_eq!((d.origin, d.counter), (9, 8));
+        assert_eq!(d.missed(), Missed::Key(k(), 41));
+        assert!(decode(b.slice(..b.len() - 1)).is_none());
+        let mut long = b.to_vec();
+        long.push(0);
+        assert!(decode(Bytes::from(long)).is_none());
     }
 
     #[test]
@@ -1617,7 +1899,7 @@ mod tests {
         };
         let d = decode(encode(9, 7, &f)).unwrap();
         assert_eq!((d.origin, d.counter), (9, 7));
-        assert_eq!(d.missed(), (path.clone(), 1));
+        assert_eq!(d.missed(), Missed::Path(path.clone(), 1));
         let Carried::Envelope {
             flags,
             qos,
@@ -1693,7 +1975,7 @@ mod tests {
         let b = encode_lost(9, 8, 41, &path);
         let d = decode(b.clone()).unwrap();
         assert_eq!((d.origin, d.counter), (9, 8));
-        assert_eq!(d.missed(), (path, 41));
+        assert_eq!(d.missed(), Missed::Path(path, 41));
         for bad in [
             b.slice(..b.len() - 1),
             b.slice(..LOST_HEADER_LEN),

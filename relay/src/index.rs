@@ -223,6 +223,13 @@ impl<V> SubIndex<V> {
         }
     }
 
+    /// Calls `f` once per subscription of key id `key_id`, whatever its filter.
+    pub fn for_each_in_key<'a>(&'a self, key_id: &KeyId, mut f: impl FnMut(ConnId, &'a V)) {
+        if let Some(root) = self.roots.get(key_id) {
+            every(root, &mut f);
+        }
+    }
+
     /// Calls `f` once per matching subscription (a connection with several matching
     /// subscriptions is seen several times; the router deduplicates).
     pub fn for_each_match<'a>(&'a self, path: &TokenPath, mut f: impl FnMut(ConnId, &'a V)) {
@@ -238,6 +245,15 @@ fn find<'a, V>(node: &'a Node<V>, elems: &[PatternElem]) -> Option<&'a [Entry<V>
         Some((PatternElem::Rest, _)) => Some(&node.rest.entries),
         Some((PatternElem::Token(t), tail)) => find(node.exact.get(t)?, tail),
         Some((PatternElem::One, tail)) => find(node.one.as_deref()?, tail),
+    }
+}
+
+fn every<'a, V>(node: &'a Node<V>, f: &mut impl FnMut(ConnId, &'a V)) {
+    for e in node.here.iter().chain(node.rest.iter()) {
+        f(e.conn, &e.value);
+    }
+    for child in node.exact.values().chain(node.one.as_deref()) {
+        every(child, f);
     }
 }
 
@@ -316,6 +332,27 @@ mod tests {
         assert!(ix.remove(&p2, ConnId(2), SubId(1)));
         assert!(ix.is_empty());
         assert!(ix.roots.is_empty());
+    }
+
+    #[test]
+    fn every_subscription_of_a_key_id_is_found() {
+        use PatternElem::*;
+        let mut ix = SubIndex::new();
+        let other = KeyId::from_bytes([8; 16]);
+        let patterns = [
+            TokenPattern::new(K, vec![Token(t(1)), Rest]).unwrap(),
+            TokenPattern::new(K, vec![One, Token(t(2))]).unwrap(),
+            TokenPattern::new(K, vec![Rest]).unwrap(),
+            TokenPattern::new(K, vec![Token(t(1)), Token(t(2)), Token(t(3))]).unwrap(),
+            TokenPattern::new(other, vec![Rest]).unwrap(),
+        ];
+        for (i, p) in patterns.iter().enumerate() {
+            ix.insert(p, ConnId(i as u64), SubId(1), i);
+        }
+        let mut found = Vec::new();
+        ix.for_each_in_key(&K, |_, v| found.push(*v));
+        found.sort_unstable();
+        assert_eq!(found, vec![0, 1, 2, 3]);
     }
 
     fn elem() -> impl Strategy<Value = PatternElem> {

@@ -649,6 +649,17 @@ impl Router {
         add_dropped_once(&mut targets, n);
     }
 
+    /// Envelopes to paths of `key_id` that another relay could not forward, paths unknown
+    /// (a key-wide loss notice: their publisher was past its share of the sending relay's
+    /// path records): each connection with a subscription of that key id is told in its
+    /// next `Gap`.
+    pub(crate) fn lost_key(&self, key_id: &KeyId, n: u64) {
+        let core = self.lock(self.shard_of(key_id));
+        let mut targets: Targets<'_> = SmallVec::new();
+        core.index.for_each_in_key(key_id, |_, t| targets.push(t));
+        add_dropped_once(&mut targets, n);
+    }
+
     /// Routes a message the store numbered elsewhere (the cluster's JetStream stream), in
     /// sequence order: it becomes the last sequence and is fanned out with its sequence.
     pub(crate) fn publish_sequenced(&self, m: &Sequenced) -> Result<Accepted, StoreError> {

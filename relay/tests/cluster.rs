@@ -617,6 +617,168 @@ async fn publishes_the_sender_could_not_forward_are_reported_to_remote_subscribe
     );
 }
 
+/// A marker answered after everything sent before it on the connection: the relay has
+/// taken (routed, offered to the forward queue) every publish before it.
+async fn handled(c: &mut Client, nonce: u64) {
+    c.send(&Frame::Ping(Ping { nonce })).await;
+    loop {
+        match c.recv().await {
+            Frame::Pong(p) if p.nonce == nonce => return,
+            Frame::Pong(_) | Frame::Gap(_) => {}
+            other => panic!("expected Pong, got {other:?}"),
+        }
+    }
+}
+
+/// Review finding F4: the forward queue (local publishes on their way to NATS) and its loss
+/// records are shared fairly among tenants. Every NATS server frozen (SIGSTOP), a client of
+/// relay A (127.0.0.1) floods key 9 with 32 KiB envelopes until A's forward publisher is
+/// stuck (its socket full: a whole batch dropped), then with 1 KiB envelopes each on its
+/// own path until 4,200 more are dropped — past the 4,096 distinct paths A remembers losses
+/// for. Then another tenant at A (127.0.0.2) publishes 10 × 1 KiB on `1/1` — within
+/// its share of the 256 KiB `cluster.queue_bytes`, so all queued — and 10 × 32 KiB on
+/// `1/2`, past its share (128 KiB), so most are dropped. Once NATS runs again, relay B's
+/// subscriber of `1/#` gets the first 10, all of them, and every one of the others
+/// delivered or reported in a `Gap`; B's subscriber of `9/#` gets every flood envelope
+/// delivered or reported too — past the flooder's share of path records, by a key-wide
+/// loss notice. Before, the honest tenant's forwards were dropped with the flood's and,
+/// the 4,096 records taken by the flood, its losses went untold: no `Gap`.
+#[tokio::test]
+async fn a_flooding_tenant_neither_crowds_out_nor_silences_other_tenants_forwards() {
+    const DROPPED: &str = "whispeer_relay_cluster_forward_dropped_total";
+    let Some((nats, a, b, mut sub, flood)) =
+        pair_with(&["--cluster-queue-bytes", "262144"], &[]).await
+    else {
+        return;
+    };
+    let mut flood_sub = subscriber(b.tcp(), &[pattern(9, &[], true)]).await;
+    let mut flood = sync_interest(flood, &mut [&mut flood_sub], 9, &[200]).await;
+    let mut honest = Client::tcp_from(a.tcp(), "127.0.0.2").await;
+    honest.hello().await;
+    for node in &nats.nodes {
+        node.signal("STOP");
+    }
+    let mut flooded = 0u32;
+    loop {
+        let before = metric(a.admin(), DROPPED).await;
+        for _ in 0..100 {
+            flood
+                .publish(numbered_sized(9, &[201, 0], flooded, 32 << 10))
+                .await;
+            flooded += 1;
+        }
+        handled(&mut flood, u64::from(flooded)).await;
+        if metric(a.admin(), DROPPED).await - before == 100 {
+            break; // stuck: nothing more is taken until NATS runs
+        }
+    }
+    // (What NATS's frozen socket still takes now and then goes out: an envelope in a
+    // thousand, about.)
+    let stuck = metric(a.admin(), DROPPED).await;
+    let mut i = 0u32;
+    while metric(a.admin(), DROPPED).await - stuck < 4_200 {
+        for _ in 0..500 {
+            let n = flooded;
+            flood
+                .publish(numbered_sized(9, &[(i >> 8) as u8, i as u8], n, 1024))
+                .await;
+            (i, flooded) = (i + 1, flooded + 1);
+        }
+        handled(&mut flood, u64::from(flooded)).await;
+    }
+    let flood_dropped = metric(a.admin(), DROPPED).await;
+    for n in 0..10 {
+        honest.publish(numbered_sized(1, &[1], n, 1024)).await;
+    }
+    for n in 10..20 {
+        honest.publish(numbered_sized(1, &[2], n, 32 << 10)).await;
+    }
+    handled(&mut honest, 1).await;
+    let honest_dropped = metric(a.admin(), DROPPED).await - flood_dropped;
+    for node in &nats.nodes {
+        node.signal("CONT");
+    }
+    // (A `Gap` may come before messages B received ahead of the loss notice: a writer
+    // sends what was dropped first.)
+    let mut got = Vec::new();
+    let gaps = delivered_or_reported(&mut sub, 20, |m| got.push(number(&m.envelope))).await;
+    eprintln!(
+        "A dropped {flood_dropped} of {flooded} flood envelopes, then {honest_dropped} of the \
+         honest tenant's 20; B delivered {got:?} and reported {gaps}"
+    );
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order");
+    assert_eq!(
+        got.get(..10),
+        Some(&(0..10).collect::<Vec<u32>>()[..]),
+        "every small forward of the honest tenant delivered"
+    );
+    assert!(
+        gaps > 0,
+        "the honest tenant's own excess past its share is dropped"
+    );
+    let flood_gaps = delivered_or_reported(&mut flood_sub, flooded, |_| {}).await;
+    eprintln!("the flood: {flood_gaps} of {flooded} reported in Gaps at B");
+}
+
+/// The receive queue (envelopes from NATS waiting for routing) is shared fairly among the
+/// tenants the forwards' `Wsp-Tenant` headers name. Relay B frozen (SIGSTOP) while a
+/// client of relay A (127.0.0.1) publishes a 4 MiB burst (1,024 × 4 KiB on `1/5`) and then
+/// another tenant at A (127.0.0.2) 10 × 1 KiB on `1/6`; once NATS holds them all, B runs
+/// again with a 256 KiB `cluster.receive_bytes`: the burst overflows it (dropped, counted,
+/// reported in `Gap`s), and every one of the other tenant's 10 is delivered — the burst's
+/// tenant is over its share, the other tenant holds nothing. Before, one bound for all:
+/// what came behind the burst was dropped with it.
+#[tokio::test]
+async fn a_burst_from_one_tenant_does_not_crowd_others_out_of_the_receive_queue() {
+    use futures_util::StreamExt;
+    const BURST: u32 = 1024;
+    let Some((nats, a, b, mut sub, mut burst)) =
+        pair_with(&[], &["--cluster-receive-bytes", "262144"]).await
+    else {
+        return;
+    };
+    let mut honest = Client::tcp_from(a.tcp(), "127.0.0.2").await;
+    honest.hello().await;
+    // Watches NATS until it has them all (and so has queued them for the frozen relay).
+    let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
+    let mut seen = nc.subscribe(">").await.unwrap();
+    nc.flush().await.unwrap();
+    b.signal("STOP");
+    // The other tenant's 10 spread over the burst (each after 100 of it, in A's order).
+    for n in 0..BURST {
+        burst.publish(numbered_sized(1, &[5], n, 4 << 10)).await;
+        if n % 100 == 99 && n < 1000 {
+            handled(&mut burst, u64::from(n)).await;
+            honest.publish(numbered_sized(1, &[6], n / 100, 1024)).await;
+            handled(&mut honest, u64::from(n)).await;
+        }
+    }
+    let mut forwarded = 0;
+    while forwarded < BURST + 10 {
+        let m = seen.next().await.expect("NATS subscription");
+        forwarded += u32::from(m.payload.len() > 1024);
+    }
+    b.signal("CONT");
+    let mut honest_got = Vec::new();
+    let gaps = delivered_or_reported(&mut sub, BURST + 10, |m| {
+        if m.envelope.token_path().tokens()[0] == tok(6) {
+            honest_got.push(number(&m.envelope));
+        }
+    })
+    .await;
+    let dropped = metric(b.admin(), "whispeer_relay_cluster_receive_dropped_total").await;
+    eprintln!(
+        "B dropped {dropped} of the {BURST}-envelope burst at its receive bound ({gaps} \
+         reported); the other tenant's delivered: {honest_got:?}"
+    );
+    assert!(dropped > 0, "the burst did not overflow the receive bound");
+    assert_eq!(
+        honest_got,
+        (0..10).collect::<Vec<u32>>(),
+        "all of them, in order"
+    );
+}
+
 /// An envelope from another relay that this relay's store refuses (here its quota: 64 KiB
 /// in all) reaches none of its subscribers: each is told in a `Gap`, and the refusal is
 /// counted, so nothing goes missing silently.
