@@ -727,9 +727,13 @@ struct Shared {
     idx: Mutex<Index>,
     dedup: Mutex<Dedup>,
     down: Mutex<Option<Down>>,
-    /// Free bytes of the store file's file system, as the writer last measured them
-    /// (`u64::MAX`: not known — a memory store, or no `statvfs`).
+    /// Free bytes the store can write into, as the writer last measured them: the store
+    /// file's file system's free space plus the file's free pages (`u64::MAX`: not known —
+    /// a memory store, or no `statvfs`).
     free: AtomicU64,
+    /// The file system's own free space, as last measured (`u64::MAX`: not known): the WAL
+    /// grows into it, never into the file's free pages.
+    fs_free: AtomicU64,
     /// Whether the last measurement was below `min_free_bytes` (logged on each change).
     low: AtomicBool,
     /// Sequence ranges dropped by a failed commit: never acknowledged as durable.
@@ -1398,6 +1402,7 @@ impl SqliteStore {
             dedup: Mutex::new(dedup),
             down: Mutex::new(None),
             free: AtomicU64::new(u64::MAX),
+            fs_free: AtomicU64::new(u64::MAX),
             low: AtomicBool::new(false),
             lost: Mutex::new(VecDeque::new()),
             stop_checkpointer: AtomicBool::new(false),
@@ -1468,12 +1473,21 @@ impl Shared {
         lock(&self.down).clone()
     }
 
-    /// Measures the free space of the store file's file system (file stores), keeps it for
-    /// `append`'s reserve check and `/status`, and logs when it falls below
-    /// `min_free_bytes` or comes back. Called by the writer after every turn (a commit, or
-    /// an idle second) and before each recovery attempt. Returns it (`None`: not known).
+    /// Measures the free space the store can write into (file stores): the free space of
+    /// the store file's file system plus the file's own free pages (`freelist_count ×
+    /// page_size`: pages retention and expiry gave back, which the file reuses before it
+    /// grows — there is no auto_vacuum, so they never return to the file system), keeps it
+    /// for `append`'s reserve check and `/status`, and logs when it falls below
+    /// `min_free_bytes` or comes back. Without the free pages, a store file that itself ate
+    /// into the reserve stayed `low_disk` for good however much expired (test
+    /// `store_hostile::expired_messages_make_room_inside_the_file_for_new_ones`). The
+    /// WAL's room comes back to the file system instead: on an idle turn while space is low
+    /// `bound_wal` truncates it. Called by the writer after every turn (a commit, or an idle
+    /// second) and before each recovery attempt. Returns it (`None`: not known).
     fn measure_disk(&self) -> Option<u64> {
-        let free = self.file.as_deref().and_then(free_space);
+        let fs = self.file.as_deref().and_then(free_space);
+        self.fs_free.store(fs.unwrap_or(u64::MAX), Relaxed);
+        let free = fs.map(|f| f.saturating_add(self.free_pages()));
         self.free.store(free.unwrap_or(u64::MAX), Relaxed);
         let min = self.cfg.min_free_bytes;
         let low = free.is_some_and(|f| f < min);
@@ -1500,6 +1514,16 @@ impl Shared {
         free
     }
 
+    /// Bytes of the store file's free pages (0 if they cannot be read).
+    fn free_pages(&self) -> u64 {
+        let conn = lock(&self.conn);
+        let q = |p: &str| conn.query_row(p, [], |r| r.get::<_, i64>(0));
+        match (q("PRAGMA freelist_count"), q("PRAGMA page_size")) {
+            (Ok(n), Ok(size)) => (n.max(0) as u64).saturating_mul(size.max(0) as u64),
+            _ => 0,
+        }
+    }
+
     /// Checkpoints the WAL into the file and truncates it (`wal_checkpoint(TRUNCATE)`, on
     /// the writer's connection, between two commits: publishes wait in the queue meanwhile)
     /// when it has grown past [`WAL_LIMIT`], and on an idle turn (`idle`: nothing
@@ -1515,7 +1539,11 @@ impl Shared {
             return;
         };
         let wal = file_size(&wal_path(file));
-        let short = self.low.load(Relaxed) || self.down().is_some();
+        // (The file system's own free space too: the free space `low` counts includes the
+        // file's free pages, which the WAL cannot grow into.)
+        let short = self.low.load(Relaxed)
+            || self.down().is_some()
+            || self.fs_free.load(Relaxed) < self.cfg.min_free_bytes;
         if wal <= WAL_LIMIT && !(idle && short && wal > 0) {
             return;
         }
@@ -1534,9 +1562,11 @@ impl Shared {
     }
 
     /// Refuses a write of `add` envelope bytes when the file system would keep less than
-    /// `min_free_bytes` once everything queued is written: free space as last measured,
-    /// less twice the queued and new envelope bytes (each is written to the WAL, then
-    /// copied into the file). Called under the queue lock.
+    /// `min_free_bytes` once everything queued is written: free space as last measured
+    /// (with the file's free pages), less twice the queued and new envelope bytes (each is
+    /// written to the WAL, then copied into the file) — or when the file system's own free
+    /// space would not hold that much (the WAL's copy cannot go into the file's free
+    /// pages). Called under the queue lock.
     fn check_free(&self, q: &Queue, add: u64) -> Result<(), StoreError> {
         let min = self.cfg.min_free_bytes;
         let free = self.free.load(Relaxed);
@@ -1544,7 +1574,7 @@ impl Shared {
             return Ok(());
         }
         let need = q.bytes.saturating_add(add).saturating_mul(2);
-        if free.saturating_sub(need) >= min {
+        if free.saturating_sub(need) >= min && self.fs_free.load(Relaxed) >= need {
             return Ok(());
         }
         self.m.low_disk.fetch_add(1, Relaxed);
