@@ -511,7 +511,11 @@ pub struct ClusterConfig {
     pub tls_key: Option<PathBuf>,
     /// Envelopes waiting to be published to NATS. When NATS is slow or unreachable the
     /// queue fills and further envelopes are routed locally only, counted in
-    /// whispeer_relay_cluster_forward_dropped_total (QoS 0 loss across relays).
+    /// whispeer_relay_cluster_forward_dropped_total (QoS 0 loss across relays, reported to
+    /// the other relays' subscribers in a Gap). The bound is shared among tenants: beyond
+    /// it a tenant holding less than its fair share (this bound divided among the tenants
+    /// with envelopes waiting) is still queued, so one tenant's flood never drops another's
+    /// forwards; never past twice the bound; a lone tenant gets it all.
     #[arg(
         id = "cluster.queue",
         long = "cluster-queue",
@@ -522,6 +526,8 @@ pub struct ClusterConfig {
     /// queue and in the NATS client's own buffer, until the client has written them to
     /// its socket (by count alone 65,536 queued plus 2,048 buffered large envelopes could
     /// wait). Beyond it further envelopes are routed locally only and counted the same way.
+    /// Shared among tenants as `queue` is (a tenant under its fair share is queued beyond
+    /// it, never past twice the bound).
     #[arg(
         id = "cluster.queue_bytes",
         long = "cluster-queue-bytes",
@@ -532,7 +538,11 @@ pub struct ClusterConfig {
     /// relay falls behind what other relays send it, beyond this bound envelopes from NATS
     /// are dropped, counted in whispeer_relay_cluster_receive_dropped_total and reported in
     /// a Gap to each connection with a matching subscription (QoS 0 loss across relays),
-    /// instead of waiting in memory.
+    /// instead of waiting in memory. Shared among the tenants the forwards name (their
+    /// Wsp-Tenant header; forwards without one share one part) like the forward queue: a
+    /// tenant under its fair share is still taken beyond it, never past twice the bound, so
+    /// one tenant's burst does not drop the envelopes of everyone behind it. The queue
+    /// also holds at most 65,536 envelopes, shared the same way.
     #[arg(
         id = "cluster.receive_bytes",
         long = "cluster-receive-bytes",
