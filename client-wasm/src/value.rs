@@ -22,8 +22,12 @@
 //! `bigint`; a map whose keys are all text becomes a plain object, any other map a `Map`;
 //! tag 1 (epoch time) becomes a `Date`; other tags are unwrapped.
 //!
-//! A value of more than [`MAX_ITEMS`] data items, or of more than `MAX_DEPTH` levels, is
-//! refused (`DECODE`) before anything is built: see [`MAX_ITEMS`].
+//! Nesting: arrays, maps (objects, `Map`s) and tags (`Date`, bignums) are levels, at most
+//! `MAX_DEPTH` (128) of them around a value, in both directions (the levels ciborium's
+//! recursion limit counts): a number in 128 arrays is written and read, a `Date` in 128 is
+//! refused (`ENCODE` writing it, `DECODE` reading it). A value of more than [`MAX_ITEMS`]
+//! data items, or nested deeper, is refused (`DECODE`) before anything is built: see
+//! [`MAX_ITEMS`].
 
 use ciborium::value::{Integer, Value};
 use js_sys::{Array, ArrayBuffer, BigInt, DataView, Date, Map, Object, Reflect, Uint8Array};
@@ -71,17 +75,30 @@ pub fn encode(v: &JsValue) -> Result<Vec<u8>, JsValue> {
 /// Decodes CBOR bytes to a JS value, after checking it is within [`MAX_ITEMS`] and
 /// `MAX_DEPTH`.
 pub fn decode(bytes: &[u8]) -> Result<JsValue, JsValue> {
+    // The depth rule of `to_value` (what this package writes): arrays, maps and tags at
+    // depths 0 to 127, and what they hold at depth 128 at most — a number in 128 arrays, a
+    // Date (a tag) in 127. The scan counts every item, leaves too (the top one at depth 0):
+    // it passes leaves at depth 128 and refuses anything at 129; ciborium's recursion limit
+    // (arrays, maps and tags only) refuses a 129th container or tag, which the scan let by
+    // when it is empty or holds no more than a leaf: refused alike, with the scan's words.
     let budget = cbor_scan::Budget {
         max_items: MAX_ITEMS,
-        // 128 levels, depths 0 to 127: ciborium's recursion limit refuses the 129th.
-        max_depth: MAX_DEPTH as u32 - 1,
+        max_depth: MAX_DEPTH as u32,
+    };
+    let too_deep = |e: cbor_scan::ScanError| {
+        js_error("DECODE", &format!("CBOR value too large to decode: {e}"))
     };
     cbor_scan::scan(bytes, budget).map_err(|e| match e {
         cbor_scan::ScanError::Malformed(_) => js_error("DECODE", &format!("invalid CBOR: {e}")),
-        _ => js_error("DECODE", &format!("CBOR value too large to decode: {e}")),
+        _ => too_deep(e),
     })?;
-    let value: Value = ciborium::de::from_reader_with_recursion_limit(bytes, MAX_DEPTH)
-        .map_err(|e| js_error("DECODE", &format!("invalid CBOR: {e}")))?;
+    let value: Value =
+        ciborium::de::from_reader_with_recursion_limit(bytes, MAX_DEPTH).map_err(|e| match e {
+            ciborium::de::Error::RecursionLimitExceeded => {
+                too_deep(cbor_scan::ScanError::TooDeep(MAX_DEPTH as u32))
+            }
+            e => js_error("DECODE", &format!("invalid CBOR: {e}")),
+        })?;
     from_value(&value)
 }
 
@@ -143,8 +160,15 @@ fn to_value(v: &JsValue, depth: usize) -> Result<Value, JsValue> {
     if let Some(s) = v.as_string() {
         return Ok(Value::Text(s));
     }
+    // Arrays, objects, Maps and tags (a Date, a bignum) are levels, as the decoder counts
+    // them: none at depth `MAX_DEPTH`, where only what such a level holds may be.
+    let level_too_deep = || type_error(format!("value nested deeper than {MAX_DEPTH}"));
     if v.is_bigint() {
-        return bigint_to_value(v.unchecked_ref::<BigInt>());
+        let value = bigint_to_value(v.unchecked_ref::<BigInt>())?;
+        if depth >= MAX_DEPTH && matches!(value, Value::Tag(..)) {
+            return Err(level_too_deep());
+        }
+        return Ok(value);
     }
     if let Some(u) = v.dyn_ref::<Uint8Array>() {
         return Ok(Value::Bytes(u.to_vec()));
@@ -161,6 +185,9 @@ fn to_value(v: &JsValue, depth: usize) -> Result<Value, JsValue> {
         return Ok(Value::Bytes(u.to_vec()));
     }
     if let Some(d) = v.dyn_ref::<Date>() {
+        if depth >= MAX_DEPTH {
+            return Err(level_too_deep());
+        }
         let ms = d.get_time();
         if !ms.is_finite() {
             return Err(type_error("cannot encode an invalid Date as CBOR".into()));
@@ -197,6 +224,9 @@ fn to_value(v: &JsValue, depth: usize) -> Result<Value, JsValue> {
         )));
     }
     if Array::is_array(v) {
+        if depth >= MAX_DEPTH {
+            return Err(level_too_deep());
+        }
         let a: &Array = v.unchecked_ref();
         let mut out = Vec::with_capacity(a.length() as usize);
         for item in a.iter() {
@@ -205,6 +235,9 @@ fn to_value(v: &JsValue, depth: usize) -> Result<Value, JsValue> {
         return Ok(Value::Array(out));
     }
     if let Some(m) = v.dyn_ref::<Map>() {
+        if depth >= MAX_DEPTH {
+            return Err(level_too_deep());
+        }
         let mut out = Vec::with_capacity(m.size() as usize);
         let mut err = None;
         m.for_each(&mut |value, key| {
@@ -233,6 +266,9 @@ fn to_value(v: &JsValue, depth: usize) -> Result<Value, JsValue> {
         let marker = Reflect::get(o, &JsValue::from_str(FLOAT_MARKER)).unwrap_or_default();
         if let Some(f) = marker.as_f64() {
             return Ok(Value::Float(f));
+        }
+        if depth >= MAX_DEPTH {
+            return Err(level_too_deep());
         }
         let mut out = Vec::new();
         for entry in Object::entries(o).iter() {

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import { WebSocketServer, WebSocket } from 'ws';
 import { startRelay } from '../shared/relay.js';
-import { Client, Identity, TreeKey, decodeValue } from '../../js/index.node.js';
+import { Client, Identity, TreeKey, decodeValue, encodeValue } from '../../js/index.node.js';
 import { setWebSocket } from '../../js/client.js';
 import { wasmMemory } from '../../pkg/whispeer_wasm.js';
 
@@ -295,10 +295,52 @@ test('decodeValue takes 2^18 CBOR data items and refuses one more', () => {
     code: 'DECODE',
     message: `CBOR value too large to decode: more than ${max} CBOR data items`,
   });
-  // 128 levels of nesting decode, 129 are refused before decoding.
+  // 128 levels of nesting decode, 129 are refused.
   const nested = (levels) => Uint8Array.from({ length: levels }, (_, i) => (i === levels - 1 ? 0x80 : 0x81));
   assert.equal(decodeValue(nested(128)).flat(Infinity).length, 0);
-  assert.throws(() => decodeValue(nested(129)), { code: 'DECODE', message: 'CBOR value too large to decode: nested deeper than 127' });
+  assert.throws(() => decodeValue(nested(129)), { code: 'DECODE', message: 'CBOR value too large to decode: nested deeper than 128' });
   // Malformed input is refused as before (truncated: no break, the end never reached).
   assert.throws(() => decodeValue(arrayOfEmptyArrays(max + 2).subarray(0, 100)), { code: 'DECODE', message: /^invalid CBOR/ });
+});
+
+// Review of ed2b215 (F4): the decoder's depth rule is the encoder's (and ciborium's):
+// arrays, maps and tags are levels, at most 128 of them around a value. ed2b215 counted
+// leaves too and refused a number in 128 arrays, or a Date in 127, which encodeValue wrote.
+test('decodeValue reads every value encodeValue writes at the depth limit; one level more is refused both ways', () => {
+  const nest = (n, v) => {
+    for (let i = 0; i < n; i++) v = [v];
+    return v;
+  };
+  const big = 2n ** 100n; // a bignum: tag 2
+  for (const [what, value] of [
+    ['a number in 128 arrays', nest(128, 1)],
+    ['a Date in 127 arrays', nest(127, new Date(0))],
+    ['a bignum in 127 arrays', nest(127, big)],
+    ['a map in 127 arrays', nest(127, { a: 1 })],
+  ]) {
+    assert.deepEqual(decodeValue(encodeValue(value)), value, what);
+  }
+  const deeper = { code: 'ENCODE', message: /nested deeper than 128/ };
+  for (const [what, value] of [
+    ['a number in 129 arrays', nest(129, 1)],
+    ['a Date in 128 arrays', nest(128, new Date(0))],
+    ['a bignum in 128 arrays', nest(128, big)],
+    ['an empty array in 128 arrays', nest(128, [])],
+    ['a map in 128 arrays', nest(128, new Map())],
+  ]) {
+    assert.throws(() => encodeValue(value), deeper, what);
+  }
+  // The same values as bytes (what another writer could send): refused reading.
+  const arrays = (n, tail) => Uint8Array.from([...Array(n).fill(0x81), ...tail]);
+  const tooDeep = { code: 'DECODE', message: 'CBOR value too large to decode: nested deeper than 128' };
+  assert.deepEqual(decodeValue(arrays(128, [0x01])), nest(128, 1));
+  assert.deepEqual(decodeValue(arrays(127, [0xc1, 0x00])), nest(127, new Date(0)));
+  for (const [what, tail] of [
+    ['a number in 129 arrays', [0x81, 0x01]],
+    ['a Date in 128 arrays', [0xc1, 0x00]],
+    ['an empty array in 128 arrays', [0x80]],
+    ['an empty map in 128 arrays', [0xa0]],
+  ]) {
+    assert.throws(() => decodeValue(arrays(128, tail)), tooDeep, what);
+  }
 });
