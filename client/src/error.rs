@@ -362,6 +362,10 @@ pub enum PersistError {
     /// epoch's grace restarts. Nothing is deleted to get past it. A torn last write is no such
     /// failure: SQLite's write-ahead log drops a transaction a crash cut short, and the
     /// file opens with what was committed before it. A missing file is a fresh start.
+    ///
+    /// Only for damage (`SQLITE_CORRUPT`, `SQLITE_NOTADB`, a value SQLite cannot give
+    /// back): a file that could not be read, locked or written just now is
+    /// [`PersistError::Unavailable`], whose advice is not to move it aside.
     #[error("client state file {path}: cannot load its {part}: {source}; not starting with it empty (that would accept again messages this client already accepted, or lose publishes it kept). Restore the file from a backup, or move it aside to start afresh with a new one (accepting that risk)")]
     Unreadable {
         /// The file.
@@ -370,6 +374,27 @@ pub enum PersistError {
         /// supersede times`.
         part: &'static str,
         /// SQLite's error (`SQLITE_IOERR…`, `SQLITE_CORRUPT`, `SQLITE_READONLY`, …).
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A part the client loads at start (as for [`PersistError::Unreadable`]) could not be
+    /// read just now, for a reason that says nothing against the file: another process
+    /// holds its lock (`SQLITE_BUSY`, `SQLITE_LOCKED`: past the 5 s wait), it is read-only
+    /// (`SQLITE_READONLY`, a read-only mount), the disk is full (`SQLITE_FULL`), or an I/O
+    /// error, a permission or memory failure. The connect fails (the part is not used
+    /// empty) and the advice is to fix that and connect again — not to move the file aside:
+    /// a new file would accept again messages this client already accepted (review of
+    /// e8ad48c: these were reported as damage, with that advice). Writes the start only
+    /// tidies with (dropping malformed rows, bringing dates down to their bound, pruning
+    /// what durables are no longer owed) never fail the connect: they are logged and done
+    /// at a later start.
+    #[error("client state file {path}: cannot load its {part} now: {source}; the file is not known to be damaged (another process holding it, a read-only file system, a full disk or an I/O error): fix that and connect again, keeping the file (a new one would accept again messages this client already accepted)")]
+    Unavailable {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Which part (as in [`PersistError::Unreadable`]).
+        part: &'static str,
+        /// SQLite's error.
         #[source]
         source: rusqlite::Error,
     },

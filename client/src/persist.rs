@@ -17,9 +17,11 @@
 //!   one row per tree and epoch), restored on start before the grants' grace is judged, so
 //!   a restart does not restart the previous epoch's grace.
 //!
-//! Whatever of it cannot be loaded at start fails the connect ([`PersistError::Unreadable`]):
-//! the client never starts with an empty dedup window (replays) or outbox (lost publishes)
-//! in place of one it could not read.
+//! Whatever of it cannot be loaded at start fails the connect ([`PersistError::Unreadable`]
+//! when the file is damaged, [`PersistError::Unavailable`] when it could not be read just
+//! now): the client never starts with an empty dedup window (replays) or outbox (lost
+//! publishes) in place of one it could not read. The writes a start only tidies with are
+//! best-effort (logged): a file that cannot be written still loads.
 //!
 //! Durable *positions* live on the relay (the durable floor, persisted there); the client
 //! resumes them by name. Only ciphertext frames, ids and hashes are written, never
@@ -495,6 +497,20 @@ impl Engine for Persistence {
     }
 }
 
+/// Rows of a table with a value of the wrong type or size (SQLite stores whatever it is
+/// given): skipped by the reads at start, and dropped when the file can be written
+/// (`Store::drop_malformed`).
+const OUTBOX_BAD: &str = "typeof(pid) != 'blob' OR length(pid) != 16 OR typeof(ord) != 'integer' \
+                          OR typeof(frame) != 'blob'";
+const SEEN_BAD: &str = "typeof(tree) != 'blob' OR length(tree) != 16 OR typeof(sender) != 'blob' \
+                        OR length(sender) != 32 OR typeof(msg_id) != 'blob' \
+                        OR length(msg_id) != 16 OR typeof(expires) != 'integer'";
+const RETAINED_BAD: &str = "typeof(key) != 'blob' OR length(key) != 32 OR typeof(ts) != 'integer' \
+                            OR typeof(msg_id) != 'blob' OR length(msg_id) != 16";
+const WINDOW_BAD: &str = "typeof(forgot_upto) != 'integer'";
+const SUPERSEDED_BAD: &str = "typeof(tree) != 'blob' OR length(tree) != 16 \
+                              OR typeof(epoch) != 'integer' OR typeof(at) != 'integer'";
+
 /// The open state file (used by the connection task only).
 #[derive(Debug)]
 pub(crate) struct Store {
@@ -655,22 +671,68 @@ impl Store {
     /// stores whatever it is given, and one such row failed the whole table's read — every
     /// kept publish left unsent, or the dedup window and what durables are owed not loaded
     /// — at every start). One bad row costs only itself; each is counted in the log.
+    ///
+    /// Tidying only: the reads skip such rows themselves (`WHERE NOT (bad)`), so the start
+    /// never depends on this write. It is tried only when there is such a row, and a
+    /// failure (a read-only file, another writer holding the lock, a full disk) is logged:
+    /// a later start drops them (review of e8ad48c: it failed the connect, as damage).
     fn drop_malformed(&self, table: &str, bad: &str) -> rusqlite::Result<()> {
-        let n = self
+        let any: bool = self.db.query_row(
+            &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE {bad})"),
+            [],
+            |r| r.get(0),
+        )?;
+        if !any {
+            return Ok(());
+        }
+        match self
             .db
-            .execute(&format!("DELETE FROM {table} WHERE {bad}"), [])?;
-        if n > 0 {
-            tracing::warn!(file = %self.path.display(), table, rows = n, "client state: malformed rows dropped");
+            .execute(&format!("DELETE FROM {table} WHERE {bad}"), [])
+        {
+            Ok(n) => {
+                tracing::warn!(file = %self.path.display(), table, rows = n, "client state: malformed rows dropped")
+            }
+            Err(e) => self.warn(
+                &format!("dropping the malformed rows of {table} (skipped)"),
+                e,
+            ),
         }
         Ok(())
     }
 
-    /// The error for a part that cannot be loaded at start.
+    /// A tidying write at start (dates brought down to their bound, rows no longer owed
+    /// pruned): logged if it fails, never failing the start — what was loaded is right
+    /// without it, and a later start tries again.
+    fn tidy(&self, what: &str, run: impl FnOnce() -> rusqlite::Result<()>) {
+        if let Err(e) = run() {
+            self.warn(&format!("{what} (left for a later start)"), e);
+        }
+    }
+
+    /// The error for a part that cannot be loaded at start: [`PersistError::Unreadable`]
+    /// (damaged: restore or move aside) only when SQLite says the file is damaged or a value
+    /// in it cannot be read; [`PersistError::Unavailable`] (retry, do not move aside) when
+    /// it could not be read, locked or written just now.
     fn unreadable(&self, part: &'static str) -> impl FnOnce(rusqlite::Error) -> PersistError + '_ {
-        move |source| PersistError::Unreadable {
-            path: self.path.clone(),
-            part,
-            source,
+        move |source| {
+            use rusqlite::ErrorCode as C;
+            let path = self.path.clone();
+            match source.sqlite_error_code() {
+                Some(
+                    C::DatabaseBusy
+                    | C::DatabaseLocked
+                    | C::ReadOnly
+                    | C::DiskFull
+                    | C::SystemIoFailure
+                    | C::CannotOpen
+                    | C::PermissionDenied
+                    | C::OutOfMemory
+                    | C::FileLockingProtocolFailed
+                    | C::OperationInterrupted
+                    | C::NoLargeFileSupport,
+                ) => PersistError::Unavailable { path, part, source },
+                _ => PersistError::Unreadable { path, part, source },
+            }
         }
     }
 
@@ -682,14 +744,11 @@ impl Store {
     /// cannot be read: before, that was logged and the client started without them).
     pub(crate) fn outbox(&self) -> Result<Vec<([u8; 16], u64, Bytes)>, PersistError> {
         let load = || -> rusqlite::Result<Vec<([u8; 16], u64, Bytes)>> {
-            self.drop_malformed(
-                "outbox",
-                "typeof(pid) != 'blob' OR length(pid) != 16 OR typeof(ord) != 'integer' \
-                 OR typeof(frame) != 'blob'",
-            )?;
-            let mut st = self
-                .db
-                .prepare("SELECT pid, ord, frame FROM outbox ORDER BY ord")?;
+            self.drop_malformed("outbox", OUTBOX_BAD)?;
+            let mut st = self.db.prepare(&format!(
+                "SELECT pid, ord, frame FROM outbox WHERE NOT coalesce(({OUTBOX_BAD}), 1) \
+                 ORDER BY ord"
+            ))?;
             let rows = st.query_map([], |r| {
                 let pid: Vec<u8> = r.get(0)?;
                 let ord: i64 = r.get(1)?;
@@ -772,30 +831,23 @@ impl Store {
 
     /// Loads the dedup window and the retained high-water marks into the receiver state.
     ///
-    /// A window that cannot be read (an I/O error, damage SQLite finds in the file) or whose
-    /// dates cannot be brought down to their bound is [`PersistError::Unreadable`], and the
-    /// connect fails: before, the error was logged and the client ran with an empty window,
-    /// so messages it had accepted before the restart were accepted again (adversarial
-    /// review, clients). Rows of the wrong type or size are still dropped alone (each
-    /// costs only itself, see `drop_malformed`): SQLite reads them fine, they can only have
-    /// been written by someone who could as well have deleted them.
+    /// A window that cannot be read is [`PersistError::Unreadable`] (damage SQLite finds in
+    /// the file) or [`PersistError::Unavailable`] (an I/O error, a lock), and the connect
+    /// fails: before, the error was logged and the client ran with an empty window, so
+    /// messages it had accepted before the restart were accepted again (adversarial review,
+    /// clients). Rows of the wrong type or size are skipped (each costs only itself, see
+    /// `drop_malformed`): SQLite reads them fine, they can only have been written by someone
+    /// who could as well have deleted them. Dates past their bound are held to it in memory,
+    /// and rewritten in the file when it can be written (best-effort, logged).
     pub(crate) fn restore(&self, guard: &mut Guard, now_ms: u64) -> Result<(), PersistError> {
         let mut load = || -> rusqlite::Result<()> {
-            self.drop_malformed(
-                "seen",
-                "typeof(tree) != 'blob' OR length(tree) != 16 OR typeof(sender) != 'blob' \
-                 OR length(sender) != 32 OR typeof(msg_id) != 'blob' OR length(msg_id) != 16 \
-                 OR typeof(expires) != 'integer'",
-            )?;
-            self.drop_malformed(
-                "retained",
-                "typeof(key) != 'blob' OR length(key) != 32 OR typeof(ts) != 'integer' \
-                 OR typeof(msg_id) != 'blob' OR length(msg_id) != 16",
-            )?;
-            self.drop_malformed("seen_window", "typeof(forgot_upto) != 'integer'")?;
-            let mut st = self
-                .db
-                .prepare("SELECT tree, sender, msg_id, expires FROM seen WHERE expires > ?1")?;
+            self.drop_malformed("seen", SEEN_BAD)?;
+            self.drop_malformed("retained", RETAINED_BAD)?;
+            self.drop_malformed("seen_window", WINDOW_BAD)?;
+            let mut st = self.db.prepare(&format!(
+                "SELECT tree, sender, msg_id, expires FROM seen \
+                 WHERE expires > ?1 AND NOT coalesce(({SEEN_BAD}), 1)"
+            ))?;
             let rows = st.query_map(params![now_ms as i64], |r| {
                 Ok((
                     r.get::<_, Vec<u8>>(0)?,
@@ -814,7 +866,9 @@ impl Store {
                     guard.restore_seen((TreeId(t), s, i), expires as u64, now_ms);
                 }
             }
-            let mut st = self.db.prepare("SELECT key, ts, msg_id FROM retained")?;
+            let mut st = self.db.prepare(&format!(
+                "SELECT key, ts, msg_id FROM retained WHERE NOT coalesce(({RETAINED_BAD}), 1)"
+            ))?;
             let rows = st.query_map([], |r| {
                 Ok((
                     r.get::<_, Vec<u8>>(0)?,
@@ -835,7 +889,10 @@ impl Store {
             let forgot: Option<i64> = self
                 .db
                 .query_row(
-                    "SELECT forgot_upto FROM seen_window WHERE id = 1",
+                    &format!(
+                        "SELECT forgot_upto FROM seen_window \
+                         WHERE id = 1 AND NOT coalesce(({WINDOW_BAD}), 1)"
+                    ),
                     [],
                     |r| r.get(0),
                 )
@@ -844,22 +901,36 @@ impl Store {
             // The guard holds restored dates to what an honest run can have written by now
             // (review of session 27, F1); the file is brought down to the same bounds, or a
             // forged date in it would come back at every start (its writes only raise
-            // `forgot_upto`, and rows are never rewritten otherwise).
+            // `forgot_upto`, and rows are never rewritten otherwise). Tidying: the guard
+            // holds them to their bound at every start, written or not, so a file that
+            // cannot be written now (read-only, locked, full) is still loaded; and written
+            // only when a date is past its bound (no write lock taken otherwise).
             let (latest_expiry, newest_mark) = guard.restored_bounds(now_ms);
             let (e, m) = (
                 i64::try_from(latest_expiry).unwrap_or(i64::MAX),
                 i64::try_from(newest_mark).unwrap_or(i64::MAX),
             );
-            self.db.execute(
-                "UPDATE seen SET expires = ?1 WHERE expires > ?1 OR expires < 0",
-                [e],
-            )?;
-            self.db
-                .execute("UPDATE retained SET ts = ?1 WHERE ts > ?1 OR ts < 0", [m])?;
-            self.db.execute(
-                "UPDATE seen_window SET forgot_upto = ?1 WHERE forgot_upto > ?1 OR forgot_upto < 0",
-                [e],
-            )?;
+            for (table, col, bound) in [
+                ("seen", "expires", e),
+                ("retained", "ts", m),
+                ("seen_window", "forgot_upto", e),
+            ] {
+                let past = format!("{col} > ?1 OR {col} < 0");
+                let any: bool = self.db.query_row(
+                    &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE {past})"),
+                    [bound],
+                    |r| r.get(0),
+                )?;
+                if any {
+                    self.tidy(
+                        &format!("bringing the dates of {table} to their bound"),
+                        || {
+                            let sql = format!("UPDATE {table} SET {col} = ?1 WHERE {past}");
+                            self.db.execute(&sql, [bound]).map(drop)
+                        },
+                    );
+                }
+            }
             Ok(())
         };
         load().map_err(self.unreadable("dedup window"))
@@ -871,6 +942,7 @@ impl Store {
     /// all, are deleted, so they do not come back at every start (one bad row costs only
     /// itself); rows past the in-memory bound stay saved for a later process.
     ///
+    /// The pruning is best-effort (logged): a file that cannot be written still loads.
     /// Rows that cannot be read fail the connect ([`PersistError::Unreadable`]; before,
     /// logged, and the durables were not given what they were owed).
     pub(crate) fn restore_owed(
@@ -901,15 +973,20 @@ impl Store {
             if kept.len() as u64 == rows {
                 return Ok(());
             }
-            let tx = self.db.unchecked_transaction()?;
-            tx.execute("DELETE FROM owed", [])?;
-            for (name, d) in &kept {
-                tx.execute(
-                    "INSERT OR IGNORE INTO owed (durable, digest) VALUES (?1, ?2)",
-                    params![name, &d[..]],
-                )?;
-            }
-            tx.commit()
+            // Tidying: what is no longer owed was not loaded; a file that cannot be written
+            // now still loads, and a later start prunes.
+            self.tidy("pruning what durables are no longer owed", || {
+                let tx = self.db.unchecked_transaction()?;
+                tx.execute("DELETE FROM owed", [])?;
+                for (name, d) in &kept {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO owed (durable, digest) VALUES (?1, ?2)",
+                        params![name, &d[..]],
+                    )?;
+                }
+                tx.commit()
+            });
+            Ok(())
         };
         run().map_err(self.unreadable("messages owed to durables"))
     }
@@ -919,12 +996,10 @@ impl Store {
     /// time (no honest run writes one) reads as 0: the grace is over.
     pub(crate) fn superseded(&self) -> Result<Vec<(TreeId, u64, u64)>, PersistError> {
         let load = || -> rusqlite::Result<Vec<(TreeId, u64, u64)>> {
-            self.drop_malformed(
-                "superseded",
-                "typeof(tree) != 'blob' OR length(tree) != 16 OR typeof(epoch) != 'integer' \
-                 OR typeof(at) != 'integer'",
-            )?;
-            let mut st = self.db.prepare("SELECT tree, epoch, at FROM superseded")?;
+            self.drop_malformed("superseded", SUPERSEDED_BAD)?;
+            let mut st = self.db.prepare(&format!(
+                "SELECT tree, epoch, at FROM superseded WHERE NOT coalesce(({SUPERSEDED_BAD}), 1)"
+            ))?;
             let rows = st.query_map([], |r| {
                 Ok((
                     r.get::<_, Vec<u8>>(0)?,
@@ -1879,6 +1954,164 @@ mod tests {
                     && msg.contains("move it aside"),
                 "{msg}"
             );
+        }
+    }
+
+    /// The parts the client loads at start, by their names in the errors.
+    const PARTS: [&str; 4] = [
+        "dedup window",
+        "outbox",
+        "messages owed to durables",
+        "epoch supersede times",
+    ];
+
+    /// A populated state file with rows its start tidies: a malformed row in each table
+    /// the reads skip, dates past their bound, a message owed that the window forgot.
+    fn untidy(p: &Path) {
+        populated(p);
+        let s = Store::open(p).unwrap();
+        s.db.execute_batch(&format!(
+            "INSERT INTO outbox VALUES ('p', 3, x'00');
+             INSERT INTO retained VALUES ('k', 1, x'00112233445566778899aabbccddeeff');
+             INSERT INTO seen VALUES (x'0011', x'00', x'00', 'later');
+             INSERT INTO superseded VALUES ('t', 1, 2);
+             INSERT OR REPLACE INTO seen_window VALUES (1, {big});
+             UPDATE retained SET ts = {big};
+             INSERT INTO owed VALUES ('d', x'00112233445566778899aabbccddeeff');",
+            big = i64::MAX
+        ))
+        .unwrap();
+    }
+
+    /// How many rows the start would tidy away or rewrite in the file at `p`.
+    fn untidy_rows(p: &Path) -> i64 {
+        let db = Connection::open(p).unwrap();
+        let n = |sql: &str| -> i64 { db.query_row(sql, [], |r| r.get(0)).unwrap() };
+        [
+            format!("SELECT count(*) FROM outbox WHERE {OUTBOX_BAD}"),
+            format!("SELECT count(*) FROM retained WHERE {RETAINED_BAD} OR ts > 1000000000"),
+            format!("SELECT count(*) FROM seen WHERE {SEEN_BAD}"),
+            format!("SELECT count(*) FROM superseded WHERE {SUPERSEDED_BAD}"),
+            "SELECT count(*) FROM seen_window WHERE forgot_upto > 1000000000".into(),
+            "SELECT count(*) FROM owed WHERE digest = x'00112233445566778899aabbccddeeff'".into(),
+        ]
+        .iter()
+        .map(|q| n(q))
+        .sum()
+    }
+
+    /// Loads every part; what came of the dedup window and the outbox.
+    fn load_all(s: &Store) -> (usize, usize) {
+        for part in PARTS {
+            load_part(s, part).unwrap_or_else(|e| panic!("{part}: {e}"));
+        }
+        let mut g = Guard::new(Default::default());
+        s.restore(&mut g, 100).unwrap();
+        (g.seen_len(), s.outbox().unwrap().len())
+    }
+
+    /// Review of e8ad48c (F3): the writes a start only tidies with — dropping malformed
+    /// rows, bringing dates down to their bound, pruning what durables are no longer owed —
+    /// failed the connect on a file that could not be written (a read-only mount, a full
+    /// disk), reported as damage with the advice to move it aside (a new file accepts again
+    /// what this client accepted). The reads skip malformed rows themselves; a file that
+    /// cannot be written loads whole, untouched, and a later start tidies it.
+    #[test]
+    fn a_state_file_that_cannot_be_written_loads_and_is_tidied_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.db");
+        untidy(&p);
+        let before = untidy_rows(&p);
+        assert_eq!(before, 7);
+        {
+            let s = Store::open(&p).unwrap();
+            s.db.execute_batch("PRAGMA query_only = 1").unwrap();
+            assert_eq!(
+                load_all(&s),
+                (2000, 1),
+                "the good rows, the bad ones skipped"
+            );
+        }
+        assert_eq!(untidy_rows(&p), before, "nothing written");
+        let s = Store::open(&p).unwrap();
+        assert_eq!(load_all(&s), (2000, 1));
+        assert_eq!(untidy_rows(&p), 0, "tidied once it could be written");
+    }
+
+    /// Review of e8ad48c (F3): another process holding the file's write lock (past the 5 s
+    /// wait) made the start fail, called damage: the malformed rows' DELETE ran first, rows
+    /// or none. Reading needs no write lock (write-ahead log): a file with nothing to tidy
+    /// loads while another connection holds `BEGIN IMMEDIATE`, without waiting; one with
+    /// rows to tidy loads too, the tidying logged and left for later.
+    #[test]
+    fn a_state_file_another_writer_holds_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (clean, messy) = (dir.path().join("clean.db"), dir.path().join("messy.db"));
+        populated(&clean);
+        untidy(&messy);
+        for (p, waits) in [(&clean, false), (&messy, true)] {
+            let other = Connection::open(p).unwrap();
+            other.execute_batch("BEGIN IMMEDIATE").unwrap();
+            let s = Store::open(p).expect("opens");
+            s.db.busy_timeout(std::time::Duration::from_millis(50))
+                .unwrap();
+            let started = std::time::Instant::now();
+            assert_eq!(load_all(&s), (2000, 1), "{}", p.display());
+            if !waits {
+                assert!(
+                    started.elapsed() < std::time::Duration::from_millis(50),
+                    "no write lock asked for: {:?}",
+                    started.elapsed()
+                );
+            }
+            other.execute_batch("ROLLBACK").unwrap();
+        }
+        assert_eq!(untidy_rows(&messy), 7, "left for a later start");
+    }
+
+    /// Review of e8ad48c (F3): a part that cannot be read now for a reason that says
+    /// nothing against the file (another process's lock past the wait, a read-only file, a
+    /// full disk, an I/O error) is `Unavailable`, whose advice is to retry and keep the
+    /// file — never the damaged file's "move it aside to start afresh"; damage
+    /// (`SQLITE_CORRUPT`, `SQLITE_NOTADB`) is still `Unreadable` (with a real file:
+    /// `a_state_file_damaged_in_the_middle_is_refused_naming_the_part_it_cannot_load`).
+    #[test]
+    fn a_state_file_that_cannot_be_read_now_is_not_called_damaged() {
+        use rusqlite::ffi;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.db");
+        let s = Store::open(&p).unwrap();
+        let failure = |code| rusqlite::Error::SqliteFailure(ffi::Error::new(code), None);
+        for code in [
+            ffi::SQLITE_BUSY,
+            ffi::SQLITE_LOCKED,
+            ffi::SQLITE_READONLY,
+            ffi::SQLITE_FULL,
+            ffi::SQLITE_IOERR,
+            ffi::SQLITE_IOERR_READ,
+            ffi::SQLITE_CANTOPEN,
+        ] {
+            let e = s.unreadable("dedup window")(failure(code));
+            let PersistError::Unavailable { path, part, .. } = &e else {
+                panic!("{code}: {e:?}")
+            };
+            assert_eq!((path, *part), (&p, "dedup window"));
+            let msg = e.to_string();
+            assert!(
+                msg.contains("not known to be damaged")
+                    && msg.contains("keeping the file")
+                    && !msg.contains("move it aside")
+                    && !msg.contains("backup"),
+                "{msg}"
+            );
+        }
+        for code in [ffi::SQLITE_CORRUPT, ffi::SQLITE_NOTADB] {
+            let e = s.unreadable("outbox")(failure(code));
+            assert!(
+                matches!(e, PersistError::Unreadable { part: "outbox", .. }),
+                "{code}: {e:?}"
+            );
+            assert!(e.to_string().contains("move it aside"));
         }
     }
 

@@ -145,7 +145,7 @@ impl ClientBuilder {
         #[cfg(feature = "persistence")]
         if let Some(st) = &saved {
             // A window (or what durables are owed) that cannot be read fails the connect:
-            // never an empty one in its place (`PersistError::Unreadable`).
+            // never an empty one in its place (`PersistError::Unreadable`, `Unavailable`).
             st.restore(eng.core_mut().guard_mut(), now_ms())?;
             st.restore_owed(eng.core_mut())?;
         }
