@@ -1186,6 +1186,39 @@ fn set_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
     .map(drop)
 }
 
+/// At start: one warning when the stored bytes exceed `tenant_max_bytes` (naming how many
+/// tenants do) or `total_max_bytes`. Since the byte quotas count what a message takes in
+/// the file (its pages, [`disk_bytes`]) rather than its envelope, a store written by an
+/// older relay is counted at up to ~2× (small or just-over-half-page envelopes): tenants
+/// near their limit get `quota_exceeded` right after the upgrade, until retention brings
+/// them under (review F-D).
+fn warn_over_byte_quotas(idx: &Index, cfg: &StoreConfig) {
+    let tenant_max = cfg.tenant_max_bytes;
+    let over = if tenant_max > 0 {
+        idx.usage.values().filter(|u| u.bytes > tenant_max).count()
+    } else {
+        0
+    };
+    let (total, total_max) = (idx.total.bytes, cfg.total_max_bytes);
+    let total_over = total_max > 0 && total > total_max;
+    if over == 0 && !total_over {
+        return;
+    }
+    tracing::warn!(
+        tenants_over = over,
+        tenant_max_bytes = tenant_max,
+        total_bytes = total,
+        total_max_bytes = total_max,
+        "store: {over} tenant(s) hold more than store.tenant_max_bytes ({tenant_max}) and the \
+         store holds {total} of store.total_max_bytes ({total_max}), as the byte quotas count \
+         (what a message takes in the file's pages: up to about twice its envelope for small \
+         envelopes; a store written by a relay that counted envelopes is counted higher now): \
+         their stored publishes are refused (quota_exceeded) until retention brings them \
+         under; raise the limits to keep accepting them (relay/README.md, \"What a stored \
+         byte costs\")"
+    );
+}
+
 /// Free bytes of the file system holding `p` for this process (`f_bavail`: what an
 /// unprivileged writer may still use).
 fn free_space(p: &Path) -> Option<u64> {
@@ -1385,6 +1418,7 @@ impl SqliteStore {
         let space = seq_space(&conn).map_err(err)?;
         migrate(&conn).map_err(err)?;
         let Loaded { mut idx, dedup } = load(&conn, &cfg, now)?;
+        warn_over_byte_quotas(&idx, &cfg);
         // Durables idle past `durable_idle_ms` while the relay was down go before the first
         // `Sub` can count them against a quota.
         let expired = idx.expire_durables(now, cfg.durable_idle_ms);
@@ -3382,6 +3416,97 @@ mod tests {
             flags: 0,
             env: Bytes::from(vec![0; len]),
         }
+    }
+
+    /// Finding (review F-D): the byte quotas now count pages, so a store written under
+    /// the old count is counted higher at its next start, silently over its limits. A
+    /// store reopened with limits below what it holds logs one warning naming the number
+    /// of tenants over `tenant_max_bytes` and both limits; within the limits, none.
+    #[tokio::test]
+    async fn a_store_reopened_over_its_byte_limits_says_so_once() {
+        use std::io::Write;
+        #[derive(Clone, Default)]
+        struct Log(Arc<Mutex<Vec<u8>>>);
+        impl Write for Log {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                lock(&self.0).extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("wsp-over-quota-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = StoreConfig {
+            path: dir.join("s.db"),
+            min_free_bytes: 0,
+            ..StoreConfig::default()
+        };
+        let s = SqliteStore::open_file(cfg.clone()).unwrap();
+        let mut last = 0;
+        for t in 1..=3u8 {
+            let env = crate::test_envelope::envelope(t, &[2]);
+            for _ in 0..10 {
+                let Accepted::New(Seq(seq)) = s
+                    .append(Append {
+                        path: &env.token_path(),
+                        envelope: &env,
+                        flags: 0,
+                        qos: Qos::AtLeastOnce,
+                        publish_id: None,
+                        tenant: &Tenant::Account([t; 32]),
+                    })
+                    .unwrap()
+                else {
+                    panic!("not kept")
+                };
+                last = seq;
+            }
+        }
+        durable_answer(&s, last).await.unwrap();
+        let per_tenant = s.status_counts().quota_bytes / 3;
+        s.close();
+        drop(s);
+        let reopen = |cfg: StoreConfig| {
+            let log = Log::default();
+            let sub = tracing_subscriber::fmt()
+                .with_writer({
+                    let log = log.clone();
+                    move || log.clone()
+                })
+                .with_ansi(false)
+                .finish();
+            tracing::subscriber::with_default(sub, || {
+                let s = SqliteStore::open_file(cfg).unwrap();
+                s.close();
+            });
+            let text = String::from_utf8(lock(&log.0).clone()).unwrap();
+            text.lines()
+                .filter(|l| l.contains("store.tenant_max_bytes"))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            reopen(cfg.clone()),
+            Vec::<String>::new(),
+            "within the limits"
+        );
+        let lines = reopen(StoreConfig {
+            tenant_max_bytes: per_tenant - 1,
+            total_max_bytes: 3 * per_tenant - 1,
+            ..cfg.clone()
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains("WARN")
+                && lines[0].contains("3 tenant(s)")
+                && lines[0].contains(&format!("({})", per_tenant - 1))
+                && lines[0].contains(&format!("({})", 3 * per_tenant - 1)),
+            "{lines:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Finding (review F-F): the free-space estimate counted twice the envelope bytes, but
