@@ -848,6 +848,15 @@ enum Holder {
     Notices,
 }
 
+/// What one batch of interest changes releases once its new subscriptions are settled.
+#[derive(Default)]
+struct Swap {
+    /// A new subscription replaces a held one (a settle is needed before the release).
+    replacing: bool,
+    /// Released after the settle.
+    release: Vec<Holder>,
+}
+
 /// The NATS side of a [`Holder`]: its readers and the client's ids of its subscriptions.
 #[derive(Default)]
 struct HeldSubs {
@@ -881,10 +890,15 @@ impl Keeper {
     /// subscriptions it needs. A new subscription is always made before the one it
     /// replaces is dropped (both go to NATS in order on one connection, and on to the
     /// other servers in that order), so a swap loses nothing; the copies both deliver
-    /// meanwhile are dropped as duplicates.
+    /// meanwhile are dropped as duplicates. The whole batch is one swap: every new
+    /// subscription first, then one [`settle`](Self::settle) (only when something new
+    /// replaces something held), then every release — a tenant cycling thousands of key
+    /// ids across the thresholds costs one round trip per batch, not one per key id, and
+    /// holds up nobody else's subscriptions for long.
     async fn apply(&mut self, changes: Vec<Interest>) {
         while self.readers.try_join_next().is_some() {}
         let mut touched = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for change in changes {
             let (p, add) = match change {
                 Interest::Add(p) => (p, true),
@@ -897,35 +911,42 @@ impl Keeper {
             } else {
                 w.remove(&p);
             }
-            if !touched.contains(&k) {
+            if seen.insert(k) {
                 touched.push(k);
             }
         }
+        let mut swap = Swap::default();
         for k in touched {
-            self.reconcile(k).await;
+            self.reconcile(k, &mut swap).await;
+        }
+        if swap.replacing {
+            self.settle().await;
+        }
+        for h in swap.release {
+            self.release(&h);
         }
     }
 
-    async fn reconcile(&mut self, k: KeyId) {
+    /// Subscribes what key id `k` newly needs and records in `swap` what it no longer
+    /// needs (released by [`apply`](Self::apply) after the batch's settle).
+    async fn reconcile(&mut self, k: KeyId, swap: &mut Swap) {
         let n = self.wanted.get(&k).map_or(0, |w| w.len());
         let key_wide = self.subs.contains_key(&Holder::Key(k));
         if n > KEY_WIDE_ABOVE || (key_wide && n > PER_FILTER_AT) {
+            let replaced: Vec<Holder> = self
+                .per_filter
+                .remove(&k)
+                .unwrap_or_default()
+                .into_iter()
+                .map(Holder::Filter)
+                .collect();
             if !key_wide {
-                let replaced: Vec<Holder> = self
-                    .per_filter
-                    .get(&k)
-                    .map(|h| h.iter().cloned().map(Holder::Filter).collect())
-                    .unwrap_or_default();
                 let after = self.done_of(&replaced);
                 let subject = format!("{}.{k}.>", self.prefix);
                 self.hold(Holder::Key(k), vec![subject], after).await;
-                if !replaced.is_empty() {
-                    self.settle().await;
-                }
+                swap.replacing |= !replaced.is_empty();
             }
-            for p in self.per_filter.remove(&k).unwrap_or_default() {
-                self.release(&Holder::Filter(p));
-            }
+            swap.release.extend(replaced);
             return;
         }
         let wanted = self.wanted.get(&k).cloned().unwrap_or_default();
@@ -936,11 +957,13 @@ impl Keeper {
                 self.hold(Holder::Filter(p.clone()), subjects, after.clone())
                     .await;
                 self.per_filter.entry(k).or_default().insert(p.clone());
+                // Replacing the key-wide subscription (a drop to no filter replaces it
+                // with nothing: no settle for it).
+                swap.replacing |= key_wide;
             }
         }
         if key_wide {
-            self.settle().await;
-            self.release(&Holder::Key(k));
+            swap.release.push(Holder::Key(k));
         }
         let gone: Vec<TokenPattern> = self
             .per_filter
@@ -948,10 +971,10 @@ impl Keeper {
             .map(|h| h.difference(&wanted).cloned().collect())
             .unwrap_or_default();
         for p in gone {
-            self.release(&Holder::Filter(p.clone()));
             if let Some(h) = self.per_filter.get_mut(&k) {
                 h.remove(&p);
             }
+            swap.release.push(Holder::Filter(p));
         }
         if self.per_filter.get(&k).is_some_and(|h| h.is_empty()) {
             self.per_filter.remove(&k);
@@ -983,15 +1006,29 @@ impl Keeper {
         }
         // Inside the relays' subjects (NATS permissions), never a path (not 32 hex).
         let probe = format!("{}.settled", self.prefix);
+        let c = &self.shared.metrics.cluster;
+        c.settles.fetch_add(1, Relaxed);
         let asked = self.client.request(probe, Bytes::new());
-        match tokio::time::timeout(SETTLE_TIMEOUT, asked).await {
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "cluster: new NATS subscriptions not confirmed");
-            }
-            Err(_) => tracing::debug!("cluster: new NATS subscriptions not confirmed in time"),
-        }
+        let failed = match tokio::time::timeout(SETTLE_TIMEOUT, asked).await {
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => return,
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {SETTLE_TIMEOUT:?}"),
+        };
+        c.settles_unconfirmed.fetch_add(1, Relaxed);
+        tracing::debug!(error = %failed, "cluster: new NATS subscriptions not confirmed");
+        // Once per process: the usual cause (no permission to subscribe `_INBOX.>`) holds
+        // for every later swap; whispeer_relay_cluster_settle_unconfirmed_total counts them.
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                error = %failed,
+                "cluster: NATS did not confirm new subscriptions (request on {}.settled; \
+                 does this relay's NATS user lack permission to subscribe _INBOX.>?): \
+                 subscription swaps wait {SETTLE_TIMEOUT:?} each and may lose envelopes",
+                self.prefix
+            )
+        });
     }
 
     /// Subscribes `subjects` on NATS for `holder`, each with a reader moving what arrives

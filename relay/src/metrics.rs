@@ -155,6 +155,12 @@ pub(crate) struct ClusterMetrics {
     pub(crate) subscriptions: AtomicI64,
     /// Connections (first and re-) to a NATS server.
     pub(crate) connects: AtomicU64,
+    /// Requests the interest keeper made to confirm new NATS subscriptions before it
+    /// released those they replace (at most one per batch of interest changes).
+    pub(crate) settles: AtomicU64,
+    /// Of those, the ones not confirmed (error or `SETTLE_TIMEOUT`): the old subscriptions
+    /// were released anyway.
+    pub(crate) settles_unconfirmed: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -710,7 +716,7 @@ impl Metrics {
             let _ = writeln!(o, "{name} {v}");
         }
         let c = &self.cluster;
-        let cluster: [(&str, &str, u64); 7] = [
+        let cluster: [(&str, &str, u64); 9] = [
             (
                 "whispeer_relay_cluster_forwarded_total",
                 "Envelopes published to NATS for other relays.",
@@ -745,6 +751,16 @@ impl Metrics {
                 "whispeer_relay_cluster_connects_total",
                 "Connections (first and reconnections) to a NATS server.",
                 load(&c.connects),
+            ),
+            (
+                "whispeer_relay_cluster_settle_requests_total",
+                "Requests confirming new NATS subscriptions before those they replace are released (at most one per batch of subscription changes).",
+                load(&c.settles),
+            ),
+            (
+                "whispeer_relay_cluster_settle_unconfirmed_total",
+                "Settle requests not answered in time or failed (no _INBOX permission?): the replaced NATS subscriptions were released anyway, envelopes may be lost in the swap.",
+                load(&c.settles_unconfirmed),
             ),
         ];
         for (name, help, v) in cluster {

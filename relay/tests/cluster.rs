@@ -1327,6 +1327,74 @@ async fn swapping_key_wide_and_per_filter_subscriptions_loses_nothing() {
     );
 }
 
+/// Review finding F-B: the interest keeper settles each batch of subscription changes once,
+/// not once per key id. A client of relay B holds 5 filters on each of 40 key ids (key-wide
+/// subscriptions), then, with every NATS server frozen (SIGSTOP: the keeper's settle
+/// requests wait unanswered, so the changes pile up behind the first batch), drops 3 of
+/// each — 40 swaps back to per-filter subscriptions — and then another client subscribes
+/// `2/#`. Once NATS runs again, the other client's subscription is routed across relays
+/// (relay A's probes reach it) after at most 3 settle requests
+/// (`whispeer_relay_cluster_settle_requests_total`), and all 40 swaps cost at most 3 as
+/// well. Before, each key id's swap waited for its own settle (40 round trips, 2 s each
+/// without `_INBOX` permission) and the other client's subscription waited behind them.
+#[tokio::test]
+async fn subscription_swaps_settle_once_per_batch_not_per_key_id() {
+    const K: u8 = 40;
+    const SETTLES: &str = "whispeer_relay_cluster_settle_requests_total";
+    let Some((nats, _a, b, _sub, publ)) = pair(&[]).await else {
+        return;
+    };
+    let admin = b.admin();
+    // `1/#` of `pair`'s subscriber: one subject.
+    let base = status(admin).await["cluster"]["subscriptions"]
+        .as_u64()
+        .unwrap();
+    let mut cycler = connect(b.tcp()).await;
+    for k in 0..K {
+        for t in 1..=5u8 {
+            let id = u64::from(k) * 8 + u64::from(t);
+            cycler
+                .subscribe(id, pattern(100 + k, &[Some(t)], false))
+                .await;
+        }
+    }
+    wait_subscriptions(admin, base + u64::from(K)).await; // one key-wide each
+    let settles = metric(admin, SETTLES).await;
+    for node in &nats.nodes {
+        node.signal("STOP");
+    }
+    for k in 0..K {
+        for t in 3..=5u8 {
+            cycler
+                .send(&Frame::Unsub(whispeer_protocol::frame::Unsub {
+                    sub_id: u64::from(k) * 8 + u64::from(t),
+                    delete: None,
+                }))
+                .await;
+        }
+    }
+    handled(&mut cycler, 1).await;
+    let mut other = connect(b.tcp()).await;
+    other.subscribe(1, pattern(2, &[], true)).await;
+    for node in &nats.nodes {
+        node.signal("CONT");
+    }
+    let _publ = sync_interest(publ, &mut [&mut other], 2, &[3]).await;
+    let when_routed = metric(admin, SETTLES).await - settles;
+    // Two filters (one subject each) per key id, `2/#` and `1/#`.
+    wait_subscriptions(admin, base + 2 * u64::from(K) + 1).await;
+    let total = metric(admin, SETTLES).await - settles;
+    eprintln!(
+        "another client's subscription routed after {when_routed} settle requests; \
+         {K} swaps cost {total}"
+    );
+    assert!(
+        when_routed <= 3,
+        "{when_routed} settles before it was routed"
+    );
+    assert!(total <= 3, "{total} settles for {K} swaps");
+}
+
 /// Checks what a subscriber read of envelopes numbered `0..sent` from one publisher (`None`
 /// for a `Gap`): each envelope at most once and in order, and every one missing reported —
 /// a `Gap` read between the envelopes on either side of it (or after the last one read, for
