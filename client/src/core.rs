@@ -195,8 +195,10 @@ struct LocalSub {
     /// `ReplayDone`; a live `Msg` names no subscription, so one that reaches the client
     /// meanwhile for another subscription of the connection is not this one's yet: taken
     /// now it would come before this subscription's history (or retained values) and
-    /// before the live messages held back earlier.
-    held: Vec<u64>,
+    /// before the live messages held back earlier. With each, its boundary (`SubOk.seq`):
+    /// the relay holds back what it routes after it — also a message that reaches the
+    /// client meanwhile in another subscription's history or retained values.
+    held: Vec<(u64, u64)>,
     /// Live messages this subscription did not take while held (see `held`), by relay
     /// sequence, with their dedup digest: the relay's own copy, which follows, is still this
     /// subscription's although the dedup window has seen it. Only messages new to this
@@ -245,25 +247,38 @@ impl LocalSub {
             && !matches!(self.opts.replay, Some(frame::Replay::FromSeq(from)) if seq < from)
     }
 
-    /// Whether live message `msg` (naming no subscription, not replayed) is one the relay
-    /// holds back for this subscription: it matches a relay subscription whose history has
-    /// not ended (see `held`). Unnumbered messages are not (their copy could not be told
-    /// from them), nor any once `skipped` is full (but those it remembers already).
+    /// Whether `msg` is one the relay holds back its own copy of for this subscription,
+    /// sent after this subscription's `ReplayDone`: it matches a relay subscription whose
+    /// history has not ended (see `held`), above that one's boundary (routed after it
+    /// subscribed). That is a live message (naming no subscription, not replayed) that
+    /// reached the client for another subscription, and also — whatever its flags — a
+    /// message of another subscription's history or retained values (naming that one):
+    /// new to the client there, it is still this one's to get (review F2: it was dropped
+    /// as a duplicate when its copy came). Not this subscription's own history, nor
+    /// history naming none (handed to the subscriptions in history, `wants_history`).
+    /// Unnumbered messages are not (their copy could not be told from them), nor any once
+    /// `skipped` is full (but those it remembers already).
     fn holds_back(&self, msg: &Msg) -> bool {
         let history = frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED;
         if self.held.is_empty()
             || msg.seq == 0
-            || msg.sub_id.is_some()
-            || msg.flags & history != 0
             || (self.skipped.len() >= MAX_GOT && !self.skipped.contains_key(&msg.seq))
         {
             return false;
         }
+        match msg.sub_id {
+            Some(rid) if self.relay_ids.contains(&rid) => return false,
+            Some(_) => {}
+            None if msg.flags & history != 0 => return false,
+            None => {}
+        }
         let path = msg.envelope.token_path();
-        self.relay_ids
-            .iter()
-            .zip(&self.patterns)
-            .any(|(rid, p)| self.held.contains(rid) && p.matches(&path))
+        self.relay_ids.iter().zip(&self.patterns).any(|(rid, p)| {
+            self.held
+                .iter()
+                .any(|(h, boundary)| h == rid && msg.seq > *boundary)
+                && p.matches(&path)
+        })
     }
 }
 
@@ -1190,9 +1205,9 @@ impl ClientCore {
         let Some(sub) = self.subs.get_mut(&local) else {
             return false;
         };
-        let held = sub.held.contains(&relay_id);
+        let held = sub.held.iter().any(|(r, _)| *r == relay_id);
         let replay = sub.replaying.contains(&relay_id) || sub.opts.durable.is_some();
-        sub.held.retain(|r| *r != relay_id);
+        sub.held.retain(|(r, _)| *r != relay_id);
         sub.replaying.retain(|r| *r != relay_id);
         if sub.replaying.is_empty() {
             sub.got = None;
@@ -1211,8 +1226,8 @@ impl ClientCore {
             return;
         };
         if let Some(sub) = self.subs.get_mut(&local) {
-            if history && !sub.held.contains(&relay_id) {
-                sub.held.push(relay_id);
+            if history && !sub.held.iter().any(|(r, _)| *r == relay_id) {
+                sub.held.push((relay_id, seq));
             }
             if !sub.replaying.contains(&relay_id) {
                 sub.reached(relay_id, seq);

@@ -1655,6 +1655,80 @@ fn a_relay_cannot_replay_delivered_messages_under_held_back_sequences() {
     play("held-back sequences replayed", || Sim::new(|_| {}), &steps);
 }
 
+/// Review F2: a message the relay holds back for a subscription in its history (2, its
+/// boundary 0 below the message's sequence 5) can reach the client first in another
+/// subscription's history (3, subscribed later with a replay covering 5: the relay sends
+/// it there, named for 3 and flagged `REPLAYED`), new to the client and delivered to 3.
+/// The relay's own copy for 2 follows 2's `ReplayDone` (live, naming none): it is still
+/// 2's, past the dedup window — it was dropped as a duplicate. And 3's ack of 5 waits
+/// until 2 took its copy: the relay frees a sequence for every subscription of the
+/// connection, so acked at once it could free 2's copy, in flight, untaken.
+#[test]
+fn a_message_first_seen_in_another_subscriptions_history_is_still_the_held_ones() {
+    let q1 = || SubscribeOptions::new().qos(Qos::AtLeastOnce);
+    let mut steps = connected_with(vec![
+        sub(2, "a/#", q1()),
+        fresh_sub(2),
+        SubOkHistory { id: 2, seq: 0 },
+        ExpectEvent(Ev::SubscribeOk(2)),
+        sub(3, "a/#", q1().replay(Replay::FromSeq(1))),
+        ExpectTx(Tx::Sub {
+            sub: 3,
+            replay: Some(Replay::FromSeq(1)),
+            retained: true,
+            durable: None,
+        }),
+        SubOkHistory { id: 3, seq: 5 },
+        ExpectEvent(Ev::SubscribeOk(3)),
+    ]);
+    steps.extend([
+        Seal {
+            name: "m",
+            topic: "a/x",
+        },
+        DeliverHistory {
+            msg: "m",
+            seq: 5,
+            flags: msg_flags::REPLAYED,
+            id: 3,
+        },
+        ReplayDone { id: 3, seq: 5 },
+        ExpectEvent(Ev::Message { sub: 3, msg: "m" }),
+        ExpectEvent(Ev::ReplayDone { sub: 3, seq: 5 }),
+        ExpectNoEvent,
+        Take(3),
+        ExpectNoTx,
+        ReplayDone { id: 2, seq: 0 },
+        Deliver {
+            msg: "m",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "m" }),
+        // The live copy names no subscription: 3 (live now) takes its place in the acks.
+        ExpectEvent(Ev::Placeholder { sub: 3 }),
+        ExpectNoEvent,
+        ExpectNoTx,
+        Take(2),
+        Timeout,
+        ExpectTx(Tx::Ack(vec![5])),
+        // Once: another copy is a duplicate for both (a placeholder in the acks).
+        Deliver {
+            msg: "m",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Placeholder { sub: 2 }),
+        ExpectEvent(Ev::Placeholder { sub: 3 }),
+        ExpectNoEvent,
+    ]);
+    play(
+        "held message first seen in another history",
+        || Sim::new(|_| {}),
+        &steps,
+    );
+}
+
 #[test]
 fn qos2_resend_is_acked_once_and_a_restored_outbox_keeps_its_ids() {
     let steps = [
