@@ -839,9 +839,11 @@ impl Keyring {
     }
 
     /// When each superseded epoch was superseded, for the client's persistence: `(tree,
-    /// epoch, superseded_at_ms)`, sorted. The epochs held superseded, and the times an
+    /// epoch, superseded_at_ms)`, sorted. Every epoch held superseded, and the times an
     /// earlier run saved ([`Keyring::restore_superseded`]) for epochs not held so now (the
-    /// newest few per tree), the earlier time where both say.
+    /// newest few per tree), the earlier time where both say. (Only the latter are capped:
+    /// capping all, a run holding more superseded epochs than the cap — old grants added
+    /// newest first — saved only the newest, and the next run gave the others a new grace.)
     ///
     /// Why it is saved (adversarial review, clients): the grace of the previous epoch starts
     /// when the keyring first sees the newer one, and a client adds its grants again at
@@ -865,15 +867,32 @@ impl Keyring {
             }
         }
         let mut out: Vec<(TreeId, u64, u64)> = Vec::with_capacity(all.len());
+        // Restored epochs not held, per tree, kept so far.
+        let mut unheld: Option<(TreeId, usize)> = None;
         for ((tree, e), at) in all.into_iter().rev() {
-            // Newest epochs first, per tree: the first few of each tree are kept.
-            let kept = out.iter().rev().take_while(|(t, _, _)| *t == tree).count();
-            if kept < SUPERSEDED_KEPT_PER_TREE {
-                out.push((tree, e, at));
+            if !self.holds_superseded(&tree, e) {
+                // Newest epochs first, per tree: the first few of each tree are kept.
+                let n = match &mut unheld {
+                    Some((t, n)) if *t == tree => n,
+                    _ => &mut unheld.insert((tree, 0)).1,
+                };
+                if *n >= SUPERSEDED_KEPT_PER_TREE {
+                    continue;
+                }
+                *n += 1;
             }
+            out.push((tree, e, at));
         }
         out.reverse();
         out
+    }
+
+    /// Whether the keyring holds epoch `epoch` of `tree` superseded.
+    fn holds_superseded(&self, tree: &TreeId, epoch: u64) -> bool {
+        self.trees
+            .get(tree)
+            .and_then(|t| t.epochs.get(&epoch))
+            .is_some_and(|e| e.superseded_at_ms.is_some())
     }
 
     /// Restores a supersede time saved by an earlier run ([`Keyring::superseded_epochs`]),
@@ -900,12 +919,23 @@ impl Keyring {
         } else {
             superseded_at_ms
         };
-        let m = self.restored_superseded.entry(tree_id).or_default();
+        let mut m = self
+            .restored_superseded
+            .remove(&tree_id)
+            .unwrap_or_default();
         let v = m.entry(epoch).or_insert(at);
         *v = (*v).min(at);
-        while m.len() > SUPERSEDED_KEPT_PER_TREE {
-            m.pop_first();
+        // The newest few not held superseded are kept; those held are saved anyway
+        // (`superseded_epochs`), whatever their number.
+        let unheld: Vec<u64> = m
+            .keys()
+            .copied()
+            .filter(|e| !self.holds_superseded(&tree_id, *e))
+            .collect();
+        for e in unheld.iter().rev().skip(SUPERSEDED_KEPT_PER_TREE) {
+            m.remove(e);
         }
+        self.restored_superseded.insert(tree_id, m);
         if let Some(e) = self
             .trees
             .get_mut(&tree_id)
@@ -1156,6 +1186,54 @@ mod tests {
         assert_eq!(kept.len(), SUPERSEDED_KEPT_PER_TREE);
         assert_eq!(kept[0], (id, 12, 112));
         assert_eq!(kept[7], (id, 19, 119));
+    }
+
+    /// Review of e8ad48c (minor): the cap on saved supersede times kept the newest few
+    /// epochs per tree whether held or not, so a run holding more superseded epochs than
+    /// the cap (the oldest grant, the newest, then the others newest first: each a late
+    /// grant, superseded at the rotation) saved only the newest; the next run, adding them again, gave the others a
+    /// new grace from its start. Every epoch held superseded is saved and restored now;
+    /// only times of epochs not held are capped.
+    #[test]
+    fn every_epoch_held_superseded_keeps_its_supersede_time() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(41);
+        let mut keys = vec![TreeKey::generate_with("home", &mut rng).unwrap()];
+        let n = SUPERSEDED_KEPT_PER_TREE + 4;
+        for _ in 0..n {
+            let next = keys.last().unwrap().rotate(u64::MAX, &mut rng).unwrap();
+            keys.push(next);
+        }
+        let id = keys[0].tree_id();
+        let oldest = keys[0].cert().keys().key_id();
+        let run = |at: u64, saved: &[(TreeId, u64, u64)]| {
+            let mut kr = Keyring::with_grace(1000);
+            // The oldest, the newest, then the others newest first (late grants).
+            kr.add_tree_key_at(&keys[0], at).unwrap();
+            for k in keys[1..].iter().rev() {
+                kr.add_tree_key_at(k, at).unwrap();
+            }
+            for (t, e, s) in saved {
+                kr.restore_superseded(*t, *e, *s, at);
+            }
+            kr
+        };
+        // The first run sees the rotation at 5000: every older epoch superseded then.
+        let first = run(5000, &[]);
+        let saved = first.superseded_epochs();
+        assert_eq!(saved.len(), n, "{saved:?}");
+        assert!(saved.iter().all(|(t, _, at)| *t == id && *at == 5000));
+        // The next run, at 5600, with the same grants (newest first): the oldest epoch's
+        // grace is still the first one.
+        let next = run(5600, &saved);
+        assert!(next.accepts_message(&oldest, 0, 6000, true));
+        assert!(!next.accepts_message(&oldest, 0, 6001, true), "a new grace");
+        assert_eq!(next.superseded_epochs(), saved);
+        // Restored before the grants, alike.
+        let mut before = Keyring::with_grace(1000);
+        for (t, e, s) in &saved {
+            before.restore_superseded(*t, *e, *s, 5600);
+        }
+        assert_eq!(before.superseded_epochs().len(), SUPERSEDED_KEPT_PER_TREE);
     }
 
     #[test]
