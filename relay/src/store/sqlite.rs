@@ -127,6 +127,9 @@ pub(crate) fn disk_bytes(len: u64) -> u64 {
 /// it restarts (`journal_size_limit`).
 const WAL_LIMIT: u64 = 64 << 20;
 
+/// How long the writer's WAL truncation waits for readers (`Shared::bound_wal`).
+const WAL_TRUNCATE_WAIT: Duration = Duration::from_millis(50);
+
 /// Wall-clock source in Unix milliseconds (injectable for tests of age retention).
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
@@ -699,6 +702,8 @@ struct Counters {
     live_only: AtomicU64,
     checkpoints: AtomicU64,
     wal_truncations: AtomicU64,
+    /// WAL truncations a reader kept from completing (internal: tests).
+    wal_truncation_busy: AtomicU64,
     rows_read: AtomicU64,
 }
 
@@ -748,6 +753,13 @@ struct Shared {
     /// The file system's own free space, as last measured (`u64::MAX`: not known): the WAL
     /// grows into it, never into the file's free pages.
     fs_free: AtomicU64,
+    /// Writer turns `bound_wal` still skips after a truncation a reader kept from
+    /// completing, and the length of the last such pause (8 turns, doubling up to 64;
+    /// back to 0 after a truncation).
+    wal_skip: AtomicU64,
+    wal_backoff: AtomicU64,
+    /// The writer connection's busy timeout (ms; 5 s), restored after a WAL truncation.
+    busy_ms: AtomicU64,
     /// Whether the last measurement was below `min_free_bytes` (logged on each change).
     low: AtomicBool,
     /// Sequence ranges dropped by a failed commit: never acknowledged as durable.
@@ -1451,6 +1463,9 @@ impl SqliteStore {
             down: Mutex::new(None),
             free: AtomicU64::new(u64::MAX),
             fs_free: AtomicU64::new(u64::MAX),
+            wal_skip: AtomicU64::new(0),
+            wal_backoff: AtomicU64::new(0),
+            busy_ms: AtomicU64::new(5000),
             low: AtomicBool::new(false),
             lost: Mutex::new(VecDeque::new()),
             stop_checkpointer: AtomicBool::new(false),
@@ -1582,8 +1597,8 @@ impl Shared {
     /// copies pages but never catches up with the WAL's end, so the WAL never restarted: it
     /// grew with a flood (8× its envelopes for 160-byte ones; test
     /// `store_hostile::the_wal_stays_bounded_during_a_flood`). If a reader holds an old
-    /// snapshot beyond the busy timeout the checkpoint gives up, and the next turn tries
-    /// again.
+    /// snapshot beyond [`WAL_TRUNCATE_WAIT`] the checkpoint gives up, and the writer skips
+    /// the next 8 turns (doubling up to 64) before it tries again.
     fn bound_wal(&self, idle: bool) {
         let Some(file) = self.file.as_deref() else {
             return;
@@ -1597,17 +1612,42 @@ impl Shared {
         if wal <= WAL_LIMIT && !(idle && short && wal > 0) {
             return;
         }
-        let r = lock(&self.conn).query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-            r.get::<_, i64>(0)
-        });
+        // After a truncation a reader kept from completing, the next few turns do not
+        // try (`wal_backoff`).
+        let skip = self.wal_skip.load(Relaxed);
+        if skip > 0 {
+            self.wal_skip.store(skip - 1, Relaxed);
+            return;
+        }
+        let r = {
+            // A short wait for readers, not the writer's 5 s: a reader holding an old
+            // snapshot made every writer turn block 5 s while the WAL was past the limit —
+            // one commit per 5 s (review F-G).
+            let conn = lock(&self.conn);
+            let _ = conn.busy_timeout(WAL_TRUNCATE_WAIT);
+            let r = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
+            let _ = conn.busy_timeout(Duration::from_millis(self.busy_ms.load(Relaxed)));
+            r
+        };
         match r {
             Ok(0) => {
                 self.m.wal_truncations.fetch_add(1, Relaxed);
+                self.wal_backoff.store(0, Relaxed);
                 tracing::debug!(wal, "store: WAL checkpointed and truncated");
                 self.measure_disk();
             }
-            Ok(_) => tracing::debug!(wal, "store: WAL truncation waits for a reader"),
-            Err(e) => tracing::debug!(error = %e, wal, "store: WAL truncation failed"),
+            r => {
+                self.m.wal_truncation_busy.fetch_add(1, Relaxed);
+                let turns = (self.wal_backoff.load(Relaxed) * 2).clamp(8, 64);
+                self.wal_backoff.store(turns, Relaxed);
+                self.wal_skip.store(turns, Relaxed);
+                match r {
+                    Err(e) => tracing::debug!(error = %e, wal, "store: WAL truncation failed"),
+                    _ => tracing::debug!(wal, turns, "store: WAL truncation waits for a reader"),
+                }
+            }
         }
     }
 
@@ -3418,6 +3458,93 @@ mod tests {
         }
     }
 
+    /// Finding (review F-G): past [`WAL_LIMIT`] the writer truncates the WAL after each
+    /// turn; it ran `wal_checkpoint(TRUNCATE)` with the writer's 5 s busy timeout, so a
+    /// reader holding an old snapshot made every turn block 5 s — one commit per 5 s. Now
+    /// it waits 50 ms and, after a busy result, skips the next 8 turns (doubling up to 64).
+    /// A second connection holds a read transaction from before a 70 MiB flood: the WAL
+    /// stays past the limit, and over 32 commits (each waited for) the writer tries to
+    /// truncate it at most 4 times.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_holding_a_snapshot_does_not_hold_up_every_commit() {
+        let dir = std::env::temp_dir().join(format!("wsp-wal-reader-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("s.db");
+        let cfg = StoreConfig {
+            path: db.clone(),
+            min_free_bytes: 0,
+            tenant_max_bytes: 0,
+            total_max_bytes: 0,
+            ..StoreConfig::default()
+        };
+        let s = SqliteStore::open_file(cfg).unwrap();
+        let small = crate::test_envelope::envelope(1, &[2]);
+        let big = {
+            let mut b = small.as_bytes().to_vec();
+            b.extend(std::iter::repeat_n(1u8, 1 << 20));
+            Envelope::from_bytes(Bytes::from(b)).unwrap()
+        };
+        let path = small.token_path();
+        let append = |env: &Envelope| {
+            s.append(Append {
+                path: &path,
+                envelope: env,
+                flags: 0,
+                qos: Qos::AtLeastOnce,
+                publish_id: None,
+                tenant: &Tenant::Local,
+            })
+        };
+        let Ok(Accepted::New(Seq(first))) = append(&small) else {
+            panic!("not kept")
+        };
+        durable_answer(&s, first).await.unwrap();
+        let reader = Connection::open(&db).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let n: i64 = reader
+            .query_row("SELECT count(*) FROM msgs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+        let mut last = first;
+        let mut i = 0;
+        while i < 70 {
+            match append(&big) {
+                Ok(Accepted::New(Seq(seq))) => {
+                    last = seq;
+                    i += 1;
+                }
+                // The queue is full: wait for what it holds.
+                Err(StoreError::Busy(_)) => durable_answer(&s, last).await.unwrap(),
+                other => panic!("{other:?}"),
+            }
+        }
+        durable_answer(&s, last).await.unwrap();
+        let wal = file_size(&wal_path(&db));
+        assert!(wal > WAL_LIMIT, "the WAL is {wal} bytes");
+        let (commits, tries) = (
+            s.shared.m.commits.load(Relaxed),
+            s.shared.m.wal_truncation_busy.load(Relaxed),
+        );
+        for _ in 0..32 {
+            let Ok(Accepted::New(Seq(seq))) = append(&small) else {
+                panic!("not kept")
+            };
+            durable_answer(&s, seq).await.unwrap();
+        }
+        let commits = s.shared.m.commits.load(Relaxed) - commits;
+        let tries = s.shared.m.wal_truncation_busy.load(Relaxed) - tries;
+        assert!(commits >= 32, "{commits} commits");
+        assert!(
+            tries <= 4,
+            "{tries} truncations tried over {commits} commits"
+        );
+        drop(reader);
+        s.close();
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Finding (review F-D): the byte quotas now count pages, so a store written under
     /// the old count is counted higher at its next start, silently over its limits. A
     /// store reopened with limits below what it holds logs one warning naming the number
@@ -3801,6 +3928,7 @@ mod tests {
         let s = SqliteStore::open_file(cfg).unwrap();
         // Commits and probes fail at once on the held lock (not after the busy timeout).
         lock(&s.shared.conn).busy_timeout(Duration::ZERO).unwrap();
+        s.shared.busy_ms.store(0, Relaxed);
         let env = crate::test_envelope::envelope(1, &[2]);
         let path = env.token_path();
         let publish = |qos| {
