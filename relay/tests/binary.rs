@@ -92,6 +92,7 @@ fn serve_reads_config_file_and_env_with_flags_winning() {
         .env("WHISPEER_MAX_FRAME", "3000")
         .env("WHISPEER_LOG", "warn")
         .env("WHISPEER_STORE_PATH", dir.join("relay.db"))
+        .env("WHISPEER_STORE_MIN_FREE_BYTES", "0")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

@@ -139,6 +139,8 @@ fn file_config(path: &Path) -> Config {
     let mut c = Config::ephemeral();
     c.store.kind = Some(StoreKind::Sqlite);
     c.store.path = path.to_owned();
+    // No free-space reserve: these tests must not depend on TMPDIR's free space.
+    c.store.min_free_bytes = 0;
     c
 }
 

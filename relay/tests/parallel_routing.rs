@@ -39,6 +39,8 @@ fn concurrent_appends_get_unique_sequences_and_read_back_in_order() {
             path: dir.join("s.db"),
             max_messages: 0,
             max_bytes: 0,
+            // No free-space reserve: the test must not depend on TMPDIR's free space.
+            min_free_bytes: 0,
             ..StoreConfig::default()
         })
         .expect("open store"),
@@ -59,6 +61,7 @@ fn concurrent_appends_get_unique_sequences_and_read_back_in_order() {
                     } else {
                         Qos::AtLeastOnce
                     };
+                    let deadline = std::time::Instant::now() + TIMEOUT;
                     let a = loop {
                         match store.append(Append {
                             path: &path,
@@ -69,8 +72,15 @@ fn concurrent_appends_get_unique_sequences_and_read_back_in_order() {
                             tenant: &tenant,
                         }) {
                             Ok(a) => break a,
-                            // The writer is behind: publish again (what a client does).
-                            Err(e) if e.code().is_retryable() => std::thread::yield_now(),
+                            // The writer is behind: publish again (what a client does), for
+                            // a while.
+                            Err(e) if e.code().is_retryable() => {
+                                assert!(
+                                    std::time::Instant::now() < deadline,
+                                    "append {i} still refused after {TIMEOUT:?}: {e}"
+                                );
+                                std::thread::yield_now()
+                            }
                             Err(e) => panic!("append failed: {e}"),
                         }
                     };
@@ -166,6 +176,7 @@ async fn publishers_on_many_key_ids_route_in_parallel_in_order_without_loss() {
     let mut config = Config::ephemeral();
     config.store.kind = Some(StoreKind::Sqlite);
     config.store.path = dir.join("s.db");
+    config.store.min_free_bytes = 0;
     config.listen.ws = whispeer_relay::config::ListenAddr::OFF;
     config.limits.publish_rate = 0;
     config.limits.addr_publish_rate = 0;

@@ -124,6 +124,9 @@ fn file_config(path: &Path) -> Config {
     c.store.kind = Some(StoreKind::Sqlite);
     c.store.path = path.to_owned();
     c.listen.ws = whispeer_relay::config::ListenAddr::OFF;
+    // No free-space reserve (default 256 MiB): with less than that free in TMPDIR every
+    // stored publish would be refused. The reserve's own tests set it.
+    c.store.min_free_bytes = 0;
     c
 }
 
@@ -1455,6 +1458,7 @@ fn store_messages(
     let tenant = Tenant::Local;
     for i in 0..n {
         each(i);
+        let deadline = Instant::now() + TIMEOUT;
         let mut k = [1u8; 16];
         let paths = n.div_ceil(per_path);
         k[..8].copy_from_slice(
@@ -1476,8 +1480,16 @@ fn store_messages(
             }) {
                 Ok(Accepted::New(_)) => break,
                 Ok(other) => panic!("unexpected {other:?}"),
-                // The writer is behind: publish again (what a client does).
-                Err(e) if e.code().is_retryable() => std::thread::yield_now(),
+                // The writer is behind: publish again (what a client does), for a while:
+                // a refusal that lasts (storage_full: the disk) fails the test, never
+                // spins for ever.
+                Err(e) if e.code().is_retryable() => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "message {i} still refused after {TIMEOUT:?}: {e}"
+                    );
+                    std::thread::yield_now()
+                }
                 Err(e) => panic!("append failed: {e}"),
             }
         }
@@ -1530,6 +1542,7 @@ fn the_bytes_the_quotas_count_cover_the_store_files_size() {
                 tenant_max_messages: 0,
                 total_max_bytes: 0,
                 total_max_messages: 0,
+                min_free_bytes: 0,
                 ..Config::ephemeral().store
             })
             .expect("open store")
@@ -1590,6 +1603,7 @@ fn the_wal_stays_bounded_during_a_flood() {
         path: db.clone(),
         tenant_max_bytes: 0,
         tenant_max_messages: 0,
+        min_free_bytes: 0,
         ..Config::ephemeral().store
     })
     .expect("open store");

@@ -644,6 +644,9 @@ impl BinRelay {
         .env("WHISPEER_LOG", "warn")
         // The durable store lives in the test's own directory (flags still override).
         .env("WHISPEER_STORE_PATH", dir.join("relay.db"))
+        // No free-space reserve (default 256 MiB): with less than that free in TMPDIR every
+        // stored publish would be refused. The reserve's own tests set it (flags override).
+        .env("WHISPEER_STORE_MIN_FREE_BYTES", "0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(if logged {
