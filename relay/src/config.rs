@@ -886,12 +886,14 @@ pub struct StoreConfig {
     #[arg(long = "store-retry-ms", env = "WHISPEER_STORE_RETRY_MS")]
     pub retry_ms: u64,
     /// Bytes the file system holding the store file must keep free (sqlite only; 0 = no
-    /// reserve). Below it, publishes that need the store get Err(storage_full) (retryable)
+    /// reserve), counting the store file's own free pages (left by retention and expiry;
+    /// the file reuses them before it grows) as free. Below it, publishes that need the store get Err(storage_full) (retryable)
     /// before SQLite meets a full disk: the WAL grows beyond what the quotas count while
     /// publishes stream in. A store whose commit did meet a full disk resumes only once
     /// this much is free again. Shown in /status (state "low_disk", disk_free_bytes),
     /// counted in whispeer_relay_store_low_disk_rejections_total, logged when it starts
-    /// and ends. Keep it above one batch of the write queue (queue_bytes).
+    /// and ends. Keep it above one batch of the write queue (queue_bytes); lower both on a
+    /// small disk.
     #[arg(long = "store-min-free-bytes", env = "WHISPEER_STORE_MIN_FREE_BYTES")]
     pub min_free_bytes: u64,
     /// How much lower the store's writer and checkpoint threads run than the routing
