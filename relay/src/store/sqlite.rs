@@ -3786,6 +3786,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = StoreConfig {
             path: dir.join("s.db"),
+            min_free_bytes: 0, // not dependent on TMPDIR's free space
             ..StoreConfig::default()
         };
         let a = SqliteStore::open_file(cfg.clone()).unwrap();
@@ -3840,6 +3841,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = StoreConfig {
             path: dir.join("s.db"),
+            min_free_bytes: 0, // not dependent on TMPDIR's free space
             durable_idle_ms: 10_000,
             ..StoreConfig::default()
         };
@@ -3922,6 +3924,7 @@ mod tests {
         let db = dir.join("s.db");
         let cfg = StoreConfig {
             path: db.clone(),
+            min_free_bytes: 0, // not dependent on TMPDIR's free space
             retry_ms: 10,
             ..StoreConfig::default()
         };
@@ -3996,6 +3999,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = StoreConfig {
             path: dir.join("s.db"),
+            min_free_bytes: 0, // not dependent on TMPDIR's free space
             max_messages: 3,
             ..StoreConfig::default()
         };
