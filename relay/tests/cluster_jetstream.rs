@@ -3910,6 +3910,95 @@ async fn retained_only_values_are_charged_and_do_not_fill_the_stream_for_others(
     }
 }
 
+/// Review finding F-A: the ledger charges every retained-only copy the stream holds until
+/// it is purged, not until a timer. Driven at the store with its retained writes held
+/// (`hold_retained_writes`: the retained stream slow, as in a flood), a tenant writes
+/// QoS 0 + `RETAIN` values, 200 on one path and 200 round-robin over 50 paths. Once the
+/// ledger has read them all, and for 17 s on (past the 15 s after which the ledger used to
+/// release the older copies whether or not they were purged), then with the writes let go
+/// until the stream is down to the newest value of each path: WSP never holds more
+/// messages than the ledger counts. Before, the purges were queued only once each value's
+/// retained write had finished (held here), and the ledger released the older copies 15 s
+/// after the newer one's stream time: 400 copies in the stream, 51 counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_counts_every_retained_only_copy_until_it_is_purged() {
+    use whispeer_relay::store::{Append, Store, Tenant};
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return;
+    };
+    let store = open_store(&nats.urls(), "relay-a").await;
+    let nc = async_nats::connect(nats.nodes[0].url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    let mut wsp = js.get_stream("WSP").await.unwrap();
+    let base = wsp.info().await.unwrap().state.last_sequence;
+    store.hold_retained_writes(true);
+    let tenant = Tenant::Address("10.0.0.1".parse().unwrap());
+    let publish = |env: Envelope| {
+        let path = env.token_path();
+        store
+            .append(Append {
+                path: &path,
+                envelope: &env,
+                flags: pub_flags::RETAIN,
+                qos: Qos::AtMostOnce,
+                publish_id: None,
+                tenant: &tenant,
+            })
+            .expect("queued");
+    };
+    for n in 0..200u32 {
+        publish(numbered(61, &[1], n));
+        publish(numbered(62, &[(n % 50) as u8], n));
+    }
+    // The ledger's count (read first: the stream only loses messages meanwhile, by purges
+    // whose charge ends after them) and the stream's.
+    async fn counts(
+        store: &whispeer_relay::store::JetStreamStore,
+        wsp: &mut async_nats::jetstream::stream::Stream,
+    ) -> (u64, async_nats::jetstream::stream::State) {
+        use whispeer_relay::store::Store;
+        let counted = store.status().messages;
+        (counted, wsp.info().await.unwrap().state.clone())
+    }
+    let deadline = std::time::Instant::now() + 2 * TIMEOUT;
+    // All 400 in the stream, then in the ledger (its ordered read behind).
+    loop {
+        let (counted, state) = counts(&store, &mut wsp).await;
+        if state.last_sequence >= base + 400 && counted >= state.messages {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not read: {counted} of {state:?}"
+        );
+        tokio::task::yield_now().await;
+    }
+    let held_until = std::time::Instant::now() + std::time::Duration::from_secs(17);
+    let mut released = false;
+    loop {
+        let (counted, state) = counts(&store, &mut wsp).await;
+        assert!(
+            state.messages <= counted,
+            "WSP holds {} messages, the ledger counts {counted}",
+            state.messages
+        );
+        if !released && std::time::Instant::now() >= held_until {
+            store.hold_retained_writes(false);
+            released = true;
+        }
+        if released && state.messages == 51 && counted == 51 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline + std::time::Duration::from_secs(17),
+            "not settled: WSP {} messages, ledger {counted}",
+            state.messages
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// History consumers of the relays' stream: those filtering on one key id (the relays' own
 /// reads of the whole stream have no filter).
 async fn history_consumers(url: &str) -> usize {

@@ -489,10 +489,9 @@ struct Inner {
     counters: Counters,
     /// Usage per tenant, from the ordered read of the stream (see [`ledger`]).
     ledger: Mutex<Ledger>,
-    /// This relay's retained-only values acknowledged by the stream: (when, subject,
-    /// sequence). The older values of each subject are purged [`ledger::RETAINED_ONLY_KEEP`]
-    /// after ([`retained_only_purge`]).
-    superseding: Mutex<VecDeque<(std::time::Instant, String, u64)>>,
+    /// Purges of the older values of this relay's retained-only values, queued when the
+    /// stream acknowledges each ([`retained_only_purge`]): one per subject, merged.
+    superseding: Mutex<Purges>,
     /// History reads between chunks, by (filter, next sequence).
     cursors: Mutex<HashMap<(String, u64), Cursor>>,
     /// This relay's holds on durable names (one holder per durable in the cluster).
@@ -722,7 +721,7 @@ impl JetStreamStore {
             flush: Arc::new(Notify::new()),
             counters: Counters::default(),
             ledger: Mutex::new(ledger),
-            superseding: Mutex::new(VecDeque::new()),
+            superseding: Mutex::new(Purges::default()),
             cursors: Mutex::new(HashMap::new()),
             claim_stream,
             claims: Mutex::new(HashMap::new()),
@@ -1391,35 +1390,121 @@ async fn write_retained(
     ))
 }
 
-/// Purges, [`ledger::RETAINED_ONLY_KEEP`] after each retained-only value this relay
-/// wrote, the older values of its subject from the stream: only the newest of a path stays
-/// (the ledger counts the older ones until then). Not `Nats-Rollup: sub` at the write: that
-/// purges them at once, before a relay whose ordered read is a little behind has routed
-/// them live. One purge per subject per round, up to the newest value due.
+/// Purges of older retained-only values waiting or failed, by subject (review finding F-A):
+/// each acknowledged retained-only value of this relay queues the purge of its subject's
+/// older values (everything below its sequence) [`ledger::RETAINED_ONLY_KEEP`] later; the
+/// values of a subject that come meanwhile merge into one purge (the highest sequence, the
+/// earliest time). Bounded: past [`MAX_PURGES`] subjects a retained-only publish on another
+/// subject is answered `busy` (backpressure; a queued purge is never dropped).
+#[derive(Default)]
+struct Purges {
+    due: HashMap<String, Purge>,
+}
+
+struct Purge {
+    /// Everything of the subject below this sequence goes.
+    below: u64,
+    /// Not before (`RETAINED_ONLY_KEEP` after the acknowledgement, or a failed try's backoff).
+    at: std::time::Instant,
+    /// Failed tries so far (the backoff doubles, up to [`PURGE_BACKOFF_MAX`]).
+    tries: u32,
+}
+
+impl Purges {
+    /// Queues the purge of `subject` below `below` at `at` (merged with one queued).
+    fn add(&mut self, subject: String, below: u64, at: std::time::Instant, tries: u32) {
+        let p = self
+            .due
+            .entry(subject)
+            .or_insert(Purge { below, at, tries });
+        p.below = p.below.max(below);
+        p.at = p.at.min(at);
+        p.tries = p.tries.max(tries);
+    }
+
+    /// Takes the purges due at `now`.
+    fn take_due(&mut self, now: std::time::Instant) -> Vec<(String, u64, u32)> {
+        let mut out = Vec::new();
+        self.due.retain(|subject, p| {
+            if p.at > now {
+                return true;
+            }
+            out.push((subject.clone(), p.below, p.tries));
+            false
+        });
+        out
+    }
+}
+
+/// Subjects with a purge queued ([`Purges`]) past which retained-only publishes of other
+/// subjects are answered `busy`.
+const MAX_PURGES: usize = 65_536;
+/// Purges running at once.
+const PURGES_AT_ONCE: usize = 16;
+/// Longest wait before a failed purge is tried again.
+const PURGE_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The stream acknowledged retained-only value `seq` of `subject` (written by this relay):
+/// its subject's older values are purged [`ledger::RETAINED_ONLY_KEEP`] from now.
+fn queue_purge(inner: &Inner, subject: &str, seq: u64) {
+    let at = std::time::Instant::now() + ledger::RETAINED_ONLY_KEEP;
+    lock(&inner.superseding).add(subject.to_string(), seq, at, 0);
+}
+
+/// Purges the older values of each subject queued in [`Purges`] once due: only the newest
+/// of a path stays. Not `Nats-Rollup: sub` at the write: that purges them at once, before a
+/// relay whose ordered read is a little behind has routed them live. At most
+/// [`PURGES_AT_ONCE`] at a time; a failed purge is queued again with a backoff; a confirmed
+/// one gives the older values' charge back in the ledger (`Ledger::purged`: the ledger
+/// never counts less than the stream holds of this relay's values).
 async fn retained_only_purge(inner: std::sync::Weak<Inner>, main: stream::Stream) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    use futures_util::StreamExt as _;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let due: HashMap<String, u64> = {
+        let (due, prefix) = {
             let Some(i) = inner.upgrade() else { return };
-            let mut q = lock(&i.superseding);
-            let mut due = HashMap::new();
-            while q
-                .front()
-                .is_some_and(|(at, _, _)| at.elapsed() >= ledger::RETAINED_ONLY_KEEP)
-            {
-                if let Some((_, subject, seq)) = q.pop_front() {
-                    let s = due.entry(subject).or_insert(seq);
-                    *s = (*s).max(seq);
-                }
-            }
-            due
+            let due = lock(&i.superseding).take_due(std::time::Instant::now());
+            (due, retained_only_prefix(&i.prefix))
         };
-        for (subject, seq) in due {
-            // Everything of the subject below `seq`: the newest value stays.
-            if let Err(e) = main.purge().filter(subject).sequence(seq).await {
-                tracing::debug!(error = %e, "cluster store: older retained-only values not purged");
+        if due.is_empty() {
+            continue;
+        }
+        let main = &main;
+        let mut runs =
+            futures_util::stream::iter(due.into_iter().map(|(subject, below, tries)| async move {
+                // Everything of the subject below `below`: the newest value stays.
+                let r = main.purge().filter(subject.clone()).sequence(below).await;
+                (subject, below, tries, r)
+            }))
+            .buffer_unordered(PURGES_AT_ONCE);
+        while let Some((subject, below, tries, r)) = runs.next().await {
+            let Some(i) = inner.upgrade() else { return };
+            match r {
+                Ok(_) => {
+                    let path = subject
+                        .strip_prefix(&prefix)
+                        .and_then(|r| r.strip_prefix('.'))
+                        .unwrap_or(&subject);
+                    lock(&i.ledger).purged(path, below);
+                }
+                Err(e) => {
+                    let wait = Duration::from_millis(250)
+                        .saturating_mul(1 << tries.min(7))
+                        .min(PURGE_BACKOFF_MAX);
+                    if tries == 0 {
+                        tracing::info!(error = %e, "cluster store: older retained-only values not purged; tried again");
+                    } else {
+                        tracing::debug!(error = %e, tries, "cluster store: older retained-only values not purged; tried again");
+                    }
+                    lock(&i.superseding).add(
+                        subject,
+                        below,
+                        std::time::Instant::now() + wait,
+                        tries + 1,
+                    );
+                }
             }
         }
     }
@@ -1617,8 +1702,7 @@ impl Answering {
     }
 }
 
-/// Answers one publish: its quota usage in flight ends, a retained-only value is noted for
-/// the purge of its subject's older values, and its publisher hears.
+/// Answers one publish: its quota usage in flight ends, and its publisher hears.
 fn answer(inner: &Inner, a: Answer) {
     let Answer { job, out, .. } = a;
     let Some(out) = out else { return };
@@ -1627,15 +1711,6 @@ fn answer(inner: &Inner, a: Answer) {
         _ => None,
     };
     lock(&inner.ledger).finish(job.write, seq);
-    let retained_only = job.retain.is_some()
-        && job
-            .subject
-            .strip_prefix(&inner.prefix)
-            .is_some_and(|r| r.starts_with(".r."));
-    if let Some(seq) = seq.filter(|_| retained_only) {
-        let now = std::time::Instant::now();
-        lock(&inner.superseding).push_back((now, job.subject.clone(), seq));
-    }
     // Its bytes leave `store.queue_bytes` before the publisher hears: one holding its
     // PubAck is never refused `busy` for what it held.
     let ticket = job.ticket;
@@ -1678,6 +1753,16 @@ async fn ack_loop(
                 let Some((job, _)) = head.take() else { continue };
                 let tag = job.tag;
                 order += 1;
+                // A retained-only value in the stream: its subject's older values are purged
+                // from now on (not once its retained write, which may lag, is done).
+                if let (Ok(ack), Some(i)) = (&acked, inner.upgrade()) {
+                    if !ack.duplicate
+                        && job.retain.is_some()
+                        && is_retained_only(&i.prefix, &job.subject)
+                    {
+                        queue_purge(&i, &job.subject, ack.sequence);
+                    }
+                }
                 let (seq, out) = match acked {
                     Err(e) => (0, Some(Err(e))),
                     Ok(ack) if ack.duplicate => {
@@ -1873,6 +1958,13 @@ async fn scan_headers(
         }
     }
     Ok(())
+}
+
+/// Whether `subject` is a retained-only value's (`<prefix>.r.<path>`).
+fn is_retained_only(prefix: &str, subject: &str) -> bool {
+    subject
+        .strip_prefix(prefix)
+        .is_some_and(|r| r.starts_with(".r."))
 }
 
 /// Applies one message of the main stream to the ledger; returns whether it is kept in
@@ -2797,6 +2889,18 @@ impl Store for JetStreamStore {
         };
         let tag = tenant_tag(m.tenant);
         let size = m.envelope.as_bytes().len() as u64;
+        // The purges of replaced retained-only values are bounded: past the bound a new
+        // subject waits (`busy`, retryable) rather than leaving copies in the stream.
+        if !kept {
+            let p = lock(&inner.superseding);
+            if p.due.len() >= MAX_PURGES && !p.due.contains_key(&subject) {
+                inner.counters.busy.fetch_add(1, Relaxed);
+                return Err(StoreError::Busy(format!(
+                    "{} subjects wait for their older retained values to be purged; publish again shortly",
+                    p.due.len()
+                )));
+            }
+        }
         // Beyond the bounds only a tenant under its fair share is queued: one tenant's
         // flood gets `busy`, not every other tenant's stored publish with it.
         let Some(held) = inner.queued.take(&tag, size) else {

@@ -61,10 +61,13 @@ struct PathUse {
 /// acknowledgement (`Nats-Rollup` would purge them at once, before a relay whose ordered
 /// read is a little behind has routed them live).
 pub const RETAINED_ONLY_KEEP: std::time::Duration = std::time::Duration::from_secs(10);
-/// How long the ledger counts the older values, from the stream time of the newer one:
-/// past their purge (which waits [`RETAINED_ONLY_KEEP`] from the acknowledgement, then for
-/// the purger's next round and a round trip), so it never counts less than the stream
-/// holds while the purges keep up.
+/// How long the ledger counts the older values of a newer one, from when this relay read
+/// it (its stream time, or this relay's clock when later: a relay clock ahead of NATS does
+/// not release them early): past their purge by the relay that wrote it (which waits
+/// [`RETAINED_ONLY_KEEP`] from the acknowledgement, then a round trip). Those of a newer
+/// one this relay wrote are counted until then and until its own purge is confirmed
+/// ([`Ledger::purged`]), however late: never less than the stream holds of them, and no
+/// less than other relays count them.
 pub const RETAINED_ONLY_COUNTED: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// What a refused write was refused by.
@@ -110,9 +113,18 @@ pub struct Ledger {
     retained_aged: VecDeque<(u64, u64, Arc<str>)>,
     /// Retained-only values in stream order, for age-based expiry.
     retained_only_aged: VecDeque<(u64, u64, Arc<str>)>,
-    /// Paths with older retained-only values than a newer one: (when they are purged, ms;
-    /// the newer one's sequence, below which they go; path), in stream order.
-    superseded: VecDeque<(u64, u64, Arc<str>)>,
+    /// Paths with older retained-only values than a newer one: (when they are taken as
+    /// purged, ms; the newer one's sequence, below which they go; path; whether this relay
+    /// wrote the newer one, so its purge must be confirmed too), in stream order.
+    superseded: VecDeque<(u64, u64, Arc<str>, bool)>,
+    /// This relay's purges confirmed ([`purged`](Self::purged)) and not yet taken by a
+    /// superseded entry due: path → the sequence below which its values are gone.
+    confirmed: HashMap<Arc<str>, u64>,
+    /// This relay's superseded entries due whose purge is not confirmed yet: path → the
+    /// sequence below which its values go once it is.
+    unconfirmed: HashMap<Arc<str>, u64>,
+    /// The latest time `expire` was given (this relay's clock, ms).
+    local_ms: u64,
     /// The highest stream sequence applied.
     applied: u64,
     /// This relay's writes handed to the stream and not yet read back, per tenant.
@@ -141,6 +153,9 @@ impl Ledger {
             retained_aged: VecDeque::new(),
             retained_only_aged: VecDeque::new(),
             superseded: VecDeque::new(),
+            confirmed: HashMap::new(),
+            unconfirmed: HashMap::new(),
+            local_ms: 0,
             applied: 0,
             in_flight: HashMap::new(),
             in_flight_total: Usage::default(),
@@ -249,9 +264,14 @@ impl Ledger {
             if let Some(old) = trimmed {
                 self.remove_entry(old.tenant, old.size, 1, 0);
             }
+            // Counted for `RETAINED_ONLY_COUNTED` from now; this relay's own until its
+            // purge is confirmed (`purged`) too.
             if older {
-                let due = ts_ms.saturating_add(RETAINED_ONLY_COUNTED.as_millis() as u64);
-                self.superseded.push_back((due, seq, key.clone()));
+                let due = ts_ms
+                    .max(self.local_ms)
+                    .saturating_add(RETAINED_ONLY_COUNTED.as_millis() as u64);
+                self.superseded
+                    .push_back((due, seq, key.clone(), own.is_some()));
             }
             if self.limits.max_age_ms > 0 {
                 self.retained_only_aged.push_back((ts_ms, seq, key.clone()));
@@ -354,6 +374,8 @@ impl Ledger {
             p.kept.is_empty() && p.retained.is_none() && p.retained_only.is_empty()
         });
         if empty {
+            self.confirmed.remove(key);
+            self.unconfirmed.remove(key);
             if let Some(p) = self.paths.remove(key) {
                 let u = self.usage_mut(p.owner);
                 u.paths = u.paths.saturating_sub(1);
@@ -362,8 +384,44 @@ impl Ledger {
         }
     }
 
+    /// This relay purged the retained-only values of `path` below `below` from the stream
+    /// (confirmed): their charge ends.
+    pub fn purged(&mut self, path: &str, below: u64) {
+        let Some(key) = self.paths.get_key_value(path).map(|(k, _)| k.clone()) else {
+            return;
+        };
+        if let Some(waiting) = self.unconfirmed.get(&key).copied() {
+            self.drop_retained_only_below(&key, waiting.min(below));
+            if below >= waiting {
+                self.unconfirmed.remove(&key);
+            }
+        }
+        // For the entries not due yet (the usual case: the purge runs before the timer).
+        if self.paths.contains_key(&key) {
+            let c = self.confirmed.entry(key).or_insert(below);
+            *c = (*c).max(below);
+        }
+    }
+
+    /// Forgets the retained-only values of `key` below sequence `below`.
+    fn drop_retained_only_below(&mut self, key: &Arc<str>, below: u64) {
+        let mut gone = Vec::new();
+        if let Some(p) = self.paths.get_mut(key) {
+            while p.retained_only.front().is_some_and(|e| e.seq < below) {
+                gone.extend(p.retained_only.pop_front());
+            }
+        }
+        for e in &gone {
+            self.remove_entry(e.tenant, e.size, 1, 0);
+        }
+        if !gone.is_empty() {
+            self.drop_if_empty(key);
+        }
+    }
+
     /// Forgets what the stream's age limits have deleted by `now_ms`.
     pub fn expire(&mut self, now_ms: u64) {
+        self.local_ms = self.local_ms.max(now_ms);
         let max = self.limits.max_age_ms;
         while let Some((ts, seq, key)) = self.aged.front().cloned().filter(|_| max > 0) {
             if ts.saturating_add(max) > now_ms {
@@ -397,22 +455,23 @@ impl Ledger {
                 self.drop_if_empty(&key);
             }
         }
-        while let Some((due, below, key)) = self.superseded.front().cloned() {
+        while let Some((due, below, key, own)) = self.superseded.front().cloned() {
             if due > now_ms {
                 break;
             }
             self.superseded.pop_front();
-            let mut gone = Vec::new();
-            if let Some(p) = self.paths.get_mut(&key) {
-                while p.retained_only.front().is_some_and(|e| e.seq < below) {
-                    gone.extend(p.retained_only.pop_front());
-                }
+            if !own {
+                self.drop_retained_only_below(&key, below);
+                continue;
             }
-            for e in &gone {
-                self.remove_entry(e.tenant, e.size, 1, 0);
+            let c = self.confirmed.get(&key).copied().unwrap_or(0);
+            self.drop_retained_only_below(&key, below.min(c));
+            if c <= below {
+                self.confirmed.remove(&key);
             }
-            if !gone.is_empty() {
-                self.drop_if_empty(&key);
+            if c < below {
+                let w = self.unconfirmed.entry(key).or_insert(below);
+                *w = (*w).max(below);
             }
         }
         let max = self.limits.retained_max_age_ms;
@@ -1014,5 +1073,40 @@ mod tests {
             capped.apply(seq, 0, "k.r", &a, 10, false, true, None);
         }
         assert_eq!(capped.usage_of(&a).msgs, 2, "per-subject limit 2");
+    }
+
+    /// Review finding F-A: the older values of a retained-only value this relay wrote stay
+    /// charged until its purge is confirmed, however late (not on a timer alone: a lagging
+    /// or failed purge left copies in the stream nobody was charged for), and no shorter
+    /// than another relay counts them (`RETAINED_ONLY_COUNTED` after this relay read the
+    /// newer one, by this relay's clock when it is ahead of the stream's).
+    #[test]
+    fn own_retained_only_values_are_released_when_their_purge_is_confirmed() {
+        let mut l = Ledger::new(Limits {
+            max_messages: 0,
+            max_age_ms: 0,
+            ..limits()
+        });
+        let a = [1u8; 16];
+        let keep = RETAINED_ONLY_COUNTED.as_millis() as u64;
+        for seq in 1..=3 {
+            l.apply(seq, 1000 + seq, "k.r", &a, 100, false, true, Some(seq));
+        }
+        l.expire(1_000_000);
+        assert_eq!(l.usage_of(&a).msgs, 3, "no purge confirmed: all counted");
+        l.purged("k.r", 3);
+        assert_eq!(l.usage_of(&a).msgs, 1, "purged below 3: the newest stays");
+        // Confirmed before its timer: counted until the timer (as other relays do).
+        l.apply(4, 1_000_004, "k.r", &a, 100, false, true, Some(4));
+        l.purged("k.r", 4);
+        assert_eq!(l.usage_of(&a).msgs, 2, "counted until its timer");
+        l.expire(1_000_004 + keep);
+        assert_eq!(l.usage_of(&a).msgs, 1, "timer and confirmation: released");
+        // Another relay's value: from this relay's clock (ahead of the stream's).
+        l.apply(5, 1005, "k.r", &a, 100, false, true, None);
+        l.expire(1005 + keep);
+        assert_eq!(l.usage_of(&a).msgs, 2, "not released by the stream's time");
+        l.expire(1_000_004 + 2 * keep);
+        assert_eq!(l.usage_of(&a).msgs, 1, "released from this relay's time");
     }
 }
