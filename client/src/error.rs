@@ -55,7 +55,7 @@ pub enum ConnectError {
     /// ([`ClientBuilder::require_bound_auth`](crate::ClientBuilder::require_bound_auth))
     /// and the relay does not ask for it, or it asks and the address has no relay name.
     #[error("relay account sign-in refused: {0}")]
-    AuthNotBound(crate::core::connection::AuthNotBound),
+    AuthNotBound(AuthNotBound),
     /// No answer within the connect timeout.
     #[error("relay did not answer within {0:?}")]
     Timeout(std::time::Duration),
@@ -450,6 +450,46 @@ impl std::fmt::Display for UnsafeFile {
                 f,
                 "is writable by group or others (mode {:03o}; `chmod 600` it if it is yours)",
                 mode & 0o7777
+            ),
+        }
+    }
+}
+
+/// Why the client would not sign a relay's `Challenge` with its account key: the sign-in
+/// could not be bound to the relay it dialed (PROTOCOL §3.5.6 "Relay-bound sign-ins").
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuthNotBound {
+    /// Binding is required (`require_bound_auth`) and the relay's `Challenge` does not ask
+    /// for a bound signature: the relay sets no `auth.names`, so it would take a sign-in
+    /// forwarded by any relay the account is used with (or the relay is older, or one in
+    /// between dropped the request).
+    NotOffered {
+        /// The relay name the client dialed (`host:port`), if it has one.
+        relay: Option<String>,
+    },
+    /// The relay asks for a bound signature but the address dialed has no relay name (an
+    /// in-process relay, or a host that is not a relay name).
+    NoName,
+}
+
+impl std::fmt::Display for AuthNotBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthNotBound::NotOffered { relay } => {
+                f.write_str("the relay does not ask for a sign-in bound to its name")?;
+                if let Some(r) = relay {
+                    write!(f, " ({r})")?;
+                }
+                f.write_str(
+                    " and require_bound_auth is set: it sets no auth.names, so any relay this \
+                     account key is used with could sign in there as this client (PROTOCOL \
+                     §3.5.6); ask its operator to set auth.names, or turn require_bound_auth off",
+                )
+            }
+            AuthNotBound::NoName => f.write_str(
+                "the relay asks for a sign-in bound to its name, but the address dialed has no \
+                 relay name (host:port) to sign",
             ),
         }
     }
