@@ -105,6 +105,8 @@ impl Relay {
             cmd.arg(format!("--{k}")).arg(v);
         }
         let mut child = cmd
+            // No free-space reserve on a small TMPDIR (the relay's own tests cover it).
+            .env("WHISPEER_STORE_MIN_FREE_BYTES", "0")
             .env_remove("RUST_LOG")
             .env("WHISPEER_LOG", "warn")
             .current_dir(self.dir.path())

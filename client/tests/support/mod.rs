@@ -258,6 +258,9 @@ pub fn start_relay_binary(extra: &[&str]) -> RelayProcess {
         ])
         .arg(&ready)
         .args(extra)
+        // A SQLite store's free-space reserve (256 MiB by default) would refuse every stored
+        // publish on a small TMPDIR; the relay's own tests cover it (flags still override).
+        .env("WHISPEER_STORE_MIN_FREE_BYTES", "0")
         .env_remove("RUST_LOG")
         .env_remove("WHISPEER_LOG")
         // Anything the relay keeps by default (a store file) goes to its own directory.
