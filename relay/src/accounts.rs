@@ -3455,36 +3455,20 @@ mod tests {
         max: usize,
         now: &Arc<std::sync::atomic::AtomicU64>,
     ) -> Accounts {
-        let path = dir.join("accounts.toml");
-        AccountFile {
-            retired_groups: Vec::new(),
-            legacy_groups: Vec::new(),
-            account: vec![
+        clocked(
+            dir,
+            vec![
                 entry("alice", None, Some(b"a")),
                 AccountEntry {
                     group: Some("other".into()),
                     ..entry("eve", None, Some(b"e"))
                 },
             ],
-        }
-        .save(&path)
-        .unwrap();
-        let now = now.clone();
-        Accounts::open_clocked(
-            &AuthConfig {
-                mode: AuthMode::Required,
-                accounts: Some(path),
-                state: state.map(Path::to_owned),
-                max_claims_per_group: max,
-                max_claims_per_account: max,
-                claim_idle_ms: idle_ms,
-                ..AuthConfig::default()
-            },
-            Clock(Arc::new(move || {
-                now.load(std::sync::atomic::Ordering::Relaxed)
-            })),
+            state,
+            idle_ms,
+            (max, max),
+            now,
         )
-        .unwrap()
     }
 
     /// `name` publishes on key id `[k; 16]` (claiming it) with the store answering
@@ -4143,11 +4127,9 @@ mod tests {
         (max, per): (usize, usize),
         now: &Arc<std::sync::atomic::AtomicU64>,
     ) -> Accounts {
-        let path = dir.join("accounts.toml");
-        AccountFile {
-            retired_groups: Vec::new(),
-            legacy_groups: Vec::new(),
-            account: vec![
+        clocked(
+            dir,
+            vec![
                 entry("alice", None, Some(b"a")),
                 entry("bob", None, Some(b"b")),
                 entry("carol", None, Some(b"c")),
@@ -4156,6 +4138,29 @@ mod tests {
                     ..entry("dan", None, Some(b"d"))
                 },
             ],
+            state,
+            idle_ms,
+            (max, per),
+            now,
+        )
+    }
+
+    /// Accounts `entries` (their file in `dir`) with claims lapsing after `idle_ms`, at most
+    /// `max` per group and `per` per member, measured by the clock `now` (Unix ms); the
+    /// state file `state` if any.
+    fn clocked(
+        dir: &Path,
+        entries: Vec<AccountEntry>,
+        state: Option<&Path>,
+        idle_ms: u64,
+        (max, per): (usize, usize),
+        now: &Arc<std::sync::atomic::AtomicU64>,
+    ) -> Accounts {
+        let path = dir.join("accounts.toml");
+        AccountFile {
+            retired_groups: Vec::new(),
+            legacy_groups: Vec::new(),
+            account: entries,
         }
         .save(&path)
         .unwrap();
