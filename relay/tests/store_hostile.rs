@@ -103,6 +103,36 @@ async fn publish_one(
     }
 }
 
+/// Publishes QoS 1 envelopes of `size` bytes under `key` at `level` (index `from`,
+/// `from + 1`, …, publish ids `pid(i, tag)`) until one is refused; the indexes acked go to
+/// `acked`. Returns the refused index and the refusal; fails naming `what` at index `max`.
+async fn publish_until_refused(
+    c: &mut Client,
+    (key, level, tag): ([u8; 16], u8, u8),
+    (from, size): (u64, usize),
+    acked: &mut Vec<u64>,
+    max: u64,
+    what: &str,
+) -> (u64, (ErrorCode, String)) {
+    let mut i = from;
+    loop {
+        match publish_one(
+            c,
+            env_on(key, level, i, size),
+            Qos::AtLeastOnce,
+            pid(i, tag),
+            false,
+        )
+        .await
+        {
+            Answer::Acked(_) => acked.push(i),
+            Answer::Refused(code, m) => return (i, (code, m)),
+        }
+        i += 1;
+        assert!(i < max, "{what}");
+    }
+}
+
 /// Replays everything under `pattern` from sequence 0; returns the envelopes' indexes.
 async fn replay_all(c: &mut Client, sub_id: u64, pattern: TokenPattern) -> Vec<u64> {
     c.send(&sub(sub_id, pattern, Some(Replay::FromSeq(0)), false))
@@ -260,22 +290,17 @@ async fn tenant_quota_refuses_one_source_address_and_not_another() {
 
     // The byte quota: a tenant of large messages hits it before the message count.
     let mut c = client_from("127.0.0.6", relay.tcp()).await;
-    let mut acked = 0;
-    let refused = loop {
-        match publish_one(
-            &mut c,
-            env_on(KC, 2, acked, 16 * 1024),
-            Qos::AtLeastOnce,
-            pid(acked, 3),
-            false,
-        )
-        .await
-        {
-            Answer::Acked(_) => acked += 1,
-            Answer::Refused(code, m) => break (code, m),
-        }
-        assert!(acked < 20, "the byte quota never applied");
-    };
+    let mut acked = Vec::new();
+    let (_, refused) = publish_until_refused(
+        &mut c,
+        (KC, 2, 3),
+        (0, 16 * 1024),
+        &mut acked,
+        20,
+        "the byte quota never applied",
+    )
+    .await;
+    let acked = acked.len();
     assert_eq!(refused.0, ErrorCode::QuotaExceeded);
     assert!(refused.1.contains("stored bytes"), "{}", refused.1);
     assert_eq!(acked, 3, "64 KiB holds three 16 KiB envelopes");
@@ -1326,23 +1351,15 @@ async fn disk_full_is_refused_retryably_live_routing_goes_on_and_the_store_resum
 
     let filler = disk.fill("filler");
     // Publish until the store notices the full disk.
-    let mut i = 20u64;
-    let full = loop {
-        match publish_one(
-            &mut p,
-            env_on(KA, 1, i, 4096),
-            Qos::AtLeastOnce,
-            pid(i, 1),
-            false,
-        )
-        .await
-        {
-            Answer::Acked(_) => acked.push(i),
-            Answer::Refused(code, m) => break (code, m),
-        }
-        i += 1;
-        assert!(i < 5_000, "the full disk was never noticed");
-    };
+    let (mut i, full) = publish_until_refused(
+        &mut p,
+        (KA, 1, 1),
+        (20, 4096),
+        &mut acked,
+        5_000,
+        "the full disk was never noticed",
+    )
+    .await;
     assert_eq!(full.0, ErrorCode::StorageFull, "{}", full.1);
     assert!(full.0.is_retryable());
     // A failed commit refused it. (Without a free-space reserve the one-row probe may have
@@ -1833,23 +1850,15 @@ async fn the_free_space_reserve_refuses_publishes_before_the_disk_is_full() {
     let (store, relay) = file_relay(config).await;
     let mut p = client_from("127.0.0.2", relay.tcp()).await;
     let mut acked: Vec<u64> = Vec::new();
-    let mut i = 0u64;
-    let refused = loop {
-        match publish_one(
-            &mut p,
-            env_on(KA, 1, i, 1024),
-            Qos::AtLeastOnce,
-            pid(i, 1),
-            false,
-        )
-        .await
-        {
-            Answer::Acked(_) => acked.push(i),
-            Answer::Refused(code, m) => break (code, m),
-        }
-        i += 1;
-        assert!(i < 20_000, "the reserve never applied");
-    };
+    let (mut i, refused) = publish_until_refused(
+        &mut p,
+        (KA, 1, 1),
+        (0, 1024),
+        &mut acked,
+        20_000,
+        "the reserve never applied",
+    )
+    .await;
     assert_eq!(refused.0, ErrorCode::StorageFull, "{}", refused.1);
     assert!(refused.1.contains("store.min_free_bytes"), "{}", refused.1);
     let m = store.metrics();
