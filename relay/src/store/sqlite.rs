@@ -1613,9 +1613,12 @@ impl Shared {
             return;
         }
         // After a truncation a reader kept from completing, the next few turns do not
-        // try (`wal_backoff`).
+        // try (`wal_backoff`) — until the WAL is half as large again as the limit: past it
+        // every turn tries (50 ms at most each), since a flood under load grew it past
+        // twice the limit while the writer skipped its turns (the busy truncations then
+        // were the background checkpoint's, not a reader's).
         let skip = self.wal_skip.load(Relaxed);
-        if skip > 0 {
+        if skip > 0 && wal <= WAL_LIMIT + WAL_LIMIT / 2 {
             self.wal_skip.store(skip - 1, Relaxed);
             return;
         }
@@ -1966,9 +1969,18 @@ impl Shared {
     /// on a disk that stayed full the store resumed, reloaded its counters with a full
     /// scan, failed its next commit and went down again, over and over (test
     /// `store_hostile::a_full_disk_does_not_flap_and_recovers_with_every_acknowledged_message`).
+    ///
+    /// The file system's own free space must reach it, not counting the file's free pages
+    /// (which `low_disk` counts, f62019e): a failed commit leaves free pages behind, and
+    /// counting them let the store resume on a disk that stayed full — the flap again
+    /// (the same test, under load).
     fn try_recover(&self) {
         let min = self.cfg.min_free_bytes;
-        if min > 0 && self.measure_disk().is_some_and(|free| free < min) {
+        if min > 0
+            && self
+                .measure_disk()
+                .is_some_and(|free| free < min || self.fs_free.load(Relaxed) < min)
+        {
             return;
         }
         let now = (self.clock)();
