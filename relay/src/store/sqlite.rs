@@ -766,6 +766,13 @@ struct Shared {
     lost: Mutex<VecDeque<(u64, u64)>>,
     stop_checkpointer: AtomicBool,
     checkpoint_wake: (Mutex<bool>, Condvar),
+    /// Held by the background checkpointer during its PASSIVE checkpoint, and by
+    /// `bound_wal` during its truncation: SQLite answers a TRUNCATE checkpoint that meets
+    /// another checkpoint with SQLITE_BUSY at once, so under a flood the writer's
+    /// truncations kept colliding with the checkpointer's (which runs every 50 ms) and the
+    /// WAL passed twice its limit (test `store_hostile::the_wal_stays_bounded_during_a_flood`,
+    /// 147 MB under load). Past the limit the writer waits for a running checkpoint to end.
+    checkpointing: Mutex<()>,
     m: Counters,
     /// Bumped after every turn of the writer (a commit, a sweep, a failure, a recovery
     /// probe): see [`SqliteStore::changes`].
@@ -1470,6 +1477,7 @@ impl SqliteStore {
             lost: Mutex::new(VecDeque::new()),
             stop_checkpointer: AtomicBool::new(false),
             checkpoint_wake: (Mutex::new(false), Condvar::new()),
+            checkpointing: Mutex::new(()),
             m: Counters::default(),
             changes: tokio::sync::watch::Sender::new(0),
             gone: Mutex::new(None),
@@ -1623,6 +1631,17 @@ impl Shared {
             return;
         }
         let r = {
+            // Past the limit, after the background checkpoint running now (one pass over
+            // a WAL near the limit); an idle truncation does not wait for it.
+            let _ckpt = if wal > WAL_LIMIT {
+                lock(&self.checkpointing)
+            } else {
+                match self.checkpointing.try_lock() {
+                    Ok(g) => g,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => return,
+                }
+            };
             // A short wait for readers, not the writer's 5 s: a reader holding an old
             // snapshot made every writer turn block 5 s while the WAL was past the limit —
             // one commit per 5 s (review F-G).
@@ -2067,7 +2086,11 @@ impl Shared {
             if self.stop_checkpointer.load(Relaxed) {
                 break;
             }
-            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            let r = {
+                let _ckpt = lock(&self.checkpointing);
+                conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            };
+            match r {
                 Ok(()) => {
                     self.m.checkpoints.fetch_add(1, Relaxed);
                 }

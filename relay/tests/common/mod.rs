@@ -527,9 +527,14 @@ pub struct SmallDisk {
 
 impl SmallDisk {
     pub fn mount(tag: &str) -> Option<Self> {
+        Self::mount_mib(tag, 8)
+    }
+
+    /// A tmpfs of `mib` MiB (root only; `None` otherwise).
+    pub fn mount_mib(tag: &str, mib: u32) -> Option<Self> {
         let dir = temp_dir(tag);
         let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
             .arg(&dir)
             .status()
             .ok()?;
