@@ -326,13 +326,21 @@ impl BrokerBuilder {
             }
             None => resolve_keys(encryption, &tree_name)?,
         };
-        // The relay opens its store with a plain SQLite open: checked here first (review
-        // of b07abc2: the store directory may be group-writable or sticky 1777).
-        if setup.store_dir.is_some() {
-            guard_relay_store(&config.store.path)?;
-        }
+        // The relay's store is checked here first (review of b07abc2: the store directory
+        // may be group-writable or sticky 1777), then opened without following a symbolic
+        // link swapped in since (`open_relay_store`).
+        let store = if setup.store_dir.is_some() {
+            config.store.path = guard_relay_store(&config.store.path)?;
+            Some(open_relay_store(&config.store)?)
+        } else {
+            None
+        };
         let listeners = Listeners::bind(&config).await?;
-        let relay = Relay::builder(config).listeners(listeners).build()?;
+        let mut relay = Relay::builder(config).listeners(listeners);
+        if let Some(store) = store {
+            relay = relay.store(Arc::new(store));
+        }
+        let relay = relay.build()?;
         let tls_pin = quic_cert.map(|c| c.sha256);
         let addrs = relay.addrs();
         let handle = relay.handle();
@@ -623,19 +631,21 @@ fn open_guarded(path: &Path, private: Option<&str>) -> Result<Option<std::fs::Fi
     }
 }
 
-/// The files of the embedded relay's store, whose own open (`SqliteStore::open_file`) is a
-/// plain SQLite open — no owner or mode check, symbolic links followed: a `-wal` another
-/// user planted is replayed into the history, retained values and durable positions at the
-/// start, a `-lock` they hold stops the broker. Unix: `relay.sqlite`, what SQLite keeps
-/// beside it (`-wal`, `-shm`, `-journal`), its `-lock` (a SQLite file of its own) and what
-/// SQLite keeps beside that go through the guard ([`open_guarded`]: another user's file, one
-/// writable by group or others, a symbolic link or a file not regular is refused with
-/// [`BrokerError::UnsafeFile`] and left as it is; one of ours readable by others is made
-/// 0600); a missing `relay.sqlite` or `-lock` is created 0600 (`persist::guard::prepare`),
-/// so the `-wal` and `-shm` SQLite makes beside them take that mode. What stays: another
-/// user who can write the directory could still race a file in between the check and the
-/// relay's open (as for the client's state file); keep the store in a directory of your own.
-fn guard_relay_store(path: &Path) -> Result<(), BrokerError> {
+/// The files of the embedded relay's store, which the store's open does not check (no
+/// owner or mode check): a `-wal` another user planted is replayed into the history,
+/// retained values and durable positions at the start, a `-lock` they hold stops the
+/// broker. Unix: `relay.sqlite`, what SQLite keeps beside it (`-wal`, `-shm`, `-journal`),
+/// its `-lock` (a SQLite file of its own) and what SQLite keeps beside that go through the
+/// guard ([`open_guarded`]: another user's file, one writable by group or others, a
+/// symbolic link or a file not regular is refused with [`BrokerError::UnsafeFile`] and left
+/// as it is; one of ours readable by others is made 0600); a missing `relay.sqlite` or
+/// `-lock` is created 0600 (`persist::guard::prepare`), so the `-wal` and `-shm` SQLite
+/// makes beside them take that mode. Returns the store path with its directory resolved
+/// (a link naming the directory is the user's), for [`open_relay_store`], which opens it
+/// without following a symbolic link put there after this check. What stays: another user
+/// who can write the directory could still plant a `-wal` between this check and SQLite
+/// creating one (as for the client's state file); keep the store in a directory of your own.
+fn guard_relay_store(path: &Path) -> Result<PathBuf, BrokerError> {
     #[cfg(unix)]
     {
         use crate::persist::guard::{prepare, Refused};
@@ -651,16 +661,47 @@ fn guard_relay_store(path: &Path) -> Result<(), BrokerError> {
                 open_guarded(&beside(base, suffix), Some(HOLDS))?;
             }
         }
-        for base in [path, lock.as_path()] {
+        let prepare = |base: &Path| {
             prepare(base).map_err(|r| match r {
                 Refused::Io(path, source) => BrokerError::Io { path, source },
                 Refused::Unsafe(path, reason) => BrokerError::UnsafeFile { path, reason },
-            })?;
-        }
+            })
+        };
+        let resolved = prepare(path)?;
+        prepare(&lock)?;
+        Ok(resolved)
     }
     #[cfg(not(unix))]
-    let _ = path;
-    Ok(())
+    Ok(path.to_owned())
+}
+
+/// Opens the embedded relay's store checked by [`guard_relay_store`] (at the path it
+/// returned) with `SQLITE_OPEN_NOFOLLOW` on every connection to `relay.sqlite` and its
+/// `-lock` (`SqliteStore::open_file_nofollow`): a symbolic link another user swapped in
+/// since the check is refused, [`BrokerError::UnsafeFile`] (`UnsafeFile::Symlink`) naming
+/// it, and its target neither read, written nor created (it was followed: a plain SQLite
+/// open). A standalone `whispeer-relay` follows links (its operator's own choice).
+fn open_relay_store(
+    store: &whispeer_relay::config::StoreConfig,
+) -> Result<whispeer_relay::store::SqliteStore, BrokerError> {
+    whispeer_relay::store::SqliteStore::open_file_nofollow(store.clone()).map_err(|e| {
+        // SQLite refused a link (its message says so); which file holds it, named when it
+        // is still there.
+        #[cfg(unix)]
+        {
+            let mut lock = store.path.as_os_str().to_owned();
+            lock.push("-lock");
+            for p in [store.path.clone(), PathBuf::from(lock)] {
+                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                    return BrokerError::UnsafeFile {
+                        path: p,
+                        reason: crate::error::UnsafeFile::Symlink,
+                    };
+                }
+            }
+        }
+        BrokerError::Relay(RelayError::Store(e))
+    })
 }
 
 /// A secret file of the store directory read through [`open_guarded`], or `None`.
@@ -1102,6 +1143,63 @@ fn assert_clone_send_sync() {
 
 #[cfg(test)]
 mod tests {
+    /// The time-of-check/time-of-use race on the embedded relay's store: another user who
+    /// can write the store directory swaps `relay.sqlite`, then its `-lock`, for a symbolic
+    /// link after the guard checked the files and before the store opens them (the swap
+    /// made in between here, as the broker's build calls the two). The open refuses the
+    /// link — `BrokerError::UnsafeFile` (`Symlink`) naming it — and neither writes into
+    /// the file it points at nor creates a missing one (a plain SQLite open followed it).
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_store_file_swapped_for_a_symbolic_link_after_the_guard_is_not_opened() {
+        use crate::error::UnsafeFile;
+        use whispeer_relay::store::Store;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("broker");
+        super::create_store_dir(&dir).unwrap();
+        let mut store = whispeer_relay::Config::default().store;
+        store.path = dir.join(super::RELAY_STORE_FILE);
+        store.min_free_bytes = 0; // not dependent on TMPDIR's free space
+        let lock = dir.join(format!("{}-lock", super::RELAY_STORE_FILE));
+        // The attacker's targets: an empty file (SQLite would make it a store) and a
+        // missing one (SQLite would create it).
+        let (victim, nowhere) = (t.path().join("victim"), t.path().join("nowhere"));
+        std::fs::write(&victim, b"").unwrap();
+        let swap = |file: &std::path::Path, to: &std::path::Path| {
+            std::fs::remove_file(file).unwrap();
+            std::os::unix::fs::symlink(to, file).unwrap();
+        };
+        let refused = |at: &std::path::Path| {
+            let mut checked = store.clone();
+            checked.path = super::guard_relay_store(&store.path).expect("the files pass");
+            swap(at, if at == lock { &nowhere } else { &victim });
+            match super::open_relay_store(&checked) {
+                Err(super::BrokerError::UnsafeFile {
+                    path,
+                    reason: UnsafeFile::Symlink,
+                }) => assert_eq!(path.file_name(), at.file_name()),
+                Err(e) => panic!("{}: another error: {e}", at.display()),
+                Ok(s) => {
+                    s.close();
+                    panic!("{}: a symbolic link swapped in was followed", at.display())
+                }
+            }
+            std::fs::remove_file(at).unwrap();
+        };
+        refused(&store.path);
+        assert_eq!(std::fs::metadata(&victim).unwrap().len(), 0, "not written");
+        refused(&lock);
+        assert!(!nowhere.exists(), "nothing created through the link");
+        // Nothing swapped: the checked store opens, also named through a symbolic link to
+        // its directory (the user's own: the guard resolves it, NOFOLLOW would refuse it).
+        let linked = t.path().join("linked");
+        std::os::unix::fs::symlink(&dir, &linked).unwrap();
+        let path = super::guard_relay_store(&linked.join(super::RELAY_STORE_FILE)).unwrap();
+        super::open_relay_store(&whispeer_relay::config::StoreConfig { path, ..store })
+            .unwrap()
+            .close();
+    }
+
     /// The broker's directory, and the parents it creates, are 0700 (they were 0755).
     #[cfg(unix)]
     #[test]

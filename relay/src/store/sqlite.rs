@@ -848,8 +848,17 @@ fn describe(e: &rusqlite::Error) -> String {
             format!("is in use by another process, probably another relay ({e})")
         }
         Some(rusqlite::ErrorCode::DatabaseCorrupt) => format!("is damaged ({e})"),
+        _ if is_symlink(e) => {
+            "is a symbolic link, or its directory part holds one: refused, not followed".into()
+        }
         _ => e.to_string(),
     }
+}
+
+/// A refusal of an open with `SQLITE_OPEN_NOFOLLOW` ([`SqliteStore::open_file_nofollow`]).
+fn is_symlink(e: &rusqlite::Error) -> bool {
+    e.sqlite_error()
+        .is_some_and(|f| f.extended_code == rusqlite::ffi::SQLITE_CANTOPEN_SYMLINK)
 }
 
 fn validate(conn: &Connection) -> Result<(), String> {
@@ -1316,6 +1325,28 @@ impl SqliteStore {
 
     /// [`open_file`](Self::open_file) with an injected wall clock (Unix ms).
     pub fn open_file_with_clock(config: StoreConfig, clock: Clock) -> Result<Self, StoreError> {
+        Self::open_file_as(config, clock, OpenFlags::empty())
+    }
+
+    /// [`open_file`](Self::open_file), refusing symbolic links: every connection to the
+    /// store file and to its `-lock` (the writer, the reader, the checkpointer) is opened
+    /// with `SQLITE_OPEN_NOFOLLOW`, so a symbolic link at the path, or in its directory
+    /// part, when SQLite opens it is refused ([`StoreError::Open`]: `store file … is a
+    /// symbolic link …`) and its target neither read, written nor created. SQLite opens
+    /// the `-wal` and `-shm` with `O_NOFOLLOW` itself. For a caller that checked the file
+    /// first (the `whispeer` Broker's guard): a link swapped in after the check is not
+    /// followed. Pass a path whose directory part is already resolved. `open_file` (the
+    /// `whispeer-relay` CLI) follows links: an operator may link the store elsewhere.
+    pub fn open_file_nofollow(config: StoreConfig) -> Result<Self, StoreError> {
+        Self::open_file_as(config, system_clock(), OpenFlags::SQLITE_OPEN_NOFOLLOW)
+    }
+
+    /// The open: `nofollow` is empty or `SQLITE_OPEN_NOFOLLOW`, added to every connection.
+    fn open_file_as(
+        config: StoreConfig,
+        clock: Clock,
+        nofollow: OpenFlags,
+    ) -> Result<Self, StoreError> {
         let path = config.path.clone();
         let fail =
             |what: String| StoreError::Open(format!("store file {}: {what}", path.display()));
@@ -1323,7 +1354,7 @@ impl SqliteStore {
         // store's lifetime on a small sidecar SQLite file (`locking_mode = EXCLUSIVE` keeps
         // the lock after the first write).
         let lock_file = (|| -> rusqlite::Result<Connection> {
-            let c = Connection::open(lock_path(&path))?;
+            let c = Connection::open_with_flags(lock_path(&path), OpenFlags::default() | nofollow)?;
             c.busy_timeout(Duration::ZERO)?;
             c.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
             c.execute_batch(
@@ -1334,9 +1365,16 @@ impl SqliteStore {
             )?;
             Ok(c)
         })()
-        .map_err(|e| fail(describe(&e)))?;
+        .map_err(|e| match describe(&e) {
+            // The link is the lock file's: named.
+            d if is_symlink(&e) => {
+                fail(format!("its lock file {} {d}", lock_path(&path).display()))
+            }
+            d => fail(d),
+        })?;
         let existed = file_size(&path) > 0;
-        let conn = Connection::open(&path).map_err(|e| fail(describe(&e)))?;
+        let conn = Connection::open_with_flags(&path, OpenFlags::default() | nofollow)
+            .map_err(|e| fail(describe(&e)))?;
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(|e| fail(describe(&e)))?;
         if existed {
@@ -1365,7 +1403,7 @@ impl SqliteStore {
         let side = || -> rusqlite::Result<Connection> {
             let c = Connection::open_with_flags(
                 &path,
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | nofollow,
             )?;
             c.busy_timeout(Duration::from_secs(5))?;
             c.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -4018,6 +4056,67 @@ mod tests {
         let r = durable_answer(&s, next).await;
         assert!(r.is_ok(), "a write after the recovery: {r:?}");
         s.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The Broker's open ([`SqliteStore::open_file_nofollow`]) refuses a symbolic link put
+    /// at the store path, or at its `-lock`, after the Broker's guard checked the files
+    /// (the swap made here before the open, deterministically), and neither creates nor
+    /// opens its target; the CLI's `open_file` still follows one (an operator's link).
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_nofollow_open_refuses_a_symbolic_link_at_the_store_or_its_lock() {
+        use std::os::unix::fs::symlink;
+        let dir = std::env::temp_dir().join(format!("wsp-nofollow-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Resolved: NOFOLLOW refuses a link anywhere in the path (a TMPDIR link too).
+        let dir = std::fs::canonicalize(&dir).unwrap();
+        let cfg = StoreConfig {
+            path: dir.join("s.db"),
+            min_free_bytes: 0, // not dependent on TMPDIR's free space
+            ..StoreConfig::default()
+        };
+        let lock = lock_path(&cfg.path);
+        let (target, lock_target) = (dir.join("elsewhere.db"), dir.join("elsewhere-lock"));
+        symlink(&target, &cfg.path).unwrap();
+        let e = SqliteStore::open_file_nofollow(cfg.clone())
+            .expect_err("a symbolic link at the store path is refused");
+        let shown = format!("store file {}: is a symbolic link", cfg.path.display());
+        assert!(
+            matches!(&e, StoreError::Open(m) if m.starts_with(&shown)),
+            "{e}"
+        );
+        assert!(!target.exists(), "nothing created through the link");
+
+        std::fs::remove_file(&cfg.path).unwrap();
+        std::fs::remove_file(&lock).unwrap(); // the lock is taken first: left by the refusal
+        symlink(&lock_target, &lock).unwrap();
+        let e = SqliteStore::open_file_nofollow(cfg.clone())
+            .expect_err("a symbolic link at the lock file is refused");
+        let shown = format!("its lock file {} is a symbolic link", lock.display());
+        assert!(
+            matches!(&e, StoreError::Open(m) if m.contains(&shown)),
+            "{e}"
+        );
+        assert!(!lock_target.exists(), "nothing created through the link");
+        assert!(
+            !cfg.path.exists(),
+            "the store is not opened past a refused lock"
+        );
+
+        // Without links the store opens; the CLI's open follows an operator's link.
+        std::fs::remove_file(&lock).unwrap();
+        SqliteStore::open_file_nofollow(cfg.clone())
+            .unwrap()
+            .close();
+        std::fs::rename(&cfg.path, &target).unwrap();
+        symlink(&target, &cfg.path).unwrap();
+        SqliteStore::open_file(cfg.clone()).unwrap().close();
+        assert!(std::fs::symlink_metadata(&cfg.path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
