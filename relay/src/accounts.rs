@@ -64,7 +64,10 @@
 //! is still TOML, each entry read on its own (`Accounts::revoke_unnamed`): a removal with
 //! a typo elsewhere still holds. A file's such revocations wait until the same text is
 //! read twice, `auth.reload_ms` apart (`Accounts::list_failed`): a file written in place
-//! can be read mid-write.
+//! can be read mid-write. So do a **valid** file's revocations (a file cut at an entry
+//! boundary is a valid list): what it adds applies at once, what it removes or reduces
+//! only once the same text is read again a reload period later, or at a SIGHUP
+//! (`Accounts::install_file_table`).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -1741,8 +1744,14 @@ pub struct Accounts {
     /// Account lists read that were invalid or unreadable, each changed text counted once
     /// (`whispeer_relay_account_reload_errors_total`).
     reload_errors: std::sync::atomic::AtomicU64,
-    /// `auth.reload_ms`: an invalid file's revocations wait for a second read at least
-    /// this long after the first.
+    /// Accounts of the list in force whose removal or reduction, by the account file last
+    /// read, waits for its confirming read (`whispeer_relay_account_revocations_held`).
+    revocations_held: std::sync::atomic::AtomicU64,
+    /// Account files read whose revocations were held for a confirming read, each text
+    /// counted once (`whispeer_relay_account_revocations_deferred_total`).
+    revocations_deferred: std::sync::atomic::AtomicU64,
+    /// `auth.reload_ms`: a file's revocations (invalid or not) wait for a second read of
+    /// the same text at least this long after the first.
     reload_ms: u64,
     /// The claims' clock, also timing those reads.
     clock: Clock,
@@ -1774,19 +1783,21 @@ struct Stamp {
     read_at: SystemTime,
     /// SHA-256 of the text last read.
     digest: Option<[u8; 32]>,
-    /// The last invalid text read, while no valid one was read since: its revocations are
-    /// applied only once the same text is read again a reload period later
-    /// ([`Accounts::list_failed`]).
-    invalid: Option<InvalidRead>,
+    /// The last text read whose revocations wait: an invalid one (while no valid one was
+    /// read since), or a valid one that removes or reduces accounts in force. Its
+    /// revocations are applied only once the same text is read again a reload period
+    /// later ([`Accounts::list_failed`], [`Accounts::install_file_table`]).
+    pending: Option<PendingRead>,
 }
 
-/// An invalid account file's text, as first read.
+/// An account file's text whose revocations wait for a confirming read, as first read.
 #[derive(Debug)]
-struct InvalidRead {
+struct PendingRead {
     digest: [u8; 32],
     /// When it was first read (the claims clock, Unix ms).
     first: u64,
-    /// Its revocations were applied.
+    /// Its revocations were applied (an invalid text's; a valid text's pending read is
+    /// dropped once applied).
     applied: bool,
 }
 
@@ -1830,7 +1841,7 @@ impl Accounts {
             meta: None,
             read_at: SystemTime::now(),
             digest: None,
-            invalid: None,
+            pending: None,
         };
         let table = match &file {
             Some(p) => {
@@ -1856,6 +1867,8 @@ impl Accounts {
             live: Mutex::new(HashMap::new()),
             list_valid: std::sync::atomic::AtomicBool::new(true),
             reload_errors: std::sync::atomic::AtomicU64::new(0),
+            revocations_held: std::sync::atomic::AtomicU64::new(0),
+            revocations_deferred: std::sync::atomic::AtomicU64::new(0),
             reload_ms: cfg.reload_ms,
             clock,
         })
@@ -2421,8 +2434,8 @@ impl Accounts {
                     .checked_add(RACY_WINDOW)
                     .is_some_and(|t| t <= s.read_at)
             });
-            // An invalid text awaiting its second read is read again at each look.
-            let awaiting = s.invalid.as_ref().is_some_and(|i| !i.applied);
+            // A text whose revocations await its second read is read again at each look.
+            let awaiting = s.pending.as_ref().is_some_and(|i| !i.applied);
             if s.meta == meta && (settled || meta.is_none()) && !awaiting {
                 return Ok(0);
             }
@@ -2430,7 +2443,8 @@ impl Accounts {
         self.load_and_install(path, meta, now, false)
     }
 
-    /// Reloads the account file now; closes connections of removed accounts and of
+    /// Reloads the account file now (SIGHUP: the operator says the file is complete, so a
+    /// valid list applies in full at once); closes connections of removed accounts and of
     /// replaced credentials, and tells those whose rights shrank.
     pub fn reload(&self) -> Result<usize, AccountError> {
         let Some(path) = &self.file else {
@@ -2456,9 +2470,9 @@ impl Accounts {
             let same = digest.is_some() && s.digest == digest;
             (s.meta, s.read_at, s.digest) = (meta, read_at, digest);
             if same && !always {
-                // The same text again: only an invalid one whose revocations wait for
-                // this second read has anything to do (reported once already).
-                let due = match (&mut s.invalid, digest) {
+                // The same text again: only one whose revocations wait for this second
+                // read has anything to do (reported once already).
+                let due = match (&mut s.pending, digest) {
                     (Some(i), Some(d)) if i.digest == d && !i.applied => {
                         i.applied = self.clock_ms().saturating_sub(i.first) >= self.reload_ms;
                         i.applied
@@ -2467,13 +2481,32 @@ impl Accounts {
                 };
                 drop(s);
                 return Ok(match (due, &text) {
-                    (true, Ok(t)) => self.revoke_unnamed(t),
+                    (true, Ok(t)) => self.confirm(t, path),
                     _ => 0,
                 });
             }
         }
         let text = text.inspect_err(|_| self.list_failed(None, None))?;
-        self.install_text(&text, path, digest)
+        self.install_text(&text, path, digest.map(|d| (d, always)))
+    }
+
+    /// The file's text `text`, whose revocations waited, was read again a reload period
+    /// later: a valid list is put in force in full, an invalid one revokes what it no
+    /// longer names. Returns how many connections were closed.
+    fn confirm(&self, text: &str, origin: &Path) -> usize {
+        match AccountFile::parse(text, origin).and_then(|f| f.table()) {
+            Ok(table) => {
+                self.stamp.lock().unwrap_or_else(|p| p.into_inner()).pending = None;
+                self.revocations_held
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(
+                    "the account list read a reload period ago is unchanged: its \
+                     revocations apply now"
+                );
+                self.install_table(table)
+            }
+            Err(_) => self.revoke_unnamed(text),
+        }
     }
 
     /// The clock's Unix milliseconds.
@@ -2489,27 +2522,97 @@ impl Accounts {
         self.install_text(text, Path::new("<the cluster's account list>"), None)
     }
 
-    /// Installs `text`, read from `origin`; `file`: the digest of a file's text (an
-    /// invalid one's revocations wait for a second read), `None` for the cluster's list
-    /// (a whole message: never read half-written).
+    /// Installs `text`, read from `origin`; `file`: the digest of a file's text (its
+    /// revocations wait for a second read) and whether a SIGHUP asked for the read (a
+    /// valid list then applies in full at once), `None` for the cluster's list (a whole
+    /// message: never read half-written, acted on at once).
     fn install_text(
         &self,
         text: &str,
         origin: &Path,
-        file: Option<[u8; 32]>,
+        file: Option<([u8; 32], bool)>,
     ) -> Result<usize, AccountError> {
         match AccountFile::parse(text, origin).and_then(|f| f.table()) {
             Ok(table) => {
                 self.list_valid
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-                self.stamp.lock().unwrap_or_else(|p| p.into_inner()).invalid = None;
-                Ok(self.install_table(table))
+                Ok(match file {
+                    Some((digest, forced)) => self.install_file_table(table, digest, forced),
+                    None => {
+                        self.stamp.lock().unwrap_or_else(|p| p.into_inner()).pending = None;
+                        self.revocations_held
+                            .store(0, std::sync::atomic::Ordering::Relaxed);
+                        self.install_table(table)
+                    }
+                })
             }
             Err(e) => {
-                self.list_failed(Some(text), file);
+                self.list_failed(Some(text), file.map(|(d, _)| d));
                 Err(e)
             }
         }
+    }
+
+    /// Puts the valid list `table`, read from the account file (text digest `digest`),
+    /// in force — but what it revokes only once confirmed. A file cut at an entry
+    /// boundary (an editor writing in place, a truncated copy, an emptied file) is a valid
+    /// list, and would revoke every account after the cut — closing their connections —
+    /// at the first read. So a list that removes or reduces accounts in force (an account
+    /// gone or given another identity, a key or token no longer listed for it, a right
+    /// taken away, another group) applies only what it adds at once (new accounts,
+    /// credentials and rights), and holds the rest of the list in force as it was; its
+    /// revocations apply once the **same text** is read again at least `auth.reload_ms`
+    /// after the first read (the reload task reads a file awaiting that at each look:
+    /// [`Accounts::reload_if_changed`]) — an operator's removal takes effect one reload
+    /// period later. `forced` (SIGHUP: the operator says the file is complete) applies the
+    /// list in full at once. Returns how many connections were closed.
+    fn install_file_table(&self, table: Table, digest: [u8; 32], forced: bool) -> usize {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.clock_ms();
+        let confirmed = forced || {
+            let s = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+            s.pending.as_ref().is_some_and(|p| {
+                p.digest == digest && now.saturating_sub(p.first) >= self.reload_ms
+            })
+        };
+        if confirmed {
+            self.stamp.lock().unwrap_or_else(|p| p.into_inner()).pending = None;
+            self.revocations_held.store(0, Relaxed);
+            return self.install_table(table);
+        }
+        let mut held = None;
+        let (n, closed, rechecked) = self.swap_table(|old| {
+            let (t, h) = hold_revocations(old, table);
+            held = h;
+            t
+        });
+        let mut s = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(held) = held else {
+            s.pending = None;
+            drop(s);
+            self.revocations_held.store(0, Relaxed);
+            tracing::info!(accounts = n, closed, rechecked, "account list reloaded");
+            return closed;
+        };
+        self.revocations_held
+            .store(held.accounts.len() as u64, Relaxed);
+        if s.pending.as_ref().is_some_and(|p| p.digest == digest) {
+            return closed;
+        }
+        s.pending = Some(PendingRead {
+            digest,
+            first: now,
+            applied: false,
+        });
+        drop(s);
+        self.revocations_deferred.fetch_add(1, Relaxed);
+        tracing::warn!(accounts = n, held = ?held.accounts, credentials_held = held.credentials,
+            wait_ms = self.reload_ms,
+            "account list read: what it adds applies now; its revocations wait until the \
+             same text is read again a reload period later (a file may be read mid-write \
+             or cut short); the accounts and credentials it removes or reduces stay as they \
+             were meanwhile");
+        closed
     }
 
     /// An account list read is invalid (`text`) or unreadable (`None`): the previous list
@@ -2535,13 +2638,13 @@ impl Accounts {
         if let Some(d) = file {
             let now = self.clock_ms();
             let mut s = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
-            let act = match &mut s.invalid {
+            let act = match &mut s.pending {
                 Some(i) if i.digest == d => {
                     i.applied = i.applied || now.saturating_sub(i.first) >= self.reload_ms;
                     i.applied
                 }
                 _ => {
-                    s.invalid = Some(InvalidRead {
+                    s.pending = Some(PendingRead {
                         digest: d,
                         first: now,
                         applied: false,
@@ -2612,9 +2715,20 @@ impl Accounts {
              # HELP whispeer_relay_account_reload_errors_total Account lists read that were \
              invalid or unreadable (each changed text once).\n\
              # TYPE whispeer_relay_account_reload_errors_total counter\n\
-             whispeer_relay_account_reload_errors_total {}\n",
+             whispeer_relay_account_reload_errors_total {}\n\
+             # HELP whispeer_relay_account_revocations_held Accounts the account file last \
+             read removes or reduces, kept as they were until the same text is read again \
+             auth.reload_ms later (a file read mid-write or cut short revokes nothing).\n\
+             # TYPE whispeer_relay_account_revocations_held gauge\n\
+             whispeer_relay_account_revocations_held {}\n\
+             # HELP whispeer_relay_account_revocations_deferred_total Account files read whose \
+             revocations waited for a confirming read (each text once).\n\
+             # TYPE whispeer_relay_account_revocations_deferred_total counter\n\
+             whispeer_relay_account_revocations_deferred_total {}\n",
             u8::from(self.list_valid.load(Relaxed)),
-            self.reload_errors.load(Relaxed)
+            self.reload_errors.load(Relaxed),
+            self.revocations_held.load(Relaxed),
+            self.revocations_deferred.load(Relaxed)
         )
     }
 
@@ -2686,6 +2800,122 @@ impl Accounts {
         });
         (n, closed, rechecked)
     }
+}
+
+/// What a valid list read from the file revokes of the one in force, held until its
+/// confirming read ([`hold_revocations`]).
+#[derive(Debug)]
+struct Held {
+    /// Accounts removed (or given another identity) or reduced (a right taken away,
+    /// another group), sorted.
+    accounts: Vec<String>,
+    /// Keys and token hashes of accounts otherwise kept that no longer name them.
+    credentials: usize,
+}
+
+/// The valid list `new` as far as it revokes nothing of `old`: `(new, None)` when it
+/// revokes nothing; else the table to put in force until it is confirmed
+/// ([`Accounts::install_file_table`]) and what that holds back. That table is `old` plus
+/// what `new` adds, never less than `old`:
+/// - an account `new` no longer has (or gives another identity: a new `id` under its
+///   name) stays as it was, credentials and all;
+/// - an account of the same identity keeps its group and the rights it had, plus those
+///   `new` adds; its credentials are the old ones plus those `new` lists for it;
+/// - a new account is added, unless its name or `id` is held by an account kept above
+///   (a removal and an add of the same name, a renamed `id`): it waits for the
+///   confirmation too; a credential `new` gives another account than the one it names in
+///   `old` stays the old account's meanwhile.
+fn hold_revocations(old: &Table, new: Table) -> (Table, Option<Held>) {
+    let mut held = Vec::new();
+    for (name, o) in &old.by_name {
+        match new.by_name.get(name) {
+            Some(n) if n.id == o.id => {
+                if n.group != o.group || !n.rights.contains(o.rights) {
+                    held.push(name.clone());
+                }
+            }
+            _ => held.push(name.clone()),
+        }
+    }
+    let still =
+        |cred: &Credential, o: &Account| new.account_of(cred).is_some_and(|n| n.same_identity(o));
+    let mut credentials = 0;
+    for (k, (_, o)) in &old.by_key {
+        if !still(&Credential::Key(*k), o) && !held.contains(&o.name) {
+            credentials += 1;
+        }
+    }
+    for (h, o) in &old.by_token {
+        if !still(&Credential::Token(*h), o) && !held.contains(&o.name) {
+            credentials += 1;
+        }
+    }
+    let revokes_credentials = old
+        .by_key
+        .iter()
+        .any(|(k, (_, o))| !still(&Credential::Key(*k), o))
+        || old
+            .by_token
+            .iter()
+            .any(|(h, o)| !still(&Credential::Token(*h), o));
+    if held.is_empty() && !revokes_credentials {
+        return (new, None);
+    }
+    let mut t = Table::default();
+    for (name, o) in &old.by_name {
+        let a = match new.by_name.get(name) {
+            Some(n) if n.id == o.id => {
+                if n.group == o.group && n.rights.contains(o.rights) {
+                    n.clone()
+                } else {
+                    Arc::new(Account {
+                        group: o.group.clone(),
+                        rights: Rights(o.rights.0 | n.rights.0),
+                        ..(**n).clone()
+                    })
+                }
+            }
+            _ => o.clone(),
+        };
+        t.by_name.insert(name.clone(), a);
+    }
+    for (name, n) in &new.by_name {
+        let id_held = n.id.is_some_and(|id| old.ids.contains(&id));
+        if !t.by_name.contains_key(name) && !id_held {
+            t.by_name.insert(name.clone(), n.clone());
+        }
+    }
+    t.ids = t.by_name.values().filter_map(|a| a.id).collect();
+    // The old credentials first (each still naming its account, as kept above), then
+    // those the new list adds for an account of the same identity in the table.
+    for (k, (vk, o)) in &old.by_key {
+        if let Some(a) = t.by_name.get(&o.name) {
+            t.by_key.insert(*k, (*vk, a.clone()));
+        }
+    }
+    for (h, o) in &old.by_token {
+        if let Some(a) = t.by_name.get(&o.name) {
+            t.by_token.insert(*h, a.clone());
+        }
+    }
+    for (k, (vk, n)) in &new.by_key {
+        if let Some(a) = t.by_name.get(&n.name).filter(|a| a.id == n.id) {
+            t.by_key.entry(*k).or_insert_with(|| (*vk, a.clone()));
+        }
+    }
+    for (h, n) in &new.by_token {
+        if let Some(a) = t.by_name.get(&n.name).filter(|a| a.id == n.id) {
+            t.by_token.entry(*h).or_insert_with(|| a.clone());
+        }
+    }
+    held.sort();
+    (
+        t.index(),
+        Some(Held {
+            accounts: held,
+            credentials,
+        }),
+    )
 }
 
 /// An entry of an invalid list that parses and checks by itself: its identity, key and
@@ -2995,7 +3225,8 @@ mod tests {
 
     /// A token replaced in place within one timestamp tick changes neither the file's
     /// length, nor its inode, nor its modification time: only its contents. The reload
-    /// still sees it (the file is read again while its mtime is recent).
+    /// still sees it (the file is read again while its mtime is recent): the new token at
+    /// once, the old one revoked at the confirming read a reload period later.
     #[test]
     fn an_edit_keeping_length_inode_and_mtime_is_reloaded() {
         let path = temp_file("stamp");
@@ -3006,7 +3237,8 @@ mod tests {
         }
         .save(&path)
         .unwrap();
-        let accounts = required(&path);
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
+        let accounts = required_clocked(&path, &now);
         assert!(accounts.by_token(b"token-one").is_some());
         let before = meta_of(&path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap().replace(
@@ -3018,6 +3250,12 @@ mod tests {
         f.set_modified(before.0).unwrap();
         drop(f);
         assert_eq!(meta_of(&path).unwrap(), before, "metadata unchanged");
+        accounts.reload_if_changed().unwrap();
+        assert!(
+            accounts.by_token(b"token-two").is_some(),
+            "the new token at once"
+        );
+        now.fetch_add(1000, std::sync::atomic::Ordering::Relaxed);
         accounts.reload_if_changed().unwrap();
         assert!(
             accounts.by_token(b"token-one").is_none(),
@@ -4034,6 +4272,92 @@ mod tests {
             accounts.current("bob").is_some(),
             "bob's entry carries his name"
         );
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    const ID4: &str = "fedcba9876543210fedcba9876543210";
+
+    /// A file cut at an entry boundary — an editor writing in place, a truncated copy, an
+    /// emptied file — is a valid list. Before, its first read revoked every account after
+    /// the cut and closed their connections. Now a valid list's revocations (an account
+    /// removed, a token no longer listed, a right taken away) wait until the same text is
+    /// read again a reload period later, while what it adds applies at once; an operator's
+    /// real removal still takes effect, one reload period later; SIGHUP applies a list in
+    /// full at once.
+    #[test]
+    fn a_valid_list_cut_short_revokes_nothing_until_read_again() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let path = temp_file("valid-cut");
+        let [alice, bob, carol] = three_with_ids();
+        let all = format!("{alice}{bob}{carol}");
+        std::fs::write(&path, &all).unwrap();
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
+        let accounts = required_clocked(&path, &now);
+        let conns = attach_tokens(
+            &accounts,
+            &[("alice", b"a"), ("bob", b"b"), ("carol", b"c")],
+        );
+        let held = |a: &Accounts| {
+            (
+                a.revocations_held.load(Relaxed),
+                a.revocations_deferred.load(Relaxed),
+            )
+        };
+        for (n, cut) in [alice.clone(), String::new()].into_iter().enumerate() {
+            std::fs::write(&path, &cut).unwrap();
+            assert_eq!(accounts.reload_if_changed().unwrap(), 0);
+            assert_eq!(closing(&conns), [false, false, false], "read once: {cut:?}");
+            assert!(accounts.current("carol").is_some() && accounts.by_token(b"b").is_some());
+            assert_eq!(held(&accounts), (if n == 0 { 2 } else { 3 }, n as u64 + 1));
+            assert!(accounts
+                .render_prometheus()
+                .contains("whispeer_relay_account_revocations_held "));
+            now.fetch_add(999, Relaxed);
+            accounts.reload_if_changed().unwrap();
+            assert_eq!(closing(&conns), [false, false, false], "within a period");
+            // The write ends: the whole list, and nobody was revoked.
+            std::fs::write(&path, &all).unwrap();
+            now.fetch_add(1000, Relaxed);
+            assert_eq!(accounts.reload_if_changed().unwrap(), 0);
+            assert_eq!(closing(&conns), [false, false, false], "the write ended");
+            assert_eq!(held(&accounts).0, 0);
+        }
+
+        // The operator's own edit: bob removed, carol's token rotated, alice's subscribe
+        // right taken away, dave added.
+        let tok = |t: &[u8]| hex::encode(token_hash(t));
+        let dave = format!(
+            "[[account]]\nname = \"dave\"\nid = \"{ID4}\"\ntoken_sha256 = \"{}\"\n",
+            tok(b"d")
+        );
+        let alice2 = format!("{alice}rights = [\"publish\"]\n");
+        let carol2 = carol.replace(&tok(b"c"), &tok(b"c2"));
+        std::fs::write(&path, format!("{alice2}{carol2}{dave}")).unwrap();
+        assert_eq!(accounts.reload_if_changed().unwrap(), 0);
+        assert!(accounts.by_token(b"d").is_some(), "dave is added at once");
+        assert!(
+            accounts.by_token(b"c2").is_some(),
+            "so is carol's new token"
+        );
+        assert!(accounts.by_token(b"c").is_some() && accounts.current("bob").is_some());
+        let sub = Rights::of(&[Right::Subscribe]);
+        assert!(accounts.current("alice").unwrap().rights.contains(sub));
+        assert_eq!(closing(&conns), [false, false, false]);
+        assert_eq!(held(&accounts), (1 + 1, 3), "bob and alice; carol's token");
+        // A reload period later, the same text: now it holds.
+        now.fetch_add(1000, Relaxed);
+        assert_eq!(accounts.reload_if_changed().unwrap(), 2);
+        assert_eq!(closing(&conns), [false, true, true]);
+        assert!(accounts.current("bob").is_none() && accounts.by_token(b"c").is_none());
+        assert!(!accounts.current("alice").unwrap().rights.contains(sub));
+        assert!(accounts.by_token(b"c2").is_some() && accounts.by_token(b"d").is_some());
+        assert_eq!(held(&accounts), (0, 3));
+
+        // SIGHUP: the operator says the file is complete; it applies in full at once.
+        std::fs::write(&path, format!("{alice2}{carol2}")).unwrap();
+        accounts.reload().unwrap();
+        assert!(accounts.current("dave").is_none());
+        assert_eq!(held(&accounts), (0, 3));
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 

@@ -2334,3 +2334,77 @@ async fn a_left_over_header_and_a_typo_in_the_kept_entry_revoke_exactly_the_remo
         .expect("alice's entry stays in force");
     login(relay.tcp(), &alice).await;
 }
+
+/// The account file cut at an entry boundary — an editor writing it in place, a truncated
+/// copy — is a valid list. Before, the relay's first read of it revoked every account after
+/// the cut at once: bob's connection was closed though the write went on. Now what a valid
+/// list revokes waits until the same text is read again a reload period later (a log line,
+/// `whispeer_relay_account_revocations_deferred_total`): the whole list read meanwhile
+/// revokes nobody. An operator's real removal still takes effect, a reload period later.
+#[tokio::test]
+async fn a_valid_prefix_of_the_account_list_revokes_nothing_until_read_again() {
+    let s = Setup::new("valid-cut");
+    let alice = key_account(&s.dir, &s.accounts, "alice", &[]);
+    let bob = key_account(&s.dir, &s.accounts, "bob", &[]);
+    let whole = std::fs::read_to_string(&s.accounts).unwrap();
+    // A reload period long enough that the test writes the whole list back well before the
+    // cut's confirming read.
+    let mut relay = BinRelay::start_logged(&[
+        "--auth",
+        "required",
+        "--accounts",
+        s.accounts.to_str().unwrap(),
+        "--auth-state",
+        s.state.to_str().unwrap(),
+        "--accounts-reload-ms",
+        "1000",
+        "--log",
+        "warn,whispeer_relay::accounts=info",
+    ]);
+    let admin = relay.admin();
+    let mut ca = login(relay.tcp(), &alice).await;
+    let mut cb = login(relay.tcp(), &bob).await;
+    try_sub(&mut cb, sub(1, 5, None, None))
+        .await
+        .expect("bob subscribes");
+
+    // The file cut right before bob's entry: a valid list of alice alone.
+    let cut = &whole[..whole
+        .find("[[account]]\nname = \"bob\"")
+        .expect("bob's entry")];
+    std::fs::write(&s.accounts, cut).unwrap();
+    let line = relay.wait_log(&["account list"]).await;
+    assert!(
+        line.contains("revocations wait"),
+        "the cut list was put in force at once: {line}"
+    );
+    // The write goes on: the whole list.
+    std::fs::write(&s.accounts, &whole).unwrap();
+    relay
+        .wait_log(&["account list reloaded", "accounts=2"])
+        .await;
+    try_sub(&mut cb, sub(2, 6, None, None))
+        .await
+        .expect("bob was never revoked");
+    // One deferral at least (the cut; a read of the file emptied by the write, too).
+    let deferred = metric(admin, "whispeer_relay_account_revocations_deferred_total").await;
+    assert!(deferred >= 1, "{deferred}");
+
+    // The operator removes bob for real: a reload period later he is out.
+    relay_cli(&[
+        "account",
+        "remove",
+        "bob",
+        "--file",
+        s.accounts.to_str().unwrap(),
+    ]);
+    relay.wait_log(&["revocations wait"]).await;
+    let e = cb.expect_fatal(ErrorCode::AuthFailed).await;
+    assert!(e.message.contains("removed"), "{e:?}");
+    relay
+        .wait_log(&["account list reloaded", "accounts=1"])
+        .await;
+    assert!(try_login(relay.tcp(), &bob).await.is_err(), "bob is out");
+    try_pub_live(&mut ca, 3).await.expect("alice is untouched");
+    assert!(metric(admin, "whispeer_relay_account_revocations_deferred_total").await > deferred);
+}
