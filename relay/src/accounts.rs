@@ -21,8 +21,11 @@
 //! claim is released in its place (`AuthState::release_one`) if it is unheld, unused
 //! for `claim_idle_ms`, owns no durable and the store holds nothing under it
 //! ([`crate::store::Store::holds_key_id`]); a `release` line makes a restart agree.
-//! Nothing lapses by a timer, nothing lapses for another group's request, and in a
-//! cluster nothing lapses at all. A held claim never lapses, so a member subscribed to
+//! Nothing lapses by a timer, nothing lapses for another group's request — except a
+//! claim of a revoked account's own group (`account-id:…`, which no account in force has,
+//! and no member is left to make lapse), released for another group's request under the
+//! same rules less the idle time (`AuthState::release_revoked`) — and in a cluster
+//! nothing lapses at all. A held claim never lapses, so a member subscribed to
 //! junk key ids and staying connected would keep them for good: each claim records the
 //! account that made it (`by`), and a member of a group shared with other accounts makes
 //! at most `auth.max_claims_per_account` of its claims (its own longest-unused one lapses
@@ -41,7 +44,8 @@
 //! claims, durables or store usage, and neither does an account whose explicit `group`
 //! happens to equal the name of an old account that had an id. The old identity's claims
 //! stay with its group, which no later account can be given (`account add` draws a new
-//! id), and go stale as epochs move to new key ids. (A legacy entry's group is its plain
+//! id), until another group asks for one of its key ids and nothing keeps it (no
+//! subscription, durable or stored data: `AuthState::release_revoked`). (A legacy entry's group is its plain
 //! name: `account remove` *retires* it when it removes the group's last member
 //! ([`AccountFile::retired_groups`]), so no account is given it, and its claims, by a
 //! reused name unless `account add --adopt-retired-group` asks for exactly that.) An entry without `id` (written before ids existed) is a
@@ -756,6 +760,9 @@ pub struct AuthState {
     clock: Clock,
     /// Claims released since the start.
     released: u64,
+    /// Claims of revoked accounts' own groups released for another group, since the start
+    /// ([`AuthState::release_revoked`]).
+    revoked_released: u64,
 }
 
 /// Claims by last use: the releasable ones no subscription holds (kept only while claims
@@ -1532,6 +1539,60 @@ impl AuthState {
         None
     }
 
+    /// Releases the claim of `k`, which another group asks for, if it is held by a
+    /// revoked account's own group: an `account-id:…` group no account in force has
+    /// (`members`: accounts per group of the list in force). An account's own group is
+    /// the only group no account can be given again (`account add` draws a new id, and an
+    /// explicit `group` may not name it), so once its account is revoked no member will
+    /// ever use its claims — nor make them lapse, which only a member's new key id does
+    /// ([`AuthState::release_one`]) — and every other group would be refused those key
+    /// ids (the epochs the account shared with others) until `claims release`. It goes
+    /// under `release_one`'s rules, less the idle time (no member is left to use it):
+    /// this relay's own claim (not learned from a shared store), no subscription holding
+    /// it, no durable owner recorded under it, nothing stored under it (`stored`; the next
+    /// group to claim it would read that) — each looked at again at the next request.
+    /// Nothing while claims cannot lapse (`auth.claim_idle_ms` 0, or a cluster). An
+    /// explicit group keeps its claims (an operator gives it again to share them on
+    /// purpose), and so does a removed legacy entry's own group (retired, for
+    /// `--adopt-retired-group`). A `release` line makes a restart agree. Returns whether
+    /// it was released.
+    /// Whether `e` is this relay's own claim of a revoked account's own group (no account
+    /// in force has it: `members`), while claims may lapse: [`AuthState::release_revoked`]
+    /// may release it.
+    fn revoked_own(&self, e: &ClaimEntry, members: &HashMap<String, usize>) -> bool {
+        self.lapsing()
+            && !e.shared
+            && e.group.starts_with(ID_GROUP_PREFIX)
+            && !members.contains_key(&e.group)
+    }
+
+    fn release_revoked(
+        &mut self,
+        k: &[u8; 16],
+        members: &HashMap<String, usize>,
+        stored: &mut dyn FnMut(&[u8; 16]) -> bool,
+    ) -> bool {
+        let Some(e) = self.claims.get(k) else {
+            return false;
+        };
+        if !self.revoked_own(e, members) || e.holds > 0 || self.owns_durable(k) || stored(k) {
+            return false;
+        }
+        let group = e.group.clone();
+        self.remove_claim(k);
+        self.append(&StateLine::Release {
+            key_id: hex::encode(k),
+            group: group.clone(),
+        });
+        self.revoked_released += 1;
+        // Key ids only at debug (relay/README.md: info logs never show them).
+        tracing::info!(group = %group,
+            "key-id claim released for another group: the account whose own group held it \
+             was revoked (no subscription or durable on it, nothing stored)");
+        tracing::debug!(group, key_id = %hex::encode(k), "released a revoked account's claim");
+        true
+    }
+
     /// Hands a line to the writer thread; its number (0 without a file).
     fn append(&mut self, l: &StateLine) -> u64 {
         let Some(w) = &mut self.writer else {
@@ -2071,10 +2132,18 @@ impl Accounts {
         // A member of a group shared with other accounts holds at most its share of the
         // group's claims (an account alone in its group: the group's limit).
         let by = acct.owner();
-        let member_cap = if self.table().members.get(&acct.group).copied().unwrap_or(0) > 1 {
+        let table = self.table();
+        let member_cap = if table.members.get(&acct.group).copied().unwrap_or(0) > 1 {
             self.max_claims_per_account
         } else {
             usize::MAX
+        };
+        let mut stored = |k: &[u8; 16]| {
+            stored(&KeyId::from_bytes(*k)).unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "store: is anything stored under a \
+                    key id? (counted as yes)");
+                true
+            })
         };
         // At its limit a group (or member) may still use key ids it holds (at another
         // relay of the cluster, too): the shared store is then only asked, never written.
@@ -2093,9 +2162,13 @@ impl Accounts {
                     let line = e.line;
                     return Ok(granted(&mut st, line));
                 }
-                Some(_) => return others(),
-                None => st.full(&acct.group, &by, member_cap, self.max_claims),
+                Some(_) | None => {}
             }
+            // Another group's: free only if a revoked account's own group held it.
+            if st.claims.contains_key(&k) && !st.release_revoked(&k, &table.members, &mut stored) {
+                return others();
+            }
+            st.full(&acct.group, &by, member_cap, self.max_claims)
         };
         let claim = shared(&acct.group, full.is_none())
             .map_err(|e| Refusal::new(e.code(), e.to_string()))?;
@@ -2139,13 +2212,6 @@ impl Accounts {
             }
             Some(_) => others(),
             None => {
-                let mut stored = |k: &[u8; 16]| {
-                    stored(&KeyId::from_bytes(*k)).unwrap_or_else(|e| {
-                        tracing::debug!(error = %e, "store: is anything stored under a \
-                            key id? (counted as yes)");
-                        true
-                    })
-                };
                 // Room is made from the member's own idle claims at its cap, then from the
                 // group's at the group's limit: one release each at most (a group above its
                 // limit, lowered since, gives back one claim per new one).
@@ -2274,8 +2340,14 @@ impl Accounts {
              group needed room for a new key id and they were unused for auth.claim_idle_ms \
              (nothing stored, no subscription or durable).\n\
              # TYPE whispeer_relay_claims_released_total counter\n\
-             whispeer_relay_claims_released_total {}\n{}",
+             whispeer_relay_claims_released_total {}\n\
+             # HELP whispeer_relay_claims_released_revoked_total Key-id claims released for \
+             another group because the account whose own group held them was revoked (no \
+             subscription or durable on them, nothing stored).\n\
+             # TYPE whispeer_relay_claims_released_revoked_total counter\n\
+             whispeer_relay_claims_released_revoked_total {}\n{}",
             self.claims_released(),
+            self.state().revoked_released,
             self.render_list_prometheus()
         )
     }
@@ -2390,7 +2462,10 @@ impl Accounts {
     /// it allowed before? For a subscription already made, after the account list changed:
     /// the account must still hold the rights and its group the key id's claim. Claims
     /// nothing and asks no shared store: a key id in use here was claimed (or its claim
-    /// learned from the store) when that use was authorized, and claims never move.
+    /// learned from the store) when that use was authorized, and claims never move. Also
+    /// the session's check before a new request: a claim of a revoked account's own group
+    /// does not refuse it here — [`authorize_use`](Self::authorize_use) decides whether
+    /// that claim is released for it.
     pub fn still_allowed(
         &self,
         who: &Account,
@@ -2401,8 +2476,13 @@ impl Accounts {
             return Ok(());
         }
         let acct = self.with_rights(who, need)?;
-        match self.state().claims.get(key_id.as_bytes()) {
-            Some(e) if e.group != acct.group => Err(Self::claimed_by_others()),
+        let st = self.state();
+        match st.claims.get(key_id.as_bytes()) {
+            // A revoked account's own group's claim may be released for this request
+            // ([`Accounts::authorize_use`] decides).
+            Some(e) if e.group != acct.group && !st.revoked_own(e, &self.table().members) => {
+                Err(Self::claimed_by_others())
+            }
             _ => Ok(()),
         }
     }
@@ -4596,6 +4676,115 @@ mod tests {
             use_key(&a, "dan", 5, false).is_err(),
             "bob's key 5 stays home's"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Session 42's note holds: a removed account's own group (`account-id:…`) kept its
+    /// key-id claims until an operator ran `claims release` — claims lapse only for a
+    /// member's new key id, and no member is left — so every other group was refused those
+    /// key ids (the epochs the account shared with others). Now another group's request
+    /// for such a key id releases the claim, under `release_one`'s rules less the idle
+    /// time: not while a subscription holds it, a durable is recorded under it or the
+    /// store holds something under it (each looked at again at the next request); a
+    /// `release` line makes a restart agree. An explicit group keeps its claims (an
+    /// operator gives it again on purpose), and so does an id under a new name.
+    #[test]
+    fn a_revoked_accounts_own_group_gives_its_claims_up_to_another_group() {
+        let dir = temp_file("revoked-claims").parent().unwrap().to_owned();
+        let state = dir.join("auth-state");
+        let _ = std::fs::remove_file(&state);
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_700_000_000_000));
+        let own = |name: &str, id: &str, t: &'static [u8]| AccountEntry {
+            id: Some(id.into()),
+            group: None,
+            ..entry(name, None, Some(t))
+        };
+        let bob = own("bob", ID2, b"b");
+        let carol = AccountEntry {
+            id: Some(ID3.into()),
+            ..entry("carol", None, Some(b"c"))
+        };
+        let entries = vec![
+            own("alice", ID1, b"a"),
+            bob.clone(),
+            carol,
+            own("dave", ID4, b"d"),
+        ];
+        let a = clocked(&dir, entries, Some(&state), HOUR, (100, 100), &now);
+        use_key(&a, "alice", 1, true).unwrap();
+        let held = sub_key(&a, "alice", 2).unwrap().hold.expect("a hold");
+        use_key(&a, "alice", 3, true).unwrap();
+        let alice = a.current("alice").unwrap();
+        a.durable_owner(&KeyId::from_bytes([3; 16]), "d", Some(alice.owner()))
+            .unwrap();
+        use_key(&a, "alice", 6, true).unwrap();
+        use_key(&a, "carol", 4, true).unwrap();
+        use_key(&a, "dave", 5, true).unwrap();
+        assert!(
+            use_key(&a, "bob", 1, false).is_err(),
+            "alice's, while listed"
+        );
+
+        // alice and carol removed, dave renamed david (same id); a SIGHUP applies it.
+        AccountFile {
+            retired_groups: Vec::new(),
+            legacy_groups: Vec::new(),
+            account: vec![bob, own("david", ID4, b"d")],
+        }
+        .save(&dir.join("accounts.toml"))
+        .unwrap();
+        a.reload().unwrap();
+        use_key(&a, "bob", 1, false).expect("alice's claim is released for bob");
+        assert!(
+            use_key(&a, "bob", 2, false).is_err(),
+            "a subscription holds it"
+        );
+        drop(held);
+        use_key(&a, "bob", 2, false).expect("released once its subscription ended");
+        assert!(use_key(&a, "bob", 3, false).is_err(), "a durable under it");
+        assert!(a.forget_durable_owner(&KeyId::from_bytes([3; 16]), "d", || true));
+        use_key(&a, "bob", 3, false).expect("released once its durable was deleted");
+        assert!(
+            use_key(&a, "bob", 6, true).is_err(),
+            "something stored under it"
+        );
+        use_key(&a, "bob", 6, false).expect("released once the store holds nothing");
+        assert!(
+            use_key(&a, "bob", 4, false).is_err(),
+            "an explicit group keeps its claims"
+        );
+        assert!(
+            use_key(&a, "bob", 5, false).is_err(),
+            "dave's id is david's"
+        );
+        use_key(&a, "david", 5, false).expect("the same group");
+        assert!(
+            a.render_prometheus()
+                .contains("whispeer_relay_claims_released_revoked_total 4\n"),
+            "{}",
+            a.render_prometheus()
+        );
+        assert_eq!(a.claims_released(), 0, "none lapsed");
+        flushed(&a);
+        drop(a);
+        // A restart agrees (the state file's release lines).
+        let groups: Vec<(String, String)> = list_claims(&state)
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.key_id, c.group))
+            .collect();
+        let hexk = |k: u8| hex::encode([k; 16]);
+        let id = |h: &str| id_group(&parse_id(h).unwrap());
+        let mut want = vec![
+            (hexk(1), id(ID2)),
+            (hexk(2), id(ID2)),
+            (hexk(3), id(ID2)),
+            (hexk(6), id(ID2)),
+            (hexk(5), id(ID4)),
+            (hexk(4), "home".to_string()),
+        ];
+        want.sort_by(|x, y| (&x.1, &x.0).cmp(&(&y.1, &y.0)));
+        assert_eq!(groups, want);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -2408,3 +2408,58 @@ async fn a_valid_prefix_of_the_account_list_revokes_nothing_until_read_again() {
     try_pub_live(&mut ca, 3).await.expect("alice is untouched");
     assert!(metric(admin, "whispeer_relay_account_revocations_deferred_total").await > deferred);
 }
+
+/// Session 42's note: a removed account's own group (`account-id:…`) kept the key ids it
+/// claimed until an operator stopped the relay and ran `claims release` — claims lapse only
+/// for a member's new key id, and no member is left — so bob, in another group, was refused
+/// the key ids alice had used (an epoch they share) for good. Now bob's request releases a
+/// revoked account's own group's claim, once no subscription holds it (alice's ended as her
+/// connection was closed), no durable is recorded under it and nothing is stored under it.
+#[tokio::test]
+async fn a_removed_accounts_key_ids_can_be_claimed_by_another_group() {
+    let s = Setup::new("revoked-claims");
+    let alice = key_account(&s.dir, &s.accounts, "alice", &[]);
+    let bob = key_account(&s.dir, &s.accounts, "bob", &[]);
+    let relay = s.relay(&[]);
+    let mut ca = login(relay.tcp(), &alice).await;
+    try_sub(&mut ca, sub(1, 7, None, None))
+        .await
+        .expect("alice claims key id 7, held by her subscription");
+    try_pub_live(&mut ca, 8)
+        .await
+        .expect("alice claims key id 8, storing nothing");
+    let mut cb = login(relay.tcp(), &bob).await;
+    for k in [7, 8] {
+        let e = try_pub_live(&mut cb, k).await.unwrap_err();
+        assert!(e.message.contains("another group"), "{e:?}");
+    }
+
+    relay_cli(&[
+        "account",
+        "remove",
+        "alice",
+        "--file",
+        s.accounts.to_str().unwrap(),
+    ]);
+    let e = ca.expect_fatal(ErrorCode::AuthFailed).await;
+    assert!(e.message.contains("removed"), "{e:?}");
+    try_sub(&mut cb, sub(1, 8, None, None))
+        .await
+        .expect("alice's claim of key id 8 is released for bob");
+    // Key id 7 goes once alice's session has ended (its subscription's hold with it): the
+    // close is the event; polled with a deadline, each try answered at once.
+    let deadline = Instant::now() + TIMEOUT;
+    while let Err(e) = try_sub(&mut cb, sub(2, 7, None, None)).await {
+        assert!(e.message.contains("another group"), "{e:?}");
+        assert!(Instant::now() < deadline, "key id 7 never released: {e:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(
+            relay.admin(),
+            "whispeer_relay_claims_released_revoked_total"
+        )
+        .await,
+        2
+    );
+}
