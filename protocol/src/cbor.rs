@@ -4,7 +4,8 @@
 //! the tests compare against for every head byte and which still decodes floats.
 //!
 //! Decoding borrows byte strings out of the input [`Bytes`] without copying, so a published
-//! envelope reaches every subscriber as the same allocation.
+//! envelope reaches every subscriber as the same allocation — unless a string is less than
+//! half of its input: then it is copied (`Reader::share`).
 
 use std::ops::Range;
 
@@ -158,6 +159,20 @@ impl<'a> Reader<'a> {
         Ok(start..end)
     }
 
+    /// Bytes `r` of the input, shared when they are at least half of it, else copied:
+    /// **a byte string decoded from a frame keeps at most twice its length allocated beyond
+    /// what the frame itself keeps** (with the frame decoder's bound, at most 4 times its
+    /// length). An envelope is almost all of its `Pub`, so it is shared; but a `Pub` may
+    /// carry a small envelope and 60 KiB under a key the decoder skips, and the envelope,
+    /// which the relay may keep for long and counts by its own length, then kept all of it.
+    fn share(&self, r: Range<usize>) -> Bytes {
+        if 2 * r.len() >= self.input.len() {
+            self.input.slice(r)
+        } else {
+            Bytes::copy_from_slice(&self.input[r])
+        }
+    }
+
     /// The next `len` raw content bytes (after a string header was pulled), shared.
     pub(crate) fn raw(&mut self, len: usize) -> Result<Bytes, DecodeError> {
         let r = self.advance(len)?;
@@ -232,7 +247,7 @@ impl<'a> Reader<'a> {
                     });
                 }
                 let r = self.advance(len)?;
-                Ok(self.input.slice(r))
+                Ok(self.share(r))
             }
             _ => Err(DecodeError::InvalidField {
                 frame,

@@ -18,6 +18,7 @@ use std::future::Future;
 use std::io;
 
 use bytes::Bytes;
+use whispeer_protocol::FrameDecoder;
 
 /// How much to reserve for the next socket read: reads start small (idle connections keep
 /// little memory) and double while reads fill the space, for streaming publishers.
@@ -51,10 +52,11 @@ impl ReadHint {
         &mut self,
         reader: &mut R,
         cx: &mut std::task::Context<'_>,
-        buf: &mut bytes::BytesMut,
+        buf: &mut impl ReadBuffer,
     ) -> std::task::Poll<io::Result<usize>> {
         use std::task::Poll;
-        buf.reserve(self.0);
+        buf.reserve_for_read(self.0);
+        let buf = buf.bytes_mut();
         let spare = buf.capacity() - buf.len();
         match tokio_util::io::poll_read_buf(std::pin::Pin::new(reader), cx, buf) {
             Poll::Pending => {
@@ -69,6 +71,34 @@ impl ReadHint {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         }
+    }
+}
+
+/// A buffer socket reads go into: a plain `BytesMut`, or a [`FrameDecoder`]'s, which makes
+/// room itself (it keeps track of its allocation, so that frames it cuts out of it keep at
+/// most twice their length alive: [`FrameDecoder::next_frame`]).
+pub(crate) trait ReadBuffer {
+    /// Makes room for `n` more bytes (the decoder may make less, but never none).
+    fn reserve_for_read(&mut self, n: usize);
+    /// The buffer to read into.
+    fn bytes_mut(&mut self) -> &mut bytes::BytesMut;
+}
+
+impl ReadBuffer for bytes::BytesMut {
+    fn reserve_for_read(&mut self, n: usize) {
+        self.reserve(n);
+    }
+    fn bytes_mut(&mut self) -> &mut bytes::BytesMut {
+        self
+    }
+}
+
+impl ReadBuffer for FrameDecoder {
+    fn reserve_for_read(&mut self, n: usize) {
+        self.reserve_read(n);
+    }
+    fn bytes_mut(&mut self) -> &mut bytes::BytesMut {
+        self.buffer_mut()
     }
 }
 

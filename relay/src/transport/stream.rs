@@ -131,18 +131,17 @@ impl<R: AsyncRead + Unpin + Send + 'static> FrameSource for StreamSource<R> {
                     self.taking = None;
                     self.waiting = false;
                     // Covered now: the rest of the frame in one allocation (the decoder
-                    // reserves at most `RESERVE_AHEAD` on a bare declared length).
-                    let buf = self.decoder.buffer_mut();
-                    let need =
-                        (whispeer_protocol::codec::LEN_PREFIX + len).saturating_sub(buf.len());
-                    buf.reserve(need);
+                    // reserves at most `RESERVE_AHEAD` on a bare declared length), which
+                    // the frame then fills: it is not copied (`FrameDecoder::next_frame`).
+                    let need = (whispeer_protocol::codec::LEN_PREFIX + len)
+                        .saturating_sub(self.decoder.buffered());
+                    self.decoder.reserve(need);
                 }
             }
             // Idle, this holds no read buffer (10,000 idle connections: 20 MiB less).
             let (reader, decoder, hint) =
                 (&mut self.reader, &mut self.decoder, &mut self.read_hint);
-            let read =
-                std::future::poll_fn(|cx| hint.poll_read(reader, cx, decoder.buffer_mut())).await;
+            let read = std::future::poll_fn(|cx| hint.poll_read(reader, cx, decoder)).await;
             if matches!(read, Ok(0) | Err(_)) {
                 // A partial frame at EOF is a truncated stream: nothing to answer.
                 self.closed = true;

@@ -96,7 +96,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameSource for WsSourc
             };
             return match item {
                 Ok(Message::Binary(b)) if b.is_empty() => Inbound::Invalid("empty message".into()),
-                Ok(Message::Binary(b)) => Inbound::Frame(b),
+                // Copied: see `own_frame`.
+                Ok(Message::Binary(b)) => Inbound::Frame(own_frame(b)),
                 Ok(Message::Text(_)) => Inbound::Text,
                 // Between a message's fragments a ping is no sign of life (see
                 // `WsGate::partial`).
@@ -125,6 +126,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameSource for WsSourc
             };
         }
     }
+}
+
+/// A message's bytes in an allocation of their own: **a frame read over WebSocket keeps
+/// exactly its length allocated** (the allocator's rounding aside), however long the relay
+/// keeps it (an envelope unacknowledged, queued, stored).
+///
+/// tungstenite cuts a message out of its read buffer without a copy, and that buffer is
+/// not ours: it grows to the largest message received and is reused in place for the next
+/// ones (so a small message can sit in an allocation left by a large one), and nothing
+/// tells how large the allocation behind a message is. Shared, a 200-byte `Pub` read
+/// after a 60 KiB message the relay drops (a `Pong`, a publish nobody subscribes to) kept
+/// the 64 KiB buffer alive for as long as the relay held its envelope, ~300 times what
+/// every limit counts. So every message is copied: one `memcpy` per message received (a
+/// pass over the bytes like the unmasking tungstenite has just made), none per delivery.
+/// Over TCP, TLS and QUIC the frame decoder knows its buffer and copies only frames that
+/// are less than half of it (`FrameDecoder::next_frame`).
+fn own_frame(b: Bytes) -> Bytes {
+    Bytes::copy_from_slice(&b)
 }
 
 /// Writes frames as binary messages: `feed` each, `flush` once per batch.
