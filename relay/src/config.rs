@@ -1070,13 +1070,15 @@ pub struct Limits {
     /// (2 MiB each).
     #[arg(long, env = "WHISPEER_QUIC_SEND_WINDOW_TOTAL")]
     pub quic_send_window_total: u64,
-    /// Bytes of receive windows all QUIC connections share: what clients may send that
-    /// quinn holds in the relay's memory until the relay reads it (TCP keeps it in kernel
-    /// buffers) — the relay stops reading a connection over its publish rate, so each can
-    /// fill its window. Each connection's window is this divided by the open QUIC
-    /// connections, at most 512 KiB and at least 32 KiB (slower, never refused), given only
-    /// out of what the others leave and set again every second; a window shrinks as the
-    /// relay reads what it granted (whispeer_relay_quic_receive_window_bytes). 0 = unlimited
+    /// Bytes of receive windows all QUIC connections share above their 32 KiB floors: what
+    /// clients may send that quinn holds in the relay's memory until the relay reads it
+    /// (TCP keeps it in kernel buffers) — the relay stops reading a connection over its
+    /// publish rate, so each can fill its window. Every connection starts at the floor
+    /// (slower, never refused) and its window follows its use, set every second: doubled
+    /// while the relay reads at least half of it a second, up to the floor plus this divided
+    /// by the busy connections (at most 512 KiB) and only out of what the others leave;
+    /// halved down to the floor while not. Credit granted before a window shrank counts
+    /// until the relay reads it (whispeer_relay_quic_receive_window_bytes). 0 = unlimited
     /// (512 KiB each).
     #[arg(long, env = "WHISPEER_QUIC_RECEIVE_WINDOW_TOTAL")]
     pub quic_receive_window_total: u64,

@@ -155,17 +155,30 @@ pub(crate) const RECEIVE_WINDOW_MIN: u64 = crate::tls::QUIC_RECEIVE_WINDOW_MIN a
 /// to the connection's receive window — and the relay stops reading a connection over its
 /// publish rate or waiting for an auth-state sync, so every such connection can hold its
 /// whole window; unlike TCP's kernel buffers, under no system-wide limit (10,000
-/// connections at a fixed 512 KiB: 5 GiB). Every connection starts at
-/// [`RECEIVE_WINDOW_MIN`] (the handshake's grant) and is given its fair share — the total
-/// divided by the open connections, at most [`RECEIVE_WINDOW_MAX`] — after its handshake
-/// and every [`REBALANCE_EVERY`], but only out of what the others leave of the total.
+/// connections at a fixed 512 KiB: 5 GiB).
+///
+/// Every connection starts at [`RECEIVE_WINDOW_MIN`], the floor (the handshake's grant,
+/// which every connection gets regardless), and its window follows its use: every
+/// [`REBALANCE_EVERY`], a connection the relay read at least half its window from since its
+/// last rebalance (busy) has it doubled, up to its fair share — the floor plus the total
+/// divided by the busy connections, at most [`RECEIVE_WINDOW_MAX`] — as far as the total
+/// has room; one that was not (idle) has it halved, down to the floor. The total bounds
+/// what the holds add above their floors (the floors are granted anyway). Windows used to
+/// be shared out by the open connections, each taking its share at once and keeping it:
+/// idle connections (a subscriber sends almost nothing) held the total for life — 512 idle
+/// connections kept every later connection at the floor (~320 KB/s at 100 ms RTT) with
+/// almost nothing buffered — and with the floors counted in the total, 8,192 connections
+/// at the floor left nothing to grow into. A window is per round trip and the judgement
+/// per second, so a connection the relay reads as fast as its client sends (up to 2 s RTT)
+/// is busy at any window, the floor included.
 ///
 /// Credit QUIC granted cannot be taken back: a window that shrinks (quinn's
 /// `set_receive_window`) still lets the client send what it was granted, and quinn gives
 /// no new credit until the relay has read the difference (its "shrink debt"). So a
-/// connection's hold is its window plus that debt, and shrinks only as the relay reads
-/// (counted by [`Counted`]): what the holds add up to bounds what the clients may have
-/// sent unread — within the total, plus the floor per connection.
+/// connection's hold is its window plus that debt, and the debt goes only as the relay
+/// reads (counted by [`Counted`]): a connection that was busy and went quiet keeps its
+/// unused credit as debt until it sends it. What the holds add up to bounds what the
+/// clients may have sent unread: at most the total plus the floor per open connection.
 #[derive(Debug)]
 pub(crate) struct ReceiveWindows {
     /// 0 = unlimited: every connection gets [`RECEIVE_WINDOW_MAX`].
@@ -178,8 +191,13 @@ pub(crate) struct ReceiveWindows {
 struct Receiving {
     /// Open connections holding a window.
     live: u64,
-    /// Their holds (window plus shrink debt), together.
+    /// Those busy at their last rebalance (the fair share divides the total among them).
+    busy: u64,
+    /// Their holds (window plus shrink debt), together: at least the floor each, and
+    /// within the total plus the floor each.
     assigned: u64,
+    /// Their shrink debts, together (part of `assigned`).
+    debt: u64,
 }
 
 /// A connection's receive window, given back when dropped.
@@ -200,6 +218,8 @@ struct Held {
     debt: u64,
     /// `read` when last seen.
     read_seen: u64,
+    /// Counted in [`Receiving::busy`].
+    busy: bool,
 }
 
 impl Drop for ReceiveHold {
@@ -207,7 +227,9 @@ impl Drop for ReceiveHold {
         let held = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         let mut w = self.windows.lock();
         w.live -= 1;
-        w.assigned = w.assigned.saturating_sub(held.window + held.debt);
+        w.busy -= u64::from(held.busy);
+        w.debt -= held.debt;
+        w.assigned -= held.window + held.debt;
     }
 }
 
@@ -223,15 +245,19 @@ impl ReceiveWindows {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A connection's fair share with `live` connections open.
-    fn fair(&self, live: u64) -> u64 {
+    /// A busy connection's fair share with `busy` busy connections: the floor and its part
+    /// of the total.
+    fn fair(&self, busy: u64) -> u64 {
         if self.total == 0 {
             return RECEIVE_WINDOW_MAX;
         }
-        (self.total / live.max(1)).clamp(RECEIVE_WINDOW_MIN, RECEIVE_WINDOW_MAX)
+        RECEIVE_WINDOW_MIN
+            .saturating_add(self.total / busy.max(1))
+            .min(RECEIVE_WINDOW_MAX)
     }
 
-    /// How far a hold of `from` may grow towards `to` with `r`'s holds as they are.
+    /// How far a hold of `from` may grow towards `to` with `r`'s holds as they are: the
+    /// total bounds the holds above the floors.
     fn grant(&self, r: &Receiving, from: u64, to: u64) -> u64 {
         if to <= from {
             return from;
@@ -239,17 +265,20 @@ impl ReceiveWindows {
         if self.total == 0 {
             return to;
         }
-        from + (to - from).min(self.total.saturating_sub(r.assigned))
+        let above = r.assigned.saturating_sub(r.live * RECEIVE_WINDOW_MIN);
+        from + (to - from).min(self.total.saturating_sub(above))
     }
 
-    /// One more connection's window, after its handshake (which granted
-    /// [`RECEIVE_WINDOW_MIN`]): its fair share, as far as the total has room.
+    /// One more connection's window, after its handshake: the floor the handshake granted,
+    /// or with no total [`RECEIVE_WINDOW_MAX`].
     pub(crate) fn reserve(self: &Arc<Self>) -> ReceiveHold {
+        let window = if self.total == 0 {
+            RECEIVE_WINDOW_MAX
+        } else {
+            RECEIVE_WINDOW_MIN
+        };
         let mut r = self.lock();
         r.live += 1;
-        let fair = self.fair(r.live);
-        // The floor counts even when the total is spent (it is granted regardless).
-        let window = self.grant(&r, 0, fair).max(RECEIVE_WINDOW_MIN);
         r.assigned += window;
         drop(r);
         ReceiveHold {
@@ -259,24 +288,33 @@ impl ReceiveWindows {
                 window,
                 debt: 0,
                 read_seen: 0,
+                busy: false,
             }),
         }
     }
 
     /// The holds of open connections, together (the gauge).
-    pub(crate) fn assigned(&self) -> u64 {
+    #[cfg(test)]
+    fn assigned(&self) -> u64 {
         self.lock().assigned
     }
 
     /// The windows' Prometheus lines.
     pub(crate) fn render_prometheus(&self) -> String {
+        let r = self.lock();
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "# HELP whispeer_relay_quic_receive_window_bytes Receive windows of open QUIC connections, together (what clients may have sent that quinn holds unread; limits.quic_receive_window_total).\n\
+            "# HELP whispeer_relay_quic_receive_window_bytes Receive windows of open QUIC connections, together, with credit granted before a window shrank and not yet read (what clients may have sent that quinn holds unread; limits.quic_receive_window_total).\n\
              # TYPE whispeer_relay_quic_receive_window_bytes gauge\n\
-             whispeer_relay_quic_receive_window_bytes {}",
-            self.assigned()
+             whispeer_relay_quic_receive_window_bytes {}\n\
+             # HELP whispeer_relay_quic_receive_window_debt_bytes Of whispeer_relay_quic_receive_window_bytes, the credit granted before a window shrank and not yet read.\n\
+             # TYPE whispeer_relay_quic_receive_window_debt_bytes gauge\n\
+             whispeer_relay_quic_receive_window_debt_bytes {}\n\
+             # HELP whispeer_relay_quic_receive_windows_busy Open QUIC connections the relay read at least half their receive window from in their last second (their windows grow).\n\
+             # TYPE whispeer_relay_quic_receive_windows_busy gauge\n\
+             whispeer_relay_quic_receive_windows_busy {}",
+            r.assigned, r.debt, r.busy
         );
         o
     }
@@ -296,29 +334,56 @@ impl ReceiveHold {
         }
     }
 
-    /// The fair share now (or as much of it as the total has room for), if it is not the
-    /// window this connection has (then it has it).
+    /// The window this connection's use since its last rebalance earns (see
+    /// [`ReceiveWindows`]), if it is not the one it has (then it has it).
     pub(crate) fn rebalance(&self) -> Option<u64> {
         let mut held = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut r = self.windows.lock();
-        // What was read since paid back debt (quinn gave no credit for it).
+        // What was read since pays back debt first (quinn gave no credit for it).
         let read = self.read.load(Relaxed);
-        let paid = read.saturating_sub(held.read_seen).min(held.debt);
+        let since = read.saturating_sub(held.read_seen);
+        let paid = since.min(held.debt);
         held.read_seen = read;
         held.debt -= paid;
+        r.debt -= paid;
         r.assigned -= paid;
-        let fair = self.windows.fair(r.live);
+        if self.windows.total == 0 {
+            return None;
+        }
         let old = held.window;
-        if fair < old {
-            // Shrinks: the credit already granted stays with the client until read.
-            held.debt += old - fair;
-            held.window = fair;
+        // Busy: read at least half the window it had (a connection at the floor can be,
+        // many times over: its window is per round trip, this is per second).
+        let busy = since >= old / 2;
+        if busy != held.busy {
+            if busy {
+                r.busy += 1;
+            } else {
+                r.busy -= 1;
+            }
+            held.busy = busy;
+        }
+        let fair = self.windows.fair(r.busy);
+        let target = if busy {
+            old.saturating_mul(2).min(fair)
         } else {
-            let window = self.windows.grant(&r, old, fair);
+            (old / 2).clamp(RECEIVE_WINDOW_MIN, fair)
+        };
+        if target < old {
+            // Shrinks: the credit already granted stays with the client until read.
+            held.debt += old - target;
+            r.debt += old - target;
+            held.window = target;
+        } else {
+            let window = self.windows.grant(&r, old, target);
             r.assigned += window - old;
             held.window = window;
         }
         (held.window != old).then_some(held.window)
+    }
+
+    /// Whether the connection was busy at its last rebalance.
+    fn busy(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).busy
     }
 }
 
@@ -346,8 +411,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
     }
 }
 
-/// Sets `connection`'s send and receive windows to their fair shares every
-/// [`REBALANCE_EVERY`] until it closes (or the task is aborted).
+/// Sets `connection`'s send window to its fair share and its receive window to what its
+/// use earns (see [`ReceiveWindows`]) every [`REBALANCE_EVERY`] until it closes (or the
+/// task is aborted).
 async fn rebalance(
     connection: quinn::Connection,
     window: Arc<WindowHold>,
@@ -366,7 +432,13 @@ async fn rebalance(
                 if let Some(w) = receive.rebalance() {
                     connection.set_receive_window(receive_varint(w));
                 }
-                tracing::debug!(listener = "quic", "connection windows rebalanced");
+                tracing::debug!(
+                    peer = %connection.remote_address(),
+                    listener = "quic",
+                    receive_window = receive.bytes(),
+                    busy = receive.busy(),
+                    "connection windows rebalanced"
+                );
             }
         }
     }
@@ -426,7 +498,7 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
         // Its send window, from the relay-wide total (before anything is sent on it).
         let window = Arc::new(shared.quic_windows.reserve());
         connection.set_send_window(window.bytes());
-        // And its receive window: the handshake granted the floor; now its share.
+        // And its receive window: the floor the handshake granted, to grow with use.
         let receive = Arc::new(shared.quic_receive_windows.reserve());
         connection.set_receive_window(receive_varint(receive.bytes()));
         Ok::<_, String>((connection, send, recv, window, receive))
@@ -483,35 +555,208 @@ mod tests {
     const MIN: u64 = RECEIVE_WINDOW_MIN;
     const MAX: u64 = RECEIVE_WINDOW_MAX;
 
-    /// Receive windows are granted only out of what the total has left (plus the floor),
-    /// and a shrunk window keeps counting the credit the client still has until the relay
-    /// has read it.
+    /// Windows follow use: a connection starts at the floor, doubles while the relay reads
+    /// at least half its window between rebalances (up to the floor plus its part of the
+    /// total among busy connections, and only out of what the total has left above the
+    /// floors), halves while idle; a shrunk window keeps counting the credit the client still
+    /// has until the relay has read it.
     #[test]
-    fn receive_windows_stay_within_the_total_and_count_credit_until_read() {
-        let w = ReceiveWindows::new(2 * MAX);
+    fn receive_windows_follow_use_within_the_total_and_count_credit_until_read() {
+        // Room above the floors for two windows at the max.
+        let total = 2 * (MAX - MIN);
+        let w = ReceiveWindows::new(total);
+        // Idle connections hold the floor, however many came first, and never grow.
+        let idle: Vec<_> = (0..3).map(|_| w.reserve()).collect();
         let a = w.reserve();
         let b = w.reserve();
+        for h in idle.iter().chain([&a, &b]) {
+            assert_eq!(h.bytes(), MIN);
+            assert_eq!(h.rebalance(), None);
+        }
+        assert_eq!(w.assigned(), 5 * MIN);
+        // a is read its window every second: it doubles up to the max (the only busy
+        // connection: its fair share is the floor plus the whole total).
+        let mut sizes = Vec::new();
+        for _ in 0..6 {
+            a.read.fetch_add(a.bytes(), Relaxed);
+            sizes.extend(a.rebalance());
+        }
+        assert_eq!(sizes, [2 * MIN, 4 * MIN, 8 * MIN, MAX]);
+        assert_eq!(MAX, 16 * MIN);
+        // Less than half its window read: not busy, no growth.
+        b.read.fetch_add(MIN / 2 - 1, Relaxed);
+        assert_eq!(b.rebalance(), None);
+        // Both busy: b grows to its fair share (the floor plus half the total: the max).
+        for _ in 0..4 {
+            for h in [&a, &b] {
+                h.read.fetch_add(h.bytes(), Relaxed);
+                h.rebalance();
+            }
+        }
         assert_eq!((a.bytes(), b.bytes()), (MAX, MAX));
-        // The total is spent: the third gets the floor, though its fair share is 2/3 MAX.
-        let c = w.reserve();
-        assert_eq!(c.bytes(), MIN);
-        assert_eq!(w.assigned(), 2 * MAX + MIN);
-        // a shrinks to its fair share, but its client may still send its granted MAX:
-        // nothing is freed for c.
-        assert_eq!(a.rebalance(), Some(2 * MAX / 3));
+        assert_eq!(w.assigned(), total + 5 * MIN);
+        assert_eq!(w.lock().busy, 2);
+        // The total is spent: a third busy connection stays at the floor...
+        let c = &idle[0];
+        c.read.fetch_add(MIN, Relaxed);
         assert_eq!(c.rebalance(), None);
-        assert_eq!(w.assigned(), 2 * MAX + MIN);
-        // The relay reads a's buffer: the debt is paid, and c grows into the room.
-        a.read.fetch_add(MAX, Relaxed);
+        // ...and so while a goes idle: it halves, but its client may still send its
+        // granted MAX: nothing is freed for c.
+        assert_eq!(a.rebalance(), Some(MAX / 2));
+        assert_eq!(w.lock().debt, MAX / 2);
+        c.read.fetch_add(MIN, Relaxed);
+        assert_eq!(c.rebalance(), None);
+        assert_eq!(w.assigned(), total + 5 * MIN);
+        // Idle, a goes on halving to the floor, all of it debt while its client sends
+        // nothing.
+        assert_eq!(a.rebalance(), Some(MAX / 4));
+        assert_eq!(a.rebalance(), Some(MAX / 8));
+        assert_eq!(a.rebalance(), Some(MIN));
         assert_eq!(a.rebalance(), None);
-        assert_eq!(w.assigned(), 2 * MAX / 3 + MAX + MIN);
-        assert_eq!(c.rebalance(), Some(2 * MAX - 2 * MAX / 3 - MAX));
-        assert_eq!(w.assigned(), 2 * MAX);
-        drop((a, b, c));
+        assert_eq!(w.lock().debt, MAX - MIN);
+        assert_eq!(w.assigned(), total + 5 * MIN);
+        // Its client sends its credit and the relay reads it: the debt is paid, and that
+        // was use: a is busy again and doubles.
+        a.read.fetch_add(MAX - MIN, Relaxed);
+        assert_eq!(a.rebalance(), Some(2 * MIN));
+        assert_eq!(w.lock().debt, 0);
+        assert_eq!(w.assigned(), MAX + 5 * MIN);
+        // c grows into the room, up to its share with three busy (a, b, c): the floor plus
+        // a third of the total.
+        for want in [2 * MIN, 4 * MIN, 8 * MIN, MIN + total / 3] {
+            c.read.fetch_add(c.bytes(), Relaxed);
+            assert_eq!(c.rebalance(), Some(want));
+        }
+        assert_eq!(w.assigned(), MAX + 15 * MIN);
+        drop((a, b, idle));
         assert_eq!(w.assigned(), 0);
-        // 0 = unlimited.
+        let r = w.lock();
+        assert_eq!((r.busy, r.debt, r.live), (0, 0, 0));
+        drop(r);
+        // 0 = unlimited: the max at once, kept.
         let u = ReceiveWindows::new(0);
         let holds: Vec<_> = (0..10).map(|_| u.reserve()).collect();
-        assert!(holds.iter().all(|h| h.bytes() == MAX));
+        assert!(holds
+            .iter()
+            .all(|h| h.bytes() == MAX && h.rebalance().is_none()));
+    }
+
+    /// quinn's connection-level flow control as `set_receive_window` and reads drive it
+    /// (quinn-proto's `StreamsState`): the credit given, and the shrink debt it keeps.
+    #[derive(Default)]
+    struct Quinn {
+        window: u64,
+        max_data: u64,
+        debt: u64,
+        read: u64,
+    }
+
+    impl Quinn {
+        fn new(window: u64) -> Self {
+            Quinn {
+                window,
+                max_data: window,
+                ..Quinn::default()
+            }
+        }
+
+        fn set_receive_window(&mut self, w: u64) {
+            if w > self.window {
+                self.max_data += w - self.window;
+            } else {
+                self.debt += self.window - w;
+            }
+            self.window = w;
+        }
+
+        fn read(&mut self, n: u64) {
+            self.read += n;
+            let paid = n.min(self.debt);
+            self.debt -= paid;
+            self.max_data += n - paid;
+        }
+
+        /// What the client may have sent that the relay has not read.
+        fn unread(&self) -> u64 {
+            self.max_data - self.read
+        }
+    }
+
+    /// Whatever connections open, close, send and go quiet, and whenever they rebalance:
+    /// what each client may have sent unread (its credit, as quinn counts it) stays within
+    /// its hold, and the holds together within the total plus the floor per open
+    /// connection.
+    #[test]
+    fn receive_holds_cover_the_credit_and_stay_within_the_total_plus_the_floors() {
+        for total in [0, 3 * MIN, MAX, 5 * MAX + 7] {
+            let w = ReceiveWindows::new(total);
+            let mut conns: Vec<(ReceiveHold, Quinn)> = Vec::new();
+            // xorshift64: the same steps every run.
+            let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ total;
+            let mut next = move |n: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % n
+            };
+            for _ in 0..50_000 {
+                match next(10) {
+                    0 if conns.len() < 40 => {
+                        let h = w.reserve();
+                        let q = Quinn::new(h.bytes());
+                        conns.push((h, q));
+                    }
+                    1 if !conns.is_empty() => {
+                        let i = next(conns.len() as u64) as usize;
+                        conns.swap_remove(i);
+                    }
+                    2..=5 if !conns.is_empty() => {
+                        // The relay reads some of what the client sent (up to its credit).
+                        let i = next(conns.len() as u64) as usize;
+                        let (h, q) = &mut conns[i];
+                        let n = match next(3) {
+                            0 => 0,
+                            1 => next(q.unread() + 1),
+                            _ => q.unread(),
+                        };
+                        q.read(n);
+                        h.read.fetch_add(n, Relaxed);
+                    }
+                    _ if !conns.is_empty() => {
+                        let i = next(conns.len() as u64) as usize;
+                        let (h, q) = &mut conns[i];
+                        if let Some(win) = h.rebalance() {
+                            q.set_receive_window(win);
+                        }
+                    }
+                    _ => {}
+                }
+                let mut sum = 0;
+                for (h, q) in &conns {
+                    let held = h.state.lock().unwrap();
+                    assert!(held.window >= MIN.min(MAX) && held.window <= MAX);
+                    assert!(
+                        q.unread() <= held.window + held.debt,
+                        "credit {} over the hold {} + {}",
+                        q.unread(),
+                        held.window,
+                        held.debt
+                    );
+                    sum += held.window + held.debt;
+                }
+                let r = w.lock();
+                assert_eq!(r.assigned, sum);
+                assert_eq!(r.live, conns.len() as u64);
+                if total > 0 {
+                    assert!(
+                        sum <= total + r.live * MIN,
+                        "holds {sum} over the total {total} + {} floors",
+                        r.live
+                    );
+                }
+            }
+            drop(conns);
+            assert_eq!(w.assigned(), 0);
+        }
     }
 }

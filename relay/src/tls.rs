@@ -269,8 +269,8 @@ pub fn quic_server(
     // budget, a publisher paused by its rate) hold that much; 512 KiB in (at 50 ms RTT still
     // ~10 MB/s for one connection) and 2 MiB out, at most. The connection receive window
     // (which bounds the one stream's) starts at the floor: what the handshake grants cannot
-    // be taken back, so each connection grows to its share of
-    // `limits.quic_receive_window_total` after its handshake (`quic::ReceiveWindows`).
+    // be taken back, so each connection's grows with use, out of
+    // `limits.quic_receive_window_total` (`quic::ReceiveWindows`).
     transport.stream_receive_window(QUIC_RECEIVE_WINDOW.into());
     transport.receive_window(QUIC_RECEIVE_WINDOW_MIN.into());
     // The send window each connection gets is set after its handshake, from

@@ -1019,10 +1019,12 @@ fn replay_relay(extra: &[&str]) -> BinRelay {
 /// QUIC buffers what a peer sends in the relay's own memory — quinn's stream receive
 /// window, up to which a peer may send before the relay reads — unlike TCP, whose socket
 /// buffers are kernel memory under `tcp_mem`. Forty QUIC connections each try to send 3 MiB
-/// of a 4 MiB frame while the large-frame budget lets the relay read two of them: each of
-/// the others can send only the window before its stream blocks — quinn's default was
-/// 1.25 MB per connection (38 stalled senders: relay RSS +56 MB); the relay's is
-/// [`QUIC_RECEIVE_WINDOW`](whispeer_relay::tls::QUIC_RECEIVE_WINDOW), 512 KiB.
+/// of a 4 MiB frame while the large-frame budget lets the relay read one of them (the
+/// share of their one address): each of the others can send only its window before its
+/// stream blocks — quinn's default was 1.25 MB per connection (38 stalled senders: relay
+/// RSS +56 MB); the relay's is at most
+/// [`QUIC_RECEIVE_WINDOW`](whispeer_relay::tls::QUIC_RECEIVE_WINDOW), 512 KiB, and grows
+/// from the 32 KiB floor only as the relay reads: a stalled sender keeps the floor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_quic_senders_are_held_to_a_small_window() {
     const CONNS: usize = 40;
@@ -1049,6 +1051,8 @@ async fn stalled_quic_senders_are_held_to_a_small_window() {
     let hello = codec::encode_prefixed(&hello_frame());
     let before = rss_kib(pid);
     let mut senders = Vec::new();
+    // A message from each sender that wrote its whole part (one the relay reads).
+    let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
     for _ in 0..CONNS {
         let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
         let (mut send, recv) = conn.open_bi().await.unwrap();
@@ -1058,6 +1062,7 @@ async fn stalled_quic_senders_are_held_to_a_small_window() {
         // read), or when the whole part is written.
         let (progress, watch) = tokio::sync::watch::channel((0usize, false));
         let part = part.clone();
+        let done = done.clone();
         let task = tokio::spawn(async move {
             let mut off = 0;
             while off < part.len() {
@@ -1078,6 +1083,7 @@ async fn stalled_quic_senders_are_held_to_a_small_window() {
                     Err(_) => return,
                 }
             }
+            let _ = done.send(());
             // The stream stays open (dropping it would finish the frame's stream early).
             std::future::pending::<()>().await;
             drop(send);
@@ -1088,6 +1094,12 @@ async fn stalled_quic_senders_are_held_to_a_small_window() {
     for _ in 0..CONNS - 2 {
         relay.wait_log(&["large frame waits for budget"]).await;
     }
+    // The one the relay reads (the budget's share for one address is one frame) writes its
+    // whole part: its writes also wait for credit now and then on the way, its window
+    // starting at the floor and growing as the relay reads it.
+    tokio::time::timeout(TIMEOUT, finished.recv())
+        .await
+        .expect("the relay reads the frame its budget covers");
     // Each waiting sender stops where the relay's window ends (quinn's write is pending
     // exactly when the peer's flow-control credit is used up).
     let mut blocked = Vec::new();
@@ -1106,10 +1118,12 @@ async fn stalled_quic_senders_are_held_to_a_small_window() {
         blocked.len()
     );
     assert!(blocked.len() >= CONNS - 2, "{} blocked", blocked.len());
-    let window = whispeer_relay::tls::QUIC_RECEIVE_WINDOW as usize;
+    // Not read, a stalled connection's window never grows past the floor (windows follow
+    // use), let alone the max.
+    let floor = whispeer_relay::tls::QUIC_RECEIVE_WINDOW_MIN as usize;
     assert!(
-        most <= window + hello.len(),
-        "a stalled QUIC sender got {most} bytes into the relay (window {window})"
+        most <= floor + hello.len(),
+        "a stalled QUIC sender got {most} bytes into the relay (floor {floor})"
     );
     for (conn, _, _, task) in senders {
         task.abort();
@@ -1234,6 +1248,108 @@ async fn quic_receive_windows_share_a_relay_wide_total() {
     );
     for (conn, _, _, task) in senders {
         task.abort();
+        conn.close(0u32.into(), b"done");
+    }
+}
+
+/// Review finding (session 41): a QUIC connection took its share of the receive-window
+/// total (the total divided by the open connections) at once and kept it, so the first
+/// connections, idle ones included (a subscriber sends almost nothing), held the total for
+/// life and every later connection stayed at the 32 KiB floor (~320 KB/s at 100 ms RTT):
+/// here two of eight idle connections held the whole 1 MiB total. Now windows follow use: the
+/// idle connections hold the floor, a later publisher the relay reads at full speed doubles
+/// its window every second up to 512 KiB (the floor plus the whole total among one busy
+/// connection, at most the max), and once it goes quiet its window halves back to the floor
+/// (the credit it was granted and did not use still counted, as debt). Windows as the relay
+/// reports them: its rebalance log lines (per connection) and gauges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_publisher_after_idle_connections_is_not_held_to_the_floor() {
+    const IDLE: usize = 8;
+    const TOTAL: usize = 1 << 20;
+    const FLOOR: usize = whispeer_relay::tls::QUIC_RECEIVE_WINDOW_MIN as usize;
+    const MAX: usize = whispeer_relay::tls::QUIC_RECEIVE_WINDOW as usize;
+    let (cert, quic) = quic_relay_args(&temp_dir("quic-receive-use"));
+    let total = TOTAL.to_string();
+    let mut args: Vec<&str> = quic.iter().map(String::as_str).collect();
+    args.extend([
+        "--quic-receive-window-total",
+        &total,
+        "--log",
+        "warn,whispeer_relay::quic=debug",
+    ]);
+    let mut relay = BinRelay::start_logged(&crowded_args(&args));
+    let admin = relay.admin();
+    let addr = relay.addrs.quic.expect("a quic address");
+    let hello = codec::encode_prefixed(&hello_frame());
+    // Idle connections first: welcomed (their windows are set before), then silent.
+    let endpoint = quic_endpoint(&cert, "127.0.0.1");
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&hello).await.unwrap();
+        let mut c = Client::over_stream(Box::new(tokio::io::join(recv, send)));
+        assert!(matches!(c.recv().await, Frame::Welcome(_)), "welcomed");
+        idle.push((conn, c));
+    }
+    // Then a publisher, from its own port (the relay's log lines name it), publishing 1 KiB
+    // messages as fast as the relay reads them until told to stop.
+    let publisher = quic_endpoint(&cert, "127.0.0.1");
+    let peer = format!("peer={}", publisher.local_addr().unwrap());
+    let conn = publisher.connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    send.write_all(&hello).await.unwrap();
+    let one = codec::encode_prefixed(&pub_frame(envelope_sized(1, &[1], 1000)));
+    let chunk: bytes::Bytes = one.iter().copied().cycle().take(64 * one.len()).collect();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(async move {
+        while !*stopped.borrow() {
+            send.write_all(&chunk).await.unwrap();
+        }
+        // Kept open: a finished stream would end the session.
+        send
+    });
+    let windows = || async {
+        let holds = metric(admin, "whispeer_relay_quic_receive_window_bytes").await as usize;
+        let debt = metric(admin, "whispeer_relay_quic_receive_window_debt_bytes").await as usize;
+        (holds - debt, debt)
+    };
+    // Its window grows to the max (a rebalance a second: 64, 128, 256, 512 KiB). Before,
+    // the idle connections held the total and it stayed at 32 KiB.
+    let grown = relay
+        .wait_log(&[&peer, &format!("receive_window={MAX}"), "busy=true"])
+        .await;
+    eprintln!("the publisher's window grew: {grown}");
+    let (held, debt) = windows().await;
+    assert_eq!(
+        (held, debt),
+        (IDLE * FLOOR + MAX, 0),
+        "idle connections hold the floor, the publisher the max"
+    );
+    assert_eq!(
+        metric(admin, "whispeer_relay_quic_receive_windows_busy").await,
+        1
+    );
+    // Quiet: its window halves back to the floor; the credit it did not use stays counted.
+    stop.send_replace(true);
+    let send = writer.await.unwrap();
+    relay
+        .wait_log(&[&peer, &format!("receive_window={FLOOR}"), "busy=false"])
+        .await;
+    let (held, debt) = windows().await;
+    eprintln!("after the publisher went quiet: windows {held}, debt {debt}");
+    assert_eq!(held, (IDLE + 1) * FLOOR, "every window back at the floor");
+    assert!(
+        debt <= MAX - FLOOR && held + debt <= TOTAL + (IDLE + 1) * FLOOR,
+        "debt {debt}: more than the publisher's unused credit"
+    );
+    assert_eq!(
+        metric(admin, "whispeer_relay_quic_receive_windows_busy").await,
+        0
+    );
+    drop((send, recv));
+    conn.close(0u32.into(), b"done");
+    for (conn, _) in idle {
         conn.close(0u32.into(), b"done");
     }
 }
