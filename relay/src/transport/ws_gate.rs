@@ -134,6 +134,15 @@ enum At {
 
 type Taking = Pin<Box<dyn Future<Output = Option<Lease>> + Send>>;
 
+/// The most parsing the upgrade request may cost tungstenite, in bytes parsed: it parses
+/// the whole request again after every read (up to 512 reads and 64 KiB by its own
+/// limits), so a client sending its request in small pieces made one connection cost ~17 MB
+/// of parsing (review, session 43) — 256 connections per address, every `hello_ms`.
+/// Counted as tungstenite parses: after each read, all the request's bytes so far. An
+/// honest request (a few KiB, in a few segments; 16 KiB of headers in 12 segments is
+/// ~100 KiB) stays far below.
+pub(crate) const UPGRADE_PARSE_MAX: usize = 512 << 10;
+
 /// Follows the client's bytes on a WebSocket connection and holds its messages to the
 /// gate's rules ([`ReadAhead`](super::read_ahead::ReadAhead) calls it on every read).
 pub struct Follower {
@@ -156,6 +165,12 @@ pub struct Follower {
     turn_bytes: usize,
     /// Reads made to yield so far.
     yields: u64,
+    /// The upgrade request's bytes so far, and what tungstenite has parsed of them in all
+    /// (see [`UPGRADE_PARSE_MAX`]).
+    upgrade_bytes: usize,
+    upgrade_parsed: usize,
+    /// [`UPGRADE_PARSE_MAX`] (tests that compare splits lift it: it depends on them).
+    upgrade_parse_max: usize,
 }
 
 impl std::fmt::Debug for Follower {
@@ -185,6 +200,9 @@ impl Follower {
             turn_frames: 0,
             turn_bytes: 0,
             yields: 0,
+            upgrade_bytes: 0,
+            upgrade_parsed: 0,
+            upgrade_parse_max: UPGRADE_PARSE_MAX,
         }
     }
 
@@ -321,6 +339,21 @@ impl Follower {
 
     /// Follows `bytes` just read; `Err` when a message breaks the handshake cap.
     pub fn follow(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        if self.in_upgrade() && !bytes.is_empty() {
+            // tungstenite parses the request from its first byte after this read.
+            self.upgrade_bytes = self.upgrade_bytes.saturating_add(bytes.len());
+            self.upgrade_parsed = self.upgrade_parsed.saturating_add(self.upgrade_bytes);
+            if self.upgrade_parsed > self.upgrade_parse_max {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the WebSocket upgrade request arrived in too many pieces \
+                         ({} bytes so far, {} parsed; at most {UPGRADE_PARSE_MAX})",
+                        self.upgrade_bytes, self.upgrade_parsed
+                    ),
+                ));
+            }
+        }
         while !bytes.is_empty() {
             match self.at {
                 At::Http(line) => {
@@ -427,6 +460,38 @@ mod tests {
                 assert!(!f.in_upgrade(), "{req:?}: ended at its last byte");
             }
         }
+    }
+
+    /// An upgrade request dribbled in small pieces is refused once tungstenite would have
+    /// parsed [`UPGRADE_PARSE_MAX`] bytes of it (it parses the whole request after every
+    /// read); the same request in a few pieces passes, and so does a 16 KiB one (cookies)
+    /// in 1,460-byte segments.
+    #[test]
+    fn an_upgrade_request_in_many_small_pieces_is_refused() {
+        let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nCookie: ".to_vec();
+        big.resize(16 << 10, b'a');
+        big.extend_from_slice(b"\r\n\r\n");
+        for (req, step) in [(&big[..], 1460), (UPGRADE, 1), (&big[..], 4096)] {
+            let mut f = Follower::new(WsGate::new(None, ADDR), 1 << 20);
+            for piece in req.chunks(step) {
+                f.follow(piece).unwrap();
+            }
+            assert!(!f.in_upgrade());
+        }
+        // 128-byte pieces of a request with long headers: refused before its end.
+        let mut f = Follower::new(WsGate::new(None, ADDR), 1 << 20);
+        let mut refused = None;
+        for (i, piece) in big.chunks(128).enumerate() {
+            if let Err(e) = f.follow(piece) {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        let (i, e) = refused.expect("a dribbled request is refused");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("too many pieces"), "{e}");
+        // Σ 128·k for k ≤ n passes 512 KiB at n ≈ 90 pieces (11.5 KB).
+        assert!((80..100).contains(&i), "refused at piece {i}");
     }
 
     /// A client frame header (masked, as clients must send) for `len` payload bytes.
@@ -786,6 +851,9 @@ mod tests {
             Follower::new(gate(), max_frame),
             Follower::new(gate(), max_frame),
         );
+        // The upgrade's parse cap depends on the split by nature (tested on its own).
+        a.upgrade_parse_max = usize::MAX;
+        b.upgrade_parse_max = usize::MAX;
         let mut w = Watch::default();
         let (mut at, mut i) = (0, 0);
         while at < bytes.len() {
