@@ -141,6 +141,8 @@ async fn read_loop<Src: FrameSource>(
     // Only a wait ends the run, not a turn cut short at a partial frame: a flood's reads
     // end mid-frame as often as not.
     let (mut full_turns, mut waited) = (0u32, false);
+    // Publish rate tokens charged for routing walks so far (`hop::WALK_TOKENS_TO_MOVE`).
+    let mut walk_tokens = 0u64;
     // The time read for the last frame of an unbroken run of buffered frames (fast path).
     let mut run_clock: Option<Instant> = None;
     // Durable names whose cluster-wide hold the store lost (JetStream): the session ends
@@ -255,6 +257,20 @@ async fn read_loop<Src: FrameSource>(
                         return closed;
                     }
                 }
+            }
+        }
+        // Routing walks the session charged for (`rate::walk_tokens`): work frames and bytes
+        // do not show. Counted in the turn, so a connection whose publishes are expensive to
+        // match yields as often as one sending that many plain publishes; and counted over
+        // the connection's life for the light runtime (`hop::WALK_TOKENS_TO_MOVE`), since a
+        // paced expensive publisher never fills a turn.
+        let walked = session.take_walk_tokens();
+        if walked > 0 {
+            this_turn = this_turn.saturating_add(usize::try_from(walked).unwrap_or(usize::MAX));
+            walk_tokens = walk_tokens.saturating_add(walked);
+            if walk_tokens >= crate::hop::WALK_TOKENS_TO_MOVE {
+                // Moves at the turn's yield (the turn is over) or the next wait.
+                crate::hop::request(crate::hop::Cause::Walking);
             }
         }
         if hold_lost.is_none() {

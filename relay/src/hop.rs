@@ -10,7 +10,12 @@
 //! - its reader fills [`HOP_AFTER`] turns in a row (16 frames or 16 KiB each, see
 //!   `conn::read_loop`), or its writer [`HOP_AFTER`] batches of that size in a row (a
 //!   subscriber that is always behind);
-//! - it hits a rate limit or a refusal pause (its reads pause: `conn::read_loop`).
+//! - it hits a rate limit or a refusal pause (its reads pause: `conn::read_loop`);
+//! - its publishes' routing walks cost [`WALK_TOKENS_TO_MOVE`] publish rate tokens beyond
+//!   their own (`rate::walk_tokens`: one per 64 subscription index nodes visited). Frames
+//!   and bytes do not show that work: a publisher pacing expensive publishes (tens of
+//!   thousands of nodes each, under the routing shard's lock) never fills a turn nor hits
+//!   its rate, and would stay beside the quiet clients this runtime is for.
 //!
 //! An address that opened or holds more than a client's few connections (churn, a
 //! connection flood) starts its new connections on the main runtime
@@ -43,6 +48,17 @@ use crate::metrics::Metrics;
 /// runtime moves to the main one. A client at a steady 1,000 msg/s of 1 KiB never fills
 /// one turn; a flood fills every turn.
 pub(crate) const HOP_AFTER: u32 = 8;
+
+/// Publish rate tokens charged for routing walks (beyond each publish's own; see
+/// `rate::walk_tokens`) after which a connection on the light runtime moves to the main
+/// one: [`HOP_AFTER`] full turns' worth of publishes (`conn::FRAMES_PER_TURN` each), so a
+/// connection whose walks cost what 8 turns of plain publishes cost is as heavy as one
+/// that read 8 full turns. Counted over the connection's life, never reset by waiting
+/// (a paced publisher waits before every frame): 8,192 nodes walked, ~50 µs (release,
+/// `index::tests::walk_cost_of_the_reviewers_construction`); one publish on the reviewer's
+/// construction (41,359 nodes, 646 tokens) moves its connection at once. Honest publishes
+/// (under 64 nodes) add nothing.
+pub(crate) const WALK_TOKENS_TO_MOVE: u64 = HOP_AFTER as u64 * crate::conn::FRAMES_PER_TURN as u64;
 
 /// The light runtime: started by `Relay::run` when `runtime.light_workers > 0`, shut down
 /// in the background when dropped (its connections have drained by then, or are cut like
@@ -178,11 +194,18 @@ pub(crate) enum Cause {
     Writing = 1,
     /// Its reads paused at a rate limit or after a refused publish.
     Limited = 2,
+    /// Its publishes' routing walks cost [`WALK_TOKENS_TO_MOVE`] rate tokens.
+    Walking = 3,
 }
 
 impl Cause {
     /// Every cause, in metric order.
-    pub(crate) const ALL: [Cause; 3] = [Cause::Reading, Cause::Writing, Cause::Limited];
+    pub(crate) const ALL: [Cause; 4] = [
+        Cause::Reading,
+        Cause::Writing,
+        Cause::Limited,
+        Cause::Walking,
+    ];
 
     /// The metric label.
     pub(crate) fn name(self) -> &'static str {
@@ -190,6 +213,7 @@ impl Cause {
             Cause::Reading => "reading",
             Cause::Writing => "writing",
             Cause::Limited => "limited",
+            Cause::Walking => "walking",
         }
     }
 }

@@ -6,6 +6,23 @@
 //! subscriptions; 10,000 subscriptions on distinct paths cost one hash lookup per level.
 //! `#` holds subscribers at the node of its parent level, which makes `a/#` match `a` itself
 //! (MQTT semantics) and everything below it.
+//!
+//! The walk's cost is the nodes it visits: every node whose filter prefix matches the
+//! path's prefix of the same length, each once — at most the nodes of the key id's trie,
+//! whatever the filters. Wildcards make that large without any delivery: one tenant's
+//! default quota (32 MiB at 512 + 544 bytes a level: 1,872 filters of 32 levels) holds the
+//! review's construction (`tests::reviewers_construction`), on which a publish visits
+//! 41,359 nodes and matches nothing — 243 µs in a release build (5.9 ns a node), under the
+//! routing shard's lock. Several tenants on one key id add up, bounded by the relay's
+//! `total_subscription_bytes` alone (1 GiB: 59,918 filters of 32 levels, at most ~1.9 M
+//! nodes, ~11 ms). [`SubIndex::for_each_match`] therefore returns the count, and the
+//! publisher pays for it in publish rate tokens
+//! (`rate::walk_tokens`, one per 64 nodes: about the lock time a plain publish takes), so
+//! an expensive publisher gets the lock time a plain-publish flood at its rate would, and
+//! nobody else's routing pays for its filters. Chosen over capping wildcard filters (quota
+//! cost per `+`, or wildcard nodes per key id): a cap low enough to bound the walk refuses
+//! realistic `+` sets, and with auth off anyone could fill a key id's cap; and over walking
+//! off the lock, which orders a key id's sequences against new subscriptions (`router`).
 
 use std::collections::HashMap;
 
@@ -231,11 +248,20 @@ impl<V> SubIndex<V> {
     }
 
     /// Calls `f` once per matching subscription (a connection with several matching
-    /// subscriptions is seen several times; the router deduplicates).
-    pub fn for_each_match<'a>(&'a self, path: &TokenPath, mut f: impl FnMut(ConnId, &'a V)) {
+    /// subscriptions is seen several times; the router deduplicates). Returns the nodes
+    /// the walk visited — its cost, which the publisher is charged for (see the module
+    /// documentation): a node is visited once per walk at most, so this is at most the
+    /// number of nodes of the key id's trie.
+    pub fn for_each_match<'a>(
+        &'a self,
+        path: &TokenPath,
+        mut f: impl FnMut(ConnId, &'a V),
+    ) -> usize {
+        let mut visited = 0;
         if let Some(root) = self.roots.get(path.key_id()) {
-            walk(root, path.tokens(), &mut f);
+            walk(root, path.tokens(), &mut f, &mut visited);
         }
+        visited
     }
 }
 
@@ -257,7 +283,13 @@ fn every<'a, V>(node: &'a Node<V>, f: &mut impl FnMut(ConnId, &'a V)) {
     }
 }
 
-fn walk<'a, V>(node: &'a Node<V>, rest: &[TopicToken], f: &mut impl FnMut(ConnId, &'a V)) {
+fn walk<'a, V>(
+    node: &'a Node<V>,
+    rest: &[TopicToken],
+    f: &mut impl FnMut(ConnId, &'a V),
+    visited: &mut usize,
+) {
+    *visited += 1;
     for e in node.rest.iter() {
         f(e.conn, &e.value);
     }
@@ -268,10 +300,10 @@ fn walk<'a, V>(node: &'a Node<V>, rest: &[TopicToken], f: &mut impl FnMut(ConnId
         return;
     };
     if let Some(child) = node.exact.get(first) {
-        walk(child, tail, f);
+        walk(child, tail, f, visited);
     }
     if let Some(child) = &node.one {
-        walk(child, tail, f);
+        walk(child, tail, f, visited);
     }
 }
 
@@ -440,6 +472,126 @@ mod tests {
         assert!(ix.roots.is_empty());
     }
 
+    /// The reviewer's construction: 1,872 subscriptions of 32 levels on key id `K`. For
+    /// subscription `i`, level `j < 11` is `+` if bit `j` of `i` is set, else `p_j`;
+    /// levels 11..=30 are `+`; level 31 is a token `Z` no publish uses. Every prefix of
+    /// every one of them matches the path `P = [K, p_0 .. p_31]`, and none of them matches
+    /// `P` itself. Returns the index and `P`.
+    fn reviewers_construction() -> (SubIndex<u32>, TokenPath, Vec<TokenPattern>) {
+        use PatternElem::*;
+        let z = t(200);
+        let mut ix = SubIndex::new();
+        let mut pats = Vec::new();
+        for i in 0..1872u32 {
+            let mut elems = Vec::with_capacity(32);
+            for j in 0..32u8 {
+                elems.push(match j {
+                    0..=10 if i & (1 << j) != 0 => One,
+                    0..=10 => Token(t(j)),
+                    11..=30 => One,
+                    _ => Token(z),
+                });
+            }
+            let p = TokenPattern::new(K, elems).unwrap();
+            ix.insert(&p, ConnId(u64::from(i % 2)), SubId(u64::from(i)), i);
+            pats.push(p);
+        }
+        let path = TokenPath::new(K, (0..32u8).map(t).collect()).unwrap();
+        (ix, path, pats)
+    }
+
+    /// Nodes in a (sub)trie, itself included.
+    fn nodes<V>(node: &Node<V>) -> usize {
+        1 + node
+            .exact
+            .values()
+            .chain(node.one.as_deref())
+            .map(nodes)
+            .sum::<usize>()
+    }
+
+    /// The reviewer's construction: a publish on `P` matches nothing and visits 41,359
+    /// nodes — the root and every node whose filter prefix matches the same-length prefix
+    /// of `P`, counted here independently of the trie (1 + 2,046 + 1,872 at levels 1..=11,
+    /// 20 × 1,872 at 12..=31; the 1,872 level-32 nodes end in `Z` and are not entered).
+    /// That count is what its publisher is charged for ([`crate::rate::walk_tokens`]: 646
+    /// tokens beyond the publish's own one). A path that shares no prefix with the
+    /// construction costs its own levels only.
+    #[test]
+    fn a_walk_reports_every_node_it_visits() {
+        let (ix, path, pats) = reviewers_construction();
+        let mut prefixes = std::collections::HashSet::new();
+        for p in &pats {
+            let elems = p.elems();
+            for d in 1..=elems.len() {
+                let fits = elems[..d]
+                    .iter()
+                    .zip(path.tokens())
+                    .all(|(e, tok)| match e {
+                        PatternElem::Token(x) => x == tok,
+                        _ => true,
+                    });
+                if fits {
+                    let key: Vec<Option<TopicToken>> = elems[..d]
+                        .iter()
+                        .map(|e| match e {
+                            PatternElem::Token(x) => Some(*x),
+                            _ => None,
+                        })
+                        .collect();
+                    prefixes.insert(key);
+                }
+            }
+        }
+        let mut matched = 0;
+        let visited = ix.for_each_match(&path, |_, _| matched += 1);
+        assert_eq!(matched, 0, "no subscription of the construction matches P");
+        assert_eq!(visited, 1 + prefixes.len());
+        assert_eq!(visited, 41_359);
+        assert!(visited <= nodes(&ix.roots[&K]));
+        assert_eq!(crate::rate::walk_tokens(visited), 646);
+        // An honest publish beside it, on a path none of whose tokens the construction
+        // names: it still enters the construction's `+` branches, as deep as it goes.
+        let honest = TokenPath::new(K, vec![t(99), t(98)]).unwrap();
+        let visited = ix.for_each_match(&honest, |_, _| matched += 1);
+        assert_eq!((matched, visited), (0, 3), "root, `+`, `+/+`");
+        assert_eq!(crate::rate::walk_tokens(visited), 0);
+        // Another key id: nothing to walk.
+        let other = TokenPath::new(KeyId::from_bytes([1; 16]), vec![t(0)]).unwrap();
+        assert_eq!(ix.for_each_match(&other, |_, _| matched += 1), 0);
+    }
+
+    /// Release-build timing of one walk over the reviewer's construction (a measurement,
+    /// not a check: `cargo test --release -p whispeer-relay --lib
+    /// index::tests::walk_cost -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn walk_cost_of_the_reviewers_construction() {
+        let (ix, path, _) = reviewers_construction();
+        let mut n = 0usize;
+        let mut visited = 0;
+        let rounds = 2000;
+        let start = std::time::Instant::now();
+        for _ in 0..rounds {
+            visited = ix.for_each_match(&path, |_, _| n += 1);
+        }
+        let per = start.elapsed() / rounds;
+        assert_eq!(n, 0);
+        // An honest publish beside it: the same key id, a path of 4 levels.
+        let short = TokenPath::new(K, (0..4u8).map(t).collect()).unwrap();
+        let start = std::time::Instant::now();
+        let mut short_visited = 0;
+        for _ in 0..rounds * 100 {
+            short_visited = ix.for_each_match(&short, |_, _| n += 1);
+        }
+        let short_per = start.elapsed() / (rounds * 100);
+        println!(
+            "walk over the construction: {visited} nodes, {per:?} per publish ({:.1} ns a \
+             node); a 4-level path: {short_visited} nodes, {short_per:?}",
+            per.as_nanos() as f64 / visited as f64
+        );
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Insert(usize, u64, u64),
@@ -524,6 +676,10 @@ mod tests {
                 let want: Vec<u32> = pats.iter().enumerate()
                     .filter(|(_, p)| p.matches(path)).map(|(i, _)| i as u32).collect();
                 prop_assert_eq!(matches(&ix, path), want);
+                // A walk visits each node of its key id's trie at most once.
+                let visited = ix.for_each_match(path, |_, _| {});
+                let held = ix.roots.get(path.key_id()).map_or(0, nodes);
+                prop_assert!(visited <= held, "{} visited of {}", visited, held);
             }
             // Exactly the subscriptions with an equal filter, for filters held or not.
             for probe in pats.iter().cloned().chain(paths.iter().map(|p| {

@@ -18,6 +18,11 @@ const BUCKETS: [f64; 14] = [
     1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 1e-1,
 ];
 
+/// Upper bounds of the walk histogram buckets (`whispeer_relay_route_nodes_visited`), in
+/// index nodes: a publish costs one rate token per 64 ([`crate::rate::NODES_PER_TOKEN`]),
+/// a tenant's worst case is ~43,000 at the default quotas (relay README, "Routing cost").
+const NODE_BUCKETS: [u64; 8] = [16, 64, 256, 1024, 4096, 16_384, 65_536, 262_144];
+
 /// Error codes the relay can send, in wire order (index = code - 1).
 const CODES: [ErrorCode; 17] = [
     ErrorCode::Malformed,
@@ -113,13 +118,19 @@ pub struct Metrics {
     rejected_by_plugin: AtomicU64,
     errors: [AtomicU64; CODES.len() + 1],
     routing: Histogram,
+    /// Index nodes visited per routing walk, by [`NODE_BUCKETS`] (the last: above them).
+    walk_nodes: [AtomicU64; NODE_BUCKETS.len() + 1],
+    walk_count: AtomicU64,
+    walk_sum: AtomicU64,
+    /// Publish rate tokens charged for walks, beyond each publish's own one.
+    walk_tokens: AtomicU64,
     replayed: AtomicU64,
     redelivered: AtomicU64,
     redeliveries_deferred: AtomicU64,
     duplicate_publishes: AtomicU64,
     throttled: AtomicU64,
     light_started: AtomicU64,
-    light_moved: [AtomicU64; 3],
+    light_moved: [AtomicU64; crate::hop::Cause::ALL.len()],
     addr_bans: AtomicU64,
     addr_banned: AtomicU64,
     light_busy_percent: AtomicU64,
@@ -185,6 +196,10 @@ impl Default for Metrics {
             rejected_by_plugin: AtomicU64::new(0),
             errors: Default::default(),
             routing: Histogram::default(),
+            walk_nodes: Default::default(),
+            walk_count: AtomicU64::new(0),
+            walk_sum: AtomicU64::new(0),
+            walk_tokens: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
             redeliveries_deferred: AtomicU64::new(0),
@@ -333,6 +348,23 @@ impl Metrics {
     pub(crate) fn routed(&self, d: Duration) {
         self.routing.observe(d);
     }
+    /// A routing walk visited `nodes` index nodes.
+    pub(crate) fn walked(&self, nodes: usize) {
+        let n = nodes as u64;
+        let i = NODE_BUCKETS
+            .iter()
+            .position(|b| n <= *b)
+            .unwrap_or(NODE_BUCKETS.len());
+        self.walk_nodes[i].fetch_add(1, Relaxed);
+        self.walk_count.fetch_add(1, Relaxed);
+        self.walk_sum.fetch_add(n, Relaxed);
+    }
+
+    /// A publisher was charged `tokens` publish tokens for its walk, beyond its publish's.
+    pub(crate) fn walk_charged(&self, tokens: u64) {
+        self.walk_tokens.fetch_add(tokens, Relaxed);
+    }
+
     pub(crate) fn replayed(&self, n: u64) {
         self.replayed.fetch_add(n, Relaxed);
     }
@@ -614,7 +646,12 @@ impl Metrics {
                 cap.label()
             );
         }
-        let counters: [(&str, &str, u64); 19] = [
+        let counters: [(&str, &str, u64); 20] = [
+            (
+                "whispeer_relay_walk_tokens_total",
+                "Publish rate tokens charged for routing walks, beyond each publish's own one: one per 64 subscription index nodes visited (whispeer_relay_route_nodes_visited), taken from the publisher's connection, address and account buckets (backpressure).",
+                load(&self.walk_tokens),
+            ),
             (
                 "whispeer_relay_connections_rejected_total",
                 "Connections refused (connection limit, plugins).",
@@ -854,7 +891,7 @@ impl Metrics {
             &mut o,
             "whispeer_relay_light_moves_total",
             "counter",
-            "Connections moved from the light runtime to the main one, by cause: reading (8 full turns without waiting for the socket), writing (8 turns' worth written without the queue running empty), limited (a rate limit or refusal pause).",
+            "Connections moved from the light runtime to the main one, by cause: reading (8 full turns without waiting for the socket), writing (8 turns' worth written without the queue running empty), limited (a rate limit or refusal pause), walking (its publishes' routing walks cost 128 publish rate tokens beyond their own: 8,192 subscription index nodes).",
         );
         for cause in crate::hop::Cause::ALL {
             let _ = writeln!(
@@ -887,6 +924,32 @@ impl Metrics {
         let sum = load(&self.routing.sum_nanos) as f64 / 1e9;
         let _ = writeln!(o, "whispeer_relay_routing_seconds_sum {sum}");
         let _ = writeln!(o, "whispeer_relay_routing_seconds_count {count}");
+
+        family(
+            &mut o,
+            "whispeer_relay_route_nodes_visited",
+            "histogram",
+            "Subscription index nodes a routing walk visited (per publish routed, local or from another relay): its cost under the routing shard's lock, which wildcard filters multiply. A publish is charged one publish rate token per 64 beyond its own (whispeer_relay_walk_tokens_total).",
+        );
+        let mut cumulative = 0;
+        for (i, le) in NODE_BUCKETS.iter().enumerate() {
+            cumulative += load(&self.walk_nodes[i]);
+            let _ = writeln!(
+                o,
+                "whispeer_relay_route_nodes_visited_bucket{{le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let count = load(&self.walk_count);
+        let _ = writeln!(
+            o,
+            "whispeer_relay_route_nodes_visited_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            o,
+            "whispeer_relay_route_nodes_visited_sum {}",
+            load(&self.walk_sum)
+        );
+        let _ = writeln!(o, "whispeer_relay_route_nodes_visited_count {count}");
         o
     }
 }
@@ -907,5 +970,29 @@ mod tests {
         assert!(text.contains("whispeer_relay_routing_seconds_bucket{le=\"0.1\"} 2"));
         assert!(text.contains("whispeer_relay_routing_seconds_bucket{le=\"+Inf\"} 3"));
         assert!(text.contains("whispeer_relay_last_sequence 7"));
+    }
+
+    #[test]
+    fn the_walk_histogram_counts_nodes() {
+        let m = Metrics::new();
+        m.walked(3);
+        m.walked(64);
+        m.walked(41_359);
+        m.walked(1 << 20);
+        m.walk_charged(646);
+        let text = m.render_prometheus(0);
+        for line in [
+            "whispeer_relay_route_nodes_visited_bucket{le=\"16\"} 1\n",
+            "whispeer_relay_route_nodes_visited_bucket{le=\"64\"} 2\n",
+            "whispeer_relay_route_nodes_visited_bucket{le=\"16384\"} 2\n",
+            "whispeer_relay_route_nodes_visited_bucket{le=\"65536\"} 3\n",
+            "whispeer_relay_route_nodes_visited_bucket{le=\"262144\"} 3\n",
+            "whispeer_relay_route_nodes_visited_bucket{le=\"+Inf\"} 4\n",
+            "whispeer_relay_route_nodes_visited_sum 1090002\n",
+            "whispeer_relay_route_nodes_visited_count 4\n",
+            "whispeer_relay_walk_tokens_total 646\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

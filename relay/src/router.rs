@@ -557,7 +557,10 @@ impl Router {
     /// bytes to every matching connection (once per connection, however many of its
     /// subscriptions match). A duplicate publish id (QoS 2) is neither stored nor routed.
     /// In a cluster the envelope is also offered to the NATS bridge. The writers it queued
-    /// frames for are added to `wakes` for the caller to wake.
+    /// frames for are added to `wakes` for the caller to wake, and the index nodes its
+    /// match walk visited to `walked` (0 when it was not routed here: a duplicate, one
+    /// pending in the cluster stream, a refusal), for the caller to charge to the
+    /// publisher ([`crate::rate::walk_tokens`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn publish(
         &self,
@@ -568,6 +571,7 @@ impl Router {
         publish_id: Option<[u8; 16]>,
         tenant: &Tenant,
         wakes: &mut Wakes,
+        walked: &mut usize,
     ) -> Result<Accepted, StoreError> {
         self.route(
             envelope,
@@ -578,6 +582,7 @@ impl Router {
             tenant,
             Numbering::Local,
             Some(wakes),
+            walked,
         )
     }
 
@@ -606,6 +611,7 @@ impl Router {
                 &Tenant::Local,
                 Numbering::Unnumbered,
                 None,
+                &mut 0,
             );
         }
         let qos = if self.store.features() & whispeer_protocol::frame::features::AT_LEAST_ONCE == 0
@@ -623,6 +629,7 @@ impl Router {
             tenant,
             Numbering::Remote,
             None,
+            &mut 0,
         )
     }
 
@@ -633,8 +640,11 @@ impl Router {
     pub(crate) fn lost_remote(&self, path: &TokenPath, n: u64) {
         let core = self.lock(self.shard_of(path.key_id()));
         let mut targets: Targets<'_> = SmallVec::new();
-        core.index.for_each_match(path, |_, t| targets.push(t));
+        let visited = core.index.for_each_match(path, |_, t| targets.push(t));
         add_dropped_once(&mut targets, n);
+        drop(targets);
+        drop(core);
+        self.metrics.walked(visited);
     }
 
     /// Envelopes for the filter `pattern` that the NATS client dropped (its buffer for that
@@ -673,6 +683,7 @@ impl Router {
             &Tenant::Local,
             Numbering::Sequenced(m.seq, m.kept),
             None,
+            &mut 0,
         )
     }
 
@@ -687,6 +698,7 @@ impl Router {
         tenant: &Tenant,
         numbering: Numbering,
         wakes: Option<&mut Wakes>,
+        walked: &mut usize,
     ) -> Result<Accepted, StoreError> {
         let start = Instant::now();
         let core = self.lock(self.shard_of(path.key_id()));
@@ -726,7 +738,8 @@ impl Router {
         // On the stack for a few subscribers (the common case): two allocations per routed
         // message fewer (callgrind, 1→1: see `Targets`).
         let mut targets: Targets<'_> = SmallVec::new();
-        core.index.for_each_match(path, |_, t| targets.push(t));
+        let visited = core.index.for_each_match(path, |_, t| targets.push(t));
+        *walked = visited;
         if targets.len() > 1 {
             targets.sort_unstable_by_key(|t| t.conn);
         }
@@ -809,11 +822,116 @@ impl Router {
         drop(targets);
         drop(core);
         self.metrics.routed(start.elapsed());
+        self.metrics.walked(visited);
         Ok(accepted)
     }
 
     /// The last sequence assigned.
     pub(crate) fn last_seq(&self) -> Seq {
         self.store.last_seq()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlowConsumerPolicy;
+    use crate::outbound::Budget;
+    use crate::store::LiveStore;
+    use crate::test_envelope::envelope;
+    use whispeer_protocol::{PatternElem, TopicToken};
+
+    fn t(b: u8) -> TopicToken {
+        TopicToken::from_bytes([b; 16])
+    }
+
+    fn router() -> Router {
+        Router::new(Arc::new(LiveStore::new()), Arc::new(Metrics::new()), None)
+    }
+
+    fn outbound() -> Arc<Outbound> {
+        Arc::new(Outbound::new(
+            1 << 20,
+            1 << 30,
+            SlowConsumerPolicy::Drop,
+            Arc::new(Budget::new(0)),
+        ))
+    }
+
+    fn live() -> SubStart {
+        SubStart {
+            track: None,
+            replay: false,
+            retained: false,
+            gate_limit: 0,
+        }
+    }
+
+    /// Publishes `env` `rounds` times; the mean time per publish, and its walk.
+    fn time(r: &Router, env: &Envelope, rounds: u32, out: &Outbound) -> (Duration, usize) {
+        let path = env.token_path();
+        let mut wakes = Wakes::new();
+        let mut walked = 0;
+        let mut frames = Vec::new();
+        let start = Instant::now();
+        for i in 0..rounds {
+            r.publish(
+                env,
+                &path,
+                0,
+                Qos::AtMostOnce,
+                None,
+                &Tenant::Local,
+                &mut wakes,
+                &mut walked,
+            )
+            .unwrap();
+            if i % 1024 == 0 {
+                wakes.clear();
+                out.take(&mut frames);
+                frames.clear();
+            }
+        }
+        (start.elapsed() / rounds, walked)
+    }
+
+    use std::time::Duration;
+
+    /// Release-build timing of `Router::publish` — the routing lock's critical section —
+    /// for a plain publish to one subscriber, and for one on the reviewer's wildcard
+    /// construction (see `index`): a measurement, not a check (`cargo test --release -p
+    /// whispeer-relay --lib router::tests::routing_cost -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn routing_cost_of_a_plain_publish() {
+        let r = router();
+        let out = outbound();
+        let plain = envelope(1, &[1, 2, 3, 4]);
+        let exact = TokenPattern::new(
+            KeyId::from_bytes([1; 16]),
+            (1..=4).map(|b| PatternElem::Token(t(b))).collect(),
+        )
+        .unwrap();
+        r.subscribe(&exact, ConnId(1), SubId(1), &out, live(), |_| Bytes::new());
+        time(&r, &plain, 10_000, &out);
+        let (per, walked) = time(&r, &plain, 200_000, &out);
+        println!("plain publish to one subscriber: {per:?} under the lock, {walked} nodes");
+        // The construction on key id 2 (1,872 filters, two connections).
+        for i in 0..1872u32 {
+            let elems = (0..32u8)
+                .map(|j| match j {
+                    0..=10 if i & (1 << j) != 0 => PatternElem::One,
+                    0..=10 => PatternElem::Token(t(j)),
+                    11..=30 => PatternElem::One,
+                    _ => PatternElem::Token(t(200)),
+                })
+                .collect();
+            let p = TokenPattern::new(KeyId::from_bytes([2; 16]), elems).unwrap();
+            let conn = ConnId(10 + u64::from(i % 2));
+            r.subscribe(&p, conn, SubId(i.into()), &out, live(), |_| Bytes::new());
+        }
+        let attack = envelope(2, &(0..32u8).collect::<Vec<_>>());
+        let (per, walked) = time(&r, &attack, 2_000, &out);
+        println!("publish on the construction's path: {per:?} under the lock, {walked} nodes");
     }
 }

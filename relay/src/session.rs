@@ -126,6 +126,9 @@ pub(crate) struct Session {
     /// Publishes refused in a row (store busy or full, quota, rights): each one pauses the
     /// reader longer, so a client that ignores refusals cannot keep the relay busy refusing.
     refused_in_a_row: u32,
+    /// Publish rate tokens charged for routing walks since the reader last took them
+    /// ([`Session::take_walk_tokens`]: the light runtime's hop rule counts them).
+    walk_tokens: u64,
     reason: String,
     finished: bool,
     /// Whose store quota this connection's writes count against (the source address; the
@@ -252,6 +255,7 @@ impl Session {
             slot,
             pause: None,
             refused_in_a_row: 0,
+            walk_tokens: 0,
             reason: String::from("open"),
             finished: false,
             tenant,
@@ -364,6 +368,12 @@ impl Session {
     /// Whether `Welcome` was sent.
     pub(crate) fn is_open(&self) -> bool {
         self.open
+    }
+
+    /// Publish rate tokens charged for routing walks since the last call (see
+    /// [`crate::rate::walk_tokens`]).
+    pub(crate) fn take_walk_tokens(&mut self) -> u64 {
+        std::mem::take(&mut self.walk_tokens)
     }
 
     /// Over a rate limit: the instant until which the reader must pause (taken once).
@@ -1363,6 +1373,7 @@ impl Session {
                 }
             }
         }
+        let mut walked = 0;
         let accepted = self.shared.router.publish(
             &p.envelope,
             &path,
@@ -1371,7 +1382,18 @@ impl Session {
             p.publish_id,
             &self.tenant,
             &mut self.wakes,
+            &mut walked,
         );
+        // The routing walk's cost beyond the publish's own token (`rate::walk_tokens`):
+        // a publish that wildcard filters make expensive to match slows its publisher.
+        let extra = crate::rate::walk_tokens(walked);
+        if extra > 0 {
+            let wait = self.bucket.take(extra as f64, now);
+            self.charge(wait, now);
+            self.charge_shared(Kind::Publish, extra as f64, now);
+            self.walk_tokens += extra;
+            self.shared.metrics.walk_charged(extra);
+        }
         // What the publish stored counts in the stored-bytes rates (address, account) — when
         // one is set: off (the default) it costs no second look-up of the address's buckets.
         let l = &self.shared.config.limits;

@@ -28,6 +28,12 @@ use crate::store::Tenant;
 
 /// What a subscription of `levels` levels may cost the relay, in bytes: a fixed part
 /// (session record, index entry, target) and one index node per level, as measured.
+///
+/// Memory only, wildcards or not: what `+` levels cost in routing work (every publish on a
+/// path their prefixes match walks their nodes) is charged to the publisher instead
+/// (`rate::walk_tokens`, see `index`). Pricing `+` here would have to refuse ordinary
+/// filter sets to bound the walk — one tenant's 1,872 deep filters already reach 41,359
+/// nodes a publish — and would still not bound several tenants on one key id.
 pub(crate) fn cost(levels: usize) -> usize {
     512 + 544 * levels
 }

@@ -1,0 +1,193 @@
+//! The routing walk's cost is charged to the publisher, through the real relay.
+//!
+//! Matching a publish follows the exact child and the `+` child at every level of the
+//! subscription index, so wildcard filters can make one publish visit tens of thousands of
+//! index nodes under its routing shard's lock. The reviewer's construction: 1,872 filters of
+//! 32 levels on key id K (the most one tenant's default quota holds) — for filter `i`,
+//! level `j < 11` is `+` if bit `j` of `i` is set, else `p_j`; levels 11..=30 `+`; level 31
+//! a token `Z` no publish uses — make a publish on `P = [K, p_0 .. p_31]` visit 41,359
+//! nodes and match none of them. The publisher pays one publish rate token per 64 nodes
+//! beyond its publish's own one (`rate::walk_tokens`), and its connection leaves the light
+//! runtime (`hop::WALK_TOKENS_TO_MOVE`). Observed through the metrics, never through time.
+
+mod common;
+
+use common::*;
+use whispeer_protocol::{ErrorCode, Frame};
+use whispeer_relay::Config;
+
+const K: u8 = 7;
+const HONEST: u8 = 3;
+const Z: u8 = 200;
+const FILTERS: u32 = 1872;
+
+/// The filter `i` of the construction.
+fn filter(i: u32) -> whispeer_protocol::TokenPattern {
+    let elems: Vec<Option<u8>> = (0..32u8)
+        .map(|j| match j {
+            0..=10 if i & (1 << j) != 0 => None,
+            0..=10 => Some(j),
+            11..=30 => None,
+            _ => Some(Z),
+        })
+        .collect();
+    pattern(K, &elems, false)
+}
+
+/// The value of an unlabelled metric line (or a labelled one, given with its labels).
+fn metric(relay: &TestRelay, name: &str) -> u64 {
+    let text = relay.handle.metrics().render_prometheus(0);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+        .trim()
+        .parse()
+        .expect("an integer")
+}
+
+/// Waits until `name` reaches `want` (it is set by the relay's task after the frames the
+/// test waits on): an event, bounded by the helpers' generous timeout.
+async fn metric_reaches(relay: &TestRelay, name: &str, want: u64) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while metric(relay, name) < want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never reached {want}: {}",
+            metric(relay, name)
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
+/// Subscribes `ids` (pipelined), then reads their `SubOk`s.
+async fn subscribe_all(c: &mut Client, ids: impl Iterator<Item = u32> + Clone) {
+    for i in ids.clone() {
+        c.send(&sub_frame(u64::from(i), filter(i))).await;
+    }
+    for i in ids {
+        match c.recv().await {
+            Frame::SubOk(s) => assert_eq!(s.sub_id, u64::from(i)),
+            other => panic!("expected SubOk for {i}, got {other:?}"),
+        }
+    }
+}
+
+async fn greeted(relay: &TestRelay, from: &str) -> Client {
+    let mut c = Client::tcp_from(relay.tcp(), from).await;
+    c.hello().await;
+    c
+}
+
+/// The attacker's 1,872 filters on K (two connections, `max_subscriptions` 1,000 each;
+/// the tenant's byte quota refuses a 1,873rd), an honest tenant subscribed to P exactly and
+/// to a path of its own key id, and publishers. A publish on P is charged 646 tokens
+/// beyond its own (41,391 nodes: the construction's 41,359 and the honest exact filter's
+/// 32); an honest publish none. The expensive publisher goes into debt on its second publish
+/// (publish_rate 1/s, burst 1,000: 1,000 − 647 − 647 < 0) and its reads pause; it leaves the
+/// light runtime for its walks; the honest tenant gets every message meant for it —
+/// including both publishes on P, which the construction did not make the relay miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expensive_walk_is_charged_to_its_publisher_and_honest_deliveries_go_on() {
+    let mut config = Config::ephemeral();
+    config.limits.publish_rate = 1;
+    config.limits.publish_burst = 1000;
+    let relay = TestRelay::start(config).await;
+
+    let mut attackers = [
+        greeted(&relay, "127.0.0.1").await,
+        greeted(&relay, "127.0.0.1").await,
+    ];
+    let half = FILTERS / 2;
+    subscribe_all(&mut attackers[0], 0..half).await;
+    subscribe_all(&mut attackers[1], half..FILTERS).await;
+    // The construction is all the tenant's quota holds (17,920 bytes a 32-level filter,
+    // 32 MiB): the next one is refused.
+    attackers[1].send(&sub_frame(9999, filter(0))).await;
+    let e = attackers[1].expect_err().await;
+    assert_eq!(e.code, ErrorCode::TooManySubscriptions, "{e:?}");
+
+    let path: Vec<u8> = (0..32).collect();
+    let mut honest = greeted(&relay, "127.0.0.2").await;
+    honest.subscribe(1, exact(K, &path)).await;
+    honest.subscribe(2, exact(HONEST, &[1])).await;
+
+    // An honest publish: no walk charge.
+    let mut honest_pub = greeted(&relay, "127.0.0.4").await;
+    let before = metric(&relay, "whispeer_relay_walk_tokens_total");
+    honest_pub.publish(envelope(HONEST, &[1])).await;
+    assert_eq!(honest.expect_msg().await.envelope, envelope(HONEST, &[1]));
+    assert_eq!(
+        metric(&relay, "whispeer_relay_walk_tokens_total"),
+        before,
+        "an honest publish is charged its one token"
+    );
+
+    // The expensive publisher, on an address of its own (so it starts light, unless the
+    // light runtime is full under a loaded machine).
+    let started = metric(&relay, "whispeer_relay_light_started_total");
+    let mut expensive = greeted(&relay, "127.0.0.3").await;
+    let started_light = metric(&relay, "whispeer_relay_light_started_total") > started;
+    let walks = metric(&relay, "whispeer_relay_route_nodes_visited_count");
+    let big = metric(
+        &relay,
+        "whispeer_relay_route_nodes_visited_bucket{le=\"65536\"}",
+    ) - metric(
+        &relay,
+        "whispeer_relay_route_nodes_visited_bucket{le=\"16384\"}",
+    );
+    expensive.publish(envelope_sized(K, &path, 64)).await;
+    assert_eq!(honest.expect_msg().await.envelope, envelope(K, &path));
+    metric_reaches(&relay, "whispeer_relay_walk_tokens_total", before + 646).await;
+    assert_eq!(
+        metric(&relay, "whispeer_relay_walk_tokens_total"),
+        before + 646,
+        "41,391 nodes / 64"
+    );
+    assert_eq!(
+        metric(&relay, "whispeer_relay_route_nodes_visited_count"),
+        walks + 1
+    );
+    assert_eq!(
+        metric(
+            &relay,
+            "whispeer_relay_route_nodes_visited_bucket{le=\"65536\"}"
+        ) - metric(
+            &relay,
+            "whispeer_relay_route_nodes_visited_bucket{le=\"16384\"}"
+        ),
+        big + 1,
+        "the walk is in the 16,384..65,536 bucket"
+    );
+    eprintln!("the expensive publisher started on the light runtime: {started_light}");
+    if started_light {
+        metric_reaches(
+            &relay,
+            "whispeer_relay_light_moves_total{cause=\"walking\"}",
+            1,
+        )
+        .await;
+    }
+    // Not yet slowed: the burst held the first one.
+    assert_eq!(metric(&relay, "whispeer_relay_throttled_total"), 0);
+
+    // The second takes the connection into debt: its reads pause (backpressure).
+    expensive.publish(envelope(K, &path)).await;
+    assert_eq!(honest.expect_msg().await.envelope, envelope(K, &path));
+    metric_reaches(&relay, "whispeer_relay_throttled_total", 1).await;
+    assert_eq!(
+        metric(&relay, "whispeer_relay_walk_tokens_total"),
+        before + 2 * 646
+    );
+
+    // The honest tenant's deliveries go on meanwhile.
+    honest_pub.publish(envelope(HONEST, &[1])).await;
+    assert_eq!(honest.expect_msg().await.envelope, envelope(HONEST, &[1]));
+    assert_eq!(
+        metric(&relay, "whispeer_relay_walk_tokens_total"),
+        before + 2 * 646
+    );
+
+    drop((attackers, honest, honest_pub, expensive));
+    relay.stop().await;
+}
