@@ -1063,6 +1063,65 @@ fn invite_carries_dictionaries_to_the_invitee() {
     );
     assert!(e.contains("not a dictionary"), "{e}");
     assert!(!e.contains(&tree), "{e}");
+    // So is a relay account key (`auth-keygen --out`) and a PEM private key of any label,
+    // wherever in the file (after a BOM, blank lines or a comment): each error names what
+    // was found and quotes none of it.
+    ok(run(&["auth-keygen", "--out", &path("acct.key")]));
+    let acct = std::fs::read_to_string(path("acct.key")).unwrap();
+    let pem_body = "MC4CAQAwBQYDK2VwBCIEIJ+DYvh6SEqVTm50DFtMDoQikTmiCqirVv9mWG9qfSnF";
+    let secrets = [
+        ("acct.key", acct.clone(), "relay account key (wsp_acct_sk_"),
+        (
+            "pkcs8.pem",
+            format!("-----BEGIN PRIVATE KEY-----\n{pem_body}\n-----END PRIVATE KEY-----\n"),
+            "PEM private key",
+        ),
+        (
+            "ssh.key",
+            format!(
+                "\u{feff}\n  -----BEGIN OPENSSH PRIVATE KEY-----\n{pem_body}\n\
+                 -----END OPENSSH PRIVATE KEY-----\n"
+            ),
+            "PEM private key",
+        ),
+        (
+            "ec.pem",
+            format!(
+                "# mine\n-----BEGIN EC PRIVATE KEY-----\n{pem_body}\n-----END EC PRIVATE KEY-----"
+            ),
+            "PEM private key",
+        ),
+        (
+            "rsa.pem",
+            format!("-----BEGIN RSA PRIVATE KEY-----\n{pem_body}\n-----END RSA PRIVATE KEY-----"),
+            "PEM private key",
+        ),
+        (
+            "token.txt",
+            format!("wsp_tok_{}\n", "ab".repeat(32)),
+            "bearer token",
+        ),
+    ];
+    for (name, text, named) in &secrets {
+        write_file(dir.path(), name, text);
+        let e = fails(
+            seal(&[
+                "--key-file",
+                tree_file.to_str().unwrap(),
+                "--dict",
+                &path(name),
+            ]),
+            1,
+        );
+        assert!(
+            e.contains("not a dictionary") && e.contains(named),
+            "{name}: {e}"
+        );
+        assert!(
+            !e.contains(pem_body) && !e.contains(acct.trim()),
+            "{name}: {e}"
+        );
+    }
     // --no-dicts: the format-2 invite, the grant alone.
     let plain = ok(seal(&["--key-file", &path("admin.key"), "--no-dicts"]));
     assert_eq!(show(&plain)["format"], 2);

@@ -234,15 +234,17 @@ pub fn read_dictionary(path: &Path) -> Result<Dictionary> {
         std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
     );
     let text = std::str::from_utf8(&bytes).ok().map(str::trim);
-    if let Some(t) = text.filter(|t| !is_dict_string(t)) {
+    if !text.is_some_and(is_dict_string) {
         // Any file of the right size is a raw dictionary, and dictionaries travel in
-        // invites: a key file named by mistake would hand its keys to the invitee.
-        if holds_secret_string(t) {
-            anyhow::bail!(
-                "{} holds a key, identity or invite string, not a dictionary: refusing to use \
-                 it as one (dictionaries are shared with invitees)",
-                path.display()
-            );
+        // invites: a key file named by mistake would hand its keys to the invitee. Binary
+        // files are scanned too (a PEM key with a stray byte is still a key).
+        let scanned = String::from_utf8_lossy(&bytes);
+        if let Some(found) = secret_in(&scanned) {
+            return Err(NotADictionary {
+                path: path.to_owned(),
+                found,
+            }
+            .into());
         }
     }
     match text {
@@ -252,14 +254,110 @@ pub fn read_dictionary(path: &Path) -> Result<Dictionary> {
     .with_context(|| format!("invalid dictionary in {}", path.display()))
 }
 
-/// Whether `text` holds a secret key string anywhere (a tree key, grant, identity secret,
-/// passphrase-locked key or invite), case-insensitively.
-fn holds_secret_string(text: &str) -> bool {
+/// A secret found where a dictionary was expected (`--dict FILE`): refused, because
+/// dictionaries are shared with invitees.
+#[derive(Debug)]
+pub struct NotADictionary {
+    /// The file named as a dictionary.
+    pub path: PathBuf,
+    /// What it holds.
+    pub found: SecretKind,
+}
+
+impl std::fmt::Display for NotADictionary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} holds {}, not a dictionary: refusing to use it as one (dictionaries are \
+             shared with invitees)",
+            self.path.display(),
+            self.found
+        )
+    }
+}
+
+impl std::error::Error for NotADictionary {}
+
+/// The kinds of secret [`secret_in`] recognises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretKind {
+    /// `wstree1…`
+    TreeKey,
+    /// `wskey1…`
+    Grant,
+    /// `wssec1…`
+    Identity,
+    /// `wslocked1…`
+    Locked,
+    /// `wsinv1…`
+    Invite,
+    /// `wsp_acct_sk_…` (`whispeer auth-keygen`, `whispeer-relay account add`).
+    AccountKey,
+    /// `wsp_tok_…` (`whispeer-relay account add --token`).
+    BearerToken,
+    /// `-----BEGIN … PRIVATE KEY-----` (PKCS#8, RSA, EC, OpenSSH, PGP, …).
+    PemPrivateKey,
+    /// `-----BEGIN … NKEY SEED-----` (a NATS credentials file).
+    NatsSeed,
+}
+
+impl std::fmt::Display for SecretKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SecretKind::TreeKey => "a tree key (wstree1…)",
+            SecretKind::Grant => "a grant (wskey1…)",
+            SecretKind::Identity => "an identity secret (wssec1…)",
+            SecretKind::Locked => "a passphrase-locked secret (wslocked1…)",
+            SecretKind::Invite => "an invite (wsinv1…)",
+            SecretKind::AccountKey => "a relay account key (wsp_acct_sk_…)",
+            SecretKind::BearerToken => "a relay bearer token (wsp_tok_…)",
+            SecretKind::PemPrivateKey => "a PEM private key (-----BEGIN … PRIVATE KEY-----)",
+            SecretKind::NatsSeed => "a NATS credentials seed (-----BEGIN … NKEY SEED-----)",
+        })
+    }
+}
+
+/// The first secret `text` holds anywhere (so leading whitespace, a BOM or comments do not
+/// hide it), case-insensitively: a whispeer key string (tree key, grant, identity secret,
+/// passphrase-locked key, invite), a relay account key or bearer token, a PEM private key
+/// or a NATS seed.
+pub fn secret_in(text: &str) -> Option<SecretKind> {
     use whispeer_protocol::text::hrp;
     let lower = text.to_ascii_lowercase();
-    [hrp::TREE, hrp::GRANT, hrp::SECRET, hrp::LOCKED, hrp::INVITE]
-        .iter()
-        .any(|h| lower.contains(&format!("{h}1")))
+    let has = |needle: &str| lower.contains(needle);
+    let kinds = [
+        (hrp::TREE, SecretKind::TreeKey),
+        (hrp::GRANT, SecretKind::Grant),
+        (hrp::SECRET, SecretKind::Identity),
+        (hrp::LOCKED, SecretKind::Locked),
+        (hrp::INVITE, SecretKind::Invite),
+    ];
+    if let Some((_, k)) = kinds.iter().find(|(h, _)| has(&format!("{h}1"))) {
+        return Some(*k);
+    }
+    if has(&whispeer::ACCOUNT_KEY_PREFIX.to_ascii_lowercase()) {
+        return Some(SecretKind::AccountKey);
+    }
+    // whispeer-relay's `accounts::TOKEN_PREFIX`.
+    if has("wsp_tok_") {
+        return Some(SecretKind::BearerToken);
+    }
+    // A PEM armour line `-----BEGIN <label>-----` whose label names a private key or seed.
+    let mut rest = lower.as_str();
+    while let Some(i) = rest.find("-----begin ") {
+        rest = &rest[i + "-----begin ".len()..];
+        let label = rest.split("-----").next().unwrap_or("");
+        if label.len() <= 64 {
+            // PKCS#8 (encrypted too), RSA, EC, DSA, OpenSSH, PGP ("… PRIVATE KEY BLOCK").
+            if label.contains("private key") {
+                return Some(SecretKind::PemPrivateKey);
+            }
+            if label.ends_with("nkey seed") {
+                return Some(SecretKind::NatsSeed);
+            }
+        }
+    }
+    None
 }
 
 /// Key strings from a positional argument (`-` = stdin), else from the key flags and
