@@ -1025,8 +1025,10 @@ fn invite_carries_dictionaries_to_the_invitee() {
         (std::fs::read_to_string(out).unwrap(), err)
     };
 
-    // From the key file holding the tree key and the dictionary.
-    let o = seal(&["--key-file", &path("admin.key")]);
+    // From the key file holding the tree key and the dictionary: the grant is narrowed
+    // (--path tele), so it travels with --with-dicts only (see
+    // a_narrowed_invite_leaves_the_key_files_dictionaries_behind).
+    let o = seal(&["--key-file", &path("admin.key"), "--with-dicts"]);
     assert!(
         stderr(&o).contains(&format!("1 zstd dictionary: {id}")),
         "{}",
@@ -1146,6 +1148,81 @@ fn invite_carries_dictionaries_to_the_invitee() {
     let (status, _, _) = bob_sub.finish();
     assert!(status.success());
     grant_only.missing_dictionary(&id);
+}
+
+/// The keys do not record which topics a dictionary serves, so an invite narrowed with
+/// `--path`/`--topic` leaves the key file's `wsdict1…` lines behind (and says so): an admin
+/// inviting someone to `sensor/#` does not hand them a dictionary trained on other topics.
+/// Un-narrowed, the invite carries them as before; `--with-dicts` carries them anyway.
+#[test]
+fn a_narrowed_invite_leaves_the_key_files_dictionaries_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let (alice, _, _) = keygen(dir.path(), "alice.id");
+    let (bob, bob_public, _) = keygen(dir.path(), "bob.id");
+    let (_, dict_key, id) = new_dictionary(dir.path(), "private");
+    let (_, tree) = new_tree(dir.path(), "home");
+    let dict_line = std::fs::read_to_string(&dict_key).unwrap();
+    write_file(dir.path(), "admin.key", &format!("{tree}\n{dict_line}"));
+    let seal = |extra: &[&str]| {
+        let admin = path("admin.key");
+        let mut args = vec![
+            "invite",
+            "seal",
+            "--to",
+            &bob_public,
+            "--identity",
+            alice.to_str().unwrap(),
+            "--key-file",
+            &admin,
+        ];
+        args.extend_from_slice(extra);
+        let o = run(&args);
+        let err = stderr(&o);
+        (ok(o), err)
+    };
+    let opened = std::cell::Cell::new(0);
+    let open = |inv: &str| {
+        opened.set(opened.get() + 1);
+        let out = path(&format!("bob{}.key", opened.get()));
+        ok(run_with(
+            &[
+                "invite",
+                "open",
+                "--identity",
+                bob.to_str().unwrap(),
+                "--out",
+                &out,
+            ],
+            inv,
+            &[],
+        ));
+        std::fs::read_to_string(out).unwrap()
+    };
+
+    // Narrowed to sensor/#: the grant alone (format 2), and a warning naming the way back.
+    let (inv, err) = seal(&["--path", "sensor"]);
+    assert_eq!(show(&inv)["format"], 2, "{err}");
+    let keys = open(&inv);
+    assert!(!keys.to_ascii_lowercase().contains("wsdict1"), "{keys}");
+    assert_eq!(show(keys.trim())["scope"], "sensor/#");
+    assert!(
+        err.contains("carries none") && err.contains(&id) && err.contains("--with-dicts"),
+        "{err}"
+    );
+    // So with --topic.
+    let (inv, _) = seal(&["--topic", "sensor/kitchen"]);
+    assert!(!open(&inv).to_ascii_lowercase().contains("wsdict1"));
+
+    // Un-narrowed (the whole tree): the dictionary travels, as before.
+    let (inv, err) = seal(&[]);
+    assert_eq!(show(&inv)["format"], 3, "{err}");
+    let keys = open(&inv);
+    assert!(keys.lines().any(|l| l == dict_line.trim()), "{keys}");
+    assert!(!err.contains("carries none"), "{err}");
+    // Narrowed with --with-dicts: carried, as asked.
+    let (inv, _) = seal(&["--path", "sensor", "--with-dicts"]);
+    assert!(open(&inv).lines().any(|l| l == dict_line.trim()));
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]

@@ -185,10 +185,10 @@ pub enum KeyCommand {
 #[derive(Debug, Subcommand)]
 pub enum InviteCommand {
     /// Seal a key to a recipient's public id (wsid1…): prints an invite (wsinv1…) that only
-    /// they can open, signed by your identity. Safe to send over any channel. The zstd
-    /// dictionaries (wsdict1…) among the key strings given, and --dict files, travel in it
-    /// (the keys do not record which topic uses which dictionary: give only those the
-    /// recipient's topics need, or --no-dicts).
+    /// they can open, signed by your identity. Safe to send over any channel. --dict files
+    /// travel in it, and so do the zstd dictionaries (wsdict1…) among the key strings given
+    /// unless --path/--topic narrows the grant: the keys do not record which topic uses
+    /// which dictionary, so a narrowed invite carries them only with --with-dicts.
     Seal {
         /// The recipient's public id (wsid1…, as printed by their `whispeer keygen`).
         #[arg(long, value_name = "PUBLIC_ID")]
@@ -205,6 +205,10 @@ pub enum InviteCommand {
         /// Carry no dictionary, not even the wsdict1… lines among the keys.
         #[arg(long, conflicts_with = "dicts")]
         no_dicts: bool,
+        /// Carry the wsdict1… lines among the keys even when --path/--topic narrows the
+        /// grant (they may have been trained on topics outside it).
+        #[arg(long, conflicts_with = "no_dicts")]
+        with_dicts: bool,
         #[command(flatten)]
         identity: IdentityArgs,
         #[command(flatten)]
@@ -635,6 +639,7 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
             expires_in,
             dicts,
             no_dicts,
+            with_dicts,
             identity,
             src,
         } => {
@@ -648,11 +653,25 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
             let recipient = PublicId::from_str(to).context("invalid --to public id")?;
             let me = identity.require()?;
             let (k, mut carried) = io::key_and_dictionaries(key.as_deref(), &src)?;
+            let g = narrow(&k, Some(&me), n.path.as_deref(), n.topic.as_deref())?;
+            // The keys do not say which topics a wsdict1… line among them serves (a
+            // dictionary is content: it reveals what its training messages had in common),
+            // so a grant narrowed here leaves them behind unless asked; --dict files were
+            // named for this invite and travel.
+            if !no_dicts && !with_dicts && !carried.is_empty() && g.scope() != k.grant().scope() {
+                io::warn(format!(
+                    "the invite is narrowed to {} and the keys do not record which topics \
+                     their {} serve: it carries none of them (--with-dicts carries them, \
+                     --dict FILE one of them)",
+                    io::quoted(&g.scope().to_string()),
+                    dictionary_list(&carried)
+                ));
+                carried.clear();
+            }
             carried.extend(dicts.load()?);
             if no_dicts {
                 carried.clear();
             }
-            let g = narrow(&k, Some(&me), n.path.as_deref(), n.topic.as_deref())?;
             let expiry = whispeer::now_ms().saturating_add(expires_in.saturating_mul(1000));
             let inv = Invite::seal_with_dictionaries(
                 &g,
