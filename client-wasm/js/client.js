@@ -1536,7 +1536,9 @@ export class Client {
     let refused;
     for (const { grant, dictionaries, fromKeyring } of plan.grants) {
       try {
-        this.#eng.addGrant(grant, mono(), Date.now());
+        // `false`: ignored (its epoch is older than every epoch held of its tree), so an
+        // invite's dictionaries are not added either (PROTOCOL §7).
+        if (!this.#eng.addGrant(grant, mono(), Date.now())) continue;
       } catch (e) {
         if (!(fromKeyring && superseded(e))) refused ??= e;
         continue;

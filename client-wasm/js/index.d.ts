@@ -152,8 +152,12 @@ export class Keyring {
   addDictionary(dict: Uint8Array | string): string;
   /** The dictionaries as `wsdict1…` strings (secret like keys). */
   toDictionaryStrings(): string[];
-  /** Adds an opened invite's grant, then its dictionaries (nothing if the grant is refused). */
-  acceptInvite(invite: OpenedInvite): void;
+  /**
+   * Adds an opened invite's grant, then its dictionaries, and says what it did. A refused
+   * grant throws (nothing added); an ignored one — its epoch is older than every epoch held
+   * of its tree — adds nothing either and returns `accepted: false` with `ignoredReason`.
+   */
+  acceptInvite(invite: OpenedInvite): AcceptedInvite;
   /** The grants held, as key strings (not those a later grant made the keyring drop). */
   toKeyStrings(): string[];
   /** Number of grants held. */
@@ -185,6 +189,24 @@ export class OpenedInvite {
   /** Their ids (32 hex digits), in the same order. */
   readonly dictionaryIds: string[];
   free(): void;
+}
+
+/** What `Keyring.acceptInvite` did (PROTOCOL §7). */
+export interface AcceptedInvite {
+  /** The grant is held. `false`: ignored, and nothing (no dictionary either) was added. */
+  accepted: boolean;
+  /** Why it was ignored (only when `accepted` is false). */
+  ignoredReason?: string;
+  /** How the grant is held (only when accepted). */
+  provenance?: Provenance;
+  /** The grant's tree (32 hex digits), epoch and scope. */
+  treeId: string;
+  epoch: number;
+  scope: string;
+  /** Ids of the invite's dictionaries the keyring did not hold before. */
+  dictionariesAdded: string[];
+  /** Scopes of held grants this (admin-signed) grant contradicted and replaced. */
+  dropped: string[];
 }
 
 export interface SealInviteOptions {

@@ -71,7 +71,7 @@ fn seal_options(compression: Compression, padding: bool, suite: Suite) -> SealOp
 
 /// A grant's provenance as a JS object: `{ kind: "admin-signed" }`,
 /// `{ kind: "derived", from: SCOPE }` or `{ kind: "delegated", by: SENDER_ID }`.
-fn provenance_object(p: &Provenance) -> JsValue {
+pub(crate) fn provenance_object(p: &Provenance) -> JsValue {
     let o = Object::new();
     match p {
         Provenance::AdminSigned => set(&o, "kind", "admin-signed"),

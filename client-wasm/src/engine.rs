@@ -569,14 +569,25 @@ impl Engine {
         self.eng.close(n);
     }
 
-    /// Adds a grant at run time; subscriptions are re-made with the new keys.
+    /// Adds a grant at run time; subscriptions are re-made with the new keys. `false` when
+    /// the keyring ignored it (its epoch is older than every epoch held of its tree): then
+    /// nothing was added, and an invite's dictionaries must not be either.
     #[wasm_bindgen(js_name = addGrant)]
-    pub fn add_grant(&mut self, grant: &Grant, mono_ms: f64, unix_ms: f64) -> Result<(), JsValue> {
+    pub fn add_grant(
+        &mut self,
+        grant: &Grant,
+        mono_ms: f64,
+        unix_ms: f64,
+    ) -> Result<bool, JsValue> {
         let n = now(mono_ms, unix_ms);
-        self.core
+        let added = self
+            .core
             .keys_mut()
-            .add_grant_at(grant.inner.clone(), n.unix_ms)
+            .add_grant_report_at(grant.inner.clone(), n.unix_ms)
             .map_err(key_error)?;
+        if added.provenance.is_none() {
+            return Ok(false);
+        }
         self.eng.refresh_keys(n);
         if let Some(sv) = &mut self.saving {
             let kr = self.core.keyring.read().expect("keyring lock");
@@ -584,7 +595,7 @@ impl Engine {
             // A new epoch starts the previous one's grace: its time is saved at once.
             persist::superseded_all(&mut sv.journal, &kr.superseded_epochs());
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Adds a zstd dictionary (`wsdict1…` or raw bytes) at run time; returns its id.
@@ -592,7 +603,10 @@ impl Engine {
     pub fn add_dictionary(&mut self, dict: JsValue) -> Result<String, JsValue> {
         let d = crate::keys::parse_dictionary(&dict)?;
         let id = d.id().to_string();
-        self.core.keys_mut().add_dictionary(d);
+        self.core
+            .keys_mut()
+            .try_add_dictionary(d)
+            .map_err(key_error)?;
         Ok(id)
     }
 

@@ -303,7 +303,7 @@ impl Keyring {
     pub fn add_dictionary(&mut self, dict: JsValue) -> Result<String, JsValue> {
         let d = parse_dictionary(&dict)?;
         let id = d.id().to_string();
-        self.push_dictionary(d);
+        self.push_dictionary(d)?;
         Ok(id)
     }
 
@@ -325,8 +325,7 @@ impl Keyring {
         let hrp = |h: &str| s.get(..h.len()).is_some_and(|p| p.eq_ignore_ascii_case(h));
         if hrp("wsdict1") {
             let d = p::Dictionary::from_key_string(s).map_err(key_error)?;
-            self.push_dictionary(d);
-            Ok(())
+            self.push_dictionary(d)
         } else if hrp("wstree1") {
             self.push(
                 p::TreeKey::from_key_string(s)
@@ -339,15 +338,27 @@ impl Keyring {
     }
 
     /// Accepts an opened invite (PROTOCOL §7): adds its grant, then the zstd dictionaries it
-    /// carries. A refused grant adds nothing. Decide whether you trust `invite.inviter`
-    /// first.
+    /// carries, and returns what it did (`acceptedObject`): `{ accepted, ignoredReason?,
+    /// provenance?, treeId, epoch, scope, dictionariesAdded, dropped }`. A refused grant
+    /// throws and adds nothing; an ignored one (its epoch is older than every epoch held of
+    /// its tree) adds nothing either — no dictionary — and says so (`accepted: false`).
+    /// Decide whether you trust `invite.inviter` first.
     #[wasm_bindgen(js_name = acceptInvite)]
-    pub fn accept_invite(&mut self, invite: &OpenedInvite) -> Result<(), JsValue> {
-        self.push(invite.grant.clone())?;
-        for d in &invite.dictionaries {
-            self.push_dictionary(d.clone());
+    pub fn accept_invite(&mut self, invite: &OpenedInvite) -> Result<JsValue, JsValue> {
+        let out = self
+            .check
+            .accept_invite_at(&invite.inner, now_ms())
+            .map_err(key_error)?;
+        if out.is_accepted() {
+            self.grants.push(invite.inner.grant.clone());
+            self.keep_held();
+            for d in &invite.inner.dictionaries {
+                if !self.dictionaries.iter().any(|h| h.id() == d.id()) {
+                    self.dictionaries.push(d.clone());
+                }
+            }
         }
-        Ok(())
+        Ok(accepted_object(&out))
     }
 
     /// The grants held, as key strings (not those a later grant made the keyring drop).
@@ -384,10 +395,16 @@ impl Keyring {
         });
     }
 
-    fn push_dictionary(&mut self, d: p::Dictionary) {
+    /// Adds a dictionary unless held; refused (`KEY`) beyond the keyring's bound
+    /// (`p::MAX_DICTIONARIES`), checked by `check`, which holds every dictionary too.
+    fn push_dictionary(&mut self, d: p::Dictionary) -> Result<(), JsValue> {
         if !self.dictionaries.iter().any(|h| h.id() == d.id()) {
+            self.check
+                .try_add_dictionary(d.clone())
+                .map_err(key_error)?;
             self.dictionaries.push(d);
         }
+        Ok(())
     }
 
     /// A protocol keyring with every grant and dictionary (for one client).
@@ -407,10 +424,7 @@ impl Keyring {
 #[wasm_bindgen]
 #[derive(Debug)]
 pub struct OpenedInvite {
-    grant: p::Grant,
-    inviter: String,
-    expiry_ms: u64,
-    dictionaries: Vec<p::Dictionary>,
+    inner: p::Invite,
 }
 
 #[wasm_bindgen]
@@ -419,24 +433,25 @@ impl OpenedInvite {
     #[wasm_bindgen(getter)]
     pub fn grant(&self) -> Grant {
         Grant {
-            inner: self.grant.clone(),
+            inner: self.inner.grant.clone(),
         }
     }
     /// The inviter's sender id (`wspk1…`); decide whether you trust it.
     #[wasm_bindgen(getter)]
     pub fn inviter(&self) -> String {
-        self.inviter.clone()
+        self.inner.inviter.to_string()
     }
     /// Unix ms after which the invite is refused.
     #[wasm_bindgen(getter, js_name = expiresAt)]
     pub fn expires_at(&self) -> f64 {
-        self.expiry_ms as f64
+        self.inner.expiry_ms as f64
     }
     /// The zstd dictionaries it carries, as `wsdict1…` strings (secret like keys), by
     /// ascending id; empty for an invite without any.
     #[wasm_bindgen(getter)]
     pub fn dictionaries(&self) -> Vec<String> {
-        self.dictionaries
+        self.inner
+            .dictionaries
             .iter()
             .map(|d| d.to_key_string().to_string())
             .collect()
@@ -444,11 +459,40 @@ impl OpenedInvite {
     /// Their ids (32 hex digits each), in the same order: what `'zstd-dict:<id>'` names.
     #[wasm_bindgen(getter, js_name = dictionaryIds)]
     pub fn dictionary_ids(&self) -> Vec<String> {
-        self.dictionaries
+        self.inner
+            .dictionaries
             .iter()
             .map(|d| d.id().to_string())
             .collect()
     }
+}
+
+/// What accepting an invite did, for JS: `{ accepted, ignoredReason?, provenance?, treeId,
+/// epoch, scope, dictionariesAdded, dropped }` (README, "Invites").
+fn accepted_object(a: &p::Accepted) -> JsValue {
+    use crate::client::{provenance_object, set};
+    let o = js_sys::Object::new();
+    set(&o, "accepted", a.is_accepted());
+    if let Some(why) = &a.ignored {
+        set(&o, "ignoredReason", why.to_string());
+    }
+    if let Some(prov) = &a.provenance {
+        set(&o, "provenance", provenance_object(prov));
+    }
+    set(&o, "treeId", hex::encode(a.tree_id.0));
+    set(&o, "epoch", a.epoch as f64);
+    set(&o, "scope", a.scope.to_string());
+    let ids = js_sys::Array::new();
+    for id in &a.dictionaries_added {
+        ids.push(&JsValue::from(id.to_string()));
+    }
+    set(&o, "dictionariesAdded", ids);
+    let dropped = js_sys::Array::new();
+    for d in &a.dropped {
+        dropped.push(&JsValue::from(d.scope.to_string()));
+    }
+    set(&o, "dropped", dropped);
+    o.into()
 }
 
 /// Seals `grant` and `dictionaries` (an array of `wsdict1…` strings or `Uint8Array`s; may
@@ -485,13 +529,8 @@ pub fn seal_invite(
 /// Opens an invite (`wsinv1…`) addressed to `me`, checking its signature and expiry.
 #[wasm_bindgen(js_name = openInvite)]
 pub fn open_invite(invite: &str, me: &Identity) -> Result<OpenedInvite, JsValue> {
-    let i = p::Invite::open(invite.trim(), &me.inner, now_ms()).map_err(invite_error)?;
-    Ok(OpenedInvite {
-        grant: i.grant,
-        inviter: i.inviter.to_string(),
-        expiry_ms: i.expiry_ms,
-        dictionaries: i.dictionaries,
-    })
+    let inner = p::Invite::open(invite.trim(), &me.inner, now_ms()).map_err(invite_error)?;
+    Ok(OpenedInvite { inner })
 }
 
 /// [`TreeKey::from_passphrase`]'s parameters from its options (`get`: an option's number, NaN

@@ -116,6 +116,17 @@ pub enum KeyError {
     /// A locked secret string did not open: wrong passphrase, or damaged (one error).
     #[error("locked secret could not be opened (wrong passphrase, or damaged)")]
     Locked,
+    /// Adding these zstd dictionaries would make the keyring hold more than it may
+    /// (`keyring::MAX_DICTIONARIES`): a bound on the memory invites can take.
+    #[error("the keyring holds {held} zstd dictionaries; adding {adding} more would exceed the limit of {max} (remove some first)")]
+    TooManyDictionaries {
+        /// Dictionaries held.
+        held: usize,
+        /// New dictionaries being added.
+        adding: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// Why a message could not be sealed.

@@ -45,6 +45,10 @@ const PINS_FORMAT: u8 = 1;
 /// suffice for any order in which a later run adds its grants.
 const SUPERSEDED_KEPT_PER_TREE: usize = 8;
 const PIN_FLAG_PASSPHRASE: u8 = 0x01;
+/// Most zstd dictionaries (distinct ids) a keyring holds: a bound on the memory a member
+/// can make a victim spend by sending invites that each carry new dictionaries (256 of the
+/// largest, 112 KiB, are 28 MiB). Beyond it [`KeyError::TooManyDictionaries`].
+pub const MAX_DICTIONARIES: usize = 256;
 
 #[derive(Debug)]
 struct Held {
@@ -108,15 +112,73 @@ pub struct DroppedGrant {
     pub contradicted_by: Scope,
 }
 
+/// Why a grant was ignored: valid, but nothing was added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Ignored {
+    /// The grant's epoch is older than the oldest epoch the keyring holds of its tree: a
+    /// rotation the keyring already has superseded it (§5.8), so it is no longer accepted.
+    EpochTooOld {
+        /// The grant's epoch.
+        epoch: u64,
+        /// The oldest epoch held of the tree.
+        oldest_held: u64,
+    },
+}
+
+impl std::fmt::Display for Ignored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ignored::EpochTooOld { epoch, oldest_held } => write!(
+                f,
+                "epoch {epoch} is older than the oldest epoch held of the tree ({oldest_held}): \
+                 a rotation superseded it"
+            ),
+        }
+    }
+}
+
 /// What [`Keyring::add_grant_report_at`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Added {
     /// The provenance the grant is held with (`None`: its epoch is no longer accepted, so
-    /// nothing was added).
+    /// nothing was added; [`Added::ignored`] says why).
     pub provenance: Option<Provenance>,
     /// Grants dropped because this one, verified, contradicts them.
     pub dropped: Vec<DroppedGrant>,
+    /// Why nothing was added (`Some` exactly when `provenance` is `None`).
+    pub ignored: Option<Ignored>,
+}
+
+/// What [`Keyring::accept_invite_at`] did: the outcome to show whoever accepts an invite.
+/// It has the fields of [`Added`] (so code reading `provenance` and `dropped` reads them
+/// here too) and says what else happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Accepted {
+    /// The grant's tree.
+    pub tree_id: TreeId,
+    /// The grant's epoch.
+    pub epoch: u64,
+    /// The grant's scope.
+    pub scope: Scope,
+    /// The provenance the grant is held with; `None` when it was ignored (nothing added:
+    /// neither the grant nor its dictionaries).
+    pub provenance: Option<Provenance>,
+    /// Why the grant was ignored.
+    pub ignored: Option<Ignored>,
+    /// Grants dropped because this one, verified, contradicts them.
+    pub dropped: Vec<DroppedGrant>,
+    /// The invite's dictionaries the keyring did not hold before, by ascending id.
+    pub dictionaries_added: Vec<DictId>,
+}
+
+impl Accepted {
+    /// The grant is held (it was not ignored).
+    pub fn is_accepted(&self) -> bool {
+        self.provenance.is_some()
+    }
 }
 
 /// Everything needed to seal on one topic: the epoch keys, the topic's tokens (computed
@@ -300,6 +362,10 @@ impl Keyring {
                     return Ok(Added {
                         provenance: None,
                         dropped: Vec::new(),
+                        ignored: Some(Ignored::EpochTooOld {
+                            epoch,
+                            oldest_held: *oldest,
+                        }),
                     });
                 }
             }
@@ -447,6 +513,7 @@ impl Keyring {
         Ok(Added {
             provenance: Some(final_prov),
             dropped,
+            ignored: None,
         })
     }
 
@@ -671,28 +738,80 @@ impl Keyring {
     }
 
     /// Adds a zstd dictionary (§4.6.1): messages naming its id open, and topics whose
-    /// compression names it seal with it. `false` if it was already held. Dictionaries are
-    /// not bound to a tree or epoch: a body names one by the hash of its bytes.
+    /// compression names it seal with it. `false` if it was already held, or if the keyring
+    /// holds [`MAX_DICTIONARIES`] already ([`Keyring::try_add_dictionary`] tells the two
+    /// apart). Dictionaries are not bound to a tree or epoch: a body names one by the hash
+    /// of its bytes.
     pub fn add_dictionary(&mut self, d: Dictionary) -> bool {
-        self.dictionaries.insert(d)
+        self.try_add_dictionary(d).unwrap_or(false)
+    }
+
+    /// [`Keyring::add_dictionary`], failing with [`KeyError::TooManyDictionaries`] (keyring
+    /// unchanged) when it would hold more than [`MAX_DICTIONARIES`].
+    pub fn try_add_dictionary(&mut self, d: Dictionary) -> Result<bool, KeyError> {
+        if self.dictionaries.get(&d.id()).is_some() {
+            return Ok(false);
+        }
+        self.check_dictionary_room(1)?;
+        Ok(self.dictionaries.insert(d))
+    }
+
+    /// Refuses `more` new dictionaries beyond [`MAX_DICTIONARIES`].
+    fn check_dictionary_room(&self, more: usize) -> Result<(), KeyError> {
+        let held = self.dictionaries.len();
+        if held.saturating_add(more) > MAX_DICTIONARIES {
+            return Err(KeyError::TooManyDictionaries {
+                held,
+                adding: more,
+                max: MAX_DICTIONARIES,
+            });
+        }
+        Ok(())
     }
 
     /// Accepts an opened invite (§7): adds its grant as [`Keyring::add_grant_report_at`]
-    /// does, then the zstd dictionaries it carries. A refused grant leaves the keyring
-    /// unchanged (no dictionary is added either). Whether to trust `invite.inviter` is the
+    /// does, then the zstd dictionaries it carries, and says what it did.
+    ///
+    /// Nothing is added — no dictionary either — when the grant is refused (an error, the
+    /// keyring unchanged), when it is ignored (`Ok`, [`Accepted::ignored`] says why: its
+    /// epoch is older than every epoch held of its tree), or when its new dictionaries
+    /// would make the keyring hold more than [`MAX_DICTIONARIES`]
+    /// ([`KeyError::TooManyDictionaries`]). Whether to trust `invite.inviter` is the
     /// caller's decision, made before.
-    pub fn accept_invite_at(&mut self, invite: &Invite, now_ms: u64) -> Result<Added, KeyError> {
+    pub fn accept_invite_at(&mut self, invite: &Invite, now_ms: u64) -> Result<Accepted, KeyError> {
+        let new: Vec<&Dictionary> = invite
+            .dictionaries
+            .iter()
+            .filter(|d| self.dictionaries.get(&d.id()).is_none())
+            .collect();
+        self.check_dictionary_room(new.len())?;
+        let new: Vec<Dictionary> = new.into_iter().cloned().collect();
         let added = self.add_grant_report_at(invite.grant.clone(), now_ms)?;
-        for d in &invite.dictionaries {
-            self.add_dictionary(d.clone());
+        let mut dictionaries_added = Vec::new();
+        if added.provenance.is_some() {
+            for d in new {
+                let id = d.id();
+                if self.dictionaries.insert(d) {
+                    dictionaries_added.push(id);
+                }
+            }
         }
-        Ok(added)
+        let keys = invite.grant.epoch_keys();
+        Ok(Accepted {
+            tree_id: keys.tree_id(),
+            epoch: keys.epoch(),
+            scope: invite.grant.scope().clone(),
+            provenance: added.provenance,
+            ignored: added.ignored,
+            dropped: added.dropped,
+            dictionaries_added,
+        })
     }
 
     /// [`Keyring::accept_invite_at`] now (the system clock). Not on
     /// `wasm32-unknown-unknown`: use [`Keyring::accept_invite_at`].
     #[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
-    pub fn accept_invite(&mut self, invite: &Invite) -> Result<Added, KeyError> {
+    pub fn accept_invite(&mut self, invite: &Invite) -> Result<Accepted, KeyError> {
         self.accept_invite_at(invite, wall_clock_ms())
     }
 
@@ -1675,5 +1794,126 @@ mod tests {
         assert!(o.open_with(&kr, &ok, 6_000, false).is_ok());
         assert!(o.open_with(&kr, &late, 6_000, false).is_err());
         assert!(o.open_with(&kr, &late, 6_000, true).is_err());
+    }
+
+    fn test_dict(i: u32) -> Dictionary {
+        Dictionary::new(
+            format!("{{\"room\":\"r{i}\",\"celsius\":21.5}}")
+                .repeat(3)
+                .into_bytes(),
+        )
+        .unwrap()
+    }
+
+    /// Review finding (A): an invite whose grant the keyring ignores (its epoch is older
+    /// than every epoch held) added its dictionaries anyway, and nobody could tell.
+    #[test]
+    fn an_ignored_invite_adds_no_dictionary_and_says_why() {
+        let mut r = rng(40);
+        let tk0 = TreeKey::generate_with("home", &mut r).unwrap();
+        let tk1 = tk0.rotate(1_000, &mut r).unwrap();
+        let tk2 = tk1.rotate(2_000, &mut r).unwrap();
+        let (admin, bob) = (
+            Identity::generate_with(&mut r),
+            Identity::generate_with(&mut r),
+        );
+        let mut kr = Keyring::new();
+        kr.add_tree_key_at(&tk0, 0).unwrap();
+        kr.add_tree_key_at(&tk1, 1_000).unwrap();
+        kr.add_tree_key_at(&tk2, 2_000).unwrap(); // epoch 0 dropped: 1 and 2 held
+        let d = test_dict(1);
+        let old = Invite::seal_with_dictionaries(
+            &tk0.grant_all(),
+            std::slice::from_ref(&d),
+            &admin,
+            &bob.public_id(),
+            u64::MAX,
+            &mut r,
+        )
+        .unwrap();
+        let old = Invite::open(&old, &bob, 3_000).unwrap();
+        let out = kr.accept_invite_at(&old, 3_000).unwrap();
+        assert!(!out.is_accepted());
+        assert_eq!(out.provenance, None);
+        assert_eq!(
+            out.ignored,
+            Some(Ignored::EpochTooOld {
+                epoch: 0,
+                oldest_held: 1
+            })
+        );
+        assert_eq!((out.tree_id, out.epoch), (tk0.tree_id(), 0));
+        assert!(out.dictionaries_added.is_empty());
+        assert!(
+            kr.dictionaries().is_empty(),
+            "an ignored grant adds no dictionary"
+        );
+        // Control: the same dictionary with a current grant is added, and reported.
+        let cur = Invite::seal_with_dictionaries(
+            &tk2.grant_all(),
+            std::slice::from_ref(&d),
+            &admin,
+            &bob.public_id(),
+            u64::MAX,
+            &mut r,
+        )
+        .unwrap();
+        let out = kr
+            .accept_invite_at(&Invite::open(&cur, &bob, 3_000).unwrap(), 3_000)
+            .unwrap();
+        assert!(out.is_accepted() && out.ignored.is_none());
+        assert_eq!(out.provenance, Some(Provenance::AdminSigned));
+        assert_eq!(out.dictionaries_added, vec![d.id()]);
+        assert!(kr.dictionary(&d.id()).is_some());
+    }
+
+    /// Review finding (A): a keyring held every dictionary it was given, so a member sending
+    /// invites with new dictionaries grew a victim's memory without bound.
+    #[test]
+    fn the_dictionaries_a_keyring_holds_are_bounded() {
+        let mut r = rng(41);
+        let tk = TreeKey::generate_with("home", &mut r).unwrap();
+        let (mallory, bob) = (
+            Identity::generate_with(&mut r),
+            Identity::generate_with(&mut r),
+        );
+        let mut kr = Keyring::new();
+        for i in 0..MAX_DICTIONARIES as u32 {
+            assert!(kr.add_dictionary(test_dict(i)));
+        }
+        let one_more = test_dict(MAX_DICTIONARIES as u32);
+        assert!(!kr.add_dictionary(one_more.clone()));
+        assert_eq!(
+            kr.try_add_dictionary(one_more.clone()),
+            Err(KeyError::TooManyDictionaries {
+                held: MAX_DICTIONARIES,
+                adding: 1,
+                max: MAX_DICTIONARIES
+            })
+        );
+        // One already held is not "more".
+        assert_eq!(kr.try_add_dictionary(test_dict(0)), Ok(false));
+        // An invite carrying a new one is refused whole: neither its grant nor it is added.
+        let inv = Invite::seal_with_dictionaries(
+            &tk.grant_all(),
+            &[one_more.clone(), test_dict(1)],
+            &mallory,
+            &bob.public_id(),
+            u64::MAX,
+            &mut r,
+        )
+        .unwrap();
+        let inv = Invite::open(&inv, &bob, 0).unwrap();
+        assert!(matches!(
+            kr.accept_invite_at(&inv, 0),
+            Err(KeyError::TooManyDictionaries { adding: 1, .. })
+        ));
+        assert!(kr.is_empty());
+        assert_eq!(kr.dictionaries().len(), MAX_DICTIONARIES);
+        // Room made, it is accepted.
+        assert!(kr.remove_dictionary(&test_dict(7).id()));
+        let out = kr.accept_invite_at(&inv, 0).unwrap();
+        assert_eq!(out.dictionaries_added, vec![one_more.id()]);
+        assert_eq!(kr.dictionaries().len(), MAX_DICTIONARIES);
     }
 }

@@ -85,7 +85,9 @@ pub use identity::{Identity, PublicId, SenderId};
 #[cfg(feature = "keys")]
 pub use invite::Invite;
 #[cfg(feature = "keys")]
-pub use keyring::{Added, DroppedGrant, Keyring, Pin, TopicKey};
+pub use keyring::{
+    Accepted, Added, DroppedGrant, Ignored, Keyring, Pin, TopicKey, MAX_DICTIONARIES,
+};
 #[cfg(feature = "keys")]
 pub use seal::{
     Compression, MessageId, Opened, Opener, Outgoing, Padding, Prepared, SealOptions, Sealer,

@@ -149,3 +149,38 @@ test('a refused invite adds none of its dictionaries (PROTOCOL §7); an accepted
   client.addKeys(accepted);
   await client.publish('sensor/x', 3, { ack: true });
 });
+
+test('an invite whose grant is ignored (an epoch older than every epoch held) adds nothing and says so', async () => {
+  const t0 = TreeKey.generate('ignored-invite');
+  const t1 = t0.rotate();
+  const t2 = t1.rotate();
+  const kr = new Keyring();
+  for (const t of [t0, t1, t2]) kr.addTreeKey(t); // epoch 0 is dropped by the second rotation
+  const dict = new Keyring();
+  const id = dict.addDictionary(dictBytes);
+  const [me, inviter] = [Identity.generate(), Identity.generate()];
+  const old = openInvite(sealInvite(t0.grant('#'), inviter, me.publicId, { dictionaries: dict }), me);
+  const out = kr.acceptInvite(old);
+  assert.equal(out.accepted, false);
+  assert.match(out.ignoredReason, /older than the oldest epoch held/);
+  assert.equal(out.provenance, undefined);
+  assert.equal(out.epoch, 0);
+  assert.equal(out.treeId, t0.treeId);
+  assert.deepEqual(out.dictionariesAdded, []);
+  assert.deepEqual(kr.toDictionaryStrings(), [], 'an ignored grant adds no dictionary');
+
+  // The client's run-time path (`addKeys`) adds nothing either.
+  const client = await connect({ identity: me, keys: t2, compression: `zstd-dict:${id}` });
+  client.addKeys(old);
+  const lacksDict = (e) => e.code !== undefined && /dictionary/.test(e.message);
+  await assert.rejects(client.publish('sensor/x', 1, { ack: true }), lacksDict, 'the ignored invite added its dictionary');
+
+  // Control: the current epoch's grant with the same dictionary is accepted, and says so.
+  const cur = kr.acceptInvite(openInvite(sealInvite(t2.grant('sensor/#'), inviter, me.publicId, { dictionaries: dict }), me));
+  assert.equal(cur.accepted, true);
+  assert.equal(cur.ignoredReason, undefined);
+  assert.deepEqual(cur.provenance, { kind: 'admin-signed' });
+  assert.equal(cur.scope, 'sensor/#');
+  assert.deepEqual(cur.dictionariesAdded, [id]);
+  assert.deepEqual(cur.dropped, []);
+});

@@ -106,19 +106,35 @@ impl Client {
 
     /// Accepts an opened invite at run time, as `Keyring::accept_invite` does: adds its
     /// grant, then the zstd dictionaries it carries (PROTOCOL §7), and re-subscribes so
-    /// existing subscriptions cover the grant. A refused grant adds nothing. Decide whether you trust
+    /// existing subscriptions cover the grant. A refused grant adds nothing, nor does an
+    /// ignored one (its epoch is older than every epoch held of its tree): use
+    /// [`Client::accept_invite_outcome`] to learn which. Decide whether you trust
     /// `invite.inviter` first.
     pub fn accept_invite(
         &self,
         invite: &whispeer_protocol::Invite,
     ) -> Result<(), whispeer_protocol::KeyError> {
-        self.inner
+        self.accept_invite_outcome(invite).map(|_| ())
+    }
+
+    /// [`Client::accept_invite`], returning what it did: whether the grant is held
+    /// ([`Accepted::is_accepted`](whispeer_protocol::Accepted::is_accepted); if not,
+    /// `ignored` says why and nothing was added), its provenance, the dictionaries added and
+    /// the grants it dropped.
+    pub fn accept_invite_outcome(
+        &self,
+        invite: &whispeer_protocol::Invite,
+    ) -> Result<whispeer_protocol::Accepted, whispeer_protocol::KeyError> {
+        let out = self
+            .inner
             .keyring
             .write()
             .expect("keyring lock")
             .accept_invite(invite)?;
-        let _ = self.inner.cmd.send(Command::Resubscribe);
-        Ok(())
+        if out.is_accepted() {
+            let _ = self.inner.cmd.send(Command::Resubscribe);
+        }
+        Ok(out)
     }
 
     /// Lets this client seal with the delegated grant(s) for `scope` in `tree` (every held
