@@ -255,9 +255,10 @@ async fn a_key_file_sealed_under_a_passphrase_needs_it_after_a_restart() {
     let db = dir.path().join("broker");
     let opts = || {
         let mut o = BrokerOptions::default().key_passphrase("correct horse");
+        // The cheapest cost locking accepts (64 MiB, t = 2).
         o.key_passphrase_params = whispeer::PassphraseParams {
-            m_kib: 64,
-            t: 1,
+            m_kib: whispeer::protocol::locked::MIN_M_KIB,
+            t: whispeer::protocol::locked::MIN_T,
             p: 1,
         };
         o
