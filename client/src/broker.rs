@@ -115,6 +115,21 @@ pub enum BrokerError {
         /// The key file.
         path: PathBuf,
     },
+    /// `BrokerOptions::key_passphrase` is set but this key or identity file holds a plain
+    /// secret string: the files are meant to be sealed at rest, and a plain line may have
+    /// been written by whoever can write the directory (a planted tree key would make the
+    /// broker publish under theirs), so it is not used. Seal the line
+    /// (`whispeer::protocol::locked::lock_secret_string`) or unset the passphrase.
+    #[error(
+        "{path} holds a plain secret string but BrokerOptions::key_passphrase is set: \
+         refusing to use it (the broker's files are sealed at rest: replace the line by its \
+         wslocked1… form, whispeer::protocol::locked::lock_secret_string, or unset \
+         key_passphrase)"
+    )]
+    KeyFileNotLocked {
+        /// The key or identity file.
+        path: PathBuf,
+    },
     /// `Encryption::with_keyring` on a broker: it must be able to hand its keys on.
     #[error(
         "a broker needs key strings (Encryption::with_keys) or a fresh tree \
@@ -194,7 +209,9 @@ pub struct BrokerOptions {
     /// (`wslocked1…`: Argon2id + XChaCha20-Poly1305); a restart needs the same passphrase.
     /// `None` (the default): the files hold the plain secret strings, mode 0600.
     pub key_passphrase: Option<zeroize::Zeroizing<String>>,
-    /// The Argon2id cost of `key_passphrase` (default: as for passphrase trees, 256 MiB).
+    /// The Argon2id cost of `key_passphrase` (default: as for passphrase trees, 256 MiB,
+    /// t = 2). Below 64 MiB or t = 2 writing a file is refused
+    /// (`whispeer::protocol::locked::MIN_M_KIB`, `MIN_T`).
     pub key_passphrase_params: PassphraseParams,
 }
 
@@ -572,18 +589,39 @@ impl Lock {
             )?,
         }))
     }
+    /// A line of a key or identity file: plain without a passphrase, sealed with one (a
+    /// plain line then is [`BrokerError::KeyFileNotLocked`]). A sealed line below the
+    /// Argon2id floors writing applies (`locked::is_below_floor`, from a version before
+    /// them) opens, with a warning.
     fn open(&self, line: &str, path: &Path) -> Result<zeroize::Zeroizing<String>, BrokerError> {
-        if !line.to_ascii_lowercase().starts_with("wslocked1") {
-            return Ok(zeroize::Zeroizing::new(line.to_owned()));
-        }
-        match &self.passphrase {
-            Some(p) => Ok(whispeer_protocol::locked::unlock_secret_string(
-                line,
-                p.as_bytes(),
-            )?),
-            None => Err(BrokerError::KeyFileLocked {
+        use whispeer_protocol::locked;
+        let sealed = line.to_ascii_lowercase().starts_with("wslocked1");
+        match (&self.passphrase, sealed) {
+            (None, false) => Ok(zeroize::Zeroizing::new(line.to_owned())),
+            (Some(_), false) => Err(BrokerError::KeyFileNotLocked {
                 path: path.to_owned(),
             }),
+            (None, true) => Err(BrokerError::KeyFileLocked {
+                path: path.to_owned(),
+            }),
+            (Some(p), true) => {
+                let secret = locked::unlock_secret_string(line, p.as_bytes())?;
+                let params = locked::locked_params(line)?;
+                if locked::is_below_floor(params) {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "a secret in this file is sealed at an Argon2id cost below what is \
+                         written now (m = {} KiB, t = {}; at least m = {} KiB, t = {}): a \
+                         copy of it is cheaper to guess the passphrase of. Seal it again \
+                         (locked::unlock_secret_string, then lock_secret_string)",
+                        params.m_kib,
+                        params.t,
+                        locked::MIN_M_KIB,
+                        locked::MIN_T
+                    );
+                }
+                Ok(secret)
+            }
         }
     }
 }
@@ -1249,6 +1287,70 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    /// With `key_passphrase` set, a plain (unsealed) line in `broker.keys` or
+    /// `broker.identity` is refused with a typed error naming the file: it was used as it
+    /// was, so "sealed at rest" silently did not hold, and a tree key planted by whoever can
+    /// write the directory would have been adopted. Sealed files open as before.
+    #[test]
+    fn a_plain_key_file_is_refused_when_a_passphrase_is_set() {
+        use super::{BrokerError, Lock, IDENTITY_FILE, KEY_FILE};
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("broker");
+        super::create_store_dir(&dir).unwrap();
+        let plain = Lock {
+            passphrase: None,
+            params: Default::default(),
+        };
+        let sealed = Lock {
+            passphrase: Some(zeroize::Zeroizing::new("correct horse".into())),
+            params: whispeer_protocol::PassphraseParams {
+                m_kib: whispeer_protocol::locked::MIN_M_KIB,
+                t: whispeer_protocol::locked::MIN_T,
+                p: 1,
+            },
+        };
+        // A first start without the passphrase writes both files plain.
+        super::load_or_make_identity(&dir, &plain).unwrap();
+        let keys = super::load_or_make_keys(&dir, crate::Encryption::new(), "b", &plain).unwrap();
+        let tree = match &keys[0] {
+            crate::options::AnyKey::Tree(t) => t.to_key_string().to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert!(std::fs::read_to_string(dir.join(KEY_FILE))
+            .unwrap()
+            .contains(&tree));
+        // With the passphrase: refused, each naming its file.
+        match super::load_or_make_keys(&dir, crate::Encryption::new(), "b", &sealed) {
+            Err(e @ BrokerError::KeyFileNotLocked { .. }) => {
+                let BrokerError::KeyFileNotLocked { path } = &e else {
+                    unreachable!()
+                };
+                assert_eq!(path, &dir.join(KEY_FILE));
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("plain secret") && !msg.contains(&tree),
+                    "{msg}"
+                );
+            }
+            other => panic!("{:?}", other.map(|k| k.len())),
+        }
+        match super::load_or_make_identity(&dir, &sealed) {
+            Err(BrokerError::KeyFileNotLocked { path }) => {
+                assert_eq!(path, dir.join(IDENTITY_FILE))
+            }
+            other => panic!("{:?}", other.map(|i| i.public_id().to_string())),
+        }
+        // Files written sealed open with the passphrase (and need it).
+        std::fs::remove_file(dir.join(KEY_FILE)).unwrap();
+        let keys = super::load_or_make_keys(&dir, crate::Encryption::new(), "b", &sealed).unwrap();
+        let again = super::load_or_make_keys(&dir, crate::Encryption::new(), "b", &sealed).unwrap();
+        assert_eq!(keys.len(), again.len());
+        assert!(matches!(
+            super::load_or_make_keys(&dir, crate::Encryption::new(), "b", &plain),
+            Err(BrokerError::KeyFileLocked { .. })
+        ));
     }
 
     /// Review B2: on a filesystem that keeps no modes (exFAT through FUSE; skipped where
