@@ -241,7 +241,11 @@ const isDictString = (k) => typeof k === 'string' && /^wsdict1/i.test(k.trim());
 
 function addKeys(kr, keys) {
   for (const k of Array.isArray(keys) ? keys : keys == null ? [] : [keys]) {
-    if (k instanceof Keyring) for (const s of [...k.toKeyStrings(), ...k.toDictionaryStrings()]) kr.addKeyString(s);
+    if (k instanceof Keyring) {
+      for (const s of k.toKeyStrings()) kr.addKeyString(s);
+      // Each dictionary for the tree it came with (an invite's), or every tree (§4.6.1).
+      for (const { dictionary, treeId } of k.toDictionaryEntries()) kr.addDictionary(dictionary, treeId);
+    }
     else if (k instanceof TreeKey) kr.addTreeKey(k);
     else if (k instanceof Grant) kr.addGrant(k);
     else if (k instanceof OpenedInvite) kr.acceptInvite(k);
@@ -254,8 +258,9 @@ function addKeys(kr, keys) {
  * What `Client.addKeys` adds, in order, parsed before anything is added (a bad key string
  * throws with nothing added): `{ grant, dictionaries, fromKeyring }` per grant — an invite's
  * dictionaries travel with its grant, since they are added only once it is accepted
- * (PROTOCOL §7) — and `dictionaries`, the `wsdict1…` strings given alone or held by a
- * Keyring (not tied to any grant).
+ * (PROTOCOL §7), and for its tree only (§4.6.1) — and `dictionaries`, `{ dictionary,
+ * treeId? }` for the `wsdict1…` strings given alone (every tree) or held by a Keyring
+ * (with the tree each came with).
  */
 function keysToAdd(keys) {
   const grants = [];
@@ -264,11 +269,11 @@ function keysToAdd(keys) {
   for (const k of Array.isArray(keys) ? keys : [keys]) {
     if (k instanceof Keyring) {
       for (const s of k.toKeyStrings()) grant(Grant.fromKeyString(s), { fromKeyring: true });
-      dictionaries.push(...k.toDictionaryStrings());
+      dictionaries.push(...k.toDictionaryEntries());
     } else if (k instanceof TreeKey) grant(k.grant('#'));
     else if (k instanceof Grant) grant(k);
     else if (k instanceof OpenedInvite) grant(k.grant, { dictionaries: k.dictionaries });
-    else if (isDictString(k)) dictionaries.push(k.trim());
+    else if (isDictString(k)) dictionaries.push({ dictionary: k.trim() });
     else if (typeof k === 'string')
       // Key strings are all-lowercase or all-uppercase (PROTOCOL §6.1).
       grant(/^wstree1/i.test(k.trim()) ? TreeKey.fromKeyString(k).grant('#') : Grant.fromKeyString(k));
@@ -1544,13 +1549,13 @@ export class Client {
         continue;
       }
       try {
-        for (const d of dictionaries) this.#eng.addDictionary(d);
+        for (const d of dictionaries) this.#eng.addDictionary(d, grant.treeId);
       } catch (e) {
         refused ??= e;
       }
     }
     try {
-      for (const d of plan.dictionaries) this.#eng.addDictionary(d);
+      for (const { dictionary, treeId } of plan.dictionaries) this.#eng.addDictionary(dictionary, treeId);
     } catch (e) {
       refused ??= e;
     }

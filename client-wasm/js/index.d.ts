@@ -148,10 +148,16 @@ export class Keyring {
   addTreeKey(tree: TreeKey): void;
   /** A `wskey1…` grant or a `wstree1…` admin key. */
   addKeyString(s: string): void;
-  /** Adds a zstd dictionary (raw bytes or a `wsdict1…` string); returns its id (32 hex digits). */
-  addDictionary(dict: Uint8Array | string): string;
-  /** The dictionaries as `wsdict1…` strings (secret like keys). */
+  /**
+   * Adds a zstd dictionary (raw bytes or a `wsdict1…` string); returns its id (32 hex
+   * digits). With `treeId` it decodes and seals that tree's messages only; without, every
+   * tree's (PROTOCOL §4.6.1). An invite's dictionaries are added for the invite's tree.
+   */
+  addDictionary(dict: Uint8Array | string, treeId?: string): string;
+  /** The dictionaries as `wsdict1…` strings (secret like keys), each once. */
   toDictionaryStrings(): string[];
+  /** The dictionaries with the tree each came with (none: added for every tree). */
+  toDictionaryEntries(): Array<{ dictionary: string; treeId?: string }>;
   /**
    * Adds an opened invite's grant, then its dictionaries, and says what it did. A refused
    * grant throws (nothing added); an ignored one — its epoch is older than every epoch held

@@ -598,15 +598,26 @@ impl Engine {
         Ok(true)
     }
 
-    /// Adds a zstd dictionary (`wsdict1…` or raw bytes) at run time; returns its id.
+    /// Adds a zstd dictionary (`wsdict1…` or raw bytes) at run time, for tree `tree_id` only
+    /// (an invite's) or, without one, every tree (PROTOCOL §4.6.1); returns its id.
     #[wasm_bindgen(js_name = addDictionary)]
-    pub fn add_dictionary(&mut self, dict: JsValue) -> Result<String, JsValue> {
+    pub fn add_dictionary(
+        &mut self,
+        dict: JsValue,
+        tree_id: Option<String>,
+    ) -> Result<String, JsValue> {
         let d = crate::keys::parse_dictionary(&dict)?;
+        let tree = tree_id
+            .as_deref()
+            .map(crate::client::parse_tree_id)
+            .transpose()?;
         let id = d.id().to_string();
-        self.core
-            .keys_mut()
-            .try_add_dictionary(d)
-            .map_err(key_error)?;
+        let mut keys = self.core.keys_mut();
+        match tree {
+            Some(t) => keys.add_dictionary_for(t, d),
+            None => keys.try_add_dictionary(d),
+        }
+        .map_err(key_error)?;
         Ok(id)
     }
 

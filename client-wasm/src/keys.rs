@@ -263,8 +263,10 @@ pub struct Keyring {
     /// session 27, F4).
     grants: Vec<p::Grant>,
     check: p::Keyring,
-    /// zstd dictionaries (codec 3), shared like keys (`wsdict1…`).
-    dictionaries: Vec<p::Dictionary>,
+    /// zstd dictionaries (codec 3), shared like keys (`wsdict1…`), each with the tree it
+    /// came with (`None`: added without one, used for every tree; PROTOCOL §4.6.1). A
+    /// dictionary carried for several trees has an entry per tree.
+    dictionaries: Vec<(p::Dictionary, Option<p::TreeId>)>,
 }
 
 #[wasm_bindgen]
@@ -298,22 +300,54 @@ impl Keyring {
 
     /// Adds a zstd dictionary (codec 3, PROTOCOL §4.6.1) from its raw bytes (as
     /// `whispeer dict train` writes them) or its `wsdict1…` string; returns its id (32 hex
-    /// digits), which a topic's compression names: `'zstd-dict:<id>'`.
+    /// digits), which a topic's compression names: `'zstd-dict:<id>'`. With `treeId` (32
+    /// hex digits) it serves that tree's messages only; without, every tree's.
     #[wasm_bindgen(js_name = addDictionary)]
-    pub fn add_dictionary(&mut self, dict: JsValue) -> Result<String, JsValue> {
+    pub fn add_dictionary(
+        &mut self,
+        dict: JsValue,
+        tree_id: Option<String>,
+    ) -> Result<String, JsValue> {
         let d = parse_dictionary(&dict)?;
+        let tree = tree_id
+            .as_deref()
+            .map(crate::client::parse_tree_id)
+            .transpose()?;
         let id = d.id().to_string();
-        self.push_dictionary(d)?;
+        self.push_dictionary(d, tree)?;
         Ok(id)
     }
 
-    /// The dictionaries as `wsdict1…` strings (secret like keys).
+    /// The dictionaries as `wsdict1…` strings (secret like keys), each once.
     #[wasm_bindgen(js_name = toDictionaryStrings)]
     pub fn to_dictionary_strings(&self) -> Vec<String> {
+        let mut seen = Vec::new();
         self.dictionaries
             .iter()
-            .map(|d| d.to_key_string().to_string())
+            .filter(|(d, _)| {
+                let new = !seen.contains(&d.id());
+                seen.push(d.id());
+                new
+            })
+            .map(|(d, _)| d.to_key_string().to_string())
             .collect()
+    }
+
+    /// The dictionaries with the tree each came with: `[{ dictionary: 'wsdict1…', treeId?
+    /// }]` (no `treeId`: added without a tree, used for every tree). What re-adding a
+    /// keyring's dictionaries elsewhere passes to `addDictionary(dictionary, treeId)`.
+    #[wasm_bindgen(js_name = toDictionaryEntries)]
+    pub fn to_dictionary_entries(&self) -> js_sys::Array {
+        let out = js_sys::Array::new();
+        for (d, tree) in &self.dictionaries {
+            let o = js_sys::Object::new();
+            crate::client::set(&o, "dictionary", d.to_key_string().to_string());
+            if let Some(t) = tree {
+                crate::client::set(&o, "treeId", hex::encode(t.0));
+            }
+            out.push(&o);
+        }
+        out
     }
 
     /// Adds a key string: a grant (`wskey1…`), an admin key (`wstree1…`) or a zstd
@@ -325,7 +359,7 @@ impl Keyring {
         let hrp = |h: &str| s.get(..h.len()).is_some_and(|p| p.eq_ignore_ascii_case(h));
         if hrp("wsdict1") {
             let d = p::Dictionary::from_key_string(s).map_err(key_error)?;
-            self.push_dictionary(d)
+            self.push_dictionary(d, None)
         } else if hrp("wstree1") {
             self.push(
                 p::TreeKey::from_key_string(s)
@@ -352,9 +386,14 @@ impl Keyring {
         if out.is_accepted() {
             self.grants.push(invite.inner.grant.clone());
             self.keep_held();
+            // For the invite's tree only (PROTOCOL §4.6.1); `check` added them so already.
+            let tree = out.tree_id;
             for d in &invite.inner.dictionaries {
-                if !self.dictionaries.iter().any(|h| h.id() == d.id()) {
-                    self.dictionaries.push(d.clone());
+                let held = |(h, t): &(p::Dictionary, Option<p::TreeId>)| {
+                    h.id() == d.id() && *t == Some(tree)
+                };
+                if !self.dictionaries.iter().any(held) {
+                    self.dictionaries.push((d.clone(), Some(tree)));
                 }
             }
         }
@@ -397,12 +436,22 @@ impl Keyring {
 
     /// Adds a dictionary unless held; refused (`KEY`) beyond the keyring's bound
     /// (`p::MAX_DICTIONARIES`), checked by `check`, which holds every dictionary too.
-    fn push_dictionary(&mut self, d: p::Dictionary) -> Result<(), JsValue> {
-        if !self.dictionaries.iter().any(|h| h.id() == d.id()) {
-            self.check
-                .try_add_dictionary(d.clone())
-                .map_err(key_error)?;
-            self.dictionaries.push(d);
+    fn push_dictionary(
+        &mut self,
+        d: p::Dictionary,
+        tree: Option<p::TreeId>,
+    ) -> Result<(), JsValue> {
+        if !self
+            .dictionaries
+            .iter()
+            .any(|(h, t)| h.id() == d.id() && *t == tree)
+        {
+            match tree {
+                Some(t) => self.check.add_dictionary_for(t, d.clone()),
+                None => self.check.try_add_dictionary(d.clone()),
+            }
+            .map_err(key_error)?;
+            self.dictionaries.push((d, tree));
         }
         Ok(())
     }
@@ -410,8 +459,12 @@ impl Keyring {
     /// A protocol keyring with every grant and dictionary (for one client).
     pub(crate) fn build(&self) -> Result<p::Keyring, JsValue> {
         let mut kr = p::Keyring::new();
-        for d in &self.dictionaries {
-            kr.add_dictionary(d.clone());
+        for (d, tree) in &self.dictionaries {
+            match tree {
+                Some(t) => kr.add_dictionary_for(*t, d.clone()),
+                None => kr.try_add_dictionary(d.clone()),
+            }
+            .map_err(key_error)?;
         }
         for g in &self.grants {
             kr.add_grant_at(g.clone(), now_ms()).map_err(key_error)?;

@@ -126,7 +126,7 @@ pub fn decompress_dict(
     max: usize,
     dicts: &Dictionaries,
 ) -> Result<Vec<u8>, BodyError> {
-    Decompressors::new()?.decompress(codec, payload, max, dicts)
+    Decompressors::new()?.decompress(codec, payload, max, |id| dicts.get(id))
 }
 
 /// How many dictionary contexts an [`Decompressors`] keeps (each holds its dictionary
@@ -170,14 +170,14 @@ impl Decompressors {
         Ok(&mut self.dict[0].1)
     }
 
-    /// Decompresses per `codec` with the cap `max`; codec 3 looks its dictionary up in
-    /// `dicts`.
-    pub(crate) fn decompress(
+    /// Decompresses per `codec` with the cap `max`; codec 3 looks its dictionary up with
+    /// `dict` (the receiver's: those of the message's tree).
+    pub(crate) fn decompress<'d>(
         &mut self,
         codec: u8,
         payload: &[u8],
         max: usize,
-        dicts: &Dictionaries,
+        dict: impl FnOnce(&DictId) -> Option<&'d Dictionary>,
     ) -> Result<Vec<u8>, BodyError> {
         match codec {
             CODEC_NONE => {
@@ -196,7 +196,7 @@ impl Decompressors {
             CODEC_LZ4 => lz4_decompress(payload, max),
             CODEC_ZSTD_DICT => {
                 let (id, frame) = zstd_dict_parts(payload)?;
-                let d = dicts.get(&id).ok_or(BodyError::MissingDictionary(id))?;
+                let d = dict(&id).ok_or(BodyError::MissingDictionary(id))?;
                 let declared = zstd_dict_frame_size(frame, max)?;
                 let ctx = self.dict_context(d)?;
                 zstd_exact(ctx, frame, declared)

@@ -170,7 +170,9 @@ pub struct Accepted {
     pub ignored: Option<Ignored>,
     /// Grants dropped because this one, verified, contradicts them.
     pub dropped: Vec<DroppedGrant>,
-    /// The invite's dictionaries the keyring did not hold before, by ascending id.
+    /// The invite's dictionaries the grant's tree could not use before (now added for it:
+    /// §4.6.1, a tree's messages decode only with dictionaries that came with it), by
+    /// ascending id.
     pub dictionaries_added: Vec<DictId>,
 }
 
@@ -189,8 +191,11 @@ pub struct TopicKey {
     pub(crate) topic: Topic,
     pub(crate) tokens: Vec<TopicToken>,
     pub(crate) message_key: Secret32,
-    /// The keyring's zstd dictionaries (codec 3 finds its dictionary here).
+    /// The zstd dictionaries that came with this key's tree (codec 3 finds its dictionary
+    /// here or in `unbound`).
     pub(crate) dictionaries: Dictionaries,
+    /// The keyring's dictionaries added without a tree ([`Keyring::add_dictionary`]).
+    pub(crate) unbound: Dictionaries,
 }
 
 impl TopicKey {
@@ -209,13 +214,19 @@ impl TopicKey {
             topic: topic.clone(),
             message_key,
             dictionaries: Dictionaries::new(),
+            unbound: Dictionaries::new(),
         })
     }
     /// The same key with these dictionaries (for [`crate::Compression::ZstdDict`]);
-    /// [`Keyring::topic_key`] gives the keyring's.
+    /// [`Keyring::topic_key`] gives the keyring's for the key's tree.
     pub fn with_dictionaries(mut self, dictionaries: Dictionaries) -> Self {
         self.dictionaries = dictionaries;
+        self.unbound = Dictionaries::new();
         self
+    }
+    /// The dictionary with this id, if this key may use it.
+    pub(crate) fn dictionary(&self, id: &DictId) -> Option<&Dictionary> {
+        self.dictionaries.get(id).or_else(|| self.unbound.get(id))
     }
     /// The topic.
     pub fn topic(&self) -> &Topic {
@@ -241,7 +252,14 @@ pub struct Keyring {
     pins: FastMap<TreeId, Pin>,
     by_key_id: FastMap<KeyId, (TreeId, u64)>,
     grace_ms: u64,
+    /// Every zstd dictionary held (what [`MAX_DICTIONARIES`] bounds).
     dictionaries: Dictionaries,
+    /// Those added without a tree ([`Keyring::add_dictionary`]): the application's choice,
+    /// used for every tree.
+    unbound_dictionaries: Dictionaries,
+    /// Those that came with a tree (an invite's, [`Keyring::add_dictionary_for`]): used for
+    /// that tree's messages only (§4.6.1).
+    tree_dictionaries: FastMap<TreeId, Dictionaries>,
     /// When epochs were superseded according to an earlier run (restored from the client's
     /// state, [`Keyring::restore_superseded`]), by tree and epoch: an epoch superseded in
     /// this run takes the earlier of the two, so a restart never restarts its grace.
@@ -291,6 +309,8 @@ impl Keyring {
             by_key_id: FastMap::default(),
             grace_ms,
             dictionaries: Dictionaries::new(),
+            unbound_dictionaries: Dictionaries::new(),
+            tree_dictionaries: FastMap::default(),
             restored_superseded: FastMap::default(),
         }
     }
@@ -699,14 +719,29 @@ impl Keyring {
 
     /// The sealing key for `topic` (see [`Keyring::grant_for`]).
     pub fn topic_key(&self, topic: &Topic) -> Result<TopicKey, KeyError> {
-        Ok(TopicKey::from_grant(self.grant_for(topic)?, topic)?
-            .with_dictionaries(self.dictionaries.clone()))
+        let grant = self.grant_for(topic)?;
+        Ok(self.with_tree_dictionaries(TopicKey::from_grant(grant, topic)?))
+    }
+
+    /// `key` with the dictionaries its tree may use.
+    fn with_tree_dictionaries(&self, mut key: TopicKey) -> TopicKey {
+        key.dictionaries = self.tree_dictionaries(key.keys.tree_id());
+        key.unbound = self.unbound_dictionaries.clone();
+        key
+    }
+
+    /// The dictionaries that came with tree `tree_id` (not those added without a tree).
+    fn tree_dictionaries(&self, tree_id: TreeId) -> Dictionaries {
+        self.tree_dictionaries
+            .get(&tree_id)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The sealing key for `topic` in the named tree (when several trees cover it).
     pub fn topic_key_in(&self, tree_id: TreeId, topic: &Topic) -> Result<TopicKey, KeyError> {
-        Ok(TopicKey::from_grant(self.grant_in(tree_id, topic)?, topic)?
-            .with_dictionaries(self.dictionaries.clone()))
+        let grant = self.grant_in(tree_id, topic)?;
+        Ok(self.with_tree_dictionaries(TopicKey::from_grant(grant, topic)?))
     }
 
     /// [`Keyring::topic_key`] (or [`Keyring::topic_key_in`] with a tree), deriving the
@@ -730,18 +765,24 @@ impl Keyring {
         let keys = grant.epoch_keys().clone();
         Ok(TopicKey {
             tokens: memo.tokens(&keys, topic).to_vec(),
+            dictionaries: self.tree_dictionaries(keys.tree_id()),
             keys,
             topic: topic.clone(),
+            unbound: self.unbound_dictionaries.clone(),
             message_key,
-            dictionaries: self.dictionaries.clone(),
         })
     }
 
-    /// Adds a zstd dictionary (§4.6.1): messages naming its id open, and topics whose
-    /// compression names it seal with it. `false` if it was already held, or if the keyring
-    /// holds [`MAX_DICTIONARIES`] already ([`Keyring::try_add_dictionary`] tells the two
-    /// apart). Dictionaries are not bound to a tree or epoch: a body names one by the hash
-    /// of its bytes.
+    /// Adds a zstd dictionary (§4.6.1) for every tree: messages of any tree naming its id
+    /// open, and topics whose compression names it seal with it. `false` if it was already
+    /// held so, or if the keyring holds [`MAX_DICTIONARIES`] already
+    /// ([`Keyring::try_add_dictionary`] tells the two apart).
+    ///
+    /// A dictionary added without a tree is the application's choice (a `wsdict` line of a
+    /// key file, `--dict`): it decodes every tree's messages, so a member of one tree who
+    /// learns its id can make a message of her tree copy bytes out of it. Name the tree it
+    /// belongs to with [`Keyring::add_dictionary_for`] when the keyring holds several trees;
+    /// an invite's dictionaries are added for the invite's tree.
     pub fn add_dictionary(&mut self, d: Dictionary) -> bool {
         self.try_add_dictionary(d).unwrap_or(false)
     }
@@ -749,11 +790,38 @@ impl Keyring {
     /// [`Keyring::add_dictionary`], failing with [`KeyError::TooManyDictionaries`] (keyring
     /// unchanged) when it would hold more than [`MAX_DICTIONARIES`].
     pub fn try_add_dictionary(&mut self, d: Dictionary) -> Result<bool, KeyError> {
-        if self.dictionaries.get(&d.id()).is_some() {
+        if self.unbound_dictionaries.get(&d.id()).is_some() {
             return Ok(false);
         }
-        self.check_dictionary_room(1)?;
-        Ok(self.dictionaries.insert(d))
+        if self.dictionaries.get(&d.id()).is_none() {
+            self.check_dictionary_room(1)?;
+            self.dictionaries.insert(d.clone());
+        }
+        Ok(self.unbound_dictionaries.insert(d))
+    }
+
+    /// Adds a zstd dictionary for tree `tree_id` only (§4.6.1): it decodes that tree's
+    /// messages and seals its topics, never another tree's. A dictionary may be added for
+    /// several trees (held once). `false` if this tree could use it already (added for it,
+    /// or without a tree); [`KeyError::TooManyDictionaries`] beyond [`MAX_DICTIONARIES`].
+    pub fn add_dictionary_for(&mut self, tree_id: TreeId, d: Dictionary) -> Result<bool, KeyError> {
+        if self.dictionary_for(tree_id, &d.id()).is_some() {
+            return Ok(false);
+        }
+        if self.dictionaries.get(&d.id()).is_none() {
+            self.check_dictionary_room(1)?;
+            self.dictionaries.insert(d.clone());
+        }
+        Ok(self.tree_dictionaries.entry(tree_id).or_default().insert(d))
+    }
+
+    /// The dictionary with this id that messages of tree `tree_id` may use: one that came
+    /// with that tree, or one added without a tree.
+    pub fn dictionary_for(&self, tree_id: TreeId, id: &DictId) -> Option<&Dictionary> {
+        self.tree_dictionaries
+            .get(&tree_id)
+            .and_then(|m| m.get(id))
+            .or_else(|| self.unbound_dictionaries.get(id))
     }
 
     /// Refuses `more` new dictionaries beyond [`MAX_DICTIONARIES`].
@@ -779,26 +847,26 @@ impl Keyring {
     /// ([`KeyError::TooManyDictionaries`]). Whether to trust `invite.inviter` is the
     /// caller's decision, made before.
     pub fn accept_invite_at(&mut self, invite: &Invite, now_ms: u64) -> Result<Accepted, KeyError> {
-        let new: Vec<&Dictionary> = invite
+        let keys = invite.grant.epoch_keys();
+        let tree_id = keys.tree_id();
+        let unheld = invite
             .dictionaries
             .iter()
             .filter(|d| self.dictionaries.get(&d.id()).is_none())
-            .collect();
-        self.check_dictionary_room(new.len())?;
-        let new: Vec<Dictionary> = new.into_iter().cloned().collect();
+            .count();
+        self.check_dictionary_room(unheld)?;
         let added = self.add_grant_report_at(invite.grant.clone(), now_ms)?;
         let mut dictionaries_added = Vec::new();
         if added.provenance.is_some() {
-            for d in new {
-                let id = d.id();
-                if self.dictionaries.insert(d) {
-                    dictionaries_added.push(id);
+            for d in &invite.dictionaries {
+                // Room was checked above: the grant adds no dictionary.
+                if self.add_dictionary_for(tree_id, d.clone())? {
+                    dictionaries_added.push(d.id());
                 }
             }
         }
-        let keys = invite.grant.epoch_keys();
         Ok(Accepted {
-            tree_id: keys.tree_id(),
+            tree_id,
             epoch: keys.epoch(),
             scope: invite.grant.scope().clone(),
             provenance: added.provenance,
@@ -815,17 +883,23 @@ impl Keyring {
         self.accept_invite_at(invite, wall_clock_ms())
     }
 
-    /// Drops a dictionary; `true` if it was held.
+    /// Drops a dictionary (for every tree); `true` if it was held.
     pub fn remove_dictionary(&mut self, id: &DictId) -> bool {
+        self.unbound_dictionaries.remove(id);
+        for m in self.tree_dictionaries.values_mut() {
+            m.remove(id);
+        }
+        self.tree_dictionaries.retain(|_, m| !m.is_empty());
         self.dictionaries.remove(id)
     }
 
-    /// The dictionary with this id.
+    /// The dictionary with this id, whichever tree it came with
+    /// ([`Keyring::dictionary_for`] is what a tree's messages may use).
     pub fn dictionary(&self, id: &DictId) -> Option<&Dictionary> {
         self.dictionaries.get(id)
     }
 
-    /// Every dictionary held.
+    /// Every dictionary held, whichever tree it came with.
     pub fn dictionaries(&self) -> &Dictionaries {
         &self.dictionaries
     }

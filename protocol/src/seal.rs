@@ -521,8 +521,7 @@ impl Sealer {
             Some((l, i, c)) if *l == level && *i == id => c,
             slot => {
                 let d = key
-                    .dictionaries
-                    .get(&id)
+                    .dictionary(&id)
                     .ok_or(SealError::MissingDictionary(id))?;
                 &mut slot.insert((level, id, zstd_dict_compressor(level, d)?)).2
             }
@@ -1131,8 +1130,13 @@ impl Opener {
         a: &Authentic,
         max: usize,
     ) -> Result<Vec<u8>, OpenError> {
+        // Only the dictionaries that came with the message's tree (§4.6.1): a member of one
+        // tree must not make a message of it copy bytes out of another tree's dictionary.
+        let tree = a.tree_id;
         self.zstd
-            .decompress(a.codec, a.stored(), max, keyring.dictionaries())
+            .decompress(a.codec, a.stored(), max, |id| {
+                keyring.dictionary_for(tree, id)
+            })
             .map_err(|e| match e {
                 BodyError::MissingDictionary(id) => OpenError::missing(id),
                 _ => OpenError::OPAQUE,
@@ -1358,6 +1362,165 @@ mod tests {
             })
         );
         assert_eq!(Compression::from_name("zstd-dict:00"), None);
+    }
+
+    /// A zstd frame (RFC 8878) with no literals and one sequence copying the last `len`
+    /// (3..=34) bytes before the output: with a raw-content dictionary, the dictionary's.
+    fn frame_copying_dictionary_tail(len: u8) -> Vec<u8> {
+        assert!((3..=34).contains(&len));
+        let mut f = vec![0x28, 0xb5, 0x2f, 0xfd];
+        // Single segment, 1-byte Frame_Content_Size, no Dictionary_ID, no checksum.
+        f.extend_from_slice(&[0x20, len]);
+        // Offset_Value = len + 3 = (1 << code) + extra bits, read from a backward stream.
+        let ov = u32::from(len) + 3;
+        let code = 31 - ov.leading_zeros();
+        let extra = ov - (1 << code);
+        let bits = (1u32 << code) | extra; // the end marker above `code` extra bits
+        let mut stream = bits.to_le_bytes().to_vec();
+        stream.truncate((code as usize + 1).div_ceil(8));
+        let mut block = vec![
+            0x00, // Raw literals, 0 of them
+            0x01, // one sequence
+            0x54, // RLE for literal lengths, offsets and match lengths
+            0x00, // literal length 0
+            code as u8,
+            len - 3, // match length code: len
+        ];
+        block.extend_from_slice(&stream);
+        let header = 1 | (2 << 1) | ((block.len() as u32) << 3); // last, compressed
+        f.extend_from_slice(&header.to_le_bytes()[..3]);
+        f.extend_from_slice(&block);
+        f
+    }
+
+    /// Review finding (B): dictionaries were not tied to a tree. A member of tree A who
+    /// learned the id of tree B's dictionary sent a tree-A codec-3 message whose frame
+    /// copies bytes out of B's dictionary, and the victim's client output B's dictionary
+    /// content as a tree-A message. A tree's messages now decode only with dictionaries
+    /// that came with that tree (or were added without a tree by the application).
+    #[test]
+    fn a_message_of_one_tree_cannot_read_another_trees_dictionary() {
+        use crate::dict::Dictionary;
+        use crate::invite::Invite;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(12);
+        let tree_a = TreeKey::generate_with("team-a", &mut rng).unwrap();
+        let tree_b = TreeKey::generate_with("team-b", &mut rng).unwrap();
+        let (admin_b, mallory, victim) = (
+            Identity::generate_with(&mut rng),
+            Identity::generate_with(&mut rng),
+            Identity::generate_with(&mut rng),
+        );
+        let secret = b"tree B only: the door code is 4711, the safe 0815, be discreet";
+        let dict_b = Dictionary::new(secret.to_vec()).unwrap();
+        let tail = &secret[secret.len() - 32..];
+        // The victim holds tree A and, from B's admin, tree B with its dictionary.
+        let mut kr = Keyring::new();
+        kr.add_tree_key_at(&tree_a, 0).unwrap();
+        let inv = Invite::seal_with_dictionaries(
+            &tree_b.grant_all(),
+            std::slice::from_ref(&dict_b),
+            &admin_b,
+            &victim.public_id(),
+            u64::MAX,
+            &mut rng,
+        )
+        .unwrap();
+        let out = kr
+            .accept_invite_at(&Invite::open(&inv, &victim, 0).unwrap(), 0)
+            .unwrap();
+        assert_eq!(out.dictionaries_added, vec![dict_b.id()]);
+        assert_eq!(
+            kr.dictionary_for(tree_b.tree_id(), &dict_b.id()),
+            Some(&dict_b)
+        );
+        assert_eq!(kr.dictionary_for(tree_a.tree_id(), &dict_b.id()), None);
+
+        // Mallory, a member of tree A, seals a tree-A message naming B's dictionary.
+        let topic = Topic::new("chat/general").unwrap();
+        let mut mallorys = Keyring::new();
+        mallorys.add_tree_key_at(&tree_a, 0).unwrap();
+        let key_a = mallorys.topic_key(&topic).unwrap();
+        let mut payload = dict_b.id().0.to_vec();
+        payload.extend_from_slice(&frame_copying_dictionary_tail(32));
+        // (The frame does decode to the tail of B's dictionary, given it.)
+        let mut dicts = crate::dict::Dictionaries::new();
+        dicts.insert(dict_b.clone());
+        assert_eq!(
+            crate::compress::decompress_dict(CODEC_ZSTD_DICT, &payload, 1 << 20, &dicts).unwrap(),
+            tail
+        );
+        let fields = Fields {
+            suite: Suite::XChaCha20Poly1305,
+            msg_id: &MessageId([7; 16]),
+            ts_ms: 1_700_000_000_000,
+            content_type: "text/plain",
+            codec: CODEC_ZSTD_DICT,
+            pad: PAD_NONE,
+            payload: &payload,
+        };
+        let env = seal_fields(&key_a, &fields, None, Signing::Ed25519(&mallory), &mut rng);
+        let e = Opener::new()
+            .open(&kr, &env, 1_700_000_000_000)
+            .unwrap_err();
+        assert_eq!(e.missing_dictionary(), Some(dict_b.id()));
+        // The victim cannot seal tree A's topics with it either.
+        let opts = SealOptions {
+            compression: Compression::ZstdDict {
+                level: 3,
+                dict: dict_b.id(),
+            },
+            ..SealOptions::default()
+        };
+        let sample = secret.repeat(4);
+        assert_eq!(
+            Sealer::new()
+                .seal(
+                    &kr.topic_key_in(tree_a.tree_id(), &topic).unwrap(),
+                    &msg(&sample),
+                    &opts,
+                    Some(&victim),
+                    &mut rng
+                )
+                .unwrap_err(),
+            SealError::MissingDictionary(dict_b.id())
+        );
+        // Tree B's own messages still use it.
+        let env_b = Sealer::new()
+            .seal(
+                &kr.topic_key_in(tree_b.tree_id(), &topic).unwrap(),
+                &msg(&sample),
+                &opts,
+                Some(&victim),
+                &mut rng,
+            )
+            .unwrap();
+        let o = Opener::new().open(&kr, &env_b, 1_700_000_000_000).unwrap();
+        assert_eq!(o.payload, sample);
+
+        // The same dictionary carried for tree A too (an invite of A) is kept for each.
+        let inv_a = Invite::seal_with_dictionaries(
+            &tree_a.grant_all(),
+            std::slice::from_ref(&dict_b),
+            &mallory,
+            &victim.public_id(),
+            u64::MAX,
+            &mut rng,
+        )
+        .unwrap();
+        let out = kr
+            .accept_invite_at(&Invite::open(&inv_a, &victim, 0).unwrap(), 0)
+            .unwrap();
+        assert_eq!(out.dictionaries_added, vec![dict_b.id()]);
+        assert_eq!(kr.dictionaries().len(), 1, "held once");
+        let o = Opener::new().open(&kr, &env, 1_700_000_000_000).unwrap();
+        assert_eq!(o.payload, tail);
+        // Removing it removes it for every tree.
+        assert!(kr.remove_dictionary(&dict_b.id()));
+        assert_eq!(kr.dictionary_for(tree_b.tree_id(), &dict_b.id()), None);
+        assert_eq!(kr.dictionary_for(tree_a.tree_id(), &dict_b.id()), None);
+        // A dictionary the application adds without a tree serves every tree.
+        assert!(kr.add_dictionary(dict_b.clone()));
+        assert!(Opener::new().open(&kr, &env, 1_700_000_000_000).is_ok());
     }
 
     #[test]

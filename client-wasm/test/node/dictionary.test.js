@@ -55,3 +55,25 @@ test('a dictionary topic round-trips; the id is stable; strings carry it', async
   const none = await connect({ keys: tree, compression: `zstd-dict:${'0'.repeat(32)}` });
   await assert.rejects(none.publish('sensor/x', 1, { ack: true }), /dictionary/);
 });
+
+test('a dictionary added for one tree seals and opens that tree only (PROTOCOL §4.6.1)', async () => {
+  const [a, b] = [TreeKey.generate('dict-a'), TreeKey.generate('dict-b')];
+  const kr = new Keyring();
+  kr.addTreeKey(a);
+  kr.addTreeKey(b);
+  const id = kr.addDictionary(dictBytes, b.treeId);
+  assert.deepEqual(kr.toDictionaryEntries(), [{ dictionary: kr.toDictionaryStrings()[0], treeId: b.treeId }]);
+  const lacksDict = (e) => e.code !== undefined && /dictionary/.test(e.message);
+  for (const keys of [kr, [kr]]) {
+    // A keyring given as is, or copied (`keys: [kr]`), keeps the tree of each dictionary.
+    const client = await connect({ keys, compression: `zstd-dict:${id}` });
+    await assert.rejects(client.publish('sensor/x', reading, { ack: true, tree: a.treeId }), lacksDict);
+    await client.publish('sensor/x', reading, { ack: true, tree: b.treeId });
+  }
+  // Without a tree it serves every tree.
+  const every = new Keyring();
+  every.addTreeKey(a);
+  every.addDictionary(dictBytes);
+  const client = await connect({ keys: every, compression: `zstd-dict:${id}` });
+  await client.publish('sensor/x', reading, { ack: true });
+});
