@@ -1289,6 +1289,31 @@ mod tests {
         }
     }
 
+    /// `BrokerOptions`' `Debug` prints the embedded relay's `Config`: its secrets (the
+    /// admin token, the NATS password and token, a NATS URL's user information) and the
+    /// key passphrase are redacted, not printed (they were, through the derived `Debug`).
+    #[test]
+    fn broker_options_debug_prints_no_secret() {
+        let mut o = super::BrokerOptions::default().key_passphrase("correct horse battery");
+        o.relay.auth.admin_token = Some("admin-secret-0123456789".into());
+        o.relay.cluster.password = Some("nats-password-xyz".into());
+        o.relay.cluster.token = Some("nats-token-xyz".into());
+        o.relay.cluster.urls = vec!["nats://relay:url-pass-xyz@h1:4222".into()];
+        for shown in [format!("{o:?}"), format!("{o:#?}")] {
+            for secret in [
+                "correct horse",
+                "admin-secret",
+                "nats-password",
+                "nats-token",
+                "url-pass",
+            ] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+            assert!(shown.contains("admin_token") && shown.contains("redacted"));
+            assert!(shown.contains("h1:4222"), "{shown}");
+        }
+    }
+
     /// With `key_passphrase` set, a plain (unsealed) line in `broker.keys` or
     /// `broker.identity` is refused with a typed error naming the file: it was used as it
     /// was, so "sealed at rest" silently did not hold, and a tree key planted by whoever can

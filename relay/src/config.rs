@@ -274,7 +274,7 @@ impl FromStr for AuthMode {
 ///
 /// A relay for people who do not trust each other runs with `mode = "required"`; see
 /// relay/README.md "Accounts".
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
+#[derive(Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// "off": anyone who can connect may use the relay (fine on loopback; a non-loopback
@@ -366,6 +366,119 @@ pub struct AuthConfig {
     pub admin_token: Option<String>,
 }
 
+/// A secret in a `Debug` output (`BrokerOptions` prints its relay `Config`): set or not, and
+/// its length, never its value.
+struct Redacted<'a>(&'a Option<String>);
+
+impl std::fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(s) => write!(f, "Some(<redacted, {} characters>)", s.chars().count()),
+            None => f.write_str("None"),
+        }
+    }
+}
+
+/// NATS URLs with their user information (`user:password@`) redacted.
+struct RedactedUrls<'a>(&'a [String]);
+
+impl std::fmt::Debug for RedactedUrls<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|u| {
+                let rest = u.find("://").map_or(0, |i| i + 3);
+                match u[rest..]
+                    .split(['/', '?', '#'])
+                    .next()
+                    .and_then(|a| a.rfind('@'))
+                {
+                    Some(at) => format!("{}<redacted>{}", &u[..rest], &u[rest + at..]),
+                    None => u.clone(),
+                }
+            }))
+            .finish()
+    }
+}
+
+// `Debug` redacts `admin_token` (not said in the struct's doc comment: that is the
+// section's text in `generate-config` and the README's settings table).
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured: a field added to the struct must be added here (compile error).
+        let AuthConfig {
+            mode,
+            accounts,
+            names,
+            state,
+            max_claims_per_group,
+            max_claims_per_account,
+            claim_idle_ms,
+            reload_ms,
+            admin_token,
+        } = self;
+        f.debug_struct("AuthConfig")
+            .field("mode", mode)
+            .field("accounts", accounts)
+            .field("names", names)
+            .field("state", state)
+            .field("max_claims_per_group", max_claims_per_group)
+            .field("max_claims_per_account", max_claims_per_account)
+            .field("claim_idle_ms", claim_idle_ms)
+            .field("reload_ms", reload_ms)
+            .field("admin_token", &Redacted(admin_token))
+            .finish()
+    }
+}
+
+// `Debug` redacts `password`, `token` and a URL's user information
+// (`nats://user:password@host`).
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ClusterConfig {
+            urls,
+            subject_prefix,
+            name,
+            credentials,
+            user,
+            password,
+            token,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            queue,
+            queue_bytes,
+            receive_bytes,
+            subscription_capacity,
+            store,
+            stream,
+            replicas,
+            durable_lease_ms,
+            shared_accounts,
+        } = self;
+        f.debug_struct("ClusterConfig")
+            .field("urls", &RedactedUrls(urls))
+            .field("subject_prefix", subject_prefix)
+            .field("name", name)
+            .field("credentials", credentials)
+            .field("user", user)
+            .field("password", &Redacted(password))
+            .field("token", &Redacted(token))
+            .field("tls_ca", tls_ca)
+            .field("tls_cert", tls_cert)
+            .field("tls_key", tls_key)
+            .field("queue", queue)
+            .field("queue_bytes", queue_bytes)
+            .field("receive_bytes", receive_bytes)
+            .field("subscription_capacity", subscription_capacity)
+            .field("store", store)
+            .field("stream", stream)
+            .field("replicas", replicas)
+            .field("durable_lease_ms", durable_lease_ms)
+            .field("shared_accounts", shared_accounts)
+            .finish()
+    }
+}
+
 impl AuthConfig {
     /// What the claim limits cannot keep of their promise (logged at start): a
     /// `max_claims_per_account` at or above `max_claims_per_group` lets one member fill
@@ -427,7 +540,7 @@ impl Default for AuthConfig {
 /// `<subject_prefix>.<key id hex>.<token hex>…`) and subscribes on NATS only for the filters
 /// its own clients hold. NATS sees what a relay sees: tokens, sizes, timing. See
 /// docs/DEPLOY.md.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
+#[derive(Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// NATS server URLs, comma separated (give every server of the NATS cluster: the relay
@@ -1915,8 +2028,20 @@ impl Config {
 /// The settings given as flags or `WHISPEER_*` environment variables, for every section of
 /// [`Config`] (flatten it into a clap command; [`Config::for_serve`] applies it over the
 /// file). Only what was given is applied, so precedence is defaults < file < env < flags.
-#[derive(Debug, Clone, Default)]
+/// Its `Debug` names the settings given, not their values (secrets among them).
+#[derive(Clone, Default)]
 pub struct Overrides(ArgMatches);
+
+impl std::fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Overrides")
+            .field(&self.0.ids().map(|i| i.as_str()).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// The settings that hold secrets, by flag: [`Overrides::secrets_on_command_line`].
+const SECRET_FLAGS: [&str; 3] = ["--admin-token", "--cluster-password", "--cluster-token"];
 
 impl Overrides {
     /// Updates `config` with every setting given as a flag or environment variable.
@@ -1930,6 +2055,31 @@ impl Overrides {
     /// Whether the setting with this clap id (its TOML key, or `section.key`) was given.
     pub fn given(&self, id: &str) -> bool {
         self.0.contains_id(id)
+    }
+
+    /// One warning per secret setting (`--admin-token`, `--cluster-password`,
+    /// `--cluster-token`) given on the command line rather than in its environment variable
+    /// or the configuration file: other users of the host see a process's arguments (`ps`,
+    /// `/proc/PID/cmdline`) and shells keep them in their history. The binary logs them at
+    /// start, as the client does for `--auth-token`. They name the flag and where to put
+    /// the secret instead, never its value.
+    pub fn secrets_on_command_line(&self) -> Vec<String> {
+        settings()
+            .into_iter()
+            .filter(|s| SECRET_FLAGS.contains(&s.flag.as_str()))
+            .filter(|s| {
+                self.0.try_contains_id(&s.id).unwrap_or(false)
+                    && self.0.value_source(&s.id) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|s| {
+                format!(
+                    "{} puts a secret on the command line, where other users can see it \
+                     (ps, /proc/PID/cmdline, shell history); prefer {} or `{}` in [{}] of \
+                     the configuration file (mode 0600)",
+                    s.flag, s.env, s.key, s.section
+                )
+            })
+            .collect()
     }
 }
 
@@ -2164,6 +2314,81 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Debug` of the configuration (printed by `BrokerOptions`' `Debug`, and by anyone's
+    /// `{:?}` of a `Config`) shows whether a secret is set and its length, never its value:
+    /// the admin token, the NATS password and token, and a NATS URL's user information.
+    /// Serialization is unchanged (`--print-config` redacts on its own; a written file
+    /// keeps them).
+    #[test]
+    fn debug_redacts_the_secrets() {
+        let mut c = Config::default();
+        c.auth.admin_token = Some("admin-secret-0123456789".into());
+        c.cluster.password = Some("nats-password-xyz".into());
+        c.cluster.token = Some("nats-token-xyz".into());
+        c.cluster.user = Some("relay".into());
+        c.cluster.urls = vec![
+            "nats://relay:url-pass-xyz@h1:4222".into(),
+            "tls://h2:4222/x@y".into(),
+        ];
+        for shown in [format!("{c:?}"), format!("{c:#?}")] {
+            for secret in [
+                "admin-secret",
+                "nats-password",
+                "nats-token",
+                "url-pass",
+                "relay:",
+            ] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+            assert!(shown.contains("<redacted, 23 characters>"), "{shown}");
+            assert!(shown.contains("nats://<redacted>@h1:4222"), "{shown}");
+            assert!(shown.contains("tls://h2:4222/x@y"), "{shown}");
+            assert!(shown.contains("max_claims_per_group"), "{shown}");
+        }
+        let mut none = Config::default();
+        none.auth.admin_token = None;
+        assert!(format!("{none:?}").contains("admin_token: None"));
+        let toml = toml::to_string(&c).unwrap();
+        assert!(toml.contains("admin-secret-0123456789"), "{toml}");
+        assert_eq!(Config::from_toml(&toml).unwrap(), c);
+    }
+
+    /// A secret setting given as a flag is named in a warning (the binary logs them at
+    /// start), with the environment variable to use instead and not the value; one from
+    /// the environment or the file is not; `Debug` of the overrides shows no value.
+    #[test]
+    fn secrets_given_as_flags_are_warned_about() {
+        let o = parse(&[
+            "--admin-token",
+            "admin-secret-0123456789",
+            "--cluster-token",
+            "nats-token-xyz",
+            "--max-frame",
+            "2048",
+        ])
+        .unwrap();
+        let w = o.secrets_on_command_line();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("--admin-token") && w[0].contains("WHISPEER_ADMIN_TOKEN"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].contains("--cluster-token") && w[1].contains("WHISPEER_CLUSTER_TOKEN"),
+            "{w:?}"
+        );
+        let all = format!("{w:?} {o:?}");
+        assert!(
+            !all.contains("admin-secret") && !all.contains("nats-token-xyz"),
+            "{all}"
+        );
+        assert!(parse(&["--max-frame", "2048"])
+            .unwrap()
+            .secrets_on_command_line()
+            .is_empty());
+        assert!(Overrides::default().secrets_on_command_line().is_empty());
+    }
 
     #[test]
     fn generated_config_parses_back_to_the_defaults() {

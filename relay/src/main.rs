@@ -409,6 +409,7 @@ fn main() -> Result<()> {
                 .reserve_warnings()
                 .into_iter()
                 .chain(config.auth.claim_warnings())
+                .chain(args.settings.secrets_on_command_line())
             {
                 tracing::warn!("{w}");
             }

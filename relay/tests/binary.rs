@@ -804,3 +804,75 @@ async fn workers_sets_the_runtime_threads_and_one_still_serves() {
         assert_eq!(m.envelope.token_path().key_id(), &key(7));
     }
 }
+
+/// A secret given as a flag (`--admin-token`, `--cluster-password`, `--cluster-token`) is
+/// visible to every user of the host (`ps`, `/proc/PID/cmdline`): the relay warns at start,
+/// naming the flag and the environment variable to use instead, never the value. Given in
+/// that variable, no warning (the client warns alike for `--auth-token`).
+#[tokio::test]
+async fn secrets_given_as_flags_are_warned_about_at_start() {
+    const ADMIN: &str = "admin-secret-0123456789abcdef";
+    const NATS: &str = "nats-token-0123456789";
+    let mut relay = BinRelay::start_logged(&["--admin-token", ADMIN, "--cluster-token", NATS]);
+    let line = relay
+        .wait_log(&["WARN", "--admin-token", "WHISPEER_ADMIN_TOKEN"])
+        .await;
+    assert!(!line.contains(ADMIN), "{line}");
+    let line = relay
+        .wait_log(&["WARN", "--cluster-token", "WHISPEER_CLUSTER_TOKEN"])
+        .await;
+    assert!(!line.contains(NATS), "{line}");
+
+    // The admin token from its variable: the start warns about the flag given (the cluster
+    // token, logged after the admin token's would be) and nothing before it names the
+    // admin token.
+    let mut child = bin()
+        .args([
+            "serve",
+            "--ws",
+            "off",
+            "--tcp",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+        ])
+        .args(["--store", "none"])
+        .args(["--cluster-token", NATS, "--ready-file", "-"])
+        .env_remove("RUST_LOG")
+        .env("WHISPEER_LOG", "warn")
+        .env("WHISPEER_ADMIN_TOKEN", ADMIN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut before = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(TIMEOUT)
+            .expect("a warning about --cluster-token");
+        if line.contains("--cluster-token") {
+            break;
+        }
+        before.push(line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        !before
+            .iter()
+            .any(|l| l.contains("admin-token") || l.contains(ADMIN)),
+        "{before:?}"
+    );
+}
