@@ -119,6 +119,9 @@ export class TreeKey {
   /** The next epoch; earlier-epoch messages dated from now on are refused by its holders.
    *  Throws for a passphrase tree. */
   rotate(): TreeKey;
+  /** An identity whose signing key is the admin key: seal invites with it so recipients see
+   *  `inviterIsAdmin`. A secret like the tree key. */
+  adminIdentity(): Identity;
   readonly name: string;
   readonly epoch: number;
   readonly treeId: string;
@@ -188,6 +191,8 @@ export class OpenedInvite {
   readonly grant: Grant;
   /** The inviter's sender id (`wspk1…`). Decide whether you trust it. */
   readonly inviter: string;
+  /** The inviter is the tree's admin key, not a member (see `AcceptedInvite.inviterIsAdmin`). */
+  readonly inviterIsAdmin: boolean;
   /** Unix ms. */
   readonly expiresAt: number;
   /** The zstd dictionaries it carries (`wsdict1…`, by ascending id); empty if none. */
@@ -209,7 +214,15 @@ export interface AcceptedInvite {
   treeId: string;
   epoch: number;
   scope: string;
-  /** Ids of the invite's dictionaries the keyring did not hold before. */
+  /** Who sealed the invite (`wspk1…`). */
+  inviter: string;
+  /**
+   * The inviter is the tree's admin key. `false`: a member enrolled you — a member removed by
+   * a rotation can still hand out the old epoch (PROTOCOL §10); confirm with the admin that
+   * `epoch` is current.
+   */
+  inviterIsAdmin: boolean;
+  /** Ids of the invite's dictionaries the keyring's tree could not use before. */
   dictionariesAdded: string[];
   /** Scopes of held grants this (admin-signed) grant contradicted and replaced. */
   dropped: string[];

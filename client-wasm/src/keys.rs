@@ -152,6 +152,16 @@ impl TreeKey {
         })
     }
 
+    /// An identity whose signing key is this tree's admin key: seal invites with it and the
+    /// recipient sees the admin itself enrolled it (`inviterIsAdmin`, PROTOCOL §10). A
+    /// secret like the tree key.
+    #[wasm_bindgen(js_name = adminIdentity)]
+    pub fn admin_identity(&self) -> Identity {
+        Identity {
+            inner: self.inner.admin_identity(),
+        }
+    }
+
     /// The next epoch: a fresh root, same tree and admin. Messages of earlier epochs dated
     /// from now on are refused by receivers holding the new epoch (the rotation cutoff).
     /// Throws for a passphrase tree (only epoch 0: choose a new passphrase instead).
@@ -494,6 +504,13 @@ impl OpenedInvite {
     pub fn inviter(&self) -> String {
         self.inner.inviter.to_string()
     }
+    /// The inviter is the tree's admin key, not a member (PROTOCOL §10: a member removed by
+    /// a rotation can still hand out the old epoch; confirm with the admin that `epoch` is
+    /// current when this is `false`).
+    #[wasm_bindgen(getter, js_name = inviterIsAdmin)]
+    pub fn inviter_is_admin(&self) -> bool {
+        self.inner.inviter_is_admin()
+    }
     /// Unix ms after which the invite is refused.
     #[wasm_bindgen(getter, js_name = expiresAt)]
     pub fn expires_at(&self) -> f64 {
@@ -521,7 +538,7 @@ impl OpenedInvite {
 }
 
 /// What accepting an invite did, for JS: `{ accepted, ignoredReason?, provenance?, treeId,
-/// epoch, scope, dictionariesAdded, dropped }` (README, "Invites").
+/// epoch, scope, inviter, inviterIsAdmin, dictionariesAdded, dropped }` (README, "Invites").
 fn accepted_object(a: &p::Accepted) -> JsValue {
     use crate::client::{provenance_object, set};
     let o = js_sys::Object::new();
@@ -535,6 +552,8 @@ fn accepted_object(a: &p::Accepted) -> JsValue {
     set(&o, "treeId", hex::encode(a.tree_id.0));
     set(&o, "epoch", a.epoch as f64);
     set(&o, "scope", a.scope.to_string());
+    set(&o, "inviter", a.inviter.to_string());
+    set(&o, "inviterIsAdmin", a.inviter_is_admin);
     let ids = js_sys::Array::new();
     for id in &a.dictionaries_added {
         ids.push(&JsValue::from(id.to_string()));

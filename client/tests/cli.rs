@@ -773,8 +773,14 @@ fn invite_open_names_the_tree_and_escapes_control_characters() {
         let key = ok(o);
         assert_no_hostile("invite open stderr", &err);
         assert_no_hostile("invite open stdout", &key);
-        assert_eq!(err.lines().count(), 1, "one line for the invite: {err:?}");
-        let line = err.trim_end().to_owned();
+        // A member (alice), not the admin key, sealed it: the old-epoch warning (§10) follows.
+        let (line, warning) = err.trim_end().split_once('\n').expect("two lines");
+        assert!(
+            warning.starts_with("warning: a member gave you epoch 0 of this tree;"),
+            "{warning}"
+        );
+        assert_eq!(err.lines().count(), 2, "one line for the invite: {err:?}");
+        let line = line.to_owned();
         assert!(
             line.starts_with(&format!("invite from {alice_sender} ")),
             "{line}"

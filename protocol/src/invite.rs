@@ -66,6 +66,18 @@ pub struct Invite {
     pub dictionaries: Vec<Dictionary>,
 }
 
+impl Invite {
+    /// The inviter is the tree's admin key (the grant's certificate's `admin_pk`), not a
+    /// member. Only the admin knows whether an epoch is current: a member removed by a
+    /// rotation still holds the old epoch's admin-signed grant and can seal it to a
+    /// newcomer, who cannot tell that a newer epoch exists (PROTOCOL §10). An invite from
+    /// anyone else deserves a check with the admin that its epoch is current. (In a
+    /// passphrase tree every member holds the admin key, and there is only epoch 0.)
+    pub fn inviter_is_admin(&self) -> bool {
+        self.inviter == self.grant.cert().admin()
+    }
+}
+
 fn sig_input(
     recipient: &PublicId,
     grant: &Grant,

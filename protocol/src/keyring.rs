@@ -170,6 +170,13 @@ pub struct Accepted {
     pub ignored: Option<Ignored>,
     /// Grants dropped because this one, verified, contradicts them.
     pub dropped: Vec<DroppedGrant>,
+    /// Who sealed the invite.
+    pub inviter: SenderId,
+    /// The inviter is the tree's admin key ([`Invite::inviter_is_admin`]). When it is not, a
+    /// member enrolled the caller: a member removed by a rotation can still hand out the
+    /// old epoch's admin-signed grant, and the caller cannot see that a newer epoch exists —
+    /// confirm with the admin that `epoch` is current (PROTOCOL §10).
+    pub inviter_is_admin: bool,
     /// The invite's dictionaries the grant's tree could not use before (now added for it:
     /// §4.6.1, a tree's messages decode only with dictionaries that came with it), by
     /// ascending id.
@@ -873,6 +880,8 @@ impl Keyring {
             ignored: added.ignored,
             dropped: added.dropped,
             dictionaries_added,
+            inviter: invite.inviter,
+            inviter_is_admin: invite.inviter_is_admin(),
         })
     }
 
@@ -1989,5 +1998,69 @@ mod tests {
         let out = kr.accept_invite_at(&inv, 0).unwrap();
         assert_eq!(out.dictionaries_added, vec![one_more.id()]);
         assert_eq!(kr.dictionaries().len(), MAX_DICTIONARIES);
+    }
+
+    /// Review finding (C, mitigation): a member removed by a rotation can still enrol a
+    /// newcomer into the dead epoch by sealing her stored admin-signed grant to them; the
+    /// newcomer's empty keyring accepts it as admin-signed and cannot know a newer epoch
+    /// exists. Not prevented: the outcome says the inviter is a member, not the admin.
+    #[test]
+    fn a_removed_member_can_enrol_a_newcomer_into_the_old_epoch_and_the_outcome_says_a_member_did()
+    {
+        let mut r = rng(42);
+        let tk0 = TreeKey::generate_with("home", &mut r).unwrap();
+        let admin = tk0.admin_identity();
+        assert_eq!(admin.sender_id(), tk0.admin());
+        let (mallory, newcomer) = (
+            Identity::generate_with(&mut r),
+            Identity::generate_with(&mut r),
+        );
+        // Mallory gets epoch 0 from the admin.
+        let to_mallory = Invite::seal(
+            &tk0.grant_all(),
+            &admin,
+            &mallory.public_id(),
+            u64::MAX,
+            &mut r,
+        )
+        .unwrap();
+        let g0 = Invite::open(&to_mallory, &mallory, 0).unwrap();
+        assert!(g0.inviter_is_admin());
+        let mut mallorys = Keyring::new();
+        let out = mallorys.accept_invite_at(&g0, 0).unwrap();
+        assert!(out.inviter_is_admin && out.inviter == tk0.admin());
+        // The admin rotates her out.
+        let tk1 = tk0.rotate(1_000, &mut r).unwrap();
+        // Mallory seals her epoch-0 grant to a newcomer.
+        let inv =
+            Invite::seal(&g0.grant, &mallory, &newcomer.public_id(), u64::MAX, &mut r).unwrap();
+        let inv = Invite::open(&inv, &newcomer, 2_000).unwrap();
+        let mut kr = Keyring::new();
+        let out = kr.accept_invite_at(&inv, 2_000).unwrap();
+        // Accepted, admin-signed — the attack is not prevented — but a member enrolled them.
+        assert!(out.is_accepted());
+        assert_eq!(out.provenance, Some(Provenance::AdminSigned));
+        assert_eq!(out.epoch, 0);
+        assert_eq!(out.inviter, mallory.sender_id());
+        assert!(!out.inviter_is_admin);
+        assert!(!inv.inviter_is_admin());
+        // The admin's own invite of the current epoch says "admin".
+        let from_admin = Invite::seal(
+            &tk1.grant_all(),
+            &tk1.admin_identity(),
+            &newcomer.public_id(),
+            u64::MAX,
+            &mut r,
+        )
+        .unwrap();
+        let out = kr
+            .accept_invite_at(&Invite::open(&from_admin, &newcomer, 3_000).unwrap(), 3_000)
+            .unwrap();
+        assert!(out.inviter_is_admin);
+        assert_eq!((out.epoch, out.inviter), (1, tk1.admin()));
+        assert_eq!(
+            tk1.admin_identity().sender_id(),
+            tk0.admin_identity().sender_id()
+        );
     }
 }

@@ -1124,6 +1124,19 @@ impl TreeKey {
     pub fn admin(&self) -> SenderId {
         SenderId(self.admin.verifying_key())
     }
+    /// An identity whose signing key is the tree's admin key, to seal invites as the admin
+    /// ([`crate::Invite::seal`]): the recipient then sees that the admin itself enrolled it
+    /// ([`crate::Invite::inviter_is_admin`], PROTOCOL §10). Its X25519 key is derived from
+    /// the admin seed (`derive_key("whispeer v2 tree admin x25519", seed)`); it is a secret
+    /// like the tree key.
+    pub fn admin_identity(&self) -> Identity {
+        let seed = Zeroizing::new(self.admin.to_bytes());
+        let x = Zeroizing::new(blake3::derive_key(
+            "whispeer v2 tree admin x25519",
+            &seed[..],
+        ));
+        Identity::from_seeds(&seed, &x)
+    }
     /// A passphrase tree.
     pub fn is_passphrase(&self) -> bool {
         self.passphrase

@@ -184,3 +184,27 @@ test('an invite whose grant is ignored (an epoch older than every epoch held) ad
   assert.deepEqual(cur.dictionariesAdded, [id]);
   assert.deepEqual(cur.dropped, []);
 });
+
+test('acceptInvite says whether the admin key or a member enrolled you (PROTOCOL §10)', () => {
+  const t0 = TreeKey.generate('enrol');
+  const admin = t0.adminIdentity();
+  const [mallory, newcomer] = [Identity.generate(), Identity.generate()];
+  const g0 = openInvite(sealInvite(t0.grant('#'), admin, mallory.publicId), mallory);
+  assert.equal(g0.inviterIsAdmin, true);
+  const t1 = t0.rotate(); // Mallory removed
+  // She seals her epoch-0 grant to a newcomer: accepted (not prevented), but it says so.
+  const fromMallory = openInvite(sealInvite(g0.grant, mallory, newcomer.publicId), newcomer);
+  assert.equal(fromMallory.inviterIsAdmin, false);
+  const kr = new Keyring();
+  const out = kr.acceptInvite(fromMallory);
+  assert.equal(out.accepted, true);
+  assert.deepEqual(out.provenance, { kind: 'admin-signed' });
+  assert.equal(out.epoch, 0);
+  assert.equal(out.inviter, mallory.senderId);
+  assert.equal(out.inviterIsAdmin, false);
+  // The admin's own invite says admin.
+  const fromAdmin = kr.acceptInvite(openInvite(sealInvite(t1.grant('#'), t1.adminIdentity(), newcomer.publicId), newcomer));
+  assert.equal(fromAdmin.inviterIsAdmin, true);
+  assert.equal(fromAdmin.epoch, 1);
+  assert.equal(fromAdmin.inviter, t0.adminIdentity().senderId);
+});

@@ -707,6 +707,14 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
             let me = identity.require()?;
             let inv = Invite::open(text, &me, whispeer::now_ms())?;
             eprintln!("{}", invite_line(&inv));
+            if !inv.inviter_is_admin() {
+                let n = inv.grant.epoch_keys().epoch();
+                eprintln!(
+                    "warning: a member gave you epoch {n} of this tree; a member removed by a key \
+                     rotation can still hand out the old epoch — confirm with the admin that {n} \
+                     is current"
+                );
+            }
             let mut lines = vec![inv.grant.to_key_string().to_string()];
             if !inv.dictionaries.is_empty() {
                 eprintln!("with {}", dictionary_list(&inv.dictionaries));
