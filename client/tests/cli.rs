@@ -649,7 +649,14 @@ fn invite_seal_and_open_round_trip() {
         &inv,
         &[],
     );
-    assert!(stderr(&o).contains(&alice_sender), "{}", stderr(&o));
+    // Sealed from the tree key: signed by the tree's admin key, not alice's identity
+    // (an_admins_invite_says_the_admin_enrolled_you).
+    let admin = show(&tree)["admin"].as_str().unwrap().to_owned();
+    assert!(
+        stderr(&o).contains(&format!("invite from {admin} ")),
+        "{}",
+        stderr(&o)
+    );
     let key = ok(o);
     let d = show(&key);
     assert_eq!(d["scope"], "sensor/#");
@@ -689,17 +696,25 @@ fn invite_seal_and_open_round_trip() {
         2,
     );
     assert!(e.contains("public id"), "{e}");
-    fails(
+    // Signing as yourself (--as-me, or from a grant) needs an identity.
+    let e = fails(
         run(&[
             "invite",
             "seal",
             "--to",
             &bob_public,
+            "--as-me",
             "--key-file",
             tree_file.to_str().unwrap(),
         ]),
         2,
     );
+    assert!(e.contains("no identity given"), "{e}");
+    let e = fails(
+        run_with(&["invite", "seal", "--to", &bob_public, "-"], &key, &[]),
+        2,
+    );
+    assert!(e.contains("no identity given"), "{e}");
 }
 
 /// Raw bytes an attacker-chosen tree name or scope must never reach the terminal with: ESC
@@ -799,7 +814,8 @@ fn invite_open_names_the_tree_and_escapes_control_characters() {
         (key, line)
     };
 
-    // Admin-signed, for a scope whose path holds an escape too.
+    // Admin-signed, for a scope whose path holds an escape too; sealed by alice's identity
+    // (--as-me; a grant always is).
     let seal = |key_file: &Path, path: &str| {
         ok(run(&[
             "invite",
@@ -808,6 +824,7 @@ fn invite_open_names_the_tree_and_escapes_control_characters() {
             &bob_public,
             "--path",
             path,
+            "--as-me",
             "--identity",
             alice.to_str().unwrap(),
             "--key-file",
@@ -847,6 +864,155 @@ fn invite_open_names_the_tree_and_escapes_control_characters() {
         assert_eq!(d["tree"], name);
     }
     assert_eq!(show(&narrowed)["scope"], "sensor\u{1b}]0;x/kitchen/#");
+}
+
+/// `invite seal` from a tree key signs with the tree's admin key (`TreeKey::admin_identity`),
+/// not the user's identity — none is needed, and one given is not used — so `invite open`
+/// says the admin enrolled the recipient and prints no member warning (PROTOCOL §7, §10).
+#[test]
+fn an_admins_invite_says_the_admin_enrolled_you() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, _, alice_sender) = keygen(dir.path(), "alice.id");
+    let (bob, bob_public, _) = keygen(dir.path(), "bob.id");
+    let (tree_file, tree) = new_tree(dir.path(), "home");
+    let admin = show(&tree)["admin"].as_str().unwrap().to_owned();
+    for with_identity in [true, false] {
+        let mut args = vec!["invite", "seal", "--to", &bob_public, "--path", "sensor"];
+        if with_identity {
+            args.extend(["--identity", alice.to_str().unwrap()]);
+        }
+        args.extend(["--key-file", tree_file.to_str().unwrap()]);
+        let o = run(&args);
+        let sealed = stderr(&o);
+        let inv = ok(o);
+        let o = run_with(
+            &["invite", "open", "--identity", bob.to_str().unwrap()],
+            &inv,
+            &[],
+        );
+        let err = stderr(&o);
+        let key = ok(o);
+        assert_eq!(show(&key)["scope"], "sensor/#");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 2, "{err}");
+        assert!(
+            lines[0].starts_with(&format!("invite from {admin} ")),
+            "{err}"
+        );
+        assert!(lines[0].ends_with("admin-signed"), "{err}");
+        assert_eq!(
+            lines[1],
+            "the tree's admin key signed this invite: the admin enrolled you"
+        );
+        assert!(!err.contains("warning"), "{err}");
+        assert!(!err.contains(&alice_sender), "{err}");
+        assert!(
+            sealed.contains(&format!("signed by the tree's admin key {admin}")),
+            "{sealed}"
+        );
+    }
+}
+
+/// An invite a member seals from her grant (no admin secret) is signed by her identity, and
+/// `invite open` warns that a member gave the epoch (PROTOCOL §10); so does an admin's
+/// invite sealed with `--as-me`. The sealer is told which key signed.
+#[test]
+fn a_members_invite_warns_to_confirm_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, _, alice_sender) = keygen(dir.path(), "alice.id");
+    let (bob, bob_public, bob_sender) = keygen(dir.path(), "bob.id");
+    let (carol, carol_public, _) = keygen(dir.path(), "carol.id");
+    let (tree_file, tree) = new_tree(dir.path(), "home");
+    let admin = show(&tree)["admin"].as_str().unwrap().to_owned();
+    let open_as_carol = |inv: &str| {
+        let o = run_with(
+            &["invite", "open", "--identity", carol.to_str().unwrap()],
+            inv,
+            &[],
+        );
+        let err = stderr(&o);
+        ok(o);
+        err
+    };
+    let member_warning = "warning: a member gave you epoch 0 of this tree; a member removed \
+                          by a key rotation can still hand out the old epoch — confirm with \
+                          the admin that 0 is current";
+
+    // Bob holds the whole tree as a grant (wskey1…): the admin's invite, opened.
+    let inv = ok(run(&[
+        "invite",
+        "seal",
+        "--to",
+        &bob_public,
+        "--identity",
+        alice.to_str().unwrap(),
+        "--key-file",
+        tree_file.to_str().unwrap(),
+    ]));
+    let bob_key = ok(run_with(
+        &["invite", "open", "--identity", bob.to_str().unwrap()],
+        &inv,
+        &[],
+    ));
+    assert!(bob_key.starts_with("wskey1"), "{bob_key}");
+    let bob_file = write_file(dir.path(), "bob.key", &format!("{bob_key}\n"));
+
+    // Bob seals his grant (whole, and narrowed) to Carol: his identity signs.
+    for narrow in [&[][..], &["--path", "sensor"][..]] {
+        let mut args = vec![
+            "invite",
+            "seal",
+            "--to",
+            &carol_public,
+            "--identity",
+            bob.to_str().unwrap(),
+            "--key-file",
+            bob_file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(narrow);
+        let o = run(&args);
+        let sealed = stderr(&o);
+        let inv = ok(o);
+        let err = open_as_carol(&inv);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 2, "{err}");
+        assert!(
+            lines[0].starts_with(&format!("invite from {bob_sender} ")),
+            "{err}"
+        );
+        assert_eq!(lines[1], member_warning);
+        assert!(!err.contains("admin enrolled you"), "{err}");
+        assert!(
+            sealed.contains(&format!(
+                "signed by your identity {bob_sender} (not the tree's admin key {admin})"
+            )),
+            "{sealed}"
+        );
+    }
+
+    // The admin may still sign as herself: --as-me, and Carol is warned.
+    let o = run(&[
+        "invite",
+        "seal",
+        "--to",
+        &carol_public,
+        "--as-me",
+        "--identity",
+        alice.to_str().unwrap(),
+        "--key-file",
+        tree_file.to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&o).contains(&format!("signed by your identity {alice_sender}")),
+        "{}",
+        stderr(&o)
+    );
+    let err = open_as_carol(&ok(o));
+    assert!(
+        err.starts_with(&format!("invite from {alice_sender} ")),
+        "{err}"
+    );
+    assert_eq!(err.lines().nth(1), Some(member_warning), "{err}");
 }
 
 /// `samples.jsonl`: 300 telemetry readings, one JSON object per line (to train on).

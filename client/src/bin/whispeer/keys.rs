@@ -185,7 +185,11 @@ pub enum KeyCommand {
 #[derive(Debug, Subcommand)]
 pub enum InviteCommand {
     /// Seal a key to a recipient's public id (wsid1…): prints an invite (wsinv1…) that only
-    /// they can open, signed by your identity. Safe to send over any channel. --dict files
+    /// they can open. Sealed from a tree key (wstree1…) it is signed by the tree's admin key,
+    /// so the recipient sees that the admin enrolled them (no --identity needed; --as-me signs
+    /// with your identity instead); sealed from a grant (wskey1…) it is signed by your
+    /// identity, and the recipient is warned to confirm with the admin that the epoch is
+    /// current. Safe to send over any channel. --dict files
     /// travel in it, and so do the zstd dictionaries (wsdict1…) among the key strings given
     /// unless --path/--topic narrows the grant: the keys do not record which topic uses
     /// which dictionary, so a narrowed invite carries them only with --with-dicts.
@@ -209,6 +213,13 @@ pub enum InviteCommand {
         /// grant (they may have been trained on topics outside it).
         #[arg(long, conflicts_with = "no_dicts")]
         with_dicts: bool,
+        /// With a tree key, sign with your identity (--identity / WHISPEER_IDENTITY) instead
+        /// of the tree's admin key: the recipient is then warned that a member, not the
+        /// admin, enrolled them. A grant always signs with your identity.
+        #[arg(long)]
+        as_me: bool,
+        // Your identity: signs an invite sealed from a grant (or with --as-me), and a grant
+        // --path/--topic narrows records it; not read for a tree key's invite otherwise.
         #[command(flatten)]
         identity: IdentityArgs,
         #[command(flatten)]
@@ -640,6 +651,7 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
             dicts,
             no_dicts,
             with_dicts,
+            as_me,
             identity,
             src,
         } => {
@@ -651,9 +663,14 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
                 );
             }
             let recipient = PublicId::from_str(to).context("invalid --to public id")?;
-            let me = identity.require()?;
             let (k, mut carried) = io::key_and_dictionaries(key.as_deref(), &src)?;
-            let g = narrow(&k, Some(&me), n.path.as_deref(), n.topic.as_deref())?;
+            // Who signs: the tree's admin key when the key holds it (the recipient then
+            // knows the admin enrolled it, PROTOCOL §7, §10), unless --as-me; else you.
+            let signer = match &k {
+                AnyKey::Tree(tk) if !as_me => tk.admin_identity(),
+                _ => identity.require()?,
+            };
+            let g = narrow(&k, Some(&signer), n.path.as_deref(), n.topic.as_deref())?;
             // The keys do not say which topics a wsdict1… line among them serves (a
             // dictionary is content: it reveals what its training messages had in common),
             // so a grant narrowed here leaves them behind unless asked; --dict files were
@@ -676,13 +693,27 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
             let inv = Invite::seal_with_dictionaries(
                 &g,
                 &carried,
-                &me,
+                &signer,
                 &recipient,
                 expiry,
                 &mut rand::rngs::OsRng,
             )?;
             if !carried.is_empty() {
                 eprintln!("the invite carries {}", dictionary_list(&carried));
+            }
+            let admin = g.cert().admin();
+            if signer.sender_id() == admin {
+                eprintln!(
+                    "signed by the tree's admin key {admin}: the recipient sees that the admin \
+                     enrolled them (--as-me: sign with your identity)"
+                );
+            } else {
+                eprintln!(
+                    "signed by your identity {} (not the tree's admin key {admin}): the \
+                     recipient is told to confirm with the admin that epoch {} is current",
+                    signer.sender_id(),
+                    g.epoch_keys().epoch()
+                );
             }
             io::print_or_exit(&inv)?;
         }
@@ -707,7 +738,15 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
             let me = identity.require()?;
             let inv = Invite::open(text, &me, whispeer::now_ms())?;
             eprintln!("{}", invite_line(&inv));
-            if !inv.inviter_is_admin() {
+            if inv.inviter_is_admin() {
+                // The signer's key is the certificate's admin key (PROTOCOL §7).
+                let note = if inv.grant.cert().is_passphrase() {
+                    " (a passphrase tree: everyone who knows the passphrase holds that key)"
+                } else {
+                    ""
+                };
+                eprintln!("the tree's admin key signed this invite: the admin enrolled you{note}");
+            } else {
                 let n = inv.grant.epoch_keys().epoch();
                 eprintln!(
                     "warning: a member gave you epoch {n} of this tree; a member removed by a key \
