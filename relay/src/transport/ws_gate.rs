@@ -138,10 +138,13 @@ type Taking = Pin<Box<dyn Future<Output = Option<Lease>> + Send>>;
 /// the whole request again after every read (up to 512 reads and 64 KiB by its own
 /// limits), so a client sending its request in small pieces made one connection cost ~17 MB
 /// of parsing (review, session 43) — 256 connections per address, every `hello_ms`.
-/// Counted as tungstenite parses: after each read, all the request's bytes so far. An
-/// honest request (a few KiB, in a few segments; 16 KiB of headers in 12 segments is
-/// ~100 KiB) stays far below.
-pub(crate) const UPGRADE_PARSE_MAX: usize = 512 << 10;
+/// Counted as tungstenite parses: after each read, all the request's bytes so far — so the
+/// count grows with the square of the pieces. 2 MiB lets every request tungstenite itself
+/// takes (≤ 64 KiB) through when it arrives in full 1,460-byte segments (45 segments,
+/// ~1.5 MB counted), and a 45 KB one in minimum 536-byte segments; an honest request of a
+/// few KiB in a few segments counts a few KiB. A dribbler is stopped at ~8 times less
+/// parsing than tungstenite's own limits allow.
+pub(crate) const UPGRADE_PARSE_MAX: usize = 2 << 20;
 
 /// Follows the client's bytes on a WebSocket connection and holds its messages to the
 /// gate's rules ([`ReadAhead`](super::read_ahead::ReadAhead) calls it on every read).
@@ -348,8 +351,8 @@ impl Follower {
                     io::ErrorKind::InvalidData,
                     format!(
                         "the WebSocket upgrade request arrived in too many pieces \
-                         ({} bytes so far, {} parsed; at most {UPGRADE_PARSE_MAX})",
-                        self.upgrade_bytes, self.upgrade_parsed
+                         ({} bytes so far, {} parsed; at most {})",
+                        self.upgrade_bytes, self.upgrade_parsed, self.upgrade_parse_max
                     ),
                 ));
             }
@@ -464,12 +467,12 @@ mod tests {
 
     /// An upgrade request dribbled in small pieces is refused once tungstenite would have
     /// parsed [`UPGRADE_PARSE_MAX`] bytes of it (it parses the whole request after every
-    /// read); the same request in a few pieces passes, and so does a 16 KiB one (cookies)
-    /// in 1,460-byte segments.
+    /// read); the same request in a few pieces passes, and so does one of 64 KiB (all that
+    /// tungstenite takes) in 1,460-byte segments.
     #[test]
     fn an_upgrade_request_in_many_small_pieces_is_refused() {
         let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nCookie: ".to_vec();
-        big.resize(16 << 10, b'a');
+        big.resize((64 << 10) - 4, b'a');
         big.extend_from_slice(b"\r\n\r\n");
         for (req, step) in [(&big[..], 1460), (UPGRADE, 1), (&big[..], 4096)] {
             let mut f = Follower::new(WsGate::new(None, ADDR), 1 << 20);
@@ -490,8 +493,8 @@ mod tests {
         let (i, e) = refused.expect("a dribbled request is refused");
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("too many pieces"), "{e}");
-        // Σ 128·k for k ≤ n passes 512 KiB at n ≈ 90 pieces (11.5 KB).
-        assert!((80..100).contains(&i), "refused at piece {i}");
+        // Σ 128·k for k ≤ n passes 2 MiB at n ≈ 181 pieces (23 KB).
+        assert!((170..190).contains(&i), "refused at piece {i}");
     }
 
     /// A client frame header (masked, as clients must send) for `len` payload bytes.
