@@ -1805,14 +1805,16 @@ pub struct Accounts {
     /// Account lists read that were invalid or unreadable, each changed text counted once
     /// (`whispeer_relay_account_reload_errors_total`).
     reload_errors: std::sync::atomic::AtomicU64,
-    /// Accounts of the list in force whose removal or reduction, by the account file last
-    /// read, waits for its confirming read (`whispeer_relay_account_revocations_held`).
+    /// Revocations by the account file's valid lists held for a confirming read: accounts
+    /// removed or reduced, plus keys and token hashes of accounts not held themselves
+    /// (`whispeer_relay_account_revocations_held`).
     revocations_held: std::sync::atomic::AtomicU64,
-    /// Account files read whose revocations were held for a confirming read, each text
-    /// counted once (`whispeer_relay_account_revocations_deferred_total`).
+    /// Account files read that held a revocation not held before
+    /// (`whispeer_relay_account_revocations_deferred_total`).
     revocations_deferred: std::sync::atomic::AtomicU64,
-    /// `auth.reload_ms`: a file's revocations (invalid or not) wait for a second read of
-    /// the same text at least this long after the first.
+    /// `auth.reload_ms`: a file's revocations wait for a confirming read at least this
+    /// long after the first: of the same text for an invalid list, of a valid list that
+    /// still makes them for a valid one.
     reload_ms: u64,
     /// The claims' clock, also timing those reads.
     clock: Clock,
@@ -1844,22 +1846,39 @@ struct Stamp {
     read_at: SystemTime,
     /// SHA-256 of the text last read.
     digest: Option<[u8; 32]>,
-    /// The last text read whose revocations wait: an invalid one (while no valid one was
-    /// read since), or a valid one that removes or reduces accounts in force. Its
+    /// The last text read, if invalid (while no valid one was read since): its
     /// revocations are applied only once the same text is read again a reload period
-    /// later ([`Accounts::list_failed`], [`Accounts::install_file_table`]).
+    /// later ([`Accounts::list_failed`]).
     pending: Option<PendingRead>,
+    /// What the valid lists read from the file revoke of the list in force, and when each
+    /// was first read: held in force until a read at least a reload period later still
+    /// revokes it; dropped as soon as a valid read no longer does
+    /// ([`Accounts::install_file_table`]).
+    held: HashMap<Revocation, u64>,
 }
 
-/// An account file's text whose revocations wait for a confirming read, as first read.
+/// An invalid account file's text whose revocations wait for a confirming read, as first
+/// read.
 #[derive(Debug)]
 struct PendingRead {
     digest: [u8; 32],
     /// When it was first read (the claims clock, Unix ms).
     first: u64,
-    /// Its revocations were applied (an invalid text's; a valid text's pending read is
-    /// dropped once applied).
+    /// Its revocations were applied.
     applied: bool,
+}
+
+/// One thing a valid list read from the account file revokes of the list in force
+/// ([`revocations`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Revocation {
+    /// An account removed, given another identity (a new `id` under its name), or reduced
+    /// (a right taken away, another group).
+    Account(String),
+    /// A key in force that no longer names the same account.
+    Key([u8; 32]),
+    /// A token hash in force that no longer names the same account.
+    Token([u8; 32]),
 }
 
 /// How long after its modification time a file with unchanged metadata is still read
@@ -1903,6 +1922,7 @@ impl Accounts {
             read_at: SystemTime::now(),
             digest: None,
             pending: None,
+            held: HashMap::new(),
         };
         let table = match &file {
             Some(p) => {
@@ -2514,8 +2534,12 @@ impl Accounts {
                     .checked_add(RACY_WINDOW)
                     .is_some_and(|t| t <= s.read_at)
             });
-            // A text whose revocations await its second read is read again at each look.
-            let awaiting = s.pending.as_ref().is_some_and(|i| !i.applied);
+            // A text whose revocations await their confirming read is read again at each
+            // look: an invalid one's, else a valid one's held revocations.
+            let awaiting = s
+                .pending
+                .as_ref()
+                .map_or(!s.held.is_empty(), |i| !i.applied);
             if s.meta == meta && (settled || meta.is_none()) && !awaiting {
                 return Ok(0);
             }
@@ -2550,8 +2574,10 @@ impl Accounts {
             let same = digest.is_some() && s.digest == digest;
             (s.meta, s.read_at, s.digest) = (meta, read_at, digest);
             if same && !always {
-                // The same text again: only one whose revocations wait for this second
-                // read has anything to do (reported once already).
+                // The same text again: only one whose revocations wait for a confirming
+                // read has anything to do (reported once already): an invalid text's
+                // once a reload period has passed, a valid one's held revocations as they
+                // come due ([`Accounts::install_file_table`]).
                 let due = match (&mut s.pending, digest) {
                     (Some(i), Some(d)) if i.digest == d && !i.applied => {
                         i.applied = self.clock_ms().saturating_sub(i.first) >= self.reload_ms;
@@ -2559,9 +2585,11 @@ impl Accounts {
                     }
                     _ => false,
                 };
+                let holding = s.pending.is_none() && !s.held.is_empty();
                 drop(s);
-                return Ok(match (due, &text) {
-                    (true, Ok(t)) => self.confirm(t, path),
+                return Ok(match (&text, digest) {
+                    (Ok(t), _) if due => self.revoke_unnamed(t),
+                    (Ok(t), Some(d)) if holding => self.install_text(t, path, Some((d, false)))?,
                     _ => 0,
                 });
             }
@@ -2570,23 +2598,13 @@ impl Accounts {
         self.install_text(&text, path, digest.map(|d| (d, always)))
     }
 
-    /// The file's text `text`, whose revocations waited, was read again a reload period
-    /// later: a valid list is put in force in full, an invalid one revokes what it no
-    /// longer names. Returns how many connections were closed.
-    fn confirm(&self, text: &str, origin: &Path) -> usize {
-        match AccountFile::parse(text, origin).and_then(|f| f.table()) {
-            Ok(table) => {
-                self.stamp.lock().unwrap_or_else(|p| p.into_inner()).pending = None;
-                self.revocations_held
-                    .store(0, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(
-                    "the account list read a reload period ago is unchanged: its \
-                     revocations apply now"
-                );
-                self.install_table(table)
-            }
-            Err(_) => self.revoke_unnamed(text),
-        }
+    /// Nothing waits for a confirming read any more (a list applied in full): forgets an
+    /// invalid text's pending read and the held revocations, and zeroes the gauge.
+    fn clear_pending(&self, s: &mut Stamp) {
+        s.pending = None;
+        s.held.clear();
+        self.revocations_held
+            .store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The clock's Unix milliseconds.
@@ -2603,7 +2621,7 @@ impl Accounts {
     }
 
     /// Installs `text`, read from `origin`; `file`: the digest of a file's text (its
-    /// revocations wait for a second read) and whether a SIGHUP asked for the read (a
+    /// revocations wait for a confirming read) and whether a SIGHUP asked for the read (a
     /// valid list then applies in full at once), `None` for the cluster's list (a whole
     /// message: never read half-written, acted on at once).
     fn install_text(
@@ -2617,11 +2635,11 @@ impl Accounts {
                 self.list_valid
                     .store(true, std::sync::atomic::Ordering::Relaxed);
                 Ok(match file {
-                    Some((digest, forced)) => self.install_file_table(table, digest, forced),
+                    Some((_, forced)) => self.install_file_table(table, forced),
                     None => {
-                        self.stamp.lock().unwrap_or_else(|p| p.into_inner()).pending = None;
-                        self.revocations_held
-                            .store(0, std::sync::atomic::Ordering::Relaxed);
+                        self.clear_pending(
+                            &mut self.stamp.lock().unwrap_or_else(|p| p.into_inner()),
+                        );
                         self.install_table(table)
                     }
                 })
@@ -2633,65 +2651,108 @@ impl Accounts {
         }
     }
 
-    /// Puts the valid list `table`, read from the account file (text digest `digest`),
-    /// in force — but what it revokes only once confirmed. A file cut at an entry
-    /// boundary (an editor writing in place, a truncated copy, an emptied file) is a valid
-    /// list, and would revoke every account after the cut — closing their connections —
-    /// at the first read. So a list that removes or reduces accounts in force (an account
-    /// gone or given another identity, a key or token no longer listed for it, a right
-    /// taken away, another group) applies only what it adds at once (new accounts,
-    /// credentials and rights), and holds the rest of the list in force as it was; its
-    /// revocations apply once the **same text** is read again at least `auth.reload_ms`
-    /// after the first read (the reload task reads a file awaiting that at each look:
-    /// [`Accounts::reload_if_changed`]) — an operator's removal takes effect one reload
-    /// period later. `forced` (SIGHUP: the operator says the file is complete) applies the
-    /// list in full at once. Returns how many connections were closed.
-    fn install_file_table(&self, table: Table, digest: [u8; 32], forced: bool) -> usize {
+    /// Puts the valid list `table`, read from the account file, in force — but what it
+    /// revokes only once confirmed. A file cut at an entry boundary (an editor writing in
+    /// place, a truncated copy, an emptied file) is a valid list, and would revoke every
+    /// account after the cut — closing their connections — at the first read. So a list
+    /// that removes or reduces accounts in force (an account gone or given another
+    /// identity, a key or token no longer listed for it, a right taken away, another
+    /// group) applies at once what it adds (new accounts, credentials and rights), and
+    /// holds what it revokes ([`Revocation`]s) in force as it was.
+    ///
+    /// Each revocation is held from the first read that makes it, and applied by a read
+    /// at least `auth.reload_ms` later that still makes it; a valid read that no longer
+    /// makes it (the file restored after a cut) drops it: it revokes nothing. The wait is
+    /// keyed on what is revoked, not on the text: edits elsewhere in the file (a tool
+    /// rewriting a timestamp or comment every second, accounts being added) neither
+    /// restart nor extend it, so a revocation every read repeats applies at the first read
+    /// a reload period after it was first made — within two reload periods, since the
+    /// reload task reads the file at each look (every `auth.reload_ms`) while anything is
+    /// held ([`Accounts::reload_if_changed`]). An invalid read in between changes nothing
+    /// of this. `forced` (SIGHUP: the operator says the file is complete) applies the list
+    /// in full at once. Returns how many connections were closed.
+    fn install_file_table(&self, table: Table, forced: bool) -> usize {
         use std::sync::atomic::Ordering::Relaxed;
-        let now = self.clock_ms();
-        let confirmed = forced || {
-            let s = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
-            s.pending.as_ref().is_some_and(|p| {
-                p.digest == digest && now.saturating_sub(p.first) >= self.reload_ms
-            })
-        };
-        if confirmed {
-            self.stamp.lock().unwrap_or_else(|p| p.into_inner()).pending = None;
-            self.revocations_held.store(0, Relaxed);
+        let mut s = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
+        if forced {
+            self.clear_pending(&mut s);
+            drop(s);
             return self.install_table(table);
         }
-        let mut held = None;
+        // A valid list read: an invalid text's wait is over.
+        s.pending = None;
+        let now = self.clock_ms();
+        let (mut applied, mut fresh, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+        // Lock order: the stamp, then (in swap_table) the connections and the table.
         let (n, closed, rechecked) = self.swap_table(|old| {
-            let (t, h) = hold_revocations(old, table);
-            held = h;
+            let revoked = revocations(old, &table);
+            s.held.retain(|r, _| revoked.contains_key(r));
+            for r in revoked.keys() {
+                if !s.held.contains_key(r) {
+                    s.held.insert(r.clone(), now);
+                    fresh.push(r.clone());
+                }
+            }
+            let due = |r: &Revocation| {
+                s.held
+                    .get(r)
+                    .is_some_and(|first| now.saturating_sub(*first) >= self.reload_ms)
+            };
+            let t = hold_revocations(old, table, &revoked, &due);
+            for (r, owner) in &revoked {
+                if due(r) {
+                    applied.push(r.clone());
+                } else {
+                    kept.push((r.clone(), owner.clone()));
+                }
+            }
+            for r in &applied {
+                s.held.remove(r);
+            }
             t
         });
-        let mut s = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(held) = held else {
-            s.pending = None;
-            drop(s);
-            self.revocations_held.store(0, Relaxed);
-            tracing::info!(accounts = n, closed, rechecked, "account list reloaded");
-            return closed;
-        };
-        self.revocations_held
-            .store(held.accounts.len() as u64, Relaxed);
-        if s.pending.as_ref().is_some_and(|p| p.digest == digest) {
-            return closed;
-        }
-        s.pending = Some(PendingRead {
-            digest,
-            first: now,
-            applied: false,
-        });
         drop(s);
-        self.revocations_deferred.fetch_add(1, Relaxed);
-        tracing::warn!(accounts = n, held = ?held.accounts, credentials_held = held.credentials,
-            wait_ms = self.reload_ms,
-            "account list read: what it adds applies now; its revocations wait until the \
-             same text is read again a reload period later (a file may be read mid-write \
-             or cut short); the accounts and credentials it removes or reduces stay as they \
-             were meanwhile");
+        // The gauge: accounts held, and held credentials of accounts not held themselves.
+        let mut accounts: Vec<&str> = kept
+            .iter()
+            .filter_map(|(r, _)| match r {
+                Revocation::Account(a) => Some(a.as_str()),
+                _ => None,
+            })
+            .collect();
+        accounts.sort_unstable();
+        let credentials = kept
+            .iter()
+            .filter(|(r, owner)| {
+                !matches!(r, Revocation::Account(_)) && !accounts.contains(&owner.as_str())
+            })
+            .count();
+        self.revocations_held
+            .store((accounts.len() + credentials) as u64, Relaxed);
+        if !fresh.is_empty() {
+            self.revocations_deferred.fetch_add(1, Relaxed);
+            tracing::warn!(accounts = n, closed, held = ?accounts, credentials_held = credentials,
+                wait_ms = self.reload_ms,
+                "account list read: what it adds applies now; its revocations wait until a \
+                 read a reload period later still makes them (a file may be read mid-write \
+                 or cut short); the accounts and credentials it removes or reduces stay as \
+                 they were meanwhile");
+        } else if kept.is_empty() || !applied.is_empty() {
+            let mut removed: Vec<&str> = applied
+                .iter()
+                .filter_map(|r| match r {
+                    Revocation::Account(a) => Some(a.as_str()),
+                    _ => None,
+                })
+                .collect();
+            removed.sort_unstable();
+            let credentials_revoked = applied.len() - removed.len();
+            tracing::info!(accounts = n, closed, rechecked, applied = ?removed,
+                credentials_revoked, held = ?accounts, "account list reloaded");
+        } else {
+            tracing::debug!(accounts = n, closed, rechecked, held = ?accounts,
+                "account list reloaded; its revocations are still held");
+        }
         closed
     }
 
@@ -2796,13 +2857,15 @@ impl Accounts {
              invalid or unreadable (each changed text once).\n\
              # TYPE whispeer_relay_account_reload_errors_total counter\n\
              whispeer_relay_account_reload_errors_total {}\n\
-             # HELP whispeer_relay_account_revocations_held Accounts the account file last \
-             read removes or reduces, kept as they were until the same text is read again \
-             auth.reload_ms later (a file read mid-write or cut short revokes nothing).\n\
+             # HELP whispeer_relay_account_revocations_held Revocations the account file's \
+             valid lists make that are held until a read auth.reload_ms after the first \
+             still makes them (a file read mid-write or cut short revokes nothing): accounts \
+             removed or reduced, plus keys and token hashes of accounts not held \
+             themselves.\n\
              # TYPE whispeer_relay_account_revocations_held gauge\n\
              whispeer_relay_account_revocations_held {}\n\
-             # HELP whispeer_relay_account_revocations_deferred_total Account files read whose \
-             revocations waited for a confirming read (each text once).\n\
+             # HELP whispeer_relay_account_revocations_deferred_total Account files read that \
+             held a revocation not held before.\n\
              # TYPE whispeer_relay_account_revocations_deferred_total counter\n\
              whispeer_relay_account_revocations_deferred_total {}\n",
             u8::from(self.list_valid.load(Relaxed)),
@@ -2882,70 +2945,65 @@ impl Accounts {
     }
 }
 
-/// What a valid list read from the file revokes of the one in force, held until its
-/// confirming read ([`hold_revocations`]).
-#[derive(Debug)]
-struct Held {
-    /// Accounts removed (or given another identity) or reduced (a right taken away,
-    /// another group), sorted.
-    accounts: Vec<String>,
-    /// Keys and token hashes of accounts otherwise kept that no longer name them.
-    credentials: usize,
-}
-
-/// The valid list `new` as far as it revokes nothing of `old`: `(new, None)` when it
-/// revokes nothing; else the table to put in force until it is confirmed
-/// ([`Accounts::install_file_table`]) and what that holds back. That table is `old` plus
-/// what `new` adds, never less than `old`:
-/// - an account `new` no longer has (or gives another identity: a new `id` under its
-///   name) stays as it was, credentials and all;
-/// - an account of the same identity keeps its group and the rights it had, plus those
-///   `new` adds; its credentials are the old ones plus those `new` lists for it;
-/// - a new account is added, unless its name or `id` is held by an account kept above
-///   (a removal and an add of the same name, a renamed `id`): it waits for the
-///   confirmation too; a credential `new` gives another account than the one it names in
-///   `old` stays the old account's meanwhile.
-fn hold_revocations(old: &Table, new: Table) -> (Table, Option<Held>) {
-    let mut held = Vec::new();
+/// What the valid list `new` revokes of `old`, each with the name of the account it
+/// concerns: an account `new` no longer has, gives another identity, or reduces (a right
+/// taken away, another group); a key or token hash of `old` that `new` no longer gives
+/// the same account (also for an account revoked itself).
+fn revocations(old: &Table, new: &Table) -> HashMap<Revocation, String> {
+    let mut out = HashMap::new();
     for (name, o) in &old.by_name {
-        match new.by_name.get(name) {
-            Some(n) if n.id == o.id => {
-                if n.group != o.group || !n.rights.contains(o.rights) {
-                    held.push(name.clone());
-                }
-            }
-            _ => held.push(name.clone()),
+        let revoked = match new.by_name.get(name) {
+            Some(n) if n.id == o.id => n.group != o.group || !n.rights.contains(o.rights),
+            _ => true,
+        };
+        if revoked {
+            out.insert(Revocation::Account(name.clone()), name.clone());
         }
     }
     let still =
         |cred: &Credential, o: &Account| new.account_of(cred).is_some_and(|n| n.same_identity(o));
-    let mut credentials = 0;
     for (k, (_, o)) in &old.by_key {
-        if !still(&Credential::Key(*k), o) && !held.contains(&o.name) {
-            credentials += 1;
+        if !still(&Credential::Key(*k), o) {
+            out.insert(Revocation::Key(*k), o.name.clone());
         }
     }
     for (h, o) in &old.by_token {
-        if !still(&Credential::Token(*h), o) && !held.contains(&o.name) {
-            credentials += 1;
+        if !still(&Credential::Token(*h), o) {
+            out.insert(Revocation::Token(*h), o.name.clone());
         }
     }
-    let revokes_credentials = old
-        .by_key
-        .iter()
-        .any(|(k, (_, o))| !still(&Credential::Key(*k), o))
-        || old
-            .by_token
-            .iter()
-            .any(|(h, o)| !still(&Credential::Token(*h), o));
-    if held.is_empty() && !revokes_credentials {
-        return (new, None);
+    out
+}
+
+/// The valid list `new` with those of its `revoked` ([`revocations`] of `old`) that are
+/// not `due` held back: the table to put in force until they are
+/// ([`Accounts::install_file_table`]); `new` itself when nothing is held back. It is `new`
+/// plus what `old` had that a held revocation keeps:
+/// - an account held as removed (or given another identity: a new `id` under its name)
+///   stays as it was;
+/// - an account held as reduced keeps its group and the rights it had, plus those `new`
+///   adds;
+/// - a new account is added, unless its name or `id` is held by an account kept above
+///   (a removal and an add of the same name, a renamed `id`);
+/// - a key or token hash held keeps naming its old account if that account is in the
+///   table with the same identity; a credential `new` gives another account than the one
+///   it names in `old` stays the old account's meanwhile.
+fn hold_revocations(
+    old: &Table,
+    new: Table,
+    revoked: &HashMap<Revocation, String>,
+    due: &dyn Fn(&Revocation) -> bool,
+) -> Table {
+    let held = |r: &Revocation| revoked.contains_key(r) && !due(r);
+    if !revoked.keys().any(held) {
+        return new;
     }
     let mut t = Table::default();
     for (name, o) in &old.by_name {
+        let keep = held(&Revocation::Account(name.clone()));
         let a = match new.by_name.get(name) {
             Some(n) if n.id == o.id => {
-                if n.group == o.group && n.rights.contains(o.rights) {
+                if !keep {
                     n.clone()
                 } else {
                     Arc::new(Account {
@@ -2955,47 +3013,52 @@ fn hold_revocations(old: &Table, new: Table) -> (Table, Option<Held>) {
                     })
                 }
             }
-            _ => o.clone(),
+            _ if keep => o.clone(),
+            _ => continue,
         };
         t.by_name.insert(name.clone(), a);
     }
+    let kept_ids: std::collections::HashSet<[u8; 16]> =
+        t.by_name.values().filter_map(|a| a.id).collect();
     for (name, n) in &new.by_name {
-        let id_held = n.id.is_some_and(|id| old.ids.contains(&id));
+        let id_held = n.id.is_some_and(|id| kept_ids.contains(&id));
         if !t.by_name.contains_key(name) && !id_held {
             t.by_name.insert(name.clone(), n.clone());
         }
     }
     t.ids = t.by_name.values().filter_map(|a| a.id).collect();
-    // The old credentials first (each still naming its account, as kept above), then
-    // those the new list adds for an account of the same identity in the table.
+    // The old credentials held first (each naming its account if that is still in the
+    // table with the same identity), then those of the new list for an account of the
+    // same identity in the table.
+    let same = |o: &Account| t.by_name.get(&o.name).filter(|a| a.id == o.id).cloned();
+    let mut by_key = HashMap::new();
+    let mut by_token = HashMap::new();
     for (k, (vk, o)) in &old.by_key {
-        if let Some(a) = t.by_name.get(&o.name) {
-            t.by_key.insert(*k, (*vk, a.clone()));
+        if held(&Revocation::Key(*k)) {
+            if let Some(a) = same(o) {
+                by_key.insert(*k, (*vk, a));
+            }
         }
     }
     for (h, o) in &old.by_token {
-        if let Some(a) = t.by_name.get(&o.name) {
-            t.by_token.insert(*h, a.clone());
+        if held(&Revocation::Token(*h)) {
+            if let Some(a) = same(o) {
+                by_token.insert(*h, a);
+            }
         }
     }
     for (k, (vk, n)) in &new.by_key {
-        if let Some(a) = t.by_name.get(&n.name).filter(|a| a.id == n.id) {
-            t.by_key.entry(*k).or_insert_with(|| (*vk, a.clone()));
+        if let Some(a) = same(n) {
+            by_key.entry(*k).or_insert_with(|| (*vk, a));
         }
     }
     for (h, n) in &new.by_token {
-        if let Some(a) = t.by_name.get(&n.name).filter(|a| a.id == n.id) {
-            t.by_token.entry(*h).or_insert_with(|| a.clone());
+        if let Some(a) = same(n) {
+            by_token.entry(*h).or_insert_with(|| a);
         }
     }
-    held.sort();
-    (
-        t.index(),
-        Some(Held {
-            accounts: held,
-            credentials,
-        }),
-    )
+    (t.by_key, t.by_token) = (by_key, by_token);
+    t.index()
 }
 
 /// An entry of an invalid list that parses and checks by itself: its identity, key and
@@ -4423,7 +4486,11 @@ mod tests {
         let sub = Rights::of(&[Right::Subscribe]);
         assert!(accounts.current("alice").unwrap().rights.contains(sub));
         assert_eq!(closing(&conns), [false, false, false]);
-        assert_eq!(held(&accounts), (1 + 1, 3), "bob and alice; carol's token");
+        assert_eq!(
+            held(&accounts),
+            (1 + 1 + 1, 3),
+            "bob and alice; carol's token (a credential rotation counts too)"
+        );
         // A reload period later, the same text: now it holds.
         now.fetch_add(1000, Relaxed);
         assert_eq!(accounts.reload_if_changed().unwrap(), 2);
@@ -4438,6 +4505,96 @@ mod tests {
         accounts.reload().unwrap();
         assert!(accounts.current("dave").is_none());
         assert_eq!(held(&accounts), (0, 3));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// Review (97aead4, Medium): a valid list's revocations waited until the **same text**
+    /// was read twice a reload period apart, and any other text started the wait over — so
+    /// a tool rewriting the file every second (a timestamp, a comment) or accounts being
+    /// added kept a removed account, or a rotated token, in force and connected for good.
+    /// Now the wait is keyed on what is revoked: edits elsewhere neither restart nor
+    /// extend it, and a revocation every read repeats applies within two reload periods
+    /// of its first read. The gauge counts a held credential rotation too. A file cut
+    /// short and then restored (other text) still revokes nothing, however long ago the
+    /// cut was first read.
+    #[test]
+    fn revocations_hold_through_unrelated_edits_and_apply_within_the_bound() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let path = temp_file("held-edits");
+        let [alice, bob, carol] = three_with_ids();
+        let all = format!("{alice}{bob}{carol}");
+        std::fs::write(&path, &all).unwrap();
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
+        let accounts = required_clocked(&path, &now);
+        let conns = attach_tokens(
+            &accounts,
+            &[("alice", b"a"), ("bob", b"b"), ("carol", b"c")],
+        );
+        let tok = |t: &[u8]| hex::encode(token_hash(t));
+        let carol2 = carol.replace(&tok(b"c"), &tok(b"c2"));
+        let dave = format!(
+            "[[account]]\nname = \"dave\"\nid = \"{ID4}\"\ntoken_sha256 = \"{}\"\n",
+            tok(b"d")
+        );
+
+        // A cut file (bob and carol gone), then the whole list restored with another
+        // comment: nothing is revoked, then or later.
+        std::fs::write(&path, format!("# t=0\n{alice}")).unwrap();
+        assert_eq!(accounts.reload_if_changed().unwrap(), 0);
+        assert_eq!(accounts.revocations_held.load(Relaxed), 2);
+        now.fetch_add(400, Relaxed);
+        std::fs::write(&path, format!("# t=1\n{all}")).unwrap();
+        assert_eq!(accounts.reload_if_changed().unwrap(), 0);
+        assert_eq!(accounts.revocations_held.load(Relaxed), 0);
+        for t in 2..6 {
+            now.fetch_add(1000, Relaxed);
+            std::fs::write(&path, format!("# t={t}\n{all}")).unwrap();
+            assert_eq!(accounts.reload_if_changed().unwrap(), 0);
+        }
+        // Cut again, long after the first cut was read: its first read revokes nothing.
+        std::fs::write(&path, format!("# t=6\n{alice}")).unwrap();
+        assert_eq!(accounts.reload_if_changed().unwrap(), 0);
+        std::fs::write(&path, format!("# t=7\n{all}")).unwrap();
+        assert_eq!(accounts.reload_if_changed().unwrap(), 0);
+        assert_eq!(
+            closing(&conns),
+            [false, false, false],
+            "a cut revokes nothing"
+        );
+        assert!(accounts.current("bob").is_some() && accounts.by_token(b"c").is_some());
+
+        // The operator removes bob and rotates carol's token; a tool rewrites the file's
+        // comment every 300 ms, and dave is onboarded meanwhile.
+        let start = now.load(Relaxed);
+        let mut revoked_at = None;
+        for t in 0..12u64 {
+            let extra = if t >= 2 { dave.as_str() } else { "" };
+            std::fs::write(&path, format!("# rewritten {t}\n{alice}{carol2}{extra}")).unwrap();
+            let closed = accounts.reload_if_changed().unwrap();
+            let elapsed = now.load(Relaxed) - start;
+            if elapsed < 1000 {
+                assert_eq!(closed, 0, "held within a reload period ({elapsed} ms)");
+                assert!(accounts.current("bob").is_some() && accounts.by_token(b"c").is_some());
+                assert_eq!(
+                    accounts.revocations_held.load(Relaxed),
+                    2,
+                    "bob, and carol's old token"
+                );
+            } else if revoked_at.is_none() {
+                assert_eq!(closed, 2, "applied at the first read a period later");
+                revoked_at = Some(elapsed);
+            }
+            assert!(
+                accounts.by_token(b"c2").is_some(),
+                "carol's new token at once"
+            );
+            assert_eq!(accounts.by_token(b"d").is_some(), t >= 2, "dave at once");
+            now.fetch_add(300, Relaxed);
+        }
+        assert!(revoked_at.is_some_and(|e| e < 2000), "{revoked_at:?}");
+        assert_eq!(closing(&conns), [false, true, true]);
+        assert!(accounts.current("bob").is_none() && accounts.by_token(b"c").is_none());
+        assert_eq!(accounts.revocations_held.load(Relaxed), 0);
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 

@@ -2338,7 +2338,7 @@ async fn a_left_over_header_and_a_typo_in_the_kept_entry_revoke_exactly_the_remo
 /// The account file cut at an entry boundary — an editor writing it in place, a truncated
 /// copy — is a valid list. Before, the relay's first read of it revoked every account after
 /// the cut at once: bob's connection was closed though the write went on. Now what a valid
-/// list revokes waits until the same text is read again a reload period later (a log line,
+/// list revokes waits until a read a reload period later still revokes it (a log line,
 /// `whispeer_relay_account_revocations_deferred_total`): the whole list read meanwhile
 /// revokes nobody. An operator's real removal still takes effect, a reload period later.
 #[tokio::test]
