@@ -366,6 +366,7 @@ async fn tampering_proxy(relay: std::net::SocketAddr) -> std::net::SocketAddr {
         let mut dec = whispeer::protocol::FrameDecoder::new(1 << 20);
         let mut tampered = false;
         loop {
+            dec.reserve_read(64 * 1024);
             if ur.read_buf(dec.buffer_mut()).await.unwrap_or(0) == 0 {
                 return;
             }

@@ -238,7 +238,7 @@ impl RawQuic {
                     .await
                     .unwrap()
                     .expect("stream open");
-                self.dec.buffer_mut().extend_from_slice(&buf[..n]);
+                self.dec.push(&buf[..n]);
             }
         })
         .await

@@ -166,7 +166,7 @@ async fn next(s: &mut TcpStream, dec: &mut FrameDecoder) -> Frame {
         if let Some(f) = dec.next_frame().unwrap() {
             return Frame::decode(&f).unwrap();
         }
-        dec.buffer_mut().reserve(64 * 1024);
+        dec.reserve_read(64 * 1024);
         assert!(
             s.read_buf(dec.buffer_mut()).await.unwrap() > 0,
             "relay closed"

@@ -335,9 +335,11 @@ impl Conn {
             if let Some(f) = self.buffered() {
                 return f;
             }
-            let buf = self.dec.buffer_mut();
-            buf.reserve(256 * 1024);
-            assert!(self.io.read_buf(buf).await.unwrap() > 0, "relay closed");
+            self.dec.reserve_read(256 * 1024);
+            assert!(
+                self.io.read_buf(self.dec.buffer_mut()).await.unwrap() > 0,
+                "relay closed"
+            );
         }
     }
 }

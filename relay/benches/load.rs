@@ -704,7 +704,7 @@ async fn wsp_next(s: &mut TcpStream, dec: &mut FrameDecoder) -> Option<Bytes> {
         if let Some(f) = dec.next_frame().unwrap() {
             return Some(f);
         }
-        dec.buffer_mut().reserve(64 * 1024);
+        dec.reserve_read(64 * 1024);
         if s.read_buf(dec.buffer_mut()).await.unwrap_or(0) == 0 {
             return None;
         }
