@@ -517,14 +517,16 @@ impl Sealer {
         id: DictId,
         data: &[u8],
     ) -> Result<Vec<u8>, SealError> {
+        // Checked on every call, cached compressor or not: dictionaries are tied to trees,
+        // and a compressor loaded for one tree's topic must not seal another tree's topic
+        // whose members do not hold the dictionary (an id names its content, so the cached
+        // compressor is the right one whenever the key holds the id).
+        let d = key
+            .dictionary(&id)
+            .ok_or(SealError::MissingDictionary(id))?;
         let ctx = match &mut self.zstd_dict {
             Some((l, i, c)) if *l == level && *i == id => c,
-            slot => {
-                let d = key
-                    .dictionary(&id)
-                    .ok_or(SealError::MissingDictionary(id))?;
-                &mut slot.insert((level, id, zstd_dict_compressor(level, d)?)).2
-            }
+            slot => &mut slot.insert((level, id, zstd_dict_compressor(level, d)?)).2,
         };
         zstd_dict_compress(ctx, &id, data)
     }
@@ -1521,6 +1523,53 @@ mod tests {
         // A dictionary the application adds without a tree serves every tree.
         assert!(kr.add_dictionary(dict_b.clone()));
         assert!(Opener::new().open(&kr, &env, 1_700_000_000_000).is_ok());
+    }
+
+    /// Review finding: the sealer's dictionary compressor, cached by (level, id), was
+    /// reused without asking the topic key for the dictionary, so one long-lived sealer
+    /// that sealed tree B with B's dictionary then sealed a tree-A topic set to the same
+    /// dictionary, which tree A's members do not hold (and cannot open).
+    #[test]
+    fn a_cached_dictionary_compressor_does_not_seal_another_trees_topic() {
+        use crate::dict::Dictionary;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(13);
+        let tree_a = TreeKey::generate_with("team-a", &mut rng).unwrap();
+        let tree_b = TreeKey::generate_with("team-b", &mut rng).unwrap();
+        let id = Identity::generate_with(&mut rng);
+        let sample = b"tree B's dictionary text, tree B's dictionary text".repeat(8);
+        let dict_b = Dictionary::new(sample.clone()).unwrap();
+        let mut kr = Keyring::new();
+        kr.add_tree_key_at(&tree_a, 0).unwrap();
+        kr.add_tree_key_at(&tree_b, 0).unwrap();
+        assert!(kr
+            .add_dictionary_for(tree_b.tree_id(), dict_b.clone())
+            .unwrap());
+        let topic = Topic::new("chat/general").unwrap();
+        let opts = SealOptions {
+            compression: Compression::ZstdDict {
+                level: 3,
+                dict: dict_b.id(),
+            },
+            ..SealOptions::default()
+        };
+        let mut sealer = Sealer::new();
+        let key_b = kr.topic_key_in(tree_b.tree_id(), &topic).unwrap();
+        let env = sealer
+            .seal(&key_b, &msg(&sample), &opts, Some(&id), &mut rng)
+            .unwrap();
+        let o = Opener::new().open(&kr, &env, 1_700_000_000_000).unwrap();
+        assert_eq!(o.payload, sample);
+        let key_a = kr.topic_key_in(tree_a.tree_id(), &topic).unwrap();
+        assert_eq!(
+            sealer
+                .seal(&key_a, &msg(&sample), &opts, Some(&id), &mut rng)
+                .unwrap_err(),
+            SealError::MissingDictionary(dict_b.id())
+        );
+        // Tree B still seals with the same sealer afterwards.
+        assert!(sealer
+            .seal(&key_b, &msg(&sample), &opts, Some(&id), &mut rng)
+            .is_ok());
     }
 
     #[test]
