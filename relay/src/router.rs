@@ -335,6 +335,57 @@ pub(crate) struct Router {
     cluster: Option<Link>,
     /// The store numbers messages elsewhere (the JetStream stream).
     sequenced: bool,
+    /// Walks of this relay's own publishes that the stream numbered, matched with their
+    /// publishers' debts ([`Router::owe_walk`]).
+    debts: Mutex<WalkDebts>,
+}
+
+/// A session's routing walks not charged yet: publish rate tokens
+/// ([`crate::rate::walk_tokens`]) that the routing of its publishes the JetStream stream
+/// numbered added after the publish was handled (the walk runs when the message comes back
+/// from the stream). The session takes them before its next frame
+/// ([`crate::session::Session::on_inbound`]) and charges them as it charges a walk it made
+/// itself.
+pub(crate) type WalkDebt = Arc<std::sync::atomic::AtomicU64>;
+
+/// Stream sequences this relay routed (or was told it will) further back than this from the
+/// last one routed are forgotten: a publish whose acknowledgement came that late goes
+/// uncharged, and the map stays bounded (`Walked` entries of other relays' publishes are
+/// never claimed).
+const DEBT_WINDOW: u64 = 1 << 16;
+
+/// The two halves of a pending publish's walk charge, whichever comes first: the stream's
+/// acknowledgement (the publisher's debt, by sequence) or the routing of the numbered
+/// message (its walk's tokens). Only walks that cost tokens are kept.
+#[derive(Debug, Default)]
+struct WalkDebts {
+    by_seq: std::collections::BTreeMap<u64, Owed>,
+    /// The last sequence [`Router::publish_sequenced`] routed.
+    routed: u64,
+}
+
+#[derive(Debug)]
+enum Owed {
+    /// Acknowledged to this publisher, not yet routed.
+    To(WalkDebt),
+    /// Routed: these tokens, publisher unknown yet (or another relay's).
+    Walked(u64),
+}
+
+impl WalkDebts {
+    fn forget_old(&mut self) {
+        let keep = self.routed.saturating_sub(DEBT_WINDOW);
+        if self
+            .by_seq
+            .first_key_value()
+            .is_some_and(|(s, _)| *s < keep)
+        {
+            self.by_seq = self.by_seq.split_off(&keep);
+        }
+        while self.by_seq.len() as u64 > DEBT_WINDOW {
+            self.by_seq.pop_first();
+        }
+    }
 }
 
 impl Router {
@@ -346,6 +397,7 @@ impl Router {
             store,
             metrics,
             cluster,
+            debts: Mutex::default(),
         }
     }
 
@@ -672,9 +724,14 @@ impl Router {
 
     /// Routes a message the store numbered elsewhere (the cluster's JetStream stream), in
     /// sequence order: it becomes the last sequence and is fanned out with its sequence.
+    ///
+    /// Its walk is charged to its publisher when it was published at this relay: the
+    /// publisher's session named its debt for that sequence ([`owe_walk`](Self::owe_walk),
+    /// on the stream's acknowledgement), before or after this routing.
     pub(crate) fn publish_sequenced(&self, m: &Sequenced) -> Result<Accepted, StoreError> {
         let path = m.envelope.token_path();
-        self.route(
+        let mut walked = 0;
+        let r = self.route(
             &m.envelope,
             &path,
             m.flags,
@@ -683,8 +740,40 @@ impl Router {
             &Tenant::Local,
             Numbering::Sequenced(m.seq, m.kept),
             None,
-            &mut 0,
-        )
+            &mut walked,
+        );
+        let tokens = crate::rate::walk_tokens(walked);
+        let mut d = lock(&self.debts);
+        d.routed = d.routed.max(m.seq.0);
+        match d.by_seq.remove(&m.seq.0) {
+            Some(Owed::To(debt)) => {
+                debt.fetch_add(tokens, Ordering::Relaxed);
+            }
+            _ if tokens > 0 => {
+                d.by_seq.insert(m.seq.0, Owed::Walked(tokens));
+                d.forget_old();
+            }
+            _ => {}
+        }
+        r
+    }
+
+    /// A publish at this relay that the stream numbered `seq` (its acknowledgement): the
+    /// tokens of its routing walk here ([`publish_sequenced`](Self::publish_sequenced)) go
+    /// to `debt`, its publisher's — now if it was routed already, else once it is.
+    pub(crate) fn owe_walk(&self, seq: Seq, debt: &WalkDebt) {
+        let mut d = lock(&self.debts);
+        match d.by_seq.remove(&seq.0) {
+            Some(Owed::Walked(tokens)) => {
+                debt.fetch_add(tokens, Ordering::Relaxed);
+            }
+            // Routed already with a walk that cost nothing (or forgotten).
+            _ if seq.0 <= d.routed => {}
+            _ => {
+                d.by_seq.insert(seq.0, Owed::To(debt.clone()));
+                d.forget_old();
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -129,6 +129,10 @@ pub(crate) struct Session {
     /// Publish rate tokens charged for routing walks since the reader last took them
     /// ([`Session::take_walk_tokens`]: the light runtime's hop rule counts them).
     walk_tokens: u64,
+    /// Walk tokens of its publishes that the JetStream stream numbered, added when this
+    /// relay routed them (after the publish was handled: `Router::owe_walk`); charged
+    /// before the next frame ([`Session::on_inbound`]).
+    walk_debt: crate::router::WalkDebt,
     reason: String,
     finished: bool,
     /// Whose store quota this connection's writes count against (the source address; the
@@ -256,6 +260,7 @@ impl Session {
             pause: None,
             refused_in_a_row: 0,
             walk_tokens: 0,
+            walk_debt: crate::router::WalkDebt::default(),
             reason: String::from("open"),
             finished: false,
             tenant,
@@ -376,6 +381,19 @@ impl Session {
         std::mem::take(&mut self.walk_tokens)
     }
 
+    /// Charges `extra` walk tokens ([`crate::rate::walk_tokens`]) to the connection's,
+    /// the address's and the account's publish buckets, and counts them for the reader's
+    /// turn and the light runtime's hop rule ([`take_walk_tokens`](Self::take_walk_tokens)).
+    fn charge_walk(&mut self, extra: u64, now: Instant) {
+        if extra > 0 {
+            let wait = self.bucket.take(extra as f64, now);
+            self.charge(wait, now);
+            self.charge_shared(Kind::Publish, extra as f64, now);
+            self.walk_tokens += extra;
+            self.shared.metrics.walk_charged(extra);
+        }
+    }
+
     /// Over a rate limit: the instant until which the reader must pause (taken once).
     pub(crate) fn take_pause(&mut self) -> Option<Instant> {
         self.pause.take()
@@ -404,6 +422,12 @@ impl Session {
     pub(crate) fn on_inbound(&mut self, ev: Inbound, now: Instant) -> Flow {
         if self.out.is_closing() {
             return Flow::Close;
+        }
+        // Walks of publishes the stream numbered since (JetStream store): charged late, but
+        // before this connection is served more.
+        if self.walk_debt.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+            let owed = self.walk_debt.swap(0, std::sync::atomic::Ordering::Relaxed);
+            self.charge_walk(owed, now);
         }
         match ev {
             Inbound::Frame(bytes) => {
@@ -1386,14 +1410,9 @@ impl Session {
         );
         // The routing walk's cost beyond the publish's own token (`rate::walk_tokens`):
         // a publish that wildcard filters make expensive to match slows its publisher.
-        let extra = crate::rate::walk_tokens(walked);
-        if extra > 0 {
-            let wait = self.bucket.take(extra as f64, now);
-            self.charge(wait, now);
-            self.charge_shared(Kind::Publish, extra as f64, now);
-            self.walk_tokens += extra;
-            self.shared.metrics.walk_charged(extra);
-        }
+        // (Pending in the JetStream stream: walked, and charged, once it comes back
+        // numbered — `when_sequenced`, `walk_debt`.)
+        self.charge_walk(crate::rate::walk_tokens(walked), now);
         // What the publish stored counts in the stored-bytes rates (address, account) — when
         // one is set: off (the default) it costs no second look-up of the address's buckets.
         let l = &self.shared.config.limits;
@@ -1450,11 +1469,21 @@ impl Session {
         let publish_id = p.publish_id.filter(|_| p.flags & pub_flags::ACK != 0);
         let out = self.out.clone();
         let metrics = self.shared.metrics.clone();
+        // Its walk here is charged to this connection, when it is routed (`owe_walk`).
+        // (Weak: a callback the store never calls must not keep the relay alive.)
+        let shared = Arc::downgrade(&self.shared);
+        let debt = self.walk_debt.clone();
         store.when_sequenced(
             ticket,
             Box::new(move |r| {
-                if let Ok(Accepted::Duplicate(_)) = r {
-                    metrics.duplicate_publish();
+                match r {
+                    Ok(Accepted::Duplicate(_)) => metrics.duplicate_publish(),
+                    Ok(Accepted::New(seq) | Accepted::Live(seq)) => {
+                        if let Some(shared) = shared.upgrade() {
+                            shared.router.owe_walk(seq, &debt);
+                        }
+                    }
+                    _ => {}
                 }
                 let Some(publish_id) = publish_id else { return };
                 let frame = match r {

@@ -4057,3 +4057,72 @@ async fn history_reads_do_not_leave_consumers_behind() {
     }
     eprintln!("history consumers right after 100 reads: {left}; then none");
 }
+
+/// With the JetStream store a local QoS >= 1 publish is routed (its subscription index
+/// walked) only when it comes back numbered from the stream, after the publish was handled:
+/// that walk is still charged to its publisher at its relay — before the first frame the
+/// publisher sends after that routing (review of ddd438b: it was charged to no one). The reviewer's construction
+/// (`common::wildcard`) and an exact subscription on P: each QoS 1 publish on P walks
+/// 41,391 nodes, 646 tokens; at `publish_rate` 1/s, burst 1,000 the publisher is throttled
+/// once two of them were charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_numbered_publishs_walk_is_charged_to_its_publisher() {
+    use common::wildcard::*;
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
+        return;
+    };
+    let mut config = whispeer_relay::Config::ephemeral();
+    config.listen.ws = whispeer_relay::config::ListenAddr::OFF;
+    config.cluster.urls = nats.urls().split(',').map(str::to_string).collect();
+    config.cluster.store = whispeer_relay::config::ClusterStore::Jetstream;
+    config.cluster.replicas = 3;
+    config.store.total_max_bytes = 256 << 20;
+    config.limits.publish_rate = 1;
+    config.limits.publish_burst = 1000;
+    let relay = TestRelay::start(config).await;
+    let attackers = construction(&relay).await;
+    let mut honest = greeted(&relay, "127.0.0.2").await;
+    honest.subscribe(1, exact(K, &path())).await;
+
+    let mut publ = greeted(&relay, "127.0.0.3").await;
+    let before = metric(&relay, "whispeer_relay_walk_tokens_total");
+    // Waits for the PubAck (the stream's acknowledgement) and the delivery (the routing).
+    let mut publish = async |c: &mut Client, n: u32| {
+        c.send(&pub_frame(
+            numbered(K, &path(), n),
+            Qos::AtLeastOnce,
+            n,
+            false,
+        ))
+        .await;
+        match c.recv().await {
+            Frame::PubAck(a) => assert_eq!(id_of(&a.publish_id), n),
+            other => panic!("expected PubAck, got {other:?}"),
+        }
+        assert_eq!(number(&honest.expect_msg().await.envelope), n);
+    };
+    // Each publish's walk is its connection's debt once it was routed (just after its
+    // delivery), and is charged before the next frame the connection sends: the publishes
+    // go on until two walks were charged — the second takes the connection into debt
+    // (1,000 - 2 × 647 < 0) and its reads pause. (A publish once paused would not be read
+    // for minutes: it stops at the one whose handling charged the second walk.)
+    let mut n = 0;
+    while metric(&relay, "whispeer_relay_walk_tokens_total") < before + 2 * 646 {
+        n += 1;
+        assert!(
+            n <= 10,
+            "ten publishes charged {} walk tokens, not 2 × 646",
+            metric(&relay, "whispeer_relay_walk_tokens_total") - before
+        );
+        publish(&mut publ, n).await;
+    }
+    assert_eq!(
+        metric(&relay, "whispeer_relay_walk_tokens_total"),
+        before + 2 * 646,
+        "41,391 nodes / 64, per publish"
+    );
+    metric_reaches(&relay, "whispeer_relay_throttled_total", 1).await;
+    drop((attackers, honest, publ));
+    relay.stop().await;
+}

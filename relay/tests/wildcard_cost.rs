@@ -12,72 +12,13 @@
 
 mod common;
 
+use common::wildcard::metric;
+use common::wildcard::*;
 use common::*;
-use whispeer_protocol::{ErrorCode, Frame};
+use whispeer_protocol::ErrorCode;
 use whispeer_relay::Config;
 
-const K: u8 = 7;
 const HONEST: u8 = 3;
-const Z: u8 = 200;
-const FILTERS: u32 = 1872;
-
-/// The filter `i` of the construction.
-fn filter(i: u32) -> whispeer_protocol::TokenPattern {
-    let elems: Vec<Option<u8>> = (0..32u8)
-        .map(|j| match j {
-            0..=10 if i & (1 << j) != 0 => None,
-            0..=10 => Some(j),
-            11..=30 => None,
-            _ => Some(Z),
-        })
-        .collect();
-    pattern(K, &elems, false)
-}
-
-/// The value of an unlabelled metric line (or a labelled one, given with its labels).
-fn metric(relay: &TestRelay, name: &str) -> u64 {
-    let text = relay.handle.metrics().render_prometheus(0);
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
-        .trim()
-        .parse()
-        .expect("an integer")
-}
-
-/// Waits until `name` reaches `want` (it is set by the relay's task after the frames the
-/// test waits on): an event, bounded by the helpers' generous timeout.
-async fn metric_reaches(relay: &TestRelay, name: &str, want: u64) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while metric(relay, name) < want {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} never reached {want}: {}",
-            metric(relay, name)
-        );
-        tokio::task::yield_now().await;
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
-}
-
-/// Subscribes `ids` (pipelined), then reads their `SubOk`s.
-async fn subscribe_all(c: &mut Client, ids: impl Iterator<Item = u32> + Clone) {
-    for i in ids.clone() {
-        c.send(&sub_frame(u64::from(i), filter(i))).await;
-    }
-    for i in ids {
-        match c.recv().await {
-            Frame::SubOk(s) => assert_eq!(s.sub_id, u64::from(i)),
-            other => panic!("expected SubOk for {i}, got {other:?}"),
-        }
-    }
-}
-
-async fn greeted(relay: &TestRelay, from: &str) -> Client {
-    let mut c = Client::tcp_from(relay.tcp(), from).await;
-    c.hello().await;
-    c
-}
 
 /// The attacker's 1,872 filters on K (two connections, `max_subscriptions` 1,000 each;
 /// the tenant's byte quota refuses a 1,873rd), an honest tenant subscribed to P exactly and
@@ -94,13 +35,7 @@ async fn an_expensive_walk_is_charged_to_its_publisher_and_honest_deliveries_go_
     config.limits.publish_burst = 1000;
     let relay = TestRelay::start(config).await;
 
-    let mut attackers = [
-        greeted(&relay, "127.0.0.1").await,
-        greeted(&relay, "127.0.0.1").await,
-    ];
-    let half = FILTERS / 2;
-    subscribe_all(&mut attackers[0], 0..half).await;
-    subscribe_all(&mut attackers[1], half..FILTERS).await;
+    let mut attackers = construction(&relay).await;
     // The construction is all the tenant's quota holds (17,920 bytes a 32-level filter,
     // 32 MiB): the next one is refused.
     attackers[1].send(&sub_frame(9999, filter(0))).await;

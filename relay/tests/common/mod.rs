@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod wildcard;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
