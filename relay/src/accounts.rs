@@ -22,7 +22,7 @@
 //! for `claim_idle_ms`, owns no durable and the store holds nothing under it
 //! ([`crate::store::Store::holds_key_id`]); a `release` line makes a restart agree.
 //! Nothing lapses by a timer, nothing lapses for another group's request — except a
-//! claim of a revoked account's own group (`account-id:…`, which no account in force has,
+//! claim of a revoked account's own group (`account-id:…` whose id no account in force has,
 //! and no member is left to make lapse), released for another group's request under the
 //! same rules less the idle time (`AuthState::release_revoked`) — and in a cluster
 //! nothing lapses at all. A held claim never lapses, so a member subscribed to
@@ -1539,9 +1539,37 @@ impl AuthState {
         None
     }
 
+    /// Whether `e` is this relay's own claim of a revoked account's own group, while
+    /// claims may lapse: [`AuthState::release_revoked`] may release it. Revoked: the id of
+    /// the group (`account-id:<id>`) is no account's in force (`ids`, the table's) — not
+    /// merely a group without members: an account in force moved to an explicit group
+    /// keeps its own group's claims, for when it is moved back.
+    fn revoked_own(&self, e: &ClaimEntry, ids: &std::collections::HashSet<[u8; 16]>) -> bool {
+        self.lapsing()
+            && !e.shared
+            && e.group
+                .strip_prefix(ID_GROUP_PREFIX)
+                .and_then(|h| parse_id(h).ok())
+                .is_some_and(|id| !ids.contains(&id))
+    }
+
+    /// Whether [`AuthState::release_revoked`] would release `k` now (nothing changed).
+    fn revoked_releasable(
+        &self,
+        k: &[u8; 16],
+        ids: &std::collections::HashSet<[u8; 16]>,
+        stored: &mut dyn FnMut(&[u8; 16]) -> bool,
+    ) -> bool {
+        self.claims.get(k).is_some_and(|e| {
+            self.revoked_own(e, ids) && e.holds == 0 && !self.owns_durable(k) && !stored(k)
+        })
+    }
+
     /// Releases the claim of `k`, which another group asks for, if it is held by a
-    /// revoked account's own group: an `account-id:…` group no account in force has
-    /// (`members`: accounts per group of the list in force). An account's own group is
+    /// revoked account's own group: an `account-id:…` group whose id no account in force
+    /// has (`ids`: the ids of the list in force; an account in force in an explicit group
+    /// keeps its own group's claims). Called once the request is granted room (a request
+    /// refused at its group's limit releases nothing). An account's own group is
     /// the only group no account can be given again (`account add` draws a new id, and an
     /// explicit `group` may not name it), so once its account is revoked no member will
     /// ever use its claims — nor make them lapse, which only a member's new key id does
@@ -1556,28 +1584,18 @@ impl AuthState {
     /// purpose), and so does a removed legacy entry's own group (retired, for
     /// `--adopt-retired-group`). A `release` line makes a restart agree. Returns whether
     /// it was released.
-    /// Whether `e` is this relay's own claim of a revoked account's own group (no account
-    /// in force has it: `members`), while claims may lapse: [`AuthState::release_revoked`]
-    /// may release it.
-    fn revoked_own(&self, e: &ClaimEntry, members: &HashMap<String, usize>) -> bool {
-        self.lapsing()
-            && !e.shared
-            && e.group.starts_with(ID_GROUP_PREFIX)
-            && !members.contains_key(&e.group)
-    }
-
     fn release_revoked(
         &mut self,
         k: &[u8; 16],
-        members: &HashMap<String, usize>,
+        ids: &std::collections::HashSet<[u8; 16]>,
         stored: &mut dyn FnMut(&[u8; 16]) -> bool,
     ) -> bool {
+        if !self.revoked_releasable(k, ids, stored) {
+            return false;
+        }
         let Some(e) = self.claims.get(k) else {
             return false;
         };
-        if !self.revoked_own(e, members) || e.holds > 0 || self.owns_durable(k) || stored(k) {
-            return false;
-        }
         let group = e.group.clone();
         self.remove_claim(k);
         self.append(&StateLine::Release {
@@ -2167,6 +2185,7 @@ impl Accounts {
         };
         // At its limit a group (or member) may still use key ids it holds (at another
         // relay of the cluster, too): the shared store is then only asked, never written.
+        let mut take_revoked = false;
         let full = {
             let mut st = self.state();
             match st.claims.get(&k) {
@@ -2184,9 +2203,14 @@ impl Accounts {
                 }
                 Some(_) | None => {}
             }
-            // Another group's: free only if a revoked account's own group held it.
-            if st.claims.contains_key(&k) && !st.release_revoked(&k, &table.members, &mut stored) {
-                return others();
+            // Another group's: free only if a revoked account's own group held it — and
+            // released only once this request is granted room (below), so a request
+            // refused at its group's limit releases nothing.
+            if st.claims.contains_key(&k) {
+                if !st.revoked_releasable(&k, &table.ids, &mut stored) {
+                    return others();
+                }
+                take_revoked = true;
             }
             st.full(&acct.group, &by, member_cap, self.max_claims)
         };
@@ -2230,8 +2254,8 @@ impl Accounts {
                 let line = e.line;
                 Ok(granted(&mut st, line))
             }
-            Some(_) => others(),
-            None => {
+            Some(_) if !take_revoked => others(),
+            _ => {
                 // Room is made from the member's own idle claims at its cap, then from the
                 // group's at the group's limit: one release each at most (a group above its
                 // limit, lowered since, gives back one claim per new one).
@@ -2257,6 +2281,11 @@ impl Accounts {
                         };
                         return Err(self.over(&mut st, &acct, full, &why));
                     }
+                }
+                // A revoked account's own group's claim, looked at again (the state was
+                // unlocked meanwhile): released now that this request has room.
+                if st.claims.contains_key(&k) && !st.release_revoked(&k, &table.ids, &mut stored) {
+                    return others();
                 }
                 let used = st.lapsing().then(|| st.now());
                 let line = st.append(&StateLine::Claim {
@@ -2500,7 +2529,7 @@ impl Accounts {
         match st.claims.get(key_id.as_bytes()) {
             // A revoked account's own group's claim may be released for this request
             // ([`Accounts::authorize_use`] decides).
-            Some(e) if e.group != acct.group && !st.revoked_own(e, &self.table().members) => {
+            Some(e) if e.group != acct.group && !st.revoked_own(e, &self.table().ids) => {
                 Err(Self::claimed_by_others())
             }
             _ => Ok(()),
@@ -4942,6 +4971,90 @@ mod tests {
         ];
         want.sort_by(|x, y| (&x.1, &x.0).cmp(&(&y.1, &y.0)));
         assert_eq!(groups, want);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Review of dd9d279 (Low): the revoked account's claim was released before the
+    /// requesting group's room was checked, so a request refused at its group's limit had
+    /// already released it (a `release` line, the counter, a log line saying it was
+    /// released for another group). Now it is released only once the request has room.
+    /// And an `account-id:` group without members counted as revoked — also that of an
+    /// account in force moved to an explicit group, whose key ids another group then took
+    /// (moving it back found them gone). Now revoked means: its id is no account's in
+    /// force.
+    #[test]
+    fn a_revoked_claim_is_released_only_for_a_granted_request_of_a_revoked_id() {
+        let dir = temp_file("revoked-room").parent().unwrap().to_owned();
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_700_000_000_000));
+        let own = |name: &str, id: &str, t: &'static [u8]| AccountEntry {
+            id: Some(id.into()),
+            group: None,
+            ..entry(name, None, Some(t))
+        };
+        let save = |entries: Vec<AccountEntry>| {
+            AccountFile {
+                retired_groups: Vec::new(),
+                legacy_groups: Vec::new(),
+                account: entries,
+            }
+            .save(&dir.join("accounts.toml"))
+            .unwrap();
+        };
+        let released = |a: &Accounts| a.state().revoked_released;
+        let group_of =
+            |a: &Accounts, k: u8| a.state().claims.get(&[k; 16]).map(|e| e.group.clone());
+        let alice_group = id_group(&parse_id(ID1).unwrap());
+
+        // Bob's group is at its limit (1): his request for alice's key id is refused, and
+        // her claim stays hers.
+        let a = clocked(
+            &dir,
+            vec![own("alice", ID1, b"a"), own("bob", ID2, b"b")],
+            None,
+            HOUR,
+            (1, 1),
+            &now,
+        );
+        use_key(&a, "alice", 1, false).unwrap();
+        use_key(&a, "bob", 7, false).unwrap();
+        save(vec![own("bob", ID2, b"b")]);
+        a.reload().unwrap();
+        let r = use_key(&a, "bob", 1, false).unwrap_err();
+        assert_eq!(r.code, ErrorCode::QuotaExceeded, "{r:?}");
+        assert_eq!(released(&a), 0, "nothing released for a refused request");
+        assert_eq!(group_of(&a, 1), Some(alice_group.clone()));
+        // With room (bob's claim lapsed), it is released for him.
+        now.fetch_add(HOUR, std::sync::atomic::Ordering::Relaxed);
+        use_key(&a, "bob", 1, false).expect("room made, then alice's claim released");
+        assert_eq!(released(&a), 1);
+        assert_eq!(group_of(&a, 1), Some(id_group(&parse_id(ID2).unwrap())));
+        drop(a);
+
+        // Alice, in force, moved to an explicit group: her own group keeps its claims.
+        let a = clocked(
+            &dir,
+            vec![own("alice", ID1, b"a"), own("bob", ID2, b"b")],
+            None,
+            HOUR,
+            (100, 100),
+            &now,
+        );
+        use_key(&a, "alice", 1, false).unwrap();
+        let moved = AccountEntry {
+            group: Some("team".into()),
+            ..own("alice", ID1, b"a")
+        };
+        save(vec![moved, own("bob", ID2, b"b")]);
+        a.reload().unwrap();
+        assert!(
+            use_key(&a, "bob", 1, false).is_err(),
+            "alice is in force: her own group's claim is not released"
+        );
+        assert_eq!(released(&a), 0);
+        save(vec![own("alice", ID1, b"a"), own("bob", ID2, b"b")]);
+        a.reload().unwrap();
+        assert_eq!(group_of(&a, 1), Some(alice_group));
+        use_key(&a, "alice", 1, false).expect("moved back: her key id is still hers");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
