@@ -288,7 +288,12 @@ pub struct AuthConfig {
     /// refuses to start; on a reload the previous list stays in force (logged at error,
     /// gauge whispeer_relay_account_list_valid 0), less the accounts, keys and tokens the
     /// invalid text no longer names when it is still TOML (once the same text is read
-    /// twice, reload_ms apart: a file may be read mid-write).
+    /// twice, reload_ms apart: a file may be read mid-write). A valid list read from the
+    /// file applies what it adds at once, but what it revokes (an account removed or
+    /// reduced, a key or token no longer listed) only once a read at least reload_ms
+    /// later still revokes it (within two reload periods; edits elsewhere do not delay
+    /// it; a file cut short and restored revokes nothing); SIGHUP applies a valid list in
+    /// full at once.
     #[arg(long, env = "WHISPEER_ACCOUNTS", value_name = "whispeer-accounts.toml")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accounts: Option<PathBuf>,
@@ -350,7 +355,12 @@ pub struct AuthConfig {
     /// while subscribers come back.
     #[arg(long = "claim-idle-ms", env = "WHISPEER_CLAIM_IDLE_MS")]
     pub claim_idle_ms: u64,
-    /// How often the account file is checked for changes, in milliseconds.
+    /// How often the account file is checked for changes, in milliseconds. Also how long
+    /// a revocation read from the file waits for its confirming read: a valid list's
+    /// removal or reduction applies at the first read at least this long after it was
+    /// first read that still makes it (so one to two reload periods), an invalid list's
+    /// once the same text is read again this long after (a file may be read mid-write or
+    /// cut short).
     #[arg(long = "accounts-reload-ms", env = "WHISPEER_ACCOUNTS_RELOAD_MS")]
     pub reload_ms: u64,
     /// Bearer token for the admin port (Authorization: Bearer ...): /status shows key ids
