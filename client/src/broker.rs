@@ -857,9 +857,7 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), BrokerError> {
 
 fn keyring_of(keys: &[AnyKey]) -> Result<whispeer_protocol::Keyring, KeyError> {
     let mut ring = whispeer_protocol::Keyring::new();
-    for k in keys {
-        k.add_to(&mut ring, now_ms())?;
-    }
+    AnyKey::add_all(keys, &mut ring, now_ms())?;
     Ok(ring)
 }
 

@@ -558,15 +558,43 @@ impl AnyKey {
             Ok(AnyKey::Grant(Grant::from_key_string(s)?))
         }
     }
-    pub(crate) fn add_to(&self, keys: &mut Keyring, now_ms: u64) -> Result<(), KeyError> {
-        match self {
-            AnyKey::Tree(t) => keys.add_tree_key_at(t, now_ms),
-            AnyKey::Grant(g) => keys.add_grant_at(g.clone(), now_ms),
-            AnyKey::Dict(d) => {
-                keys.add_dictionary(d.clone());
-                Ok(())
+    /// Adds `keys` to `ring`, their dictionaries (`wsdict1…`) for the trees of the tree
+    /// keys and grants among them (PROTOCOL §4.6.1: a key file's dictionaries serve its
+    /// keys' trees, so a member of another tree cannot make her messages read them); for
+    /// every tree only when the list holds no tree key or grant.
+    pub(crate) fn add_all(
+        keys: &[AnyKey],
+        ring: &mut Keyring,
+        now_ms: u64,
+    ) -> Result<(), KeyError> {
+        let mut trees = Vec::new();
+        for k in keys {
+            let tree = match k {
+                AnyKey::Tree(t) => {
+                    ring.add_tree_key_at(t, now_ms)?;
+                    t.tree_id()
+                }
+                AnyKey::Grant(g) => {
+                    ring.add_grant_at(g.clone(), now_ms)?;
+                    g.cert().keys().tree_id()
+                }
+                AnyKey::Dict(_) => continue,
+            };
+            if !trees.contains(&tree) {
+                trees.push(tree);
             }
         }
+        for k in keys {
+            if let AnyKey::Dict(d) = k {
+                if trees.is_empty() {
+                    ring.try_add_dictionary(d.clone())?;
+                }
+                for t in &trees {
+                    ring.add_dictionary_for(*t, d.clone())?;
+                }
+            }
+        }
+        Ok(())
     }
     /// The string to share: a grant of the whole tree for a tree key (not the admin key).
     #[cfg_attr(not(feature = "in-process"), allow(dead_code))]
@@ -607,14 +635,12 @@ impl Encryption {
                 let tree = TreeKey::generate("default")?;
                 let keys = vec![AnyKey::Tree(tree)];
                 let mut ring = Keyring::new();
-                keys[0].add_to(&mut ring, now_ms)?;
+                AnyKey::add_all(&keys, &mut ring, now_ms)?;
                 Ok((ring, keys))
             }
             EncryptionKeys::Keys(keys) => {
                 let mut ring = Keyring::new();
-                for k in &keys {
-                    k.add_to(&mut ring, now_ms)?;
-                }
+                AnyKey::add_all(&keys, &mut ring, now_ms)?;
                 Ok((ring, keys))
             }
         }

@@ -120,9 +120,10 @@ pub struct KeyArgs {
     read: ReadOnce,
 }
 
-/// Key strings read from their sources, kept for later calls (never printed by `Debug`).
+/// Key strings read from their sources, one list per source (each `--key`, each key file,
+/// `WHISPEER_KEY`), kept for later calls (never printed by `Debug`).
 #[derive(Clone, Default)]
-struct ReadOnce(std::sync::OnceLock<zeroize::Zeroizing<Vec<String>>>);
+struct ReadOnce(std::sync::OnceLock<Vec<zeroize::Zeroizing<Vec<String>>>>);
 
 impl std::fmt::Debug for ReadOnce {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -138,15 +139,23 @@ impl KeyArgs {
     /// The key strings given by flags, else by `WHISPEER_KEY` (key strings, or a file path).
     /// The sources are read on the first call only; later calls return the same strings.
     pub fn texts(&self) -> Result<Vec<String>> {
-        if let Some(t) = self.read.0.get() {
-            return Ok(t.to_vec());
-        }
-        let out = self.read_texts()?;
-        let _ = self.read.0.set(zeroize::Zeroizing::new(out.clone()));
-        Ok(out)
+        Ok(self
+            .sources()?
+            .iter()
+            .flat_map(|g| g.iter().cloned())
+            .collect())
     }
 
-    fn read_texts(&self) -> Result<Vec<String>> {
+    /// The key strings of each source (each `--key`, each key file, `WHISPEER_KEY`).
+    fn sources(&self) -> Result<&[zeroize::Zeroizing<Vec<String>>]> {
+        if self.read.0.get().is_none() {
+            let groups = self.read_texts()?;
+            let _ = self.read.0.set(groups);
+        }
+        Ok(self.read.0.get().map(Vec::as_slice).unwrap_or_default())
+    }
+
+    fn read_texts(&self) -> Result<Vec<zeroize::Zeroizing<Vec<String>>>> {
         let mut out = Vec::new();
         if !self.keys.is_empty() {
             warn(
@@ -154,7 +163,7 @@ impl KeyArgs {
                  (ps, shell history); prefer --key-file FILE or WHISPEER_KEY",
             );
             for k in &self.keys {
-                out.extend(split_keys(k));
+                out.push(zeroize::Zeroizing::new(split_keys(k)));
             }
         }
         for f in &self.key_files {
@@ -163,11 +172,11 @@ impl KeyArgs {
             if keys.is_empty() {
                 anyhow::bail!("key file {} holds no key", f.display());
             }
-            out.extend(keys);
+            out.push(zeroize::Zeroizing::new(keys));
         }
-        if out.is_empty() {
+        if out.iter().all(|g| g.is_empty()) {
             if let Some(text) = env_secret(ENV_KEY, looks_like_key)? {
-                out.extend(split_keys(&text));
+                out.push(zeroize::Zeroizing::new(split_keys(&text)));
             }
         }
         Ok(out)
@@ -184,9 +193,34 @@ impl KeyArgs {
             .collect()
     }
 
-    /// The zstd dictionaries (`wsdict1…` strings) among the keys.
-    pub fn dictionaries(&self) -> Result<Vec<Dictionary>> {
-        parse_dictionaries(&self.texts()?)
+    /// Adds the zstd dictionaries (`wsdict1…` lines) among the keys to `keyring`, each
+    /// for the trees of the tree keys and grants of the same source (key file, `--key`,
+    /// `WHISPEER_KEY`): a key file `invite open --out` wrote serves its grant's tree only,
+    /// so a member of another tree cannot make her messages read it (PROTOCOL §4.6.1). A
+    /// source holding dictionaries and no key adds them for every tree, as `--dict` does.
+    pub fn add_dictionaries_to(&self, keyring: &mut Keyring) -> Result<()> {
+        for group in self.sources()? {
+            let dicts = parse_dictionaries(group)?;
+            if dicts.is_empty() {
+                continue;
+            }
+            let mut trees = Vec::new();
+            for k in group.iter().filter(|s| !is_dict_string(s)) {
+                let t = AnyKey::parse(k)?.grant().cert().keys().tree_id();
+                if !trees.contains(&t) {
+                    trees.push(t);
+                }
+            }
+            for d in dicts {
+                if trees.is_empty() {
+                    keyring.try_add_dictionary(d.clone())?;
+                }
+                for t in &trees {
+                    keyring.add_dictionary_for(*t, d.clone())?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The parsed keys; a usage error when there are none.
@@ -720,6 +754,103 @@ pub fn json_printable(json: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review finding: `wsdict1…` lines of a key file were added for every tree, so with
+    /// key files of trees A and B (`sub --key-file a.key --key-file b.key`, each as
+    /// `invite open --out` writes it) a member of tree A could name B's dictionary in a
+    /// tree-A message and read it back out of B's dictionary (the cdb779b attack). Each
+    /// file's dictionaries now serve its own keys' trees; a file of dictionaries only (and
+    /// `--dict`) every tree.
+    #[test]
+    fn a_key_files_dictionaries_serve_its_own_trees() {
+        use whispeer::protocol::seal::{Opener, Outgoing, SealOptions, Sealer};
+        use whispeer::protocol::{Compression, MessageId, Topic};
+        let (tree_a, tree_b) = (
+            TreeKey::generate("team-a").unwrap(),
+            TreeKey::generate("team-b").unwrap(),
+        );
+        let sample = b"{\"sensor\":\"kitchen\",\"celsius\":21.5}".repeat(20);
+        let dict_a = Dictionary::new(b"tree A's dictionary ".repeat(40)).unwrap();
+        let dict_b = Dictionary::new(sample.clone()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, key: &str, d: &Dictionary| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, format!("{key}\n{}\n", &*d.to_key_string())).unwrap();
+            p
+        };
+        let args = KeyArgs {
+            key_files: vec![
+                file("a.key", &tree_a.grant_all().to_key_string(), &dict_a),
+                file("b.key", &tree_b.grant_all().to_key_string(), &dict_b),
+            ],
+            ..KeyArgs::default()
+        };
+        let mut kr = keyring(&args.require().unwrap()).unwrap();
+        args.add_dictionaries_to(&mut kr).unwrap();
+        let (a, b) = (tree_a.tree_id(), tree_b.tree_id());
+        assert!(kr.dictionary_for(a, &dict_a.id()).is_some());
+        assert!(kr.dictionary_for(b, &dict_b.id()).is_some());
+        assert!(kr.dictionary_for(a, &dict_b.id()).is_none());
+        assert!(kr.dictionary_for(b, &dict_a.id()).is_none());
+
+        // A member of tree A (holding B's dictionary some other way) seals a tree-A
+        // message compressed with B's dictionary: it does not open.
+        let mut mallorys = Keyring::new();
+        mallorys.add_grant(tree_a.grant_all()).unwrap();
+        mallorys.add_dictionary(dict_b.clone());
+        let topic = Topic::new("home/kitchen").unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let opts = |d: &Dictionary| SealOptions {
+            compression: Compression::ZstdDict {
+                level: 3,
+                dict: d.id(),
+            },
+            ..SealOptions::default()
+        };
+        let msg = Outgoing {
+            payload: &sample,
+            content_type: "application/json",
+            msg_id: MessageId([1; 16]),
+            ts_ms: now,
+        };
+        let mut rng = rand_core::OsRng;
+        let env = Sealer::new()
+            .seal(
+                &mallorys.topic_key(&topic).unwrap(),
+                &msg,
+                &opts(&dict_b),
+                None,
+                &mut rng,
+            )
+            .unwrap();
+        let e = Opener::new().open(&kr, &env, now).unwrap_err();
+        assert_eq!(e.missing_dictionary(), Some(dict_b.id()));
+        // Tree B's own messages with it open.
+        let env = Sealer::new()
+            .seal(
+                &kr.topic_key_in(b, &topic).unwrap(),
+                &msg,
+                &opts(&dict_b),
+                None,
+                &mut rng,
+            )
+            .unwrap();
+        assert_eq!(Opener::new().open(&kr, &env, now).unwrap().payload, sample);
+
+        // A file of dictionaries only serves every tree (as `--dict` does).
+        let only = dir.path().join("dicts.key");
+        std::fs::write(&only, format!("{}\n", &*dict_b.to_key_string())).unwrap();
+        let args = KeyArgs {
+            key_files: vec![only],
+            ..KeyArgs::default()
+        };
+        let mut kr = Keyring::new();
+        args.add_dictionaries_to(&mut kr).unwrap();
+        assert!(kr.dictionary_for(a, &dict_b.id()).is_some());
+    }
 
     #[test]
     fn printable_escapes_what_acts_on_a_terminal_and_nothing_else() {

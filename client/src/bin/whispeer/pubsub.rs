@@ -281,12 +281,9 @@ pub async fn publish(a: PubArgs) -> Result<ExitCode> {
     let mut keyring = io::keyring(&keys)?;
     let mut seal = a.seal;
     let dicts = a.dict.load()?;
-    for d in a
-        .keys
-        .dictionaries()?
-        .into_iter()
-        .chain(dicts.iter().cloned())
-    {
+    // A key file's dictionaries serve its keys' trees; `--dict` ones every tree.
+    a.keys.add_dictionaries_to(&mut keyring)?;
+    for d in dicts.iter().cloned() {
         keyring.add_dictionary(d);
     }
     // `--dict FILE`: compress with the (first) dictionary, at the --compress zstd level.
@@ -596,7 +593,9 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
     let opts = a.options()?;
     let keys = a.keys.require()?;
     let mut keyring = io::keyring(&keys)?;
-    for d in a.keys.dictionaries()?.into_iter().chain(a.dict.load()?) {
+    // A key file's dictionaries serve its keys' trees; `--dict` ones every tree.
+    a.keys.add_dictionaries_to(&mut keyring)?;
+    for d in a.dict.load()? {
         keyring.add_dictionary(d);
     }
     // A durable belongs to whoever holds these keys: a later `sub --durable` with the same
