@@ -239,8 +239,41 @@ export function toKeyring(keys) {
 const KEYS_EXPECTED = 'keys: expected a Keyring, TreeKey, Grant, OpenedInvite or key string';
 const isDictString = (k) => typeof k === 'string' && /^wsdict1/i.test(k.trim());
 
+/**
+ * The tree a key (TreeKey, Grant, OpenedInvite, `wstree1…`/`wskey1…` string) or a
+ * Keyring's grants belong to: the trees the `wsdict1…` strings given in the same call serve.
+ */
+function treesOf(k) {
+  if (k instanceof Keyring) return k.toKeyStrings().map((s) => Grant.fromKeyString(s).treeId);
+  if (k instanceof TreeKey || k instanceof Grant) return [k.treeId];
+  if (k instanceof OpenedInvite) return [k.grant.treeId];
+  if (typeof k === 'string' && !isDictString(k))
+    return [(/^wstree1/i.test(k.trim()) ? TreeKey.fromKeyString(k) : Grant.fromKeyString(k)).treeId];
+  return [];
+}
+
+/**
+ * The `wsdict1…` strings of one call (one bundle, as a key file written beside a grant):
+ * each for every tree of the call's tree keys and grants, or — a call of dictionaries only —
+ * for every tree (`treeId` left out), as the Rust library (`AnyKey::add_all`) and CLI bind
+ * a key file's dictionaries (PROTOCOL §4.6.1). So a bundle for tree A and one for tree B
+ * give A's messages A's dictionaries only.
+ */
+function looseDictionaries(list) {
+  const trees = [...new Set(list.flatMap(treesOf))];
+  const out = [];
+  for (const k of list) {
+    if (!isDictString(k)) continue;
+    const dictionary = k.trim();
+    if (trees.length === 0) out.push({ dictionary });
+    for (const treeId of trees) out.push({ dictionary, treeId });
+  }
+  return out;
+}
+
 function addKeys(kr, keys) {
-  for (const k of Array.isArray(keys) ? keys : keys == null ? [] : [keys]) {
+  const list = Array.isArray(keys) ? keys : keys == null ? [] : [keys];
+  for (const k of list) {
     if (k instanceof Keyring) {
       for (const s of k.toKeyStrings()) kr.addKeyString(s);
       // Each dictionary for the tree it came with (an invite's), or every tree (§4.6.1).
@@ -249,9 +282,11 @@ function addKeys(kr, keys) {
     else if (k instanceof TreeKey) kr.addTreeKey(k);
     else if (k instanceof Grant) kr.addGrant(k);
     else if (k instanceof OpenedInvite) kr.acceptInvite(k);
+    else if (isDictString(k)) continue; // below, with the call's trees
     else if (typeof k === 'string') kr.addKeyString(k);
     else throw new WhispeerError('INVALID_OPTION', KEYS_EXPECTED);
   }
+  for (const { dictionary, treeId } of looseDictionaries(list)) kr.addDictionary(dictionary, treeId);
 }
 
 /**
@@ -259,26 +294,28 @@ function addKeys(kr, keys) {
  * throws with nothing added): `{ grant, dictionaries, fromKeyring }` per grant — an invite's
  * dictionaries travel with its grant, since they are added only once it is accepted
  * (PROTOCOL §7), and for its tree only (§4.6.1) — and `dictionaries`, `{ dictionary,
- * treeId? }` for the `wsdict1…` strings given alone (every tree) or held by a Keyring
- * (with the tree each came with).
+ * treeId? }`: those held by a Keyring (with the tree each came with), and the `wsdict1…`
+ * strings given in the call, for the call's trees (`looseDictionaries`).
  */
 function keysToAdd(keys) {
   const grants = [];
   const dictionaries = [];
   const grant = (g, more = {}) => grants.push({ grant: g, dictionaries: [], fromKeyring: false, ...more });
-  for (const k of Array.isArray(keys) ? keys : [keys]) {
+  const list = Array.isArray(keys) ? keys : [keys];
+  for (const k of list) {
     if (k instanceof Keyring) {
       for (const s of k.toKeyStrings()) grant(Grant.fromKeyString(s), { fromKeyring: true });
       dictionaries.push(...k.toDictionaryEntries());
     } else if (k instanceof TreeKey) grant(k.grant('#'));
     else if (k instanceof Grant) grant(k);
     else if (k instanceof OpenedInvite) grant(k.grant, { dictionaries: k.dictionaries });
-    else if (isDictString(k)) dictionaries.push({ dictionary: k.trim() });
+    else if (isDictString(k)) continue; // below, with the call's trees
     else if (typeof k === 'string')
       // Key strings are all-lowercase or all-uppercase (PROTOCOL §6.1).
       grant(/^wstree1/i.test(k.trim()) ? TreeKey.fromKeyString(k).grant('#') : Grant.fromKeyString(k));
     else throw new WhispeerError('INVALID_OPTION', KEYS_EXPECTED);
   }
+  dictionaries.push(...looseDictionaries(list));
   return { grants, dictionaries };
 }
 
@@ -1528,7 +1565,10 @@ export class Client {
    * first refusal is thrown once the rest is added. An invite's dictionaries are added
    * only when its grant is accepted (PROTOCOL §7: a refused invite adds nothing). A
    * Keyring's grant the client already supersedes (a delegated grant contradicted by a
-   * held one) is skipped, as the keyring would have dropped it.
+   * held one) is skipped, as the keyring would have dropped it. An invite whose new
+   * dictionaries would pass the 256-dictionary bound is refused whole (its grant is not
+   * added). `wsdict1…` strings serve the trees of the call's tree keys and grants, or
+   * every tree when the call holds dictionaries only (PROTOCOL §4.6.1).
    */
   addKeys(keys) {
     this.#checkOpen();
@@ -1541,6 +1581,9 @@ export class Client {
     let refused;
     for (const { grant, dictionaries, fromKeyring } of plan.grants) {
       try {
+        // An invite whose dictionaries would pass the keyring's bound (256) is refused
+        // whole, before its grant is added (PROTOCOL §7, as `Keyring::accept_invite_at`).
+        if (dictionaries.length > 0) this.#eng.checkDictionaryRoom(dictionaries);
         // `false`: ignored (its epoch is older than every epoch held of its tree), so an
         // invite's dictionaries are not added either (PROTOCOL §7).
         if (!this.#eng.addGrant(grant, mono(), Date.now())) continue;

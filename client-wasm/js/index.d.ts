@@ -174,7 +174,14 @@ export class Keyring {
   free(): void;
 }
 
-/** Anything `keys` accepts (an `OpenedInvite`: its grant and dictionaries). */
+/**
+ * Anything `keys` accepts (an `OpenedInvite`: its grant and dictionaries). `wsdict1…`
+ * strings given in one `keys` / `addKeys` / `toKeyring` call (one bundle, as a key file
+ * beside its grant) serve the trees of that call's tree keys and grants only (a Keyring's
+ * grants and an invite's included); a call of dictionaries only adds them for every tree
+ * (PROTOCOL §4.6.1). So a bundle for tree A and one for tree B, added by separate calls,
+ * give A's messages A's dictionaries only. A Keyring's own dictionaries keep their tree.
+ */
 export type Keys =
   | Keyring
   | TreeKey
@@ -749,8 +756,10 @@ export class Client {
    * Adds grants at run time (e.g. a rotated epoch), dictionaries and opened invites, and
    * refreshes subscriptions. Each grant is accepted or refused on its own: the first
    * refusal (`KEY`) is thrown after the rest is added. A refused invite adds none of its
-   * dictionaries. A Keyring's delegated grant contradicted by a grant the client holds
-   * (superseded) is skipped, not an error.
+   * dictionaries, and an invite whose new dictionaries would pass the 256-dictionary bound
+   * is refused whole (`KEY`; its grant is not added either). A Keyring's delegated grant
+   * contradicted by a grant the client holds (superseded) is skipped, not an error.
+   * `wsdict1…` strings serve the trees of this call's keys (see `Keys`).
    */
   addKeys(keys: Keys): void;
   /**

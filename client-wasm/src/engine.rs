@@ -621,6 +621,37 @@ impl Engine {
         Ok(id)
     }
 
+    /// Throws (`KEY`, too many dictionaries) unless the keyring has room for those of
+    /// `dicts` (`wsdict1…` strings or raw bytes) it does not hold yet
+    /// (`MAX_DICTIONARIES`). `Client.addKeys` asks before adding an invite's grant, so an
+    /// invite beyond the bound adds nothing — its grant neither — as the Rust keyring
+    /// refuses it whole (`Keyring::accept_invite_at`, PROTOCOL §7).
+    #[wasm_bindgen(js_name = checkDictionaryRoom)]
+    pub fn check_dictionary_room(&self, dicts: Vec<JsValue>) -> Result<(), JsValue> {
+        let parsed = dicts
+            .iter()
+            .map(crate::keys::parse_dictionary)
+            .collect::<Result<Vec<_>, _>>()?;
+        let kr = self.core.keyring.read().expect("keyring lock");
+        let held = kr.dictionaries();
+        let mut new = Vec::new();
+        for d in &parsed {
+            if held.get(&d.id()).is_none() && !new.contains(&d.id()) {
+                new.push(d.id());
+            }
+        }
+        if held.len().saturating_add(new.len()) > whispeer_protocol::MAX_DICTIONARIES {
+            return Err(key_error(
+                whispeer_protocol::KeyError::TooManyDictionaries {
+                    held: held.len(),
+                    adding: new.len(),
+                    max: whispeer_protocol::MAX_DICTIONARIES,
+                },
+            ));
+        }
+        Ok(())
+    }
+
     /// See `ClientCore.allowSealing`.
     #[wasm_bindgen(js_name = allowSealing)]
     pub fn allow_sealing(&mut self, tree_id: &str, scope: &str) -> Result<(), JsValue> {

@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { relayPerFile } from '../shared/fixture.js';
 import { dictBytes, reading } from '../shared/dictionary.js';
-import { TreeKey, Keyring } from '../../js/index.node.js';
+import { TreeKey, Keyring, toKeyring } from '../../js/index.node.js';
 
 const fx = relayPerFile();
 const connect = (opts) => fx.connect(opts);
@@ -76,4 +76,54 @@ test('a dictionary added for one tree seals and opens that tree only (PROTOCOL Â
   every.addDictionary(dictBytes);
   const client = await connect({ keys: every, compression: `zstd-dict:${id}` });
   await client.publish('sensor/x', reading, { ack: true });
+});
+
+test('the wsdict1â€¦ strings of one keys call serve that call\'s trees only (a bundle per tree)', async () => {
+  const [a, b] = [TreeKey.generate('bundle-a'), TreeKey.generate('bundle-b')];
+  // Two dictionaries that both compress `reading` (so a topic naming one seals codec 3).
+  const bytesB = new TextEncoder().encode(
+    '{"device":"th-0001","room":"kitchen","celsius":21.50,"humidity":41,"battery":98,"ok":true}'.repeat(8),
+  );
+  const ids = new Keyring();
+  const [idA, idB] = [ids.addDictionary(dictBytes), ids.addDictionary(bytesB)];
+  const [dictA, dictB] = ids.toDictionaryStrings();
+  assert.notEqual(idA, idB);
+  // As a key file written beside a grant (`invite open --out`): grant + its dictionary.
+  const bundleA = [a.grant('#').toKeyString(), dictA];
+  const bundleB = [b.grant('#').toKeyString(), dictB];
+  assert.deepEqual(toKeyring(bundleA).toDictionaryEntries(), [{ dictionary: dictA, treeId: a.treeId }]);
+  assert.deepEqual(toKeyring(dictA).toDictionaryEntries(), [{ dictionary: dictA }], 'dictionaries only: every tree');
+  assert.deepEqual(toKeyring([dictA]).toDictionaryEntries(), [{ dictionary: dictA }]);
+
+  // One client with both bundles: at connect, and at run time.
+  const sub = await connect({ keys: bundleA });
+  sub.addKeys(bundleB);
+  let own;
+  const ownArrived = new Promise((r) => (own = r));
+  const gotA = [];
+  await sub.subscribe('sensor/#', (m) => {
+    gotA.push(m.topic);
+    if (m.topic === 'sensor/own') own();
+  }, { tree: a.treeId });
+  // A member of tree A who learned B's dictionary id seals a tree-A message with it
+  // (she holds B's dictionary for every tree): the client must not decode it with B's.
+  const forger = new Keyring();
+  forger.addTreeKey(a);
+  forger.addDictionary(bytesB);
+  const forged = await connect({ keys: forger, compression: `zstd-dict:${idB}` });
+  await forged.publish('sensor/forged', reading, { ack: true });
+  // Then a tree-A message with A's own dictionary, which opens.
+  const honest = await connect({ keys: toKeyring(bundleA), compression: `zstd-dict:${idA}` });
+  await honest.publish('sensor/own', reading, { ack: true });
+  await ownArrived;
+  assert.deepEqual(gotA, ['sensor/own'], 'the tree-A message sealed with B\'s dictionary was opened');
+  assert.equal(sub.stats().missingDictionary, 1, 'refused as a missing dictionary');
+
+  // B's bundle serves B: a tree-B message with B's dictionary opens.
+  let gotB;
+  const bArrived = new Promise((r) => (gotB = r));
+  await sub.subscribe('sensor/#', (m) => gotB(m), { tree: b.treeId });
+  const pubB = await connect({ keys: toKeyring(bundleB), compression: `zstd-dict:${idB}` });
+  await pubB.publish('sensor/b', reading, { ack: true });
+  assert.deepEqual((await bArrived).value, reading);
 });

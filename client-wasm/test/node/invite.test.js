@@ -208,3 +208,23 @@ test('acceptInvite says whether the admin key or a member enrolled you (PROTOCOL
   assert.equal(fromAdmin.epoch, 1);
   assert.equal(fromAdmin.inviter, t0.adminIdentity().senderId);
 });
+
+test('client.addKeys refuses an invite past the 256-dictionary bound whole: its grant is not added', async () => {
+  const [a, b] = [TreeKey.generate('full-a'), TreeKey.generate('full-b')];
+  const full = new Keyring();
+  full.addTreeKey(a);
+  const enc = new TextEncoder();
+  for (let i = 0; i < 256; i++) full.addDictionary(enc.encode(`{"room":"r${i}","celsius":21.5}`.repeat(3)));
+  assert.throws(() => full.addDictionary(dictBytes), (e) => e.code === 'KEY', 'the keyring is full');
+  const [me, inviter] = [Identity.generate(), Identity.generate()];
+  const client = await connect({ identity: me, keys: full });
+  const dict = new Keyring();
+  dict.addDictionary(dictBytes);
+  const invite = openInvite(sealInvite(b.grant('#'), inviter, me.publicId, { dictionaries: dict }), me);
+  assert.throws(() => client.addKeys(invite), (e) => e.code === 'KEY' && /dictionar/i.test(e.message));
+  // Nothing of it was added: no grant of tree B to seal with.
+  await assert.rejects(client.publish('sensor/x', 1, { ack: true, tree: b.treeId }), /no key covers/);
+  // Control: the same grant without a dictionary is accepted, and seals.
+  client.addKeys(openInvite(sealInvite(b.grant('#'), inviter, me.publicId), me));
+  await client.publish('sensor/x', 2, { ack: true, tree: b.treeId });
+});
