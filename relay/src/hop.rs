@@ -55,7 +55,7 @@ pub(crate) const HOP_AFTER: u32 = 8;
 /// connection whose walks cost what 8 turns of plain publishes cost is as heavy as one
 /// that read 8 full turns. Counted over the connection's life, never reset by waiting
 /// (a paced publisher waits before every frame): 8,192 nodes walked, ~50 µs (release,
-/// `index::tests::walk_cost_of_the_reviewers_construction`); one publish on the reviewer's
+/// `cargo bench -p whispeer-relay --bench walk`); one publish on the reviewer's
 /// construction (41,359 nodes, 646 tokens) moves its connection at once. Honest publishes
 /// (under 64 nodes) add nothing.
 pub(crate) const WALK_TOKENS_TO_MOVE: u64 = HOP_AFTER as u64 * crate::conn::FRAMES_PER_TURN as u64;

@@ -11,8 +11,9 @@
 //! path's prefix of the same length, each once — at most the nodes of the key id's trie,
 //! whatever the filters. Wildcards make that large without any delivery: one tenant's
 //! default quota (32 MiB at 512 + 544 bytes a level: 1,872 filters of 32 levels) holds the
-//! review's construction (`tests::reviewers_construction`), on which a publish visits
-//! 41,359 nodes and matches nothing — 243 µs in a release build (5.9 ns a node), under the
+//! review's construction (`tests/common/construction.rs`), on which a publish visits
+//! 41,359 nodes and matches nothing — 235–243 µs in a release build (5.7–5.9 ns a node;
+//! `cargo bench -p whispeer-relay --bench walk`), under the
 //! routing shard's lock. Several tenants on one key id add up, bounded by the relay's
 //! `total_subscription_bytes` alone (1 GiB: 59,918 filters of 32 levels, at most ~1.9 M
 //! nodes, ~11 ms). [`SubIndex::for_each_match`] therefore returns the count, and the
@@ -330,9 +331,16 @@ fn remove_in<V>(node: &mut Node<V>, elems: &[PatternElem], conn: ConnId, sub: Su
     }
 }
 
+/// The review's wildcard construction, shared with the integration tests and the walk
+/// bench.
+#[cfg(test)]
+#[path = "../tests/common/construction.rs"]
+mod construction_for_tests;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use construction_for_tests as construction;
     use proptest::prelude::*;
 
     fn t(b: u8) -> TopicToken {
@@ -478,25 +486,18 @@ mod tests {
     /// every one of them matches the path `P = [K, p_0 .. p_31]`, and none of them matches
     /// `P` itself. Returns the index and `P`.
     fn reviewers_construction() -> (SubIndex<u32>, TokenPath, Vec<TokenPattern>) {
-        use PatternElem::*;
-        let z = t(200);
         let mut ix = SubIndex::new();
         let mut pats = Vec::new();
-        for i in 0..1872u32 {
-            let mut elems = Vec::with_capacity(32);
-            for j in 0..32u8 {
-                elems.push(match j {
-                    0..=10 if i & (1 << j) != 0 => One,
-                    0..=10 => Token(t(j)),
-                    11..=30 => One,
-                    _ => Token(z),
-                });
-            }
+        for i in 0..construction::FILTERS {
+            let elems = construction::levels(i)
+                .into_iter()
+                .map(|l| l.map_or(PatternElem::One, |b| PatternElem::Token(t(b))))
+                .collect();
             let p = TokenPattern::new(K, elems).unwrap();
             ix.insert(&p, ConnId(u64::from(i % 2)), SubId(u64::from(i)), i);
             pats.push(p);
         }
-        let path = TokenPath::new(K, (0..32u8).map(t).collect()).unwrap();
+        let path = TokenPath::new(K, construction::path().into_iter().map(t).collect()).unwrap();
         (ix, path, pats)
     }
 
@@ -559,37 +560,6 @@ mod tests {
         // Another key id: nothing to walk.
         let other = TokenPath::new(KeyId::from_bytes([1; 16]), vec![t(0)]).unwrap();
         assert_eq!(ix.for_each_match(&other, |_, _| matched += 1), 0);
-    }
-
-    /// Release-build timing of one walk over the reviewer's construction (a measurement,
-    /// not a check: `cargo test --release -p whispeer-relay --lib
-    /// index::tests::walk_cost -- --ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn walk_cost_of_the_reviewers_construction() {
-        let (ix, path, _) = reviewers_construction();
-        let mut n = 0usize;
-        let mut visited = 0;
-        let rounds = 2000;
-        let start = std::time::Instant::now();
-        for _ in 0..rounds {
-            visited = ix.for_each_match(&path, |_, _| n += 1);
-        }
-        let per = start.elapsed() / rounds;
-        assert_eq!(n, 0);
-        // An honest publish beside it: the same key id, a path of 4 levels.
-        let short = TokenPath::new(K, (0..4u8).map(t).collect()).unwrap();
-        let start = std::time::Instant::now();
-        let mut short_visited = 0;
-        for _ in 0..rounds * 100 {
-            short_visited = ix.for_each_match(&short, |_, _| n += 1);
-        }
-        let short_per = start.elapsed() / (rounds * 100);
-        println!(
-            "walk over the construction: {visited} nodes, {per:?} per publish ({:.1} ns a \
-             node); a 4-level path: {short_visited} nodes, {short_per:?}",
-            per.as_nanos() as f64 / visited as f64
-        );
     }
 
     #[derive(Debug, Clone)]

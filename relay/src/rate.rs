@@ -28,10 +28,10 @@ use crate::store::source_address;
 /// never a refusal or a disconnection, and no match is ever skipped — to about the same
 /// time under the routing locks per second as a flood of plain publishes at its rate.
 ///
-/// Why 64: measured in a release build (`index::tests::walk_cost_of_the_reviewers_construction`,
-/// `router::tests::routing_cost_of_a_plain_publish`, both `--ignored`): a node costs
-/// 5.9 ns to walk (41,359 in 243 µs), a plain publish to one subscriber 0.32 µs under the
-/// lock (store append, a 5-node walk, encode, queue offer); 64 nodes are 0.38 µs. A token
+/// Why 64: measured in a release build (`cargo bench -p whispeer-relay --bench walk`): a
+/// node costs 5.7–5.9 ns to walk (41,359 in 235–243 µs); a plain publish to one subscriber
+/// spent 0.32 µs under the lock (store append, a 5-node walk, encode, queue offer; timed
+/// once around `Router::publish` in session 43); 64 nodes are 0.38 µs. A token
 /// thus buys about the same time under the routing lock either way. Honest publishes visit one node per level plus a few `+`
 /// branches — fewer than 64 — and are charged exactly as before.
 pub(crate) const NODES_PER_TOKEN: usize = 64;

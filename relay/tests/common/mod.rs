@@ -5,6 +5,7 @@
 //! timeout that only exists so a broken relay fails the test instead of hanging it.
 #![allow(dead_code)]
 
+pub mod construction;
 pub mod nats;
 pub mod wildcard;
 

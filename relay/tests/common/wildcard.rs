@@ -1,6 +1,6 @@
 //! The reviewer's wildcard construction (relay README, "routing cost of wildcard
 //! filters"): 1,872 filters of 32 levels on key id [`K`] — for filter `i`, level `j < 11`
-//! is `+` if bit `j` of `i` is set, else `p_j`; levels 11..=30 `+`; level 31 a token [`Z`]
+//! is `+` if bit `j` of `i` is set, else `p_j`; levels 11..=30 `+`; level 31 a token `Z`
 //! no publish uses — make a publish on `P = [K, p_0 .. p_31]` ([`path`]) visit 41,359
 //! index nodes and match none of them. With an exact subscription on `P` the walk is
 //! 41,391 nodes: 646 walk tokens (`rate::walk_tokens`). And the metric helpers the tests
@@ -8,26 +8,14 @@
 
 use super::*;
 
-pub const K: u8 = 7;
-pub const Z: u8 = 200;
-pub const FILTERS: u32 = 1872;
+#[allow(unused_imports)] // each test binary uses a part
+pub use super::construction::{path, FILTERS, Z};
 
-/// The path `P`'s levels.
-pub fn path() -> Vec<u8> {
-    (0..32).collect()
-}
+pub const K: u8 = 7;
 
 /// The filter `i` of the construction.
 pub fn filter(i: u32) -> TokenPattern {
-    let elems: Vec<Option<u8>> = (0..32u8)
-        .map(|j| match j {
-            0..=10 if i & (1 << j) != 0 => None,
-            0..=10 => Some(j),
-            11..=30 => None,
-            _ => Some(Z),
-        })
-        .collect();
-    pattern(K, &elems, false)
+    pattern(K, &super::construction::levels(i), false)
 }
 
 /// The value of an unlabelled metric line (or a labelled one, given with its labels).
