@@ -4263,6 +4263,43 @@ mod tests {
 
     /// Accounts alice, bob and carol (ids ID1, ID2, ID3; alice with a key and a token, the
     /// others with tokens), as `account add` writes them: the entries' text.
+    /// alice, bob and carol (ids and tokens `a`, `b`, `c`) in a file read by a clocked
+    /// relay (`auth` required) starting at 1,000,000 ms, each with a connection attached.
+    struct ThreeConnected {
+        path: std::path::PathBuf,
+        alice: String,
+        bob: String,
+        carol: String,
+        /// The three entries, as written.
+        all: String,
+        now: Arc<std::sync::atomic::AtomicU64>,
+        accounts: Accounts,
+        conns: Vec<Arc<Outbound>>,
+    }
+
+    fn three_connected(tag: &str) -> ThreeConnected {
+        let path = temp_file(tag);
+        let [alice, bob, carol] = three_with_ids();
+        let all = format!("{alice}{bob}{carol}");
+        std::fs::write(&path, &all).unwrap();
+        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
+        let accounts = required_clocked(&path, &now);
+        let conns = attach_tokens(
+            &accounts,
+            &[("alice", b"a"), ("bob", b"b"), ("carol", b"c")],
+        );
+        ThreeConnected {
+            path,
+            alice,
+            bob,
+            carol,
+            all,
+            now,
+            accounts,
+            conns,
+        }
+    }
+
     fn three_with_ids() -> [String; 3] {
         let tok = |t: &[u8]| hex::encode(token_hash(t));
         let alice_key = hex::encode(
@@ -4316,15 +4353,16 @@ mod tests {
     /// name, so she stays.
     #[test]
     fn a_nameless_entry_does_not_keep_a_removed_account() {
-        let path = temp_file("nameless");
-        let [alice, bob, carol] = three_with_ids();
-        std::fs::write(&path, format!("{alice}{bob}{carol}")).unwrap();
-        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
-        let accounts = required_clocked(&path, &now);
-        let conns = attach_tokens(
-            &accounts,
-            &[("alice", b"a"), ("bob", b"b"), ("carol", b"c")],
-        );
+        let ThreeConnected {
+            path,
+            alice,
+            bob,
+            carol,
+            now,
+            accounts,
+            conns,
+            ..
+        } = three_connected("nameless");
         let left = read_twice(
             &accounts,
             &path,
@@ -4402,16 +4440,14 @@ mod tests {
     #[test]
     fn an_invalid_text_read_mid_write_revokes_nothing_until_read_again() {
         use std::sync::atomic::Ordering::Relaxed;
-        let path = temp_file("mid-write");
-        let [alice, bob, carol] = three_with_ids();
-        let all = format!("{alice}{bob}{carol}");
-        std::fs::write(&path, &all).unwrap();
-        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
-        let accounts = required_clocked(&path, &now);
-        let conns = attach_tokens(
-            &accounts,
-            &[("alice", b"a"), ("bob", b"b"), ("carol", b"c")],
-        );
+        let ThreeConnected {
+            path,
+            all,
+            now,
+            accounts,
+            conns,
+            ..
+        } = three_connected("mid-write");
         // Cut right after bob's name: bob's entry has no credential (invalid), carol is
         // not written yet.
         let cut = &all[..all.find("name = \"bob\"\n").unwrap() + "name = \"bob\"\n".len()];
@@ -4459,16 +4495,16 @@ mod tests {
     #[test]
     fn a_valid_list_cut_short_revokes_nothing_until_read_again() {
         use std::sync::atomic::Ordering::Relaxed;
-        let path = temp_file("valid-cut");
-        let [alice, bob, carol] = three_with_ids();
-        let all = format!("{alice}{bob}{carol}");
-        std::fs::write(&path, &all).unwrap();
-        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
-        let accounts = required_clocked(&path, &now);
-        let conns = attach_tokens(
-            &accounts,
-            &[("alice", b"a"), ("bob", b"b"), ("carol", b"c")],
-        );
+        let ThreeConnected {
+            path,
+            alice,
+            carol,
+            all,
+            now,
+            accounts,
+            conns,
+            ..
+        } = three_connected("valid-cut");
         let held = |a: &Accounts| {
             (
                 a.revocations_held.load(Relaxed),
@@ -4549,16 +4585,16 @@ mod tests {
     #[test]
     fn revocations_hold_through_unrelated_edits_and_apply_within_the_bound() {
         use std::sync::atomic::Ordering::Relaxed;
-        let path = temp_file("held-edits");
-        let [alice, bob, carol] = three_with_ids();
-        let all = format!("{alice}{bob}{carol}");
-        std::fs::write(&path, &all).unwrap();
-        let now = Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
-        let accounts = required_clocked(&path, &now);
-        let conns = attach_tokens(
-            &accounts,
-            &[("alice", b"a"), ("bob", b"b"), ("carol", b"c")],
-        );
+        let ThreeConnected {
+            path,
+            alice,
+            carol,
+            all,
+            now,
+            accounts,
+            conns,
+            ..
+        } = three_connected("held-edits");
         let tok = |t: &[u8]| hex::encode(token_hash(t));
         let carol2 = carol.replace(&tok(b"c"), &tok(b"c2"));
         let dave = format!(
