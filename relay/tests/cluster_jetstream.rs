@@ -745,6 +745,97 @@ async fn a_stalled_qos1_subscriber_catches_up_from_the_stream_without_a_gap() {
     assert_eq!(got, want, "every message in order, once");
 }
 
+/// NATS and a JetStream relay whose publish queue holds `queue_bytes` of envelopes
+/// (`--store-queue-bytes`) while JetStream does not answer. `None` (test skipped) without
+/// nats-server.
+fn publish_queue_relay(queue_bytes: &str) -> Option<(NatsCluster, BinRelay)> {
+    let Some(nats) = NatsCluster::start(3) else {
+        eprintln!("nats-server not installed: skipped");
+        return None;
+    };
+    let a = start_relay_with(
+        &nats.urls(),
+        "relay-a",
+        &["--store-queue-bytes", queue_bytes],
+    );
+    Some((nats, a))
+}
+
+/// One stored publish of key id `k` from `c`, then every nats-server frozen (SIGSTOP): the
+/// stream is up and the relay's publisher is warm before JetStream stops answering.
+async fn warm_then_freeze(nats: &NatsCluster, clients: &mut [&mut Client], k: &[u8]) {
+    for (c, &k) in clients.iter_mut().zip(k) {
+        publish_acked(c, &[(0, numbered(k, &[1], 0))], Qos::AtLeastOnce, false).await;
+    }
+    for n in &nats.nodes {
+        n.signal("STOP");
+    }
+}
+
+/// Sends `c` an 8 KiB QoS 1 publish of key id `k` with publish id `n`, then a ping: whether
+/// it was answered the retryable `busy` (for `n`) before the pong. Nothing else may come:
+/// nothing is acknowledged while NATS is frozen.
+async fn busy_or_queued(c: &mut Client, k: u8, n: u32) -> bool {
+    c.send(&pub_frame(
+        numbered_sized(k, &[1], n, 8 << 10),
+        Qos::AtLeastOnce,
+        n,
+        false,
+    ))
+    .await;
+    c.send(&Frame::Ping(whispeer_protocol::frame::Ping {
+        nonce: n.into(),
+    }))
+    .await;
+    let mut busy = false;
+    loop {
+        match c.recv().await {
+            Frame::Pong(g) if g.nonce == u64::from(n) => return busy,
+            Frame::Err(e) => {
+                assert_eq!(e.code, whispeer_protocol::ErrorCode::Busy, "{e:?}");
+                assert!(!e.fatal && e.code.is_retryable(), "{e:?}");
+                assert_eq!(e.publish_id.map(|p| id_of(&p)), Some(n));
+                busy = true;
+            }
+            other => panic!("nothing is acknowledged while NATS is frozen: {other:?}"),
+        }
+    }
+}
+
+/// 8 KiB QoS 1 publishes of key id `k` from `c`, publish ids 1, 2, …, until one is `busy`:
+/// the ids queued before it.
+async fn fill_until_busy(c: &mut Client, k: u8) -> Vec<u32> {
+    let mut queued = Vec::new();
+    for n in 1u32.. {
+        if busy_or_queued(c, k, n).await {
+            break;
+        }
+        queued.push(n);
+    }
+    queued
+}
+
+/// Every nats-server running again (SIGCONT).
+fn thaw(nats: &NatsCluster) {
+    for n in &nats.nodes {
+        n.signal("CONT");
+    }
+}
+
+/// Reads `c`'s acknowledgements (pings aside) until there are as many as `queued`: each
+/// once, and exactly the publish ids of `queued`.
+async fn expect_all_acked(c: &mut Client, queued: Vec<u32>) {
+    let mut acked = HashSet::new();
+    while acked.len() < queued.len() {
+        match c.recv().await {
+            Frame::PubAck(a) => assert!(acked.insert(id_of(&a.publish_id))),
+            Frame::Ping(_) => {}
+            other => panic!("expected PubAck, got {other:?}"),
+        }
+    }
+    assert_eq!(acked, queued.into_iter().collect());
+}
+
 /// While JetStream does not answer, what waits for it is held in the relay's memory: the
 /// publish queue is bounded in envelope bytes (`--store-queue-bytes`), not only by its
 /// 65,536 jobs. With every NATS node frozen, 8 KiB QoS 1 publishes fill a 64 KiB bound
@@ -752,68 +843,16 @@ async fn a_stalled_qos1_subscriber_catches_up_from_the_stream_without_a_gap() {
 /// every queued one is acknowledged.
 #[tokio::test]
 async fn the_jetstream_publish_queue_is_bounded_in_bytes_while_nats_is_frozen() {
-    let Some(nats) = NatsCluster::start(3) else {
-        eprintln!("nats-server not installed: skipped");
+    let Some((nats, a)) = publish_queue_relay("65536") else {
         return;
     };
-    let a = start_relay_with(&nats.urls(), "relay-a", &["--store-queue-bytes", "65536"]);
     let (mut p, _) = connect(a.tcp()).await;
-    // One stored publish first: the stream is up and the relay's publisher is warm.
-    publish_acked(
-        &mut p,
-        &[(0, numbered(9, &[1], 0))],
-        Qos::AtLeastOnce,
-        false,
-    )
-    .await;
-    for n in &nats.nodes {
-        n.signal("STOP");
-    }
+    warm_then_freeze(&nats, &mut [&mut p], &[9]).await;
     let each = numbered_sized(9, &[1], 1, 8 << 10).as_bytes().len();
-    let mut queued = Vec::new();
-    for n in 1u32.. {
-        p.send(&pub_frame(
-            numbered_sized(9, &[1], n, 8 << 10),
-            Qos::AtLeastOnce,
-            n,
-            false,
-        ))
-        .await;
-        p.send(&Frame::Ping(whispeer_protocol::frame::Ping {
-            nonce: n.into(),
-        }))
-        .await;
-        let mut busy = false;
-        loop {
-            match p.recv().await {
-                Frame::Pong(g) if g.nonce == u64::from(n) => break,
-                Frame::Err(e) => {
-                    assert_eq!(e.code, whispeer_protocol::ErrorCode::Busy, "{e:?}");
-                    assert!(!e.fatal && e.code.is_retryable(), "{e:?}");
-                    assert_eq!(e.publish_id.map(|p| id_of(&p)), Some(n));
-                    busy = true;
-                }
-                other => panic!("nothing is acknowledged while NATS is frozen: {other:?}"),
-            }
-        }
-        if busy {
-            break;
-        }
-        queued.push(n);
-    }
+    let queued = fill_until_busy(&mut p, 9).await;
     assert_eq!(queued.len(), (64 << 10) / each, "{each}-byte envelopes");
-    for n in &nats.nodes {
-        n.signal("CONT");
-    }
-    let mut acked = HashSet::new();
-    while acked.len() < queued.len() {
-        match p.recv().await {
-            Frame::PubAck(a) => assert!(acked.insert(id_of(&a.publish_id))),
-            Frame::Ping(_) => {}
-            other => panic!("expected PubAck, got {other:?}"),
-        }
-    }
-    assert_eq!(acked, queued.into_iter().collect());
+    thaw(&nats);
+    expect_all_acked(&mut p, queued).await;
 }
 
 /// The JetStream publish queue is shared fairly among tenants (review finding F3), as the
@@ -824,108 +863,32 @@ async fn the_jetstream_publish_queue_is_bounded_in_bytes_while_nats_is_frozen() 
 /// its share, is still refused. Before, the one shared bound answered it `busy` too.
 #[tokio::test]
 async fn a_tenant_filling_the_jetstream_publish_queue_leaves_room_for_another_tenant() {
-    let Some(nats) = NatsCluster::start(3) else {
-        eprintln!("nats-server not installed: skipped");
+    let Some((nats, a)) = publish_queue_relay("1048576") else {
         return;
     };
-    let a = start_relay_with(&nats.urls(), "relay-a", &["--store-queue-bytes", "1048576"]);
     let mut hog = Client::tcp_from(a.tcp(), "127.0.0.1").await;
     hog.hello().await;
     let mut honest = Client::tcp_from(a.tcp(), "127.0.0.2").await;
     honest.hello().await;
-    // One stored publish each first: the stream is up and the relay's publisher is warm.
-    publish_acked(
-        &mut hog,
-        &[(0, numbered(9, &[1], 0))],
-        Qos::AtLeastOnce,
-        false,
-    )
-    .await;
-    publish_acked(
-        &mut honest,
-        &[(0, numbered(8, &[1], 0))],
-        Qos::AtLeastOnce,
-        false,
-    )
-    .await;
-    for n in &nats.nodes {
-        n.signal("STOP");
-    }
-    // Answers `busy` (Some(n)) or nothing before the pong of a ping sent right after it.
-    async fn busy_or_queued(c: &mut Client, n: u32) -> bool {
-        c.send(&Frame::Ping(whispeer_protocol::frame::Ping {
-            nonce: n.into(),
-        }))
-        .await;
-        let mut busy = false;
-        loop {
-            match c.recv().await {
-                Frame::Pong(g) if g.nonce == u64::from(n) => return busy,
-                Frame::Err(e) => {
-                    assert_eq!(e.code, whispeer_protocol::ErrorCode::Busy, "{e:?}");
-                    assert_eq!(e.publish_id.map(|p| id_of(&p)), Some(n));
-                    busy = true;
-                }
-                other => panic!("nothing is acknowledged while NATS is frozen: {other:?}"),
-            }
-        }
-    }
-    let mut queued = Vec::new();
-    for n in 1u32.. {
-        hog.send(&pub_frame(
-            numbered_sized(9, &[1], n, 8 << 10),
-            Qos::AtLeastOnce,
-            n,
-            false,
-        ))
-        .await;
-        if busy_or_queued(&mut hog, n).await {
-            break;
-        }
-        queued.push(n);
-    }
+    warm_then_freeze(&nats, &mut [&mut hog, &mut honest], &[9, 8]).await;
+    let queued = fill_until_busy(&mut hog, 9).await;
     eprintln!("the first tenant queued {} x 8 KiB", queued.len());
-    honest
-        .send(&pub_frame(
-            numbered_sized(8, &[1], 1, 8 << 10),
-            Qos::AtLeastOnce,
-            1,
-            false,
-        ))
-        .await;
     assert!(
-        !busy_or_queued(&mut honest, 1).await,
+        !busy_or_queued(&mut honest, 8, 1).await,
         "the other tenant's publish is queued, not refused"
     );
     // The first tenant is still over its share.
     let over = queued.len() as u32 + 1_000;
-    hog.send(&pub_frame(
-        numbered_sized(9, &[1], over, 8 << 10),
-        Qos::AtLeastOnce,
-        over,
-        false,
-    ))
-    .await;
     assert!(
-        busy_or_queued(&mut hog, over).await,
+        busy_or_queued(&mut hog, 9, over).await,
         "the first tenant is refused"
     );
-    for n in &nats.nodes {
-        n.signal("CONT");
-    }
+    thaw(&nats);
     match honest.recv().await {
         Frame::PubAck(a) => assert_eq!(id_of(&a.publish_id), 1),
         other => panic!("expected the other tenant's PubAck, got {other:?}"),
     }
-    let mut acked = HashSet::new();
-    while acked.len() < queued.len() {
-        match hog.recv().await {
-            Frame::PubAck(a) => assert!(acked.insert(id_of(&a.publish_id))),
-            Frame::Ping(_) => {}
-            other => panic!("expected PubAck, got {other:?}"),
-        }
-    }
-    assert_eq!(acked, queued.into_iter().collect());
+    expect_all_acked(&mut hog, queued).await;
 }
 
 /// Retained writes (two JetStream round trips each) no longer hold up other tenants'
