@@ -180,10 +180,43 @@ impl FrameDecoder {
     /// an allocation the decoder did not make (see [`buffer_mut`](Self::buffer_mut)) counts
     /// as unknown, and its frames are all copied.
     pub fn next_frame(&mut self) -> Result<Option<Bytes>, DecodeError> {
-        if self.buf.len() < LEN_PREFIX {
+        let Some(len) = self.complete_len()? else {
             return Ok(None);
+        };
+        let shared = self.allocation().is_some_and(|size| 2 * len >= size);
+        self.buf.advance(LEN_PREFIX);
+        if shared {
+            return Ok(Some(self.buf.split_to(len).freeze()));
         }
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        // Copied without splitting: the buffer stays the sole owner of its allocation and
+        // reuses it in place.
+        let frame = Bytes::copy_from_slice(&self.buf[..len]);
+        self.buf.advance(len);
+        Ok(Some(frame))
+    }
+
+    /// Like [`next_frame`](Self::next_frame), for a reader that does not keep the frame:
+    /// `f` reads it in place, in the read buffer (no copy, no allocation, whatever its size),
+    /// and what `f` returns is returned. Frames `f` must keep are copied by `f` (or read
+    /// with `next_frame`, which bounds what a kept frame holds alive).
+    pub fn with_next_frame<R>(
+        &mut self,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>, DecodeError> {
+        let Some(len) = self.complete_len()? else {
+            return Ok(None);
+        };
+        let out = f(&self.buf[LEN_PREFIX..LEN_PREFIX + len]);
+        self.buf.advance(LEN_PREFIX + len);
+        Ok(Some(out))
+    }
+
+    /// The length of the next frame once all of it is buffered; `None` (room reserved for
+    /// the rest) while it is not; an error for a length of zero or above the limit.
+    fn complete_len(&mut self) -> Result<Option<usize>, DecodeError> {
+        let Some(len) = self.pending_len() else {
+            return Ok(None);
+        };
         if len > self.max_frame {
             return Err(DecodeError::TooLarge {
                 what: "frame",
@@ -206,16 +239,7 @@ impl FrameDecoder {
             self.reserve((LEN_PREFIX + len - self.buf.len()).min(RESERVE_AHEAD));
             return Ok(None);
         }
-        let shared = self.allocation().is_some_and(|size| 2 * len >= size);
-        self.buf.advance(LEN_PREFIX);
-        if shared {
-            return Ok(Some(self.buf.split_to(len).freeze()));
-        }
-        // Copied without splitting: the buffer stays the sole owner of its allocation and
-        // reuses it in place.
-        let frame = Bytes::copy_from_slice(&self.buf[..len]);
-        self.buf.advance(len);
-        Ok(Some(frame))
+        Ok(Some(len))
     }
 
     /// Like [`next_frame`](Self::next_frame), then decodes the frame.
@@ -439,6 +463,49 @@ mod tests {
                 assert!(f.iter().enumerate().all(|(j, b)| *b == (i + j) as u8));
             }
         }
+    }
+
+    /// `with_next_frame` reads the frames `next_frame` returns, in order, from the same
+    /// pieces, and refuses the same lengths.
+    #[test]
+    fn frames_read_in_place_are_the_frames_returned() {
+        let mut wire = Vec::new();
+        let mut want = Vec::new();
+        for (i, len) in [1usize, 300, 70_000, 9, 1 << 17, 64]
+            .iter()
+            .cycle()
+            .take(24)
+            .enumerate()
+        {
+            let body: Vec<u8> = (0..len + i).map(|j| (i * 7 + j) as u8).collect();
+            write_prefixed(&body, &mut wire);
+            want.push(body);
+        }
+        for chunk in [1usize, 1000, 65_536, 300_000] {
+            let mut d = FrameDecoder::new(1 << 20);
+            let mut got = Vec::new();
+            for piece in wire.chunks(chunk) {
+                d.reserve_read(piece.len().min(RESERVE_AHEAD));
+                d.push(piece);
+                while let Some(f) = d.with_next_frame(<[u8]>::to_vec).unwrap() {
+                    got.push(f);
+                }
+            }
+            assert!(got == want, "pieces of {chunk}");
+            assert_eq!(d.buffered(), 0);
+        }
+        let mut d = FrameDecoder::new(16);
+        d.push(&17u32.to_be_bytes());
+        assert!(matches!(
+            d.with_next_frame(|_| ()),
+            Err(DecodeError::TooLarge { len: 17, .. })
+        ));
+        let mut d = FrameDecoder::new(16);
+        d.push(&0u32.to_be_bytes());
+        assert!(matches!(
+            d.with_next_frame(|_| ()),
+            Err(DecodeError::Truncated { .. })
+        ));
     }
 
     /// A `Pub` can be large while its envelope is small (60 KiB under a key the decoder
