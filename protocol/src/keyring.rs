@@ -1888,6 +1888,27 @@ mod tests {
         .unwrap()
     }
 
+    /// `grant` and `dictionaries` sealed by `inviter` to `to` (no expiry), opened by `to` at
+    /// `now_ms`.
+    fn opened_invite(
+        grant: &Grant,
+        dictionaries: &[Dictionary],
+        inviter: &Identity,
+        to: &Identity,
+        now_ms: u64,
+        r: &mut rand_chacha::ChaCha20Rng,
+    ) -> Invite {
+        let sealed = Invite::seal_with_dictionaries(
+            grant,
+            dictionaries,
+            inviter,
+            &to.public_id(),
+            u64::MAX,
+            r,
+        );
+        Invite::open(&sealed.unwrap(), to, now_ms).unwrap()
+    }
+
     /// Review finding (A): an invite whose grant the keyring ignores (its epoch is older
     /// than every epoch held) added its dictionaries anyway, and nobody could tell.
     #[test]
@@ -1905,16 +1926,8 @@ mod tests {
         kr.add_tree_key_at(&tk1, 1_000).unwrap();
         kr.add_tree_key_at(&tk2, 2_000).unwrap(); // epoch 0 dropped: 1 and 2 held
         let d = test_dict(1);
-        let old = Invite::seal_with_dictionaries(
-            &tk0.grant_all(),
-            std::slice::from_ref(&d),
-            &admin,
-            &bob.public_id(),
-            u64::MAX,
-            &mut r,
-        )
-        .unwrap();
-        let old = Invite::open(&old, &bob, 3_000).unwrap();
+        let just_d = std::slice::from_ref(&d);
+        let old = opened_invite(&tk0.grant_all(), just_d, &admin, &bob, 3_000, &mut r);
         let out = kr.accept_invite_at(&old, 3_000).unwrap();
         assert!(!out.is_accepted());
         assert_eq!(out.provenance, None);
@@ -1932,18 +1945,8 @@ mod tests {
             "an ignored grant adds no dictionary"
         );
         // Control: the same dictionary with a current grant is added, and reported.
-        let cur = Invite::seal_with_dictionaries(
-            &tk2.grant_all(),
-            std::slice::from_ref(&d),
-            &admin,
-            &bob.public_id(),
-            u64::MAX,
-            &mut r,
-        )
-        .unwrap();
-        let out = kr
-            .accept_invite_at(&Invite::open(&cur, &bob, 3_000).unwrap(), 3_000)
-            .unwrap();
+        let cur = opened_invite(&tk2.grant_all(), just_d, &admin, &bob, 3_000, &mut r);
+        let out = kr.accept_invite_at(&cur, 3_000).unwrap();
         assert!(out.is_accepted() && out.ignored.is_none());
         assert_eq!(out.provenance, Some(Provenance::AdminSigned));
         assert_eq!(out.dictionaries_added, vec![d.id()]);
@@ -1977,16 +1980,8 @@ mod tests {
         // One already held is not "more".
         assert_eq!(kr.try_add_dictionary(test_dict(0)), Ok(false));
         // An invite carrying a new one is refused whole: neither its grant nor it is added.
-        let inv = Invite::seal_with_dictionaries(
-            &tk.grant_all(),
-            &[one_more.clone(), test_dict(1)],
-            &mallory,
-            &bob.public_id(),
-            u64::MAX,
-            &mut r,
-        )
-        .unwrap();
-        let inv = Invite::open(&inv, &bob, 0).unwrap();
+        let dicts = [one_more.clone(), test_dict(1)];
+        let inv = opened_invite(&tk.grant_all(), &dicts, &mallory, &bob, 0, &mut r);
         assert!(matches!(
             kr.accept_invite_at(&inv, 0),
             Err(KeyError::TooManyDictionaries { adding: 1, .. })
