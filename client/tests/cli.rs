@@ -239,6 +239,16 @@ fn new_tree(dir: &Path, name: &str) -> (PathBuf, String) {
     )
 }
 
+/// `invite open --identity IDENTITY EXTRA…` of `inv` (on stdin), which succeeds: its
+/// (trimmed stdout, stderr).
+fn open_invite(identity: &Path, inv: &str, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["invite", "open", "--identity", identity.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = run_with(&args, inv, &[]);
+    let err = stderr(&o);
+    (ok(o), err)
+}
+
 /// `whispeer sub --relay URL FILTER --count N --key-file F…`, once it is ready.
 fn sub_ready(url: &str, filter: &str, count: u32, key_files: &[&str]) -> Proc {
     let count = count.to_string();
@@ -644,20 +654,11 @@ fn invite_seal_and_open_round_trip() {
     assert!(inv.starts_with("wsinv1"), "{inv}");
     assert_eq!(show(&inv)["kind"], "invite");
 
-    let o = run_with(
-        &["invite", "open", "--identity", bob.to_str().unwrap()],
-        &inv,
-        &[],
-    );
+    let (key, err) = open_invite(&bob, &inv, &[]);
     // Sealed from the tree key: signed by the tree's admin key, not alice's identity
     // (an_admins_invite_says_the_admin_enrolled_you).
     let admin = show(&tree)["admin"].as_str().unwrap().to_owned();
-    assert!(
-        stderr(&o).contains(&format!("invite from {admin} ")),
-        "{}",
-        stderr(&o)
-    );
-    let key = ok(o);
+    assert!(err.contains(&format!("invite from {admin} ")), "{err}");
     let d = show(&key);
     assert_eq!(d["scope"], "sensor/#");
     assert_eq!(d["key_id"], show(&tree)["key_id"]);
@@ -779,13 +780,7 @@ fn invite_open_names_the_tree_and_escapes_control_characters() {
         td["admin"].as_str().unwrap(),
     );
     let open = |inv: &str| {
-        let o = run_with(
-            &["invite", "open", "--identity", bob.to_str().unwrap()],
-            inv,
-            &[],
-        );
-        let err = stderr(&o);
-        let key = ok(o);
+        let (key, err) = open_invite(&bob, inv, &[]);
         assert_no_hostile("invite open stderr", &err);
         assert_no_hostile("invite open stdout", &key);
         // A member (alice), not the admin key, sealed it: the old-epoch warning (§10) follows.
@@ -885,13 +880,7 @@ fn an_admins_invite_says_the_admin_enrolled_you() {
         let o = run(&args);
         let sealed = stderr(&o);
         let inv = ok(o);
-        let o = run_with(
-            &["invite", "open", "--identity", bob.to_str().unwrap()],
-            &inv,
-            &[],
-        );
-        let err = stderr(&o);
-        let key = ok(o);
+        let (key, err) = open_invite(&bob, &inv, &[]);
         assert_eq!(show(&key)["scope"], "sensor/#");
         let lines: Vec<&str> = err.lines().collect();
         assert_eq!(lines.len(), 2, "{err}");
@@ -924,16 +913,7 @@ fn a_members_invite_warns_to_confirm_the_epoch() {
     let (carol, carol_public, _) = keygen(dir.path(), "carol.id");
     let (tree_file, tree) = new_tree(dir.path(), "home");
     let admin = show(&tree)["admin"].as_str().unwrap().to_owned();
-    let open_as_carol = |inv: &str| {
-        let o = run_with(
-            &["invite", "open", "--identity", carol.to_str().unwrap()],
-            inv,
-            &[],
-        );
-        let err = stderr(&o);
-        ok(o);
-        err
-    };
+    let open_as_carol = |inv: &str| open_invite(&carol, inv, &[]).1;
     let member_warning = "warning: a member gave you epoch 0 of this tree; a member removed \
                           by a key rotation can still hand out the old epoch — confirm with \
                           the admin that 0 is current";
@@ -949,11 +929,7 @@ fn a_members_invite_warns_to_confirm_the_epoch() {
         "--key-file",
         tree_file.to_str().unwrap(),
     ]));
-    let bob_key = ok(run_with(
-        &["invite", "open", "--identity", bob.to_str().unwrap()],
-        &inv,
-        &[],
-    ));
+    let (bob_key, _) = open_invite(&bob, &inv, &[]);
     assert!(bob_key.starts_with("wskey1"), "{bob_key}");
     let bob_file = write_file(dir.path(), "bob.key", &format!("{bob_key}\n"));
 
@@ -1180,20 +1156,7 @@ fn invite_carries_dictionaries_to_the_invitee() {
         run(&args)
     };
     let open = |inv: &str, out: &str| {
-        let o = run_with(
-            &[
-                "invite",
-                "open",
-                "--identity",
-                bob.to_str().unwrap(),
-                "--out",
-                out,
-            ],
-            inv,
-            &[],
-        );
-        let err = stderr(&o);
-        ok(o);
+        let (_, err) = open_invite(&bob, inv, &["--out", out]);
         (std::fs::read_to_string(out).unwrap(), err)
     };
 
@@ -1357,18 +1320,7 @@ fn a_narrowed_invite_leaves_the_key_files_dictionaries_behind() {
     let open = |inv: &str| {
         opened.set(opened.get() + 1);
         let out = path(&format!("bob{}.key", opened.get()));
-        ok(run_with(
-            &[
-                "invite",
-                "open",
-                "--identity",
-                bob.to_str().unwrap(),
-                "--out",
-                &out,
-            ],
-            inv,
-            &[],
-        ));
+        open_invite(&bob, inv, &["--out", &out]);
         std::fs::read_to_string(out).unwrap()
     };
 
