@@ -1837,11 +1837,7 @@ mod tests {
     #[test]
     fn relay_flags_count_only_for_subscriptions_that_asked_for_them() {
         use frame::msg_flags::{REDELIVERED, REPLAYED, RETAINED};
-        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
-        let tk = TreeKey::generate_with("t", &mut rng).unwrap();
-        let mut kr = Keyring::new();
-        kr.add_tree_key_at(&tk, 0).unwrap();
-        let kr = Arc::new(RwLock::new(kr));
+        let (kr, mut rng) = one_tree(7);
         let mut core = ClientCore::new(kr.clone());
         let f = |s: &str| TopicFilter::new(s).unwrap();
         let o = SubscribeOptions::new;
@@ -1963,11 +1959,7 @@ mod tests {
     #[test]
     fn another_members_copy_of_the_marks_date_and_id_is_not_the_retained_value() {
         use frame::msg_flags::{REPLAYED, RETAINED};
-        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(28);
-        let tk = TreeKey::generate_with("t", &mut rng).unwrap();
-        let mut kr = Keyring::new();
-        kr.add_tree_key_at(&tk, 0).unwrap();
-        let kr = Arc::new(RwLock::new(kr));
+        let (kr, mut rng) = one_tree(28);
         let (alice, mallory) = (
             Identity::generate_with(&mut rng),
             Identity::generate_with(&mut rng),
@@ -2048,11 +2040,7 @@ mod tests {
     #[test]
     fn what_a_subscription_in_history_remembers_is_bounded() {
         use frame::msg_flags::REPLAYED;
-        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
-        let tk = TreeKey::generate_with("t", &mut rng).unwrap();
-        let mut kr = Keyring::new();
-        kr.add_tree_key_at(&tk, 0).unwrap();
-        let kr = Arc::new(RwLock::new(kr));
+        let (kr, mut rng) = one_tree(11);
         let mut core = ClientCore::new(kr.clone());
         const NOW: u64 = 1_800_000_000_000;
         let opts = SubscribeOptions::new().replay(frame::Replay::FromSeq(1));
@@ -2094,11 +2082,7 @@ mod tests {
 
     #[test]
     fn open_once_deliver_to_matching_dedup() {
-        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
-        let tk = TreeKey::generate_with("t", &mut rng).unwrap();
-        let mut kr = Keyring::new();
-        kr.add_tree_key_at(&tk, 0).unwrap();
-        let kr = Arc::new(RwLock::new(kr));
+        let (kr, mut rng) = one_tree(1);
         let id = Identity::generate_with(&mut rng);
         let mut core = ClientCore::new(kr.clone());
         assert!(
@@ -2306,7 +2290,8 @@ mod tests {
 
     const NOW: u64 = 1_800_000_000_000;
 
-    /// A keyring holding one fresh tree, and a message sealed in it on `a/x` at `NOW`.
+    /// A keyring holding one fresh tree `t` (as a client shares it), and the rng seeded `seed`
+    /// it was generated with.
     fn one_tree(seed: u64) -> (Arc<RwLock<Keyring>>, rand_chacha::ChaCha20Rng) {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
         let tk = TreeKey::generate_with("t", &mut rng).unwrap();
