@@ -1205,8 +1205,16 @@ pub struct Limits {
     /// (512 KiB each).
     #[arg(long, env = "WHISPEER_QUIC_RECEIVE_WINDOW_TOTAL")]
     pub quic_receive_window_total: u64,
-    /// Most concurrent client connections, handshakes included (fatal
-    /// Err(too_many_connections) on TCP; other listeners close the socket).
+    /// Most concurrent client connections, handshakes included. When the relay is full a
+    /// new connection evicts the oldest one not yet welcomed (still in its TLS/WebSocket
+    /// handshake or waiting for its Hello; closed with Err(too_many_connections) "relay
+    /// full: handshake evicted" when it is far enough for one), so strangers holding places
+    /// with silent connections cannot shut members out; it still pays every other cap.
+    /// Oldest first: an honest client mid-handshake is evicted only after every older
+    /// unwelcomed connection was, so only if up to max_connections newer connections
+    /// arrive before its Hello is done (within hello_ms). Welcomed sessions are never evicted:
+    /// with none to evict the newcomer is refused (fatal Err(too_many_connections) on TCP;
+    /// other listeners close the socket). Counted in whispeer_relay_handshakes_evicted_total.
     #[arg(long, env = "WHISPEER_MAX_CONNECTIONS")]
     pub max_connections: usize,
     /// Most subscriptions one connection may hold (fatal Err(too_many_subscriptions)).
@@ -1662,6 +1670,28 @@ impl Config {
     pub fn reserve_warnings(&self) -> Vec<String> {
         let mut out = self.store_reserve_warnings();
         out.extend(self.subscription_reserve_warnings());
+        out
+    }
+
+    /// What an acknowledgement survives, where it is less than the operator may assume.
+    /// With the JetStream store a `PubAck` follows JetStream's publish ack; with one replica
+    /// that is one nats-server holding the message in its page cache — nats-server fsyncs
+    /// every 2 minutes by default (`jetstream { sync_interval }`), so a power loss or kernel
+    /// crash of that host can lose what was acknowledged. The relay cannot read the
+    /// server's `sync_interval`, so one replica is always warned about.
+    pub fn durability_warnings(&self) -> Vec<String> {
+        let c = &self.cluster;
+        let mut out = Vec::new();
+        if !c.urls.is_empty() && c.store == ClusterStore::Jetstream && c.replicas == 1 {
+            out.push(
+                "cluster.store = \"jetstream\" with cluster.replicas = 1: a PubAck then means \
+                 one nats-server has the message, which by default it fsyncs only every 2 \
+                 minutes; acknowledged messages survive a power loss of that host only with \
+                 `sync_interval: always` in its jetstream block, or with replicas = 3 on a \
+                 three-node NATS cluster (docs/DEPLOY.md §2.4)"
+                    .to_owned(),
+            );
+        }
         out
     }
 
@@ -2546,6 +2576,26 @@ mod tests {
         assert!(w[2].contains("twice limits.max_frame"), "{}", w[2]);
         c.store.reserve_percent = 0;
         assert!(c.reserve_warnings().is_empty());
+    }
+
+    /// Review finding (Low-Medium): with the JetStream store and one replica a `PubAck` does
+    /// not survive a power loss under nats-server's default fsync interval; the relay says so
+    /// at start (the SQLite store's default `sync = full` needs no warning).
+    #[test]
+    fn one_jetstream_replica_is_warned_about() {
+        assert!(Config::default().durability_warnings().is_empty());
+        let mut c = Config::from_toml(
+            "[cluster]\nurls = [\"nats://127.0.0.1:4222\"]\nstore = \"jetstream\"\n",
+        )
+        .unwrap();
+        let w = c.durability_warnings();
+        assert_eq!(w.len(), 1, "{w:#?}");
+        assert!(w[0].contains("sync_interval: always"), "{}", w[0]);
+        c.cluster.replicas = 3;
+        assert!(c.durability_warnings().is_empty());
+        c.cluster.replicas = 1;
+        c.cluster.store = ClusterStore::Local;
+        assert!(c.durability_warnings().is_empty());
     }
 
     /// Review finding (Low): a subscription reserve whose byte share is below one 1-level

@@ -13,6 +13,7 @@ use tokio::time::{sleep_until, Instant};
 use whispeer_protocol::frame::Gap;
 use whispeer_protocol::{codec, Frame};
 
+use crate::handshakes::Ticket;
 use crate::ids::TransportKind;
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
@@ -43,8 +44,12 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
         cfg.queue.slow_consumer,
         shared.budget.clone(),
     ));
-    let (conn, admitted) = shared.registry.register(&out, cfg.limits.max_connections);
-    let _registration = shared.registry.guard(conn);
+    let ticket = slot.as_ref().map(|s| s.ticket().clone());
+    let (conn, admitted, ticket) =
+        shared
+            .registry
+            .register(&out, cfg.limits.max_connections, ticket);
+    let _registration = shared.registry.guard(conn, ticket.clone());
     let keepalive = match transport {
         TransportKind::Ws | TransportKind::Wss => cfg.timeouts.heartbeat(),
         _ => None,
@@ -66,12 +71,16 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
         started.into_std(),
         slot,
     );
+    session.set_ticket(ticket.clone());
 
     let mut source_closed = false;
     if !admitted {
         session.refuse_over_limit();
+    } else if ticket.is_evicted() {
+        // Evicted during its transport handshake (a newer connection took its place).
+        session.evicted();
     } else {
-        source_closed = read_loop(&shared, &mut source, &mut session, &out, started).await;
+        source_closed = read_loop(&shared, &mut source, &mut session, &out, started, &ticket).await;
     }
     // No new messages for this connection from here on.
     session.finish();
@@ -117,6 +126,7 @@ async fn read_loop<Src: FrameSource>(
     session: &mut Session,
     out: &Outbound,
     started: Instant,
+    ticket: &Ticket,
 ) -> bool {
     let t = &shared.config.timeouts;
     let (hello, idle) = (t.hello(), t.idle());
@@ -126,7 +136,9 @@ async fn read_loop<Src: FrameSource>(
     // (a lock each) on every iteration of the hot loop.
     let closing = closing.wait_for(|c| *c);
     let shutdown = shutdown.wait_for(|s| *s);
-    tokio::pin!(closing, shutdown);
+    // Until welcomed, a newer connection may evict this one when the relay is full.
+    let evicted = ticket.evicted();
+    tokio::pin!(closing, shutdown, evicted);
     let mut last_in = started;
     let deadline = sleep_until(started + hello);
     tokio::pin!(deadline);
@@ -212,6 +224,10 @@ async fn read_loop<Src: FrameSource>(
                 }
                 _ = &mut shutdown => {
                     session.shutting_down();
+                    return false;
+                }
+                _ = &mut evicted, if !session.is_open() => {
+                    session.evicted();
                     return false;
                 }
                 // Before the source: a client whose bytes never stop (WebSocket pings need

@@ -24,6 +24,8 @@
 //! - `outbound` — per-connection bounded queue, slow-consumer policy, batch takes.
 //! - `session` — the per-connection protocol state machine (sans I/O).
 //! - `sub_quota` — subscriptions held per tenant (account or source address) and in all.
+//! - `handshakes` — connections not yet past `Hello`, oldest first: a newcomer to a full
+//!   relay evicts the oldest instead of being refused (both connection gates).
 //! - `conn` — drives a session over a transport: reader, coalescing writer, timeouts, drain.
 //! - `hop` — the light runtime: quiet connections run apart from floods; a connection that
 //!   floods, falls behind or hits a limit moves to the main runtime.
@@ -50,6 +52,7 @@ pub mod config;
 mod conn;
 pub mod error;
 mod flow;
+mod handshakes;
 mod held_bytes;
 mod hop;
 pub mod ids;

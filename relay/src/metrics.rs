@@ -104,6 +104,9 @@ pub struct Metrics {
     connections_total: [AtomicU64; TransportKind::ALL.len()],
     connections_rejected: AtomicU64,
     connections_refused: [AtomicU64; RefusedCap::ALL.len()],
+    /// Connections not yet past `Hello` closed to make room for a newcomer while the relay
+    /// was full (`limits.max_connections`).
+    handshakes_evicted: AtomicU64,
     subscriptions: AtomicI64,
     subscribes_total: AtomicU64,
     messages_in: AtomicU64,
@@ -182,6 +185,7 @@ impl Default for Metrics {
             connections_total: Default::default(),
             connections_rejected: AtomicU64::new(0),
             connections_refused: Default::default(),
+            handshakes_evicted: AtomicU64::new(0),
             subscriptions: AtomicI64::new(0),
             subscribes_total: AtomicU64::new(0),
             messages_in: AtomicU64::new(0),
@@ -264,6 +268,10 @@ impl Metrics {
     pub(crate) fn connection_refused(&self, cap: RefusedCap) {
         self.connection_rejected();
         self.connections_refused[cap as usize].fetch_add(1, Relaxed);
+    }
+    /// A connection not yet past `Hello` was closed to make room for a newcomer.
+    pub(crate) fn handshake_evicted(&self) {
+        self.handshakes_evicted.fetch_add(1, Relaxed);
     }
     pub(crate) fn subscribed(&self) {
         self.subscriptions.fetch_add(1, Relaxed);
@@ -646,7 +654,7 @@ impl Metrics {
                 cap.label()
             );
         }
-        let counters: [(&str, &str, u64); 20] = [
+        let counters: [(&str, &str, u64); 21] = [
             (
                 "whispeer_relay_walk_tokens_total",
                 "Publish rate tokens charged for routing walks, beyond each publish's own one: one per 64 subscription index nodes visited (whispeer_relay_route_nodes_visited), taken from the publisher's connection, address and account buckets (backpressure).",
@@ -656,6 +664,11 @@ impl Metrics {
                 "whispeer_relay_connections_rejected_total",
                 "Connections refused (connection limit, plugins).",
                 load(&self.connections_rejected),
+            ),
+            (
+                "whispeer_relay_handshakes_evicted_total",
+                "Connections still in their handshake or waiting for Hello closed to make room for a new connection while the relay was full (max_connections), oldest first.",
+                load(&self.handshakes_evicted),
             ),
             (
                 "whispeer_relay_subscribes_total",

@@ -478,33 +478,39 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) 
 /// Completes the QUIC handshake and waits for the client's stream (both within
 /// `hello_ms`), then serves the connection and lets its last frames reach the client.
 async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlot) {
-    if !crate::relay::connect_wait(&shared, &slot).await {
+    if crate::relay::unless_evicted(slot.ticket(), crate::relay::connect_wait(&shared, &slot)).await
+        != Ok(true)
+    {
         return;
     }
     let peer = incoming.remote_address();
     // One deadline for the handshake, the stream and the Hello (see `conn::serve`).
     let since = tokio::time::Instant::now();
-    let opened = tokio::time::timeout_at(since + shared.config.timeouts.hello(), async {
-        let connection = incoming
-            .await
-            .map_err(|e| format!("QUIC handshake failed: {e}"))?;
-        let (send, recv) = connection
-            .accept_bi()
-            .await
-            .map_err(|e| format!("no stream opened: {e}"))?;
-        // One stream per connection: none more, where a client could park unread bytes
-        // (the first one's end would otherwise grant another).
-        connection.set_max_concurrent_bi_streams(0u32.into());
-        // Its send window, from the relay-wide total (before anything is sent on it).
-        let window = Arc::new(shared.quic_windows.reserve());
-        connection.set_send_window(window.bytes());
-        // And its receive window: the floor the handshake granted, to grow with use.
-        let receive = Arc::new(shared.quic_receive_windows.reserve());
-        connection.set_receive_window(receive_varint(receive.bytes()));
-        Ok::<_, String>((connection, send, recv, window, receive))
-    })
+    let ticket = slot.ticket().clone();
+    let opened = crate::relay::unless_evicted(
+        &ticket,
+        tokio::time::timeout_at(since + shared.config.timeouts.hello(), async {
+            let connection = incoming
+                .await
+                .map_err(|e| format!("QUIC handshake failed: {e}"))?;
+            let (send, recv) = connection
+                .accept_bi()
+                .await
+                .map_err(|e| format!("no stream opened: {e}"))?;
+            // One stream per connection: none more, where a client could park unread bytes
+            // (the first one's end would otherwise grant another).
+            connection.set_max_concurrent_bi_streams(0u32.into());
+            // Its send window, from the relay-wide total (before anything is sent on it).
+            let window = Arc::new(shared.quic_windows.reserve());
+            connection.set_send_window(window.bytes());
+            // And its receive window: the floor the handshake granted, to grow with use.
+            let receive = Arc::new(shared.quic_receive_windows.reserve());
+            connection.set_receive_window(receive_varint(receive.bytes()));
+            Ok::<_, String>((connection, send, recv, window, receive))
+        }),
+    )
     .await
-    .map_err(|_| "QUIC handshake timed out".to_string())
+    .and_then(|r| r.map_err(|_| "QUIC handshake timed out".to_string()))
     .and_then(|r| r);
     let (connection, send, recv, window, receive) = match opened {
         Ok(x) => x,

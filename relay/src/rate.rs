@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::handshakes::{Gate, Handshakes, Ticket};
 use crate::store::source_address;
 
 /// Subscription index nodes a publish's routing walk may visit per publish rate token:
@@ -318,6 +319,9 @@ pub(crate) struct AddrTable {
     /// The global count, published on every change (sent under the state lock, so
     /// watchers see the changes in order).
     count: tokio::sync::watch::Sender<usize>,
+    /// Connections not yet welcomed, oldest first: when the relay is full a newcomer
+    /// evicts the oldest instead of being refused ([`crate::handshakes`]).
+    handshakes: Arc<Handshakes>,
 }
 
 /// Why a new connection was refused before its handshake.
@@ -394,7 +398,14 @@ impl AddrTable {
             bans: crate::syn_ban::Bans::new(ban_max),
             net_bans: crate::syn_ban::Bans::new(ban_max),
             count: tokio::sync::watch::Sender::new(0),
+            handshakes: Arc::new(Handshakes::new(Arc::new(crate::metrics::Metrics::new()))),
         }
+    }
+
+    /// Shares `handshakes` with the registry, so the two gates evict alike.
+    pub(crate) fn with_handshakes(mut self, handshakes: Arc<Handshakes>) -> Self {
+        self.handshakes = handshakes;
+        self
     }
 
     /// Caps the connections of each network at `cap` (0 = no cap): an IPv4 address's
@@ -482,7 +493,16 @@ impl AddrTable {
             }
         }
         let (rates, (rate, burst)) = (self.rates, self.connect);
-        let global = s.total >= self.global;
+        // The relay is full (places held by evicted connections that are still closing do
+        // not count), but a connection not yet welcomed holds a place: the newcomer takes
+        // the oldest one's place — once it passed every other check below, which it pays
+        // as any connection does — and that one is closed.
+        let full = s
+            .total
+            .saturating_sub(self.handshakes.lingering(Gate::Table))
+            >= self.global;
+        let evict = full && self.handshakes.can_evict(Gate::Table);
+        let global = full && !evict;
         let net = self.network(ip);
         let net_full = self.per_net > 0 && s.by_net.get(&net).copied().unwrap_or(0) >= self.per_net;
         let s = &mut *s;
@@ -535,6 +555,15 @@ impl AddrTable {
                 Refusal::PerNetwork(self.per_net)
             });
         }
+        // (None left: the registry evicted it meanwhile. Refused as when full.)
+        if evict && !self.handshakes.evict_oldest(Gate::Table) {
+            e.connects.charge_refused(now);
+            return Err(if e.connects.in_debt(now) {
+                Refusal::Churning
+            } else {
+                Refusal::Global(self.global)
+            });
+        }
         e.conns += 1;
         let wait = e.connects.take(1.0, now);
         let busy = e.connects.spent() > LIGHT_CONNECTS || e.conns as f64 > LIGHT_CONNECTS;
@@ -544,8 +573,11 @@ impl AddrTable {
         }
         s.total += 1;
         self.count.send_replace(s.total);
+        let ticket = self.handshakes.ticket();
+        self.handshakes.enter(Gate::Table, &ticket);
         Ok(AddrSlot {
             table: self.clone(),
+            ticket,
             ip,
             buckets,
             wait,
@@ -573,9 +605,10 @@ impl AddrTable {
         b.in_debt(now)
     }
 
-    fn release(&self, ip: IpAddr) {
+    fn release(&self, ip: IpAddr, ticket: &Arc<Ticket>) {
         let now = Instant::now();
         let mut s = self.lock();
+        self.handshakes.leave(Gate::Table, ticket);
         s.total = s.total.saturating_sub(1);
         self.count.send_replace(s.total);
         if self.per_net > 0 {
@@ -606,6 +639,8 @@ impl AddrTable {
 #[derive(Debug)]
 pub(crate) struct AddrSlot {
     table: Arc<AddrTable>,
+    /// Its place among the connections not yet welcomed (evictable while it is there).
+    ticket: Arc<Ticket>,
     ip: IpAddr,
     /// The address's buckets (the table's entry lives at least as long as this slot).
     buckets: SharedBuckets,
@@ -620,6 +655,11 @@ pub(crate) struct AddrSlot {
 const LIGHT_CONNECTS: f64 = 8.0;
 
 impl AddrSlot {
+    /// The connection's ticket among those not yet welcomed ([`crate::handshakes`]).
+    pub(crate) fn ticket(&self) -> &Arc<Ticket> {
+        &self.ticket
+    }
+
     /// How long this connection's handshake waits: the address is over its connect rate.
     pub(crate) fn wait(&self) -> Option<Duration> {
         self.wait
@@ -646,7 +686,7 @@ impl AddrSlot {
 
 impl Drop for AddrSlot {
     fn drop(&mut self) {
-        self.table.release(self.ip);
+        self.table.release(self.ip, &self.ticket);
     }
 }
 
@@ -723,14 +763,50 @@ mod tests {
         let t = Arc::new(AddrTable::new(UNLIMITED, (0, 0), 64, 2, 3, Duration::ZERO));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let s1 = t.admit(a).unwrap();
-        let _s2 = t.admit(a).unwrap();
+        let s1 = welcomed(&t, t.admit(a).unwrap());
+        let _s2 = welcomed(&t, t.admit(a).unwrap());
         assert_eq!(t.admit(a).unwrap_err(), Refusal::PerAddr(2));
-        let _s3 = t.admit(b).unwrap();
+        let _s3 = welcomed(&t, t.admit(b).unwrap());
         assert_eq!(t.admit(b).unwrap_err(), Refusal::Global(3));
         drop(s1);
         assert_eq!(t.total(), 2);
         let _s4 = t.admit(a).unwrap();
+    }
+
+    /// A slot whose connection was welcomed (past `Hello`): never evicted.
+    fn welcomed(t: &AddrTable, slot: AddrSlot) -> AddrSlot {
+        assert!(t.handshakes.pass(slot.ticket()));
+        slot
+    }
+
+    /// The relay full, a newcomer takes the place of the oldest connection not yet
+    /// welcomed (its place stops counting at once; its address's place is held until it
+    /// closes), never of a welcomed one; with none left it is refused. The newcomer still
+    /// pays its address's cap.
+    #[test]
+    fn a_full_table_evicts_the_oldest_unwelcomed_connection() {
+        let t = Arc::new(AddrTable::new(UNLIMITED, (0, 0), 64, 2, 3, Duration::ZERO));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let held = welcomed(&t, t.admit(ip("10.0.0.1")).unwrap());
+        let old = t.admit(ip("10.0.0.2")).unwrap();
+        let young = t.admit(ip("10.0.0.2")).unwrap();
+        // 10.0.0.2 is at its cap: refused, nothing evicted.
+        assert_eq!(t.admit(ip("10.0.0.2")).unwrap_err(), Refusal::PerAddr(2));
+        assert!(!old.ticket().is_evicted());
+        let new = t.admit(ip("10.0.0.3")).unwrap();
+        assert!(old.ticket().is_evicted() && !young.ticket().is_evicted());
+        assert_eq!(t.total(), 4, "the evicted one is counted until it closes");
+        // Still at its cap while the evicted connection closes.
+        assert_eq!(t.admit(ip("10.0.0.2")).unwrap_err(), Refusal::PerAddr(2));
+        drop(old);
+        let _new2 = t.admit(ip("10.0.0.4")).unwrap();
+        assert!(young.ticket().is_evicted());
+        let _new = welcomed(&t, new);
+        let _new2 = welcomed(&t, _new2);
+        assert_eq!(t.admit(ip("10.0.0.5")).unwrap_err(), Refusal::Global(3));
+        drop((held, young));
+        assert_eq!(t.total(), 2);
+        assert_eq!(t.handshakes.lingering(Gate::Table), 0);
     }
 
     #[test]
@@ -816,8 +892,8 @@ mod tests {
             2,
             Duration::ZERO,
         ));
-        let _f1 = full.admit_at(a, t0).unwrap();
-        let _f2 = full.admit_at(a, t0).unwrap();
+        let _f1 = welcomed(&full, full.admit_at(a, t0).unwrap());
+        let _f2 = welcomed(&full, full.admit_at(a, t0).unwrap());
         assert_eq!(full.admit_at(a, t0).unwrap_err(), Refusal::Churning);
         assert_eq!(full.admit_at(b, t0).unwrap_err(), Refusal::Global(2));
         // Another address has its own bucket.
@@ -1058,7 +1134,7 @@ mod tests {
         };
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         // The relay's one place, held by another network.
-        let _held = t.admit_at(ip("192.0.2.1"), t0).unwrap();
+        let _held = welcomed(&t, t.admit_at(ip("192.0.2.1"), t0).unwrap());
         for round in 0..3u64 {
             for i in 0..1_000u32 {
                 let at =

@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::StoreKind;
 use crate::config::{Config, ListenAddr};
 use crate::error::RelayError;
+use crate::handshakes::{Gate, Handshakes, Ticket};
 use crate::ids::{ConnId, TransportKind};
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
@@ -33,11 +34,14 @@ use crate::transport::{ws, FrameSink, FrameSource};
 use crate::{admin, conn, tls};
 
 /// Open connections, for the connection limit and for shutdown.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Registry {
     conns: Mutex<HashMap<ConnId, Arc<Outbound>>>,
     next: AtomicU64,
     empty: Notify,
+    /// Connections not yet welcomed, oldest first (shared with the address table): when
+    /// full, a newcomer evicts the oldest instead of being refused.
+    handshakes: Arc<Handshakes>,
 }
 
 impl Registry {
@@ -45,25 +49,52 @@ impl Registry {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Numbers a new connection and records it; `admitted` is false over the limit.
-    pub(crate) fn register(&self, out: &Arc<Outbound>, max: usize) -> (ConnId, bool) {
-        let id = ConnId(self.next.fetch_add(1, Ordering::Relaxed) + 1);
-        let mut conns = self.lock();
-        let admitted = conns.len() < max;
-        conns.insert(id, out.clone());
-        (id, admitted)
-    }
-
-    /// Removes the connection when the returned guard drops (also on abort).
-    pub(crate) fn guard(self: &Arc<Self>, conn: ConnId) -> Registration {
-        Registration {
-            registry: self.clone(),
-            conn,
+    pub(crate) fn new(handshakes: Arc<Handshakes>) -> Self {
+        Self {
+            conns: Mutex::default(),
+            next: AtomicU64::new(0),
+            empty: Notify::new(),
+            handshakes,
         }
     }
 
-    fn remove(&self, conn: ConnId) {
+    /// Numbers a new connection and records it; `admitted` is false over the limit. At
+    /// the limit the oldest connection not yet welcomed is evicted to make room (see
+    /// [`crate::handshakes`]); only when every place is held by a welcomed session is the
+    /// newcomer refused. `ticket`: the connection's, from its address slot (a new one
+    /// otherwise, returned).
+    pub(crate) fn register(
+        &self,
+        out: &Arc<Outbound>,
+        max: usize,
+        ticket: Option<Arc<Ticket>>,
+    ) -> (ConnId, bool, Arc<Ticket>) {
+        let id = ConnId(self.next.fetch_add(1, Ordering::Relaxed) + 1);
+        let ticket = ticket.unwrap_or_else(|| self.handshakes.ticket());
         let mut conns = self.lock();
+        let counted = conns
+            .len()
+            .saturating_sub(self.handshakes.lingering(Gate::Registry));
+        let admitted = counted < max || self.handshakes.evict_oldest(Gate::Registry);
+        conns.insert(id, out.clone());
+        if admitted {
+            self.handshakes.enter(Gate::Registry, &ticket);
+        }
+        (id, admitted, ticket)
+    }
+
+    /// Removes the connection when the returned guard drops (also on abort).
+    pub(crate) fn guard(self: &Arc<Self>, conn: ConnId, ticket: Arc<Ticket>) -> Registration {
+        Registration {
+            registry: self.clone(),
+            conn,
+            ticket,
+        }
+    }
+
+    fn remove(&self, conn: ConnId, ticket: &Arc<Ticket>) {
+        let mut conns = self.lock();
+        self.handshakes.leave(Gate::Registry, ticket);
         conns.remove(&conn);
         if conns.is_empty() {
             self.empty.notify_waiters();
@@ -92,11 +123,12 @@ impl Registry {
 pub(crate) struct Registration {
     registry: Arc<Registry>,
     conn: ConnId,
+    ticket: Arc<Ticket>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.remove(self.conn);
+        self.registry.remove(self.conn, &self.ticket);
     }
 }
 
@@ -108,6 +140,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) plugins: Plugins,
     pub(crate) registry: Arc<Registry>,
+    /// Connections not yet welcomed, oldest first (both gates' eviction queues).
+    pub(crate) handshakes: Arc<Handshakes>,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) addrs: BoundAddrs,
     /// Relay accounts, key-id claims and durable owners.
@@ -363,6 +397,7 @@ impl RelayBuilder {
                 .map_err(RelayError::Store)?,
         };
         let addrs = self.listeners.addrs();
+        let handshakes = Arc::new(Handshakes::new(metrics.clone()));
         let l = &self.config.limits;
         let addr_table = Arc::new(
             AddrTable::new(
@@ -382,7 +417,8 @@ impl RelayBuilder {
                 l.max_connections_per_network,
                 l.network_ipv4_prefix,
                 l.network_ipv6_prefix,
-            ),
+            )
+            .with_handshakes(handshakes.clone()),
         );
 
         // With the cluster's shared account list the file is not read: `run` installs the
@@ -444,7 +480,8 @@ impl RelayBuilder {
             config: self.config,
             metrics,
             plugins,
-            registry: Arc::new(Registry::default()),
+            registry: Arc::new(Registry::new(handshakes.clone())),
+            handshakes,
             shutdown: watch::Sender::new(false),
             addrs,
             active_durables: Mutex::new(Default::default()),
@@ -1162,6 +1199,19 @@ pub(crate) async fn connect_wait(shared: &Shared, slot: &AddrSlot) -> bool {
     }
 }
 
+/// `fut`, unless a newer connection evicts this one first (the relay is full and it is
+/// the oldest not yet welcomed, [`crate::handshakes`]): then the reason, as an `Err`.
+pub(crate) async fn unless_evicted<F: Future>(
+    ticket: &Ticket,
+    fut: F,
+) -> Result<F::Output, String> {
+    tokio::select! {
+        biased;
+        () = ticket.evicted() => Err(crate::handshakes::EVICTED.into()),
+        out = fut => Ok(out),
+    }
+}
+
 /// [`connect_wait`] for a TCP connection, which also ends — its place given back at once —
 /// when the client hangs up meanwhile: a churning client's abandoned connects held their
 /// address's places (and counted against its cap) for the whole wait.
@@ -1180,6 +1230,7 @@ async fn connect_wait_tcp(shared: &Shared, slot: &AddrSlot, stream: &TcpStream) 
     tokio::select! {
         ok = connect_wait(shared, slot) => ok,
         () = gone => false,
+        () = slot.ticket().evicted() => false,
     }
 }
 
@@ -1205,14 +1256,17 @@ where
 {
     let max = shared.config.limits.max_frame;
     let gate = WsGate::new(shared.frame_budget.clone(), slot.addr());
-    let ws = tokio::time::timeout_at(
-        deadline,
-        tokio_tungstenite::accept_async_with_config(
-            ReadAhead::new(stream).following(Follower::new(gate.clone(), max)),
-            Some(ws::ws_config(max)),
+    let ws = unless_evicted(
+        slot.ticket(),
+        tokio::time::timeout_at(
+            deadline,
+            tokio_tungstenite::accept_async_with_config(
+                ReadAhead::new(stream).following(Follower::new(gate.clone(), max)),
+                Some(ws::ws_config(max)),
+            ),
         ),
     )
-    .await
+    .await?
     .map_err(|_| "WebSocket handshake timed out".to_string())?
     .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
     if ws.get_ref().upgrade_unfinished() {
@@ -1247,6 +1301,7 @@ async fn handshake(
     }
     // The source address whose share of the large-frame budget the connection draws on.
     let addr = slot.addr();
+    let ticket = slot.ticket().clone();
     let mut slot = Some(slot);
     let max = shared.config.limits.max_frame;
     // One deadline for the whole handshake (TLS, the WebSocket upgrade) and the Hello:
@@ -1279,11 +1334,13 @@ async fn handshake(
             }
             TransportKind::Tls | TransportKind::Wss => {
                 let acceptor = tls.ok_or("TLS listener without TLS configuration")?;
-                let tls_stream =
-                    tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(stream)))
-                        .await
-                        .map_err(|_| "TLS handshake timed out".to_string())?
-                        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                let tls_stream = unless_evicted(
+                    &ticket,
+                    tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(stream))),
+                )
+                .await?
+                .map_err(|_| "TLS handshake timed out".to_string())?
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
                 if kind == TransportKind::Tls {
                     let (r, w) = tokio::io::split(tls_stream);
                     Box::pin(conn::serve(

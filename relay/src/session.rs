@@ -121,6 +121,9 @@ pub(crate) struct Session {
     ack_bucket: TokenBucket,
     /// This connection's place in the per-address table (none in process).
     slot: Option<AddrSlot>,
+    /// Its place among the connections not yet welcomed: taken out at `Welcome`, or
+    /// evicted first by a newer connection while the relay is full ([`crate::handshakes`]).
+    ticket: Option<Arc<crate::handshakes::Ticket>>,
     /// Over a rate: the reader pauses until then.
     pause: Option<Instant>,
     /// Publishes refused in a row (store busy or full, quota, rights): each one pauses the
@@ -257,6 +260,7 @@ impl Session {
             sub_bucket,
             ack_bucket,
             slot,
+            ticket: None,
             pause: None,
             refused_in_a_row: 0,
             walk_tokens: 0,
@@ -706,6 +710,12 @@ impl Session {
 
     fn welcome(&mut self, version: u64, client: Option<&str>, has_auth: bool, wanted: u64) -> Flow {
         self.greeted = true;
+        // From here on never evicted; or evicted just before: closed, not welcomed.
+        if let Some(t) = &self.ticket {
+            if !self.shared.handshakes.pass(t) {
+                return self.evicted();
+            }
+        }
         if let Some(acct) = &self.account {
             // Quotas follow the account's identity, not the address it connects from (nor
             // its name: a name added again is a new tenant).
@@ -1624,6 +1634,22 @@ impl Session {
             None,
             None,
         )
+    }
+
+    /// A newer connection took this one's place before its `Welcome` (the relay is full):
+    /// closed with a fatal `Err(too_many_connections)`.
+    pub(crate) fn evicted(&mut self) -> Flow {
+        self.fatal(
+            ErrorCode::TooManyConnections,
+            crate::handshakes::EVICTED.into(),
+            None,
+            None,
+        )
+    }
+
+    /// The connection's place among those not yet welcomed ([`crate::handshakes`]).
+    pub(crate) fn set_ticket(&mut self, ticket: Arc<crate::handshakes::Ticket>) {
+        self.ticket = Some(ticket);
     }
 
     /// The queue began closing for a reason found elsewhere (slow consumer, write error).

@@ -1289,34 +1289,133 @@ async fn flood_handled_before_another_frame(config: Config, flood: Vec<Envelope>
 
 /// `max_connections` counts connections from accept, handshakes included: WebSocket
 /// connections that never send their upgrade request hold their places, so stalling before
-/// the session starts does not get round the cap. A TCP client over it (from another
-/// address: no per-address cap involved) gets `Err(too_many_connections)` naming the limit;
-/// once the stalled ones close, a client is welcomed again.
+/// the session starts does not get round the cap — but a newcomer to the full relay takes
+/// the place of the oldest of them (evicted, closed before its upgrade), not the other way
+/// round: a TCP client (from another address: no per-address cap involved) is welcomed,
+/// the oldest stalled handshake is closed, the younger ones are not. Once they close, the
+/// count goes back to the welcomed client alone.
 #[tokio::test]
 async fn the_connection_limit_counts_connections_still_in_their_handshake() {
+    use tokio::io::AsyncReadExt;
     let mut config = Config::ephemeral();
     config.limits.max_connections = 3;
     let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
     let mut count = relay.handle.connections();
     let mut stalled = Vec::new();
-    for _ in 0..3 {
+    for n in 1..=3 {
         stalled.push(tokio::net::TcpStream::connect(relay.ws()).await.unwrap());
+        tokio::time::timeout(TIMEOUT, count.wait_for(|c| *c == n))
+            .await
+            .expect("the stalled handshakes counted")
+            .expect("relay running");
     }
-    tokio::time::timeout(TIMEOUT, count.wait_for(|n| *n == 3))
-        .await
-        .expect("the stalled handshakes counted")
-        .expect("relay running");
     let mut c = Client::tcp_from(relay.tcp(), "127.0.0.2").await;
-    let e = c.expect_fatal(ErrorCode::TooManyConnections).await;
-    assert!(e.message.contains("max_connections"), "{}", e.message);
-    drop(c);
+    c.hello().await;
+    let mut oldest = stalled.remove(0);
+    let mut b = [0u8; 64];
+    let read = tokio::time::timeout(TIMEOUT, oldest.read(&mut b))
+        .await
+        .expect("the oldest stalled handshake was not closed");
+    assert!(
+        !matches!(read, Ok(n) if n > 0),
+        "the oldest stalled handshake got bytes: {read:?}"
+    );
+    assert_eq!(
+        metric(admin, "whispeer_relay_handshakes_evicted_total").await,
+        1
+    );
     drop(stalled);
-    tokio::time::timeout(TIMEOUT, count.wait_for(|n| *n == 0))
+    tokio::time::timeout(TIMEOUT, count.wait_for(|n| *n == 1))
         .await
         .expect("places never freed")
         .expect("relay running");
-    let mut c = Client::tcp_from(relay.tcp(), "127.0.0.2").await;
-    c.hello().await;
+    c.subscribe(1, exact(1, &[1])).await;
+}
+
+/// A full relay (`max_connections` 16) whose every place is held by a stranger's silent
+/// connection (TCP, no `Hello`, each renewed as its `hello_ms` runs out, from as many
+/// networks as it takes to stay under the per-address and per-network caps) does not shut
+/// out an honest client: its connection evicts the oldest silent one (closed with
+/// `Err(too_many_connections)` saying so) and it is welcomed, subscribes and publishes.
+/// Only that one is evicted (`whispeer_relay_handshakes_evicted_total` 1). Before, the
+/// honest client was refused for as long as the stranger kept reconnecting.
+#[tokio::test]
+async fn a_full_relay_evicts_its_oldest_silent_connection_for_a_newcomer() {
+    const MAX: usize = 16;
+    let mut config = Config::ephemeral();
+    config.limits.max_connections = MAX;
+    config.limits.max_connections_per_addr = 2 * MAX;
+    config.limits.max_connections_per_network = 2 * MAX;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let mut count = relay.handle.connections();
+    let mut silent = Vec::new();
+    for n in 1..=MAX {
+        let s = tokio::net::TcpStream::connect(relay.tcp()).await.unwrap();
+        silent.push(Client::over_stream(Box::new(s)));
+        // Accepted in this order: the first is the oldest.
+        tokio::time::timeout(TIMEOUT, count.wait_for(|c| *c == n))
+            .await
+            .expect("the silent connections counted")
+            .expect("relay running");
+    }
+    let mut honest = Client::tcp(relay.tcp()).await;
+    honest.hello().await;
+    honest.subscribe(1, exact(7, &[1])).await;
+    let env = envelope(7, &[1]);
+    honest.publish(env.clone()).await;
+    assert_eq!(honest.expect_msg().await.envelope, env);
+    // The oldest silent connection was told why and closed.
+    let e = silent[0].expect_fatal(ErrorCode::TooManyConnections).await;
+    assert!(e.message.contains("evicted"), "{}", e.message);
+    assert_eq!(
+        metric(admin, "whispeer_relay_handshakes_evicted_total").await,
+        1
+    );
+    // Its place is given back once it closed: the honest client and 15 silent ones.
+    tokio::time::timeout(TIMEOUT, count.wait_for(|c| *c == MAX))
+        .await
+        .expect("the evicted connection's place never freed")
+        .expect("relay running");
+    assert_eq!(
+        metric(admin, "whispeer_relay_connections_rejected_total").await,
+        0
+    );
+}
+
+/// Eviction never takes an admitted session's place: with all 16 places held by welcomed
+/// sessions, a 17th connection is refused with `Err(too_many_connections)` as before, no
+/// session is closed (each still answers a `Ping`) and nothing is counted as evicted.
+#[tokio::test]
+async fn a_relay_full_of_sessions_refuses_a_newcomer_and_evicts_none() {
+    const MAX: usize = 16;
+    let mut config = Config::ephemeral();
+    config.limits.max_connections = MAX;
+    config.limits.max_connections_per_addr = 2 * MAX;
+    config.limits.max_connections_per_network = 2 * MAX;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let mut sessions = Vec::new();
+    for _ in 0..MAX {
+        let mut c = Client::tcp(relay.tcp()).await;
+        c.hello().await;
+        sessions.push(c);
+    }
+    let mut late = Client::tcp(relay.tcp()).await;
+    let e = late.expect_fatal(ErrorCode::TooManyConnections).await;
+    assert!(e.message.contains("max_connections"), "{}", e.message);
+    for (i, c) in sessions.iter_mut().enumerate() {
+        c.send(&Frame::Ping(Ping { nonce: i as u64 })).await;
+        match c.recv().await {
+            Frame::Pong(p) => assert_eq!(p.nonce, i as u64),
+            other => panic!("session {i}: expected Pong, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        metric(admin, "whispeer_relay_handshakes_evicted_total").await,
+        0
+    );
 }
 
 /// Stored bytes from one address are slowed, not refused: over `addr_store_rate` the
