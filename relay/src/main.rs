@@ -408,6 +408,7 @@ fn main() -> Result<()> {
             for w in config
                 .reserve_warnings()
                 .into_iter()
+                .chain(config.durability_warnings())
                 .chain(config.auth.claim_warnings())
                 .chain(args.settings.secrets_on_command_line())
             {
