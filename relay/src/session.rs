@@ -312,7 +312,7 @@ impl Session {
         };
         tracing::warn!(
             conn = %self.conn,
-            durable = %key.name,
+            durable = ?key.name,
             "durable subscription ended: its cluster hold lapsed"
         );
         self.drop_sub(sub_id);
@@ -1340,7 +1340,7 @@ impl Session {
         self.drop_sub(sub_id);
         match deleted {
             Ok(_) => {
-                tracing::debug!(conn = %self.conn, durable = %k.name, "durable subscription deleted");
+                tracing::debug!(conn = %self.conn, durable = ?k.name, "durable subscription deleted");
                 Flow::Continue
             }
             Err(e) => self.reply_err(e.code(), e.to_string(), Some(sub_id), None),
@@ -1781,7 +1781,7 @@ impl Session {
         sub_id: Option<SubId>,
         publish_id: Option<[u8; 16]>,
     ) -> Flow {
-        tracing::debug!(conn = %self.conn, code = code.name(), %message, "closing connection");
+        tracing::debug!(conn = %self.conn, code = code.name(), ?message, "closing connection");
         let frame = Self::err_frame(code, message, true, sub_id, publish_id);
         if self.out.close_with(Some(frame)) {
             self.shared.metrics.error_sent(code);
@@ -2096,6 +2096,67 @@ mod tests {
             (ErrorCode::Busy, Some(2), false)
         );
         assert_eq!(s.subscription_count(), 0);
+    }
+
+    /// A buffer the text log format writes into (what an operator's log file holds).
+    #[derive(Clone, Default)]
+    struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A durable name is the client's choice: the warning that its hold lapsed shows it
+    /// escaped, so a newline cannot forge a second log line nor an ESC colour a terminal
+    /// (tracing's text format writes `%` fields raw).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_durable_name_is_logged_escaped() {
+        let now = Instant::now();
+        let (mut s, _shared, _out) = session(Config::ephemeral(), 64, now);
+        let name = "a\nb\x1b[31m";
+        let send = |s: &mut Session, f: Frame| s.on_inbound(Inbound::Frame(f.to_bytes()), now);
+        assert_eq!(send(&mut s, hello()), Flow::Continue);
+        let sub = Frame::Sub(Sub {
+            sub_id: 1,
+            pattern: one_level(4),
+            qos: Qos::AtLeastOnce,
+            durable: Some(name.into()),
+            replay: None,
+            retained: false,
+            credit: None,
+            owner: Some(Bytes::from_static(&[7; 32])),
+        });
+        assert_eq!(send(&mut s, sub), Flow::Continue);
+        assert_eq!(s.subscription_count(), 1);
+        let buf = LogBuf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        let key = DurableKey {
+            key_id: KeyId::from_bytes([4; 16]),
+            name: name.into(),
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            assert_eq!(s.hold_lost(key, 1), Flow::Continue);
+        });
+        assert_eq!(s.subscription_count(), 0, "the hold's subscription ended");
+        let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("its cluster hold lapsed"))
+            .unwrap_or_else(|| panic!("no warning in {log:?}"));
+        assert!(line.contains(r#"durable="a\nb\u{1b}[31m""#), "{line}");
+        assert!(!log.contains("a\nb"), "{log:?}");
+        assert!(!log.contains('\x1b'), "{log:?}");
     }
 
     /// An account's rate buckets are its identity's ([`Account::owner`]), not its name's:

@@ -312,7 +312,7 @@ impl Leases {
                 tracing::debug!(why, "cluster store: durable hold lost while given back");
                 return;
             }
-            tracing::warn!(durable = %h.key.name, why, "cluster store: durable hold lost");
+            tracing::warn!(durable = ?h.key.name, why, "cluster store: durable hold lost");
             h.lost.notify(h.key);
         }
     }
