@@ -77,7 +77,11 @@ pub struct DisconnectInfo<'a> {
     pub transport: TransportKind,
     /// Remote address.
     pub peer: Option<SocketAddr>,
-    /// Whether `Hello` completed (so `on_connect` ran).
+    /// Whether this plugin's own `on_connect` ran and accepted the connection: `Hello`
+    /// completed and no plugin before it in the chain rejected it. False for connections
+    /// that never completed `Hello`, for the plugin that rejected one and for every plugin
+    /// after it (whose `on_connect` never ran) — so a plugin that counts on an accepted
+    /// connect and uncounts on a greeted disconnect stays balanced.
     pub greeted: bool,
     /// Why it ended, for logs.
     pub reason: &'a str,
@@ -99,7 +103,10 @@ pub trait Plugin: Send + Sync + fmt::Debug + 'static {
     fn on_publish(&self, _info: &PublishInfo<'_>) -> Verdict {
         Ok(())
     }
-    /// After a connection ended (also for connections that never completed `Hello`).
+    /// After a connection ended: called once per connection on every plugin (also for
+    /// connections that never completed `Hello`, or that a plugin rejected), with
+    /// [`DisconnectInfo::greeted`] true only for the plugins whose `on_connect` accepted
+    /// it — a plugin rejecting in `on_connect`, and the plugins after it, see `false`.
     fn on_disconnect(&self, _info: &DisconnectInfo<'_>) {}
 }
 
@@ -131,8 +138,19 @@ impl Plugins {
         Ok(())
     }
 
-    pub(crate) fn connect(&self, i: &ConnectInfo<'_>) -> Result<(), (&'static str, Rejection)> {
-        self.first_rejection(|p| p.on_connect(i))
+    /// Runs `on_connect` in order until a plugin rejects. Also returns how many plugins
+    /// accepted (all of them, or the index of the one that rejected): pass it to
+    /// [`disconnect`](Self::disconnect).
+    pub(crate) fn connect(
+        &self,
+        i: &ConnectInfo<'_>,
+    ) -> (usize, Result<(), (&'static str, Rejection)>) {
+        for (n, p) in self.0.iter().enumerate() {
+            if let Err(r) = p.on_connect(i) {
+                return (n, Err((p.name(), r)));
+            }
+        }
+        (self.0.len(), Ok(()))
     }
     pub(crate) fn subscribe(&self, i: &SubscribeInfo<'_>) -> Result<(), (&'static str, Rejection)> {
         self.first_rejection(|p| p.on_subscribe(i))
@@ -140,9 +158,15 @@ impl Plugins {
     pub(crate) fn publish(&self, i: &PublishInfo<'_>) -> Result<(), (&'static str, Rejection)> {
         self.first_rejection(|p| p.on_publish(i))
     }
-    pub(crate) fn disconnect(&self, i: &DisconnectInfo<'_>) {
-        for p in &self.0 {
-            p.on_disconnect(i);
+    /// Runs `on_disconnect` on every plugin; `greeted` only for the first `accepted` (the
+    /// plugins whose `on_connect` accepted the connection, as [`connect`](Self::connect)
+    /// counted them; 0 if it never ran).
+    pub(crate) fn disconnect(&self, i: &DisconnectInfo<'_>, accepted: usize) {
+        for (n, p) in self.0.iter().enumerate() {
+            p.on_disconnect(&DisconnectInfo {
+                greeted: i.greeted && n < accepted,
+                ..*i
+            });
         }
     }
 }

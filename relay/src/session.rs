@@ -101,6 +101,9 @@ pub(crate) struct Session {
     out: Arc<Outbound>,
     /// `Hello` was accepted and `on_connect` ran.
     greeted: bool,
+    /// How many plugins' `on_connect` accepted the connection (only they see a greeted
+    /// `on_disconnect`; [`crate::plugin::Plugins::connect`]).
+    plugins_accepted: usize,
     /// `Welcome` was sent: the connection may subscribe and publish.
     open: bool,
     subs: HashMap<SubId, TokenPattern>,
@@ -249,6 +252,7 @@ impl Session {
             peer,
             out,
             greeted: false,
+            plugins_accepted: 0,
             open: false,
             subs: HashMap::new(),
             tracked: HashMap::new(),
@@ -729,7 +733,9 @@ impl Session {
             client,
             has_auth,
         };
-        if let Err((plugin, why)) = self.shared.plugins.connect(&info) {
+        let (accepted, verdict) = self.shared.plugins.connect(&info);
+        self.plugins_accepted = accepted;
+        if let Err((plugin, why)) = verdict {
             self.shared.metrics.rejected_by_plugin();
             self.shared.metrics.connection_rejected();
             return self.fatal(
@@ -1708,13 +1714,16 @@ impl Session {
         // as the queue closed, while this thread had not yet given the name back, and the
         // resume got `busy`.)
         self.out.seal();
-        self.shared.plugins.disconnect(&DisconnectInfo {
-            conn: self.conn,
-            transport: self.transport,
-            peer: self.peer,
-            greeted: self.greeted,
-            reason: &self.reason,
-        });
+        self.shared.plugins.disconnect(
+            &DisconnectInfo {
+                conn: self.conn,
+                transport: self.transport,
+                peer: self.peer,
+                greeted: self.greeted,
+                reason: &self.reason,
+            },
+            self.plugins_accepted,
+        );
     }
 
     fn close_quietly(&mut self, reason: &str) {

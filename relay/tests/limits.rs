@@ -1718,3 +1718,107 @@ async fn the_hello_deadline_counts_from_the_start_of_the_handshake() {
         "welcomed 1.4 s after connecting with hello_ms = 1 s"
     );
 }
+
+/// Counts the connections its `on_connect` accepted less its greeted disconnects (with
+/// `limit`, it refuses a connection beyond that many at once: a connection-limiting
+/// plugin), the lowest that balance ever was, and every `on_disconnect`.
+#[derive(Debug)]
+struct Balance {
+    limit: Option<i64>,
+    open: std::sync::atomic::AtomicI64,
+    lowest: std::sync::atomic::AtomicI64,
+    disconnects: tokio::sync::watch::Sender<u64>,
+}
+
+impl Balance {
+    fn new(limit: Option<i64>) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            open: 0.into(),
+            lowest: 0.into(),
+            disconnects: tokio::sync::watch::channel(0).0,
+        })
+    }
+}
+
+impl Plugin for Balance {
+    fn name(&self) -> &'static str {
+        if self.limit.is_some() {
+            "limiter"
+        } else {
+            "counter"
+        }
+    }
+    fn on_connect(&self, _: &whispeer_relay::plugin::ConnectInfo<'_>) -> Verdict {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.open.fetch_add(1, SeqCst) + 1;
+        if self.limit.is_some_and(|l| now > l) {
+            self.open.fetch_sub(1, SeqCst);
+            return Err(Rejection("full".into()));
+        }
+        Ok(())
+    }
+    fn on_disconnect(&self, i: &whispeer_relay::plugin::DisconnectInfo<'_>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if i.greeted {
+            let now = self.open.fetch_sub(1, SeqCst) - 1;
+            self.lowest.fetch_min(now, SeqCst);
+        }
+        self.disconnects.send_modify(|n| *n += 1);
+    }
+}
+
+/// `on_disconnect(greeted)` only for the plugins whose `on_connect` accepted: a limiter
+/// refusing beyond 2 connections at once, then a counter. Of 10 connections held open, 2
+/// are welcomed and 8 refused by the limiter (the counter's `on_connect` never runs for
+/// them); once all ended, each plugin's accepted connects less its greeted disconnects
+/// never went below 0 and is 0 (the refused ones used to decrement both: the limit was
+/// bypassed).
+#[tokio::test]
+async fn plugins_see_a_greeted_disconnect_only_for_connections_they_accepted() {
+    let limiter = Balance::new(Some(2));
+    let counter = Balance::new(None);
+    let relay = Relay::builder(Config::ephemeral())
+        .plugin(limiter.clone())
+        .plugin(counter.clone())
+        .build()
+        .unwrap();
+    let h = relay.handle();
+    let mut conns = Vec::new();
+    let (mut welcomed, mut refused) = (0, 0);
+    for _ in 0..10 {
+        let (tx, mut rx) = h.connect_in_process();
+        tx.send(hello_frame().to_bytes()).await.unwrap();
+        match Frame::decode(&rx.recv().await.unwrap()).unwrap() {
+            Frame::Welcome(_) => welcomed += 1,
+            Frame::Err(e) => {
+                assert_eq!((e.code, e.fatal), (ErrorCode::NotAllowed, true));
+                assert!(e.message.contains("limiter"), "{}", e.message);
+                refused += 1;
+            }
+            other => panic!("expected Welcome or Err, got {other:?}"),
+        }
+        conns.push((tx, rx));
+    }
+    assert_eq!((welcomed, refused), (2, 8));
+    // The welcomed ones end too (the refused ones end on their own).
+    drop(conns);
+    for p in [&limiter, &counter] {
+        let mut seen = p.disconnects.subscribe();
+        tokio::time::timeout(TIMEOUT, seen.wait_for(|n| *n >= 10))
+            .await
+            .unwrap_or_else(|_| panic!("{}: not every connection ended", p.name()))
+            .unwrap();
+    }
+    use std::sync::atomic::Ordering::SeqCst;
+    for p in [&limiter, &counter] {
+        assert_eq!(*p.disconnects.borrow(), 10, "{}: one each", p.name());
+        assert!(
+            p.lowest.load(SeqCst) >= 0,
+            "{}: the balance went down to {}",
+            p.name(),
+            p.lowest.load(SeqCst)
+        );
+        assert_eq!(p.open.load(SeqCst), 0, "{}", p.name());
+    }
+}
