@@ -7,8 +7,9 @@
 //! start without one).
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
@@ -239,19 +240,34 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Admin connections open at once. A new one past it closes the oldest connection of the
-/// source address holding the most: an idle or trickling connection cannot hold a place
-/// against a health check (whose request takes milliseconds), and 64 of them cannot starve
-/// the port (they did when the port stopped accepting at the cap: probes timed out and an
-/// orchestrator could restart the relay in a loop). Nor can a connect flood from one
-/// address close a probe from another: evicting the oldest of all, a flood of 64 new
-/// connections within a probe's round trip closed the probe. A source address is the
-/// connection's IP address with IPv6 cut to `limits.addr_ipv6_prefix`, as every
-/// per-address limit counts it ([`source_address`](crate::store::source_address)): keyed
-/// by the full /128, a flood from one /64 held one connection per address, as many as the
-/// probe's, and the tie closed the oldest of all. Each connection serves one request (no
-/// keep-alive), must send its headers within [`ADMIN_HEADER_TIMEOUT`] and lives at most
-/// [`ADMIN_CONNECTION_LIFETIME`].
+/// Admin connections open at once. A new one past it closes one of them, chosen so that
+/// a flood of connections cannot close a health check, even one from the flood's own
+/// source address (on a loopback port every local user shares 127.0.0.1 with the probe):
+///
+/// 1. a connection whose request head has not arrived [`ADMIN_SILENT_GRACE`] after its
+///    accept — silent ones before trickling ones, oldest first;
+/// 2. one served more than [`ADMIN_SERVED_GRACE`] ago and still open (its client does not
+///    read the answer);
+/// 3. a younger connection whose head has not arrived, oldest first — the newcomer itself
+///    last, so when nothing else can go the newcomer is refused (closed);
+/// 4. only for a newcomer whose head has arrived: the oldest connection being served.
+///
+/// A connection whose head has arrived — read by its task, or complete in its socket's
+/// receive buffer while the task has not run yet — is never closed for a newcomer that has
+/// sent nothing (it is answered within milliseconds; its answer never waits on another
+/// connection). A health check sends its head right after its connect, so a flood of
+/// connections that send nothing, or a head byte at a time, only ever closes its own
+/// connections; a flood of whole requests is served and closed as fast as it comes. What
+/// is left to a flood is a probe whose head has not reached the relay when 64 newer
+/// connections have: its connect and its write microseconds apart.
+///
+/// Before, the port closed the oldest connection of the source address holding the most:
+/// a flood from 127.0.0.1 closed probes from 127.0.0.1 before their task had read them
+/// (tests `admin::a_connect_flood_from_the_probes_own_address_does_not_fail_health_checks`,
+/// `admin::a_connect_flood_from_64_loopback_addresses_does_not_fail_health_checks`), and
+/// when the port stopped accepting at the cap, 64 silent connections made probes time
+/// out. Each connection serves one request (no keep-alive), must send its headers within
+/// [`ADMIN_HEADER_TIMEOUT`] and lives at most [`ADMIN_CONNECTION_LIFETIME`].
 pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Longest an admin connection may take to send its request headers.
@@ -260,6 +276,14 @@ const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest an admin connection is kept, request and answer included.
 const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
+/// A connection whose request head has not arrived this long after its accept is the
+/// first to close for a newcomer (an honest client sends its head with its connect).
+const ADMIN_SILENT_GRACE: Duration = Duration::from_millis(250);
+
+/// A connection served this long ago and still open (its client does not read the
+/// answer) may be closed for a newcomer, after the silent ones.
+const ADMIN_SERVED_GRACE: Duration = Duration::from_secs(1);
+
 /// Serves the admin port until the task is aborted.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     serve_capped(listener, shared, ADMIN_MAX_CONNECTIONS).await
@@ -267,10 +291,10 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 
 /// [`serve`] with at most `cap` connections at once.
 async fn serve_capped(listener: TcpListener, shared: Arc<Shared>, cap: usize) {
-    let mut open = OpenConns::new(shared.addr_table.v6_prefix());
+    let mut open: Vec<LiveConn> = Vec::new();
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => Arc::new(stream),
             Err(e) => {
                 // Typically EMFILE: back off briefly instead of spinning on a core.
                 tracing::warn!(error = %e, "admin accept failed");
@@ -278,11 +302,21 @@ async fn serve_capped(listener: TcpListener, shared: Arc<Shared>, cap: usize) {
                 continue;
             }
         };
-        open.retain(|h: &tokio::task::AbortHandle| !h.is_finished());
-        open.make_room(cap, |oldest| oldest.abort());
-        let shared = shared.clone();
+        let accepted = Instant::now();
+        open.retain(|c| !c.task.is_finished());
+        if !make_room(&mut open, cap, &stream, accepted) {
+            // Refused: dropped unserved, closed.
+            continue;
+        }
+        let progress = Arc::new(Progress::default());
+        let io = AdminIo {
+            stream: stream.clone(),
+            progress: progress.clone(),
+        };
+        let (shared, served) = (shared.clone(), progress.clone());
         let task = tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                served.mark_served(accepted);
                 let resp = route(&shared, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
@@ -290,57 +324,204 @@ async fn serve_capped(listener: TcpListener, shared: Arc<Shared>, cap: usize) {
                 .timer(TokioTimer::new())
                 .header_read_timeout(ADMIN_HEADER_TIMEOUT)
                 .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), svc);
+                .serve_connection(TokioIo::new(io), svc);
             let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, connection).await;
         });
-        open.push(peer.ip(), task.abort_handle());
+        open.push(LiveConn {
+            accepted,
+            progress,
+            stream: Arc::downgrade(&stream),
+            task: task.abort_handle(),
+        });
     }
 }
 
-/// The admin connections open, oldest first, each with its source address (see
-/// [`ADMIN_MAX_CONNECTIONS`]); `H` closes one.
-struct OpenConns<H> {
-    conns: std::collections::VecDeque<(std::net::IpAddr, H)>,
-    /// Leading bits an IPv6 address is counted by (`limits.addr_ipv6_prefix`).
-    v6_prefix: u8,
+/// Below `cap` open connections, closing the one [`victim`] names, so that the newcomer
+/// (`stream`, accepted at `now`) fits; false when the newcomer is the one to refuse.
+fn make_room(open: &mut Vec<LiveConn>, cap: usize, stream: &TcpStream, now: Instant) -> bool {
+    let mut newcomer_head = None;
+    while open.len() >= cap.max(1) {
+        let seen: Vec<Seen> = open.iter().map(LiveConn::seen).collect();
+        let head = *newcomer_head.get_or_insert_with(|| head_waiting(stream));
+        let i = victim(&seen, head, now, |i| {
+            open[i].stream.upgrade().is_some_and(|s| head_waiting(&s))
+        });
+        if i >= open.len() {
+            return false;
+        }
+        open.swap_remove(i).task.abort();
+    }
+    true
 }
 
-impl<H> OpenConns<H> {
-    fn new(v6_prefix: u8) -> Self {
-        Self {
-            conns: std::collections::VecDeque::new(),
-            v6_prefix,
+/// An open admin connection, as the accept loop keeps it.
+struct LiveConn {
+    accepted: Instant,
+    progress: Arc<Progress>,
+    /// The socket, to look into its receive buffer; the task holds it.
+    stream: std::sync::Weak<TcpStream>,
+    task: tokio::task::AbortHandle,
+}
+
+impl LiveConn {
+    fn seen(&self) -> Seen {
+        let served = self.progress.served.load(Ordering::Relaxed);
+        Seen {
+            accepted: self.accepted,
+            served: (served > 0).then(|| self.accepted + Duration::from_micros(served - 1)),
+            got_bytes: self.progress.got_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What a connection's task has seen.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Microseconds after the accept when the request head had arrived, plus one; 0 not yet.
+    served: AtomicU64,
+    /// Whether any byte was read.
+    got_bytes: AtomicBool,
+}
+
+impl Progress {
+    fn mark_served(&self, accepted: Instant) {
+        let us = u64::try_from(accepted.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+        let _ = self
+            .served
+            .compare_exchange(0, us + 1, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+/// One open connection, for [`victim`].
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    accepted: Instant,
+    /// When its request head had arrived (its task read it).
+    served: Option<Instant>,
+    /// Whether its task read any byte.
+    got_bytes: bool,
+}
+
+/// Which connection to close for a newcomer (see [`ADMIN_MAX_CONNECTIONS`]): an index
+/// into `open`, or `open.len()` for the newcomer itself. `newcomer_head`: the newcomer's
+/// request head waits in its socket; `waiting(i)`: connection `i`'s does (its task has not
+/// read it yet), asked only of connections that would otherwise be closed.
+fn victim(
+    open: &[Seen],
+    newcomer_head: bool,
+    now: Instant,
+    mut waiting: impl FnMut(usize) -> bool,
+) -> usize {
+    // 0: silent past the grace; 1: trickling past it, or served long ago and still open;
+    // 2: younger, head not read; 3: served lately (never closed for a newcomer without
+    // its head).
+    let rank = |c: &Seen| match c.served {
+        Some(t) if now.saturating_duration_since(t) >= ADMIN_SERVED_GRACE => 1,
+        Some(_) => 3,
+        None if now.saturating_duration_since(c.accepted) < ADMIN_SILENT_GRACE => 2,
+        None if c.got_bytes => 1,
+        None => 0,
+    };
+    let mut order: Vec<usize> = (0..open.len()).collect();
+    order.sort_by_key(|&i| (rank(&open[i]), open[i].accepted));
+    let mut protected = Vec::new();
+    for &i in &order {
+        if rank(&open[i]) == 3 || waiting(i) {
+            protected.push(i);
+        } else {
+            return i;
+        }
+    }
+    if !newcomer_head {
+        return open.len();
+    }
+    // Every connection has its head: the newcomer, which has its own, takes the place of
+    // the one that has had the longest to be answered.
+    protected
+        .into_iter()
+        .min_by_key(|&i| open[i].served.unwrap_or(open[i].accepted))
+        .unwrap_or(open.len())
+}
+
+/// Whether a whole request head waits in the socket's receive buffer, not read yet (its
+/// task has not run): up to 2 KiB looked at (`MSG_PEEK`, through a duplicate of the
+/// descriptor: nothing taken, the task's readiness untouched).
+fn head_waiting(stream: &TcpStream) -> bool {
+    let Ok(dup) = socket2::SockRef::from(stream).try_clone() else {
+        return false;
+    };
+    let mut buf = [0u8; 2048];
+    match std::net::TcpStream::from(dup).peek(&mut buf) {
+        Ok(n) => is_whole_head(&buf[..n]),
+        Err(_) => false,
+    }
+}
+
+/// Bytes that start a request line and hold the blank line ending its head.
+fn is_whole_head(b: &[u8]) -> bool {
+    b.first().is_some_and(u8::is_ascii_alphabetic)
+        && (b.windows(4).any(|w| w == b"\r\n\r\n") || b.windows(2).any(|w| w == b"\n\n"))
+}
+
+/// The admin connection's socket, shared with the accept loop (which looks into its
+/// receive buffer); records what the connection sent.
+struct AdminIo {
+    stream: Arc<TcpStream>,
+    progress: Arc<Progress>,
+}
+
+impl tokio::io::AsyncRead for AdminIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        loop {
+            std::task::ready!(self.stream.poll_read_ready(cx))?;
+            match self.stream.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    if n > 0 {
+                        self.progress.got_bytes.store(true, Ordering::Relaxed);
+                    }
+                    buf.advance(n);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for AdminIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        loop {
+            std::task::ready!(self.stream.poll_write_ready(cx))?;
+            match self.stream.try_write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                done => return std::task::Poll::Ready(done),
+            }
         }
     }
 
-    /// Forgets the connections `keep` says are done.
-    fn retain(&mut self, keep: impl Fn(&H) -> bool) {
-        self.conns.retain(|(_, h)| keep(h));
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 
-    /// Records a new connection from `ip`, by its source address.
-    fn push(&mut self, ip: std::net::IpAddr, h: H) {
-        let source = crate::store::source_address(ip, self.v6_prefix);
-        self.conns.push_back((source, h));
-    }
-
-    /// Below `cap` connections, closing (`close`) the oldest of the source address holding
-    /// the most (the first to reach that count on a tie) until there is room for one more.
-    fn make_room(&mut self, cap: usize, mut close: impl FnMut(H)) {
-        while self.conns.len() >= cap.max(1) {
-            let mut counts: std::collections::HashMap<std::net::IpAddr, usize> =
-                std::collections::HashMap::new();
-            for (ip, _) in &self.conns {
-                *counts.entry(*ip).or_default() += 1;
-            }
-            let most = counts.values().copied().max().unwrap_or(0);
-            let Some(i) = self.conns.iter().position(|(ip, _)| counts[ip] == most) else {
-                break;
-            };
-            if let Some((_, oldest)) = self.conns.remove(i) {
-                close(oldest);
-            }
-        }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(
+            socket2::SockRef::from(&*self.stream).shutdown(std::net::Shutdown::Write),
+        )
     }
 }
 
@@ -417,39 +598,68 @@ pub async fn http_get_auth(
 mod tests {
     use super::*;
 
-    /// A connect flood from many IPv6 addresses of one /64 counts as one source address
-    /// (`limits.addr_ipv6_prefix` 64): its own oldest connections are closed, never a probe
-    /// from another network that connected first. Keyed by the full address, each flood
-    /// address held one connection like the probe, and the tie closed the oldest of all:
-    /// the probe. (Loopback offers one IPv6 address, so the admin port's integration test
-    /// floods from 127.0.0.1 and probes from 127.0.0.2; this is the IPv6 keying alone.)
+    fn conn(accepted: Instant, served: Option<Instant>, got_bytes: bool) -> Seen {
+        Seen {
+            accepted,
+            served,
+            got_bytes,
+        }
+    }
+
+    /// The order connections are closed in for a newcomer: silent past the grace (oldest
+    /// first), then trickling past it or served long ago, then younger ones without a head
+    /// (oldest first), then the newcomer itself; a connection whose head waits unread or
+    /// was served lately only for a newcomer whose head has arrived.
     #[test]
-    fn a_flood_from_one_ipv6_prefix_counts_as_one_source_address() {
-        const CAP: usize = 64;
-        let mut open = OpenConns::new(64);
-        let mut closed = Vec::new();
-        let probe: std::net::IpAddr = "2001:db8:1::1".parse().unwrap();
-        open.push(probe, 0u32);
-        for i in 1..=200u32 {
-            open.make_room(CAP, |h| closed.push(h));
-            let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, (i >> 16) as u16, i as u16);
-            open.push(ip.into(), i);
-        }
-        assert!(!closed.contains(&0), "the probe was closed");
-        assert_eq!(
-            closed,
-            (1..=200 - 63).collect::<Vec<_>>(),
-            "the flood's oldest"
-        );
-        // The prefix is the relay's setting: at 128 each address counts alone.
-        let mut open = OpenConns::new(128);
-        let mut closed = Vec::new();
-        open.push(probe, 0u32);
-        for i in 1..=CAP as u32 {
-            open.make_room(CAP, |h| closed.push(h));
-            let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, i as u16);
-            open.push(ip.into(), i);
-        }
-        assert_eq!(closed, vec![0], "all tied at one: the oldest of all");
+    fn a_newcomer_closes_silent_connections_never_ones_being_served() {
+        let now = Instant::now() + Duration::from_secs(10);
+        let ago = |ms: u64| now - Duration::from_millis(ms);
+        let none = |_| false;
+        // Served lately (0) beside a young silent one (1): the silent one.
+        let open = [
+            conn(ago(50), Some(ago(49)), true),
+            conn(ago(10), None, false),
+        ];
+        assert_eq!(victim(&open, false, now, none), 1);
+        // Young ones: the oldest first, however many bytes it sent.
+        let open = [
+            conn(ago(5), None, true),
+            conn(ago(20), None, true),
+            conn(ago(10), None, false),
+        ];
+        assert_eq!(victim(&open, false, now, none), 1);
+        // Past the grace: silent before trickling, before served long ago, before young.
+        let open = [
+            conn(ago(3_000), Some(ago(2_000)), true),
+            conn(ago(900), None, true),
+            conn(ago(10), None, false),
+            conn(ago(300), None, false),
+        ];
+        assert_eq!(victim(&open, false, now, none), 3);
+        assert_eq!(victim(&open[..3], false, now, none), 0);
+        assert_eq!(victim(&open[..2], false, now, none), 0);
+        assert_eq!(victim(&open[1..3], false, now, none), 0);
+        // A head waiting unread protects as being served does.
+        let open = [conn(ago(400), None, false), conn(ago(10), None, false)];
+        assert_eq!(victim(&open, false, now, |i| i == 0), 1);
+        // Nothing to close for a newcomer without a head: the newcomer is refused …
+        assert_eq!(victim(&open, false, now, |_| true), 2);
+        let served = [
+            conn(ago(50), Some(ago(49)), true),
+            conn(ago(20), Some(ago(19)), true),
+        ];
+        assert_eq!(victim(&served, false, now, none), 2);
+        // … one with its head takes the place of the one served longest ago.
+        assert_eq!(victim(&served, true, now, none), 0);
+        assert_eq!(victim(&open, true, now, |_| true), 0);
+    }
+
+    #[test]
+    fn a_whole_head_is_a_request_line_and_a_blank_line() {
+        assert!(is_whole_head(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(is_whole_head(b"GET / HTTP/1.0\n\n"));
+        assert!(!is_whole_head(b"GET /healthz HTTP/1.1\r\nHost: x\r\n"));
+        assert!(!is_whole_head(b"\r\n\r\n"));
+        assert!(!is_whole_head(b""));
     }
 }
