@@ -7,6 +7,7 @@
 //! Hooks run inline on the connection's task, so they must be quick and must not block.
 //! Logging ([`LoggingPlugin`]) and metrics ([`MetricsPlugin`]) are plugins themselves.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -171,8 +172,34 @@ impl Plugins {
     }
 }
 
-/// Logs lifecycle events with `tracing`: connects and disconnects at `info`, subscriptions
-/// at `debug`, publishes at `trace` — key ids, level counts and sizes only.
+/// The longest `client` name (from `Hello`, up to 1 KiB) shown in a log line, in chars.
+pub const LOG_CLIENT_CHARS: usize = 64;
+
+/// A client's name as logged: its first [`LOG_CLIENT_CHARS`] chars, "…" if there were more,
+/// and U+FFFD for every char a log would show escaped (control and format chars), so the
+/// field is at most ~260 bytes however the log format escapes it.
+fn client_for_log(name: &str) -> Cow<'_, str> {
+    let plain = |c: char| matches!(c, '"' | '\\' | '\'') || c.escape_debug().nth(1).is_none();
+    let mut chars = name.char_indices();
+    let cut = chars.nth(LOG_CLIENT_CHARS).map(|(at, _)| at);
+    let head = &name[..cut.unwrap_or(name.len())];
+    if cut.is_none() && head.chars().all(plain) {
+        return Cow::Borrowed(head);
+    }
+    let mut out: String = head
+        .chars()
+        .map(|c| if plain(c) { c } else { '\u{FFFD}' })
+        .collect();
+    if cut.is_some() {
+        out.push('…');
+    }
+    Cow::Owned(out)
+}
+
+/// Logs lifecycle events with `tracing`: connects and disconnects at `info` — bounded
+/// relay-wide ([`crate::logging`]: a stranger makes them by connecting), the client's name
+/// cut to [`LOG_CLIENT_CHARS`] —, subscriptions at `debug`, publishes at `trace` — key ids,
+/// level counts and sizes only.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LoggingPlugin;
 
@@ -181,8 +208,11 @@ impl Plugin for LoggingPlugin {
         "logging"
     }
     fn on_connect(&self, i: &ConnectInfo<'_>) -> Verdict {
-        tracing::info!(conn = %i.conn, transport = %i.transport, peer = ?i.peer,
-            version = i.version, client = i.client.unwrap_or("-"), "client connected");
+        if tracing::enabled!(tracing::Level::INFO) && crate::logging::conn_line() {
+            let client = i.client.map_or(Cow::Borrowed("-"), client_for_log);
+            tracing::info!(conn = %i.conn, transport = %i.transport, peer = ?i.peer,
+                version = i.version, client = &*client, "client connected");
+        }
         Ok(())
     }
     fn on_subscribe(&self, i: &SubscribeInfo<'_>) -> Verdict {
@@ -197,8 +227,10 @@ impl Plugin for LoggingPlugin {
     }
     fn on_disconnect(&self, i: &DisconnectInfo<'_>) {
         if i.greeted {
-            tracing::info!(conn = %i.conn, transport = %i.transport, peer = ?i.peer,
-                reason = i.reason, "client disconnected");
+            if tracing::enabled!(tracing::Level::INFO) && crate::logging::conn_line() {
+                tracing::info!(conn = %i.conn, transport = %i.transport, peer = ?i.peer,
+                    reason = i.reason, "client disconnected");
+            }
         } else {
             tracing::debug!(conn = %i.conn, transport = %i.transport, peer = ?i.peer,
                 reason = i.reason, "connection closed before Hello");
@@ -232,6 +264,37 @@ impl Plugin for MetricsPlugin {
     fn on_disconnect(&self, i: &DisconnectInfo<'_>) {
         if i.greeted {
             self.metrics.connection_closed(i.transport);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client's name is logged cut to 64 chars, with U+FFFD for what a log would escape:
+    /// at most ~260 bytes escaped, however long or hostile the name (`Hello` allows 1 KiB).
+    #[test]
+    fn client_names_are_cut_and_cleaned_for_the_log() {
+        assert_eq!(
+            client_for_log("whispeer-cli 1.0 \"x\""),
+            "whispeer-cli 1.0 \"x\""
+        );
+        assert_eq!(
+            client_for_log("a\nb\x1b[31m\u{202e}"),
+            "a\u{fffd}b\u{fffd}[31m\u{fffd}"
+        );
+        let long = "\x7f".repeat(1024);
+        let long = client_for_log(&long);
+        assert_eq!(long, format!("{}…", "\u{fffd}".repeat(64)));
+        for hostile in ["\x7f", "\"", "\u{10ffff}", "\u{301}", "é"] {
+            let name = hostile.repeat(1024);
+            let logged = client_for_log(&name);
+            assert_eq!(logged.chars().count(), LOG_CLIENT_CHARS + 1, "{hostile:?}");
+            assert!(
+                format!("{logged:?}").len() <= 260,
+                "{hostile:?}: {logged:?}"
+            );
         }
     }
 }

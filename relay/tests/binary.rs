@@ -876,3 +876,63 @@ async fn secrets_given_as_flags_are_warned_about_at_start() {
         "{before:?}"
     );
 }
+
+/// A stranger cannot flood the log at the default filter: 500 rounds of connect, `Hello`
+/// naming the client "\x7f" × 1,024 (each char escaped to 6 bytes before the fix: ~6 KB a
+/// line), `Welcome`, close — 1,000 connection lines — add less than 64 KiB to the log
+/// (about 3 MB before): each client name is cut to 64 chars with U+FFFD for control chars,
+/// and past a relay-wide budget the lines are left out and counted. The wait ends once
+/// every connection line was written or counted in a "suppressed" summary line.
+#[tokio::test]
+async fn a_connection_flood_adds_a_bounded_amount_to_the_log() {
+    const ROUNDS: u64 = 500;
+    let mut relay = BinRelay::start_logged(&["--log", "info"]);
+    relay.skip_log();
+    let hello = Frame::Hello(Hello {
+        versions: vec![whispeer_protocol::frame::PROTOCOL_VERSION],
+        features: 0,
+        client: Some("\x7f".repeat(1024)),
+        auth: None,
+        account: None,
+    });
+    for _ in 0..ROUNDS {
+        let mut c = Client::tcp(relay.tcp()).await;
+        c.send(&hello).await;
+        match c.recv().await {
+            Frame::Welcome(_) => {}
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+    let log = relay.log.as_mut().expect("logged");
+    let (mut bytes, mut written, mut suppressed, mut summaries) = (0usize, 0u64, 0u64, 0);
+    let counted = tokio::time::timeout(TIMEOUT, async {
+        while written + suppressed < 2 * ROUNDS {
+            let line = log.recv().await.expect("the relay's stderr ended");
+            bytes += line.len() + 1;
+            if line.contains("client connected") || line.contains("client disconnected") {
+                written += 1;
+            } else if line.contains("connection log lines suppressed") {
+                let n = line
+                    .split("suppressed=")
+                    .nth(1)
+                    .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or_else(|| panic!("no count in {line:?}"));
+                suppressed += n;
+                summaries += 1;
+            }
+        }
+    })
+    .await;
+    eprintln!(
+        "log: {bytes} bytes; {written} connection lines written, {suppressed} suppressed in \
+         {summaries} summary lines"
+    );
+    assert!(
+        counted.is_ok(),
+        "not every connection line written or counted within {TIMEOUT:?}"
+    );
+    assert!(bytes < 64 * 1024, "the log grew by {bytes} bytes");
+    assert!(summaries >= 1 && suppressed > 0);
+    assert_eq!(written + suppressed, 2 * ROUNDS);
+}
