@@ -4,7 +4,8 @@
 //! The port leaks nothing about tenants: without the admin token (`Authorization: Bearer
 //! …`, `auth.admin_token`) `/status` shows counts only, never key ids or token paths. Bound
 //! off loopback, every endpoint but `/healthz` needs the token (and the relay refuses to
-//! start without one).
+//! start without one). Without the token a request must name the port as `localhost` or an
+//! IP address in `Host` (DNS rebinding; see [`local_host`]), `/healthz` excepted.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -173,6 +174,46 @@ fn respond(
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
+/// Whether the request names the admin port as `localhost` or an IP address (any port),
+/// in its `Host` header and in an absolute URI. A web page the operator visits can make
+/// its own name resolve to 127.0.0.1 (DNS rebinding) and read what the port answers
+/// without the token; the browser then sends that name as `Host`. An IP address cannot be
+/// rebound, and `localhost` is resolved by the browser itself. A request without `Host`
+/// (HTTP/1.0 by hand) is no browser's.
+fn local_host(req: &Request<Incoming>) -> bool {
+    let named = req
+        .headers()
+        .get_all(HOST)
+        .iter()
+        .all(|h| h.to_str().is_ok_and(is_local_authority));
+    named
+        && req
+            .uri()
+            .authority()
+            .is_none_or(|a| is_local_authority(a.as_str()))
+}
+
+/// `HOST[:PORT]` with HOST `localhost` or an IP address (IPv6 in brackets).
+fn is_local_authority(authority: &str) -> bool {
+    let host = match authority.rsplit_once(':') {
+        Some((host, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!host.contains(':') || host.ends_with(']')) =>
+        {
+            host
+        }
+        _ => authority,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::Ipv4Addr>().is_ok()
+        || host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
+}
+
 fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(
@@ -192,6 +233,13 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 b"admin token required (Authorization: Bearer ...)\n",
             )))
             .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
+    }
+    if !authorized && req.uri().path() != "/healthz" && !local_host(req) {
+        return respond(
+            StatusCode::FORBIDDEN,
+            "text/plain; charset=utf-8",
+            "Host must be localhost or an IP address without the admin token (DNS rebinding)\n",
+        );
     }
     match req.uri().path() {
         "/metrics" => respond(
@@ -652,6 +700,35 @@ mod tests {
         // … one with its head takes the place of the one served longest ago.
         assert_eq!(victim(&served, true, now, none), 0);
         assert_eq!(victim(&open, true, now, |_| true), 0);
+    }
+
+    #[test]
+    fn only_localhost_and_ip_addresses_are_local_hosts() {
+        for ok in [
+            "127.0.0.1:7482",
+            "127.0.0.1",
+            "localhost:7482",
+            "LOCALHOST",
+            "localhost.:1",
+            "[::1]:7482",
+            "[::1]",
+            "10.0.0.5:7482",
+        ] {
+            assert!(is_local_authority(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:7482",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example:7482",
+            "evil@127.0.0.1:7482",
+            "127.0.0.1:7482:1",
+            "::1",
+            "127.0.0.1:",
+            "",
+        ] {
+            assert!(!is_local_authority(bad), "{bad}");
+        }
     }
 
     #[test]

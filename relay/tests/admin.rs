@@ -360,3 +360,86 @@ async fn a_connect_flood_from_the_probes_own_address_does_not_fail_health_checks
 async fn a_connect_flood_from_64_loopback_addresses_does_not_fail_health_checks() {
     probes_get_through_a_connect_flood((1..=64).map(|i| [127, 0, 0, i].into()).collect()).await;
 }
+
+/// `GET path` on a fresh connection to `admin` with `Host: host` (and the admin token
+/// when given): the status line.
+async fn status_line(
+    admin: std::net::SocketAddr,
+    path: &str,
+    host: &str,
+    token: Option<&str>,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("request sent");
+    let mut answer = Vec::new();
+    tokio::time::timeout(TIMEOUT, s.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+/// DNS rebinding: a web page the operator visits makes its own name resolve to 127.0.0.1
+/// and reads the tokenless loopback admin port (listeners, store path, disk free, plugin
+/// and NATS server names); the browser sends that name as `Host`. Without the token the
+/// port answers only `Host: localhost` or an IP address (any port): 403 otherwise;
+/// `/healthz` (which tells nothing) and requests with the token answer any `Host`.
+/// Before, `Host: evil.example` got the whole `/status`.
+#[tokio::test]
+async fn a_tokenless_request_naming_another_host_is_refused() {
+    let mut config = Config::ephemeral();
+    config.auth.admin_token = Some(TOKEN.into());
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let port = admin.port();
+    for path in ["/status", "/metrics"] {
+        for host in ["evil.example", &format!("evil.example:{port}")] {
+            let line = status_line(admin, path, host, None).await;
+            assert!(
+                line.starts_with("HTTP/1.1 403"),
+                "{path} Host {host}: {line}"
+            );
+        }
+        for host in [
+            format!("127.0.0.1:{port}"),
+            format!("localhost:{port}"),
+            "localhost".into(),
+        ] {
+            let line = status_line(admin, path, &host, None).await;
+            assert!(
+                line.starts_with("HTTP/1.1 200"),
+                "{path} Host {host}: {line}"
+            );
+        }
+        let line = status_line(admin, path, "relay.example", Some(TOKEN)).await;
+        assert!(
+            line.starts_with("HTTP/1.1 200"),
+            "{path} with the token: {line}"
+        );
+        let line = status_line(admin, path, "relay.example", Some("wrong-token-123456")).await;
+        assert!(
+            line.starts_with("HTTP/1.1 403"),
+            "{path} a wrong token: {line}"
+        );
+    }
+    let line = status_line(admin, "/healthz", "evil.example", None).await;
+    assert!(line.starts_with("HTTP/1.1 200"), "/healthz: {line}");
+    // The status command's client sends the URL's host: 127.0.0.1 and localhost pass.
+    assert!(http_get(&format!("http://{admin}"), "/status")
+        .await
+        .is_ok());
+    assert!(http_get(&format!("http://localhost:{port}"), "/status")
+        .await
+        .is_ok());
+    relay.stop().await;
+}
