@@ -1206,15 +1206,24 @@ pub struct Limits {
     #[arg(long, env = "WHISPEER_QUIC_RECEIVE_WINDOW_TOTAL")]
     pub quic_receive_window_total: u64,
     /// Most concurrent client connections, handshakes included. When the relay is full a
-    /// new connection evicts the oldest one not yet welcomed (still in its TLS/WebSocket
-    /// handshake or waiting for its Hello; closed with Err(too_many_connections) "relay
-    /// full: handshake evicted" when it is far enough for one), so strangers holding places
-    /// with silent connections cannot shut members out; it still pays every other cap.
-    /// Oldest first: an honest client mid-handshake is evicted only after every older
-    /// unwelcomed connection was, so only if up to max_connections newer connections
-    /// arrive before its Hello is done (within hello_ms). Welcomed sessions are never evicted:
-    /// with none to evict the newcomer is refused (fatal Err(too_many_connections) on TCP;
-    /// other listeners close the socket). Counted in whispeer_relay_handshakes_evicted_total.
+    /// new connection may evict one not yet welcomed (in its TLS/WebSocket/QUIC handshake
+    /// or waiting for its Hello; closed with Err(too_many_connections) "relay full:
+    /// handshake evicted" when it is far enough for one): the oldest of the network (as
+    /// network_ipv4_prefix / network_ipv6_prefix) holding the most unwelcomed places, and
+    /// only one older than min(2 s, hello_ms / 2) — else the newcomer is refused. The
+    /// evictor pays every other cap and must be within its addr_connect_rate (else refused,
+    /// charged, and banned for churn as on a full relay); evictions charge its network's
+    /// connect bucket. So an honest handshake is evicted only once that old, only while its
+    /// network holds the most unwelcomed places, and only after max_connections − W newer
+    /// unwelcomed connections arrived (W: welcomed sessions). Welcomed sessions are never
+    /// evicted: with none to evict the newcomer is refused (fatal Err(too_many_connections)
+    /// on TCP; other listeners close the socket). With auth off (the default) any stranger
+    /// that sends a Hello is a welcomed session: keeping strangers from holding every place
+    /// needs auth.mode = "required" (otherwise only the per-address and per-network caps
+    /// limit them). Evicted connections are closed within 1 s, and the relay holds at most
+    /// max_connections + max(max_connections / 8, 16) client sockets, evicted ones still
+    /// closing included (beyond it newcomers are refused): the open-file limit must allow
+    /// that plus 64. Counted in whispeer_relay_handshakes_evicted_total.
     #[arg(long, env = "WHISPEER_MAX_CONNECTIONS")]
     pub max_connections: usize,
     /// Most subscriptions one connection may hold (fatal Err(too_many_subscriptions)).
@@ -1396,6 +1405,15 @@ pub struct Limits {
     /// Burst of stored envelope bytes per relay account.
     #[arg(long, env = "WHISPEER_ACCOUNT_STORE_BURST")]
     pub account_store_burst: u32,
+}
+
+impl Limits {
+    /// Most client sockets the relay holds for `max_connections`: that many connections
+    /// plus the evicted ones still closing (`max_connections / 8`, at least 16); beyond it
+    /// newcomers are refused, whatever could be evicted.
+    pub fn connection_ceiling(max_connections: usize) -> usize {
+        crate::handshakes::ceiling(max_connections)
+    }
 }
 
 impl Default for Limits {

@@ -88,8 +88,20 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
     // Drain: let the writer send what is queued (ending with the Err/Close frame that
     // explains the close), and keep reading and discarding input meanwhile so the kernel
     // does not answer unread bytes with a reset that could destroy those last frames.
-    let deadline = Instant::now() + cfg.timeouts.drain();
+    // Not for an evicted connection: its place already went to a newer one and its socket
+    // lingers beyond `max_connections` (up to `handshakes::ceiling`), so it gets
+    // `EVICTED_CLOSE` to be written its Err and is closed then, whether or not its peer
+    // closed — a stranger that never closes must not keep each evicted socket for the
+    // whole drain.
+    let evicted = ticket.is_evicted();
+    let deadline = Instant::now()
+        + if evicted {
+            crate::handshakes::EVICTED_CLOSE.min(cfg.timeouts.drain())
+        } else {
+            cfg.timeouts.drain()
+        };
     let mut writer_done = false;
+    source_closed |= evicted;
     while !(writer_done && source_closed) {
         tokio::select! {
             _ = &mut writer, if !writer_done => writer_done = true,

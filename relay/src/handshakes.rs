@@ -1,28 +1,47 @@
-//! Connections not yet admitted past `Hello`, oldest first: the ones a new connection may
-//! evict when the relay is full (`limits.max_connections`).
+//! Connections not yet admitted past `Hello`: the ones a new connection may evict when the
+//! relay is full (`limits.max_connections`).
 //!
 //! Two gates count connections against `max_connections`: the [`AddrTable`] from accept
 //! (every socket connection, its transport handshake included) and the `Registry` from
 //! `conn::serve` (every connection with a session, in-process ones included). Each keeps a
 //! queue here of the connections it counts that have not yet been welcomed; when it is
-//! full it evicts the oldest of its queue instead of refusing the newcomer, and refuses
-//! only when its queue is empty (every place is held by an admitted session). An evicted
-//! connection stops counting at once in both gates (its places become *lingering*: still
-//! held until it has closed, but not counted as full), so the newcomer gets its place
-//! while the evicted one closes. Its per-address and per-network places stay held until it
-//! has closed: an evicting stranger still pays every cap.
+//! full it may evict one of its queue instead of refusing the newcomer ([`Guard::admission`]):
 //!
-//! Every operation is O(log n) in the connections waiting (a `BTreeMap` by age): a flood
-//! of new connections costs the relay no scan of the table per accept.
+//! * **Fair share.** The victim is the oldest unwelcomed connection of the *network* (the
+//!   IPv4 /24 or IPv6 /48 of `max_connections_per_network`, `network_ipv4_prefix`,
+//!   `network_ipv6_prefix`) holding the most unwelcomed places (ties: the network whose
+//!   oldest is oldest). A stranger flooding from one network mostly evicts its own
+//!   connections; an honest handshake is evicted only while its network holds the most.
+//! * **Grace.** A connection younger than [`grace`] (`min(2 s, hello_ms / 2)`) is never
+//!   evicted: when the chosen victim is that young the newcomer is refused instead, as a
+//!   full relay refused everyone before eviction existed. So a handshake always gets that
+//!   long, and holding places against newcomers means renewing them within it.
+//! * **Ceiling.** Evicted connections keep their socket until they have closed (told why
+//!   within [`EVICTED_CLOSE`]); their places *linger*, not counted as full. Nothing else
+//!   caps them, so both gates refuse any newcomer once they count [`ceiling`]
+//!   (`max_connections` + max(max_connections / 8, 16)) places, lingering included: the
+//!   relay never holds more client sockets than that, however fast newcomers evict.
+//! * Only when every counted place is a welcomed session (never evicted) is the newcomer
+//!   refused for that reason alone.
+//!
+//! The address table also requires the evictor to be within its address's connect rate
+//! and charges the eviction to its network's connect bucket (`rate::AddrTable::admit`):
+//! a flood of evictions is refused, charged and banned like a flood into a full relay.
+//!
+//! Every operation is O(log n) in the connections waiting (ordered maps by age and by
+//! network size): a flood of new connections costs the relay no scan per accept.
 //!
 //! Lock order: the [`AddrTable`]'s or the `Registry`'s lock, then this one; never the
 //! other way round.
 //!
 //! [`AddrTable`]: crate::rate::AddrTable
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -32,6 +51,33 @@ use crate::metrics::Metrics;
 pub(crate) const EVICTED: &str =
     "relay full: handshake evicted (a newer connection took the place of this one, which had not completed its Hello; max_connections)";
 
+/// Places beyond `max_connections` held by evicted connections still closing, at least.
+pub(crate) const LINGER_MIN: usize = 16;
+
+/// Most places a gate holds, lingering (evicted, still closing) ones included:
+/// `max_connections` plus an eighth of it (at least [`LINGER_MIN`]). Past it a newcomer is
+/// refused, even while some place could be evicted: the relay's client sockets stay under
+/// it however fast newcomers evict (an evicted connection whose peer never closes keeps its
+/// socket up to [`EVICTED_CLOSE`]).
+pub(crate) fn ceiling(max_connections: usize) -> usize {
+    max_connections.saturating_add((max_connections / 8).max(LINGER_MIN))
+}
+
+/// Longest a connection is protected from eviction after it was admitted.
+pub(crate) const GRACE_MAX: Duration = Duration::from_secs(2);
+
+/// How young a connection is never evicted: `min(2 s, hello_ms / 2)`. Long enough for an
+/// honest TLS/WebSocket handshake and `Hello` on a slow link; short enough that a stranger
+/// holding places must renew each of them five times per `hello_ms` (defaults) to keep
+/// newcomers out, where it used to renew them once.
+pub(crate) fn grace(hello: Duration) -> Duration {
+    GRACE_MAX.min(hello / 2)
+}
+
+/// How long an evicted connection is given to be told why (its `Err` written; over QUIC
+/// delivered too) before its socket is closed, whether or not its peer closed: no drain.
+pub(crate) const EVICTED_CLOSE: Duration = Duration::from_secs(1);
+
 /// A unit is not held in this gate.
 const NONE: u8 = 0;
 /// A unit is held and counted against the gate's limit.
@@ -39,10 +85,16 @@ const COUNTED: u8 = 1;
 /// A unit is held by an evicted connection: not counted against the limit any more.
 const LINGERING: u8 = 2;
 
+/// The network a connection counts in for the fair share (`None`: in-process).
+type Net = Option<IpAddr>;
+
 /// One connection's place in the queues, shared by its tasks and the gates.
 #[derive(Debug)]
 pub(crate) struct Ticket {
     seq: u64,
+    net: Net,
+    /// When it was admitted (the grace period runs from here).
+    born: Instant,
     evicted: AtomicBool,
     /// Welcomed: left the queues for good (no eviction any more).
     passed: AtomicBool,
@@ -77,19 +129,70 @@ impl Ticket {
 #[derive(Debug)]
 pub(crate) struct Handshakes {
     inner: Mutex<Inner>,
+    next: AtomicU64,
+    grace: Duration,
     metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    next: u64,
-    /// Connections the address table counts that are not yet welcomed, by age.
-    table: BTreeMap<u64, Arc<Ticket>>,
-    /// Connections the registry counts that are not yet welcomed, by age.
-    registry: BTreeMap<u64, Arc<Ticket>>,
+    table: Queue,
+    registry: Queue,
+}
+
+/// One gate's unwelcomed connections, by age and by network.
+#[derive(Debug, Default)]
+struct Queue {
+    by_seq: BTreeMap<u64, Arc<Ticket>>,
+    /// Each network's unwelcomed connections, by age.
+    by_net: HashMap<Net, BTreeSet<u64>>,
+    /// Networks by how many unwelcomed places they hold, then by their oldest's age
+    /// (`Reverse(seq)`: the oldest ranks higher): the victim's network is the last.
+    rank: BTreeSet<(usize, Reverse<u64>, Net)>,
     /// Units held by evicted connections (not counted against the limit).
-    table_lingering: usize,
-    registry_lingering: usize,
+    lingering: usize,
+}
+
+impl Queue {
+    fn insert(&mut self, t: &Arc<Ticket>) {
+        if self.by_seq.insert(t.seq, t.clone()).is_some() {
+            return;
+        }
+        let set = self.by_net.entry(t.net).or_default();
+        if let Some(&first) = set.first() {
+            self.rank.remove(&(set.len(), Reverse(first), t.net));
+        }
+        set.insert(t.seq);
+        let first = *set.first().expect("just inserted");
+        self.rank.insert((set.len(), Reverse(first), t.net));
+    }
+
+    fn remove(&mut self, t: &Ticket) {
+        if self.by_seq.remove(&t.seq).is_none() {
+            return;
+        }
+        let Some(set) = self.by_net.get_mut(&t.net) else {
+            return;
+        };
+        if let Some(&first) = set.first() {
+            self.rank.remove(&(set.len(), Reverse(first), t.net));
+        }
+        set.remove(&t.seq);
+        match set.first() {
+            Some(&first) => {
+                self.rank.insert((set.len(), Reverse(first), t.net));
+            }
+            None => {
+                self.by_net.remove(&t.net);
+            }
+        }
+    }
+
+    /// The fair-share victim: the oldest connection of the network holding the most.
+    fn victim(&self) -> Option<&Arc<Ticket>> {
+        let &(_, Reverse(seq), _) = self.rank.last()?;
+        self.by_seq.get(&seq)
+    }
 }
 
 /// Which gate.
@@ -99,24 +202,50 @@ pub(crate) enum Gate {
     Registry,
 }
 
+/// What a newcomer to a gate meets ([`Guard::admission`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// A place is free.
+    Admit,
+    /// Full: it may take this connection's place ([`Guard::evict`]).
+    Evict(Arc<Ticket>),
+    /// Full, none to evict (every place a welcomed session, or the victim within its
+    /// grace), or at the [`ceiling`]: refused.
+    Refuse,
+}
+
+impl PartialEq for Ticket {
+    fn eq(&self, other: &Self) -> bool {
+        self.seq == other.seq
+    }
+}
+impl Eq for Ticket {}
+
 impl Handshakes {
-    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
+    /// `grace`: how young a connection is never evicted ([`grace`]).
+    pub(crate) fn new(metrics: Arc<Metrics>, grace: Duration) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
+            next: AtomicU64::new(0),
+            grace,
             metrics,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    /// The queues, locked: one gate's decision and its changes under one lock.
+    pub(crate) fn lock(&self) -> Guard<'_> {
+        Guard {
+            inner: self.inner.lock().unwrap_or_else(|p| p.into_inner()),
+            h: self,
+        }
     }
 
-    /// A new connection's ticket (in no queue yet).
-    pub(crate) fn ticket(&self) -> Arc<Ticket> {
-        let mut s = self.lock();
-        s.next += 1;
+    /// A new connection's ticket (in no queue yet), admitted at `born` from network `net`.
+    pub(crate) fn ticket(&self, net: Option<IpAddr>, born: Instant) -> Arc<Ticket> {
         Arc::new(Ticket {
-            seq: s.next,
+            seq: self.next.fetch_add(1, Relaxed) + 1,
+            net,
+            born,
             evicted: AtomicBool::new(false),
             passed: AtomicBool::new(false),
             notify: Notify::new(),
@@ -125,117 +254,118 @@ impl Handshakes {
         })
     }
 
-    /// Units of `gate` held by evicted connections, not counted against the limit.
-    pub(crate) fn lingering(&self, gate: Gate) -> usize {
-        let s = self.lock();
-        match gate {
-            Gate::Table => s.table_lingering,
-            Gate::Registry => s.registry_lingering,
-        }
-    }
-
-    /// `gate` counts `t` from now (called under the gate's lock); it waits in the gate's
-    /// queue until welcomed. An already evicted connection's unit lingers at once.
-    pub(crate) fn enter(&self, gate: Gate, t: &Arc<Ticket>) {
-        let mut s = self.lock();
-        let s = &mut *s;
-        let (unit, queue, lingering) = s.gate(gate, t);
-        if t.is_evicted() {
-            unit.store(LINGERING, Relaxed);
-            *lingering += 1;
-        } else {
-            unit.store(COUNTED, Relaxed);
-            if !t.passed.load(Relaxed) {
-                queue.insert(t.seq, t.clone());
-            }
-        }
-    }
-
     /// `gate` stops counting `t`: its connection ended (called under the gate's lock, as
     /// the gate takes its unit off its count).
     pub(crate) fn leave(&self, gate: Gate, t: &Arc<Ticket>) {
-        let mut s = self.lock();
-        let s = &mut *s;
-        let (unit, queue, lingering) = s.gate(gate, t);
-        queue.remove(&t.seq);
+        let mut g = self.lock();
+        let (unit, queue) = g.inner.gate(gate, t);
+        queue.remove(t);
         if unit.swap(NONE, Relaxed) == LINGERING {
-            *lingering -= 1;
+            queue.lingering -= 1;
         }
     }
 
     /// The connection was welcomed: it leaves the queues and is never evicted. False if it
     /// was evicted first (it must then close, not be welcomed).
     pub(crate) fn pass(&self, t: &Arc<Ticket>) -> bool {
-        let mut s = self.lock();
+        let mut g = self.lock();
         if t.is_evicted() {
             return false;
         }
         t.passed.store(true, Relaxed);
-        s.table.remove(&t.seq);
-        s.registry.remove(&t.seq);
+        g.inner.table.remove(t);
+        g.inner.registry.remove(t);
         true
     }
 
-    /// Whether `gate` has a connection it could evict.
-    pub(crate) fn can_evict(&self, gate: Gate) -> bool {
-        let s = self.lock();
+    /// Units of `gate` held by evicted connections, not counted against the limit.
+    #[cfg(test)]
+    pub(crate) fn lingering(&self, gate: Gate) -> usize {
+        self.lock().lingering(gate)
+    }
+}
+
+/// The locked queues ([`Handshakes::lock`]).
+pub(crate) struct Guard<'a> {
+    inner: MutexGuard<'a, Inner>,
+    h: &'a Handshakes,
+}
+
+impl Guard<'_> {
+    /// Units of `gate` held by evicted connections, not counted against the limit.
+    pub(crate) fn lingering(&self, gate: Gate) -> usize {
         match gate {
-            Gate::Table => !s.table.is_empty(),
-            Gate::Registry => !s.registry.is_empty(),
+            Gate::Table => self.inner.table.lingering,
+            Gate::Registry => self.inner.registry.lingering,
         }
     }
 
-    /// Evicts the oldest connection `gate` counts that is not yet welcomed: it stops
-    /// counting in both gates and is told to close. False if there is none. Called under
-    /// the gate's lock, with the newcomer taking the place.
-    pub(crate) fn evict_oldest(&self, gate: Gate) -> bool {
-        let mut s = self.lock();
-        let s = &mut *s;
-        let oldest = match gate {
-            Gate::Table => s.table.pop_first(),
-            Gate::Registry => s.registry.pop_first(),
+    /// What a newcomer to `gate` meets at `now`, the gate holding `held` places (lingering
+    /// ones included) of `max` (see the module doc: the ceiling, then the count without
+    /// lingering places, then the fair-share victim and its grace).
+    pub(crate) fn admission(&self, gate: Gate, held: usize, max: usize, now: Instant) -> Admission {
+        if held >= ceiling(max) {
+            return Admission::Refuse;
+        }
+        if held.saturating_sub(self.lingering(gate)) < max {
+            return Admission::Admit;
+        }
+        let queue = match gate {
+            Gate::Table => &self.inner.table,
+            Gate::Registry => &self.inner.registry,
         };
-        let Some((seq, t)) = oldest else {
-            return false;
-        };
-        s.table.remove(&seq);
-        s.registry.remove(&seq);
+        match queue.victim() {
+            Some(v) if now.saturating_duration_since(v.born) >= self.h.grace => {
+                Admission::Evict(v.clone())
+            }
+            _ => Admission::Refuse,
+        }
+    }
+
+    /// Evicts `t` (an [`Admission::Evict`] victim, under the same lock): it stops counting
+    /// in both gates and is told to close.
+    pub(crate) fn evict(&mut self, t: &Arc<Ticket>) {
+        let inner = &mut *self.inner;
+        inner.table.remove(t);
+        inner.registry.remove(t);
         t.evicted.store(true, Relaxed);
         if t.table
             .compare_exchange(COUNTED, LINGERING, Relaxed, Relaxed)
             .is_ok()
         {
-            s.table_lingering += 1;
+            inner.table.lingering += 1;
         }
         if t.registry
             .compare_exchange(COUNTED, LINGERING, Relaxed, Relaxed)
             .is_ok()
         {
-            s.registry_lingering += 1;
+            inner.registry.lingering += 1;
         }
         t.notify.notify_waiters();
-        self.metrics.handshake_evicted();
-        true
+        self.h.metrics.handshake_evicted();
+    }
+
+    /// `gate` counts `t` from now (called under the gate's lock); it waits in the gate's
+    /// queue until welcomed. An already evicted connection's unit lingers at once.
+    pub(crate) fn enter(&mut self, gate: Gate, t: &Arc<Ticket>) {
+        let (unit, queue) = self.inner.gate(gate, t);
+        if t.is_evicted() {
+            unit.store(LINGERING, Relaxed);
+            queue.lingering += 1;
+        } else {
+            unit.store(COUNTED, Relaxed);
+            if !t.passed.load(Relaxed) {
+                queue.insert(t);
+            }
+        }
     }
 }
 
 impl Inner {
-    fn gate<'a>(
-        &'a mut self,
-        gate: Gate,
-        t: &'a Ticket,
-    ) -> (
-        &'a AtomicU8,
-        &'a mut BTreeMap<u64, Arc<Ticket>>,
-        &'a mut usize,
-    ) {
+    fn gate<'a>(&'a mut self, gate: Gate, t: &'a Ticket) -> (&'a AtomicU8, &'a mut Queue) {
         match gate {
-            Gate::Table => (&t.table, &mut self.table, &mut self.table_lingering),
-            Gate::Registry => (
-                &t.registry,
-                &mut self.registry,
-                &mut self.registry_lingering,
-            ),
+            Gate::Table => (&t.table, &mut self.table),
+            Gate::Registry => (&t.registry, &mut self.registry),
         }
     }
 }
@@ -244,23 +374,53 @@ impl Inner {
 mod tests {
     use super::*;
 
+    fn net(s: &str) -> Net {
+        Some(s.parse().unwrap())
+    }
+
+    /// The victim is evicted in both gates at once: it stops counting (its units linger)
+    /// and leaves both queues; a welcomed connection is never a victim; an evicted one is
+    /// not welcomed.
     #[test]
-    fn the_oldest_unwelcomed_is_evicted_and_stops_counting_in_both_gates() {
-        let h = Handshakes::new(Arc::new(Metrics::new()));
-        let (a, b, c) = (h.ticket(), h.ticket(), h.ticket());
+    fn an_evicted_connection_stops_counting_in_both_gates() {
+        let h = Handshakes::new(Arc::new(Metrics::new()), Duration::ZERO);
+        let t0 = Instant::now();
+        let (a, b, c) = (
+            h.ticket(net("10.0.0.0"), t0),
+            h.ticket(net("10.0.1.0"), t0),
+            h.ticket(net("10.0.2.0"), t0),
+        );
+        let mut g = h.lock();
         for t in [&a, &b, &c] {
-            h.enter(Gate::Table, t);
+            g.enter(Gate::Table, t);
         }
-        h.enter(Gate::Registry, &a);
+        g.enter(Gate::Registry, &a);
+        drop(g);
         assert!(h.pass(&b), "b is welcomed: never evicted");
-        assert!(h.evict_oldest(Gate::Table));
+        let mut g = h.lock();
+        assert_eq!(g.admission(Gate::Table, 2, 3, t0), Admission::Admit);
+        assert_eq!(
+            g.admission(Gate::Table, 3, 3, t0),
+            Admission::Evict(a.clone())
+        );
+        g.evict(&a);
         assert!(a.is_evicted() && !b.is_evicted() && !c.is_evicted());
-        assert_eq!(h.lingering(Gate::Table), 1);
-        assert_eq!(h.lingering(Gate::Registry), 1, "a was registered too");
-        assert!(!h.can_evict(Gate::Registry));
-        assert!(h.evict_oldest(Gate::Table), "then c");
-        assert!(c.is_evicted());
-        assert!(!h.evict_oldest(Gate::Table), "b is admitted: none left");
+        assert_eq!(
+            (g.lingering(Gate::Table), g.lingering(Gate::Registry)),
+            (1, 1)
+        );
+        assert_eq!(g.admission(Gate::Registry, 1, 1, t0), Admission::Admit);
+        assert_eq!(
+            g.admission(Gate::Table, 4, 3, t0),
+            Admission::Evict(c.clone())
+        );
+        g.evict(&c);
+        assert_eq!(
+            g.admission(Gate::Table, 5, 3, t0),
+            Admission::Refuse,
+            "b alone, welcomed"
+        );
+        drop(g);
         assert!(!h.pass(&c), "an evicted connection is not welcomed");
         h.leave(Gate::Table, &a);
         h.leave(Gate::Registry, &a);
@@ -269,6 +429,56 @@ mod tests {
         assert_eq!(
             (h.lingering(Gate::Table), h.lingering(Gate::Registry)),
             (0, 0)
+        );
+    }
+
+    /// Fair share: the victim is the oldest of the network holding the most unwelcomed
+    /// places (ties: the one whose oldest is oldest), never one within its grace period
+    /// (the newcomer is refused instead); and nothing is evicted at the ceiling.
+    #[test]
+    fn the_victim_is_the_oldest_of_the_largest_network_past_its_grace() {
+        let grace = Duration::from_secs(2);
+        let h = Handshakes::new(Arc::new(Metrics::new()), grace);
+        let t0 = Instant::now();
+        let honest = h.ticket(net("192.0.2.0"), t0);
+        let flood: Vec<_> = (0..3)
+            .map(|i| h.ticket(net("10.0.0.0"), t0 + Duration::from_millis(i)))
+            .collect();
+        let mut g = h.lock();
+        g.enter(Gate::Table, &honest);
+        for t in &flood {
+            g.enter(Gate::Table, t);
+        }
+        let later = t0 + Duration::from_secs(3);
+        // The honest handshake is the oldest, but 10.0.0.0 holds the most.
+        assert_eq!(
+            g.admission(Gate::Table, 4, 4, later),
+            Admission::Evict(flood[0].clone())
+        );
+        g.evict(&flood[0]);
+        assert_eq!(
+            g.admission(Gate::Table, 5, 4, later),
+            Admission::Evict(flood[1].clone())
+        );
+        g.evict(&flood[1]);
+        // One each: the tie goes to the network whose oldest is oldest.
+        assert_eq!(
+            g.admission(Gate::Table, 6, 4, later),
+            Admission::Evict(honest.clone())
+        );
+        // Within the grace: refused, nothing evicted.
+        assert_eq!(
+            g.admission(Gate::Table, 6, 4, t0 + Duration::from_secs(1)),
+            Admission::Refuse
+        );
+        // At the ceiling (4 + 16), lingering places included: refused.
+        assert_eq!(ceiling(4), 20);
+        assert_eq!(ceiling(10_000), 11_250);
+        assert_eq!(g.admission(Gate::Table, 20, 4, later), Admission::Refuse);
+        assert_eq!(super::grace(Duration::from_secs(10)), GRACE_MAX);
+        assert_eq!(
+            super::grace(Duration::from_secs(1)),
+            Duration::from_millis(500)
         );
     }
 }

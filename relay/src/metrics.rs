@@ -667,7 +667,7 @@ impl Metrics {
             ),
             (
                 "whispeer_relay_handshakes_evicted_total",
-                "Connections still in their handshake or waiting for Hello closed to make room for a new connection while the relay was full (max_connections), oldest first.",
+                "Connections still in their handshake or waiting for Hello closed to make room for a new connection while the relay was full (max_connections): the oldest of the network holding the most unwelcomed places, past its grace.",
                 load(&self.handshakes_evicted),
             ),
             (

@@ -540,7 +540,14 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
     // drain time to read them and close, rather than cutting them off by closing now.
     // Still counted against its address (`slot`) meanwhile: a client that keeps the
     // connection open past its session must not open more beside it than its caps allow.
-    let _ = tokio::time::timeout(shared.config.timeouts.drain(), connection.closed()).await;
+    // An evicted connection (its place taken by a newer one, its socket lingering beyond
+    // `max_connections`) gets `EVICTED_CLOSE` only, not the drain.
+    let drain = if ticket.is_evicted() {
+        crate::handshakes::EVICTED_CLOSE.min(shared.config.timeouts.drain())
+    } else {
+        shared.config.timeouts.drain()
+    };
+    let _ = tokio::time::timeout(drain, connection.closed()).await;
     connection.close(0u32.into(), b"done");
     rebalancer.abort();
     let _ = rebalancer.await;

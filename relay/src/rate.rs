@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::handshakes::{Gate, Handshakes, Ticket};
+use crate::handshakes::{Admission, Gate, Handshakes, Ticket};
 use crate::store::source_address;
 
 /// Subscription index nodes a publish's routing walk may visit per publish rate token:
@@ -105,6 +105,12 @@ impl TokenBucket {
         }
         self.refill(now);
         self.tokens = (self.tokens - 1.0).max(-self.rate.max(1.0));
+    }
+
+    /// Whether a request would find a token (not over the rate), taking none.
+    fn has_token(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.rate == 0.0 || (self.tokens + elapsed * self.rate).min(self.burst) >= 1.0
     }
 
     /// Whether the bucket is in debt: requests are being made faster than its rate.
@@ -398,7 +404,10 @@ impl AddrTable {
             bans: crate::syn_ban::Bans::new(ban_max),
             net_bans: crate::syn_ban::Bans::new(ban_max),
             count: tokio::sync::watch::Sender::new(0),
-            handshakes: Arc::new(Handshakes::new(Arc::new(crate::metrics::Metrics::new()))),
+            handshakes: Arc::new(Handshakes::new(
+                Arc::new(crate::metrics::Metrics::new()),
+                Duration::ZERO,
+            )),
         }
     }
 
@@ -494,15 +503,14 @@ impl AddrTable {
         }
         let (rates, (rate, burst)) = (self.rates, self.connect);
         // The relay is full (places held by evicted connections that are still closing do
-        // not count), but a connection not yet welcomed holds a place: the newcomer takes
-        // the oldest one's place — once it passed every other check below, which it pays
-        // as any connection does — and that one is closed.
-        let full = s
-            .total
-            .saturating_sub(self.handshakes.lingering(Gate::Table))
-            >= self.global;
-        let evict = full && self.handshakes.can_evict(Gate::Table);
-        let global = full && !evict;
+        // not count), but a connection not yet welcomed holds a place: the newcomer may take
+        // the fair-share victim's place ([`crate::handshakes`]) — once it passed every other
+        // check below, which it pays as any connection does, and only within its address's
+        // connect rate — and that one is closed. Decided under one lock of the queues, held
+        // to the end: the registry cannot evict the victim meanwhile.
+        let mut queues = self.handshakes.lock();
+        let admission = queues.admission(Gate::Table, s.total, self.global, now);
+        let global = admission == Admission::Refuse;
         let net = self.network(ip);
         let net_full = self.per_net > 0 && s.by_net.get(&net).copied().unwrap_or(0) >= self.per_net;
         let s = &mut *s;
@@ -555,15 +563,28 @@ impl AddrTable {
                 Refusal::PerNetwork(self.per_net)
             });
         }
-        // (None left: the registry evicted it meanwhile. Refused as when full.)
-        if evict && !self.handshakes.evict_oldest(Gate::Table) {
-            e.connects.charge_refused(now);
-            return Err(if e.connects.in_debt(now) {
-                Refusal::Churning
-            } else {
-                Refusal::Global(self.global)
-            });
+        if let Admission::Evict(victim) = &admission {
+            // Evicting is connecting to a full relay: over its connect rate the address is
+            // refused as when nothing could be evicted (charged: churning, then banned),
+            // not let in to wait — its wait came after the victim was already gone, so one
+            // address could evict every handshake at any speed.
+            if !e.connects.has_token(now) {
+                e.connects.charge_refused(now);
+                return Err(if e.connects.in_debt(now) {
+                    Refusal::Churning
+                } else {
+                    Refusal::Global(self.global)
+                });
+            }
+            // And to its network's connect bucket (with a network cap, as refusals at the
+            // caps are): many addresses of one network evicting faster than
+            // `NETWORK_CONNECT_FACTOR` addresses' rate are churning as a network.
+            if self.per_net > 0 && self.charge_network(s, net, now) {
+                return Err(Refusal::NetworkChurning);
+            }
+            queues.evict(victim);
         }
+        let e = s.by_addr.get_mut(&ip).expect("the entry made above");
         e.conns += 1;
         let wait = e.connects.take(1.0, now);
         let busy = e.connects.spent() > LIGHT_CONNECTS || e.conns as f64 > LIGHT_CONNECTS;
@@ -573,8 +594,8 @@ impl AddrTable {
         }
         s.total += 1;
         self.count.send_replace(s.total);
-        let ticket = self.handshakes.ticket();
-        self.handshakes.enter(Gate::Table, &ticket);
+        let ticket = self.handshakes.ticket(Some(net), now);
+        queues.enter(Gate::Table, &ticket);
         Ok(AddrSlot {
             table: self.clone(),
             ticket,
@@ -807,6 +828,92 @@ mod tests {
         drop((held, young));
         assert_eq!(t.total(), 2);
         assert_eq!(t.handshakes.lingering(Gate::Table), 0);
+    }
+
+    /// Review finding (High): nothing capped the places of evicted connections still
+    /// closing, so a newcomer could always evict and the relay's sockets grew with the
+    /// connect rate. Four unwelcomed places of 4, then 100 newcomers from other addresses,
+    /// every slot kept: 16 are admitted (each evicting one) up to the ceiling of
+    /// 4 + 16 places, lingering included; the other 84 are refused as when full. Once
+    /// evicted connections close, newcomers evict again.
+    #[test]
+    fn evicted_connections_still_closing_are_capped() {
+        let t = Arc::new(AddrTable::new(
+            UNLIMITED,
+            (0, 0),
+            64,
+            1_000,
+            4,
+            Duration::ZERO,
+        ));
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        let held: Vec<_> = (0..4).map(|i| t.admit(ip(i)).unwrap()).collect();
+        let (mut admitted, mut refused) = (Vec::new(), 0);
+        for i in 0..100 {
+            match t.admit(ip(1_000 + i)) {
+                Ok(slot) => admitted.push(slot),
+                Err(why) => {
+                    assert_eq!(why, Refusal::Global(4));
+                    refused += 1;
+                }
+            }
+            assert!(t.total() <= crate::handshakes::ceiling(4), "{}", t.total());
+        }
+        assert_eq!((admitted.len(), refused), (16, 84));
+        assert_eq!(t.total(), 20);
+        assert!(held.iter().all(|s| s.ticket().is_evicted()));
+        drop(held);
+        let _late = t.admit(ip(5_000)).unwrap();
+        assert_eq!(t.total(), 17);
+    }
+
+    /// Review finding (High): evicting bypassed the connect rate and the churn ban, so one
+    /// address connecting fast evicted every handshake. Connect rate 1/s, burst 3; four
+    /// places held by 10.0.1.x (two admitted 10 s ago, two 1 s ago: within the 2 s grace).
+    /// 10.0.0.9 connects 5 times at once: it evicts the two old ones (its network holds
+    /// fewer), then the victim is within its grace: refused (Global, charged), then over
+    /// its rate: churning. 1.5 s later the old-enough victim is there but 10.0.0.9 has no
+    /// token: churning still; 10.0.2.1, within its rate, evicts it.
+    #[test]
+    fn an_evictor_pays_its_connect_rate_and_spares_young_handshakes() {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let t = Arc::new(
+            AddrTable::new(UNLIMITED, (1, 3), 64, 100, 4, Duration::from_secs(60))
+                .with_network_cap(100, 24, 48)
+                .with_handshakes(Arc::new(Handshakes::new(metrics, Duration::from_secs(2)))),
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let held = [
+            t.admit_at(ip("10.0.1.1"), at(0)).unwrap(),
+            t.admit_at(ip("10.0.1.2"), at(0)).unwrap(),
+            t.admit_at(ip("10.0.1.3"), at(9_000)).unwrap(),
+            t.admit_at(ip("10.0.1.4"), at(9_000)).unwrap(),
+        ];
+        let flooder = ip("10.0.0.9");
+        let kept: Vec<_> = (0..5).map(|_| t.admit_at(flooder, at(10_000))).collect();
+        assert_eq!(
+            kept.iter()
+                .map(|r| r.as_ref().map(|_| ()).map_err(|e| *e))
+                .collect::<Vec<_>>(),
+            [
+                Ok(()),
+                Ok(()),
+                Err(Refusal::Global(4)),
+                Err(Refusal::Churning),
+                Err(Refusal::Churning)
+            ]
+        );
+        let evicted: Vec<_> = held.iter().map(|s| s.ticket().is_evicted()).collect();
+        assert_eq!(evicted, [true, true, false, false]);
+        assert_eq!(
+            t.admit_at(flooder, at(11_500)).unwrap_err(),
+            Refusal::Churning
+        );
+        assert!(!held[2].ticket().is_evicted());
+        let _honest = t.admit_at(ip("10.0.2.1"), at(11_500)).unwrap();
+        assert!(held[2].ticket().is_evicted() && !held[3].ticket().is_evicted());
     }
 
     #[test]

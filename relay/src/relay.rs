@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::StoreKind;
 use crate::config::{Config, ListenAddr};
 use crate::error::RelayError;
-use crate::handshakes::{Gate, Handshakes, Ticket};
+use crate::handshakes::{Admission, Gate, Handshakes, Ticket};
 use crate::ids::{ConnId, TransportKind};
 use crate::metrics::Metrics;
 use crate::outbound::Outbound;
@@ -59,10 +59,11 @@ impl Registry {
     }
 
     /// Numbers a new connection and records it; `admitted` is false over the limit. At
-    /// the limit the oldest connection not yet welcomed is evicted to make room (see
-    /// [`crate::handshakes`]); only when every place is held by a welcomed session is the
-    /// newcomer refused. `ticket`: the connection's, from its address slot (a new one
-    /// otherwise, returned).
+    /// the limit a connection not yet welcomed may be evicted to make room (the fair-share
+    /// victim past its grace, under the ceiling: see [`crate::handshakes`]); otherwise the
+    /// newcomer is refused. `ticket`: the connection's, from its address slot (a new one
+    /// otherwise, returned). A ticket already evicted (during its transport handshake)
+    /// evicts no one: it is recorded, admitted, and closes as evicted.
     pub(crate) fn register(
         &self,
         out: &Arc<Outbound>,
@@ -70,15 +71,22 @@ impl Registry {
         ticket: Option<Arc<Ticket>>,
     ) -> (ConnId, bool, Arc<Ticket>) {
         let id = ConnId(self.next.fetch_add(1, Ordering::Relaxed) + 1);
-        let ticket = ticket.unwrap_or_else(|| self.handshakes.ticket());
+        let ticket =
+            ticket.unwrap_or_else(|| self.handshakes.ticket(None, std::time::Instant::now()));
         let mut conns = self.lock();
-        let counted = conns
-            .len()
-            .saturating_sub(self.handshakes.lingering(Gate::Registry));
-        let admitted = counted < max || self.handshakes.evict_oldest(Gate::Registry);
+        let mut queues = self.handshakes.lock();
+        let admitted = ticket.is_evicted()
+            || match queues.admission(Gate::Registry, conns.len(), max, std::time::Instant::now()) {
+                Admission::Admit => true,
+                Admission::Evict(victim) => {
+                    queues.evict(&victim);
+                    true
+                }
+                Admission::Refuse => false,
+            };
         conns.insert(id, out.clone());
         if admitted {
-            self.handshakes.enter(Gate::Registry, &ticket);
+            queues.enter(Gate::Registry, &ticket);
         }
         (id, admitted, ticket)
     }
@@ -397,7 +405,10 @@ impl RelayBuilder {
                 .map_err(RelayError::Store)?,
         };
         let addrs = self.listeners.addrs();
-        let handshakes = Arc::new(Handshakes::new(metrics.clone()));
+        let handshakes = Arc::new(Handshakes::new(
+            metrics.clone(),
+            crate::handshakes::grace(self.config.timeouts.hello()),
+        ));
         let l = &self.config.limits;
         let addr_table = Arc::new(
             AddrTable::new(
@@ -1175,7 +1186,7 @@ async fn answer_refusal(mut stream: TcpStream, message: String) {
         sub_id: None,
         publish_id: None,
     }));
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(crate::handshakes::EVICTED_CLOSE, async {
         let _ = stream.write_all(&frame).await;
         let _ = stream.shutdown().await;
     })
@@ -1297,6 +1308,15 @@ async fn handshake(
     slot: AddrSlot,
 ) {
     if !connect_wait_tcp(&shared, &slot, &stream).await {
+        // Evicted while it waited (over its connect rate): told why on plain TCP, within
+        // `EVICTED_CLOSE`, its slot held until then (the other listeners have no protocol
+        // to speak before their handshake).
+        if kind == TransportKind::Tcp && slot.ticket().is_evicted() {
+            shared
+                .metrics
+                .error_sent(whispeer_protocol::ErrorCode::TooManyConnections);
+            answer_refusal(stream, crate::handshakes::EVICTED.into()).await;
+        }
         return;
     }
     // The source address whose share of the large-frame budget the connection draws on.

@@ -714,12 +714,6 @@ impl Session {
 
     fn welcome(&mut self, version: u64, client: Option<&str>, has_auth: bool, wanted: u64) -> Flow {
         self.greeted = true;
-        // From here on never evicted; or evicted just before: closed, not welcomed.
-        if let Some(t) = &self.ticket {
-            if !self.shared.handshakes.pass(t) {
-                return self.evicted();
-            }
-        }
         if let Some(acct) = &self.account {
             // Quotas follow the account's identity, not the address it connects from (nor
             // its name: a name added again is a new tenant).
@@ -754,7 +748,6 @@ impl Session {
                 None,
             );
         }
-        self.open = true;
         if let (Some(acct), Some(credential)) = (&self.account, self.credential) {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             if !self
@@ -773,6 +766,15 @@ impl Session {
             }
             self.rights_changed_rx = Some(rx);
         }
+        // From here on never evicted; or evicted just before: closed, not welcomed. Taken
+        // last, after the plugins and the account: a connection they refuse stays
+        // evictable while it closes.
+        if let Some(t) = &self.ticket {
+            if !self.shared.handshakes.pass(t) {
+                return self.evicted();
+            }
+        }
+        self.open = true;
         let mut offered = self.shared.router.store().features();
         if offered & features::AT_LEAST_ONCE != 0 {
             offered |= features::FLOW_CONTROL;

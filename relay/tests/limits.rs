@@ -1293,12 +1293,14 @@ async fn flood_handled_before_another_frame(config: Config, flood: Vec<Envelope>
 /// the place of the oldest of them (evicted, closed before its upgrade), not the other way
 /// round: a TCP client (from another address: no per-address cap involved) is welcomed,
 /// the oldest stalled handshake is closed, the younger ones are not. Once they close, the
-/// count goes back to the welcomed client alone.
+/// count goes back to the welcomed client alone. (The stalled handshakes are first let
+/// age past their eviction grace, min(2 s, hello_ms / 2): 1.5 s here.)
 #[tokio::test]
 async fn the_connection_limit_counts_connections_still_in_their_handshake() {
     use tokio::io::AsyncReadExt;
     let mut config = Config::ephemeral();
     config.limits.max_connections = 3;
+    config.timeouts.hello_ms = 3_000;
     let relay = TestRelay::start(config).await;
     let admin = relay.addrs.admin.expect("admin");
     let mut count = relay.handle.connections();
@@ -1310,6 +1312,7 @@ async fn the_connection_limit_counts_connections_still_in_their_handshake() {
             .expect("the stalled handshakes counted")
             .expect("relay running");
     }
+    tokio::time::sleep(GRACE_3S).await;
     let mut c = Client::tcp_from(relay.tcp(), "127.0.0.2").await;
     c.hello().await;
     let mut oldest = stalled.remove(0);
@@ -1339,12 +1342,16 @@ async fn the_connection_limit_counts_connections_still_in_their_handshake() {
 /// out an honest client: its connection evicts the oldest silent one (closed with
 /// `Err(too_many_connections)` saying so) and it is welcomed, subscribes and publishes.
 /// Only that one is evicted (`whispeer_relay_handshakes_evicted_total` 1). Before, the
-/// honest client was refused for as long as the stranger kept reconnecting.
+/// honest client was refused for as long as the stranger kept reconnecting. (The silent
+/// connections are older than their eviction grace when the honest client comes: 1.5 s
+/// with `hello_ms` 3,000; all from 127.0.0.0/24, the honest client's network too, whose
+/// oldest is evicted.)
 #[tokio::test]
 async fn a_full_relay_evicts_its_oldest_silent_connection_for_a_newcomer() {
     const MAX: usize = 16;
     let mut config = Config::ephemeral();
     config.limits.max_connections = MAX;
+    config.timeouts.hello_ms = 3_000;
     config.limits.max_connections_per_addr = 2 * MAX;
     config.limits.max_connections_per_network = 2 * MAX;
     let relay = TestRelay::start(config).await;
@@ -1360,6 +1367,7 @@ async fn a_full_relay_evicts_its_oldest_silent_connection_for_a_newcomer() {
             .expect("the silent connections counted")
             .expect("relay running");
     }
+    tokio::time::sleep(GRACE_3S).await;
     let mut honest = Client::tcp(relay.tcp()).await;
     honest.hello().await;
     honest.subscribe(1, exact(7, &[1])).await;
@@ -1382,6 +1390,68 @@ async fn a_full_relay_evicts_its_oldest_silent_connection_for_a_newcomer() {
         metric(admin, "whispeer_relay_connections_rejected_total").await,
         0
     );
+}
+
+/// Past the eviction grace of connections admitted with `hello_ms` 3,000 (1.5 s), and a
+/// little more.
+const GRACE_3S: std::time::Duration = std::time::Duration::from_millis(1_550);
+
+/// Review finding (Medium/High): a full relay evicted its oldest unwelcomed connection,
+/// whoever held the most places — a client slow with its `Hello` was the first evicted by
+/// a stranger's flood. Now the victim is the oldest of the network holding the most
+/// unwelcomed places. `max_connections` 8, networks of one address (`network_ipv4_prefix`
+/// 32), `hello_ms` 600 (eviction grace 300 ms). A client from 127.0.0.1 connects and
+/// delays its `Hello` by 300 ms (more, until the flood is done); 127.0.0.9 fills the other
+/// 7 places with silent connections, lets them age past the grace, then opens 17 more
+/// (3 × 8 in all): they evict its own 7 old ones (127.0.0.9 holds the most), then are
+/// refused (the victim would be one of its own, within its grace). The client, older than
+/// the grace, is never evicted: it gets its `Welcome`. Before, the flood's first new
+/// connection evicted the client.
+#[tokio::test]
+async fn a_flood_from_another_network_evicts_its_own_connections_not_a_slow_client() {
+    const MAX: usize = 8;
+    let mut config = Config::ephemeral();
+    config.limits.max_connections = MAX;
+    config.limits.network_ipv4_prefix = 32;
+    config.timeouts.hello_ms = 600;
+    let grace = std::time::Duration::from_millis(300);
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let mut count = relay.handle.connections();
+    let started = tokio::time::Instant::now();
+    let mut client = Client::tcp(relay.tcp()).await;
+    tokio::time::timeout(TIMEOUT, count.wait_for(|c| *c == 1))
+        .await
+        .expect("the client counted")
+        .expect("relay running");
+    let silent = || async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.9:0".parse().unwrap()).unwrap();
+        sock.connect(relay.tcp()).await.unwrap()
+    };
+    let mut flood = Vec::new();
+    for _ in 1..MAX {
+        flood.push(silent().await);
+    }
+    tokio::time::timeout(TIMEOUT, count.wait_for(|c| *c == MAX))
+        .await
+        .expect("the flood's first connections counted")
+        .expect("relay running");
+    // The relay is full; the client and the flood's first connections age past the grace.
+    tokio::time::sleep(grace + std::time::Duration::from_millis(10)).await;
+    for _ in 0..2 * MAX + 1 {
+        flood.push(silent().await);
+    }
+    tokio::time::sleep_until(started + std::time::Duration::from_millis(300)).await;
+    let welcome = client.hello().await;
+    assert_eq!(welcome.version, whispeer_protocol::frame::PROTOCOL_VERSION);
+    let evicted = metric(admin, "whispeer_relay_handshakes_evicted_total").await;
+    assert!(
+        (1..MAX as u64).contains(&evicted),
+        "the flood evicted {evicted} of its own {} first connections",
+        MAX - 1
+    );
+    drop(flood);
 }
 
 /// Eviction never takes an admitted session's place: with all 16 places held by welcomed
