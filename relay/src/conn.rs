@@ -49,7 +49,7 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
         shared
             .registry
             .register(&out, cfg.limits.max_connections, ticket);
-    let _registration = shared.registry.guard(conn, ticket.clone());
+    let _registration = shared.registry.guard(conn, admitted, ticket.clone());
     let keepalive = match transport {
         TransportKind::Ws | TransportKind::Wss => cfg.timeouts.heartbeat(),
         _ => None,

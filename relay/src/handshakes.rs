@@ -10,7 +10,9 @@
 //! * **Fair share.** The victim is the oldest unwelcomed connection of the *network* (the
 //!   IPv4 /24 or IPv6 /48 of `max_connections_per_network`, `network_ipv4_prefix`,
 //!   `network_ipv6_prefix`) holding the most unwelcomed places (ties: the network whose
-//!   oldest is oldest). A stranger flooding from one network mostly evicts its own
+//!   oldest is oldest). A network's places are counted once for both gates (its
+//!   connections in either queue), so they agree on who holds the most; each evicts from
+//!   the connections it counts. A stranger flooding from one network mostly evicts its own
 //!   connections; an honest handshake is evicted only while its network holds the most.
 //! * **Grace.** A connection younger than [`grace`] (`min(2 s, hello_ms / 2)`) is never
 //!   evicted: when the chosen victim is that young the newcomer is refused instead, as a
@@ -138,52 +140,72 @@ pub(crate) struct Handshakes {
 struct Inner {
     table: Queue,
     registry: Queue,
+    /// Each network's unwelcomed connections in either queue: the fair share both gates
+    /// rank networks by. One count for both, so the gates agree on who holds the most: a
+    /// connection the table admitted (evicting one of its network) counts before it
+    /// reaches the registry, and one evicted stops counting in both at once — the
+    /// registry's own queue alone under-counted a flooding network while its newcomers
+    /// were on their way, and could tie it with an honest client's network.
+    waiting: HashMap<Net, usize>,
 }
+
+/// Where a network ranks in a [`Queue`]: how many unwelcomed places it holds relay-wide
+/// ([`Inner::waiting`]), then its oldest here (`Reverse(seq)`: the oldest ranks higher).
+type Rank = (usize, Reverse<u64>, Net);
 
 /// One gate's unwelcomed connections, by age and by network.
 #[derive(Debug, Default)]
 struct Queue {
     by_seq: BTreeMap<u64, Arc<Ticket>>,
-    /// Each network's unwelcomed connections, by age.
-    by_net: HashMap<Net, BTreeSet<u64>>,
-    /// Networks by how many unwelcomed places they hold, then by their oldest's age
-    /// (`Reverse(seq)`: the oldest ranks higher): the victim's network is the last.
-    rank: BTreeSet<(usize, Reverse<u64>, Net)>,
+    /// Each network's unwelcomed connections here, by age, and its key in `rank`.
+    by_net: HashMap<Net, (BTreeSet<u64>, Option<Rank>)>,
+    /// Networks by [`Rank`]: the victim's network is the last.
+    rank: BTreeSet<Rank>,
     /// Units held by evicted connections (not counted against the limit).
     lingering: usize,
 }
 
 impl Queue {
-    fn insert(&mut self, t: &Arc<Ticket>) {
-        if self.by_seq.insert(t.seq, t.clone()).is_some() {
-            return;
-        }
-        let set = self.by_net.entry(t.net).or_default();
-        if let Some(&first) = set.first() {
-            self.rank.remove(&(set.len(), Reverse(first), t.net));
-        }
-        set.insert(t.seq);
-        let first = *set.first().expect("just inserted");
-        self.rank.insert((set.len(), Reverse(first), t.net));
+    fn contains(&self, t: &Ticket) -> bool {
+        self.by_seq.contains_key(&t.seq)
     }
 
-    fn remove(&mut self, t: &Ticket) {
-        if self.by_seq.remove(&t.seq).is_none() {
-            return;
+    /// Adds `t` (its network re-ranked by the caller); false if it was here.
+    fn insert(&mut self, t: &Arc<Ticket>) -> bool {
+        if self.by_seq.insert(t.seq, t.clone()).is_some() {
+            return false;
         }
-        let Some(set) = self.by_net.get_mut(&t.net) else {
+        self.by_net.entry(t.net).or_default().0.insert(t.seq);
+        true
+    }
+
+    /// Removes `t` (its network re-ranked by the caller); false if it was not here.
+    fn remove(&mut self, t: &Ticket) -> bool {
+        if self.by_seq.remove(&t.seq).is_none() {
+            return false;
+        }
+        if let Some((set, _)) = self.by_net.get_mut(&t.net) {
+            set.remove(&t.seq);
+        }
+        true
+    }
+
+    /// Ranks `net` anew: it holds `waiting` unwelcomed places relay-wide.
+    fn rerank(&mut self, net: Net, waiting: usize) {
+        let Some((set, key)) = self.by_net.get_mut(&net) else {
             return;
         };
-        if let Some(&first) = set.first() {
-            self.rank.remove(&(set.len(), Reverse(first), t.net));
+        if let Some(old) = key.take() {
+            self.rank.remove(&old);
         }
-        set.remove(&t.seq);
         match set.first() {
             Some(&first) => {
-                self.rank.insert((set.len(), Reverse(first), t.net));
+                let new = (waiting, Reverse(first), net);
+                self.rank.insert(new);
+                *key = Some(new);
             }
             None => {
-                self.by_net.remove(&t.net);
+                self.by_net.remove(&net);
             }
         }
     }
@@ -258,10 +280,9 @@ impl Handshakes {
     /// the gate takes its unit off its count).
     pub(crate) fn leave(&self, gate: Gate, t: &Arc<Ticket>) {
         let mut g = self.lock();
-        let (unit, queue) = g.inner.gate(gate, t);
-        queue.remove(t);
-        if unit.swap(NONE, Relaxed) == LINGERING {
-            queue.lingering -= 1;
+        g.inner.remove(gate, t);
+        if t.unit(gate).swap(NONE, Relaxed) == LINGERING {
+            g.inner.queue(gate).lingering -= 1;
         }
     }
 
@@ -273,8 +294,8 @@ impl Handshakes {
             return false;
         }
         t.passed.store(true, Relaxed);
-        g.inner.table.remove(t);
-        g.inner.registry.remove(t);
+        g.inner.remove(Gate::Table, t);
+        g.inner.remove(Gate::Registry, t);
         true
     }
 
@@ -325,9 +346,9 @@ impl Guard<'_> {
     /// Evicts `t` (an [`Admission::Evict`] victim, under the same lock): it stops counting
     /// in both gates and is told to close.
     pub(crate) fn evict(&mut self, t: &Arc<Ticket>) {
+        self.inner.remove(Gate::Table, t);
+        self.inner.remove(Gate::Registry, t);
         let inner = &mut *self.inner;
-        inner.table.remove(t);
-        inner.registry.remove(t);
         t.evicted.store(true, Relaxed);
         if t.table
             .compare_exchange(COUNTED, LINGERING, Relaxed, Relaxed)
@@ -348,25 +369,69 @@ impl Guard<'_> {
     /// `gate` counts `t` from now (called under the gate's lock); it waits in the gate's
     /// queue until welcomed. An already evicted connection's unit lingers at once.
     pub(crate) fn enter(&mut self, gate: Gate, t: &Arc<Ticket>) {
-        let (unit, queue) = self.inner.gate(gate, t);
         if t.is_evicted() {
-            unit.store(LINGERING, Relaxed);
-            queue.lingering += 1;
+            t.unit(gate).store(LINGERING, Relaxed);
+            self.inner.queue(gate).lingering += 1;
         } else {
-            unit.store(COUNTED, Relaxed);
+            t.unit(gate).store(COUNTED, Relaxed);
             if !t.passed.load(Relaxed) {
-                queue.insert(t);
+                self.inner.insert(gate, t);
             }
         }
     }
 }
 
-impl Inner {
-    fn gate<'a>(&'a mut self, gate: Gate, t: &'a Ticket) -> (&'a AtomicU8, &'a mut Queue) {
+impl Ticket {
+    /// Its unit in `gate`.
+    fn unit(&self, gate: Gate) -> &AtomicU8 {
         match gate {
-            Gate::Table => (&t.table, &mut self.table),
-            Gate::Registry => (&t.registry, &mut self.registry),
+            Gate::Table => &self.table,
+            Gate::Registry => &self.registry,
         }
+    }
+}
+
+impl Inner {
+    fn queue(&mut self, gate: Gate) -> &mut Queue {
+        match gate {
+            Gate::Table => &mut self.table,
+            Gate::Registry => &mut self.registry,
+        }
+    }
+
+    fn waits(&self, t: &Ticket) -> bool {
+        self.table.contains(t) || self.registry.contains(t)
+    }
+
+    /// `t` waits in `gate`'s queue; its network counts it once, in however many queues.
+    fn insert(&mut self, gate: Gate, t: &Arc<Ticket>) {
+        let before = self.waits(t);
+        if self.queue(gate).insert(t) && !before {
+            *self.waiting.entry(t.net).or_insert(0) += 1;
+        }
+        self.rerank(t.net);
+    }
+
+    /// `t` leaves `gate`'s queue; its network stops counting it once it is in neither.
+    fn remove(&mut self, gate: Gate, t: &Ticket) {
+        if !self.queue(gate).remove(t) {
+            return;
+        }
+        if !self.waits(t) {
+            if let Some(n) = self.waiting.get_mut(&t.net) {
+                *n -= 1;
+                if *n == 0 {
+                    self.waiting.remove(&t.net);
+                }
+            }
+        }
+        self.rerank(t.net);
+    }
+
+    fn rerank(&mut self, net: Net) {
+        let waiting = self.waiting.get(&net).copied().unwrap_or(0);
+        self.table.rerank(net, waiting);
+        self.registry.rerank(net, waiting);
     }
 }
 
@@ -479,6 +544,71 @@ mod tests {
         assert_eq!(
             super::grace(Duration::from_secs(1)),
             Duration::from_millis(500)
+        );
+    }
+
+    /// Both gates rank networks by their unwelcomed connections in either queue: a
+    /// connection the table admitted counts for its network in the registry's choice
+    /// before it registers (fails without: the registry saw the flood's network and the
+    /// honest one tied at one each, and evicted the honest handshake, the older).
+    #[test]
+    fn both_gates_rank_networks_by_their_connections_in_either_queue() {
+        let h = Handshakes::new(Arc::new(Metrics::new()), Duration::ZERO);
+        let t0 = Instant::now();
+        let honest = h.ticket(net("192.0.2.1"), t0);
+        let flood: Vec<_> = (0..4).map(|_| h.ticket(net("10.0.0.9"), t0)).collect();
+        let mut g = h.lock();
+        g.enter(Gate::Table, &honest);
+        g.enter(Gate::Registry, &honest);
+        g.enter(Gate::Table, &flood[0]);
+        g.enter(Gate::Registry, &flood[0]);
+        // The table admitted two more of the flood (evicting one of it, say): not yet in
+        // the registry.
+        g.enter(Gate::Table, &flood[1]);
+        g.enter(Gate::Table, &flood[2]);
+        assert_eq!(
+            g.admission(Gate::Registry, 2, 2, t0),
+            Admission::Evict(flood[0].clone()),
+            "the flood's network holds 3, the honest one 1"
+        );
+        // The table evicts the flood's oldest for its newcomer under one lock: the
+        // network's count stays 3 for both gates.
+        g.evict(&flood[0]);
+        g.enter(Gate::Table, &flood[3]);
+        g.enter(Gate::Registry, &flood[1]);
+        // (flood[0]'s places linger: held, not counted.)
+        assert_eq!(
+            g.admission(Gate::Registry, 3, 2, t0),
+            Admission::Evict(flood[1].clone())
+        );
+        assert_eq!(
+            g.admission(Gate::Table, 5, 4, t0),
+            Admission::Evict(flood[1].clone())
+        );
+        drop(g);
+        // Connections that end stop counting once out of both queues.
+        h.leave(Gate::Registry, &flood[1]);
+        h.leave(Gate::Table, &flood[2]);
+        h.leave(Gate::Table, &flood[3]);
+        let g = h.lock();
+        assert_eq!(
+            g.admission(Gate::Table, 3, 2, t0),
+            Admission::Evict(honest.clone()),
+            "one each: the tie goes to the oldest"
+        );
+        assert_eq!(g.inner.waiting.get(&net("10.0.0.9")), Some(&1));
+        drop(g);
+        h.leave(Gate::Table, &flood[1]);
+        h.leave(Gate::Table, &flood[0]);
+        h.leave(Gate::Registry, &flood[0]);
+        assert!(h.pass(&honest));
+        let g = h.lock();
+        assert!(g.inner.waiting.is_empty());
+        assert!(g.inner.table.rank.is_empty() && g.inner.registry.rank.is_empty());
+        assert!(g.inner.table.by_net.is_empty() && g.inner.registry.by_net.is_empty());
+        assert_eq!(
+            (g.lingering(Gate::Table), g.lingering(Gate::Registry)),
+            (0, 0)
         );
     }
 }

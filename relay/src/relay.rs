@@ -36,7 +36,7 @@ use crate::{admin, conn, tls};
 /// Open connections, for the connection limit and for shutdown.
 #[derive(Debug)]
 pub(crate) struct Registry {
-    conns: Mutex<HashMap<ConnId, Arc<Outbound>>>,
+    conns: Mutex<Conns>,
     next: AtomicU64,
     empty: Notify,
     /// Connections not yet welcomed, oldest first (shared with the address table): when
@@ -44,8 +44,35 @@ pub(crate) struct Registry {
     handshakes: Arc<Handshakes>,
 }
 
+/// The registry's connections, and how many of them it refused (over the limit, closing).
+#[derive(Debug, Default)]
+struct Conns {
+    map: HashMap<ConnId, Arc<Outbound>>,
+    /// Entries of `map` refused at [`Registry::register`]: recorded until they have closed
+    /// (for shutdown and status) but holding no place — never counted against
+    /// `max_connections` nor the ceiling, never lingering (an evicted ticket's refused
+    /// entry is not a place it held).
+    refused: usize,
+}
+
+impl Conns {
+    /// Places the registry admitted and still holds: counted ones and lingering ones
+    /// (evicted, still closing), refused entries excluded.
+    fn held(&self) -> usize {
+        self.map.len() - self.refused
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Arc<Outbound>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Conns> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -63,7 +90,9 @@ impl Registry {
     /// victim past its grace, under the ceiling: see [`crate::handshakes`]); otherwise the
     /// newcomer is refused. `ticket`: the connection's, from its address slot (a new one
     /// otherwise, returned). A ticket already evicted (during its transport handshake)
-    /// evicts no one: it is recorded, admitted, and closes as evicted.
+    /// evicts no one: it is recorded, admitted, and closes as evicted. The limit and the
+    /// ceiling count the places admitted (lingering ones included), not the connections
+    /// refused here: those are recorded while they close but hold no place.
     pub(crate) fn register(
         &self,
         out: &Arc<Outbound>,
@@ -76,7 +105,8 @@ impl Registry {
         let mut conns = self.lock();
         let mut queues = self.handshakes.lock();
         let admitted = ticket.is_evicted()
-            || match queues.admission(Gate::Registry, conns.len(), max, std::time::Instant::now()) {
+            || match queues.admission(Gate::Registry, conns.held(), max, std::time::Instant::now())
+            {
                 Admission::Admit => true,
                 Admission::Evict(victim) => {
                     queues.evict(&victim);
@@ -84,26 +114,37 @@ impl Registry {
                 }
                 Admission::Refuse => false,
             };
-        conns.insert(id, out.clone());
+        conns.map.insert(id, out.clone());
         if admitted {
             queues.enter(Gate::Registry, &ticket);
+        } else {
+            conns.refused += 1;
         }
         (id, admitted, ticket)
     }
 
-    /// Removes the connection when the returned guard drops (also on abort).
-    pub(crate) fn guard(self: &Arc<Self>, conn: ConnId, ticket: Arc<Ticket>) -> Registration {
+    /// Removes the connection when the returned guard drops (also on abort). `admitted`:
+    /// as [`Registry::register`] returned it.
+    pub(crate) fn guard(
+        self: &Arc<Self>,
+        conn: ConnId,
+        admitted: bool,
+        ticket: Arc<Ticket>,
+    ) -> Registration {
         Registration {
             registry: self.clone(),
             conn,
+            admitted,
             ticket,
         }
     }
 
-    fn remove(&self, conn: ConnId, ticket: &Arc<Ticket>) {
+    fn remove(&self, conn: ConnId, admitted: bool, ticket: &Arc<Ticket>) {
         let mut conns = self.lock();
         self.handshakes.leave(Gate::Registry, ticket);
-        conns.remove(&conn);
+        if conns.map.remove(&conn).is_some() && !admitted {
+            conns.refused -= 1;
+        }
         if conns.is_empty() {
             self.empty.notify_waiters();
         }
@@ -131,12 +172,13 @@ impl Registry {
 pub(crate) struct Registration {
     registry: Arc<Registry>,
     conn: ConnId,
+    admitted: bool,
     ticket: Arc<Ticket>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.remove(self.conn, &self.ticket);
+        self.registry.remove(self.conn, self.admitted, &self.ticket);
     }
 }
 
@@ -1451,5 +1493,51 @@ mod tests {
         );
         let _ = stop.send(());
         run.await.unwrap().unwrap();
+    }
+
+    /// The registry counts only the places it admitted: a connection it refused (over the
+    /// limit) stays recorded while it closes, but holds no place — neither one a newcomer
+    /// is refused for, nor one that makes it evict (fails without: the refused entry made
+    /// the registry full, and the newcomer was refused with no place held by anyone).
+    #[test]
+    fn refused_connections_hold_no_place_in_the_registry() {
+        use crate::config::SlowConsumerPolicy;
+        use crate::outbound::Budget;
+        let metrics = Arc::new(Metrics::new());
+        let handshakes = Arc::new(Handshakes::new(
+            metrics,
+            std::time::Duration::from_secs(3600),
+        ));
+        let registry = Arc::new(Registry::new(handshakes.clone()));
+        let out = || {
+            Arc::new(Outbound::new(
+                16,
+                1 << 16,
+                SlowConsumerPolicy::Drop,
+                Arc::new(Budget::new(0)),
+            ))
+        };
+        let register = |max| {
+            let (id, admitted, ticket) = registry.register(&out(), max, None);
+            (admitted, registry.guard(id, admitted, ticket))
+        };
+        let (admitted, first) = register(1);
+        assert!(admitted);
+        // Full, the first within its grace: refused, recorded while it closes.
+        let (admitted, refused) = register(1);
+        assert!(!admitted);
+        assert_eq!(registry.len(), 2);
+        drop(first);
+        // One place, none held: admitted although the refused one is still closing.
+        let (admitted, second) = register(1);
+        assert!(admitted, "a refused connection held a place");
+        assert_eq!(registry.len(), 2);
+        // And it is full again: the refused entry did not count as lingering either.
+        let (admitted, third) = register(1);
+        assert!(!admitted);
+        drop((refused, second, third));
+        assert_eq!(registry.len(), 0);
+        assert_eq!(registry.lock().refused, 0);
+        assert_eq!(handshakes.lingering(Gate::Registry), 0);
     }
 }
