@@ -91,7 +91,7 @@ async fn quic_round_trips_with_wildcards_and_a_pinned_certificate() {
 async fn reqwest_free_get(admin: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut out = String::new();
