@@ -139,19 +139,21 @@ impl Plugins {
         Ok(())
     }
 
-    /// Runs `on_connect` in order until a plugin rejects. Also returns how many plugins
-    /// accepted (all of them, or the index of the one that rejected): pass it to
+    /// Runs `on_connect` in order until a plugin rejects. Counts in `accepted` the plugins
+    /// that accepted, as each does (all of them, or the index of the one that rejected, or
+    /// of one that panicked — the count survives the unwind, so the session's drop still
+    /// gives those plugins their greeted disconnect): pass it to
     /// [`disconnect`](Self::disconnect).
     pub(crate) fn connect(
         &self,
         i: &ConnectInfo<'_>,
-    ) -> (usize, Result<(), (&'static str, Rejection)>) {
+        accepted: &mut usize,
+    ) -> Result<(), (&'static str, Rejection)> {
         for (n, p) in self.0.iter().enumerate() {
-            if let Err(r) = p.on_connect(i) {
-                return (n, Err((p.name(), r)));
-            }
+            p.on_connect(i).map_err(|r| (p.name(), r))?;
+            *accepted = n + 1;
         }
-        (self.0.len(), Ok(()))
+        Ok(())
     }
     pub(crate) fn subscribe(&self, i: &SubscribeInfo<'_>) -> Result<(), (&'static str, Rejection)> {
         self.first_rejection(|p| p.on_subscribe(i))

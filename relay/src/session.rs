@@ -727,9 +727,13 @@ impl Session {
             client,
             has_auth,
         };
-        let (accepted, verdict) = self.shared.plugins.connect(&info);
-        self.plugins_accepted = accepted;
-        if let Err((plugin, why)) = verdict {
+        // Counted in place, plugin by plugin: if one panics, the drop's `finish` still
+        // gives the plugins before it their greeted disconnect.
+        if let Err((plugin, why)) = self
+            .shared
+            .plugins
+            .connect(&info, &mut self.plugins_accepted)
+        {
             self.shared.metrics.rejected_by_plugin();
             self.shared.metrics.connection_rejected();
             return self.fatal(

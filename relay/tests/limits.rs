@@ -1892,3 +1892,55 @@ async fn plugins_see_a_greeted_disconnect_only_for_connections_they_accepted() {
         assert_eq!(p.open.load(SeqCst), 0, "{}", p.name());
     }
 }
+
+/// A plugin whose `on_connect` panics (a bug in an operator's plugin).
+#[derive(Debug)]
+struct Panicker;
+
+impl Plugin for Panicker {
+    fn name(&self) -> &'static str {
+        "panicker"
+    }
+    fn on_connect(&self, _: &whispeer_relay::plugin::ConnectInfo<'_>) -> Verdict {
+        panic!("panicker: on_connect panics (on purpose, a test)");
+    }
+}
+
+/// A plugin panicking in `on_connect` does not leak the places of the plugins before it:
+/// with [counter, panicker], one `Hello` — the counter accepts, the panicker panics, the
+/// connection's task unwinds and its session is dropped — and the counter still gets its
+/// greeted disconnect (its accepted connects less greeted disconnects is 0; the accepted
+/// count used to be recorded only once every `on_connect` had returned).
+#[tokio::test]
+async fn a_plugin_panicking_in_on_connect_leaks_no_place_of_the_plugins_before_it() {
+    let counter = Balance::new(None);
+    let relay = Relay::builder(Config::ephemeral())
+        .plugin(counter.clone())
+        .plugin(Arc::new(Panicker))
+        .build()
+        .unwrap();
+    let mut seen = counter.disconnects.subscribe();
+    let (tx, mut rx) = relay.handle().connect_in_process();
+    tx.send(hello_frame().to_bytes()).await.unwrap();
+    // The connection ends without a Welcome.
+    let end = tokio::time::timeout(TIMEOUT, async {
+        while let Some(b) = rx.recv().await {
+            if let Frame::Welcome(_) = Frame::decode(&b).unwrap() {
+                panic!("welcomed through a panicking plugin");
+            }
+        }
+    });
+    end.await.expect("the connection did not end");
+    tokio::time::timeout(TIMEOUT, seen.wait_for(|n| *n >= 1))
+        .await
+        .expect("the counter got no disconnect")
+        .unwrap();
+    use std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(*counter.disconnects.borrow(), 1);
+    assert_eq!(
+        counter.open.load(SeqCst),
+        0,
+        "the counter's accepted connect got no greeted disconnect"
+    );
+    assert!(counter.lowest.load(SeqCst) >= 0);
+}
