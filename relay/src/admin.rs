@@ -297,8 +297,12 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// 2. one served more than [`ADMIN_SERVED_GRACE`] ago and still open (its client does not
 ///    read the answer);
 /// 3. a younger connection whose head has not arrived, oldest first — the newcomer itself
-///    last, so when nothing else can go the newcomer is refused (closed);
-/// 4. only for a newcomer whose head has arrived: the oldest connection being served.
+///    last, so when nothing else can go the newcomer is refused (closed); but for a
+///    newcomer whose head has arrived, not one accepted within [`ADMIN_NEWBORN`] that has
+///    sent nothing yet (a probe's head may be microseconds behind its connect);
+/// 4. only for a newcomer whose head has arrived: of the connections being served and
+///    those newborn ones, the one that has had the longest — the earliest served (or
+///    accepted, for a head waiting unread) or accepted.
 ///
 /// A connection whose head has arrived — read by its task, or complete in its socket's
 /// receive buffer while the task has not run yet — is never closed for a newcomer that has
@@ -306,8 +310,12 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// connection). A health check sends its head right after its connect, so a flood of
 /// connections that send nothing, or a head byte at a time, only ever closes its own
 /// connections; a flood of whole requests is served and closed as fast as it comes. What
-/// is left to a flood is a probe whose head has not reached the relay when 64 newer
-/// connections have: its connect and its write microseconds apart.
+/// is left to a flood is a probe whose head has not reached the relay when as many newer
+/// connections without theirs have as there are places not being served (64 when none
+/// is): its connect and its write microseconds apart. A newcomer with its head closes such
+/// a probe only after every connection served since before the probe's accept (it used to
+/// close the probe first when everything else was being served: after one newer
+/// connection).
 ///
 /// Before, the port closed the oldest connection of the source address holding the most:
 /// a flood from 127.0.0.1 closed probes from 127.0.0.1 before their task had read them
@@ -327,6 +335,11 @@ const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// A connection whose request head has not arrived this long after its accept is the
 /// first to close for a newcomer (an honest client sends its head with its connect).
 const ADMIN_SILENT_GRACE: Duration = Duration::from_millis(250);
+
+/// A connection accepted this recently that has sent nothing may have its head on the way:
+/// a newcomer whose head has arrived closes it only after the connections being served
+/// since before its accept (see [`ADMIN_MAX_CONNECTIONS`], 4).
+const ADMIN_NEWBORN: Duration = Duration::from_millis(50);
 
 /// A connection served this long ago and still open (its client does not read the
 /// answer) may be closed for a newcomer, after the silent ones.
@@ -470,12 +483,23 @@ fn victim(
         None if c.got_bytes => 1,
         None => 0,
     };
+    // Accepted within ADMIN_NEWBORN, nothing sent: its head may be on its way.
+    let newborn = |c: &Seen| {
+        c.served.is_none()
+            && !c.got_bytes
+            && now.saturating_duration_since(c.accepted) < ADMIN_NEWBORN
+    };
     let mut order: Vec<usize> = (0..open.len()).collect();
     order.sort_by_key(|&i| (rank(&open[i]), open[i].accepted));
-    let mut protected = Vec::new();
+    // For a newcomer with its head: the connections being served, and the newborn ones,
+    // each with the time since which it has had its chance (served, or accepted).
+    let mut last = Vec::new();
     for &i in &order {
-        if rank(&open[i]) == 3 || waiting(i) {
-            protected.push(i);
+        let c = &open[i];
+        if rank(c) == 3 || waiting(i) {
+            last.push((c.served.unwrap_or(c.accepted), i));
+        } else if newcomer_head && newborn(c) {
+            last.push((c.accepted, i));
         } else {
             return i;
         }
@@ -483,24 +507,23 @@ fn victim(
     if !newcomer_head {
         return open.len();
     }
-    // Every connection has its head: the newcomer, which has its own, takes the place of
-    // the one that has had the longest to be answered.
-    protected
-        .into_iter()
-        .min_by_key(|&i| open[i].served.unwrap_or(open[i].accepted))
-        .unwrap_or(open.len())
+    // The newcomer, which has its head, takes the place of the one that has had the
+    // longest: a probe accepted a moment ago, its head on the way, is not closed while a
+    // connection served before its accept is open.
+    last.into_iter().min().map_or(open.len(), |(_, i)| i)
 }
 
 /// Whether a whole request head waits in the socket's receive buffer, not read yet (its
-/// task has not run): up to 2 KiB looked at (`MSG_PEEK`, through a duplicate of the
-/// descriptor: nothing taken, the task's readiness untouched).
+/// task has not run): up to 2 KiB looked at by one `recv(MSG_PEEK | MSG_DONTWAIT)` on the
+/// borrowed descriptor (nothing taken, tokio's readiness untouched, no descriptor
+/// duplicated — a `dup` failed with `EMFILE` under the fd pressure a flood brings, and the
+/// check said no). (rustix, as `#![forbid(unsafe_code)]` rules out socket2's `peek` into
+/// uninitialized bytes.)
 fn head_waiting(stream: &TcpStream) -> bool {
-    let Ok(dup) = socket2::SockRef::from(stream).try_clone() else {
-        return false;
-    };
+    use rustix::net::{recv, RecvFlags};
     let mut buf = [0u8; 2048];
-    match std::net::TcpStream::from(dup).peek(&mut buf) {
-        Ok(n) => is_whole_head(&buf[..n]),
+    match recv(stream, &mut buf[..], RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((n, _)) => is_whole_head(&buf[..n]),
         Err(_) => false,
     }
 }
@@ -526,12 +549,12 @@ impl tokio::io::AsyncRead for AdminIo {
     ) -> std::task::Poll<std::io::Result<()>> {
         loop {
             std::task::ready!(self.stream.poll_read_ready(cx))?;
-            match self.stream.try_read(buf.initialize_unfilled()) {
+            // Into the unfilled part as it is (no zeroing of hyper's spare buffer first).
+            match self.stream.try_read_buf(buf) {
                 Ok(n) => {
                     if n > 0 {
                         self.progress.got_bytes.store(true, Ordering::Relaxed);
                     }
-                    buf.advance(n);
                     return std::task::Poll::Ready(Ok(()));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -702,6 +725,46 @@ mod tests {
         assert_eq!(victim(&open, true, now, |_| true), 0);
     }
 
+    /// A newcomer with its head, everything else being served: it closes the connection
+    /// served longest ago, not a probe accepted 0.1 ms ago whose head is on its way (that
+    /// probe used to be closed, after one newer connection); a connection served after the
+    /// probe's accept, or a newborn one beside a connection served since, goes after it.
+    #[test]
+    fn a_newcomer_with_its_head_spares_a_probe_whose_head_is_on_its_way() {
+        let now = Instant::now() + Duration::from_secs(10);
+        let ago_us = |us: u64| now - Duration::from_micros(us);
+        let none = |_| false;
+        // 63 served lately (accepted 900..270 ms ago, served 1 ms later), one probe
+        // accepted 0.1 ms ago, nothing read yet.
+        let mut open: Vec<Seen> = (0..63u64)
+            .map(|k| {
+                let at = 900_000 - k * 10_000;
+                conn(ago_us(at), Some(ago_us(at - 1_000)), true)
+            })
+            .collect();
+        open.push(conn(ago_us(100), None, false));
+        let v = victim(&open, true, now, none);
+        assert_ne!(v, 63, "the probe was closed");
+        assert_eq!(v, 0, "the one served longest ago");
+        // A newcomer without its head still closes it (those without a head go oldest
+        // first, the newcomer last), as before.
+        assert_eq!(victim(&open, false, now, none), 63);
+        // A probe 60 ms old (past ADMIN_NEWBORN) without its head goes first, as before.
+        open[63] = conn(ago_us(60_000), None, false);
+        assert_eq!(victim(&open, true, now, none), 63);
+        // A silent flood (newborn ones, 1-2.5 ms old) beside a connection served 0.5 ms
+        // ago (its answer on its way): the oldest of the flood, not the one being served.
+        let open = [
+            conn(ago_us(600), Some(ago_us(500)), true),
+            conn(ago_us(1_000), None, false),
+            conn(ago_us(2_500), None, false),
+            conn(ago_us(1_800), None, false),
+        ];
+        assert_eq!(victim(&open, true, now, none), 2);
+        // Only newborn ones: the oldest.
+        assert_eq!(victim(&open[1..], true, now, none), 1);
+    }
+
     #[test]
     fn only_localhost_and_ip_addresses_are_local_hosts() {
         for ok in [
@@ -729,6 +792,37 @@ mod tests {
         ] {
             assert!(!is_local_authority(bad), "{bad}");
         }
+    }
+
+    /// `head_waiting` peeks on the borrowed socket: it sees a whole head only once it has
+    /// all arrived, and takes nothing (the task then reads every byte).
+    #[tokio::test]
+    async fn a_waiting_head_is_peeked_not_taken() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut served, _) = listener.accept().await.unwrap();
+        assert!(!head_waiting(&served), "nothing sent yet");
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        served.readable().await.unwrap();
+        assert!(!head_waiting(&served), "half a head");
+        client.write_all(b"Host: x\r\n\r\n").await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !head_waiting(&served) {
+            assert!(Instant::now() < deadline, "the whole head never showed");
+            tokio::task::yield_now().await;
+        }
+        let mut got = [0u8; 64];
+        let mut n = 0;
+        while !got[..n].ends_with(b"\r\n\r\n") {
+            n += served.read(&mut got[n..]).await.unwrap();
+        }
+        assert_eq!(&got[..n], b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     }
 
     #[test]
