@@ -4,10 +4,14 @@
 //! are logged at `debug` and below only: `info` shows counts, connections and reasons.
 //!
 //! Connection lines (a client connected or disconnected, at `info`) are what a stranger
-//! makes by connecting: relay-wide, at most [`CONN_LINES_PER_S`] a second (bursts of
-//! [`CONN_LINES_BURST`]) are written; the others are counted and an `info` line says how
-//! many were left out ("N connection log lines suppressed in the last T s", at most once
-//! every [`SUMMARY_EVERY`]). The metrics count every connection.
+//! makes by connecting: for connections without a relay account, relay-wide, at most
+//! [`CONN_LINES_PER_S`] a second (bursts of [`CONN_LINES_BURST`]) are written; the others
+//! are counted and an `info` line says how many were left out ("N connection log lines
+//! suppressed in the last T s", at most once every [`SUMMARY_EVERY`], with the lines' own
+//! target [`CONN_LINES_TARGET`], so a filter keeping them keeps it). The lines of
+//! connections signed in to a relay account are always written: only the operator's
+//! account holders make them (at the per-address connect rate, like anyone), and a
+//! stranger's flood cannot hide them. The metrics count every connection.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +28,9 @@ pub const CONN_LINES_PER_S: u64 = 5;
 pub const CONN_LINES_BURST: u64 = 50;
 /// At most one "suppressed" summary line this often.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+/// The `tracing` target of the connection lines ([`crate::plugin::LoggingPlugin`]) and of
+/// their "suppressed" summary.
+pub const CONN_LINES_TARGET: &str = "whispeer_relay::plugin";
 
 /// Nanoseconds since the first connection line of the process.
 fn nanos() -> u64 {
@@ -41,9 +48,18 @@ static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
 /// When the last summary was written ([`nanos`]; 0: none yet).
 static LAST_SUMMARY: AtomicU64 = AtomicU64::new(0);
 
-/// Whether a connection log line may be written now (call only when it would be: the
-/// level is enabled). If not, it is counted in the next summary.
-pub(crate) fn conn_line() -> bool {
+/// Whether a connection log line may be written now: `info` is enabled for
+/// [`CONN_LINES_TARGET`] and the connection signed in to a relay account (`account`) or
+/// the relay-wide bucket has room. A line left out is counted in the next summary.
+pub(crate) fn conn_line(account: bool) -> bool {
+    if !tracing::enabled!(target: CONN_LINES_TARGET, tracing::Level::INFO) {
+        return false;
+    }
+    account || anonymous_line()
+}
+
+/// The bucket of the lines of connections without a relay account.
+fn anonymous_line() -> bool {
     let now = nanos();
     let interval = 1_000_000_000 / CONN_LINES_PER_S;
     let mut full_at = FULL_AT.load(Ordering::Relaxed);
@@ -79,7 +95,13 @@ fn summarize(now: u64) {
     }
     let n = SUPPRESSED.swap(0, Ordering::Relaxed);
     let secs = (now - last).div_ceil(1_000_000_000);
+    write_summary(n, secs);
+}
+
+/// The summary line: `n` connection lines left out in the last `secs` s.
+pub(crate) fn write_summary(n: u64, secs: u64) {
     tracing::info!(
+        target: CONN_LINES_TARGET,
         suppressed = n,
         "{n} connection log lines suppressed in the last {secs} s (at most {CONN_LINES_PER_S} \
          a second are written, bursts of {CONN_LINES_BURST}; the metrics count every connection)"

@@ -39,6 +39,10 @@ pub struct ConnectInfo<'a> {
     pub client: Option<&'a str>,
     /// Whether `Hello` carried an auth blob (its content is not shown to plugins yet).
     pub has_auth: bool,
+    /// Whether the connection signed in to a relay account the relay verified
+    /// (`auth.mode = required`: a bearer token it knows, or an answered challenge); a
+    /// stranger's connection is not (`has_auth` says only that `Hello` carried a token).
+    pub authenticated: bool,
 }
 
 /// A subscription request.
@@ -86,6 +90,8 @@ pub struct DisconnectInfo<'a> {
     pub greeted: bool,
     /// Why it ended, for logs.
     pub reason: &'a str,
+    /// Whether it had signed in to a relay account ([`ConnectInfo::authenticated`]).
+    pub authenticated: bool,
 }
 
 /// Hooks into the relay's connection lifecycle. Every method has a permissive default.
@@ -198,10 +204,11 @@ fn client_for_log(name: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Logs lifecycle events with `tracing`: connects and disconnects at `info` — bounded
-/// relay-wide ([`crate::logging`]: a stranger makes them by connecting), the client's name
-/// cut to [`LOG_CLIENT_CHARS`] —, subscriptions at `debug`, publishes at `trace` — key ids,
-/// level counts and sizes only.
+/// Logs lifecycle events with `tracing`: connects and disconnects at `info` — those of
+/// connections without a relay account bounded relay-wide ([`crate::logging`]: a stranger
+/// makes them by connecting; a signed-in connection's are always written), the client's
+/// name cut to [`LOG_CLIENT_CHARS`] —, subscriptions at `debug`, publishes at `trace` —
+/// key ids, level counts and sizes only.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LoggingPlugin;
 
@@ -210,10 +217,11 @@ impl Plugin for LoggingPlugin {
         "logging"
     }
     fn on_connect(&self, i: &ConnectInfo<'_>) -> Verdict {
-        if tracing::enabled!(tracing::Level::INFO) && crate::logging::conn_line() {
+        if crate::logging::conn_line(i.authenticated) {
             let client = i.client.map_or(Cow::Borrowed("-"), client_for_log);
-            tracing::info!(conn = %i.conn, transport = %i.transport, peer = ?i.peer,
-                version = i.version, client = &*client, "client connected");
+            tracing::info!(target: crate::logging::CONN_LINES_TARGET, conn = %i.conn,
+                transport = %i.transport, peer = ?i.peer, version = i.version,
+                client = &*client, account = i.authenticated, "client connected");
         }
         Ok(())
     }
@@ -229,9 +237,10 @@ impl Plugin for LoggingPlugin {
     }
     fn on_disconnect(&self, i: &DisconnectInfo<'_>) {
         if i.greeted {
-            if tracing::enabled!(tracing::Level::INFO) && crate::logging::conn_line() {
-                tracing::info!(conn = %i.conn, transport = %i.transport, peer = ?i.peer,
-                    reason = i.reason, "client disconnected");
+            if crate::logging::conn_line(i.authenticated) {
+                tracing::info!(target: crate::logging::CONN_LINES_TARGET, conn = %i.conn,
+                    transport = %i.transport, peer = ?i.peer, reason = i.reason,
+                    account = i.authenticated, "client disconnected");
             }
         } else {
             tracing::debug!(conn = %i.conn, transport = %i.transport, peer = ?i.peer,
@@ -273,6 +282,108 @@ impl Plugin for MetricsPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A buffer the text log format writes into.
+    #[derive(Clone, Default)]
+    struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Runs `f` under a text subscriber with `filter`; what it logged.
+    fn logged(filter: &str, f: impl FnOnce()) -> String {
+        let buf = LogBuf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let log = buf.0.lock().unwrap().clone();
+        String::from_utf8(log).unwrap()
+    }
+
+    fn connect(n: u64, client: &str, authenticated: bool) -> ConnectInfo<'_> {
+        ConnectInfo {
+            conn: ConnId(n),
+            transport: TransportKind::Tcp,
+            peer: Some(([192, 0, 2, 1], 40_000).into()),
+            version: 1,
+            client: Some(client),
+            has_auth: true,
+            authenticated,
+        }
+    }
+
+    /// A stranger's connections exhaust the relay-wide bucket of connection lines (60
+    /// connects, a burst of 50), yet a client signed in to a relay account gets its
+    /// "client connected" and "client disconnected" lines written: only anonymous
+    /// connections share the bucket (one bucket for all used to hide every client's lines
+    /// behind a stranger's 5 a second).
+    #[test]
+    fn a_strangers_flood_does_not_hide_a_signed_in_clients_lines() {
+        let log = logged("info", || {
+            for n in 0..60 {
+                LoggingPlugin
+                    .on_connect(&connect(n, "stranger", false))
+                    .unwrap();
+            }
+            LoggingPlugin
+                .on_connect(&connect(60, "alice-app", true))
+                .unwrap();
+            LoggingPlugin.on_disconnect(&DisconnectInfo {
+                conn: ConnId(60),
+                transport: TransportKind::Tcp,
+                peer: None,
+                greeted: true,
+                reason: "closed by the client",
+                authenticated: true,
+            });
+        });
+        let strangers = log
+            .lines()
+            .filter(|l| l.contains("client connected") && l.contains("stranger"))
+            .count();
+        assert!(
+            strangers < 60,
+            "the bucket was not exhausted: {strangers} lines"
+        );
+        assert!(
+            log.lines()
+                .any(|l| l.contains("client connected") && l.contains("alice-app")),
+            "{log}"
+        );
+        assert!(
+            log.lines()
+                .any(|l| l.contains("client disconnected") && l.contains("conn=c60")),
+            "{log}"
+        );
+    }
+
+    /// The "suppressed" summary has the connection lines' own target: a filter keeping
+    /// only those keeps it.
+    #[test]
+    fn the_suppressed_summary_has_the_connection_lines_target() {
+        let log = logged("warn,whispeer_relay::plugin=info", || {
+            LoggingPlugin
+                .on_connect(&connect(1, "alice-app", true))
+                .unwrap();
+            crate::logging::write_summary(7, 10);
+        });
+        assert!(log.contains("client connected"), "{log:?}");
+        assert!(
+            log.contains("7 connection log lines suppressed in the last 10 s"),
+            "{log:?}"
+        );
+    }
 
     /// A client's name is logged cut to 64 chars, with U+FFFD for what a log would escape:
     /// at most ~260 bytes escaped, however long or hostile the name (`Hello` allows 1 KiB).

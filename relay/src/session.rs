@@ -726,6 +726,7 @@ impl Session {
             version,
             client,
             has_auth,
+            authenticated: self.account.is_some(),
         };
         // Counted in place, plugin by plugin: if one panics, the drop's `finish` still
         // gives the plugins before it their greeted disconnect.
@@ -1727,6 +1728,7 @@ impl Session {
                 peer: self.peer,
                 greeted: self.greeted,
                 reason: &self.reason,
+                authenticated: self.account.is_some(),
             },
             self.plugins_accepted,
         );
