@@ -530,6 +530,10 @@ impl AddrTable {
         {
             return Err(Refusal::NetworkChurning);
         }
+        // Whether the network's connect bucket has a token for an eviction (below).
+        let net_token = self.per_net == 0
+            || !matches!(admission, Admission::Evict(_))
+            || s.net_refusals.get(&net).is_none_or(|b| b.has_token(now));
         let e = s.by_addr.entry(ip).or_insert_with(|| AddrEntry {
             conns: 0,
             buckets: SharedBuckets::new(rates, now),
@@ -567,8 +571,14 @@ impl AddrTable {
             // Evicting is connecting to a full relay: over its connect rate the address is
             // refused as when nothing could be evicted (charged: churning, then banned),
             // not let in to wait — its wait came after the victim was already gone, so one
-            // address could evict every handshake at any speed.
-            if !e.connects.has_token(now) {
+            // address could evict every handshake at any speed. Likewise over its
+            // network's connect rate (with a network cap: `NETWORK_CONNECT_FACTOR`
+            // addresses' rate, shared with the refusals at the caps): many addresses of
+            // one network evict no faster than that, and the rest are refused as on a
+            // full relay (`Global`, the address charged) — not as `NetworkChurning`:
+            // a full relay is no doing of the network, whose many honest hosts (a carrier
+            // NAT, a /48 pool) reconnecting into it after a restart must not get it banned.
+            if !e.connects.has_token(now) || !net_token {
                 e.connects.charge_refused(now);
                 return Err(if e.connects.in_debt(now) {
                     Refusal::Churning
@@ -576,11 +586,9 @@ impl AddrTable {
                     Refusal::Global(self.global)
                 });
             }
-            // And to its network's connect bucket (with a network cap, as refusals at the
-            // caps are): many addresses of one network evicting faster than
-            // `NETWORK_CONNECT_FACTOR` addresses' rate are churning as a network.
-            if self.per_net > 0 && self.charge_network(s, net, now) {
-                return Err(Refusal::NetworkChurning);
+            if self.per_net > 0 {
+                // Has a token: never in debt here.
+                self.charge_network(s, net, now);
             }
             queues.evict(victim);
         }
@@ -914,6 +922,44 @@ mod tests {
         assert!(!held[2].ticket().is_evicted());
         let _honest = t.admit_at(ip("10.0.2.1"), at(11_500)).unwrap();
         assert!(held[2].ticket().is_evicted() && !held[3].ticket().is_evicted());
+    }
+
+    /// Evictions from one network beyond its connect bucket (with a network cap) are
+    /// refused as on a full relay (`Global`), never `NetworkChurning`: an honest carrier
+    /// /24 reconnecting into a full relay must not get its network banned. Rate 1/s burst
+    /// 3 (network bucket 8/s burst 24), global 40 held by old unwelcomed connections of
+    /// 10.0.0.x; 30 newcomers from distinct 10.0.0.y at one instant: 24 evict, 6 are
+    /// refused `Global`, none evicting; a second later (8 network tokens back) one evicts
+    /// again. Fails without: the 25th and later were `NetworkChurning`.
+    #[test]
+    fn evictions_over_the_networks_rate_are_refused_as_global_not_banned() {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let t = Arc::new(
+            AddrTable::new(UNLIMITED, (1, 3), 64, 100, 40, Duration::from_secs(60))
+                .with_network_cap(100, 24, 48)
+                .with_handshakes(Arc::new(Handshakes::new(metrics, Duration::from_secs(2)))),
+        );
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        let t0 = Instant::now();
+        let mut held: Vec<AddrSlot> = (1..=40).map(|i| t.admit_at(ip(i), t0).unwrap()).collect();
+        let later = t0 + Duration::from_secs(10);
+        let mut outcomes = Vec::new();
+        for i in 0..30 {
+            let r = t.admit_at(ip(100 + i), later);
+            outcomes.push(r.as_ref().map(|_| ()).map_err(|e| *e));
+            held.extend(r.ok());
+            // The evicted close at once (their lingering places are not the point here).
+            held.retain(|s| !s.ticket().is_evicted());
+        }
+        let mut expected = vec![Ok(()); 24];
+        expected.extend([Err(Refusal::Global(40)); 6]);
+        assert_eq!(outcomes, expected);
+        assert_eq!(held.len(), 40);
+        let newest = t
+            .admit_at(ip(200), later + Duration::from_secs(1))
+            .expect("the network's bucket refilled: evicts again");
+        assert_eq!(held.iter().filter(|s| s.ticket().is_evicted()).count(), 1);
+        drop(newest);
     }
 
     #[test]
