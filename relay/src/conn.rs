@@ -88,20 +88,28 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
     // Drain: let the writer send what is queued (ending with the Err/Close frame that
     // explains the close), and keep reading and discarding input meanwhile so the kernel
     // does not answer unread bytes with a reset that could destroy those last frames.
-    // Not for an evicted connection: its place already went to a newer one and its socket
-    // lingers beyond `max_connections` (up to `handshakes::ceiling`), so it gets
-    // `EVICTED_CLOSE` to be written its Err and is closed then, whether or not its peer
-    // closed — a stranger that never closes must not keep each evicted socket for the
-    // whole drain.
-    let evicted = ticket.is_evicted();
-    let deadline = Instant::now()
-        + if evicted {
-            crate::handshakes::EVICTED_CLOSE.min(cfg.timeouts.drain())
-        } else {
-            cfg.timeouts.drain()
-        };
+    // An evicted connection — evicted before the drain or during it (one not yet welcomed
+    // stays evictable while it drains: after a Hello timeout, a refused Hello, any fatal
+    // Err before Welcome) — gets no more than `EVICTED_CLOSE` from its eviction: its place
+    // already went to a newer one and its socket lingers beyond `max_connections` (up to
+    // `handshakes::ceiling`), so it is closed then, whether or not its peer closed — a
+    // stranger that never reads nor closes must not keep each evicted socket for the
+    // whole drain. It is still read (and its input discarded) until then, for the same
+    // reason as any drain.
+    let evicted_close = crate::handshakes::EVICTED_CLOSE.min(cfg.timeouts.drain());
+    let mut evicted = ticket.is_evicted();
+    let deadline = sleep_until(
+        Instant::now()
+            + if evicted {
+                evicted_close
+            } else {
+                cfg.timeouts.drain()
+            },
+    );
+    tokio::pin!(deadline);
+    let eviction = ticket.evicted();
+    tokio::pin!(eviction);
     let mut writer_done = false;
-    source_closed |= evicted;
     while !(writer_done && source_closed) {
         tokio::select! {
             _ = &mut writer, if !writer_done => writer_done = true,
@@ -110,7 +118,14 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
                     source_closed = true;
                 }
             }
-            _ = sleep_until(deadline) => break,
+            () = &mut eviction, if !evicted => {
+                evicted = true;
+                let sooner = Instant::now() + evicted_close;
+                if sooner < deadline.deadline() {
+                    deadline.as_mut().reset(sooner);
+                }
+            }
+            () = &mut deadline => break,
         }
     }
     if !writer_done {

@@ -27,8 +27,14 @@
 //!   refused for that reason alone.
 //!
 //! The address table also requires the evictor to be within its address's connect rate
-//! and charges the eviction to its network's connect bucket (`rate::AddrTable::admit`):
-//! a flood of evictions is refused, charged and banned like a flood into a full relay.
+//! and takes a token of its network's connect bucket for the eviction
+//! (`rate::AddrTable::admit`): a flood of evictions is refused, charged and banned like a
+//! flood into a full relay — by address, never the network as a whole (a full relay is
+//! no doing of a network's: beyond its bucket a newcomer is refused as `Global`).
+//!
+//! An evicted connection is given [`EVICTED_CLOSE`] from its eviction, also when that
+//! comes during its drain (one not yet welcomed stays in the queues while it drains after
+//! a fatal `Err` before `Welcome`: the drain is then cut short).
 //!
 //! Every operation is O(log n) in the connections waiting (ordered maps by age and by
 //! network size): a flood of new connections costs the relay no scan per accept.
@@ -133,6 +139,9 @@ pub(crate) struct Handshakes {
     inner: Mutex<Inner>,
     next: AtomicU64,
     grace: Duration,
+    /// Nanoseconds added to the clock the grace is judged by ([`Handshakes::advance`]):
+    /// tests age connections past their grace without sleeping. Always 0 in a relay.
+    skew: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -250,6 +259,7 @@ impl Handshakes {
             inner: Mutex::new(Inner::default()),
             next: AtomicU64::new(0),
             grace,
+            skew: AtomicU64::new(0),
             metrics,
         }
     }
@@ -262,12 +272,26 @@ impl Handshakes {
         }
     }
 
+    /// Test hook: the grace is judged as if `by` more had passed for every connection
+    /// admitted so far (and none for the ones admitted after): a test ages handshakes past
+    /// their grace at once instead of sleeping, which a loaded machine could stretch past
+    /// their `hello_ms` ([`RelayHandle::age_handshakes`](crate::RelayHandle::age_handshakes)).
+    pub(crate) fn advance(&self, by: Duration) {
+        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.skew.fetch_add(nanos, Relaxed);
+    }
+
+    /// `t` on the clock the grace is judged by ([`Handshakes::advance`]).
+    fn clock(&self, t: Instant) -> Instant {
+        t + Duration::from_nanos(self.skew.load(Relaxed))
+    }
+
     /// A new connection's ticket (in no queue yet), admitted at `born` from network `net`.
     pub(crate) fn ticket(&self, net: Option<IpAddr>, born: Instant) -> Arc<Ticket> {
         Arc::new(Ticket {
             seq: self.next.fetch_add(1, Relaxed) + 1,
             net,
-            born,
+            born: self.clock(born),
             evicted: AtomicBool::new(false),
             passed: AtomicBool::new(false),
             notify: Notify::new(),
@@ -335,6 +359,7 @@ impl Guard<'_> {
             Gate::Table => &self.inner.table,
             Gate::Registry => &self.inner.registry,
         };
+        let now = self.h.clock(now);
         match queue.victim() {
             Some(v) if now.saturating_duration_since(v.born) >= self.h.grace => {
                 Admission::Evict(v.clone())

@@ -541,13 +541,25 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
     // Still counted against its address (`slot`) meanwhile: a client that keeps the
     // connection open past its session must not open more beside it than its caps allow.
     // An evicted connection (its place taken by a newer one, its socket lingering beyond
-    // `max_connections`) gets `EVICTED_CLOSE` only, not the drain.
+    // `max_connections`) gets `EVICTED_CLOSE` only, not the drain — also when it is
+    // evicted during the drain (one not yet welcomed stays evictable: after a Hello
+    // timeout, a refused Hello): the drain is then cut to `EVICTED_CLOSE` from the
+    // eviction, if that is sooner.
+    let evicted_close = crate::handshakes::EVICTED_CLOSE.min(shared.config.timeouts.drain());
     let drain = if ticket.is_evicted() {
-        crate::handshakes::EVICTED_CLOSE.min(shared.config.timeouts.drain())
+        evicted_close
     } else {
         shared.config.timeouts.drain()
     };
-    let _ = tokio::time::timeout(drain, connection.closed()).await;
+    let _ = tokio::time::timeout(drain, async {
+        tokio::select! {
+            _ = connection.closed() => {}
+            () = ticket.evicted() => {
+                let _ = tokio::time::timeout(evicted_close, connection.closed()).await;
+            }
+        }
+    })
+    .await;
     connection.close(0u32.into(), b"done");
     rebalancer.abort();
     let _ = rebalancer.await;

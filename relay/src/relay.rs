@@ -1024,6 +1024,15 @@ impl RelayHandle {
         self.shared.addr_table.watch()
     }
 
+    /// Test hook, not for embedders: every connection not yet welcomed ages by `by` as
+    /// far as its eviction grace is concerned (`limits.max_connections`), so a test gets
+    /// handshakes past their grace without sleeping (on a loaded machine a sleep could
+    /// outlast their `hello_ms`). Connections admitted later are not aged.
+    #[doc(hidden)]
+    pub fn age_handshakes(&self, by: std::time::Duration) {
+        self.shared.handshakes.advance(by);
+    }
+
     /// Asks [`Relay::run`] to shut down gracefully.
     pub fn shutdown(&self) {
         self.shared.shutdown.send_replace(true);
