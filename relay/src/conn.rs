@@ -44,7 +44,17 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
         cfg.queue.slow_consumer,
         shared.budget.clone(),
     ));
-    let ticket = slot.as_ref().map(|s| s.ticket().clone());
+    // A connection with no address slot (served by an embedder, `RelayHandle::serve`)
+    // counts for the eviction's fair share in its peer's network, as a listener's does;
+    // in-process ones (no peer) share one.
+    let ticket = slot.as_ref().map(|s| s.ticket().clone()).or_else(|| {
+        peer.map(|p| {
+            let net = shared.addr_table.network_of(p.ip());
+            shared
+                .handshakes
+                .ticket(Some(net), std::time::Instant::now())
+        })
+    });
     let (conn, admitted, ticket) =
         shared
             .registry

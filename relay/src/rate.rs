@@ -426,6 +426,11 @@ impl AddrTable {
         self
     }
 
+    /// The network `ip` counts in (for the caps and the eviction's fair share).
+    pub(crate) fn network_of(&self, ip: IpAddr) -> IpAddr {
+        self.network(source_address(ip, self.v6_prefix))
+    }
+
     /// The network a source address (already cut by [`source_address`]) counts in.
     fn network(&self, ip: IpAddr) -> IpAddr {
         match ip {

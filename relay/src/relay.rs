@@ -1504,6 +1504,56 @@ mod tests {
         run.await.unwrap().unwrap();
     }
 
+    /// A connection an embedder serves with its peer's address (`RelayHandle::serve`)
+    /// counts in that address's network for the eviction's fair share (fails without:
+    /// every such connection counted as one network, and the oldest, 192.0.2.1's, was
+    /// evicted although 10.0.0.0/24 held the most places). `max_connections` 3: 192.0.2.1,
+    /// then 10.0.0.1 and 10.0.0.2, aged past their grace; a fourth from 10.0.0.3 evicts
+    /// 10.0.0.1, the oldest of the network holding the most.
+    #[tokio::test]
+    async fn an_embedder_served_connection_counts_in_its_peers_network() {
+        let mut config = Config::ephemeral();
+        config.limits.max_connections = 3;
+        config.timeouts.hello_ms = 60_000;
+        let relay = Relay::bind(config).await.unwrap();
+        let (shared, handle) = (relay.shared(), relay.handle());
+        let mut conns = Vec::new();
+        for (n, ip) in ["192.0.2.1", "10.0.0.1", "10.0.0.2", "10.0.0.3"]
+            .iter()
+            .enumerate()
+        {
+            if n == 3 {
+                handle.age_handshakes(std::time::Duration::from_secs(3));
+            }
+            let (to_relay, from_client) = mpsc::channel(16);
+            let (to_client, from_relay) = mpsc::channel(16);
+            handle.serve(
+                ChannelSource::new(from_client, 4096),
+                ChannelSink::new(to_client),
+                TransportKind::Tcp,
+                Some(SocketAddr::new(ip.parse().unwrap(), 4000)),
+            );
+            conns.push((to_relay, from_relay));
+            // Registered in this order: the first is the oldest.
+            while shared.registry.len() < n + 1 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+        let told = tokio::time::timeout(std::time::Duration::from_secs(30), conns[1].1.recv())
+            .await
+            .expect("10.0.0.1 was not evicted")
+            .expect("an Err frame");
+        assert!(
+            String::from_utf8_lossy(&told).contains("evicted"),
+            "{told:?}"
+        );
+        for (i, (_, rx)) in conns.iter_mut().enumerate() {
+            if i != 1 {
+                assert!(rx.try_recv().is_err(), "connection {i} was told something");
+            }
+        }
+    }
+
     /// The registry counts only the places it admitted: a connection it refused (over the
     /// limit) stays recorded while it closes, but holds no place — neither one a newcomer
     /// is refused for, nor one that makes it evict (fails without: the refused entry made
