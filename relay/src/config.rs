@@ -1213,17 +1213,20 @@ pub struct Limits {
     /// only one older than min(2 s, hello_ms / 2) — else the newcomer is refused. The
     /// evictor pays every other cap and must be within its addr_connect_rate (else refused,
     /// charged, and banned for churn as on a full relay); evictions charge its network's
-    /// connect bucket. So an honest handshake is evicted only once that old, only while its
+    /// connect bucket (with a network cap), and beyond that bucket's rate they are refused
+    /// as on a full relay (never banning the network). So an honest handshake is evicted only once that old, only while its
     /// network holds the most unwelcomed places, and only after max_connections − W newer
     /// unwelcomed connections arrived (W: welcomed sessions). Welcomed sessions are never
     /// evicted: with none to evict the newcomer is refused (fatal Err(too_many_connections)
     /// on TCP; other listeners close the socket). With auth off (the default) any stranger
     /// that sends a Hello is a welcomed session: keeping strangers from holding every place
     /// needs auth.mode = "required" (otherwise only the per-address and per-network caps
-    /// limit them). Evicted connections are closed within 1 s, and the relay holds at most
-    /// max_connections + max(max_connections / 8, 16) client sockets, evicted ones still
-    /// closing included (beyond it newcomers are refused): the open-file limit must allow
-    /// that plus 64. Counted in whispeer_relay_handshakes_evicted_total.
+    /// limit them). Evicted connections are closed within 1 s of their eviction (also one
+    /// evicted while it drains after a fatal Err before Welcome), and the relay holds at
+    /// most max_connections + max(max_connections / 8, 16) client sockets, evicted ones
+    /// still closing included (beyond it newcomers are refused), plus at most 64 refused TCP
+    /// connections being told why (the rest are closed unanswered): the open-file limit
+    /// must allow that plus 64. Counted in whispeer_relay_handshakes_evicted_total.
     #[arg(long, env = "WHISPEER_MAX_CONNECTIONS")]
     pub max_connections: usize,
     /// Most subscriptions one connection may hold (fatal Err(too_many_subscriptions)).
@@ -1409,10 +1412,13 @@ pub struct Limits {
 
 impl Limits {
     /// Most client sockets the relay holds for `max_connections`: that many connections
-    /// plus the evicted ones still closing (`max_connections / 8`, at least 16); beyond it
-    /// newcomers are refused, whatever could be evicted.
+    /// plus the evicted ones still closing (`max_connections / 8`, at least 16) — beyond
+    /// them newcomers are refused, whatever could be evicted — plus the refused plain TCP
+    /// connections being told why (64 at most at once, each for 1 s at most; beyond, they
+    /// are closed unanswered).
     pub fn connection_ceiling(max_connections: usize) -> usize {
         crate::handshakes::ceiling(max_connections)
+            .saturating_add(crate::handshakes::REFUSAL_ANSWERS)
     }
 }
 

@@ -86,6 +86,12 @@ pub(crate) fn grace(hello: Duration) -> Duration {
 /// delivered too) before its socket is closed, whether or not its peer closed: no drain.
 pub(crate) const EVICTED_CLOSE: Duration = Duration::from_secs(1);
 
+/// Most refused plain TCP connections being told why at once (`Err(too_many_connections)`
+/// at the global or per-address cap, each given up to [`EVICTED_CLOSE`]): beyond, a
+/// refused connection is closed unanswered. Those sockets count in no gate, so without a
+/// cap a full relay held about its accept rate × 1 s more of them.
+pub(crate) const REFUSAL_ANSWERS: usize = 64;
+
 /// A unit is not held in this gate.
 const NONE: u8 = 0;
 /// A unit is held and counted against the gate's limit.

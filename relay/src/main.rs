@@ -944,8 +944,9 @@ fn raise_open_file_limit(max_connections: usize) {
             Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
         }
     }
-    // Client sockets: up to the connection ceiling (max_connections and the evicted
-    // connections still closing); besides them listeners, the store, the admin port, logs.
+    // Client sockets: up to the connection ceiling (max_connections, the evicted
+    // connections still closing and the refused ones being told why); besides them
+    // listeners, the store, the admin port, logs.
     let sockets = whispeer_relay::config::Limits::connection_ceiling(max_connections);
     let needed = sockets as u64 + 64;
     if now < needed {
@@ -954,7 +955,8 @@ fn raise_open_file_limit(max_connections: usize) {
             max_connections,
             needed,
             "the open-file limit is below what limits.max_connections needs (its client \
-             sockets, evicted handshakes still closing included, and 64 more): accept fails \
+             sockets, evicted handshakes still closing and refused connections being told \
+             why included, and 64 more): accept fails \
              (EMFILE) before the connection cap; raise it (ulimit -n, systemd LimitNOFILE=) \
              or lower max_connections"
         );

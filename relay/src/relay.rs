@@ -192,6 +192,9 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     /// Connections not yet welcomed, oldest first (both gates' eviction queues).
     pub(crate) handshakes: Arc<Handshakes>,
+    /// Permits of the refused TCP connections being told why at once
+    /// ([`crate::handshakes::REFUSAL_ANSWERS`]).
+    pub(crate) refusal_answers: Arc<tokio::sync::Semaphore>,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) addrs: BoundAddrs,
     /// Relay accounts, key-id claims and durable owners.
@@ -535,6 +538,9 @@ impl RelayBuilder {
             plugins,
             registry: Arc::new(Registry::new(handshakes.clone())),
             handshakes,
+            refusal_answers: Arc::new(tokio::sync::Semaphore::new(
+                crate::handshakes::REFUSAL_ANSWERS,
+            )),
             shutdown: watch::Sender::new(false),
             addrs,
             active_durables: Mutex::new(Default::default()),
@@ -1090,9 +1096,17 @@ async fn accept_loop(
                 if bans.has_changed().unwrap_or(false) {
                     filtered |= refilter(&shared, &listener, kind, &mut bans);
                 }
+                // Told why by a task holding the socket up to `EVICTED_CLOSE`, counted in
+                // no gate: at most `REFUSAL_ANSWERS` at once, the rest closed unanswered
+                // (`Limits::connection_ceiling` counts them).
                 if let Some(message) = message {
                     if kind == TransportKind::Tcp {
-                        tokio::spawn(answer_refusal(stream, message));
+                        if let Ok(permit) = shared.refusal_answers.clone().try_acquire_owned() {
+                            tokio::spawn(async move {
+                                answer_refusal(stream, message).await;
+                                drop(permit);
+                            });
+                        }
                     }
                 }
                 continue;
@@ -1500,6 +1514,61 @@ mod tests {
             !matches!(read, Ok(n) if n > 0),
             "a banned address was served: {read:?}"
         );
+        let _ = stop.send(());
+        run.await.unwrap().unwrap();
+    }
+
+    /// Refused plain TCP connections are told why by at most `REFUSAL_ANSWERS` tasks at
+    /// once (each holds its socket up to `EVICTED_CLOSE`, counted in no gate); beyond, a
+    /// refused connection is closed unanswered. Here every permit is taken: a newcomer to
+    /// a relay full of one session is closed without a byte; with the permits back the
+    /// next is told `Err(too_many_connections)`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_connections_are_told_why_by_a_bounded_number_of_tasks() {
+        let mut config = Config::ephemeral();
+        config.limits.max_connections = 1;
+        let relay = Relay::bind(config).await.unwrap();
+        let shared = relay.shared();
+        let tcp = relay.addrs().tcp.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(relay.run(async {
+            let _ = stopped.await;
+        }));
+        // The one place: a welcomed session (never evicted).
+        let mut session = tokio::net::TcpStream::connect(tcp).await.unwrap();
+        let mut hello = Vec::new();
+        whispeer_protocol::frame::Frame::Hello(whispeer_protocol::frame::Hello {
+            versions: vec![whispeer_protocol::frame::PROTOCOL_VERSION],
+            features: 0,
+            client: None,
+            auth: None,
+            account: None,
+        })
+        .encode(&mut hello);
+        session.write_u32(hello.len() as u32).await.unwrap();
+        session.write_all(&hello).await.unwrap();
+        let mut welcome = [0u8; 256];
+        let n = session.read(&mut welcome).await.unwrap();
+        assert!(n > 0, "no Welcome");
+        let limit = std::time::Duration::from_secs(30);
+        let answer = |mut c: tokio::net::TcpStream| async move {
+            let mut b = [0u8; 512];
+            tokio::time::timeout(limit, c.read(&mut b))
+                .await
+                .expect("refused connection left open")
+                .unwrap_or(0)
+        };
+        let permits = shared
+            .refusal_answers
+            .clone()
+            .acquire_many_owned(crate::handshakes::REFUSAL_ANSWERS as u32)
+            .await
+            .unwrap();
+        let c = tokio::net::TcpStream::connect(tcp).await.unwrap();
+        assert_eq!(answer(c).await, 0, "told why with no permit left");
+        drop(permits);
+        let c = tokio::net::TcpStream::connect(tcp).await.unwrap();
+        assert!(answer(c).await > 0, "not told why with permits back");
         let _ = stop.send(());
         run.await.unwrap().unwrap();
     }
