@@ -132,3 +132,34 @@ pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
         .map_err(|e| format!("cannot start the log summary thread: {e}"))?;
     Ok(())
 }
+
+/// What the text log format writes while `f` runs under a subscriber with `filter`
+/// (`EnvFilter` syntax): what an operator's log file would hold. Tests only.
+#[cfg(test)]
+pub(crate) fn captured(filter: &str, f: impl FnOnce()) -> String {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let buf = LogBuf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let log = buf.0.lock().unwrap().clone();
+    String::from_utf8(log).unwrap()
+}

@@ -283,32 +283,9 @@ impl Plugin for MetricsPlugin {
 mod tests {
     use super::*;
 
-    /// A buffer the text log format writes into.
-    #[derive(Clone, Default)]
-    struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for LogBuf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// Runs `f` under a text subscriber with `filter`; what it logged.
     fn logged(filter: &str, f: impl FnOnce()) -> String {
-        let buf = LogBuf::default();
-        let writer = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(subscriber, f);
-        let log = buf.0.lock().unwrap().clone();
-        String::from_utf8(log).unwrap()
+        crate::logging::captured(filter, f)
     }
 
     fn connect(n: u64, client: &str, authenticated: bool) -> ConnectInfo<'_> {

@@ -2115,20 +2115,6 @@ mod tests {
         assert_eq!(s.subscription_count(), 0);
     }
 
-    /// A buffer the text log format writes into (what an operator's log file holds).
-    #[derive(Clone, Default)]
-    struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for LogBuf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// A durable name is the client's choice: the warning that its hold lapsed shows it
     /// escaped, so a newline cannot forge a second log line nor an ESC colour a terminal
     /// (tracing's text format writes `%` fields raw).
@@ -2151,22 +2137,14 @@ mod tests {
         });
         assert_eq!(send(&mut s, sub), Flow::Continue);
         assert_eq!(s.subscription_count(), 1);
-        let buf = LogBuf::default();
-        let writer = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::TRACE)
-            .finish();
         let key = DurableKey {
             key_id: KeyId::from_bytes([4; 16]),
             name: name.into(),
         };
-        tracing::subscriber::with_default(subscriber, || {
+        let log = crate::logging::captured("trace", || {
             assert_eq!(s.hold_lost(key, 1), Flow::Continue);
         });
         assert_eq!(s.subscription_count(), 0, "the hold's subscription ended");
-        let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let line = log
             .lines()
             .find(|l| l.contains("its cluster hold lapsed"))
