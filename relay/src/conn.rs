@@ -104,8 +104,13 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
     // already went to a newer one and its socket lingers beyond `max_connections` (up to
     // `handshakes::ceiling`), so it is closed then, whether or not its peer closed — a
     // stranger that never reads nor closes must not keep each evicted socket for the
-    // whole drain. It is still read (and its input discarded) until then, for the same
-    // reason as any drain.
+    // whole drain. Nor for the rest of that second once its `Err` is written: a peer that
+    // never closes would hold each evicted socket the whole second, and enough evictions
+    // a second (16 from one address with `max_connections` 100) filled the lingering
+    // places up to the ceiling, where everyone is refused — honest newcomers too. So once
+    // its writer is done, what it has sent that is readable now is discarded (no reset
+    // for unread bytes to destroy the `Err` on its way) and it is closed; `EVICTED_CLOSE`
+    // bounds the writer. Until then it is read, as any drain.
     let evicted_close = crate::handshakes::EVICTED_CLOSE.min(cfg.timeouts.drain());
     let mut evicted = ticket.is_evicted();
     let deadline = sleep_until(
@@ -121,6 +126,10 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
     tokio::pin!(eviction);
     let mut writer_done = false;
     while !(writer_done && source_closed) {
+        if writer_done && evicted {
+            discard_readable(&mut source);
+            break;
+        }
         tokio::select! {
             _ = &mut writer, if !writer_done => writer_done = true,
             ev = source.recv(), if !source_closed => {
@@ -142,6 +151,24 @@ pub(crate) async fn serve<Src: FrameSource, Snk: FrameSink>(
         writer.abort();
     }
     session.take_slot()
+}
+
+/// Most `recv` calls [`discard_readable`] makes: each handles at most one socket read or
+/// one frame of at most `HANDSHAKE_MAX_FRAME` (an evicted connection was never welcomed),
+/// so an evicted peer that keeps sending costs the relay a bounded amount before its close.
+const DISCARD_MAX: usize = 256;
+
+/// Reads and discards what `source` has ready now, without waiting, until it would wait
+/// or ends (at most [`DISCARD_MAX`] events): closing a socket with unread input makes the
+/// kernel send a reset, which can destroy the last frames on their way to the peer.
+fn discard_readable<Src: FrameSource>(source: &mut Src) {
+    use futures_util::FutureExt;
+    for _ in 0..DISCARD_MAX {
+        match source.recv().now_or_never() {
+            None | Some(Inbound::Closed) => return,
+            Some(_) => {}
+        }
+    }
 }
 
 /// Frames one connection handles before it lets other tasks run. (Over WebSocket, the

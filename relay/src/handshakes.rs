@@ -84,6 +84,9 @@ pub(crate) fn grace(hello: Duration) -> Duration {
 
 /// How long an evicted connection is given to be told why (its `Err` written; over QUIC
 /// delivered too) before its socket is closed, whether or not its peer closed: no drain.
+/// Over TCP and WebSocket it is closed as soon as its `Err` is written (what it sent that
+/// is readable then discarded first), not when this runs out: a peer that never closes
+/// does not keep an evicted socket for the whole of it.
 pub(crate) const EVICTED_CLOSE: Duration = Duration::from_secs(1);
 
 /// Most refused plain TCP connections being told why at once (`Err(too_many_connections)`

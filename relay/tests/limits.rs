@@ -1522,6 +1522,59 @@ async fn a_connection_evicted_while_it_drains_is_closed_within_a_second() {
     drop(a);
 }
 
+/// Review finding (Medium): an evicted TCP connection kept reading until its peer closed
+/// or `EVICTED_CLOSE` (1 s) ran out, so a stranger that never closes held every evicted
+/// socket for the whole second: 16 evictions a second from one address filled the
+/// lingering places up to the ceiling (`max_connections` + 16) and the relay refused
+/// everyone, honest newcomers included (`Err(too_many_connections)`). Now an evicted
+/// connection is closed once its `Err` is written (what it sent is discarded first).
+/// `max_connections` 1 (ceiling 17), networks of one address: 127.0.0.9 holds the place
+/// with a silent connection that never reads nor closes, then 16 times ages it past the
+/// grace (test clock) and evicts it with a new silent one; at once (well within the
+/// second the evicted sockets lingered) the place is aged again and a client from
+/// 127.0.0.2 sends `Hello`: it is welcomed, evicting the stranger's last one. Before: it
+/// got `Err(too_many_connections)`.
+#[tokio::test]
+async fn evicted_connections_of_a_peer_that_never_closes_do_not_fill_the_ceiling() {
+    let mut config = Config::ephemeral();
+    config.limits.max_connections = 1;
+    config.limits.network_ipv4_prefix = 32;
+    config.timeouts.hello_ms = HELLO_LONG;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let mut count = relay.handle.connections();
+    let silent = || async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.9:0".parse().unwrap()).unwrap();
+        sock.connect(relay.tcp()).await.unwrap()
+    };
+    // Never read nor closed until the end of the test.
+    let mut held = vec![silent().await];
+    tokio::time::timeout(TIMEOUT, count.wait_for(|c| *c == 1))
+        .await
+        .expect("the first silent connection counted")
+        .expect("relay running");
+    let started = tokio::time::Instant::now();
+    for n in 1..=16u64 {
+        relay.handle.age_handshakes(PAST_GRACE);
+        held.push(silent().await);
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while metric(admin, "whispeer_relay_handshakes_evicted_total").await < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "silent connection {n} evicted none"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+    relay.handle.age_handshakes(PAST_GRACE);
+    let mut c = Client::tcp_from(relay.tcp(), "127.0.0.2").await;
+    // The 16 evicted sockets lingered up to 1 s each: the newcomer must come within it.
+    eprintln!("newcomer {:?} after the first eviction", started.elapsed());
+    c.hello().await;
+    drop(held);
+}
+
 /// Eviction never takes an admitted session's place: with all 16 places held by welcomed
 /// sessions, a 17th connection is refused with `Err(too_many_connections)` as before, no
 /// session is closed (each still answers a `Ping`) and nothing is counted as evicted.
