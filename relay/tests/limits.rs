@@ -1483,7 +1483,8 @@ async fn a_flood_from_another_network_evicts_its_own_connections_not_a_slow_clie
 /// `EVICTED_CLOSE` (1 s) an evicted connection gets. `max_connections` 1, `hello_ms` 1,000
 /// (grace 500 ms), `drain_ms` 5,000: A sends nothing, gets its fatal `Err` at 1 s and
 /// keeps its socket open (draining); B (another network) connects and evicts it; the
-/// relay's connection count is back to B alone within 1.5 s (before: ~5 s later).
+/// relay's connection count is back to B alone within 3 s (before: ~5 s later; the bound
+/// counts from B's connect, not from the eviction, so it leaves a loaded machine room).
 #[tokio::test]
 async fn a_connection_evicted_while_it_drains_is_closed_within_a_second() {
     let mut config = Config::ephemeral();
@@ -1516,7 +1517,7 @@ async fn a_connection_evicted_while_it_drains_is_closed_within_a_second() {
         .expect("relay running");
     let closed_after = evicting.elapsed();
     assert!(
-        closed_after < std::time::Duration::from_millis(1_500),
+        closed_after < std::time::Duration::from_secs(3),
         "A, evicted while draining, kept its socket {closed_after:?} after B came"
     );
     drop(a);
