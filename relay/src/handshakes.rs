@@ -27,10 +27,13 @@
 //!   refused for that reason alone.
 //!
 //! The address table also requires the evictor to be within its address's connect rate
-//! and takes a token of its network's connect bucket for the eviction
-//! (`rate::AddrTable::admit`): a flood of evictions is refused, charged and banned like a
-//! flood into a full relay — by address, never the network as a whole (a full relay is
-//! no doing of a network's: beyond its bucket a newcomer is refused as `Global`).
+//! and takes a token of its network's eviction bucket for the eviction (with a network
+//! cap: 8 × the address connect rate and burst, apart from the bucket of the network's
+//! refusals at the caps, whose debt bans the network; `rate::AddrTable::admit`): a flood
+//! of evictions is refused, charged and banned like a flood into a full relay — by
+//! address, never the network as a whole (a full relay is no doing of a network's: beyond
+//! its bucket a newcomer is refused as `Global`, and evictions never bring the network's
+//! refusals nearer a ban).
 //!
 //! An evicted connection is given [`EVICTED_CLOSE`] from its eviction, also when that
 //! comes during its drain (one not yet welcomed stays in the queues while it drains after

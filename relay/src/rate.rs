@@ -283,6 +283,14 @@ struct AddrState {
     net_refusals: HashMap<IpAddr, TokenBucket>,
     /// [`AddrState::sweep_at`] for `net_refusals`.
     net_sweep_at: usize,
+    /// Evictions per network (with a network cap): each takes a token of its network's
+    /// bucket here, of the same rate and burst as `net_refusals` but apart from it, so
+    /// evictions never put the network's refusals in debt (a ban) — and beyond this
+    /// bucket a newcomer is refused as on a full relay. Made by an eviction, forgotten
+    /// once full.
+    net_evictions: HashMap<IpAddr, TokenBucket>,
+    /// [`AddrState::sweep_at`] for `net_evictions`.
+    net_evict_sweep_at: usize,
 }
 
 /// The table size below which no sweep happens.
@@ -535,10 +543,10 @@ impl AddrTable {
         {
             return Err(Refusal::NetworkChurning);
         }
-        // Whether the network's connect bucket has a token for an eviction (below).
+        // Whether the network's eviction bucket has a token for an eviction (below).
         let net_token = self.per_net == 0
             || !matches!(admission, Admission::Evict(_))
-            || s.net_refusals.get(&net).is_none_or(|b| b.has_token(now));
+            || s.net_evictions.get(&net).is_none_or(|b| b.has_token(now));
         let e = s.by_addr.entry(ip).or_insert_with(|| AddrEntry {
             conns: 0,
             buckets: SharedBuckets::new(rates, now),
@@ -577,12 +585,14 @@ impl AddrTable {
             // refused as when nothing could be evicted (charged: churning, then banned),
             // not let in to wait — its wait came after the victim was already gone, so one
             // address could evict every handshake at any speed. Likewise over its
-            // network's connect rate (with a network cap: `NETWORK_CONNECT_FACTOR`
-            // addresses' rate, shared with the refusals at the caps): many addresses of
-            // one network evict no faster than that, and the rest are refused as on a
-            // full relay (`Global`, the address charged) — not as `NetworkChurning`:
-            // a full relay is no doing of the network, whose many honest hosts (a carrier
-            // NAT, a /48 pool) reconnecting into it after a restart must not get it banned.
+            // network's eviction rate (with a network cap: `NETWORK_CONNECT_FACTOR`
+            // addresses' rate, in a bucket of its own): many addresses of one network
+            // evict no faster than that, and the rest are refused as on a full relay
+            // (`Global`, the address charged) — not as `NetworkChurning`: a full relay is
+            // no doing of the network, whose many honest hosts (a carrier NAT, a /48 pool)
+            // reconnecting into it after a restart must not get it banned. Nor do its
+            // evictions spend the bucket of its refusals at the caps, whose debt bans it:
+            // 24 evictions then made one refusal at an address's cap a network ban.
             if !e.connects.has_token(now) || !net_token {
                 e.connects.charge_refused(now);
                 return Err(if e.connects.in_debt(now) {
@@ -592,8 +602,10 @@ impl AddrTable {
                 });
             }
             if self.per_net > 0 {
-                // Has a token: never in debt here.
-                self.charge_network(s, net, now);
+                // Has a token (checked above).
+                let (map, sweep_at) = (&mut s.net_evictions, &mut s.net_evict_sweep_at);
+                self.network_bucket(map, sweep_at, net, now)
+                    .charge_refused(now);
             }
             queues.evict(victim);
         }
@@ -621,22 +633,33 @@ impl AddrTable {
 
     /// Charges a refused connect to `net`'s bucket; whether the network is now in debt.
     fn charge_network(&self, s: &mut AddrState, net: IpAddr, now: Instant) -> bool {
-        if s.net_refusals.len() >= s.net_sweep_at.max(SWEEP_MIN)
-            && !s.net_refusals.contains_key(&net)
-        {
-            s.net_refusals.retain(|_, b| !b.is_full(now));
-            s.net_sweep_at = (2 * s.net_refusals.len()).max(SWEEP_MIN);
+        let b = self.network_bucket(&mut s.net_refusals, &mut s.net_sweep_at, net, now);
+        b.charge_refused(now);
+        b.in_debt(now)
+    }
+
+    /// `net`'s bucket in `map` (`NETWORK_CONNECT_FACTOR` addresses' connect rate and
+    /// burst), made if need be; a new entry first sweeps the full ones once `map` reached
+    /// `sweep_at` (then twice what is left, as [`AddrState::sweep_at`]).
+    fn network_bucket<'m>(
+        &self,
+        map: &'m mut HashMap<IpAddr, TokenBucket>,
+        sweep_at: &mut usize,
+        net: IpAddr,
+        now: Instant,
+    ) -> &'m mut TokenBucket {
+        if map.len() >= (*sweep_at).max(SWEEP_MIN) && !map.contains_key(&net) {
+            map.retain(|_, b| !b.is_full(now));
+            *sweep_at = (2 * map.len()).max(SWEEP_MIN);
         }
         let (rate, burst) = self.connect;
-        let b = s.net_refusals.entry(net).or_insert_with(|| {
+        map.entry(net).or_insert_with(|| {
             TokenBucket::new(
                 rate.saturating_mul(NETWORK_CONNECT_FACTOR),
                 burst.saturating_mul(NETWORK_CONNECT_FACTOR),
                 now,
             )
-        });
-        b.charge_refused(now);
-        b.in_debt(now)
+        })
     }
 
     fn release(&self, ip: IpAddr, ticket: &Arc<Ticket>) {
@@ -965,6 +988,38 @@ mod tests {
             .expect("the network's bucket refilled: evicts again");
         assert_eq!(held.iter().filter(|s| s.ticket().is_evicted()).count(), 1);
         drop(newest);
+    }
+
+    /// Review finding (Low): evictions took their tokens from the network bucket whose debt
+    /// bans the network, so 24 evictions (8 × burst 3) emptied it and one refusal at an
+    /// address's cap from that network then put it in debt: `NetworkChurning`, the whole
+    /// network banned, where the bucket's burst would have absorbed that refusal. Evictions
+    /// have their own network bucket now (same rate and burst). The table above with
+    /// `per_addr` 1: after the 24 evictions from 10.0.0.x, an address of that network that
+    /// already holds its place connects again: `PerAddr`, the network not banned.
+    #[test]
+    fn evictions_leave_the_networks_refusal_bucket_alone() {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let t = Arc::new(
+            AddrTable::new(UNLIMITED, (1, 3), 64, 1, 40, Duration::from_secs(60))
+                .with_network_cap(100, 24, 48)
+                .with_handshakes(Arc::new(Handshakes::new(metrics, Duration::from_secs(2)))),
+        );
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        let t0 = Instant::now();
+        let mut held: Vec<AddrSlot> = (1..=40).map(|i| t.admit_at(ip(i), t0).unwrap()).collect();
+        let later = t0 + Duration::from_secs(10);
+        for i in 0..24 {
+            held.push(t.admit_at(ip(100 + i), later).expect("evicts"));
+            held.retain(|s| !s.ticket().is_evicted());
+        }
+        assert_eq!(held.len(), 40);
+        assert_eq!(t.admit_at(ip(123), later).unwrap_err(), Refusal::PerAddr(1));
+        assert!(!t.banned_at(ip(123), later));
+        assert!(!t.banned_at(ip(7), later));
+        // Evictions are still held to the network's rate: the next is refused as `Global`.
+        assert_eq!(t.admit_at(ip(150), later).unwrap_err(), Refusal::Global(40));
+        drop(held);
     }
 
     #[test]
