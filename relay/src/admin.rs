@@ -324,7 +324,10 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// when the port stopped accepting at the cap, 64 silent connections made probes time
 /// out. Each connection serves one request (no keep-alive), must send its headers within
 /// [`ADMIN_HEADER_TIMEOUT`] and lives at most [`ADMIN_CONNECTION_LIFETIME`].
-pub(crate) const ADMIN_MAX_CONNECTIONS: usize = 64;
+///
+/// Public (hidden) for the binary's open-file estimate only.
+#[doc(hidden)]
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Longest an admin connection may take to send its request headers.
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(2);

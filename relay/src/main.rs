@@ -945,9 +945,11 @@ fn raise_open_file_limit(max_connections: usize) {
         }
     }
     // Client sockets: up to the connection ceiling (max_connections, the evicted
-    // connections still closing and the refused ones being told why); besides them
-    // listeners, the store, the admin port, logs.
-    let sockets = whispeer_relay::config::Limits::connection_ceiling(max_connections);
+    // connections still closing and the refused ones being told why); the admin port's
+    // connections (at most ADMIN_MAX_CONNECTIONS at once); besides them listeners, the
+    // store, logs.
+    let sockets = whispeer_relay::config::Limits::connection_ceiling(max_connections)
+        .saturating_add(whispeer_relay::admin::ADMIN_MAX_CONNECTIONS);
     let needed = sockets as u64 + 64;
     if now < needed {
         tracing::warn!(
@@ -956,7 +958,7 @@ fn raise_open_file_limit(max_connections: usize) {
             needed,
             "the open-file limit is below what limits.max_connections needs (its client \
              sockets, evicted handshakes still closing and refused connections being told \
-             why included, and 64 more): accept fails \
+             why included, the admin port's connections, and 64 more): accept fails \
              (EMFILE) before the connection cap; raise it (ulimit -n, systemd LimitNOFILE=) \
              or lower max_connections"
         );
