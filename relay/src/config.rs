@@ -1212,9 +1212,11 @@ pub struct Limits {
     /// network_ipv4_prefix / network_ipv6_prefix) holding the most unwelcomed places, and
     /// only one older than min(2 s, hello_ms / 2) — else the newcomer is refused. The
     /// evictor pays every other cap and must be within its addr_connect_rate (else refused,
-    /// charged, and banned for churn as on a full relay); evictions charge its network's
-    /// connect bucket (with a network cap), and beyond that bucket's rate they are refused
-    /// as on a full relay (never banning the network). So an honest handshake is evicted only once that old, only while its
+    /// charged, and banned for churn as on a full relay); evictions take tokens of an
+    /// eviction bucket of its network (with a network cap; 8 × addr_connect_rate, apart
+    /// from the bucket of refusals at the caps whose debt bans a network), and beyond it
+    /// they are refused as on a full relay (never banning the network). So an honest
+    /// handshake is evicted only once that old, only while its
     /// network holds the most unwelcomed places, and only after max_connections − W newer
     /// unwelcomed connections arrived (W: welcomed sessions). Welcomed sessions are never
     /// evicted: with none to evict the newcomer is refused (fatal Err(too_many_connections)
@@ -1226,7 +1228,8 @@ pub struct Limits {
     /// most max_connections + max(max_connections / 8, 16) client sockets, evicted ones
     /// still closing included (beyond it newcomers are refused), plus at most 64 refused TCP
     /// connections being told why (the rest are closed unanswered): the open-file limit
-    /// must allow that plus 64. Counted in whispeer_relay_handshakes_evicted_total.
+    /// must allow that, the admin port's 64 connections and 64 more (the relay warns at
+    /// start otherwise). Counted in whispeer_relay_handshakes_evicted_total.
     #[arg(long, env = "WHISPEER_MAX_CONNECTIONS")]
     pub max_connections: usize,
     /// Most subscriptions one connection may hold (fatal Err(too_many_subscriptions)).
