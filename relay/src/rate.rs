@@ -959,18 +959,30 @@ mod tests {
     /// 10.0.0.x; 30 newcomers from distinct 10.0.0.y at one instant: 24 evict, 6 are
     /// refused `Global`, none evicting; a second later (8 network tokens back) one evicts
     /// again. Fails without: the 25th and later were `NetworkChurning`.
-    #[test]
-    fn evictions_over_the_networks_rate_are_refused_as_global_not_banned() {
+    /// The address 10.0.0.`i`.
+    fn ten(i: u32) -> IpAddr {
+        IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i))
+    }
+
+    /// A table of 40 places (connect rate 1/s burst 3, network cap 100 of /24s, `per_addr`
+    /// per address) held by unwelcomed connections of 10.0.0.1–40 admitted at t0; and
+    /// t0 + 10 s, when they are all past their grace (2 s).
+    fn full_of_old_handshakes(per_addr: usize) -> (Arc<AddrTable>, Vec<AddrSlot>, Instant) {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let t = Arc::new(
-            AddrTable::new(UNLIMITED, (1, 3), 64, 100, 40, Duration::from_secs(60))
+            AddrTable::new(UNLIMITED, (1, 3), 64, per_addr, 40, Duration::from_secs(60))
                 .with_network_cap(100, 24, 48)
                 .with_handshakes(Arc::new(Handshakes::new(metrics, Duration::from_secs(2)))),
         );
-        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
         let t0 = Instant::now();
-        let mut held: Vec<AddrSlot> = (1..=40).map(|i| t.admit_at(ip(i), t0).unwrap()).collect();
-        let later = t0 + Duration::from_secs(10);
+        let held = (1..=40).map(|i| t.admit_at(ten(i), t0).unwrap()).collect();
+        (t, held, t0 + Duration::from_secs(10))
+    }
+
+    #[test]
+    fn evictions_over_the_networks_rate_are_refused_as_global_not_banned() {
+        let (t, mut held, later) = full_of_old_handshakes(100);
+        let ip = ten;
         let mut outcomes = Vec::new();
         for i in 0..30 {
             let r = t.admit_at(ip(100 + i), later);
@@ -999,16 +1011,8 @@ mod tests {
     /// already holds its place connects again: `PerAddr`, the network not banned.
     #[test]
     fn evictions_leave_the_networks_refusal_bucket_alone() {
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        let t = Arc::new(
-            AddrTable::new(UNLIMITED, (1, 3), 64, 1, 40, Duration::from_secs(60))
-                .with_network_cap(100, 24, 48)
-                .with_handshakes(Arc::new(Handshakes::new(metrics, Duration::from_secs(2)))),
-        );
-        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-        let t0 = Instant::now();
-        let mut held: Vec<AddrSlot> = (1..=40).map(|i| t.admit_at(ip(i), t0).unwrap()).collect();
-        let later = t0 + Duration::from_secs(10);
+        let (t, mut held, later) = full_of_old_handshakes(1);
+        let ip = ten;
         for i in 0..24 {
             held.push(t.admit_at(ip(100 + i), later).expect("evicts"));
             held.retain(|s| !s.ticket().is_evicted());
