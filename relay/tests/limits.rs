@@ -1433,11 +1433,7 @@ async fn a_flood_from_another_network_evicts_its_own_connections_not_a_slow_clie
         .await
         .expect("the client counted")
         .expect("relay running");
-    let silent = || async {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind("127.0.0.9:0".parse().unwrap()).unwrap();
-        sock.connect(relay.tcp()).await.unwrap()
-    };
+    let silent = || silent_from(relay.tcp(), "127.0.0.9");
     let mut flood = Vec::new();
     for _ in 1..MAX {
         flood.push(silent().await);
@@ -1452,19 +1448,15 @@ async fn a_flood_from_another_network_evicts_its_own_connections_not_a_slow_clie
         flood.push(silent().await);
     }
     // Every newcomer evicted one or was refused.
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let (evicted, rejected) = loop {
-        let evicted = metric(admin, "whispeer_relay_handshakes_evicted_total").await;
-        let rejected = metric(admin, "whispeer_relay_connections_rejected_total").await;
-        if evicted + rejected >= MORE {
-            break (evicted, rejected);
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{evicted} evicted + {rejected} refused of {MORE} newcomers"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    };
+    let [evicted, rejected] = metrics_reaching(
+        admin,
+        [
+            "whispeer_relay_handshakes_evicted_total",
+            "whispeer_relay_connections_rejected_total",
+        ],
+        |[e, r]| e + r >= MORE,
+    )
+    .await;
     assert_eq!(evicted + rejected, MORE);
     assert!(
         (1..MAX as u64).contains(&evicted),
@@ -1544,11 +1536,7 @@ async fn evicted_connections_of_a_peer_that_never_closes_do_not_fill_the_ceiling
     let relay = TestRelay::start(config).await;
     let admin = relay.addrs.admin.expect("admin");
     let mut count = relay.handle.connections();
-    let silent = || async {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind("127.0.0.9:0".parse().unwrap()).unwrap();
-        sock.connect(relay.tcp()).await.unwrap()
-    };
+    let silent = || silent_from(relay.tcp(), "127.0.0.9");
     // Never read nor closed until the end of the test.
     let mut held = vec![silent().await];
     tokio::time::timeout(TIMEOUT, count.wait_for(|c| *c == 1))
@@ -1559,14 +1547,10 @@ async fn evicted_connections_of_a_peer_that_never_closes_do_not_fill_the_ceiling
     for n in 1..=16u64 {
         relay.handle.age_handshakes(PAST_GRACE);
         held.push(silent().await);
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        while metric(admin, "whispeer_relay_handshakes_evicted_total").await < n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "silent connection {n} evicted none"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
+        metrics_reaching(admin, ["whispeer_relay_handshakes_evicted_total"], |[e]| {
+            e >= n
+        })
+        .await;
     }
     relay.handle.age_handshakes(PAST_GRACE);
     let mut c = Client::tcp_from(relay.tcp(), "127.0.0.2").await;
@@ -2065,4 +2049,37 @@ async fn a_plugin_panicking_in_on_connect_leaks_no_place_of_the_plugins_before_i
         "the counter's accepted connect got no greeted disconnect"
     );
     assert!(counter.lowest.load(SeqCst) >= 0);
+}
+
+/// A TCP connection to `relay` from the loopback address `source`, that sends nothing.
+async fn silent_from(relay: std::net::SocketAddr, source: &str) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    sock.connect(relay).await.unwrap()
+}
+
+/// The admin port's values of `names` once `reached` holds for them, read again until it
+/// does (within `TIMEOUT`; the relay announces no metric change, so this polls, each read
+/// answered at once).
+async fn metrics_reaching<const N: usize>(
+    admin: std::net::SocketAddr,
+    names: [&str; N],
+    reached: impl Fn([u64; N]) -> bool,
+) -> [u64; N] {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let mut values = [0; N];
+        for (v, name) in values.iter_mut().zip(names) {
+            *v = metric(admin, name).await;
+        }
+        if reached(values) {
+            return values;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{names:?} stuck at {values:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
