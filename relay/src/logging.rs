@@ -12,6 +12,11 @@
 //! connections signed in to a relay account are always written: only the operator's
 //! account holders make them (at the per-address connect rate, like anyone), and a
 //! stranger's flood cannot hide them. The metrics count every connection.
+//!
+//! Failing accepts (`EMFILE` while the relay is out of file descriptors) are logged the
+//! same way, per listener: the first at once, then one line every [`SUMMARY_EVERY`] at
+//! most with the count of those left out, and one when accepts succeed again
+//! ([`AcceptFailures`]).
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +37,7 @@ pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 /// their "suppressed" summary.
 pub const CONN_LINES_TARGET: &str = "whispeer_relay::plugin";
 
-/// Nanoseconds since the first connection line of the process.
+/// Nanoseconds since the process's first connection line or failed accept.
 fn nanos() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);
@@ -43,10 +48,62 @@ fn nanos() -> u64 {
 /// The bucket as a generic cell rate algorithm: the time the bucket is next full again
 /// ("theoretical arrival time", in [`nanos`]); one load and one compare-exchange a line.
 static FULL_AT: AtomicU64 = AtomicU64::new(0);
-/// Lines not written since the last summary.
-static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
-/// When the last summary was written ([`nanos`]; 0: none yet).
-static LAST_SUMMARY: AtomicU64 = AtomicU64::new(0);
+/// Lines not written since the last summary, and when that was written.
+static SUPPRESSED: Summary = Summary::new();
+
+/// Events left out of the log, and when the last line reporting them was written: the
+/// summary half of a rate-limited log line, at most one every [`SUMMARY_EVERY`]. Lock-free
+/// (the connection lines' is a static that every connection task updates).
+struct Summary {
+    /// Events left out since the last report.
+    left_out: AtomicU64,
+    /// When the last report was written ([`nanos`]; 0: none yet).
+    last: AtomicU64,
+}
+
+impl Summary {
+    const fn new() -> Self {
+        Self {
+            left_out: AtomicU64::new(0),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// One more event left out of the log.
+    fn leave_out(&self) {
+        self.left_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether a report was written yet.
+    fn reported(&self) -> bool {
+        self.last.load(Ordering::Relaxed) != 0
+    }
+
+    /// A report written at `now` outside [`take_due`](Self::take_due) (the first line of
+    /// its kind): the next is due [`SUMMARY_EVERY`] later.
+    fn mark(&self, now: u64) {
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    /// If a report is due at `now` — the last one at least [`SUMMARY_EVERY`] old (with none
+    /// yet: `SUMMARY_EVERY` after [`nanos`] began) and at least `min` events left out
+    /// since — claims it (of callers racing, one) and returns how many were left out and
+    /// the seconds since the last report, rounded up.
+    fn take_due(&self, now: u64, min: u64) -> Option<(u64, u64)> {
+        let last = self.last.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < SUMMARY_EVERY.as_nanos() as u64
+            || self.left_out.load(Ordering::Relaxed) < min
+            || self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        let n = self.left_out.swap(0, Ordering::Relaxed);
+        Some((n, (now - last).div_ceil(1_000_000_000)))
+    }
+}
 
 /// Whether a connection log line may be written now: `info` is enabled for
 /// [`CONN_LINES_TARGET`] and the connection signed in to a relay account (`account`) or
@@ -74,7 +131,7 @@ fn anonymous_line() -> bool {
         }
     };
     if !allowed {
-        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        SUPPRESSED.leave_out();
     }
     summarize(now);
     allowed
@@ -84,18 +141,9 @@ fn anonymous_line() -> bool {
 /// is at least [`SUMMARY_EVERY`] old (called by [`conn_line`] and every second by the
 /// thread [`init`] starts, so the count of a flood that stopped is written too).
 fn summarize(now: u64) {
-    let last = LAST_SUMMARY.load(Ordering::Relaxed);
-    if now.saturating_sub(last) < SUMMARY_EVERY.as_nanos() as u64
-        || SUPPRESSED.load(Ordering::Relaxed) == 0
-        || LAST_SUMMARY
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-    {
-        return;
+    if let Some((n, secs)) = SUPPRESSED.take_due(now, 1) {
+        write_summary(n, secs);
     }
-    let n = SUPPRESSED.swap(0, Ordering::Relaxed);
-    let secs = (now - last).div_ceil(1_000_000_000);
-    write_summary(n, secs);
 }
 
 /// The summary line: `n` connection lines left out in the last `secs` s.
@@ -106,6 +154,86 @@ pub(crate) fn write_summary(n: u64, secs: u64) {
         "{n} connection log lines suppressed in the last {secs} s (at most {CONN_LINES_PER_S} \
          a second are written, bursts of {CONN_LINES_BURST}; the metrics count every connection)"
     );
+}
+
+/// The `tracing` target of [`AcceptFailures`]' lines: the accept loops' module, where the
+/// "accept failed" line was written before it was bounded (a filter naming it still works).
+pub const ACCEPT_LINES_TARGET: &str = "whispeer_relay::relay";
+
+/// The log of one listener's failing accepts — typically `EMFILE`, out of file
+/// descriptors, which lasts as long as connections hold them, the accept loop retrying
+/// every 50 ms: the first failure is warned about at once, then at most one line every
+/// [`SUMMARY_EVERY`] ("accept failed (N more since the last report)", the failures left
+/// out in between counted as the connection lines' [`Summary`] counts its lines), and one
+/// `info` line once an accept succeeds again ("accepting again after N failures") if a
+/// failure was warned about since the last such line — so a listener whose accepts
+/// alternate between failing and succeeding writes two lines every `SUMMARY_EVERY` at most.
+/// Before, every failure was a line: 20 a second per listener for as long as it lasted.
+/// One per accept loop (a single task: no contention on its counters).
+pub(crate) struct AcceptFailures {
+    summary: Summary,
+    /// Failures since the last "accepting again" line.
+    failures: u64,
+    /// Whether a failure was warned about since the last "accepting again" line.
+    warned: bool,
+}
+
+impl AcceptFailures {
+    pub(crate) const fn new() -> Self {
+        Self {
+            summary: Summary::new(),
+            failures: 0,
+            warned: false,
+        }
+    }
+
+    /// An accept on `listener` failed with `error` (the OS's: no peer-chosen bytes).
+    pub(crate) fn failed(&mut self, listener: &dyn std::fmt::Display, error: &std::io::Error) {
+        let now = nanos();
+        self.failures += 1;
+        let more = if self.summary.reported() {
+            self.summary.take_due(now, 0).map(|(n, _)| n)
+        } else {
+            self.summary.mark(now);
+            Some(0)
+        };
+        match more {
+            None => {
+                self.summary.leave_out();
+                return;
+            }
+            Some(0) => tracing::warn!(
+                target: ACCEPT_LINES_TARGET,
+                listener = %listener,
+                error = %error,
+                "accept failed"
+            ),
+            Some(n) => tracing::warn!(
+                target: ACCEPT_LINES_TARGET,
+                listener = %listener,
+                error = %error,
+                more = n,
+                "accept failed ({n} more since the last report)"
+            ),
+        }
+        self.warned = true;
+    }
+
+    /// An accept on `listener` succeeded.
+    pub(crate) fn accepted(&mut self, listener: &dyn std::fmt::Display) {
+        if !self.warned {
+            return;
+        }
+        let n = self.failures;
+        tracing::info!(
+            target: ACCEPT_LINES_TARGET,
+            listener = %listener,
+            failures = n,
+            "accepting again after {n} failures"
+        );
+        self.failures = 0;
+        self.warned = false;
+    }
 }
 
 /// Installs the global subscriber (logs go to stderr). Fails on an invalid filter.

@@ -1056,6 +1056,7 @@ async fn accept_loop(
     let mut bans = shared.addr_table.bans().watch();
     // Whether this listener has had a ban filter: its accepted sockets may inherit one.
     let mut filtered = false;
+    let mut failures = crate::logging::AcceptFailures::new();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -1068,10 +1069,14 @@ async fn accept_loop(
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
-            Ok(x) => x,
+            Ok(x) => {
+                failures.accepted(&kind);
+                x
+            }
             Err(e) => {
-                // Typically EMFILE: back off briefly instead of spinning.
-                tracing::warn!(listener = %kind, error = %e, "accept failed");
+                // Typically EMFILE: back off briefly instead of spinning. Logged at most
+                // once every 10 s while it lasts (`logging::AcceptFailures`).
+                failures.failed(&kind, &e);
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }

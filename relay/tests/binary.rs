@@ -936,3 +936,74 @@ async fn a_connection_flood_adds_a_bounded_amount_to_the_log() {
     assert!(summaries >= 1 && suppressed > 0);
     assert_eq!(written + suppressed, 2 * ROUNDS);
 }
+
+/// Accepts failing for want of file descriptors (`EMFILE`, retried every 50 ms while it
+/// lasts) are logged at most once every 10 s, and once when they succeed again: the
+/// relay's open-file limit lowered (prlimit) to just what it holds, connections wait in
+/// the listen queue unaccepted; over a second of failing accepts the log gets at most two
+/// "accept failed" lines (one before; 20 a second before the fix), and once the
+/// connections close an "accepting again after N failures" line counts them all (N ≥ 5:
+/// accepts really failed through the second) and a client is welcomed.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_accepts_add_a_bounded_number_of_lines_to_the_log() {
+    use rustix::process::{prlimit, Pid, Resource, Rlimit};
+    let mut relay =
+        BinRelay::start_logged(&["--log", "info", "--store", "none", "--hello-ms", "60000"]);
+    relay.skip_log();
+    let pid = relay.child.id();
+    let fds: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the relay's descriptors")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let top = *fds.iter().max().expect("descriptors");
+    // No descriptor above those it holds: the free ones below them (`gaps`) are accepted,
+    // the 4 connections beyond wait in the listen queue.
+    let limit = top + 1;
+    let gaps = limit - fds.len() as u64;
+    prlimit(
+        Some(Pid::from_child(&relay.child)),
+        Resource::Nofile,
+        Rlimit {
+            current: Some(limit),
+            maximum: Some(limit),
+        },
+    )
+    .expect("lower the relay's open-file limit");
+    let mut held = Vec::new();
+    for _ in 0..gaps + 4 {
+        held.push(tokio::net::TcpStream::connect(relay.tcp()).await.unwrap());
+    }
+    relay.wait_log(&["WARN", "accept failed"]).await;
+    // A second of failing accepts (the relay retries every 50 ms): what the log gets.
+    let log = relay.log.as_mut().expect("logged");
+    let mut more = 0;
+    let window = tokio::time::sleep(std::time::Duration::from_secs(1));
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            () = &mut window => break,
+            line = log.recv() => {
+                let line = line.expect("the relay's stderr ended");
+                assert!(!line.contains("accepting again"), "accepts succeeded: {line}");
+                more += usize::from(line.contains("accept failed"));
+            }
+        }
+    }
+    assert!(
+        more <= 1,
+        "{more} more \"accept failed\" lines within a second"
+    );
+    // The connections close: their descriptors come back, and accepts succeed again.
+    drop(held);
+    let line = relay.wait_log(&["INFO", "accepting again after"]).await;
+    let n: u64 = line
+        .split("accepting again after ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line:?}"));
+    assert!(n >= 5, "only {n} failed accepts counted: {line}");
+    let mut c = Client::tcp(relay.tcp()).await;
+    c.hello().await;
+}
