@@ -515,7 +515,8 @@ async fn handshake(shared: Arc<Shared>, incoming: quinn::Incoming, slot: AddrSlo
     let (connection, send, recv, window, receive) = match opened {
         Ok(x) => x,
         Err(why) => {
-            tracing::debug!(%peer, listener = "quic", %why, "connection dropped during handshake");
+            // Escaped (`?`): quinn's errors carry the peer's close reason as it came.
+            tracing::debug!(%peer, listener = "quic", ?why, "connection dropped during handshake");
             return;
         }
     };

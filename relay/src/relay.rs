@@ -1458,7 +1458,8 @@ async fn handshake(
     }
     .await;
     if let Err(why) = result {
-        tracing::debug!(%peer, listener = %kind, %why, "connection dropped during handshake");
+        // Escaped (`?`): the library errors in `why` may carry the peer's bytes.
+        tracing::debug!(%peer, listener = %kind, ?why, "connection dropped during handshake");
     }
 }
 

@@ -1007,3 +1007,32 @@ async fn failing_accepts_add_a_bounded_number_of_lines_to_the_log() {
     let mut c = Client::tcp(relay.tcp()).await;
     c.hello().await;
 }
+
+/// A peer's bytes in a handshake failure's `debug` line are escaped: a QUIC client closes
+/// its connection before opening its stream, with a close reason holding a newline, a
+/// forged log line and an ANSI colour code; the relay's "connection dropped during
+/// handshake" line holds the whole reason, escaped, and no ESC byte. Before, the reason
+/// (in quinn's error text as the peer sent it) was written raw: the line ended at the
+/// newline and the forged one followed, coloured on a terminal.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_bytes_in_a_handshake_failure_cannot_forge_a_log_line() {
+    let (cert, quic) = quic_relay_args(&temp_dir("quic-reason"));
+    let mut args: Vec<&str> = quic.iter().map(String::as_str).collect();
+    args.extend(["--log", "whispeer_relay=debug", "--store", "none"]);
+    let mut relay = BinRelay::start_logged(&args);
+    let endpoint = quic_endpoint(&cert, "127.0.0.1");
+    let conn = endpoint
+        .connect(relay.addrs.quic.expect("quic"), "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let reason = "bye\n2099-01-01T00:00:00.000000Z  WARN whispeer_relay: forged\x1b[31m";
+    conn.close(7u32.into(), reason.as_bytes());
+    let line = relay
+        .wait_log(&["connection dropped during handshake", "quic"])
+        .await;
+    assert!(line.contains("forged"), "the reason was cut: {line:?}");
+    assert!(!line.contains('\x1b'), "an ESC in the log: {line:?}");
+    drop(endpoint);
+}
