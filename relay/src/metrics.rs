@@ -104,6 +104,8 @@ pub struct Metrics {
     connections_total: [AtomicU64; TransportKind::ALL.len()],
     connections_rejected: AtomicU64,
     connections_refused: [AtomicU64; RefusedCap::ALL.len()],
+    /// Connections refused before their handshake and closed without their `Err`.
+    connections_refused_unanswered: AtomicU64,
     /// Connections not yet past `Hello` closed to make room for a newcomer while the relay
     /// was full (`limits.max_connections`).
     handshakes_evicted: AtomicU64,
@@ -185,6 +187,7 @@ impl Default for Metrics {
             connections_total: Default::default(),
             connections_rejected: AtomicU64::new(0),
             connections_refused: Default::default(),
+            connections_refused_unanswered: AtomicU64::new(0),
             handshakes_evicted: AtomicU64::new(0),
             subscriptions: AtomicI64::new(0),
             subscribes_total: AtomicU64::new(0),
@@ -268,6 +271,12 @@ impl Metrics {
     pub(crate) fn connection_refused(&self, cap: RefusedCap) {
         self.connection_rejected();
         self.connections_refused[cap as usize].fetch_add(1, Relaxed);
+    }
+    /// A connection refused before its handshake was closed without being told why: no
+    /// protocol to speak yet (TLS, WebSocket, QUIC), a churning address or network, or
+    /// every task answering refusals busy. (One told why counts in `error_sent`.)
+    pub(crate) fn refused_unanswered(&self) {
+        self.connections_refused_unanswered.fetch_add(1, Relaxed);
     }
     /// A connection not yet past `Hello` was closed to make room for a newcomer.
     pub(crate) fn handshake_evicted(&self) {
@@ -654,6 +663,17 @@ impl Metrics {
                 cap.label()
             );
         }
+        family(
+            &mut o,
+            "whispeer_relay_connections_refused_unanswered_total",
+            "counter",
+            "Connections refused before their handshake and closed without an Err frame: on TLS, WebSocket and QUIC (nothing can be said before the handshake), churning addresses and networks, and plain TCP ones while every task telling refused connections why was busy. The others were told why: whispeer_relay_errors_total{kind=\"too_many_connections\"}.",
+        );
+        let _ = writeln!(
+            o,
+            "whispeer_relay_connections_refused_unanswered_total {}",
+            load(&self.connections_refused_unanswered)
+        );
         let counters: [(&str, &str, u64); 21] = [
             (
                 "whispeer_relay_walk_tokens_total",

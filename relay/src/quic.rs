@@ -469,6 +469,9 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) 
             }
             Err(why) => {
                 crate::relay::refused(&shared, TransportKind::Quic, &why, peer.ip());
+                // No stream to send an `Err` on before the handshake: refused at the QUIC
+                // level (CONNECTION_REFUSED), counted as unanswered.
+                shared.metrics.refused_unanswered();
                 incoming.refuse();
             }
         }

@@ -1103,16 +1103,28 @@ async fn accept_loop(
                 }
                 // Told why by a task holding the socket up to `EVICTED_CLOSE`, counted in
                 // no gate: at most `REFUSAL_ANSWERS` at once, the rest closed unanswered
-                // (`Limits::connection_ceiling` counts them).
-                if let Some(message) = message {
-                    if kind == TransportKind::Tcp {
-                        if let Ok(permit) = shared.refusal_answers.clone().try_acquire_owned() {
-                            tokio::spawn(async move {
-                                answer_refusal(stream, message).await;
-                                drop(permit);
-                            });
-                        }
+                // (`Limits::connection_ceiling` counts them). The `Err` is counted sent
+                // only when such a task has it; the others count as unanswered.
+                let permit = match message {
+                    Some(message) if kind == TransportKind::Tcp => shared
+                        .refusal_answers
+                        .clone()
+                        .try_acquire_owned()
+                        .ok()
+                        .map(|permit| (permit, message)),
+                    _ => None,
+                };
+                match permit {
+                    Some((permit, message)) => {
+                        shared
+                            .metrics
+                            .error_sent(whispeer_protocol::ErrorCode::TooManyConnections);
+                        tokio::spawn(async move {
+                            answer_refusal(stream, message).await;
+                            drop(permit);
+                        });
                     }
+                    None => shared.metrics.refused_unanswered(),
                 }
                 continue;
             }
@@ -1204,7 +1216,8 @@ async fn lift_bans(shared: Arc<Shared>) {
 /// Counts a connection refused before its handshake (over the per-address or global cap)
 /// and returns what to tell the client: `None` for a churning address or network, which
 /// is closed unanswered ([`Refusal::Churning`], [`Refusal::NetworkChurning`]) — no task
-/// spawned to answer it.
+/// spawned to answer it. The caller counts the refusal told (`Metrics::error_sent`) or
+/// unanswered (`Metrics::refused_unanswered`): only it knows whether an answer goes out.
 pub(crate) fn refused(
     shared: &Shared,
     kind: TransportKind,
@@ -1236,11 +1249,7 @@ pub(crate) fn refused(
             );
         }
     }
-    let message = why.explanation()?;
-    shared
-        .metrics
-        .error_sent(whispeer_protocol::ErrorCode::TooManyConnections);
-    Some(message)
+    why.explanation()
 }
 
 /// Answers a refused plain TCP connection with a fatal `Err(too_many_connections)` saying

@@ -2083,3 +2083,75 @@ async fn metrics_reaching<const N: usize>(
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
+
+/// A connection refused while the relay is full counts either as told why — its `Err` in
+/// `errors_total{kind="too_many_connections"}` — or as closed unanswered
+/// (`connections_refused_unanswered_total`), as it really went: the two add up to the
+/// refusals. 200 plain TCP connects made while the relay cannot run (this runtime's one
+/// thread is busy connecting: they wait in the listen queue) are refused in one go by the
+/// accept loop, faster than the 64 answer tasks it spawns run and give their places back:
+/// some are told why, the rest closed without a byte; and 3 WebSocket connects, which
+/// cannot be told anything before their upgrade. Before, every refusal with a cap to name
+/// counted an `Err` sent, the unanswered ones included.
+#[tokio::test]
+async fn refused_connections_count_as_told_or_unanswered_as_they_went() {
+    const REFUSED: usize = 200;
+    const WS: usize = 3;
+    let mut config = Config::ephemeral();
+    config.limits.max_connections = 1;
+    // All from 127.0.0.1 at once: not churning.
+    config.limits.addr_connect_burst = 100_000;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let mut session = Client::tcp(relay.tcp()).await;
+    session.hello().await;
+    let queued: Vec<std::net::TcpStream> = (0..REFUSED)
+        .map(|_| std::net::TcpStream::connect(relay.tcp()).expect("connect"))
+        .collect();
+    let (mut told, mut unanswered) = (0u64, 0u64);
+    for s in queued {
+        s.set_nonblocking(true).unwrap();
+        let mut c = Client::over_stream(Box::new(tokio::net::TcpStream::from_std(s).unwrap()));
+        let (frames, _) = tokio::time::timeout(TIMEOUT, c.drain_to_end())
+            .await
+            .expect("a refused connection left open");
+        match frames.as_slice() {
+            [] => unanswered += 1,
+            [Frame::Err(e)] if e.code == ErrorCode::TooManyConnections => told += 1,
+            other => panic!("expected one Err(too_many_connections) or nothing, got {other:?}"),
+        }
+    }
+    for _ in 0..WS {
+        let mut c = Client::over_stream(Box::new(
+            tokio::net::TcpStream::connect(relay.ws()).await.unwrap(),
+        ));
+        let (frames, _) = tokio::time::timeout(TIMEOUT, c.drain_to_end())
+            .await
+            .expect("a refused WebSocket connection left open");
+        assert!(frames.is_empty(), "{frames:?}");
+    }
+    eprintln!("{told} told why, {unanswered} closed unanswered");
+    assert!(
+        told > 0 && unanswered > 0,
+        "{told} told, {unanswered} unanswered"
+    );
+    let [refused, errors, silent] = metrics_reaching(
+        admin,
+        [
+            "whispeer_relay_connections_refused_total{cap=\"global\"}",
+            "whispeer_relay_errors_total{kind=\"too_many_connections\"}",
+            "whispeer_relay_connections_refused_unanswered_total",
+        ],
+        |[r, _, _]| r >= (REFUSED + WS) as u64,
+    )
+    .await;
+    assert_eq!(refused, (REFUSED + WS) as u64);
+    assert_eq!(errors, told, "Errs counted sent");
+    assert_eq!(
+        silent,
+        unanswered + WS as u64,
+        "refusals counted unanswered"
+    );
+    assert_eq!(errors + silent, refused);
+    drop(session);
+}
