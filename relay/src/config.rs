@@ -1090,6 +1090,20 @@ pub struct DeliveryConfig {
     /// message always goes when the connection has nothing unacknowledged).
     #[arg(long, env = "WHISPEER_CONNECTION_UNACKED_BYTES")]
     pub connection_unacked_bytes: usize,
+    /// Most bytes of unacknowledged envelopes over all QoS >= 1 subscriptions of all
+    /// connections together; 0 = unlimited. A QoS 0 message delivered to a QoS >= 1
+    /// subscription is kept only there, for redelivery (the store does not keep it), so
+    /// without it one address's connections that read but never ack held
+    /// connection_unacked_bytes each (256 × 64 MiB = 16 GiB). Up to half of it goes to whoever
+    /// asks; beyond half, only to a source address (an IPv6 network of addr_ipv6_prefix)
+    /// holding less than its fair share of that half (half / addresses holding unacknowledged
+    /// bytes), and within it to a connection holding less than its share of the address's;
+    /// never beyond the whole. Over it a subscription pauses like at max_unacked: stored
+    /// messages wait in the store and follow once acks free bytes; unstored QoS 0 ones are
+    /// counted (whispeer_relay_credit_lost_total) and reported to it in a Gap. Gauge
+    /// whispeer_relay_unacked_bytes; whispeer_relay_unacked_budget_pauses_total.
+    #[arg(long, env = "WHISPEER_TOTAL_UNACKED_BYTES")]
+    pub total_unacked_bytes: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -1099,6 +1113,7 @@ impl Default for DeliveryConfig {
             max_unacked: 4_096,
             max_unacked_bytes: 16 << 20,
             connection_unacked_bytes: 64 << 20,
+            total_unacked_bytes: 1 << 30,
         }
     }
 }

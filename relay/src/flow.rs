@@ -31,7 +31,7 @@
 //! the byte allowance is read alone and dropped, then read again once there is credit
 //! for it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -40,7 +40,9 @@ use tokio::sync::Notify;
 use whispeer_protocol::frame::ErrFrame;
 use whispeer_protocol::{codec, Envelope, ErrorCode, Frame, TokenPattern};
 
+use crate::held_bytes::{fair_admits, Queued};
 use crate::ids::Seq;
+use crate::metrics::Metrics;
 use crate::outbound::ReadHold;
 use crate::relay::Shared;
 use crate::router::{msg_frame, Target};
@@ -50,6 +52,154 @@ use crate::store::{
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The relay-wide budget of unacknowledged envelope bytes (`delivery.total_unacked_bytes`),
+/// shared by source address (the connection's first [`Tenant`]: its address, or its IPv6
+/// network) and, within an address, by connection.
+///
+/// `connection_unacked_bytes` bounds one connection only, and a QoS 0 message delivered to
+/// a QoS ≥ 1 subscription is kept nowhere else (the store does not keep it, so no store
+/// quota applies; once written it leaves the outbound budget): 256 connections of one
+/// address that read but never ack held 64 MiB each, 16 GiB per address.
+///
+/// The rule is the queues' fair share ([`fair_admits`]) with half the budget as its bounds:
+/// up to half, anyone's delivery is taken (honest load never gets near it); beyond half,
+/// only an address holding less than its share of that half (half / addresses holding
+/// unacknowledged bytes; an address holding nothing may always take a message), and within
+/// it only a connection holding less than its share of the address's (the address's share /
+/// its connections holding bytes; a connection holding nothing may take one); never beyond
+/// the whole budget. So a lone address gets half, one address's connections cannot keep
+/// another address's first delivery out, and a flooding address's first connections cannot
+/// keep its later ones out either once the relay is past half. A subscription refused pauses
+/// as without credit ([`Tracking::deliver_live`]): stored messages wait in the store, and
+/// unstored ones are counted and reported in a `Gap` when its delivery resumes.
+///
+/// The check and the addition are separate steps (each under its subscription's lock, not
+/// a relay-wide one): routers delivering on several shards at once may each pass it, so
+/// the bound may be exceeded by one message per concurrently routing shard.
+#[derive(Debug)]
+pub(crate) struct UnackedBudget {
+    /// Bytes (0 = unlimited).
+    max: u64,
+    /// The bytes held, relay-wide, are `metrics.unacked_bytes` (the gauge).
+    metrics: Arc<Metrics>,
+    /// Addresses holding bytes.
+    busy: AtomicUsize,
+    /// Each address with a connection, by its tenant (removed with its last connection).
+    by: Mutex<HashMap<Tenant, Arc<AddrUnacked>>>,
+}
+
+/// What one address holds of the [`UnackedBudget`].
+#[derive(Debug, Default)]
+pub(crate) struct AddrUnacked {
+    bytes: AtomicU64,
+    /// Its connections holding bytes.
+    busy: AtomicUsize,
+}
+
+/// A connection's place in the [`UnackedBudget`]: its address's counts, given back (the
+/// address forgotten with its last connection) when dropped.
+#[derive(Debug)]
+pub(crate) struct BudgetShare {
+    budget: Arc<UnackedBudget>,
+    tenant: Tenant,
+    addr: Arc<AddrUnacked>,
+}
+
+impl Drop for BudgetShare {
+    fn drop(&mut self) {
+        let mut by = lock(&self.budget.by);
+        // The map's reference and this one: the address's last connection.
+        if Arc::strong_count(&self.addr) == 2 {
+            by.remove(&self.tenant);
+        }
+    }
+}
+
+impl UnackedBudget {
+    /// `max` bytes for all connections together (0 = unlimited), counted in `metrics`.
+    pub(crate) fn new(max: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            max: max as u64,
+            metrics,
+            busy: AtomicUsize::new(0),
+            by: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A connection from `tenant` joins (its address's place, made if it has none).
+    pub(crate) fn share(self: &Arc<Self>, tenant: Tenant) -> BudgetShare {
+        let addr = lock(&self.by).entry(tenant.clone()).or_default().clone();
+        BudgetShare {
+            budget: self.clone(),
+            tenant,
+            addr,
+        }
+    }
+
+    /// Bytes held, relay-wide.
+    pub(crate) fn used(&self) -> u64 {
+        self.metrics.unacked_bytes.load(Relaxed)
+    }
+
+    /// Whether a connection of `addr` holding `conn` bytes may take `len` more.
+    fn admits(&self, addr: &AddrUnacked, conn: usize, len: usize) -> bool {
+        if self.max == 0 {
+            return true;
+        }
+        let half = (self.max / 2).max(1);
+        let all = Queued {
+            msgs: 0,
+            bytes: self.used(),
+        };
+        let add = Queued {
+            msgs: 0,
+            bytes: len as u64,
+        };
+        if fair_admits(all, Queued::default(), 1, add, usize::MAX, half) {
+            // Within half: anyone.
+            return true;
+        }
+        let mine = addr.bytes.load(Relaxed);
+        let addrs = self.busy.load(Relaxed) + usize::from(mine == 0);
+        let held = |bytes| Queued { msgs: 0, bytes };
+        if !fair_admits(all, held(mine), addrs, add, usize::MAX, half) {
+            return false;
+        }
+        // Within the address's share, the connection's share of it.
+        let conns = addr.busy.load(Relaxed) + usize::from(conn == 0);
+        let share = (half / addrs.max(1) as u64 / conns.max(1) as u64).max(1);
+        conn == 0 || conn as u64 + len as u64 <= share
+    }
+
+    fn add(&self, addr: &AddrUnacked, conn_before: usize, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let n = n as u64;
+        self.metrics.unacked_bytes.fetch_add(n, Relaxed);
+        if addr.bytes.fetch_add(n, Relaxed) == 0 {
+            self.busy.fetch_add(1, Relaxed);
+        }
+        if conn_before == 0 {
+            addr.busy.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn sub(&self, addr: &AddrUnacked, conn_after: usize, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let n = n as u64;
+        self.metrics.unacked_bytes.fetch_sub(n, Relaxed);
+        if addr.bytes.fetch_sub(n, Relaxed) == n {
+            self.busy.fetch_sub(1, Relaxed);
+        }
+        if conn_after == 0 {
+            addr.busy.fetch_sub(1, Relaxed);
+        }
+    }
 }
 
 /// Unacknowledged envelope bytes of all at-least-once subscriptions of one connection,
@@ -72,6 +222,8 @@ pub(crate) struct ConnUnacked {
     held: Mutex<Held>,
     /// The next [`Tracking::id`].
     next_id: AtomicU64,
+    /// Its place in the relay-wide budget (none: unbounded, as in some tests).
+    budget: Option<BudgetShare>,
 }
 
 /// The connection's unacknowledged deliveries, by sequence, and its paused subscriptions
@@ -86,13 +238,15 @@ struct Held {
 }
 
 impl ConnUnacked {
-    pub(crate) fn new(max: usize) -> Arc<Self> {
+    /// At most `max` bytes, and what `budget` (the relay-wide one) admits.
+    pub(crate) fn new(max: usize, budget: Option<BudgetShare>) -> Arc<Self> {
         Arc::new(Self {
             used: AtomicUsize::new(0),
             max: max.max(1),
             freed: Notify::new(),
             held: Mutex::new(Held::default()),
             next_id: AtomicU64::new(1),
+            budget,
         })
     }
 
@@ -126,19 +280,37 @@ impl ConnUnacked {
         std::mem::take(&mut lock(&self.held).paused)
     }
 
-    /// Whether `len` more bytes fit (always while nothing is unacknowledged).
+    /// Whether `len` more bytes fit: in the connection's bound (always while nothing is
+    /// unacknowledged) and in the relay-wide budget's share ([`UnackedBudget::admits`]).
     fn fits(&self, len: usize) -> bool {
         let used = self.used.load(Relaxed);
-        used == 0 || used + len <= self.max
+        (used == 0 || used + len <= self.max) && self.budget_admits(used, len)
+    }
+
+    fn budget_admits(&self, used: usize, len: usize) -> bool {
+        self.budget
+            .as_ref()
+            .is_none_or(|b| b.budget.admits(&b.addr, used, len))
+    }
+
+    /// Whether the relay-wide budget (not the connection's own bound) refuses `len` more.
+    fn over_budget(&self, len: usize) -> bool {
+        !self.budget_admits(self.used.load(Relaxed), len)
     }
 
     fn add(&self, n: usize) {
-        self.used.fetch_add(n, Relaxed);
+        let before = self.used.fetch_add(n, Relaxed);
+        if let Some(b) = &self.budget {
+            b.budget.add(&b.addr, before, n);
+        }
     }
 
     fn sub(&self, n: usize) {
         if n > 0 {
-            self.used.fetch_sub(n, Relaxed);
+            let before = self.used.fetch_sub(n, Relaxed);
+            if let Some(b) = &self.budget {
+                b.budget.sub(&b.addr, before - n, n);
+            }
             self.freed.notify_waiters();
         }
     }
@@ -394,6 +566,12 @@ impl Tracking {
         };
         t.set_paused(self.id, p, &self.conn);
         false
+    }
+
+    /// Whether the relay-wide budget of unacknowledged bytes refuses `len` more bytes of
+    /// this connection now (what paused it, when credit did not).
+    pub(crate) fn over_budget(&self, len: usize) -> bool {
+        self.conn.over_budget(len)
     }
 
     /// Whether there is credit for a message of `len` bytes now.

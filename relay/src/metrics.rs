@@ -143,6 +143,11 @@ pub struct Metrics {
     refusal_paused: AtomicU64,
     credit_pauses: AtomicU64,
     credit_lost: AtomicU64,
+    /// Unacknowledged envelope bytes of all QoS >= 1 subscriptions, relay-wide (the
+    /// `delivery.total_unacked_bytes` budget counts them here: `flow::UnackedBudget`).
+    pub(crate) unacked_bytes: AtomicU64,
+    /// QoS >= 1 subscriptions paused by that budget.
+    unacked_budget_pauses: AtomicU64,
     /// The NATS bridge (see `cluster`); all zero without a cluster.
     pub(crate) cluster: ClusterMetrics,
 }
@@ -221,6 +226,8 @@ impl Default for Metrics {
             refusal_paused: AtomicU64::new(0),
             credit_pauses: AtomicU64::new(0),
             credit_lost: AtomicU64::new(0),
+            unacked_bytes: AtomicU64::new(0),
+            unacked_budget_pauses: AtomicU64::new(0),
             cluster: ClusterMetrics::default(),
         }
     }
@@ -351,6 +358,10 @@ impl Metrics {
     /// Messages a paused subscription skipped that the store does not keep (sent as `Gap`).
     pub(crate) fn credit_lost(&self, n: u64) {
         self.credit_lost.fetch_add(n, Relaxed);
+    }
+    /// A subscription's delivery paused for the relay-wide unacknowledged-bytes budget.
+    pub(crate) fn unacked_budget_paused(&self) {
+        self.unacked_budget_pauses.fetch_add(1, Relaxed);
     }
     pub(crate) fn rejected_by_plugin(&self) {
         self.rejected_by_plugin.fetch_add(1, Relaxed);
@@ -674,7 +685,7 @@ impl Metrics {
             "whispeer_relay_connections_refused_unanswered_total {}",
             load(&self.connections_refused_unanswered)
         );
-        let counters: [(&str, &str, u64); 21] = [
+        let counters: [(&str, &str, u64); 22] = [
             (
                 "whispeer_relay_walk_tokens_total",
                 "Publish rate tokens charged for routing walks, beyond each publish's own one: one per 64 subscription index nodes visited (whispeer_relay_route_nodes_visited), taken from the publisher's connection, address and account buckets (backpressure).",
@@ -772,8 +783,13 @@ impl Metrics {
             ),
             (
                 "whispeer_relay_credit_lost_total",
-                "QoS 0 messages a credit-paused subscription skipped that the store does not keep (reported to the client in a Gap).",
+                "QoS 0 messages a paused subscription (out of credit, or over the relay-wide unacknowledged-bytes budget) skipped that the store does not keep (reported to the client in a Gap).",
                 load(&self.credit_lost),
+            ),
+            (
+                "whispeer_relay_unacked_budget_pauses_total",
+                "Times a QoS >= 1 subscription's delivery paused because the relay-wide budget of unacknowledged bytes (delivery.total_unacked_bytes) was spent and its address held its share (stored messages wait in the store; unstored QoS 0 ones count in whispeer_relay_credit_lost_total and a Gap).",
+                load(&self.unacked_budget_pauses),
             ),
             (
                 "whispeer_relay_plugin_rejections_total",
@@ -859,6 +875,17 @@ impl Metrics {
             "Source addresses banned now for connection churn.",
         );
         let _ = writeln!(o, "whispeer_relay_addr_banned {}", load(&self.addr_banned));
+        family(
+            &mut o,
+            "whispeer_relay_unacked_bytes",
+            "gauge",
+            "Bytes of envelopes delivered to QoS >= 1 subscriptions and not yet acknowledged, all connections (bounded by delivery.total_unacked_bytes).",
+        );
+        let _ = writeln!(
+            o,
+            "whispeer_relay_unacked_bytes {}",
+            load(&self.unacked_bytes)
+        );
         family(
             &mut o,
             "whispeer_relay_light_busy_percent",

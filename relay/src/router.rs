@@ -338,6 +338,9 @@ pub(crate) struct Router {
     /// Walks of this relay's own publishes that the stream numbered, matched with their
     /// publishers' debts ([`Router::owe_walk`]).
     debts: Mutex<WalkDebts>,
+    /// The relay-wide budget of unacknowledged bytes (`delivery.total_unacked_bytes`),
+    /// made by the first connection that asks ([`Router::unacked_budget`]).
+    unacked: std::sync::OnceLock<Arc<crate::flow::UnackedBudget>>,
 }
 
 /// A session's routing walks not charged yet: publish rate tokens
@@ -398,7 +401,15 @@ impl Router {
             metrics,
             cluster,
             debts: Mutex::default(),
+            unacked: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The relay-wide budget of unacknowledged bytes, of `max` bytes (the relay's
+    /// `delivery.total_unacked_bytes`: the first caller's `max` makes it).
+    pub(crate) fn unacked_budget(&self, max: usize) -> &Arc<crate::flow::UnackedBudget> {
+        self.unacked
+            .get_or_init(|| crate::flow::UnackedBudget::new(max, self.metrics.clone()))
     }
 
     fn shard_of(&self, key_id: &KeyId) -> usize {
@@ -870,6 +881,9 @@ impl Router {
                     Delivery::Send => {}
                     Delivery::Paused => {
                         match room {
+                            Room::Yes if tr.over_budget(envelope.len()) => {
+                                self.metrics.unacked_budget_paused();
+                            }
                             Room::Yes => self.metrics.credit_paused(),
                             Room::Full => t.out.count_full_pause(),
                             Room::OverBudget => t.out.count_budget_pause(),

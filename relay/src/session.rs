@@ -244,7 +244,12 @@ impl Session {
         let sub_bucket = TokenBucket::new(l.sub_rate, l.sub_burst, now);
         let ack_bucket = TokenBucket::new(l.ack_rate, l.ack_burst, now);
         let tenant = Tenant::from_peer(peer, l.addr_ipv6_prefix);
-        let unacked = ConnUnacked::new(shared.config.delivery.connection_unacked_bytes);
+        let d = &shared.config.delivery;
+        let budget = shared.router.unacked_budget(d.total_unacked_bytes);
+        let unacked = ConnUnacked::new(
+            d.connection_unacked_bytes,
+            Some(budget.share(tenant.clone())),
+        );
         Self {
             shared,
             conn,

@@ -881,3 +881,98 @@ async fn a_connection_that_never_stops_sending_still_gets_its_redeliveries() {
     publisher.abort();
     assert_eq!((again.seq, again.flags), (seqs[0], msg_flags::REDELIVERED));
 }
+
+/// Review finding 1: a QoS 0 message delivered to a QoS 1 subscription is held only in its
+/// unacknowledged deliveries (the store does not keep it), so connections of one address
+/// that read but never ack held `connection_unacked_bytes` each (256 × 64 MiB per address
+/// at the defaults). The relay-wide `delivery.total_unacked_bytes` bounds them all: eight
+/// such connections from 127.0.0.1 (64 MiB each allowed), 16 MiB of QoS 0 messages
+/// published to them over an 8 MiB budget — the relay holds at most the budget (one
+/// address alone: half of it), each connection is told in a `Gap` how many of its
+/// messages it did not get, the loss is counted, and once a connection acks, delivery to
+/// it resumes.
+#[tokio::test]
+async fn non_acking_connections_hold_at_most_the_relay_wide_unacked_bytes() {
+    const TOTAL: usize = 8 << 20;
+    const BODY: usize = 256 << 10;
+    const CONNS: u8 = 8;
+    const EACH: u64 = 8;
+    let mut config = Config::ephemeral();
+    config.delivery.total_unacked_bytes = TOTAL;
+    config.delivery.connection_unacked_bytes = 64 << 20;
+    config.delivery.max_unacked_bytes = 64 << 20;
+    config.limits.publish_rate = 0;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let mut subs = Vec::new();
+    for k in 1..=CONNS {
+        let mut s = Client::tcp(relay.tcp()).await;
+        hello_flow(&mut s).await;
+        s.send(&qos1_sub(1, exact(1, &[k]), Some(4096))).await;
+        assert!(matches!(s.recv().await, Frame::SubOk(_)));
+        subs.push(s);
+    }
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    let qos0 = |k: u8, i: u64| {
+        Frame::Pub(Pub {
+            envelope: envelope_sized(1, &[k], BODY + i as usize),
+            flags: 0,
+            publish_id: None,
+            qos: Qos::AtMostOnce,
+        })
+    };
+    for i in 0..EACH {
+        for k in 1..=CONNS {
+            p.send(&qos0(k, i)).await;
+        }
+    }
+    // The Pong follows the routing of every publish before it.
+    until_pong(&mut p, 1).await;
+    let held = metric(admin, "whispeer_relay_unacked_bytes").await;
+    assert!(
+        held > 0 && held <= (TOTAL + BODY + 4096) as u64,
+        "{held} unacknowledged bytes held over a {TOTAL}-byte budget"
+    );
+    assert!(metric(admin, "whispeer_relay_unacked_budget_pauses_total").await > 0);
+    // Each connection: its messages and a Gap for the rest (sent when its paused delivery
+    // resumes: at its next redelivery tick).
+    let mut got = Vec::new();
+    let mut gaps = 0;
+    for s in &mut subs {
+        let (mut seqs, mut gap) = (Vec::new(), 0);
+        while seqs.len() as u64 + gap < EACH {
+            match s.recv().await {
+                Frame::Msg(m) => seqs.push(m.seq),
+                Frame::Gap(g) => gap += g.dropped,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            seqs.len() as u64 + gap,
+            EACH,
+            "each message got or counted once"
+        );
+        assert!(gap > 0, "{} of {EACH} messages over the budget", seqs.len());
+        gaps += gap;
+        got.push(seqs);
+    }
+    assert!(
+        metric(admin, "whispeer_relay_credit_lost_total").await >= gaps,
+        "every message not delivered is counted"
+    );
+    // The first connection acks: delivery to it resumes.
+    let first = &mut subs[0];
+    first
+        .send(&Frame::Ack(Ack {
+            seqs: got[0].clone(),
+        }))
+        .await;
+    assert!(until_pong(first, 2).await.is_empty());
+    p.send(&qos0(1, EACH)).await;
+    until_pong(&mut p, 3).await;
+    match first.recv().await {
+        Frame::Msg(m) => assert_eq!(m.envelope.token_path().tokens()[0], tok(1)),
+        other => panic!("expected the next Msg after the ack, got {other:?}"),
+    }
+}
