@@ -1338,10 +1338,12 @@ pub struct Limits {
     /// Tokens a Sub asking for history (replay or a durable resume) costs.
     #[arg(long, env = "WHISPEER_REPLAY_COST")]
     pub replay_cost: u32,
-    /// Sustained Ack frames per second per connection.
+    /// Sustained Ack frames per second per connection (Ping, Pong and Err frames count as
+    /// Acks here). Over it the connection is read more slowly (backpressure, nothing
+    /// refused).
     #[arg(long, env = "WHISPEER_ACK_RATE")]
     pub ack_rate: u32,
-    /// Burst of Ack frames per connection.
+    /// Burst of Ack (and Ping, Pong, Err) frames per connection.
     #[arg(long, env = "WHISPEER_ACK_BURST")]
     pub ack_burst: u32,
     /// Publishes per second shared by all connections of one source address (reconnecting
@@ -1385,10 +1387,11 @@ pub struct Limits {
     /// Burst of Sub/Unsub requests per source address.
     #[arg(long, env = "WHISPEER_ADDR_SUB_BURST")]
     pub addr_sub_burst: u32,
-    /// Ack frames per second shared by one source address.
+    /// Ack frames per second shared by one source address (Ping, Pong and Err frames count
+    /// as Acks here).
     #[arg(long, env = "WHISPEER_ADDR_ACK_RATE")]
     pub addr_ack_rate: u32,
-    /// Burst of Ack frames per source address.
+    /// Burst of Ack (and Ping, Pong, Err) frames per source address.
     #[arg(long, env = "WHISPEER_ADDR_ACK_BURST")]
     pub addr_ack_burst: u32,
     /// Publishes per second shared by all connections of one relay account (auth on), from
@@ -1405,10 +1408,10 @@ pub struct Limits {
     /// Burst of Sub/Unsub requests per relay account.
     #[arg(long, env = "WHISPEER_ACCOUNT_SUB_BURST")]
     pub account_sub_burst: u32,
-    /// Ack frames per second shared by one relay account.
+    /// Ack (and Ping, Pong, Err) frames per second shared by one relay account.
     #[arg(long, env = "WHISPEER_ACCOUNT_ACK_RATE")]
     pub account_ack_rate: u32,
-    /// Burst of Ack frames per relay account.
+    /// Burst of Ack (and Ping, Pong, Err) frames per relay account.
     #[arg(long, env = "WHISPEER_ACCOUNT_ACK_BURST")]
     pub account_ack_burst: u32,
     /// Envelope bytes per second that publishes from one source address may store

@@ -520,13 +520,21 @@ impl Session {
                 self.charge_shared(Kind::Publish, 1.0, now);
                 self.on_pub(p, now)
             }
-            Frame::Ping(p) => self.send(&Frame::Pong(Pong { nonce: p.nonce })),
+            // Every frame is charged to a bucket: Ping, Pong and a client's non-fatal Err
+            // to the ack buckets (connection, address, account), which pause the reader
+            // rather than refuse. Uncharged, a Ping flood from an address's connections
+            // cost the relay a Pong each, past every per-address rate.
+            Frame::Ping(p) => {
+                self.charge_ack(now);
+                self.send(&Frame::Pong(Pong { nonce: p.nonce }))
+            }
             // Liveness only; the idle timer was reset by the driver.
-            Frame::Pong(_) => Flow::Continue,
+            Frame::Pong(_) => {
+                self.charge_ack(now);
+                Flow::Continue
+            }
             Frame::Ack(a) => {
-                let wait = self.ack_bucket.take(1.0, now);
-                self.charge(wait, now);
-                self.charge_shared(Kind::Ack, 1.0, now);
+                self.charge_ack(now);
                 self.on_ack(a)
             }
             Frame::Close(c) => {
@@ -536,6 +544,7 @@ impl Session {
             Frame::Err(e) => {
                 tracing::debug!(conn = %self.conn, code = e.code.name(), fatal = e.fatal,
                     "client reported an error");
+                self.charge_ack(now);
                 if e.fatal {
                     self.close_quietly(&format!("client error: {}", e.code.name()));
                     Flow::Close
@@ -581,6 +590,14 @@ impl Session {
         let wait = REFUSAL_PAUSE * (1u32 << (self.refused_in_a_row - 1));
         self.shared.metrics.refusal_paused();
         self.charge(Some(wait), now);
+    }
+
+    /// Charges one frame to the ack buckets (`Ack`, and the frames that cost the relay
+    /// little but must not be free: `Ping`, `Pong`, a client's `Err`).
+    fn charge_ack(&mut self, now: Instant) {
+        let wait = self.ack_bucket.take(1.0, now);
+        self.charge(wait, now);
+        self.charge_shared(Kind::Ack, 1.0, now);
     }
 
     fn charge_sub(&mut self, cost: f64, now: Instant) {

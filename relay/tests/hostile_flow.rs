@@ -976,3 +976,53 @@ async fn non_acking_connections_hold_at_most_the_relay_wide_unacked_bytes() {
         other => panic!("expected the next Msg after the ack, got {other:?}"),
     }
 }
+
+/// Review finding 5: `Ping` was the one frame charged to no rate bucket, so a Ping flood
+/// from an address's connections cost the relay a `Pong` each past every per-address rate.
+/// It is charged to the ack buckets now, which pause the reader rather than refuse: four
+/// connections' 800 Pings against an address rate of 1,000 a second (burst 100) all get
+/// their Pong, paced (at least 0.7 s of refill) and counted as throttling.
+#[tokio::test]
+async fn a_ping_flood_from_one_address_is_paced_by_its_ack_rate() {
+    const CONNS: usize = 4;
+    const PINGS: u64 = 200;
+    let mut config = Config::ephemeral();
+    config.limits.addr_ack_rate = 1_000;
+    config.limits.addr_ack_burst = 100;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let mut clients = Vec::new();
+    for _ in 0..CONNS {
+        let mut c = Client::tcp(relay.tcp()).await;
+        c.hello().await;
+        clients.push(c);
+    }
+    let before = metric(admin, "whispeer_relay_throttled_total").await;
+    let start = std::time::Instant::now();
+    let floods = clients.into_iter().map(|mut c| {
+        tokio::spawn(async move {
+            for nonce in 0..PINGS {
+                c.send(&Frame::Ping(Ping { nonce })).await;
+            }
+            for nonce in 0..PINGS {
+                match c.recv().await {
+                    Frame::Pong(p) => assert_eq!(p.nonce, nonce),
+                    other => panic!("expected Pong, got {other:?}"),
+                }
+            }
+        })
+    });
+    for f in floods.collect::<Vec<_>>() {
+        f.await.unwrap();
+    }
+    let took = start.elapsed();
+    assert!(
+        metric(admin, "whispeer_relay_throttled_total").await > before,
+        "the flood was not throttled"
+    );
+    // 800 Pings, 100 of them the burst, at 1,000 a second: at least 0.7 s.
+    assert!(
+        took >= std::time::Duration::from_millis(600),
+        "took {took:?}"
+    );
+}
