@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use whispeer_protocol::frame::{features, msg_flags, pub_flags, Pub, Replay, Sub};
+use rusqlite::OptionalExtension;
+use whispeer_protocol::frame::{features, msg_flags, pub_flags, Ack, Pub, Replay, Sub, Unsub};
 use whispeer_protocol::{Envelope, ErrorCode, Frame, KeyId, Qos, TokenPattern};
 use whispeer_relay::config::StoreKind;
 use whispeer_relay::store::{Accepted, Append, SqliteStore, Store, StoreError, Tenant};
@@ -2456,4 +2457,275 @@ async fn a_path_row_left_without_messages_does_not_break_later_commits() {
     assert_eq!(replay_all(&mut b, 9, all_of(KA)).await, vec![1, 2, 3]);
     relay.stop().await;
     store.close();
+}
+
+/// Appends `n` QoS 1 messages on `[key, tok(1)]` (indexes 0..n) straight to the store and
+/// waits until the last is durable; returns their sequences, by index.
+fn stored_history(store: &SqliteStore, key: [u8; 16], n: u64) -> Vec<u64> {
+    let tenant = Tenant::Local;
+    let seqs: Vec<u64> = (0..n)
+        .map(|i| {
+            let env = env_on(key, 1, i, 32);
+            match store.append(Append {
+                path: &env.token_path(),
+                envelope: &env,
+                flags: 0,
+                qos: Qos::AtLeastOnce,
+                publish_id: None,
+                tenant: &tenant,
+            }) {
+                Ok(Accepted::New(s)) => s.0,
+                other => panic!("append {i}: {other:?}"),
+            }
+        })
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    store.when_durable(store.last_seq(), Box::new(move |r| tx.send(r).unwrap()));
+    rx.recv_timeout(TIMEOUT)
+        .expect("durable in time")
+        .expect("committed");
+    seqs
+}
+
+/// A QoS 1 durable `Sub` `name` for everything under `key`, with credit 4096.
+fn durable_sub(sub_id: u64, key: [u8; 16], name: &str, replay: Option<Replay>) -> Frame {
+    Frame::Sub(Sub {
+        sub_id,
+        pattern: all_of(key),
+        qos: Qos::AtLeastOnce,
+        durable: Some(name.into()),
+        replay,
+        retained: false,
+        credit: Some(4096),
+        owner: None,
+    })
+}
+
+/// Durable `name`'s floor in the store file, read by a connection of the test's own (what
+/// the writer has committed); None: no such row.
+fn floor_on_disk(db: &Path, name: &str) -> Option<u64> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row("SELECT floor FROM durables WHERE name = ?1", [name], |r| {
+        r.get::<_, i64>(0)
+    })
+    .optional()
+    .unwrap()
+    .map(|f| f as u64)
+}
+
+/// Reads durable subscription `sub_id`'s replay up to its `ReplayDone` (after its `SubOk`),
+/// acknowledging the first `ack` messages one `Ack` each; returns the messages' indexes
+/// and sequences. Other subscriptions' frames are not expected.
+async fn replay_acking(c: &mut Client, sub_id: u64, ack: usize) -> Vec<(u64, u64)> {
+    let mut got = Vec::new();
+    loop {
+        match c.recv().await {
+            Frame::SubOk(ok) => assert_eq!(ok.sub_id, sub_id),
+            Frame::Msg(m) => {
+                assert_eq!(m.sub_id, Some(sub_id));
+                if got.len() < ack {
+                    c.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+                }
+                got.push((index_of(&m.envelope), m.seq));
+            }
+            Frame::ReplayDone(d) if d.sub_id == sub_id => {
+                assert_eq!(d.count, got.len() as u64);
+                return got;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// Sends a `Ping` and reads up to its `Pong` (the relay handles a connection's frames in
+/// order: everything sent before has been handled); other frames are skipped.
+async fn round_trip(c: &mut Client, nonce: u64) {
+    c.send(&Frame::Ping(whispeer_protocol::frame::Ping { nonce }))
+        .await;
+    loop {
+        if let Frame::Pong(p) = c.recv().await {
+            if p.nonce == nonce {
+                return;
+            }
+        }
+    }
+}
+
+fn floors_config(db: &Path) -> Config {
+    let mut config = file_config(db);
+    // The client acks as fast as it reads (the ack rate limits are not what is tested,
+    // and the writer is held for less than its 5 s busy timeout).
+    config.limits.ack_rate = 0;
+    config.limits.addr_ack_rate = 0;
+    config
+}
+
+/// Finding (review, Medium-High): every `Ack` that moved a durable's floor queued one
+/// SQLite UPSERT, uncounted by the write queue's bounds (65,536 messages, 64 MiB) and never
+/// merged: a client replaying a stored history into a durable and acking each message on
+/// its own (`Ack{seqs:[s]}`, 100,000/s per address) grew the queue without bound while
+/// the disk lagged, and QoS ≥ 1 `PubAck`s waited behind it. Now a durable's newest floor
+/// waits merged, one per durable. With the writer stuck (the test holds SQLite's write
+/// lock), 20,000 replayed messages acked one by one leave no operation queued and one
+/// floor waiting; once the lock goes the writer writes it once (at most 2 writes in all:
+/// the first floor, which woke the writer, and the merged last), the file holds the last
+/// ack's floor, and the durable resumes right after it — on the same relay and on a new
+/// relay over the same file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_moving_a_durables_floor_wait_merged_while_the_writer_is_stuck() {
+    const N: u64 = 20_000;
+    const ACKED: usize = N as usize - 10;
+    let dir = temp_dir("floors");
+    let db = dir.join("s.db");
+    let config = floors_config(&db);
+    let (store, relay) = file_relay(config.clone()).await;
+    let seqs = stored_history(&store, KA, N);
+    let mut s = client_from("127.0.0.2", relay.tcp()).await;
+    s.send(&durable_sub(1, KA, "d1", Some(Replay::FromSeq(0))))
+        .await;
+    // The durable's row is on disk before the writer is held.
+    wait_until(&store, "d1 on disk", || floor_on_disk(&db, "d1") == Some(0)).await;
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let before = store.metrics();
+    let got = replay_acking(&mut s, 1, ACKED).await;
+    assert_eq!(got.len() as u64, N, "the whole history replays");
+    round_trip(&mut s, 1).await;
+    assert_eq!(
+        store.metrics().commits,
+        before.commits,
+        "the writer was stuck throughout"
+    );
+    let (ops, floors) = store.queued_writes();
+    assert_eq!(
+        ops, 0,
+        "{ACKED} acks moved the floor: nothing is queued for them ({floors} floors wait)"
+    );
+    assert!(floors <= 1, "one floor per durable waits, not {floors}");
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    let last = seqs[ACKED - 1];
+    assert_eq!(got[ACKED - 1], (ACKED as u64 - 1, last));
+    wait_until(&store, "the last ack's floor on disk", || {
+        floor_on_disk(&db, "d1") == Some(last)
+    })
+    .await;
+    let written = store.metrics().batch_sum - before.batch_sum;
+    assert!(
+        written <= 2,
+        "the floor was written once merged: {written} writes"
+    );
+    // The durable resumes right after its last acknowledged message.
+    s.send(&Frame::Unsub(Unsub {
+        sub_id: 1,
+        delete: None,
+    }))
+    .await;
+    s.send(&durable_sub(2, KA, "d1", None)).await;
+    let again = replay_acking(&mut s, 2, 0).await;
+    assert_eq!(again, got[ACKED..].to_vec(), "resumes after the floor");
+    drop(s);
+    relay.stop().await;
+    store.close();
+    drop(store);
+    // And from the file, on a new relay.
+    assert_eq!(floor_on_disk(&db, "d1"), Some(last));
+    let (store, relay) = file_relay(config).await;
+    let mut s = client_from("127.0.0.2", relay.tcp()).await;
+    s.send(&durable_sub(1, KA, "d1", None)).await;
+    let again = replay_acking(&mut s, 1, 0).await;
+    assert_eq!(
+        again,
+        got[ACKED..].to_vec(),
+        "resumes after the floor on disk"
+    );
+    drop(s);
+    relay.stop().await;
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The merged floors keep their order against deletions: with the writer stuck, durables
+/// "gone" and "again" each have 2,000 acks merged (a floor waiting for each), then both are
+/// deleted (`Unsub {delete}`) and "again" is created anew from the start (floor 0). The
+/// queue holds the two deletions and the creation, and no floor (the deletions took them):
+/// once the lock goes "gone" stays deleted — its waiting floor does not bring it back — and
+/// the new "again" keeps floor 0, not the old one's; after a restart too, where the new
+/// "again" replays the whole history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_deleted_while_its_merged_floor_waits_stays_deleted() {
+    const N: u64 = 2_000;
+    let dir = temp_dir("floors-delete");
+    let db = dir.join("s.db");
+    let config = floors_config(&db);
+    let (store, relay) = file_relay(config.clone()).await;
+    stored_history(&store, KA, N);
+    let features = ALL_FEATURES | features::DURABLE_DELETE;
+    let mut g = greeted_from("127.0.0.2", relay.tcp(), features).await.0;
+    let mut a = greeted_from("127.0.0.2", relay.tcp(), features).await.0;
+    g.send(&durable_sub(1, KA, "gone", Some(Replay::FromSeq(0))))
+        .await;
+    a.send(&durable_sub(1, KA, "again", Some(Replay::FromSeq(0))))
+        .await;
+    wait_until(&store, "both durables on disk", || {
+        floor_on_disk(&db, "gone") == Some(0) && floor_on_disk(&db, "again") == Some(0)
+    })
+    .await;
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let commits = store.metrics().commits;
+    for c in [&mut g, &mut a] {
+        assert_eq!(replay_acking(c, 1, N as usize).await.len() as u64, N);
+        round_trip(c, 1).await;
+    }
+    let (ops, floors) = store.queued_writes();
+    assert_eq!((ops, floors <= 2), (0, true), "{ops} ops, {floors} floors");
+    for c in [&mut g, &mut a] {
+        c.send(&Frame::Unsub(Unsub {
+            sub_id: 1,
+            delete: Some(true),
+        }))
+        .await;
+        round_trip(c, 2).await;
+    }
+    a.send(&durable_sub(2, KA, "again", Some(Replay::FromSeq(1))))
+        .await;
+    round_trip(&mut a, 3).await;
+    assert_eq!(
+        store.metrics().commits,
+        commits,
+        "the writer was stuck throughout"
+    );
+    assert_eq!(
+        store.queued_writes(),
+        (3, 0),
+        "two deletions and a creation queued, no floor"
+    );
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    // The deletions and the creation commit together (one batch).
+    wait_until(&store, "gone deleted", || {
+        floor_on_disk(&db, "gone").is_none()
+    })
+    .await;
+    assert_eq!(
+        floor_on_disk(&db, "again"),
+        Some(0),
+        "the new durable's floor"
+    );
+    drop((g, a));
+    relay.stop().await;
+    store.close();
+    drop(store);
+    assert_eq!(floor_on_disk(&db, "gone"), None, "stays deleted");
+    assert_eq!(floor_on_disk(&db, "again"), Some(0), "keeps its own floor");
+    let (store, relay) = file_relay(config).await;
+    assert_eq!(store.status().durables, 1);
+    let mut a = greeted_from("127.0.0.2", relay.tcp(), features).await.0;
+    a.send(&durable_sub(1, KA, "again", None)).await;
+    assert_eq!(replay_acking(&mut a, 1, 0).await.len() as u64, N);
+    drop(a);
+    relay.stop().await;
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,7 +7,8 @@
 //! full queue is answered with a retryable `Busy`. Nor does it wait on the writer or do work that grows
 //! with a flood: the write queue is a list of fixed-size blocks the writer takes whole (the
 //! queue lock is held for pointer moves), and the in-memory index is sharded, so growing it
-//! rehashes 1/64 of it at a time. The writer thread takes everything queued (up to
+//! rehashes 1/64 of it at a time. A durable's floor moved by an `Ack` is not queued: the
+//! newest floor per durable waits merged (`Queue::floors`), written once per writer turn. The writer thread takes everything queued (up to
 //! `max_batch` operations) and commits it in ONE transaction, applies retention, then runs
 //! the `when_durable` callbacks whose sequence is committed — that is where `PubAck` for
 //! QoS ≥ 1 is sent from. The WAL is never checkpointed on the commit path
@@ -273,6 +274,25 @@ struct Queue {
     len: usize,
     /// Emptied blocks the writer gives back, so pushes rarely allocate.
     spare: Vec<Vec<Op>>,
+    /// Operations ever pushed, and ever taken by the writer (or dropped): queue positions.
+    pushed: u64,
+    taken: u64,
+    /// Durable floors to write, the newest per durable (an acknowledgement that moves a
+    /// durable's floor): merged here, not queued. One `Ack{seqs:[s]}` per replayed message
+    /// queued one UPSERT each, uncounted by the queue's bounds, so a few addresses acking
+    /// at their ack rate grew the queue without bound while the disk lagged (and QoS >= 1
+    /// `PubAck`s waited behind it): now what waits is one entry per durable, bounded by
+    /// the durables quota, and the writer writes each durable once per turn. A floor is
+    /// written (an `UPDATE` of the durable's row, never an insert) only once the writer
+    /// has taken the operation that creates its row (`after`, the creation's position),
+    /// so it never lands before it; a deletion removes the durable's entry under the queue
+    /// lock as it queues its `DELETE`, and a creation removes any stale one as it queues
+    /// its `INSERT`, so a floor update never resurrects a deleted durable nor moves the
+    /// floor of one created again under its name.
+    floors: HashMap<DurableKey, PendingFloor>,
+    /// The highest `after` in `floors` (all of them are taken at once when the writer has
+    /// taken that far).
+    floors_after: u64,
     msgs: usize,
     /// Envelope bytes in `blocks` (history and retained copies), bounded by
     /// `queue_bytes`.
@@ -297,9 +317,52 @@ struct Queue {
     persist_at: u64,
 }
 
+/// A durable's newest floor waiting for the writer ([`Queue::floors`]).
+#[derive(Debug, Clone, Copy)]
+struct PendingFloor {
+    floor: u64,
+    /// The queue position of the operation creating the durable's row: written once the
+    /// writer has taken it.
+    after: u64,
+}
+
 impl Queue {
     fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Nothing waits for the writer: no operation, floor or waiter.
+    fn is_idle(&self) -> bool {
+        self.is_empty() && self.floors.is_empty() && self.waiters.is_empty()
+    }
+
+    /// Records `floor` as durable `key`'s newest floor (replacing one still waiting).
+    fn merge_floor(&mut self, key: &DurableKey, floor: u64, after: u64) {
+        let p = PendingFloor { floor, after };
+        match self.floors.get_mut(key) {
+            Some(f) => *f = p,
+            None => {
+                self.floors.insert(key.clone(), p);
+            }
+        }
+        self.floors_after = self.floors_after.max(after);
+    }
+
+    /// Takes the floors the writer may write now: those whose durable's creating
+    /// operation it has taken (all of them, without a pass over the map, unless a
+    /// creation is still queued).
+    fn take_floors(&mut self) -> HashMap<DurableKey, PendingFloor> {
+        if self.floors_after <= self.taken {
+            self.floors_after = 0;
+            return std::mem::take(&mut self.floors);
+        }
+        let taken = self.taken;
+        let (ready, wait): (HashMap<_, _>, HashMap<_, _>) = std::mem::take(&mut self.floors)
+            .into_iter()
+            .partition(|(_, f)| f.after <= taken);
+        self.floors_after = wait.values().map(|f| f.after).max().unwrap_or(0);
+        self.floors = wait;
+        ready
     }
 
     fn push(&mut self, ops: impl IntoIterator<Item = Op>) {
@@ -323,6 +386,7 @@ impl Queue {
                 }
             }
             self.len += 1;
+            self.pushed += 1;
         }
     }
 
@@ -346,12 +410,16 @@ impl Queue {
             }
         }
         self.len -= n;
+        self.taken += n as u64;
         out
     }
 
     /// Empties the queue; the operations are returned to be dropped off the lock.
     fn clear(&mut self) -> VecDeque<Vec<Op>> {
         self.len = 0;
+        self.taken = self.pushed;
+        self.floors.clear();
+        self.floors_after = 0;
         // Only what is dropped here: a batch the writer holds gives its bytes back itself.
         let dropped: u64 = self.blocks.iter().flatten().map(Op::env_bytes).sum();
         self.bytes = self.bytes.saturating_sub(dropped);
@@ -429,6 +497,10 @@ struct DurableStat {
     /// Held by no subscription since this Unix ms (None: held now). Persisted (column
     /// `idle`), so the idle time of `store.durable_idle_ms` survives a restart.
     idle_since: Option<u64>,
+    /// The queue position ([`Queue::pushed`]) of the operation that creates its row (0:
+    /// the row was in the file when the index was loaded): a floor update is written only
+    /// once the writer has taken that operation ([`Queue::floors`]).
+    created_at: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -827,6 +899,15 @@ impl SqliteStore {
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.shared.changes.subscribe()
     }
+
+    /// What waits for the writer now, not counting the batch it is committing: the
+    /// operations queued, and the durable floors waiting merged (one per durable). For
+    /// tests; a relay never needs it.
+    #[doc(hidden)]
+    pub fn queued_writes(&self) -> (usize, usize) {
+        let q = lock(&self.shared.queue);
+        (q.len, q.floors.len())
+    }
 }
 
 impl fmt::Debug for SqliteStore {
@@ -1149,6 +1230,7 @@ fn load(conn: &Connection, cfg: &StoreConfig, now: u64) -> Result<Loaded, String
                     floor,
                     tid,
                     idle_since: Some(idle.map_or(now, |t| t.max(0) as u64)),
+                    created_at: 0,
                 },
             );
             idx.usage(tid).durables += 1;
@@ -1775,9 +1857,27 @@ impl Shared {
         ops: impl IntoIterator<Item = Op>,
         msgs: usize,
     ) {
-        let was_empty = q.is_empty() && q.waiters.is_empty();
+        let was_empty = q.is_idle();
         q.push(ops);
         q.msgs += msgs;
+        drop(q);
+        if was_empty {
+            self.work.notify_one();
+        }
+    }
+
+    /// Records durable `key`'s newest floor for the writer ([`Queue::floors`]: merged with
+    /// one still waiting, never queued) and wakes the writer if it was idle. Called under
+    /// the index lock (index, then queue), like [`push_locked`](Self::push_locked).
+    fn merge_floor_locked(
+        &self,
+        mut q: MutexGuard<'_, Queue>,
+        key: &DurableKey,
+        floor: u64,
+        after: u64,
+    ) {
+        let was_empty = q.is_idle();
+        q.merge_floor(key, floor, after);
         drop(q);
         if was_empty {
             self.work.notify_one();
@@ -1847,11 +1947,10 @@ impl Shared {
                 self.try_recover();
             }
             let down = self.down().is_some();
-            let (ops, mark, persist, closed) = {
+            let (ops, floors, mark, persist, closed) = {
                 let mut q = lock(&self.queue);
                 let wait = Duration::from_millis(if down { self.cfg.retry_ms } else { 1000 });
-                while q.is_empty() && q.waiters.is_empty() && q.mark == 0 && !q.persist && !q.closed
-                {
+                while q.is_idle() && q.mark == 0 && !q.persist && !q.closed {
                     let (g, t) = self
                         .work
                         .wait_timeout(q, wait)
@@ -1865,6 +1964,9 @@ impl Shared {
                 // or counted per operation, so a push under the routing lock never waits
                 // for more than a few pointer moves.
                 let ops = q.take(self.cfg.max_batch);
+                // The durables' newest floors, each written once in this batch (after
+                // the operations, which hold the creation of every row they update).
+                let floors = q.take_floors();
                 if held.is_empty() {
                     std::mem::swap(&mut held, &mut q.waiters);
                 } else {
@@ -1878,10 +1980,13 @@ impl Shared {
                 };
                 let persist = std::mem::take(&mut q.persist);
                 q.inflight = !ops.is_empty();
-                (ops, mark, persist, q.closed && q.is_empty())
+                let closed = q.closed && q.is_empty() && q.floors.is_empty();
+                (ops, floors, mark, persist, closed)
             };
             let mut ops = ops;
             let count: usize = ops.iter().map(Vec::len).sum();
+            // What this turn writes: the operations and the floors.
+            let writes = count + floors.len();
             // Messages leave the count when taken; their bytes when dropped below, so what
             // the writer holds in memory while a commit waits on the disk stays bounded.
             let (n, bytes, disk) = ops.iter().flatten().fold((0, 0, 0), |(n, b, d), o| {
@@ -1919,22 +2024,22 @@ impl Shared {
                 }
                 self.committed.fetch_max(mark, Relaxed);
                 drop(q);
-            } else if count > 0 || sweep || persist {
+            } else if writes > 0 || sweep || persist {
                 if sweep {
                     last_sweep = now;
                 }
                 let started = Instant::now();
-                match self.commit(&ops, now, sweep) {
+                match self.commit(&ops, &floors, now, sweep) {
                     Ok(top) => {
-                        if count > 0 {
-                            self.observe(count, started.elapsed());
+                        if writes > 0 {
+                            self.observe(writes, started.elapsed());
                         }
                         let mut q = lock(&self.queue);
                         self.committed
                             .fetch_max(top.unwrap_or(0).max(mark), Relaxed);
                         q.inflight = false;
                         drop(q);
-                        if count > 0 {
+                        if writes > 0 {
                             let (m, cv) = &self.checkpoint_wake;
                             *lock(m) = true;
                             cv.notify_one();
@@ -1967,7 +2072,8 @@ impl Shared {
             // saw its big publish after the acks refused for 4 acknowledged envelopes).
             self.resolve(&mut held);
             lock(&self.queue).resolving = !held.is_empty();
-            self.bound_wal(count == 0);
+            drop(floors);
+            self.bound_wal(writes == 0);
             self.changes.send_modify(|n| *n += 1);
             if closed {
                 break;
@@ -2161,7 +2267,13 @@ impl Shared {
 
     /// One transaction: the queued operations, retention, the high-water mark. Returns the
     /// highest message sequence written.
-    fn commit(&self, ops: &[Vec<Op>], now: u64, sweep: bool) -> rusqlite::Result<Option<u64>> {
+    fn commit(
+        &self,
+        ops: &[Vec<Op>],
+        floors: &HashMap<DurableKey, PendingFloor>,
+        now: u64,
+        sweep: bool,
+    ) -> rusqlite::Result<Option<u64>> {
         let mut conn = lock(&self.conn);
         let tx = conn.transaction()?;
         let mut touched: HashSet<i64> = HashSet::new();
@@ -2295,6 +2407,16 @@ impl Shared {
                 }
             }
         }
+        // The durables' newest floors ([`Queue::floors`]): an update of a row the
+        // operations above (or an earlier batch) created; a row deleted meanwhile stays
+        // deleted (its deletion took its floor out of the map besides).
+        if !floors.is_empty() {
+            let mut upd = tx
+                .prepare_cached("UPDATE durables SET floor = ?3 WHERE key_id = ?1 AND name = ?2")?;
+            for (k, f) in floors {
+                upd.execute(params![&k.key_id.as_bytes()[..], &k.name, f.floor as i64])?;
+            }
+        }
         let mut d = Deltas::default();
         // Per-path limits, for the paths this batch wrote to.
         let (max_n, max_b) = (self.cfg.max_messages, self.cfg.max_bytes);
@@ -2399,6 +2521,13 @@ impl Shared {
         } else {
             Vec::new()
         };
+        if !expired.is_empty() {
+            // Their floors waiting, if any, are for rows deleted here.
+            let mut q = lock(&self.queue);
+            for k in &expired {
+                q.floors.remove(k);
+            }
+        }
         for k in &expired {
             tx.prepare_cached("DELETE FROM durables WHERE key_id = ?1 AND name = ?2")?
                 .execute(params![&k.key_id.as_bytes()[..], &k.name])?;
@@ -3233,8 +3362,13 @@ impl Store for SqliteStore {
         if !idx.forget_durable(key) {
             return Ok(false);
         }
+        // Its floor waiting for the writer goes with it: written after the deletion, the
+        // update would find no row, but one of a durable created again under the name
+        // (queued behind the deletion) would have its floor moved.
+        let mut q = lock(&s.queue);
+        q.floors.remove(key);
         s.push_locked(
-            lock(&s.queue),
+            q,
             [Op::DurableDelete {
                 key_id: *key.key_id.as_bytes(),
                 name: key.name.clone(),
@@ -3285,50 +3419,54 @@ impl Store for SqliteStore {
         }
         let mut ops = Vec::with_capacity(2);
         let now = (s.clock)();
-        // The op is queued under the index lock (index, then queue), like `append`: a
-        // recovery (`try_recover`) falls wholly before or wholly after it.
+        // Queued under the index lock (index, then queue), like `append`: a recovery
+        // (`try_recover`) falls wholly before or wholly after it.
         let mut idx = lock(&s.idx);
-        let (tid, idle) = {
-            match idx.durables.get_mut(key) {
-                Some(d) if d.floor == floor => return Ok(()),
-                Some(d) => {
-                    d.floor = floor;
-                    (d.tid, d.idle_since)
-                }
-                None => {
-                    let known = idx.tenants.get(&tenant.key()).copied();
-                    s.check_quota(
-                        &idx,
-                        known,
-                        &Need {
-                            durables: 1,
-                            ..Need::default()
-                        },
-                    )?;
-                    let tid = Shared::tenant_id(&mut idx, tenant, &mut ops);
-                    let idle_since = (!idx.held.contains_key(key)).then_some(now);
-                    idx.add_durable(
-                        key.clone(),
-                        DurableStat {
-                            floor,
-                            tid,
-                            idle_since,
-                        },
-                    );
-                    idx.usage(tid).durables += 1;
-                    idx.total.durables += 1;
-                    (tid, idle_since)
-                }
+        if let Some(d) = idx.durables.get_mut(key) {
+            if d.floor == floor {
+                return Ok(());
             }
-        };
+            // A floor update (an `Ack`): merged with the one waiting, if any.
+            d.floor = floor;
+            let after = d.created_at;
+            s.merge_floor_locked(lock(&s.queue), key, floor, after);
+            return Ok(());
+        }
+        let known = idx.tenants.get(&tenant.key()).copied();
+        s.check_quota(
+            &idx,
+            known,
+            &Need {
+                durables: 1,
+                ..Need::default()
+            },
+        )?;
+        let tid = Shared::tenant_id(&mut idx, tenant, &mut ops);
+        let idle_since = (!idx.held.contains_key(key)).then_some(now);
         ops.push(Op::Durable {
             key_id: *key.key_id.as_bytes(),
             name: key.name.clone(),
             floor,
             tid,
-            idle,
+            idle: idle_since,
         });
-        s.push_locked(lock(&s.queue), ops, 0);
+        let mut q = lock(&s.queue);
+        // A floor still waiting for an earlier durable of this name (one the idle sweep
+        // deleted): not this one's.
+        q.floors.remove(key);
+        let created_at = q.pushed + ops.len() as u64;
+        idx.add_durable(
+            key.clone(),
+            DurableStat {
+                floor,
+                tid,
+                idle_since,
+                created_at,
+            },
+        );
+        idx.usage(tid).durables += 1;
+        idx.total.durables += 1;
+        s.push_locked(q, ops, 0);
         drop(idx);
         Ok(())
     }
@@ -3838,6 +3976,97 @@ mod tests {
             .any(|b| b.as_ptr() == buffers[0] || b.as_ptr() == buffers[1]));
         assert_eq!(q.clear().iter().map(Vec::len).sum::<usize>(), 6 + 2 * BLOCK);
         assert!(q.is_empty());
+    }
+
+    /// Durable floors wait merged, one per durable, and are handed to the writer only
+    /// once it has taken the operation creating their durable's row (`after`): all at once
+    /// when it has taken that far, else those it may write; a cleared queue drops them.
+    #[test]
+    fn the_write_queue_merges_durable_floors_and_hands_them_over_after_their_creation() {
+        let key = |name: &str| DurableKey {
+            key_id: KeyId::from_bytes([7; 16]),
+            name: name.into(),
+        };
+        let floors = |m: HashMap<DurableKey, PendingFloor>| {
+            let mut v: Vec<(String, u64)> = m.into_iter().map(|(k, f)| (k.name, f.floor)).collect();
+            v.sort();
+            v
+        };
+        let mut q = Queue::default();
+        q.push((0..3).map(dedup_op));
+        for f in 1..=1000 {
+            q.merge_floor(&key("new"), f, 2);
+            q.merge_floor(&key("old"), f + 1, 0);
+        }
+        assert_eq!(q.floors.len(), 2, "one floor per durable");
+        assert!(!q.is_empty() && !q.is_idle());
+        q.take(1);
+        assert_eq!(floors(q.take_floors()), vec![("old".into(), 1001)]);
+        assert_eq!(
+            q.floors.len(),
+            1,
+            "\"new\" waits for its creation (position 2)"
+        );
+        q.take(1);
+        assert_eq!(floors(q.take_floors()), vec![("new".into(), 1000)]);
+        assert!(q.floors.is_empty() && q.floors_after == 0);
+        q.merge_floor(&key("new"), 5, 2);
+        q.clear();
+        assert!(q.floors.is_empty() && q.is_idle());
+    }
+
+    /// A floor update of a durable whose creation is still queued behind a batch the
+    /// writer cut (`max_batch` 1, the writer stalled on the connection meanwhile) is
+    /// written after the creation: written before, its `UPDATE` found no row and the
+    /// creation's `INSERT` then kept the first floor.
+    #[tokio::test]
+    async fn a_merged_floor_is_written_after_its_durables_creation() {
+        let s = SqliteStore::open_memory(StoreConfig {
+            max_batch: 1,
+            ..StoreConfig::default()
+        })
+        .unwrap();
+        let k = DurableKey {
+            key_id: KeyId::from_bytes([7; 16]),
+            name: "d".into(),
+        };
+        let env = crate::test_envelope::envelope(1, &[2]);
+        let path = env.token_path();
+        let mut changes = s.changes();
+        let conn = lock(&s.shared.conn);
+        // A publish's operations (tenant, key id, path, message) queue ahead of the
+        // creation; the writer takes one per turn.
+        s.append(Append {
+            path: &path,
+            envelope: &env,
+            flags: 0,
+            qos: Qos::AtLeastOnce,
+            publish_id: None,
+            tenant: &Tenant::Local,
+        })
+        .unwrap();
+        s.set_durable(&k, 0, &Tenant::Local).unwrap();
+        for f in 1..=10 {
+            s.set_durable(&k, f, &Tenant::Local).unwrap();
+        }
+        assert_eq!(s.queued_writes().1, 1);
+        drop(conn);
+        let floor = || {
+            lock(&s.shared.conn)
+                .query_row("SELECT floor FROM durables WHERE name = 'd'", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .optional()
+                .unwrap()
+        };
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            changes.wait_for(|_| s.queued_writes() == (0, 0) && floor() == Some(10)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the floor on disk stayed {:?}", floor()))
+        .unwrap();
+        assert_eq!(s.durable(&k).unwrap(), Some(10));
     }
 
     fn plan_of(conn: &Connection, sql: &str) -> String {
