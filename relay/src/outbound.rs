@@ -128,23 +128,31 @@ impl Budget {
     }
 }
 
+/// A queued frame that is never dropped: a control frame or a QoS >= 1 message (live,
+/// history or redelivered) — the subscriber would see a `Gap` for a message it must get.
 #[derive(Debug)]
 struct Item {
     frame: Bytes,
     is_msg: bool,
-    /// A QoS 0 delivery: the slow-consumer policy `drop` may drop it. A QoS >= 1 message
-    /// (live, history or redelivered) is never dropped from the queue: the subscriber
-    /// would see a `Gap` for a message it must get.
-    droppable: bool,
+    /// Its place in the queue's order ([`State::next`]), among the QoS 0 messages'.
+    seq: u64,
 }
 
+/// The queue is two queues in one order: the frames it never drops ([`State::items`]) and
+/// the QoS 0 messages policy `drop` may drop ([`State::qos0`]), each frame numbered as it
+/// is queued; the writer takes both merged in that order. So the oldest QoS 0 message —
+/// the one dropped for a newer one — is always at the front of its queue: dropping it is
+/// O(1) however many QoS >= 1 messages are queued before it (it was a scan of the whole
+/// queue and a removal from its middle, under the routing lock, for every QoS 0 message
+/// offered to a queue full of QoS >= 1 ones and a few QoS 0 ones).
 #[derive(Debug, Default)]
 struct State {
     items: VecDeque<Item>,
+    /// Queued QoS 0 messages, oldest first, with their place in the order.
+    qos0: VecDeque<(u64, Bytes)>,
+    /// The number the next frame queued gets.
+    next: u64,
     msgs: usize,
-    /// Queued QoS 0 messages (the ones policy `drop` may drop): 0 spares a scan of a queue
-    /// full of QoS >= 1 messages for each QoS 0 one offered.
-    droppables: usize,
     /// Bytes of the queued QoS 0 messages.
     droppable_bytes: usize,
     /// Bytes of the queued `Msg` frames.
@@ -166,6 +174,9 @@ struct State {
     /// may the writer end the connection, so a client that sees it end and resumes at once
     /// finds its durable free ([`Outbound::seal`]).
     sealed: bool,
+    /// Queued frames looked at to drop QoS 0 messages (tests count the work per offer).
+    #[cfg(test)]
+    inspected: usize,
 }
 
 /// Result of offering a message to a connection.
@@ -235,6 +246,22 @@ fn fatal_err(code: ErrorCode, message: &str) -> Bytes {
 }
 
 impl State {
+    /// Queued QoS 0 messages (the ones policy `drop` may drop).
+    fn droppables(&self) -> usize {
+        self.qos0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty() && self.qos0.is_empty()
+    }
+
+    /// Queues a frame that is never dropped.
+    fn push_kept(&mut self, frame: Bytes, is_msg: bool) {
+        let seq = self.next;
+        self.next += 1;
+        self.items.push_back(Item { frame, is_msg, seq });
+    }
+
     fn held(&self) -> usize {
         self.queued_held() + self.reading + self.gated
     }
@@ -312,7 +339,7 @@ impl Outbound {
                     let (kept_msgs, kept_bytes) = self.kept(&s);
                     let mut evicted = 0;
                     if droppable && self.full_with(kept_msgs, kept_bytes, frame.len()) {
-                        while s.droppables > 0
+                        while s.droppables() > 0
                             && self.over_bounds(&s)
                             && self.evict_oldest_droppable(&mut s)
                         {
@@ -326,7 +353,7 @@ impl Outbound {
                     // `room_for` first, so a QoS >= 1 one meets a queue full of them only
                     // in a race with another producer, and is queued past the bound (its
                     // subscription's unacked limits bound it).
-                    while s.droppables > 0
+                    while s.droppables() > 0
                         && self.is_full(&s, frame.len())
                         && self.evict_oldest_droppable(&mut s)
                     {
@@ -351,38 +378,35 @@ impl Outbound {
                 }
             }
         }
-        let was_empty = s.items.is_empty();
-        s.items.push_back(Item {
-            frame: frame.clone(),
-            is_msg: true,
-            droppable,
-        });
-        s.msgs += 1;
+        let was_empty = s.is_empty();
         if droppable {
-            s.droppables += 1;
+            let seq = s.next;
+            s.next += 1;
+            s.qos0.push_back((seq, frame.clone()));
             s.droppable_bytes += frame.len();
+        } else {
+            s.push_kept(frame.clone(), true);
         }
+        s.msgs += 1;
         self.budget.add(s.held(), frame.len());
         s.msg_bytes += frame.len();
         (outcome, was_empty)
     }
 
     /// Drops the oldest queued QoS 0 message (counted for the next `Gap`); false if there
-    /// was none.
+    /// was none. O(1): it is the front of [`State::qos0`].
     fn evict_oldest_droppable(&self, s: &mut State) -> bool {
-        let Some(it) = s
-            .items
-            .iter()
-            .position(|it| it.droppable)
-            .and_then(|i| s.items.remove(i))
-        else {
+        let Some((_, frame)) = s.qos0.pop_front() else {
             return false;
         };
+        #[cfg(test)]
+        {
+            s.inspected += 1;
+        }
         s.msgs -= 1;
-        s.droppables -= 1;
-        s.droppable_bytes -= it.frame.len();
-        s.msg_bytes -= it.frame.len();
-        self.budget.sub(s.held(), it.frame.len());
+        s.droppable_bytes -= frame.len();
+        s.msg_bytes -= frame.len();
+        self.budget.sub(s.held(), frame.len());
         s.dropped += 1;
         true
     }
@@ -410,7 +434,7 @@ impl Outbound {
     /// keep up with does not hold its QoS >= 1 subscriptions back; with `disconnect`, all.
     fn kept(&self, s: &State) -> (usize, usize) {
         match self.policy {
-            SlowConsumerPolicy::Drop => (s.msgs - s.droppables, s.msg_bytes - s.droppable_bytes),
+            SlowConsumerPolicy::Drop => (s.msgs - s.droppables(), s.msg_bytes - s.droppable_bytes),
             SlowConsumerPolicy::Disconnect => (s.msgs, s.msg_bytes),
         }
     }
@@ -494,16 +518,12 @@ impl Outbound {
     /// become the frame's: added before they leave, so the connection stays busy in the
     /// budget throughout.
     fn enqueue_msg(&self, mut s: std::sync::MutexGuard<'_, State>, frame: Bytes, released: usize) {
-        let was_empty = s.items.is_empty();
+        let was_empty = s.is_empty();
         self.budget.add(s.held(), frame.len());
         s.msg_bytes += frame.len();
         s.reading -= released;
         self.budget.sub(s.held(), released);
-        s.items.push_back(Item {
-            frame,
-            is_msg: true,
-            droppable: false,
-        });
+        s.push_kept(frame, true);
         s.msgs += 1;
         drop(s);
         if was_empty {
@@ -661,12 +681,8 @@ impl Outbound {
             );
             return Offer::Disconnected;
         }
-        let was_empty = s.items.is_empty();
-        s.items.push_back(Item {
-            frame,
-            is_msg: false,
-            droppable: false,
-        });
+        let was_empty = s.is_empty();
+        s.push_kept(frame, false);
         s.controls += 1;
         drop(s);
         if was_empty {
@@ -689,18 +705,15 @@ impl Outbound {
     fn begin_close_locked(&self, s: &mut State, last: Option<Bytes>, discard_msgs: bool) {
         if discard_msgs {
             s.items.retain(|it| !it.is_msg);
+            s.qos0.clear();
             s.msgs = 0;
-            (s.droppables, s.droppable_bytes) = (0, 0);
+            s.droppable_bytes = 0;
             let freed = std::mem::take(&mut s.msg_bytes);
             self.budget.sub(s.held(), freed);
             s.dropped = 0;
         }
         if let Some(frame) = last {
-            s.items.push_back(Item {
-                frame,
-                is_msg: false,
-                droppable: false,
-            });
+            s.push_kept(frame, false);
         }
         s.closing = true;
         self.closing.send_replace(true);
@@ -721,8 +734,17 @@ impl Outbound {
     /// Moves every queued frame into `into` (in order).
     pub(crate) fn take(&self, into: &mut Vec<Bytes>) -> Batch {
         let mut s = self.lock();
-        into.extend(s.items.drain(..).map(|it| it.frame));
-        (s.msgs, s.droppables, s.droppable_bytes) = (0, 0, 0);
+        // Both queues, merged in the order their frames were queued.
+        let State { items, qos0, .. } = &mut *s;
+        let mut qos0 = qos0.drain(..).peekable();
+        for it in items.drain(..) {
+            while let Some((_, f)) = qos0.next_if(|(seq, _)| *seq < it.seq) {
+                into.push(f);
+            }
+            into.push(it.frame);
+        }
+        into.extend(qos0.map(|(_, f)| f));
+        (s.msgs, s.droppable_bytes) = (0, 0);
         let msg_bytes = std::mem::take(&mut s.msg_bytes);
         s.inflight += msg_bytes;
         s.controls = 0;
@@ -764,7 +786,8 @@ impl Outbound {
     /// Frames currently queued (for tests and status).
     #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
-        self.lock().items.len()
+        let s = self.lock();
+        s.items.len() + s.qos0.len()
     }
 }
 
@@ -944,6 +967,51 @@ mod tests {
         assert_eq!(out, vec![m(1, 8), m(2, 1)]);
     }
 
+    /// Dropping the oldest QoS 0 message looks at one queued frame, however many QoS >= 1
+    /// messages are queued before it: a subscriber that reads nothing with 3,000 QoS 1
+    /// messages queued and a QoS 0 flood on another subscription cost a scan of the 3,000
+    /// (and a removal from the queue's middle) for every QoS 0 message routed to it, under
+    /// the routing lock. Which message goes, the offers' counts and the `Gap` are as they
+    /// were: the oldest QoS 0 one, one per offer, all of them in the next `Gap`.
+    #[test]
+    fn dropping_the_oldest_qos0_message_is_o1_behind_many_qos1_ones() {
+        const CAPACITY: usize = 4096;
+        const KEPT: u32 = 3000;
+        const FLOOD: u32 = 2000;
+        let q = queue(CAPACITY, usize::MAX, SlowConsumerPolicy::Drop);
+        let m = |n: u32| Bytes::from(n.to_be_bytes().to_vec());
+        q.push_control(m(0));
+        for n in 1..=KEPT {
+            assert_eq!(q.offer_msg(&m(n), false), Offer::Queued);
+        }
+        let qos0 = (CAPACITY as u32 - KEPT) + FLOOD;
+        let mut worst = 0;
+        for n in KEPT + 1..=KEPT + qos0 {
+            let before = q.lock().inspected;
+            let offer = q.offer_msg(&m(n), true);
+            worst = worst.max(q.lock().inspected - before);
+            if n <= CAPACITY as u32 {
+                assert_eq!(offer, Offer::Queued);
+            } else {
+                assert_eq!(offer, Offer::DroppedOldest(1), "message {n}");
+            }
+        }
+        assert_eq!(worst, 1, "frames looked at to drop one QoS 0 message");
+        // The oldest QoS 0 messages went, the QoS 1 ones and the newest QoS 0 ones stay, in
+        // order; the `Gap` counts every one dropped.
+        let mut out = Vec::new();
+        assert_eq!(q.take(&mut out).dropped, u64::from(FLOOD));
+        let expected: Vec<_> = (0..=KEPT)
+            .chain(KEPT + 1 + FLOOD..=KEPT + qos0)
+            .map(m)
+            .collect();
+        assert_eq!(out.len(), expected.len());
+        assert!(
+            out == expected,
+            "the oldest QoS 0 messages dropped, the rest in order"
+        );
+    }
+
     /// Queued QoS 0 messages do not hold QoS >= 1 deliveries back under policy `drop` (they
     /// are dropped for them); under `disconnect` a QoS >= 1 delivery at a full queue closes
     /// the connection like any other (nothing pauses, nothing is dropped).
@@ -1098,22 +1166,23 @@ mod tests {
                     }
                 }
                 let s = q.lock();
-                let msgs: Vec<_> = s.items.iter().filter(|it| it.is_msg).collect();
-                let droppable: Vec<_> = msgs.iter().filter(|it| it.droppable).collect();
-                proptest::prop_assert_eq!(s.msgs, msgs.len());
-                proptest::prop_assert_eq!(s.droppables, droppable.len());
+                let kept: Vec<_> = s.items.iter().filter(|it| it.is_msg).collect();
+                proptest::prop_assert_eq!(s.msgs, kept.len() + s.qos0.len());
                 proptest::prop_assert_eq!(
                     s.droppable_bytes,
-                    droppable.iter().map(|it| it.frame.len()).sum::<usize>()
+                    s.qos0.iter().map(|(_, f)| f.len()).sum::<usize>()
                 );
                 proptest::prop_assert_eq!(
                     s.msg_bytes,
-                    msgs.iter().map(|it| it.frame.len()).sum::<usize>()
+                    kept.iter().map(|it| it.frame.len()).sum::<usize>() + s.droppable_bytes
                 );
+                // Each queue in the order its frames were queued.
+                proptest::prop_assert!(s.items.iter().zip(s.items.iter().skip(1)).all(|(a, b)| a.seq < b.seq));
+                proptest::prop_assert!(s.qos0.iter().zip(s.qos0.iter().skip(1)).all(|(a, b)| a.0 < b.0));
                 proptest::prop_assert_eq!(s.inflight, inflight);
                 proptest::prop_assert_eq!(budget.used(), s.msg_bytes + s.inflight);
                 // After an offer (history is paced by its sender instead).
-                if offered && s.droppables > 0 {
+                if offered && s.droppables() > 0 {
                     proptest::prop_assert!(s.msgs <= capacity);
                     proptest::prop_assert!(s.msgs == 1 || s.msg_bytes <= max_bytes);
                 }
@@ -1125,6 +1194,9 @@ mod tests {
             let kept_ids = ids(&kept);
             let taken_kept: Vec<_> = ids(&taken).into_iter().filter(|id| kept_ids.contains(id)).collect();
             proptest::prop_assert_eq!(taken_kept, kept_ids, "every QoS >= 1 message, in order");
+            // Every frame (QoS 0 ones too) in the order it was queued.
+            let all = ids(&taken);
+            proptest::prop_assert!(all.windows(2).all(|w| w[0] < w[1]), "in queue order");
             proptest::prop_assert_eq!(taken.len() as u64 - kept.len() as u64 + gaps, qos0);
             proptest::prop_assert_eq!(reported, gaps, "the offers report every drop");
         }

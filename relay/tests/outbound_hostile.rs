@@ -1,0 +1,201 @@
+//! A connection's outbound queue against subscribers that read nothing: what policy `drop`
+//! drops (the oldest QoS 0 message, counted and reported in a `Gap`) with many QoS 1
+//! messages queued before it. Real relay, real sockets.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use whispeer_protocol::envelope_header::HeaderFields;
+use whispeer_protocol::frame::{features, pub_flags, Hello, Ping, Pub, Sub, PROTOCOL_VERSION};
+use whispeer_protocol::{Envelope, Frame, Qos, TokenPattern};
+use whispeer_relay::Config;
+
+/// An envelope on `[key(1), tok(level)]` with `body` bytes (at least 16) whose last four
+/// are `n`: which message a subscriber got.
+fn numbered(level: u8, body: usize, n: u32) -> Envelope {
+    let tokens = [tok(level)];
+    let fields = HeaderFields {
+        flags: 0,
+        key_id: key(1),
+        nonce: [7; 24],
+        commit: [8; 32],
+        tokens: &tokens,
+    };
+    let mut out = Vec::new();
+    fields.write_prefix(48, &mut out);
+    out.extend_from_slice(&[0x5a; 48]);
+    out.resize(out.len() + body.max(16) - 4, 0x33);
+    out.extend_from_slice(&n.to_be_bytes());
+    Envelope::from_bytes(Bytes::from(out)).expect("valid envelope")
+}
+
+/// Numbers of QoS 1 messages have this bit.
+const QOS1: u32 = 1 << 31;
+
+/// The number [`numbered`] wrote.
+fn number(e: &Envelope) -> u32 {
+    let b = e.as_bytes();
+    u32::from_be_bytes(b[b.len() - 4..].try_into().unwrap())
+}
+
+fn sub(sub_id: u64, pattern: TokenPattern, qos: Qos) -> Frame {
+    Frame::Sub(Sub {
+        sub_id,
+        pattern,
+        qos,
+        durable: None,
+        replay: None,
+        retained: false,
+        credit: None,
+        owner: None,
+    })
+}
+
+fn qos1_hello() -> Frame {
+    Frame::Hello(Hello {
+        versions: vec![PROTOCOL_VERSION],
+        features: features::AT_LEAST_ONCE,
+        client: Some("outbound-hostile".into()),
+        auth: None,
+        account: None,
+    })
+}
+
+fn qos0_pub(env: Envelope) -> Frame {
+    Frame::Pub(Pub {
+        envelope: env,
+        flags: 0,
+        publish_id: None,
+        qos: Qos::AtMostOnce,
+    })
+}
+
+fn qos1_pub(env: Envelope, id: u32) -> Frame {
+    let mut publish_id = [0u8; 16];
+    publish_id[..4].copy_from_slice(&id.to_be_bytes());
+    Frame::Pub(Pub {
+        envelope: env,
+        flags: pub_flags::ACK,
+        publish_id: Some(publish_id),
+        qos: Qos::AtLeastOnce,
+    })
+}
+
+/// Pings and waits for the Pong: every frame `c` sent before was handled (a publish routed).
+async fn barrier(c: &mut Client, nonce: u64) {
+    c.send(&Frame::Ping(Ping { nonce })).await;
+    loop {
+        match c.recv().await {
+            Frame::Pong(p) if p.nonce == nonce => return,
+            Frame::PubAck(_) => {}
+            other => panic!("expected Pong, got {other:?}"),
+        }
+    }
+}
+
+/// QoS 0 messages on `[2]` numbered `first..first + n`, `body` bytes each.
+async fn publish_qos0(p: &mut Client, first: u32, n: u32, body: usize) {
+    for i in first..first + n {
+        p.send(&qos0_pub(numbered(2, body, i))).await;
+    }
+}
+
+/// Messages of QoS 0 that fill a non-reading subscriber's socket and block its writer:
+/// 10 MiB, beyond the relay's socket send buffer (4 MiB at most) and its 8 MiB queue.
+const FILLER: u32 = 640;
+const FILLER_BODY: usize = 16 << 10;
+
+/// A subscriber that reads nothing (4 KiB receive buffer) with a QoS 1 subscription on
+/// `[1]` and a QoS 0 one on `[2]`, its writer blocked by a QoS 0 filler; 3,000 QoS 1
+/// messages for `[1]` queued, then 3,000 QoS 0 ones for `[2]`: each of those offered to
+/// the full queue drops the oldest queued QoS 0 message, past the 3,000 QoS 1 ones queued
+/// before it (a scan of them under the routing lock per message, before the drop was made
+/// O(1)). What is dropped is unchanged: the subscriber gets every QoS 1 message in order,
+/// the QoS 0 ones it gets are in order and include the newest ones the queue holds beside
+/// the QoS 1 ones, and each one it does not get is counted once in a `Gap` and in
+/// `whispeer_relay_dropped_messages_total`.
+#[tokio::test]
+async fn a_qos0_flood_behind_queued_qos1_messages_drops_the_oldest_qos0_ones() {
+    const KEPT: u32 = 3000;
+    const FLOOD: u32 = 3000;
+    let mut config = Config::ephemeral();
+    config.limits.publish_rate = 0;
+    config.delivery.max_unacked = 10_000;
+    config.delivery.max_unacked_bytes = 64 << 20;
+    config.delivery.ack_timeout_ms = 600_000;
+    let capacity = config.queue.capacity as u32;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = Client::over_stream(Box::new(sock.connect(relay.tcp()).await.unwrap()));
+    s.send(&qos1_hello()).await;
+    assert!(matches!(s.recv().await, Frame::Welcome(_)));
+    s.send(&sub(1, exact(1, &[1]), Qos::AtLeastOnce)).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    s.send(&sub(2, exact(1, &[2]), Qos::AtMostOnce)).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello_with(features::AT_LEAST_ONCE).await;
+    publish_qos0(&mut p, 0, FILLER, FILLER_BODY).await;
+    barrier(&mut p, 1).await;
+    // The QoS 1 messages, pipelined; each PubAck means stored (and routed).
+    for i in 0..KEPT {
+        p.send(&qos1_pub(numbered(1, 16, QOS1 | i), i)).await;
+    }
+    for _ in 0..KEPT {
+        match p.recv().await {
+            Frame::PubAck(_) => {}
+            other => panic!("publisher expected PubAck, got {other:?}"),
+        }
+    }
+    publish_qos0(&mut p, FILLER, FLOOD, 16).await;
+    barrier(&mut p, 2).await;
+
+    // The subscriber reads everything queued for it (up to its Pong).
+    s.send(&Frame::Ping(Ping { nonce: 9 })).await;
+    let (mut qos1, mut qos0, mut gaps) = (Vec::new(), Vec::new(), 0u64);
+    loop {
+        match s.recv().await {
+            Frame::Msg(m) if number(&m.envelope) & QOS1 != 0 => {
+                qos1.push(number(&m.envelope) & !QOS1)
+            }
+            Frame::Msg(m) => qos0.push(number(&m.envelope)),
+            Frame::Gap(g) => gaps += g.dropped,
+            Frame::Pong(p) if p.nonce == 9 => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        qos1.iter().copied().eq(0..KEPT),
+        "every QoS 1 message, in order, none dropped: {} of {KEPT}",
+        qos1.len()
+    );
+    assert!(
+        qos0.windows(2).all(|w| w[0] < w[1]),
+        "QoS 0 messages in order, none twice"
+    );
+    let published = u64::from(FILLER + FLOOD);
+    assert_eq!(
+        qos0.len() as u64 + gaps,
+        published,
+        "every QoS 0 message arrived or was counted in a Gap"
+    );
+    // The queue kept the newest QoS 0 messages beside the QoS 1 ones: the oldest went.
+    let room = capacity - KEPT;
+    let newest: Vec<u32> = (FILLER + FLOOD - room..FILLER + FLOOD).collect();
+    assert!(
+        qos0.ends_with(&newest),
+        "the newest {room} QoS 0 messages stay; the last received: {:?}",
+        &qos0[qos0.len().saturating_sub(5)..]
+    );
+    assert!(gaps >= u64::from(FLOOD - room), "the flood dropped: {gaps}");
+    assert_eq!(
+        metric(admin, "whispeer_relay_dropped_messages_total").await,
+        gaps,
+        "the drops are counted as reported"
+    );
+}
