@@ -229,6 +229,163 @@ async fn replays_and_retained_rollbacks_are_refused_after_a_restart_with_persist
     relay.stop().await;
 }
 
+/// Review finding: a retained value still unread (held, not taken) when the process was
+/// killed was refused after the restart and never shown. A QoS 1 subscriber with
+/// persistence, in a child process (this test binary run again on
+/// `a_killed_subscriber_child`), gets m0 then m (both set with `RETAIN`, live) and takes m0
+/// only; once the state file holds m0 the child is killed with SIGKILL, m still queued.
+/// Its saved high-water mark was m's (the mark in memory, which the held m had moved),
+/// without m's dedup entry: restarted on the same file, the relay's retained m was refused
+/// as a rollback. Now the file holds m0's mark, and m is the topic's current value.
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_value_held_unread_when_the_process_is_killed_is_shown_after_the_restart() {
+    use tokio::io::AsyncBufReadExt;
+    let relay = TestRelay::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("client.db");
+    let t = tree("home");
+    let alice = identity();
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_killed_subscriber_child", "--nocapture"])
+        .env(
+            CHILD_ENV,
+            format!(
+                "{}\n{}\n{}",
+                relay.tcp_url(),
+                state.display(),
+                t.to_key_string().as_str()
+            ),
+        )
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    until_line(&mut lines, "child: subscribed").await;
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let now = whispeer::now_ms();
+    member
+        .publish(&seal(&t, Some(&alice), "cfg/mode", 1, now - 1), true)
+        .await;
+    member
+        .publish(&seal(&t, Some(&alice), "cfg/mode", 2, now), true)
+        .await;
+    until_line(&mut lines, "child: took m0, m queued").await;
+    // The take is saved (m0's dedup entry, and its topic's mark in the same transaction).
+    within("m0 in the state file", async {
+        loop {
+            let db = rusqlite::Connection::open_with_flags(
+                &state,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .unwrap();
+            let n: i64 = db
+                .query_row("SELECT count(*) FROM seen", [], |r| r.get(0))
+                .unwrap_or(0);
+            if n > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    child.kill().await.unwrap(); // SIGKILL: m was never taken
+    drop(lines);
+
+    let c = persistent_client(&relay, &t, &state, |b| b).await;
+    let mut sub = c
+        .subscribe_with_options::<u32>(
+            "cfg/mode",
+            SubscribeOptions::new().qos(Qos::AtLeastOnce).retained(true),
+        )
+        .await
+        .unwrap();
+    member
+        .publish(
+            &seal(&t, Some(&alice), "cfg/mode", 3, whispeer::now_ms()),
+            false,
+        )
+        .await;
+    let r = within("the retained value", sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (r.value, r.retained),
+        (2, true),
+        "the topic's current value, unread when the process died, comes first"
+    );
+    assert_eq!(value(&mut sub).await, 3);
+    let s = c.stats();
+    assert_eq!(s.core.refused.retained_rollback, 0, "{s:?}");
+    assert_eq!(s.core.delivered, 2, "{s:?}");
+    drop(sub);
+    c.close().await;
+    relay.stop().await;
+}
+
+/// Reads the child's lines until `want`.
+#[cfg(feature = "persistence")]
+async fn until_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    want: &str,
+) {
+    within(want, async {
+        loop {
+            match lines.next_line().await.unwrap() {
+                Some(l) if l == want => return,
+                Some(_) => {}
+                None => panic!("the child ended before {want}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Where the parent of [`a_killed_subscriber_child`] puts its relay, state file and tree key.
+#[cfg(feature = "persistence")]
+const CHILD_ENV: &str = "WHISPEER_TEST_KILLED_SUBSCRIBER";
+
+/// The child process of
+/// `a_retained_value_held_unread_when_the_process_is_killed_is_shown_after_the_restart`
+/// (a no-op run as a test of its own): a QoS 1 retained subscriber with persistence on
+/// `cfg/mode` that, once it holds two messages, takes the first and waits to be killed.
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_subscriber_child() {
+    let Ok(args) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let mut args = args.split('\n');
+    let (url, state, key) = (
+        args.next().unwrap(),
+        args.next().unwrap(),
+        args.next().unwrap(),
+    );
+    let t = whispeer::TreeKey::from_key_string(key).unwrap();
+    let c = Client::builder()
+        .with(Tcp::new(url))
+        .with(Encryption::with_keyring(keyring_with(&t)))
+        .with(whispeer::Persistence::sqlite(state))
+        .connect()
+        .await
+        .unwrap();
+    let mut sub = c
+        .subscribe_with_options::<u32>(
+            "cfg/mode",
+            SubscribeOptions::new().qos(Qos::AtLeastOnce).retained(true),
+        )
+        .await
+        .unwrap();
+    println!("child: subscribed");
+    until_stats(&c, "m0 and m delivered", |s| s.core.delivered == 2).await;
+    let m0 = within("m0", sub.next()).await.unwrap().unwrap();
+    assert_eq!((m0.value, m0.retained), (1, false));
+    println!("child: took m0, m queued");
+    std::future::pending::<()>().await;
+}
+
 /// The receiver state is in the state file before the app sees a message, whichever path
 /// handled it: here frames handled in the same turn as the end of their connection. Over
 /// TCP the end of a stream is only seen by a later read than its last frames, so the fake

@@ -321,6 +321,18 @@ pub struct Guard {
     /// Per `(tree, topic)`: the newest message accepted, kept for the horizon (plus skew)
     /// after its date.
     retained: HashMap<RetainedKey, Mark, Seeded>,
+    /// Per `(tree, topic)` whose mark a held message moved ([`Guard::hold`]) past what
+    /// the saved state holds: the saved mark — the newest of the topic's messages
+    /// delivered for good (taken, committed or restored), `None`: none yet. The journal
+    /// and [`Guard::snapshot`] save that, never a held message's mark: a held message is
+    /// not saved (a crash forgets it, so the relay's redelivery — or its retained value
+    /// sent to the restarted client — must be accepted), and a saved mark of its date and
+    /// id would refuse it as a rollback (a restored mark has no digest to recognise its
+    /// own message; review finding: the topic's current value, unread at a crash, was
+    /// never shown after the restart). Only topics with such a mark have an entry (a
+    /// held or released message is the newest of its topic), gone with the topic's mark
+    /// or once a message as new as the mark is delivered for good.
+    saved_marks: HashMap<RetainedKey, Option<(u64, [u8; 16])>, Seeded>,
     /// When expired marks are next swept (Unix ms).
     next_mark_sweep: u64,
     /// The newest date among marks evicted for room (0: none; see `Guard::evict_marks`).
@@ -915,6 +927,7 @@ impl Guard {
             cfg,
             seen: Window::new(),
             retained: HashMap::default(),
+            saved_marks: HashMap::default(),
             next_mark_sweep: 0,
             marks_floor: 0,
             legacy_floor: 0,
@@ -1057,6 +1070,7 @@ impl Guard {
             // log replayed in order holds what the run that wrote it held, and evicts no
             // mark that run kept (review of af8162f).
             self.retained.remove(&key);
+            self.saved_marks.remove(&key);
             return;
         }
         self.unsettled = true;
@@ -1199,6 +1213,7 @@ impl Guard {
         let mut at_cut = n - below.iter().filter(|&&t| t < cut).count();
         drop(dates);
         let mut gone = Vec::with_capacity(n);
+        let saved = &mut self.saved_marks;
         self.retained.retain(|k, m| {
             let evict = m.ts_ms < cut || (m.ts_ms == cut && at_cut > 0);
             if m.ts_ms == cut && evict {
@@ -1206,6 +1221,9 @@ impl Guard {
             }
             if evict {
                 gone.push((*k, m.ts_ms));
+                if !saved.is_empty() {
+                    saved.remove(k);
+                }
             }
             !evict
         });
@@ -1269,10 +1287,15 @@ impl Guard {
                 .flat_map(|(&exp, ds)| ds.iter().map(move |&d| (d, exp.min(max))))
                 .filter(|(d, _)| !self.held.contains_key(d))
                 .collect(),
+            // A mark a held message moved is saved as it was before (`saved_marks`).
             retained: self
                 .retained
                 .iter()
-                .map(|(k, m)| (*k, m.ts_ms.min(newest), m.msg_id))
+                .filter_map(|(k, m)| match self.saved_marks.get(k) {
+                    None => Some((*k, m.ts_ms, m.msg_id)),
+                    Some(saved) => saved.map(|(ts, id)| (*k, ts, id)),
+                })
+                .map(|(k, ts, id)| (k, ts.min(newest), id))
                 .chain(
                     self.evicted
                         .rows()
@@ -1334,6 +1357,8 @@ impl Guard {
             let keep = self.cfg.horizon_ms.saturating_add(self.cfg.max_skew_ms);
             self.retained
                 .retain(|_, m| m.ts_ms.saturating_add(keep) > now_ms);
+            let marks = &self.retained;
+            self.saved_marks.retain(|k, _| marks.contains_key(k));
             // Every value they cover is before the horizon now.
             let before = now_ms.saturating_sub(keep).saturating_add(1);
             self.evicted.expire(before);
@@ -1500,7 +1525,15 @@ impl Guard {
     /// window full enough to forget a message while it waits in a queue (millions within
     /// the horizon) is a limit of the persisted state too.
     pub fn hold(&mut self, a: Accepted) {
+        let (rk, ts, id) = a.mark;
+        let before = self.retained.get(&rk).map(|m| (m.ts_ms, m.msg_id));
         self.apply(&a);
+        // Moved the mark: the saved one stays where it was until a message this new is
+        // delivered for good (`Guard::journal_of`).
+        let moved = before.is_none_or(|(mts, mid)| newer(ts, &id, mts, &mid));
+        if moved && self.retained.contains_key(&rk) {
+            self.saved_marks.entry(rk).or_insert(before);
+        }
         // Held already (forgotten for room meanwhile, and accepted again): its holders stay.
         self.held.entry(a.digest).or_insert((a, 0));
     }
@@ -1575,24 +1608,43 @@ impl Guard {
         }
     }
 
-    /// The journal entries of a delivered message: its dedup entry, and its topic's mark
-    /// as it is now — this message's, or a newer one's (a later message held meanwhile
-    /// moved it): persisting this message's own mark would leave the saved mark behind a
-    /// message already delivered once the later one is released, and a mark never moves
-    /// backwards.
+    /// The journal entries of a message delivered for good: its dedup entry, and its
+    /// topic's saved mark — the newest of this message and the topic's messages delivered
+    /// for good before (a newer one taken first: a saved mark never moves backwards, and
+    /// a driver keeping a table by key keeps the last one). Never a held message's mark
+    /// (see `Guard::saved_marks`): saved, it would refuse that message's retained value
+    /// after a restart although no subscription took it. Once the saved mark reaches the
+    /// topic's mark in memory, the two are one again.
     fn journal_of(&mut self, a: &Accepted) {
         self.journal.push(Change::Seen {
             key: a.key,
             expires_ms: a.expires_ms,
         });
-        let rk = a.mark.0;
-        if let Some(m) = self.retained.get(&rk) {
-            self.journal.push(Change::Retained {
-                key: rk,
-                ts_ms: m.ts_ms,
-                msg_id: m.msg_id,
-            });
-        }
+        let (rk, ts, id) = a.mark;
+        let Some(&m) = self.retained.get(&rk) else {
+            return;
+        };
+        let (ts_ms, msg_id) = match self.saved_marks.get_mut(&rk) {
+            None => (m.ts_ms, m.msg_id),
+            Some(saved) => {
+                let s = match *saved {
+                    Some((sts, sid)) if !newer(ts, &id, sts, &sid) => (sts, sid),
+                    _ => (ts, id),
+                };
+                if newer(m.ts_ms, &m.msg_id, s.0, &s.1) {
+                    *saved = Some(s);
+                    s
+                } else {
+                    self.saved_marks.remove(&rk);
+                    (m.ts_ms, m.msg_id)
+                }
+            }
+        };
+        self.journal.push(Change::Retained {
+            key: rk,
+            ts_ms,
+            msg_id,
+        });
     }
 }
 
@@ -1731,12 +1783,22 @@ mod tests {
         );
     }
 
-    /// Two messages of a topic held, the older taken first: the journal records the
-    /// topic's mark as it is (the newer message's), never the older one's — the saved mark
-    /// must not be behind what memory refuses, whichever of the two is released later.
+    /// Two messages of a topic held: the journal records the mark of what was taken —
+    /// never a held message's, which would refuse that message after a restart (see
+    /// `a_value_held_untaken_at_a_crash_is_accepted_after_the_restart`) — and never moves
+    /// it backwards: the newer taken first, taking the older one journals the newer's.
     #[test]
-    fn a_taken_message_journals_its_topics_current_mark() {
+    fn a_taken_message_journals_the_newest_taken_mark_of_its_topic() {
         let t = Topic::new("a/b").unwrap();
+        let marks = |changes: Vec<Change>| -> Vec<(u64, [u8; 16])> {
+            changes
+                .into_iter()
+                .filter_map(|c| match c {
+                    Change::Retained { ts_ms, msg_id, .. } => Some((ts_ms, msg_id)),
+                    _ => None,
+                })
+                .collect()
+        };
         let mut g = Guard::new(ReceiveConfig::default());
         let m1 = g.check(&cand(&t, 1, NOW, 0), NOW).unwrap();
         let d1 = m1.digest();
@@ -1744,28 +1806,131 @@ mod tests {
         g.hold_by(d1, 1);
         let m2 = g.check(&cand(&t, 2, NOW + 5, 0), NOW).unwrap();
         let d2 = m2.digest();
-        let again = m2;
         g.hold(m2);
         g.hold_by(d2, 1);
         g.settle(d1);
-        let changes = g.take_changes();
-        assert!(
-            changes.iter().any(|c| matches!(
-                c,
-                Change::Retained { ts_ms, msg_id, .. } if *ts_ms == NOW + 5 && *msg_id == [2; 16]
-            )),
-            "{changes:?}"
+        assert_eq!(marks(g.take_changes()), vec![(NOW, [1; 16])]);
+        let snap = g.snapshot(NOW);
+        assert_eq!(
+            snap.retained,
+            vec![(retained_key(&TreeId([1; 16]), &t), NOW, [1; 16])]
         );
-        assert!(
-            !changes
-                .iter()
-                .any(|c| matches!(c, Change::Retained { msg_id, .. } if *msg_id == [1; 16])),
-            "{changes:?}"
+        // Memory still refuses what is older than the held one.
+        let between = cand(&t, 9, NOW + 2, msg_flags::RETAINED);
+        assert_eq!(
+            g.check(&between, NOW).unwrap_err(),
+            Refusal::RetainedRollback
         );
+        g.settle(d2);
+        assert_eq!(marks(g.take_changes()), vec![(NOW + 5, [2; 16])]);
+        assert_eq!(g.snapshot(NOW).retained[0].1, NOW + 5);
         // A second hold of a held message keeps its holders (it is not reset to none).
-        g.hold(again);
-        g.release(d2);
-        assert!(!g.is_held(d2), "one holder, released once");
+        let m3 = g.check(&cand(&t, 3, NOW + 6, 0), NOW).unwrap();
+        let d3 = m3.digest();
+        g.hold(m3);
+        g.hold_by(d3, 1);
+        g.hold(m3);
+        g.release(d3);
+        assert!(!g.is_held(d3), "one holder, released once");
+        assert_eq!(g.snapshot(NOW).retained[0].1, NOW + 5, "released untaken");
+        // Newer taken first: taking the older one journals the newer's mark.
+        let m4 = g.check(&cand(&t, 4, NOW + 7, 0), NOW).unwrap();
+        let m5 = g.check(&cand(&t, 5, NOW + 8, 0), NOW).unwrap();
+        let (d4, d5) = (m4.digest(), m5.digest());
+        for (m, d) in [(m4, d4), (m5, d5)] {
+            g.hold(m);
+            g.hold_by(d, 1);
+        }
+        g.settle(d5);
+        g.settle(d4);
+        assert_eq!(
+            marks(g.take_changes()),
+            vec![(NOW + 8, [5; 16]), (NOW + 8, [5; 16])]
+        );
+        assert_eq!(g.snapshot(NOW).retained[0].1, NOW + 8);
+    }
+
+    /// Review finding: a retained value still held untaken at a crash was refused after
+    /// the restart and never shown. The publisher sets m0 then m (both live, held by a
+    /// QoS 1 subscription); the app takes m0 only; the process dies. The saved state —
+    /// journal or snapshot — holds m0's entry and mark, not m's mark (which, restored
+    /// without m's digest, refused m as a rollback): the relay's retained m is the
+    /// topic's current value to the restarted client. m0 stays a duplicate, and a
+    /// re-posted older value is still refused as a rollback.
+    #[test]
+    fn a_value_held_untaken_at_a_crash_is_accepted_after_the_restart() {
+        let t = Topic::new("a/b").unwrap();
+        let mut g = Guard::new(ReceiveConfig::default());
+        let old = g.check(&cand(&t, 7, NOW - 10, 0), NOW).unwrap();
+        g.commit(old);
+        let m0 = g.check(&cand(&t, 1, NOW, 0), NOW).unwrap();
+        let m = g.check(&cand(&t, 2, NOW + 5, 0), NOW).unwrap();
+        let (d0, d) = (m0.digest(), m.digest());
+        for (a, d) in [(m0, d0), (m, d)] {
+            g.hold(a);
+            g.hold_by(d, 1);
+        }
+        g.settle(d0);
+        let changes = g.take_changes();
+        let snap = g.snapshot(NOW);
+        // Restored from the journal (replayed in order, as the state file keeps it) and
+        // from a snapshot (a compacted file).
+        let from_journal = |mut h: Guard| {
+            for c in &changes {
+                match *c {
+                    Change::Seen { key, expires_ms } => h.restore_seen(key, expires_ms, NOW),
+                    Change::Retained { key, ts_ms, msg_id } => {
+                        h.restore_retained(key, ts_ms, msg_id)
+                    }
+                    _ => {}
+                }
+            }
+            h
+        };
+        let from_snapshot = |mut h: Guard| {
+            for &(dg, exp) in &snap.seen {
+                h.restore_digest(dg, exp, NOW);
+            }
+            for &(rk, ts, id) in &snap.retained {
+                h.restore_retained(rk, ts, id);
+            }
+            h.restore_forgot_upto(snap.forgot_upto);
+            h
+        };
+        for (how, mut h) in [
+            (
+                "journal",
+                from_journal(Guard::new(ReceiveConfig::default())),
+            ),
+            (
+                "snapshot",
+                from_snapshot(Guard::new(ReceiveConfig::default())),
+            ),
+        ] {
+            assert_eq!(
+                h.check(&cand(&t, 1, NOW, msg_flags::RETAINED), NOW + 1)
+                    .unwrap_err(),
+                Refusal::Duplicate,
+                "{how}: m0 was taken"
+            );
+            assert_eq!(
+                h.check(&cand(&t, 7, NOW - 10, msg_flags::RETAINED), NOW + 1)
+                    .unwrap_err(),
+                Refusal::RetainedRollback,
+                "{how}: an older value re-posted"
+            );
+            let a = h
+                .check(&cand(&t, 2, NOW + 5, msg_flags::RETAINED), NOW + 1)
+                .unwrap_or_else(|e| panic!("{how}: m, held untaken at the crash: {e:?}"));
+            h.commit(a);
+            assert_eq!(h.stats().retained_rollback, 1, "{how}");
+            assert_eq!(
+                h.check(&cand(&t, 2, NOW + 5, msg_flags::RETAINED), NOW + 1)
+                    .unwrap_err(),
+                Refusal::Duplicate,
+                "{how}: then delivered"
+            );
+        }
     }
 
     #[test]
