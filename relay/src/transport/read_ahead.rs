@@ -72,6 +72,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         if follower.poll_turn(cx).is_pending() {
             return Poll::Pending;
         }
+        // Every ping read so far is handled: too many of their pongs unwritten, stop.
+        follower.check_pongs()?;
         if follower.poll_budget(cx).is_pending() {
             follower.new_turn();
             return Poll::Pending;
@@ -155,8 +157,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
         self.inner.is_write_vectored()
     }
 
+    /// tungstenite flushes the stream only once its write buffer is written out: the
+    /// follower's pongs owed are then written.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        if let (Poll::Ready(Ok(())), Some(f)) = (&r, this.follower.as_mut()) {
+            f.flushed();
+        }
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -207,5 +216,79 @@ mod tests {
         let pending = futures_util::FutureExt::now_or_never(r.read(&mut chunk));
         assert!(pending.is_none());
         assert_eq!(r.buf.capacity(), 0);
+    }
+
+    /// tungstenite (the relay's configuration) over a follower, a client sending 125-byte
+    /// pings on a 4 KiB pipe: the server's stream and the client's writing and, when
+    /// `reads`, reading, `pings` pings. Returns the pings the server read and how its
+    /// stream ended (the error, and the reason the follower gave if it failed the read).
+    async fn ping_flood(pings: usize, reads: bool) -> (usize, Option<String>) {
+        use crate::transport::ws_gate::{Follower, WsGate};
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::{protocol::Role, Message};
+        let (server, client) = tokio::io::duplex(4096);
+        let gate = WsGate::new(None, std::net::Ipv4Addr::LOCALHOST.into());
+        gate.admit();
+        let mut follower = Follower::new(gate.clone(), 1 << 20);
+        follower
+            .follow(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
+            .unwrap();
+        let io = ReadAhead::new(server).following(follower);
+        let config = crate::transport::ws::ws_config(1 << 20);
+        let mut ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, Some(config))
+                .await;
+        let (mut rx, mut tx) = tokio::io::split(client);
+        let ping: Vec<u8> = [0x89u8, 0x80 | 125, 1, 2, 3, 4]
+            .into_iter()
+            .chain(std::iter::repeat_n(0u8, 125))
+            .collect();
+        let writer = tokio::spawn(async move {
+            for _ in 0..pings {
+                if tx.write_all(&ping).await.is_err() {
+                    return;
+                }
+            }
+            // Closed, so that the server's stream ends once it has read every ping.
+            let _ = tx.shutdown().await;
+            std::future::pending::<()>().await;
+        });
+        let reader = reads.then(|| {
+            tokio::spawn(async move {
+                let mut sink = [0u8; 4096];
+                while rx.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+            })
+        });
+        let mut read = 0;
+        let end = loop {
+            match ws.next().await {
+                Some(Ok(Message::Ping(_))) => read += 1,
+                Some(Ok(other)) => panic!("not sent: {other:?}"),
+                Some(Err(e)) => break Some(format!("{e} / {:?}", gate.failed())),
+                None => break None,
+            }
+        };
+        writer.abort();
+        if let Some(r) = reader {
+            r.abort();
+        }
+        (read, end)
+    }
+
+    /// A client that floods pings and never reads has its read failed once its pongs stop
+    /// draining (about 4 KiB of them), not when tungstenite's write buffer reaches its bound
+    /// (~1.2 MiB, kept for the connection's life: it read on past it); one that reads its
+    /// pongs is never stopped.
+    #[tokio::test]
+    async fn a_ping_flood_that_never_reads_fails_within_a_few_kib_of_pongs() {
+        let (read, end) = ping_flood(20_000, false).await;
+        let end = end.expect("the flood was stopped");
+        assert!(end.contains("does not read"), "{end}");
+        // 4 KiB of pipe, 32 unwritten pongs, one 512-byte read of pings.
+        assert!(read < 4096 / 127 + 32 + 8, "{read} pings read");
+        // (Its stream ends as the client's: without a close handshake.)
+        let (read, end) = ping_flood(20_000, true).await;
+        assert_eq!(read, 20_000, "a client reading its pongs: {end:?}");
+        assert!(end.is_none_or(|e| e.ends_with("/ None")));
     }
 }

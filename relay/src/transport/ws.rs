@@ -37,9 +37,11 @@ const WS_WRITE_BUFFER: usize = 128 * 1024;
 /// that sends pings and never reads grew the relay's memory at its upload rate (on TCP the
 /// protocol's `Ping` goes through the outbound queue, which closes such a client after
 /// `queue.capacity` unread replies). The relay's own writes never hold more than the
-/// buffer plus one frame (the sink waits for the socket before the next), so the bound,
-/// with room for control frames, only ever stops the ping flood: the read then fails and
-/// the connection closes.
+/// buffer plus one frame (the sink waits for the socket before the next). The bound does
+/// not stop a ping flood by itself: at it tungstenite keeps the pong back and reads on,
+/// the buffer (a 2 MiB allocation by then) kept. The follower under tungstenite stops the
+/// flood long before (at ~4 KiB of unwritten pongs, see
+/// [`ws_gate`](super::ws_gate)); this bound is the last line.
 pub fn ws_config(max_frame: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_frame))
@@ -118,9 +120,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameSource for WsSourc
                 }
                 Err(_) => {
                     self.closed = true;
-                    match self.gate.refused() {
-                        Some(len) => Inbound::TooLarge { len },
-                        None => Inbound::Closed,
+                    match (self.gate.refused(), self.gate.failed()) {
+                        (Some(len), _) => Inbound::TooLarge { len },
+                        (None, Some(why)) => Inbound::Invalid(why.to_owned()),
+                        (None, None) => Inbound::Closed,
                     }
                 }
             };

@@ -32,13 +32,26 @@
 //! waits anyway). RFC 6455 lets fragments be any size, so nothing is refused: such a
 //! message only advances a turn at a time: at most about 16 frames (`FRAMES_PER_TURN`,
 //! plus one 512-byte read of tungstenite's) or 16 KiB (`BYTES_PER_TURN`) per turn.
+//!
+//! **Pings.** tungstenite answers every ping with a pong it queues in its write buffer,
+//! and when the socket refuses the write it puts the pong back and reads on: a client that
+//! sent pings and never read grew that buffer to its bound (128 KiB + `max_frame` + 64 KiB,
+//! a 2 MiB allocation) on every connection, before Hello (review, session 44: ~300 MiB
+//! from one address). The follower counts the client's pings (opcode 9 headers): more
+//! than [`PINGS_BEFORE_WELCOME`] before admission, or more than [`PINGS_UNANSWERED`] read
+//! since tungstenite last wrote out its whole write buffer (it flushes the stream only
+//! then: [`Follower::flushed`]), fail the read; the source answers `malformed` with the
+//! reason ([`WsGate::failed`]). So a client's unanswered pongs hold at most ~4 KiB (plus
+//! one read of pings, 85 at most) of the relay's memory. The relay's own clients send no
+//! WebSocket pings at all (browsers cannot; the Rust and wasm clients ping with the
+//! protocol's `Ping` frame), and other clients' keepalive pings come seconds apart.
 
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
@@ -59,6 +72,9 @@ pub struct WsGate {
     /// Size of a message refused (0: none): before admission over the handshake cap, or
     /// a fragmented one over `max_frame`.
     refused: AtomicUsize,
+    /// Why the follower failed the read, when the client broke a rule of its own (its
+    /// pings): the source answers it as a malformed stream.
+    failed: OnceLock<String>,
 }
 
 impl WsGate {
@@ -72,7 +88,13 @@ impl WsGate {
             stalled: AtomicBool::new(false),
             partial: AtomicBool::new(false),
             refused: AtomicUsize::new(0),
+            failed: OnceLock::new(),
         })
+    }
+
+    /// Why the follower failed the read, if it failed it for the client's pings.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
     }
 
     /// Whether a message is in progress: control frames may come between its fragments
@@ -146,6 +168,13 @@ type Taking = Pin<Box<dyn Future<Output = Option<Lease>> + Send>>;
 /// parsing than tungstenite's own limits allow.
 pub(crate) const UPGRADE_PARSE_MAX: usize = 2 << 20;
 
+/// Pings a client may send before it is admitted (see the module documentation).
+pub(crate) const PINGS_BEFORE_WELCOME: u32 = 16;
+
+/// Pings a client may send while the pongs it is owed are not written (tungstenite has not
+/// written out its write buffer since): 32 pongs of at most 127 bytes, 4 KiB.
+pub(crate) const PINGS_UNANSWERED: u32 = 32;
+
 /// Follows the client's bytes on a WebSocket connection and holds its messages to the
 /// gate's rules ([`ReadAhead`](super::read_ahead::ReadAhead) calls it on every read).
 pub struct Follower {
@@ -174,6 +203,12 @@ pub struct Follower {
     upgrade_parsed: usize,
     /// [`UPGRADE_PARSE_MAX`] (tests that compare splits lift it: it depends on them).
     upgrade_parse_max: usize,
+    /// Pings read before admission.
+    pings_before_welcome: u32,
+    /// [`PINGS_BEFORE_WELCOME`] (tests that compare with tungstenite lift it).
+    pings_before_welcome_max: u32,
+    /// Pings read since tungstenite last wrote out its whole write buffer.
+    pings_unanswered: u32,
 }
 
 impl std::fmt::Debug for Follower {
@@ -206,7 +241,50 @@ impl Follower {
             upgrade_bytes: 0,
             upgrade_parsed: 0,
             upgrade_parse_max: UPGRADE_PARSE_MAX,
+            pings_before_welcome: 0,
+            pings_before_welcome_max: PINGS_BEFORE_WELCOME,
+            pings_unanswered: 0,
         }
+    }
+
+    /// tungstenite wrote out its whole write buffer (it flushes the stream only then): every
+    /// pong owed so far is on its way.
+    pub fn flushed(&mut self) {
+        self.pings_unanswered = 0;
+    }
+
+    /// Before a read (tungstenite reads only when the frames it has are handled, each ping
+    /// answered — its pong written or left in the write buffer): `Err` when more than
+    /// [`PINGS_UNANSWERED`] pings were read since the buffer was last written out.
+    pub fn check_pongs(&self) -> io::Result<()> {
+        if self.pings_unanswered > PINGS_UNANSWERED {
+            return Err(self.fail(format!(
+                "{} WebSocket pings while the relay could not write their pongs (the client \
+                 does not read); at most {PINGS_UNANSWERED}",
+                self.pings_unanswered
+            )));
+        }
+        Ok(())
+    }
+
+    /// The read fails for the client's pings: `why` is what the source answers.
+    fn fail(&self, why: String) -> io::Error {
+        let _ = self.gate.failed.set(why.clone());
+        io::Error::new(io::ErrorKind::InvalidData, why)
+    }
+
+    /// A ping's header: counted (see the module documentation).
+    fn on_ping(&mut self) -> io::Result<()> {
+        self.pings_unanswered = self.pings_unanswered.saturating_add(1);
+        if !self.gate.admitted.load(Relaxed) {
+            self.pings_before_welcome += 1;
+            if self.pings_before_welcome > self.pings_before_welcome_max {
+                return Err(self.fail(format!(
+                    "more than {PINGS_BEFORE_WELCOME} WebSocket pings before Welcome"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Reads made to yield so far (a message's frames passed the per-turn bounds without
@@ -253,6 +331,9 @@ impl Follower {
         };
         let opcode = self.header[0] & 0x0f;
         let fin = self.header[0] & 0x80 != 0;
+        if opcode == 9 {
+            self.on_ping()?;
+        }
         // Control frames (8..) are small and may come between a message's fragments.
         let data = opcode < 8;
         if data {
@@ -731,6 +812,60 @@ mod tests {
         assert!(f.poll_turn(&mut cx).is_ready());
     }
 
+    /// Before Welcome a client may send [`PINGS_BEFORE_WELCOME`] pings; the next fails the
+    /// read, with the reason in the gate (not a refused size). Admitted, pings are not
+    /// counted so (only against their unwritten pongs, see `check_pongs`).
+    #[test]
+    fn more_than_16_pings_before_welcome_fail_the_read() {
+        let mut f = Follower::new(WsGate::new(None, ADDR), 1 << 20);
+        f.follow(UPGRADE).unwrap();
+        // Pongs and data between them do not count.
+        f.follow(&frame(true, 10, 4)).unwrap();
+        f.follow(&frame(true, 2, 40)).unwrap();
+        for _ in 0..PINGS_BEFORE_WELCOME {
+            f.follow(&frame(true, 9, 0)).unwrap();
+            f.flushed();
+        }
+        let e = f.follow(&frame(true, 9, 125)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            f.gate.failed().unwrap().contains("pings before Welcome"),
+            "{e}"
+        );
+        assert_eq!(f.gate.refused(), None);
+
+        let (gate, _) = admitted(1 << 20);
+        let mut f = Follower::new(gate.clone(), 1 << 20);
+        f.follow(UPGRADE).unwrap();
+        for _ in 0..1000 {
+            f.follow(&frame(true, 9, 125)).unwrap();
+            f.check_pongs().unwrap();
+            f.flushed();
+        }
+        assert_eq!(gate.failed(), None);
+    }
+
+    /// Pings read since tungstenite last wrote out its write buffer: up to
+    /// [`PINGS_UNANSWERED`] pass; past that the next read fails; a flush starts again.
+    #[test]
+    fn pings_whose_pongs_are_not_written_fail_the_next_read() {
+        let (gate, _) = admitted(1 << 20);
+        let mut f = Follower::new(gate.clone(), 1 << 20);
+        f.follow(UPGRADE).unwrap();
+        let pings: Vec<u8> = (0..PINGS_UNANSWERED)
+            .flat_map(|_| frame(true, 9, 1))
+            .collect();
+        f.follow(&pings).unwrap();
+        f.check_pongs().unwrap();
+        f.flushed();
+        f.follow(&pings).unwrap();
+        f.check_pongs().unwrap();
+        f.follow(&frame(true, 9, 0)).unwrap();
+        let e = f.check_pongs().unwrap_err();
+        assert!(e.to_string().contains("does not read"), "{e}");
+        assert_eq!(gate.failed(), Some(e.to_string().as_str()));
+    }
+
     /// While the budget cannot cover a message, the follower is pending and the gate says
     /// stalled; once budget frees it is ready again.
     #[test]
@@ -854,9 +989,12 @@ mod tests {
             Follower::new(gate(), max_frame),
             Follower::new(gate(), max_frame),
         );
-        // The upgrade's parse cap depends on the split by nature (tested on its own).
+        // The upgrade's parse cap depends on the split by nature (tested on its own); the
+        // ping count before Welcome is tested on its own.
         a.upgrade_parse_max = usize::MAX;
         b.upgrade_parse_max = usize::MAX;
+        a.pings_before_welcome_max = u32::MAX;
+        b.pings_before_welcome_max = u32::MAX;
         let mut w = Watch::default();
         let (mut at, mut i) = (0, 0);
         while at < bytes.len() {
