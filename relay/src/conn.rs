@@ -229,6 +229,11 @@ async fn read_loop<Src: FrameSource>(
     // session ends the subscriptions that no longer hold (taken after an authenticated
     // Welcome; a reload that revokes the credential closes the queue instead).
     let mut rights_changed = None;
+    // Not reading because the connection's replies back up (`Outbound::replies_backed_up`):
+    // the idle timer waits meanwhile, and the writer must move instead — `stall` is the
+    // batches it had finished and when that count last moved (or it was not writing).
+    let mut paused = false;
+    let mut stall = (0u64, started);
     loop {
         // Fairness: one read can hold dozens of frames, and tokio only charges its
         // cooperative budget per read, so a flooding connection could handle thousands of
@@ -247,7 +252,19 @@ async fn read_loop<Src: FrameSource>(
         // Whether a whole frame is buffered (the next `recv` returns at once); nothing
         // below changes that before the frame is taken.
         let ready = source.ready();
-        if turn_over || !ready {
+        // Replies back up (the client's writer is blocked and it keeps asking): stop reading
+        // until the writer takes them, so the client is slowed through the transport instead
+        // of being disconnected at `queue.capacity` unread replies.
+        if out.replies_backed_up() != paused {
+            paused = !paused;
+            if paused {
+                out.count_reply_pause();
+                stall = (out.write_progress().0, Instant::now());
+            } else {
+                last_in = Instant::now();
+            }
+        }
+        if turn_over || !ready || paused {
             session.flush_wakes();
         }
         if turn_over {
@@ -266,7 +283,7 @@ async fn read_loop<Src: FrameSource>(
         // Within a turn, a frame already buffered is taken without polling the other
         // events (closing, shutdown, timers: each a watch or timer poll, ~400 instructions
         // a frame — callgrind, relay 1→1); they are polled at least once per turn.
-        if !turn_over && ready {
+        if !turn_over && ready && !paused {
             let ev = source.recv().await;
             // The clock as read for the frame before, in this same run of buffered frames
             // within one turn (usually microseconds ago; up to a scheduler round when the
@@ -298,13 +315,35 @@ async fn read_loop<Src: FrameSource>(
                 // no Hello) kept `recv` ready on every poll, and a biased select never got
                 // to the timer, so its Hello deadline never came.
                 _ = &mut deadline => {
+                    let now = Instant::now();
                     if source.stalled() {
                         // Waiting for the relay's frame budget is not the client's idleness.
-                        last_in = Instant::now();
+                        last_in = now;
                     }
-                    let due = if session.is_open() { last_in + idle } else { started + hello };
-                    if Instant::now() >= due {
-                        session.timed_out();
+                    let stuck = paused && session.is_open();
+                    let due = if stuck {
+                        // Not read meanwhile: not the client's idleness either. The last
+                        // resort is a writer that finishes no batch in `idle_ms` (a peer that
+                        // reads nothing): closed as a slow consumer.
+                        last_in = now;
+                        let (done, writing) = out.write_progress();
+                        if done != stall.0 || !writing {
+                            stall = (done, now);
+                        }
+                        stall.1 + idle
+                    } else if session.is_open() {
+                        last_in + idle
+                    } else {
+                        started + hello
+                    };
+                    if now >= due {
+                        if stuck {
+                            shared.metrics.slow_consumer_disconnect();
+                            out.close_unread_replies(t.idle_ms);
+                            session.closed_elsewhere();
+                        } else {
+                            session.timed_out();
+                        }
                         return false;
                     }
                     deadline.as_mut().reset(due);
@@ -324,12 +363,14 @@ async fn read_loop<Src: FrameSource>(
                         return false;
                     }
                 }
+                // The writer took the replies that backed up: read again.
+                () = out.wait_replies(), if paused => {}
                 // Last: a connection whose next frame is always there (a pipelining
                 // client) would otherwise never reach the branches after it — its
                 // redeliveries, the resumption of its paused subscriptions, the end of
                 // subscriptions a reload took the rights of (test
                 // hostile_flow::a_connection_that_never_stops_sending_still_gets_its_redeliveries).
-                ev = noting_wait(source.recv(), &mut waited) => {
+                ev = noting_wait(source.recv(), &mut waited), if !paused => {
                     if std::mem::take(&mut waited) {
                         full_turns = 0;
                     }

@@ -11,8 +11,13 @@
 //! QoS 0 messages, which give way to QoS ≥ 1 ones; a QoS ≥ 1 subscription pauses at a
 //! queue full of QoS ≥ 1 messages ([`Outbound::room_for`]) and its messages wait in the
 //! store; control frames (`SubOk`,
-//! `Pong`, `Err`, …) are never dropped, but a client that provokes more than `capacity` of
-//! them without reading is disconnected.
+//! `Pong`, `Err`, …) are never dropped. Replies back up when a client's writer is blocked
+//! (it reads nothing, or slowly): once half the capacity of them are queued or owed
+//! ([`Outbound::owe_reply`]: a `PubAck` waiting for the store), the connection's reader
+//! stops reading it until the writer takes them ([`Outbound::replies_backed_up`]) — the
+//! client is slowed down through TCP, not disconnected. A connection that provokes more
+//! than `capacity` of them without reading is still disconnected (the reader's pause keeps
+//! that to frames that answer many times, and replies from elsewhere).
 //!
 //! All queues share one relay-wide [`Budget`] of message bytes, counted from queueing until
 //! the writer has written them (the batch a writer holds while a non-reading peer blocks
@@ -30,7 +35,7 @@
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -55,6 +60,8 @@ pub(crate) struct Budget {
     paused: AtomicU64,
     /// QoS >= 1 subscriptions paused because their connection's queue was full.
     full_paused: AtomicU64,
+    /// Times a connection's reader stopped reading because its replies backed up.
+    reply_paused: AtomicU64,
 }
 
 impl Budget {
@@ -67,6 +74,7 @@ impl Budget {
             dropped: AtomicU64::new(0),
             paused: AtomicU64::new(0),
             full_paused: AtomicU64::new(0),
+            reply_paused: AtomicU64::new(0),
         }
     }
 
@@ -118,11 +126,15 @@ impl Budget {
              whispeer_relay_outbound_budget_pauses_total {}\n\
              # HELP whispeer_relay_outbound_full_pauses_total QoS >= 1 subscriptions paused because their connection's outbound queue was full of QoS >= 1 messages (their messages wait in the store and follow in order).\n\
              # TYPE whispeer_relay_outbound_full_pauses_total counter\n\
-             whispeer_relay_outbound_full_pauses_total {}",
+             whispeer_relay_outbound_full_pauses_total {}\n\
+             # HELP whispeer_relay_outbound_reply_pauses_total Times a connection was not read because its unread replies backed up (half of queue.capacity queued or owed, its writer blocked): the client is slowed down, not disconnected.\n\
+             # TYPE whispeer_relay_outbound_reply_pauses_total counter\n\
+             whispeer_relay_outbound_reply_pauses_total {}",
             self.used(),
             self.dropped.load(Relaxed),
             self.paused.load(Relaxed),
-            self.full_paused.load(Relaxed)
+            self.full_paused.load(Relaxed),
+            self.reply_paused.load(Relaxed)
         );
         o
     }
@@ -166,6 +178,12 @@ struct State {
     /// queued ([`Outbound::reserve_read`]).
     reading: usize,
     controls: usize,
+    /// Replies the connection owes and will queue ([`Outbound::owe_reply`]).
+    owed: usize,
+    /// Batches the writer finished writing ([`Outbound::written`]).
+    batches: u64,
+    /// The writer took a batch and has not finished writing it.
+    writing: bool,
     /// Messages dropped since the writer last took a batch (becomes a `Gap` frame).
     dropped: u64,
     /// No more frames are accepted; the writer drains what is queued and closes.
@@ -233,6 +251,9 @@ pub(crate) struct Outbound {
     /// Notified whenever the writer takes a batch (history senders wait for room).
     drained: Notify,
     budget: Arc<Budget>,
+    /// Replies queued and owed reach half the capacity: the reader stops reading
+    /// ([`replies_backed_up`](Self::replies_backed_up)); kept under the lock, read without.
+    backed_up: AtomicBool,
 }
 
 fn fatal_err(code: ErrorCode, message: &str) -> Bytes {
@@ -291,9 +312,57 @@ impl Outbound {
             closing: watch::Sender::new(false),
             drained: Notify::new(),
             budget,
+            backed_up: AtomicBool::new(false),
         }
     }
 
+    /// Replies queued or owed at which the reader stops reading: half the capacity.
+    fn reply_pause(&self) -> usize {
+        (self.capacity / 2).max(1)
+    }
+
+    /// Sets [`backed_up`](Self::backed_up) from `s`.
+    fn note_replies(&self, s: &State) {
+        let backed_up = !s.closing && s.controls + s.owed >= self.reply_pause();
+        self.backed_up.store(backed_up, Relaxed);
+    }
+
+    /// Whether the connection's replies back up: queued and owed ones reach half the
+    /// capacity. The reader then stops reading the connection (backpressure through the
+    /// transport) until the writer takes them ([`wait_replies`](Self::wait_replies)): a
+    /// client whose writer is blocked — it does not read, or is slow — and pipelines
+    /// requests is slowed down instead of being disconnected when `capacity` replies are
+    /// unread. One atomic load (the reader asks before every frame).
+    pub(crate) fn replies_backed_up(&self) -> bool {
+        self.backed_up.load(Relaxed)
+    }
+
+    /// Waits until the replies no longer back up (or the queue is closing).
+    pub(crate) async fn wait_replies(&self) {
+        self.wait_until(|s| s.closing || s.controls + s.owed < self.reply_pause())
+            .await
+    }
+
+    /// The writer's progress: batches it finished writing, and whether it is writing one
+    /// now. A reader paused for replies closes the connection when the writer is stuck on
+    /// one batch for a long time (the last resort against a peer that never reads).
+    pub(crate) fn write_progress(&self) -> (u64, bool) {
+        let s = self.lock();
+        (s.batches, s.writing)
+    }
+
+    /// A reply the connection will queue later (a `PubAck` once the store has the
+    /// message): it counts with the queued replies towards the reader's pause from now, so a
+    /// client pipelining publishes faster than they are acknowledged cannot have the reader
+    /// read thousands of them before their replies are queued.
+    pub(crate) fn owe_reply(self: &Arc<Self>) -> Reply {
+        let mut s = self.lock();
+        s.owed += 1;
+        self.note_replies(&s);
+        Reply {
+            out: Some(self.clone()),
+        }
+    }
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the queue inconsistent (every
         // mutation is a single push/pop), so a poisoned lock is still usable.
@@ -508,6 +577,21 @@ impl Outbound {
         self.budget.full_paused.fetch_add(1, Relaxed);
     }
 
+    /// Counts a reader paused because the connection's replies backed up.
+    pub(crate) fn count_reply_pause(&self) {
+        self.budget.reply_paused.fetch_add(1, Relaxed);
+    }
+
+    /// Closes the connection as a slow consumer whose replies went unwritten for `ms`
+    /// milliseconds while its reader was paused for them (the last resort: its writer did
+    /// not finish a batch in that time).
+    pub(crate) fn close_unread_replies(&self, ms: u64) {
+        self.close_discarding(fatal_err(
+            ErrorCode::SlowConsumer,
+            &format!("replies unread for {ms} ms: the connection did not keep up"),
+        ));
+    }
+
     /// Counts a QoS >= 1 subscription paused by the budget.
     pub(crate) fn count_budget_pause(&self) {
         self.budget.paused.fetch_add(1, Relaxed);
@@ -684,6 +768,7 @@ impl Outbound {
         let was_empty = s.is_empty();
         s.push_kept(frame, false);
         s.controls += 1;
+        self.note_replies(&s);
         drop(s);
         if was_empty {
             self.notify.notify_one();
@@ -716,6 +801,7 @@ impl Outbound {
             s.push_kept(frame, false);
         }
         s.closing = true;
+        self.note_replies(s);
         self.closing.send_replace(true);
         self.notify.notify_one();
         self.drained.notify_waiters();
@@ -748,8 +834,10 @@ impl Outbound {
         let msg_bytes = std::mem::take(&mut s.msg_bytes);
         s.inflight += msg_bytes;
         s.controls = 0;
+        self.note_replies(&s);
         let dropped = std::mem::take(&mut s.dropped);
         let last = s.closing && s.sealed;
+        s.writing = !into.is_empty() || dropped > 0;
         drop(s);
         self.drained.notify_waiters();
         Batch {
@@ -765,6 +853,8 @@ impl Outbound {
         let n = msg_bytes.min(s.inflight);
         s.inflight -= n;
         self.budget.sub(s.held(), n);
+        s.batches += 1;
+        s.writing = false;
         drop(s);
         self.drained.notify_waiters();
     }
@@ -788,6 +878,36 @@ impl Outbound {
     pub(crate) fn queued(&self) -> usize {
         let s = self.lock();
         s.items.len() + s.qos0.len()
+    }
+}
+
+/// A reply the connection owes ([`Outbound::owe_reply`]): [`send`](Self::send) queues it;
+/// dropped unsent, it is owed no more.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    out: Option<Arc<Outbound>>,
+}
+
+impl Reply {
+    /// Queues the reply (prefixed), as [`Outbound::push_control`] does.
+    pub(crate) fn send(mut self, frame: Bytes) -> Offer {
+        let out = self.out.take().expect("sent once");
+        out.lock().owed -= 1;
+        // Owed until now, queued from now: the replies' count does not change between, so
+        // no pause ends or begins (but for the hard cap, which `push_control` applies).
+        out.push_control(frame)
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(out) = self.out.take() {
+            let mut s = out.lock();
+            s.owed -= 1;
+            out.note_replies(&s);
+            drop(s);
+            out.drained.notify_waiters();
+        }
     }
 }
 

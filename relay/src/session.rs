@@ -1491,8 +1491,9 @@ impl Session {
         if p.qos == Qos::AtMostOnce {
             return self.send(&ack);
         }
-        // QoS >= 1: PubAck once the transaction holding the message committed.
-        let out = self.out.clone();
+        // QoS >= 1: PubAck once the transaction holding the message committed (owed until
+        // then: it counts towards the reader's pause for replies that back up).
+        let reply = self.out.owe_reply();
         let metrics = self.shared.metrics.clone();
         store.when_durable(
             seq,
@@ -1501,7 +1502,7 @@ impl Session {
                     Ok(()) => ack,
                     Err(e) => store_failure(&metrics, &e, publish_id),
                 };
-                out.push_control(codec::encode_prefixed(&frame));
+                reply.send(codec::encode_prefixed(&frame));
             }),
         );
         Flow::Continue
@@ -1512,7 +1513,7 @@ impl Session {
     /// original's for a QoS 2 duplicate — or `Err` with the store's code.
     fn when_sequenced(&self, store: &Arc<dyn crate::store::Store>, ticket: u64, p: &Pub) {
         let publish_id = p.publish_id.filter(|_| p.flags & pub_flags::ACK != 0);
-        let out = self.out.clone();
+        let reply = publish_id.map(|_| self.out.owe_reply());
         let metrics = self.shared.metrics.clone();
         // Its walk here is charged to this connection, when it is routed (`owe_walk`).
         // (Weak: a callback the store never calls must not keep the relay alive.)
@@ -1530,7 +1531,9 @@ impl Session {
                     }
                     _ => {}
                 }
-                let Some(publish_id) = publish_id else { return };
+                let (Some(publish_id), Some(reply)) = (publish_id, reply) else {
+                    return;
+                };
                 let frame = match r {
                     Ok(Accepted::New(seq) | Accepted::Duplicate(seq) | Accepted::Live(seq)) => {
                         Frame::PubAck(PubAck {
@@ -1541,7 +1544,7 @@ impl Session {
                     Ok(Accepted::Pending(_)) => return,
                     Err(e) => store_failure(&metrics, &e, publish_id),
                 };
-                out.push_control(codec::encode_prefixed(&frame));
+                reply.send(codec::encode_prefixed(&frame));
             }),
         );
     }

@@ -199,3 +199,105 @@ async fn a_qos0_flood_behind_queued_qos1_messages_drops_the_oldest_qos0_ones() {
         "the drops are counted as reported"
     );
 }
+
+/// A client whose writer is blocked — it is a subscriber that reads nothing (4 KiB
+/// receive buffer) behind 10 MiB of QoS 0 messages — and pipelines 10,000 QoS 1 publishes
+/// is slowed down, not disconnected: once half the queue's capacity of replies is queued
+/// or owed, the relay stops reading it until its writer takes them (counted in
+/// `whispeer_relay_outbound_reply_pauses_total`). It never gets a fatal `Err`; once it
+/// reads, it gets a `PubAck` for each of the 10,000, each stored. (Before, the 4,097th
+/// unread reply closed it with a fatal `Err(slow_consumer)`.)
+#[tokio::test]
+async fn a_pipelining_client_that_reads_nothing_is_slowed_not_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use whispeer_protocol::{codec, FrameDecoder};
+    const PUBLISHES: u32 = 10_000;
+    let mut config = Config::ephemeral();
+    config.limits.publish_rate = 0;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(relay.tcp()).await.unwrap();
+    stream.set_nodelay(true).ok();
+    let (mut rd, mut wr) = stream.into_split();
+    let mut dec = FrameDecoder::new(64 << 20);
+    let mut next = async |rd: &mut tokio::net::tcp::OwnedReadHalf| loop {
+        if let Some(f) = dec.next_frame().expect("decodable") {
+            return Frame::decode(&f).expect("a frame");
+        }
+        let buf = dec.buffer_mut();
+        buf.reserve(64 << 10);
+        let n = tokio::time::timeout(TIMEOUT, rd.read_buf(buf))
+            .await
+            .expect("timed out waiting for the relay")
+            .expect("read");
+        assert!(n > 0, "the relay closed the connection");
+    };
+    wr.write_all(&codec::encode_prefixed(&qos1_hello()))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut rd).await, Frame::Welcome(_)));
+    wr.write_all(&codec::encode_prefixed(&sub(
+        1,
+        exact(1, &[2]),
+        Qos::AtMostOnce,
+    )))
+    .await
+    .unwrap();
+    assert!(matches!(next(&mut rd).await, Frame::SubOk(_)));
+
+    // Its writer blocks behind 10 MiB of messages it does not read.
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello_with(features::AT_LEAST_ONCE).await;
+    publish_qos0(&mut p, 0, FILLER, FILLER_BODY).await;
+    barrier(&mut p, 1).await;
+
+    // 10,000 QoS 1 publishes, pipelined, in writes of 100.
+    let sender = tokio::spawn(async move {
+        for chunk in 0..PUBLISHES / 100 {
+            let mut buf = Vec::new();
+            for i in chunk * 100..(chunk + 1) * 100 {
+                buf.extend_from_slice(&codec::encode_prefixed(&qos1_pub(numbered(1, 16, i), i)));
+            }
+            if wr.write_all(&buf).await.is_err() {
+                return None;
+            }
+        }
+        Some(wr)
+    });
+    // The relay stopped reading it for its replies — or, before, closed it (the 4,097th
+    // unread reply): only then does it read.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let paused = metric(admin, "whispeer_relay_outbound_reply_pauses_total").await;
+        let open = metric(admin, "whispeer_relay_connections{transport=\"tcp\"}").await;
+        if paused > 0 || open < 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "neither paused nor closed");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let mut acked = vec![false; PUBLISHES as usize];
+    let (mut acks, mut seqs) = (0, std::collections::HashSet::new());
+    while acks < PUBLISHES {
+        match next(&mut rd).await {
+            Frame::PubAck(a) => {
+                let id = u32::from_be_bytes(a.publish_id[..4].try_into().unwrap()) as usize;
+                assert!(!acked[id], "publish {id} acknowledged twice");
+                acked[id] = true;
+                assert!(a.seq > 0 && seqs.insert(a.seq), "stored once: {a:?}");
+                acks += 1;
+            }
+            Frame::Msg(_) | Frame::Gap(_) => {}
+            Frame::Err(e) => panic!("after {acks} PubAcks: {e:?}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(sender.await.unwrap().is_some(), "every publish was written");
+    assert_eq!(
+        metric(admin, "whispeer_relay_slow_consumer_disconnects_total").await,
+        0
+    );
+}
