@@ -521,6 +521,120 @@ pub(crate) struct Store {
     /// Rows of `seen` at most (counted at open, then every insert counted as a new row):
     /// when it passes the window's capacity by an eighth, the oldest rows are trimmed.
     seen_rows: std::cell::Cell<u64>,
+    /// What a failed write left unsaved, written with the next one (see [`Pending`]).
+    pending: std::cell::RefCell<Pending>,
+    /// After a failed write, no write is tried before then (the driver's timer retries):
+    /// a file another writer holds makes each try wait the 5 s busy timeout, and the
+    /// connection task must not wait that at every turn.
+    retry_at: std::cell::Cell<Option<std::time::Instant>>,
+    /// The wait after the next failure (doubling from [`RETRY_FIRST`] to [`RETRY_MAX`]).
+    retry_wait: std::cell::Cell<std::time::Duration>,
+}
+
+/// First wait before a failed write is tried again.
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+/// Longest wait between tries of a failed write.
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// Publish ids whose saved row could not be deleted, kept to retry at most (beyond, the
+/// oldest are left in the file: a restart re-sends them under the same publish id, which
+/// the relay's dedup window answers without a second delivery).
+const MAX_PENDING_CLEARED: usize = 65_536;
+
+/// Changes of what durables are owed kept to retry at most (one or two per message another
+/// subscription takes while a durable holds it: rare); beyond, the table is rewritten from
+/// what the core holds.
+const MAX_PENDING_OWED: usize = 1 << 18;
+
+/// What failed writes left unsaved (review: a failed write — a full disk, another writer
+/// holding the lock past the busy timeout — dropped its whole batch, so messages taken and
+/// acknowledged meanwhile were delivered again after a restart, and a failed `keep` lost a
+/// QoS ≥ 1 publish from the saved outbox). Kept in memory, merged with later changes and
+/// written with the next write, bounded:
+/// - dedup entries by key (latest expiry), at most the window's capacity: beyond it, those
+///   expiring first are left out and `forgot_upto` raised to cover them, as the window
+///   forgets for room (a restored window refuses what they covered);
+/// - retained marks by key (latest): past the window's capacity, the table is rewritten
+///   from the receiver's snapshot at the next write instead (`repair`, as the npm client
+///   rewrites its whole state); what durables are owed, in order, up to
+///   [`MAX_PENDING_OWED`] (then rewritten from the core's);
+/// - kept publishes by publish id (the engine's outbox bounds them), deletions of
+///   acknowledged ones up to [`MAX_PENDING_CLEARED`].
+#[derive(Debug, Default)]
+struct Pending {
+    seen: std::collections::HashMap<crate::core::receive::DedupKey, u64>,
+    forgot_upto: u64,
+    retained: std::collections::HashMap<crate::core::receive::RetainedKey, (u64, [u8; 16])>,
+    owed: Vec<Change>,
+    /// The retained marks are rewritten from the receiver's snapshot at the next write.
+    repair: bool,
+    /// The owed messages are rewritten from the core's at the next write (past
+    /// [`MAX_PENDING_OWED`] changes: rows past the 65,536 the core holds are then lost).
+    repair_owed: bool,
+    kept: std::collections::BTreeMap<[u8; 16], (u64, Vec<u8>)>,
+    cleared: std::collections::BTreeSet<[u8; 16]>,
+}
+
+impl Pending {
+    /// Receiver state (what acks wait for) not yet saved.
+    fn receiver(&self) -> bool {
+        !self.seen.is_empty()
+            || self.forgot_upto > 0
+            || !self.retained.is_empty()
+            || !self.owed.is_empty()
+            || self.repair
+            || self.repair_owed
+    }
+
+    fn any(&self) -> bool {
+        self.receiver() || !self.kept.is_empty() || !self.cleared.is_empty()
+    }
+
+    /// Merges `changes` (newer than what is held), bounded as said on [`Pending`].
+    fn add(&mut self, changes: Vec<Change>, now_ms: u64, max_seen: usize) {
+        for c in changes {
+            match c {
+                Change::Seen { key, expires_ms } => {
+                    let e = self.seen.entry(key).or_insert(0);
+                    *e = (*e).max(expires_ms);
+                }
+                Change::Retained { key, ts_ms, msg_id } => {
+                    if !self.repair {
+                        self.retained.insert(key, (ts_ms, msg_id));
+                    }
+                }
+                c => {
+                    if !self.repair_owed {
+                        self.owed.push(c);
+                    }
+                }
+            }
+        }
+        // What expired needs no row.
+        self.seen.retain(|_, e| *e > now_ms);
+        if self.seen.len() > max_seen {
+            let mut exp: Vec<u64> = self.seen.values().copied().collect();
+            let (_, cut, _) = exp.select_nth_unstable(self.seen.len() - max_seen - 1);
+            let cut = *cut;
+            self.seen.retain(|_, e| *e > cut);
+            self.forgot_upto = self.forgot_upto.max(cut);
+        }
+        if self.retained.len() > max_seen.max(1024) {
+            self.retained.clear();
+            self.repair = true;
+        }
+        if self.owed.len() > MAX_PENDING_OWED {
+            self.owed.clear();
+            self.repair_owed = true;
+        }
+    }
+}
+
+/// What a repairing write rewrites the retained marks and owed messages from: the
+/// receiver's snapshot (`Guard::snapshot`) and the core's owed messages.
+pub(crate) struct Repair {
+    pub(crate) retained: Vec<(crate::core::receive::RetainedKey, u64, [u8; 16])>,
+    pub(crate) forgot_upto: u64,
+    pub(crate) owed: Vec<(String, crate::core::receive::Digest)>,
 }
 
 impl Store {
@@ -664,6 +778,9 @@ impl Store {
             path: path.to_owned(),
             since_prune: std::cell::Cell::new(0),
             seen_rows: std::cell::Cell::new(rows.max(0) as u64),
+            pending: Default::default(),
+            retry_at: std::cell::Cell::new(None),
+            retry_wait: std::cell::Cell::new(RETRY_FIRST),
         })
     }
 
@@ -767,22 +884,107 @@ impl Store {
         load().map_err(self.unreadable("outbox"))
     }
 
+    /// Saves a kept QoS ≥ 1 publish. If the write fails (or waits for a retry after a
+    /// failure) the publish is held in memory and written with the next write
+    /// ([`Pending`]); before, it was lost from the saved outbox.
     pub(crate) fn keep(&self, pid: &[u8; 16], ord: u64, frame: &[u8]) {
-        if let Err(e) = self.db.execute(
-            "INSERT OR REPLACE INTO outbox (pid, ord, frame) VALUES (?1, ?2, ?3)",
-            params![&pid[..], ord as i64, frame],
-        ) {
-            self.warn("keeping a publish", e);
+        let mut p = self.pending.borrow_mut();
+        p.cleared.remove(pid);
+        p.kept.insert(*pid, (ord, frame.to_vec()));
+        drop(p);
+        self.write_outbox();
+    }
+
+    /// A kept publish was settled: its row is deleted (held to retry if that fails).
+    pub(crate) fn acked(&self, pid: &[u8; 16]) {
+        let mut p = self.pending.borrow_mut();
+        p.kept.remove(pid);
+        if p.cleared.len() >= MAX_PENDING_CLEARED {
+            p.cleared.pop_first();
+        }
+        p.cleared.insert(*pid);
+        drop(p);
+        self.write_outbox();
+    }
+
+    /// Writes the held outbox changes alone (no receiver snapshot at hand), unless a
+    /// failed write is waiting for its retry.
+    fn write_outbox(&self) {
+        if !self.may_try() {
+            return;
+        }
+        let run = || -> rusqlite::Result<()> {
+            let tx = self.db.unchecked_transaction()?;
+            Self::outbox_rows(&tx, &self.pending.borrow())?;
+            tx.commit()
+        };
+        match run() {
+            Ok(()) => {
+                let mut p = self.pending.borrow_mut();
+                p.kept.clear();
+                p.cleared.clear();
+                if !p.any() {
+                    drop(p);
+                    self.succeeded();
+                }
+            }
+            Err(e) => self.failed("saving the outbox", e),
         }
     }
 
-    pub(crate) fn acked(&self, pid: &[u8; 16]) {
-        if let Err(e) = self
-            .db
-            .execute("DELETE FROM outbox WHERE pid = ?1", params![&pid[..]])
-        {
-            self.warn("clearing a publish", e);
+    fn outbox_rows(tx: &rusqlite::Transaction<'_>, p: &Pending) -> rusqlite::Result<()> {
+        for (pid, (ord, frame)) in &p.kept {
+            tx.execute(
+                "INSERT OR REPLACE INTO outbox (pid, ord, frame) VALUES (?1, ?2, ?3)",
+                params![&pid[..], *ord as i64, frame],
+            )?;
         }
+        for pid in &p.cleared {
+            tx.execute("DELETE FROM outbox WHERE pid = ?1", params![&pid[..]])?;
+        }
+        Ok(())
+    }
+
+    /// Whether a write may be tried now (none failed, or its retry time came).
+    fn may_try(&self) -> bool {
+        self.retry_at
+            .get()
+            .is_none_or(|t| std::time::Instant::now() >= t)
+    }
+
+    fn succeeded(&self) {
+        if self.retry_at.take().is_some() {
+            tracing::warn!(file = %self.path.display(), "client state: written again");
+        }
+        self.retry_wait.set(RETRY_FIRST);
+    }
+
+    fn failed(&self, what: &str, e: rusqlite::Error) {
+        let wait = self.retry_wait.get();
+        self.retry_at.set(Some(std::time::Instant::now() + wait));
+        self.retry_wait.set((wait * 2).min(RETRY_MAX));
+        tracing::error!(file = %self.path.display(), error = %e, retry_ms = wait.as_millis() as u64,
+            "client state: {what} failed; kept in memory and tried again (acks wait for it)");
+    }
+
+    /// When a write that failed is to be tried again (`None`: nothing waits).
+    pub(crate) fn retry_at(&self) -> Option<std::time::Instant> {
+        if self.pending.borrow().any() {
+            self.retry_at.get()
+        } else {
+            None
+        }
+    }
+
+    /// Whether every receiver state change given so far is in the file (acks of messages
+    /// whose dedup entries are not saved wait for it).
+    pub(crate) fn is_saved(&self) -> bool {
+        !self.pending.borrow().receiver()
+    }
+
+    /// The next write is tried whatever the retry time of a failed one (at close).
+    pub(crate) fn try_now(&self) {
+        self.retry_at.set(None);
     }
 
     /// The pinned admins saved by [`Store::save_pins`] (`Keyring::export_pins` bytes).
@@ -1054,44 +1256,118 @@ impl Store {
     /// `forgot_upto`, so a restored window still refuses what they covered. (Before, rows
     /// stayed until they expired: a member flooding unsigned messages grew the file by
     /// its rate times the horizon, and every start read them all.)
+    #[cfg(test)]
     pub(crate) fn record(
         &self,
         changes: &[Change],
         now_ms: u64,
         marks_before_ms: u64,
         max_seen: usize,
-    ) {
-        if changes.is_empty() {
-            return;
+    ) -> bool {
+        self.save(changes.to_vec(), now_ms, marks_before_ms, max_seen, || None)
+    }
+
+    /// [`Store::record`], taking the changes, with what a repairing write rewrites from
+    /// (`repair`, called only when the held changes outgrew their bound). Whatever fails is
+    /// held and written with the next write ([`Pending`]); no write is tried before the
+    /// retry time of a failed one ([`Store::retry_at`]). True when everything is saved.
+    pub(crate) fn save(
+        &self,
+        changes: Vec<Change>,
+        now_ms: u64,
+        marks_before_ms: u64,
+        max_seen: usize,
+        repair: impl FnOnce() -> Option<Repair>,
+    ) -> bool {
+        if !changes.is_empty() {
+            self.pending
+                .borrow_mut()
+                .add(changes, now_ms, max_seen.max(1));
         }
-        let run = || -> rusqlite::Result<()> {
+        if !self.pending.borrow().any() {
+            return true;
+        }
+        if !self.may_try() {
+            return false;
+        }
+        let rebuilt = if self.pending.borrow().repair || self.pending.borrow().repair_owed {
+            repair()
+        } else {
+            None
+        };
+        let mut since_prune = self.since_prune.get();
+        let mut seen_rows = self.seen_rows.get();
+        let mut run = || -> rusqlite::Result<()> {
+            let p = self.pending.borrow();
             let tx = self.db.unchecked_transaction()?;
-            for c in changes {
+            Self::outbox_rows(&tx, &p)?;
+            for (key, expires_ms) in &p.seen {
+                tx.execute(
+                    "INSERT OR REPLACE INTO seen (tree, sender, msg_id, expires)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        &key.0 .0[..],
+                        &key.1[..],
+                        &key.2[..],
+                        i64::try_from(*expires_ms).unwrap_or(i64::MAX)
+                    ],
+                )?;
+                since_prune += 1;
+                seen_rows += 1;
+            }
+            let forgot = p
+                .forgot_upto
+                .max(rebuilt.as_ref().map_or(0, |r| r.forgot_upto));
+            if forgot > 0 {
+                tx.execute(
+                    "INSERT INTO seen_window (id, forgot_upto) VALUES (1, ?1)
+                     ON CONFLICT (id) DO UPDATE
+                     SET forgot_upto = max(forgot_upto, excluded.forgot_upto)",
+                    params![i64::try_from(forgot).unwrap_or(i64::MAX)],
+                )?;
+            }
+            let retained = |key: &[u8; 32], ts_ms: u64, msg_id: &[u8; 16]| {
+                tx.execute(
+                    "INSERT OR REPLACE INTO retained (key, ts, msg_id) VALUES (?1, ?2, ?3)",
+                    params![
+                        &key[..],
+                        i64::try_from(ts_ms).unwrap_or(i64::MAX),
+                        &msg_id[..]
+                    ],
+                )
+            };
+            match &rebuilt {
+                // The held changes outgrew their bound: the table becomes what the
+                // receiver (or the core) holds now.
+                Some(r) if p.repair => {
+                    tx.execute("DELETE FROM retained", [])?;
+                    for (key, ts_ms, msg_id) in &r.retained {
+                        retained(key, *ts_ms, msg_id)?;
+                    }
+                }
+                _ => {}
+            }
+            match &rebuilt {
+                Some(r) if p.repair_owed => {
+                    tx.execute("DELETE FROM owed", [])?;
+                    for (durable, digest) in &r.owed {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO owed (durable, digest) VALUES (?1, ?2)",
+                            params![durable, &digest.to_le_bytes()[..]],
+                        )?;
+                    }
+                }
+                _ => {}
+            }
+            if rebuilt.is_none() && (p.repair || p.repair_owed) {
+                // No snapshot given (a caller without one): nothing to rewrite from.
+                return Err(rusqlite::Error::InvalidQuery);
+            }
+            for (key, (ts_ms, msg_id)) in &p.retained {
+                retained(key, *ts_ms, msg_id)?;
+            }
+            for c in &p.owed {
                 match c {
-                    Change::Seen { key, expires_ms } => {
-                        tx.execute(
-                            "INSERT OR REPLACE INTO seen (tree, sender, msg_id, expires)
-                             VALUES (?1, ?2, ?3, ?4)",
-                            params![
-                                &key.0 .0[..],
-                                &key.1[..],
-                                &key.2[..],
-                                i64::try_from(*expires_ms).unwrap_or(i64::MAX)
-                            ],
-                        )?;
-                        self.since_prune.set(self.since_prune.get() + 1);
-                        self.seen_rows.set(self.seen_rows.get() + 1);
-                    }
-                    Change::Retained { key, ts_ms, msg_id } => {
-                        tx.execute(
-                            "INSERT OR REPLACE INTO retained (key, ts, msg_id) VALUES (?1, ?2, ?3)",
-                            params![
-                                &key[..],
-                                i64::try_from(*ts_ms).unwrap_or(i64::MAX),
-                                &msg_id[..]
-                            ],
-                        )?;
-                    }
                     Change::Owed { durable, digest } => {
                         tx.execute(
                             "INSERT OR IGNORE INTO owed (durable, digest) VALUES (?1, ?2)",
@@ -1107,23 +1383,23 @@ impl Store {
                     Change::OwedForgotten { durable } => {
                         tx.execute("DELETE FROM owed WHERE durable = ?1", params![durable])?;
                     }
+                    _ => {}
                 }
             }
-            if self.since_prune.get() >= 1024 {
-                self.since_prune.set(0);
+            if since_prune >= 1024 {
+                since_prune = 0;
                 let gone = tx.execute(
                     "DELETE FROM seen WHERE expires <= ?1",
                     params![now_ms as i64],
                 )?;
-                self.seen_rows
-                    .set(self.seen_rows.get().saturating_sub(gone as u64));
+                seen_rows = seen_rows.saturating_sub(gone as u64);
                 tx.execute(
                     "DELETE FROM retained WHERE ts < ?1",
                     params![marks_before_ms.min(i64::MAX as u64) as i64],
                 )?;
             }
             let max = max_seen as u64;
-            if self.seen_rows.get() > max.saturating_add((max / 8).max(1024)) {
+            if seen_rows > max.saturating_add((max / 8).max(1024)) {
                 let rows: i64 = tx.query_row("SELECT count(*) FROM seen", [], |r| r.get(0))?;
                 let mut rows = rows.max(0) as u64;
                 if rows > max {
@@ -1149,12 +1425,22 @@ impl Store {
                         )?;
                     }
                 }
-                self.seen_rows.set(rows);
+                seen_rows = rows;
             }
             tx.commit()
         };
-        if let Err(e) = run() {
-            self.warn("writing the dedup window", e);
+        match run() {
+            Ok(()) => {
+                self.since_prune.set(since_prune);
+                self.seen_rows.set(seen_rows);
+                *self.pending.borrow_mut() = Pending::default();
+                self.succeeded();
+                true
+            }
+            Err(e) => {
+                self.failed("writing the dedup window", e);
+                false
+            }
         }
     }
 }
@@ -2259,5 +2545,138 @@ mod tests {
             Store::open(&p).unwrap().superseded().unwrap(),
             [(tree, 0, 0)]
         );
+    }
+
+    fn seen(i: u32, expires_ms: u64) -> Change {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        Change::Seen {
+            key: (TreeId([1; 16]), [2; 32], id),
+            expires_ms,
+        }
+    }
+
+    /// Review (finding A): a write that failed — here another writer holding the lock
+    /// past the busy timeout — dropped its whole batch (a message taken and acknowledged
+    /// meanwhile was accepted again after a restart), and a failed `keep` dropped the QoS
+    /// ≥ 1 publish from the saved outbox. Both are held and written with the next write;
+    /// until then the store says the receiver state is not saved (acks wait for it).
+    #[test]
+    fn a_failed_write_is_held_and_written_with_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let s = Store::open(&p).unwrap();
+        s.db.busy_timeout(std::time::Duration::from_millis(20))
+            .unwrap();
+        let other = Connection::open(&p).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        assert!(!s.record(&[seen(1, 1_000)], 0, 0, 100), "the write failed");
+        assert!(!s.is_saved());
+        assert!(s.retry_at().is_some(), "a retry is due");
+        s.try_now();
+        s.keep(&[9; 16], 1, b"frame-9");
+        s.keep(&[8; 16], 2, b"frame-8");
+        // Nothing is tried before the retry time of the failure (a locked file costs the
+        // busy timeout at every try): held.
+        let started = std::time::Instant::now();
+        assert!(!s.record(&[seen(2, 1_000)], 0, 0, 100));
+        assert!(started.elapsed() < std::time::Duration::from_millis(20));
+        s.acked(&[8; 16]);
+        other.execute_batch("ROLLBACK").unwrap();
+        s.try_now();
+        assert!(s.record(&[], 0, 0, 100), "written with the next write");
+        assert!(s.is_saved());
+        assert_eq!(s.retry_at(), None);
+        drop(s);
+
+        let s = Store::open(&p).unwrap();
+        let out = s.outbox().unwrap();
+        assert_eq!(
+            out.iter().map(|o| (o.0, o.1)).collect::<Vec<_>>(),
+            vec![([9; 16], 1)],
+            "the kept publish whose write failed is saved; the settled one is not"
+        );
+        let mut g = Guard::new(Default::default());
+        s.restore(&mut g, 0).unwrap();
+        assert_eq!(g.seen_len(), 2, "both dedup entries are saved");
+        for i in [1, 2] {
+            let Change::Seen { key, .. } = seen(i, 0) else {
+                unreachable!()
+            };
+            assert!(g.is_seen(&key), "entry {i}");
+        }
+    }
+
+    /// What failed writes hold is bounded: dedup entries beyond the window's capacity go,
+    /// those expiring first, with `forgot_upto` raised over them (a restored window still
+    /// refuses what they covered); retained marks beyond their bound are rewritten from the
+    /// receiver's snapshot at the next write.
+    #[test]
+    fn what_failed_writes_hold_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.db");
+        let s = Store::open(&p).unwrap();
+        s.db.busy_timeout(std::time::Duration::from_millis(1))
+            .unwrap();
+        s.record(
+            &[Change::Retained {
+                key: [1; 32],
+                ts_ms: 5,
+                msg_id: [1; 16],
+            }],
+            0,
+            0,
+            10,
+        );
+        let other = Connection::open(&p).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut changes: Vec<Change> = (0..30u32).map(|i| seen(i, 1_000 + u64::from(i))).collect();
+        changes.extend((0..2000u32).map(|i| {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            Change::Retained {
+                key,
+                ts_ms: 10,
+                msg_id: [2; 16],
+            }
+        }));
+        assert!(!s.record(&changes, 0, 0, 10));
+        {
+            let held = s.pending.borrow();
+            assert_eq!(held.seen.len(), 10, "the window's capacity");
+            assert_eq!(held.forgot_upto, 1_019, "over the 20 left out");
+            assert!(held.repair && held.retained.is_empty(), "marks: rewritten");
+        }
+        other.execute_batch("ROLLBACK").unwrap();
+        s.try_now();
+        let repaired = s.save(vec![], 0, 0, 10, || {
+            Some(Repair {
+                retained: vec![([3; 32], 7, [3; 16])],
+                forgot_upto: 0,
+                owed: vec![("d".into(), 42)],
+            })
+        });
+        assert!(repaired);
+        drop(s);
+        let s = Store::open(&p).unwrap();
+        let mut g = Guard::new(crate::core::receive::ReceiveConfig {
+            max_entries: 10,
+            ..Default::default()
+        });
+        s.restore(&mut g, 0).unwrap();
+        assert_eq!(g.seen_len(), 10);
+        assert_eq!(g.forgot_upto(), 1_019);
+        let marks: Vec<(Vec<u8>, i64)> =
+            s.db.prepare("SELECT key, ts FROM retained")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+        assert_eq!(marks, vec![(vec![3; 32], 7)], "the snapshot's marks");
+        let owed: i64 =
+            s.db.query_row("SELECT count(*) FROM owed", [], |r| r.get(0))
+                .unwrap();
+        assert_eq!(owed, 0, "owed rows are rewritten only past their own bound");
     }
 }

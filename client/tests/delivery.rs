@@ -874,3 +874,82 @@ async fn a_redelivered_copy_of_an_untaken_message_is_not_acknowledged() {
     c.close().await;
     relay.stop().await;
 }
+
+/// Review (finding A): a state file write that failed — here another connection holding
+/// the file's write lock past the 5 s busy timeout — dropped the whole batch, and the
+/// client carried on and acked: a message taken meanwhile was missing from the saved dedup
+/// window, so after a restart a member re-posting its captured envelope had it delivered
+/// again. The failed changes are held and written with the next write (a timer retries),
+/// and the message's `Ack` waits for that write; the restarted client refuses the re-post.
+#[cfg(feature = "persistence")]
+#[tokio::test]
+async fn a_message_taken_while_the_state_file_cannot_be_written_is_refused_after_a_restart() {
+    use support::raw::{seal, RawPublisher, RecordingProxy};
+    // This thread's warnings (the runtime is current-thread: the driver logs here).
+    let (logs, _guard) = support::logs::capture_warnings();
+    let relay = TestRelay::start().await;
+    let proxy = RecordingProxy::start(relay.addrs.tcp.unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("client-state.db");
+    let (t, me, alice) = (tree("locked-state"), identity(), identity());
+    let connect = || {
+        Client::builder()
+            .with(Tcp::new(proxy.addr.to_string()))
+            .with(Encryption::with_keyring(keyring_with(&t)))
+            .with(me.clone())
+            .with(whispeer::Persistence::sqlite(&state))
+            .connect()
+    };
+    let opts = || SubscribeOptions::new().qos(Qos::AtLeastOnce);
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let c = connect().await.unwrap();
+    let mut sub = c
+        .subscribe_with_options::<u32>("job/x", opts())
+        .await
+        .unwrap();
+    let lock = rusqlite::Connection::open(&state).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let captured = seal(&t, Some(&alice), "job/x", 7, whispeer::now_ms());
+    member.publish(&captured, false).await;
+    assert_eq!(values(&mut sub, 1, "taken while locked").await, vec![7]);
+    // The take's write waits out the busy timeout and fails.
+    within("the failed write", async {
+        while !logs.text().contains("writing the dedup window failed") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Its Ack waits: the flush's Ping went, the Ack did not.
+    c.flush().await.unwrap();
+    assert_eq!(
+        proxy.acks(),
+        Vec::<Vec<u64>>::new(),
+        "no ack before the write"
+    );
+    lock.execute_batch("ROLLBACK").unwrap();
+    // Written again (the retry timer): the Ack leaves.
+    within("the ack", proxy.wait_acks(|a| !a.is_empty())).await;
+    drop(sub);
+    c.close().await;
+
+    let c = connect().await.unwrap();
+    let mut sub = c
+        .subscribe_with_options::<u32>("job/x", opts())
+        .await
+        .unwrap();
+    member.publish(&captured, false).await;
+    member
+        .publish(
+            &seal(&t, Some(&alice), "job/x", 9, whispeer::now_ms()),
+            false,
+        )
+        .await;
+    assert_eq!(
+        values(&mut sub, 1, "after the restart").await,
+        vec![9],
+        "the re-posted 7 is refused as a duplicate (delivered once)"
+    );
+    assert_eq!(c.stats().core.duplicates, 1);
+    c.close().await;
+    relay.stop().await;
+}

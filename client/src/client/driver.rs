@@ -120,6 +120,49 @@ pub(super) struct Driver {
     opened_rx: mpsc::UnboundedReceiver<Vec<OpenDone>>,
     /// How many relay errors are logged at warn ([`LogBudget`]).
     relay_errors: LogBudget,
+    /// `Ack` frames held while receiver state is not saved (a state file write failed):
+    /// sent once a write succeeds, on the connection they were made for ([`HeldAcks`]).
+    held: HeldAcks,
+}
+
+/// `Ack` frames held back while the state file lacks dedup entries they may cover (with
+/// `Persistence`, after a failed write): an `Ack` that left before its message was saved
+/// as seen lets the relay forget the message while a restarted client would accept a
+/// replay or re-post of it again. Bounded: held longer than [`HeldAcks::MAX_WAIT`] or more
+/// than [`HeldAcks::MAX`] frames, they are sent anyway (logged at error): a state file that
+/// cannot be written for good must not stop acknowledging.
+#[derive(Debug, Default)]
+struct HeldAcks {
+    conn: Option<ConnId>,
+    frames: Vec<bytes::Bytes>,
+    since: Option<std::time::Instant>,
+}
+
+impl HeldAcks {
+    const MAX_WAIT: Duration = Duration::from_secs(30);
+    const MAX: usize = 4096;
+
+    fn hold(&mut self, conn: ConnId, b: bytes::Bytes) {
+        if self.conn != Some(conn) {
+            // Those of a connection gone are void: the relay delivers them again.
+            self.frames.clear();
+            self.conn = Some(conn);
+        }
+        if self.frames.is_empty() {
+            self.since = Some(std::time::Instant::now());
+        }
+        self.frames.push(b);
+    }
+
+    /// Held past the bound.
+    fn overdue(&self) -> bool {
+        self.frames.len() >= Self::MAX || self.since.is_some_and(|t| t.elapsed() >= Self::MAX_WAIT)
+    }
+}
+
+/// Whether an encoded frame is an `Ack` (a map of two entries whose key 0 is the type).
+fn is_ack(b: &[u8]) -> bool {
+    b.starts_with(&[0xa2, 0x00, whispeer_protocol::frame::frame_type::ACK as u8])
 }
 
 /// At most [`LogBudget::PER_MINUTE`] relay errors a minute are logged at warn — a relay
@@ -184,6 +227,7 @@ impl Driver {
             dialing: None,
             dial_error: None,
             relay_errors: LogBudget::default(),
+            held: HeldAcks::default(),
         }
     }
 
@@ -269,6 +313,7 @@ impl Driver {
                 sleep.as_mut().reset(self.instant(dl));
             }
             self.sync_stats();
+            let retry = self.retry_at();
             tokio::select! {
                 () = inbox.woken() => self.take_inbox(),
                 inc = recv(&mut self.conn), if self.p.eng.wants_read() => self.on_incoming(inc),
@@ -296,6 +341,8 @@ impl Driver {
                         self.p.eng.close(now);
                     }
                 },
+                // A failed state file write is tried again (the loop's top writes).
+                () = until(retry) => {}
                 _ = &mut sleep => {
                     armed = None;
                     let now = self.now();
@@ -358,6 +405,23 @@ impl Driver {
     /// Writes, dials and hangs up as the engine says.
     async fn transmit(&mut self) {
         let mut wrote = false;
+        // Acks held for a failed state file write go once it is written (or overdue).
+        if !self.held.frames.is_empty() && (!self.acks_wait() || self.held.overdue()) {
+            let held = std::mem::take(&mut self.held.frames);
+            if self.acks_wait() {
+                tracing::error!(acks = held.len(), waited_ms = self.held.since.map_or(0, |t| t.elapsed().as_millis() as u64),
+                    "acks sent though the state file still lacks what they cover (it cannot be written)");
+            }
+            self.held.since = None;
+            if self.conn.as_ref().map(|c| c.id) == self.held.conn {
+                for b in held {
+                    wrote = self.write_frame(b).await;
+                    if !wrote {
+                        break;
+                    }
+                }
+            }
+        }
         loop {
             // Kept publishes are saved before any frame of theirs leaves.
             self.save_kept();
@@ -366,19 +430,14 @@ impl Driver {
             };
             match t {
                 Transmit::Frame(b) => {
-                    let Some(c) = &mut self.conn else { continue };
-                    let stall = self.p.connect_timeout;
-                    match within_stall(stall, c.writer.write(b)).await {
-                        Some(Ok(())) => wrote = true,
-                        Some(Err(e)) => {
-                            self.lost(e.to_string());
-                            wrote = false;
-                        }
-                        None => {
-                            self.lost(stalled(stall));
-                            wrote = false;
-                        }
+                    let Some(id) = self.conn.as_ref().map(|c| c.id) else {
+                        continue;
+                    };
+                    if is_ack(&b) && self.acks_wait() {
+                        self.held.hold(id, b);
+                        continue;
                     }
+                    wrote = self.write_frame(b).await;
                 }
                 Transmit::Dial(id) => {
                     let d = self.dialer(id).clone();
@@ -423,6 +482,43 @@ impl Driver {
         let still = self.p.eng.sealing_bytes().min(self.handed);
         self.p.backlog.release(self.handed - still);
         self.handed = still;
+    }
+
+    /// Writes a frame to the open socket; false if the connection was lost doing so.
+    async fn write_frame(&mut self, b: bytes::Bytes) -> bool {
+        let Some(c) = &mut self.conn else {
+            return false;
+        };
+        let stall = self.p.connect_timeout;
+        match within_stall(stall, c.writer.write(b)).await {
+            Some(Ok(())) => true,
+            Some(Err(e)) => {
+                self.lost(e.to_string());
+                false
+            }
+            None => {
+                self.lost(stalled(stall));
+                false
+            }
+        }
+    }
+
+    /// Whether acks wait for the state file (receiver state a failed write left unsaved).
+    fn acks_wait(&self) -> bool {
+        #[cfg(feature = "persistence")]
+        if let Some(st) = &self.p.saved {
+            return !st.is_saved();
+        }
+        false
+    }
+
+    /// When a failed state file write is to be tried again.
+    fn retry_at(&self) -> Option<std::time::Instant> {
+        #[cfg(feature = "persistence")]
+        if let Some(st) = &self.p.saved {
+            return st.retry_at();
+        }
+        None
     }
 
     /// The dialer of dial `id` (the engine picks the relay).
@@ -790,6 +886,13 @@ impl Driver {
     }
 
     fn finish(&mut self) {
+        // A write that failed is tried once more, whatever its retry time: what it holds
+        // is lost with the process otherwise.
+        #[cfg(feature = "persistence")]
+        if let Some(st) = &self.p.saved {
+            st.try_now();
+        }
+        self.persist_changes();
         // Refuse new commands before anyone learns the client is closed: a `publish` after
         // `close()` returned must fail, not land in a queue nobody reads.
         self.p.cmd_rx.close();
@@ -871,14 +974,31 @@ impl Driver {
     /// before the app sees the messages and before acks leave: called at the start of
     /// [`Driver::deliver_events`] and before the turn's first transmit, whatever produced
     /// them (an at-least-once message is recorded once the app took it).
+    ///
+    /// A failed write is held and written with the next one ([`crate::persist::Store::save`]);
+    /// meanwhile acks wait ([`HeldAcks`]).
     fn persist_changes(&mut self) {
         #[cfg(feature = "persistence")]
         if let Some(st) = &self.p.saved {
             let changes = self.p.eng.core_mut().take_changes();
-            let cfg = self.p.eng.core().guard().config();
+            let core = self.p.eng.core();
+            let cfg = core.guard().config();
             let keep = cfg.horizon_ms.saturating_add(cfg.max_skew_ms);
             let now = now_ms();
-            st.record(&changes, now, now.saturating_sub(keep), cfg.max_entries);
+            st.save(
+                changes,
+                now,
+                now.saturating_sub(keep),
+                cfg.max_entries,
+                || {
+                    let snap = core.guard().snapshot(now);
+                    Some(crate::persist::Repair {
+                        retained: snap.retained,
+                        forgot_upto: snap.forgot_upto,
+                        owed: core.owed_snapshot(),
+                    })
+                },
+            );
             return;
         }
         self.p.eng.core_mut().clear_changes();
@@ -893,6 +1013,14 @@ impl Driver {
             st.save_pins(&kr.export_pins());
             st.save_superseded(&kr.superseded_epochs());
         }
+    }
+}
+
+/// Sleeps until `t` (pending forever without one).
+async fn until(t: Option<std::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(Instant::from_std(t)).await,
+        None => std::future::pending().await,
     }
 }
 
