@@ -205,6 +205,10 @@ export function relayName(url) {
 const CLEAR_RETAINED = 'application/vnd.whispeer.clear-retained';
 /** Publishes handed to the engine before it is pumped at once (the batch-signature size). */
 const BATCH_PUMP = 64;
+/** The longest an Ack waits for the state store to commit what it covers (`#holdAck`). */
+const ACK_HOLD_MAX_MS = 30_000;
+/** Whether an engine frame is an `Ack` (PROTOCOL §3: a map of 2 whose key 0, the type, is 8). */
+const isAck = (f) => f.length >= 3 && f[0] === 0xa2 && f[1] === 0x00 && f[2] === 0x08;
 /** …or once they hold this many payload bytes (large messages gain nothing from waiting). */
 const BATCH_PUMP_BYTES = 64 * 1024;
 const PUBLISH_OPTIONS = ['qos', 'retain', 'ack', 'tree'];
@@ -631,6 +635,10 @@ export class Client {
   #gate = Promise.resolve(); // the last write events wait for (IndexedDB)
   #gated = 0; // event batches waiting for a write
   #inflight = 0; // async writes not yet committed
+  #heldAcks = []; // Ack frames waiting for the writes in flight to commit (see #holdAck)
+  #heldWs = null; // the socket they were made for
+  #heldGate = null; // the gate they wait for
+  #heldTimer = null; // sends them anyway after ACK_HOLD_MAX_MS
   #types = new Map(); // typed topic -> { tag, contentType } (client.topic)
   #typeMismatches = 0;
 
@@ -1052,7 +1060,11 @@ export class Client {
           // Publishes are sealed inside pollTransmit (the engine's seal jobs, inline here):
           // a kept one is saved before its frame leaves.
           this.#persist();
-          if (t instanceof Uint8Array) this.#write(t);
+          if (t instanceof Uint8Array) {
+            // An Ack leaves once the dedup entries it covers are committed (IndexedDB).
+            if (this.#inflight > 0 && isAck(t)) this.#holdAck(t);
+            else this.#write(t);
+          }
           else if (t.dial !== undefined) this.#dial(t.dial, t.relay ?? 0);
           else if (t.hangup !== undefined) this.#hangup(t.hangup);
         }
@@ -1069,6 +1081,68 @@ export class Client {
     } finally {
       this.#pumping = false;
     }
+  }
+
+  /**
+   * Holds an `Ack` frame while an (IndexedDB) write is in flight: the engine records a
+   * message's dedup entry as the app takes it and queues its Ack at once, and the
+   * transaction saving the entry commits later. Sent before the commit, a tab closed or
+   * crashed in between left the relay holding the Ack while the saved window lacked the
+   * message: a re-post within the skew was accepted again after a restart. Only Acks wait
+   * (publishes, subscribes go on); they are sent once the writes commit (a failed write is
+   * first rewritten whole, `#repair`), and after ACK_HOLD_MAX_MS anyway with an `error`
+   * event, so a store that never commits does not stop acknowledging.
+   */
+  #holdAck(frame) {
+    if (this.#heldWs !== this.#ws) {
+      this.#heldAcks = []; // made for a socket gone: the relay delivers them again
+      this.#heldWs = this.#ws;
+    }
+    this.#heldAcks.push(frame);
+    if (this.#heldTimer === null)
+      this.#heldTimer = setTimeout(() => {
+        this.#heldTimer = null;
+        this.#sendHeldAcks(true);
+      }, ACK_HOLD_MAX_MS);
+    this.#waitGate();
+  }
+
+  #waitGate() {
+    if (this.#heldGate === this.#gate) return;
+    const gate = (this.#heldGate = this.#gate);
+    gate.then(() => {
+      if (this.#heldGate === gate) this.#heldGate = null;
+      this.#sendHeldAcks(false);
+    });
+  }
+
+  #sendHeldAcks(overdue) {
+    if (this.#heldAcks.length === 0) return;
+    if (!overdue && this.#state !== 'closed' && (this.#inflight > 0 || this.#repair)) {
+      if (this.#inflight > 0) return this.#waitGate();
+      // The write failed: the next save rewrites the state whole, and they wait for it.
+      setTimeout(() => {
+        if (this.#state === 'closed') return;
+        this.#pump();
+        if (this.#inflight > 0) this.#waitGate();
+        else this.#sendHeldAcks(false);
+      }, 100);
+      return;
+    }
+    const frames = this.#heldAcks;
+    this.#heldAcks = [];
+    clearTimeout(this.#heldTimer);
+    this.#heldTimer = null;
+    if (overdue)
+      this._emit(
+        'error',
+        new WhispeerError(
+          'STATE',
+          `persistence: ${frames.length} acks sent before the state store committed what they cover (waited ${ACK_HOLD_MAX_MS} ms)`,
+        ),
+      );
+    if (this.#ws !== this.#heldWs || this.#state === 'closed') return;
+    for (const f of frames) this.#write(f);
   }
 
   #arm(deadline) {
@@ -1284,6 +1358,11 @@ export class Client {
   #finish() {
     clearTimeout(this.#timer);
     clearTimeout(this.#waitingTimer);
+    // Acks still waiting for the store go with the socket: the relay delivers their
+    // messages again, and the saved window (once committed) refuses them as duplicates.
+    clearTimeout(this.#heldTimer);
+    this.#heldTimer = null;
+    this.#heldAcks = [];
     this.#armed = undefined;
     const error = this.#gaveUp ?? new WhispeerError('CLOSED', 'client is closed');
     this.#setState('closed', this.#gaveUp ? { reason: this.#gaveUp.message } : undefined);
