@@ -87,7 +87,17 @@ pub(crate) struct UnackedBudget {
     /// Addresses holding bytes.
     busy: AtomicUsize,
     /// Each address with a connection, by its tenant (removed with its last connection).
-    by: Mutex<HashMap<Tenant, Arc<AddrUnacked>>>,
+    by: Mutex<HashMap<Tenant, Place>>,
+}
+
+/// An address's entry in the [`UnackedBudget`]: its counts and its connections.
+#[derive(Debug)]
+struct Place {
+    addr: Arc<AddrUnacked>,
+    /// Its connections' [`BudgetShare`]s alive, counted under the map's lock (not the
+    /// `Arc`'s strong count: a share's own reference drops after its `drop` ran, so two
+    /// last connections closing at once each saw the other's and the entry leaked).
+    conns: usize,
 }
 
 /// What one address holds of the [`UnackedBudget`].
@@ -110,9 +120,11 @@ pub(crate) struct BudgetShare {
 impl Drop for BudgetShare {
     fn drop(&mut self) {
         let mut by = lock(&self.budget.by);
-        // The map's reference and this one: the address's last connection.
-        if Arc::strong_count(&self.addr) == 2 {
-            by.remove(&self.tenant);
+        if let Some(place) = by.get_mut(&self.tenant) {
+            place.conns = place.conns.saturating_sub(1);
+            if place.conns == 0 {
+                by.remove(&self.tenant);
+            }
         }
     }
 }
@@ -130,7 +142,15 @@ impl UnackedBudget {
 
     /// A connection from `tenant` joins (its address's place, made if it has none).
     pub(crate) fn share(self: &Arc<Self>, tenant: Tenant) -> BudgetShare {
-        let addr = lock(&self.by).entry(tenant.clone()).or_default().clone();
+        let addr = {
+            let mut by = lock(&self.by);
+            let place = by.entry(tenant.clone()).or_insert_with(|| Place {
+                addr: Arc::default(),
+                conns: 0,
+            });
+            place.conns += 1;
+            place.addr.clone()
+        };
         BudgetShare {
             budget: self.clone(),
             tenant,
@@ -984,4 +1004,43 @@ async fn read_turn(target: &Target) -> Option<ReadHold> {
         }
     };
     hold.filter(|_| !target.is_cancelled())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(ip: &str) -> Tenant {
+        Tenant::from_peer(Some(format!("{ip}:1").parse().unwrap()), 64)
+    }
+
+    /// Review finding 3: an address's entry was removed when its `Arc`'s strong count was 2
+    /// (the map's and the dropping share's), checked before the share's own reference
+    /// dropped: two last connections closing at once each saw 3 and the entry stayed until
+    /// the address connected again. Here another reference is alive while both shares drop
+    /// (what the other closing connection's is, in the race): the entry still goes.
+    #[test]
+    fn an_address_is_forgotten_with_its_last_connection_whatever_else_holds_its_counts() {
+        let budget = UnackedBudget::new(1 << 20, Arc::new(Metrics::default()));
+        let a = budget.share(tenant("192.0.2.1"));
+        let b = budget.share(tenant("192.0.2.1"));
+        let other = budget.share(tenant("192.0.2.2"));
+        assert_eq!(lock(&budget.by).len(), 2);
+        let alive = a.addr.clone();
+        drop(a);
+        assert_eq!(
+            lock(&budget.by).len(),
+            2,
+            "one connection of the address left"
+        );
+        drop(b);
+        assert_eq!(
+            lock(&budget.by).len(),
+            1,
+            "the address's last connection closed"
+        );
+        drop(alive);
+        drop(other);
+        assert!(lock(&budget.by).is_empty());
+    }
 }
