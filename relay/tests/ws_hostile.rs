@@ -147,3 +147,224 @@ async fn ping_floods_before_hello_that_never_read_are_closed_within_bounded_memo
     assert!(grown < 16 * 1024, "relay RSS grew {grown} KiB");
     drop(ends);
 }
+
+/// The relay's RSS once it has settled: sampled every 100 ms until ten samples in a row
+/// (a second) stay within 256 KiB of each other (freed memory goes back to the system
+/// after a short delay), or for at most 20 s (then the lowest sample).
+async fn settled_rss_kib(pid: u32) -> u64 {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut window: std::collections::VecDeque<u64> = Default::default();
+    let mut lowest = u64::MAX;
+    loop {
+        let now = rss_kib(pid);
+        lowest = lowest.min(now);
+        window.push_back(now);
+        if window.len() > 10 {
+            window.pop_front();
+        }
+        let (lo, hi) = window
+            .iter()
+            .fold((u64::MAX, 0), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+        if window.len() == 10 && hi - lo <= 256 {
+            return now;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return lowest;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Publisher/subscriber pairs in [`large_messages_then_idle`].
+const PAIRS: u8 = 64;
+
+/// Envelope bytes each pair moves (under the default 1 MiB `max_frame`).
+const LARGE: usize = 768 * 1024;
+
+/// A relay, `PAIRS` publisher/subscriber pairs over WebSocket (`ws`) or TCP, each moving one
+/// `LARGE` envelope and going idle: the relay's settled RSS growth (KiB) from before the
+/// envelopes to after, every connection still open.
+async fn large_messages_then_idle(ws: bool) -> u64 {
+    rlimit::increase_nofile_limit(4 * PAIRS as u64 + 256).expect("raise the fd limit");
+    let relay = BinRelay::start(&[
+        "--store",
+        "none",
+        "--max-connections-per-addr",
+        "4096",
+        "--max-connections-per-network",
+        "0",
+        "--addr-connect-rate",
+        "0",
+    ]);
+    let pid = relay.child.id();
+    let connect = || async {
+        if ws {
+            Client::ws(relay.ws()).await
+        } else {
+            Client::tcp(relay.tcp()).await
+        }
+    };
+    let mut pairs = Vec::new();
+    for k in 0..PAIRS {
+        let mut sub = connect().await;
+        sub.hello().await;
+        sub.subscribe(1, exact(k, &[1])).await;
+        let mut publisher = connect().await;
+        publisher.hello().await;
+        pairs.push((publisher, sub));
+    }
+    let before = settled_rss_kib(pid).await;
+    for (k, (publisher, sub)) in pairs.iter_mut().enumerate() {
+        let env = envelope_sized(k as u8, &[1], LARGE);
+        publisher.publish(env.clone()).await;
+        let msg = sub.expect_msg().await;
+        assert_eq!(msg.envelope.as_bytes(), env.as_bytes());
+    }
+    let after = settled_rss_kib(pid).await;
+    let grown = after.saturating_sub(before);
+    eprintln!(
+        "{PAIRS} pairs over {}, one {LARGE}-byte envelope each, then idle: relay RSS {before} \
+         KiB before, {after} KiB after (+{grown} KiB)",
+        if ws { "WebSocket" } else { "TCP" }
+    );
+    drop(pairs);
+    grown
+}
+
+/// Review finding (session 45, High): tungstenite kept each connection's largest read and
+/// write buffers for the connection's life, outside every budget: after one 1 MiB publish
+/// and one delivery, ~1 MiB of read buffer on the publisher's connection and 1–2 MiB of
+/// write buffer on the subscriber's, idle. Now a large message received is handed over in
+/// the allocation tungstenite read it into, which the relay frees when done with it, and a
+/// large message sent goes out in fragments of `WS_FRAGMENT` bytes, so the write buffer
+/// stays within `WS_WRITE_BUFFER` plus one fragment. 64 pairs each moving a 768 KiB envelope
+/// over WebSocket and going idle grow the relay's settled RSS by at most what the same over
+/// TCP does plus 160 KiB per pair (~10 MiB); before, ~100 MiB more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_websocket_connections_keep_no_large_buffers() {
+    let tcp = large_messages_then_idle(false).await;
+    let ws = large_messages_then_idle(true).await;
+    let bound = tcp + PAIRS as u64 * 160;
+    assert!(
+        ws <= bound,
+        "WebSocket: +{ws} KiB, TCP: +{tcp} KiB (at most {bound} KiB allowed)"
+    );
+}
+
+/// A WebSocket frame the relay sent: FIN, opcode, whether masked, payload.
+type RawFrame = (bool, u8, bool, Vec<u8>);
+
+/// Reads one WebSocket frame as the relay wrote it.
+async fn read_raw_frame(s: &mut tokio::net::TcpStream) -> RawFrame {
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).await.expect("a frame header");
+    let len = match h[1] & 0x7f {
+        126 => u64::from(s.read_u16().await.unwrap()),
+        127 => s.read_u64().await.unwrap(),
+        n => u64::from(n),
+    };
+    let masked = h[1] & 0x80 != 0;
+    let mut mask = [0u8; 4];
+    if masked {
+        s.read_exact(&mut mask).await.unwrap();
+    }
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload).await.expect("a frame payload");
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b ^= mask[i % 4];
+    }
+    (h[0] & 0x80 != 0, h[0] & 0x0f, masked, payload)
+}
+
+/// Sends `frame` as one masked binary WebSocket message (mask key 0: the bytes as they are).
+async fn send_raw_message(s: &mut tokio::net::TcpStream, frame: &whispeer_protocol::Frame) {
+    let body = frame.to_bytes();
+    let mut out = vec![0x82u8];
+    match body.len() {
+        0..=125 => out.push(0x80 | body.len() as u8),
+        n @ 126..=0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&body);
+    s.write_all(&out).await.unwrap();
+}
+
+/// A whole message from the relay's frames: its data frames' payloads joined, the frames
+/// returned as they came (control frames skipped).
+async fn read_raw_message(s: &mut tokio::net::TcpStream) -> (Vec<u8>, Vec<RawFrame>) {
+    let mut frames = Vec::new();
+    let mut body = Vec::new();
+    loop {
+        let f = read_raw_frame(s).await;
+        if f.1 >= 8 {
+            continue;
+        }
+        body.extend_from_slice(&f.3);
+        let fin = f.0;
+        frames.push(f);
+        if fin {
+            return (body, frames);
+        }
+    }
+}
+
+/// A large delivery goes out in fragments of 32 KiB — a binary frame, continuation frames,
+/// the last final, none masked — and arrives whole: a raw subscriber joins the fragments
+/// into the `Msg` with every byte published, and a tokio-tungstenite subscriber (as the
+/// Rust client reads) gets the same envelope as one message. Small messages stay single
+/// frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_delivery_arrives_fragmented_and_whole() {
+    use whispeer_protocol::Frame;
+    let relay = BinRelay::start(&["--store", "none"]);
+    let mut raw = tokio::net::TcpStream::connect(relay.ws()).await.unwrap();
+    let head = raw_ws_upgrade(&mut raw).await.expect("upgrade answered");
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    send_raw_message(&mut raw, &hello_frame()).await;
+    let (welcome, frames) = read_raw_message(&mut raw).await;
+    assert_eq!(frames.len(), 1, "a small message is one frame");
+    assert!(matches!(
+        Frame::decode_slice(&welcome),
+        Ok(Frame::Welcome(_))
+    ));
+    send_raw_message(&mut raw, &sub_frame(1, exact(9, &[1]))).await;
+    let (sub_ok, _) = read_raw_message(&mut raw).await;
+    assert!(matches!(Frame::decode_slice(&sub_ok), Ok(Frame::SubOk(_))));
+    let mut tung = subscriber_ws(relay.ws(), exact(9, &[1])).await;
+
+    // Near max_frame (1 MiB), an odd length: the last fragment is short.
+    let env = envelope_sized(9, &[1], 1_000_001);
+    let mut publisher = Client::ws(relay.ws()).await;
+    publisher.hello().await;
+    publisher.publish(env.clone()).await;
+
+    let (body, frames) = read_raw_message(&mut raw).await;
+    let Ok(Frame::Msg(msg)) = Frame::decode_slice(&body) else {
+        panic!("not a Msg");
+    };
+    assert_eq!(msg.envelope.as_bytes(), env.as_bytes());
+    assert_eq!(frames.len(), body.len().div_ceil(32 * 1024));
+    for (i, (fin, opcode, masked, payload)) in frames.iter().enumerate() {
+        let last = i + 1 == frames.len();
+        assert_eq!(*fin, last, "frame {i}: FIN only on the last");
+        assert_eq!(
+            *opcode,
+            if i == 0 { 2 } else { 0 },
+            "frame {i}: binary, then continuation"
+        );
+        assert!(!masked, "a server's frames are not masked");
+        assert!(payload.len() <= 32 * 1024);
+        if !last {
+            assert_eq!(payload.len(), 32 * 1024);
+        }
+    }
+    assert_eq!(tung.expect_msg().await.envelope.as_bytes(), env.as_bytes());
+}

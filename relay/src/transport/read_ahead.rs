@@ -6,8 +6,10 @@
 //! starts at 2 KiB and doubles while reads fill it, up to 64 KiB — and serves
 //! tungstenite's small reads from it. It reads ahead only while a connection streams (a
 //! read filled what tungstenite asked for, so more is likely waiting) and reads straight
-//! into tungstenite's buffer otherwise; while the socket has nothing to read it holds no
-//! buffer, so an idle connection allocates nothing here.
+//! into tungstenite's buffer otherwise (under a WebSocket's follower, never: there every
+//! read goes through the buffer, so the follower sees bytes before tungstenite does and
+//! can end a read at a large message's header, `Follower::passable`); while the socket
+//! has nothing to read it holds no buffer, so an idle connection allocates nothing here.
 
 use std::io;
 use std::pin::Pin;
@@ -68,6 +70,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         let Some(follower) = this.follower.as_mut() else {
             return this.poll_read_ahead(cx, out);
         };
+        // tungstenite reads: it has made room in its buffer (`ws::own_frame`).
+        follower.reading();
         // A message's fragments past a turn's worth without an event: yield first.
         if follower.poll_turn(cx).is_pending() {
             return Poll::Pending;
@@ -99,7 +103,9 @@ impl<S: AsyncRead + Unpin> ReadAhead<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self;
-        if this.buf.is_empty() && !this.streaming {
+        // Under a follower every byte passes through the buffer, where the follower sees
+        // it before tungstenite does (`Follower::passable`).
+        if this.buf.is_empty() && !this.streaming && this.follower.is_none() {
             let want = out.remaining();
             let before = out.filled().len();
             let r = Pin::new(&mut this.inner).poll_read(cx, out);
@@ -129,7 +135,10 @@ impl<S: AsyncRead + Unpin> ReadAhead<S> {
                 Poll::Ready(Ok(_)) => {}
             }
         }
-        let n = this.buf.len().min(out.remaining());
+        let mut n = this.buf.len().min(out.remaining());
+        if let Some(f) = &this.follower {
+            n = f.passable(&this.buf[..n]);
+        }
         out.put_slice(&this.buf[..n]);
         this.buf.advance(n);
         Poll::Ready(Ok(()))

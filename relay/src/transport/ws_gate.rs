@@ -57,6 +57,7 @@ use std::task::{Context, Poll};
 use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
 
 use super::frame_budget::{FrameBudget, Lease, FREE};
+use super::ws::KEEP_AT_LEAST;
 use crate::conn::{BYTES_PER_TURN, FRAMES_PER_TURN};
 
 /// What the gate under a WebSocket and its frame source share.
@@ -75,6 +76,9 @@ pub struct WsGate {
     /// Why the follower failed the read, when the client broke a rule of its own (its
     /// pings): the source answers it as a malformed stream.
     failed: OnceLock<String>,
+    /// tungstenite has read from the stream since [`WsGate::take_read`] last cleared this
+    /// (see `ws::own_frame`).
+    read: AtomicBool,
 }
 
 impl WsGate {
@@ -89,7 +93,15 @@ impl WsGate {
             partial: AtomicBool::new(false),
             refused: AtomicUsize::new(0),
             failed: OnceLock::new(),
+            read: AtomicBool::new(false),
         })
+    }
+
+    /// Whether tungstenite has read from the stream since the last call: it has then
+    /// handled the frames it had and made room in its read buffer for more (see
+    /// `ws::own_frame`).
+    pub fn take_read(&self) -> bool {
+        self.read.swap(false, Relaxed)
     }
 
     /// Why the follower failed the read, if it failed it for the client's pings.
@@ -314,21 +326,12 @@ impl Follower {
 
     /// The header's full length once its first two bytes are known.
     fn header_len(&self) -> usize {
-        let ext = match self.header[1] & 0x7f {
-            126 => 2,
-            127 => 8,
-            _ => 0,
-        };
-        2 + ext + if self.header[1] & 0x80 != 0 { 4 } else { 0 }
+        header_len(&self.header)
     }
 
     /// A complete header: the payload's length, and what the message now needs.
     fn on_header(&mut self) -> io::Result<()> {
-        let len = match self.header[1] & 0x7f {
-            126 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
-            127 => u64::from_be_bytes(self.header[2..10].try_into().expect("8 bytes")),
-            n => u64::from(n),
-        };
+        let len = payload_len(&self.header);
         let opcode = self.header[0] & 0x0f;
         let fin = self.header[0] & 0x80 != 0;
         if opcode == 9 {
@@ -415,6 +418,70 @@ impl Follower {
         self.at = At::Header { have: 0 };
     }
 
+    /// tungstenite reads from the stream (see [`WsGate::take_read`]).
+    pub fn reading(&self) {
+        self.gate.read.store(true, Relaxed);
+    }
+
+    /// How many of `ahead`, the stream's next bytes, one read may pass to tungstenite: up
+    /// to the end of the upgrade request or of the next header of a single-frame binary
+    /// message of at least [`KEEP_AT_LEAST`] bytes, or all of them. tungstenite then parses
+    /// such a header with none of its payload buffered behind it, so it makes room for
+    /// exactly the payload: the message it cuts out fills its allocation to the end, and
+    /// what tungstenite reads next goes into a new one (see `ws::own_frame`).
+    pub fn passable(&self, ahead: &[u8]) -> usize {
+        let (mut at, mut header) = (self.at, self.header);
+        let mut i = 0;
+        while i < ahead.len() {
+            match at {
+                At::Http(line) => {
+                    at = next_line(line, ahead[i]);
+                    i += 1;
+                    if !matches!(at, At::Http(_)) {
+                        return i;
+                    }
+                }
+                At::Header { have } => {
+                    let need = if have < 2 { 2 } else { header_len(&header) };
+                    let n = (need - have).min(ahead.len() - i);
+                    header[have..have + n].copy_from_slice(&ahead[i..i + n]);
+                    i += n;
+                    let have = have + n;
+                    at = At::Header { have };
+                    if have >= 2 && have == header_len(&header) {
+                        let len = payload_len(&header);
+                        // FIN, binary.
+                        if header[0] & 0x8f == 0x82 && len >= KEEP_AT_LEAST as u64 {
+                            return i;
+                        }
+                        at = At::Payload {
+                            left: len,
+                            last: false,
+                            counted: false,
+                        };
+                        if len == 0 {
+                            at = At::Header { have: 0 };
+                        }
+                    }
+                }
+                At::Payload { left, .. } => {
+                    let n = left.min((ahead.len() - i) as u64);
+                    i += n as usize;
+                    at = if n == left {
+                        At::Header { have: 0 }
+                    } else {
+                        At::Payload {
+                            left: left - n,
+                            last: false,
+                            counted: false,
+                        }
+                    };
+                }
+            }
+        }
+        ahead.len()
+    }
+
     /// Whether the upgrade request has not ended yet by this follower's count: after
     /// tungstenite accepted it, that means the two disagree, and the connection must go.
     pub fn in_upgrade(&self) -> bool {
@@ -441,15 +508,8 @@ impl Follower {
         while !bytes.is_empty() {
             match self.at {
                 At::Http(line) => {
-                    let b = bytes[0];
+                    self.at = next_line(line, bytes[0]);
                     bytes = &bytes[1..];
-                    self.at = match (line, b) {
-                        (Line::Leading, b'\r' | b'\n') => At::Http(Line::Leading),
-                        (Line::Start | Line::StartCr, b'\n') => At::Header { have: 0 },
-                        (Line::Start, b'\r') => At::Http(Line::StartCr),
-                        (_, b'\n') => At::Http(Line::Start),
-                        _ => At::Http(Line::In),
-                    };
                 }
                 At::Header { have } => {
                     let need = if have < 2 { 2 } else { self.header_len() };
@@ -484,6 +544,36 @@ impl Follower {
             }
         }
         Ok(())
+    }
+}
+
+/// Where the follower is after byte `b` of the upgrade request, at `line` before it.
+fn next_line(line: Line, b: u8) -> At {
+    match (line, b) {
+        (Line::Leading, b'\r' | b'\n') => At::Http(Line::Leading),
+        (Line::Start | Line::StartCr, b'\n') => At::Header { have: 0 },
+        (Line::Start, b'\r') => At::Http(Line::StartCr),
+        (_, b'\n') => At::Http(Line::Start),
+        _ => At::Http(Line::In),
+    }
+}
+
+/// A frame header's full length once its first two bytes are known.
+fn header_len(header: &[u8; 14]) -> usize {
+    let ext = match header[1] & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    2 + ext + if header[1] & 0x80 != 0 { 4 } else { 0 }
+}
+
+/// A complete frame header's payload length.
+fn payload_len(header: &[u8; 14]) -> u64 {
+    match header[1] & 0x7f {
+        126 => u64::from(u16::from_be_bytes([header[2], header[3]])),
+        127 => u64::from_be_bytes(header[2..10].try_into().expect("8 bytes")),
+        n => u64::from(n),
     }
 }
 
@@ -684,6 +774,50 @@ mod tests {
         assert_eq!(budget.available(), (4 << 20) - (1 << 20));
         feed(&mut f, &frame(true, 0, 10), 4096).unwrap();
         assert_eq!(budget.available(), 4 << 20);
+    }
+
+    /// A read passes up to the end of the upgrade request and of each header of a
+    /// single-frame binary message of at least `KEEP_AT_LEAST` bytes, and no further;
+    /// every other byte passes as read, wherever the read began.
+    #[test]
+    fn a_read_ends_at_a_large_messages_header() {
+        let (_, mut f, _) = following(1 << 20);
+        f.at = At::Http(Line::Leading);
+        let mut stream = UPGRADE.to_vec();
+        let small = frame(true, 2, 100);
+        let big_header = header(true, 2, KEEP_AT_LEAST);
+        stream.extend(&small);
+        stream.extend(frame(false, 2, KEEP_AT_LEAST)); // a fragment: no cut
+        stream.extend(frame(true, 0, 10));
+        stream.extend(frame(true, 2, KEEP_AT_LEAST));
+        stream.extend(frame(true, 2, 10));
+        let big_end = UPGRADE.len()
+            + small.len()
+            + header(false, 2, KEEP_AT_LEAST).len()
+            + KEEP_AT_LEAST
+            + header(true, 0, 10).len()
+            + 10
+            + big_header.len();
+        // Passed in reads of at most `step`, each as far as `passable` lets it.
+        for step in [1, 3, 100, 1 << 20] {
+            f = Follower::new(f.gate.clone(), 1 << 20);
+            let mut ends = Vec::new();
+            let mut at = 0;
+            while at < stream.len() {
+                let ahead = &stream[at..(at + step).min(stream.len())];
+                let n = f.passable(ahead);
+                assert!(n > 0);
+                f.follow(&ahead[..n]).unwrap();
+                at += n;
+                if n < ahead.len() {
+                    ends.push(at);
+                }
+            }
+            if step > big_header.len() {
+                assert_eq!(ends, [UPGRADE.len(), big_end], "step {step}");
+            }
+            assert!(!f.in_upgrade());
+        }
     }
 
     /// Before admission a message over the handshake cap fails the read at its header (a
