@@ -231,7 +231,10 @@ async fn read_loop<Src: FrameSource>(
     let mut rights_changed = None;
     // Not reading because the connection's replies back up (`Outbound::replies_backed_up`):
     // the idle timer waits meanwhile, and the writer must move instead — `stall` is the
-    // batches it had finished and when that count last moved (or it was not writing).
+    // batches it had finished and when that count last moved. Only its progress counts, not
+    // whether it holds a batch: a WebSocket writer blocked in its keepalive `Ping` (the
+    // socket full, its last batch written) holds none, and the replies queued behind it
+    // were never taken.
     let mut paused = false;
     let mut stall = (0u64, started);
     loop {
@@ -259,7 +262,7 @@ async fn read_loop<Src: FrameSource>(
             paused = !paused;
             if paused {
                 out.count_reply_pause();
-                stall = (out.write_progress().0, Instant::now());
+                stall = (out.write_progress(), Instant::now());
             } else {
                 last_in = Instant::now();
             }
@@ -324,10 +327,12 @@ async fn read_loop<Src: FrameSource>(
                     let due = if stuck {
                         // Not read meanwhile: not the client's idleness either. The last
                         // resort is a writer that finishes no batch in `idle_ms` (a peer that
-                        // reads nothing): closed as a slow consumer.
+                        // reads nothing): closed as a slow consumer — whatever the writer is
+                        // blocked in, a batch or its keepalive (test
+                        // outbound_hostile::a_websocket_writer_blocked_in_its_keepalive_is_closed_when_replies_back_up).
                         last_in = now;
-                        let (done, writing) = out.write_progress();
-                        if done != stall.0 || !writing {
+                        let done = out.write_progress();
+                        if done != stall.0 {
                             stall = (done, now);
                         }
                         stall.1 + idle

@@ -182,8 +182,6 @@ struct State {
     owed: usize,
     /// Batches the writer finished writing ([`Outbound::written`]).
     batches: u64,
-    /// The writer took a batch and has not finished writing it.
-    writing: bool,
     /// Messages dropped since the writer last took a batch (becomes a `Gap` frame).
     dropped: u64,
     /// No more frames are accepted; the writer drains what is queued and closes.
@@ -343,12 +341,11 @@ impl Outbound {
             .await
     }
 
-    /// The writer's progress: batches it finished writing, and whether it is writing one
-    /// now. A reader paused for replies closes the connection when the writer is stuck on
-    /// one batch for a long time (the last resort against a peer that never reads).
-    pub(crate) fn write_progress(&self) -> (u64, bool) {
-        let s = self.lock();
-        (s.batches, s.writing)
+    /// The writer's progress: batches it finished writing. A reader paused for replies
+    /// closes the connection when this does not move for a long time (the last resort
+    /// against a peer that never reads), whatever the writer waits in meanwhile.
+    pub(crate) fn write_progress(&self) -> u64 {
+        self.lock().batches
     }
 
     /// A reply the connection will queue later (a `PubAck` once the store has the
@@ -837,7 +834,6 @@ impl Outbound {
         self.note_replies(&s);
         let dropped = std::mem::take(&mut s.dropped);
         let last = s.closing && s.sealed;
-        s.writing = !into.is_empty() || dropped > 0;
         drop(s);
         self.drained.notify_waiters();
         Batch {
@@ -854,7 +850,6 @@ impl Outbound {
         s.inflight -= n;
         self.budget.sub(s.held(), n);
         s.batches += 1;
-        s.writing = false;
         drop(s);
         self.drained.notify_waiters();
     }

@@ -276,7 +276,10 @@ async fn a_pipelining_client_that_reads_nothing_is_slowed_not_disconnected() {
         if paused > 0 || open < 2 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "neither paused nor closed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "neither paused nor closed"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let mut acked = vec![false; PUBLISHES as usize];
@@ -300,4 +303,133 @@ async fn a_pipelining_client_that_reads_nothing_is_slowed_not_disconnected() {
         metric(admin, "whispeer_relay_slow_consumer_disconnects_total").await,
         0
     );
+}
+
+/// The relay's side of a socket, whose writes the test can stop as a full socket would:
+/// once `shut`, every write is pending for good (and says so through `blocked`).
+struct Valve<S> {
+    inner: S,
+    state: std::sync::Arc<ValveState>,
+}
+
+#[derive(Default)]
+struct ValveState {
+    shut: std::sync::atomic::AtomicBool,
+    blocked: tokio::sync::Notify,
+}
+
+impl ValveState {
+    fn closed(&self) -> bool {
+        let shut = self.shut.load(std::sync::atomic::Ordering::SeqCst);
+        if shut {
+            self.blocked.notify_one();
+        }
+        shut
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Valve<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Valve<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.state.closed() {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.state.closed() {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A WebSocket client (4 KiB receive buffer) that reads its last batch and then nothing:
+/// the relay's writer, its queue empty, sends its keepalive `Ping` into the full socket and
+/// waits there — holding no batch. The client then pipelines 2,100 QoS 1 publishes; their
+/// `PubAck`s queue behind the blocked writer, untaken, and the reader stops reading for
+/// them. The last resort still applies: the writer makes no progress for `idle_ms`, so the
+/// connection is closed with fatal `Err(slow_consumer)`, counted in
+/// `whispeer_relay_slow_consumer_disconnects_total`. (Before, a writer that held no batch
+/// restarted the stall clock at every deadline: neither that close nor the idle timeout
+/// ever came, and the connection's slot and queue stayed pinned.)
+///
+/// The relay's own WebSocket (tungstenite, its configuration, `ws::split`) over a real TCP
+/// socket, served as a listener's would be; under it a valve stops the relay's writes once
+/// the client has read the `Welcome`, as a full socket stops them: the kernel cannot be made
+/// to refuse a 2-byte `Ping` at a chosen moment (Linux appends small writes to the last
+/// unsent segment past the send buffer's size).
+#[tokio::test]
+async fn a_websocket_writer_blocked_in_its_keepalive_is_closed_when_replies_back_up() {
+    use whispeer_relay::transport::{ws, ws_gate::WsGate};
+    const PUBLISHES: u32 = 2_100;
+    let mut config = Config::ephemeral();
+    config.limits.publish_rate = 0;
+    config.timeouts.heartbeat_ms = 100;
+    config.timeouts.idle_ms = 1_000;
+    config.timeouts.drain_ms = 200;
+    let max_frame = config.limits.max_frame;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let (client, accepted) = tokio::join!(sock.connect(addr), listener.accept());
+    let (accepted, peer) = accepted.unwrap();
+    let valve = std::sync::Arc::new(ValveState::default());
+    let server = tokio_tungstenite::accept_async_with_config(
+        Valve {
+            inner: accepted,
+            state: valve.clone(),
+        },
+        Some(ws::ws_config(max_frame)),
+    );
+    let url = format!("ws://{addr}/");
+    let (server, mut c) = tokio::join!(server, Client::ws_over(Box::new(client.unwrap()), &url));
+    let (source, sink) = ws::split(server.unwrap(), WsGate::new(None, peer.ip()));
+    relay
+        .handle
+        .serve(source, sink, whispeer_relay::TransportKind::Ws, Some(peer));
+    c.send(&qos1_hello()).await;
+    assert!(matches!(c.recv().await, Frame::Welcome(_)));
+
+    // The socket is full from here on; the writer's queue is empty, so what it blocks in
+    // is its next keepalive.
+    valve.shut.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::timeout(TIMEOUT, valve.blocked.notified())
+        .await
+        .expect("the keepalive was written");
+    let sender = tokio::spawn(async move {
+        for i in 0..PUBLISHES {
+            c.send(&qos1_pub(numbered(1, 16, i), i)).await;
+        }
+        c
+    });
+    wait_metric(admin, "whispeer_relay_outbound_reply_pauses_total", 1).await;
+    wait_metric(admin, "whispeer_relay_slow_consumer_disconnects_total", 1).await;
+    sender.abort();
 }
