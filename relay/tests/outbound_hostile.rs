@@ -204,9 +204,9 @@ async fn a_qos0_flood_behind_queued_qos1_messages_drops_the_oldest_qos0_ones() {
 /// receive buffer) behind 10 MiB of QoS 0 messages — and pipelines 10,000 QoS 1 publishes
 /// is slowed down, not disconnected: once half the queue's capacity of replies is queued
 /// or owed, the relay stops reading it until its writer takes them (counted in
-/// `whispeer_relay_outbound_reply_pauses_total`). It never gets a fatal `Err`; once it
-/// reads, it gets a `PubAck` for each of the 10,000, each stored. (Before, the 4,097th
-/// unread reply closed it with a fatal `Err(slow_consumer)`.)
+/// `whispeer_relay_outbound_reply_pauses_total`, which the test waits for). It never gets a
+/// fatal `Err`; once it reads, it gets a `PubAck` for each of the 10,000, each stored.
+/// (Before, the 4,097th unread reply closed it with a fatal `Err(slow_consumer)`.)
 #[tokio::test]
 async fn a_pipelining_client_that_reads_nothing_is_slowed_not_disconnected() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -267,21 +267,9 @@ async fn a_pipelining_client_that_reads_nothing_is_slowed_not_disconnected() {
         }
         Some(wr)
     });
-    // The relay stopped reading it for its replies — or, before, closed it (the 4,097th
-    // unread reply): only then does it read.
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let paused = metric(admin, "whispeer_relay_outbound_reply_pauses_total").await;
-        let open = metric(admin, "whispeer_relay_connections{transport=\"tcp\"}").await;
-        if paused > 0 || open < 2 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "neither paused nor closed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    // The relay stopped reading it for its replies (before, it closed it at the 4,097th
+    // unread reply, and this wait failed): only then does it read.
+    wait_metric(admin, "whispeer_relay_outbound_reply_pauses_total", 1).await;
     let mut acked = vec![false; PUBLISHES as usize];
     let (mut acks, mut seqs) = (0, std::collections::HashSet::new());
     while acks < PUBLISHES {
