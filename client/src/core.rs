@@ -1655,7 +1655,18 @@ impl ClientCore {
             // A held message's copy (history a subscription asked for) held by more; or one
             // owed to a durable, tracked until that durable takes it (the guard holds
             // nothing for it: taking or releasing it there changes nothing).
-            None => Some(keys.0).filter(|d| acking && (owed_handed || self.guard.is_held(*d))),
+            None => {
+                let d = keys.0;
+                // A held message's copy (its retained value, say) handed to an at-most-once
+                // subscription: delivered for good at once, as a new message would be
+                // (`commit` above). Left held, nothing was journalled: after a crash the
+                // saved mark was older than what the app saw, and an older retained value
+                // was accepted (a rollback) and the message shown again.
+                if targets.iter().any(|id| !self.subs[id].opts.acking()) && self.guard.is_held(d) {
+                    self.guard.settle(d);
+                }
+                Some(d).filter(|d| acking && (owed_handed || self.guard.is_held(*d)))
+            }
         };
         for id in targets.iter().chain(&lagged) {
             if let Some(s) = self.subs.get_mut(id) {
@@ -2575,6 +2586,75 @@ mod tests {
             }
             _ => panic!("not delivered"),
         }
+    }
+
+    /// Review finding (4, b62efe4): subscription A (at least once) holds m, the topic's
+    /// newest; subscription B (at most once, asking for retained values) is then sent m as
+    /// the topic's current value, and the app sees it. That copy counts as delivered at
+    /// once, as a new message an at-most-once subscription gets does: m's dedup entry and
+    /// its mark are journalled. Left held, nothing was: after a crash the saved mark was
+    /// m0's, and a hostile relay's older retained value (m0 < v < m) was accepted — a
+    /// rollback from what the app saw — and m shown again.
+    #[test]
+    fn a_held_messages_retained_copy_shown_at_most_once_is_delivered_for_good() {
+        use frame::msg_flags::RETAINED;
+        let (kr, mut rng) = one_tree(31);
+        let mut core = ClientCore::new(kr.clone());
+        core.enter_seq_space(SeqSpace::Named([1; 16]));
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        core.subscribe(1, f("a/x"), Qos::AtLeastOnce, NOW).unwrap();
+        let mut seal_at = |ts: u64| {
+            seal_publish(
+                &kr,
+                None,
+                &SealPolicy::default(),
+                &mut Sealer::new(),
+                &Topic::new("a/x").unwrap(),
+                OCTETS,
+                b"\x01",
+                ts,
+                &mut rng,
+            )
+            .unwrap()
+        };
+        let (m0, _) = seal_at(NOW - 3_000);
+        let (m, m_id) = seal_at(NOW - 1_000);
+        // A takes m0; m it holds untaken.
+        let d0 = held_delivery(&mut core, &m0, 9);
+        core.dedup_hold(d0, 1);
+        core.dedup_taken(d0, None);
+        let d = held_delivery(&mut core, &m, 10);
+        core.dedup_hold(d, 1);
+        core.take_changes();
+        // B subscribes; the relay sends it m, the topic's current value.
+        let opts = SubscribeOptions::new();
+        core.subscribe_with_options(2, f("a/x"), opts, NOW).unwrap();
+        let mut copy = at(&m, 10);
+        copy.flags = RETAINED;
+        copy.sub_id = Some(core.relay_ids(2)[0]);
+        match core.receive_with(&copy, NOW, &|_| true) {
+            Delivery::Deliver { targets, held, .. } => {
+                assert_eq!(targets, vec![2]);
+                assert!(held.is_none(), "B does not ack: nothing to take");
+            }
+            _ => panic!("the current value is not shown to B"),
+        }
+        let changes = core.take_changes();
+        assert!(
+            changes.iter().any(
+                |c| matches!(c, receive::Change::Seen { key, .. } if receive::digest(key) == d)
+            ),
+            "m's dedup entry is saved: {changes:?}"
+        );
+        assert!(
+            changes.iter().any(|c| matches!(c,
+                receive::Change::Retained { ts_ms, msg_id, .. }
+                    if *ts_ms == NOW - 1_000 && *msg_id == m_id.0)),
+            "m's mark is saved: {changes:?}"
+        );
+        // A takes it later, or lets it go: nothing changes (delivered for good).
+        core.dedup_untaken(d, None);
+        assert!(core.guard().remembers(d));
     }
 
     /// Review finding: messages owed while a durable's subscription holds them (bounded by
