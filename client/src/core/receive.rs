@@ -1220,10 +1220,20 @@ impl Guard {
                 at_cut -= 1;
             }
             if evict {
-                gone.push((*k, m.ts_ms));
-                if !saved.is_empty() {
-                    saved.remove(k);
-                }
+                // A mark a held message moved goes into the table with the date saved for
+                // its topic (`saved_marks`; none saved, none), as the journal and snapshot
+                // hold it: with the held message's date, after a crash the relay's copy
+                // of that message (never taken) was held to the window's start — refused
+                // `BeforeWindow` by a full window — and the tombstone deleted the saved mark.
+                let ts = if saved.is_empty() {
+                    Some(m.ts_ms)
+                } else {
+                    saved
+                        .remove(k)
+                        .unwrap_or(Some((m.ts_ms, m.msg_id)))
+                        .map(|(ts, _)| ts)
+                };
+                gone.push((*k, ts));
             }
             !evict
         });
@@ -1233,7 +1243,9 @@ impl Guard {
             .allocate(Evicted::buckets_for(self.cfg.max_entries));
         let mut changed = Vec::new();
         for &(k, ts) in &gone {
-            self.evicted.insert(evicted_id(&k), ts, &mut changed);
+            if let Some(ts) = ts {
+                self.evicted.insert(evicted_id(&k), ts, &mut changed);
+            }
         }
         if journal {
             changed.sort_unstable();
@@ -2552,6 +2564,73 @@ mod tests {
             Err(Refusal::BeforeWindow),
             "A's message, its mark and entry gone, is not accepted twice"
         );
+    }
+
+    /// Review finding (5, b62efe4): a topic whose mark a held message m moved, evicted for
+    /// room, went into the evicted-key table with m's date — in the journal and the
+    /// snapshot — and its tombstone deleted the saved mark (m0's). After a crash with a
+    /// full window the relay's m (never taken) was held to the window's start and refused
+    /// `BeforeWindow`. Now the table gets the saved date (m0's); a topic with no saved
+    /// mark gets no row.
+    #[test]
+    fn an_evicted_mark_a_held_message_moved_is_saved_with_the_saved_date() {
+        let cfg = ReceiveConfig {
+            max_entries: 2,
+            ..ReceiveConfig::default()
+        };
+        let mut g = Guard::new(cfg.clone());
+        let topics: Vec<Topic> = ["a/a", "a/b", "a/c", "a/n"]
+            .iter()
+            .map(|t| Topic::new(*t).unwrap())
+            .collect();
+        let base = NOW - 1_000_000;
+        let rk = |i: usize| retained_key(&TreeId([1; 16]), &topics[i]);
+        let value =
+            |i: usize, id: u8, at: u64| cand(&topics[i], id, base + at, msg_flags::RETAINED);
+        // a/a: m0 taken, then m held untaken; a/n: a held message and no saved mark.
+        let m0 = g.check(&value(0, 1, 100), NOW).unwrap();
+        g.commit(m0);
+        let held = |g: &mut Guard, a: Accepted| {
+            let d = a.digest();
+            g.hold(a);
+            g.hold_by(d, 1);
+        };
+        let m = g.check(&value(0, 2, 150), NOW).unwrap();
+        held(&mut g, m);
+        let n = g.check(&value(3, 3, 120), NOW).unwrap();
+        held(&mut g, n);
+        // Two newer topics: a/n's and a/a's marks are evicted for room.
+        for (i, id, at) in [(1, 4, 300), (2, 5, 200)] {
+            let a = g.check(&value(i, id, at), NOW).unwrap();
+            g.commit(a);
+        }
+        assert!(!g.retained.contains_key(&rk(0)), "a/a's mark is evicted");
+        assert!(!g.retained.contains_key(&rk(3)), "a/n's mark is evicted");
+        let journal = g.take_changes();
+        let snap = g.snapshot(NOW);
+        let mut from_snapshot = Guard::new(cfg.clone());
+        for &(dg, exp) in &snap.seen {
+            from_snapshot.restore_digest(dg, exp, NOW);
+        }
+        for &(k, ts, id) in &snap.retained {
+            from_snapshot.restore_retained(k, ts, id);
+        }
+        from_snapshot.restore_forgot_upto(snap.forgot_upto);
+        for (how, h) in [
+            ("journal", replayed(&cfg, &journal, NOW)),
+            ("snapshot", from_snapshot),
+        ] {
+            assert_eq!(
+                h.evicted_floor(&rk(0)),
+                base + 100,
+                "{how}: m0's date is saved"
+            );
+            assert!(
+                h.evicted_floor(&rk(3)) < base + 120,
+                "{how}: nothing saved for a/n"
+            );
+        }
+        assert_eq!(g.evicted_floor(&rk(0)), base + 100);
     }
 
     /// Replays `journal` in order into a new guard with `cfg` (as the npm state log and a
