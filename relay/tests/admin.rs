@@ -257,16 +257,18 @@ fn probe_once(admin: std::net::SocketAddr, source: std::net::IpAddr) -> Result<S
 
 /// Silent connections to `admin` as fast as `threads` threads can open them, each from the
 /// next of `sources` in turn, until `stop`; each thread keeps its newest 64 open (closed
-/// with a reset: no TIME_WAIT). Returns the threads, which answer how many they opened.
+/// with a reset: no TIME_WAIT). `progress` counts every connection opened, as it happens.
+/// Returns the threads, which answer how many they opened.
 fn connect_flood(
     admin: std::net::SocketAddr,
     sources: Vec<std::net::IpAddr>,
     threads: usize,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    progress: tokio::sync::watch::Sender<u64>,
 ) -> Vec<std::thread::JoinHandle<u64>> {
     (0..threads)
         .map(|t| {
-            let (sources, stop) = (sources.clone(), stop.clone());
+            let (sources, stop, progress) = (sources.clone(), stop.clone(), progress.clone());
             std::thread::spawn(move || {
                 let mut open = std::collections::VecDeque::new();
                 let mut opened = 0u64;
@@ -291,6 +293,7 @@ fn connect_flood(
                         .is_ok()
                     {
                         opened += 1;
+                        progress.send_modify(|n| *n += 1);
                         open.push_back(socket);
                         if open.len() > 64 {
                             open.pop_front();
@@ -303,21 +306,30 @@ fn connect_flood(
         .collect()
 }
 
-/// Probes `/healthz` from 127.0.0.1 every 10 ms, 200 times, while a flood of silent
-/// connections from `sources` goes on; every probe must be answered 200.
+/// Probes `/healthz` from 127.0.0.1 200 times while a flood of silent connections from
+/// `sources` goes on, each probe after the flood opened 10 more (so every probe meets new
+/// flood connections, and the flood is past the port's 64 places before the first);
+/// every probe must be answered 200.
 async fn probes_get_through_a_connect_flood(sources: Vec<std::net::IpAddr>) {
     let relay = TestRelay::start(Config::ephemeral()).await;
     let admin = relay.addrs.admin.expect("admin");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flood = connect_flood(admin, sources, 2, stop.clone());
-    // Let the flood fill the port's 64 places first.
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (progress, mut flooded) = tokio::sync::watch::channel(0u64);
+    let flood = connect_flood(admin, sources, 2, stop.clone(), progress);
+    let runtime = tokio::runtime::Handle::current();
     let answers = tokio::task::spawn_blocking(move || {
+        let mut after = 64;
         (0..200)
             .map(|_| {
-                let answer = probe_once(admin, [127, 0, 0, 1].into());
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                answer
+                runtime
+                    .block_on(tokio::time::timeout(
+                        TIMEOUT,
+                        flooded.wait_for(|n| *n >= after),
+                    ))
+                    .expect("the flood stalled")
+                    .expect("flood running");
+                after += 10;
+                probe_once(admin, [127, 0, 0, 1].into())
             })
             .collect::<Vec<_>>()
     })
@@ -359,6 +371,57 @@ async fn a_connect_flood_from_the_probes_own_address_does_not_fail_health_checks
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_flood_from_64_loopback_addresses_does_not_fail_health_checks() {
     probes_get_through_a_connect_flood((1..=64).map(|i| [127, 0, 0, i].into()).collect()).await;
+}
+
+/// A probe accepted before its request arrived, its head then late behind 100 newer
+/// connections that send nothing, while 64 silent ones hold every place: it is answered.
+/// A newcomer that has sent nothing never closes a connection that has sent nothing either
+/// (it waits for its head among the port's parked newcomers instead), so the probe waits
+/// for its head too. Before, each newer silent connection closed the oldest young one
+/// without a head: the probe after at most 64 of them (under a local flood of 20,000
+/// connects a second, a probe whose `GET` came 3 ms after its accept was closed
+/// unanswered). Each step is known to have been accepted by the answer to a whole request
+/// on a connection made after it (the listen queue is first in, first out): no sleeps.
+#[tokio::test]
+async fn a_probe_whose_head_is_late_is_not_closed_by_newer_silent_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = TestRelay::start(Config::ephemeral()).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let connect = || async {
+        tokio::net::TcpStream::connect(admin)
+            .await
+            .expect("connect")
+    };
+    let host = admin.to_string();
+    let mut silent = Vec::new();
+    for _ in 0..64 {
+        silent.push(connect().await);
+    }
+    let mut probe = connect().await;
+    let line = status_line(admin, "/healthz", &host, None).await;
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    // The probe has been accepted without its head. 100 newer silent connections.
+    for _ in 0..100 {
+        silent.push(connect().await);
+    }
+    let line = status_line(admin, "/healthz", &host, None).await;
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    // Now its request.
+    probe
+        .write_all(format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .expect("the probe's request sent");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(TIMEOUT, probe.read_to_end(&mut answer))
+        .await
+        .expect("answered or closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        read.is_ok() && answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"),
+        "the late probe was closed unanswered: {read:?} {answer:?}"
+    );
+    drop(silent);
+    relay.stop().await;
 }
 
 /// `GET path` on a fresh connection to `admin` with `Host: host` (and the admin token
