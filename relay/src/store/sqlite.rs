@@ -854,6 +854,10 @@ struct Shared {
     /// ones are not kept for a receiver nobody took).
     gone: Mutex<Option<tokio::sync::mpsc::UnboundedSender<DurableKey>>>,
     gone_backlog: Mutex<Vec<DurableKey>>,
+    /// Tests: run once by the writer's sweep after it expired idle durables (index and
+    /// queue let go), before it deletes their rows.
+    #[cfg(test)]
+    after_expiry: Mutex<Option<Box<dyn FnMut() + Send>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1602,6 +1606,8 @@ impl SqliteStore {
             changes: tokio::sync::watch::Sender::new(0),
             gone: Mutex::new(None),
             gone_backlog: Mutex::new(expired),
+            #[cfg(test)]
+            after_expiry: Mutex::new(None),
         });
         shared.measure_disk();
         let s = shared.clone();
@@ -2515,17 +2521,29 @@ impl Shared {
                 .execute(params![now.saturating_sub(self.cfg.dedup_window_ms) as i64])?;
         }
         // Durables no subscription held for `durable_idle_ms`: gone from the index now (a
-        // failed commit reloads it from the file), announced once committed.
+        // failed commit reloads it from the file), announced once committed. Their floors
+        // waiting, if any, are for rows deleted here: removed in the same critical section
+        // (index, then queue, the order of `set_durable`). Removed after the index lock
+        // was let go, a `set_durable` creating the name again and an `Ack` between the
+        // two steps had the new durable's floor removed instead — its row written with the
+        // creation's floor, acknowledged messages delivered again after a restart.
         let expired = if sweep {
-            lock(&self.idx).expire_durables(now, self.cfg.durable_idle_ms)
+            let mut idx = lock(&self.idx);
+            let expired = idx.expire_durables(now, self.cfg.durable_idle_ms);
+            if !expired.is_empty() {
+                let mut q = lock(&self.queue);
+                for k in &expired {
+                    q.floors.remove(k);
+                }
+            }
+            expired
         } else {
             Vec::new()
         };
+        #[cfg(test)]
         if !expired.is_empty() {
-            // Their floors waiting, if any, are for rows deleted here.
-            let mut q = lock(&self.queue);
-            for k in &expired {
-                q.floors.remove(k);
+            if let Some(mut hook) = lock(&self.after_expiry).take() {
+                hook();
             }
         }
         for k in &expired {
@@ -4184,6 +4202,76 @@ mod tests {
             Some(0),
             "held when the relay stopped"
         );
+        s.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Review (f1b806a): the idle sweep expired durables under the index lock and removed
+    /// their waiting floors later, under the queue lock alone. A `set_durable` creating the
+    /// name again and an `Ack` moving the new durable's floor, both between the two steps,
+    /// had that floor removed: the row was written with the creation's floor, and after a
+    /// restart the acknowledged messages came again. Now both happen in one critical
+    /// section; the hook runs the two calls right after it (before the fix, between them).
+    #[tokio::test]
+    async fn a_durable_created_again_as_the_sweep_expires_it_keeps_its_acked_floor() {
+        let dir = std::env::temp_dir().join(format!("wsp-expiry-floor-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = StoreConfig {
+            path: dir.join("s.db"),
+            min_free_bytes: 0, // not dependent on TMPDIR's free space
+            durable_idle_ms: 10_000,
+            ..StoreConfig::default()
+        };
+        let now = Arc::new(AtomicU64::new(1_000_000));
+        let clock: Clock = {
+            let now = now.clone();
+            Arc::new(move || now.load(Relaxed))
+        };
+        let k = DurableKey {
+            key_id: KeyId::from_bytes([7; 16]),
+            name: "d".into(),
+        };
+        let s = SqliteStore::open_file_with_clock(cfg.clone(), clock.clone()).unwrap();
+        s.set_durable(&k, 0, &Tenant::Local).unwrap();
+        wait_until(&s, "the durable written", || s.queued_writes() == (0, 0)).await;
+        // The writer's next sweep expires `d` and stops in the hook until told to go on.
+        let (reached_tx, reached) = tokio::sync::oneshot::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let mut reached_tx = Some(reached_tx);
+        *lock(&s.shared.after_expiry) = Some(Box::new(move || {
+            if let Some(t) = reached_tx.take() {
+                let _ = t.send(());
+            }
+            let _ = go_rx.recv_timeout(Duration::from_secs(30));
+        }));
+        now.fetch_add(20_000, Relaxed);
+        tokio::time::timeout(Duration::from_secs(30), reached)
+            .await
+            .expect("no sweep expired the durable")
+            .unwrap();
+        assert_eq!(s.durable(&k).unwrap(), None, "expired");
+        // Subscribed again under the name (created at 0), then an Ack moves it to 5.
+        s.set_durable(&k, 0, &Tenant::Local).unwrap();
+        s.set_durable(&k, 5, &Tenant::Local).unwrap();
+        go.send(()).unwrap();
+        let floor = || {
+            lock(&s.shared.conn)
+                .query_row("SELECT floor FROM durables WHERE name = 'd'", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .optional()
+                .unwrap()
+        };
+        wait_until(&s, "the new durable written", || {
+            s.queued_writes() == (0, 0) && floor().is_some()
+        })
+        .await;
+        assert_eq!(floor(), Some(5), "the floor on disk");
+        s.close();
+        drop(s);
+        let s = SqliteStore::open_file_with_clock(cfg, clock).unwrap();
+        assert_eq!(s.durable(&k).unwrap(), Some(5), "after a restart");
         s.close();
         let _ = std::fs::remove_dir_all(&dir);
     }
