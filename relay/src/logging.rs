@@ -14,9 +14,9 @@
 //! stranger's flood cannot hide them. The metrics count every connection.
 //!
 //! Failing accepts (`EMFILE` while the relay is out of file descriptors) are logged the
-//! same way, per listener: the first at once, then one line every [`SUMMARY_EVERY`] at
-//! most with the count of those left out, and one when accepts succeed again
-//! ([`AcceptFailures`]).
+//! same way, per listener: the first of a burst at once, then one line every
+//! [`SUMMARY_EVERY`] at most with the count of those left out, and one when accepts
+//! succeed again ([`AcceptFailures`]; at most four lines every `SUMMARY_EVERY`).
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,11 +72,6 @@ impl Summary {
     /// One more event left out of the log.
     fn leave_out(&self) {
         self.left_out.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Whether a report was written yet.
-    fn reported(&self) -> bool {
-        self.last.load(Ordering::Relaxed) != 0
     }
 
     /// A report written at `now` outside [`take_due`](Self::take_due) (the first line of
@@ -159,23 +154,36 @@ pub(crate) fn write_summary(n: u64, secs: u64) {
 /// The `tracing` target of [`AcceptFailures`]' lines: the accept loops' module, where the
 /// "accept failed" line was written before it was bounded (a filter naming it still works).
 pub const ACCEPT_LINES_TARGET: &str = "whispeer_relay::relay";
+/// The `tracing` target of the `trace` line [`AcceptFailures`] writes for every failed
+/// accept ("accept failure N of this burst"): off unless a filter asks for it (a test
+/// counts the failures with it; an operator may too).
+pub const ACCEPT_FAILURE_TARGET: &str = "whispeer_relay::accept_failures";
 
 /// The log of one listener's failing accepts — typically `EMFILE`, out of file
 /// descriptors, which lasts as long as connections hold them, the accept loop retrying
-/// every 50 ms: the first failure is warned about at once, then at most one line every
-/// [`SUMMARY_EVERY`] ("accept failed (N more since the last report)", the failures left
-/// out in between counted as the connection lines' [`Summary`] counts its lines), and one
-/// `info` line once an accept succeeds again ("accepting again after N failures") if a
-/// failure was warned about since the last such line — so a listener whose accepts
-/// alternate between failing and succeeding writes two lines every `SUMMARY_EVERY` at most.
-/// Before, every failure was a line: 20 a second per listener for as long as it lasted.
-/// One per accept loop (a single task: no contention on its counters).
+/// every 50 ms. A burst of failures is warned about at its first failure, at once, then
+/// at most one line every [`SUMMARY_EVERY`] ("accept failed (N more since the last
+/// report)", the failures left out in between counted as the connection lines'
+/// [`Summary`] counts its lines); once an accept succeeds, an `info` line ends it
+/// ("accepting again after N failures", N the burst's failures) and the counts start over:
+/// the next failure is a new burst, warned about at once. "Accepting again" lines are
+/// written at most one every `SUMMARY_EVERY`: until then a burst stays open (its next
+/// failures continue it, its line is written by the first accept after that), so a
+/// listener whose accepts alternate between failing and succeeding — as they do at the
+/// descriptor limit while connections come and go — writes at most four lines every
+/// `SUMMARY_EVERY` (an "accepting again", the next burst's first warning, and two of its
+/// reports at most). Before bab115d every failure was a line: 20 a second per listener
+/// for as long as it lasted; until the review's fix a burst starting within `SUMMARY_EVERY`
+/// of the last report was not warned about nor ended by a line, and its failures were
+/// counted again in the next report. One per accept loop (a single task: no contention on
+/// its counters).
 pub(crate) struct AcceptFailures {
+    /// The current burst's reports: when the last was written, the failures left out.
     summary: Summary,
-    /// Failures since the last "accepting again" line.
+    /// Failures of the current burst (0: none open).
     failures: u64,
-    /// Whether a failure was warned about since the last "accepting again" line.
-    warned: bool,
+    /// When the last "accepting again" line was written ([`nanos`]; 0: none yet).
+    last_again: u64,
 }
 
 impl AcceptFailures {
@@ -183,25 +191,35 @@ impl AcceptFailures {
         Self {
             summary: Summary::new(),
             failures: 0,
-            warned: false,
+            last_again: 0,
         }
     }
 
     /// An accept on `listener` failed with `error` (the OS's: no peer-chosen bytes).
     pub(crate) fn failed(&mut self, listener: &dyn std::fmt::Display, error: &std::io::Error) {
-        let now = nanos();
+        self.failed_at(nanos(), listener, error);
+    }
+
+    /// [`failed`](Self::failed) at `now` ([`nanos`]; never 0).
+    fn failed_at(&mut self, now: u64, listener: &dyn std::fmt::Display, error: &std::io::Error) {
         self.failures += 1;
-        let more = if self.summary.reported() {
-            self.summary.take_due(now, 0).map(|(n, _)| n)
-        } else {
+        let n = self.failures;
+        tracing::trace!(
+            target: ACCEPT_FAILURE_TARGET,
+            listener = %listener,
+            error = %error,
+            failures = n,
+            "accept failure {n} of this burst"
+        );
+        let more = if n == 1 {
+            // A new burst: warned about at once.
             self.summary.mark(now);
             Some(0)
+        } else {
+            self.summary.take_due(now, 0).map(|(n, _)| n)
         };
         match more {
-            None => {
-                self.summary.leave_out();
-                return;
-            }
+            None => self.summary.leave_out(),
             Some(0) => tracing::warn!(
                 target: ACCEPT_LINES_TARGET,
                 listener = %listener,
@@ -216,23 +234,35 @@ impl AcceptFailures {
                 "accept failed ({n} more since the last report)"
             ),
         }
-        self.warned = true;
     }
 
     /// An accept on `listener` succeeded.
     pub(crate) fn accepted(&mut self, listener: &dyn std::fmt::Display) {
-        if !self.warned {
+        if self.failures == 0 {
             return;
         }
+        self.accepted_at(nanos(), listener);
+    }
+
+    /// [`accepted`](Self::accepted) at `now` ([`nanos`]; never 0).
+    fn accepted_at(&mut self, now: u64, listener: &dyn std::fmt::Display) {
         let n = self.failures;
+        if n == 0
+            || (self.last_again != 0
+                && now.saturating_sub(self.last_again) < SUMMARY_EVERY.as_nanos() as u64)
+        {
+            return;
+        }
         tracing::info!(
             target: ACCEPT_LINES_TARGET,
             listener = %listener,
             failures = n,
             "accepting again after {n} failures"
         );
+        self.last_again = now;
+        // The burst is over: the next failure is warned about at once, counted from 0.
         self.failures = 0;
-        self.warned = false;
+        self.summary = Summary::new();
     }
 }
 
@@ -290,4 +320,92 @@ pub(crate) fn captured(filter: &str, f: impl FnOnce()) -> String {
     tracing::subscriber::with_default(subscriber, f);
     let log = buf.0.lock().unwrap().clone();
     String::from_utf8(log).unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn emfile() -> std::io::Error {
+        std::io::Error::from_raw_os_error(24)
+    }
+
+    /// The messages of `log`'s [`ACCEPT_LINES_TARGET`] lines, in order.
+    fn accept_lines(log: &str) -> Vec<String> {
+        let at = format!("{ACCEPT_LINES_TARGET}: ");
+        log.lines()
+            .filter_map(|l| l.split_once(at.as_str()))
+            .map(|(_, m)| m.split(" listener=").next().unwrap_or(m).to_owned())
+            .collect()
+    }
+
+    /// The "N" of every "accepting again after N failures" line.
+    fn again_counts(lines: &[String]) -> Vec<u64> {
+        lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("accepting again after "))
+            .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+            .collect()
+    }
+
+    /// Review (bab115d): "accepting again" ended a burst without starting its report over,
+    /// so a new burst within 10 s of the last report was not warned about (nor, being
+    /// unwarned, ended by a line), and the next report counted the first burst's left-out
+    /// failures again. Now a burst after "accepting again" is warned about at once and
+    /// counted from 0.
+    #[test]
+    fn a_burst_after_accepting_again_is_warned_about_at_once_and_counted_afresh() {
+        let t = 100 * S;
+        let log = captured("info", || {
+            let mut f = AcceptFailures::new();
+            f.failed_at(t, &"tcp", &emfile());
+            f.failed_at(t + S, &"tcp", &emfile()); // left out
+            f.accepted_at(t + 2 * S, &"tcp");
+            f.failed_at(t + 3 * S, &"tcp", &emfile()); // a new burst
+            f.failed_at(t + 4 * S, &"tcp", &emfile()); // left out
+            f.failed_at(t + 14 * S, &"tcp", &emfile());
+            f.accepted_at(t + 15 * S, &"tcp");
+        });
+        assert_eq!(
+            accept_lines(&log),
+            [
+                "accept failed",
+                "accepting again after 2 failures",
+                "accept failed",
+                "accept failed (1 more since the last report)",
+                "accepting again after 3 failures",
+            ],
+            "{log}"
+        );
+    }
+
+    /// Accepts alternating between failing and succeeding (at the descriptor limit, while
+    /// connections come and go): the lines stay bounded — at most four every
+    /// `SUMMARY_EVERY` — and the "accepting again" lines with the burst left open count
+    /// every failure once.
+    #[test]
+    fn alternating_failures_and_accepts_write_a_bounded_number_of_lines() {
+        const ROUNDS: u64 = 3_000; // one failure and one accept every 10 ms: 30 s
+        let t = 100 * S;
+        let ms = S / 1000;
+        let mut open = 0;
+        let log = captured("info", || {
+            let mut f = AcceptFailures::new();
+            for i in 0..ROUNDS {
+                f.failed_at(t + i * 10 * ms, &"tcp", &emfile());
+                f.accepted_at(t + i * 10 * ms + 5 * ms, &"tcp");
+            }
+            open = f.failures;
+        });
+        let lines = accept_lines(&log);
+        let windows = ROUNDS * 10 * ms / SUMMARY_EVERY.as_nanos() as u64;
+        assert!(
+            lines.len() as u64 <= 4 * (windows + 1),
+            "{} lines in {windows} windows:\n{log}",
+            lines.len()
+        );
+        assert_eq!(again_counts(&lines).iter().sum::<u64>() + open, ROUNDS);
+    }
 }
