@@ -1104,7 +1104,8 @@ async fn accept_loop(
                 // Told why by a task holding the socket up to `EVICTED_CLOSE`, counted in
                 // no gate: at most `REFUSAL_ANSWERS` at once, the rest closed unanswered
                 // (`Limits::connection_ceiling` counts them). The `Err` is counted sent
-                // only when such a task has it; the others count as unanswered.
+                // only once such a task has written it; the others, and a write that
+                // failed (the peer gone) or timed out, count as unanswered.
                 let permit = match message {
                     Some(message) if kind == TransportKind::Tcp => shared
                         .refusal_answers
@@ -1116,11 +1117,14 @@ async fn accept_loop(
                 };
                 match permit {
                     Some((permit, message)) => {
-                        shared
-                            .metrics
-                            .error_sent(whispeer_protocol::ErrorCode::TooManyConnections);
+                        let metrics = shared.metrics.clone();
                         tokio::spawn(async move {
-                            answer_refusal(stream, message).await;
+                            if answer_refusal(stream, message).await {
+                                metrics
+                                    .error_sent(whispeer_protocol::ErrorCode::TooManyConnections);
+                            } else {
+                                metrics.refused_unanswered();
+                            }
                             drop(permit);
                         });
                     }
@@ -1253,8 +1257,9 @@ pub(crate) fn refused(
 }
 
 /// Answers a refused plain TCP connection with a fatal `Err(too_many_connections)` saying
-/// which cap, then closes it.
-async fn answer_refusal(mut stream: TcpStream, message: String) {
+/// which cap, then closes it. Returns whether the `Err` was written (within
+/// `EVICTED_CLOSE`).
+async fn answer_refusal(mut stream: TcpStream, message: String) -> bool {
     use tokio::io::AsyncWriteExt;
     use whispeer_protocol::frame::ErrFrame;
     use whispeer_protocol::{codec, ErrorCode, Frame};
@@ -1265,11 +1270,15 @@ async fn answer_refusal(mut stream: TcpStream, message: String) {
         sub_id: None,
         publish_id: None,
     }));
-    let _ = tokio::time::timeout(crate::handshakes::EVICTED_CLOSE, async {
-        let _ = stream.write_all(&frame).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+    let deadline = tokio::time::Instant::now() + crate::handshakes::EVICTED_CLOSE;
+    let written = matches!(
+        tokio::time::timeout_at(deadline, stream.write_all(&frame)).await,
+        Ok(Ok(()))
+    );
+    if written {
+        let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
+    }
+    written
 }
 
 /// Over its address's connect rate (`addr_connect_rate`), a new connection waits before
