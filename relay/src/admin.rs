@@ -397,12 +397,17 @@ fn lock(port: &SharedPort) -> std::sync::MutexGuard<'_, Port> {
 /// for their request head.
 async fn serve_capped(listener: TcpListener, shared: Arc<Shared>, places: usize, parked: usize) {
     let port = SharedPort::default();
+    // Failing accepts logged at most once every 10 s, as the client listeners' are.
+    let mut failures = crate::logging::AcceptFailures::new();
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => Arc::new(stream),
+            Ok((stream, _)) => {
+                failures.accepted(&"admin");
+                Arc::new(stream)
+            }
             Err(e) => {
                 // Typically EMFILE: back off briefly instead of spinning on a core.
-                tracing::warn!(error = %e, "admin accept failed");
+                failures.failed(&"admin", &e);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
