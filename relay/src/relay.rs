@@ -1217,6 +1217,99 @@ async fn lift_bans(shared: Arc<Shared>) {
     }
 }
 
+/// Bytes a client may send before its TLS handshake completes. rustls joins a handshake
+/// message (the ClientHello) of up to 64 KiB from its records and holds it until complete:
+/// a stranger could park ~64 KiB per connection until `hello_ms`, where TCP holds at most
+/// 4 KiB before `Welcome` (review finding). A real ClientHello, post-quantum key shares
+/// included, is 2–3 KiB, and the client's whole handshake little more (no client
+/// certificates, no early data).
+pub(crate) const TLS_HANDSHAKE_READ_MAX: usize = 16 * 1024;
+
+/// A socket whose reads fail once more than a bound was read, until [`lift`](Self::lift)ed:
+/// under the TLS acceptor, so a handshake that sends more than
+/// [`TLS_HANDSHAKE_READ_MAX`] fails (its connection closed) instead of being buffered.
+#[derive(Debug)]
+pub(crate) struct HandshakeCap<S> {
+    inner: S,
+    /// Bytes still allowed (`None`: lifted).
+    left: Option<usize>,
+}
+
+impl<S> HandshakeCap<S> {
+    pub(crate) fn new(inner: S, max: usize) -> Self {
+        Self {
+            inner,
+            left: Some(max),
+        }
+    }
+
+    /// The handshake is done: reads are no longer counted.
+    pub(crate) fn lift(&mut self) {
+        self.left = None;
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HandshakeCap<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let (std::task::Poll::Ready(Ok(())), Some(left)) = (&r, self.left) {
+            let n = buf.filled().len() - before;
+            if n > left {
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "more than {TLS_HANDSHAKE_READ_MAX} bytes before the TLS handshake \
+                         completed"
+                    ),
+                )));
+            }
+            self.left = Some(left - n);
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HandshakeCap<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Counts a connection refused before its handshake (over the per-address or global cap)
 /// and returns what to tell the client: `None` for a churning address or network, which
 /// is closed unanswered ([`Refusal::Churning`], [`Refusal::NetworkChurning`]) — no task
@@ -1442,13 +1535,15 @@ async fn handshake(
             }
             TransportKind::Tls | TransportKind::Wss => {
                 let acceptor = tls.ok_or("TLS listener without TLS configuration")?;
-                let tls_stream = unless_evicted(
+                let capped = HandshakeCap::new(stream, TLS_HANDSHAKE_READ_MAX);
+                let mut tls_stream = unless_evicted(
                     &ticket,
-                    tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(stream))),
+                    tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(capped))),
                 )
                 .await?
                 .map_err(|_| "TLS handshake timed out".to_string())?
                 .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                tls_stream.get_mut().0.lift();
                 if kind == TransportKind::Tls {
                     let (r, w) = tokio::io::split(tls_stream);
                     Box::pin(conn::serve(

@@ -368,3 +368,132 @@ async fn a_large_delivery_arrives_fragmented_and_whole() {
     }
     assert_eq!(tung.expect_msg().await.envelope.as_bytes(), env.as_bytes());
 }
+
+/// Handshakes that send far more than any client would: TLS connections sending a
+/// 65,000-byte ClientHello (records of 16 KiB, the last few bytes never sent) and
+/// WebSocket connections sending a 65,000-byte upgrade request (no blank line).
+const BIG_HANDSHAKES: usize = 150;
+
+/// The first ~65,000 bytes of a ClientHello of 65,000 bytes: rustls joins its records and
+/// waits for the rest.
+fn client_hello_prefix() -> Vec<u8> {
+    let len: usize = 65_000;
+    let mut msg = vec![1u8, (len >> 16) as u8, (len >> 8) as u8, len as u8];
+    msg.extend(std::iter::repeat_n(0x42u8, len - 16));
+    let mut out = Vec::new();
+    for chunk in msg.chunks(16 * 1024) {
+        out.extend_from_slice(&[0x16, 0x03, 0x01]);
+        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+/// Connects to `addr`, sends `bytes`, then reads until the relay ends the connection;
+/// true if it did within `TIMEOUT` (the relay's `hello_ms` is twice that).
+async fn closed_after_sending(addr: std::net::SocketAddr, bytes: Arc<Vec<u8>>) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::timeout(TIMEOUT, async {
+        // A write may fail: the relay closed first.
+        let _ = s.write_all(&bytes).await;
+        let mut sink = [0u8; 4096];
+        while s.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+    })
+    .await
+    .is_ok()
+}
+
+/// Review finding (session 45, Low/Medium): rustls joins a ClientHello of up to 64 KiB and
+/// tungstenite takes an upgrade request of up to 64 KiB, each held until `hello_ms`, where
+/// TCP holds 4 KiB before `Welcome`. Now a TLS handshake that reads more than 16 KiB fails,
+/// and an upgrade request over 16 KiB is refused: 150 TLS connections (and 150 WebSocket
+/// ones) sending 65,000 bytes are all closed long before their 60 s `hello_ms`, the relay's
+/// RSS growing by less than 16 MiB; a real TLS client and a WSS client still connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_tls_and_websocket_handshakes_are_closed_before_hello() {
+    use rustls::pki_types::pem::PemObject;
+    rlimit::increase_nofile_limit(4 * BIG_HANDSHAKES as u64 + 256).expect("raise the fd limit");
+    let dir = temp_dir("tls-handshakes");
+    let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    relay_cli(&["tls", "generate", "--cert", cert_s, "--key", key_s]);
+    let relay = BinRelay::start(&[
+        "--store",
+        "none",
+        "--tls",
+        "127.0.0.1:0",
+        "--wss",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert_s,
+        "--tls-key",
+        key_s,
+        "--max-connections-per-addr",
+        "4096",
+        "--max-connections-per-network",
+        "0",
+        "--addr-connect-rate",
+        "0",
+        "--hello-ms",
+        "60000",
+    ]);
+    let pid = relay.child.id();
+    let tls_addr = relay.addrs.tls.expect("tls");
+    let wss_addr = relay.addrs.wss.expect("wss");
+    let hello = Arc::new(client_hello_prefix());
+    let mut request = b"GET / HTTP/1.1\r\nHost: relay\r\nCookie: ".to_vec();
+    request.resize(65_000, b'a');
+    let request = Arc::new(request);
+    let before = rss_kib(pid);
+    let (peak, closed) = peak_rss_kib(pid, async {
+        let mut tasks = Vec::new();
+        for _ in 0..BIG_HANDSHAKES {
+            tasks.push(tokio::spawn(closed_after_sending(tls_addr, hello.clone())));
+            tasks.push(tokio::spawn(closed_after_sending(
+                relay.ws(),
+                request.clone(),
+            )));
+        }
+        let mut closed = 0;
+        for t in tasks {
+            closed += usize::from(t.await.unwrap());
+        }
+        closed
+    })
+    .await;
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "{BIG_HANDSHAKES} + {BIG_HANDSHAKES} oversized handshakes: {closed} closed; relay RSS \
+         {before} KiB, peak +{grown} KiB"
+    );
+    assert_eq!(
+        closed,
+        2 * BIG_HANDSHAKES,
+        "every one closed before hello_ms"
+    );
+    assert!(grown < 16 * 1024, "relay RSS grew {grown} KiB");
+
+    // Real clients still connect: TLS and WSS.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    let stream = connector.connect(name.clone(), tcp).await.unwrap();
+    Client::over_stream(Box::new(stream)).hello().await;
+    let tcp = tokio::net::TcpStream::connect(wss_addr).await.unwrap();
+    let stream = connector.connect(name, tcp).await.unwrap();
+    let url = format!("wss://localhost:{}/", wss_addr.port());
+    Client::ws_over(Box::new(stream), &url).await.hello().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

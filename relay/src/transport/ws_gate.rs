@@ -180,6 +180,12 @@ type Taking = Pin<Box<dyn Future<Output = Option<Lease>> + Send>>;
 /// parsing than tungstenite's own limits allow.
 pub(crate) const UPGRADE_PARSE_MAX: usize = 2 << 20;
 
+/// The longest upgrade request taken, in bytes (counted up to its blank line). tungstenite
+/// takes up to
+/// 64 KiB, held until `hello_ms` — where TCP holds at most 4 KiB before `Welcome` (review
+/// finding); a browser's request, cookies included, is a few KiB at most.
+pub(crate) const UPGRADE_MAX: usize = 16 * 1024;
+
 /// Pings a client may send before it is admitted (see the module documentation).
 pub(crate) const PINGS_BEFORE_WELCOME: u32 = 16;
 
@@ -213,6 +219,8 @@ pub struct Follower {
     /// (see [`UPGRADE_PARSE_MAX`]).
     upgrade_bytes: usize,
     upgrade_parsed: usize,
+    /// The upgrade request's own bytes so far (at most [`UPGRADE_MAX`]).
+    upgrade_len: usize,
     /// [`UPGRADE_PARSE_MAX`] (tests that compare splits lift it: it depends on them).
     upgrade_parse_max: usize,
     /// Pings read before admission.
@@ -252,6 +260,7 @@ impl Follower {
             yields: 0,
             upgrade_bytes: 0,
             upgrade_parsed: 0,
+            upgrade_len: 0,
             upgrade_parse_max: UPGRADE_PARSE_MAX,
             pings_before_welcome: 0,
             pings_before_welcome_max: PINGS_BEFORE_WELCOME,
@@ -510,6 +519,13 @@ impl Follower {
                 At::Http(line) => {
                     self.at = next_line(line, bytes[0]);
                     bytes = &bytes[1..];
+                    self.upgrade_len += 1;
+                    if self.upgrade_len > UPGRADE_MAX {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("a WebSocket upgrade request over {UPGRADE_MAX} bytes"),
+                        ));
+                    }
                 }
                 At::Header { have } => {
                     let need = if have < 2 { 2 } else { self.header_len() };
@@ -638,12 +654,12 @@ mod tests {
 
     /// An upgrade request dribbled in small pieces is refused once tungstenite would have
     /// parsed [`UPGRADE_PARSE_MAX`] bytes of it (it parses the whole request after every
-    /// read); the same request in a few pieces passes, and so does one of 64 KiB (all that
-    /// tungstenite takes) in 1,460-byte segments.
+    /// read); the same request in a few pieces passes, and so does one of 16 KiB (all that
+    /// the follower takes) in 1,460-byte segments.
     #[test]
     fn an_upgrade_request_in_many_small_pieces_is_refused() {
         let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nCookie: ".to_vec();
-        big.resize((64 << 10) - 4, b'a');
+        big.resize(UPGRADE_MAX - 4, b'a');
         big.extend_from_slice(b"\r\n\r\n");
         for (req, step) in [(&big[..], 1460), (UPGRADE, 1), (&big[..], 4096)] {
             let mut f = Follower::new(WsGate::new(None, ADDR), 1 << 20);
@@ -652,10 +668,10 @@ mod tests {
             }
             assert!(!f.in_upgrade());
         }
-        // 128-byte pieces of a request with long headers: refused before its end.
+        // 32-byte pieces of a request with long headers: refused before its end.
         let mut f = Follower::new(WsGate::new(None, ADDR), 1 << 20);
         let mut refused = None;
-        for (i, piece) in big.chunks(128).enumerate() {
+        for (i, piece) in big.chunks(32).enumerate() {
             if let Err(e) = f.follow(piece) {
                 refused = Some((i, e));
                 break;
@@ -664,8 +680,24 @@ mod tests {
         let (i, e) = refused.expect("a dribbled request is refused");
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("too many pieces"), "{e}");
-        // Σ 128·k for k ≤ n passes 2 MiB at n ≈ 181 pieces (23 KB).
-        assert!((170..190).contains(&i), "refused at piece {i}");
+        // Σ 32·k for k ≤ n passes 2 MiB at n ≈ 362 pieces (11.6 KB).
+        assert!((350..375).contains(&i), "refused at piece {i}");
+    }
+
+    /// An upgrade request over [`UPGRADE_MAX`] is refused as its bytes pass (tungstenite
+    /// would take up to 64 KiB and hold it until `hello_ms`), in large pieces too.
+    #[test]
+    fn an_upgrade_request_over_16_kib_is_refused() {
+        let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nCookie: ".to_vec();
+        big.resize(UPGRADE_MAX + 1 - 4, b'a');
+        big.extend_from_slice(b"\r\n\r\n");
+        let mut f = Follower::new(WsGate::new(None, ADDR), 1 << 20);
+        let e = big
+            .chunks(4096)
+            .find_map(|piece| f.follow(piece).err())
+            .expect("refused");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("over 16384 bytes"), "{e}");
     }
 
     /// A client frame header (masked, as clients must send) for `len` payload bytes.
