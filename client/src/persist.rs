@@ -529,6 +529,8 @@ pub(crate) struct Store {
     retry_at: std::cell::Cell<Option<std::time::Instant>>,
     /// The wait after the next failure (doubling from [`RETRY_FIRST`] to [`RETRY_MAX`]).
     retry_wait: std::cell::Cell<std::time::Duration>,
+    /// Writes that failed so far (`ClientStats::state_write_failures`).
+    failures: std::cell::Cell<u64>,
 }
 
 /// First wait before a failed write is tried again.
@@ -781,6 +783,7 @@ impl Store {
             pending: Default::default(),
             retry_at: std::cell::Cell::new(None),
             retry_wait: std::cell::Cell::new(RETRY_FIRST),
+            failures: std::cell::Cell::new(0),
         })
     }
 
@@ -960,6 +963,7 @@ impl Store {
     }
 
     fn failed(&self, what: &str, e: rusqlite::Error) {
+        self.failures.set(self.failures.get() + 1);
         let wait = self.retry_wait.get();
         self.retry_at.set(Some(std::time::Instant::now() + wait));
         self.retry_wait.set((wait * 2).min(RETRY_MAX));
@@ -980,6 +984,11 @@ impl Store {
     /// whose dedup entries are not saved wait for it).
     pub(crate) fn is_saved(&self) -> bool {
         !self.pending.borrow().receiver()
+    }
+
+    /// How many writes failed so far (each counted once, its retries too).
+    pub(crate) fn write_failures(&self) -> u64 {
+        self.failures.get()
     }
 
     /// The next write is tried whatever the retry time of a failed one (at close).
@@ -2571,21 +2580,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("state.db");
         let s = Store::open(&p).unwrap();
-        s.db.busy_timeout(std::time::Duration::from_millis(20))
-            .unwrap();
+        // Every lock a write asks for while `other` holds the write lock reaches this
+        // handler, which counts it and gives up at once (SQLITE_BUSY, no waiting).
+        static BUSY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn count_busy(_: i32) -> bool {
+            BUSY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            false
+        }
+        let busy = || BUSY.load(std::sync::atomic::Ordering::Relaxed);
+        s.db.busy_handler(Some(count_busy)).unwrap();
         let other = Connection::open(&p).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
         assert!(!s.record(&[seen(1, 1_000)], 0, 0, 100), "the write failed");
+        assert!(busy() > 0, "it asked for the lock");
+        assert_eq!(s.write_failures(), 1);
         assert!(!s.is_saved());
         assert!(s.retry_at().is_some(), "a retry is due");
         s.try_now();
+        // The next failure's retry is an hour away: nothing below depends on timing.
+        s.retry_wait.set(std::time::Duration::from_secs(3600));
         s.keep(&[9; 16], 1, b"frame-9");
+        let tried = busy();
+        let due = s.retry_at().expect("the keep failed: a retry is due");
+        assert!(due > std::time::Instant::now() + std::time::Duration::from_secs(60));
         s.keep(&[8; 16], 2, b"frame-8");
         // Nothing is tried before the retry time of the failure (a locked file costs the
-        // busy timeout at every try): held.
-        let started = std::time::Instant::now();
+        // busy timeout at every try): held, and the lock not asked for.
         assert!(!s.record(&[seen(2, 1_000)], 0, 0, 100));
-        assert!(started.elapsed() < std::time::Duration::from_millis(20));
+        assert_eq!(busy(), tried, "no write tried before the retry time");
+        assert_eq!(s.retry_at(), Some(due), "nothing failed again");
         s.acked(&[8; 16]);
         other.execute_batch("ROLLBACK").unwrap();
         s.try_now();

@@ -919,16 +919,36 @@ async fn a_message_taken_while_the_state_file_cannot_be_written_is_refused_after
         }
     })
     .await;
-    // Its Ack waits: the flush's Ping went, the Ack did not.
-    c.flush().await.unwrap();
+    // Its Ack waits, and a flush with it (review finding 2: a flush promises the acks of
+    // what the app took before it): its Ping waits behind the held Ack. A subscribe after
+    // the flush round-trips (a `Sub` is not held): had the Ping left, its Pong came first.
+    let poll_once = |f: std::pin::Pin<&mut _>| {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        std::future::Future::poll(f, &mut cx)
+    };
+    let mut flushed = Box::pin(c.flush());
+    assert!(poll_once(flushed.as_mut()).is_pending());
+    let _other = c
+        .subscribe_with_options::<u32>("job/other", opts())
+        .await
+        .unwrap();
     assert_eq!(
         proxy.acks(),
         Vec::<Vec<u64>>::new(),
         "no ack before the write"
     );
+    assert!(
+        poll_once(flushed.as_mut()).is_pending(),
+        "the flush waits for the held ack"
+    );
     lock.execute_batch("ROLLBACK").unwrap();
-    // Written again (the retry timer): the Ack leaves.
-    within("the ack", proxy.wait_acks(|a| !a.is_empty())).await;
+    // Written again (the retry timer): the Ack leaves, then the flush's Ping.
+    within("the flush", flushed).await.unwrap();
+    assert!(
+        !proxy.acks().is_empty(),
+        "the ack left before the flush resolved"
+    );
+    assert!(c.stats().state_write_failures >= 1);
     drop(sub);
     c.close().await;
 

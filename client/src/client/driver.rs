@@ -128,41 +128,86 @@ pub(super) struct Driver {
 /// `Ack` frames held back while the state file lacks dedup entries they may cover (with
 /// `Persistence`, after a failed write): an `Ack` that left before its message was saved
 /// as seen lets the relay forget the message while a restarted client would accept a
-/// replay or re-post of it again. Bounded: held longer than [`HeldAcks::MAX_WAIT`] or more
-/// than [`HeldAcks::MAX`] frames, they are sent anyway (logged at error): a state file that
-/// cannot be written for good must not stop acknowledging.
+/// replay or re-post of it again. A flush's `Ping` waits behind them (a flush resolves
+/// once the acks of what the app took before it have left). Bounded: held longer than
+/// [`HeldAcks::MAX_WAIT`] or covering [`HeldAcks::MAX_SEQS`] sequences, they are sent
+/// anyway (logged at error): a state file that cannot be written for good must not stop
+/// acknowledging. Both bounds come well before the relay's: its ack timeout (30 s by
+/// default) redelivers what is unacknowledged, and its credit (4,096 messages per
+/// subscription by default) stops a subscription whose acks wait.
 #[derive(Debug, Default)]
 struct HeldAcks {
     conn: Option<ConnId>,
     frames: Vec<bytes::Bytes>,
+    /// Sequences the held `Ack`s cover.
+    seqs: usize,
     since: Option<std::time::Instant>,
 }
 
 impl HeldAcks {
-    const MAX_WAIT: Duration = Duration::from_secs(30);
-    const MAX: usize = 4096;
+    const MAX_WAIT: Duration = Duration::from_secs(10);
+    const MAX_SEQS: usize = 4096;
 
     fn hold(&mut self, conn: ConnId, b: bytes::Bytes) {
         if self.conn != Some(conn) {
             // Those of a connection gone are void: the relay delivers them again.
             self.frames.clear();
+            self.seqs = 0;
             self.conn = Some(conn);
         }
         if self.frames.is_empty() {
             self.since = Some(std::time::Instant::now());
         }
+        self.seqs += ack_seqs(&b);
         self.frames.push(b);
+    }
+
+    /// Whether frames of connection `conn` are held (later acks and flush pings queue
+    /// behind them).
+    fn holds(&self, conn: ConnId) -> bool {
+        self.conn == Some(conn) && !self.frames.is_empty()
     }
 
     /// Held past the bound.
     fn overdue(&self) -> bool {
-        self.frames.len() >= Self::MAX || self.since.is_some_and(|t| t.elapsed() >= Self::MAX_WAIT)
+        self.seqs >= Self::MAX_SEQS || self.since.is_some_and(|t| t.elapsed() >= Self::MAX_WAIT)
+    }
+
+    /// Takes the held frames (the bound starts again).
+    fn take(&mut self) -> Vec<bytes::Bytes> {
+        self.seqs = 0;
+        self.since = None;
+        std::mem::take(&mut self.frames)
     }
 }
 
 /// Whether an encoded frame is an `Ack` (a map of two entries whose key 0 is the type).
 fn is_ack(b: &[u8]) -> bool {
     b.starts_with(&[0xa2, 0x00, whispeer_protocol::frame::frame_type::ACK as u8])
+}
+
+/// Whether an encoded frame is a flush's `Ping` (a heartbeat's nonce is 0).
+fn is_flush_ping(b: &[u8]) -> bool {
+    b.starts_with(&[
+        0xa2,
+        0x00,
+        whispeer_protocol::frame::frame_type::PING as u8,
+        0x01,
+    ]) && b.get(4).is_some_and(|&n| n != 0)
+}
+
+/// How many sequences an encoded `Ack` covers (its array's length, key 1; 1 if unreadable).
+fn ack_seqs(b: &[u8]) -> usize {
+    match b.get(3..) {
+        Some([0x01, h, rest @ ..]) if h & 0xe0 == 0x80 => match (h & 0x1f, rest) {
+            (n @ 0..=23, _) => n as usize,
+            (24, [n, ..]) => *n as usize,
+            (25, [a, b, ..]) => u16::from_be_bytes([*a, *b]) as usize,
+            (26, [a, b, c, d, ..]) => u32::from_be_bytes([*a, *b, *c, *d]) as usize,
+            _ => 1,
+        },
+        _ => 1,
+    }
 }
 
 /// At most [`LogBudget::PER_MINUTE`] relay errors a minute are logged at warn — a relay
@@ -407,12 +452,12 @@ impl Driver {
         let mut wrote = false;
         // Acks held for a failed state file write go once it is written (or overdue).
         if !self.held.frames.is_empty() && (!self.acks_wait() || self.held.overdue()) {
-            let held = std::mem::take(&mut self.held.frames);
             if self.acks_wait() {
-                tracing::error!(acks = held.len(), waited_ms = self.held.since.map_or(0, |t| t.elapsed().as_millis() as u64),
+                tracing::error!(frames = self.held.frames.len(), seqs = self.held.seqs,
+                    waited_ms = self.held.since.map_or(0, |t| t.elapsed().as_millis() as u64),
                     "acks sent though the state file still lacks what they cover (it cannot be written)");
             }
-            self.held.since = None;
+            let held = self.held.take();
             if self.conn.as_ref().map(|c| c.id) == self.held.conn {
                 for b in held {
                     wrote = self.write_frame(b).await;
@@ -433,7 +478,12 @@ impl Driver {
                     let Some(id) = self.conn.as_ref().map(|c| c.id) else {
                         continue;
                     };
-                    if is_ack(&b) && self.acks_wait() {
+                    // Acks wait while receiver state is unsaved; later acks and a
+                    // flush's ping queue behind those held (in order).
+                    let ack = is_ack(&b);
+                    if (ack && self.acks_wait())
+                        || (self.held.holds(id) && (ack || is_flush_ping(&b)))
+                    {
                         self.held.hold(id, b);
                         continue;
                     }
@@ -510,6 +560,15 @@ impl Driver {
             return !st.is_saved();
         }
         false
+    }
+
+    /// State file writes that failed so far.
+    fn state_write_failures(&self) -> u64 {
+        #[cfg(feature = "persistence")]
+        if let Some(st) = &self.p.saved {
+            return st.write_failures();
+        }
+        0
     }
 
     /// When a failed state file write is to be tried again.
@@ -659,6 +718,16 @@ impl Driver {
             }
             Command::Close(done) => {
                 self.take_inbox();
+                // A failed write is tried once more now, so that the acks it holds back
+                // leave before the `Close` (still failing, they go with the connection:
+                // the relay delivers their messages again).
+                #[cfg(feature = "persistence")]
+                if let Some(st) = &self.p.saved {
+                    if !self.held.frames.is_empty() {
+                        st.try_now();
+                    }
+                }
+                self.persist_changes();
                 let now = self.now();
                 self.closing.push(done);
                 self.p.eng.close(now);
@@ -937,6 +1006,7 @@ impl Driver {
             type_mismatches: 0, // counted by the subscriptions; `Client::stats` adds it
             seal_failures: e.seal_failures,
             restore_refused: e.restore_refused,
+            state_write_failures: self.state_write_failures(),
         };
         self.p.stats.send_if_modified(|s| {
             if *s == next {
@@ -1098,5 +1168,40 @@ mod tests {
         // A minute on: logged again, and the 15 left out are said once.
         assert_eq!(b.take(t0 + Duration::from_secs(60)), (true, 15));
         assert_eq!(b.take(t0 + Duration::from_secs(61)), (true, 0));
+    }
+
+    /// Review finding (6): held acks are bounded by the sequences they cover (the relay's
+    /// credit counts messages), not by frames; a flush's ping is told from a heartbeat's.
+    #[test]
+    fn held_acks_count_sequences_and_flush_pings_are_told_apart() {
+        use whispeer_protocol::frame::{Ack, Frame, Ping};
+        for n in [1usize, 23, 24, 255, 256, 4096] {
+            let f = Frame::Ack(Ack {
+                seqs: (1..=n as u64).map(|s| s * 1_000_003).collect(),
+            })
+            .to_bytes();
+            assert!(is_ack(&f));
+            assert_eq!(ack_seqs(&f), n);
+        }
+        assert!(is_flush_ping(&Frame::Ping(Ping { nonce: 7 }).to_bytes()));
+        assert!(!is_flush_ping(&Frame::Ping(Ping { nonce: 0 }).to_bytes()));
+        assert!(!is_ack(&Frame::Ping(Ping { nonce: 7 }).to_bytes()));
+        let mut h = HeldAcks::default();
+        let big = Frame::Ack(Ack {
+            seqs: (1..=4000).collect(),
+        })
+        .to_bytes();
+        h.hold(ConnId::default(), big);
+        assert!(!h.overdue());
+        h.hold(
+            ConnId::default(),
+            Frame::Ack(Ack {
+                seqs: (4001..=4096).collect(),
+            })
+            .to_bytes(),
+        );
+        assert!(h.overdue(), "4,096 sequences held: sent anyway");
+        assert_eq!(h.take().len(), 2);
+        assert!(!h.overdue());
     }
 }

@@ -585,7 +585,10 @@ impl Client {
         }))
     }
 
-    /// Waits until the relay has processed everything sent before (a Ping/Pong round trip).
+    /// Waits until the relay has processed everything sent before (a Ping/Pong round trip),
+    /// the acks of what the app took included: with [`Persistence`](crate::Persistence),
+    /// acks held while a failed state file write is unsaved leave first (the `Ping` waits
+    /// behind them, at most 10 s).
     pub async fn flush(&self) -> Result<(), FlushError> {
         let (tx, rx) = oneshot::channel();
         self.inner

@@ -174,6 +174,12 @@ pub struct ClientStats {
     /// [`Persistence`](crate::Persistence)): not a QoS ≥ 1 `Pub` frame of the publish id
     /// they were saved under — a tampered or corrupt state file.
     pub restore_refused: u64,
+    /// State file writes that failed (with [`Persistence`](crate::Persistence)): a full
+    /// disk, another process holding the file's lock past the 5 s wait. Each is logged at
+    /// error; what it held is kept in memory and written with the next write (tried again
+    /// after 100 ms, doubling to 5 s), and acks wait for it meanwhile. Every failed try
+    /// counts; a count that keeps growing means the file cannot be written.
+    pub state_write_failures: u64,
 }
 
 /// What a subscription's channel holds.
