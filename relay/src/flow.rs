@@ -32,15 +32,14 @@
 //! for it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use whispeer_protocol::frame::ErrFrame;
 use whispeer_protocol::{codec, Envelope, ErrorCode, Frame, TokenPattern};
 
-use crate::held_bytes::{fair_admits, Queued};
 use crate::ids::Seq;
 use crate::metrics::Metrics;
 use crate::outbound::ReadHold;
@@ -63,22 +62,40 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// quota applies; once written it leaves the outbound budget): 256 connections of one
 /// address that read but never ack held 64 MiB each, 16 GiB per address.
 ///
-/// The rule is the queues' fair share ([`fair_admits`]) with half the budget as its bounds:
-/// up to half, anyone's delivery is taken (honest load never gets near it); beyond half,
-/// only an address holding less than its share of that half (half / addresses holding
-/// unacknowledged bytes; an address holding nothing may always take a message), and within
+/// The rule ([`BudgetShare::verdict`]) is the queues' fair share with half the budget as
+/// its bounds: up to half, anyone's delivery is taken (honest load never gets near it);
+/// beyond half, only an address holding less than its share of that half (half / addresses
+/// holding unacknowledged bytes; an address holding nothing is always under it), and within
 /// it only a connection holding less than its share of the address's (the address's share /
-/// its connections holding bytes; a connection holding nothing may take one); never beyond
-/// the whole budget. So a lone address gets half, one address's connections cannot keep
-/// another address's first delivery out, and a flooding address's first connections cannot
-/// keep its later ones out either once the relay is past half. A subscription refused pauses
-/// as without credit ([`Tracking::deliver_live`]): stored messages wait in the store, and
-/// unstored ones are counted and reported in a `Gap` when its delivery resumes.
+/// its connections holding bytes; a connection holding nothing may take one); and within
+/// the whole budget. A subscription refused pauses as without credit
+/// ([`Tracking::deliver_live`]): stored messages wait in the store, and unstored ones are
+/// counted and reported in a `Gap` when its delivery resumes.
+///
+/// The whole budget can fill while every address is at or under its share: shares shrink
+/// as addresses join, and what an address took under a larger share stays. (At the
+/// default: one address's non-acking connections take the first half, a second address
+/// its share of a quarter, a third ~171 MiB, a fourth the rest — and every other address,
+/// holding nothing, was refused for good.) No rule over what is held can avoid that
+/// without reserving room per address, and addresses are many. So room is taken back
+/// instead ([`UnackedBudget::reclaim`]): when an address under its share (and a
+/// connection under its share of it) is refused only because the whole budget is spent,
+/// the connection holding most of the address holding most is closed as a slow consumer
+/// (fatal `Err(slow_consumer)`, counted in `whispeer_relay_slow_consumer_disconnects_total`),
+/// until what closing connections still hold covers the message. Its stored messages stay
+/// in the store (redelivered when it subscribes again); its unstored QoS 0 ones go with it
+/// (at-most-once). That address is over its share whenever this happens: the whole budget
+/// (2 × half) minus the message is held, the asker holds less than half / n of it, so one
+/// of the other n − 1 addresses holds more than (2·half − len − half/n) / (n − 1), which
+/// is more than half / n for any message smaller than half the budget — so an honest
+/// address (under its share) is never the one closed, and its refused message is delivered
+/// once the closed connection's bytes are freed (its pause is retried at each redelivery
+/// tick and credit wait, ≤ 1 s). Each such refusal costs the flood a connection, which it
+/// must open again (and fill again) through the per-address connection limits.
 ///
 /// The check and the addition are separate steps (each under its subscription's lock, not
 /// a relay-wide one): routers delivering on several shards at once may each pass it, so
 /// the bound may be exceeded by one message per concurrently routing shard.
-#[derive(Debug)]
 pub(crate) struct UnackedBudget {
     /// Bytes (0 = unlimited).
     max: u64,
@@ -88,16 +105,28 @@ pub(crate) struct UnackedBudget {
     busy: AtomicUsize,
     /// Each address with a connection, by its tenant (removed with its last connection).
     by: Mutex<HashMap<Tenant, Place>>,
+    /// The next [`BudgetShare::key`].
+    next_key: AtomicU64,
+}
+
+impl std::fmt::Debug for UnackedBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnackedBudget")
+            .field("max", &self.max)
+            .field("used", &self.used())
+            .finish()
+    }
 }
 
 /// An address's entry in the [`UnackedBudget`]: its counts and its connections.
 #[derive(Debug)]
 struct Place {
     addr: Arc<AddrUnacked>,
-    /// Its connections' [`BudgetShare`]s alive, counted under the map's lock (not the
-    /// `Arc`'s strong count: a share's own reference drops after its `drop` ran, so two
-    /// last connections closing at once each saw the other's and the entry leaked).
-    conns: usize,
+    /// Its connections' [`BudgetShare`]s alive (by key), kept under the map's lock (not
+    /// the `Arc`'s strong count: a share's own reference drops after its `drop` ran, so two
+    /// last connections closing at once each saw the other's and the entry leaked). Each
+    /// is its connection's counts, once made ([`ConnUnacked::new`]), for [`UnackedBudget::reclaim`].
+    conns: HashMap<u64, Weak<ConnUnacked>>,
 }
 
 /// What one address holds of the [`UnackedBudget`].
@@ -108,22 +137,92 @@ pub(crate) struct AddrUnacked {
     busy: AtomicUsize,
 }
 
+/// Closes a connection as a slow consumer (the budget takes its room back).
+pub(crate) type Evict = Box<dyn Fn() + Send + Sync>;
+
 /// A connection's place in the [`UnackedBudget`]: its address's counts, given back (the
 /// address forgotten with its last connection) when dropped.
-#[derive(Debug)]
 pub(crate) struct BudgetShare {
     budget: Arc<UnackedBudget>,
     tenant: Tenant,
     addr: Arc<AddrUnacked>,
+    key: u64,
+    /// Closes the connection when the budget takes its room back.
+    evict: Evict,
+}
+
+impl std::fmt::Debug for BudgetShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BudgetShare")
+            .field("tenant", &self.tenant)
+            .field("addr", &self.addr)
+            .finish()
+    }
 }
 
 impl Drop for BudgetShare {
     fn drop(&mut self) {
         let mut by = lock(&self.budget.by);
         if let Some(place) = by.get_mut(&self.tenant) {
-            place.conns = place.conns.saturating_sub(1);
-            if place.conns == 0 {
+            place.conns.remove(&self.key);
+            if place.conns.is_empty() {
                 by.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// What the budget says to a connection asking for more bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Yes,
+    /// Its address (or it, within the address) holds its share.
+    No,
+    /// Under its share, but the whole budget is spent: room is taken back
+    /// ([`UnackedBudget::reclaim`]).
+    Full,
+}
+
+impl BudgetShare {
+    /// Whether this connection, holding `conn` bytes, may take `len` more: the fair share
+    /// over half the budget, within the whole (see [`UnackedBudget`]).
+    fn verdict(&self, conn: usize, len: usize) -> Verdict {
+        let b = &self.budget;
+        if b.max == 0 {
+            return Verdict::Yes;
+        }
+        let (len, conn) = (len as u64, conn as u64);
+        let half = (b.max / 2).max(1);
+        let used = b.used();
+        if used + len <= half {
+            // Within half: anyone.
+            return Verdict::Yes;
+        }
+        let mine = self.addr.bytes.load(Relaxed);
+        let addrs = (b.busy.load(Relaxed) + usize::from(mine == 0)).max(1) as u64;
+        // A share never rounds down to 0.
+        let share = (half / addrs).max(1);
+        let conns = (self.addr.busy.load(Relaxed) + usize::from(conn == 0)).max(1) as u64;
+        let conn_share = (share / conns).max(1);
+        if !(mine == 0 || mine + len <= share) || !(conn == 0 || conn + len <= conn_share) {
+            return Verdict::No;
+        }
+        if used == 0 || used + len <= b.max {
+            Verdict::Yes
+        } else {
+            Verdict::Full
+        }
+    }
+
+    /// [`verdict`](Self::verdict), taking room back when the whole budget refuses a
+    /// connection under its share.
+    fn admits(&self, conn: usize, len: usize) -> bool {
+        match self.verdict(conn, len) {
+            Verdict::Yes => true,
+            Verdict::No => false,
+            Verdict::Full => {
+                self.budget.reclaim(&self.tenant, len);
+                false
             }
         }
     }
@@ -137,24 +236,29 @@ impl UnackedBudget {
             metrics,
             busy: AtomicUsize::new(0),
             by: Mutex::new(HashMap::new()),
+            next_key: AtomicU64::new(1),
         })
     }
 
-    /// A connection from `tenant` joins (its address's place, made if it has none).
-    pub(crate) fn share(self: &Arc<Self>, tenant: Tenant) -> BudgetShare {
+    /// A connection from `tenant` joins (its address's place, made if it has none);
+    /// `evict` closes it as a slow consumer ([`reclaim`](Self::reclaim)).
+    pub(crate) fn share(self: &Arc<Self>, tenant: Tenant, evict: Evict) -> BudgetShare {
+        let key = self.next_key.fetch_add(1, Relaxed);
         let addr = {
             let mut by = lock(&self.by);
             let place = by.entry(tenant.clone()).or_insert_with(|| Place {
                 addr: Arc::default(),
-                conns: 0,
+                conns: HashMap::new(),
             });
-            place.conns += 1;
+            place.conns.insert(key, Weak::new());
             place.addr.clone()
         };
         BudgetShare {
             budget: self.clone(),
             tenant,
             addr,
+            key,
+            evict,
         }
     }
 
@@ -163,34 +267,73 @@ impl UnackedBudget {
         self.metrics.unacked_bytes.load(Relaxed)
     }
 
-    /// Whether a connection of `addr` holding `conn` bytes may take `len` more.
-    fn admits(&self, addr: &AddrUnacked, conn: usize, len: usize) -> bool {
-        if self.max == 0 {
-            return true;
+    /// Takes room back for `len` bytes that an address under its share (`asker`) was
+    /// refused for lack of it (see [`UnackedBudget`]): closes, as slow consumers, the
+    /// connections holding most of the address holding most (never the asker's, nor an
+    /// address at or under its share), until what the closing connections still hold
+    /// covers what is missing. Their bytes are freed as their sessions end.
+    fn reclaim(&self, asker: &Tenant, len: usize) {
+        let mut victims = Vec::new();
+        {
+            let by = lock(&self.by);
+            let used = self.used();
+            let need = (used + len as u64).saturating_sub(self.max);
+            let half = (self.max / 2).max(1);
+            let share = half / (self.busy.load(Relaxed).max(1) as u64);
+            // Each address: its connections' counts (alive), and what it holds less what
+            // its closing connections hold (that is on its way back).
+            let mut pending = 0u64;
+            let mut addrs: Vec<(u64, Vec<Arc<ConnUnacked>>)> = Vec::new();
+            for (tenant, place) in by.iter() {
+                let conns: Vec<_> = place.conns.values().filter_map(Weak::upgrade).collect();
+                let mut closing = 0u64;
+                for c in &conns {
+                    if c.evicted.load(Relaxed) {
+                        closing += c.used.load(Relaxed) as u64;
+                    }
+                }
+                pending += closing;
+                if tenant != asker {
+                    let held = place.addr.bytes.load(Relaxed).saturating_sub(closing);
+                    addrs.push((held, conns));
+                }
+            }
+            while pending < need {
+                let Some((held, conns)) = addrs.iter_mut().max_by_key(|(held, _)| *held) else {
+                    break;
+                };
+                if *held <= share {
+                    break;
+                }
+                let Some(c) = conns
+                    .iter()
+                    .filter(|c| !c.evicted.load(Relaxed))
+                    .max_by_key(|c| c.used.load(Relaxed))
+                    .filter(|c| c.used.load(Relaxed) > 0)
+                    .cloned()
+                else {
+                    *held = 0;
+                    continue;
+                };
+                let n = c.used.load(Relaxed) as u64;
+                c.evicted.store(true, Relaxed);
+                pending += n;
+                *held = held.saturating_sub(n);
+                victims.push(c);
+            }
+            // The upgraded counts drop after the lock: the last one drops its share, which
+            // takes the lock.
+            drop(by);
+            drop(addrs);
         }
-        let half = (self.max / 2).max(1);
-        let all = Queued {
-            msgs: 0,
-            bytes: self.used(),
-        };
-        let add = Queued {
-            msgs: 0,
-            bytes: len as u64,
-        };
-        if fair_admits(all, Queued::default(), 1, add, usize::MAX, half) {
-            // Within half: anyone.
-            return true;
+        for c in victims {
+            if let Some(b) = &c.budget {
+                tracing::info!(tenant = ?b.tenant, held = c.used.load(Relaxed),
+                    "closing a connection as a slow consumer: the relay-wide budget of \
+                     unacknowledged bytes is spent and its address holds the most");
+                (b.evict)();
+            }
         }
-        let mine = addr.bytes.load(Relaxed);
-        let addrs = self.busy.load(Relaxed) + usize::from(mine == 0);
-        let held = |bytes| Queued { msgs: 0, bytes };
-        if !fair_admits(all, held(mine), addrs, add, usize::MAX, half) {
-            return false;
-        }
-        // Within the address's share, the connection's share of it.
-        let conns = addr.busy.load(Relaxed) + usize::from(conn == 0);
-        let share = (half / addrs.max(1) as u64 / conns.max(1) as u64).max(1);
-        conn == 0 || conn as u64 + len as u64 <= share
     }
 
     fn add(&self, addr: &AddrUnacked, conn_before: usize, n: usize) {
@@ -244,6 +387,9 @@ pub(crate) struct ConnUnacked {
     next_id: AtomicU64,
     /// Its place in the relay-wide budget (none: unbounded, as in some tests).
     budget: Option<BudgetShare>,
+    /// Closed by the budget to take its room back ([`UnackedBudget::reclaim`]): what it
+    /// still holds is on its way back.
+    evicted: AtomicBool,
 }
 
 /// The connection's unacknowledged deliveries, by sequence, and its paused subscriptions
@@ -260,13 +406,21 @@ struct Held {
 impl ConnUnacked {
     /// At most `max` bytes, and what `budget` (the relay-wide one) admits.
     pub(crate) fn new(max: usize, budget: Option<BudgetShare>) -> Arc<Self> {
-        Arc::new(Self {
-            used: AtomicUsize::new(0),
-            max: max.max(1),
-            freed: Notify::new(),
-            held: Mutex::new(Held::default()),
-            next_id: AtomicU64::new(1),
-            budget,
+        Arc::new_cyclic(|me| {
+            if let Some(b) = &budget {
+                if let Some(place) = lock(&b.budget.by).get_mut(&b.tenant) {
+                    place.conns.insert(b.key, me.clone());
+                }
+            }
+            Self {
+                used: AtomicUsize::new(0),
+                max: max.max(1),
+                freed: Notify::new(),
+                held: Mutex::new(Held::default()),
+                next_id: AtomicU64::new(1),
+                budget,
+                evicted: AtomicBool::new(false),
+            }
         })
     }
 
@@ -301,21 +455,22 @@ impl ConnUnacked {
     }
 
     /// Whether `len` more bytes fit: in the connection's bound (always while nothing is
-    /// unacknowledged) and in the relay-wide budget's share ([`UnackedBudget::admits`]).
+    /// unacknowledged) and in the relay-wide budget's share ([`BudgetShare::admits`]).
     fn fits(&self, len: usize) -> bool {
         let used = self.used.load(Relaxed);
         (used == 0 || used + len <= self.max) && self.budget_admits(used, len)
     }
 
     fn budget_admits(&self, used: usize, len: usize) -> bool {
-        self.budget
-            .as_ref()
-            .is_none_or(|b| b.budget.admits(&b.addr, used, len))
+        self.budget.as_ref().is_none_or(|b| b.admits(used, len))
     }
 
-    /// Whether the relay-wide budget (not the connection's own bound) refuses `len` more.
+    /// Whether the relay-wide budget (not the connection's own bound) refuses `len` more
+    /// (asking only: takes no room back).
     fn over_budget(&self, len: usize) -> bool {
-        !self.budget_admits(self.used.load(Relaxed), len)
+        self.budget
+            .as_ref()
+            .is_some_and(|b| b.verdict(self.used.load(Relaxed), len) != Verdict::Yes)
     }
 
     fn add(&self, n: usize) {
@@ -1022,9 +1177,9 @@ mod tests {
     #[test]
     fn an_address_is_forgotten_with_its_last_connection_whatever_else_holds_its_counts() {
         let budget = UnackedBudget::new(1 << 20, Arc::new(Metrics::default()));
-        let a = budget.share(tenant("192.0.2.1"));
-        let b = budget.share(tenant("192.0.2.1"));
-        let other = budget.share(tenant("192.0.2.2"));
+        let a = budget.share(tenant("192.0.2.1"), Box::new(|| {}));
+        let b = budget.share(tenant("192.0.2.1"), Box::new(|| {}));
+        let other = budget.share(tenant("192.0.2.2"), Box::new(|| {}));
         assert_eq!(lock(&budget.by).len(), 2);
         let alive = a.addr.clone();
         drop(a);

@@ -246,9 +246,30 @@ impl Session {
         let tenant = Tenant::from_peer(peer, l.addr_ipv6_prefix);
         let d = &shared.config.delivery;
         let budget = shared.router.unacked_budget(d.total_unacked_bytes);
+        // The budget closes the connection as a slow consumer to take its room back when
+        // the budget is spent and its address holds the most (`UnackedBudget::reclaim`).
+        let evict: crate::flow::Evict = {
+            let (out, metrics) = (Arc::downgrade(&out), shared.metrics.clone());
+            Box::new(move || {
+                let Some(out) = out.upgrade() else { return };
+                if out.is_closing() {
+                    return;
+                }
+                metrics.slow_consumer_disconnect();
+                out.close_discarding(codec::encode_prefixed(&Frame::Err(ErrFrame {
+                    code: ErrorCode::SlowConsumer,
+                    message: "the relay's budget of unacknowledged bytes is spent and this \
+                              address holds the most of it: acknowledge what you receive"
+                        .into(),
+                    fatal: true,
+                    sub_id: None,
+                    publish_id: None,
+                })));
+            })
+        };
         let unacked = ConnUnacked::new(
             d.connection_unacked_bytes,
-            Some(budget.share(tenant.clone())),
+            Some(budget.share(tenant.clone(), evict)),
         );
         Self {
             shared,

@@ -1026,3 +1026,106 @@ async fn a_ping_flood_from_one_address_is_paced_by_its_ack_rate() {
         "took {took:?}"
     );
 }
+
+/// Review finding 1 of 891ecb7: the relay-wide budget could fill while every address was at
+/// or under its share (shares shrink as addresses join; what was taken under a larger one
+/// stays), and then refused everyone, an address holding nothing too: QoS ≥ 1 subscriptions
+/// paused for good. Non-acking subscribers on 127.0.0.2–.5 (two connections each) take a
+/// 4 MiB budget one address after another — the first half, then each later address its
+/// share — until it is spent. A QoS 1 subscriber on 127.0.0.6 still gets every message
+/// published to it, in order: the relay closed the connection holding most of the address
+/// holding most as a slow consumer to take room back (the attacker is told, and it counts).
+#[tokio::test]
+async fn an_honest_address_gets_its_messages_when_others_spent_the_relay_wide_budget() {
+    const TOTAL: usize = 4 << 20;
+    const BODY: usize = 32 << 10;
+    const EACH: u32 = 40;
+    const HONEST: u32 = 10;
+    let mut config = Config::ephemeral();
+    config.delivery.total_unacked_bytes = TOTAL;
+    config.delivery.connection_unacked_bytes = 64 << 20;
+    config.delivery.max_unacked_bytes = 64 << 20;
+    config.limits.publish_rate = 0;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut readers = Vec::new();
+    let mut nonce = 0;
+    for a in 2..=5u8 {
+        let mut levels = Vec::new();
+        for c in 0..2u8 {
+            let level = a * 10 + c;
+            let mut s = Client::tcp_from(relay.tcp(), &format!("127.0.0.{a}")).await;
+            hello_flow(&mut s).await;
+            s.send(&qos1_sub(1, exact(1, &[level]), Some(4096))).await;
+            assert!(matches!(s.recv().await, Frame::SubOk(_)));
+            levels.push(level);
+            // Reads everything, acks nothing; reports a slow-consumer close.
+            let closed = closed_tx.clone();
+            readers.push(tokio::spawn(async move {
+                loop {
+                    match s.read().await {
+                        Read::Frame(b) => {
+                            if let Ok(Frame::Err(e)) = Frame::decode(&b) {
+                                assert_eq!(e.code, whispeer_protocol::ErrorCode::SlowConsumer);
+                                assert!(e.fatal);
+                                let _ = closed.send(level);
+                            }
+                        }
+                        Read::Closed | Read::Broken(_) => return,
+                    }
+                }
+            }));
+        }
+        // This address's share, published and routed before the next address's.
+        for i in 0..EACH {
+            for &level in &levels {
+                p.send(&Frame::Pub(Pub {
+                    envelope: envelope_sized(1, &[level], BODY + i as usize),
+                    flags: 0,
+                    publish_id: None,
+                    qos: Qos::AtMostOnce,
+                }))
+                .await;
+            }
+        }
+        nonce += 1;
+        until_pong(&mut p, nonce).await;
+    }
+    assert!(metric(admin, "whispeer_relay_unacked_budget_pauses_total").await > 0);
+    let mut honest = Client::tcp_from(relay.tcp(), "127.0.0.6").await;
+    hello_flow(&mut honest).await;
+    honest.send(&qos1_sub(1, exact(1, &[60]), Some(16))).await;
+    assert!(matches!(honest.recv().await, Frame::SubOk(_)));
+    // Larger than what the attackers' last messages could leave free.
+    let seqs = publish_acked_sized(&mut p, &[60], 0, HONEST, |_| 2 * BODY).await;
+    let mut got = Vec::new();
+    while got.len() < seqs.len() {
+        match honest.recv().await {
+            Frame::Msg(m) => {
+                honest.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+                got.push(m.seq);
+            }
+            other => panic!("honest subscriber got {other:?}"),
+        }
+    }
+    assert_eq!(got, seqs, "every message, in order, once");
+    // The room came from an attacker's connection, closed as a slow consumer; it was one
+    // of the first address's (it held the most).
+    let level = closed_rx.recv().await.expect("an attacker closed");
+    assert_eq!(
+        level / 10,
+        2,
+        "closed a connection of 127.0.0.{}",
+        level / 10
+    );
+    assert!(metric(admin, "whispeer_relay_slow_consumer_disconnects_total").await > 0);
+    assert!(
+        metric(admin, "whispeer_relay_unacked_bytes").await <= (TOTAL + 2 * BODY + 4096) as u64
+    );
+    for r in readers {
+        r.abort();
+    }
+}
