@@ -22,7 +22,8 @@
 //! held 1–2 GiB.)
 //!
 //! A catch-up (and a QoS ≥ 1 history, `replay`) reads no more than its credit allows at
-//! the time ([`Tracking::allowance`]: messages and bytes, within a chunk), queues it, and
+//! the time ([`Tracking::allowance`]: messages and bytes, within a chunk and what the
+//! relay-wide budget of unacknowledged bytes lets its connection take), queues it, and
 //! waits for credit before it reserves and reads again, holding nothing meanwhile: a
 //! subscription whose client does not ack holds no reservation and no message read, so it
 //! never holds up the connection's other senders (retained values, histories, catch-ups)
@@ -212,6 +213,45 @@ impl BudgetShare {
         } else {
             Verdict::Full
         }
+    }
+
+    /// The most bytes [`verdict`](Self::verdict) lets this connection, holding `conn`,
+    /// take now (`u64::MAX`: no bound); a catch-up reads no more (see
+    /// [`Tracking::allowance`]). Takes room back, as [`admits`](Self::admits) does, when
+    /// only the whole budget leaves it none.
+    fn room(&self, conn: usize) -> u64 {
+        let b = &self.budget;
+        if b.max == 0 {
+            return u64::MAX;
+        }
+        let conn = conn as u64;
+        let half = (b.max / 2).max(1);
+        let used = b.used();
+        let within = half.saturating_sub(used);
+        let mine = self.addr.bytes.load(Relaxed);
+        let addrs = (b.busy.load(Relaxed) + usize::from(mine == 0)).max(1) as u64;
+        let share = (half / addrs).max(1);
+        let conns = (self.addr.busy.load(Relaxed) + usize::from(conn == 0)).max(1) as u64;
+        let conn_share = (share / conns).max(1);
+        let addr_room = if mine == 0 {
+            u64::MAX
+        } else {
+            share.saturating_sub(mine)
+        };
+        let conn_room = if conn == 0 {
+            u64::MAX
+        } else {
+            conn_share.saturating_sub(conn)
+        };
+        let whole = if used == 0 {
+            u64::MAX
+        } else {
+            b.max.saturating_sub(used)
+        };
+        if within == 0 && whole == 0 && addr_room > 0 && conn_room > 0 {
+            b.reclaim(&self.tenant, 1);
+        }
+        within.max(addr_room.min(conn_room).min(whole))
     }
 
     /// [`verdict`](Self::verdict), taking room back when the whole budget refuses a
@@ -763,11 +803,20 @@ impl Tracking {
         let t = lock(&self.inner);
         let msgs = self.credit.saturating_sub(t.unacked.len());
         let conn_used = self.conn.used.load(Relaxed);
+        // What the relay-wide budget lets the connection take now: reading more only to
+        // be refused it cost a re-read of the chunk (up to 1 MiB on the one store-reader
+        // thread) per message admitted near a full budget.
+        let budget = self
+            .conn
+            .budget
+            .as_ref()
+            .map_or(u64::MAX, |b| b.room(conn_used));
         let bytes = (self.conn.max.saturating_sub(conn_used))
-            .min(self.max_bytes.saturating_sub(t.unacked_bytes));
+            .min(self.max_bytes.saturating_sub(t.unacked_bytes))
+            .min(usize::try_from(budget).unwrap_or(usize::MAX));
         // With nothing unacknowledged one message is allowed whatever its size (the read
-        // returns the first message whatever its size).
-        let free = t.unacked.is_empty() && conn_used == 0;
+        // returns the first message whatever its size), if the budget has room at all.
+        let free = t.unacked.is_empty() && conn_used == 0 && budget > 0;
         (msgs > 0 && (bytes > 0 || free)).then_some(ReadLimit { msgs, bytes })
     }
 

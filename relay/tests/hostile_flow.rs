@@ -1129,3 +1129,61 @@ async fn an_honest_address_gets_its_messages_when_others_spent_the_relay_wide_bu
         r.abort();
     }
 }
+
+/// Review finding 2 of 891ecb7: a catch-up's read allowance ignored the relay-wide budget
+/// of unacknowledged bytes: it read up to a chunk (1 MiB, 1,024 rows) the budget then
+/// refused, and read it again once an ack freed room for one more message — near a full
+/// budget, a chunk read per message admitted, on the one store-reader thread. A lone
+/// address gets half of a 256 KiB budget: a subscriber with credit 4,096 and 300 stored
+/// 4 KiB messages keeps 24 of them (~100 KiB) unacknowledged while it catches up, acking
+/// the oldest as each new one comes; the store reads no more rows than twice the messages
+/// (each read takes what the budget lets in; without it, ~10 rows read per message).
+#[tokio::test]
+async fn a_catch_up_near_a_spent_budget_reads_no_more_than_the_budget_takes() {
+    use whispeer_relay::config::StoreKind;
+    const MSGS: u32 = 300;
+    const BODY: usize = 4 << 10;
+    let dir = temp_dir("budget-reads");
+    let mut config = Config::ephemeral();
+    config.store.kind = Some(StoreKind::Sqlite);
+    config.store.path = dir.join("s.db");
+    config.store.min_free_bytes = 0;
+    config.delivery.total_unacked_bytes = 256 << 10;
+    config.limits.publish_rate = 0;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let mut s = Client::tcp(relay.tcp()).await;
+    hello_flow(&mut s).await;
+    s.send(&qos1_sub(1, exact(1, &[1]), Some(4096))).await;
+    assert!(matches!(s.recv().await, Frame::SubOk(_)));
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    let seqs = publish_acked_sized(&mut p, &[1], 0, MSGS, |_| BODY).await;
+    wait_metric(admin, "whispeer_relay_unacked_budget_pauses_total", 1).await;
+    let rows_before = metric(admin, "whispeer_relay_store_rows_read_total").await;
+    // Reads on, keeping the newest HELD messages unacknowledged (~100 KiB of the 128 KiB
+    // its address may hold): each message that comes, it acks the oldest it holds, so the
+    // budget has room for a few messages at a time.
+    const HELD: usize = 24;
+    let mut got = Vec::new();
+    while got.len() < seqs.len() {
+        match s.recv().await {
+            Frame::Msg(m) if m.flags & msg_flags::REDELIVERED == 0 => {
+                got.push(m.seq);
+                if got.len() > HELD {
+                    let oldest = got[got.len() - 1 - HELD];
+                    s.send(&Frame::Ack(Ack { seqs: vec![oldest] })).await;
+                }
+            }
+            Frame::Msg(_) => {}
+            other => panic!("subscriber got {other:?}"),
+        }
+    }
+    assert_eq!(got, seqs, "every message, in order, once");
+    let rows = metric(admin, "whispeer_relay_store_rows_read_total").await - rows_before;
+    eprintln!("{rows} rows read to deliver {MSGS} messages near a spent budget");
+    assert!(
+        rows <= 2 * u64::from(MSGS),
+        "{rows} rows read for {MSGS} messages"
+    );
+}
