@@ -231,10 +231,12 @@ async fn read_loop<Src: FrameSource>(
     let mut rights_changed = None;
     // Not reading because the connection's replies back up (`Outbound::replies_backed_up`):
     // the idle timer waits meanwhile, and the writer must move instead — `stall` is the
-    // batches it had finished and when that count last moved. Only its progress counts, not
+    // bytes it had written and when that count last moved. Only its progress counts, not
     // whether it holds a batch: a WebSocket writer blocked in its keepalive `Ping` (the
     // socket full, its last batch written) holds none, and the replies queued behind it
-    // were never taken.
+    // were never taken. Paused means the writer has not taken the replies, so it is blocked
+    // on the socket: a peer that closes (a reset, with those bytes unread) fails its write,
+    // and the queue's closing ends this loop at once.
     let mut paused = false;
     let mut stall = (0u64, started);
     loop {
@@ -326,7 +328,7 @@ async fn read_loop<Src: FrameSource>(
                     let stuck = paused && session.is_open();
                     let due = if stuck {
                         // Not read meanwhile: not the client's idleness either. The last
-                        // resort is a writer that finishes no batch in `idle_ms` (a peer that
+                        // resort is a writer that writes nothing in `idle_ms` (a peer that
                         // reads nothing): closed as a slow consumer — whatever the writer is
                         // blocked in, a batch or its keepalive (test
                         // outbound_hostile::a_websocket_writer_blocked_in_its_keepalive_is_closed_when_replies_back_up).
@@ -513,7 +515,35 @@ async fn unless_closed<C: Future, S: Future>(
     }
 }
 
-/// Drains the queue into the sink, one coalesced write per batch, sending `Gap` before a
+/// The most bytes of a batch the writer hands the sink at once (a frame larger goes alone):
+/// its progress ([`Outbound::wrote`]) moves at least this often while the peer reads, so a
+/// reader paused for replies does not take a large batch on a slow link for a stalled one
+/// (an 8 MiB batch takes 45 s at ~1.5 Mbit/s; a slice, 64 KiB, at ~12 kbit/s).
+pub(crate) const WRITE_SLICE: usize = 64 << 10;
+
+/// Writes `frames` in slices of at most [`WRITE_SLICE`] bytes (whole frames), noting each
+/// slice written in `out`'s progress. A batch within one slice is one `send`, as before.
+async fn send_in_slices<Snk: FrameSink>(
+    sink: &mut Snk,
+    frames: &[Bytes],
+    out: &Outbound,
+) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < frames.len() {
+        let (mut end, mut bytes) = (at + 1, frames[at].len());
+        while end < frames.len() && bytes + frames[end].len() <= WRITE_SLICE {
+            bytes += frames[end].len();
+            end += 1;
+        }
+        sink.send(&frames[at..end]).await?;
+        out.wrote(bytes);
+        at = end;
+    }
+    Ok(())
+}
+
+/// Drains the queue into the sink, one coalesced write per batch (in slices of at most
+/// [`WRITE_SLICE`] bytes), sending `Gap` before a
 /// batch that follows dropped messages, and transport keepalives when idle.
 async fn write_loop<Snk: FrameSink>(
     mut sink: Snk,
@@ -547,7 +577,7 @@ async fn write_loop<Snk: FrameSink>(
             {
                 crate::hop::request(crate::hop::Cause::Writing);
             }
-            let sent = sink.send(&batch).await;
+            let sent = send_in_slices(&mut sink, &batch, &out).await;
             // Until here the batch counted against the relay-wide outbound budget.
             out.written(taken.msg_bytes);
             if sent.is_err() {
@@ -587,4 +617,85 @@ async fn write_loop<Snk: FrameSink>(
     }
     // The peer is gone: stop the reader too.
     out.close_with(None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlowConsumerPolicy;
+    use crate::outbound::Budget;
+    use tokio::sync::{mpsc, Semaphore};
+
+    /// A sink that reports each `send`'s bytes and then waits for the test's permit: a
+    /// peer that reads as the test says.
+    struct Paced {
+        calls: mpsc::UnboundedSender<usize>,
+        go: Arc<Semaphore>,
+    }
+
+    impl FrameSink for Paced {
+        async fn send(&mut self, frames: &[Bytes]) -> std::io::Result<()> {
+            let _ = self.calls.send(frames.iter().map(Bytes::len).sum());
+            self.go.acquire().await.expect("open").forget();
+            Ok(())
+        }
+        async fn keepalive(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        async fn close(&mut self) {}
+    }
+
+    /// The writer's progress (what the last-resort close of a connection paused for its
+    /// replies watches) moves in bytes, a slice of at most `WRITE_SLICE` at a time, within
+    /// a batch: a 512 KiB batch to a slow peer shows progress after its first 64 KiB, not
+    /// only once all of it is written (before, an 8 MiB batch on a link under ~1.5 Mbit/s
+    /// showed none for over 45 s, and a subscriber there with replies backed up was closed
+    /// as a slow consumer).
+    #[tokio::test]
+    async fn outbound_write_progress_moves_in_bytes_within_a_batch() {
+        const FRAME: usize = 32 << 10;
+        const FRAMES: usize = 16;
+        let out = Arc::new(Outbound::new(
+            4096,
+            64 << 20,
+            SlowConsumerPolicy::Drop,
+            Arc::new(Budget::new(0)),
+        ));
+        for _ in 0..FRAMES {
+            out.push_history(Bytes::from(vec![0; FRAME]));
+        }
+        let (tx, mut calls) = mpsc::unbounded_channel();
+        let go = Arc::new(Semaphore::new(0));
+        let sink = Paced {
+            calls: tx,
+            go: go.clone(),
+        };
+        let writer = tokio::spawn(write_loop(
+            sink,
+            out.clone(),
+            Arc::new(Metrics::new()),
+            None,
+        ));
+        let first = calls.recv().await.expect("a send");
+        assert!(
+            first <= WRITE_SLICE,
+            "the first send is a slice of the {} KiB batch: {first} bytes",
+            (FRAMES * FRAME) >> 10
+        );
+        assert_eq!(out.write_progress(), 0, "nothing written yet");
+        go.add_permits(1);
+        let second = calls.recv().await.expect("the next slice");
+        assert_eq!(
+            out.write_progress(),
+            first as u64,
+            "progress while the batch is still being written"
+        );
+        go.add_permits(FRAMES);
+        let mut total = first + second;
+        while total < FRAMES * FRAME {
+            total += calls.recv().await.expect("the rest");
+        }
+        assert_eq!(total, FRAMES * FRAME, "every byte, once");
+        writer.abort();
+    }
 }

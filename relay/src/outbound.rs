@@ -12,12 +12,15 @@
 //! queue full of QoS ≥ 1 messages ([`Outbound::room_for`]) and its messages wait in the
 //! store; control frames (`SubOk`,
 //! `Pong`, `Err`, …) are never dropped. Replies back up when a client's writer is blocked
-//! (it reads nothing, or slowly): once half the capacity of them are queued or owed
-//! ([`Outbound::owe_reply`]: a `PubAck` waiting for the store), the connection's reader
-//! stops reading it until the writer takes them ([`Outbound::replies_backed_up`]) — the
-//! client is slowed down through TCP, not disconnected. A connection that provokes more
-//! than `capacity` of them without reading is still disconnected (the reader's pause keeps
-//! that to frames that answer many times, and replies from elsewhere).
+//! (it reads nothing, or slowly): once half the capacity of them are queued and not taken
+//! by the writer, the connection's reader stops reading it until the writer takes them
+//! ([`Outbound::replies_backed_up`]) — the client is slowed down through TCP, not
+//! disconnected. Replies the store still owes (a `PubAck` waiting for a commit,
+//! [`Outbound::owe_reply`]) do not count until queued: the writer is not what holds them. A
+//! connection that provokes more than `capacity` of them without reading is still
+//! disconnected (the reader's pause keeps that to frames that answer many times, and
+//! replies from elsewhere); owed replies, bounded by the store's own queue, are not held
+//! to that cap.
 //!
 //! All queues share one relay-wide [`Budget`] of message bytes, counted from queueing until
 //! the writer has written them (the batch a writer holds while a non-reading peer blocks
@@ -127,7 +130,7 @@ impl Budget {
              # HELP whispeer_relay_outbound_full_pauses_total QoS >= 1 subscriptions paused because their connection's outbound queue was full of QoS >= 1 messages (their messages wait in the store and follow in order).\n\
              # TYPE whispeer_relay_outbound_full_pauses_total counter\n\
              whispeer_relay_outbound_full_pauses_total {}\n\
-             # HELP whispeer_relay_outbound_reply_pauses_total Times a connection was not read because its unread replies backed up (half of queue.capacity queued or owed, its writer blocked): the client is slowed down, not disconnected.\n\
+             # HELP whispeer_relay_outbound_reply_pauses_total Times a connection was not read because its unread replies backed up (half of queue.capacity queued and not taken by its writer): the client is slowed down, not disconnected.\n\
              # TYPE whispeer_relay_outbound_reply_pauses_total counter\n\
              whispeer_relay_outbound_reply_pauses_total {}",
             self.used(),
@@ -177,11 +180,12 @@ struct State {
     /// Bytes history and retained-value senders reserved for a read, or read and not yet
     /// queued ([`Outbound::reserve_read`]).
     reading: usize,
+    /// Control frames queued and not taken, but owed replies: at `capacity` of them the
+    /// connection is closed ([`Outbound::push_control`]).
     controls: usize,
-    /// Replies the connection owes and will queue ([`Outbound::owe_reply`]).
-    owed: usize,
-    /// Batches the writer finished writing ([`Outbound::written`]).
-    batches: u64,
+    /// Owed replies ([`Outbound::owe_reply`]) queued and not taken: they count towards the
+    /// reader's pause, not the cap.
+    acks: usize,
     /// Messages dropped since the writer last took a batch (becomes a `Gap` frame).
     dropped: u64,
     /// No more frames are accepted; the writer drains what is queued and closes.
@@ -249,9 +253,11 @@ pub(crate) struct Outbound {
     /// Notified whenever the writer takes a batch (history senders wait for room).
     drained: Notify,
     budget: Arc<Budget>,
-    /// Replies queued and owed reach half the capacity: the reader stops reading
+    /// Replies queued and not taken reach half the capacity: the reader stops reading
     /// ([`replies_backed_up`](Self::replies_backed_up)); kept under the lock, read without.
     backed_up: AtomicBool,
+    /// Bytes the writer has written ([`wrote`](Self::wrote)).
+    progress: AtomicU64,
 }
 
 fn fatal_err(code: ErrorCode, message: &str) -> Bytes {
@@ -311,22 +317,23 @@ impl Outbound {
             drained: Notify::new(),
             budget,
             backed_up: AtomicBool::new(false),
+            progress: AtomicU64::new(0),
         }
     }
 
-    /// Replies queued or owed at which the reader stops reading: half the capacity.
+    /// Replies queued and not taken at which the reader stops reading: half the capacity.
     fn reply_pause(&self) -> usize {
         (self.capacity / 2).max(1)
     }
 
     /// Sets [`backed_up`](Self::backed_up) from `s`.
     fn note_replies(&self, s: &State) {
-        let backed_up = !s.closing && s.controls + s.owed >= self.reply_pause();
+        let backed_up = !s.closing && s.controls + s.acks >= self.reply_pause();
         self.backed_up.store(backed_up, Relaxed);
     }
 
-    /// Whether the connection's replies back up: queued and owed ones reach half the
-    /// capacity. The reader then stops reading the connection (backpressure through the
+    /// Whether the connection's replies back up: queued ones the writer has not taken
+    /// reach half the capacity. The reader then stops reading the connection (backpressure through the
     /// transport) until the writer takes them ([`wait_replies`](Self::wait_replies)): a
     /// client whose writer is blocked — it does not read, or is slow — and pipelines
     /// requests is slowed down instead of being disconnected when `capacity` replies are
@@ -337,28 +344,33 @@ impl Outbound {
 
     /// Waits until the replies no longer back up (or the queue is closing).
     pub(crate) async fn wait_replies(&self) {
-        self.wait_until(|s| s.closing || s.controls + s.owed < self.reply_pause())
+        self.wait_until(|s| s.closing || s.controls + s.acks < self.reply_pause())
             .await
     }
 
-    /// The writer's progress: batches it finished writing. A reader paused for replies
-    /// closes the connection when this does not move for a long time (the last resort
-    /// against a peer that never reads), whatever the writer waits in meanwhile.
+    /// The writer's progress: bytes it has written. A reader paused for replies closes the
+    /// connection when this does not move for a long time (the last resort against a peer
+    /// that never reads), whatever the writer waits in meanwhile. Counted per slice the
+    /// writer writes (`conn::WRITE_SLICE`), not per batch: a large batch to a slow link
+    /// moves it all along.
     pub(crate) fn write_progress(&self) -> u64 {
-        self.lock().batches
+        self.progress.load(Relaxed)
+    }
+
+    /// The writer wrote `n` more bytes.
+    pub(crate) fn wrote(&self, n: usize) {
+        self.progress.fetch_add(n as u64, Relaxed);
     }
 
     /// A reply the connection will queue later (a `PubAck` once the store has the
-    /// message): it counts with the queued replies towards the reader's pause from now, so a
-    /// client pipelining publishes faster than they are acknowledged cannot have the reader
-    /// read thousands of them before their replies are queued.
+    /// message). It does not count towards the reader's pause until it is queued: while the
+    /// store holds it, the writer is not what is slow, and a reader paused for it stopped
+    /// answering `Ping`s and seeing the peer's close while the store stalled. Once queued it
+    /// counts like any reply, but not towards the `capacity` cap: replies owed are bounded by
+    /// the store's own queue (`store.queue`, `Busy` beyond), and a stalled store answers
+    /// them all at once.
     pub(crate) fn owe_reply(self: &Arc<Self>) -> Reply {
-        let mut s = self.lock();
-        s.owed += 1;
-        self.note_replies(&s);
-        Reply {
-            out: Some(self.clone()),
-        }
+        Reply { out: self.clone() }
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the queue inconsistent (every
@@ -831,6 +843,7 @@ impl Outbound {
         let msg_bytes = std::mem::take(&mut s.msg_bytes);
         s.inflight += msg_bytes;
         s.controls = 0;
+        s.acks = 0;
         self.note_replies(&s);
         let dropped = std::mem::take(&mut s.dropped);
         let last = s.closing && s.sealed;
@@ -849,7 +862,6 @@ impl Outbound {
         let n = msg_bytes.min(s.inflight);
         s.inflight -= n;
         self.budget.sub(s.held(), n);
-        s.batches += 1;
         drop(s);
         self.drained.notify_waiters();
     }
@@ -877,32 +889,30 @@ impl Outbound {
 }
 
 /// A reply the connection owes ([`Outbound::owe_reply`]): [`send`](Self::send) queues it;
-/// dropped unsent, it is owed no more.
+/// dropped unsent, nothing is queued.
 #[derive(Debug)]
 pub(crate) struct Reply {
-    out: Option<Arc<Outbound>>,
+    out: Arc<Outbound>,
 }
 
 impl Reply {
-    /// Queues the reply (prefixed), as [`Outbound::push_control`] does.
-    pub(crate) fn send(mut self, frame: Bytes) -> Offer {
-        let out = self.out.take().expect("sent once");
-        out.lock().owed -= 1;
-        // Owed until now, queued from now: the replies' count does not change between, so
-        // no pause ends or begins (but for the hard cap, which `push_control` applies).
-        out.push_control(frame)
-    }
-}
-
-impl Drop for Reply {
-    fn drop(&mut self) {
-        if let Some(out) = self.out.take() {
-            let mut s = out.lock();
-            s.owed -= 1;
-            out.note_replies(&s);
-            drop(s);
-            out.drained.notify_waiters();
+    /// Queues the reply (prefixed) as [`Outbound::push_control`] does, but past the
+    /// `capacity` cap (see [`Outbound::owe_reply`]). `Offer::Closed` when closing.
+    pub(crate) fn send(self, frame: Bytes) -> Offer {
+        let out = &self.out;
+        let mut s = out.lock();
+        if s.closing {
+            return Offer::Closed;
         }
+        let was_empty = s.is_empty();
+        s.push_kept(frame, false);
+        s.acks += 1;
+        out.note_replies(&s);
+        drop(s);
+        if was_empty {
+            out.notify.notify_one();
+        }
+        Offer::Queued
     }
 }
 
@@ -1326,6 +1336,48 @@ mod tests {
         q.add_dropped(u64::MAX);
         let mut out = Vec::new();
         assert_eq!(q.take(&mut out).dropped, u64::MAX);
+    }
+
+    /// Replies the store owes (`PubAck`s waiting for a commit) do not pause the reader
+    /// while owed: a store stall with thousands of them left the connection unread — its
+    /// `Ping`s unanswered, its close unseen — while its writer was idle. Queued and not
+    /// taken they do, like any reply; and however many land at once they are not held to
+    /// the `capacity` cap (the store's queue bounds them), which still applies to the
+    /// replies the reader's own frames queue.
+    #[test]
+    fn owed_replies_pause_the_reader_only_once_queued_and_skip_the_cap() {
+        let q = Arc::new(queue(4, usize::MAX, SlowConsumerPolicy::Drop));
+        let owed: Vec<_> = (0..10).map(|_| q.owe_reply()).collect();
+        assert!(
+            !q.replies_backed_up(),
+            "owed: the store holds them, not the writer"
+        );
+        for r in owed {
+            assert_eq!(r.send(b(1)), Offer::Queued);
+        }
+        assert!(q.replies_backed_up(), "queued and not taken");
+        assert!(
+            !q.is_closing(),
+            "10 owed replies at once, capacity 4: not closed"
+        );
+        let mut out = Vec::new();
+        q.take(&mut out);
+        assert_eq!(out.len(), 10);
+        assert!(!q.replies_backed_up(), "taken");
+        q.push_control(b(2));
+        q.push_control(b(2));
+        assert!(q.replies_backed_up(), "half the capacity queued");
+        let sent = q.owe_reply().send(b(1));
+        assert_eq!(sent, Offer::Queued);
+        q.push_control(b(2));
+        q.push_control(b(2));
+        assert_eq!(
+            q.push_control(b(3)),
+            Offer::Disconnected,
+            "the reader's own: capped"
+        );
+        drop(q.owe_reply());
+        assert_eq!(q.owe_reply().send(b(1)), Offer::Closed);
     }
 
     #[test]

@@ -203,7 +203,7 @@ async fn a_qos0_flood_behind_queued_qos1_messages_drops_the_oldest_qos0_ones() {
 /// A client whose writer is blocked — it is a subscriber that reads nothing (4 KiB
 /// receive buffer) behind 10 MiB of QoS 0 messages — and pipelines 10,000 QoS 1 publishes
 /// is slowed down, not disconnected: once half the queue's capacity of replies is queued
-/// or owed, the relay stops reading it until its writer takes them (counted in
+/// and not taken, the relay stops reading it until its writer takes them (counted in
 /// `whispeer_relay_outbound_reply_pauses_total`, which the test waits for). It never gets a
 /// fatal `Err`; once it reads, it gets a `PubAck` for each of the 10,000, each stored.
 /// (Before, the 4,097th unread reply closed it with a fatal `Err(slow_consumer)`.)
@@ -356,9 +356,10 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Valve<S> {
 
 /// A WebSocket client (4 KiB receive buffer) that reads its last batch and then nothing:
 /// the relay's writer, its queue empty, sends its keepalive `Ping` into the full socket and
-/// waits there — holding no batch. The client then pipelines 2,100 QoS 1 publishes; their
-/// `PubAck`s queue behind the blocked writer, untaken, and the reader stops reading for
-/// them. The last resort still applies: the writer makes no progress for `idle_ms`, so the
+/// waits there — holding no batch. The client then pipelines QoS 1 publishes (up to
+/// 20,000, until the relay stops reading them); their `PubAck`s queue behind the blocked
+/// writer, untaken, and once 2,048 are queued the reader stops reading for them (owed
+/// ones, not yet answered by the store, do not count: more are sent than the pause needs). The last resort still applies: the writer makes no progress for `idle_ms`, so the
 /// connection is closed with fatal `Err(slow_consumer)`, counted in
 /// `whispeer_relay_slow_consumer_disconnects_total`. (Before, a writer that held no batch
 /// restarted the stall clock at every deadline: neither that close nor the idle timeout
@@ -372,7 +373,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Valve<S> {
 #[tokio::test]
 async fn a_websocket_writer_blocked_in_its_keepalive_is_closed_when_replies_back_up() {
     use whispeer_relay::transport::{ws, ws_gate::WsGate};
-    const PUBLISHES: u32 = 2_100;
+    const PUBLISHES: u32 = 20_000;
     let mut config = Config::ephemeral();
     config.limits.publish_rate = 0;
     config.timeouts.heartbeat_ms = 100;
@@ -411,13 +412,123 @@ async fn a_websocket_writer_blocked_in_its_keepalive_is_closed_when_replies_back
     tokio::time::timeout(TIMEOUT, valve.blocked.notified())
         .await
         .expect("the keepalive was written");
+    // Sent until the relay stops reading: the reader looks at its replies before each
+    // frame, so it must have more to read once their PubAcks are queued (no longer owed).
     let sender = tokio::spawn(async move {
         for i in 0..PUBLISHES {
-            c.send(&qos1_pub(numbered(1, 16, i), i)).await;
+            if c.send_raw(&qos1_pub(numbered(1, 16, i), i).to_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
         }
         c
     });
     wait_metric(admin, "whispeer_relay_outbound_reply_pauses_total", 1).await;
     wait_metric(admin, "whispeer_relay_slow_consumer_disconnects_total", 1).await;
     sender.abort();
+}
+
+/// An honest client during a store stall: SQLite's write lock is held by another
+/// connection (as a long commit elsewhere would hold it), and the client pipelines 2,048
+/// QoS 1 publishes — half the default `queue.capacity`. Once the relay has taken them all
+/// (`whispeer_relay_messages_in_total`), their `PubAck`s are owed — the store has not
+/// committed — but the connection's writer is idle, so the reader is not paused: the
+/// client's `Ping`, sent then, is read and answered while the store is stuck (the Rust
+/// client's heartbeat would otherwise drop the connection and publish again: QoS 1
+/// duplicates). The lock goes at once after the `Pong` (well within the store writer's
+/// 5 s busy timeout, past which it would fail the batch), and each publish is acknowledged
+/// exactly once, with nothing else sent. (Before, owed replies counted towards the
+/// reader's pause: at 2,048 of them the relay stopped reading the connection, and the
+/// `Pong` never came while the store was stuck.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_stall_with_thousands_of_owed_pubacks_leaves_the_connection_read() {
+    use std::sync::Arc;
+    use whispeer_protocol::codec;
+    use whispeer_relay::config::{ListenAddr, StoreKind};
+    use whispeer_relay::store::{SqliteStore, Store};
+    const PUBLISHES: u32 = 2_048;
+    let dir = temp_dir("owed-replies");
+    let db = dir.join("s.db");
+    let mut config = Config::ephemeral();
+    config.limits.publish_rate = 0;
+    config.store.kind = Some(StoreKind::Sqlite);
+    config.store.path = db.clone();
+    config.store.min_free_bytes = 0;
+    config.listen.ws = ListenAddr::OFF;
+    assert_eq!(
+        config.queue.capacity / 2,
+        PUBLISHES as usize,
+        "owed replies enough to pause the reader if they counted"
+    );
+    let store = Arc::new(SqliteStore::open_file(config.store.clone()).unwrap());
+    let listeners = whispeer_relay::Listeners::bind(&config).await.unwrap();
+    let relay = TestRelay::run(
+        whispeer_relay::Relay::builder(config)
+            .listeners(listeners)
+            .store(store.clone())
+            .build()
+            .unwrap(),
+    );
+    let admin = relay.addrs.admin.expect("admin");
+    let mut c = Client::tcp(relay.tcp()).await;
+    c.hello_with(features::AT_LEAST_ONCE).await;
+    let mut burst = Vec::new();
+    for i in 0..PUBLISHES {
+        burst.extend_from_slice(&codec::encode_prefixed(&qos1_pub(numbered(1, 16, i), i)));
+    }
+
+    // The store's writer gets stuck from the first publish on.
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let before = store.metrics();
+    c.send_raw(&burst).await.unwrap();
+    // Every publish taken by the relay and owed a PubAck (none committed yet).
+    wait_metric(admin, "whispeer_relay_messages_in_total", PUBLISHES as u64).await;
+    c.send(&Frame::Ping(Ping { nonce: 7 })).await;
+    let answer = c.recv().await;
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    match answer {
+        Frame::Pong(p) if p.nonce == 7 => {}
+        other => panic!("expected the Pong while the store is stuck, got {other:?}"),
+    }
+    assert_eq!(
+        store.metrics().commits,
+        before.commits,
+        "the store was stuck until the Pong"
+    );
+
+    let mut acked = vec![false; PUBLISHES as usize];
+    let mut seqs = std::collections::HashSet::new();
+    for _ in 0..PUBLISHES {
+        match c.recv().await {
+            Frame::PubAck(a) => {
+                let id = u32::from_be_bytes(a.publish_id[..4].try_into().unwrap()) as usize;
+                assert!(!acked[id], "publish {id} acknowledged twice");
+                acked[id] = true;
+                assert!(a.seq > 0 && seqs.insert(a.seq), "stored once: {a:?}");
+            }
+            other => panic!("expected only PubAcks, got {other:?}"),
+        }
+    }
+    // Nothing after them: the next frame answers the next Ping.
+    c.send(&Frame::Ping(Ping { nonce: 8 })).await;
+    match c.recv().await {
+        Frame::Pong(p) if p.nonce == 8 => {}
+        other => panic!("expected the Pong after the PubAcks, got {other:?}"),
+    }
+    let after = store.metrics();
+    assert_eq!(
+        after.commit_failures, before.commit_failures,
+        "no failed commit"
+    );
+    assert_eq!(after.appends - before.appends, PUBLISHES as u64);
+    assert_eq!(
+        metric(admin, "whispeer_relay_slow_consumer_disconnects_total").await,
+        0
+    );
+    drop(c);
+    relay.stop().await;
 }
