@@ -255,7 +255,7 @@ async fn idle_websocket_connections_keep_no_large_buffers() {
 type RawFrame = (bool, u8, bool, Vec<u8>);
 
 /// Reads one WebSocket frame as the relay wrote it.
-async fn read_raw_frame(s: &mut tokio::net::TcpStream) -> RawFrame {
+async fn read_raw_frame(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> RawFrame {
     use tokio::io::AsyncReadExt;
     let mut h = [0u8; 2];
     s.read_exact(&mut h).await.expect("a frame header");
@@ -496,4 +496,160 @@ async fn oversized_tls_and_websocket_handshakes_are_closed_before_hello() {
     let url = format!("wss://localhost:{}/", wss_addr.port());
     Client::ws_over(Box::new(stream), &url).await.hello().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The relay's ping rate (`ws_gate::PINGS_PER_SEC`, `ws_gate::PING_BURST`): a read ends at
+/// the ping over it, so at most one more is answered at once.
+const PINGS_PER_SEC: f64 = 10.0;
+const PING_BURST: f64 = 50.0;
+
+/// A welcomed raw WebSocket client (no delay on its socket): its read half, its write
+/// half.
+async fn welcomed_raw_ws(
+    relay: &BinRelay,
+) -> (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
+    use whispeer_protocol::Frame;
+    let mut s = tokio::net::TcpStream::connect(relay.ws()).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let head = raw_ws_upgrade(&mut s).await.expect("upgrade answered");
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    send_raw_message(&mut s, &hello_frame()).await;
+    let (welcome, _) = read_raw_message(&mut s).await;
+    assert!(matches!(
+        Frame::decode_slice(&welcome),
+        Ok(Frame::Welcome(_))
+    ));
+    s.into_split()
+}
+
+/// Counts the pongs the relay writes to `rx` (in `pongs`) and sends its data frames'
+/// payloads on `data` (single-frame messages: the relay's small replies), until it closes.
+fn count_pongs(
+    mut rx: tokio::net::tcp::OwnedReadHalf,
+    pongs: Arc<std::sync::atomic::AtomicUsize>,
+    data: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    changed: Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let mut h = [0u8; 1];
+            // The relay closed (or reset): the count ends.
+            if tokio::io::AsyncReadExt::read_exact(&mut rx, &mut h)
+                .await
+                .is_err()
+            {
+                changed.notify_one();
+                return;
+            }
+            let mut rest = tokio::io::AsyncReadExt::chain(std::io::Cursor::new(h), &mut rx);
+            let (_, opcode, _, payload) = read_raw_frame(&mut rest).await;
+            match opcode {
+                10 => {
+                    pongs.fetch_add(1, Relaxed);
+                }
+                2 => {
+                    let _ = data.send(payload);
+                }
+                _ => {}
+            }
+            changed.notify_one();
+        }
+    })
+}
+
+/// Review finding (Medium): a client that reads its pongs could send empty WebSocket pings
+/// (6 bytes) without limit, each costing the relay a pong's write syscall and TCP segment
+/// (~175,000 per MiB of pings: a few MB/s kept a relay core busy). A welcomed client sends
+/// 3,000 empty pings as fast as it can while reading, and counts its pongs until 101 have
+/// come (t): at most the burst and one, twice the rate's worth in t, and a few (unpaced,
+/// they all come within milliseconds); the connection stays open meanwhile (paced, not
+/// closed: backpressure). A
+/// second client's 70 pings and then a protocol `Ping` get their 70 pongs and the `Pong`,
+/// no sooner than the rate allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_that_reads_its_pongs_is_paced_not_closed() {
+    use tokio::io::AsyncWriteExt;
+    use whispeer_protocol::frame::Ping;
+    use whispeer_protocol::Frame;
+    let relay = BinRelay::start(&["--store", "none"]);
+    let (rx, mut tx) = welcomed_raw_ws(&relay).await;
+    let pongs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let (data_tx, _data) = tokio::sync::mpsc::unbounded_channel();
+    let reader = count_pongs(rx, pongs.clone(), data_tx, changed.clone());
+    const PINGS: usize = 3_000;
+    let started = std::time::Instant::now();
+    for _ in 0..PINGS {
+        tx.write_all(&ping(0))
+            .await
+            .expect("the relay does not close");
+        // The client reads meanwhile (its reader runs on the other worker).
+        tokio::task::yield_now().await;
+    }
+    let sent = started.elapsed();
+    // The kernel takes all 18 KB at once: counted on until the relay has answered 50 pings
+    // past its burst (at 10/s: ~5 s; unpaced, within milliseconds), the connection open
+    // meanwhile.
+    const COUNTED: usize = 51 + PING_BURST as usize;
+    tokio::time::timeout(TIMEOUT, async {
+        while pongs.load(Relaxed) < COUNTED {
+            assert!(!reader.is_finished(), "the relay closed the connection");
+            changed.notified().await;
+        }
+    })
+    .await
+    .expect("the relay answers the pings on");
+    let t = started.elapsed().as_secs_f64();
+    let answered = pongs.load(Relaxed);
+    // The burst and the one ping over it, the rate's worth in t twice over, and a few.
+    let bound = PING_BURST + 1.0 + 2.0 * PINGS_PER_SEC * t + 5.0;
+    eprintln!("{PINGS} pings sent in {sent:?}: {answered} pongs in {t:.3} s (at most {bound:.0})");
+    assert!(
+        answered as f64 <= bound,
+        "{answered} pongs within {t:.3} s of pings (at most {bound:.0})"
+    );
+    assert!(!reader.is_finished(), "the relay closed the connection");
+    reader.abort();
+    drop(tx);
+
+    // A protocol Ping after 70 pings gets its Pong, once the 70 are answered, paced.
+    let (rx, mut tx) = welcomed_raw_ws(&relay).await;
+    let pongs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (data_tx, mut data) = tokio::sync::mpsc::unbounded_channel();
+    let reader = count_pongs(
+        rx,
+        pongs.clone(),
+        data_tx,
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    const SOME: usize = 70;
+    let started = std::time::Instant::now();
+    tx.write_all(&ping(0).repeat(SOME)).await.unwrap();
+    let body = Frame::Ping(Ping { nonce: 7 }).to_bytes();
+    let mut msg = vec![0x82u8, 0x80 | u8::try_from(body.len()).unwrap(), 0, 0, 0, 0];
+    msg.extend_from_slice(&body);
+    tx.write_all(&msg).await.unwrap();
+    let reply = tokio::time::timeout(TIMEOUT, data.recv())
+        .await
+        .expect("a Pong in time")
+        .expect("the connection open");
+    let took = started.elapsed().as_secs_f64();
+    assert!(matches!(
+        Frame::decode_slice(&reply),
+        Ok(Frame::Pong(p)) if p.nonce == 7
+    ));
+    assert_eq!(
+        pongs.load(Relaxed),
+        SOME,
+        "every ping answered before the Pong"
+    );
+    let least = (SOME as f64 - PING_BURST - 1.0) / PINGS_PER_SEC;
+    assert!(
+        took >= least * 0.8,
+        "{SOME} pings answered in {took:.3} s (the rate takes {least:.1} s)"
+    );
+    reader.abort();
 }

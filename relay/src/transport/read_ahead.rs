@@ -78,6 +78,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         }
         // Every ping read so far is handled: too many of their pongs unwritten, stop.
         follower.check_pongs()?;
+        // Over the ping rate: wait until the bucket refills (the gate stalled meanwhile).
+        if follower.poll_pings(cx).is_pending() {
+            follower.new_turn();
+            return Poll::Pending;
+        }
         if follower.poll_budget(cx).is_pending() {
             follower.new_turn();
             return Poll::Pending;
@@ -231,7 +236,11 @@ mod tests {
     /// pings on a 4 KiB pipe: the server's stream and the client's writing and, when
     /// `reads`, reading, `pings` pings. Returns the pings the server read and how its
     /// stream ended (the error, and the reason the follower gave if it failed the read).
-    async fn ping_flood(pings: usize, reads: bool) -> (usize, Option<String>) {
+    async fn ping_flood(
+        pings: usize,
+        reads: bool,
+        interval: std::time::Duration,
+    ) -> (usize, Option<String>) {
         use crate::transport::ws_gate::{Follower, WsGate};
         use futures_util::StreamExt;
         use tokio_tungstenite::tungstenite::{protocol::Role, Message};
@@ -239,6 +248,8 @@ mod tests {
         let gate = WsGate::new(None, std::net::Ipv4Addr::LOCALHOST.into());
         gate.admit();
         let mut follower = Follower::new(gate.clone(), 1 << 20);
+        // The ping rate (tested on its own) would make the flood take minutes.
+        follower.set_ping_interval(interval);
         follower
             .follow(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n")
             .unwrap();
@@ -290,14 +301,29 @@ mod tests {
     /// pongs is never stopped.
     #[tokio::test]
     async fn a_ping_flood_that_never_reads_fails_within_a_few_kib_of_pongs() {
-        let (read, end) = ping_flood(20_000, false).await;
+        let (read, end) = ping_flood(20_000, false, std::time::Duration::ZERO).await;
         let end = end.expect("the flood was stopped");
         assert!(end.contains("does not read"), "{end}");
         // 4 KiB of pipe, 32 unwritten pongs, one 512-byte read of pings.
         assert!(read < 4096 / 127 + 32 + 8, "{read} pings read");
         // (Its stream ends as the client's: without a close handshake.)
-        let (read, end) = ping_flood(20_000, true).await;
+        let (read, end) = ping_flood(20_000, true, std::time::Duration::ZERO).await;
         assert_eq!(read, 20_000, "a client reading its pongs: {end:?}");
         assert!(end.is_none_or(|e| e.ends_with("/ None")));
+    }
+
+    /// A client that reads its pongs is held to the ping rate by waiting, never by a close:
+    /// every ping is answered, paced (here at one per 2 ms past the burst).
+    #[tokio::test]
+    async fn a_reading_ping_flood_is_paced_not_closed() {
+        use crate::transport::ws_gate::PING_BURST;
+        let interval = std::time::Duration::from_millis(2);
+        let started = std::time::Instant::now();
+        let (read, end) = ping_flood(300, true, interval).await;
+        let took = started.elapsed();
+        assert_eq!(read, 300, "{end:?}");
+        assert!(end.is_none_or(|e| e.ends_with("/ None")));
+        let least = interval * (300 - PING_BURST - 1);
+        assert!(took >= least, "{took:?} < {least:?}");
     }
 }

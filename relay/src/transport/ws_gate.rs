@@ -45,6 +45,18 @@
 //! one read of pings, 85 at most) of the relay's memory. The relay's own clients send no
 //! WebSocket pings at all (browsers cannot; the Rust and wasm clients ping with the
 //! protocol's `Ping` frame), and other clients' keepalive pings come seconds apart.
+//!
+//! **Ping rate.** A client that reads its pongs is not stopped by that count, and each
+//! empty ping (6 bytes) cost the relay a pong's write syscall and TCP segment (tungstenite
+//! writes each pong at its next read; `TCP_NODELAY`): ~175,000 per MiB of pings, so a few
+//! MB/s of them kept a relay core busy, before Hello too (review finding, Medium). So the
+//! follower also holds the client's pings to [`PINGS_PER_SEC`] with bursts of
+//! [`PING_BURST`] (a token bucket, as a theoretical arrival time, charged at each ping's
+//! header): a read ends at the header of the ping that goes over
+//! ([`Follower::passable`]), and the next read waits until the bucket has refilled
+//! ([`Follower::poll_pings`]: backpressure through the socket, never a close; the gate is
+//! [`stalled`](WsGate::stalled) meanwhile, so the idle timer does not count the wait as
+//! the client's). Pongs (the answers to the relay's own keepalive pings) are not charged.
 
 use std::future::Future;
 use std::io;
@@ -53,6 +65,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
 
 use whispeer_protocol::limits::HANDSHAKE_MAX_FRAME;
 
@@ -68,6 +83,8 @@ pub struct WsGate {
     addr: IpAddr,
     admitted: AtomicBool,
     stalled: AtomicBool,
+    /// Reads are paused for the client's ping rate ([`Follower::poll_pings`]).
+    pings_paused: AtomicBool,
     /// A message has begun and not ended (its first fragment read, not its last).
     partial: AtomicBool,
     /// Size of a message refused (0: none): before admission over the handshake cap, or
@@ -90,6 +107,7 @@ impl WsGate {
             addr,
             admitted: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            pings_paused: AtomicBool::new(false),
             partial: AtomicBool::new(false),
             refused: AtomicUsize::new(0),
             failed: OnceLock::new(),
@@ -122,9 +140,13 @@ impl WsGate {
         self.admitted.store(true, Relaxed);
     }
 
-    /// Reads are paused for budget.
+    /// Reads are paused by the relay: for budget, or for the client's ping rate (a read
+    /// paused is no idleness of the client's) — but not while a message is in progress:
+    /// there its pings are no sign of life either ([`WsGate::partial`]), or a client
+    /// holding a fragmented message's budget could keep it for ever by pinging over the
+    /// rate.
     pub fn stalled(&self) -> bool {
-        self.stalled.load(Relaxed)
+        self.stalled.load(Relaxed) || (self.pings_paused.load(Relaxed) && !self.partial())
     }
 
     /// The size of the message refused before admission, if one was.
@@ -193,6 +215,13 @@ pub(crate) const PINGS_BEFORE_WELCOME: u32 = 16;
 /// written out its write buffer since): 32 pongs of at most 127 bytes, 4 KiB.
 pub(crate) const PINGS_UNANSWERED: u32 = 32;
 
+/// The pings per second a client's pings are held to, over its bursts (see the module
+/// documentation). Honest clients send none (keepalives seconds apart at most).
+pub(crate) const PINGS_PER_SEC: u32 = 10;
+
+/// The pings a client may send at once before [`PINGS_PER_SEC`] applies.
+pub(crate) const PING_BURST: u32 = 50;
+
 /// Follows the client's bytes on a WebSocket connection and holds its messages to the
 /// gate's rules ([`ReadAhead`](super::read_ahead::ReadAhead) calls it on every read).
 pub struct Follower {
@@ -229,6 +258,16 @@ pub struct Follower {
     pings_before_welcome_max: u32,
     /// Pings read since tungstenite last wrote out its whole write buffer.
     pings_unanswered: u32,
+    /// The ping bucket as a theoretical arrival time (GCRA): `max(tat, now)` plus one
+    /// interval per ping; in debt while it is more than [`PING_BURST`] intervals ahead of
+    /// now (`None`: full).
+    ping_tat: Option<Instant>,
+    /// The last ping charged put the bucket in debt: the next read waits.
+    ping_debt: bool,
+    /// The wait until the bucket is out of debt.
+    ping_sleep: Option<Pin<Box<Sleep>>>,
+    /// The interval between pings ([`PINGS_PER_SEC`]; tests that flood lift it).
+    ping_interval: Duration,
 }
 
 impl std::fmt::Debug for Follower {
@@ -265,7 +304,55 @@ impl Follower {
             pings_before_welcome: 0,
             pings_before_welcome_max: PINGS_BEFORE_WELCOME,
             pings_unanswered: 0,
+            ping_tat: None,
+            ping_debt: false,
+            ping_sleep: None,
+            ping_interval: Duration::from_secs(1) / PINGS_PER_SEC,
         }
+    }
+
+    /// Sets the interval between pings (tests: [`PINGS_PER_SEC`] would make a flood slow).
+    #[cfg(test)]
+    pub(crate) fn set_ping_interval(&mut self, interval: Duration) {
+        self.ping_interval = interval;
+    }
+
+    /// The ping bucket's burst, as time ahead of now.
+    fn ping_burst(&self) -> Duration {
+        self.ping_interval * PING_BURST
+    }
+
+    /// The bucket's arrival time after `pings` more pings at `now` from `tat`.
+    fn ping_after(&self, tat: Option<Instant>, now: Instant, pings: u32) -> Instant {
+        tat.map_or(now, |t| t.max(now)) + self.ping_interval * pings
+    }
+
+    /// Ready when the client's pings are within their rate; pending (the gate stalled)
+    /// until the bucket is out of debt otherwise (see the module documentation).
+    pub fn poll_pings(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.ping_debt {
+            return Poll::Ready(());
+        }
+        let until = self
+            .ping_tat
+            .map(|t| t - self.ping_burst())
+            .expect("in debt after a ping");
+        if Instant::now() < until {
+            let sleep = self
+                .ping_sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if sleep.deadline() != until {
+                sleep.as_mut().reset(until);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                self.gate.pings_paused.store(true, Relaxed);
+                return Poll::Pending;
+            }
+        }
+        self.ping_debt = false;
+        self.ping_sleep = None;
+        self.gate.pings_paused.store(false, Relaxed);
+        Poll::Ready(())
     }
 
     /// tungstenite wrote out its whole write buffer (it flushes the stream only then): every
@@ -297,6 +384,10 @@ impl Follower {
     /// A ping's header: counted (see the module documentation).
     fn on_ping(&mut self) -> io::Result<()> {
         self.pings_unanswered = self.pings_unanswered.saturating_add(1);
+        let now = Instant::now();
+        let tat = self.ping_after(self.ping_tat, now, 1);
+        self.ping_tat = Some(tat);
+        self.ping_debt = tat > now + self.ping_burst();
         if !self.gate.admitted.load(Relaxed) {
             self.pings_before_welcome += 1;
             if self.pings_before_welcome > self.pings_before_welcome_max {
@@ -438,9 +529,15 @@ impl Follower {
     /// such a header with none of its payload buffered behind it, so it makes room for
     /// exactly the payload: the message it cuts out fills its allocation to the end, and
     /// what tungstenite reads next goes into a new one (see `ws::own_frame`).
+    ///
+    /// A read also ends just after the header of a ping that puts the ping bucket in debt
+    /// (the next read then waits: [`Follower::poll_pings`]), so tungstenite answers at most
+    /// one ping over the rate.
     pub fn passable(&self, ahead: &[u8]) -> usize {
         let (mut at, mut header) = (self.at, self.header);
         let mut i = 0;
+        // The bucket as the pings in `ahead` leave it (the clock read at the first).
+        let mut pings: Option<(Instant, Instant)> = None;
         while i < ahead.len() {
             match at {
                 At::Http(line) => {
@@ -462,6 +559,16 @@ impl Follower {
                         // FIN, binary.
                         if header[0] & 0x8f == 0x82 && len >= KEEP_AT_LEAST as u64 {
                             return i;
+                        }
+                        if header[0] & 0x0f == 9 {
+                            let (now, tat) = pings.get_or_insert_with(|| {
+                                let now = Instant::now();
+                                (now, self.ping_tat.unwrap_or(now))
+                            });
+                            *tat = self.ping_after(Some(*tat), *now, 1);
+                            if *tat > *now + self.ping_burst() {
+                                return i;
+                            }
                         }
                         at = At::Payload {
                             left: len,
@@ -622,6 +729,52 @@ mod tests {
     const UPGRADE: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n";
     const ADDR: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
     const OTHER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
+
+    /// Pings past the burst: a read ends just after the header of the ping that puts the
+    /// bucket in debt ([`PING_BURST`] + 1 pass at once), and the next read waits about one
+    /// interval; pongs are not charged.
+    #[tokio::test]
+    async fn a_read_ends_at_the_ping_over_the_rate_and_the_next_waits() {
+        let gate = WsGate::new(None, ADDR);
+        gate.admit();
+        let mut f = Follower::new(gate.clone(), 1 << 20);
+        f.follow(UPGRADE).unwrap();
+        let ping = [0x89u8, 0x80, 1, 2, 3, 4];
+        let pong = [0x8au8, 0x80, 1, 2, 3, 4];
+        let pongs: Vec<u8> = pong.iter().copied().cycle().take(6 * 100).collect();
+        assert_eq!(f.passable(&pongs), pongs.len());
+        f.follow(&pongs).unwrap();
+        let pings: Vec<u8> = ping.iter().copied().cycle().take(6 * 100).collect();
+        let n = f.passable(&pings);
+        assert_eq!(n, 6 * (PING_BURST as usize + 1));
+        f.follow(&pings[..n]).unwrap();
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(f.poll_pings(&mut cx).is_pending());
+        assert!(gate.stalled(), "a paused read is reported stalled");
+        let started = Instant::now();
+        std::future::poll_fn(|cx| f.poll_pings(cx)).await;
+        let waited = started.elapsed();
+        assert!(!gate.stalled());
+        let interval = Duration::from_secs(1) / PINGS_PER_SEC;
+        assert!(
+            waited >= interval / 2 && waited < interval * 5,
+            "{waited:?}"
+        );
+        // One more ping then goes over again.
+        assert_eq!(f.passable(&pings[n..]), 6);
+
+        // Paused between a message's fragments: not stalled (its pings are no sign of
+        // life there, and a paused read must not suspend its idle timer).
+        let gate = WsGate::new(None, ADDR);
+        gate.admit();
+        let mut f = Follower::new(gate.clone(), 1 << 20);
+        f.follow(UPGRADE).unwrap();
+        f.follow(&[0x02, 0x80, 1, 2, 3, 4]).unwrap();
+        f.follow(&pings).unwrap();
+        assert!(gate.partial());
+        assert!(f.poll_pings(&mut cx).is_pending());
+        assert!(!gate.stalled());
+    }
 
     /// The request ends where httparse ends it: leading empty lines skipped, `\n` or
     /// `\r\n` line ends, the first empty line. A follower that ended it elsewhere would
