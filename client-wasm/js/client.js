@@ -205,10 +205,31 @@ export function relayName(url) {
 const CLEAR_RETAINED = 'application/vnd.whispeer.clear-retained';
 /** Publishes handed to the engine before it is pumped at once (the batch-signature size). */
 const BATCH_PUMP = 64;
-/** The longest an Ack waits for the state store to commit what it covers (`#holdAck`). */
-const ACK_HOLD_MAX_MS = 30_000;
+/**
+ * The longest an Ack waits for the state store to commit what it covers (`#holdAck`), and
+ * the most sequences held Acks cover: both well before the relay's own bounds (its ack
+ * timeout, 30 s by default, redelivers what is unacknowledged; its credit, 4,096 messages
+ * per subscription by default, stops a subscription whose acks wait), as the Rust client.
+ */
+const ACK_HOLD_MAX_MS = 10_000;
+const ACK_HOLD_MAX_SEQS = 4096;
+/** After a failed state write, the wait before it is tried again: 100 ms doubling to 5 s. */
+const RETRY_FIRST_MS = 100;
+const RETRY_MAX_MS = 5_000;
 /** Whether an engine frame is an `Ack` (PROTOCOL §3: a map of 2 whose key 0, the type, is 8). */
 const isAck = (f) => f.length >= 3 && f[0] === 0xa2 && f[1] === 0x00 && f[2] === 0x08;
+/** Whether an engine frame is a flush's `Ping` (type 11; a heartbeat's nonce, key 1, is 0). */
+const isFlushPing = (f) => f.length >= 5 && f[0] === 0xa2 && f[1] === 0x00 && f[2] === 0x0b && f[3] === 0x01 && f[4] !== 0x00;
+/** How many sequences an `Ack` frame covers (its array's length, key 1; 1 if unreadable). */
+function ackSeqs(f) {
+  if (f[3] !== 0x01 || (f[4] & 0xe0) !== 0x80) return 1;
+  const n = f[4] & 0x1f;
+  if (n < 24) return n;
+  if (n === 24) return f[5] ?? 1;
+  if (n === 25) return ((f[5] ?? 0) << 8) | (f[6] ?? 0);
+  if (n === 26) return (((f[5] ?? 0) << 24) | ((f[6] ?? 0) << 16) | ((f[7] ?? 0) << 8) | (f[8] ?? 0)) >>> 0;
+  return 1;
+}
 /** …or once they hold this many payload bytes (large messages gain nothing from waiting). */
 const BATCH_PUMP_BYTES = 64 * 1024;
 const PUBLISH_OPTIONS = ['qos', 'retain', 'ack', 'tree'];
@@ -635,10 +656,15 @@ export class Client {
   #gate = Promise.resolve(); // the last write events wait for (IndexedDB)
   #gated = 0; // event batches waiting for a write
   #inflight = 0; // async writes not yet committed
-  #heldAcks = []; // Ack frames waiting for the writes in flight to commit (see #holdAck)
+  #heldAcks = []; // Ack frames (and flush Pings behind them) waiting for the store (#holdAck)
+  #heldSeqs = 0; // sequences the held Acks cover
   #heldWs = null; // the socket they were made for
   #heldGate = null; // the gate they wait for
   #heldTimer = null; // sends them anyway after ACK_HOLD_MAX_MS
+  #retryWait = RETRY_FIRST_MS; // the wait after the next failed write
+  #retryAt = 0; // mono(): no state write is tried before (after a failed one)
+  #retryTimer = null; // tries the failed write again at #retryAt
+  #writeFailures = 0; // state writes that failed (stats().stateWriteFailures)
   #types = new Map(); // typed topic -> { tag, contentType } (client.topic)
   #typeMismatches = 0;
 
@@ -861,7 +887,12 @@ export class Client {
    * their batch signature, not yet in the outbox), outboxBytes, typeMismatches.
    */
   stats() {
-    return { ...this.#eng.stats(), outboxBytes: this.#eng.queuedBytes(), typeMismatches: this.#typeMismatches };
+    return {
+      ...this.#eng.stats(),
+      outboxBytes: this.#eng.queuedBytes(),
+      typeMismatches: this.#typeMismatches,
+      stateWriteFailures: this.#writeFailures,
+    };
   }
 
   /** @internal A typed subscription refused a message of another type. */
@@ -978,7 +1009,30 @@ export class Client {
    */
   #writeFailed(e) {
     this.#repair = true;
+    this.#writeFailures++;
+    // Tried again after a wait (100 ms doubling to 5 s, as the Rust client), not at every
+    // pump: a store that keeps failing is rewritten whole, with an `error` event, only so
+    // often. Acks wait meanwhile (#holdAck).
+    const wait = this.#retryWait;
+    this.#retryWait = Math.min(wait * 2, RETRY_MAX_MS);
+    this.#retryAt = mono() + wait;
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = this.#state === 'closed' ? null : setTimeout(() => this.#retry(), wait);
     this._emit('error', wrap(e));
+  }
+
+  /** A write succeeded: the next failure waits the first wait again. */
+  #wrote() {
+    if (!this.#repair) this.#retryWait = RETRY_FIRST_MS;
+  }
+
+  /** The retry time of a failed write came: the state is rewritten, held Acks go after it. */
+  #retry() {
+    this.#retryTimer = null;
+    if (this.#state === 'closed' || !this.#store) return;
+    this.#retryAt = 0;
+    this.#pump();
+    this.#sendHeldAcks(false);
   }
 
   /** Writes `bytes` with `op` (append or replace); a Promise while an async write runs. */
@@ -987,10 +1041,14 @@ export class Client {
       const w = this.#store[op](bytes);
       if (w) {
         this.#inflight++;
-        const p = w.catch((e) => this.#writeFailed(e)).finally(() => this.#inflight--);
+        const p = w.then(
+          () => this.#wrote(),
+          (e) => this.#writeFailed(e),
+        ).finally(() => this.#inflight--);
         this.#gate = Promise.all([this.#gate, p]);
         return this.#gate;
       }
+      this.#wrote();
     } catch (e) {
       this.#writeFailed(e);
     }
@@ -1009,7 +1067,11 @@ export class Client {
   #persist() {
     if (!this.#store) return undefined;
     const b = this.#eng.takeChanges();
-    if (this.#repair) return this.#compact();
+    if (this.#repair) {
+      // Not before the retry time of the failed write (its timer tries then).
+      if (mono() < this.#retryAt) return this.#inflight ? this.#gate : undefined;
+      return this.#compact();
+    }
     if (b === undefined) return this.#inflight ? this.#gate : undefined;
     this.#logBytes += b.length;
     if (this.#logBytes > Math.max(1 << 20, 2 * this.#snapBytes)) return this.#compact();
@@ -1019,9 +1081,13 @@ export class Client {
   /**
    * Resolves once every change so far (kept publishes, dedup entries, retained marks,
    * pins) is written to the `persistence` store (at once for a file, which is written
-   * synchronously; after the IndexedDB transaction commits in browsers).
+   * synchronously; after the IndexedDB transaction commits in browsers). After a failed
+   * write the state is rewritten now, whatever the retry time (a failure is an `error`
+   * event; this still resolves).
    */
   async persisted() {
+    // Asked for: a failed write is tried now, whatever its retry time.
+    this.#retryAt = 0;
     if (this.#eng && this.#store) this.#persist();
     await this.#gate;
   }
@@ -1061,8 +1127,14 @@ export class Client {
           // a kept one is saved before its frame leaves.
           this.#persist();
           if (t instanceof Uint8Array) {
-            // An Ack leaves once the dedup entries it covers are committed (IndexedDB).
-            if (this.#inflight > 0 && isAck(t)) this.#holdAck(t);
+            // An Ack leaves once the dedup entries it covers are written: not while a write
+            // is in flight (IndexedDB) nor after one failed (any store, a synchronous file
+            // too) until the state is written again; later Acks, and a flush's Ping (a flush
+            // covers the acks of what the app took before it), queue behind held ones.
+            const ack = isAck(t);
+            const behind = this.#heldAcks.length > 0 && this.#heldWs === this.#ws;
+            if ((ack && (this.#inflight > 0 || this.#repair)) || (behind && (ack || isFlushPing(t))))
+              this.#holdAck(t, ack);
             else this.#write(t);
           }
           else if (t.dial !== undefined) this.#dial(t.dial, t.relay ?? 0);
@@ -1093,18 +1165,21 @@ export class Client {
    * first rewritten whole, `#repair`), and after ACK_HOLD_MAX_MS anyway with an `error`
    * event, so a store that never commits does not stop acknowledging.
    */
-  #holdAck(frame) {
+  #holdAck(frame, ack) {
     if (this.#heldWs !== this.#ws) {
       this.#heldAcks = []; // made for a socket gone: the relay delivers them again
+      this.#heldSeqs = 0;
       this.#heldWs = this.#ws;
     }
     this.#heldAcks.push(frame);
+    if (ack) this.#heldSeqs += ackSeqs(frame);
     if (this.#heldTimer === null)
       this.#heldTimer = setTimeout(() => {
         this.#heldTimer = null;
         this.#sendHeldAcks(true);
       }, ACK_HOLD_MAX_MS);
-    this.#waitGate();
+    if (this.#heldSeqs >= ACK_HOLD_MAX_SEQS) queueMicrotask(() => this.#sendHeldAcks(true));
+    else this.#waitGate();
   }
 
   #waitGate() {
@@ -1119,18 +1194,15 @@ export class Client {
   #sendHeldAcks(overdue) {
     if (this.#heldAcks.length === 0) return;
     if (!overdue && this.#state !== 'closed' && (this.#inflight > 0 || this.#repair)) {
-      if (this.#inflight > 0) return this.#waitGate();
-      // The write failed: the next save rewrites the state whole, and they wait for it.
-      setTimeout(() => {
-        if (this.#state === 'closed') return;
-        this.#pump();
-        if (this.#inflight > 0) this.#waitGate();
-        else this.#sendHeldAcks(false);
-      }, 100);
+      // A write in flight: they wait for its commit. One failed: the retry timer
+      // (#writeFailed) rewrites the state whole, and sends them after (#retry).
+      if (this.#inflight > 0) this.#waitGate();
       return;
     }
     const frames = this.#heldAcks;
+    const seqs = this.#heldSeqs;
     this.#heldAcks = [];
+    this.#heldSeqs = 0;
     clearTimeout(this.#heldTimer);
     this.#heldTimer = null;
     if (overdue)
@@ -1138,7 +1210,7 @@ export class Client {
         'error',
         new WhispeerError(
           'STATE',
-          `persistence: ${frames.length} acks sent before the state store committed what they cover (waited ${ACK_HOLD_MAX_MS} ms)`,
+          `persistence: acks of ${seqs} messages sent before the state store committed what they cover (bound: ${ACK_HOLD_MAX_MS} ms or ${ACK_HOLD_MAX_SEQS} messages)`,
         ),
       );
     if (this.#ws !== this.#heldWs || this.#state === 'closed') return;
@@ -1363,6 +1435,10 @@ export class Client {
     clearTimeout(this.#heldTimer);
     this.#heldTimer = null;
     this.#heldAcks = [];
+    this.#heldSeqs = 0;
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = null;
+    this.#retryAt = 0; // the last save below is tried whatever the retry time
     this.#armed = undefined;
     const error = this.#gaveUp ?? new WhispeerError('CLOSED', 'client is closed');
     this.#setState('closed', this.#gaveUp ? { reason: this.#gaveUp.message } : undefined);
@@ -1700,7 +1776,9 @@ export class Client {
 
   /**
    * Resolves once the relay has processed everything sent before (a Ping/Pong round trip),
-   * acks of what the app took included.
+   * acks of what the app took included: with persistence, Acks held for a state write
+   * (in flight, or failed and not yet written again) leave first — the flush's Ping waits
+   * behind them, at most ACK_HOLD_MAX_MS.
    */
   flush() {
     if (this.#state === 'closed') return Promise.reject(new WhispeerError('DISCONNECTED', 'not connected'));
@@ -1737,6 +1815,13 @@ export class Client {
     clearTimeout(bound);
     if (this.#closing || this.#state === 'closed') return;
     this.#closing = true;
+    if (this.#heldAcks.length > 0 && this.#repair) {
+      // A failed write is tried once more now, so that the Acks it holds back leave before
+      // the Close (still failing, they go with the socket: the relay delivers again).
+      this.#retryAt = 0;
+      this.#pump();
+      this.#sendHeldAcks(false);
+    }
     const closed = this.#sockets.size ? new Promise((r) => this.#closeWaiters.push(r)) : undefined;
     this.#eng.close(mono(), Date.now());
     this.#pump();

@@ -670,6 +670,12 @@ export interface ClientStats {
   outboxBytes: number;
   /** Messages typed subscriptions refused because they carried another type. */
   typeMismatches: number;
+  /**
+   * State writes (the `persistence` store) that failed, each retry too: every one is also
+   * an `error` event; what it held is rewritten whole at the next try (100 ms, doubling to
+   * 5 s) and Acks wait for it meanwhile.
+   */
+  stateWriteFailures: number;
 }
 
 /** A subscription; without a callback, an async iterator of messages. */

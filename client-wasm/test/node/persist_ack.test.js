@@ -8,12 +8,20 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
 import { WebSocketServer, WebSocket } from 'ws';
 import { startRelay } from '../shared/relay.js';
 import { until } from '../shared/until.js';
 import { Client, TreeKey } from '../../js/index.node.js';
+import { setFileStore } from '../../js/persist.js';
+import { openFileStore } from '../../js/persist.node.js';
 
 /** Frame types (PROTOCOL §3), at byte 2 of a frame whose map and type fit one byte each. */
+const SUB = 3;
+const PUB = 6;
 const ACK = 8;
 const PING = 11;
 
@@ -107,14 +115,18 @@ async function loggingProxy(target) {
   const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
   await once(wss, 'listening');
   const up = [];
+  const frames = [];
+  let last = null; // the newest connection's socket to the relay
   wss.on('connection', (client) => {
     const relay = new WebSocket(target);
+    last = relay;
     const queued = [];
     relay.on('open', () => {
       for (const d of queued.splice(0)) relay.send(d);
     });
     client.on('message', (d) => {
       up.push(d[2]);
+      frames.push(Buffer.from(d));
       if (relay.readyState === WebSocket.OPEN) relay.send(d);
       else queued.push(d);
     });
@@ -127,12 +139,45 @@ async function loggingProxy(target) {
   return {
     url: `ws://127.0.0.1:${wss.address().port}`,
     up,
+    frames,
     count: (type) => up.filter((t) => t === type).length,
+    /** Sends `frame` to the relay on the newest connection, as its client would. */
+    inject: (frame) => last.send(frame),
     close: () => {
       for (const c of wss.clients) c.terminate();
       return new Promise((r) => wss.close(r));
     },
   };
+}
+
+/**
+ * A `Pub` frame (PROTOCOL §3: a map, key 0 the type, key 1 the envelope, key 3 the publish
+ * id) with a new publish id: the same envelope re-posted, as a member who captured it would.
+ */
+function withNewPublishId(frame) {
+  const f = Buffer.from(frame);
+  assert.equal(f[0] & 0xe0, 0xa0, 'a map');
+  let i = 1;
+  // The head of a CBOR item at i: [major type, argument, where its content starts].
+  const head = (i) => {
+    const b = f[i];
+    const n = b & 0x1f;
+    if (n < 24) return [b >> 5, n, i + 1];
+    const w = 1 << (n - 24);
+    return [b >> 5, Number(f.readUIntBE(i + 1, Math.min(w, 6))), i + 1 + w];
+  };
+  for (let k = 0; k < (f[0] & 0x1f); k++) {
+    const [, key, v] = head(i);
+    const [major, arg, body] = head(v);
+    if (key === 3) {
+      assert.equal(major, 2, 'publish id: a byte string');
+      assert.equal(arg, 16);
+      randomBytes(16).copy(f, body);
+      return f;
+    }
+    i = major === 2 || major === 3 ? body + arg : body;
+  }
+  assert.fail('no publish id');
 }
 
 let relay;
@@ -167,17 +212,158 @@ test('an Ack leaves only once the IndexedDB write of the dedup entry it covers c
   await pub.publish('job/x', 7, { qos: 1 });
   assert.equal((await got).value, 7);
   const commits = idb.commits;
-  // A flush after the take: its Ping passes the proxy after anything the take queued.
+  // A flush after the take waits for its Ack (review finding 2: a flush covers the acks of
+  // what the app took before it): its Ping waits behind the held Ack. A subscribe after it
+  // sends a Sub (never held): frames leave in order, so once the Sub passed the proxy an
+  // Ack or Ping sent before it had too.
   const pings = proxy.count(PING);
+  const subs = proxy.count(SUB);
   const flushed = sub.flush();
-  await until(() => proxy.count(PING) > pings, 10_000);
+  const other = sub.subscribe('job/other', () => {}, { qos: 1 });
+  await until(() => proxy.count(SUB) > subs, 10_000);
   assert.equal(proxy.count(ACK), 0, 'no Ack reached the relay before the commit');
+  assert.equal(proxy.count(PING), pings, "the flush's Ping waits behind it");
   assert.equal(idb.commits, commits, 'nothing committed meanwhile');
 
   idb.release();
-  await until(() => proxy.count(ACK) === 1, 10_000);
-  assert.ok(idb.commits > commits, 'the Ack followed the commit');
   await flushed;
+  await other;
+  assert.equal(proxy.count(ACK), 1, 'the Ack left before the flush resolved');
+  const at = proxy.up.lastIndexOf(ACK);
+  assert.ok(proxy.up.indexOf(PING, at) > at, "the flush's Ping followed the Ack");
+  assert.ok(idb.commits > commits, 'the Ack followed the commit');
   await sub.close();
   await pub.close();
+});
+
+// Review finding 1: Acks were held only while an asynchronous write was in flight. The
+// Node file store writes synchronously: when such a write threw (a full disk, say) the
+// store was to be rewritten whole (#repair) but nothing was in flight, so the Ack of the
+// message taken left at once — a process that died then left the relay holding the Ack and
+// the saved window without the message, and a re-post of the captured envelope was
+// delivered again after a restart. Now Acks wait until a write succeeds (retried 100 ms,
+// doubling to 5 s), for every store.
+test('a synchronous store that cannot write: no Ack until a write succeeds; the re-post is refused after a restart', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'whispeer-ack-'));
+  const path = join(dir, 'state');
+  let broken = false;
+  let refused = 0;
+  setFileStore(async (p, fsync) => {
+    const st = await openFileStore(p, fsync);
+    const guarded = (op) => (bytes) => {
+      if (broken) {
+        refused++;
+        throw new Error('no space left on device (test)');
+      }
+      return st[op](bytes);
+    };
+    return { ...st, append: guarded('append'), replace: guarded('replace') };
+  });
+  const pubProxy = await loggingProxy(relay.url);
+  const tree = TreeKey.generate('sync-acks');
+  const pub = await Client.connect(pubProxy.url, { keys: tree });
+  const sub = await Client.connect(proxy.url, { keys: tree, persistence: path });
+  const errors = [];
+  sub.on('error', (e) => errors.push(e));
+  let taken;
+  const got = new Promise((r) => (taken = r));
+  // Writes fail from the take on (its dedup entry's is the first).
+  await sub.subscribe(
+    'job/y',
+    (m) => {
+      broken = true;
+      taken(m);
+    },
+    { qos: 1 },
+  );
+  const acks = proxy.count(ACK);
+  const pings = proxy.count(PING);
+  await pub.publish('job/y', 7, { qos: 1 });
+  assert.equal((await got).value, 7);
+  const captured = pubProxy.frames.find((f) => f[2] === PUB);
+  assert.ok(captured, "the publisher's Pub frame");
+  await until(() => refused > 0, 10_000);
+  // A flush, then a subscribe: an Ack (or the flush's Ping) sent before its Sub would have
+  // passed the proxy first (frames leave in order).
+  const subs = proxy.count(SUB);
+  let flushedYet = false;
+  const flushed = sub.flush().then(() => (flushedYet = true));
+  await sub.subscribe('job/other', () => {}, { qos: 1 });
+  assert.ok(proxy.count(SUB) > subs);
+  assert.equal(proxy.count(ACK), acks, 'no Ack before a write succeeded');
+  assert.equal(proxy.count(PING), pings, "the flush's Ping waits behind it");
+  assert.equal(flushedYet, false, 'the flush waits for the held Ack');
+  assert.ok(sub.stats().stateWriteFailures >= 1, 'counted');
+  assert.ok(errors.length >= 1, 'reported');
+
+  broken = false; // the retry timer writes the state whole: the Ack, then the Ping leave
+  await flushed;
+  assert.equal(proxy.count(ACK), acks + 1, 'the Ack left before the flush resolved');
+  await sub.close();
+
+  // Restarted: the captured envelope re-posted (a new publish id) is a duplicate.
+  const again = await Client.connect(proxy.url, { keys: tree, persistence: path });
+  const seen = [];
+  await again.subscribe('job/y', (m) => seen.push(m.value), { qos: 1 });
+  pubProxy.inject(withNewPublishId(captured));
+  await pub.publish('job/y', 9, { qos: 1 });
+  await until(() => seen.includes(9), 10_000);
+  await again.flush();
+  assert.deepEqual(seen, [9], 'the re-posted 7 is refused as a duplicate');
+  assert.equal(again.stats().duplicates, 1);
+  await again.close();
+  await pub.close();
+  await pubProxy.close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+// Review finding 7: after a failed write the npm client rewrote the whole state, with an
+// `error` event, every 100 ms while Acks were held (and at every pump). Now it backs off as
+// the Rust client does: 100 ms, doubling to 5 s. The gaps between the store's refused
+// writes are at least the waits (timers never fire early; a pump before the retry time
+// writes nothing) — lower bounds only, so a loaded machine cannot fail it.
+test('a store that keeps failing is tried again after 100 ms, then 200, then 400', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'whispeer-ack-'));
+  const path = join(dir, 'state');
+  let broken = false;
+  const refusals = [];
+  setFileStore(async (p, fsync) => {
+    const st = await openFileStore(p, fsync);
+    const guarded = (op) => (bytes) => {
+      if (broken) {
+        refusals.push(performance.now());
+        throw new Error('no space left on device (test)');
+      }
+      return st[op](bytes);
+    };
+    return { ...st, append: guarded('append'), replace: guarded('replace') };
+  });
+  const tree = TreeKey.generate('backoff');
+  const pub = await Client.connect(relay.url, { keys: tree });
+  const sub = await Client.connect(proxy.url, { keys: tree, persistence: path });
+  const errors = [];
+  sub.on('error', (e) => errors.push(e));
+  let taken;
+  const got = new Promise((r) => (taken = r));
+  await sub.subscribe(
+    'job/z',
+    (m) => {
+      broken = true;
+      taken(m);
+    },
+    { qos: 1 },
+  );
+  await pub.publish('job/z', 1, { qos: 1 });
+  await got;
+  await until(() => refusals.length >= 4, 10_000);
+  const gaps = refusals.slice(1, 4).map((t, i) => t - refusals[i]);
+  // (2 ms of slack: Node fires timers on a clock truncated to the millisecond.)
+  gaps.forEach((g, i) => assert.ok(g >= 100 * 2 ** i - 2, `gap ${i}: ${g} ms (waits ${gaps.join(', ')})`));
+  assert.equal(sub.stats().stateWriteFailures, refusals.length);
+  assert.equal(errors.length, refusals.length, 'an error event per failed write');
+  broken = false;
+  await sub.flush(); // the Ack leaves once the state is written again
+  await sub.close();
+  await pub.close();
+  rmSync(dir, { recursive: true, force: true });
 });
