@@ -1100,7 +1100,10 @@ pub struct DeliveryConfig {
     /// bytes), and within it to a connection holding less than its share of the address's;
     /// never beyond the whole. Over it a subscription pauses like at max_unacked: stored
     /// messages wait in the store and follow once acks free bytes; unstored QoS 0 ones are
-    /// counted (whispeer_relay_credit_lost_total) and reported to it in a Gap. Gauge
+    /// counted (whispeer_relay_credit_lost_total) and reported to it in a Gap. When the whole
+    /// is spent and an address under its share asks, the relay takes room back: it closes
+    /// (slow_consumer) the connection holding the most bytes in the address holding the
+    /// most, never the asking one nor one at or under its share. Gauge
     /// whispeer_relay_unacked_bytes; whispeer_relay_unacked_budget_pauses_total.
     #[arg(long, env = "WHISPEER_TOTAL_UNACKED_BYTES")]
     pub total_unacked_bytes: usize,
@@ -1243,7 +1246,7 @@ pub struct Limits {
     /// most max_connections + max(max_connections / 8, 16) client sockets, evicted ones
     /// still closing included (beyond it newcomers are refused), plus at most 64 refused TCP
     /// connections being told why (the rest are closed unanswered): the open-file limit
-    /// must allow that, the admin port's 64 connections and 64 more (the relay warns at
+    /// must allow that, the admin port's 256 sockets and 64 more (the relay warns at
     /// start otherwise). Counted in whispeer_relay_handshakes_evicted_total.
     #[arg(long, env = "WHISPEER_MAX_CONNECTIONS")]
     pub max_connections: usize,
@@ -1496,8 +1499,15 @@ impl Default for Limits {
 
 /// The bounded outbound queue every connection has.
 ///
-/// Only Msg frames count; control frames are never dropped, but more than `capacity`
-/// unread ones close the connection.
+/// Only Msg frames count; control frames (replies) are never dropped: once half of
+/// `capacity` of them are queued and not taken by its writer the relay stops reading the
+/// connection until the writer takes them (the client is slowed, not disconnected;
+/// whispeer_relay_outbound_reply_pauses_total). A PubAck the store still owes counts only
+/// once queued (a store stall leaves the connection read: its Pings answered); owed PubAcks
+/// are bounded by the store's queue (`store.queue`), not by `capacity`. A connection so
+/// paused whose writer writes no bytes for `idle_ms` (progress counts per slice of at most
+/// 64 KiB, not per batch), or one with more than `capacity` unread replies (owed PubAcks
+/// aside), is closed with fatal Err(slow_consumer).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
