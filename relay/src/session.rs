@@ -1513,7 +1513,8 @@ impl Session {
             return self.send(&ack);
         }
         // QoS >= 1: PubAck once the transaction holding the message committed (owed until
-        // then: it counts towards the reader's pause for replies that back up).
+        // then: bounded by the store's queue; it counts towards the reader's pause for
+        // replies that back up only once queued, so a store stall leaves the reader reading).
         let reply = self.out.owe_reply();
         let metrics = self.shared.metrics.clone();
         store.when_durable(
