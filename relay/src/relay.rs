@@ -1448,23 +1448,31 @@ where
 {
     let max = shared.config.limits.max_frame;
     let gate = WsGate::new(shared.frame_budget.clone(), slot.addr());
-    let ws = unless_evicted(
-        slot.ticket(),
-        tokio::time::timeout_at(
-            deadline,
-            tokio_tungstenite::accept_async_with_config(
-                ReadAhead::new(stream).following(Follower::new(gate.clone(), max)),
-                Some(ws::ws_config(max)),
+    // In a block of its own: a local once borrowed (`get_ref`) stays in the future's state
+    // until its scope ends, so the stream would sit in the task beside the one `serve` holds
+    // (hostile_memory::idle_connections_cost_at_most_15_kib_each).
+    let (src, snk) = {
+        let ws = unless_evicted(
+            slot.ticket(),
+            tokio::time::timeout_at(
+                deadline,
+                // Boxed: the upgrade's state (the stream inside tungstenite's handshake
+                // machine) is freed once it completes, not kept in this task's future
+                // at its own size for the connection's life.
+                Box::pin(tokio_tungstenite::accept_async_with_config(
+                    ReadAhead::new(stream).following(Follower::new(gate.clone(), max)),
+                    Some(ws::ws_config(max)),
+                )),
             ),
-        ),
-    )
-    .await?
-    .map_err(|_| "WebSocket handshake timed out".to_string())?
-    .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
-    if ws.get_ref().upgrade_unfinished() {
-        return Err(UPGRADE_OUT_OF_STEP.into());
-    }
-    let (src, snk) = ws::split(ws, gate);
+        )
+        .await?
+        .map_err(|_| "WebSocket handshake timed out".to_string())?
+        .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
+        if ws.get_ref().upgrade_unfinished() {
+            return Err(UPGRADE_OUT_OF_STEP.into());
+        }
+        ws::split(ws, gate)
+    };
     conn::serve(
         shared.clone(),
         src,
@@ -1536,14 +1544,21 @@ async fn handshake(
             TransportKind::Tls | TransportKind::Wss => {
                 let acceptor = tls.ok_or("TLS listener without TLS configuration")?;
                 let capped = HandshakeCap::new(stream, TLS_HANDSHAKE_READ_MAX);
-                let mut tls_stream = unless_evicted(
-                    &ticket,
-                    tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(capped))),
-                )
-                .await?
-                .map_err(|_| "TLS handshake timed out".to_string())?
-                .map_err(|e| format!("TLS handshake failed: {e}"))?;
-                tls_stream.get_mut().0.lift();
+                // In a block of its own: a local once borrowed (`lift`) stays in the
+                // future's state until its scope ends, and the TLS stream (rustls' state,
+                // ~1.5 KiB) would then sit in every connection's task for its whole life,
+                // whatever its transport (hostile_memory::idle_connections_cost_at_most_15_kib_each).
+                let tls_stream = {
+                    let mut accepted = unless_evicted(
+                        &ticket,
+                        tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(capped))),
+                    )
+                    .await?
+                    .map_err(|_| "TLS handshake timed out".to_string())?
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                    accepted.get_mut().0.lift();
+                    accepted
+                };
                 if kind == TransportKind::Tls {
                     let (r, w) = tokio::io::split(tls_stream);
                     Box::pin(conn::serve(
