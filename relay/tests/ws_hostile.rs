@@ -60,6 +60,21 @@ async fn small_window_ws(relay: &BinRelay) -> tokio::net::TcpStream {
     s
 }
 
+/// The relay binary with `args`, taking `n` connections and more from 127.0.0.1 at once
+/// (no per-address, per-network or connect-rate cap), this process allowed the descriptors.
+fn many_from_one_address(n: usize, args: &[&str]) -> BinRelay {
+    rlimit::increase_nofile_limit(4 * n as u64 + 256).expect("raise the fd limit");
+    let caps = [
+        "--max-connections-per-addr",
+        "4096",
+        "--max-connections-per-network",
+        "0",
+        "--addr-connect-rate",
+        "0",
+    ];
+    BinRelay::start(&[args, &caps[..]].concat())
+}
+
 const FLOODS: usize = 150;
 
 /// Review finding (session 44): tungstenite queues a pong for every ping, and when the
@@ -72,19 +87,7 @@ const FLOODS: usize = 150;
 /// within 30 s without the count, reading the pings slower than they came).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_floods_before_hello_that_never_read_are_closed_within_bounded_memory() {
-    rlimit::increase_nofile_limit(4 * FLOODS as u64 + 256).expect("raise the fd limit");
-    let relay = BinRelay::start(&[
-        "--store",
-        "none",
-        "--max-connections-per-addr",
-        "4096",
-        "--max-connections-per-network",
-        "0",
-        "--addr-connect-rate",
-        "0",
-        "--hello-ms",
-        "60000",
-    ]);
+    let relay = many_from_one_address(FLOODS, &["--store", "none", "--hello-ms", "60000"]);
     let pid = relay.child.id();
     let flood: Arc<Vec<u8>> = Arc::new(ping(125).repeat(1_000));
     let mut socks = Vec::with_capacity(FLOODS);
@@ -185,17 +188,7 @@ const LARGE: usize = 768 * 1024;
 /// `LARGE` envelope and going idle: the relay's settled RSS growth (KiB) from before the
 /// envelopes to after, every connection still open.
 async fn large_messages_then_idle(ws: bool) -> u64 {
-    rlimit::increase_nofile_limit(4 * PAIRS as u64 + 256).expect("raise the fd limit");
-    let relay = BinRelay::start(&[
-        "--store",
-        "none",
-        "--max-connections-per-addr",
-        "4096",
-        "--max-connections-per-network",
-        "0",
-        "--addr-connect-rate",
-        "0",
-    ]);
+    let relay = many_from_one_address(usize::from(PAIRS), &["--store", "none"]);
     let pid = relay.child.id();
     let connect = || async {
         if ws {
@@ -413,31 +406,27 @@ async fn closed_after_sending(addr: std::net::SocketAddr, bytes: Arc<Vec<u8>>) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_tls_and_websocket_handshakes_are_closed_before_hello() {
     use rustls::pki_types::pem::PemObject;
-    rlimit::increase_nofile_limit(4 * BIG_HANDSHAKES as u64 + 256).expect("raise the fd limit");
     let dir = temp_dir("tls-handshakes");
     let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
     let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
     relay_cli(&["tls", "generate", "--cert", cert_s, "--key", key_s]);
-    let relay = BinRelay::start(&[
-        "--store",
-        "none",
-        "--tls",
-        "127.0.0.1:0",
-        "--wss",
-        "127.0.0.1:0",
-        "--tls-cert",
-        cert_s,
-        "--tls-key",
-        key_s,
-        "--max-connections-per-addr",
-        "4096",
-        "--max-connections-per-network",
-        "0",
-        "--addr-connect-rate",
-        "0",
-        "--hello-ms",
-        "60000",
-    ]);
+    let relay = many_from_one_address(
+        BIG_HANDSHAKES,
+        &[
+            "--store",
+            "none",
+            "--tls",
+            "127.0.0.1:0",
+            "--wss",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert_s,
+            "--tls-key",
+            key_s,
+            "--hello-ms",
+            "60000",
+        ],
+    );
     let pid = relay.child.id();
     let tls_addr = relay.addrs.tls.expect("tls");
     let wss_addr = relay.addrs.wss.expect("wss");
