@@ -236,6 +236,24 @@ test('an Ack leaves only once the IndexedDB write of the dedup entry it covers c
   await pub.close();
 });
 
+// The Node file store behind Client.connect's `persistence`, whose writes throw (a full
+// disk) while `broken` is set; `refusals` holds when each refused write came.
+function failingFileStore() {
+  const disk = { broken: false, refusals: [] };
+  setFileStore(async (p, fsync) => {
+    const st = await openFileStore(p, fsync);
+    const guarded = (op) => (bytes) => {
+      if (disk.broken) {
+        disk.refusals.push(performance.now());
+        throw new Error('no space left on device (test)');
+      }
+      return st[op](bytes);
+    };
+    return { ...st, append: guarded('append'), replace: guarded('replace') };
+  });
+  return disk;
+}
+
 // Review finding 1: Acks were held only while an asynchronous write was in flight. The
 // Node file store writes synchronously: when such a write threw (a full disk, say) the
 // store was to be rewritten whole (#repair) but nothing was in flight, so the Ack of the
@@ -246,19 +264,7 @@ test('an Ack leaves only once the IndexedDB write of the dedup entry it covers c
 test('a synchronous store that cannot write: no Ack until a write succeeds; the re-post is refused after a restart', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'whispeer-ack-'));
   const path = join(dir, 'state');
-  let broken = false;
-  let refused = 0;
-  setFileStore(async (p, fsync) => {
-    const st = await openFileStore(p, fsync);
-    const guarded = (op) => (bytes) => {
-      if (broken) {
-        refused++;
-        throw new Error('no space left on device (test)');
-      }
-      return st[op](bytes);
-    };
-    return { ...st, append: guarded('append'), replace: guarded('replace') };
-  });
+  const disk = failingFileStore();
   const pubProxy = await loggingProxy(relay.url);
   const tree = TreeKey.generate('sync-acks');
   const pub = await Client.connect(pubProxy.url, { keys: tree });
@@ -271,7 +277,7 @@ test('a synchronous store that cannot write: no Ack until a write succeeds; the 
   await sub.subscribe(
     'job/y',
     (m) => {
-      broken = true;
+      disk.broken = true;
       taken(m);
     },
     { qos: 1 },
@@ -282,7 +288,7 @@ test('a synchronous store that cannot write: no Ack until a write succeeds; the 
   assert.equal((await got).value, 7);
   const captured = pubProxy.frames.find((f) => f[2] === PUB);
   assert.ok(captured, "the publisher's Pub frame");
-  await until(() => refused > 0, 10_000);
+  await until(() => disk.refusals.length > 0, 10_000);
   // A flush, then a subscribe: an Ack (or the flush's Ping) sent before its Sub would have
   // passed the proxy first (frames leave in order).
   const subs = proxy.count(SUB);
@@ -296,7 +302,7 @@ test('a synchronous store that cannot write: no Ack until a write succeeds; the 
   assert.ok(sub.stats().stateWriteFailures >= 1, 'counted');
   assert.ok(errors.length >= 1, 'reported');
 
-  broken = false; // the retry timer writes the state whole: the Ack, then the Ping leave
+  disk.broken = false; // the retry timer writes the state whole: the Ack, then the Ping leave
   await flushed;
   assert.equal(proxy.count(ACK), acks + 1, 'the Ack left before the flush resolved');
   await sub.close();
@@ -325,19 +331,8 @@ test('a synchronous store that cannot write: no Ack until a write succeeds; the 
 test('a store that keeps failing is tried again after 100 ms, then 200, then 400', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'whispeer-ack-'));
   const path = join(dir, 'state');
-  let broken = false;
-  const refusals = [];
-  setFileStore(async (p, fsync) => {
-    const st = await openFileStore(p, fsync);
-    const guarded = (op) => (bytes) => {
-      if (broken) {
-        refusals.push(performance.now());
-        throw new Error('no space left on device (test)');
-      }
-      return st[op](bytes);
-    };
-    return { ...st, append: guarded('append'), replace: guarded('replace') };
-  });
+  const disk = failingFileStore();
+  const refusals = disk.refusals;
   const tree = TreeKey.generate('backoff');
   const pub = await Client.connect(relay.url, { keys: tree });
   const sub = await Client.connect(proxy.url, { keys: tree, persistence: path });
@@ -348,7 +343,7 @@ test('a store that keeps failing is tried again after 100 ms, then 200, then 400
   await sub.subscribe(
     'job/z',
     (m) => {
-      broken = true;
+      disk.broken = true;
       taken(m);
     },
     { qos: 1 },
@@ -361,7 +356,7 @@ test('a store that keeps failing is tried again after 100 ms, then 200, then 400
   gaps.forEach((g, i) => assert.ok(g >= 100 * 2 ** i - 2, `gap ${i}: ${g} ms (waits ${gaps.join(', ')})`));
   assert.equal(sub.stats().stateWriteFailures, refusals.length);
   assert.equal(errors.length, refusals.length, 'an error event per failed write');
-  broken = false;
+  disk.broken = false;
   await sub.flush(); // the Ack leaves once the state is written again
   await sub.close();
   await pub.close();
