@@ -912,13 +912,13 @@ async fn a_message_taken_while_the_state_file_cannot_be_written_is_refused_after
     let captured = seal(&t, Some(&alice), "job/x", 7, whispeer::now_ms());
     member.publish(&captured, false).await;
     assert_eq!(values(&mut sub, 1, "taken while locked").await, vec![7]);
-    // The take's write waits out the busy timeout and fails.
-    within("the failed write", async {
-        while !logs.text().contains("writing the dedup window failed") {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    // The take's write waits out the busy timeout and fails (counted, and logged).
+    until_stats(&c, "the failed write", |s| s.state_write_failures > 0).await;
+    assert!(
+        logs.text().contains("writing the dedup window failed"),
+        "{}",
+        logs.text()
+    );
     // Its Ack waits, and a flush with it (review finding 2: a flush promises the acks of
     // what the app took before it): its Ping waits behind the held Ack. A subscribe after
     // the flush round-trips (a `Sub` is not held): had the Ping left, its Pong came first.

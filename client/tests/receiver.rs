@@ -272,24 +272,16 @@ async fn a_retained_value_held_unread_when_the_process_is_killed_is_shown_after_
         .publish(&seal(&t, Some(&alice), "cfg/mode", 2, now), true)
         .await;
     until_line(&mut lines, "child: took m0, m queued").await;
-    // The take is saved (m0's dedup entry, and its topic's mark in the same transaction).
-    within("m0 in the state file", async {
-        loop {
-            let db = rusqlite::Connection::open_with_flags(
-                &state,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )
+    // The take is saved (m0's dedup entry, and its topic's mark in the same transaction):
+    // the child's flush came back after m0's Ack, which leaves only once that is written.
+    let db =
+        rusqlite::Connection::open_with_flags(&state, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap();
-            let n: i64 = db
-                .query_row("SELECT count(*) FROM seen", [], |r| r.get(0))
-                .unwrap_or(0);
-            if n > 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    let n: i64 = db
+        .query_row("SELECT count(*) FROM seen", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1, "m0's dedup entry is saved, m's is not");
+    drop(db);
     child.kill().await.unwrap(); // SIGKILL: m was never taken
     drop(lines);
 
@@ -382,6 +374,8 @@ async fn a_killed_subscriber_child() {
     until_stats(&c, "m0 and m delivered", |s| s.core.delivered == 2).await;
     let m0 = within("m0", sub.next()).await.unwrap().unwrap();
     assert_eq!((m0.value, m0.retained), (1, false));
+    // Its Ack, which waits for the state write saving m0, precedes the flush's Pong.
+    within("the flush", c.flush()).await.unwrap();
     println!("child: took m0, m queued");
     std::future::pending::<()>().await;
 }
