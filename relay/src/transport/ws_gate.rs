@@ -65,7 +65,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
@@ -258,16 +257,14 @@ pub struct Follower {
     pings_before_welcome_max: u32,
     /// Pings read since tungstenite last wrote out its whole write buffer.
     pings_unanswered: u32,
-    /// The ping bucket as a theoretical arrival time (GCRA): `max(tat, now)` plus one
-    /// interval per ping; in debt while it is more than [`PING_BURST`] intervals ahead of
-    /// now (`None`: full).
-    ping_tat: Option<Instant>,
-    /// The last ping charged put the bucket in debt: the next read waits.
-    ping_debt: bool,
+    /// The client's pings: [`PINGS_PER_SEC`], bursts of [`PING_BURST`] (the relay's
+    /// rate buckets; tests that flood lift it).
+    pings: crate::rate::TokenBucket,
+    /// When the bucket is out of the debt the last ping put it in: the next read waits
+    /// until then (`None`: not in debt).
+    ping_wake: Option<Instant>,
     /// The wait until the bucket is out of debt.
     ping_sleep: Option<Pin<Box<Sleep>>>,
-    /// The interval between pings ([`PINGS_PER_SEC`]; tests that flood lift it).
-    ping_interval: Duration,
 }
 
 impl std::fmt::Debug for Follower {
@@ -304,39 +301,33 @@ impl Follower {
             pings_before_welcome: 0,
             pings_before_welcome_max: PINGS_BEFORE_WELCOME,
             pings_unanswered: 0,
-            ping_tat: None,
-            ping_debt: false,
+            pings: crate::rate::TokenBucket::new(
+                PINGS_PER_SEC,
+                PING_BURST,
+                std::time::Instant::now(),
+            ),
+            ping_wake: None,
             ping_sleep: None,
-            ping_interval: Duration::from_secs(1) / PINGS_PER_SEC,
         }
     }
 
     /// Sets the interval between pings (tests: [`PINGS_PER_SEC`] would make a flood slow).
     #[cfg(test)]
-    pub(crate) fn set_ping_interval(&mut self, interval: Duration) {
-        self.ping_interval = interval;
-    }
-
-    /// The ping bucket's burst, as time ahead of now.
-    fn ping_burst(&self) -> Duration {
-        self.ping_interval * PING_BURST
-    }
-
-    /// The bucket's arrival time after `pings` more pings at `now` from `tat`.
-    fn ping_after(&self, tat: Option<Instant>, now: Instant, pings: u32) -> Instant {
-        tat.map_or(now, |t| t.max(now)) + self.ping_interval * pings
+    pub(crate) fn set_ping_interval(&mut self, interval: std::time::Duration) {
+        // Zero: unlimited (the bucket's rate 0).
+        let rate = std::time::Duration::from_secs(1)
+            .as_nanos()
+            .checked_div(interval.as_nanos())
+            .map_or(0, |r| u32::try_from(r).unwrap_or(u32::MAX));
+        self.pings = crate::rate::TokenBucket::new(rate, PING_BURST, std::time::Instant::now());
     }
 
     /// Ready when the client's pings are within their rate; pending (the gate stalled)
     /// until the bucket is out of debt otherwise (see the module documentation).
     pub fn poll_pings(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.ping_debt {
+        let Some(until) = self.ping_wake else {
             return Poll::Ready(());
-        }
-        let until = self
-            .ping_tat
-            .map(|t| t - self.ping_burst())
-            .expect("in debt after a ping");
+        };
         if Instant::now() < until {
             let sleep = self
                 .ping_sleep
@@ -349,7 +340,7 @@ impl Follower {
                 return Poll::Pending;
             }
         }
-        self.ping_debt = false;
+        self.ping_wake = None;
         self.ping_sleep = None;
         self.gate.pings_paused.store(false, Relaxed);
         Poll::Ready(())
@@ -384,10 +375,9 @@ impl Follower {
     /// A ping's header: counted (see the module documentation).
     fn on_ping(&mut self) -> io::Result<()> {
         self.pings_unanswered = self.pings_unanswered.saturating_add(1);
-        let now = Instant::now();
-        let tat = self.ping_after(self.ping_tat, now, 1);
-        self.ping_tat = Some(tat);
-        self.ping_debt = tat > now + self.ping_burst();
+        if let Some(pause) = self.pings.take(1.0, std::time::Instant::now()) {
+            self.ping_wake = Some(Instant::now() + pause);
+        }
         if !self.gate.admitted.load(Relaxed) {
             self.pings_before_welcome += 1;
             if self.pings_before_welcome > self.pings_before_welcome_max {
@@ -537,7 +527,9 @@ impl Follower {
         let (mut at, mut header) = (self.at, self.header);
         let mut i = 0;
         // The bucket as the pings in `ahead` leave it (the clock read at the first).
-        let mut pings: Option<(Instant, Instant)> = None;
+        // The ping bucket as it would be after the pings ahead (a copy: charged for real
+        // when tungstenite reads them, `on_ping`).
+        let mut pings: Option<(crate::rate::TokenBucket, std::time::Instant)> = None;
         while i < ahead.len() {
             match at {
                 At::Http(line) => {
@@ -561,12 +553,10 @@ impl Follower {
                             return i;
                         }
                         if header[0] & 0x0f == 9 {
-                            let (now, tat) = pings.get_or_insert_with(|| {
-                                let now = Instant::now();
-                                (now, self.ping_tat.unwrap_or(now))
+                            let (bucket, now) = pings.get_or_insert_with(|| {
+                                (self.pings.clone(), std::time::Instant::now())
                             });
-                            *tat = self.ping_after(Some(*tat), *now, 1);
-                            if *tat > *now + self.ping_burst() {
+                            if bucket.take(1.0, *now).is_some() {
                                 return i;
                             }
                         }
@@ -755,7 +745,7 @@ mod tests {
         std::future::poll_fn(|cx| f.poll_pings(cx)).await;
         let waited = started.elapsed();
         assert!(!gate.stalled());
-        let interval = Duration::from_secs(1) / PINGS_PER_SEC;
+        let interval = std::time::Duration::from_secs(1) / PINGS_PER_SEC;
         assert!(
             waited >= interval / 2 && waited < interval * 5,
             "{waited:?}"
