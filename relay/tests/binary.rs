@@ -960,16 +960,42 @@ async fn failing_accepts_add_a_bounded_number_of_lines_to_the_log() {
         "60000",
     ]);
     relay.skip_log();
+    // Wholly started: "listening" is logged before the relay starts its light runtime
+    // (an epoll, an eventfd and threads: descriptors a limit set too early would deny).
+    // A client welcomed and gone (its descriptor closed) says every part is up.
+    let mut probe = Client::tcp(relay.tcp()).await;
+    probe.hello().await;
+    drop(probe);
+    relay
+        .wait_status("the probe's close", |s| s.sockets == 0)
+        .await;
     let pid = relay.child.id();
-    let fds: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+    // Its descriptors and what they are. Those it opened itself (sockets, epoll, eventfd)
+    // come lowest-first; one inherited from whoever runs the tests (CI's own pipes and
+    // files, at any number) is not among them and must not set the limit, or thousands of
+    // free numbers below it would have to be filled first (CI failed so: per-address caps
+    // met before the limit).
+    let fds: Vec<(u64, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("the relay's descriptors")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let n = e.file_name().to_str()?.parse().ok()?;
+            let what = std::fs::read_link(e.path()).ok()?;
+            Some((n, what.to_string_lossy().into_owned()))
+        })
         .collect();
-    let top = *fds.iter().max().expect("descriptors");
-    // No descriptor above those it holds: the free ones below them (`gaps`) are accepted,
-    // the 4 connections beyond wait in the listen queue.
-    let limit = top + 1;
-    let gaps = limit - fds.len() as u64;
+    let top = fds
+        .iter()
+        .filter(|(_, what)| what.starts_with("socket:") || what.starts_with("anon_inode:"))
+        .map(|(n, _)| *n)
+        .max()
+        .expect("the relay's sockets");
+    // Room for 4 more descriptors above them (those open above the limit stay open): the
+    // free numbers below it (`gaps`, at least those 4) are accepted — closing them later
+    // is what gives accepts room again — and the 4 connections beyond wait in the listen
+    // queue.
+    let limit = top + 1 + 4;
+    let gaps = limit - fds.iter().filter(|(n, _)| *n < limit).count() as u64;
     prlimit(
         Some(Pid::from_child(&relay.child)),
         Resource::Nofile,
