@@ -79,20 +79,45 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// its share of a quarter, a third ~171 MiB, a fourth the rest — and every other address,
 /// holding nothing, was refused for good.) No rule over what is held can avoid that
 /// without reserving room per address, and addresses are many. So room is taken back
-/// instead ([`UnackedBudget::reclaim`]): when an address under its share (and a
-/// connection under its share of it) is refused only because the whole budget is spent,
-/// the connection holding most of the address holding most is closed as a slow consumer
-/// (fatal `Err(slow_consumer)`, counted in `whispeer_relay_slow_consumer_disconnects_total`),
-/// until what closing connections still hold covers the message. Its stored messages stay
-/// in the store (redelivered when it subscribes again); its unstored QoS 0 ones go with it
-/// (at-most-once). That address is over its share whenever this happens: the whole budget
-/// (2 × half) minus the message is held, the asker holds less than half / n of it, so one
-/// of the other n − 1 addresses holds more than (2·half − len − half/n) / (n − 1), which
-/// is more than half / n for any message smaller than half the budget — so an honest
-/// address (under its share) is never the one closed, and its refused message is delivered
-/// once the closed connection's bytes are freed (its pause is retried at each redelivery
-/// tick and credit wait, ≤ 1 s). Each such refusal costs the flood a connection, which it
-/// must open again (and fill again) through the per-address connection limits.
+/// instead ([`UnackedBudget::reclaim`]), from the address holding most, when an address
+/// under its share (and a connection under its share of it) is refused only because the
+/// whole budget is spent:
+///
+/// 1. First, gently ([`UnackedBudget::forget`]): its connections' unacknowledged QoS 0
+///    deliveries that the store does not keep — the room a non-acking QoS 0 flood holds,
+///    kept only for a redelivery that at-most-once does not owe — are forgotten, the
+///    connection holding most of them first, until what is missing is freed. Each one is
+///    counted (`whispeer_relay_unacked_qos0_forgotten_total`) and reported to its
+///    connection in a `Gap`, as other QoS 0 losses are; an `Ack` of it later is of an
+///    unknown sequence (ignored). No connection is closed, so an honest connection sharing
+///    the flood's address keeps its connection and its stored messages in flight. The
+///    bytes are freed at once, so the refused message is taken in the same step.
+/// 2. Only if that did not free enough: the connection holding most of that address is
+///    closed as a slow consumer (fatal `Err(slow_consumer)`, counted in
+///    `whispeer_relay_slow_consumer_disconnects_total`), then the next, until what closing
+///    connections still hold covers the message. Its stored messages stay in the store
+///    (redelivered when it subscribes again); its unstored QoS 0 ones go with it
+///    (at-most-once).
+///
+/// That address is over its share whenever this happens: the whole budget (2 × half) minus
+/// the message is held, the asker holds less than half / n of it, so one of the other
+/// n − 1 addresses holds more than (2·half − len − half/n) / (n − 1), which is more than
+/// half / n for any message smaller than half the budget — so an honest address (under its
+/// share) is never the one whose deliveries are forgotten or whose connection is closed,
+/// and its refused message is delivered at once when forgetting freed the room, else once
+/// the closed connection's bytes are freed (its pause is retried at each redelivery tick
+/// and credit wait, ≤ 1 s). Each refusal costs the flood its unstored deliveries, or a
+/// connection, which it must open again (and fill again) through the per-address
+/// connection limits.
+///
+/// Forgetting runs on the asker's delivery, under its subscription's lock (and perhaps
+/// its shard's routing lock), while the deliveries are owned by the victim's subscriptions:
+/// each victim subscription's lock is only tried ([`Tracking::forget_unstored`]); one taken
+/// at that moment (being delivered to or acked) is skipped — waiting could wait on a
+/// delivery that is itself taking room back — and what it holds is left to the next step.
+/// Bytes forgotten leave `used` before [`UnackedBudget::close_heaviest`] measures what is
+/// missing, and bytes of connections already closing count as on their way back, so
+/// neither step takes more than the message needs (but whole connections at a time).
 ///
 /// The check and the addition are separate steps (each under its subscription's lock, not
 /// a relay-wide one): routers delivering on several shards at once may each pass it, so
@@ -141,6 +166,10 @@ pub(crate) struct AddrUnacked {
 /// Closes a connection as a slow consumer (the budget takes its room back).
 pub(crate) type Evict = Box<dyn Fn() + Send + Sync>;
 
+/// Tells a connection that this many of its unacknowledged QoS 0 deliveries the store does
+/// not keep were forgotten (the budget took their room back: they are not redelivered).
+pub(crate) type Forgot = Box<dyn Fn(u64) + Send + Sync>;
+
 /// A connection's place in the [`UnackedBudget`]: its address's counts, given back (the
 /// address forgotten with its last connection) when dropped.
 pub(crate) struct BudgetShare {
@@ -150,6 +179,8 @@ pub(crate) struct BudgetShare {
     key: u64,
     /// Closes the connection when the budget takes its room back.
     evict: Evict,
+    /// Tells it that its unstored QoS 0 deliveries were forgotten (`Gap`).
+    forgot: Forgot,
 }
 
 impl std::fmt::Debug for BudgetShare {
@@ -218,11 +249,24 @@ impl BudgetShare {
     /// The most bytes [`verdict`](Self::verdict) lets this connection, holding `conn`,
     /// take now (`u64::MAX`: no bound); a catch-up reads no more (see
     /// [`Tracking::allowance`]). Takes room back, as [`admits`](Self::admits) does, when
-    /// only the whole budget leaves it none.
+    /// only the whole budget leaves it none (and then answers for what it freed at once:
+    /// forgotten QoS 0 deliveries).
     fn room(&self, conn: usize) -> u64 {
+        match self.room_now(conn) {
+            (_, true) => {
+                self.budget.reclaim(&self.tenant, 1);
+                self.room_now(conn).0
+            }
+            (room, false) => room,
+        }
+    }
+
+    /// [`room`](Self::room) without taking room back, and whether the whole budget alone
+    /// leaves this connection (under its shares) none.
+    fn room_now(&self, conn: usize) -> (u64, bool) {
         let b = &self.budget;
         if b.max == 0 {
-            return u64::MAX;
+            return (u64::MAX, false);
         }
         let conn = conn as u64;
         let half = (b.max / 2).max(1);
@@ -248,21 +292,21 @@ impl BudgetShare {
         } else {
             b.max.saturating_sub(used)
         };
-        if within == 0 && whole == 0 && addr_room > 0 && conn_room > 0 {
-            b.reclaim(&self.tenant, 1);
-        }
-        within.max(addr_room.min(conn_room).min(whole))
+        let full = within == 0 && whole == 0 && addr_room > 0 && conn_room > 0;
+        (within.max(addr_room.min(conn_room).min(whole)), full)
     }
 
     /// [`verdict`](Self::verdict), taking room back when the whole budget refuses a
-    /// connection under its share.
+    /// connection under its share: what forgetting unstored QoS 0 deliveries freed is
+    /// taken at once; what closing connections free comes later (the refused subscription
+    /// pauses and retries).
     fn admits(&self, conn: usize, len: usize) -> bool {
         match self.verdict(conn, len) {
             Verdict::Yes => true,
             Verdict::No => false,
             Verdict::Full => {
                 self.budget.reclaim(&self.tenant, len);
-                false
+                self.verdict(conn, len) == Verdict::Yes
             }
         }
     }
@@ -281,8 +325,14 @@ impl UnackedBudget {
     }
 
     /// A connection from `tenant` joins (its address's place, made if it has none);
-    /// `evict` closes it as a slow consumer ([`reclaim`](Self::reclaim)).
-    pub(crate) fn share(self: &Arc<Self>, tenant: Tenant, evict: Evict) -> BudgetShare {
+    /// `evict` closes it as a slow consumer and `forgot` tells it how many of its unstored
+    /// QoS 0 deliveries were forgotten ([`reclaim`](Self::reclaim)).
+    pub(crate) fn share(
+        self: &Arc<Self>,
+        tenant: Tenant,
+        evict: Evict,
+        forgot: Forgot,
+    ) -> BudgetShare {
         let key = self.next_key.fetch_add(1, Relaxed);
         let addr = {
             let mut by = lock(&self.by);
@@ -299,6 +349,7 @@ impl UnackedBudget {
             addr,
             key,
             evict,
+            forgot,
         }
     }
 
@@ -308,36 +359,94 @@ impl UnackedBudget {
     }
 
     /// Takes room back for `len` bytes that an address under its share (`asker`) was
-    /// refused for lack of it (see [`UnackedBudget`]): closes, as slow consumers, the
-    /// connections holding most of the address holding most (never the asker's, nor an
-    /// address at or under its share), until what the closing connections still hold
-    /// covers what is missing. Their bytes are freed as their sessions end.
+    /// refused for lack of it (see [`UnackedBudget`]), from the address holding most (never
+    /// the asker's, nor an address at or under its share): first by forgetting its
+    /// connections' unstored QoS 0 deliveries ([`forget`](Self::forget), freed at once);
+    /// then, if that was not enough, by closing, as slow consumers, the connections holding
+    /// most of it, until what the closing connections still hold covers what is missing
+    /// (their bytes are freed as their sessions end).
     fn reclaim(&self, asker: &Tenant, len: usize) {
+        self.forget(asker, len);
+        self.close_heaviest(asker, len);
+    }
+
+    /// The gentle step of [`reclaim`](Self::reclaim): forgets the unacknowledged QoS 0
+    /// deliveries the store does not keep (held only for a redelivery at-most-once does
+    /// not owe) of the connections of the addresses holding most — heaviest address first,
+    /// and in it the connection holding most of them — until what is missing is freed.
+    /// Each one forgotten is counted and reported to its connection in a `Gap`
+    /// ([`ConnUnacked::forget_unstored`]); no connection is closed. Returns the bytes freed.
+    fn forget(&self, asker: &Tenant, len: usize) -> u64 {
+        let (mut addrs, share, pending) = self.candidates(asker);
+        let need = (self.used() + len as u64).saturating_sub(self.max);
+        let mut freed = 0u64;
+        while pending + freed < need {
+            // The heaviest address over its share with a connection holding unstored
+            // QoS 0 deliveries not yet forgotten.
+            let Some((held, conns)) = addrs
+                .iter_mut()
+                .filter(|(held, conns)| *held > share && !conns.is_empty())
+                .max_by_key(|(held, _)| *held)
+            else {
+                break;
+            };
+            let i = (0..conns.len())
+                .max_by_key(|&i| conns[i].unstored.load(Relaxed))
+                .expect("not empty");
+            let c = conns.swap_remove(i);
+            if c.evicted.load(Relaxed) || c.unstored.load(Relaxed) == 0 {
+                continue;
+            }
+            let n = c.forget_unstored() as u64;
+            freed += n;
+            *held = held.saturating_sub(n);
+        }
+        // The upgraded counts drop outside the lock (as in `close_heaviest`).
+        drop(addrs);
+        freed
+    }
+
+    /// Each address but `asker`'s: what it holds less what its closing connections hold
+    /// (on its way back), and its connections (alive); the address share over half the
+    /// budget; and what all closing connections hold. The counts are upgraded under the
+    /// map's lock but the caller drops them after it (the last one drops its share, which
+    /// takes the lock).
+    #[allow(clippy::type_complexity)]
+    fn candidates(&self, asker: &Tenant) -> (Vec<(u64, Vec<Arc<ConnUnacked>>)>, u64, u64) {
+        let by = lock(&self.by);
+        let half = (self.max / 2).max(1);
+        let share = half / (self.busy.load(Relaxed).max(1) as u64);
+        let mut pending = 0u64;
+        let mut addrs = Vec::new();
+        let mut asker_conns = Vec::new();
+        for (tenant, place) in by.iter() {
+            let conns: Vec<_> = place.conns.values().filter_map(Weak::upgrade).collect();
+            let closing: u64 = conns
+                .iter()
+                .filter(|c| c.evicted.load(Relaxed))
+                .map(|c| c.used.load(Relaxed) as u64)
+                .sum();
+            pending += closing;
+            if tenant == asker {
+                asker_conns = conns;
+            } else {
+                let held = place.addr.bytes.load(Relaxed).saturating_sub(closing);
+                addrs.push((held, conns));
+            }
+        }
+        drop(by);
+        drop(asker_conns);
+        (addrs, share, pending)
+    }
+
+    /// The harsh step of [`reclaim`](Self::reclaim), when forgetting did not free enough:
+    /// closes, as slow consumers, the connections holding most of the address holding most
+    /// until what the closing connections still hold covers what is missing.
+    fn close_heaviest(&self, asker: &Tenant, len: usize) {
         let mut victims = Vec::new();
         {
-            let by = lock(&self.by);
-            let used = self.used();
-            let need = (used + len as u64).saturating_sub(self.max);
-            let half = (self.max / 2).max(1);
-            let share = half / (self.busy.load(Relaxed).max(1) as u64);
-            // Each address: its connections' counts (alive), and what it holds less what
-            // its closing connections hold (that is on its way back).
-            let mut pending = 0u64;
-            let mut addrs: Vec<(u64, Vec<Arc<ConnUnacked>>)> = Vec::new();
-            for (tenant, place) in by.iter() {
-                let conns: Vec<_> = place.conns.values().filter_map(Weak::upgrade).collect();
-                let mut closing = 0u64;
-                for c in &conns {
-                    if c.evicted.load(Relaxed) {
-                        closing += c.used.load(Relaxed) as u64;
-                    }
-                }
-                pending += closing;
-                if tenant != asker {
-                    let held = place.addr.bytes.load(Relaxed).saturating_sub(closing);
-                    addrs.push((held, conns));
-                }
-            }
+            let (mut addrs, share, mut pending) = self.candidates(asker);
+            let need = (self.used() + len as u64).saturating_sub(self.max);
             while pending < need {
                 let Some((held, conns)) = addrs.iter_mut().max_by_key(|(held, _)| *held) else {
                     break;
@@ -361,9 +470,6 @@ impl UnackedBudget {
                 *held = held.saturating_sub(n);
                 victims.push(c);
             }
-            // The upgraded counts drop after the lock: the last one drops its share, which
-            // takes the lock.
-            drop(by);
             drop(addrs);
         }
         for c in victims {
@@ -430,6 +536,9 @@ pub(crate) struct ConnUnacked {
     /// Closed by the budget to take its room back ([`UnackedBudget::reclaim`]): what it
     /// still holds is on its way back.
     evicted: AtomicBool,
+    /// Of `used`, the bytes of QoS 0 deliveries the store does not keep: what the budget
+    /// may take back without closing the connection ([`ConnUnacked::forget_unstored`]).
+    unstored: AtomicUsize,
 }
 
 /// The connection's unacknowledged deliveries, by sequence, and its paused subscriptions
@@ -441,6 +550,9 @@ struct Held {
     /// Subscriptions whose delivery paused since the last ack that freed bytes: that ack
     /// may give them room (see `Session::on_ack`).
     paused: BTreeSet<u64>,
+    /// Every tracking of the connection alive (ended ones too: they hold their bytes until
+    /// dropped), by id, for [`ConnUnacked::forget_unstored`].
+    tracks: HashMap<u64, Weak<Tracking>>,
 }
 
 impl ConnUnacked {
@@ -460,6 +572,7 @@ impl ConnUnacked {
                 next_id: AtomicU64::new(1),
                 budget,
                 evicted: AtomicBool::new(false),
+                unstored: AtomicUsize::new(0),
             }
         })
     }
@@ -492,6 +605,36 @@ impl ConnUnacked {
     /// The subscriptions that paused since the last call (tracking ids).
     pub(crate) fn take_paused(&self) -> BTreeSet<u64> {
         std::mem::take(&mut lock(&self.held).paused)
+    }
+
+    /// Forgets every unacknowledged delivery of its subscriptions that the store does not
+    /// keep (QoS 0: no redelivery is owed), as the relay-wide budget takes its room back
+    /// ([`UnackedBudget::reclaim`]): counted in
+    /// `whispeer_relay_unacked_qos0_forgotten_total` and reported to the connection in a
+    /// `Gap`. Called from another connection's delivery, under that subscription's lock:
+    /// a subscription of this one whose lock is taken right now is skipped (waiting for it
+    /// could wait on a delivery that is itself taking room back). Returns the bytes freed.
+    fn forget_unstored(&self) -> usize {
+        let tracks: Vec<Weak<Tracking>> = lock(&self.held).tracks.values().cloned().collect();
+        let (mut msgs, mut bytes) = (0u64, 0usize);
+        for t in tracks {
+            // Dropped here, outside the index's lock (a last reference's drop takes it).
+            if let Some(t) = t.upgrade() {
+                let (m, b) = t.forget_unstored();
+                msgs += m;
+                bytes += b;
+            }
+        }
+        if msgs > 0 {
+            if let Some(b) = &self.budget {
+                b.budget.metrics.unacked_qos0_forgotten(msgs);
+                tracing::debug!(tenant = ?b.tenant, msgs, bytes,
+                    "forgot unacknowledged QoS 0 deliveries: the relay-wide budget of \
+                     unacknowledged bytes is spent and their address holds the most");
+                (b.forgot)(msgs);
+            }
+        }
+        bytes
     }
 
     /// Whether `len` more bytes fit: in the connection's bound (always while nothing is
@@ -544,12 +687,25 @@ pub(crate) struct Paused {
     pub(crate) lost: u64,
 }
 
+/// A delivery not yet acknowledged.
+#[derive(Debug)]
+struct Unacked {
+    env: Envelope,
+    /// Its redelivery deadline.
+    due: Instant,
+    /// The store keeps it (else it is a QoS 0 message held only here, which the budget may
+    /// forget: [`ConnUnacked::forget_unstored`]).
+    stored: bool,
+}
+
 #[derive(Debug)]
 struct TrackInner {
-    /// Delivered, not yet acknowledged: envelope and redelivery deadline.
-    unacked: BTreeMap<u64, (Envelope, Instant)>,
+    /// Delivered, not yet acknowledged, by sequence.
+    unacked: BTreeMap<u64, Unacked>,
     /// Bytes of the envelopes in `unacked`.
     unacked_bytes: usize,
+    /// Of them, the bytes of those the store does not keep.
+    unstored_bytes: usize,
     /// Highest sequence handed to the connection for this subscription.
     delivered_max: u64,
     /// While history is being sent: the floor may not pass this (history not yet sent).
@@ -594,10 +750,12 @@ pub(crate) struct Tracking {
 impl Drop for Tracking {
     fn drop(&mut self) {
         let t = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.conn.unstored.fetch_sub(t.unstored_bytes, Relaxed);
         self.conn.sub(t.unacked_bytes);
         if !t.ended {
             unindex(&self.conn, self.id, t);
         }
+        lock(&self.conn.held).tracks.remove(&self.id);
     }
 }
 
@@ -617,12 +775,29 @@ impl TrackInner {
             && conn.fits(len)
     }
 
-    /// Records a delivery of subscription `id` (indexed by sequence for the acks).
-    fn insert(&mut self, id: u64, seq: u64, env: &Envelope, due: Instant, conn: &ConnUnacked) {
-        match self.unacked.insert(seq, (env.clone(), due)) {
-            Some((old, _)) => {
-                self.unacked_bytes -= old.len();
-                conn.sub(old.len());
+    /// Records a delivery of subscription `id` (indexed by sequence for the acks);
+    /// `stored`: the store keeps it.
+    fn insert(
+        &mut self,
+        id: u64,
+        seq: u64,
+        (env, stored): (&Envelope, bool),
+        due: Instant,
+        conn: &ConnUnacked,
+    ) {
+        let entry = Unacked {
+            env: env.clone(),
+            due,
+            stored,
+        };
+        match self.unacked.insert(seq, entry) {
+            Some(old) => {
+                self.unacked_bytes -= old.env.len();
+                if !old.stored {
+                    self.unstored_bytes -= old.env.len();
+                    conn.unstored.fetch_sub(old.env.len(), Relaxed);
+                }
+                conn.sub(old.env.len());
             }
             None if !self.ended => {
                 lock(&conn.held).by_seq.insert((seq, id));
@@ -630,6 +805,10 @@ impl TrackInner {
             None => {}
         }
         self.unacked_bytes += env.len();
+        if !stored {
+            self.unstored_bytes += env.len();
+            conn.unstored.fetch_add(env.len(), Relaxed);
+        }
         conn.add(env.len());
         self.delivered_max = self.delivered_max.max(seq);
     }
@@ -655,11 +834,30 @@ impl Tracking {
         credit: usize,
         max_bytes: usize,
         conn: Arc<ConnUnacked>,
+    ) -> Arc<Self> {
+        let id = conn.next_id.fetch_add(1, Relaxed);
+        Arc::new_cyclic(|me| {
+            lock(&conn.held).tracks.insert(id, me.clone());
+            Self::made(id, floor, gated, durable, timeout, credit, max_bytes, conn)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn made(
+        id: u64,
+        floor: u64,
+        gated: bool,
+        durable: Option<DurableKey>,
+        timeout: Duration,
+        credit: usize,
+        max_bytes: usize,
+        conn: Arc<ConnUnacked>,
     ) -> Self {
         Self {
             inner: Mutex::new(TrackInner {
                 unacked: BTreeMap::new(),
                 unacked_bytes: 0,
+                unstored_bytes: 0,
                 delivered_max: floor,
                 cap: gated.then_some(floor),
                 floor,
@@ -667,7 +865,7 @@ impl Tracking {
                 catching_up: false,
                 ended: false,
             }),
-            id: conn.next_id.fetch_add(1, Relaxed),
+            id,
             durable,
             timeout,
             credit: credit.max(1),
@@ -703,7 +901,7 @@ impl Tracking {
             && (t.unacked.contains_key(&seq)
                 || t.has_credit(self.credit, self.max_bytes, env.len(), &self.conn))
         {
-            t.insert(self.id, seq, env, now + self.timeout, &self.conn);
+            t.insert(self.id, seq, (env, stored), now + self.timeout, &self.conn);
             return Delivery::Send;
         }
         let p = Paused {
@@ -748,7 +946,8 @@ impl Tracking {
         if t.unacked.contains_key(&seq)
             || t.has_credit(self.credit, self.max_bytes, env.len(), &self.conn)
         {
-            t.insert(self.id, seq, env, now + self.timeout, &self.conn);
+            // Read from the store: it keeps it.
+            t.insert(self.id, seq, (env, true), now + self.timeout, &self.conn);
             true
         } else {
             false
@@ -771,7 +970,9 @@ impl Tracking {
         if t.unacked.contains_key(&seq)
             || t.has_credit(self.credit, self.max_bytes, env.len(), &self.conn)
         {
-            t.insert(self.id, seq, env, now + self.timeout, &self.conn);
+            // Counted as stored, whether or not the store keeps it (the hand-over does not
+            // say): never forgotten, only ever closed with its connection.
+            t.insert(self.id, seq, (env, true), now + self.timeout, &self.conn);
             return true;
         }
         let p = Paused {
@@ -981,15 +1182,20 @@ impl Tracking {
     /// which sequences: see [`ConnUnacked::holders`]).
     pub(crate) fn ack(&self, seqs: &[u64]) -> AckOutcome {
         let mut t = lock(&self.inner);
-        let mut freed = 0;
+        let (mut freed, mut unstored) = (0, 0);
         let mut removed = Vec::new();
         for s in seqs {
-            if let Some((env, _)) = t.unacked.remove(s) {
-                t.unacked_bytes -= env.len();
-                freed += env.len();
+            if let Some(u) = t.unacked.remove(s) {
+                t.unacked_bytes -= u.env.len();
+                freed += u.env.len();
+                if !u.stored {
+                    unstored += u.env.len();
+                }
                 removed.push(*s);
             }
         }
+        t.unstored_bytes -= unstored;
+        self.conn.unstored.fetch_sub(unstored, Relaxed);
         if removed.is_empty() {
             return AckOutcome::default();
         }
@@ -1026,13 +1232,53 @@ impl Tracking {
         let timeout = self.timeout;
         t.unacked
             .iter_mut()
-            .filter(|(_, (_, due))| *due <= now)
+            .filter(|(_, u)| u.due <= now)
             .take(limit)
-            .map(|(seq, (env, due))| {
-                *due = now + timeout;
-                (*seq, env.clone())
+            .map(|(seq, u)| {
+                u.due = now + timeout;
+                (*seq, u.env.clone())
             })
             .collect()
+    }
+
+    /// Forgets its unacknowledged deliveries the store does not keep (see
+    /// [`ConnUnacked::forget_unstored`]), unless its lock is taken right now: how many, and
+    /// their bytes. Its floor may pass them (they are not in the store to redeliver), and
+    /// the credit they free lets a paused delivery resume (the session's tick starts it).
+    fn forget_unstored(&self) -> (u64, usize) {
+        let mut t = match self.inner.try_lock() {
+            Ok(t) => t,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return (0, 0),
+        };
+        if t.unstored_bytes == 0 {
+            return (0, 0);
+        }
+        let seqs: Vec<u64> = t
+            .unacked
+            .iter()
+            .filter(|(_, u)| !u.stored)
+            .map(|(seq, _)| *seq)
+            .collect();
+        let mut bytes = 0;
+        for seq in &seqs {
+            if let Some(u) = t.unacked.remove(seq) {
+                bytes += u.env.len();
+            }
+        }
+        t.unacked_bytes -= bytes;
+        t.unstored_bytes -= bytes;
+        if !t.ended {
+            let mut held = lock(&self.conn.held);
+            for seq in &seqs {
+                held.by_seq.remove(&(*seq, self.id));
+            }
+        }
+        self.conn.unstored.fetch_sub(bytes, Relaxed);
+        self.conn.sub(bytes);
+        drop(t);
+        self.freed.notify_waiters();
+        (seqs.len() as u64, bytes)
     }
 
     /// How many messages are unacknowledged.
@@ -1226,9 +1472,9 @@ mod tests {
     #[test]
     fn an_address_is_forgotten_with_its_last_connection_whatever_else_holds_its_counts() {
         let budget = UnackedBudget::new(1 << 20, Arc::new(Metrics::default()));
-        let a = budget.share(tenant("192.0.2.1"), Box::new(|| {}));
-        let b = budget.share(tenant("192.0.2.1"), Box::new(|| {}));
-        let other = budget.share(tenant("192.0.2.2"), Box::new(|| {}));
+        let a = budget.share(tenant("192.0.2.1"), Box::new(|| {}), Box::new(|_| {}));
+        let b = budget.share(tenant("192.0.2.1"), Box::new(|| {}), Box::new(|_| {}));
+        let other = budget.share(tenant("192.0.2.2"), Box::new(|| {}), Box::new(|_| {}));
         assert_eq!(lock(&budget.by).len(), 2);
         let alive = a.addr.clone();
         drop(a);

@@ -143,6 +143,9 @@ pub struct Metrics {
     refusal_paused: AtomicU64,
     credit_pauses: AtomicU64,
     credit_lost: AtomicU64,
+    /// Unacknowledged QoS 0 deliveries the store did not keep, forgotten to take the
+    /// relay-wide budget's room back (`flow::UnackedBudget::reclaim`).
+    unacked_qos0_forgotten: AtomicU64,
     /// Unacknowledged envelope bytes of all QoS >= 1 subscriptions, relay-wide (the
     /// `delivery.total_unacked_bytes` budget counts them here: `flow::UnackedBudget`).
     pub(crate) unacked_bytes: AtomicU64,
@@ -226,6 +229,7 @@ impl Default for Metrics {
             refusal_paused: AtomicU64::new(0),
             credit_pauses: AtomicU64::new(0),
             credit_lost: AtomicU64::new(0),
+            unacked_qos0_forgotten: AtomicU64::new(0),
             unacked_bytes: AtomicU64::new(0),
             unacked_budget_pauses: AtomicU64::new(0),
             cluster: ClusterMetrics::default(),
@@ -358,6 +362,10 @@ impl Metrics {
     /// Messages a paused subscription skipped that the store does not keep (sent as `Gap`).
     pub(crate) fn credit_lost(&self, n: u64) {
         self.credit_lost.fetch_add(n, Relaxed);
+    }
+    /// Unacknowledged QoS 0 deliveries forgotten by the relay-wide budget (sent as `Gap`).
+    pub(crate) fn unacked_qos0_forgotten(&self, n: u64) {
+        self.unacked_qos0_forgotten.fetch_add(n, Relaxed);
     }
     /// A subscription's delivery paused for the relay-wide unacknowledged-bytes budget.
     pub(crate) fn unacked_budget_paused(&self) {
@@ -685,7 +693,7 @@ impl Metrics {
             "whispeer_relay_connections_refused_unanswered_total {}",
             load(&self.connections_refused_unanswered)
         );
-        let counters: [(&str, &str, u64); 22] = [
+        let counters: [(&str, &str, u64); 23] = [
             (
                 "whispeer_relay_walk_tokens_total",
                 "Publish rate tokens charged for routing walks, beyond each publish's own one: one per 64 subscription index nodes visited (whispeer_relay_route_nodes_visited), taken from the publisher's connection, address and account buckets (backpressure).",
@@ -785,6 +793,11 @@ impl Metrics {
                 "whispeer_relay_credit_lost_total",
                 "QoS 0 messages a paused subscription (out of credit, or over the relay-wide unacknowledged-bytes budget) skipped that the store does not keep (reported to the client in a Gap).",
                 load(&self.credit_lost),
+            ),
+            (
+                "whispeer_relay_unacked_qos0_forgotten_total",
+                "Unacknowledged QoS 0 deliveries to QoS >= 1 subscriptions that the store does not keep, forgotten (no redelivery: at most once) to take back room in the spent relay-wide budget of unacknowledged bytes for an address under its share, before any connection is closed as a slow consumer; each is reported to its connection in a Gap.",
+                load(&self.unacked_qos0_forgotten),
             ),
             (
                 "whispeer_relay_unacked_budget_pauses_total",

@@ -267,9 +267,19 @@ impl Session {
                 })));
             })
         };
+        // Or, first, forgets its unacknowledged QoS 0 deliveries the store does not keep
+        // (no redelivery is owed): told in a `Gap`, as other QoS 0 losses.
+        let forgot: crate::flow::Forgot = {
+            let out = Arc::downgrade(&out);
+            Box::new(move |n| {
+                if let Some(out) = out.upgrade() {
+                    out.add_dropped(n);
+                }
+            })
+        };
         let unacked = ConnUnacked::new(
             d.connection_unacked_bytes,
-            Some(budget.share(tenant.clone(), evict)),
+            Some(budget.share(tenant.clone(), evict, forgot)),
         );
         Self {
             shared,
@@ -1082,7 +1092,7 @@ impl Session {
             _ => dcfg.max_unacked,
         };
         let track = (s.qos != Qos::AtMostOnce || durable.is_some()).then(|| {
-            Arc::new(Tracking::new(
+            Tracking::new(
                 floor,
                 replay.is_some(),
                 durable.clone(),
@@ -1090,7 +1100,7 @@ impl Session {
                 credit,
                 dcfg.max_unacked_bytes,
                 self.unacked.clone(),
-            ))
+            )
         });
         let want_retained = s.retained && replay.is_none() && supported & features::RETAIN != 0;
         let start = SubStart {

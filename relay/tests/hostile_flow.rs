@@ -1037,6 +1037,8 @@ async fn a_ping_flood_from_one_address_is_paced_by_its_ack_rate() {
 /// share — until it is spent. A QoS 1 subscriber on 127.0.0.6 still gets every message
 /// published to it, in order: the relay closed the connection holding most of the address
 /// holding most as a slow consumer to take room back (the attacker is told, and it counts).
+/// The store keeps the flood (`store_qos0`), so there is nothing to forget first (that
+/// gentler step: `an_unstored_qos0_flood_gives_its_room_back_without_losing_a_connection`).
 #[tokio::test]
 async fn an_honest_address_gets_its_messages_when_others_spent_the_relay_wide_budget() {
     const TOTAL: usize = 4 << 20;
@@ -1044,6 +1046,7 @@ async fn an_honest_address_gets_its_messages_when_others_spent_the_relay_wide_bu
     const EACH: u32 = 40;
     const HONEST: u32 = 10;
     let mut config = Config::ephemeral();
+    config.store.store_qos0 = true;
     config.delivery.total_unacked_bytes = TOTAL;
     config.delivery.connection_unacked_bytes = 64 << 20;
     config.delivery.max_unacked_bytes = 64 << 20;
@@ -1124,6 +1127,150 @@ async fn an_honest_address_gets_its_messages_when_others_spent_the_relay_wide_bu
         level / 10
     );
     assert!(metric(admin, "whispeer_relay_slow_consumer_disconnects_total").await > 0);
+    assert!(
+        metric(admin, "whispeer_relay_unacked_bytes").await <= (TOTAL + 2 * BODY + 4096) as u64
+    );
+    for r in readers {
+        r.abort();
+    }
+}
+
+/// The gentler first step of taking the relay-wide budget's room back: a QoS 0 message
+/// delivered to a QoS ≥ 1 subscription is kept only in its connection's unacknowledged
+/// deliveries (the store does not keep it), for a redelivery at-most-once does not owe.
+/// Non-acking subscribers on 127.0.0.2–.5 (two connections each) spend a 4 MiB budget
+/// with such messages, one address after another. When a QoS 1 subscriber on 127.0.0.6
+/// (under its share) is refused for lack of room, the relay forgets unacknowledged QoS 0
+/// deliveries of the address holding most instead of closing its connections: the honest
+/// subscriber gets all of its messages in order, no attacker connection is closed (no
+/// `Err(slow_consumer)`, none counted), and every forgotten delivery is counted
+/// (`whispeer_relay_unacked_qos0_forgotten_total`) and reported in a `Gap` to the
+/// connections that held them. Before, a connection of 127.0.0.2 was closed.
+#[tokio::test]
+async fn an_unstored_qos0_flood_gives_its_room_back_without_losing_a_connection() {
+    const TOTAL: usize = 4 << 20;
+    const BODY: usize = 32 << 10;
+    const EACH: u32 = 40;
+    const HONEST: u32 = 10;
+    enum Seen {
+        Gap(u64),
+        Err(whispeer_protocol::ErrorCode),
+        Closed,
+    }
+    let mut config = Config::ephemeral();
+    config.delivery.total_unacked_bytes = TOTAL;
+    config.delivery.connection_unacked_bytes = 64 << 20;
+    config.delivery.max_unacked_bytes = 64 << 20;
+    config.limits.publish_rate = 0;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let mut p = Client::tcp(relay.tcp()).await;
+    p.hello().await;
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut readers = Vec::new();
+    let mut nonce = 0;
+    for a in 2..=5u8 {
+        let mut levels = Vec::new();
+        for c in 0..2u8 {
+            let level = a * 10 + c;
+            let mut s = Client::tcp_from(relay.tcp(), &format!("127.0.0.{a}")).await;
+            hello_flow(&mut s).await;
+            s.send(&qos1_sub(1, exact(1, &[level]), Some(4096))).await;
+            assert!(matches!(s.recv().await, Frame::SubOk(_)));
+            levels.push(level);
+            // Reads everything, acks nothing; reports Gaps, an Err, the end.
+            let seen = seen_tx.clone();
+            readers.push(tokio::spawn(async move {
+                loop {
+                    match s.read().await {
+                        Read::Frame(b) => match Frame::decode(&b) {
+                            Ok(Frame::Gap(g)) => {
+                                let _ = seen.send((level, Seen::Gap(g.dropped)));
+                            }
+                            Ok(Frame::Err(e)) => {
+                                let _ = seen.send((level, Seen::Err(e.code)));
+                            }
+                            _ => {}
+                        },
+                        Read::Closed | Read::Broken(_) => {
+                            let _ = seen.send((level, Seen::Closed));
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+        for i in 0..EACH {
+            for &level in &levels {
+                p.send(&Frame::Pub(Pub {
+                    envelope: envelope_sized(1, &[level], BODY + i as usize),
+                    flags: 0,
+                    publish_id: None,
+                    qos: Qos::AtMostOnce,
+                }))
+                .await;
+            }
+        }
+        nonce += 1;
+        until_pong(&mut p, nonce).await;
+    }
+    assert!(metric(admin, "whispeer_relay_unacked_budget_pauses_total").await > 0);
+    let held = metric(admin, "whispeer_relay_unacked_bytes").await;
+    assert!(
+        held + 2 * BODY as u64 > TOTAL as u64,
+        "the flood spent the budget: {held} of {TOTAL} bytes held"
+    );
+    assert_eq!(
+        metric(admin, "whispeer_relay_unacked_qos0_forgotten_total").await,
+        0,
+        "nothing forgotten while nobody under its share asked"
+    );
+    let mut honest = Client::tcp_from(relay.tcp(), "127.0.0.6").await;
+    hello_flow(&mut honest).await;
+    honest.send(&qos1_sub(1, exact(1, &[60]), Some(16))).await;
+    assert!(matches!(honest.recv().await, Frame::SubOk(_)));
+    let seqs = publish_acked_sized(&mut p, &[60], 0, HONEST, |_| 2 * BODY).await;
+    let mut got = Vec::new();
+    while got.len() < seqs.len() {
+        match honest.recv().await {
+            Frame::Msg(m) => {
+                honest.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+                got.push(m.seq);
+            }
+            other => panic!("honest subscriber got {other:?}"),
+        }
+    }
+    assert_eq!(got, seqs, "every message, in order, once");
+    // The room was taken back before the honest subscriber got it: an attacker closed for
+    // it was counted before its bytes could be freed.
+    assert_eq!(
+        metric(admin, "whispeer_relay_slow_consumer_disconnects_total").await,
+        0,
+        "no connection closed as a slow consumer"
+    );
+    let forgotten = metric(admin, "whispeer_relay_unacked_qos0_forgotten_total").await;
+    assert!(forgotten > 0, "unstored QoS 0 deliveries forgotten");
+    // Each forgotten delivery reaches its connection in a Gap (a paused connection's Gap
+    // may count more: unstored messages it skipped, reported when its delivery resumes),
+    // and no attacker connection is told to go or closed.
+    let mut gaps = std::collections::BTreeMap::new();
+    while gaps.values().sum::<u64>() < forgotten {
+        let (level, seen) = seen_rx.recv().await.expect("readers alive");
+        match seen {
+            Seen::Gap(n) => *gaps.entry(level).or_insert(0) += n,
+            Seen::Err(code) => panic!("attacker {level} got Err({code:?})"),
+            Seen::Closed => panic!("attacker {level} closed"),
+        }
+    }
+    eprintln!(
+        "{forgotten} unstored QoS 0 deliveries forgotten; Gaps by connection: {gaps:?}; \
+         {} unacknowledged bytes held at the end",
+        metric(admin, "whispeer_relay_unacked_bytes").await
+    );
+    assert!(
+        gaps.keys().any(|level| level / 10 == 2),
+        "the address holding most (127.0.0.2) gave room back: {gaps:?}"
+    );
     assert!(
         metric(admin, "whispeer_relay_unacked_bytes").await <= (TOTAL + 2 * BODY + 4096) as u64
     );
