@@ -29,16 +29,38 @@ async fn value(sub: &mut whispeer::Subscription<u32>) -> u32 {
         .value
 }
 
+/// A real relay, the tree `name`, the sender `alice` and a raw member connection posting
+/// what she sealed (as a member, or anyone who captured her envelopes, can).
+async fn relay_with_member(
+    name: &str,
+) -> (
+    TestRelay,
+    whispeer::TreeKey,
+    whispeer::Identity,
+    RawPublisher,
+) {
+    let relay = TestRelay::start().await;
+    let member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    (relay, tree(name), identity(), member)
+}
+
+/// `alice`'s envelope of `v` on `topic`, dated now.
+fn fresh(
+    t: &whispeer::TreeKey,
+    alice: &whispeer::Identity,
+    topic: &str,
+    v: u32,
+) -> whispeer::protocol::Envelope {
+    seal(t, Some(alice), topic, v, whispeer::now_ms())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_envelope_reposted_to_a_new_subscription_is_dropped() {
-    let relay = TestRelay::start().await;
-    let t = tree("news");
-    let alice = identity();
-    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let (relay, t, alice, mut member) = relay_with_member("news").await;
     let c = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
 
     let mut first = c.subscribe::<u32>("news/#").await.unwrap();
-    let captured = seal(&t, Some(&alice), "news/a", 1, whispeer::now_ms());
+    let captured = fresh(&t, &alice, "news/a", 1);
     member.publish(&captured, false).await;
     assert_eq!(value(&mut first).await, 1);
 
@@ -46,12 +68,7 @@ async fn an_old_envelope_reposted_to_a_new_subscription_is_dropped() {
     // not delivered to it, nor again to the first one.
     let mut second = c.subscribe::<u32>("news/#").await.unwrap();
     member.publish(&captured, false).await;
-    member
-        .publish(
-            &seal(&t, Some(&alice), "news/a", 2, whispeer::now_ms()),
-            false,
-        )
-        .await;
+    member.publish(&fresh(&t, &alice, "news/a", 2), false).await;
     assert_eq!(value(&mut second).await, 2, "the re-post is dropped");
     assert_eq!(value(&mut first).await, 2, "the re-post is dropped");
     assert!(c.stats().core.duplicates >= 1);
@@ -65,10 +82,7 @@ async fn an_old_envelope_reposted_to_a_new_subscription_is_dropped() {
 /// a new subscription's "current value" once a newer one was delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_envelope_reposted_as_retained_neither_replays_nor_rolls_back() {
-    let relay = TestRelay::start().await;
-    let t = tree("home");
-    let alice = identity();
-    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let (relay, t, alice, mut member) = relay_with_member("home").await;
     let c = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
     let now = whispeer::now_ms();
     let v1 = seal(&t, Some(&alice), "cfg/mode", 1, now - 2_000);
@@ -82,10 +96,7 @@ async fn an_envelope_reposted_as_retained_neither_replays_nor_rolls_back() {
     member.publish(&v1, true).await;
     let mut second = c.subscribe::<u32>("cfg/#").await.unwrap();
     member
-        .publish(
-            &seal(&t, Some(&alice), "cfg/mode", 3, whispeer::now_ms()),
-            false,
-        )
+        .publish(&fresh(&t, &alice, "cfg/mode", 3), false)
         .await;
     let r = within("second", second.next()).await.unwrap().unwrap();
     assert_eq!(
@@ -153,40 +164,55 @@ async fn relay_flags_lift_no_check_for_a_subscription_that_did_not_ask_for_them(
         let env = seal(&t, Some(&alice), "h/x", i as u32, hour_ago);
         relay.msg(i as u64 + 1, &env, flags, Some(sub_id)).await;
     }
-    let fresh = seal(&t, Some(&alice), "h/x", 9, whispeer::now_ms());
-    relay.msg(4, &fresh, 0, None).await;
+    relay.msg(4, &fresh(&t, &alice, "h/x", 9), 0, None).await;
     assert_eq!(value(&mut sub).await, 9, "none of the three is delivered");
     let s = until_stats(&c, "three refused", |s| s.core.rejected == 3).await;
     assert_eq!(s.core.delivered, 1, "{s:?}");
     c.close().await;
 }
 
-/// A client of `relay` holding `t`, its receive state in the SQLite file `state`; `tune`
-/// sets anything else on the builder.
+/// A client of the relay at `url` holding `t`, its receive state in the SQLite file
+/// `state`; `tune` sets anything else on the builder.
 #[cfg(feature = "persistence")]
 async fn persistent_client(
-    relay: &TestRelay,
+    url: &str,
     t: &whispeer::TreeKey,
     state: &std::path::Path,
     tune: impl FnOnce(whispeer::ClientBuilder) -> whispeer::ClientBuilder,
 ) -> Client {
     let b = Client::builder()
-        .with(Tcp::new(relay.tcp_url()))
+        .with(Tcp::new(url))
         .with(Encryption::with_keyring(keyring_with(t)))
         .with(whispeer::Persistence::sqlite(state));
     tune(b).connect().await.unwrap()
 }
 
+/// A fresh folder (removed when dropped) and the path of a client's state file in it.
+#[cfg(feature = "persistence")]
+fn state_file() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("client.db");
+    (dir, state)
+}
+
+/// A QoS 1 subscription to `cfg/mode` that asks for its retained value.
+#[cfg(feature = "persistence")]
+async fn mode_subscription(c: &Client) -> whispeer::Subscription<u32> {
+    c.subscribe_with_options::<u32>(
+        "cfg/mode",
+        SubscribeOptions::new().qos(Qos::AtLeastOnce).retained(true),
+    )
+    .await
+    .unwrap()
+}
+
 #[cfg(feature = "persistence")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_and_retained_rollbacks_are_refused_after_a_restart_with_persistence() {
-    let relay = TestRelay::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("client.db");
-    let t = tree("home");
-    let alice = identity();
-    let connect = || persistent_client(&relay, &t, &state, |b| b);
-    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let (relay, t, alice, mut member) = relay_with_member("home").await;
+    let (_dir, state) = state_file();
+    let url = relay.tcp_url();
+    let connect = || persistent_client(&url, &t, &state, |b| b);
     let now = whispeer::now_ms();
     let old_mode = seal(&t, Some(&alice), "cfg/mode", 1, now - 2_000);
     let new_mode = seal(&t, Some(&alice), "cfg/mode", 2, now - 1_000);
@@ -197,7 +223,7 @@ async fn replays_and_retained_rollbacks_are_refused_after_a_restart_with_persist
     let mut sub = c.subscribe::<u32>("#").await.unwrap();
     let r = within("retained", sub.next()).await.unwrap().unwrap();
     assert_eq!((r.value, r.retained), (2, true));
-    let captured = seal(&t, Some(&alice), "news/a", 10, whispeer::now_ms());
+    let captured = fresh(&t, &alice, "news/a", 10);
     member.publish(&captured, false).await;
     assert_eq!(value(&mut sub).await, 10);
     drop(sub);
@@ -210,10 +236,7 @@ async fn replays_and_retained_rollbacks_are_refused_after_a_restart_with_persist
     let mut sub = c.subscribe::<u32>("#").await.unwrap();
     member.publish(&captured, false).await;
     member
-        .publish(
-            &seal(&t, Some(&alice), "news/a", 11, whispeer::now_ms()),
-            false,
-        )
+        .publish(&fresh(&t, &alice, "news/a", 11), false)
         .await;
     assert_eq!(
         value(&mut sub).await,
@@ -241,11 +264,8 @@ async fn replays_and_retained_rollbacks_are_refused_after_a_restart_with_persist
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retained_value_held_unread_when_the_process_is_killed_is_shown_after_the_restart() {
     use tokio::io::AsyncBufReadExt;
-    let relay = TestRelay::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("client.db");
-    let t = tree("home");
-    let alice = identity();
+    let (relay, t, alice, mut member) = relay_with_member("home").await;
+    let (_dir, state) = state_file();
     let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "a_killed_subscriber_child", "--nocapture"])
         .env(
@@ -263,7 +283,6 @@ async fn a_retained_value_held_unread_when_the_process_is_killed_is_shown_after_
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
     until_line(&mut lines, "child: subscribed").await;
-    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
     let now = whispeer::now_ms();
     member
         .publish(&seal(&t, Some(&alice), "cfg/mode", 1, now - 1), true)
@@ -285,19 +304,10 @@ async fn a_retained_value_held_unread_when_the_process_is_killed_is_shown_after_
     child.kill().await.unwrap(); // SIGKILL: m was never taken
     drop(lines);
 
-    let c = persistent_client(&relay, &t, &state, |b| b).await;
-    let mut sub = c
-        .subscribe_with_options::<u32>(
-            "cfg/mode",
-            SubscribeOptions::new().qos(Qos::AtLeastOnce).retained(true),
-        )
-        .await
-        .unwrap();
+    let c = persistent_client(&relay.tcp_url(), &t, &state, |b| b).await;
+    let mut sub = mode_subscription(&c).await;
     member
-        .publish(
-            &seal(&t, Some(&alice), "cfg/mode", 3, whispeer::now_ms()),
-            false,
-        )
+        .publish(&fresh(&t, &alice, "cfg/mode", 3), false)
         .await;
     let r = within("the retained value", sub.next())
         .await
@@ -356,20 +366,8 @@ async fn a_killed_subscriber_child() {
         args.next().unwrap(),
     );
     let t = whispeer::TreeKey::from_key_string(key).unwrap();
-    let c = Client::builder()
-        .with(Tcp::new(url))
-        .with(Encryption::with_keyring(keyring_with(&t)))
-        .with(whispeer::Persistence::sqlite(state))
-        .connect()
-        .await
-        .unwrap();
-    let mut sub = c
-        .subscribe_with_options::<u32>(
-            "cfg/mode",
-            SubscribeOptions::new().qos(Qos::AtLeastOnce).retained(true),
-        )
-        .await
-        .unwrap();
+    let c = persistent_client(url, &t, std::path::Path::new(state), |b| b).await;
+    let mut sub = mode_subscription(&c).await;
     println!("child: subscribed");
     until_stats(&c, "m0 and m delivered", |s| s.core.delivered == 2).await;
     let m0 = within("m0", sub.next()).await.unwrap().unwrap();
@@ -390,16 +388,13 @@ async fn a_killed_subscriber_child() {
 #[cfg(feature = "persistence")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_handled_as_the_connection_ends_are_saved_before_the_app_sees_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("client.db");
+    let (_dir, state) = state_file();
     let t = tree("home");
     let alice = identity();
     let persistent = |b: whispeer::ClientBuilder| b.with(whispeer::Persistence::sqlite(&state));
     let (relay, c) = fake_relay_client(&t, persistent).await;
     let mut sub = c.subscribe::<u32>("news/#").await.unwrap();
-    let envs: Vec<_> = (1..=3u32)
-        .map(|v| seal(&t, Some(&alice), "news/a", v, whispeer::now_ms()))
-        .collect();
+    let envs: Vec<_> = (1..=3u32).map(|v| fresh(&t, &alice, "news/a", v)).collect();
     let frames: Vec<Frame> = (1..)
         .zip(&envs)
         .map(|(seq, e)| {
@@ -423,7 +418,7 @@ async fn messages_handled_as_the_connection_ends_are_saved_before_the_app_sees_t
     for (seq, e) in (1..).zip(&envs) {
         relay.msg(seq, e, 0, None).await;
     }
-    let marker = seal(&t, Some(&alice), "news/a", 9, whispeer::now_ms());
+    let marker = fresh(&t, &alice, "news/a", 9);
     relay.msg(4, &marker, 0, None).await;
     assert_eq!(
         value(&mut sub).await,
@@ -445,12 +440,10 @@ async fn messages_handled_as_the_connection_ends_are_saved_before_the_app_sees_t
 #[cfg(feature = "persistence")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_file_claiming_a_future_window_cannot_silence_the_client() {
-    let relay = TestRelay::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("client.db");
-    let t = tree("home");
-    let connect =
-        || persistent_client(&relay, &t, &state, |b| b.clock_skew(Duration::from_secs(1)));
+    let (relay, t, alice, mut member) = relay_with_member("home").await;
+    let (_dir, state) = state_file();
+    let url = relay.tcp_url();
+    let connect = || persistent_client(&url, &t, &state, |b| b.clock_skew(Duration::from_secs(1)));
     // A first run creates the state file.
     connect().await.close().await;
     {
@@ -463,19 +456,12 @@ async fn a_state_file_claiming_a_future_window_cannot_silence_the_client() {
     }
     let c = connect().await;
     let mut sub = c.subscribe::<u32>("news/#").await.unwrap();
-    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
-    let alice = identity();
     // Publish a fresh message every 100 ms until one is delivered (before the fix: never).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut v = 0u32;
     let got = loop {
         v += 1;
-        member
-            .publish(
-                &seal(&t, Some(&alice), "news/a", v, whispeer::now_ms()),
-                false,
-            )
-            .await;
+        member.publish(&fresh(&t, &alice, "news/a", v), false).await;
         match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
             Ok(Some(Ok(m))) => break m.value,
             Ok(other) => panic!("subscription ended: {other:?}"),
@@ -508,10 +494,7 @@ async fn a_state_file_claiming_a_future_window_cannot_silence_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retained_value_cannot_be_rolled_back_or_pinned_in_the_future() {
-    let relay = TestRelay::start().await;
-    let t = tree("cfg");
-    let alice = identity();
-    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let (relay, t, alice, mut member) = relay_with_member("cfg").await;
     let now = whispeer::now_ms();
     let v1 = seal(&t, Some(&alice), "cfg/mode", 1, now - 2_000);
     let v2 = seal(&t, Some(&alice), "cfg/mode", 2, now - 1_000);
@@ -532,10 +515,7 @@ async fn a_retained_value_cannot_be_rolled_back_or_pinned_in_the_future() {
 
     let mut sub = c.subscribe::<u32>("cfg/#").await.unwrap();
     member
-        .publish(
-            &seal(&t, Some(&alice), "cfg/live", 9, whispeer::now_ms()),
-            false,
-        )
+        .publish(&fresh(&t, &alice, "cfg/live", 9), false)
         .await;
     assert_eq!(value(&mut sub).await, 9, "rollback and pin refused");
     let s = until_stats(&c, "refusals counted", |s| {
@@ -622,7 +602,7 @@ async fn ack_stream(bad: &[usize]) -> (Vec<usize>, bool) {
     let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
     let mut seqs = Vec::new();
     for i in 0..10usize {
-        let env = seal(&t, Some(&alice), "t/x", i as u32, whispeer::now_ms());
+        let env = fresh(&t, &alice, "t/x", i as u32);
         let env = if bad.contains(&i) { tamper(&env) } else { env };
         seqs.push(member.publish(&env, false).await);
     }
@@ -714,7 +694,7 @@ async fn a_relay_sequence_of_u64_max_neither_panics_nor_wraps_the_resume_point()
     let addr = listener.local_addr().unwrap();
     let t = tree("seq");
     let alice = identity();
-    let env = seal(&t, Some(&alice), "s/x", 7, whispeer::now_ms());
+    let env = fresh(&t, &alice, "s/x", 7);
     let relay = tokio::spawn(async move {
         let mut conn = FakeConn::accept(&listener).await;
         let sub_id = match conn.next().await.expect("sub") {
@@ -811,9 +791,7 @@ async fn stale_live_messages_and_history_before_the_horizon_are_refused_unless_a
     member
         .publish(&seal(&t, Some(&alice), "h/x", 2, now - 7_200_000), false)
         .await;
-    member
-        .publish(&seal(&t, Some(&alice), "h/x", 3, whispeer::now_ms()), false)
-        .await;
+    member.publish(&fresh(&t, &alice, "h/x", 3), false).await;
     assert_eq!(value(&mut live).await, 3, "stale live messages refused");
     let s = c.stats();
     assert_eq!(s.core.refused.stale_live, 2, "{s:?}");
@@ -884,16 +862,12 @@ async fn a_window_at_capacity_forgets_but_never_delivers_a_replay() {
     member.publish(&captured, false).await;
     assert_eq!(value(&mut live).await, 1);
     for v in 2..=7 {
-        member
-            .publish(&seal(&t, Some(&alice), "w/a", v, whispeer::now_ms()), false)
-            .await;
+        member.publish(&fresh(&t, &alice, "w/a", v), false).await;
         assert_eq!(value(&mut live).await, v);
     }
     // The window (3 entries) has forgotten the first message: posted again, it is refused.
     member.publish(&captured, false).await;
-    member
-        .publish(&seal(&t, Some(&alice), "w/a", 8, whispeer::now_ms()), false)
-        .await;
+    member.publish(&fresh(&t, &alice, "w/a", 8), false).await;
     assert_eq!(
         value(&mut live).await,
         8,
@@ -931,7 +905,7 @@ async fn a_forgotten_message_flagged_retained_is_not_delivered_again() {
     assert_eq!(value(&mut sub).await, 1);
     // Messages on another topic push v1's entry out of the window (3 entries).
     for v in 2..=7u32 {
-        let env = seal(&t, Some(&alice), "w/other", v, whispeer::now_ms());
+        let env = fresh(&t, &alice, "w/other", v);
         relay.msg(u64::from(v), &env, 0, None).await;
         assert_eq!(value(&mut sub).await, v);
     }
@@ -942,7 +916,7 @@ async fn a_forgotten_message_flagged_retained_is_not_delivered_again() {
     );
     // The relay sends v1 again as the topic's retained value, named for the subscription.
     relay.msg(8, &v1, RETAINED, Some(sub_id)).await;
-    let marker = seal(&t, Some(&alice), "w/other", 9, whispeer::now_ms());
+    let marker = fresh(&t, &alice, "w/other", 9);
     relay.msg(9, &marker, 0, None).await;
     let r = within("the marker", sub.next()).await.unwrap().unwrap();
     assert_eq!(

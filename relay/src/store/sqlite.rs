@@ -3687,6 +3687,91 @@ mod tests {
         }
     }
 
+    /// A scratch folder for a file store: `wsp-{name}-{pid}` under the temp dir, emptied
+    /// when made and removed when dropped (resolved, so a link in TMPDIR is not in its path).
+    struct StoreDir(std::path::PathBuf);
+
+    impl StoreDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("wsp-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            StoreDir(std::fs::canonicalize(&dir).unwrap())
+        }
+
+        fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+
+        /// A store file in it, not dependent on TMPDIR's free space.
+        fn cfg(&self) -> StoreConfig {
+            StoreConfig {
+                path: self.0.join("s.db"),
+                min_free_bytes: 0,
+                ..StoreConfig::default()
+            }
+        }
+    }
+
+    impl Drop for StoreDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A clock the test moves: it reads the returned milliseconds, 1,000,000 at first.
+    fn test_clock() -> (Arc<AtomicU64>, Clock) {
+        let now = Arc::new(AtomicU64::new(1_000_000));
+        let clock: Clock = {
+            let now = now.clone();
+            Arc::new(move || now.load(Relaxed))
+        };
+        (now, clock)
+    }
+
+    /// The durable `name` under one key id.
+    fn durable_key(name: &str) -> DurableKey {
+        DurableKey {
+            key_id: KeyId::from_bytes([7; 16]),
+            name: name.into(),
+        }
+    }
+
+    /// The floor of the durable `d` in the store's file (read on its connection).
+    fn floor_on_disk(s: &SqliteStore) -> Option<i64> {
+        lock(&s.shared.conn)
+            .query_row("SELECT floor FROM durables WHERE name = 'd'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .unwrap()
+    }
+
+    /// Appends `env` at its own path for `tenant`, without flags or publish id.
+    fn append(
+        s: &SqliteStore,
+        env: &Envelope,
+        qos: Qos,
+        tenant: &Tenant,
+    ) -> Result<Accepted, StoreError> {
+        s.append(Append {
+            path: &env.token_path(),
+            envelope: env,
+            flags: 0,
+            qos,
+            publish_id: None,
+            tenant,
+        })
+    }
+
+    /// Appends `env` at least once for `tenant`: the sequence number it is kept under.
+    fn kept(s: &SqliteStore, env: &Envelope, tenant: &Tenant) -> u64 {
+        match append(s, env, Qos::AtLeastOnce, tenant) {
+            Ok(Accepted::New(Seq(seq))) => seq,
+            other => panic!("not kept: {other:?}"),
+        }
+    }
+
     /// Finding (review F-G): past [`WAL_LIMIT`] the writer truncates the WAL after each
     /// turn; it ran `wal_checkpoint(TRUNCATE)` with the writer's 5 s busy timeout, so a
     /// reader holding an old snapshot made every turn block 5 s — one commit per 5 s. Now
@@ -3696,17 +3781,13 @@ mod tests {
     /// truncate it at most 4 times.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_holding_a_snapshot_does_not_hold_up_every_commit() {
-        let dir = std::env::temp_dir().join(format!("wsp-wal-reader-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let db = dir.join("s.db");
+        let dir = StoreDir::new("wal-reader");
         let cfg = StoreConfig {
-            path: db.clone(),
-            min_free_bytes: 0,
             tenant_max_bytes: 0,
             total_max_bytes: 0,
-            ..StoreConfig::default()
+            ..dir.cfg()
         };
+        let db = cfg.path.clone();
         let s = SqliteStore::open_file(cfg).unwrap();
         let small = crate::test_envelope::envelope(1, &[2]);
         let big = {
@@ -3714,20 +3795,7 @@ mod tests {
             b.extend(std::iter::repeat_n(1u8, 1 << 20));
             Envelope::from_bytes(Bytes::from(b)).unwrap()
         };
-        let path = small.token_path();
-        let append = |env: &Envelope| {
-            s.append(Append {
-                path: &path,
-                envelope: env,
-                flags: 0,
-                qos: Qos::AtLeastOnce,
-                publish_id: None,
-                tenant: &Tenant::Local,
-            })
-        };
-        let Ok(Accepted::New(Seq(first))) = append(&small) else {
-            panic!("not kept")
-        };
+        let first = kept(&s, &small, &Tenant::Local);
         durable_answer(&s, first).await.unwrap();
         let reader = Connection::open(&db).unwrap();
         reader.execute_batch("BEGIN").unwrap();
@@ -3738,7 +3806,7 @@ mod tests {
         let mut last = first;
         let mut i = 0;
         while i < 70 {
-            match append(&big) {
+            match append(&s, &big, Qos::AtLeastOnce, &Tenant::Local) {
                 Ok(Accepted::New(Seq(seq))) => {
                     last = seq;
                     i += 1;
@@ -3756,9 +3824,7 @@ mod tests {
             s.shared.m.wal_truncation_busy.load(Relaxed),
         );
         for _ in 0..32 {
-            let Ok(Accepted::New(Seq(seq))) = append(&small) else {
-                panic!("not kept")
-            };
+            let seq = kept(&s, &small, &Tenant::Local);
             durable_answer(&s, seq).await.unwrap();
         }
         let commits = s.shared.m.commits.load(Relaxed) - commits;
@@ -3770,8 +3836,6 @@ mod tests {
         );
         drop(reader);
         s.close();
-        drop(s);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Finding (review F-D): the byte quotas now count pages, so a store written under
@@ -3792,33 +3856,14 @@ mod tests {
                 Ok(())
             }
         }
-        let dir = std::env::temp_dir().join(format!("wsp-over-quota-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cfg = StoreConfig {
-            path: dir.join("s.db"),
-            min_free_bytes: 0,
-            ..StoreConfig::default()
-        };
+        let dir = StoreDir::new("over-quota");
+        let cfg = dir.cfg();
         let s = SqliteStore::open_file(cfg.clone()).unwrap();
         let mut last = 0;
         for t in 1..=3u8 {
             let env = crate::test_envelope::envelope(t, &[2]);
             for _ in 0..10 {
-                let Accepted::New(Seq(seq)) = s
-                    .append(Append {
-                        path: &env.token_path(),
-                        envelope: &env,
-                        flags: 0,
-                        qos: Qos::AtLeastOnce,
-                        publish_id: None,
-                        tenant: &Tenant::Account([t; 32]),
-                    })
-                    .unwrap()
-                else {
-                    panic!("not kept")
-                };
-                last = seq;
+                last = kept(&s, &env, &Tenant::Account([t; 32]));
             }
         }
         durable_answer(&s, last).await.unwrap();
@@ -3862,7 +3907,6 @@ mod tests {
                 && lines[0].contains(&format!("({})", 3 * per_tenant - 1)),
             "{lines:?}"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Finding (review F-F): the free-space estimate counted twice the envelope bytes, but
@@ -4001,10 +4045,6 @@ mod tests {
     /// when it has taken that far, else those it may write; a cleared queue drops them.
     #[test]
     fn the_write_queue_merges_durable_floors_and_hands_them_over_after_their_creation() {
-        let key = |name: &str| DurableKey {
-            key_id: KeyId::from_bytes([7; 16]),
-            name: name.into(),
-        };
         let floors = |m: HashMap<DurableKey, PendingFloor>| {
             let mut v: Vec<(String, u64)> = m.into_iter().map(|(k, f)| (k.name, f.floor)).collect();
             v.sort();
@@ -4013,8 +4053,8 @@ mod tests {
         let mut q = Queue::default();
         q.push((0..3).map(dedup_op));
         for f in 1..=1000 {
-            q.merge_floor(&key("new"), f, 2);
-            q.merge_floor(&key("old"), f + 1, 0);
+            q.merge_floor(&durable_key("new"), f, 2);
+            q.merge_floor(&durable_key("old"), f + 1, 0);
         }
         assert_eq!(q.floors.len(), 2, "one floor per durable");
         assert!(!q.is_empty() && !q.is_idle());
@@ -4028,7 +4068,7 @@ mod tests {
         q.take(1);
         assert_eq!(floors(q.take_floors()), vec![("new".into(), 1000)]);
         assert!(q.floors.is_empty() && q.floors_after == 0);
-        q.merge_floor(&key("new"), 5, 2);
+        q.merge_floor(&durable_key("new"), 5, 2);
         q.clear();
         assert!(q.floors.is_empty() && q.is_idle());
     }
@@ -4044,39 +4084,20 @@ mod tests {
             ..StoreConfig::default()
         })
         .unwrap();
-        let k = DurableKey {
-            key_id: KeyId::from_bytes([7; 16]),
-            name: "d".into(),
-        };
+        let k = durable_key("d");
         let env = crate::test_envelope::envelope(1, &[2]);
-        let path = env.token_path();
         let mut changes = s.changes();
         let conn = lock(&s.shared.conn);
         // A publish's operations (tenant, key id, path, message) queue ahead of the
         // creation; the writer takes one per turn.
-        s.append(Append {
-            path: &path,
-            envelope: &env,
-            flags: 0,
-            qos: Qos::AtLeastOnce,
-            publish_id: None,
-            tenant: &Tenant::Local,
-        })
-        .unwrap();
+        append(&s, &env, Qos::AtLeastOnce, &Tenant::Local).unwrap();
         s.set_durable(&k, 0, &Tenant::Local).unwrap();
         for f in 1..=10 {
             s.set_durable(&k, f, &Tenant::Local).unwrap();
         }
         assert_eq!(s.queued_writes().1, 1);
         drop(conn);
-        let floor = || {
-            lock(&s.shared.conn)
-                .query_row("SELECT floor FROM durables WHERE name = 'd'", [], |r| {
-                    r.get::<_, i64>(0)
-                })
-                .optional()
-                .unwrap()
-        };
+        let floor = || floor_on_disk(&s);
         tokio::time::timeout(
             Duration::from_secs(30),
             changes.wait_for(|_| s.queued_writes() == (0, 0) && floor() == Some(10)),
@@ -4101,14 +4122,8 @@ mod tests {
     /// memory or `none` store numbers afresh, so each draws its own.
     #[test]
     fn seq_space_survives_a_restart_of_a_file_store_only() {
-        let dir = std::env::temp_dir().join(format!("wsp-space-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cfg = StoreConfig {
-            path: dir.join("s.db"),
-            min_free_bytes: 0, // not dependent on TMPDIR's free space
-            ..StoreConfig::default()
-        };
+        let dir = StoreDir::new("space");
+        let cfg = dir.cfg();
         let a = SqliteStore::open_file(cfg.clone()).unwrap();
         let first = a.seq_space();
         a.close();
@@ -4121,7 +4136,6 @@ mod tests {
         assert_ne!(m1.seq_space(), m2.seq_space());
         assert_ne!(m1.seq_space(), first);
         assert_ne!(LiveStore::new().seq_space(), LiveStore::new().seq_space());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -4156,25 +4170,13 @@ mod tests {
     /// (the writer's sweep) nor at the next open (the file's idle state).
     #[test]
     fn a_late_release_does_not_make_a_held_durable_idle() {
-        let dir = std::env::temp_dir().join(format!("wsp-late-release-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = StoreDir::new("late-release");
         let cfg = StoreConfig {
-            path: dir.join("s.db"),
-            min_free_bytes: 0, // not dependent on TMPDIR's free space
             durable_idle_ms: 10_000,
-            ..StoreConfig::default()
+            ..dir.cfg()
         };
-        let now = Arc::new(AtomicU64::new(1_000_000));
-        let clock: Clock = {
-            let now = now.clone();
-            Arc::new(move || now.load(Relaxed))
-        };
-        let key = |name: &str| DurableKey {
-            key_id: KeyId::from_bytes([7; 16]),
-            name: name.into(),
-        };
-        let (d, control) = (key("d"), key("control"));
+        let (now, clock) = test_clock();
+        let (d, control) = (durable_key("d"), durable_key("control"));
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let lost = crate::store::HoldLost::new(tx, 1);
         let s = SqliteStore::open_file_with_clock(cfg.clone(), clock.clone()).unwrap();
@@ -4203,7 +4205,6 @@ mod tests {
             "held when the relay stopped"
         );
         s.close();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Review (f1b806a): the idle sweep expired durables under the index lock and removed
@@ -4214,24 +4215,13 @@ mod tests {
     /// section; the hook runs the two calls right after it (before the fix, between them).
     #[tokio::test]
     async fn a_durable_created_again_as_the_sweep_expires_it_keeps_its_acked_floor() {
-        let dir = std::env::temp_dir().join(format!("wsp-expiry-floor-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = StoreDir::new("expiry-floor");
         let cfg = StoreConfig {
-            path: dir.join("s.db"),
-            min_free_bytes: 0, // not dependent on TMPDIR's free space
             durable_idle_ms: 10_000,
-            ..StoreConfig::default()
+            ..dir.cfg()
         };
-        let now = Arc::new(AtomicU64::new(1_000_000));
-        let clock: Clock = {
-            let now = now.clone();
-            Arc::new(move || now.load(Relaxed))
-        };
-        let k = DurableKey {
-            key_id: KeyId::from_bytes([7; 16]),
-            name: "d".into(),
-        };
+        let (now, clock) = test_clock();
+        let k = durable_key("d");
         let s = SqliteStore::open_file_with_clock(cfg.clone(), clock.clone()).unwrap();
         s.set_durable(&k, 0, &Tenant::Local).unwrap();
         wait_until(&s, "the durable written", || s.queued_writes() == (0, 0)).await;
@@ -4255,14 +4245,7 @@ mod tests {
         s.set_durable(&k, 0, &Tenant::Local).unwrap();
         s.set_durable(&k, 5, &Tenant::Local).unwrap();
         go.send(()).unwrap();
-        let floor = || {
-            lock(&s.shared.conn)
-                .query_row("SELECT floor FROM durables WHERE name = 'd'", [], |r| {
-                    r.get::<_, i64>(0)
-                })
-                .optional()
-                .unwrap()
-        };
+        let floor = || floor_on_disk(&s);
         wait_until(&s, "the new durable written", || {
             s.queued_writes() == (0, 0) && floor().is_some()
         })
@@ -4273,7 +4256,6 @@ mod tests {
         let s = SqliteStore::open_file_with_clock(cfg, clock).unwrap();
         assert_eq!(s.durable(&k).unwrap(), Some(5), "after a restart");
         s.close();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Waits (bounded) until `f` holds, re-checking after each turn of the store's writer.
@@ -4308,33 +4290,18 @@ mod tests {
     /// `committed` past it) nor once the store has recovered.
     #[tokio::test]
     async fn a_write_queued_as_the_store_goes_down_is_never_acknowledged() {
-        let dir = std::env::temp_dir().join(format!("wsp-race-down-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let db = dir.join("s.db");
+        let dir = StoreDir::new("race-down");
         let cfg = StoreConfig {
-            path: db.clone(),
-            min_free_bytes: 0, // not dependent on TMPDIR's free space
             retry_ms: 10,
-            ..StoreConfig::default()
+            ..dir.cfg()
         };
+        let db = cfg.path.clone();
         let s = SqliteStore::open_file(cfg).unwrap();
         // Commits and probes fail at once on the held lock (not after the busy timeout).
         lock(&s.shared.conn).busy_timeout(Duration::ZERO).unwrap();
         s.shared.busy_ms.store(0, Relaxed);
         let env = crate::test_envelope::envelope(1, &[2]);
-        let path = env.token_path();
-        let publish = |qos| {
-            s.append(Append {
-                path: &path,
-                envelope: &env,
-                flags: 0,
-                qos,
-                publish_id: None,
-                tenant: &Tenant::Local,
-            })
-            .unwrap()
-        };
+        let publish = |qos| append(&s, &env, qos, &Tenant::Local).unwrap();
         // SQLite's write lock is held by another connection: the next commit fails.
         let holder = Connection::open(&db).unwrap();
         holder.execute_batch("BEGIN IMMEDIATE").unwrap();
@@ -4373,7 +4340,6 @@ mod tests {
         let r = durable_answer(&s, next).await;
         assert!(r.is_ok(), "a write after the recovery: {r:?}");
         s.close();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The Broker's open ([`SqliteStore::open_file_nofollow`]) refuses a symbolic link put
@@ -4384,18 +4350,14 @@ mod tests {
     #[tokio::test]
     async fn the_nofollow_open_refuses_a_symbolic_link_at_the_store_or_its_lock() {
         use std::os::unix::fs::symlink;
-        let dir = std::env::temp_dir().join(format!("wsp-nofollow-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
         // Resolved: NOFOLLOW refuses a link anywhere in the path (a TMPDIR link too).
-        let dir = std::fs::canonicalize(&dir).unwrap();
-        let cfg = StoreConfig {
-            path: dir.join("s.db"),
-            min_free_bytes: 0, // not dependent on TMPDIR's free space
-            ..StoreConfig::default()
-        };
+        let dir = StoreDir::new("nofollow");
+        let cfg = dir.cfg();
         let lock = lock_path(&cfg.path);
-        let (target, lock_target) = (dir.join("elsewhere.db"), dir.join("elsewhere-lock"));
+        let (target, lock_target) = (
+            dir.path().join("elsewhere.db"),
+            dir.path().join("elsewhere-lock"),
+        );
         symlink(&target, &cfg.path).unwrap();
         let e = SqliteStore::open_file_nofollow(cfg.clone())
             .expect_err("a symbolic link at the store path is refused");
@@ -4434,7 +4396,6 @@ mod tests {
             .unwrap()
             .file_type()
             .is_symlink());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Review finding: a path whose owner's messages are all trimmed moves to the tenant
@@ -4445,20 +4406,14 @@ mod tests {
     /// one trimmed on almost every commit) the index equals one loaded from the file.
     #[tokio::test]
     async fn owner_changes_keep_the_index_equal_to_the_file() {
-        let dir = std::env::temp_dir().join(format!("wsp-heirs-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = StoreDir::new("heirs");
         let cfg = StoreConfig {
-            path: dir.join("s.db"),
-            min_free_bytes: 0, // not dependent on TMPDIR's free space
             max_messages: 3,
-            ..StoreConfig::default()
+            ..dir.cfg()
         };
         let s = SqliteStore::open_file(cfg.clone()).unwrap();
         let env = crate::test_envelope::envelope(1, &[2]);
-        let path = env.token_path();
         let other = crate::test_envelope::envelope(1, &[3]);
-        let other_path = other.token_path();
         let mut last = 0;
         for round in 0..3u8 {
             for t in 1..=20u8 {
@@ -4466,25 +4421,12 @@ mod tests {
                 // every seventh one on a second path as well.
                 let tenant = Tenant::Account([t; 32]);
                 let n = if t % 5 == 0 { 2 } else { 1 };
-                let mut targets = vec![(&env, &path); n];
+                let mut targets = vec![&env; n];
                 if (t + round) % 7 == 0 {
-                    targets.push((&other, &other_path));
+                    targets.push(&other);
                 }
-                for (e, p) in targets {
-                    let Accepted::New(Seq(seq)) = s
-                        .append(Append {
-                            path: p,
-                            envelope: e,
-                            flags: 0,
-                            qos: Qos::AtLeastOnce,
-                            publish_id: None,
-                            tenant: &tenant,
-                        })
-                        .unwrap()
-                    else {
-                        panic!("not kept")
-                    };
-                    last = seq;
+                for e in targets {
+                    last = kept(&s, e, &tenant);
                 }
             }
             durable_answer(&s, last).await.unwrap();
@@ -4537,7 +4479,6 @@ mod tests {
         assert_eq!(idx.envelope_bytes, loaded.envelope_bytes);
         drop(idx);
         s.close();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
