@@ -104,7 +104,8 @@ pub struct Metrics {
     connections_total: [AtomicU64; TransportKind::ALL.len()],
     connections_rejected: AtomicU64,
     connections_refused: [AtomicU64; RefusedCap::ALL.len()],
-    /// Connections refused before their handshake and closed without their `Err`.
+    /// Connections refused before their handshake and closed without their `Err` (and
+    /// plain TCP ones evicted before it whose `Err` could not be written).
     connections_refused_unanswered: AtomicU64,
     /// Connections not yet past `Hello` closed to make room for a newcomer while the relay
     /// was full (`limits.max_connections`).
@@ -686,7 +687,7 @@ impl Metrics {
             &mut o,
             "whispeer_relay_connections_refused_unanswered_total",
             "counter",
-            "Connections refused before their handshake and closed without an Err frame: on TLS, WebSocket and QUIC (nothing can be said before the handshake), churning addresses and networks, and plain TCP ones while every task telling refused connections why was busy. The others were told why: whispeer_relay_errors_total{kind=\"too_many_connections\"}.",
+            "Connections refused before their handshake and closed without an Err frame: on TLS, WebSocket and QUIC (nothing can be said before the handshake), churning addresses and networks, and plain TCP ones while every task telling refused connections why was busy, or whose Err could not be written (the peer gone); also plain TCP connections evicted while waiting over their connect rate (whispeer_relay_handshakes_evicted_total) whose Err could not be written. The others were told why: whispeer_relay_errors_total{kind=\"too_many_connections\"}.",
         );
         let _ = writeln!(
             o,

@@ -1374,6 +1374,19 @@ async fn answer_refusal(mut stream: TcpStream, message: String) -> bool {
     written
 }
 
+/// Tells a plain TCP connection evicted before its handshake why ([`answer_refusal`]),
+/// counting the `Err` as the accept loop counts its refusals' answers: sent
+/// (`Metrics::error_sent`) only once written, else the connection closed unanswered
+/// (`Metrics::refused_unanswered`: the peer gone, or the write timed out). It was counted
+/// sent before the write, a peer already gone included.
+async fn answer_eviction(metrics: &Metrics, stream: TcpStream) {
+    if answer_refusal(stream, crate::handshakes::EVICTED.into()).await {
+        metrics.error_sent(whispeer_protocol::ErrorCode::TooManyConnections);
+    } else {
+        metrics.refused_unanswered();
+    }
+}
+
 /// Over its address's connect rate (`addr_connect_rate`), a new connection waits before
 /// its handshake — its place in the per-address count held meanwhile, so the waits of one
 /// address stay bounded — instead of being refused: connection churn costs the relay a
@@ -1501,10 +1514,7 @@ async fn handshake(
         // `EVICTED_CLOSE`, its slot held until then (the other listeners have no protocol
         // to speak before their handshake).
         if kind == TransportKind::Tcp && slot.ticket().is_evicted() {
-            shared
-                .metrics
-                .error_sent(whispeer_protocol::ErrorCode::TooManyConnections);
-            answer_refusal(stream, crate::handshakes::EVICTED.into()).await;
+            answer_eviction(&shared.metrics, stream).await;
         }
         return;
     }
@@ -1595,6 +1605,68 @@ async fn handshake(
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The eviction answer of a connection waiting over its connect rate (`handshake`)
+    /// counts its `Err` sent only once written, as the accept loop's refusal answers do:
+    /// a peer that reads gets the `Err` and it counts in `errors_total`; a peer already
+    /// gone (reset) gets nothing and counts as closed unanswered. Before, the `Err` was
+    /// counted sent before the write: 1 in `errors_total` for the reset peer too.
+    #[tokio::test]
+    async fn an_eviction_answer_counts_its_err_sent_only_once_written() {
+        const ERRS: &str = "whispeer_relay_errors_total{kind=\"too_many_connections\"}";
+        const SILENT: &str = "whispeer_relay_connections_refused_unanswered_total";
+        let count = |m: &Metrics, name: &str| -> u64 {
+            m.render_prometheus(0)
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or(0)
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Metrics::new();
+
+        // A peer that reads: told why, counted sent.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        answer_eviction(&metrics, server).await;
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let mut dec = whispeer_protocol::codec::FrameDecoder::new(1 << 20);
+        dec.buffer_mut().extend_from_slice(&got);
+        let frame = dec.next_frame().unwrap().expect("a whole frame");
+        match whispeer_protocol::Frame::decode(&frame).unwrap() {
+            whispeer_protocol::Frame::Err(e) => {
+                assert_eq!(e.code, whispeer_protocol::ErrorCode::TooManyConnections);
+                assert!(e.fatal);
+            }
+            other => panic!("expected Err(too_many_connections), got {other:?}"),
+        }
+        assert_eq!((count(&metrics, ERRS), count(&metrics, SILENT)), (1, 0));
+
+        // A peer gone (it reset the connection): nothing written, counted unanswered.
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&client)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(client);
+        // Until the reset has arrived (what an evicted peer gone meanwhile looks like).
+        let mut one = [0u8; 1];
+        loop {
+            server.readable().await.unwrap();
+            match server.try_read(&mut one) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => break,
+                Ok(n) => panic!("expected a reset, read {n} bytes"),
+            }
+        }
+        answer_eviction(&metrics, server).await;
+        assert_eq!(
+            (count(&metrics, ERRS), count(&metrics, SILENT)),
+            (1, 1),
+            "the reset peer's Err is not counted sent"
+        );
+    }
 
     /// A plain `Hello` with its length prefix, as a TCP client sends it.
     fn hello_prefixed() -> bytes::Bytes {
