@@ -1101,9 +1101,12 @@ pub struct DeliveryConfig {
     /// never beyond the whole. Over it a subscription pauses like at max_unacked: stored
     /// messages wait in the store and follow once acks free bytes; unstored QoS 0 ones are
     /// counted (whispeer_relay_credit_lost_total) and reported to it in a Gap. When the whole
-    /// is spent and an address under its share asks, the relay takes room back: it closes
-    /// (slow_consumer) the connection holding the most bytes in the address holding the
-    /// most, never the asking one nor one at or under its share. Gauge
+    /// is spent and an address under its share asks, the relay takes room back from the
+    /// address holding the most, never the asking one nor one at or under its share: first
+    /// it forgets that address's unacknowledged deliveries of QoS 0 messages the store does
+    /// not keep (sent already; only their redelivery is given up;
+    /// whispeer_relay_unacked_qos0_forgotten_total), and only if that is not enough it
+    /// closes (slow_consumer) the connection holding the most bytes there. Gauge
     /// whispeer_relay_unacked_bytes; whispeer_relay_unacked_budget_pauses_total.
     #[arg(long, env = "WHISPEER_TOTAL_UNACKED_BYTES")]
     pub total_unacked_bytes: usize,

@@ -87,9 +87,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 ///    deliveries that the store does not keep — the room a non-acking QoS 0 flood holds,
 ///    kept only for a redelivery that at-most-once does not owe — are forgotten, the
 ///    connection holding most of them first, until what is missing is freed. Each one is
-///    counted (`whispeer_relay_unacked_qos0_forgotten_total`) and reported to its
-///    connection in a `Gap`, as other QoS 0 losses are; an `Ack` of it later is of an
-///    unknown sequence (ignored). No connection is closed, so an honest connection sharing
+///    counted (`whispeer_relay_unacked_qos0_forgotten_total`). It was sent (or is queued
+///    to be: the outbound queue is untouched), so no `Gap` is told — a `Gap` counts `Msg`
+///    frames dropped, and the client has these; what it loses is only a redelivery after a
+///    reconnect, which QoS 0 never promised. An `Ack` of it later is of an unknown
+///    sequence (ignored). No connection is closed, so an honest connection sharing
 ///    the flood's address keeps its connection and its stored messages in flight. The
 ///    bytes are freed at once, so the refused message is taken in the same step.
 /// 2. Only if that did not free enough: the connection holding most of that address is
@@ -166,10 +168,6 @@ pub(crate) struct AddrUnacked {
 /// Closes a connection as a slow consumer (the budget takes its room back).
 pub(crate) type Evict = Box<dyn Fn() + Send + Sync>;
 
-/// Tells a connection that this many of its unacknowledged QoS 0 deliveries the store does
-/// not keep were forgotten (the budget took their room back: they are not redelivered).
-pub(crate) type Forgot = Box<dyn Fn(u64) + Send + Sync>;
-
 /// A connection's place in the [`UnackedBudget`]: its address's counts, given back (the
 /// address forgotten with its last connection) when dropped.
 pub(crate) struct BudgetShare {
@@ -179,8 +177,6 @@ pub(crate) struct BudgetShare {
     key: u64,
     /// Closes the connection when the budget takes its room back.
     evict: Evict,
-    /// Tells it that its unstored QoS 0 deliveries were forgotten (`Gap`).
-    forgot: Forgot,
 }
 
 impl std::fmt::Debug for BudgetShare {
@@ -325,14 +321,8 @@ impl UnackedBudget {
     }
 
     /// A connection from `tenant` joins (its address's place, made if it has none);
-    /// `evict` closes it as a slow consumer and `forgot` tells it how many of its unstored
-    /// QoS 0 deliveries were forgotten ([`reclaim`](Self::reclaim)).
-    pub(crate) fn share(
-        self: &Arc<Self>,
-        tenant: Tenant,
-        evict: Evict,
-        forgot: Forgot,
-    ) -> BudgetShare {
+    /// `evict` closes it as a slow consumer ([`reclaim`](Self::reclaim)).
+    pub(crate) fn share(self: &Arc<Self>, tenant: Tenant, evict: Evict) -> BudgetShare {
         let key = self.next_key.fetch_add(1, Relaxed);
         let addr = {
             let mut by = lock(&self.by);
@@ -349,7 +339,6 @@ impl UnackedBudget {
             addr,
             key,
             evict,
-            forgot,
         }
     }
 
@@ -374,7 +363,7 @@ impl UnackedBudget {
     /// deliveries the store does not keep (held only for a redelivery at-most-once does
     /// not owe) of the connections of the addresses holding most — heaviest address first,
     /// and in it the connection holding most of them — until what is missing is freed.
-    /// Each one forgotten is counted and reported to its connection in a `Gap`
+    /// Each one forgotten is counted (it was sent: no `Gap`)
     /// ([`ConnUnacked::forget_unstored`]); no connection is closed. Returns the bytes freed.
     fn forget(&self, asker: &Tenant, len: usize) -> u64 {
         let (mut addrs, share, pending) = self.candidates(asker);
@@ -610,10 +599,10 @@ impl ConnUnacked {
     /// Forgets every unacknowledged delivery of its subscriptions that the store does not
     /// keep (QoS 0: no redelivery is owed), as the relay-wide budget takes its room back
     /// ([`UnackedBudget::reclaim`]): counted in
-    /// `whispeer_relay_unacked_qos0_forgotten_total` and reported to the connection in a
-    /// `Gap`. Called from another connection's delivery, under that subscription's lock:
-    /// a subscription of this one whose lock is taken right now is skipped (waiting for it
-    /// could wait on a delivery that is itself taking room back). Returns the bytes freed.
+    /// `whispeer_relay_unacked_qos0_forgotten_total` (no `Gap`: they were sent). Called
+    /// from another connection's delivery, under that subscription's lock: a subscription
+    /// of this one whose lock is taken right now is skipped (waiting for it could wait on
+    /// a delivery that is itself taking room back). Returns the bytes freed.
     fn forget_unstored(&self) -> usize {
         let tracks: Vec<Weak<Tracking>> = lock(&self.held).tracks.values().cloned().collect();
         let (mut msgs, mut bytes) = (0u64, 0usize);
@@ -631,7 +620,6 @@ impl ConnUnacked {
                 tracing::debug!(tenant = ?b.tenant, msgs, bytes,
                     "forgot unacknowledged QoS 0 deliveries: the relay-wide budget of \
                      unacknowledged bytes is spent and their address holds the most");
-                (b.forgot)(msgs);
             }
         }
         bytes
@@ -1472,9 +1460,9 @@ mod tests {
     #[test]
     fn an_address_is_forgotten_with_its_last_connection_whatever_else_holds_its_counts() {
         let budget = UnackedBudget::new(1 << 20, Arc::new(Metrics::default()));
-        let a = budget.share(tenant("192.0.2.1"), Box::new(|| {}), Box::new(|_| {}));
-        let b = budget.share(tenant("192.0.2.1"), Box::new(|| {}), Box::new(|_| {}));
-        let other = budget.share(tenant("192.0.2.2"), Box::new(|| {}), Box::new(|_| {}));
+        let a = budget.share(tenant("192.0.2.1"), Box::new(|| {}));
+        let b = budget.share(tenant("192.0.2.1"), Box::new(|| {}));
+        let other = budget.share(tenant("192.0.2.2"), Box::new(|| {}));
         assert_eq!(lock(&budget.by).len(), 2);
         let alive = a.addr.clone();
         drop(a);

@@ -267,19 +267,9 @@ impl Session {
                 })));
             })
         };
-        // Or, first, forgets its unacknowledged QoS 0 deliveries the store does not keep
-        // (no redelivery is owed): told in a `Gap`, as other QoS 0 losses.
-        let forgot: crate::flow::Forgot = {
-            let out = Arc::downgrade(&out);
-            Box::new(move |n| {
-                if let Some(out) = out.upgrade() {
-                    out.add_dropped(n);
-                }
-            })
-        };
         let unacked = ConnUnacked::new(
             d.connection_unacked_bytes,
-            Some(budget.share(tenant.clone(), evict, forgot)),
+            Some(budget.share(tenant.clone(), evict)),
         );
         Self {
             shared,

