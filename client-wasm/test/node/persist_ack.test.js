@@ -237,14 +237,21 @@ test('an Ack leaves only once the IndexedDB write of the dedup entry it covers c
 });
 
 // The Node file store behind Client.connect's `persistence`, whose writes throw (a full
-// disk) while `broken` is set; `refusals` holds when each refused write came.
+// disk) while `broken` is set; `refusals` holds when each refused write came (on
+// performance.now(), the client's monotonic clock), and `refused()` waits for the next one.
 function failingFileStore() {
-  const disk = { broken: false, refusals: [] };
+  const waiting = [];
+  const disk = {
+    broken: false,
+    refusals: [],
+    refused: () => new Promise((r) => waiting.push(r)),
+  };
   setFileStore(async (p, fsync) => {
     const st = await openFileStore(p, fsync);
     const guarded = (op) => (bytes) => {
       if (disk.broken) {
         disk.refusals.push(performance.now());
+        for (const r of waiting.splice(0)) r();
         throw new Error('no space left on device (test)');
       }
       return st[op](bytes);
@@ -323,12 +330,24 @@ test('a synchronous store that cannot write: no Ack until a write succeeds; the 
   rmSync(dir, { recursive: true, force: true });
 });
 
+/** Whether `e` is the `error` event of held Acks sent unwritten at a bound (#sendHeldAcks). */
+const isOverdue = (e) => /^persistence: acks of \d+ messages sent before/.test(e.message);
+
+/** Lets the event loop run a few turns (socket reads, the client's pumps): not a timer. */
+async function settle() {
+  for (let i = 0; i < 10; i++) await new Promise((r) => setImmediate(r));
+}
+
 // Review finding 7: after a failed write the npm client rewrote the whole state, with an
 // `error` event, every 100 ms while Acks were held (and at every pump). Now it backs off as
-// the Rust client does: 100 ms, doubling to 5 s. The gaps between the store's refused
-// writes are at least the waits (timers never fire early; a pump before the retry time
-// writes nothing) — lower bounds only, so a loaded machine cannot fail it.
-test('a store that keeps failing is tried again after 100 ms, then 200, then 400', async () => {
+// the Rust client does: 100 ms, doubling to 5 s. The client's time is the test's from before
+// the first failure: its timers (setTimeout, mocked) and its monotonic clock
+// (performance.now, which stands still but for the test's steps), so the schedule is
+// observed exactly, whatever the machine's pace. Each wait, a message is delivered and taken
+// (a pump, which must not write before the retry time) and the clock stops 1 ms short of the
+// wait: no write was tried; 1 ms on, exactly one. The refusals' gaps are the waits:
+// 100, 200, 400, 800, 1600, 3200, then 5000 twice (the cap).
+test('a store that keeps failing is tried again after 100 ms, doubling to 5 s', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'whispeer-ack-'));
   const path = join(dir, 'state');
   const disk = failingFileStore();
@@ -338,26 +357,129 @@ test('a store that keeps failing is tried again after 100 ms, then 200, then 400
   const sub = await Client.connect(proxy.url, { keys: tree, persistence: path });
   const errors = [];
   sub.on('error', (e) => errors.push(e));
-  let taken;
-  const got = new Promise((r) => (taken = r));
+  const taken = [];
+  let onTake = () => {};
   await sub.subscribe(
     'job/z',
     (m) => {
       disk.broken = true;
-      taken(m);
+      taken.push(m.value);
+      onTake();
     },
     { qos: 1 },
   );
+  const take = (v) =>
+    new Promise((r) => {
+      onTake = () => taken.includes(v) && r();
+    });
+
+  // The test's clock: standing still at `now`, moved by step(); after thaw() it runs again
+  // from where the steps left it (never backwards for the client).
+  const realNow = performance.now.bind(performance);
+  let now = realNow();
+  let offset = null;
+  t.mock.method(performance, 'now', () => (offset === null ? now : realNow() + offset));
+  t.mock.timers.enable({ apis: ['setTimeout'] });
+  const step = (ms) => {
+    now += ms;
+    t.mock.timers.tick(ms);
+  };
+  const thaw = () => {
+    offset = now - realNow();
+    t.mock.timers.reset();
+  };
+
+  const first = disk.refused();
+  const one = take(1);
   await pub.publish('job/z', 1, { qos: 1 });
-  await got;
-  await until(() => refusals.length >= 4, 10_000);
-  const gaps = refusals.slice(1, 4).map((t, i) => t - refusals[i]);
-  // (2 ms of slack: Node fires timers on a clock truncated to the millisecond.)
-  gaps.forEach((g, i) => assert.ok(g >= 100 * 2 ** i - 2, `gap ${i}: ${g} ms (waits ${gaps.join(', ')})`));
+  await one;
+  await first;
+  assert.equal(refusals.length, 1, "the take's write");
+  const waits = [100, 200, 400, 800, 1600, 3200, 5000, 5000];
+  for (const [i, wait] of waits.entries()) {
+    const before = refusals.length;
+    const next = take(i + 2);
+    await pub.publish('job/z', i + 2, { qos: 1 });
+    await next; // taken: a pump, its dedup entry to write
+    step(wait - 1);
+    await settle();
+    assert.equal(refusals.length, before, `no write tried within ${wait - 1} ms of the last (wait ${i})`);
+    step(1);
+    assert.equal(refusals.length, before + 1, `one write tried ${wait} ms after the last (wait ${i})`);
+  }
+  // (Rounded: the clock is a float, and steps of whole ms added to it are not exact.)
+  const gaps = refusals.slice(1).map((at, i) => Math.round(at - refusals[i]));
+  assert.deepEqual(gaps, waits, 'the waits between refused writes');
   assert.equal(sub.stats().stateWriteFailures, refusals.length);
-  assert.equal(errors.length, refusals.length, 'an error event per failed write');
+  assert.equal(errors.filter((e) => !isOverdue(e)).length, refusals.length, 'an error event per failed write');
+
   disk.broken = false;
-  await sub.flush(); // the Ack leaves once the state is written again
+  step(5000); // the retry writes the state whole: the held Acks go
+  assert.equal(refusals.length, waits.length + 1, 'written');
+  thaw();
+  await sub.flush();
+  assert.equal(sub.stats().stateWriteFailures, refusals.length, 'no failure since');
+  await sub.close();
+  await pub.close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+// The other bound on holding Acks (#holdAck): once held ones cover ACK_HOLD_MAX_SEQS (4,096)
+// messages they go, store written or not — the relay's own credit (`max_unacked`, 4,096
+// messages per subscription by default) stops a subscription whose Acks wait, and a store
+// that keeps failing would otherwise stall it until the 10 s bound. Here the store fails
+// from the first take on and never recovers, and the 10 s bound is taken out (the timer
+// the client sets for it never calls back): 5,000 messages published to a QoS 1
+// subscription all arrive, none twice, only if the Acks of the first 4,096 left at that
+// bound. (Without it the relay stops at its credit until its redelivery timer sends the
+// unacknowledged ones again, ~30 s later; each duplicate is acked too and held, so a bound
+// even one message late is passed only by way of duplicates: measured with 4,097, all
+// 5,000 arrived after 31 s with two releases.) One `error` event says so, naming at least
+// 4,096 messages; Acks reached the relay; the store never wrote.
+test('a store that keeps failing: held Acks go at 4,096 messages, and the relay delivers past its credit', { timeout: 180_000 }, async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'whispeer-ack-'));
+  const path = join(dir, 'state');
+  const disk = failingFileStore();
+  const tree = TreeKey.generate('held-bound');
+  const pub = await Client.connect(relay.url, { keys: tree });
+  const sub = await Client.connect(proxy.url, { keys: tree, persistence: path });
+  const errors = [];
+  sub.on('error', (e) => errors.push(e));
+  let got = 0;
+  await sub.subscribe(
+    'bulk/x',
+    () => {
+      disk.broken = true;
+      got++;
+    },
+    { qos: 1 },
+  );
+  await sub.flush();
+  const acks = proxy.count(ACK);
+  // The 10 s bound taken out: a timer of 10,000 ms (ACK_HOLD_MAX_MS) never calls back.
+  const realSetTimeout = globalThis.setTimeout;
+  let holdTimers = 0;
+  t.mock.method(globalThis, 'setTimeout', (f, ms, ...args) => {
+    if (ms !== 10_000) return realSetTimeout(f, ms, ...args);
+    holdTimers++;
+    return realSetTimeout(() => {}, ms);
+  });
+
+  const N = 5000;
+  for (let i = 0; i < N; i += 500)
+    await Promise.all(Array.from({ length: 500 }, (_, j) => pub.publish('bulk/x', i + j, { qos: 1 })));
+  await until(() => got === N, 120_000); // stalls at the relay's 4,096 without the bound
+  assert.equal(sub.stats().duplicates, 0, 'no message came twice: the relay never had to redeliver');
+  assert.ok(holdTimers >= 1, 'the Acks were held (their 10 s timer set, and taken out)');
+  const overdue = errors.filter(isOverdue);
+  assert.equal(overdue.length, 1, `one release at the bound: ${overdue.map((e) => e.message)}`);
+  const seqs = Number(/acks of (\d+) messages/.exec(overdue[0].message)[1]);
+  assert.ok(seqs >= 4096, `released covering ${seqs} messages`);
+  await until(() => proxy.count(ACK) > acks, 10_000);
+  assert.ok(disk.broken && disk.refusals.length >= 1, 'every write since the first take was refused');
+  // The store writes again and timers are real: the Acks still held go, and close's flush ends.
+  disk.broken = false;
+  t.mock.restoreAll();
   await sub.close();
   await pub.close();
   rmSync(dir, { recursive: true, force: true });
