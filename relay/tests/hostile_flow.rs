@@ -1029,6 +1029,129 @@ async fn a_ping_flood_from_one_address_is_paced_by_its_ack_rate() {
     );
 }
 
+/// The relay-wide unacked budget of the flood tests below.
+const FLOOD_BUDGET: usize = 4 << 20;
+/// Each flood message's size, about (each one a byte longer than the one before).
+const FLOOD_BODY: usize = 32 << 10;
+
+/// What a flooding connection saw: an `Err` (its code, whether fatal) or its end.
+enum Seen {
+    Err(whispeer_protocol::ErrorCode, bool),
+    Closed,
+}
+
+/// A relay whose [`FLOOD_BUDGET`] of unacknowledged bytes is spent by subscribers that read
+/// everything and ack nothing: two connections each on 127.0.0.2–.5 (subscription levels
+/// `a * 10 + c`), one address after another, 40 QoS 0 messages of about [`FLOOD_BODY`]
+/// each per connection (`store_qos0`: whether the store keeps them).
+struct SpentBudget {
+    relay: TestRelay,
+    admin: std::net::SocketAddr,
+    publisher: Client,
+    /// Each flooding connection's `Err`s and end, by level.
+    seen: tokio::sync::mpsc::UnboundedReceiver<(u8, Seen)>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SpentBudget {
+    async fn flood(store_qos0: bool) -> Self {
+        const EACH: u32 = 40;
+        let mut config = Config::ephemeral();
+        config.store.store_qos0 = store_qos0;
+        config.delivery.total_unacked_bytes = FLOOD_BUDGET;
+        config.delivery.connection_unacked_bytes = 64 << 20;
+        config.delivery.max_unacked_bytes = 64 << 20;
+        config.limits.publish_rate = 0;
+        let relay = TestRelay::start(config).await;
+        let admin = relay.addrs.admin.expect("admin");
+        let mut p = Client::tcp(relay.tcp()).await;
+        p.hello().await;
+        let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
+        let mut readers = Vec::new();
+        for a in 2..=5u8 {
+            let mut levels = Vec::new();
+            for c in 0..2u8 {
+                let level = a * 10 + c;
+                let mut s = Client::tcp_from(relay.tcp(), &format!("127.0.0.{a}")).await;
+                hello_flow(&mut s).await;
+                s.send(&qos1_sub(1, exact(1, &[level]), Some(4096))).await;
+                assert!(matches!(s.recv().await, Frame::SubOk(_)));
+                levels.push(level);
+                // Reads everything, acks nothing; reports an Err, the end.
+                let seen = seen_tx.clone();
+                readers.push(tokio::spawn(async move {
+                    loop {
+                        match s.read().await {
+                            Read::Frame(b) => {
+                                if let Ok(Frame::Err(e)) = Frame::decode(&b) {
+                                    let _ = seen.send((level, Seen::Err(e.code, e.fatal)));
+                                }
+                            }
+                            Read::Closed | Read::Broken(_) => {
+                                let _ = seen.send((level, Seen::Closed));
+                                return;
+                            }
+                        }
+                    }
+                }));
+            }
+            // This address's share, published and routed before the next address's.
+            for i in 0..EACH {
+                for &level in &levels {
+                    p.send(&Frame::Pub(Pub {
+                        envelope: envelope_sized(1, &[level], FLOOD_BODY + i as usize),
+                        flags: 0,
+                        publish_id: None,
+                        qos: Qos::AtMostOnce,
+                    }))
+                    .await;
+                }
+            }
+            until_pong(&mut p, u64::from(a)).await;
+        }
+        SpentBudget {
+            relay,
+            admin,
+            publisher: p,
+            seen,
+            readers,
+        }
+    }
+
+    /// A QoS 1 subscriber on 127.0.0.6 (under its share) gets 10 messages of twice
+    /// [`FLOOD_BODY`] (larger than what the flood's last messages could leave free), every
+    /// one, in order, once.
+    async fn honest_gets_all(&mut self) {
+        let mut honest = Client::tcp_from(self.relay.tcp(), "127.0.0.6").await;
+        hello_flow(&mut honest).await;
+        honest.send(&qos1_sub(1, exact(1, &[60]), Some(16))).await;
+        assert!(matches!(honest.recv().await, Frame::SubOk(_)));
+        let seqs = publish_acked_sized(&mut self.publisher, &[60], 0, 10, |_| 2 * FLOOD_BODY).await;
+        let mut got = Vec::new();
+        while got.len() < seqs.len() {
+            match honest.recv().await {
+                Frame::Msg(m) => {
+                    honest.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+                    got.push(m.seq);
+                }
+                other => panic!("honest subscriber got {other:?}"),
+            }
+        }
+        assert_eq!(got, seqs, "every message, in order, once");
+    }
+
+    /// The relay holds at most the budget (plus a message per routing shard and a frame).
+    async fn held_at_most_the_budget(self) {
+        assert!(
+            metric(self.admin, "whispeer_relay_unacked_bytes").await
+                <= (FLOOD_BUDGET + 2 * FLOOD_BODY + 4096) as u64
+        );
+        for r in self.readers {
+            r.abort();
+        }
+    }
+}
+
 /// Review finding 1 of 891ecb7: the relay-wide budget could fill while every address was at
 /// or under its share (shares shrink as addresses join; what was taken under a larger one
 /// stays), and then refused everyone, an address holding nothing too: QoS ≥ 1 subscriptions
@@ -1041,85 +1164,22 @@ async fn a_ping_flood_from_one_address_is_paced_by_its_ack_rate() {
 /// gentler step: `an_unstored_qos0_flood_gives_its_room_back_without_losing_a_connection`).
 #[tokio::test]
 async fn an_honest_address_gets_its_messages_when_others_spent_the_relay_wide_budget() {
-    const TOTAL: usize = 4 << 20;
-    const BODY: usize = 32 << 10;
-    const EACH: u32 = 40;
-    const HONEST: u32 = 10;
-    let mut config = Config::ephemeral();
-    config.store.store_qos0 = true;
-    config.delivery.total_unacked_bytes = TOTAL;
-    config.delivery.connection_unacked_bytes = 64 << 20;
-    config.delivery.max_unacked_bytes = 64 << 20;
-    config.limits.publish_rate = 0;
-    let relay = TestRelay::start(config).await;
-    let admin = relay.addrs.admin.expect("admin");
-    let mut p = Client::tcp(relay.tcp()).await;
-    p.hello().await;
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut readers = Vec::new();
-    let mut nonce = 0;
-    for a in 2..=5u8 {
-        let mut levels = Vec::new();
-        for c in 0..2u8 {
-            let level = a * 10 + c;
-            let mut s = Client::tcp_from(relay.tcp(), &format!("127.0.0.{a}")).await;
-            hello_flow(&mut s).await;
-            s.send(&qos1_sub(1, exact(1, &[level]), Some(4096))).await;
-            assert!(matches!(s.recv().await, Frame::SubOk(_)));
-            levels.push(level);
-            // Reads everything, acks nothing; reports a slow-consumer close.
-            let closed = closed_tx.clone();
-            readers.push(tokio::spawn(async move {
-                loop {
-                    match s.read().await {
-                        Read::Frame(b) => {
-                            if let Ok(Frame::Err(e)) = Frame::decode(&b) {
-                                assert_eq!(e.code, whispeer_protocol::ErrorCode::SlowConsumer);
-                                assert!(e.fatal);
-                                let _ = closed.send(level);
-                            }
-                        }
-                        Read::Closed | Read::Broken(_) => return,
-                    }
-                }
-            }));
-        }
-        // This address's share, published and routed before the next address's.
-        for i in 0..EACH {
-            for &level in &levels {
-                p.send(&Frame::Pub(Pub {
-                    envelope: envelope_sized(1, &[level], BODY + i as usize),
-                    flags: 0,
-                    publish_id: None,
-                    qos: Qos::AtMostOnce,
-                }))
-                .await;
-            }
-        }
-        nonce += 1;
-        until_pong(&mut p, nonce).await;
-    }
+    let mut flood = SpentBudget::flood(true).await;
+    let admin = flood.admin;
     assert!(metric(admin, "whispeer_relay_unacked_budget_pauses_total").await > 0);
-    let mut honest = Client::tcp_from(relay.tcp(), "127.0.0.6").await;
-    hello_flow(&mut honest).await;
-    honest.send(&qos1_sub(1, exact(1, &[60]), Some(16))).await;
-    assert!(matches!(honest.recv().await, Frame::SubOk(_)));
-    // Larger than what the attackers' last messages could leave free.
-    let seqs = publish_acked_sized(&mut p, &[60], 0, HONEST, |_| 2 * BODY).await;
-    let mut got = Vec::new();
-    while got.len() < seqs.len() {
-        match honest.recv().await {
-            Frame::Msg(m) => {
-                honest.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
-                got.push(m.seq);
-            }
-            other => panic!("honest subscriber got {other:?}"),
-        }
-    }
-    assert_eq!(got, seqs, "every message, in order, once");
+    flood.honest_gets_all().await;
     // The room came from an attacker's connection, closed as a slow consumer; it was one
     // of the first address's (it held the most).
-    let level = closed_rx.recv().await.expect("an attacker closed");
+    let level = loop {
+        match flood.seen.recv().await.expect("readers alive") {
+            (level, Seen::Err(code, fatal)) => {
+                assert_eq!(code, whispeer_protocol::ErrorCode::SlowConsumer);
+                assert!(fatal);
+                break level;
+            }
+            (_, Seen::Closed) => {}
+        }
+    };
     assert_eq!(
         level / 10,
         2,
@@ -1127,12 +1187,7 @@ async fn an_honest_address_gets_its_messages_when_others_spent_the_relay_wide_bu
         level / 10
     );
     assert!(metric(admin, "whispeer_relay_slow_consumer_disconnects_total").await > 0);
-    assert!(
-        metric(admin, "whispeer_relay_unacked_bytes").await <= (TOTAL + 2 * BODY + 4096) as u64
-    );
-    for r in readers {
-        r.abort();
-    }
+    flood.held_at_most_the_budget().await;
 }
 
 /// The gentler first step of taking the relay-wide budget's room back: a QoS 0 message
@@ -1148,94 +1203,20 @@ async fn an_honest_address_gets_its_messages_when_others_spent_the_relay_wide_bu
 /// their redelivery is given up). Before, a connection of 127.0.0.2 was closed.
 #[tokio::test]
 async fn an_unstored_qos0_flood_gives_its_room_back_without_losing_a_connection() {
-    const TOTAL: usize = 4 << 20;
-    const BODY: usize = 32 << 10;
-    const EACH: u32 = 40;
-    const HONEST: u32 = 10;
-    enum Seen {
-        Err(whispeer_protocol::ErrorCode),
-        Closed,
-    }
-    let mut config = Config::ephemeral();
-    config.delivery.total_unacked_bytes = TOTAL;
-    config.delivery.connection_unacked_bytes = 64 << 20;
-    config.delivery.max_unacked_bytes = 64 << 20;
-    config.limits.publish_rate = 0;
-    let relay = TestRelay::start(config).await;
-    let admin = relay.addrs.admin.expect("admin");
-    let mut p = Client::tcp(relay.tcp()).await;
-    p.hello().await;
-    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut readers = Vec::new();
-    let mut nonce = 0;
-    for a in 2..=5u8 {
-        let mut levels = Vec::new();
-        for c in 0..2u8 {
-            let level = a * 10 + c;
-            let mut s = Client::tcp_from(relay.tcp(), &format!("127.0.0.{a}")).await;
-            hello_flow(&mut s).await;
-            s.send(&qos1_sub(1, exact(1, &[level]), Some(4096))).await;
-            assert!(matches!(s.recv().await, Frame::SubOk(_)));
-            levels.push(level);
-            // Reads everything, acks nothing; reports an Err, the end.
-            let seen = seen_tx.clone();
-            readers.push(tokio::spawn(async move {
-                loop {
-                    match s.read().await {
-                        Read::Frame(b) => {
-                            if let Ok(Frame::Err(e)) = Frame::decode(&b) {
-                                let _ = seen.send((level, Seen::Err(e.code)));
-                            }
-                        }
-                        Read::Closed | Read::Broken(_) => {
-                            let _ = seen.send((level, Seen::Closed));
-                            return;
-                        }
-                    }
-                }
-            }));
-        }
-        for i in 0..EACH {
-            for &level in &levels {
-                p.send(&Frame::Pub(Pub {
-                    envelope: envelope_sized(1, &[level], BODY + i as usize),
-                    flags: 0,
-                    publish_id: None,
-                    qos: Qos::AtMostOnce,
-                }))
-                .await;
-            }
-        }
-        nonce += 1;
-        until_pong(&mut p, nonce).await;
-    }
+    let mut flood = SpentBudget::flood(false).await;
+    let admin = flood.admin;
     assert!(metric(admin, "whispeer_relay_unacked_budget_pauses_total").await > 0);
     let held = metric(admin, "whispeer_relay_unacked_bytes").await;
     assert!(
-        held + 2 * BODY as u64 > TOTAL as u64,
-        "the flood spent the budget: {held} of {TOTAL} bytes held"
+        held + 2 * FLOOD_BODY as u64 > FLOOD_BUDGET as u64,
+        "the flood spent the budget: {held} of {FLOOD_BUDGET} bytes held"
     );
     assert_eq!(
         metric(admin, "whispeer_relay_unacked_qos0_forgotten_total").await,
         0,
         "nothing forgotten while nobody under its share asked"
     );
-    let mut honest = Client::tcp_from(relay.tcp(), "127.0.0.6").await;
-    hello_flow(&mut honest).await;
-    honest.send(&qos1_sub(1, exact(1, &[60]), Some(16))).await;
-    assert!(matches!(honest.recv().await, Frame::SubOk(_)));
-    let seqs = publish_acked_sized(&mut p, &[60], 0, HONEST, |_| 2 * BODY).await;
-    let mut got = Vec::new();
-    while got.len() < seqs.len() {
-        match honest.recv().await {
-            Frame::Msg(m) => {
-                honest.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
-                got.push(m.seq);
-            }
-            other => panic!("honest subscriber got {other:?}"),
-        }
-    }
-    assert_eq!(got, seqs, "every message, in order, once");
+    flood.honest_gets_all().await;
     // The room was taken back before the honest subscriber got it: an attacker closed for
     // it was counted before its bytes could be freed.
     assert_eq!(
@@ -1248,9 +1229,9 @@ async fn an_unstored_qos0_flood_gives_its_room_back_without_losing_a_connection(
     // No attacker connection was told to go or closed (the readers report at once). The
     // forgotten deliveries had been sent: no Gap is owed for them (a Gap counts Msg frames
     // dropped; a paused subscription may still get one for unstored messages it skipped).
-    if let Ok((level, seen)) = seen_rx.try_recv() {
+    if let Ok((level, seen)) = flood.seen.try_recv() {
         match seen {
-            Seen::Err(code) => panic!("attacker {level} got Err({code:?})"),
+            Seen::Err(code, _) => panic!("attacker {level} got Err({code:?})"),
             Seen::Closed => panic!("attacker {level} closed"),
         }
     }
@@ -1258,12 +1239,7 @@ async fn an_unstored_qos0_flood_gives_its_room_back_without_losing_a_connection(
         "{forgotten} unstored QoS 0 deliveries forgotten; {} unacknowledged bytes held at the end",
         metric(admin, "whispeer_relay_unacked_bytes").await
     );
-    assert!(
-        metric(admin, "whispeer_relay_unacked_bytes").await <= (TOTAL + 2 * BODY + 4096) as u64
-    );
-    for r in readers {
-        r.abort();
-    }
+    flood.held_at_most_the_budget().await;
 }
 
 /// Review finding 2 of 891ecb7: a catch-up's read allowance ignored the relay-wide budget
