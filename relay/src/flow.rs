@@ -1170,31 +1170,9 @@ impl Tracking {
     /// which sequences: see [`ConnUnacked::holders`]).
     pub(crate) fn ack(&self, seqs: &[u64]) -> AckOutcome {
         let mut t = lock(&self.inner);
-        let (mut freed, mut unstored) = (0, 0);
-        let mut removed = Vec::new();
-        for s in seqs {
-            if let Some(u) = t.unacked.remove(s) {
-                t.unacked_bytes -= u.env.len();
-                freed += u.env.len();
-                if !u.stored {
-                    unstored += u.env.len();
-                }
-                removed.push(*s);
-            }
-        }
-        t.unstored_bytes -= unstored;
-        self.conn.unstored.fetch_sub(unstored, Relaxed);
-        if removed.is_empty() {
+        if self.remove_unacked(&mut t, seqs.iter().copied()).0 == 0 {
             return AckOutcome::default();
         }
-        if !t.ended {
-            let mut held = lock(&self.conn.held);
-            for s in removed {
-                held.by_seq.remove(&(s, self.id));
-            }
-        }
-        // Once per Ack frame: it wakes the connection's other waiters for credit.
-        self.conn.sub(freed);
         let mut outcome = AckOutcome {
             freed: true,
             ..AckOutcome::default()
@@ -1248,25 +1226,48 @@ impl Tracking {
             .filter(|(_, u)| !u.stored)
             .map(|(seq, _)| *seq)
             .collect();
-        let mut bytes = 0;
-        for seq in &seqs {
-            if let Some(u) = t.unacked.remove(seq) {
-                bytes += u.env.len();
-            }
-        }
-        t.unacked_bytes -= bytes;
-        t.unstored_bytes -= bytes;
-        if !t.ended {
-            let mut held = lock(&self.conn.held);
-            for seq in &seqs {
-                held.by_seq.remove(&(*seq, self.id));
-            }
-        }
-        self.conn.unstored.fetch_sub(bytes, Relaxed);
-        self.conn.sub(bytes);
+        let (n, bytes) = self.remove_unacked(&mut t, seqs);
         drop(t);
         self.freed.notify_waiters();
-        (seqs.len() as u64, bytes)
+        (n as u64, bytes)
+    }
+
+    /// Takes `seqs` out of its unacknowledged deliveries (those it holds) with their bytes
+    /// (the subscription's, the unstored ones', the connection's) and their index entries,
+    /// for an `Ack` and for [`Tracking::forget_unstored`] alike: how many, and their bytes.
+    fn remove_unacked(
+        &self,
+        t: &mut TrackInner,
+        seqs: impl IntoIterator<Item = u64>,
+    ) -> (usize, usize) {
+        let (mut freed, mut unstored) = (0, 0);
+        let mut removed = Vec::new();
+        for s in seqs {
+            if let Some(u) = t.unacked.remove(&s) {
+                freed += u.env.len();
+                if !u.stored {
+                    unstored += u.env.len();
+                }
+                removed.push(s);
+            }
+        }
+        if removed.is_empty() {
+            return (0, 0);
+        }
+        t.unacked_bytes -= freed;
+        if unstored > 0 {
+            t.unstored_bytes -= unstored;
+            self.conn.unstored.fetch_sub(unstored, Relaxed);
+        }
+        if !t.ended {
+            let mut held = lock(&self.conn.held);
+            for s in &removed {
+                held.by_seq.remove(&(*s, self.id));
+            }
+        }
+        // Once per call (an Ack frame): it wakes the connection's other waiters for credit.
+        self.conn.sub(freed);
+        (removed.len(), freed)
     }
 
     /// How many messages are unacknowledged.
