@@ -183,6 +183,25 @@ function withNewPublishId(frame) {
 let relay;
 let proxy;
 const idb = fakeIndexedDB();
+
+/**
+ * Closes what a test opened once it ends, also when it failed: a client or proxy left open
+ * keeps this file's process alive (Node 20's runner has no --test-force-exit). The test's
+ * mocked clock and timers are put back first (close() waits on real timers). Closing twice
+ * is harmless (`close()` returns the one close in progress). In order: a store is
+ * closed before its directory is removed.
+ */
+function closeAfter(t, ...things) {
+  t.after(async () => {
+    t.mock.reset();
+    idb.release?.();
+    for (const x of things) {
+      try {
+        await (typeof x === 'function' ? x() : x.close());
+      } catch {}
+    }
+  });
+}
 before(async () => {
   globalThis.indexedDB = idb.factory;
   relay = await startRelay();
@@ -194,10 +213,11 @@ after(async () => {
   await relay?.stop();
 });
 
-test('an Ack leaves only once the IndexedDB write of the dedup entry it covers committed', async () => {
+test('an Ack leaves only once the IndexedDB write of the dedup entry it covers committed', async (t) => {
   const tree = TreeKey.generate('acks');
   const pub = await Client.connect(relay.url, { keys: tree });
   const sub = await Client.connect(proxy.url, { keys: tree, persistence: { indexedDB: 'acks' } });
+  closeAfter(t, sub, pub);
   let taken;
   const got = new Promise((r) => (taken = r));
   // The commits of the writes the take starts (its dedup entry) are held.
@@ -268,7 +288,7 @@ function failingFileStore() {
 // the saved window without the message, and a re-post of the captured envelope was
 // delivered again after a restart. Now Acks wait until a write succeeds (retried 100 ms,
 // doubling to 5 s), for every store.
-test('a synchronous store that cannot write: no Ack until a write succeeds; the re-post is refused after a restart', async () => {
+test('a synchronous store that cannot write: no Ack until a write succeeds; the re-post is refused after a restart', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'whispeer-ack-'));
   const path = join(dir, 'state');
   const disk = failingFileStore();
@@ -276,6 +296,7 @@ test('a synchronous store that cannot write: no Ack until a write succeeds; the 
   const tree = TreeKey.generate('sync-acks');
   const pub = await Client.connect(pubProxy.url, { keys: tree });
   const sub = await Client.connect(proxy.url, { keys: tree, persistence: path });
+  closeAfter(t, sub, pub, pubProxy, () => rmSync(dir, { recursive: true, force: true }));
   const errors = [];
   sub.on('error', (e) => errors.push(e));
   let taken;
@@ -316,6 +337,7 @@ test('a synchronous store that cannot write: no Ack until a write succeeds; the 
 
   // Restarted: the captured envelope re-posted (a new publish id) is a duplicate.
   const again = await Client.connect(proxy.url, { keys: tree, persistence: path });
+  closeAfter(t, again);
   const seen = [];
   await again.subscribe('job/y', (m) => seen.push(m.value), { qos: 1 });
   pubProxy.inject(withNewPublishId(captured));
@@ -355,6 +377,7 @@ test('a store that keeps failing is tried again after 100 ms, doubling to 5 s', 
   const tree = TreeKey.generate('backoff');
   const pub = await Client.connect(relay.url, { keys: tree });
   const sub = await Client.connect(proxy.url, { keys: tree, persistence: path });
+  closeAfter(t, () => (disk.broken = false), sub, pub, () => rmSync(dir, { recursive: true, force: true }));
   const errors = [];
   sub.on('error', (e) => errors.push(e));
   const taken = [];
@@ -443,6 +466,7 @@ test('a store that keeps failing: held Acks go at 4,096 messages, and the relay 
   const tree = TreeKey.generate('held-bound');
   const pub = await Client.connect(relay.url, { keys: tree });
   const sub = await Client.connect(proxy.url, { keys: tree, persistence: path });
+  closeAfter(t, () => (disk.broken = false), sub, pub, () => rmSync(dir, { recursive: true, force: true }));
   const errors = [];
   sub.on('error', (e) => errors.push(e));
   let got = 0;
