@@ -1482,4 +1482,82 @@ mod tests {
         drop(other);
         assert!(lock(&budget.by).is_empty());
     }
+
+    /// The budget's gentle step (`UnackedBudget::forget`) takes room back from the address
+    /// holding most, and only its unstored QoS 0 deliveries: here B (8 deliveries) is over
+    /// its share, and so is A (4); E, a newcomer under its share, finds the budget spent.
+    /// B's unstored deliveries are forgotten, its stored one is kept, A, C and D keep all
+    /// theirs, and nobody is closed. (The hostile_flow test over real sockets shows that
+    /// something was forgotten and nobody closed; this one that it was the heaviest's.)
+    #[test]
+    fn a_spent_budget_forgets_the_unstored_deliveries_of_the_heaviest_address_only() {
+        let env = crate::test_envelope::envelope(1, &[1]);
+        let e = env.len();
+        let metrics = Arc::new(Metrics::default());
+        let budget = UnackedBudget::new(16 * e, metrics.clone());
+        let closed = Arc::new(AtomicUsize::new(0));
+        let now = Instant::now();
+        let conn = |ip: &str| {
+            let closed = closed.clone();
+            let share = budget.share(
+                tenant(ip),
+                Box::new(move || {
+                    closed.fetch_add(1, Relaxed);
+                }),
+            );
+            let conn = ConnUnacked::new(1 << 20, Some(share));
+            let track = Tracking::new(
+                0,
+                false,
+                None,
+                Duration::from_secs(60),
+                1 << 10,
+                1 << 20,
+                conn.clone(),
+            );
+            (conn, track)
+        };
+        // Each address takes what the budget gives it, in turn: B all of the first half
+        // (its first delivery one the store keeps), then A, C and D their shares.
+        let mut seq = 0;
+        let mut fill = |track: &Tracking, first_stored: bool| {
+            let mut n = 0;
+            loop {
+                seq += 1;
+                let stored = first_stored && n == 0;
+                match track.deliver_live(seq, &env, stored, true, now) {
+                    Delivery::Send => n += 1,
+                    _ => return n,
+                }
+            }
+        };
+        let held: Vec<_> = ["192.0.2.2", "192.0.2.1", "192.0.2.3", "192.0.2.4"]
+            .into_iter()
+            .map(|ip| conn(ip))
+            .collect();
+        let taken: Vec<usize> = held
+            .iter()
+            .enumerate()
+            .map(|(i, (_, t))| fill(t, i == 0))
+            .collect();
+        assert_eq!(taken, [8, 4, 2, 2], "B, A, C, D");
+        assert_eq!(budget.used(), 16 * e as u64, "the budget is spent");
+        assert_eq!(closed.load(Relaxed), 0);
+
+        let (asker, track) = conn("192.0.2.5");
+        assert_eq!(
+            track.deliver_live(100, &env, false, true, now),
+            Delivery::Send,
+            "room taken back for the newcomer at once"
+        );
+        let used: Vec<usize> = held.iter().map(|(c, _)| c.used.load(Relaxed) / e).collect();
+        assert_eq!(
+            used,
+            [1, 4, 2, 2],
+            "B kept only its stored delivery; A, C, D all theirs"
+        );
+        assert_eq!(asker.used.load(Relaxed), e);
+        assert_eq!(closed.load(Relaxed), 0, "nobody closed");
+        assert_eq!(budget.used(), 10 * e as u64);
+    }
 }
