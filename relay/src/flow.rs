@@ -945,11 +945,14 @@ impl Tracking {
     /// Like [`try_deliver`](Self::try_deliver), but when there is no credit pauses delivery
     /// at `seq` (with `missed_max` skipped so far) in the same step, so the ack that frees
     /// credit starts the catch-up. Used when live messages buffered during history are
-    /// handed over; `lost`: how many of the messages from `seq` on the store does not keep.
+    /// handed over; `stored`: the store keeps this one (else it is a QoS 0 message the
+    /// relay-wide budget may forget, as on the live path); `lost`: how many of the
+    /// messages from `seq` on the store does not keep.
     pub(crate) fn deliver_or_pause(
         &self,
         seq: u64,
         env: &Envelope,
+        stored: bool,
         missed_max: u64,
         lost: u64,
         now: Instant,
@@ -958,9 +961,7 @@ impl Tracking {
         if t.unacked.contains_key(&seq)
             || t.has_credit(self.credit, self.max_bytes, env.len(), &self.conn)
         {
-            // Counted as stored, whether or not the store keeps it (the hand-over does not
-            // say): never forgotten, only ever closed with its connection.
-            t.insert(self.id, seq, (env, true), now + self.timeout, &self.conn);
+            t.insert(self.id, seq, (env, stored), now + self.timeout, &self.conn);
             return true;
         }
         let p = Paused {
@@ -1559,5 +1560,35 @@ mod tests {
         assert_eq!(asker.used.load(Relaxed), e);
         assert_eq!(closed.load(Relaxed), 0, "nobody closed");
         assert_eq!(budget.used(), 10 * e as u64);
+    }
+
+    /// Live messages handed over after a subscription's history (`Router::release`) are
+    /// recorded as the store keeps them or not, as on the live path: an unstored QoS 0 one
+    /// can be forgotten by the budget. They were all recorded as stored, so a connection
+    /// holding them could only be closed to take that room back.
+    #[test]
+    fn unstored_messages_handed_over_after_history_can_be_forgotten() {
+        let env = crate::test_envelope::envelope(1, &[1]);
+        let metrics = Arc::new(Metrics::default());
+        let budget = UnackedBudget::new(1 << 20, metrics);
+        let conn = ConnUnacked::new(
+            1 << 20,
+            Some(budget.share(tenant("192.0.2.1"), Box::new(|| {}))),
+        );
+        let track = Tracking::new(
+            0,
+            true,
+            None,
+            Duration::from_secs(60),
+            16,
+            1 << 20,
+            conn.clone(),
+        );
+        let now = Instant::now();
+        assert!(track.deliver_or_pause(1, &env, true, 2, 0, now));
+        assert!(track.deliver_or_pause(2, &env, false, 2, 0, now));
+        assert_eq!(conn.used.load(Relaxed), 2 * env.len());
+        assert_eq!(conn.forget_unstored(), env.len(), "the unstored one only");
+        assert_eq!(conn.used.load(Relaxed), env.len());
     }
 }

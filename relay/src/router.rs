@@ -512,7 +512,7 @@ impl Router {
                 let now = Instant::now();
                 let mut paused = false;
                 let mut sent = 0;
-                for (seq, env, frame, _) in gate.buf.iter().take(n) {
+                for (seq, env, frame, stored) in gate.buf.iter().take(n) {
                     // Out of credit: the rest waits in the store (what the store does not
                     // keep is counted and reported with a Gap when delivery resumes); the
                     // ack that frees credit starts the catch-up (see `flow`).
@@ -524,7 +524,7 @@ impl Router {
                     } else if let Some(t) = &target.track {
                         let unstored = || gate.buf.iter().skip(sent).filter(|m| !m.3).count();
                         let lost = unstored() as u64 + spill_lost;
-                        if !t.deliver_or_pause(*seq, env, last, lost, now) {
+                        if !t.deliver_or_pause(*seq, env, *stored, last, lost, now) {
                             self.metrics.credit_paused();
                             paused = true;
                             break;
