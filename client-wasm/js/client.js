@@ -1803,7 +1803,10 @@ export class Client {
   }
 
   async #close() {
-    if (this.#closing || this.#state === 'closed') return;
+    // Closed by itself (it gave up, or the relay closed it): done once its end is — its
+    // state store released — so a `closed` listener that awaits close() and reopens the
+    // same store finds it free (review: it resolved at once, before the store closed).
+    if (this.#closing || this.#state === 'closed') return this.#ended;
     // The flush waits at most connectTimeoutMs: a relay that keeps sending (any frame is a
     // heartbeat) but never answers its Ping must not keep close() from ending.
     let bound;
@@ -1818,7 +1821,7 @@ export class Client {
       ]);
     } catch {}
     clearTimeout(bound);
-    if (this.#closing || this.#state === 'closed') return;
+    if (this.#closing || this.#state === 'closed') return this.#ended;
     this.#closing = true;
     if (this.#heldAcks.length > 0 && this.#repair) {
       // A failed write is tried once more now, so that the Acks it holds back leave before

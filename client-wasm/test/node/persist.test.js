@@ -705,6 +705,29 @@ test('close() resolves once the client is closed and its state store too, a stat
   }
 });
 
+// Review of the npm glue, finding 4: a client that closed by itself (it gave up
+// reconnecting) answered close() at once, before its state store was released — the store
+// is closed a turn later, behind the last write — so an app that, on `closed`, awaited
+// close() and opened a client on the same state was refused with STATE ("in use").
+test('a client that gave up: close() from its closed listener resolves once the state store is released, and the same state opens again', { timeout: 60_000 }, async () => {
+  const file = join(dir, 'gave-up.wsp');
+  const proxy = await startProxy(relay.port);
+  const keys = TreeKey.generate('gave-up');
+  const c = await Client.connect(proxy.url, { keys, persistence: file, reconnect: { initialDelayMs: 10, maxDelayMs: 10, maxAttempts: 1 } });
+  const reopened = new Promise((resolve, reject) => {
+    c.on('state', (s) => {
+      if (s !== 'closed') return;
+      c.close()
+        .then(() => Client.connect(relay.url, { keys, persistence: file }))
+        .then(resolve, reject);
+    });
+  });
+  await proxy.close(); // the client's connection and every reconnect fail: it gives up
+  const again = await reopened;
+  assert.equal(again.state, 'connected');
+  await again.close();
+});
+
 test('a kept publish restored from the saved state that the relay refuses is reported, not dropped silently', { timeout: 60_000 }, async () => {
   const file = join(dir, 'refused.wsp');
   const key = TreeKey.generate('refused');
