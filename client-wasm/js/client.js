@@ -658,11 +658,15 @@ export class Client {
   #gate = Promise.resolve(); // the last write events wait for (IndexedDB)
   #gated = 0; // event batches waiting for a write
   #inflight = 0; // async writes not yet committed
-  #heldAcks = []; // Ack frames (and flush Pings behind them) waiting for the store (#holdAck)
+  #writes = 0; // state writes started, numbered from 1
+  #committed = 0; // every write up to this one is done (committed, or failed: #repair)
+  #doneWrites = new Set(); // writes done above #committed (their commits may come out of order)
+  // Ack frames (and flush Pings behind them) waiting for the store (#holdAck), oldest first:
+  // { frame, need: the write that must be done first, at: when held, seqs: sequences covered }
+  #heldAcks = [];
   #heldSeqs = 0; // sequences the held Acks cover
   #heldWs = null; // the socket they were made for
-  #heldGate = null; // the gate they wait for
-  #heldTimer = null; // sends them anyway after ACK_HOLD_MAX_MS
+  #heldTimer = null; // sends them anyway ACK_HOLD_MAX_MS after the oldest was held
   #retryWait = RETRY_FIRST_MS; // the wait after the next failed write
   #retryAt = 0; // mono(): no state write is tried before (after a failed one)
   #retryTimer = null; // tries the failed write again at #retryAt
@@ -1039,6 +1043,7 @@ export class Client {
 
   /** Writes `bytes` with `op` (append or replace); a Promise while an async write runs. */
   #write1(op, bytes) {
+    const n = ++this.#writes;
     try {
       const w = this.#store[op](bytes);
       if (w) {
@@ -1046,7 +1051,10 @@ export class Client {
         const p = w.then(
           () => this.#wrote(),
           (e) => this.#writeFailed(e),
-        ).finally(() => this.#inflight--);
+        ).finally(() => {
+          this.#inflight--;
+          this.#done(n);
+        });
         // Resolves to nothing: `Promise.all` would resolve to [the previous gate's value,
         // …], each gate holding its predecessor's array — one more for every write, for
         // the life of the client (review: ~8.6 M arrays a day at 100 takes a second).
@@ -1057,10 +1065,27 @@ export class Client {
     } catch (e) {
       this.#writeFailed(e);
     }
+    this.#done(n);
     return undefined;
   }
 
+  /**
+   * Write `n` is done (committed; or failed, and `#repair` set): the held Acks whose
+   * entries every write up to it carried may go (#sendHeldAcks). Each Ack waits for the
+   * writes started before it only — not for every write in flight, which under steady
+   * traffic with IndexedDB was always one more (review: Acks then left only at the 10 s
+   * or 4,096-message bound, with a false `error`, and the last ones before their commit).
+   */
+  #done(n) {
+    this.#doneWrites.add(n);
+    while (this.#doneWrites.delete(this.#committed + 1)) this.#committed++;
+    if (this.#heldAcks.length > 0) this.#sendHeldAcks(false);
+  }
+
   #compact() {
+    // A rewrite after a failed write saves what that write carried: the Acks held for it
+    // (and any held while it failed) wait for this one to be done.
+    if (this.#repair) for (const h of this.#heldAcks) h.need = Math.max(h.need, this.#writes + 1);
     this.#repair = false;
     const snap = this.#eng.snapshot(Date.now());
     this.#logBytes = 0;
@@ -1138,7 +1163,7 @@ export class Client {
             // covers the acks of what the app took before it), queue behind held ones.
             const ack = isAck(t);
             const behind = this.#heldAcks.length > 0 && this.#heldWs === this.#ws;
-            if ((ack && (this.#inflight > 0 || this.#repair)) || (behind && (ack || isFlushPing(t))))
+            if ((ack && (this.#committed < this.#writes || this.#repair)) || (behind && (ack || isFlushPing(t))))
               this.#holdAck(t, ack);
             else this.#write(t);
           }
@@ -1161,7 +1186,7 @@ export class Client {
   }
 
   /**
-   * Holds an `Ack` frame while an (IndexedDB) write is in flight: the engine records a
+   * Holds an `Ack` frame until the (IndexedDB) writes started before it are done: the engine records a
    * message's dedup entry as the app takes it and queues its Ack at once, and the
    * transaction saving the entry commits later. Sent before the commit, a tab closed or
    * crashed in between left the relay holding the Ack while the saved window lacked the
@@ -1175,41 +1200,51 @@ export class Client {
       this.#heldAcks = []; // made for a socket gone: the relay delivers them again
       this.#heldSeqs = 0;
       this.#heldWs = this.#ws;
+      // Their bound goes with them (review: a timer left from a socket gone sent Acks
+      // held on the next one early, before their commit).
+      clearTimeout(this.#heldTimer);
+      this.#heldTimer = null;
     }
-    this.#heldAcks.push(frame);
-    if (ack) this.#heldSeqs += ackSeqs(frame);
-    if (this.#heldTimer === null)
-      this.#heldTimer = setTimeout(() => {
-        this.#heldTimer = null;
-        this.#sendHeldAcks(true);
-      }, ACK_HOLD_MAX_MS);
+    const seqs = ack ? ackSeqs(frame) : 0;
+    this.#heldAcks.push({ frame, need: this.#writes, at: mono(), seqs });
+    this.#heldSeqs += seqs;
+    if (this.#heldTimer === null) this.#armHeld(ACK_HOLD_MAX_MS);
     if (this.#heldSeqs >= ACK_HOLD_MAX_SEQS) queueMicrotask(() => this.#sendHeldAcks(true));
-    else this.#waitGate();
   }
 
-  #waitGate() {
-    if (this.#heldGate === this.#gate) return;
-    const gate = (this.#heldGate = this.#gate);
-    gate.then(() => {
-      if (this.#heldGate === gate) this.#heldGate = null;
-      this.#sendHeldAcks(false);
-    });
+  /** The bound on holding: `ms` from now, when the oldest held frame is ACK_HOLD_MAX_MS old. */
+  #armHeld(ms) {
+    clearTimeout(this.#heldTimer);
+    this.#heldTimer = setTimeout(() => {
+      this.#heldTimer = null;
+      this.#sendHeldAcks(true);
+    }, ms);
   }
 
+  /**
+   * Sends the held frames whose writes are done, oldest first (order kept: one still
+   * waiting holds back those behind it); all of them when `overdue` (a bound) or closed.
+   */
   #sendHeldAcks(overdue) {
     if (this.#heldAcks.length === 0) return;
-    if (!overdue && this.#state !== 'closed' && (this.#inflight > 0 || this.#repair)) {
-      // A write in flight: they wait for its commit. One failed: the retry timer
-      // (#writeFailed) rewrites the state whole, and sends them after (#retry).
-      if (this.#inflight > 0) this.#waitGate();
-      return;
+    let n = this.#heldAcks.length;
+    if (!overdue && this.#state !== 'closed') {
+      // One failed: the retry timer (#writeFailed) rewrites the state whole, and sends
+      // them after (#retry, or #done of the rewrite).
+      if (this.#repair) return;
+      n = 0;
+      while (n < this.#heldAcks.length && this.#heldAcks[n].need <= this.#committed) n++;
+      if (n === 0) return;
     }
-    const frames = this.#heldAcks;
-    const seqs = this.#heldSeqs;
-    this.#heldAcks = [];
-    this.#heldSeqs = 0;
-    clearTimeout(this.#heldTimer);
-    this.#heldTimer = null;
+    const sent = this.#heldAcks.splice(0, n);
+    const seqs = sent.reduce((sum, h) => sum + h.seqs, 0);
+    this.#heldSeqs -= seqs;
+    if (this.#heldAcks.length > 0)
+      this.#armHeld(Math.max(0, Math.ceil(this.#heldAcks[0].at + ACK_HOLD_MAX_MS - mono())));
+    else {
+      clearTimeout(this.#heldTimer);
+      this.#heldTimer = null;
+    }
     if (overdue)
       this._emit(
         'error',
@@ -1219,7 +1254,7 @@ export class Client {
         ),
       );
     if (this.#ws !== this.#heldWs || this.#state === 'closed') return;
-    for (const f of frames) this.#write(f);
+    for (const h of sent) this.#write(h.frame);
   }
 
   #arm(deadline) {

@@ -96,12 +96,20 @@ function fakeIndexedDB() {
         return r;
       },
     },
-    /** Transactions started from now on commit only once `release()` is called. */
+    /**
+     * Transactions started from now on commit only once `release()` is called (or the
+     * function returned, which lets only this hold's transactions go).
+     */
     hold() {
       let open;
-      gate = new Promise((r) => (open = r));
+      const mine = new Promise((r) => (open = r));
+      gate = mine;
       release = () => {
         gate = null;
+        open();
+      };
+      return () => {
+        if (gate === mine) gate = null;
         open();
       };
     },
@@ -254,6 +262,48 @@ test('an Ack leaves only once the IndexedDB write of the dedup entry it covers c
   assert.ok(idb.commits > commits, 'the Ack followed the commit');
   await sub.close();
   await pub.close();
+});
+
+// Review of the npm glue, finding 1: an Ack was held while any write was in flight, so
+// under steady traffic with IndexedDB (a new write always started before the last one
+// committed) Acks left only at the 10 s or 4,096-message bound — with a false `error`, and
+// the newest ones before their own commit. Now each waits for the writes started before it
+// only. Here the take's write is held, then a QoS 1 publish's write (its outbox record) is
+// held behind it: letting the take's write commit sends its Ack while the publish's write
+// is still in flight; the publish's commit then lets its PubAck's turn go on.
+test('an Ack leaves once the write covering it commits, though a later write is still in flight', async (t) => {
+  const tree = TreeKey.generate('acks-overlap');
+  const pub = await Client.connect(relay.url, { keys: tree });
+  const sub = await Client.connect(proxy.url, { keys: tree, persistence: { indexedDB: 'acks-overlap' } });
+  closeAfter(t, sub, pub);
+  const errors = [];
+  sub.on('error', (e) => errors.push(e));
+  let takeWrite;
+  let taken;
+  const got = new Promise((r) => (taken = r));
+  await sub.subscribe(
+    'job/o',
+    (m) => {
+      takeWrite = idb.hold(); // the take's write (its dedup entry) waits for this
+      taken(m);
+    },
+    { qos: 1 },
+  );
+  const acks = proxy.count(ACK);
+  await pub.publish('job/o', 1, { qos: 1 });
+  assert.equal((await got).value, 1);
+  await settle();
+  assert.equal(proxy.count(ACK), acks, 'no Ack before its write commits');
+  const publishWrite = idb.hold(); // the publish's outbox record waits for this
+  const published = sub.publish('job/p', 2, { qos: 1 });
+  await settle();
+  takeWrite();
+  await until(() => proxy.count(ACK) > acks, 10_000); // held until the publish's commit without the fix
+  assert.equal(proxy.count(ACK), acks + 1);
+  publishWrite();
+  await published;
+  await sub.flush();
+  assert.equal(errors.length, 0, errors.map((e) => e.message).join('; '));
 });
 
 // The Node file store behind Client.connect's `persistence`, whose writes throw (a full
