@@ -112,9 +112,14 @@ const noop = () => {};
 /** Errors nobody listens for that are logged a minute (see `Client#logUnheard`). */
 const ERRORS_LOGGED_PER_MINUTE = 10;
 
-/** Relay-chosen text with its control characters (terminal escapes, newlines) shown as `?`. */
+/**
+ * Relay- or member-chosen text with its control characters (terminal escapes, newlines)
+ * and the characters that reorder or break lines on a terminal (bidi controls, U+2028/9,
+ * interlinear annotation) shown as `?` — the set the Rust client escapes
+ * (`printable::is_terminal_hostile`).
+ */
 function printable(text) {
-  return String(text).replace(/[\u0000-\u001f\u007f-\u009f]/g, '?');
+  return String(text).replace(/[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ufff9-\ufffb]/g, '?');
 }
 
 /**
@@ -455,7 +460,7 @@ export class Subscription {
     client._countTypeMismatch();
     const err = new WhispeerError(
       'TYPE_MISMATCH',
-      `message on ${msg.topic} has type ${JSON.stringify(msg.contentType)}; this subscription takes ${JSON.stringify(this.type)}`,
+      printable(`message on ${msg.topic} has type ${JSON.stringify(msg.contentType)}; this subscription takes ${JSON.stringify(this.type)}`),
       { topic: msg.topic, expected: this.type, found: msg.contentType, sender: msg.sender, seq: msg.seq },
     );
     if (!this.#onError) return client._emit('error', err);
@@ -1435,7 +1440,7 @@ export class Client {
         const d = this.#deletes.get(e.id);
         this.#deletes.delete(e.id);
         if (e.code === undefined) d?.resolve();
-        else d?.reject(new WhispeerError('REJECTED', `relay refused to delete the durable subscription: ${e.message} (${e.code})`));
+        else d?.reject(new WhispeerError('REJECTED', `relay refused to delete the durable subscription: ${printable(e.message)} (${e.code})`));
         break;
       }
       case 'connected':
@@ -1444,16 +1449,20 @@ export class Client {
         this.#first?.resolve();
         this.#first = null;
         break;
-      case 'disconnected':
+      case 'disconnected': {
+        // The reason may carry the relay's text (its Close or Err message): shown printable,
+        // as its `error` frames are.
+        const reason = e.reason === undefined ? undefined : printable(e.reason);
         if (e.retryAt !== undefined) {
-          if (this.#first) this.#setState('connecting', { attempt: e.attempt, reason: e.reason });
-          else this.#setState('reconnecting', { attempt: e.attempt, reason: e.reason });
+          if (this.#first) this.#setState('connecting', { attempt: e.attempt, reason });
+          else this.#setState('reconnecting', { attempt: e.attempt, reason });
         } else {
-          this.#first?.reject(new WhispeerError(e.code, e.reason));
+          this.#first?.reject(new WhispeerError(e.code, reason));
           this.#first = null;
-          this.#gaveUp = new WhispeerError('CLOSED', `gave up reconnecting: ${e.reason}`);
+          this.#gaveUp = new WhispeerError('CLOSED', `gave up reconnecting: ${reason}`);
         }
         break;
+      }
       case 'closed':
         this.#finish();
         break;

@@ -344,3 +344,26 @@ test('decodeValue reads every value encodeValue writes at the depth limit; one l
     assert.throws(() => decodeValue(arrays(128, tail)), tooDeep, what);
   }
 });
+
+// Review of the npm glue, finding 6: the relay's text in a `Close` (and a fatal `Err`)
+// reached the `state` event's reason — and connect() rejections, the "gave up" error —
+// as it came: an app logging it got the relay's terminal escapes, a fake log line, or
+// bidi controls that reorder what is shown. Now shown as `?`, as `error` frames are.
+test("a relay's Close reason reaches the state event printable", { timeout: 60_000 }, async () => {
+  const text = new TextEncoder().encode('\x1b]0;x\x07\n[INFO] fake\u202eevil\u2028line\u0085');
+  const fake = await hostileRelay((client) => {
+    // Close {0: 14, 1: 11 (shutting_down), 2: text}.
+    client.send(Uint8Array.of(0xa3, 0x00, 0x0e, 0x01, 0x0b, 0x02, 0x78, text.length, ...text));
+  });
+  const c = await connectTo(fake, 'closetext', { connectTimeoutMs: 300 });
+  try {
+    const gone = dropped(c);
+    c.flush().catch(() => {});
+    const reason = await gone;
+    assert.match(reason, /\?\]0;x\?\?\[INFO\] fake\?evil\?line\?/, JSON.stringify(reason));
+    assert.doesNotMatch(reason, /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/);
+  } finally {
+    await c.close();
+    await fake.close();
+  }
+});
