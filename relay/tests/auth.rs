@@ -491,6 +491,33 @@ async fn rights_are_enforced() {
     );
 }
 
+/// A `Sub` asking for history needs the `replay` right beside `subscribe` (a replay reads
+/// the store; README "Accounts"): an account with `subscribe` alone is refused, not fatally,
+/// naming the right and the subscription, and its live subscription on the same key id is
+/// still taken.
+#[tokio::test]
+async fn a_replaying_sub_needs_the_replay_right() {
+    use whispeer_protocol::frame::Replay;
+    let s = Setup::new("replay-right");
+    let reader = key_account(&s.dir, &s.accounts, "reader", &["--rights", "subscribe"]);
+    let relay = s.relay(&[]);
+    let mut c = login(relay.tcp(), &reader).await;
+    let mut replaying = sub(1, 4, None, None);
+    if let Frame::Sub(s) = &mut replaying {
+        s.replay = Some(Replay::FromSeq(0));
+    }
+    let e = try_sub(&mut c, replaying).await.unwrap_err();
+    assert_eq!(
+        (e.code, e.fatal, e.sub_id),
+        (ErrorCode::AuthFailed, false, Some(1)),
+        "{e:?}"
+    );
+    assert!(e.message.contains("replay"), "{e:?}");
+    try_sub(&mut c, sub(2, 4, None, None))
+        .await
+        .expect("live subscribe");
+}
+
 #[tokio::test]
 async fn removing_an_account_closes_its_connections_at_once() {
     let s = Setup::new("revoke");
