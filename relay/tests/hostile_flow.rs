@@ -1029,6 +1029,51 @@ async fn a_ping_flood_from_one_address_is_paced_by_its_ack_rate() {
     );
 }
 
+/// `Pong` and a client's non-fatal `Err` are charged to the ack buckets like `Ping` (relay
+/// README, `limits.ack_rate`): they cost the relay a frame's handling each and get no
+/// answer, so uncharged they were a flood no rate paced. Counted, not timed: on a fresh
+/// address (burst 10), 20 `Pong`s and then a `Ping` pause the reader at least once before
+/// its `Pong` comes back — and, on another fresh address, 20 `Err`s and a `Ping` too;
+/// uncharged, the one `Ping` fits in the burst and nothing pauses.
+#[tokio::test]
+async fn pongs_and_errs_are_paced_by_the_ack_rate_too() {
+    use whispeer_protocol::frame::{ErrFrame, Pong};
+    let mut config = Config::ephemeral();
+    config.limits.addr_ack_rate = 10;
+    config.limits.addr_ack_burst = 10;
+    let relay = TestRelay::start(config).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let throttled = || metric(admin, "whispeer_relay_throttled_total");
+    // A frame of the flood: a `Pong`, or a non-fatal `Err`.
+    let frame = |what: &str, nonce: u64| match what {
+        "Pong" => Frame::Pong(Pong { nonce }),
+        _ => Frame::Err(ErrFrame {
+            code: whispeer_protocol::ErrorCode::Other(0),
+            message: "not fatal".into(),
+            fatal: false,
+            sub_id: None,
+            publish_id: None,
+        }),
+    };
+    for (from, what) in [("127.0.0.2", "Pong"), ("127.0.0.3", "Err")] {
+        let before = throttled().await;
+        let mut c = Client::tcp_from(relay.tcp(), from).await;
+        c.hello().await;
+        for i in 0..20 {
+            c.send(&frame(what, i)).await;
+        }
+        c.send(&Frame::Ping(Ping { nonce: 99 })).await;
+        match c.recv().await {
+            Frame::Pong(p) => assert_eq!(p.nonce, 99),
+            other => panic!("{what} flood: expected Pong, got {other:?}"),
+        }
+        assert!(
+            throttled().await > before,
+            "20 {what}s and a Ping over an ack burst of 10 never paused the reader"
+        );
+    }
+}
+
 /// The relay-wide unacked budget of the flood tests below.
 const FLOOD_BUDGET: usize = 4 << 20;
 /// Each flood message's size, about (each one a byte longer than the one before).
