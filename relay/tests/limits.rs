@@ -309,6 +309,69 @@ async fn a_replaying_sub_costs_replay_cost_tokens_of_the_sub_rate() {
     );
 }
 
+/// `Unsub` is charged to the sub buckets like `Sub`, and a durable `Sub` costs `replay_cost`
+/// tokens like a replaying one (README: "`Sub`/`Unsub` slowed the same way; a `Sub` with
+/// replay or a durable name costs `replay_cost` tokens"). Counted, not timed: a burst of
+/// 5 tokens, so 10 `Unsub`s (each answered `unknown_subscription`) pause their reader, and
+/// so does one durable `Sub` at a cost of 10; uncharged, neither would pause anything.
+/// Each on an address of its own (the per-address sub bucket is not the one tested).
+#[tokio::test]
+async fn unsubs_and_durable_subs_are_charged_to_the_sub_rate() {
+    use whispeer_protocol::frame::{features, Sub, Unsub};
+    let mut config = Config::ephemeral();
+    config.limits.sub_rate = 20;
+    config.limits.sub_burst = 5;
+    config.limits.replay_cost = 10;
+    let relay = TestRelay::start(config).await;
+    let (addr, admin) = (relay.tcp(), relay.addrs.admin.expect("admin"));
+    let throttled = || metric(admin, "whispeer_relay_throttled_total");
+    assert_eq!(throttled().await, 0);
+
+    let mut c = Client::tcp_from(addr, "127.0.0.2").await;
+    c.hello().await;
+    for sub_id in 0..10u64 {
+        c.send(&Frame::Unsub(Unsub {
+            sub_id,
+            delete: None,
+        }))
+        .await;
+    }
+    for sub_id in 0..10u64 {
+        let e = c.expect_err().await;
+        assert_eq!(
+            (e.code, e.fatal, e.sub_id),
+            (ErrorCode::UnknownSubscription, false, Some(sub_id)),
+            "{e:?}"
+        );
+    }
+    let after_unsubs = throttled().await;
+    assert!(
+        after_unsubs >= 1,
+        "10 Unsubs over a burst of 5 never paused"
+    );
+
+    let mut c = Client::tcp_from(addr, "127.0.0.3").await;
+    c.hello_with(features::AT_LEAST_ONCE | features::DURABLE)
+        .await;
+    let mut sub = Sub::live(1, exact(1, &[1]));
+    sub.qos = Qos::AtLeastOnce;
+    sub.durable = Some("d".into());
+    c.send(&Frame::Sub(sub)).await;
+    match c.recv().await {
+        Frame::SubOk(ok) => assert_eq!(ok.sub_id, 1),
+        other => panic!("expected SubOk, got {other:?}"),
+    }
+    // The pause begins after the frame that went into debt: counted once its answer left.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while throttled().await == after_unsubs {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a durable Sub costing 10 tokens over a burst of 5 never paused"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Connection churn from one address is slowed, not refused: over `addr_connect_rate` a new
 /// connection waits for the address's bucket before its handshake (every one still gets its
 /// `Welcome`), hanging up and reconnecting does not reset the bucket, and another address
