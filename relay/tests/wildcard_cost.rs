@@ -130,3 +130,40 @@ async fn an_expensive_walk_is_charged_to_its_publisher_and_honest_deliveries_go_
     drop((attackers, honest, honest_pub, expensive));
     relay.stop().await;
 }
+
+/// The walk is charged to the publisher's address too (`addr_publish_rate`), not only to
+/// its connection (README: "taken from the connection's, the address's and the account's
+/// publish buckets"), so opening connections does not buy more walks. With the
+/// per-connection rate off, two connections of one address publish once each on P: the
+/// first takes 647 of the address's 1,000 tokens and nothing pauses; the second, on a
+/// connection of its own, takes the address into debt and its reads pause. Charged to the
+/// connection only, nothing would ever pause here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expensive_walk_is_charged_to_its_publishers_address() {
+    let mut config = Config::ephemeral();
+    config.limits.publish_rate = 0;
+    config.limits.addr_publish_rate = 1;
+    config.limits.addr_publish_burst = 1000;
+    config.runtime.light_busy_percent = 0;
+    let relay = TestRelay::start(config).await;
+    let attackers = construction(&relay).await;
+    let path: Vec<u8> = (0..32).collect();
+    let before = metric(&relay, "whispeer_relay_walk_tokens_total");
+
+    let mut first = greeted(&relay, "127.0.0.3").await;
+    first.publish(envelope(K, &path)).await;
+    metric_reaches(&relay, "whispeer_relay_walk_tokens_total", before + 646).await;
+    assert_eq!(
+        metric(&relay, "whispeer_relay_throttled_total"),
+        0,
+        "the address's burst held the first walk"
+    );
+
+    let mut second = greeted(&relay, "127.0.0.3").await;
+    second.publish(envelope(K, &path)).await;
+    metric_reaches(&relay, "whispeer_relay_walk_tokens_total", before + 2 * 646).await;
+    metric_reaches(&relay, "whispeer_relay_throttled_total", 1).await;
+
+    drop((attackers, first, second));
+    relay.stop().await;
+}
