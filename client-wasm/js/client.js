@@ -623,6 +623,7 @@ export class Client {
   #maxFrame; // the largest frame taken from a relay (a WebSocket message)
   #tls = null; // `ws` options for wss:// dials (the `tls` option, Node.js only)
   #sendLimit; // unsent bytes past which a relay that does not read is hung up on
+  #stall = null; // the current socket's unsent bytes, watched: { ws, seen, since, timer } (#watchSend)
   #eng;
   #ws = null; // the current socket
   #sockets = new Map(); // engine connection id -> WebSocket
@@ -1280,15 +1281,66 @@ export class Client {
   #write(frame) {
     const ws = this.#ws;
     if (!ws) return;
+    this.#watchSend(ws); // bytes the socket took since the last look, before this frame's
     try {
       ws.send(frame);
     } catch {} // the socket is going away: its close event reports it
     if (ws.bufferedAmount > this.#sendLimit)
       this.#drop(ws, `the relay is not reading: ${ws.bufferedAmount} bytes unsent (limit ${this.#sendLimit})`);
+    else this.#watchSend(ws);
+  }
+
+  /**
+   * Watches socket `ws`'s unsent bytes (`bufferedAmount`, in browsers too). A relay that
+   * stops reading, yet sends a frame now and then (a Ping resets the heartbeat), would
+   * hold the connection for good under the send limit: publishes waiting over
+   * `sendHighWaterMark`, QoS ≥ 1 publishes and flushes never settling, no failover. So
+   * unsent bytes that do not shrink for `connectTimeoutMs` end the connection, as the
+   * Rust client's stalled writes do, and the engine reconnects (or fails over).
+   */
+  #watchSend(ws) {
+    const n = ws.bufferedAmount;
+    const w = this.#stall;
+    if (w?.ws === ws) {
+      // Taken since the last look (or the buffer was empty then): the clock starts again.
+      if (n < w.seen || w.seen === 0) w.since = mono();
+      w.seen = n;
+      return;
+    }
+    if (n === 0) return;
+    if (w) clearTimeout(w.timer);
+    const limit = this.#opts.connectTimeoutMs;
+    const watch = (this.#stall = { ws, seen: n, since: mono(), timer: null });
+    // Looked at four times per limit (a stall is seen within 1¼ limits), and only while
+    // bytes stay unsent: nearly every frame is taken by the socket at once.
+    const check = () => {
+      watch.timer = null;
+      if (this.#stall !== watch) return;
+      this.#watchSend(ws);
+      if (this.#ws !== ws || watch.seen === 0 || this.#state === 'closed') {
+        this.#stall = null;
+        return;
+      }
+      if (mono() - watch.since < limit) {
+        watch.timer = setTimeout(check, limit / 4);
+        return;
+      }
+      this.#drop(ws, `the relay is not reading: ${watch.seen} bytes unsent, none taken for ${limit} ms (connectTimeoutMs)`);
+      this.#pump();
+    };
+    watch.timer = setTimeout(check, limit / 4);
+  }
+
+  /** Stops watching socket `ws` (any socket, `ws` not given). */
+  #unwatch(ws) {
+    if (!this.#stall || (ws && this.#stall.ws !== ws)) return;
+    clearTimeout(this.#stall.timer);
+    this.#stall = null;
   }
 
   /** Hangs up on socket `ws` for `why` (the engine hears it now, and dials again). */
   #drop(ws, why) {
+    this.#unwatch(ws);
     for (const [id, s] of this.#sockets) {
       if (s !== ws) continue;
       this.#eng.handleDisconnected(id, why, mono(), Date.now());
@@ -1311,7 +1363,11 @@ export class Client {
       // 1009); elsewhere the size is checked before the frame is copied into wasm memory.
       // `tls` (pins, extra roots) applies to wss:// only, as the Rust client's TlsPin/TlsRoot.
       const tls = this.#tls && /^wss:/i.test(url) ? this.#tls : undefined;
-      ws = wsOptions ? new WebSocketImpl(url, { maxPayload: this.#maxFrame, ...tls }) : new WebSocketImpl(url);
+      // `closeTimeout`: a hang-up waits at most connectTimeoutMs for the relay's answer to
+      // its Close (`ws` waits 30 s by default: a relay that stops reading kept Node alive).
+      ws = wsOptions
+        ? new WebSocketImpl(url, { maxPayload: this.#maxFrame, closeTimeout: this.#opts.connectTimeoutMs, ...tls })
+        : new WebSocketImpl(url);
     } catch (e) {
       this.#eng.handleDisconnected(id, `cannot open ${url}: ${e.message}`, mono(), Date.now());
       this.#again = true;
@@ -1478,6 +1534,7 @@ export class Client {
 
   #finish() {
     clearTimeout(this.#timer);
+    this.#unwatch();
     clearTimeout(this.#waitingTimer);
     // Acks still waiting for the store go with the socket: the relay delivers their
     // messages again, and the saved window (once committed) refuses them as duplicates.
@@ -1877,7 +1934,23 @@ export class Client {
     const closed = this.#sockets.size ? new Promise((r) => this.#closeWaiters.push(r)) : undefined;
     this.#eng.close(mono(), Date.now());
     this.#pump();
-    await closed;
+    // The close handshake too is waited for at most connectTimeoutMs: a relay that does not
+    // read never answers the Close. Sockets still open are then cut (`ws`: terminate(); a
+    // browser's WebSocket finishes closing on its own).
+    if (closed) {
+      let cut;
+      await Promise.race([
+        closed,
+        new Promise((r) => {
+          cut = setTimeout(r, this.#opts.connectTimeoutMs);
+        }),
+      ]);
+      clearTimeout(cut);
+      for (const ws of this.#sockets.values())
+        try {
+          if (typeof ws.terminate === 'function') ws.terminate();
+        } catch {}
+    }
     // The sockets are gone; the client's end (and its store's close) may still wait for a
     // state write in flight (an IndexedDB transaction).
     await this.#ended;

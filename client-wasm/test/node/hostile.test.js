@@ -4,6 +4,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { WebSocketServer, WebSocket } from 'ws';
 import { startRelay } from '../shared/relay.js';
 import { Client, Identity, TreeKey, decodeValue, encodeValue } from '../../js/index.node.js';
@@ -104,6 +105,88 @@ test('a relay that stops reading while it makes the client answer is hung up on'
   } finally {
     stop = true;
     await c.close();
+    await fake.close();
+  }
+});
+
+/**
+ * A relay that stops reading once the client's first frame after Welcome came and sends
+ * a Ping every 500 ms (so the client's heartbeat never runs out), never a Pong.
+ */
+const pausedRelay = () => {
+  const timers = [];
+  return hostileRelay((client) => {
+    client.pause(); // the socket is read no more: the kernel buffers fill, then the client's
+    let n = 0;
+    timers.push(setInterval(() => client.readyState === WebSocket.OPEN && client.send(ping(n++)), 500));
+  }).then((fake) => ({
+    ...fake,
+    close: () => {
+      for (const t of timers) clearInterval(t);
+      return fake.close();
+    },
+  }));
+};
+
+/** `p`, or a rejection naming `what` after `ms` (so a test fails rather than hangs). */
+function within(p, ms, what) {
+  let timer;
+  return Promise.race([
+    p,
+    new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${what}: not within ${ms} ms`)), ms);
+    }),
+  ]).finally(() => clearTimeout(timer));
+}
+
+// Review finding (A): a relay that stops reading after Welcome but sends a Ping now and then
+// kept the client for good: under the send limit nothing ended the connection, publishes
+// waited over sendHighWaterMark, a QoS 1 publish never settled, and with several relay URLs
+// the client never failed over.
+test('a relay that stops reading but keeps the heartbeat alive is left for the next relay', { timeout: 300_000 }, async () => {
+  const fake = await pausedRelay();
+  const c = await Client.connect([fake.url, relay.url], {
+    identity: Identity.generate(),
+    keys: TreeKey.generate('stalled'),
+    compression: 'none',
+    connectTimeoutMs: 2000,
+    reconnect: { initialDelayMs: 60_000, maxDelayMs: 60_000 },
+  });
+  try {
+    assert.equal(c.url, fake.url);
+    const gone = dropped(c);
+    // 64 MiB of random (incompressible) chunks, more than the kernel's socket buffers can
+    // take (some 5 MiB here; 36 MiB at most with Linux's default limits): the socket's send
+    // buffer then stays over the high-water mark, and the rest wait in publish order.
+    const chunk = randomBytes(256 * 1024);
+    for (let i = 0; i < 256; i++) c.publishBytes('big/x', chunk).catch(() => {});
+    const seq = c.publish('after/x', 'kept', { qos: 1 });
+    seq.catch(() => {});
+    const reason = await within(gone, 120_000, 'the drop');
+    assert.match(reason, /the relay is not reading: \d+ bytes unsent, none taken for 2000 ms \(connectTimeoutMs\)/);
+    assert.ok((await within(seq, 120_000, 'the QoS 1 publish')) > 0, 'the next relay stored it');
+    assert.equal(c.url, relay.url);
+    assert.equal(c.state, 'connected');
+  } finally {
+    await within(c.close(), 120_000, 'close()');
+    await fake.close();
+  }
+});
+
+test('close() waits at most connectTimeoutMs for a relay that reads nothing to answer its Close', { timeout: 120_000 }, async () => {
+  const fake = await pausedRelay();
+  const c = await connectTo(fake, 'close', { connectTimeoutMs: 1000 });
+  // Its first frame after Welcome stops the relay reading: the flush's Ping.
+  c.flush().catch(() => {});
+  const start = performance.now();
+  try {
+    // The flush waits up to connectTimeoutMs, the Close as long: `ws` alone waited 30 s for
+    // the close handshake, keeping Node alive.
+    await within(c.close(), 60_000, 'close()');
+    const ms = performance.now() - start;
+    assert.ok(ms < 20_000, `close() took ${Math.round(ms)} ms (ws's own close timeout is 30 s)`);
+    assert.equal(c.state, 'closed');
+  } finally {
     await fake.close();
   }
 });
