@@ -917,6 +917,85 @@ mod tests {
         }
     }
 
+    /// A cached root is keyed by every value the signature covers plus the signer and the
+    /// signature (§4.14): with the batch verified (root cache and batch nodes warm), a proof
+    /// that changes only the signer, one signature bit, the count (to one of the same shape,
+    /// so the same root), the tree or the epoch is refused exactly as a cold verification
+    /// refuses it — never accepted on the strength of the cached root.
+    #[test]
+    fn a_cached_root_verifies_for_no_other_sender_signature_count_tree_or_epoch() {
+        let (inputs, proofs) = signed_batch(5);
+        let p = &proofs[0];
+        let input = &inputs[0];
+        // Index 0 of 5 and of 8 take the same sides at each of 3 levels: one root.
+        assert_eq!(path_len(0, 8), path_len(0, 5));
+        let root = p.root(input).unwrap();
+        let mut other_sender = p.clone();
+        other_sender.sender = Identity::generate_with(&mut rand_core::OsRng)
+            .signing_key()
+            .verifying_key();
+        let mut other_sig = p.clone();
+        let mut sig = p.sig.to_bytes();
+        sig[40] ^= 1;
+        other_sig.sig = Signature::from_bytes(&sig);
+        let mut other_count = p.clone();
+        other_count.count = 8;
+        assert_eq!(other_count.root(input), Ok(root), "same root, other count");
+        let other_tree = TreeId([8; 16]);
+        let damaged: [(&str, &BatchProof, &TreeId, u64); 5] = [
+            ("sender", &other_sender, &TREE, 1),
+            ("signature", &other_sig, &TREE, 1),
+            ("count", &other_count, &TREE, 1),
+            ("tree", p, &other_tree, 1),
+            ("epoch", p, &TREE, 2),
+        ];
+        for (what, q, tree, epoch) in damaged {
+            let mut roots = VerifiedRoots::new(16);
+            let mut nodes = BatchNodes::default();
+            // The honest proof, cold then warm: the root and the batch's nodes are held.
+            assert!(cold(p, input));
+            assert!(warm(p, input, &mut roots, &mut nodes));
+            assert!(warm(p, input, &mut roots, &mut nodes));
+            assert_eq!((roots.len(), roots.hits(), nodes.len()), (1, 1, 1));
+            assert!(
+                q.verify_in(tree, epoch, input, RootCache::None, None)
+                    .is_err(),
+                "{what}: cold"
+            );
+            assert!(
+                q.verify_in(tree, epoch, input, RootCache::Own(&mut roots), None)
+                    .is_err(),
+                "{what}: root cache"
+            );
+            assert!(
+                q.verify_in(tree, epoch, input, RootCache::None, Some(&mut nodes))
+                    .is_err(),
+                "{what}: batch nodes"
+            );
+            assert!(
+                q.verify_in(
+                    tree,
+                    epoch,
+                    input,
+                    RootCache::Own(&mut roots),
+                    Some(&mut nodes)
+                )
+                .is_err(),
+                "{what}: both"
+            );
+            let shared = SharedRoots::new(16);
+            assert!(p
+                .verify_in(&TREE, 1, input, RootCache::Shared(&shared), None)
+                .is_ok());
+            assert!(
+                q.verify_in(tree, epoch, input, RootCache::Shared(&shared), None)
+                    .is_err(),
+                "{what}: shared root cache"
+            );
+            assert_eq!(roots.hits(), 1, "{what}: no hit for the damaged proof");
+        }
+    }
+
     proptest::proptest! {
         /// A warm opener (its batch's nodes recorded) accepts exactly what a cold one does,
         /// for proofs damaged in any one field: the input, salt, index, count, a path hash,
