@@ -2114,5 +2114,22 @@ mod tests {
         let mut b = BatchSigner::new(BatchPolicy::default());
         b.push(&prepared[0], 0, &mut rng).unwrap();
         assert_eq!(b.push(&other, 0, &mut rng), Err(SealError::BatchTreeEpoch));
+        // So is another tree in the same epoch (0): the pair, not the epoch alone.
+        let tk2 = TreeKey::generate_with("other", &mut rng).unwrap();
+        assert_eq!((tk2.epoch(), tk.epoch()), (0, 0));
+        let mut kr2 = Keyring::new();
+        kr2.add_tree_key_at(&tk2, 0).unwrap();
+        let other_tree = sealer
+            .prepare(
+                &kr2.topic_key(&Topic::new("a").unwrap()).unwrap(),
+                &msg(b"x"),
+                &SealOptions::default(),
+            )
+            .unwrap();
+        assert_eq!(
+            b.push(&other_tree, 0, &mut rng),
+            Err(SealError::BatchTreeEpoch)
+        );
+        assert_eq!((b.len(), b.tree_epoch()), (1, Some((tk.tree_id(), 0))));
     }
 }
