@@ -1559,6 +1559,51 @@ mod tests {
         );
     }
 
+    /// `Derived` (verified, seals) comes only from a verified held grant: a grant Mallory
+    /// narrows from her own forged, delegated grant is as unverified as the forgery, in
+    /// either order of arrival — a delegated broader grant confirms nothing under it.
+    #[test]
+    fn a_narrowing_of_a_delegated_grant_stays_delegated_in_either_order() {
+        let mut r = rng(34);
+        let tk = TreeKey::generate_with("team", &mut r).unwrap();
+        let mallory = Identity::generate_with(&mut r);
+        let team = tk.grant(&Scope::Subtree(t("team")));
+        // Mallory's team/a/# with a key she chose, and team/a/b narrowed from it (so its key
+        // derives from the forgery's).
+        let forged = forge_narrowed(
+            &team,
+            Scope::Subtree(t("team")),
+            Scope::Subtree(t("team/a")),
+            [0x66; 32],
+            &mallory,
+        );
+        let narrowed = forged.narrow(&t("team/a/b"), true, &mallory).unwrap();
+        let delegated = Some(Provenance::Delegated {
+            by: mallory.sender_id(),
+        });
+        for order in [[&forged, &narrowed], [&narrowed, &forged]] {
+            let mut victim = Keyring::new();
+            for (at, g) in order.into_iter().enumerate() {
+                let added = victim.add_grant_report_at(g.clone(), at as u64).unwrap();
+                assert_eq!(added.provenance, delegated, "{}", g.scope());
+                assert!(added.dropped.is_empty());
+            }
+            assert!(
+                victim.held_grants().all(|(_, p)| !p.is_verified()),
+                "every grant held stays delegated"
+            );
+            for topic in ["team/a/b", "team/a/c"] {
+                assert!(
+                    matches!(
+                        victim.topic_key(&t(topic)),
+                        Err(KeyError::NotSealable { .. })
+                    ),
+                    "{topic} seals under Mallory's key without an opt-in"
+                );
+            }
+        }
+    }
+
     #[test]
     fn delegated_grants_open_but_seal_only_after_opt_in() {
         let mut r = rng(33);
