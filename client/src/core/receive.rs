@@ -2153,6 +2153,42 @@ mod tests {
         );
     }
 
+    /// A topic's high-water mark is per tree (§4.11: retained ordering is per subscription,
+    /// and a subscription is bound to one tree): a newer message on the same topic name in
+    /// another tree — whose admin anyone holding both may be — neither refuses this tree's
+    /// next retained value nor lets an older one of it through.
+    #[test]
+    fn a_retained_mark_is_per_tree() {
+        let r = msg_flags::RETAINED;
+        let mode = Topic::new("cfg/mode").unwrap();
+        let in_tree = |tree: u8, id: u8, ts: u64, flags: u64| {
+            let mut c = cand(&mode, id, ts, flags);
+            c.tree = TreeId([tree; 16]);
+            c
+        };
+        let mut g = Guard::new(ReceiveConfig::default());
+        let a = g.check(&in_tree(1, 1, NOW - 2000, 0), NOW).unwrap();
+        g.commit(a);
+        // Another tree's message on the same name, newer than anything of tree 1.
+        let a = g.check(&in_tree(2, 2, NOW, 0), NOW).unwrap();
+        g.commit(a);
+        assert_eq!(g.marks_len(), 2, "one mark per (tree, topic)");
+        assert_eq!(
+            g.check(&in_tree(1, 4, NOW - 3000, r), NOW),
+            Err(Refusal::RetainedRollback),
+            "older than tree 1's own mark"
+        );
+        let a = g
+            .check(&in_tree(1, 3, NOW - 1000, r), NOW)
+            .expect("newer than tree 1's mark: not held to tree 2's");
+        g.commit(a);
+        assert_eq!(
+            g.check(&in_tree(2, 5, NOW - 500, r), NOW),
+            Err(Refusal::RetainedRollback),
+            "and tree 2's mark is its own"
+        );
+    }
+
     #[test]
     fn a_restored_entry_keeps_its_latest_expiry() {
         let t = Topic::new("a").unwrap();
