@@ -2189,6 +2189,23 @@ mod tests {
         );
     }
 
+    /// Two messages of one millisecond are ordered by id (the total order of the rollback
+    /// check): once the larger id was accepted, a retained value of the same date with a
+    /// smaller id is a rollback, and one with a still larger id is new.
+    #[test]
+    fn a_retained_value_of_the_marks_millisecond_is_ordered_by_id() {
+        let r = msg_flags::RETAINED;
+        let t = Topic::new("cfg/mode").unwrap();
+        let mut g = Guard::new(ReceiveConfig::default());
+        let a = g.check(&cand(&t, 5, NOW, 0), NOW).unwrap();
+        g.commit(a);
+        assert_eq!(
+            g.check(&cand(&t, 4, NOW, r), NOW),
+            Err(Refusal::RetainedRollback)
+        );
+        assert!(g.check(&cand(&t, 6, NOW, r), NOW).is_ok());
+    }
+
     #[test]
     fn a_restored_entry_keeps_its_latest_expiry() {
         let t = Topic::new("a").unwrap();
