@@ -1409,6 +1409,44 @@ fn trust_vectors(dir: &Path, tk: &TreeKey, env: &Envelope, bv: &Value) {
         json!({"held": [{"scope": "sensor/#", "provenance": "admin-signed"}]}),
         None,
     );
+    // A narrowing of a forged (delegated) subtree grant is as unverified as the forgery,
+    // whichever arrives first: `derived` comes from a verified held grant only.
+    let forged_kitchen = RawGrant {
+        scope: (1, "sensor/kitchen"),
+        key: [0x66; 32],
+        narrowed: Some(((1, "sensor"), alice_seed)),
+        ..honest_ref(&honest)
+    };
+    let kitchen_temp = Grant::from_key_string(&forged_kitchen.key_string())
+        .unwrap()
+        .narrow(&t("sensor/kitchen/temp"), true, &alice())
+        .unwrap();
+    let both_delegated = json!({"held": [
+        {"scope": "sensor/kitchen/#", "provenance": format!("delegated by {}", alice().sender_id())},
+        {"scope": "sensor/kitchen/temp", "provenance": format!("delegated by {}", alice().sender_id())},
+    ]});
+    keyring_vector(
+        dir,
+        "ok_keyring_narrowing_of_delegated_stays_delegated",
+        "alice's forged sensor/kitchen/# (a key she chose), then her narrowing of it to sensor/kitchen/temp: both delegated by her, neither derived",
+        vec![
+            step("grant", &forged_kitchen.key_string(), 0),
+            step("grant", &kitchen_temp.to_key_string(), 1),
+        ],
+        both_delegated.clone(),
+        None,
+    );
+    keyring_vector(
+        dir,
+        "ok_keyring_delegated_broader_confirms_nothing",
+        "alice's narrowing to sensor/kitchen/temp, then her forged sensor/kitchen/# it derives from: a delegated grant confirms nothing, both stay delegated by her",
+        vec![
+            step("grant", &kitchen_temp.to_key_string(), 0),
+            step("grant", &forged_kitchen.key_string(), 1),
+        ],
+        both_delegated,
+        None,
+    );
     // A second tree copying R and N.
     let copy_same_id = RawGrant {
         admin_seed: [0x35; 32],
