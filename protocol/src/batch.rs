@@ -993,6 +993,9 @@ mod tests {
                 "{what}: shared root cache"
             );
             assert_eq!(roots.hits(), 1, "{what}: no hit for the damaged proof");
+            // Only verified roots are inserted: a refused proof leaves nothing to hit later.
+            assert_eq!(roots.len(), 1, "{what}: a refused root was cached");
+            assert_eq!(shared.lock().len(), 1, "{what}: a refused root was shared");
         }
     }
 
