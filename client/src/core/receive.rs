@@ -1679,6 +1679,22 @@ mod tests {
         assert_ne!(digest(&(TreeId([3; 16]), [4; 32], [6; 16])), digest(&key));
     }
 
+    /// The retained mark's key is saved in client state (PROTOCOL §4.11): pinned to
+    /// BLAKE3-derive_key("whispeer client retained high-water mark", tree_id ‖ topic) as
+    /// the plain API computes it (the code uses a precomputed context key), so a change to
+    /// its derivation cannot silently orphan every saved mark.
+    #[test]
+    fn the_retained_key_is_derive_key_of_tree_and_topic() {
+        let t = Topic::new("a/b").unwrap();
+        let mut h = blake3::Hasher::new_derive_key("whispeer client retained high-water mark");
+        h.update(&[3; 16]).update(b"a/b");
+        assert_eq!(retained_key(&TreeId([3; 16]), &t), *h.finalize().as_bytes());
+        assert_ne!(
+            retained_key(&TreeId([4; 16]), &t),
+            retained_key(&TreeId([3; 16]), &t)
+        );
+    }
+
     const NOW: u64 = 1_800_000_000_000;
 
     /// What an open job computes on its worker is what the checks would compute.
