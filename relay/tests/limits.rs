@@ -372,6 +372,187 @@ async fn unsubs_and_durable_subs_are_charged_to_the_sub_rate() {
     }
 }
 
+/// A relay with auth required and one token account (its token returned), every
+/// per-connection and per-address rate off: only the account's buckets, which `set` sets,
+/// can pause a reader.
+async fn one_account_relay(
+    tag: &str,
+    set: impl FnOnce(&mut whispeer_relay::config::Limits),
+) -> (TestRelay, String) {
+    let dir = temp_dir(tag);
+    let file = dir.join("accounts.toml");
+    let out = account_add(&file, "alice", &["--token"]);
+    let token = out.trim().lines().last().unwrap().to_string();
+    let mut config = Config::ephemeral();
+    config.auth.mode = whispeer_relay::config::AuthMode::Required;
+    config.auth.accounts = Some(file);
+    let l = &mut config.limits;
+    (l.publish_rate, l.sub_rate, l.ack_rate) = (0, 0, 0);
+    (l.addr_publish_rate, l.addr_sub_rate, l.addr_ack_rate) = (0, 0, 0);
+    set(l);
+    (TestRelay::start(config).await, token)
+}
+
+/// A connection from `from` logged in with `token`, offering `features`.
+async fn token_client_from(
+    relay: std::net::SocketAddr,
+    from: &str,
+    token: &str,
+    features: u64,
+) -> Client {
+    let mut c = Client::tcp_from(relay, from).await;
+    c.send(&Frame::Hello(Hello {
+        versions: vec![whispeer_protocol::frame::PROTOCOL_VERSION],
+        features,
+        client: None,
+        auth: Some(bytes::Bytes::from(token.to_owned())),
+        account: None,
+    }))
+    .await;
+    match c.recv().await {
+        Frame::Welcome(_) => c,
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+/// Sends `frames` then a `Ping`, and reads up to its `Pong` (non-fatal `Err`s and `SubOk`s
+/// in between are the frames' answers): every frame was read and handled by then.
+async fn frames_then_pong(c: &mut Client, frames: &[Frame]) {
+    for f in frames {
+        c.send(f).await;
+    }
+    c.send(&Frame::Ping(Ping { nonce: 77 })).await;
+    loop {
+        match c.recv().await {
+            Frame::Pong(p) if p.nonce == 77 => return,
+            Frame::Err(e) if !e.fatal => continue,
+            Frame::SubOk(_) => continue,
+            other => panic!("expected answers and the Pong, got {other:?}"),
+        }
+    }
+}
+
+/// One account on two addresses (127.0.0.2, then 127.0.0.3) sends `frames(0)` then
+/// `frames(1)`, each followed by a `Ping`: the first half fits in the account's burst and
+/// pauses nothing; the second takes the account into debt and its reader pauses
+/// (`whispeer_relay_throttled_total`, counted not timed). Only the account's buckets are
+/// on, so a frame kind not charged to them pauses nothing at all.
+async fn account_buckets_pause(
+    tag: &str,
+    what: &str,
+    features: u64,
+    set: impl FnOnce(&mut whispeer_relay::config::Limits),
+    frames: impl Fn(usize) -> Vec<Frame>,
+) {
+    let (relay, token) = one_account_relay(tag, set).await;
+    let admin = relay.addrs.admin.expect("admin");
+    let throttled = || metric(admin, "whispeer_relay_throttled_total");
+    let mut first = token_client_from(relay.tcp(), "127.0.0.2", &token, features).await;
+    let mut second = token_client_from(relay.tcp(), "127.0.0.3", &token, features).await;
+    let before = throttled().await;
+    frames_then_pong(&mut first, &frames(0)).await;
+    assert_eq!(
+        throttled().await,
+        before,
+        "{what}: the first connection's half fits in the account's burst"
+    );
+    frames_then_pong(&mut second, &frames(1)).await;
+    // The pause begins after the frame that went into debt: counted once its answer left.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while throttled().await == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: the account's two connections together went over its burst and never \
+             paused: not charged to the account's bucket"
+        );
+        tokio::task::yield_now().await;
+    }
+    drop((first, second));
+    relay.stop().await;
+}
+
+/// `Pong`s and a client's non-fatal `Err`s are charged to the account's ack bucket, shared
+/// by its connections on any address (README, `limits.ack_rate`: "charged to the same
+/// buckets (connection, address, account)"). Burst 20: 14 `Pong`s and a `Ping` from one
+/// address (15 tokens), 14 `Err`s and a `Ping` from another (15 more) take it into debt;
+/// with either kind uncharged the account spends 16 and nothing pauses.
+#[tokio::test]
+async fn pongs_and_errs_are_charged_to_the_accounts_ack_bucket() {
+    use whispeer_protocol::frame::{ErrFrame, Pong};
+    let frames = |half: usize| -> Vec<Frame> {
+        (0..14u64)
+            .map(|i| match half {
+                0 => Frame::Pong(Pong { nonce: i }),
+                _ => Frame::Err(ErrFrame {
+                    code: ErrorCode::Other(0),
+                    message: "not fatal".into(),
+                    fatal: false,
+                    sub_id: None,
+                    publish_id: None,
+                }),
+            })
+            .collect()
+    };
+    account_buckets_pause(
+        "acct-pong-err",
+        "Pongs then Errs",
+        0,
+        |l| (l.account_ack_rate, l.account_ack_burst) = (4, 20),
+        frames,
+    )
+    .await;
+}
+
+/// `Unsub` is charged to the account's sub bucket (README: `Sub`/`Unsub` slowed the same
+/// way; the account buckets are "shared by all connections of one account, from any
+/// address"). Burst 20: 15 `Unsub`s from each of two addresses (each answered
+/// `unknown_subscription`) take it into debt; uncharged, nothing pauses.
+#[tokio::test]
+async fn unsubs_are_charged_to_the_accounts_sub_bucket() {
+    use whispeer_protocol::frame::Unsub;
+    account_buckets_pause(
+        "acct-unsub",
+        "Unsubs",
+        0,
+        |l| (l.account_sub_rate, l.account_sub_burst) = (4, 20),
+        |_| {
+            (0..15u64)
+                .map(|sub_id| {
+                    Frame::Unsub(Unsub {
+                        sub_id,
+                        delete: None,
+                    })
+                })
+                .collect()
+        },
+    )
+    .await;
+}
+
+/// A durable `Sub` costs `replay_cost` tokens of the account's sub bucket too, not one.
+/// `replay_cost` 20, burst 30: one durable `Sub` from each of two addresses (40 tokens)
+/// take it into debt; charged one token each, nothing pauses.
+#[tokio::test]
+async fn a_durable_sub_costs_replay_cost_of_the_accounts_sub_bucket() {
+    use whispeer_protocol::frame::{features, Sub};
+    account_buckets_pause(
+        "acct-durable",
+        "durable Subs",
+        features::AT_LEAST_ONCE | features::DURABLE,
+        |l| {
+            (l.account_sub_rate, l.account_sub_burst) = (4, 30);
+            l.replay_cost = 20;
+        },
+        |half| {
+            let mut sub = Sub::live(1, exact(1, &[1]));
+            sub.qos = Qos::AtLeastOnce;
+            sub.durable = Some(format!("d{half}"));
+            vec![Frame::Sub(sub)]
+        },
+    )
+    .await;
+}
+
 /// Connection churn from one address is slowed, not refused: over `addr_connect_rate` a new
 /// connection waits for the address's bucket before its handshake (every one still gets its
 /// `Welcome`), hanging up and reconnecting does not reset the bucket, and another address
