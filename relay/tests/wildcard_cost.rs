@@ -15,7 +15,7 @@ mod common;
 use common::wildcard::metric;
 use common::wildcard::*;
 use common::*;
-use whispeer_protocol::ErrorCode;
+use whispeer_protocol::{ErrorCode, Frame};
 use whispeer_relay::Config;
 
 const HONEST: u8 = 3;
@@ -166,4 +166,76 @@ async fn an_expensive_walk_is_charged_to_its_publishers_address() {
 
     drop((attackers, first, second));
     relay.stop().await;
+}
+
+/// A connection from `from` logged in with the token account `token`.
+async fn logged_in(relay: &TestRelay, from: &str, token: &str) -> Client {
+    let mut c = Client::tcp_from(relay.tcp(), from).await;
+    c.send(&Frame::Hello(whispeer_protocol::frame::Hello {
+        versions: vec![whispeer_protocol::frame::PROTOCOL_VERSION],
+        features: 0,
+        client: None,
+        auth: Some(bytes::Bytes::from(token.to_owned())),
+        account: None,
+    }))
+    .await;
+    match c.recv().await {
+        Frame::Welcome(_) => c,
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+/// The walk is charged to the publisher's account too (README: "taken from the
+/// connection's, the address's and the account's publish buckets"), so an account's
+/// connections on many addresses do not buy more walks. Auth required, the per-connection
+/// and per-address publish rates off, the account's 1/s with a burst of 1,000: another
+/// account of the group builds the construction, and the publisher's account publishes
+/// once on P from each of two addresses. The first takes 647 tokens and nothing pauses;
+/// the second takes the account into debt and its reads pause. Charged to the connection
+/// and the address only, nothing would ever pause here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expensive_walk_is_charged_to_its_publishers_account() {
+    let dir = temp_dir("walk-account");
+    let file = dir.join("accounts.toml");
+    let token = |name: &str| {
+        let out = account_add(&file, name, &["--token", "--group", "walk"]);
+        out.trim().lines().last().unwrap().to_string()
+    };
+    let (builder, publisher) = (token("builder"), token("publisher"));
+    let mut config = Config::ephemeral();
+    config.auth.mode = whispeer_relay::config::AuthMode::Required;
+    config.auth.accounts = Some(file);
+    config.limits.publish_rate = 0;
+    config.limits.addr_publish_rate = 0;
+    config.limits.account_publish_rate = 1;
+    config.limits.account_publish_burst = 1000;
+    config.runtime.light_busy_percent = 0;
+    let relay = TestRelay::start(config).await;
+    let mut attackers = [
+        logged_in(&relay, "127.0.0.1", &builder).await,
+        logged_in(&relay, "127.0.0.1", &builder).await,
+    ];
+    let half = FILTERS / 2;
+    subscribe_all(&mut attackers[0], 0..half).await;
+    subscribe_all(&mut attackers[1], half..FILTERS).await;
+    let path: Vec<u8> = (0..32).collect();
+    let before = metric(&relay, "whispeer_relay_walk_tokens_total");
+
+    let mut first = logged_in(&relay, "127.0.0.3", &publisher).await;
+    first.publish(envelope(K, &path)).await;
+    metric_reaches(&relay, "whispeer_relay_walk_tokens_total", before + 646).await;
+    assert_eq!(
+        metric(&relay, "whispeer_relay_throttled_total"),
+        0,
+        "the account's burst held the first walk"
+    );
+
+    let mut second = logged_in(&relay, "127.0.0.4", &publisher).await;
+    second.publish(envelope(K, &path)).await;
+    metric_reaches(&relay, "whispeer_relay_walk_tokens_total", before + 2 * 646).await;
+    metric_reaches(&relay, "whispeer_relay_throttled_total", 1).await;
+
+    drop((attackers, first, second));
+    relay.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
