@@ -1534,7 +1534,7 @@ mod tests {
         };
         let held: Vec<_> = ["192.0.2.2", "192.0.2.1", "192.0.2.3", "192.0.2.4"]
             .into_iter()
-            .map(|ip| conn(ip))
+            .map(conn)
             .collect();
         let taken: Vec<usize> = held
             .iter()
