@@ -1242,3 +1242,99 @@ async fn relay_errors_are_logged_escaped_and_at_most_ten_a_minute_at_warn() {
     assert!(lines.iter().all(|l| l.contains("rate_limited")), "{text}");
     drop(c);
 }
+
+/// Review of the CLI: the reason a relay gives for ending a confirmed subscription (its
+/// `Err` text) was logged at warn — the CLI's default level — as a `%` field, which the
+/// log formatter writes as it is: a hostile relay's ESC/OSC sequences (a clipboard write in
+/// some terminals), CR and bidi controls reached the terminal. It is logged printable now,
+/// as relay errors are. (This test binary's only log subscriber: it captures warn lines.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relays_reason_for_ending_a_subscription_is_logged_printable() {
+    #[derive(Clone, Default)]
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = Capture::default();
+    let writer = log.clone();
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || writer.clone())
+            .finish(),
+    )
+    .expect("the only log subscriber of this test binary");
+    let hostile = "\u{1b}]52;c;cHduZWQ=\u{7}\u{1b}[2K\r[INFO] fake\u{202e}line\u{2028}";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = tree("ended");
+    // A durable subscription confirmed, the connection dropped, and its resume refused
+    // for good with the hostile text.
+    let relay = tokio::spawn(async move {
+        let mut conn = FakeConn::accept(&listener).await;
+        let sub_id = match conn.next().await.expect("sub") {
+            Frame::Sub(s) => s.sub_id,
+            other => panic!("expected Sub, got {}", other.name()),
+        };
+        let ok = SubOk {
+            sub_id,
+            seq: 0,
+            history: None,
+        };
+        write_frame(&mut conn.s, &Frame::SubOk(ok)).await;
+        drop(conn);
+        let mut conn = FakeConn::accept(&listener).await;
+        let sub_id = match conn.next().await.expect("resume") {
+            Frame::Sub(s) => s.sub_id,
+            other => panic!("expected Sub, got {}", other.name()),
+        };
+        let end = frame::ErrFrame {
+            code: whispeer::protocol::ErrorCode::NotAllowed,
+            message: hostile.to_owned(),
+            fatal: false,
+            sub_id: Some(sub_id),
+            publish_id: None,
+        };
+        write_frame(&mut conn.s, &Frame::Err(end)).await;
+        while conn.next().await.is_some() {}
+    });
+    let c = Client::builder()
+        .with(Tcp::new(format!("tcp://{addr}")))
+        .with(Encryption::with_keyring(keyring_with(&t)))
+        .with(Reconnect::new(
+            Duration::from_millis(5),
+            Duration::from_millis(50),
+        ))
+        .connect()
+        .await
+        .unwrap();
+    let mut sub = c
+        .subscribe_with_options::<u32>(
+            "s/#",
+            SubscribeOptions::new().qos(Qos::AtLeastOnce).durable("d"),
+        )
+        .await
+        .unwrap();
+    match within("the end", sub.next_message()).await {
+        Some(Err(ReceiveError::Ended { message, .. })) => assert_eq!(message, hostile),
+        other => panic!("expected Ended, got {other:?}"),
+    }
+    c.close().await;
+    relay.abort();
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("subscription ended by the relay"))
+        .unwrap_or_else(|| panic!("logged: {text:?}"));
+    assert!(
+        !line.contains(['\u{1b}', '\u{7}', '\r', '\u{202e}', '\u{2028}']),
+        "raw: {line:?}"
+    );
+}

@@ -834,7 +834,7 @@ impl Driver {
                             None => {
                                 if let SubscribeFailure::Rejected { code, message } = error {
                                     let why = ReceiveError::Ended { code, message };
-                                    tracing::warn!(%why, "subscription ended by the relay");
+                                    tracing::warn!(why = %Printable(&why), "subscription ended by the relay");
                                     // What the stream still buffers was released (not
                                     // taken): skipped, so it is not delivered twice.
                                     s.ended.store(true, Ordering::Release);

@@ -665,7 +665,7 @@ impl Engine {
             // A QoS 0 publish's caller was answered when it was queued: its loss is counted.
             None => {
                 if let PublishFailure::Rejected { message, .. } = &reason {
-                    tracing::warn!(%message, "a QoS 0 publish was dropped");
+                    tracing::warn!(message = %crate::printable::Printable(message), "a QoS 0 publish was dropped");
                     self.stats.outbox_drops += 1;
                 }
             }
