@@ -1350,7 +1350,7 @@ pub enum Upgraded {
 /// [`KeyError::NeedsReissue`] (ask the admin to run `whispeer key derive` with the tree key,
 /// or to send an invite). A current string is returned unchanged.
 pub fn upgrade_key_string(s: &str) -> Result<Upgraded, KeyError> {
-    let lower = s.trim().to_ascii_lowercase();
+    let lower = Zeroizing::new(s.trim().to_ascii_lowercase());
     if lower.starts_with("wstree1") {
         let b = Zeroizing::new(text::decode(hrp::TREE, s)?);
         return match b.first() {
@@ -1375,13 +1375,21 @@ pub fn upgrade_key_string(s: &str) -> Result<Upgraded, KeyError> {
             }
         };
     }
-    Err(KeyError::WrongKind {
-        expected: "wstree or wskey",
-        found: lower
-            .split_once('1')
-            .map(|(h, _)| h)
-            .unwrap_or("")
-            .to_owned(),
+    // The kind is named only when what precedes the first '1' looks like a key string's
+    // type prefix (`ws` and a few letters, as all of ours): of anything else (a relay account secret `wsp_acct_sk_<hex>`, a bearer
+    // token) it is the secret itself, which the error — printed, logged — must not carry.
+    let prefix = lower.split_once('1').map(|(h, _)| h).filter(|h| {
+        h.starts_with("ws") && h.len() <= 10 && h.bytes().all(|b| b.is_ascii_lowercase())
+    });
+    Err(match prefix {
+        Some(h) => KeyError::WrongKind {
+            expected: "wstree or wskey",
+            found: h.to_owned(),
+        },
+        None => KeyError::InvalidString {
+            kind: "wstree or wskey",
+            reason: "not a key string".to_owned(),
+        },
     })
 }
 
@@ -1737,6 +1745,25 @@ mod tests {
             Grant::from_bytes(&bad).unwrap_err(),
             KeyError::BadSignature("grant (narrower)")
         );
+    }
+
+    /// Review of the CLI: `key upgrade` of a file holding another secret (a relay account
+    /// key `wsp_acct_sk_<hex>` from `auth-keygen`, a token) said what it "found": everything
+    /// before the first '1' — most of the secret, all of it without a '1'. Now only a
+    /// key string's type prefix is named.
+    #[test]
+    fn upgrading_something_else_names_its_kind_but_never_echoes_a_secret() {
+        let secret = format!("wsp_acct_sk_{}", "ab".repeat(32));
+        let e = upgrade_key_string(&secret).unwrap_err();
+        assert!(!e.to_string().contains("abab"), "{e}");
+        assert!(e.to_string().contains("not a key string"), "{e}");
+        let e = upgrade_key_string(&format!("{}1{}", "ab".repeat(8), "cd".repeat(8))).unwrap_err();
+        assert!(!e.to_string().contains("abab"), "{e}");
+        let id = text::encode(hrp::PUBLIC_ID, &[0u8; 8]);
+        assert!(matches!(
+            upgrade_key_string(&id),
+            Err(KeyError::WrongKind { found, .. }) if found == hrp::PUBLIC_ID
+        ));
     }
 
     #[test]
