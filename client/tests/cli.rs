@@ -1868,6 +1868,24 @@ fn bad_input_gets_one_line_errors_and_nonzero_exit() {
         assert!(e.contains("too long"), "{e}");
     }
 
+    // Bench numbers past what it can hold: usage errors, not a panic (capacity
+    // overflow) or an abort on allocation (review of the CLI, finding 7).
+    for (flag, value, says) in [
+        (
+            "--subs",
+            "18446744073709551615",
+            "--pubs and --subs take at most",
+        ),
+        ("--pubs", "10001", "--pubs and --subs take at most"),
+        ("--size", "1099511627776", "--size takes at most"),
+    ] {
+        let e = fails(
+            run(&["bench", "--relay", "tcp://127.0.0.1:1", flag, value]),
+            2,
+        );
+        assert!(e.contains(says), "{flag} {value}: {e}");
+    }
+
     // Relays that are not there, or not URLs.
     let e = fails(
         run(&[

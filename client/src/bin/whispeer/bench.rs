@@ -49,6 +49,12 @@ const DEFAULT_WINDOW_BYTES: u64 = 1 << 20;
 
 /// How long a full window may wait for deliveries before the missing ones count as lost.
 const STALL: Duration = Duration::from_millis(500);
+/// Most publisher or subscriber clients (one connection each; the vectors of their tasks
+/// and figures are made before anything connects: a number past memory was a panic).
+const MAX_CLIENTS: usize = 10_000;
+/// Largest `--size` (a payload is one frame: relays take at most 1 MiB by default).
+const MAX_SIZE: usize = 64 << 20;
+
 /// After the publishers finish: how long deliveries may stop before the rest counts as lost.
 const DRAIN_IDLE: Duration = Duration::from_secs(2);
 
@@ -568,8 +574,14 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     if a.pubs == 0 {
         usage!("--pubs must be at least 1");
     }
+    if a.pubs > MAX_CLIENTS || a.subs > MAX_CLIENTS {
+        usage!("--pubs and --subs take at most {MAX_CLIENTS} clients each");
+    }
     if a.size < HEADER {
         usage!("--size must be at least {HEADER} bytes (send time and run id)");
+    }
+    if a.size > MAX_SIZE {
+        usage!("--size takes at most {MAX_SIZE} bytes (a payload is one frame)");
     }
     if !a.rate.is_finite() || a.rate < 0.0 {
         usage!("--rate must be a non-negative number");
