@@ -3241,6 +3241,23 @@ fn secret_files_writable_by_others_are_refused() {
     );
     assert!(e.contains("chmod 600 '"), "{e}");
     assert!(e.contains("my key'\\''s file'"), "{e}");
+
+    // Owned by another user (mode 0600 or 0644): refused, whatever its mode — its owner can
+    // always rewrite it (review of the CLI, finding 5). Needs root to give a file away.
+    if rustix::process::geteuid().is_root() {
+        let planted = dir.path().join("planted.key");
+        std::fs::copy(&tree_file, &planted).unwrap();
+        std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+        for mode in [0o600, 0o644] {
+            chmod(&planted, mode);
+            let e = fails(
+                run(&["key", "show", "--key-file", planted.to_str().unwrap()]),
+                1,
+            );
+            assert!(e.contains("belongs to another user (uid 65534"), "{e}");
+            assert!(!e.contains("wstree1"), "{e}");
+        }
+    }
 }
 
 /// A FIFO at `path` (mode 0600) that a thread fills with `text` once, when it is opened

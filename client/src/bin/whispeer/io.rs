@@ -559,14 +559,26 @@ pub fn read_secret_bytes(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
     Ok(bytes)
 }
 
-/// Refuses a secret file group or others may write; warns when they may read it. Only
-/// regular files and FIFOs are checked: a terminal (`/dev/stdin`) is no file anyone rewrites.
+/// Refuses a secret file owned by another user, or one group or others may write; warns
+/// when they may read it. Only regular files and FIFOs are checked: a terminal
+/// (`/dev/stdin`) is no file anyone rewrites. Whoever can rewrite it chooses the keys this
+/// program trusts — and its owner always can (chmod), so a file another local user planted
+/// where `--key-file` or `WHISPEER_KEY` points (`/tmp/team.key`, mode 0600 or not) would have
+/// this program seal with their key: refused unless it is ours or root's, as ssh does.
 #[cfg(unix)]
 fn check_secret_mode(path: &Path, m: &std::fs::Metadata) -> Result<()> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
     let kind = m.file_type();
     if !(kind.is_file() || kind.is_fifo()) {
         return Ok(());
+    }
+    let (owner, me) = (m.uid(), rustix::process::geteuid().as_raw());
+    if owner != me && owner != 0 {
+        anyhow::bail!(
+            "{} holds secrets but belongs to another user (uid {owner}; this program runs as \
+             uid {me}): refusing to read it — its owner chooses the keys it holds",
+            path.display()
+        );
     }
     let mode = m.permissions().mode() & 0o777;
     if mode & 0o022 != 0 {
