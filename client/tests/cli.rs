@@ -1868,6 +1868,28 @@ fn bad_input_gets_one_line_errors_and_nonzero_exit() {
         assert!(e.contains("too long"), "{e}");
     }
 
+    // Inputs without end where a key, an invite or a dictionary is read (review of the
+    // CLI, finding 6): refused once past the bound, not read until memory runs out.
+    for args in [
+        &["key", "show", "--key-file", "/dev/zero"][..],
+        &["dict", "show", "/dev/zero"][..],
+    ] {
+        let e = fails(run(args), 1);
+        assert!(e.contains("/dev/zero is larger than"), "{args:?}: {e}");
+    }
+    let zeros = "\0".repeat(5 << 20);
+    let e = fails(run_with(&["key", "show", "-"], &zeros, &[]), 1);
+    assert!(e.contains("stdin is larger than"), "{e}");
+    let e = fails(
+        run_with(
+            &["invite", "open", "--identity", id.to_str().unwrap()],
+            &zeros,
+            &[],
+        ),
+        1,
+    );
+    assert!(e.contains("stdin is larger than"), "{e}");
+
     // Bench numbers past what it can hold: usage errors, not a panic (capacity
     // overflow) or an abort on allocation (review of the CLI, finding 7).
     for (flag, value, says) in [

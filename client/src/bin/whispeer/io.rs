@@ -14,6 +14,28 @@ use crate::usage;
 
 /// Environment variable with key strings, or the path of a key file.
 pub const ENV_KEY: &str = "WHISPEER_KEY";
+
+/// Most bytes read from a secret file (key, identity, relay account key) or from stdin
+/// keys: key strings are short, an invite (the longest) at most
+/// [`whispeer::protocol::text::MAX_INVITE_CHARS`] characters. Past it the input is no key
+/// file (`/dev/zero`, a log named by mistake) and reading it whole took memory without end.
+pub const MAX_KEY_INPUT: u64 = 4 << 20;
+
+/// Most bytes read from a dictionary file: its `wsdict1…` string (a raw dictionary is at
+/// most [`whispeer::protocol::dict::MAX_DICT_LEN`] bytes, the string under twice that).
+const MAX_DICT_INPUT: u64 = 1 << 20;
+
+/// Reads `r` whole into `out`, refusing more than `limit` bytes (`what` names it).
+pub fn read_bounded(mut r: impl Read, limit: u64, what: &str, out: &mut Vec<u8>) -> Result<()> {
+    r.by_ref()
+        .take(limit + 1)
+        .read_to_end(out)
+        .with_context(|| format!("cannot read {what}"))?;
+    if out.len() as u64 > limit {
+        anyhow::bail!("{what} is larger than {limit} bytes: it holds no key string");
+    }
+    Ok(())
+}
 /// Environment variable with an identity secret string, or the path of an identity file.
 pub const ENV_IDENTITY: &str = "WHISPEER_IDENTITY";
 
@@ -264,9 +286,9 @@ impl DictArgs {
 
 /// Reads a dictionary file: a `wsdict1…` string, or the raw dictionary bytes.
 pub fn read_dictionary(path: &Path) -> Result<Dictionary> {
-    let bytes = zeroize::Zeroizing::new(
-        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
-    );
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    let f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    read_bounded(f, MAX_DICT_INPUT, &path.display().to_string(), &mut bytes)?;
     let text = std::str::from_utf8(&bytes).ok().map(str::trim);
     if !text.is_some_and(is_dict_string) {
         // Any file of the right size is a raw dictionary, and dictionaries travel in
@@ -452,11 +474,10 @@ pub fn one_key(arg: Option<&str>, src: &KeyArgs) -> Result<AnyKey> {
 }
 
 fn read_stdin_keys() -> Result<Vec<String>> {
-    let mut s = String::new();
-    std::io::stdin()
-        .read_to_string(&mut s)
-        .context("reading stdin")?;
-    Ok(split_keys(&s))
+    let mut b = zeroize::Zeroizing::new(Vec::new());
+    read_bounded(std::io::stdin(), MAX_KEY_INPUT, "stdin", &mut b)?;
+    let s = std::str::from_utf8(&b).context("stdin is not text (UTF-8): it holds no key string")?;
+    Ok(split_keys(s))
 }
 
 /// `--identity`, falling back to `WHISPEER_IDENTITY`.
@@ -554,8 +575,12 @@ pub fn read_secret_bytes(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>> {
             .with_context(|| format!("cannot read {}", path.display()))?,
     )?;
     let mut bytes = zeroize::Zeroizing::new(Vec::new());
-    f.read_to_end(&mut bytes)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    read_bounded(
+        &mut f,
+        MAX_KEY_INPUT,
+        &path.display().to_string(),
+        &mut bytes,
+    )?;
     Ok(bytes)
 }
 

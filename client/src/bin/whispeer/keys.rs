@@ -724,10 +724,9 @@ pub fn invite(c: InviteCommand) -> Result<ExitCode> {
         } => {
             let text = match invite.as_deref() {
                 Some("-") | None => {
-                    let mut s = String::new();
-                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                        .context("reading the invite from stdin")?;
-                    s
+                    let mut b = Vec::new();
+                    io::read_bounded(std::io::stdin(), io::MAX_KEY_INPUT, "stdin", &mut b)?;
+                    String::from_utf8(b).context("the invite on stdin is not text (UTF-8)")?
                 }
                 Some(s) => s.to_owned(),
             };
