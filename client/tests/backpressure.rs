@@ -16,8 +16,8 @@ use support::*;
 use whispeer::plugin::Metrics;
 use whispeer::protocol::Qos;
 use whispeer::{
-    Client, Compression, Encryption, PublishOptions, ReceiveError, SubscribeOptions, Subscription,
-    Tcp, TreeKey,
+    Client, Compression, Encryption, PublishOptions, ReceiveError, Signing, SubscribeOptions,
+    Subscription, Tcp, TreeKey,
 };
 
 /// The publishers' high-water mark.
@@ -199,6 +199,20 @@ async fn qos1_publishers_over_a_stalled_link_stay_bounded_and_lose_nothing() {
 /// are acknowledged once the link moves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_publishes_waiting_for_their_puback_are_capped() {
+    kept_publishes_are_capped(Signing::on()).await;
+}
+
+/// The same cap for publishes sealed whole (one signature each, or unsigned): they reach
+/// the outbox by another path than batch-signed ones (which are checked when queued for
+/// their batch). Mutation review: with the sealed path's check removed, the batch-signed
+/// test above still passed and these publishes were kept without limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_publishes_sealed_whole_waiting_for_their_puback_are_capped() {
+    kept_publishes_are_capped(Signing::per_message()).await;
+    kept_publishes_are_capped(Signing::off()).await;
+}
+
+async fn kept_publishes_are_capped(signing: Signing) {
     const CAP: usize = 3 * PAYLOAD;
     let relay = TestRelay::start().await;
     let proxy = KillerProxy::start(relay.addrs.tcp.unwrap()).await;
@@ -207,6 +221,7 @@ async fn qos1_publishes_waiting_for_their_puback_are_capped() {
         .with(Tcp::new(proxy.addr.to_string()))
         .with(Encryption::with_keyring(keyring_with(&t)))
         .with(identity())
+        .with(signing)
         .with(Compression::none())
         .unacked_publish_buffer(CAP)
         .connect()
