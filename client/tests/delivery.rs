@@ -391,6 +391,17 @@ async fn the_outbox_survives_a_client_restart() {
     );
     until_stats(&second, "acknowledged", |s| s.unacked_publishes == 0).await;
     second.close().await;
+    // Both acknowledged publishes are gone from the saved outbox: had a row stayed, every
+    // later run would send it again (mutation review: with the driver's delete on `PubAck`
+    // removed, this test passed — the relay and the receiver's dedup hide the re-send).
+    let rows: i64 = rusqlite::Connection::open(&state)
+        .unwrap()
+        .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        rows, 0,
+        "acknowledged publishes are deleted from the state file"
+    );
 
     // A foreign file is refused with a clear error, never overwritten.
     let foreign = dir.path().join("foreign.db");
