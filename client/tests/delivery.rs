@@ -480,6 +480,93 @@ async fn a_publish_over_the_relays_max_frame_is_refused_not_resent_forever() {
     assert_eq!((s.reconnects, s.unacked_publishes), (0, 0), "{s:?}");
 }
 
+/// A kept (QoS 1) publish that fit the relay it was sent to, still waiting for its `PubAck`
+/// when the client moves to a relay with a smaller `max_frame`, fails there with
+/// `frame_too_large` when that relay says its limit, instead of being re-sent to it (the
+/// relay would close the connection, and the publish go again after every reconnect).
+/// Mutation review: with the check on going live removed (`Outbox::go_live`), every test
+/// passed; here the publish is then never refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_publish_over_the_next_relays_max_frame_fails_when_it_says_its_limit() {
+    let big = TestRelay::start().await;
+    let proxy = KillerProxy::start(big.addrs.tcp.unwrap()).await;
+    let small = start_relay_binary(&["--max-frame", "4096", "--store", "memory"]);
+    let t = tree("poison-kept");
+    let publisher = Client::builder()
+        .with(whispeer::Relays::new([
+            format!("tcp://{}", proxy.addr),
+            small.tcp_url(),
+        ]))
+        .with(Encryption::with_keyring(keyring_with(&t)))
+        .with(identity())
+        .with(Reconnect::new(
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        ))
+        .connect()
+        .await
+        .unwrap();
+    let receiver = tcp_client(&small.tcp_url(), keyring_with(&t), identity()).await;
+    let mut sub = receiver
+        .subscribe_bytes_with_options("p/#", SubscribeOptions::new().qos(Qos::AtLeastOnce))
+        .await
+        .unwrap();
+    // Incompressible (the default codec is zstd): 8 KiB of xorshift output, under the
+    // first relay's limit (1 MiB) and over the second's.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let payload: Vec<u8> = (0..8192)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    // The first relay hears nothing more: the publish is kept, waiting for its PubAck.
+    proxy.stall(true);
+    let pending = tokio::spawn({
+        let p = publisher.clone();
+        async move {
+            p.publish_bytes_with("p/big", "x/y", &payload, PublishOptions::at_least_once())
+                .await
+        }
+    });
+    until_stats(&publisher, "kept", |s| s.unacked_publishes == 1).await;
+    let mut relay = publisher.relay_changes();
+    proxy.cut_all();
+    proxy.stall(false);
+    within(
+        "on the small relay",
+        relay.wait_for(|r| *r == small.tcp_url()),
+    )
+    .await
+    .unwrap();
+    match within("the refusal", pending).await.unwrap() {
+        Err(whispeer::PublishError::Rejected { code, message }) => {
+            assert_eq!(
+                code,
+                whispeer::protocol::ErrorCode::FrameTooLarge,
+                "{message}"
+            );
+        }
+        other => panic!("expected frame_too_large, got {other:?}"),
+    }
+    let seq = within(
+        "a small publish",
+        publisher.publish_bytes_with("p/small", "x/y", b"fits", PublishOptions::at_least_once()),
+    )
+    .await
+    .unwrap();
+    assert!(seq > 0);
+    let m = within("delivery", sub.next()).await.unwrap().unwrap();
+    assert_eq!(m.value, b"fits", "the refused one never reached the relay");
+    let s = publisher.stats();
+    assert_eq!((s.reconnects, s.unacked_publishes), (1, 0), "{s:?}");
+    publisher.close().await;
+    receiver.close().await;
+    big.stop().await;
+}
+
 /// The durable QoS 1 subscription `name` on `job/#` for the two tests below.
 fn held_opts(name: &'static str) -> SubscribeOptions {
     SubscribeOptions::new().qos(Qos::AtLeastOnce).durable(name)
