@@ -283,3 +283,78 @@ async fn a_relay_ignoring_the_credit_without_end_is_hung_up_on() {
     .unwrap();
     c.close().await;
 }
+
+/// Acks held while the state file cannot be written are bounded: once they cover 4,096
+/// sequences (the relay's default credit for a subscription: it delivers nothing more
+/// until acks come) they leave anyway — a state file that cannot be written for good must
+/// not stop acknowledging. Here every write of a dedup entry fails at once (a trigger in
+/// the real file refuses it), for good: the relay delivers exactly 4,096, the app takes
+/// them all, and their acks leave while the file still refuses. Mutation review: with the
+/// driver's bound disabled (`HeldAcks::overdue` not consulted) every test passed; here no
+/// ack ever leaves.
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_held_for_a_state_file_that_cannot_be_written_leave_at_their_bound() {
+    const N: u32 = 4096;
+    let relay = TestRelay::start().await;
+    let proxy = RecordingProxy::start(relay.addrs.tcp.unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("client-state.db");
+    let t = tree("refusing-state");
+    let c = Client::builder()
+        .with(Tcp::new(proxy.addr.to_string()))
+        .with(Encryption::with_keyring(keyring_with(&t)))
+        .with(identity())
+        .with(whispeer::Persistence::sqlite(&state))
+        .connect()
+        .await
+        .unwrap();
+    let mut sub = c
+        .subscribe_with_options::<u32>("job/x", SubscribeOptions::new().qos(Qos::AtLeastOnce))
+        .await
+        .unwrap();
+    let refuse = rusqlite::Connection::open(&state).unwrap();
+    refuse
+        .execute_batch(
+            "CREATE TRIGGER refuse_seen BEFORE INSERT ON seen
+             BEGIN SELECT RAISE(ABORT, 'this state file refuses writes'); END;",
+        )
+        .unwrap();
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    for i in 0..N {
+        p.publish("job/x", &i).await.unwrap();
+    }
+    p.flush().await.unwrap();
+    let mut got = Vec::with_capacity(N as usize);
+    for _ in 0..N {
+        got.push(
+            within("every message taken", sub.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .value,
+        );
+    }
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    until_stats(&c, "the failed write", |s| s.state_write_failures > 0).await;
+    let acked = within(
+        "the held acks at their bound",
+        proxy.wait_acks(|a| a.len() >= N as usize),
+    )
+    .await;
+    assert_eq!(acked.len(), N as usize, "each delivered message acked once");
+    // The file still refuses: they left at the bound, not after a write.
+    let refusing: i64 = refuse
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'refuse_seen'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(refusing, 1);
+    refuse.execute_batch("DROP TRIGGER refuse_seen").unwrap();
+    drop(sub);
+    c.close().await;
+    p.close().await;
+    relay.stop().await;
+}
