@@ -1250,18 +1250,7 @@ async fn relay_errors_are_logged_escaped_and_at_most_ten_a_minute_at_warn() {
 /// as relay errors are. (This test binary's only log subscriber: it captures warn lines.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relays_reason_for_ending_a_subscription_is_logged_printable() {
-    #[derive(Clone, Default)]
-    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Capture {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let log = Capture::default();
+    let log = support::logs::LogBuf::default();
     let writer = log.clone();
     tracing::subscriber::set_global_default(
         tracing_subscriber::fmt()
@@ -1328,7 +1317,7 @@ async fn a_relays_reason_for_ending_a_subscription_is_logged_printable() {
     }
     c.close().await;
     relay.abort();
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let text = log.text();
     let line = text
         .lines()
         .find(|l| l.contains("subscription ended by the relay"))
