@@ -1071,3 +1071,78 @@ async fn a_message_taken_while_the_state_file_cannot_be_written_is_refused_after
     c.close().await;
     relay.stop().await;
 }
+
+/// The documented default (client README, `EngineConfig::publish_retries`): a QoS ≥ 1
+/// publish the relay keeps refusing with a retryable code is sent again up to 8 times, same
+/// publish id, then fails with the relay's code. A fake relay answers every `Pub` with a
+/// non-fatal `Err(busy)` naming it; the client keeps its defaults but for a short backoff.
+/// (Only the engine's own tests, with 2 retries, covered the count; the default was free to
+/// change — mutation review.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_refused_as_busy_is_sent_nine_times_by_default_then_fails() {
+    use support::raw::{read_frame, write_frame, FakeConn};
+    use whispeer::protocol::frame::{self, ErrFrame};
+    use whispeer::protocol::{ErrorCode, Frame};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let relay = tokio::spawn(async move {
+        let FakeConn { mut s } = FakeConn::accept(&listener).await;
+        let mut ids = Vec::new();
+        while let Some(f) = read_frame(&mut s).await {
+            let answer = match f {
+                Frame::Ping(p) => Frame::Pong(frame::Pong { nonce: p.nonce }),
+                Frame::Pub(p) => {
+                    ids.push(p.publish_id.expect("a QoS 1 publish has an id"));
+                    Frame::Err(ErrFrame {
+                        code: ErrorCode::Busy,
+                        message: "busy (test)".into(),
+                        fatal: false,
+                        sub_id: None,
+                        publish_id: p.publish_id,
+                    })
+                }
+                _ => continue,
+            };
+            write_frame(&mut s, &answer).await;
+        }
+        ids
+    });
+    let c = Client::builder()
+        .with(Tcp::new(format!("tcp://{addr}")))
+        .with(Encryption::with_keyring(keyring_with(&tree("busy"))))
+        .with(Reconnect::new(
+            Duration::from_millis(1),
+            Duration::from_millis(5),
+        ))
+        .connect()
+        .await
+        .unwrap();
+    let refused = within(
+        "the publish fails",
+        c.publish_with(
+            "job/x",
+            &1u32,
+            PublishOptions::default().qos(Qos::AtLeastOnce),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            whispeer::PublishError::Rejected {
+                code: ErrorCode::Busy,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(c.stats().publish_retries, 8, "{:?}", c.stats());
+    c.close().await;
+    let ids = within("the relay's end", relay).await.unwrap();
+    assert_eq!(ids.len(), 9, "the first send and 8 retries");
+    assert!(
+        ids.iter().all(|id| *id == ids[0]),
+        "one publish id: {ids:?}"
+    );
+}
