@@ -452,7 +452,14 @@ async function persistedRuns(name) {
   const me = Identity.generate();
   const pub = await Client.connect(relay.url, { keys: tree });
   clients.push(pub);
-  return { pub, run: () => Client.connect(relay.url, { keys: tree, identity: me, persistence: file }) };
+  // Each run's client is closed by the file's after() too: a test that fails (or times
+  // out) while one is open leaves the process nothing to keep it alive.
+  const run = async () => {
+    const c = await Client.connect(relay.url, { keys: tree, identity: me, persistence: file });
+    clients.push(c);
+    return c;
+  };
+  return { pub, run };
 }
 
 test('what a durable is owed survives a restart: messages another subscription took while it went away untaken come to its resume in the next run', { timeout: 30_000 }, async () => {
