@@ -741,16 +741,7 @@ async fn a_relay_sequence_of_u64_max_neither_panics_nor_wraps_the_resume_point()
             other => panic!("expected Sub, got {}", other.name()),
         }
     });
-    let c = Client::builder()
-        .with(Tcp::new(format!("tcp://{addr}")))
-        .with(Encryption::with_keyring(keyring_with(&t)))
-        .with(Reconnect::new(
-            Duration::from_millis(5),
-            Duration::from_millis(50),
-        ))
-        .connect()
-        .await
-        .unwrap();
+    let c = quick_tcp_client(&format!("tcp://{addr}"), keyring_with(&t)).await;
     let mut sub = c.subscribe::<u32>("s/#").await.unwrap();
     let m = within("the message", sub.next()).await.unwrap().unwrap();
     assert_eq!((m.value, m.seq), (7, u64::MAX));
@@ -1294,16 +1285,7 @@ async fn a_relays_reason_for_ending_a_subscription_is_logged_printable() {
         write_frame(&mut conn.s, &Frame::Err(end)).await;
         while conn.next().await.is_some() {}
     });
-    let c = Client::builder()
-        .with(Tcp::new(format!("tcp://{addr}")))
-        .with(Encryption::with_keyring(keyring_with(&t)))
-        .with(Reconnect::new(
-            Duration::from_millis(5),
-            Duration::from_millis(50),
-        ))
-        .connect()
-        .await
-        .unwrap();
+    let c = quick_tcp_client(&format!("tcp://{addr}"), keyring_with(&t)).await;
     let mut sub = c
         .subscribe_with_options::<u32>(
             "s/#",

@@ -123,6 +123,21 @@ pub async fn tcp_client(url: &str, keys: Keyring, id: Identity) -> Client {
         .expect("connects")
 }
 
+/// A TCP client of `url` (often a fake relay) holding `keys`, no identity, that redials
+/// within milliseconds (backoff 5 to 50 ms).
+pub async fn quick_tcp_client(url: &str, keys: Keyring) -> Client {
+    Client::builder()
+        .with(Tcp::new(url))
+        .with(Encryption::with_keyring(keys))
+        .with(whispeer::Reconnect::new(
+            std::time::Duration::from_millis(5),
+            std::time::Duration::from_millis(50),
+        ))
+        .connect()
+        .await
+        .expect("connects")
+}
+
 /// Awaits `fut` or fails the test after [`TIMEOUT`].
 pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(TIMEOUT, fut)
