@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { startRelay } from '../shared/relay.js';
 import { until } from '../shared/until.js';
 import { startProxy } from '../shared/proxy.js';
-import { WebSocketServer, WebSocket } from 'ws';
+import { loggingProxy } from '../shared/logging-proxy.js';
 import { Client, Identity, TreeKey, WhispeerError } from '../../js/index.node.js';
 
 let relay;
@@ -395,41 +395,6 @@ test('subscribe while reconnecting resolves only when the relay confirmed it, as
   }
 });
 
-/**
- * A WebSocket proxy in front of the relay that records the type byte of every frame the
- * client sends (`up`), as persist_ack.test.js's.
- */
-async function loggingProxy(target) {
-  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
-  await new Promise((r) => wss.once('listening', r));
-  const up = [];
-  wss.on('connection', (client) => {
-    const relay = new WebSocket(target);
-    const queued = [];
-    relay.on('open', () => {
-      for (const d of queued.splice(0)) relay.send(d);
-    });
-    client.on('message', (d) => {
-      up.push(Buffer.from(d));
-      if (relay.readyState === WebSocket.OPEN) relay.send(d);
-      else queued.push(d);
-    });
-    relay.on('message', (d) => client.readyState === WebSocket.OPEN && client.send(d));
-    client.on('close', () => relay.close());
-    relay.on('close', () => client.close());
-    client.on('error', () => {});
-    relay.on('error', () => {});
-  });
-  return {
-    url: `ws://127.0.0.1:${wss.address().port}`,
-    up,
-    close: () => {
-      for (const c of wss.clients) c.terminate();
-      return new Promise((r) => wss.close(r));
-    },
-  };
-}
-
 /** The sequences the `Ack` frames (type 8, PROTOCOL §3) among `frames` cover, in order. */
 function ackedSeqs(frames) {
   const seqs = [];
@@ -486,9 +451,9 @@ test("a placeholder's ack waits behind the subscription's pending async callback
   // A flush covers the acks of what the app took before it: an Ack sent for the
   // placeholder would have passed the proxy before the flush's Ping came back.
   await sub.flush();
-  assert.deepEqual(ackedSeqs(proxy.up), [], 'no Ack while the first callback runs');
+  assert.deepEqual(ackedSeqs(proxy.frames), [], 'no Ack while the first callback runs');
   release();
   await gate;
   await sub.flush();
-  assert.deepEqual(ackedSeqs(proxy.up), [first, second], 'both acked, in relay order, once it settled');
+  assert.deepEqual(ackedSeqs(proxy.frames), [first, second], 'both acked, in relay order, once it settled');
 });

@@ -7,14 +7,13 @@
 // relay, and a WebSocket proxy that logs the frames the client sends. Waits are on events.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { WebSocketServer, WebSocket } from 'ws';
 import { startRelay } from '../shared/relay.js';
 import { until } from '../shared/until.js';
+import { loggingProxy } from '../shared/logging-proxy.js';
 import { Client, TreeKey } from '../../js/index.node.js';
 import { setFileStore } from '../../js/persist.js';
 import { openFileStore } from '../../js/persist.node.js';
@@ -116,46 +115,6 @@ function fakeIndexedDB() {
     release: () => release(),
   };
   return fake;
-}
-
-/** A WebSocket proxy in front of `target` recording the type of every frame clients send. */
-async function loggingProxy(target) {
-  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
-  await once(wss, 'listening');
-  const up = [];
-  const frames = [];
-  let last = null; // the newest connection's socket to the relay
-  wss.on('connection', (client) => {
-    const relay = new WebSocket(target);
-    last = relay;
-    const queued = [];
-    relay.on('open', () => {
-      for (const d of queued.splice(0)) relay.send(d);
-    });
-    client.on('message', (d) => {
-      up.push(d[2]);
-      frames.push(Buffer.from(d));
-      if (relay.readyState === WebSocket.OPEN) relay.send(d);
-      else queued.push(d);
-    });
-    relay.on('message', (d) => client.readyState === WebSocket.OPEN && client.send(d));
-    client.on('close', () => relay.close());
-    relay.on('close', () => client.close());
-    client.on('error', () => {});
-    relay.on('error', () => {});
-  });
-  return {
-    url: `ws://127.0.0.1:${wss.address().port}`,
-    up,
-    frames,
-    count: (type) => up.filter((t) => t === type).length,
-    /** Sends `frame` to the relay on the newest connection, as its client would. */
-    inject: (frame) => last.send(frame),
-    close: () => {
-      for (const c of wss.clients) c.terminate();
-      return new Promise((r) => wss.close(r));
-    },
-  };
 }
 
 /**
