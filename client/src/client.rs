@@ -26,5 +26,5 @@ mod typed;
 
 pub use handle::{to_cbor, Client};
 pub use shared::{now_ms, ClientStats, ConnectionState, Message, PublishOptions};
-pub use subscription::Subscription;
+pub use subscription::{Subscription, Unacked};
 pub use typed::{SubscriptionHandle, TypedTopic};

@@ -107,7 +107,7 @@ pub use broker::{Broker, BrokerBuilder, BrokerError, BrokerOptions, PersistenceT
 #[cfg(feature = "tokio-runtime")]
 pub use client::{
     now_ms, to_cbor, Client, ClientStats, ConnectionState, Message, PublishOptions, Subscription,
-    SubscriptionHandle, TypedTopic,
+    SubscriptionHandle, TypedTopic, Unacked,
 };
 #[cfg(feature = "persistence")]
 pub use history::{HistoryEntry, HistoryError, LocalHistory};

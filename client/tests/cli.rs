@@ -2477,6 +2477,96 @@ fn a_killed_durable_subscriber_resumes_and_history_replays() {
     drop(fresh);
 }
 
+/// Review finding 1: `sub --qos 1` acknowledged a message as it took it, before printing
+/// it. `sub --durable jobs --qos 1 … | head -1`: the second message's line cannot be
+/// written (the pipe is closed), so it must stay unacknowledged and the next `sub --durable
+/// jobs` gets it — before, it was acknowledged and never printed by anyone.
+#[test]
+fn a_message_whose_line_was_not_written_is_not_acknowledged() {
+    let relay = start_relay_binary(&[]); // a store: durables and QoS 1
+    let dir = tempfile::tempdir().unwrap();
+    let (tree_file, _) = new_tree(dir.path(), "jobs");
+    let tf = tree_file.to_str().unwrap();
+    let url = relay.tcp_url();
+    let publish = |value: &str| {
+        ok(run(&[
+            "pub",
+            "--relay",
+            &url,
+            "jobs/build",
+            value,
+            "--qos",
+            "1",
+            "--key-file",
+            tf,
+        ]))
+    };
+    let durable = [
+        "sub",
+        "--relay",
+        url.as_str(),
+        "jobs/#",
+        "--durable",
+        "jobs",
+        "--qos",
+        "1",
+        "--key-file",
+        tf,
+    ];
+    // `| head -1`: stdout is a pipe whose reader goes away after one line.
+    let mut child = whispeer()
+        .args(durable)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn whispeer");
+    let err = lines_of(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    loop {
+        match err.recv_timeout(TIMEOUT) {
+            Ok(l) if l.starts_with("ready:") => break,
+            Ok(l) => seen.push(l),
+            Err(e) => {
+                let _ = child.kill();
+                panic!("no ready line ({e:?}): {seen:?}");
+            }
+        }
+    }
+    publish("1");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        let _ = tx.send((line, out));
+    });
+    let (line, out) = rx.recv_timeout(TIMEOUT).expect("the first line");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["data"], 1);
+    drop(out); // the pipe's reader is gone: writing the next line fails (EPIPE)
+    publish("2");
+    // The sub ends when it cannot write message 2's line: its stderr closes as it exits.
+    loop {
+        match err.recv_timeout(TIMEOUT) {
+            Ok(l) => seen.push(l),
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("the sub did not exit: {seen:?}");
+            }
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {seen:?}");
+    // The durable resumes after message 1 (printed, acknowledged): message 2 comes again.
+    let mut again = durable.to_vec();
+    again.extend(["--count", "1", "--timeout", "10"]);
+    let line = ok(run(&again));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["data"], 2, "{line}");
+}
+
 #[test]
 fn key_rotate_sets_the_cutoff_and_pub_tree_picks_among_two_trees() {
     let dir = tempfile::tempdir().unwrap();

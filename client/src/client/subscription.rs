@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use super::shared::{Command, Item, Message};
+use crate::core::connection::AckToken;
 use crate::core::{self, LocalSubId, Received};
 use crate::error::{DeleteError, ReceiveError};
 use crate::tag::{self, TypeTag};
@@ -59,14 +60,71 @@ impl<T> Subscription<T> {
 
     /// The next message, or `None` once the client is closed. At most once, a
     /// `ReceiveError::Lagged(n)` says `n` messages were lost here; the stream goes on.
+    ///
+    /// The message is taken (and, at least once, acknowledged) as it is handed over: use
+    /// [`Subscription::next_message_unacked`] to acknowledge it only once it was handled.
     pub async fn next_message(&mut self) -> Option<Result<Message<T>, ReceiveError>> {
         std::future::poll_fn(|cx| self.poll_item(cx)).await
+    }
+
+    /// The next message, not acknowledged yet: [`Unacked::ack`] takes it once the app has
+    /// handled it (written it out, stored it...) — only then is its credit returned and,
+    /// on an at-least-once (QoS ≥ 1) or durable subscription, its relay sequence
+    /// acknowledged and, with QoS 2 or [`Persistence`](crate::Persistence), its dedup
+    /// entry recorded. `None` once the client is closed; errors as
+    /// [`Subscription::next_message`] (a message that could not be decoded is taken and
+    /// acknowledged as it is reported: nothing could handle it later).
+    ///
+    /// An [`Unacked`] dropped without [`Unacked::ack`] sends nothing: the message stays
+    /// delivered and untaken, and is never acknowledged. While this subscription lives it
+    /// is not handed over again (copies the relay sends again are passed as duplicates of
+    /// the untaken one); it keeps one message of the subscription's credit, and the acks
+    /// of the messages after it on this subscription wait behind it (acks leave in relay
+    /// order). Once the [`Subscription`] is dropped (or the client closed), what it never
+    /// took is released: a durable subscription gets it again from the relay when it is
+    /// resumed — by this client subscribing again with the same name, or by the next run
+    /// of the program after this one failed to handle it. At most once (QoS 0) nothing
+    /// delivers it again.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: whispeer::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::io::Write;
+    /// use whispeer::protocol::Qos;
+    /// use whispeer::SubscribeOptions;
+    /// let opts = SubscribeOptions::new()
+    ///     .qos(Qos::AtLeastOnce)
+    ///     .durable("jobs");
+    /// let mut sub = client.subscribe_bytes_with_options("jobs/#", opts).await?;
+    /// let mut out = std::io::stdout().lock();
+    /// while let Some(next) = sub.next_message_unacked().await {
+    ///     let Ok(msg) = next else { continue }; // lost or undecodable: reported, taken
+    ///     // Not written (a closed pipe, a full disk): not acknowledged, so the next run
+    ///     // that resumes the durable "jobs" gets it again.
+    ///     out.write_all(&msg.value)?;
+    ///     out.flush()?;
+    ///     msg.ack();
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn next_message_unacked(&mut self) -> Option<Result<Unacked<T>, ReceiveError>> {
+        let next = std::future::poll_fn(|cx| self.poll_taken(cx, false)).await?;
+        Some(next.map(|(message, token)| Unacked {
+            message,
+            token,
+            cmd: self.cmd.clone(),
+        }))
     }
 
     fn poll_item(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Message<T>, ReceiveError>>> {
+        self.poll_taken(cx, true)
+            .map(|next| next.map(|r| r.map(|(m, _)| m)))
+    }
+
+    /// The next message and its token; `ack_now`: taken (the token sent) at once.
+    fn poll_taken(&mut self, cx: &mut Context<'_>, ack_now: bool) -> Poll<Option<Taken<T>>> {
         loop {
             let polled = self.rx.poll_recv(cx);
             if polled.is_pending() {
@@ -88,13 +146,16 @@ impl<T> Subscription<T> {
             }
             return Poll::Ready(Some(match item {
                 Item::Msg(r, token) => {
-                    // Taken: the credit goes back (and, at least once, the ack may leave).
-                    let _ = self.cmd.send(Command::Ack(token));
                     let m = to_message(&r, self.decode);
                     if let Err(ReceiveError::TypeMismatch { .. }) = &m {
                         self.mismatches.fetch_add(1, Ordering::Relaxed);
                     }
-                    m
+                    if ack_now || m.is_err() {
+                        // Taken: the credit goes back (and, at least once, the ack may
+                        // leave). An undecodable one is taken as it is reported.
+                        let _ = self.cmd.send(Command::Ack(token));
+                    }
+                    m.map(|m| (m, token))
                 }
                 Item::Lagged(n) => match n.saturating_add(self.lag.swap(0, Ordering::AcqRel)) {
                     // A wake-up whose loss was already reported.
@@ -108,6 +169,50 @@ impl<T> Subscription<T> {
                 Item::Ended(why) => Err(why),
             }));
         }
+    }
+}
+
+/// A message handed over with the token that takes it (or why there is none).
+type Taken<T> = Result<(Message<T>, AckToken), ReceiveError>;
+
+/// A message taken with [`Subscription::next_message_unacked`] and not acknowledged yet:
+/// [`Unacked::ack`] acknowledges it; dropped without, nothing is sent and it is never
+/// acknowledged — a durable subscription gets it again when resumed (see
+/// [`Subscription::next_message_unacked`]). Derefs to the [`Message`].
+#[must_use = "dropped without `ack`, the message is not acknowledged"]
+pub struct Unacked<T> {
+    message: Message<T>,
+    token: AckToken,
+    cmd: mpsc::UnboundedSender<Command>,
+}
+
+impl<T> Unacked<T> {
+    /// The message.
+    pub fn message(&self) -> &Message<T> {
+        &self.message
+    }
+
+    /// Takes the message: its credit goes back and, at least once, its ack may leave (in
+    /// relay order, as [`Subscription::next_message`]'s do). Returns the message. Does
+    /// nothing more once the client is closed.
+    pub fn ack(self) -> Message<T> {
+        let _ = self.cmd.send(Command::Ack(self.token));
+        self.message
+    }
+}
+
+impl<T> std::ops::Deref for Unacked<T> {
+    type Target = Message<T>;
+    fn deref(&self) -> &Message<T> {
+        &self.message
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Unacked<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unacked")
+            .field("message", &self.message)
+            .finish_non_exhaustive()
     }
 }
 

@@ -650,9 +650,13 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
             break Ok(());
         }
         let next = async {
+            // Acknowledged only once printed (below): a message whose line was not
+            // written is delivered again (to the next `sub --durable` of the name).
             match deadline {
-                Some(d) => tokio::time::timeout_at(d, sub.next_message()).await.ok(),
-                None => Some(sub.next_message().await),
+                Some(d) => tokio::time::timeout_at(d, sub.next_message_unacked())
+                    .await
+                    .ok(),
+                None => Some(sub.next_message_unacked().await),
             }
         };
         let next = tokio::select! {
@@ -689,6 +693,8 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
                 // The topic is any member's choice: `warn` escapes control characters.
                 let topic = m.topic.as_str();
                 io::warn(format!("skipping a message on {topic}: {e:#}"));
+                // Skipped for good (it cannot be printed): taken.
+                m.ack();
                 continue;
             }
         };
@@ -707,7 +713,12 @@ pub async fn subscribe(a: SubArgs) -> Result<ExitCode> {
         // Topics and payloads are any member's choice: no raw C1, DEL or bidi controls on
         // the terminal (the JSON reads back the same).
         match io::println_flush(&io::json_printable(&text)) {
-            Ok(()) => got += 1,
+            Ok(()) => {
+                // Written and flushed: now it is acknowledged.
+                m.ack();
+                got += 1;
+            }
+            // Not written: not acknowledged (dropped with `m`).
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break Ok(()),
             Err(e) => break Err(e.into()),
         }
