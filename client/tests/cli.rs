@@ -2567,6 +2567,50 @@ fn a_message_whose_line_was_not_written_is_not_acknowledged() {
     assert_eq!(v["data"], 2, "{line}");
 }
 
+/// Review finding 3: `pub` at QoS 0 exited 0 when its message was never sent — over the
+/// relay's max_frame it is dropped when the connection takes it, after `publish` returned
+/// (unsigned: silently; batch-signed: a warning). It must exit 1 and say so.
+#[test]
+fn pub_exits_1_when_a_qos_0_message_was_not_published() {
+    let relay = start_relay_binary(&["--max-frame", "4096"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (tree_file, _) = new_tree(dir.path(), "home");
+    let tf = tree_file.to_str().unwrap();
+    let (identity, _, _) = keygen(dir.path(), "me.id");
+    let url = relay.tcp_url();
+    let big = format!("\"{}\"", "x".repeat(8000));
+    let publish = |value: &str, extra: &[&str]| {
+        let mut args = vec![
+            "pub",
+            "--relay",
+            &url,
+            "a/b",
+            value,
+            "--compress",
+            "none",
+            "--key-file",
+            tf,
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let signed = ["--identity", identity.to_str().unwrap()];
+    for extra in [&[][..], &signed[..]] {
+        let o = publish(&big, extra);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}: {err}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
+        assert_eq!(errors.len(), 1, "{extra:?}: {err}");
+        assert!(
+            errors[0].starts_with("error: 1 of 1 messages were not published: "),
+            "{extra:?}: {err}"
+        );
+        assert!(errors[0].contains("max_frame"), "{extra:?}: {err}");
+        // A message that fits goes through as before.
+        ok(publish("\"small\"", extra));
+    }
+}
+
 #[test]
 fn key_rotate_sets_the_cutoff_and_pub_tree_picks_among_two_trees() {
     let dir = tempfile::tempdir().unwrap();

@@ -123,6 +123,7 @@ enum Ev {
     },
     FlushFailed(&'static str),
     RelayError(ErrorCode),
+    PublishRefused(ErrorCode),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -265,6 +266,7 @@ enum Stat {
     UnackedPublishes,
     OutboxDrops,
     PublishRetries,
+    PublishRefusals,
 }
 
 /// The engine, a fake clock, a scripted relay and the app's side, in one.
@@ -660,6 +662,7 @@ impl Sim {
                     Stat::UnackedPublishes => s.unacked_publishes,
                     Stat::OutboxDrops => s.outbox_drops,
                     Stat::PublishRetries => s.publish_retries,
+                    Stat::PublishRefusals => s.publish_refusals,
                 };
                 assert_eq!(got, n, "{which:?}");
             }
@@ -804,6 +807,7 @@ impl Sim {
             }
             (Ev::FlushFailed(name), Event::FlushFailed { id }) => self.flushes[name] == *id,
             (Ev::RelayError(code), Event::RelayError { code: c, .. }) => c == code,
+            (Ev::PublishRefused(code), Event::PublishRefused { code: c, .. }) => c == code,
             _ => false,
         };
         assert!(ok, "expected {want:?}, got {e:?}");
@@ -2206,6 +2210,8 @@ fn bad_frames_and_fatal_errors_are_disconnects_not_panics() {
         Connect {
             heartbeat_ms: 10_000,
         },
+        // Non-fatal: naming no request, the answer to a QoS 0 publish (which carries no
+        // publish id): counted, nobody waits for it.
         Relay(Frame::Err(ErrFrame {
             code: ErrorCode::RateLimited,
             message: "slow down".into(),
@@ -2213,7 +2219,18 @@ fn bad_frames_and_fatal_errors_are_disconnects_not_panics() {
             sub_id: None,
             publish_id: None,
         })),
-        ExpectEvent(Ev::RelayError(ErrorCode::RateLimited)),
+        ExpectEvent(Ev::PublishRefused(ErrorCode::RateLimited)),
+        ExpectStat(Stat::PublishRefusals, 1),
+        // Naming a subscription this client does not have: a relay error.
+        Relay(Frame::Err(ErrFrame {
+            code: ErrorCode::UnknownSubscription,
+            message: "no subscription 99".into(),
+            fatal: false,
+            sub_id: Some(99),
+            publish_id: None,
+        })),
+        ExpectEvent(Ev::RelayError(ErrorCode::UnknownSubscription)),
+        ExpectStat(Stat::PublishRefusals, 1),
         Relay(Frame::Err(ErrFrame {
             code: ErrorCode::Internal,
             message: "bye".into(),

@@ -120,6 +120,8 @@ pub(super) struct Driver {
     opened_rx: mpsc::UnboundedReceiver<Vec<OpenDone>>,
     /// How many relay errors are logged at warn ([`LogBudget`]).
     relay_errors: LogBudget,
+    /// How many dropped QoS 0 publishes are logged at warn ([`LogBudget`]).
+    publish_drops: LogBudget,
     /// `Ack` frames held while receiver state is not saved (a state file write failed):
     /// sent once a write succeeds, on the connection they were made for ([`HeldAcks`]).
     held: HeldAcks,
@@ -272,6 +274,7 @@ impl Driver {
             dialing: None,
             dial_error: None,
             relay_errors: LogBudget::default(),
+            publish_drops: LogBudget::default(),
             held: HeldAcks::default(),
         }
     }
@@ -314,11 +317,27 @@ impl Driver {
                     let _ = reply.send(Ok(0));
                 }
             }
-            Err(e) => {
-                if let Some(reply) = r.reply {
+            Err(e) => match r.reply {
+                Some(reply) => {
                     let _ = reply.send(Err(e));
                 }
-            }
+                // A QoS 0 publish nobody waits for (the engine counted it in
+                // `outbox_drops`): said, or its loss would go unnoticed.
+                None => {
+                    let (warn, left_out) = self.publish_drops.take(std::time::Instant::now());
+                    if left_out > 0 {
+                        tracing::warn!(
+                            left_out,
+                            "dropped QoS 0 publishes in the last minute not logged"
+                        );
+                    }
+                    if warn {
+                        tracing::warn!(error = %Printable(&e), "a QoS 0 publish was dropped");
+                    } else {
+                        tracing::debug!(error = %Printable(&e), "a QoS 0 publish was dropped");
+                    }
+                }
+            },
         }
     }
 
@@ -891,6 +910,18 @@ impl Driver {
                         });
                     }
                 }
+                Event::PublishRefused { code, message } => {
+                    // Counted (`publish_refusals`): its `publish` returned long ago.
+                    let (warn, left_out) = self.relay_errors.take(std::time::Instant::now());
+                    if left_out > 0 {
+                        tracing::warn!(left_out, "relay errors in the last minute not logged");
+                    }
+                    if warn {
+                        tracing::warn!(code = code.name(), message = %Printable(&message), "the relay refused a QoS 0 publish");
+                    } else {
+                        tracing::debug!(code = code.name(), message = %Printable(&message), "the relay refused a QoS 0 publish");
+                    }
+                }
                 Event::RelayError { code, message, .. } => {
                     let (warn, left_out) = self.relay_errors.take(std::time::Instant::now());
                     if left_out > 0 {
@@ -998,6 +1029,7 @@ impl Driver {
             core: e.core,
             slow_subscriber_drops: self.slow_drops,
             outbox_drops: e.outbox_drops,
+            publish_refusals: e.publish_refusals,
             reconnects: e.reconnects,
             plugin_drops: self.plugin_drops,
             unacked_publishes: e.unacked_publishes,

@@ -148,8 +148,14 @@ pub struct ClientStats {
     pub core: CoreStats,
     /// Messages dropped because a subscription's buffer was full (the app is too slow).
     pub slow_subscriber_drops: u64,
-    /// Publishes dropped because the reconnect buffer was full.
+    /// QoS 0 publishes (without [`PublishOptions::ack`]) dropped without being sent:
+    /// the reconnect buffer was full, the publish is over the relay's `max_frame`, or the
+    /// client closed before sending it. Their `publish` had returned `Ok`; each is logged.
     pub outbox_drops: u64,
+    /// QoS 0 publishes (without [`PublishOptions::ack`]) the relay refused (a non-fatal
+    /// `Err` naming no request: rights, a plugin, a full store...). Their `publish` had
+    /// returned `Ok`; each is logged (ten a minute at warn, the rest at debug).
+    pub publish_refusals: u64,
     /// Successful reconnects.
     pub reconnects: u64,
     /// Messages a client plugin dropped.

@@ -663,10 +663,13 @@ impl Engine {
         match m.pid {
             Some(pid) => self.emit(Event::PublishFailed { pid, reason }),
             // A QoS 0 publish's caller was answered when it was queued: its loss is counted.
+            // (`publish_as` counted it in `outbox_drops`.)
             None => {
                 if let PublishFailure::Rejected { message, .. } = &reason {
-                    tracing::warn!(message = %crate::printable::Printable(message), "a QoS 0 publish was dropped");
-                    self.stats.outbox_drops += 1;
+                    tracing::warn!(
+                        reason = %crate::printable::Printable(message),
+                        "a QoS 0 publish was dropped"
+                    );
                 }
             }
         }
@@ -760,6 +763,10 @@ impl Engine {
         // would go again after every reconnect: refused here with the relay's own code.
         // (While not live the limit is checked when the next relay says its own.)
         if live && frame.len() > self.relay_max_frame {
+            if pid.is_none() {
+                // Nobody waits for it (QoS 0): counted here, whoever drops the error.
+                self.stats.outbox_drops += 1;
+            }
             return Err(PublishError::Rejected {
                 code: ErrorCode::FrameTooLarge,
                 message: format!(
@@ -1357,6 +1364,14 @@ impl Engine {
         if e.fatal {
             let (code, message) = (e.code, e.message);
             self.lose(Disconnect::Fatal { code, message }, true, mono);
+        } else if e.sub_id.is_none() && e.publish_id.is_none() {
+            // Every other request names itself (PROTOCOL §3.5.2): the answer to a QoS 0
+            // `Pub` without a publish id (nobody waits for it).
+            self.stats.publish_refusals += 1;
+            self.emit(Event::PublishRefused {
+                code: e.code,
+                message: e.message,
+            });
         } else if !named {
             self.emit(Event::RelayError {
                 code: e.code,

@@ -323,6 +323,9 @@ pub async fn publish(a: PubArgs) -> Result<ExitCode> {
     if let Some(t) = a.tree {
         opts = opts.tree(t);
     }
+    // A QoS 0 publish returns before it is sent: one dropped here (over the relay's
+    // max_frame...) or refused by the relay is only counted. Compared after the flush.
+    let before = client.stats();
     let mut sent = 0u64;
     let result: Result<()> = async {
         match value {
@@ -354,9 +357,35 @@ pub async fn publish(a: PubArgs) -> Result<ExitCode> {
     .await;
     // Whatever was published goes out before we exit, even after an error.
     let flushed = client.flush().await;
+    // Counted before the flush is answered: everything published before it is settled.
+    let after = client.stats();
     client.close().await;
     result?;
     flushed.context("the relay did not confirm the messages")?;
+    let dropped = after.outbox_drops.saturating_sub(before.outbox_drops);
+    let refused = after
+        .publish_refusals
+        .saturating_sub(before.publish_refusals);
+    let unsealed = after.seal_failures.saturating_sub(before.seal_failures);
+    let lost = dropped + refused + unsealed;
+    if lost > 0 {
+        let mut why = Vec::new();
+        if dropped > 0 {
+            why.push(format!(
+                "{dropped} dropped unsent (over the relay's max_frame, or the reconnect buffer full)"
+            ));
+        }
+        if refused > 0 {
+            why.push(format!("{refused} refused by the relay"));
+        }
+        if unsealed > 0 {
+            why.push(format!("{unsealed} could not be sealed"));
+        }
+        anyhow::bail!(
+            "{lost} of {sent} messages were not published: {}",
+            why.join(", ")
+        );
+    }
     tracing::info!(sent, topic = %topic, "published");
     Ok(ExitCode::SUCCESS)
 }

@@ -363,6 +363,15 @@ pub enum Event {
         /// The relay's `Err` code and message, `None` when it deleted the durable.
         error: Option<(ErrorCode, String)>,
     },
+    /// The relay refused a QoS 0 publish nobody waits for (no `ack`): a non-fatal `Err`
+    /// naming no subscription and no publish (counted in
+    /// [`EngineStats::publish_refusals`]). The message was not published.
+    PublishRefused {
+        /// The relay's code.
+        code: ErrorCode,
+        /// The relay's detail (its text: print it escaped).
+        message: String,
+    },
     /// A non-fatal `Err` from the relay; `sub` when it names a confirmed subscription.
     RelayError {
         /// Its code.
@@ -481,8 +490,13 @@ pub struct EngineStats {
     pub core: CoreStats,
     /// At most once: messages dropped because a subscription had no credit left.
     pub slow_subscriber_drops: u64,
-    /// QoS 0 publishes refused (offline buffer full) or never sent (closed).
+    /// QoS 0 publishes (without `ack`: nobody waits for them) refused here (offline buffer
+    /// full, over the relay's `max_frame`) or never sent (closed).
     pub outbox_drops: u64,
+    /// QoS 0 publishes (without `ack`) the relay refused: a non-fatal `Err` naming no
+    /// subscription and no publish — the relay's answer to a `Pub` that carries no
+    /// publish id ([`Event::PublishRefused`]).
+    pub publish_refusals: u64,
     /// Successful reconnects.
     pub reconnects: u64,
     /// QoS ≥ 1 publishes in the outbox (reported by
