@@ -1890,6 +1890,18 @@ fn bad_input_gets_one_line_errors_and_nonzero_exit() {
     );
     assert!(e.contains("stdin is larger than"), "{e}");
 
+    // A pub stdin line without end: refused past 64 MiB, not read until memory runs out.
+    let endless = "7".repeat((64 << 20) + 2);
+    let e = fails(
+        run_with(
+            &["pub", "--relay", &url, "a", "--key-file", tf],
+            &endless,
+            &[],
+        ),
+        1,
+    );
+    assert!(e.contains("stdin line 1 is longer than"), "{e}");
+
     // Bench numbers past what it can hold: usage errors, not a panic (capacity
     // overflow) or an abort on allocation (review of the CLI, finding 7).
     for (flag, value, says) in [

@@ -7,7 +7,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+
+/// Most bytes of one stdin line `pub` reads (a JSON value: the relay takes frames of 1 MiB
+/// by default, so this is far beyond any publishable one).
+const MAX_STDIN_LINE: u64 = 64 << 20;
 use whispeer::cbor_scan;
 use whispeer::protocol::{Provenance, Qos};
 use whispeer::{
@@ -336,17 +340,34 @@ pub async fn publish(a: PubArgs) -> Result<ExitCode> {
                 }
             }
             None => {
-                let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+                let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+                let mut buf = Vec::new();
                 let mut n = 0u64;
                 while a.count.is_none_or(|c| sent < c) {
-                    let Some(line) = lines.next_line().await.context("reading stdin")? else {
+                    // One line, read no further than the bound: a producer writing without
+                    // a newline took memory until the process was killed.
+                    buf.clear();
+                    let read = (&mut stdin)
+                        .take(MAX_STDIN_LINE + 1)
+                        .read_until(b'\n', &mut buf)
+                        .await
+                        .context("reading stdin")?;
+                    if read == 0 {
                         break;
-                    };
+                    }
                     n += 1;
+                    if buf.len() as u64 > MAX_STDIN_LINE {
+                        anyhow::bail!(
+                            "stdin line {n} is longer than {MAX_STDIN_LINE} bytes: one JSON \
+                             value a line"
+                        );
+                    }
+                    let line = std::str::from_utf8(&buf)
+                        .with_context(|| format!("stdin line {n} is not text (UTF-8)"))?;
                     if line.trim().is_empty() {
                         continue;
                     }
-                    let v = parse_json(&line).with_context(|| format!("stdin line {n}"))?;
+                    let v = parse_json(line).with_context(|| format!("stdin line {n}"))?;
                     client.publish_with(topic.as_str(), &v, opts).await?;
                     sent += 1;
                 }
