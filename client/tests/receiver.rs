@@ -1185,7 +1185,9 @@ async fn relay_gaps_fold_into_one_report_and_saturate() {
 /// A relay's `Err` frames reach the log at most 10 a minute at warn (a relay could send
 /// them without end, and a synchronous log would hold the connection task), each with the
 /// relay's text escaped: no ESC reaches a terminal and no line break forges another log
-/// line. The budget was unit-tested only; this is its wiring in the driver.
+/// line. The budget was unit-tested only; this is its wiring in the driver. (An `Err`
+/// naming no request answers a QoS 0 publish: logged as its refusal and counted in
+/// `publish_refusals`.)
 #[tokio::test]
 async fn relay_errors_are_logged_escaped_and_at_most_ten_a_minute_at_warn() {
     // A current-thread runtime: the client's connection task runs on this thread, under it.
@@ -1223,8 +1225,12 @@ async fn relay_errors_are_logged_escaped_and_at_most_ten_a_minute_at_warn() {
     write_frame(&mut conn.s, &Frame::Pong(frame::Pong { nonce: ping.nonce })).await;
     let c = within("flush", flush).await.unwrap().unwrap();
     let text = buf.text();
-    let lines: Vec<&str> = text.lines().filter(|l| l.contains("relay error")).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("the relay refused a QoS 0 publish"))
+        .collect();
     assert_eq!(lines.len(), 10, "ten at warn, the rest at debug:\n{text}");
+    assert_eq!(c.stats().publish_refusals, 50, "each one counted");
     assert!(
         !text.contains('\u{1b}') && !text.contains('\u{202e}'),
         "{text:?}"

@@ -247,6 +247,26 @@ impl LogBudget {
 }
 
 impl Driver {
+    /// A relay's `Err` text, logged printable within the relay-error budget (ten a minute
+    /// at warn, the rest at debug: a relay can send them without end); `what` says what
+    /// it answered.
+    fn log_relay_err(
+        &mut self,
+        what: &'static str,
+        code: whispeer_protocol::ErrorCode,
+        message: &str,
+    ) {
+        let (warn, left_out) = self.relay_errors.take(std::time::Instant::now());
+        if left_out > 0 {
+            tracing::warn!(left_out, "relay errors in the last minute not logged");
+        }
+        if warn {
+            tracing::warn!(code = code.name(), message = %Printable(message), "{what}");
+        } else {
+            tracing::debug!(code = code.name(), message = %Printable(message), "{what}");
+        }
+    }
+
     pub(super) fn new(mut p: Parts) -> Self {
         let (tx, _) = oneshot::channel();
         let first = std::mem::replace(&mut p.first, tx);
@@ -912,26 +932,10 @@ impl Driver {
                 }
                 Event::PublishRefused { code, message } => {
                     // Counted (`publish_refusals`): its `publish` returned long ago.
-                    let (warn, left_out) = self.relay_errors.take(std::time::Instant::now());
-                    if left_out > 0 {
-                        tracing::warn!(left_out, "relay errors in the last minute not logged");
-                    }
-                    if warn {
-                        tracing::warn!(code = code.name(), message = %Printable(&message), "the relay refused a QoS 0 publish");
-                    } else {
-                        tracing::debug!(code = code.name(), message = %Printable(&message), "the relay refused a QoS 0 publish");
-                    }
+                    self.log_relay_err("the relay refused a QoS 0 publish", code, &message);
                 }
                 Event::RelayError { code, message, .. } => {
-                    let (warn, left_out) = self.relay_errors.take(std::time::Instant::now());
-                    if left_out > 0 {
-                        tracing::warn!(left_out, "relay errors in the last minute not logged");
-                    }
-                    if warn {
-                        tracing::warn!(code = code.name(), message = %Printable(&message), "relay error");
-                    } else {
-                        tracing::debug!(code = code.name(), message = %Printable(&message), "relay error");
-                    }
+                    self.log_relay_err("relay error", code, &message);
                 }
                 Event::ReplayDone { .. } => {}
             }
