@@ -1019,6 +1019,14 @@ impl Engine {
                 }
                 "error"
             }
+            // A QoS 0 publish the relay refused (an `Err` naming no request): the same
+            // `error` event as before the Rust engine told it apart (the JS client reports
+            // it, budgeted, as a relay error).
+            E::PublishRefused { code, message } => {
+                set(&o, "code", code.name());
+                set(&o, "message", message);
+                "error"
+            }
             _ => return None,
         };
         set(&o, "type", ty);
