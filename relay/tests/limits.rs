@@ -393,28 +393,6 @@ async fn one_account_relay(
     (TestRelay::start(config).await, token)
 }
 
-/// A connection from `from` logged in with `token`, offering `features`.
-async fn token_client_from(
-    relay: std::net::SocketAddr,
-    from: &str,
-    token: &str,
-    features: u64,
-) -> Client {
-    let mut c = Client::tcp_from(relay, from).await;
-    c.send(&Frame::Hello(Hello {
-        versions: vec![whispeer_protocol::frame::PROTOCOL_VERSION],
-        features,
-        client: None,
-        auth: Some(bytes::Bytes::from(token.to_owned())),
-        account: None,
-    }))
-    .await;
-    match c.recv().await {
-        Frame::Welcome(_) => c,
-        other => panic!("expected Welcome, got {other:?}"),
-    }
-}
-
 /// Sends `frames` then a `Ping`, and reads up to its `Pong` (non-fatal `Err`s and `SubOk`s
 /// in between are the frames' answers): every frame was read and handled by then.
 async fn frames_then_pong(c: &mut Client, frames: &[Frame]) {
@@ -447,8 +425,8 @@ async fn account_buckets_pause(
     let (relay, token) = one_account_relay(tag, set).await;
     let admin = relay.addrs.admin.expect("admin");
     let throttled = || metric(admin, "whispeer_relay_throttled_total");
-    let mut first = token_client_from(relay.tcp(), "127.0.0.2", &token, features).await;
-    let mut second = token_client_from(relay.tcp(), "127.0.0.3", &token, features).await;
+    let mut first = Client::token_login_from(relay.tcp(), "127.0.0.2", &token, features).await;
+    let mut second = Client::token_login_from(relay.tcp(), "127.0.0.3", &token, features).await;
     let before = throttled().await;
     frames_then_pong(&mut first, &frames(0)).await;
     assert_eq!(

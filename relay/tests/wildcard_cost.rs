@@ -15,7 +15,7 @@ mod common;
 use common::wildcard::metric;
 use common::wildcard::*;
 use common::*;
-use whispeer_protocol::{ErrorCode, Frame};
+use whispeer_protocol::ErrorCode;
 use whispeer_relay::Config;
 
 const HONEST: u8 = 3;
@@ -168,23 +168,6 @@ async fn an_expensive_walk_is_charged_to_its_publishers_address() {
     relay.stop().await;
 }
 
-/// A connection from `from` logged in with the token account `token`.
-async fn logged_in(relay: &TestRelay, from: &str, token: &str) -> Client {
-    let mut c = Client::tcp_from(relay.tcp(), from).await;
-    c.send(&Frame::Hello(whispeer_protocol::frame::Hello {
-        versions: vec![whispeer_protocol::frame::PROTOCOL_VERSION],
-        features: 0,
-        client: None,
-        auth: Some(bytes::Bytes::from(token.to_owned())),
-        account: None,
-    }))
-    .await;
-    match c.recv().await {
-        Frame::Welcome(_) => c,
-        other => panic!("expected Welcome, got {other:?}"),
-    }
-}
-
 /// The walk is charged to the publisher's account too (README: "taken from the
 /// connection's, the address's and the account's publish buckets"), so an account's
 /// connections on many addresses do not buy more walks. Auth required, the per-connection
@@ -212,8 +195,8 @@ async fn an_expensive_walk_is_charged_to_its_publishers_account() {
     config.runtime.light_busy_percent = 0;
     let relay = TestRelay::start(config).await;
     let mut attackers = [
-        logged_in(&relay, "127.0.0.1", &builder).await,
-        logged_in(&relay, "127.0.0.1", &builder).await,
+        Client::token_login_from(relay.tcp(), "127.0.0.1", &builder, 0).await,
+        Client::token_login_from(relay.tcp(), "127.0.0.1", &builder, 0).await,
     ];
     let half = FILTERS / 2;
     subscribe_all(&mut attackers[0], 0..half).await;
@@ -221,7 +204,7 @@ async fn an_expensive_walk_is_charged_to_its_publishers_account() {
     let path: Vec<u8> = (0..32).collect();
     let before = metric(&relay, "whispeer_relay_walk_tokens_total");
 
-    let mut first = logged_in(&relay, "127.0.0.3", &publisher).await;
+    let mut first = Client::token_login_from(relay.tcp(), "127.0.0.3", &publisher, 0).await;
     first.publish(envelope(K, &path)).await;
     metric_reaches(&relay, "whispeer_relay_walk_tokens_total", before + 646).await;
     assert_eq!(
@@ -230,7 +213,7 @@ async fn an_expensive_walk_is_charged_to_its_publishers_account() {
         "the account's burst held the first walk"
     );
 
-    let mut second = logged_in(&relay, "127.0.0.4", &publisher).await;
+    let mut second = Client::token_login_from(relay.tcp(), "127.0.0.4", &publisher, 0).await;
     second.publish(envelope(K, &path)).await;
     metric_reaches(&relay, "whispeer_relay_walk_tokens_total", before + 2 * 646).await;
     metric_reaches(&relay, "whispeer_relay_throttled_total", 1).await;

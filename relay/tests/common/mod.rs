@@ -158,6 +158,31 @@ impl Client {
         Self::over_stream(Box::new(s))
     }
 
+    /// A TCP client from `from` signed in with the bearer token `token` (a token account),
+    /// offering `features`, its `Welcome` read.
+    pub async fn token_login_from(
+        addr: SocketAddr,
+        from: &str,
+        token: &str,
+        features: u64,
+    ) -> Self {
+        let mut c = Self::tcp_from(addr, from).await;
+        c.send(&whispeer_protocol::Frame::Hello(
+            whispeer_protocol::frame::Hello {
+                versions: vec![whispeer_protocol::frame::PROTOCOL_VERSION],
+                features,
+                client: None,
+                auth: Some(Bytes::from(token.to_owned())),
+                account: None,
+            },
+        ))
+        .await;
+        match c.recv().await {
+            whispeer_protocol::Frame::Welcome(_) => c,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
     pub fn over_stream(io: Box<dyn Io>) -> Self {
         Self {
             inner: Inner::Stream {
