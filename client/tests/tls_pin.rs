@@ -226,3 +226,145 @@ fn cli_tls_pin_flag_connects_to_the_pinned_relay_and_refuses_bad_pins() {
         "{malformed:?}"
     );
 }
+
+/// A server that resolves every handshake to one certificate chain and signing key.
+#[derive(Debug)]
+struct Presents(std::sync::Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Presents {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// A TLS front on 127.0.0.1:0 for `upstream` (a relay's plaintext TCP or WebSocket
+/// listener), speaking only TLS `version`: it presents `cert` but signs the handshake with
+/// `key`, which need not be the certificate's. Each handshake's outcome (the version
+/// negotiated, or why it failed) is reported on the receiver; only a completed handshake
+/// reaches the relay.
+async fn tls_front(
+    upstream: std::net::SocketAddr,
+    cert: &str,
+    key: &str,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Result<rustls::ProtocolVersion, String>>,
+) {
+    use rustls_pki_types::pem::PemObject;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let chain = vec![rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+    let signer = provider
+        .key_provider
+        .load_private_key(rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap())
+        .unwrap();
+    // `CertifiedKey::new` does not check that the key is the certificate's.
+    let certified = rustls::sign::CertifiedKey::new(chain, signer);
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(std::sync::Arc::new(Presents(std::sync::Arc::new(
+            certified,
+        ))));
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match acceptor.accept(tcp).await {
+                    Ok(mut tls) => {
+                        let _ = tx.send(Ok(tls.get_ref().1.protocol_version().unwrap()));
+                        let mut relay = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut relay).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A pin covers the certificate, and the certificate the key: the client still checks the
+/// handshake's signature with the pinned certificate's public key. A server that copied
+/// the relay's certificate but not its key (here: the pinned certificate, the handshake
+/// signed by another key) is refused over `tls://` and `wss://`, in TLS 1.3 and in TLS 1.2
+/// (the client offers both), before a byte of the whispeer handshake; the same front with
+/// the right key connects. Mutation review: `PinVerifier::verify_tls13_signature` /
+/// `verify_tls12_signature` returning `HandshakeSignatureValid::assertion()` unchecked
+/// failed no test.
+#[tokio::test]
+async fn the_pinned_certificate_with_a_handshake_signed_by_another_key_is_refused() {
+    let relay = TestRelay::start().await;
+    let names = ["127.0.0.1".to_owned()];
+    let real = whispeer_relay::tls::generate(&names).unwrap();
+    let copied_without_key = whispeer_relay::tls::generate(&names).unwrap();
+    let pin = TlsPin::of_cert_der(&{
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(real.cert_pem.as_bytes()).unwrap()
+    });
+    let t = tree("pin-signature");
+    for (version, name) in [
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+    ] {
+        for wss in [false, true] {
+            let (upstream, scheme) = if wss {
+                (relay.addrs.ws.unwrap(), "wss")
+            } else {
+                (relay.addrs.tcp.unwrap(), "tls")
+            };
+            let connect = |addr: std::net::SocketAddr| {
+                let url = format!("{scheme}://{addr}");
+                let b = Client::builder();
+                let b = if wss {
+                    b.with(WebSocket::new(url))
+                } else {
+                    b.with(Tcp::new(url))
+                };
+                b.with(pin)
+                    .with(Encryption::with_keyring(keyring_with(&t)))
+                    .connect()
+            };
+            let case = format!("{scheme}:// in {name:?}");
+            // The certificate's own key: the front is sound, and connects.
+            let (addr, mut outcomes) =
+                tls_front(upstream, &real.cert_pem, &real.key_pem, version).await;
+            let c = within("the real key connects", connect(addr))
+                .await
+                .unwrap_or_else(|e| panic!("{case}, the real key: {e:#}"));
+            let got = within("the front's handshake", outcomes.recv()).await;
+            assert_eq!(got, Some(Ok(name)), "{case}");
+            c.close().await;
+            // Another key: the handshake's signature does not verify.
+            let (addr, mut outcomes) = tls_front(
+                upstream,
+                &real.cert_pem,
+                &copied_without_key.key_pem,
+                version,
+            )
+            .await;
+            let err = within("another key is refused", connect(addr))
+                .await
+                .expect_err(&format!("{case}: a handshake signed by another key"));
+            let text = format!("{err:#}");
+            assert!(
+                matches!(err, whispeer::ConnectError::Tls { .. }) && text.contains("BadSignature"),
+                "{case}: {text}"
+            );
+            // The front's handshake failed too: nothing reached the relay.
+            let got = within("the front's handshake", outcomes.recv()).await;
+            assert!(matches!(got, Some(Err(_))), "{case}: {got:?}");
+        }
+    }
+    relay.stop().await;
+}
