@@ -1072,6 +1072,78 @@ async fn a_message_taken_while_the_state_file_cannot_be_written_is_refused_after
     relay.stop().await;
 }
 
+/// The held acks' time bound on its own (`HeldAcks::MAX_WAIT`, 10 s): acks of messages
+/// whose dedup entries cannot be saved wait for the state file, but a file that cannot be
+/// written for good must not stop acknowledging — they leave anyway (logged at error),
+/// well before the relay's ack timeout (30 s) would redeliver. Here every write of a dedup
+/// entry fails at once (a trigger refuses the rows: a full disk, without the 5 s lock wait)
+/// and keeps failing; one message held is far under the 4,096-sequence bound, so only the
+/// time bound releases its ack (~10 s). Mutation review: with the time bound removed, every
+/// test passed (the acks then wait for 4,096 sequences or a write that succeeds).
+#[cfg(feature = "persistence")]
+#[tokio::test]
+async fn acks_held_for_a_state_file_that_keeps_failing_leave_after_the_time_bound() {
+    use support::raw::{seal, RawPublisher, RecordingProxy};
+    // This thread's warnings (the runtime is current-thread: the driver logs here).
+    let (logs, _guard) = support::logs::capture_warnings();
+    let relay = TestRelay::start().await;
+    let proxy = RecordingProxy::start(relay.addrs.tcp.unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("client-state.db");
+    let (t, alice) = (tree("unwritable-state"), identity());
+    let opts = || SubscribeOptions::new().qos(Qos::AtLeastOnce);
+    let c = Client::builder()
+        .with(Tcp::new(proxy.addr.to_string()))
+        .with(Encryption::with_keyring(keyring_with(&t)))
+        .with(identity())
+        .with(whispeer::Persistence::sqlite(&state))
+        .connect()
+        .await
+        .unwrap();
+    let mut sub = c
+        .subscribe_with_options::<u32>("job/x", opts())
+        .await
+        .unwrap();
+    let db = rusqlite::Connection::open(&state).unwrap();
+    db.busy_timeout(TIMEOUT).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse_seen BEFORE INSERT ON seen
+         BEGIN SELECT RAISE(ABORT, 'no space left (test)'); END;",
+    )
+    .unwrap();
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let seq = member
+        .publish(
+            &seal(&t, Some(&alice), "job/x", 7, whispeer::now_ms()),
+            false,
+        )
+        .await;
+    assert_eq!(values(&mut sub, 1, "taken").await, vec![7]);
+    until_stats(&c, "the failed write", |s| s.state_write_failures > 0).await;
+    let held_from = std::time::Instant::now();
+    // Held: a subscribe after the take round-trips (a `Sub` is not held) and no Ack left.
+    let _other = c
+        .subscribe_with_options::<u32>("job/other", opts())
+        .await
+        .unwrap();
+    assert_eq!(proxy.acks(), Vec::<Vec<u64>>::new(), "held while unsaved");
+    // The time bound: the Ack leaves though the file still cannot be written.
+    let acked = within("the held ack", proxy.wait_acks(|a| a.contains(&seq))).await;
+    let waited = held_from.elapsed();
+    assert_eq!(acked, vec![seq]);
+    let failures = c.stats().state_write_failures;
+    assert!(failures >= 2, "tried again and still failing: {failures}");
+    assert!(
+        logs.text()
+            .contains("acks sent though the state file still lacks what they cover"),
+        "{}",
+        logs.text()
+    );
+    eprintln!("the ack left {waited:?} after the failed write ({failures} failed writes)");
+    c.close().await;
+    relay.stop().await;
+}
+
 /// The documented default (client README, `EngineConfig::publish_retries`): a QoS ≥ 1
 /// publish the relay keeps refusing with a retryable code is sent again up to 8 times, same
 /// publish id, then fails with the relay's code. A fake relay answers every `Pub` with a
