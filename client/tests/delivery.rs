@@ -567,6 +567,101 @@ async fn a_kept_publish_over_the_next_relays_max_frame_fails_when_it_says_its_li
     big.stop().await;
 }
 
+/// A QoS 0 publish without `ack` buffered while the client is disconnected, over the
+/// `max_frame` of the relay it then reconnects to: dropped when that relay says its limit,
+/// logged and counted in `stats().outbox_drops` (client README, publishing limits, "The
+/// relay's frame size"); the publishes buffered after it still go. Mutation review: with
+/// `Outbox::go_live` sending it anyway, or the engine not counting it, every test passed.
+#[tokio::test]
+async fn a_buffered_qos0_publish_over_the_next_relays_max_frame_is_dropped_logged_and_counted() {
+    // This thread's warnings (the runtime is current-thread: the driver logs here).
+    let (logs, _guard) = support::logs::capture_warnings();
+    let big = TestRelay::start().await;
+    let small = TestRelay::start_with(|c| c.limits.max_frame = 4096).await;
+    // The small relay's front reads nothing until told: a client dialing it stays
+    // disconnected (its handshake waits), so what it publishes meanwhile is buffered.
+    let front = KillerProxy::start(small.addrs.tcp.unwrap()).await;
+    front.stall(true);
+    let t = tree("poison-offline");
+    let receiver = tcp_client(&small.tcp_url(), keyring_with(&t), identity()).await;
+    let mut sub = receiver.subscribe_bytes("p/#").await.unwrap();
+    let publisher = Client::builder()
+        .with(whispeer::Relays::new([
+            big.tcp_url(),
+            format!("tcp://{}", front.addr),
+        ]))
+        .with(Encryption::with_keyring(keyring_with(&t)))
+        .with(identity())
+        .with(Reconnect::new(
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        ))
+        // One publish at a time in the connection's hands: a `publish` returns once the
+        // one before it is written or buffered.
+        .publish_buffer(1)
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(publisher.relay_url(), big.tcp_url());
+    let mut state = publisher.state_changes();
+    big.stop().await;
+    within(
+        "disconnected",
+        state.wait_for(|s| matches!(s, whispeer::ConnectionState::Reconnecting(_))),
+    )
+    .await
+    .unwrap();
+    // Under the first relay's limit (1 MiB) and over the second's; then small ones. The
+    // first small one returns once the big one is buffered.
+    let big_payload = incompressible_8k();
+    within(
+        "queued",
+        publisher.publish_bytes("p/big", "x/y", &big_payload),
+    )
+    .await
+    .unwrap();
+    for i in 0..3u8 {
+        within("queued", publisher.publish_bytes("p/small", "x/y", &[i]))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        publisher.stats().outbox_drops,
+        0,
+        "buffered, not yet dropped"
+    );
+    front.stall(false);
+    within(
+        "on the small relay",
+        state.wait_for(|s| *s == whispeer::ConnectionState::Connected),
+    )
+    .await
+    .unwrap();
+    for i in 0..3u8 {
+        let m = within("a small publish", sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (m.topic.as_str(), m.value),
+            ("p/small", vec![i]),
+            "the big one never reached the relay; the ones after it did, in order"
+        );
+    }
+    let s = until_stats(&publisher, "the drop", |s| s.outbox_drops >= 1).await;
+    assert_eq!((s.outbox_drops, s.reconnects), (1, 1), "{s:?}");
+    let text = logs.text();
+    assert!(
+        text.contains("QoS 0 publishes buffered while disconnected were dropped")
+            && text.contains("max_frame (4096 bytes)")
+            && text.contains("dropped=1"),
+        "{text}"
+    );
+    publisher.close().await;
+    receiver.close().await;
+    small.stop().await;
+}
+
 /// The durable QoS 1 subscription `name` on `job/#` for the two tests below.
 fn held_opts(name: &'static str) -> SubscribeOptions {
     SubscribeOptions::new().qos(Qos::AtLeastOnce).durable(name)

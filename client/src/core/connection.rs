@@ -1159,12 +1159,26 @@ impl Engine {
                     let reason = reason(self.relay_max_frame);
                     self.emit(Event::PublishFailed { pid, reason });
                 }
+                let mut unheard = 0u64;
                 for pid in over0 {
                     self.stats.outbox_drops += 1;
-                    if let Some(pid) = pid {
-                        let reason = reason(self.relay_max_frame);
-                        self.emit(Event::PublishFailed { pid, reason });
+                    match pid {
+                        Some(pid) => {
+                            let reason = reason(self.relay_max_frame);
+                            self.emit(Event::PublishFailed { pid, reason });
+                        }
+                        None => unheard += 1,
                     }
+                }
+                if unheard > 0 {
+                    // Their `publish` returned when they were buffered: said (once a
+                    // connection), or their loss would go unnoticed.
+                    tracing::warn!(
+                        dropped = unheard,
+                        "QoS 0 publishes buffered while disconnected were dropped: over this \
+                         relay's max_frame ({} bytes)",
+                        self.relay_max_frame
+                    );
                 }
                 self.sync_unacked();
                 self.emit(Event::Connected {
