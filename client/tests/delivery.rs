@@ -662,6 +662,56 @@ async fn a_buffered_qos0_publish_over_the_next_relays_max_frame_is_dropped_logge
     small.stop().await;
 }
 
+/// QoS 0 publishes buffered while the client is disconnected and never sent because it
+/// closed first: counted in `stats().outbox_drops` and logged (their `publish` returned
+/// `Ok`; `ClientStats::outbox_drops` says each such drop is logged). Review: the close
+/// path counted them and said nothing.
+#[tokio::test]
+async fn qos0_publishes_still_buffered_when_the_client_closes_are_counted_and_logged() {
+    let (logs, _guard) = support::logs::capture_warnings();
+    let relay = TestRelay::start().await;
+    let t = tree("closed-unsent");
+    let publisher = Client::builder()
+        .with(Tcp::new(relay.tcp_url()))
+        .with(Encryption::with_keyring(keyring_with(&t)))
+        .with(identity())
+        .with(Reconnect::new(
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        ))
+        .publish_buffer(1)
+        .connect()
+        .await
+        .unwrap();
+    let mut state = publisher.state_changes();
+    relay.stop().await;
+    within(
+        "disconnected",
+        state.wait_for(|s| matches!(s, whispeer::ConnectionState::Reconnecting(_))),
+    )
+    .await
+    .unwrap();
+    for i in 0..3u8 {
+        within("buffered", publisher.publish_bytes("p/x", "x/y", &[i]))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        publisher.stats().outbox_drops,
+        0,
+        "buffered, not dropped yet"
+    );
+    publisher.close().await;
+    let s = publisher.stats();
+    assert_eq!(s.outbox_drops, 3, "{s:?}");
+    let text = logs.text();
+    assert!(
+        text.contains("QoS 0 publishes not sent before the client closed were dropped")
+            && text.contains("dropped=3"),
+        "{text}"
+    );
+}
+
 /// The durable QoS 1 subscription `name` on `job/#` for the two tests below.
 fn held_opts(name: &'static str) -> SubscribeOptions {
     SubscribeOptions::new().qos(Qos::AtLeastOnce).durable(name)

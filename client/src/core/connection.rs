@@ -1730,8 +1730,16 @@ impl Engine {
             self.emit(Event::PublishFailed { pid, reason });
         }
         // Publishes (and flushes) still waiting for their seal jobs: never sent.
-        let (pids, flushes, unsent) = self.sealing.clear();
-        self.stats.outbox_drops += unsent;
+        let (pids, flushes, unsent_sealing) = self.sealing.clear();
+        self.stats.outbox_drops += unsent_sealing;
+        if unsent + unsent_sealing > 0 {
+            // Their `publish` returned `Ok` (QoS 0, nobody waits): said, or their loss
+            // would go unnoticed (`flush` before closing sends them).
+            tracing::warn!(
+                dropped = unsent + unsent_sealing,
+                "QoS 0 publishes not sent before the client closed were dropped"
+            );
+        }
         for pid in pids {
             let reason = PublishFailure::Closed;
             self.emit(Event::PublishFailed { pid, reason });
