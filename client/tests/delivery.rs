@@ -1223,7 +1223,8 @@ async fn a_message_taken_while_the_state_file_cannot_be_written_is_refused_after
 /// well before the relay's ack timeout (30 s) would redeliver. Here every write of a dedup
 /// entry fails at once (a trigger refuses the rows: a full disk, without the 5 s lock wait)
 /// and keeps failing; one message held is far under the 4,096-sequence bound, so only the
-/// time bound releases its ack (~10 s). Mutation review: with the time bound removed, every
+/// time bound releases its ack, at 10 s (the driver wakes for it; it used to wait for the
+/// write's next retry, 11.3 s here). Mutation review: with the time bound removed, every
 /// test passed (the acks then wait for 4,096 sequences or a write that succeeds).
 #[cfg(feature = "persistence")]
 #[tokio::test]

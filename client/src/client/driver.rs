@@ -175,6 +175,13 @@ impl HeldAcks {
         self.seqs >= Self::MAX_SEQS || self.since.is_some_and(|t| t.elapsed() >= Self::MAX_WAIT)
     }
 
+    /// When the held frames reach [`HeldAcks::MAX_WAIT`] (none held: never).
+    fn deadline(&self) -> Option<std::time::Instant> {
+        self.since
+            .filter(|_| !self.frames.is_empty())
+            .map(|t| t + Self::MAX_WAIT)
+    }
+
     /// Takes the held frames (the bound starts again).
     fn take(&mut self) -> Vec<bytes::Bytes> {
         self.seqs = 0;
@@ -610,13 +617,19 @@ impl Driver {
         0
     }
 
-    /// When a failed state file write is to be tried again.
+    /// When a failed state file write is to be tried again, or held acks reach their time
+    /// bound (the driver wakes for it: they left only at its next wake after the bound,
+    /// up to a write retry's 5 s later).
     fn retry_at(&self) -> Option<std::time::Instant> {
+        let held = self.held.deadline();
         #[cfg(feature = "persistence")]
         if let Some(st) = &self.p.saved {
-            return st.retry_at();
+            return match (st.retry_at(), held) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
-        None
+        held
     }
 
     /// The dialer of dial `id` (the engine picks the relay).
