@@ -239,6 +239,11 @@ async fn read_loop<Src: FrameSource>(
     // and the queue's closing ends this loop at once.
     let mut paused = false;
     let mut stall = (0u64, started);
+    // Whether the timer was re-armed for `idle_ms` once the session opened: armed for the
+    // Hello deadline until then, it would otherwise first look at idleness at that deadline
+    // — an `idle_ms` shorter than `hello_ms` was not applied before it (review: idle 1.5 s,
+    // hello 10 s, closed after 10 s "for no traffic for 1500 ms").
+    let mut idle_armed = false;
     loop {
         // Fairness: one read can hold dozens of frames, and tokio only charges its
         // cooperative budget per read, so a flooding connection could handle thousands of
@@ -385,6 +390,13 @@ async fn read_loop<Src: FrameSource>(
                         return closed;
                     }
                 }
+            }
+        }
+        if !idle_armed && session.is_open() {
+            idle_armed = true;
+            let due = last_in + idle;
+            if due < deadline.deadline() {
+                deadline.as_mut().reset(due);
             }
         }
         // Routing walks the session charged for (`rate::walk_tokens`): work frames and bytes

@@ -1189,6 +1189,30 @@ async fn hello_and_idle_timeouts() {
     idle.expect_fatal(ErrorCode::IdleTimeout).await;
 }
 
+/// `idle_ms` shorter than `hello_ms` applies from the `Welcome` on: the connection's timer,
+/// armed for the Hello deadline, first looked at idleness at that deadline, so a silent
+/// client was closed after `hello_ms` (10 s here) with a message saying `idle_ms` (found by
+/// an independent client written from the spec: idle 1.5 s, closed after 10.0 s).
+#[tokio::test]
+async fn an_idle_limit_shorter_than_the_hello_limit_applies_after_the_welcome() {
+    let mut config = Config::ephemeral();
+    config.timeouts.hello_ms = 30_000;
+    config.timeouts.idle_ms = 300;
+    config.timeouts.heartbeat_ms = 100;
+    let relay = TestRelay::start(config).await;
+    let mut idle = Client::tcp(relay.tcp()).await;
+    idle.hello().await;
+    let welcomed = std::time::Instant::now();
+    let e = idle.expect_fatal(ErrorCode::IdleTimeout).await;
+    let after = welcomed.elapsed();
+    assert!(e.message.contains("no traffic for 300 ms"), "{}", e.message);
+    // Functional, not a speed figure: the idle limit (0.3 s), far from the Hello one (30 s).
+    assert!(
+        after < std::time::Duration::from_secs(15),
+        "closed after {after:?}"
+    );
+}
+
 #[derive(Debug)]
 struct Gatekeeper;
 
