@@ -854,7 +854,7 @@ fn main() {
     fail_frame(
         "fail_frame_sub_too_deep",
         "Sub filter with 33 levels",
-        "filter of 33 bytes exceeds",
+        "filter of 33 elements exceeds",
         {
             let mut b = vec![0xa4, 0x00, 0x03, 0x01, 0x01, 0x02, 0x50];
             b.extend_from_slice(ek.key_id().as_bytes());
@@ -1629,12 +1629,14 @@ fn trust_vectors(dir: &Path, tk: &TreeKey, env: &Envelope, bv: &Value) {
         &v,
         &e,
     );
-    // The reserved batch signature scheme.
+    // The signed (scheme 1) body of the base envelope with its scheme byte changed to 2, the
+    // batch signature (written when scheme 2 was reserved; its bytes are kept): what follows
+    // the byte is not a batch proof.
     let batch = reseal_body(env, "sensor/kitchen/temp", |b| b[0] = 2);
     fail_env(
         dir,
         "fail_envelope_batch_signature_scheme",
-        "body signature scheme 2 (batch signature: reserved, refused today)",
+        "a signed body whose signature scheme byte was changed from 1 to 2 (batch signature): refused as a malformed scheme-2 body (the msg_id bytes read as a batch count of 4076490357, out of range)",
         bv,
         &batch,
     );

@@ -22,8 +22,8 @@ pub const GCM_NONCE_LEN: usize = 12;
 /// The extra input of the suite's key derivations after the nonce (tags `0x0A`, `0x0B`):
 /// nothing for suite 1 (its derivation predates suite 3 and keeps its bytes), the suite byte
 /// for every later suite. So one nonce never gives the same key to two algorithms: a relay
-/// that flips the suite byte of a stored envelope makes the commitment check fail before
-/// any cipher runs.
+/// that flips the suite byte of a stored envelope makes the receiver open the sealed name
+/// (the first AEAD it runs) under a key derived for the other suite, which fails there.
 pub fn suite_parts(suite: Suite) -> &'static [u8] {
     match suite {
         Suite::XChaCha20Poly1305 => &[],

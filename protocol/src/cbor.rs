@@ -190,6 +190,7 @@ impl<'a> Reader<'a> {
                 what: "CBOR map",
                 len: n,
                 max: MAX_CBOR_ITEMS,
+                unit: "entries",
             }),
             _ => Err(DecodeError::InvalidField {
                 frame,
@@ -244,6 +245,7 @@ impl<'a> Reader<'a> {
                         what: field,
                         len,
                         max,
+                        unit: "bytes",
                     });
                 }
                 let r = self.advance(len)?;
@@ -292,6 +294,7 @@ impl<'a> Reader<'a> {
                         what: field,
                         len,
                         max,
+                        unit: "bytes",
                     });
                 }
                 let r = self.advance(len)?;
@@ -321,6 +324,7 @@ impl<'a> Reader<'a> {
                 what: field,
                 len: n,
                 max,
+                unit: "elements",
             }),
             _ => Err(DecodeError::InvalidField {
                 frame,
@@ -357,6 +361,7 @@ impl<'a> Reader<'a> {
                         what: "CBOR array",
                         len: n,
                         max: MAX_CBOR_ITEMS,
+                        unit: "elements",
                     });
                 }
                 (0..n).try_for_each(|_| self.skip(depth + 1))
@@ -367,6 +372,7 @@ impl<'a> Reader<'a> {
                         what: "CBOR map",
                         len: n,
                         max: MAX_CBOR_ITEMS,
+                        unit: "entries",
                     });
                 }
                 (0..2 * n).try_for_each(|_| self.skip(depth + 1))

@@ -222,6 +222,7 @@ impl FrameDecoder {
                 what: "frame",
                 len,
                 max: self.max_frame,
+                unit: "bytes",
             });
         }
         if len == 0 {

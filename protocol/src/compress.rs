@@ -320,4 +320,69 @@ mod tests {
         ));
         assert_eq!(decompress(9, b"", 10), Err(BodyError::UnsupportedCodec(9)));
     }
+
+    /// What the reference accepts around the one-frame and one-block rules (PROTOCOL §4.6,
+    /// "What the reference decoder accepts"): the zstd payload is decoded by libzstd's
+    /// multi-frame `ZSTD_decompressDCtx` into exactly the declared size, the LZ4 block by
+    /// `lz4_flex`'s safe decoder, which does not check the LZ4 end-of-block conditions.
+    #[test]
+    fn zstd_frames_and_lz4_block_ends_as_the_reference_decodes_them() {
+        let data = b"{\"temp\":21.5,\"room\":\"kitchen\"}".repeat(20);
+        let f = zstd::bulk::compress(&data, 3).unwrap();
+        let empty = zstd::bulk::compress(b"", 3).unwrap();
+        let one = zstd::bulk::compress(b"x", 3).unwrap();
+        // A skippable frame (magic 0x184D2A50, u32le size, content).
+        let skip = |n: u32| {
+            let mut v = vec![0x50, 0x2a, 0x4d, 0x18];
+            v.extend_from_slice(&n.to_le_bytes());
+            v.extend(std::iter::repeat_n(7u8, n as usize));
+            v
+        };
+        let zstd = |p: &[u8]| decompress(CODEC_ZSTD, p, 1 << 20).map(|v| v.len());
+        assert_eq!(zstd(&f), Ok(data.len()));
+        // After the frame: skippable frames and frames that decode to nothing are taken.
+        assert_eq!(zstd(&[&f[..], &skip(3)].concat()), Ok(data.len()));
+        assert_eq!(zstd(&[&f[..], &skip(0)].concat()), Ok(data.len()));
+        assert_eq!(zstd(&[&f[..], &empty].concat()), Ok(data.len()));
+        // Anything else after it is refused: a frame with content (past the declared size),
+        // stray bytes (1 to 4, or 5 and more that are not a frame), a cut skippable frame.
+        assert!(zstd(&[&f[..], &one].concat()).is_err());
+        for n in [1, 4, 5, 12] {
+            assert!(
+                zstd(&[&f[..], &vec![0u8; n]].concat()).is_err(),
+                "{n} bytes"
+            );
+        }
+        assert!(zstd(&[&f[..], &skip(3)[..6]].concat()).is_err());
+        // A leading skippable frame declares size 0: only what decodes to nothing follows.
+        assert_eq!(zstd(&skip(3)), Ok(0));
+        assert_eq!(zstd(&[&skip(3)[..], &empty].concat()), Ok(0));
+        assert!(zstd(&[&skip(3)[..], &f].concat()).is_err());
+        // A Content_Checksum, when present, is verified.
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        c.set_parameter(zstd::stream::raw::CParameter::ChecksumFlag(true))
+            .unwrap();
+        let mut fc = c.compress(&data).unwrap();
+        assert_eq!(zstd(&fc), Ok(data.len()));
+        *fc.last_mut().unwrap() ^= 1;
+        assert!(zstd(&fc).is_err());
+
+        let lz4 = |p: &[u8]| decompress(CODEC_LZ4, p, 1 << 20);
+        // U = 0: exactly one token byte with a literal length of 0 (its match half unread).
+        assert_eq!(lz4(&[0, 0, 0, 0, 0x00]), Ok(vec![]));
+        assert_eq!(lz4(&[0, 0, 0, 0, 0x0f]), Ok(vec![]));
+        assert!(lz4(&[0, 0, 0, 0]).is_err(), "an empty block");
+        assert!(lz4(&[0, 0, 0, 0, 0x00, 0x00]).is_err());
+        // The last sequence's match half is ignored; a block ending after a match is refused.
+        assert_eq!(lz4(&[0, 0, 0, 1, 0x1f, b'a']), Ok(b"a".to_vec()));
+        assert!(lz4(&[0, 0, 0, 5, 0x10, b'a', 0x01, 0x00]).is_err());
+        // The end-of-block conditions (last 5 bytes literals, last match 12 bytes before the
+        // end) are not checked: a match reaching the end, then an empty literal run.
+        assert_eq!(
+            lz4(&[0, 0, 0, 5, 0x10, b'a', 0x01, 0x00, 0x00]),
+            Ok(b"aaaaa".to_vec())
+        );
+        // Offset 0 is refused.
+        assert!(lz4(&[0, 0, 0, 5, 0x10, b'a', 0x00, 0x00, 0x00]).is_err());
+    }
 }

@@ -262,6 +262,7 @@ fn parse_header_len(b: &[u8]) -> Result<usize, DecodeError> {
             what: "envelope token count",
             len: n,
             max: MAX_LEVELS,
+            unit: "tokens",
         });
     }
     let len_off = OFF_N + 1 + n * TOKEN_LEN;
@@ -277,6 +278,7 @@ fn parse_header_len(b: &[u8]) -> Result<usize, DecodeError> {
             what: "sealed name",
             len: name_len,
             max: MAX_SEALED_NAME,
+            unit: "bytes",
         });
     }
     if name_len < NAME_PAD + TAG_LEN || (name_len - TAG_LEN) % NAME_PAD != 0 {

@@ -12,12 +12,14 @@ pub enum DecodeError {
     /// The input ended before the item was complete.
     #[error("truncated input: {what} needs {needed} more bytes")]
     Truncated { what: &'static str, needed: usize },
-    /// A length prefix or length field is larger than allowed.
-    #[error("{what} of {len} bytes exceeds the limit of {max}")]
+    /// A length prefix, length field or count is larger than allowed (`unit` says what
+    /// `len` counts: bytes, or the elements of an array, the entries of a map).
+    #[error("{what} of {len} {unit} exceeds the limit of {max}")]
     TooLarge {
         what: &'static str,
         len: usize,
         max: usize,
+        unit: &'static str,
     },
     /// The envelope or frame version is not one this implementation speaks.
     #[error("unsupported {what} version {version}")]

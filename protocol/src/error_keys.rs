@@ -83,7 +83,7 @@ pub enum KeyError {
         new_tree: String,
     },
     /// Two certificates of the same tree and epoch disagree (other routing or name key).
-    #[error("tree {tree} epoch {epoch}: a second, different epoch certificate")]
+    #[error("tree {tree} epoch {epoch}: a second epoch certificate with another routing or name key (R, N)")]
     EpochConflict { tree: String, epoch: u64 },
     /// A grant whose key contradicts the key derived from a broader grant (or a narrower
     /// verified grant) the keyring holds.

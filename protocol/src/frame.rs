@@ -888,6 +888,7 @@ fn check_hello(h: &Hello) -> Result<(), DecodeError> {
             what: "versions",
             len: h.versions.len(),
             max: MAX_OFFERED_VERSIONS,
+            unit: "elements",
         });
     }
     if let Some(a) = &h.auth {
@@ -896,6 +897,7 @@ fn check_hello(h: &Hello) -> Result<(), DecodeError> {
                 what: "auth",
                 len: a.len(),
                 max: MAX_AUTH_LEN,
+                unit: "bytes",
             });
         }
     }
@@ -1085,6 +1087,7 @@ impl Frame {
                 what: "frame",
                 len: input.len(),
                 max: MAX_FRAME_CEILING,
+                unit: "bytes",
             });
         }
         let mut r = Reader::new(input);

@@ -275,4 +275,48 @@ mod tests {
             Err(KeyError::BadSignature("public id"))
         );
     }
+
+    /// PROTOCOL §1.3: a public key decodes as curve25519-dalek 4 decodes it — `y` taken mod p
+    /// (so `y ≥ p` is accepted), `x = 0` with the sign bit set accepted — and keeps the bytes
+    /// as given; only a `y` with no curve point is refused. `verify_strict` refuses a key of
+    /// small order even where the cofactorless equation holds.
+    #[test]
+    fn public_keys_decode_as_dalek_does() {
+        use ed25519_dalek::{Signature, Verifier};
+        // p = 2^255 − 19, little-endian: ed ff … ff 7f.
+        let mut p = [0xffu8; 32];
+        p[0] = 0xed;
+        p[31] = 0x7f;
+        // y = p + 3: a non-canonical encoding of the point with y = 3 (on the curve).
+        let mut y3 = p;
+        y3[0] += 3;
+        let non_canonical = SenderId::from_bytes(&y3).unwrap();
+        assert_eq!(non_canonical.to_bytes(), y3, "kept as given");
+        let mut canonical = [0u8; 32];
+        canonical[0] = 3;
+        assert_ne!(SenderId::from_bytes(&canonical).unwrap(), non_canonical);
+        let again: SenderId = non_canonical.to_string().parse().unwrap();
+        assert_eq!(again, non_canonical);
+        // y = 2 is not the y of a curve point (nor is y = p + 2).
+        let mut y2 = [0u8; 32];
+        y2[0] = 2;
+        assert!(SenderId::from_bytes(&y2).is_err());
+        let mut p2 = p;
+        p2[0] += 2;
+        assert!(SenderId::from_bytes(&p2).is_err());
+        // The neutral point (0, 1) with the sign bit set ("x = −0") decodes. It has small
+        // order: with R = B (the base point) and S = 1, [S]B − [k]A = R for every message,
+        // which `verify` accepts and `verify_strict` refuses.
+        let mut neutral = [0u8; 32];
+        neutral[0] = 1;
+        neutral[31] = 0x80;
+        let a = VerifyingKey::from_bytes(&neutral).unwrap();
+        let mut sig = [0u8; 64];
+        sig[0] = 0x58;
+        sig[1..32].fill(0x66);
+        sig[32] = 1;
+        let sig = Signature::from_bytes(&sig);
+        assert!(a.verify(b"any message", &sig).is_ok());
+        assert!(a.verify_strict(b"any message", &sig).is_err());
+    }
 }

@@ -342,8 +342,10 @@ impl Keyring {
     /// ([`KeyError::PinMismatch`]); epoch > 0 of a passphrase tree
     /// ([`KeyError::PassphraseEpoch`]); an end (`not_after_ms`) on a passphrase tree
     /// ([`KeyError::InvalidString`]); a key id held for another tree or epoch
-    /// ([`KeyError::KeyIdConflict`]); a second, different certificate for a held epoch
-    /// ([`KeyError::EpochConflict`]); a grant whose key contradicts a held grant
+    /// ([`KeyError::KeyIdConflict`]); a certificate for a held epoch with another R or N
+    /// ([`KeyError::EpochConflict`]; one that differs only in its name, cutoff or end is
+    /// accepted, and the epoch keeps the smallest cutoff and the earliest end); a grant whose
+    /// key contradicts a held grant
     /// ([`KeyError::Contradicts`]) — unless the new grant is admin-signed and the held one
     /// is not, in which case the held one is dropped and reported.
     ///
@@ -1604,6 +1606,60 @@ mod tests {
         }
     }
 
+    /// PROTOCOL §5.8 "Provenance" and "Duplicates", §4.10 step 5: a narrowed grant is
+    /// derived from the last held verified grant strictly containing it; a duplicate of a
+    /// higher rank replaces the held grant, one of a lower or equal rank changes nothing; an
+    /// opened message reports the most trusted, then the most specific, covering grant.
+    #[test]
+    fn derived_scope_duplicates_and_the_provenance_an_opened_message_reports() {
+        let mut r = rng(35);
+        let tk = TreeKey::generate_with("team", &mut r).unwrap();
+        let (x, y) = (
+            Identity::generate_with(&mut r),
+            Identity::generate_with(&mut r),
+        );
+        let tid = tk.tree_id();
+        let team = tk.grant(&Scope::Subtree(t("team")));
+        let ab = Scope::Topic(t("team/a/b"));
+        let ab_by_x = team.narrow(&t("team/a/b"), true, &x).unwrap();
+        let ab_by_y = team.narrow(&t("team/a/b"), true, &y).unwrap();
+        let mut kr = Keyring::new();
+        // Two delegations of one scope: the first stays.
+        kr.add_grant_at(ab_by_x, 0).unwrap();
+        let added = kr.add_grant_report_at(ab_by_y.clone(), 0).unwrap();
+        let by_x = Provenance::Delegated { by: x.sender_id() };
+        assert_eq!(added.provenance, Some(by_x.clone()));
+        assert_eq!(kr.held_grants().count(), 1);
+        // team/# (verified) upgrades it to derived from team/#; # later changes nothing.
+        kr.add_grant_at(team.clone(), 0).unwrap();
+        let from_team = Provenance::Derived {
+            from: Scope::Subtree(t("team")),
+        };
+        assert_eq!(kr.provenance(tid, &ab), Some(&from_team));
+        kr.add_grant_at(tk.grant_all(), 0).unwrap();
+        assert_eq!(kr.provenance(tid, &ab), Some(&from_team));
+        // A narrowed grant arriving now is derived from the last held verified grant that
+        // strictly contains it (held in the order team/a/b, team/#, #): '#'.
+        let a_by_y = team.narrow(&t("team/a"), false, &y).unwrap();
+        let added = kr.add_grant_report_at(a_by_y, 0).unwrap();
+        assert_eq!(
+            added.provenance,
+            Some(Provenance::Derived { from: Scope::Tree })
+        );
+        // Opening reports rank before specificity: team/a/# (derived) is the most specific
+        // grant covering team/a/c, but the admin-signed ones rank higher.
+        let env = seal_on(&kr, "team/a/c", 5, 3);
+        let o = Opener::new().open(&kr, &env, 5).unwrap();
+        assert_eq!(o.provenance, Provenance::AdminSigned);
+        // An admin-signed duplicate replaces the derived team/a/b; a delegated one then
+        // changes nothing.
+        let added = kr.add_grant_report_at(tk.grant(&ab), 0).unwrap();
+        assert_eq!(added.provenance, Some(Provenance::AdminSigned));
+        let added = kr.add_grant_report_at(ab_by_y, 0).unwrap();
+        assert_eq!(added.provenance, Some(Provenance::AdminSigned));
+        assert_eq!(kr.held_grants().count(), 4);
+    }
+
     #[test]
     fn delegated_grants_open_but_seal_only_after_opt_in() {
         let mut r = rng(33);
@@ -1881,6 +1937,44 @@ mod tests {
             tk.with_not_after(Some(1)).unwrap().cert().not_after_ms(),
             Some(1)
         );
+    }
+
+    /// PROTOCOL §5.8 "Key ids": certificates of one (tree, epoch) must agree on R and N
+    /// (`EpochConflict`); otherwise they are all accepted, and the keyring keeps the smallest
+    /// cutoff and the earliest end among them. Equality is the boundary of every date rule:
+    /// `ts_ms = not_after_ms` is accepted, `ts_ms = cutoff` refused, `now = superseded_at +
+    /// grace` accepted live.
+    #[test]
+    fn certificates_of_one_epoch_merge_to_the_most_restrictive() {
+        let tid = TreeId([9; 16]);
+        let key = |epoch, root| TreeKey::from_parts(tid, epoch, "home", [root; 32], [2; 32]);
+        let e0 = key(0, 1).unwrap();
+        let id0 = e0.cert().keys().key_id();
+        let mut kr = Keyring::with_grace(1_000);
+        kr.add_tree_key_at(&e0, 0).unwrap();
+        // Another root for the held epoch: another R and N (and key id).
+        assert!(matches!(
+            kr.add_tree_key_at(&key(0, 3).unwrap(), 0),
+            Err(KeyError::EpochConflict { .. })
+        ));
+        // The same R and N with other ends: accepted; the earliest end is kept.
+        for end in [Some(5_000), Some(9_000), None] {
+            let k = e0.clone().with_not_after(end).unwrap();
+            kr.add_tree_key_at(&k, 0).unwrap();
+        }
+        assert!(kr.accepts_message(&id0, 5_000, 0, true));
+        assert!(!kr.accepts_message(&id0, 5_001, 0, true));
+        // Epoch 1 with cutoffs 800, then 600, then 900: the smallest (600) is kept.
+        for cut in [800, 600, 900] {
+            kr.add_tree_key_at(&key(1, 4).unwrap().with_prev_cutoff(cut), 100)
+                .unwrap();
+        }
+        assert!(kr.accepts_message(&id0, 599, 100, true));
+        assert!(!kr.accepts_message(&id0, 600, 100, true));
+        // Superseded at 100, grace 1000: live until now = 1100 included.
+        assert!(kr.accepts_message(&id0, 599, 1_100, true));
+        assert!(!kr.accepts_message(&id0, 599, 1_101, true));
+        assert!(kr.accepts_message(&id0, 599, 1_101, false));
     }
 
     #[test]

@@ -190,3 +190,65 @@ pub(crate) fn put_lp(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&(s.len() as u16).to_be_bytes());
     out.extend_from_slice(s);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bech32::{ByteIterExt, Fe32, Fe32IterExt};
+
+    /// `data`'s 5-bit groups, then `extra` groups, under `hrp` with a valid checksum.
+    fn with_groups(hrp: &str, data: &[u8], extra: &[Fe32]) -> String {
+        let hrp = Hrp::parse(hrp).unwrap();
+        data.iter()
+            .copied()
+            .bytes_to_fes()
+            .chain(extra.iter().copied())
+            .with_checksum::<Bech32mLong>(&hrp)
+            .chars()
+            .collect()
+    }
+
+    /// PROTOCOL §6.1: the decoder drops the bits left after the last whole byte, whatever
+    /// their number and value; the length limit is that of the kind expected, checked before
+    /// the HRP is compared.
+    #[test]
+    fn leftover_bits_and_length_limits() {
+        // 65 bytes are exactly 104 groups: one surplus group (5 bits) adds no byte.
+        let b = [7u8; 65];
+        let s = with_groups(hrp::SECRET, &b, &[Fe32::Q]);
+        assert_eq!(decode(hrp::SECRET, &s).unwrap(), b);
+        let s = with_groups(hrp::SECRET, &b, &[Fe32::L]);
+        assert_eq!(decode(hrp::SECRET, &s).unwrap(), b);
+        // 32 bytes are 52 groups with 4 padding bits: non-zero padding is not refused.
+        let b = [0u8; 32];
+        let mut fes: Vec<Fe32> = b.iter().copied().bytes_to_fes().collect();
+        // The last group's first bit is the last data bit (0), its other four are padding.
+        *fes.last_mut().unwrap() = Fe32::try_from(0b01111u8).unwrap();
+        let hrp_pk = Hrp::parse(hrp::SENDER).unwrap();
+        let s: String = fes
+            .into_iter()
+            .with_checksum::<Bech32mLong>(&hrp_pk)
+            .chars()
+            .collect();
+        assert_eq!(decode(hrp::SENDER, &s).unwrap(), b);
+        assert_eq!(encode(hrp::SENDER, &b).len(), s.len());
+        // The limit is the expected kind's: a 4,097-character string of another (valid) HRP
+        // is an invalid string where a grant is expected, a shorter one a wrong kind.
+        let long = with_groups("wsother", &[1u8; 2551], &[Fe32::Q]);
+        assert_eq!(long.len(), 4097);
+        assert!(matches!(
+            decode(hrp::GRANT, &long),
+            Err(KeyError::InvalidString { .. })
+        ));
+        assert!(matches!(
+            decode_long(hrp::DICT, &long),
+            Err(KeyError::WrongKind { .. })
+        ));
+        let limit = with_groups("wsother", &[1u8; 2551], &[]);
+        assert_eq!(limit.len(), 4096);
+        assert!(matches!(
+            decode(hrp::GRANT, &limit),
+            Err(KeyError::WrongKind { .. })
+        ));
+    }
+}

@@ -103,6 +103,7 @@ impl TokenPath {
                 what: "token path",
                 len: tokens.len(),
                 max: MAX_LEVELS,
+                unit: "elements",
             });
         }
         Ok(Self { key_id, tokens })
@@ -153,6 +154,7 @@ impl TokenPattern {
                 what: "filter",
                 len: elems.len(),
                 max: MAX_LEVELS,
+                unit: "elements",
             });
         }
         if elems[..elems.len() - 1]
