@@ -1562,7 +1562,8 @@ impl Default for QueueConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct Timeouts {
-    /// Time a new connection has to complete its transport handshake and send Hello.
+    /// Time a new connection has to complete its transport handshake and send Hello (and,
+    /// when the relay challenges it, its Auth): counted once, from the handshake's start.
     #[arg(long, env = "WHISPEER_HELLO_MS")]
     pub hello_ms: u64,
     /// Heartbeat interval announced in Welcome, also the WebSocket ping interval; 0 = none.
