@@ -567,6 +567,34 @@ async fn a_kept_publish_over_the_next_relays_max_frame_fails_when_it_says_its_li
     big.stop().await;
 }
 
+/// A publisher on `relays` that reconnects fast and holds one publish at a time in the
+/// connection's hands (`publish_buffer(1)`: a `publish` returns once the one before it is
+/// written or buffered), so what it publishes while disconnected is buffered in order.
+async fn one_at_a_time_publisher(relays: impl whispeer::Engine, t: &whispeer::TreeKey) -> Client {
+    Client::builder()
+        .with(relays)
+        .with(Encryption::with_keyring(keyring_with(t)))
+        .with(identity())
+        .with(Reconnect::new(
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        ))
+        .publish_buffer(1)
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Waits until the client lost its relay and is reconnecting.
+async fn until_reconnecting(state: &mut tokio::sync::watch::Receiver<whispeer::ConnectionState>) {
+    within(
+        "disconnected",
+        state.wait_for(|s| matches!(s, whispeer::ConnectionState::Reconnecting(_))),
+    )
+    .await
+    .unwrap();
+}
+
 /// A QoS 0 publish without `ack` buffered while the client is disconnected, over the
 /// `max_frame` of the relay it then reconnects to: dropped when that relay says its limit,
 /// logged and counted in `stats().outbox_drops` (client README, publishing limits, "The
@@ -585,32 +613,12 @@ async fn a_buffered_qos0_publish_over_the_next_relays_max_frame_is_dropped_logge
     let t = tree("poison-offline");
     let receiver = tcp_client(&small.tcp_url(), keyring_with(&t), identity()).await;
     let mut sub = receiver.subscribe_bytes("p/#").await.unwrap();
-    let publisher = Client::builder()
-        .with(whispeer::Relays::new([
-            big.tcp_url(),
-            format!("tcp://{}", front.addr),
-        ]))
-        .with(Encryption::with_keyring(keyring_with(&t)))
-        .with(identity())
-        .with(Reconnect::new(
-            Duration::from_millis(20),
-            Duration::from_millis(200),
-        ))
-        // One publish at a time in the connection's hands: a `publish` returns once the
-        // one before it is written or buffered.
-        .publish_buffer(1)
-        .connect()
-        .await
-        .unwrap();
+    let relays = whispeer::Relays::new([big.tcp_url(), format!("tcp://{}", front.addr)]);
+    let publisher = one_at_a_time_publisher(relays, &t).await;
     assert_eq!(publisher.relay_url(), big.tcp_url());
     let mut state = publisher.state_changes();
     big.stop().await;
-    within(
-        "disconnected",
-        state.wait_for(|s| matches!(s, whispeer::ConnectionState::Reconnecting(_))),
-    )
-    .await
-    .unwrap();
+    until_reconnecting(&mut state).await;
     // Under the first relay's limit (1 MiB) and over the second's; then small ones. The
     // first small one returns once the big one is buffered.
     let big_payload = incompressible_8k();
@@ -671,26 +679,10 @@ async fn qos0_publishes_still_buffered_when_the_client_closes_are_counted_and_lo
     let (logs, _guard) = support::logs::capture_warnings();
     let relay = TestRelay::start().await;
     let t = tree("closed-unsent");
-    let publisher = Client::builder()
-        .with(Tcp::new(relay.tcp_url()))
-        .with(Encryption::with_keyring(keyring_with(&t)))
-        .with(identity())
-        .with(Reconnect::new(
-            Duration::from_millis(20),
-            Duration::from_millis(200),
-        ))
-        .publish_buffer(1)
-        .connect()
-        .await
-        .unwrap();
+    let publisher = one_at_a_time_publisher(Tcp::new(relay.tcp_url()), &t).await;
     let mut state = publisher.state_changes();
     relay.stop().await;
-    within(
-        "disconnected",
-        state.wait_for(|s| matches!(s, whispeer::ConnectionState::Reconnecting(_))),
-    )
-    .await
-    .unwrap();
+    until_reconnecting(&mut state).await;
     for i in 0..3u8 {
         within("buffered", publisher.publish_bytes("p/x", "x/y", &[i]))
             .await
