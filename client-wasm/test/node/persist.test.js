@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { startRelay } from '../shared/relay.js';
 import { startProxy } from '../shared/proxy.js';
+import { loggingProxy } from '../shared/logging-proxy.js';
 import { createServer } from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { Client, Identity, TreeKey, WhispeerError } from '../../js/index.node.js';
@@ -445,7 +446,7 @@ test('the pinned tree admin survives a restart: a key for the same tree from ano
   await fresh.close();
 });
 
-/** A publisher, and `run()`: a new client "process" with one identity and state file. */
+/** A publisher, and `run(url)`: a new client "process" with one identity and state file. */
 async function persistedRuns(name) {
   const file = join(dir, `${name}.wsp`);
   const tree = TreeKey.generate(name);
@@ -454,8 +455,8 @@ async function persistedRuns(name) {
   clients.push(pub);
   // Each run's client is closed by the file's after() too: a test that fails (or times
   // out) while one is open leaves the process nothing to keep it alive.
-  const run = async () => {
-    const c = await Client.connect(relay.url, { keys: tree, identity: me, persistence: file });
+  const run = async (url = relay.url) => {
+    const c = await Client.connect(url, { keys: tree, identity: me, persistence: file });
     clients.push(c);
     return c;
   };
@@ -493,9 +494,14 @@ test('what a durable is owed survives a restart: messages another subscription t
 test('a message a durable iterator held untaken when another subscription took it comes back to the durable after a restart', { timeout: 30_000 }, async () => {
   const { pub, run } = await persistedRuns('co-held');
   let a = await run();
-  // The durable and a plain QoS 1 subscription beside it: one delivery for both.
-  const durable = await a.subscribe('d/#', { qos: 1, durable: 'co-held' });
-  const plain = await a.subscribe('d/x', { qos: 1 });
+  // The durable and a plain QoS 1 subscription beside it: one delivery for both. Without
+  // retained values (asked for by default), so neither starts in a hand-over: a durable
+  // still in its retained-values hand-over when 7 comes is the test below. (With them this
+  // test timed out once under heavy load: the relay ended the durable's hand-over after
+  // the plain subscription took 7 and the client closed, so the durable had no copy to be
+  // owed, and its resume refused 7 as a duplicate.)
+  const durable = await a.subscribe('d/#', { qos: 1, durable: 'co-held', retained: false });
+  const plain = await a.subscribe('d/x', { qos: 1, retained: false });
   await pub.publish('d/x', 7, { qos: 1 });
   for await (const m of plain) {
     assert.equal(m.value, 7);
@@ -513,6 +519,50 @@ test('a message a durable iterator held untaken when another subscription took i
   }
   assert.deepEqual(got, [7], 'owed to the durable from the moment the other subscription took it');
   await a.close();
+});
+
+test('a message held back for a durable still in its retained-values hand-over, taken meanwhile by another subscription, comes back to the durable after a restart', {
+  timeout: 30_000,
+  todo: 'engine: a message a durable awaits in its hand-over (LocalSub::skipped) is not owed to it when another subscription takes it; needs the Rust fix and a rebuilt pkg',
+}, async () => {
+  const { pub, run } = await persistedRuns('hand-over-held');
+  // The relay ends a subscription's retained-values hand-over with ReplayDone (SubOk said
+  // history follows) and holds back its live messages until then. Under load that can
+  // come after a neighbour's hand-over ended and the neighbour took a live message: the
+  // durable's own copy was still to come when the client closed. The proxy holds the
+  // durable's ReplayDone back, which leaves the client in that state.
+  const proxy = await loggingProxy(relay.url);
+  const durableSubId = () => proxy.frames.find((f) => f[2] === 3)?.[4]; // the first Sub's sub_id
+  proxy.holdDown((f, conn) => conn === 1 && f[2] === 15 && f[3] === 1 && f[4] === durableSubId());
+  try {
+    let a = await run(proxy.url);
+    let handedOver = false;
+    const durable = await a.subscribe('d/#', { qos: 1, durable: 'hand-over', onReplayDone: () => (handedOver = true) });
+    const plain = await a.subscribe('d/x', { qos: 1 });
+    await pub.publish('d/x', 7, { qos: 1 });
+    for await (const m of plain) {
+      assert.equal(m.value, 7);
+      break; // taken here while the durable still awaits its copy
+    }
+    await a.flush();
+    assert.equal(handedOver, false, "the durable's hand-over had not ended");
+    assert.equal(proxy.held.length, 1, "the durable's ReplayDone was held back");
+    await a.close();
+    void durable;
+
+    a = await run();
+    const resumed = await a.subscribe('d/#', { qos: 1, durable: 'hand-over' });
+    await pub.publish('d/x', 8, { qos: 1 }); // a marker: live, so after the resumed history
+    const got = [];
+    for await (const m of resumed) {
+      got.push(m.value);
+      if (m.value === 8) break;
+    }
+    assert.deepEqual(got, [7, 8], 'owed to the durable from the moment the other subscription took it');
+    await a.close();
+  } finally {
+    await proxy.close();
+  }
 });
 
 test('messages owed past the in-memory bound (65,536) stay saved through compactions and come to their durable once there is room, as rows of the Rust state file do', { timeout: 60_000 }, async () => {

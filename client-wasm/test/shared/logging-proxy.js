@@ -1,6 +1,8 @@
 // A WebSocket proxy in front of a relay that records what clients send: the type byte of
 // every frame (`up`, PROTOCOL §3: byte 2 of a frame whose map and type fit one byte each)
 // and the frames themselves (`frames`). Used to see when Acks, Pings and Subs leave.
+// `holdDown(pred)`: frames from the relay that `pred(frame, conn)` picks are held back, never
+// forwarded (as if the relay had not sent them yet); `conn` counts connections from 1.
 import { once } from 'node:events';
 import { WebSocketServer, WebSocket } from 'ws';
 
@@ -11,7 +13,11 @@ export async function loggingProxy(target) {
   const up = [];
   const frames = [];
   let last = null; // the newest connection's socket to the relay
+  let hold = null; // (frame, conn) => whether to hold a relay frame back
+  const held = [];
+  let conns = 0;
   wss.on('connection', (client) => {
+    const conn = ++conns;
     const relay = new WebSocket(target);
     last = relay;
     const queued = [];
@@ -24,7 +30,10 @@ export async function loggingProxy(target) {
       if (relay.readyState === WebSocket.OPEN) relay.send(d);
       else queued.push(d);
     });
-    relay.on('message', (d) => client.readyState === WebSocket.OPEN && client.send(d));
+    relay.on('message', (d) => {
+      if (hold?.(d, conn)) held.push(Buffer.from(d));
+      else if (client.readyState === WebSocket.OPEN) client.send(d);
+    });
     client.on('close', () => relay.close());
     relay.on('close', () => client.close());
     client.on('error', () => {});
@@ -35,6 +44,12 @@ export async function loggingProxy(target) {
     up,
     frames,
     count: (type) => up.filter((t) => t === type).length,
+    /** Relay frames held back by `holdDown`. */
+    held,
+    /** Holds back (never forwards) the relay frames `pred(frame, conn)` picks. */
+    holdDown: (pred) => {
+      hold = pred;
+    },
     /** Sends `frame` to the relay on the newest connection, as its client would. */
     inject: (frame) => last.send(frame),
     close: () => {
