@@ -663,6 +663,32 @@ pub struct ClientCore {
     /// Per durable name: messages a subscription of that durable was handed and went away
     /// without taking (their dedup digests) — see [`ClientCore::dedup_untaken`].
     owed: Owed,
+    /// By dedup digest: the durable subscriptions in their hand-over (`LocalSub::held`)
+    /// still awaiting the relay's own copy of a message new to this client that reached it
+    /// for a neighbour meanwhile (their `LocalSub::skipped` holds its digest). They hold no
+    /// copy of it, so nothing else says they are owed it: once the window holds it as
+    /// delivered (another subscription took it, or it counted as delivered at once) it is
+    /// owed to their durables ([`Owed::owe_handed`], saved), and a durable that stops
+    /// awaiting it without its copy (unsubscribed, or its `skipped` dropped for another
+    /// sequence space) is owed it ([`Owed::owe`]). After a restart before the copy came, the
+    /// resumed durable's replayed copy is delivered, not refused as a duplicate (PROTOCOL
+    /// §4.11). An entry goes with the copy (delivered to the durable) or the subscription;
+    /// bounded by what `skipped` remembers.
+    awaited: HashMap<receive::Digest, Vec<LocalSubId>>,
+}
+
+/// Takes `id` out of `awaited[d]`, dropping the entry once empty.
+fn unawait(
+    awaited: &mut HashMap<receive::Digest, Vec<LocalSubId>>,
+    d: receive::Digest,
+    id: LocalSubId,
+) {
+    if let Some(ids) = awaited.get_mut(&d) {
+        ids.retain(|i| *i != id);
+        if ids.is_empty() {
+            awaited.remove(&d);
+        }
+    }
 }
 
 /// Most messages [`ClientCore`] keeps owed to durables and not handed to them, all names
@@ -846,6 +872,7 @@ impl ClientCore {
             space: None,
             warned_dictionaries: Vec::new(),
             owed: Owed::default(),
+            awaited: HashMap::new(),
         }
     }
 
@@ -860,7 +887,12 @@ impl ClientCore {
         let same = self.space.is_none_or(|s| s == space);
         if !same {
             self.last_seq = 0;
-            for s in self.subs.values_mut() {
+            let ids: Vec<LocalSubId> = self.subs.keys().copied().collect();
+            for id in ids {
+                // What a durable awaited is no longer let past the window by its sequence
+                // (the copy's sequence is another space's): owed to it instead.
+                self.stop_awaiting(id);
+                let s = self.subs.get_mut(&id).expect("listed");
                 s.last_seq = 0;
                 s.positions.clear();
                 s.skipped.clear();
@@ -1169,6 +1201,8 @@ impl ClientCore {
             }
         };
         let got = opts.replay.is_some().then(Default::default);
+        // A subscription under the same id is replaced: what it awaited is owed to it.
+        self.stop_awaiting(id);
         self.subs.insert(
             id,
             LocalSub {
@@ -1255,6 +1289,7 @@ impl ClientCore {
 
     /// Drops a subscription; returns the `Unsub` frames.
     pub fn unsubscribe(&mut self, id: LocalSubId) -> Vec<Frame> {
+        self.stop_awaiting(id);
         let Some(sub) = self.subs.remove(&id) else {
             return Vec::new();
         };
@@ -1512,12 +1547,15 @@ impl ClientCore {
                     .map(|(id, _)| *id)
                     .collect();
                 for id in held {
-                    if let Some(slot) = self
-                        .subs
-                        .get_mut(&id)
-                        .and_then(|s| s.skipped.get_mut(&msg.seq))
-                    {
-                        slot.get_or_insert(keys.0);
+                    if let Some(s) = self.subs.get_mut(&id) {
+                        let durable = s.opts.durable.is_some();
+                        if let Some(slot @ None) = s.skipped.get_mut(&msg.seq) {
+                            *slot = Some(keys.0);
+                            // A durable awaits it with no copy: owed once delivered.
+                            if durable {
+                                self.awaited.entry(keys.0).or_default().push(id);
+                            }
+                        }
                     }
                 }
                 (Some(a), entitled.clone())
@@ -1642,6 +1680,9 @@ impl ClientCore {
         // without taking it owes it again.
         // (A relay's unstored copy, sequence 0, gets no slot to take: paid.)
         let owed_handed = self.hand_owed(delivered, &targets, msg.seq > 0);
+        // Delivered for good here (taken by an at-most-once subscription): owed to the
+        // durables that await their own copy of it (`awaited`), once theirs are settled.
+        let mut delivered_now = None;
         let held = match accepted {
             Some(a) if acking => {
                 let d = a.digest();
@@ -1649,6 +1690,7 @@ impl ClientCore {
                 Some(d)
             }
             Some(a) => {
+                delivered_now = Some(a.digest());
                 self.guard.commit(a);
                 None
             }
@@ -1664,14 +1706,21 @@ impl ClientCore {
                 // was accepted (a rollback) and the message shown again.
                 if targets.iter().any(|id| !self.subs[id].opts.acking()) && self.guard.is_held(d) {
                     self.guard.settle(d);
+                    delivered_now = Some(d);
                 }
                 Some(d).filter(|d| acking && (owed_handed || self.guard.is_held(*d)))
             }
         };
         for id in targets.iter().chain(&lagged) {
             if let Some(s) = self.subs.get_mut(id) {
-                s.skipped.remove(&msg.seq);
+                // Its awaited copy came: no longer awaited.
+                if let Some(Some(d)) = s.skipped.remove(&msg.seq) {
+                    unawait(&mut self.awaited, d, *id);
+                }
             }
+        }
+        if let Some(d) = delivered_now {
+            self.owe_awaited(d, None);
         }
         for id in &targets {
             if let Some(s) = self.subs.get_mut(id) {
@@ -1737,7 +1786,11 @@ impl ClientCore {
     /// `n` at-least-once subscriptions hold the delivered message `d` untaken
     /// ([`Delivery::Deliver`]`::held`); with none, it counts as delivered at once.
     pub fn dedup_hold(&mut self, d: receive::Digest, n: usize) {
+        let held = self.guard.is_held(d);
         self.guard.hold_by(d, n);
+        if held && !self.guard.is_held(d) {
+            self.owe_awaited(d, None); // none holds it: delivered at once
+        }
     }
 
     /// A subscription (of durable `durable`, if it has one) took held message `d`:
@@ -1746,6 +1799,53 @@ impl ClientCore {
         self.guard.settle(d);
         if let Some(name) = durable {
             self.owed.paid(name, &d);
+        }
+        self.owe_awaited(d, durable);
+    }
+
+    /// Message `d` is delivered for good (taken by a subscription of durable `taker`, if
+    /// it has one, or delivered at once): each durable of another name whose subscription
+    /// still awaits the relay's own copy of it in its hand-over (`awaited`) is owed it —
+    /// saved, tracked as handed until it takes that copy. A durable that took it itself
+    /// (another copy: its retained value, say) awaits it no more.
+    fn owe_awaited(&mut self, d: receive::Digest, taker: Option<&str>) {
+        let Some(ids) = self.awaited.get_mut(&d) else {
+            return;
+        };
+        let (subs, owed) = (&self.subs, &mut self.owed);
+        ids.retain(|id| {
+            let Some(n) = subs.get(id).and_then(|s| s.opts.durable.as_deref()) else {
+                return false;
+            };
+            if Some(n) == taker {
+                return false;
+            }
+            owed.owe_handed(n, d);
+            true
+        });
+        if ids.is_empty() {
+            self.awaited.remove(&d);
+        }
+    }
+
+    /// Subscription `id` stops awaiting the copies its `skipped` remembers (it goes, or
+    /// forgets them): a durable one is owed each message it still awaited (`awaited`) —
+    /// owed already if the window holds it as delivered (`owe_awaited`), and so too if
+    /// that happens later (another subscription still holds it untaken) or never (a
+    /// message the window does not hold is accepted again anyway; a saved record goes
+    /// once the window forgot it, `restore_owed`).
+    fn stop_awaiting(&mut self, id: LocalSubId) {
+        let Some(s) = self.subs.get(&id) else {
+            return;
+        };
+        let Some(name) = s.opts.durable.as_deref() else {
+            return;
+        };
+        for d in s.skipped.values().flatten() {
+            if self.awaited.get(d).is_some_and(|ids| ids.contains(&id)) {
+                unawait(&mut self.awaited, *d, id);
+                self.owed.owe(name, *d);
+            }
         }
     }
 
@@ -2680,6 +2780,133 @@ mod tests {
         }
         assert_eq!(core.owed.owed_len, MAX_OWED);
         assert!(core.owed.handed.is_empty());
+    }
+
+    /// The owed records (`Owed`, `Paid`) among the changes since the last call.
+    fn owed_changes(core: &mut ClientCore) -> Vec<receive::Change> {
+        core.take_changes()
+            .into_iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    receive::Change::Owed { .. } | receive::Change::Paid { .. }
+                )
+            })
+            .collect()
+    }
+
+    /// A durable subscription in its hand-over (the relay holds its live messages back
+    /// until `ReplayDone`) awaits the relay's own copy of a message new to the client that
+    /// reached it meanwhile for a neighbour, holding no copy of it. Once a neighbour takes
+    /// it (or it counts as delivered at once) it is owed to the durable, saved, until the
+    /// durable takes its copy; a durable that goes away (or forgets the sequences, another
+    /// sequence space) before its copy came is owed it; one that took another copy itself
+    /// is not. What is awaited goes with the copy or the subscription, and is bounded by
+    /// what `skipped` remembers.
+    #[test]
+    fn a_message_a_durable_awaits_in_its_hand_over_is_owed_once_delivered_elsewhere() {
+        use receive::Change;
+        let owed = |d| Change::Owed {
+            durable: "d".into(),
+            digest: d,
+        };
+        let paid = |d| Change::Paid {
+            durable: "d".into(),
+            digest: d,
+        };
+        let (kr, mut rng) = one_tree(27);
+        let mut core = durable_core(&kr, receive::ReceiveConfig::default());
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        // 2: a plain at-least-once neighbour (no hand-over); 3: at most once, on "a/y".
+        core.subscribe(2, f("a/x"), Qos::AtLeastOnce, NOW).unwrap();
+        core.subscribe(3, f("a/y"), Qos::AtMostOnce, NOW).unwrap();
+        let rid = core.relay_ids(1)[0];
+        core.sub_confirmed(rid, 0, true); // durable 1: in its hand-over
+        let room = |_: LocalSubId| true;
+
+        // Taken by the neighbour while the durable awaits its copy: owed from then on.
+        let m = sealed(&kr, &mut rng, "a/x", b"\x01");
+        let d = held_delivery(&mut core, &m, 5);
+        assert_eq!(core.awaited.get(&d), Some(&vec![1]));
+        core.dedup_hold(d, 1);
+        assert!(owed_changes(&mut core).is_empty(), "not delivered yet");
+        core.dedup_taken(d, None);
+        assert_eq!(owed_changes(&mut core), vec![owed(d)]);
+        // Its copy after `ReplayDone`: the durable's, tracked until taken, then paid.
+        assert!(core.replay_done(rid, 0));
+        match core.receive_with(&at(&m, 5), NOW, &room) {
+            Delivery::Deliver {
+                targets, digest, ..
+            } => {
+                assert_eq!((targets, digest), (vec![1], Some(d)));
+            }
+            _ => panic!("the awaited copy is the durable's"),
+        }
+        assert!(core.awaited.is_empty(), "its copy came");
+        core.dedup_co_held(d, "d"); // the engine: a copy of a message delivered at once
+        core.dedup_taken(d, Some("d"));
+        assert_eq!(owed_changes(&mut core), vec![paid(d)]);
+        assert!(core.owed_snapshot().is_empty());
+
+        // In a hand-over again (a resume): delivered at once (an at-most-once neighbour
+        // took it) is owed at once.
+        core.sub_confirmed(rid, 5, true);
+        let m2 = sealed(&kr, &mut rng, "a/y", b"\x02");
+        assert!(matches!(
+            core.receive_with(&at(&m2, 6), NOW, &room),
+            Delivery::Deliver { held: None, .. }
+        ));
+        let d2 = *core.subs[&1].skipped[&6].as_ref().unwrap();
+        assert_eq!(owed_changes(&mut core), vec![owed(d2)]);
+        // Held by the neighbour, untaken, when the durable goes: owed at the unsubscribe
+        // (and nothing more when the neighbour takes it later).
+        let m3 = sealed(&kr, &mut rng, "a/x", b"\x03");
+        let d3 = held_delivery(&mut core, &m3, 7);
+        core.dedup_hold(d3, 1);
+        core.unsubscribe(1);
+        assert!(core.awaited.is_empty(), "gone with its subscription");
+        // d2 was handed (owed, saved): owed as before, nothing new to write.
+        assert_eq!(owed_changes(&mut core), vec![owed(d3)]);
+        assert!(core.owed.contains("d", &d2) && core.owed.contains("d", &d3));
+        core.dedup_taken(d3, None);
+        assert!(owed_changes(&mut core).is_empty());
+
+        // Not owed to a durable that took another copy of it itself; and what a durable
+        // awaits is dropped (owed) when it enters another sequence space.
+        let mut core = durable_core(&kr, receive::ReceiveConfig::default());
+        core.subscribe(2, f("a/x"), Qos::AtLeastOnce, NOW).unwrap();
+        let rid = core.relay_ids(1)[0];
+        core.sub_confirmed(rid, 0, true);
+        let m4 = sealed(&kr, &mut rng, "a/x", b"\x04");
+        let d4 = held_delivery(&mut core, &m4, 8);
+        core.dedup_hold(d4, 1);
+        core.dedup_taken(d4, Some("d")); // as if the durable took a copy (its retained value)
+        assert!(owed_changes(&mut core).is_empty());
+        assert!(core.awaited.is_empty(), "the durable has it");
+        let m5 = sealed(&kr, &mut rng, "a/x", b"\x05");
+        let d5 = held_delivery(&mut core, &m5, 9);
+        core.dedup_hold(d5, 1);
+        assert!(!core.enter_seq_space(SeqSpace::Named([2; 16])));
+        assert!(core.awaited.is_empty() && core.subs[&1].skipped.is_empty());
+        assert_eq!(owed_changes(&mut core), vec![owed(d5)]);
+
+        // Bounded by `skipped`: a durable in a hand-over that never ends.
+        let mut core = durable_core(&kr, receive::ReceiveConfig::default());
+        core.subscribe(2, f("a/x"), Qos::AtMostOnce, NOW).unwrap();
+        let rid = core.relay_ids(1)[0];
+        core.sub_confirmed(rid, 0, true);
+        for seq in 1..=(MAX_GOT as u64 * 2) {
+            let m = sealed(&kr, &mut rng, "a/x", &seq.to_le_bytes());
+            assert!(matches!(
+                core.receive_with(&at(&m, seq), NOW, &room),
+                Delivery::Deliver { .. }
+            ));
+        }
+        assert_eq!(core.awaited.len(), MAX_GOT);
+        assert_eq!(core.owed.handed.get("d").map(|h| h.len()), Some(MAX_GOT));
+        core.unsubscribe(1);
+        assert!(core.awaited.is_empty());
+        assert_eq!(core.owed.owed_len, MAX_GOT.min(MAX_OWED));
     }
 
     /// Review finding: an owed message a relay sends again with sequence 0 (unstored: no

@@ -1072,6 +1072,140 @@ async fn a_message_a_durable_held_untaken_at_a_restart_comes_back_though_a_histo
     relay.stop().await;
 }
 
+/// A persisted client "process" (one identity, one state file) connected through
+/// `proxy`, a [`support::raw::HandOverProxy`] keeping its first durable subscription in its
+/// hand-over.
+#[cfg(feature = "persistence")]
+async fn connect_via(run: &PersistedRun, proxy: &support::raw::HandOverProxy) -> Client {
+    Client::builder()
+        .with(Tcp::new(proxy.addr.to_string()))
+        .with(Encryption::with_keyring(keyring_with(&run.tree)))
+        .with(run.id.clone())
+        .with(whispeer::Persistence::sqlite(&run.state))
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// A durable subscription with retained values (asked for by default) starts in a
+/// hand-over: the relay holds its live messages back until its `ReplayDone` (PROTOCOL
+/// §4.11). Meanwhile a plain at-least-once subscription beside it, whose hand-over ended,
+/// takes 7: the saved window holds 7 as delivered, while the durable holds no copy of it
+/// (its own copy comes after its `ReplayDone`, which the proxy holds back) — it only
+/// awaits one. The process ends before that copy comes. 7 is owed to the durable from the
+/// moment the other subscription took it, saved, so the next run's resume gets it instead
+/// of a duplicate acked as a placeholder (it was lost for the durable).
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_a_durable_awaited_in_its_hand_over_comes_back_after_a_restart_though_another_subscription_took_it(
+) {
+    let relay = TestRelay::start().await;
+    let proxy = support::raw::HandOverProxy::start(relay.addrs.tcp.unwrap()).await;
+    let run = PersistedRun::new(&relay, "hand-over");
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&run.tree), identity()).await;
+    let c = connect_via(&run, &proxy).await;
+    let durable = c
+        .subscribe_with_options::<u32>("job/#", held_opts("hand-over"))
+        .await
+        .unwrap();
+    let mut plain = c
+        .subscribe_with_options::<u32>("job/x", SubscribeOptions::new().qos(Qos::AtLeastOnce))
+        .await
+        .unwrap();
+    p.publish_with("job/x", &7u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    assert_eq!(
+        within("plain", plain.next()).await.unwrap().unwrap().value,
+        7
+    );
+    // Answered after the relay sent the durable's copy of 7 (after its `ReplayDone`).
+    c.flush().await.unwrap();
+    assert_eq!(proxy.held(), 1, "the durable's ReplayDone was held back");
+    c.close().await;
+    drop((durable, plain));
+
+    // The next run (straight to the relay): the resumed durable gets 7, then the marker.
+    let c = run.connect().await;
+    let mut durable = c
+        .subscribe_with_options::<u32>("job/#", held_opts("hand-over"))
+        .await
+        .unwrap();
+    p.publish_with("job/x", &8u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    assert_eq!(
+        values(&mut durable, 2, "resumed after the restart").await,
+        vec![7, 8],
+        "owed to the durable from the moment the other subscription took it"
+    );
+    drop(durable);
+    c.flush().await.unwrap();
+    c.close().await;
+    let db = rusqlite::Connection::open(&run.state).unwrap();
+    let rows: i64 = db
+        .query_row("SELECT count(*) FROM owed", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0, "taken: no longer saved as owed");
+    p.close().await;
+    relay.stop().await;
+}
+
+/// The same without a restart: the durable is unsubscribed during its hand-over (its copy
+/// of 7 still to come), after another subscription took 7, and resumed later by the same
+/// client. The resume replays 7 to it: owed, not refused as a duplicate.
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_a_durable_awaited_when_it_was_unsubscribed_in_its_hand_over_comes_to_its_resume()
+{
+    let relay = TestRelay::start().await;
+    let proxy = support::raw::HandOverProxy::start(relay.addrs.tcp.unwrap()).await;
+    let run = PersistedRun::new(&relay, "hand-over-unsub");
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&run.tree), identity()).await;
+    let c = connect_via(&run, &proxy).await;
+    let durable = c
+        .subscribe_with_options::<u32>("job/#", held_opts("hand-over-unsub"))
+        .await
+        .unwrap();
+    let mut plain = c
+        .subscribe_with_options::<u32>("job/x", SubscribeOptions::new().qos(Qos::AtLeastOnce))
+        .await
+        .unwrap();
+    p.publish_with("job/x", &7u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    assert_eq!(
+        within("plain", plain.next()).await.unwrap().unwrap().value,
+        7
+    );
+    c.flush().await.unwrap();
+    assert_eq!(proxy.held(), 1, "the durable's ReplayDone was held back");
+    drop(durable); // unsubscribed, its hand-over not ended
+    c.flush().await.unwrap();
+
+    // Resumed by the same client (its `ReplayDone` passes the proxy this time).
+    let mut durable = c
+        .subscribe_with_options::<u32>("job/#", held_opts("hand-over-unsub"))
+        .await
+        .unwrap();
+    p.publish_with("job/x", &8u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    assert_eq!(
+        values(&mut durable, 2, "resumed").await,
+        vec![7, 8],
+        "owed to the durable that went away awaiting it"
+    );
+    assert_eq!(
+        within("plain", plain.next()).await.unwrap().unwrap().value,
+        8
+    );
+    drop((durable, plain));
+    c.close().await;
+    p.close().await;
+    relay.stop().await;
+}
+
 /// Review finding: an owed message handed to the resumed durable and dropped again
 /// before the app took it is owed again — the resume after that still gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

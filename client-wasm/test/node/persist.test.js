@@ -523,7 +523,6 @@ test('a message a durable iterator held untaken when another subscription took i
 
 test('a message held back for a durable still in its retained-values hand-over, taken meanwhile by another subscription, comes back to the durable after a restart', {
   timeout: 30_000,
-  todo: 'engine: a message a durable awaits in its hand-over (LocalSub::skipped) is not owed to it when another subscription takes it; needs the Rust fix and a rebuilt pkg',
 }, async () => {
   const { pub, run } = await persistedRuns('hand-over-held');
   // The relay ends a subscription's retained-values hand-over with ReplayDone (SubOk said

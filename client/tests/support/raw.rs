@@ -188,6 +188,84 @@ impl RecordingProxy {
     }
 }
 
+/// A proxy between clients and a relay that holds back (never forwards) the `ReplayDone`
+/// of the first durable subscription a client asks for through it: that subscription stays
+/// in its hand-over (PROTOCOL §4.11) as if the relay had not ended its history yet — the
+/// relay holds its live messages back until then, and the client still awaits them.
+/// Everything else passes both ways unchanged.
+pub struct HandOverProxy {
+    pub addr: SocketAddr,
+    /// The `ReplayDone` frames held back.
+    held: Arc<Mutex<Vec<frame::ReplayDone>>>,
+}
+
+impl HandOverProxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = Arc::new(Mutex::new(Vec::new()));
+        // The relay subscription id of the first durable `Sub` (client-chosen).
+        let durable: Arc<Mutex<Option<u64>>> = Arc::new(Mutex::new(None));
+        let kept = held.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(relay) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (kept, first, seen) = (kept.clone(), durable.clone(), durable.clone());
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut rr, mut rw) = relay.into_split();
+                    let up = async move {
+                        while let Some(b) = read_raw(&mut cr).await {
+                            // Noted before the relay sees the `Sub`: its `ReplayDone` follows.
+                            if let Ok(Frame::Sub(s)) = Frame::decode_slice(&b) {
+                                let mut d = first.lock().unwrap();
+                                if s.durable.is_some() && d.is_none() {
+                                    *d = Some(s.sub_id);
+                                }
+                            }
+                            if rw.write_all(&(b.len() as u32).to_be_bytes()).await.is_err()
+                                || rw.write_all(&b).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    };
+                    let down = async move {
+                        while let Some(b) = read_raw(&mut rr).await {
+                            if let Ok(Frame::ReplayDone(r)) = Frame::decode_slice(&b) {
+                                if *seen.lock().unwrap() == Some(r.sub_id) {
+                                    kept.lock().unwrap().push(r);
+                                    continue;
+                                }
+                            }
+                            if cw.write_all(&(b.len() as u32).to_be_bytes()).await.is_err()
+                                || cw.write_all(&b).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        HandOverProxy { addr, held }
+    }
+
+    /// How many `ReplayDone` frames it held back.
+    pub fn held(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+}
+
 /// A fake relay's `Welcome`: at-least-once, retained values and replay offered, 1 MiB
 /// frames, the heartbeat asked for `heartbeat_ms` (0: the client's default).
 pub fn welcome(heartbeat_ms: u64) -> Frame {
