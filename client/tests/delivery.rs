@@ -1121,7 +1121,11 @@ async fn a_message_a_durable_awaited_in_its_hand_over_comes_back_after_a_restart
     );
     // Answered after the relay sent the durable's copy of 7 (after its `ReplayDone`).
     c.flush().await.unwrap();
-    assert_eq!(proxy.held(), 1, "the durable's ReplayDone was held back");
+    assert_eq!(
+        within("the held ReplayDone", proxy.wait_held()).await,
+        1,
+        "the durable's ReplayDone was held back"
+    );
     c.close().await;
     drop((durable, plain));
 
@@ -1179,7 +1183,11 @@ async fn a_message_a_durable_awaited_when_it_was_unsubscribed_in_its_hand_over_c
         7
     );
     c.flush().await.unwrap();
-    assert_eq!(proxy.held(), 1, "the durable's ReplayDone was held back");
+    assert_eq!(
+        within("the held ReplayDone", proxy.wait_held()).await,
+        1,
+        "the durable's ReplayDone was held back"
+    );
     drop(durable); // unsubscribed, its hand-over not ended
     c.flush().await.unwrap();
 

@@ -195,18 +195,18 @@ impl RecordingProxy {
 /// Everything else passes both ways unchanged.
 pub struct HandOverProxy {
     pub addr: SocketAddr,
-    /// The `ReplayDone` frames held back.
-    held: Arc<Mutex<Vec<frame::ReplayDone>>>,
+    /// How many `ReplayDone` frames it held back.
+    held: tokio::sync::watch::Receiver<usize>,
 }
 
 impl HandOverProxy {
     pub async fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let held = Arc::new(Mutex::new(Vec::new()));
+        let (kept, held) = tokio::sync::watch::channel(0usize);
+        let kept = Arc::new(kept);
         // The relay subscription id of the first durable `Sub` (client-chosen).
         let durable: Arc<Mutex<Option<u64>>> = Arc::new(Mutex::new(None));
-        let kept = held.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -239,7 +239,7 @@ impl HandOverProxy {
                         while let Some(b) = read_raw(&mut rr).await {
                             if let Ok(Frame::ReplayDone(r)) = Frame::decode_slice(&b) {
                                 if *seen.lock().unwrap() == Some(r.sub_id) {
-                                    kept.lock().unwrap().push(r);
+                                    kept.send_modify(|n| *n += 1);
                                     continue;
                                 }
                             }
@@ -260,9 +260,12 @@ impl HandOverProxy {
         HandOverProxy { addr, held }
     }
 
-    /// How many `ReplayDone` frames it held back.
-    pub fn held(&self) -> usize {
-        self.held.lock().unwrap().len()
+    /// Waits (on the relay's frames, not a timer) until it held back a `ReplayDone`;
+    /// returns how many it held. Bounded by the caller's `within`.
+    pub async fn wait_held(&self) -> usize {
+        let mut rx = self.held.clone();
+        let n = *rx.wait_for(|n| *n > 0).await.expect("the proxy lives");
+        n
     }
 }
 
