@@ -544,6 +544,9 @@ test('a message held back for a durable still in its retained-values hand-over, 
       break; // taken here while the durable still awaits its copy
     }
     await a.flush();
+    // The relay may send the durable's ReplayDone after the flush's Pong: wait for it to
+    // be held back (the test's timeout bounds the wait).
+    await proxy.whenHeld(1);
     assert.equal(handedOver, false, "the durable's hand-over had not ended");
     assert.equal(proxy.held.length, 1, "the durable's ReplayDone was held back");
     await a.close();

@@ -15,6 +15,7 @@ export async function loggingProxy(target) {
   let last = null; // the newest connection's socket to the relay
   let hold = null; // (frame, conn) => whether to hold a relay frame back
   const held = [];
+  const waiters = []; // { n, resolve }: `whenHeld(n)` calls waiting for n held frames
   let conns = 0;
   wss.on('connection', (client) => {
     const conn = ++conns;
@@ -31,8 +32,13 @@ export async function loggingProxy(target) {
       else queued.push(d);
     });
     relay.on('message', (d) => {
-      if (hold?.(d, conn)) held.push(Buffer.from(d));
-      else if (client.readyState === WebSocket.OPEN) client.send(d);
+      if (hold?.(d, conn)) {
+        held.push(Buffer.from(d));
+        for (const w of waiters.splice(0)) {
+          if (held.length >= w.n) w.resolve();
+          else waiters.push(w);
+        }
+      } else if (client.readyState === WebSocket.OPEN) client.send(d);
     });
     client.on('close', () => relay.close());
     relay.on('close', () => client.close());
@@ -46,6 +52,9 @@ export async function loggingProxy(target) {
     count: (type) => up.filter((t) => t === type).length,
     /** Relay frames held back by `holdDown`. */
     held,
+    /** Resolves once `n` relay frames have been held back (an event, not a poll). */
+    whenHeld: (n) =>
+      held.length >= n ? Promise.resolve() : new Promise((resolve) => waiters.push({ n, resolve })),
     /** Holds back (never forwards) the relay frames `pred(frame, conn)` picks. */
     holdDown: (pred) => {
       hold = pred;
