@@ -1087,25 +1087,25 @@ async fn connect_via(run: &PersistedRun, proxy: &support::raw::HandOverProxy) ->
         .unwrap()
 }
 
-/// A durable subscription with retained values (asked for by default) starts in a
-/// hand-over: the relay holds its live messages back until its `ReplayDone` (PROTOCOL
-/// §4.11). Meanwhile a plain at-least-once subscription beside it, whose hand-over ended,
-/// takes 7: the saved window holds 7 as delivered, while the durable holds no copy of it
-/// (its own copy comes after its `ReplayDone`, which the proxy holds back) — it only
-/// awaits one. The process ends before that copy comes. 7 is owed to the durable from the
-/// moment the other subscription took it, saved, so the next run's resume gets it instead
-/// of a duplicate acked as a placeholder (it was lost for the durable).
-#[cfg(feature = "persistence")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_a_durable_awaited_in_its_hand_over_comes_back_after_a_restart_though_another_subscription_took_it(
-) {
-    let relay = TestRelay::start().await;
+/// A client (through a proxy holding back its durable's `ReplayDone`) with the durable
+/// subscription `name` on `job/#` still in its hand-over and a plain QoS 1 one on `job/x`
+/// that took 7: the durable awaits its own copy of 7.
+struct HandOver {
+    run: PersistedRun,
+    _proxy: support::raw::HandOverProxy,
+    p: Client,
+    c: Client,
+    durable: whispeer::Subscription<u32>,
+    plain: whispeer::Subscription<u32>,
+}
+
+async fn hand_over_awaiting_7(relay: &TestRelay, name: &'static str) -> HandOver {
     let proxy = support::raw::HandOverProxy::start(relay.addrs.tcp.unwrap()).await;
-    let run = PersistedRun::new(&relay, "hand-over");
+    let run = PersistedRun::new(relay, name);
     let p = tcp_client(&relay.tcp_url(), keyring_with(&run.tree), identity()).await;
     let c = connect_via(&run, &proxy).await;
     let durable = c
-        .subscribe_with_options::<u32>("job/#", held_opts("hand-over"))
+        .subscribe_with_options::<u32>("job/#", held_opts(name))
         .await
         .unwrap();
     let mut plain = c
@@ -1119,13 +1119,44 @@ async fn a_message_a_durable_awaited_in_its_hand_over_comes_back_after_a_restart
         within("plain", plain.next()).await.unwrap().unwrap().value,
         7
     );
-    // Answered after the relay sent the durable's copy of 7 (after its `ReplayDone`).
+    // The relay may send the durable's `ReplayDone` after the flush's `Pong`: waited for.
     c.flush().await.unwrap();
     assert_eq!(
         within("the held ReplayDone", proxy.wait_held()).await,
         1,
         "the durable's ReplayDone was held back"
     );
+    HandOver {
+        run,
+        _proxy: proxy,
+        p,
+        c,
+        durable,
+        plain,
+    }
+}
+
+/// A durable subscription with retained values (asked for by default) starts in a
+/// hand-over: the relay holds its live messages back until its `ReplayDone` (PROTOCOL
+/// §4.11). Meanwhile a plain at-least-once subscription beside it, whose hand-over ended,
+/// takes 7: the saved window holds 7 as delivered, while the durable holds no copy of it
+/// (its own copy comes after its `ReplayDone`, which the proxy holds back) — it only
+/// awaits one. The process ends before that copy comes. 7 is owed to the durable from the
+/// moment the other subscription took it, saved, so the next run's resume gets it instead
+/// of a duplicate acked as a placeholder (it was lost for the durable).
+#[cfg(feature = "persistence")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_a_durable_awaited_in_its_hand_over_comes_back_after_a_restart_though_another_subscription_took_it(
+) {
+    let relay = TestRelay::start().await;
+    let HandOver {
+        run,
+        _proxy,
+        p,
+        c,
+        durable,
+        plain,
+    } = hand_over_awaiting_7(&relay, "hand-over").await;
     c.close().await;
     drop((durable, plain));
 
@@ -1163,31 +1194,14 @@ async fn a_message_a_durable_awaited_in_its_hand_over_comes_back_after_a_restart
 async fn a_message_a_durable_awaited_when_it_was_unsubscribed_in_its_hand_over_comes_to_its_resume()
 {
     let relay = TestRelay::start().await;
-    let proxy = support::raw::HandOverProxy::start(relay.addrs.tcp.unwrap()).await;
-    let run = PersistedRun::new(&relay, "hand-over-unsub");
-    let p = tcp_client(&relay.tcp_url(), keyring_with(&run.tree), identity()).await;
-    let c = connect_via(&run, &proxy).await;
-    let durable = c
-        .subscribe_with_options::<u32>("job/#", held_opts("hand-over-unsub"))
-        .await
-        .unwrap();
-    let mut plain = c
-        .subscribe_with_options::<u32>("job/x", SubscribeOptions::new().qos(Qos::AtLeastOnce))
-        .await
-        .unwrap();
-    p.publish_with("job/x", &7u32, PublishOptions::at_least_once())
-        .await
-        .unwrap();
-    assert_eq!(
-        within("plain", plain.next()).await.unwrap().unwrap().value,
-        7
-    );
-    c.flush().await.unwrap();
-    assert_eq!(
-        within("the held ReplayDone", proxy.wait_held()).await,
-        1,
-        "the durable's ReplayDone was held back"
-    );
+    let HandOver {
+        run: _run,
+        _proxy,
+        p,
+        c,
+        durable,
+        mut plain,
+    } = hand_over_awaiting_7(&relay, "hand-over-unsub").await;
     drop(durable); // unsubscribed, its hand-over not ended
     c.flush().await.unwrap();
 
