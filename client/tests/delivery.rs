@@ -992,11 +992,11 @@ async fn what_a_durable_is_owed_survives_a_restart_with_persistence() {
     drop(sub);
     c.flush().await.unwrap();
     c.close().await;
-    let db = rusqlite::Connection::open(&run.state).unwrap();
-    let rows: i64 = db
-        .query_row("SELECT count(*) FROM owed", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(rows, 0, "taken owed messages are no longer saved as owed");
+    assert_eq!(
+        saved_owed_rows(&run),
+        0,
+        "taken owed messages are no longer saved as owed"
+    );
     p.close().await;
     relay.stop().await;
 }
@@ -1072,6 +1072,15 @@ async fn a_message_a_durable_held_untaken_at_a_restart_comes_back_though_a_histo
     relay.stop().await;
 }
 
+/// The rows of the `owed` table in `run`'s state file (messages saved as owed to durables).
+#[cfg(feature = "persistence")]
+fn saved_owed_rows(run: &PersistedRun) -> i64 {
+    rusqlite::Connection::open(&run.state)
+        .unwrap()
+        .query_row("SELECT count(*) FROM owed", [], |r| r.get(0))
+        .unwrap()
+}
+
 /// A persisted client "process" (one identity, one state file) connected through
 /// `proxy`, a [`support::raw::HandOverProxy`] keeping its first durable subscription in its
 /// hand-over.
@@ -1090,6 +1099,7 @@ async fn connect_via(run: &PersistedRun, proxy: &support::raw::HandOverProxy) ->
 /// A client (through a proxy holding back its durable's `ReplayDone`) with the durable
 /// subscription `name` on `job/#` still in its hand-over and a plain QoS 1 one on `job/x`
 /// that took 7: the durable awaits its own copy of 7.
+#[cfg(feature = "persistence")]
 struct HandOver {
     run: PersistedRun,
     _proxy: support::raw::HandOverProxy,
@@ -1099,6 +1109,7 @@ struct HandOver {
     plain: whispeer::Subscription<u32>,
 }
 
+#[cfg(feature = "persistence")]
 async fn hand_over_awaiting_7(relay: &TestRelay, name: &'static str) -> HandOver {
     let proxy = support::raw::HandOverProxy::start(relay.addrs.tcp.unwrap()).await;
     let run = PersistedRun::new(relay, name);
@@ -1177,11 +1188,7 @@ async fn a_message_a_durable_awaited_in_its_hand_over_comes_back_after_a_restart
     drop(durable);
     c.flush().await.unwrap();
     c.close().await;
-    let db = rusqlite::Connection::open(&run.state).unwrap();
-    let rows: i64 = db
-        .query_row("SELECT count(*) FROM owed", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(rows, 0, "taken: no longer saved as owed");
+    assert_eq!(saved_owed_rows(&run), 0, "taken: no longer saved as owed");
     p.close().await;
     relay.stop().await;
 }
