@@ -105,6 +105,54 @@ impl RawPublisher {
     }
 }
 
+/// Whether a proxy passes a frame on (its bytes, without the length prefix); it may also
+/// look at it.
+type FrameFilter = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
+
+/// A TCP proxy on 127.0.0.1:0 joining each client to a new connection to `upstream`,
+/// passing length-prefixed frames through `up` (client → relay) and `down` (relay →
+/// client): a frame goes on when its filter returns true. Returns its address.
+async fn frame_proxy(upstream: SocketAddr, up: FrameFilter, down: FrameFilter) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(relay) = TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (rr, rw) = relay.into_split();
+            let (up, down) = (up.clone(), down.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = pump(cr, rw, up) => {}
+                    () = pump(rr, cw, down) => {}
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Passes the frames `keep` keeps from `r` to `w` until either side ends.
+async fn pump(
+    mut r: impl AsyncReadExt + Unpin,
+    mut w: impl AsyncWriteExt + Unpin,
+    keep: FrameFilter,
+) {
+    while let Some(b) = read_raw(&mut r).await {
+        if keep(&b)
+            && (w.write_all(&(b.len() as u32).to_be_bytes()).await.is_err()
+                || w.write_all(&b).await.is_err())
+        {
+            return;
+        }
+    }
+}
+
 /// A proxy between a client and a relay that records every frame the client sends.
 pub struct RecordingProxy {
     pub addr: SocketAddr,
@@ -115,45 +163,17 @@ pub struct RecordingProxy {
 
 impl RecordingProxy {
     pub async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let sent = Arc::new(Mutex::new(Vec::new()));
         let rec = sent.clone();
         let (bump, recorded) = tokio::sync::watch::channel(0u64);
-        let bump = Arc::new(bump);
-        tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    return;
-                };
-                let Ok(relay) = TcpStream::connect(upstream).await else {
-                    continue;
-                };
-                let rec = rec.clone();
-                let bump = bump.clone();
-                tokio::spawn(async move {
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut rr, mut rw) = relay.into_split();
-                    let up = async move {
-                        while let Some(b) = read_raw(&mut cr).await {
-                            if let Ok(f) = Frame::decode_slice(&b) {
-                                rec.lock().unwrap().push(f);
-                                bump.send_modify(|n| *n += 1);
-                            }
-                            if rw.write_all(&(b.len() as u32).to_be_bytes()).await.is_err()
-                                || rw.write_all(&b).await.is_err()
-                            {
-                                return;
-                            }
-                        }
-                    };
-                    tokio::select! {
-                        _ = up => {}
-                        _ = tokio::io::copy(&mut rr, &mut cw) => {}
-                    }
-                });
+        let up: FrameFilter = Arc::new(move |b| {
+            if let Ok(f) = Frame::decode_slice(b) {
+                rec.lock().unwrap().push(f);
+                bump.send_modify(|n| *n += 1);
             }
+            true
         });
+        let addr = frame_proxy(upstream, up, Arc::new(|_| true)).await;
         RecordingProxy {
             addr,
             sent,
@@ -201,62 +221,28 @@ pub struct HandOverProxy {
 
 impl HandOverProxy {
     pub async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (kept, held) = tokio::sync::watch::channel(0usize);
-        let kept = Arc::new(kept);
         // The relay subscription id of the first durable `Sub` (client-chosen).
-        let durable: Arc<Mutex<Option<u64>>> = Arc::new(Mutex::new(None));
-        tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    return;
-                };
-                let Ok(relay) = TcpStream::connect(upstream).await else {
-                    continue;
-                };
-                let (kept, first, seen) = (kept.clone(), durable.clone(), durable.clone());
-                tokio::spawn(async move {
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut rr, mut rw) = relay.into_split();
-                    let up = async move {
-                        while let Some(b) = read_raw(&mut cr).await {
-                            // Noted before the relay sees the `Sub`: its `ReplayDone` follows.
-                            if let Ok(Frame::Sub(s)) = Frame::decode_slice(&b) {
-                                let mut d = first.lock().unwrap();
-                                if s.durable.is_some() && d.is_none() {
-                                    *d = Some(s.sub_id);
-                                }
-                            }
-                            if rw.write_all(&(b.len() as u32).to_be_bytes()).await.is_err()
-                                || rw.write_all(&b).await.is_err()
-                            {
-                                return;
-                            }
-                        }
-                    };
-                    let down = async move {
-                        while let Some(b) = read_raw(&mut rr).await {
-                            if let Ok(Frame::ReplayDone(r)) = Frame::decode_slice(&b) {
-                                if *seen.lock().unwrap() == Some(r.sub_id) {
-                                    kept.send_modify(|n| *n += 1);
-                                    continue;
-                                }
-                            }
-                            if cw.write_all(&(b.len() as u32).to_be_bytes()).await.is_err()
-                                || cw.write_all(&b).await.is_err()
-                            {
-                                return;
-                            }
-                        }
-                    };
-                    tokio::select! {
-                        _ = up => {}
-                        _ = down => {}
-                    }
-                });
+        let first: Arc<Mutex<Option<u64>>> = Arc::new(Mutex::new(None));
+        let seen = first.clone();
+        // Noted before the relay sees the `Sub`: its `ReplayDone` follows.
+        let up: FrameFilter = Arc::new(move |b| {
+            if let Ok(Frame::Sub(s)) = Frame::decode_slice(b) {
+                let mut d = first.lock().unwrap();
+                if s.durable.is_some() && d.is_none() {
+                    *d = Some(s.sub_id);
+                }
             }
+            true
         });
+        let down: FrameFilter = Arc::new(move |b| match Frame::decode_slice(b) {
+            Ok(Frame::ReplayDone(r)) if *seen.lock().unwrap() == Some(r.sub_id) => {
+                kept.send_modify(|n| *n += 1);
+                false
+            }
+            _ => true,
+        });
+        let addr = frame_proxy(upstream, up, down).await;
         HandOverProxy { addr, held }
     }
 
