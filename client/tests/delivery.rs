@@ -1018,21 +1018,7 @@ async fn a_message_a_durable_held_untaken_at_a_restart_comes_back_though_another
     drop(durable);
     c.flush().await.unwrap();
     // Resumed empty, and a plain at-least-once subscription beside it: one `Msg` for both.
-    let durable = c
-        .subscribe_with_options::<u32>("job/#", held_opts("co-held"))
-        .await
-        .unwrap();
-    let mut plain = c
-        .subscribe_with_options::<u32>("job/x", SubscribeOptions::new().qos(Qos::AtLeastOnce))
-        .await
-        .unwrap();
-    p.publish_with("job/x", &7u32, PublishOptions::at_least_once())
-        .await
-        .unwrap();
-    assert_eq!(
-        within("plain", plain.next()).await.unwrap().unwrap().value,
-        7
-    );
+    let (durable, plain) = durable_and_plain_took_7(&p, &c, "co-held").await;
     c.flush().await.unwrap();
     c.close().await;
     drop((durable, plain));
@@ -1070,6 +1056,31 @@ async fn a_message_a_durable_held_untaken_at_a_restart_comes_back_though_a_histo
     resumes_with(&run, "co-history", vec![7]).await;
     p.close().await;
     relay.stop().await;
+}
+
+/// `c` subscribes the durable `name` on `job/#` and a plain QoS 1 subscription on `job/x`;
+/// `p` publishes 7 (QoS 1) and the plain one takes it. Both subscriptions are returned.
+async fn durable_and_plain_took_7(
+    p: &Client,
+    c: &Client,
+    name: &'static str,
+) -> (whispeer::Subscription<u32>, whispeer::Subscription<u32>) {
+    let durable = c
+        .subscribe_with_options::<u32>("job/#", held_opts(name))
+        .await
+        .unwrap();
+    let mut plain = c
+        .subscribe_with_options::<u32>("job/x", SubscribeOptions::new().qos(Qos::AtLeastOnce))
+        .await
+        .unwrap();
+    p.publish_with("job/x", &7u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    assert_eq!(
+        within("plain", plain.next()).await.unwrap().unwrap().value,
+        7
+    );
+    (durable, plain)
 }
 
 /// The rows of the `owed` table in `run`'s state file (messages saved as owed to durables).
@@ -1115,21 +1126,7 @@ async fn hand_over_awaiting_7(relay: &TestRelay, name: &'static str) -> HandOver
     let run = PersistedRun::new(relay, name);
     let p = tcp_client(&relay.tcp_url(), keyring_with(&run.tree), identity()).await;
     let c = connect_via(&run, &proxy).await;
-    let durable = c
-        .subscribe_with_options::<u32>("job/#", held_opts(name))
-        .await
-        .unwrap();
-    let mut plain = c
-        .subscribe_with_options::<u32>("job/x", SubscribeOptions::new().qos(Qos::AtLeastOnce))
-        .await
-        .unwrap();
-    p.publish_with("job/x", &7u32, PublishOptions::at_least_once())
-        .await
-        .unwrap();
-    assert_eq!(
-        within("plain", plain.next()).await.unwrap().unwrap().value,
-        7
-    );
+    let (durable, plain) = durable_and_plain_took_7(&p, &c, name).await;
     // The relay may send the durable's `ReplayDone` after the flush's `Pong`: waited for.
     c.flush().await.unwrap();
     assert_eq!(
