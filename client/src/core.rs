@@ -1786,6 +1786,12 @@ impl ClientCore {
     /// `n` at-least-once subscriptions hold the delivered message `d` untaken
     /// ([`Delivery::Deliver`]`::held`); with none, it counts as delivered at once.
     pub fn dedup_hold(&mut self, d: receive::Digest, n: usize) {
+        // Hot path (every message an at-least-once subscription gets): the hand-over
+        // bookkeeping only when some durable awaits a copy.
+        if self.awaited.is_empty() {
+            self.guard.hold_by(d, n);
+            return;
+        }
         let held = self.guard.is_held(d);
         self.guard.hold_by(d, n);
         if held && !self.guard.is_held(d) {
@@ -1809,6 +1815,9 @@ impl ClientCore {
     /// saved, tracked as handed until it takes that copy. A durable that took it itself
     /// (another copy: its retained value, say) awaits it no more.
     fn owe_awaited(&mut self, d: receive::Digest, taker: Option<&str>) {
+        if self.awaited.is_empty() {
+            return; // nearly always: no durable is in a hand-over awaiting a copy
+        }
         let Some(ids) = self.awaited.get_mut(&d) else {
             return;
         };
