@@ -902,6 +902,15 @@ impl World {
             // What the relay sent before now has reached the client.
             settle(&actor.client).await;
         }
+        if let Some(n) = reconnects_min {
+            // A reconnect is an event that may still be on its way (a relay restart the
+            // client has not noticed yet): waited for, within the step's deadline.
+            let c = actor.client.clone();
+            self.until(&format!("{name} to reconnect {n} times"), |_| {
+                Ok(c.stats().reconnects >= n)
+            })
+            .await?;
+        }
         let stats = actor.client.stats();
         let l = actor.log.lock().unwrap();
         if let Some(n) = acked {

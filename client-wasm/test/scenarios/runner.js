@@ -353,6 +353,10 @@ class World {
     if (!(await this.actors.has('client', name))) throw new Error(`no client ${name}`);
     // What the relay sent before now has reached the client.
     if (delivered !== undefined || heldBack !== undefined) await this.actors.settle(name, SETTLE_MS);
+    // A reconnect is an event that may still be on its way (a relay restart the client has
+    // not noticed yet): waited for, within the step's deadline.
+    if (reconnectsMin !== undefined)
+      await this.until(`${name} to reconnect ${reconnectsMin} times`, (x) => x.clients[name].stats.reconnects >= reconnectsMin);
     const a = (await this.snap()).clients[name];
     const stats = a.stats;
     if (acked !== undefined && a.acked.length !== acked)
