@@ -1,5 +1,6 @@
 // Where the Rust binaries the tests run live: $WHISPEER_RELAY_BIN / $WHISPEER_INTEROP_PEER,
-// else <target dir>/release/… (CARGO_TARGET_DIR, else the workspace's target dir).
+// else <target dir>/release/… (CARGO_TARGET_DIR, else the workspace's target dir). .ci/wasm-tests
+// sets both to the debug builds `cargo test --workspace` leaves.
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join, dirname } from 'node:path';
