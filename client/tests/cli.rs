@@ -2028,6 +2028,29 @@ fn bench_json_reports_every_message_delivered() {
         }
         assert!(pl["cores"].as_u64().unwrap() >= 1, "{out}");
         assert!(pl.get("relay_us").is_none(), "{out}");
+        // With every core busy too (on more than one core): its own costs and limit.
+        if pl["cores"].as_u64().unwrap() > 1 {
+            let busy = &pl["busy"];
+            for k in ["seal_us", "open_us", "limit_per_s", "reached"] {
+                assert!(
+                    busy[k].as_f64().unwrap() > 0.0,
+                    "pipeline busy {k} in {out}"
+                );
+            }
+            let (seal, open) = (
+                busy["seal_us"].as_f64().unwrap(),
+                busy["open_us"].as_f64().unwrap(),
+            );
+            let limit = busy["limit_per_s"].as_f64().unwrap();
+            let cores = pl["cores"].as_f64().unwrap();
+            let per = seal / r["subs"].as_f64().unwrap() + open;
+            assert!(
+                (limit - cores * 1e6 / per).abs() <= 1.0 + limit * 0.01,
+                "{out}"
+            );
+        } else {
+            assert!(pl.get("busy").is_none(), "{out}");
+        }
         // Per core used: the bench's CPU over the run (no relay term without its pid).
         let cores = r["cores_used"].as_f64().unwrap();
         let cpu = r["cpu_s"].as_f64().unwrap() / r["duration_s"].as_f64().unwrap();

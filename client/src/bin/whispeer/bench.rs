@@ -430,6 +430,25 @@ struct Pipeline {
     limit_per_s: f64,
     /// The run's delivery rate ÷ `limit_per_s`.
     reached: f64,
+    /// The same costs measured with every core sealing and opening at once (one thread
+    /// per core), as in the run: cores that share a host's physical core, its caches or
+    /// its power budget are slower together than alone, which the one-thread limit does
+    /// not show. Absent on one core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    busy: Option<BusyLimit>,
+}
+
+/// [`Pipeline`]'s limit from costs measured with every core busy.
+#[derive(Debug, Clone, serde::Serialize)]
+struct BusyLimit {
+    /// µs per seal, the mean over the threads.
+    seal_us: f64,
+    /// µs per open, the mean over the threads.
+    open_us: f64,
+    /// cores × 10⁶ ÷ (seal ÷ subs + open + relay) at these costs.
+    limit_per_s: f64,
+    /// The run's delivery rate ÷ `limit_per_s`.
+    reached: f64,
 }
 
 /// Messages sealed and opened to measure [`Pipeline`] (about 4 MiB of payload, 256–4,096).
@@ -524,13 +543,17 @@ fn measure_seal_open(
 }
 
 impl Pipeline {
-    fn of(seal_us: f64, open_us: f64, r: &Report) -> Self {
+    /// From the one-thread costs and, when measured, the costs with every core busy.
+    fn of(seal_us: f64, open_us: f64, busy: Option<(f64, f64)>, r: &Report) -> Self {
         let relay_us = r
             .server_cpu_s
             .map(|cpu| round1(cpu * 1e6 / r.received.max(1) as f64));
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per = seal_us / r.subs.max(1) as f64 + open_us + relay_us.unwrap_or(0.0);
-        let limit_per_s = (cores as f64 * 1e6 / per.max(1e-9)).round();
+        let limit = |seal_us: f64, open_us: f64| {
+            let per = seal_us / r.subs.max(1) as f64 + open_us + relay_us.unwrap_or(0.0);
+            (cores as f64 * 1e6 / per.max(1e-9)).round()
+        };
+        let limit_per_s = limit(seal_us, open_us);
         Pipeline {
             seal_us: round1(seal_us),
             open_us: round1(open_us),
@@ -538,6 +561,15 @@ impl Pipeline {
             cores,
             limit_per_s,
             reached: round3(r.delivery_rate / limit_per_s.max(1.0)),
+            busy: busy.map(|(seal_us, open_us)| {
+                let limit_per_s = limit(seal_us, open_us);
+                BusyLimit {
+                    seal_us: round1(seal_us),
+                    open_us: round1(open_us),
+                    limit_per_s,
+                    reached: round3(r.delivery_rate / limit_per_s.max(1.0)),
+                }
+            }),
         }
     }
 }
@@ -729,6 +761,25 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let (s1, o1) = seal_open()?;
     let (s2, o2) = seal_open()?;
     let (seal_us, open_us) = (s1.min(s2), o1.min(o2));
+    // Then on every core at once (twice each, the faster kept): the run keeps them all busy.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let busy = if cores > 1 {
+        let twice = || -> Result<(f64, f64)> {
+            let ((s1, o1), (s2, o2)) = (seal_open()?, seal_open()?);
+            Ok((s1.min(s2), o1.min(o2)))
+        };
+        let each = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..cores).map(|_| s.spawn(twice)).collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let mean = |f: fn(&(f64, f64)) -> f64| each.iter().map(f).sum::<f64>() / cores as f64;
+        Some((mean(|c| c.0), mean(|c| c.1)))
+    } else {
+        None
+    };
     let floor = if a.rate > 0.0 {
         let (rate, size) = (a.rate, a.size);
         let h = tokio::task::spawn_blocking(move || {
@@ -740,7 +791,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         None
     };
     let mut report = run_load(&a, duration, pubs, subs, a.relay_pid).await?;
-    report.pipeline = Some(Pipeline::of(seal_us, open_us, &report));
+    report.pipeline = Some(Pipeline::of(seal_us, open_us, busy, &report));
     report.floor_us = floor;
     report.relay = a.conn.relay.clone();
     report.signing = signing_arg.name();
@@ -1553,6 +1604,16 @@ fn print_human(r: &Report) -> Result<()> {
             p.cores,
             p.reached * 100.0
         ))?;
+        if let Some(b) = &p.busy {
+            io::print_or_exit(&format!(
+                "           every core sealing and opening at once: seal {:.1} µs + open {:.1} \
+                 µs → limit {} deliveries/s; reached {:.0} %",
+                b.seal_us,
+                b.open_us,
+                fmt_int(b.limit_per_s),
+                b.reached * 100.0
+            ))?;
+        }
     }
     if let (Some(n), Some(x)) = (&r.nats, &r.nats_ratio) {
         let lines = [
