@@ -212,6 +212,14 @@ struct LocalSub {
     /// those let a copy past the dedup window. At most [`MAX_GOT`]: once full, live
     /// messages are taken as they come again (in order or not, never lost).
     skipped: HashMap<u64, Option<receive::Digest>>,
+    /// The sequences of `skipped` holding a digest, by that digest. Once this subscription
+    /// gets a copy of the message under any sequence, the exception is spent for every
+    /// one of them ([`LocalSub::copy_came`]): the relay may hold one envelope under two
+    /// sequences (a QoS 1 publish re-sent after a lost `PubAck`, or re-posted): a
+    /// subscription that took it from its own history at the older one also got the
+    /// relay's held-back copy at the newer one, the message twice, when only the copy at
+    /// the remembered sequence spent it.
+    awaiting: HashMap<receive::Digest, Vec<u64>>,
 }
 
 /// A (topic, message) pair as [`LocalSub::latest`] holds it: the first 8 bytes of the
@@ -229,6 +237,49 @@ const MAX_SHOWN: usize = 65_536;
 const MAX_GOT: usize = if cfg!(test) { 64 } else { 100_000 };
 
 impl LocalSub {
+    /// A message new to the client, with dedup digest `d`, is held back for this
+    /// subscription at `seq` (its `skipped` entry, taken at first sight): the relay's own
+    /// copy of it there is still this subscription's. Whether it was remembered (not
+    /// already awaited there): what a durable then awaits ([`ClientCore::awaited`]).
+    fn await_copy(&mut self, seq: u64, d: receive::Digest) -> bool {
+        let Some(slot @ None) = self.skipped.get_mut(&seq) else {
+            return false;
+        };
+        *slot = Some(d);
+        self.awaiting.entry(d).or_default().push(seq);
+        true
+    }
+
+    /// A copy of the message with dedup digest `d` came to this subscription at `seq`
+    /// (handed to it, or lost for want of room): the copy it awaited at `seq` came, and it
+    /// awaits no other copy of `d` — the exceptions kept for `d` under other sequences are
+    /// spent (their entries stay, digest-less: each still bounds an ack owed to it).
+    /// Returns the digests it no longer awaits (to drop from [`ClientCore::awaited`]).
+    fn copy_came(&mut self, seq: u64, d: receive::Digest) -> [Option<receive::Digest>; 2] {
+        let mut done = [None, None];
+        if self.skipped.is_empty() {
+            return done; // nearly always: no held-back sequence remembered
+        }
+        if let Some(Some(x)) = self.skipped.remove(&seq) {
+            if let Some(seqs) = self.awaiting.get_mut(&x) {
+                seqs.retain(|s| *s != seq);
+                if seqs.is_empty() {
+                    self.awaiting.remove(&x);
+                }
+            }
+            done[0] = Some(x);
+        }
+        if let Some(seqs) = self.awaiting.remove(&d) {
+            for s in seqs {
+                if let Some(slot) = self.skipped.get_mut(&s) {
+                    *slot = None;
+                }
+            }
+            done[1] = Some(d);
+        }
+        done
+    }
+
     /// Raises the position of relay subscription `relay_id`'s key id to `seq`.
     fn reached(&mut self, relay_id: u64, seq: u64) {
         if let Some(i) = self.relay_ids.iter().position(|r| *r == relay_id) {
@@ -896,6 +947,7 @@ impl ClientCore {
                 s.last_seq = 0;
                 s.positions.clear();
                 s.skipped.clear();
+                s.awaiting.clear();
             }
         }
         self.space = Some(space);
@@ -1219,6 +1271,7 @@ impl ClientCore {
                 latest_full: false,
                 held: Vec::new(),
                 skipped: Default::default(),
+                awaiting: HashMap::new(),
             },
         );
         let frames = self.sub_frames(id, now_ms);
@@ -1548,13 +1601,9 @@ impl ClientCore {
                     .collect();
                 for id in held {
                     if let Some(s) = self.subs.get_mut(&id) {
-                        let durable = s.opts.durable.is_some();
-                        if let Some(slot @ None) = s.skipped.get_mut(&msg.seq) {
-                            *slot = Some(keys.0);
-                            // A durable awaits it with no copy: owed once delivered.
-                            if durable {
-                                self.awaited.entry(keys.0).or_default().push(id);
-                            }
+                        // A durable awaits it with no copy: owed once delivered.
+                        if s.await_copy(msg.seq, keys.0) && s.opts.durable.is_some() {
+                            self.awaited.entry(keys.0).or_default().push(id);
                         }
                     }
                 }
@@ -1713,8 +1762,8 @@ impl ClientCore {
         };
         for id in targets.iter().chain(&lagged) {
             if let Some(s) = self.subs.get_mut(id) {
-                // Its awaited copy came: no longer awaited.
-                if let Some(Some(d)) = s.skipped.remove(&msg.seq) {
+                // Its awaited copy came, or another copy of the message: no longer awaited.
+                for d in s.copy_came(msg.seq, keys.0).into_iter().flatten() {
                     unawait(&mut self.awaited, d, *id);
                 }
             }
@@ -2916,6 +2965,56 @@ mod tests {
         core.unsubscribe(1);
         assert!(core.awaited.is_empty());
         assert_eq!(core.owed.owed_len, MAX_GOT.min(MAX_OWED));
+    }
+
+    /// A subscription in its hand-over takes a message once, whichever copy comes first
+    /// (with real parts: `delivery::a_durable_in_its_hand_over_takes_a_message_once_whichever_copy_comes_first`).
+    /// The message reached the client for a neighbour while the relay held back its own
+    /// copy for the durable (its `skipped` exception), and the durable took it from its own
+    /// retained values: at that sequence, or at another one (the relay stored the envelope
+    /// twice, once before the durable's boundary). The relay's copy after its `ReplayDone`
+    /// is a duplicate for it then: a placeholder, and nothing is awaited any more. Before,
+    /// a retained copy at another sequence left the exception in place and the durable got
+    /// the message twice.
+    #[test]
+    fn a_subscription_in_its_hand_over_takes_a_message_once_whichever_copy_comes_first() {
+        let (kr, mut rng) = one_tree(28);
+        let room = |_: LocalSubId| true;
+        for retained_at in [7, 3] {
+            let mut core = durable_core(&kr, receive::ReceiveConfig::default());
+            core.subscribe(2, TopicFilter::new("a/x").unwrap(), Qos::AtLeastOnce, NOW)
+                .unwrap();
+            let rid = core.relay_ids(1)[0];
+            core.sub_confirmed(rid, 5, true); // durable 1: in its hand-over, boundary 5
+            let m = sealed(&kr, &mut rng, "a/x", b"\x01");
+            // Live at 7 for the neighbour, which takes it; the durable awaits its copy.
+            let d = held_delivery(&mut core, &m, 7);
+            core.dedup_hold(d, 1);
+            core.dedup_taken(d, None);
+            assert_eq!(core.awaited.get(&d), Some(&vec![1]));
+            let retained = Msg {
+                sub_id: Some(rid),
+                flags: frame::msg_flags::RETAINED,
+                ..at(&m, retained_at)
+            };
+            match core.receive_with(&retained, NOW, &room) {
+                Delivery::Deliver { targets, .. } => assert_eq!(targets, vec![1]),
+                _ => panic!("the durable's retained value (at {retained_at}) is its own"),
+            }
+            core.replay_done(rid, 5);
+            let dups = core.stats().duplicates;
+            assert!(
+                matches!(
+                    core.receive_with(&at(&m, 7), NOW, &room),
+                    Delivery::Placeholder
+                ),
+                "the relay's copy at 7 after a retained copy at {retained_at}: not again"
+            );
+            assert_eq!(core.stats().duplicates, dups + 1);
+            assert!(core.awaited.is_empty(), "the durable has the message");
+            assert!(core.subs[&1].awaiting.is_empty());
+            assert!(core.subs[&1].skipped.values().all(Option::is_none));
+        }
     }
 
     /// Review finding: an owed message a relay sends again with sequence 0 (unstored: no

@@ -1232,6 +1232,83 @@ async fn a_message_a_durable_awaited_when_it_was_unsubscribed_in_its_hand_over_c
     relay.stop().await;
 }
 
+/// A durable subscription in its hand-over takes a message once, whichever copy comes
+/// first. The relay stored one envelope twice (a QoS 1 publisher re-sends a publish whose
+/// `PubAck` it lost; here a member re-posts it): at sequence 2 before the durable
+/// subscribed — in its history — and at 3 after, held back for it until its `ReplayDone`.
+/// Its history waits (credit 1, the first message untaken) while the copy at 3 reaches the
+/// client live for a plain subscription beside it, which takes it: new to the client, so
+/// the durable awaits the relay's own copy at 3 (`LocalSub::skipped`, its digest). Then
+/// the durable takes its history, the copy at 2 among it. The copy at 3 that follows its
+/// `ReplayDone` is a duplicate for it: before, the exception kept for it was not spent by
+/// the history copy (another sequence) and it was delivered to the durable a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_in_its_hand_over_takes_a_message_once_whichever_copy_comes_first() {
+    use support::raw::{seal, RawPublisher};
+    let relay = TestRelay::start().await;
+    let t = tree("hand-over-once");
+    let mut member = RawPublisher::connect(relay.addrs.tcp.unwrap()).await;
+    let now = whispeer::now_ms();
+    let (first, m, marker) = (
+        seal(&t, None, "job/x", 1, now),
+        seal(&t, None, "job/x", 2, now),
+        seal(&t, None, "job/x", 3, now),
+    );
+    member.publish(&first, false).await;
+    member.publish(&m, false).await;
+    let c = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    // History from the start, one message at a time: the relay waits for the ack of the
+    // first (untaken) before it sends the second, and holds its live messages back.
+    let opts = held_opts("hand-over-once")
+        .replay(Replay::FromSeq(1))
+        .retained(false)
+        .capacity(1);
+    let mut durable = c
+        .subscribe_with_options::<u32>("job/#", opts)
+        .await
+        .unwrap();
+    until_stats(&c, "the first history message", |s| s.core.delivered >= 1).await;
+    let mut plain = c
+        .subscribe_with_options::<u32>(
+            "job/x",
+            SubscribeOptions::new()
+                .qos(Qos::AtLeastOnce)
+                .retained(false),
+        )
+        .await
+        .unwrap();
+    member.publish(&m, false).await; // again: the copy at 3
+    assert_eq!(values(&mut plain, 1, "plain").await, vec![2]);
+    // The plain subscription reads on: the relay routed the durable's messages to it too
+    // (by their tokens), so their acks wait for it to pass its placeholders.
+    let plain = tokio::spawn(async move {
+        let v = values(&mut plain, 1, "plain").await;
+        (plain, v)
+    });
+    assert_eq!(
+        values(&mut durable, 2, "history").await,
+        vec![1, 2],
+        "the durable's history, the copy at 2 among it"
+    );
+    // The relay's copy at 3 follows once the durable's credit allows: handled (one more
+    // message delivered, or a duplicate) before the marker is published.
+    until_stats(&c, "the relay's copy at 3", |s| {
+        s.core.delivered + s.core.duplicates >= 4
+    })
+    .await;
+    member.publish(&marker, false).await;
+    assert_eq!(
+        values(&mut durable, 1, "after the hand-over").await,
+        vec![3],
+        "the relay's copy at 3 is not delivered to the durable again"
+    );
+    let (plain, v) = within("plain", plain).await.unwrap();
+    assert_eq!(v, vec![3]);
+    drop((durable, plain));
+    c.close().await;
+    relay.stop().await;
+}
+
 /// Review finding: an owed message handed to the resumed durable and dropped again
 /// before the app took it is owed again — the resume after that still gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
