@@ -156,6 +156,9 @@ struct LocalSub {
     tree: TreeId,
     opts: SubscribeOptions,
     relay_ids: Vec<u64>,
+    /// Per relay subscription (as `relay_ids`): where it started on this connection, which
+    /// decides whether a redelivered copy is its ([`LocalSub::takes_redelivered`]).
+    starts: Vec<Start>,
     /// The highest relay sequence delivered to this subscription (0: none yet).
     last_seq: u64,
     /// Per key id: the highest relay sequence handled for this subscription, or the
@@ -220,6 +223,20 @@ struct LocalSub {
     /// relay's held-back copy at the newer one, the message twice, when only the copy at
     /// the remembered sequence spent it.
     awaiting: HashMap<receive::Digest, Vec<u64>>,
+}
+
+/// Where a relay subscription started on the current connection (see
+/// [`LocalSub::takes_redelivered`]). Kept apart from `positions`, which move on with every
+/// message handled.
+#[derive(Debug, Clone, Copy)]
+struct Start {
+    /// Its boundary, `SubOk.seq` (`None` until confirmed): its live messages are above it.
+    boundary: Option<u64>,
+    /// The lowest sequence of the history it asked for whose deliveries the relay tracks,
+    /// and so may redeliver: a replay (from its `FromSeq`, else from anywhere) or a durable
+    /// (the relay resumes one from its own floor, unknown here). `None`: none — live only,
+    /// or retained values only (the relay does not track those: they need no ack).
+    history_from: Option<u64>,
 }
 
 /// A (topic, message) pair as [`LocalSub::latest`] holds it: the first 8 bytes of the
@@ -288,6 +305,27 @@ impl LocalSub {
                 *pos = (*pos).max(seq);
             }
         }
+    }
+
+    /// Whether a redelivered copy (`REDELIVERED`, no `sub_id`, PROTOCOL §3.3.7) may be this
+    /// subscription's. The relay redelivers a sequence it sent to a subscription of the
+    /// connection that did not ack it, naming none, so the copy may be another one's: of a
+    /// relay subscription of this one matching it, it is a live message above that one's
+    /// boundary (held back while in its hand-over, `holds_back`), or history it asked for
+    /// at or below it. A subscription without such history gets nothing at or below its
+    /// boundary (nor before its `SubOk`): that is another subscription's history — the
+    /// client had not seen it (held back for want of room), so no dedup would stop it,
+    /// and a live-only subscription got a message from before it started.
+    fn takes_redelivered(&self, msg: &Msg) -> bool {
+        if msg.seq == 0 {
+            return true; // unnumbered: no start to compare (and never redelivered)
+        }
+        let path = msg.envelope.token_path();
+        self.patterns.iter().zip(&self.starts).any(|(p, st)| {
+            (st.boundary.is_some_and(|b| msg.seq > b)
+                || st.history_from.is_some_and(|from| msg.seq >= from))
+                && p.matches(&path)
+        })
     }
 
     /// Whether a replayed message with relay sequence `seq` is this subscription's: it is
@@ -1118,6 +1156,7 @@ impl ClientCore {
         };
         sub.replaying.clear();
         sub.held.clear();
+        sub.starts.clear();
         for old in sub.relay_ids.drain(..) {
             self.relay_to_local.remove(&old);
         }
@@ -1152,6 +1191,16 @@ impl ClientCore {
                     owner_secret(self.owner_key.as_deref(), pattern.key_id(), name)
                 });
             let replay = replay_for(sub, pattern.key_id());
+            let history_from = match replay {
+                _ if sub.opts.durable.is_some() => Some(0),
+                Some(frame::Replay::FromSeq(from)) => Some(from),
+                Some(_) => Some(0),
+                None => None,
+            };
+            sub.starts.push(Start {
+                boundary: None,
+                history_from,
+            });
             frames.push(Frame::Sub(Sub {
                 sub_id: rid,
                 pattern,
@@ -1262,6 +1311,7 @@ impl ClientCore {
                 tree,
                 opts,
                 relay_ids: Vec::new(),
+                starts: Vec::new(),
                 last_seq: 0,
                 positions: HashMap::new(),
                 got,
@@ -1313,6 +1363,11 @@ impl ClientCore {
             return;
         };
         if let Some(sub) = self.subs.get_mut(&local) {
+            if let Some(i) = sub.relay_ids.iter().position(|r| *r == relay_id) {
+                if let Some(st) = sub.starts.get_mut(i) {
+                    st.boundary = Some(seq);
+                }
+            }
             if history && !sub.held.iter().any(|(r, _)| *r == relay_id) {
                 sub.held.push((relay_id, seq));
             }
@@ -1533,6 +1588,12 @@ impl ClientCore {
         // A relay names the subscription of a history message (`Msg.sub_id`); from one
         // that does not, a replayed message goes to the subscriptions still in history.
         let replayed = msg.flags & frame::msg_flags::REPLAYED != 0;
+        // A redelivered copy goes only to the subscriptions it may be of (a live-only one
+        // gets none from before it started). Still routed to the others, so each passes it
+        // as a placeholder and acks it as before (PROTOCOL §3.5.5 "Redelivered copies").
+        let redelivery = msg.sub_id.is_none()
+            && msg.flags & frame::msg_flags::REDELIVERED != 0
+            && msg.flags & (frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED) == 0;
         let matched: Vec<LocalSubId> = self
             .subs
             .iter()
@@ -1540,7 +1601,10 @@ impl ClientCore {
             // this subscription's, whatever its topic — another tree's admin could
             // otherwise write into it.
             .filter(|(id, s)| {
-                s.tree == a.tree_id && s.filter.matches(&a.topic) && self.addressed_to(msg, **id, s)
+                s.tree == a.tree_id
+                    && s.filter.matches(&a.topic)
+                    && self.addressed_to(msg, **id, s)
+                    && (!redelivery || s.takes_redelivered(msg))
             })
             .map(|(id, _)| *id)
             .collect();
@@ -2111,8 +2175,12 @@ mod tests {
         assert_eq!(to(&mut core, msg(&stale, 11, 0, None)), None);
         assert_eq!(to(&mut core, msg(&stale, 11, REPLAYED, r6)), None);
         assert_eq!(to(&mut core, msg(&stale, 11, REDELIVERED, r2)), None);
+        // (Redelivered at or below a subscription's boundary, or before its `SubOk`, it
+        // would be history: not a live-only subscription's, §3.3.7. Confirmed at 15, a
+        // copy above it is a live one of its.)
+        core.sub_confirmed(rid(&core, 3).unwrap(), 15, false);
         assert_eq!(
-            to(&mut core, msg(&stale, 11, REDELIVERED, None)),
+            to(&mut core, msg(&stale, 16, REDELIVERED, None)),
             Some(vec![3])
         );
     }
@@ -3017,6 +3085,116 @@ mod tests {
         }
     }
 
+    /// A redelivered copy (`REDELIVERED` alone, no `sub_id`) names no subscription: the
+    /// relay sends it for whichever subscriptions of the connection did not ack its
+    /// sequence. At or below a relay subscription's boundary (`SubOk.seq`), or before its
+    /// `SubOk`, it is history: it goes only to subscriptions whose history the relay
+    /// tracks (a replay, from where it starts, or a durable) — never to a live-only or
+    /// retained-only one, which is still routed it (a placeholder, acked as before).
+    /// Above the boundary it is a live message, everyone's. The same on every connection,
+    /// from that connection's `SubOk`. Before, a live-only subscription got a message from
+    /// before it started: another's replayed one the client had not seen.
+    #[test]
+    fn a_redelivered_copy_goes_only_to_subscriptions_whose_history_it_may_be() {
+        use frame::Replay::FromSeq;
+        let (kr, mut rng) = one_tree(29);
+        let mut core = ClientCore::new(kr.clone());
+        core.enter_seq_space(SeqSpace::Named([1; 16]));
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        let o = || {
+            SubscribeOptions::new()
+                .qos(Qos::AtLeastOnce)
+                .retained(false)
+        };
+        // 1: history from 1; 2: live only; 3: retained values; 4: durable; 5: from 4.
+        let subs = [
+            o().replay(FromSeq(1)),
+            o(),
+            o().retained(true),
+            o().durable("d"),
+            o().replay(FromSeq(4)),
+        ];
+        for (id, opts) in (1..).zip(subs) {
+            core.subscribe_with_options(id, f("a/#"), opts, NOW)
+                .unwrap();
+        }
+        let again = |m: &whispeer_protocol::Envelope, seq| Msg {
+            flags: frame::msg_flags::REDELIVERED,
+            ..at(m, seq)
+        };
+        let (y1, y2) = (
+            sealed(&kr, &mut rng, "b/y", b"\x06"),
+            sealed(&kr, &mut rng, "c/z", b"\x07"),
+        );
+        // A new message on "a/x" redelivered at `seq`: delivered to, and routed to.
+        let mut redelivered = |core: &mut ClientCore, seq: u64| {
+            let msg = again(&sealed(&kr, &mut rng, "a/x", &seq.to_le_bytes()), seq);
+            let routed = core.route_acking(&msg);
+            let to = core.receive(&msg, NOW).map(|(_, mut t)| {
+                t.sort();
+                t
+            });
+            (to, routed)
+        };
+        let everyone = vec![1, 2, 3, 4, 5];
+        // Before any `SubOk`: history only.
+        assert_eq!(
+            redelivered(&mut core, 2),
+            (Some(vec![1, 4]), everyone.clone())
+        );
+        let confirm = |core: &mut ClientCore, ids: &[LocalSubId], boundary| {
+            for id in ids {
+                let rid = core.relay_ids(*id)[0];
+                core.sub_confirmed(rid, boundary, false);
+            }
+        };
+        confirm(&mut core, &everyone, 5);
+        assert_eq!(
+            redelivered(&mut core, 3),
+            (Some(vec![1, 4]), everyone.clone())
+        );
+        assert_eq!(
+            redelivered(&mut core, 5),
+            (Some(vec![1, 4, 5]), everyone.clone())
+        );
+        assert_eq!(
+            redelivered(&mut core, 6),
+            (Some(everyone.clone()), everyone.clone())
+        );
+        // Only a live-only one matches: nothing delivered, and not counted as refused.
+        core.subscribe_with_options(6, f("b/y"), o(), NOW).unwrap();
+        confirm(&mut core, &[6], 6);
+        let msg = again(&y1, 4);
+        assert_eq!(core.route_acking(&msg), vec![6]);
+        let rejected = core.stats().rejected;
+        assert!(matches!(
+            core.receive_with(&msg, NOW, &|_| true),
+            Delivery::Placeholder
+        ));
+        assert_eq!(core.stats().rejected, rejected);
+
+        // A new connection: each starts at its new `SubOk`. 1 to 5 handled 6, so they
+        // resume in history from 7 (the live-only and retained ones too: the relay sends
+        // what came while they were away), the durable from the relay's floor; 7 handled
+        // nothing: live only again.
+        core.subscribe_with_options(7, f("c/#"), o(), NOW).unwrap();
+        confirm(&mut core, &[7], 6);
+        assert!(core.enter_seq_space(SeqSpace::Named([1; 16])));
+        let _ = core.resubscribe_all(NOW);
+        assert_eq!(
+            redelivered(&mut core, 8),
+            (Some(everyone.clone()), everyone.clone())
+        );
+        confirm(&mut core, &[1, 2, 3, 4, 5, 6, 7], 10);
+        assert_eq!(redelivered(&mut core, 6), (Some(vec![4]), everyone.clone()));
+        assert!(
+            core.receive(&again(&y2, 9), NOW).is_none(),
+            "7 started at 10"
+        );
+        let above = core.receive(&again(&y2, 11), NOW);
+        assert_eq!(above.map(|(_, t)| t), Some(vec![7]));
+    }
+
     /// Review finding: an owed message a relay sends again with sequence 0 (unstored: no
     /// slot, nothing to take) is paid, not left handed for good.
     #[test]
@@ -3069,6 +3247,7 @@ mod tests {
         core.enter_seq_space(SeqSpace::Named([1; 16]));
         let f = |s: &str| TopicFilter::new(s).unwrap();
         core.subscribe(1, f("a/#"), Qos::AtLeastOnce, NOW).unwrap();
+        core.sub_confirmed(core.relay_ids(1)[0], 0, false); // its redelivery is its own
         let room = |_: LocalSubId| true;
         let m = sealed(&kr, &mut rng, "a/x", b"\x01");
         let d = held_delivery(&mut core, &m, 9);

@@ -1309,6 +1309,70 @@ async fn a_durable_in_its_hand_over_takes_a_message_once_whichever_copy_comes_fi
     relay.stop().await;
 }
 
+/// A redelivered copy (`REDELIVERED` alone, no `sub_id`) names no subscription: the relay
+/// sends it for whichever subscription of the connection did not ack the sequence. Here a
+/// subscription replaying from sequence 1 never got its first replayed message (the proxy
+/// drops it — as when the client holds a message back for want of room: neither delivered
+/// nor remembered), so after the ack timeout the relay sends it again, new to the client.
+/// It is that subscription's history, from before a live-only subscription beside it
+/// started (its `SubOk.seq` is at or above it): the live one got it too, a message from
+/// before its start. Now only the history subscription gets it (the live one passes it as
+/// a placeholder, acked as before), and nothing is lost. (The live one subscribes first,
+/// so it is confirmed before the relay could send the copy again: the order is not left
+/// to the ack timer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_copy_of_another_subscriptions_history_does_not_reach_a_live_only_one() {
+    use support::raw::DropFirstProxy;
+    use whispeer::protocol::{frame::msg_flags::REPLAYED, Frame};
+    let relay = TestRelay::start_with(|c| c.delivery.ack_timeout_ms = 200).await;
+    let proxy = DropFirstProxy::start(
+        relay.addrs.tcp.unwrap(),
+        |f| matches!(f, Frame::Msg(m) if m.flags & REPLAYED != 0),
+    )
+    .await;
+    let t = tree("redelivered-history");
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    for i in 0..3u32 {
+        p.publish_with("job/x", &i, PublishOptions::at_least_once())
+            .await
+            .unwrap();
+    }
+    let url = format!("tcp://{}", proxy.addr);
+    let c = tcp_client(&url, keyring_with(&t), identity()).await;
+    let opts = || {
+        SubscribeOptions::new()
+            .qos(Qos::AtLeastOnce)
+            .retained(false)
+    };
+    let mut live = c
+        .subscribe_with_options::<u32>("job/x", opts())
+        .await
+        .unwrap();
+    let mut history = c
+        .subscribe_with_options::<u32>("job/x", opts().replay(Replay::FromSeq(1)))
+        .await
+        .unwrap();
+    within("the dropped replayed copy", proxy.wait_dropped()).await;
+    assert_eq!(
+        values(&mut history, 3, "history").await,
+        vec![1, 2, 0],
+        "0 comes again, redelivered after the ack timeout"
+    );
+    p.publish_with("job/x", &3u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    assert_eq!(
+        values(&mut live, 1, "live").await,
+        vec![3],
+        "the live-only subscription gets nothing from before it started"
+    );
+    assert_eq!(values(&mut history, 1, "history, live").await, vec![3]);
+    drop((live, history));
+    p.close().await;
+    c.close().await;
+    relay.stop().await;
+}
+
 /// Review finding: an owed message handed to the resumed durable and dropped again
 /// before the app took it is owed again — the resume after that still gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

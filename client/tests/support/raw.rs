@@ -255,6 +255,46 @@ impl HandOverProxy {
     }
 }
 
+/// A proxy between clients and a relay that drops the first frame from the relay that
+/// `pick` chooses — for a `Msg`, as if the client had held it back for want of room:
+/// neither delivered nor remembered nor acked, so the relay sends it again after its ack
+/// timeout. Everything else passes both ways unchanged.
+pub struct DropFirstProxy {
+    pub addr: SocketAddr,
+    /// How many frames it dropped (0 or 1).
+    dropped: tokio::sync::watch::Receiver<usize>,
+}
+
+impl DropFirstProxy {
+    pub async fn start(
+        upstream: SocketAddr,
+        pick: impl Fn(&Frame) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        let (count, dropped) = tokio::sync::watch::channel(0usize);
+        let down: FrameFilter = Arc::new(move |b| {
+            if *count.borrow() > 0 {
+                return true;
+            }
+            match Frame::decode_slice(b) {
+                Ok(f) if pick(&f) => {
+                    count.send_modify(|n| *n += 1);
+                    false
+                }
+                _ => true,
+            }
+        });
+        let addr = frame_proxy(upstream, Arc::new(|_| true), down).await;
+        DropFirstProxy { addr, dropped }
+    }
+
+    /// Waits (on the relay's frames, not a timer) until it dropped its frame. Bounded by
+    /// the caller's `within`.
+    pub async fn wait_dropped(&self) {
+        let mut rx = self.dropped.clone();
+        rx.wait_for(|n| *n > 0).await.expect("the proxy lives");
+    }
+}
+
 /// A fake relay's `Welcome`: at-least-once, retained values and replay offered, 1 MiB
 /// frames, the heartbeat asked for `heartbeat_ms` (0: the client's default).
 pub fn welcome(heartbeat_ms: u64) -> Frame {
