@@ -1044,7 +1044,21 @@ impl ClientCore {
     /// so it takes no slot there and is not acked for it (PROTOCOL §3.5.5) — an `Ack` frees
     /// a sequence for every subscription of the connection, and one that reached the relay
     /// after the hand-over would free that subscription's own copy before it was taken.
+    ///
+    /// A history `Msg` naming its subscription (`Msg.sub_id`) is that subscription's alone:
+    /// the relay sent it for that one, not for every pattern it matches, so it takes no
+    /// slot in a neighbour's queue. Otherwise a neighbour whose app stopped reading held
+    /// back its acks (released per subscription in order, `core::acks`) and, under a small
+    /// credit, the named subscription's whole replay.
     pub fn route_acking(&self, msg: &Msg) -> Vec<LocalSubId> {
+        if let Some(rid) = msg.sub_id {
+            return self
+                .relay_to_local
+                .get(&rid)
+                .filter(|id| self.subs.get(id).is_some_and(|s| s.opts.acking()))
+                .map(|id| vec![*id])
+                .unwrap_or_default();
+        }
         self.routed_where(msg, |_, s| s.opts.acking() && !s.holds_back(msg))
     }
 

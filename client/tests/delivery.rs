@@ -1648,3 +1648,61 @@ async fn a_publish_refused_as_busy_is_sent_nine_times_by_default_then_fails() {
         "one publish id: {ids:?}"
     );
 }
+
+/// One subscription's replay is not held up by a neighbour whose app stopped reading. A
+/// history `Msg` names its subscription; its ack slot is that subscription's alone. It
+/// took a slot in every at-least-once subscription whose pattern matched, and acks leave
+/// per subscription in order: behind the neighbour's untaken live message, the replayed
+/// message's ack never left, and with a credit of 1 the relay sent nothing more of the
+/// replay (found by the review of wave 2 session 49).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_under_credit_is_not_held_up_by_a_neighbour_that_stopped_reading() {
+    let relay = TestRelay::start().await;
+    let t = tree("neighbour");
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    for i in 0..5u32 {
+        p.publish_with("h/x", &i, PublishOptions::at_least_once())
+            .await
+            .unwrap();
+    }
+    let c = Client::builder()
+        .with(Tcp::new(relay.tcp_url()))
+        .with(Encryption::with_keyring(keyring_with(&t)))
+        .with(identity())
+        .subscription_capacity(1)
+        .connect()
+        .await
+        .unwrap();
+    let qos1 = || SubscribeOptions::new().qos(Qos::AtLeastOnce);
+    // The neighbour: live only, its app never reads. It gets one live message.
+    let _neighbour = c
+        .subscribe_with_options::<u32>("h/#", qos1())
+        .await
+        .unwrap();
+    let delivered = c.stats().core.delivered;
+    p.publish_with("h/x", &100u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    within("the neighbour's live copy", async {
+        while c.stats().core.delivered == delivered {
+            c.flush().await.unwrap(); // a Ping round trip: frames are handled in order
+        }
+    })
+    .await;
+    // The replay: credit 1, every message after an ack of the one before.
+    let mut replay = c
+        .subscribe_with_options::<u32>("h/x", qos1().replay(Replay::FromSeq(0)))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    within("the whole replay", async {
+        while got.len() < 6 {
+            got.push(replay.next().await.unwrap().unwrap().value);
+        }
+    })
+    .await;
+    assert_eq!(got, vec![0, 1, 2, 3, 4, 100]);
+    c.close().await;
+    p.close().await;
+    relay.stop().await;
+}

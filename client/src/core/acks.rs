@@ -3,7 +3,8 @@
 //! placeholder (did not open, refused, duplicate, dropped by a plugin) that the app never
 //! sees. Each slot belongs to the subscriptions the relay routed it to (matched on the
 //! envelope's routing tokens, which the relay sees too, so the client can attribute even an
-//! envelope it cannot open). Per subscription, acks leave only for the **released prefix**:
+//! envelope it cannot open; a history message naming its subscription belongs to that one
+//! alone, `ClientCore::route_acking`). Per subscription, acks leave only for the **released prefix**:
 //! a slot leaves once it is taken or a placeholder and every earlier slot of each of its
 //! subscriptions has left. So a placeholder leaves with its neighbours and the Ack stream
 //! (order and batching) says nothing about which envelopes opened (PROTOCOL §4.10), while
