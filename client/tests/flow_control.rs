@@ -358,3 +358,78 @@ async fn acks_held_for_a_state_file_that_cannot_be_written_leave_at_their_bound(
     p.close().await;
     relay.stop().await;
 }
+
+/// Review finding: a QoS ≥ 1 subscription asking for retained values got them all at once,
+/// whatever its credit, untracked; the client held back what did not fit in the
+/// subscription's buffer (`Sub.credit`), waiting for a redelivery that never came (credit 1,
+/// three retained topics: one delivered, two lost, nothing said). The relay now sends them
+/// under the credit, as replayed history: each in flight until acked. Taken one at a time,
+/// every retained value arrives, once, in sequence order, and then the live messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_values_beyond_the_credit_all_arrive_in_order() {
+    const N: u32 = 5;
+    let relay = TestRelay::start().await;
+    let t = tree("retained-credit");
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let mut retained_seqs = Vec::new();
+    for i in 0..N {
+        retained_seqs.push(
+            p.publish_with(
+                &format!("ret/{i}"),
+                &i,
+                PublishOptions::at_least_once().retain(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let c = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let mut sub = c
+        .subscribe_with_options::<u32>(
+            "ret/#",
+            SubscribeOptions::new()
+                .qos(Qos::AtLeastOnce)
+                .retained(true)
+                .capacity(1),
+        )
+        .await
+        .unwrap();
+    // Live messages after the retained values (held behind them by the relay).
+    for i in 0..3u32 {
+        p.publish_with("ret/live", &(100 + i), PublishOptions::at_least_once())
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..N + 3 {
+        let m = within("the next message, one at a time", sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        got.push((m.value, m.retained, m.seq));
+    }
+    let values: Vec<u32> = got.iter().map(|g| g.0).collect();
+    let mut want: Vec<u32> = (0..N).collect();
+    want.extend([100, 101, 102]);
+    assert_eq!(
+        values, want,
+        "every retained value once, in order, then live: {got:?}"
+    );
+    assert!(
+        got[..N as usize].iter().all(|g| g.1),
+        "flagged retained: {got:?}"
+    );
+    assert_eq!(
+        got[..N as usize].iter().map(|g| g.2).collect::<Vec<_>>(),
+        retained_seqs,
+        "under their own sequences"
+    );
+    assert_eq!(
+        c.stats().core.held_back,
+        0,
+        "nothing sent beyond the credit"
+    );
+    c.close().await;
+    p.close().await;
+    relay.stop().await;
+}

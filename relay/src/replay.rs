@@ -97,20 +97,36 @@ pub(crate) async fn retained(
     let mut count = 0u64;
     let store = shared.router.store().clone();
     // In chunks, each queued whole and paced like history: a pattern may match many large
-    // retained values, and a subscriber that does not read holds what was queued.
+    // retained values, and a subscriber that does not read holds what was queued. A
+    // QoS ≥ 1 subscription gets them under its credit, exactly as its replayed history:
+    // each is in flight until acknowledged (redelivered if it is not), and the sender
+    // waits for credit before it reads more. (Sent untracked beyond the credit, the values
+    // a client had no room for were held back by it for a redelivery that never came.)
     let read = async {
         if !readable(&store, &target, &pattern, boundary).await? {
             return Ok(());
         }
         let mut from = 0;
         while from <= boundary.0 {
+            if let Some(t) = &target.track {
+                if !t.wait_allowance(&target, None, "retained values").await {
+                    break;
+                }
+            }
             let Some(mut hold) = read_turn(&target).await else {
                 break;
+            };
+            let limit = match &target.track {
+                Some(t) => match t.allowance() {
+                    Some(limit) => limit,
+                    None => continue,
+                },
+                None => ReadLimit::CHUNK,
             };
             let chunk = {
                 let (store, pattern) = (store.clone(), pattern.clone());
                 crate::store::read_off_runtime(&tenant, Admission::Capped, move || {
-                    store.retained(&pattern, from, boundary)
+                    store.retained_limited(&pattern, from, boundary, limit)
                 })
                 .await?
             };
@@ -119,12 +135,31 @@ pub(crate) async fn retained(
                 break;
             }
             hold.resize(chunk.msgs.iter().map(|m| m.envelope.len()).sum());
+            // A value the credit does not take after all (larger than the byte allowance,
+            // or the connection's other subscriptions took its unacknowledged bytes): the
+            // rest is dropped and read again from it once there is credit for it.
+            let mut refused = None;
             for m in chunk.msgs {
+                if let Some(t) = &target.track {
+                    if !t.try_deliver(m.seq.0, &m.envelope, Instant::now()) {
+                        refused = Some((m.seq.0, m.envelope.len()));
+                        break;
+                    }
+                }
                 let frame = history_frame(m.seq.0, &m.envelope, msg_flags::RETAINED, target.sub.0);
                 hold.push(frame, m.envelope.len());
                 count += 1;
             }
-            from = chunk.next;
+            drop(hold);
+            if let (Some((_, len)), Some(t)) = (refused, &target.track) {
+                if !t
+                    .wait_allowance(&target, Some(len), "retained values")
+                    .await
+                {
+                    break;
+                }
+            }
+            from = refused.map_or(chunk.next, |(seq, _)| seq);
         }
         Ok::<_, StoreError>(())
     };

@@ -1087,6 +1087,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         from: u64,
         upto: Seq,
     ) -> Result<ReadChunk, StoreError>;
+    /// [`retained`](Self::retained) returning at most `limit`'s values and envelope bytes:
+    /// what a QoS ≥ 1 subscription has credit for now (retained values are sent under its
+    /// credit, as history is). The chunk ends before the value past either cap (`next` is
+    /// its sequence). The default reads a whole chunk and cuts it; a store may override it
+    /// to read no further than the cut.
+    fn retained_limited(
+        &self,
+        pattern: &TokenPattern,
+        from: u64,
+        upto: Seq,
+        limit: ReadLimit,
+    ) -> Result<ReadChunk, StoreError> {
+        let mut chunk = self.retained(pattern, from, upto)?;
+        limit.cut(&mut chunk);
+        Ok(chunk)
+    }
     /// A durable subscription's acknowledged floor (every matching message up to it is
     /// acknowledged), if the durable exists.
     fn durable(&self, key: &DurableKey) -> Result<Option<u64>, StoreError>;

@@ -3258,6 +3258,16 @@ impl Store for SqliteStore {
         from: u64,
         upto: Seq,
     ) -> Result<ReadChunk, StoreError> {
+        self.retained_limited(pattern, from, upto, super::ReadLimit::CHUNK)
+    }
+
+    fn retained_limited(
+        &self,
+        pattern: &TokenPattern,
+        from: u64,
+        upto: Seq,
+        limit: super::ReadLimit,
+    ) -> Result<ReadChunk, StoreError> {
         let err = |e: rusqlite::Error| StoreError::Unavailable(format!("retained read: {e}"));
         let done = ReadChunk {
             msgs: Vec::new(),
@@ -3291,6 +3301,10 @@ impl Store for SqliteStore {
                 continue;
             }
             let env: Vec<u8> = r.get(2).map_err(err)?;
+            // Beyond what the credit takes now: the next read starts at this value.
+            if !limit.takes(v.len(), bytes, env.len()) {
+                return Ok(ReadChunk { msgs: v, next: seq });
+            }
             bytes += env.len();
             match Envelope::from_bytes(Bytes::from(env)) {
                 Ok(envelope) => v.push(Stored {
