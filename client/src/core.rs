@@ -159,6 +159,13 @@ struct LocalSub {
     /// Per relay subscription (as `relay_ids`): where it started on this connection, which
     /// decides whether a redelivered copy is its ([`LocalSub::takes_redelivered`]).
     starts: Vec<Start>,
+    /// Its own retained values (`RETAINED`, naming it) held back on this connection for
+    /// want of room, by relay sequence: the relay sends retained values under the credit
+    /// and tracks them (PROTOCOL §3.5.5), so it sends such a value again as a redelivered
+    /// copy — which names no subscription and is at or below this one's boundary, yet is
+    /// its own ([`LocalSub::takes_redelivered`]). Normally empty (a relay keeps to the
+    /// credit); at most [`MAX_GOT`].
+    held_retained: std::collections::HashSet<u64>,
     /// The highest relay sequence delivered to this subscription (0: none yet).
     last_seq: u64,
     /// Per key id: the highest relay sequence handled for this subscription, or the
@@ -319,6 +326,9 @@ impl LocalSub {
     fn takes_redelivered(&self, msg: &Msg) -> bool {
         if msg.seq == 0 {
             return true; // unnumbered: no start to compare (and never redelivered)
+        }
+        if self.held_retained.contains(&msg.seq) {
+            return true; // its own retained value, held back for want of room
         }
         let path = msg.envelope.token_path();
         self.patterns.iter().zip(&self.starts).any(|(p, st)| {
@@ -1171,6 +1181,7 @@ impl ClientCore {
         sub.replaying.clear();
         sub.held.clear();
         sub.starts.clear();
+        sub.held_retained.clear();
         for old in sub.relay_ids.drain(..) {
             self.relay_to_local.remove(&old);
         }
@@ -1326,6 +1337,7 @@ impl ClientCore {
                 opts,
                 relay_ids: Vec::new(),
                 starts: Vec::new(),
+                held_retained: Default::default(),
                 last_seq: 0,
                 positions: HashMap::new(),
                 got,
@@ -1535,9 +1547,29 @@ impl ClientCore {
             .any(|id| self.subs[id].opts.acking() && !room(*id))
         {
             self.stats.held_back += 1;
+            // Its own retained value: the relay's redelivered copy of it is its own.
+            if msg.flags & frame::msg_flags::RETAINED != 0 && msg.seq > 0 {
+                if let Some(s) = msg
+                    .sub_id
+                    .and_then(|rid| self.relay_to_local.get(&rid))
+                    .and_then(|id| self.subs.get_mut(id))
+                {
+                    if s.held_retained.len() < MAX_GOT {
+                        s.held_retained.insert(msg.seq);
+                    }
+                }
+            }
             return Delivery::HeldBack;
         }
         let delivery = self.deliver(msg, opened, now_ms, room);
+        // A redelivered copy handled (delivered or not): no longer awaited.
+        if msg.flags & frame::msg_flags::REDELIVERED != 0 && msg.seq > 0 {
+            for id in &routed {
+                if let Some(s) = self.subs.get_mut(id) {
+                    s.held_retained.remove(&msg.seq);
+                }
+            }
+        }
         self.advance(msg.seq, msg.envelope.key_id(), &routed);
         delivery
     }
@@ -3108,6 +3140,45 @@ mod tests {
     /// Above the boundary it is a live message, everyone's. The same on every connection,
     /// from that connection's `SubOk`. Before, a live-only subscription got a message from
     /// before it started: another's replayed one the client had not seen.
+    /// A subscription's own retained value held back for want of room comes back as a
+    /// redelivered copy (the relay tracks retained values under the credit, PROTOCOL
+    /// §3.5.5): at or below its boundary and naming no subscription, yet its own — not a
+    /// placeholder (acked, lost). A live-only neighbour still does not get it.
+    #[test]
+    fn a_retained_value_held_back_for_want_of_room_is_taken_when_redelivered() {
+        let (kr, mut rng) = one_tree(30);
+        let mut core = ClientCore::new(kr.clone());
+        core.enter_seq_space(SeqSpace::Named([1; 16]));
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        let o = || SubscribeOptions::new().qos(Qos::AtLeastOnce);
+        core.subscribe_with_options(1, f("a/#"), o().retained(true), NOW)
+            .unwrap();
+        core.subscribe_with_options(2, f("a/#"), o().retained(false), NOW)
+            .unwrap();
+        let rid = core.relay_ids(1)[0];
+        core.sub_confirmed(rid, 5, false);
+        core.sub_confirmed(core.relay_ids(2)[0], 5, false);
+        let m = sealed(&kr, &mut rng, "a/x", b"\x01");
+        let retained = Msg {
+            sub_id: Some(rid),
+            flags: frame::msg_flags::RETAINED,
+            ..at(&m, 3)
+        };
+        assert!(matches!(
+            core.receive_with(&retained, NOW, &|_| false),
+            Delivery::HeldBack
+        ));
+        let again = Msg {
+            flags: frame::msg_flags::REDELIVERED,
+            ..at(&m, 3)
+        };
+        match core.receive_with(&again, NOW, &|_| true) {
+            Delivery::Deliver { targets, .. } => assert_eq!(targets, vec![1]),
+            other => panic!("its own retained value, redelivered: {other:?}"),
+        }
+        assert!(core.subs[&1].held_retained.is_empty());
+    }
+
     #[test]
     fn a_redelivered_copy_goes_only_to_subscriptions_whose_history_it_may_be() {
         use frame::Replay::FromSeq;
