@@ -758,16 +758,14 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             a.size,
         )
     };
-    let (s1, o1) = seal_open()?;
-    let (s2, o2) = seal_open()?;
-    let (seal_us, open_us) = (s1.min(s2), o1.min(o2));
-    // Then on every core at once (twice each, the faster kept): the run keeps them all busy.
+    let twice = || -> Result<(f64, f64)> {
+        let ((s1, o1), (s2, o2)) = (seal_open()?, seal_open()?);
+        Ok((s1.min(s2), o1.min(o2)))
+    };
+    let (seal_us, open_us) = twice()?;
+    // Then on every core at once (the same, one thread each): the run keeps them all busy.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let busy = if cores > 1 {
-        let twice = || -> Result<(f64, f64)> {
-            let ((s1, o1), (s2, o2)) = (seal_open()?, seal_open()?);
-            Ok((s1.min(s2), o1.min(o2)))
-        };
         let each = std::thread::scope(|s| {
             let threads: Vec<_> = (0..cores).map(|_| s.spawn(twice)).collect();
             threads
