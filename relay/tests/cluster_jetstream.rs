@@ -1485,6 +1485,50 @@ async fn last_n_and_since_do_not_scan_the_whole_history() {
     assert_eq!(got, want);
 }
 
+/// Retained values sent under a small credit (hostile-client review): a QoS 1 subscription
+/// with credit 1 acknowledging each value before the next is sent gets every one, in order,
+/// and the relay reads each value from JetStream about once. Before, each credit window
+/// read a whole chunk of values (one NATS request per path) and cut it to the credit:
+/// 40 values cost 820 reads, and n values n²/2 — a client acking one by one turned a
+/// pattern with many retained values into a flood of NATS requests.
+#[tokio::test]
+async fn retained_values_under_a_small_credit_are_read_about_once() {
+    let Some(s) = Setup::start(1) else { return };
+    let admin = s.relays[0].admin();
+    let (mut publ, _) = connect(s.relays[0].tcp()).await;
+    let values: Vec<(u32, Envelope)> = (0..40u32)
+        .map(|i| (i, numbered(17, &[i as u8], i)))
+        .collect();
+    let seqs = publish_acked(&mut publ, &values, Qos::AtLeastOnce, true).await;
+
+    let rows = metric(admin, "whispeer_relay_store_rows_read_total").await;
+    let (mut c, _) = connect(s.relays[0].tcp()).await;
+    let mut r = sub(1, pattern(17, &[], true), Qos::AtLeastOnce);
+    r.retained = true;
+    r.credit = Some(1);
+    subscribe(&mut c, r).await;
+    let mut got = Vec::new();
+    while got.len() < values.len() {
+        match c.recv().await {
+            Frame::Msg(m) => {
+                assert!(m.flags & msg_flags::RETAINED != 0, "a retained value");
+                got.push((m.seq, number(&m.envelope)));
+                c.send(&Frame::Ack(Ack { seqs: vec![m.seq] })).await;
+            }
+            Frame::ReplayDone(_) => {}
+            other => panic!("expected Msg, got {other:?}"),
+        }
+    }
+    let want: Vec<(u64, u32)> = seqs.iter().copied().zip(0..40).collect();
+    assert_eq!(got, want, "every retained value, once, in sequence order");
+    let read = metric(admin, "whispeer_relay_store_rows_read_total").await - rows;
+    assert!(
+        read <= 2 * values.len() as u64,
+        "{read} values read from JetStream for {} sent under credit 1",
+        values.len()
+    );
+}
+
 /// Retained races, 3 (deterministic): a retained write for a *higher* stream sequence that
 /// landed first — put in the retained stream by hand here — is not replaced by a later
 /// write for a lower one.

@@ -3104,6 +3104,21 @@ impl Store for JetStreamStore {
         from: u64,
         upto: Seq,
     ) -> Result<ReadChunk, StoreError> {
+        self.retained_limited(pattern, from, upto, super::ReadLimit::CHUNK)
+    }
+
+    /// Reads no further than `limit`: at most `limit.msgs` paths are read, and a value past
+    /// its bytes ends the chunk. A QoS ≥ 1 subscription asks for what its credit takes;
+    /// cutting a whole chunk instead read up to a chunk's worth of values (one NATS request
+    /// each) for every credit window — with credit 1, every remaining value once per
+    /// acknowledgement.
+    fn retained_limited(
+        &self,
+        pattern: &TokenPattern,
+        from: u64,
+        upto: Seq,
+        limit: super::ReadLimit,
+    ) -> Result<ReadChunk, StoreError> {
         let inner = &self.inner;
         let rp = retained_prefix(&inner.prefix);
         // Which paths have a retained value, and its sequence, as the ordered read of the
@@ -3131,6 +3146,9 @@ impl Store for JetStreamStore {
             return Ok(done);
         }
         current.sort_by_key(|(_, seq)| *seq);
+        // Paths past the message cap are not read: the chunk ends before the first of them.
+        let past_cap = current.get(limit.msgs.max(1)).map(|(_, seq)| *seq);
+        current.truncate(limit.msgs.max(1));
         self.block(async {
             let kept = inner
                 .js
@@ -3189,7 +3207,12 @@ impl Store for JetStreamStore {
             let (mut msgs, mut bytes) = (Vec::new(), 0usize);
             while let Some((seq, r)) = reads.next().await {
                 if let Some(s) = r? {
-                    bytes += s.envelope.as_bytes().len();
+                    let len = s.envelope.len();
+                    if !limit.takes(msgs.len(), bytes, len) {
+                        // Over the byte allowance: read again from it next time.
+                        return Ok(ReadChunk { msgs, next: seq });
+                    }
+                    bytes += len;
                     msgs.push(s);
                 }
                 if bytes >= super::READ_CHUNK_BYTES {
@@ -3199,7 +3222,10 @@ impl Store for JetStreamStore {
                     });
                 }
             }
-            Ok(ReadChunk { msgs, ..done })
+            Ok(match past_cap {
+                Some(next) => ReadChunk { msgs, next },
+                None => ReadChunk { msgs, ..done },
+            })
         })
     }
 
