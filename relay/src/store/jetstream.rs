@@ -3124,20 +3124,29 @@ impl Store for JetStreamStore {
         // Which paths have a retained value, and its sequence, as the ordered read of the
         // stream decided it (the highest sequence wins), up to `upto` — which this relay
         // has read, so its ledger has it. No consumer: one direct read per path.
-        let mut current: Vec<(String, u64)> = {
-            let filters = crate::cluster::pattern_subjects("x", pattern);
-            let l = lock(&inner.ledger);
-            l.retained_under(&format!("{}.", pattern.key_id()))
-                .into_iter()
-                .filter(|(k, seq)| {
-                    (from..=upto.0).contains(seq)
-                        && filters
-                            .iter()
-                            .any(|f| subject_matches(f, &format!("x.{k}")))
-                })
-                .map(|(k, seq)| (k.to_string(), seq))
-                .collect()
-        };
+        // Which of them the pattern matches is checked in sequence order, and only until
+        // the message cap is reached (the subject match is the costly part per value).
+        let mut in_range: Vec<(Arc<str>, u64)> = lock(&inner.ledger)
+            .retained_under(&format!("{}.", pattern.key_id()))
+            .into_iter()
+            .filter(|(_, seq)| (from..=upto.0).contains(seq))
+            .collect();
+        in_range.sort_unstable_by_key(|(_, seq)| *seq);
+        let filters = crate::cluster::pattern_subjects("x", pattern);
+        let cap = limit.msgs.max(1);
+        let mut current: Vec<(String, u64)> = Vec::new();
+        // Paths past the message cap are not read: the chunk ends before the first of them.
+        let mut past_cap = None;
+        for (k, seq) in in_range {
+            if current.len() == cap {
+                past_cap = Some(seq);
+                break;
+            }
+            let subject = format!("x.{k}");
+            if filters.iter().any(|f| subject_matches(f, &subject)) {
+                current.push((k.to_string(), seq));
+            }
+        }
         let done = ReadChunk {
             msgs: Vec::new(),
             next: upto.0 + 1,
@@ -3145,10 +3154,6 @@ impl Store for JetStreamStore {
         if current.is_empty() {
             return Ok(done);
         }
-        current.sort_by_key(|(_, seq)| *seq);
-        // Paths past the message cap are not read: the chunk ends before the first of them.
-        let past_cap = current.get(limit.msgs.max(1)).map(|(_, seq)| *seq);
-        current.truncate(limit.msgs.max(1));
         self.block(async {
             let kept = inner
                 .js
