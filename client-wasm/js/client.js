@@ -1426,8 +1426,9 @@ export class Client {
         break;
       }
       case 'gap':
-        // The relay dropped messages for this (slow) connection: every at-most-once
-        // subscription learns it.
+        // The relay dropped messages: for this (slow) connection — every at-most-once
+        // subscription learns it — or, naming one, for that subscription (skipped while
+        // paused, not kept by the store): the engine lists whose loss it is.
         for (const id of e.subs) this.#subs.get(id)?._lag(e.dropped);
         break;
       case 'dropped': {

@@ -1865,7 +1865,10 @@ fn slow_consumer_qos0_drops_qos1_holds_back_and_placeholders_keep_order() {
         ExpectEvent(Ev::Dropped { sub: 1, n: 1 }),
         ExpectStat(Stat::SlowSubscriberDrops, 1),
         // The relay's own drops reach the at-most-once subscriptions.
-        Relay(Frame::Gap(Gap { dropped: 4 })),
+        Relay(Frame::Gap(Gap {
+            dropped: 4,
+            sub_id: None,
+        })),
         ExpectEvent(Ev::Gap {
             dropped: 4,
             subs: vec![1],
@@ -2816,7 +2819,12 @@ fn random_interleavings_keep_the_invariants() {
                 14 if live => {
                     // A Gap, or now and then a frame with one byte flipped (the engine
                     // handles it or drops the connection; it never panics).
-                    let mut b = Frame::Gap(Gap { dropped: 2 }).to_bytes().to_vec();
+                    let mut b = Frame::Gap(Gap {
+                        dropped: 2,
+                        sub_id: None,
+                    })
+                    .to_bytes()
+                    .to_vec();
                     if r.next_u32() % 3 == 0 {
                         let i = r.next_u32() as usize % b.len();
                         b[i] ^= 1 << (r.next_u32() % 8);

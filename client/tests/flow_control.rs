@@ -17,7 +17,7 @@ use support::raw::{fake_relay_client, seal, RecordingProxy};
 use support::*;
 use whispeer::protocol::frame::Sub;
 use whispeer::protocol::{Frame, Qos};
-use whispeer::{Client, Encryption, PublishOptions, SubscribeOptions, Tcp};
+use whispeer::{Client, Encryption, PublishOptions, ReceiveError, SubscribeOptions, Tcp};
 
 /// Bound for waits that may include one relay ack timeout (only fires when broken).
 const RESUME: Duration = Duration::from_secs(120);
@@ -429,6 +429,63 @@ async fn retained_values_beyond_the_credit_all_arrive_in_order() {
         0,
         "nothing sent beyond the credit"
     );
+    c.close().await;
+    p.close().await;
+    relay.stop().await;
+}
+
+/// Messages the store does not keep (QoS 0 publishes, `store_qos0` off) that the relay
+/// skipped while it had a QoS 1 subscription paused for credit never follow from the store:
+/// the relay counts them in a `Gap` naming that subscription, after its catch-up, and its
+/// app hears of them as a lag (`ReceiveError::Lagged`). A count for the whole connection
+/// reaches only subscriptions that do not acknowledge, so without the name this one's app
+/// never heard of them (only the client's statistics counted them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstored_messages_a_paused_subscription_lost_reach_its_app_as_a_lag() {
+    let relay = TestRelay::start().await;
+    let t = tree("gap-named");
+    let c = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    let mut s = c
+        .subscribe_with_options::<u32>(
+            "t/#",
+            SubscribeOptions::new().qos(Qos::AtLeastOnce).capacity(1),
+        )
+        .await
+        .unwrap();
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    // The first fills the credit (its PubAck follows its routing): the relay pauses the
+    // subscription at the next one. Three live-only ones (acknowledged once routed), then
+    // a stored one, all while the app reads nothing.
+    let first = p
+        .publish_with("t/x", &0u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    for i in 1..4u32 {
+        p.publish_with("t/x", &i, PublishOptions::default().ack())
+            .await
+            .unwrap();
+    }
+    let kept = p
+        .publish_with("t/x", &4u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    let (mut got, mut lost) = (Vec::new(), 0u64);
+    within("the stored two and the count of the others", async {
+        while got.len() < 2 || lost < 3 {
+            match s.next_message().await.expect("subscription open") {
+                Ok(m) => got.push((m.seq, m.value)),
+                Err(ReceiveError::Lagged(k)) => lost += k,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        got,
+        vec![(first, 0), (kept, 4)],
+        "the stored ones, in order"
+    );
+    assert_eq!(lost, 3, "each unstored message skipped is told once");
     c.close().await;
     p.close().await;
     relay.stop().await;

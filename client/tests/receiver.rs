@@ -1154,7 +1154,12 @@ async fn relay_gaps_fold_into_one_report_and_saturate() {
     let mut sub = c.subscribe::<u32>("g/#").await.unwrap();
     within("Sub", relay.wait_subs(1)).await;
     for _ in 0..1000 {
-        relay.send(&Frame::Gap(frame::Gap { dropped: 1 })).await;
+        relay
+            .send(&Frame::Gap(frame::Gap {
+                dropped: 1,
+                sub_id: None,
+            }))
+            .await;
     }
     // Handled once the relay's answer to the flush (after them) is.
     within("flush", c.flush()).await.unwrap();
@@ -1167,7 +1172,10 @@ async fn relay_gaps_fold_into_one_report_and_saturate() {
     let now = whispeer::now_ms();
     relay.msg(1, &seal(&t, None, "g/x", 1, now), 0, None).await;
     relay
-        .send(&Frame::Gap(frame::Gap { dropped: u64::MAX }))
+        .send(&Frame::Gap(frame::Gap {
+            dropped: u64::MAX,
+            sub_id: None,
+        }))
         .await;
     relay.msg(2, &seal(&t, None, "g/x", 2, now), 0, None).await;
     until_stats(&c, "the second message dropped", |s| {

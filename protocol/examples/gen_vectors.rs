@@ -671,7 +671,14 @@ fn main() {
             flags: 0,
         }),
         Frame::Ack(Ack { seqs: vec![42] }),
-        Frame::Gap(Gap { dropped: 3 }),
+        Frame::Gap(Gap {
+            dropped: 3,
+            sub_id: None,
+        }),
+        Frame::Gap(Gap {
+            dropped: 2,
+            sub_id: Some(1),
+        }),
         Frame::Ping(Ping { nonce: 7 }),
         Frame::Pong(Pong { nonce: 7 }),
         Frame::Unsub(Unsub {

@@ -821,11 +821,17 @@ frames! {
         1 => nonce: u64 as Uint [always(0)],
     }
 
-    /// Relay → client: messages were dropped for this connection (slow-consumer policy).
+    /// Relay → client: messages were dropped for this connection (slow-consumer policy), or,
+    /// naming a subscription, that subscription lost messages while it was paused.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     GAP => pub struct Gap {
-        /// How many messages were dropped since the last `Gap`.
+        /// How many messages were dropped since the last `Gap` (of its kind: for the
+        /// connection, or for the subscription `sub_id` names).
         1 => dropped: u64 as Uint [always(0)],
+        /// The subscription that lost them: skipped while it was paused (for credit, or over
+        /// the relay-wide unacknowledged-bytes budget) and not kept by the store. Absent: a
+        /// count for the connection as a whole.
+        2 => sub_id: u64 as Uint [opt],
     }
 
     /// Either side: orderly close (e.g. the relay is shutting down).

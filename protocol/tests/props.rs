@@ -212,7 +212,8 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             ),
         any::<u64>().prop_map(|nonce| Frame::Ping(Ping { nonce })),
         any::<u64>().prop_map(|nonce| Frame::Pong(Pong { nonce })),
-        any::<u64>().prop_map(|dropped| Frame::Gap(Gap { dropped })),
+        (any::<u64>(), proptest::option::of(any::<u64>()))
+            .prop_map(|(dropped, sub_id)| Frame::Gap(Gap { dropped, sub_id })),
         (1u16..40, arb_text()).prop_map(|(c, message)| Frame::Close(Close {
             code: ErrorCode::from_u16(c),
             message

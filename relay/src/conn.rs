@@ -574,6 +574,7 @@ async fn write_loop<Snk: FrameSink>(
         if taken.dropped > 0 {
             let gap = codec::encode_prefixed(&Frame::Gap(Gap {
                 dropped: taken.dropped,
+                sub_id: None,
             }));
             batch.insert(0, gap);
         }

@@ -39,7 +39,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use smallvec::SmallVec;
-use whispeer_protocol::frame::Msg;
+use whispeer_protocol::frame::{Gap, Msg};
 use whispeer_protocol::{codec, Envelope, Frame, KeyId, Qos, TokenPath, TokenPattern};
 
 use crate::cluster::{Interest, Link};
@@ -574,7 +574,17 @@ impl Router {
             None => false,
             Some(lost) => {
                 if lost > 0 {
-                    target.out.add_dropped(lost);
+                    // Told to the subscription that lost them (a `Gap` naming it), after
+                    // the last message its catch-up queued: a client cannot tell from a
+                    // count for the whole connection which of its subscriptions lost
+                    // messages, and hands such a count only to those that do not
+                    // acknowledge, so this one's app would never hear of them.
+                    let _ = target
+                        .out
+                        .push_control(codec::encode_prefixed(&Frame::Gap(Gap {
+                            dropped: lost,
+                            sub_id: Some(target.sub.0),
+                        })));
                     self.metrics.credit_lost(lost);
                 }
                 true

@@ -1287,12 +1287,19 @@ impl Engine {
             }
             Frame::Gap(g) => {
                 self.core.on_gap(g.dropped);
-                let subs = self
-                    .subs
-                    .iter()
-                    .filter(|(_, s)| !s.acking)
-                    .map(|(id, _)| *id)
-                    .collect();
+                // Naming a subscription: its own loss (skipped while the relay had it paused
+                // and not kept by the store), acknowledging or not. Otherwise a count for
+                // the connection, which only subscriptions that do not acknowledge can have
+                // lost to: theirs to hear.
+                let subs = match g.sub_id {
+                    Some(rid) => self.core.local_for(rid).into_iter().collect(),
+                    None => self
+                        .subs
+                        .iter()
+                        .filter(|(_, s)| !s.acking)
+                        .map(|(id, _)| *id)
+                        .collect(),
+                };
                 self.emit(Event::Gap {
                     dropped: g.dropped,
                     subs,

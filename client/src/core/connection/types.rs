@@ -289,12 +289,14 @@ pub enum Event {
         /// To pass to [`Engine::ack`](super::Engine::ack).
         token: AckToken,
     },
-    /// The relay dropped `dropped` messages for this connection (slow consumer); `subs` are
-    /// the at-most-once subscriptions that may have lost some.
+    /// The relay dropped `dropped` messages: for this connection (slow consumer), and `subs`
+    /// are the at-most-once subscriptions that may have lost some; or for the one
+    /// subscription in `subs` its `Gap` named (skipped while paused, not kept by the store),
+    /// acknowledging or not.
     Gap {
         /// How many.
         dropped: u64,
-        /// At-most-once subscriptions.
+        /// The subscriptions that may have lost them.
         subs: Vec<LocalSubId>,
     },
     /// At most once: `n` messages for `sub` were dropped because it had no credit left (the
