@@ -614,6 +614,13 @@ export interface ClientStats {
    */
   heldBack: number;
   /**
+   * At least once: messages not delivered and not acked although the subscriptions had
+   * room, because one of them awaits an earlier message the relay sends it again (PROTOCOL
+   * §3.5.5 "Order": a live copy that came for a neighbour while the relay had that
+   * subscription paused). The relay sends them again, in order.
+   */
+  heldForOrder: number;
+  /**
    * Batch-signed messages (PROTOCOL §4.14) whose batch signature was already verified:
    * each skipped one Ed25519 verification.
    */

@@ -806,13 +806,13 @@ impl Engine {
         self.saving.as_ref().map_or(0, |s| s.torn) as f64
     }
 
-    /// Counters: `{delivered, rejected, duplicates, relayGaps, heldBack, refused: {...},
-    /// slowSubscriberDrops, outboxDrops, reconnects, unackedPublishes, sealingPublishes}`,
-    /// as the Rust client's `EngineStats`: `unackedPublishes` counts QoS ≥ 1 publishes in the
-    /// outbox waiting for their `PubAck`, `sealingPublishes` those still waiting for their
-    /// batch signature (not yet in the outbox; each moves to `unackedPublishes` once
-    /// sealed). With persistence a kept publish is sealed and saved at once, so it never
-    /// counts as sealing.
+    /// Counters: `{delivered, rejected, duplicates, relayGaps, heldBack, heldForOrder,
+    /// refused: {...}, slowSubscriberDrops, outboxDrops, reconnects, unackedPublishes,
+    /// sealingPublishes}`, as the Rust client's `EngineStats`: `unackedPublishes` counts
+    /// QoS ≥ 1 publishes in the outbox waiting for their `PubAck`, `sealingPublishes` those
+    /// still waiting for their batch signature (not yet in the outbox; each moves to
+    /// `unackedPublishes` once sealed). With persistence a kept publish is sealed and saved
+    /// at once, so it never counts as sealing.
     pub fn stats(&self) -> JsValue {
         let s = self.eng.stats();
         let o = crate::client::core_stats_object(&s.core);

@@ -112,8 +112,15 @@ pub struct CoreStats {
     /// in `duplicates`).
     pub refused: receive::RefusedStats,
     /// Envelopes left unacknowledged because an at-least-once subscription the relay routed
-    /// them to had no room, whatever they held (the relay delivers them again).
+    /// them to had no room, whatever they held (the relay delivers them again). Stays 0
+    /// while the relay honours the credit.
     pub held_back: u64,
+    /// Envelopes left unacknowledged, although every at-least-once subscription the relay
+    /// routed them to had room, because one of them awaits an earlier message the relay
+    /// sends it again and must not get this one first (PROTOCOL §3.5.5 "Order": a live copy
+    /// that reached the client for a neighbour while the relay had that subscription
+    /// paused); the relay delivers them again, in order.
+    pub held_for_order: u64,
     /// Payloads decompressed (or tried: one over the cap counts too), here or by an open
     /// job. Only messages delivered are decompressed after the receiver checks; an open job
     /// decompresses at once a payload within a small multiple of its envelope
@@ -159,6 +166,29 @@ struct LocalSub {
     /// Per relay subscription (as `relay_ids`): where it started on this connection, which
     /// decides whether a redelivered copy is its ([`LocalSub::takes_redelivered`]).
     starts: Vec<Start>,
+    /// Sequences routed to it on this connection that it did not take — held back for want
+    /// of room, for the order below, or because it was in its hand-over (`skipped`) — by
+    /// key id (a relay orders messages per key id): the relay sends each again (PROTOCOL
+    /// §3.5.5 "Order"). Held back for want of room, the relay either tracks the first copy
+    /// (it redelivers it after its ack timeout, as nothing acks it) or had this
+    /// subscription's delivery *paused* at it: it keeps the message in its store and sends
+    /// it, in sequence order, once acks free credit (its catch-up, a live-kind `Msg` naming
+    /// no subscription). Meanwhile a neighbour on the same connection matching the same
+    /// messages keeps getting live copies, which name no subscription either: taken here,
+    /// a later one would come before the earlier ones the relay still owes this
+    /// subscription. So a live-kind `Msg` that another
+    /// subscription could have been sent ([`ClientCore::live_for_another`]), above the
+    /// lowest sequence of its key id here and not itself one of them, is held back too
+    /// ([`ClientCore::waits_for_earlier`]): the relay sends it again in order (from the
+    /// store if it skipped it for this subscription, else as a redelivery). A copy of one
+    /// of them that it takes (or passes as a placeholder) settles it and every lower one of
+    /// its key id (the relay sends in sequence order, so a lower one not sent by then is
+    /// one it will not send: not kept by its store, reported in a `Gap`); so does a `Msg`
+    /// that only this subscription could have been sent (its own stream). Normally empty;
+    /// at most [`MAX_GOT`] (once full it is emptied: messages are taken as they come, in
+    /// order or not, never lost); emptied on every `Sub` (a new relay subscription
+    /// resumes by position).
+    behind: std::collections::BTreeSet<(whispeer_protocol::KeyId, u64)>,
     /// Its own retained values (`RETAINED`, naming it) held back on this connection for
     /// want of room, by relay sequence: the relay sends retained values under the credit
     /// and tracks them (PROTOCOL §3.5.5), so it sends such a value again as a redelivered
@@ -254,6 +284,16 @@ fn latest_pair(topic: receive::RetainedKey, digest: receive::Digest) -> (u64, u6
     (u64::from_le_bytes(t), digest as u64)
 }
 
+/// Whether `msg` is of the live kind: numbered, naming no subscription, and neither
+/// history (`REPLAYED`, `RETAINED`) nor a redelivery (`REDELIVERED`). The relay sends such
+/// a `Msg` once per connection for whichever of its subscriptions it is delivered to, and
+/// its catch-up of a paused subscription (PROTOCOL §3.5.5) looks the same.
+fn live_kind(msg: &Msg) -> bool {
+    let flags =
+        frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED | frame::msg_flags::REDELIVERED;
+    msg.seq > 0 && msg.sub_id.is_none() && msg.flags & flags == 0
+}
+
 /// Most topics a subscription remembers its last delivered message of (16 bytes each).
 const MAX_SHOWN: usize = 65_536;
 
@@ -336,6 +376,55 @@ impl LocalSub {
                 || st.history_from.is_some_and(|from| msg.seq >= from))
                 && p.matches(&path)
         })
+    }
+
+    /// The lowest sequence of key id `key` it did not take and awaits again (see `behind`).
+    fn first_behind(&self, key: &whispeer_protocol::KeyId) -> Option<u64> {
+        if self.behind.is_empty() {
+            return None; // nearly always
+        }
+        self.behind
+            .range((*key, 0)..=(*key, u64::MAX))
+            .next()
+            .map(|(_, s)| *s)
+    }
+
+    /// It did not take `msg` (held back): the relay sends that sequence again, and
+    /// nothing later of its key id that another subscription could have been sent is
+    /// taken before it (see `behind`).
+    fn missed(&mut self, msg: &Msg) {
+        if msg.seq == 0 {
+            return; // unnumbered: never sent again
+        }
+        let key = (msg.envelope.key_id(), msg.seq);
+        if self.behind.len() >= MAX_GOT && !self.behind.contains(&key) {
+            // Bounded: what it awaited is taken as it comes (in order or not, never lost).
+            self.behind.clear();
+        }
+        self.behind.insert(key);
+    }
+
+    /// It took `msg` (or passed it as a placeholder). A copy of a sequence it awaited:
+    /// that one and every lower one of its key id are settled (the relay sends what it
+    /// owes in sequence order: a lower one not sent by now is not coming). `own`: only this
+    /// subscription could have been sent it, so it is this subscription's own stream, which
+    /// has passed every lower sequence as well.
+    fn caught(&mut self, msg: &Msg, own: bool) {
+        if msg.seq == 0 || self.behind.is_empty() {
+            return;
+        }
+        let k = msg.envelope.key_id();
+        let upto = if self.behind.contains(&(k, msg.seq)) {
+            msg.seq
+        } else if own {
+            msg.seq - 1
+        } else {
+            return;
+        };
+        let done: Vec<_> = self.behind.range((k, 0)..=(k, upto)).copied().collect();
+        for d in done {
+            self.behind.remove(&d);
+        }
     }
 
     /// Whether a replayed message with relay sequence `seq` is this subscription's: it is
@@ -501,9 +590,11 @@ pub enum Delivery {
     /// placeholder in the ack queue.
     Placeholder,
     /// An at-least-once subscription the relay routed it to (by its routing tokens) had no
-    /// room: nothing opened further, delivered or remembered, left unacknowledged for the
-    /// relay to deliver again — decided before anything about the envelope is looked at,
-    /// so a relay sending beyond the credit learns nothing about which envelopes open.
+    /// room, or awaits an earlier message of its key id that the relay sends it again
+    /// (PROTOCOL §3.5.5 "Order"): nothing opened further, delivered or remembered, left
+    /// unacknowledged for the relay to deliver again — decided before anything about the
+    /// envelope is looked at, so a relay sending beyond the credit learns nothing about
+    /// which envelopes open.
     HeldBack,
 }
 
@@ -1181,6 +1272,7 @@ impl ClientCore {
         sub.replaying.clear();
         sub.held.clear();
         sub.starts.clear();
+        sub.behind.clear();
         sub.held_retained.clear();
         for old in sub.relay_ids.drain(..) {
             self.relay_to_local.remove(&old);
@@ -1337,6 +1429,7 @@ impl ClientCore {
                 opts,
                 relay_ids: Vec::new(),
                 starts: Vec::new(),
+                behind: Default::default(),
                 held_retained: Default::default(),
                 last_seq: 0,
                 positions: HashMap::new(),
@@ -1539,14 +1632,34 @@ impl ClientCore {
             for id in held {
                 if let Some(s) = self.subs.get_mut(&id) {
                     s.skipped.entry(msg.seq).or_insert(None);
+                    // And it awaits that copy before later live ones (`LocalSub::behind`):
+                    // the relay's hand-over may go on past `ReplayDone` (sent in steps, or
+                    // from its store once the held-back messages spilled there), while a
+                    // neighbour's live copies keep coming.
+                    if s.opts.acking() {
+                        s.missed(msg);
+                    }
                 }
             }
         }
-        if routed
+        // Order (PROTOCOL §3.5.5): one that awaits an earlier sequence the relay sends it
+        // again does not take a later live copy another subscription could have been sent.
+        let waits = routed.iter().any(|id| self.waits_for_earlier(*id, msg));
+        let no_room = routed
             .iter()
-            .any(|id| self.subs[id].opts.acking() && !room(*id))
-        {
-            self.stats.held_back += 1;
+            .any(|id| self.subs[id].opts.acking() && !room(*id));
+        if no_room || waits {
+            if no_room {
+                self.stats.held_back += 1;
+            } else {
+                self.stats.held_for_order += 1;
+            }
+            // Not taken by any of them: each awaits it again, before later ones.
+            for id in &routed {
+                if let Some(s) = self.subs.get_mut(id).filter(|s| s.opts.acking()) {
+                    s.missed(msg);
+                }
+            }
             // Its own retained value: the relay's redelivered copy of it is its own.
             if msg.flags & frame::msg_flags::RETAINED != 0 && msg.seq > 0 {
                 if let Some(s) = msg
@@ -1562,6 +1675,23 @@ impl ClientCore {
             return Delivery::HeldBack;
         }
         let delivery = self.deliver(msg, opened, now_ms, room);
+        // Taken (or passed) by the at-least-once ones: what they awaited up to it came.
+        for id in &routed {
+            let Some(s) = self.subs.get(id) else { continue };
+            if s.behind.is_empty()
+                || !s.opts.acking()
+                || s.first_behind(&msg.envelope.key_id()).is_none()
+            {
+                continue;
+            }
+            let own = match msg.sub_id {
+                Some(rid) => s.relay_ids.contains(&rid),
+                None => live_kind(msg) && !self.live_for_another(*id, msg),
+            };
+            if let Some(s) = self.subs.get_mut(id) {
+                s.caught(msg, own);
+            }
+        }
         // A redelivered copy handled (delivered or not): no longer awaited.
         if msg.flags & frame::msg_flags::REDELIVERED != 0 && msg.seq > 0 {
             for id in &routed {
@@ -1603,6 +1733,49 @@ impl ClientCore {
             None if msg.flags & frame::msg_flags::REPLAYED != 0 => s.wants_history(msg.seq),
             None => !s.holds_back(msg),
         }
+    }
+
+    /// Whether another subscription of this connection could have been sent `msg` live: a
+    /// relay subscription of another local subscription whose pattern matches it,
+    /// confirmed with a boundary (`SubOk.seq`) below its sequence and not in its hand-over
+    /// (until its `ReplayDone` the relay holds its live messages back). Only then can a
+    /// live `Msg` matching `id` reach this client while the relay has `id`'s delivery
+    /// paused (PROTOCOL §3.5.5 "Order"); otherwise the relay sent it for `id`.
+    fn live_for_another(&self, id: LocalSubId, msg: &Msg) -> bool {
+        let path = msg.envelope.token_path();
+        self.subs.iter().any(|(other, s)| {
+            *other != id
+                && s.relay_ids
+                    .iter()
+                    .zip(&s.patterns)
+                    .zip(&s.starts)
+                    .any(|((rid, p), st)| {
+                        st.boundary.is_some_and(|b| msg.seq > b)
+                            && !s.held.iter().any(|(h, _)| h == rid)
+                            && p.matches(&path)
+                    })
+        })
+    }
+
+    /// Whether at-least-once subscription `id` must not take `msg` now (PROTOCOL §3.5.5
+    /// "Order"): it awaits an earlier sequence of its key id that the relay sends it again
+    /// (`LocalSub::behind`), and `msg` is a live-kind `Msg` above it, not itself one it
+    /// awaits, that another subscription could have been sent
+    /// ([`ClientCore::live_for_another`]) — the relay may have this subscription paused,
+    /// sending it that message later from its store, in order. History naming it and
+    /// redelivered copies are not held for this: the first is its own stream, in order;
+    /// the second a copy of one it awaits or already took.
+    fn waits_for_earlier(&self, id: LocalSubId, msg: &Msg) -> bool {
+        let Some(s) = self.subs.get(&id) else {
+            return false;
+        };
+        if s.behind.is_empty() || !s.opts.acking() || !live_kind(msg) {
+            return false;
+        }
+        let key = msg.envelope.key_id();
+        s.first_behind(&key)
+            .is_some_and(|first| msg.seq > first && !s.behind.contains(&(key, msg.seq)))
+            && self.live_for_another(id, msg)
     }
 
     /// The subscriptions the relay routed `msg` to (by its routing tokens, see
@@ -3177,6 +3350,127 @@ mod tests {
             other => panic!("its own retained value, redelivered: {other:?}"),
         }
         assert!(core.subs[&1].held_retained.is_empty());
+    }
+
+    /// PROTOCOL §3.5.5 "Order": an at-least-once subscription that did not take a live
+    /// message (no room: the relay paused it there, or tracks that copy and redelivers
+    /// it) takes no later live copy that a neighbour on the connection could have been
+    /// sent — the relay sends it the earlier one first, then that one, from its store. A
+    /// copy of one it awaits settles it and every lower one (one the store did not keep
+    /// never comes); a message only it could have been sent is its own stream, taken and
+    /// settling what is below; a redelivered copy is never held for the order. Bounded,
+    /// and forgotten with the relay subscription.
+    #[test]
+    fn a_subscription_that_missed_a_message_takes_no_later_live_copy_before_it() {
+        let (kr, mut rng) = one_tree(31);
+        let mut core = ClientCore::new(kr.clone());
+        core.enter_seq_space(SeqSpace::Named([1; 16]));
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        // 1: credit 1 on `a/#`; 2: a live-only neighbour on `a/x`.
+        let opts = SubscribeOptions::new().qos(Qos::AtLeastOnce).capacity(1);
+        core.subscribe_with_options(1, f("a/#"), opts, NOW).unwrap();
+        core.subscribe(2, f("a/x"), Qos::AtMostOnce, NOW).unwrap();
+        core.sub_confirmed(core.relay_ids(1)[0], 0, false);
+        core.sub_confirmed(core.relay_ids(2)[0], 0, false);
+        let x: Vec<_> = (0..16u8)
+            .map(|i| sealed(&kr, &mut rng, "a/x", &[i]))
+            .collect();
+        let y = sealed(&kr, &mut rng, "a/y", b"y");
+        // Delivered to (`None`: held back), subscription 1 having room or not.
+        fn recv(core: &mut ClientCore, msg: &Msg, room: bool) -> Option<Vec<LocalSubId>> {
+            match core.receive_with(msg, NOW, &|id| id != 1 || room) {
+                Delivery::Deliver { targets, .. } => Some(targets),
+                Delivery::HeldBack => None,
+                other => panic!("{other:?}"),
+            }
+        }
+        let c = &mut core;
+        let deliver = Some(vec![1, 2]);
+        assert_eq!(recv(c, &at(&x[1], 1), true), deliver);
+        assert_eq!(recv(c, &at(&x[2], 2), false), None, "no room: paused there");
+        // Room again, but 2 is still owed: the neighbour's copies of 3 and 4 wait.
+        assert_eq!(recv(c, &at(&x[3], 3), true), None);
+        assert_eq!(recv(c, &at(&x[4], 4), true), None);
+        // The relay's catch-up: 2; a live 5 for the neighbour meanwhile waits too.
+        assert_eq!(recv(c, &at(&x[2], 2), true), deliver);
+        assert_eq!(recv(c, &at(&x[5], 5), true), None);
+        // 3 was not kept by the store: 4 settles it.
+        assert_eq!(recv(c, &at(&x[4], 4), true), deliver);
+        assert_eq!(recv(c, &at(&x[5], 5), true), deliver);
+        assert!(c.subs[&1].behind.is_empty());
+        assert_eq!(recv(c, &at(&x[6], 6), true), deliver, "nothing awaited");
+
+        // Only subscription 1 can have been sent `a/y`: its own stream, taken, and past 7.
+        assert_eq!(recv(c, &at(&x[7], 7), false), None);
+        assert_eq!(recv(c, &at(&y, 8), true), Some(vec![1]));
+        assert_eq!(recv(c, &at(&x[9], 9), true), deliver);
+
+        // A redelivered copy of one it awaits is taken as it comes.
+        assert_eq!(recv(c, &at(&x[10], 10), false), None);
+        let again = Msg {
+            flags: frame::msg_flags::REDELIVERED,
+            ..at(&x[10], 10)
+        };
+        assert_eq!(recv(c, &again, true), Some(vec![1]));
+        assert_eq!(recv(c, &at(&x[11], 11), true), deliver);
+        assert_eq!((c.stats().held_back, c.stats().held_for_order), (3, 3));
+
+        // Bounded: past MAX_GOT awaited sequences it starts again from the newest.
+        for seq in 100..100 + MAX_GOT as u64 + 1 {
+            assert_eq!(recv(c, &at(&x[12], seq), false), None);
+        }
+        assert_eq!(c.subs[&1].behind.len(), 1);
+        // A new relay subscription resumes by position: nothing awaited.
+        core.resubscribe_all(NOW);
+        assert!(core.subs[&1].behind.is_empty());
+    }
+
+    /// The same past a hand-over: the relay may send a subscription's held-back live
+    /// messages after its `ReplayDone` in steps, or from its store once they spilled there
+    /// (PROTOCOL §3.5.5), while a neighbour's live copies keep coming. What it held back for
+    /// its hand-over is awaited like a message it had no room for.
+    #[test]
+    fn a_subscription_past_its_hand_over_takes_the_relays_copies_before_later_live_ones() {
+        let (kr, mut rng) = one_tree(32);
+        let mut core = ClientCore::new(kr.clone());
+        core.enter_seq_space(SeqSpace::Named([1; 16]));
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        let opts = SubscribeOptions::new()
+            .qos(Qos::AtLeastOnce)
+            .replay(frame::Replay::FromSeq(1));
+        core.subscribe_with_options(1, f("a/#"), opts, NOW).unwrap();
+        core.subscribe(2, f("a/#"), Qos::AtMostOnce, NOW).unwrap();
+        let rid = core.relay_ids(1)[0];
+        core.sub_confirmed(rid, 5, true); // in its hand-over, boundary 5
+        core.sub_confirmed(core.relay_ids(2)[0], 5, false);
+        let x: Vec<_> = (0..9u8)
+            .map(|i| sealed(&kr, &mut rng, "a/x", &[i]))
+            .collect();
+        // Delivered to (`None`: held back), everyone having room.
+        let recv = |core: &mut ClientCore, seq: u64| match core.receive_with(
+            &at(&x[seq as usize], seq),
+            NOW,
+            &|_| true,
+        ) {
+            Delivery::Deliver { targets, .. } => Some(targets),
+            Delivery::HeldBack => None,
+            other => panic!("{other:?}"),
+        };
+        let c = &mut core;
+        assert_eq!(
+            recv(c, 6),
+            Some(vec![2]),
+            "the neighbour's; held for the other"
+        );
+        c.replay_done(rid, 5);
+        assert_eq!(
+            recv(c, 7),
+            None,
+            "a live 7 before the relay's copy of 6 waits"
+        );
+        assert_eq!(recv(c, 6), Some(vec![1]), "the relay's own copy of 6");
+        assert_eq!(recv(c, 7), Some(vec![1, 2]));
+        assert_eq!(recv(c, 8), Some(vec![1, 2]));
     }
 
     #[test]

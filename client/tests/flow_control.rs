@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use support::raw::{fake_relay_client, seal, RecordingProxy};
+use support::raw::{fake_relay_client, seal, HoldAcksProxy, RecordingProxy};
 use support::*;
 use whispeer::protocol::frame::Sub;
 use whispeer::protocol::{Frame, Qos};
@@ -486,6 +486,361 @@ async fn unstored_messages_a_paused_subscription_lost_reach_its_app_as_a_lag() {
         "the stored ones, in order"
     );
     assert_eq!(lost, 3, "each unstored message skipped is told once");
+
+/// A client behind `proxy` (acks held until released) with an at-least-once subscription of
+/// credit 1 on `t/#` and a neighbour on `filter` with `opts` (same connection) whose app
+/// reads everything as it comes, and a publisher on `relay`, both holding tree `t`.
+async fn credit_one_beside(
+    relay: &TestRelay,
+    proxy: &HoldAcksProxy,
+    t: &whispeer::TreeKey,
+    filter: &str,
+    opts: SubscribeOptions,
+) -> (Client, whispeer::Subscription<u32>, Client) {
+    credit_beside(relay, proxy, t, 1, filter, opts).await
+}
+
+/// [`credit_one_beside`] with a credit of `credit`.
+async fn credit_beside(
+    relay: &TestRelay,
+    proxy: &HoldAcksProxy,
+    t: &whispeer::TreeKey,
+    credit: u64,
+    filter: &str,
+    opts: SubscribeOptions,
+) -> (Client, whispeer::Subscription<u32>, Client) {
+    let c = Client::builder()
+        .with(Tcp::new(format!("tcp://{}", proxy.addr)))
+        .with(Encryption::with_keyring(keyring_with(t)))
+        .with(identity())
+        .connect()
+        .await
+        .unwrap();
+    let s = c
+        .subscribe_with_options::<u32>(
+            "t/#",
+            SubscribeOptions::new()
+                .qos(Qos::AtLeastOnce)
+                .capacity(credit),
+        )
+        .await
+        .unwrap();
+    let mut n = c.subscribe_with_options::<u32>(filter, opts).await.unwrap();
+    tokio::spawn(async move { while n.next().await.is_some() {} });
+    let p = tcp_client(&relay.tcp_url(), keyring_with(t), identity()).await;
+    (c, s, p)
+}
+
+/// Takes `n` messages from `s`: (sequence, value) in the order they come.
+async fn take_n(s: &mut whispeer::Subscription<u32>, n: usize) -> Vec<(u64, u32)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let m = within("the next message", s.next()).await.unwrap().unwrap();
+        got.push((m.seq, m.value));
+    }
+    got
+}
+
+/// PROTOCOL §3.5.5 "Order": a subscription's messages arrive in sequence order, also when
+/// the relay paused it for credit while a neighbour on the same connection matching the
+/// same messages kept receiving live copies (here a live-only one, and one with more
+/// credit). The relay pauses the credit-1 subscription at the second message and keeps it
+/// and the later ones in its store; the client holds them back (no room). The app takes
+/// the first message; its ack is held in the proxy, so the relay still counts it. A message
+/// published now reaches the client only as the neighbour's live copy, while the
+/// subscription has room again: taken by it at once (before the fix), it came before the
+/// four skipped ones, which the relay's catch-up sends from the store once the ack arrives
+/// (then a copy of it again, dropped as a duplicate). The subscription must get all six in
+/// sequence order, once each, then live messages as they come. (The short ack timeout only
+/// lets a broken order show rather than a stall: a catch-up copy that found no room behind
+/// the early one waits for its redelivery.)
+async fn skipped_messages_come_before_a_neighbours_later_live_copies(neighbour: SubscribeOptions) {
+    let relay = TestRelay::start_with(|c| c.delivery.ack_timeout_ms = 2_000).await;
+    let proxy = HoldAcksProxy::start(relay.addrs.tcp.unwrap()).await;
+    let t = tree("order");
+    let (c, mut s, p) = credit_one_beside(&relay, &proxy, &t, "t/#", neighbour).await;
+    let mut seqs = Vec::new();
+    for i in 0..5u32 {
+        seqs.push(
+            p.publish_with("t/x", &i, PublishOptions::at_least_once())
+                .await
+                .unwrap(),
+        );
+    }
+    // The first delivered; the rest held back for want of room (the relay paused there).
+    until_stats(&c, "the five handled", |s| {
+        s.core.delivered + s.core.held_back + s.core.held_for_order >= 5
+    })
+    .await;
+    let first = take_n(&mut s, 1).await;
+    assert_eq!(first, [(seqs[0], 0)]);
+    within(
+        "its ack, held in the proxy",
+        proxy.wait_held(|a| a.contains(&seqs[0])),
+    )
+    .await;
+    // Room again at the client; the relay, without the ack, still has it paused.
+    seqs.push(
+        p.publish_with("t/x", &5u32, PublishOptions::at_least_once())
+            .await
+            .unwrap(),
+    );
+    until_stats(&c, "the sixth handled", |s| {
+        s.core.delivered + s.core.held_back + s.core.held_for_order >= 6
+    })
+    .await;
+    proxy.release().await;
+    let mut got = first;
+    got.extend(take_n(&mut s, 5).await);
+    assert_eq!(
+        got,
+        seqs.iter().copied().zip(0..).collect::<Vec<_>>(),
+        "in sequence order, once each, none missing"
+    );
+    // Caught up: live messages come as they are published (the acks of what it took
+    // reached the relay first).
+    within("acks delivered", c.flush()).await.unwrap();
+    let seq = p
+        .publish_with("t/x", &6u32, PublishOptions::at_least_once())
+        .await
+        .unwrap();
+    assert_eq!(take_n(&mut s, 1).await, [(seq, 6)]);
+    c.close().await;
+    p.close().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_subscription_gets_what_it_skipped_before_a_live_only_neighbours_copies() {
+    skipped_messages_come_before_a_neighbours_later_live_copies(SubscribeOptions::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_subscription_gets_what_it_skipped_before_an_acking_neighbours_copies() {
+    skipped_messages_come_before_a_neighbours_later_live_copies(
+        SubscribeOptions::new().qos(Qos::AtLeastOnce).capacity(64),
+    )
+    .await;
+}
+
+/// The same with a neighbour matching only some of the paused subscription's messages
+/// (`t/a` of `t/#`): the catch-up copies of the others are the first the client sees of
+/// them, and only the paused subscription can have been sent them — taken as they come,
+/// in order, not held for a redelivery (the relay's ack timeout here is longer than any
+/// wait of this test: a copy held back for one would time it out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_subscription_beside_a_narrower_neighbour_gets_everything_in_order_at_once() {
+    let relay = TestRelay::start_with(|c| c.delivery.ack_timeout_ms = 120_000).await;
+    let proxy = HoldAcksProxy::start(relay.addrs.tcp.unwrap()).await;
+    let t = tree("order-narrow");
+    let (c, mut s, p) = credit_one_beside(&relay, &proxy, &t, "t/a", SubscribeOptions::new()).await;
+    let topic = |i: u32| if i % 2 == 0 { "t/a" } else { "t/b" };
+    let mut seqs = Vec::new();
+    for i in 0..5u32 {
+        seqs.push(
+            p.publish_with(topic(i), &i, PublishOptions::at_least_once())
+                .await
+                .unwrap(),
+        );
+    }
+    // The client sees 1 (taken), 3 and 5 (held back: no room); the relay skips 2 and 4
+    // for the paused subscription, and nobody else on the connection wants them.
+    until_stats(&c, "the three t/a handled", |s| {
+        s.core.delivered + s.core.held_back + s.core.held_for_order >= 3
+    })
+    .await;
+    let first = take_n(&mut s, 1).await;
+    assert_eq!(first, [(seqs[0], 0)]);
+    within(
+        "its ack, held in the proxy",
+        proxy.wait_held(|a| a.contains(&seqs[0])),
+    )
+    .await;
+    for i in 5..7u32 {
+        seqs.push(
+            p.publish_with(topic(i), &i, PublishOptions::at_least_once())
+                .await
+                .unwrap(),
+        );
+    }
+    until_stats(&c, "the fourth t/a handled", |s| {
+        s.core.delivered + s.core.held_back + s.core.held_for_order >= 4
+    })
+    .await;
+    proxy.release().await;
+    let mut got = first;
+    got.extend(take_n(&mut s, 6).await);
+    assert_eq!(
+        got,
+        seqs.iter().copied().zip(0..).collect::<Vec<_>>(),
+        "in sequence order, once each, none missing"
+    );
+    within("acks delivered", c.flush()).await.unwrap();
+    let mut live = Vec::new();
+    for i in 7..9u32 {
+        live.push((
+            p.publish_with(topic(i), &i, PublishOptions::at_least_once())
+                .await
+                .unwrap(),
+            i,
+        ));
+    }
+    assert_eq!(take_n(&mut s, 2).await, live, "live again");
+    c.close().await;
+    p.close().await;
+    relay.stop().await;
+}
+
+/// Skipped messages the relay's store does not keep (QoS 0, live-only) never come back to
+/// the paused subscription: the relay counts them in a `Gap` when it resumes. The client
+/// held back the neighbour's copies of them and awaits nothing it will not get: the stored
+/// message after one settles it; the last one, after which nothing stored was skipped,
+/// holds back a live message only until the relay redelivers that one (it tracks it,
+/// unacknowledged) — never for good. The subscription gets every stored message, in order,
+/// once, and the relay's count of the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skipped_messages_the_store_does_not_keep_do_not_stall_a_paused_subscription() {
+    let relay = TestRelay::start_with(|c| c.delivery.ack_timeout_ms = 1_000).await;
+    let proxy = HoldAcksProxy::start(relay.addrs.tcp.unwrap()).await;
+    let t = tree("order-unstored");
+    let (c, mut s, p) = credit_one_beside(&relay, &proxy, &t, "t/#", SubscribeOptions::new()).await;
+    let stored = PublishOptions::at_least_once();
+    let live_only = PublishOptions::default().ack();
+    let mut kept = Vec::new();
+    for (i, opts) in [(0u32, stored), (1, live_only), (2, stored), (3, live_only)] {
+        let seq = p.publish_with("t/x", &i, opts).await.unwrap();
+        if opts.qos == Qos::AtLeastOnce {
+            kept.push((seq, i));
+        }
+    }
+    until_stats(&c, "the four handled", |s| {
+        s.core.delivered + s.core.held_back + s.core.held_for_order >= 4
+    })
+    .await;
+    let mut got = take_n(&mut s, 1).await;
+    proxy.release().await;
+    got.extend(take_n(&mut s, 1).await);
+    assert_eq!(got, kept, "the stored ones, in order");
+    until_stats(&c, "the relay's count of the others", |s| {
+        s.core.relay_gaps >= 2
+    })
+    .await;
+    // The first live one may wait for its redelivery (the last skipped one was not kept);
+    // after it nothing is held back any more.
+    for i in 4..6u32 {
+        within("acks delivered", c.flush()).await.unwrap();
+        let held = c.stats().core.held_for_order;
+        let seq = p.publish_with("t/x", &i, stored).await.unwrap();
+        assert_eq!(take_n(&mut s, 1).await, [(seq, i)], "live again, in order");
+        if i == 5 {
+            assert_eq!(c.stats().core.held_for_order, held, "taken at once");
+        }
+    }
+    c.close().await;
+    p.close().await;
+    relay.stop().await;
+}
+
+/// Acks must leave for what the app took, or the relay's credit stays spent until its ack
+/// timeout. Credit 2: the third message is held back (no room) behind the untaken second
+/// one, so its held-back slot is still in the ack queue when the relay's catch-up sends
+/// it again and the subscription takes that copy; the fourth, published while the first
+/// one's ack is held, is held back for the order. Every message the app takes is acked,
+/// without waiting for a redelivery (the relay's ack timeout is longer than any wait here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_taken_from_the_catch_up_after_it_was_held_back_is_acked() {
+    let relay = TestRelay::start_with(|c| c.delivery.ack_timeout_ms = 120_000).await;
+    let proxy = HoldAcksProxy::start(relay.addrs.tcp.unwrap()).await;
+    let t = tree("order-acks");
+    let (c, mut s, p) = credit_beside(&relay, &proxy, &t, 2, "t/#", SubscribeOptions::new()).await;
+    let mut seqs = Vec::new();
+    for i in 0..3u32 {
+        seqs.push(
+            p.publish_with("t/x", &i, PublishOptions::at_least_once())
+                .await
+                .unwrap(),
+        );
+    }
+    until_stats(&c, "the three handled", |s| {
+        s.core.delivered + s.core.held_back + s.core.held_for_order >= 3
+    })
+    .await;
+    let mut got = take_n(&mut s, 1).await;
+    within(
+        "its ack, held in the proxy",
+        proxy.wait_held(|a| a.contains(&seqs[0])),
+    )
+    .await;
+    seqs.push(
+        p.publish_with("t/x", &3u32, PublishOptions::at_least_once())
+            .await
+            .unwrap(),
+    );
+    until_stats(&c, "the fourth held back", |s| s.core.held_for_order >= 1).await;
+    proxy.release().await;
+    // The catch-up's copy of the third, taken behind the untaken second.
+    until_stats(&c, "the third's copy", |s| s.core.delivered >= 3).await;
+    got.extend(take_n(&mut s, 3).await);
+    assert_eq!(got, seqs.iter().copied().zip(0..).collect::<Vec<_>>());
+    within(
+        "every message taken acked",
+        proxy.wait_acked(|a| seqs.iter().all(|s| a.contains(s))),
+    )
+    .await;
+    c.close().await;
+    p.close().await;
+    relay.stop().await;
+}
+
+/// The relay paused the subscription while its ack was on the way, and the neighbour's
+/// live copy of the next message reached it with room (nothing it missed yet: taken, in
+/// order). The relay's catch-up then sends that message again, tracked this time, while
+/// the app has not read the first copy: a duplicate of a message it holds — passed behind
+/// it, and acked once the app reads past it (held back for want of room, it stayed
+/// unacknowledged, the relay's credit spent until its ack timeout, and the next message
+/// waited for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_copy_of_a_message_the_app_has_not_read_yet_is_acked_with_it() {
+    let relay = TestRelay::start_with(|c| c.delivery.ack_timeout_ms = 120_000).await;
+    let proxy = HoldAcksProxy::start(relay.addrs.tcp.unwrap()).await;
+    let t = tree("order-dup");
+    let (c, mut s, p) = credit_one_beside(&relay, &proxy, &t, "t/#", SubscribeOptions::new()).await;
+    let mut seqs = vec![p
+        .publish_with("t/x", &0u32, PublishOptions::at_least_once())
+        .await
+        .unwrap()];
+    let mut got = take_n(&mut s, 1).await;
+    within(
+        "its ack, held in the proxy",
+        proxy.wait_held(|a| a.contains(&seqs[0])),
+    )
+    .await;
+    // The relay, without the ack, pauses here; the neighbour's copy reaches the client.
+    seqs.push(
+        p.publish_with("t/x", &1u32, PublishOptions::at_least_once())
+            .await
+            .unwrap(),
+    );
+    until_stats(&c, "the second delivered", |s| s.core.delivered >= 2).await;
+    proxy.release().await;
+    until_stats(&c, "the catch-up's copy of it", |s| {
+        s.core.duplicates + s.core.held_back >= 1
+    })
+    .await;
+    // The app reads the second, then the next one (its read passes the placeholder): that
+    // one comes only once the relay has the ack of the second.
+    seqs.push(
+        p.publish_with("t/x", &2u32, PublishOptions::at_least_once())
+            .await
+            .unwrap(),
+    );
+    got.extend(take_n(&mut s, 2).await);
+    assert_eq!(got, seqs.iter().copied().zip(0..).collect::<Vec<_>>());
+    within(
+        "all acked",
+        proxy.wait_acked(|a| seqs.iter().all(|s| a.contains(s))),
+    )
+    .await;
     c.close().await;
     p.close().await;
     relay.stop().await;

@@ -12,7 +12,10 @@
 //!
 //! A slot no subscription took (held back for want of credit, or its subscriptions went
 //! away before taking it) is released **unlisted**: never acked, so the relay delivers it
-//! again — nothing is acked that the app did not take.
+//! again — nothing is acked that the app did not take. A held-back slot still waiting its
+//! turn when the relay's copy of that sequence comes for every subscription it was routed
+//! to (a catch-up from the store, a redelivery) leaves like a placeholder instead: that
+//! copy, once taken, is acked ([`AckQueue::deliver`]).
 //!
 //! An `Ack` names a sequence, and the relay frees it for **every** at-least-once
 //! subscription of the connection (PROTOCOL §3.5). One relay sequence can take several
@@ -66,6 +69,13 @@ pub struct AckQueue {
     /// Per subscription: the sequences it is owed its own copy of and has no slot of yet
     /// ([`AckQueue::owe`]); each counts in `seqs` like a slot not yet released.
     owed: HashMap<LocalSubId, HashSet<u64>>,
+    /// Per relay sequence: its held-back slots ([`AckQueue::held_back`]) not yet released,
+    /// unlisted until a copy of it comes for every subscription they were routed to (see
+    /// [`AckQueue::deliver`]).
+    held: HashMap<u64, Vec<SlotId>>,
+    /// Per (subscription, relay sequence > 0): how many slots of it that subscription was
+    /// handed and has not taken ([`AckQueue::holds`]).
+    handed: HashMap<(LocalSubId, u64), u32>,
 }
 
 impl AckQueue {
@@ -75,6 +85,13 @@ impl AckQueue {
     }
 
     /// A message routed to `routed` and handed to `waiting` (acked once all took it).
+    ///
+    /// A copy of a sequence held back earlier whose held-back slot is still waiting its
+    /// turn (behind untaken slots): the relay sent it again (its catch-up, a redelivery),
+    /// and once every subscription that slot was routed to has this one too, the held-back
+    /// slot no longer keeps the sequence from being acked — it leaves in order like a
+    /// placeholder, and the sequence is acked once this copy is taken. Released unlisted,
+    /// it kept the relay's copy unacknowledged, its credit spent, until the ack timeout.
     pub fn deliver(&mut self, seq: u64, routed: &[LocalSubId], waiting: Vec<LocalSubId>) -> SlotId {
         let listed = !waiting.is_empty();
         self.push(seq, routed, waiting, listed)
@@ -100,6 +117,29 @@ impl AckQueue {
     pub fn owe(&mut self, seq: u64, sub: LocalSubId) {
         if seq > 0 && self.owed.entry(sub).or_default().insert(seq) {
             self.seqs.entry(seq).or_insert((0, false)).0 += 1;
+        }
+    }
+
+    /// How many slots of sequence `seq` (> 0) subscription `sub` was handed and has not
+    /// taken yet. One: another copy of that sequence is one it holds already (the relay's
+    /// catch-up or redelivery of a message it has not read yet), and its placeholder behind
+    /// it needs no room of its own — held back for want of room, that copy kept the
+    /// sequence unacknowledged (the relay's credit spent) until the ack timeout. One such
+    /// placeholder per sequence at most, so what it holds stays within twice its room.
+    pub fn holds(&self, sub: LocalSubId, seq: u64) -> u32 {
+        if seq == 0 {
+            return 0;
+        }
+        self.handed.get(&(sub, seq)).copied().unwrap_or(0)
+    }
+
+    /// `sub`'s untaken slot of `seq` is gone (taken, or `sub` went away).
+    fn unhand(&mut self, sub: LocalSubId, seq: u64) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.handed.entry((sub, seq)) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
         }
     }
 
@@ -144,6 +184,30 @@ impl AckQueue {
                 all.push(*w);
             }
         }
+        if seq > 0 {
+            for w in &waiting {
+                *self.handed.entry((*w, seq)).or_insert(0) += 1;
+            }
+            if listed {
+                // A copy for everyone an earlier held-back slot of it was routed to.
+                if let Some(ids) = self.held.get_mut(&seq) {
+                    let slots = &mut self.slots;
+                    ids.retain(|h| match slots.get_mut(h) {
+                        Some(s) if s.routed.iter().all(|r| all.contains(r)) => {
+                            s.listed = true;
+                            false
+                        }
+                        Some(_) => true,
+                        None => false,
+                    });
+                    if ids.is_empty() {
+                        self.held.remove(&seq);
+                    }
+                }
+            } else if waiting.is_empty() {
+                self.held.entry(seq).or_default().push(id);
+            }
+        }
         // A subscription owed `seq` that this slot is its own copy for: the debt becomes
         // this slot (counted in `seqs` already).
         let mut paid = false;
@@ -181,9 +245,14 @@ impl AckQueue {
     /// Subscription `sub` took the message of `slot`.
     pub fn taken(&mut self, slot: SlotId, sub: LocalSubId) {
         if let Some(s) = self.slots.get_mut(&slot) {
+            let mut unhand = None;
             if let Some(p) = s.waiting.iter().position(|w| *w == sub) {
                 s.waiting.swap_remove(p);
                 s.taken = true;
+                unhand = Some(s.seq);
+            }
+            if let Some(seq) = unhand.filter(|q| *q > 0) {
+                self.unhand(sub, seq);
             }
             self.release_from(vec![slot]);
         }
@@ -201,15 +270,20 @@ impl AckQueue {
             return;
         };
         let mut check = Vec::new();
+        let mut untaken = Vec::new();
         for id in q {
             if let Some(s) = self.slots.get_mut(&id) {
                 s.routed.retain(|r| *r != sub);
                 if let Some(p) = s.waiting.iter().position(|w| *w == sub) {
                     s.waiting.swap_remove(p);
                     s.listed = false;
+                    untaken.push(s.seq);
                 }
                 check.push(id);
             }
+        }
+        for seq in untaken.into_iter().filter(|s| *s > 0) {
+            self.unhand(sub, seq);
         }
         self.release_from(check);
     }
@@ -239,6 +313,14 @@ impl AckQueue {
                 continue;
             }
             let s = self.slots.remove(&id).expect("present");
+            if !s.listed {
+                if let Some(ids) = self.held.get_mut(&s.seq) {
+                    ids.retain(|h| *h != id);
+                    if ids.is_empty() {
+                        self.held.remove(&s.seq);
+                    }
+                }
+            }
             self.settle(s.seq, s.listed);
             for r in &s.routed {
                 if let Some(q) = self.queues.get_mut(r) {
@@ -287,6 +369,8 @@ impl AckQueue {
         self.ready.clear();
         self.seqs.clear();
         self.owed.clear();
+        self.held.clear();
+        self.handed.clear();
     }
 }
 
@@ -448,6 +532,55 @@ mod tests {
         q.taken(h, 2);
         assert_eq!(q.take_ready(), vec![3], "its slot stayed");
         assert!(q.seqs.is_empty());
+    }
+
+    /// The relay's copy of a sequence held back behind an untaken slot (its catch-up from
+    /// the store, once acks freed credit) comes while the held-back slot still waits its
+    /// turn: taken, it is acked — the held-back slot leaves like a placeholder. Released
+    /// unlisted, it kept the sequence unacked (the relay's credit spent until its ack
+    /// timeout). A copy for fewer subscriptions than the held-back slot's does not lift it.
+    #[test]
+    fn a_copy_of_a_held_back_sequence_taken_by_all_it_was_routed_to_is_acked() {
+        let mut q = AckQueue::new();
+        let first = q.deliver(1, &[1], vec![1]);
+        q.held_back(2, &[1]);
+        let again = q.deliver(2, &[1], vec![1]);
+        q.taken(first, 1);
+        assert_eq!(q.take_ready(), vec![1]);
+        q.taken(again, 1);
+        assert_eq!(q.take_ready(), vec![2]);
+        assert!(q.held.is_empty());
+
+        // Routed to two, the copy for one of them only (its history): not acked.
+        let first = q.deliver(3, &[1], vec![1]);
+        q.held_back(4, &[1, 2]);
+        let other = q.deliver(4, &[2], vec![2]);
+        q.taken(other, 2);
+        q.taken(first, 1);
+        assert_eq!(q.take_ready(), vec![3]);
+        assert_eq!(q.pending(), 0);
+        assert!(q.seqs.is_empty());
+        assert!(q.held.is_empty());
+    }
+
+    /// What a subscription holds untaken, by sequence: until it takes it, or goes away.
+    #[test]
+    fn a_subscription_holds_what_it_was_handed_until_it_takes_it() {
+        let mut q = AckQueue::new();
+        let a = q.deliver(5, &[1, 2], vec![1, 2]);
+        q.placeholder(6, &[1]);
+        q.held_back(7, &[1]);
+        let b = q.deliver(5, &[1], vec![1]);
+        assert_eq!((q.holds(1, 5), q.holds(2, 5)), (2, 1));
+        assert_eq!((q.holds(1, 6), q.holds(1, 7), q.holds(3, 5)), (0, 0, 0));
+        q.taken(a, 1);
+        q.taken(b, 1);
+        assert_eq!((q.holds(1, 5), q.holds(2, 5)), (0, 1));
+        q.drop_sub(2);
+        assert!(q.handed.is_empty());
+        q.deliver(8, &[1], vec![1]);
+        q.clear();
+        assert!(q.handed.is_empty() && q.held.is_empty());
     }
 
     #[test]

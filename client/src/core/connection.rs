@@ -1510,8 +1510,6 @@ impl Engine {
 
     /// [`Engine::on_msg`] for an envelope opened already (inline or by an [`OpenJob`]).
     fn on_msg_opened(&mut self, m: &Msg, opened: Result<Unsealed, OpenError>, now: Now) {
-        let subs = &self.subs;
-        let room = |id: LocalSubId| subs.get(&id).is_some_and(|s| s.outstanding < s.capacity);
         let routed = if m.seq > 0 {
             self.core.route_acking(m)
         } else {
@@ -1525,6 +1523,16 @@ impl Engine {
                 self.acks.owe(m.seq, sub);
             }
         }
+        let (subs, acks) = (&self.subs, &self.acks);
+        // Room, or it holds this sequence already (one copy, untaken): then this copy is a
+        // duplicate whose placeholder waits behind it, and the sequence is acked once both
+        // are taken. Held back, the copy left it unacknowledged — the relay's credit spent
+        // until its ack timeout, as when its catch-up sends a message the subscription took
+        // from a neighbour's live copy while its ack was on the way.
+        let room = |id: LocalSubId| {
+            subs.get(&id)
+                .is_some_and(|s| s.outstanding < s.capacity || acks.holds(id, m.seq) == 1)
+        };
         let delivery = self.core.receive_opened(m, opened, now.unix_ms, &room);
         let (msg, targets, held, digest) = match delivery {
             Delivery::Deliver {

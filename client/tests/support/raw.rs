@@ -466,3 +466,111 @@ pub async fn fake_relay_client(
     let c = super::within("connect", connect).await.unwrap().unwrap();
     (relay, c)
 }
+
+/// A proxy between one client and a relay that holds back every `Ack` frame the client
+/// sends (in order) until [`HoldAcksProxy::release`]; everything else passes both ways
+/// unchanged, and acks after the release pass at once. While it holds them, the relay still
+/// counts the client's deliveries as unacknowledged — the window in which the app has taken
+/// a message (its subscription has room again) and the relay has not yet heard of it,
+/// opened for as long as a test needs.
+pub struct HoldAcksProxy {
+    pub addr: SocketAddr,
+    /// Whether acks are held, and the held frames (without their length prefix).
+    state: Arc<Mutex<(bool, Vec<Vec<u8>>)>>,
+    /// The relay side of the one connection (once the client connected).
+    relay: Arc<tokio::sync::Mutex<Option<tokio::net::tcp::OwnedWriteHalf>>>,
+    /// The sequences of the acks held so far.
+    held: tokio::sync::watch::Receiver<Vec<u64>>,
+    /// The sequences of every ack the client sent, held or not.
+    acked: tokio::sync::watch::Receiver<Vec<u64>>,
+}
+
+impl HoldAcksProxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new((true, Vec::new())));
+        let relay = Arc::new(tokio::sync::Mutex::new(None));
+        let (note, held) = tokio::sync::watch::channel(Vec::new());
+        let (all, acked) = tokio::sync::watch::channel(Vec::new());
+        let (st, rw) = (state.clone(), relay.clone());
+        tokio::spawn(async move {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(upstream) = TcpStream::connect(upstream).await else {
+                return;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut rr, w) = upstream.into_split();
+            *rw.lock().await = Some(w);
+            let down = async move {
+                let _ = tokio::io::copy(&mut rr, &mut cw).await;
+            };
+            let up = async move {
+                while let Some(b) = read_raw(&mut cr).await {
+                    // The writer first: a release writes the held frames under it, so a
+                    // frame read after the release follows them.
+                    let mut out = rw.lock().await;
+                    if let Ok(Frame::Ack(a)) = Frame::decode_slice(&b) {
+                        all.send_modify(|v| v.extend(&a.seqs));
+                        let mut s = st.lock().unwrap();
+                        if s.0 {
+                            s.1.push(b);
+                            note.send_modify(|v| v.extend(a.seqs));
+                            continue;
+                        }
+                    }
+                    let w = out.as_mut().expect("connected");
+                    if w.write_all(&(b.len() as u32).to_be_bytes()).await.is_err()
+                        || w.write_all(&b).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                () = down => {}
+                () = up => {}
+            }
+        });
+        HoldAcksProxy {
+            addr,
+            state,
+            relay,
+            held,
+            acked,
+        }
+    }
+
+    /// Waits (on the client's frames) until every ack it sent, held or not, satisfies
+    /// `cond`; returns their sequences. Bounded by the caller's `within`.
+    pub async fn wait_acked(&self, cond: impl Fn(&[u64]) -> bool) -> Vec<u64> {
+        let mut rx = self.acked.clone();
+        let a = rx.wait_for(|a| cond(a)).await.expect("the proxy lives");
+        a.clone()
+    }
+
+    /// Waits (on the client's frames, not a timer) until the acks held back satisfy `cond`;
+    /// returns their sequences. Bounded by the caller's `within`.
+    pub async fn wait_held(&self, cond: impl Fn(&[u64]) -> bool) -> Vec<u64> {
+        let mut rx = self.held.clone();
+        let a = rx.wait_for(|a| cond(a)).await.expect("the proxy lives");
+        a.clone()
+    }
+
+    /// Sends the held acks on, in order, and passes every later one at once.
+    pub async fn release(&self) {
+        let mut out = self.relay.lock().await;
+        let held = {
+            let mut s = self.state.lock().unwrap();
+            s.0 = false;
+            std::mem::take(&mut s.1)
+        };
+        let w = out.as_mut().expect("connected");
+        for b in held {
+            w.write_all(&(b.len() as u32).to_be_bytes()).await.unwrap();
+            w.write_all(&b).await.unwrap();
+        }
+    }
+}
