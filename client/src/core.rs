@@ -184,7 +184,8 @@ struct LocalSub {
     /// of them that it takes (or passes as a placeholder) settles it and every lower one of
     /// its key id (the relay sends in sequence order, so a lower one not sent by then is
     /// one it will not send: not kept by its store, reported in a `Gap`); so does a `Msg`
-    /// that only this subscription could have been sent (its own stream). Normally empty;
+    /// that only this subscription could have been sent (its own stream), and a `Gap`
+    /// naming it empties it ([`ClientCore::lost_while_paused`]). Normally empty;
     /// at most [`MAX_GOT`] (once full it is emptied: messages are taken as they come, in
     /// order or not, never lost); emptied on every `Sub` (a new relay subscription
     /// resumes by position).
@@ -1512,6 +1513,22 @@ impl ClientCore {
     /// The local subscription a relay subscription id belongs to.
     pub fn local_for(&self, relay_id: u64) -> Option<LocalSubId> {
         self.relay_to_local.get(&relay_id).copied()
+    }
+
+    /// A `Gap` named relay subscription `relay_id` (PROTOCOL §3.3.11 key 2): the relay's
+    /// catch-up of what it skipped while that subscription was paused has ended, and it
+    /// sent every skipped message its store kept before this `Gap`. What the subscription
+    /// still awaits (`LocalSub::behind`) is then not coming — skipped messages the store did
+    /// not keep, which the `Gap` counts — so later live copies are no longer held back for
+    /// them (without it they were, until the relay redelivered one: an ack timeout).
+    pub fn lost_while_paused(&mut self, relay_id: u64) {
+        if let Some(s) = self
+            .relay_to_local
+            .get(&relay_id)
+            .and_then(|id| self.subs.get_mut(id))
+        {
+            s.behind.clear();
+        }
     }
 
     /// Drops a subscription; returns the `Unsub` frames.

@@ -1292,7 +1292,10 @@ impl Engine {
                 // the connection, which only subscriptions that do not acknowledge can have
                 // lost to: theirs to hear.
                 let subs = match g.sub_id {
-                    Some(rid) => self.core.local_for(rid).into_iter().collect(),
+                    Some(rid) => {
+                        self.core.lost_while_paused(rid);
+                        self.core.local_for(rid).into_iter().collect()
+                    }
                     None => self
                         .subs
                         .iter()
