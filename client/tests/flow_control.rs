@@ -491,31 +491,32 @@ async fn unstored_messages_a_paused_subscription_lost_reach_its_app_as_a_lag() {
     relay.stop().await;
 }
 
-/// A client behind `proxy` (acks held until released) with an at-least-once subscription of
-/// credit 1 on `t/#` and a neighbour on `filter` with `opts` (same connection) whose app
-/// reads everything as it comes, and a publisher on `relay`, both holding tree `t`.
-async fn credit_one_beside(
-    relay: &TestRelay,
-    proxy: &HoldAcksProxy,
-    t: &whispeer::TreeKey,
-    filter: &str,
-    opts: SubscribeOptions,
-) -> (Client, whispeer::Subscription<u32>, Client) {
-    credit_beside(relay, proxy, t, 1, filter, opts).await
+/// What the order tests share: a relay with ack timeout `ack_ms`, a proxy holding the
+/// client's acks until released, a client behind it with an at-least-once subscription of
+/// credit `credit` on `t/#` and a neighbour on `filter` with `opts` (same connection) whose
+/// app reads everything as it comes, and a publisher on the relay, both holding tree
+/// `name`.
+struct Beside {
+    relay: TestRelay,
+    proxy: HoldAcksProxy,
+    c: Client,
+    s: whispeer::Subscription<u32>,
+    p: Client,
 }
 
-/// [`credit_one_beside`] with a credit of `credit`.
-async fn credit_beside(
-    relay: &TestRelay,
-    proxy: &HoldAcksProxy,
-    t: &whispeer::TreeKey,
+async fn beside(
+    ack_ms: u64,
+    name: &str,
     credit: u64,
     filter: &str,
     opts: SubscribeOptions,
-) -> (Client, whispeer::Subscription<u32>, Client) {
+) -> Beside {
+    let relay = TestRelay::start_with(|c| c.delivery.ack_timeout_ms = ack_ms).await;
+    let proxy = HoldAcksProxy::start(relay.addrs.tcp.unwrap()).await;
+    let t = tree(name);
     let c = Client::builder()
         .with(Tcp::new(format!("tcp://{}", proxy.addr)))
-        .with(Encryption::with_keyring(keyring_with(t)))
+        .with(Encryption::with_keyring(keyring_with(&t)))
         .with(identity())
         .connect()
         .await
@@ -531,8 +532,14 @@ async fn credit_beside(
         .unwrap();
     let mut n = c.subscribe_with_options::<u32>(filter, opts).await.unwrap();
     tokio::spawn(async move { while n.next().await.is_some() {} });
-    let p = tcp_client(&relay.tcp_url(), keyring_with(t), identity()).await;
-    (c, s, p)
+    let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
+    Beside {
+        relay,
+        proxy,
+        c,
+        s,
+        p,
+    }
 }
 
 /// Takes `n` messages from `s`: (sequence, value) in the order they come.
@@ -559,10 +566,13 @@ async fn take_n(s: &mut whispeer::Subscription<u32>, n: usize) -> Vec<(u64, u32)
 /// lets a broken order show rather than a stall: a catch-up copy that found no room behind
 /// the early one waits for its redelivery.)
 async fn skipped_messages_come_before_a_neighbours_later_live_copies(neighbour: SubscribeOptions) {
-    let relay = TestRelay::start_with(|c| c.delivery.ack_timeout_ms = 2_000).await;
-    let proxy = HoldAcksProxy::start(relay.addrs.tcp.unwrap()).await;
-    let t = tree("order");
-    let (c, mut s, p) = credit_one_beside(&relay, &proxy, &t, "t/#", neighbour).await;
+    let Beside {
+        relay,
+        proxy,
+        c,
+        mut s,
+        p,
+    } = beside(2_000, "order", 1, "t/#", neighbour).await;
     let mut seqs = Vec::new();
     for i in 0..5u32 {
         seqs.push(
@@ -634,10 +644,13 @@ async fn a_paused_subscription_gets_what_it_skipped_before_an_acking_neighbours_
 /// wait of this test: a copy held back for one would time it out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_subscription_beside_a_narrower_neighbour_gets_everything_in_order_at_once() {
-    let relay = TestRelay::start_with(|c| c.delivery.ack_timeout_ms = 120_000).await;
-    let proxy = HoldAcksProxy::start(relay.addrs.tcp.unwrap()).await;
-    let t = tree("order-narrow");
-    let (c, mut s, p) = credit_one_beside(&relay, &proxy, &t, "t/a", SubscribeOptions::new()).await;
+    let Beside {
+        relay,
+        proxy,
+        c,
+        mut s,
+        p,
+    } = beside(120_000, "order-narrow", 1, "t/a", SubscribeOptions::new()).await;
     let topic = |i: u32| if i % 2 == 0 { "t/a" } else { "t/b" };
     let mut seqs = Vec::new();
     for i in 0..5u32 {
@@ -705,10 +718,13 @@ async fn a_paused_subscription_beside_a_narrower_neighbour_gets_everything_in_or
 /// count of the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skipped_messages_the_store_does_not_keep_do_not_stall_a_paused_subscription() {
-    let relay = TestRelay::start_with(|c| c.delivery.ack_timeout_ms = 120_000).await;
-    let proxy = HoldAcksProxy::start(relay.addrs.tcp.unwrap()).await;
-    let t = tree("order-unstored");
-    let (c, mut s, p) = credit_one_beside(&relay, &proxy, &t, "t/#", SubscribeOptions::new()).await;
+    let Beside {
+        relay,
+        proxy,
+        c,
+        mut s,
+        p,
+    } = beside(120_000, "order-unstored", 1, "t/#", SubscribeOptions::new()).await;
     let stored = PublishOptions::at_least_once();
     let live_only = PublishOptions::default().ack();
     let mut kept = Vec::new();
@@ -759,10 +775,13 @@ async fn skipped_messages_the_store_does_not_keep_do_not_stall_a_paused_subscrip
 /// without waiting for a redelivery (the relay's ack timeout is longer than any wait here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_taken_from_the_catch_up_after_it_was_held_back_is_acked() {
-    let relay = TestRelay::start_with(|c| c.delivery.ack_timeout_ms = 120_000).await;
-    let proxy = HoldAcksProxy::start(relay.addrs.tcp.unwrap()).await;
-    let t = tree("order-acks");
-    let (c, mut s, p) = credit_beside(&relay, &proxy, &t, 2, "t/#", SubscribeOptions::new()).await;
+    let Beside {
+        relay,
+        proxy,
+        c,
+        mut s,
+        p,
+    } = beside(120_000, "order-acks", 2, "t/#", SubscribeOptions::new()).await;
     let mut seqs = Vec::new();
     for i in 0..3u32 {
         seqs.push(
@@ -811,10 +830,13 @@ async fn a_message_taken_from_the_catch_up_after_it_was_held_back_is_acked() {
 /// waited for it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catch_up_copy_of_a_message_the_app_has_not_read_yet_is_acked_with_it() {
-    let relay = TestRelay::start_with(|c| c.delivery.ack_timeout_ms = 120_000).await;
-    let proxy = HoldAcksProxy::start(relay.addrs.tcp.unwrap()).await;
-    let t = tree("order-dup");
-    let (c, mut s, p) = credit_one_beside(&relay, &proxy, &t, "t/#", SubscribeOptions::new()).await;
+    let Beside {
+        relay,
+        proxy,
+        c,
+        mut s,
+        p,
+    } = beside(120_000, "order-dup", 1, "t/#", SubscribeOptions::new()).await;
     let mut seqs = vec![p
         .publish_with("t/x", &0u32, PublishOptions::at_least_once())
         .await
