@@ -145,3 +145,25 @@ test('a relay Gap (slow-consumer drop) reaches the app as the lag event and rela
     await local.stop();
   }
 });
+
+test('a QoS 1 subscription the relay paused for credit hears of the live-only messages it lost', { timeout: 60_000 }, async () => {
+  // Credit 1: the first message fills it and the relay pauses the subscription at the
+  // next. The three QoS 0 publishes the store does not keep are skipped for it and never
+  // follow from the store: the relay tells it with a Gap naming it after its catch-up
+  // (PROTOCOL §3.3.11 key 2). A count for the whole connection reaches only subscriptions
+  // that do not acknowledge, so this one's lag event is the Gap's name at work.
+  const tree = TreeKey.generate('gap-named');
+  const sub = await connect(relay.url, { keys: tree });
+  const pub = await connect(relay.url, { keys: tree });
+  const lags = [];
+  const it = await sub.subscribe('g/#', { qos: 1, capacity: 1, onLag: (n) => lags.push(n) });
+  const first = await pub.publish('g/x', 0, { qos: 1 });
+  for (let i = 1; i < 4; i++) await pub.publish('g/x', i, { ack: true });
+  const kept = await pub.publish('g/x', 4, { qos: 1 });
+  const a = (await it.next()).value;
+  assert.deepEqual([a.seq, a.value], [first, 0]);
+  const b = (await it.next()).value;
+  assert.deepEqual([b.seq, b.value], [kept, 4], 'the stored ones, in order');
+  await until(() => it.lost === 3);
+  assert.deepEqual(lags, [3], 'each message lost is told once, to this subscription');
+});
