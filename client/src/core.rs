@@ -185,7 +185,8 @@ struct LocalSub {
     /// its key id (the relay sends in sequence order, so a lower one not sent by then is
     /// one it will not send: not kept by its store, reported in a `Gap`); so does a `Msg`
     /// that only this subscription could have been sent (its own stream), and a `Gap`
-    /// naming it empties it ([`ClientCore::lost_while_paused`]). Normally empty;
+    /// naming one of its relay subscriptions settles that key id's
+    /// ([`ClientCore::lost_while_paused`]). Normally empty;
     /// at most [`MAX_GOT`] (once full it is emptied: messages are taken as they come, in
     /// order or not, never lost); emptied on every `Sub` (a new relay subscription
     /// resumes by position).
@@ -1521,13 +1522,24 @@ impl ClientCore {
     /// still awaits (`LocalSub::behind`) is then not coming — skipped messages the store did
     /// not keep, which the `Gap` counts — so later live copies are no longer held back for
     /// them (without it they were, until the relay redelivered one: an ack timeout).
+    /// Only that relay subscription's key id: a subscription spanning epochs has one relay
+    /// subscription per key id, and another of them may still be paused.
     pub fn lost_while_paused(&mut self, relay_id: u64) {
-        if let Some(s) = self
+        let Some(s) = self
             .relay_to_local
             .get(&relay_id)
             .and_then(|id| self.subs.get_mut(id))
-        {
-            s.behind.clear();
+        else {
+            return;
+        };
+        let key = s
+            .relay_ids
+            .iter()
+            .position(|r| *r == relay_id)
+            .and_then(|i| s.patterns.get(i))
+            .map(|p| *p.key_id());
+        if let Some(key) = key {
+            s.behind.retain(|(k, _)| *k != key);
         }
     }
 
