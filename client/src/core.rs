@@ -3454,6 +3454,35 @@ mod tests {
         assert!(core.subs[&1].behind.is_empty());
     }
 
+    /// A `Gap` naming a relay subscription (PROTOCOL §3.3.11 key 2) settles what the local
+    /// subscription awaits of that relay subscription's key id only: another key id's
+    /// relay subscription (a subscription spanning epochs) may still be paused.
+    #[test]
+    fn a_gap_naming_a_relay_subscription_settles_its_key_id_only() {
+        let (kr, _) = one_tree(33);
+        let mut core = ClientCore::new(kr);
+        let opts = SubscribeOptions::new().qos(Qos::AtLeastOnce).capacity(1);
+        core.subscribe_with_options(1, TopicFilter::new("a/#").unwrap(), opts, NOW)
+            .unwrap();
+        let rid = core.relay_ids(1)[0];
+        let own = *core.subs[&1].patterns[0].key_id();
+        let other = whispeer_protocol::KeyId::from_bytes([0xee; 16]);
+        assert_ne!(own, other);
+        for seq in [3, 5] {
+            core.subs.get_mut(&1).unwrap().behind.insert((own, seq));
+            core.subs
+                .get_mut(&1)
+                .unwrap()
+                .behind
+                .insert((other, seq + 1));
+        }
+        core.lost_while_paused(rid + 1000); // names no subscription: nothing changes
+        assert_eq!(core.subs[&1].behind.len(), 4);
+        core.lost_while_paused(rid);
+        let left: Vec<_> = core.subs[&1].behind.iter().copied().collect();
+        assert_eq!(left, vec![(other, 4), (other, 6)]);
+    }
+
     /// The same past a hand-over: the relay may send a subscription's held-back live
     /// messages after its `ReplayDone` in steps, or from its store once they spilled there
     /// (PROTOCOL §3.5.5), while a neighbour's live copies keep coming. What it held back for
