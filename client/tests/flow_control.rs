@@ -135,9 +135,7 @@ async fn a_qos1_subscriber_that_stops_reading_loses_nothing_and_stalls_nothing_e
         proxy.wait_acks(|a| slow_seqs.iter().all(|s| a.contains(s))),
     )
     .await;
-    c.close().await;
-    p.close().await;
-    relay.stop().await;
+    end(c, p, relay).await;
 }
 
 /// The client's half alone, against a relay that ignores `Sub.credit` (malicious or
@@ -354,9 +352,7 @@ async fn acks_held_for_a_state_file_that_cannot_be_written_leave_at_their_bound(
     assert_eq!(refusing, 1);
     refuse.execute_batch("DROP TRIGGER refuse_seen").unwrap();
     drop(sub);
-    c.close().await;
-    p.close().await;
-    relay.stop().await;
+    end(c, p, relay).await;
 }
 
 /// Review finding: a QoS ≥ 1 subscription asking for retained values got them all at once,
@@ -429,9 +425,7 @@ async fn retained_values_beyond_the_credit_all_arrive_in_order() {
         0,
         "nothing sent beyond the credit"
     );
-    c.close().await;
-    p.close().await;
-    relay.stop().await;
+    end(c, p, relay).await;
 }
 
 /// Messages the store does not keep (QoS 0 publishes, `store_qos0` off) that the relay
@@ -486,23 +480,21 @@ async fn unstored_messages_a_paused_subscription_lost_reach_its_app_as_a_lag() {
         "the stored ones, in order"
     );
     assert_eq!(lost, 3, "each unstored message skipped is told once");
-    c.close().await;
-    p.close().await;
-    relay.stop().await;
+    end(c, p, relay).await;
 }
 
 /// What the order tests share: a relay with ack timeout `ack_ms`, a proxy holding the
 /// client's acks until released, a client behind it with an at-least-once subscription of
 /// credit `credit` on `t/#` and a neighbour on `filter` with `opts` (same connection) whose
 /// app reads everything as it comes, and a publisher on the relay, both holding tree
-/// `name`.
-struct Beside {
-    relay: TestRelay,
-    proxy: HoldAcksProxy,
-    c: Client,
-    s: whispeer::Subscription<u32>,
-    p: Client,
-}
+/// `name`: (relay, proxy, client, its subscription, publisher).
+type Beside = (
+    TestRelay,
+    HoldAcksProxy,
+    Client,
+    whispeer::Subscription<u32>,
+    Client,
+);
 
 async fn beside(
     ack_ms: u64,
@@ -533,13 +525,14 @@ async fn beside(
     let mut n = c.subscribe_with_options::<u32>(filter, opts).await.unwrap();
     tokio::spawn(async move { while n.next().await.is_some() {} });
     let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
-    Beside {
-        relay,
-        proxy,
-        c,
-        s,
-        p,
-    }
+    (relay, proxy, c, s, p)
+}
+
+/// Closes both clients, then stops the relay.
+async fn end(c: Client, p: Client, relay: TestRelay) {
+    c.close().await;
+    p.close().await;
+    relay.stop().await;
 }
 
 /// Takes `n` messages from `s`: (sequence, value) in the order they come.
@@ -566,13 +559,7 @@ async fn take_n(s: &mut whispeer::Subscription<u32>, n: usize) -> Vec<(u64, u32)
 /// lets a broken order show rather than a stall: a catch-up copy that found no room behind
 /// the early one waits for its redelivery.)
 async fn skipped_messages_come_before_a_neighbours_later_live_copies(neighbour: SubscribeOptions) {
-    let Beside {
-        relay,
-        proxy,
-        c,
-        mut s,
-        p,
-    } = beside(2_000, "order", 1, "t/#", neighbour).await;
+    let (relay, proxy, c, mut s, p) = beside(2_000, "order", 1, "t/#", neighbour).await;
     let mut seqs = Vec::new();
     for i in 0..5u32 {
         seqs.push(
@@ -619,9 +606,7 @@ async fn skipped_messages_come_before_a_neighbours_later_live_copies(neighbour: 
         .await
         .unwrap();
     assert_eq!(take_n(&mut s, 1).await, [(seq, 6)]);
-    c.close().await;
-    p.close().await;
-    relay.stop().await;
+    end(c, p, relay).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -644,13 +629,8 @@ async fn a_paused_subscription_gets_what_it_skipped_before_an_acking_neighbours_
 /// wait of this test: a copy held back for one would time it out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_subscription_beside_a_narrower_neighbour_gets_everything_in_order_at_once() {
-    let Beside {
-        relay,
-        proxy,
-        c,
-        mut s,
-        p,
-    } = beside(120_000, "order-narrow", 1, "t/a", SubscribeOptions::new()).await;
+    let (relay, proxy, c, mut s, p) =
+        beside(120_000, "order-narrow", 1, "t/a", SubscribeOptions::new()).await;
     let topic = |i: u32| if i % 2 == 0 { "t/a" } else { "t/b" };
     let mut seqs = Vec::new();
     for i in 0..5u32 {
@@ -703,9 +683,7 @@ async fn a_paused_subscription_beside_a_narrower_neighbour_gets_everything_in_or
         ));
     }
     assert_eq!(take_n(&mut s, 2).await, live, "live again");
-    c.close().await;
-    p.close().await;
-    relay.stop().await;
+    end(c, p, relay).await;
 }
 
 /// Skipped messages the relay's store does not keep (QoS 0, live-only) never come back to
@@ -718,13 +696,8 @@ async fn a_paused_subscription_beside_a_narrower_neighbour_gets_everything_in_or
 /// count of the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skipped_messages_the_store_does_not_keep_do_not_stall_a_paused_subscription() {
-    let Beside {
-        relay,
-        proxy,
-        c,
-        mut s,
-        p,
-    } = beside(120_000, "order-unstored", 1, "t/#", SubscribeOptions::new()).await;
+    let (relay, proxy, c, mut s, p) =
+        beside(120_000, "order-unstored", 1, "t/#", SubscribeOptions::new()).await;
     let stored = PublishOptions::at_least_once();
     let live_only = PublishOptions::default().ack();
     let mut kept = Vec::new();
@@ -762,9 +735,7 @@ async fn skipped_messages_the_store_does_not_keep_do_not_stall_a_paused_subscrip
         assert_eq!(take_n(&mut s, 1).await, [(seq, i)], "live again, in order");
         assert_eq!(c.stats().core.held_for_order, held, "taken at once");
     }
-    c.close().await;
-    p.close().await;
-    relay.stop().await;
+    end(c, p, relay).await;
 }
 
 /// Acks must leave for what the app took, or the relay's credit stays spent until its ack
@@ -775,13 +746,8 @@ async fn skipped_messages_the_store_does_not_keep_do_not_stall_a_paused_subscrip
 /// without waiting for a redelivery (the relay's ack timeout is longer than any wait here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_taken_from_the_catch_up_after_it_was_held_back_is_acked() {
-    let Beside {
-        relay,
-        proxy,
-        c,
-        mut s,
-        p,
-    } = beside(120_000, "order-acks", 2, "t/#", SubscribeOptions::new()).await;
+    let (relay, proxy, c, mut s, p) =
+        beside(120_000, "order-acks", 2, "t/#", SubscribeOptions::new()).await;
     let mut seqs = Vec::new();
     for i in 0..3u32 {
         seqs.push(
@@ -816,9 +782,7 @@ async fn a_message_taken_from_the_catch_up_after_it_was_held_back_is_acked() {
         proxy.wait_acked(|a| seqs.iter().all(|s| a.contains(s))),
     )
     .await;
-    c.close().await;
-    p.close().await;
-    relay.stop().await;
+    end(c, p, relay).await;
 }
 
 /// The relay paused the subscription while its ack was on the way, and the neighbour's
@@ -830,13 +794,8 @@ async fn a_message_taken_from_the_catch_up_after_it_was_held_back_is_acked() {
 /// waited for it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catch_up_copy_of_a_message_the_app_has_not_read_yet_is_acked_with_it() {
-    let Beside {
-        relay,
-        proxy,
-        c,
-        mut s,
-        p,
-    } = beside(120_000, "order-dup", 1, "t/#", SubscribeOptions::new()).await;
+    let (relay, proxy, c, mut s, p) =
+        beside(120_000, "order-dup", 1, "t/#", SubscribeOptions::new()).await;
     let mut seqs = vec![p
         .publish_with("t/x", &0u32, PublishOptions::at_least_once())
         .await
@@ -873,7 +832,5 @@ async fn a_catch_up_copy_of_a_message_the_app_has_not_read_yet_is_acked_with_it(
         proxy.wait_acked(|a| seqs.iter().all(|s| a.contains(s))),
     )
     .await;
-    c.close().await;
-    p.close().await;
-    relay.stop().await;
+    end(c, p, relay).await;
 }
