@@ -340,6 +340,24 @@ impl Authentic {
     /// moved to the payload's start and cut after its end. Over `max` fails as
     /// [`Opener::decompress`] does.
     fn into_opened_uncompressed(mut self, max: usize) -> Result<Opened, OpenError> {
+        let body = self.take_uncompressed(max)?;
+        Ok(self.into_opened(body))
+    }
+
+    /// The payload of a message stored uncompressed (codec 0), taken out of the decrypted
+    /// body (moved to its start and cut after its end): what [`Opener::finish`] would hand
+    /// over, for [`Authentic::into_opened`]. `None` for a compressed payload (decompress
+    /// it with [`Opener::decompress`]). Taking it on the thread that decrypted the body
+    /// moves bytes still in that core's cache (a client's open workers do, see
+    /// `whispeer::core::jobs`). Afterwards [`Authentic::stored`] is empty.
+    pub fn take_payload_if_uncompressed(
+        &mut self,
+        max: usize,
+    ) -> Option<Result<Vec<u8>, OpenError>> {
+        (self.codec == CODEC_NONE).then(|| self.take_uncompressed(max))
+    }
+
+    fn take_uncompressed(&mut self, max: usize) -> Result<Vec<u8>, OpenError> {
         debug_assert_eq!(self.codec, CODEC_NONE);
         if self.payload.len() > max {
             return Err(OpenError::OPAQUE);
@@ -348,7 +366,8 @@ impl Authentic {
         let mut body = std::mem::take(&mut *self.body);
         body.truncate(self.payload.end);
         body.drain(..self.payload.start);
-        Ok(self.into_opened(body))
+        self.payload = 0..0;
+        Ok(body)
     }
 
     /// The opened message, with `payload` (what [`Opener::decompress`] returned for it).
@@ -1298,6 +1317,53 @@ mod tests {
             msg_id: MessageId([5; 16]),
             ts_ms: 1_700_000_000_000,
         }
+    }
+
+    /// An open worker takes an uncompressed payload out of the body itself: the same bytes
+    /// as `finish` hands over, under the same cap; a compressed one is left for `decompress`.
+    #[test]
+    fn an_uncompressed_payload_taken_early_is_what_finish_hands_over() {
+        let (mut rng, _tk, kr, id) = setup();
+        let topic = Topic::new("a/b").unwrap();
+        let key = kr.topic_key(&topic).unwrap();
+        let payload = b"seventeen bytes!!".repeat(9);
+        let mut sealer = Sealer::new();
+        let roots = SharedRoots::default();
+        let mut opener = Opener::new();
+        let plain_opts = SealOptions {
+            compression: Compression::None,
+            ..SealOptions::default()
+        };
+        let env = sealer
+            .seal(&key, &msg(&payload), &plain_opts, Some(&id), &mut rng)
+            .unwrap();
+        let auth = |o: &mut Opener, e: &Envelope| o.authenticate_shared(&kr, e, 0, false, &roots);
+        let mut a = auth(&mut opener, &env).unwrap();
+        assert!(!a.compressed());
+        let taken = a.take_payload_if_uncompressed(payload.len()).unwrap().unwrap();
+        assert_eq!(taken, payload);
+        assert!(a.stored().is_empty());
+        let again = auth(&mut opener, &env).unwrap();
+        let whole = opener.finish(&kr, again, usize::MAX).unwrap();
+        assert_eq!(a.into_opened(taken), whole);
+        // Over the cap: refused as `finish` refuses it.
+        let mut a = auth(&mut opener, &env).unwrap();
+        assert_eq!(
+            a.take_payload_if_uncompressed(payload.len() - 1),
+            Some(Err(OpenError::OPAQUE))
+        );
+        // Compressed: nothing taken, the body intact for `decompress`.
+        let zstd = SealOptions {
+            compression: Compression::Zstd(3),
+            ..SealOptions::default()
+        };
+        let env = sealer
+            .seal(&key, &msg(&payload), &zstd, Some(&id), &mut rng)
+            .unwrap();
+        let mut a = auth(&mut opener, &env).unwrap();
+        assert!(a.compressed());
+        assert_eq!(a.take_payload_if_uncompressed(usize::MAX), None);
+        assert_eq!(opener.decompress(&kr, &a, usize::MAX).unwrap(), payload);
     }
 
     #[test]
