@@ -621,6 +621,14 @@ export interface ClientStats {
    */
   heldForOrder: number;
   /**
+   * Messages a subscription lost because they were held back from it for another
+   * subscription of the connection (`heldBack`, `heldForOrder`) and were not sent again: a
+   * message the relay's store does not keep (a QoS 0 publish), held back while an
+   * at-least-once neighbour was paused (PROTOCOL §3.5.5). Each reaches that subscription's
+   * `onLag` (and its `lost`).
+   */
+  withheldLost: number;
+  /**
    * Batch-signed messages (PROTOCOL §4.14) whose batch signature was already verified:
    * each skipped one Ed25519 verification.
    */

@@ -9,13 +9,16 @@
 //! values that never move backwards, publisher policies) and counts refusals by reason.
 //! [`acks`] is the ack queue that keeps acks in relay-sequence order whatever the outcome.
 //! [`connection`] is the sans-IO connection engine both clients drive. [`batching`] holds
-//! prepared publishes until one batch signature covers them (PROTOCOL §4.14).
+//! prepared publishes until one batch signature covers them (PROTOCOL §4.14). `withheld`
+//! tracks messages held back from subscriptions that had room, so one that loses such a
+//! message hears of it.
 
 pub mod acks;
 pub mod batching;
 pub mod connection;
 pub mod jobs;
 pub mod receive;
+mod withheld;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -121,6 +124,11 @@ pub struct CoreStats {
     /// that reached the client for a neighbour while the relay had that subscription
     /// paused); the relay delivers them again, in order.
     pub held_for_order: u64,
+    /// Messages a subscription lost because they were held back from it for another one
+    /// (counted in `held_back` or `held_for_order`) and did not come again: a message the
+    /// store does not keep, held back while the relay had an at-least-once neighbour
+    /// paused. Each is reported to that subscription as dropped (its `Lagged`).
+    pub withheld_lost: u64,
     /// Payloads decompressed (or tried: one over the cap counts too), here or by an open
     /// job. Only messages delivered are decompressed after the receiver checks; an open job
     /// decompresses at once a payload within a small multiple of its envelope
@@ -867,6 +875,9 @@ pub struct ClientCore {
     /// §4.11). An entry goes with the copy (delivered to the durable) or the subscription;
     /// bounded by what `skipped` remembers.
     awaited: HashMap<receive::Digest, Vec<LocalSubId>>,
+    /// Messages held back from subscriptions that had room for them, until a copy reaches
+    /// them or it is known none will ([`withheld`]).
+    withheld: withheld::Withheld,
 }
 
 /// Takes `id` out of `awaited[d]`, dropping the entry once empty.
@@ -1065,6 +1076,7 @@ impl ClientCore {
             warned_dictionaries: Vec::new(),
             owed: Owed::default(),
             awaited: HashMap::new(),
+            withheld: withheld::Withheld::default(),
         }
     }
 
@@ -1525,11 +1537,10 @@ impl ClientCore {
     /// Only that relay subscription's key id: a subscription spanning epochs has one relay
     /// subscription per key id, and another of them may still be paused.
     pub fn lost_while_paused(&mut self, relay_id: u64) {
-        let Some(s) = self
-            .relay_to_local
-            .get(&relay_id)
-            .and_then(|id| self.subs.get_mut(id))
-        else {
+        let Some(&id) = self.relay_to_local.get(&relay_id) else {
+            return;
+        };
+        let Some(s) = self.subs.get_mut(&id) else {
             return;
         };
         let key = s
@@ -1540,12 +1551,34 @@ impl ClientCore {
             .map(|p| *p.key_id());
         if let Some(key) = key {
             s.behind.retain(|(k, _)| *k != key);
+            // What it alone held back from its neighbours is not coming again either.
+            self.withheld.cause_done(id, Some(key));
         }
+    }
+
+    /// Subscriptions that lost messages held back from them for another subscription
+    /// (its room or its order) that will not come again (`withheld`): (subscription, how
+    /// many) since the last call. The engine reports them as it reports messages dropped
+    /// for want of room.
+    pub fn take_withheld_lost(&mut self) -> Vec<(LocalSubId, u64)> {
+        if !self.withheld.has_lost() {
+            return Vec::new();
+        }
+        let lost = self.withheld.take_lost();
+        self.stats.withheld_lost += lost.iter().map(|(_, n)| n).sum::<u64>();
+        lost
+    }
+
+    /// The connection ended: what was held back on it does not come again on it (see
+    /// [`ClientCore::take_withheld_lost`]).
+    pub fn connection_lost(&mut self) {
+        self.withheld.connection_lost();
     }
 
     /// Drops a subscription; returns the `Unsub` frames.
     pub fn unsubscribe(&mut self, id: LocalSubId) -> Vec<Frame> {
         self.stop_awaiting(id);
+        self.withheld.forget(id);
         let Some(sub) = self.subs.remove(&id) else {
             return Vec::new();
         };
@@ -1673,16 +1706,32 @@ impl ClientCore {
         }
         // Order (PROTOCOL §3.5.5): one that awaits an earlier sequence the relay sends it
         // again does not take a later live copy another subscription could have been sent.
-        let waits = routed.iter().any(|id| self.waits_for_earlier(*id, msg));
-        let no_room = routed
-            .iter()
-            .any(|id| self.subs[id].opts.acking() && !room(*id));
-        if no_room || waits {
+        // The at-least-once subscriptions it is held back for (no room, or awaiting an
+        // earlier sequence); none nearly always (no allocation then).
+        let mut no_room = false;
+        let mut causes: Vec<LocalSubId> = Vec::new();
+        for id in &routed {
+            let full = self.subs[id].opts.acking() && !room(*id);
+            if full || self.waits_for_earlier(*id, msg) {
+                no_room |= full;
+                causes.push(*id);
+            }
+        }
+        if !causes.is_empty() {
             if no_room {
                 self.stats.held_back += 1;
             } else {
                 self.stats.held_for_order += 1;
             }
+            // Denied to the others with it: lost to them unless a copy comes again
+            // (`withheld`).
+            let denied = routed
+                .iter()
+                .filter(|id| !causes.contains(id))
+                .map(|id| (*id, self.subs[id].opts.acking()))
+                .collect::<Vec<_>>();
+            self.withheld
+                .hold(msg.seq, msg.envelope.key_id(), &causes, denied);
             // Not taken by any of them: each awaits it again, before later ones.
             for id in &routed {
                 if let Some(s) = self.subs.get_mut(id).filter(|s| s.opts.acking()) {
@@ -1704,6 +1753,9 @@ impl ClientCore {
             return Delivery::HeldBack;
         }
         let delivery = self.deliver(msg, opened, now_ms, room);
+        if !self.withheld.is_empty() {
+            self.withheld.handled(msg.seq, &routed);
+        }
         // Taken (or passed) by the at-least-once ones: what they awaited up to it came.
         for id in &routed {
             let Some(s) = self.subs.get(id) else { continue };

@@ -4,7 +4,7 @@
 //! them come from whoever published a message. `tracing-subscriber`'s fmt layer escapes
 //! only the `message` field: a named `%` field is written raw, so a topic holding
 //! `ESC ] 0 ; … BEL` or `\r\n WARN …` would retitle the terminal or forge log lines
-//! (security review F2/F3). Every such string the library logs goes through [`Printable`];
+//! (security review F2/F3). Every such string the library logs goes through `Printable`;
 //! the CLI prints through [`escape_hostile`] — one rule for both.
 
 use std::borrow::Cow;

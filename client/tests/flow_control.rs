@@ -436,6 +436,27 @@ async fn retained_values_beyond_the_credit_all_arrive_in_order() {
 /// never heard of them (only the client's statistics counted them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unstored_messages_a_paused_subscription_lost_reach_its_app_as_a_lag() {
+    unstored_messages_skipped_while_paused(false).await;
+}
+
+/// The same messages reach the connection for a QoS 0 neighbour on the same topics: the
+/// client holds each back from every subscription it was routed to while the QoS 1 one has
+/// no room (the relay sends that one its copy again, in order, from its store), so the
+/// neighbour gets nothing then; the stored one follows with the catch-up and reaches it,
+/// but the three the store does not keep never come again. The neighbour's app must hear
+/// of exactly those three (`ReceiveError::Lagged(3)`, `CoreStats::withheld_lost`), once the
+/// relay's `Gap` naming the paused subscription says its catch-up is over. Before, they
+/// were lost to it silently (counted only in `held_back`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstored_messages_held_back_from_a_qos0_neighbour_reach_its_app_as_a_lag() {
+    unstored_messages_skipped_while_paused(true).await;
+}
+
+/// A QoS 1 subscription of credit 1 on `t/#` (and, with `neighbour`, a QoS 0 one on the
+/// same connection), then one stored message, three live-only ones and one stored, all
+/// while the apps read nothing: each subscription gets the two stored ones, in order, and
+/// hears of the three others once.
+async fn unstored_messages_skipped_while_paused(neighbour: bool) {
     let relay = TestRelay::start().await;
     let t = tree("gap-named");
     let c = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
@@ -446,10 +467,18 @@ async fn unstored_messages_a_paused_subscription_lost_reach_its_app_as_a_lag() {
         )
         .await
         .unwrap();
+    let mut n = None;
+    if neighbour {
+        n = Some(
+            c.subscribe_with_options::<u32>("t/#", SubscribeOptions::new())
+                .await
+                .unwrap(),
+        );
+    }
     let p = tcp_client(&relay.tcp_url(), keyring_with(&t), identity()).await;
     // The first fills the credit (its PubAck follows its routing): the relay pauses the
     // subscription at the next one. Three live-only ones (acknowledged once routed), then
-    // a stored one, all while the app reads nothing.
+    // a stored one.
     let first = p
         .publish_with("t/x", &0u32, PublishOptions::at_least_once())
         .await
@@ -463,24 +492,46 @@ async fn unstored_messages_a_paused_subscription_lost_reach_its_app_as_a_lag() {
         .publish_with("t/x", &4u32, PublishOptions::at_least_once())
         .await
         .unwrap();
-    let (mut got, mut lost) = (Vec::new(), 0u64);
-    within("the stored two and the count of the others", async {
-        while got.len() < 2 || lost < 3 {
+    let stored = vec![(first, 0), (kept, 4)];
+    if n.is_some() {
+        // Held back from both (the QoS 1 subscription holds the first, untaken): all four.
+        until_stats(&c, "the four held back", |s| s.core.held_back >= 4).await;
+    }
+    assert_eq!(
+        take_with_lag(&mut s, 2, 3).await,
+        (stored.clone(), 3),
+        "the stored ones, in order; each unstored message skipped told once"
+    );
+    if let Some(n) = n.as_mut() {
+        assert_eq!(
+            take_with_lag(n, 2, 3).await,
+            (stored, 3),
+            "the stored one came back to the neighbour; each it lost told once"
+        );
+        assert_eq!(c.stats().core.withheld_lost, 3);
+    }
+    end(c, p, relay).await;
+}
+
+/// Takes messages and lag reports from `s` until it has `msgs` messages and `lost`
+/// reported lost: ((sequence, value) in order, the total reported).
+async fn take_with_lag(
+    s: &mut whispeer::Subscription<u32>,
+    msgs: usize,
+    lost: u64,
+) -> (Vec<(u64, u32)>, u64) {
+    let (mut got, mut told) = (Vec::new(), 0u64);
+    within("the messages and the lag", async {
+        while got.len() < msgs || told < lost {
             match s.next_message().await.expect("subscription open") {
                 Ok(m) => got.push((m.seq, m.value)),
-                Err(ReceiveError::Lagged(k)) => lost += k,
+                Err(ReceiveError::Lagged(k)) => told += k,
                 Err(e) => panic!("{e}"),
             }
         }
     })
     .await;
-    assert_eq!(
-        got,
-        vec![(first, 0), (kept, 4)],
-        "the stored ones, in order"
-    );
-    assert_eq!(lost, 3, "each unstored message skipped is told once");
-    end(c, p, relay).await;
+    (got, told)
 }
 
 /// What the order tests share: a relay with ack timeout `ack_ms`, a proxy holding the

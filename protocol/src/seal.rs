@@ -1340,7 +1340,10 @@ mod tests {
         let auth = |o: &mut Opener, e: &Envelope| o.authenticate_shared(&kr, e, 0, false, &roots);
         let mut a = auth(&mut opener, &env).unwrap();
         assert!(!a.compressed());
-        let taken = a.take_payload_if_uncompressed(payload.len()).unwrap().unwrap();
+        let taken = a
+            .take_payload_if_uncompressed(payload.len())
+            .unwrap()
+            .unwrap();
         assert_eq!(taken, payload);
         assert!(a.stored().is_empty());
         let again = auth(&mut opener, &env).unwrap();

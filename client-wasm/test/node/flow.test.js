@@ -167,3 +167,30 @@ test('a QoS 1 subscription the relay paused for credit hears of the live-only me
   await until(() => it.lost === 3);
   assert.deepEqual(lags, [3], 'each message lost is told once, to this subscription');
 });
+
+test('a QoS 0 neighbour of a paused QoS 1 subscription hears of the live-only messages held back from it', { timeout: 60_000 }, async () => {
+  // The same publishes with a QoS 0 subscription on the same topics on the same client:
+  // while the QoS 1 one has no room the client holds each message back from both (the
+  // relay sends the QoS 1 one its copy again from the store), so the neighbour gets the
+  // stored one with the catch-up, but the three the store does not keep never come again:
+  // its onLag must say 3 (PROTOCOL §3.5.5 "What a held-back message costs the others").
+  const tree = TreeKey.generate('gap-neighbour');
+  const sub = await connect(relay.url, { keys: tree });
+  const pub = await connect(relay.url, { keys: tree });
+  const lags = [];
+  const it = await sub.subscribe('g/#', { qos: 1, capacity: 1 });
+  const nb = await sub.subscribe('g/#', { onLag: (n) => lags.push(n) });
+  const first = await pub.publish('g/x', 0, { qos: 1 });
+  for (let i = 1; i < 4; i++) await pub.publish('g/x', i, { ack: true });
+  const kept = await pub.publish('g/x', 4, { qos: 1 });
+  await until(() => sub.stats().heldBack >= 4);
+  const a = (await it.next()).value;
+  const b = (await it.next()).value;
+  assert.deepEqual([[a.seq, a.value], [b.seq, b.value]], [[first, 0], [kept, 4]]);
+  const c = (await nb.next()).value;
+  const d = (await nb.next()).value;
+  assert.deepEqual([[c.seq, c.value], [d.seq, d.value]], [[first, 0], [kept, 4]], 'the stored one came back to it');
+  await until(() => nb.lost === 3);
+  assert.deepEqual(lags, [3], 'told once, to the neighbour');
+  assert.equal(sub.stats().withheldLost, 3);
+});

@@ -902,6 +902,19 @@ impl Engine {
         }
         self.acks.drop_sub(id);
         self.queue_acks();
+        // What it alone held back from its neighbours is not coming again.
+        self.report_withheld();
+    }
+
+    /// Tells each subscription of the messages held back from it for another one that will
+    /// not come again (`ClientCore::take_withheld_lost`), as messages dropped for it: the
+    /// application's `Lagged`.
+    fn report_withheld(&mut self) {
+        for (sub, n) in self.core.take_withheld_lost() {
+            if self.subs.contains_key(&sub) {
+                self.emit(Event::Dropped { sub, n });
+            }
+        }
     }
 
     /// Forgets durable subscription `sub`'s copy of message `d` in `slot`.
@@ -1294,6 +1307,7 @@ impl Engine {
                 let subs = match g.sub_id {
                     Some(rid) => {
                         self.core.lost_while_paused(rid);
+                        self.report_withheld();
                         self.core.local_for(rid).into_iter().collect()
                     }
                     None => self
@@ -1537,6 +1551,8 @@ impl Engine {
                 .is_some_and(|s| s.outstanding < s.capacity || acks.holds(id, m.seq) == 1)
         };
         let delivery = self.core.receive_opened(m, opened, now.unix_ms, &room);
+        // Past its bound the table counts its oldest entry lost at once.
+        self.report_withheld();
         let (msg, targets, held, digest) = match delivery {
             Delivery::Deliver {
                 msg,
@@ -1673,6 +1689,8 @@ impl Engine {
     fn lose(&mut self, reason: Disconnect, hangup: bool, mono: u64) {
         let Some(conn) = self.conn() else { return };
         self.clear_parked();
+        self.core.connection_lost();
+        self.report_withheld();
         for pid in self.out.lost() {
             let reason = PublishFailure::NotAcknowledged;
             self.emit(Event::PublishFailed { pid, reason });

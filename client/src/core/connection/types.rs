@@ -299,8 +299,10 @@ pub enum Event {
         /// The subscriptions that may have lost them.
         subs: Vec<LocalSubId>,
     },
-    /// At most once: `n` messages for `sub` were dropped because it had no credit left (the
-    /// app is not taking them). Counted in `slow_subscriber_drops`.
+    /// `n` messages for `sub` were dropped: at most once, because it had no credit left
+    /// (the app is not taking them; counted in `slow_subscriber_drops`); or, for any
+    /// subscription, because they were held back from it for another subscription on the
+    /// connection (its room or its order) and do not come again (`CoreStats::withheld_lost`).
     Dropped {
         /// The subscription.
         sub: LocalSubId,

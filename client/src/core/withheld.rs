@@ -1,0 +1,263 @@
+//! Messages held back from subscriptions that had room for them: what they lose, and when
+//! to tell them.
+//!
+//! The client core holds a message back from every subscription the relay routed it to when
+//! an at-least-once one of them has no room or awaits an earlier sequence (PROTOCOL §3.5.5
+//! "Order"; `Delivery::HeldBack`): nothing is delivered or acknowledged, so the relay sends
+//! it again — to the subscription that caused it, from its store, once the relay resumes
+//! it. Its neighbours on the connection that were *denied* the message with it get that
+//! copy too when it is live-kind; but a message the store does not keep (a QoS 0 publish on
+//! a relay that keeps QoS 0 live-only) never comes again, and a neighbour that does not
+//! acknowledge has no redelivery of its own. Without this table such a neighbour lost the
+//! message and its application never heard of it (only `CoreStats::held_back` /
+//! `held_for_order` counted the hold).
+//!
+//! An entry lives from the hold until every subscription it was denied to handled a later
+//! copy of its sequence (delivered, refused or a placeholder: no longer lost to it), or
+//! until the catch-up of every subscription that caused it ended — the relay's `Gap`
+//! naming that subscription comes after the catch-up's last message (§3.3.11), or the
+//! subscription went away — at which point the sequence is not coming again and each
+//! subscription still denied it has lost it ([`Withheld::take_lost`]: the engine reports
+//! them as `Event::Dropped`, the application's `Lagged`). A relay that resumes a
+//! subscription without a named `Gap` (nothing it skipped was unstored) sends every skipped
+//! message again, which settles its entries. Bounded: past [`MAX_WITHHELD`] sequences the
+//! oldest is counted lost at once.
+
+use std::collections::BTreeMap;
+
+use whispeer_protocol::KeyId;
+
+use super::LocalSubId;
+
+/// Most held-back sequences tracked (~100 bytes each); past it the oldest counts as lost
+/// to the subscriptions it was denied to. An honest relay sends a paused subscription's
+/// connection no more than its neighbours' live messages meanwhile.
+pub(crate) const MAX_WITHHELD: usize = if cfg!(test) { 8 } else { 4096 };
+
+#[derive(Debug)]
+struct Entry {
+    /// The key id of the envelope (a named `Gap` ends one relay subscription: one key id).
+    key: KeyId,
+    /// The at-least-once subscriptions it was held back for (no room, or awaiting an
+    /// earlier sequence).
+    causes: Vec<LocalSubId>,
+    /// The other subscriptions the relay routed it to, not handed a copy since.
+    denied: Vec<LocalSubId>,
+    /// Whether each of `denied` acknowledges (reported lost on a reconnect only if not:
+    /// the relay may still redeliver to one that acknowledges).
+    acking: Vec<bool>,
+}
+
+/// The table (see the module docs).
+#[derive(Debug, Default)]
+pub(crate) struct Withheld {
+    by_seq: BTreeMap<u64, Entry>,
+    /// Losses found and not yet taken, per subscription.
+    lost: BTreeMap<LocalSubId, u64>,
+}
+
+impl Withheld {
+    /// Nothing tracked (the per-message check is then one branch).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.by_seq.is_empty()
+    }
+
+    /// Sequence `seq` (key id `key`) was held back for `causes`; `denied` (with whether
+    /// each acknowledges) were routed it too and got nothing.
+    pub(crate) fn hold(
+        &mut self,
+        seq: u64,
+        key: KeyId,
+        causes: &[LocalSubId],
+        denied: impl IntoIterator<Item = (LocalSubId, bool)>,
+    ) {
+        let mut denied = denied.into_iter().peekable();
+        if seq == 0 || (denied.peek().is_none() && !self.by_seq.contains_key(&seq)) {
+            return;
+        }
+        let e = self.by_seq.entry(seq).or_insert_with(|| Entry {
+            key,
+            causes: Vec::new(),
+            denied: Vec::new(),
+            acking: Vec::new(),
+        });
+        for c in causes {
+            if !e.causes.contains(c) {
+                e.causes.push(*c);
+            }
+            // Held back for it now: its own copy is what it awaits.
+            if let Some(i) = e.denied.iter().position(|d| d == c) {
+                e.denied.swap_remove(i);
+                e.acking.swap_remove(i);
+            }
+        }
+        for (d, acking) in denied {
+            if !e.denied.contains(&d) && !e.causes.contains(&d) {
+                e.denied.push(d);
+                e.acking.push(acking);
+            }
+        }
+        if e.denied.is_empty() {
+            self.by_seq.remove(&seq);
+        }
+        while self.by_seq.len() > MAX_WITHHELD {
+            if let Some((_, e)) = self.by_seq.pop_first() {
+                self.count_lost(&e.denied);
+            }
+        }
+    }
+
+    /// A later copy of `seq` was handled for `routed` (not held back): no longer lost to
+    /// them.
+    pub(crate) fn handled(&mut self, seq: u64, routed: &[LocalSubId]) {
+        let Some(e) = self.by_seq.get_mut(&seq) else {
+            return;
+        };
+        let mut i = 0;
+        while i < e.denied.len() {
+            if routed.contains(&e.denied[i]) {
+                e.denied.swap_remove(i);
+                e.acking.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        if e.denied.is_empty() {
+            self.by_seq.remove(&seq);
+        }
+    }
+
+    /// The relay ended the catch-up of subscription `cause` for key id `key` (its named
+    /// `Gap`), or `cause` went away (`key` `None`: every key id): what it alone held back
+    /// is not coming again.
+    pub(crate) fn cause_done(&mut self, cause: LocalSubId, key: Option<KeyId>) {
+        let mut done = Vec::new();
+        for (seq, e) in &mut self.by_seq {
+            if key.is_some_and(|k| k != e.key) {
+                continue;
+            }
+            e.causes.retain(|c| *c != cause);
+            if e.causes.is_empty() {
+                done.push(*seq);
+            }
+        }
+        for seq in done {
+            if let Some(e) = self.by_seq.remove(&seq) {
+                self.count_lost(&e.denied);
+            }
+        }
+    }
+
+    /// Subscription `id` is gone: nothing more is lost to it, and what it alone caused is
+    /// lost to the others.
+    pub(crate) fn forget(&mut self, id: LocalSubId) {
+        self.lost.remove(&id);
+        self.handled_everywhere(id);
+        self.cause_done(id, None);
+    }
+
+    /// The connection ended: nothing held back on it comes again on it. Lost to the
+    /// subscriptions that do not acknowledge; one that does may still be sent it again (a
+    /// durable's resume), so it is not told.
+    pub(crate) fn connection_lost(&mut self) {
+        for (_, e) in std::mem::take(&mut self.by_seq) {
+            for (d, acking) in e.denied.iter().zip(&e.acking) {
+                if !acking {
+                    *self.lost.entry(*d).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// Whether losses are waiting for [`Withheld::take_lost`].
+    pub(crate) fn has_lost(&self) -> bool {
+        !self.lost.is_empty()
+    }
+
+    /// Losses found since the last call: (subscription, how many).
+    pub(crate) fn take_lost(&mut self) -> Vec<(LocalSubId, u64)> {
+        std::mem::take(&mut self.lost).into_iter().collect()
+    }
+
+    fn handled_everywhere(&mut self, id: LocalSubId) {
+        let seqs: Vec<u64> = self.by_seq.keys().copied().collect();
+        for seq in seqs {
+            self.handled(seq, &[id]);
+        }
+    }
+
+    fn count_lost(&mut self, denied: &[LocalSubId]) {
+        for d in denied {
+            *self.lost.entry(*d).or_default() += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K: KeyId = KeyId::from_bytes([1; 16]);
+    const K2: KeyId = KeyId::from_bytes([2; 16]);
+
+    fn denied(ids: &[LocalSubId]) -> Vec<(LocalSubId, bool)> {
+        ids.iter().map(|i| (*i, false)).collect()
+    }
+
+    /// Held back for 1, denied to 2: a later copy handled for 2 settles it; otherwise the
+    /// end of 1's catch-up makes it a loss of 2's.
+    #[test]
+    fn a_denied_subscription_loses_what_the_catch_up_did_not_bring() {
+        let mut w = Withheld::default();
+        w.hold(5, K, &[1], denied(&[2]));
+        w.hold(6, K, &[1], denied(&[2]));
+        w.hold(7, K, &[1], denied(&[2, 3]));
+        // The catch-up's copy of 5 reached 2; 7 reached 3 only.
+        w.handled(5, &[1, 2]);
+        w.handled(7, &[1, 3]);
+        assert!(w.take_lost().is_empty());
+        w.cause_done(1, Some(K));
+        assert_eq!(w.take_lost(), vec![(2, 2)], "6 and 7 never reached 2");
+        assert!(w.is_empty());
+    }
+
+    /// Two causes: lost only once both catch-ups ended; another key id's end changes
+    /// nothing.
+    #[test]
+    fn every_cause_must_end_and_only_for_its_key_id() {
+        let mut w = Withheld::default();
+        w.hold(5, K, &[1], denied(&[3]));
+        w.hold(5, K, &[2], denied(&[3]));
+        w.cause_done(1, Some(K2));
+        w.cause_done(1, Some(K));
+        assert!(w.take_lost().is_empty(), "2 may still bring it");
+        w.cause_done(2, Some(K));
+        assert_eq!(w.take_lost(), vec![(3, 1)]);
+    }
+
+    /// A subscription held back for itself later is not denied; one that goes away is
+    /// told nothing and ends what it caused; a reconnect tells only those that do not
+    /// acknowledge; past the bound the oldest is lost at once; sequence 0 is never tracked.
+    #[test]
+    fn causes_gone_subscriptions_reconnects_and_the_bound() {
+        let mut w = Withheld::default();
+        w.hold(5, K, &[1], denied(&[2]));
+        w.hold(5, K, &[2], std::iter::empty());
+        w.cause_done(1, Some(K));
+        assert!(w.take_lost().is_empty(), "2 awaits its own copy now");
+        w.hold(6, K, &[1], denied(&[2, 3]));
+        w.forget(2);
+        w.forget(1);
+        assert_eq!(w.take_lost(), vec![(3, 1)]);
+        w.hold(7, K, &[1], vec![(2, false), (3, true)]);
+        w.connection_lost();
+        assert_eq!(w.take_lost(), vec![(2, 1)]);
+        w.hold(0, K, &[1], denied(&[2]));
+        assert!(w.is_empty());
+        for seq in 1..=MAX_WITHHELD as u64 + 2 {
+            w.hold(seq, K, &[1], denied(&[2]));
+        }
+        assert_eq!(w.take_lost(), vec![(2, 2)], "the two oldest");
+        assert_eq!(w.by_seq.len(), MAX_WITHHELD);
+    }
+}
