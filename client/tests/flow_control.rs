@@ -657,6 +657,9 @@ async fn skipped_messages_come_before_a_neighbours_later_live_copies(neighbour: 
         .await
         .unwrap();
     assert_eq!(take_n(&mut s, 1).await, [(seq, 6)]);
+    // Every message held back from the neighbour came again (all stored): none reported
+    // lost to it.
+    assert_eq!(c.stats().core.withheld_lost, 0);
     end(c, p, relay).await;
 }
 
@@ -734,6 +737,7 @@ async fn a_paused_subscription_beside_a_narrower_neighbour_gets_everything_in_or
         ));
     }
     assert_eq!(take_n(&mut s, 2).await, live, "live again");
+    assert_eq!(c.stats().core.withheld_lost, 0, "all stored: none lost");
     end(c, p, relay).await;
 }
 
