@@ -880,6 +880,14 @@ pub struct ClientCore {
     withheld: withheld::Withheld,
 }
 
+/// Whether `msg` is a redelivered copy of the live kind (`REDELIVERED` alone, no `sub_id`):
+/// it goes only to the subscriptions that take one ([`LocalSub::takes_redelivered`]).
+fn is_redelivery(msg: &Msg) -> bool {
+    msg.sub_id.is_none()
+        && msg.flags & frame::msg_flags::REDELIVERED != 0
+        && msg.flags & (frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED) == 0
+}
+
 /// Takes `id` out of `awaited[d]`, dropping the entry once empty.
 fn unawait(
     awaited: &mut HashMap<receive::Digest, Vec<LocalSubId>>,
@@ -1754,7 +1762,17 @@ impl ClientCore {
         }
         let delivery = self.deliver(msg, opened, now_ms, room);
         if !self.withheld.is_empty() {
-            self.withheld.handled(msg.seq, &routed);
+            // Reached by this copy: those it was routed to, but a redelivered copy only
+            // those that take one (as `deliver` decides).
+            let redelivery = is_redelivery(msg);
+            let reached: Vec<LocalSubId> = routed
+                .iter()
+                .copied()
+                .filter(|id| {
+                    !redelivery || self.subs.get(id).is_some_and(|s| s.takes_redelivered(msg))
+                })
+                .collect();
+            self.withheld.handled(msg.seq, &reached);
         }
         // Taken (or passed) by the at-least-once ones: what they awaited up to it came.
         for id in &routed {
@@ -1891,9 +1909,7 @@ impl ClientCore {
         // A redelivered copy goes only to the subscriptions it may be of (a live-only one
         // gets none from before it started). Still routed to the others, so each passes it
         // as a placeholder and acks it as before (PROTOCOL §3.5.5 "Redelivered copies").
-        let redelivery = msg.sub_id.is_none()
-            && msg.flags & frame::msg_flags::REDELIVERED != 0
-            && msg.flags & (frame::msg_flags::REPLAYED | frame::msg_flags::RETAINED) == 0;
+        let redelivery = is_redelivery(msg);
         let matched: Vec<LocalSubId> = self
             .subs
             .iter()
