@@ -1719,7 +1719,12 @@ impl ClientCore {
         let mut no_room = false;
         let mut causes: Vec<LocalSubId> = Vec::new();
         for id in &routed {
-            let full = self.subs[id].opts.acking() && !room(*id);
+            // An unnumbered message (sequence 0: live-only with the cluster's JetStream
+            // store) is never held back for want of room: nothing would send it again (the
+            // relay tracks nothing for it), so holding it back only lost it for every
+            // subscription it was routed to. One without room passes it as a drop instead,
+            // told like an at-most-once subscription's (`deliver`'s `lagged`).
+            let full = msg.seq > 0 && self.subs[id].opts.acking() && !room(*id);
             if full || self.waits_for_earlier(*id, msg) {
                 no_room |= full;
                 causes.push(*id);
@@ -3026,6 +3031,33 @@ mod tests {
             vec![(1, Some(FromSeq(10)), false), (2, Some(FromSeq(12)), false)],
             "what was held back is asked for again"
         );
+    }
+
+    /// An unnumbered message (sequence 0: nothing sends it again) is never held back for
+    /// want of room: an at-least-once subscription without room passes it as a drop
+    /// (`lagged`), and an at-most-once neighbour with room gets it.
+    #[test]
+    fn an_unnumbered_message_is_not_held_back_for_want_of_room() {
+        let (kr, mut rng) = one_tree(23);
+        let mut core = ClientCore::new(kr.clone());
+        let f = |s: &str| TopicFilter::new(s).unwrap();
+        core.subscribe(1, f("a/#"), Qos::AtLeastOnce, NOW).unwrap();
+        core.subscribe(2, f("a/#"), Qos::AtMostOnce, NOW).unwrap();
+        let env = sealed(&kr, &mut rng, "a/x", b"\x01");
+        let only_2 = |id: LocalSubId| id == 2;
+        match core.receive_with(&at(&env, 0), NOW, &only_2) {
+            Delivery::Deliver {
+                targets, lagged, ..
+            } => assert_eq!((targets, lagged), (vec![2], vec![1])),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(core.stats().held_back, 0);
+        // Numbered, it is held back from both (the relay sends it again).
+        let env = sealed(&kr, &mut rng, "a/y", b"\x02");
+        assert!(matches!(
+            core.receive_with(&at(&env, 7), NOW, &only_2),
+            Delivery::HeldBack
+        ));
     }
 
     /// Review of 01c8fde (F1): the acks owed to a subscription whose live messages the

@@ -698,3 +698,64 @@ async fn a_scheme_less_relay_address_off_loopback_is_refused_not_plaintext() {
         );
     }
 }
+
+/// With the cluster's JetStream store a QoS 0 publish is live-only and *unnumbered*
+/// (sequence 0): nothing tracks it for a QoS 1 subscription, so nothing sends it again. A
+/// QoS 1 subscription of capacity 2 whose app reads nothing, beside a QoS 0 one on the same
+/// topic and connection, gets six such messages: the client must not hold the four beyond
+/// the capacity back from both (it did, for want of the QoS 1 one's room: the QoS 0 one
+/// lost them and neither app heard of it). The QoS 0 subscription gets all six; the QoS 1
+/// one its two and a lag of four.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnumbered_messages_beyond_a_qos1_subscriptions_room_reach_its_qos0_neighbour() {
+    let Some(nats) = nats::NatsCluster::start(3) else {
+        eprintln!("nats-server not installed (apt-get install -y nats-server): skipped");
+        return;
+    };
+    let args = nats::jetstream_relay_args(&nats.urls(), "unnumbered");
+    let relay = start_relay_binary(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let t = tree("unnumbered");
+    let c = client(&[relay.tcp_url()], keyring_with(&t)).await.unwrap();
+    let mut s = c
+        .subscribe_with_options::<u32>(
+            "u/#",
+            SubscribeOptions::new().qos(Qos::AtLeastOnce).capacity(2),
+        )
+        .await
+        .unwrap();
+    let mut n = c
+        .subscribe_with_options::<u32>("u/#", SubscribeOptions::new())
+        .await
+        .unwrap();
+    let p = client(&[relay.tcp_url()], keyring_with(&t)).await.unwrap();
+    for i in 0..6u32 {
+        // Acknowledged once routed: each reaches the subscriber's connection in order.
+        let seq = p
+            .publish_with("u/x", &i, PublishOptions::default().ack())
+            .await
+            .unwrap();
+        assert_eq!(seq, 0, "live-only QoS 0 is unnumbered with JetStream");
+    }
+    let mut got = Vec::new();
+    within("the neighbour gets all six", async {
+        while got.len() < 6 {
+            got.push(n.next_message().await.unwrap().unwrap().value);
+        }
+    })
+    .await;
+    assert_eq!(got, (0..6).collect::<Vec<_>>());
+    let (mut took, mut lost) = (Vec::new(), 0u64);
+    within("the QoS 1 one's two and its lag", async {
+        while took.len() < 2 || lost < 4 {
+            match s.next_message().await.unwrap() {
+                Ok(m) => took.push(m.value),
+                Err(whispeer::ReceiveError::Lagged(k)) => lost += k,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!((took, lost), (vec![0, 1], 4));
+    c.close().await;
+    p.close().await;
+}

@@ -299,8 +299,9 @@ pub enum Event {
         /// The subscriptions that may have lost them.
         subs: Vec<LocalSubId>,
     },
-    /// `n` messages for `sub` were dropped: at most once, because it had no credit left
-    /// (the app is not taking them; counted in `slow_subscriber_drops`); or, for any
+    /// `n` messages for `sub` were dropped: because it had no credit left (the app is not
+    /// taking them; counted in `slow_subscriber_drops`) — at most once, or at least once
+    /// for an unnumbered message (sequence 0, which nothing sends again); or, for any
     /// subscription, because they were held back from it for another subscription on the
     /// connection (its room or its order) and do not come again (`CoreStats::withheld_lost`).
     Dropped {
