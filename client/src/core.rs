@@ -206,6 +206,12 @@ struct LocalSub {
     /// its own ([`LocalSub::takes_redelivered`]). Normally empty (a relay keeps to the
     /// credit); at most [`MAX_GOT`].
     held_retained: std::collections::HashSet<u64>,
+    /// An unnumbered `Msg` (sequence 0: live-only with the cluster's JetStream store) was
+    /// routed to it on this connection: the relay tracks nothing for those, and drops them
+    /// from a full queue like QoS 0 messages, counting them in the connection's `Gap` — one
+    /// that then is this subscription's to hear even if it acknowledges
+    /// ([`ClientCore::hears_connection_gaps`]).
+    unnumbered: bool,
     /// The highest relay sequence delivered to this subscription (0: none yet).
     last_seq: u64,
     /// Per key id: the highest relay sequence handled for this subscription, or the
@@ -1453,6 +1459,7 @@ impl ClientCore {
                 starts: Vec::new(),
                 behind: Default::default(),
                 held_retained: Default::default(),
+                unnumbered: false,
                 last_seq: 0,
                 positions: HashMap::new(),
                 got,
@@ -1536,6 +1543,17 @@ impl ClientCore {
         self.relay_to_local.get(&relay_id).copied()
     }
 
+    /// Whether a `Gap` for the whole connection (no `sub_id`) may count messages subscription
+    /// `id` lost: one that does not acknowledge, or one that was routed an unnumbered
+    /// message on this connection (the relay drops those from a full queue whatever the
+    /// subscription's QoS). An acknowledging subscription otherwise loses messages only
+    /// while paused, which a `Gap` naming it reports.
+    pub fn hears_connection_gaps(&self, id: LocalSubId) -> bool {
+        self.subs
+            .get(&id)
+            .is_some_and(|s| !s.opts.acking() || s.unnumbered)
+    }
+
     /// A `Gap` named relay subscription `relay_id` (PROTOCOL §3.3.11 key 2): the relay's
     /// catch-up of what it skipped while that subscription was paused has ended, and it
     /// sent every skipped message its store kept before this `Gap`. What the subscription
@@ -1605,6 +1623,9 @@ impl ClientCore {
     /// After a reconnect (or a key change): `Sub` frames for every subscription, recompiled
     /// against the keyring as it is now (new epochs included).
     pub fn resubscribe_all(&mut self, now_ms: u64) -> Vec<Frame> {
+        for s in self.subs.values_mut() {
+            s.unnumbered = false; // per connection
+        }
         let ids: Vec<LocalSubId> = self.subs.keys().copied().collect();
         ids.into_iter()
             .flat_map(|id| self.sub_frames(id, now_ms))
@@ -1689,6 +1710,13 @@ impl ClientCore {
             self.stats.decompressed += 1; // by the open job
         }
         let routed = self.routed(msg);
+        if msg.seq == 0 {
+            for id in &routed {
+                if let Some(s) = self.subs.get_mut(id) {
+                    s.unnumbered = true;
+                }
+            }
+        }
         {
             // Not theirs yet: the relay's copy follows their history (`LocalSub::held`).
             // Remembered at first sight, whatever becomes of it: what bounds the acks owed

@@ -1913,6 +1913,63 @@ fn slow_consumer_qos0_drops_qos1_holds_back_and_placeholders_keep_order() {
     play("slow consumer", || Sim::new(|c| c.sub_capacity = 2), &steps);
 }
 
+/// With the cluster's JetStream store a QoS 0 publish is unnumbered (sequence 0): the relay
+/// tracks nothing for it, and drops it from a connection's full queue as it drops QoS 0
+/// messages, whatever the subscription's QoS, counting it in a `Gap` for the whole
+/// connection (relay test `cluster_jetstream::unnumbered_messages_to_a_stalled_qos1_subscriber_are_bounded_by_its_queue`).
+/// Such a count reaches an acknowledging subscription that was routed an unnumbered
+/// message on the connection; one that got only numbered messages loses messages only
+/// while paused (told by a `Gap` naming it) and does not get it. Before, no acknowledging
+/// subscription did, so one fed unnumbered messages lost them without hearing of it.
+#[test]
+fn a_connection_gap_reaches_an_acknowledging_subscription_that_was_sent_unnumbered_messages() {
+    let mut steps = connected_with(live_sub(1, "u/#", qos1()));
+    steps.extend(live_sub(2, "n/#", qos1()));
+    steps.extend([
+        Seal {
+            name: "u1",
+            topic: "u/a",
+        },
+        Seal {
+            name: "n1",
+            topic: "n/a",
+        },
+        Deliver {
+            msg: "n1",
+            seq: 5,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "n1" }),
+        Relay(Frame::Gap(Gap {
+            dropped: 2,
+            sub_id: None,
+        })),
+        ExpectEvent(Ev::Gap {
+            dropped: 2,
+            subs: vec![],
+        }),
+        Deliver {
+            msg: "u1",
+            seq: 0,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "u1" }),
+        Relay(Frame::Gap(Gap {
+            dropped: 3,
+            sub_id: None,
+        })),
+        ExpectEvent(Ev::Gap {
+            dropped: 3,
+            subs: vec![1],
+        }),
+    ]);
+    play(
+        "unnumbered, then a connection Gap",
+        || Sim::new(|_| {}),
+        &steps,
+    );
+}
+
 /// An unopenable envelope between two taken ones: its ack leaves with its neighbours, in
 /// relay order, whether the driver acks placeholders at once or passes them through the
 /// subscription's channel.

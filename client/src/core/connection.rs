@@ -1302,8 +1302,9 @@ impl Engine {
                 self.core.on_gap(g.dropped);
                 // Naming a subscription: its own loss (skipped while the relay had it paused
                 // and not kept by the store), acknowledging or not. Otherwise a count for
-                // the connection, which only subscriptions that do not acknowledge can have
-                // lost to: theirs to hear.
+                // the connection, which only subscriptions that do not acknowledge — or
+                // that were routed unnumbered messages, which the relay drops alike — can
+                // have lost to: theirs to hear.
                 let subs = match g.sub_id {
                     Some(rid) => {
                         self.core.lost_while_paused(rid);
@@ -1312,9 +1313,9 @@ impl Engine {
                     }
                     None => self
                         .subs
-                        .iter()
-                        .filter(|(_, s)| !s.acking)
-                        .map(|(id, _)| *id)
+                        .keys()
+                        .copied()
+                        .filter(|id| self.core.hears_connection_gaps(*id))
                         .collect(),
                 };
                 self.emit(Event::Gap {
