@@ -1934,35 +1934,23 @@ fn a_connection_gap_reaches_an_acknowledging_subscription_that_was_sent_unnumber
             name: "n1",
             topic: "n/a",
         },
-        Deliver {
-            msg: "n1",
-            seq: 5,
-            flags: 0,
-        },
-        ExpectEvent(Ev::Message { sub: 2, msg: "n1" }),
-        Relay(Frame::Gap(Gap {
-            dropped: 2,
-            sub_id: None,
-        })),
-        ExpectEvent(Ev::Gap {
-            dropped: 2,
-            subs: vec![],
-        }),
-        Deliver {
-            msg: "u1",
-            seq: 0,
-            flags: 0,
-        },
-        ExpectEvent(Ev::Message { sub: 1, msg: "u1" }),
-        Relay(Frame::Gap(Gap {
-            dropped: 3,
-            sub_id: None,
-        })),
-        ExpectEvent(Ev::Gap {
-            dropped: 3,
-            subs: vec![1],
-        }),
     ]);
+    // A numbered message to subscription 2, then a connection Gap: not 2's to hear; an
+    // unnumbered one to subscription 1, then another: 1's.
+    for (msg, seq, sub, dropped, heard) in [("n1", 5, 2, 2, vec![]), ("u1", 0, 1, 3, vec![1])] {
+        steps.extend([
+            Deliver { msg, seq, flags: 0 },
+            ExpectEvent(Ev::Message { sub, msg }),
+            Relay(Frame::Gap(Gap {
+                dropped,
+                sub_id: None,
+            })),
+            ExpectEvent(Ev::Gap {
+                dropped,
+                subs: heard,
+            }),
+        ]);
+    }
     play(
         "unnumbered, then a connection Gap",
         || Sim::new(|_| {}),
