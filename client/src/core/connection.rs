@@ -1552,8 +1552,6 @@ impl Engine {
                 .is_some_and(|s| s.outstanding < s.capacity || acks.holds(id, m.seq) == 1)
         };
         let delivery = self.core.receive_opened(m, opened, now.unix_ms, &room);
-        // Past its bound the table counts its oldest entry lost at once.
-        self.report_withheld();
         let (msg, targets, held, digest) = match delivery {
             Delivery::Deliver {
                 msg,
