@@ -665,7 +665,11 @@ export interface ClientStats {
     marksEvicted: number;
   };
   reconnects: number;
-  /** At most once: messages dropped because a subscription had no credit left. */
+  /**
+   * Messages dropped because a subscription had no credit left: at most once, or — for
+   * any subscription — an unnumbered message (live-only with the cluster's JetStream
+   * store, which nothing sends again).
+   */
   slowSubscriberDrops: number;
   /** QoS 0 publishes refused (reconnect buffer full) or never sent (closed). */
   outboxDrops: number;

@@ -146,7 +146,9 @@ pub struct Message<T> {
 pub struct ClientStats {
     /// From the core: delivered, rejected (could not open), duplicates, relay gaps.
     pub core: CoreStats,
-    /// Messages dropped because a subscription's buffer was full (the app is too slow).
+    /// Messages dropped because a subscription's buffer was full (the app is too slow): at
+    /// most once, or an unnumbered message (live-only with the cluster's JetStream store,
+    /// which nothing sends again) for any subscription.
     pub slow_subscriber_drops: u64,
     /// QoS 0 publishes (without [`PublishOptions::ack`]) dropped without being sent:
     /// the reconnect buffer was full, the publish is over the relay's `max_frame`, or the
