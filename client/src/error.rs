@@ -175,8 +175,13 @@ pub enum ReceiveError {
         #[source]
         source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
     },
-    /// At most once: this many messages were lost before the next one (the subscription's
-    /// buffer was full, or the relay dropped them for a slow consumer). The stream goes on.
+    /// This many messages were lost before the next one; the stream goes on. At most once:
+    /// the subscription's buffer was full, or the relay dropped them for a slow consumer.
+    /// Any subscription: messages the relay's store did not keep, skipped while the relay
+    /// had it paused (a `Gap` naming it); messages held back from it for another
+    /// subscription of the connection that never came again (`CoreStats::withheld_lost`);
+    /// unnumbered messages (live-only with the cluster's JetStream store) it had no room
+    /// for or the relay dropped (PROTOCOL §3.3.11, §3.5.5, §4.11).
     #[error("subscription fell behind: {0} messages lost")]
     Lagged(u64),
     /// The relay ended this subscription: a durable subscription was refused on a resume
