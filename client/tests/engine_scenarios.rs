@@ -1958,6 +1958,61 @@ fn a_connection_gap_reaches_an_acknowledging_subscription_that_was_sent_unnumber
     );
 }
 
+/// An unnumbered message (sequence 0) a QoS 1 subscription has no room for is a drop for
+/// it and goes to its QoS 0 neighbour — never held back from both (nothing sends it
+/// again). Reported to the QoS 1 one as `Dropped` unless it holds its whole credit of
+/// numbered messages: then the relay has it paused, skipped it itself and counts it in the
+/// `Gap` naming it, so the client's report would count it twice.
+#[test]
+fn an_unnumbered_message_without_room_is_dropped_once_and_reaches_the_neighbour() {
+    let mut steps = connected_with(live_sub(1, "u/#", qos1()));
+    steps.extend(live_sub(2, "u/#", SubscribeOptions::new().capacity(16)));
+    for (name, topic) in [("o1", "u/o"), ("u1", "u/a"), ("u2", "u/b"), ("u3", "u/c")] {
+        steps.push(Seal { name, topic });
+    }
+    steps.extend([
+        // A numbered one fills subscription 1's credit of 1: the relay pauses it.
+        Deliver {
+            msg: "o1",
+            seq: 10,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "o1" }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "o1" }),
+        // Sent for the neighbour: no report for 1 (the relay's Gap tells it).
+        Deliver {
+            msg: "u1",
+            seq: 0,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 2, msg: "u1" }),
+        ExpectNoEvent,
+        // Taken: room again; an unnumbered one fills it (the relay tracks none of them).
+        Take(1),
+        Deliver {
+            msg: "u2",
+            seq: 0,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Message { sub: 1, msg: "u2" }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "u2" }),
+        // No room, and not paused at the relay: the client's own drop, told.
+        Deliver {
+            msg: "u3",
+            seq: 0,
+            flags: 0,
+        },
+        ExpectEvent(Ev::Dropped { sub: 1, n: 1 }),
+        ExpectEvent(Ev::Message { sub: 2, msg: "u3" }),
+        ExpectStat(Stat::SlowSubscriberDrops, 1),
+    ]);
+    play(
+        "unnumbered without room",
+        || Sim::new(|c| c.sub_capacity = 1),
+        &steps,
+    );
+}
+
 /// An unopenable envelope between two taken ones: its ack leaves with its neighbours, in
 /// relay order, whether the driver acks placeholders at once or passes them through the
 /// subscription's channel.

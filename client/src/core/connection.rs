@@ -85,6 +85,9 @@ struct SubState {
     capacity: u64,
     /// Delivered (messages and placeholders) and not yet taken.
     outstanding: u64,
+    /// Of those, the numbered ones with a slot to take (at least once): each unacknowledged
+    /// at the relay, so at `capacity` (its `Sub.credit`) the relay has it paused.
+    numbered: u64,
     /// Relay subscriptions still waiting for `SubOk` (`None`: confirmed).
     waiting: Option<BTreeSet<u64>>,
     /// Messages handed to it and not taken yet, by slot: held ones
@@ -827,6 +830,7 @@ impl Engine {
                 acking,
                 capacity,
                 outstanding: 0,
+                numbered: 0,
                 waiting: Some(waiting),
                 untaken: HashMap::new(),
                 durable,
@@ -933,6 +937,9 @@ impl Engine {
         let mut taken = None;
         if let Some(s) = self.subs.get_mut(&token.sub) {
             s.outstanding = s.outstanding.saturating_sub(1);
+            if token.slot.is_some() {
+                s.numbered = s.numbered.saturating_sub(1);
+            }
             if let Some(slot) = token.slot {
                 if let Some((d, _)) = s.untaken.remove(&slot) {
                     self.core.dedup_taken(d, s.durable.as_deref());
@@ -1561,8 +1568,19 @@ impl Engine {
                 digest,
             } => {
                 for sub in lagged {
-                    self.stats.slow_subscriber_drops += 1;
-                    self.emit(Event::Dropped { sub, n: 1 });
+                    // An unnumbered message for an at-least-once subscription holding its
+                    // whole credit of numbered ones: the relay has it paused, skipped it
+                    // and counts it in the Gap naming it (sent when it resumes) — told
+                    // there, not twice.
+                    let paused = m.seq == 0
+                        && self
+                            .subs
+                            .get(&sub)
+                            .is_some_and(|s| s.acking && s.numbered >= s.capacity);
+                    if !paused {
+                        self.stats.slow_subscriber_drops += 1;
+                        self.emit(Event::Dropped { sub, n: 1 });
+                    }
                 }
                 (Some(msg), targets, held, digest)
             }
@@ -1628,6 +1646,7 @@ impl Engine {
             }
             if let Some(s) = self.subs.get_mut(&sub) {
                 s.outstanding += 1;
+                s.numbered += u64::from(slot.is_some());
             }
             let msg = msg.clone().expect("targets come with a message");
             let token = AckToken { sub, slot };
@@ -1636,6 +1655,7 @@ impl Engine {
         for sub in slot_subs.into_iter().filter(|s| !targets.contains(s)) {
             if let Some(s) = self.subs.get_mut(&sub) {
                 s.outstanding += 1;
+                s.numbered += 1;
             }
             let token = AckToken { sub, slot };
             self.emit(Event::Placeholder { sub, token });
