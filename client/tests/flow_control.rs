@@ -479,19 +479,13 @@ async fn unstored_messages_skipped_while_paused(neighbour: bool) {
     // The first fills the credit (its PubAck follows its routing): the relay pauses the
     // subscription at the next one. Three live-only ones (acknowledged once routed), then
     // a stored one.
-    let first = p
-        .publish_with("t/x", &0u32, PublishOptions::at_least_once())
-        .await
-        .unwrap();
+    let first = publish_stored(&p, "t/x", 0u32).await;
     for i in 1..4u32 {
         p.publish_with("t/x", &i, PublishOptions::default().ack())
             .await
             .unwrap();
     }
-    let kept = p
-        .publish_with("t/x", &4u32, PublishOptions::at_least_once())
-        .await
-        .unwrap();
+    let kept = publish_stored(&p, "t/x", 4u32).await;
     let stored = vec![(first, 0), (kept, 4)];
     if n.is_some() {
         // Held back from both (the QoS 1 subscription holds the first, untaken): all four.
@@ -586,6 +580,44 @@ async fn end(c: Client, p: Client, relay: TestRelay) {
     relay.stop().await;
 }
 
+/// Waits until the client handled `n` messages: delivered, or held back (for room or for
+/// the order).
+async fn handled(c: &Client, what: &str, n: u64) {
+    until_stats(c, what, |s| {
+        s.core.delivered + s.core.held_back + s.core.held_for_order >= n
+    })
+    .await;
+}
+
+/// Publishes `value` on `topic` at least once: its relay sequence.
+async fn publish_stored(p: &Client, topic: &str, value: u32) -> u64 {
+    p.publish_with(topic, &value, PublishOptions::at_least_once())
+        .await
+        .unwrap()
+}
+
+/// Takes the first message (sequence `first`, value 0) from `s` and waits until its ack is
+/// held in `proxy`: the relay still counts it, so it keeps the subscription paused.
+async fn take_first_holding_its_ack(
+    s: &mut whispeer::Subscription<u32>,
+    proxy: &HoldAcksProxy,
+    first: u64,
+) -> Vec<(u64, u32)> {
+    let got = take_n(s, 1).await;
+    assert_eq!(got, [(first, 0)]);
+    within(
+        "its ack, held in the proxy",
+        proxy.wait_held(|a| a.contains(&first)),
+    )
+    .await;
+    got
+}
+
+/// `(sequence, value)` pairs for sequences published with values 0, 1, 2…
+fn in_order(seqs: &[u64]) -> Vec<(u64, u32)> {
+    seqs.iter().copied().zip(0..).collect()
+}
+
 /// Takes `n` messages from `s`: (sequence, value) in the order they come.
 async fn take_n(s: &mut whispeer::Subscription<u32>, n: usize) -> Vec<(u64, u32)> {
     let mut got = Vec::new();
@@ -613,49 +645,26 @@ async fn skipped_messages_come_before_a_neighbours_later_live_copies(neighbour: 
     let (relay, proxy, c, mut s, p) = beside(2_000, "order", 1, "t/#", neighbour).await;
     let mut seqs = Vec::new();
     for i in 0..5u32 {
-        seqs.push(
-            p.publish_with("t/x", &i, PublishOptions::at_least_once())
-                .await
-                .unwrap(),
-        );
+        seqs.push(publish_stored(&p, "t/x", i).await);
     }
     // The first delivered; the rest held back for want of room (the relay paused there).
-    until_stats(&c, "the five handled", |s| {
-        s.core.delivered + s.core.held_back + s.core.held_for_order >= 5
-    })
-    .await;
-    let first = take_n(&mut s, 1).await;
-    assert_eq!(first, [(seqs[0], 0)]);
-    within(
-        "its ack, held in the proxy",
-        proxy.wait_held(|a| a.contains(&seqs[0])),
-    )
-    .await;
+    handled(&c, "the five handled", 5).await;
+    let first = take_first_holding_its_ack(&mut s, &proxy, seqs[0]).await;
     // Room again at the client; the relay, without the ack, still has it paused.
-    seqs.push(
-        p.publish_with("t/x", &5u32, PublishOptions::at_least_once())
-            .await
-            .unwrap(),
-    );
-    until_stats(&c, "the sixth handled", |s| {
-        s.core.delivered + s.core.held_back + s.core.held_for_order >= 6
-    })
-    .await;
+    seqs.push(publish_stored(&p, "t/x", 5u32).await);
+    handled(&c, "the sixth handled", 6).await;
     proxy.release().await;
     let mut got = first;
     got.extend(take_n(&mut s, 5).await);
     assert_eq!(
         got,
-        seqs.iter().copied().zip(0..).collect::<Vec<_>>(),
+        in_order(&seqs),
         "in sequence order, once each, none missing"
     );
     // Caught up: live messages come as they are published (the acks of what it took
     // reached the relay first).
     within("acks delivered", c.flush()).await.unwrap();
-    let seq = p
-        .publish_with("t/x", &6u32, PublishOptions::at_least_once())
-        .await
-        .unwrap();
+    let seq = publish_stored(&p, "t/x", 6u32).await;
     assert_eq!(take_n(&mut s, 1).await, [(seq, 6)]);
     // Every message held back from the neighbour came again (all stored): none reported
     // lost to it.
@@ -688,53 +697,28 @@ async fn a_paused_subscription_beside_a_narrower_neighbour_gets_everything_in_or
     let topic = |i: u32| if i % 2 == 0 { "t/a" } else { "t/b" };
     let mut seqs = Vec::new();
     for i in 0..5u32 {
-        seqs.push(
-            p.publish_with(topic(i), &i, PublishOptions::at_least_once())
-                .await
-                .unwrap(),
-        );
+        seqs.push(publish_stored(&p, topic(i), i).await);
     }
     // The client sees 1 (taken), 3 and 5 (held back: no room); the relay skips 2 and 4
     // for the paused subscription, and nobody else on the connection wants them.
-    until_stats(&c, "the three t/a handled", |s| {
-        s.core.delivered + s.core.held_back + s.core.held_for_order >= 3
-    })
-    .await;
-    let first = take_n(&mut s, 1).await;
-    assert_eq!(first, [(seqs[0], 0)]);
-    within(
-        "its ack, held in the proxy",
-        proxy.wait_held(|a| a.contains(&seqs[0])),
-    )
-    .await;
+    handled(&c, "the three t/a handled", 3).await;
+    let first = take_first_holding_its_ack(&mut s, &proxy, seqs[0]).await;
     for i in 5..7u32 {
-        seqs.push(
-            p.publish_with(topic(i), &i, PublishOptions::at_least_once())
-                .await
-                .unwrap(),
-        );
+        seqs.push(publish_stored(&p, topic(i), i).await);
     }
-    until_stats(&c, "the fourth t/a handled", |s| {
-        s.core.delivered + s.core.held_back + s.core.held_for_order >= 4
-    })
-    .await;
+    handled(&c, "the fourth t/a handled", 4).await;
     proxy.release().await;
     let mut got = first;
     got.extend(take_n(&mut s, 6).await);
     assert_eq!(
         got,
-        seqs.iter().copied().zip(0..).collect::<Vec<_>>(),
+        in_order(&seqs),
         "in sequence order, once each, none missing"
     );
     within("acks delivered", c.flush()).await.unwrap();
     let mut live = Vec::new();
     for i in 7..9u32 {
-        live.push((
-            p.publish_with(topic(i), &i, PublishOptions::at_least_once())
-                .await
-                .unwrap(),
-            i,
-        ));
+        live.push((publish_stored(&p, topic(i), i).await, i));
     }
     assert_eq!(take_n(&mut s, 2).await, live, "live again");
     assert_eq!(c.stats().core.withheld_lost, 0, "all stored: none lost");
@@ -762,10 +746,7 @@ async fn skipped_messages_the_store_does_not_keep_do_not_stall_a_paused_subscrip
             kept.push((seq, i));
         }
     }
-    until_stats(&c, "the four handled", |s| {
-        s.core.delivered + s.core.held_back + s.core.held_for_order >= 4
-    })
-    .await;
+    handled(&c, "the four handled", 4).await;
     let mut got = take_n(&mut s, 1).await;
     proxy.release().await;
     got.extend(take_n(&mut s, 1).await);
@@ -805,33 +786,17 @@ async fn a_message_taken_from_the_catch_up_after_it_was_held_back_is_acked() {
         beside(120_000, "order-acks", 2, "t/#", SubscribeOptions::new()).await;
     let mut seqs = Vec::new();
     for i in 0..3u32 {
-        seqs.push(
-            p.publish_with("t/x", &i, PublishOptions::at_least_once())
-                .await
-                .unwrap(),
-        );
+        seqs.push(publish_stored(&p, "t/x", i).await);
     }
-    until_stats(&c, "the three handled", |s| {
-        s.core.delivered + s.core.held_back + s.core.held_for_order >= 3
-    })
-    .await;
-    let mut got = take_n(&mut s, 1).await;
-    within(
-        "its ack, held in the proxy",
-        proxy.wait_held(|a| a.contains(&seqs[0])),
-    )
-    .await;
-    seqs.push(
-        p.publish_with("t/x", &3u32, PublishOptions::at_least_once())
-            .await
-            .unwrap(),
-    );
+    handled(&c, "the three handled", 3).await;
+    let mut got = take_first_holding_its_ack(&mut s, &proxy, seqs[0]).await;
+    seqs.push(publish_stored(&p, "t/x", 3u32).await);
     until_stats(&c, "the fourth held back", |s| s.core.held_for_order >= 1).await;
     proxy.release().await;
     // The catch-up's copy of the third, taken behind the untaken second.
     until_stats(&c, "the third's copy", |s| s.core.delivered >= 3).await;
     got.extend(take_n(&mut s, 3).await);
-    assert_eq!(got, seqs.iter().copied().zip(0..).collect::<Vec<_>>());
+    assert_eq!(got, in_order(&seqs));
     within(
         "every message taken acked",
         proxy.wait_acked(|a| seqs.iter().all(|s| a.contains(s))),
@@ -851,22 +816,10 @@ async fn a_message_taken_from_the_catch_up_after_it_was_held_back_is_acked() {
 async fn a_catch_up_copy_of_a_message_the_app_has_not_read_yet_is_acked_with_it() {
     let (relay, proxy, c, mut s, p) =
         beside(120_000, "order-dup", 1, "t/#", SubscribeOptions::new()).await;
-    let mut seqs = vec![p
-        .publish_with("t/x", &0u32, PublishOptions::at_least_once())
-        .await
-        .unwrap()];
-    let mut got = take_n(&mut s, 1).await;
-    within(
-        "its ack, held in the proxy",
-        proxy.wait_held(|a| a.contains(&seqs[0])),
-    )
-    .await;
+    let mut seqs = vec![publish_stored(&p, "t/x", 0u32).await];
+    let mut got = take_first_holding_its_ack(&mut s, &proxy, seqs[0]).await;
     // The relay, without the ack, pauses here; the neighbour's copy reaches the client.
-    seqs.push(
-        p.publish_with("t/x", &1u32, PublishOptions::at_least_once())
-            .await
-            .unwrap(),
-    );
+    seqs.push(publish_stored(&p, "t/x", 1u32).await);
     until_stats(&c, "the second delivered", |s| s.core.delivered >= 2).await;
     proxy.release().await;
     until_stats(&c, "the catch-up's copy of it", |s| {
@@ -875,13 +828,9 @@ async fn a_catch_up_copy_of_a_message_the_app_has_not_read_yet_is_acked_with_it(
     .await;
     // The app reads the second, then the next one (its read passes the placeholder): that
     // one comes only once the relay has the ack of the second.
-    seqs.push(
-        p.publish_with("t/x", &2u32, PublishOptions::at_least_once())
-            .await
-            .unwrap(),
-    );
+    seqs.push(publish_stored(&p, "t/x", 2u32).await);
     got.extend(take_n(&mut s, 2).await);
-    assert_eq!(got, seqs.iter().copied().zip(0..).collect::<Vec<_>>());
+    assert_eq!(got, in_order(&seqs));
     within(
         "all acked",
         proxy.wait_acked(|a| seqs.iter().all(|s| a.contains(s))),
