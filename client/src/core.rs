@@ -1766,11 +1766,11 @@ impl ClientCore {
             }
             // Denied to the others with it: lost to them unless a copy comes again
             // (`withheld`).
+            let subs = &self.subs;
             let denied = routed
                 .iter()
                 .filter(|id| !causes.contains(id))
-                .map(|id| (*id, self.subs[id].opts.acking()))
-                .collect::<Vec<_>>();
+                .map(|id| (*id, subs[id].opts.acking()));
             self.withheld
                 .hold(msg.seq, msg.envelope.key_id(), &causes, denied);
             // Not taken by any of them: each awaits it again, before later ones.

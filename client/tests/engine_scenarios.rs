@@ -1951,6 +1951,21 @@ fn a_connection_gap_reaches_an_acknowledging_subscription_that_was_sent_unnumber
             }),
         ]);
     }
+    // Per connection: on the next one, nothing unnumbered reached it yet.
+    steps.extend([
+        Drop,
+        lost(Why::Transport, Some(1)),
+        Redial,
+        ExpectEvent(Ev::Connected),
+        Relay(Frame::Gap(Gap {
+            dropped: 4,
+            sub_id: None,
+        })),
+        ExpectEvent(Ev::Gap {
+            dropped: 4,
+            subs: vec![],
+        }),
+    ]);
     play(
         "unnumbered, then a connection Gap",
         || Sim::new(|_| {}),

@@ -42,11 +42,10 @@ struct Entry {
     /// The at-least-once subscriptions it was held back for (no room, or awaiting an
     /// earlier sequence).
     causes: Vec<LocalSubId>,
-    /// The other subscriptions the relay routed it to, not handed a copy since.
-    denied: Vec<LocalSubId>,
-    /// Whether each of `denied` acknowledges (reported lost on a reconnect only if not:
-    /// the relay may still redeliver to one that acknowledges).
-    acking: Vec<bool>,
+    /// The other subscriptions the relay routed it to, not handed a copy since, each with
+    /// whether it acknowledges (reported lost on a reconnect only if not: the relay may
+    /// still redeliver to one that acknowledges).
+    denied: Vec<(LocalSubId, bool)>,
 }
 
 /// The table (see the module docs).
@@ -80,22 +79,17 @@ impl Withheld {
             key,
             causes: Vec::new(),
             denied: Vec::new(),
-            acking: Vec::new(),
         });
         for c in causes {
             if !e.causes.contains(c) {
                 e.causes.push(*c);
             }
-            // Held back for it now: its own copy is what it awaits.
-            if let Some(i) = e.denied.iter().position(|d| d == c) {
-                e.denied.swap_remove(i);
-                e.acking.swap_remove(i);
-            }
         }
+        // One held back for itself now awaits its own copy: not denied.
+        e.denied.retain(|(d, _)| !causes.contains(d));
         for (d, acking) in denied {
-            if !e.denied.contains(&d) && !e.causes.contains(&d) {
-                e.denied.push(d);
-                e.acking.push(acking);
+            if !e.denied.iter().any(|(x, _)| *x == d) && !e.causes.contains(&d) {
+                e.denied.push((d, acking));
             }
         }
         if e.denied.is_empty() {
@@ -112,15 +106,7 @@ impl Withheld {
         let Some(e) = self.by_seq.get_mut(&seq) else {
             return;
         };
-        let mut i = 0;
-        while i < e.denied.len() {
-            if routed.contains(&e.denied[i]) {
-                e.denied.swap_remove(i);
-                e.acking.swap_remove(i);
-            } else {
-                i += 1;
-            }
-        }
+        e.denied.retain(|(d, _)| !routed.contains(d));
         if e.denied.is_empty() {
             self.by_seq.remove(&seq);
         }
@@ -151,7 +137,10 @@ impl Withheld {
     /// lost to the others.
     pub(crate) fn forget(&mut self, id: LocalSubId) {
         self.lost.remove(&id);
-        self.handled_everywhere(id);
+        for e in self.by_seq.values_mut() {
+            e.denied.retain(|(d, _)| *d != id);
+        }
+        self.by_seq.retain(|_, e| !e.denied.is_empty());
         self.cause_done(id, None);
     }
 
@@ -160,10 +149,8 @@ impl Withheld {
     /// durable's resume), so it is not told.
     pub(crate) fn connection_lost(&mut self) {
         for (_, e) in std::mem::take(&mut self.by_seq) {
-            for (d, acking) in e.denied.iter().zip(&e.acking) {
-                if !acking {
-                    *self.lost.entry(*d).or_default() += 1;
-                }
+            for (d, _) in e.denied.iter().filter(|(_, acking)| !acking) {
+                *self.lost.entry(*d).or_default() += 1;
             }
         }
     }
@@ -178,15 +165,8 @@ impl Withheld {
         std::mem::take(&mut self.lost).into_iter().collect()
     }
 
-    fn handled_everywhere(&mut self, id: LocalSubId) {
-        let seqs: Vec<u64> = self.by_seq.keys().copied().collect();
-        for seq in seqs {
-            self.handled(seq, &[id]);
-        }
-    }
-
-    fn count_lost(&mut self, denied: &[LocalSubId]) {
-        for d in denied {
+    fn count_lost(&mut self, denied: &[(LocalSubId, bool)]) {
+        for (d, _) in denied {
             *self.lost.entry(*d).or_default() += 1;
         }
     }
